@@ -1,0 +1,335 @@
+"""The plugin manager and the registries built from it.
+
+Nothing here runs at import time: the manager is created, the built-in plugins registered and
+the ``explaind`` entry-point group scanned on the first registry look-up, then cached.
+
+Environment switches (read when the manager is built; call :func:`reset_plugins` after
+changing them):
+
+``EXPLAIND_DISABLE_PLUGINS``
+    ``1``/``all``/``*`` skips every third-party (entry-point) plugin; otherwise a
+    comma-separated list of plugin names (built-in or third-party) to skip.
+``EXPLAIND_LOAD_PLUGINS``
+    Comma-separated list of entry-point plugin names; when set, only those third-party
+    plugins are loaded (the built-ins always are, unless disabled by name).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata as md
+import logging
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .exceptions import ExplaindWarning, PluginError, UnknownEntryError
+from .records import KIND_NAMES, NAME_PATTERN, RECORD_TYPES
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "get_plugin_manager",
+    "get_registry",
+    "get_plugins",
+    "get_entry",
+    "list_entries",
+    "reset_plugins",
+    "register_plugin",
+]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "explaind"
+
+#: First-party plugin modules, registered in this order before any third-party plugin.
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "explaind_losses",
+    "explaind_optimizers",
+    "explaind_architectures",
+    "explaind_pruning",
+)
+
+#: kind -> registration hook name
+KIND_HOOKS: dict[str, str] = {
+    "optimizer_adapter": "explaind_optimizer_adapters",
+    "architecture": "explaind_architectures",
+    "loss": "explaind_losses",
+    "pruning_strategy": "explaind_pruning_strategies",
+}
+
+
+class _CoreFallback:
+    """The core's own implementation of the adapter resolution hook (tried last)."""
+
+    @hookspecs.hookimpl(trylast=True)
+    def explaind_resolve_optimizer_adapter(self, optimizer: Any) -> Any:
+        registry = get_registry()
+        for record in registry.entries["optimizer_adapter"].values():
+            if type(optimizer) in record.optimizer_classes:
+                return record
+        return None
+
+
+@dataclass
+class Registry:
+    """Entries of every kind collected from the loaded plugins."""
+
+    entries: dict[str, dict[str, Any]] = field(default_factory=lambda: {k: {} for k in KIND_HOOKS})
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)
+    plugins: list[dict[str, Any]] = field(default_factory=list)
+
+
+_lock = threading.RLock()
+_manager: pluggy.PluginManager | None = None
+_registry: Registry | None = None
+_extra_plugins: list[tuple[str, Any]] = []
+
+
+def _env_list(name: str) -> list[str] | None:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _plugin_version(module: Any, dist_version: str | None) -> str:
+    if dist_version:
+        return dist_version
+    version = getattr(module, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        return md.version("explaind")
+    except md.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+def _build_manager() -> tuple[pluggy.PluginManager, list[tuple[str, Any, str]]]:
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    disabled = _env_list("EXPLAIND_DISABLE_PLUGINS") or []
+    disable_all_third_party = any(d.lower() in {"1", "all", "*", "true"} for d in disabled)
+    only = _env_list("EXPLAIND_LOAD_PLUGINS")
+    loaded: list[tuple[str, Any, str]] = []  # (name, module, version)
+    pm.register(_CoreFallback(), name="explaind.core")
+
+    for modname in BUILTIN_PLUGINS:
+        if modname in disabled:
+            continue
+        module = importlib.import_module(modname)
+        pm.register(module, name=modname)
+        loaded.append((modname, module, _plugin_version(module, None)))
+
+    for modname, module in _extra_plugins:
+        if modname in disabled:
+            continue
+        pm.register(module, name=modname)
+        loaded.append((modname, module, _plugin_version(module, None)))
+
+    if not disable_all_third_party:
+        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in disabled or (only is not None and ep.name not in only):
+                continue
+            try:
+                module = ep.load()
+                pm.check_pending()
+                pm.register(module, name=ep.name)
+                pm.check_pending()
+            except Exception as exc:  # a broken third-party plugin must not break the library
+                if pm.is_registered(locals().get("module")):
+                    pm.unregister(locals()["module"])
+                warnings.warn(
+                    f"Skipping plugin {ep.name!r} (entry point {ep.value!r}): {type(exc).__name__}: {exc}",
+                    ExplaindWarning,
+                    stacklevel=3,
+                )
+                continue
+            version = ep.dist.version if ep.dist is not None else None
+            loaded.append((ep.name, module, _plugin_version(module, version)))
+    return pm, loaded
+
+
+def _validate_record(kind: str, record: Any, plugin: str) -> None:
+    expected = RECORD_TYPES[kind]
+    if not isinstance(record, expected):
+        raise PluginError(
+            f"Plugin {plugin!r} returned {type(record).__name__} from {KIND_HOOKS[kind]}(); "
+            f"expected {expected.__name__} records."
+        )
+    if not isinstance(record.name, str) or not NAME_PATTERN.match(record.name):
+        raise PluginError(
+            f"Plugin {plugin!r} registered the {KIND_NAMES[kind]} name {record.name!r}; names must match "
+            f"{NAME_PATTERN.pattern} (lower case letters, digits, '_' or '-')."
+        )
+
+
+def _collect(pm: pluggy.PluginManager, loaded: list[tuple[str, Any, str]]) -> Registry:
+    registry = Registry()
+    by_module = {id(module): name for name, module, _ in loaded}
+    per_plugin: dict[str, dict[str, list[str]]] = {name: {} for name, _, _ in loaded}
+    for kind, hook_name in KIND_HOOKS.items():
+        hook = getattr(pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            plugin = by_module.get(id(impl.plugin), impl.plugin_name)
+            result = impl.function()
+            if result is None:
+                continue
+            for record in result:
+                _validate_record(kind, record, plugin)
+                key = (kind, record.name)
+                if key in registry.owners:
+                    raise PluginError(
+                        f"Duplicate {KIND_NAMES[kind]} {record.name!r}: registered by plugin "
+                        f"{registry.owners[key]!r} and by plugin {plugin!r}. Uninstall one of them or "
+                        f"disable one with EXPLAIND_DISABLE_PLUGINS={plugin}."
+                    )
+                registry.owners[key] = plugin
+                registry.entries[kind][record.name] = record
+                per_plugin.setdefault(plugin, {}).setdefault(kind, []).append(record.name)
+    for name, _module, version in loaded:
+        entries = {kind: sorted(names) for kind, names in per_plugin.get(name, {}).items()}
+        registry.plugins.append({"name": name, "version": version, "entries": entries})
+    return registry
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """Return the cached plugin manager, building it on first use."""
+    get_registry()
+    assert _manager is not None
+    return _manager
+
+
+def get_registry() -> Registry:
+    """Return the cached registry of every kind, loading plugins on first use."""
+    global _manager, _registry
+    with _lock:
+        if _registry is None:
+            pm, loaded = _build_manager()
+            _manager = pm
+            try:
+                _registry = Registry()  # guards re-entrant look-ups from the fallback hook
+                _registry = _collect(pm, loaded)
+            except Exception:
+                _manager, _registry = None, None
+                raise
+        return _registry
+
+
+def reset_plugins() -> None:
+    """Forget the cached manager and registry (after installing plugins or changing env switches)."""
+    global _manager, _registry
+    with _lock:
+        _manager, _registry = None, None
+
+
+def register_plugin(module: Any, name: str | None = None) -> None:
+    """Register an in-process plugin object (for tests and notebooks) and rebuild the registry.
+
+    Parameters
+    ----------
+    module : object
+        Any object or module carrying ``@explaind.hookimpl`` functions.
+    name : str, optional
+        Plugin name shown by :func:`get_plugins`; defaults to the module's ``__name__``.
+    """
+    plugin_name = name or getattr(module, "__name__", type(module).__name__)
+    with _lock:
+        _extra_plugins.append((plugin_name, module))
+        reset_plugins()
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin added with :func:`register_plugin`."""
+    with _lock:
+        _extra_plugins[:] = [(n, m) for n, m in _extra_plugins if n != name]
+        reset_plugins()
+
+
+def get_plugins() -> list[dict[str, Any]]:
+    """List the loaded plugins.
+
+    Returns
+    -------
+    list of dict
+        One dict per plugin with keys ``name``, ``version`` and ``entries`` (kind -> sorted
+        entry names), built-ins first.
+    """
+    return [dict(p, entries={k: list(v) for k, v in p["entries"].items()}) for p in get_registry().plugins]
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KIND_HOOKS:
+        choices = ", ".join(sorted(KIND_HOOKS))
+        hint = difflib.get_close_matches(kind, list(KIND_HOOKS), n=1)
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise UnknownEntryError(f"Unknown entry kind {kind!r}. Choose one of: {choices}.{extra}")
+
+
+def list_entries(kind: str) -> list[str]:
+    """Sorted names registered for ``kind``."""
+    _check_kind(kind)
+    return sorted(get_registry().entries[kind])
+
+
+def get_entry(kind: str, name: str) -> Any:
+    """Look up a registered record.
+
+    Parameters
+    ----------
+    kind : {"optimizer_adapter", "architecture", "loss", "pruning_strategy"}
+    name : str
+        Entry name.
+
+    Returns
+    -------
+    record
+        The frozen record registered under ``name``.
+
+    Raises
+    ------
+    UnknownEntryError
+        For an unknown kind or name; the message lists the choices and the closest match.
+    """
+    _check_kind(kind)
+    entries = get_registry().entries[kind]
+    if name in entries:
+        return entries[name]
+    choices = sorted(entries)
+    hint = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
+    extra = f" Did you mean {hint[0]!r}?" if hint else ""
+    listed = ", ".join(choices) if choices else "(none registered)"
+    raise UnknownEntryError(
+        f"Unknown {KIND_NAMES[kind]} {name!r}. Choose one of: {listed}.{extra} "
+        f"Third-party entries are added by installing a plugin that registers them under the "
+        f"'{ENTRY_POINT_GROUP}' entry-point group (see docs/plugins.md)."
+    )
+
+
+def resolve_optimizer_adapter(optimizer: Any) -> Any:
+    """Return the adapter record for a live optimizer, asking every plugin (first result wins).
+
+    Raises
+    ------
+    UnknownEntryError
+        When no plugin handles ``type(optimizer)``; the message lists the registered adapters.
+    """
+    record = get_plugin_manager().hook.explaind_resolve_optimizer_adapter(optimizer=optimizer)
+    if record is not None:
+        return record
+    names = list_entries("optimizer_adapter")
+    handled = sorted(
+        {c.__name__ for r in get_registry().entries["optimizer_adapter"].values() for c in r.optimizer_classes}
+    )
+    raise UnknownEntryError(
+        f"No optimizer adapter handles {type(optimizer).__module__}.{type(optimizer).__name__}. "
+        f"Registered adapters: {', '.join(names)} (for {', '.join(handled)}). To support another optimizer, "
+        f"write a plugin implementing explaind_optimizer_adapters() and register it under the "
+        f"'{ENTRY_POINT_GROUP}' entry-point group (see docs/plugins.md)."
+    )

@@ -1,0 +1,124 @@
+"""Frozen records returned by the registration hooks.
+
+A plugin registers an entry by returning one of these records from the matching hook
+(see :mod:`explaind.hookspecs`). Records are immutable; the registry validates them when a
+plugin is loaded, so a malformed plugin fails loudly with its name in the message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+__all__ = [
+    "OptimizerAdapterRecord",
+    "ArchitectureRecord",
+    "LossRecord",
+    "PruningStrategyRecord",
+    "KIND_NAMES",
+    "RECORD_TYPES",
+    "NAME_PATTERN",
+]
+
+#: Entry names: lower case, digits, ``_`` and ``-``; starting with a letter.
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
+
+
+class _EmptyConfig(BaseModel):
+    model_config = {"extra": "forbid", "frozen": True}
+
+
+@dataclass(frozen=True)
+class OptimizerAdapterRecord:
+    """An optimizer adapter: expresses each update of a torch optimizer as a linear recurrence.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, e.g. ``"adamw"``.
+    implementation : type
+        Class with ``from_optimizer(optimizer)`` returning an adapter instance (see
+        :class:`explaind.recurrence.OptimizerAdapter`).
+    config : type[pydantic.BaseModel]
+        Hyperparameter model of the adapter (stored in trajectory manifests).
+    description : str
+        One sentence for listings.
+    optimizer_classes : tuple[type, ...]
+        The ``torch.optim.Optimizer`` classes this adapter handles (exact class match).
+    """
+
+    name: str
+    implementation: type
+    config: type[BaseModel]
+    description: str
+    optimizer_classes: tuple[type, ...] = ()
+
+
+@dataclass(frozen=True)
+class ArchitectureRecord:
+    """A model factory: ``implementation(config, seed=...) -> torch.nn.Module``.
+
+    Attributes
+    ----------
+    example_input : callable
+        ``example_input(config, n, generator) -> (inputs, targets)`` producing a small batch the
+        conformance suite feeds the model.
+    loss : str
+        Name of the loss the architecture is usually trained with.
+    """
+
+    name: str
+    implementation: Callable[..., Any]
+    config: type[BaseModel]
+    description: str
+    example_input: Callable[..., Any] | None = None
+    loss: str = "cross_entropy"
+
+
+@dataclass(frozen=True)
+class LossRecord:
+    """A training loss.
+
+    ``implementation(outputs, targets)`` returns per-sample losses of shape ``(n,)``; the
+    training loss is their mean (the reduction ``mean`` of torch), so sample weights
+    ``w_k = 1/|B|`` reproduce it.
+    """
+
+    name: str
+    implementation: Callable[..., Any]
+    config: type[BaseModel] = _EmptyConfig
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PruningStrategyRecord:
+    """A pruning criterion: an estimator class whose ``fit`` scores every parameter coordinate."""
+
+    name: str
+    implementation: type
+    config: type[BaseModel]
+    description: str
+    needs_data: bool = True
+    needs_trajectory: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+#: kind name -> human readable kind (used in messages)
+KIND_NAMES: dict[str, str] = {
+    "optimizer_adapter": "optimizer adapter",
+    "architecture": "architecture",
+    "loss": "loss",
+    "pruning_strategy": "pruning strategy",
+}
+
+#: kind name -> record type
+RECORD_TYPES: dict[str, type] = {
+    "optimizer_adapter": OptimizerAdapterRecord,
+    "architecture": ArchitectureRecord,
+    "loss": LossRecord,
+    "pruning_strategy": PruningStrategyRecord,
+}

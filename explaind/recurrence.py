@@ -1,0 +1,129 @@
+r"""The linear-recurrence form of optimizer updates (DESIGN §2).
+
+Every supported optimizer step is written, per parameter tensor, as
+
+.. math::
+
+    u_s &= g_s + \lambda^c_s \theta_s \\
+    m_s &= a_s \odot m_{s-1} + b_s \odot u_s \\
+    \Delta\theta_s &= -P_s \odot (q_s \odot m_s + n_s \odot u_s) - \lambda^d_s \theta_s + E_s
+
+with ``g_s = c_s * sum_k w_{s,k} grad l_k(theta_s)`` the gradient the optimizer saw. An
+optimizer adapter reads the coefficients from the live optimizer after each step; the engine
+unrolls the recurrence to split every update into data, regularization and residual parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = ["LinearUpdate", "OptimizerAdapter", "COEFFICIENT_NAMES"]
+
+Coefficient = float | Tensor
+
+COEFFICIENT_NAMES = ("a", "b", "P", "q", "n", "lambda_c", "lambda_d")
+
+
+@dataclass(frozen=True)
+class LinearUpdate:
+    """Coefficients of one step for one parameter tensor.
+
+    Each coefficient is a Python float or a tensor broadcastable to the parameter's shape
+    (elementwise / diagonal coefficients, e.g. Adam's preconditioner ``P_s``).
+
+    Attributes
+    ----------
+    a : float or Tensor
+        Momentum decay ``a_s`` (0 on a buffer's first step).
+    b : float or Tensor
+        Input gain of the momentum buffer ``b_s``.
+    P : float or Tensor
+        Step size / diagonal preconditioner ``P_s`` (shape of the parameter for Adam).
+    q, n : float or Tensor
+        Weights of the momentum buffer and of the current input in the update.
+    lambda_c : float
+        Coupled (L2) weight decay entering the gradient.
+    lambda_d : float
+        Decoupled weight decay applied to the parameter (AdamW: ``lr * wd``).
+    """
+
+    a: Coefficient = 0.0
+    b: Coefficient = 1.0
+    P: Coefficient = 0.0
+    q: Coefficient = 1.0
+    n: Coefficient = 0.0
+    lambda_c: Coefficient = 0.0
+    lambda_d: Coefficient = 0.0
+
+    def step(self, grad: Tensor, momentum: Tensor | None, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """Apply the modelled update.
+
+        Parameters
+        ----------
+        grad : Tensor
+            ``g_s``, shape of the parameter.
+        momentum : Tensor or None
+            ``m_{s-1}`` (``None`` = zeros).
+        theta : Tensor
+            ``theta_s``.
+
+        Returns
+        -------
+        delta, momentum : Tensor, Tensor
+            The modelled ``Delta theta_s`` (without residual) and ``m_s``.
+        """
+        u = grad + self.lambda_c * theta
+        m = self.b * u if momentum is None else self.a * momentum + self.b * u
+        delta = -self.P * (self.q * m + self.n * u) - self.lambda_d * theta
+        return delta, m
+
+    def to_tensors(self, prefix: str) -> dict[str, Tensor]:
+        """Flatten into ``{prefix + field: tensor}`` for safetensors (scalars become 0-d tensors)."""
+        out: dict[str, Tensor] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            tensor = value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+            out[prefix + f.name] = tensor.detach().contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], prefix: str) -> LinearUpdate:
+        """Inverse of :meth:`to_tensors`; 0-d tensors come back as Python floats."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            t = tensors[prefix + f.name]
+            values[f.name] = float(t) if t.dim() == 0 else t
+        return cls(**values)
+
+    def to(self, device: Any = None, dtype: Any = None) -> LinearUpdate:
+        """Move tensor coefficients (floats are left as they are)."""
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            values[f.name] = v.to(device=device, dtype=dtype) if isinstance(v, Tensor) else v
+        return LinearUpdate(**values)
+
+
+@runtime_checkable
+class OptimizerAdapter(Protocol):
+    """What the recorder needs from an optimizer adapter implementation.
+
+    ``record.implementation.from_optimizer(optimizer)`` builds one; it raises
+    :class:`explaind.exceptions.ConfigError` for options the maths does not cover.
+    """
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """JSON-serialisable hyperparameters (validated by the record's ``config`` model)."""
+
+    def before_step(self, optimizer: Any) -> Any:
+        """Called by the recorder just before ``optimizer.step()``; returns any state needed after it."""
+
+    def after_step(self, optimizer: Any, before: Any) -> dict[int, LinearUpdate]:
+        """Called right after ``optimizer.step()``: the coefficients used, keyed by ``id(param)``.
+
+        Parameters without a gradient at this step are left out (they did not move).
+        """

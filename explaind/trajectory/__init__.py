@@ -1,0 +1,5 @@
+"""Recording and reading training trajectories."""
+
+from .base import Trajectory
+
+__all__ = ["Trajectory"]

@@ -1,0 +1,122 @@
+"""The read-only interface of a recorded training run.
+
+:class:`Trajectory` is what every estimator consumes. Two backends implement it: an
+in-memory one (small runs, tests) and the on-disk store (streamed step by step). Both expose
+exactly the methods below; estimators must not rely on anything else.
+
+Conventions
+-----------
+* Steps are numbered ``s = 0 .. n_steps-1``; ``params(s)`` is ``theta_s`` for
+  ``s = 0 .. n_steps`` (``params(n_steps)`` is the trained model).
+* ``param_names`` lists the *trainable* parameters (``requires_grad=True``) in
+  ``model.named_parameters()`` order; frozen parameters and buffers are in ``constants()``.
+* ``updates(s)[name]`` is the :class:`~explaind.recurrence.LinearUpdate` of step ``s`` for every
+  trainable parameter (a parameter that did not move has ``a=1, b=0, P=0``).
+* ``batch(s)`` returns ``(indices, weights)``: dataset indices (int64, shape ``(n,)``, repeats
+  allowed) and the weights ``w_{s,k}`` (shape ``(n,)``) so that the gradient the optimizer saw is
+  ``grad_scale(s) * sum_k w_k * grad l_k(theta_s)``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..recurrence import LinearUpdate
+
+__all__ = ["Trajectory"]
+
+
+class Trajectory(abc.ABC):
+    """A recorded training run (immutable).
+
+    Obtain one from :attr:`explaind.TrajectoryRecorder.trajectory` or
+    :meth:`Trajectory.load`.
+    """
+
+    # ----------------------------------------------------------------- structure
+    @property
+    @abc.abstractmethod
+    def n_steps(self) -> int:
+        """Number of recorded optimizer steps ``N``."""
+
+    @property
+    @abc.abstractmethod
+    def param_names(self) -> tuple[str, ...]:
+        """Names of the trainable parameter tensors, in ``model.named_parameters()`` order."""
+
+    @property
+    @abc.abstractmethod
+    def model(self) -> nn.Module:
+        """A module with the recorded architecture, used as a template for ``functional_call``."""
+
+    @property
+    @abc.abstractmethod
+    def loss(self) -> Any:
+        """The :class:`~explaind.records.LossRecord` training used (per-sample losses)."""
+
+    @property
+    @abc.abstractmethod
+    def manifest(self) -> Any:
+        """The pydantic manifest (schema version, names, shapes, adapter, hyperparameters, ...)."""
+
+    # ----------------------------------------------------------------- per step
+    @abc.abstractmethod
+    def params(self, s: int) -> dict[str, Tensor]:
+        """``theta_s`` as a name -> tensor dict, for ``0 <= s <= n_steps``."""
+
+    @abc.abstractmethod
+    def constants(self) -> dict[str, Tensor]:
+        """Frozen parameters and buffers (constant over the run), name -> tensor."""
+
+    @abc.abstractmethod
+    def updates(self, s: int) -> dict[str, LinearUpdate]:
+        """Optimizer coefficients of step ``s``, one :class:`LinearUpdate` per trainable parameter."""
+
+    @abc.abstractmethod
+    def batch(self, s: int) -> tuple[Tensor, Tensor]:
+        """``(indices, weights)`` of step ``s`` (all micro-batches merged)."""
+
+    @abc.abstractmethod
+    def grad_scale(self, s: int) -> float:
+        """The gradient scale ``c_s`` (1 unless gradients were clipped or scaled)."""
+
+    @abc.abstractmethod
+    def residual(self, s: int) -> dict[str, Tensor]:
+        """The recorder's measured residual ``E_s`` (actual minus modelled update), name -> tensor."""
+
+    @abc.abstractmethod
+    def audit(self) -> np.ndarray:
+        """Per-step relative residual ``||E_s|| / ||Delta theta_s||``, shape ``(n_steps,)``."""
+
+    @abc.abstractmethod
+    def train_samples(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Training inputs and targets at ``indices`` (raises ``TrajectoryError`` without data)."""
+
+    @property
+    @abc.abstractmethod
+    def n_train(self) -> int:
+        """Number of training samples (``len(train_data)``)."""
+
+    # ----------------------------------------------------------------- helpers
+    def delta(self, s: int) -> dict[str, Tensor]:
+        """``Delta theta_s = theta_{s+1} - theta_s``."""
+        a, b = self.params(s), self.params(s + 1)
+        return {k: b[k] - a[k] for k in self.param_names}
+
+    def iter_steps(self, start: int = 0, stop: int | None = None) -> Iterator[int]:
+        """Step numbers ``start .. stop-1`` (``stop`` defaults to ``n_steps``)."""
+        return iter(range(start, self.n_steps if stop is None else stop))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the recorded parameters."""
+        return next(iter(self.params(0).values())).dtype
+
+    def __len__(self) -> int:
+        return self.n_steps

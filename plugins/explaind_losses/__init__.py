@@ -1,0 +1,1 @@
+"""First-party explaind plugin: losses (uses only the public API of explaind)."""

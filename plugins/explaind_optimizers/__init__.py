@@ -1,0 +1,1 @@
+"""First-party explaind plugin: optimizers (uses only the public API of explaind)."""

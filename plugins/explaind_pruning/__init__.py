@@ -1,0 +1,1 @@
+"""First-party explaind plugin: pruning (uses only the public API of explaind)."""
