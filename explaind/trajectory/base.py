@@ -87,12 +87,13 @@ class Trajectory(abc.ABC):
         """The gradient scale ``c_s`` (1 unless gradients were clipped or scaled)."""
 
     @abc.abstractmethod
-    def residual(self, s: int) -> dict[str, Tensor]:
-        """The recorder's measured residual ``E_s`` (actual minus modelled update), name -> tensor."""
-
-    @abc.abstractmethod
     def audit(self) -> np.ndarray:
-        """Per-step relative residual ``||E_s|| / ||Delta theta_s||``, shape ``(n_steps,)``."""
+        """Per-step relative residual ``||E_s|| / ||Delta theta_s||``, shape ``(n_steps,)``.
+
+        ``E_s`` is the actual update minus the adapter's modelled update from the gradient the
+        optimizer saw; the recorder measures it at every step. (The engine re-derives the residual
+        with recomputed per-sample gradients, so completeness never depends on it.)
+        """
 
     @abc.abstractmethod
     def train_samples(self, indices: Tensor) -> tuple[Tensor, Tensor]:
