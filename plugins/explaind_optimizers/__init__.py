@@ -1,1 +1,47 @@
-"""First-party explaind plugin: optimizers (uses only the public API of explaind)."""
+"""First-party explaind plugin: optimizer adapters (uses only the public API of explaind).
+
+Registers ``sgd``, ``adam`` and ``adamw`` for :class:`torch.optim.SGD`, :class:`torch.optim.Adam`
+and :class:`torch.optim.AdamW` (exact class match). The coefficient table is in
+``docs/optimizers.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import explaind
+from explaind.records import OptimizerAdapterRecord
+
+from .adam import AdamAdapter, AdamConfig
+from .adamw import AdamWAdapter, AdamWConfig
+from .sgd import SGDAdapter, SGDConfig
+
+__all__ = ["AdamAdapter", "AdamWAdapter", "SGDAdapter", "explaind_optimizer_adapters"]
+
+
+@explaind.hookimpl
+def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
+    """The three built-in optimizer adapters."""
+    return [
+        OptimizerAdapterRecord(
+            name="sgd",
+            implementation=SGDAdapter,
+            config=SGDConfig,
+            description="torch.optim.SGD: momentum, dampening, Nesterov, L2 weight decay, maximize.",
+            optimizer_classes=(torch.optim.SGD,),
+        ),
+        OptimizerAdapterRecord(
+            name="adam",
+            implementation=AdamAdapter,
+            config=AdamConfig,
+            description="torch.optim.Adam: L2 or decoupled weight decay, AMSGrad, maximize (diagonal P).",
+            optimizer_classes=(torch.optim.Adam,),
+        ),
+        OptimizerAdapterRecord(
+            name="adamw",
+            implementation=AdamWAdapter,
+            config=AdamWConfig,
+            description="torch.optim.AdamW: decoupled weight decay lambda_d = lr * wd, AMSGrad (diagonal P).",
+            optimizer_classes=(torch.optim.AdamW,),
+        ),
+    ]

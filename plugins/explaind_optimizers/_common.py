@@ -1,0 +1,214 @@
+"""Shared machinery of the first-party optimizer adapters.
+
+Every adapter validates the live optimizer the same way: it walks the parameter groups,
+collects *every* option the linear recurrence of DESIGN §2 cannot express, and raises one
+:class:`explaind.exceptions.ConfigError` listing them all, each naming the option, the value
+found, the values allowed and the fix.
+
+Coefficients are reported as the values torch actually used. Torch casts a Python scalar
+hyperparameter (``alpha=-lr``, ``mul_(momentum)``, ``lerp_(g, 1 - beta1)``) to the *computation*
+dtype of the tensor it is applied to (``float64`` for ``float64`` tensors, ``float32`` for every
+lower precision); :func:`as_used` reproduces that rounding so the replay in float64 sees the
+scalar torch multiplied with, not the one the user typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from explaind.exceptions import ConfigError
+
+__all__ = [
+    "GroupSnapshot",
+    "OptionRule",
+    "as_used",
+    "collect_group_problems",
+    "raise_problems",
+    "snapshot_groups",
+    "check_amp_scaling",
+    "state_problems",
+    "wrong_class_problem",
+]
+
+
+def as_used(value: float, dtype: torch.dtype) -> float:
+    """The Python float torch multiplies with when ``value`` meets a tensor of ``dtype``.
+
+    Parameters
+    ----------
+    value : float
+        The scalar hyperparameter as stored in the parameter group.
+    dtype : torch.dtype
+        dtype of the parameter tensor.
+
+    Returns
+    -------
+    float
+        ``value`` rounded to the computation dtype (float64 for float64 tensors, else float32).
+    """
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if compute == torch.float64:
+        return float(value)
+    return float(torch.tensor(float(value), dtype=compute).item())
+
+
+@dataclass(frozen=True)
+class OptionRule:
+    """A boolean-like group option and the values the adapter accepts.
+
+    Attributes
+    ----------
+    key : str
+        Key of the torch parameter group (``"differentiable"``, ``"capturable"``, ...).
+    allowed : tuple
+        Accepted values.
+    reason : str
+        Why other values cannot be modelled.
+    fix : str
+        What the user should change.
+    """
+
+    key: str
+    allowed: tuple[Any, ...]
+    reason: str
+    fix: str
+
+
+def collect_group_problems(
+    optimizer: torch.optim.Optimizer,
+    rules: Iterable[OptionRule],
+    float_keys: Iterable[str],
+) -> list[str]:
+    """Every problem found in the optimizer's parameter groups and state.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The live optimizer.
+    rules : iterable of OptionRule
+        Options with a restricted set of values.
+    float_keys : iterable of str
+        Hyperparameters that must be Python numbers (not tensors); a tuple value (``betas``) is
+        checked element by element.
+
+    Returns
+    -------
+    list of str
+        One sentence per problem (empty when the optimizer can be recorded).
+    """
+    problems: list[str] = []
+    rules = tuple(rules)
+    float_keys = tuple(float_keys)
+    for index, group in enumerate(optimizer.param_groups):
+        where = f"param_groups[{index}]"
+        for rule in rules:
+            value = group.get(rule.key, rule.allowed[0])
+            if value not in rule.allowed:
+                allowed = ", ".join(repr(a) for a in rule.allowed)
+                problems.append(
+                    f"{where}[{rule.key!r}]={value!r} is not supported ({rule.reason}). "
+                    f"Allowed: {allowed}. Fix: {rule.fix}."
+                )
+        for key in float_keys:
+            value = group.get(key)
+            items = value if isinstance(value, tuple | list) else (value,)
+            if any(isinstance(item, Tensor) for item in items):
+                problems.append(
+                    f"{where}[{key!r}]={value!r} is a tensor; the adapter reads hyperparameters as Python floats "
+                    f"at every step so that the float64 replay uses exactly the scalar torch applied. Allowed: "
+                    f"Python floats. Fix: pass {key}=float(...) when building the optimizer (and in schedulers)."
+                )
+    return problems
+
+
+def state_problems(optimizer: torch.optim.Optimizer) -> list[str]:
+    """A problem when the optimizer already carries state (momentum buffers, moments, step counts).
+
+    The unrolled recurrence starts from ``m_{-1} = 0`` and step counts of zero, so recording must
+    start from a fresh optimizer.
+    """
+    started = sum(1 for s in optimizer.state.values() if len(s) > 0)
+    if not started:
+        return []
+    return [
+        f"the optimizer already holds state for {started} parameter(s) (it has taken steps or loaded a "
+        f"state_dict); the recurrence starts from empty optimizer state (m_{{-1}} = 0). Allowed: a fresh "
+        f"optimizer. Fix: create the recorder before the first optimizer.step(), or build a new optimizer; to continue "
+        f"a stored run, open the recorder with resume=True on a fresh optimizer and call its restore()."
+    ]
+
+
+def wrong_class_problem(optimizer: Any, expected: type) -> list[str]:
+    """A problem when ``type(optimizer)`` is not exactly ``expected`` (a subclass may change ``step``)."""
+    if type(optimizer) is expected:
+        return []
+    return [
+        f"the adapter handles exactly {expected.__module__}.{expected.__qualname__}, got "
+        f"{type(optimizer).__module__}.{type(optimizer).__qualname__} (a subclass may change step()). Fix: "
+        f"let explaind.plugins.resolve_optimizer_adapter(optimizer) choose the adapter, or register an adapter "
+        f"plugin for this class (docs/optimizers.md)."
+    ]
+
+
+def raise_problems(adapter_name: str, optimizer: Any, problems: list[str]) -> None:
+    """Raise one :class:`ConfigError` listing every problem (no-op when there are none)."""
+    if not problems:
+        return
+    kind = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    lines = "\n".join(f"  - {p}" for p in problems)
+    raise ConfigError(
+        f"Optimizer adapter {adapter_name!r} cannot model this {kind} ({len(problems)} problem(s)):\n{lines}"
+    )
+
+
+def check_amp_scaling(adapter_name: str, optimizer: Any) -> None:
+    """Refuse a step that unscales gradients inside a fused kernel (``torch.amp.GradScaler``).
+
+    ``GradScaler.step`` hands ``grad_scale``/``found_inf`` to fused optimizers, which then divide
+    ``p.grad`` inside the kernel and may skip the step: the gradient the optimizer saw is no longer
+    ``p.grad``.
+    """
+    scale = getattr(optimizer, "grad_scale", None)
+    found = getattr(optimizer, "found_inf", None)
+    if scale is not None or found is not None:
+        raise_problems(
+            adapter_name,
+            optimizer,
+            [
+                "optimizer.grad_scale/found_inf are set (torch.amp.GradScaler.step with a fused optimizer): the "
+                "kernel unscales p.grad internally and may skip the step, which the recurrence does not model. "
+                "Allowed: grad_scale=None. Fix: call scaler.unscale_(optimizer) before optimizer.step() and "
+                "build the optimizer with fused=False, or train without GradScaler."
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class GroupSnapshot:
+    """Hyperparameters of one parameter group at the moment of a step.
+
+    Attributes
+    ----------
+    values : Mapping[str, Any]
+        The group's hyperparameters (everything except ``"params"``).
+    with_grad : tuple[Tensor, ...]
+        The group's parameters that have a gradient at this step (the ones torch updates).
+    """
+
+    values: Mapping[str, Any]
+    with_grad: tuple[Tensor, ...]
+
+
+def snapshot_groups(optimizer: torch.optim.Optimizer) -> list[GroupSnapshot]:
+    """Copy every group's hyperparameters and the parameters that will be updated."""
+    out = []
+    for group in optimizer.param_groups:
+        values = {k: v for k, v in group.items() if k != "params"}
+        with_grad = tuple(p for p in group["params"] if p.grad is not None)
+        out.append(GroupSnapshot(values=values, with_grad=with_grad))
+    return out
