@@ -20,6 +20,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "get_entry": ("explaind.plugins", "get_entry"),
     "list_entries": ("explaind.plugins", "list_entries"),
     "register_plugin": ("explaind.plugins", "register_plugin"),
+    "build_model": ("explaind.models", "build_model"),
     "reset_plugins": ("explaind.plugins", "reset_plugins"),
     "LinearUpdate": ("explaind.recurrence", "LinearUpdate"),
     "OptimizerAdapterRecord": ("explaind.records", "OptimizerAdapterRecord"),

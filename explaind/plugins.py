@@ -11,7 +11,14 @@ changing them):
     comma-separated list of plugin names (built-in or third-party) to skip.
 ``EXPLAIND_LOAD_PLUGINS``
     Comma-separated list of entry-point plugin names; when set, only those third-party
-    plugins are loaded (the built-ins always are, unless disabled by name).
+    plugins are loaded (the built-ins always are, unless disabled by name); a name that no
+    installed plugin has triggers an :class:`~explaind.exceptions.ExplaindWarning`.
+
+Failures: a third-party plugin that fails to import, does not match the hook specifications,
+raises in a registration hook or returns malformed records is skipped with an
+:class:`~explaind.exceptions.ExplaindWarning` naming it. Built-in and in-process plugins fail
+with :class:`~explaind.exceptions.PluginError`, and so does a name registered twice for the
+same kind (the message names both plugins).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ __all__ = [
     "list_entries",
     "reset_plugins",
     "register_plugin",
+    "unregister_plugin",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,49 +119,75 @@ def _plugin_version(module: Any, dist_version: str | None) -> str:
         return "0+unknown"
 
 
-def _build_manager() -> tuple[pluggy.PluginManager, list[tuple[str, Any, str]]]:
+def _register_first_party(pm: pluggy.PluginManager, module: Any, name: str) -> None:
+    """Register a built-in or in-process plugin; a mismatch with the hookspecs is a loud :class:`PluginError`."""
+    try:
+        pm.register(module, name=name)
+        pm.check_pending()
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise PluginError(f"Plugin {name!r} cannot be registered: {exc}") from exc
+
+
+def _skip_warning(name: str, where: str, exc: BaseException) -> None:
+    warnings.warn(
+        f"Skipping plugin {name!r} ({where}): {type(exc).__name__}: {exc}. Fix or uninstall it, or hide it with "
+        f"EXPLAIND_DISABLE_PLUGINS={name}.",
+        ExplaindWarning,
+        stacklevel=4,
+    )
+
+
+def _build_manager() -> tuple[pluggy.PluginManager, list[tuple[str, Any, str]], set[str]]:
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     disabled = _env_list("EXPLAIND_DISABLE_PLUGINS") or []
     disable_all_third_party = any(d.lower() in {"1", "all", "*", "true"} for d in disabled)
     only = _env_list("EXPLAIND_LOAD_PLUGINS")
     loaded: list[tuple[str, Any, str]] = []  # (name, module, version)
+    third_party: set[str] = set()
     pm.register(_CoreFallback(), name="explaind.core")
 
     for modname in BUILTIN_PLUGINS:
         if modname in disabled:
             continue
         module = importlib.import_module(modname)
-        pm.register(module, name=modname)
+        _register_first_party(pm, module, modname)
         loaded.append((modname, module, _plugin_version(module, None)))
 
     for modname, module in _extra_plugins:
         if modname in disabled:
             continue
-        pm.register(module, name=modname)
+        _register_first_party(pm, module, modname)
         loaded.append((modname, module, _plugin_version(module, None)))
 
     if not disable_all_third_party:
+        seen: set[str] = set()
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+            seen.add(ep.name)
             if ep.name in disabled or (only is not None and ep.name not in only):
                 continue
+            module = None
             try:
                 module = ep.load()
-                pm.check_pending()
                 pm.register(module, name=ep.name)
                 pm.check_pending()
             except Exception as exc:  # a broken third-party plugin must not break the library
-                if pm.is_registered(locals().get("module")):
-                    pm.unregister(locals()["module"])
-                warnings.warn(
-                    f"Skipping plugin {ep.name!r} (entry point {ep.value!r}): {type(exc).__name__}: {exc}",
-                    ExplaindWarning,
-                    stacklevel=3,
-                )
+                if module is not None and pm.get_name(module) == ep.name:
+                    pm.unregister(module)
+                _skip_warning(ep.name, f"entry point {ep.value!r}", exc)
                 continue
             version = ep.dist.version if ep.dist is not None else None
             loaded.append((ep.name, module, _plugin_version(module, version)))
-    return pm, loaded
+            third_party.add(ep.name)
+        missing = sorted(set(only or ()) - seen)
+        if missing:
+            warnings.warn(
+                f"EXPLAIND_LOAD_PLUGINS names {', '.join(map(repr, missing))}, but no installed plugin has that "
+                f"entry-point name. Installed: {', '.join(sorted(seen)) or '(none)'}.",
+                ExplaindWarning,
+                stacklevel=3,
+            )
+    return pm, loaded, third_party
 
 
 def _validate_record(kind: str, record: Any, plugin: str) -> None:
@@ -170,32 +204,56 @@ def _validate_record(kind: str, record: Any, plugin: str) -> None:
         )
 
 
-def _collect(pm: pluggy.PluginManager, loaded: list[tuple[str, Any, str]]) -> Registry:
-    registry = Registry()
-    by_module = {id(module): name for name, module, _ in loaded}
-    per_plugin: dict[str, dict[str, list[str]]] = {name: {} for name, _, _ in loaded}
+def _plugin_records(pm: pluggy.PluginManager, plugin: str, module: Any) -> dict[str, list[Any]]:
+    """Call the registration hooks of one plugin and validate what they return."""
+    records: dict[str, list[Any]] = {}
     for kind, hook_name in KIND_HOOKS.items():
-        hook = getattr(pm.hook, hook_name)
-        for impl in hook.get_hookimpls():
-            plugin = by_module.get(id(impl.plugin), impl.plugin_name)
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            if impl.plugin is not module:
+                continue
             result = impl.function()
             if result is None:
                 continue
+            if not isinstance(result, (list, tuple)):
+                raise PluginError(
+                    f"Plugin {plugin!r} returned {type(result).__name__} from {hook_name}(); expected a list of "
+                    f"{RECORD_TYPES[kind].__name__} records."
+                )
             for record in result:
                 _validate_record(kind, record, plugin)
+            records.setdefault(kind, []).extend(result)
+    return records
+
+
+def _collect(pm: pluggy.PluginManager, loaded: list[tuple[str, Any, str]], third_party: set[str]) -> Registry:
+    registry = Registry()
+    for name, module, version in loaded:
+        try:
+            records = _plugin_records(pm, name, module)
+        except Exception as exc:
+            if name not in third_party:
+                if isinstance(exc, PluginError):
+                    raise
+                raise PluginError(f"Plugin {name!r} failed while registering its entries: {exc!r}") from exc
+            _skip_warning(name, "its registration hooks failed", exc)
+            pm.unregister(module)
+            continue
+        entries: dict[str, list[str]] = {}
+        for kind, kind_records in records.items():
+            for record in kind_records:
                 key = (kind, record.name)
                 if key in registry.owners:
                     raise PluginError(
                         f"Duplicate {KIND_NAMES[kind]} {record.name!r}: registered by plugin "
-                        f"{registry.owners[key]!r} and by plugin {plugin!r}. Uninstall one of them or "
-                        f"disable one with EXPLAIND_DISABLE_PLUGINS={plugin}."
+                        f"{registry.owners[key]!r} and by plugin {name!r}. Uninstall one of them or "
+                        f"disable one with EXPLAIND_DISABLE_PLUGINS={name}."
                     )
-                registry.owners[key] = plugin
+                registry.owners[key] = name
                 registry.entries[kind][record.name] = record
-                per_plugin.setdefault(plugin, {}).setdefault(kind, []).append(record.name)
-    for name, _module, version in loaded:
-        entries = {kind: sorted(names) for kind, names in per_plugin.get(name, {}).items()}
-        registry.plugins.append({"name": name, "version": version, "entries": entries})
+                entries.setdefault(kind, []).append(record.name)
+        registry.plugins.append(
+            {"name": name, "version": version, "entries": {k: sorted(v) for k, v in entries.items()}}
+        )
     return registry
 
 
@@ -211,11 +269,11 @@ def get_registry() -> Registry:
     global _manager, _registry
     with _lock:
         if _registry is None:
-            pm, loaded = _build_manager()
+            pm, loaded, third_party = _build_manager()
             _manager = pm
             try:
                 _registry = Registry()  # guards re-entrant look-ups from the fallback hook
-                _registry = _collect(pm, loaded)
+                _registry = _collect(pm, loaded, third_party)
             except Exception:
                 _manager, _registry = None, None
                 raise
@@ -241,8 +299,20 @@ def register_plugin(module: Any, name: str | None = None) -> None:
     """
     plugin_name = name or getattr(module, "__name__", type(module).__name__)
     with _lock:
+        taken = {n for n, _ in _extra_plugins} | set(BUILTIN_PLUGINS)
+        if plugin_name in taken:
+            raise PluginError(
+                f"A plugin named {plugin_name!r} is already registered. Pass another name=, or call "
+                f"unregister_plugin({plugin_name!r}) first."
+            )
         _extra_plugins.append((plugin_name, module))
         reset_plugins()
+        try:
+            get_registry()  # fail now, naming the plugin, rather than at the next look-up
+        except Exception:
+            _extra_plugins.pop()
+            reset_plugins()
+            raise
 
 
 def unregister_plugin(name: str) -> None:

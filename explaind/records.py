@@ -86,12 +86,24 @@ class LossRecord:
     ``implementation(outputs, targets)`` returns per-sample losses of shape ``(n,)``; the
     training loss is their mean (the reduction ``mean`` of torch), so sample weights
     ``w_k = 1/|B|`` reproduce it.
+
+    Attributes
+    ----------
+    example : callable, optional
+        ``example(n, generator) -> (outputs, targets)``: a small batch in the format the loss
+        expects; the conformance suite (:mod:`explaind.testing`) requires it.
+    reference : callable, optional
+        ``reference(outputs, targets) -> scalar``: the batch loss as the reference library computes
+        it (e.g. ``torch.nn.functional.mse_loss``); the suite checks that the mean of the
+        per-sample losses equals it.
     """
 
     name: str
     implementation: Callable[..., Any]
     config: type[BaseModel] = _EmptyConfig
     description: str = ""
+    example: Callable[..., Any] | None = None
+    reference: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)

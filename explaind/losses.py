@@ -1,0 +1,171 @@
+r"""Resolving the ``loss=`` argument of the public API to a :class:`~explaind.records.LossRecord`.
+
+A loss is given either as the name of a registered loss (``"cross_entropy"``, ``"nll"``,
+``"mse"`` or one added by a plugin), as a :class:`LossRecord`, or as a user callable
+``loss_fn(outputs, targets) -> mean loss``. Every consumer needs *per-sample* losses
+``l_k`` (shape ``(n,)``) whose mean is the batch loss, so a user callable is wrapped:
+
+.. math::
+
+    l_k = \mathrm{loss\_fn}(\mathrm{outputs}[k{:}k{+}1],\ \mathrm{targets}[k{:}k{+}1]),
+
+i.e. the callable applied to each sample on its own (a batch of one). This is exact for every
+loss whose batch value is the mean of per-sample terms — any torch loss with
+``reduction="mean"`` and no class weights. It is **wrong** for a ``reduction="sum"`` loss or a
+loss coupling samples (e.g. contrastive losses); pass ``check=(outputs, targets)`` to have
+this verified on a batch. The per-sample calls run under ``torch.func.vmap`` when the callable
+supports it and fall back to a Python loop over samples otherwise (slower, same values).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .exceptions import ConfigError, UnknownEntryError
+from .records import LossRecord
+
+__all__ = ["resolve_loss", "wrap_loss_callable", "CUSTOM_LOSS_PREFIX"]
+
+logger = logging.getLogger(__name__)
+
+#: Name prefix of records wrapping a user callable; such losses are not in the registry, so a
+#: stored trajectory that used one must be given the callable again when it is loaded.
+CUSTOM_LOSS_PREFIX = "custom:"
+
+
+def _single_sample_loss(loss_fn: Callable[..., Any], outputs: Tensor, targets: Tensor) -> Tensor:
+    value = loss_fn(outputs, targets)
+    if not isinstance(value, Tensor) or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ConfigError(
+            f"The loss callable {_callable_name(loss_fn)} must return the mean loss of the batch as a scalar "
+            f"tensor; it returned {shape}. Use reduction='mean' (not 'none')."
+        )
+    return value
+
+
+def _callable_name(loss_fn: Callable[..., Any]) -> str:
+    return getattr(loss_fn, "__qualname__", None) or getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+
+
+def wrap_loss_callable(loss_fn: Callable[..., Any]) -> LossRecord:
+    """Wrap ``loss_fn(outputs, targets) -> mean loss`` as a per-sample :class:`LossRecord`.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        ``(outputs (n, ...), targets (n, ...)) -> scalar`` mean over the batch.
+
+    Returns
+    -------
+    LossRecord
+        ``name`` is ``"custom:<qualified name>"``; ``implementation(outputs, targets)`` returns
+        the per-sample losses ``(n,)``: ``loss_fn`` applied to every sample slice
+        ``outputs[k:k+1]``, batched with ``torch.func.vmap`` when possible.
+    """
+    state = {"vmap": True}
+
+    def one(output: Tensor, target: Tensor) -> Tensor:
+        return _single_sample_loss(loss_fn, output.unsqueeze(0), target.unsqueeze(0))
+
+    def per_sample(outputs: Tensor, targets: Tensor) -> Tensor:
+        n = outputs.shape[0]
+        if targets.shape[:1] != outputs.shape[:1]:
+            raise ConfigError(
+                f"The loss callable {_callable_name(loss_fn)} got {n} outputs but {targets.shape[:1]} targets; "
+                f"pass one target per output row."
+            )
+        if state["vmap"]:
+            try:
+                return torch.func.vmap(one)(outputs, targets)
+            except ConfigError:
+                raise
+            except Exception as exc:  # the callable is not vmap-able (e.g. calls .item()): loop instead
+                logger.info("Loss callable %s does not support vmap (%s); looping over samples.",
+                            _callable_name(loss_fn), exc)
+                state["vmap"] = False
+        return torch.stack([_single_sample_loss(loss_fn, outputs[k : k + 1], targets[k : k + 1]) for k in range(n)])
+
+    per_sample.__doc__ = f"Per-sample losses of {_callable_name(loss_fn)} (one call per sample)."
+    return LossRecord(
+        name=f"{CUSTOM_LOSS_PREFIX}{_callable_name(loss_fn)}",
+        implementation=per_sample,
+        description=f"User loss {_callable_name(loss_fn)} applied to each sample.",
+        reference=loss_fn,
+    )
+
+
+def _check_mean(record: LossRecord, outputs: Tensor, targets: Tensor, reference: Callable[..., Any]) -> None:
+    with torch.no_grad():
+        per_sample = record.implementation(outputs, targets)
+        batch = reference(outputs, targets)
+    if per_sample.shape != (outputs.shape[0],):
+        raise ConfigError(
+            f"Loss {record.name!r} returned per-sample losses of shape {tuple(per_sample.shape)}; "
+            f"expected ({outputs.shape[0]},)."
+        )
+    mean = per_sample.mean()
+    tol = 1e-5 if mean.dtype == torch.float32 else 1e-10
+    if not torch.allclose(mean, torch.as_tensor(batch, dtype=mean.dtype), rtol=tol, atol=tol):
+        raise ConfigError(
+            f"Loss {record.name!r}: the mean of the per-sample losses ({mean.item():.6g}) differs from the batch "
+            f"loss ({float(batch):.6g}). explaind needs a loss that is the mean of per-sample terms: use "
+            f"reduction='mean' and no terms coupling samples."
+        )
+
+
+def resolve_loss(
+    loss: str | LossRecord | Callable[..., Any], *, check: tuple[Tensor, Tensor] | None = None
+) -> LossRecord:
+    """Turn the ``loss=`` argument into a :class:`LossRecord` with per-sample values.
+
+    Parameters
+    ----------
+    loss : str, LossRecord or callable
+        A registered loss name, a record, or ``loss_fn(outputs, targets) -> mean loss``
+        (wrapped by :func:`wrap_loss_callable`).
+    check : tuple of Tensor, optional
+        ``(outputs, targets)`` of one batch. When given, the mean of the per-sample losses is
+        compared to the batch loss (the callable itself, or the record's ``reference``).
+
+    Returns
+    -------
+    LossRecord
+
+    Raises
+    ------
+    UnknownEntryError
+        For an unknown name; the message lists the registered losses and the closest match.
+    ConfigError
+        For a value that is neither, or when ``check`` shows the loss is not a mean of
+        per-sample terms.
+    """
+    from .plugins import get_entry
+
+    if isinstance(loss, LossRecord):
+        record = loss
+    elif isinstance(loss, str):
+        try:
+            record = get_entry("loss", loss)
+        except UnknownEntryError as exc:
+            raise UnknownEntryError(f"{exc} A callable (outputs, targets) -> mean loss is accepted too.") from None
+    elif callable(loss):
+        record = wrap_loss_callable(loss)
+    else:
+        raise ConfigError(
+            f"loss={loss!r} is neither a registered loss name nor a callable. Pass a name such as "
+            f"'cross_entropy' or a function (outputs, targets) -> mean loss."
+        )
+    if check is not None:
+        reference = record.reference
+        if reference is None:
+            raise ConfigError(
+                f"Loss {record.name!r} has no reference batch loss to check against; call resolve_loss without check=."
+            )
+        _check_mean(record, check[0], check[1], reference)
+    return record

@@ -1,0 +1,58 @@
+"""Conformance checks for explaind plugins and estimators (like scikit-learn's ``check_estimator``).
+
+Plugin authors run the whole suite on their package with one call::
+
+    from explaind.testing import check_plugin
+    import my_plugin
+    check_plugin(my_plugin)            # raises PluginCheckError listing every failed check
+
+or, inside pytest, one test per check::
+
+    from explaind.testing import parametrize_plugin_checks
+
+    @parametrize_plugin_checks("my_plugin")
+    def test_my_plugin(plugin_check):
+        plugin_check()
+
+Names are imported lazily from the submodules listed in :data:`_EXPORTS` (so importing
+``explaind.testing`` stays cheap and pytest is only imported when a parametrizer is used).
+To export a new name, add one ``"name": "submodule"`` line to :data:`_EXPORTS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> submodule of ``explaind.testing`` defining it
+_EXPORTS: dict[str, str] = {
+    "PluginCheckError": "plugins",
+    "check_plugin": "plugins",
+    "plugin_checks": "plugins",
+    "parametrize_plugin_checks": "plugins",
+    "EstimatorCheckError": "estimators",
+    "check_estimator": "estimators",
+    "estimator_checks": "estimators",
+    "parametrize_with_checks": "estimators",
+    "architecture_checks": "architectures",
+    "loss_checks": "losses",
+    "check_optimizer_adapter": "adapters",
+    "optimizer_adapter_checks": "adapters",
+    "AdapterScenario": "adapters",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        submodule = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'explaind.testing' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
