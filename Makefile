@@ -17,7 +17,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check explaind plugins tests benchmarks examples
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	# One BLAS/OpenMP thread per pytest worker: two workers on two cores.
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -104,6 +104,28 @@ class Trajectory(abc.ABC):
     def n_train(self) -> int:
         """Number of training samples (``len(train_data)``)."""
 
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: Any, model: nn.Module | None = None, train_data: Any = None, **kwargs: Any) -> Trajectory:
+        """Open a stored trajectory (a store directory written by ``TrajectoryRecorder(store=path)``).
+
+        Parameters
+        ----------
+        path : str or Path
+            The store directory.
+        model : nn.Module, optional
+            Template module; rebuilt with ``explaind.models.build_model`` when omitted and the run
+            was recorded from a registry model. A parameter name/shape mismatch raises
+            ``TrajectoryError`` listing the differences.
+        train_data : (X, y) or Dataset, optional
+            Training data (defaults to the copy stored with the run, if any).
+        **kwargs
+            ``loss=`` (needed for a run recorded with a custom loss callable), ``cache_steps=``.
+        """
+        from .disk import DiskTrajectory
+
+        return DiskTrajectory(path, model=model, train_data=train_data, **kwargs)
+
     # ----------------------------------------------------------------- helpers
     def delta(self, s: int) -> dict[str, Tensor]:
         """``Delta theta_s = theta_{s+1} - theta_s``."""
