@@ -1,0 +1,122 @@
+"""Recording overhead of TrajectoryRecorder versus the plain training loop.
+
+Prints one table: for each model (a small CNN and the modular-arithmetic transformer) and each
+optimizer, the wall time per step of the bare loop and the ratios of the recorded loop to it, in
+memory and to disk, by wall time and by process CPU time (all threads; steadier on a shared
+machine). Audit and gradient check are off; disk runs use background writes, with and without
+fsync, and store the optimizer state every step, as by default.
+
+Run: ``python benchmarks/bench_recording.py [--steps N] [--repeats R] [--device cpu|cuda] [--threads T]``
+Goals: <= 1.3x in memory, <= 2x to disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import explaind
+from explaind.models import build_model
+from explaind.plugins import get_entry
+
+MODES = ("plain", "memory", "disk", "disk-nofsync")
+CASES = {
+    "cnn": ("cnn", {"in_channels": 1, "image_size": 16, "channels": [16, 32], "out_features": 10}, 64),
+    "modular_transformer": ("modular_transformer", {}, 256),
+}
+
+
+def _data(name: str, config: dict, n: int, device: torch.device):
+    record = get_entry("architecture", name)
+    x, y = record.example_input(record.config(**config), n, torch.Generator().manual_seed(0))
+    return x.to(device), y.to(device)
+
+
+def _run(name, config, batch, opt_name, steps, mode, device, root):
+    model = build_model(name, config, seed=0).to(device)
+    params = model.parameters()
+    opt = torch.optim.Adam(params, lr=1e-3) if opt_name == "adam" else torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    X, y = _data(name, config, batch * 8, device)
+    idx_list = [torch.arange(i * batch, (i + 1) * batch) % X.shape[0] for i in range(steps)]
+    rec = None
+    if mode != "plain":
+        store = None
+        if mode.startswith("disk"):
+            store = Path(root) / f"{name}-{opt_name}"
+            shutil.rmtree(store, ignore_errors=True)
+        rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=store,
+                                          audit=False, check_gradients=False, store_data=False,
+                                          fsync=mode == "disk")
+        rec.__enter__()
+    try:
+        for i, idx in enumerate(idx_list):
+            if i == 2:  # warm-up steps excluded
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start, cpu_start = time.perf_counter(), time.process_time()
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            if rec is not None:
+                rec.log_batch(idx)
+            opt.step()
+        if rec is not None:
+            rec.__exit__(None, None, None)  # includes draining the background writer
+            rec = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        if rec is not None:
+            rec.__exit__(None, None, None)
+    return elapsed / (steps - 2), cpu / (steps - 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--root", default=None, help="directory for the disk stores (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    root = args.root or tempfile.mkdtemp(prefix="explaind-bench-")
+    print(f"device={device}  steps={args.steps}  repeats={args.repeats} (best of)  torch threads="
+          f"{torch.get_num_threads()}  load average={os.getloadavg()[0]:.1f}  store root={root}")
+    print("ratios = recorded / plain loop, 'wall (cpu)': wall-clock time and process CPU time")
+    header = (f"{'model':<21}{'params':>8}{'batch':>6}{'optim':>6}{'plain ms':>10}{'memory':>15}"
+              f"{'disk':>15}{'disk no-fsync':>17}")
+    print(header)
+    print("-" * len(header))
+    for label, (name, config, batch) in CASES.items():
+        n_params = sum(p.numel() for p in build_model(name, config, seed=0).parameters())
+        for opt_name in ("sgd", "adam"):
+            wall: dict[str, float] = {}
+            cpu: dict[str, float] = {}
+            for _ in range(args.repeats):
+                for mode in MODES:
+                    gc.collect()
+                    t, c = _run(name, config, batch, opt_name, args.steps, mode, device, root)
+                    wall[mode] = min(wall.get(mode, float("inf")), t)
+                    cpu[mode] = min(cpu.get(mode, float("inf")), c)
+            cells = "".join(
+                f"{f'{wall[m] / wall[plain]:.2f} ({cpu[m] / cpu[plain]:.2f})':>{w}}"
+                for m, w, plain in (("memory", 15, "plain"), ("disk", 15, "plain"), ("disk-nofsync", 17, "plain"))
+            )
+            print(f"{label:<21}{n_params:>8}{batch:>6}{opt_name:>6}{wall['plain'] * 1e3:>10.2f}{cells}")
+    if args.root is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

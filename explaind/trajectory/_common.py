@@ -1,0 +1,178 @@
+"""Helpers shared by the trajectory backends and the recorder: losses, training data, model specs."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..exceptions import ConfigError, TrajectoryError
+from ..records import LossRecord
+from .manifest import ArchitectureSpec
+
+__all__ = [
+    "TrainData",
+    "resolve_loss_record",
+    "loss_name",
+    "architecture_spec",
+    "split_model_tensors",
+    "validate_indices",
+    "validate_weights",
+]
+
+
+def resolve_loss_record(loss: Any) -> LossRecord:
+    """A :class:`LossRecord` from a record, a registered name or a ``(outputs, targets) -> mean`` callable.
+
+    Names and callables are resolved by ``explaind.losses.resolve_loss``; an unknown name raises
+    :class:`~explaind.exceptions.UnknownEntryError` listing the registered losses.
+    """
+    if isinstance(loss, LossRecord):
+        return loss
+    if loss is None:
+        raise ConfigError(
+            "loss=None: the recorder needs the training loss to relate gradients to samples. Pass a "
+            "registered name such as loss='cross_entropy', 'nll' or 'mse', or a callable "
+            "(outputs, targets) -> mean loss."
+        )
+    losses = importlib.import_module("explaind.losses")
+    return losses.resolve_loss(loss)
+
+
+def loss_name(record: LossRecord) -> str:
+    """The name stored in manifests (the registry name of the loss)."""
+    return record.name
+
+
+def architecture_spec(model: nn.Module) -> ArchitectureSpec | None:
+    """The ``explaind_spec`` attribute that ``explaind.models.build_model`` sets, as a manifest spec."""
+    spec = getattr(model, "explaind_spec", None)
+    if not isinstance(spec, dict) or "name" not in spec:
+        return None
+    config = spec.get("config") or {}
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    return ArchitectureSpec(name=str(spec["name"]), config=dict(config), seed=spec.get("seed"))
+
+
+def split_model_tensors(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, Tensor]]:
+    """Trainable parameters (``requires_grad``) and constants (frozen parameters + buffers) by name."""
+    trainable: dict[str, nn.Parameter] = {}
+    constants: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            trainable[name] = p
+        else:
+            constants[name] = p.detach()
+    for name, b in model.named_buffers():
+        constants[name] = b.detach()
+    return trainable, constants
+
+
+class TrainData:
+    """Uniform access to training data given as ``(X, y)`` tensors or a ``torch.utils.data.Dataset``.
+
+    Parameters
+    ----------
+    data : tuple of (Tensor, Tensor) or Dataset
+        Inputs ``X`` of shape ``(n, ...)`` and targets ``y`` of shape ``(n, ...)``, or a map-style
+        dataset whose items are ``(x, y)`` pairs.
+    """
+
+    def __init__(self, data: Any):
+        self._x: Tensor | None = None
+        self._y: Tensor | None = None
+        self._dataset: Any = None
+        if isinstance(data, TrainData):
+            self._x, self._y, self._dataset = data._x, data._y, data._dataset
+            return
+        if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+            x, y = data
+            if x.shape[0] != y.shape[0]:
+                raise ConfigError(
+                    f"train_data: X has {x.shape[0]} rows but y has {y.shape[0]}. Pass (X, y) with the same "
+                    f"number of samples along the first dimension."
+                )
+            self._x, self._y = x, y
+        elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, Tensor | str):
+            self._dataset = data
+        else:
+            raise ConfigError(
+                f"train_data of type {type(data).__name__} is not supported. Pass a tuple (X, y) of tensors or a "
+                f"map-style torch.utils.data.Dataset returning (x, y) pairs."
+            )
+
+    def __len__(self) -> int:
+        if self._x is not None:
+            return int(self._x.shape[0])
+        return len(self._dataset)
+
+    def get(self, indices: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Inputs and targets at ``indices`` (shape ``(n,)``, int64)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if self._x is not None:
+            idx = idx.to(self._x.device)
+            return self._x[idx], self._y[idx]
+        xs, ys = [], []
+        for i in idx.tolist():
+            item = self._dataset[i]
+            if not (isinstance(item, tuple | list) and len(item) >= 2):
+                raise TrajectoryError(
+                    f"train_data[{i}] returned {type(item).__name__}; the dataset must return (x, y) pairs."
+                )
+            xs.append(torch.as_tensor(item[0]))
+            ys.append(torch.as_tensor(item[1]))
+        return torch.stack(xs), torch.stack(ys)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All data as ``(X, y)`` (a dataset is materialised item by item)."""
+        if self._x is not None:
+            return self._x, self._y
+        return self.get(torch.arange(len(self)))
+
+
+def validate_indices(indices: Any, n_train: int | None) -> Tensor:
+    """``rec.log_batch`` indices as a CPU int64 tensor of shape ``(n,)``, checked against ``0..n_train-1``."""
+    try:
+        idx = torch.as_tensor(indices)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TrajectoryError(
+            f"log_batch: indices of type {type(indices).__name__} cannot be read as integers ({exc}). Pass a 1-D "
+            f"int64 tensor of dataset positions."
+        ) from None
+    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+        raise TrajectoryError(
+            f"log_batch: indices must be integer dataset positions, got dtype {idx.dtype}. Pass a 1-D int64 "
+            f"tensor (e.g. torch.arange(...) or the sampler's indices), not a mask or float values."
+        )
+    if idx.dim() != 1 or idx.shape[0] == 0:
+        raise TrajectoryError(f"log_batch: indices must be a non-empty 1-D tensor, got shape {tuple(idx.shape)}.")
+    idx = idx.detach().to("cpu", torch.long)
+    lo, hi = torch.aminmax(idx)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or (n_train is not None and hi >= n_train):
+        bad = lo if lo < 0 else hi
+        allowed = f"0..{n_train - 1}" if n_train is not None else "non-negative"
+        raise TrajectoryError(
+            f"log_batch: index {bad} is out of range for train_data of {n_train} samples (allowed: {allowed}). Log "
+            f"the dataset positions of the batch."
+        )
+    return idx
+
+
+def validate_weights(weights: Any, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """Sample weights of shape ``idx.shape`` in ``dtype`` on the CPU (default ``1/n`` each: the mean reduction)."""
+    if weights is None:
+        return torch.full((idx.shape[0],), 1.0 / idx.shape[0], dtype=dtype)
+    w = torch.as_tensor(weights).detach().to("cpu")
+    if not w.is_floating_point() or w.shape != idx.shape:
+        raise TrajectoryError(
+            f"log_batch: weights must be a float tensor of shape {tuple(idx.shape)} (one per index), got "
+            f"dtype {w.dtype} and shape {tuple(w.shape)}."
+        )
+    if not bool(torch.isfinite(w).all()):
+        raise TrajectoryError("log_batch: weights contain NaN or inf; pass finite sample weights.")
+    return w.to(dtype)

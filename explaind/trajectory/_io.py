@@ -1,0 +1,209 @@
+"""Low-level file handling of the trajectory store: atomic checksummed writes and verified reads.
+
+Every file is written as ``<name>.tmp-<pid>`` in the target directory, flushed, ``fsync``-ed and
+moved into place with :func:`os.replace`, so a reader (or a crash) sees either the old file or
+the complete new one. The SHA-256 of the bytes written goes into the manifest; reads hash the
+bytes they parse and raise :class:`~explaind.exceptions.TrajectoryError` naming the file (and
+the step, when there is one) on any mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import save as np_save
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from ..exceptions import TrajectoryError
+from .manifest import FileRecord
+
+__all__ = [
+    "atomic_write_bytes",
+    "encode_tensors",
+    "fsync_dir_path",
+    "write_tensors",
+    "read_tensors",
+    "read_verified_bytes",
+    "encode_optimizer_state",
+    "decode_optimizer_state",
+]
+
+
+def fsync_dir_path(directory: Path) -> None:
+    """``fsync`` a directory so that renames inside it survive a power loss."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(
+    root: Path, relpath: str, data: bytes, *, fsync: bool = True, fsync_dir: bool | None = None
+) -> FileRecord:
+    """Write ``data`` to ``root / relpath`` atomically; return its :class:`FileRecord`.
+
+    ``fsync`` flushes the file to the device before the rename; ``fsync_dir`` (default: ``fsync``)
+    also flushes the directory entry (callers that commit many files flush their directories once).
+    """
+    target = root / relpath
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    if fsync if fsync_dir is None else fsync_dir:
+        fsync_dir_path(target.parent)
+    return FileRecord(path=relpath, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+
+
+#: dtypes serialized through numpy (same bytes as ``safetensors.torch.save``, much less per-tensor overhead)
+_NUMPY_DTYPES = {torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32,
+                 torch.int64, torch.bool}
+
+
+def encode_tensors(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors bytes of ``tensors`` (moved to CPU, made contiguous)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if all(v.dtype in _NUMPY_DTYPES for v in cpu.values()):
+        return np_save({k: v.numpy() for k, v in cpu.items()}, metadata=metadata)
+    return st_save(cpu, metadata=metadata)
+
+
+def write_tensors(
+    root: Path,
+    relpath: str,
+    tensors: dict[str, Tensor],
+    metadata: dict[str, str] | None = None,
+    *,
+    fsync: bool = True,
+    fsync_dir: bool | None = None,
+) -> FileRecord:
+    """Serialize ``tensors`` as safetensors and write them atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(root, relpath, encode_tensors(tensors, metadata), fsync=fsync, fsync_dir=fsync_dir)
+
+
+def _where(step: int | None) -> str:
+    return "" if step is None else f" (step {step})"
+
+
+def read_verified_bytes(root: Path, record: FileRecord, step: int | None = None) -> bytes:
+    """Read a file of the store and check its size and SHA-256 against ``record``."""
+    path = root / record.path
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TrajectoryError(
+            f"Trajectory file {str(path)!r}{_where(step)} is missing. The store is incomplete; re-record the run "
+            f"or resume it from the last complete step."
+        ) from None
+    if len(data) != record.nbytes:
+        raise TrajectoryError(
+            f"Trajectory file {str(path)!r}{_where(step)} is truncated or was modified: it has {len(data)} bytes, "
+            f"the manifest recorded {record.nbytes}."
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record.sha256:
+        raise TrajectoryError(
+            f"Trajectory file {str(path)!r}{_where(step)} is corrupted: SHA-256 {digest[:16]}... does not match "
+            f"the recorded {record.sha256[:16]}...."
+        )
+    return data
+
+
+def read_tensors(root: Path, record: FileRecord, step: int | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read, verify and decode a safetensors file; returns ``(tensors, metadata)``."""
+    data = read_verified_bytes(root, record, step)
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except (SafetensorError, ValueError) as exc:
+        where = f"{str(root / record.path)!r}{_where(step)}"
+        raise TrajectoryError(f"Trajectory file {where} is unreadable: {exc}") from exc
+    return tensors, dict(header.get("__metadata__", {}) or {})
+
+
+# --------------------------------------------------------------------------- optimizer state
+def _jsonable(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_jsonable(v) for v in value)
+    return False
+
+
+def encode_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Split ``optimizer.state_dict()`` into safetensors tensors and a JSON metadata string.
+
+    Tensors become ``state.<param index>.<key>`` and ``group.<group index>.<key>``; everything
+    else (numbers, flags, tuples) goes to the JSON description. Values that are neither a tensor
+    nor JSON are left out and taken from the live optimizer on restore.
+    """
+    tensors: dict[str, Tensor] = {}
+    state_json: dict[str, dict[str, Any]] = {}
+    for idx, entry in state_dict.get("state", {}).items():
+        kept: dict[str, Any] = {}
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().clone()
+            elif _jsonable(value):
+                kept[key] = value
+        state_json[str(idx)] = kept
+    groups: list[dict[str, Any]] = []
+    for g, group in enumerate(state_dict.get("param_groups", [])):
+        kept = {}
+        for key, value in group.items():
+            if isinstance(value, Tensor):
+                tensors[f"group.{g}.{key}"] = value.detach().clone()
+            elif _jsonable(value):
+                kept[key] = list(value) if isinstance(value, tuple) else value
+        groups.append(kept)
+    meta = {"optimizer": json.dumps({"state": state_json, "param_groups": groups})}
+    return tensors, meta
+
+
+def decode_optimizer_state(
+    tensors: dict[str, Tensor], metadata: dict[str, str], live_state_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """Inverse of :func:`encode_optimizer_state`, filling gaps from the live optimizer's state dict."""
+    desc = json.loads(metadata["optimizer"])
+    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in desc["state"].items()}
+    live_groups = live_state_dict.get("param_groups", [])
+    if len(live_groups) != len(desc["param_groups"]):
+        raise TrajectoryError(
+            f"The stored optimizer state has {len(desc['param_groups'])} parameter group(s) but the optimizer has "
+            f"{len(live_groups)}. Build the optimizer with the same parameter groups as the recorded run."
+        )
+    groups = []
+    for live, saved in zip(live_groups, desc["param_groups"]):
+        group = dict(live)
+        for key, value in saved.items():
+            group[key] = tuple(value) if isinstance(live.get(key), tuple) else value
+        groups.append(group)
+    for key, value in tensors.items():
+        kind, index, name = key.split(".", 2)
+        if kind == "state":
+            state.setdefault(int(index), {})[name] = value
+        else:
+            groups[int(index)][name] = value
+    for g, live in zip(groups, live_groups):
+        g["params"] = live["params"]
+    return {"state": state, "param_groups": groups}
+

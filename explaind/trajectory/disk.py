@@ -1,0 +1,227 @@
+"""A trajectory read from a store directory, streamed step by step (DESIGN §5).
+
+Reading step ``s`` opens only ``steps/{s:06d}.safetensors`` (``theta_{s+1}``, the coefficients and
+the batch of step ``s``), verifies its checksum and keeps the last few decoded steps in a small
+LRU cache; the run is never loaded as a whole.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..exceptions import TrajectoryError
+from ..recurrence import LinearUpdate
+from ._common import TrainData, resolve_loss_record
+from ._io import read_tensors
+from .base import Trajectory
+from .manifest import FileRecord, TrajectoryManifest
+from .memory import check_param_index, check_step
+from .store import read_manifest, unpack_updates
+
+__all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
+
+
+def check_model_matches(model: nn.Module, manifest: TrajectoryManifest, where: str) -> None:
+    """Raise :class:`TrajectoryError` listing every recorded tensor whose name or shape differs in ``model``.
+
+    Recorded parameters and constants must exist in ``model`` (as parameters or buffers, whatever their
+    ``requires_grad``) with the recorded shapes; a model parameter that was not recorded is a mismatch too.
+    """
+    expected = {t.name: tuple(t.shape) for t in [*manifest.params, *manifest.constants]}
+    actual = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    params = {n for n, _ in model.named_parameters()}
+    problems = []
+    for name, shape in expected.items():
+        if name not in actual:
+            problems.append(f"{name}: recorded shape {shape}, missing from the model")
+        elif actual[name] != shape:
+            problems.append(f"{name}: recorded shape {shape}, model has {actual[name]}")
+    for name, shape in actual.items():
+        if name not in expected and name in params:
+            problems.append(f"{name}: model shape {shape}, not in the recorded trajectory")
+    if problems:
+        listed = "; ".join(problems)
+        raise TrajectoryError(
+            f"The model does not match the trajectory at {where}: {listed}. Pass a model with the architecture "
+            f"used when recording."
+        )
+
+
+def build_model_from_spec(manifest: TrajectoryManifest, where: str) -> nn.Module:
+    """Rebuild the recorded model with ``explaind.models.build_model`` from the manifest's architecture spec."""
+    spec = manifest.architecture
+    if spec is None:
+        raise TrajectoryError(
+            f"The trajectory at {where} was recorded from a model not built by explaind.models.build_model, so it "
+            f"cannot be rebuilt. Pass model=<a module with the same architecture> to Trajectory.load."
+        )
+    models = importlib.import_module("explaind.models")
+    kwargs = {} if spec.seed is None else {"seed": spec.seed}
+    return models.build_model(spec.name, spec.config, dtype=manifest.dtype, **kwargs)
+
+
+class DiskTrajectory(Trajectory):
+    """A stored trajectory (see :mod:`explaind.trajectory.store` for the layout).
+
+    Parameters
+    ----------
+    path : str or Path
+        The store directory.
+    model : nn.Module, optional
+        Template module; rebuilt from the registry when omitted and the run recorded a spec.
+    train_data : (X, y) or Dataset, optional
+        Training data; defaults to ``data.safetensors`` when the run stored it.
+    loss : str, LossRecord or callable, optional
+        Overrides the recorded loss (required for a run recorded with a custom callable).
+    cache_steps : int
+        Number of decoded step files kept in memory.
+    """
+
+    def __init__(self, path: str | Path, model: nn.Module | None = None, train_data: Any = None, *,
+                 loss: Any = None, cache_steps: int = 4):
+        self.root = Path(path)
+        self._manifest = read_manifest(self.root)
+        self._cache: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+        self._cache_size = max(1, int(cache_steps))
+        self._static: dict[str, dict[str, Tensor]] = {}
+        where = repr(str(self.root))
+        if model is None:
+            model = build_model_from_spec(self._manifest, where)
+            self._fill_model(model)
+        check_model_matches(model, self._manifest, where)
+        self._model = model
+        if loss is None:
+            if self._manifest.loss is None:
+                raise TrajectoryError(f"The trajectory at {where} records no loss; pass loss=... to Trajectory.load.")
+            if self._manifest.loss.startswith("custom:"):
+                raise TrajectoryError(
+                    f"The trajectory at {where} was recorded with the loss callable {self._manifest.loss!r}, which is "
+                    f"not in the registry. Pass the same callable again: Trajectory.load(path, loss=<callable>)."
+                )
+            loss = self._manifest.loss
+        self._loss = resolve_loss_record(loss)
+        self._data = TrainData(train_data) if train_data is not None else None
+
+    # ----------------------------------------------------------------- files
+    def _static_file(self, key: str, record: FileRecord | None) -> dict[str, Tensor]:
+        if key not in self._static:
+            if record is None:
+                raise TrajectoryError(f"The trajectory at {str(self.root)!r} has no {key} file.")
+            self._static[key] = read_tensors(self.root, record)[0]
+        return self._static[key]
+
+    def _step_tensors(self, s: int) -> dict[str, Tensor]:
+        if s in self._cache:
+            self._cache.move_to_end(s)
+            return self._cache[s]
+        record = self._manifest.steps[s]
+        if record.file is None:
+            raise TrajectoryError(f"Step {s} of the trajectory at {str(self.root)!r} has no file.")
+        tensors = read_tensors(self.root, record.file, step=s)[0]
+        self._cache[s] = tensors
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tensors
+
+    def _fill_model(self, model: nn.Module) -> None:
+        """Load ``theta_N`` and the constants into a rebuilt model (its weights are then the trained ones)."""
+        check_model_matches(model, self._manifest, repr(str(self.root)))
+        final = self.params(self._manifest.n_steps)
+        state = {**final, **self.constants()}
+        with torch.no_grad():
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if name in state and tuple(state[name].shape) == tuple(t.shape):
+                    t.copy_(state[name])
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def n_steps(self) -> int:
+        return self._manifest.n_steps
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return self._manifest.param_names
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def loss(self) -> Any:
+        return self._loss
+
+    @property
+    def manifest(self) -> TrajectoryManifest:
+        return self._manifest
+
+    @property
+    def n_train(self) -> int:
+        if self._data is not None:
+            return len(self._data)
+        if self._manifest.n_train is not None:
+            return int(self._manifest.n_train)
+        raise TrajectoryError(
+            f"The trajectory at {str(self.root)!r} has no training data. Pass train_data=(X, y) to Trajectory.load."
+        )
+
+    # ----------------------------------------------------------------- per step
+    def params(self, s: int) -> dict[str, Tensor]:
+        s = check_param_index(s, self.n_steps)
+        if s == 0:
+            tensors = self._static_file("initial", self._manifest.initial_file)
+        else:
+            tensors = self._step_tensors(s - 1)
+        return {name: tensors[f"param.{name}"] for name in self.param_names}
+
+    def constants(self) -> dict[str, Tensor]:
+        if self._manifest.constants_file is None:
+            return {}
+        tensors = self._static_file("constants", self._manifest.constants_file)
+        return {spec.name: tensors[f"const.{spec.name}"] for spec in self._manifest.constants}
+
+    def updates(self, s: int) -> dict[str, LinearUpdate]:
+        return unpack_updates(self.param_names, self._step_tensors(check_step(s, self.n_steps)))
+
+    def batch(self, s: int) -> tuple[Tensor, Tensor]:
+        tensors = self._step_tensors(check_step(s, self.n_steps))
+        return tensors["batch.indices"], tensors["batch.weights"]
+
+    def grad_scale(self, s: int) -> float:
+        return float(self._manifest.steps[check_step(s, self.n_steps)].grad_scale)
+
+    def audit(self) -> np.ndarray:
+        return np.asarray([np.nan if r.audit is None else r.audit for r in self._manifest.steps], dtype=np.float64)
+
+    def train_samples(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        if self._data is None:
+            if self._manifest.data_file is None:
+                raise TrajectoryError(
+                    f"The trajectory at {str(self.root)!r} has no training data attached. Pass "
+                    f"Trajectory.load(path, train_data=(X, y)), or record with store_data=True."
+                )
+            tensors = read_tensors(self.root, self._manifest.data_file)[0]
+            self._data = TrainData((tensors["X"], tensors["y"]))
+        return self._data.get(indices)
+
+    # ----------------------------------------------------------------- extras
+    def verify(self) -> None:
+        """Check every file's checksum (reads the whole store once); raises ``TrajectoryError`` at the first bad one."""
+        for record in (self._manifest.initial_file, self._manifest.constants_file, self._manifest.data_file):
+            if record is not None:
+                read_tensors(self.root, record)
+        for record in self._manifest.steps:
+            if record.file is not None:
+                read_tensors(self.root, record.file, step=record.step)
+
+    def __repr__(self) -> str:
+        return (
+            f"DiskTrajectory({str(self.root)!r}, n_steps={self.n_steps}, loss={self._loss.name!r}, "
+            f"adapter={self._manifest.adapter!r}, complete={self._manifest.complete})"
+        )

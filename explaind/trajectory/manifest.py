@@ -1,0 +1,197 @@
+"""The versioned manifest of a recorded trajectory (DESIGN §5).
+
+The manifest is the JSON description of a run: what was trained (parameter names, shapes and
+dtypes, constants, the architecture spec when the model came from the registry), how it was
+trained (optimizer adapter and hyperparameters, loss) and one :class:`StepRecord` per
+completed optimizer step with the SHA-256 checksum of every file that step wrote.
+
+Both trajectory backends expose the same model; the in-memory backend simply has no files.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TensorSpec",
+    "FileRecord",
+    "StepRecord",
+    "ArchitectureSpec",
+    "TrajectoryManifest",
+    "tensor_specs",
+    "dtype_name",
+    "dtype_from_name",
+]
+
+#: Version of the on-disk layout; bumped on incompatible changes.
+SCHEMA_VERSION = 1
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.bool: "bool",
+}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name`."""
+    return _NAME_DTYPES[name]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Model):
+    """Name, shape and dtype of one stored tensor."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+
+    @classmethod
+    def of(cls, name: str, tensor: Tensor) -> TensorSpec:
+        return cls(name=name, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype))
+
+
+class FileRecord(_Model):
+    """A file of the store, relative to its root, with its size and SHA-256 checksum."""
+
+    path: str
+    sha256: str
+    nbytes: int
+
+
+class StepRecord(_Model):
+    """One completed optimizer step ``s``.
+
+    Attributes
+    ----------
+    step : int
+        ``s`` (0-based).
+    file : FileRecord or None
+        The step file (``steps/{s:06d}.safetensors``: ``theta_{s+1}``, coefficients, batch);
+        ``None`` for in-memory trajectories.
+    n_samples : int
+        Number of (index, weight) pairs of the merged batch.
+    grad_scale : float
+        ``c_s``.
+    audit : float or None
+        ``||E_s|| / ||Delta theta_s||`` measured by the recorder (``None`` when the audit was off).
+    loss_scale : float or None
+        The user's loss scale measured by the gradient check (``None`` when not checked).
+    has_params : bool
+        Whether the file holds ``theta_{s+1}`` (always true while ``param_stride == 1``).
+    optimizer_state : FileRecord or None
+        The optimizer's ``state_dict`` after this step (stores keep only the latest two, for resuming).
+    """
+
+    step: int
+    file: FileRecord | None = None
+    n_samples: int
+    grad_scale: float
+    audit: float | None = None
+    loss_scale: float | None = None
+    has_params: bool = True
+    optimizer_state: FileRecord | None = None
+
+
+class ArchitectureSpec(_Model):
+    """How to rebuild the model from the registry (``explaind.models.build_model``)."""
+
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class TrajectoryManifest(_Model):
+    """The manifest of a trajectory (``manifest.json`` of a store).
+
+    Attributes
+    ----------
+    schema_version : int
+        Layout version (:data:`SCHEMA_VERSION`).
+    params : list of TensorSpec
+        Trainable parameters in ``model.named_parameters()`` order.
+    constants : list of TensorSpec
+        Frozen parameters and buffers.
+    adapter, adapter_hyperparameters
+        Registry name of the optimizer adapter and its hyperparameters.
+    optimizer_class : str
+        ``module.ClassName`` of the optimizer.
+    loss : str
+        Registry name of the loss (or the qualified name of a callable).
+    architecture : ArchitectureSpec or None
+        Present when the model carried an ``explaind_spec`` attribute.
+    n_steps : int
+        Number of completed steps (``len(steps)``).
+    param_stride : int
+        Parameters are stored every ``param_stride`` steps (currently always 1).
+    n_train : int or None
+        Number of training samples, when known.
+    data_file : FileRecord or None
+        ``data.safetensors`` with the training data, when stored.
+    initial_file, constants_file : FileRecord or None
+        ``theta_0`` and the constants.
+    complete : bool
+        ``True`` once the recorder exited cleanly (a crashed run is resumable).
+    extras : dict
+        Free-form JSON metadata supplied by the caller.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    format: Literal["explaind-trajectory"] = "explaind-trajectory"
+    explaind_version: str = ""
+    created: str = Field(default_factory=_now)
+    dtype: str = "float32"
+    params: list[TensorSpec] = Field(default_factory=list)
+    constants: list[TensorSpec] = Field(default_factory=list)
+    adapter: str | None = None
+    adapter_hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    optimizer_class: str | None = None
+    loss: str | None = None
+    architecture: ArchitectureSpec | None = None
+    n_steps: int = 0
+    param_stride: int = 1
+    n_train: int | None = None
+    data_file: FileRecord | None = None
+    initial_file: FileRecord | None = None
+    constants_file: FileRecord | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+    complete: bool = False
+    extras: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {p.name: tuple(p.shape) for p in self.params}
+
+
+def tensor_specs(tensors: dict[str, Tensor]) -> list[TensorSpec]:
+    """Specs of a name -> tensor dict, in its order."""
+    return [TensorSpec.of(k, v) for k, v in tensors.items()]

@@ -1,0 +1,374 @@
+"""The on-disk trajectory store: layout, crash-safe writing and manifest recovery (DESIGN §5).
+
+Layout of a store directory::
+
+    manifest.json                 TrajectoryManifest (JSON, pydantic-validated)
+    journal.jsonl                 one StepRecord per completed step, appended and fsync-ed
+    initial.safetensors           theta_0            ("param.<name>")
+    constants.safetensors         frozen parameters and buffers ("const.<name>")
+    data.safetensors              training data ("X", "y"), optional
+    steps/000123.safetensors      step s = 123: theta_{s+1} ("param.<name>"), the LinearUpdate
+                                  coefficients (scalars in one table "update.scalars" of shape
+                                  (n_params, 7), columns a, b, P, q, n, lambda_c, lambda_d in parameter
+                                  order, NaN where the coefficient is a tensor stored as
+                                  "update.<name>.<field>"), "batch.indices", "batch.weights"
+    optimizer/state-{0,1}.safetensors   optimizer.state_dict() after the latest steps (for resuming)
+
+A step counts as complete once its journal line is written, which happens after its files were
+moved into place, so a crash loses at most the step in flight. ``manifest.json`` is rewritten
+when recording starts and when it ends; readers merge it with the journal. Writing may run on a
+background thread (bounded queue); a failure there is raised by the next recorder call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import Tensor
+
+from ..exceptions import TrajectoryError
+from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
+from ._io import atomic_write_bytes, fsync_dir_path, write_tensors
+from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TrajectoryManifest
+
+__all__ = [
+    "MANIFEST",
+    "JOURNAL",
+    "StoreWriter",
+    "read_manifest",
+    "is_store",
+    "step_path",
+    "prepare_directory",
+    "pack_updates",
+    "unpack_updates",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+JOURNAL = "journal.jsonl"
+
+
+def step_path(s: int) -> str:
+    """Relative path of the file of step ``s``."""
+    return f"steps/{s:06d}.safetensors"
+
+
+def pack_updates(names: tuple[str, ...], updates: dict[str, LinearUpdate]) -> dict[str, Tensor]:
+    """Step-file tensors of the coefficients: one float64 scalar table plus the tensor-valued coefficients."""
+    out: dict[str, Tensor] = {}
+    rows = []
+    for name in names:
+        u, row = updates[name], []
+        for field in COEFFICIENT_NAMES:
+            value = getattr(u, field)
+            if isinstance(value, Tensor) and value.dim() > 0:
+                out[f"update.{name}.{field}"] = value
+                row.append(math.nan)
+            else:
+                row.append(float(value))
+        rows.append(row)
+    out["update.scalars"] = torch.tensor(rows, dtype=torch.float64).reshape(len(names), len(COEFFICIENT_NAMES))
+    return out
+
+
+def unpack_updates(names: tuple[str, ...], tensors: dict[str, Tensor]) -> dict[str, LinearUpdate]:
+    """Inverse of :func:`pack_updates`."""
+    table = tensors["update.scalars"].tolist()
+    out = {}
+    for name, row in zip(names, table):
+        values: dict[str, Any] = {}
+        for field, scalar in zip(COEFFICIENT_NAMES, row):
+            key = f"update.{name}.{field}"
+            values[field] = tensors[key] if key in tensors else scalar
+        out[name] = LinearUpdate(**values)
+    return out
+
+
+def is_store(path: Path) -> bool:
+    """Whether ``path`` is a trajectory store (holds a manifest)."""
+    return (path / MANIFEST).is_file()
+
+
+def _read_journal(root: Path) -> list[StepRecord]:
+    path = root / JOURNAL
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    records: list[StepRecord] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(StepRecord.model_validate_json(line))
+        except ValidationError as exc:
+            if all(not rest.strip() for rest in lines[i + 1 :]):
+                logger.warning("Ignoring the incomplete last line of %s (a step in flight at a crash).", path)
+                break
+            raise TrajectoryError(
+                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {exc.errors()[0]['msg']}."
+            ) from None
+    return records
+
+
+def read_manifest(root: str | Path) -> TrajectoryManifest:
+    """Read ``manifest.json`` and merge the steps completed since it was written (from the journal).
+
+    Raises
+    ------
+    TrajectoryError
+        When ``root`` is not a store, the manifest is invalid, its schema is newer than this
+        version of explaind, or the journal contradicts it.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        what = "does not exist" if not root.exists() else "has no manifest.json"
+        raise TrajectoryError(
+            f"{str(root)!r} is not an explaind trajectory store: it {what}. Record one with "
+            f"TrajectoryRecorder(..., store={str(root)!r})."
+        )
+    try:
+        raw = json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc}.") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise TrajectoryError(
+            f"Trajectory manifest {str(path)!r} has schema_version {version}; this explaind reads up to "
+            f"{SCHEMA_VERSION}. Upgrade explaind."
+        )
+    try:
+        manifest = TrajectoryManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {exc}") from None
+    steps = list(manifest.steps)
+    for record in _read_journal(root):
+        if record.step < len(steps):
+            continue
+        if record.step != len(steps):
+            raise TrajectoryError(
+                f"Trajectory journal {str(root / JOURNAL)!r} jumps from step {len(steps) - 1} to step {record.step}."
+            )
+        steps.append(record)
+    for i, record in enumerate(steps):
+        if record.step != i:
+            raise TrajectoryError(f"Trajectory manifest {str(path)!r} lists step {record.step} at position {i}.")
+    manifest.steps = steps
+    manifest.n_steps = len(steps)
+    return manifest
+
+
+def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
+    """Make ``root`` ready for recording; returns ``True`` when an existing store is resumed.
+
+    An existing store is resumed with ``resume=True``, replaced with ``overwrite=True`` and
+    otherwise refused. A non-empty directory that is not a store is never deleted.
+    """
+    if root.exists() and not root.is_dir():
+        raise TrajectoryError(f"store={str(root)!r} is a file; pass a directory path for the trajectory store.")
+    if is_store(root):
+        if resume:
+            return True
+        if overwrite:
+            shutil.rmtree(root)
+        else:
+            raise TrajectoryError(
+                f"A trajectory is already stored at {str(root)!r}. Pass overwrite=True to replace it, resume=True to "
+                f"continue it, or choose another store path."
+            )
+    elif root.is_dir() and any(root.iterdir()):
+        raise TrajectoryError(
+            f"store={str(root)!r} is a non-empty directory that is not an explaind trajectory store; refusing to "
+            f"write into it. Choose a new or empty directory."
+        )
+    elif resume:
+        raise TrajectoryError(
+            f"resume=True but no trajectory is stored at {str(root)!r}. Pass resume=False to start a new recording."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+class StoreWriter:
+    """Writes a store: the start files synchronously, then one step at a time (optionally in the background).
+
+    Parameters
+    ----------
+    root : Path
+        Store directory (prepared by :func:`prepare_directory`).
+    manifest : TrajectoryManifest
+        The manifest; its ``steps`` are the steps already on disk (non-empty when resuming).
+    fsync : bool
+        ``fsync`` every file and journal line (durability across power loss, not only crashes).
+    background : bool
+        Write step files on a worker thread fed by a queue of at most ``max_queue`` steps.
+    """
+
+    def __init__(self, root: Path, manifest: TrajectoryManifest, *, fsync: bool = True, background: bool = True,
+                 max_queue: int = 4):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.fsync = fsync
+        self._error: BaseException | None = None
+        self._error_step: int | None = None
+        # slot (0/1) of the optimizer state of the last committed step; the next state goes to the other one
+        last = next((r.optimizer_state for r in reversed(manifest.steps) if r.optimizer_state is not None), None)
+        self._slot = 1 if last is not None and last.path.endswith("state-1.safetensors") else 0
+        self._lock = threading.Lock()
+        # a resumed store: drop a torn journal line before appending
+        self._write_journal(list(manifest.steps))
+        self._journal = open(self.root / JOURNAL, "ab")  # noqa: SIM115 - closed in close()
+        self._queue: queue.Queue[Callable[[], None] | None] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=max(1, int(max_queue)))
+            self._thread = threading.Thread(target=self._worker, name="explaind-store-writer", daemon=True)
+            self._thread.start()
+        self.write_manifest()
+
+    # ----------------------------------------------------------------- helpers
+    def _write_journal(self, steps: list[StepRecord]) -> None:
+        data = b"".join(r.model_dump_json().encode() + b"\n" for r in steps)
+        atomic_write_bytes(self.root, JOURNAL, data, fsync=self.fsync)
+
+    def write_manifest(self) -> None:
+        with self._lock:
+            self.manifest.n_steps = len(self.manifest.steps)
+            data = self.manifest.model_dump_json(indent=1).encode()
+        atomic_write_bytes(self.root, MANIFEST, data, fsync=self.fsync)
+
+    def write_file(
+        self, relpath: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
+    ) -> FileRecord:
+        """Synchronous checksummed write of one safetensors file (start files)."""
+        return write_tensors(self.root, relpath, tensors, metadata, fsync=self.fsync)
+
+    def _worker(self) -> None:
+        """Commit queued steps; whatever has piled up is committed as one group (fewer fsyncs)."""
+        assert self._queue is not None
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is None for item in batch)
+            items = [item for item in batch if item is not None]
+            try:
+                if items and self._error is None:
+                    self._commit(items)
+            except BaseException as exc:  # surfaced by check()
+                self._error = exc
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return
+
+    def check(self) -> None:
+        """Raise the error of a failed background write, if any."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise TrajectoryError(
+                f"Writing step {self._error_step} of the trajectory store {str(self.root)!r} failed: "
+                f"{type(err).__name__}: {err}. Steps before it are stored; fix the cause and resume."
+            ) from err
+
+    # ----------------------------------------------------------------- steps
+    def write_step(
+        self,
+        record: StepRecord,
+        tensors: dict[str, Tensor],
+        optimizer_state: tuple[dict[str, Tensor], dict[str, str]] | None,
+    ) -> None:
+        """Queue step ``record.step``: its file, the optimizer state after it (optional), then its journal line."""
+        self.check()
+        item = (record, tensors, optimizer_state)
+        if self._queue is None:
+            try:
+                self._commit([item])
+            except BaseException as exc:
+                self._error = exc
+                self.check()
+        else:
+            self._queue.put(item)
+
+    def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any]]) -> None:
+        """Write the files of consecutive steps, then their journal lines (the commit point).
+
+        Only the newest optimizer state of the group is written, into the slot *not* holding the
+        state of the last committed step, so a crash at any point leaves a resumable store.
+        """
+        last_state = max((i for i, item in enumerate(items) if item[2] is not None), default=None)
+        done: list[StepRecord] = []
+        try:
+            for i, (record, tensors, state) in enumerate(items):
+                s = self._error_step = record.step
+                file = write_tensors(self.root, step_path(s), tensors, {"step": str(s)}, fsync=self.fsync,
+                                     fsync_dir=False)
+                state_file = None
+                if i == last_state:
+                    slot = 1 - self._slot
+                    state_tensors, meta = state
+                    state_file = write_tensors(self.root, f"optimizer/state-{slot}.safetensors", state_tensors,
+                                               dict(meta, n_steps=str(s + 1)), fsync=self.fsync, fsync_dir=False)
+                done.append(record.model_copy(update={"file": file, "optimizer_state": state_file}))
+        finally:
+            if done:
+                if self.fsync:
+                    fsync_dir_path(self.root / "steps")
+                    if last_state is not None:
+                        fsync_dir_path(self.root / "optimizer")
+                self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
+                self._journal.flush()
+                if self.fsync:
+                    os.fsync(self._journal.fileno())
+                with self._lock:
+                    self.manifest.steps.extend(done)
+                if last_state is not None and last_state < len(done):
+                    self._slot = 1 - self._slot
+
+    def flush(self) -> None:
+        """Wait until every queued step is on disk; raise a failed write's error."""
+        if self._queue is not None:
+            self._queue.join()
+        self.check()
+
+    def close(self, *, complete: bool) -> None:
+        """Flush, stop the worker and write the final manifest (``complete`` marks a clean end).
+
+        The manifest is written even when a queued write failed (listing the steps that made it);
+        the failure is raised afterwards.
+        """
+        error: TrajectoryError | None = None
+        try:
+            self.flush()
+        except TrajectoryError as exc:
+            error, complete = exc, False
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+        self._journal.close()
+        self.manifest.complete = complete
+        self.write_manifest()
+        if error is not None:
+            raise error
+
+    @property
+    def n_steps(self) -> int:
+        with self._lock:
+            return len(self.manifest.steps)

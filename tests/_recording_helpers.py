@@ -1,0 +1,125 @@
+"""Shared pieces of the recorder/store tests: a tiny fake SGD adapter, data and slow float64 references."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+import explaind
+from explaind.plugins import register_plugin, unregister_plugin
+from explaind.records import OptimizerAdapterRecord
+from explaind.recurrence import LinearUpdate
+
+
+class PlainSGD(torch.optim.SGD):
+    """torch SGD without momentum, handled in the tests by :class:`FakeSGDAdapter` (not by the real plugin)."""
+
+
+class _FakeConfig(BaseModel):
+    lr: float
+
+
+class FakeSGDAdapter:
+    """Plain gradient descent: ``Delta theta = -lr g`` (``a=0, b=1, P=lr, q=1, n=0``)."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    @classmethod
+    def from_optimizer(cls, optimizer):
+        return cls(float(optimizer.param_groups[0]["lr"]))
+
+    def hyperparameters(self):
+        return {"lr": self.lr}
+
+    def before_step(self, optimizer):
+        return [(float(g["lr"]), [p for p in g["params"] if p.grad is not None]) for g in optimizer.param_groups]
+
+    def after_step(self, optimizer, before):
+        return {id(p): LinearUpdate(a=0.0, b=1.0, P=lr, q=1.0, n=0.0) for lr, ps in before for p in ps}
+
+
+_plugin = types.SimpleNamespace()
+
+
+@explaind.hookimpl
+def _fake_hook():
+    return [OptimizerAdapterRecord(name="fake_sgd", implementation=FakeSGDAdapter, config=_FakeConfig,
+                                   description="test adapter", optimizer_classes=(PlainSGD,))]
+
+
+_plugin.explaind_optimizer_adapters = _fake_hook
+
+
+@contextlib.contextmanager
+def fake_adapter():
+    """Register the fake SGD adapter for the duration of the block."""
+    register_plugin(_plugin, name="tests_fake_sgd")
+    try:
+        yield
+    finally:
+        unregister_plugin("tests_fake_sgd")
+
+
+def regression_data(n=24, d=3, o=2, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randn(n, o, generator=g, dtype=dtype)
+    return X, y
+
+
+def classification_data(n=24, d=4, classes=3, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return X, y
+
+
+def mlp(d=3, o=2, hidden=5, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, o)).to(dtype)
+
+
+def batches(n, size, seed=0):
+    """Shuffled index batches covering ``range(n)`` (the last one may be smaller)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [perm[i : i + size] for i in range(0, n, size)]
+
+
+def slow_batch_gradient(model, params, loss_fn, X, y, indices, weights):
+    """sum_k w_k grad l_k(theta), one sample at a time (independent of the recorder's vectorised check)."""
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i, w in zip(indices.tolist(), weights.tolist()):
+        p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        out = torch.func.functional_call(model, p, (X[i : i + 1],))
+        lk = loss_fn(out, y[i : i + 1])
+        grads = torch.autograd.grad(lk, list(p.values()), allow_unused=True)
+        for (k, _), g in zip(p.items(), grads):
+            if g is not None:
+                total[k] += w * g
+    return total
+
+
+# --------------------------------------------------------------------------- resumable run (kill/resume tests)
+RESUME_STEPS = 40
+
+
+def resumable_setup():
+    """Model, Adam optimizer and data of the kill/resume tests (deterministic on CPU in float64)."""
+    X, y = regression_data(n=32, d=3, o=2, seed=1)
+    model = mlp(seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.01)
+    return model, opt, X, y
+
+
+def resumable_step(model, opt, X, y, s, rec):
+    """Training step ``s`` (its batch depends only on ``s``)."""
+    idx = torch.randperm(32, generator=torch.Generator().manual_seed(1000 + s))[:8]
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(X[idx]), y[idx]).backward()
+    rec.log_batch(idx)
+    opt.step()
