@@ -39,6 +39,9 @@ _EXPORTS: dict[str, str] = {
     "check_optimizer_adapter": "adapters",
     "optimizer_adapter_checks": "adapters",
     "AdapterScenario": "adapters",
+    "check_pruning_strategy": "pruning",
+    "pruning_strategy_checks": "pruning",
+    "tiny_pruning_problem": "pruning",
 }
 
 __all__ = sorted(_EXPORTS)
