@@ -1,0 +1,101 @@
+"""Pieces shared by the path-kernel estimators (:class:`KernelReplica`, :class:`InfluenceEstimator`).
+
+Config fields common to both, the resolution of the step window, device and dtype in ``fit``,
+and the lazily built :class:`~explaind.kernel.engine.PathEngine` (dropped when pickling).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..config import DtypeName, StrictModel, resolve_device, resolve_dtype
+from ..exceptions import ConfigError
+from ..trajectory.base import Trajectory
+from .base import ExplaindEstimator
+
+__all__ = ["PathConfig", "PathEstimator", "QuadratureName"]
+
+QuadratureName = Literal["adaptive", "gauss-legendre", "midpoint"]
+
+
+class PathConfig(StrictModel):
+    """Fields shared by the path-kernel estimators (see their docstrings)."""
+
+    quadrature: QuadratureName = "adaptive"
+    nodes: int | None = Field(default=None, ge=1, le=100_000)
+    tol: float = Field(default=1e-7, gt=0.0, lt=1.0)
+    steps: tuple[int, int | None] | None = None
+    device: str = "auto"
+    dtype: DtypeName = "float64"
+    chunk_size: int | None = Field(default=256, ge=1)
+    progress: bool = False
+
+
+class PathEstimator(ExplaindEstimator):
+    """Base of the path-kernel estimators: ``fit`` validation and the engine."""
+
+    def _fit_common(self, traj: Any) -> Any:
+        name = type(self).__name__
+        config = self._validated_config()
+        if not isinstance(traj, Trajectory):
+            raise ConfigError(
+                f"{name}.fit expects an explaind.Trajectory (from TrajectoryRecorder(...).trajectory or "
+                f"Trajectory.load(path)); got {type(traj).__name__}."
+            )
+        N = int(traj.n_steps)
+        if N < 1:
+            raise ConfigError(f"{name}.fit: the trajectory has no recorded steps; record at least one optimizer step.")
+        start, stop = 0, N
+        if config.steps is not None:
+            start = int(config.steps[0])
+            stop = N if config.steps[1] is None else int(config.steps[1])
+            if not 0 <= start < stop <= N:
+                raise ConfigError(
+                    f"{name}: invalid value for 'steps': {self.steps!r} — the window (start, stop) must satisfy "
+                    f"0 <= start < stop <= n_steps = {N}. Fix the parameter and call fit again."
+                )
+        try:
+            device = resolve_device(config.device)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: invalid value for 'device': {exc}") from None
+        self.config_ = config
+        self.trajectory_ = traj
+        self.window_ = (start, stop)
+        self.device_ = device
+        self.dtype_ = resolve_dtype(config.dtype)
+        self.param_names_ = tuple(traj.param_names)
+        self.n_params_ = int(sum(int(np.prod(tuple(v.shape))) for v in traj.params(0).values()))
+        self.n_steps_ = N
+        self._engine_cache = None
+        return config
+
+    @property
+    def engine_(self) -> Any:
+        """The :class:`~explaind.kernel.engine.PathEngine` (built on first use after ``fit``)."""
+        self._check_fitted()
+        engine = getattr(self, "_engine_cache", None)
+        if engine is None:
+            from ..kernel.engine import PathEngine
+
+            engine = PathEngine(self.trajectory_, device=self.device_, dtype=self.dtype_,
+                                chunk_size=self.config_.chunk_size, progress=self.config_.progress)
+            self._engine_cache = engine
+        return engine
+
+    def _inputs(self, X: Any) -> torch.Tensor:
+        if X is None:
+            raise ConfigError(f"{type(self).__name__}: X is None; pass test inputs of shape (n, ...).")
+        Xt = self.engine_.inputs(X)
+        if Xt.dim() == 0 or Xt.shape[0] == 0:
+            raise ConfigError(f"{type(self).__name__}: X must hold at least one input along its first axis; got "
+                              f"shape {tuple(Xt.shape)}.")
+        return Xt
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_engine_cache"] = None
+        return state

@@ -1,0 +1,271 @@
+r"""ExPLAIND influence scores: the path-kernel decomposition summed to the axes a query keeps.
+
+``InfluenceEstimator(keep=...).fit(traj).transform(X)`` returns an
+:class:`~explaind.kernel.attribution.Attribution` whose terms add up exactly (to rounding) to
+:math:`g(x;\theta_{stop})` (DESIGN §2). The engine picks the algorithm from the kept axes:
+
+* ``keep`` within ``{"step", "group"}``: forward-mode JVPs along the data, regularization and
+  residual parts of every update (one tangent per part and parameter tensor);
+* ``"param"`` or ``"train"`` kept: the quadrature-weighted Jacobian :math:`\Phi_s` at each step,
+  contracted with the parts; for ``"train"`` with per-sample gradients and the momentum coupled
+  forward (per-sample buffer) or in reverse (test-side accumulator), chosen by ``momentum`` and
+  the memory budget, chunked over test inputs and parameter blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from ..exceptions import ConfigError
+from ..kernel.accumulate import Accumulators, make_blocks
+from ..kernel.attribution import Attribution
+from ..kernel.memory import parse_bytes, plan_sweep
+from ..kernel.stepwise import jvp_decomposition, momentum_start
+from ..kernel.sweeps import forward_sweep, reverse_sweep, seen_samples
+from ._path import PathConfig, PathEstimator
+
+__all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
+
+logger = logging.getLogger(__name__)
+
+AXES = ("step", "group", "param", "train")
+
+
+class InfluenceConfig(PathConfig):
+    """Validated parameters of :class:`InfluenceEstimator` (same fields as its ``__init__``)."""
+
+    keep: tuple[Literal["step", "group", "param", "train"], ...] = ("train",)
+    target: Any = None
+    momentum: Literal["auto", "forward", "reverse"] = "auto"
+    memory_budget: int | str = "2GB"
+    test_chunk_size: int | None = Field(default=None, ge=1)
+    param_chunk_size: int | None = Field(default=None, ge=1)
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _keep(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = (v,)
+        if v is None:
+            return ()
+        try:
+            v = tuple(v)
+        except TypeError:
+            raise ValueError(f"use a tuple of axis names from {AXES}, e.g. keep=('train',)") from None
+        if len(set(v)) != len(v):
+            raise ValueError(f"axes must not repeat; choose a subset of {AXES}")
+        if "group" in v and "param" in v:
+            raise ValueError("'group' and 'param' cannot both be kept (the param axis already identifies its "
+                             "tensor); keep 'param' and call Attribution.by_group(), or keep 'group'")
+        return v
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v == "loss"):
+            return v
+        if isinstance(v, str):
+            raise ValueError("use None (all outputs), 'loss' (needs y), an int or a sequence of ints")
+        arr = np.asarray(v)
+        if arr.dtype.kind not in "iu" or arr.ndim > 1:
+            raise ValueError("use None (all outputs), 'loss' (needs y), an int or a 1-D sequence of ints")
+        return tuple(int(t) for t in arr.reshape(-1))
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        try:
+            return parse_bytes(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc).split(" — ", 1)[-1]) from None
+
+
+class InfluenceEstimator(PathEstimator):
+    r"""ExPLAIND influence scores over steps, parameter tensors, coordinates and training samples.
+
+    Parameters
+    ----------
+    keep : tuple of str
+        Axes to keep, a subset of ``("step", "group", "param", "train")`` (not both ``group`` and
+        ``param``); the others are summed. Their order is the order of the axes in the result.
+    target : None, int, sequence of int or "loss"
+        Explained quantity: all outputs (``O`` = model outputs), one output per test input
+        (``O = 1``), or the per-sample loss of ``(f(x), y)`` (``O = 1``; ``transform`` needs ``y``).
+    steps : (int, int or None), optional
+        Window ``(start, stop)``: ``initial`` is :math:`g(\theta_{start})`, the total is
+        :math:`g(\theta_{stop})`. Momentum from steps before ``start`` is still data (it is
+        attributed to the samples that produced it).
+    quadrature, nodes, tol
+        Path-integral rule (see :class:`~explaind.KernelReplica`).
+    momentum : {"auto", "forward", "reverse"}
+        How the per-sample momentum coupling is computed for ``"train"`` (same results).
+        ``"reverse"`` cannot keep ``"step"``.
+    memory_budget : int or str
+        Peak working memory target (bytes or ``"2GB"``); chooses chunks and the momentum mode.
+    test_chunk_size, param_chunk_size : int, optional
+        Force test inputs per chunk / coordinates per parameter block (whole tensors).
+    chunk_size : int or None
+        Samples or (input, node) pairs per ``vmap`` call.
+    device, dtype, progress
+        As in :class:`~explaind.KernelReplica`.
+
+    Attributes
+    ----------
+    trajectory_, window_, n_steps_, n_params_
+        As in :class:`~explaind.KernelReplica`.
+    sweep_ : dict
+        The algorithm the last ``transform`` used (path, momentum mode, chunking).
+    """
+
+    _config_model: ClassVar[type[InfluenceConfig]] = InfluenceConfig
+    #: Forward mode (JVPs) is used while tangents per node <= this ratio x outputs (else Jacobians).
+    _jvp_tangent_ratio: ClassVar[float] = 1.0
+
+    def __init__(self, *, keep: Any = ("train",), target: Any = None, steps: Any = None,
+                 quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
+                 memory_budget: int | str = "2GB", test_chunk_size: int | None = None,
+                 param_chunk_size: int | None = None, chunk_size: int | None = 256, device: str = "auto",
+                 dtype: str = "float64", progress: bool = False):
+        self.keep = keep
+        self.target = target
+        self.steps = steps
+        self.quadrature = quadrature
+        self.nodes = nodes
+        self.tol = tol
+        self.momentum = momentum
+        self.memory_budget = memory_budget
+        self.test_chunk_size = test_chunk_size
+        self.param_chunk_size = param_chunk_size
+        self.chunk_size = chunk_size
+        self.device = device
+        self.dtype = dtype
+        self.progress = progress
+
+    def fit(self, traj: Any, y: Any = None) -> InfluenceEstimator:
+        """Validate the parameters and attach the trajectory ``traj``; returns ``self``."""
+        config = self._fit_common(traj)
+        keep = config.keep
+        if config.momentum == "reverse" and "step" in keep and "train" in keep:
+            raise ConfigError(
+                "InfluenceEstimator: invalid value for 'momentum': 'reverse' — the reverse sweep sums over steps and "
+                "cannot keep both 'step' and 'train'. Use momentum='forward' or 'auto'."
+            )
+        if "train" in keep:
+            try:
+                traj.n_train  # noqa: B018
+            except Exception as exc:
+                raise ConfigError(f"InfluenceEstimator: keep={keep!r} needs the training data: {exc}") from None
+        return self
+
+    def transform(self, X: Any, y: Any = None) -> Attribution:
+        r"""Decompose :math:`g(x;\theta_{stop})` for test inputs ``X`` (and targets ``y`` for ``target='loss'``)."""
+        self._check_fitted()
+        cfg = self.config_
+        name = type(self).__name__
+        engine = self.engine_
+        Xt = self._inputs(X)
+        if cfg.target == "loss" and y is None:
+            raise ConfigError(f"{name}: target='loss' explains the test loss and needs the test targets: call "
+                              f"transform(X, y).")
+        target = cfg.target if cfg.target is None or cfg.target == "loss" else torch.tensor(cfg.target)
+        explained = engine.explained(Xt, target, y, name)
+        keep = cfg.keep
+        start, stop = self.window_
+        T, O = Xt.shape[0], explained.n_outputs
+        layout = engine.layout
+        needs_train = "train" in keep
+        n_train = int(self.trajectory_.n_train) if needs_train else 0
+        elem = torch.finfo(engine.dtype).bits // 8
+        result_bytes = elem * Accumulators.result_numel(keep, T, O, stop - start, layout, n_train)
+        if result_bytes > cfg.memory_budget:
+            raise ConfigError(
+                f"{name}: the result of keep={keep!r} for {T} inputs needs {result_bytes / 1e9:.3g} GB, more than "
+                f"memory_budget={self.memory_budget!r}. Keep fewer axes, explain fewer inputs or outputs, or raise "
+                f"memory_budget."
+            )
+        # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output
+        n_tangents = 3 * (len(layout) if "group" in keep else 1)
+        jacobian_path = needs_train or "param" in keep or n_tangents > self._jvp_tangent_ratio * O
+        g_start, g_stop, plans = engine.plans(Xt, explained, self.window_, cfg.quadrature, cfg.nodes, cfg.tol,
+                                              with_estimate=False, coarsen=True)
+        acc = Accumulators(keep, T, O, self.window_, layout, n_train, engine.dtype, engine.device)
+        first = momentum_start(engine, start)
+        if not jacobian_path:
+            jvp_decomposition(engine, Xt, explained, plans, self.window_, acc, max(1, cfg.memory_budget // 4))
+            self.sweep_ = {"path": "jvp", "momentum": None, "test_chunk": T, "block_size": layout.size}
+        else:
+            self._jacobian_path(engine, Xt, explained, plans, acc, first, keep, T, O, elem)
+        exact = torch.stack([p.exact for p in plans], dim=1)
+        evals = torch.stack([p.evals for p in plans], dim=1)
+        return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train)
+
+    def _jacobian_path(self, engine: Any, Xt: torch.Tensor, explained: Any, plans: list[Any], acc: Accumulators,
+                       first: int, keep: tuple[str, ...], T: int, O: int, elem: int) -> None:
+        cfg = self.config_
+        start, stop = self.window_
+        layout = engine.layout
+        batch_max = max(int(torch.as_tensor(self.trajectory_.batch(s)[0]).numel()) for s in range(first, stop))
+        n_seen = int(seen_samples(engine, first, stop).numel()) if "train" in keep else 0
+        plan = plan_sweep(momentum=cfg.momentum if "train" in keep else "forward", keep_step="step" in keep, T=T,
+                          O=O, D=layout.size, largest_tensor=max(layout.numels), B=batch_max, M=n_seen, elem=elem,
+                          budget=cfg.memory_budget, chunk_size=cfg.chunk_size, test_chunk=cfg.test_chunk_size,
+                          block_size=cfg.param_chunk_size)
+        sweep = reverse_sweep if plan.mode == "reverse" else forward_sweep
+        blocks = make_blocks(layout, plan.block_size)
+        self.sweep_ = {"path": "jacobian", "momentum": plan.mode, "test_chunk": plan.test_chunk,
+                       "block_size": plan.block_size, "n_blocks": len(blocks), "estimate_bytes": plan.estimate_bytes}
+        for lo in range(0, T, plan.test_chunk):
+            rows = slice(lo, min(T, lo + plan.test_chunk))
+            idx = torch.arange(rows.start, rows.stop, device=engine.device)
+            sub_plans = [p.take(idx) for p in plans]
+            for block in blocks:
+                sweep(engine, Xt[rows], explained.take(rows), sub_plans, self.window_, first, acc, block, rows,
+                      plan.jac_chunk)
+
+    def _assemble(self, acc: Accumulators, keep: tuple[str, ...], g_start: torch.Tensor, g_stop: torch.Tensor,
+                  exact: torch.Tensor, evals: torch.Tensor, explained: Any, T: int, n_train: int) -> Attribution:
+        cfg = self.config_
+        start, stop = self.window_
+        layout = self.engine_.layout
+        canon = acc.canon
+
+        def order(tensor: torch.Tensor, have: tuple[str, ...]) -> torch.Tensor:
+            want = [a for a in keep if a in have]
+            perm = [0] + [1 + have.index(a) for a in want] + [len(have) + 1]
+            return tensor.permute(perm).contiguous().cpu()
+
+        side = tuple(a for a in canon if a != "train")
+        quad = acc.quadrature_error(exact)
+        coords: dict[str, Any] = {"test": np.arange(T)}
+        for a in keep:
+            coords[a] = {"step": lambda: np.arange(start, stop), "group": lambda: list(layout.names),
+                         "param": lambda: np.arange(layout.size), "train": lambda: np.arange(n_train)}[a]()
+        coords["output"] = (np.arange(explained.n_outputs) if explained.kind == "outputs" else [explained.kind])
+        meta = {
+            "target_kind": explained.kind,
+            "target": None if cfg.target is None or cfg.target == "loss" else list(cfg.target),
+            "window": [start, stop],
+            "quadrature": cfg.quadrature,
+            "nodes": cfg.nodes,
+            "tol": cfg.tol,
+            "dtype": cfg.dtype,
+            "evals_per_step": evals.double().mean(0).cpu().tolist(),
+            **{k: v for k, v in self.sweep_.items()},
+        }
+        return Attribution(
+            axes=("test", *[a for a in keep], "output"),
+            values=order(acc.values, canon),
+            initial=g_start.cpu(),
+            final=g_stop.cpu(),
+            regularization=order(acc.regularization, side),
+            residual=order(acc.residual, side),
+            quadrature_error=order(quad, ("step",) if "step" in keep else ()),
+            coords=coords,
+            layout=layout,
+            meta=meta,
+        )

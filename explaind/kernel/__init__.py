@@ -1,0 +1,1 @@
+"""The exact path-kernel engine: quadrature, torch.func features, momentum sweeps, Attribution."""

@@ -1,0 +1,261 @@
+r"""The result of an influence query: additive scores over named axes.
+
+An :class:`Attribution` holds the atoms :math:`\psi(s, p, k, x, o) = \varphi_s(x)[o, p]\,D_{s,k}[p]`
+summed to the kept axes, and the terms that complete them:
+
+.. math::
+
+    g(x;\theta_{stop}) = \underbrace{g(x;\theta_{start})}_{initial}
+        + \sum \text{values} + \sum \text{regularization} + \sum \text{residual}
+        + \sum \text{quadrature\_error}
+
+(completeness; :meth:`Attribution.total` returns the right-hand side and :attr:`final` the
+left-hand side, computed by a forward pass).
+
+Axes
+----
+``values.axes`` starts with ``"test"`` and ends with ``"output"``; the kept axes sit in between
+**in the order the user passed them in** ``keep``. ``"step"`` indexes window steps
+(``coords["step"]`` are step numbers), ``"group"`` parameter tensors (names), ``"param"`` flat
+coordinates (``coords["param"]`` are ``0..D-1``; :meth:`param_label` names one, :attr:`layout`
+gives tensor offsets, :meth:`unflatten` returns per-tensor views), ``"train"`` training sample
+indices ``0..n_train-1`` (samples never used contribute 0).
+``regularization`` and ``residual`` have the same axes without ``"train"``
+(:attr:`side_axes`); ``quadrature_error`` only keeps ``"step"`` (:attr:`quadrature_axes`) since
+the quadrature error is measured per step and input, not per parameter or sample.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..exceptions import ConfigError
+from .layout import ParamLayout
+
+__all__ = ["Attribution"]
+
+_TENSORS = ("values", "initial", "final", "regularization", "residual", "quadrature_error")
+FORMAT_VERSION = 1
+
+
+@dataclass(eq=False)
+class Attribution:
+    r"""Additive influence scores with named axes (see the module docstring).
+
+    Attributes
+    ----------
+    axes : tuple of str
+        Axes of :attr:`values`: ``("test", *kept, "output")``.
+    values : Tensor
+        Data (kernel) part of the decomposition.
+    initial, final : Tensor
+        :math:`g(x;\theta_{start})` and :math:`g(x;\theta_{stop})`, shape ``(T, O)``.
+    regularization, residual : Tensor
+        Weight-decay part and unmodelled part, axes :attr:`side_axes`.
+    quadrature_error : Tensor
+        ``exact - estimate`` of the path integrals, axes :attr:`quadrature_axes`.
+    coords : dict
+        Axis name -> coordinates (lists or int arrays).
+    layout : ParamLayout
+        Parameter names, shapes and flat offsets.
+    meta : dict
+        JSON-serialisable description of the query (target, window, quadrature, momentum mode, ...).
+    """
+
+    axes: tuple[str, ...]
+    values: Tensor
+    initial: Tensor
+    final: Tensor
+    regularization: Tensor
+    residual: Tensor
+    quadrature_error: Tensor
+    coords: dict[str, Any]
+    layout: ParamLayout
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ axes
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """The kept axes (between ``"test"`` and ``"output"``)."""
+        return self.axes[1:-1]
+
+    @property
+    def side_axes(self) -> tuple[str, ...]:
+        """Axes of ``regularization`` and ``residual``."""
+        return tuple(a for a in self.axes if a != "train")
+
+    @property
+    def quadrature_axes(self) -> tuple[str, ...]:
+        """Axes of ``quadrature_error``."""
+        return tuple(a for a in self.axes if a in ("test", "step", "output"))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of :attr:`values`."""
+        return tuple(self.values.shape)
+
+    def __repr__(self) -> str:
+        dims = ", ".join(f"{a}={n}" for a, n in zip(self.axes, self.values.shape))
+        return f"Attribution({dims}; target={self.meta.get('target_kind', '?')})"
+
+    # ------------------------------------------------------------------ reductions
+    def sum(self, axis: str | Sequence[str]) -> Attribution:
+        """Sum out kept axes (and the matching axes of the side terms); returns a new Attribution."""
+        names = [axis] if isinstance(axis, str) else list(axis)
+        out = self
+        for name in names:
+            if name not in out.kept:
+                raise ConfigError(
+                    f"Attribution.sum: axis {name!r} is not a kept axis; kept axes are {list(out.kept)}. "
+                    f"('test' and 'output' are always kept; use total() for the full sum.)"
+                )
+            out = out._sum_one(name)
+        return out
+
+    def _sum_one(self, name: str) -> Attribution:
+        def drop(t: Tensor, axes: tuple[str, ...]) -> Tensor:
+            return t.sum(axes.index(name)) if name in axes else t
+
+        coords = {k: v for k, v in self.coords.items() if k != name}
+        return Attribution(
+            axes=tuple(a for a in self.axes if a != name),
+            values=drop(self.values, self.axes),
+            initial=self.initial,
+            final=self.final,
+            regularization=drop(self.regularization, self.side_axes),
+            residual=drop(self.residual, self.side_axes),
+            quadrature_error=drop(self.quadrature_error, self.quadrature_axes),
+            coords=coords,
+            layout=self.layout,
+            meta=dict(self.meta),
+        )
+
+    def _flat(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], -1, t.shape[-1]).sum(1)
+
+    def total(self) -> Tensor:
+        """``initial`` + every term summed to ``(T, O)``: the replica's output at the window end."""
+        return (self.initial + self._flat(self.values) + self._flat(self.regularization)
+                + self._flat(self.residual) + self._flat(self.quadrature_error))
+
+    def completeness_error(self) -> float:
+        """``max |total() - final| / max |final|`` (0 up to rounding)."""
+        scale = float(self.final.abs().max()) or 1.0
+        return float((self.total() - self.final).abs().max()) / scale
+
+    def by_group(self) -> Attribution:
+        """Turn the ``"param"`` axis into a ``"group"`` axis (sums within each parameter tensor)."""
+        if "param" not in self.kept:
+            raise ConfigError(f"Attribution.by_group needs a 'param' axis; kept axes are {list(self.kept)}.")
+        ids = self.layout.group_ids(device=self.values.device)
+
+        def regroup(t: Tensor, axes: tuple[str, ...]) -> Tensor:
+            if "param" not in axes:
+                return t
+            d = axes.index("param")
+            shape = list(t.shape)
+            shape[d] = len(self.layout)
+            return torch.zeros(shape, dtype=t.dtype, device=t.device).index_add_(d, ids, t)
+
+        coords = {("group" if k == "param" else k): v for k, v in self.coords.items()}
+        coords["group"] = list(self.layout.names)
+        return Attribution(
+            axes=tuple("group" if a == "param" else a for a in self.axes),
+            values=regroup(self.values, self.axes),
+            initial=self.initial,
+            final=self.final,
+            regularization=regroup(self.regularization, self.side_axes),
+            residual=regroup(self.residual, self.side_axes),
+            quadrature_error=self.quadrature_error,
+            coords=coords,
+            layout=self.layout,
+            meta=dict(self.meta),
+        )
+
+    # ------------------------------------------------------------------ parameters
+    def param_label(self, i: int) -> str:
+        """Name of flat parameter coordinate ``i``, e.g. ``"0.weight[3,4]"``."""
+        return self.layout.label(int(i))
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        """Split a tensor whose last axis runs over parameters (``D``) into ``name -> (..., *shape)``."""
+        return self.layout.unflatten(torch.as_tensor(vec))
+
+    # ------------------------------------------------------------------ conversion
+    def torch(self) -> Tensor:
+        """:attr:`values` (a tensor)."""
+        return self.values
+
+    def numpy(self) -> np.ndarray:
+        """:attr:`values` as a numpy array."""
+        return self.values.detach().cpu().numpy()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as numpy arrays and plain Python values."""
+        out: dict[str, Any] = {name: getattr(self, name).detach().cpu().numpy() for name in _TENSORS}
+        out.update(axes=list(self.axes), side_axes=list(self.side_axes), quadrature_axes=list(self.quadrature_axes),
+                   coords=_json_coords(self.coords), layout=self.layout.to_json(), meta=dict(self.meta))
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write to directory ``path``: ``attribution.safetensors`` + ``attribution.json`` (atomic)."""
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
+        header = {"format_version": FORMAT_VERSION, "axes": list(self.axes), "coords": _json_coords(self.coords),
+                  "layout": self.layout.to_json(), "meta": self.meta}
+        _atomic(root / "attribution.safetensors", lambda p: save_file(tensors, str(p)))
+        _atomic(root / "attribution.json", lambda p: Path(p).write_text(json.dumps(header, indent=1)))
+        return root
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Attribution:
+        """Read an Attribution written by :meth:`save`."""
+        root = Path(path)
+        header = json.loads((root / "attribution.json").read_text())
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"{root}: unsupported attribution format {header.get('format_version')!r}; this "
+                              f"version of explaind reads format {FORMAT_VERSION}.")
+        tensors = load_file(str(root / "attribution.safetensors"))
+        layout = ParamLayout.from_json(header["layout"])
+        coords = dict(header["coords"])
+        if "param" in header["axes"]:
+            coords["param"] = np.arange(layout.size)
+        return cls(axes=tuple(header["axes"]), coords=coords, layout=layout, meta=header["meta"],
+                   **{name: tensors[name] for name in _TENSORS})
+
+
+def _json_coords(coords: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in coords.items():
+        if k == "param":
+            out[k] = {"range": int(len(v))}
+        else:
+            out[k] = [x.item() if hasattr(x, "item") else x for x in _as_list(v)]
+    return out
+
+
+def _as_list(v: Any) -> Iterable[Any]:
+    return v.tolist() if hasattr(v, "tolist") else list(v)
+
+
+def _atomic(target: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

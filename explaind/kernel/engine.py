@@ -1,0 +1,287 @@
+r"""Shared machinery of the estimators: parameters per step, the explained function, node plans.
+
+:class:`PathEngine` wraps a :class:`~explaind.trajectory.base.Trajectory` for computation on one
+device and dtype. It streams :math:`\theta_s` step by step (a small cache keeps the last few),
+builds the explained function :math:`g` for a set of test inputs, evaluates
+:math:`g(\theta_s, x)` for the window's steps, builds the quadrature :class:`NodePlan` of every
+step, and reduces forward-mode derivatives and Jacobians over a plan,
+:math:`\sum_q w_{iq} \nabla g(\theta_s + t_{iq}\Delta\theta_s, x_i)\,(\cdot)`, batched over inputs and
+nodes in chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..exceptions import ConfigError
+from ..trajectory.base import Trajectory
+from .functional import Explained, FunctionalModel, Params, Segment, StepStack
+from .layout import ParamLayout
+from .quadrature import DEFAULT_NODES, NodePlan, adaptive_plan, fixed_plan, rule_nodes
+
+__all__ = ["PathEngine", "progress_iter"]
+
+logger = logging.getLogger(__name__)
+
+
+def progress_iter(items: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Iterable[Any]:
+    """Wrap ``items`` in a tqdm progress bar when ``enabled``."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, leave=False)
+
+
+class PathEngine:
+    """Computation context over a trajectory.
+
+    Parameters
+    ----------
+    traj : Trajectory
+        The recorded run (read only through the abstract interface).
+    device : torch.device
+    dtype : torch.dtype
+    chunk_size : int or None
+        Samples or (input, node) pairs per ``vmap`` call (``None`` = everything at once).
+    progress : bool
+        Show progress bars over steps.
+    """
+
+    def __init__(self, traj: Trajectory, *, device: torch.device, dtype: torch.dtype, chunk_size: int | None,
+                 progress: bool = False):
+        self.traj = traj
+        self.device = device
+        self.dtype = dtype
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.names = tuple(traj.param_names)
+        self.fm = FunctionalModel(traj.model, traj.constants(), traj.loss.implementation, device, dtype)
+        self.layout = ParamLayout.from_tensors(traj.params(0), self.names)
+        self._cache: OrderedDict[int, Params] = OrderedDict()
+
+    # ------------------------------------------------------------------ parameters
+    def params(self, s: int) -> Params:
+        r""":math:`\theta_s` on the compute device and dtype (cached, do not modify)."""
+        if s in self._cache:
+            self._cache.move_to_end(s)
+            return self._cache[s]
+        p = self.fm.cast_params(self.traj.params(s), self.names)
+        self._cache[s] = p
+        while len(self._cache) > 3:
+            self._cache.popitem(last=False)
+        return p
+
+    def delta(self, s: int) -> Params:
+        r""":math:`\Delta\theta_s = \theta_{s+1} - \theta_s`."""
+        a, b = self.params(s), self.params(s + 1)
+        return {n: b[n] - a[n] for n in self.names}
+
+    def clear(self) -> None:
+        """Drop cached parameters."""
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ explained function
+    def inputs(self, X: Any) -> Tensor:
+        """Test inputs as a tensor on the compute device (floating inputs in the compute dtype)."""
+        return self.fm.cast(torch.as_tensor(X))
+
+    def model_outputs(self, X: Tensor) -> int:
+        """Number of model outputs per input (``O`` of ``target=None``)."""
+        with torch.no_grad():
+            out = self.fm(self.params(0), X[:1])
+        return int(out[0].numel())
+
+    def explained(self, X: Tensor, target: Any, y: Any, owner: str) -> Explained:
+        """Build :math:`g` for inputs ``X``: all outputs, ``target`` indices, or ``"loss"`` with ``y``."""
+        T = X.shape[0]
+        if target is None:
+            return Explained("outputs", torch.zeros(T, 1, dtype=self.dtype, device=self.device),
+                             self.model_outputs(X))
+        if isinstance(target, str):
+            if y is None:
+                raise ConfigError(f"{owner}: target='loss' needs the test targets: call transform(X, y) with y of "
+                                  f"length {T}.")
+            yy = self.fm.cast(torch.as_tensor(y))
+            if yy.shape[0] != T:
+                raise ConfigError(f"{owner}: y has {yy.shape[0]} entries but X has {T} inputs; pass one target "
+                                  f"per test input.")
+            return Explained("loss", yy, 1)
+        n_out = self.model_outputs(X)
+        tgt = torch.as_tensor(target).reshape(-1)
+        if tgt.numel() == 1 and T != 1:
+            tgt = tgt.expand(T)
+        if tgt.shape[0] != T or tgt.is_floating_point() or tgt.dtype == torch.bool:
+            raise ConfigError(f"{owner}: target must be None, 'loss', an int or {T} ints (one output index per test "
+                              f"input); got {target!r}.")
+        if int(tgt.min()) < 0 or int(tgt.max()) >= n_out:
+            raise ConfigError(f"{owner}: target indices must lie in 0..{n_out - 1} (the model has {n_out} outputs "
+                              f"per input); got values from {int(tgt.min())} to {int(tgt.max())}.")
+        onehot = torch.nn.functional.one_hot(tgt.long(), n_out).to(device=self.device, dtype=self.dtype)
+        return Explained("target", onehot, 1)
+
+    def segment(self, s: int, X: Tensor, explained: Explained) -> Segment:
+        """The segment of step ``s`` for inputs ``X``."""
+        return Segment(self.fm, explained, self.params(s), self.delta(s), X)
+
+    def values_at(self, s: int, X: Tensor, explained: Explained) -> Tensor:
+        r""":math:`g(\theta_s, x)` for every input, shape ``(T, O)`` (chunked over inputs)."""
+        p = self.params(s)
+        step = X.shape[0] if not self.chunk_size else self.chunk_size
+        with torch.no_grad():
+            parts = [explained(self.fm, p, X[i:i + step], explained.aux[i:i + step])
+                     for i in range(0, X.shape[0], step)]
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------ plans
+    def plans(self, X: Tensor, explained: Explained, window: tuple[int, int], rule: str, nodes: int | None,
+              tol: float, with_estimate: bool, coarsen: bool = False,
+              stack_bytes: int = 2**28) -> tuple[Tensor, Tensor, list[NodePlan]]:
+        r"""Node plans of the window's steps.
+
+        Returns
+        -------
+        g_start, g_stop : Tensor
+            :math:`g(\theta_{start})` and :math:`g(\theta_{stop})`, shape ``(T, O)``.
+        plans : list of NodePlan
+            One per step ``start .. stop-1``; ``estimate`` is filled for the adaptive rule and,
+            when ``with_estimate``, for the fixed rules.
+
+        ``coarsen`` merges smooth panels of the adaptive rule (fewer nodes for plans reused by
+        many decompositions; see :func:`~explaind.kernel.quadrature.adaptive_plan`).
+        The adaptive rule refines the steps in groups whose stacked :math:`\theta_s, \Delta\theta_s`
+        take at most ``stack_bytes``, one batched evaluation per refinement level and group.
+        """
+        start, stop = window
+        n = DEFAULT_NODES[rule] if nodes is None else int(nodes)
+        elem = torch.finfo(self.dtype).bits // 8
+        group = max(1, stack_bytes // max(1, 2 * elem * self.layout.size)) if rule == "adaptive" else 1
+        g_prev = self.values_at(start, X, explained)
+        g_start = g_prev
+        plans: list[NodePlan] = []
+        steps = progress_iter(range(start, stop, group), self.progress, "quadrature", -(-(stop - start) // group))
+        for lo in steps:
+            hi = min(stop, lo + group)
+            g_vals = [g_prev]
+            for s in range(lo, hi):
+                g_vals.append(self.values_at(s + 1, X, explained))
+            if rule == "adaptive":
+                plans.extend(self._adaptive_group(X, explained, lo, hi, g_vals, n, tol, coarsen))
+            else:
+                for s in range(lo, hi):
+                    plan = fixed_plan(rule, n, g_vals[s - lo + 1] - g_vals[s - lo])
+                    if with_estimate:
+                        seg = self.segment(s, X, explained)
+                        tangent = {k: v.unsqueeze(0) for k, v in seg.delta.items()}
+                        plan.estimate = self.reduce_jvp(seg, plan, tangent)[:, 0]
+                    plans.append(plan)
+            g_prev = g_vals[-1]
+        return g_start, g_prev, plans
+
+    def _adaptive_group(self, X: Tensor, explained: Explained, lo: int, hi: int, g_vals: list[Tensor], n: int,
+                        tol: float, coarsen: bool) -> list[NodePlan]:
+        """Adaptive plans of steps ``lo .. hi-1`` refined together (units are (step, input) pairs)."""
+        T = X.shape[0]
+        x01, w01 = (torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in rule_nodes("gauss-legendre", n))
+        all_inputs = torch.arange(T, device=self.device)
+        est0, bases, deltas = [], [], []
+        for s in range(lo, hi):
+            seg = self.segment(s, X, explained)
+            tangent = {k: v.unsqueeze(0) for k, v in seg.delta.items()}
+            vals = self._grid_chunks(lambda tc, seg=seg, tg=tangent: seg.jvp_grid(tc, tg, all_inputs)[:, 0], x01, T)
+            est0.append(torch.einsum("q,qto->to", w01, vals))
+            bases.append(seg.base)
+            deltas.append(seg.delta)
+        stack = StepStack(self.fm, explained, {k: torch.stack([b[k] for b in bases]) for k in self.names},
+                          {k: torch.stack([d[k] for d in deltas]) for k in self.names}, X)
+
+        def refine(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            chunk = self.chunk_size or max(1, units.shape[0])
+            outs = [stack.jvp_along_delta(units[i:i + chunk] // T, units[i:i + chunk] % T, t[i:i + chunk])
+                    for i in range(0, units.shape[0], chunk)]
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+        g_a = torch.cat(g_vals[:-1])
+        g_b = torch.cat(g_vals[1:])
+        plan = adaptive_plan(torch.cat(est0), g_a, g_b, refine, tol=tol, nodes=n, coarsen=coarsen)
+        return plan.split(hi - lo)
+
+    # ------------------------------------------------------------------ chunked evaluation
+    def _pair_chunks(self, fn: Any, idx: Tensor, t: Tensor, chunk: int | None = None) -> Tensor:
+        chunk = chunk or self.chunk_size or max(int(idx.shape[0]), 1)
+        if idx.shape[0] == 0:
+            return fn(idx, t)
+        return torch.cat([fn(idx[i:i + chunk], t[i:i + chunk]) for i in range(0, idx.shape[0], chunk)])
+
+    def _grid_chunks(self, fn: Any, t: Tensor, n_inputs: int, chunk: int | None = None) -> Tensor:
+        chunk = chunk or self.chunk_size or max(int(t.shape[0]) * n_inputs, 1)
+        per = max(1, chunk // max(n_inputs, 1))
+        return torch.cat([fn(t[i:i + per]) for i in range(0, t.shape[0], per)])
+
+    def reduce_jvp(self, seg: Segment, plan: NodePlan, tangents: Params) -> Tensor:
+        r""":math:`\sum_q w_{iq} \nabla g(\theta(t_{iq}), x_i)\, v_k` for tangents ``name -> (K, *shape)``;
+        shape ``(T, K, O)``.
+
+        Nodes shared by several inputs are evaluated once for all of them; the other (input, node)
+        pairs go through one ``vmap`` per chunk.
+        """
+        T = plan.t.shape[0]
+        K = next(iter(tangents.values())).shape[0]
+        O = plan.exact.shape[-1]
+        out = torch.zeros(T, K, O, dtype=self.dtype, device=self.device)
+        shared, (idx, t, w) = plan.by_node(min_shared=min(8, max(2, T // 2)))
+        for tu, sub, wu in shared:
+            step = self.chunk_size or sub.shape[0]
+            for i in range(0, sub.shape[0], step):
+                part = sub[i:i + step]
+                vals = seg.jvp_at(tu, tangents, part)  # (K, S, O)
+                out.index_add_(0, part, wu[i:i + step, None, None] * vals.transpose(0, 1))
+        if idx.shape[0]:
+            vals = self._pair_chunks(lambda i, tc: seg.jvp_pairs(i, tc, tangents), idx, t)
+            out.index_add_(0, idx, w[:, None, None] * vals)
+        return out
+
+    def reduce_jacobian(self, seg: Segment, plan: NodePlan, block: ParamLayout, n_outputs: int,
+                        chunk: int) -> Tensor:
+        r""":math:`\Phi_s = \sum_q w_{iq} \nabla_{\theta_b} g(\theta(t_{iq}), x_i)` on a block; ``(T, O, D_b)``.
+
+        Nodes shared by several inputs are evaluated once for all of them (parameters not batched),
+        and all nodes shared by the same inputs are summed inside one reverse pass
+        (:meth:`~explaind.kernel.functional.Segment.jac_nodes`); the remaining (input, node) pairs go
+        through one ``vmap``. ``chunk`` bounds the inputs or pairs per call. The quadrature weights
+        scale the differentiated outputs.
+        """
+        T = plan.t.shape[0]
+        names: Sequence[str] = block.names
+        acc = {name: torch.zeros(T, n_outputs, numel, dtype=self.dtype, device=self.device)
+               for name, numel in zip(names, block.numels)}
+        full = torch.arange(T, device=self.device)
+
+        def add(rows: Tensor, jac: Params) -> None:
+            whole = rows.shape[0] == T and bool((rows == full).all())
+            for name in names:
+                j = jac[name].reshape(rows.shape[0], n_outputs, -1)
+                if whole:
+                    acc[name] += j
+                else:
+                    acc[name].index_add_(0, rows, j)
+
+        shared, (idx, t, w) = plan.by_node(min_shared=min(8, max(2, T // 2)))
+        groups: dict[tuple[int, ...], list[tuple[Tensor, Tensor, Tensor]]] = {}
+        for tu, sub, wu in shared:  # nodes used by the same inputs are summed in one reverse pass
+            groups.setdefault(tuple(sub.tolist()), []).append((tu, sub, wu))
+        for members in groups.values():
+            sub = members[0][1]
+            tg = torch.stack([m[0] for m in members])
+            wg = torch.stack([m[2] for m in members], dim=1)  # (S, U)
+            for i in range(0, sub.shape[0], chunk):
+                add(sub[i:i + chunk], seg.jac_nodes(tg, names, sub[i:i + chunk], wg[i:i + chunk]))
+        for i in range(0, idx.shape[0], chunk):
+            add(idx[i:i + chunk], seg.jac_pairs(idx[i:i + chunk], t[i:i + chunk], names, w[i:i + chunk]))
+        return torch.cat([acc[name] for name in names], dim=-1) if len(names) > 1 else acc[names[0]]

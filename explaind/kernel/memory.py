@@ -1,0 +1,97 @@
+r"""Memory budgets: parsing ``"2GB"``-style sizes and choosing the momentum mode and chunking.
+
+The Jacobian path holds, per test chunk of ``T_c`` inputs and parameter block of ``D_b``
+coordinates (``e`` bytes per element, ``O`` outputs, ``B`` the largest batch, ``M`` the distinct
+training samples the sweep visits, ``J`` Jacobians per ``vmap`` call):
+
+* reverse: ``e * (3 T_c O D_b + 2 B D_b + 3 J O D_b)`` — the accumulator ``U``, :math:`\Phi_s`
+  and the combined coefficient, per-sample gradients, Jacobian chunks;
+* forward: ``e * (M D_b + 2 T_c O D_b + 2 B D_b + 3 J O D_b)`` — the per-sample buffer instead.
+
+:func:`plan_sweep` picks the mode (``"auto"``: reverse unless ``step`` is kept — it never costs
+more arithmetic — and forward when only it fits) and then shrinks test chunks first (cheap:
+only per-sample gradients are recomputed per chunk) and parameter blocks second.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from ..exceptions import ConfigError
+
+__all__ = ["parse_bytes", "SweepPlan", "plan_sweep"]
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | float | str, field: str = "memory_budget") -> int:
+    """``2_000_000``, ``"2GB"``, ``"512 MiB"``, ``"1.5e9"`` -> bytes (int > 0)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid value for {field!r}: {value!r} — give a number of bytes or a string like '2GB'.")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ConfigError(f"invalid value for {field!r}: {value!r} — it must be positive (e.g. '2GB').")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise ConfigError(
+            f"invalid value for {field!r}: {value!r} — use a positive number of bytes or a size such as '2GB', "
+            f"'512MB' or '1GiB' (units: {', '.join(u for u in _UNITS if u)})."
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Chosen momentum mode, test chunk size, parameter block size and Jacobians per call."""
+
+    mode: str
+    test_chunk: int
+    block_size: int
+    jac_chunk: int
+    estimate_bytes: int
+
+
+def _need(mode: str, Tc: int, Db: int, O: int, B: int, M: int, J: int, e: int) -> int:
+    if mode == "reverse":
+        return e * (3 * Tc * O * Db + 2 * B * Db + 3 * J * O * Db)
+    return e * (M * Db + 2 * Tc * O * Db + 2 * B * Db + 3 * J * O * Db)
+
+
+def plan_sweep(*, momentum: str, keep_step: bool, T: int, O: int, D: int, largest_tensor: int, B: int, M: int,
+               elem: int, budget: int, chunk_size: int | None, test_chunk: int | None,
+               block_size: int | None) -> SweepPlan:
+    """Choose mode and chunking so that the estimated peak stays under ``budget`` bytes when possible."""
+    J_max = chunk_size or 256
+
+    def jac(Db: int) -> int:
+        return max(1, min(J_max, budget // (4 * 3 * elem * max(1, O * Db))))
+
+    mode = momentum
+    if mode == "auto":
+        if keep_step:
+            mode = "forward"
+        else:
+            fits_rev = _need("reverse", T, D, O, B, M, jac(D), elem) <= budget
+            fits_fwd = _need("forward", T, D, O, B, M, jac(D), elem) <= budget
+            mode = "forward" if (fits_fwd and not fits_rev) else "reverse"
+    Tc = min(T, test_chunk) if test_chunk else T
+    Db = min(D, block_size) if block_size else D
+    if not test_chunk:
+        while Tc > 1 and _need(mode, Tc, Db, O, B, M, jac(Db), elem) > budget:
+            Tc = (Tc + 1) // 2
+    if not block_size:
+        floor = max(1, largest_tensor)
+        while Db > floor and _need(mode, Tc, Db, O, B, M, jac(Db), elem) > budget:
+            Db = max(floor, Db // 2)
+    need = _need(mode, Tc, Db, O, B, M, jac(Db), elem)
+    if need > budget:
+        logger.warning("estimated peak memory %.3g bytes exceeds memory_budget=%d bytes even with test_chunk=%d "
+                       "and parameter blocks of %d coordinates", need, budget, Tc, Db)
+    return SweepPlan(mode, Tc, Db, jac(Db), need)
