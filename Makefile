@@ -21,10 +21,13 @@ test: $(STAMP) lint
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_recording.py
+	$(PY) benchmarks/bench_engine.py --skip-baseline
+	$(PY) benchmarks/bench_pruning.py
 
 demo: $(STAMP)
-	@echo "make demo: not available yet (the studies issue adds it)."; exit 2
+	# Trains, records, replicates and explains a small grokking run; writes report/index.html.
+	$(VENV)/bin/explaind demo --threads 1 --out report
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,268 @@
+"""The ``explaind`` command line.
+
+Subcommands: ``demo``, ``train``, ``replicate``, ``influence``, ``prune``, ``report``,
+``plugins`` and ``study grokking``. Every subcommand takes ``-q/--quiet`` (no progress bars,
+no chatter), ``--json`` (one JSON document on stdout), ``--debug`` (tracebacks) and
+``--threads N`` (torch's CPU threads for the command; the library itself never sets them).
+
+Bad input ends with one line on stderr (``explaind <command>: error: ...``) and exit code 2;
+a file system problem with exit code 1; an interrupt with 130. The handlers live in
+:mod:`explaind.cli_commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import __version__
+from .exceptions import ExplaindError
+
+__all__ = ["main", "build_parser", "Output", "parse_assignments"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and a hint, never the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class Output:
+    """Where the command's results go: human text, JSON or nothing.
+
+    Parameters
+    ----------
+    quiet : bool
+        Suppress progress bars and informational lines (results are still printed).
+    as_json : bool
+        Print one JSON document with the results instead of text.
+    """
+
+    def __init__(self, quiet: bool = False, as_json: bool = False):
+        self.quiet = quiet
+        self.as_json = as_json
+
+    @property
+    def progress(self) -> bool:
+        """Whether long loops should show progress bars."""
+        return not (self.quiet or self.as_json)
+
+    def info(self, message: str) -> None:
+        """A line of chatter (stderr; hidden by ``-q`` and ``--json``)."""
+        if not (self.quiet or self.as_json):
+            print(message, file=sys.stderr, flush=True)
+
+    def result(self, text: str, data: Any) -> None:
+        """The command's result: ``text`` for humans, ``data`` as JSON with ``--json``."""
+        if self.as_json:
+            print(json.dumps(data, indent=2, default=_json_default))
+        else:
+            print(text, flush=True)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def parse_assignments(items: Sequence[str] | None, option: str) -> dict[str, Any]:
+    """Parse ``key=value`` pairs; values are read as JSON when possible (``3``, ``0.5``, ``[8,16]``, ``true``).
+
+    Raises
+    ------
+    ValueError
+        For an item without ``=`` (the message names the option and shows the expected form).
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} {item!r} is not of the form KEY=VALUE (e.g. {option} p=23).")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, list):
+            value = tuple(value)
+        out[key.strip()] = value
+    return out
+
+
+# --------------------------------------------------------------------------- parser
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else False
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars or chatter")
+    parser.add_argument("--json", action="store_true", default=default, help="print results as one JSON document")
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks of errors")
+    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS if suppress else None, metavar="N",
+                        help="CPU threads of torch for this command (default: torch's choice; 1 is often fastest "
+                             "for small models on a busy machine)")
+
+
+def _add_size(parser: argparse.ArgumentParser, default: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--size", choices=("tiny", "small", "full"), default=default,
+                       help=f"size preset (default: {default}); 'tiny' runs in seconds, 'full' needs a GPU")
+    group.add_argument("--tiny", dest="size", action="store_const", const="tiny", help="same as --size tiny")
+
+
+def _add_quadrature(parser: argparse.ArgumentParser, default: str, nodes: int | None) -> None:
+    parser.add_argument("--quadrature", default=default,
+                        help=f"adaptive, gauss-legendre or midpoint (default: {default})")
+    parser.add_argument("--nodes", type=int, default=nodes,
+                        help="nodes per step of a fixed rule (per panel for adaptive)"
+                        + (f" (default: {nodes})" if nodes else ""))
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``explaind`` command (exposed for the CLI reference and tests)."""
+    parser = _Parser(prog="explaind", description="Exact path-kernel replicas and additive influence scores "
+                     "(ExPLAIND) for recorded training runs.")
+    parser.add_argument("--version", action="version", version=f"explaind {__version__}")
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="train a small grokking run, replicate it and write the HTML report")
+    _add_size(p, "small")
+    p.add_argument("--out", default="report", help="report folder (default: report)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
+    _common(p, suppress=True)
+
+    p = sub.add_parser("train", help="train a registered architecture on a built-in dataset and record it")
+    p.add_argument("--out", required=True, help="new run folder (run.json + trajectory/)")
+    p.add_argument("--architecture", "-a", default="mlp", help="registered architecture (see 'explaind plugins')")
+    p.add_argument("--dataset", "-d", default="digits", help="modular, digits or cifar10 (default: digits)")
+    p.add_argument("--data", action="append", metavar="KEY=VALUE", help="dataset option, e.g. p=23, classes=[3,8]")
+    p.add_argument("--model", action="append", metavar="KEY=VALUE", help="architecture option, e.g. d_model=32")
+    p.add_argument("--optimizer", default="adamw", help="sgd, adam or adamw (default: adamw)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"))
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default: 100)")
+    p.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: full batch)")
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--stop-at", type=float, default=None, help="stop once train and validation accuracy reach this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", help="float32 or float64")
+    _add_device(p)
+    _common(p, suppress=True)
+
+    p = sub.add_parser("replicate", help="fidelity of the kernel replica of a stored run (--table: Table 1)")
+    p.add_argument("run", nargs="?", help="run folder; without it, --table trains the three reference setups")
+    p.add_argument("--table", action="store_true", help="compare every quadrature rule (the fidelity table)")
+    _add_quadrature(p, "adaptive", None)
+    p.add_argument("--n-test", type=int, default=None, help="validation inputs to compare on (default: all)")
+    _add_size(p, "small")
+    _add_device(p)
+    _common(p, suppress=True)
+
+    p = sub.add_parser("influence", help="influence scores along chosen axes, saved as safetensors and CSV")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--keep", default="step,group",
+                   help="kept axes among step, group, param, train (default: step,group)")
+    p.add_argument("--target", default="label", help="label, predicted, all or loss (default: label)")
+    p.add_argument("--steps", default=None, metavar="START:STOP", help="only these optimizer steps, e.g. 0:100")
+    p.add_argument("--n-test", type=int, default=None, help="validation inputs to explain (default: all)")
+    p.add_argument("--out", required=True,
+                   help="output folder: attribution.safetensors + attribution.json + scores.csv")
+    p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
+    _add_quadrature(p, "adaptive", None)
+    _add_device(p)
+    _common(p, suppress=True)
+
+    p = sub.add_parser("prune", help="the pruning benchmark on digits (ExPLAIND scores versus classic criteria)")
+    p.add_argument("--out", default="pruning", help="output folder (default: pruning)")
+    _add_size(p, "small")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p, suppress=True)
+
+    p = sub.add_parser("report", help="plots and the HTML report of a stored run")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", default=None, help="report folder (default: RUN/report)")
+    p.add_argument("--n-test", type=int, default=None, help="validation inputs in the influence figures")
+    p.add_argument("--pruning", default=None, help="folder of an 'explaind prune' result to include")
+    _add_quadrature(p, "gauss-legendre", 2)
+    _add_device(p)
+    _common(p, suppress=True)
+
+    p = sub.add_parser("plugins", help="list the installed plugins and what they register")
+    _common(p, suppress=True)
+
+    p = sub.add_parser("study", help="studies from the paper")
+    studies = p.add_subparsers(dest="study", metavar="STUDY", parser_class=_Parser)
+    g = studies.add_parser("grokking", help="grokking on (a + b) mod p: curves, influence per phase")
+    g.add_argument("--out", default="grokking", help="output folder (default: grokking)")
+    _add_size(g, "small")
+    g.add_argument("--p", type=int, default=None, help="modulus (default: 113 at --size full, smaller on CPU)")
+    g.add_argument("--steps", type=int, default=None, help="maximum optimizer steps (default: by size)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    _common(g, suppress=True)
+    _common(p, suppress=True)
+    return parser
+
+
+# --------------------------------------------------------------------------- main
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (also used as the console script)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "study" and args.study is None:
+        parser.exit(EXIT_USAGE, "explaind study: error: choose a study: grokking (see 'explaind study --help')\n")
+    out = Output(quiet=args.quiet, as_json=args.json)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.exit(EXIT_USAGE, f"explaind: error: --threads {args.threads} must be a positive integer\n")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR if out.quiet else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    prog = f"explaind {args.command}" + (f" {args.study}" if args.command == "study" else "")
+    try:
+        from . import cli_commands
+
+        handler = getattr(cli_commands, f"cmd_{args.command}")
+        return int(handler(args, out) or EXIT_OK)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ExplaindError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

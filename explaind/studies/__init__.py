@@ -1,0 +1,1 @@
+"""Studies: grokking, the fidelity table, the demo pipeline."""

@@ -1,0 +1,107 @@
+"""The end-to-end demo behind ``make demo`` / ``explaind demo``.
+
+1. trains the modular-arithmetic transformer with AdamW and weight decay on a small modulus
+   (the grokking regime, about a minute on a laptop CPU) and records its trajectory;
+2. prints the fidelity table of its kernel replica (midpoint 10, Gauss–Legendre 4, adaptive);
+3. runs the digits pruning benchmark;
+4. writes the report folder: ``index.html`` (figures embedded) and the PNG files.
+
+``size="tiny"`` does the same in seconds (tests); ``size="full"`` is the paper-scale grokking
+run (GPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import ConfigError
+from . import fidelity, pruning_run
+from .grokking import grokking_config
+from .report import build_report
+from .runs import RUN_FILE, train_run
+
+__all__ = ["DEMO_RULES", "DEMO_SIZES", "run_demo"]
+
+#: Rules compared by the CPU demo (midpoint-100 costs 100 evaluations per step; ``replicate --table`` has it).
+DEMO_RULES = [fidelity.Rule("midpoint", 10), fidelity.Rule("gauss-legendre", 4), fidelity.Rule("adaptive")]
+
+#: size -> (fidelity inputs, fidelity rules, pruning preset)
+DEMO_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"n_fidelity": 4, "rules": DEMO_RULES, "pruning": "tiny"},
+    "small": {"n_fidelity": 4, "rules": DEMO_RULES, "pruning": "small"},
+    "full": {"n_fidelity": 256, "rules": fidelity.all_rules(), "pruning": "full"},
+}
+
+
+def run_demo(out_dir: str | Path = "report", *, size: str = "small", seed: int = 0, device: str = "cpu",
+             progress: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the demo; returns the fidelity table, timings and the report path.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Report folder; the run is recorded to ``out_dir/run`` and the pruning benchmark to
+        ``out_dir/pruning`` (both replaced when they exist from an earlier demo).
+    size : {"tiny", "small", "full"}
+    seed : int
+    device : str
+    progress : bool
+    log : callable, optional
+        Receives one line per stage.
+
+    Returns
+    -------
+    dict
+        ``fidelity`` (rows), ``fidelity_text`` (the printed table), ``timings`` (seconds per
+        stage), ``seconds`` (total), ``report`` (path of ``index.html``), ``run`` (run folder).
+    """
+    import shutil
+
+    if size not in DEMO_SIZES:
+        raise ConfigError(f"Unknown size {size!r}. Choose one of: {', '.join(DEMO_SIZES)}.")
+    say = log or (lambda message: None)
+    preset = DEMO_SIZES[size]
+    out = Path(out_dir)
+    run_dir = out / "run"
+    if (run_dir / RUN_FILE).exists():
+        shutil.rmtree(run_dir)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    config, options = grokking_config(size, seed=seed, device=device)
+    say(f"[1/4] training the modular transformer on (a + b) mod {config['data']['p']} with AdamW "
+        f"(weight decay {config['weight_decay']}) and recording it to {run_dir}")
+    t = time.perf_counter()
+    run = train_run(config, run_dir, progress=progress)
+    timings["train"] = round(time.perf_counter() - t, 2)
+    say(f"      {run.trajectory.n_steps} steps, train acc {run.history.train_acc[-1]:.3f}, "
+        f"validation acc {run.history.val_acc[-1]:.3f} ({timings['train']:.0f} s)")
+
+    say(f"[2/4] fidelity of the kernel replica on {preset['n_fidelity']} validation inputs")
+    t = time.perf_counter()
+    rows = fidelity.run_fidelity(run, preset["rules"], n_test=preset["n_fidelity"],
+                                 device=device, progress=progress, setup="modular transformer, AdamW")
+    timings["fidelity"] = round(time.perf_counter() - t, 2)
+    table = fidelity.format_table(rows, fidelity.TABLE_COLUMNS)
+    say(table)
+
+    say(f"[3/4] pruning benchmark on digits ({preset['pruning']})")
+    t = time.perf_counter()
+    prune_dir = out / "pruning"
+    if prune_dir.exists():
+        shutil.rmtree(prune_dir)
+    pruning_run.run_benchmark(prune_dir, size=preset["pruning"], seed=seed, progress=progress)
+    timings["pruning"] = round(time.perf_counter() - t, 2)
+
+    say("[4/4] influence figures and the HTML report")
+    t = time.perf_counter()
+    page = build_report(run, out, progress=progress, options=options, fidelity_rows=rows, pruning_dir=prune_dir,
+                        log=lambda m: say("      " + m), title=f"explaind demo: grokking on (a + b) mod "
+                                                             f"{config['data']['p']}")
+    timings["report"] = round(time.perf_counter() - t, 2)
+    total = round(time.perf_counter() - start, 2)
+    return {"fidelity": rows, "fidelity_text": table, "timings": timings, "seconds": total, "report": str(page),
+            "run": str(run_dir), "n_steps": int(run.trajectory.n_steps)}

@@ -1,0 +1,172 @@
+"""The fidelity table: how exactly the kernel replica reproduces the trained model.
+
+Extends Table 1 of the ExPLAIND paper: for three reference setups (a digits CNN trained with
+SGD and momentum, the modular-arithmetic transformer with AdamW, an MLP with Adam) and every
+quadrature rule (midpoint with 10 and 100 nodes, Gauss–Legendre, the adaptive rule) it reports
+
+* **argmax agreement** — fraction of validation inputs where replica and model pick the same class;
+* **KL** — mean ``KL(softmax f || softmax f̂)`` between model and replica;
+* **max rel error** — ``max |f̂ - f| / max |f|`` over inputs and outputs;
+* **evals/step** — path-gradient evaluations per step and input (the cost).
+
+``explaind replicate --table`` prints it; :func:`run_fidelity` computes the rows of one run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..exceptions import ConfigError
+
+__all__ = ["format_table", "Rule", "all_rules", "rule_from", "run_fidelity", "reference_setups", "reference_table",
+           "TABLE_COLUMNS"]
+
+TABLE_COLUMNS = ["setup", "rule", "evals/step", "argmax agreement", "KL", "max rel error", "seconds"]
+_QUADRATURES = ("adaptive", "gauss-legendre", "midpoint")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A quadrature rule of the replica: name and nodes (``None``: the rule's default)."""
+
+    quadrature: str
+    nodes: int | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. ``midpoint-100``."""
+        return self.quadrature if self.nodes is None else f"{self.quadrature}-{self.nodes}"
+
+
+def all_rules() -> list[Rule]:
+    """The rules of the table: midpoint 10 and 100, Gauss–Legendre 4, adaptive."""
+    return [Rule("midpoint", 10), Rule("midpoint", 100), Rule("gauss-legendre", 4), Rule("adaptive")]
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Plain-text table of dict rows (floats in 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    rule = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join([line, rule, *body])
+
+
+def rule_from(quadrature: str, nodes: int | None = None) -> Rule:
+    """Validate a rule given on the command line."""
+    if quadrature not in _QUADRATURES:
+        raise ConfigError(f"Unknown quadrature {quadrature!r}. Choose one of: {', '.join(_QUADRATURES)}.")
+    if nodes is not None and nodes < 1:
+        raise ConfigError(f"--nodes {nodes} must be a positive integer.")
+    return Rule(quadrature, nodes)
+
+
+def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, device: str = "cpu",
+                 progress: bool = False, setup: str | None = None) -> list[dict[str, Any]]:
+    """One table row per rule for a recorded run, on (the first ``n_test`` of) its validation inputs.
+
+    Parameters
+    ----------
+    run : explaind.studies.runs.Run
+    rules : list of Rule
+    n_test : int, optional
+    device : str
+    progress : bool
+        Progress bar over steps for each rule.
+    setup : str, optional
+        Name shown in the ``setup`` column (default: architecture + optimizer).
+    """
+    import explaind
+
+    X, _ = run.dataset.val
+    if n_test is not None:
+        X = X[:n_test]
+    name = setup or f"{run.config.architecture} / {run.config.optimizer}"
+    rows = []
+    for rule in rules:
+        start = time.perf_counter()
+        replica = explaind.KernelReplica(quadrature=rule.quadrature, nodes=rule.nodes, device=device,
+                                         progress=progress)
+        report = replica.fit(run.trajectory).fidelity_report(X)
+        rows.append({
+            "setup": name,
+            "rule": rule.label,
+            "evals/step": float(np.mean(report["evals_per_step"])),
+            "argmax agreement": float(report["argmax_agreement"]),
+            "KL": float(report["kl_divergence"]),
+            "max rel error": float(report["max_rel_error"]),
+            "seconds": round(time.perf_counter() - start, 2),
+            "n_test": int(len(X)),
+            "n_steps": int(run.trajectory.n_steps),
+        })
+    return rows
+
+
+#: size -> (steps of each setup, validation inputs compared)
+_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"steps": 3, "n_test": 6},
+    "small": {"steps": 40, "n_test": 64},
+    "full": {"steps": 300, "n_test": 512},
+}
+
+
+def reference_setups(size: str = "small", device: str = "cpu") -> list[tuple[str, dict[str, Any]]]:
+    """The three setups of the table as ``(name, TrainConfig dict)`` at a size preset."""
+    if size not in _SIZES:
+        raise ConfigError(f"Unknown size {size!r}. Choose one of: {', '.join(_SIZES)}.")
+    steps = _SIZES[size]["steps"]
+    tiny = size == "tiny"
+    return [
+        ("digits CNN, SGD momentum", {
+            "architecture": "cnn", "dataset": "digits",
+            "model": {"channels": (4, 8)} if tiny else {},
+            "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "batch_size": 64, "steps": steps,
+            "eval_every": max(1, steps // 4), "device": device,
+        }),
+        ("modular transformer, AdamW", {
+            "architecture": "modular_transformer", "dataset": "modular",
+            "data": {"p": 7 if tiny else 23, "n_train": 0.5, "n_val": None},
+            "model": {"d_model": 8, "n_heads": 2, "d_mlp": 16} if tiny else {"d_model": 32, "n_heads": 4, "d_mlp": 128},
+            "optimizer": "adamw", "lr": 1e-3, "betas": (0.9, 0.98), "weight_decay": 1.0, "steps": steps,
+            "eval_every": max(1, steps // 4), "device": device,
+        }),
+        ("digits MLP, Adam", {
+            "architecture": "mlp", "dataset": "digits",
+            "model": {"hidden_sizes": (8,) if tiny else (32, 32)},
+            "optimizer": "adam", "lr": 1e-3, "batch_size": 64, "steps": steps,
+            "eval_every": max(1, steps // 4), "device": device,
+        }),
+    ]
+
+
+def reference_table(size: str = "small", *, device: str = "cpu", progress: bool = False,
+                    rules: list[Rule] | None = None) -> list[dict[str, Any]]:
+    """Train the three reference setups (in memory) and compare every rule on each.
+
+    Returns
+    -------
+    list of dict
+        Rows with the :data:`TABLE_COLUMNS` (plus ``n_test`` and ``n_steps``).
+    """
+    from .runs import train_run
+
+    rows: list[dict[str, Any]] = []
+    n_test = _SIZES[size]["n_test"] if size in _SIZES else None
+    for name, config in reference_setups(size, device):
+        run = train_run(config, None, progress=progress)
+        rows += run_fidelity(run, rules or all_rules(), n_test=n_test, device=device, progress=progress, setup=name)
+    return rows

@@ -1,0 +1,314 @@
+"""The report of a recorded run: figures computed from the trajectory, and the HTML page.
+
+:func:`build_report` runs two influence queries on the run's validation set and draws:
+
+* the training curves (the grokking curve on modular arithmetic, with detected phases);
+* a step × layer-group heatmap of the absolute influence on the explained outputs;
+* the balance of kernel (data) and regularization (weight decay) parts per layer group;
+* the layer-group influence per training phase (modular arithmetic);
+* the top proponent and opponent training samples of a few validation inputs;
+* train × validation influence matrices at a few steps, ordered by class (``(a + b) mod p``);
+* the pruning curve, when a pruning benchmark result is given;
+
+then writes ``index.html`` with every figure embedded (:func:`explaind.viz.write_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import viz
+from ..exceptions import ConfigError
+from . import analysis
+from .phases import detect_phases
+
+__all__ = ["ReportOptions", "build_report", "phase_totals", "pick_kernel_inputs", "describe_sample"]
+
+
+@dataclass
+class ReportOptions:
+    """Cost knobs of the report's influence queries.
+
+    Attributes
+    ----------
+    n_test : int
+        Validation inputs of the step × group query (heatmap, balance, phases).
+    n_kernel : int
+        Validation inputs of the data view (kernel matrices, proponents), picked spread over classes.
+    n_queries, top_k : int
+        Validation inputs shown with their top-``k`` proponents and opponents.
+    kernel_steps : int
+        Number of training steps at which the kernel matrix is drawn.
+    quadrature, nodes : str, int
+        Path-integral rule of the report's queries (its error is reported on the page).
+    device : str
+    memory_budget : str
+        Working-memory target of the influence queries; the data view keeps (step, train) in one
+        sweep when that result fits in a quarter of it, else it runs one sweep per panel.
+    chunk_size : int or None
+        Samples or (input, node) pairs per vectorised call of the engine (larger is faster on a GPU).
+    dtype : {"float64", "float32"}
+        Compute dtype of the queries (float32 halves the cost of the data view; the page states
+        the completeness gap it reaches).
+    """
+
+    n_test: int = 64
+    n_kernel: int = 24
+    n_queries: int = 3
+    top_k: int = 3
+    kernel_steps: int = 3
+    quadrature: str = "gauss-legendre"
+    nodes: int | None = 2
+    device: str = "cpu"
+    memory_budget: str = "2GB"
+    chunk_size: int | None = 256
+    dtype: str = "float64"
+
+
+def describe_sample(dataset: Any, X: Any, y: Any) -> str:
+    """Short caption of a sample: ``"3+5=8"`` for modular arithmetic, ``"cat"`` or ``"class 3"`` otherwise."""
+    if dataset.name == "modular":
+        return f"{int(X[0])}+{int(X[2])}={int(y)}"
+    names = dataset.meta.get("class_names")
+    if names:
+        return str(names[int(y)])
+    classes = dataset.meta.get("classes")
+    return f"class {classes[int(y)] if classes else int(y)}"
+
+
+def pick_kernel_inputs(y: np.ndarray, n: int) -> np.ndarray:
+    """Indices of up to ``n`` inputs spread over the classes (round robin), sorted by class."""
+    y = np.asarray(y)
+    by_class = [list(np.nonzero(y == c)[0]) for c in np.unique(y)]
+    chosen: list[int] = []
+    while len(chosen) < min(n, len(y)):
+        for members in by_class:
+            if members and len(chosen) < n:
+                chosen.append(int(members.pop(0)))
+    chosen.sort(key=lambda i: (int(y[i]), i))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def phase_totals(scores: analysis.StepGroupScores, phases: list[Any]) -> np.ndarray:
+    """Absolute influence of each group summed over the steps of each phase, shape ``(P, G)``."""
+    out = np.zeros((len(phases), len(scores.groups)))
+    for p, phase in enumerate(phases):
+        mask = (scores.steps >= phase.start) & (scores.steps < phase.stop)
+        out[p] = scores.influence[mask].sum(0)
+    return out
+
+
+def _kernel_steps(n_steps: int, phases: list[Any] | None, count: int) -> list[int]:
+    if phases and len(phases) >= 2:
+        steps = [(ph.start + ph.stop - 1) // 2 for ph in phases]
+    else:
+        steps = [int(round(f * (n_steps - 1))) for f in np.linspace(0.1, 1.0, count)]
+    return sorted(dict.fromkeys(min(max(s, 0), n_steps - 1) for s in steps))[:max(count, 1)]
+
+
+def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, device: str = "cpu",
+                 pruning_dir: str | Path | None = None, progress: bool = False,
+                 options: ReportOptions | None = None, fidelity_rows: list[dict[str, Any]] | None = None,
+                 title: str | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Compute the figures of a run and write its HTML report.
+
+    Parameters
+    ----------
+    run : explaind.studies.runs.Run
+    out_dir : str or Path
+        Report folder (PNG files, ``scores.json`` and ``index.html``).
+    n_test : int, optional
+        Overrides ``options.n_test``.
+    device : str
+        Compute device when ``options`` is not given.
+    pruning_dir : str or Path, optional
+        Output folder of a pruning benchmark (``explaind prune``) whose curve is included.
+    progress : bool
+        Progress bars of the influence queries.
+    options : ReportOptions, optional
+    fidelity_rows : list of dict, optional
+        A fidelity table to show (see :mod:`explaind.studies.fidelity`).
+    title : str, optional
+    log : callable, optional
+        Receives one line per stage (the command line shows them unless ``-q``).
+
+    Returns
+    -------
+    Path
+        ``out_dir / "index.html"``.
+    """
+    opts = options or ReportOptions(device=device)
+    if n_test is not None:
+        opts.n_test = n_test
+    say = log or (lambda message: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    traj, ds = run.trajectory, run.dataset
+    modular = ds.name == "modular"
+    phases = detect_phases(run.history, n_steps=traj.n_steps) if modular else None
+    sections: list[viz.ReportSection] = []
+
+    curves = viz.training_curves(run.history, out / "training_curves.png", phases=phases,
+                                 title="Training curves" + (" (grokking)" if modular else ""))
+    phase_text = "" if not phases else "Detected phases: " + "; ".join(
+        f"{p.name} steps {p.start}–{p.stop}" for p in phases) + "."
+    sections.append(viz.ReportSection("Training", f"{traj.n_steps} optimizer steps of {run.config.optimizer} on "
+                                      f"{ds.n_train} training samples. {phase_text}", [curves]))
+
+    if fidelity_rows:
+        sections.append(viz.ReportSection("Fidelity of the kernel replica",
+                                          "The replica f(x; θ_0) + Σ_s φ_s(x) Δθ_s against the trained model on "
+                                          "validation inputs, for each quadrature rule.", table=fidelity_rows))
+
+    say(f"step x group influence on {min(opts.n_test, ds.n_val)} validation inputs")
+    start = time.perf_counter()
+    att = analysis.influence(run, keep=("step", "group"), target="label", n_test=opts.n_test, device=opts.device,
+                             quadrature=opts.quadrature, nodes=opts.nodes, memory_budget=opts.memory_budget,
+                             chunk_size=opts.chunk_size, dtype=opts.dtype, progress=progress)
+    scores = analysis.step_group_scores(att)
+    timings["step_group_seconds"] = round(time.perf_counter() - start, 2)
+    heat = viz.step_group_heatmap(scores.steps, scores.groups, scores.influence, out / "step_group_influence.png",
+                                  phases=phases, title="Absolute influence on the correct-class logit")
+    balance = viz.balance_plot(scores.steps, scores.groups, scores.kernel, scores.regularization,
+                               out / "kernel_vs_regularization.png", phases=phases)
+    quad = float(att.quadrature_error.abs().sum(1).max()) if att.quadrature_error.dim() > 2 else 0.0
+    images, captions = [heat, balance], ["Σ over validation inputs of |data part| per step and parameter tensor.",
+                                         "Data (kernel) part versus weight-decay part of each tensor's updates."]
+    if phases:
+        totals = phase_totals(scores, phases)
+        images.append(viz.phase_influence(scores.groups, [p.name for p in phases], totals,
+                                          out / "phase_influence.png"))
+        captions.append("Share of absolute influence per layer group within each detected phase.")
+    sections.append(viz.ReportSection(
+        "Which layers, and when",
+        f"Influence of every (step, parameter tensor) on the correct-class logit of {att.shape[0]} validation "
+        f"inputs ({opts.quadrature} quadrature, {opts.nodes or 'default'} nodes, {opts.dtype}). The terms add up to "
+        f"the model's output up to a relative completeness gap of {scores.completeness_gap:.1e}; the largest "
+        f"quadrature error "
+        f"of one input (summed over steps) is {quad:.2e}.", images, captions))
+
+    say(f"data view: {opts.n_kernel} validation inputs x {ds.n_train} training samples, per step")
+    start = time.perf_counter()
+    pick = pick_kernel_inputs(ds.y_val.numpy(), opts.n_kernel)
+    data_images, data_captions, data_summary = _data_view(run, pick, phases, opts, out, progress)
+    timings["data_view_seconds"] = round(time.perf_counter() - start, 2)
+    sections.append(viz.ReportSection(
+        "Which training samples",
+        "Influence of each training sample on the correct-class logit of validation inputs, summed over "
+        "steps (proponents push the logit up, opponents down), and the train × validation influence "
+        "matrix of single steps, rows and columns ordered by class"
+        + (" (a + b) mod p." if modular else "."), data_images, data_captions))
+
+    if pruning_dir is not None:
+        plot = Path(pruning_dir) / "pruning.png"
+        if not plot.is_file():
+            raise ConfigError(f"No pruning.png in {str(pruning_dir)!r}; run 'explaind prune --out {pruning_dir}' "
+                              f"first.")
+        copy = out / "pruning_curve.png"
+        shutil.copyfile(plot, copy)
+        table = Path(pruning_dir) / "table.txt"
+        text = table.read_text() if table.is_file() else ""
+        sections.append(viz.ReportSection("Pruning", "Accuracy and KL to the unpruned model when weights are "
+                                          "removed by each criterion, without retraining.\n\n" + text, [copy]))
+
+    (out / "scores.json").write_text(json.dumps({"step_group": scores.to_dict(), "data_view": data_summary,
+                                                 "phases": [vars(p) for p in phases or []],
+                                                 "timings": timings}, indent=1))
+    meta = {"architecture": run.config.architecture, "dataset": ds.name, "steps": traj.n_steps,
+            "final train acc": f"{run.history.train_acc[-1]:.3f}", "final val acc": f"{run.history.val_acc[-1]:.3f}"}
+    return viz.write_report(out, sections, title=title or f"explaind report: {run.config.architecture} on {ds.name}",
+                            meta=meta)
+
+
+def _train_scores(run: Any, X: Any, y: Any, opts: ReportOptions, progress: bool, keep: tuple[str, ...],
+                  steps: tuple[int, int] | None = None) -> Any:
+    import explaind
+
+    est = explaind.InfluenceEstimator(keep=keep, target=[int(v) for v in y], steps=steps, device=opts.device,
+                                      quadrature=opts.quadrature, nodes=opts.nodes, memory_budget=opts.memory_budget,
+                                      chunk_size=opts.chunk_size, dtype=opts.dtype, progress=progress)
+    return est.fit(run.trajectory).transform(X)
+
+
+def _data_view(run: Any, pick: np.ndarray, phases: list[Any] | None, opts: ReportOptions, out: Path,
+               progress: bool) -> tuple[list[Path], list[str], dict[str, Any]]:
+    from ..kernel.memory import parse_bytes
+
+    ds, traj = run.dataset, run.trajectory
+    X, y = ds.X_val[pick], ds.y_val[pick]
+    show = np.linspace(0, len(pick) - 1, min(opts.n_queries, len(pick))).round().astype(int)
+    steps = _kernel_steps(traj.n_steps, phases, opts.kernel_steps)
+    # one sweep keeping (step, train) when it fits in a quarter of the budget, else one sweep per figure panel
+    combined = len(pick) * traj.n_steps * ds.n_train * 8 <= parse_bytes(opts.memory_budget) // 4
+    per_step: list[np.ndarray] = []
+    if combined:
+        att = _train_scores(run, X, y, opts, progress, ("step", "train"))
+        values = att.values.detach().double().sum(-1)  # (T, S, M)
+        step_coords = list(np.asarray(att.coords["step"]))
+        per_step = [values[:, step_coords.index(s), :].cpu().numpy() for s in steps]
+        over_steps = att.sum("step")
+        tops_all = analysis.top_train_samples(over_steps, k=opts.top_k)
+        tops = [tops_all[q] for q in show]
+        gap = float(att.completeness_error())
+    else:
+        att = _train_scores(run, X[show], y[show], opts, progress, ("train",))
+        tops = analysis.top_train_samples(att, k=opts.top_k)
+        gap = float(att.completeness_error())
+        for s in steps:
+            single = _train_scores(run, X, y, opts, progress, ("train",), steps=(s, s + 1))
+            per_step.append(single.values.detach().double().sum(-1).cpu().numpy())
+    queries = []
+    images = ds.name != "modular"
+    for q, top in zip(show, tops):
+        entry: dict[str, Any] = {"label": describe_sample(ds, X[q], y[q])}
+        if images:
+            entry["image"] = _image(X[q])
+        for side in ("proponents", "opponents"):
+            entry[side] = []
+            for index, score in top[side]:
+                Xk, yk = ds.X_train[index], ds.y_train[index]
+                item = {"label": describe_sample(ds, Xk, yk) + (f" #{index}" if images else ""), "score": score}
+                if images:
+                    item["image"] = _image(Xk)
+                entry[side].append(item)
+        queries.append(entry)
+    top_png = viz.top_samples(queries, out / "top_samples.png")
+    matrices: list[np.ndarray] = []
+    rows: list[int] = []
+    cols: list[int] = []
+    # rows: the training samples of the classes shown in the columns
+    shown = np.isin(ds.y_train.numpy(), y.numpy())
+    for scores in per_step:
+        matrix, rows, cols = analysis.train_val_kernel(scores[:, shown], ds.y_train.numpy()[shown], y.numpy())
+        matrices.append(matrix)
+    kernel_png = viz.kernel_matrices(matrices, steps, out / "kernel_matrices.png", row_boundaries=rows,
+                                     col_boundaries=cols,
+                                     title="Train × validation influence of single steps (ordered by class)")
+    summary = {"validation_indices": pick.tolist(), "kernel_steps": steps, "top": tops, "completeness_gap": gap,
+               "single_sweep": combined}
+    return ([top_png, kernel_png],
+            ["Top proponents (green) and opponents (red) among the training samples.",
+             f"Influence of each training sample (rows, the {int(shown.sum())} of the shown classes) on each "
+             f"validation input (columns) at steps {steps}."],
+            summary)
+
+
+def _image(x: Any) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 1:
+        side = int(round(np.sqrt(arr.size)))
+        if side * side == arr.size:
+            return arr.reshape(side, side)
+        if arr.size % 3 == 0:
+            side = int(round(np.sqrt(arr.size // 3)))
+            return arr.reshape(3, side, side)
+    return arr

@@ -1,0 +1,91 @@
+"""demo, study grokking, prune and the reference fidelity table at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+from _png import check_report_folder
+
+from explaind.cli import main
+
+REPORT_FIGURES = {
+    "training_curves.png",
+    "step_group_influence.png",
+    "kernel_vs_regularization.png",
+    "phase_influence.png",
+    "top_samples.png",
+    "kernel_matrices.png",
+}
+
+
+def test_demo_tiny_writes_a_complete_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["demo", "--tiny", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["report"] == str(out / "index.html")
+    files = check_report_folder(out, REPORT_FIGURES | {"pruning_curve.png"})
+    assert len(files) == 7
+    rules = [row["rule"] for row in result["fidelity"]]
+    assert rules == ["midpoint-10", "gauss-legendre-4", "adaptive"]
+    for row in result["fidelity"]:
+        assert row["argmax agreement"] == 1.0
+    adaptive = result["fidelity"][-1]
+    assert adaptive["max rel error"] < 1e-6
+    assert set(result["timings"]) == {"train", "fidelity", "pruning", "report"}
+    assert (out / "run" / "run.json").is_file() and (out / "pruning" / "results.json").is_file()
+    html = (out / "index.html").read_text()
+    for title in ("Training", "Fidelity of the kernel replica", "Which layers, and when", "Which training samples",
+                  "Pruning"):
+        assert f">{title}</h2>" in html
+
+
+def test_study_grokking_tiny(tmp_path, capsys):
+    out = tmp_path / "grok"
+    assert main(["study", "grokking", "--tiny", "--out", str(out), "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == result
+    assert result["p"] == 5 and 1 <= result["n_steps"] <= 12
+    names = [ph["name"] for ph in result["phases"]]
+    assert names[0] == "memorisation"
+    assert result["phases"][0]["start"] == 0
+    for ph in result["phases"]:
+        shares = result["phase_group_share"][ph["name"]]
+        assert abs(sum(shares.values()) - 1.0) < 1e-9
+        assert "embed.weight" in shares and "unembed.weight" in shares
+    run = json.loads((out / "run" / "run.json").read_text())
+    assert run["config"]["optimizer"] == "adamw" and run["config"]["betas"] == [0.9, 0.98]
+    assert run["history"]["train_acc"][-1] == result["final_train_acc"]
+    check_report_folder(out / "report", REPORT_FIGURES if len(names) > 1 else REPORT_FIGURES - {"phase_influence.png"})
+
+
+def test_study_grokking_overrides(tmp_path, capsys):
+    out = tmp_path / "grok7"
+    assert main(["study", "grokking", "--tiny", "--p", "7", "--steps", "3", "--out", str(out), "--device", "cpu",
+                 "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "p=7" in text and "3 steps" in text
+
+
+def test_prune_tiny(tmp_path, capsys):
+    out = tmp_path / "prune"
+    assert main(["prune", "--tiny", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "magnitude" in text and "random" in text
+    results = json.loads((out / "results.json").read_text())
+    assert {r["strategy"] for r in results["rows"]} == {"magnitude", "random"}
+    assert sorted({r["sparsity"] for r in results["rows"]}) == [0.5, 0.9]
+    assert (out / "pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_fidelity_table_tiny(capsys):
+    assert main(["replicate", "--table", "--tiny", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    setups = {r["setup"] for r in rows}
+    assert setups == {"digits CNN, SGD momentum", "modular transformer, AdamW", "digits MLP, Adam"}
+    assert len(rows) == 12
+    for row in rows:
+        assert row["argmax agreement"] == 1.0
+        assert row["KL"] >= -1e-12
+    evals = {r["rule"]: r["evals/step"] for r in rows if r["setup"] == "digits MLP, Adam"}
+    assert evals["midpoint-10"] == 10 and evals["midpoint-100"] == 100 and evals["gauss-legendre-4"] == 4

@@ -1,0 +1,45 @@
+"""The scripts in examples/ run at tiny sizes and produce sound results."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from _png import check_report_folder
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart(capsys):
+    result = _load("quickstart").main(tiny=True)
+    out = capsys.readouterr().out
+    assert "replica: argmax agreement 1.000" in out
+    assert result["fidelity"]["max_rel_error"] < 1e-6
+    assert result["completeness_gap"] < 1e-10
+    assert set(result["pruning"]) == {"unpruned", "explaind", "magnitude"}
+    for accuracy in result["pruning"].values():
+        assert 0.0 <= accuracy <= 1.0
+
+
+def test_grokking_phases(tmp_path, capsys):
+    result = _load("grokking_phases").main(tiny=True, out=str(tmp_path))
+    out = capsys.readouterr().out
+    assert "phases: memorisation" in out
+    assert result["completeness_gap"] < 1e-8
+    for shares in result["shares"].values():
+        assert sum(shares.values()) == pytest.approx(1.0)
+    check_report_folder(tmp_path, {"curves.png", "heatmap.png", "balance.png"})
+
+
+def test_every_example_is_tested():
+    tested = {"quickstart", "grokking_phases"}
+    scripts = {p.stem for p in EXAMPLES.glob("*.py")}
+    assert scripts == tested, f"untested examples: {sorted(scripts - tested)}"

@@ -1,0 +1,87 @@
+"""Figures and the self-contained HTML report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _png import check_png, check_report_folder, embedded_images
+
+from explaind import viz
+from explaind.exceptions import ExplaindError
+from explaind.studies.phases import History, Phase
+
+
+@pytest.fixture
+def history():
+    h = History()
+    for s in range(0, 200, 10):
+        val_acc = min(1.0, max(0.0, (s - 100) / 60))
+        h.append(s, float(np.exp(-s / 30)), min(1.0, s / 50), 3.0 - min(2.9, s / 60), val_acc)
+    return h
+
+
+def test_every_figure_is_a_valid_png_and_embedded(tmp_path, history):
+    phases = [Phase("memorisation", 0, 50), Phase("circuit formation", 50, 100), Phase("cleanup", 100, 160)]
+    rng = np.random.default_rng(0)
+    groups = ["embed.weight", "W_Q.weight", "mlp_in.weight", "unembed.weight"]
+    steps = np.arange(0, 200, 10)
+    paths = [
+        viz.training_curves(history, tmp_path / "curves.png", phases=phases),
+        viz.step_group_heatmap(steps, groups, rng.random((20, 4)), tmp_path / "heat.png", phases=phases),
+        viz.balance_plot(steps, groups, rng.random((20, 4)), rng.random((20, 4)), tmp_path / "balance.png"),
+        viz.phase_influence(groups, [p.name for p in phases], rng.random((3, 4)), tmp_path / "phases.png"),
+        viz.top_samples(
+            [{"label": "1+2=3", "proponents": [{"label": "1+3=4", "score": 0.5}],
+              "opponents": [{"label": "2+2=4", "score": -0.2}]}],
+            tmp_path / "top.png",
+        ),
+        viz.top_samples(
+            [{"label": "digit 3", "image": rng.random((1, 8, 8)),
+              "proponents": [{"label": "#1", "score": 0.5, "image": rng.random((1, 8, 8))}] * 2,
+              "opponents": [{"label": "#2", "score": -0.2, "image": rng.random((1, 8, 8))}]}],
+            tmp_path / "top_images.png",
+        ),
+        viz.kernel_matrices([rng.standard_normal((12, 9)), rng.standard_normal((12, 9))], [0, 50], tmp_path / "k.png",
+                            row_boundaries=[4, 8], col_boundaries=[3]),
+    ]
+    sections = [viz.ReportSection(p.stem, "Some text.\n\nA second paragraph <b>escaped</b>.", [p], ["cap " + p.stem])
+                for p in paths]
+    sections.append(viz.ReportSection("Table", table=[{"rule": "midpoint", "agreement": 1.0, "kl": 1.5e-9}]))
+    page = viz.write_report(tmp_path, sections, title="t <1>", meta={"p": 7})
+    files = check_report_folder(tmp_path, {p.name for p in paths})
+    assert len(files) == len(paths)
+    html = page.read_text()
+    assert "&lt;b&gt;escaped&lt;/b&gt;" in html and "<b>escaped" not in html
+    assert "<td>1.5e-09</td>" in html and "t &lt;1&gt;" in html
+    assert html.count("<figure>") == len(paths)
+
+
+def test_check_png_rejects_broken_files(tmp_path, history):
+    data = viz.training_curves(history, tmp_path / "c.png").read_bytes()
+    check_png(data)
+    corrupted = bytearray(data)
+    corrupted[40] ^= 0xFF
+    with pytest.raises(AssertionError):
+        check_png(bytes(corrupted))
+    with pytest.raises(AssertionError):
+        check_png(data[:-30])
+
+
+def test_report_refuses_missing_or_non_png_figures(tmp_path):
+    with pytest.raises(ExplaindError, match="missing.png.*cannot be read"):
+        viz.write_report(tmp_path, [viz.ReportSection("x", images=[tmp_path / "missing.png"])])
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"GIF89a not a png")
+    with pytest.raises(ExplaindError, match="fake.png.*not a PNG"):
+        viz.write_report(tmp_path, [viz.ReportSection("x", images=[fake])])
+    assert not (tmp_path / "index.html").exists()
+
+
+def test_plot_shape_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"expected \(len\(steps\), len\(groups\)\) = \(3, 2\)"):
+        viz.step_group_heatmap(np.arange(3), ["a", "b"], np.ones((2, 3)), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="must both have shape"):
+        viz.balance_plot(np.arange(3), ["a"], np.ones((3, 1)), np.ones((2, 1)), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="one step per matrix"):
+        viz.kernel_matrices([np.ones((2, 2))], [0, 1], tmp_path / "x.png")
+    assert embedded_images("<p>no images</p>") == {}
