@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import vmap
 
 from ..exceptions import ConfigError
 from ..trajectory.base import Trajectory
@@ -228,21 +229,27 @@ class PathEngine:
         r""":math:`\sum_q w_{iq} \nabla g(\theta(t_{iq}), x_i)\, v_k` for tangents ``name -> (K, *shape)``;
         shape ``(T, K, O)``.
 
-        All (input, node) pairs go through one ``vmap`` per chunk of ``chunk_size`` pairs.
+        Nodes shared by the same inputs are evaluated in one ``vmap`` over the nodes (the inputs
+        batched inside, parameters not batched per input); the remaining (input, node) pairs go
+        through one ``vmap`` per chunk.
         """
         T = plan.t.shape[0]
         K = next(iter(tangents.values())).shape[0]
         O = plan.exact.shape[-1]
         out = torch.zeros(T, K, O, dtype=self.dtype, device=self.device)
-        # Every (input, node) pair goes through one vmapped JVP per chunk: on the CPU this is
-        # 1.1-2.2x faster than one un-batched JVP call per node shared by many inputs.
-        shared, (idx, t, w) = plan.by_node(min_shared=T + 1)
+        shared, (idx, t, w) = plan.by_node(min_shared=min(8, max(2, T // 2)))
+        groups: dict[tuple[int, ...], list[tuple[Tensor, Tensor, Tensor]]] = {}
         for tu, sub, wu in shared:
+            groups.setdefault(tuple(sub.tolist()), []).append((tu, sub, wu))
+        for members in groups.values():
+            sub = members[0][1]
+            tg = torch.stack([m[0] for m in members])  # (U,)
+            wg = torch.stack([m[2] for m in members], dim=1)  # (S, U)
             step = self.chunk_size or sub.shape[0]
             for i in range(0, sub.shape[0], step):
                 part = sub[i:i + step]
-                vals = seg.jvp_at(tu, tangents, part)  # (K, S, O)
-                out.index_add_(0, part, wu[i:i + step, None, None] * vals.transpose(0, 1))
+                vals = vmap(lambda tu, part=part: seg.jvp_at(tu, tangents, part))(tg)  # (U, K, S, O)
+                out.index_add_(0, part, torch.einsum("su,ukso->sko", wg[i:i + step], vals))
         if idx.shape[0]:
             vals = self._pair_chunks(lambda i, tc: seg.jvp_pairs(i, tc, tangents), idx, t)
             out.index_add_(0, idx, w[:, None, None] * vals)
