@@ -20,9 +20,8 @@ from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
-from .base import Trajectory
 from .manifest import FileRecord, TrajectoryManifest
-from .memory import check_param_index, check_step
+from .memory import RecordedTrajectory, check_param_index, check_step
 from .store import read_manifest, unpack_updates
 
 __all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
@@ -67,7 +66,7 @@ def build_model_from_spec(manifest: TrajectoryManifest, where: str) -> nn.Module
     return models.build_model(spec.name, spec.config, dtype=manifest.dtype, **kwargs)
 
 
-class DiskTrajectory(Trajectory):
+class DiskTrajectory(RecordedTrajectory):
     """A stored trajectory (see :mod:`explaind.trajectory.store` for the layout).
 
     Parameters
@@ -149,25 +148,8 @@ class DiskTrajectory(Trajectory):
     def param_names(self) -> tuple[str, ...]:
         return self._manifest.param_names
 
-    @property
-    def model(self) -> nn.Module:
-        return self._model
-
-    @property
-    def loss(self) -> Any:
-        return self._loss
-
-    @property
-    def manifest(self) -> TrajectoryManifest:
-        return self._manifest
-
-    @property
-    def n_train(self) -> int:
-        if self._data is not None:
-            return len(self._data)
-        if self._manifest.n_train is not None:
-            return int(self._manifest.n_train)
-        raise TrajectoryError(
+    def _missing_data_message(self) -> str:
+        return (
             f"The trajectory at {str(self.root)!r} has no training data. Pass train_data=(X, y) to Trajectory.load."
         )
 

@@ -36,7 +36,43 @@ def check_param_index(s: int, n_steps: int) -> int:
     return int(s)
 
 
-class InMemoryTrajectory(Trajectory):
+class RecordedTrajectory(Trajectory):
+    """Members shared by the in-memory and the on-disk backends.
+
+    Subclasses set ``_model``, ``_loss``, ``_manifest`` and ``_data`` (a ``TrainData`` or ``None``)
+    and say in :meth:`_missing_data_message` how to attach training data.
+    """
+
+    _model: nn.Module
+    _loss: Any
+    _manifest: TrajectoryManifest
+    _data: TrainData | None
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def loss(self) -> Any:
+        return self._loss
+
+    @property
+    def manifest(self) -> TrajectoryManifest:
+        return self._manifest
+
+    @property
+    def n_train(self) -> int:
+        if self._data is not None:
+            return len(self._data)
+        if self._manifest.n_train is not None:
+            return int(self._manifest.n_train)
+        raise TrajectoryError(self._missing_data_message())
+
+    def _missing_data_message(self) -> str:
+        raise NotImplementedError
+
+
+class InMemoryTrajectory(RecordedTrajectory):
     """A :class:`~explaind.trajectory.base.Trajectory` whose tensors all live in memory.
 
     Build one with :meth:`from_steps` or get one from a :class:`~explaind.TrajectoryRecorder`
@@ -231,25 +267,8 @@ class InMemoryTrajectory(Trajectory):
     def param_names(self) -> tuple[str, ...]:
         return self._names
 
-    @property
-    def model(self) -> nn.Module:
-        return self._model
-
-    @property
-    def loss(self) -> Any:
-        return self._loss
-
-    @property
-    def manifest(self) -> TrajectoryManifest:
-        return self._manifest
-
-    @property
-    def n_train(self) -> int:
-        if self._data is not None:
-            return len(self._data)
-        if self._manifest.n_train is not None:
-            return int(self._manifest.n_train)
-        raise TrajectoryError(
+    def _missing_data_message(self) -> str:
+        return (
             "This trajectory has no training data attached. Pass train_data=(X, y) to the recorder or to "
             "Trajectory.load."
         )
