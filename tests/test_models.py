@@ -122,7 +122,7 @@ def _matvec(weight, v):  # y = W v for a (out, in) nested list
 def _reference_transformer(model, tokens, layer_norm):
     """The forward pass written as scalar loops over positions, heads and dimensions."""
     sd = {k: v.tolist() for k, v in model.state_dict().items()}
-    d, heads = len(sd["pos_embed"][0]), model.n_heads
+    d, heads = len(sd["pos_embed.weight"][0]), model.n_heads
     dh = d // heads
 
     def ln(name, v):
@@ -130,7 +130,7 @@ def _reference_transformer(model, tokens, layer_norm):
 
     out = []
     for seq in tokens.tolist():
-        x = [[e + p for e, p in zip(sd["embed.weight"][t], sd["pos_embed"][i])] for i, t in enumerate(seq)]
+        x = [[e + p for e, p in zip(sd["embed.weight"][t], sd["pos_embed.weight"][i])] for i, t in enumerate(seq)]
         h = [ln("ln_attn", v) for v in x]
         q = [_matvec(sd["W_Q.weight"], v) for v in h]
         k = [_matvec(sd["W_K.weight"], v) for v in h]

@@ -82,7 +82,8 @@ class PathEstimator(ExplaindEstimator):
             from ..kernel.engine import PathEngine
 
             engine = PathEngine(self.trajectory_, device=self.device_, dtype=self.dtype_,
-                                chunk_size=self.config_.chunk_size, progress=self.config_.progress)
+                                chunk_size=self.config_.chunk_size, progress=self.config_.progress,
+                                jacobian=getattr(self.config_, "jacobian", "auto"))
             self._engine_cache = engine
         return engine
 

@@ -45,6 +45,7 @@ class InfluenceConfig(PathConfig):
     memory_budget: int | str = "2GB"
     test_chunk_size: int | None = Field(default=None, ge=1)
     param_chunk_size: int | None = Field(default=None, ge=1)
+    jacobian: Literal["auto", "factored", "autograd"] = "auto"
 
     @field_validator("keep", mode="before")
     @classmethod
@@ -111,6 +112,13 @@ class InfluenceEstimator(PathEstimator):
         Force test inputs per chunk / coordinates per parameter block (whole tensors).
     chunk_size : int or None
         Samples or (input, node) pairs per ``vmap`` call.
+    jacobian : {"auto", "factored", "autograd"}
+        How :math:`\Phi_s` is formed for ``"param"``/``"train"``: from layer factors, all entries
+        of a step in one batch (:mod:`explaind.kernel.factored`; needs every trainable parameter in
+        an ``nn.Linear`` or ``nn.Embedding``), or by ``vmap(jacrev)`` (any model). ``"auto"`` takes
+        the factored path when it applies and passes its start-up check against ``jacrev``;
+        ``"factored"`` raises :class:`~explaind.exceptions.ConfigError` when it does not apply.
+        Both give the same values to rounding.
     device, dtype, progress
         As in :class:`~explaind.KernelReplica`.
 
@@ -119,7 +127,8 @@ class InfluenceEstimator(PathEstimator):
     trajectory_, window_, n_steps_, n_params_
         As in :class:`~explaind.KernelReplica`.
     sweep_ : dict
-        The algorithm the last ``transform`` used (path, momentum mode, chunking).
+        The algorithm the last ``transform`` used (path, momentum mode, chunking, and for the
+        Jacobian path ``"jacobian"``: ``"factored"`` or ``"autograd"``).
     """
 
     _config_model: ClassVar[type[InfluenceConfig]] = InfluenceConfig
@@ -129,8 +138,8 @@ class InfluenceEstimator(PathEstimator):
     def __init__(self, *, keep: Any = ("train",), target: Any = None, steps: Any = None,
                  quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
                  memory_budget: int | str = "2GB", test_chunk_size: int | None = None,
-                 param_chunk_size: int | None = None, chunk_size: int | None = 256, device: str = "auto",
-                 dtype: str = "float64", progress: bool = False):
+                 param_chunk_size: int | None = None, chunk_size: int | None = 256, jacobian: str = "auto",
+                 device: str = "auto", dtype: str = "float64", progress: bool = False):
         self.keep = keep
         self.target = target
         self.steps = steps
@@ -142,6 +151,7 @@ class InfluenceEstimator(PathEstimator):
         self.test_chunk_size = test_chunk_size
         self.param_chunk_size = param_chunk_size
         self.chunk_size = chunk_size
+        self.jacobian = jacobian
         self.device = device
         self.dtype = dtype
         self.progress = progress
@@ -226,6 +236,8 @@ class InfluenceEstimator(PathEstimator):
             for block in blocks:
                 sweep(engine, Xt[rows], explained.take(rows), sub_plans, self.window_, first, acc, block, rows,
                       plan.jac_chunk)
+        self.sweep_["jacobian"] = engine.jacobian_used
+        engine.clear()
 
     def _assemble(self, acc: Accumulators, keep: tuple[str, ...], g_start: torch.Tensor, g_stop: torch.Tensor,
                   exact: torch.Tensor, evals: torch.Tensor, explained: Any, T: int, n_train: int) -> Attribution:

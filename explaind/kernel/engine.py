@@ -53,10 +53,20 @@ class PathEngine:
         Samples or (input, node) pairs per ``vmap`` call (``None`` = everything at once).
     progress : bool
         Show progress bars over steps.
+    jacobian : {"auto", "factored", "autograd"}
+        How quadrature-weighted Jacobians are formed at nodes shared by several inputs: from layer
+        factors (:mod:`~explaind.kernel.factored`; ``"auto"`` uses them when every trainable
+        parameter lies in an ``nn.Linear``/``nn.Embedding`` and a start-up check against ``jacrev``
+        passes) or by ``vmap(jacrev)`` (``"autograd"``). ``"factored"`` raises if it does not apply.
     """
 
     def __init__(self, traj: Trajectory, *, device: torch.device, dtype: torch.dtype, chunk_size: int | None,
-                 progress: bool = False):
+                 progress: bool = False, jacobian: str = "auto"):
+        if jacobian not in ("auto", "factored", "autograd"):
+            raise ConfigError(f"PathEngine: invalid value for 'jacobian': {jacobian!r}; choose one of 'auto', "
+                              f"'factored', 'autograd'.")
+        self.jacobian = jacobian
+        self._factored: Any = None
         self.traj = traj
         self.device = device
         self.dtype = dtype
@@ -85,8 +95,9 @@ class PathEngine:
         return {n: b[n] - a[n] for n in self.names}
 
     def clear(self) -> None:
-        """Drop cached parameters."""
+        """Drop cached parameters and scratch buffers."""
         self._cache.clear()
+        self._phi_scratch = None
 
     # ------------------------------------------------------------------ explained function
     def inputs(self, X: Any) -> Tensor:
@@ -255,20 +266,66 @@ class PathEngine:
             out.index_add_(0, idx, w[:, None, None] * vals)
         return out
 
+    def factored(self, seg: Segment, names: Sequence[str]) -> Any:
+        """The :class:`~explaind.kernel.factored.FactoredJacobian` for block ``names``, or ``None``.
+
+        Built (and checked) once per engine from the first segment it sees.
+        """
+        if self.jacobian == "autograd":
+            return None
+        if self._factored is None:
+            from .factored import FactoredJacobian
+
+            built, reason = FactoredJacobian.build(self.fm, self.names, seg.base, seg.delta, seg.X, seg.explained)
+            if built is None:
+                if self.jacobian == "factored":
+                    raise ConfigError(f"invalid value for 'jacobian': 'factored' does not apply to this model "
+                                      f"({reason}). Use jacobian='auto' or 'autograd'.")
+                logger.info("factored Jacobians off (%s); using vmap(jacrev)", reason)
+            self._factored = built if built is not None else False
+        if self._factored is False or not self._factored.covers(names):
+            return None
+        return self._factored
+
+    @property
+    def jacobian_used(self) -> str:
+        """``"factored"`` once the factored path has been built and used, else ``"autograd"``."""
+        return "factored" if self._factored not in (None, False) else "autograd"
+
+    def phi_buffer(self, shape: tuple[int, ...]) -> Tensor:
+        r"""A scratch tensor of ``shape`` reused across steps (for :meth:`reduce_jacobian` ``out``).
+
+        Large fresh allocations are returned to the system and page-faulted again at every step;
+        callers that consume :math:`\Phi_s` within the step reuse this buffer instead.
+        """
+        buf = getattr(self, "_phi_scratch", None)
+        if buf is None or tuple(buf.shape) != tuple(shape):
+            buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self._phi_scratch = buf
+        return buf
+
     def reduce_jacobian(self, seg: Segment, plan: NodePlan, block: ParamLayout, n_outputs: int,
-                        chunk: int) -> Tensor:
+                        chunk: int, out: Tensor | None = None) -> Tensor:
         r""":math:`\Phi_s = \sum_q w_{iq} \nabla_{\theta_b} g(\theta(t_{iq}), x_i)` on a block; ``(T, O, D_b)``.
 
         Nodes shared by several inputs are evaluated once for all of them (parameters not batched),
         and all nodes shared by the same inputs are summed inside one reverse pass
         (:meth:`~explaind.kernel.functional.Segment.jac_nodes`); the remaining (input, node) pairs go
         through one ``vmap``. ``chunk`` bounds the inputs or pairs per call. The quadrature weights
-        scale the differentiated outputs.
+        scale the differentiated outputs. ``out`` (``(T, O, D_b)``, overwritten) receives the result
+        when given.
         """
         T = plan.t.shape[0]
         names: Sequence[str] = block.names
-        acc = {name: torch.zeros(T, n_outputs, numel, dtype=self.dtype, device=self.device)
-               for name, numel in zip(names, block.numels)}
+        factored = self.factored(seg, names)
+        if factored is not None:
+            return factored.step_jacobian(seg.base, seg.delta, seg.X, seg.explained, seg.aux, plan.t, plan.w, names,
+                                          chunk, out=out)
+        if out is None:
+            flat = torch.zeros(T, n_outputs, block.size, dtype=self.dtype, device=self.device)
+        else:
+            flat = out.zero_()
+        acc = {name: flat[..., sl] for name, sl in block.slices()}
         full = torch.arange(T, device=self.device)
 
         def add(rows: Tensor, jac: Params) -> None:
@@ -292,4 +349,4 @@ class PathEngine:
                 add(sub[i:i + chunk], seg.jac_nodes(tg, names, sub[i:i + chunk], wg[i:i + chunk]))
         for i in range(0, idx.shape[0], chunk):
             add(idx[i:i + chunk], seg.jac_pairs(idx[i:i + chunk], t[i:i + chunk], names, w[i:i + chunk]))
-        return torch.cat([acc[name] for name in names], dim=-1) if len(names) > 1 else acc[names[0]]
+        return flat

@@ -50,8 +50,9 @@ def seen_samples(engine: PathEngine, first: int, stop: int) -> Tensor:
 
 def _phi(engine: PathEngine, s: int, X: Tensor, explained: Explained, plan: NodePlan, block: Block,
          jac_chunk: int) -> Tensor:
-    seg = engine.segment(s, X, explained)
-    return engine.reduce_jacobian(seg, plan, block.layout, explained.n_outputs, jac_chunk)
+    seg = engine.segment(s, X, explained)  # Phi_s is consumed within the step: reuse one buffer
+    out = engine.phi_buffer((X.shape[0], explained.n_outputs, block.layout.size))
+    return engine.reduce_jacobian(seg, plan, block.layout, explained.n_outputs, jac_chunk, out=out)
 
 
 def _sample_grads(engine: PathEngine, s: int, block: Block) -> tuple[Tensor, Tensor, Tensor]:

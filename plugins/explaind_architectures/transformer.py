@@ -89,7 +89,7 @@ class ModularTransformer(nn.Module):
         d, p = config.d_model, config.p
         self.n_heads = config.n_heads
         self.embed = nn.Embedding(p + 2, d)
-        self.pos_embed = nn.Parameter(torch.empty(SEQUENCE_LENGTH, d))
+        self.pos_embed = nn.Embedding(SEQUENCE_LENGTH, d)
         self.W_Q = nn.Linear(d, d, bias=False)
         self.W_K = nn.Linear(d, d, bias=False)
         self.W_V = nn.Linear(d, d, bias=False)
@@ -116,14 +116,15 @@ class ModularTransformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``(n, 4)`` int64 tokens ``[a, p, b, p + 1]`` -> logits ``(n, p)`` of ``(a + b) mod p``."""
-        x = self.embed(tokens) + self.pos_embed
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.embed(tokens) + self.pos_embed(positions)
         x = x + self.attention(self.ln_attn(x))
         x = x + self.mlp_out(torch.relu(self.mlp_in(self.ln_mlp(x))))
         return self.unembed(self.ln_final(x[:, -1]))
 
 
 def _init_positions(module: nn.Module, generator: torch.Generator) -> None:
-    normal_(module.pos_embed, 1.0 / math.sqrt(module.pos_embed.shape[1]), generator)
+    normal_(module.pos_embed.weight, 1.0 / math.sqrt(module.pos_embed.weight.shape[1]), generator)
 
 
 def build_modular_transformer(config: ModularTransformerConfig, seed: int = 0) -> ModularTransformer:

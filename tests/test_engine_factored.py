@@ -1,0 +1,266 @@
+"""The factored Jacobian path (explaind.kernel.factored) against per-entry jacrev loops in float64."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_fixtures import one_thread  # noqa: F401
+from engine_testkit import rel
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+import explaind
+from explaind.exceptions import ConfigError
+from explaind.kernel.factored import FactoredJacobian, covered_parameters
+from explaind.kernel.functional import Explained, FunctionalModel
+from explaind.losses import resolve_loss
+from explaind.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DT = torch.float64
+
+
+class TokenNet(nn.Module):
+    """Token + position embeddings, one Linear applied twice (shared), a frozen-bias read-out."""
+
+    def __init__(self, vocab: int = 7, length: int = 3, d: int = 4, n_out: int = 5):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(length, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, n_out)
+        self.head.bias.requires_grad_(False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        h = self.tok(tokens) + self.pos(positions)
+        h = torch.tanh(self.mix(h))
+        h = h + torch.tanh(self.mix(h))  # the same layer twice
+        return self.head(h.mean(1))
+
+
+class BareParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) * self.scale
+
+
+class TiedReadout(nn.Module):
+    """The embedding table is also read directly (weight tying), outside its module."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(6, 4)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.linear(torch.tanh(self.tok(tokens)).sum(1), self.tok.weight)
+
+
+class FlattensBatch(nn.Module):
+    """A Linear that sees (batch * positions) rows: the batch axis is not first."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, length, _ = x.shape
+        return torch.tanh(self.lin(x.reshape(n * length, 3))).reshape(n, length * 2)
+
+
+def _setup(model: nn.Module, X: Tensor, seed: int = 0):
+    model = model.to(DT)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    constants = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    fm = FunctionalModel(model, constants, resolve_loss("cross_entropy").implementation, torch.device("cpu"), DT)
+    gen = torch.Generator().manual_seed(seed)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    delta = {n: 0.3 * torch.randn(v.shape, generator=gen, dtype=DT) for n, v in base.items()}
+    with torch.no_grad():
+        n_out = fm(base, X[:1]).reshape(1, -1).shape[1]
+    explained = Explained("outputs", torch.zeros(X.shape[0], 1, dtype=DT), n_out)
+    return fm, names, base, delta, explained
+
+
+def _loop_reference(fm, names, base, delta, explained, X, t, w) -> Tensor:
+    """sum_q w_iq * jacrev(g)(theta_s + t_iq delta) per input, by explicit Python loops."""
+    rows = []
+    for i in range(X.shape[0]):
+        total = None
+        for q in range(t.shape[1]):
+            if float(w[i, q]) == 0.0:
+                continue
+            point = {n: base[n] + t[i, q] * delta[n] for n in base}
+
+            def g(p, i=i, point=point):
+                return explained(fm, {**point, **p}, X[i:i + 1], explained.aux[i:i + 1])[0]
+
+            jac = jacrev(g)({n: point[n] for n in names})
+            flat = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in names], dim=1) * w[i, q]
+            total = flat if total is None else total + flat
+        rows.append(total)
+    return torch.stack(rows)
+
+
+def _ragged_plan(T: int, Q: int, seed: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.rand(T, Q, generator=gen, dtype=DT)
+    w = torch.rand(T, Q, generator=gen, dtype=DT)
+    counts = torch.tensor([1 + (i * 3) % Q for i in range(T)])  # inputs with 1..Q entries
+    w[torch.arange(Q)[None, :] >= counts[:, None]] = 0.0
+    return t, w
+
+
+def _tokens(T: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 7, (T, 3), generator=gen)
+    tokens[0, 1] = 0  # a padding token
+    return tokens
+
+
+CASES = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)),
+            lambda T: torch.randn(T, 3, generator=torch.Generator().manual_seed(5), dtype=DT)),
+    "tokens": (TokenNet, lambda T: _tokens(T, 6)),
+    "transformer": (lambda: build_model("modular_transformer", {"p": 5, "d_model": 8, "n_heads": 2, "d_mlp": 12},
+                                        seed=1, dtype=DT),
+                    lambda T: torch.tensor([[i % 5, 5, (2 * i + 1) % 5, 6] for i in range(T)])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("chunk", [2, 64])
+def test_step_jacobian_matches_loop_reference(case, chunk):
+    make, inputs = CASES[case]
+    torch.manual_seed(0)
+    X = inputs(5)
+    fm, names, base, delta, explained = _setup(make(), X)
+    fj, reason = FactoredJacobian.build(fm, names, base, delta, X, explained)
+    assert fj is not None, reason
+    t, w = _ragged_plan(5, 4, seed=3)
+    got = fj.step_jacobian(base, delta, X, explained, explained.aux, t, w, names, chunk=chunk)
+    want = _loop_reference(fm, names, base, delta, explained, X, t, w)
+    assert got.shape == want.shape
+    assert rel(got, want) <= 1e-13
+
+
+def test_step_jacobian_overwrites_out_buffer():
+    make, inputs = CASES["mlp"]
+    X = inputs(4)
+    fm, names, base, delta, explained = _setup(make(), X)
+    fj, _ = FactoredJacobian.build(fm, names, base, delta, X, explained)
+    t, w = _ragged_plan(4, 3, seed=8)
+    buf = torch.full((4, explained.n_outputs, sum(base[n].numel() for n in names)), 123.0, dtype=DT)
+    got = fj.step_jacobian(base, delta, X, explained, explained.aux, t, w, names, chunk=3, out=buf)
+    assert got.data_ptr() == buf.data_ptr()
+    assert rel(got, _loop_reference(fm, names, base, delta, explained, X, t, w)) <= 1e-13
+
+
+def test_covered_parameters_lists_linear_and_embedding_roles():
+    net = TokenNet()
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert covered_parameters(net, names) == {
+        "tok.weight": ("tok", "table"), "pos.weight": ("pos", "table"), "mix.weight": ("mix", "weight"),
+        "mix.bias": ("mix", "bias"), "head.weight": ("head", "weight"),
+    }
+    capped = nn.Embedding(4, 2, max_norm=1.0)
+    assert covered_parameters(capped, ["weight"]) == {}
+
+
+@pytest.mark.parametrize("model, inputs, why", [
+    (BareParameter, lambda: torch.randn(3, 3, dtype=DT), "outside nn.Linear/nn.Embedding layers: scale"),
+    (TiedReadout, lambda: torch.randint(0, 6, (3, 2)), "start-up check failed"),
+    (FlattensBatch, lambda: torch.randn(3, 2, 3, dtype=DT), "batched rows failed"),
+])
+def test_build_refuses_models_it_cannot_factor(model, inputs, why):
+    X = inputs()
+    fm, names, base, delta, explained = _setup(model(), X)
+    fj, reason = FactoredJacobian.build(fm, names, base, delta, X, explained)
+    assert fj is None
+    assert why in reason
+
+
+@functools.cache
+def _transformer_run(steps: int = 5):
+    p = 5
+    model = build_model("modular_transformer", {"p": p, "d_model": 8, "n_heads": 2, "d_mlp": 12}, seed=2, dtype=DT)
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    X = torch.stack([a.reshape(-1), torch.full((p * p,), p), b.reshape(-1), torch.full((p * p,), p + 1)], 1)
+    y = (a + b).reshape(-1) % p
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.5)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X[:16], y[:16]))
+    gen = torch.Generator().manual_seed(0)
+    with rec:
+        for _ in range(steps):
+            idx = torch.randperm(16, generator=gen)[:6]
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    return rec.trajectory, X[16:21]
+
+
+@pytest.mark.parametrize("keep, momentum", [(("train",), "reverse"), (("train",), "forward"), (("param",), "auto"),
+                                            (("step", "group", "train"), "forward")])
+def test_estimator_factored_equals_autograd(keep, momentum):
+    traj, X = _transformer_run()
+    results = {}
+    for jac in ("factored", "autograd"):
+        est = explaind.InfluenceEstimator(keep=keep, momentum=momentum, jacobian=jac, device="cpu").fit(traj)
+        att = est.transform(X)
+        assert est.sweep_["jacobian"] == jac
+        assert att.completeness_error() <= 1e-10
+        results[jac] = att
+    assert rel(results["factored"].values, results["autograd"].values) <= 1e-12
+    # the quadrature error is exact - estimate (a difference of O(1) numbers): compare on the outputs' scale
+    scale = float(results["autograd"].total().abs().max())
+    diff = (results["factored"].quadrature_error - results["autograd"].quadrature_error).abs().max()
+    assert float(diff) <= 1e-13 * scale
+
+
+def test_estimator_auto_falls_back_and_factored_refuses_unsupported_model():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 3, generator=gen, dtype=DT)
+    y = torch.randint(0, 2, (8,), generator=gen)
+    model = BareParameter().to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    with rec:
+        for s in range(2):
+            idx = torch.arange(4 * s, 4 * s + 4)
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    est = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(rec.trajectory)
+    est.transform(X[:2])
+    assert est.sweep_["jacobian"] == "autograd"
+    bad = explaind.InfluenceEstimator(keep=("train",), jacobian="factored", device="cpu").fit(rec.trajectory)
+    with pytest.raises(ConfigError, match=r"'jacobian'.*'factored' does not apply.*scale.*jacobian='auto'"):
+        bad.transform(X[:2])
+
+
+def test_invalid_jacobian_value_is_refused_at_fit():
+    traj, _ = _transformer_run()
+    with pytest.raises(ConfigError, match="jacobian"):
+        explaind.InfluenceEstimator(jacobian="fast", device="cpu").fit(traj)
+
+
+def test_functional_call_of_hooked_model_is_restored():
+    """After the factored path ran, the model's plain forward is unchanged (hooks removed)."""
+    make, inputs = CASES["tokens"]
+    X = inputs(3)
+    fm, names, base, delta, explained = _setup(make(), X)
+    before = functional_call(fm.module, {**fm.constants, **base}, (X,))
+    fj, _ = FactoredJacobian.build(fm, names, base, delta, X, explained)
+    t, w = _ragged_plan(3, 2, seed=1)
+    fj.step_jacobian(base, delta, X, explained, explained.aux, t, w, names, chunk=8)
+    after = functional_call(fm.module, {**fm.constants, **base}, (X,))
+    assert torch.equal(before, after)
