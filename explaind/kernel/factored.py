@@ -196,14 +196,17 @@ class FactoredJacobian:
         return out
 
     def _factors(self, base: Params, layer_delta: Mapping[str, Tensor | None], x: Tensor, explained: Explained,
-                 aux: Tensor, t: Tensor) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], int]:
-        """``prefix -> [(delta (O, E, R, out), layer input), ...]`` for rows ``x`` at nodes ``t (E,)``."""
+                 aux: Tensor, t: Tensor, we: Tensor) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], int]:
+        """``prefix -> [(w_e delta (O, E, R, out), layer input), ...]`` for rows ``x`` at nodes ``t (E,)``.
+
+        The quadrature weights ``we (E,)`` scale the cotangents, so the output gradients come out weighted.
+        """
         with torch.enable_grad(), self.rows.run(layer_delta, t) as rows:
             out = explained(self.fm, base, x, aux)  # (E, O)
         E, O = out.shape
         flat = [(p, k) for p in self.layers for k in range(len(rows.offsets[p]))]
-        eye = torch.eye(O, dtype=out.dtype, device=out.device).unsqueeze(1).expand(O, E, O)
-        grads = torch.autograd.grad(out, [rows.offsets[p][k] for p, k in flat], grad_outputs=eye,
+        cot = torch.eye(O, dtype=out.dtype, device=out.device).unsqueeze(1) * we[None, :, None]  # (O, E, O)
+        grads = torch.autograd.grad(out, [rows.offsets[p][k] for p, k in flat], grad_outputs=cot,
                                     is_grads_batched=True, allow_unused=True)
         result: dict[str, list[tuple[Tensor, Tensor]]] = {p: [] for p in self.layers}
         for (p, k), d in zip(flat, grads):
@@ -224,62 +227,76 @@ class FactoredJacobian:
         layer_delta = self._layer_delta(delta)
         sizes = [base[n].numel() for n in names]
         result = out
-        if result is not None:
-            result.zero_()
         for lo in range(0, T, max(1, chunk)):
             ww, tt = w[lo:lo + chunk], t[lo:lo + chunk]
             mask = ww != 0
             Tc = ww.shape[0]
             owner = torch.arange(Tc, device=w.device)[:, None].expand_as(mask)[mask]  # input of each entry
             factors, O = self._factors(base, layer_delta, X[lo:lo + chunk][owner], explained,
-                                       aux[lo:lo + chunk][owner], tt[mask])
+                                       aux[lo:lo + chunk][owner], tt[mask], ww[mask])
             if result is None:
-                result = torch.zeros(T, O, sum(sizes), dtype=w.dtype, device=w.device)
+                result = torch.empty(T, O, sum(sizes), dtype=w.dtype, device=w.device)
             rows_out = result[lo:lo + Tc]
             buckets = _buckets(mask)
             offset = 0
             for name, size in zip(names, sizes):
-                self._reduce(name, factors, ww[mask], owner, buckets, O, rows_out[..., offset:offset + size])
+                self._reduce(name, factors, owner, buckets, O, rows_out[..., offset:offset + size])
                 offset += size
+            empty = ~mask.any(1)
+            if bool(empty.any()):
+                rows_out[empty] = 0
         if result is None:
             raise ValueError("step_jacobian needs at least one input")
         return result
 
-    def _reduce(self, name: str, factors: Mapping[str, list[tuple[Tensor, Tensor]]], we: Tensor, owner: Tensor,
+    def _reduce(self, name: str, factors: Mapping[str, list[tuple[Tensor, Tensor]]], owner: Tensor,
                 buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
-        """Sum one parameter's factors over each input's entries into ``out (Tc, O, numel)``."""
+        """Sum one parameter's (weighted) factors over each input's entries; write ``out (Tc, O, numel)``."""
         prefix, role = self.covered[name]
         layer = self.layers[prefix]
         calls = factors[prefix]
+        Tc = out.shape[0]
+        dev, dt = out.device, out.dtype
         if role == "bias":
+            total = torch.zeros(Tc, O, layer.out_features, dtype=dt, device=dev)
             for d, _ in calls:
-                out.index_add_(0, owner, (d.sum(2) * we[None, :, None]).transpose(0, 1))
+                total.index_add_(0, owner, d.sum(2).transpose(0, 1))
+            out.copy_(total)
             return
         if role == "weight":
             n_out, n_in = layer.out_features, layer.in_features
-            for inputs, entries in buckets:  # inputs with the same number of entries: one bmm, no padding
-                k, n = entries.shape
-                G = torch.cat([(d[:, entries] * we[entries][None, :, :, None, None]).permute(1, 0, 4, 2, 3)
-                               .reshape(k, O * n_out, n * d.shape[2]) for d, _ in calls], dim=-1)
-                A = torch.cat([a.reshape(a.shape[0], -1, n_in)[entries].reshape(k, -1, n_in) for _, a in calls], dim=1)
-                part = torch.bmm(G, A).reshape(k, O, n_out * n_in)
-                if k == out.shape[0]:
-                    out += part
+            # per entry: G_e^T (R, O*out) and A_e (R, in); Phi_W[x] = sum_e G_e A_e as one bmm per bucket
+            g_rows = [d.permute(1, 2, 0, 3).reshape(d.shape[1], -1, O * n_out) for d, _ in calls]  # (E, R, O*out)
+            a_rows = [a.reshape(a.shape[0], -1, n_in) for _, a in calls]  # (E, R, in)
+            whole = len(buckets) == 1 and buckets[0][0].numel() == Tc
+            res = out.new_empty(Tc, O, n_out * n_in) if not whole else None
+            for inputs, entries in buckets:  # inputs with the same number of entries: no padding
+                k = entries.shape[0]
+                if whole:  # entries are 0..E-1 in order
+                    G = torch.cat([g.reshape(k, -1, O * n_out) for g in g_rows], dim=1)
+                    A = torch.cat([a.reshape(k, -1, n_in) for a in a_rows], dim=1)
                 else:
-                    out.index_add_(0, inputs, part)
+                    G = torch.cat([g[entries].reshape(k, -1, O * n_out) for g in g_rows], dim=1)
+                    A = torch.cat([a[entries].reshape(k, -1, n_in) for a in a_rows], dim=1)
+                part = torch.bmm(G.transpose(1, 2), A).reshape(k, O, n_out * n_in)
+                if whole:
+                    out.copy_(part)
+                else:
+                    res.index_copy_(0, inputs, part)
+            if res is not None:
+                out.copy_(res)
             return
         V, dim = layer.num_embeddings, layer.embedding_dim
-        Tc = out.shape[0]
-        acc = torch.zeros(Tc * V, O, dim, dtype=out.dtype, device=out.device)
+        acc = torch.zeros(Tc * V, O, dim, dtype=dt, device=dev)
         for d, tokens in calls:
             tok = tokens.reshape(tokens.shape[0], -1).long()
             rows = (owner[:, None] * V + tok).reshape(-1)
-            vals = (d * we[None, :, None, None]).permute(1, 2, 0, 3).reshape(-1, O, dim)
+            vals = d.permute(1, 2, 0, 3).reshape(-1, O, dim)
             if layer.padding_idx is not None:
                 keep = tok.reshape(-1) != layer.padding_idx
                 rows, vals = rows[keep], vals[keep]
             acc.index_add_(0, rows, vals)
-        out += acc.reshape(Tc, V, O, dim).permute(0, 2, 1, 3).reshape(Tc, O, V * dim)
+        out.copy_(acc.reshape(Tc, V, O, dim).permute(0, 2, 1, 3).reshape(Tc, O, V * dim))
 
 
 def _buckets(mask: Tensor) -> list[tuple[Tensor, Tensor]]:
