@@ -174,16 +174,27 @@ def test_covered_parameters_lists_linear_and_embedding_roles():
     assert covered_parameters(capped, ["weight"]) == {}
 
 
-@pytest.mark.parametrize("model, inputs, why", [
+REFUSED = [
     (BareParameter, lambda: torch.randn(3, 3, dtype=DT), "outside nn.Linear/nn.Embedding layers: scale"),
     (TiedReadout, lambda: torch.randint(0, 6, (3, 2)), "start-up check failed"),
     (FlattensBatch, lambda: torch.randn(3, 2, 3, dtype=DT), "batched rows failed"),
-])
-def test_build_refuses_models_it_cannot_factor(model, inputs, why):
+]
+
+
+@pytest.mark.parametrize("builder", ["jacobian", "rows"])
+@pytest.mark.parametrize("model, inputs, why", REFUSED)
+def test_factored_paths_refuse_models_they_cannot_handle(builder, model, inputs, why):
+    from explaind.kernel.rows import RowEvaluator
+
     X = inputs()
     fm, names, base, delta, explained = _setup(model(), X)
-    fj, reason = FactoredJacobian.build(fm, names, base, delta, X, explained)
-    assert fj is None
+    if builder == "jacobian":
+        obj, reason = FactoredJacobian.build(fm, names, base, delta, X, explained)
+    else:
+        stack = {n: torch.stack([v, v + 0.1]) for n, v in base.items()}
+        dstack = {n: torch.stack([v, 2 * v]) for n, v in delta.items()}
+        obj, reason = RowEvaluator.build(fm, names, stack, dstack, X, explained)
+    assert obj is None
     assert why in reason
 
 
@@ -212,16 +223,16 @@ def _transformer_run(steps: int = 5):
 def test_estimator_factored_equals_autograd(keep, momentum):
     traj, X = _transformer_run()
     results = {}
-    for jac in ("factored", "autograd"):
-        est = explaind.InfluenceEstimator(keep=keep, momentum=momentum, jacobian=jac, device="cpu").fit(traj)
+    for jac in ("always", "never"):
+        est = explaind.InfluenceEstimator(keep=keep, momentum=momentum, factored=jac, device="cpu").fit(traj)
         att = est.transform(X)
-        assert est.sweep_["jacobian"] == jac
+        assert est.sweep_["jacobian"] == {"always": "factored", "never": "autograd"}[jac]
         assert att.completeness_error() <= 1e-10
         results[jac] = att
-    assert rel(results["factored"].values, results["autograd"].values) <= 1e-12
+    assert rel(results["always"].values, results["never"].values) <= 1e-12
     # the quadrature error is exact - estimate (a difference of O(1) numbers): compare on the outputs' scale
-    scale = float(results["autograd"].total().abs().max())
-    diff = (results["factored"].quadrature_error - results["autograd"].quadrature_error).abs().max()
+    scale = float(results["never"].total().abs().max())
+    diff = (results["always"].quadrature_error - results["never"].quadrature_error).abs().max()
     assert float(diff) <= 1e-13 * scale
 
 
@@ -242,15 +253,15 @@ def test_estimator_auto_falls_back_and_factored_refuses_unsupported_model():
     est = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(rec.trajectory)
     est.transform(X[:2])
     assert est.sweep_["jacobian"] == "autograd"
-    bad = explaind.InfluenceEstimator(keep=("train",), jacobian="factored", device="cpu").fit(rec.trajectory)
-    with pytest.raises(ConfigError, match=r"'jacobian'.*'factored' does not apply.*scale.*jacobian='auto'"):
+    bad = explaind.InfluenceEstimator(keep=("train",), factored="always", device="cpu").fit(rec.trajectory)
+    with pytest.raises(ConfigError, match=r"'factored'.*'always' does not apply.*scale.*factored='auto'"):
         bad.transform(X[:2])
 
 
 def test_invalid_jacobian_value_is_refused_at_fit():
     traj, _ = _transformer_run()
-    with pytest.raises(ConfigError, match="jacobian"):
-        explaind.InfluenceEstimator(jacobian="fast", device="cpu").fit(traj)
+    with pytest.raises(ConfigError, match="factored"):
+        explaind.InfluenceEstimator(factored="fast", device="cpu").fit(traj)
 
 
 def test_functional_call_of_hooked_model_is_restored():
@@ -264,3 +275,59 @@ def test_functional_call_of_hooked_model_is_restored():
     fj.step_jacobian(base, delta, X, explained, explained.aux, t, w, names, chunk=8)
     after = functional_call(fm.module, {**fm.constants, **base}, (X,))
     assert torch.equal(before, after)
+
+
+# ---------------------------------------------------------------------------------------------- row evaluator
+def _rows_reference(fm, explained, bases, deltas, X, sidx, idx, t):
+    """h and dh/dt per row by a Python loop of torch.func.jvp at each row's own parameters."""
+    from torch.func import jvp
+
+    prim, tang = [], []
+    for s, i, tt in zip(sidx.tolist(), idx.tolist(), t):
+        point = {n: bases[n][s] + tt * deltas[n][s] for n in bases}
+        direction = {n: deltas[n][s] for n in bases}
+
+        def g(p, i=i):
+            return explained(fm, p, X[i:i + 1], explained.aux[i:i + 1])[0]
+
+        p, d = jvp(g, (point,), (direction,))
+        prim.append(p)
+        tang.append(d)
+    return torch.stack(prim), torch.stack(tang)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_row_evaluator_matches_per_row_jvp_loop(case):
+    from explaind.kernel.rows import RowEvaluator
+
+    make, inputs = CASES[case]
+    X = inputs(4)
+    fm, names, base, delta, explained = _setup(make(), X)
+    gen = torch.Generator().manual_seed(11)
+    S = 5  # stacked steps with different parameters
+    bases = {n: base[n] + 0.2 * torch.randn((S, *base[n].shape), generator=gen, dtype=DT) for n in base}
+    deltas = {n: 0.3 * torch.randn((S, *base[n].shape), generator=gen, dtype=DT) for n in base}
+    rows, reason = RowEvaluator.build(fm, names, bases, deltas, X, explained)
+    assert rows is not None, reason
+    # unsorted rows, uneven counts per step (step 3 absent), repeated (step, input) pairs
+    sidx = torch.tensor([4, 0, 0, 2, 4, 4, 1, 0, 4, 2, 4, 4, 0])
+    idx = torch.tensor([0, 1, 3, 2, 2, 0, 3, 0, 1, 1, 3, 3, 2])
+    t = torch.rand(sidx.shape[0], generator=gen, dtype=DT)
+    want_h, want_d = _rows_reference(fm, explained, bases, deltas, X, sidx, idx, t)
+    for chunk in (3, 64):
+        h, d = rows.evaluate(bases, deltas, explained, X, sidx, idx, t, chunk=chunk)
+        assert rel(h, want_h) <= 1e-13
+        assert rel(d, want_d) <= 1e-13
+
+
+@pytest.mark.parametrize("rule", ["adaptive", "gauss-legendre"])
+def test_replica_factored_equals_generic(rule):
+    traj, X = _transformer_run()
+    out = {}
+    for mode in ("always", "never"):
+        rep = explaind.KernelReplica(quadrature=rule, factored=mode, device="cpu").fit(traj)
+        out[mode] = rep.predict(X)
+        assert (rep.engine_._rows not in (None, False)) == (mode == "always" and rule == "adaptive")
+        if rule == "adaptive":  # refinement ran (more than the first 4 nodes per step and input)
+            assert rep.fidelity_report(X)["total_evals"] > 4 * X.shape[0] * traj.n_steps
+    assert rel(out["always"], out["never"]) <= 1e-13

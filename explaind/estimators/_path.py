@@ -32,6 +32,7 @@ class PathConfig(StrictModel):
     device: str = "auto"
     dtype: DtypeName = "float64"
     chunk_size: int | None = Field(default=256, ge=1)
+    factored: Literal["auto", "always", "never"] = "auto"
     progress: bool = False
 
 
@@ -83,7 +84,7 @@ class PathEstimator(ExplaindEstimator):
 
             engine = PathEngine(self.trajectory_, device=self.device_, dtype=self.dtype_,
                                 chunk_size=self.config_.chunk_size, progress=self.config_.progress,
-                                jacobian=getattr(self.config_, "jacobian", "auto"))
+                                factored=self.config_.factored)
             self._engine_cache = engine
         return engine
 

@@ -45,7 +45,6 @@ class InfluenceConfig(PathConfig):
     memory_budget: int | str = "2GB"
     test_chunk_size: int | None = Field(default=None, ge=1)
     param_chunk_size: int | None = Field(default=None, ge=1)
-    jacobian: Literal["auto", "factored", "autograd"] = "auto"
 
     @field_validator("keep", mode="before")
     @classmethod
@@ -112,13 +111,10 @@ class InfluenceEstimator(PathEstimator):
         Force test inputs per chunk / coordinates per parameter block (whole tensors).
     chunk_size : int or None
         Samples or (input, node) pairs per ``vmap`` call.
-    jacobian : {"auto", "factored", "autograd"}
-        How :math:`\Phi_s` is formed for ``"param"``/``"train"``: from layer factors, all entries
-        of a step in one batch (:mod:`explaind.kernel.factored`; needs every trainable parameter in
-        an ``nn.Linear`` or ``nn.Embedding``), or by ``vmap(jacrev)`` (any model). ``"auto"`` takes
-        the factored path when it applies and passes its start-up check against ``jacrev``;
-        ``"factored"`` raises :class:`~explaind.exceptions.ConfigError` when it does not apply.
-        Both give the same values to rounding.
+    factored : {"auto", "always", "never"}
+        Layer-factored computation (see :class:`~explaind.KernelReplica`); here it also forms
+        :math:`\Phi_s` for ``"param"``/``"train"`` from layer factors, all (input, node) entries of
+        a step in one batch (:mod:`explaind.kernel.factored`), instead of ``vmap(jacrev)``.
     device, dtype, progress
         As in :class:`~explaind.KernelReplica`.
 
@@ -128,7 +124,7 @@ class InfluenceEstimator(PathEstimator):
         As in :class:`~explaind.KernelReplica`.
     sweep_ : dict
         The algorithm the last ``transform`` used (path, momentum mode, chunking, and for the
-        Jacobian path ``"jacobian"``: ``"factored"`` or ``"autograd"``).
+        Jacobian path ``"jacobian"``: ``"factored"`` or ``"autograd"``, how :math:`\Phi_s` was formed).
     """
 
     _config_model: ClassVar[type[InfluenceConfig]] = InfluenceConfig
@@ -138,7 +134,7 @@ class InfluenceEstimator(PathEstimator):
     def __init__(self, *, keep: Any = ("train",), target: Any = None, steps: Any = None,
                  quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
                  memory_budget: int | str = "2GB", test_chunk_size: int | None = None,
-                 param_chunk_size: int | None = None, chunk_size: int | None = 256, jacobian: str = "auto",
+                 param_chunk_size: int | None = None, chunk_size: int | None = 256, factored: str = "auto",
                  device: str = "auto", dtype: str = "float64", progress: bool = False):
         self.keep = keep
         self.target = target
@@ -151,7 +147,7 @@ class InfluenceEstimator(PathEstimator):
         self.test_chunk_size = test_chunk_size
         self.param_chunk_size = param_chunk_size
         self.chunk_size = chunk_size
-        self.jacobian = jacobian
+        self.factored = factored
         self.device = device
         self.dtype = dtype
         self.progress = progress

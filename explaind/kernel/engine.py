@@ -53,20 +53,23 @@ class PathEngine:
         Samples or (input, node) pairs per ``vmap`` call (``None`` = everything at once).
     progress : bool
         Show progress bars over steps.
-    jacobian : {"auto", "factored", "autograd"}
-        How quadrature-weighted Jacobians are formed at nodes shared by several inputs: from layer
-        factors (:mod:`~explaind.kernel.factored`; ``"auto"`` uses them when every trainable
-        parameter lies in an ``nn.Linear``/``nn.Embedding`` and a start-up check against ``jacrev``
-        passes) or by ``vmap(jacrev)`` (``"autograd"``). ``"factored"`` raises if it does not apply.
+    factored : {"auto", "always", "never"}
+        Use the layer-factored paths when every trainable parameter lies in an ``nn.Linear`` or
+        ``nn.Embedding``: Jacobians from layer factors (:mod:`~explaind.kernel.factored`) and
+        batched rows from many steps (:mod:`~explaind.kernel.rows`), each after a start-up check
+        against the generic path (``vmap`` over per-row parameters, ``jacrev``). ``"auto"`` falls
+        back to the generic path when they do not apply, ``"always"`` raises
+        :class:`~explaind.exceptions.ConfigError` then, ``"never"`` always uses the generic path.
     """
 
     def __init__(self, traj: Trajectory, *, device: torch.device, dtype: torch.dtype, chunk_size: int | None,
-                 progress: bool = False, jacobian: str = "auto"):
-        if jacobian not in ("auto", "factored", "autograd"):
-            raise ConfigError(f"PathEngine: invalid value for 'jacobian': {jacobian!r}; choose one of 'auto', "
-                              f"'factored', 'autograd'.")
-        self.jacobian = jacobian
+                 progress: bool = False, factored: str = "auto"):
+        if factored not in ("auto", "always", "never"):
+            raise ConfigError(f"PathEngine: invalid value for 'factored': {factored!r}; choose one of 'auto', "
+                              f"'always', 'never'.")
+        self.factored_mode = factored
         self._factored: Any = None
+        self._rows: Any = None
         self.traj = traj
         self.device = device
         self.dtype = dtype
@@ -201,19 +204,21 @@ class PathEngine:
         """Adaptive plans of steps ``lo .. hi-1`` refined together (units are (step, input) pairs)."""
         T = X.shape[0]
         x01, w01 = (torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in rule_nodes("gauss-legendre", n))
+        base, delta = self._stack(lo, hi)
         all_inputs = torch.arange(T, device=self.device)
-        est0, bases, deltas = [], [], []
+        parts = []  # first estimate: nodes shared by all inputs, one vmap over nodes per step
         for s in range(lo, hi):
             seg = self.segment(s, X, explained)
             tangent = {k: v.unsqueeze(0) for k, v in seg.delta.items()}
             vals = self._grid_chunks(lambda tc, seg=seg, tg=tangent: seg.jvp_grid(tc, tg, all_inputs)[:, 0], x01, T)
-            est0.append(torch.einsum("q,qto->to", w01, vals))
-            bases.append(seg.base)
-            deltas.append(seg.delta)
-        stack = StepStack(self.fm, explained, {k: torch.stack([b[k] for b in bases]) for k in self.names},
-                          {k: torch.stack([d[k] for d in deltas]) for k in self.names}, X)
+            parts.append(torch.einsum("q,qto->to", w01, vals))
+        est0 = torch.cat(parts)
+        rows = self.rows_available(lo, X, explained)  # refinement: (step, input, t) rows without shared nodes
+        stack = StepStack(self.fm, explained, base, delta, X)
 
         def refine(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            if rows:
+                return self._rows.evaluate(base, delta, explained, X, units // T, units % T, t, self.rows_chunk)
             chunk = self.chunk_size or max(1, units.shape[0])
             outs = [stack.jvp_along_delta(units[i:i + chunk] // T, units[i:i + chunk] % T, t[i:i + chunk])
                     for i in range(0, units.shape[0], chunk)]
@@ -221,8 +226,45 @@ class PathEngine:
 
         g_a = torch.cat(g_vals[:-1])
         g_b = torch.cat(g_vals[1:])
-        plan = adaptive_plan(torch.cat(est0), g_a, g_b, refine, tol=tol, nodes=n, coarsen=coarsen)
+        plan = adaptive_plan(est0, g_a, g_b, refine, tol=tol, nodes=n, coarsen=coarsen)
         return plan.split(hi - lo)
+
+    def _stack(self, lo: int, hi: int) -> tuple[Params, Params]:
+        r""":math:`\theta_s` and :math:`\Delta\theta_s` of steps ``lo .. hi-1``: ``name -> (hi - lo, *shape)``."""
+        bases, deltas = [], []
+        for s in range(lo, hi):
+            bases.append(self.params(s))
+            deltas.append(self.delta(s))
+        return ({k: torch.stack([b[k] for b in bases]) for k in self.names},
+                {k: torch.stack([d[k] for d in deltas]) for k in self.names})
+
+    @property
+    def rows_chunk(self) -> int:
+        """Rows per batch of the row evaluator (16 x ``chunk_size``: no parameters are copied per row)."""
+        return 16 * (self.chunk_size or 256)
+
+    def rows_available(self, s: int, X: Tensor, explained: Explained) -> bool:
+        """Whether the :class:`~explaind.kernel.rows.RowEvaluator` applies (built and checked once)."""
+        if self.factored_mode == "never":
+            return False
+        if self._rows is None:
+            from .rows import RowEvaluator
+
+            base, delta = self._stack(s, min(s + 2, self.traj.n_steps))
+            self._rows = self._checked(RowEvaluator.build(self.fm, self.names, base, delta, X, explained),
+                                       "batched rows off (%s); using vmap over per-row parameters")
+        return self._rows is not False
+
+    def _checked(self, built: tuple[Any, str], fallback_message: str) -> Any:
+        """A factored helper from its ``(object or None, reason)`` build result, or ``False`` (logged)."""
+        obj, reason = built
+        if obj is not None:
+            return obj
+        if self.factored_mode == "always":
+            raise ConfigError(f"invalid value for 'factored': 'always' does not apply to this model ({reason}). "
+                              f"Use factored='auto' or 'never'.")
+        logger.info(fallback_message, reason)
+        return False
 
     # ------------------------------------------------------------------ chunked evaluation
     def _pair_chunks(self, fn: Any, idx: Tensor, t: Tensor, chunk: int | None = None) -> Tensor:
@@ -266,23 +308,19 @@ class PathEngine:
             out.index_add_(0, idx, w[:, None, None] * vals)
         return out
 
-    def factored(self, seg: Segment, names: Sequence[str]) -> Any:
+    def factored_jacobian(self, seg: Segment, names: Sequence[str]) -> Any:
         """The :class:`~explaind.kernel.factored.FactoredJacobian` for block ``names``, or ``None``.
 
         Built (and checked) once per engine from the first segment it sees.
         """
-        if self.jacobian == "autograd":
+        if self.factored_mode == "never":
             return None
         if self._factored is None:
             from .factored import FactoredJacobian
 
-            built, reason = FactoredJacobian.build(self.fm, self.names, seg.base, seg.delta, seg.X, seg.explained)
-            if built is None:
-                if self.jacobian == "factored":
-                    raise ConfigError(f"invalid value for 'jacobian': 'factored' does not apply to this model "
-                                      f"({reason}). Use jacobian='auto' or 'autograd'.")
-                logger.info("factored Jacobians off (%s); using vmap(jacrev)", reason)
-            self._factored = built if built is not None else False
+            self._factored = self._checked(
+                FactoredJacobian.build(self.fm, self.names, seg.base, seg.delta, seg.X, seg.explained),
+                "factored Jacobians off (%s); using vmap(jacrev)")
         if self._factored is False or not self._factored.covers(names):
             return None
         return self._factored
@@ -317,7 +355,7 @@ class PathEngine:
         """
         T = plan.t.shape[0]
         names: Sequence[str] = block.names
-        factored = self.factored(seg, names)
+        factored = self.factored_jacobian(seg, names)
         if factored is not None:
             return factored.step_jacobian(seg.base, seg.delta, seg.X, seg.explained, seg.aux, plan.t, plan.w, names,
                                           chunk, out=out)

@@ -48,7 +48,7 @@ from torch.func import jacrev
 
 from .functional import Explained, FunctionalModel, Params
 
-__all__ = ["FactoredJacobian", "covered_parameters", "CHECK_TOLERANCE"]
+__all__ = ["FactoredJacobian", "LayerHooks", "covered_parameters", "CHECK_TOLERANCE"]
 
 
 #: Largest relative disagreement with ``jacrev`` accepted by the start-up check, per dtype.
@@ -76,20 +76,47 @@ def covered_parameters(module: nn.Module, names: Sequence[str]) -> dict[str, tup
     return out
 
 
-class _SegmentRows:
+class LayerHooks:
+    """Forward hooks on covered layers, active inside a ``with`` block; rows ride on a per-row ``t``.
+
+    Subclasses implement ``_hook(prefix)``; :meth:`_rows_t` checks that a layer keeps the batch
+    axis first and returns ``t`` shaped to broadcast against its output.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module]):
+        self.layers = dict(layers)
+        self.t: Tensor | None = None
+
+    def __enter__(self) -> LayerHooks:
+        self._handles = [m.register_forward_hook(self._hook(p)) for p, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _hook(self, prefix: str) -> Any:
+        raise NotImplementedError
+
+    def _rows_t(self, prefix: str, output: Tensor) -> Tensor:
+        n = self.t.shape[0]
+        if output.dim() == 0 or output.shape[0] != n:
+            raise ValueError(f"layer {prefix!r} does not keep the batch axis first")
+        return self.t.reshape(n, *([1] * (output.dim() - 1)))
+
+
+class _SegmentRows(LayerHooks):
     """Forward hooks placing each batch row at its own point ``theta_s + t_e * delta`` of the segment.
 
     Inside the context, each hooked layer returns ``z(theta_s) + t_e z(delta) + eps`` with a fresh
     zero ``eps`` requiring grad, and keeps its input.
     """
 
-    def __init__(self, module: nn.Module, layers: Mapping[str, nn.Module]):
-        self.module = module
-        self.layers = dict(layers)
+    def __init__(self, layers: Mapping[str, nn.Module]):
+        super().__init__(layers)
         self.inputs: dict[str, list[Tensor]] = {}
         self.offsets: dict[str, list[Tensor]] = {}
         self.delta: Params = {}
-        self.t: Tensor | None = None
 
     def run(self, delta: Mapping[str, Tensor | None], t: Tensor) -> _SegmentRows:
         self.delta = dict(delta)
@@ -99,19 +126,13 @@ class _SegmentRows:
     def __enter__(self) -> _SegmentRows:
         self.inputs = {p: [] for p in self.layers}
         self.offsets = {p: [] for p in self.layers}
-        self._handles = [m.register_forward_hook(self._hook(p)) for p, m in self.layers.items()]
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
 
     def _hook(self, prefix: str) -> Any:
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
             a = inputs[0]
-            n = self.t.shape[0]
-            if output.dim() == 0 or output.shape[0] != n:
-                raise ValueError(f"layer {prefix!r} does not keep the batch axis first")
+            t = self._rows_t(prefix, output)
             dw, db = self.delta.get(prefix + ":w"), self.delta.get(prefix + ":b")
             if type(mod) is nn.Embedding:
                 moved = None if dw is None else F.embedding(a, dw)
@@ -120,7 +141,7 @@ class _SegmentRows:
             else:
                 moved = None if db is None else db.expand_as(output)
             if moved is not None:
-                output = output + self.t.reshape(n, *([1] * (output.dim() - 1))) * moved
+                output = output + t * moved
             eps = torch.zeros_like(output, requires_grad=True)
             self.inputs[prefix].append(a.detach())
             self.offsets[prefix].append(eps)
@@ -142,7 +163,7 @@ class FactoredJacobian:
         self.covered = dict(covered)
         prefixes = sorted({p for p, _ in self.covered.values()})
         self.layers = {p: fm.module.get_submodule(p) for p in prefixes}
-        self.rows = _SegmentRows(fm.module, self.layers)
+        self.rows = _SegmentRows(self.layers)
 
     @classmethod
     def build(cls, fm: FunctionalModel, names: Sequence[str], base: Params, delta: Params, X: Tensor,
