@@ -308,6 +308,19 @@ class PathEngine:
             out.index_add_(0, idx, w[:, None, None] * vals)
         return out
 
+    def per_sample_grads(self, s: int, block: ParamLayout, X: Tensor, Y: Tensor, weights: Tensor) -> Tensor:
+        r""":math:`w_k \nabla_{\theta_b} \ell_k(\theta_s)` for the training samples ``X, Y``: ``(B, D_b)``.
+
+        From layer factors when the factored path is in use (one forward and backward pass per
+        chunk), else ``vmap(grad)`` with ``chunk_size``.
+        """
+        theta = self.params(s)
+        factored = self._factored if self._factored not in (None, False) else None
+        if factored is not None and factored.covers(block.names):
+            return factored.sample_grads(theta, block.names, X, Y, weights, self.rows_chunk)
+        grads = self.fm.per_sample_grads(theta, block.names, X, Y, self.chunk_size)
+        return block.flatten(grads, lead=1) * weights[:, None]
+
     def factored_jacobian(self, seg: Segment, names: Sequence[str]) -> Any:
         """The :class:`~explaind.kernel.factored.FactoredJacobian` for block ``names``, or ``None``.
 

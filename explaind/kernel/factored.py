@@ -236,6 +236,38 @@ class FactoredJacobian:
             result[p].append((d.reshape(O, E, -1, z.shape[-1]), rows.inputs[p][k]))
         return result, O
 
+    def sample_grads(self, params: Params, names: Sequence[str], X: Tensor, Y: Tensor, weights: Tensor,
+                     chunk: int) -> Tensor:
+        r"""Weighted per-sample training-loss gradients :math:`w_k \nabla_{\theta_b} \ell_k(\theta)`, ``(B, D_b)``.
+
+        One forward and one backward pass of the summed loss per chunk of ``chunk`` samples: each
+        sample's loss depends only on its own layer offsets, so :math:`\partial / \partial\epsilon` gives
+        every sample's output gradients, contracted with its layer inputs.
+        """
+        B = X.shape[0]
+        sizes = [params[n].numel() for n in names]
+        result = torch.empty(B, sum(sizes), dtype=self.fm.dtype, device=self.fm.device)
+        for lo in range(0, B, max(1, chunk)):
+            xs, ys, ws = X[lo:lo + chunk], Y[lo:lo + chunk], weights[lo:lo + chunk]
+            n = xs.shape[0]
+            with torch.enable_grad(), self.rows.run({}, torch.zeros(n, dtype=ws.dtype, device=ws.device)) as rows:
+                total = (self.fm.sample_loss(params, xs, ys) * ws).sum()
+            flat = [(p, k) for p in self.layers for k in range(len(rows.offsets[p]))]
+            grads = torch.autograd.grad(total, [rows.offsets[p][k] for p, k in flat], allow_unused=True)
+            factors: dict[str, list[tuple[Tensor, Tensor]]] = {p: [] for p in self.layers}
+            for (p, k), d in zip(flat, grads):
+                z = rows.offsets[p][k]
+                d = torch.zeros_like(z) if d is None else d
+                factors[p].append((d.reshape(1, n, -1, z.shape[-1]), rows.inputs[p][k]))
+            owner = torch.arange(n, device=X.device)
+            buckets = [(owner, owner[:, None])]
+            out = result[lo:lo + n]
+            offset = 0
+            for name, size in zip(names, sizes):
+                self._reduce(name, factors, owner, buckets, 1, out[:, None, offset:offset + size])
+                offset += size
+        return result
+
     def step_jacobian(self, base: Params, delta: Params, X: Tensor, explained: Explained, aux: Tensor, t: Tensor,
                       w: Tensor, names: Sequence[str], chunk: int, out: Tensor | None = None) -> Tensor:
         r""":math:`\Phi_s` on the block ``names`` for inputs ``X (T, ...)`` with nodes ``t`` and weights ``w (T, Q)``.
@@ -290,7 +322,6 @@ class FactoredJacobian:
             g_rows = [d.permute(1, 2, 0, 3).reshape(d.shape[1], -1, O * n_out) for d, _ in calls]  # (E, R, O*out)
             a_rows = [a.reshape(a.shape[0], -1, n_in) for _, a in calls]  # (E, R, in)
             whole = len(buckets) == 1 and buckets[0][0].numel() == Tc
-            res = out.new_empty(Tc, O, n_out * n_in) if not whole else None
             for inputs, entries in buckets:  # inputs with the same number of entries: no padding
                 k = entries.shape[0]
                 if whole:  # entries are 0..E-1 in order
@@ -302,10 +333,8 @@ class FactoredJacobian:
                 part = torch.bmm(G.transpose(1, 2), A).reshape(k, O, n_out * n_in)
                 if whole:
                     out.copy_(part)
-                else:
-                    res.index_copy_(0, inputs, part)
-            if res is not None:
-                out.copy_(res)
+                else:  # buckets partition the inputs
+                    out.index_copy_(0, inputs, part)
             return
         V, dim = layer.num_embeddings, layer.embedding_dim
         acc = torch.zeros(Tc * V, O, dim, dtype=dt, device=dev)

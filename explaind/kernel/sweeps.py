@@ -60,8 +60,7 @@ def _sample_grads(engine: PathEngine, s: int, block: Block) -> tuple[Tensor, Ten
     theta = engine.params(s)
     idx, w, Xb, Yb = batch_data(engine, s)
     co_c = float(engine.traj.grad_scale(s))
-    grads = engine.fm.per_sample_grads(theta, block.layout.names, Xb, Yb, engine.chunk_size)
-    G = block.layout.flatten(grads, lead=1) * (co_c * w)[:, None]
+    G = engine.per_sample_grads(s, block.layout, Xb, Yb, co_c * w)
     return idx, G, flat_block(theta, block.layout)
 
 
