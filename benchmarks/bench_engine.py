@@ -24,8 +24,11 @@ the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above
 before the call, falling back to ``resource.getrusage`` (process lifetime peak) where the reset is not
 available. (``tracemalloc`` does not see torch's allocations, so it is not used.)
 
+Rows marked ``factored='never'`` repeat a measurement on the generic paths (``vmap`` over per-row
+parameters, ``vmap(jacrev)``) for comparison with the layer-factored ones used by default.
+
 Run: ``python benchmarks/bench_engine.py [--device cpu|cuda] [--dtype float64|float32]
-[--baseline-nodes 100] [--steps 40] [--repeats 2] [--skip-baseline]``
+[--baseline-nodes 100] [--steps 40] [--repeats 2] [--threads N] [--skip-baseline] [--skip-generic]``
 
 Every time is the fastest of ``--repeats`` runs (the first run includes one-off set-up costs of
 ``torch.func``), except the baseline's, which runs once.
@@ -244,7 +247,12 @@ def main() -> None:
     ap.add_argument("--baseline-nodes", type=int, default=100)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the fastest is shown)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--skip-generic", action="store_true",
+                    help="skip the comparison rows with factored='never' (generic vmap/jacrev paths)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     global REPEATS
     REPEATS = max(1, args.repeats)
     device = torch.device(args.device)
@@ -274,9 +282,12 @@ def main() -> None:
     # warm-up (first calls of torch.func transforms)
     explaind.KernelReplica(quadrature="gauss-legendre", nodes=1, steps=(0, 1), **kw).fit(traj).predict(X)
 
-    for label, rule, nodes in (("adaptive (tol 1e-7)", "adaptive", None), ("gauss-legendre 4", "gauss-legendre", 4),
-                               ("gauss-legendre 16", "gauss-legendre", 16), ("midpoint 100", "midpoint", 100)):
-        rep = explaind.KernelReplica(quadrature=rule, nodes=nodes, **kw).fit(traj)
+    replicas = [("adaptive (tol 1e-7)", "adaptive", None, "auto"), ("gauss-legendre 4", "gauss-legendre", 4, "auto"),
+                ("gauss-legendre 16", "gauss-legendre", 16, "auto"), ("midpoint 100", "midpoint", 100, "auto")]
+    if not args.skip_generic:
+        replicas.insert(1, ("adaptive (tol 1e-7), factored='never'", "adaptive", None, "never"))
+    for label, rule, nodes, factored in replicas:
+        rep = explaind.KernelReplica(quadrature=rule, nodes=nodes, factored=factored, **kw).fit(traj)
         pred, dt, mem = measure(lambda rep=rep: rep.predict(X), device)
         evals = rep.fidelity_report(X)["total_evals"] / (N * T)
         per_step = max(1, math.ceil(evals))
@@ -287,22 +298,26 @@ def main() -> None:
                      "<= 2x")
 
     results = {}
-    for mode in ("forward", "reverse"):
-        est = explaind.InfluenceEstimator(keep=("train",), momentum=mode, **kw).fit(traj)
+    queries = [("forward", "auto"), ("reverse", "auto")]
+    if not args.skip_generic:
+        queries += [("reverse", "never")]
+    for mode, factored in queries:
+        est = explaind.InfluenceEstimator(keep=("train",), momentum=mode, factored=factored, **kw).fit(traj)
         att, dt, mem = measure(lambda est=est: est.transform(X), device)
-        results[mode] = (att, dt)
+        results[mode, factored] = (att, dt)
         evals = sum(att.meta["evals_per_step"]) / N
-        emit(f"influence keep=(train,), {mode}", f"{dt:.3f}", f"{att.completeness_error():.1e} (compl.)",
-                     f"{evals:.1f}", f"{mem:.0f}", "", "<= 5 s")
-    fwd, rev = results["forward"][0].values, results["reverse"][0].values
+        label = f"influence keep=(train,), {mode}" + (", factored='never'" if factored == "never" else "")
+        emit(label, f"{dt:.3f}", f"{att.completeness_error():.1e} (compl.)", f"{evals:.1f}", f"{mem:.0f}",
+             f"Phi by {est.sweep_['jacobian']}", "<= 5 s")
+    fwd, rev = results["forward", "auto"][0].values, results["reverse", "auto"][0].values
     agree = float((fwd - rev).abs().max() / fwd.abs().max())
     emit("forward vs reverse scores", "", f"{agree:.1e}", "", "", "", "rounding")
 
     if not args.skip_baseline:
         scores, dt, mem = _measure_once(lambda: paper_baseline(flat, X, N, args.baseline_nodes), device)
-        ref = results["forward"][0].values.to(device=device, dtype=dtype)
+        ref = results["forward", "auto"][0].values.to(device=device, dtype=dtype)
         diff = float((scores - ref).abs().max() / ref.abs().max())
-        best = min(r[1] for r in results.values())
+        best = min(r[1] for key, r in results.items() if key[1] == "auto")
         emit(f"paper-style baseline (midpoint {args.baseline_nodes}, full kernel)", f"{dt:.3f}",
                      f"{diff:.1e} (vs engine)", str(args.baseline_nodes), f"{mem:.0f}",
                      f"engine/baseline = {best / dt:.3f}", "< 1")
