@@ -8,14 +8,15 @@ Only this 1-D integral is approximated; it enters every decomposition as
 ``"midpoint"``
     ``n`` equal cells, one node at each centre (default 100; the rule of the ExPLAIND paper).
 ``"adaptive"`` (default)
-    Gauss–Legendre panels of ``n`` nodes (default 4), bisected where needed. Along the
-    segment, :math:`\int_a^b \nabla g(\theta(t))\Delta\theta\,dt = g(\theta(b)) - g(\theta(a))`
-    exactly, so each panel's error is *measured* from two forward passes. For every test input
-    the panels are refined until the summed absolute panel error is at most
-    ``tol * max_o |g_o(theta_{s+1}) - g_o(theta_s)| + floor`` (``floor`` = a few ulps of ``|g|``);
-    only panels whose error exceeds their share of that budget (proportional to their width)
-    are bisected, at most :data:`MAX_DEPTH` times and up to about :data:`MAX_EVALS` evaluations
-    per input and step. Refinement levels are batched over inputs and panels.
+    ``n`` Gauss–Legendre nodes (default 4) where they suffice; otherwise the segment is cut at the
+    kinks of :math:`h(t) = g(\theta(t), x)` (where a ReLU switches, :math:`h'` jumps, at the same
+    :math:`t` for all outputs), *located* by intersecting tangents of :math:`h`, and each piece gets
+    an open Gauss–Legendre panel (no node on a kink); smooth panels that miss are bisected. Along
+    the segment :math:`\int_a^b h'(t)\,dt = h(b) - h(a)` exactly, so each panel's error is *measured*.
+    For every test input the panels are refined until the summed absolute panel error is at most
+    ``tol * max_o |g_o(theta_{s+1}) - g_o(theta_s)| + floor`` (``floor`` = a few ulps of ``|g|``),
+    for at most :data:`MAX_DEPTH` levels and up to about :data:`MAX_EVALS` evaluations per input
+    and step (see :func:`adaptive_plan`). Refinement levels are batched over inputs and panels.
 
 Each rule yields a :class:`NodePlan` per step: nodes ``t (T, Q)`` and weights ``w (T, Q)`` per
 test input (zero-weight padding), the exact difference ``g(theta_{s+1}) - g(theta_s)``, the
@@ -47,8 +48,8 @@ __all__ = [
 RULES = ("adaptive", "gauss-legendre", "midpoint")
 #: Nodes per rule when ``nodes=None`` (per panel for ``"adaptive"``).
 DEFAULT_NODES = {"adaptive": 4, "gauss-legendre": 4, "midpoint": 100}
-#: Deepest bisection of the adaptive rule (panel width ``2**-MAX_DEPTH``).
-MAX_DEPTH = 40
+#: Most refinement levels (batched evaluations) of the adaptive rule.
+MAX_DEPTH = 64
 #: Evaluations per test input and step after which the adaptive rule stops refining.
 MAX_EVALS = 4096
 
@@ -147,23 +148,47 @@ def adaptive_plan(
 ) -> NodePlan:
     r"""Error-controlled plan for a batch of *units* (one unit = one step and test input).
 
-    Batching the units of several steps makes each refinement level one batched evaluation.
-    A unit whose ``nodes``-point Gauss–Legendre estimate ``est0`` misses its tolerance is redone
-    with nested Simpson panels (both ends and the middle). Bisecting a panel reuses its three
-    points and adds two; with those five points the panel is first re-checked with Boole's rule
-    (order 7) and accepted if that suffices (smooth parts), otherwise its two halves go on as
-    Simpson panels (kinks). Each evaluation yields :math:`g(\theta(t))` (so every panel's exact
-    integral) and the derivative at once.
+    Write :math:`h(t) = g(\theta(t))` for a unit (``O`` outputs). Each evaluation yields
+    :math:`h(t)` and :math:`h'(t)`, and :math:`\int_a^b h' = h(b) - h(a)`, so every panel's error
+    is measured. Batching the units of several steps makes each level one batched evaluation.
 
-    A panel of width ``h`` is refined while its error exceeds ``tol * max_o |Delta g| * h``
-    plus a rounding floor of a few ulps of ``|g|`` at its ends, and its unit's summed error
-    exceeds ``tol * max_o |Delta g|`` plus the same floor at the segment ends.
+    A unit whose ``nodes``-point Gauss–Legendre estimate ``est0`` misses its tolerance gets
+    :math:`h'(0), h'(1)` and becomes a *job*: a panel :math:`[A, B]` that failed its test (error
+    above its tolerance :math:`\tau`) and a bracket :math:`[p, q] \subseteq [A, B]` thought to
+    hold a kink (:math:`h'` jumps, at the same :math:`t` for all outputs). Each level, every job
+
+    * intersects the tangents at :math:`p` and :math:`q`, least squares over the outputs,
+
+      .. math:: c = p + \frac{\sum_o \Delta_o\,(h_o(p) - h_o(q) + h'_o(q)(q - p))}{\sum_o \Delta_o^2},
+         \qquad \Delta = h'(q) - h'(p)
+
+      (exact when :math:`h` is piecewise linear; the midpoint if :math:`c \notin (p, q)`), with
+      predicted error :math:`\sigma = C (q - p)^2` from the curvature of :math:`h`;
+    * if :math:`\sigma \le \delta/2`, :math:`\delta = \tau / (8 \max_o |\Delta_o|)` (a panel that
+      ends :math:`\epsilon` from a kink errs by about :math:`|\Delta| \epsilon`), *splits*
+      :math:`[A, B]` at :math:`c`: evaluates :math:`c` and the ``max(1, nodes // 2)``
+      Gauss–Legendre nodes of :math:`[A, c]` and of :math:`[c, B]`, each half with tolerance
+      :math:`\tau / 2`. These open rules never use :math:`h'(c)`, which may come from the wrong
+      side of the kink (a Simpson end node there would err by :math:`|\Delta| (B - A) / 6`);
+    * otherwise *probes* :math:`c \pm s`, :math:`s = \max(\sigma, \delta/4)`, and keeps as
+      bracket the gap of :math:`p, c - s, c + s, q` where :math:`h'` changes fastest (:math:`C`
+      quadruples unless that is the middle one), so the bracket shrinks about quadratically.
+
+    A half that fails becomes a job bracketing the gap between its nodes and ends where
+    :math:`h'` changes fastest, if it changes there :data:`_KINK_RATIO` times faster than in the
+    flattest gap (a kink stands out from the curvature) and the error is no larger than a kink of
+    that jump makes (at most :math:`|\Delta| (B - A) / 2`; a larger one points to a kink between a
+    located kink at an end of the panel and the bracket end sampled for it, which is bracketed
+    then). A panel without a kink (also: probes where no gap stands out, or a kink within
+    :math:`\delta/2` of the panel's ends) is retested with ``nodes`` points if it had fewer, else
+    bisected into two ``nodes``-point panels. A unit stops once its summed panel error is at most
+    ``tol * max_o |Delta g| + floor`` (``floor`` a few ulps of ``|g|``), after ``max_depth``
+    levels or about ``max_evals`` evaluations; its open panels are kept as tested.
 
     With ``coarsen`` (plans that are reused for many decompositions), runs of three or more
     adjacent smooth panels (error below a hundredth of their tolerance) are then replaced by one
-    Gauss–Legendre panel over their union when that keeps the unit within its tolerance: around
-    a kink the bisection leaves a geometric sequence of small smooth panels, which one
-    ``nodes``-point panel per side integrates as well with far fewer nodes.
+    ``nodes``-point Gauss–Legendre panel over their union when that keeps the unit within its
+    tolerance.
 
     Parameters
     ----------
@@ -177,14 +202,15 @@ def adaptive_plan(
     tol : float
         Relative tolerance.
     nodes : int
-        Gauss–Legendre nodes of the first estimate and of merged panels.
+        Gauss–Legendre nodes of the first estimate and of smooth panels (half as many next to kinks).
     coarsen : bool
         Merge smooth panels after refinement (costs ``nodes`` evaluations per merged run).
     max_depth, max_evals : int
-        Refinement caps.
+        Refinement caps (levels, evaluations per unit).
     """
     dev, dt = g_a.device, g_a.dtype
-    x01, w01 = (torch.as_tensor(v, dtype=dt, device=dev) for v in rule_nodes("gauss-legendre", nodes))
+    rules = [tuple(torch.as_tensor(v, dtype=dt, device=dev) for v in rule_nodes("gauss-legendre", n))
+             for n in (nodes, max(1, nodes // 2))]
     U = g_a.shape[0]
     exact = g_b - g_a
     eps = torch.finfo(dt).eps
@@ -192,68 +218,180 @@ def adaptive_plan(
     thr = rel + _FLOOR * eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
     evals = torch.full((U,), nodes, dtype=torch.long, device=dev)
     estimate = est0.clone()
-    failing = torch.nonzero((est0 - exact).abs().amax(-1) > thr).reshape(-1)
+    err0 = (est0 - exact).abs().amax(-1)
+    failing = torch.nonzero(err0 > thr).reshape(-1)
     acc = _Panels()
     if failing.numel():
         F = failing.numel()
-        t5 = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=dt, device=dev)
-        primal, tangent = refine(failing.repeat_interleave(5), t5.repeat(F))
-        primal, tangent = primal.reshape(F, 5, -1).clone(), tangent.reshape(F, 5, -1)
-        primal[:, 0], primal[:, 4] = g_a[failing], g_b[failing]
-        evals[failing] += 5
-        unit = torch.cat([failing, failing])
-        pa = torch.cat([t5[0].expand(F), t5[2].expand(F)])
-        pb = torch.cat([t5[2].expand(F), t5[4].expand(F)])
-        f = [torch.cat([primal[:, i], primal[:, i + 2]]) for i in (0, 1, 2)]  # values at a, m, b
-        d = [torch.cat([tangent[:, i], tangent[:, i + 2]]) for i in (0, 1, 2)]  # derivatives at a, m, b
+        zero, one = torch.zeros(F, dtype=dt, device=dev), torch.ones(F, dtype=dt, device=dev)
+        _, d = refine(torch.cat([failing, failing]), torch.cat([zero, one]))
+        evals[failing] += 2
+        no = torch.zeros(F, dtype=torch.bool, device=dev)
+        fa, fb, da, db = g_a[failing], g_b[failing], d[:F], d[F:]
+        jobs = {"unit": failing, "A": zero, "B": one, "fA": fa, "fB": fb, "dA": da, "dB": db, "sA": zero, "sB": one,
+                "fsA": fa, "fsB": fb, "dsA": da, "dsB": db,
+                "p": zero, "q": one, "fp": fa, "fq": fb, "dp": da, "dq": db,
+                "kind": torch.full_like(failing, _GAUSS_KIND), "est": est0[failing], "err": err0[failing],
+                "tol": thr[failing], "core": rel[failing], "C": torch.full_like(zero, _C0), "bis": no}
         acc_err = torch.zeros(U, dtype=dt, device=dev)
         for depth in range(1, max_depth + 1):
-            width = pb - pa
-            est = width[:, None] / 6 * (d[0] + 4 * d[1] + d[2])
-            err = (est - (f[2] - f[0])).abs().amax(-1)
-            tol_p = rel[unit] * width + _FLOOR * eps * (f[0].abs() + f[2].abs()).amax(-1)
-            total = acc_err.index_add(0, unit, err)
+            total = acc_err.index_add(0, jobs["unit"], jobs["err"])
             done = (total <= thr) | (evals >= max_evals) | (depth >= max_depth)
-            split = ~done[unit] & (err > tol_p)
-            keep = ~split
-            acc.add(_SIMPSON_KIND, unit[keep], pa[keep], pb[keep], est[keep], err[keep], f[0][keep], f[2][keep],
-                    tol_p[keep])
-            acc_err.index_add_(0, unit[keep], err[keep])
-            if not bool(split.any()):
+            stop = done[jobs["unit"]]
+            acc.add(_rows(jobs, stop), acc_err)
+            jobs = _rows(jobs, ~stop)
+            if jobs["unit"].numel() == 0:
                 break
-            u, a, b, h, tp = unit[split], pa[split], pb[split], width[split], tol_p[split]
-            fa, fm, fb = (v[split] for v in f)
-            da, dm, db = (v[split] for v in d)
-            m = 0.5 * (a + b)
-            fq, dq = refine(torch.cat([u, u]), torch.cat([0.5 * (a + m), 0.5 * (m + b)]))
-            evals.index_add_(0, u, torch.full_like(u, 2))
-            n = u.numel()
-            fq1, fq2, dq1, dq2 = fq[:n], fq[n:], dq[:n], dq[n:]
-            boole = h[:, None] / 90 * (7 * da + 32 * dq1 + 12 * dm + 32 * dq2 + 7 * db)
-            b_err = (boole - (fb - fa)).abs().amax(-1)
-            ok = b_err <= tp
-            acc.add(_BOOLE_KIND, u[ok], a[ok], b[ok], boole[ok], b_err[ok], fa[ok], fb[ok], tp[ok])
-            acc_err.index_add_(0, u[ok], b_err[ok])
-            go = ~ok
-            u, a, b, m = u[go], a[go], b[go], m[go]
-            unit = torch.cat([u, u])
-            pa, pb = torch.cat([a, m]), torch.cat([m, b])
-            f = [torch.cat([fa[go], fm[go]]), torch.cat([fq1[go], fq2[go]]), torch.cat([fm[go], fb[go]])]
-            d = [torch.cat([da[go], dm[go]]), torch.cat([dq1[go], dq2[go]]), torch.cat([dm[go], db[go]])]
-            if unit.numel() == 0:
-                break
+            jobs = _level(jobs, refine, rules, eps, evals, acc, acc_err)
     panels = acc.cat()
     if coarsen and panels is not None:
-        panels = _coarsen(panels, refine, x01, w01, rel, thr, evals)
-    return _assemble(U, nodes, x01, w01, failing, panels, exact, estimate, evals)
+        panels = _coarsen(panels, refine, *rules[0], rel, thr, evals)
+    return _assemble(U, rules, failing, panels, exact, estimate, evals)
 
 
-_SIMPSON_KIND, _BOOLE_KIND, _GAUSS_KIND = 0, 1, 2
-_SIMPSON = ((0.0, 0.5, 1.0), (1 / 6, 4 / 6, 1 / 6))
-_BOOLE = ((0.0, 0.25, 0.5, 0.75, 1.0), (7 / 90, 32 / 90, 12 / 90, 32 / 90, 7 / 90))
+#: Panel kinds: ``nodes``-point and ``max(1, nodes // 2)``-point Gauss–Legendre.
+_GAUSS_KIND, _KINK_KIND = 0, 1
+#: Initial constant ``C`` of the predicted kink-location error ``C (q - p)**2``.
+_C0 = 0.05
+#: A kink stands out where ``h'`` changes this many times faster than in the flattest gap.
+_KINK_RATIO = 4.0
+#: A failed panel's error is too large for a kink in its steepest gap above this fraction of
+#: ``max_o |Delta h'_o| (B - A)`` (a kink errs by at most 0.21 of it with two or more nodes, 0.5 with one).
+_EXPLAIN = 0.5
 #: Rounding floor of the adaptive rule, in ulps of ``|g|``.
 _FLOOR = 64
 _FIELDS = ("kind", "unit", "a", "b", "est", "err", "fa", "fb", "tol")
+
+
+def _rows(d: dict[str, Tensor], sel: Tensor) -> dict[str, Tensor]:
+    """The rows ``sel`` of every field."""
+    return {k: v[sel] for k, v in d.items()}
+
+
+def _bracket(rows: dict[str, Tensor], t: Tensor, f: Tensor, d: Tensor, use: Tensor | None = None) -> Tensor:
+    """Set each row's bracket ``p, q`` (with values and derivatives) to the gap of its sorted samples ``t (R, m)``
+    (values ``f``, derivatives ``d``, ``(R, m, O)``) where ``h'`` changes fastest, among the gaps ``use (R, m-1)``.
+
+    Returns whether ``h'`` changes there :data:`_KINK_RATIO` times faster than in the flattest gap, i.e. whether a
+    kink stands out from the curvature.
+    """
+    slope = torch.nan_to_num((d[:, 1:] - d[:, :-1]).abs().amax(-1) / (t[:, 1:] - t[:, :-1]), nan=0.0)
+    if use is not None:
+        slope = torch.where(use, slope, -1.0)
+    top, i = slope.max(1)
+    flat = torch.where(slope < 0, torch.inf, slope).amin(1)
+    r = torch.arange(i.numel(), device=i.device)
+    rows.update(p=t[r, i], q=t[r, i + 1], fp=f[r, i], fq=f[r, i + 1], dp=d[r, i], dq=d[r, i + 1])
+    return (top > 0) & (top > _KINK_RATIO * flat)
+
+
+def _level(j: dict[str, Tensor], refine: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+           rules: list[tuple[Tensor, Tensor]], eps: float, evals: Tensor, acc: _Panels,
+           acc_err: Tensor) -> dict[str, Tensor]:
+    """One refinement level of the jobs ``j`` (one batched evaluation); returns the jobs left open."""
+    u, A, B, p, q = j["unit"], j["A"], j["B"], j["p"], j["q"]
+    w = q - p
+    dd = j["dq"] - j["dp"]
+    off = (dd * (j["fp"] - j["fq"] + j["dq"] * w[:, None])).sum(-1) / (dd * dd).sum(-1)
+    found = torch.isfinite(off) & (off > 0) & (off < w) & ~j["bis"]
+    c = torch.where(found, p + off, p + 0.5 * w)
+    delta = torch.nan_to_num(0.125 * j["tol"] / dd.abs().amax(-1), nan=float("inf"))
+    sigma = torch.where(found, j["C"] * w * w, 0.5 * w)
+    split = j["bis"] | (torch.minimum(sigma, w) <= 0.5 * delta) | (w <= 1024 * eps)
+    # a kink within reach of the panel's ends is not why the panel failed: bisect it
+    bis = j["bis"] | (split & ((c - A <= 0.5 * delta) | (B - c <= 0.5 * delta)))
+    x = torch.where(bis, 0.5 * (A + B), c)
+    at_p = split & ~bis & (x - p <= 0.5 * delta) & (p > A)
+    at_q = split & ~bis & ~at_p & (q - x <= 0.5 * delta) & (q < B)
+    x = torch.where(at_p, p, torch.where(at_q, q, x))
+    s = torch.maximum(sigma, 0.25 * delta)
+    cc = torch.minimum(torch.maximum(c, p + w / 64), q - w / 64)
+    x1 = torch.maximum(cc - s, 0.5 * (p + cc))
+    x2 = torch.minimum(cc + s, 0.5 * (cc + q))
+    # a smooth panel is bisected into `nodes`-point halves, or first retested with `nodes` points when it had fewer
+    regrade = split & bis & (j["kind"] == _KINK_KIND)
+    S, R, P = (torch.nonzero(m).reshape(-1) for m in (split & ~regrade, regrade, ~split))
+    fresh = split & ~regrade & ~at_p & ~at_q
+    n, xs = S.numel(), x[S]
+    h = _rows(j, torch.cat([S, S, R]))
+    h.update(A=torch.cat([A[S], xs, A[R]]), B=torch.cat([xs, B[S], B[R]]),
+             core=h["core"] * torch.cat([torch.full((2 * n,), 0.5, dtype=w.dtype, device=w.device),
+                                         torch.ones_like(w[R])]),
+             kind=torch.where(torch.cat([bis[S], bis[S], bis[R]]), _GAUSS_KIND, _KINK_KIND))
+    groups = [torch.nonzero(h["kind"] == g).reshape(-1) for g in (_GAUSS_KIND, _KINK_KIND)]
+    tn = [h["A"][g, None] + (h["B"] - h["A"])[g, None] * r[0] for g, r in zip(groups, rules)]
+    req_u = torch.cat([u[fresh], *(h["unit"][g].repeat_interleave(r[0].numel()) for g, r in zip(groups, rules)),
+                       u[P], u[P]])
+    f, d = refine(req_u, torch.cat([x[fresh], *(t.reshape(-1) for t in tn), x1[P], x2[P]]))
+    evals.index_add_(0, req_u, torch.ones_like(req_u))
+    sizes = [int(fresh.sum()), *(t.numel() for t in tn), P.numel(), P.numel()]
+    fs, ds = f.split(sizes), d.split(sizes)
+    out = []
+    if h["unit"].numel():
+        fx = torch.where(at_p[S][:, None], j["fp"][S], j["fq"][S])
+        dx = torch.where(at_p[S][:, None], j["dp"][S], j["dq"][S])
+        fx[fresh[S]], dx[fresh[S]] = fs[0], ds[0]
+        # h' at a located kink may come from either side: the halves sample it at the bracket's ends instead
+        xk = rules[1][0]
+        lo = ~bis[S] & (p[S] > A[S] + (xs - A[S]) * xk[-1])
+        hi = ~bis[S] & (q[S] < xs + (B[S] - xs) * xk[0])
+        h.update(fA=torch.cat([h["fA"][:n], fx, h["fA"][2 * n:]]), fB=torch.cat([fx, h["fB"][n:]]),
+                 dA=torch.cat([h["dA"][:n], dx, h["dA"][2 * n:]]), dB=torch.cat([dx, h["dB"][n:]]),
+                 sB=torch.cat([torch.where(lo, p[S], xs), h["sB"][n:]]),
+                 fsB=torch.cat([torch.where(lo[:, None], j["fp"][S], fx), h["fsB"][n:]]),
+                 dsB=torch.cat([torch.where(lo[:, None], j["dp"][S], dx), h["dsB"][n:]]),
+                 sA=torch.cat([h["sA"][:n], torch.where(hi, q[S], xs), h["sA"][2 * n:]]),
+                 fsA=torch.cat([h["fsA"][:n], torch.where(hi[:, None], j["fq"][S], fx), h["fsA"][2 * n:]]),
+                 dsA=torch.cat([h["dsA"][:n], torch.where(hi[:, None], j["dq"][S], dx), h["dsA"][2 * n:]]))
+        h["tol"] = h["core"] + _FLOOR * eps * (h["fA"].abs() + h["fB"].abs()).amax(-1)
+        for gi, (g, (_, wq), t) in enumerate(zip(groups, rules, tn)):
+            if g.numel():
+                out.append(_test(_rows(h, g), t, fs[1 + gi], ds[1 + gi], wq, acc, acc_err))
+    if P.numel():
+        jp = _rows(j, P)
+        kinked = _bracket(jp, torch.stack([jp["p"], x1[P], x2[P], jp["q"]], 1),
+                          torch.stack([jp["fp"], fs[-2], fs[-1], jp["fq"]], 1),
+                          torch.stack([jp["dp"], ds[-2], ds[-1], jp["dq"]], 1))
+        hit = (jp["p"] == x1[P]) & (jp["q"] == x2[P])
+        jp.update(C=torch.where(hit, jp["C"], 4 * jp["C"]), bis=~kinked)
+        out.append(jp)
+    return {k: torch.cat([o[k] for o in out]) for k in j} if out else _rows(j, torch.zeros_like(found))
+
+
+def _test(h: dict[str, Tensor], t: Tensor, f: Tensor, d: Tensor, wq: Tensor, acc: _Panels,
+          acc_err: Tensor) -> dict[str, Tensor]:
+    """Test the panels ``h`` with Gauss nodes ``t (R, k)`` (values ``f``, derivatives ``d``, ``(R*k, O)``).
+
+    Accepts those within their tolerance; returns the others as jobs bracketing their likeliest kink.
+    """
+    R, k = t.shape
+    f, d = f.reshape(R, k, -1), d.reshape(R, k, -1)
+    h["est"] = (h["B"] - h["A"])[:, None] * torch.einsum("q,rqo->ro", wq, d)
+    h["err"] = (h["est"] - (h["fB"] - h["fA"])).abs().amax(-1)
+    ok = h["err"] <= h["tol"]
+    acc.add(_rows(h, ok), acc_err)
+    h = _rows(h, ~ok)
+    t, f, d = t[~ok], f[~ok], d[~ok]
+    use = torch.ones(t.shape[0], k + 1, dtype=torch.bool, device=t.device)
+    use[:, 0], use[:, -1] = h["sA"] < t[:, 0], h["sB"] > t[:, -1]
+    steep = _bracket(h, torch.cat([h["sA"][:, None], t, h["sB"][:, None]], 1),
+                     torch.cat([h["fsA"][:, None], f, h["fsB"][:, None]], 1),
+                     torch.cat([h["dsA"][:, None], d, h["dsB"][:, None]], 1), use)
+    # a kink of jump J errs by J (B - A) phi, phi <= 0.21 the offset from its nearest node or balance point: a
+    # larger error than the steepest gap can explain points to a kink hidden between a located kink at an end
+    # and the sample taken for that end
+    ratio = h["err"] / ((h["dq"] - h["dp"]).abs().amax(-1) * (h["B"] - h["A"]))
+    ja = torch.where(h["sA"] > h["A"], (h["dsA"] - h["dA"]).abs().amax(-1), 0.0)
+    jb = torch.where(h["sB"] < h["B"], (h["dB"] - h["dsB"]).abs().amax(-1), 0.0)
+    hidden = (ratio > _EXPLAIN) & (torch.maximum(ja, jb) > (h["dq"] - h["dp"]).abs().amax(-1))
+    lo, hi = hidden & (ja >= jb), hidden & (ja < jb)
+    for key, a_, b_ in (("p", "A", "sB"), ("q", "sA", "B"), ("fp", "fA", "fsB"), ("fq", "fsA", "fB"),
+                        ("dp", "dA", "dsB"), ("dq", "dsA", "dB")):
+        m_lo, m_hi = (lo, hi) if h[key].dim() == 1 else (lo[:, None], hi[:, None])
+        h[key] = torch.where(m_lo, h[a_], torch.where(m_hi, h[b_], h[key]))
+    kinked = hidden | (steep & (ratio <= _EXPLAIN))
+    h.update(C=torch.full_like(h["A"], _C0), bis=~kinked)
+    return h
 
 
 class _Panels:
@@ -262,11 +400,13 @@ class _Panels:
     def __init__(self) -> None:
         self.parts: list[dict[str, Tensor]] = []
 
-    def add(self, kind: int, unit: Tensor, a: Tensor, b: Tensor, est: Tensor, err: Tensor, fa: Tensor, fb: Tensor,
-            tol: Tensor) -> None:
-        if unit.numel():
-            self.parts.append({"kind": torch.full_like(unit, kind), "unit": unit, "a": a, "b": b, "est": est,
-                               "err": err, "fa": fa, "fb": fb, "tol": tol})
+    def add(self, rows: dict[str, Tensor], acc_err: Tensor) -> None:
+        """Accept the tested panels of ``rows`` (job fields) and add their errors to ``acc_err``."""
+        if rows["unit"].numel():
+            self.parts.append({"kind": rows["kind"], "unit": rows["unit"], "a": rows["A"], "b": rows["B"],
+                               "est": rows["est"], "err": rows["err"], "fa": rows["fA"], "fb": rows["fB"],
+                               "tol": rows["tol"]})
+            acc_err.index_add_(0, rows["unit"], rows["err"])
 
     def cat(self) -> dict[str, Tensor] | None:
         if not self.parts:
@@ -315,27 +455,25 @@ def _coarsen(p: dict[str, Tensor], refine: Callable[[Tensor, Tensor], tuple[Tens
     return {k2: torch.cat([keep[k2], add[k2]]) for k2 in _FIELDS}
 
 
-def _assemble(U: int, nodes: int, x01: Tensor, w01: Tensor, failing: Tensor, panels: dict[str, Tensor] | None,
+def _assemble(U: int, rules: list[tuple[Tensor, Tensor]], failing: Tensor, panels: dict[str, Tensor] | None,
               exact: Tensor, estimate: Tensor, evals: Tensor) -> NodePlan:
     """Node lists per unit: Gauss–Legendre for passing units, merged panel nodes for the others."""
     dev, dt = exact.device, exact.dtype
     good = torch.ones(U, dtype=torch.bool, device=dev)
     good[failing] = False
     g_units = torch.nonzero(good).reshape(-1)
-    units = [g_units.repeat_interleave(nodes)]
-    ts = [x01.repeat(g_units.numel())]
-    ws = [w01.repeat(g_units.numel())]
+    units = [g_units.repeat_interleave(rules[0][0].numel())]
+    ts = [rules[0][0].repeat(g_units.numel())]
+    ws = [rules[0][1].repeat(g_units.numel())]
     if failing.numel():
         estimate[failing] = 0
     if panels is not None:
         estimate.index_add_(0, panels["unit"], panels["est"])
-        rules = {_SIMPSON_KIND: _SIMPSON, _BOOLE_KIND: _BOOLE,
-                 _GAUSS_KIND: (tuple(x01.tolist()), tuple(w01.tolist()))}
-        for kind, (pos, wts) in rules.items():
+        for kind, (pos, wts) in enumerate(rules):
             sel = panels["kind"] == kind
             ins, lo, hi = panels["unit"][sel], panels["a"][sel], panels["b"][sel]
             h = hi - lo
-            for p_, w_ in zip(pos, wts):
+            for p_, w_ in zip(pos.tolist(), wts.tolist()):
                 units.append(ins)
                 ts.append(lo + p_ * h)
                 ws.append(w_ * h)
