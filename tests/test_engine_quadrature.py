@@ -11,6 +11,22 @@ import torch
 from explaind.kernel.quadrature import NodePlan, adaptive_plan, fixed_plan, rule_nodes
 
 
+def _node_sums(plan, deriv, weight_tol):
+    """Check each unit's nodes lie in [0, 1] with weights summing to 1 and reproducing the estimate.
+
+    Returns the node sums ``sum_q w_q deriv(t_q)`` per unit.
+    """
+    sums = []
+    for u in range(plan.t.shape[0]):
+        keep = plan.w[u] != 0
+        t, w = plan.t[u][keep], plan.w[u][keep]
+        assert torch.all((t >= 0) & (t <= 1)) and abs(float(w.sum()) - 1) < weight_tol
+        recon = (w[:, None] * deriv(t, torch.full_like(t, u, dtype=torch.long))).sum(0)
+        torch.testing.assert_close(recon, plan.estimate[u], rtol=0, atol=1e-13)
+        sums.append(recon)
+    return sums
+
+
 @pytest.mark.parametrize("n", [1, 2, 4, 7])
 def test_gauss_legendre_is_exact_to_degree_2n_minus_1(n):
     t, w = rule_nodes("gauss-legendre", n)
@@ -72,12 +88,7 @@ def test_adaptive_plan_meets_the_tolerance_on_kinks(tol):
     scale = exact.abs().amax(-1)
     assert ((plan.estimate - exact).abs().amax(-1) <= tol * scale + 1e-13).all()
     # the nodes and weights reproduce the estimate and integrate both outputs' derivatives
-    for u in range(U):
-        keep = plan.w[u] != 0
-        t, w = plan.t[u][keep], plan.w[u][keep]
-        assert torch.all((t >= 0) & (t <= 1)) and abs(float(w.sum()) - 1) < 1e-13
-        recon = (w[:, None] * dg(t, torch.full_like(t, u, dtype=torch.long))).sum(0)
-        torch.testing.assert_close(recon, plan.estimate[u], rtol=0, atol=1e-13)
+    for u, recon in enumerate(_node_sums(plan, dg, 1e-13)):
         assert ((recon - exact[u]).abs() <= tol * scale[u] + 1e-13).all()
     # the smooth unit stays at the initial 4 Gauss-Legendre nodes; kinked ones cost far fewer evals than
     # a uniform rule of the same accuracy would (error ~ 1/n for a kink: ~1/tol nodes)
@@ -169,12 +180,7 @@ def _run(h, dh, U: int, tol: float, **kw):
     exact = g_b - g_a
     # every evaluation is counted, and the nodes and weights reproduce the estimate
     assert int(plan.evals.sum()) == 4 * U + sum(pairs)
-    for u in range(U):
-        keep = plan.w[u] != 0
-        t, wt = plan.t[u][keep], plan.w[u][keep]
-        assert torch.all((t >= 0) & (t <= 1)) and abs(float(wt.sum()) - 1) < 1e-12
-        recon = (wt[:, None] * dh(t, torch.full_like(t, u, dtype=torch.long))).sum(0)
-        torch.testing.assert_close(recon, plan.estimate[u], rtol=0, atol=1e-13)
+    _node_sums(plan, dh, 1e-12)
     return plan, exact
 
 
