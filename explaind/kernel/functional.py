@@ -141,6 +141,13 @@ class Explained:
         return Explained(self.kind, self.aux[idx], self.n_outputs)
 
 
+def _along_each(along: Any, tangents: Params) -> Tensor:
+    """``along(v)`` for each tangent of ``name -> (K, *shape)``, stacked first (no ``vmap`` when ``K = 1``)."""
+    if next(iter(tangents.values())).shape[0] == 1:
+        return along({n: v[0] for n, v in tangents.items()}).unsqueeze(0)
+    return vmap(along)(tangents)
+
+
 class Segment:
     r"""The segment :math:`\theta(t) = \theta_s + t\,\Delta\theta_s` of one step, for fixed test inputs.
 
@@ -185,7 +192,7 @@ class Segment:
             def along(v: Params) -> Tensor:
                 return jvp(lambda p: self._g(p, X, aux), (point,), (v,))[1]
 
-            return vmap(along)(tangents)
+            return _along_each(along, tangents)
 
         return vmap(at)(t)
 
@@ -198,7 +205,7 @@ class Segment:
         def along(v: Params) -> Tensor:
             return jvp(lambda p: self._g(p, X, aux), (point,), (v,))[1]
 
-        return vmap(along)(tangents)
+        return _along_each(along, tangents)
 
     def jvp_pairs(self, idx: Tensor, t: Tensor, tangents: Params) -> Tensor:
         r""":math:`\nabla g(\theta(t_j), x_{idx_j})\, v_k` for pairs; shape ``(P, K, O)``."""
@@ -209,7 +216,7 @@ class Segment:
             def along(v: Params) -> Tensor:
                 return jvp(lambda p: self._g1(p, x, a), (point,), (v,))[1]
 
-            return vmap(along)(tangents)
+            return _along_each(along, tangents)
 
         return vmap(one)(t, self.X[idx], self.aux[idx])
 
