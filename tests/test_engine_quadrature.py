@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from explaind.exceptions import ConfigError
 from explaind.kernel.quadrature import NodePlan, adaptive_plan, fixed_plan, rule_nodes
 
 
@@ -241,15 +242,20 @@ def test_smooth_units_keep_their_gauss_nodes_next_to_kinked_ones():
         torch.testing.assert_close(plan.w[u][keep], w, rtol=0, atol=0)
 
 
-def test_smooth_paths_failing_the_first_estimate_are_bisected():
-    """Without kinks, panels that miss are bisected into `nodes`-point Gauss panels until they pass."""
-    U = 3
+def _smooth_oscillating():
+    """Three smooth units (no kinks) that fail the first 4-node estimate: ``h, h'``."""
     f = torch.tensor([6.0, 9.0, 12.0], dtype=torch.float64)
     h = lambda t, u: torch.stack([torch.sin(f[u] * t), t * torch.cos(f[u] * t)], -1)  # noqa: E731
     dh = lambda t, u: torch.stack([f[u] * torch.cos(f[u] * t),  # noqa: E731
                                    torch.cos(f[u] * t) - f[u] * t * torch.sin(f[u] * t)], -1)
+    return h, dh
+
+
+def test_smooth_paths_failing_the_first_estimate_are_bisected():
+    """Without kinks, panels that miss are bisected into `nodes`-point Gauss panels until they pass."""
+    h, dh = _smooth_oscillating()
     for tol in (1e-6, 1e-11):
-        plan, exact = _run(h, dh, U, tol)
+        plan, exact = _run(h, dh, 3, tol)
         assert _within(plan, exact, tol).all()
         assert bool((plan.evals > 4).all())
 
@@ -272,3 +278,198 @@ def test_refinement_stops_at_the_caps():
     assert bool((plan.evals <= 4 + 2 + 9 + 2 * 9).all())
     plan, exact = _run(h, dh, 2, 1e-12, max_evals=12)  # 6 before level 1, at most 11 before level 2
     assert bool((plan.evals <= 11 + 2 * 9).all())
+
+
+# ------------------------------------------------------------------------------ starting from the first estimate
+def _run_from_first(h, dh, U: int, tol: float, nodes: int = 4, **kw):
+    """The adaptive plans of ``U`` units without and with the first estimate's samples (checked as in :func:`_run`).
+
+    Returns both plans, the exact values and, for the run with ``first``, the ``(units, t)`` of each refine call.
+    """
+    units = torch.arange(U)
+    x, w = (torch.tensor(v) for v in rule_nodes("gauss-legendre", nodes))
+    xu = x.repeat(U)
+    uu = units.repeat_interleave(nodes)
+    f, d = h(xu, uu).reshape(U, nodes, -1), dh(xu, uu).reshape(U, nodes, -1)
+    est0 = torch.einsum("q,uqo->uo", w, d)
+    zero, one = torch.zeros(U, dtype=torch.float64), torch.ones(U, dtype=torch.float64)
+    g_a, g_b = h(zero, units), h(one, units)
+    plans, calls = [], []
+    for first in (None, (x, f, d)):
+        calls = []
+
+        def refine(u, t, calls=calls):
+            calls.append((u.clone(), t.clone()))
+            return h(t, u), dh(t, u)
+
+        plan = adaptive_plan(est0, g_a, g_b, refine, tol=tol, nodes=nodes, first=first, **kw)
+        assert int(plan.evals.sum()) == nodes * U + sum(u.numel() for u, _ in calls)
+        _node_sums(plan, dh, 1e-12)
+        plans.append(plan)
+    return plans[0], plans[1], g_b - g_a, calls
+
+
+def _end_evals(calls, unit: int) -> list[tuple[int, float]]:
+    """(refine call, t) of each evaluation of ``unit`` at t = 0 or t = 1."""
+    return [(k, float(tv)) for k, (u, t) in enumerate(calls) for tv in t[(u == unit) & ((t == 0) | (t == 1))]]
+
+
+@pytest.mark.parametrize("tol", [1e-6, 1e-9, 1e-12])
+@pytest.mark.parametrize("kink", [0.123, 0.2, 0.45, 0.6, 0.875, (5**0.5 - 1) / 2])
+def test_first_samples_locate_an_inner_kink_without_the_end_derivatives(kink, tol):
+    """A kink between two Gauss nodes stands out among the first estimate's samples and accounts for its error, so
+    h'(0), h'(1) are never evaluated: the plan costs exactly 2 evaluations less than from [0, 1] (the tangents meet
+    exactly at the kink either way), and at most the 4 nodes, 3 probe pairs and one split (5)."""
+    h, dh = _piecewise([[kink]])
+    plain, first, exact, calls = _run_from_first(h, dh, 1, tol)
+    assert _within(first, exact, tol).all()
+    assert _end_evals(calls, 0) == []
+    assert int(first.evals[0]) <= int(plain.evals[0]) - 2
+    assert int(first.evals[0]) <= 4 + 2 * 3 + 5
+    t = first.t[0][first.w[0] != 0]
+    assert t.numel() == 4 and float((t - kink).abs().min()) >= 0.2 * min(kink, 1 - kink)
+
+
+@pytest.mark.parametrize("kink", [0.01, 0.05, 0.95, 0.999])
+def test_first_samples_with_a_kink_in_an_end_gap(kink):
+    """No gap between Gauss nodes stands out for a kink in [0, x_1] or [x_n, 1]: h'(0) and h'(1) are evaluated in
+    the first refine call, as without the samples, and the kink is bracketed in its end gap at once."""
+    h, dh = _piecewise([[kink]])
+    for tol in (1e-6, 1e-12):
+        plain, first, exact, calls = _run_from_first(h, dh, 1, tol)
+        assert _within(first, exact, tol).all()
+        assert _end_evals(calls, 0) == [(0, 0.0), (0, 1.0)]
+        assert int(first.evals[0]) <= int(plain.evals[0])
+
+
+@pytest.mark.parametrize("at_kink", ["left", "right", "mean"])
+@pytest.mark.parametrize("q", [0, 1, 2, 3])
+def test_first_samples_with_a_kink_on_a_gauss_node(q, at_kink):
+    """A kink exactly on node x_q (h' there from one side or the mean): the tangents of the steepest gap meet at the
+    node, so the bracket takes in the neighbouring gap (the end derivative is evaluated where that gap is an end
+    gap); no panel node lands on the kink and it costs no more than starting from [0, 1]."""
+    kink = float(rule_nodes("gauss-legendre", 4)[0][q])
+    h, dh = _piecewise([[kink]], at_kink=at_kink)
+    for tol in (1e-6, 1e-12):
+        plain, first, exact, calls = _run_from_first(h, dh, 1, tol)
+        assert _within(first, exact, tol).all()
+        assert int(first.evals[0]) <= int(plain.evals[0])
+        t = first.t[0][first.w[0] != 0]
+        assert t.numel() == 4 and float((t - kink).abs().min()) >= 0.2 * min(kink, 1 - kink)
+        if q in (1, 2) and at_kink != "mean":  # one steep inner gap: h'(0), h'(1) are not needed
+            assert _end_evals(calls, 0) == []
+
+
+def _two_kinks(c1: float, j1: list[float], c2: float, j2: list[float]):
+    """``h(t) = m t + J1 relu(t - c1) + J2 relu(t - c2)`` for every unit (outputs: the entries of the jumps)."""
+    m = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64)
+    J1, J2 = torch.tensor(j1, dtype=torch.float64), torch.tensor(j2, dtype=torch.float64)
+
+    def h(t, u):
+        t = t[:, None]
+        return m * t + J1 * torch.relu(t - c1) + J2 * torch.relu(t - c2)
+
+    def dh(t, u):
+        t = t[:, None]
+        return m + J1 * (t > c1).double() + J2 * (t > c2).double()
+
+    return h, dh
+
+
+def test_first_samples_fetch_a_missing_end_derivative_when_a_side_needs_it():
+    """A large inner kink (0.45) accounts for the first estimate's error; the small one in [x_4, 1] (0.97) shows once
+    the side [c, 1] fails with flat known gaps: h'(1) is evaluated then (one evaluation, a later refine call), h'(0)
+    never. Without the samples both are evaluated first, so one evaluation is saved."""
+    h, dh = _two_kinks(0.45, [1.0, -2.0, 0.5], 0.97, [1e-3, 2e-3, -1e-3])
+    plain, first, exact, calls = _run_from_first(h, dh, 1, 1e-9)
+    assert _within(first, exact, 1e-9).all() and _within(plain, exact, 1e-9).all()
+    ends = _end_evals(calls, 0)
+    assert len(ends) == 1 and ends[0][1] == 1.0 and ends[0][0] > 0
+    assert int(first.evals[0]) <= int(plain.evals[0]) - 1
+    assert int((first.w[0] != 0).sum()) == 6  # three straight pieces, one open 2-node panel each
+
+
+@pytest.mark.parametrize("kinks", [[0.2, 0.45, 0.5, 0.8], [0.3, 0.3 + 1e-7], [0.02, 0.1, 0.97], [0.2, 0.96],
+                                   [0.04, 0.6], [0.4, 0.97]])
+def test_first_samples_with_several_kinks(kinks):
+    """As from [0, 1] (:func:`test_several_kinks_in_one_panel`): each kink costs at most a location, a split and
+    the failed test of the piece still holding the others, and each straight piece ends as one 2-node panel (two
+    when a split falls between kinks closer than its predicted location error)."""
+    h, dh = _piecewise([kinks])
+    plain, first, exact, _ = _run_from_first(h, dh, 1, 1e-9)
+    assert _within(first, exact, 1e-9).all()
+    K = len(kinks)
+    assert int(first.evals[0]) <= 6 + 14 * K
+    close = min(b - a for a, b in zip(kinks, kinks[1:])) < 1e-3
+    assert int((first.w[0] != 0).sum()) == 2 * (K + 1) or (close and int((first.w[0] != 0).sum()) == 2 * (K + 2))
+
+
+def test_first_samples_leave_smooth_units_untouched():
+    h, dh = _piecewise([[], [0.4], [], [0.1, 0.7], []])
+    plain, first, exact, calls = _run_from_first(h, dh, 5, 1e-10)
+    assert _within(first, exact, 1e-10).all()
+    x, w = (torch.tensor(v) for v in rule_nodes("gauss-legendre", 4))
+    for u in (0, 2, 4):
+        assert int(first.evals[u]) == 4
+        assert not any(bool((c_u == u).any()) for c_u, _ in calls)
+        keep = first.w[u] != 0
+        torch.testing.assert_close(first.t[u][keep], x, rtol=0, atol=0)
+        torch.testing.assert_close(first.w[u][keep], w, rtol=0, atol=0)
+        torch.testing.assert_close(first.estimate[u], plain.estimate[u], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("coarsen", [False, True])
+@pytest.mark.parametrize("tol", [1e-7, 1e-11])
+def test_first_samples_on_random_paths(tol, coarsen):
+    """Random piecewise linear paths with 0-3 kinks: every unit meets its tolerance, and starting from the samples
+    saves 2 evaluations per failing unit on average (h'(0), h'(1) wherever a kink stands out between nodes, and
+    probes in a narrower first bracket)."""
+    gen = torch.Generator().manual_seed(3)
+    kinks = [torch.rand(int(n), generator=gen).tolist() for n in torch.randint(0, 4, (40,), generator=gen)]
+    h, dh = _piecewise(kinks, n_out=2, seed=1)
+    plain, first, exact, _ = _run_from_first(h, dh, len(kinks), tol, coarsen=coarsen)
+    assert _within(first, exact, tol).all()
+    failing = plain.evals > 4
+    assert int(failing.sum()) > 10
+    assert int((plain.evals - first.evals)[failing].sum()) >= 2 * int(failing.sum())
+
+
+@pytest.mark.parametrize("nodes", [2, 3, 6])
+def test_first_samples_with_other_node_counts(nodes):
+    gen = torch.Generator().manual_seed(5)
+    kinks = [torch.rand(int(n), generator=gen).tolist() for n in torch.randint(0, 3, (12,), generator=gen)]
+    h, dh = _piecewise(kinks, n_out=2, seed=2, curvature=0.3)
+    _, first, exact, _ = _run_from_first(h, dh, len(kinks), 1e-9, nodes=nodes)
+    assert _within(first, exact, 1e-9).all()
+
+
+def test_first_samples_on_smooth_paths_failing_the_first_estimate():
+    h, dh = _smooth_oscillating()
+    for tol in (1e-6, 1e-11):
+        _, first, exact, _ = _run_from_first(h, dh, 3, tol)
+        assert _within(first, exact, tol).all()
+        assert bool((first.evals > 4).all())
+
+
+def test_first_samples_respect_the_caps():
+    h, dh = _piecewise([[0.3], [0.1, 0.2, 0.6]], curvature=1.0)
+    _, first, _, _ = _run_from_first(h, dh, 2, 1e-12, max_depth=3)  # at most the end derivatives and two levels
+    assert bool((first.evals <= 4 + 2 + 9 + 2 * 9).all())
+    _, first, _, _ = _run_from_first(h, dh, 2, 1e-12, max_evals=12)
+    assert bool((first.evals <= 11 + 2 * 9).all())
+
+
+def test_first_samples_must_match_the_rule():
+    x, w = (torch.tensor(v) for v in rule_nodes("gauss-legendre", 4))
+    U, O = 3, 2
+    est0, g = torch.zeros(U, O, dtype=torch.float64), torch.ones(U, O, dtype=torch.float64)
+    hx = torch.zeros(U, 4, O, dtype=torch.float64)
+
+    def refine(u, t):
+        raise AssertionError("not reached")
+
+    with pytest.raises(ConfigError, match=r"h, h' \(3, 4, 2\).*got shapes \(4,\), \(3, 3, 2\)"):
+        adaptive_plan(est0, g, g + 1, refine, tol=1e-7, first=(x, hx[:, :3], hx))
+    even = torch.linspace(0.1, 0.9, 4, dtype=torch.float64)
+    with pytest.raises(ConfigError, match=r"the 4 Gauss-Legendre nodes on \[0, 1\].*rule_nodes\('gauss-legendre', 4\)"):
+        adaptive_plan(est0, g, g + 1, refine, tol=1e-7, first=(even, hx, hx))

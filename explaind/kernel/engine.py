@@ -206,13 +206,15 @@ class PathEngine:
         x01, w01 = (torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in rule_nodes("gauss-legendre", n))
         base, delta = self._stack(lo, hi)
         all_inputs = torch.arange(T, device=self.device)
-        parts = []  # first estimate: nodes shared by all inputs, one vmap over nodes per step
+        per = max(1, (self.chunk_size or n * T) // T)
+        h_parts, d_parts = [], []  # first estimate: nodes shared by all inputs, one vmap over nodes per step
         for s in range(lo, hi):
             seg = self.segment(s, X, explained)
-            tangent = {k: v.unsqueeze(0) for k, v in seg.delta.items()}
-            vals = self._grid_chunks(lambda tc, seg=seg, tg=tangent: seg.jvp_grid(tc, tg, all_inputs)[:, 0], x01, T)
-            parts.append(torch.einsum("q,qto->to", w01, vals))
-        est0 = torch.cat(parts)
+            pieces = [seg.slopes_grid(x01[i:i + per], all_inputs) for i in range(0, n, per)]
+            h_parts.append(torch.cat([p[0] for p in pieces]).transpose(0, 1))  # (T, n, O)
+            d_parts.append(torch.cat([p[1] for p in pieces]).transpose(0, 1))
+        h0, d0 = torch.cat(h_parts), torch.cat(d_parts)  # (units, n, O), units step-major
+        est0 = torch.einsum("q,uqo->uo", w01, d0)
         rows = self.rows_available(lo, X, explained)  # refinement: (step, input, t) rows without shared nodes
         stack = StepStack(self.fm, explained, base, delta, X)
 
@@ -226,7 +228,7 @@ class PathEngine:
 
         g_a = torch.cat(g_vals[:-1])
         g_b = torch.cat(g_vals[1:])
-        plan = adaptive_plan(est0, g_a, g_b, refine, tol=tol, nodes=n, coarsen=coarsen)
+        plan = adaptive_plan(est0, g_a, g_b, refine, tol=tol, nodes=n, coarsen=coarsen, first=(x01, h0, d0))
         return plan.split(hi - lo)
 
     def _stack(self, lo: int, hi: int) -> tuple[Params, Params]:

@@ -196,6 +196,16 @@ class Segment:
 
         return vmap(at)(t)
 
+    def slopes_grid(self, t: Tensor, sub: Tensor) -> tuple[Tensor, Tensor]:
+        r""":math:`h(t_u) = g(\theta(t_u), x_i)` and :math:`h'(t_u) = \nabla g(\theta(t_u), x_i)\,\Delta\theta` for
+        nodes ``t (U,)`` and inputs ``sub (S,)``; both ``(U, S, O)``."""
+        X, aux = self.X[sub], self.aux[sub]
+
+        def at(tu: Tensor) -> tuple[Tensor, Tensor]:
+            return jvp(lambda p: self._g(p, X, aux), (self.theta(tu),), (self.delta,))
+
+        return vmap(at)(t)
+
     def jvp_at(self, t: Tensor, tangents: Params, sub: Tensor) -> Tensor:
         r""":math:`\nabla g(\theta(t), x_i)\, v_k` at one node ``t`` for inputs ``sub (S,)`` and tangents
         ``name -> (K, *shape)``; shape ``(K, S, O)`` (parameters shared by the inputs, not batched)."""
