@@ -65,6 +65,7 @@ def test_default_init_scale_matches_torch_convention():
         ("cnn", {"image_size": 12, "channels": [4, 4, 4]}, ["image_size=12 is not divisible by 2**len(channels)=8"]),
         ("modular_transformer", {"d_model": 30}, ["d_model=30 is not divisible by n_heads=4"]),
         ("modular_transformer", {"p": 1}, ["'p'", "greater than or equal to 2"]),
+        ("modular_transformer", {"activation": "tanh"}, ["'activation'", "'relu' or 'gelu'"]),
     ],
 )
 def test_invalid_configs_name_the_field(name, config, fragments):
@@ -119,7 +120,11 @@ def _matvec(weight, v):  # y = W v for a (out, in) nested list
     return [sum(w * x for w, x in zip(row, v)) for row in weight]
 
 
-def _reference_transformer(model, tokens, layer_norm):
+def _gelu(v):
+    return 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0)))
+
+
+def _reference_transformer(model, tokens, layer_norm, activation="relu"):
     """The forward pass written as scalar loops over positions, heads and dimensions."""
     sd = {k: v.tolist() for k, v in model.state_dict().items()}
     d, heads = len(sd["pos_embed.weight"][0]), model.n_heads
@@ -146,15 +151,16 @@ def _reference_transformer(model, tokens, layer_norm):
                 z += [sum(weights[j] / total * val[j][sl][c] for j in range(i + 1)) for c in range(dh)]
             x[i] = [a + b for a, b in zip(x[i], _matvec(sd["W_O.weight"], z))]
         last = x[-1]
-        hidden = [max(0.0, a + b) for a, b in zip(_matvec(sd["mlp_in.weight"], ln("ln_mlp", last)), sd["mlp_in.bias"])]
+        act = (lambda v: max(0.0, v)) if activation == "relu" else _gelu
+        hidden = [act(a + b) for a, b in zip(_matvec(sd["mlp_in.weight"], ln("ln_mlp", last)), sd["mlp_in.bias"])]
         last = [a + b + c for a, b, c in zip(last, _matvec(sd["mlp_out.weight"], hidden), sd["mlp_out.bias"])]
         out.append(_matvec(sd["unembed.weight"], ln("ln_final", last)))
     return torch.tensor(out, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("layer_norm", [False, True])
-def test_transformer_matches_a_loop_reference(layer_norm):
-    config = {"p": 7, "d_model": 8, "n_heads": 4, "d_mlp": 12, "layer_norm": layer_norm}
+@pytest.mark.parametrize("layer_norm, activation", [(False, "relu"), (True, "relu"), (False, "gelu")])
+def test_transformer_matches_a_loop_reference(layer_norm, activation):
+    config = {"p": 7, "d_model": 8, "n_heads": 4, "d_mlp": 12, "layer_norm": layer_norm, "activation": activation}
     model = explaind.build_model("modular_transformer", config, seed=2, dtype="float64")
     if layer_norm:
         with torch.no_grad():  # non-trivial norm parameters
@@ -168,7 +174,8 @@ def test_transformer_matches_a_loop_reference(layer_norm):
     with torch.no_grad():
         got = model(chosen)
     assert got.shape == (5, 7)
-    torch.testing.assert_close(got, _reference_transformer(model, chosen, layer_norm), rtol=1e-12, atol=1e-12)
+    want = _reference_transformer(model, chosen, layer_norm, activation)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_transformer_learns_modular_addition():

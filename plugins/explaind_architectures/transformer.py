@@ -26,8 +26,10 @@ off by default (``layer_norm=True`` adds pre-norms before attention, MLP and une
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
@@ -61,6 +63,9 @@ class ModularTransformerConfig(BaseModel):
         Hidden width of the MLP.
     layer_norm : bool
         Add pre-LayerNorms (off by default, as in the grokking experiments).
+    activation : {"relu", "gelu"}
+        Nonlinearity of the MLP block: ``"relu"`` (default, as in the grokking experiments) or the
+        smooth ``"gelu"`` (exact erf form), for which the path integrand has no kinks.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -70,6 +75,7 @@ class ModularTransformerConfig(BaseModel):
     n_heads: PositiveInt = 4
     d_mlp: PositiveInt = 512
     layer_norm: bool = False
+    activation: Literal["relu", "gelu"] = "relu"
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModularTransformerConfig:
@@ -99,6 +105,7 @@ class ModularTransformer(nn.Module):
         self.unembed = nn.Linear(d, p, bias=False)
         norm = (lambda: nn.LayerNorm(d)) if config.layer_norm else nn.Identity
         self.ln_attn, self.ln_mlp, self.ln_final = norm(), norm(), norm()
+        self.activation = torch.relu if config.activation == "relu" else F.gelu
 
     def _split_heads(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
@@ -119,7 +126,7 @@ class ModularTransformer(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embed(tokens) + self.pos_embed(positions)
         x = x + self.attention(self.ln_attn(x))
-        x = x + self.mlp_out(torch.relu(self.mlp_in(self.ln_mlp(x))))
+        x = x + self.mlp_out(self.activation(self.mlp_in(self.ln_mlp(x))))
         return self.unembed(self.ln_final(x[:, -1]))
 
 
