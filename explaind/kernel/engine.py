@@ -176,7 +176,8 @@ class PathEngine:
         start, stop = window
         n = DEFAULT_NODES[rule] if nodes is None else int(nodes)
         elem = torch.finfo(self.dtype).bits // 8
-        group = max(1, stack_bytes // max(1, 2 * elem * self.layout.size)) if rule == "adaptive" else 1
+        stacked = rule == "adaptive" or with_estimate
+        group = max(1, stack_bytes // max(1, 2 * elem * self.layout.size)) if stacked else 1
         g_prev = self.values_at(start, X, explained)
         g_start = g_prev
         plans: list[NodePlan] = []
@@ -189,13 +190,7 @@ class PathEngine:
             if rule == "adaptive":
                 plans.extend(self._adaptive_group(X, explained, lo, hi, g_vals, n, tol, coarsen))
             else:
-                for s in range(lo, hi):
-                    plan = fixed_plan(rule, n, g_vals[s - lo + 1] - g_vals[s - lo])
-                    if with_estimate:
-                        seg = self.segment(s, X, explained)
-                        tangent = {k: v.unsqueeze(0) for k, v in seg.delta.items()}
-                        plan.estimate = self.reduce_jvp(seg, plan, tangent)[:, 0]
-                    plans.append(plan)
+                plans.extend(self._fixed_group(X, explained, lo, hi, g_vals, rule, n, with_estimate, stack_bytes))
             g_prev = g_vals[-1]
         return g_start, g_prev, plans
 
@@ -205,15 +200,7 @@ class PathEngine:
         T = X.shape[0]
         x01, w01 = (torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in rule_nodes("gauss-legendre", n))
         base, delta = self._stack(lo, hi)
-        all_inputs = torch.arange(T, device=self.device)
-        per = max(1, (self.chunk_size or n * T) // T)
-        h_parts, d_parts = [], []  # first estimate: nodes shared by all inputs, one vmap over nodes per step
-        for s in range(lo, hi):
-            seg = self.segment(s, X, explained)
-            pieces = [seg.slopes_grid(x01[i:i + per], all_inputs) for i in range(0, n, per)]
-            h_parts.append(torch.cat([p[0] for p in pieces]).transpose(0, 1))  # (T, n, O)
-            d_parts.append(torch.cat([p[1] for p in pieces]).transpose(0, 1))
-        h0, d0 = torch.cat(h_parts), torch.cat(d_parts)  # (units, n, O), units step-major
+        h0, d0 = self._stack_slopes(base, delta, X, explained, x01)  # first estimate, nodes shared by all inputs
         est0 = torch.einsum("q,uqo->uo", w01, d0)
         rows = self.rows_available(lo, X, explained)  # refinement: (step, input, t) rows without shared nodes
         stack = StepStack(self.fm, explained, base, delta, X)
@@ -230,6 +217,43 @@ class PathEngine:
         g_b = torch.cat(g_vals[1:])
         plan = adaptive_plan(est0, g_a, g_b, refine, tol=tol, nodes=n, coarsen=coarsen, first=(x01, h0, d0))
         return plan.split(hi - lo)
+
+    def _fixed_group(self, X: Tensor, explained: Explained, lo: int, hi: int, g_vals: list[Tensor], rule: str,
+                     n: int, with_estimate: bool, stack_bytes: int) -> list[NodePlan]:
+        """Fixed-rule plans of steps ``lo .. hi-1``; estimates (when asked) from one stacked evaluation."""
+        est = None
+        if with_estimate:
+            x, w = (torch.as_tensor(v, dtype=self.dtype, device=self.device) for v in rule_nodes(rule, n))
+            _, d = self._stack_slopes(*self._stack(lo, hi), X, explained, x, stack_bytes)
+            est = torch.einsum("q,uqo->uo", w, d).reshape(hi - lo, X.shape[0], -1)
+        plans = []
+        for j in range(hi - lo):
+            plan = fixed_plan(rule, n, g_vals[j + 1] - g_vals[j])
+            plan.estimate = None if est is None else est[j]
+            plans.append(plan)
+        return plans
+
+    def _stack_slopes(self, base: Params, delta: Params, X: Tensor, explained: Explained, x: Tensor,
+                      stack_bytes: int = 2**28) -> tuple[Tensor, Tensor]:
+        r""":math:`h` and :math:`h'` at nodes ``x (n,)`` for every stacked step and input: ``(S_b * T, n, O)`` each.
+
+        Steps and nodes are batched so that a call holds at most ``rows_chunk`` (step, node, input)
+        rows and ``stack_bytes`` of per-(step, node) parameters.
+        """
+        S, n, T = next(iter(base.values())).shape[0], x.shape[0], X.shape[0]
+        elem = torch.finfo(self.dtype).bits // 8
+        per_node = max(1, min(n, self.rows_chunk // max(1, T)))
+        per_step = max(1, min(S, self.rows_chunk // max(1, per_node * T),
+                              stack_bytes // max(1, per_node * elem * self.layout.size)))
+        hs, ds = [], []
+        for lo in range(0, S, per_step):
+            stack = StepStack(self.fm, explained, {k: v[lo:lo + per_step] for k, v in base.items()},
+                              {k: v[lo:lo + per_step] for k, v in delta.items()}, X)
+            parts = [stack.slopes_grid(x[i:i + per_node]) for i in range(0, n, per_node)]  # (S_c, n_c, T, O)
+            hs.append(torch.cat([p[0] for p in parts], dim=1))
+            ds.append(torch.cat([p[1] for p in parts], dim=1))
+        h, d = torch.cat(hs), torch.cat(ds)  # (S, n, T, O)
+        return (h.transpose(1, 2).reshape(S * T, n, -1), d.transpose(1, 2).reshape(S * T, n, -1))
 
     def _stack(self, lo: int, hi: int) -> tuple[Params, Params]:
         r""":math:`\theta_s` and :math:`\Delta\theta_s` of steps ``lo .. hi-1``: ``name -> (hi - lo, *shape)``."""

@@ -196,16 +196,6 @@ class Segment:
 
         return vmap(at)(t)
 
-    def slopes_grid(self, t: Tensor, sub: Tensor) -> tuple[Tensor, Tensor]:
-        r""":math:`h(t_u) = g(\theta(t_u), x_i)` and :math:`h'(t_u) = \nabla g(\theta(t_u), x_i)\,\Delta\theta` for
-        nodes ``t (U,)`` and inputs ``sub (S,)``; both ``(U, S, O)``."""
-        X, aux = self.X[sub], self.aux[sub]
-
-        def at(tu: Tensor) -> tuple[Tensor, Tensor]:
-            return jvp(lambda p: self._g(p, X, aux), (self.theta(tu),), (self.delta,))
-
-        return vmap(at)(t)
-
     def jvp_at(self, t: Tensor, tangents: Params, sub: Tensor) -> Tensor:
         r""":math:`\nabla g(\theta(t), x_i)\, v_k` at one node ``t`` for inputs ``sub (S,)`` and tangents
         ``name -> (K, *shape)``; shape ``(K, S, O)`` (parameters shared by the inputs, not batched)."""
@@ -289,6 +279,23 @@ class StepStack:
         self.base = base
         self.delta = delta
         self.X = X
+
+    def slopes_grid(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        r""":math:`h = g(\theta_s + t_u\Delta\theta_s, x_i)` and :math:`h' = \nabla g(\cdot)\,\Delta\theta_s` for every
+        stacked step, node ``t (U,)`` and input; both ``(S_b, U, T, O)``.
+
+        One ``vmap`` over steps (their parameters are already stacked, nothing is gathered) of a
+        ``vmap`` over nodes; the inputs form one batch inside.
+        """
+        X, aux = self.X, self.explained.aux
+
+        def per_step(b: Params, d: Params) -> tuple[Tensor, Tensor]:
+            def at(tu: Tensor) -> tuple[Tensor, Tensor]:
+                return jvp(lambda p: self.explained(self.fm, p, X, aux), ({n: b[n] + tu * d[n] for n in b},), (d,))
+
+            return vmap(at)(t)
+
+        return vmap(per_step)(self.base, self.delta)
 
     def jvp_along_delta(self, sidx: Tensor, idx: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`g(\theta_s + t\Delta\theta_s, x_i)` and :math:`\nabla g(\cdot)\,\Delta\theta_s` for triples
