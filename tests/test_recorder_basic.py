@@ -26,7 +26,7 @@ def _mse(out, y):
     return F.mse_loss(out, y)
 
 
-def _train(model, opt, X, y, idx_list, rec=None, clip=None, loss_fn=_mse):
+def _train(model, opt, X, y, idx_list, rec=None, clip=None, loss_fn=_mse, sched=None):
     for idx in idx_list:
         opt.zero_grad()
         loss_fn(model(X[idx]), y[idx]).backward()
@@ -35,6 +35,8 @@ def _train(model, opt, X, y, idx_list, rec=None, clip=None, loss_fn=_mse):
         if rec is not None:
             rec.log_batch(idx)
         opt.step()
+        if sched is not None:
+            sched.step()
 
 
 def _check_sgd_identity(traj, model_template, X, y, lr, loss_fn=_mse):
@@ -179,12 +181,7 @@ def test_param_groups_scheduler_and_frozen_parameters():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y))
     with rec:
-        for idx in batches(16, 4):
-            opt.zero_grad()
-            _mse(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-            sched.step()
+        _train(model, opt, X, y, batches(16, 4), rec=rec, sched=sched)
     traj = rec.trajectory
     assert traj.param_names == ("0.weight", "2.weight", "2.bias")
     assert set(traj.constants()) == {"0.bias"}
@@ -210,11 +207,7 @@ def test_parameter_without_gradient_is_recorded_unchanged():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y))
     with rec:
-        for idx in batches(8, 4):
-            opt.zero_grad()
-            _mse(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
+        _train(model, opt, X, y, batches(8, 4), rec=rec)
     traj = rec.trajectory
     u = traj.updates(1)["unused.weight"]
     assert (u.a, u.b, u.P) == (1.0, 0.0, 0.0)
@@ -302,12 +295,7 @@ def test_tensor_coefficients_are_copied_when_the_adapter_reuses_its_buffers():
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y))
         with rec:
-            for idx in batches(12, 4):
-                opt.zero_grad()
-                _mse(model(X[idx]), y[idx]).backward()
-                rec.log_batch(idx)
-                opt.step()
-                sched.step()
+            _train(model, opt, X, y, batches(12, 4), rec=rec, sched=sched)
     finally:
         unregister_plugin("tests_buffer_sgd")
     traj = rec.trajectory
