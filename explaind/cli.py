@@ -7,19 +7,20 @@ no chatter), ``--json`` (one JSON document on stdout), ``--debug`` (tracebacks) 
 
 Bad input ends with one line on stderr (``explaind <command>: error: ...``) and exit code 2;
 a file system problem with exit code 1; an interrupt with 130. The handlers live in
-:mod:`explaind.cli_commands`.
+:mod:`explaind.cli_commands`; what both modules share, :class:`Output` and
+:func:`parse_assignments`, lives in :mod:`explaind.cli_io`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from . import __version__
+from . import __version__, cli_commands
+from .cli_io import Output, parse_assignments
 from .exceptions import ExplaindError
 
 __all__ = ["main", "build_parser", "Output", "parse_assignments"]
@@ -32,68 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-class Output:
-    """Where the command's results go: human text, JSON or nothing.
-
-    Parameters
-    ----------
-    quiet : bool
-        Suppress progress bars and informational lines (results are still printed).
-    as_json : bool
-        Print one JSON document with the results instead of text.
-    """
-
-    def __init__(self, quiet: bool = False, as_json: bool = False):
-        self.quiet = quiet
-        self.as_json = as_json
-
-    @property
-    def progress(self) -> bool:
-        """Whether long loops should show progress bars."""
-        return not (self.quiet or self.as_json)
-
-    def info(self, message: str) -> None:
-        """A line of chatter (stderr; hidden by ``-q`` and ``--json``)."""
-        if not (self.quiet or self.as_json):
-            print(message, file=sys.stderr, flush=True)
-
-    def result(self, text: str, data: Any) -> None:
-        """The command's result: ``text`` for humans, ``data`` as JSON with ``--json``."""
-        if self.as_json:
-            print(json.dumps(data, indent=2, default=_json_default))
-        else:
-            print(text, flush=True)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def parse_assignments(items: Sequence[str] | None, option: str) -> dict[str, Any]:
-    """Parse ``key=value`` pairs; values are read as JSON when possible (``3``, ``0.5``, ``[8,16]``, ``true``).
-
-    Raises
-    ------
-    ValueError
-        For an item without ``=`` (the message names the option and shows the expected form).
-    """
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{option} {item!r} is not of the form KEY=VALUE (e.g. {option} p=23).")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        if isinstance(value, list):
-            value = tuple(value)
-        out[key.strip()] = value
-    return out
 
 
 # --------------------------------------------------------------------------- parser
@@ -243,8 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     prog = f"explaind {args.command}" + (f" {args.study}" if args.command == "study" else "")
     try:
-        from . import cli_commands
-
         handler = getattr(cli_commands, f"cmd_{args.command}")
         return int(handler(args, out) or EXIT_OK)
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """Handlers of the ``explaind`` subcommands (parsing lives in :mod:`explaind.cli`).
 
 Each ``cmd_<name>(args, out)`` validates its arguments, calls the library and reports through
-:class:`explaind.cli.Output`; it returns the exit code. Errors are raised as
+:class:`explaind.cli_io.Output`; it returns the exit code. Errors are raised as
 :class:`~explaind.exceptions.ExplaindError` / ``ValueError`` and turned into one line by
 :func:`explaind.cli.main`.
 """
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli_io import parse_assignments
 from .exceptions import ConfigError
 from .studies.fidelity import format_table
 
@@ -51,7 +52,6 @@ def cmd_plugins(args: argparse.Namespace, out: Any) -> int:
 # --------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace, out: Any) -> int:
     """Train and record a run."""
-    from .cli import parse_assignments
     from .studies.runs import train_run
 
     config = {

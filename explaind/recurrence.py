@@ -1,4 +1,4 @@
-r"""The linear-recurrence form of optimizer updates (DESIGN §2).
+r"""The linear-recurrence form of optimizer updates (docs/maths.md §3).
 
 Every supported optimizer step is written, per parameter tensor, as
 

@@ -2,7 +2,7 @@
 
 Each run trains a tiny float64 MLP (3 -> 5 -> 3, tanh or ReLU) on 12 samples with batches of 4 for
 8 optimizer steps, with one of four optimizer set-ups that together exercise every coefficient of
-the linear recurrence (DESIGN §2):
+the linear recurrence (docs/maths.md §3):
 
 ========================  =============================================================
 name                      optimizer
@@ -22,14 +22,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import pytest
 import torch
 from torch import Tensor, nn
 
 import explaind
 
 __all__ = [
-    "one_thread",
     "ACTIVATIONS",
     "OPTIMIZERS",
     "Run",
@@ -47,19 +45,6 @@ N_TEST = 6
 BATCH = 4
 N_STEPS = 8
 N_IN, N_HIDDEN, N_OUT = 3, 5, 3
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run a module's tests with one intra-op thread (restored afterwards).
-
-    The tensors here are tiny: with several threads per test worker on a small shared machine the
-    threads mostly spin-wait, which made these tests ~20x slower in CPU time.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

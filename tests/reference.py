@@ -1,4 +1,4 @@
-r"""A slow, deliberately simple float64 reference of the ExPLAIND decomposition (DESIGN §2).
+r"""A slow, deliberately simple float64 reference of the ExPLAIND decomposition (docs/maths.md §4–5).
 
 Everything is computed with plain Python loops over the definitions, independently of the engine,
 and the trajectory is read only through the abstract :class:`explaind.Trajectory` interface:

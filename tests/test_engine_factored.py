@@ -7,7 +7,6 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_fixtures import one_thread  # noqa: F401
 from engine_testkit import rel
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev

@@ -70,6 +70,33 @@ def test_a_broken_strategy_fails_the_relevant_checks():
     assert len(list(pruning_strategy_checks(record))) == 9
 
 
+class _ShiftedDefault(_Sloppy):
+    """Declares ``sparsity=0.5`` while its config (``PruningConfig``) defaults to 0.9."""
+
+    def __init__(self, *, sparsity=0.5, scope="global", exclude=(), granularity="unstructured", prune_biases=False,
+                 random_state=None):
+        super().__init__(sparsity=sparsity, scope=scope, exclude=exclude, granularity=granularity,
+                         prune_biases=prune_biases, random_state=random_state)
+
+
+def test_a_strategy_whose_defaults_differ_from_its_config_fails_the_clone_check():
+    record = PruningStrategyRecord(name="shifted", implementation=_ShiftedDefault, config=_SloppyConfig,
+                                   description="wrong default on purpose", needs_data=False)
+    with pytest.raises(PluginCheckError) as info:
+        check_pruning_strategy(record)
+    messages = dict(info.value.failures)
+    assert "parameter 'sparsity': the __init__ default 0.5 differs from the _SloppyConfig default 0.9" in \
+        messages["clone"]
+
+
+@pytest.mark.parametrize("name", ["random", "magnitude", "snip", "grasp", "synflow", "explaind"])
+def test_first_party_strategy_defaults_match_their_configs(name):
+    from explaind.testing.estimators import config_default_mismatches
+
+    record = explaind.get_entry("pruning_strategy", name)
+    assert config_default_mismatches(record.implementation, record.config) == []
+
+
 def test_the_registered_plugin_passes_the_generic_plugin_checks():
     ran = check_plugin("explaind_pruning")
     assert any(n.startswith("pruning_strategy:explaind:") for n in ran)

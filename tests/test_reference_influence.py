@@ -18,7 +18,7 @@ from engine_compare import (
     reference_terms,
     target_value,
 )
-from engine_fixtures import OPTIMIZERS, one_thread, recorded_run  # noqa: F401 (fixture)
+from engine_fixtures import OPTIMIZERS, recorded_run
 from reference import rel_err
 
 import explaind

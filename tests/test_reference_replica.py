@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from engine_compare import DEVICE, WINDOW, reference_for
-from engine_fixtures import OPTIMIZERS, one_thread, recorded_run  # noqa: F401 (fixture)
+from engine_fixtures import OPTIMIZERS, recorded_run
 from reference import rel_err
 
 import explaind

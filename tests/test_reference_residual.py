@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from engine_compare import DEVICE, as_numpy, completeness_total, reference_terms
-from engine_fixtures import one_thread, perturbed_run  # noqa: F401 (fixture)
+from engine_fixtures import perturbed_run
 from reference import Reference, rel_err
 
 import explaind

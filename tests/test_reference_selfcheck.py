@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from engine_compare import TARGET, reference_for
-from engine_fixtures import OPTIMIZERS, one_thread, recorded_run  # noqa: F401 (fixture)
+from engine_fixtures import OPTIMIZERS, recorded_run
 from reference import Reference, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import one_thread, recorded_run  # noqa: F401 (fixture)
+from engine_fixtures import recorded_run
 from pydantic import Field
 from torch.func import functional_call
 
@@ -19,6 +19,7 @@ from explaind.testing.estimators import (
     ESTIMATOR_CHECKS,
     EstimatorCheckError,
     check_estimator,
+    config_default_mismatches,
     estimator_checks,
     parametrize_with_checks,
 )
@@ -145,6 +146,13 @@ class SetParamsReturnsNone(ToyReplica):
         super().set_params(**params)
 
 
+class WrongDefault(ToyReplica):
+    """Its signature says ``scale=2.0`` while ``_ToyConfig`` says 1.0."""
+
+    def __init__(self, *, scale=2.0, keep=("a",), dtype="float64"):
+        super().__init__(scale=scale, keep=keep, dtype=dtype)
+
+
 BROKEN = [
     (PositionalInit, "init_keyword_only", "keyword-only"),
     (CopiesParams, "init_keyword_only", "verbatim"),
@@ -159,6 +167,8 @@ BROKEN = [
     (AcceptsAnything, "fit_rejects_wrong_input", "not an ExplaindError"),
     (SetParamsReturnsNone, "set_params_and_clone", "set_params must return"),
     (VagueFitError, "fit_rejects_wrong_input", "should name the type given"),
+    (WrongDefault, "config_defaults", "parameter 'scale': the __init__ default 2.0 differs from the _ToyConfig "
+                                      "default 1.0"),
 ]
 
 
@@ -194,6 +204,41 @@ def test_default_params_check_catches_a_changed_default(run):
 
     with pytest.raises(EstimatorCheckError, match="signature default"):
         dict(ESTIMATOR_CHECKS)["default_params"](ChangedDefault(), run.trajectory, run.X_test)
+
+
+class _RequiredScaleConfig(StrictModel):
+    scale: float = Field(gt=0)
+    keep: tuple[Literal["a", "b"], ...] = ("a",)
+    dtype: Literal["float32", "float64"] = "float64"
+
+
+class _ExtraFieldConfig(_ToyConfig):
+    extra: int = 0
+
+
+class _WithSeed(ToyReplica):
+    def __init__(self, *, scale=1.0, keep=("a",), dtype="float64", seed=None):
+        super().__init__(scale=scale, keep=keep, dtype=dtype)
+        self.seed = seed
+
+
+@pytest.mark.parametrize("cls, config, phrase", [
+    (ToyReplica, _ExtraFieldConfig, "_ExtraFieldConfig field 'extra' is not an __init__ parameter"),
+    (_WithSeed, _ToyConfig, "__init__ parameter 'seed' is not a field of _ToyConfig"),
+    (ToyReplica, _RequiredScaleConfig, "parameter 'scale': the __init__ default 1.0 differs from the "
+                                       "_RequiredScaleConfig default <required>"),
+], ids=["extra-field", "extra-parameter", "required-field"])
+def test_config_defaults_check_compares_names_both_ways_and_required(run, cls, config, phrase):
+    broken = type(f"{cls.__name__}With{config.__name__}", (cls,), {"_config_model": config})
+    with pytest.raises(EstimatorCheckError, match="config_defaults") as info:
+        check_estimator(broken(), run.trajectory, run.X_test)
+    assert phrase in str(info.value)
+    assert config_default_mismatches(cls, config) == [phrase + "."]
+
+
+def test_config_defaults_agree_for_the_first_party_estimators():
+    for cls in (explaind.KernelReplica, explaind.InfluenceEstimator):
+        assert config_default_mismatches(cls, cls._config_model) == [], cls.__name__
 
 
 def test_checks_leave_the_given_estimator_unfitted(run):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from engine_fixtures import one_thread, recorded_run  # noqa: F401 (fixture)
+from engine_fixtures import recorded_run
 
 import explaind
 from explaind.testing import check_estimator, parametrize_with_checks

@@ -13,7 +13,7 @@ Names are imported on first access, so importing this package stays cheap.
 
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from .. import _lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "PruningConfig": "base",
@@ -43,4 +43,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

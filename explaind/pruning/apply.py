@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from .._io import atomic_write
 from ..exceptions import ConfigError
 from .masks import scores_to_masks
 
@@ -274,12 +275,8 @@ def save_pruned(
     except TypeError as exc:
         raise ConfigError(f"save_pruned: metadata must be JSON-serialisable ({exc}); pass plain numbers/strings.") \
             from None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, "version": _FORMAT_VERSION, "metadata": user})
-    os.replace(tmp, path)
-    return path
+    data = save(tensors, metadata={"format": FORMAT_NAME, "version": _FORMAT_VERSION, "metadata": user})
+    return atomic_write(path, data)
 
 
 def load_pruned(

@@ -25,6 +25,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._io import atomic_write
 from ..config import StrictModel, resolve_device, resolve_dtype, validate_config
 from ..datasets import Dataset, load_dataset
 from ..exceptions import ConfigError, TrajectoryError
@@ -192,12 +193,6 @@ def evaluate(model: nn.Module, X: Tensor, y: Tensor, batch: int = 4096) -> tuple
     return total_loss / len(X), correct / len(X)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def train_run(
     config: TrainConfig | dict[str, Any],
     out_dir: str | Path | None = None,
@@ -307,7 +302,7 @@ def train_run(
             "history": history.to_dict(),
             "info": info,
         }
-        _write_json(path / RUN_FILE, record)
+        atomic_write(path / RUN_FILE, json.dumps(record, indent=2))
     return Run(path, config, dataset, model_dict, trajectory, history, info)
 
 

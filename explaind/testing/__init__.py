@@ -21,7 +21,7 @@ To export a new name, add one ``"name": "submodule"`` line to :data:`_EXPORTS`.
 
 from __future__ import annotations
 
-from .._lazy import lazy_exports
+from .. import _lazy_exports
 
 #: public name -> submodule of ``explaind.testing`` defining it
 _EXPORTS: dict[str, str] = {
@@ -46,4 +46,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

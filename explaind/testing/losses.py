@@ -1,7 +1,7 @@
 r"""Conformance checks for loss records.
 
 A loss's ``implementation(outputs, targets)`` must return per-sample losses ``l`` of shape
-``(n,)`` whose mean is the batch loss (DESIGN §2: ``g_s = sum_k w_k grad l_k`` with
+``(n,)`` whose mean is the batch loss (docs/maths.md §1: ``g_s = sum_k w_k grad l_k`` with
 ``w_k = 1/|B|``). The checks feed ``record.example(n, generator)`` in float64:
 
 ``example``

@@ -29,8 +29,10 @@ strategies that need one, a trajectory of 6 SGD-with-momentum steps recorded wit
     For strategies whose masks threshold one score (not ``extras={"sparsity_dependent": True}``),
     the coordinates kept at 90% are a subset of those kept at 50%.
 ``clone``
-    ``sklearn.base.clone`` reproduces the parameters, which are exactly the config's fields;
-    an invalid sparsity is a ``ConfigError`` naming it.
+    ``sklearn.base.clone`` reproduces the parameters, which are exactly the config's fields, with
+    the config's defaults as ``__init__`` defaults (see
+    :func:`explaind.testing.estimators.config_default_mismatches`); an invalid sparsity is a
+    ``ConfigError`` naming it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindError, NotFittedError
+from .estimators import config_default_mismatches
 from .plugins import PluginCheckError
 
 __all__ = ["pruning_strategy_checks", "check_pruning_strategy", "tiny_pruning_problem"]
@@ -279,6 +282,9 @@ def _check_clone(pb: _Problem) -> None:
     fields = set(pb.record.config.model_fields)
     if set(params) != fields:
         _fail(f"{pb.record.name}: __init__ parameters {sorted(params)} differ from the config fields {sorted(fields)}.")
+    problems = config_default_mismatches(pb.record.implementation, pb.record.config)
+    if problems:
+        _fail(f"{pb.record.name}: " + " ".join(problems))
     if clone(est).get_params(deep=False) != params:
         _fail(f"{pb.record.name}: sklearn.base.clone does not reproduce the parameters.")
     try:

@@ -1,17 +1,17 @@
 """Low-level file handling of the trajectory store: atomic checksummed writes and verified reads.
 
-Every file is written as ``<name>.tmp-<pid>`` in the target directory, flushed, ``fsync``-ed and
-moved into place with :func:`os.replace`, so a reader (or a crash) sees either the old file or
-the complete new one. The SHA-256 of the bytes written goes into the manifest; reads hash the
-bytes they parse and raise :class:`~explaind.exceptions.TrajectoryError` naming the file (and
-the step, when there is one) on any mismatch.
+Every file is written with :func:`explaind._io.atomic_write` (a temporary file in the target
+directory, flushed, ``fsync``-ed and moved into place with :func:`os.replace`), so a reader (or a
+crash) sees either the old file or the complete new one. The SHA-256 of the bytes written goes
+into the manifest; reads hash the bytes they parse and raise
+:class:`~explaind.exceptions.TrajectoryError` naming the file (and the step, when there is one)
+on any mismatch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from .._io import atomic_write
 from ..exceptions import TrajectoryError
 from .manifest import FileRecord
 
 __all__ = [
-    "atomic_write_bytes",
+    "write_bytes",
     "encode_tensors",
-    "fsync_dir_path",
     "write_tensors",
     "read_tensors",
     "read_verified_bytes",
@@ -37,39 +37,15 @@ __all__ = [
 ]
 
 
-def fsync_dir_path(directory: Path) -> None:
-    """``fsync`` a directory so that renames inside it survive a power loss."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(
+def write_bytes(
     root: Path, relpath: str, data: bytes, *, fsync: bool = True, fsync_dir: bool | None = None
 ) -> FileRecord:
-    """Write ``data`` to ``root / relpath`` atomically; return its :class:`FileRecord`.
+    """Write ``data`` to ``root / relpath`` with :func:`~explaind._io.atomic_write`; return its :class:`FileRecord`.
 
-    ``fsync`` flushes the file to the device before the rename; ``fsync_dir`` (default: ``fsync``)
-    also flushes the directory entry (callers that commit many files flush their directories once).
+    ``fsync`` and ``fsync_dir`` are passed on (callers that commit many files flush their
+    directories once).
     """
-    target = root / relpath
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        if fsync:
-            os.fsync(fh.fileno())
-    os.replace(tmp, target)
-    if fsync if fsync_dir is None else fsync_dir:
-        fsync_dir_path(target.parent)
+    atomic_write(root / relpath, data, fsync=fsync, fsync_dir=fsync_dir)
     return FileRecord(path=relpath, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
 
 
@@ -95,8 +71,8 @@ def write_tensors(
     fsync: bool = True,
     fsync_dir: bool | None = None,
 ) -> FileRecord:
-    """Serialize ``tensors`` as safetensors and write them atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(root, relpath, encode_tensors(tensors, metadata), fsync=fsync, fsync_dir=fsync_dir)
+    """Serialize ``tensors`` as safetensors and write them atomically (see :func:`write_bytes`)."""
+    return write_bytes(root, relpath, encode_tensors(tensors, metadata), fsync=fsync, fsync_dir=fsync_dir)
 
 
 def _where(step: int | None) -> str:

@@ -20,13 +20,14 @@ Conventions
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
 
 __all__ = ["Trajectory"]
@@ -37,7 +38,19 @@ class Trajectory(abc.ABC):
 
     Obtain one from :attr:`explaind.TrajectoryRecorder.trajectory` or
     :meth:`Trajectory.load`.
+
+    A backend that opens store directories declares itself with a class keyword,
+    ``class DiskTrajectory(..., reads_stores=True)``; :meth:`load` then opens stores with it, so
+    this module needs no import of its backends.
     """
+
+    #: The subclass :meth:`load` opens stores with (the last one declared with ``reads_stores=True``).
+    _store_reader: ClassVar[Callable[..., Trajectory] | None] = None
+
+    def __init_subclass__(cls, *, reads_stores: bool = False, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if reads_stores:
+            Trajectory._store_reader = cls
 
     # ----------------------------------------------------------------- structure
     @property
@@ -121,10 +134,17 @@ class Trajectory(abc.ABC):
             Training data (defaults to the copy stored with the run, if any).
         **kwargs
             ``loss=`` (needed for a run recorded with a custom loss callable), ``cache_steps=``.
-        """
-        from .disk import DiskTrajectory
 
-        return DiskTrajectory(path, model=model, train_data=train_data, **kwargs)
+        Returns
+        -------
+        Trajectory
+            The store's reader, :class:`~explaind.trajectory.disk.DiskTrajectory` (the subclass
+            declared with ``reads_stores=True``).
+        """
+        reader = Trajectory._store_reader
+        if reader is None:  # pragma: no cover - importing explaind.trajectory imports the disk backend
+            raise TrajectoryError("No trajectory backend reads stores; import explaind.trajectory first.")
+        return reader(path, model=model, train_data=train_data, **kwargs)
 
     # ----------------------------------------------------------------- helpers
     def delta(self, s: int) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""A trajectory read from a store directory, streamed step by step (DESIGN §5).
+"""A trajectory read from a store directory, streamed step by step (docs/recording.md, "The store").
 
 Reading step ``s`` opens only ``steps/{s:06d}.safetensors`` (``theta_{s+1}``, the coefficients and
 the batch of step ``s``), verifies its checksum and keeps the last few decoded steps in a small
@@ -21,7 +21,7 @@ from ..recurrence import LinearUpdate
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
 from .manifest import FileRecord, TrajectoryManifest
-from .memory import RecordedTrajectory, check_param_index, check_step
+from .recorded import RecordedTrajectory, check_param_index, check_step
 from .store import read_manifest, unpack_updates
 
 __all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
@@ -66,7 +66,7 @@ def build_model_from_spec(manifest: TrajectoryManifest, where: str) -> nn.Module
     return models.build_model(spec.name, spec.config, dtype=manifest.dtype, **kwargs)
 
 
-class DiskTrajectory(RecordedTrajectory):
+class DiskTrajectory(RecordedTrajectory, reads_stores=True):
     """A stored trajectory (see :mod:`explaind.trajectory.store` for the layout).
 
     Parameters

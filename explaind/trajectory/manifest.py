@@ -1,4 +1,4 @@
-"""The versioned manifest of a recorded trajectory (DESIGN §5).
+"""The versioned manifest of a recorded trajectory (docs/recording.md, "The store").
 
 The manifest is the JSON description of a run: what was trained (parameter names, shapes and
 dtypes, constants, the architecture spec when the model came from the registry), how it was

@@ -14,62 +14,10 @@ from .. import __version__
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
 from ._common import TrainData, architecture_spec, loss_name, resolve_loss_record, split_model_tensors
-from .base import Trajectory
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
+from .recorded import RecordedTrajectory, check_param_index, check_step
 
-__all__ = ["InMemoryTrajectory", "check_step", "check_param_index"]
-
-
-def check_step(s: int, n_steps: int) -> int:
-    """Validate a step number ``0 <= s < n_steps``."""
-    if not isinstance(s, int | np.integer) or isinstance(s, bool) or not 0 <= int(s) < n_steps:
-        raise TrajectoryError(f"Step {s!r} is out of range: this trajectory has steps 0..{n_steps - 1}.")
-    return int(s)
-
-
-def check_param_index(s: int, n_steps: int) -> int:
-    """Validate a parameter index ``0 <= s <= n_steps``."""
-    if not isinstance(s, int | np.integer) or isinstance(s, bool) or not 0 <= int(s) <= n_steps:
-        raise TrajectoryError(
-            f"params({s!r}) is out of range: parameters exist for s = 0..{n_steps} (n_steps = {n_steps})."
-        )
-    return int(s)
-
-
-class RecordedTrajectory(Trajectory):
-    """Members shared by the in-memory and the on-disk backends.
-
-    Subclasses set ``_model``, ``_loss``, ``_manifest`` and ``_data`` (a ``TrainData`` or ``None``)
-    and say in :meth:`_missing_data_message` how to attach training data.
-    """
-
-    _model: nn.Module
-    _loss: Any
-    _manifest: TrajectoryManifest
-    _data: TrainData | None
-
-    @property
-    def model(self) -> nn.Module:
-        return self._model
-
-    @property
-    def loss(self) -> Any:
-        return self._loss
-
-    @property
-    def manifest(self) -> TrajectoryManifest:
-        return self._manifest
-
-    @property
-    def n_train(self) -> int:
-        if self._data is not None:
-            return len(self._data)
-        if self._manifest.n_train is not None:
-            return int(self._manifest.n_train)
-        raise TrajectoryError(self._missing_data_message())
-
-    def _missing_data_message(self) -> str:
-        raise NotImplementedError
+__all__ = ["InMemoryTrajectory"]
 
 
 class InMemoryTrajectory(RecordedTrajectory):

@@ -1,4 +1,4 @@
-r"""Recording a training run from the user's own loop (DESIGN §3).
+r"""Recording a training run from the user's own loop (docs/recording.md).
 
 :class:`TrajectoryRecorder` attaches to a live model and optimizer through hooks only
 (``optimizer.register_step_pre_hook`` / ``register_step_post_hook`` and

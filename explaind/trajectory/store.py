@@ -1,4 +1,6 @@
-"""The on-disk trajectory store: layout, crash-safe writing and manifest recovery (DESIGN §5).
+"""The on-disk trajectory store: layout, crash-safe writing and manifest recovery.
+
+The user-facing description is docs/recording.md, "The store".
 
 Layout of a store directory::
 
@@ -37,9 +39,10 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
+from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
-from ._io import atomic_write_bytes, fsync_dir_path, write_tensors
+from ._io import write_bytes, write_tensors
 from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TrajectoryManifest
 
 __all__ = [
@@ -241,13 +244,13 @@ class StoreWriter:
     # ----------------------------------------------------------------- helpers
     def _write_journal(self, steps: list[StepRecord]) -> None:
         data = b"".join(r.model_dump_json().encode() + b"\n" for r in steps)
-        atomic_write_bytes(self.root, JOURNAL, data, fsync=self.fsync)
+        write_bytes(self.root, JOURNAL, data, fsync=self.fsync)
 
     def write_manifest(self) -> None:
         with self._lock:
             self.manifest.n_steps = len(self.manifest.steps)
             data = self.manifest.model_dump_json(indent=1).encode()
-        atomic_write_bytes(self.root, MANIFEST, data, fsync=self.fsync)
+        write_bytes(self.root, MANIFEST, data, fsync=self.fsync)
 
     def write_file(
         self, relpath: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
@@ -329,9 +332,9 @@ class StoreWriter:
         finally:
             if done:
                 if self.fsync:
-                    fsync_dir_path(self.root / "steps")
+                    fsync_directory(self.root / "steps")
                     if last_state is not None:
-                        fsync_dir_path(self.root / "optimizer")
+                        fsync_directory(self.root / "optimizer")
                 self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
                 self._journal.flush()
                 if self.fsync:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write
 from ..exceptions import ExplaindError
 
 __all__ = ["ReportSection", "write_report", "PNG_SIGNATURE"]
@@ -157,8 +158,4 @@ def write_report(
         for image, caption in zip(section.images, captions):
             parts.append(_embed(Path(image), caption))
     parts.append("</body>\n</html>\n")
-    page = out_dir / filename
-    tmp = page.with_suffix(page.suffix + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(page)
-    return page
+    return atomic_write(out_dir / filename, "".join(parts))

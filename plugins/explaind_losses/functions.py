@@ -3,7 +3,7 @@ r"""Per-sample training losses.
 Each function maps a batch of model outputs and targets to the vector of per-sample losses
 ``(l_1, ..., l_n)``, shape ``(n,)``, whose mean is the batch loss torch computes with
 ``reduction="mean"``. With sample weights ``w_k = 1/|B|`` the recorded gradient is therefore
-``g = sum_k w_k grad l_k``, as DESIGN §2 requires.
+``g = sum_k w_k grad l_k``, as docs/maths.md §1 defines it.
 
 The functions use only shape-static tensor operations (no ``.item()``, no data-dependent
 branches), so they run unchanged under ``torch.func.vmap`` over single samples (outputs of

@@ -1,7 +1,7 @@
 """Shared machinery of the first-party optimizer adapters.
 
 Every adapter validates the live optimizer the same way: it walks the parameter groups,
-collects *every* option the linear recurrence of DESIGN §2 cannot express, and raises one
+collects *every* option the linear recurrence of docs/maths.md §3 cannot express, and raises one
 :class:`explaind.exceptions.ConfigError` listing them all, each naming the option, the value
 found, the values allowed and the fix.
 

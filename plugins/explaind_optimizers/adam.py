@@ -12,7 +12,7 @@ after the step; single-tensor, foreach and CPU-fused paths compute the same arit
         \frac{m_s}{\sqrt{v_s}/\sqrt{1-\beta_2^t} + \epsilon} \;-\; \mathrm{lr}_s \mathrm{wd}\,\theta_s
         \quad\text{(last term: decoupled only)}
 
-In DESIGN §2 notation: ``a = beta1``, ``b = 1 - beta1`` (the first step needs no special case:
+In the notation of docs/maths.md §3: ``a = beta1``, ``b = 1 - beta1`` (the first step needs no special case:
 ``m_{-1} = 0``), ``q, n = 1, 0``, the diagonal preconditioner
 ``P = lr / (1 - beta1^t) / (sqrt(v) / sqrt(1 - beta2^t) + eps)`` (shape of the parameter),
 recomputed from ``exp_avg_sq`` (or ``max_exp_avg_sq``) with torch's own operation order, and

@@ -2,7 +2,7 @@ r"""Adapter for :class:`torch.optim.AdamW` (decoupled weight decay, AMSGrad).
 
 In torch 2.x :class:`torch.optim.AdamW` is :class:`torch.optim.Adam` with every group's
 ``decoupled_weight_decay=True``: the parameter is first scaled by ``1 - lr * wd`` and then takes
-the Adam step. In DESIGN §2 notation the coefficients are those of
+the Adam step. In the notation of docs/maths.md §3 the coefficients are those of
 :mod:`explaind_optimizers.adam` with ``lambda_c = 0`` and ``lambda_d = lr_s * wd``
 (the scale factor torch multiplied with, ``1 - fl(1 - lr_s * wd)``), acting on ``theta_s``.
 """

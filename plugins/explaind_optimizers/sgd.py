@@ -10,7 +10,7 @@ all compute the same arithmetic):
                          \mu m_{s-1} + (1-\tau) u_s & \text{otherwise} \end{cases} \\
     \Delta\theta_s &= -\mathrm{lr}_s\,(m_s \text{ or } \mu m_s + u_s \text{ (Nesterov)})
 
-so, in the notation of DESIGN §2: ``a = mu`` and ``b = 1 - tau`` (``a = 0, b = 1`` on the step
+so, in the notation of docs/maths.md §3: ``a = mu`` and ``b = 1 - tau`` (``a = 0, b = 1`` on the step
 that creates the buffer), ``P = lr_s``, ``q, n = 1, 0`` (Nesterov: ``mu, 1``), ``lambda_c = wd``.
 Without momentum the update is ``a = 0, b = 1, q = 1, n = 0``; when a group's momentum was set to
 zero after a buffer existed, torch leaves that buffer untouched and the adapter reports
