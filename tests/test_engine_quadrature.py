@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from explaind.exceptions import ConfigError
-from explaind.kernel.quadrature import NodePlan, adaptive_plan, fixed_plan, rule_nodes
+from explaind.kernel.adaptive import adaptive_plan
+from explaind.kernel.quadrature import NodePlan, fixed_plan, rule_nodes
 
 
 def _node_sums(plan, deriv, weight_tol):

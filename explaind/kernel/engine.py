@@ -22,9 +22,10 @@ from torch.func import vmap
 
 from ..exceptions import ConfigError
 from ..trajectory.base import Trajectory
+from .adaptive import adaptive_plan
 from .functional import Explained, FunctionalModel, Params, Segment, StepStack
 from .layout import ParamLayout
-from .quadrature import DEFAULT_NODES, NodePlan, adaptive_plan, fixed_plan, rule_nodes
+from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
 __all__ = ["PathEngine", "progress_iter"]
 

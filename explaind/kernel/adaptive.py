@@ -1,0 +1,349 @@
+r"""The adaptive quadrature rule: an error-controlled :class:`~explaind.kernel.quadrature.NodePlan`.
+
+For a *unit* (one step and test input), :math:`h(t) = g(\theta_s + t\Delta\theta_s, x)`; every panel's
+error is measured, as :math:`\int_a^b h' = h(b) - h(a)`. Panels are cut at located kinks of :math:`h` and
+bisected where smooth until each unit is within tolerance: ``docs/engine.md`` (section 2, *adaptive
+rule*), ``docs/maths.md`` (section 2). Job state and level steps: :mod:`explaind.kernel.adaptive_jobs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..exceptions import ConfigError
+from .adaptive_jobs import FLOOR, GAUSS_KIND, Jobs, Rows, choose, grade, halves, join, locate, place, probed, steepest
+from .quadrature import NodePlan, rule_nodes
+
+__all__ = ["MAX_DEPTH", "MAX_EVALS", "adaptive_plan"]
+
+#: ``(units (P,), t (P,)) -> (h (P, O), h' (P, O))``: evaluate units at points of ``[0, 1]``.
+Refine = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+#: Nodes and weights on ``[0, 1]`` of the ``nodes``-point and ``max(1, nodes // 2)``-point rules.
+Rules = list[tuple[Tensor, Tensor]]
+
+#: Most refinement levels (batched evaluations) of the adaptive rule.
+MAX_DEPTH = 64
+#: Evaluations per test input and step after which the adaptive rule stops refining.
+MAX_EVALS = 4096
+
+
+def adaptive_plan(
+    est0: Tensor,
+    g_a: Tensor,
+    g_b: Tensor,
+    refine: Refine,
+    *,
+    tol: float,
+    nodes: int = 4,
+    coarsen: bool = False,
+    max_depth: int = MAX_DEPTH,
+    max_evals: int = MAX_EVALS,
+    first: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> NodePlan:
+    r"""Error-controlled plan for a batch of units (one unit = one step and test input).
+
+    A unit whose ``nodes``-point Gauss–Legendre estimate ``est0`` misses
+    :math:`\tau = \mathrm{tol} \max_o |\Delta g_o| + \mathrm{floor}` (a few ulps of :math:`|g|`) is
+    refined, level by level and batched over units, until its summed panel error is within
+    :math:`\tau`, for at most ``max_depth`` levels or about ``max_evals`` evaluations. The rule is
+    described in ``docs/engine.md`` (section 2, *adaptive rule*).
+
+    Parameters
+    ----------
+    est0 : Tensor
+        Gauss–Legendre estimate of each unit on ``[0, 1]``, shape ``(U, O)``.
+    g_a, g_b : Tensor
+        ``g`` at the unit's segment start and end, shape ``(U, O)``.
+    refine : callable
+        ``(units (P,), t (P,)) -> (primal (P, O), tangent (P, O))``: :math:`g(\theta(t))` and
+        :math:`\nabla g(\theta(t))\Delta\theta` of each unit's segment at ``t``.
+    tol : float
+        Relative tolerance.
+    nodes : int
+        Gauss–Legendre nodes of the first estimate and of smooth panels (half as many next to kinks).
+    coarsen : bool
+        Merge runs of smooth panels after refinement (costs ``nodes`` evaluations per merged run).
+    max_depth, max_evals : int
+        Refinement caps (levels, evaluations per unit).
+    first : tuple of Tensor, optional
+        The samples behind ``est0``: the nodes ``x (n,)`` (``rule_nodes("gauss-legendre", nodes)[0]``),
+        :math:`h(x)` and :math:`h'(x)` of each unit, shape ``(U, n, O)``. Saves failing units the
+        evaluation of :math:`h'(0), h'(1)` where a kink stands out between two nodes (the ``nodes``
+        evaluations behind ``est0`` are counted for every unit either way).
+
+    Returns
+    -------
+    NodePlan
+        Nodes and weights per unit, the exact difference, the estimate and the evaluations spent.
+
+    Raises
+    ------
+    ConfigError
+        If ``first`` does not match ``nodes`` and ``est0``.
+    """
+    dev, dt = g_a.device, g_a.dtype
+    rules = [tuple(torch.as_tensor(v, dtype=dt, device=dev) for v in rule_nodes("gauss-legendre", n))
+             for n in (nodes, max(1, nodes // 2))]
+    U = g_a.shape[0]
+    if first is not None:
+        _check_first(first, rules[0][0], est0)
+    exact = g_b - g_a
+    eps = torch.finfo(dt).eps
+    rel = tol * exact.abs().amax(-1)
+    thr = rel + FLOOR * eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
+    evals = torch.full((U,), nodes, dtype=torch.long, device=dev)
+    estimate = est0.clone()
+    err0 = (est0 - exact).abs().amax(-1)
+    failing = torch.nonzero(err0 > thr).reshape(-1)
+    acc = Accepted(torch.zeros(U, dtype=dt, device=dev))
+    if failing.numel():
+        jobs = _start_jobs(failing, est0, err0, g_a, g_b, thr, rel, refine, evals,
+                           None if first is None else (*rules[0], first[1], first[2]))
+        for depth in range(1, max_depth + 1):
+            total = acc.err.index_add(0, jobs.unit, jobs.err)
+            done = (total <= thr) | (evals >= max_evals) | (depth >= max_depth)
+            stop = done[jobs.unit]
+            acc.add(jobs.take(stop))
+            jobs = jobs.take(~stop)
+            if jobs.unit.numel() == 0:
+                break
+            jobs = _level(jobs, refine, rules, eps, evals, acc)
+    panels = acc.panels()
+    if coarsen and panels is not None:
+        panels = _coarsen(panels, refine, *rules[0], rel, thr, evals)
+    return _assemble(U, rules, failing, panels, exact, estimate, evals)
+
+
+@dataclass
+class Panels(Rows):
+    """Accepted panels ``[a, b]``: kind, unit, ends, estimate ``(R, O)``, error, ``h`` at the ends, tolerance."""
+
+    kind: Tensor
+    unit: Tensor
+    a: Tensor
+    b: Tensor
+    est: Tensor
+    err: Tensor
+    f_a: Tensor
+    f_b: Tensor
+    tol: Tensor
+
+
+class Accepted:
+    """Accepted panels, collected level by level, and the summed error ``err (U,)`` of each unit's."""
+
+    def __init__(self, err: Tensor) -> None:
+        self.parts: list[Panels] = []
+        self.err = err
+
+    def add(self, jobs: Jobs) -> None:
+        """Accept the tested panels ``jobs``."""
+        if jobs.unit.numel():
+            self.parts.append(Panels(jobs.kind, jobs.unit, jobs.A, jobs.B, jobs.est, jobs.err, jobs.f_A, jobs.f_B,
+                                     jobs.tol))
+            self.err.index_add_(0, jobs.unit, jobs.err)
+
+    def panels(self) -> Panels | None:
+        """All accepted panels (``None`` when there are none)."""
+        return Panels.cat(self.parts) if self.parts else None
+
+
+def _check_first(first: tuple[Tensor, Tensor, Tensor], x01: Tensor, est0: Tensor) -> None:
+    """Raise :class:`~explaind.exceptions.ConfigError` unless ``first`` fits the nodes ``x01 (n,)`` and ``est0``."""
+    x, h, d = first
+    (U, O), n = est0.shape, x01.numel()
+    if tuple(x.shape) != (n,) or tuple(h.shape) != (U, n, O) or tuple(d.shape) != (U, n, O):
+        raise ConfigError(f"adaptive_plan: 'first' must hold the nodes ({n},) and h, h' ({U}, {n}, {O}) of the first "
+                          f"estimate; got shapes {tuple(x.shape)}, {tuple(h.shape)}, {tuple(d.shape)}. Pass the "
+                          f"samples behind est0, or first=None.")
+    xx = x.to(device=x01.device, dtype=x01.dtype)
+    if not torch.allclose(xx, x01, rtol=0, atol=64 * torch.finfo(x01.dtype).eps):
+        raise ConfigError(f"adaptive_plan: the nodes of 'first' must be the {n} Gauss-Legendre nodes on [0, 1] "
+                          f"{x01.tolist()}; got {xx.tolist()}. Pass rule_nodes('gauss-legendre', {n})[0].")
+
+
+def _start_jobs(failing: Tensor, est0: Tensor, err0: Tensor, g_a: Tensor, g_b: Tensor, thr: Tensor, rel: Tensor,
+                refine: Refine, evals: Tensor, first: tuple[Tensor, Tensor, Tensor, Tensor] | None) -> Jobs:
+    r"""The first job of each unit ``failing (F,)``: the panel :math:`[0, 1]` and a bracket.
+
+    Without ``first``, evaluates :math:`h'(0), h'(1)` and brackets :math:`[0, 1]`. With the first
+    estimate's nodes, weights and samples ``first = (x (n,), w (n,), h (U, n, O), h' (U, n, O))``, a
+    unit whose error a kink in the steepest gap between nodes accounts for brackets that gap, with
+    :math:`h'(0), h'(1)` unknown; the others evaluate them and bracket the steepest gap of
+    :math:`0, x_1, \dots, x_n, 1` (``docs/engine.md``, section 2). Other arguments as in
+    :func:`adaptive_plan`; ``evals`` is updated.
+    """
+    fa, fb = g_a[failing], g_b[failing]
+    if first is None:
+        da, db = _end_slopes(refine, failing, evals, g_a.dtype)
+        return Jobs.whole(failing, fa, fb, da, db, est0[failing], err0[failing], thr[failing], rel[failing])
+    dev, dt = g_a.device, g_a.dtype
+    x, wx = (v.to(device=dev, dtype=dt) for v in first[:2])
+    t = x.expand(failing.numel(), -1)
+    f, d = (v[failing].to(device=dev, dtype=dt) for v in first[2:])
+    unknown = torch.full_like(fa, torch.nan)
+    jobs = Jobs.whole(failing, fa, fb, unknown, unknown, est0[failing], err0[failing], thr[failing], rel[failing])
+    inner = torch.zeros(failing.numel(), dtype=torch.bool, device=dev)
+    if x.numel() >= 2:
+        # a kink at c of jump Delta makes est0 err by Delta (sum of the weights after node i - (1 - c))
+        br, stands, i = steepest(t, f, d)
+        w = br.q - br.p
+        c = br.p + torch.minimum(torch.nan_to_num(br.meet(), nan=0.0).clamp_min(0), w)
+        tail = torch.cat([wx.flip(0).cumsum(0).flip(0)[1:], wx[:1] * 0])  # sum of the weights after node i
+        e = est0[failing] - (fb - fa)
+        miss = (e - (br.d_q - br.d_p) * (tail[i] - (1 - c))[:, None]).abs().amax(-1)
+        br, placed = place(br, t, f, d, i)
+        inner = stands & (miss <= 0.5 * e.abs().amax(-1)) & placed
+        jobs.set_bracket(br.take(inner), inner)
+    ends = torch.nonzero(~inner).reshape(-1)
+    if ends.numel():
+        da, db = _end_slopes(refine, failing[ends], evals, dt)
+        for field, v in zip((jobs.d_A, jobs.d_B, jobs.d_sA, jobs.d_sB, jobs.d_p, jobs.d_q), (da, db) * 3):
+            field[ends] = v
+        ts = torch.cat([jobs.A[ends, None], t[ends], jobs.B[ends, None]], 1)
+        fs = torch.cat([fa[ends, None], f[ends], fb[ends, None]], 1)
+        ds = torch.cat([da[:, None], d[ends], db[:, None]], 1)
+        br, stands, i = steepest(ts, fs, ds)
+        br, _ = place(br, ts, fs, ds, i)
+        jobs.set_bracket(br.take(stands), ends[stands])
+    return jobs
+
+
+def _end_slopes(refine: Refine, units: Tensor, evals: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    r"""Evaluate :math:`h'(0)` and :math:`h'(1)` of ``units (E,)`` (one call, counted), each ``(E, O)``."""
+    E = units.numel()
+    zero = torch.zeros(E, dtype=dtype, device=units.device)
+    _, d = refine(torch.cat([units, units]), torch.cat([zero, torch.ones_like(zero)]))
+    evals[units] += 2
+    return d[:E], d[E:]
+
+
+def _level(j: Jobs, refine: Refine, rules: Rules, eps: float, evals: Tensor, acc: Accepted) -> Jobs:
+    """One refinement level of the jobs ``j`` (one batched evaluation); returns the jobs left open.
+
+    Jobs with an unknown :math:`h'` at a bracket end get it evaluated and nothing else; the others split,
+    probe or are retested (``docs/engine.md``, section 2). Tested panels within tolerance go to ``acc``.
+    """
+    fetch = torch.isnan(j.d_p).any(-1) | torch.isnan(j.d_q).any(-1)
+    jf = None
+    if bool(fetch.any()):
+        jf, j = j.take(fetch), j.take(~fetch)
+    mv = choose(j, *locate(j), eps)
+    h, groups, nodes = halves(j, mv, rules)
+    P = mv.P
+    parts = [(j.unit[mv.fresh], mv.x[mv.fresh]),
+             *((h.unit[g].repeat_interleave(t.shape[1]), t.reshape(-1)) for g, t in zip(groups, nodes)),
+             (j.unit[P], mv.x1[P]), (j.unit[P], mv.x2[P])]
+    if jf is not None:
+        lo, hi = torch.isnan(jf.d_p).any(-1), torch.isnan(jf.d_q).any(-1)
+        parts += [(jf.unit[lo], jf.p[lo]), (jf.unit[hi], jf.q[hi])]
+    vals = _evaluate(refine, evals, parts)
+    out = []
+    if h.unit.numel():
+        join(h, j, mv, *vals[0], rules[1][0], eps)
+        for g, t, (f, d), (_, wq) in zip(groups, nodes, vals[1:3], rules):
+            if g.numel():
+                passed, failed = grade(h.take(g), t, f, d, wq)
+                acc.add(passed)
+                out.append(failed)
+    if P.numel():
+        out.append(probed(j.take(P), mv.x1[P], mv.x2[P], vals[3], vals[4]))
+    if jf is not None:
+        out.append(jf.fill_ends(lo, hi, vals[5][1], vals[6][1]))
+    return Jobs.cat(out) if out else j.take(P[:0])
+
+
+def _evaluate(refine: Refine, evals: Tensor, parts: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Evaluate the ``(units, t)`` of all ``parts`` in one call, count them and return ``(h, h')`` per part."""
+    sizes = [u.numel() for u, _ in parts]
+    req = torch.cat([u for u, _ in parts])
+    f, d = refine(req, torch.cat([t for _, t in parts]))
+    evals.index_add_(0, req, torch.ones_like(req))
+    return list(zip(f.split(sizes), d.split(sizes)))
+
+
+def _coarsen(p: Panels, refine: Refine, x01: Tensor, w01: Tensor, rel: Tensor, thr: Tensor, evals: Tensor) -> Panels:
+    r"""Replace runs of three or more adjacent smooth panels by one panel where the unit stays in tolerance.
+
+    A panel is smooth when its error is below a hundredth of its tolerance. The merged panel
+    :math:`[A, B]` (nodes ``x01``, weights ``w01`` on ``[0, 1]``) is kept when its error is at most the
+    run's summed error plus the unit's unused tolerance ``thr - total`` times :math:`B - A`.
+    """
+    order = torch.argsort(p.a, stable=True)
+    p = p.take(order[torch.argsort(p.unit[order], stable=True)])
+    smooth = p.err <= 1e-2 * p.tol
+    n = smooth.numel()
+    new_run = torch.ones(n, dtype=torch.bool, device=smooth.device)
+    new_run[1:] = ~smooth[:-1] | (p.unit[1:] != p.unit[:-1]) | (p.a[1:] != p.b[:-1])
+    run = torch.cumsum(new_run.long(), 0) - 1
+    counts = torch.bincount(run[smooth], minlength=int(run.max()) + 1)
+    cand = torch.nonzero(counts >= 3).reshape(-1)
+    if cand.numel() == 0:
+        return p
+    in_cand = smooth & (counts[run] >= 3)
+    rows = torch.nonzero(in_cand).reshape(-1)
+    first = torch.full((int(run.max()) + 1,), n, dtype=torch.long, device=smooth.device)
+    first.scatter_reduce_(0, run[in_cand], rows, reduce="amin")
+    last = torch.full_like(first, -1).scatter_reduce_(0, run[in_cand], rows, reduce="amax")
+    i0, i1 = first[cand], last[cand]
+    unit, A, B = p.unit[i0], p.a[i0], p.b[i1]
+    k = x01.numel()
+    _, tangent = refine(unit.repeat_interleave(k), (A[:, None] + (B - A)[:, None] * x01[None, :]).reshape(-1))
+    est = (B - A)[:, None] * torch.einsum("q,cqo->co", w01, tangent.reshape(unit.numel(), k, -1))
+    err = (est - (p.f_b[i1] - p.f_a[i0])).abs().amax(-1)
+    evals.index_add_(0, unit, torch.full_like(unit, k))
+    run_err = torch.zeros(cand.numel(), dtype=err.dtype, device=err.device)
+    slot = torch.full_like(first, -1)
+    slot[cand] = torch.arange(cand.numel(), device=cand.device)
+    run_err.index_add_(0, slot[run[in_cand]], p.err[in_cand])
+    total = torch.zeros_like(thr).index_add_(0, p.unit, p.err)
+    ok = err <= run_err + (thr[unit] - total[unit]).clamp_min(0) * (B - A)
+    drop = in_cand & ok[slot[run].clamp_min(0)] & (slot[run] >= 0)
+    merged = Panels(torch.full_like(unit[ok], GAUSS_KIND), unit[ok], A[ok], B[ok], est[ok], err[ok], p.f_a[i0][ok],
+                    p.f_b[i1][ok], rel[unit[ok]] * (B - A)[ok])
+    return Panels.cat([p.take(~drop), merged])
+
+
+def _assemble(U: int, rules: Rules, failing: Tensor, panels: Panels | None, exact: Tensor, estimate: Tensor,
+              evals: Tensor) -> NodePlan:
+    """Node lists per unit: Gauss–Legendre for passing units, the merged panel nodes for the others."""
+    dev, dt = exact.device, exact.dtype
+    good = torch.ones(U, dtype=torch.bool, device=dev)
+    good[failing] = False
+    g_units = torch.nonzero(good).reshape(-1)
+    units = [g_units.repeat_interleave(rules[0][0].numel())]
+    ts = [rules[0][0].repeat(g_units.numel())]
+    ws = [rules[0][1].repeat(g_units.numel())]
+    if failing.numel():
+        estimate[failing] = 0
+    if panels is not None:
+        estimate.index_add_(0, panels.unit, panels.est)
+        for kind, (pos, wts) in enumerate(rules):
+            sel = panels.kind == kind
+            ins, lo, hi = panels.unit[sel], panels.a[sel], panels.b[sel]
+            h = hi - lo
+            for p_, w_ in zip(pos.tolist(), wts.tolist()):
+                units.append(ins)
+                ts.append(lo + p_ * h)
+                ws.append(w_ * h)
+    unit, t, w = torch.cat(units), torch.cat(ts), torch.cat(ws)
+    order = torch.argsort(t, stable=True)
+    order = order[torch.argsort(unit[order], stable=True)]
+    unit, t, w = unit[order], t[order], w[order]
+    new = torch.ones_like(unit, dtype=torch.bool)
+    new[1:] = (unit[1:] != unit[:-1]) | (t[1:] != t[:-1])
+    group = torch.cumsum(new.long(), 0) - 1
+    unit, t = unit[new], t[new]
+    w = torch.zeros(unit.numel(), dtype=dt, device=dev).index_add_(0, group, w)
+    counts = torch.bincount(unit, minlength=U)
+    Q = max(int(counts.max()), 1)
+    slot = torch.arange(unit.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    tt = torch.zeros(U, Q, dtype=dt, device=dev)
+    ww = torch.zeros(U, Q, dtype=dt, device=dev)
+    tt[unit, slot] = t
+    ww[unit, slot] = w
+    return NodePlan(tt, ww, exact, estimate, evals)
