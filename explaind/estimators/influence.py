@@ -2,7 +2,7 @@ r"""ExPLAIND influence scores: the path-kernel decomposition summed to the axes 
 
 ``InfluenceEstimator(keep=...).fit(traj).transform(X)`` returns an
 :class:`~explaind.kernel.attribution.Attribution` whose terms add up exactly (to rounding) to
-:math:`g(x;\theta_{stop})` (DESIGN §2). The engine picks the algorithm from the kept axes:
+:math:`g(x;\theta_{stop})` (docs/maths.md, "Influence atoms"). The engine picks the algorithm from the kept axes:
 
 * ``keep`` within ``{"step", "group"}``: forward-mode JVPs along the data, regularization and
   residual parts of every update (one tangent per part and parameter tensor);
@@ -15,6 +15,7 @@ r"""ExPLAIND influence scores: the path-kernel decomposition summed to the axes 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -23,17 +24,16 @@ from pydantic import Field, field_validator
 
 from ..exceptions import ConfigError
 from ..kernel.accumulate import Accumulators, make_blocks
-from ..kernel.attribution import Attribution
-from ..kernel.memory import parse_bytes, plan_sweep
-from ..kernel.stepwise import jvp_decomposition, momentum_start
-from ..kernel.sweeps import forward_sweep, reverse_sweep, seen_samples
+from ..kernel.attribution import AXES, Attribution
+from ..kernel.budget import parse_bytes, plan_sweep
+from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_samples
+from ..kernel.planning import window_plans
+from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
 
 __all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
 
 logger = logging.getLogger(__name__)
-
-AXES = ("step", "group", "param", "train")
 
 
 class InfluenceConfig(PathConfig):
@@ -114,7 +114,7 @@ class InfluenceEstimator(PathEstimator):
     factored : {"auto", "always", "never"}
         Layer-factored computation (see :class:`~explaind.KernelReplica`); here it also forms
         :math:`\Phi_s` for ``"param"``/``"train"`` from layer factors, all (input, node) entries of
-        a step in one batch (:mod:`explaind.kernel.factored`), instead of ``vmap(jacrev)``.
+        a step in one batch (:mod:`explaind.kernel.layers`), instead of ``vmap(jacrev)``.
     device, dtype, progress
         As in :class:`~explaind.KernelReplica`.
 
@@ -197,24 +197,25 @@ class InfluenceEstimator(PathEstimator):
         # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output
         n_tangents = 3 * (len(layout) if "group" in keep else 1)
         jacobian_path = needs_train or "param" in keep or n_tangents > self._jvp_tangent_ratio * O
-        g_start, g_stop, plans = engine.plans(Xt, explained, self.window_, cfg.quadrature, cfg.nodes, cfg.tol,
-                                              with_estimate=False, coarsen=True)
+        g_start, g_stop, plans = window_plans(engine, Xt, explained, self.window_, cfg.quadrature, cfg.nodes,
+                                              cfg.tol, with_estimate=False, coarsen=True)
         acc = Accumulators(keep, T, O, self.window_, layout, n_train, engine.dtype, engine.device)
-        first = momentum_start(engine, start)
+        query = Query(Xt, explained, plans, self.window_, momentum_start(engine, start), slice(0, T))
         if not jacobian_path:
-            jvp_decomposition(engine, Xt, explained, plans, self.window_, acc, max(1, cfg.memory_budget // 4))
+            jvp_path(engine, query, acc, max(1, cfg.memory_budget // 4))
             self.sweep_ = {"path": "jvp", "momentum": None, "test_chunk": T, "block_size": layout.size}
         else:
-            self._jacobian_path(engine, Xt, explained, plans, acc, first, keep, T, O, elem)
+            self._jacobian_path(engine, query, acc, keep, O, elem)
         exact = torch.stack([p.exact for p in plans], dim=1)
         evals = torch.stack([p.evals for p in plans], dim=1)
         return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train)
 
-    def _jacobian_path(self, engine: Any, Xt: torch.Tensor, explained: Any, plans: list[Any], acc: Accumulators,
-                       first: int, keep: tuple[str, ...], T: int, O: int, elem: int) -> None:
+    def _jacobian_path(self, engine: Any, query: Query, acc: Accumulators, keep: tuple[str, ...], O: int,
+                       elem: int) -> None:
         cfg = self.config_
-        start, stop = self.window_
+        first, stop = query.first, self.window_[1]
         layout = engine.layout
+        T = query.X.shape[0]
         batch_max = max(int(torch.as_tensor(self.trajectory_.batch(s)[0]).numel()) for s in range(first, stop))
         n_seen = int(seen_samples(engine, first, stop).numel()) if "train" in keep else 0
         plan = plan_sweep(momentum=cfg.momentum if "train" in keep else "forward", keep_step="step" in keep, T=T,
@@ -226,12 +227,9 @@ class InfluenceEstimator(PathEstimator):
         self.sweep_ = {"path": "jacobian", "momentum": plan.mode, "test_chunk": plan.test_chunk,
                        "block_size": plan.block_size, "n_blocks": len(blocks), "estimate_bytes": plan.estimate_bytes}
         for lo in range(0, T, plan.test_chunk):
-            rows = slice(lo, min(T, lo + plan.test_chunk))
-            idx = torch.arange(rows.start, rows.stop, device=engine.device)
-            sub_plans = [p.take(idx) for p in plans]
+            part = replace(query.chunk(slice(lo, min(T, lo + plan.test_chunk))), jac_chunk=plan.jac_chunk)
             for block in blocks:
-                sweep(engine, Xt[rows], explained.take(rows), sub_plans, self.window_, first, acc, block, rows,
-                      plan.jac_chunk)
+                sweep(engine, part, acc, block)
         self.sweep_["jacobian"] = engine.jacobian_used
         engine.clear()
 

@@ -43,7 +43,10 @@ from torch import Tensor
 from ..exceptions import ConfigError
 from .layout import ParamLayout
 
-__all__ = ["Attribution"]
+__all__ = ["Attribution", "AXES"]
+
+#: The decomposed axes an influence query may keep, in canonical order.
+AXES = ("step", "group", "param", "train")
 
 _TENSORS = ("values", "initial", "final", "regularization", "residual", "quadrature_error")
 FORMAT_VERSION = 1
