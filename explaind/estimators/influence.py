@@ -26,7 +26,7 @@ from ..exceptions import ConfigError
 from ..kernel.accumulate import Accumulators, make_blocks
 from ..kernel.attribution import AXES, Attribution
 from ..kernel.budget import parse_bytes, plan_sweep
-from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_samples
+from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_samples, update_sweep
 from ..kernel.planning import window_plans
 from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
@@ -41,6 +41,7 @@ class InfluenceConfig(PathConfig):
 
     keep: tuple[Literal["step", "group", "param", "train"], ...] = ("train",)
     target: Any = None
+    split: bool = True
     momentum: Literal["auto", "forward", "reverse"] = "auto"
     memory_budget: int | str = "2GB"
     test_chunk_size: int | None = Field(default=None, ge=1)
@@ -96,6 +97,11 @@ class InfluenceEstimator(PathEstimator):
     target : None, int, sequence of int or "loss"
         Explained quantity: all outputs (``O`` = model outputs), one output per test input
         (``O = 1``), or the per-sample loss of ``(f(x), y)`` (``O = 1``; ``transform`` needs ``y``).
+    split : bool
+        Split every update into its data (kernel), regularization and residual parts (default).
+        ``False``: ``values`` hold each step's whole update :math:`\varphi_s(x)\Delta\theta_s` on the kept
+        axes and ``regularization``/``residual`` are zero; only the recorded parameters are read
+        (no training data, no optimizer coefficients), and ``"train"`` cannot be kept.
     steps : (int, int or None), optional
         Window ``(start, stop)``: ``initial`` is :math:`g(\theta_{start})`, the total is
         :math:`g(\theta_{stop})`. Momentum from steps before ``start`` is still data (it is
@@ -131,13 +137,14 @@ class InfluenceEstimator(PathEstimator):
     #: Forward mode (JVPs) is used while tangents per node <= this ratio x outputs (else Jacobians).
     _jvp_tangent_ratio: ClassVar[float] = 1.0
 
-    def __init__(self, *, keep: Any = ("train",), target: Any = None, steps: Any = None,
+    def __init__(self, *, keep: Any = ("train",), target: Any = None, split: bool = True, steps: Any = None,
                  quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
                  memory_budget: int | str = "2GB", test_chunk_size: int | None = None,
                  param_chunk_size: int | None = None, chunk_size: int | None = 256, factored: str = "auto",
                  device: str = "auto", dtype: str = "float64", progress: bool = False):
         self.keep = keep
         self.target = target
+        self.split = split
         self.steps = steps
         self.quadrature = quadrature
         self.nodes = nodes
@@ -160,6 +167,11 @@ class InfluenceEstimator(PathEstimator):
             raise ConfigError(
                 "InfluenceEstimator: invalid value for 'momentum': 'reverse' — the reverse sweep sums over steps and "
                 "cannot keep both 'step' and 'train'. Use momentum='forward' or 'auto'."
+            )
+        if "train" in keep and not config.split:
+            raise ConfigError(
+                "InfluenceEstimator: keep=('train', ...) needs split=True — the per-sample atoms come from the "
+                "data part of each update. Use split=True, or keep only 'step', 'group' or 'param'."
             )
         if "train" in keep:
             try:
@@ -195,12 +207,13 @@ class InfluenceEstimator(PathEstimator):
                 f"memory_budget."
             )
         # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output
-        n_tangents = 3 * (len(layout) if "group" in keep else 1)
+        n_tangents = (3 if cfg.split else 1) * (len(layout) if "group" in keep else 1)
         jacobian_path = needs_train or "param" in keep or n_tangents > self._jvp_tangent_ratio * O
         g_start, g_stop, plans = window_plans(engine, Xt, explained, self.window_, cfg.quadrature, cfg.nodes,
                                               cfg.tol, with_estimate=False, coarsen=True)
         acc = Accumulators(keep, T, O, self.window_, layout, n_train, engine.dtype, engine.device)
-        query = Query(Xt, explained, plans, self.window_, momentum_start(engine, start), slice(0, T))
+        first = momentum_start(engine, start) if cfg.split else start
+        query = Query(Xt, explained, plans, self.window_, first, slice(0, T), split=cfg.split)
         if not jacobian_path:
             jvp_path(engine, query, acc, max(1, cfg.memory_budget // 4))
             self.sweep_ = {"path": "jvp", "momentum": None, "test_chunk": T, "block_size": layout.size}
@@ -216,15 +229,16 @@ class InfluenceEstimator(PathEstimator):
         first, stop = query.first, self.window_[1]
         layout = engine.layout
         T = query.X.shape[0]
-        batch_max = max(int(torch.as_tensor(self.trajectory_.batch(s)[0]).numel()) for s in range(first, stop))
+        batch_max = max(int(torch.as_tensor(self.trajectory_.batch(s)[0]).numel())
+                        for s in range(first, stop)) if cfg.split else 0
         n_seen = int(seen_samples(engine, first, stop).numel()) if "train" in keep else 0
         plan = plan_sweep(momentum=cfg.momentum if "train" in keep else "forward", keep_step="step" in keep, T=T,
                           O=O, D=layout.size, largest_tensor=max(layout.numels), B=batch_max, M=n_seen, elem=elem,
                           budget=cfg.memory_budget, chunk_size=cfg.chunk_size, test_chunk=cfg.test_chunk_size,
                           block_size=cfg.param_chunk_size)
-        sweep = reverse_sweep if plan.mode == "reverse" else forward_sweep
+        sweep = update_sweep if not cfg.split else reverse_sweep if plan.mode == "reverse" else forward_sweep
         blocks = make_blocks(layout, plan.block_size)
-        self.sweep_ = {"path": "jacobian", "momentum": plan.mode, "test_chunk": plan.test_chunk,
+        self.sweep_ = {"path": "jacobian", "momentum": plan.mode if cfg.split else None, "test_chunk": plan.test_chunk,
                        "block_size": plan.block_size, "n_blocks": len(blocks), "estimate_bytes": plan.estimate_bytes}
         for lo in range(0, T, plan.test_chunk):
             part = replace(query.chunk(slice(lo, min(T, lo + plan.test_chunk))), jac_chunk=plan.jac_chunk)
@@ -260,6 +274,7 @@ class InfluenceEstimator(PathEstimator):
             "nodes": cfg.nodes,
             "tol": cfg.tol,
             "dtype": cfg.dtype,
+            "split": cfg.split,
             "evals_per_step": evals.double().mean(0).cpu().tolist(),
             **{k: v for k, v in self.sweep_.items()},
         }

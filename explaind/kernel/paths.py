@@ -23,11 +23,14 @@ coupled across steps **forward** (:func:`forward_sweep`: a per-sample buffer
 ``step`` is kept) or in **reverse** (:func:`reverse_sweep`: a test-side accumulator
 :math:`U_i = q_i P_i \Phi_i + a_{i+1} U_{i+1}` swept from the last step back, memory ``O(T O D_b)``).
 Both also give the regularization and residual parts and each step's quadrature estimate
-:math:`\Phi_s\Delta\theta_s`.
+:math:`\Phi_s\Delta\theta_s`. Without the split (:func:`update_sweep`, and the JVP path with
+``Query.split=False``), the whole update :math:`\Delta\theta_s` is contracted instead: no training data
+and no optimizer coefficients are read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,9 +42,9 @@ from .evaluate import Segment
 from .explained import Explained
 from .layout import ParamLayout
 from .quadrature import NodePlan
-from .split import Splitter, coefficients, is_zero, momentum_start, step_batch
+from .split import Splitter, coefficients, is_zero, step_batch
 
-__all__ = ["Query", "jvp_path", "forward_sweep", "reverse_sweep", "seen_samples", "progress_iter"]
+__all__ = ["Query", "jvp_path", "update_sweep", "forward_sweep", "reverse_sweep", "seen_samples", "progress_iter"]
 
 
 def progress_iter(items: Any, enabled: bool, desc: str, total: int | None = None) -> Any:
@@ -72,6 +75,9 @@ class Query:
         Positions of these inputs in the result.
     jac_chunk : int
         Inputs per Jacobian call.
+    split : bool
+        Split each update into data, regularization and residual parts (else: the whole update
+        goes to ``values``).
     """
 
     X: Tensor
@@ -81,6 +87,7 @@ class Query:
     first: int
     rows: slice
     jac_chunk: int = 256
+    split: bool = True
 
     def chunk(self, rows: slice) -> Query:
         """The query of the inputs ``rows`` (positions within this one)."""
@@ -104,36 +111,46 @@ def _segment(engine: Any, s: int, q: Query) -> Segment:
 
 # ---------------------------------------------------------------------- JVP path
 def jvp_path(engine: Any, q: Query, acc: Accumulators, max_tangent_bytes: int) -> None:
-    """Fill ``acc`` for ``keep`` within ``{"step", "group"}`` with JVPs along the three parts."""
-    start, stop = q.window
+    """Fill ``acc`` for ``keep`` within ``{"step", "group"}`` with JVPs along the parts of each update."""
     layout = engine.layout
     G = len(layout)
-    splitter = Splitter()
+    names = ("values", "regularization", "residual") if q.split else ("values",)
     per_group = acc.group
-    n_tan = 3 * G if per_group else 3
+    n_tan = len(names) * G if per_group else len(names)
     elem = torch.finfo(engine.dtype).bits // 8
     k_chunk = max(1, min(n_tan, max_tangent_bytes // max(1, elem * layout.size)))
-    r = momentum_start(engine, start)
-    for s in progress_iter(range(r, stop), engine.progress, "steps", stop - r):
-        theta = engine.params(s)
-        co = coefficients(engine, s, layout)
-        _, batch = step_batch(engine, s)
-        g = engine.evaluator.sample_grads(theta, layout, batch, summed=True)
-        data, reg = splitter.advance(co, g, layout.flatten(theta))
-        if s < start:
-            continue
-        delta = layout.flatten(engine.delta(s))
-        parts = torch.stack([data, reg, delta - data - reg])  # (3, D)
-        seg, plan = _segment(engine, s, q), q.plans[s - start]
+    for s, parts in (_split_parts(engine, q) if q.split else _whole_updates(engine, q)):
+        seg, plan = _segment(engine, s, q), q.plans[s - q.window[0]]
         chunks = []
         for lo in range(0, n_tan, k_chunk):
             tangents = layout.unflatten(_tangents(parts, layout, lo, min(lo + k_chunk, n_tan), per_group))
             chunks.append(engine.evaluator.jvp(seg, plan, tangents))
         J = torch.cat(chunks, dim=1)  # (T, K, O)
-        J = J.reshape(J.shape[0], 3, G, -1) if per_group else J.reshape(J.shape[0], 3, -1)
-        for j, name in enumerate(("values", "regularization", "residual")):
+        J = J.reshape(J.shape[0], len(names), G, -1) if per_group else J.reshape(J.shape[0], len(names), -1)
+        for j, name in enumerate(names):
             acc.add_totals(name, s, J[:, j], q.rows)
         acc.add_estimate(s, J.sum(dim=(1, 2)) if per_group else J.sum(1), q.rows)
+
+
+def _split_parts(engine: Any, q: Query) -> Iterator[tuple[int, Tensor]]:
+    """``(s, parts (3, D))`` of the window's steps: data, regularization and residual parts of the update."""
+    start, stop = q.window
+    layout = engine.layout
+    splitter = Splitter()
+    for s in progress_iter(range(q.first, stop), engine.progress, "steps", stop - q.first):
+        theta = engine.params(s)
+        g = engine.evaluator.sample_grads(theta, layout, step_batch(engine, s)[1], summed=True)
+        data, reg = splitter.advance(coefficients(engine, s, layout), g, layout.flatten(theta))
+        if s >= start:
+            delta = layout.flatten(engine.delta(s))
+            yield s, torch.stack([data, reg, delta - data - reg])
+
+
+def _whole_updates(engine: Any, q: Query) -> Iterator[tuple[int, Tensor]]:
+    r"""``(s, \Delta\theta_s (1, D))`` of the window's steps (no split: only the recorded parameters are read)."""
+    start, stop = q.window
+    for s in progress_iter(range(start, stop), engine.progress, "steps", stop - start):
+        yield s, engine.layout.flatten(engine.delta(s))[None]
 
 
 def _tangents(parts: Tensor, layout: ParamLayout, lo: int, hi: int, per_group: bool) -> Tensor:
@@ -173,6 +190,15 @@ def _sample_grads(engine: Any, s: int, block: Block) -> tuple[Tensor, Tensor, Te
 
 def _vec(value: float | Tensor, like: Tensor) -> Tensor:
     return value if isinstance(value, Tensor) else torch.full_like(like, float(value))
+
+
+def update_sweep(engine: Any, q: Query, acc: Accumulators, block: Block) -> None:
+    r"""The whole update per coordinate, :math:`\Phi_s \odot \Delta\theta_s` reduced to the kept axes (no split)."""
+    start, stop = q.window
+    phi_of = _Phi(engine, q, block)
+    for s in progress_iter(range(start, stop), engine.progress, "steps", stop - start):
+        delta = block.layout.flatten(engine.delta(s))
+        acc.contract(s, phi_of(s), block, q.rows, vectors=[("values", delta)], estimate=(s, delta))
 
 
 def forward_sweep(engine: Any, q: Query, acc: Accumulators, block: Block) -> None:
