@@ -10,7 +10,7 @@ DOCS = REPO / "docs"
 SOURCES = ("explaind", "plugins", "tests", "benchmarks", "examples", "docs")
 
 #: Folders whose citations are being rewritten by another change (remove an entry to check it).
-PENDING = ("explaind/kernel", "explaind/estimators", "plugins/explaind_pruning")
+PENDING: tuple[str, ...] = ()
 
 _NUMBERED = re.compile(r"docs/([\w-]+)\.md §(\d+)(?:[–-](\d+))?")
 _TITLED = re.compile(r'docs/([\w-]+)\.md, "([^"]+)"')

@@ -1,4 +1,4 @@
-"""The factored Jacobian path (explaind.kernel.factored) against per-entry jacrev loops in float64."""
+"""The layer-factored evaluator (explaind.kernel.layers) against per-entry jacrev/jvp/grad loops in float64."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ from torch.func import functional_call, jacrev
 
 import explaind
 from explaind.exceptions import ConfigError
-from explaind.kernel.factored import FactoredJacobian, covered_parameters
-from explaind.kernel.functional import Explained, FunctionalModel
+from explaind.kernel.autograd import AutogradEvaluator
+from explaind.kernel.evaluate import Batch, Rows, Segment, StepStack
+from explaind.kernel.explained import Explained, FunctionalModel
+from explaind.kernel.layer_rules import covered_parameters
+from explaind.kernel.layers import LayerEvaluator
+from explaind.kernel.layout import ParamLayout
+from explaind.kernel.quadrature import NodePlan
 from explaind.losses import resolve_loss
 from explaind.models import build_model
 
@@ -88,6 +93,19 @@ def _setup(model: nn.Module, X: Tensor, seed: int = 0):
     return fm, names, base, delta, explained
 
 
+def _layers(fm, names, rows_chunk=None) -> LayerEvaluator:
+    return LayerEvaluator(AutogradEvaluator(fm, 256, rows_chunk=rows_chunk), tuple(names))
+
+
+def _step_jacobian(ev, base, delta, X, explained, t, w, names, chunk, out=None) -> Tensor:
+    """Phi of one step through the evaluator; the factored path must have been used."""
+    plan = NodePlan(t, w, torch.zeros(X.shape[0], explained.n_outputs, dtype=DT), None,
+                    (w != 0).sum(1))
+    got = ev.jacobian(Segment(base, delta, X, explained), plan, ParamLayout.from_tensors(base, names), chunk, out)
+    assert "jacobian" in ev.used, ev.state["jacobian"]
+    return got
+
+
 def _loop_reference(fm, names, base, delta, explained, X, t, w) -> Tensor:
     """sum_q w_iq * jacrev(g)(theta_s + t_iq delta) per input, by explicit Python loops."""
     rows = []
@@ -141,10 +159,8 @@ def test_step_jacobian_matches_loop_reference(case, chunk):
     torch.manual_seed(0)
     X = inputs(5)
     fm, names, base, delta, explained = _setup(make(), X)
-    fj, reason = FactoredJacobian.build(fm, names, base, delta, X, explained)
-    assert fj is not None, reason
     t, w = _ragged_plan(5, 4, seed=3)
-    got = fj.step_jacobian(base, delta, X, explained, explained.aux, t, w, names, chunk=chunk)
+    got = _step_jacobian(_layers(fm, names), base, delta, X, explained, t, w, names, chunk=chunk)
     want = _loop_reference(fm, names, base, delta, explained, X, t, w)
     assert got.shape == want.shape
     assert rel(got, want) <= 1e-13
@@ -154,10 +170,9 @@ def test_step_jacobian_overwrites_out_buffer():
     make, inputs = CASES["mlp"]
     X = inputs(4)
     fm, names, base, delta, explained = _setup(make(), X)
-    fj, _ = FactoredJacobian.build(fm, names, base, delta, X, explained)
     t, w = _ragged_plan(4, 3, seed=8)
     buf = torch.full((4, explained.n_outputs, sum(base[n].numel() for n in names)), 123.0, dtype=DT)
-    got = fj.step_jacobian(base, delta, X, explained, explained.aux, t, w, names, chunk=3, out=buf)
+    got = _step_jacobian(_layers(fm, names), base, delta, X, explained, t, w, names, chunk=3, out=buf)
     assert got.data_ptr() == buf.data_ptr()
     assert rel(got, _loop_reference(fm, names, base, delta, explained, X, t, w)) <= 1e-13
 
@@ -183,17 +198,19 @@ REFUSED = [
 @pytest.mark.parametrize("builder", ["jacobian", "rows"])
 @pytest.mark.parametrize("model, inputs, why", REFUSED)
 def test_factored_paths_refuse_models_they_cannot_handle(builder, model, inputs, why):
-    from explaind.kernel.rows import RowEvaluator
-
     X = inputs()
     fm, names, base, delta, explained = _setup(model(), X)
+    ev = _layers(fm, names)
     if builder == "jacobian":
-        obj, reason = FactoredJacobian.build(fm, names, base, delta, X, explained)
+        t, w = _ragged_plan(X.shape[0], 2, seed=2)
+        plan = NodePlan(t, w, torch.zeros(X.shape[0], explained.n_outputs, dtype=DT), None, (w != 0).sum(1))
+        ev.jacobian(Segment(base, delta, X, explained), plan, ParamLayout.from_tensors(base, names), 4)
     else:
-        stack = {n: torch.stack([v, v + 0.1]) for n, v in base.items()}
-        dstack = {n: torch.stack([v, 2 * v]) for n, v in delta.items()}
-        obj, reason = RowEvaluator.build(fm, names, stack, dstack, X, explained)
-    assert obj is None
+        stack = StepStack({n: torch.stack([v, v + 0.1]) for n, v in base.items()},
+                          {n: torch.stack([v, 2 * v]) for n, v in delta.items()}, X, explained)
+        ev.slopes(stack, Rows(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0.2, 0.7], dtype=DT)))
+    reason = ev.state[builder]
+    assert reason is not True and builder not in ev.used
     assert why in reason
 
 
@@ -269,9 +286,8 @@ def test_functional_call_of_hooked_model_is_restored():
     X = inputs(3)
     fm, names, base, delta, explained = _setup(make(), X)
     before = functional_call(fm.module, {**fm.constants, **base}, (X,))
-    fj, _ = FactoredJacobian.build(fm, names, base, delta, X, explained)
     t, w = _ragged_plan(3, 2, seed=1)
-    fj.step_jacobian(base, delta, X, explained, explained.aux, t, w, names, chunk=8)
+    _step_jacobian(_layers(fm, names), base, delta, X, explained, t, w, names, chunk=8)
     after = functional_call(fm.module, {**fm.constants, **base}, (X,))
     assert torch.equal(before, after)
 
@@ -297,8 +313,6 @@ def _rows_reference(fm, explained, bases, deltas, X, sidx, idx, t):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_row_evaluator_matches_per_row_jvp_loop(case):
-    from explaind.kernel.rows import RowEvaluator
-
     make, inputs = CASES[case]
     X = inputs(4)
     fm, names, base, delta, explained = _setup(make(), X)
@@ -306,15 +320,15 @@ def test_row_evaluator_matches_per_row_jvp_loop(case):
     S = 5  # stacked steps with different parameters
     bases = {n: base[n] + 0.2 * torch.randn((S, *base[n].shape), generator=gen, dtype=DT) for n in base}
     deltas = {n: 0.3 * torch.randn((S, *base[n].shape), generator=gen, dtype=DT) for n in base}
-    rows, reason = RowEvaluator.build(fm, names, bases, deltas, X, explained)
-    assert rows is not None, reason
     # unsorted rows, uneven counts per step (step 3 absent), repeated (step, input) pairs
     sidx = torch.tensor([4, 0, 0, 2, 4, 4, 1, 0, 4, 2, 4, 4, 0])
     idx = torch.tensor([0, 1, 3, 2, 2, 0, 3, 0, 1, 1, 3, 3, 2])
     t = torch.rand(sidx.shape[0], generator=gen, dtype=DT)
     want_h, want_d = _rows_reference(fm, explained, bases, deltas, X, sidx, idx, t)
     for chunk in (3, 64):
-        h, d = rows.evaluate(bases, deltas, explained, X, sidx, idx, t, chunk=chunk)
+        ev = _layers(fm, names, rows_chunk=chunk)
+        h, d = ev.slopes(StepStack(bases, deltas, X, explained), Rows(sidx, idx, t))
+        assert "rows" in ev.used, ev.state["rows"]
         assert rel(h, want_h) <= 1e-13
         assert rel(d, want_d) <= 1e-13
 
@@ -326,7 +340,7 @@ def test_replica_factored_equals_generic(rule):
     for mode in ("always", "never"):
         rep = explaind.KernelReplica(quadrature=rule, factored=mode, device="cpu").fit(traj)
         out[mode] = rep.predict(X)
-        assert (rep.engine_._rows not in (None, False)) == (mode == "always" and rule == "adaptive")
+        assert ("rows" in rep.engine_.factored_used) == (mode == "always" and rule == "adaptive")
         if rule == "adaptive":  # refinement ran (more than the first 4 nodes per step and input)
             assert rep.fidelity_report(X)["total_evals"] > 4 * X.shape[0] * traj.n_steps
     assert rel(out["always"], out["never"]) <= 1e-13
@@ -339,12 +353,13 @@ def test_sample_grads_match_per_sample_loop(case):
     make, inputs = CASES[case]
     X = inputs(6)
     fm, names, base, delta, explained = _setup(make(), X)
-    fj, reason = FactoredJacobian.build(fm, names, base, delta, X, explained)
-    assert fj is not None, reason
+    ev = _layers(fm, names, rows_chunk=4)
+    t, w = _ragged_plan(6, 2, seed=1)
+    _step_jacobian(ev, base, delta, X, explained, t, w, names, chunk=6)  # per-sample gradients follow the Jacobians
     gen = torch.Generator().manual_seed(4)
     Y = torch.randint(0, explained.n_outputs, (6,), generator=gen)
     weights = torch.rand(6, generator=gen, dtype=DT)
-    got = fj.sample_grads(base, names, X, Y, weights, chunk=4)
+    got = ev.sample_grads(base, ParamLayout.from_tensors(base, names), Batch(X, Y, weights))
     want = []
     for k in range(6):
         def loss(p, k=k):

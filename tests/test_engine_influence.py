@@ -261,3 +261,71 @@ def test_sample_weights_and_unmoved_parameters():
     assert float(fwd.values[:, 1].abs().max()) == 0.0  # nothing moved at the frozen step
     _close(fwd.sum("step").values, rev.values, 1e-12)
     assert float(fwd.residual.abs().max()) < 1e-12
+
+
+def _whole_update_loop(run, nodes: int):
+    """sum_s sum_q w_q jacrev(f)(theta_s + t_q delta_s)[x, o, p] * delta_s[p]: (T, D, O), by explicit loops."""
+    from torch.func import jacrev
+
+    from explaind.kernel.quadrature import rule_nodes
+
+    traj = run.trajectory
+    names = list(traj.param_names)
+    t_nodes, weights = rule_nodes("gauss-legendre", nodes)
+    total = None
+    for s in range(traj.n_steps):
+        a, b = traj.params(s), traj.params(s + 1)
+        delta = {n: b[n] - a[n] for n in names}
+        for t, w in zip(t_nodes.tolist(), weights.tolist()):
+            point = {n: a[n] + t * delta[n] for n in names}
+            for i in range(run.X_test.shape[0]):
+                def f(p, i=i):
+                    return functional_call(traj.model, {**traj.constants(), **p}, (run.X_test[i:i + 1],))[0]
+
+                jac = jacrev(f)(point)
+                row = torch.cat([(jac[n] * delta[n]).reshape(jac[n].shape[0], -1) for n in names], 1).T * w
+                if total is None:
+                    total = torch.zeros(run.X_test.shape[0], *row.shape, dtype=row.dtype)
+                total[i] += row
+    return total
+
+
+@pytest.mark.parametrize("factored", ["auto", "never"])
+def test_whole_update_per_parameter_matches_a_jacrev_loop(factored):
+    run = engine_run("tanh", "adamw")
+    att = _run_query(run, keep=("param",), split=False, quadrature="gauss-legendre", nodes=3, factored=factored)
+    assert att.axes == ("test", "param", "output")
+    assert rel(att.values, _whole_update_loop(run, 3)) <= 1e-12
+    assert float(att.regularization.abs().max()) == 0.0 and float(att.residual.abs().max()) == 0.0
+    assert att.meta["split"] is False
+
+
+@pytest.mark.parametrize("keep", [(), ("step",), ("group",), ("step", "group"), ("param",), ("step", "param")])
+def test_whole_update_equals_the_sum_of_the_split_parts(keep):
+    run = engine_run("relu", "sgd")
+    whole = _run_query(run, keep=keep, split=False)
+    parts = _run_query(run, keep=keep)
+    assert whole.completeness_error() <= 1e-12
+    assert rel(whole.values, parts.values + parts.regularization + parts.residual) <= 1e-10
+    assert rel(whole.quadrature_error, parts.quadrature_error) <= 1e-12 or float(
+        (whole.quadrature_error - parts.quadrature_error).abs().max()) <= 1e-14
+
+
+def test_whole_update_reads_only_the_parameters(monkeypatch):
+    run = engine_run("relu", "adam")
+    traj = run.trajectory
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("split=False must not read batches, training data or optimizer coefficients")
+
+    for name in ("batch", "train_samples", "updates", "grad_scale"):
+        monkeypatch.setattr(traj, name, forbidden)
+    for keep in [("step", "group"), ("param",)]:
+        att = _run_query(run, keep=keep, split=False)
+        assert att.completeness_error() <= 1e-12
+
+
+def test_whole_update_cannot_keep_train():
+    run = engine_run("tanh", "sgd")
+    with pytest.raises(ConfigError, match=r"needs split=True.*keep only 'step', 'group' or 'param'"):
+        _est(keep=("train",), split=False).fit(run.trajectory)

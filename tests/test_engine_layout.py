@@ -7,8 +7,9 @@ import torch
 
 from explaind.exceptions import ConfigError
 from explaind.kernel.accumulate import make_blocks
-from explaind.kernel.layout import ParamLayout, is_zero, step_coefficients
-from explaind.kernel.memory import parse_bytes, plan_sweep
+from explaind.kernel.budget import parse_bytes, plan_sweep
+from explaind.kernel.layout import ParamLayout
+from explaind.kernel.split import is_zero, step_coefficients
 from explaind.recurrence import LinearUpdate
 
 

@@ -13,7 +13,8 @@ from torch.func import functional_call
 
 import explaind
 from explaind.exceptions import ConfigError, NotFittedError
-from explaind.kernel import functional as F
+from explaind.kernel.autograd import AutogradEvaluator
+from explaind.kernel.layers import LayerEvaluator
 
 
 def _model_at(run, s: int, X: torch.Tensor) -> torch.Tensor:
@@ -70,10 +71,9 @@ def test_predict_uses_forward_mode_only(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("predict must not call this")
 
-    monkeypatch.setattr(F.FunctionalModel, "per_sample_grads", forbidden)
-    monkeypatch.setattr(F.FunctionalModel, "weighted_grad", forbidden)
-    monkeypatch.setattr(F.Segment, "jac_nodes", forbidden)
-    monkeypatch.setattr(F.Segment, "jac_pairs", forbidden)
+    for evaluator in (AutogradEvaluator, LayerEvaluator):
+        monkeypatch.setattr(evaluator, "sample_grads", forbidden)
+        monkeypatch.setattr(evaluator, "jacobian", forbidden)
     run = engine_run("relu", "sgd")
     for quadrature in ("adaptive", "gauss-legendre", "midpoint"):
         explaind.KernelReplica(quadrature=quadrature, device="cpu").fit(run.trajectory).predict(run.X_test)

@@ -12,7 +12,7 @@ from engine_testkit import engine_run
 from explaind.exceptions import ConfigError
 from explaind.kernel.attribution import Attribution
 from explaind.kernel.layout import ParamLayout
-from explaind.kernel.scores import (
+from explaind.scores import (
     data_influence,
     group_influence,
     kernel_regularization_balance,

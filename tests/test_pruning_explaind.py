@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from explaind_pruning.explaind_scores import path_contributions, scores_from_attribution_values
+from explaind_pruning.explaind_scores import path_contributions
 from torch import nn
 
 import explaind
@@ -142,16 +142,27 @@ def test_auto_backend_uses_the_engine_when_the_update_has_regularization():
 
 
 def test_attribution_values_are_reduced_with_abs_after_the_sum_over_steps():
-    # values[x, p, o] over D = 3 coordinates: tensor "a" of shape (2,) then "b" of shape (1, 1)
+    # values[x, p, o] over D = 3 coordinates: tensor "a" of shape (2,) then "b" of shape (1, 1); the strategy
+    # reduces the engine's Attribution with explaind.scores.parameter_influence
+    from explaind.kernel.attribution import Attribution
+    from explaind.kernel.layout import ParamLayout
+    from explaind.scores import parameter_influence
+
     values = torch.tensor([
         [[1.0, -2.0], [0.5, 0.5], [-3.0, 0.0]],
         [[-1.0, 1.0], [2.0, -0.5], [1.0, 1.0]],
     ])
-    out = scores_from_attribution_values(values, ["a", "b"], [(2,), (1, 1)])
+
+    def attribution(axes, layout):
+        zeros, side = torch.zeros(2, 2), torch.zeros_like(values)
+        return Attribution(axes=axes, values=values, initial=zeros, final=zeros, regularization=side, residual=side,
+                           quadrature_error=zeros, coords={}, layout=layout)
+
+    out = parameter_influence(attribution(("test", "param", "output"), ParamLayout(("a", "b"), ((2,), (1, 1)))))
     assert out["a"].tolist() == [1 + 2 + 1 + 1, 0.5 + 0.5 + 2 + 0.5]
     assert out["b"].tolist() == [[3 + 0 + 1 + 1]]
-    with pytest.raises(TrajectoryError, match=r"shape \(T, D=4, O\)"):
-        scores_from_attribution_values(values, ["a"], [(4,)])
+    with pytest.raises(ConfigError, match=r"needs an Attribution keeping \['param'\]"):
+        parameter_influence(attribution(("test", "train", "output"), ParamLayout(("a",), ((3,),))))
 
 
 def test_errors_name_the_problem_and_the_fix():

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .. import _lazy_exports
 
-_LAZY: dict[str, tuple[str, str]] = {
-    "KernelReplica": ("explaind.estimators.replica", "KernelReplica"),
-    "InfluenceEstimator": ("explaind.estimators.influence", "InfluenceEstimator"),
-}
+_EXPORTS = {"KernelReplica": "replica", "InfluenceEstimator": "influence"}
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    try:
-        module_name, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'explaind.estimators' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

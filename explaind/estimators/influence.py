@@ -2,7 +2,7 @@ r"""ExPLAIND influence scores: the path-kernel decomposition summed to the axes 
 
 ``InfluenceEstimator(keep=...).fit(traj).transform(X)`` returns an
 :class:`~explaind.kernel.attribution.Attribution` whose terms add up exactly (to rounding) to
-:math:`g(x;\theta_{stop})` (DESIGN §2). The engine picks the algorithm from the kept axes:
+:math:`g(x;\theta_{stop})` (docs/maths.md §5). The engine picks the algorithm from the kept axes:
 
 * ``keep`` within ``{"step", "group"}``: forward-mode JVPs along the data, regularization and
   residual parts of every update (one tangent per part and parameter tensor);
@@ -15,6 +15,7 @@ r"""ExPLAIND influence scores: the path-kernel decomposition summed to the axes 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -23,17 +24,16 @@ from pydantic import Field, field_validator
 
 from ..exceptions import ConfigError
 from ..kernel.accumulate import Accumulators, make_blocks
-from ..kernel.attribution import Attribution
-from ..kernel.memory import parse_bytes, plan_sweep
-from ..kernel.stepwise import jvp_decomposition, momentum_start
-from ..kernel.sweeps import forward_sweep, reverse_sweep, seen_samples
+from ..kernel.attribution import AXES, Attribution
+from ..kernel.budget import parse_bytes, plan_sweep
+from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_samples, update_sweep
+from ..kernel.planning import window_plans
+from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
 
 __all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
 
 logger = logging.getLogger(__name__)
-
-AXES = ("step", "group", "param", "train")
 
 
 class InfluenceConfig(PathConfig):
@@ -41,6 +41,7 @@ class InfluenceConfig(PathConfig):
 
     keep: tuple[Literal["step", "group", "param", "train"], ...] = ("train",)
     target: Any = None
+    split: bool = True
     momentum: Literal["auto", "forward", "reverse"] = "auto"
     memory_budget: int | str = "2GB"
     test_chunk_size: int | None = Field(default=None, ge=1)
@@ -96,6 +97,11 @@ class InfluenceEstimator(PathEstimator):
     target : None, int, sequence of int or "loss"
         Explained quantity: all outputs (``O`` = model outputs), one output per test input
         (``O = 1``), or the per-sample loss of ``(f(x), y)`` (``O = 1``; ``transform`` needs ``y``).
+    split : bool
+        Split every update into its data (kernel), regularization and residual parts (default).
+        ``False``: ``values`` hold each step's whole update :math:`\varphi_s(x)\Delta\theta_s` on the kept
+        axes and ``regularization``/``residual`` are zero; only the recorded parameters are read
+        (no training data, no optimizer coefficients), and ``"train"`` cannot be kept.
     steps : (int, int or None), optional
         Window ``(start, stop)``: ``initial`` is :math:`g(\theta_{start})`, the total is
         :math:`g(\theta_{stop})`. Momentum from steps before ``start`` is still data (it is
@@ -114,7 +120,7 @@ class InfluenceEstimator(PathEstimator):
     factored : {"auto", "always", "never"}
         Layer-factored computation (see :class:`~explaind.KernelReplica`); here it also forms
         :math:`\Phi_s` for ``"param"``/``"train"`` from layer factors, all (input, node) entries of
-        a step in one batch (:mod:`explaind.kernel.factored`), instead of ``vmap(jacrev)``.
+        a step in one batch (:mod:`explaind.kernel.layers`), instead of ``vmap(jacrev)``.
     device, dtype, progress
         As in :class:`~explaind.KernelReplica`.
 
@@ -131,13 +137,14 @@ class InfluenceEstimator(PathEstimator):
     #: Forward mode (JVPs) is used while tangents per node <= this ratio x outputs (else Jacobians).
     _jvp_tangent_ratio: ClassVar[float] = 1.0
 
-    def __init__(self, *, keep: Any = ("train",), target: Any = None, steps: Any = None,
+    def __init__(self, *, keep: Any = ("train",), target: Any = None, split: bool = True, steps: Any = None,
                  quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
                  memory_budget: int | str = "2GB", test_chunk_size: int | None = None,
                  param_chunk_size: int | None = None, chunk_size: int | None = 256, factored: str = "auto",
                  device: str = "auto", dtype: str = "float64", progress: bool = False):
         self.keep = keep
         self.target = target
+        self.split = split
         self.steps = steps
         self.quadrature = quadrature
         self.nodes = nodes
@@ -160,6 +167,11 @@ class InfluenceEstimator(PathEstimator):
             raise ConfigError(
                 "InfluenceEstimator: invalid value for 'momentum': 'reverse' — the reverse sweep sums over steps and "
                 "cannot keep both 'step' and 'train'. Use momentum='forward' or 'auto'."
+            )
+        if "train" in keep and not config.split:
+            raise ConfigError(
+                "InfluenceEstimator: keep=('train', ...) needs split=True — the per-sample atoms come from the "
+                "data part of each update. Use split=True, or keep only 'step', 'group' or 'param'."
             )
         if "train" in keep:
             try:
@@ -195,43 +207,43 @@ class InfluenceEstimator(PathEstimator):
                 f"memory_budget."
             )
         # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output
-        n_tangents = 3 * (len(layout) if "group" in keep else 1)
+        n_tangents = (3 if cfg.split else 1) * (len(layout) if "group" in keep else 1)
         jacobian_path = needs_train or "param" in keep or n_tangents > self._jvp_tangent_ratio * O
-        g_start, g_stop, plans = engine.plans(Xt, explained, self.window_, cfg.quadrature, cfg.nodes, cfg.tol,
-                                              with_estimate=False, coarsen=True)
+        g_start, g_stop, plans = window_plans(engine, Xt, explained, self.window_, cfg.quadrature, cfg.nodes,
+                                              cfg.tol, with_estimate=False, coarsen=True)
         acc = Accumulators(keep, T, O, self.window_, layout, n_train, engine.dtype, engine.device)
-        first = momentum_start(engine, start)
+        first = momentum_start(engine, start) if cfg.split else start
+        query = Query(Xt, explained, plans, self.window_, first, slice(0, T), split=cfg.split)
         if not jacobian_path:
-            jvp_decomposition(engine, Xt, explained, plans, self.window_, acc, max(1, cfg.memory_budget // 4))
+            jvp_path(engine, query, acc, max(1, cfg.memory_budget // 4))
             self.sweep_ = {"path": "jvp", "momentum": None, "test_chunk": T, "block_size": layout.size}
         else:
-            self._jacobian_path(engine, Xt, explained, plans, acc, first, keep, T, O, elem)
+            self._jacobian_path(engine, query, acc, keep, O, elem)
         exact = torch.stack([p.exact for p in plans], dim=1)
         evals = torch.stack([p.evals for p in plans], dim=1)
         return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train)
 
-    def _jacobian_path(self, engine: Any, Xt: torch.Tensor, explained: Any, plans: list[Any], acc: Accumulators,
-                       first: int, keep: tuple[str, ...], T: int, O: int, elem: int) -> None:
+    def _jacobian_path(self, engine: Any, query: Query, acc: Accumulators, keep: tuple[str, ...], O: int,
+                       elem: int) -> None:
         cfg = self.config_
-        start, stop = self.window_
+        first, stop = query.first, self.window_[1]
         layout = engine.layout
-        batch_max = max(int(torch.as_tensor(self.trajectory_.batch(s)[0]).numel()) for s in range(first, stop))
+        T = query.X.shape[0]
+        batch_max = max(int(torch.as_tensor(self.trajectory_.batch(s)[0]).numel())
+                        for s in range(first, stop)) if cfg.split else 0
         n_seen = int(seen_samples(engine, first, stop).numel()) if "train" in keep else 0
         plan = plan_sweep(momentum=cfg.momentum if "train" in keep else "forward", keep_step="step" in keep, T=T,
                           O=O, D=layout.size, largest_tensor=max(layout.numels), B=batch_max, M=n_seen, elem=elem,
                           budget=cfg.memory_budget, chunk_size=cfg.chunk_size, test_chunk=cfg.test_chunk_size,
                           block_size=cfg.param_chunk_size)
-        sweep = reverse_sweep if plan.mode == "reverse" else forward_sweep
+        sweep = update_sweep if not cfg.split else reverse_sweep if plan.mode == "reverse" else forward_sweep
         blocks = make_blocks(layout, plan.block_size)
-        self.sweep_ = {"path": "jacobian", "momentum": plan.mode, "test_chunk": plan.test_chunk,
+        self.sweep_ = {"path": "jacobian", "momentum": plan.mode if cfg.split else None, "test_chunk": plan.test_chunk,
                        "block_size": plan.block_size, "n_blocks": len(blocks), "estimate_bytes": plan.estimate_bytes}
         for lo in range(0, T, plan.test_chunk):
-            rows = slice(lo, min(T, lo + plan.test_chunk))
-            idx = torch.arange(rows.start, rows.stop, device=engine.device)
-            sub_plans = [p.take(idx) for p in plans]
+            part = replace(query.chunk(slice(lo, min(T, lo + plan.test_chunk))), jac_chunk=plan.jac_chunk)
             for block in blocks:
-                sweep(engine, Xt[rows], explained.take(rows), sub_plans, self.window_, first, acc, block, rows,
-                      plan.jac_chunk)
+                sweep(engine, part, acc, block)
         self.sweep_["jacobian"] = engine.jacobian_used
         engine.clear()
 
@@ -262,6 +274,7 @@ class InfluenceEstimator(PathEstimator):
             "nodes": cfg.nodes,
             "tol": cfg.tol,
             "dtype": cfg.dtype,
+            "split": cfg.split,
             "evals_per_step": evals.double().mean(0).cpu().tolist(),
             **{k: v for k, v in self.sweep_.items()},
         }

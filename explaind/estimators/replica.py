@@ -5,7 +5,7 @@ r"""The exact path-kernel replica of a trained model.
     \hat f(x) = f(x; \theta_{start}) + \sum_{s=start}^{stop-1} \varphi_s(x)\,\Delta\theta_s,
     \qquad \varphi_s(x) = \int_0^1 \nabla_\theta f(x; \theta_s + t\Delta\theta_s)\,dt
 
-(DESIGN §2). The telescoping sum is exact; only the 1-D integral is approximated, and each
+(docs/maths.md §2). The telescoping sum is exact; only the 1-D integral is approximated, and each
 :math:`\varphi_s(x)\Delta\theta_s` is computed with forward-mode JVPs at the quadrature nodes, so a
 prediction costs about (nodes per step) x (steps) forward passes: no per-sample gradients, no
 Jacobians.
@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..kernel.planning import window_plans
 from ._path import PathConfig, PathEstimator
 
 __all__ = ["KernelReplica", "KernelReplicaConfig"]
@@ -51,7 +52,7 @@ class KernelReplica(PathEstimator):
     factored : {"auto", "always", "never"}
         When every trainable parameter lies in an ``nn.Linear`` or ``nn.Embedding``, evaluate all
         (step, input, node) rows of many steps as one batch through layers that are affine in their
-        parameters, with no parameter copy per row (:mod:`explaind.kernel.rows`), after a start-up
+        parameters, with no parameter copy per row (:mod:`explaind.kernel.layers`), after a start-up
         check against the generic path. ``"auto"``: when it applies; ``"always"``: raise
         :class:`~explaind.exceptions.ConfigError` when it does not; ``"never"``: ``vmap`` over
         per-row parameters. Same results to rounding.
@@ -95,8 +96,8 @@ class KernelReplica(PathEstimator):
         Xt = self._inputs(X)
         explained = engine.explained(Xt, None, None, type(self).__name__)
         cfg = self.config_
-        g_start, g_stop, plans = engine.plans(Xt, explained, self.window_, cfg.quadrature, cfg.nodes, cfg.tol,
-                                              with_estimate=True)
+        g_start, g_stop, plans = window_plans(engine, Xt, explained, self.window_, cfg.quadrature, cfg.nodes,
+                                              cfg.tol, with_estimate=True)
         replica = g_start + sum(p.estimate for p in plans)
         return replica, g_stop, plans
 

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .attribution import AXES
 from .layout import ParamLayout
 
-__all__ = ["CANONICAL_AXES", "Block", "Accumulators", "make_blocks"]
-
-CANONICAL_AXES = ("step", "group", "param", "train")
+__all__ = ["Block", "Accumulators", "make_blocks"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class Accumulators:
 
     def __init__(self, keep: Sequence[str], T: int, O: int, window: tuple[int, int], layout: ParamLayout,
                  n_train: int, dtype: torch.dtype, device: torch.device):
-        self.canon = tuple(a for a in CANONICAL_AXES if a in keep)
+        self.canon = tuple(a for a in AXES if a in keep)
         self.start, self.stop = window
         S = self.stop - self.start
         sizes = {"step": S, "group": len(layout), "param": layout.size, "train": n_train}

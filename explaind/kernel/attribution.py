@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +36,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from .._io import atomic_write
 from ..exceptions import ConfigError
 from .layout import ParamLayout
 
-__all__ = ["Attribution"]
+__all__ = ["Attribution", "AXES"]
+
+#: The decomposed axes an influence query may keep, in canonical order.
+AXES = ("step", "group", "param", "train")
 
 _TENSORS = ("values", "initial", "final", "regularization", "residual", "quadrature_error")
 FORMAT_VERSION = 1
@@ -215,8 +218,8 @@ class Attribution:
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
         header = {"format_version": FORMAT_VERSION, "axes": list(self.axes), "coords": _json_coords(self.coords),
                   "layout": self.layout.to_json(), "meta": self.meta}
-        _atomic(root / "attribution.safetensors", lambda p: save_file(tensors, str(p)))
-        _atomic(root / "attribution.json", lambda p: Path(p).write_text(json.dumps(header, indent=1)))
+        atomic_write(root / "attribution.safetensors", save(tensors))
+        atomic_write(root / "attribution.json", json.dumps(header, indent=1))
         return root
 
     @classmethod
@@ -249,13 +252,3 @@ def _json_coords(coords: dict[str, Any]) -> dict[str, Any]:
 def _as_list(v: Any) -> Iterable[Any]:
     return v.tolist() if hasattr(v, "tolist") else list(v)
 
-
-def _atomic(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

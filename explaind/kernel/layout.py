@@ -1,11 +1,9 @@
-r"""Flat coordinates of the trainable parameters and per-step optimizer coefficients.
+r"""Flat coordinates of the trainable parameters.
 
 The engine works on the parameter vector :math:`\theta \in \mathbb{R}^D` as the concatenation of
 the named tensors (in ``param_names`` order, each flattened row-major). :class:`ParamLayout` maps
 between the two views, labels coordinates (``"layer.weight[3,4]"``) and describes *blocks* of
 whole tensors that the engine processes one at a time to bound memory.
-:class:`StepCoefficients` holds the recurrence coefficients of one step (DESIGN §2) on such a
-block, each a Python float (uniform over the block) or a flat tensor of shape ``(D_b,)``.
 """
 
 from __future__ import annotations
@@ -19,11 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
-
-__all__ = ["ParamLayout", "StepCoefficients", "step_coefficients", "is_zero"]
-
-Coefficient = float | Tensor
+__all__ = ["ParamLayout"]
 
 
 @dataclass(frozen=True)
@@ -133,52 +127,3 @@ class ParamLayout:
     def from_json(cls, data: Mapping[str, Any]) -> ParamLayout:
         """Inverse of :meth:`to_json`."""
         return cls(tuple(data["names"]), tuple(tuple(int(d) for d in s) for s in data["shapes"]))
-
-
-def is_zero(value: Coefficient) -> bool:
-    """Whether a coefficient is exactly zero everywhere."""
-    if isinstance(value, Tensor):
-        return not bool(value.any())
-    return float(value) == 0.0
-
-
-@dataclass(frozen=True)
-class StepCoefficients:
-    r"""Recurrence coefficients of one step on a parameter block (DESIGN §2).
-
-    Each of ``a, b, P, q, n, lambda_c, lambda_d`` is a float (the same for every coordinate of
-    the block) or a tensor of shape ``(D_b,)``; ``c`` is the gradient scale :math:`c_s`.
-    """
-
-    a: Coefficient
-    b: Coefficient
-    P: Coefficient
-    q: Coefficient
-    n: Coefficient
-    lambda_c: Coefficient
-    lambda_d: Coefficient
-    c: float
-
-
-def _flat_coefficient(values: list[Any], layout: ParamLayout, device: Any, dtype: torch.dtype) -> Coefficient:
-    if all(not isinstance(v, Tensor) or v.dim() == 0 for v in values):
-        floats = [float(v) for v in values]
-        if all(f == floats[0] for f in floats):
-            return floats[0]
-    parts = []
-    for v, shape in zip(values, layout.shapes):
-        t = torch.as_tensor(v, dtype=dtype, device=device)
-        parts.append(torch.broadcast_to(t, shape).reshape(-1))
-    return torch.cat(parts).to(device=device, dtype=dtype)
-
-
-def step_coefficients(updates: Mapping[str, LinearUpdate], scale: float, layout: ParamLayout, device: Any,
-                      dtype: torch.dtype) -> StepCoefficients:
-    """Collect the coefficients of ``updates`` (one :class:`LinearUpdate` per name) on ``layout``.
-
-    A missing name is a parameter that did not move (``a=1, b=0, P=0``).
-    """
-    still = LinearUpdate(a=1.0, b=0.0, P=0.0)
-    ups = [updates.get(n, still) for n in layout.names]
-    values = {f: _flat_coefficient([getattr(u, f) for u in ups], layout, device, dtype) for f in COEFFICIENT_NAMES}
-    return StepCoefficients(**values, c=float(scale))

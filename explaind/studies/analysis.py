@@ -183,7 +183,7 @@ def summarise(att: Any) -> dict[str, Any]:
 
 @dataclass
 class StepGroupScores:
-    """Per-step, per-group magnitudes over a set of test inputs (see :mod:`explaind.kernel.scores`).
+    """Per-step, per-group magnitudes over a set of test inputs (see :mod:`explaind.scores`).
 
     Attributes
     ----------
@@ -224,10 +224,10 @@ class StepGroupScores:
 def step_group_scores(att: Any) -> StepGroupScores:
     """Reduce a ``keep=("step", "group")`` attribution to :class:`StepGroupScores`.
 
-    Uses :func:`explaind.kernel.scores.kernel_regularization_balance`: the absolute values are
+    Uses :func:`explaind.scores.kernel_regularization_balance`: the absolute values are
     taken per test input and output, then summed.
     """
-    from ..kernel.scores import kernel_regularization_balance
+    from ..scores import kernel_regularization_balance
 
     if tuple(att.kept) != ("step", "group"):
         raise ConfigError(f"step_group_scores needs an attribution with kept axes ('step', 'group'); got {att.kept}.")

@@ -241,7 +241,7 @@ def _train_scores(run: Any, X: Any, y: Any, opts: ReportOptions, progress: bool,
 
 def _data_view(run: Any, pick: np.ndarray, phases: list[Any] | None, opts: ReportOptions, out: Path,
                progress: bool) -> tuple[list[Path], list[str], dict[str, Any]]:
-    from ..kernel.memory import parse_bytes
+    from ..kernel.budget import parse_bytes
 
     ds, traj = run.dataset, run.trajectory
     X, y = ds.X_val[pick], ds.y_val[pick]

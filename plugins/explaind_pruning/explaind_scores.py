@@ -1,7 +1,8 @@
 r"""ExPLAIND parameter-wise influence as a pruning score (Eichin et al., 2025).
 
 With the influence atoms :math:`\psi(s, p, k, x, o) = \varphi_s(x)[o, p]\, D_{s,k}[p]` of the
-recorded run (DESIGN §2), the score of coordinate :math:`p` over an evaluation set :math:`X` is
+recorded run (docs/maths.md §5), the score of coordinate :math:`p` over an
+evaluation set :math:`X` is
 
 .. math::
 
@@ -9,27 +10,24 @@ recorded run (DESIGN §2), the score of coordinate :math:`p` over an evaluation 
 
 the absolute value taken after summing over training steps and samples and before summing over
 inputs and outputs: the total contribution of :math:`p` to every output of every evaluation
-input, counted whatever its sign.
-
-Two backends compute it:
+input, counted whatever its sign. Both backends are :class:`explaind.InfluenceEstimator` with
+``keep=("param",)``, reduced by :func:`explaind.scores.parameter_influence`:
 
 ``"engine"``
-    :class:`explaind.InfluenceEstimator` with ``keep=("param",)``: its attribution values of
-    shape ``(T, D, O)`` are :math:`\sum_s\sum_k \psi`, the data part of the updates.
+    the data part of the updates, :math:`\sum_s\sum_k \psi` (``split=True``; options from
+    ``engine_options``).
 ``"path"``
-    a direct path integral over the whole update,
-    :math:`\sum_s \big(\int_0^1 \nabla_\theta f(x; \theta_s + t\Delta\theta_s)\,dt\big)[o, p]\,
-    \Delta\theta_s[p]`, with a Gauss–Legendre rule of ``quadrature_nodes`` nodes per step and
-    per-example Jacobians (``torch.func``). It needs only the recorded parameters. Its sum over
-    :math:`p` telescopes to :math:`f(x;\theta_N) - f(x;\theta_0)` up to the quadrature error. It
-    counts the whole update :math:`\Delta\theta_s`, so it equals the engine's data-part score
-    when the run has no weight decay and a zero residual (e.g. SGD with momentum, the paper's
-    setting); otherwise the regularization and residual parts are included.
+    the whole update, :math:`\sum_s \varphi_s(x)[o, p]\,\Delta\theta_s[p]` (``split=False``), with a
+    Gauss–Legendre rule of ``quadrature_nodes`` nodes per step. It reads only the recorded
+    parameters; its sum over :math:`p` telescopes to :math:`f(x;\theta_N) - f(x;\theta_0)` up to the
+    quadrature error. It equals the engine's score when the run has no weight decay and a zero
+    residual (e.g. SGD with momentum, the paper's setting); otherwise the regularization and
+    residual parts are included.
 
 ``"auto"`` (default) uses the path backend when both compute the same quantity: every step has
 no weight decay (:math:`\lambda^c = \lambda^d = 0`) and an audited relative residual
-(``trajectory.audit()``) of at most ``1e-4``; otherwise the engine (the path backend when the
-engine is not installed). The fitted attribute ``backend_`` says which one ran.
+(``trajectory.audit()``) of at most ``1e-4``; otherwise the engine. The fitted attribute
+``backend_`` says which one ran.
 """
 
 from __future__ import annotations
@@ -42,13 +40,16 @@ import torch
 from pydantic import PositiveInt
 from torch import Tensor, nn
 
+import explaind
 from explaind.config import resolve_device, resolve_dtype
-from explaind.exceptions import ConfigError, TrajectoryError
+from explaind.exceptions import TrajectoryError
 from explaind.pruning import PruningConfig, PruningStrategy, as_batch
+from explaind.scores import parameter_influence
 
-from ._path import path_chunks
+__all__ = ["ExplaindScoreConfig", "ExplaindPruning", "path_contributions", "CHUNK_ELEMENTS"]
 
-__all__ = ["ExplaindScoreConfig", "ExplaindPruning", "path_contributions", "scores_from_attribution_values"]
+#: Default bound on ``B * O * D``, the signed contributions of one chunk of evaluation inputs (numbers).
+CHUNK_ELEMENTS = 2**25
 
 
 class ExplaindScoreConfig(PruningConfig):
@@ -61,11 +62,11 @@ class ExplaindScoreConfig(PruningConfig):
     quadrature_nodes : int
         Gauss–Legendre nodes per step of the path backend.
     jacobian : {"factored", "vmap"}
-        How the path backend gets per-example gradients (see ``explaind_pruning._path``): factored
-        ``nn.Linear`` gradients contracted in blocks of steps (fast), or ``torch.func`` Jacobians.
+        How the path backend forms the Jacobians: the engine's layer-factored evaluator where it
+        applies (``factored="auto"``), or ``torch.func`` only (``factored="never"``).
     batch_size : int or None
         Evaluation inputs per chunk; memory ``batch_size * O * D`` numbers. ``None``: as many as fit
-        in :data:`explaind_pruning._path.CHUNK_ELEMENTS` numbers (the whole set for small models).
+        in :data:`CHUNK_ELEMENTS` numbers (the whole set for small models).
     device : str
         ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     dtype : {"float32", "float64"} or None
@@ -132,21 +133,17 @@ class ExplaindPruning(PruningStrategy):
         X, _ = as_batch(data, needs_targets=False, owner="ExplaindPruning.fit", device=device, dtype=dtype)
         backend = cfg.backend
         if backend == "auto":
-            backend = "path" if _engine() is None or _update_is_data(trajectory) else "engine"
+            backend = "path" if _update_is_data(trajectory) else "engine"
         self.backend_ = backend
-        if backend == "engine":
-            return _engine_scores(cfg, trajectory, X)
-        total = {n: torch.zeros(tuple(p.shape), dtype=torch.float64, device=device)
+        estimator = _estimator(cfg, backend, trajectory).fit(trajectory)
+        total = {n: torch.zeros(tuple(p.shape), dtype=torch.float64)
                  for n, p in trajectory.params(trajectory.n_steps).items()}
-        chunks = path_chunks(trajectory, X, nodes=cfg.quadrature_nodes, batch_size=cfg.batch_size, device=device,
-                             dtype=dtype, method=cfg.jacobian)
-        for chunk in chunks:
-            for name, a in chunk.items():
-                total[name] += a.abs().sum(dim=(0, 1)).to(torch.float64)
+        for lo, hi in _chunks(trajectory, X, cfg.batch_size):
+            for name, score in parameter_influence(estimator.transform(X[lo:hi])).items():
+                total[name] += score.to(torch.float64)
         return total
 
 
-# ---------------------------------------------------------------------- engine backend
 #: Largest audited relative residual for which ``backend="auto"`` treats the update as all data.
 AUTO_RESIDUAL_TOL = 1e-4
 
@@ -164,67 +161,34 @@ def _update_is_data(trajectory: Any) -> bool:
     return True
 
 
-def _engine() -> Any:
-    """``explaind.InfluenceEstimator`` when the engine is installed, else ``None``."""
-    import explaind
-
-    try:
-        return explaind.InfluenceEstimator
-    except (ImportError, AttributeError):
-        return None
+def _dtype_name(dtype: str | None, trajectory: Any) -> str:
+    return str(resolve_dtype(dtype, default=trajectory.dtype)).replace("torch.", "")
 
 
-def scores_from_attribution_values(values: Any, names: Iterable[str], shapes: Iterable[tuple[int, ...]]) -> dict:
-    r"""Reduce parameter-wise attribution values ``(T, D, O)`` to per-tensor scores.
-
-    ``values[x, p, o]`` is :math:`\sum_s\sum_k\psi(s,p,k,x,o)` with ``p`` the flat coordinate over
-    the tensors ``names`` (concatenated in order, each flattened row-major). Returns
-    ``{name: sum_x sum_o |values[x, p, o]|}`` reshaped to each tensor's shape (float64, CPU).
-    """
-    v = torch.as_tensor(np.asarray(values) if not isinstance(values, Tensor) else values)
-    names, shapes = list(names), [tuple(s) for s in shapes]
-    sizes = [int(np.prod(s)) for s in shapes]
-    if v.dim() != 3 or v.shape[1] != sum(sizes):
-        raise TrajectoryError(
-            f"parameter-wise attribution values must have shape (T, D={sum(sizes)}, O); got {tuple(v.shape)}. "
-            f"Use InfluenceEstimator(keep=('param',))."
-        )
-    flat = v.abs().sum(dim=(0, 2)).to(device="cpu", dtype=torch.float64)
-    out, offset = {}, 0
-    for name, shape, size in zip(names, shapes, sizes):
-        out[name] = flat[offset:offset + size].reshape(shape)
-        offset += size
-    return out
-
-
-def _engine_scores(cfg: ExplaindScoreConfig, trajectory: Any, X: Tensor) -> dict[str, Tensor]:
-    estimator_cls = _engine()
-    if estimator_cls is None:
-        raise ConfigError(
-            "ExplaindPruning(backend='engine') needs explaind.InfluenceEstimator, which is not available in this "
-            "installation. Use backend='path' (or 'auto')."
-        )
+def _estimator(cfg: ExplaindScoreConfig, backend: str, trajectory: Any) -> Any:
+    """The :class:`explaind.InfluenceEstimator` of ``backend`` (``keep=("param",)``)."""
+    if backend == "path":
+        return explaind.InfluenceEstimator(
+            keep=("param",), split=False, quadrature="gauss-legendre", nodes=cfg.quadrature_nodes,
+            factored="auto" if cfg.jacobian == "factored" else "never", device=cfg.device,
+            dtype=_dtype_name(cfg.dtype, trajectory))
     options = dict(cfg.engine_options or {})
     options.setdefault("device", cfg.device)
     if cfg.dtype is not None:
         options.setdefault("dtype", cfg.dtype)
-    estimator = estimator_cls(keep=("param",), **options).fit(trajectory)
-    final = trajectory.params(trajectory.n_steps)
-    names = list(trajectory.param_names)
-    shapes = [tuple(final[n].shape) for n in names]
-    total = {n: torch.zeros(s, dtype=torch.float64) for n, s in zip(names, shapes)}
-    step = cfg.batch_size or X.shape[0]
-    for start in range(0, X.shape[0], step):
-        attribution = estimator.transform(X[start:start + step])
-        if tuple(attribution.axes) != ("test", "param", "output"):
-            raise TrajectoryError(
-                f"InfluenceEstimator(keep=('param',)) returned axes {attribution.axes}; expected "
-                f"('test', 'param', 'output')."
-            )
-        part = scores_from_attribution_values(attribution.torch(), names, shapes)
-        for n in names:
-            total[n] += part[n]
-    return total
+    return explaind.InfluenceEstimator(keep=("param",), **options)
+
+
+def _chunks(trajectory: Any, X: Tensor, batch_size: int | None) -> list[tuple[int, int]]:
+    """``(lo, hi)`` chunks of the evaluation inputs: ``batch_size`` each, or ``B * O * D <= CHUNK_ELEMENTS``."""
+    if batch_size is None:
+        params = trajectory.params(0)
+        with torch.no_grad():
+            out = torch.func.functional_call(trajectory.model, {**trajectory.constants(), **params},
+                                             (X[:1].to(trajectory.dtype) if X.is_floating_point() else X[:1],))
+        size = sum(int(v.numel()) for v in params.values())
+        batch_size = max(1, min(X.shape[0], CHUNK_ELEMENTS // max(1, int(out.numel()) * size)))
+    return [(lo, min(X.shape[0], lo + batch_size)) for lo in range(0, X.shape[0], batch_size)]
 
 
 # ---------------------------------------------------------------------- path backend
@@ -254,9 +218,10 @@ def path_contributions(trajectory: Any, X: Tensor, *, quadrature_nodes: int = 4,
     to the quadrature error. Memory ``T * O * D`` numbers (for inspection and tests; the strategy
     reduces chunk by chunk).
     """
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, default=trajectory.dtype)
-    X = X.to(device=dev, dtype=dt) if X.is_floating_point() else X.to(dev)
-    parts = list(path_chunks(trajectory, X, nodes=quadrature_nodes, batch_size=batch_size, device=dev, dtype=dt,
-                             method=jacobian))
+    cfg = ExplaindScoreConfig(quadrature_nodes=quadrature_nodes, jacobian=jacobian, device=device, dtype=dtype)
+    estimator = _estimator(cfg, "path", trajectory).fit(trajectory)
+    parts = []
+    for lo, hi in _chunks(trajectory, X, batch_size):
+        att = estimator.transform(X[lo:hi])
+        parts.append(att.unflatten(att.values.permute(0, 2, 1)))  # name -> (T_c, O, *shape)
     return {n: torch.cat([p[n] for p in parts]) for n in trajectory.param_names}

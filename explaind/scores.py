@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..exceptions import ConfigError
-from .attribution import Attribution
+from .estimators.influence import InfluenceEstimator
+from .exceptions import ConfigError
+from .kernel.attribution import Attribution
 
 __all__ = [
     "parameter_influence",
@@ -52,8 +53,6 @@ def _attribution(source: Any, keep: tuple[str, ...], X: Any, y: Any, kwargs: dic
         return source
     if X is None:
         raise ConfigError(f"{fn}: pass an Attribution, or a trajectory together with test inputs X.")
-    from ..estimators.influence import InfluenceEstimator
-
     return InfluenceEstimator(keep=keep, **kwargs).fit(source).transform(X, y)
 
 

@@ -1,0 +1,151 @@
+r"""The explained function :math:`g(\theta, x)` on a private copy of the recorded model.
+
+:class:`FunctionalModel` evaluates the trajectory's template with any parameters through
+:func:`torch.func.functional_call` (frozen parameters and buffers are constants).
+:class:`Explained` picks what is explained, :math:`g(\theta, x) \in \mathbb{R}^O`:
+
+* ``"outputs"``: every output of the model, flattened (``O`` = outputs per input);
+* ``"target"``: one chosen output per test input (``O = 1``, like Captum's ``target``);
+* ``"loss"``: the per-sample loss of ``(f(x; theta), y)`` (``O = 1``).
+
+:meth:`Explained.build` validates a user's ``target``/``y`` and builds one for a set of test inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..exceptions import ConfigError
+
+__all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
+
+ExplainedKind = Literal["outputs", "target", "loss"]
+Params = dict[str, Tensor]
+
+
+class FunctionalModel:
+    """A private copy of the template model, in evaluation mode, on the compute device and dtype.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The trajectory's template (``traj.model``); it is copied, never modified.
+    constants : mapping
+        Frozen parameters and buffers, passed to every ``functional_call``.
+    loss_fn : callable
+        Per-sample training loss ``(outputs, targets) -> (n,)``.
+    device, dtype
+        Where and in which floating dtype everything is computed.
+    """
+
+    def __init__(self, module: nn.Module, constants: Mapping[str, Tensor], loss_fn: Any, device: torch.device,
+                 dtype: torch.dtype):
+        self.module = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+        self.device = device
+        self.dtype = dtype
+        self.constants = {k: self.cast(v) for k, v in constants.items()}
+        self.loss_fn = loss_fn
+
+    def cast(self, t: Tensor) -> Tensor:
+        """Move to the compute device; floating tensors also to the compute dtype."""
+        t = torch.as_tensor(t)
+        if t.is_floating_point():
+            return t.detach().to(device=self.device, dtype=self.dtype)
+        return t.detach().to(device=self.device)
+
+    def cast_params(self, params: Mapping[str, Tensor], names: Sequence[str]) -> Params:
+        """``{name: cast(params[name])}`` for ``names``."""
+        return {n: self.cast(params[n]) for n in names}
+
+    def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Model outputs ``f(x; params)`` of shape ``(n, ...)``."""
+        return functional_call(self.module, {**self.constants, **params}, (x,))
+
+    def sample_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """Per-sample training losses ``l_k(params)``, shape ``(n,)``."""
+        return self.loss_fn(self(params, x), y).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Explained:
+    """The explained quantity for a set of test inputs.
+
+    Attributes
+    ----------
+    kind : {"outputs", "target", "loss"}
+    aux : Tensor
+        Per-input auxiliary data, shape ``(T, ...)``: one-hot target rows ``(T, O_model)``
+        (``"target"``), test targets ``y`` (``"loss"``), or zeros ``(T, 1)`` (``"outputs"``).
+    n_outputs : int
+        ``O``.
+    """
+
+    kind: ExplainedKind
+    aux: Tensor
+    n_outputs: int
+
+    def __call__(self, fm: FunctionalModel, params: Mapping[str, Tensor], x: Tensor, aux: Tensor) -> Tensor:
+        """``g(params, x)`` of shape ``(n, O)``."""
+        out = fm(params, x)
+        if self.kind == "loss":
+            return fm.loss_fn(out, aux).reshape(-1, 1)
+        flat = out.reshape(out.shape[0], -1)
+        if self.kind == "target":
+            return (flat * aux).sum(-1, keepdim=True)
+        return flat
+
+    def take(self, idx: Tensor | slice) -> Explained:
+        """The same quantity for a subset of the test inputs."""
+        return Explained(self.kind, self.aux[idx], self.n_outputs)
+
+    @classmethod
+    def build(cls, fm: FunctionalModel, theta: Params, X: Tensor, target: Any, y: Any, owner: str) -> Explained:
+        """:math:`g` for inputs ``X``: all outputs (``None``), ``target`` indices, or ``"loss"`` with ``y``.
+
+        ``theta`` (any parameters of the run) sizes the model's outputs; ``owner`` names the caller
+        in error messages.
+
+        Raises
+        ------
+        ConfigError
+            When ``y`` is missing or misshaped for ``"loss"``, or ``target`` is not one in-range
+            output index per input.
+        """
+        T = X.shape[0]
+        if target is None:
+            return cls("outputs", torch.zeros(T, 1, dtype=fm.dtype, device=fm.device), _n_outputs(fm, theta, X))
+        if isinstance(target, str):
+            if y is None:
+                raise ConfigError(f"{owner}: target='loss' needs the test targets: call transform(X, y) with y of "
+                                  f"length {T}.")
+            yy = fm.cast(torch.as_tensor(y))
+            if yy.shape[0] != T:
+                raise ConfigError(f"{owner}: y has {yy.shape[0]} entries but X has {T} inputs; pass one target "
+                                  f"per test input.")
+            return cls("loss", yy, 1)
+        n_out = _n_outputs(fm, theta, X)
+        tgt = torch.as_tensor(target).reshape(-1)
+        if tgt.numel() == 1 and T != 1:
+            tgt = tgt.expand(T)
+        if tgt.shape[0] != T or tgt.is_floating_point() or tgt.dtype == torch.bool:
+            raise ConfigError(f"{owner}: target must be None, 'loss', an int or {T} ints (one output index per test "
+                              f"input); got {target!r}.")
+        if int(tgt.min()) < 0 or int(tgt.max()) >= n_out:
+            raise ConfigError(f"{owner}: target indices must lie in 0..{n_out - 1} (the model has {n_out} outputs "
+                              f"per input); got values from {int(tgt.min())} to {int(tgt.max())}.")
+        onehot = torch.nn.functional.one_hot(tgt.long(), n_out).to(device=fm.device, dtype=fm.dtype)
+        return cls("target", onehot, 1)
+
+
+def _n_outputs(fm: FunctionalModel, theta: Params, X: Tensor) -> int:
+    """Number of model outputs per input (``O`` of ``target=None``)."""
+    with torch.no_grad():
+        out = fm(theta, X[:1])
+    return int(out[0].numel())

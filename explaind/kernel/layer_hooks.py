@@ -1,0 +1,158 @@
+r"""Forward hooks that put every row of a batch at its own point of a segment (layer-factored evaluator).
+
+:class:`SegmentRows` (one step): each covered layer returns
+:math:`z(\theta_s) + t_e\, z(\Delta\theta_s) + \epsilon` with a fresh zero offset :math:`\epsilon` that requires
+grad, and keeps its input, so one backward pass gives every row's output gradients.
+:class:`StepRows` (stacked steps): each covered layer returns its output at the row's own step,
+:math:`z(\theta_{s_e}) + t_e\, z(\Delta\theta_{s_e})`, from stacked parameters. The layer-specific parts
+are the rules of :mod:`~explaind.kernel.layer_rules`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .explained import Params
+
+__all__ = ["LayerHooks", "SegmentRows", "StepRows"]
+
+
+class LayerHooks:
+    """Forward hooks on the covered layers, active inside a ``with`` block; rows ride on a per-row ``t``."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any]):
+        self.layers = dict(layers)
+        self.rules = dict(rules)
+        self.t: Tensor | None = None
+
+    def __enter__(self) -> LayerHooks:
+        self._handles = [m.register_forward_hook(self._hook(p)) for p, m in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _hook(self, prefix: str) -> Any:
+        raise NotImplementedError
+
+    def _rows_t(self, prefix: str, output: Tensor) -> Tensor:
+        """``t`` shaped to broadcast against ``output``; the layer must keep the batch axis first."""
+        n = self.t.shape[0]
+        if output.dim() == 0 or output.shape[0] != n:
+            raise ValueError(f"layer {prefix!r} does not keep the batch axis first")
+        return self.t.reshape(n, *([1] * (output.dim() - 1)))
+
+
+class SegmentRows(LayerHooks):
+    """Rows at ``theta_s + t_e * delta`` of one step, with zero offsets on the layer outputs."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any]):
+        super().__init__(layers, rules)
+        self.inputs: dict[str, list[Tensor]] = {}
+        self.offsets: dict[str, list[Tensor]] = {}
+        self.delta: dict[str, dict[str, Tensor]] = {}
+
+    def run(self, delta: Mapping[tuple[str, str], Tensor], t: Tensor) -> SegmentRows:
+        """Set the moves ``(prefix, role) -> Delta`` (empty: none) and the rows' ``t (E,)``."""
+        self.delta = {p: {} for p in self.layers}
+        for (prefix, role), value in delta.items():
+            self.delta[prefix][role] = value
+        self.t = t
+        return self
+
+    def __enter__(self) -> SegmentRows:
+        self.inputs = {p: [] for p in self.layers}
+        self.offsets = {p: [] for p in self.layers}
+        super().__enter__()
+        return self
+
+    def _hook(self, prefix: str) -> Any:
+        rule = self.rules[prefix]
+
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+            a = inputs[0]
+            t = self._rows_t(prefix, output)
+            moved = rule.moved(mod, a, output, self.delta[prefix])
+            if moved is not None:
+                output = output + t * moved
+            eps = torch.zeros_like(output, requires_grad=True)
+            self.inputs[prefix].append(a.detach())
+            self.offsets[prefix].append(eps)
+            return output + eps
+
+        return hook
+
+
+class StepRows(LayerHooks):
+    """Each covered layer's output at the rows' own steps and points (parameters stacked ``(S, *shape)``)."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any],
+                 covered: Mapping[str, tuple[str, str]]):
+        super().__init__(layers, rules)
+        self.param_of = {(prefix, role): name for name, (prefix, role) in covered.items()}
+        self.base: Params = {}
+        self.delta: Params = {}
+        self.sidx = torch.zeros(0, dtype=torch.long)
+        #: (step of each block of rows, padded slot -> row (E = padding), row -> padded slot)
+        self.blocks: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def run(self, base: Params, delta: Params, sidx: Tensor) -> StepRows:
+        """Set the stacked parameters and the rows' steps ``sidx (E,)`` (sorted), and group rows in blocks."""
+        self.base, self.delta, self.sidx = base, delta, sidx
+        E = sidx.shape[0]
+        steps, counts = torch.unique_consecutive(sidx, return_counts=True)
+        C = max(1, -(-E // steps.shape[0]))  # rows per block: the mean per step (little padding)
+        n_blocks = -(-counts // C)  # blocks per step
+        block_step = torch.repeat_interleave(steps, n_blocks)
+        first_block = torch.cumsum(n_blocks, 0) - n_blocks
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.repeat_interleave(torch.arange(steps.shape[0], device=sidx.device), counts)
+        rank = torch.arange(E, device=sidx.device) - starts[pos]
+        slot = (first_block[pos] + rank // C) * C + rank % C
+        pad = torch.full((block_step.shape[0] * C,), E, dtype=torch.long, device=sidx.device)
+        pad[slot] = torch.arange(E, device=sidx.device)
+        self.blocks = (block_step, pad, slot)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self.t = None
+        self.base, self.delta, self.blocks = {}, {}, None
+
+    def stacked(self, prefix: str, role: str, current: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Stacked base and delta ``(S, *shape)`` of a layer parameter (a frozen one: its value, no delta)."""
+        name = self.param_of.get((prefix, role))
+        if name is None:
+            return (None if current is None else current.unsqueeze(0)), None
+        return self.base[name], self.delta[name]
+
+    def per_step(self, a: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        """``a (E, R, in)`` through ``W[s_e] (out, in)`` and ``b[s_e]`` per row: one padded ``bmm``.
+
+        Rows are grouped by step into blocks of at most ``C`` rows, ``(blocks, C * R, in)`` (padding
+        rows are zero), so the cost is one product per layer whatever the number of steps.
+        """
+        E, R, n_in = a.shape
+        block_step, pad, slot = self.blocks
+        if W.shape[0] == 1:  # frozen: the same matrix for every row
+            z = a @ W[0].transpose(0, 1)
+        else:
+            Ws = W.index_select(0, block_step)
+            padded = torch.cat([a, a.new_zeros(1, R, n_in)]).index_select(0, pad).reshape(Ws.shape[0], -1, n_in)
+            z = torch.bmm(padded, Ws.transpose(1, 2)).reshape(-1, R, W.shape[1]).index_select(0, slot)
+        if b is not None:
+            z = z + (b[0] if b.shape[0] == 1 else b.index_select(0, self.sidx).unsqueeze(1))
+        return z
+
+    def _hook(self, prefix: str) -> Any:
+        rule = self.rules[prefix]
+
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+            return rule.at_steps(mod, prefix, inputs[0], self._rows_t(prefix, output), self)
+
+        return hook

@@ -1,0 +1,186 @@
+r"""Layer rules of the factored evaluator, keyed by layer type (a registry).
+
+A layer whose output is affine in its parameters can be evaluated at any point of a segment
+without copying parameters: at :math:`\theta(t) = \theta_s + t\,\Delta\theta_s` its output is
+:math:`z(\theta_s) + t\, z(\Delta\theta_s)` (for a linear layer :math:`W_s a + b_s + t(\Delta W a + \Delta b)`), and the
+Jacobian of an explained output :math:`g_o` with respect to its parameters factorises into the
+layer input :math:`a_r` and the output gradient :math:`\delta_{o,r} = \partial g_o / \partial z_r` at each
+position :math:`r`,
+
+.. math::
+
+    \frac{\partial g_o}{\partial W} = \sum_r \delta_{o,r}\, a_r^\top, \qquad
+    \frac{\partial g_o}{\partial b} = \sum_r \delta_{o,r}, \qquad
+    \frac{\partial g_o}{\partial E[v]} = \sum_{r: k_r = v} \delta_{o,r}\ \text{(embedding)}.
+
+A :class:`LayerRule` says which parameters of a module it covers (their *roles*), the moved
+output :math:`z(\Delta\theta)` at one step, the output at rows of stacked steps, and how a role's
+quadrature-weighted Jacobian is reduced from the factors. :data:`LAYER_RULES` maps
+``nn.Linear`` and ``nn.Embedding`` to theirs; :func:`register_layer_rule` adds another (its
+results are still checked against ``torch.func`` at start-up before use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerRule", "LAYER_RULES", "register_layer_rule", "covered_parameters", "Factors"]
+
+#: Per call of a layer: ``(delta (O, E, R, out), layer input)``; weighted output gradients and inputs.
+Factors = list[tuple[Tensor, Tensor]]
+
+
+class StackedSteps(Protocol):
+    """What a rule needs of the row hooks: stacked parameters, each row's step and the per-step product."""
+
+    sidx: Tensor
+
+    def stacked(self, prefix: str, role: str, current: Tensor | None) -> tuple[Tensor | None, Tensor | None]: ...
+
+    def per_step(self, a: Tensor, W: Tensor, b: Tensor | None) -> Tensor: ...
+
+
+class LayerRule(Protocol):
+    """How one layer type is evaluated from factors (see the module docstring)."""
+
+    def roles(self, module: nn.Module) -> dict[str, str]:
+        """``attribute -> role`` of the module's parameters this rule covers (empty: none)."""
+        ...
+
+    def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
+        r""":math:`z(\Delta\theta)` at input ``a`` for the moved roles in ``delta`` (``None``: nothing moves)."""
+        ...
+
+    def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
+        r"""The output at each row's step and point :math:`\theta_{s_e} + t_e\Delta\theta_{s_e}`."""
+        ...
+
+    def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
+               buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
+        """Sum a role's factors over each input's entries into ``out (T_c, O, numel)``."""
+        ...
+
+
+class LinearRule:
+    """``nn.Linear``: roles ``weight`` and ``bias``."""
+
+    def roles(self, module: nn.Module) -> dict[str, str]:
+        out = {"weight": "weight"}
+        if module.bias is not None:
+            out["bias"] = "bias"
+        return out
+
+    def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
+        dw, db = delta.get("weight"), delta.get("bias")
+        if dw is not None:
+            return F.linear(a, dw, db)
+        return None if db is None else db.expand_as(output)
+
+    def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
+        n = t.shape[0]
+        W, dW = rows.stacked(prefix, "weight", module.weight)
+        b, db = rows.stacked(prefix, "bias", module.bias)
+        lead = a.shape[:-1]
+        flat = a.reshape(n, -1, a.shape[-1])
+        z = rows.per_step(flat, W, b)
+        if dW is not None:
+            z = z + t.reshape(n, 1, 1) * rows.per_step(flat, dW, db)
+        elif db is not None:
+            z = z + t.reshape(n, 1, 1) * db.index_select(0, rows.sidx).unsqueeze(1)
+        return z.reshape(*lead, z.shape[-1])
+
+    def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
+               buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
+        Tc = out.shape[0]
+        if role == "bias":
+            total = torch.zeros(Tc, O, module.out_features, dtype=out.dtype, device=out.device)
+            for d, _ in calls:
+                total.index_add_(0, owner, d.sum(2).transpose(0, 1))
+            out.copy_(total)
+            return
+        n_out, n_in = module.out_features, module.in_features
+        # per entry: G_e^T (R, O*out) and A_e (R, in); Phi_W[x] = sum_e G_e A_e as one bmm per bucket
+        g_rows = [d.permute(1, 2, 0, 3).reshape(d.shape[1], -1, O * n_out) for d, _ in calls]  # (E, R, O*out)
+        a_rows = [a.reshape(a.shape[0], -1, n_in) for _, a in calls]  # (E, R, in)
+        whole = len(buckets) == 1 and buckets[0][0].numel() == Tc
+        for inputs, entries in buckets:  # inputs with the same number of entries: no padding
+            k = entries.shape[0]
+            if whole:  # entries are 0..E-1 in order
+                G = torch.cat([g.reshape(k, -1, O * n_out) for g in g_rows], dim=1)
+                A = torch.cat([a.reshape(k, -1, n_in) for a in a_rows], dim=1)
+            else:
+                G = torch.cat([g[entries].reshape(k, -1, O * n_out) for g in g_rows], dim=1)
+                A = torch.cat([a[entries].reshape(k, -1, n_in) for a in a_rows], dim=1)
+            part = torch.bmm(G.transpose(1, 2), A).reshape(k, O, n_out * n_in)
+            if whole:
+                out.copy_(part)
+            else:  # buckets partition the inputs
+                out.index_copy_(0, inputs, part)
+
+
+class EmbeddingRule:
+    """``nn.Embedding`` without ``max_norm`` (which rewrites the table) or ``scale_grad_by_freq``: role ``table``."""
+
+    def roles(self, module: nn.Module) -> dict[str, str]:
+        if module.max_norm is not None or module.scale_grad_by_freq:
+            return {}
+        return {"weight": "table"}
+
+    def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
+        dw = delta.get("table")
+        return None if dw is None else F.embedding(a, dw)
+
+    def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
+        n = t.shape[0]
+        table, moved = rows.stacked(prefix, "table", module.weight)
+        sel = rows.sidx.reshape(n, *([1] * (a.dim() - 1)))
+        sel_base = sel if table.shape[0] > 1 else torch.zeros_like(sel)
+        z = table[sel_base, a]
+        return z if moved is None else z + t * moved[sel, a]
+
+    def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
+               buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
+        Tc = out.shape[0]
+        V, dim = module.num_embeddings, module.embedding_dim
+        acc = torch.zeros(Tc * V, O, dim, dtype=out.dtype, device=out.device)
+        for d, tokens in calls:
+            tok = tokens.reshape(tokens.shape[0], -1).long()
+            rows = (owner[:, None] * V + tok).reshape(-1)
+            vals = d.permute(1, 2, 0, 3).reshape(-1, O, dim)
+            if module.padding_idx is not None:
+                keep = tok.reshape(-1) != module.padding_idx
+                rows, vals = rows[keep], vals[keep]
+            acc.index_add_(0, rows, vals)
+        out.copy_(acc.reshape(Tc, V, O, dim).permute(0, 2, 1, 3).reshape(Tc, O, V * dim))
+
+
+#: Rules by exact module type (subclasses are not matched: they may override ``forward``).
+LAYER_RULES: dict[type[nn.Module], Any] = {nn.Linear: LinearRule(), nn.Embedding: EmbeddingRule()}
+
+
+def register_layer_rule(layer_type: type[nn.Module], rule: Any) -> None:
+    """Use ``rule`` (a :class:`LayerRule`) for modules of exactly ``layer_type``."""
+    LAYER_RULES[layer_type] = rule
+
+
+def covered_parameters(module: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Trainable parameters that a registered rule handles: ``name -> (module prefix, role)``.
+
+    ``role`` is ``"weight"`` or ``"bias"`` of an ``nn.Linear``, or ``"table"`` of an ``nn.Embedding``.
+    """
+    wanted = set(names)
+    out: dict[str, tuple[str, str]] = {}
+    for prefix, sub in module.named_modules():
+        rule = LAYER_RULES.get(type(sub))
+        if rule is None:
+            continue
+        dot = f"{prefix}." if prefix else ""
+        for attr, role in rule.roles(sub).items():
+            if f"{dot}{attr}" in wanted:
+                out[f"{dot}{attr}"] = (prefix, role)
+    return out

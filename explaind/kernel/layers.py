@@ -1,0 +1,278 @@
+r"""The layer-factored evaluator: many rows in one batch through layers affine in their parameters.
+
+When every trainable parameter lies in a layer with a registered rule
+(:mod:`~explaind.kernel.layer_rules`), forward hooks replace each covered layer's output so that
+each row of one batch sits at its own point of a segment, with no parameter copy per row:
+
+* **Jacobians** (:meth:`LayerEvaluator.jacobian`): all (input, node) entries of a step run as one
+  batch at :math:`\theta_s`, each row shifted to :math:`\theta_s + t_e\Delta\theta_s`; a zero offset
+  :math:`\epsilon` on each layer output gives :math:`\delta = \partial g / \partial\epsilon` for every layer
+  and entry in one backward pass per output (``is_grads_batched``, quadrature weights folded into
+  the cotangents), and the rules reduce :math:`\Phi_s` from :math:`\delta` and the layer inputs;
+* **per-sample gradients**: the same offsets on the summed training loss;
+* **rows of many steps** (:meth:`LayerEvaluator.slopes` on :class:`~explaind.kernel.evaluate.Rows`):
+  each layer computes its output at the row's own step from stacked parameters, and
+  :math:`h' = \partial h / \partial t` by forward mode in the per-row :math:`t`.
+
+Valid when the rows of a batch do not interact (evaluation mode), each layer keeps the batch axis
+first and each covered parameter is used only through its layer: each capability is checked
+once against the :class:`~explaind.kernel.autograd.AutogradEvaluator` on the first data it sees,
+and falls back to it (``strict``: raises) when the check fails. Other primitives are the
+fallback's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import jvp
+
+from ..exceptions import ConfigError
+from .autograd import AutogradEvaluator
+from .evaluate import CHECK_TOLERANCE, Batch, Grid, Rows, Segment, StepStack
+from .explained import Params
+from .layer_hooks import SegmentRows, StepRows
+from .layer_rules import LAYER_RULES, Factors, covered_parameters
+from .layout import ParamLayout
+from .quadrature import NodePlan
+
+__all__ = ["LayerEvaluator"]
+
+logger = logging.getLogger(__name__)
+
+_FALLBACK = {"jacobian": "factored Jacobians off (%s); using vmap(jacrev)",
+             "rows": "batched rows off (%s); using vmap over per-row parameters"}
+
+
+class LayerEvaluator:
+    """Layer-factored primitives, each checked once against ``fallback`` (see the module docstring).
+
+    Parameters
+    ----------
+    fallback : AutogradEvaluator
+        Used for what the rules do not cover, and as the reference of the start-up checks.
+    names : sequence of str
+        All trainable parameter names.
+    strict : bool
+        Raise :class:`~explaind.exceptions.ConfigError` instead of falling back (``factored="always"``).
+    """
+
+    name = "layers"
+
+    def __init__(self, fallback: AutogradEvaluator, names: tuple[str, ...], strict: bool = False):
+        self.fallback = fallback
+        self.fm = fallback.fm
+        self.names = names
+        self.strict = strict
+        self.covered = covered_parameters(self.fm.module, names)
+        prefixes = sorted({p for p, _ in self.covered.values()})
+        self.layers = {p: self.fm.module.get_submodule(p) for p in prefixes}
+        self.rules = {p: LAYER_RULES[type(m)] for p, m in self.layers.items()}
+        self.segment_rows = SegmentRows(self.layers, self.rules)
+        self.step_rows = StepRows(self.layers, self.rules, self.covered)
+        #: per capability: ``None`` unchecked, ``True`` in use, else the reason it is off
+        self.state: dict[str, bool | str | None] = {"jacobian": None, "rows": None}
+        missing = [n for n in names if n not in self.covered]
+        if missing:
+            self.state = {k: f"parameters outside nn.Linear/nn.Embedding layers: {', '.join(missing[:5])}"
+                          for k in self.state}
+
+    @property
+    def used(self) -> set[str]:
+        """Capabilities that passed their check and are in use (``"jacobian"``, ``"rows"``)."""
+        return {k for k, v in self.state.items() if v is True}
+
+    def _ready(self, kind: str, check: Callable[[], str]) -> bool:
+        """Whether capability ``kind`` applies; ``check()`` (an empty string or the reason) runs once."""
+        if self.state[kind] is None:
+            try:
+                reason = check()
+            except Exception as exc:  # an unsupported layer or operation: use the generic path
+                reason = f"the batched rows failed: {exc}"
+            self.state[kind] = True if not reason else reason
+        state = self.state[kind]
+        if state is True:
+            return True
+        if self.strict:
+            raise ConfigError(f"invalid value for 'factored': 'always' does not apply to this model ({state}). "
+                              f"Use factored='auto' or 'never'.")
+        if not getattr(self, f"_logged_{kind}", False):
+            logger.info(_FALLBACK[kind], state)
+            setattr(self, f"_logged_{kind}", True)
+        return False
+
+    # ------------------------------------------------------------------ JVPs
+    def slopes(self, stack: StepStack, rows: Rows | Grid) -> tuple[Tensor, Tensor]:
+        """Rows of many steps in one batch per chunk; grids by the fallback."""
+        if isinstance(rows, Grid) or not self._ready("rows", lambda: self._check_rows(stack)):
+            return self.fallback.slopes(stack, rows)
+        return self._rows(stack, rows, self.fallback.rows_chunk)
+
+    def jvp(self, segment: Segment, plan: NodePlan, tangents: Params) -> Tensor:
+        """The fallback's weighted JVPs."""
+        return self.fallback.jvp(segment, plan, tangents)
+
+    def _rows(self, stack: StepStack, rows: Rows, chunk: int) -> tuple[Tensor, Tensor]:
+        E = rows.t.shape[0]
+        order = torch.argsort(rows.steps, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(E, device=order.device)
+        s, i, t = rows.steps[order], rows.inputs[order], rows.t[order]
+        prim, tang = [], []
+        for lo in range(0, E, max(1, chunk)):
+            p, d = self._row_batch(stack, s[lo:lo + chunk], i[lo:lo + chunk], t[lo:lo + chunk])
+            prim.append(p)
+            tang.append(d)
+        return torch.cat(prim)[inverse], torch.cat(tang)[inverse]
+
+    def _row_batch(self, stack: StepStack, sidx: Tensor, idx: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        explained, x, aux = stack.explained, stack.X[idx], stack.explained.aux[idx]
+        first = {n: v[int(sidx[0])] for n, v in stack.base.items()}  # any parameters: covered outputs are replaced
+
+        def along(tt: Tensor) -> Tensor:
+            self.step_rows.t = tt
+            return explained(self.fm, first, x, aux)
+
+        with self.step_rows.run(stack.base, stack.delta, sidx):
+            return jvp(along, (t,), (torch.ones_like(t),))
+
+    def _check_rows(self, stack: StepStack) -> str:
+        """Probe rows (two steps, the first two inputs at two points) against the fallback."""
+        probe = stack.steps(0, 2)
+        S, n = probe.n_steps, min(2, stack.X.shape[0])
+        dev = stack.X.device
+        rows = Rows(torch.arange(S, device=dev).repeat_interleave(2 * n), torch.arange(n, device=dev).repeat(2 * S),
+                    torch.tensor([0.3, 0.8], dtype=self.fm.dtype, device=self.fm.device).repeat_interleave(n).repeat(S))
+        try:
+            got = self._rows(probe, rows, rows.t.shape[0])
+        except Exception as exc:  # an unsupported layer or operation: use the generic path
+            return f"the batched rows failed: {exc}"
+        want = self.fallback.slopes(probe, rows)
+        return _compare(("values", "derivatives"), got, want, self.fm.dtype, "differ from the generic path")
+
+    # ------------------------------------------------------------------ Jacobians
+    def jacobian(self, segment: Segment, plan: NodePlan, block: ParamLayout, chunk: int,
+                 out: Tensor | None = None) -> Tensor:
+        r""":math:`\Phi_s` from layer factors (entries of weight 0 skipped); else the fallback's."""
+        if not self._ready("jacobian", lambda: self._check_jacobian(segment)) or not self._covers(block):
+            return self.fallback.jacobian(segment, plan, block, chunk, out)
+        return self._factored_jacobian(segment, plan.t, plan.w, block, chunk, out)
+
+    def _covers(self, block: ParamLayout) -> bool:
+        return all(n in self.covered for n in block.names)
+
+    def _factored_jacobian(self, seg: Segment, t: Tensor, w: Tensor, block: ParamLayout, chunk: int,
+                           out: Tensor | None) -> Tensor:
+        T = w.shape[0]
+        delta = {(prefix, role): seg.delta[name] for name, (prefix, role) in self.covered.items()}
+        result = out
+        for lo in range(0, T, max(1, chunk)):
+            ww, tt = w[lo:lo + chunk], t[lo:lo + chunk]
+            mask = ww != 0
+            owner = torch.arange(ww.shape[0], device=w.device)[:, None].expand_as(mask)[mask]  # input of each entry
+            x, aux = seg.X[lo:lo + chunk][owner], seg.explained.aux[lo:lo + chunk][owner]
+            with torch.enable_grad(), self.segment_rows.run(delta, tt[mask]) as rows:
+                g = seg.explained(self.fm, seg.base, x, aux)  # (E, O)
+            O = g.shape[1]
+            cot = torch.eye(O, dtype=g.dtype, device=g.device).unsqueeze(1) * ww[mask][None, :, None]  # (O, E, O)
+            factors = self._factors(rows, g, cot, O)
+            if result is None:
+                result = torch.empty(T, O, block.size, dtype=w.dtype, device=w.device)
+            rows_out = result[lo:lo + ww.shape[0]]
+            self._reduce(block, factors, owner, _buckets(mask), O, rows_out)
+            empty = ~mask.any(1)
+            if bool(empty.any()):
+                rows_out[empty] = 0
+        if result is None:
+            raise ValueError("jacobian needs at least one input")
+        return result
+
+    def _factors(self, rows: SegmentRows, value: Tensor, cot: Tensor | None, O: int) -> dict[str, Factors]:
+        """``prefix -> [(d value / d offset (O, E, R, out), layer input), ...]`` by one batched backward pass."""
+        flat = [(p, k) for p in self.layers for k in range(len(rows.offsets[p]))]
+        grads = torch.autograd.grad(value, [rows.offsets[p][k] for p, k in flat], grad_outputs=cot,
+                                    is_grads_batched=cot is not None, allow_unused=True)
+        result: dict[str, Factors] = {p: [] for p in self.layers}
+        for (p, k), d in zip(flat, grads):
+            z = rows.offsets[p][k]
+            E = z.shape[0]
+            d = torch.zeros((O, *z.shape), dtype=z.dtype, device=z.device) if d is None else d
+            result[p].append((d.reshape(O, E, -1, z.shape[-1]), rows.inputs[p][k]))
+        return result
+
+    def _reduce(self, block: ParamLayout, factors: Mapping[str, Factors], owner: Tensor,
+                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
+        for name, sl in block.slices():
+            prefix, role = self.covered[name]
+            self.rules[prefix].reduce(self.layers[prefix], role, factors[prefix], owner, buckets, O, out[..., sl])
+
+    def _check_jacobian(self, seg: Segment) -> str:
+        r""":math:`\Phi` of the first two inputs, one node each, against the fallback (``jacrev``)."""
+        n = min(2, seg.X.shape[0])
+        t = torch.tensor([0.3, 0.8][:n], dtype=self.fm.dtype, device=self.fm.device)[:, None]
+        one = torch.ones(n, 1, dtype=self.fm.dtype, device=self.fm.device)
+        sub = Segment(seg.base, seg.delta, seg.X[:n], seg.explained.take(slice(0, n)))
+        block = ParamLayout.from_tensors(seg.base, self.names)
+        try:
+            got = self._factored_jacobian(sub, t, one, block, n, None)
+        except Exception as exc:  # an unsupported layer or operation: use the generic path
+            return f"the batched rows failed: {exc}"
+        plan = NodePlan(t, one, torch.zeros(n, got.shape[1], dtype=one.dtype, device=one.device), None,
+                        torch.ones(n, dtype=torch.long, device=one.device))
+        want = self.fallback.jacobian(sub, plan, block, 1)
+        for i in range(n):
+            for name, sl in block.slices():
+                reason = _compare((name,), (got[i, :, sl],), (want[i, :, sl],), self.fm.dtype, "differs from jacrev")
+                if reason:
+                    return reason
+        return ""
+
+    # ------------------------------------------------------------------ per-sample gradients
+    def sample_grads(self, theta: Params, block: ParamLayout, batch: Batch, summed: bool = False) -> Tensor:
+        """Per-sample gradients from layer factors once the Jacobians are in use; sums by the fallback."""
+        if summed or self.state["jacobian"] is not True or not self._covers(block):
+            return self.fallback.sample_grads(theta, block, batch, summed)
+        B = batch.X.shape[0]
+        chunk = self.fallback.rows_chunk
+        result = torch.empty(B, block.size, dtype=self.fm.dtype, device=self.fm.device)
+        for lo in range(0, B, chunk):
+            xs, ys, ws = batch.X[lo:lo + chunk], batch.Y[lo:lo + chunk], batch.weights[lo:lo + chunk]
+            n = xs.shape[0]
+            at_theta = torch.zeros(n, dtype=ws.dtype, device=ws.device)
+            with torch.enable_grad(), self.segment_rows.run({}, at_theta) as rows:
+                total = (self.fm.sample_loss(theta, xs, ys) * ws).sum()
+            owner = torch.arange(n, device=xs.device)
+            self._reduce(block, self._factors(rows, total, None, 1), owner, [(owner, owner[:, None])], 1,
+                         result[lo:lo + n, None, :])
+        return result
+
+
+def _compare(labels: tuple[str, ...], got: Any, want: Any, dtype: torch.dtype, what: str) -> str:
+    """The reason of the first pair differing by more than :data:`CHECK_TOLERANCE` (relative), else ``""``."""
+    tol = CHECK_TOLERANCE.get(dtype, 1e-4)
+    for label, g, w in zip(labels, got, want):
+        err = float((g - w).abs().max())
+        if not err <= tol * max(float(w.abs().max()), 1e-30):
+            return f"the start-up check failed: {label} {what} by {err:.3g}"
+    return ""
+
+
+def _buckets(mask: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Inputs grouped by their number of entries: ``[(inputs (k,), entry indices (k, n)), ...]``.
+
+    Entries are numbered row-major over ``mask (Tc, Q)`` (the order of ``mask.nonzero()``).
+    """
+    counts = mask.sum(1)
+    starts = torch.cumsum(counts, 0) - counts
+    out = []
+    for n in torch.unique(counts).tolist():
+        if n == 0:
+            continue
+        inputs = torch.nonzero(counts == n).reshape(-1)
+        entries = starts[inputs][:, None] + torch.arange(n, device=mask.device)[None, :]
+        out.append((inputs, entries))
+    return out

@@ -1,0 +1,111 @@
+r"""Quadrature plans of a window's steps (docs/engine.md §2).
+
+For each step ``s`` of the window and each test input, a :class:`~explaind.kernel.quadrature.NodePlan`
+gives the nodes and weights of :math:`\varphi_s(x) \approx \sum_q w_q \nabla_\theta g(\theta_s + t_q\Delta\theta_s, x)`,
+the exact difference :math:`g(\theta_{s+1}) - g(\theta_s)` and, for the adaptive rule (and fixed rules
+when asked), the estimate along :math:`\Delta\theta_s`. Steps are handled in groups whose stacked
+:math:`\theta_s, \Delta\theta_s` take at most :data:`~explaind.kernel.evaluate.STACK_BYTES`: the first
+estimates of a group are one grid evaluation, and each refinement level of the adaptive rule one
+evaluation of rows ``(step, input, t)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adaptive import adaptive_plan
+from .evaluate import STACK_BYTES, Grid, Rows, StepStack
+from .explained import Explained
+from .paths import progress_iter
+from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
+
+__all__ = ["window_plans"]
+
+
+def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int, int], rule: str,
+                 nodes: int | None, tol: float, with_estimate: bool,
+                 coarsen: bool = False) -> tuple[Tensor, Tensor, list[NodePlan]]:
+    r"""Node plans of the window's steps.
+
+    Parameters
+    ----------
+    engine : PathEngine
+    X : Tensor
+        Test inputs ``(T, ...)``.
+    explained : Explained
+    window : (int, int)
+        Steps ``start .. stop-1``.
+    rule : {"adaptive", "gauss-legendre", "midpoint"}
+    nodes : int or None
+        Nodes per step or panel (``None``: the rule's default).
+    tol : float
+        Relative tolerance of the adaptive rule.
+    with_estimate : bool
+        Fill ``estimate`` for the fixed rules too (the adaptive rule always does).
+    coarsen : bool
+        Merge smooth panels of the adaptive rule (fewer nodes for plans reused by many
+        decompositions; docs/engine.md).
+
+    Returns
+    -------
+    g_start, g_stop : Tensor
+        :math:`g(\theta_{start})` and :math:`g(\theta_{stop})`, shape ``(T, O)``.
+    plans : list of NodePlan
+        One per step ``start .. stop-1``.
+    """
+    start, stop = window
+    n = DEFAULT_NODES[rule] if nodes is None else int(nodes)
+    elem = torch.finfo(engine.dtype).bits // 8
+    stacked = rule == "adaptive" or with_estimate
+    group = max(1, STACK_BYTES // max(1, 2 * elem * engine.layout.size)) if stacked else 1
+    g_prev = engine.values_at(start, X, explained)
+    g_start = g_prev
+    plans: list[NodePlan] = []
+    for lo in progress_iter(range(start, stop, group), engine.progress, "quadrature", -(-(stop - start) // group)):
+        hi = min(stop, lo + group)
+        g_vals = [g_prev] + [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
+        if rule == "adaptive":
+            plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), g_vals, n, tol, coarsen))
+        else:
+            stack = engine.stack(lo, hi, X, explained) if with_estimate else None
+            plans.extend(_fixed_group(engine, stack, g_vals, rule, n))
+        g_prev = g_vals[-1]
+    return g_start, g_prev, plans
+
+
+def _rule(engine: Any, rule: str, n: int) -> tuple[Tensor, Tensor]:
+    return tuple(torch.as_tensor(v, dtype=engine.dtype, device=engine.device) for v in rule_nodes(rule, n))
+
+
+def _adaptive_group(engine: Any, stack: StepStack, g_vals: list[Tensor], n: int, tol: float,
+                    coarsen: bool) -> list[NodePlan]:
+    """Adaptive plans of the stacked steps refined together (units are (step, input) pairs, step-major)."""
+    T = stack.X.shape[0]
+    x01, w01 = _rule(engine, "gauss-legendre", n)
+    h0, d0 = engine.evaluator.slopes(stack, Grid(x01))  # first estimate, nodes shared by all inputs
+    est0 = torch.einsum("q,uqo->uo", w01, d0)
+
+    def refine(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return engine.evaluator.slopes(stack, Rows(units // T, units % T, t))
+
+    plan = adaptive_plan(est0, torch.cat(g_vals[:-1]), torch.cat(g_vals[1:]), refine, tol=tol, nodes=n,
+                         coarsen=coarsen, first=(x01, h0, d0))
+    return plan.split(stack.n_steps)
+
+
+def _fixed_group(engine: Any, stack: StepStack | None, g_vals: list[Tensor], rule: str, n: int) -> list[NodePlan]:
+    """Fixed-rule plans of a group of steps; estimates (when ``stack`` is given) from one grid evaluation."""
+    est = None
+    if stack is not None:
+        x, w = _rule(engine, rule, n)
+        _, d = engine.evaluator.slopes(stack, Grid(x))
+        est = torch.einsum("q,uqo->uo", w, d).reshape(stack.n_steps, stack.X.shape[0], -1)
+    plans = []
+    for j in range(len(g_vals) - 1):
+        plan = fixed_plan(rule, n, g_vals[j + 1] - g_vals[j])
+        plan.estimate = None if est is None else est[j]
+        plans.append(plan)
+    return plans
