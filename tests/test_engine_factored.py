@@ -368,3 +368,35 @@ def test_sample_grads_match_per_sample_loop(case):
         g = grad(loss)({n: base[n] for n in names})
         want.append(torch.cat([g[n].reshape(-1) for n in names]))
     assert rel(got, torch.stack(want)) <= 1e-13
+
+
+# ---------------------------------------------------------------------------------------------- step products
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("block_elements", [1, 2**24])
+def test_factor_products_match_jacobian_products(case, block_elements):
+    """sum_s Phi_s * v_s from layer factors (blocked over steps) equals the per-step Jacobians' products."""
+    from explaind.kernel.products import FactorProducts
+
+    make, inputs = CASES[case]
+    X = inputs(5)
+    fm, names, base, delta, explained = _setup(make(), X)
+    layout = ParamLayout.from_tensors(base, names)
+    gen = torch.Generator().manual_seed(21)
+    ev = _layers(fm, names, rows_chunk=2)  # inputs in chunks of 2
+    fast = FactorProducts(ev, layout, 5, explained.n_outputs, 2, DT, torch.device("cpu"), block_elements=block_elements)
+    slow = AutogradEvaluator(fm, 256).products(layout, 5, explained.n_outputs, 3)
+    O = explained.n_outputs
+    for s in range(3):
+        b = {n: base[n] + 0.1 * s * torch.randn(base[n].shape, generator=gen, dtype=DT) for n in names}
+        d = {n: 0.3 * torch.randn(base[n].shape, generator=gen, dtype=DT) for n in names}
+        if s == 1:  # inputs with different numbers of nodes: through Phi_s
+            t, w = _ragged_plan(5, 3, seed=s)
+        else:
+            t, w = torch.rand(5, 2, generator=gen, dtype=DT), torch.rand(5, 2, generator=gen, dtype=DT)
+        plan = NodePlan(t, w, torch.zeros(5, O, dtype=DT), None, (w != 0).sum(1))
+        v = torch.randn(layout.size, generator=gen, dtype=DT)
+        seg = Segment(b, d, X, explained)
+        fast.add(seg, plan, v)
+        slow.add(seg, plan, v)
+    assert "jacobian" in ev.used, ev.state["jacobian"]
+    assert rel(fast.result(), slow.result()) <= 1e-13

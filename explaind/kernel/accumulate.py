@@ -133,6 +133,13 @@ class Accumulators:
             view = self._view(getattr(self, name), s, rows)
             view += R[..., j]
 
+    def add_coordinates(self, name: str, M: Tensor, block: Block, rows: slice) -> None:
+        """Add per-coordinate contributions summed over steps, ``M (T_c, O, D_b)``, to ``name`` (``param`` kept)."""
+        if self.step or not self.param:
+            raise RuntimeError("per-coordinate sums over steps need 'param' kept and 'step' not kept")
+        view = getattr(self, name)[rows]
+        view[:, block.offset:block.offset + block.layout.size] += M.transpose(1, 2)
+
     def add_totals(self, name: str, s: int, E: Tensor, rows: slice) -> None:
         """Add an already reduced contribution ``(T_c, [G], O)`` (forward-mode path)."""
         view = self._view(getattr(self, name), s, rows)

@@ -22,6 +22,7 @@ from torch.func import grad, jacrev, jvp, vmap
 from .evaluate import STACK_BYTES, Batch, Grid, Rows, Segment, StepStack, node_groups
 from .explained import FunctionalModel, Params
 from .layout import ParamLayout
+from .products import JacobianProducts
 from .quadrature import NodePlan
 
 __all__ = ["AutogradEvaluator"]
@@ -213,6 +214,10 @@ class AutogradEvaluator:
             return jacrev(lambda b: wj * self._g1(seg, {**rest, **b}, x, a))(block)
 
         return vmap(one)(t, seg.X[idx], seg.explained.aux[idx], w)
+
+    def products(self, block: ParamLayout, T: int, O: int, chunk: int) -> JacobianProducts:
+        r""":math:`\sum_s \Phi_s \odot v_s` from :meth:`jacobian` (see :mod:`~explaind.kernel.products`)."""
+        return JacobianProducts(self, block, T, O, chunk, self.fm.dtype, self.fm.device)
 
     # ------------------------------------------------------------------ per-sample gradients
     def sample_grads(self, theta: Params, block: ParamLayout, batch: Batch, summed: bool = False) -> Tensor:

@@ -20,7 +20,7 @@ dataclasses below. See docs/maths.md for the notation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -164,6 +164,14 @@ class Evaluator(Protocol):
         r""":math:`\Phi_s` on ``block``, ``(T, O, D_b)``; ``chunk`` bounds inputs per call.
 
         Written into ``out`` (overwritten) when given.
+        """
+        ...
+
+    def products(self, block: ParamLayout, T: int, O: int, chunk: int) -> Any:
+        r"""An accumulator of :math:`\sum_s \Phi_s \odot v_s` on ``block`` (``add(segment, plan, v)``, ``result()``).
+
+        Per-coordinate products summed over steps: what ``param`` without ``step`` needs, without a
+        full :math:`\Phi_s` per step where the evaluator can avoid it (:mod:`~explaind.kernel.products`).
         """
         ...
 

@@ -38,6 +38,7 @@ from .explained import Params
 from .layer_hooks import SegmentRows, StepRows
 from .layer_rules import LAYER_RULES, Factors, covered_parameters
 from .layout import ParamLayout
+from .products import FactorProducts
 from .quadrature import NodePlan
 
 __all__ = ["LayerEvaluator"]
@@ -158,31 +159,31 @@ class LayerEvaluator:
     def jacobian(self, segment: Segment, plan: NodePlan, block: ParamLayout, chunk: int,
                  out: Tensor | None = None) -> Tensor:
         r""":math:`\Phi_s` from layer factors (entries of weight 0 skipped); else the fallback's."""
-        if not self._ready("jacobian", lambda: self._check_jacobian(segment)) or not self._covers(block):
+        if not self.ready_for_jacobian(segment) or not self.covers(block):
             return self.fallback.jacobian(segment, plan, block, chunk, out)
         return self._factored_jacobian(segment, plan.t, plan.w, block, chunk, out)
 
-    def _covers(self, block: ParamLayout) -> bool:
+    def products(self, block: ParamLayout, T: int, O: int, chunk: int) -> FactorProducts:
+        r""":math:`\sum_s \Phi_s \odot v_s` from layer factors (:class:`~explaind.kernel.products.FactorProducts`)."""
+        return FactorProducts(self, block, T, O, chunk, self.fm.dtype, self.fm.device)
+
+    def ready_for_jacobian(self, segment: Segment) -> bool:
+        """Whether factored Jacobians apply (checked once, on ``segment``; ``strict`` raises otherwise)."""
+        return self._ready("jacobian", lambda: self._check_jacobian(segment))
+
+    def covers(self, block: ParamLayout) -> bool:
+        """Whether every tensor of ``block`` has a layer rule."""
         return all(n in self.covered for n in block.names)
 
     def _factored_jacobian(self, seg: Segment, t: Tensor, w: Tensor, block: ParamLayout, chunk: int,
                            out: Tensor | None) -> Tensor:
         T = w.shape[0]
-        delta = {(prefix, role): seg.delta[name] for name, (prefix, role) in self.covered.items()}
         result = out
         for lo in range(0, T, max(1, chunk)):
-            ww, tt = w[lo:lo + chunk], t[lo:lo + chunk]
-            mask = ww != 0
-            owner = torch.arange(ww.shape[0], device=w.device)[:, None].expand_as(mask)[mask]  # input of each entry
-            x, aux = seg.X[lo:lo + chunk][owner], seg.explained.aux[lo:lo + chunk][owner]
-            with torch.enable_grad(), self.segment_rows.run(delta, tt[mask]) as rows:
-                g = seg.explained(self.fm, seg.base, x, aux)  # (E, O)
-            O = g.shape[1]
-            cot = torch.eye(O, dtype=g.dtype, device=g.device).unsqueeze(1) * ww[mask][None, :, None]  # (O, E, O)
-            factors = self._factors(rows, g, cot, O)
+            factors, owner, mask, O = self.entry_factors(seg, t, w, slice(lo, lo + chunk))
             if result is None:
                 result = torch.empty(T, O, block.size, dtype=w.dtype, device=w.device)
-            rows_out = result[lo:lo + ww.shape[0]]
+            rows_out = result[lo:lo + mask.shape[0]]
             self._reduce(block, factors, owner, _buckets(mask), O, rows_out)
             empty = ~mask.any(1)
             if bool(empty.any()):
@@ -190,6 +191,24 @@ class LayerEvaluator:
         if result is None:
             raise ValueError("jacobian needs at least one input")
         return result
+
+    def entry_factors(self, seg: Segment, t: Tensor, w: Tensor,
+                      rows: slice) -> tuple[dict[str, Factors], Tensor, Tensor, int]:
+        """Weighted factors of the (input, node) entries of the inputs ``rows`` with nonzero weight ``w (T, Q)``.
+
+        Returns ``prefix -> factors`` (:data:`~explaind.kernel.layer_rules.Factors`; entries in the
+        row-major order of the mask), the input of each entry, the mask ``(T_c, Q)`` and ``O``.
+        """
+        ww, tt = w[rows], t[rows]
+        mask = ww != 0
+        owner = torch.arange(ww.shape[0], device=w.device)[:, None].expand_as(mask)[mask]  # input of each entry
+        x, aux = seg.X[rows][owner], seg.explained.aux[rows][owner]
+        delta = {(prefix, role): seg.delta[name] for name, (prefix, role) in self.covered.items()}
+        with torch.enable_grad(), self.segment_rows.run(delta, tt[mask]) as hooked:
+            g = seg.explained(self.fm, seg.base, x, aux)  # (E, O)
+        O = g.shape[1]
+        cot = torch.eye(O, dtype=g.dtype, device=g.device).unsqueeze(1) * ww[mask][None, :, None]  # (O, E, O)
+        return self._factors(hooked, g, cot, O), owner, mask, O
 
     def _factors(self, rows: SegmentRows, value: Tensor, cot: Tensor | None, O: int) -> dict[str, Factors]:
         """``prefix -> [(d value / d offset (O, E, R, out), layer input), ...]`` by one batched backward pass."""
@@ -234,7 +253,7 @@ class LayerEvaluator:
     # ------------------------------------------------------------------ per-sample gradients
     def sample_grads(self, theta: Params, block: ParamLayout, batch: Batch, summed: bool = False) -> Tensor:
         """Per-sample gradients from layer factors once the Jacobians are in use; sums by the fallback."""
-        if summed or self.state["jacobian"] is not True or not self._covers(block):
+        if summed or self.state["jacobian"] is not True or not self.covers(block):
             return self.fallback.sample_grads(theta, block, batch, summed)
         B = batch.X.shape[0]
         chunk = self.fallback.rows_chunk

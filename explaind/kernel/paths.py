@@ -193,10 +193,23 @@ def _vec(value: float | Tensor, like: Tensor) -> Tensor:
 
 
 def update_sweep(engine: Any, q: Query, acc: Accumulators, block: Block) -> None:
-    r"""The whole update per coordinate, :math:`\Phi_s \odot \Delta\theta_s` reduced to the kept axes (no split)."""
+    r"""The whole update per coordinate, :math:`\Phi_s \odot \Delta\theta_s` reduced to the kept axes (no split).
+
+    Without ``step``, the products are summed over steps by the evaluator
+    (:meth:`~explaind.kernel.evaluate.Evaluator.products`), which may avoid forming :math:`\Phi_s`.
+    """
     start, stop = q.window
+    steps = progress_iter(range(start, stop), engine.progress, "steps", stop - start)
+    if acc.param and not acc.step:
+        sums = engine.evaluator.products(block.layout, q.X.shape[0], q.explained.n_outputs, q.jac_chunk)
+        for s in steps:
+            sums.add(_segment(engine, s, q), q.plans[s - start], block.layout.flatten(engine.delta(s)))
+        total = sums.result()  # (T_c, O, D_b)
+        acc.add_coordinates("values", total, block, q.rows)
+        acc.add_estimate(start, total.sum(-1), q.rows)  # only the sum over steps is read without 'step'
+        return
     phi_of = _Phi(engine, q, block)
-    for s in progress_iter(range(start, stop), engine.progress, "steps", stop - start):
+    for s in steps:
         delta = block.layout.flatten(engine.delta(s))
         acc.contract(s, phi_of(s), block, q.rows, vectors=[("values", delta)], estimate=(s, delta))
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..exceptions import ConfigError
+from ..kernel.attribution import AXES
 
 __all__ = [
     "TARGETS",
@@ -39,7 +40,6 @@ __all__ = [
     "train_val_kernel",
 ]
 
-AXES = ("step", "group", "param", "train")
 #: Explained quantity, by name: the correct class, the model's predicted class, every output, the loss.
 TARGETS = ("label", "predicted", "all", "loss")
 _CSV_LIMIT = 5_000_000

@@ -188,9 +188,6 @@ class TrajectoryManifest(_Model):
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {p.name: tuple(p.shape) for p in self.params}
-
 
 def tensor_specs(tensors: dict[str, Tensor]) -> list[TensorSpec]:
     """Specs of a name -> tensor dict, in its order."""
