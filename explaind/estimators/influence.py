@@ -30,6 +30,7 @@ from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_s
 from ..kernel.planning import window_plans
 from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
+from .residual import check_residual
 
 __all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
 
@@ -42,6 +43,8 @@ class InfluenceConfig(PathConfig):
     keep: tuple[Literal["step", "group", "param", "train"], ...] = ("train",)
     target: Any = None
     split: bool = True
+    residual_tol: float = Field(default=1e-3, gt=0.0)
+    strict: bool = False
     momentum: Literal["auto", "forward", "reverse"] = "auto"
     memory_budget: int | str = "2GB"
     test_chunk_size: int | None = Field(default=None, ge=1)
@@ -102,6 +105,12 @@ class InfluenceEstimator(PathEstimator):
         ``False``: ``values`` hold each step's whole update :math:`\varphi_s(x)\Delta\theta_s` on the kept
         axes and ``regularization``/``residual`` are zero; only the recorded parameters are read
         (no training data, no optimizer coefficients), and ``"train"`` cannot be kept.
+    residual_tol : float
+        Largest accepted residual share (:meth:`~explaind.kernel.attribution.Attribution.residual_share`,
+        the part of the explained change that the model of the updates leaves unexplained; stored in
+        ``meta["residual_share"]``). Above it ``transform`` warns, naming the likely cause and the fix.
+    strict : bool
+        Raise :class:`~explaind.exceptions.TrajectoryError` instead of warning.
     steps : (int, int or None), optional
         Window ``(start, stop)``: ``initial`` is :math:`g(\theta_{start})`, the total is
         :math:`g(\theta_{stop})`. Momentum from steps before ``start`` is still data (it is
@@ -137,7 +146,8 @@ class InfluenceEstimator(PathEstimator):
     #: Forward mode (JVPs) is used while tangents per node <= this ratio x outputs (else Jacobians).
     _jvp_tangent_ratio: ClassVar[float] = 1.0
 
-    def __init__(self, *, keep: Any = ("train",), target: Any = None, split: bool = True, steps: Any = None,
+    def __init__(self, *, keep: Any = ("train",), target: Any = None, split: bool = True, residual_tol: float = 1e-3,
+                 strict: bool = False, steps: Any = None,
                  quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
                  memory_budget: int | str = "2GB", test_chunk_size: int | None = None,
                  param_chunk_size: int | None = None, chunk_size: int | None = 256, factored: str = "auto",
@@ -145,6 +155,8 @@ class InfluenceEstimator(PathEstimator):
         self.keep = keep
         self.target = target
         self.split = split
+        self.residual_tol = residual_tol
+        self.strict = strict
         self.steps = steps
         self.quadrature = quadrature
         self.nodes = nodes
@@ -221,7 +233,10 @@ class InfluenceEstimator(PathEstimator):
             self._jacobian_path(engine, query, acc, keep, O, elem)
         exact = torch.stack([p.exact for p in plans], dim=1)
         evals = torch.stack([p.evals for p in plans], dim=1)
-        return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train)
+        att = self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train)
+        if cfg.split:
+            check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
+        return att
 
     def _jacobian_path(self, engine: Any, query: Query, acc: Accumulators, keep: tuple[str, ...], O: int,
                        elem: int) -> None:

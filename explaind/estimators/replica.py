@@ -13,12 +13,16 @@ Jacobians.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
+from ..exceptions import ConfigError, ExplaindWarning
 from ..kernel.planning import window_plans
+from ..outputs import model_output
 from ._path import PathConfig, PathEstimator
 
 __all__ = ["KernelReplica", "KernelReplicaConfig"]
@@ -117,7 +121,7 @@ class KernelReplica(PathEstimator):
         ref = g_stop.argmax(-1).cpu() if y is None else torch.as_tensor(np.asarray(y)).reshape(-1).cpu()
         return float((pred == ref).double().mean())
 
-    def fidelity_report(self, X: Any) -> dict[str, Any]:
+    def fidelity_report(self, X: Any, model: nn.Module | None = None) -> dict[str, Any]:
         r"""How faithful the replica is on ``X``.
 
         Returns
@@ -129,7 +133,12 @@ class KernelReplica(PathEstimator):
             mean evaluations per input; ``total_evals``; ``max_abs_error`` and ``max_rel_error``
             of the replica against :math:`f(x;\theta_{stop})` (relative to ``max |f|``);
             ``argmax_agreement``; ``kl_divergence``: mean
-            ``KL(softmax(f(x;theta_stop)) || softmax(replica))``.
+            ``KL(softmax(f(x;theta_stop)) || softmax(replica))``. With ``model`` (the user's
+            trained model, run in evaluation mode with its own buffers, e.g. final BatchNorm
+            statistics): ``model_max_rel_error`` and ``model_argmax_agreement`` of the replica
+            against it, and ``model_vs_recorded``, the largest relative difference between it and
+            :math:`f(x;\theta_{stop})` — above rounding level (a warning says so) the recorded run
+            does not end in that model, and the replica explains the recorded one.
         """
         replica, g_stop, plans = self._run(X)
         errs = torch.stack([(p.exact - p.estimate).abs().amax() for p in plans])
@@ -140,14 +149,52 @@ class KernelReplica(PathEstimator):
         log_q = torch.log_softmax(replica.double(), -1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
         start, stop = self.window_
-        return {
+        report = {
             "steps": np.arange(start, stop),
             "quadrature_error": errs.cpu().numpy(),
             "relative_quadrature_error": (errs / scale.clamp_min(torch.finfo(scale.dtype).tiny)).cpu().numpy(),
             "evals_per_step": evals.cpu().numpy(),
             "total_evals": int(sum(int(p.evals.sum()) for p in plans)),
             "max_abs_error": float(diff.max()),
-            "max_rel_error": float(diff.max() / g_stop.abs().max().clamp_min(torch.finfo(g_stop.dtype).tiny)),
+            "max_rel_error": _rel(replica, g_stop),
             "argmax_agreement": float((replica.argmax(-1) == g_stop.argmax(-1)).double().mean()),
             "kl_divergence": max(float(kl), 0.0),
         }
+        if model is not None:
+            report.update(self._against_model(model, X, replica, g_stop))
+        return report
+
+    def _against_model(self, model: nn.Module, X: Any, replica: torch.Tensor,
+                       g_stop: torch.Tensor) -> dict[str, float]:
+        """The replica against the user's model in evaluation mode (its mode is restored)."""
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        Xt = torch.as_tensor(X).to(device)
+        if Xt.is_floating_point() and first is not None:
+            Xt = Xt.to(first.dtype)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model_output(model(Xt))
+        finally:
+            model.train(was_training)
+        out = out.reshape(out.shape[0], -1).to(device=replica.device, dtype=replica.dtype)
+        if out.shape != replica.shape:
+            raise ConfigError(f"{type(self).__name__}.fidelity_report: the model returns {tuple(out.shape)} outputs "
+                              f"for X, the replica {tuple(replica.shape)}; pass the model the trajectory was recorded "
+                              f"from.")
+        drift = _rel(out, g_stop)
+        if drift > (1e-6 if replica.dtype == torch.float64 else 1e-3):
+            warnings.warn(f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
+                          f"{drift:.3g} (relative) on X: its buffers or parameters are not those of the recorded run's "
+                          f"last step (BatchNorm running statistics are recorded at the start only; or the model was "
+                          f"changed after recording). The replica reproduces the recorded run.", ExplaindWarning,
+                          stacklevel=3)
+        return {"model_max_rel_error": _rel(replica, out), "model_argmax_agreement":
+                float((replica.argmax(-1) == out.argmax(-1)).double().mean()), "model_vs_recorded": drift}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|``."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(b.dtype).tiny))

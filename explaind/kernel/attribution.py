@@ -157,6 +157,24 @@ class Attribution:
         scale = float(self.final.abs().max()) or 1.0
         return float((self.total() - self.final).abs().max()) / scale
 
+    def residual_share(self, per_input: bool = False) -> float | Tensor:
+        r"""How much of the explained change the model of the updates left unexplained.
+
+        .. math::
+
+            \frac{\sum_{x,o} |\sum \text{residual}[x, \dots, o]|}
+                 {\sum_{x,o} |g(x;\theta_{stop}) - g(x;\theta_{start})|}
+
+        (with ``per_input``, one ratio per test input, shape ``(T,)``). At rounding level for a run
+        whose updates the optimizer adapter and the recomputed gradients reproduce; a large share
+        means the per-sample scores miss part of the change (see docs/engine.md, "Residual share").
+        """
+        res = self._flat(self.residual).abs()
+        change = (self.final - self.initial).abs()
+        if per_input:
+            return res.sum(-1) / change.sum(-1).clamp_min(torch.finfo(change.dtype).tiny)
+        return float(res.sum() / change.sum().clamp_min(torch.finfo(change.dtype).tiny))
+
     def by_group(self) -> Attribution:
         """Turn the ``"param"`` axis into a ``"group"`` axis (sums within each parameter tensor)."""
         if "param" not in self.kept:

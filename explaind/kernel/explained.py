@@ -21,8 +21,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..exceptions import ConfigError
+from ..outputs import model_output
 
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
 
@@ -65,8 +67,12 @@ class FunctionalModel:
         return {n: self.cast(params[n]) for n in names}
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """Model outputs ``f(x; params)`` of shape ``(n, ...)``."""
-        return functional_call(self.module, {**self.constants, **params}, (x,))
+        """Model outputs ``f(x; params)`` of shape ``(n, ...)`` (the logits of a tuple or ``ModelOutput``).
+
+        ``scaled_dot_product_attention`` runs its math backend, the one with forward-mode derivatives.
+        """
+        with sdpa_kernel(SDPBackend.MATH):
+            return model_output(functional_call(self.module, {**self.constants, **params}, (x,)))
 
     def sample_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Per-sample training losses ``l_k(params)``, shape ``(n,)``."""

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
+from ..outputs import model_output
 from ..recurrence import LinearUpdate
 
 __all__ = ["GradientTap", "check_batch_gradient", "UpdateAudit", "default_tolerance", "has_stochastic_layers"]
@@ -175,7 +176,7 @@ def check_batch_gradient(
     detached = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     with torch.enable_grad():
-        out = torch.func.functional_call(model, {**buffers, **detached}, (inputs,))
+        out = model_output(torch.func.functional_call(model, {**buffers, **detached}, (inputs,)))
         per_sample = loss.implementation(out, targets)
         total = (weights.to(per_sample.dtype) * per_sample).sum()
         ref = torch.autograd.grad(total, [detached[n] for n in names], allow_unused=True)

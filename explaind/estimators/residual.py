@@ -1,0 +1,89 @@
+r"""The residual share of an influence query, and a loud message naming its likely cause.
+
+The residual :math:`E_s` is what the model of each update (the optimizer adapter's recurrence
+fed with gradients recomputed from the training data) leaves of the recorded
+:math:`\Delta\theta_s` (docs/maths.md §4). Completeness holds whatever it is, but the per-sample
+scores explain only the data part: a residual share above rounding level means they miss part of
+the change. :func:`check_residual` measures the share
+(:meth:`~explaind.kernel.attribution.Attribution.residual_share`), stores it in the attribution's
+``meta`` and, above the tolerance, warns (or raises with ``strict``) naming what in the run
+likely caused it and how to fix it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..exceptions import ExplaindWarning, TrajectoryError
+from ..kernel.attribution import Attribution
+
+__all__ = ["check_residual", "residual_causes"]
+
+#: Audited relative residual of the adapter above which it is named as a cause.
+AUDIT_TOL = 1e-6
+
+
+def _stochastic_modules(model: nn.Module) -> list[str]:
+    """Modules whose training-mode forward differs from evaluation mode: dropout and batch normalisation."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            found.append(f"{name or type(module).__name__} (dropout p={module.p:g})")
+        elif isinstance(module, nn.modules.batchnorm._NormBase):
+            found.append(f"{name or type(module).__name__} (batch statistics)")
+    return found
+
+
+def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
+    """Likely causes of a large residual in the steps ``window`` of ``traj``, each with its fix (sentences)."""
+    start, stop = window
+    causes = []
+    stochastic = _stochastic_modules(traj.model)
+    if stochastic:
+        causes.append(f"the model has layers whose training forward differs from the evaluation-mode forward the "
+                      f"engine recomputes gradients with: {', '.join(stochastic[:5])}; their per-sample split is "
+                      f"not exact yet — explain such runs by step, group or param with split=False, or train "
+                      f"without them")
+    audit = np.asarray(traj.audit(), dtype=np.float64)[start:stop]
+    if audit.size and np.isfinite(audit).all() and float(audit.max()) > AUDIT_TOL:
+        worst = int(np.argmax(audit)) + start
+        causes.append(f"the optimizer adapter does not reproduce the recorded update (traj.audit() reaches "
+                      f"{float(audit.max()):.2g} at step {worst}): an optimizer option, a parameter group or a "
+                      f"change of the trainable parameters it does not model — check the audit per step")
+    scales = np.array([float(traj.grad_scale(s)) for s in range(start, stop)])
+    if scales.size and np.any(np.abs(scales - 1.0) > 1e-12):
+        causes.append(f"gradients were rescaled at {int(np.sum(np.abs(scales - 1.0) > 1e-12))} step(s) (recorded "
+                      f"c_s from {scales.min():.3g} to {scales.max():.3g}): clipping or loss scaling — with "
+                      f"torch.amp.GradScaler, c_s must be the scale after unscale_ (about 1)")
+    causes.append("the loss or the training data the engine recomputes gradients with may differ from the loop's "
+                  "(a custom or class-weighted loss, data augmentation, a reordered train_data) — record with "
+                  "check_gradients=True, which compares them on a spread of steps")
+    return causes
+
+
+def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol: float, strict: bool,
+                   owner: str) -> float:
+    """Store the residual share in ``att.meta``; above ``tol`` warn (``strict``: raise) naming the likely causes.
+
+    Raises
+    ------
+    TrajectoryError
+        With ``strict`` when the share exceeds ``tol``.
+    """
+    share = att.residual_share()
+    att.meta["residual_share"] = share
+    if not share > tol:
+        return share
+    causes = "; ".join(f"({i + 1}) {c}" for i, c in enumerate(residual_causes(traj, window)))
+    message = (f"{owner}: residual share {share:.3g} > residual_tol={tol:g}: {100 * share:.3g}% of the explained "
+               f"change g(theta_stop) - g(theta_start) is residual, not split over training samples, so the "
+               f"per-sample scores miss it. Likely causes: {causes}. Raise residual_tol to accept it, or pass "
+               f"strict=True to make this an error.")
+    if strict:
+        raise TrajectoryError(message)
+    warnings.warn(message, ExplaindWarning, stacklevel=3)
+    return share
