@@ -145,6 +145,12 @@ def _tokens(T: int, seed: int) -> Tensor:
 CASES = {
     "mlp": (lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)),
             lambda T: torch.randn(T, 3, generator=torch.Generator().manual_seed(5), dtype=DT)),
+    "layernorm": (lambda: nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4),
+                                        nn.LayerNorm(4, bias=False)),
+                  lambda T: torch.randn(T, 3, generator=torch.Generator().manual_seed(5), dtype=DT)),
+    "transformer_ln": (lambda: build_model("modular_transformer", {"p": 5, "d_model": 8, "n_heads": 2, "d_mlp": 12,
+                                                                   "layer_norm": True}, seed=1, dtype=DT),
+                       lambda T: torch.tensor([[i % 5, 5, (2 * i + 1) % 5, 6] for i in range(T)])),
     "tokens": (TokenNet, lambda T: _tokens(T, 6)),
     "transformer": (lambda: build_model("modular_transformer", {"p": 5, "d_model": 8, "n_heads": 2, "d_mlp": 12},
                                         seed=1, dtype=DT),

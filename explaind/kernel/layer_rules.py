@@ -13,10 +13,11 @@ position :math:`r`,
     \frac{\partial g_o}{\partial b} = \sum_r \delta_{o,r}, \qquad
     \frac{\partial g_o}{\partial E[v]} = \sum_{r: k_r = v} \delta_{o,r}\ \text{(embedding)}.
 
-A :class:`LayerRule` says which parameters of a module it covers (their *roles*), the moved
+and for a layer normalisation :math:`z = \hat a \odot w + b` the same holds with the normalised input
+:math:`\hat a`. A :class:`LayerRule` says which parameters of a module it covers (their *roles*), the moved
 output :math:`z(\Delta\theta)` at one step, the output at rows of stacked steps, and how a role's
 quadrature-weighted Jacobian is reduced from the factors. :data:`LAYER_RULES` maps
-``nn.Linear`` and ``nn.Embedding`` to theirs; :func:`register_layer_rule` adds another (its
+``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` to theirs; :func:`register_layer_rule` adds another (its
 results are still checked against ``torch.func`` at start-up before use).
 """
 
@@ -159,8 +160,71 @@ class EmbeddingRule:
         out.copy_(acc.reshape(Tc, V, O, dim).permute(0, 2, 1, 3).reshape(Tc, O, V * dim))
 
 
+class LayerNormRule:
+    r"""``nn.LayerNorm`` over the last axis: roles ``scale`` (weight) and ``shift`` (bias).
+
+    Given its input, the output :math:`z = \hat a \odot w + b` is affine in the parameters, with
+    :math:`\hat a` the input normalised over the last axis (recomputed from the kept input):
+    :math:`\partial g_o/\partial w = \sum_r \delta_{o,r} \odot \hat a_r` and
+    :math:`\partial g_o/\partial b = \sum_r \delta_{o,r}`.
+    """
+
+    def roles(self, module: nn.Module) -> dict[str, str]:
+        if len(module.normalized_shape) != 1 or not module.elementwise_affine:
+            return {}
+        out = {"weight": "scale"}
+        if module.bias is not None:
+            out["bias"] = "shift"
+        return out
+
+    @staticmethod
+    def normalised(module: nn.Module, a: Tensor) -> Tensor:
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+
+    def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
+        dw, db = delta.get("scale"), delta.get("shift")
+        if dw is None:
+            return None if db is None else db.expand_as(output)
+        moved = self.normalised(module, a) * dw
+        return moved if db is None else moved + db
+
+    def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
+        n = t.shape[0]
+        shape = (n, *([1] * (a.dim() - 2)), a.shape[-1])
+
+        def per_row(stack: Tensor | None) -> Tensor | None:
+            if stack is None:
+                return None
+            return (stack[0] if stack.shape[0] == 1 else stack.index_select(0, rows.sidx)).reshape(
+                shape if stack.shape[0] > 1 else shape[1:])
+
+        hat = self.normalised(module, a)
+        W, dW = rows.stacked(prefix, "scale", module.weight)
+        b, db = rows.stacked(prefix, "shift", module.bias)
+        z = hat * per_row(W)
+        if b is not None:
+            z = z + per_row(b)
+        if dW is not None:
+            z = z + t * hat * per_row(dW)
+        if db is not None:
+            z = z + t * per_row(db)
+        return z
+
+    def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
+               buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
+        total = torch.zeros(out.shape[0], O, out.shape[-1], dtype=out.dtype, device=out.device)
+        for d, a in calls:  # d (O, E, R, C)
+            if role == "scale":
+                hat = self.normalised(module, a).reshape(d.shape[1], -1, d.shape[-1])
+                total.index_add_(0, owner, (d * hat).sum(2).transpose(0, 1))
+            else:
+                total.index_add_(0, owner, d.sum(2).transpose(0, 1))
+        out.copy_(total)
+
+
 #: Rules by exact module type (subclasses are not matched: they may override ``forward``).
-LAYER_RULES: dict[type[nn.Module], Any] = {nn.Linear: LinearRule(), nn.Embedding: EmbeddingRule()}
+LAYER_RULES: dict[type[nn.Module], Any] = {nn.Linear: LinearRule(), nn.Embedding: EmbeddingRule(),
+                                           nn.LayerNorm: LayerNormRule()}
 
 
 def register_layer_rule(layer_type: type[nn.Module], rule: Any) -> None:
@@ -171,7 +235,8 @@ def register_layer_rule(layer_type: type[nn.Module], rule: Any) -> None:
 def covered_parameters(module: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
     """Trainable parameters that a registered rule handles: ``name -> (module prefix, role)``.
 
-    ``role`` is ``"weight"`` or ``"bias"`` of an ``nn.Linear``, or ``"table"`` of an ``nn.Embedding``.
+    ``role`` is ``"weight"`` or ``"bias"`` of an ``nn.Linear``, ``"table"`` of an ``nn.Embedding``, or
+    ``"scale"``/``"shift"`` of an ``nn.LayerNorm`` over the last axis.
     """
     wanted = set(names)
     out: dict[str, tuple[str, str]] = {}

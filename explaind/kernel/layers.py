@@ -79,8 +79,9 @@ class LayerEvaluator:
         self.state: dict[str, bool | str | None] = {"jacobian": None, "rows": None}
         missing = [n for n in names if n not in self.covered]
         if missing:
-            self.state = {k: f"parameters outside nn.Linear/nn.Embedding layers: {', '.join(missing[:5])}"
-                          for k in self.state}
+            rules = ", ".join(sorted(t.__name__ for t in LAYER_RULES))
+            self.state = {k: f"parameters outside nn.Linear/nn.Embedding layers: {', '.join(missing[:5])} (layer rules "
+                             f"exist for {rules}; register_layer_rule adds one)" for k in self.state}
 
     @property
     def used(self) -> set[str]:
