@@ -5,14 +5,18 @@ directory, flushed, ``fsync``-ed and moved into place with :func:`os.replace`), 
 crash) sees either the old file or the complete new one. The SHA-256 of the bytes written goes
 into the manifest; reads hash the bytes they parse and raise
 :class:`~explaind.exceptions.TrajectoryError` naming the file (and the step, when there is one)
-on any mismatch.
+on any mismatch. Reads are confined to the store: a path that the manifest names must stay
+inside it (no absolute paths, no ``..``, no symbolic link out), must be a regular file, and is
+never read past the size the manifest declares (:func:`read_confined`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import os
+import stat
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -32,6 +36,8 @@ __all__ = [
     "write_tensors",
     "read_tensors",
     "read_verified_bytes",
+    "read_confined",
+    "store_path",
     "encode_optimizer_state",
     "decode_optimizer_state",
 ]
@@ -79,11 +85,73 @@ def _where(step: int | None) -> str:
     return "" if step is None else f" (step {step})"
 
 
+def store_path(root: Path, relpath: str, what: str) -> Path:
+    """The path of a file that the manifest names, confined to the store at ``root``.
+
+    Raises
+    ------
+    TrajectoryError
+        When ``relpath`` is absolute, climbs out with ``..``, or resolves (through symbolic links)
+        to a place outside the store. Nothing outside the store is opened, and the error says
+        nothing about what lies there.
+    """
+    parts = PurePosixPath(relpath).parts
+    if not parts or PurePosixPath(relpath).is_absolute() or ".." in parts or "\\" in relpath:
+        raise TrajectoryError(f"{what}: the manifest names {relpath!r}, which is not a relative path inside the "
+                              f"store. The store is corrupted or was not written by explaind; re-record the run.")
+    base = os.path.realpath(root)
+    full = os.path.realpath(root / relpath)
+    if os.path.commonpath([base, full]) != base:
+        raise TrajectoryError(f"{what}: {relpath!r} leads outside the store (a symbolic link). The store is "
+                              f"corrupted or was not written by explaind; re-record the run.")
+    return root / relpath
+
+
+def read_confined(root: Path, relpath: str, max_bytes: int, what: str) -> bytes:
+    """Read a regular file of the store, never more than ``max_bytes`` (a larger file is an error, not read).
+
+    Symbolic links, FIFOs and devices are refused before anything is read (opening does not block).
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file does not exist.
+    TrajectoryError
+        When it is outside the store, not a regular file, or larger than ``max_bytes``.
+    """
+    path = store_path(root, relpath, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise TrajectoryError(f"{what}: {relpath!r} cannot be opened as a file of the store "
+                              f"({exc.strerror}).") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TrajectoryError(f"{what}: {relpath!r} is not a regular file. The store is corrupted; re-record "
+                                  f"the run.")
+        if info.st_size > max_bytes:
+            raise TrajectoryError(f"{what}: {relpath!r} has {info.st_size} bytes, more than the {max_bytes} the "
+                                  f"store allows for it; it was modified. Re-record the run.")
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_verified_bytes(root: Path, record: FileRecord, step: int | None = None) -> bytes:
-    """Read a file of the store and check its size and SHA-256 against ``record``."""
+    """Read a file of the store (confined, at most its recorded size) and check its size and SHA-256."""
     path = root / record.path
     try:
-        data = path.read_bytes()
+        data = read_confined(root, record.path, record.nbytes, f"Trajectory file{_where(step)}")
     except FileNotFoundError:
         raise TrajectoryError(
             f"Trajectory file {str(path)!r}{_where(step)} is missing. The store is incomplete; re-record the run "

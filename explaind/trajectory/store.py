@@ -24,12 +24,13 @@ background thread (bounded queue); a failure there is raised by the next recorde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import queue
-import shutil
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,8 @@ from torch import Tensor
 from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
-from ._io import write_bytes, write_tensors
+from ._io import read_confined, store_path, write_bytes, write_tensors
+from .lock import LOCK, WriterLock, busy_message, live_writer
 from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TrajectoryManifest
 
 __all__ = [
@@ -61,6 +63,11 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
+#: Largest manifest or journal read (5,000 steps take about 4 MB).
+MAX_INDEX_BYTES = 1 << 28
+_STEP_FILE = re.compile(r"\d{6,}\.safetensors")
+_STATE_FILE = re.compile(r"state-[01]\.safetensors")
+_TEMP_FILE = re.compile(r".+\.tmp-\d+-\d+")
 
 
 def step_path(s: int) -> str:
@@ -106,9 +113,10 @@ def is_store(path: Path) -> bool:
 
 def _read_journal(root: Path) -> list[StepRecord]:
     path = root / JOURNAL
-    if not path.is_file():
+    try:
+        lines = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal").split(b"\n")
+    except FileNotFoundError:
         return []
-    lines = path.read_bytes().split(b"\n")
     records: list[StepRecord] = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -143,7 +151,10 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
             f"TrajectoryRecorder(..., store={str(root)!r})."
         )
     try:
-        raw = json.loads(path.read_bytes())
+        raw = json.loads(read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest"))
+    except FileNotFoundError:
+        raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
+                              f"vanished.") from None
     except ValueError as exc:
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc}.") from None
     version = raw.get("schema_version") if isinstance(raw, dict) else None
@@ -176,22 +187,34 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
 def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     """Make ``root`` ready for recording; returns ``True`` when an existing store is resumed.
 
-    An existing store is resumed with ``resume=True``, replaced with ``overwrite=True`` and
-    otherwise refused. A non-empty directory that is not a store is never deleted.
+    An existing store is resumed with ``resume=True``, replaced with ``overwrite=True`` (only a
+    valid explaind store, and only its own files are deleted) and otherwise refused. A non-empty
+    directory that is not a store is never deleted, and nothing is done while another writer
+    holds the store's lock.
     """
     if root.exists() and not root.is_dir():
         raise TrajectoryError(f"store={str(root)!r} is a file; pass a directory path for the trajectory store.")
+    holder = live_writer(root) if root.is_dir() else None
+    if holder is not None:
+        raise TrajectoryError(busy_message(root, holder))
     if is_store(root):
         if resume:
             return True
         if overwrite:
-            shutil.rmtree(root)
+            try:
+                manifest = read_manifest(root)
+            except TrajectoryError as exc:
+                raise TrajectoryError(
+                    f"overwrite=True deletes only a valid explaind trajectory store, and {str(root)!r} is not one "
+                    f"({exc}). Nothing was deleted; choose another store path or remove the directory yourself."
+                ) from None
+            remove_store(root, manifest)
         else:
             raise TrajectoryError(
                 f"A trajectory is already stored at {str(root)!r}. Pass overwrite=True to replace it, resume=True to "
                 f"continue it, or choose another store path."
             )
-    elif root.is_dir() and any(root.iterdir()):
+    elif root.is_dir() and any(p.name != LOCK for p in root.iterdir()):
         raise TrajectoryError(
             f"store={str(root)!r} is a non-empty directory that is not an explaind trajectory store; refusing to "
             f"write into it. Choose a new or empty directory."
@@ -202,6 +225,44 @@ def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
         )
     root.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def _own_files(root: Path, manifest: TrajectoryManifest) -> set[str]:
+    """Relative paths of the files a store owns: its index, the files it lists, and its step and state files."""
+    owned = {MANIFEST, JOURNAL}
+    for record in (manifest.initial_file, manifest.constants_file, manifest.data_file):
+        if record is not None:
+            owned.add(record.path)
+    for step in manifest.steps:
+        owned.update(r.path for r in (step.file, step.optimizer_state) if r is not None)
+    for folder, pattern in (("steps", _STEP_FILE), ("optimizer", _STATE_FILE)):
+        if (root / folder).is_dir() and not (root / folder).is_symlink():
+            owned.update(f"{folder}/{p.name}" for p in (root / folder).iterdir() if pattern.fullmatch(p.name))
+    return owned
+
+
+def remove_store(root: Path, manifest: TrajectoryManifest) -> None:
+    """Delete the files of the store at ``root`` (and its leftover temporary files); nothing else."""
+    for rel in sorted(_own_files(root, manifest)):
+        try:
+            path = store_path(root, rel, "Trajectory store")
+        except TrajectoryError:
+            continue  # a hostile manifest entry: never delete outside the store
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    remove_temporary_files(root)
+    for folder in ("steps", "optimizer"):
+        with contextlib.suppress(OSError):  # kept when it holds files that are not the store's
+            (root / folder).rmdir()
+
+
+def remove_temporary_files(root: Path) -> None:
+    """Delete temporary files left by interrupted atomic writes (``<name>.tmp-<pid>-<thread>``) in the store."""
+    for folder in (root, root / "steps", root / "optimizer"):
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.iterdir():
+                if _TEMP_FILE.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
+                    p.unlink(missing_ok=True)
 
 
 class StoreWriter:
@@ -230,6 +291,8 @@ class StoreWriter:
         last = next((r.optimizer_state for r in reversed(manifest.steps) if r.optimizer_state is not None), None)
         self._slot = 1 if last is not None and last.path.endswith("state-1.safetensors") else 0
         self._lock = threading.Lock()
+        self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
+        remove_temporary_files(self.root)
         # a resumed store: drop a torn journal line before appending
         self._write_journal(list(manifest.steps))
         self._journal = open(self.root / JOURNAL, "ab")  # noqa: SIM115 - closed in close()
@@ -367,7 +430,10 @@ class StoreWriter:
             self._queue = None
         self._journal.close()
         self.manifest.complete = complete
-        self.write_manifest()
+        try:
+            self.write_manifest()
+        finally:
+            self._writer_lock.release()
         if error is not None:
             raise error
 

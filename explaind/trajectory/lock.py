@@ -1,0 +1,118 @@
+"""One writer per store: an advisory lock file holding the writer's process id and host.
+
+:class:`WriterLock` creates ``.explaind-writer.lock`` in the store with ``O_CREAT | O_EXCL`` (atomic
+on local file systems), so of two recorders started together on one store exactly one gets it;
+the other gets a :class:`~explaind.exceptions.TrajectoryError` naming the holder. A lock whose
+holder is gone — a process on this host that no longer runs, or this process after a writer
+that was dropped without being closed — is stale and taken over. A lock held on another host is never taken
+over automatically; the message says how to remove it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import weakref
+from pathlib import Path
+
+from ..exceptions import TrajectoryError
+
+__all__ = ["LOCK", "WriterLock", "live_writer"]
+
+LOCK = ".explaind-writer.lock"
+#: A lock file still empty after this many seconds is a crash between its creation and its content.
+_EMPTY_GRACE = 10.0
+#: Locks this process holds, by real path of the store (a lock whose writer was dropped is stale).
+_ACTIVE: weakref.WeakValueDictionary[str, WriterLock] = weakref.WeakValueDictionary()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _holder(path: Path) -> dict | None:
+    """The lock's content, or ``None`` when it is stale (its holder is gone)."""
+    try:
+        raw = path.read_bytes()[:4096]
+        info = json.loads(raw)
+        pid, host = int(info["pid"]), str(info["host"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        age = time.time() - path.stat().st_mtime if path.exists() else _EMPTY_GRACE
+        return None if age >= _EMPTY_GRACE else {"pid": "?", "host": "?", "since": "just now"}
+    if host != socket.gethostname():
+        return info
+    if pid == os.getpid():
+        return info if os.path.realpath(path.parent) in _ACTIVE else None
+    return info if _alive(pid) else None
+
+
+def live_writer(root: Path) -> dict | None:
+    """The holder of the store's lock when a writer is alive, else ``None``."""
+    path = Path(root) / LOCK
+    return _holder(path) if path.exists() else None
+
+
+def busy_message(root: Path, info: dict) -> str:
+    return (f"The trajectory store {str(root)!r} is being written by process {info.get('pid')} on host "
+            f"{info.get('host')!r} (since {info.get('since')}); a second writer would corrupt it. Wait for that "
+            f"recording to finish, or choose another store path. If that process is gone (e.g. on another host), "
+            f"delete {str(Path(root) / LOCK)!r}.")
+
+
+class WriterLock:
+    """The store's writer lock, held from :meth:`acquire` to :meth:`release`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.path = self.root / LOCK
+        self.key = os.path.realpath(self.root)
+        self.held = False
+
+    def acquire(self) -> WriterLock:
+        """Take the lock (a stale one is taken over).
+
+        Raises
+        ------
+        TrajectoryError
+            When a live writer holds it.
+        """
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = _holder(self.path)
+                if info is not None:
+                    raise TrajectoryError(busy_message(self.root, info)) from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
+            _ACTIVE[self.key] = self
+            self.held = True
+            return self
+        raise TrajectoryError(f"Could not take the writer lock {str(self.path)!r}: it keeps reappearing. Another "
+                              f"writer is starting on this store; choose another store path.")
+
+    def release(self) -> None:
+        """Drop the lock (only if held by this object)."""
+        if not self.held:
+            return
+        self.held = False
+        _ACTIVE.pop(self.key, None)
+        try:
+            info = json.loads(self.path.read_bytes()[:4096])
+            if int(info.get("pid", -1)) == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
