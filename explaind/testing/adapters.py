@@ -141,6 +141,9 @@ class AdapterCheckReport:
         width = max([len(k) for k in self.residuals] + [8])
         lines = [f"{'scenario':<{width}}  max residual  (tol {self.tol:.1e})"]
         lines += [f"{k:<{width}}  {v:.3e}" for k, v in self.max_residual.items()]
+        lines += [f"{k:<{width}}  {float(v.max()) if v.size else 0.0:.3e}  (pure update)"
+                  for k, v in self.pure_residuals.items()]
+        lines += [f"{k:<{width}}  refused by update_fn" for k in self.pure_refused]
         return "\n".join(lines)
 
 
