@@ -74,6 +74,7 @@ _EXPORTS: dict[str, str] = {
     "TrajectoryRecorder": "trajectory",
     "KernelReplica": "estimators",
     "InfluenceEstimator": "estimators",
+    "CounterfactualEstimator": "estimators",
     "Attribution": "kernel.attribution",
 }
 

@@ -55,7 +55,7 @@ def _add_size(parser: argparse.ArgumentParser, default: str) -> None:
 
 def _add_quadrature(parser: argparse.ArgumentParser, default: str, nodes: int | None) -> None:
     parser.add_argument("--quadrature", default=default,
-                        help=f"adaptive, gauss-legendre or midpoint (default: {default})")
+                        help=f"adaptive, gauss-legendre, midpoint or left (default: {default})")
     parser.add_argument("--nodes", type=int, default=nodes,
                         help="nodes per step of a fixed rule (per panel for adaptive)"
                         + (f" (default: {nodes})" if nodes else ""))

@@ -35,7 +35,7 @@ def validate_config(model: type[BaseModel], values: dict[str, Any], owner: str) 
 
     The message names each offending field, the value given and what is allowed, e.g.
     ``KernelReplica: invalid value for 'quadrature': 'simpson' — Input should be 'adaptive',
-    'gauss-legendre' or 'midpoint'.``
+    'gauss-legendre', 'midpoint' or 'left'.``
     """
     try:
         return model.model_validate(values)

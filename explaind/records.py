@@ -49,6 +49,13 @@ class OptimizerAdapterRecord:
         One sentence for listings.
     optimizer_classes : tuple[type, ...]
         The ``torch.optim.Optimizer`` classes this adapter handles (exact class match).
+    update_fn : callable, optional
+        ``update_fn(hyperparameters) -> PureUpdate``: the optimizer's update as a pure,
+        differentiable function of the state and the gradient (:class:`explaind.recurrence.PureUpdate`),
+        given the adapter's ``hyperparameters()`` as stored in the trajectory manifest. Needed by
+        :class:`explaind.CounterfactualEstimator` (docs/maths.md §9); it raises
+        :class:`~explaind.exceptions.ConfigError` for runs it cannot express. ``None``: the
+        adapter offers no pure update and counterfactual queries are refused.
     """
 
     name: str
@@ -56,6 +63,7 @@ class OptimizerAdapterRecord:
     config: type[BaseModel]
     description: str
     optimizer_classes: tuple[type, ...] = ()
+    update_fn: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["LinearUpdate", "OptimizerAdapter", "COEFFICIENT_NAMES"]
+__all__ = ["LinearUpdate", "OptimizerAdapter", "PureUpdate", "COEFFICIENT_NAMES", "is_unchanged"]
 
 Coefficient = float | Tensor
 
@@ -127,3 +127,36 @@ class OptimizerAdapter(Protocol):
 
         Parameters without a gradient at this step are left out (they did not move).
         """
+
+
+def is_unchanged(update: LinearUpdate) -> bool:
+    """Whether ``update`` is the record of a parameter without gradient at its step (``a=1, b=0, P=0``)."""
+    return (not isinstance(update.P, Tensor) and float(update.P) == 0.0 and not isinstance(update.a, Tensor)
+            and float(update.a) == 1.0 and not isinstance(update.b, Tensor) and float(update.b) == 0.0)
+
+
+@runtime_checkable
+class PureUpdate(Protocol):
+    r"""The update of one parameter tensor as a pure function :math:`z_{s+1} = U_s(z_s, g_s)` (docs/maths.md §9).
+
+    ``z = (theta, state)`` with ``state`` the optimizer's buffers (``m``, ``v``, ...) as a dict of
+    tensors. Built by ``OptimizerAdapterRecord.update_fn(hyperparameters)``; the
+    counterfactual estimator replays it forward from ``theta_0`` and differentiates it with
+    :func:`torch.func.vjp`, so ``__call__`` must be written in differentiable torch operations.
+    Per-step constants the recorder did not store as such (Adam's step size
+    ``lr_s / (1 - beta1^t)``) are recovered by :meth:`scalars` from the recorded
+    :class:`LinearUpdate` at the recorded point and held fixed.
+    """
+
+    def init_state(self, theta: Tensor) -> dict[str, Tensor]:
+        """The optimizer state before the first step (zeros; shapes as ``theta``)."""
+
+    def scalars(self, update: LinearUpdate, theta: Tensor, state: dict[str, Tensor], grad: Tensor) -> dict[str, Any]:
+        """Per-step constants of ``U_s`` recovered from the recorded coefficients at ``(theta_s, state_s, g_s)``.
+
+        Raises :class:`explaind.exceptions.ConfigError` when the coefficients cannot be reproduced.
+        """
+
+    def __call__(self, update: LinearUpdate, scalars: dict[str, Any], theta: Tensor, state: dict[str, Tensor],
+                 grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(theta_{s+1}, state_{s+1})`` from ``theta_s`` (shape ``(*shape)``), ``state_s`` and ``g_s``."""

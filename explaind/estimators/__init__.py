@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _lazy_exports
 
-_EXPORTS = {"KernelReplica": "replica", "InfluenceEstimator": "influence"}
+_EXPORTS = {"KernelReplica": "replica", "InfluenceEstimator": "influence", "CounterfactualEstimator": "counterfactual"}
 
 __all__ = sorted(_EXPORTS)
 

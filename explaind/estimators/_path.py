@@ -19,7 +19,7 @@ from .base import ExplaindEstimator
 
 __all__ = ["PathConfig", "PathEstimator", "QuadratureName"]
 
-QuadratureName = Literal["adaptive", "gauss-legendre", "midpoint"]
+QuadratureName = Literal["adaptive", "gauss-legendre", "midpoint", "left"]
 
 
 class PathConfig(StrictModel):

@@ -37,11 +37,12 @@ class KernelReplica(PathEstimator):
 
     Parameters
     ----------
-    quadrature : {"adaptive", "gauss-legendre", "midpoint"}
-        Rule for the path integral (see :mod:`explaind.kernel.quadrature`).
+    quadrature : {"adaptive", "gauss-legendre", "midpoint", "left"}
+        Rule for the path integral (see :mod:`explaind.kernel.quadrature`); ``"left"`` with one
+        node is the TracIn limit (the gradient at :math:`\theta_s` only; docs/maths.md §2).
     nodes : int, optional
-        Nodes per step (``"gauss-legendre"``: default 4; ``"midpoint"``: default 100) or per
-        panel (``"adaptive"``: default 4).
+        Nodes per step (``"gauss-legendre"``: default 4; ``"midpoint"``: default 100; ``"left"``:
+        default 1) or per panel (``"adaptive"``: default 4).
     tol : float
         Relative error target of the adaptive rule per step and test input.
     steps : (int, int or None), optional

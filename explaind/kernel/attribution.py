@@ -204,6 +204,76 @@ class Attribution:
             meta=dict(self.meta),
         )
 
+    # ------------------------------------------------------------------ diagnostics
+    def _axis_dim(self, axis: str, method: str) -> int:
+        if axis not in self.kept:
+            raise ConfigError(f"Attribution.{method}: axis {axis!r} is not a kept axis; kept axes are "
+                              f"{list(self.kept)}. Use one of them, e.g. {method}('train').")
+        return self.axes.index(axis)
+
+    def cancellation_ratio(self, axis: str, reduce: str | None = None) -> Tensor | float:
+        r"""How much the contributions along ``axis`` cancel: :math:`\sum |\psi| / |\sum \psi|`.
+
+        Parameters
+        ----------
+        axis : str
+            A kept axis (``"train"``, ``"step"``, ``"group"``, ``"param"``).
+        reduce : {None, "median", "max"}
+            ``None``: one ratio per entry of the other axes (e.g. ``(T, O)`` for ``keep=("train",)``);
+            otherwise the median or maximum over the finite ratios.
+
+        Returns
+        -------
+        Tensor or float
+            1 when every contribution has the same sign, large when big contributions of both signs
+            cancel; ``inf`` where they cancel exactly, ``nan`` where all are zero.
+        """
+        d = self._axis_dim(axis, "cancellation_ratio")
+        ratio = self.values.abs().sum(d) / self.values.sum(d).abs()
+        if reduce is None:
+            return ratio
+        finite = ratio[torch.isfinite(ratio)]
+        if reduce not in ("median", "max"):
+            raise ConfigError(f"Attribution.cancellation_ratio: invalid value for 'reduce': {reduce!r}. Allowed: "
+                              f"None, 'median', 'max'.")
+        if finite.numel() == 0:
+            return float("nan")
+        return float(finite.median() if reduce == "median" else finite.max())
+
+    def top_k(self, axis: str, k: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """The ``k`` strongest proponents (largest values) and opponents (smallest) along ``axis``.
+
+        Parameters
+        ----------
+        axis : str
+            A kept axis.
+        k : int
+            How many of each (at most the axis length).
+
+        Returns
+        -------
+        dict
+            ``{"proponents": (index, values), "opponents": (index, values)}``; ``index`` holds
+            coordinates of ``axis`` (sample indices for ``"train"``, step numbers for ``"step"``;
+            positions into ``coords[axis]`` for ``"group"``) and both tensors have the axes of
+            :attr:`values` with ``axis`` moved last and of length ``k``, proponents in decreasing and
+            opponents in increasing order.
+        """
+        d = self._axis_dim(axis, "top_k")
+        n = self.values.shape[d]
+        if not 1 <= int(k) <= n:
+            raise ConfigError(f"Attribution.top_k: invalid value for 'k': {k!r}. Allowed: 1..{n} (the length of "
+                              f"axis {axis!r}).")
+        moved = self.values.movedim(d, -1)
+        coord = self.coords.get(axis)
+        lookup = (torch.as_tensor(np.asarray(coord)) if axis in ("train", "step", "param") and coord is not None
+                  else torch.arange(n))
+        out = {}
+        for name, largest in (("proponents", True), ("opponents", False)):
+            vals, pos = moved.topk(int(k), dim=-1, largest=largest, sorted=True)
+            out[name] = (lookup[pos], vals)
+        return out
+
     # ------------------------------------------------------------------ parameters
     def param_label(self, i: int) -> str:
         """Name of flat parameter coordinate ``i``, e.g. ``"0.weight[3,4]"``."""

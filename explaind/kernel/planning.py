@@ -38,7 +38,7 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     explained : Explained
     window : (int, int)
         Steps ``start .. stop-1``.
-    rule : {"adaptive", "gauss-legendre", "midpoint"}
+    rule : {"adaptive", "gauss-legendre", "midpoint", "left"}
     nodes : int or None
         Nodes per step or panel (``None``: the rule's default).
     tol : float

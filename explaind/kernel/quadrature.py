@@ -1,12 +1,16 @@
 r"""Quadrature rules of :math:`\varphi_s(x) = \int_0^1 \nabla_\theta g(\theta_s + t\Delta\theta_s, x)\,dt`.
 
 Only this 1-D integral is approximated; it enters every decomposition as
-:math:`\varphi_s(x) v \approx \sum_q w_q \nabla_\theta g(\theta(t_q), x)\, v`. Three rules:
+:math:`\varphi_s(x) v \approx \sum_q w_q \nabla_\theta g(\theta(t_q), x)\, v`. Four rules:
 
 ``"gauss-legendre"``
     ``n`` Gauss–Legendre nodes on ``[0, 1]`` (default 4; exact to rounding on smooth networks).
 ``"midpoint"``
     ``n`` equal cells, one node at each centre (default 100; the rule of the ExPLAIND paper).
+``"left"``
+    ``n`` equal cells, one node at each left end (default 1: the single node ``t = 0`` with weight 1,
+    :math:`\varphi_s \approx \nabla_\theta g(\theta_s, x)` — TracIn's first-order term taken at every
+    step; its large quadrature error is reported like any other rule's).
 ``"adaptive"`` (default)
     ``n``-point Gauss–Legendre panels, cut at the located kinks of :math:`h(t) = g(\theta(t), x)`
     and bisected where smooth until the measured error is within tolerance:
@@ -29,15 +33,17 @@ from torch import Tensor
 
 __all__ = ["RULES", "DEFAULT_NODES", "NodePlan", "rule_nodes", "fixed_plan"]
 
-RULES = ("adaptive", "gauss-legendre", "midpoint")
+RULES = ("adaptive", "gauss-legendre", "midpoint", "left")
 #: Nodes per rule when ``nodes=None`` (per panel for ``"adaptive"``).
-DEFAULT_NODES = {"adaptive": 4, "gauss-legendre": 4, "midpoint": 100}
+DEFAULT_NODES = {"adaptive": 4, "gauss-legendre": 4, "midpoint": 100, "left": 1}
 
 
 def rule_nodes(rule: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Nodes and weights of a rule on ``[0, 1]`` (float64 numpy arrays of length ``n``; weights sum to 1)."""
     if rule == "midpoint":
         return (np.arange(n, dtype=np.float64) + 0.5) / n, np.full(n, 1.0 / n)
+    if rule == "left":  # left Riemann sum; n = 1 is the TracIn limit (docs/maths.md §2)
+        return np.arange(n, dtype=np.float64) / n, np.full(n, 1.0 / n)
     x, w = np.polynomial.legendre.leggauss(n)
     return 0.5 * (x + 1.0), 0.5 * w
 

@@ -26,7 +26,7 @@ __all__ = ["format_table", "Rule", "all_rules", "rule_from", "run_fidelity", "re
            "TABLE_COLUMNS"]
 
 TABLE_COLUMNS = ["setup", "rule", "evals/step", "argmax agreement", "KL", "max rel error", "seconds"]
-_QUADRATURES = ("adaptive", "gauss-legendre", "midpoint")
+_QUADRATURES = ("adaptive", "gauss-legendre", "midpoint", "left")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,13 @@ because ``Delta theta_s = theta_{s+1} - theta_s`` is itself rounded; the default
 ``|Delta theta| / |theta| >= 1e-3`` so that float64 residuals sit near ``1e-15`` and float32 ones
 near ``1e-7``.
 
+When the record has an ``update_fn`` (the pure update :math:`z_{s+1} = U_s(z_s, g_s)` of
+:class:`explaind.recurrence.PureUpdate`, docs/maths.md §9), the same steps are replayed through
+it too, with its own state replayed from the first step, and its per-step relative residual
+against torch's ``theta_{s+1}`` is held to the same ``tol`` (:attr:`AdapterCheckReport.pure_residuals`).
+A run the pure update refuses with a :class:`~explaind.exceptions.ConfigError` is listed in
+:attr:`AdapterCheckReport.pure_refused` with the message (e.g. Adam groups with different ``eps``).
+
 The check also verifies the adapter's contract: ``hyperparameters()`` validates against
 ``record.config`` and is JSON-serialisable, and ``after_step`` returns a
 :class:`~explaind.recurrence.LinearUpdate` for exactly the parameters that had a gradient.
@@ -35,7 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..recurrence import LinearUpdate
+from ..exceptions import ConfigError
+from ..recurrence import LinearUpdate, is_unchanged
 from .plugins import PluginCheckError
 
 __all__ = [
@@ -106,12 +114,18 @@ class AdapterCheckReport:
         Scenario name -> (step, parameter) pairs left out because the parameter had no gradient.
     tol : float
         The tolerance the run was checked against.
+    pure_residuals : dict[str, numpy.ndarray]
+        Scenario name -> per-step relative residual of the record's pure update (``update_fn``).
+    pure_refused : dict[str, str]
+        Scenario name -> the ``ConfigError`` message of a run the pure update refuses.
     """
 
     residuals: dict[str, np.ndarray] = field(default_factory=dict)
     clipped_steps: dict[str, int] = field(default_factory=dict)
     steps_without_grad: dict[str, int] = field(default_factory=dict)
     tol: float = 0.0
+    pure_residuals: dict[str, np.ndarray] = field(default_factory=dict)
+    pure_refused: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_residual(self) -> dict[str, float]:
@@ -119,13 +133,17 @@ class AdapterCheckReport:
         return {k: float(v.max()) if v.size else 0.0 for k, v in self.residuals.items()}
 
     def failures(self) -> list[str]:
-        """Scenario names whose maximum residual exceeds ``tol``."""
-        return [k for k, v in self.max_residual.items() if not v <= self.tol]
+        """Scenario names whose maximum residual (recurrence or pure update) exceeds ``tol``."""
+        pure = {f"{k} (pure update)": float(v.max()) if v.size else 0.0 for k, v in self.pure_residuals.items()}
+        return [k for k, v in {**self.max_residual, **pure}.items() if not v <= self.tol]
 
     def __str__(self) -> str:
         width = max([len(k) for k in self.residuals] + [8])
         lines = [f"{'scenario':<{width}}  max residual  (tol {self.tol:.1e})"]
         lines += [f"{k:<{width}}  {v:.3e}" for k, v in self.max_residual.items()]
+        lines += [f"{k:<{width}}  {float(v.max()) if v.size else 0.0:.3e}  (pure update)"
+                  for k, v in self.pure_residuals.items()]
+        lines += [f"{k:<{width}}  refused by update_fn" for k in self.pure_refused]
         return "\n".join(lines)
 
 
@@ -241,7 +259,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, scenario: AdapterScenario) -> A
 
 def _run_scenario(
     record: Any, optimizer_class: type, scenario: AdapterScenario, dtype: torch.dtype, device: torch.device, seed: int
-) -> tuple[np.ndarray, int, int]:
+) -> tuple[np.ndarray, int, int, _PureReplay | None]:
     gen = torch.Generator().manual_seed(seed)
     model = _TinyMLP(scenario.frozen, scenario.sometimes_unused, gen).to(device=device, dtype=dtype)
     X = torch.randn(_N_TRAIN, 5, generator=gen).to(device=device, dtype=dtype)
@@ -261,6 +279,7 @@ def _run_scenario(
         config_name = record.config.__name__
         raise PluginCheckError(f"{label}: hyperparameters() is not valid {config_name} JSON data: {exc}") from exc
 
+    pure = _PureReplay.start(record, hyper, scenario.n_steps)
     momentum: dict[int, Tensor] = {}
     residuals = np.zeros(scenario.n_steps)
     clipped = skipped = 0
@@ -282,9 +301,57 @@ def _run_scenario(
         updates = adapter.after_step(optimizer, before)
         residuals[s], n_skipped = _compare(label, s, params, names, theta, grads, updates, momentum)
         skipped += n_skipped
+        if pure is not None:
+            pure.step(s, params, theta, grads, updates)
         if scheduler is not None:
             scheduler.step()
-    return residuals, clipped, skipped
+    return residuals, clipped, skipped, pure
+
+
+@dataclass
+class _PureReplay:
+    """The record's pure update replayed alongside the run, with its own state (docs/maths.md §9)."""
+
+    fn: Any
+    residuals: np.ndarray
+    state: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    refused: str | None = None
+
+    @classmethod
+    def start(cls, record: Any, hyper: Any, n_steps: int) -> _PureReplay | None:
+        make = getattr(record, "update_fn", None)
+        if make is None:
+            return None
+        try:
+            fn = make(hyper)
+        except ConfigError as exc:
+            return cls(fn=None, residuals=np.zeros(0), refused=str(exc))
+        return cls(fn=fn, residuals=np.zeros(n_steps))
+
+    def step(self, s: int, params: Sequence[Tensor], theta: Sequence[Tensor], grads: Sequence[Tensor | None],
+             updates: Mapping[int, LinearUpdate]) -> None:
+        if self.fn is None:
+            return
+        diff_sq = actual_sq = 0.0
+        try:
+            for p, th, g in zip(params, theta, grads):
+                actual = (p.detach() - th).to(torch.float64)
+                actual_sq += float(actual.pow(2).sum())
+                update = updates.get(id(p))
+                if g is None or update is None or is_unchanged(update):
+                    continue
+                update = update.to(device=actual.device, dtype=torch.float64)
+                th64, g64 = th.to(torch.float64), g.to(torch.float64)
+                state = self.state.get(id(p))
+                if state is None:
+                    state = self.fn.init_state(th64)
+                scalars = self.fn.scalars(update, th64, state, g64)
+                new_theta, self.state[id(p)] = self.fn(update, scalars, th64, state, g64)
+                diff_sq += float((new_theta - th64 - actual).pow(2).sum())
+        except ConfigError as exc:
+            self.fn, self.residuals, self.refused = None, np.zeros(0), str(exc)
+            return
+        self.residuals[s] = np.sqrt(diff_sq / actual_sq) if actual_sq else np.sqrt(diff_sq)
 
 
 def _compare(
@@ -382,15 +449,19 @@ def check_optimizer_adapter(
     for cls in classes:
         for scenario in default_scenarios(cls) if given is None else given:
             key = scenario.name if len(classes) == 1 else f"{cls.__name__}:{scenario.name}"
-            res, clipped, skipped = _run_scenario(record, cls, scenario, dtype, dev, seed)
+            res, clipped, skipped, pure = _run_scenario(record, cls, scenario, dtype, dev, seed)
             report.residuals[key] = res
+            if pure is not None and pure.refused is not None:
+                report.pure_refused[key] = pure.refused
+            elif pure is not None:
+                report.pure_residuals[key] = pure.residuals
             report.clipped_steps[key] = clipped
             report.steps_without_grad[key] = skipped
     bad = report.failures()
     if bad and raise_on_failure:
+        series = {**report.residuals, **{f"{k} (pure update)": v for k, v in report.pure_residuals.items()}}
         details = "\n".join(
-            f"  - {k}: max residual {report.max_residual[k]:.3e} at step {int(np.argmax(report.residuals[k]))}"
-            for k in bad
+            f"  - {k}: max residual {float(series[k].max()):.3e} at step {int(np.argmax(series[k]))}" for k in bad
         )
         raise PluginCheckError(
             f"optimizer adapter {record.name!r} does not reproduce torch's updates within tol={tol:.1e} "

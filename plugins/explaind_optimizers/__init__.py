@@ -14,6 +14,7 @@ from explaind.records import OptimizerAdapterRecord
 
 from .adam import AdamAdapter, AdamConfig
 from .adamw import AdamWAdapter, AdamWConfig
+from .pure import adam_update_fn, sgd_update_fn
 from .sgd import SGDAdapter, SGDConfig
 
 __all__ = ["AdamAdapter", "AdamWAdapter", "SGDAdapter", "explaind_optimizer_adapters"]
@@ -29,6 +30,7 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             config=SGDConfig,
             description="torch.optim.SGD: momentum, dampening, Nesterov, L2 weight decay, maximize.",
             optimizer_classes=(torch.optim.SGD,),
+            update_fn=sgd_update_fn,
         ),
         OptimizerAdapterRecord(
             name="adam",
@@ -36,6 +38,7 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             config=AdamConfig,
             description="torch.optim.Adam: L2 or decoupled weight decay, AMSGrad, maximize (diagonal P).",
             optimizer_classes=(torch.optim.Adam,),
+            update_fn=adam_update_fn,
         ),
         OptimizerAdapterRecord(
             name="adamw",
@@ -43,5 +46,6 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             config=AdamWConfig,
             description="torch.optim.AdamW: decoupled weight decay lambda_d = lr * wd, AMSGrad (diagonal P).",
             optimizer_classes=(torch.optim.AdamW,),
+            update_fn=adam_update_fn,
         ),
     ]

@@ -1,0 +1,189 @@
+r"""Exact counterfactual metagradients: how the trained model's output moves when a sample's weight moves.
+
+``CounterfactualEstimator().fit(traj).transform(X)`` returns an
+:class:`~explaind.kernel.attribution.Attribution` with axes ``("test", "train", "output")`` whose
+values are
+
+.. math::
+
+    \tau_k(x) = \frac{\partial g(x; \theta_N)}{\partial \epsilon_k}\Big|_{\epsilon = 0},
+
+where :math:`\epsilon_k` scales sample ``k``'s weight :math:`w_{s,k} \to (1 + \epsilon_k) w_{s,k}` in
+every batch that holds it, and the run is re-trained from the same :math:`\theta_0` with the same
+batches, hyperparameters and schedule. It is computed exactly (to rounding) by reverse mode
+through the recorded updates (:mod:`explaind.kernel.metagrad`, docs/maths.md §9). Unlike the
+ExPLAIND decomposition the values are *not* additive: they predict the first-order effect of
+re-weighting (``-tau_k`` estimates removing a sample that appears once per epoch with weight
+``w``), not a split of :math:`g(x;\theta_N)` (docs/scores_meaning.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..config import DtypeName, StrictModel, resolve_device, resolve_dtype
+from ..exceptions import ConfigError, UnknownEntryError
+from ..kernel.attribution import Attribution
+from ..kernel.explained import Explained, FunctionalModel
+from ..kernel.layout import ParamLayout
+from ..kernel.metagrad import Replay, counterfactual_sweep, output_cotangents
+from ..trajectory.base import Trajectory
+from .base import ExplaindEstimator
+
+__all__ = ["CounterfactualEstimator", "CounterfactualConfig"]
+
+logger = logging.getLogger(__name__)
+
+
+class CounterfactualConfig(StrictModel):
+    """Validated parameters of :class:`CounterfactualEstimator` (same fields as its ``__init__``)."""
+
+    target: Any = None
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    test_chunk_size: int | None = Field(default=None, ge=1)
+    device: str = "auto"
+    dtype: DtypeName = "float64"
+
+
+class CounterfactualEstimator(ExplaindEstimator):
+    r"""Exact derivatives of test outputs with respect to training-sample weights (metagradients).
+
+    Parameters
+    ----------
+    target : None, int, sequence of int or "loss"
+        Explained quantity, as in :class:`~explaind.InfluenceEstimator`: all outputs, one output
+        per test input, or the per-sample loss of ``(f(x), y)`` (``transform`` then needs ``y``).
+    checkpoint_every : int, optional
+        ``K``: the optimizer state is kept every ``K`` steps and each segment is recomputed during
+        the reverse sweep (default ``ceil(sqrt(N))``; ``1`` keeps every step). Memory about
+        ``(N / K + K) |opt state| + 2 T O (|theta| + |opt state|)`` values.
+    test_chunk_size : int, optional
+        Test inputs per reverse sweep (default: all at once); each chunk repeats the sweep.
+    device : str
+        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+    dtype : {"float64", "float32"}
+        Compute dtype.
+
+    Attributes
+    ----------
+    trajectory_ : Trajectory
+    n_steps_, n_train_ : int
+    adapter_ : str
+        Registry name of the run's optimizer adapter.
+    update_fn_ : PureUpdate
+        The adapter's pure update (``record.update_fn(hyperparameters)``).
+    replay_residual_ : float
+        After ``transform``: the largest ``||U_s(z_s, g_s) - theta_{s+1}|| / ||Delta theta_s||`` of
+        the replay (round-off for a faithful replay; large when the run had dropout, batch
+        statistics or anything else ``U_s`` does not model, and then the metagradient is that of
+        the modelled run).
+
+    Notes
+    -----
+    The run is re-trained as recorded: same ``theta_0``, batches, weights ``w_{s,k}``, gradient
+    scales ``c_s`` (held fixed, so gradient clipping is differentiated as a constant scale) and
+    per-step coefficients of the schedule. Steps outside ``[0, N)`` cannot be selected.
+    """
+
+    _config_model: ClassVar[type[CounterfactualConfig]] = CounterfactualConfig
+
+    def __init__(self, *, target: Any = None, checkpoint_every: int | None = None,
+                 test_chunk_size: int | None = None, device: str = "auto", dtype: str = "float64"):
+        self.target = target
+        self.checkpoint_every = checkpoint_every
+        self.test_chunk_size = test_chunk_size
+        self.device = device
+        self.dtype = dtype
+
+    def fit(self, traj: Any, y: Any = None) -> CounterfactualEstimator:
+        """Validate the parameters, the trajectory and its adapter's pure update; returns ``self``."""
+        from ..plugins import get_entry
+
+        name = type(self).__name__
+        config = self._validated_config()
+        if not isinstance(traj, Trajectory):
+            raise ConfigError(f"{name}.fit expects an explaind.Trajectory (from TrajectoryRecorder(...).trajectory "
+                              f"or Trajectory.load(path)); got {type(traj).__name__}.")
+        if int(traj.n_steps) < 1:
+            raise ConfigError(f"{name}.fit: the trajectory has no recorded steps; record at least one optimizer step.")
+        adapter = traj.manifest.adapter
+        try:
+            record = get_entry("optimizer_adapter", str(adapter))
+        except UnknownEntryError as exc:
+            raise ConfigError(f"{name}.fit: the run's optimizer adapter {adapter!r} is not registered: {exc}") from None
+        if getattr(record, "update_fn", None) is None:
+            raise ConfigError(
+                f"{name}.fit: the optimizer adapter {adapter!r} has no update_fn (its update as a pure function of "
+                f"the optimizer state and the gradient), which the reverse sweep differentiates. Allowed: adapters "
+                f"with update_fn (built in: sgd, adam, adamw). Fix: add update_fn to the adapter's "
+                f"OptimizerAdapterRecord (docs/optimizers.md, 'Pure updates'), or use InfluenceEstimator."
+            )
+        try:
+            pure = record.update_fn(traj.manifest.adapter_hyperparameters)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}.fit: {exc}") from None
+        try:
+            n_train = int(traj.n_train)
+        except Exception as exc:
+            raise ConfigError(f"{name}.fit: the counterfactual needs the training data: {exc}") from None
+        try:
+            device = resolve_device(config.device)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: invalid value for 'device': {exc}") from None
+        self.config_ = config
+        self.trajectory_ = traj
+        self.adapter_ = str(adapter)
+        self.update_fn_ = pure
+        self.device_ = device
+        self.dtype_ = resolve_dtype(config.dtype)
+        self.n_train_ = n_train
+        self.n_steps_ = int(traj.n_steps)
+        return self
+
+    def transform(self, X: Any, y: Any = None) -> Attribution:
+        r""":math:`\tau_k(x)` for inputs ``X`` (``y`` for ``target="loss"``), axes ``("test", "train", "output")``."""
+        self._check_fitted()
+        cfg, traj, name = self.config_, self.trajectory_, type(self).__name__
+        fm = FunctionalModel(traj.model, traj.constants(), traj.loss.implementation, self.device_, self.dtype_)
+        if X is None:
+            raise ConfigError(f"{name}: X is None; pass test inputs of shape (n, ...).")
+        Xt = fm.cast(torch.as_tensor(X))
+        if Xt.dim() == 0 or Xt.shape[0] == 0:
+            raise ConfigError(f"{name}: X must hold at least one input along its first axis; got shape "
+                              f"{tuple(Xt.shape)}.")
+        if cfg.target == "loss" and y is None:
+            raise ConfigError(f"{name}: target='loss' explains the test loss and needs the test targets: call "
+                              f"transform(X, y).")
+        names = tuple(traj.param_names)
+        replay = Replay(traj, fm, self.update_fn_)
+        theta_0, theta_N = replay.theta(0), replay.theta(self.n_steps_)
+        explained = Explained.build(fm, theta_0, Xt, cfg.target, y, name)
+        T, O = Xt.shape[0], explained.n_outputs
+        chunk = T if cfg.test_chunk_size is None else cfg.test_chunk_size
+        parts = []
+        for lo in range(0, T, chunk):
+            sl = slice(lo, min(T, lo + chunk))
+            lam = output_cotangents(fm, explained.take(sl), theta_N, Xt[sl])
+            tau = counterfactual_sweep(replay, lam, self.n_train_, cfg.checkpoint_every)
+            parts.append(tau.reshape(-1, O, self.n_train_).permute(0, 2, 1))
+        values = torch.cat(parts).detach().cpu()
+        self.replay_residual_ = float(replay.max_residual)
+        logger.info("%s: replay residual %.2e over %d steps", name, self.replay_residual_, self.n_steps_)
+        with torch.no_grad():
+            initial = explained(fm, theta_0, Xt, explained.aux).detach().cpu()
+            final = explained(fm, theta_N, Xt, explained.aux).detach().cpu()
+        zeros = torch.zeros(T, O, dtype=values.dtype)
+        coords = {"test": np.arange(T), "train": np.arange(self.n_train_),
+                  "output": np.arange(O) if explained.kind == "outputs" else [explained.kind]}
+        meta = {"estimator": name, "kind": "counterfactual", "additive": False, "target_kind": explained.kind,
+                "window": [0, self.n_steps_], "adapter": self.adapter_, "replay_residual": self.replay_residual_,
+                "checkpoint_every": cfg.checkpoint_every}
+        layout = ParamLayout.from_tensors(traj.params(0), names)
+        return Attribution(axes=("test", "train", "output"), values=values, initial=initial, final=final,
+                           regularization=zeros, residual=zeros.clone(), quadrature_error=zeros.clone(),
+                           coords=coords, layout=layout, meta=meta)

@@ -1,0 +1,212 @@
+r"""Exact counterfactual metagradients by reverse mode through the recorded updates (docs/maths.md §9).
+
+With the optimizer's update as a pure function :math:`z_{s+1} = U_s(z_s, g_s)` of the state
+:math:`z = (\theta, \mathrm{opt})` and of the gradient
+:math:`g_s(\theta, \epsilon) = c_s \sum_k (1 + \epsilon_k) w_{s,k} \nabla\ell_k(\theta)`, the derivative
+of :math:`g(x; \theta_N)` with respect to every sample's weight scale :math:`\epsilon_k` at 0 is
+
+.. math::
+
+    \lambda_N = (\nabla_\theta g(x;\theta_N), 0), \qquad
+    (\bar z_s, \bar g_s) = \big(\partial U_s / \partial (z_s, g_s)\big)^T \lambda_{s+1}, \\
+    \lambda_s = \bar z_s + (H_s \bar g_s, 0), \qquad
+    \tau_k \mathrel{+}= c_s w_{s,k} \langle \bar g_s, \nabla\ell_k(\theta_s) \rangle \quad (k \in B_s),
+
+with :math:`H_s = c_s \sum_k w_{s,k} \nabla^2\ell_k(\theta_s)` (one Hessian-vector product per
+step, forward-over-reverse). All ``R = T * O`` cotangents (test inputs times outputs) are swept
+at once (:func:`torch.func.vmap`).
+
+Memory. ``theta_s`` is read from the trajectory; the optimizer state is rebuilt by replaying
+``U`` from ``theta_0`` with the recomputed batch gradients. :func:`counterfactual_sweep` keeps
+the state every ``K`` steps (checkpoints) and recomputes one segment of ``K`` steps at a time
+during the reverse sweep: ``ceil(N / K) * |opt|`` for the checkpoints, ``K * (|theta| + |opt| +
+|g|)`` for a segment and ``2 R (|theta| + |opt|)`` for the cotangents; the default
+``K = ceil(sqrt(N))`` makes it ``O(sqrt(N) * D + R * D)`` at the price of one extra forward replay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jacrev, jvp, vjp, vmap
+
+from ..recurrence import LinearUpdate, is_unchanged
+from .explained import Explained, FunctionalModel, Params
+
+__all__ = ["Replay", "StepPoint", "counterfactual_sweep", "output_cotangents"]
+
+State = dict[str, dict[str, Tensor]]
+
+
+@dataclass
+class StepPoint:
+    """Everything the reverse sweep needs at step ``s`` (the point ``(z_s, g_s)`` and the batch)."""
+
+    s: int
+    theta: Params
+    state: State
+    grad: Params
+    scalars: dict[str, dict[str, Any]]
+    updates: dict[str, LinearUpdate]
+    idx: Tensor
+    weights: Tensor
+    scale: float
+
+
+class Replay:
+    r"""The recorded run replayed through the pure update ``U_s`` (docs/maths.md §9).
+
+    Parameters
+    ----------
+    traj : Trajectory
+        The recorded run (``params``, ``updates``, ``batch``, ``grad_scale``, ``train_samples``).
+    fm : FunctionalModel
+        The model on the compute device and dtype.
+    pure : PureUpdate
+        The adapter's pure update (``record.update_fn(hyperparameters)``).
+    """
+
+    def __init__(self, traj: Any, fm: FunctionalModel, pure: Any):
+        self.traj = traj
+        self.fm = fm
+        self.pure = pure
+        self.names = tuple(traj.param_names)
+        #: Largest ``||U_s(z_s, g_s) - theta_{s+1}|| / ||theta_{s+1} - theta_s||`` seen by :meth:`point`.
+        self.max_residual = 0.0
+
+    def theta(self, s: int) -> Params:
+        r""":math:`\theta_s` on the compute device and dtype."""
+        return self.fm.cast_params(self.traj.params(s), self.names)
+
+    def init_state(self) -> State:
+        """The optimizer state before step 0."""
+        theta = self.theta(0)
+        return {n: self.pure.init_state(theta[n]) for n in self.names}
+
+    def batch_loss(self, s: int) -> Any:
+        r"""``L_s(theta) = c_s sum_k w_{s,k} l_k(theta)`` (its gradient is the :math:`g_s` of the run)."""
+        idx, weights = self.traj.batch(s)
+        x, y = self.traj.train_samples(idx)
+        x, y = self.fm.cast(x), self.fm.cast(y)
+        w = self.fm.cast(weights) * float(self.traj.grad_scale(s))
+        return lambda theta: (w * self.fm.sample_loss(theta, x, y)).sum()
+
+    def update_all(self, point: StepPoint, theta: Params, state: State, g: Params) -> tuple[Params, State]:
+        """``U_s`` over every parameter tensor (a tensor without gradient at ``s`` keeps ``theta`` and state)."""
+        new_theta, new_state = {}, {}
+        for n in self.names:
+            u = point.updates[n]
+            if is_unchanged(u):
+                new_theta[n], new_state[n] = theta[n], state[n]
+            else:
+                new_theta[n], new_state[n] = self.pure(u, point.scalars[n], theta[n], state[n], g[n])
+        return new_theta, new_state
+
+    def point(self, s: int, state: State) -> tuple[StepPoint, State]:
+        """The point of step ``s`` from ``state_s``, and ``state_{s+1}`` (``U_s`` at the recorded ``theta_s``)."""
+        theta = self.theta(s)
+        g = grad(self.batch_loss(s))(theta)
+        updates = {n: u.to(device=self.fm.device, dtype=self.fm.dtype) for n, u in self.traj.updates(s).items()}
+        scalars = {n: ({} if is_unchanged(updates[n]) else self.pure.scalars(updates[n], theta[n], state[n], g[n]))
+                   for n in self.names}
+        idx, weights = self.traj.batch(s)
+        point = StepPoint(s, theta, state, g, scalars, updates, idx.to(self.fm.device),
+                          self.fm.cast(weights), float(self.traj.grad_scale(s)))
+        with torch.no_grad():
+            new_theta, new_state = self.update_all(point, theta, state, g)
+            target = self.theta(s + 1)
+            num = math.sqrt(sum(float((new_theta[n] - target[n]).pow(2).sum()) for n in self.names))
+            den = math.sqrt(sum(float((target[n] - theta[n]).pow(2).sum()) for n in self.names))
+        self.max_residual = max(self.max_residual, num / den if den > 0 else num)
+        return point, new_state
+
+
+def output_cotangents(fm: FunctionalModel, explained: Explained, theta: Params, X: Tensor) -> Params:
+    r""":math:`\lambda_N = \nabla_\theta g(x; \theta_N)` per test input and output, ``name -> (T * O, *shape)``."""
+
+    def g_one(th: Params, x: Tensor, aux: Tensor) -> Tensor:
+        return explained(fm, th, x[None], aux[None])[0]
+
+    jac = vmap(jacrev(g_one), in_dims=(None, 0, 0))(theta, X, explained.aux)
+    return {n: j.reshape(-1, *theta[n].shape) for n, j in jac.items()}
+
+
+def _sample_grads(fm: FunctionalModel, traj: Any, theta: Params, idx: Tensor) -> Params:
+    r""":math:`\nabla\ell_k(\theta)` of the samples ``idx``, ``name -> (B, *shape)``."""
+    x, y = traj.train_samples(idx.cpu())
+    x, y = fm.cast(x), fm.cast(y)
+
+    def loss_one(th: Params, xi: Tensor, yi: Tensor) -> Tensor:
+        return fm.sample_loss(th, xi[None], yi[None])[0]
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, x, y)
+
+
+def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state: State,
+                  tau: Tensor) -> tuple[Params, State]:
+    """One step of the reverse sweep: updates ``tau (R, M)`` in place, returns ``lambda_s``."""
+    names = replay.names
+
+    def U(theta: Params, state: State, g: Params) -> tuple[Params, State]:
+        return replay.update_all(point, theta, state, g)
+
+    _, vjp_fn = vjp(U, point.theta, point.state, point.grad)
+    bar_theta, bar_state, bar_g = vmap(vjp_fn)((lam_theta, lam_state))
+    G = _sample_grads(replay.fm, replay.traj, point.theta, point.idx)
+    dots = sum(torch.einsum("rp,bp->rb", bar_g[n].reshape(bar_g[n].shape[0], -1), G[n].reshape(G[n].shape[0], -1))
+               for n in names)
+    tau.index_add_(1, point.idx, dots * (point.scale * point.weights)[None])
+    grad_L = grad(replay.batch_loss(point.s))
+
+    def hvp(v: Params) -> Params:
+        return jvp(grad_L, (point.theta,), (v,))[1]
+
+    hv = vmap(hvp)(bar_g)
+    return {n: bar_theta[n] + hv[n] for n in names}, bar_state
+
+
+def counterfactual_sweep(replay: Replay, lam_theta: Params, n_train: int,
+                         checkpoint_every: int | None = None) -> Tensor:
+    r""":math:`\tau_k = \partial g(x;\theta_N) / \partial\epsilon_k` for ``R`` cotangents at once.
+
+    Parameters
+    ----------
+    replay : Replay
+    lam_theta : dict of Tensor
+        :math:`\lambda_N` on the parameters, ``name -> (R, *shape)``.
+    n_train : int
+        ``M``, the number of training samples.
+    checkpoint_every : int, optional
+        ``K``: keep the optimizer state every ``K`` steps (default ``ceil(sqrt(N))``).
+
+    Returns
+    -------
+    Tensor
+        ``tau``, shape ``(R, M)``.
+    """
+    N = int(replay.traj.n_steps)
+    K = max(1, math.ceil(math.sqrt(N))) if checkpoint_every is None else int(checkpoint_every)
+    checkpoints: dict[int, State] = {}
+    state = replay.init_state()
+    for s in range(N):
+        if s % K == 0:
+            checkpoints[s] = state
+        _, state = replay.point(s, state)
+    R = next(iter(lam_theta.values())).shape[0]
+    fm = replay.fm
+    tau = torch.zeros(R, n_train, dtype=fm.dtype, device=fm.device)
+    lam_state = {n: {k: torch.zeros(R, *v.shape, dtype=v.dtype, device=v.device) for k, v in st.items()}
+                 for n, st in checkpoints[0].items()}
+    for lo in sorted(checkpoints, reverse=True):
+        points, state = [], checkpoints[lo]
+        for s in range(lo, min(N, lo + K)):
+            point, state = replay.point(s, state)
+            points.append(point)
+        for point in reversed(points):
+            lam_theta, lam_state = _reverse_step(replay, point, lam_theta, lam_state, tau)
+    return tau
+
