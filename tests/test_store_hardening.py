@@ -114,7 +114,8 @@ def test_overwrite_deletes_only_a_valid_store_and_only_its_files(tmp_path):
     folder.mkdir()
     (folder / "manifest.json").write_text('{"name": "my web app"}')
     (folder / "thesis.tex").write_text("precious")
-    with pytest.raises(TrajectoryError, match=r"(?s)deletes only a valid explaind trajectory store.*Nothing was deleted"):
+    refusal = r"(?s)deletes only a valid explaind trajectory store.*Nothing was deleted"
+    with pytest.raises(TrajectoryError, match=refusal):
         _record(folder, overwrite=True)
     assert (folder / "thesis.tex").read_text() == "precious" and (folder / "manifest.json").exists()
 
