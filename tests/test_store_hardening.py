@@ -164,3 +164,67 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     (store / LOCK).write_text(json.dumps({"pid": int(done.stdout), "host": socket.gethostname(), "since": "then"}))
     _record(store)
     assert _load_all(store).n_steps == 3 and not (store / LOCK).exists()
+
+
+# ---------------------------------------------------------------------------------------------- checked content
+def _rewrite(store, relpath, edit_tensors=None, edit_meta=None):
+    """Rewrite a step or start file with edited content and a manifest that checksums it again (a forgery)."""
+    import hashlib
+
+    from safetensors.torch import load_file, safe_open, save
+
+    with safe_open(str(store / relpath), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+    tensors = load_file(str(store / relpath))
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    data = save(tensors, metadata=meta)
+    (store / relpath).write_bytes(data)
+
+    def fix(m):
+        records = [m.get("initial_file"), m.get("constants_file"), m.get("data_file")] + [s["file"] for s in m["steps"]]
+        for rec in records:
+            if rec and rec["path"] == relpath:
+                rec.update(sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+
+    _edit_manifest(store, fix)
+
+
+def test_step_metadata_is_bound_to_its_checksummed_file(tmp_path):
+    store = tmp_path / "run"
+    _record(store)
+    _edit_manifest(store, lambda m: m["steps"][1].update(grad_scale=m["steps"][1]["grad_scale"] * 1000))
+    with pytest.raises(TrajectoryError, match="record of step 1 .* differs from the one checksummed"):
+        _load_all(store).params(2)
+
+    other = tmp_path / "run2"
+    _record(other)
+    _edit_manifest(other, lambda m: m["steps"][2].update(file=m["steps"][0]["file"]))
+    with pytest.raises(TrajectoryError, match="holds step '0', not step 2"):
+        _load_all(other).params(3)
+
+
+@pytest.mark.parametrize("forgery, message", [
+    (lambda t: t.update({"param.0.bias": t["param.0.bias"][:1]}), "has shape .* the manifest records"),
+    (lambda t: t.pop("param.0.weight"), "lacks 'param.0.weight'"),
+    (lambda t: t["param.0.weight"].view(-1).__setitem__(0, float("nan")), "NaN or infinite"),
+    (lambda t: t.update({"batch.indices": t["batch.indices"].double()}), "invalid batch"),
+    (lambda t: t["batch.indices"].__setitem__(0, 10_000), "invalid batch"),
+])
+def test_forged_step_files_are_refused(tmp_path, forgery, message):
+    store = tmp_path / "run"
+    _record(store)
+    _rewrite(store, "steps/000000.safetensors", edit_tensors=forgery)
+    traj = explaind.Trajectory.load(store, model=mlp())
+    with pytest.raises(TrajectoryError, match=message):
+        traj.params(1), traj.batch(0)
+
+
+def test_train_data_of_another_length_is_refused(tmp_path):
+    store = tmp_path / "run"
+    _record(store)
+    X, y = regression_data(n=10)
+    with pytest.raises(TrajectoryError, match="train_data has 10 samples but the run .* was recorded with 12"):
+        explaind.Trajectory.load(store, model=mlp(), train_data=(X, y))

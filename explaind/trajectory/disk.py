@@ -20,9 +20,9 @@ from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
-from .manifest import FileRecord, TrajectoryManifest
+from .manifest import FileRecord, TrajectoryManifest, dtype_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
-from .store import read_manifest, unpack_updates
+from .store import read_manifest, record_binding, unpack_updates
 
 __all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
 
@@ -107,13 +107,24 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             loss = self._manifest.loss
         self._loss = resolve_loss_record(loss)
         self._data = TrainData(train_data) if train_data is not None else None
+        if self._data is not None and self._manifest.n_train is not None and len(self._data) != self._manifest.n_train:
+            raise TrajectoryError(
+                f"train_data has {len(self._data)} samples but the run at {where} was recorded with "
+                f"{self._manifest.n_train}: its batch indices refer to that data. Pass the training data the run "
+                f"was recorded with, in the same order."
+            )
 
     # ----------------------------------------------------------------- files
     def _static_file(self, key: str, record: FileRecord | None) -> dict[str, Tensor]:
         if key not in self._static:
             if record is None:
                 raise TrajectoryError(f"The trajectory at {str(self.root)!r} has no {key} file.")
-            self._static[key] = read_tensors(self.root, record)[0]
+            tensors = read_tensors(self.root, record)[0]
+            if key == "initial":
+                self._check_params(tensors, f"{record.path!r}")
+            elif key == "constants":
+                self._check_specs(tensors, "const.", self._manifest.constants, f"{record.path!r}")
+            self._static[key] = tensors
         return self._static[key]
 
     def _step_tensors(self, s: int) -> dict[str, Tensor]:
@@ -123,11 +134,51 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         record = self._manifest.steps[s]
         if record.file is None:
             raise TrajectoryError(f"Step {s} of the trajectory at {str(self.root)!r} has no file.")
-        tensors = read_tensors(self.root, record.file, step=s)[0]
+        tensors, meta = read_tensors(self.root, record.file, step=s)
+        where = f"{record.file.path!r} (step {s})"
+        if meta.get("step") != str(s):
+            raise TrajectoryError(f"Trajectory file {where} holds step {meta.get('step')!r}, not step {s}: the "
+                                  f"manifest points at another step's file. The store was modified; re-record it.")
+        if "record" in meta and meta["record"] != record_binding(record):
+            raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
+                                  f"samples, ...) differs from the one checksummed in {where}: the store was "
+                                  f"modified. Re-record the run.")
+        self._check_params(tensors, where)
+        self._check_batch(tensors, where)
         self._cache[s] = tensors
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return tensors
+
+    def _check_specs(self, tensors: dict[str, Tensor], prefix: str, specs: Any, where: str) -> None:
+        """Every tensor of ``specs`` is present with the recorded shape and dtype, and finite."""
+        for spec in specs:
+            t = tensors.get(prefix + spec.name)
+            if t is None:
+                raise TrajectoryError(f"Trajectory file {where} lacks {prefix + spec.name!r}; the store is "
+                                      f"corrupted. Re-record the run.")
+            if list(t.shape) != list(spec.shape) or dtype_name(t.dtype) != spec.dtype:
+                raise TrajectoryError(f"Trajectory file {where}: {prefix + spec.name!r} has shape {list(t.shape)} and "
+                                      f"dtype {dtype_name(t.dtype)}, the manifest records {spec.shape} and "
+                                      f"{spec.dtype}. The store is corrupted; re-record the run.")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise TrajectoryError(f"Trajectory file {where}: {prefix + spec.name!r} holds NaN or infinite values; "
+                                      f"the run diverged or the store is corrupted.")
+
+    def _check_params(self, tensors: dict[str, Tensor], where: str) -> None:
+        self._check_specs(tensors, "param.", self._manifest.params, where)
+
+    def _check_batch(self, tensors: dict[str, Tensor], where: str) -> None:
+        idx, w = tensors.get("batch.indices"), tensors.get("batch.weights")
+        ok = (idx is not None and w is not None and idx.dim() == 1 and w.dim() == 1 and idx.shape == w.shape
+              and not idx.is_floating_point() and idx.dtype != torch.bool and w.is_floating_point())
+        if ok and idx.numel():
+            n = self._manifest.n_train
+            ok = int(idx.min()) >= 0 and (n is None or int(idx.max()) < n) and bool(torch.isfinite(w).all())
+        if not ok:
+            raise TrajectoryError(f"Trajectory file {where} has an invalid batch (indices must be integers in "
+                                  f"0..n_train-1 with one finite weight each). The store is corrupted; re-record "
+                                  f"the run.")
 
     def _fill_model(self, model: nn.Module) -> None:
         """Load ``theta_N`` and the constants into a rebuilt model (its weights are then the trained ones)."""

@@ -106,6 +106,11 @@ def unpack_updates(names: tuple[str, ...], tensors: dict[str, Tensor]) -> dict[s
     return out
 
 
+def record_binding(record: StepRecord) -> str:
+    """The fields of a step record that change results, as stored inside the step's (checksummed) file."""
+    return record.model_dump_json(exclude={"file", "optimizer_state"})
+
+
 def is_store(path: Path) -> bool:
     """Whether ``path`` is a trajectory store (holds a manifest)."""
     return (path / MANIFEST).is_file()
@@ -383,8 +388,8 @@ class StoreWriter:
         try:
             for i, (record, tensors, state) in enumerate(items):
                 s = self._error_step = record.step
-                file = write_tensors(self.root, step_path(s), tensors, {"step": str(s)}, fsync=self.fsync,
-                                     fsync_dir=False)
+                meta = {"step": str(s), "record": record_binding(record)}  # checksummed with the file
+                file = write_tensors(self.root, step_path(s), tensors, meta, fsync=self.fsync, fsync_dir=False)
                 state_file = None
                 if i == last_state:
                     slot = 1 - self._slot
