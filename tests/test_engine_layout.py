@@ -80,3 +80,9 @@ def test_plan_sweep_prefers_reverse_and_shrinks_test_chunks_first():
     assert 1 < tight.test_chunk < 20 and tight.block_size == 10_000 and tight.estimate_bytes <= 2 * 10**7
     tighter = plan_sweep(momentum="reverse", keep_step=False, budget=10**6, **kw)
     assert tighter.test_chunk == 1 and tighter.block_size < 10_000
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "1e400", 1e30])
+def test_parse_bytes_refuses_unbounded_budgets(value):
+    with pytest.raises(ConfigError, match="invalid value for 'memory_budget'"):
+        parse_bytes(value)

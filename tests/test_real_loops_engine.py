@@ -163,3 +163,16 @@ def test_fidelity_against_a_matching_model_is_silent():
     assert report["model_vs_recorded"] <= 1e-12
     assert report["model_max_rel_error"] <= 1e-6
     assert model.training  # restored
+
+
+def test_test_inputs_of_the_wrong_shape_get_a_clear_error():
+    from explaind.exceptions import ConfigError
+
+    _, traj, X_test = _dropout_run()  # trained on 4 features
+    wrong = torch.cat([X_test, X_test[:, :1]], dim=1)
+    with pytest.raises(ConfigError, match=r"the model fails on X of shape \(4, 5\).*shaped like the training"):
+        explaind.KernelReplica(device="cpu").fit(traj).predict(wrong)
+    with pytest.raises(ConfigError, match=r"the model fails on X of shape \(4, 5\)"):
+        explaind.InfluenceEstimator(residual_tol=10.0, device="cpu").fit(traj).transform(wrong)
+    with pytest.raises(ConfigError, match="cannot be turned into a tensor"):
+        explaind.KernelReplica(device="cpu").fit(traj).predict([[1.0, 2.0], [3.0]])

@@ -91,10 +91,22 @@ class PathEstimator(ExplaindEstimator):
     def _inputs(self, X: Any) -> torch.Tensor:
         if X is None:
             raise ConfigError(f"{type(self).__name__}: X is None; pass test inputs of shape (n, ...).")
-        Xt = self.engine_.inputs(X)
+        try:
+            Xt = self.engine_.inputs(X)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"{type(self).__name__}: X of type {type(X).__name__} cannot be turned into a tensor "
+                              f"({exc}); pass a tensor or array of test inputs of shape (n, ...).") from None
         if Xt.dim() == 0 or Xt.shape[0] == 0:
             raise ConfigError(f"{type(self).__name__}: X must hold at least one input along its first axis; got "
                               f"shape {tuple(Xt.shape)}.")
+        engine = self.engine_
+        try:
+            with torch.no_grad():
+                engine.fm(engine.params(0), Xt[:1])
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise ConfigError(f"{type(self).__name__}: the model fails on X of shape {tuple(Xt.shape)} and dtype "
+                              f"{Xt.dtype} ({str(exc).splitlines()[0]}). Pass test inputs shaped like the training "
+                              f"inputs, with the test inputs along the first axis.") from None
         return Xt
 
     def __getstate__(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ only per-sample gradients are recomputed per chunk) and parameter blocks second.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ __all__ = ["parse_bytes", "SweepPlan", "plan_sweep"]
 
 logger = logging.getLogger(__name__)
 
+#: Largest budget accepted (a petabyte; anything above is a typo, not a machine).
+_LARGEST = 10**15
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -34,6 +37,9 @@ def parse_bytes(value: int | float | str, field: str = "memory_budget") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"invalid value for {field!r}: {value!r} — give a number of bytes or a string like '2GB'.")
     if isinstance(value, int | float):
+        if not math.isfinite(value) or value > _LARGEST:
+            raise ConfigError(f"invalid value for {field!r}: {value!r} — give a finite number of bytes (at most "
+                              f"{_LARGEST:.3g}) or a string like '2GB'.")
         if value <= 0:
             raise ConfigError(f"invalid value for {field!r}: {value!r} — it must be positive (e.g. '2GB').")
         return int(value)
@@ -44,7 +50,10 @@ def parse_bytes(value: int | float | str, field: str = "memory_budget") -> int:
             f"invalid value for {field!r}: {value!r} — use a positive number of bytes or a size such as '2GB', "
             f"'512MB' or '1GiB' (units: {', '.join(u for u in _UNITS if u)})."
         )
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = float(m.group(1)) * _UNITS[unit]
+    if not size <= _LARGEST:
+        raise ConfigError(f"invalid value for {field!r}: {value!r} — at most {_LARGEST:.3g} bytes (e.g. '2GB').")
+    return int(size)
 
 
 @dataclass(frozen=True)
