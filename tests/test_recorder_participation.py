@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from _recording_helpers import classification_data
 from torch import nn
-from torch.func import functional_call
 
 import explaind
 from explaind.exceptions import TrajectoryError

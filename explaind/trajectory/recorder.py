@@ -232,7 +232,7 @@ class TrajectoryRecorder(RecorderStoreMixin):
         self._sigma = 1.0
         self._checked_c: float | None = None  # the in-between factor at the latest checked step
         self._loss_checked = False
-        self.skipped_steps = 0
+        self.skipped_batches = 0  # micro-batches of steps GradScaler skipped
         self._active = False
         self._broken: str | None = None
         self._pending: list[_Logged] = []
@@ -306,7 +306,7 @@ class TrajectoryRecorder(RecorderStoreMixin):
             return
         logger.info("Step %d was skipped (non-finite gradients, e.g. GradScaler overflow): %d logged micro-batch(es) "
                     "dropped, nothing recorded for it.", self._n, len(self._pending))
-        self.skipped_steps += 1
+        self.skipped_batches += len(self._pending)
         self._pending.clear()
         self._tap.forget_until(last)
 
@@ -356,6 +356,7 @@ class TrajectoryRecorder(RecorderStoreMixin):
             if self._pending[-1].finite is False:
                 logger.info("The last step was skipped (non-finite gradients); its %d micro-batch(es) were dropped.",
                             len(self._pending))
+                self.skipped_batches += len(self._pending)
             else:
                 logger.warning("%d logged micro-batch(es) were not followed by optimizer.step(); dropped.",
                                len(self._pending))
