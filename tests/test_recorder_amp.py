@@ -241,3 +241,24 @@ def test_class_weights_as_sample_weights_are_exact():
     assert float(torch.as_tensor(traj.gradient_check()).max()) <= 1e-12
     completeness, residual_share = _shares(traj)
     assert completeness <= 1e-10 and residual_share <= 1e-9
+
+
+def test_store_keeps_the_check_mismatch_scale_and_autocast(tmp_path):
+    X, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), grad_scaler=scaler,
+                                      store=tmp_path / "run", check_gradients=2)
+    with rec:
+        _amp_loop(model, opt, scaler, X, y, rec, n_steps=4)
+    loaded = explaind.Trajectory.load(tmp_path / "run", model=_model())
+    checked = loaded.gradient_check()
+    assert checked.shape == (4,) and (checked[[0, 2]] < 3e-2).all()
+    assert torch.isnan(torch.as_tensor(checked[[1, 3]])).all()
+    assert [r.amp_scale for r in loaded.manifest.steps] == [256.0] * 4
+    assert {r.autocast for r in loaded.manifest.steps} == {"float16"}
+    plain = explaind.trajectory.InMemoryTrajectory.from_steps(
+        _model(), loss="mse", params=[loaded.params(0), loaded.params(1)], updates=[loaded.updates(0)],
+        batches=[loaded.batch(0)])
+    assert torch.isnan(torch.as_tensor(plain.gradient_check())).all()

@@ -416,8 +416,9 @@ class TrajectoryRecorder(RecorderStoreMixin):
             raise TrajectoryError(
                 f"Step {s}: between backward() and optimizer.step() every gradient was divided by exactly "
                 f"{1 / c_in:g}, the signature of torch.amp.GradScaler.unscale_ (a loss scale), which the recorder "
-                f"cannot attribute without the scaler or a gradient check. Fix: TrajectoryRecorder(..., "
-                f"grad_scaler=scaler), or pass train_data so the loss scale is measured."
+                f"cannot tell from dividing an unscaled gradient (e.g. averaging micro-batches) without the scaler "
+                f"or a gradient check. Fix: TrajectoryRecorder(..., grad_scaler=scaler), or pass train_data so the "
+                f"loss scale is measured."
             )
         device = next(iter(self._params.values())).device
         if not self._loss_checked and self._data is not None:
