@@ -1,14 +1,15 @@
-r"""Gradient bookkeeping of the recorder: raw-gradient snapshots, the scale ``c_s``, the gradient check, the audit.
+r"""Gradient bookkeeping of the recorder: raw-gradient snapshots, the scale ``c_s``, autocast, the audit.
 
 * :class:`GradientTap` copies each parameter's accumulated gradient right after ``backward``
-  (``Tensor.register_post_accumulate_grad_hook``), before the user's loop may clip or rescale it.
-  At ``optimizer.step()`` the gradient the optimizer sees, :math:`g_s`, is compared with that raw
-  gradient :math:`\tilde g_s`: the global factor :math:`c = \langle g_s, \tilde g_s\rangle /
-  \langle \tilde g_s, \tilde g_s\rangle` is measured, and a per-coordinate change (not a global
-  multiple) is an error.
-* :func:`check_batch_gradient` recomputes :math:`\sum_k w_{s,k} \nabla\ell_k(\theta_s)` from the
-  logged batch and the loss and measures the user's loss scale :math:`\sigma` with
-  :math:`\tilde g_s = \sigma \sum_k w_{s,k}\nabla\ell_k(\theta_s)`.
+  (``Tensor.register_post_accumulate_grad_hook``), before the user's loop may unscale, clip or edit
+  it. At ``optimizer.step()`` the gradient the optimizer sees, :math:`g_s`, is compared *by value*
+  with that raw gradient :math:`\tilde g_s` (never by ``Tensor._version``, which
+  ``GradScaler.unscale_`` does not bump): the global factor :math:`c = \langle g_s, \tilde
+  g_s\rangle / \langle \tilde g_s, \tilde g_s\rangle` is measured, and a per-coordinate change (not a
+  global multiple) is an error. Each snapshot carries a sequence number, so the snapshots of an
+  accumulation whose step was skipped (``GradScaler`` found inf/nan) can be forgotten.
+* :class:`AutocastProbe` (a forward pre-hook on the model) notes whether the loop's forward ran
+  under ``torch.autocast`` and in which dtype, and hooks parameters that start requiring grad.
 * :class:`UpdateAudit` replays each step with the adapter's coefficients and reports
   :math:`\|E_s\| / \|\Delta\theta_s\|`.
 """
@@ -22,15 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
-from ..outputs import model_output
 from ..recurrence import LinearUpdate
 
-__all__ = ["GradientTap", "check_batch_gradient", "UpdateAudit", "default_tolerance", "has_stochastic_layers"]
+__all__ = ["GradientTap", "AutocastProbe", "UpdateAudit", "has_stochastic_layers", "is_power_of_two"]
 
 
-def default_tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance of the gradient comparisons for parameters of ``dtype``."""
-    return 1e-7 if dtype == torch.float64 else 1e-3
+def is_power_of_two(c: float) -> bool:
+    """Whether ``c`` is exactly ``2**k`` for an integer ``k`` (the signature of a loss-scale unscale)."""
+    return c > 0 and math.isfinite(c) and math.frexp(c)[0] == 0.5
 
 
 def has_stochastic_layers(model: nn.Module) -> list[str]:
@@ -56,23 +56,40 @@ class GradientTap:
     Parameters
     ----------
     params : dict of str to Parameter
-        The trainable parameters.
+        The recorded parameters; those that do not require grad yet are hooked by :meth:`sync`
+        once they do.
     """
 
     def __init__(self, params: dict[str, nn.Parameter]):
         self._params = params
         self._raw: dict[str, Tensor] = {}
-        self._version: dict[str, tuple[int, int]] = {}
+        self._stamp: dict[str, int] = {}
+        self._seq = 0
+        self._hooked: set[str] = set()
         self._handles: list[Any] = []
 
+    @property
+    def seq(self) -> int:
+        """Sequence number of the latest snapshot."""
+        return self._seq
+
     def attach(self) -> None:
+        self.sync()
+
+    def sync(self) -> None:
+        """Hook every parameter that requires grad now and is not hooked yet (cheap; called per forward)."""
+        if len(self._hooked) == len(self._params):
+            return
         for name, p in self._params.items():
-            self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(name)))
+            if name not in self._hooked and p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(name)))
+                self._hooked.add(name)
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._hooked.clear()
 
     def _make_hook(self, name: str) -> Any:
         def hook(p: Tensor) -> None:
@@ -84,57 +101,76 @@ class GradientTap:
                 self._raw[name] = g.detach().clone()
             else:  # neither tensor requires grad: no autograd bookkeeping
                 buf.copy_(g.detach())
-            self._version[name] = (id(g), g._version)
+            self._seq += 1
+            self._stamp[name] = self._seq
 
         return hook
 
     def reset(self) -> None:
-        """Forget which parameters received a gradient (after each optimizer step)."""
-        self._version.clear()
+        """Forget the snapshots of the finished accumulation (after each optimizer step)."""
+        self._stamp.clear()
+
+    def forget_until(self, seq: int) -> None:
+        """Forget the snapshots taken up to sequence number ``seq`` (an accumulation whose step was skipped)."""
+        self._stamp = {n: t for n, t in self._stamp.items() if t > seq}
+
+    def reached(self, name: str) -> bool:
+        """Whether a backward reached ``name`` since the last step."""
+        return name in self._stamp
 
     def raw(self, name: str, seen: Tensor) -> Tensor:
         """The raw gradient of ``name`` (``seen`` itself when no backward reached it since the last step)."""
-        return self._raw[name] if name in self._version else seen
+        return self._raw[name] if name in self._stamp else seen
 
-    def measure(self, seen: dict[str, Tensor | None], step: int, tol: float) -> float:
-        """Check the gradients the optimizer sees and return the global scale ``c`` (``g_seen = c g_raw``).
+    def finite_since(self, seq: int) -> bool | None:
+        """Whether the snapshots taken after ``seq`` are all finite (``None`` when there are none)."""
+        names = [n for n, t in self._stamp.items() if t > seq]
+        if not names:
+            return None
+        return all(math.isfinite(float(x)) for x in torch._foreach_norm([self._raw[n] for n in names]))
+
+    def measure(self, seen: dict[str, Tensor], step: int, tol: float) -> float:
+        """Compare the gradients the optimizer sees with the snapshots; return ``c`` (``g_seen = c g_raw``).
+
+        Parameters
+        ----------
+        seen : dict of str to Tensor
+            ``p.grad`` of the parameters the optimizer steps now.
 
         Raises
         ------
         TrajectoryError
             For NaN/inf gradients, or a change that is not a global multiple (e.g. ``clip_grad_value_``).
         """
-        names = [n for n, g in seen.items() if g is not None]
+        names = list(seen)
         if not names:
             return 1.0
         grads = [seen[n] for n in names]
         norms = torch._foreach_norm(grads)
-        try:
-            total = torch.stack(norms).double().sum()
-        except RuntimeError:  # parameters of several dtypes or devices
-            total = sum(float(x) for x in norms)
-        if not math.isfinite(float(total)):
+        total = sum(float(x) for x in norms)
+        if not math.isfinite(total):
             bad = [n for n, g in zip(names, grads) if not bool(torch.isfinite(g).all())]
             raise TrajectoryError(
                 f"Step {step}: the gradient of {', '.join(bad)} contains NaN or inf, so this step cannot be recorded "
                 f"(nothing was stored for it). Lower the learning rate, check the loss and inputs, or clip gradients."
             )
-        modified = [
-            n for n in names if n in self._version and self._version[n] != (id(seen[n]), seen[n]._version)
-        ]
-        if not modified:
+        compared = [n for n in names if self.reached(n)]
+        if not compared:
             return 1.0
-        dot = sq_raw = sq_seen = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-        for n in names:
-            g, r = seen[n], self.raw(n, seen[n])
-            dot = dot + _dot64(g, r)
-            sq_raw = sq_raw + _dot64(r, r)
-            sq_seen = sq_seen + _dot64(g, g)
-        dot_f, raw_f, seen_f = float(dot), float(sq_raw), float(sq_seen)
-        if raw_f == 0.0:
+        parts = [torch.stack([_dot64(seen[n], self._raw[n]), _dot64(self._raw[n], self._raw[n]),
+                              _dot64(seen[n], seen[n])]) for n in compared]
+        try:
+            values = torch.stack(parts).tolist()
+        except RuntimeError:  # parameters on several devices
+            values = [v.tolist() for v in parts]
+        modified = [n for n, (d, rr, gg) in zip(compared, values) if not d == rr == gg]
+        dot = sum(v[0] for v in values)
+        sq_raw = sum(v[1] for v in values)
+        sq_seen = sum(v[2] for v in values)
+        if not modified or sq_raw == 0.0:
             return 1.0
-        c = dot_f / raw_f
-        deviation = math.sqrt(max(seen_f - dot_f * dot_f / raw_f, 0.0) / seen_f) if seen_f > 0 else 0.0
+        c = dot / sq_raw
+        deviation = math.sqrt(max(sq_seen - dot * dot / sq_raw, 0.0) / sq_seen) if sq_seen > 0 else 0.0
         if deviation > tol:
             raise TrajectoryError(
                 f"Step {step}: between backward() and optimizer.step() the gradient of {', '.join(modified)} was "
@@ -145,64 +181,47 @@ class GradientTap:
         return c
 
 
-def check_batch_gradient(
-    model: nn.Module,
-    params: dict[str, nn.Parameter],
-    raw: dict[str, Tensor],
-    loss: Any,
-    inputs: Tensor,
-    targets: Tensor,
-    weights: Tensor,
-    step: int,
-    tol: float,
-) -> float:
-    r"""Compare the raw gradient with :math:`\sum_k w_k \nabla\ell_k(\theta_s)`; return the loss scale :math:`\sigma`.
+class AutocastProbe:
+    """Forward pre-hook on the model: the autocast dtype of the loop's forward passes since the last step.
 
     Parameters
     ----------
-    raw : dict
-        Raw accumulated gradients (zeros for parameters that received none), shapes of the parameters.
-    inputs, targets : Tensor
-        The logged samples of all micro-batches, ``(n, ...)``.
-    weights : Tensor
-        ``(n,)`` sample weights.
-
-    Raises
-    ------
-    TrajectoryError
-        When the raw gradient is not ``sigma`` times the recomputed one within ``tol``.
+    model : nn.Module
+        The recorded model.
+    tap : GradientTap
+        Synchronised on every forward, so a parameter unfrozen mid-run is snapshotted from its first backward.
+    device_type : str
+        ``"cpu"``, ``"cuda"``, ... of the parameters.
     """
-    names = list(params)
-    detached = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    with torch.enable_grad():
-        out = model_output(torch.func.functional_call(model, {**buffers, **detached}, (inputs,)))
-        per_sample = loss.implementation(out, targets)
-        total = (weights.to(per_sample.dtype) * per_sample).sum()
-        ref = torch.autograd.grad(total, [detached[n] for n in names], allow_unused=True)
-    dot = sq_ref = sq_raw = 0.0
-    for n, r in zip(names, ref):
-        g = raw[n]
-        if r is None:
-            sq_raw += float(_dot64(g, g))
-            continue
-        dot += float(_dot64(g, r))
-        sq_ref += float(_dot64(r, r))
-        sq_raw += float(_dot64(g, g))
-    if sq_ref == 0.0 and sq_raw == 0.0:
-        return 1.0
-    sigma = dot / sq_ref if sq_ref > 0 else 0.0
-    resid = math.sqrt(max(sq_raw - 2 * sigma * dot + sigma * sigma * sq_ref, 0.0))
-    rel = resid / math.sqrt(max(sq_raw, sq_ref * sigma * sigma, 1e-300))
-    if rel > tol or sigma <= 0:
-        raise TrajectoryError(
-            f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under "
-            f"loss {loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}). "
-            f"Check that loss= is the loss the loop trains with, that rec.log_batch() received the indices of every "
-            f"sample (and micro-batch) used in this step, and that the model is deterministic in training mode; "
-            f"pass check_gradients=False to record anyway."
-        )
-    return sigma
+
+    _RANK = {torch.float16: 2, torch.bfloat16: 3}
+
+    def __init__(self, model: nn.Module, tap: GradientTap, device_type: str):
+        self._model, self._tap, self._device = model, tap, device_type
+        self.dtype: torch.dtype | None = None
+        self.paused = False
+        self._handle: Any = None
+
+    def attach(self) -> None:
+        self._handle = self._model.register_forward_pre_hook(self._hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module: nn.Module, args: Any) -> None:
+        if self.paused:
+            return
+        self._tap.sync()
+        if torch.is_autocast_enabled(self._device):
+            dt = torch.get_autocast_dtype(self._device)
+            if self.dtype is None or self._RANK.get(dt, 1) > self._RANK.get(self.dtype, 1):
+                self.dtype = dt
+
+    def reset(self) -> None:
+        """Forget the forward passes of the finished step."""
+        self.dtype = None
 
 
 class UpdateAudit:

@@ -108,6 +108,13 @@ class Trajectory(abc.ABC):
         with recomputed per-sample gradients, so completeness never depends on it.)
         """
 
+    def gradient_check(self) -> np.ndarray:
+        """Per-step mismatch of the recorder's gradient check, shape ``(n_steps,)``; NaN where not checked.
+
+        This default (for trajectories not made by the recorder) says that no step was checked.
+        """
+        return np.full(self.n_steps, np.nan, dtype=np.float64)
+
     @abc.abstractmethod
     def train_samples(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Training inputs and targets at ``indices`` (raises ``TrajectoryError`` without data)."""

@@ -99,6 +99,14 @@ class StepRecord(_Model):
         ``||E_s|| / ||Delta theta_s||`` measured by the recorder (``None`` when the audit was off).
     loss_scale : float or None
         The user's loss scale measured by the gradient check (``None`` when not checked).
+    gradient_check : float or None
+        At a checked step, ``||g_raw - sigma * g_recomputed|| / ||g_raw||``: how far the loop's
+        gradient is from ``sigma`` times the gradient of the logged batch under the recorded loss
+        (``None`` when the step was not checked).
+    amp_scale : float or None
+        The ``torch.amp.GradScaler`` scale of the step's backward (``None`` without ``grad_scaler=``).
+    autocast : str or None
+        dtype of ``torch.autocast`` during the step's forward passes (``None``: no autocast).
     has_params : bool
         Whether the file holds ``theta_{s+1}`` (always true while ``param_stride == 1``).
     optimizer_state : FileRecord or None
@@ -111,6 +119,9 @@ class StepRecord(_Model):
     grad_scale: float
     audit: float | None = None
     loss_scale: float | None = None
+    gradient_check: float | None = None
+    amp_scale: float | None = None
+    autocast: str | None = None
     has_params: bool = True
     optimizer_state: FileRecord | None = None
 

@@ -154,8 +154,9 @@ class InMemoryTrajectory(RecordedTrajectory):
         audit: float,
         loss_scale: float | None = None,
         validate: bool = True,
+        record: StepRecord | None = None,
     ) -> None:
-        """Add one step (used by :meth:`from_steps` and the recorder, which passes checked values)."""
+        """Add one step (used by :meth:`from_steps` and the recorder, which passes checked values and its record)."""
         s = len(self._updates)
         if not validate:
             self._params.append(params_next)
@@ -164,6 +165,7 @@ class InMemoryTrajectory(RecordedTrajectory):
             self._scales.append(float(grad_scale))
             self._audit.append(float(audit))
             self._manifest.steps.append(
+                record if record is not None else
                 StepRecord(step=s, n_samples=int(indices.shape[0]), grad_scale=float(grad_scale),
                            audit=None if math.isnan(audit) else float(audit), loss_scale=loss_scale)
             )

@@ -87,3 +87,14 @@ class RecordedTrajectory(Trajectory):
 
     def _missing_data_message(self) -> str:
         raise NotImplementedError
+
+    def gradient_check(self) -> np.ndarray:
+        """Per-step mismatch of the recorder's gradient check, shape ``(n_steps,)`` (NaN: step not checked).
+
+        ``||g_raw - sigma * g_recomputed|| / ||g_raw||``: the loop's gradient against ``sigma`` times
+        the gradient of the logged batch under the recorded loss. Round-off at checked steps of an exact
+        recording; a large value, or no checked step at all (all NaN), means the data part of the
+        decomposition is not verified and a large residual may come from a loss or batch mismatch.
+        """
+        return np.asarray([np.nan if r.gradient_check is None else r.gradient_check for r in self._manifest.steps],
+                          dtype=np.float64)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..exceptions import ConfigError, TrajectoryError
+from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ..recurrence import LinearUpdate
+from ._checks import (
+    AUTO_CHECK_EVERY,
+    AUTO_CHECK_STEPS,
+    CheckSchedule,
+    autocast_tolerance,
+    check_batch_gradient,
+    check_loss_decomposes,
+    default_tolerance,
+)
 from ._common import (
     TrainData,
     architecture_spec,
@@ -32,42 +43,47 @@ from ._common import (
     validate_indices,
     validate_weights,
 )
-from ._gradients import GradientTap, UpdateAudit, check_batch_gradient, default_tolerance, has_stochastic_layers
-from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
-from .disk import DiskTrajectory, check_model_matches
+from ._gradients import AutocastProbe, GradientTap, UpdateAudit, has_stochastic_layers, is_power_of_two
+from ._participation import (
+    called_by_grad_scaler,
+    foreign_parameters,
+    own_update,
+    stepped_parameters,
+    stepped_without_backward,
+    without_gradient_input,
+)
+from ._recorder_store import RecorderStoreMixin
+from .disk import DiskTrajectory
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
 from .memory import InMemoryTrajectory
-from .store import StoreWriter, pack_updates, prepare_directory, read_manifest
+from .store import StoreWriter, prepare_directory
 
-__all__ = ["TrajectoryRecorder", "AUTO_CHECK_STEPS"]
+__all__ = ["TrajectoryRecorder", "AUTO_CHECK_STEPS", "AUTO_CHECK_EVERY"]
 
 logger = logging.getLogger(__name__)
 
-#: With ``check_gradients="auto"`` the first steps checked (when possible).
-AUTO_CHECK_STEPS = 3
 _UNCHANGED = LinearUpdate(a=1.0, b=0.0, P=0.0)
 
 
-def _own(u: LinearUpdate) -> LinearUpdate:
-    """``u`` with detached copies of its tensor coefficients (an adapter may reuse its buffers next step)."""
-    values = vars(u)
-    if not any(isinstance(v, Tensor) for v in values.values()):
-        return u
-    return LinearUpdate(**{k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in values.items()})
+@dataclass(frozen=True)
+class _Logged:
+    """One ``log_batch`` call: the samples, the tap's sequence number then, whether the gradient was finite."""
+
+    indices: Tensor
+    weights: Tensor
+    seq: int
+    finite: bool | None
 
 
-def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[tuple[int, int, Tensor]]:
-    return [(g, i, p) for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])]
-
-
-class TrajectoryRecorder:
+class TrajectoryRecorder(RecorderStoreMixin):
     r"""Record a training run for exact kernel replicas and influence scores.
 
     Parameters
     ----------
     model : nn.Module
         The model being trained. Parameters with ``requires_grad=True`` are recorded per step
-        (``trajectory.param_names``); frozen parameters and buffers are stored once as constants.
+        (``trajectory.param_names``); frozen parameters and buffers are stored once as constants
+        (see ``record_frozen``).
     optimizer : torch.optim.Optimizer
         Its class must be handled by a registered optimizer adapter.
     loss : str, LossRecord or callable
@@ -84,14 +100,16 @@ class TrajectoryRecorder:
     audit : bool or "auto"
         Replay every step with the adapter's coefficients and the gradient the optimizer saw and
         record :math:`\|E_s\|/\|\Delta\theta_s\|` (``trajectory.audit()``; NaN when off). ``"auto"``: on.
-    check_gradients : bool, int or "auto"
+    check_gradients : bool, int, "auto" or collection of int
         Recompute :math:`\sum_k w_k\nabla\ell_k(\theta_s)` from ``train_data`` and the loss and compare
-        it with the gradient of ``backward()``: ``True`` every step, an int ``k`` every ``k``-th step,
-        ``"auto"`` the first :data:`AUTO_CHECK_STEPS` steps when ``train_data`` is given and the model has
-        no active dropout or batch norm. A mismatch raises ``TrajectoryError`` naming the step. The
-        check also measures the user's loss scale :math:`\sigma` (e.g. ``1/k`` when the loop divides
-        the loss by ``k`` micro-batches); the latest measured :math:`\sigma` multiplies ``c_s`` of every
-        later step (1 until measured), so a loop that rescales its loss must be checked at least once.
+        it with the gradient of ``backward()`` over the parameters the optimizer steps: ``True`` every
+        step, an int ``k`` every ``k``-th step, a collection of step numbers exactly those, ``"auto"``
+        steps ``0..AUTO_CHECK_STEPS-1``, every power of two and every :data:`AUTO_CHECK_EVERY`-th step
+        when ``train_data`` is given and the model has no active dropout or batch norm. A mismatch
+        raises ``TrajectoryError`` naming the step; the measured mismatch is kept per step
+        (``trajectory.gradient_check()``). The check also measures the user's loss scale
+        :math:`\sigma` (e.g. ``1/k`` when the loop divides the loss by ``k`` micro-batches); the latest
+        measured :math:`\sigma` multiplies ``c_s`` of every later step (1 until measured).
     store_data : bool
         Store ``train_data`` in the store (``data.safetensors``).
     save_optimizer_state : bool or int
@@ -104,7 +122,15 @@ class TrajectoryRecorder:
     fsync : bool
         ``fsync`` every stored file.
     gradient_tolerance : float, optional
-        Relative tolerance of the gradient comparisons (default 1e-7 in float64, 1e-3 in float32).
+        Relative tolerance of the gradient comparisons (default 1e-7 in float64, 1e-3 in float32; the
+        gradient check widens it to 3e-2 when the forward ran under float16 autocast, 1.5e-1 under bfloat16).
+    grad_scaler : torch.amp.GradScaler, optional
+        The loop's loss scaler. Its scale ``S_s`` at each step is recorded (``raw = S_s * gradient``),
+        so ``c_s`` is the factor between the unscaled gradient the optimizer sees and the batch gradient
+        (1 without clipping). Required when ``optimizer.step()`` is called through ``scaler.step``.
+    record_frozen : bool
+        Also record the parameters with ``requires_grad=False`` at the start (as not moving while
+        frozen), so they may be unfrozen later; by default they are constants and stepping one is refused.
     extras : dict, optional
         JSON metadata stored in ``manifest.extras``.
 
@@ -114,7 +140,10 @@ class TrajectoryRecorder:
     before one step are micro-batches of gradient accumulation. The scale ``c_s`` is measured:
     gradients are snapshotted after ``backward()`` and compared with what the optimizer sees, so
     ``clip_grad_norm_`` (a global factor) is recorded exactly; a per-coordinate change is an error.
-    A torch ``GradScaler`` changes the loss scale between steps: record it with ``check_gradients=True``.
+    Gradients are compared by value, so in-place changes (``GradScaler.unscale_``, clipping, edits)
+    are all seen. A step that ``GradScaler`` skips (inf/nan gradients) records nothing: its logged
+    batch is dropped when the next accumulation begins. The parameters a step moves are read from
+    the live optimizer at every step (subsets, ``add_param_group``, freezing mid-run).
     """
 
     def __init__(
@@ -135,6 +164,8 @@ class TrajectoryRecorder:
         fsync: bool = True,
         gradient_tolerance: float | None = None,
         extras: dict[str, Any] | None = None,
+        grad_scaler: Any = None,
+        record_frozen: bool = False,
     ):
         from ..plugins import resolve_optimizer_adapter
 
@@ -144,17 +175,22 @@ class TrajectoryRecorder:
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         if not (audit is True or audit is False or audit == "auto"):
             raise ConfigError(f"audit={audit!r} is not allowed. Choose one of: 'auto', True, False.")
-        flag = check_gradients is True or check_gradients is False or check_gradients == "auto"
-        if not (flag or (type(check_gradients) is int and check_gradients > 0)):
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise ConfigError(
-                f"check_gradients={check_gradients!r} is not allowed. Choose 'auto', True, False or a positive int k "
-                f"(check every k-th step)."
+                f"grad_scaler must be a torch.amp.GradScaler (the one the loop calls scaler.step with), got "
+                f"{type(grad_scaler).__name__}."
             )
         self.model, self.optimizer = model, optimizer
         self._loss = resolve_loss_record(loss)
         self._adapter_record = resolve_optimizer_adapter(optimizer)
         self._adapter = self._adapter_record.implementation.from_optimizer(optimizer)
         self._params, constants = split_model_tensors(model)
+        self._constant_params = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        if record_frozen:
+            self._params = dict(model.named_parameters())
+            constants = {n: t for n, t in constants.items() if n not in self._constant_params}
+            self._constant_params = {}
+        self._constant_names = tuple(constants)
         if not self._params:
             raise ConfigError("The model has no trainable parameters (requires_grad=True); nothing to record.")
         self._check_optimizer_params()
@@ -163,7 +199,8 @@ class TrajectoryRecorder:
         self._dtype = first.dtype
         self._tol = float(gradient_tolerance) if gradient_tolerance is not None else default_tolerance(self._dtype)
         self._audit_on = audit is not False
-        self._check = self._resolve_check(check_gradients)
+        self._scaler = grad_scaler
+        self._schedule = self._resolve_check(check_gradients)
         self._store = Path(store) if store is not None else None
         if not (isinstance(save_optimizer_state, bool) or (type(save_optimizer_state) is int and
                                                            save_optimizer_state > 0)):
@@ -191,13 +228,18 @@ class TrajectoryRecorder:
         elif resume:
             raise ConfigError("resume=True needs store=<path of the stored run>.")
         self._n = self._manifest.n_steps if self._resumed else 0
+        self._schedule.start = self._n
         self._sigma = 1.0
+        self._checked_c: float | None = None  # the in-between factor at the latest checked step
+        self._loss_checked = False
+        self.skipped_batches = 0  # micro-batches of steps GradScaler skipped
         self._active = False
         self._broken: str | None = None
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending: list[_Logged] = []
         self._step_state: dict[str, Any] | None = None
         self._handles: list[Any] = []
         self._tap = GradientTap(self._params)
+        self._probe = AutocastProbe(model, self._tap, first.device.type)
         self._auditor = UpdateAudit()
         self._memory: InMemoryTrajectory | None = None
         self._writer: StoreWriter | None = None
@@ -205,53 +247,25 @@ class TrajectoryRecorder:
 
     # ----------------------------------------------------------------- validation
     def _check_optimizer_params(self) -> None:
-        model_ids = {id(p) for p in self.model.parameters()}
-        foreign = [(g, i, p) for g, i, p in _optimizer_params(self.optimizer) if id(p) not in model_ids]
-        if foreign:
-            listed = "; ".join(f"group {g} position {i} shape {tuple(p.shape)}" for g, i, p in foreign)
-            raise TrajectoryError(
-                f"The optimizer holds {len(foreign)} parameter tensor(s) that are not parameters of the model: "
-                f"{listed}. Build the optimizer from model.parameters() of the model passed to the recorder."
-            )
-        in_opt = {id(p) for _, _, p in _optimizer_params(self.optimizer)}
+        message = foreign_parameters(self.model, self.optimizer)
+        if message is not None:
+            raise TrajectoryError(message)
+        in_opt = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         idle = [n for n, p in self._params.items() if id(p) not in in_opt]
         if idle:
-            logger.warning("Trainable parameters not in the optimizer are recorded as unchanged: %s", idle)
+            logger.info("Recorded parameters not in the optimizer (recorded as not moving while outside it): %s",
+                        idle)
 
-    def _resolve_check(self, check: bool | int | str) -> int:
-        """0 = never, -1 = first AUTO_CHECK_STEPS steps, k = every k-th step."""
-        if check is False:
-            return 0
-        if check == "auto":
-            if self._data is None or has_stochastic_layers(self.model):
-                return 0
-            return -1
-        if self._data is None:
+    def _resolve_check(self, check: Any) -> CheckSchedule:
+        schedule = CheckSchedule(check)
+        if schedule.kind == "auto" and (self._data is None or has_stochastic_layers(self.model)):
+            return CheckSchedule(False)
+        if not schedule.never and self._data is None:
             raise ConfigError(
                 f"check_gradients={check!r} needs the training data: pass train_data=(X, y) or set "
                 f"check_gradients=False."
             )
-        return 1 if check is True else int(check)
-
-    def _validate_resume(self) -> TrajectoryManifest:
-        assert self._store is not None
-        stored = read_manifest(self._store)
-        check_model_matches(self.model, stored, repr(str(self._store)))
-        for field, new in (("adapter", self._manifest.adapter), ("loss", self._manifest.loss)):
-            if getattr(stored, field) != new:
-                raise TrajectoryError(
-                    f"Cannot resume the run at {str(self._store)!r}: it was recorded with {field} "
-                    f"{getattr(stored, field)!r}, this recorder uses {new!r}."
-                )
-        point = len(stored.steps)
-        while point > 0 and stored.steps[point - 1].optimizer_state is None:
-            point -= 1
-        if point < len(stored.steps):
-            logger.warning("Resuming %s at step %d, the last step with a stored optimizer state; the %d later "
-                           "step(s) are recorded again.", self._store, point, len(stored.steps) - point)
-            stored.steps = stored.steps[:point]
-            stored.n_steps = point
-        return stored
+        return schedule
 
     # ----------------------------------------------------------------- public API
     @property
@@ -274,30 +288,27 @@ class TrajectoryRecorder:
                 "rec.log_batch() was called outside the recorder: wrap the training loop in `with rec:`."
             )
         idx = validate_indices(indices, len(self._data) if self._data is not None else None)
-        self._pending.append((idx, validate_weights(weights, idx, self._dtype)))
+        w = validate_weights(weights, idx, self._dtype)
+        self._drop_skipped_step()
+        self._pending.append(_Logged(idx, w, self._tap.seq, self._tap.finite_since(-1)))
 
-    def restore(self) -> int:
-        """Load ``theta_N`` and the stored optimizer state into the model and optimizer; returns ``N``.
+    def _drop_skipped_step(self) -> None:
+        """Forget the batches of a step that was skipped (``GradScaler`` found inf/nan and did not call step).
 
-        Use with ``resume=True`` before the loop, then continue training from step ``N``. An LR
-        scheduler is the loop's own: recreate it at step ``N`` (e.g. ``last_epoch=N - 1``).
+        The last logged micro-batch saw a non-finite accumulated gradient; if the gradients produced
+        since are finite, the accumulation was reset (a non-finite sum stays non-finite) without an
+        optimizer step: those batches were never applied.
         """
-        if self._store is None or not self._resumed:
-            raise TrajectoryError("restore() needs a recorder opened with store=<path> and resume=True.")
-        n = self._manifest.n_steps  # the last step with a stored optimizer state
-        final = DiskTrajectory(self._store, model=self.model, loss=self._loss).params(n)
-        with torch.no_grad():
-            for name, p in self._params.items():
-                p.copy_(final[name])
-        if n > 0:
-            rec = self._manifest.steps[n - 1].optimizer_state
-            assert rec is not None  # _validate_resume chose n so
-            tensors, meta = read_tensors(self._store, rec, step=n - 1)
-            audit = {k[len("audit."):]: v for k, v in tensors.items() if k.startswith("audit.")}
-            state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
-            self.optimizer.load_state_dict(decode_optimizer_state(state, meta, self.optimizer.state_dict()))
-            self._auditor.momentum = {k: v.to(self._params[k].device) for k, v in audit.items()}
-        return n
+        if not self._pending or self._pending[-1].finite is not False:
+            return
+        last = self._pending[-1].seq
+        if self._tap.finite_since(last) is not True:
+            return
+        logger.info("Step %d was skipped (non-finite gradients, e.g. GradScaler overflow): %d logged micro-batch(es) "
+                    "dropped, nothing recorded for it.", self._n, len(self._pending))
+        self.skipped_batches += len(self._pending)
+        self._pending.clear()
+        self._tap.forget_until(last)
 
     @property
     def trajectory(self) -> Any:
@@ -315,7 +326,8 @@ class TrajectoryRecorder:
         if self._active:
             raise TrajectoryError("This recorder is already active; `with rec:` cannot be nested.")
         theta = {n: p.detach().clone() for n, p in self._params.items()}
-        constants = {k: v.clone() for k, v in split_model_tensors(self.model)[1].items()}
+        state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        constants = {k: state[k].detach().clone() for k in self._constant_names}
         if self._store is None:
             if self._memory is not None:
                 raise TrajectoryError("An in-memory recorder records one run; create a new TrajectoryRecorder.")
@@ -325,6 +337,7 @@ class TrajectoryRecorder:
             self._open_store(theta, constants)
         self._theta = theta
         self._tap.attach()
+        self._probe.attach()
         self._handles = [
             self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step),
@@ -332,40 +345,21 @@ class TrajectoryRecorder:
         self._active = True
         return self
 
-    def _open_store(self, theta: dict[str, Tensor], constants: dict[str, Tensor]) -> None:
-        assert self._store is not None
-        m = self._manifest
-        if self._resumed:
-            stored = DiskTrajectory(self._store, model=self.model, loss=self._loss).params(m.n_steps)
-            differ = [n for n in self._params if not torch.equal(stored[n], theta[n].to("cpu"))]
-            if differ:
-                raise TrajectoryError(
-                    f"Resuming {str(self._store)!r} at step {m.n_steps}, but the model's parameters {differ} differ "
-                    f"from the stored theta_{m.n_steps}. Call rec.restore() before `with rec:`."
-                )
-            m.complete = False
-            self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background)
-            return
-        self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background)
-        m.initial_file = self._writer.write_file("initial.safetensors", {f"param.{k}": v for k, v in theta.items()})
-        if constants:
-            m.constants_file = self._writer.write_file(
-                "constants.safetensors", {f"const.{k}": v for k, v in constants.items()}
-            )
-        if self._data is not None and self._store_data:
-            x, y = self._data.tensors()
-            m.data_file = self._writer.write_file("data.safetensors", {"X": x, "y": y})
-        self._writer.write_manifest()
-
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._tap.detach()
+        self._probe.detach()
         self._active = False
         if self._pending:
-            logger.warning("%d logged micro-batch(es) were not followed by optimizer.step(); dropped.",
-                           len(self._pending))
+            if self._pending[-1].finite is False:
+                logger.info("The last step was skipped (non-finite gradients); its %d micro-batch(es) were dropped.",
+                            len(self._pending))
+                self.skipped_batches += len(self._pending)
+            else:
+                logger.warning("%d logged micro-batch(es) were not followed by optimizer.step(); dropped.",
+                               len(self._pending))
             self._pending.clear()
         if self._writer is not None:
             writer, self._writer = self._writer, None
@@ -377,12 +371,13 @@ class TrajectoryRecorder:
                 logger.exception("Closing the trajectory store failed while handling another error.")
 
     # ----------------------------------------------------------------- hooks
-    def _check_due(self, s: int) -> bool:
-        if self._check == 0:
-            return False
-        if self._check == -1:
-            return s - (self._manifest.n_steps if self._resumed else 0) < AUTO_CHECK_STEPS
-        return s % self._check == 0
+    def _refuse_gradscaler_without_scaler(self) -> None:
+        if self._scaler is None and called_by_grad_scaler():
+            raise TrajectoryError(
+                f"Step {self._n}: optimizer.step() is called by torch.amp.GradScaler.step, but the recorder does "
+                f"not know the scaler, so the loss scale of each step cannot be recorded. Fix: "
+                f"TrajectoryRecorder(..., grad_scaler=scaler)."
+            )
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         s = self._n
@@ -390,47 +385,106 @@ class TrajectoryRecorder:
             raise TrajectoryError(f"Recording stopped after an error at {self._broken}; start a new recorder.")
         if self._writer is not None:
             self._writer.check()
+        self._refuse_gradscaler_without_scaler()
         if not self._pending:
             raise TrajectoryError(
                 f"Step {s}: optimizer.step() was called without a logged batch: call rec.log_batch(indices) before "
                 f"optimizer.step() (after backward)."
             )
         try:
-            indices = torch.cat([i for i, _ in self._pending])
-            weights = torch.cat([w for _, w in self._pending])
-            seen = {n: p.grad for n, p in self._params.items()}
-            scale = self._tap.measure(seen, s, self._tol)
-            sigma = None
-            if self._check_due(s):
-                raw = {n: (self._tap.raw(n, g) if g is not None else torch.zeros_like(self._params[n]))
-                       for n, g in seen.items()}
-                device = next(iter(self._params.values())).device
-                x, y = self._data.get(indices)  # type: ignore[union-attr]
-                sigma = check_batch_gradient(self.model, self._params, raw, self._loss, x.to(device), y.to(device),
-                                             weights.to(device), s, self._tol)
-                self._sigma = sigma
-            before = self._adapter.before_step(optimizer)
+            self._step_state = self._prepare_step(optimizer, s)
         except BaseException:
             self._pending.clear()
             self._tap.reset()
+            self._probe.reset()
             raise
-        self._step_state = {"indices": indices, "weights": weights, "scale": scale * self._sigma, "sigma": sigma,
-                            "seen": seen if self._audit_on else None, "before": before}
+
+    def _prepare_step(self, optimizer: Any, s: int) -> dict[str, Any]:
+        """Everything the pre-step hook measures: participation, ``c_s``, the gradient check, the adapter's state."""
+        indices = torch.cat([e.indices for e in self._pending])
+        weights = torch.cat([e.weights for e in self._pending])
+        stepped = stepped_parameters(self.model, optimizer, self._params, self._constant_params, s)
+        seen = {n: self._params[n].grad for n in stepped}
+        no_input = stepped_without_backward(self._tap, seen, s)
+        c_in = self._tap.measure(seen, s, self._tol)
+        amp = float(self._scaler.get_scale()) if self._scaler is not None and self._scaler.is_enabled() else None
+        autocast = self._probe.dtype
+        tol = autocast_tolerance(autocast, self._tol)
+        suspicious = amp is None and c_in != 1.0 and is_power_of_two(c_in) and c_in != self._checked_c
+        due = self._schedule.due(s) or (suspicious and self._data is not None)
+        if suspicious and not due:
+            raise TrajectoryError(
+                f"Step {s}: between backward() and optimizer.step() every gradient was divided by exactly "
+                f"{1 / c_in:g}, the signature of torch.amp.GradScaler.unscale_ (a loss scale), which the recorder "
+                f"cannot tell from dividing an unscaled gradient (e.g. averaging micro-batches) without the scaler "
+                f"or a gradient check. Fix: TrajectoryRecorder(..., grad_scaler=scaler), or pass train_data so the "
+                f"loss scale is measured."
+            )
+        device = next(iter(self._params.values())).device
+        if not self._loss_checked and self._data is not None:
+            self._check_loss_callable(device)
+        check = None
+        if due:
+            raw = {n: self._tap.raw(n, g) for n, g in seen.items() if n not in no_input}
+            x, y = self._data.get(indices)  # type: ignore[union-attr]
+            self._probe.paused = True
+            try:
+                check = check_batch_gradient(self.model, self._params, raw, self._loss,
+                                             (x.to(device), y.to(device), weights.to(device)), s, tol, autocast)
+            finally:
+                self._probe.paused = False
+            self._sigma = check.sigma / (amp or 1.0)
+            if autocast is not None and abs(self._sigma - 1.0) <= tol:
+                self._sigma = 1.0  # autocast rounding is not a loss scale
+            self._checked_c = c_in
+        before = self._adapter.before_step(optimizer)
+        return {"indices": indices, "weights": weights, "scale": c_in * (amp or 1.0) * self._sigma,
+                "check": check, "amp": amp, "autocast": autocast, "no_input": no_input,
+                "seen": seen if self._audit_on else None, "before": before}
+
+    def _check_loss_callable(self, device: torch.device) -> None:
+        """Once, on the first logged micro-batch: a user loss callable must equal sum_k w_k * per-sample loss."""
+        self._loss_checked = True
+        first = self._pending[0]
+        x, y = self._data.get(first.indices)  # type: ignore[union-attr]
+        self._probe.paused = True
+        try:
+            message = check_loss_decomposes(self.model, self._params, self._loss, x.to(device), y.to(device),
+                                            first.weights)
+        finally:
+            self._probe.paused = False
+        if message is None:
+            return
+        if not self._schedule.never:
+            raise TrajectoryError(f"Step {self._n}: {message}")
+        logger.warning("%s", message)
+        warnings.warn(message, ExplaindWarning, stacklevel=4)
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         s, st = self._n, self._step_state
         assert st is not None and self._theta is not None
         try:
             by_id = self._adapter.after_step(optimizer, st["before"])
-            updates = {n: (_own(by_id[id(p)]) if id(p) in by_id else _UNCHANGED)
-                       for n, p in self._params.items()}
+            updates = {}
+            for n, p in self._params.items():
+                u = by_id.get(id(p))
+                if u is None:
+                    updates[n] = _UNCHANGED
+                elif n in st["no_input"]:
+                    updates[n] = without_gradient_input(n, own_update(u), s)
+                else:
+                    updates[n] = own_update(u)
             theta_next = {n: p.detach().clone() for n, p in self._params.items()}
             audit = self._auditor.step(self._theta, theta_next, st["seen"], updates) if self._audit_on else math.nan
+            check = st["check"]
             record = StepRecord(step=s, n_samples=int(st["indices"].shape[0]), grad_scale=float(st["scale"]),
-                                audit=None if math.isnan(audit) else audit, loss_scale=st["sigma"])
+                                audit=None if math.isnan(audit) else audit,
+                                loss_scale=None if check is None else check.sigma,
+                                gradient_check=None if check is None else check.mismatch, amp_scale=st["amp"],
+                                autocast=None if st["autocast"] is None else dtype_name(st["autocast"]))
             if self._memory is not None:
                 self._memory._append(theta_next, updates, st["indices"], st["weights"], record.grad_scale, audit,
-                                     st["sigma"], validate=False)
+                                     record.loss_scale, validate=False, record=record)
             else:
                 self._write_step(record, theta_next, updates, st)
         except BaseException as exc:
@@ -439,21 +493,7 @@ class TrajectoryRecorder:
         finally:
             self._pending.clear()
             self._tap.reset()
+            self._probe.reset()
             self._step_state = None
         self._theta = theta_next
         self._n += 1
-
-    def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
-                    st: dict[str, Any]) -> None:
-        assert self._writer is not None
-        tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
-        tensors.update(pack_updates(tuple(self._params), updates))
-        tensors["batch.indices"] = st["indices"]
-        tensors["batch.weights"] = st["weights"]
-        state = None
-        if self._state_every and (record.step + 1) % self._state_every == 0:
-            state_tensors, meta = encode_optimizer_state(self.optimizer.state_dict())
-            if self._audit_on:
-                state_tensors.update({f"audit.{k}": v.detach().clone() for k, v in self._auditor.momentum.items()})
-            state = (state_tensors, meta)
-        self._writer.write_step(record, tensors, state)

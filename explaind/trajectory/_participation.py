@@ -1,0 +1,156 @@
+"""Which parameters one optimizer step moves, and how the recorder models the ones it does not.
+
+A torch optimizer updates exactly the parameters of its ``param_groups`` that hold a gradient
+(``p.grad is not None``); frozen parameters whose gradient was set to ``None``, parameters outside
+the optimizer and those no backward reached keep their value. The recorder therefore decides
+per step, from the live optimizer (so ``add_param_group`` and freezing mid-run are seen):
+
+* a recorded parameter the optimizer does not step gets ``LinearUpdate(a=1, b=0, P=0)`` (it does
+  not move; a momentum buffer it holds is carried unchanged, as torch does);
+* a stepped parameter whose gradient no backward produced in this step must hold an exact zero
+  gradient (``zero_grad(set_to_none=False)``): its update keeps the optimizer's coefficients with
+  ``b = n = 0``, so no data term enters at that step; a non-zero leftover gradient is refused;
+* a parameter frozen when recording started is stored as a constant: stepping it later is refused
+  with the fix (``record_frozen=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..exceptions import TrajectoryError
+from ..recurrence import LinearUpdate
+
+__all__ = [
+    "called_by_grad_scaler",
+    "foreign_parameters",
+    "own_update",
+    "stepped_parameters",
+    "stepped_without_backward",
+    "without_gradient_input",
+]
+
+
+def foreign_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """A message when the optimizer holds tensors that are not parameters of ``model``."""
+    model_ids = {id(p) for p in model.parameters()}
+    foreign = [
+        (g, i, p)
+        for g, group in enumerate(optimizer.param_groups)
+        for i, p in enumerate(group["params"])
+        if id(p) not in model_ids
+    ]
+    if not foreign:
+        return None
+    listed = "; ".join(f"group {g} position {i} shape {tuple(p.shape)}" for g, i, p in foreign)
+    return (
+        f"The optimizer holds {len(foreign)} parameter tensor(s) that are not parameters of the model: {listed}. "
+        f"Build the optimizer (and every add_param_group) from parameters of the model passed to the recorder."
+    )
+
+
+def stepped_parameters(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, nn.Parameter],
+    constants: dict[str, nn.Parameter],
+    step: int,
+) -> list[str]:
+    """Names of the recorded parameters ``optimizer.step()`` is about to update (in the optimizer, with a gradient).
+
+    Parameters
+    ----------
+    params : dict of str to Parameter
+        The recorded parameters.
+    constants : dict of str to Parameter
+        Parameters stored as constants (frozen when recording started, without ``record_frozen``).
+    step : int
+        Step number (messages).
+
+    Raises
+    ------
+    TrajectoryError
+        When the optimizer would update a parameter stored as a constant, or holds a tensor that is
+        not a parameter of the model (``add_param_group`` with foreign tensors).
+    """
+    message = foreign_parameters(model, optimizer)
+    if message is not None:
+        raise TrajectoryError(f"Step {step}: {message}")
+    in_opt = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+    moving = [n for n, p in constants.items() if id(p) in in_opt]
+    if moving:
+        raise TrajectoryError(
+            f"Step {step}: optimizer.step() would update {', '.join(moving)}, which had requires_grad=False when the "
+            f"recorder started and is therefore stored as a constant of the trajectory. Fix: create the recorder "
+            f"with record_frozen=True (every parameter is recorded; a frozen one as not moving while frozen), or "
+            f"keep the parameter frozen and its .grad None."
+        )
+    return [n for n, p in params.items() if id(p) in in_opt]
+
+
+def stepped_without_backward(tap: Any, seen: dict[str, Tensor], s: int) -> set[str]:
+    """Stepped parameters no backward reached in this step (an exact zero ``.grad``; a leftover is refused)."""
+    out = set()
+    for n, g in seen.items():
+        if tap.reached(n):
+            continue
+        if bool(g.any()):
+            raise TrajectoryError(
+                f"Step {s}: optimizer.step() would update {n} with a gradient that no backward() of this step "
+                f"produced (left over from an earlier step, or set by hand); the recorder can only attribute "
+                f"gradients of the logged batch. Fix: zero it or set it to None before the step "
+                f"(model.zero_grad() clears every parameter; optimizer.zero_grad() only the optimizer's)."
+            )
+        out.add(n)
+    return out
+
+
+def own_update(u: LinearUpdate) -> LinearUpdate:
+    """``u`` with detached copies of its tensor coefficients (an adapter may reuse its buffers next step)."""
+    values = vars(u)
+    if not any(isinstance(v, Tensor) for v in values.values()):
+        return u
+    return LinearUpdate(**{k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in values.items()})
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return not bool(value.any())
+    return float(value) == 0.0
+
+
+def without_gradient_input(name: str, update: LinearUpdate, step: int) -> LinearUpdate:
+    """``update`` with the gradient removed (``b = n = 0``) for a parameter stepped with an exact zero gradient.
+
+    Raises
+    ------
+    TrajectoryError
+        When the update has coupled weight decay (``lambda_c != 0``): it enters through the same
+        coefficients as the gradient, so the step cannot be expressed without a gradient term.
+    """
+    if not _is_zero(update.lambda_c):
+        raise TrajectoryError(
+            f"Step {step}: {name} received no gradient from backward() in this step, but the optimizer stepped it "
+            f"with a zero .grad and coupled weight decay, which the recurrence cannot express without a gradient "
+            f"term. Fix: set its .grad to None when it gets no gradient (optimizer.zero_grad(set_to_none=True), "
+            f"the default), or use decoupled weight decay (AdamW)."
+        )
+    return dataclasses.replace(update, b=0.0, n=0.0)
+
+
+def called_by_grad_scaler(depth: int = 8) -> bool:
+    """Whether ``optimizer.step()`` is being called by ``torch.amp.GradScaler.step`` (inspects the caller frames)."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.amp.GradScaler):
+            return True
+        frame = frame.f_back
+    return False
