@@ -59,9 +59,21 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
         causes.append(f"gradients were rescaled at {int(np.sum(np.abs(scales - 1.0) > 1e-12))} step(s) (recorded "
                       f"c_s from {scales.min():.3g} to {scales.max():.3g}): clipping or loss scaling — with "
                       f"torch.amp.GradScaler, c_s must be the scale after unscale_ (about 1)")
-    causes.append("the loss or the training data the engine recomputes gradients with may differ from the loop's "
-                  "(a custom or class-weighted loss, data augmentation, a reordered train_data) — record with "
-                  "check_gradients=True, which compares them on a spread of steps")
+    checked = np.asarray(traj.gradient_check(), dtype=np.float64)[start:stop]
+    measured = checked[np.isfinite(checked)]
+    if measured.size and float(measured.max()) > 1e-6:
+        worst = int(np.nanargmax(checked)) + start
+        causes.append(f"the recorder's gradient check measured a mismatch up to {float(measured.max()):.2g} (step "
+                      f"{worst}, traj.gradient_check()) between the loop's gradient and the one recomputed from the "
+                      f"data: the loss, the data or the forward pass differ from the loop's (autocast rounding "
+                      f"shows up here too)")
+    elif measured.size:
+        causes.append("the gradient check passed at the checked steps, so look at the steps it did not check")
+    else:
+        causes.append("the loss or the training data the engine recomputes gradients with may differ from the "
+                      "loop's (a custom or class-weighted loss, data augmentation, a reordered train_data); no "
+                      "gradient check ran — record with check_gradients=True, which compares them on a spread of "
+                      "steps")
     return causes
 
 
