@@ -43,3 +43,12 @@ def test_every_example_is_tested():
     tested = {"quickstart", "grokking_phases"}
     scripts = {p.stem for p in EXAMPLES.glob("*.py")}
     assert scripts == tested, f"untested examples: {sorted(scripts - tested)}"
+
+
+def test_checkpoints_causal_lm(tmp_path, capsys):
+    result = _load("checkpoints_causal_lm").main(tiny=True, out=str(tmp_path))
+    out = capsys.readouterr().out
+    assert "3 macro-steps of 2 optimizer steps" in out
+    assert result["fidelity"]["model_max_rel_error"] < 1e-6
+    assert result["fidelity"]["model_vs_recorded"] < 1e-12
+    assert result["completeness_gap"] < 1e-10

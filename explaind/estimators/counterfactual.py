@@ -111,6 +111,9 @@ class CounterfactualEstimator(ExplaindEstimator):
                               f"or Trajectory.load(path)); got {type(traj).__name__}.")
         if int(traj.n_steps) < 1:
             raise ConfigError(f"{name}.fit: the trajectory has no recorded steps; record at least one optimizer step.")
+        if not traj.has_updates:
+            raise ConfigError(f"{name}.fit: {traj!r} has no record of each step's batches and optimizer state, which "
+                              f"the metagradient replays; record the run with TrajectoryRecorder.")
         adapter = traj.manifest.adapter
         try:
             record = get_entry("optimizer_adapter", str(adapter))

@@ -180,6 +180,13 @@ class InfluenceEstimator(PathEstimator):
                 "InfluenceEstimator: invalid value for 'momentum': 'reverse' — the reverse sweep sums over steps and "
                 "cannot keep both 'step' and 'train'. Use momentum='forward' or 'auto'."
             )
+        if config.split and not traj.has_updates:
+            raise ConfigError(
+                f"InfluenceEstimator: {traj!r} has no record of each step's batches and optimizer state, so its "
+                f"updates cannot be split into data, regularization and residual parts (nor over training samples). "
+                f"Use split=False with keep within ('step', 'group', 'param'), or record the run with "
+                f"TrajectoryRecorder."
+            )
         if "train" in keep and not config.split:
             raise ConfigError(
                 "InfluenceEstimator: keep=('train', ...) needs split=True — the per-sample atoms come from the "

@@ -46,11 +46,21 @@ class Trajectory(abc.ABC):
 
     #: The subclass :meth:`load` opens stores with (the last one declared with ``reads_stores=True``).
     _store_reader: ClassVar[Callable[..., Trajectory] | None] = None
+    #: The subclass :meth:`from_checkpoints` builds (declared with ``reads_checkpoints=True``).
+    _checkpoint_reader: ClassVar[Callable[..., Trajectory] | None] = None
 
-    def __init_subclass__(cls, *, reads_stores: bool = False, **kwargs: Any) -> None:
+    def __init_subclass__(cls, *, reads_stores: bool = False, reads_checkpoints: bool = False,
+                          **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if reads_stores:
             Trajectory._store_reader = cls
+        if reads_checkpoints:
+            Trajectory._checkpoint_reader = cls
+
+    @property
+    def has_updates(self) -> bool:
+        """Whether each step's batches and optimizer coefficients are known (``False`` for checkpoint runs)."""
+        return True
 
     # ----------------------------------------------------------------- structure
     @property
@@ -152,6 +162,37 @@ class Trajectory(abc.ABC):
         if reader is None:  # pragma: no cover - importing explaind.trajectory imports the disk backend
             raise TrajectoryError("No trajectory backend reads stores; import explaind.trajectory first.")
         return reader(path, model=model, train_data=train_data, **kwargs)
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: Any, model: nn.Module, *, loss: Any = None, train_data: Any = None,
+                         **kwargs: Any) -> Trajectory:
+        """A run that was not recorded, as macro-steps between checkpoints.
+
+        See docs/recording.md, "Runs that were not recorded".
+
+
+        Parameters
+        ----------
+        checkpoints : sequence
+            ``.safetensors`` files, Hugging Face checkpoint folders or ``name -> tensor`` mappings,
+            in training order (at least two).
+        model : nn.Module
+            A module with the run's architecture (template).
+        loss : optional
+            A registered loss name or callable, needed only for ``target="loss"``.
+        train_data : optional
+            Training data (for ``n_train`` only).
+
+        Returns
+        -------
+        Trajectory
+            A :class:`~explaind.trajectory.checkpoints.CheckpointTrajectory`: exact replicas and
+            ``split=False`` decompositions along the straight segments; the ``train`` axis is refused.
+        """
+        reader = Trajectory._checkpoint_reader
+        if reader is None:  # pragma: no cover - importing explaind.trajectory imports the backend
+            raise TrajectoryError("No trajectory backend reads checkpoints; import explaind.trajectory first.")
+        return reader(checkpoints, model, loss=loss, train_data=train_data, **kwargs)
 
     # ----------------------------------------------------------------- helpers
     def delta(self, s: int) -> dict[str, Tensor]:
