@@ -40,7 +40,7 @@ def test_grokking_phases(tmp_path, capsys):
 
 
 def test_every_example_is_tested():
-    tested = {"quickstart", "grokking_phases"}
+    tested = {"quickstart", "grokking_phases", "checkpoints_causal_lm"}
     scripts = {p.stem for p in EXAMPLES.glob("*.py")}
     assert scripts == tested, f"untested examples: {sorted(scripts - tested)}"
 
