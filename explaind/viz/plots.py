@@ -120,7 +120,7 @@ def step_group_heatmap(steps: np.ndarray, groups: Sequence[str], values: np.ndar
     ax.invert_yaxis()
     _label_phases(ax, phases)
     ax.set_xlabel("optimizer step")
-    ax.set_title(title, pad=16 if phases else 6)
+    ax.set_title(title, pad=26 if phases else 6)
     fig.colorbar(mesh, ax=ax, label=f"|influence| ({units})", pad=0.01)
     return _save(fig, path)
 
@@ -133,8 +133,9 @@ def _label_phases(ax: Any, phases: Sequence[PhaseLike] | None) -> None:
     for i, phase in enumerate(phases or ()):
         if i:
             ax.axvline(phase.start, color="white", lw=1.2, ls="--")
-        ax.text((phase.start + phase.stop) / 2, 1.01, phase.name, transform=on_top, ha="center", va="bottom",
-                fontsize=7, color="#333333", clip_on=False)
+        # alternate two rows of names so that the names of short neighbouring phases do not overlap
+        ax.text((phase.start + phase.stop) / 2, 1.01 + 0.07 * (i % 2), phase.name, transform=on_top, ha="center",
+                va="bottom", fontsize=7, color="#333333", clip_on=False)
 
 
 def balance_plot(steps: np.ndarray, groups: Sequence[str], kernel: np.ndarray, regularization: np.ndarray,
