@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU wheel of torch first, so the package never pulls a CUDA build.
+	# torch first, pinned, so installing the package never pulls another torch build. Which wheel this
+	# is depends on pip's configuration (the development machine's find-links holds a CPU wheel).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -26,7 +27,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pruning.py
 
 demo: $(STAMP)
-	# Trains, records, replicates and explains a small grokking run; writes report/index.html.
+	# Trains, records, replicates and explains a small run that groks (a few minutes on 2 cores);
+	# writes report/index.html.
 	$(VENV)/bin/explaind demo --threads 1 --out report
 
 clean:

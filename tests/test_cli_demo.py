@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
-from _png import check_report_folder
+import pytest
+from _browser import check_rendered, render, screenshot
+from _png import check_png, check_report_folder
 
 from explaind.cli import main
 
@@ -18,13 +22,24 @@ REPORT_FIGURES = {
 }
 
 
-def test_demo_tiny_writes_a_complete_report(tmp_path, capsys):
-    out = tmp_path / "report"
-    assert main(["demo", "--tiny", "--out", str(out), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """The tiny demo, run once for the tests of this module: (report folder, JSON result, printed text)."""
+    out = tmp_path_factory.mktemp("demo") / "report"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(["demo", "--tiny", "--out", str(out), "--json"]) == 0
+    return out, json.loads(buffer.getvalue())
+
+
+def test_demo_tiny_writes_a_complete_report(tiny_demo):
+    out, result = tiny_demo
     assert result["report"] == str(out / "index.html")
-    files = check_report_folder(out, REPORT_FIGURES | {"pruning_curve.png"})
-    assert len(files) == 7
+    expected = REPORT_FIGURES | {"pruning_curve.png"}
+    if not result["outcome"]["generalised"]:
+        expected -= {"phase_influence.png"}
+    files = check_report_folder(out, expected)
+    assert set(files) == expected
     rules = [row["rule"] for row in result["fidelity"]]
     assert rules == ["midpoint-10", "gauss-legendre-4", "adaptive"]
     for row in result["fidelity"]:
@@ -35,8 +50,27 @@ def test_demo_tiny_writes_a_complete_report(tmp_path, capsys):
     assert (out / "run" / "run.json").is_file() and (out / "pruning" / "results.json").is_file()
     html = (out / "index.html").read_text()
     for title in ("Training", "Fidelity of the kernel replica", "Which layers, and when", "Which training samples",
-                  "Pruning"):
+                  "Pruning (a digits model)"):
         assert f">{title}</h2>" in html
+    history = json.loads((out / "run" / "run.json").read_text())["history"]
+    rows = list(zip(history["step"], history["train_acc"], history["val_acc"]))
+    t_train = next((s for s, a, _ in rows if a >= 0.99), None)
+    t_val = next((s for s, _, v in rows if t_train is not None and s >= t_train and v >= 0.99), None)
+    assert result["outcome"]["generalised"] == (t_val is not None)
+    if t_val is None:
+        # a run that did not generalise is called so, and its page neither labels phases nor says grokking
+        assert "Detected phases" not in html and "(grokking)" not in html
+        assert "did not generalise" in html or "did not memorise" in html
+
+
+def test_demo_report_renders_in_a_browser(tiny_demo, tmp_path):
+    out, result = tiny_demo
+    figures = {p.name for p in out.glob("*.png")}
+    measured = render(out / "index.html", tmp_path)
+    check_rendered(measured, figures=figures, tables={"Fidelity of the kernel replica": 7,
+                                                      "Pruning (a digits model)": 5})
+    assert len(measured["images"]) == len(figures)
+    check_png(screenshot(out / "index.html", tmp_path), min_side=300)
 
 
 def test_study_grokking_tiny(tmp_path, capsys):
@@ -47,8 +81,11 @@ def test_study_grokking_tiny(tmp_path, capsys):
     assert summary == result
     assert result["p"] == 5 and 1 <= result["n_steps"] <= 12
     names = [ph["name"] for ph in result["phases"]]
-    assert names[0] == "memorisation"
-    assert result["phases"][0]["start"] == 0
+    outcome = result["outcome"]
+    # phases are labelled exactly when the run generalised (validation reached 0.99 after training did)
+    assert bool(names) == outcome["generalised"]
+    if names:
+        assert names[0] == "memorisation" and result["phases"][0]["start"] == 0
     for ph in result["phases"]:
         shares = result["phase_group_share"][ph["name"]]
         assert abs(sum(shares.values()) - 1.0) < 1e-9

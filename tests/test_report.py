@@ -85,3 +85,49 @@ def test_plot_shape_errors(tmp_path):
     with pytest.raises(ValueError, match="one step per matrix"):
         viz.kernel_matrices([np.ones((2, 2))], [0, 1], tmp_path / "x.png")
     assert embedded_images("<p>no images</p>") == {}
+
+
+def test_group_colours_are_pairwise_different():
+    from explaind.viz.plots import group_colours
+
+    for n in (1, 10, 11, 20, 21, 40):
+        colours = [tuple(np.round(c, 6)) for c in group_colours(n)]
+        assert len(colours) == n and len(set(colours)) == n, n
+
+
+def test_notes_and_tables_in_the_html(tmp_path, history):
+    png = viz.phase_influence(["a", "b"], ["memorisation", "cleanup"], np.array([[1.0, 2.0], [3.0, 4.0]]),
+                              tmp_path / "ph.png", phase_steps=[10, 990])
+    with pytest.raises(ValueError, match="2 phase lengths for 1 phases"):
+        viz.phase_influence(["a"], ["x"], np.ones((1, 1)), tmp_path / "y.png", phase_steps=[1, 2])
+    section = viz.ReportSection("S", "text", [png], ["cap"], table=[{"a": 1, "b": 2.5}, {"a": 3, "b": 4.0}],
+                                notes=["read <me>"])
+    html = viz.write_report(tmp_path, [section]).read_text()
+    assert '<p class="howto"><strong>How to read this.</strong> read &lt;me&gt;</p>' in html
+    assert "<thead><tr><th>a</th><th>b</th></tr></thead>" in html and html.count("<tr>") == 3
+
+
+def test_rendered_page_check_catches_a_collapsed_table(tmp_path, history):
+    from _browser import check_rendered, render
+
+    png = viz.training_curves(history, tmp_path / "curves.png")
+    rows = [{"sparsity": 0.5, "strategy": "magnitude", "accuracy": 0.9}, {"sparsity": 0.9, "strategy": "random",
+                                                                          "accuracy": 0.1}]
+    good = viz.write_report(tmp_path / "good", [viz.ReportSection("Pruning", "t", [png], ["c"], table=rows,
+                                                                  notes=["n"])])
+    measured = render(good, tmp_path / "render-good")
+    check_rendered(measured, figures={"curves.png"}, tables={"Pruning": 3})
+    # the old page: the table as plain text in a paragraph collapses to one line in a browser
+    bad = viz.write_report(tmp_path / "bad", [viz.ReportSection("Pruning", "sparsity strategy accuracy\n0.5 "
+                                                                "magnitude 0.9\n0.9 random 0.1", [png], ["c"],
+                                                                notes=["n"])])
+    with pytest.raises(AssertionError, match="no table under 'Pruning'"):
+        check_rendered(render(bad, tmp_path / "render-bad"), figures={"curves.png"}, tables={"Pruning": 3})
+
+
+def test_missing_chromium_fails_with_the_install_command(monkeypatch):
+    import _browser
+
+    monkeypatch.setattr(_browser.shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+        _browser.chromium()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from explaind.exceptions import ConfigError
-from explaind.studies.phases import History, Phase, detect_phases
+from explaind.studies.phases import History, Phase, detect_phases, run_outcome
 
 
 def _history(rows):
@@ -66,3 +66,26 @@ def test_bad_arguments(kwargs, fragment):
         detect_phases(h, **kwargs)
     with pytest.raises(ConfigError, match="at least two evaluations"):
         detect_phases(_history([(0, 0.0, 0.0)]))
+
+
+def test_outcome_of_a_run_that_memorises_but_does_not_generalise():
+    # the shape reported in issue 16: train acc 1 at step 110, validation levels off at ~0.70
+    rows = [(0, 0.0, 0.05), (50, 0.6, 0.3), (110, 1.0, 0.62), (250, 1.0, 0.71), (500, 1.0, 0.70), (1000, 1.0, 0.69)]
+    outcome = run_outcome(_history(rows))
+    assert outcome.train_step == 110 and outcome.val_step is None
+    assert not outcome.generalised and not outcome.grokked
+    assert (outcome.best_val, outcome.best_val_step, outcome.final_val) == (0.71, 250, 0.69)
+    text = outcome.describe()
+    assert "did not generalise" in text and "step 110" in text and "0.710" in text and "no grokking phases" in text
+
+
+def test_outcome_of_a_grokking_run_and_of_one_without_delay():
+    grok = run_outcome(_history([(0, 0.0, 0.0), (40, 1.0, 0.1), (120, 1.0, 0.5), (160, 1.0, 1.0)]))
+    assert (grok.train_step, grok.val_step, grok.generalised, grok.grokked) == (40, 160, True, True)
+    assert "120 steps later" in grok.describe() and grok.to_dict()["grokked"] is True
+    together = run_outcome(_history([(0, 0.0, 0.0), (40, 1.0, 1.0)]))
+    assert together.generalised and not together.grokked and "without a delay" in together.describe()
+    never = run_outcome(_history([(0, 0.0, 0.0), (40, 0.5, 0.2)]))
+    assert never.train_step is None and not never.generalised and "did not memorise" in never.describe()
+    with pytest.raises(ConfigError, match="threshold"):
+        run_outcome(_history([(0, 0.0, 0.0)]), threshold=0.0)

@@ -205,6 +205,7 @@ def run_digits_benchmark(
     result.to_csv(out / "results.csv")
     result.to_csv(out / "summary.csv", summary=True)
     (out / "table.txt").write_text(result.table() + "\n")
+    n_seeds = len(list(seeds))
     result.plot(out / "pruning.png", title=f"Pruning without retraining: digits {architecture}, "
-                                          f"{len(list(seeds))} seeds")
+                                          f"{n_seeds} seed{'s' if n_seeds != 1 else ''}")
     return result

@@ -415,10 +415,18 @@ class PruningBenchmarkResult:
         kl_values = [float(r["kl"]) for r in self.rows if math.isfinite(float(r["kl"]))]
         ax_kl.set(xscale="log", yscale="log" if kl_values and min(kl_values) > 0 else "symlog",
                   xlabel="fraction of weights kept", ylabel="mean KL(unpruned || pruned)")
+        from matplotlib.ticker import FixedLocator, NullFormatter
+
+        ticks = sorted({float(e["kept_fraction"]) for e in summary})
         for ax in (ax_acc, ax_kl):
             ax.invert_xaxis()
             ax.grid(True, which="both", alpha=0.3)
-        ax_acc.legend(fontsize=8)
+            # one labelled tick per measured fraction, none of the log axis' minor labels (they overlapped)
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.set_xticks(ticks, labels=[f"{t:.3g}" for t in ticks], rotation=45, ha="right", fontsize=8)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax_acc.legend(fontsize=8, title="strategy", title_fontsize=8)
+        ax_kl.legend(fontsize=8, title="strategy", title_fontsize=8)
         if title:
             fig.suptitle(title)
         fig.tight_layout()

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..exceptions import ConfigError
 from .analysis import StepGroupScores
-from .phases import detect_phases
+from .phases import detect_phases, run_outcome
 from .report import ReportOptions, build_report, phase_totals
 from .runs import train_run
 
@@ -41,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "data": {"p": 23, "n_train": 0.6, "n_val": None},
         "model": {"d_model": 48, "n_heads": 4, "d_mlp": 192},
-        "lr": 3e-3, "weight_decay": 2.0, "steps": 1000, "eval_every": 10,
+        "lr": 1e-2, "weight_decay": 2.0, "steps": 2000, "eval_every": 10,
         "report": {"n_test": 32, "n_kernel": 23, "nodes": 2, "dtype": "float32"},
     },
     "full": {
@@ -104,7 +104,8 @@ def run_grokking_study(out_dir: str | Path, *, size: str = "small", p: int | Non
     Returns
     -------
     dict
-        ``p``, ``n_steps``, final accuracies, ``phases`` (name, start, stop),
+        ``p``, ``n_steps``, final accuracies, ``outcome`` (whether and when the run memorised
+        and generalised), ``phases`` (name, start, stop; empty when the run did not generalise),
         ``phase_group_share`` (per phase: group -> share of absolute influence), timings and
         the report path.
     """
@@ -122,7 +123,8 @@ def run_grokking_study(out_dir: str | Path, *, size: str = "small", p: int | Non
     say(f"trained {run.trajectory.n_steps} steps in {trained:.1f} s; computing the report")
     page = build_report(run, out / "report", progress=progress, options=options, log=say,
                         title=f"Grokking on (a + b) mod {config['data']['p']}")
-    phases = detect_phases(run.history, n_steps=run.trajectory.n_steps)
+    outcome = run_outcome(run.history)
+    phases = detect_phases(run.history, n_steps=run.trajectory.n_steps) if outcome.generalised else []
     sg = StepGroupScores.from_dict(json.loads((out / "report" / "scores.json").read_text())["step_group"])
     totals = phase_totals(sg, phases)
     shares = totals / np.maximum(totals.sum(1, keepdims=True), np.finfo(np.float64).tiny)
@@ -133,6 +135,7 @@ def run_grokking_study(out_dir: str | Path, *, size: str = "small", p: int | Non
         "n_steps": int(run.trajectory.n_steps),
         "final_train_acc": run.history.train_acc[-1],
         "final_val_acc": run.history.val_acc[-1],
+        "outcome": outcome.to_dict(),
         "phases": [{"name": ph.name, "start": ph.start, "stop": ph.stop} for ph in phases],
         "phase_group_share": {ph.name: dict(zip(sg.groups, map(float, shares[i]))) for i, ph in enumerate(phases)},
         "train_seconds": round(trained, 2),

@@ -10,7 +10,8 @@ same split):
 * **cleanup** — validation accuracy shoots up to 1 as the memorising components decay.
 
 :func:`detect_phases` places the boundaries with explicit, documented rules on the recorded
-curves, so a figure can always say where they came from.
+curves, so a figure can always say where they came from. :func:`run_outcome` first says
+whether the run generalised at all: phases are only labelled for a run that did.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..exceptions import ConfigError
 
-__all__ = ["History", "Phase", "detect_phases", "PHASE_NAMES"]
+__all__ = ["History", "Phase", "Outcome", "detect_phases", "run_outcome", "PHASE_NAMES"]
 
 PHASE_NAMES: tuple[str, ...] = ("memorisation", "circuit formation", "cleanup")
 
@@ -156,3 +157,82 @@ def detect_phases(
         phases.append(Phase(PHASE_NAMES[1], t_m, t_c))
     phases.append(Phase(PHASE_NAMES[2], t_c, t_e))
     return phases
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run did: whether, and when, it memorised and generalised.
+
+    Attributes
+    ----------
+    threshold : float
+        Accuracy counted as "reached".
+    train_step, val_step : int or None
+        First evaluated step with training / validation accuracy ``>= threshold``.
+    best_val, best_val_step : float, int
+        Highest validation accuracy and the first step it was evaluated at.
+    final_train, final_val : float
+        Accuracies at the last evaluation.
+    """
+
+    threshold: float
+    train_step: int | None
+    val_step: int | None
+    best_val: float
+    best_val_step: int
+    final_train: float
+    final_val: float
+
+    @property
+    def generalised(self) -> bool:
+        """Validation accuracy reached the threshold (at or after training accuracy did)."""
+        return self.train_step is not None and self.val_step is not None and self.val_step >= self.train_step
+
+    @property
+    def grokked(self) -> bool:
+        """Generalised, and strictly later than it memorised (the grokking delay is positive)."""
+        return self.generalised and self.val_step > self.train_step  # type: ignore[operator]
+
+    def describe(self) -> str:
+        """One or two sentences a report can print as they are."""
+        if self.train_step is None:
+            return (f"Training accuracy never reached {self.threshold:g} (final {self.final_train:.3f}); the run "
+                    f"did not memorise its training set, so no phases are labelled.")
+        head = f"Training accuracy reached {self.threshold:g} at step {self.train_step}"
+        if not self.generalised:
+            return (f"{head}, but validation accuracy never did: it peaked at {self.best_val:.3f} (step "
+                    f"{self.best_val_step}) and ended at {self.final_val:.3f}. The run did not generalise, so no "
+                    f"grokking phases are labelled.")
+        if not self.grokked:
+            return (f"{head} and validation accuracy at the same evaluation: the run generalised without a "
+                    f"delay (no grokking).")
+        return (f"{head}; validation accuracy reached it {self.val_step - self.train_step} steps later, at step "
+                f"{self.val_step} (final validation accuracy {self.final_val:.3f}): the run grokked.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with the derived flags."""
+        return {**asdict(self), "generalised": self.generalised, "grokked": self.grokked}
+
+
+def run_outcome(history: History, *, threshold: float = 0.99) -> Outcome:
+    """Whether and when a run memorised and generalised (see :class:`Outcome`).
+
+    Parameters
+    ----------
+    history : History
+        The evaluated curves (at least one evaluation).
+    threshold : float
+        Accuracy counted as "reached" (0 < threshold <= 1).
+    """
+    if len(history) < 1:
+        raise ConfigError("run_outcome needs at least one evaluation of the curves.")
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"threshold={threshold!r} must lie in (0, 1], e.g. 0.99.")
+    steps = np.asarray(history.step, dtype=np.int64)
+    train_acc = np.asarray(history.train_acc, dtype=np.float64)
+    val_acc = np.asarray(history.val_acc, dtype=np.float64)
+    t_train = _first_at_least(steps, train_acc, threshold)
+    t_val = _first_at_least(steps, val_acc, threshold, after=0 if t_train is None else t_train)
+    best = int(np.argmax(val_acc))
+    return Outcome(threshold, t_train, t_val, float(val_acc[best]), int(steps[best]), float(train_acc[-1]),
+                   float(val_acc[-1]))

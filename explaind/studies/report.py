@@ -16,7 +16,6 @@ then writes ``index.html`` with every figure embedded (:func:`explaind.viz.write
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +25,10 @@ from typing import Any
 import numpy as np
 
 from .. import viz
-from ..exceptions import ConfigError
-from . import analysis
-from .phases import detect_phases
+from . import analysis, report_text
+from .phases import detect_phases, run_outcome
 
-__all__ = ["ReportOptions", "build_report", "phase_totals", "pick_kernel_inputs", "describe_sample"]
+__all__ = ["ReportOptions", "build_report", "phase_means", "phase_totals", "pick_kernel_inputs", "describe_sample"]
 
 
 @dataclass
@@ -99,11 +97,27 @@ def pick_kernel_inputs(y: np.ndarray, n: int) -> np.ndarray:
 
 def phase_totals(scores: analysis.StepGroupScores, phases: list[Any]) -> np.ndarray:
     """Absolute influence of each group summed over the steps of each phase, shape ``(P, G)``."""
+    means, counts = phase_means(scores, phases)
+    return means * np.asarray(counts, dtype=np.float64)[:, None]
+
+
+def phase_means(scores: analysis.StepGroupScores, phases: list[Any]) -> tuple[np.ndarray, list[int]]:
+    """Absolute influence of each group per step of each phase, and the number of scored steps per phase.
+
+    Returns
+    -------
+    means : ndarray, shape (P, G)
+        The phase's sum divided by its number of scored steps (0 for a phase without any).
+    counts : list of int
+        Scored steps in each phase.
+    """
     out = np.zeros((len(phases), len(scores.groups)))
+    counts = []
     for p, phase in enumerate(phases):
         mask = (scores.steps >= phase.start) & (scores.steps < phase.stop)
-        out[p] = scores.influence[mask].sum(0)
-    return out
+        counts.append(int(mask.sum()))
+        out[p] = scores.influence[mask].sum(0) / max(counts[-1], 1)
+    return out, counts
 
 
 def _kernel_steps(n_steps: int, phases: list[Any] | None, count: int) -> list[int]:
@@ -154,20 +168,29 @@ def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, de
     timings: dict[str, float] = {}
     traj, ds = run.trajectory, run.dataset
     modular = ds.name == "modular"
-    phases = detect_phases(run.history, n_steps=traj.n_steps) if modular else None
+    outcome = run_outcome(run.history)
+    # phases are only labelled on a run that generalised (validation reached the threshold after training did)
+    phases = detect_phases(run.history, n_steps=traj.n_steps) if modular and outcome.generalised else None
+    setup = report_text.describe_setup(run)
     sections: list[viz.ReportSection] = []
 
     curves = viz.training_curves(run.history, out / "training_curves.png", phases=phases,
-                                 title="Training curves" + (" (grokking)" if modular else ""))
-    phase_text = "" if not phases else "Detected phases: " + "; ".join(
-        f"{p.name} steps {p.start}–{p.stop}" for p in phases) + "."
-    sections.append(viz.ReportSection("Training", f"{traj.n_steps} optimizer steps of {run.config.optimizer} on "
-                                      f"{ds.n_train} training samples. {phase_text}", [curves]))
+                                 title="Training curves" + (" (grokking)" if modular and outcome.grokked else ""))
+    phase_text = "" if not phases else " Detected phases: " + "; ".join(
+        f"{p.name} steps {p.start}–{p.stop}" for p in phases) + " (rules: docs/guide_reports.md, Phases)."
+    sections.append(viz.ReportSection(
+        "Training", f"Model and data: {setup}. {traj.n_steps} optimizer steps were recorded. "
+                    f"{outcome.describe()}{phase_text}", [curves],
+        [f"Training curves of the {run.config.architecture} on {ds.name}."],
+        notes=[report_text.HOW_TO_READ["training_curves.png"]]))
 
     if fidelity_rows:
-        sections.append(viz.ReportSection("Fidelity of the kernel replica",
-                                          "The replica f(x; θ_0) + Σ_s φ_s(x) Δθ_s against the trained model on "
-                                          "validation inputs, for each quadrature rule.", table=fidelity_rows))
+        sections.append(viz.ReportSection(
+            "Fidelity of the kernel replica",
+            f"The replica f(x; θ_0) + Σ_s φ_s(x) Δθ_s of the same run ({run.config.architecture} on {ds.name}) "
+            f"against the trained model on validation inputs, for each quadrature rule: argmax agreement, mean KL "
+            f"between the two softmax outputs, the largest error relative to the largest output, and the cost in "
+            f"gradient evaluations per step and input.", table=fidelity_rows))
 
     say(f"step x group influence on {min(opts.n_test, ds.n_val)} validation inputs")
     start = time.perf_counter()
@@ -180,21 +203,21 @@ def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, de
                                   phases=phases, title="Absolute influence on the correct-class logit")
     balance = viz.balance_plot(scores.steps, scores.groups, scores.kernel, scores.regularization,
                                out / "kernel_vs_regularization.png", phases=phases)
-    quad = float(att.quadrature_error.abs().sum(1).max()) if att.quadrature_error.dim() > 2 else 0.0
-    images, captions = [heat, balance], ["Σ over validation inputs of |data part| per step and parameter tensor.",
-                                         "Data (kernel) part versus weight-decay part of each tensor's updates."]
+    exact = report_text.exactness_note(att, quadrature=opts.quadrature, nodes=opts.nodes, dtype=opts.dtype)
+    images = [heat, balance]
+    captions = [f"Σ over {att.shape[0]} validation inputs of |data part| per step and parameter tensor.",
+                "Data (kernel) part versus weight-decay part of each tensor's updates."]
     if phases:
-        totals = phase_totals(scores, phases)
-        images.append(viz.phase_influence(scores.groups, [p.name for p in phases], totals,
-                                          out / "phase_influence.png"))
-        captions.append("Share of absolute influence per layer group within each detected phase.")
+        means, counts = phase_means(scores, phases)
+        images.append(viz.phase_influence(scores.groups, [p.name for p in phases], means,
+                                          out / "phase_influence.png", phase_steps=counts))
+        captions.append("Absolute influence per step of each parameter tensor within each detected phase.")
     sections.append(viz.ReportSection(
         "Which layers, and when",
-        f"Influence of every (step, parameter tensor) on the correct-class logit of {att.shape[0]} validation "
-        f"inputs ({opts.quadrature} quadrature, {opts.nodes or 'default'} nodes, {opts.dtype}). The terms add up to "
-        f"the model's output up to a relative completeness gap of {scores.completeness_gap:.1e}; the largest "
-        f"quadrature error "
-        f"of one input (summed over steps) is {quad:.2e}.", images, captions))
+        f"Model and data: {setup}. Influence of every (step, parameter tensor) on the correct-class logit of "
+        f"{att.shape[0]} validation inputs ({opts.quadrature} quadrature, {opts.nodes or 'default'} nodes, "
+        f"{opts.dtype}).\n\n{exact['text']}", images, captions,
+        notes=[report_text.HOW_TO_READ[Path(i).name] for i in images]))
 
     say(f"data view: {opts.n_kernel} validation inputs x {ds.n_train} training samples, per step")
     start = time.perf_counter()
@@ -203,25 +226,19 @@ def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, de
     timings["data_view_seconds"] = round(time.perf_counter() - start, 2)
     sections.append(viz.ReportSection(
         "Which training samples",
-        "Influence of each training sample on the correct-class logit of validation inputs, summed over "
-        "steps (proponents push the logit up, opponents down), and the train × validation influence "
-        "matrix of single steps, rows and columns ordered by class"
-        + (" (a + b) mod p." if modular else "."), data_images, data_captions))
+        f"Model and data: {setup}. Influence of each training sample on the correct-class logit of validation "
+        f"inputs, summed over steps (proponents push the logit up, opponents down), and the train × validation "
+        f"influence matrix of single steps, rows and columns ordered by class"
+        + (" (a + b) mod p." if modular else "."), data_images, data_captions,
+        notes=[report_text.HOW_TO_READ[Path(i).name] for i in data_images]))
 
     if pruning_dir is not None:
-        plot = Path(pruning_dir) / "pruning.png"
-        if not plot.is_file():
-            raise ConfigError(f"No pruning.png in {str(pruning_dir)!r}; run 'explaind prune --out {pruning_dir}' "
-                              f"first.")
-        copy = out / "pruning_curve.png"
-        shutil.copyfile(plot, copy)
-        table = Path(pruning_dir) / "table.txt"
-        text = table.read_text() if table.is_file() else ""
-        sections.append(viz.ReportSection("Pruning", "Accuracy and KL to the unpruned model when weights are "
-                                          "removed by each criterion, without retraining.\n\n" + text, [copy]))
+        sections.append(report_text.pruning_section(pruning_dir, out))
 
     (out / "scores.json").write_text(json.dumps({"step_group": scores.to_dict(), "data_view": data_summary,
                                                  "phases": [vars(p) for p in phases or []],
+                                                 "outcome": outcome.to_dict(),
+                                                 "exactness": {k: v for k, v in exact.items() if k != "text"},
                                                  "timings": timings}, indent=1))
     meta = {"architecture": run.config.architecture, "dataset": ds.name, "steps": traj.n_steps,
             "final train acc": f"{run.history.train_acc[-1]:.3f}", "final val acc": f"{run.history.val_acc[-1]:.3f}"}
@@ -258,18 +275,20 @@ def _data_view(run: Any, pick: np.ndarray, phases: list[Any] | None, opts: Repor
         over_steps = att.sum("step")
         tops_all = analysis.top_train_samples(over_steps, k=opts.top_k)
         tops = [tops_all[q] for q in show]
+        sums = _score_sums(over_steps, show)
         gap = float(att.completeness_error())
     else:
         att = _train_scores(run, X[show], y[show], opts, progress, ("train",))
         tops = analysis.top_train_samples(att, k=opts.top_k)
+        sums = _score_sums(att, np.arange(len(show)))
         gap = float(att.completeness_error())
         for s in steps:
             single = _train_scores(run, X, y, opts, progress, ("train",), steps=(s, s + 1))
             per_step.append(single.values.detach().double().sum(-1).cpu().numpy())
     queries = []
     images = ds.name != "modular"
-    for q, top in zip(show, tops):
-        entry: dict[str, Any] = {"label": describe_sample(ds, X[q], y[q])}
+    for q, top, totals in zip(show, tops, sums):
+        entry: dict[str, Any] = {"label": describe_sample(ds, X[q], y[q]), **totals}
         if images:
             entry["image"] = _image(X[q])
         for side in ("proponents", "opponents"):
@@ -291,15 +310,24 @@ def _data_view(run: Any, pick: np.ndarray, phases: list[Any] | None, opts: Repor
         matrix, rows, cols = analysis.train_val_kernel(scores[:, shown], ds.y_train.numpy()[shown], y.numpy())
         matrices.append(matrix)
     kernel_png = viz.kernel_matrices(matrices, steps, out / "kernel_matrices.png", row_boundaries=rows,
-                                     col_boundaries=cols,
+                                     col_boundaries=cols, units="logit units",
                                      title="Train × validation influence of single steps (ordered by class)")
     summary = {"validation_indices": pick.tolist(), "kernel_steps": steps, "top": tops, "completeness_gap": gap,
-               "single_sweep": combined}
+               "single_sweep": combined, "score_sums": sums}
     return ([top_png, kernel_png],
-            ["Top proponents (green) and opponents (red) among the training samples.",
+            [f"Top proponents (green) and opponents (red) among the {ds.n_train} training samples, for "
+             f"{len(show)} validation inputs.",
              f"Influence of each training sample (rows, the {int(shown.sum())} of the shown classes) on each "
              f"validation input (columns) at steps {steps}."],
             summary)
+
+
+def _score_sums(att: Any, rows: np.ndarray) -> list[dict[str, float]]:
+    """Per shown input: its explained output and the sums of its positive and negative training scores."""
+    scores = att.values.detach().double().sum(-1).cpu().numpy()  # (T, M)
+    final = att.final.detach().double().sum(-1).cpu().numpy()  # (T,)
+    return [{"value": float(final[r]), "positive_total": float(scores[r][scores[r] > 0].sum()),
+             "negative_total": float(scores[r][scores[r] < 0].sum())} for r in rows]
 
 
 def _image(x: Any) -> np.ndarray:

@@ -16,6 +16,7 @@ from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 __all__ = [
+    "group_colours",
     "training_curves",
     "step_group_heatmap",
     "balance_plot",
@@ -88,7 +89,7 @@ def training_curves(history: Any, path: str | Path, *, phases: Sequence[PhaseLik
 
 def step_group_heatmap(steps: np.ndarray, groups: Sequence[str], values: np.ndarray, path: str | Path, *,
                        phases: Sequence[PhaseLike] | None = None,
-                       title: str = "Absolute influence on the validation set") -> Path:
+                       title: str = "Absolute influence on the validation set", units: str = "logit units") -> Path:
     """Heatmap of a (step, group) score matrix, steps along x and parameter groups along y.
 
     Parameters
@@ -99,7 +100,10 @@ def step_group_heatmap(steps: np.ndarray, groups: Sequence[str], values: np.ndar
     values : ndarray, shape (S, G)
         Non-negative scores; drawn on a logarithmic colour scale.
     phases : sequence of Phase, optional
-        Boundaries drawn as vertical lines.
+        Boundaries drawn as dashed vertical lines, each phase named above the axes.
+    title : str
+    units : str
+        Unit of the scores, shown on the colour bar.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.shape != (len(steps), len(groups)):
@@ -114,16 +118,30 @@ def step_group_heatmap(steps: np.ndarray, groups: Sequence[str], values: np.ndar
                          cmap="viridis", shading="flat")
     ax.set_yticks(np.arange(len(groups)) + 0.5, labels=list(groups), fontsize=7)
     ax.invert_yaxis()
-    for phase in (phases or ())[1:]:
-        ax.axvline(phase.start, color="white", lw=1.2, ls="--")
-    ax.set(xlabel="optimizer step", title=title)
-    fig.colorbar(mesh, ax=ax, label="|influence|", pad=0.01)
+    _label_phases(ax, phases)
+    ax.set_xlabel("optimizer step")
+    ax.set_title(title, pad=26 if phases else 6)
+    fig.colorbar(mesh, ax=ax, label=f"|influence| ({units})", pad=0.01)
     return _save(fig, path)
+
+
+def _label_phases(ax: Any, phases: Sequence[PhaseLike] | None) -> None:
+    """Dashed boundaries between phases and each phase's name above the axes."""
+    from matplotlib.transforms import blended_transform_factory
+
+    on_top = blended_transform_factory(ax.transData, ax.transAxes)
+    for i, phase in enumerate(phases or ()):
+        if i:
+            ax.axvline(phase.start, color="white", lw=1.2, ls="--")
+        # alternate two rows of names so that the names of short neighbouring phases do not overlap
+        ax.text((phase.start + phase.stop) / 2, 1.01 + 0.07 * (i % 2), phase.name, transform=on_top, ha="center",
+                va="bottom", fontsize=7, color="#333333", clip_on=False)
 
 
 def balance_plot(steps: np.ndarray, groups: Sequence[str], kernel: np.ndarray, regularization: np.ndarray,
                  path: str | Path, *, phases: Sequence[PhaseLike] | None = None,
-                 title: str = "Kernel (data) versus regularization per layer group") -> Path:
+                 title: str = "Kernel (data) versus regularization per layer group",
+                 units: str = "logit units") -> Path:
     """Share of the data (kernel) part in each group's update contribution over training.
 
     Parameters
@@ -133,6 +151,12 @@ def balance_plot(steps: np.ndarray, groups: Sequence[str], kernel: np.ndarray, r
     kernel, regularization : ndarray, shape (S, G)
         Magnitudes of the data part and of the weight-decay part of each step's contribution.
         The left panel shows ``|K| / (|K| + |R|)``, the right panel both magnitudes.
+    phases : sequence of Phase, optional
+        Shaded behind the curves.
+    title, units : str
+        Figure title; unit of the magnitudes (right panel).
+
+    Each group has its own colour (:func:`group_colours`), the same in both panels.
     """
     kernel = np.abs(np.asarray(kernel, dtype=np.float64))
     reg = np.abs(np.asarray(regularization, dtype=np.float64))
@@ -141,7 +165,7 @@ def balance_plot(steps: np.ndarray, groups: Sequence[str], kernel: np.ndarray, r
                          f"(len(steps), len(groups)) = ({len(steps)}, {len(groups)}).")
     fig = _figure(11, 4.2)
     ax_share, ax_abs = fig.subplots(1, 2)
-    colours = [_colour(i) for i in range(len(groups))]
+    colours = group_colours(len(groups))
     share = kernel / np.maximum(kernel + reg, np.finfo(np.float64).tiny)
     for ax in (ax_share, ax_abs):
         _shade_phases(ax, phases, label=False)
@@ -151,29 +175,48 @@ def balance_plot(steps: np.ndarray, groups: Sequence[str], kernel: np.ndarray, r
         ax_abs.plot(steps, np.maximum(reg[:, g], 1e-30), color=colours[g], lw=1.0, ls=":")
     ax_share.set(xlabel="optimizer step", ylabel="|kernel| / (|kernel| + |regularization|)", ylim=(-0.02, 1.02),
                  title="Data share of each group's contribution")
-    ax_abs.set(xlabel="optimizer step", ylabel="magnitude", yscale="log",
+    ax_abs.set(xlabel="optimizer step", ylabel=f"magnitude ({units})", yscale="log",
                title="kernel (solid) and regularization (dotted)")
-    ax_share.legend(fontsize=6, ncol=2, loc="best")
+    ax_share.legend(fontsize=6, ncol=2, loc="best", title="parameter tensor", title_fontsize=6)
+    from matplotlib.lines import Line2D
+
+    styles = [Line2D([], [], color="#444444", lw=1.2, label="kernel (data) part"),
+              Line2D([], [], color="#444444", lw=1.0, ls=":", label="regularization part")]
+    ax_abs.legend(handles=styles, fontsize=7, loc="best", title="line style; colours as left",
+                  title_fontsize=6)
     fig.suptitle(title)
     return _save(fig, path)
 
 
 def phase_influence(groups: Sequence[str], phase_names: Sequence[str], values: np.ndarray, path: str | Path, *,
-                    title: str = "Layer-group influence per training phase") -> Path:
-    """Grouped bars: for each phase, the share of absolute influence carried by each layer group.
+                    phase_steps: Sequence[int] | None = None, units: str = "logit units",
+                    title: str = "Layer-group influence per training phase (per step)") -> Path:
+    """Grouped bars: for each phase, the influence per step carried by each layer group.
 
     Parameters
     ----------
+    groups : sequence of str, length G
+    phase_names : sequence of str, length P
     values : ndarray, shape (P, G)
-        Non-negative influence of group ``g`` summed over the steps of phase ``p``. Each phase is
-        normalised to sum to 1 (left) and the absolute totals are shown on the right.
+        Non-negative influence of group ``g`` **per step** of phase ``p`` (the phase's sum divided
+        by its number of steps, so that long and short phases compare). The left panel normalises
+        each phase to sum to 1 (where the influence sits); the right one shows the per-step total
+        of each phase (how much influence one step of the phase carries).
+    path : str or Path
+        Output PNG.
+    phase_steps : sequence of int, optional
+        Number of steps of each phase, shown under its bar.
+    units, title : str
+        Unit of the scores; figure title.
     """
     values = np.abs(np.asarray(values, dtype=np.float64))
     if values.shape != (len(phase_names), len(groups)):
         raise ValueError(f"values has shape {values.shape}; expected ({len(phase_names)}, {len(groups)}).")
+    if phase_steps is not None and len(phase_steps) != len(phase_names):
+        raise ValueError(f"Got {len(phase_steps)} phase lengths for {len(phase_names)} phases.")
     totals = values.sum(axis=1, keepdims=True)
     shares = values / np.maximum(totals, np.finfo(np.float64).tiny)
-    fig = _figure(11, 4.0)
+    fig = _figure(11, 4.2)
     ax, ax_tot = fig.subplots(1, 2, width_ratios=(3, 1))
     width = 0.8 / max(len(phase_names), 1)
     x = np.arange(len(groups))
@@ -181,18 +224,25 @@ def phase_influence(groups: Sequence[str], phase_names: Sequence[str], values: n
         ax.bar(x + (p - (len(phase_names) - 1) / 2) * width, shares[p], width, color=_PHASE_COLOURS[p % 3],
                edgecolor="#444444", lw=0.5, label=name)
     ax.set_xticks(x, labels=list(groups), rotation=45, ha="right", fontsize=7)
-    ax.set(ylabel="share of the phase's |influence|", title="Where the influence sits")
-    ax.legend(fontsize=8, loc="best")
+    ax.set(ylabel="share of the phase's |influence| per step", title="Where the influence sits (shares)")
+    ax.legend(fontsize=8, loc="best", title="phase", title_fontsize=7)
     colours = [_PHASE_COLOURS[i % 3] for i in range(len(phase_names))]
-    ax_tot.bar(np.arange(len(phase_names)), totals[:, 0], color=colours, edgecolor="#444444", lw=0.5)
-    ax_tot.set_xticks(np.arange(len(phase_names)), labels=list(phase_names), rotation=30, ha="right", fontsize=8)
-    ax_tot.set(ylabel="total |influence|", title="How much", yscale="log" if totals.min() > 0 else "linear")
+    labels = [name if phase_steps is None else f"{name}\n({phase_steps[i]} steps)"
+              for i, name in enumerate(phase_names)]
+    bars = ax_tot.bar(np.arange(len(phase_names)), totals[:, 0], color=colours, edgecolor="#444444", lw=0.5)
+    for bar, name in zip(bars, phase_names):
+        bar.set_label(name)
+    ax_tot.set_xticks(np.arange(len(phase_names)), labels=labels, rotation=30, ha="right", fontsize=7)
+    ax_tot.set(ylabel=f"|influence| per step ({units})", title="How much per step",
+               yscale="log" if totals.min() > 0 and totals.max() > 100 * totals.min() else "linear")
+    ax_tot.legend(fontsize=7, loc="best", title="phase", title_fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
 
 
 def top_samples(queries: Sequence[Mapping[str, Any]], path: str | Path, *,
-                title: str = "Top proponents and opponents in the training set") -> Path:
+                title: str = "Top proponents and opponents in the training set",
+                units: str = "logit units") -> Path:
     """For a few validation inputs, the training samples that pushed their prediction most.
 
     Parameters
@@ -200,14 +250,22 @@ def top_samples(queries: Sequence[Mapping[str, Any]], path: str | Path, *,
     queries : sequence of mapping
         Each has ``"label"`` (str), optionally ``"image"`` (2-D or CHW array), and
         ``"proponents"`` / ``"opponents"``: sequences of mappings with ``"label"``, ``"score"`` and
-        optionally ``"image"``.
+        optionally ``"image"``. A query may also give ``"value"`` (the explained output, e.g. its
+        correct-class logit) and ``"positive_total"`` / ``"negative_total"`` (the sums of all
+        positive and all negative training-sample scores): they are printed in the query's cell,
+        so that the reader sees the scale of the scores against the output and how much of them
+        cancels.
+    path : str or Path
+        Output PNG.
+    title, units : str
+        Figure title; unit of the scores (named under the figure).
     """
     if not queries:
         raise ValueError("top_samples needs at least one query.")
     k = max(max(len(q["proponents"]), len(q["opponents"])) for q in queries)
     cols = 1 + 2 * k
     with_images = "image" in queries[0]
-    fig = _figure(1.35 * cols, (1.6 if with_images else 0.55) * len(queries) + 0.6)
+    fig = _figure(max(1.35 * cols, 7.0), (1.6 if with_images else 0.75) * len(queries) + 0.9)
     axes = np.atleast_2d(fig.subplots(len(queries), cols, squeeze=False))
     for r, query in enumerate(queries):
         cells = [(query, "query", "#222222")]
@@ -221,7 +279,7 @@ def top_samples(queries: Sequence[Mapping[str, Any]], path: str | Path, *,
                 ax.axis("off")
                 continue
             item, kind, colour = cell
-            caption = item["label"] if kind == "query" else f"{item['label']}\n{item['score']:+.2g}"
+            caption = _query_caption(item) if kind == "query" else f"{item['label']}\n{item['score']:+.3g}"
             if with_images and "image" in item:
                 image = np.asarray(item["image"], dtype=np.float64)
                 image = np.moveaxis(image, 0, -1) if image.ndim == 3 and image.shape[0] in (1, 3) else image
@@ -238,45 +296,78 @@ def top_samples(queries: Sequence[Mapping[str, Any]], path: str | Path, *,
         axes[0, 1].annotate("proponents →", (0, 1.25), xycoords="axes fraction", fontsize=8, color="#1a7f37")
         axes[0, 1 + k].annotate("opponents →", (0, 1.25), xycoords="axes fraction", fontsize=8, color="#b42318")
     fig.suptitle(title)
+    fig.supxlabel(f"score = the training sample's contribution to the explained output, summed over steps "
+                  f"({units}); Σ+ / Σ− = sums of all positive / negative scores", fontsize=7)
     return _save(fig, path)
+
+
+def _query_caption(query: Mapping[str, Any]) -> str:
+    lines = [str(query["label"])]
+    if "value" in query:
+        lines.append(f"output {float(query['value']):.3g}")
+    if "positive_total" in query and "negative_total" in query:
+        lines.append(f"Σ+ {float(query['positive_total']):+.3g}  Σ− {float(query['negative_total']):+.3g}")
+    return "\n".join(lines)
 
 
 def kernel_matrices(matrices: Sequence[np.ndarray], steps: Sequence[int], path: str | Path, *,
                     row_boundaries: Sequence[int] = (), col_boundaries: Sequence[int] = (),
-                    xlabel: str = "validation input",
-                    ylabel: str = "training sample", title: str = "Train × validation kernel") -> Path:
-    """Side-by-side (train × validation) matrices at a few training steps.
+                    xlabel: str = "validation input", ylabel: str = "training sample",
+                    title: str = "Train × validation kernel", units: str = "logit units") -> Path:
+    """Side-by-side (train × validation) matrices at a few training steps, on one colour scale.
 
     Parameters
     ----------
     matrices : sequence of ndarray, each (n_train, n_val)
-        Already ordered (e.g. by ``(a + b) mod p``); drawn on a symmetric colour scale per panel.
+        Already ordered (e.g. by ``(a + b) mod p``). All panels share one symmetric colour scale
+        (the largest magnitude of any panel) and one colour bar, so that they compare.
     steps : sequence of int
         The step (or step window start) of each panel, used in the titles.
+    path : str or Path
+        Output PNG.
     row_boundaries, col_boundaries : sequence of int
         Row / column positions where the ordering key changes, drawn as thin lines (only when
         there are at most 40 of them; more would hide the matrix).
+    xlabel, ylabel, title, units : str
+        Axis labels (on every panel), figure title and the unit named on the colour bar.
     """
     if len(matrices) != len(steps) or not matrices:
         raise ValueError(f"Got {len(matrices)} matrices for {len(steps)} steps; give one step per matrix (>= 1).")
-    fig = _figure(3.6 * len(matrices) + 0.6, 3.8)
-    axes = np.atleast_1d(fig.subplots(1, len(matrices), squeeze=False)[0])
-    for ax, mat, step in zip(axes, matrices, steps):
-        mat = np.asarray(mat, dtype=np.float64)
-        scale = float(np.max(np.abs(mat))) or 1.0
-        image = ax.imshow(mat, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -scale, scale), aspect="auto",
-                          interpolation="nearest")
+    arrays = [np.asarray(mat, dtype=np.float64) for mat in matrices]
+    scale = max(float(np.max(np.abs(mat))) if mat.size else 0.0 for mat in arrays) or 1.0
+    norm = TwoSlopeNorm(0.0, -scale, scale)
+    fig = _figure(3.6 * len(arrays) + 1.0, 3.9)
+    axes = np.atleast_1d(fig.subplots(1, len(arrays), squeeze=False)[0])
+    image = None
+    for ax, mat, step in zip(axes, arrays, steps):
+        image = ax.imshow(mat, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
         for b in row_boundaries if len(row_boundaries) <= 40 else ():
             ax.axhline(b - 0.5, color="#555555", lw=0.3)
         for b in col_boundaries if len(col_boundaries) <= 40 else ():
             ax.axvline(b - 0.5, color="#555555", lw=0.3)
-        ax.set(title=f"step {step}", xlabel=xlabel, ylabel=ylabel if ax is axes[0] else None)
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set(title=f"step {step}", xlabel=xlabel, ylabel=ylabel)
+    fig.colorbar(image, ax=list(axes), shrink=0.85, label=f"influence ({units}); one scale for all panels")
     fig.suptitle(title)
     return _save(fig, path)
 
 
-def _colour(i: int) -> str:
-    palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-               "#bcbd22", "#17becf")
-    return palette[i % len(palette)]
+def group_colours(n: int) -> list[Any]:
+    """``n`` pairwise different colours: matplotlib's ``tab20`` up to 20, evenly spaced hues beyond.
+
+    Parameters
+    ----------
+    n : int
+        Number of colours.
+
+    Returns
+    -------
+    list
+        RGBA tuples, one per group, no two equal.
+    """
+    from matplotlib import colormaps
+
+    if n <= 20:
+        table = colormaps["tab20"]
+        # the saturated shades first (even indices), then the light ones
+        return [table((2 * i) % 20 + (2 * i) // 20) for i in range(n)]
+    return [colormaps["hsv"](i / n) for i in range(n)]

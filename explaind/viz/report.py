@@ -31,6 +31,8 @@ h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-b
 figure { margin: 0.8em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.85em; }
+.howto { color: #333; font-size: 0.85em; background: #f7f7f9; border-left: 3px solid #c8c8d0; margin: 0.3em 0;
+         padding: 0.3em 0.6em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f5f5f7; }
@@ -54,7 +56,10 @@ class ReportSection:
     captions : sequence of str
         One caption per image (optional).
     table : sequence of mapping, optional
-        Rows of a table; the keys of the first row are the columns.
+        Rows of a table; the keys of the first row are the columns. Rendered as an HTML
+        ``<table>`` before the images.
+    notes : sequence of str
+        One "how to read this" note per image (optional), shown under its caption.
     """
 
     title: str
@@ -62,6 +67,7 @@ class ReportSection:
     images: Sequence[Path] = field(default_factory=list)
     captions: Sequence[str] = field(default_factory=list)
     table: Sequence[Mapping[str, Any]] | None = None
+    notes: Sequence[str] = field(default_factory=list)
 
 
 def _anchor(title: str) -> str:
@@ -85,10 +91,10 @@ def _table(rows: Sequence[Mapping[str, Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(c, ''))}</td>" for c in columns) + "</tr>\n"
                    for row in rows)
-    return f"<table>\n<tr>{head}</tr>\n{body}</table>\n"
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody></table>\n"
 
 
-def _embed(path: Path, caption: str) -> str:
+def _embed(path: Path, caption: str, note: str = "") -> str:
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -99,8 +105,9 @@ def _embed(path: Path, caption: str) -> str:
     encoded = base64.b64encode(data).decode("ascii")
     alt = html.escape(caption or path.stem)
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    how = f'<p class="howto"><strong>How to read this.</strong> {html.escape(note)}</p>' if note else ""
     return (f'<figure><img alt="{alt}" data-file="{html.escape(path.name)}" '
-            f'src="data:image/png;base64,{encoded}">{cap}</figure>\n')
+            f'src="data:image/png;base64,{encoded}">{cap}{how}</figure>\n')
 
 
 def write_report(
@@ -155,7 +162,8 @@ def write_report(
         if section.table:
             parts.append(_table(section.table))
         captions = list(section.captions) + [""] * (len(section.images) - len(section.captions))
-        for image, caption in zip(section.images, captions):
-            parts.append(_embed(Path(image), caption))
+        notes = list(section.notes) + [""] * (len(section.images) - len(section.notes))
+        for image, caption, note in zip(section.images, captions, notes):
+            parts.append(_embed(Path(image), caption, note))
     parts.append("</body>\n</html>\n")
     return atomic_write(out_dir / filename, "".join(parts))
