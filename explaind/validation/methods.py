@@ -1,0 +1,128 @@
+r"""The attribution methods compared by the validation benchmark, each as a ``(T, n_train)`` score matrix.
+
+Every score :math:`\tau_{t,k}` is oriented so that a positive value means "sample ``k`` raised
+test point ``t``'s true-class logit", and every method is read additively: a subset :math:`S` is
+predicted to give :math:`\sum_{k \in S} \tau_{t,k}` up to a constant.
+
+* ``explaind``: the ExPLAIND decomposition, ``InfluenceEstimator(keep=("train",))`` (adaptive
+  quadrature, exact to rounding);
+* ``tracin``: its left-rule truncation, ``InfluenceEstimator(keep=("train",), quadrature="left")``;
+* ``grad_dot``: the gradient dot product at the end of training,
+  :math:`-\langle \nabla_\theta f(x_t; \theta_N), \nabla_\theta \ell_k(\theta_N) \rangle` (the sign
+  of one gradient step on ``k``: that step moves :math:`f` by :math:`-\eta` times the dot product);
+* ``counterfactual``: ``CounterfactualEstimator()``, :math:`\tau_k = \partial f / \partial \epsilon_k`
+  of the retrained model (removing ``k`` is :math:`\epsilon_k = -1`, predicted change
+  :math:`-\tau_k`);
+* ``random``: independent standard normal scores (a sanity check: LDS near 0).
+
+All of them explain the true-class logit of each test point (``target = y_test``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ..exceptions import ConfigError
+from .problem import ValidationProblem
+
+__all__ = ["METHODS", "compute_scores"]
+
+logger = logging.getLogger(__name__)
+
+#: Method names in table order.
+METHODS: tuple[str, ...] = ("counterfactual", "explaind", "tracin", "grad_dot", "random")
+
+
+def _estimator_scores(estimator: Any, trajectory: Any, problem: ValidationProblem) -> np.ndarray:
+    attribution = estimator.fit(trajectory).transform(problem.X_test)
+    return attribution.values[..., 0].numpy().astype(np.float64)
+
+
+def _explaind(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
+    from ..estimators.influence import InfluenceEstimator
+
+    est = InfluenceEstimator(keep=("train",), target=problem.y_test.tolist(), device="cpu")
+    return _estimator_scores(est, trajectory, problem)
+
+
+def _tracin(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
+    from ..estimators.influence import InfluenceEstimator
+
+    est = InfluenceEstimator(keep=("train",), target=problem.y_test.tolist(), quadrature="left", device="cpu")
+    return _estimator_scores(est, trajectory, problem)
+
+
+def _counterfactual(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
+    from ..estimators.counterfactual import CounterfactualEstimator
+
+    est = CounterfactualEstimator(target=problem.y_test.tolist(), device="cpu")
+    return _estimator_scores(est, trajectory, problem)
+
+
+def _grad_dot(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def logit(theta: dict[str, torch.Tensor], x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, theta, (x[None],))[0].gather(0, c[None])[0]
+
+    def loss(theta: dict[str, torch.Tensor], x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(functional_call(model, theta, (x[None],)), c[None])
+
+    def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1)
+
+    g_test = flat(vmap(grad(logit), in_dims=(None, 0, 0))(params, problem.X_test, problem.y_test))
+    g_train = flat(vmap(grad(loss), in_dims=(None, 0, 0))(params, problem.X_train, problem.y_train))
+    return (-(g_test @ g_train.T)).numpy()
+
+
+def _random(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
+    rng = np.random.default_rng(problem.config.seed + 1)
+    return rng.standard_normal((problem.config.n_test, problem.config.n_train))
+
+
+_FUNCTIONS: dict[str, Callable[[ValidationProblem, Any, torch.nn.Module], np.ndarray]] = {
+    "counterfactual": _counterfactual, "explaind": _explaind, "tracin": _tracin, "grad_dot": _grad_dot,
+    "random": _random,
+}
+
+
+def compute_scores(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module,
+                   methods: tuple[str, ...] = METHODS) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Scores of every method on the recorded run, and the wall time of each.
+
+    Parameters
+    ----------
+    problem : ValidationProblem
+        The data of the run.
+    trajectory : Trajectory
+        The recorded run (``problem.train(record=True)``).
+    model : torch.nn.Module
+        The trained model (its parameters are :math:`\\theta_N`).
+    methods : tuple of str
+        Names from :data:`METHODS`.
+
+    Returns
+    -------
+    scores : dict
+        Method name -> array of shape ``(n_test, n_train)``.
+    seconds : dict
+        Method name -> wall time of computing its scores (fit and transform for the estimators).
+    """
+    unknown = [m for m in methods if m not in _FUNCTIONS]
+    if unknown:
+        raise ConfigError(f"compute_scores: unknown method(s) {unknown!r}. Allowed: {', '.join(METHODS)}.")
+    scores, seconds = {}, {}
+    for name in methods:
+        start = time.perf_counter()
+        scores[name] = _FUNCTIONS[name](problem, trajectory, model)
+        seconds[name] = time.perf_counter() - start
+        logger.info("validation: %s scores in %.2fs", name, seconds[name])
+    return scores, seconds

@@ -1,0 +1,125 @@
+"""The validation benchmark (explaind.validation): the pipeline end to end at a tiny size, and what holds exactly."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import explaind
+from explaind.exceptions import ConfigError
+from explaind.validation import (
+    METHODS,
+    ValidationConfig,
+    ValidationProblem,
+    bootstrap_mean,
+    draw_subsets,
+    lds,
+    spearman,
+    subset_predictions,
+)
+from explaind.validation.__main__ import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def quick():
+    problem = ValidationProblem(ValidationConfig.quick())
+    model, trajectory = problem.train(record=True)
+    return problem, model, trajectory
+
+
+def test_quick_benchmark_end_to_end(tmp_path, capsys):
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| method | score time (s) | LDS 50% | LDS 90% | LDS 99% |" in printed
+    assert all(f"| {m} |" in printed for m in METHODS)
+    data = json.loads((tmp_path / "validation_tanh.json").read_text())
+    assert data["config"]["n_train"] == 60 and data["config"]["n_steps"] == 20 and data["config"]["n_subsets"] == 8
+    assert data["checks"]["full_retrain_max_abs_diff"] <= 1e-12
+    for method in METHODS:
+        for fraction in ("0.5", "0.9", "0.99"):
+            mean, std = data["lds"][method][fraction]
+            per_test = np.asarray(data["lds_per_test"][method][fraction], dtype=float)
+            assert per_test.shape == (10,) and np.nanmax(np.abs(per_test)) <= 1 + 1e-12
+            assert mean == pytest.approx(np.nanmean(per_test), abs=1e-12) and std >= 0
+    assert set(data["removal"]) == {"counterfactual", "explaind"}
+    assert all(0 <= r["fraction_lowered"] <= 1 for r in data["removal"].values())
+    with open(tmp_path / "validation_tanh.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 3 * len(METHODS)
+
+
+def test_retraining_on_the_full_set_is_the_recorded_run(quick):
+    problem, model, trajectory = quick
+    assert trajectory.n_steps == problem.config.n_steps == len(problem.batches) == 20
+    retrained = problem.train()[0]
+    for name, p in retrained.named_parameters():
+        assert float((p.detach() - trajectory.params(trajectory.n_steps)[name]).abs().max()) <= 1e-12
+    assert float((problem.retrain_logits() - problem.true_logits(model)).abs().max()) <= 1e-12
+
+
+def test_zero_weight_removes_a_sample_from_every_batch(quick):
+    problem = quick[0]
+    k = int(problem.batches[0][0])
+    weights = torch.ones(problem.config.n_train, dtype=torch.float64)
+    weights[k] = 0.0
+    without = problem.retrain_logits(weights)
+    problem.X_train[k] += 1.0  # a removed sample's data cannot matter
+    try:
+        assert float((problem.retrain_logits(weights) - without).abs().max()) == 0.0
+    finally:
+        problem.X_train[k] -= 1.0
+
+
+def test_counterfactual_is_the_derivative_of_retraining(quick):
+    problem, _, trajectory = quick
+    est = explaind.CounterfactualEstimator(target=problem.y_test.tolist(), device="cpu")
+    tau = est.fit(trajectory).transform(problem.X_test).values[..., 0]
+    h = 1e-5
+    for k in (0, 17, 59):
+        up, down = (torch.ones(problem.config.n_train, dtype=torch.float64) for _ in range(2))
+        up[k], down[k] = 1 + h, 1 - h
+        fd = (problem.retrain_logits(up) - problem.retrain_logits(down)) / (2 * h)
+        assert float((tau[:, k] - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
+
+
+def test_lds_is_one_for_rank_correlated_inputs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 30))
+    assert np.allclose(lds(x, np.exp(3 * x) + 2), 1.0, atol=1e-12)
+    assert np.allclose(lds(x, -x), -1.0, atol=1e-12)
+    y = rng.standard_normal(30)
+    y[:5] = y[5]  # ties take their average rank
+    assert spearman(x[0], y) == pytest.approx(spearmanr(x[0], y)[0], abs=1e-12)
+    assert np.isnan(spearman(x[0], np.ones(30)))
+    with pytest.raises(ConfigError):
+        spearman(x, x[:, :1])
+
+
+def test_removal_and_subset_conventions_give_the_same_lds():
+    rng = np.random.default_rng(1)
+    scores, actual = rng.standard_normal((3, 40)), rng.standard_normal((3, 12))
+    masks = draw_subsets(40, 0.9, 12, rng)
+    assert (masks.sum(1) == 36).all()
+    kept = subset_predictions(scores, masks)
+    removed = -subset_predictions(scores, ~masks)  # predicted change -sum over the removed samples
+    assert np.allclose(kept - removed, scores.sum(1, keepdims=True))
+    assert np.allclose(lds(kept, actual), lds(removed, actual), atol=1e-12)
+
+
+def test_bootstrap_and_config_errors():
+    mean, std = bootstrap_mean(np.array([0.5, 0.5, np.nan, 0.5]), 50)
+    assert mean == 0.5 and std == 0.0
+    with pytest.raises(ConfigError, match="activation"):
+        ValidationConfig(activation="gelu")
+    with pytest.raises(ConfigError, match="fractions"):
+        ValidationConfig(fractions=(0.5, 1.0))
+    with pytest.raises(ConfigError, match="top_k"):
+        ValidationConfig.quick(top_k=61)
+    with pytest.raises(ConfigError, match="unknown method"):
+        explaind.validation.compute_scores(None, None, None, ("shapley",))
