@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common(p, suppress=True)
 
+    p = sub.add_parser("validate", help="how well each attribution method predicts retraining on digits subsets "
+                                        "(LDS, top-k removal)")
+    p.add_argument("--quick", action="store_true", help="tiny size: a smoke test, not a measurement")
+    p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=["tanh"])
+    p.add_argument("--subsets", type=int, default=None, help="subsets per fraction (default 200; quick 8)")
+    p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")
+    p.add_argument("--top-k", type=int, default=None, help="proponents removed per test point (default 25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for JSON and CSV results")
+    _common(p, suppress=True)
+
     p = sub.add_parser("report", help="plots and the HTML report of a stored run")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", default=None, help="report folder (default: RUN/report)")

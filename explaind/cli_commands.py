@@ -135,6 +135,21 @@ def cmd_prune(args: argparse.Namespace, out: Any) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- validate
+def cmd_validate(args: argparse.Namespace, out: Any) -> int:
+    """The validation benchmark (``python -m explaind.validation``) with the same options."""
+    from .validation.__main__ import main as validation_main
+
+    argv = ["--activation", *args.activation, "--seed", str(args.seed)]
+    argv += ["--quick"] if args.quick else []
+    for flag, value in (("--subsets", args.subsets), ("--top-k", args.top_k), ("--out", args.out)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.fractions is not None:
+        argv += ["--fractions", *(str(f) for f in args.fractions)]
+    return validation_main(argv)
+
+
 # --------------------------------------------------------------------------- report
 def cmd_report(args: argparse.Namespace, out: Any) -> int:
     """Figures and the HTML report of a stored run."""

@@ -123,3 +123,12 @@ def test_bootstrap_and_config_errors():
         ValidationConfig.quick(top_k=61)
     with pytest.raises(ConfigError, match="unknown method"):
         explaind.validation.compute_scores(None, None, None, ("shapley",))
+
+
+def test_cli_validate_runs_the_benchmark(tmp_path, capsys):
+    from explaind.cli import main
+
+    assert main(["validate", "--quick", "--subsets", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "## tanh" in out and "counterfactual" in out
+    assert (tmp_path / "validation_tanh.json").is_file()
