@@ -22,7 +22,7 @@ def numbers():
 
 
 def test_numbers_file_names_its_commands(numbers):
-    assert set(numbers["commands"]) == {"demo", "replicate", "quickstart"}
+    assert set(numbers["commands"]) == {"demo", "replicate", "quickstart", "engine"}
     assert numbers["commands"]["demo"] == "explaind demo --threads 1"
     assert all(isinstance(v, str) and v for v in numbers["values"].values())
 

@@ -6,6 +6,8 @@ the 2-core development machine) runs
 * ``explaind demo --threads 1`` (the ``make demo`` run, size ``small``),
 * ``explaind replicate --table --threads 1`` (the reference fidelity table, size ``small``),
 * ``python examples/quickstart.py`` (the quickstart's replica and influence),
+* with ``--only engine`` (not run by default: it times, so run it on an idle machine)
+  ``python benchmarks/bench_engine.py --skip-baseline --repeats 3`` (docs/engine.md §7),
 
 and writes every number the pages in ``docs/`` quote about them to ``docs/numbers.json``, each
 formatted as the docs print it. ``--write-docs`` then puts them into the pages: a number is
@@ -127,6 +129,39 @@ def _quickstart_numbers(root: Path) -> dict[str, Any]:
                        "completeness_gap": _g(float(result["completeness_gap"]))}}
 
 
+#: ``benchmarks/bench_engine.py`` rows quoted in docs/engine.md §7, by the key the docs use.
+_ENGINE_ROWS = {"replica, adaptive (tol 1e-7)": "adaptive", "replica, gauss-legendre 4": "gl4",
+                "replica, midpoint 100": "midpoint", "replica, GELU variant, adaptive (tol 1e-7)": "gelu",
+                "influence keep=(train,), reverse": "train_reverse",
+                "influence keep=(train,), forward": "train_forward",
+                "influence keep=(train,), reverse, factored='never'": "train_never"}
+
+
+def _engine_numbers(root: Path) -> dict[str, Any]:
+    """Run the engine benchmark (torch's default threads, best of 3) and keep the rows the docs quote."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_engine.py"), "--skip-baseline",
+                           "--repeats", "3"], capture_output=True, text=True, check=True, cwd=root)
+    rows = []
+    values: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        key = _ENGINE_ROWS.get(cells[0]) if len(cells) >= 6 else None
+        if key is None:
+            continue
+        rows.append({"measurement": cells[0], "time (s)": cells[1], "rel. error": cells[2],
+                     "evals / step / input": cells[3]})
+        values[f"{key}.seconds"] = cells[1]
+        values[f"{key}.error"] = cells[2].split(" ")[0]
+        values[f"{key}.evals"] = cells[3]
+        if key == "adaptive":
+            values["adaptive.ratio"] = cells[5].split("x batched")[0] + "×"
+    table = markdown_table(rows, ("measurement", "time (s)", "rel. error", "evals / step / input"))
+    return {"values": values, "tables": {"cost": table}}
+
+
 def collect(root: Path, *, size: str = "small", parts: Sequence[str] = ("demo", "replicate", "quickstart")) -> dict:
     """Run the documented commands and gather their numbers (see the module docstring).
 
@@ -147,7 +182,9 @@ def collect(root: Path, *, size: str = "small", parts: Sequence[str] = ("demo", 
     torch.set_num_threads(1)  # the documented commands run with --threads 1
     runners = {"demo": ("explaind demo --threads 1", lambda: _demo_numbers(size)),
                "replicate": ("explaind replicate --table --threads 1", lambda: _reference_numbers(size)),
-               "quickstart": ("python examples/quickstart.py", lambda: _quickstart_numbers(root))}
+               "quickstart": ("python examples/quickstart.py", lambda: _quickstart_numbers(root)),
+               "engine": ("python benchmarks/bench_engine.py --skip-baseline --repeats 3",
+                          lambda: _engine_numbers(root))}
     out: dict[str, Any] = {"values": {}, "tables": {}, "commands": {}, "size": size, "seconds": {},
                            "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                        "threads": torch.get_num_threads()}}
@@ -189,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=".", help="repository root (default: the current folder)")
     parser.add_argument("--size", default="small")
-    parser.add_argument("--only", nargs="*", default=None, help="demo, replicate and/or quickstart")
+    parser.add_argument("--only", nargs="*", default=None, help="demo, replicate, quickstart and/or engine")
     parser.add_argument("--write-docs", action="store_true", help="fill the markers in docs/*.md")
     parser.add_argument("--fill-only", action="store_true",
                         help="run nothing: fill the markers in docs/*.md from the existing docs/numbers.json")
