@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..exceptions import ConfigError
+from ..inputs import as_inputs
 from ..trajectory.base import Trajectory
 from .autograd import AutogradEvaluator
 from .evaluate import Evaluator, StepStack
@@ -102,8 +103,8 @@ class PathEngine:
         self._cache.clear()
 
     def inputs(self, X: Any) -> Tensor:
-        """Test inputs as a tensor on the compute device (floating inputs in the compute dtype)."""
-        return self.fm.cast(torch.as_tensor(X))
+        """Test inputs on the compute device (floating tensors in the compute dtype); tuples and mappings as Inputs."""
+        return self.fm.cast(as_inputs(X))
 
     def explained(self, X: Tensor, target: Any, y: Any, owner: str) -> Explained:
         """:math:`g` for inputs ``X``: all outputs, ``target`` indices, or ``"loss"`` with ``y``."""

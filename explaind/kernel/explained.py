@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..exceptions import ConfigError
+from ..inputs import Inputs, call_model
 from ..outputs import model_output
 
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
@@ -55,8 +55,10 @@ class FunctionalModel:
         self.constants = {k: self.cast(v) for k, v in constants.items()}
         self.loss_fn = loss_fn
 
-    def cast(self, t: Tensor) -> Tensor:
-        """Move to the compute device; floating tensors also to the compute dtype."""
+    def cast(self, t: Any) -> Any:
+        """Move to the compute device; floating tensors also to the compute dtype (every tensor of :class:`Inputs`)."""
+        if isinstance(t, Inputs):
+            return t.map(self.cast)
         t = torch.as_tensor(t)
         if t.is_floating_point():
             return t.detach().to(device=self.device, dtype=self.dtype)
@@ -72,7 +74,7 @@ class FunctionalModel:
         ``scaled_dot_product_attention`` runs its math backend, the one with forward-mode derivatives.
         """
         with sdpa_kernel(SDPBackend.MATH):
-            return model_output(functional_call(self.module, {**self.constants, **params}, (x,)))
+            return model_output(call_model(self.module, {**self.constants, **params}, x))
 
     def sample_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Per-sample training losses ``l_k(params)``, shape ``(n,)``."""

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
+from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
 
@@ -195,7 +196,7 @@ def check_batch_gradient(
     detached = {n: p.detach().requires_grad_(n in raw) for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     with torch.enable_grad(), torch.autocast(inputs.device.type, enabled=False):
-        out = model_output(torch.func.functional_call(model, {**buffers, **detached}, (inputs,)))
+        out = model_output(call_model(model, {**buffers, **detached}, inputs))
         per_sample = loss.implementation(out, targets)
         total = (weights.to(per_sample.dtype) * per_sample).sum()
         ref = torch.autograd.grad(total, [detached[n] for n in names], allow_unused=True)
@@ -258,7 +259,7 @@ def check_loss_decomposes(
     state = {n: p.detach() for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
-        out = model_output(torch.func.functional_call(model, {**buffers, **state}, (inputs,)))
+        out = model_output(call_model(model, {**buffers, **state}, inputs))
         mean = float((loss.implementation(out, targets).double() * weights.to(out.device).double()).sum())
         batch = float(reference(out, targets))
     tol = 1e-10 if out.dtype == torch.float64 else 1e-5

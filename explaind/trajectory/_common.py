@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
+from ..inputs import Inputs, as_inputs
 from ..records import LossRecord
 from .manifest import ArchitectureSpec
 
@@ -73,24 +74,27 @@ def split_model_tensors(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict
 
 
 class TrainData:
-    """Uniform access to training data given as ``(X, y)`` tensors or a ``torch.utils.data.Dataset``.
+    """Uniform access to training data given as ``(X, y)`` or a ``torch.utils.data.Dataset``.
 
     Parameters
     ----------
-    data : tuple of (Tensor, Tensor) or Dataset
-        Inputs ``X`` of shape ``(n, ...)`` and targets ``y`` of shape ``(n, ...)``, or a map-style
-        dataset whose items are ``(x, y)`` pairs.
+    data : tuple of (X, y) or Dataset
+        Inputs ``X`` — a tensor of shape ``(n, ...)``, or a tuple or mapping of such tensors (the
+        model's positional or keyword arguments, e.g. ``{"input_ids": ..., "attention_mask": ...}``)
+        — and targets ``y`` of shape ``(n, ...)``; or a map-style dataset whose items are ``(x, y)``
+        pairs (``x`` a tensor).
     """
 
     def __init__(self, data: Any):
-        self._x: Tensor | None = None
+        self._x: Tensor | Inputs | None = None
         self._y: Tensor | None = None
         self._dataset: Any = None
         if isinstance(data, TrainData):
             self._x, self._y, self._dataset = data._x, data._y, data._dataset
             return
-        if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-            x, y = data
+        if (isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], Tensor)
+                and isinstance(data[0], Tensor | Inputs | Mapping | tuple)):
+            x, y = as_inputs(data[0]), data[1]
             if x.shape[0] != y.shape[0]:
                 raise ConfigError(
                     f"train_data: X has {x.shape[0]} rows but y has {y.shape[0]}. Pass (X, y) with the same "
@@ -101,8 +105,8 @@ class TrainData:
             self._dataset = data
         else:
             raise ConfigError(
-                f"train_data of type {type(data).__name__} is not supported. Pass a tuple (X, y) of tensors or a "
-                f"map-style torch.utils.data.Dataset returning (x, y) pairs."
+                f"train_data of type {type(data).__name__} is not supported. Pass a tuple (X, y) — X a tensor or a "
+                f"tuple/mapping of tensors — or a map-style torch.utils.data.Dataset returning (x, y) pairs."
             )
 
     def __len__(self) -> int:
@@ -110,7 +114,7 @@ class TrainData:
             return int(self._x.shape[0])
         return len(self._dataset)
 
-    def get(self, indices: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
+    def get(self, indices: Tensor | Sequence[int]) -> tuple[Tensor | Inputs, Tensor]:
         """Inputs and targets at ``indices`` (shape ``(n,)``, int64)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         if self._x is not None:
@@ -127,11 +131,34 @@ class TrainData:
             ys.append(torch.as_tensor(item[1]))
         return torch.stack(xs), torch.stack(ys)
 
-    def tensors(self) -> tuple[Tensor, Tensor]:
+    def tensors(self) -> tuple[Tensor | Inputs, Tensor]:
         """All data as ``(X, y)`` (a dataset is materialised item by item)."""
         if self._x is not None:
             return self._x, self._y
         return self.get(torch.arange(len(self)))
+
+    def flat(self) -> dict[str, Tensor]:
+        """All data as named tensors for storage: ``X`` (or ``X.<key>`` / ``X.<position>``) and ``y``."""
+        x, y = self.tensors()
+        if isinstance(x, Inputs):
+            items = x.data.items() if isinstance(x.data, dict) else enumerate(x.data)
+            out = {f"X.{k}": v for k, v in items if isinstance(v, Tensor)}
+            if len(out) != len(x.data):
+                raise ConfigError("store_data=True stores tensors only; this train_data has non-tensor entries. "
+                                  "Pass store_data=False and give train_data to Trajectory.load.")
+            out["X.__kind__"] = torch.tensor([1 if isinstance(x.data, dict) else 0])
+            return {**out, "y": y}
+        return {"X": x, "y": y}
+
+    @classmethod
+    def from_flat(cls, tensors: Mapping[str, Tensor]) -> TrainData:
+        """Inverse of :meth:`flat`."""
+        if "X" in tensors:
+            return cls((tensors["X"], tensors["y"]))
+        keys = sorted(k[2:] for k in tensors if k.startswith("X.") and k != "X.__kind__")
+        if int(tensors["X.__kind__"][0]) == 1:
+            return cls((Inputs({k: tensors[f"X.{k}"] for k in keys}), tensors["y"]))
+        return cls((Inputs(tuple(tensors[f"X.{k}"] for k in sorted(keys, key=int))), tensors["y"]))
 
 
 def validate_indices(indices: Any, n_train: int | None) -> Tensor:

@@ -109,8 +109,7 @@ class RecorderStoreMixin:
                 "constants.safetensors", {f"const.{k}": v for k, v in constants.items()}
             )
         if self._data is not None and self._store_data:
-            x, y = self._data.tensors()
-            m.data_file = self._writer.write_file("data.safetensors", {"X": x, "y": y})
+            m.data_file = self._writer.write_file("data.safetensors", self._data.flat())
         self._writer.write_manifest()
 
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],

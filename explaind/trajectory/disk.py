@@ -240,7 +240,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                     f"Trajectory.load(path, train_data=(X, y)), or record with store_data=True."
                 )
             tensors = read_tensors(self.root, self._manifest.data_file)[0]
-            self._data = TrainData((tensors["X"], tensors["y"]))
+            self._data = TrainData.from_flat(tensors)
         return self._data.get(indices)
 
     # ----------------------------------------------------------------- extras
