@@ -34,6 +34,7 @@ class PathConfig(StrictModel):
     chunk_size: int | None = Field(default=256, ge=1)
     factored: Literal["auto", "always", "never"] = "auto"
     progress: bool = False
+    distributed: Literal["auto", "off"] = "auto"
 
 
 class PathEstimator(ExplaindEstimator):

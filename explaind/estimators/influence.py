@@ -28,6 +28,7 @@ from ..kernel.attribution import AXES, Attribution
 from ..kernel.budget import parse_bytes, plan_sweep
 from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_samples, update_sweep
 from ..kernel.planning import window_plans
+from ..kernel.shard import all_sum, gather_rows, shard_rows, world
 from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
 from .residual import check_residual
@@ -122,6 +123,9 @@ class InfluenceEstimator(PathEstimator):
         ``"reverse"`` cannot keep ``"step"``.
     memory_budget : int or str
         Peak working memory target (bytes or ``"2GB"``); chooses chunks and the momentum mode.
+    distributed : {"auto", "off"}
+        ``"auto"``: inside an initialised ``torch.distributed`` process group of several processes,
+        split the test inputs over them and gather the result (the same numbers as one process).
     test_chunk_size, param_chunk_size : int, optional
         Force test inputs per chunk / coordinates per parameter block (whole tensors).
     chunk_size : int or None
@@ -149,7 +153,7 @@ class InfluenceEstimator(PathEstimator):
     def __init__(self, *, keep: Any = ("train",), target: Any = None, split: bool = True, residual_tol: float = 1e-3,
                  strict: bool = False, steps: Any = None,
                  quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
-                 memory_budget: int | str = "2GB", test_chunk_size: int | None = None,
+                 memory_budget: int | str = "2GB", distributed: str = "auto", test_chunk_size: int | None = None,
                  param_chunk_size: int | None = None, chunk_size: int | None = 256, factored: str = "auto",
                  device: str = "auto", dtype: str = "float64", progress: bool = False):
         self.keep = keep
@@ -163,6 +167,7 @@ class InfluenceEstimator(PathEstimator):
         self.tol = tol
         self.momentum = momentum
         self.memory_budget = memory_budget
+        self.distributed = distributed
         self.test_chunk_size = test_chunk_size
         self.param_chunk_size = param_chunk_size
         self.chunk_size = chunk_size
@@ -200,16 +205,39 @@ class InfluenceEstimator(PathEstimator):
         return self
 
     def transform(self, X: Any, y: Any = None) -> Attribution:
-        r"""Decompose :math:`g(x;\theta_{stop})` for test inputs ``X`` (and targets ``y`` for ``target='loss'``)."""
+        r"""Decompose :math:`g(x;\theta_{stop})` for test inputs ``X`` (and targets ``y`` for ``target='loss'``).
+
+        In a ``torch.distributed`` process group (``distributed="auto"``), each process explains a
+        contiguous shard of the test inputs and every process returns the gathered result
+        (:mod:`explaind.kernel.shard`).
+        """
         self._check_fitted()
         cfg = self.config_
         name = type(self).__name__
-        engine = self.engine_
         Xt = self._inputs(X)
         if cfg.target == "loss" and y is None:
             raise ConfigError(f"{name}: target='loss' explains the test loss and needs the test targets: call "
                               f"transform(X, y).")
+        T = Xt.shape[0]
         target = cfg.target if cfg.target is None or cfg.target == "loss" else torch.tensor(cfg.target)
+        rank, size = world() if cfg.distributed == "auto" else (0, 1)
+        if size == 1:
+            att = self._decompose(Xt, target, y)
+        else:
+            rows, counts = shard_rows(T, rank, size)
+            if isinstance(target, torch.Tensor) and target.numel() == T:
+                target = target.reshape(-1)[rows]
+            part = self._decompose(Xt[rows], target, None if y is None else torch.as_tensor(y)[rows])
+            att = _gathered(part, counts, T)
+        if cfg.split:
+            check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
+        return att
+
+    def _decompose(self, Xt: Any, target: Any, y: Any) -> Attribution:
+        """The attribution of the inputs ``Xt`` (one process's share)."""
+        cfg = self.config_
+        name = type(self).__name__
+        engine = self.engine_
         explained = engine.explained(Xt, target, y, name)
         keep = cfg.keep
         start, stop = self.window_
@@ -240,10 +268,7 @@ class InfluenceEstimator(PathEstimator):
             self._jacobian_path(engine, query, acc, keep, O, elem)
         exact = torch.stack([p.exact for p in plans], dim=1)
         evals = torch.stack([p.evals for p in plans], dim=1)
-        att = self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train)
-        if cfg.split:
-            check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
-        return att
+        return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train)
 
     def _jacobian_path(self, engine: Any, query: Query, acc: Accumulators, keep: tuple[str, ...], O: int,
                        elem: int) -> None:
@@ -312,3 +337,15 @@ class InfluenceEstimator(PathEstimator):
             layout=layout,
             meta=meta,
         )
+
+
+def _gathered(part: Attribution, counts: list[int], T: int) -> Attribution:
+    """The attribution of every rank's shard, concatenated along the test axis (every rank gets it)."""
+    fields = {name: gather_rows(getattr(part, name), counts)
+              for name in ("values", "initial", "final", "regularization", "residual", "quadrature_error")}
+    meta = dict(part.meta)
+    local = torch.tensor(meta["evals_per_step"], dtype=torch.float64) * part.values.shape[0]
+    meta["evals_per_step"] = (all_sum(local) / T).tolist()
+    meta["processes"] = len(counts)
+    coords = {**part.coords, "test": np.arange(T)}
+    return Attribution(axes=part.axes, coords=coords, layout=part.layout, meta=meta, **fields)

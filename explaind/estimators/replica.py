@@ -22,6 +22,7 @@ from torch import nn
 
 from ..exceptions import ConfigError, ExplaindWarning
 from ..kernel.planning import window_plans
+from ..kernel.shard import gather_rows, shard_rows, world
 from ..outputs import model_output
 from ._path import PathConfig, PathEstimator
 
@@ -63,6 +64,10 @@ class KernelReplica(PathEstimator):
         per-row parameters. Same results to rounding.
     progress : bool
         Progress bar over steps.
+    distributed : {"auto", "off"}
+        ``"auto"``: inside an initialised ``torch.distributed`` process group of several processes,
+        ``predict`` and ``score`` split the test inputs over them and gather the replica (the same
+        numbers as one process); ``fidelity_report`` always runs on all inputs.
 
     Attributes
     ----------
@@ -78,7 +83,8 @@ class KernelReplica(PathEstimator):
 
     def __init__(self, *, quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7,
                  steps: tuple[int, int | None] | None = None, device: str = "auto", dtype: str = "float64",
-                 chunk_size: int | None = 256, factored: str = "auto", progress: bool = False):
+                 chunk_size: int | None = 256, factored: str = "auto", progress: bool = False,
+                 distributed: str = "auto"):
         self.quadrature = quadrature
         self.nodes = nodes
         self.tol = tol
@@ -88,6 +94,7 @@ class KernelReplica(PathEstimator):
         self.chunk_size = chunk_size
         self.factored = factored
         self.progress = progress
+        self.distributed = distributed
 
     def fit(self, traj: Any, y: Any = None) -> KernelReplica:
         """Validate the parameters and attach the trajectory ``traj``; returns ``self``."""
@@ -97,8 +104,22 @@ class KernelReplica(PathEstimator):
     # ------------------------------------------------------------------ evaluation
     def _run(self, X: Any) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
         self._check_fitted()
-        engine = self.engine_
+        return self._replicate(self._inputs(X))
+
+    def _sharded(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replica and ``g(theta_stop)`` of all inputs, each process computing its shard (``distributed="auto"``)."""
+        self._check_fitted()
         Xt = self._inputs(X)
+        rank, size = world() if self.config_.distributed == "auto" else (0, 1)
+        if size == 1:
+            replica, g_stop, _ = self._replicate(Xt)
+            return replica, g_stop
+        rows, counts = shard_rows(Xt.shape[0], rank, size)
+        replica, g_stop, _ = self._replicate(Xt[rows])
+        return gather_rows(replica, counts), gather_rows(g_stop, counts)
+
+    def _replicate(self, Xt: Any) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+        engine = self.engine_
         explained = engine.explained(Xt, None, None, type(self).__name__)
         cfg = self.config_
         g_start, g_stop, plans = window_plans(engine, Xt, explained, self.window_, cfg.quadrature, cfg.nodes,
@@ -108,7 +129,7 @@ class KernelReplica(PathEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         r"""Replica outputs :math:`f(x;\theta_{start}) + \sum_s \varphi_s(x)\Delta\theta_s`, shape ``(n, O)``."""
-        replica, _, _ = self._run(X)
+        replica, _ = self._sharded(X)
         return replica.detach().cpu().numpy()
 
     def score(self, X: Any, y: Any = None) -> float:
@@ -117,7 +138,7 @@ class KernelReplica(PathEstimator):
         Without ``y``: the fraction of inputs whose replica arg-max output equals the arg-max of
         the trained model :math:`f(x;\theta_{stop})`. With ``y``: the replica's accuracy on ``y``.
         """
-        replica, g_stop, _ = self._run(X)
+        replica, g_stop = self._sharded(X)
         pred = replica.argmax(-1).cpu()
         ref = g_stop.argmax(-1).cpu() if y is None else torch.as_tensor(np.asarray(y)).reshape(-1).cpu()
         return float((pred == ref).double().mean())
