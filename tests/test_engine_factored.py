@@ -142,7 +142,23 @@ def _tokens(T: int, seed: int) -> Tensor:
     return tokens
 
 
+class ConvNet(nn.Module):
+    """Conv2d + GroupNorm + ReLU, a strided convolution without bias, a linear read-out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 3, 3, stride=2, bias=False)
+        self.head = nn.Linear(3 * 2 * 2, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.norm(self.conv1(x)))
+        return self.head(torch.tanh(self.conv2(h)).flatten(1))
+
+
 CASES = {
+    "conv": (ConvNet, lambda T: torch.randn(T, 1, 6, 6, generator=torch.Generator().manual_seed(5), dtype=DT)),
     "mlp": (lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)),
             lambda T: torch.randn(T, 3, generator=torch.Generator().manual_seed(5), dtype=DT)),
     "layernorm": (lambda: nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 4),

@@ -1,1 +1,3 @@
-"""The exact path-kernel engine: quadrature, torch.func features, momentum sweeps, Attribution."""
+"""The path-kernel engine (docs/engine.md). Importing it registers the built-in layer rules."""
+
+from . import conv_rules as _conv_rules  # noqa: F401 - registers Conv2d and GroupNorm

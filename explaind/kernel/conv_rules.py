@@ -1,0 +1,140 @@
+r"""Layer rules for convolutional networks: ``nn.Conv2d`` and ``nn.GroupNorm`` (registered on import).
+
+**Conv2d** (``groups=1``, zero padding given as numbers): the output is affine in the kernel and
+bias, :math:`z = W \star a + b`, so the segment point :math:`t` adds :math:`t\,(\Delta W \star a + \Delta b)`,
+and with the output gradients :math:`\delta_{o}[c_{out}, p]` at every output position :math:`p`
+
+.. math::
+
+    \frac{\partial g_o}{\partial W[c_{out}, k]} = \sum_p \delta_o[c_{out}, p]\, U(a)[k, p], \qquad
+    \frac{\partial g_o}{\partial b[c_{out}]} = \sum_p \delta_o[c_{out}, p],
+
+:math:`U(a)` the unfolded input patches (``F.unfold``, :math:`k` running over input channel and
+kernel offset). **GroupNorm** with an affine transform: :math:`z = \hat a \odot w[c] + b[c]`,
+:math:`\hat a` the input normalised per sample and group, so
+:math:`\partial g_o/\partial w[c] = \sum_p \delta_o[c, p]\,\hat a[c, p]` and
+:math:`\partial g_o/\partial b[c] = \sum_p \delta_o[c, p]`.
+Both are checked against ``torch.func`` at start-up like every rule (:mod:`~explaind.kernel.layers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layer_rules import Factors, StackedSteps, register_layer_rule
+
+__all__ = ["Conv2dRule", "GroupNormRule"]
+
+
+def _at(stack: Tensor | None, s: int) -> Tensor | None:
+    """Step ``s`` of a stacked parameter (a frozen one has a single entry)."""
+    return None if stack is None else stack[0 if stack.shape[0] == 1 else s]
+
+
+def _per_row(stack: Tensor | None, rows: StackedSteps, shape: tuple[int, ...]) -> Tensor | None:
+    """Each row's parameters from ``stack (S, C, ...)``, reshaped to broadcast as ``shape``."""
+    if stack is None:
+        return None
+    if stack.shape[0] == 1:
+        return stack[0].reshape(shape[1:])
+    return stack.index_select(0, rows.sidx).reshape(shape)
+
+
+class Conv2dRule:
+    """``nn.Conv2d``: roles ``kernel`` (weight) and ``bias``."""
+
+    def roles(self, module: nn.Module) -> dict[str, str]:
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return {}
+        out = {"weight": "kernel"}
+        if module.bias is not None:
+            out["bias"] = "bias"
+        return out
+
+    @staticmethod
+    def _conv(module: nn.Module, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return F.conv2d(a, w, b, module.stride, module.padding, module.dilation)
+
+    def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
+        dw, db = delta.get("kernel"), delta.get("bias")
+        if dw is not None:
+            return self._conv(module, a, dw, db)
+        return None if db is None else db.reshape(1, -1, 1, 1).expand_as(output)
+
+    def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
+        W, dW = rows.stacked(prefix, "kernel", module.weight)
+        b, db = rows.stacked(prefix, "bias", module.bias)
+        steps, counts = torch.unique_consecutive(rows.sidx, return_counts=True)  # rows are sorted by step
+        parts, lo = [], 0
+        for s, c in zip(steps.tolist(), counts.tolist()):
+            x, tt = a[lo:lo + c], t[lo:lo + c]
+            z = self._conv(module, x, _at(W, s), _at(b, s))
+            if dW is not None:
+                z = z + tt * self._conv(module, x, dW[s], None if db is None else db[s])
+            elif db is not None:
+                z = z + tt * db[s].reshape(1, -1, 1, 1)
+            parts.append(z)
+            lo += c
+        return torch.cat(parts)
+
+    def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
+               buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
+        total = torch.zeros(out.shape[0], O, out.shape[-1], dtype=out.dtype, device=out.device)
+        for d, a in calls:
+            d = d.reshape(O, d.shape[1], module.out_channels, -1)  # (O, E, C_out, P)
+            if role == "kernel":
+                patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (E, K, P)
+                per_entry = torch.einsum("oecp,ekp->eock", d, patches).reshape(d.shape[1], O, -1)
+            else:
+                per_entry = d.sum(-1).transpose(0, 1)
+            total.index_add_(0, owner, per_entry)
+        out.copy_(total)
+
+
+class GroupNormRule:
+    """``nn.GroupNorm`` with ``affine=True``: roles ``scale`` (weight) and ``shift`` (bias)."""
+
+    def roles(self, module: nn.Module) -> dict[str, str]:
+        return {"weight": "scale", "bias": "shift"} if module.affine else {}
+
+    @staticmethod
+    def normalised(module: nn.Module, a: Tensor) -> Tensor:
+        return F.group_norm(a, module.num_groups, None, None, module.eps)
+
+    def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
+        shape = (1, -1, *([1] * (a.dim() - 2)))
+        dw, db = delta.get("scale"), delta.get("shift")
+        moved = None if dw is None else self.normalised(module, a) * dw.reshape(shape)
+        if db is not None:
+            moved = db.reshape(shape).expand_as(output) if moved is None else moved + db.reshape(shape)
+        return moved
+
+    def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
+        shape = (t.shape[0], a.shape[1], *([1] * (a.dim() - 2)))
+        hat = self.normalised(module, a)
+        W, dW = rows.stacked(prefix, "scale", module.weight)
+        b, db = rows.stacked(prefix, "shift", module.bias)
+        z = hat * _per_row(W, rows, shape) + _per_row(b, rows, shape)
+        if dW is not None:
+            z = z + t * hat * _per_row(dW, rows, shape)
+        if db is not None:
+            z = z + t * _per_row(db, rows, shape)
+        return z
+
+    def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
+               buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
+        total = torch.zeros(out.shape[0], O, out.shape[-1], dtype=out.dtype, device=out.device)
+        for d, a in calls:
+            d = d.reshape(O, d.shape[1], module.num_channels, -1)  # (O, E, C, positions)
+            if role == "scale":
+                d = d * self.normalised(module, a).reshape(1, d.shape[1], module.num_channels, -1)
+            total.index_add_(0, owner, d.sum(-1).transpose(0, 1))
+        out.copy_(total)
+
+
+register_layer_rule(nn.Conv2d, Conv2dRule())
+register_layer_rule(nn.GroupNorm, GroupNormRule())
