@@ -131,3 +131,15 @@ def test_bad_parameters_name_the_field(params, field, hint):
 def test_fit_needs_a_trajectory():
     with pytest.raises(ConfigError, match="expects an explaind.Trajectory"):
         explaind.KernelReplica().fit(np.zeros(3))
+
+
+def test_a_capped_adaptive_rule_warns_with_the_error_left(monkeypatch):
+    import explaind.kernel.adaptive as adaptive
+    from explaind.exceptions import ExplaindWarning
+
+    run = engine_run("relu", "sgd")
+    monkeypatch.setattr(adaptive, "MAX_EVALS", 6)  # a cap the ReLU paths of this run exceed
+    with pytest.warns(ExplaindWarning, match=r"stopped at its cap of about 6 evaluations .* relative error up to"):
+        rep = explaind.KernelReplica(tol=1e-12, device="cpu").fit(run.trajectory)
+        report = rep.fidelity_report(run.X_test)
+    assert report["relative_quadrature_error"].max() > 1e-12  # the error left is reported, not hidden

@@ -11,11 +11,14 @@ evaluation of rows ``(step, input, t)``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..exceptions import ExplaindWarning
+from . import adaptive
 from .adaptive import adaptive_plan
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
@@ -92,8 +95,26 @@ def _adaptive_group(engine: Any, stack: StepStack, g_vals: list[Tensor], n: int,
         return engine.evaluator.slopes(stack, Rows(units // T, units % T, t))
 
     plan = adaptive_plan(est0, torch.cat(g_vals[:-1]), torch.cat(g_vals[1:]), refine, tol=tol, nodes=n,
-                         coarsen=coarsen, first=(x01, h0, d0))
+                         coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
+                         max_evals=adaptive.MAX_EVALS)
+    _warn_if_capped(plan, tol, stack)
     return plan.split(stack.n_steps)
+
+
+def _warn_if_capped(plan: NodePlan, tol: float, stack: StepStack) -> None:
+    """A loud warning when units stopped at the evaluation cap with their error above the tolerance."""
+    scale = plan.exact.abs().amax(-1)
+    err = (plan.estimate - plan.exact).abs().amax(-1)
+    capped = (plan.evals >= adaptive.MAX_EVALS) & (err > tol * scale)
+    if bool(capped.any()):
+        worst = float((err[capped] / scale[capped].clamp_min(torch.finfo(scale.dtype).tiny)).max())
+        warnings.warn(
+            f"the adaptive quadrature stopped at its cap of about {adaptive.MAX_EVALS} evaluations for "
+            f"{int(capped.sum())} of {capped.numel()} (step, input) pairs with relative error up to {worst:.2g} "
+            f"(tol={tol:g}): the path crosses more activation kinks than the rule can locate (ReLU-dense "
+            f"models). The error left is reported as quadrature_error; a fixed rule with many nodes "
+            f"(quadrature='midpoint', nodes=...) costs a known number of evaluations instead.",
+            ExplaindWarning, stacklevel=4)
 
 
 def _fixed_group(engine: Any, stack: StepStack | None, g_vals: list[Tensor], rule: str, n: int) -> list[NodePlan]:
