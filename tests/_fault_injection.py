@@ -5,12 +5,15 @@ writing, each ``write`` (before it, and torn after half of its bytes), ``os.fsyn
 ``os.replace``, ``os.link``, ``os.unlink``, ``os.mkdir``, ``os.rmdir`` and ``os.open`` with a
 creating flag — and numbers them. With ``kill_at=k`` the k-th raises :class:`Killed` and so does
 every later one, so nothing after the kill point reaches the disk (cleanup code included), as
-after a real SIGKILL. Files are written unbuffered, so what a write returned is on disk.
+after a real SIGKILL. Files are written unbuffered, so what a write returned is on disk. With
+``error=True`` the k-th operation fails with ``OSError`` (a full disk) instead, once, and the
+program goes on.
 """
 
 from __future__ import annotations
 
 import builtins
+import errno
 import os
 from pathlib import Path
 
@@ -53,6 +56,7 @@ class Injector:
         self.root = os.fspath(root)
         self.active = False
         self.kill_at: int | None = None
+        self.error = False
         self.events: list[str] = []
         self.dead = False
         real = {name: getattr(os, name) for name in ("replace", "link", "unlink", "mkdir", "rmdir", "open", "fsync")}
@@ -92,9 +96,9 @@ class Injector:
         path = os.fspath(path)
         return path == self.root or path.startswith(self.root + os.sep)
 
-    def start(self, kill_at: int | None = None) -> None:
-        """Count from zero (and kill at ``kill_at``)."""
-        self.events, self.kill_at, self.dead, self.active = [], kill_at, False, True
+    def start(self, kill_at: int | None = None, *, error: bool = False) -> None:
+        """Count from zero (and kill at ``kill_at``, or fail there with ``error``)."""
+        self.events, self.kill_at, self.dead, self.active, self.error = [], kill_at, False, True, error
 
     def stop(self) -> None:
         """The process is gone: later operations run normally again."""
@@ -109,6 +113,8 @@ class Injector:
         self.check()
         self.events.append(what)
         if len(self.events) - 1 == self.kill_at:
+            if self.error:
+                raise OSError(errno.ENOSPC, f"No space left on device (injected at {what})")
             if torn is not None:
                 torn()
             self.dead = True

@@ -118,7 +118,7 @@ class TrajectoryRecorder(RecorderStoreMixin):
         continues after the last stored state: with ``k > 1`` the steps recorded after it are
         dropped and recorded again.
     background_writes : bool
-        Write step files on a worker thread (bounded queue); failures surface at the next step or at exit.
+        Write step files on a worker thread, at most 4 steps behind; failures surface at the next step or exit.
     fsync : bool
         ``fsync`` every stored file.
     gradient_tolerance : float, optional

@@ -17,9 +17,12 @@ Layout of a store directory::
     optimizer/state-{0,1}.safetensors   optimizer.state_dict() after the latest steps (for resuming)
 
 A step counts as complete once its journal line is written, which happens after its files were
-moved into place, so a crash loses at most the step in flight. ``manifest.json`` is rewritten
-when recording starts and when it ends; readers merge it with the journal. Writing may run on a
-background thread (bounded queue); a failure there is raised by the next recorder call.
+moved into place, so a crash loses at most the steps not yet committed. ``manifest.json`` is
+written last when a new store is set up (its existence makes the directory a store; see
+``_layout``), again when a resumed recording starts, and when recording ends; readers merge it
+with the journal. Writing may run on a background thread; at most ``max_queue`` (4) steps are
+handed to it and not yet committed, so a crash loses at most those 4 plus the step in flight
+(measured in tests/test_store_faults.py). A failure there is raised by the next recorder call.
 """
 
 from __future__ import annotations
@@ -240,9 +243,9 @@ def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
         )
     if foreign and not overwrite:
         raise TrajectoryError(
-            f"store={str(root)!r} holds the files of a recording interrupted before its store was set up (nothing "
-            f"was recorded) and files that are not explaind's ({listed}). Pass overwrite=True to delete the "
-            f"interrupted recording's files (the others stay), or choose another store path."
+            f"store={str(root)!r} holds the files of a recording interrupted while its store was set up or replaced "
+            f"(no store is left there) and files that are not explaind's ({listed}). Pass overwrite=True to delete "
+            f"the interrupted recording's files (the others stay), or choose another store path."
         )
     started = marked or any(p.name.startswith(LOCK) for p in root.iterdir())
     if resume and not started:
