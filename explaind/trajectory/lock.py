@@ -1,12 +1,13 @@
 """One writer per store: an advisory lock file holding the writer's process id and host.
 
-:class:`WriterLock` creates ``.explaind-writer.lock`` in the store with ``O_CREAT | O_EXCL`` (atomic
-on local file systems), so of two recorders started together on one store exactly one gets it;
-the other gets a :class:`~explaind.exceptions.TrajectoryError` naming the holder. A lock whose
-holder is gone — a process on this host that no longer runs, or this process after a writer
-that was dropped without being closed — is stale and taken over. A lock held on another host is never taken
-over automatically; the message says how to remove it. The lock appears with its content in one
-step (a hard link of a complete temporary file), so a crash never leaves an empty one.
+:class:`WriterLock` creates ``.explaind-writer.lock`` in the store atomically (a hard link, or
+``O_CREAT | O_EXCL`` where links are not supported), so of two recorders started together on one
+store exactly one gets it; the other gets a :class:`~explaind.exceptions.TrajectoryError` naming
+the holder. A lock whose holder is gone — a process on this host that no longer runs, or this
+process after a writer that was dropped without being closed — is stale and taken over. A lock
+held on another host is never taken over automatically; the message says how to remove it. The
+lock appears with its content in one step (a hard link of a complete temporary file), so a crash
+never leaves an empty one.
 """
 
 from __future__ import annotations

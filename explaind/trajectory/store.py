@@ -194,9 +194,12 @@ def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     """Make ``root`` ready for recording; returns ``True`` when an existing store is resumed.
 
     An existing store is resumed with ``resume=True``, replaced with ``overwrite=True`` (only a
-    valid explaind store, and only its own files are deleted) and otherwise refused. A non-empty
-    directory that is not a store is never deleted, and nothing is done while another writer
-    holds the store's lock.
+    valid explaind store, and only its own files are deleted) and otherwise refused. A directory
+    that an interrupted set-up or replacement left (the set-up marker, no manifest; see
+    ``_layout``) holds no store: its explaind files are deleted and recording starts anew (also
+    with ``resume=True``); other files in it need ``overwrite=True`` and stay. Any other non-empty
+    directory that is not a store is refused, and nothing is done while another writer holds the
+    store's lock.
     """
     if root.exists() and not root.is_dir():
         raise TrajectoryError(f"store={str(root)!r} is a file; pass a directory path for the trajectory store.")
@@ -254,7 +257,7 @@ def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
         )
     if marked:
         logger.warning("%s holds the files of a recording interrupted while its store was set up or replaced; "
-                       "nothing was recorded there, so they are deleted and recording starts anew.", root)
+                       "no store is left there, so they are deleted and recording starts anew.", root)
         remove_store(root, None)
     elif resume:
         logger.warning("resume=True: the recording at %s was interrupted before anything was recorded; starting "
