@@ -34,6 +34,7 @@ class RecorderStoreMixin:
     _store: Path | None
     _manifest: TrajectoryManifest
     _resumed: bool
+    _restarted: bool
     _loss: Any
     _params: dict[str, nn.Parameter]
     _auditor: UpdateAudit
@@ -71,6 +72,8 @@ class RecorderStoreMixin:
         Use with ``resume=True`` before the loop, then continue training from step ``N``. An LR
         scheduler is the loop's own: recreate it at step ``N`` (e.g. ``last_epoch=N - 1``).
         """
+        if self._store is not None and self._restarted:
+            return 0  # resume=True where an interrupted recording had recorded nothing: starting anew
         if self._store is None or not self._resumed:
             raise TrajectoryError("restore() needs a recorder opened with store=<path> and resume=True.")
         n = self._manifest.n_steps  # the last step with a stored optimizer state
@@ -102,7 +105,8 @@ class RecorderStoreMixin:
             m.complete = False
             self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background)
             return
-        self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background)
+        # the manifest goes last: until it is written the directory holds no store (store.py, _layout.py)
+        self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background, new=True)
         m.initial_file = self._writer.write_file("initial.safetensors", {f"param.{k}": v for k, v in theta.items()})
         if constants:
             m.constants_file = self._writer.write_file(
@@ -110,7 +114,7 @@ class RecorderStoreMixin:
             )
         if self._data is not None and self._store_data:
             m.data_file = self._writer.write_file("data.safetensors", self._data.flat())
-        self._writer.write_manifest()
+        self._writer.finish_setup()
 
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
                     st: dict[str, Any]) -> None:

@@ -245,13 +245,20 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
 
     # ----------------------------------------------------------------- extras
     def verify(self) -> None:
-        """Check every file's checksum (reads the whole store once); raises ``TrajectoryError`` at the first bad one."""
+        """Check every file's checksum (reads the whole store once); raises ``TrajectoryError`` at the first bad one.
+
+        Of the optimizer states, the newest is checked (the one a resume loads; older steps' states
+        were overwritten by later ones, two slots in turn).
+        """
         for record in (self._manifest.initial_file, self._manifest.constants_file, self._manifest.data_file):
             if record is not None:
                 read_tensors(self.root, record)
         for record in self._manifest.steps:
             if record.file is not None:
                 read_tensors(self.root, record.file, step=record.step)
+        last = next((r for r in reversed(self._manifest.steps) if r.optimizer_state is not None), None)
+        if last is not None and last.optimizer_state is not None:
+            read_tensors(self.root, last.optimizer_state, step=last.step)
 
     def __repr__(self) -> str:
         return (

@@ -1,11 +1,13 @@
 """One writer per store: an advisory lock file holding the writer's process id and host.
 
-:class:`WriterLock` creates ``.explaind-writer.lock`` in the store with ``O_CREAT | O_EXCL`` (atomic
-on local file systems), so of two recorders started together on one store exactly one gets it;
-the other gets a :class:`~explaind.exceptions.TrajectoryError` naming the holder. A lock whose
-holder is gone — a process on this host that no longer runs, or this process after a writer
-that was dropped without being closed — is stale and taken over. A lock held on another host is never taken
-over automatically; the message says how to remove it.
+:class:`WriterLock` creates ``.explaind-writer.lock`` in the store atomically (a hard link, or
+``O_CREAT | O_EXCL`` where links are not supported), so of two recorders started together on one
+store exactly one gets it; the other gets a :class:`~explaind.exceptions.TrajectoryError` naming
+the holder. A lock whose holder is gone — a process on this host that no longer runs, or this
+process after a writer that was dropped without being closed — is stale and taken over. A lock
+held on another host is never taken over automatically; the message says how to remove it. The
+lock appears with its content in one step (a hard link of a complete temporary file), so a crash
+never leaves an empty one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -86,23 +89,54 @@ class WriterLock:
         TrajectoryError
             When a live writer holds it.
         """
+        content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(content)
             except FileExistsError:
                 info = _holder(self.path)
                 if info is not None:
                     raise TrajectoryError(busy_message(self.root, info)) from None
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
             _ACTIVE[self.key] = self
             self.held = True
             return self
         raise TrajectoryError(f"Could not take the writer lock {str(self.path)!r}: it keeps reappearing. Another "
                               f"writer is starting on this store; choose another store path.")
+
+    def _create(self, content: bytes) -> None:
+        """Create the lock file with its content in one step (a hard link of a complete temporary file).
+
+        A crash therefore never leaves an empty lock; where hard links are not supported the file
+        is created with ``O_EXCL`` and then written.
+
+        Raises
+        ------
+        FileExistsError
+            When the lock exists.
+        """
+        tmp = self.path.with_name(f"{LOCK}.tmp-{os.getpid()}-{threading.get_ident()}")
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, content)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, self.path)
+            return
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, content)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Drop the lock (only if held by this object)."""

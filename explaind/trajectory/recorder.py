@@ -118,7 +118,7 @@ class TrajectoryRecorder(RecorderStoreMixin):
         continues after the last stored state: with ``k > 1`` the steps recorded after it are
         dropped and recorded again.
     background_writes : bool
-        Write step files on a worker thread (bounded queue); failures surface at the next step or at exit.
+        Write step files on a worker thread, at most 4 steps behind; failures surface at the next step or exit.
     fsync : bool
         ``fsync`` every stored file.
     gradient_tolerance : float, optional
@@ -220,9 +220,10 @@ class TrajectoryRecorder(RecorderStoreMixin):
             architecture=architecture_spec(model), n_train=len(self._data) if self._data is not None else None,
             extras=dict(extras or {}),
         )
-        self._resumed = False
+        self._resumed = self._restarted = False
         if self._store is not None:
             self._resumed = prepare_directory(self._store, overwrite=overwrite, resume=resume)
+            self._restarted = resume and not self._resumed
             if self._resumed:
                 self._manifest = self._validate_resume()
         elif resume:

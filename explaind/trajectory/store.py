@@ -17,20 +17,21 @@ Layout of a store directory::
     optimizer/state-{0,1}.safetensors   optimizer.state_dict() after the latest steps (for resuming)
 
 A step counts as complete once its journal line is written, which happens after its files were
-moved into place, so a crash loses at most the step in flight. ``manifest.json`` is rewritten
-when recording starts and when it ends; readers merge it with the journal. Writing may run on a
-background thread (bounded queue); a failure there is raised by the next recorder call.
+moved into place, so a crash loses at most the steps not yet committed. ``manifest.json`` is
+written last when a new store is set up (its existence makes the directory a store; see
+``_layout``), again when a resumed recording starts, and when recording ends; readers merge it
+with the journal. Writing may run on a background thread; at most ``max_queue`` (4) steps are
+handed to it and not yet committed, so a crash loses at most those 4 plus the step in flight
+(measured in tests/test_store_faults.py). A failure there is raised by the next recorder call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import queue
-import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,17 @@ from torch import Tensor
 from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
-from ._io import read_confined, store_path, write_bytes, write_tensors
+from ._io import read_confined, write_bytes, write_tensors
+from ._layout import (
+    JOURNAL,
+    MANIFEST,
+    SETUP,
+    mark_setup,
+    remove_store,
+    remove_temporary_files,
+    setup_leftover,
+    step_path,
+)
 from .lock import LOCK, WriterLock, busy_message, live_writer
 from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TrajectoryManifest
 
@@ -61,18 +72,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-JOURNAL = "journal.jsonl"
 #: Largest manifest or journal read (5,000 steps take about 4 MB).
 MAX_INDEX_BYTES = 1 << 28
-_STEP_FILE = re.compile(r"\d{6,}\.safetensors")
-_STATE_FILE = re.compile(r"state-[01]\.safetensors")
-_TEMP_FILE = re.compile(r".+\.tmp-\d+-\d+")
-
-
-def step_path(s: int) -> str:
-    """Relative path of the file of step ``s``."""
-    return f"steps/{s:06d}.safetensors"
 
 
 def pack_updates(names: tuple[str, ...], updates: dict[str, LinearUpdate]) -> dict[str, Tensor]:
@@ -193,9 +194,12 @@ def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     """Make ``root`` ready for recording; returns ``True`` when an existing store is resumed.
 
     An existing store is resumed with ``resume=True``, replaced with ``overwrite=True`` (only a
-    valid explaind store, and only its own files are deleted) and otherwise refused. A non-empty
-    directory that is not a store is never deleted, and nothing is done while another writer
-    holds the store's lock.
+    valid explaind store, and only its own files are deleted) and otherwise refused. A directory
+    that an interrupted set-up or replacement left (the set-up marker, no manifest; see
+    ``_layout``) holds no store: its explaind files are deleted and recording starts anew (also
+    with ``resume=True``); other files in it need ``overwrite=True`` and stay. Any other non-empty
+    directory that is not a store is refused, and nothing is done while another writer holds the
+    store's lock.
     """
     if root.exists() and not root.is_dir():
         raise TrajectoryError(f"store={str(root)!r} is a file; pass a directory path for the trajectory store.")
@@ -219,11 +223,8 @@ def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
                 f"A trajectory is already stored at {str(root)!r}. Pass overwrite=True to replace it, resume=True to "
                 f"continue it, or choose another store path."
             )
-    elif root.is_dir() and any(p.name != LOCK for p in root.iterdir()):
-        raise TrajectoryError(
-            f"store={str(root)!r} is a non-empty directory that is not an explaind trajectory store; refusing to "
-            f"write into it. Choose a new or empty directory."
-        )
+    elif root.is_dir():
+        return _reuse_directory(root, overwrite=overwrite, resume=resume)
     elif resume:
         raise TrajectoryError(
             f"resume=True but no trajectory is stored at {str(root)!r}. Pass resume=False to start a new recording."
@@ -232,42 +233,36 @@ def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     return False
 
 
-def _own_files(root: Path, manifest: TrajectoryManifest) -> set[str]:
-    """Relative paths of the files a store owns: its index, the files it lists, and its step and state files."""
-    owned = {MANIFEST, JOURNAL}
-    for record in (manifest.initial_file, manifest.constants_file, manifest.data_file):
-        if record is not None:
-            owned.add(record.path)
-    for step in manifest.steps:
-        owned.update(r.path for r in (step.file, step.optimizer_state) if r is not None)
-    for folder, pattern in (("steps", _STEP_FILE), ("optimizer", _STATE_FILE)):
-        if (root / folder).is_dir() and not (root / folder).is_symlink():
-            owned.update(f"{folder}/{p.name}" for p in (root / folder).iterdir() if pattern.fullmatch(p.name))
-    return owned
-
-
-def remove_store(root: Path, manifest: TrajectoryManifest) -> None:
-    """Delete the files of the store at ``root`` (and its leftover temporary files); nothing else."""
-    for rel in sorted(_own_files(root, manifest)):
-        try:
-            path = store_path(root, rel, "Trajectory store")
-        except TrajectoryError:
-            continue  # a hostile manifest entry: never delete outside the store
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-    remove_temporary_files(root)
-    for folder in ("steps", "optimizer"):
-        with contextlib.suppress(OSError):  # kept when it holds files that are not the store's
-            (root / folder).rmdir()
-
-
-def remove_temporary_files(root: Path) -> None:
-    """Delete temporary files left by interrupted atomic writes (``<name>.tmp-<pid>-<thread>``) in the store."""
-    for folder in (root, root / "steps", root / "optimizer"):
-        if folder.is_dir() and not folder.is_symlink():
-            for p in folder.iterdir():
-                if _TEMP_FILE.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
-                    p.unlink(missing_ok=True)
+def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
+    """Prepare an existing directory without a manifest: empty, or left by an interrupted set-up (see ``_layout``)."""
+    marked, foreign = setup_leftover(root)
+    if not marked:
+        foreign = sorted(p.name for p in root.iterdir() if not p.name.startswith(LOCK))
+    listed = ", ".join(repr(f) for f in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    if foreign and not marked:
+        raise TrajectoryError(
+            f"store={str(root)!r} is a non-empty directory that is not an explaind trajectory store ({listed}); "
+            f"refusing to write into it. Choose a new or empty directory."
+        )
+    if foreign and not overwrite:
+        raise TrajectoryError(
+            f"store={str(root)!r} holds the files of a recording interrupted while its store was set up or replaced "
+            f"(no store is left there) and files that are not explaind's ({listed}). Pass overwrite=True to delete "
+            f"the interrupted recording's files (the others stay), or choose another store path."
+        )
+    started = marked or any(p.name.startswith(LOCK) for p in root.iterdir())
+    if resume and not started:
+        raise TrajectoryError(
+            f"resume=True but no trajectory is stored at {str(root)!r}. Pass resume=False to start a new recording."
+        )
+    if marked:
+        logger.warning("%s holds the files of a recording interrupted while its store was set up or replaced; "
+                       "no store is left there, so they are deleted and recording starts anew.", root)
+        remove_store(root, None)
+    elif resume:
+        logger.warning("resume=True: the recording at %s was interrupted before anything was recorded; starting "
+                       "anew.", root)
+    return False
 
 
 class StoreWriter:
@@ -282,11 +277,15 @@ class StoreWriter:
     fsync : bool
         ``fsync`` every file and journal line (durability across power loss, not only crashes).
     background : bool
-        Write step files on a worker thread fed by a queue of at most ``max_queue`` steps.
+        Write step files on a worker thread; at most ``max_queue`` steps are handed over and not
+        yet committed at any time (a further ``write_step`` waits).
+    new : bool
+        Set up a new store: the set-up marker is created and the manifest is not written until
+        :meth:`finish_setup` (after the start files), so an interruption leaves no store.
     """
 
     def __init__(self, root: Path, manifest: TrajectoryManifest, *, fsync: bool = True, background: bool = True,
-                 max_queue: int = 4):
+                 max_queue: int = 4, new: bool = False):
         self.root = Path(root)
         self.manifest = manifest
         self.fsync = fsync
@@ -298,16 +297,32 @@ class StoreWriter:
         self._lock = threading.Lock()
         self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
         remove_temporary_files(self.root)
+        if new:
+            mark_setup(self.root, fsync=fsync)
         # a resumed store: drop a torn journal line before appending
         self._write_journal(list(manifest.steps))
         self._journal = open(self.root / JOURNAL, "ab")  # noqa: SIM115 - closed in close()
         self._queue: queue.Queue[Callable[[], None] | None] | None = None
         self._thread: threading.Thread | None = None
+        self._pending = threading.BoundedSemaphore(max(1, int(max_queue)))
         if background:
             self._queue = queue.Queue(maxsize=max(1, int(max_queue)))
             self._thread = threading.Thread(target=self._worker, name="explaind-store-writer", daemon=True)
             self._thread.start()
+        if not new:
+            self.write_manifest()
+            self._drop_marker()
+
+    def finish_setup(self) -> None:
+        """Write the manifest of a new store (after its start files): from now on it is a store."""
         self.write_manifest()
+        self._drop_marker()
+
+    def _drop_marker(self) -> None:
+        if (self.root / SETUP).exists():
+            (self.root / SETUP).unlink(missing_ok=True)
+            if self.fsync:
+                fsync_directory(self.root)
 
     # ----------------------------------------------------------------- helpers
     def _write_journal(self, steps: list[StepRecord]) -> None:
@@ -344,7 +359,9 @@ class StoreWriter:
             except BaseException as exc:  # surfaced by check()
                 self._error = exc
             finally:
-                for _ in batch:
+                for item in batch:
+                    if item is not None:
+                        self._pending.release()
                     self._queue.task_done()
             if stop:
                 return
@@ -375,6 +392,7 @@ class StoreWriter:
                 self._error = exc
                 self.check()
         else:
+            self._pending.acquire()  # at most max_queue steps handed over and not yet committed
             self._queue.put(item)
 
     def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any]]) -> None:

@@ -1,0 +1,138 @@
+"""The files of a trajectory store: their names, which of them a store owns, and deleting them.
+
+A store exists once ``manifest.json`` does: a recorder setting up a new store first creates the
+marker ``.explaind-setup``, then writes the start files and the journal, then the manifest
+(the commit point of the set-up), and only then removes the marker. Replacing a store
+(``overwrite=True``) creates the marker and deletes the manifest first, and the marker stays
+until the new store's manifest is written. So a
+directory without a manifest that holds the marker is what an interrupted set-up or
+replacement left behind (:func:`setup_leftover`): it holds nothing recorded, and a new
+recording deletes its explaind files and starts afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+from .._io import fsync_directory
+from ..exceptions import TrajectoryError
+from ._io import store_path
+from .lock import LOCK
+from .manifest import TrajectoryManifest
+
+__all__ = [
+    "MANIFEST",
+    "JOURNAL",
+    "SETUP",
+    "START_FILES",
+    "step_path",
+    "own_files",
+    "remove_store",
+    "remove_temporary_files",
+    "setup_leftover",
+    "mark_setup",
+]
+
+MANIFEST = "manifest.json"
+JOURNAL = "journal.jsonl"
+#: Present while a store is being set up or replaced; a directory holding it but no manifest has nothing recorded.
+SETUP = ".explaind-setup"
+#: The files a new store writes before its manifest.
+START_FILES = ("initial.safetensors", "constants.safetensors", "data.safetensors")
+STEP_FILE = re.compile(r"\d{6,}\.safetensors")
+STATE_FILE = re.compile(r"state-[01]\.safetensors")
+TEMP_FILE = re.compile(r"(.+)\.tmp-\d+-\d+")
+_TOP_FILES = frozenset({MANIFEST, JOURNAL, SETUP, LOCK, *START_FILES})
+_FOLDERS = {"steps": STEP_FILE, "optimizer": STATE_FILE}
+
+
+def step_path(s: int) -> str:
+    """Relative path of the file of step ``s``."""
+    return f"steps/{s:06d}.safetensors"
+
+
+def _is_own(name: str, pattern: re.Pattern[str] | None) -> bool:
+    """Whether ``name`` (in the store's top folder when ``pattern`` is None) is a file explaind writes there."""
+    temp = TEMP_FILE.fullmatch(name)
+    base = temp.group(1) if temp else name
+    return base in _TOP_FILES if pattern is None else bool(pattern.fullmatch(base))
+
+
+def own_files(root: Path, manifest: TrajectoryManifest | None) -> set[str]:
+    """Relative paths of the files a store owns: its index, the files it lists, and its step and state files."""
+    owned = {MANIFEST, JOURNAL, SETUP, *START_FILES}
+    if manifest is not None:
+        for record in (manifest.initial_file, manifest.constants_file, manifest.data_file):
+            if record is not None:
+                owned.add(record.path)
+        for step in manifest.steps:
+            owned.update(r.path for r in (step.file, step.optimizer_state) if r is not None)
+    for folder, pattern in _FOLDERS.items():
+        if (root / folder).is_dir() and not (root / folder).is_symlink():
+            owned.update(f"{folder}/{p.name}" for p in (root / folder).iterdir() if pattern.fullmatch(p.name))
+    return owned
+
+
+def mark_setup(root: Path, *, fsync: bool = True) -> None:
+    """Create the set-up marker (empty; its existence is what counts)."""
+    fd = os.open(root / SETUP, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.close(fd)
+    if fsync:
+        fsync_directory(root)
+
+
+def remove_store(root: Path, manifest: TrajectoryManifest | None, *, fsync: bool = True) -> None:
+    """Delete the files of the store at ``root`` (and its leftover temporary files); nothing else.
+
+    The set-up marker is created first and the manifest deleted next, so an interruption leaves a
+    directory that :func:`setup_leftover` recognises. The marker stays: the recording that
+    replaces the store removes it once its own manifest is written.
+    """
+    mark_setup(root, fsync=fsync)
+    (root / MANIFEST).unlink(missing_ok=True)
+    if fsync:
+        fsync_directory(root)
+    for rel in sorted(own_files(root, manifest) - {MANIFEST, SETUP}):
+        try:
+            path = store_path(root, rel, "Trajectory store")
+        except TrajectoryError:
+            continue  # a hostile manifest entry: never delete outside the store
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    remove_temporary_files(root)
+    for folder in _FOLDERS:
+        with contextlib.suppress(OSError):  # kept when it holds files that are not the store's
+            (root / folder).rmdir()
+
+
+def remove_temporary_files(root: Path) -> None:
+    """Delete temporary files left by interrupted atomic writes (``<name>.tmp-<pid>-<thread>``) in the store."""
+    for folder in (root, root / "steps", root / "optimizer"):
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.iterdir():
+                if TEMP_FILE.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
+                    p.unlink(missing_ok=True)
+
+
+def setup_leftover(root: Path) -> tuple[bool, list[str]]:
+    """What an interrupted set-up or replacement left in ``root`` (a directory without a manifest).
+
+    Returns
+    -------
+    marked : bool
+        Whether the set-up marker is there (explaind files in ``root`` hold nothing recorded).
+    foreign : list of str
+        Relative paths of the entries explaind did not write (the writer lock, explaind's file
+        names and their temporary files are not listed).
+    """
+    foreign = []
+    for p in sorted(root.iterdir()):
+        pattern = _FOLDERS.get(p.name)
+        if pattern is not None and p.is_dir() and not p.is_symlink():
+            foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir()) if not _is_own(q.name, pattern)]
+        elif not (_is_own(p.name, None) and (p.is_file() or p.is_symlink())):
+            foreign.append(p.name)
+    return (root / SETUP).is_file(), foreign
