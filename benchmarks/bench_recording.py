@@ -1,13 +1,18 @@
 """Recording overhead of TrajectoryRecorder versus the plain training loop.
 
-Prints one table: for each model (a small CNN and the modular-arithmetic transformer) and each
-optimizer, the wall time per step of the bare loop and the ratios of the recorded loop to it, in
-memory and to disk, by wall time and by process CPU time (all threads; steadier on a shared
-machine). Audit and gradient check are off; disk runs use background writes, with and without
-fsync, and store the optimizer state every step, as by default.
+Prints one table: for each model (the quickstart's 64-32-10 MLP, a ~1M-parameter MLP, a small
+CNN and the modular-arithmetic transformer) and each optimizer, the wall time per step of the
+bare loop and the ratios of the recorded loop to it, by wall time and by process CPU time (all
+threads; steadier on a shared machine), side by side:
 
-Run: ``python benchmarks/bench_recording.py [--steps N] [--repeats R] [--device cpu|cuda] [--threads T]``
-Goals: <= 1.3x in memory, <= 2x to disk.
+* ``memory`` / ``disk`` / ``disk no-fsync``: audit and gradient check off; disk runs use
+  background writes, with and without fsync, and store the optimizer state every step;
+* ``memory+audit`` / ``disk+audit``: the same with the update audit on;
+* ``default``: ``TrajectoryRecorder``'s defaults in memory (audit on, the scheduled gradient check).
+
+Run: ``python benchmarks/bench_recording.py [--steps N] [--repeats R] [--device cpu|cuda] [--threads T]
+[--cases mlp-small mlp-1m ...]``
+Goals: <= 1.3x in memory, <= 2x to disk; <= 1.3x with the store on a 1M-parameter model.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ import explaind
 from explaind.models import build_model
 from explaind.plugins import get_entry
 
-MODES = ("plain", "memory", "disk", "disk-nofsync")
+MODES = ("plain", "memory", "memory+audit", "default", "disk", "disk+audit", "disk-nofsync")
 CASES = {
+    "mlp-small": ("mlp", {"in_features": 64, "hidden_sizes": [32], "out_features": 10}, 64),
+    "mlp-1m": ("mlp", {"in_features": 784, "hidden_sizes": [1024, 256], "out_features": 10}, 64),
     "cnn": ("cnn", {"in_channels": 1, "image_size": 16, "channels": [16, 32], "out_features": 10}, 64),
     "modular_transformer": ("modular_transformer", {}, 256),
 }
@@ -52,9 +59,10 @@ def _run(name, config, batch, opt_name, steps, mode, device, root):
         if mode.startswith("disk"):
             store = Path(root) / f"{name}-{opt_name}"
             shutil.rmtree(store, ignore_errors=True)
+        options = {} if mode == "default" else {"audit": mode.endswith("+audit"), "check_gradients": False}
         rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=store,
-                                          audit=False, check_gradients=False, store_data=False,
-                                          fsync=mode == "disk")
+                                          store_data=False, fsync=mode.startswith("disk") and "nofsync" not in mode,
+                                          **options)
         rec.__enter__()
     try:
         for i, idx in enumerate(idx_list):
@@ -86,6 +94,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--root", default=None, help="directory for the disk stores (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="models to measure")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,11 +103,13 @@ def main() -> None:
     print(f"device={device}  steps={args.steps}  repeats={args.repeats} (best of)  torch threads="
           f"{torch.get_num_threads()}  load average={os.getloadavg()[0]:.1f}  store root={root}")
     print("ratios = recorded / plain loop, 'wall (cpu)': wall-clock time and process CPU time")
-    header = (f"{'model':<21}{'params':>8}{'batch':>6}{'optim':>6}{'plain ms':>10}{'memory':>15}"
-              f"{'disk':>15}{'disk no-fsync':>17}")
+    shown = MODES[1:]
+    header = f"{'model':<21}{'params':>8}{'batch':>6}{'optim':>6}{'plain ms':>10}" + "".join(
+        f"{m:>15}" for m in shown)
     print(header)
     print("-" * len(header))
-    for label, (name, config, batch) in CASES.items():
+    for label in args.cases:
+        name, config, batch = CASES[label]
         n_params = sum(p.numel() for p in build_model(name, config, seed=0).parameters())
         for opt_name in ("sgd", "adam"):
             wall: dict[str, float] = {}
@@ -109,10 +120,8 @@ def main() -> None:
                     t, c = _run(name, config, batch, opt_name, args.steps, mode, device, root)
                     wall[mode] = min(wall.get(mode, float("inf")), t)
                     cpu[mode] = min(cpu.get(mode, float("inf")), c)
-            cells = "".join(
-                f"{f'{wall[m] / wall[plain]:.2f} ({cpu[m] / cpu[plain]:.2f})':>{w}}"
-                for m, w, plain in (("memory", 15, "plain"), ("disk", 15, "plain"), ("disk-nofsync", 17, "plain"))
-            )
+            ratio = {m: f"{wall[m] / wall['plain']:.2f} ({cpu[m] / cpu['plain']:.2f})" for m in shown}
+            cells = "".join(f"{ratio[m]:>15}" for m in shown)
             print(f"{label:<21}{n_params:>8}{batch:>6}{opt_name:>6}{wall['plain'] * 1e3:>10.2f}{cells}")
     if args.root is None:
         shutil.rmtree(root, ignore_errors=True)

@@ -104,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="run folder; without it, --table trains the three reference setups")
     p.add_argument("--table", action="store_true", help="compare every quadrature rule (the fidelity table)")
     _add_quadrature(p, "adaptive", None)
-    p.add_argument("--n-test", type=int, default=None, help="validation inputs to compare on (default: all)")
+    p.add_argument("--n-test", type=int, default=None,
+                   help="validation inputs to compare on (default: 64, 32 with --table)")
+    p.add_argument("--steps", default=None, metavar="START:STOP",
+                   help="replicate only these optimizer steps, from f(theta_START) to f(theta_STOP)")
+    p.add_argument("--max-evals", type=int, default=None, metavar="N",
+                   help="--table of a run: rules whose path-gradient evaluations exceed N together are skipped "
+                        "(default: 400000; 0: no limit)")
     _add_size(p, "small")
     _add_device(p)
     _common(p, suppress=True)
@@ -115,11 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kept axes among step, group, param, train (default: step,group)")
     p.add_argument("--target", default="label", help="label, predicted, all or loss (default: label)")
     p.add_argument("--steps", default=None, metavar="START:STOP", help="only these optimizer steps, e.g. 0:100")
-    p.add_argument("--n-test", type=int, default=None, help="validation inputs to explain (default: all)")
+    p.add_argument("--n-test", type=int, default=None, help="validation inputs to explain (default: 64)")
     p.add_argument("--out", required=True,
                    help="output folder: attribution.safetensors + attribution.json + scores.csv")
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
-    _add_quadrature(p, "adaptive", None)
+    _add_quadrature(p, "gauss-legendre", 2)
     _add_device(p)
     _common(p, suppress=True)
 
@@ -145,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: RUN/report)")
     p.add_argument("--n-test", type=int, default=None, help="validation inputs in the influence figures")
     p.add_argument("--pruning", default=None, help="folder of an 'explaind prune' result to include")
+    p.add_argument("--data-steps", default="32", metavar="N",
+                   help="split the first N steps over training samples in the data view, or 'all' (default: 32)")
     _add_quadrature(p, "gauss-legendre", 2)
     _add_device(p)
     _common(p, suppress=True)

@@ -81,13 +81,35 @@ def cmd_train(args: argparse.Namespace, out: Any) -> int:
 
 
 # --------------------------------------------------------------------------- replicate
-def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
-    """Fidelity of the kernel replica (one rule, or every rule with --table)."""
+#: Validation inputs compared or explained when --n-test is not given (one rule / the table of a run).
+N_TEST_DEFAULT, N_TEST_TABLE = 64, 32
+
+
+def _window(n_steps: int, steps: tuple[int, int | None] | None) -> int:
+    if steps is None:
+        return n_steps
+    return max(0, (n_steps if steps[1] is None else min(steps[1], n_steps)) - steps[0])
+
+
+def _announce(out: Any, what: str, rule: Any, n_steps: int, n_test: int) -> None:
+    """Say up front how many path-gradient evaluations a computation will make."""
     from .studies import fidelity
+
+    evals = fidelity.estimated_evals(rule, n_steps, n_test)
+    bound = "at least " if rule.quadrature == "adaptive" else ""
+    out.info(f"{what}: {rule.label} over {n_steps} steps x {n_test} inputs = {bound}{evals:,} path-gradient "
+             f"evaluations")
+
+
+def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
+    """Fidelity of the kernel replica (one rule, or every affordable rule with --table)."""
+    from .studies import analysis, fidelity
     from .studies.runs import load_run
 
     _positive(args.n_test, "--n-test")
     _positive(args.nodes, "--nodes")
+    if args.max_evals is not None and args.max_evals < 0:
+        raise ConfigError(f"--max-evals {args.max_evals} must be 0 (no limit) or a positive integer.")
     if args.run is None:
         if not args.table:
             raise ConfigError("Give a run folder (explaind replicate RUN) or --table for the reference fidelity table.")
@@ -96,10 +118,26 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
         text = format_table(rows, fidelity.TABLE_COLUMNS)
         out.result(text + f"\n({time.perf_counter() - start:.1f} s)", {"rows": rows})
         return 0
-    rules = fidelity.all_rules() if args.table else [fidelity.rule_from(args.quadrature, args.nodes)]
+    steps = analysis.parse_steps(args.steps)
+    single = None if args.table else fidelity.rule_from(args.quadrature, args.nodes)
     run = load_run(args.run)
-    rows = fidelity.run_fidelity(run, rules, n_test=args.n_test, device=args.device, progress=out.progress)
-    out.result(format_table(rows, fidelity.TABLE_COLUMNS), {"run": str(run.path), "rows": rows})
+    n_test = min(args.n_test or (N_TEST_TABLE if args.table else N_TEST_DEFAULT), run.dataset.n_val)
+    n_steps = _window(int(run.trajectory.n_steps), steps)
+    skipped: list[tuple[Any, int]] = []
+    limit: int | None = None
+    if args.table:
+        limit = fidelity.TABLE_MAX_EVALS if args.max_evals is None else args.max_evals or None
+        rules, skipped = fidelity.affordable_rules(fidelity.all_rules(), n_steps, n_test, limit)
+    else:
+        rules = [single]
+    for rule in rules:
+        _announce(out, "replicate", rule, n_steps, n_test)
+    rows = fidelity.run_fidelity(run, rules, n_test=n_test, device=args.device, progress=out.progress, steps=steps)
+    notes = [f"skipped {rule.label}: {'at least ' if rule.quadrature == 'adaptive' else ''}{evals:,} evaluations "
+             f"exceed --max-evals {limit:,} (raise it, or use --steps / --n-test)" for rule, evals in skipped]
+    text = "\n".join([format_table(rows, fidelity.TABLE_COLUMNS), *notes])
+    out.result(text, {"run": str(run.path), "rows": rows,
+                      "skipped": [{"rule": r.label, "estimated_evals": e} for r, e in skipped]})
     return 0
 
 
@@ -115,11 +153,14 @@ def cmd_influence(args: argparse.Namespace, out: Any) -> int:
     target = analysis.check_target(args.target)
     rule = fidelity.rule_from(args.quadrature, args.nodes)
     run = load_run(args.run)
-    att = analysis.influence(run, keep=keep, target=target, steps=steps, n_test=args.n_test, device=args.device,
+    n_test = min(args.n_test or N_TEST_DEFAULT, run.dataset.n_val)
+    _announce(out, "influence", rule, _window(int(run.trajectory.n_steps), steps), n_test)
+    att = analysis.influence(run, keep=keep, target=target, steps=steps, n_test=n_test, device=args.device,
                              quadrature=rule.quadrature, nodes=rule.nodes, progress=out.progress)
     written = analysis.save_attribution(att, Path(args.out), csv_file=not args.no_csv)
     summary = analysis.summarise(att)
-    lines = [f"axes {summary['axes']} shape {summary['shape']}; completeness gap {summary['completeness_gap']:.3g}"]
+    lines = [f"axes {summary['axes']} shape {summary['shape']}; completeness gap {summary['completeness_gap']:.3g}; "
+             f"quadrature error {summary['quadrature_error_max']:.3g} (largest per input and output, {rule.label})"]
     lines += [f"wrote {p}" for p in written]
     out.result("\n".join(lines), dict(summary, files=[str(p) for p in written]))
     return 0
@@ -142,6 +183,7 @@ def cmd_validate(args: argparse.Namespace, out: Any) -> int:
 
     argv = ["--activation", *args.activation, "--seed", str(args.seed)]
     argv += ["--quick"] if args.quick else []
+    argv += ["--progress"] if out.progress else []
     for flag, value in (("--subsets", args.subsets), ("--top-k", args.top_k), ("--out", args.out)):
         if value is not None:
             argv += [flag, str(value)]
@@ -151,6 +193,17 @@ def cmd_validate(args: argparse.Namespace, out: Any) -> int:
 
 
 # --------------------------------------------------------------------------- report
+def _data_steps(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--data-steps {text!r} must be a positive integer or 'all'.") from None
+    _positive(value, "--data-steps")
+    return value
+
+
 def cmd_report(args: argparse.Namespace, out: Any) -> int:
     """Figures and the HTML report of a stored run."""
     from .studies import fidelity
@@ -159,9 +212,15 @@ def cmd_report(args: argparse.Namespace, out: Any) -> int:
 
     _positive(args.n_test, "--n-test")
     rule = fidelity.rule_from(args.quadrature, args.nodes)
+    data_steps = _data_steps(args.data_steps)
     run = load_run(args.run)
     target = Path(args.out) if args.out else Path(args.run) / "report"
-    options = ReportOptions(quadrature=rule.quadrature, nodes=rule.nodes, device=args.device)
+    options = ReportOptions(quadrature=rule.quadrature, nodes=rule.nodes, device=args.device, data_steps=data_steps)
+    n_steps = int(run.trajectory.n_steps)
+    _announce(out, "report, step x group view", rule, n_steps, min(options.n_test if args.n_test is None
+                                                                    else args.n_test, run.dataset.n_val))
+    _announce(out, "report, data view", rule, n_steps if data_steps is None else min(n_steps, data_steps),
+              min(options.n_kernel, run.dataset.n_val))
     page = build_report(run, target, n_test=args.n_test, pruning_dir=args.pruning, options=options,
                         progress=out.progress, log=out.info)
     out.result(f"report written to {page}", {"report": str(page), "figures": sorted(

@@ -44,7 +44,8 @@ from .layout import ParamLayout
 from .quadrature import NodePlan
 from .split import Splitter, coefficients, is_zero, step_batch
 
-__all__ = ["Query", "jvp_path", "update_sweep", "forward_sweep", "reverse_sweep", "seen_samples", "progress_iter"]
+__all__ = ["Query", "jvp_path", "update_sweep", "forward_sweep", "reverse_sweep", "seen_samples", "progress_iter",
+           "progress_bar"]
 
 
 def progress_iter(items: Any, enabled: bool, desc: str, total: int | None = None) -> Any:
@@ -54,6 +55,25 @@ def progress_iter(items: Any, enabled: bool, desc: str, total: int | None = None
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, total=total, leave=False)
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when progress is off."""
+
+    def update(self, n: int = 1) -> None:
+        """Ignore the progress."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def progress_bar(enabled: bool, desc: str, total: int, unit: str = "step") -> Any:
+    """A tqdm bar counting ``total`` units (updated by the caller) when ``enabled``, else a no-op."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=desc, total=total, unit=unit, leave=False)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from . import adaptive
 from .adaptive import adaptive_plan
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
-from .paths import progress_iter
+from .paths import progress_bar
 from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
 __all__ = ["window_plans"]
@@ -67,7 +67,9 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     g_prev = engine.values_at(start, X, explained)
     g_start = g_prev
     plans: list[NodePlan] = []
-    for lo in progress_iter(range(start, stop, group), engine.progress, "quadrature", -(-(stop - start) // group)):
+    # counted in steps: a group of stacked steps advances the bar by its size
+    bar = progress_bar(engine.progress, "quadrature", stop - start)
+    for lo in range(start, stop, group):
         hi = min(stop, lo + group)
         g_vals = [g_prev] + [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
         if rule == "adaptive":
@@ -76,6 +78,8 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
             stack = engine.stack(lo, hi, X, explained) if with_estimate else None
             plans.extend(_fixed_group(engine, stack, g_vals, rule, n))
         g_prev = g_vals[-1]
+        bar.update(hi - lo)
+    bar.close()
     return g_start, g_prev, plans
 
 

@@ -177,6 +177,8 @@ def summarise(att: Any) -> dict[str, Any]:
         "regularization_total": float(att.regularization.sum()),
         "residual_total": float(att.residual.sum()),
         "quadrature_error_total": float(att.quadrature_error.sum()),
+        "quadrature_error_max": float(att.quadrature_error.sum(1).abs().max()) if att.quadrature_error.dim() > 2
+        else float(att.quadrature_error.abs().max()),
         "meta": {k: v for k, v in att.meta.items() if k != "evals_per_step"},
     }
 

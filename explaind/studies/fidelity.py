@@ -23,10 +23,16 @@ import numpy as np
 from ..exceptions import ConfigError
 
 __all__ = ["format_table", "Rule", "all_rules", "rule_from", "run_fidelity", "reference_setups", "reference_table",
-           "TABLE_COLUMNS"]
+           "TABLE_COLUMNS", "estimated_evals", "affordable_rules", "TABLE_MAX_EVALS"]
 
 TABLE_COLUMNS = ["setup", "rule", "evals/step", "argmax agreement", "KL", "max rel error", "seconds"]
 _QUADRATURES = ("adaptive", "gauss-legendre", "midpoint", "left")
+#: Path-gradient evaluations that ``explaind replicate RUN --table`` spends by default (about a
+#: minute for the quickstart's transformer on one CPU thread, at ~165 µs per evaluation).
+TABLE_MAX_EVALS = 400_000
+#: Fewest evaluations per step and input the adaptive rule makes (two panels of Gauss–Legendre 4
+#: and their comparison); its real cost grows with how curved each step's path is.
+_ADAPTIVE_MIN_EVALS = 12
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,44 @@ class Rule:
 def all_rules() -> list[Rule]:
     """The rules of the table: midpoint 10 and 100, Gauss–Legendre 4, adaptive."""
     return [Rule("midpoint", 10), Rule("midpoint", 100), Rule("gauss-legendre", 4), Rule("adaptive")]
+
+
+def estimated_evals(rule: Rule, n_steps: int, n_test: int) -> int:
+    """Path-gradient evaluations of ``rule`` over ``n_steps`` steps and ``n_test`` inputs.
+
+    Exact for the fixed rules; a lower bound for ``adaptive``, whose refinement depends on the
+    path (the early steps of a run with a large learning rate can take hundreds per step).
+    """
+    from ..kernel.quadrature import DEFAULT_NODES
+
+    per_step = _ADAPTIVE_MIN_EVALS if rule.quadrature == "adaptive" else (
+        rule.nodes if rule.nodes is not None else DEFAULT_NODES[rule.quadrature])
+    return int(per_step) * int(n_steps) * int(n_test)
+
+
+def affordable_rules(rules: list[Rule], n_steps: int, n_test: int,
+                     max_evals: int | None = TABLE_MAX_EVALS) -> tuple[list[Rule], list[tuple[Rule, int]]]:
+    """Split ``rules`` into those whose evaluations fit in ``max_evals`` together, and the rest.
+
+    Rules are admitted cheapest first (the table keeps the order of ``rules``); ``adaptive`` is
+    counted at its lower bound (:func:`estimated_evals`).
+
+    Returns
+    -------
+    kept : list of Rule
+        In the order of ``rules``.
+    skipped : list of (Rule, int)
+        Each left-out rule with its estimated evaluations.
+    """
+    if max_evals is None:
+        return list(rules), []
+    cost = {rule: estimated_evals(rule, n_steps, n_test) for rule in rules}
+    spent, admitted = 0, set()
+    for rule in sorted(rules, key=lambda r: cost[r]):
+        if spent + cost[rule] <= max_evals:
+            spent += cost[rule]
+            admitted.add(rule)
+    return [r for r in rules if r in admitted], [(r, cost[r]) for r in rules if r not in admitted]
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
@@ -76,8 +120,9 @@ def rule_from(quadrature: str, nodes: int | None = None) -> Rule:
 
 
 def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, device: str = "cpu",
-                 progress: bool = False, setup: str | None = None) -> list[dict[str, Any]]:
-    """One table row per rule for a recorded run, on (the first ``n_test`` of) its validation inputs.
+                 progress: bool = False, setup: str | None = None,
+                 steps: tuple[int, int | None] | None = None) -> list[dict[str, Any]]:
+    r"""One table row per rule for a recorded run, on (the first ``n_test`` of) its validation inputs.
 
     Parameters
     ----------
@@ -89,6 +134,9 @@ def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, devi
         Progress bar over steps for each rule.
     setup : str, optional
         Name shown in the ``setup`` column (default: architecture + optimizer).
+    steps : (int, int or None), optional
+        Step window: the replica of steps ``start .. stop-1`` from :math:`f(x;\theta_{start})`
+        against :math:`f(x;\theta_{stop})` (default: the whole run).
     """
     import explaind
 
@@ -100,7 +148,7 @@ def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, devi
     for rule in rules:
         start = time.perf_counter()
         replica = explaind.KernelReplica(quadrature=rule.quadrature, nodes=rule.nodes, device=device,
-                                         progress=progress)
+                                         progress=progress, steps=steps)
         report = replica.fit(run.trajectory).fidelity_report(X)
         rows.append({
             "setup": name,
@@ -111,7 +159,7 @@ def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, devi
             "max rel error": float(report["max_rel_error"]),
             "seconds": round(time.perf_counter() - start, 2),
             "n_test": int(len(X)),
-            "n_steps": int(run.trajectory.n_steps),
+            "n_steps": int(len(report["steps"])),
         })
     return rows
 

@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"p": 23, "n_train": 0.6, "n_val": None},
         "model": {"d_model": 48, "n_heads": 4, "d_mlp": 192},
         "lr": 1e-2, "weight_decay": 2.0, "steps": 2000, "eval_every": 10,
-        "report": {"n_test": 32, "n_kernel": 23, "nodes": 2, "dtype": "float32"},
+        "report": {"n_test": 32, "n_kernel": 23, "nodes": 2, "dtype": "float32", "data_steps": 32},
     },
     "full": {
         "data": {"p": 113, "n_train": 4000, "n_val": 2000},

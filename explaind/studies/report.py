@@ -45,6 +45,11 @@ class ReportOptions:
         Validation inputs shown with their top-``k`` proponents and opponents.
     kernel_steps : int
         Number of training steps at which the kernel matrix is drawn.
+    data_steps : int or None
+        The data view (per-sample influence) covers the first ``data_steps`` optimizer steps only
+        (``None``: the whole run). Its cost grows with every step up to the last one shown —
+        momentum carried from earlier steps is data of the samples that produced it, so a window
+        later in the run still sweeps every step before it — hence a prefix, stated on the page.
     quadrature, nodes : str, int
         Path-integral rule of the report's queries (its error is reported on the page).
     device : str
@@ -63,6 +68,7 @@ class ReportOptions:
     n_queries: int = 3
     top_k: int = 3
     kernel_steps: int = 3
+    data_steps: int | None = None
     quadrature: str = "gauss-legendre"
     nodes: int | None = 2
     device: str = "cpu"
@@ -219,14 +225,19 @@ def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, de
         f"{opts.dtype}).\n\n{exact['text']}", images, captions,
         notes=[report_text.HOW_TO_READ[Path(i).name] for i in images]))
 
-    say(f"data view: {opts.n_kernel} validation inputs x {ds.n_train} training samples, per step")
+    data_stop = traj.n_steps if opts.data_steps is None else min(traj.n_steps, int(opts.data_steps))
+    say(f"data view: {opts.n_kernel} validation inputs x {ds.n_train} training samples, per step, over steps "
+        f"0-{data_stop - 1} of {traj.n_steps}")
     start = time.perf_counter()
     pick = pick_kernel_inputs(ds.y_val.numpy(), opts.n_kernel)
     data_images, data_captions, data_summary = _data_view(run, pick, phases, opts, out, progress)
     timings["data_view_seconds"] = round(time.perf_counter() - start, 2)
+    prefix = "" if data_stop == traj.n_steps else (
+        f" Only the first {data_stop} of the {traj.n_steps} steps are split over training samples here (the cost "
+        f"of this view grows with every step it covers; 'explaind report RUN --data-steps all' covers the run).")
     sections.append(viz.ReportSection(
         "Which training samples",
-        f"Model and data: {setup}. Influence of each training sample on the correct-class logit of validation "
+        f"Model and data: {setup}.{prefix} Influence of each training sample on the correct-class logit of validation "
         f"inputs, summed over steps (proponents push the logit up, opponents down), and the train × validation "
         f"influence matrix of single steps, rows and columns ordered by class"
         + (" (a + b) mod p." if modular else "."), data_images, data_captions,
@@ -263,12 +274,14 @@ def _data_view(run: Any, pick: np.ndarray, phases: list[Any] | None, opts: Repor
     ds, traj = run.dataset, run.trajectory
     X, y = ds.X_val[pick], ds.y_val[pick]
     show = np.linspace(0, len(pick) - 1, min(opts.n_queries, len(pick))).round().astype(int)
-    steps = _kernel_steps(traj.n_steps, phases, opts.kernel_steps)
+    n_steps = traj.n_steps if opts.data_steps is None else min(traj.n_steps, int(opts.data_steps))
+    window = None if n_steps == traj.n_steps else (0, n_steps)
+    steps = _kernel_steps(n_steps, phases if window is None else None, opts.kernel_steps)
     # one sweep keeping (step, train) when it fits in a quarter of the budget, else one sweep per figure panel
-    combined = len(pick) * traj.n_steps * ds.n_train * 8 <= parse_bytes(opts.memory_budget) // 4
+    combined = len(pick) * n_steps * ds.n_train * 8 <= parse_bytes(opts.memory_budget) // 4
     per_step: list[np.ndarray] = []
     if combined:
-        att = _train_scores(run, X, y, opts, progress, ("step", "train"))
+        att = _train_scores(run, X, y, opts, progress, ("step", "train"), steps=window)
         values = att.values.detach().double().sum(-1)  # (T, S, M)
         step_coords = list(np.asarray(att.coords["step"]))
         per_step = [values[:, step_coords.index(s), :].cpu().numpy() for s in steps]
@@ -278,7 +291,7 @@ def _data_view(run: Any, pick: np.ndarray, phases: list[Any] | None, opts: Repor
         sums = _score_sums(over_steps, show)
         gap = float(att.completeness_error())
     else:
-        att = _train_scores(run, X[show], y[show], opts, progress, ("train",))
+        att = _train_scores(run, X[show], y[show], opts, progress, ("train",), steps=window)
         tops = analysis.top_train_samples(att, k=opts.top_k)
         sums = _score_sums(att, np.arange(len(show)))
         gap = float(att.completeness_error())
@@ -312,11 +325,12 @@ def _data_view(run: Any, pick: np.ndarray, phases: list[Any] | None, opts: Repor
     kernel_png = viz.kernel_matrices(matrices, steps, out / "kernel_matrices.png", row_boundaries=rows,
                                      col_boundaries=cols, units="logit units",
                                      title="Train × validation influence of single steps (ordered by class)")
-    summary = {"validation_indices": pick.tolist(), "kernel_steps": steps, "top": tops, "completeness_gap": gap,
+    summary = {"validation_indices": pick.tolist(), "kernel_steps": steps, "data_steps": [0, n_steps], "top": tops,
+               "completeness_gap": gap,
                "single_sweep": combined, "score_sums": sums}
     return ([top_png, kernel_png],
             [f"Top proponents (green) and opponents (red) among the {ds.n_train} training samples, for "
-             f"{len(show)} validation inputs.",
+             f"{len(show)} validation inputs" + ("." if window is None else f", over steps 0-{n_steps - 1}."),
              f"Influence of each training sample (rows, the {int(shown.sum())} of the shown classes) on each "
              f"validation input (columns) at steps {steps}."],
             summary)

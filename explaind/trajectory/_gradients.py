@@ -46,8 +46,19 @@ def has_stochastic_layers(model: nn.Module) -> list[str]:
     return found
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values (one pass, no float64 copies)."""
+    return a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and bool(torch.equal(a, b))
+
+
 def _dot64(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1).double(), b.reshape(-1).double())
+
+
+def _sq64(a: Tensor) -> Tensor:
+    """``_dot64(a, a)`` with one float64 copy of ``a`` instead of two (the same value)."""
+    flat = a.reshape(-1).double()
+    return torch.dot(flat, flat)
 
 
 class GradientTap:
@@ -155,7 +166,8 @@ class GradientTap:
                 f"(nothing was stored for it). Lower the learning rate, check the loss and inputs, or clip gradients."
             )
         compared = [n for n in names if self.reached(n)]
-        if not compared:
+        if not compared or all(_same(seen[n], self._raw[n]) for n in compared):
+            # unchanged gradients (the common case): c = 1 without the float64 dot products below
             return 1.0
         parts = [torch.stack([_dot64(seen[n], self._raw[n]), _dot64(self._raw[n], self._raw[n]),
                               _dot64(seen[n], seen[n])]) for n in compared]
@@ -245,8 +257,8 @@ class UpdateAudit:
             modelled, m = u.step(g.to(t.dtype), self.momentum.get(name), t)
             self.momentum[name] = m if isinstance(m, Tensor) else torch.as_tensor(m, dtype=t.dtype)
             actual = theta_next[name] - t
-            err += float(_dot64(actual - modelled, actual - modelled))
-            delta_sq += float(_dot64(actual, actual))
+            err += float(_sq64(actual - modelled))
+            delta_sq += float(_sq64(actual))
         if delta_sq == 0.0:
             return 0.0 if err == 0.0 else math.inf
         return math.sqrt(err / delta_sq)

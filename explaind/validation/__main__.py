@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for JSON and CSV results")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    p.add_argument("--progress", action="store_true", help="a progress bar over the stages on stderr")
     return p
 
 
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             base = ValidationConfig.quick() if args.quick else ValidationConfig()
             config = replace(base, activation=activation, **changes)
-            result = run_validation(config)
+            result = run_validation(config, progress=args.progress)
         except ExplaindError as exc:
             sys.stderr.write(f"error: {exc}\n")
             return 2

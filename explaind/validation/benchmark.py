@@ -135,7 +135,8 @@ def _removal(problem: ValidationProblem, scores: np.ndarray, base: np.ndarray, k
             "mean_predicted_change": float(np.mean(predicted))}
 
 
-def run_validation(config: ValidationConfig | None = None, methods: tuple[str, ...] = METHODS) -> ValidationResult:
+def run_validation(config: ValidationConfig | None = None, methods: tuple[str, ...] = METHODS,
+                   progress: bool = False) -> ValidationResult:
     """Record a digits run, score it with each method and measure LDS and top-k removal by retraining.
 
     Parameters
@@ -150,15 +151,21 @@ def run_validation(config: ValidationConfig | None = None, methods: tuple[str, .
     -------
     ValidationResult
     """
+    from tqdm.auto import tqdm
+
     config = config if config is not None else ValidationConfig()
     problem = ValidationProblem(config)
+    # stages: recording, scores, one per fraction of retrained subsets, top-k removal
+    bar = tqdm(total=3 + len(config.fractions), desc="validate", unit="stage", disable=not progress, leave=False)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     model, trajectory = problem.train(record=True)
     seconds["record"] = time.perf_counter() - start
+    bar.update()
     base = problem.true_logits(model).numpy()
     scores, score_seconds = compute_scores(problem, trajectory, model, methods)
     seconds.update(score_seconds)
+    bar.update()
 
     start = time.perf_counter()
     full = problem.retrain_logits().numpy()
@@ -174,10 +181,13 @@ def run_validation(config: ValidationConfig | None = None, methods: tuple[str, .
             values = lds(subset_predictions(scores[method], masks), actual)
             per_test[method][float(fraction)] = values.tolist()
             table[method][float(fraction)] = bootstrap_mean(values, config.n_bootstrap, config.seed)
+        bar.update()
     seconds["retrain_subsets"] = time.perf_counter() - start
 
     start = time.perf_counter()
     removal = {m: _removal(problem, scores[m], base, config.top_k) for m in REMOVAL_METHODS if m in methods}
     seconds["retrain_removal"] = time.perf_counter() - start
+    bar.update()
+    bar.close()
     return ValidationResult(config=config.as_dict(), lds=table, lds_per_test=per_test, removal=removal,
                             seconds=seconds, checks=checks)

@@ -1,0 +1,77 @@
+"""The command-line section of docs/quickstart.md, run in order at a reduced size.
+
+The documented commands (train -> replicate --table -> influence -> report) with the same options
+except the sizes (modulus 7, a narrow model, 30 steps), so that the chain runs in seconds: each
+command announces its cost before computing, and the defaults that keep the documented sizes
+within minutes (64 / 32 test inputs, the evaluation budget of ``--table``, the data view's first
+steps) are visible in the results.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from explaind.cli import main
+from explaind.studies import fidelity
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def grok(tmp_path_factory):
+    run = tmp_path_factory.mktemp("quickstart") / "runs" / "grok"
+    code = main(["-q", "--threads", "1", "train", "--out", str(run), "-a", "modular_transformer", "-d", "modular",
+                 "--data", "p=7", "--data", "n_train=0.6", "--data", "n_val=null", "--model", "d_model=8",
+                 "--model", "n_heads=2", "--model", "d_mlp=16", "--lr", "1e-2", "--weight-decay", "2", "--betas",
+                 "0.9", "0.98", "--steps", str(STEPS), "--stop-at", "1.0"])
+    assert code == 0
+    return run
+
+
+def test_replicate_table_announces_the_cost_of_each_rule(grok, capsys):
+    assert main(["--threads", "1", "replicate", str(grok), "--table", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["rows"]
+    # 20 validation pairs (< 32): every rule of the table fits the default budget
+    assert [r["rule"] for r in rows] == [r.label for r in fidelity.all_rules()]
+    assert data["skipped"] == []
+    assert all(r["n_test"] == 20 and r["n_steps"] == STEPS for r in rows)
+    assert all(r["argmax agreement"] == 1.0 for r in rows)
+
+
+def test_replicate_table_skips_what_exceeds_the_budget(grok, capsys):
+    assert main(["--threads", "1", "replicate", str(grok), "--table", "--max-evals", "20000", "--steps", "10:"]) == 0
+    captured = capsys.readouterr()
+    # the announcement comes before the computation, on stderr; the skipped rules are named with their cost
+    assert "replicate: midpoint-10 over 20 steps x 20 inputs = 4,000 path-gradient evaluations" in captured.err
+    assert "skipped midpoint-100: 40,000 evaluations exceed --max-evals 20,000" in captured.out
+    assert "gauss-legendre-4" in captured.out and "adaptive" in captured.out
+    assert main(["-q", "replicate", str(grok), "--table", "--max-evals", "-1"]) == 2
+
+
+def test_influence_defaults_to_a_two_node_rule_with_its_error_reported(grok, tmp_path, capsys):
+    out_dir = tmp_path / "scores"
+    assert main(["--threads", "1", "influence", str(grok), "--keep", "step,group", "--out", str(out_dir)]) == 0
+    captured = capsys.readouterr()
+    assert f"influence: gauss-legendre-2 over {STEPS} steps x 20 inputs = {2 * STEPS * 20:,}" in captured.err
+    assert "quadrature error" in captured.out and "gauss-legendre-2" in captured.out
+    assert (out_dir / "scores.csv").exists()
+    assert main(["-q", "--json", "influence", str(grok), "--out", str(tmp_path / "json")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["meta"]["quadrature"] == "gauss-legendre" and summary["meta"]["nodes"] == 2
+    assert summary["completeness_gap"] < 1e-9
+    assert summary["quadrature_error_max"] >= 0.0
+
+
+def test_report_covers_a_prefix_of_the_run_in_its_data_view(grok, capsys):
+    assert main(["--threads", "1", "report", str(grok), "--data-steps", "12"]) == 0
+    captured = capsys.readouterr()
+    assert "report, data view: gauss-legendre-2 over 12 steps" in captured.err
+    scores = json.loads((grok / "report" / "scores.json").read_text())
+    assert scores["data_view"]["data_steps"] == [0, 12]
+    assert all(s < 12 for s in scores["data_view"]["kernel_steps"])
+    page = (grok / "report" / "index.html").read_text()
+    assert f"Only the first 12 of the {STEPS} steps" in page
+    assert main(["-q", "report", str(grok), "--data-steps", "some"]) == 2
