@@ -230,23 +230,29 @@ def test_a_kill_at_any_write_point_of_a_resumed_recording(tmp_path, monkeypatch,
 # ------------------------------------------------------------------------------------------ real processes
 CHILD = textwrap.dedent(
     """
-    import sys, time
+    import sys, threading, time
     sys.path.insert(0, {tests!r})
     import explaind.trajectory.store as store_module
     from test_store_faults import _record
 
+    LOCK = threading.Lock()
+    def emit(text):  # whole lines: the writer thread and the loop both report
+        with LOCK:
+            sys.stdout.write(f"{{text}}\\n")
+            sys.stdout.flush()
+
     real = store_module.write_tensors
     def stalled(root, relpath, *args, **kwargs):  # the disk stops answering at step {stall}
         if relpath == "steps/{stall:06d}.safetensors":
-            print("stalled", flush=True)
+            emit("stalled")
             time.sleep(1000)
         return real(root, relpath, *args, **kwargs)
     store_module.write_tensors = stalled
 
     class Progress(list):
         def __setitem__(self, i, value):
-            print(value, flush=True)
-    print("start", flush=True)
+            emit(value)
+    emit("start")
     _record({store!r}, 0, {steps}, Progress([0]), background_writes=True)
     """
 )
