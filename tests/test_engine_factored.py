@@ -422,3 +422,12 @@ def test_factor_products_match_jacobian_products(case, block_elements):
         slow.add(seg, plan, v)
     assert "jacobian" in ev.used, ev.state["jacobian"]
     assert rel(fast.result(), slow.result()) <= 1e-13
+
+
+def test_register_layer_rule_checks_the_rule():
+    from explaind.kernel.layer_rules import register_layer_rule
+
+    with pytest.raises(ConfigError, match="lacks moved, at_steps, reduce"):
+        register_layer_rule(nn.PReLU, type("Half", (), {"roles": lambda self, m: {}})())
+    with pytest.raises(ConfigError, match="must be an nn.Module subclass"):
+        register_layer_rule(int, object())

@@ -176,3 +176,14 @@ def test_test_inputs_of_the_wrong_shape_get_a_clear_error():
         explaind.InfluenceEstimator(residual_tol=10.0, device="cpu").fit(traj).transform(wrong)
     with pytest.raises(ConfigError, match="cannot be turned into a tensor"):
         explaind.KernelReplica(device="cpu").fit(traj).predict([[1.0, 2.0], [3.0]])
+
+
+def test_fidelity_against_a_model_of_another_shape_is_refused():
+    from explaind.exceptions import ConfigError
+
+    torch.manual_seed(0)
+    X, y = _tokens(16)
+    _, traj = _train(TinyAttention(), X[:12], y[:12], steps=2)
+    other = TinyAttention(n_out=3).to(DT)
+    with pytest.raises(ConfigError, match=r"the model returns \(4, 3\) outputs for X, the replica \(4, 5\)"):
+        explaind.KernelReplica(device="cpu").fit(traj).fidelity_report(X[12:], model=other)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..config import DtypeName, StrictModel, resolve_device, resolve_dtype
+from ..config import DtypeName, StrictModel, resolve_dtype
 from ..exceptions import ConfigError
 from ..trajectory.base import Trajectory
 from .base import ExplaindEstimator
@@ -60,10 +60,7 @@ class PathEstimator(ExplaindEstimator):
                     f"{name}: invalid value for 'steps': {self.steps!r} — the window (start, stop) must satisfy "
                     f"0 <= start < stop <= n_steps = {N}. Fix the parameter and call fit again."
                 )
-        try:
-            device = resolve_device(config.device)
-        except ConfigError as exc:
-            raise ConfigError(f"{name}: invalid value for 'device': {exc}") from None
+        device = self._device(config.device)
         self.config_ = config
         self.trajectory_ = traj
         self.window_ = (start, stop)

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 from sklearn.base import BaseEstimator
 
-from ..config import validate_config
-from ..exceptions import NotFittedError
+from ..config import resolve_device, validate_config
+from ..exceptions import ConfigError, NotFittedError
 
 __all__ = ["ExplaindEstimator"]
 
@@ -29,6 +29,13 @@ class ExplaindEstimator(BaseEstimator):
     def _validated_config(self) -> Any:
         """Validate ``get_params()`` against ``_config_model``; raises ``ConfigError`` naming the field."""
         return validate_config(self._config_model, self.get_params(deep=False), type(self).__name__)
+
+    def _device(self, value: str) -> Any:
+        """The ``torch.device`` of the ``device`` parameter; ``ConfigError`` naming the estimator and the value."""
+        try:
+            return resolve_device(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{type(self).__name__}: invalid value for 'device': {exc}") from None
 
     def _check_fitted(self) -> None:
         if not hasattr(self, self._fitted_marker):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..config import DtypeName, StrictModel, resolve_device, resolve_dtype
+from ..config import DtypeName, StrictModel, resolve_dtype
 from ..exceptions import ConfigError, UnknownEntryError
 from ..kernel.attribution import Attribution
 from ..kernel.explained import Explained, FunctionalModel
@@ -134,10 +134,7 @@ class CounterfactualEstimator(ExplaindEstimator):
             n_train = int(traj.n_train)
         except Exception as exc:
             raise ConfigError(f"{name}.fit: the counterfactual needs the training data: {exc}") from None
-        try:
-            device = resolve_device(config.device)
-        except ConfigError as exc:
-            raise ConfigError(f"{name}: invalid value for 'device': {exc}") from None
+        device = self._device(config.device)
         self.config_ = config
         self.trajectory_ = traj
         self.adapter_ = str(adapter)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..exceptions import ConfigError
+
 __all__ = ["LayerRule", "LAYER_RULES", "register_layer_rule", "covered_parameters", "Factors"]
 
 #: Per call of a layer: ``(delta (O, E, R, out), layer input)``; weighted output gradients and inputs.
@@ -228,7 +230,19 @@ LAYER_RULES: dict[type[nn.Module], Any] = {nn.Linear: LinearRule(), nn.Embedding
 
 
 def register_layer_rule(layer_type: type[nn.Module], rule: Any) -> None:
-    """Use ``rule`` (a :class:`LayerRule`) for modules of exactly ``layer_type``."""
+    """Use ``rule`` (a :class:`LayerRule`) for modules of exactly ``layer_type``.
+
+    Raises
+    ------
+    ConfigError
+        When ``layer_type`` is not an ``nn.Module`` subclass or ``rule`` lacks a method of the protocol.
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise ConfigError(f"register_layer_rule: layer_type must be an nn.Module subclass, got {layer_type!r}.")
+    missing = [m for m in ("roles", "moved", "at_steps", "reduce") if not callable(getattr(rule, m, None))]
+    if missing:
+        raise ConfigError(f"register_layer_rule: the rule for {layer_type.__name__} lacks {', '.join(missing)}; a "
+                          f"layer rule implements roles, moved, at_steps and reduce (see LayerRule).")
     LAYER_RULES[layer_type] = rule
 
 
