@@ -187,3 +187,16 @@ def test_fidelity_against_a_model_of_another_shape_is_refused():
     other = TinyAttention(n_out=3).to(DT)
     with pytest.raises(ConfigError, match=r"the model returns \(4, 3\) outputs for X, the replica \(4, 5\)"):
         explaind.KernelReplica(device="cpu").fit(traj).fidelity_report(X[12:], model=other)
+
+
+def test_a_large_quadrature_error_is_loud_but_not_for_the_tracin_rule():
+    _, traj, X_test = _dropout_run()  # ReLU paths: two Gauss-Legendre nodes miss kinks
+    with pytest.warns(ExplaindWarning, match=r"quadrature error share .* quadrature='gauss-legendre'"):
+        att = explaind.InfluenceEstimator(keep=("step",), split=False, quadrature="gauss-legendre", nodes=1,
+                                          device="cpu").fit(traj).transform(X_test)
+    assert att.meta["quadrature_share"] > 1e-3 and att.completeness_error() <= 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        left = explaind.InfluenceEstimator(keep=("step",), split=False, quadrature="left",
+                                           device="cpu").fit(traj).transform(X_test)
+    assert left.meta["quadrature_share"] > 1e-3

@@ -31,7 +31,7 @@ from ..kernel.planning import window_plans
 from ..kernel.shard import all_sum, gather_rows, shard_rows, world
 from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
-from .residual import check_residual
+from .residual import check_quadrature, check_residual
 
 __all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
 
@@ -111,7 +111,9 @@ class InfluenceEstimator(PathEstimator):
         the part of the explained change that the model of the updates leaves unexplained; stored in
         ``meta["residual_share"]``). Above it ``transform`` warns, naming the likely cause and the fix.
     strict : bool
-        Raise :class:`~explaind.exceptions.TrajectoryError` instead of warning.
+        Raise :class:`~explaind.exceptions.TrajectoryError` instead of warning. The quadrature-error
+        share (``meta["quadrature_share"]``) is warned about above the same ``residual_tol``, except
+        for the first-order ``"left"`` rule.
     steps : (int, int or None), optional
         Window ``(start, stop)``: ``initial`` is :math:`g(\theta_{start})`, the total is
         :math:`g(\theta_{stop})`. Momentum from steps before ``start`` is still data (it is
@@ -231,6 +233,7 @@ class InfluenceEstimator(PathEstimator):
             att = _gathered(part, counts, T)
         if cfg.split:
             check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
+        check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name)
         return att
 
     def _decompose(self, Xt: Any, target: Any, y: Any) -> Attribution:

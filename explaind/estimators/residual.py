@@ -16,12 +16,13 @@ import warnings
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..exceptions import ExplaindWarning, TrajectoryError
 from ..kernel.attribution import Attribution
 
-__all__ = ["check_residual", "residual_causes"]
+__all__ = ["check_residual", "residual_causes", "check_quadrature"]
 
 #: Audited relative residual of the adapter above which it is named as a cause.
 AUDIT_TOL = 1e-6
@@ -98,4 +99,23 @@ def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol:
     if strict:
         raise TrajectoryError(message)
     warnings.warn(message, ExplaindWarning, stacklevel=3)
+    return share
+
+
+def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str) -> float:
+    r"""Store the quadrature-error share in ``att.meta``; above ``tol`` warn naming the rule and the fix.
+
+    The share is :math:`\sum_{x,o} |\sum_s \text{quadrature\_error}|` over
+    :math:`\sum_{x,o} |g(\theta_{stop}) - g(\theta_{start})|`: the part of the change the path
+    integrals missed. The ``"left"`` rule (TracIn) is first order by design and is not warned about.
+    """
+    err = att.quadrature_error
+    err = err.reshape(err.shape[0], -1, err.shape[-1]).sum(1).abs()
+    share = float(err.sum() / (att.final - att.initial).abs().sum().clamp_min(torch.finfo(err.dtype).tiny))
+    att.meta["quadrature_share"] = share
+    if share > tol and rule != "left":
+        warnings.warn(f"{owner}: quadrature error share {share:.3g} > {tol:g} with quadrature={rule!r}: the path "
+                      f"integrals miss {100 * share:.3g}% of the explained change (it is kept in quadrature_error, "
+                      f"so completeness holds, but the scores do not include it). Use quadrature='adaptive' or "
+                      f"more nodes.", ExplaindWarning, stacklevel=3)
     return share
