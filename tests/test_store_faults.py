@@ -290,8 +290,9 @@ def test_sigkill_with_a_stalled_background_writer_loses_at_most_four_returned_st
     reader.join(10)
     returned = max(int(line) for line in lines if line.isdigit())
     traj = Trajectory.load(store, model=_model())
-    # steps grouped with step 2 (one journal write per group) are not committed either; 4 is the most
-    assert "stalled" in lines and 1 <= traj.n_steps <= 2 and returned - traj.n_steps == 4
+    # steps grouped with step 2 (one journal write per group) are not committed either, so 0, 1 or 2 steps
+    # are on disk depending on how the writer grouped them; the loop never gets more than 4 ahead
+    assert "stalled" in lines and 0 <= traj.n_steps <= 2 and 1 <= returned - traj.n_steps <= 4
     traj.verify()
     _assert_same(reference, traj)
 
