@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsets", type=int, default=None, help="subsets per fraction (default 200; quick 8)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")
     p.add_argument("--top-k", type=int, default=None, help="proponents removed per test point (default 25)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="folder for JSON and CSV results")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=None, help="independent runs pooled (default 5; quick 1)")
+    p.add_argument("--out", default=None, help="folder for the JSON, CSV and PNG results (for 'report --validation')")
     _common(p, suppress=True)
 
     p = sub.add_parser("report", help="plots and the HTML report of a stored run")

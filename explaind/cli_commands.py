@@ -184,7 +184,8 @@ def cmd_validate(args: argparse.Namespace, out: Any) -> int:
     argv = ["--activation", *args.activation, "--seed", str(args.seed)]
     argv += ["--quick"] if args.quick else []
     argv += ["--progress"] if out.progress else []
-    for flag, value in (("--subsets", args.subsets), ("--top-k", args.top_k), ("--out", args.out)):
+    for flag, value in (("--subsets", args.subsets), ("--top-k", args.top_k), ("--seeds", args.seeds),
+                        ("--out", args.out)):
         if value is not None:
             argv += [flag, str(value)]
     if args.fractions is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -143,3 +144,84 @@ def test_not_fitted_and_bad_parameters():
 def test_counterfactual_estimator_conforms(estimator, check):
     run = recorded_run("tanh", "sgd_nesterov_wd")
     check(estimator, run.trajectory, run.X_test)
+
+
+def _resume(setup, snapshot, window, scale):
+    """Retrain from the state saved at the window start: steps ``start <= s < stop`` with weights scaled."""
+    cls, kwargs, schedule = SETUPS[setup]
+    X, y, _ = _data()
+    model = _model()
+    opt = cls(model.parameters(), **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if schedule else None
+    snapshot = copy.deepcopy(snapshot)  # load_state_dict shares the optimizer's tensors, which step() updates
+    model.load_state_dict(snapshot["model"])
+    opt.load_state_dict(snapshot["opt"])
+    if sched is not None:
+        sched.load_state_dict(snapshot["sched"])
+    for batch in BATCHES[window[0]:window[1]]:
+        idx = torch.tensor(batch)
+        opt.zero_grad()
+        losses = nn.functional.cross_entropy(model(X[idx]), y[idx], reduction="none")
+        (losses * scale[idx] / len(batch)).sum().backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return model
+
+
+def _snapshot(setup, start):
+    """Model, optimizer and schedule state after the first ``start`` steps of the recorded loop."""
+    cls, kwargs, schedule = SETUPS[setup]
+    X, y, _ = _data()
+    model = _model()
+    opt = cls(model.parameters(), **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if schedule else None
+    for batch in BATCHES[:start]:
+        idx = torch.tensor(batch)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+            "sched": copy.deepcopy(sched.state_dict()) if sched is not None else None}
+
+
+@pytest.mark.parametrize(("setup", "window"), [("adamw_wd_schedule", (2, 5)), ("sgd_momentum_schedule", (1, None))])
+def test_window_matches_finite_differences_of_retraining_from_its_start(setup, window):
+    traj = _train(setup, record=True)
+    X_test = _data()[2]
+    start, stop = window[0], N_STEPS if window[1] is None else window[1]
+    att = explaind.CounterfactualEstimator(device="cpu", steps=window).fit(traj).transform(X_test)
+    snapshot = _snapshot(setup, start)
+    fd = []
+    for k in range(M):
+        up, down = torch.ones(M, dtype=torch.float64), torch.ones(M, dtype=torch.float64)
+        up[k], down[k] = 1 + H, 1 - H
+        plus, minus = _resume(setup, snapshot, (start, stop), up), _resume(setup, snapshot, (start, stop), down)
+        with torch.no_grad():
+            fd.append((plus(X_test) - minus(X_test)) / (2 * H))
+    fd_t = torch.stack(fd, 1)
+    assert att.meta["window"] == [start, stop]
+    err = float((att.values - fd_t).abs().max() / fd_t.abs().max())
+    assert err <= 1e-6, err
+    resumed = _resume(setup, snapshot, (start, stop), torch.ones(M, dtype=torch.float64))
+    at_start = _resume(setup, snapshot, (start, start), torch.ones(M, dtype=torch.float64))
+    with torch.no_grad():
+        assert float((att.final - resumed(X_test)).abs().max()) <= 1e-12
+        assert float((att.initial - at_start(X_test)).abs().max()) <= 1e-12
+    # samples in no batch of the window have no effect on theta_stop
+    outside = set(range(M)) - {k for batch in BATCHES[start:stop] for k in batch}
+    for k in outside:
+        assert float(att.values[:, k].abs().max()) == 0.0
+
+
+def test_whole_run_window_is_the_default_and_bad_windows_are_refused():
+    traj = _train("adam_l2", record=True)
+    X_test = _data()[2]
+    full = explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test)
+    window = explaind.CounterfactualEstimator(device="cpu", steps=(0, None)).fit(traj).transform(X_test)
+    assert torch.equal(full.values, window.values) and full.meta["window"] == [0, N_STEPS]
+    for bad in ((3, 3), (-1, 2), (0, N_STEPS + 1)):
+        with pytest.raises(ConfigError, match=r"invalid value for 'steps'.*0 <= start < stop <= n_steps = 6"):
+            explaind.CounterfactualEstimator(device="cpu", steps=bad).fit(traj)

@@ -8,17 +8,23 @@ import json
 import numpy as np
 import pytest
 import torch
+from _png import check_png
 from scipy.stats import spearmanr
 
 import explaind
 from explaind.exceptions import ConfigError
 from explaind.validation import (
     METHODS,
+    OPTIONAL_METHODS,
     ValidationConfig,
     ValidationProblem,
+    ValidationResult,
     bootstrap_mean,
+    compute_scores,
     draw_subsets,
+    external,
     lds,
+    run_validation,
     spearman,
     subset_predictions,
 )
@@ -38,20 +44,89 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "| method | score time (s) | LDS 50% | LDS 90% | LDS 99% |" in printed
-    assert all(f"| {m} |" in printed for m in METHODS)
+    assert all(f"| {m} |" in printed for m in METHODS + OPTIONAL_METHODS)
+    assert "score time per seed: counterfactual" in printed and "ratio" in printed
     data = json.loads((tmp_path / "validation_tanh.json").read_text())
     assert data["config"]["n_train"] == 60 and data["config"]["n_steps"] == 20 and data["config"]["n_subsets"] == 8
+    assert data["config"]["seeds"] == 1
     assert data["checks"]["full_retrain_max_abs_diff"] <= 1e-12
-    for method in METHODS:
+    scored = [m for m in METHODS + OPTIONAL_METHODS if m not in data["unavailable"]]
+    assert set(data["lds"]) == set(scored) and set(METHODS) <= set(scored)
+    for method in scored:
         for fraction in ("0.5", "0.9", "0.99"):
             mean, std = data["lds"][method][fraction]
             per_test = np.asarray(data["lds_per_test"][method][fraction], dtype=float)
-            assert per_test.shape == (10,) and np.nanmax(np.abs(per_test)) <= 1 + 1e-12
+            assert per_test.shape == (1, 10) and np.nanmax(np.abs(per_test)) <= 1 + 1e-12
             assert mean == pytest.approx(np.nanmean(per_test), abs=1e-12) and std >= 0
     assert set(data["removal"]) == {"counterfactual", "explaind"}
     assert all(0 <= r["fraction_lowered"] <= 1 for r in data["removal"].values())
     with open(tmp_path / "validation_tanh.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == 3 * len(METHODS)
+        assert len(list(csv.DictReader(fh))) == 3 * len(scored)
+    check_png((tmp_path / "validation_tanh.png").read_bytes())
+    assert ValidationResult.from_json(tmp_path / "validation_tanh.json").to_dict() == data
+
+
+def test_seeds_pool_independent_runs(monkeypatch):
+    monkeypatch.setattr(external, "missing", lambda method: "its package")  # the optional methods: not installed
+    two = run_validation(ValidationConfig.quick(seeds=2, n_subsets=5), methods=("counterfactual", "random", "trak"))
+    second = run_validation(ValidationConfig.quick(seed=1, n_subsets=5), methods=("counterfactual", "random"))
+    assert two.unavailable == {"trak": "its package"} and "| trak | not installed (its package;" in two.table()
+    for method in ("counterfactual", "random"):
+        for fraction in (0.5, 0.9, 0.99):
+            rows = np.asarray(two.lds_per_test[method][fraction])
+            assert rows.shape == (2, 10)
+            assert np.array_equal(rows[1], np.asarray(second.lds_per_test[method][fraction])[0], equal_nan=True)
+            assert two.lds[method][fraction][0] == pytest.approx(np.nanmean(rows), abs=1e-12)
+    assert two.config["seeds"] == 2 and two.removal["counterfactual"]["fraction_lowered_std"] >= 0
+
+
+def test_two_level_bootstrap_resamples_seeds_then_test_points():
+    one = np.random.default_rng(3).standard_normal(40)
+    assert bootstrap_mean(one[None], 300, 5) == bootstrap_mean(one, 300, 5)
+    # seeds that disagree completely: the spread is that of the mean of two fair coins, 0.5 / sqrt(2)
+    mean, std = bootstrap_mean(np.stack([np.zeros(30), np.ones(30)]), 4000, 0)
+    assert mean == 0.5 and std == pytest.approx(0.5 / np.sqrt(2), abs=0.02)
+    # within one seed, the spread is the standard error of the test points
+    values = np.random.default_rng(4).standard_normal(400)
+    assert bootstrap_mean(values, 2000, 1)[1] == pytest.approx(values.std() / 20, rel=0.1)
+
+
+def test_influence_function_matches_an_explicit_loop_reference():
+    problem = ValidationProblem(ValidationConfig.quick(hidden=3, epochs=10))
+    model = problem.train()[0]
+    scores = compute_scores(problem, None, model, ("influence",))[0]["influence"]
+    params = [p for p in model.parameters()]
+    n, damping = problem.config.n_train, problem.config.damping
+
+    def flat_grad(value, create_graph=False):
+        grads = torch.autograd.grad(value, params, create_graph=create_graph, retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    mean_loss = torch.nn.functional.cross_entropy(model(problem.X_train), problem.y_train)
+    g = flat_grad(mean_loss, create_graph=True)
+    hessian = torch.stack([flat_grad(g[i]) for i in range(g.numel())])  # row i: d g_i / d theta
+    damped = hessian + damping * torch.eye(g.numel(), dtype=torch.float64)
+    cross_entropy = torch.nn.functional.cross_entropy
+    rows = []
+    for t in range(problem.config.n_test):
+        g_test = flat_grad(model(problem.X_test[t:t + 1])[0, problem.y_test[t]])
+        row = []
+        for k in range(n):
+            g_k = flat_grad(cross_entropy(model(problem.X_train[k:k + 1]), problem.y_train[k:k + 1]))
+            row.append(-float(g_test @ torch.linalg.solve(damped, g_k)) / n)
+        rows.append(row)
+    reference = np.asarray(rows)
+    assert np.abs(scores - reference).max() <= 1e-10 * np.abs(reference).max()
+
+
+def test_captum_influence_is_the_same_damped_influence_function():
+    # a run whose damped Hessian H + 0.1 I is positive definite (smallest eigenvalue of H: -0.037), where
+    # Captum keeps every eigen-direction; with a negative damped eigenvalue it drops that direction
+    problem = ValidationProblem(ValidationConfig.quick(hidden=4, epochs=20))
+    model = problem.train()[0]
+    scores = compute_scores(problem, None, model, ("influence", "captum_influence"))[0]
+    ours, captum = scores["influence"], scores["captum_influence"]
+    assert np.abs(captum - ours).max() <= 1e-8 * np.abs(ours).max()
 
 
 def test_retraining_on_the_full_set_is_the_recorded_run(quick):
@@ -121,8 +196,12 @@ def test_bootstrap_and_config_errors():
         ValidationConfig(fractions=(0.5, 1.0))
     with pytest.raises(ConfigError, match="top_k"):
         ValidationConfig.quick(top_k=61)
+    with pytest.raises(ConfigError, match="damping"):
+        ValidationConfig(damping=0.0)
+    with pytest.raises(ConfigError, match="seeds"):
+        ValidationConfig.quick(seeds=0)
     with pytest.raises(ConfigError, match="unknown method"):
-        explaind.validation.compute_scores(None, None, None, ("shapley",))
+        compute_scores(None, None, None, ("shapley",))
 
 
 def test_cli_validate_runs_the_benchmark(tmp_path, capsys):

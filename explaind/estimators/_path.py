@@ -51,15 +51,7 @@ class PathEstimator(ExplaindEstimator):
         N = int(traj.n_steps)
         if N < 1:
             raise ConfigError(f"{name}.fit: the trajectory has no recorded steps; record at least one optimizer step.")
-        start, stop = 0, N
-        if config.steps is not None:
-            start = int(config.steps[0])
-            stop = N if config.steps[1] is None else int(config.steps[1])
-            if not 0 <= start < stop <= N:
-                raise ConfigError(
-                    f"{name}: invalid value for 'steps': {self.steps!r} — the window (start, stop) must satisfy "
-                    f"0 <= start < stop <= n_steps = {N}. Fix the parameter and call fit again."
-                )
+        start, stop = self._window(config.steps, N)
         device = self._device(config.device)
         self.config_ = config
         self.trajectory_ = traj

@@ -37,6 +37,19 @@ class ExplaindEstimator(BaseEstimator):
         except ConfigError as exc:
             raise ConfigError(f"{type(self).__name__}: invalid value for 'device': {exc}") from None
 
+    def _window(self, steps: Any, n_steps: int) -> tuple[int, int]:
+        """The step window ``(start, stop)`` of the ``steps`` parameter (``None``: the whole run)."""
+        if steps is None:
+            return 0, n_steps
+        start = int(steps[0])
+        stop = n_steps if steps[1] is None else int(steps[1])
+        if not 0 <= start < stop <= n_steps:
+            raise ConfigError(
+                f"{type(self).__name__}: invalid value for 'steps': {steps!r} — the window (start, stop) must "
+                f"satisfy 0 <= start < stop <= n_steps = {n_steps}. Fix the parameter and call fit again."
+            )
+        return start, stop
+
     def _check_fitted(self) -> None:
         if not hasattr(self, self._fitted_marker):
             raise NotFittedError(

@@ -45,6 +45,7 @@ class CounterfactualConfig(StrictModel):
 
     target: Any = None
     checkpoint_every: int | None = Field(default=None, ge=1)
+    steps: tuple[int, int | None] | None = None
     test_chunk_size: int | None = Field(default=None, ge=1)
     device: str = "auto"
     dtype: DtypeName = "float64"
@@ -62,6 +63,13 @@ class CounterfactualEstimator(ExplaindEstimator):
         ``K``: the optimizer state is kept every ``K`` steps and each segment is recomputed during
         the reverse sweep (default ``ceil(sqrt(N))``; ``1`` keeps every step). Memory about
         ``(N / K + K) |opt state| + 2 T O (|theta| + |opt state|)`` values.
+    steps : (int, int or None), optional
+        Window ``(start, stop)`` (``None`` stop: the last step). The values are then
+        :math:`\partial g(x;\theta_{stop}) / \partial\epsilon_k` where :math:`\epsilon_k` scales sample
+        ``k``'s weight in the steps ``start <= s < stop`` only, and the run is retrained from the
+        recorded state at ``start`` (parameters and optimizer state held fixed) up to ``stop``
+        (docs/maths.md §9, "A window of steps"). ``initial`` is :math:`g(\theta_{start})`, ``final``
+        :math:`g(\theta_{stop})`; the reverse sweep covers the window only.
     test_chunk_size : int, optional
         Test inputs per reverse sweep (default: all at once); each chunk repeats the sweep.
     device : str
@@ -73,6 +81,8 @@ class CounterfactualEstimator(ExplaindEstimator):
     ----------
     trajectory_ : Trajectory
     n_steps_, n_train_ : int
+    window_ : (int, int)
+        The resolved ``(start, stop)``.
     adapter_ : str
         Registry name of the run's optimizer adapter.
     update_fn_ : PureUpdate
@@ -87,15 +97,16 @@ class CounterfactualEstimator(ExplaindEstimator):
     -----
     The run is re-trained as recorded: same ``theta_0``, batches, weights ``w_{s,k}``, gradient
     scales ``c_s`` (held fixed, so gradient clipping is differentiated as a constant scale) and
-    per-step coefficients of the schedule. Steps outside ``[0, N)`` cannot be selected.
+    per-step coefficients of the schedule.
     """
 
     _config_model: ClassVar[type[CounterfactualConfig]] = CounterfactualConfig
 
-    def __init__(self, *, target: Any = None, checkpoint_every: int | None = None,
+    def __init__(self, *, target: Any = None, checkpoint_every: int | None = None, steps: Any = None,
                  test_chunk_size: int | None = None, device: str = "auto", dtype: str = "float64"):
         self.target = target
         self.checkpoint_every = checkpoint_every
+        self.steps = steps
         self.test_chunk_size = test_chunk_size
         self.device = device
         self.dtype = dtype
@@ -134,7 +145,9 @@ class CounterfactualEstimator(ExplaindEstimator):
             n_train = int(traj.n_train)
         except Exception as exc:
             raise ConfigError(f"{name}.fit: the counterfactual needs the training data: {exc}") from None
+        window = self._window(config.steps, int(traj.n_steps))
         device = self._device(config.device)
+        self.window_ = window
         self.config_ = config
         self.trajectory_ = traj
         self.adapter_ = str(adapter)
@@ -161,27 +174,28 @@ class CounterfactualEstimator(ExplaindEstimator):
                               f"transform(X, y).")
         names = tuple(traj.param_names)
         replay = Replay(traj, fm, self.update_fn_)
-        theta_0, theta_N = replay.theta(0), replay.theta(self.n_steps_)
-        explained = Explained.build(fm, theta_0, Xt, cfg.target, y, name)
+        start, stop = self.window_
+        theta_start, theta_stop = replay.theta(start), replay.theta(stop)
+        explained = Explained.build(fm, theta_start, Xt, cfg.target, y, name)
         T, O = Xt.shape[0], explained.n_outputs
         chunk = T if cfg.test_chunk_size is None else cfg.test_chunk_size
         parts = []
         for lo in range(0, T, chunk):
             sl = slice(lo, min(T, lo + chunk))
-            lam = output_cotangents(fm, explained.take(sl), theta_N, Xt[sl])
-            tau = counterfactual_sweep(replay, lam, self.n_train_, cfg.checkpoint_every)
+            lam = output_cotangents(fm, explained.take(sl), theta_stop, Xt[sl])
+            tau = counterfactual_sweep(replay, lam, self.n_train_, cfg.checkpoint_every, start, stop)
             parts.append(tau.reshape(-1, O, self.n_train_).permute(0, 2, 1))
         values = torch.cat(parts).detach().cpu()
         self.replay_residual_ = float(replay.max_residual)
-        logger.info("%s: replay residual %.2e over %d steps", name, self.replay_residual_, self.n_steps_)
+        logger.info("%s: replay residual %.2e over steps %d-%d", name, self.replay_residual_, start, stop - 1)
         with torch.no_grad():
-            initial = explained(fm, theta_0, Xt, explained.aux).detach().cpu()
-            final = explained(fm, theta_N, Xt, explained.aux).detach().cpu()
+            initial = explained(fm, theta_start, Xt, explained.aux).detach().cpu()
+            final = explained(fm, theta_stop, Xt, explained.aux).detach().cpu()
         zeros = torch.zeros(T, O, dtype=values.dtype)
         coords = {"test": np.arange(T), "train": np.arange(self.n_train_),
                   "output": np.arange(O) if explained.kind == "outputs" else [explained.kind]}
         meta = {"estimator": name, "kind": "counterfactual", "additive": False, "target_kind": explained.kind,
-                "window": [0, self.n_steps_], "adapter": self.adapter_, "replay_residual": self.replay_residual_,
+                "window": [start, stop], "adapter": self.adapter_, "replay_residual": self.replay_residual_,
                 "checkpoint_every": cfg.checkpoint_every}
         layout = ParamLayout.from_tensors(traj.params(0), names)
         return Attribution(axes=("test", "train", "output"), values=values, initial=initial, final=final,

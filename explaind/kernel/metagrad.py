@@ -170,43 +170,50 @@ def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state
 
 
 def counterfactual_sweep(replay: Replay, lam_theta: Params, n_train: int,
-                         checkpoint_every: int | None = None) -> Tensor:
-    r""":math:`\tau_k = \partial g(x;\theta_N) / \partial\epsilon_k` for ``R`` cotangents at once.
+                         checkpoint_every: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+    r""":math:`\tau_k = \partial g(x;\theta_{stop}) / \partial\epsilon_k` for ``R`` cotangents at once.
+
+    ``epsilon_k`` scales sample ``k``'s weight in the steps ``start <= s < stop`` only; the state
+    :math:`z_{start}` (parameters and optimizer state) is the recorded one and does not depend on it.
 
     Parameters
     ----------
     replay : Replay
     lam_theta : dict of Tensor
-        :math:`\lambda_N` on the parameters, ``name -> (R, *shape)``.
+        :math:`\lambda_{stop} = \nabla_\theta g(x; \theta_{stop})` on the parameters, ``name -> (R, *shape)``.
     n_train : int
         ``M``, the number of training samples.
     checkpoint_every : int, optional
-        ``K``: keep the optimizer state every ``K`` steps (default ``ceil(sqrt(N))``).
+        ``K``: keep the optimizer state every ``K`` steps of the window (default ``ceil(sqrt(stop - start))``).
+    start, stop : int
+        The window of steps (default: the whole run, ``0`` and ``N``).
 
     Returns
     -------
     Tensor
         ``tau``, shape ``(R, M)``.
     """
-    N = int(replay.traj.n_steps)
+    stop = int(replay.traj.n_steps) if stop is None else int(stop)
+    N = stop - start
     K = max(1, math.ceil(math.sqrt(N))) if checkpoint_every is None else int(checkpoint_every)
-    checkpoints: dict[int, State] = {}
     state = replay.init_state()
-    for s in range(N):
-        if s % K == 0:
+    for s in range(start):  # the optimizer state at the window start, replayed (not differentiated)
+        _, state = replay.point(s, state)
+    checkpoints: dict[int, State] = {}
+    for s in range(start, stop):
+        if (s - start) % K == 0:
             checkpoints[s] = state
         _, state = replay.point(s, state)
     R = next(iter(lam_theta.values())).shape[0]
     fm = replay.fm
     tau = torch.zeros(R, n_train, dtype=fm.dtype, device=fm.device)
     lam_state = {n: {k: torch.zeros(R, *v.shape, dtype=v.dtype, device=v.device) for k, v in st.items()}
-                 for n, st in checkpoints[0].items()}
+                 for n, st in checkpoints[start].items()}
     for lo in sorted(checkpoints, reverse=True):
         points, state = [], checkpoints[lo]
-        for s in range(lo, min(N, lo + K)):
+        for s in range(lo, min(stop, lo + K)):
             point, state = replay.point(s, state)
             points.append(point)
         for point in reversed(points):
             lam_theta, lam_state = _reverse_step(replay, point, lam_theta, lam_state, tau)
     return tau
-

@@ -6,19 +6,20 @@ random subsets of the training set (the linear datamodeling score, LDS) and the 
 removing each test point's top proponents, and both predictions are checked against actual
 retraining of the same loop with the removed samples weighted 0 (docs/scores_meaning.md).
 
-Run ``python -m explaind.validation [--quick] [--activation tanh|relu] [--out DIR]``, or call
+Run ``python -m explaind.validation [--quick] [--activation tanh|relu] [--seeds N] [--out DIR]``, or call
 :func:`run_validation`.
 """
 
 from __future__ import annotations
 
 from .benchmark import REMOVAL_METHODS, ValidationResult, draw_subsets, run_validation
-from .methods import METHODS, compute_scores
+from .methods import METHODS, OPTIONAL_METHODS, compute_scores
 from .metrics import bootstrap_mean, lds, rank, spearman, subset_predictions
 from .problem import ValidationConfig, ValidationProblem
 
 __all__ = [
     "METHODS",
+    "OPTIONAL_METHODS",
     "REMOVAL_METHODS",
     "ValidationConfig",
     "ValidationProblem",

@@ -1,7 +1,8 @@
 """``python -m explaind.validation``: LDS and top-k removal of the attribution methods on digits.
 
 Prints the tables as markdown (one section per activation) and, with ``--out DIR``, writes
-``validation_<activation>.json`` and ``validation_<activation>.csv`` there.
+``validation_<activation>.json``, ``.csv`` and ``.png`` (the LDS bars) there; ``explaind report
+RUN --validation DIR`` puts them in the HTML report.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .benchmark import ValidationResult
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,16 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "training set (LDS) and the effect of removing top proponents.",
     )
     p.add_argument("--quick", action="store_true",
-                   help="tiny size (60 train, 10 test, 20 steps, 8 subsets, top-5): a smoke test, not a measurement")
+                   help="tiny size (60 train, 10 test, 20 steps, 8 subsets, top-5, 1 seed): a smoke test, not a "
+                        "measurement")
     p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=["tanh"])
     p.add_argument("--subsets", type=int, default=None, help="M, subsets per fraction (default 200; quick 8)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")
     p.add_argument("--top-k", type=int, default=None, help="proponents removed per test point (default 25; quick 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory for JSON and CSV results")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="independent runs SEED, SEED+1, ... pooled with a two-level bootstrap (default 5; quick 1)")
+    p.add_argument("--out", default=None, help="directory for the JSON, CSV and PNG results")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     p.add_argument("--progress", action="store_true", help="a progress bar over the stages on stderr")
     return p
+
+
+def timing(result: ValidationResult) -> str:
+    """One line: the counterfactual's score time against the decomposition's, when both ran."""
+    sec = result.seconds
+    if "counterfactual" not in sec or "explaind" not in sec:
+        return ""
+    return (f"score time per seed: counterfactual {sec['counterfactual']:.2f}s, InfluenceEstimator(keep=('train',)) "
+            f"{sec['explaind']:.2f}s, ratio {sec['counterfactual'] / sec['explaind']:.2f}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes["fractions"] = tuple(args.fractions)
     if args.top_k is not None:
         changes["top_k"] = args.top_k
+    if args.seeds is not None:
+        changes["seeds"] = args.seeds
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(
             f"\n## {activation}: digits {c['n_train']} train / {c['n_test']} test, MLP 64-{c['hidden']}-10, SGD "
             f"lr {c['lr']} momentum {c['momentum']}, {c['n_steps']} steps of {c['batch_size']}, float64; "
-            f"M = {c['n_subsets']} subsets per fraction\n\n{result.table()}\n\n"
+            f"M = {c['n_subsets']} subsets per fraction, {c['seeds']} seed(s) from {c['seed']}\n\n{result.table()}\n\n"
+            f"{timing(result)}"
             f"recording {result.seconds['record']:.1f}s, subset retraining {result.seconds['retrain_subsets']:.1f}s, "
             f"removal retraining {result.seconds['retrain_removal']:.1f}s, total {time.perf_counter() - start:.1f}s; "
             f"full-set retrain vs recorded run: max |Δ logit| = {result.checks['full_retrain_max_abs_diff']:.1e}\n"
@@ -75,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out is not None:
             result.to_json(out / f"validation_{activation}.json")
             result.to_csv(out / f"validation_{activation}.csv")
+            result.plot(out / f"validation_{activation}.png")
     return 0
 
 

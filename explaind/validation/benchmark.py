@@ -9,10 +9,15 @@ scores it with every method of :mod:`explaind.validation.methods`, and then retr
    LDS is the Spearman correlation across the ``M`` subsets of the method's prediction
    :math:`\sum_{k \in S} \tau_k` and the retrained true-class logit; the table gives its mean over
    test points and the standard deviation of that mean over bootstrap resamples of the test points.
+   With several seeds (independent runs: data split, initialisation, batches and subsets) the mean
+   pools every (seed, test point) and the bootstrap draws seeds, then test points within each.
 2. **Top-k removal.** For each test point and for ``counterfactual`` and ``explaind``, the
    ``top_k`` proponents (largest scores for that point) are removed and the run retrained; the
    fraction of test points whose true-class logit went down is reported, with the mean actual
    change and the mean first-order prediction :math:`-\sum_{k \text{ removed}} \tau_k`.
+
+Methods of optional packages that are not installed are listed in
+:attr:`ValidationResult.unavailable` and shown as "not installed".
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from .methods import METHODS, compute_scores
+from ..exceptions import ConfigError
+from . import external
+from .methods import METHODS, OPTIONAL_METHODS, compute_scores
 from .metrics import bootstrap_mean, lds, subset_predictions
 from .problem import ValidationConfig, ValidationProblem
 
@@ -42,31 +49,35 @@ REMOVAL_METHODS: tuple[str, ...] = ("counterfactual", "explaind")
 
 @dataclass
 class ValidationResult:
-    """Everything one validation run measured.
+    """Everything one validation run measured (pooled over its seeds).
 
     Attributes
     ----------
     config : dict
         The settings (:meth:`ValidationConfig.as_dict`).
     lds : dict
-        ``lds[method][fraction] = (mean, bootstrap std)`` over test points.
+        ``lds[method][fraction] = (mean, bootstrap std)`` over seeds and test points.
     lds_per_test : dict
-        ``lds_per_test[method][fraction]``: the per-test-point LDS values.
+        ``lds_per_test[method][fraction]``: the per-test-point LDS values, one list per seed.
     removal : dict
-        ``removal[method]`` with ``fraction_lowered``, ``mean_change`` and ``mean_predicted_change``.
+        ``removal[method]`` with ``fraction_lowered`` (and its bootstrap ``fraction_lowered_std``),
+        ``mean_change`` and ``mean_predicted_change``, pooled over seeds and test points.
     seconds : dict
-        Wall time of each method's scores, of recording the run and of all retraining.
+        Wall time of each method's scores (mean over seeds), of recording the run and of all retraining.
     checks : dict
         ``full_retrain_max_abs_diff``: largest difference of the test logits between retraining
-        on the full set and the recorded run (0 when the retrain loop is the recorded loop).
+        on the full set and the recorded run, over seeds (0 when the retrain loop is the recorded loop).
+    unavailable : dict
+        Optional methods that were asked for but whose package is not installed: method -> package.
     """
 
     config: dict[str, Any]
     lds: dict[str, dict[float, tuple[float, float]]]
-    lds_per_test: dict[str, dict[float, list[float]]]
+    lds_per_test: dict[str, dict[float, list[list[float]]]]
     removal: dict[str, dict[str, float]]
     seconds: dict[str, float]
     checks: dict[str, float] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         """Markdown tables: LDS per method and fraction (± bootstrap std, with score time), then removal."""
@@ -76,12 +87,15 @@ class ValidationResult:
         for method, row in self.lds.items():
             cells = " | ".join(f"{row[f][0]:+.3f} ± {row[f][1]:.3f}" for f in fractions)
             lines.append(f"| {method} | {self.seconds[method]:.2f} | {cells} |")
+        for method, package in self.unavailable.items():
+            cells = " | ".join("—" for _ in fractions)
+            lines.append(f"| {method} | not installed ({package}; pip install 'explaind[validation]') | {cells} |")
         k = self.config["top_k"]
         lines += ["", f"| top-{k} proponents removed | test points whose logit went down | mean Δ logit "
                   f"(retrained) | mean predicted Δ (first order) |", "|---|---|---|---|"]
         for method, r in self.removal.items():
-            lines.append(f"| {method} | {100 * r['fraction_lowered']:.1f}% | {r['mean_change']:+.4f} | "
-                         f"{r['mean_predicted_change']:+.4f} |")
+            lines.append(f"| {method} | {100 * r['fraction_lowered']:.1f}% ± {100 * r['fraction_lowered_std']:.1f}% | "
+                         f"{r['mean_change']:+.4f} | {r['mean_predicted_change']:+.4f} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,12 +103,38 @@ class ValidationResult:
         return {"config": self.config,
                 "lds": {m: {str(f): list(v) for f, v in row.items()} for m, row in self.lds.items()},
                 "lds_per_test": {m: {str(f): v for f, v in row.items()} for m, row in self.lds_per_test.items()},
-                "removal": self.removal, "seconds": self.seconds, "checks": self.checks}
+                "removal": self.removal, "seconds": self.seconds, "checks": self.checks,
+                "unavailable": self.unavailable}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ValidationResult:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            return cls(config=data["config"],
+                       lds={m: {float(f): (float(v[0]), float(v[1])) for f, v in row.items()}
+                            for m, row in data["lds"].items()},
+                       lds_per_test={m: {float(f): v for f, v in row.items()}
+                                     for m, row in data["lds_per_test"].items()},
+                       removal=data["removal"], seconds=data["seconds"], checks=data.get("checks", {}),
+                       unavailable=data.get("unavailable", {}))
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise ConfigError(f"ValidationResult.from_dict: not a validation result ({type(exc).__name__}: {exc}); "
+                              f"write one with 'explaind validate --out DIR'.") from None
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` as JSON."""
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(self.to_dict(), fh, indent=1, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> ValidationResult:
+        """Read a result written by :meth:`to_json`."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"ValidationResult.from_json: cannot read {str(path)!r} ({exc}).") from None
+        return cls.from_dict(data)
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """Write one row per method and fraction: ``method, fraction, lds_mean, lds_std, seconds``."""
@@ -104,6 +144,15 @@ class ValidationResult:
             for method, row in self.lds.items():
                 for f, (mean, std) in row.items():
                     writer.writerow([method, f, mean, std, self.seconds[method]])
+
+    def plot(self, path: str | os.PathLike[str]) -> Any:
+        """Bar chart of the LDS per method and fraction with the bootstrap error bars (a PNG at ``path``)."""
+        from ..viz import lds_bars
+
+        c = self.config
+        return lds_bars(self.lds, [float(f) for f in c["fractions"]], path,
+                        title=f"LDS ({c['activation']}, {c['seeds']} seed{'s' if c['seeds'] != 1 else ''}, "
+                              f"M = {c['n_subsets']})")
 
 
 def draw_subsets(n_train: int, fraction: float, n_subsets: int, rng: np.random.Generator) -> np.ndarray:
@@ -121,7 +170,8 @@ def _retrain_masks(problem: ValidationProblem, masks: np.ndarray) -> np.ndarray:
     return np.stack(out, 1)
 
 
-def _removal(problem: ValidationProblem, scores: np.ndarray, base: np.ndarray, k: int) -> dict[str, float]:
+def _removal(problem: ValidationProblem, scores: np.ndarray, base: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per test point: the retrained change of its logit and the predicted change, after removing its top ``k``."""
     changes, predicted = [], []
     for t in range(problem.config.n_test):
         removed = np.argsort(-scores[t], kind="stable")[:k]
@@ -130,33 +180,21 @@ def _removal(problem: ValidationProblem, scores: np.ndarray, base: np.ndarray, k
         logit = float(problem.true_logits(problem.train(weights)[0], rows=[t])[0])
         changes.append(logit - base[t])
         predicted.append(-float(scores[t, removed].sum()))
-    changes_arr = np.asarray(changes)
-    return {"fraction_lowered": float((changes_arr < 0).mean()), "mean_change": float(changes_arr.mean()),
-            "mean_predicted_change": float(np.mean(predicted))}
+    return {"change": np.asarray(changes), "predicted": np.asarray(predicted)}
 
 
-def run_validation(config: ValidationConfig | None = None, methods: tuple[str, ...] = METHODS,
-                   progress: bool = False) -> ValidationResult:
-    """Record a digits run, score it with each method and measure LDS and top-k removal by retraining.
+@dataclass
+class _SeedRun:
+    """What one seed measured: per-test LDS ``(T,)`` per method and fraction, removal arrays, timings."""
 
-    Parameters
-    ----------
-    config : ValidationConfig, optional
-        Settings (default: the full benchmark, ``ValidationConfig()``).
-    methods : tuple of str
-        Methods to compare (names from :data:`~explaind.validation.methods.METHODS`); the removal
-        test runs for those of :data:`REMOVAL_METHODS` among them.
+    lds: dict[str, dict[float, np.ndarray]]
+    removal: dict[str, dict[str, np.ndarray]]
+    seconds: dict[str, float]
+    full_retrain_max_abs_diff: float
 
-    Returns
-    -------
-    ValidationResult
-    """
-    from tqdm.auto import tqdm
 
-    config = config if config is not None else ValidationConfig()
+def _run_seed(config: ValidationConfig, methods: tuple[str, ...], bar: Any) -> _SeedRun:
     problem = ValidationProblem(config)
-    # stages: recording, scores, one per fraction of retrained subsets, top-k removal
-    bar = tqdm(total=3 + len(config.fractions), desc="validate", unit="stage", disable=not progress, leave=False)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     model, trajectory = problem.train(record=True)
@@ -169,25 +207,75 @@ def run_validation(config: ValidationConfig | None = None, methods: tuple[str, .
 
     start = time.perf_counter()
     full = problem.retrain_logits().numpy()
-    checks = {"full_retrain_max_abs_diff": float(np.abs(full - base).max())}
     rng = np.random.default_rng(config.seed)
-    table: dict[str, dict[float, tuple[float, float]]] = {m: {} for m in methods}
-    per_test: dict[str, dict[float, list[float]]] = {m: {} for m in methods}
+    per_test: dict[str, dict[float, np.ndarray]] = {m: {} for m in scores}
     for fraction in config.fractions:
         masks = draw_subsets(config.n_train, fraction, config.n_subsets, rng)
         actual = _retrain_masks(problem, masks)
-        logger.info("validation: retrained %d subsets at fraction %g", len(masks), fraction)
-        for method in methods:
-            values = lds(subset_predictions(scores[method], masks), actual)
-            per_test[method][float(fraction)] = values.tolist()
-            table[method][float(fraction)] = bootstrap_mean(values, config.n_bootstrap, config.seed)
+        logger.info("validation: seed %d, retrained %d subsets at fraction %g", config.seed, len(masks), fraction)
+        for method, values in scores.items():
+            per_test[method][float(fraction)] = lds(subset_predictions(values, masks), actual)
         bar.update()
     seconds["retrain_subsets"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    removal = {m: _removal(problem, scores[m], base, config.top_k) for m in REMOVAL_METHODS if m in methods}
+    removal = {m: _removal(problem, scores[m], base, config.top_k) for m in REMOVAL_METHODS if m in scores}
     seconds["retrain_removal"] = time.perf_counter() - start
     bar.update()
+    return _SeedRun(per_test, removal, seconds, float(np.abs(full - base).max()))
+
+
+def run_validation(config: ValidationConfig | None = None,
+                   methods: tuple[str, ...] = METHODS + OPTIONAL_METHODS,
+                   progress: bool = False) -> ValidationResult:
+    """Record a digits run per seed, score it with each method and measure LDS and top-k removal by retraining.
+
+    Parameters
+    ----------
+    config : ValidationConfig, optional
+        Settings (default: the full benchmark, ``ValidationConfig()``); its ``seeds`` runs use the
+        seeds ``config.seed, config.seed + 1, ...``.
+    methods : tuple of str
+        Methods to compare (names from :data:`~explaind.validation.methods.METHODS` and
+        :data:`~explaind.validation.methods.OPTIONAL_METHODS`); the removal test runs for those of
+        :data:`REMOVAL_METHODS` among them. Optional methods whose package is missing are listed in
+        :attr:`ValidationResult.unavailable`.
+    progress : bool
+        A progress bar over the stages on stderr.
+
+    Returns
+    -------
+    ValidationResult
+    """
+    from tqdm.auto import tqdm
+
+    config = config if config is not None else ValidationConfig()
+    unavailable = {m: pkg for m in methods if m in OPTIONAL_METHODS and (pkg := external.missing(m)) is not None}
+    scored = tuple(m for m in methods if m not in unavailable)
+    # stages per seed: recording, scores, one per fraction of retrained subsets, top-k removal
+    bar = tqdm(total=config.seeds * (3 + len(config.fractions)), desc="validate", unit="stage",
+               disable=not progress, leave=False)
+    runs = [_run_seed(replace(config, seed=config.seed + i), scored, bar) for i in range(config.seeds)]
     bar.close()
+
+    table: dict[str, dict[float, tuple[float, float]]] = {}
+    per_test: dict[str, dict[float, list[list[float]]]] = {}
+    for method in runs[0].lds:
+        table[method], per_test[method] = {}, {}
+        for fraction in runs[0].lds[method]:
+            values = np.stack([run.lds[method][fraction] for run in runs])  # (S, T)
+            per_test[method][fraction] = values.tolist()
+            table[method][fraction] = bootstrap_mean(values, config.n_bootstrap, config.seed)
+    removal = {}
+    for method in runs[0].removal:
+        change = np.stack([run.removal[method]["change"] for run in runs])
+        predicted = np.stack([run.removal[method]["predicted"] for run in runs])
+        lowered, lowered_std = bootstrap_mean((change < 0).astype(np.float64), config.n_bootstrap, config.seed)
+        removal[method] = {"fraction_lowered": lowered, "fraction_lowered_std": lowered_std,
+                           "mean_change": float(change.mean()), "mean_predicted_change": float(predicted.mean())}
+    seconds = {key: float(np.mean([run.seconds[key] for run in runs])) for key in runs[0].seconds}
+    for key in ("record", "retrain_subsets", "retrain_removal"):
+        seconds[key] = float(sum(run.seconds[key] for run in runs))  # totals over seeds
+    checks = {"full_retrain_max_abs_diff": max(run.full_retrain_max_abs_diff for run in runs)}
     return ValidationResult(config=config.as_dict(), lds=table, lds_per_test=per_test, removal=removal,
-                            seconds=seconds, checks=checks)
+                            seconds=seconds, checks=checks, unavailable=unavailable)

@@ -13,7 +13,16 @@ predicted to give :math:`\sum_{k \in S} \tau_{t,k}` up to a constant.
 * ``counterfactual``: ``CounterfactualEstimator()``, :math:`\tau_k = \partial f / \partial \epsilon_k`
   of the retrained model (removing ``k`` is :math:`\epsilon_k = -1`, predicted change
   :math:`-\tau_k`);
-* ``random``: independent standard normal scores (a sanity check: LDS near 0).
+* ``influence``: the explicit influence function with damping :math:`\lambda` (Koh and Liang's
+  up-weighting influence at :math:`\theta_N`),
+  :math:`-\frac{1}{n}\nabla_\theta f(x_t)^T (H + \lambda I)^{-1} \nabla_\theta \ell_k(\theta_N)` with
+  :math:`H = \nabla^2_\theta \frac{1}{n}\sum_j \ell_j(\theta_N)` formed exactly (every parameter) and
+  :math:`\lambda` = :attr:`ValidationConfig.damping`: the derivative of :math:`f` with respect to
+  up-weighting ``k`` at a minimum of the damped training loss, the classic counterfactual estimate;
+* ``random``: independent standard normal scores (a sanity check: LDS near 0);
+* ``captum_influence`` and ``trak``: the same explicit damped influence function from Captum and
+  TRAK from the ``traker`` package (:mod:`explaind.validation.external`), when those optional
+  packages are installed (``pip install 'explaind[validation]'``).
 
 All of them explain the true-class logit of each test point (``target = y_test``).
 """
@@ -30,14 +39,17 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from ..exceptions import ConfigError
+from . import external
 from .problem import ValidationProblem
 
-__all__ = ["METHODS", "compute_scores"]
+__all__ = ["METHODS", "OPTIONAL_METHODS", "compute_scores", "flat_sample_grads"]
 
 logger = logging.getLogger(__name__)
 
 #: Method names in table order.
-METHODS: tuple[str, ...] = ("counterfactual", "explaind", "tracin", "grad_dot", "random")
+METHODS: tuple[str, ...] = ("counterfactual", "explaind", "tracin", "influence", "grad_dot", "random")
+#: Methods of optional packages, compared only when importable.
+OPTIONAL_METHODS: tuple[str, ...] = ("captum_influence", "trak")
 
 
 def _estimator_scores(estimator: Any, trajectory: Any, problem: ValidationProblem) -> np.ndarray:
@@ -66,8 +78,18 @@ def _counterfactual(problem: ValidationProblem, trajectory: Any, model: torch.nn
     return _estimator_scores(est, trajectory, problem)
 
 
-def _grad_dot(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
-    params = {name: p.detach() for name, p in model.named_parameters()}
+def flat_sample_grads(model: torch.nn.Module, problem: ValidationProblem,
+                      params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Flattened gradients at ``params`` (default: ``model``'s): test true-class logits and training losses.
+
+    Returns
+    -------
+    g_test : Tensor, shape (n_test, D)
+        :math:`\nabla_\theta f(x_t; \theta)_{y_t}`.
+    g_train : Tensor, shape (n_train, D)
+        :math:`\nabla_\theta \ell_k(\theta)` (cross-entropy of sample ``k``).
+    """
+    params = {name: p.detach() for name, p in model.named_parameters()} if params is None else params
 
     def logit(theta: dict[str, torch.Tensor], x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return functional_call(model, theta, (x[None],))[0].gather(0, c[None])[0]
@@ -80,7 +102,30 @@ def _grad_dot(problem: ValidationProblem, trajectory: Any, model: torch.nn.Modul
 
     g_test = flat(vmap(grad(logit), in_dims=(None, 0, 0))(params, problem.X_test, problem.y_test))
     g_train = flat(vmap(grad(loss), in_dims=(None, 0, 0))(params, problem.X_train, problem.y_train))
+    return g_test, g_train
+
+
+def _grad_dot(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
+    g_test, g_train = flat_sample_grads(model, problem)
     return (-(g_test @ g_train.T)).numpy()
+
+
+def _influence(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    names, shapes = list(params), [p.shape for p in params.values()]
+    sizes = [p.numel() for p in params.values()]
+
+    def mean_loss(flat: torch.Tensor) -> torch.Tensor:
+        theta = {n: v.reshape(s) for n, v, s in zip(names, torch.split(flat, sizes), shapes)}
+        out = functional_call(model, theta, (problem.X_train,))
+        return torch.nn.functional.cross_entropy(out, problem.y_train)
+
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    hessian = torch.func.hessian(mean_loss)(flat)
+    damped = hessian + problem.config.damping * torch.eye(flat.numel(), dtype=flat.dtype)
+    g_test, g_train = flat_sample_grads(model, problem)
+    solved = torch.linalg.solve(damped, g_train.T)  # (D, n_train)
+    return (-(g_test @ solved) / problem.config.n_train).numpy()
 
 
 def _random(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
@@ -90,7 +135,8 @@ def _random(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module)
 
 _FUNCTIONS: dict[str, Callable[[ValidationProblem, Any, torch.nn.Module], np.ndarray]] = {
     "counterfactual": _counterfactual, "explaind": _explaind, "tracin": _tracin, "grad_dot": _grad_dot,
-    "random": _random,
+    "random": _random, "influence": _influence,
+    "captum_influence": external.captum_influence, "trak": external.trak,
 }
 
 
@@ -107,7 +153,8 @@ def compute_scores(problem: ValidationProblem, trajectory: Any, model: torch.nn.
     model : torch.nn.Module
         The trained model (its parameters are :math:`\\theta_N`).
     methods : tuple of str
-        Names from :data:`METHODS`.
+        Names from :data:`METHODS` and :data:`OPTIONAL_METHODS`; an optional method whose package
+        is not installed is left out of the result (:func:`~explaind.validation.external.missing`).
 
     Returns
     -------
@@ -118,9 +165,13 @@ def compute_scores(problem: ValidationProblem, trajectory: Any, model: torch.nn.
     """
     unknown = [m for m in methods if m not in _FUNCTIONS]
     if unknown:
-        raise ConfigError(f"compute_scores: unknown method(s) {unknown!r}. Allowed: {', '.join(METHODS)}.")
+        raise ConfigError(f"compute_scores: unknown method(s) {unknown!r}. Allowed: "
+                          f"{', '.join(METHODS + OPTIONAL_METHODS)}.")
     scores, seconds = {}, {}
     for name in methods:
+        if name in OPTIONAL_METHODS and external.missing(name) is not None:
+            logger.info("validation: %s skipped, %s is not installed", name, external.missing(name))
+            continue
         start = time.perf_counter()
         scores[name] = _FUNCTIONS[name](problem, trajectory, model)
         seconds[name] = time.perf_counter() - start

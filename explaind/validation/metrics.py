@@ -10,6 +10,8 @@ same LDS at a fixed subset size.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -87,10 +89,12 @@ def bootstrap_mean(values: ArrayLike, n_resamples: int = 1000, seed: int = 0) ->
 
     Parameters
     ----------
-    values : array_like, shape (T,)
-        One value per test point.
+    values : array_like, shape (T,) or (S, T)
+        One value per test point, or per seed and test point. With seeds, each resample draws
+        ``S`` seeds with replacement and then ``T`` test points with replacement within each
+        drawn seed (a two-level bootstrap: the spread between runs and between test points).
     n_resamples : int
-        Resamples of the test points, drawn with replacement.
+        Bootstrap resamples.
     seed : int
         Seed of the resampling.
 
@@ -99,10 +103,17 @@ def bootstrap_mean(values: ArrayLike, n_resamples: int = 1000, seed: int = 0) ->
     (float, float)
         ``(mean, bootstrap std)``; ``(nan, nan)`` when no value is finite.
     """
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
+    v = np.asarray(values, dtype=np.float64)
+    v = v.reshape(1, -1) if v.ndim < 2 else v.reshape(v.shape[0], -1)
+    if not np.isfinite(v).any():
         return float("nan"), float("nan")
+    if n_resamples <= 1:
+        return float(np.nanmean(v)), 0.0
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(int(n_resamples), v.size))].mean(1)
-    return float(v.mean()), float(means.std(ddof=1)) if n_resamples > 1 else 0.0
+    S, T = v.shape
+    rows = rng.integers(0, S, size=(int(n_resamples), S))
+    cols = rng.integers(0, T, size=(int(n_resamples), S, T))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample of only nan values
+        means = np.nanmean(v[rows[..., None], cols].reshape(int(n_resamples), -1), 1)
+    return float(np.nanmean(v)), float(np.nanstd(means, ddof=1))

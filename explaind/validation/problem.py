@@ -65,7 +65,14 @@ class ValidationConfig:
     top_k : int
         Proponents removed per test point in the top-k removal test.
     n_bootstrap : int
-        Bootstrap resamples of the test points for the LDS error bars.
+        Bootstrap resamples for the error bars (of the seeds, then of the test points within each).
+    seeds : int
+        Independent runs ``seed, seed + 1, ...``: each draws its own data split, initialisation,
+        batch schedule and subsets, and the tables pool them.
+    damping : float
+        :math:`\\lambda` of the explicit influence functions (``influence``, ``captum_influence``).
+    trak_models : int
+        Models in TRAK's ensemble.
     """
 
     activation: Literal["tanh", "relu"] = "tanh"
@@ -81,16 +88,22 @@ class ValidationConfig:
     n_subsets: int = 200
     top_k: int = 25
     n_bootstrap: int = 1000
+    seeds: int = 5
+    damping: float = 0.1
+    trak_models: int = 5
 
     def __post_init__(self) -> None:
         if self.activation not in ("tanh", "relu"):
             raise ConfigError(f"ValidationConfig: invalid value for 'activation': {self.activation!r}. Allowed: "
                               f"'tanh', 'relu'.")
-        for name in ("n_train", "n_test", "hidden", "epochs", "batch_size", "n_subsets", "top_k", "n_bootstrap"):
+        for name in ("n_train", "n_test", "hidden", "epochs", "batch_size", "n_subsets", "top_k", "n_bootstrap",
+                     "seeds", "trak_models"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ValidationConfig: {name} must be a positive integer; got {getattr(self, name)!r}.")
         if self.top_k > self.n_train:
             raise ConfigError(f"ValidationConfig: top_k ({self.top_k}) exceeds n_train ({self.n_train}).")
+        if not float(self.damping) > 0.0:
+            raise ConfigError(f"ValidationConfig: damping must be positive; got {self.damping!r}.")
         bad = [f for f in self.fractions if not 0.0 < float(f) < 1.0]
         if bad or not self.fractions:
             raise ConfigError(f"ValidationConfig: fractions must lie strictly between 0 and 1; got "
@@ -98,9 +111,9 @@ class ValidationConfig:
 
     @classmethod
     def quick(cls, **changes: Any) -> ValidationConfig:
-        """A tiny configuration for smoke tests (60 train, 10 test, 20 steps, 8 subsets, top-5)."""
+        """A tiny configuration for smoke tests (60 train, 10 test, 20 steps, 8 subsets, top-5, one seed)."""
         base = cls(n_train=60, n_test=10, hidden=16, epochs=5, batch_size=15, n_subsets=8, top_k=5,
-                   n_bootstrap=200)
+                   n_bootstrap=200, seeds=1, trak_models=2)
         return replace(base, **changes)
 
     @property
@@ -114,7 +127,7 @@ class ValidationConfig:
                 "hidden": self.hidden, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
                 "momentum": self.momentum, "seed": self.seed, "fractions": list(self.fractions),
                 "n_subsets": self.n_subsets, "top_k": self.top_k, "n_bootstrap": self.n_bootstrap,
-                "n_steps": self.n_steps}
+                "seeds": self.seeds, "damping": self.damping, "trak_models": self.trak_models, "n_steps": self.n_steps}
 
 
 class ValidationProblem:

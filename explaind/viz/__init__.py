@@ -3,6 +3,7 @@
 from .plots import (
     balance_plot,
     kernel_matrices,
+    lds_bars,
     phase_influence,
     step_group_heatmap,
     top_samples,
@@ -14,6 +15,7 @@ __all__ = [
     "ReportSection",
     "balance_plot",
     "kernel_matrices",
+    "lds_bars",
     "phase_influence",
     "step_group_heatmap",
     "top_samples",

@@ -23,6 +23,7 @@ __all__ = [
     "phase_influence",
     "top_samples",
     "kernel_matrices",
+    "lds_bars",
 ]
 
 
@@ -348,6 +349,40 @@ def kernel_matrices(matrices: Sequence[np.ndarray], steps: Sequence[int], path: 
         ax.set(title=f"step {step}", xlabel=xlabel, ylabel=ylabel)
     fig.colorbar(image, ax=list(axes), shrink=0.85, label=f"influence ({units}); one scale for all panels")
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def lds_bars(lds: Mapping[str, Mapping[float, tuple[float, float]]], fractions: Sequence[float], path: str | Path, *,
+             title: str = "LDS") -> Path:
+    """Grouped bars of the linear datamodeling score: one group per subset fraction, one bar per method.
+
+    Parameters
+    ----------
+    lds : mapping
+        ``lds[method][fraction] = (mean, std)``; the std is drawn as an error bar.
+    fractions : sequence of float
+        Fractions shown, in order.
+    path : str or Path
+        Output PNG.
+    title : str
+    """
+    methods = list(lds)
+    fig = _figure(7.5, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(methods))
+    colours = group_colours(len(methods))
+    x = np.arange(len(fractions))
+    for i, method in enumerate(methods):
+        means = np.array([lds[method][f][0] for f in fractions], dtype=float)
+        stds = np.array([lds[method][f][1] for f in fractions], dtype=float)
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=2, color=colours[i],
+               label=method)
+    ax.axhline(0.0, color="#444", lw=0.8)
+    ax.set_xticks(x, [f"{100 * f:g}% kept" for f in fractions])
+    ax.set_ylabel("LDS (Spearman)")
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, loc="lower left" if len(fractions) > 1 else "best")
     return _save(fig, path)
 
 
