@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: RUN/report)")
     p.add_argument("--n-test", type=int, default=None, help="validation inputs in the influence figures")
     p.add_argument("--pruning", default=None, help="folder of an 'explaind prune' result to include")
+    p.add_argument("--validation", default=None,
+                   help="folder of an 'explaind validate --out DIR' result to include (default: RUN/validation "
+                        "when it exists)")
     p.add_argument("--data-steps", default="32", metavar="N",
                    help="split the first N steps over training samples in the data view, or 'all' (default: 32)")
     _add_quadrature(p, "gauss-legendre", 2)

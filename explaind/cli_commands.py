@@ -222,8 +222,11 @@ def cmd_report(args: argparse.Namespace, out: Any) -> int:
                                                                     else args.n_test, run.dataset.n_val))
     _announce(out, "report, data view", rule, n_steps if data_steps is None else min(n_steps, data_steps),
               min(options.n_kernel, run.dataset.n_val))
-    page = build_report(run, target, n_test=args.n_test, pruning_dir=args.pruning, options=options,
-                        progress=out.progress, log=out.info)
+    validation = args.validation
+    if validation is None and any((Path(args.run) / "validation").glob("validation_*.json")):
+        validation = Path(args.run) / "validation"
+    page = build_report(run, target, n_test=args.n_test, pruning_dir=args.pruning, validation_dir=validation,
+                        options=options, progress=out.progress, log=out.info)
     out.result(f"report written to {page}", {"report": str(page), "figures": sorted(
         str(p) for p in page.parent.glob("*.png"))})
     return 0

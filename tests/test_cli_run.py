@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -137,10 +138,24 @@ def test_influence_train_axis_with_loss_target(run_dir, tmp_path, capsys):
 
 
 def test_report_renders_every_figure(run_dir, tmp_path, capsys):
-    out_dir = tmp_path / "report"
-    code = main(["report", str(run_dir), "--out", str(out_dir), "--n-test", "4", "--json"])
+    from explaind.validation import ValidationConfig, ValidationResult
+
+    # a validation result in RUN/validation is included without being named
+    lds = {"counterfactual": {0.5: (0.77, 0.011), 0.9: (0.95, 0.003), 0.99: (0.977, 0.001)}}
+    result = ValidationResult(config=ValidationConfig.quick().as_dict(), lds=lds,
+                              lds_per_test={"counterfactual": {f: [[v[0]]] for f, v in lds["counterfactual"].items()}},
+                              removal={}, seconds={"counterfactual": 3.8})
+    (run_dir / "validation").mkdir()
+    try:
+        result.to_json(run_dir / "validation" / "validation_tanh.json")
+        out_dir = tmp_path / "report"
+        code = main(["report", str(run_dir), "--out", str(out_dir), "--n-test", "4", "--json"])
+    finally:
+        shutil.rmtree(run_dir / "validation")
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     assert data["report"] == str(out_dir / "index.html")
     check_report_folder(out_dir, {"training_curves.png", "step_group_influence.png", "kernel_vs_regularization.png",
-                                  "top_samples.png", "kernel_matrices.png"})
+                                  "top_samples.png", "kernel_matrices.png", "validation_tanh.png"})
+    html = (out_dir / "index.html").read_text()
+    assert "Validation against retraining" in html and "<td>+0.977 ± 0.001</td>" in html

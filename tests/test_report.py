@@ -131,3 +131,43 @@ def test_missing_chromium_fails_with_the_install_command(monkeypatch):
     monkeypatch.setattr(_browser.shutil, "which", lambda name: None)
     with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
         _browser.chromium()
+
+
+def _validation_result(activation):
+    from explaind.validation import ValidationConfig, ValidationResult
+
+    config = ValidationConfig.quick(activation=activation).as_dict()
+    lds = {"counterfactual": {0.5: (0.8, 0.01), 0.9: (0.9, 0.02), 0.99: (0.95, 0.005)},
+           "random": {0.5: (-0.01, 0.03), 0.9: (0.02, 0.03), 0.99: (0.0, 0.04)}}
+    removal = {"counterfactual": {"fraction_lowered": 0.9, "fraction_lowered_std": 0.05, "mean_change": -1.5,
+                                  "mean_predicted_change": -1.25}}
+    return ValidationResult(config=config, lds=lds, lds_per_test={m: {f: [[v[0]]] for f, v in r.items()}
+                                                                  for m, r in lds.items()},
+                            removal=removal, seconds={"counterfactual": 3.5, "random": 0.0},
+                            unavailable={"trak": "trak"})
+
+
+def test_validation_section_shows_the_tables_and_the_bars(tmp_path):
+    from explaind.studies.report_text import validation_section
+
+    folder = tmp_path / "validation"
+    folder.mkdir()
+    tanh, relu = _validation_result("tanh"), _validation_result("relu")
+    tanh.to_json(folder / "validation_tanh.json")
+    tanh.plot(folder / "validation_tanh.png")
+    relu.to_json(folder / "validation_relu.json")  # no PNG: drawn from the JSON
+    out = tmp_path / "report"
+    out.mkdir()
+    section = validation_section(folder, out)
+    page = viz.write_report(out, [section])
+    html = page.read_text()
+    assert "<td>+0.800 ± 0.010</td>" in html and "<td>+0.950 ± 0.005</td>" in html and "<td>-0.010 ± 0.030</td>" in html
+    assert html.count("not installed (trak)") == 2 and html.count("<figure>") == 2
+    assert "tanh, counterfactual: removing each test point&#x27;s top-5 proponents lowered its logit for 90.0%" in html
+    assert [row["method"] for row in section.table] == ["counterfactual", "random", "trak"] * 2
+    check_report_folder(out, {"validation_tanh.png", "validation_relu.png"})
+    with pytest.raises(ExplaindError, match=r"No validation_\*.json.*explaind validate --out"):
+        validation_section(tmp_path / "empty", out)
+    (folder / "validation_bad.json").write_text('{"config": {}}')
+    with pytest.raises(ExplaindError, match="not a validation result"):
+        validation_section(folder, out)

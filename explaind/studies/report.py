@@ -9,6 +9,7 @@
 * the top proponent and opponent training samples of a few validation inputs;
 * train × validation influence matrices at a few steps, ordered by class (``(a + b) mod p``);
 * the pruning curve, when a pruning benchmark result is given;
+* the LDS bars and tables of the validation benchmark, when its result folder is given;
 
 then writes ``index.html`` with every figure embedded (:func:`explaind.viz.write_report`).
 """
@@ -135,7 +136,8 @@ def _kernel_steps(n_steps: int, phases: list[Any] | None, count: int) -> list[in
 
 
 def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, device: str = "cpu",
-                 pruning_dir: str | Path | None = None, progress: bool = False,
+                 pruning_dir: str | Path | None = None, validation_dir: str | Path | None = None,
+                 progress: bool = False,
                  options: ReportOptions | None = None, fidelity_rows: list[dict[str, Any]] | None = None,
                  title: str | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Compute the figures of a run and write its HTML report.
@@ -151,6 +153,9 @@ def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, de
         Compute device when ``options`` is not given.
     pruning_dir : str or Path, optional
         Output folder of a pruning benchmark (``explaind prune``) whose curve is included.
+    validation_dir : str or Path, optional
+        Output folder of the validation benchmark (``explaind validate --out DIR``) whose LDS
+        tables and bars are included.
     progress : bool
         Progress bars of the influence queries.
     options : ReportOptions, optional
@@ -245,6 +250,8 @@ def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, de
 
     if pruning_dir is not None:
         sections.append(report_text.pruning_section(pruning_dir, out))
+    if validation_dir is not None:
+        sections.append(report_text.validation_section(validation_dir, out))
 
     (out / "scores.json").write_text(json.dumps({"step_group": scores.to_dict(), "data_view": data_summary,
                                                  "phases": [vars(p) for p in phases or []],

@@ -9,6 +9,7 @@ here is typed in advance):
   they mean for the figures drawn from it;
 * :func:`pruning_section` — the pruning benchmark's figure, its table (as rows of an HTML
   table) and the model and data it was measured on;
+* :func:`validation_section` — the validation benchmark's LDS bars and tables (``explaind validate --out DIR``);
 * :data:`HOW_TO_READ` — the "how to read this" note under each figure.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 from .. import viz
 from ..exceptions import ConfigError
 
-__all__ = ["HOW_TO_READ", "describe_setup", "exactness_note", "pruning_section"]
+__all__ = ["HOW_TO_READ", "describe_setup", "exactness_note", "pruning_section", "validation_section"]
 
 #: figure file -> the note shown under it
 HOW_TO_READ: dict[str, str] = {
@@ -57,6 +58,11 @@ HOW_TO_READ: dict[str, str] = {
         "Left: test accuracy after removing weights by each criterion (no retraining), against the fraction "
         "of weights kept (log scale, fewer weights to the right); the dashed line is the unpruned model. "
         "Right: KL divergence from the unpruned model's predictions (lower is better)."),
+    "validation": (
+        "One group of bars per subset size, one bar per method: the Spearman correlation, across random "
+        "training subsets, between the output the method predicts for the subset and the output of actually "
+        "retraining on it (1: the method ranks the subsets exactly as retraining does; 0: no better than "
+        "chance). Error bars: bootstrap std over seeds and test points."),
 }
 
 
@@ -172,3 +178,63 @@ def pruning_section(pruning_dir: str | Path, out: Path) -> viz.ReportSection:
     return viz.ReportSection("Pruning (a digits model)", text, [copy],
                              [f"Pruning without retraining: {model}."], table=rows,
                              notes=[HOW_TO_READ["pruning_curve.png"]])
+
+
+def validation_section(validation_dir: str | Path, out: Path) -> viz.ReportSection:
+    """The report section of a validation benchmark folder (``explaind validate --out DIR``).
+
+    Parameters
+    ----------
+    validation_dir : str or Path
+        Holds ``validation_<activation>.json`` and, for each, ``validation_<activation>.png``
+        (drawn from the JSON when missing).
+    out : Path
+        Report folder; the figures are copied there.
+
+    Raises
+    ------
+    ConfigError
+        When the folder holds no ``validation_*.json``.
+    """
+    from ..validation import ValidationResult
+
+    folder = Path(validation_dir)
+    results = sorted(folder.glob("validation_*.json"))
+    if not results:
+        raise ConfigError(f"No validation_*.json in {str(folder)!r}; run 'explaind validate --out {folder}' first.")
+    rows: list[dict[str, Any]] = []
+    images, captions, removal = [], [], []
+    for path in results:
+        result = ValidationResult.from_json(path)
+        c = result.config
+        name = path.stem
+        plot = folder / f"{name}.png"
+        copy = out / f"{name}.png"
+        if plot.is_file():
+            shutil.copyfile(plot, copy)
+        else:
+            result.plot(copy)
+        images.append(copy)
+        captions.append(f"LDS of each method, {c['activation']}: digits {c['n_train']} train / {c['n_test']} test, "
+                        f"MLP 64-{c['hidden']}-10, {c['n_steps']} SGD steps, M = {c['n_subsets']} subsets per "
+                        f"fraction, {c['seeds']} seed(s).")
+        for method, by_fraction in result.lds.items():
+            row: dict[str, Any] = {"activation": c["activation"], "method": method,
+                                   "score time (s)": round(float(result.seconds[method]), 2)}
+            for fraction, (mean, std) in by_fraction.items():
+                row[f"LDS {100 * fraction:g}%"] = f"{mean:+.3f} ± {std:.3f}"
+            rows.append(row)
+        for method, package in result.unavailable.items():
+            rows.append({"activation": c["activation"], "method": method,
+                         "score time (s)": f"not installed ({package})"})
+        removal += [f"{c['activation']}, {method}: removing each test point's top-{c['top_k']} proponents lowered "
+                    f"its logit for {100 * r['fraction_lowered']:.1f}% of test points (mean change "
+                    f"{r['mean_change']:+.3f}, first-order prediction {r['mean_predicted_change']:+.3f})"
+                    for method, r in result.removal.items()]
+    text = ("This section is about a separate benchmark model, not the run above: small digits MLPs retrained on "
+            "random subsets of their training set (docs/scores_meaning.md). Each method's scores predict the "
+            "retrained true-class logit; the table gives the linear datamodeling score (LDS, mean ± bootstrap std). "
+            "The counterfactual predicts retraining; the ExPLAIND decomposition accounts for the recorded run "
+            "and is not a removal prediction.\n\n" + "; ".join(removal) + ".")
+    return viz.ReportSection("Validation against retraining", text, images, captions, table=rows,
+                             notes=[HOW_TO_READ["validation"]] * len(images))
