@@ -207,7 +207,10 @@ def test_bootstrap_and_config_errors():
 def test_cli_validate_runs_the_benchmark(tmp_path, capsys):
     from explaind.cli import main
 
-    assert main(["validate", "--quick", "--subsets", "4", "--out", str(tmp_path)]) == 0
+    assert main(["validate", "--quick", "--subsets", "4", "--fractions", "0.5", "--seeds", "2", "--out",
+                 str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "## tanh" in out and "counterfactual" in out
-    assert (tmp_path / "validation_tanh.json").is_file()
+    assert "## tanh" in out and "counterfactual" in out and "2 seed(s) from 0" in out
+    data = json.loads((tmp_path / "validation_tanh.json").read_text())
+    assert data["config"]["seeds"] == 2 and data["config"]["fractions"] == [0.5]
+    assert np.asarray(data["lds_per_test"]["counterfactual"]["0.5"]).shape == (2, 10)

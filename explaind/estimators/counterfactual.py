@@ -14,7 +14,9 @@ batches, hyperparameters and schedule. It is computed exactly (to rounding) by r
 through the recorded updates (:mod:`explaind.kernel.metagrad`, docs/maths.md §9). Unlike the
 ExPLAIND decomposition the values are *not* additive: they predict the first-order effect of
 re-weighting (``-tau_k`` estimates removing a sample that appears once per epoch with weight
-``w``), not a split of :math:`g(x;\theta_N)` (docs/scores_meaning.md).
+``w``), not a split of :math:`g(x;\theta_N)` (docs/scores_meaning.md). ``steps=(start, stop)``
+explains :math:`g(x;\theta_{stop})` with the weights scaled in that window only, the run restarted
+from its recorded state at ``start`` (docs/maths.md §9, "A window of steps").
 """
 
 from __future__ import annotations
