@@ -198,6 +198,8 @@ def test_bootstrap_and_config_errors():
         ValidationConfig.quick(top_k=61)
     with pytest.raises(ConfigError, match="damping"):
         ValidationConfig(damping=0.0)
+    with pytest.raises(ConfigError, match="trak_proj_dim"):
+        ValidationConfig(trak_proj_dim=500)
     with pytest.raises(ConfigError, match="seeds"):
         ValidationConfig.quick(seeds=0)
     with pytest.raises(ConfigError, match="unknown method"):

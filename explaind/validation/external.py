@@ -14,9 +14,10 @@ Each function returns a ``(n_test, n_train)`` matrix oriented like every method 
   Captum's score is :math:`\nabla f(x_t)^T H^{-1} \nabla \ell_k` (its docstring); up-weighting
   ``k`` moves :math:`f` by minus that, so the score is negated. It explains the true-class logit.
 * ``trak``: TRAK from the ``traker`` package (its CPU ``BasicProjector``, float64, projection
-  dimension ``min(512, D)``), an ensemble of ``trak_models`` models each trained by the recorded
-  loop on a random half of the training set (the TRAK paper's recipe). TRAK explains its own
-  output function for classification, the margin
+  dimension ``min(trak_proj_dim, D)``, below ``n_train``: TRAK inverts the Gram matrix of the
+  projected training gradients, singular otherwise), an ensemble of ``trak_models`` models each
+  trained by the recorded loop on a random half of the training set (the TRAK paper's recipe).
+  TRAK explains its own output function for classification, the margin
   :math:`f_{y} - \log\sum_{c \neq y} e^{f_c}` (a monotone function of the true-class probability),
   not the logit.
 """
@@ -86,7 +87,7 @@ def trak(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) ->
         checkpoints.append({name: p.detach() for name, p in trained.state_dict().items()})
     net = problem.build_model()
     dim = sum(p.numel() for p in net.parameters())
-    proj_dim = min(512, dim)
+    proj_dim = min(config.trak_proj_dim, dim)
     projector = BasicProjector(grad_dim=dim, proj_dim=proj_dim, seed=config.seed, proj_type=ProjectionType.normal,
                                device="cpu", dtype=torch.float64)
     with tempfile.TemporaryDirectory() as save_dir:

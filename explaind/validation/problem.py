@@ -73,6 +73,8 @@ class ValidationConfig:
         :math:`\\lambda` of the explicit influence functions (``influence``, ``captum_influence``).
     trak_models : int
         Models in TRAK's ensemble.
+    trak_proj_dim : int, optional
+        TRAK's projection dimension, below ``n_train`` (default ``n_train // 5``).
     """
 
     activation: Literal["tanh", "relu"] = "tanh"
@@ -91,6 +93,7 @@ class ValidationConfig:
     seeds: int = 5
     damping: float = 0.1
     trak_models: int = 5
+    trak_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.activation not in ("tanh", "relu"):
@@ -100,6 +103,11 @@ class ValidationConfig:
                      "seeds", "trak_models"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ValidationConfig: {name} must be a positive integer; got {getattr(self, name)!r}.")
+        if self.trak_proj_dim is None:
+            object.__setattr__(self, "trak_proj_dim", max(1, int(self.n_train) // 5))
+        if not 1 <= int(self.trak_proj_dim) < self.n_train:
+            raise ConfigError(f"ValidationConfig: trak_proj_dim ({self.trak_proj_dim}) must lie in [1, n_train = "
+                              f"{self.n_train}); TRAK's Gram matrix of projected gradients is singular otherwise.")
         if self.top_k > self.n_train:
             raise ConfigError(f"ValidationConfig: top_k ({self.top_k}) exceeds n_train ({self.n_train}).")
         if not float(self.damping) > 0.0:
@@ -127,7 +135,8 @@ class ValidationConfig:
                 "hidden": self.hidden, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
                 "momentum": self.momentum, "seed": self.seed, "fractions": list(self.fractions),
                 "n_subsets": self.n_subsets, "top_k": self.top_k, "n_bootstrap": self.n_bootstrap,
-                "seeds": self.seeds, "damping": self.damping, "trak_models": self.trak_models, "n_steps": self.n_steps}
+                "seeds": self.seeds, "damping": self.damping, "trak_models": self.trak_models,
+                "trak_proj_dim": self.trak_proj_dim, "n_steps": self.n_steps}
 
 
 class ValidationProblem:
