@@ -382,7 +382,7 @@ def lds_bars(lds: Mapping[str, Mapping[float, tuple[float, float]]], fractions: 
     ax.set_ylabel("LDS (Spearman)")
     ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2, loc="lower left" if len(fractions) > 1 else "best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the bars
     return _save(fig, path)
 
 
