@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: explain a tiny run in shards.
 
-Every rank computes the attributions of its shard of the test inputs and gets the gathered result;
-rank 0 writes it to ``argv[1]`` (safetensors) for the test to compare with one process.
+Every rank computes its share (test inputs × parameter blocks × step windows, :mod:`explaind.kernel.shard`)
+and gets the summed result; rank 0 writes it to ``argv[1]`` (safetensors) for the test to compare with
+one process, with the shard arrangement each case used.
 """
 
 from __future__ import annotations
@@ -16,24 +17,42 @@ from safetensors.torch import save_file
 
 import explaind
 
-QUERIES = {
-    "train": {"keep": ("train",), "target": [0, 2, 1, 1]},
-    "step_group": {"keep": ("step", "group")},
-    "param": {"keep": ("param",), "split": False},
+#: name -> (number of test inputs, InfluenceEstimator parameters, expected (tests, blocks, steps) on 2 ranks)
+CASES = {
+    "train": (4, {"keep": ("train",), "target": [0, 2, 1, 1]}, (2, 1, 1)),
+    "train_3_inputs": (3, {"keep": ("train", "group")}, (2, 1, 1)),
+    "train_blocks": (1, {"keep": ("train",)}, (1, 2, 1)),
+    "step_train_blocks": (1, {"keep": ("step", "train"), "target": [1]}, (1, 2, 1)),
+    "step_group": (4, {"keep": ("step", "group")}, (2, 1, 1)),
+    "step_window_jvp": (1, {"keep": ("step",)}, (1, 1, 2)),
+    "group_window_jacobian": (1, {"keep": ("step", "group")}, (1, 1, 2)),
+    "param_window": (1, {"keep": ("param",)}, (1, 1, 2)),
+    "param": (4, {"keep": ("param",), "split": False}, (2, 1, 1)),
+    "whole_window": (1, {"keep": ("step", "param"), "split": False}, (1, 1, 2)),
+    "late_window": (1, {"keep": ("group",), "steps": (3, 6)}, (1, 1, 2)),
 }
+
+#: name -> number of test inputs of the replica (1: two step windows)
+REPLICAS = {"replica": 4, "replica_window": 1}
 
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     run = engine_run("relu", "adamw")
     results = {}
-    for name, kwargs in QUERIES.items():
-        att = explaind.InfluenceEstimator(device="cpu", **kwargs).fit(run.trajectory).transform(run.X_test)
+    for name, (n, kwargs, _) in CASES.items():
+        att = explaind.InfluenceEstimator(device="cpu", **kwargs).fit(run.trajectory).transform(run.X_test[:n])
         assert att.meta["processes"] == dist.get_world_size()
-        results[f"{name}.values"] = att.values.contiguous()
-        results[f"{name}.quadrature_error"] = att.quadrature_error.contiguous()
-        results[f"{name}.residual"] = att.residual.contiguous()
-    results["replica"] = torch.as_tensor(explaind.KernelReplica(device="cpu").fit(run.trajectory).predict(run.X_test))
+        results[f"{name}.shards"] = torch.tensor([att.meta["shards"][k] for k in ("tests", "blocks", "steps")])
+        for field in ("values", "regularization", "residual", "quadrature_error", "initial", "final"):
+            results[f"{name}.{field}"] = getattr(att, field).contiguous()
+        results[f"{name}.evals"] = torch.tensor(att.meta["evals_per_step"], dtype=torch.float64)
+    for name, n in REPLICAS.items():
+        replica = explaind.KernelReplica(device="cpu").fit(run.trajectory)
+        results[name] = torch.as_tensor(replica.predict(run.X_test[:n]))
+        report = replica.fidelity_report(run.X_test[:n])
+        for key in ("quadrature_error", "evals_per_step"):
+            results[f"{name}.{key}"] = torch.as_tensor(report[key])
     if dist.get_rank() == 0:
         save_file(results, out)
     dist.barrier()
