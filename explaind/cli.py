@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, cli_commands
+from . import __version__, cli_commands, cli_launch
 from .cli_io import Output, parse_assignments
 from .exceptions import ExplaindError
 
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 400000; 0: no limit)")
     _add_size(p, "small")
     _add_device(p)
+    cli_launch.add_nproc(p)
     _common(p, suppress=True)
 
     p = sub.add_parser("influence", help="influence scores along chosen axes, saved as safetensors and CSV")
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     _add_quadrature(p, "gauss-legendre", 2)
     _add_device(p)
+    cli_launch.add_nproc(p)
     _common(p, suppress=True)
 
     p = sub.add_parser("prune", help="the pruning benchmark on digits (ExPLAIND scores versus classic criteria)")
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the first N steps over training samples in the data view, or 'all' (default: 32)")
     _add_quadrature(p, "gauss-legendre", 2)
     _add_device(p)
+    cli_launch.add_nproc(p)
     _common(p, suppress=True)
 
     p = sub.add_parser("plugins", help="list the installed plugins and what they register")
@@ -190,7 +194,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "study" and args.study is None:
         parser.exit(EXIT_USAGE, "explaind study: error: choose a study: grokking (see 'explaind study --help')\n")
-    out = Output(quiet=args.quiet, as_json=args.json)
+    nproc = getattr(args, "nproc", 1)
+    if nproc != 1 and not cli_launch.under_torchrun():
+        try:
+            return cli_launch.launch(list(sys.argv[1:] if argv is None else argv), nproc)
+        except ExplaindError as exc:
+            print(f"explaind {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+    grouped = hasattr(args, "nproc") and cli_launch.under_torchrun()
+    rank = cli_launch.join_group(args.device) if grouped else 0
+    out = Output(quiet=args.quiet, as_json=args.json, silent=rank > 0)
+    if rank > 0:  # rank 0 warns for all
+        warnings.simplefilter("ignore")
     if args.threads is not None:
         if args.threads < 1:
             parser.exit(EXIT_USAGE, f"explaind: error: --threads {args.threads} must be a positive integer\n")
@@ -202,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"explaind {args.command}" + (f" {args.study}" if args.command == "study" else "")
     try:
         handler = getattr(cli_commands, f"cmd_{args.command}")
-        return int(handler(args, out) or EXIT_OK)
+        code = int(handler(args, out) or EXIT_OK)
+        if grouped:
+            cli_launch.leave_group(code)
+        return code
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -157,7 +157,7 @@ def cmd_influence(args: argparse.Namespace, out: Any) -> int:
     _announce(out, "influence", rule, _window(int(run.trajectory.n_steps), steps), n_test)
     att = analysis.influence(run, keep=keep, target=target, steps=steps, n_test=n_test, device=args.device,
                              quadrature=rule.quadrature, nodes=rule.nodes, progress=out.progress)
-    written = analysis.save_attribution(att, Path(args.out), csv_file=not args.no_csv)
+    written = [] if out.silent else analysis.save_attribution(att, Path(args.out), csv_file=not args.no_csv)
     summary = analysis.summarise(att)
     lines = [f"axes {summary['axes']} shape {summary['shape']}; completeness gap {summary['completeness_gap']:.3g}; "
              f"quadrature error {summary['quadrature_error_max']:.3g} (largest per input and output, {rule.label})"]
