@@ -27,7 +27,7 @@ the process's peak resident set so far) and a check (the replica's relative erro
 output change).
 
 Run: ``python benchmarks/bench_gpu.py [--quick] [--device cuda] [--dtypes float32 float64]
-[--time-limit 480] [--nodes 2] [--steps N] [--gpt2-steps N]`` (the last two shorten the runs, for
+[--time-limit 420] [--nodes 2] [--steps N] [--gpt2-steps N]`` (the last two shorten the runs, for
 estimates). Sections that would start after ``--time-limit`` seconds are
 printed as skipped, and a section that fails (e.g. out of memory) prints its error and the
 script goes on, so one run always ends with a table.
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available (cpu with --quick)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     parser.add_argument("--nodes", type=int, default=2, help="Gauss-Legendre nodes per step (default 2)")
-    parser.add_argument("--time-limit", type=float, default=480.0, help="start no section after this many seconds")
+    parser.add_argument("--time-limit", type=float, default=420.0, help="start no section after this many seconds")
     parser.add_argument("--skip", nargs="*", default=[], choices=["mod113", "gpt2"])
     parser.add_argument("--steps", type=int, default=None, help="override the MOD-113 steps (for estimates)")
     parser.add_argument("--gpt2-steps", type=int, default=None, help="override the GPT-2 window (for estimates)")

@@ -158,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the first N steps over training samples in the data view, or 'all' (default: 32)")
     _add_quadrature(p, "gauss-legendre", 2)
     _add_device(p)
-    cli_launch.add_nproc(p)
     _common(p, suppress=True)
 
     p = sub.add_parser("plugins", help="list the installed plugins and what they register")
