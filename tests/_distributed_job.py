@@ -47,6 +47,9 @@ def main(out: str) -> None:
         for field in ("values", "regularization", "residual", "quadrature_error", "initial", "final"):
             results[f"{name}.{field}"] = getattr(att, field).contiguous()
         results[f"{name}.evals"] = torch.tensor(att.meta["evals_per_step"], dtype=torch.float64)
+    alone = explaind.InfluenceEstimator(device="cpu", keep=("step",), distributed="off").fit(run.trajectory)
+    results["off.values"] = alone.transform(run.X_test).values.contiguous()
+    assert "processes" not in alone.sweep_  # distributed="off": this process computed everything
     for name, n in REPLICAS.items():
         replica = explaind.KernelReplica(device="cpu").fit(run.trajectory)
         results[name] = torch.as_tensor(replica.predict(run.X_test[:n]))

@@ -59,3 +59,9 @@ def test_two_processes_replicate_like_one(sharded, name):
     report = replica.fidelity_report(X)
     for key in ("quadrature_error", "evals_per_step"):
         assert _close(sharded[f"{name}.{key}"], sharded[name].new_tensor(report[key])), key
+
+
+def test_distributed_off_computes_everything_in_each_process(sharded):
+    run = engine_run("relu", "adamw")
+    att = explaind.InfluenceEstimator(device="cpu", keep=("step",)).fit(run.trajectory).transform(run.X_test)
+    assert float((sharded["off.values"] - att.values).abs().max()) == 0.0

@@ -14,8 +14,10 @@ model are diagonal per coordinate. So the work splits into exact *cells*:
 
 Each process fills the cell :class:`Cell` of its rank into zero-initialised result tensors of the
 full shape; one summing all-reduce (:func:`all_sum_`) then gives every process the result. A
-cell's contribution is zero outside it, so kept axes get the single-process numbers exactly
-(``x + 0 = x``) and summed axes the same terms added in another order (rounding only). Launch
+cell's contribution is zero outside it (``x + 0 = x``), so the result holds the same terms as one
+process, summed axes adding them in another order, and smaller batched evaluations (a shorter
+window's quadrature plans, a block's Jacobian columns) may round differently: the same numbers
+to rounding (tests/test_distributed.py checks 1e-12 in float64). Launch
 with ``torchrun`` (gloo on CPU, NCCL on GPU) and initialise the process group before
 ``transform`` / ``predict``.
 """
