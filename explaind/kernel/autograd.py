@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vmap
 
+from .coupled import coupled_sample_grads
 from .evaluate import STACK_BYTES, Batch, Grid, Rows, Segment, StepStack, node_groups
 from .explained import FunctionalModel, Params
 from .layout import ParamLayout
@@ -221,7 +222,13 @@ class AutogradEvaluator:
 
     # ------------------------------------------------------------------ per-sample gradients
     def sample_grads(self, theta: Params, block: ParamLayout, batch: Batch, summed: bool = False) -> Tensor:
-        r"""Weighted per-sample gradients ``(B, D_b)`` by ``vmap(grad)``; with ``summed`` one ``grad`` of the sum."""
+        r"""Weighted per-sample gradients ``(B, D_b)`` by ``vmap(grad)``; with ``summed`` one ``grad`` of the sum.
+
+        A batch to replay (dropout, batch norm) goes through the batched training forward instead
+        (:func:`~explaind.kernel.coupled.coupled_sample_grads`).
+        """
+        if batch.replay is not None:
+            return coupled_sample_grads(self.fm, theta, block, batch, self.chunk_size, summed)
         names = block.names
         params = {n: theta[n] for n in names}
         rest = {n: v for n, v in theta.items() if n not in params}

@@ -109,11 +109,16 @@ class Grid:
 
 @dataclass(frozen=True)
 class Batch:
-    """Training samples of a step: inputs ``X``, targets ``Y`` and weights :math:`c_s w_{s,k}` ``(B,)``."""
+    """Training samples of a step: inputs ``X``, targets ``Y`` and weights :math:`c_s w_{s,k}` ``(B,)``.
+
+    ``replay`` (a :class:`~explaind.kernel.coupled.Replay`) is set when the step's forwards must be
+    recomputed batched, in training mode, under their recorded random states (dropout, batch norm).
+    """
 
     X: Tensor
     Y: Tensor
     weights: Tensor
+    replay: Any = None
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
+from ._buffers import pack_buffers
 from ._gradients import UpdateAudit
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
+from ._random import pack_micro_batches
 from .disk import DiskTrajectory, check_model_matches
 from .manifest import StepRecord, TrajectoryManifest
 from .store import StoreWriter, pack_updates, read_manifest
@@ -117,9 +119,12 @@ class RecorderStoreMixin:
         self._writer.finish_setup()
 
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
-                    st: dict[str, Any]) -> None:
+                    st: dict[str, Any], buffers: dict[str, Tensor] | None = None) -> None:
         assert self._writer is not None
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
+        tensors.update(pack_buffers(buffers))
+        if self._manifest.random_capture:
+            tensors.update(pack_micro_batches(st["micro"]))
         tensors.update(pack_updates(tuple(self._params), updates))
         tensors["batch.indices"] = st["indices"]
         tensors["batch.weights"] = st["weights"]
