@@ -64,7 +64,7 @@ def step_replay(traj: Any, s: int) -> Replay | None:
         if micro.forwards != 1 or micro.state is None:
             raise TrajectoryError(
                 f"Step {s}: micro-batch {m} saw {micro.forwards} training forward(s) between two rec.log_batch calls, "
-                f"so its dropout masks and batch statistics ({', '.join(manifest.coupled)}) cannot be replayed and "
+                f"so the dropout masks and batch statistics of its modules {manifest.coupled} cannot be replayed and "
                 f"the split over samples would be inexact. Fix: record with one training forward of exactly the "
                 f"logged samples per rec.log_batch(indices) call."
             )
