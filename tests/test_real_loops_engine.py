@@ -140,7 +140,7 @@ def test_residual_share_is_the_ratio_of_absolute_sums():
     assert torch.allclose(per_input, res.sum(-1) / change.sum(-1), rtol=1e-12)
 
 
-def test_fidelity_against_the_users_model_flags_batchnorm_statistics():
+def test_fidelity_against_the_users_model_with_batchnorm_statistics():
     torch.manual_seed(4)
     gen = torch.Generator().manual_seed(5)
     X = torch.randn(24, 4, generator=gen, dtype=DT)
@@ -148,11 +148,17 @@ def test_fidelity_against_the_users_model_flags_batchnorm_statistics():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
     model, traj = _train(model, X[:20], y[:20], steps=4, opt="sgd", batch=8)
     rep = explaind.KernelReplica(device="cpu").fit(traj)
-    with pytest.warns(ExplaindWarning, match=r"differs from the recorded final state.*BatchNorm running statistics"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        report = rep.fidelity_report(X[20:], model=model)  # the running statistics are recorded per step
+    assert report["model_vs_recorded"] <= 1e-12 and report["model_max_rel_error"] <= 1e-6
+    assert model.training  # fidelity_report ran it in eval mode and restored the training mode
+    with torch.no_grad():
+        model[1].running_mean.add_(1.0)  # changed after recording
+    with pytest.warns(ExplaindWarning, match=r"differs from the recorded final state.*changed after recording"):
         report = rep.fidelity_report(X[20:], model=model)
     assert report["model_vs_recorded"] > 1e-3
     assert report["model_max_rel_error"] > 1e-3  # the replica explains the recorded run, not this model
-    assert model.training  # fidelity_report ran it in eval mode and restored the training mode
 
 
 def test_fidelity_against_a_matching_model_is_silent():
