@@ -40,9 +40,11 @@ class ReplayReference(Reference):
                 idx, w = micro.indices, micro.weights
                 Xb, yb = self.traj.train_samples(idx)
                 buffers = {k: v.clone() for k, v in self.constants.items()}
+                module = train_model if micro.state is not None else self.model  # else: evaluation mode
                 before = torch.get_rng_state()
-                torch.set_rng_state(micro.state.cpu)
-                out = torch.func.functional_call(train_model, {**buffers, **self._unflat(th)}, (Xb.to(DT),))
+                if micro.state is not None:
+                    torch.set_rng_state(micro.state.cpu)
+                out = torch.func.functional_call(module, {**buffers, **self._unflat(th)}, (Xb.to(DT),))
                 torch.set_rng_state(before)
                 losses = self.loss_fn(out, yb).reshape(-1)
                 for j in range(len(idx)):
@@ -56,11 +58,11 @@ def _data(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torc
 
 
 def _record(model: nn.Module, optimizer: torch.optim.Optimizer, X, y, *, steps: int, batch: int, micro: int = 1,
-            **kw):
+            train: bool = True, **kw):
     """Train with the plain loop (``micro`` micro-batches per step, loss divided by their number)."""
     rec = explaind.TrajectoryRecorder(model, optimizer, loss="cross_entropy", train_data=(X, y), **kw)
     gen = torch.Generator().manual_seed(0)
-    model.train()
+    model.train(train)
     with rec:
         for _ in range(steps):
             optimizer.zero_grad()
@@ -359,3 +361,15 @@ def test_resume_restores_the_running_statistics(tmp_path):
     one, two = (explaind.Trajectory.load(tmp_path / p, model=_bn_cnn()) for p in ("whole", "parts"))
     for s in range(5):
         assert all(torch.equal(one.buffers(s)[k], two.buffers(s)[k]) for k in one.buffer_names)
+
+
+def test_a_loop_in_evaluation_mode_needs_no_replay():
+    """Dropout switched off by model.eval() in the loop: the evaluation-mode split is exact and used."""
+    X, y = _data(24, (5,), 13)
+    model = _mlp()
+    rec = _record(model, torch.optim.SGD(model.parameters(), lr=0.3), X[:20], y[:20], steps=3, batch=6, train=False)
+    traj = rec.trajectory
+    (m,) = traj.micro_batches(0)
+    assert (m.forwards, m.eval_forwards, m.state) == (0, 1, None)
+    assert float(np.nanmax(traj.gradient_check())) <= 1e-12
+    _check_exact(traj, model, X[20:], quadrature={"quadrature": "gauss-legendre", "nodes": 8})

@@ -28,10 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
-from ..trajectory._random import RandomState, replayed
+from ..trajectory._random import RandomState, replay_parts, replayed
 from .explained import FunctionalModel, Params
 from .layout import ParamLayout
 
@@ -47,7 +46,10 @@ class Replay:
 
 
 def step_replay(traj: Any, s: int) -> Replay | None:
-    """The :class:`Replay` of step ``s``; ``None`` when the run needs none (no dropout or batch norm, or no capture).
+    """The :class:`Replay` of step ``s``, or ``None`` when it needs none.
+
+    None is needed without dropout or batch norm, without captured states, or when every forward
+    of the step ran in evaluation mode.
 
     Raises
     ------
@@ -58,19 +60,8 @@ def step_replay(traj: Any, s: int) -> Replay | None:
     manifest = traj.manifest
     if not (getattr(manifest, "random_capture", False) and getattr(manifest, "coupled", None)):
         return None
-    parts, lo = [], 0
-    for m, micro in enumerate(traj.micro_batches(s)):
-        n = int(micro.indices.shape[0])
-        if micro.forwards != 1 or micro.state is None:
-            raise TrajectoryError(
-                f"Step {s}: micro-batch {m} saw {micro.forwards} training forward(s) between two rec.log_batch calls, "
-                f"so the dropout masks and batch statistics of its modules {manifest.coupled} cannot be replayed and "
-                f"the split over samples would be inexact. Fix: record with one training forward of exactly the "
-                f"logged samples per rec.log_batch(indices) call."
-            )
-        parts.append((lo, lo + n, micro.state))
-        lo += n
-    return Replay(s, tuple(parts))
+    parts = replay_parts(traj.micro_batches(s), manifest.coupled, f"Step {s}")
+    return None if parts is None else Replay(s, parts)
 
 
 def training_module(fm: FunctionalModel) -> nn.Module:

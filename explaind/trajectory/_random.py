@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
 
-__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "replayed", "pack_micro_batches",
+__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "replayed", "replay_parts",
+           "pack_micro_batches",
            "unpack_micro_batches"]
 
 
@@ -83,12 +84,16 @@ class MicroBatch:
         ``-1``: not captured (``capture_random=False`` or a run recorded before capturing).
     state : RandomState or None
         The generators before that forward (when ``forwards == 1``).
+    eval_forwards : int
+        Forwards in evaluation mode (with gradients) seen since the previous ``log_batch``: a
+        micro-batch with only these needs no replay (the evaluation-mode recomputation is exact).
     """
 
     indices: Tensor
     weights: Tensor
     forwards: int = -1
     state: RandomState | None = None
+    eval_forwards: int = 0
 
 
 class RandomCapture:
@@ -110,7 +115,7 @@ class RandomCapture:
         self.enabled = bool(self.coupled) if capture == "auto" else bool(capture)
         self.paused = False
         self._handle: Any = None
-        self._forwards = 0
+        self._forwards = self._eval_forwards = 0
         self._state: RandomState | None = None
 
     def attach(self) -> None:
@@ -125,19 +130,22 @@ class RandomCapture:
             self._handle = None
 
     def _hook(self, module: nn.Module, args: Any) -> None:
-        if self.paused or not module.training or not torch.is_grad_enabled():
+        if self.paused or not torch.is_grad_enabled():
+            return
+        if not module.training:
+            self._eval_forwards += 1
             return
         self._forwards += 1
         if self._forwards == 1:
             param = next(module.parameters(), None)
             self._state = RandomState.now(param.device.type if param is not None else "cpu")
 
-    def take(self) -> tuple[int, RandomState | None]:
-        """``(forwards, state)`` since the previous call (``(-1, None)`` when not capturing); then start anew."""
+    def take(self) -> tuple[int, RandomState | None, int]:
+        """``(forwards, state, eval_forwards)`` since the previous call (``(-1, None, 0)`` when not capturing)."""
         if not self.enabled:
-            return -1, None
-        got = (self._forwards, self._state if self._forwards == 1 else None)
-        self._forwards, self._state = 0, None
+            return -1, None, 0
+        got = (self._forwards, self._state if self._forwards == 1 else None, self._eval_forwards)
+        self._forwards, self._state, self._eval_forwards = 0, None, 0
         return got
 
     @contextlib.contextmanager
@@ -179,16 +187,49 @@ def replayed(state: RandomState, device: torch.device, where: str) -> Iterator[N
         yield
 
 
+def replay_parts(micro: Sequence[MicroBatch], coupled: Sequence[str],
+                 where: str) -> tuple[tuple[int, int, RandomState], ...] | None:
+    """Positions ``[lo, hi)`` in the merged batch and states of the micro-batches to replay.
+
+    ``None`` when every micro-batch ran its forward in evaluation mode (the evaluation-mode
+    recomputation is then exact).
+
+    Raises
+    ------
+    TrajectoryError
+        When a micro-batch saw no or several training forwards between two ``log_batch`` calls, or
+        the step mixes training- and evaluation-mode micro-batches: its masks and batch statistics
+        are not known.
+    """
+    if all(m.forwards == 0 and m.eval_forwards > 0 for m in micro):
+        return None
+    parts, lo = [], 0
+    for i, m in enumerate(micro):
+        n = int(m.indices.shape[0])
+        if m.forwards != 1 or m.state is None:
+            raise TrajectoryError(
+                f"{where}: micro-batch {i} saw {m.forwards} training forward(s) between two rec.log_batch calls, so "
+                f"the dropout masks and batch statistics of the modules {list(coupled)} cannot be replayed and the "
+                f"split over samples would be inexact. Fix: record with one training forward of exactly the logged "
+                f"samples per rec.log_batch(indices) call."
+            )
+        parts.append((lo, lo + n, m.state))
+        lo += n
+    return tuple(parts)
+
+
 # ---------------------------------------------------------------------- storage
 def pack_micro_batches(micro: Sequence[MicroBatch]) -> dict[str, Tensor]:
     """Step-file tensors of the micro-batches (their merged indices and weights are stored as the batch).
 
-    ``micro.sizes`` and ``micro.forwards`` (int64 ``(M,)``), and per captured micro-batch ``m``
+    ``micro.sizes``, ``micro.forwards`` and ``micro.eval_forwards`` (int64 ``(M,)``), and per captured
+    micro-batch ``m``
     ``micro.{m}.cpu`` and ``micro.{m}.cuda`` (``(n_devices, 16)``); the state's device type is
     ``micro.{m}.on_cuda`` (a 0-d bool).
     """
     out = {"micro.sizes": torch.tensor([int(m.indices.shape[0]) for m in micro], dtype=torch.long),
-           "micro.forwards": torch.tensor([m.forwards for m in micro], dtype=torch.long)}
+           "micro.forwards": torch.tensor([m.forwards for m in micro], dtype=torch.long),
+           "micro.eval_forwards": torch.tensor([m.eval_forwards for m in micro], dtype=torch.long)}
     for i, m in enumerate(micro):
         if m.state is not None:
             out[f"micro.{i}.cpu"] = m.state.cpu
@@ -207,6 +248,7 @@ def unpack_micro_batches(tensors: dict[str, Tensor], indices: Tensor, weights: T
     if forwards is None or sum(sizes) != indices.shape[0] or len(forwards) != len(sizes) or min(sizes) < 0:
         raise TrajectoryError(f"Trajectory file {where}: its micro-batch sizes {sizes} do not add up to the batch of "
                               f"{indices.shape[0]} samples. The store is corrupted; re-record the run.")
+    evals = tensors.get("micro.eval_forwards", torch.zeros(len(sizes), dtype=torch.long)).tolist()
     out, lo = [], 0
     for i, (n, f) in enumerate(zip(sizes, forwards.tolist())):
         state = None
@@ -215,6 +257,6 @@ def unpack_micro_batches(tensors: dict[str, Tensor], indices: Tensor, weights: T
             on_cuda = bool(tensors.get(f"micro.{i}.on_cuda", torch.tensor(False)))
             state = RandomState(tensors[f"micro.{i}.cpu"], tuple(cuda) if cuda is not None else (),
                                 "cuda" if on_cuda else "cpu")
-        out.append(MicroBatch(indices[lo:lo + n], weights[lo:lo + n], int(f), state))
+        out.append(MicroBatch(indices[lo:lo + n], weights[lo:lo + n], int(f), state, int(evals[i])))
         lo += n
     return out

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..exceptions import ExplaindWarning, TrajectoryError
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient, check_loss_decomposes
 from ._gradients import AutocastProbe, GradientTap
-from ._random import MicroBatch, RandomCapture, RandomState
+from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 
 __all__ = ["RecorderChecksMixin"]
 
@@ -59,7 +59,7 @@ class RecorderChecksMixin:
 
     def _micro_batches(self) -> list[MicroBatch]:
         """The pending micro-batches as the trajectory stores them."""
-        return [MicroBatch(e.indices, e.weights, e.forwards, e.state) for e in self._pending]
+        return [MicroBatch(e.indices, e.weights, e.forwards, e.state, e.eval_forwards) for e in self._pending]
 
     def _replay_plan(self, s: int) -> tuple[bool, list[tuple[slice, RandomState]] | None]:
         """``(checkable, replay)``: the micro-batches' positions and states when the forwards were captured.
@@ -69,17 +69,12 @@ class RecorderChecksMixin:
         """
         if not (self._random.enabled and self._random.coupled):
             return True, None
-        replay, lo = [], 0
-        for e in self._pending:
-            n = int(e.indices.shape[0])
-            if e.forwards != 1 or e.state is None:
-                logger.info("Step %d: a logged micro-batch saw %d training forward(s) since the previous "
-                            "log_batch (one is needed to replay its dropout masks / batch statistics); its gradient "
-                            "is not checked.", s, e.forwards)
-                return False, None
-            replay.append((slice(lo, lo + n), e.state))
-            lo += n
-        return True, replay
+        try:
+            parts = replay_parts(self._micro_batches(), self._random.coupled, f"Step {s}")
+        except TrajectoryError as exc:
+            logger.info("%s Its gradient is not checked.", exc)
+            return False, None
+        return True, None if parts is None else [(slice(lo, hi), state) for lo, hi, state in parts]
 
     def _check_gradient(self, seen: dict[str, Tensor], no_input: Any, indices: Tensor, weights: Tensor,
                         device: torch.device, s: int, tol: float, autocast: Any) -> GradientCheck | None:

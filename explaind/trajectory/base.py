@@ -121,9 +121,10 @@ class Trajectory(abc.ABC):
     def micro_batches(self, s: int) -> list[Any]:
         """The micro-batches of step ``s`` in logging order, each a :class:`~explaind.trajectory._random.MicroBatch`.
 
-        Their indices and weights concatenated are :meth:`batch`; a micro-batch whose training forward
-        was captured carries the random state to replay it (docs/recording.md, "Dropout and batch
-        norm"). This default (for trajectories that did not capture) is one uncaptured micro-batch.
+        Their indices and weights concatenated are :meth:`batch`; a micro-batch whose training
+        forward was captured carries the random state to replay it (docs/recording.md,
+        "Dropout and batch norm"). This default (for trajectories that did not capture) is one
+        uncaptured micro-batch.
         """
         from ._random import MicroBatch
 

@@ -75,6 +75,7 @@ class _Logged:
     finite: bool | None
     forwards: int = -1
     state: RandomState | None = None
+    eval_forwards: int = 0
 
 
 class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
