@@ -373,3 +373,22 @@ def test_a_loop_in_evaluation_mode_needs_no_replay():
     assert (m.forwards, m.eval_forwards, m.state) == (0, 1, None)
     assert float(np.nanmax(traj.gradient_check())) <= 1e-12
     _check_exact(traj, model, X[20:], quadrature={"quadrature": "gauss-legendre", "nodes": 8})
+
+
+def test_float32_training_is_replayed_in_float64():
+    """CPU dropout masks do not depend on the dtype: a float32 run is replayed with its own masks in float64."""
+    state = torch.get_rng_state()
+    masks = []
+    for dtype in (torch.float32, torch.float64):
+        torch.set_rng_state(state)
+        masks.append(F.dropout(torch.ones(4096, dtype=dtype), 0.3) != 0)
+    assert torch.equal(masks[0], masks[1]) and 0 < int(masks[0].sum()) < 4096
+    X, y = _data(24, (5,), 14)
+    shares = []
+    for capture in (True, False):
+        model = _mlp().float()
+        traj = _record(model, torch.optim.SGD(model.parameters(), lr=0.3), X[:20].float(), y[:20], steps=3, batch=6,
+                       capture_random=capture).trajectory
+        att = explaind.InfluenceEstimator(keep=("train",), device="cpu", residual_tol=10.0).fit(traj).transform(X[20:])
+        shares.append(att.meta["residual_share"])
+    assert shares[0] <= 1e-5 < 1e-2 < shares[1]  # float32 rounding of the recorded updates, against wrong masks
