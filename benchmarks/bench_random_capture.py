@@ -13,7 +13,7 @@ Measured, side by side in one run (one table, markdown):
   inexact for dropout): wall time and the residual share of each.
 
 Run: ``python benchmarks/bench_random_capture.py [--steps 40] [--repeats 2] [--threads N]``. Times are
-the fastest of ``--repeats`` runs.
+the fastest of ``--repeats`` runs, after one untimed warm-up recording.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main() -> None:
     X_test = torch.randn(16, 32, generator=gen)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
+        _record(True, Path(tmp), X, y, 2)  # warm-up: one-off set-up costs are not counted for either
         for capture in (False, True):
             runs = [_record(capture, Path(tmp), X, y, args.steps) for _ in range(args.repeats)]
             record_s, step_bytes, store = min(runs)

@@ -166,9 +166,10 @@ class InMemoryTrajectory(RecordedTrajectory):
         The recorder also passes the step's micro-batches and :math:`\beta_{s+1}` when buffers changed.
         """
         s = len(self._updates)
-        self._micro.append(micro)
-        self._buffers.append(buffers if buffers is not None else self.buffers(s))
+        beta = buffers if buffers is not None else self.buffers(s)
         if not validate:
+            self._micro.append(micro)
+            self._buffers.append(beta)
             self._params.append(params_next)
             self._updates.append(updates)
             self._batches.append((indices, weights))
@@ -202,6 +203,8 @@ class InMemoryTrajectory(RecordedTrajectory):
             raise TrajectoryError(
                 f"Step {s}: batch weights of shape {tuple(weights.shape)} do not match indices {tuple(indices.shape)}."
             )
+        self._micro.append(micro)
+        self._buffers.append(beta)
         self._params.append(dict(params_next))
         self._updates.append(full)
         self._batches.append((indices, weights))
