@@ -142,6 +142,7 @@ def test_store_round_trip_keeps_the_random_states(tmp_path):
     for s in range(disk.n_steps):
         (m,) = disk.micro_batches(s)
         assert m.forwards == 1 and m.state.device == "cpu" and m.state.cpu.dtype == torch.uint8
+        assert m.state.cpu.numel() == 5056  # the CPU generator state docs/recording.md quotes
     assert disk.manifest.random_capture and disk.manifest.coupled == ["2"]
     disk.verify()  # the states are in the checksummed step files
     _check_exact(disk, model, X[20:], quadrature={"quadrature": "gauss-legendre", "nodes": 8})
