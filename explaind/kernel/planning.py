@@ -30,7 +30,7 @@ __all__ = ["window_plans"]
 
 def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int, int], rule: str,
                  nodes: int | None, tol: float, with_estimate: bool,
-                 coarsen: bool = False) -> tuple[Tensor, Tensor, list[NodePlan]]:
+                 coarsen: bool = False) -> tuple[Tensor, Tensor, list[NodePlan], Tensor | None]:
     r"""Node plans of the window's steps.
 
     Parameters
@@ -57,7 +57,11 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     g_start, g_stop : Tensor
         :math:`g(\theta_{start})` and :math:`g(\theta_{stop})`, shape ``(T, O)``.
     plans : list of NodePlan
-        One per step ``start .. stop-1``.
+        One per step ``start .. stop-1``; the exact difference of step ``s`` is
+        :math:`g(\theta_{s+1}, \beta_s) - g(\theta_s, \beta_s)` (buffers held along the segment).
+    buffers : Tensor or None
+        The buffers terms :math:`g(\theta_{s+1}, \beta_{s+1}) - g(\theta_{s+1}, \beta_s)`, ``(T, S, O)``;
+        ``None`` when no buffer changed (docs/maths.md, "Buffers").
     """
     start, stop = window
     n = DEFAULT_NODES[rule] if nodes is None else int(nodes)
@@ -69,18 +73,23 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     plans: list[NodePlan] = []
     # counted in steps: a group of stacked steps advances the bar by its size
     bar = progress_bar(engine.progress, "quadrature", stop - start)
+    buffers: list[Tensor] = []
     for lo in range(start, stop, group):
         hi = min(stop, lo + group)
-        g_vals = [g_prev] + [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
+        nexts = [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
+        ends = ([engine.values_at(s, X, explained, engine.end_params(s)) for s in range(lo, hi)]
+                if engine.buffer_names else nexts)
+        begins = [g_prev, *nexts[:-1]]
+        buffers.extend(b - e for b, e in zip(nexts, ends))
         if rule == "adaptive":
-            plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), g_vals, n, tol, coarsen))
+            plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), begins, ends, n, tol, coarsen))
         else:
             stack = engine.stack(lo, hi, X, explained) if with_estimate else None
-            plans.extend(_fixed_group(engine, stack, g_vals, rule, n))
-        g_prev = g_vals[-1]
+            plans.extend(_fixed_group(engine, stack, begins, ends, rule, n))
+        g_prev = nexts[-1]
         bar.update(hi - lo)
     bar.close()
-    return g_start, g_prev, plans
+    return g_start, g_prev, plans, torch.stack(buffers, dim=1) if engine.buffer_names else None
 
 
 #: Bytes of slopes ``(U, nodes, O)`` the kink-dense fallback holds per batched evaluation.
@@ -91,7 +100,7 @@ def _rule(engine: Any, rule: str, n: int) -> tuple[Tensor, Tensor]:
     return tuple(torch.as_tensor(v, dtype=engine.dtype, device=engine.device) for v in rule_nodes(rule, n))
 
 
-def _adaptive_group(engine: Any, stack: StepStack, g_vals: list[Tensor], n: int, tol: float,
+def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor], n: int, tol: float,
                     coarsen: bool) -> list[NodePlan]:
     """Adaptive plans of the stacked steps refined together (units are (step, input) pairs, step-major)."""
     T = stack.X.shape[0]
@@ -111,10 +120,10 @@ def _adaptive_group(engine: Any, stack: StepStack, g_vals: list[Tensor], n: int,
             total = total + torch.einsum("q,kqo->ko", w[lo:lo + per], d[units])
         return total
 
-    plan = adaptive_plan(est0, torch.cat(g_vals[:-1]), torch.cat(g_vals[1:]), refine, tol=tol, nodes=n,
+    plan = adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
                          coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
                          max_evals=adaptive.MAX_EVALS, shared=shared)
-    _warn_if_inexact(plan, tol, torch.cat(g_vals[:-1]), torch.cat(g_vals[1:]))
+    _warn_if_inexact(plan, tol, torch.cat(begins), torch.cat(ends))
     return plan.split(stack.n_steps)
 
 
@@ -144,7 +153,8 @@ def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> No
         ExplaindWarning, stacklevel=4)
 
 
-def _fixed_group(engine: Any, stack: StepStack | None, g_vals: list[Tensor], rule: str, n: int) -> list[NodePlan]:
+def _fixed_group(engine: Any, stack: StepStack | None, begins: list[Tensor], ends: list[Tensor], rule: str,
+                 n: int) -> list[NodePlan]:
     """Fixed-rule plans of a group of steps; estimates (when ``stack`` is given) from one grid evaluation."""
     est = None
     if stack is not None:
@@ -152,8 +162,8 @@ def _fixed_group(engine: Any, stack: StepStack | None, g_vals: list[Tensor], rul
         _, d = engine.evaluator.slopes(stack, Grid(x))
         est = torch.einsum("q,uqo->uo", w, d).reshape(stack.n_steps, stack.X.shape[0], -1)
     plans = []
-    for j in range(len(g_vals) - 1):
-        plan = fixed_plan(rule, n, g_vals[j + 1] - g_vals[j])
+    for j in range(len(begins)):
+        plan = fixed_plan(rule, n, ends[j] - begins[j])
         plan.estimate = None if est is None else est[j]
         plans.append(plan)
     return plans

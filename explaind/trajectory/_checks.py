@@ -18,6 +18,7 @@ the default weights does not): forward passes only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
+from ._random import RandomState, replayed
 
 __all__ = [
     "AUTO_CHECK_STEPS",
@@ -158,6 +160,7 @@ def check_batch_gradient(
     step: int,
     tol: float,
     autocast: torch.dtype | None = None,
+    replay: list[tuple[slice, RandomState]] | None = None,
 ) -> GradientCheck:
     r"""Compare the raw gradient with :math:`\sum_k w_k \nabla\ell_k(\theta_s)`; measure :math:`\sigma`.
 
@@ -180,6 +183,10 @@ def check_batch_gradient(
         Relative tolerance (already widened for autocast).
     autocast : torch.dtype or None
         The autocast dtype of the loop's forward, for the message.
+    replay : list of (slice, RandomState), optional
+        The micro-batches (positions in ``batch``) and the random states of their training forwards:
+        each is recomputed as one batched forward under its state (dropout masks and batch statistics
+        as in the loop; docs/recording.md). Default: one forward of the whole batch.
 
     Returns
     -------
@@ -195,10 +202,13 @@ def check_batch_gradient(
     inputs, targets, weights = batch
     detached = {n: p.detach().requires_grad_(n in raw) for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    total: Any = 0
     with torch.enable_grad(), torch.autocast(inputs.device.type, enabled=False):
-        out = model_output(call_model(model, {**buffers, **detached}, inputs))
-        per_sample = loss.implementation(out, targets)
-        total = (weights.to(per_sample.dtype) * per_sample).sum()
+        for sl, state in replay or [(slice(None), None)]:
+            with replayed(state, inputs.device, f"Step {step}") if state is not None else contextlib.nullcontext():
+                out = model_output(call_model(model, {**buffers, **detached}, inputs[sl]))
+            per_sample = loss.implementation(out, targets[sl])
+            total = total + (weights[sl].to(per_sample.dtype) * per_sample).sum()
         ref = torch.autograd.grad(total, [detached[n] for n in names], allow_unused=True)
     refs = {n: (torch.zeros_like(raw[n]) if r is None else r) for n, r in zip(names, ref)}
     dot = sum(_dot64(raw[n], refs[n]) for n in names)

@@ -15,8 +15,10 @@ from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
+from ._buffers import pack_buffers
 from ._gradients import UpdateAudit
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
+from ._random import pack_micro_batches
 from .disk import DiskTrajectory, check_model_matches
 from .manifest import StepRecord, TrajectoryManifest
 from .store import StoreWriter, pack_updates, read_manifest
@@ -67,7 +69,7 @@ class RecorderStoreMixin:
         return stored
 
     def restore(self) -> int:
-        """Load ``theta_N`` and the stored optimizer state into the model and optimizer; returns ``N``.
+        """Load ``theta_N``, the recorded buffers and the optimizer state into the model and optimizer; returns ``N``.
 
         Use with ``resume=True`` before the loop, then continue training from step ``N``. An LR
         scheduler is the loop's own: recreate it at step ``N`` (e.g. ``last_epoch=N - 1``).
@@ -77,10 +79,13 @@ class RecorderStoreMixin:
         if self._store is None or not self._resumed:
             raise TrajectoryError("restore() needs a recorder opened with store=<path> and resume=True.")
         n = self._manifest.n_steps  # the last step with a stored optimizer state
-        final = DiskTrajectory(self._store, model=self.model, loss=self._loss).params(n)
+        stored = DiskTrajectory(self._store, model=self.model, loss=self._loss)
+        final, buffers = stored.params(n), dict(self.model.named_buffers())
         with torch.no_grad():
             for name, p in self._params.items():
                 p.copy_(final[name])
+            for name, b in stored.buffers(n).items():  # running statistics as they were after step n - 1
+                buffers[name].copy_(b)
         if n > 0:
             rec = self._manifest.steps[n - 1].optimizer_state
             assert rec is not None  # _validate_resume chose n so
@@ -117,9 +122,12 @@ class RecorderStoreMixin:
         self._writer.finish_setup()
 
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
-                    st: dict[str, Any]) -> None:
+                    st: dict[str, Any], buffers: dict[str, Tensor] | None = None) -> None:
         assert self._writer is not None
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
+        tensors.update(pack_buffers(buffers))
+        if self._manifest.random_capture:
+            tensors.update(pack_micro_batches(st["micro"]))
         tensors.update(pack_updates(tuple(self._params), updates))
         tensors["batch.indices"] = st["indices"]
         tensors["batch.weights"] = st["weights"]

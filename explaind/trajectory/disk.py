@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
+from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
+from ._random import MicroBatch, unpack_micro_batches
 from .manifest import FileRecord, TrajectoryManifest, dtype_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
 from .store import read_manifest, record_binding, unpack_updates
@@ -225,6 +227,21 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
     def batch(self, s: int) -> tuple[Tensor, Tensor]:
         tensors = self._step_tensors(check_step(s, self.n_steps))
         return tensors["batch.indices"], tensors["batch.weights"]
+
+    def micro_batches(self, s: int) -> list[MicroBatch]:
+        tensors = self._step_tensors(check_step(s, self.n_steps))
+        return unpack_micro_batches(tensors, tensors["batch.indices"], tensors["batch.weights"],
+                                    f"{self._manifest.steps[s].file.path!r} (step {s})")  # type: ignore[union-attr]
+
+    def buffers(self, s: int) -> dict[str, Tensor]:
+        s = check_param_index(s, self.n_steps)
+        names = self._manifest.buffer_names
+        last = next((j for j in range(s - 1, -1, -1) if self._manifest.steps[j].buffers), None)
+        if last is None:
+            constants = self.constants()
+            return {n: constants[n] for n in names}
+        where = f"{self._manifest.steps[last].file.path!r} (step {last})"  # type: ignore[union-attr]
+        return unpack_buffers(self._step_tensors(last), names, where)
 
     def grad_scale(self, s: int) -> float:
         return float(self._manifest.steps[check_step(s, self.n_steps)].grad_scale)

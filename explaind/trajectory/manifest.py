@@ -111,6 +111,8 @@ class StepRecord(_Model):
         Whether the file holds ``theta_{s+1}`` (always true while ``param_stride == 1``).
     optimizer_state : FileRecord or None
         The optimizer's ``state_dict`` after this step (stores keep only the latest two, for resuming).
+    buffers : bool or None
+        ``True`` when the step file holds :math:`\beta_{s+1}` (buffers changed by training); ``None`` otherwise.
     """
 
     step: int
@@ -124,6 +126,7 @@ class StepRecord(_Model):
     autocast: str | None = None
     has_params: bool = True
     optimizer_state: FileRecord | None = None
+    buffers: bool | None = None
 
 
 class ArchitectureSpec(_Model):
@@ -169,6 +172,12 @@ class TrajectoryManifest(_Model):
         ``theta_0`` and the constants.
     complete : bool
         ``True`` once the recorder exited cleanly (a crashed run is resumable).
+    coupled : list of str
+        Dropout and batch-norm modules of the model (samples coupled by randomness or batch statistics).
+    random_capture : bool
+        Whether the random state of every training forward was captured (docs/recording.md).
+    buffer_names : list of str
+        The buffers tracked per step (``StepRecord.buffers`` marks the steps that changed them).
     extras : dict
         Free-form JSON metadata supplied by the caller.
     """
@@ -193,6 +202,9 @@ class TrajectoryManifest(_Model):
     constants_file: FileRecord | None = None
     steps: list[StepRecord] = Field(default_factory=list)
     complete: bool = False
+    coupled: list[str] = Field(default_factory=list)
+    random_capture: bool = False
+    buffer_names: list[str] = Field(default_factory=list)
     extras: dict[str, Any] = Field(default_factory=dict)
 
     @property
