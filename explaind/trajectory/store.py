@@ -49,6 +49,7 @@ from ._layout import (
     JOURNAL,
     MANIFEST,
     SETUP,
+    checkpoint_state_path,
     mark_setup,
     remove_store,
     remove_temporary_files,
@@ -282,13 +283,17 @@ class StoreWriter:
     new : bool
         Set up a new store: the set-up marker is created and the manifest is not written until
         :meth:`finish_setup` (after the start files), so an interruption leaves no store.
+    keep_states : bool
+        Keep every optimizer state handed over (``optimizer/checkpoint-{s:06d}.safetensors``, the
+        checkpoints of a sparse store) instead of the newest one in two alternating slots.
     """
 
     def __init__(self, root: Path, manifest: TrajectoryManifest, *, fsync: bool = True, background: bool = True,
-                 max_queue: int = 4, new: bool = False):
+                 max_queue: int = 4, new: bool = False, keep_states: bool = False):
         self.root = Path(root)
         self.manifest = manifest
         self.fsync = fsync
+        self.keep_states = bool(keep_states)
         self._error: BaseException | None = None
         self._error_step: int | None = None
         # slot (0/1) of the optimizer state of the last committed step; the next state goes to the other one
@@ -381,10 +386,14 @@ class StoreWriter:
         record: StepRecord,
         tensors: dict[str, Tensor],
         optimizer_state: tuple[dict[str, Tensor], dict[str, str]] | None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
-        """Queue step ``record.step``: its file, the optimizer state after it (optional), then its journal line."""
+        """Queue step ``record.step``: its file, the optimizer state after it (optional), then its journal line.
+
+        ``metadata`` is added to the step file's (checksummed) safetensors metadata.
+        """
         self.check()
-        item = (record, tensors, optimizer_state)
+        item = (record, tensors, optimizer_state, dict(metadata or {}))
         if self._queue is None:
             try:
                 self._commit([item])
@@ -395,25 +404,27 @@ class StoreWriter:
             self._pending.acquire()  # at most max_queue steps handed over and not yet committed
             self._queue.put(item)
 
-    def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any]]) -> None:
+    def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any, dict[str, str]]]) -> None:
         """Write the files of consecutive steps, then their journal lines (the commit point).
 
         Only the newest optimizer state of the group is written, into the slot *not* holding the
-        state of the last committed step, so a crash at any point leaves a resumable store.
+        state of the last committed step, so a crash at any point leaves a resumable store; with
+        ``keep_states`` every state is written to its own checkpoint file.
         """
         last_state = max((i for i, item in enumerate(items) if item[2] is not None), default=None)
         done: list[StepRecord] = []
         try:
-            for i, (record, tensors, state) in enumerate(items):
+            for i, (record, tensors, state, extra) in enumerate(items):
                 s = self._error_step = record.step
-                meta = {"step": str(s), "record": record_binding(record)}  # checksummed with the file
+                meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
                 file = write_tensors(self.root, step_path(s), tensors, meta, fsync=self.fsync, fsync_dir=False)
                 state_file = None
-                if i == last_state:
-                    slot = 1 - self._slot
+                if state is not None and (self.keep_states or i == last_state):
+                    path = checkpoint_state_path(s) if self.keep_states else \
+                        f"optimizer/state-{1 - self._slot}.safetensors"
                     state_tensors, meta = state
-                    state_file = write_tensors(self.root, f"optimizer/state-{slot}.safetensors", state_tensors,
-                                               dict(meta, n_steps=str(s + 1)), fsync=self.fsync, fsync_dir=False)
+                    state_file = write_tensors(self.root, path, state_tensors, dict(meta, n_steps=str(s + 1)),
+                                               fsync=self.fsync, fsync_dir=False)
                 done.append(record.model_copy(update={"file": file, "optimizer_state": state_file}))
         finally:
             if done:
@@ -427,7 +438,7 @@ class StoreWriter:
                     os.fsync(self._journal.fileno())
                 with self._lock:
                     self.manifest.steps.extend(done)
-                if last_state is not None and last_state < len(done):
+                if last_state is not None and last_state < len(done) and not self.keep_states:
                     self._slot = 1 - self._slot
 
     def flush(self) -> None:
