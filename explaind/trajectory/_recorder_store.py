@@ -58,7 +58,7 @@ class RecorderStoreMixin:
                 f"k (store the optimizer state every k steps)."
             )
         self._state_every = int(save_optimizer_state) if save_optimizer_state is not False else 0
-        self._every = validate_checkpoint_every(checkpoint_every, store=self._store, model=self.model,
+        self._every = validate_checkpoint_every(checkpoint_every, store=self._store,
                                                 stochastic=has_stochastic_layers(self.model))
         self._deferred: tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], StepReplay] | None = None
 

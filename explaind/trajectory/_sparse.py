@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..exceptions import ConfigError, TrajectoryError
 
@@ -117,8 +117,8 @@ class StepReplay:
             ) from None
 
 
-def validate_checkpoint_every(value: Any, *, store: Any, model: nn.Module, stochastic: list[str]) -> int:
-    """``checkpoint_every`` as a positive int; a sparse store (``> 1``) needs a store directory and a deterministic model.
+def validate_checkpoint_every(value: Any, *, store: Any, stochastic: list[str]) -> int:
+    """``checkpoint_every`` as a positive int; ``> 1`` (sparse) needs a store directory and a deterministic model.
 
     Raises
     ------
@@ -145,7 +145,10 @@ def validate_checkpoint_every(value: Any, *, store: Any, model: nn.Module, stoch
 
 
 def relative_gap(replayed: dict[str, Tensor], stored: dict[str, Tensor], start: dict[str, Tensor]) -> float:
-    r""":math:`\|\hat\theta_{hi} - \theta_{hi}\| / \|\theta_{hi} - \theta_{lo}\|` in float64 (absolute when the segment did not move)."""
+    r""":math:`\|\hat\theta_{hi} - \theta_{hi}\| / \|\theta_{hi} - \theta_{lo}\|` in float64.
+
+    Absolute (the numerator alone) when the segment did not move.
+    """
     gap = math.sqrt(sum(float((replayed[n].double() - stored[n].double()).pow(2).sum()) for n in stored))
     moved = math.sqrt(sum(float((stored[n].double() - start[n].double()).pow(2).sum()) for n in stored))
     return gap / moved if moved > 0 else gap

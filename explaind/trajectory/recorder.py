@@ -436,8 +436,8 @@ class TrajectoryRecorder(RecorderStoreMixin):
                 self._sigma = 1.0  # autocast rounding is not a loss scale
             self._checked_c = c_in
         before = self._adapter.before_step(optimizer)
-        return {"indices": indices, "weights": weights, "stepped": tuple(stepped), "scale": c_in * (amp or 1.0) * self._sigma,
-                "check": check, "amp": amp, "autocast": autocast, "no_input": no_input,
+        return {"indices": indices, "weights": weights, "scale": c_in * (amp or 1.0) * self._sigma,
+                "stepped": tuple(stepped), "check": check, "amp": amp, "autocast": autocast, "no_input": no_input,
                 "seen": seen if self._audit_on else None, "before": before}
 
     def _check_loss_callable(self, device: torch.device) -> None:

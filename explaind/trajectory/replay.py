@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from ..exceptions import ExplaindWarning, TrajectoryError
@@ -46,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Segment:
-    """The replayed steps ``lo .. hi-1`` between the checkpoints ``lo`` and ``hi``.
+    r"""The replayed steps ``lo .. hi-1`` between the checkpoints ``lo`` and ``hi``.
 
     Attributes
     ----------

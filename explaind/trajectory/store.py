@@ -15,6 +15,11 @@ Layout of a store directory::
                                   order, NaN where the coefficient is a tensor stored as
                                   "update.<name>.<field>"), "batch.indices", "batch.weights"
     optimizer/state-{0,1}.safetensors   optimizer.state_dict() after the latest steps (for resuming)
+    optimizer/checkpoint-000123.safetensors   a sparse store (checkpoint_every > 1): the optimizer
+                                  state after each checkpoint step, all kept (replay and resuming);
+                                  its steps hold theta_{s+1} only at checkpoints ("has_params"), and
+                                  every step file of it holds only "update.scalars" of the
+                                  coefficients plus a "replay" metadata entry (explaind/trajectory/_sparse.py)
 
 A step counts as complete once its journal line is written, which happens after its files were
 moved into place, so a crash loses at most the steps not yet committed. ``manifest.json`` is
@@ -420,8 +425,8 @@ class StoreWriter:
                 file = write_tensors(self.root, step_path(s), tensors, meta, fsync=self.fsync, fsync_dir=False)
                 state_file = None
                 if state is not None and (self.keep_states or i == last_state):
-                    path = checkpoint_state_path(s) if self.keep_states else \
-                        f"optimizer/state-{1 - self._slot}.safetensors"
+                    path = (checkpoint_state_path(s) if self.keep_states
+                            else f"optimizer/state-{1 - self._slot}.safetensors")
                     state_tensors, meta = state
                     state_file = write_tensors(self.root, path, state_tensors, dict(meta, n_steps=str(s + 1)),
                                                fsync=self.fsync, fsync_dir=False)
