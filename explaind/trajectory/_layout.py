@@ -75,7 +75,7 @@ def own_files(root: Path, manifest: TrajectoryManifest | None) -> set[str]:
             if record is not None:
                 owned.add(record.path)
         for step in manifest.steps:
-            owned.update(r.path for r in (step.file, step.optimizer_state) if r is not None)
+            owned.update(r.path for r in (step.file, step.optimizer_state, step.audit_state) if r is not None)
     for folder, pattern in _FOLDERS.items():
         if (root / folder).is_dir() and not (root / folder).is_symlink():
             owned.update(f"{folder}/{p.name}" for p in (root / folder).iterdir() if pattern.fullmatch(p.name))

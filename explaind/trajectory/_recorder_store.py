@@ -106,6 +106,9 @@ class RecorderStoreMixin:
             rec = self._manifest.steps[n - 1].optimizer_state
             assert rec is not None  # _validate_resume chose n so
             tensors, meta = read_tensors(self._store, rec, step=n - 1)
+            audit_file = self._manifest.steps[n - 1].audit_state  # sparse stores keep it apart
+            if audit_file is not None:
+                tensors = {**tensors, **read_tensors(self._store, audit_file, step=n - 1)[0]}
             audit = {k[len("audit."):]: v for k, v in tensors.items() if k.startswith("audit.")}
             state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
             self.optimizer.load_state_dict(decode_optimizer_state(state, meta, self.optimizer.state_dict()))

@@ -113,6 +113,9 @@ class StepRecord(_Model):
     optimizer_state : FileRecord or None
         The optimizer's ``state_dict`` after this step (dense stores keep only the latest two, for
         resuming; sparse stores keep one per checkpoint).
+    audit_state : FileRecord or None
+        Sparse stores: the recorder audit's momentum after this checkpoint (``optimizer/state-{0,1}``,
+        the latest two kept, for resuming); dense stores keep it inside ``optimizer_state``.
     """
 
     step: int
@@ -126,6 +129,7 @@ class StepRecord(_Model):
     autocast: str | None = None
     has_params: bool = True
     optimizer_state: FileRecord | None = None
+    audit_state: FileRecord | None = None
 
 
 class ArchitectureSpec(_Model):

@@ -115,7 +115,7 @@ def unpack_updates(names: tuple[str, ...], tensors: dict[str, Tensor]) -> dict[s
 
 def record_binding(record: StepRecord) -> str:
     """The fields of a step record that change results, as stored inside the step's (checksummed) file."""
-    return record.model_dump_json(exclude={"file", "optimizer_state"})
+    return record.model_dump_json(exclude={"file", "optimizer_state", "audit_state"})
 
 
 def is_store(path: Path) -> bool:
@@ -302,7 +302,8 @@ class StoreWriter:
         self._error: BaseException | None = None
         self._error_step: int | None = None
         # slot (0/1) of the optimizer state of the last committed step; the next state goes to the other one
-        last = next((r.optimizer_state for r in reversed(manifest.steps) if r.optimizer_state is not None), None)
+        slot_of = (lambda r: r.audit_state) if keep_states else (lambda r: r.optimizer_state)
+        last = next((slot_of(r) for r in reversed(manifest.steps) if slot_of(r) is not None), None)
         self._slot = 1 if last is not None and last.path.endswith("state-1.safetensors") else 0
         self._lock = threading.Lock()
         self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
@@ -423,14 +424,14 @@ class StoreWriter:
                 s = self._error_step = record.step
                 meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
                 file = write_tensors(self.root, step_path(s), tensors, meta, fsync=self.fsync, fsync_dir=False)
-                state_file = None
-                if state is not None and (self.keep_states or i == last_state):
-                    path = (checkpoint_state_path(s) if self.keep_states
-                            else f"optimizer/state-{1 - self._slot}.safetensors")
-                    state_tensors, meta = state
-                    state_file = write_tensors(self.root, path, state_tensors, dict(meta, n_steps=str(s + 1)),
-                                               fsync=self.fsync, fsync_dir=False)
-                done.append(record.model_copy(update={"file": file, "optimizer_state": state_file}))
+                files: dict[str, FileRecord | None] = {"file": file, "optimizer_state": None}
+                if state is not None and self.keep_states:
+                    files.update(self._write_checkpoint_state(s, *state))
+                elif state is not None and i == last_state:
+                    files["optimizer_state"] = write_tensors(
+                        self.root, f"optimizer/state-{1 - self._slot}.safetensors", state[0],
+                        dict(state[1], n_steps=str(s + 1)), fsync=self.fsync, fsync_dir=False)
+                done.append(record.model_copy(update=files))
         finally:
             if done:
                 if self.fsync:
@@ -445,6 +446,20 @@ class StoreWriter:
                     self.manifest.steps.extend(done)
                 if last_state is not None and last_state < len(done) and not self.keep_states:
                     self._slot = 1 - self._slot
+
+    def _write_checkpoint_state(self, s: int, tensors: dict[str, Tensor],
+                                meta: dict[str, str]) -> dict[str, FileRecord | None]:
+        """A sparse store's checkpoint: the optimizer state kept for good, the audit's momentum in the next slot."""
+        own = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
+        audit = {k: v for k, v in tensors.items() if k.startswith("audit.")}
+        out: dict[str, FileRecord | None] = {"optimizer_state": write_tensors(
+            self.root, checkpoint_state_path(s), own, dict(meta, n_steps=str(s + 1)), fsync=self.fsync,
+            fsync_dir=False)}
+        if audit:
+            out["audit_state"] = write_tensors(self.root, f"optimizer/state-{1 - self._slot}.safetensors", audit,
+                                               {"n_steps": str(s + 1)}, fsync=self.fsync, fsync_dir=False)
+            self._slot = 1 - self._slot  # the record is committed with the group (the journal lists it)
+        return out
 
     def flush(self) -> None:
         """Wait until every queued step is on disk; raise a failed write's error."""
