@@ -14,7 +14,7 @@ The replayed :math:`\hat\theta_{c_{j+1}}` is compared with the stored checkpoint
 segment and warned about above a tolerance. The trajectory then uses the *stored*
 :math:`\theta_{c_{j+1}}`, so :math:`\Delta\theta_{c_{j+1}-1}` ends on the checkpoint: the sum of the
 steps telescopes to the recorded end points and the gap lands in the residual of the segment's last
-step (docs/maths.md, the residual). Segments are cached (least recently used), so sweeps that walk
+step (docs/maths.md §4). Segments are cached (least recently used), so sweeps that walk
 the steps forwards or backwards replay each segment once.
 """
 
