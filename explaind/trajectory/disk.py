@@ -145,7 +145,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         last = max((r.step + 1 for r in steps if r.has_params), default=0)
         if last < len(steps):
             logger.warning("The sparse store at %s ends at its last checkpoint, step %d: the %d step(s) recorded after "
-                           "it (an interrupted recording) are not read.", self.root, last - 1, len(steps) - last)
+                           "it (by a recording interrupted or still running) are not read.", self.root, last - 1,
+                           len(steps) - last)
             self._manifest.steps = steps[:last]
             self._manifest.n_steps = last
 
@@ -329,7 +330,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         """Check every file's checksum (reads the whole store once); raises ``TrajectoryError`` at the first bad one.
 
         Of the optimizer states, the newest is checked (the one a resume loads; older steps' states
-        were overwritten by later ones, two slots in turn).
+        were overwritten by later ones, two slots in turn); a sparse store's checkpoint states are
+        all checked, and the newest audit state.
         """
         for record in (self._manifest.initial_file, self._manifest.constants_file, self._manifest.data_file):
             if record is not None:
@@ -340,6 +342,9 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         states = [r for r in self._manifest.steps if r.optimizer_state is not None]
         for record in states if self.sparse else states[-1:]:
             read_tensors(self.root, record.optimizer_state, step=record.step)  # type: ignore[arg-type]
+        audit = next((r for r in reversed(self._manifest.steps) if r.audit_state is not None), None)
+        if audit is not None and audit.audit_state is not None:
+            read_tensors(self.root, audit.audit_state, step=audit.step)
 
     def __repr__(self) -> str:
         return (
