@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fault_injection import Injector, Killed
 from _recording_helpers import RESUME_STEPS, classification_data, mlp, resumable_setup, resumable_step
 from safetensors import safe_open
 from torch import nn
@@ -29,6 +32,7 @@ from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from explaind.trajectory import Trajectory
 from explaind.trajectory import replay as replay_module
 from explaind.trajectory._io import write_tensors
+from explaind.trajectory.lock import _ACTIVE
 
 HERE = Path(__file__).parent
 STEPS = 10
@@ -210,11 +214,11 @@ def _kill_after(script: Path, step: int) -> int:
 
 
 def test_sigkill_mid_segment_loses_only_the_open_segment_and_resumes(tmp_path):
-    k = 8
+    k = 4
     store = tmp_path / "run"
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(HERE), store=str(store), k=k))
-    seen = _kill_after(script, 21)  # inside the segment of steps 16..23
+    seen = _kill_after(script, 10)  # inside the segment of steps 8..11
     reference = _reference()
     model, opt, X, y = resumable_setup()
     crashed = Trajectory.load(store, model=mlp(seed=1), train_data=(X, y))
@@ -243,6 +247,64 @@ def test_sigkill_mid_segment_loses_only_the_open_segment_and_resumes(tmp_path):
             assert _rel(traj.updates(s)[name].P, u.P) <= 1e-12
     assert np.nanmax(traj.replay_error()) <= 1e-12
     traj.verify()
+
+
+def test_a_kill_at_any_write_point_keeps_every_committed_checkpoint(tmp_path, monkeypatch):
+    """In-process kills (tests/_fault_injection.py) at every write of a 3-step recording with k=2, then resume."""
+    steps, k = 3, 2
+    reference = _reference()
+    if Path("/dev/shm").is_dir():  # tmpfs: fsync costs nothing there, the kill points are the same
+        tmp_path = Path(tempfile.mkdtemp(prefix="explaind-sparse-faults-", dir="/dev/shm"))
+        request_cleanup = True
+    else:
+        request_cleanup = False
+
+    def record(store, start, progress, **kw):
+        model, opt, X, y = resumable_setup()
+        rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, checkpoint_every=k,
+                                          background_writes=False, **kw)
+        if kw.get("resume"):
+            assert rec.restore() == start
+        with rec:
+            for s in range(start, steps):
+                resumable_step(model, opt, X, y, s, rec)
+                progress[0] = s + 1
+
+    try:
+        _kill_everywhere(tmp_path, monkeypatch, record, reference, steps, k)
+    finally:
+        if request_cleanup:
+            shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _kill_everywhere(tmp_path, monkeypatch, record, reference, steps, k):
+    inj = Injector(monkeypatch, tmp_path)
+    inj.start()
+    record(tmp_path / "clean", 0, [0])
+    inj.stop()
+    total = len(inj.events)
+    assert total > 30
+    for point in range(total):
+        store, progress = tmp_path / f"k{point}", [0]
+        inj.start(kill_at=point)
+        with pytest.raises(Killed):
+            record(store, 0, progress)
+        inj.stop()
+        _ACTIVE.clear()  # the killed writer's lock is stale
+        try:
+            kept = Trajectory.load(store, model=mlp(seed=1)).n_steps
+        except TrajectoryError:
+            kept = 0  # killed before the store existed
+        # the store ends at a checkpoint (every k-th step or the last); lost: the open segment, the waiting step
+        assert (kept % k == 0 or kept == steps) and kept >= progress[0] - k - 1, (point, inj.events[-1], kept)
+        record(store, kept, [0], resume=kept > 0, overwrite=kept == 0)
+        traj = Trajectory.load(store, model=mlp(seed=1))
+        assert traj.n_steps == steps and traj.manifest.complete
+        for s in range(steps + 1):
+            for name, t in reference.params(s).items():
+                assert _rel(traj.params(s)[name], t) <= 1e-12, (point, s)
+        traj.verify()
+        shutil.rmtree(store)
 
 
 def _rewrite_step(root: Path, s: int, edit) -> None:
