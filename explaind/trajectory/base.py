@@ -177,7 +177,8 @@ class Trajectory(abc.ABC):
         train_data : (X, y) or Dataset, optional
             Training data (defaults to the copy stored with the run, if any).
         **kwargs
-            ``loss=`` (needed for a run recorded with a custom loss callable), ``cache_steps=``.
+            ``loss=`` (needed for a run recorded with a custom loss callable), ``cache_steps=``; for a
+            sparse store (``checkpoint_every > 1``) ``replay_tolerance=`` and ``cache_segments=``.
 
         Returns
         -------

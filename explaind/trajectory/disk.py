@@ -8,6 +8,7 @@ LRU cache; the run is never loaded as a whole.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,15 @@ from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
 from ._random import MicroBatch, unpack_micro_batches
-from .manifest import FileRecord, TrajectoryManifest, dtype_name
+from ._sparse import StepReplay
+from .manifest import FileRecord, TrajectoryManifest, dtype_from_name, dtype_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
+from .replay import SegmentReplay
 from .store import read_manifest, record_binding, unpack_updates
 
 __all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_model_matches(model: nn.Module, manifest: TrajectoryManifest, where: str) -> None:
@@ -83,13 +88,27 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         Overrides the recorded loss (required for a run recorded with a custom callable).
     cache_steps : int
         Number of decoded step files kept in memory.
+    replay_tolerance : float, optional
+        Sparse stores: the largest gap between a replayed and a stored checkpoint before a warning
+        (see :mod:`explaind.trajectory.replay`).
+    cache_segments : int
+        Sparse stores: replayed segments kept in memory.
+
+    Notes
+    -----
+    A sparse store (``checkpoint_every > 1``) ends at its last checkpoint: steps a crash left after
+    it are not read (a resumed recording records them again).
     """
 
     def __init__(self, path: str | Path, model: nn.Module | None = None, train_data: Any = None, *,
-                 loss: Any = None, cache_steps: int = 4):
+                 loss: Any = None, cache_steps: int = 4, replay_tolerance: float | None = None,
+                 cache_segments: int = 2):
         self.root = Path(path)
         self._manifest = read_manifest(self.root)
-        self._cache: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+        self._replay: SegmentReplay | None = None
+        if self.sparse:
+            self._end_at_checkpoint()
+        self._cache: OrderedDict[int, tuple[dict[str, Tensor], dict[str, str]]] = OrderedDict()
         self._cache_size = max(1, int(cache_steps))
         self._static: dict[str, dict[str, Tensor]] = {}
         where = repr(str(self.root))
@@ -115,6 +134,23 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                 f"{self._manifest.n_train}: its batch indices refer to that data. Pass the training data the run "
                 f"was recorded with, in the same order."
             )
+        if self.sparse:
+            self._replay = SegmentReplay(self, replay_tolerance, cache_segments)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the store keeps theta only at checkpoints (recorded with ``checkpoint_every > 1``)."""
+        return self._manifest.param_stride > 1
+
+    def _end_at_checkpoint(self) -> None:
+        steps = self._manifest.steps
+        last = max((r.step + 1 for r in steps if r.has_params), default=0)
+        if last < len(steps):
+            logger.warning("The sparse store at %s ends at its last checkpoint, step %d: the %d step(s) recorded after "
+                           "it (by a recording interrupted or still running) are not read.", self.root, last - 1,
+                           len(steps) - last)
+            self._manifest.steps = steps[:last]
+            self._manifest.n_steps = last
 
     # ----------------------------------------------------------------- files
     def _static_file(self, key: str, record: FileRecord | None) -> dict[str, Tensor]:
@@ -130,6 +166,9 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         return self._static[key]
 
     def _step_tensors(self, s: int) -> dict[str, Tensor]:
+        return self._step_file(s)[0]
+
+    def _step_file(self, s: int) -> tuple[dict[str, Tensor], dict[str, str]]:
         if s in self._cache:
             self._cache.move_to_end(s)
             return self._cache[s]
@@ -145,12 +184,13 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
                                   f"samples, ...) differs from the one checksummed in {where}: the store was "
                                   f"modified. Re-record the run.")
-        self._check_params(tensors, where)
+        if record.has_params:
+            self._check_params(tensors, where)
         self._check_batch(tensors, where)
-        self._cache[s] = tensors
+        self._cache[s] = (tensors, meta)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return tensors
+        return tensors, meta
 
     def _check_specs(self, tensors: dict[str, Tensor], prefix: str, specs: Any, where: str) -> None:
         """Every tensor of ``specs`` is present with the recorded shape and dtype, and finite."""
@@ -209,6 +249,9 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
     # ----------------------------------------------------------------- per step
     def params(self, s: int) -> dict[str, Tensor]:
         s = check_param_index(s, self.n_steps)
+        if s > 0 and not self._manifest.steps[s - 1].has_params:
+            assert self._replay is not None  # only sparse stores have steps without theta
+            return self._replay.params(s)
         if s == 0:
             tensors = self._static_file("initial", self._manifest.initial_file)
         else:
@@ -222,7 +265,46 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         return {spec.name: tensors[f"const.{spec.name}"] for spec in self._manifest.constants}
 
     def updates(self, s: int) -> dict[str, LinearUpdate]:
-        return unpack_updates(self.param_names, self._step_tensors(check_step(s, self.n_steps)))
+        s = check_step(s, self.n_steps)
+        if self._replay is not None:
+            return self._replay.updates(s)
+        return unpack_updates(self.param_names, self._step_tensors(s))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the recorded parameters (from the manifest)."""
+        return dtype_from_name(self._manifest.dtype)
+
+    # ----------------------------------------------------------------- sparse stores
+    def step_replay(self, s: int) -> StepReplay:
+        """The replay record of step ``s`` of a sparse store (parameter groups, stepped parameters)."""
+        record = self._manifest.steps[s]
+        return StepReplay.decode(self._step_file(s)[1], f"Trajectory file {record.file and record.file.path!r}")
+
+    def step_scalars(self, s: int) -> Tensor:
+        """The recorded scalar coefficient table of step ``s``, shape ``(n_params, 7)`` (NaN: a tensor coefficient)."""
+        return self._step_tensors(s)["update.scalars"]
+
+    def require_data(self) -> None:
+        """Raise ``TrajectoryError`` when a sparse store has no training data to replay its steps from."""
+        if self._data is None and self._manifest.data_file is None:
+            raise TrajectoryError(
+                f"The trajectory at {str(self.root)!r} is a sparse store (checkpoint_every="
+                f"{self._manifest.param_stride}): the steps between checkpoints are rebuilt by replaying the optimizer "
+                f"on the recorded batches, which needs the training data. Pass Trajectory.load(path, "
+                f"train_data=(X, y)) with the data of the recording, or record with store_data=True."
+            )
+
+    def replay_error(self, replay_all: bool = True) -> np.ndarray:
+        r"""Per step, the replay gap of the segment ending with it, shape ``(n_steps,)``.
+
+        The gap is :math:`\|\hat\theta_{hi} - \theta_{hi}\| / \|\theta_{hi} - \theta_{lo}\|` between
+        the replayed and the stored checkpoint ``hi`` of a segment ``lo .. hi-1`` (float64); NaN at
+        the other steps, for segments not replayed (``replay_all=False``) and for dense stores.
+        """
+        if self._replay is None:
+            return np.full(self.n_steps, np.nan, dtype=np.float64)
+        return self._replay.gaps(self.n_steps, replay_all)
 
     def batch(self, s: int) -> tuple[Tensor, Tensor]:
         tensors = self._step_tensors(check_step(s, self.n_steps))
@@ -265,7 +347,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         """Check every file's checksum (reads the whole store once); raises ``TrajectoryError`` at the first bad one.
 
         Of the optimizer states, the newest is checked (the one a resume loads; older steps' states
-        were overwritten by later ones, two slots in turn).
+        were overwritten by later ones, two slots in turn); a sparse store's checkpoint states are
+        all checked, and the newest audit state.
         """
         for record in (self._manifest.initial_file, self._manifest.constants_file, self._manifest.data_file):
             if record is not None:
@@ -273,9 +356,12 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         for record in self._manifest.steps:
             if record.file is not None:
                 read_tensors(self.root, record.file, step=record.step)
-        last = next((r for r in reversed(self._manifest.steps) if r.optimizer_state is not None), None)
-        if last is not None and last.optimizer_state is not None:
-            read_tensors(self.root, last.optimizer_state, step=last.step)
+        states = [r for r in self._manifest.steps if r.optimizer_state is not None]
+        for record in states if self.sparse else states[-1:]:
+            read_tensors(self.root, record.optimizer_state, step=record.step)  # type: ignore[arg-type]
+        audit = next((r for r in reversed(self._manifest.steps) if r.audit_state is not None), None)
+        if audit is not None and audit.audit_state is not None:
+            read_tensors(self.root, audit.audit_state, step=audit.step)
 
     def __repr__(self) -> str:
         return (

@@ -108,11 +108,16 @@ class StepRecord(_Model):
     autocast : str or None
         dtype of ``torch.autocast`` during the step's forward passes (``None``: no autocast).
     has_params : bool
-        Whether the file holds ``theta_{s+1}`` (always true while ``param_stride == 1``).
+        Whether the file holds ``theta_{s+1}``: every step of a dense store; the checkpoints of a
+        sparse one (every ``param_stride``-th step and the last).
     optimizer_state : FileRecord or None
-        The optimizer's ``state_dict`` after this step (stores keep only the latest two, for resuming).
+        The optimizer's ``state_dict`` after this step (dense stores keep only the latest two, for
+        resuming; sparse stores keep one per checkpoint).
     buffers : bool or None
         ``True`` when the step file holds :math:`\beta_{s+1}` (buffers changed by training); ``None`` otherwise.
+    audit_state : FileRecord or None
+        Sparse stores: the recorder audit's momentum after this checkpoint (``optimizer/state-{0,1}``,
+        the latest two kept, for resuming); dense stores keep it inside ``optimizer_state``.
     """
 
     step: int
@@ -127,6 +132,7 @@ class StepRecord(_Model):
     has_params: bool = True
     optimizer_state: FileRecord | None = None
     buffers: bool | None = None
+    audit_state: FileRecord | None = None
 
 
 class ArchitectureSpec(_Model):
@@ -163,7 +169,8 @@ class TrajectoryManifest(_Model):
     n_steps : int
         Number of completed steps (``len(steps)``).
     param_stride : int
-        Parameters are stored every ``param_stride`` steps (currently always 1).
+        ``checkpoint_every`` of the recording: ``theta`` and the optimizer state are stored every
+        ``param_stride`` steps and at the last step; ``1`` (a dense store): every step.
     n_train : int or None
         Number of training samples, when known.
     data_file : FileRecord or None

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..exceptions import ConfigError, TrajectoryError
-from ..recurrence import LinearUpdate
 from ._buffers import BufferTracker
 from ._checks import (
     AUTO_CHECK_EVERY,
@@ -44,11 +43,10 @@ from ._common import (
 from ._gradients import AutocastProbe, GradientTap, UpdateAudit, has_stochastic_layers, is_power_of_two
 from ._participation import (
     called_by_grad_scaler,
+    collect_updates,
     foreign_parameters,
-    own_update,
     stepped_parameters,
     stepped_without_backward,
-    without_gradient_input,
 )
 from ._random import RandomCapture, RandomState
 from ._recorder_checks import RecorderChecksMixin
@@ -61,9 +59,6 @@ from .store import StoreWriter, prepare_directory
 __all__ = ["TrajectoryRecorder", "AUTO_CHECK_STEPS", "AUTO_CHECK_EVERY"]
 
 logger = logging.getLogger(__name__)
-
-_UNCHANGED = LinearUpdate(a=1.0, b=0.0, P=0.0)
-
 
 @dataclass(frozen=True)
 class _Logged:
@@ -119,7 +114,11 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         Store the optimizer's ``state_dict`` after every step (``True``), every ``k``-th step (an int
         ``k``) or never, keeping the latest two, so :meth:`restore` can resume exactly. Resuming
         continues after the last stored state: with ``k > 1`` the steps recorded after it are
-        dropped and recorded again.
+        dropped and recorded again. With ``checkpoint_every > 1`` the state is stored at every checkpoint.
+    checkpoint_every : int
+        Store :math:`\theta` and the optimizer state every ``k`` steps and at the last step only (a sparse
+        store, docs/recording.md "Sparse checkpoints"); the other steps keep their batch and scalars and
+        are replayed from the nearest checkpoint when read (needs the training data). ``1``: every step.
     background_writes : bool
         Write step files on a worker thread, at most 4 steps behind; failures surface at the next step or exit.
     fsync : bool
@@ -167,6 +166,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         check_gradients: bool | int | str = "auto",
         store_data: bool = True,
         save_optimizer_state: bool | int = True,
+        checkpoint_every: int = 1,
         background_writes: bool = True,
         fsync: bool = True,
         gradient_tolerance: float | None = None,
@@ -212,14 +212,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._scaler = grad_scaler
         self._schedule = self._resolve_check(check_gradients)
         self._store = Path(store) if store is not None else None
-        if not (isinstance(save_optimizer_state, bool) or (type(save_optimizer_state) is int and
-                                                           save_optimizer_state > 0)):
-            raise ConfigError(
-                f"save_optimizer_state={save_optimizer_state!r} is not allowed. Choose True, False or a positive int "
-                f"k (store the optimizer state every k steps)."
-            )
+        self._storage_options(save_optimizer_state, checkpoint_every)
         self._store_data = bool(store_data)
-        self._state_every = int(save_optimizer_state) if save_optimizer_state is not False else 0
         self._background, self._fsync = bool(background_writes), bool(fsync)
         hp = json.loads(json.dumps(self._adapter.hyperparameters(), default=str))
         self._manifest = TrajectoryManifest(
@@ -229,7 +223,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             optimizer_class=f"{type(optimizer).__module__}.{type(optimizer).__name__}", loss=loss_name(self._loss),
             architecture=architecture_spec(model), n_train=len(self._data) if self._data is not None else None,
             extras=dict(extras or {}), coupled=self._random.coupled, random_capture=self._random.enabled,
-            buffer_names=list(self._buffers.names),
+            buffer_names=list(self._buffers.names), param_stride=self._every,
         )
         self._resumed = self._restarted = False
         if self._store is not None:
@@ -378,13 +372,16 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                                len(self._pending))
             self._pending.clear()
         if self._writer is not None:
-            writer, self._writer = self._writer, None
             try:
-                writer.close(complete=exc_type is None and self._broken is None)
-            except TrajectoryError:
-                if exc_type is None:
-                    raise
-                logger.exception("Closing the trajectory store failed while handling another error.")
+                self._final_checkpoint(exc_type is not None)
+            finally:
+                writer, self._writer = self._writer, None
+                try:
+                    writer.close(complete=exc_type is None and self._broken is None)
+                except TrajectoryError:
+                    if exc_type is None:
+                        raise
+                    logger.exception("Closing the trajectory store failed while handling another error.")
 
     # ----------------------------------------------------------------- hooks
     def _refuse_gradscaler_without_scaler(self) -> None:
@@ -447,23 +444,16 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             self._checked_c = c_in
         before = self._adapter.before_step(optimizer)
         return {"indices": indices, "weights": weights, "micro": self._micro_batches(),
-                "scale": c_in * (amp or 1.0) * self._sigma, "check": check, "amp": amp, "autocast": autocast,
-                "no_input": no_input, "seen": seen if self._audit_on else None, "before": before}
+                "scale": c_in * (amp or 1.0) * self._sigma, "stepped": tuple(stepped), "check": check, "amp": amp,
+                "autocast": autocast, "no_input": no_input, "seen": seen if self._audit_on else None,
+                "before": before}
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         s, st = self._n, self._step_state
         assert st is not None and self._theta is not None
         try:
-            by_id = self._adapter.after_step(optimizer, st["before"])
-            updates = {}
-            for n, p in self._params.items():
-                u = by_id.get(id(p))
-                if u is None:
-                    updates[n] = _UNCHANGED
-                elif n in st["no_input"]:
-                    updates[n] = without_gradient_input(n, own_update(u), s)
-                else:
-                    updates[n] = own_update(u)
+            updates = collect_updates(self._params, self._adapter.after_step(optimizer, st["before"]),
+                                      st["no_input"], s)
             theta_next = {n: p.detach().clone() for n, p in self._params.items()}
             audit = self._auditor.step(self._theta, theta_next, st["seen"], updates) if self._audit_on else math.nan
             check = st["check"]
