@@ -18,6 +18,7 @@ from ..recurrence import LinearUpdate
 from ._gradients import UpdateAudit
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
 from .disk import DiskTrajectory, check_model_matches
+from .fingerprint import check_train_data, data_fingerprint
 from .manifest import StepRecord, TrajectoryManifest
 from .store import StoreWriter, pack_updates, read_manifest
 
@@ -56,6 +57,8 @@ class RecorderStoreMixin:
                     f"Cannot resume the run at {str(self._store)!r}: it was recorded with {field} "
                     f"{getattr(stored, field)!r}, this recorder uses {new!r}."
                 )
+        if self._data is not None and stored.n_train is not None:
+            check_train_data(self._data, stored.train_fingerprint, repr(str(self._store)))
         point = len(stored.steps)
         while point > 0 and stored.steps[point - 1].optimizer_state is None:
             point -= 1
@@ -105,6 +108,8 @@ class RecorderStoreMixin:
             m.complete = False
             self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background)
             return
+        if self._data is not None:
+            m.train_fingerprint = data_fingerprint(self._data)
         # the manifest goes last: until it is written the directory holds no store (store.py, _layout.py)
         self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background, new=True)
         m.initial_file = self._writer.write_file("initial.safetensors", {f"param.{k}": v for k, v in theta.items()})

@@ -8,6 +8,7 @@ LRU cache; the run is never loaded as a whole.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
+from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
 from .store import read_manifest, record_binding, unpack_updates
 
 __all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
+
+logger = logging.getLogger("explaind.trajectory")
 
 
 def check_model_matches(model: nn.Module, manifest: TrajectoryManifest, where: str) -> None:
@@ -81,10 +85,13 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         Overrides the recorded loss (required for a run recorded with a custom callable).
     cache_steps : int
         Number of decoded step files kept in memory.
+    verify_train_data : bool
+        Check ``train_data`` against the fingerprint recorded with the run (its length always); ``False``
+        skips the fingerprint, for data known to hold the same samples in other bytes.
     """
 
     def __init__(self, path: str | Path, model: nn.Module | None = None, train_data: Any = None, *,
-                 loss: Any = None, cache_steps: int = 4):
+                 loss: Any = None, cache_steps: int = 4, verify_train_data: bool = True):
         self.root = Path(path)
         self._manifest = read_manifest(self.root)
         self._cache: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
@@ -107,12 +114,24 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             loss = self._manifest.loss
         self._loss = resolve_loss_record(loss)
         self._data = TrainData(train_data) if train_data is not None else None
-        if self._data is not None and self._manifest.n_train is not None and len(self._data) != self._manifest.n_train:
+        if self._data is not None and self._manifest.n_train is not None:
+            self._check_data(self._data, where, verify_train_data)
+
+    def _check_data(self, data: TrainData, where: str, verify: bool) -> None:
+        """The given training data has the recorded length and (unless ``verify`` is off) fingerprint."""
+        if len(data) != self._manifest.n_train:
             raise TrajectoryError(
-                f"train_data has {len(self._data)} samples but the run at {where} was recorded with "
+                f"train_data has {len(data)} samples but the run at {where} was recorded with "
                 f"{self._manifest.n_train}: its batch indices refer to that data. Pass the training data the run "
                 f"was recorded with, in the same order."
             )
+        if verify is not True:
+            if verify is not False:
+                raise ConfigError(f"verify_train_data={verify!r} is not allowed. Choose True (the default) or False.")
+            logger.warning("verify_train_data=False: the training data given for %s is not compared with the "
+                           "recorded fingerprint; train-axis scores are exact only if it is the recorded data.", where)
+            return
+        check_train_data(data, self._manifest.train_fingerprint, where)
 
     # ----------------------------------------------------------------- files
     def _static_file(self, key: str, record: FileRecord | None) -> dict[str, Tensor]:
