@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,31 @@ def check_model_matches(model: nn.Module, manifest: TrajectoryManifest, where: s
         )
 
 
-def build_model_from_spec(manifest: TrajectoryManifest, where: str) -> nn.Module:
-    """Rebuild the recorded model with ``explaind.models.build_model`` from the manifest's architecture spec."""
+def _declared_elements(manifest: TrajectoryManifest, where: str) -> int:
+    """Elements of the parameters and constants the manifest declares (shapes checked to be non-negative)."""
+    total = 0
+    for spec in [*manifest.params, *manifest.constants]:
+        if any(d < 0 for d in spec.shape):
+            raise TrajectoryError(f"The manifest of the trajectory at {where} records {spec.name!r} with the shape "
+                                  f"{spec.shape}; the store is corrupted. Re-record the run.")
+        total += math.prod(spec.shape)
+    return total
+
+
+def build_model_from_spec(manifest: TrajectoryManifest, where: str, max_parameters: int | None = None) -> nn.Module:
+    """Rebuild the recorded model with ``explaind.models.build_model`` from the manifest's architecture spec.
+
+    Nothing is allocated before the size is checked: the parameter and constant shapes the manifest
+    declares, and the architecture's ``parameter_count`` of the spec's config, must agree and stay
+    within ``max_parameters`` (``explaind.models.resolve_max_parameters``).
+
+    Raises
+    ------
+    TrajectoryError
+        For a run not recorded from the registry, a spec over the size limit (the message gives the
+        limit and how to raise it), a spec whose size differs from the declared shapes, or an invalid
+        spec.
+    """
     spec = manifest.architecture
     if spec is None:
         raise TrajectoryError(
@@ -66,8 +90,26 @@ def build_model_from_spec(manifest: TrajectoryManifest, where: str) -> nn.Module
             f"cannot be rebuilt. Pass model=<a module with the same architecture> to Trajectory.load."
         )
     models = importlib.import_module("explaind.models")
-    kwargs = {} if spec.seed is None else {"seed": spec.seed}
-    return models.build_model(spec.name, spec.config, dtype=manifest.dtype, **kwargs)
+    limit = models.resolve_max_parameters(max_parameters)
+    fix = (f"If you trust the store and the size is intended, pass max_parameters=<n> to Trajectory.load (or set "
+           f"{models.MAX_PARAMETERS_ENV}=<n>), or pass model=<a module with the recorded architecture>.")
+    declared = _declared_elements(manifest, where)
+    if declared > limit:
+        raise TrajectoryError(f"The trajectory at {where} declares {declared:,} parameter and constant elements, "
+                              f"more than the limit of {limit:,}; nothing was built. {fix}")
+    try:
+        count = models.count_parameters(spec.name, spec.config)
+        if count is not None and count != declared:
+            raise TrajectoryError(
+                f"The architecture spec of the trajectory at {where} ({spec.name!r}) builds {count:,} elements but its "
+                f"manifest declares parameters and constants of {declared:,}; the store was modified. Re-record the "
+                f"run, or pass model=<a module with the recorded architecture>."
+            )
+        kwargs = {} if spec.seed is None else {"seed": spec.seed}
+        return models.build_model(spec.name, spec.config, dtype=manifest.dtype, max_parameters=limit, **kwargs)
+    except ConfigError as exc:
+        raise TrajectoryError(f"Cannot rebuild the model of the trajectory at {where} from its architecture spec: "
+                              f"{exc} {fix}") from None
 
 
 class DiskTrajectory(RecordedTrajectory, reads_stores=True):
@@ -88,10 +130,13 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
     verify_train_data : bool
         Check ``train_data`` against the fingerprint recorded with the run (its length always); ``False``
         skips the fingerprint, for data known to hold the same samples in other bytes.
+    max_parameters : int, optional
+        Size limit of a model rebuilt from the recorded spec (see :func:`build_model_from_spec`).
     """
 
     def __init__(self, path: str | Path, model: nn.Module | None = None, train_data: Any = None, *,
-                 loss: Any = None, cache_steps: int = 4, verify_train_data: bool = True):
+                 loss: Any = None, cache_steps: int = 4, verify_train_data: bool = True,
+                 max_parameters: int | None = None):
         self.root = Path(path)
         self._manifest = read_manifest(self.root)
         self._cache: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
@@ -99,7 +144,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         self._static: dict[str, dict[str, Tensor]] = {}
         where = repr(str(self.root))
         if model is None:
-            model = build_model_from_spec(self._manifest, where)
+            model = build_model_from_spec(self._manifest, where, max_parameters)
             self._fill_model(model)
         check_model_matches(model, self._manifest, where)
         self._model = model
