@@ -146,3 +146,50 @@ def test_the_library_loads_the_trajectory_of_a_run(complete_run):
     run = load_run(complete_run)
     again = explaind.Trajectory.load(complete_run / "trajectory", train_data=run.dataset.train)
     assert again.n_steps == 24
+
+
+_CHILD = """
+import sys, time
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from explaind.cli import main
+register_optimizer_step_post_hook(lambda *args: time.sleep(0.02))  # a slow loop, so the kill lands mid-run
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_trajectory(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [*TRAIN, "--steps", "60", "--eval-every", "4"]
+    folder = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, *argv, "--out", str(folder)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            try:
+                steps = json.loads((folder / "run.json").read_text())["history"]["step"]
+            except (OSError, ValueError, KeyError):
+                steps = [0]
+            if steps[-1] >= 20:
+                break
+            time.sleep(0.01)
+        assert child.poll() is None, "the run ended before it could be killed"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert json.loads((folder / "run.json").read_text())["status"] == "recording"
+    assert main(["train", "-q", "--out", str(folder), "--resume"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    resumed, whole = load_run(folder), load_run(tmp_path / "whole")
+    a, b = resumed.trajectory, whole.trajectory
+    assert a.n_steps == b.n_steps == 60 and resumed.info["resumed_at"] >= 16
+    for s in range(61):
+        for name, t in b.params(s).items():
+            assert torch.equal(a.params(s)[name], t), (s, name)
+    assert resumed.history.to_dict() == whole.history.to_dict()
