@@ -118,10 +118,14 @@ def test_the_store_limit_is_configurable(store):
     assert explaind.Trajectory.load(store, max_parameters=1000).n_steps == 2
 
 
-def test_an_invalid_spec_config_is_a_trajectory_error(store):
+def test_an_invalid_spec_is_a_trajectory_error(store):
     _edit(store, lambda m: m["architecture"]["config"].update(hidden_sizes=[-3]))
     with pytest.raises(TrajectoryError, match="hidden_sizes"):
         explaind.Trajectory.load(store)
+    _edit(store, lambda m: m["architecture"].update(name="mlpp"))
+    with pytest.raises(TrajectoryError, match="Did you mean 'mlp'") as err:
+        explaind.Trajectory.load(store)
+    assert "model=" in str(err.value)
 
 
 class _Cfg(BaseModel):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError
 from ..recurrence import LinearUpdate
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
@@ -107,7 +107,7 @@ def build_model_from_spec(manifest: TrajectoryManifest, where: str, max_paramete
             )
         kwargs = {} if spec.seed is None else {"seed": spec.seed}
         return models.build_model(spec.name, spec.config, dtype=manifest.dtype, max_parameters=limit, **kwargs)
-    except ConfigError as exc:
+    except (ConfigError, UnknownEntryError) as exc:
         raise TrajectoryError(f"Cannot rebuild the model of the trajectory at {where} from its architecture spec: "
                               f"{exc} {fix}") from None
 
