@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _distributed_job import CASES, REPLICAS
+from _distributed_job import BN_CASES, CASES, REPLICAS, bn_run
 from engine_testkit import engine_run, rel
 from safetensors.torch import load_file
 
@@ -37,17 +37,35 @@ def _close(a, b, tol=1e-12):
     return float((a - b).abs().max()) <= tol * max(1e-3, float(b.abs().max()))
 
 
+def _compare(sharded, name, layout, att):
+    assert "processes" not in att.meta and "shards" not in att.meta
+    assert tuple(sharded[f"{name}.shards"].tolist()) == layout
+    assert rel(sharded[f"{name}.values"], att.values) <= 1e-12, name
+    for field in ("regularization", "residual", "quadrature_error", "initial", "final", "buffers"):
+        if getattr(att, field, None) is not None:
+            assert _close(sharded[f"{name}.{field}"], getattr(att, field)), (name, field)
+        else:
+            assert f"{name}.{field}" not in sharded, (name, field)
+    assert _close(sharded[f"{name}.evals"], att.values.new_tensor(att.meta["evals_per_step"])), name
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_equal_one(sharded, name):
     n, kwargs, layout = CASES[name]
     run = engine_run("relu", "adamw")
     att = explaind.InfluenceEstimator(device="cpu", **kwargs).fit(run.trajectory).transform(run.X_test[:n])
-    assert "processes" not in att.meta and "shards" not in att.meta
-    assert tuple(sharded[f"{name}.shards"].tolist()) == layout
-    assert rel(sharded[f"{name}.values"], att.values) <= 1e-12, name
-    for field in ("regularization", "residual", "quadrature_error", "initial", "final"):
-        assert _close(sharded[f"{name}.{field}"], getattr(att, field)), (name, field)
-    assert _close(sharded[f"{name}.evals"], att.values.new_tensor(att.meta["evals_per_step"])), name
+    _compare(sharded, name, layout, att)
+
+
+@pytest.mark.parametrize("name", list(BN_CASES))
+def test_buffers_terms_shard_like_the_rest(sharded, name):
+    n, kwargs, layout = BN_CASES[name]
+    traj, X = bn_run()
+    att = explaind.InfluenceEstimator(device="cpu", **kwargs).fit(traj).transform(X[:n])
+    assert float(att.buffers.abs().max()) > 1e-6  # the running statistics moved the outputs
+    _compare(sharded, name, layout, att)
+    if name == "bn_step_window":
+        assert rel(sharded["bn_replica"], explaind.KernelReplica(device="cpu").fit(traj).predict(X[:1])) <= 1e-12
 
 
 @pytest.mark.parametrize("name", list(REPLICAS))

@@ -261,13 +261,14 @@ class InfluenceEstimator(PathEstimator):
         acc = Accumulators(keep, T, O, self.window_, layout, n_train, engine.dtype, engine.device)
         exact, evals = torch.zeros(T, stop - start, O, **kw), torch.zeros(T, stop - start, **kw)
         g_start, g_stop = torch.zeros(T, O, **kw), torch.zeros(T, O, **kw)
+        buffers = torch.zeros(T, stop - start, O, **kw) if engine.buffer_names else None
         self.sweep_ = {"path": "jacobian" if jacobian_path else "jvp", "momentum": None, "test_chunk": 0,
                        "block_size": 0}
         if not cell.empty:
             lo, hi = cell.window
             X, ex = Xt[cell.rows], explained.take(cell.rows)
-            g_lo, g_hi, plans = window_plans(engine, X, ex, cell.window, cfg.quadrature, cfg.nodes, cfg.tol,
-                                             with_estimate=False, coarsen=True)
+            g_lo, g_hi, plans, cell_buffers = window_plans(engine, X, ex, cell.window, cfg.quadrature, cfg.nodes,
+                                                           cfg.tol, with_estimate=False, coarsen=True)
             first = momentum_start(engine, lo) if cfg.split else lo
             query = Query(X, ex, plans, cell.window, first, cell.rows, split=cfg.split)
             if not jacobian_path:
@@ -278,15 +279,18 @@ class InfluenceEstimator(PathEstimator):
             if cell.lead:
                 exact[cell.rows, lo - start:hi - start] = torch.stack([p.exact for p in plans], dim=1)
                 evals[cell.rows, lo - start:hi - start] = torch.stack([p.evals for p in plans], dim=1).to(evals)
+                if buffers is not None:
+                    buffers[cell.rows, lo - start:hi - start] = cell_buffers
                 if lo == start:
                     g_start[cell.rows] = g_lo
                 if hi == stop:
                     g_stop[cell.rows] = g_hi
         if size > 1:
-            all_sum_([acc.values, acc.regularization, acc.residual, acc.estimate, exact, evals, g_start, g_stop])
+            all_sum_([acc.values, acc.regularization, acc.residual, acc.estimate, exact, evals, g_start, g_stop,
+                      *([] if buffers is None else [buffers])])
             self.sweep_["processes"] = size
             self.sweep_["shards"] = shards.describe()
-        return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train)
+        return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train, buffers)
 
     def _jacobian_path(self, engine: Any, query: Query, acc: Accumulators, keep: tuple[str, ...], O: int,
                        elem: int, cell: Cell) -> None:
@@ -318,7 +322,8 @@ class InfluenceEstimator(PathEstimator):
         engine.clear()
 
     def _assemble(self, acc: Accumulators, keep: tuple[str, ...], g_start: torch.Tensor, g_stop: torch.Tensor,
-                  exact: torch.Tensor, evals: torch.Tensor, explained: Any, T: int, n_train: int) -> Attribution:
+                  exact: torch.Tensor, evals: torch.Tensor, explained: Any, T: int, n_train: int,
+                  buffers: torch.Tensor | None) -> Attribution:
         cfg = self.config_
         start, stop = self.window_
         layout = self.engine_.layout
@@ -356,6 +361,8 @@ class InfluenceEstimator(PathEstimator):
             regularization=order(acc.regularization, side),
             residual=order(acc.residual, side),
             quadrature_error=order(quad, ("step",) if "step" in keep else ()),
+            buffers=None if buffers is None else order(buffers if "step" in keep else buffers.sum(1),
+                                                        ("step",) if "step" in keep else ()),
             coords=coords,
             layout=layout,
             meta=meta,

@@ -33,8 +33,8 @@ __all__ = ["KernelReplica", "KernelReplicaConfig"]
 @dataclass(frozen=True)
 class _Replicated:
     r"""Per input ``(T, O)``: :math:`g(\theta_{start})`, :math:`g(\theta_{stop})` and the summed step
-    increments; per step ``(S,)``: largest quadrature error and :math:`|g(\theta_{s+1}) - g(\theta_s)|`,
-    evaluations summed over inputs."""
+    increments (quadrature estimates and buffers terms); per step ``(S,)``: the largest quadrature
+    error and the largest :math:`|g(\theta_{s+1}) - g(\theta_s)|`, and the evaluations summed over inputs."""
 
     g_start: torch.Tensor
     g_stop: torch.Tensor
@@ -138,9 +138,9 @@ class KernelReplica(PathEstimator):
                           *(torch.zeros(S, **kw) for _ in range(3)))
         if not cell.empty:
             lo, hi = cell.window
-            g_lo, g_hi, plans = window_plans(engine, Xt[cell.rows], explained.take(cell.rows), cell.window,
-                                             cfg.quadrature, cfg.nodes, cfg.tol, with_estimate=True)
-            out.increments[cell.rows] = sum(p.estimate for p in plans)
+            g_lo, g_hi, plans, buffers = window_plans(engine, Xt[cell.rows], explained.take(cell.rows), cell.window,
+                                                      cfg.quadrature, cfg.nodes, cfg.tol, with_estimate=True)
+            out.increments[cell.rows] = sum(p.estimate for p in plans) + (0 if buffers is None else buffers.sum(1))
             if lo == start:
                 out.g_start[cell.rows] = g_lo
             if hi == stop:
@@ -236,8 +236,9 @@ class KernelReplica(PathEstimator):
         if drift > (1e-6 if replica.dtype == torch.float64 else 1e-3):
             warnings.warn(f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
                           f"{drift:.3g} (relative) on X: its buffers or parameters are not those of the recorded run's "
-                          f"last step (BatchNorm running statistics are recorded at the start only; or the model was "
-                          f"changed after recording). The replica reproduces the recorded run.", ExplaindWarning,
+                          f"last step (the model was changed after recording, or the run was recorded before "
+                          f"buffers such as BatchNorm running statistics were recorded per step). The replica "
+                          f"reproduces the recorded run.", ExplaindWarning,
                           stacklevel=3)
         return {"model_max_rel_error": _rel(replica, out), "model_argmax_agreement":
                 float((replica.argmax(-1) == out.argmax(-1)).double().mean()), "model_vs_recorded": drift}
