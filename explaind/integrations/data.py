@@ -146,8 +146,8 @@ def four_d_attention_mask(mask: Tensor, *, causal: bool = False) -> Tensor:
 
 
 def step_weights(loss: LossRecord, data: TrainData, micro_batches: Sequence[Tensor], normalization: Normalization,
-                 dtype: torch.dtype) -> list[Tensor]:
-    """Weights ``(B_m,)`` of each micro-batch of one optimizer step (see the module docstring).
+                 dtype: torch.dtype, total: float | None = None) -> list[Tensor]:
+    r"""Weights ``(B_m,)`` of each micro-batch of one optimizer step (see the module docstring).
 
     Parameters
     ----------
@@ -159,6 +159,9 @@ def step_weights(loss: LossRecord, data: TrainData, micro_batches: Sequence[Tens
         Positions ``(B_m,)`` of every micro-batch of the step.
     normalization : {"step", "micro_batch"}
     dtype : torch.dtype
+    total : float, optional
+        ``"step"``: the divisor the framework used (Hugging Face's ``num_items_in_batch``), which need not
+        equal :math:`\sum n_j` (it may count tokens the loss does not); default :math:`\sum n_j`.
     """
     if not micro_batches:
         raise TrajectoryError("step_weights: the step has no micro-batch.")
@@ -169,8 +172,8 @@ def step_weights(loss: LossRecord, data: TrainData, micro_batches: Sequence[Tens
         else:
             counts.append(torch.as_tensor(loss.counts(data.get(idx)[1])).detach().to("cpu", dtype))
     if normalization == "step":
-        total = sum(c.sum() for c in counts).clamp_min(1)
-        return [c / total for c in counts]
+        divisor = torch.tensor(float(total), dtype=dtype) if total is not None else sum(c.sum() for c in counts)
+        return [c / divisor.clamp_min(1) for c in counts]
     if normalization == "micro_batch":
         return [c / c.sum().clamp_min(1) / len(counts) for c in counts]
     raise ConfigError(f"normalization={normalization!r} is not allowed. Choose one of: 'step', 'micro_batch'.")
