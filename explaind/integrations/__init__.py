@@ -1,7 +1,7 @@
 """Framework integrations: record Hugging Face ``Trainer`` and Lightning runs (docs/guide_own_model.md).
 
-The callbacks import their framework when first used, so ``import explaind`` and this package
-work without ``transformers`` or ``lightning`` installed:
+Public names are imported on first access, so ``import explaind.integrations`` loads neither
+``transformers`` nor ``lightning``:
 
 * :class:`IndexedDataset`, :class:`IndexCollate`, :func:`four_d_attention_mask`, :func:`step_weights`
   (:mod:`explaind.integrations.data`, torch only);
@@ -11,33 +11,17 @@ work without ``transformers`` or ``lightning`` installed:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .. import _lazy_exports
 
-from .data import IndexCollate, IndexedDataset, four_d_attention_mask, step_weights
+_EXPORTS = {
+    "IndexedDataset": "data",
+    "IndexCollate": "data",
+    "four_d_attention_mask": "data",
+    "step_weights": "data",
+    "ExplaindTrainerCallback": "hf",
+    "ExplaindLightningCallback": "lightning",
+}
 
-__all__ = [
-    "IndexedDataset",
-    "IndexCollate",
-    "four_d_attention_mask",
-    "step_weights",
-    "ExplaindTrainerCallback",
-    "ExplaindLightningCallback",
-]
+__all__ = list(_EXPORTS)
 
-_LAZY = {"ExplaindTrainerCallback": ("hf", "transformers"), "ExplaindLightningCallback": ("lightning", "lightning")}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'explaind.integrations' has no attribute {name!r}")
-    module, package = _LAZY[name]
-    try:
-        return getattr(importlib.import_module(f".{module}", __name__), name)
-    except ModuleNotFoundError as exc:
-        from ..exceptions import ConfigError
-
-        raise ConfigError(
-            f"explaind.integrations.{name} needs the package {exc.name!r} ({package}); install it with "
-            f"pip install 'explaind[{module}]'."
-        ) from exc
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

@@ -24,9 +24,14 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformers import TrainerCallback
 
 from ..exceptions import ConfigError, TrajectoryError
+
+try:
+    from transformers import TrainerCallback
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigError(f"explaind.integrations.ExplaindTrainerCallback needs transformers ({exc}); install it with "
+                      f"pip install 'explaind[hf]'.") from exc
 from ..outputs import model_output
 from ._core import RecordingCore
 from .data import IndexCollate, step_weights

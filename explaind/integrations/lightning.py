@@ -18,11 +18,16 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 from ..exceptions import ConfigError, TrajectoryError
+
+try:
+    import lightning.pytorch as pl
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigError(f"explaind.integrations.ExplaindLightningCallback needs lightning ({exc}); install it with "
+                      f"pip install 'explaind[lightning]'.") from exc
 from ._core import RecordingCore
 from .data import step_weights
 
