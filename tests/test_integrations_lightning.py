@@ -1,4 +1,4 @@
-"""Lightning runs recorded by ExplaindLightningCallback: a BERT-style classifier with accumulation, clipping, a schedule.
+"""Lightning runs recorded by ExplaindLightningCallback: a BERT classifier with accumulation, clipping, a schedule.
 
 Float64 (``precision="64-true"``), every dropout 0; the slow reference is ``MappingReference``
 (tests/_hf_testkit.py).
