@@ -54,19 +54,12 @@ def test_checkpoints_causal_lm(tmp_path, capsys):
     assert result["completeness_gap"] < 1e-10
 
 
-def test_hf_trainer(capsys):
-    result = _load("hf_trainer").main(tiny=True)
+@pytest.mark.parametrize("name, line", [("hf_trainer", "most loss-lowering training sequences"),
+                                        ("lightning_callback", "most supporting training sequences")])
+def test_framework_callback_examples(capsys, name, line):
+    result = _load(name).main(tiny=True)
     out = capsys.readouterr().out
-    assert "3 steps recorded" in out and out.count("most loss-lowering training sequences") == 4
-    assert result["fidelity"]["model_max_rel_error"] < 1e-6
-    assert result["residual_share"] < 1e-9 and result["completeness_gap"] < 1e-10
-    assert result["scores"].shape == (4, 16)
-
-
-def test_lightning_callback(capsys):
-    result = _load("lightning_callback").main(tiny=True)
-    out = capsys.readouterr().out
-    assert "3 steps recorded" in out and out.count("most supporting training sequences") == 4
+    assert "3 steps recorded" in out and out.count(line) == 4
     assert result["fidelity"]["model_max_rel_error"] < 1e-6
     assert result["residual_share"] < 1e-9 and result["completeness_gap"] < 1e-10
     assert result["scores"].shape == (4, 16)
