@@ -28,7 +28,6 @@ import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError, UnsupportedModelError
 from explaind.integrations import step_weights
 from explaind.losses import batch_weights, resolve_loss
-from explaind.trajectory._common import TrainData
 
 
 def _hf_lm_loss(logits, labels):
@@ -133,15 +132,14 @@ def _accumulate(weights_of):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[m, 1:].reshape(-1), ignore_index=-100,
                                    reduction="sum") / total
             loss.backward()
-        for m, w in zip(micro, weights_of(rec, TrainData(data), micro)):
+        for m, w in zip(micro, weights_of(rec, data, micro)):
             rec.log_batch(m, w)
         opt.step()
     return rec.trajectory
 
 
 def test_token_accumulation_over_a_step_is_exact_with_step_weights():
-    traj = _accumulate(lambda rec, data, micro: step_weights(resolve_loss("causal_lm"), data, micro, "step",
-                                                             torch.float64))
+    traj = _accumulate(lambda rec, data, micro: step_weights("causal_lm", data, micro, "step", torch.float64))
     # the check's own floor is ~sqrt(eps) (a difference of squares); the scale is exact
     assert float(traj.gradient_check()[0]) <= 1e-7 and abs(traj.grad_scale(0) - 1.0) <= 1e-12
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..exceptions import ConfigError, TrajectoryError
 from ..records import LossRecord
-from ..trajectory._common import TrainData
+from ..trajectory._common import TrainData, resolve_loss_record
 
 __all__ = ["IndexedDataset", "IndexCollate", "four_d_attention_mask", "step_weights", "INDEX_KEY", "Normalization"]
 
@@ -145,15 +145,15 @@ def four_d_attention_mask(mask: Tensor, *, causal: bool = False) -> Tensor:
     return allowed.contiguous()
 
 
-def step_weights(loss: LossRecord, data: TrainData, micro_batches: Sequence[Tensor], normalization: Normalization,
+def step_weights(loss: str | LossRecord, data: Any, micro_batches: Sequence[Tensor], normalization: Normalization,
                  dtype: torch.dtype, total: float | None = None) -> list[Tensor]:
     r"""Weights ``(B_m,)`` of each micro-batch of one optimizer step (see the module docstring).
 
     Parameters
     ----------
-    loss : LossRecord
-        Its ``counts`` give :math:`n_k` (1 per sample when ``None``).
-    data : TrainData
+    loss : str or LossRecord
+        A registered name or record; its ``counts`` give :math:`n_k` (1 per sample when ``None``).
+    data : (X, y) or TrainData
         The training set the positions refer to.
     micro_batches : sequence of Tensor
         Positions ``(B_m,)`` of every micro-batch of the step.
@@ -165,6 +165,7 @@ def step_weights(loss: LossRecord, data: TrainData, micro_batches: Sequence[Tens
     """
     if not micro_batches:
         raise TrajectoryError("step_weights: the step has no micro-batch.")
+    loss, data = resolve_loss_record(loss), data if isinstance(data, TrainData) else TrainData(data)
     counts = []
     for idx in micro_batches:
         if loss.counts is None:

@@ -158,8 +158,8 @@ class Explained:
         if tgt.numel() == 1 and T != 1:
             tgt = tgt.expand(T)
         if tgt.shape[0] != T or tgt.is_floating_point() or tgt.dtype == torch.bool:
-            raise ConfigError(f"{owner}: target must be None, 'loss', an int, {T} ints (one flat output index per "
-                              f"test input) or a ({T}, {len(shape)}) array of indices into the output shape "
+            raise ConfigError(f"{owner}: target must be None, 'loss', an int, {T} ints (one output index per test "
+                              f"input, flat) or a ({T}, {len(shape)}) array of indices into the output shape "
                               f"{shape}; got {target!r}.")
         if int(tgt.min()) < 0 or int(tgt.max()) >= n_out:
             raise ConfigError(f"{owner}: target indices must lie in 0..{n_out - 1} (the model has {n_out} outputs "
