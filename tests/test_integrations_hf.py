@@ -14,7 +14,7 @@ from reference import rel_err
 from transformers import Trainer, TrainingArguments
 
 import explaind
-from explaind.exceptions import TrajectoryError
+from explaind.exceptions import ExplaindWarning, TrajectoryError
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset, four_d_attention_mask, step_weights
 from explaind.losses import resolve_loss
 from explaind.trajectory._common import TrainData
@@ -108,3 +108,26 @@ def test_step_weights_follow_the_two_normalisations():
     parts = [F.cross_entropy(logits[m, :-1].reshape(-1, 30), labels[m, 1:].reshape(-1), ignore_index=-100)
              for m in micro]
     assert torch.allclose(sum((w * per_sample[m]).sum() for w, m in zip(per_micro, micro)), sum(parts) / 2)
+
+
+def test_trainer_bf16_autocast_is_recorded_and_its_residual_reported(tmp_path):
+    ids, labels = lm_data()
+    data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
+    model = tiny_gpt2().float()
+    callback = ExplaindTrainerCallback(data, loss="causal_lm", check_gradients=True)
+    Trainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True), train_dataset=data, callbacks=[callback],
+            compute_loss_func=callback.compute_loss).train()
+    traj = callback.trajectory
+    # accelerate enters autocast inside model.forward; the recorder sees it and checks at the bf16 tolerance
+    assert [traj.manifest.steps[s].autocast for s in range(2)] == ["bfloat16", "bfloat16"]
+    assert 1e-5 < max(traj.gradient_check()) <= 1.5e-1
+    final = tiny_gpt2().float()
+    final.load_state_dict(model.state_dict())  # the trained parameters, run without the wrapped autocast
+    X = {"input_ids": ids[:3]}
+    with torch.no_grad():
+        truth = final.eval()(**X).logits.reshape(3, -1)
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-4
+    with pytest.warns(ExplaindWarning, match="residual share"):
+        att = explaind.InfluenceEstimator(keep=("train",), target="loss", device="cpu").fit(traj).transform(
+            X, labels[:3])
+    assert 1e-4 < att.meta["residual_share"] < 0.1  # bf16 gradients differ from the float32 recomputation
