@@ -69,9 +69,9 @@ def test_trainer_bert_with_the_models_own_loss_is_exact(tmp_path):
     data = IndexedDataset([{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(N_TRAIN)])
     model = tiny_bert()
     callback = ExplaindTrainerCallback(data, loss="cross_entropy", attention_mask="bidirectional",
-                                       check_gradients=True)
+                                       check_gradients=True, store=tmp_path / "run")
     Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=data, callbacks=[callback]).train()
-    traj = callback.trajectory
+    traj = explaind.Trajectory.load(tmp_path / "run", model=tiny_bert())  # the stored run, 4-D masks included
     assert traj.n_steps == 3 and max(traj.gradient_check()) <= 1e-7
     test_ids, test_mask, _ = cls_data(3, seed=7)
     X = {"input_ids": test_ids, "attention_mask": four_d_attention_mask(test_mask)}
