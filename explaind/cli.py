@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a registered architecture on a built-in dataset and record it")
     p.add_argument("--out", required=True, help="new run folder (run.json + trajectory/)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out with the settings of its run.json")
     p.add_argument("--architecture", "-a", default="mlp", help="registered architecture (see 'explaind plugins')")
     p.add_argument("--dataset", "-d", default="digits", help="modular, digits or cifar10 (default: digits)")
     p.add_argument("--data", action="append", metavar="KEY=VALUE", help="dataset option, e.g. p=23, classes=[3,8]")

@@ -77,6 +77,13 @@ class ArchitectureRecord:
         conformance suite feeds the model.
     loss : str
         Name of the loss the architecture is usually trained with.
+    parameter_count : callable, optional
+        ``parameter_count(config) -> int``: the number of parameter and buffer elements
+        ``implementation(config)`` allocates, computed without allocating them (e.g. by building
+        the module under ``torch.device("meta")``). ``explaind.build_model`` checks it against the
+        size limit before building, so a config from a stranger's store cannot allocate
+        unbounded memory; without it the size is checked only after building. The conformance
+        suite requires it and compares it with the built model.
     """
 
     name: str
@@ -85,6 +92,7 @@ class ArchitectureRecord:
     description: str
     example_input: Callable[..., Any] | None = None
     loss: str = "cross_entropy"
+    parameter_count: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)

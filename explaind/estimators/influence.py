@@ -266,7 +266,7 @@ class InfluenceEstimator(PathEstimator):
         # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output
         n_tangents = (3 if cfg.split else 1) * (len(layout) if "group" in keep else 1)
         jacobian_path = needs_train or "param" in keep or n_tangents > self._jvp_tangent_ratio * O
-        g_start, g_stop, plans = window_plans(engine, Xt, explained, self.window_, cfg.quadrature, cfg.nodes,
+        g_start, g_stop, plans, buffers = window_plans(engine, Xt, explained, self.window_, cfg.quadrature, cfg.nodes,
                                               cfg.tol, with_estimate=False, coarsen=True)
         acc = Accumulators(keep, T, O, self.window_, layout, n_train, engine.dtype, engine.device)
         first = momentum_start(engine, start) if cfg.split else start
@@ -278,7 +278,7 @@ class InfluenceEstimator(PathEstimator):
             self._jacobian_path(engine, query, acc, keep, O, elem)
         exact = torch.stack([p.exact for p in plans], dim=1)
         evals = torch.stack([p.evals for p in plans], dim=1)
-        return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train)
+        return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train, buffers)
 
     def _jacobian_path(self, engine: Any, query: Query, acc: Accumulators, keep: tuple[str, ...], O: int,
                        elem: int) -> None:
@@ -305,7 +305,8 @@ class InfluenceEstimator(PathEstimator):
         engine.clear()
 
     def _assemble(self, acc: Accumulators, keep: tuple[str, ...], g_start: torch.Tensor, g_stop: torch.Tensor,
-                  exact: torch.Tensor, evals: torch.Tensor, explained: Any, T: int, n_train: int) -> Attribution:
+                  exact: torch.Tensor, evals: torch.Tensor, explained: Any, T: int, n_train: int,
+                  buffers: torch.Tensor | None) -> Attribution:
         cfg = self.config_
         start, stop = self.window_
         layout = self.engine_.layout
@@ -343,6 +344,8 @@ class InfluenceEstimator(PathEstimator):
             regularization=order(acc.regularization, side),
             residual=order(acc.residual, side),
             quadrature_error=order(quad, ("step",) if "step" in keep else ()),
+            buffers=None if buffers is None else order(buffers if "step" in keep else buffers.sum(1),
+                                                        ("step",) if "step" in keep else ()),
             coords=coords,
             layout=layout,
             meta=meta,
@@ -352,7 +355,7 @@ class InfluenceEstimator(PathEstimator):
 def _gathered(part: Attribution, counts: list[int], T: int) -> Attribution:
     """The attribution of every rank's shard, concatenated along the test axis (every rank gets it)."""
     fields = {name: gather_rows(getattr(part, name), counts)
-              for name in ("values", "initial", "final", "regularization", "residual", "quadrature_error")}
+              for name in ("values", "initial", "final", "regularization", "residual", "quadrature_error", "buffers")}
     meta = dict(part.meta)
     local = torch.tensor(meta["evals_per_step"], dtype=torch.float64) * part.values.shape[0]
     meta["evals_per_step"] = (all_sum(local) / T).tolist()

@@ -123,9 +123,9 @@ class KernelReplica(PathEstimator):
         engine = self.engine_
         explained = engine.explained(Xt, None, None, type(self).__name__)
         cfg = self.config_
-        g_start, g_stop, plans = window_plans(engine, Xt, explained, self.window_, cfg.quadrature, cfg.nodes,
-                                              cfg.tol, with_estimate=True)
-        replica = g_start + sum(p.estimate for p in plans)
+        g_start, g_stop, plans, buffers = window_plans(engine, Xt, explained, self.window_, cfg.quadrature,
+                                                       cfg.nodes, cfg.tol, with_estimate=True)
+        replica = g_start + sum(p.estimate for p in plans) + (0 if buffers is None else buffers.sum(1))
         return replica, g_stop, plans
 
     def predict(self, X: Any) -> np.ndarray:
@@ -211,8 +211,9 @@ class KernelReplica(PathEstimator):
         if drift > (1e-6 if replica.dtype == torch.float64 else 1e-3):
             warnings.warn(f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
                           f"{drift:.3g} (relative) on X: its buffers or parameters are not those of the recorded run's "
-                          f"last step (BatchNorm running statistics are recorded at the start only; or the model was "
-                          f"changed after recording). The replica reproduces the recorded run.", ExplaindWarning,
+                          f"last step (the model was changed after recording, or the run was recorded before "
+                          f"buffers such as BatchNorm running statistics were recorded per step). The replica "
+                          f"reproduces the recorded run.", ExplaindWarning,
                           stacklevel=3)
         return {"model_max_rel_error": _rel(replica, out), "model_argmax_agreement":
                 float((replica.argmax(-1) == out.argmax(-1)).double().mean()), "model_vs_recorded": drift}

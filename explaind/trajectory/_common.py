@@ -90,8 +90,11 @@ class TrainData:
         self._x: Tensor | Inputs | None = None
         self._y: Tensor | None = None
         self._dataset: Any = None
+        #: rows hashed -> DataFingerprint, filled by ``explaind.trajectory.fingerprint.data_fingerprint``
+        self.fingerprints: dict[int, Any] = {}
         if isinstance(data, TrainData):
             self._x, self._y, self._dataset = data._x, data._y, data._dataset
+            self.fingerprints = data.fingerprints
             return
         if (isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], Tensor)
                 and isinstance(data[0], Tensor | Inputs | Mapping | tuple)):
@@ -109,6 +112,11 @@ class TrainData:
                 f"train_data of type {type(data).__name__} is not supported. Pass a tuple (X, y) — X a tensor or a "
                 f"tuple/mapping of tensors — or a map-style torch.utils.data.Dataset returning (x, y) pairs."
             )
+
+    @property
+    def is_dataset(self) -> bool:
+        """Whether the data is a ``Dataset`` object (items fetched one by one), not tensors."""
+        return self._x is None
 
     def __len__(self) -> int:
         if self._x is not None:
