@@ -131,3 +131,22 @@ def test_trainer_bf16_autocast_is_recorded_and_its_residual_reported(tmp_path):
         att = explaind.InfluenceEstimator(keep=("train",), target="loss", device="cpu").fit(traj).transform(
             X, labels[:3])
     assert 1e-4 < att.meta["residual_share"] < 0.1  # bf16 gradients differ from the float32 recomputation
+
+
+def test_trainer_dropout_run_is_exact_with_random_state_capture(tmp_path):
+    ids, labels = lm_data()
+    data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
+    model = tiny_gpt2()
+    for module in model.modules():  # the one test with dropout: each micro-batch's masks are replayed
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.2
+    callback = ExplaindTrainerCallback(data, loss="causal_lm")
+    Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=data, callbacks=[callback],
+            compute_loss_func=callback.compute_loss).train()
+    X = {"input_ids": ids[:3]}
+    with torch.no_grad():
+        truth = model.eval()(**X).logits.reshape(3, -1)
+    traj = callback.trajectory
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
+    att = explaind.InfluenceEstimator(keep=("train",), target="loss", device="cpu").fit(traj).transform(X, labels[:3])
+    assert att.meta["residual_share"] <= 1e-9

@@ -5,13 +5,16 @@ optimizer for the whole of ``trainer.train()``. The training set is an
 :class:`~explaind.integrations.IndexedDataset`: the callback wraps the training dataloader's
 collator in :class:`~explaind.integrations.data.IndexCollate`, so each batch carries the positions
 of its samples, and a forward pre-hook on the model takes them out before the model sees them.
-At ``on_pre_optimizer_step`` — after every micro-batch's backward and after gradient clipping —
-the micro-batches of the step are logged with their weights :math:`w_{s,k}`:
+Each micro-batch is logged right after its backward (``on_substep_end``, and ``on_pre_optimizer_step``
+for the last one of a step; gradient clipping is measured by the recorder as :math:`c_s`), with
+weights :math:`w_{s,k}`:
 
 * when the Trainer normalises the loss by ``num_items_in_batch`` (the model accepts loss keyword
   arguments, or ``compute_loss_func`` is set), :math:`w_k = n_k / N` with :math:`N` the value the Trainer
   passed (it counts the labels itself, not always as the loss does);
-* otherwise a mean per micro-batch divided by the number of micro-batches.
+* otherwise the micro-batch's mean divided by ``gradient_accumulation_steps``. The Trainer divides by
+  the micro-batches the step actually had, fewer at the end of an epoch whose length is not a multiple;
+  that step's factor is then measured only if the gradient check runs there (``check_gradients=True``).
 
 The recorder measures clipping and the learning-rate schedule itself; bf16 autocast (``bf16=True``)
 is recorded with the gradient check's autocast tolerance. docs/guide_own_model.md has the walk-through.
@@ -80,6 +83,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self._pending: list[tuple[Tensor, float | None]] = []  # positions, the Trainer's num_items_in_batch
         self._hook: Any = None
         self._collate: tuple[Any, Any] | None = None
+        self._logged = 0  # micro-batches logged in the current step
 
     def compute_loss(self, outputs: Any, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
         r"""A ``compute_loss_func`` for the Trainer: the recorder's loss, in the model's dtype.
@@ -107,26 +111,32 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._collate = (loader, loader.collate_fn)
             loader.collate_fn = IndexCollate(loader.collate_fn, self.index_key)
 
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._log(args)  # a micro-batch that does not end the step: its backward is done
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.recorder is None:
-            return
-        if not self._pending:
+        self._log(args)
+        if self.recorder is not None and not self._logged:
             raise TrajectoryError(
                 f"Step {state.global_step}: no training batch carried {self.index_key!r}. Give the Trainer the "
                 f"IndexedDataset as train_dataset (explaind.integrations.IndexedDataset(dataset))."
             )
-        totals = {n for _, n in self._pending if n is not None}
-        mode = self._normalization
-        if mode == "auto":
-            mode = "step" if totals else "micro_batch"
-        if len(totals) > 1:
-            raise TrajectoryError(f"Step {state.global_step}: the micro-batches were normalised by different "
-                                  f"num_items_in_batch {sorted(totals)}; explaind expects one per optimizer step.")
-        micro = [idx for idx, _ in self._pending]
-        total = totals.pop() if totals and mode == "step" else None
-        for idx, w in zip(micro, step_weights(self._loss, self._data, micro, mode, self._dtype, total)):
-            self.recorder.log_batch(idx, w)
-        self._pending.clear()
+        self._logged = 0
+
+    def _log(self, args: Any) -> None:
+        """Log the micro-batch whose backward just ended (one forward per ``log_batch``, so random states replay)."""
+        if self.recorder is None or not self._pending:
+            return
+        if len(self._pending) > 1:
+            raise TrajectoryError(f"{len(self._pending)} training forwards carried {self.index_key!r} between two "
+                                  f"backward passes; explaind expects one forward per micro-batch.")
+        idx, total = self._pending.pop()
+        mode = self._normalization if self._normalization != "auto" else ("step" if total is not None else
+                                                                          "micro_batch")
+        (w,) = step_weights(self._loss, self._data, [idx], mode, self._dtype, total if mode == "step" else None)
+        # "micro_batch": the Trainer divides each micro-batch mean by the accumulation steps
+        self.recorder.log_batch(idx, w if mode == "step" else w / args.gradient_accumulation_steps)
+        self._logged += 1
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.close()
