@@ -77,8 +77,11 @@ class InfluenceConfig(PathConfig):
         if isinstance(v, str):
             raise ValueError("use None (all outputs), 'loss' (needs y), an int or a sequence of ints")
         arr = np.asarray(v)
-        if arr.dtype.kind not in "iu" or arr.ndim > 1:
-            raise ValueError("use None (all outputs), 'loss' (needs y), an int or a 1-D sequence of ints")
+        if arr.dtype.kind not in "iu" or arr.ndim > 2:
+            raise ValueError("use None (all outputs), 'loss' (needs y), an int, a 1-D sequence of ints or one row "
+                             "of indices into the output shape per test input, e.g. [(position, token), ...]")
+        if arr.ndim == 2:
+            return tuple(tuple(int(t) for t in row) for row in arr)
         return tuple(int(t) for t in arr.reshape(-1))
 
     @field_validator("memory_budget", mode="before")
@@ -98,9 +101,11 @@ class InfluenceEstimator(PathEstimator):
     keep : tuple of str
         Axes to keep, a subset of ``("step", "group", "param", "train")`` (not both ``group`` and
         ``param``); the others are summed. Their order is the order of the axes in the result.
-    target : None, int, sequence of int or "loss"
+    target : None, int, sequence of int, (T, r) ints or "loss"
         Explained quantity: all outputs (``O`` = model outputs), one output per test input
-        (``O = 1``), or the per-sample loss of ``(f(x), y)`` (``O = 1``; ``transform`` needs ``y``).
+        (``O = 1``: a flat index, or ``r`` indices into outputs of shape ``(d_1, ..., d_r)`` such as
+        ``(position, token)`` of token logits), or the per-sample loss of ``(f(x), y)`` (``O = 1``;
+        ``transform`` needs ``y``; for ``loss="causal_lm"`` the next-token loss of each input).
     split : bool
         Split every update into its data (kernel), regularization and residual parts (default).
         ``False``: ``values`` hold each step's whole update :math:`\varphi_s(x)\Delta\theta_s` on the kept

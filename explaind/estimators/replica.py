@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..exceptions import ConfigError, ExplaindWarning
+from ..inputs import Inputs, as_inputs
 from ..kernel.planning import window_plans
 from ..kernel.shard import all_max_, all_sum_, choose_layout, world
 from ..outputs import model_output
@@ -217,14 +218,14 @@ class KernelReplica(PathEstimator):
         """The replica against the user's model in evaluation mode (its mode is restored)."""
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
-        Xt = torch.as_tensor(X).to(device)
-        if Xt.is_floating_point() and first is not None:
+        Xt = as_inputs(X).to(device)  # a tensor, or a tuple/mapping of tensors (model(*x) / model(**x))
+        if isinstance(Xt, torch.Tensor) and Xt.is_floating_point() and first is not None:
             Xt = Xt.to(first.dtype)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                out = model_output(model(Xt))
+                out = model_output(Xt.call(model) if isinstance(Xt, Inputs) else model(Xt))
         finally:
             model.train(was_training)
         out = out.reshape(out.shape[0], -1).to(device=replica.device, dtype=replica.dtype)

@@ -22,6 +22,7 @@ __all__ = [
     "split_model_tensors",
     "validate_indices",
     "validate_weights",
+    "default_weights",
 ]
 
 
@@ -198,9 +199,12 @@ def validate_indices(indices: Any, n_train: int | None) -> Tensor:
     return idx
 
 
-def validate_weights(weights: Any, idx: Tensor, dtype: torch.dtype) -> Tensor:
-    """Sample weights of shape ``idx.shape`` in ``dtype`` on the CPU (default ``1/n`` each: the mean reduction)."""
+def validate_weights(weights: Any, idx: Tensor, dtype: torch.dtype, loss: LossRecord | None = None,
+                     data: TrainData | None = None) -> Tensor:
+    """Sample weights of shape ``idx.shape`` in ``dtype`` on the CPU (default: :func:`default_weights`)."""
     if weights is None:
+        if loss is not None:
+            return default_weights(loss, data, idx, dtype)
         return torch.full((idx.shape[0],), 1.0 / idx.shape[0], dtype=dtype)
     w = torch.as_tensor(weights).detach().to("cpu")
     if not w.is_floating_point() or w.shape != idx.shape:
@@ -211,3 +215,27 @@ def validate_weights(weights: Any, idx: Tensor, dtype: torch.dtype) -> Tensor:
     if not bool(torch.isfinite(w).all()):
         raise TrajectoryError("log_batch: weights contain NaN or inf; pass finite sample weights.")
     return w.to(dtype)
+
+
+def default_weights(loss: LossRecord, data: TrainData | None, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rec.log_batch`` weights when none are given: ``1/n``, or the token shares of a loss with ``counts``.
+
+    A loss with ``counts`` (e.g. ``causal_lm``) averages over the batch's counted tokens, so
+    :math:`w_k = n_k / \\sum_j n_j` needs the targets of the batch (docs/maths.md §1).
+
+    Raises
+    ------
+    TrajectoryError
+        For a loss with ``counts`` when there is no ``train_data`` to count from.
+    """
+    if loss.counts is None:
+        return torch.full((idx.shape[0],), 1.0 / idx.shape[0], dtype=dtype)
+    if data is None:
+        raise TrajectoryError(
+            f"log_batch: loss {loss.name!r} averages over the counted tokens of the batch, so each sample's weight "
+            f"is its share of them; without train_data the recorder cannot count them. Pass train_data=(X, y) to "
+            f"the recorder, or weights=n_k / n_k.sum() to log_batch (n_k: the counted tokens of sample k)."
+        )
+    from ..losses import batch_weights
+
+    return batch_weights(loss, data.get(idx)[1], dtype)
