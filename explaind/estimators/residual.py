@@ -44,11 +44,16 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
     start, stop = window
     causes = []
     stochastic = _stochastic_modules(traj.model)
-    if stochastic:
+    replayed = bool(getattr(traj.manifest, "random_capture", False))
+    if stochastic and not replayed:
         causes.append(f"the model has layers whose training forward differs from the evaluation-mode forward the "
-                      f"engine recomputes gradients with: {', '.join(stochastic[:5])}; their per-sample split is "
-                      f"not exact yet — explain such runs by step, group or param with split=False, or train "
-                      f"without them")
+                      f"engine recomputes gradients with: {', '.join(stochastic[:5])}, and the run did not capture "
+                      f"the random state of its forwards — record it again with TrajectoryRecorder(..., "
+                      f"capture_random='auto') (the default) so masks and batch statistics are replayed exactly")
+    elif stochastic:
+        causes.append(f"the dropout masks and batch statistics of {', '.join(stochastic[:5])} are replayed from the "
+                      f"captured random states; a replay on another device or library version than the recording "
+                      f"draws other masks — explain on the device the run was recorded on")
     audit = np.asarray(traj.audit(), dtype=np.float64)[start:stop]
     if audit.size and np.isfinite(audit).all() and float(audit.max()) > AUDIT_TOL:
         worst = int(np.argmax(audit)) + start

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..exceptions import ConfigError
 from .adaptive_jobs import FLOOR, GAUSS_KIND, Jobs, Rows, choose, grade, halves, join, locate, place, probed, steepest
+from .dense import DENSE_AFTER, DENSE_CAP, DENSE_EVALS, MIDPOINT_KIND, Shared, dense_units, midpoint_estimate
 from .quadrature import NodePlan, rule_nodes
 
 __all__ = ["MAX_DEPTH", "MAX_EVALS", "adaptive_plan"]
@@ -43,6 +44,9 @@ def adaptive_plan(
     max_depth: int = MAX_DEPTH,
     max_evals: int = MAX_EVALS,
     first: tuple[Tensor, Tensor, Tensor] | None = None,
+    dense_after: int = DENSE_AFTER,
+    dense_evals: int = DENSE_EVALS,
+    shared: Shared | None = None,
 ) -> NodePlan:
     r"""Error-controlled plan for a batch of units (one unit = one step and test input).
 
@@ -74,6 +78,15 @@ def adaptive_plan(
         :math:`h(x)` and :math:`h'(x)` of each unit, shape ``(U, n, O)``. Saves failing units the
         evaluation of :math:`h'(0), h'(1)` where a kink stands out between two nodes (the ``nodes``
         evaluations behind ``est0`` are counted for every unit either way).
+    dense_after, dense_evals : int
+        After ``dense_after`` evaluations, the far units of a kink-dense batch are integrated by the
+        ``dense_evals``-point composite midpoint rule instead; the other units of the batch stop at
+        ``DENSE_CAP * dense_after`` evaluations and take the midpoint rule too where it errs less
+        (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
+    shared : callable, optional
+        ``(units (K,), t (Q,), w (Q,)) -> (K, O)``, :math:`\sum_q w_q h'(t_q)` at nodes shared by the
+        units, for that midpoint rule
+        (the engine evaluates it like a fixed rule); by default ``refine`` at every (unit, node).
 
     Returns
     -------
@@ -100,18 +113,50 @@ def adaptive_plan(
     err0 = (est0 - exact).abs().amax(-1)
     failing = torch.nonzero(err0 > thr).reshape(-1)
     acc = Accepted(torch.zeros(U, dtype=dt, device=dev))
+    dense = torch.zeros(U, dtype=torch.bool, device=dev)
     if failing.numel():
         jobs = _start_jobs(failing, est0, err0, g_a, g_b, thr, rel, refine, evals,
                            None if first is None else (*rules[0], first[1], first[2]))
+        tested, cap = dense_after <= 0, max_evals
         for depth in range(1, max_depth + 1):
             total = acc.err.index_add(0, jobs.unit, jobs.err)
-            done = (total <= thr) | (evals >= max_evals) | (depth >= max_depth)
+            refining = torch.zeros(U, dtype=torch.bool, device=dev)
+            refining[jobs.unit] = True
+            ripe = refining & (evals >= dense_after)
+            if not tested and bool(ripe.any()):  # tested at every level until the batch is found kink-dense
+                dense = dense_units(total, ripe, failing.numel(), thr, exact.abs().amax(-1))
+                if bool(dense.any()):  # the others get a few levels more at most
+                    tested, cap = True, min(max_evals, DENSE_CAP * dense_after)
+                jobs = jobs.take(~dense[jobs.unit])
+                if jobs.unit.numel() == 0:
+                    break
+                total = acc.err.index_add(0, jobs.unit, jobs.err)
+            done = (total <= thr) | (evals >= cap) | (depth >= max_depth)
             stop = done[jobs.unit]
             acc.add(jobs.take(stop))
             jobs = jobs.take(~stop)
             if jobs.unit.numel() == 0:
                 break
             jobs = _level(jobs, refine, rules, eps, evals, acc)
+    t_mid = torch.zeros(0, dtype=dt, device=dev)
+    w_mid = t_mid
+    if bool(dense.any()):  # the far units, and the others left above tolerance where the midpoint rule errs less
+        cand = dense | ((evals >= cap) & (acc.err > thr))
+        cu = torch.nonzero(cand).reshape(-1)
+        t_mid, w_mid, est = midpoint_estimate(cu, shared or _pointwise(refine), dt, dense_evals)
+        err = (est - exact[cu]).abs().amax(-1)
+        mine = torch.zeros_like(exact)
+        for part in acc.parts:
+            mine.index_add_(0, part.unit, part.est)
+        take = dense[cu] | (err < (mine[cu] - exact[cu]).abs().amax(-1))
+        chosen = torch.zeros_like(dense)
+        chosen[cu[take]] = True
+        acc.drop(chosen)
+        du, est, err = cu[take], est[take], err[take]
+        evals[cu] += dense_evals
+        one = torch.ones_like(du, dtype=dt)
+        acc.add(Panels(torch.full_like(du, MIDPOINT_KIND), du, 0 * one, one, est, err, g_a[du], g_b[du], rel[du]))
+    rules = [*rules, (t_mid, w_mid)]
     panels = acc.panels()
     if coarsen and panels is not None:
         panels = _coarsen(panels, refine, *rules[0], rel, thr, evals)
@@ -140,16 +185,32 @@ class Accepted:
         self.parts: list[Panels] = []
         self.err = err
 
-    def add(self, jobs: Jobs) -> None:
-        """Accept the tested panels ``jobs``."""
+    def add(self, jobs: Jobs | Panels) -> None:
+        """Accept the tested panels ``jobs`` (or finished panels)."""
         if jobs.unit.numel():
-            self.parts.append(Panels(jobs.kind, jobs.unit, jobs.A, jobs.B, jobs.est, jobs.err, jobs.f_A, jobs.f_B,
-                                     jobs.tol))
-            self.err.index_add_(0, jobs.unit, jobs.err)
+            p = jobs if isinstance(jobs, Panels) else Panels(jobs.kind, jobs.unit, jobs.A, jobs.B, jobs.est, jobs.err,
+                                                             jobs.f_A, jobs.f_B, jobs.tol)
+            self.parts.append(p)
+            self.err.index_add_(0, p.unit, p.err)
+
+    def drop(self, units: Tensor) -> None:
+        """Forget the accepted panels of the units marked in ``units (U,)`` (bool)."""
+        self.parts = [p.take(~units[p.unit]) for p in self.parts]
+        self.err[units] = 0
 
     def panels(self) -> Panels | None:
         """All accepted panels (``None`` when there are none)."""
         return Panels.cat(self.parts) if self.parts else None
+
+
+def _pointwise(refine: Refine) -> Shared:
+    """``shared`` from ``refine``: every (unit, node) pair evaluated as its own row."""
+
+    def shared(units: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        _, d = refine(units.repeat_interleave(t.numel()), t.repeat(units.numel()))
+        return torch.einsum("q,kqo->ko", w, d.reshape(units.numel(), t.numel(), -1))
+
+    return shared
 
 
 def _check_first(first: tuple[Tensor, Tensor, Tensor], x01: Tensor, est0: Tensor) -> None:

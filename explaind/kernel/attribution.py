@@ -7,7 +7,7 @@ summed to the kept axes, and the terms that complete them:
 
     g(x;\theta_{stop}) = \underbrace{g(x;\theta_{start})}_{initial}
         + \sum \text{values} + \sum \text{regularization} + \sum \text{residual}
-        + \sum \text{quadrature\_error}
+        + \sum \text{quadrature\_error} + \sum \text{buffers}
 
 (completeness; :meth:`Attribution.total` returns the right-hand side and :attr:`final` the
 left-hand side, computed by a forward pass).
@@ -21,8 +21,10 @@ coordinates (``coords["param"]`` are ``0..D-1``; :meth:`param_label` names one, 
 gives tensor offsets, :meth:`unflatten` returns per-tensor views), ``"train"`` training sample
 indices ``0..n_train-1`` (samples never used contribute 0).
 ``regularization`` and ``residual`` have the same axes without ``"train"``
-(:attr:`side_axes`); ``quadrature_error`` only keeps ``"step"`` (:attr:`quadrature_axes`) since
-the quadrature error is measured per step and input, not per parameter or sample.
+(:attr:`side_axes`); ``quadrature_error`` and ``buffers`` only keep ``"step"`` (:attr:`quadrature_axes`)
+since they are measured per step and input, not per parameter or sample. ``buffers`` is the exact
+change of :math:`g` when training changed buffers (batch-norm running statistics) at a step,
+:math:`g(\theta_{s+1}, \beta_{s+1}) - g(\theta_{s+1}, \beta_s)` (docs/maths.md, "Buffers"); zero otherwise.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ __all__ = ["Attribution", "AXES"]
 #: The decomposed axes an influence query may keep, in canonical order.
 AXES = ("step", "group", "param", "train")
 
-_TENSORS = ("values", "initial", "final", "regularization", "residual", "quadrature_error")
+_TENSORS = ("values", "initial", "final", "regularization", "residual", "quadrature_error", "buffers")
 FORMAT_VERSION = 1
 
 
@@ -68,6 +70,9 @@ class Attribution:
         Weight-decay part and unmodelled part, axes :attr:`side_axes`.
     quadrature_error : Tensor
         ``exact - estimate`` of the path integrals, axes :attr:`quadrature_axes`.
+    buffers : Tensor
+        Exact change through buffers changed by training, axes :attr:`quadrature_axes` (zeros when
+        none changed; ``None`` at construction means zeros).
     coords : dict
         Axis name -> coordinates (lists or int arrays).
     layout : ParamLayout
@@ -86,6 +91,11 @@ class Attribution:
     coords: dict[str, Any]
     layout: ParamLayout
     meta: dict[str, Any] = field(default_factory=dict)
+    buffers: Tensor = None  # type: ignore[assignment]  # zeros like quadrature_error when not given
+
+    def __post_init__(self) -> None:
+        if self.buffers is None:
+            self.buffers = torch.zeros_like(self.quadrature_error)
 
     # ------------------------------------------------------------------ axes
     @property
@@ -139,6 +149,7 @@ class Attribution:
             regularization=drop(self.regularization, self.side_axes),
             residual=drop(self.residual, self.side_axes),
             quadrature_error=drop(self.quadrature_error, self.quadrature_axes),
+            buffers=drop(self.buffers, self.quadrature_axes),
             coords=coords,
             layout=self.layout,
             meta=dict(self.meta),
@@ -150,7 +161,7 @@ class Attribution:
     def total(self) -> Tensor:
         """``initial`` + every term summed to ``(T, O)``: the replica's output at the window end."""
         return (self.initial + self._flat(self.values) + self._flat(self.regularization)
-                + self._flat(self.residual) + self._flat(self.quadrature_error))
+                + self._flat(self.residual) + self._flat(self.quadrature_error) + self._flat(self.buffers))
 
     def completeness_error(self) -> float:
         """``max |total() - final| / max |final|`` (0 up to rounding)."""
@@ -199,6 +210,7 @@ class Attribution:
             regularization=regroup(self.regularization, self.side_axes),
             residual=regroup(self.residual, self.side_axes),
             quadrature_error=self.quadrature_error,
+            buffers=self.buffers,
             coords=coords,
             layout=self.layout,
             meta=dict(self.meta),
@@ -319,6 +331,7 @@ class Attribution:
             raise ConfigError(f"{root}: unsupported attribution format {header.get('format_version')!r}; this "
                               f"version of explaind reads format {FORMAT_VERSION}.")
         tensors = load_file(str(root / "attribution.safetensors"))
+        tensors.setdefault("buffers", None)  # written before buffers were a term
         layout = ParamLayout.from_json(header["layout"])
         coords = dict(header["coords"])
         if "param" in header["axes"]:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vmap
 
-from .evaluate import STACK_BYTES, Batch, Grid, Rows, Segment, StepStack, node_groups
+from .coupled import coupled_sample_grads
+from .evaluate import STACK_BYTES, Batch, Grid, Rows, Segment, StepStack, along, node_groups
 from .explained import FunctionalModel, Params
 from .layout import ParamLayout
 from .products import JacobianProducts
@@ -33,6 +34,12 @@ def _along_each(along: Callable[[Params], Tensor], tangents: Params) -> Tensor:
     if next(iter(tangents.values())).shape[0] == 1:
         return along({n: v[0] for n, v in tangents.items()}).unsqueeze(0)
     return vmap(along)(tangents)
+
+
+def _jvp(fn: Callable[[Params], Tensor], point: Params, tangent: Params) -> tuple[Tensor, Tensor]:
+    """``jvp`` of ``fn`` at ``point`` along ``tangent``; entries of ``point`` without a tangent (buffers) held fixed."""
+    rest = {n: v for n, v in point.items() if n not in tangent}
+    return jvp(lambda p: fn({**rest, **p}), ({n: point[n] for n in tangent},), (tangent,))
 
 
 def _split(point: Params, names: Sequence[str]) -> tuple[Params, Params]:
@@ -75,8 +82,7 @@ class AutogradEvaluator:
         d = {n: v[sidx] for n, v in stack.delta.items()}
 
         def one(bp: Params, dp: Params, tj: Tensor, x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-            point = {n: bp[n] + tj * dp[n] for n in bp}
-            return jvp(lambda p: explained(fm, p, x.unsqueeze(0), a.unsqueeze(0))[0], (point,), (dp,))
+            return _jvp(lambda p: explained(fm, p, x.unsqueeze(0), a.unsqueeze(0))[0], along(bp, dp, tj), dp)
 
         return vmap(one)(b, d, t, stack.X[idx], explained.aux[idx])
 
@@ -102,7 +108,7 @@ class AutogradEvaluator:
 
         def per_step(b: Params, d: Params) -> tuple[Tensor, Tensor]:
             def at(tu: Tensor) -> tuple[Tensor, Tensor]:
-                return jvp(lambda p: explained(fm, p, X, explained.aux), ({n: b[n] + tu * d[n] for n in b},), (d,))
+                return _jvp(lambda p: explained(fm, p, X, explained.aux), along(b, d, tu), d)
 
             return vmap(at)(t)
 
@@ -133,7 +139,7 @@ class AutogradEvaluator:
         point = seg.theta(t)
 
         def along(v: Params) -> Tensor:
-            return jvp(lambda p: seg.explained(self.fm, p, X, aux), (point,), (v,))[1]
+            return _jvp(lambda p: seg.explained(self.fm, p, X, aux), point, v)[1]
 
         return _along_each(along, tangents)
 
@@ -143,7 +149,7 @@ class AutogradEvaluator:
             point = seg.theta(tj)
 
             def along(v: Params) -> Tensor:
-                return jvp(lambda p: seg.explained(self.fm, p, x.unsqueeze(0), a.unsqueeze(0))[0], (point,), (v,))[1]
+                return _jvp(lambda p: seg.explained(self.fm, p, x.unsqueeze(0), a.unsqueeze(0))[0], point, v)[1]
 
             return _along_each(along, tangents)
 
@@ -221,7 +227,13 @@ class AutogradEvaluator:
 
     # ------------------------------------------------------------------ per-sample gradients
     def sample_grads(self, theta: Params, block: ParamLayout, batch: Batch, summed: bool = False) -> Tensor:
-        r"""Weighted per-sample gradients ``(B, D_b)`` by ``vmap(grad)``; with ``summed`` one ``grad`` of the sum."""
+        r"""Weighted per-sample gradients ``(B, D_b)`` by ``vmap(grad)``; with ``summed`` one ``grad`` of the sum.
+
+        A batch to replay (dropout, batch norm) goes through the batched training forward instead
+        (:func:`~explaind.kernel.coupled.coupled_sample_grads`).
+        """
+        if batch.replay is not None:
+            return coupled_sample_grads(self.fm, theta, block, batch, self.chunk_size, summed)
         names = block.names
         params = {n: theta[n] for n in names}
         rest = {n: v for n, v in theta.items() if n not in params}

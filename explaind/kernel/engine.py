@@ -72,15 +72,24 @@ class PathEngine:
         self.names = tuple(traj.param_names)
         self.fm = FunctionalModel(traj.model, traj.constants(), traj.loss.implementation, device, dtype)
         self.layout = ParamLayout.from_tensors(traj.params(0), self.names)
+        constants = traj.constants()
+        #: floating buffers that training changed (running statistics): part of every point, not of the path
+        self.buffer_names = tuple(n for n in traj.buffer_names if constants[n].is_floating_point())
         self.evaluator = make_evaluator(self.fm, self.names, factored, chunk_size)
         self._cache: OrderedDict[int, Params] = OrderedDict()
 
     def params(self, s: int) -> Params:
-        r""":math:`\theta_s` on the compute device and dtype (cached, do not modify)."""
+        r""":math:`\theta_s` on the compute device and dtype (cached, do not modify).
+
+        With buffers that training changed, also :math:`\beta_s` (:attr:`buffer_names`): step ``s``'s
+        segment is evaluated at :math:`(\theta_s + t\Delta\theta_s, \beta_s)` (docs/maths.md, "Buffers").
+        """
         if s in self._cache:
             self._cache.move_to_end(s)
             return self._cache[s]
         p = self.fm.cast_params(self.traj.params(s), self.names)
+        if self.buffer_names:
+            p.update(self.fm.cast_params(self.traj.buffers(s), self.buffer_names))
         self._cache[s] = p
         while len(self._cache) > CACHED_STEPS:
             self._cache.popitem(last=False)
@@ -95,7 +104,7 @@ class PathEngine:
         r"""The segments of steps ``lo .. hi-1``, :math:`\theta_s` and :math:`\Delta\theta_s` stacked."""
         bases = [self.params(s) for s in range(lo, hi)]
         deltas = [self.delta(s) for s in range(lo, hi)]
-        return StepStack({k: torch.stack([b[k] for b in bases]) for k in self.names},
+        return StepStack({k: torch.stack([b[k] for b in bases]) for k in bases[0]},
                          {k: torch.stack([d[k] for d in deltas]) for k in self.names}, X, explained)
 
     def clear(self) -> None:
@@ -110,9 +119,16 @@ class PathEngine:
         """:math:`g` for inputs ``X``: all outputs, ``target`` indices, or ``"loss"`` with ``y``."""
         return Explained.build(self.fm, self.params(0), X, target, y, owner)
 
-    def values_at(self, s: int, X: Tensor, explained: Explained) -> Tensor:
-        r""":math:`g(\theta_s, x)` for every input, shape ``(T, O)`` (chunked over inputs)."""
-        p = self.params(s)
+    def end_params(self, s: int) -> Params:
+        r"""The end of step ``s``'s segment, :math:`(\theta_{s+1}, \beta_s)` (:math:`\theta_{s+1}` without buffers)."""
+        if not self.buffer_names:
+            return self.params(s + 1)
+        before = self.params(s)
+        return {**self.params(s + 1), **{n: before[n] for n in self.buffer_names}}
+
+    def values_at(self, s: int, X: Tensor, explained: Explained, params: Params | None = None) -> Tensor:
+        r""":math:`g(\theta_s, x)` (or :math:`g` at ``params``) for every input, ``(T, O)`` (chunked over inputs)."""
+        p = self.params(s) if params is None else params
         step = X.shape[0] if not self.chunk_size else self.chunk_size
         with torch.no_grad():
             parts = [explained(self.fm, p, X[i:i + step], explained.aux[i:i + step])

@@ -29,13 +29,18 @@ from .explained import Explained, Params
 from .layout import ParamLayout
 from .quadrature import NodePlan
 
-__all__ = ["Segment", "StepStack", "Rows", "Grid", "Batch", "NodeGroup", "Evaluator", "node_groups",
+__all__ = ["along", "Segment", "StepStack", "Rows", "Grid", "Batch", "NodeGroup", "Evaluator", "node_groups",
            "STACK_BYTES", "CHECK_TOLERANCE"]
 
 #: Largest bytes of stacked per-(step, node) parameters in one batched evaluation.
 STACK_BYTES = 2**28
 #: Largest relative disagreement between two evaluators accepted by a start-up check, per dtype.
 CHECK_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def along(base: Params, delta: Params, t: Tensor) -> Params:
+    r""":math:`\theta_s + t\Delta\theta_s`; entries of ``base`` without a ``delta`` (buffers :math:`\beta_s`) stay."""
+    return {n: base[n] + t * delta[n] if n in delta else base[n] for n in base}
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class Segment:
     Attributes
     ----------
     base, delta : dict
-        :math:`\theta_s` and :math:`\Delta\theta_s` (every trainable tensor).
+        :math:`\theta_s` and :math:`\Delta\theta_s` (every trainable tensor); ``base`` may also hold buffers
+        :math:`\beta_s` (no ``delta``: constant along the segment).
     X : Tensor
         Test inputs ``(T, ...)``.
     explained : Explained
@@ -59,7 +65,7 @@ class Segment:
 
     def theta(self, t: Tensor) -> Params:
         r""":math:`\theta(t)` (``t`` a 0-d tensor, possibly batched under ``vmap``)."""
-        return {n: self.base[n] + t * self.delta[n] for n in self.base}
+        return along(self.base, self.delta, t)
 
 
 @dataclass(frozen=True)
@@ -109,11 +115,16 @@ class Grid:
 
 @dataclass(frozen=True)
 class Batch:
-    """Training samples of a step: inputs ``X``, targets ``Y`` and weights :math:`c_s w_{s,k}` ``(B,)``."""
+    """Training samples of a step: inputs ``X``, targets ``Y`` and weights :math:`c_s w_{s,k}` ``(B,)``.
+
+    ``replay`` (a :class:`~explaind.kernel.coupled.Replay`) is set when the step's forwards must be
+    recomputed batched, in training mode, under their recorded random states (dropout, batch norm).
+    """
 
     X: Tensor
     Y: Tensor
     weights: Tensor
+    replay: Any = None
 
 
 @dataclass(frozen=True)

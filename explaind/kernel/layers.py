@@ -253,8 +253,8 @@ class LayerEvaluator:
 
     # ------------------------------------------------------------------ per-sample gradients
     def sample_grads(self, theta: Params, block: ParamLayout, batch: Batch, summed: bool = False) -> Tensor:
-        """Per-sample gradients from layer factors once the Jacobians are in use; sums by the fallback."""
-        if summed or self.state["jacobian"] is not True or not self.covers(block):
+        """Per-sample gradients from layer factors once the Jacobians are in use; sums and replays by the fallback."""
+        if summed or batch.replay is not None or self.state["jacobian"] is not True or not self.covers(block):
             return self.fallback.sample_grads(theta, block, batch, summed)
         B = batch.X.shape[0]
         chunk = self.fallback.rows_chunk

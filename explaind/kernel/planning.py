@@ -30,7 +30,7 @@ __all__ = ["window_plans"]
 
 def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int, int], rule: str,
                  nodes: int | None, tol: float, with_estimate: bool,
-                 coarsen: bool = False) -> tuple[Tensor, Tensor, list[NodePlan]]:
+                 coarsen: bool = False) -> tuple[Tensor, Tensor, list[NodePlan], Tensor | None]:
     r"""Node plans of the window's steps.
 
     Parameters
@@ -57,7 +57,11 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     g_start, g_stop : Tensor
         :math:`g(\theta_{start})` and :math:`g(\theta_{stop})`, shape ``(T, O)``.
     plans : list of NodePlan
-        One per step ``start .. stop-1``.
+        One per step ``start .. stop-1``; the exact difference of step ``s`` is
+        :math:`g(\theta_{s+1}, \beta_s) - g(\theta_s, \beta_s)` (buffers held along the segment).
+    buffers : Tensor or None
+        The buffers terms :math:`g(\theta_{s+1}, \beta_{s+1}) - g(\theta_{s+1}, \beta_s)`, ``(T, S, O)``;
+        ``None`` when no buffer changed (docs/maths.md, "Buffers").
     """
     start, stop = window
     n = DEFAULT_NODES[rule] if nodes is None else int(nodes)
@@ -69,25 +73,34 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     plans: list[NodePlan] = []
     # counted in steps: a group of stacked steps advances the bar by its size
     bar = progress_bar(engine.progress, "quadrature", stop - start)
+    buffers: list[Tensor] = []
     for lo in range(start, stop, group):
         hi = min(stop, lo + group)
-        g_vals = [g_prev] + [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
+        nexts = [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
+        ends = ([engine.values_at(s, X, explained, engine.end_params(s)) for s in range(lo, hi)]
+                if engine.buffer_names else nexts)
+        begins = [g_prev, *nexts[:-1]]
+        buffers.extend(b - e for b, e in zip(nexts, ends))
         if rule == "adaptive":
-            plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), g_vals, n, tol, coarsen))
+            plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), begins, ends, n, tol, coarsen))
         else:
             stack = engine.stack(lo, hi, X, explained) if with_estimate else None
-            plans.extend(_fixed_group(engine, stack, g_vals, rule, n))
-        g_prev = g_vals[-1]
+            plans.extend(_fixed_group(engine, stack, begins, ends, rule, n))
+        g_prev = nexts[-1]
         bar.update(hi - lo)
     bar.close()
-    return g_start, g_prev, plans
+    return g_start, g_prev, plans, torch.stack(buffers, dim=1) if engine.buffer_names else None
+
+
+#: Bytes of slopes ``(U, nodes, O)`` the kink-dense fallback holds per batched evaluation.
+SHARED_NODES_BYTES = 1 << 27
 
 
 def _rule(engine: Any, rule: str, n: int) -> tuple[Tensor, Tensor]:
     return tuple(torch.as_tensor(v, dtype=engine.dtype, device=engine.device) for v in rule_nodes(rule, n))
 
 
-def _adaptive_group(engine: Any, stack: StepStack, g_vals: list[Tensor], n: int, tol: float,
+def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor], n: int, tol: float,
                     coarsen: bool) -> list[NodePlan]:
     """Adaptive plans of the stacked steps refined together (units are (step, input) pairs, step-major)."""
     T = stack.X.shape[0]
@@ -98,30 +111,50 @@ def _adaptive_group(engine: Any, stack: StepStack, g_vals: list[Tensor], n: int,
     def refine(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return engine.evaluator.slopes(stack, Rows(units // T, units % T, t))
 
-    plan = adaptive_plan(est0, torch.cat(g_vals[:-1]), torch.cat(g_vals[1:]), refine, tol=tol, nodes=n,
+    def shared(units: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        # every unit of the stack at a few shared nodes per call (like a fixed rule), weighted and summed
+        total = 0
+        per = max(1, SHARED_NODES_BYTES // max(1, 2 * d0.element_size() * d0.shape[0] * d0.shape[-1]))
+        for lo in range(0, t.numel(), per):
+            _, d = engine.evaluator.slopes(stack, Grid(t[lo:lo + per]))
+            total = total + torch.einsum("q,kqo->ko", w[lo:lo + per], d[units])
+        return total
+
+    plan = adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
                          coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
-                         max_evals=adaptive.MAX_EVALS)
-    _warn_if_capped(plan, tol, stack)
+                         max_evals=adaptive.MAX_EVALS, shared=shared)
+    _warn_if_inexact(plan, tol, torch.cat(begins), torch.cat(ends))
     return plan.split(stack.n_steps)
 
 
-def _warn_if_capped(plan: NodePlan, tol: float, stack: StepStack) -> None:
-    """A loud warning when units stopped at the evaluation cap with their error above the tolerance."""
+def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> None:
+    """A loud warning when units end above their tolerance: at the evaluation cap, or kink-dense."""
     scale = plan.exact.abs().amax(-1)
+    floor = adaptive.FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
     err = (plan.estimate - plan.exact).abs().amax(-1)
-    capped = (plan.evals >= adaptive.MAX_EVALS) & (err > tol * scale)
+    above = err > tol * scale + floor
+    if not bool(above.any()):
+        return
+    worst = float((err[above] / scale[above].clamp_min(torch.finfo(scale.dtype).tiny)).max())
+    capped = above & (plan.evals >= adaptive.MAX_EVALS)
+    dense = above & ~capped
+    causes = []
+    if bool(dense.any()):
+        causes.append(f"{int(dense.sum())} crossed too many activation kinks to locate one by one (a ReLU-dense path): "
+                      f"they were integrated by the {adaptive.DENSE_EVALS}-point midpoint rule, or stopped after "
+                      f"{adaptive.DENSE_CAP * adaptive.DENSE_AFTER} evaluations")
     if bool(capped.any()):
-        worst = float((err[capped] / scale[capped].clamp_min(torch.finfo(scale.dtype).tiny)).max())
-        warnings.warn(
-            f"the adaptive quadrature stopped at its cap of about {adaptive.MAX_EVALS} evaluations for "
-            f"{int(capped.sum())} of {capped.numel()} (step, input) pairs with relative error up to {worst:.2g} "
-            f"(tol={tol:g}): the path crosses more activation kinks than the rule can locate (ReLU-dense "
-            f"models). The error left is reported as quadrature_error; a fixed rule with many nodes "
-            f"(quadrature='midpoint', nodes=...) costs a known number of evaluations instead.",
-            ExplaindWarning, stacklevel=4)
+        causes.append(f"{int(capped.sum())} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
+    warnings.warn(
+        f"the adaptive quadrature left {int(above.sum())} of {above.numel()} (step, input) pairs above tol={tol:g}, "
+        f"with relative error up to {worst:.2g}: {'; '.join(causes)}. The error left is reported as quadrature_error "
+        f"(never hidden). For a smaller error raise the budget (quadrature='midpoint', nodes=... costs a known "
+        f"number of evaluations), or explain fewer steps.",
+        ExplaindWarning, stacklevel=4)
 
 
-def _fixed_group(engine: Any, stack: StepStack | None, g_vals: list[Tensor], rule: str, n: int) -> list[NodePlan]:
+def _fixed_group(engine: Any, stack: StepStack | None, begins: list[Tensor], ends: list[Tensor], rule: str,
+                 n: int) -> list[NodePlan]:
     """Fixed-rule plans of a group of steps; estimates (when ``stack`` is given) from one grid evaluation."""
     est = None
     if stack is not None:
@@ -129,8 +162,8 @@ def _fixed_group(engine: Any, stack: StepStack | None, g_vals: list[Tensor], rul
         _, d = engine.evaluator.slopes(stack, Grid(x))
         est = torch.einsum("q,uqo->uo", w, d).reshape(stack.n_steps, stack.X.shape[0], -1)
     plans = []
-    for j in range(len(g_vals) - 1):
-        plan = fixed_plan(rule, n, g_vals[j + 1] - g_vals[j])
+    for j in range(len(begins)):
+        plan = fixed_plan(rule, n, ends[j] - begins[j])
         plan.estimate = None if est is None else est[j]
         plans.append(plan)
     return plans

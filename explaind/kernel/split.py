@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
+from .coupled import step_replay
 from .evaluate import Batch
 from .layout import ParamLayout
 
@@ -107,7 +108,7 @@ def step_batch(engine: Any, s: int) -> tuple[Tensor, Batch]:
     Xb, Yb = engine.traj.train_samples(idx)
     fm = engine.fm
     weights = float(engine.traj.grad_scale(s)) * fm.cast(torch.as_tensor(w))
-    return idx.to(engine.device), Batch(fm.cast(Xb), fm.cast(Yb), weights)
+    return idx.to(engine.device), Batch(fm.cast(Xb), fm.cast(Yb), weights, step_replay(engine.traj, s))
 
 
 class Splitter:

@@ -18,6 +18,7 @@ the default weights does not): forward passes only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
+from ._random import RandomState, replayed
 
 __all__ = [
     "AUTO_CHECK_STEPS",
@@ -37,6 +39,7 @@ __all__ = [
     "CheckSchedule",
     "GradientCheck",
     "autocast_tolerance",
+    "batch_gradient",
     "check_batch_gradient",
     "check_loss_decomposes",
     "default_tolerance",
@@ -149,6 +152,59 @@ def _autocast_hint(autocast: torch.dtype | None, tol: float) -> str:
     )
 
 
+def batch_gradient(
+    model: nn.Module,
+    constants: dict[str, Tensor],
+    params: dict[str, Tensor],
+    names: list[str],
+    loss: LossRecord,
+    batch: tuple[Any, Tensor, Tensor],
+    replay: list[tuple[slice, RandomState]] | None = None,
+    where: str = "The gradient check",
+) -> dict[str, Tensor]:
+    r""":math:`\sum_k w_k \nabla\ell_k(\theta)` over ``names``, through batched ``functional_call``\ s.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Template for ``functional_call`` (run in its own training/evaluation mode).
+    constants : dict of str to Tensor
+        Buffers and frozen parameters passed with ``params``.
+    params : dict of str to Tensor
+        :math:`\theta`, every recorded parameter (all enter the forward pass).
+    names : list of str
+        The parameters to differentiate; a parameter the loss does not reach gets zeros.
+    loss : LossRecord
+        Per-sample training loss :math:`\ell_k`.
+    batch : (inputs, Tensor, Tensor)
+        Inputs ``(n, ...)``, targets ``(n, ...)`` and weights :math:`w_k` ``(n,)``.
+    replay : list of (slice, RandomState), optional
+        The micro-batches (positions in ``batch``) and the random states of their training forwards:
+        each is one batched forward under its state (dropout masks and batch statistics as in the loop).
+        Default: one forward of the whole batch.
+    where : str
+        Names the caller in a refusal to replay.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The batch gradient per name, shapes of the parameters (no autocast; the parameters' dtype).
+    """
+    inputs, targets, weights = batch
+    wanted = set(names)
+    detached = {n: p.detach().requires_grad_(n in wanted) for n, p in params.items()}
+    device = next(iter(detached.values())).device.type
+    total: Any = 0
+    with torch.enable_grad(), torch.autocast(device, enabled=False):
+        for sl, state in replay or [(slice(None), None)]:
+            with replayed(state, inputs.device, where) if state is not None else contextlib.nullcontext():
+                out = model_output(call_model(model, {**constants, **detached}, inputs[sl]))
+            per_sample = loss.implementation(out, targets[sl])
+            total = total + (weights[sl].to(per_sample.dtype) * per_sample).sum()
+        ref = torch.autograd.grad(total, [detached[n] for n in names], allow_unused=True)
+    return {n: (torch.zeros_like(detached[n]) if r is None else r) for n, r in zip(names, ref)}
+
+
 def check_batch_gradient(
     model: nn.Module,
     params: dict[str, nn.Parameter],
@@ -158,6 +214,7 @@ def check_batch_gradient(
     step: int,
     tol: float,
     autocast: torch.dtype | None = None,
+    replay: list[tuple[slice, RandomState]] | None = None,
 ) -> GradientCheck:
     r"""Compare the raw gradient with :math:`\sum_k w_k \nabla\ell_k(\theta_s)`; measure :math:`\sigma`.
 
@@ -180,6 +237,10 @@ def check_batch_gradient(
         Relative tolerance (already widened for autocast).
     autocast : torch.dtype or None
         The autocast dtype of the loop's forward, for the message.
+    replay : list of (slice, RandomState), optional
+        The micro-batches (positions in ``batch``) and the random states of their training forwards:
+        each is recomputed as one batched forward under its state (dropout masks and batch statistics
+        as in the loop; docs/recording.md). Default: one forward of the whole batch.
 
     Returns
     -------
@@ -192,15 +253,8 @@ def check_batch_gradient(
         names the loss, the parameters that differ most and the possible causes.
     """
     names = [n for n in params if n in raw]
-    inputs, targets, weights = batch
-    detached = {n: p.detach().requires_grad_(n in raw) for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    with torch.enable_grad(), torch.autocast(inputs.device.type, enabled=False):
-        out = model_output(call_model(model, {**buffers, **detached}, inputs))
-        per_sample = loss.implementation(out, targets)
-        total = (weights.to(per_sample.dtype) * per_sample).sum()
-        ref = torch.autograd.grad(total, [detached[n] for n in names], allow_unused=True)
-    refs = {n: (torch.zeros_like(raw[n]) if r is None else r) for n, r in zip(names, ref)}
+    refs = batch_gradient(model, buffers, params, names, loss, batch, replay, f"Step {step}")
     dot = sum(_dot64(raw[n], refs[n]) for n in names)
     sq_ref = sum(_dot64(refs[n], refs[n]) for n in names)
     sq_raw = sum(_dot64(raw[n], raw[n]) for n in names)

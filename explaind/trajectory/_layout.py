@@ -29,6 +29,7 @@ __all__ = [
     "SETUP",
     "START_FILES",
     "step_path",
+    "checkpoint_state_path",
     "own_files",
     "remove_store",
     "remove_temporary_files",
@@ -43,7 +44,7 @@ SETUP = ".explaind-setup"
 #: The files a new store writes before its manifest.
 START_FILES = ("initial.safetensors", "constants.safetensors", "data.safetensors")
 STEP_FILE = re.compile(r"\d{6,}\.safetensors")
-STATE_FILE = re.compile(r"state-[01]\.safetensors")
+STATE_FILE = re.compile(r"state-[01]\.safetensors|checkpoint-\d{6,}\.safetensors")
 TEMP_FILE = re.compile(r"(.+)\.tmp-\d+-\d+")
 _TOP_FILES = frozenset({MANIFEST, JOURNAL, SETUP, LOCK, *START_FILES})
 _FOLDERS = {"steps": STEP_FILE, "optimizer": STATE_FILE}
@@ -52,6 +53,11 @@ _FOLDERS = {"steps": STEP_FILE, "optimizer": STATE_FILE}
 def step_path(s: int) -> str:
     """Relative path of the file of step ``s``."""
     return f"steps/{s:06d}.safetensors"
+
+
+def checkpoint_state_path(s: int) -> str:
+    """Relative path of the optimizer state after step ``s`` in a sparse store (kept for replay)."""
+    return f"optimizer/checkpoint-{s:06d}.safetensors"
 
 
 def _is_own(name: str, pattern: re.Pattern[str] | None) -> bool:
@@ -69,7 +75,7 @@ def own_files(root: Path, manifest: TrajectoryManifest | None) -> set[str]:
             if record is not None:
                 owned.add(record.path)
         for step in manifest.steps:
-            owned.update(r.path for r in (step.file, step.optimizer_state) if r is not None)
+            owned.update(r.path for r in (step.file, step.optimizer_state, step.audit_state) if r is not None)
     for folder, pattern in _FOLDERS.items():
         if (root / folder).is_dir() and not (root / folder).is_symlink():
             owned.update(f"{folder}/{p.name}" for p in (root / folder).iterdir() if pattern.fullmatch(p.name))

@@ -27,9 +27,12 @@ from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
 
 __all__ = [
+    "UNCHANGED",
     "called_by_grad_scaler",
+    "collect_updates",
     "foreign_parameters",
     "own_update",
+    "refuse_unknown_grad_scaler",
     "stepped_parameters",
     "stepped_without_backward",
     "without_gradient_input",
@@ -141,6 +144,39 @@ def without_gradient_input(name: str, update: LinearUpdate, step: int) -> Linear
             f"the default), or use decoupled weight decay (AdamW)."
         )
     return dataclasses.replace(update, b=0.0, n=0.0)
+
+
+def refuse_unknown_grad_scaler(scaler: Any, step: int) -> None:
+    """Raise when ``optimizer.step()`` runs inside ``GradScaler.step`` but the recorder was given no scaler."""
+    if scaler is None and called_by_grad_scaler():
+        raise TrajectoryError(
+            f"Step {step}: optimizer.step() is called by torch.amp.GradScaler.step, but the recorder does "
+            f"not know the scaler, so the loss scale of each step cannot be recorded. Fix: "
+            f"TrajectoryRecorder(..., grad_scaler=scaler)."
+        )
+
+
+#: The update of a recorded parameter the optimizer did not step.
+UNCHANGED = LinearUpdate(a=1.0, b=0.0, P=0.0)
+
+
+def collect_updates(params: dict[str, Tensor], by_id: dict[int, LinearUpdate], no_input: Any,
+                    step: int) -> dict[str, LinearUpdate]:
+    """One update per recorded parameter from the adapter's ``after_step`` (keyed by ``id(param)``).
+
+    A parameter the adapter did not report gets :data:`UNCHANGED`; one stepped without gradient
+    input (in ``no_input``) gets :func:`without_gradient_input`; tensor coefficients are copied.
+    """
+    out = {}
+    for n, p in params.items():
+        u = by_id.get(id(p))
+        if u is None:
+            out[n] = UNCHANGED
+        elif n in no_input:
+            out[n] = without_gradient_input(n, own_update(u), step)
+        else:
+            out[n] = own_update(u)
+    return out
 
 
 def called_by_grad_scaler(depth: int = 8) -> bool:

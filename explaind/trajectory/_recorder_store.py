@@ -13,11 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
-from ._gradients import UpdateAudit
+from ._buffers import pack_buffers
+from ._gradients import UpdateAudit, has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
+from ._random import pack_micro_batches
+from ._sparse import StepReplay, group_snapshot, validate_checkpoint_every
 from .disk import DiskTrajectory, check_model_matches
+from .fingerprint import check_train_data, data_fingerprint
 from .manifest import StepRecord, TrajectoryManifest
 from .store import StoreWriter, pack_updates, read_manifest
 
@@ -44,7 +48,22 @@ class RecorderStoreMixin:
     _data: Any
     _store_data: bool
     _state_every: int
+    _every: int
     _audit_on: bool
+    _broken: str | None
+
+    def _storage_options(self, save_optimizer_state: Any, checkpoint_every: Any) -> None:
+        """Validate ``save_optimizer_state`` and ``checkpoint_every``; set ``_state_every`` and ``_every``."""
+        if not (isinstance(save_optimizer_state, bool) or (type(save_optimizer_state) is int and
+                                                           save_optimizer_state > 0)):
+            raise ConfigError(
+                f"save_optimizer_state={save_optimizer_state!r} is not allowed. Choose True, False or a positive int "
+                f"k (store the optimizer state every k steps)."
+            )
+        self._state_every = int(save_optimizer_state) if save_optimizer_state is not False else 0
+        self._every = validate_checkpoint_every(checkpoint_every, store=self._store,
+                                                stochastic=has_stochastic_layers(self.model))
+        self._deferred: tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], StepReplay] | None = None
 
     def _validate_resume(self) -> TrajectoryManifest:
         assert self._store is not None
@@ -56,6 +75,13 @@ class RecorderStoreMixin:
                     f"Cannot resume the run at {str(self._store)!r}: it was recorded with {field} "
                     f"{getattr(stored, field)!r}, this recorder uses {new!r}."
                 )
+        if stored.param_stride != self._every:
+            raise ConfigError(
+                f"Cannot resume the run at {str(self._store)!r} with checkpoint_every={self._every}: it was recorded "
+                f"with checkpoint_every={stored.param_stride}. Pass checkpoint_every={stored.param_stride}."
+            )
+        if self._data is not None and stored.n_train is not None:
+            check_train_data(self._data, stored.train_fingerprint, repr(str(self._store)))
         point = len(stored.steps)
         while point > 0 and stored.steps[point - 1].optimizer_state is None:
             point -= 1
@@ -67,7 +93,7 @@ class RecorderStoreMixin:
         return stored
 
     def restore(self) -> int:
-        """Load ``theta_N`` and the stored optimizer state into the model and optimizer; returns ``N``.
+        """Load ``theta_N``, the recorded buffers and the optimizer state into the model and optimizer; returns ``N``.
 
         Use with ``resume=True`` before the loop, then continue training from step ``N``. An LR
         scheduler is the loop's own: recreate it at step ``N`` (e.g. ``last_epoch=N - 1``).
@@ -77,14 +103,20 @@ class RecorderStoreMixin:
         if self._store is None or not self._resumed:
             raise TrajectoryError("restore() needs a recorder opened with store=<path> and resume=True.")
         n = self._manifest.n_steps  # the last step with a stored optimizer state
-        final = DiskTrajectory(self._store, model=self.model, loss=self._loss).params(n)
+        stored = DiskTrajectory(self._store, model=self.model, loss=self._loss)
+        final, buffers = stored.params(n), dict(self.model.named_buffers())
         with torch.no_grad():
             for name, p in self._params.items():
                 p.copy_(final[name])
+            for name, b in stored.buffers(n).items():  # running statistics as they were after step n - 1
+                buffers[name].copy_(b)
         if n > 0:
             rec = self._manifest.steps[n - 1].optimizer_state
             assert rec is not None  # _validate_resume chose n so
             tensors, meta = read_tensors(self._store, rec, step=n - 1)
+            audit_file = self._manifest.steps[n - 1].audit_state  # sparse stores keep it apart
+            if audit_file is not None:
+                tensors = {**tensors, **read_tensors(self._store, audit_file, step=n - 1)[0]}
             audit = {k[len("audit."):]: v for k, v in tensors.items() if k.startswith("audit.")}
             state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
             self.optimizer.load_state_dict(decode_optimizer_state(state, meta, self.optimizer.state_dict()))
@@ -103,10 +135,14 @@ class RecorderStoreMixin:
                     f"from the stored theta_{m.n_steps}. Call rec.restore() before `with rec:`."
                 )
             m.complete = False
-            self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background)
+            self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background,
+                                       keep_states=self._every > 1)
             return
+        if self._data is not None:
+            m.train_fingerprint = data_fingerprint(self._data)
         # the manifest goes last: until it is written the directory holds no store (store.py, _layout.py)
-        self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background, new=True)
+        self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background, new=True,
+                                   keep_states=self._every > 1)
         m.initial_file = self._writer.write_file("initial.safetensors", {f"param.{k}": v for k, v in theta.items()})
         if constants:
             m.constants_file = self._writer.write_file(
@@ -116,17 +152,70 @@ class RecorderStoreMixin:
             m.data_file = self._writer.write_file("data.safetensors", self._data.flat())
         self._writer.finish_setup()
 
+    def _optimizer_state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The optimizer's ``state_dict`` (and the audit's momentum) as safetensors tensors and metadata."""
+        state_tensors, meta = encode_optimizer_state(self.optimizer.state_dict())
+        if self._audit_on:
+            state_tensors.update({f"audit.{k}": v.detach().clone() for k, v in self._auditor.momentum.items()})
+        return state_tensors, meta
+
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
-                    st: dict[str, Any]) -> None:
+                    st: dict[str, Any], buffers: dict[str, Tensor] | None = None) -> None:
         assert self._writer is not None
+        if self._every > 1:
+            self._write_sparse(record, theta_next, updates, st)
+            return
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
+        tensors.update(pack_buffers(buffers))
+        if self._manifest.random_capture:
+            tensors.update(pack_micro_batches(st["micro"]))
         tensors.update(pack_updates(tuple(self._params), updates))
         tensors["batch.indices"] = st["indices"]
         tensors["batch.weights"] = st["weights"]
         state = None
         if self._state_every and (record.step + 1) % self._state_every == 0:
-            state_tensors, meta = encode_optimizer_state(self.optimizer.state_dict())
-            if self._audit_on:
-                state_tensors.update({f"audit.{k}": v.detach().clone() for k, v in self._auditor.momentum.items()})
-            state = (state_tensors, meta)
+            state = self._optimizer_state()
         self._writer.write_step(record, tensors, state)
+
+    # ----------------------------------------------------------------- sparse stores
+    def _write_sparse(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
+                      st: dict[str, Any]) -> None:
+        """A step of a sparse store: a checkpoint every ``k`` steps; others wait for the next step (or the end).
+
+        The step before is written without ``theta`` once this one exists (so the last step of a run
+        is always a checkpoint, written by :meth:`_final_checkpoint`).
+        """
+        if self._deferred is not None:
+            self._emit_sparse(*self._deferred, checkpoint=False)
+            self._deferred = None
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        replay = StepReplay(group_snapshot(self.optimizer, names), st["stepped"], tuple(sorted(st["no_input"])))
+        scalars = pack_updates(tuple(self._params), updates)["update.scalars"]
+        tensors = {"update.scalars": scalars, "batch.indices": st["indices"], "batch.weights": st["weights"]}
+        pending = (record, theta_next, tensors, replay)
+        if (record.step + 1) % self._every == 0:
+            self._emit_sparse(*pending, checkpoint=True)
+        else:
+            self._deferred = pending
+
+    def _emit_sparse(self, record: StepRecord, theta_next: dict[str, Tensor], tensors: dict[str, Tensor],
+                     replay: StepReplay, *, checkpoint: bool) -> None:
+        assert self._writer is not None
+        if checkpoint:
+            tensors = {**{f"param.{n}": t for n, t in theta_next.items()}, **tensors}
+        state = self._optimizer_state() if checkpoint else None
+        self._writer.write_step(record.model_copy(update={"has_params": checkpoint}), tensors, state,
+                                replay.encode())
+
+    def _final_checkpoint(self, failing: bool) -> None:
+        """At the end of recording: the last step of a sparse store becomes a checkpoint (theta, optimizer state)."""
+        pending, self._deferred = self._deferred, None
+        if pending is None or self._writer is None or self._broken is not None:
+            return
+        try:
+            self._emit_sparse(*pending, checkpoint=True)
+        except BaseException as exc:
+            self._broken = f"the final checkpoint, step {pending[0].step} ({type(exc).__name__}: {exc})"
+            if not failing:
+                raise
+            logger.exception("Writing the final checkpoint failed while handling another error.")

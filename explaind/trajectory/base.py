@@ -118,6 +118,33 @@ class Trajectory(abc.ABC):
         with recomputed per-sample gradients, so completeness never depends on it.)
         """
 
+    def micro_batches(self, s: int) -> list[Any]:
+        """The micro-batches of step ``s`` in logging order, each a :class:`~explaind.trajectory._random.MicroBatch`.
+
+        Their indices and weights concatenated are :meth:`batch`; a micro-batch whose training
+        forward was captured carries the random state to replay it (docs/recording.md,
+        "Dropout and batch norm"). This default (for trajectories that did not capture) is one
+        uncaptured micro-batch.
+        """
+        from ._random import MicroBatch
+
+        idx, w = self.batch(s)
+        return [MicroBatch(idx, w)]
+
+    @property
+    def buffer_names(self) -> tuple[str, ...]:
+        """Buffers recorded per step because training changed them (running statistics); empty by default."""
+        return ()
+
+    def buffers(self, s: int) -> dict[str, Tensor]:
+        r"""The buffers :math:`\beta_s` in effect along step ``s``'s segment (``0 <= s <= n_steps``), name -> tensor.
+
+        Only the names of :attr:`buffer_names`; the others are in :meth:`constants`. ``buffers(n_steps)``
+        are the trained model's. This default (no buffer changed) is the constants' values of those names.
+        """
+        constants = self.constants()
+        return {n: constants[n] for n in self.buffer_names}
+
     def gradient_check(self) -> np.ndarray:
         """Per-step mismatch of the recorder's gradient check, shape ``(n_steps,)``; NaN where not checked.
 
@@ -148,9 +175,14 @@ class Trajectory(abc.ABC):
             was recorded from a registry model. A parameter name/shape mismatch raises
             ``TrajectoryError`` listing the differences.
         train_data : (X, y) or Dataset, optional
-            Training data (defaults to the copy stored with the run, if any).
+            Training data (defaults to the copy stored with the run, if any). It must be the data the
+            run was recorded with, in the same order: its length and fingerprint are checked
+            (``TrajectoryError`` naming the difference).
         **kwargs
-            ``loss=`` (needed for a run recorded with a custom loss callable), ``cache_steps=``.
+            ``loss=`` (needed for a run recorded with a custom loss callable), ``cache_steps=``,
+            ``verify_train_data=False`` (skip the fingerprint check), ``max_parameters=`` (the size
+            limit of a model rebuilt from the recorded architecture spec); for a sparse store
+            (``checkpoint_every > 1``) ``replay_tolerance=`` and ``cache_segments=``.
 
         Returns
         -------

@@ -8,6 +8,8 @@ LRU cache; the run is never loaded as a whole.
 from __future__ import annotations
 
 import importlib
+import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError
 from ..recurrence import LinearUpdate
+from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
-from .manifest import FileRecord, TrajectoryManifest, dtype_name
+from ._random import MicroBatch, unpack_micro_batches
+from ._sparse import StepReplay
+from .fingerprint import check_train_data
+from .manifest import FileRecord, TrajectoryManifest, dtype_from_name, dtype_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
+from .replay import SegmentReplay
 from .store import read_manifest, record_binding, unpack_updates
 
 __all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_model_matches(model: nn.Module, manifest: TrajectoryManifest, where: str) -> None:
@@ -53,8 +62,31 @@ def check_model_matches(model: nn.Module, manifest: TrajectoryManifest, where: s
         )
 
 
-def build_model_from_spec(manifest: TrajectoryManifest, where: str) -> nn.Module:
-    """Rebuild the recorded model with ``explaind.models.build_model`` from the manifest's architecture spec."""
+def _declared_elements(manifest: TrajectoryManifest, where: str) -> int:
+    """Elements of the parameters and constants the manifest declares (shapes checked to be non-negative)."""
+    total = 0
+    for spec in [*manifest.params, *manifest.constants]:
+        if any(d < 0 for d in spec.shape):
+            raise TrajectoryError(f"The manifest of the trajectory at {where} records {spec.name!r} with the shape "
+                                  f"{spec.shape}; the store is corrupted. Re-record the run.")
+        total += math.prod(spec.shape)
+    return total
+
+
+def build_model_from_spec(manifest: TrajectoryManifest, where: str, max_parameters: int | None = None) -> nn.Module:
+    """Rebuild the recorded model with ``explaind.models.build_model`` from the manifest's architecture spec.
+
+    Nothing is allocated before the size is checked: the parameter and constant shapes the manifest
+    declares, and the architecture's ``parameter_count`` of the spec's config, must agree and stay
+    within ``max_parameters`` (``explaind.models.resolve_max_parameters``).
+
+    Raises
+    ------
+    TrajectoryError
+        For a run not recorded from the registry, a spec over the size limit (the message gives the
+        limit and how to raise it), a spec whose size differs from the declared shapes, or an invalid
+        spec.
+    """
     spec = manifest.architecture
     if spec is None:
         raise TrajectoryError(
@@ -62,8 +94,26 @@ def build_model_from_spec(manifest: TrajectoryManifest, where: str) -> nn.Module
             f"cannot be rebuilt. Pass model=<a module with the same architecture> to Trajectory.load."
         )
     models = importlib.import_module("explaind.models")
-    kwargs = {} if spec.seed is None else {"seed": spec.seed}
-    return models.build_model(spec.name, spec.config, dtype=manifest.dtype, **kwargs)
+    limit = models.resolve_max_parameters(max_parameters)
+    fix = (f"If you trust the store and the size is intended, pass max_parameters=<n> to Trajectory.load (or set "
+           f"{models.MAX_PARAMETERS_ENV}=<n>), or pass model=<a module with the recorded architecture>.")
+    declared = _declared_elements(manifest, where)
+    if declared > limit:
+        raise TrajectoryError(f"The trajectory at {where} declares {declared:,} parameter and constant elements, "
+                              f"more than the limit of {limit:,}; nothing was built. {fix}")
+    try:
+        count = models.count_parameters(spec.name, spec.config)
+        if count is not None and count != declared:
+            raise TrajectoryError(
+                f"The architecture spec of the trajectory at {where} ({spec.name!r}) builds {count:,} elements but its "
+                f"manifest declares parameters and constants of {declared:,}; the store was modified. Re-record the "
+                f"run, or pass model=<a module with the recorded architecture>."
+            )
+        kwargs = {} if spec.seed is None else {"seed": spec.seed}
+        return models.build_model(spec.name, spec.config, dtype=manifest.dtype, max_parameters=limit, **kwargs)
+    except (ConfigError, UnknownEntryError) as exc:
+        raise TrajectoryError(f"Cannot rebuild the model of the trajectory at {where} from its architecture spec: "
+                              f"{exc} {fix}") from None
 
 
 class DiskTrajectory(RecordedTrajectory, reads_stores=True):
@@ -81,18 +131,37 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         Overrides the recorded loss (required for a run recorded with a custom callable).
     cache_steps : int
         Number of decoded step files kept in memory.
+    replay_tolerance : float, optional
+        Sparse stores: the largest gap between a replayed and a stored checkpoint before a warning
+        (see :mod:`explaind.trajectory.replay`).
+    cache_segments : int
+        Sparse stores: replayed segments kept in memory.
+    verify_train_data : bool
+        Check ``train_data`` against the fingerprint recorded with the run (its length always); ``False``
+        skips the fingerprint, for data known to hold the same samples in other bytes.
+    max_parameters : int, optional
+        Size limit of a model rebuilt from the recorded spec (see :func:`build_model_from_spec`).
+
+    Notes
+    -----
+    A sparse store (``checkpoint_every > 1``) ends at its last checkpoint: steps a crash left after
+    it are not read (a resumed recording records them again).
     """
 
     def __init__(self, path: str | Path, model: nn.Module | None = None, train_data: Any = None, *,
-                 loss: Any = None, cache_steps: int = 4):
+                 loss: Any = None, cache_steps: int = 4, replay_tolerance: float | None = None,
+                 cache_segments: int = 2, verify_train_data: bool = True, max_parameters: int | None = None):
         self.root = Path(path)
         self._manifest = read_manifest(self.root)
-        self._cache: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+        self._replay: SegmentReplay | None = None
+        if self.sparse:
+            self._end_at_checkpoint()
+        self._cache: OrderedDict[int, tuple[dict[str, Tensor], dict[str, str]]] = OrderedDict()
         self._cache_size = max(1, int(cache_steps))
         self._static: dict[str, dict[str, Tensor]] = {}
         where = repr(str(self.root))
         if model is None:
-            model = build_model_from_spec(self._manifest, where)
+            model = build_model_from_spec(self._manifest, where, max_parameters)
             self._fill_model(model)
         check_model_matches(model, self._manifest, where)
         self._model = model
@@ -107,12 +176,41 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             loss = self._manifest.loss
         self._loss = resolve_loss_record(loss)
         self._data = TrainData(train_data) if train_data is not None else None
-        if self._data is not None and self._manifest.n_train is not None and len(self._data) != self._manifest.n_train:
+        if self._data is not None and self._manifest.n_train is not None:
+            self._check_data(self._data, where, verify_train_data)
+        if self.sparse:
+            self._replay = SegmentReplay(self, replay_tolerance, cache_segments)
+
+    def _check_data(self, data: TrainData, where: str, verify: bool) -> None:
+        """The given training data has the recorded length and (unless ``verify`` is off) fingerprint."""
+        if len(data) != self._manifest.n_train:
             raise TrajectoryError(
-                f"train_data has {len(self._data)} samples but the run at {where} was recorded with "
+                f"train_data has {len(data)} samples but the run at {where} was recorded with "
                 f"{self._manifest.n_train}: its batch indices refer to that data. Pass the training data the run "
                 f"was recorded with, in the same order."
             )
+        if verify is not True:
+            if verify is not False:
+                raise ConfigError(f"verify_train_data={verify!r} is not allowed. Choose True (the default) or False.")
+            logger.warning("verify_train_data=False: the training data given for %s is not compared with the "
+                           "recorded fingerprint; train-axis scores are exact only if it is the recorded data.", where)
+            return
+        check_train_data(data, self._manifest.train_fingerprint, where)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the store keeps theta only at checkpoints (recorded with ``checkpoint_every > 1``)."""
+        return self._manifest.param_stride > 1
+
+    def _end_at_checkpoint(self) -> None:
+        steps = self._manifest.steps
+        last = max((r.step + 1 for r in steps if r.has_params), default=0)
+        if last < len(steps):
+            logger.warning("The sparse store at %s ends at its last checkpoint, step %d: the %d step(s) recorded after "
+                           "it (by a recording interrupted or still running) are not read.", self.root, last - 1,
+                           len(steps) - last)
+            self._manifest.steps = steps[:last]
+            self._manifest.n_steps = last
 
     # ----------------------------------------------------------------- files
     def _static_file(self, key: str, record: FileRecord | None) -> dict[str, Tensor]:
@@ -128,6 +226,9 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         return self._static[key]
 
     def _step_tensors(self, s: int) -> dict[str, Tensor]:
+        return self._step_file(s)[0]
+
+    def _step_file(self, s: int) -> tuple[dict[str, Tensor], dict[str, str]]:
         if s in self._cache:
             self._cache.move_to_end(s)
             return self._cache[s]
@@ -143,12 +244,13 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
                                   f"samples, ...) differs from the one checksummed in {where}: the store was "
                                   f"modified. Re-record the run.")
-        self._check_params(tensors, where)
+        if record.has_params:
+            self._check_params(tensors, where)
         self._check_batch(tensors, where)
-        self._cache[s] = tensors
+        self._cache[s] = (tensors, meta)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return tensors
+        return tensors, meta
 
     def _check_specs(self, tensors: dict[str, Tensor], prefix: str, specs: Any, where: str) -> None:
         """Every tensor of ``specs`` is present with the recorded shape and dtype, and finite."""
@@ -207,6 +309,9 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
     # ----------------------------------------------------------------- per step
     def params(self, s: int) -> dict[str, Tensor]:
         s = check_param_index(s, self.n_steps)
+        if s > 0 and not self._manifest.steps[s - 1].has_params:
+            assert self._replay is not None  # only sparse stores have steps without theta
+            return self._replay.params(s)
         if s == 0:
             tensors = self._static_file("initial", self._manifest.initial_file)
         else:
@@ -220,11 +325,65 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         return {spec.name: tensors[f"const.{spec.name}"] for spec in self._manifest.constants}
 
     def updates(self, s: int) -> dict[str, LinearUpdate]:
-        return unpack_updates(self.param_names, self._step_tensors(check_step(s, self.n_steps)))
+        s = check_step(s, self.n_steps)
+        if self._replay is not None:
+            return self._replay.updates(s)
+        return unpack_updates(self.param_names, self._step_tensors(s))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the recorded parameters (from the manifest)."""
+        return dtype_from_name(self._manifest.dtype)
+
+    # ----------------------------------------------------------------- sparse stores
+    def step_replay(self, s: int) -> StepReplay:
+        """The replay record of step ``s`` of a sparse store (parameter groups, stepped parameters)."""
+        record = self._manifest.steps[s]
+        return StepReplay.decode(self._step_file(s)[1], f"Trajectory file {record.file and record.file.path!r}")
+
+    def step_scalars(self, s: int) -> Tensor:
+        """The recorded scalar coefficient table of step ``s``, shape ``(n_params, 7)`` (NaN: a tensor coefficient)."""
+        return self._step_tensors(s)["update.scalars"]
+
+    def require_data(self) -> None:
+        """Raise ``TrajectoryError`` when a sparse store has no training data to replay its steps from."""
+        if self._data is None and self._manifest.data_file is None:
+            raise TrajectoryError(
+                f"The trajectory at {str(self.root)!r} is a sparse store (checkpoint_every="
+                f"{self._manifest.param_stride}): the steps between checkpoints are rebuilt by replaying the optimizer "
+                f"on the recorded batches, which needs the training data. Pass Trajectory.load(path, "
+                f"train_data=(X, y)) with the data of the recording, or record with store_data=True."
+            )
+
+    def replay_error(self, replay_all: bool = True) -> np.ndarray:
+        r"""Per step, the replay gap of the segment ending with it, shape ``(n_steps,)``.
+
+        The gap is :math:`\|\hat\theta_{hi} - \theta_{hi}\| / \|\theta_{hi} - \theta_{lo}\|` between
+        the replayed and the stored checkpoint ``hi`` of a segment ``lo .. hi-1`` (float64); NaN at
+        the other steps, for segments not replayed (``replay_all=False``) and for dense stores.
+        """
+        if self._replay is None:
+            return np.full(self.n_steps, np.nan, dtype=np.float64)
+        return self._replay.gaps(self.n_steps, replay_all)
 
     def batch(self, s: int) -> tuple[Tensor, Tensor]:
         tensors = self._step_tensors(check_step(s, self.n_steps))
         return tensors["batch.indices"], tensors["batch.weights"]
+
+    def micro_batches(self, s: int) -> list[MicroBatch]:
+        tensors = self._step_tensors(check_step(s, self.n_steps))
+        return unpack_micro_batches(tensors, tensors["batch.indices"], tensors["batch.weights"],
+                                    f"{self._manifest.steps[s].file.path!r} (step {s})")  # type: ignore[union-attr]
+
+    def buffers(self, s: int) -> dict[str, Tensor]:
+        s = check_param_index(s, self.n_steps)
+        names = self._manifest.buffer_names
+        last = next((j for j in range(s - 1, -1, -1) if self._manifest.steps[j].buffers), None)
+        if last is None:
+            constants = self.constants()
+            return {n: constants[n] for n in names}
+        where = f"{self._manifest.steps[last].file.path!r} (step {last})"  # type: ignore[union-attr]
+        return unpack_buffers(self._step_tensors(last), names, where)
 
     def grad_scale(self, s: int) -> float:
         return float(self._manifest.steps[check_step(s, self.n_steps)].grad_scale)
@@ -248,7 +407,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         """Check every file's checksum (reads the whole store once); raises ``TrajectoryError`` at the first bad one.
 
         Of the optimizer states, the newest is checked (the one a resume loads; older steps' states
-        were overwritten by later ones, two slots in turn).
+        were overwritten by later ones, two slots in turn); a sparse store's checkpoint states are
+        all checked, and the newest audit state.
         """
         for record in (self._manifest.initial_file, self._manifest.constants_file, self._manifest.data_file):
             if record is not None:
@@ -256,9 +416,12 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         for record in self._manifest.steps:
             if record.file is not None:
                 read_tensors(self.root, record.file, step=record.step)
-        last = next((r for r in reversed(self._manifest.steps) if r.optimizer_state is not None), None)
-        if last is not None and last.optimizer_state is not None:
-            read_tensors(self.root, last.optimizer_state, step=last.step)
+        states = [r for r in self._manifest.steps if r.optimizer_state is not None]
+        for record in states if self.sparse else states[-1:]:
+            read_tensors(self.root, record.optimizer_state, step=record.step)  # type: ignore[arg-type]
+        audit = next((r for r in reversed(self._manifest.steps) if r.audit_state is not None), None)
+        if audit is not None and audit.audit_state is not None:
+            read_tensors(self.root, audit.audit_state, step=audit.step)
 
     def __repr__(self) -> str:
         return (

@@ -23,6 +23,8 @@ __all__ = [
     "FileRecord",
     "StepRecord",
     "ArchitectureSpec",
+    "TensorDigest",
+    "DataFingerprint",
     "TrajectoryManifest",
     "tensor_specs",
     "dtype_name",
@@ -108,9 +110,16 @@ class StepRecord(_Model):
     autocast : str or None
         dtype of ``torch.autocast`` during the step's forward passes (``None``: no autocast).
     has_params : bool
-        Whether the file holds ``theta_{s+1}`` (always true while ``param_stride == 1``).
+        Whether the file holds ``theta_{s+1}``: every step of a dense store; the checkpoints of a
+        sparse one (every ``param_stride``-th step and the last).
     optimizer_state : FileRecord or None
-        The optimizer's ``state_dict`` after this step (stores keep only the latest two, for resuming).
+        The optimizer's ``state_dict`` after this step (dense stores keep only the latest two, for
+        resuming; sparse stores keep one per checkpoint).
+    buffers : bool or None
+        ``True`` when the step file holds :math:`\beta_{s+1}` (buffers changed by training); ``None`` otherwise.
+    audit_state : FileRecord or None
+        Sparse stores: the recorder audit's momentum after this checkpoint (``optimizer/state-{0,1}``,
+        the latest two kept, for resuming); dense stores keep it inside ``optimizer_state``.
     """
 
     step: int
@@ -124,6 +133,8 @@ class StepRecord(_Model):
     autocast: str | None = None
     has_params: bool = True
     optimizer_state: FileRecord | None = None
+    buffers: bool | None = None
+    audit_state: FileRecord | None = None
 
 
 class ArchitectureSpec(_Model):
@@ -132,6 +143,35 @@ class ArchitectureSpec(_Model):
     name: str
     config: dict[str, Any] = Field(default_factory=dict)
     seed: int | None = None
+
+
+class TensorDigest(_Model):
+    """One tensor of the training data in a :class:`DataFingerprint`: dtype, shape of one row, SHA-256."""
+
+    dtype: str
+    row_shape: list[int]
+    sha256: str
+
+
+class DataFingerprint(_Model):
+    """A fingerprint of the training data a run was recorded with (docs/recording.md, "Training data").
+
+    Attributes
+    ----------
+    n : int
+        Number of samples.
+    rows : int
+        Number of rows hashed: ``n`` (all of them) or an evenly spaced sample of that many rows,
+        positions ``i * (n - 1) // (rows - 1)`` for ``i = 0 .. rows-1``.
+    tensors : dict of str to TensorDigest
+        ``"X"`` (or ``"X.<key>"`` / ``"X.<position>"`` for tuple and mapping inputs) and ``"y"``:
+        dtype, row shape and the SHA-256 of the hashed rows' bytes, in row order.
+    """
+
+    algorithm: Literal["sha256-rows"] = "sha256-rows"
+    n: int = Field(ge=0)
+    rows: int = Field(ge=0)
+    tensors: dict[str, TensorDigest]
 
 
 def _now() -> str:
@@ -160,15 +200,25 @@ class TrajectoryManifest(_Model):
     n_steps : int
         Number of completed steps (``len(steps)``).
     param_stride : int
-        Parameters are stored every ``param_stride`` steps (currently always 1).
+        ``checkpoint_every`` of the recording: ``theta`` and the optimizer state are stored every
+        ``param_stride`` steps and at the last step; ``1`` (a dense store): every step.
     n_train : int or None
         Number of training samples, when known.
+    train_fingerprint : DataFingerprint or None
+        Fingerprint of the training data at record time (``None``: recorded without ``train_data``,
+        or by an explaind that did not record one).
     data_file : FileRecord or None
         ``data.safetensors`` with the training data, when stored.
     initial_file, constants_file : FileRecord or None
         ``theta_0`` and the constants.
     complete : bool
         ``True`` once the recorder exited cleanly (a crashed run is resumable).
+    coupled : list of str
+        Dropout and batch-norm modules of the model (samples coupled by randomness or batch statistics).
+    random_capture : bool
+        Whether the random state of every training forward was captured (docs/recording.md).
+    buffer_names : list of str
+        The buffers tracked per step (``StepRecord.buffers`` marks the steps that changed them).
     extras : dict
         Free-form JSON metadata supplied by the caller.
     """
@@ -188,11 +238,15 @@ class TrajectoryManifest(_Model):
     n_steps: int = 0
     param_stride: int = 1
     n_train: int | None = None
+    train_fingerprint: DataFingerprint | None = None
     data_file: FileRecord | None = None
     initial_file: FileRecord | None = None
     constants_file: FileRecord | None = None
     steps: list[StepRecord] = Field(default_factory=list)
     complete: bool = False
+    coupled: list[str] = Field(default_factory=list)
+    random_capture: bool = False
+    buffer_names: list[str] = Field(default_factory=list)
     extras: dict[str, Any] = Field(default_factory=dict)
 
     @property

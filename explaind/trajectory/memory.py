@@ -14,6 +14,7 @@ from .. import __version__
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
 from ._common import TrainData, architecture_spec, loss_name, resolve_loss_record, split_model_tensors
+from ._random import MicroBatch
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
 from .recorded import RecordedTrajectory, check_param_index, check_step
 
@@ -45,6 +46,8 @@ class InMemoryTrajectory(RecordedTrajectory):
         self._batches: list[tuple[Tensor, Tensor]] = []
         self._scales: list[float] = []
         self._audit: list[float] = []
+        self._micro: list[list[MicroBatch] | None] = []
+        self._buffers: list[dict[str, Tensor]] = []  # beta_{s+1} of every step (the previous one when unchanged)
         if constants is None:
             _, constants = split_model_tensors(model)
             constants = {k: v.detach().clone() for k, v in constants.items()}
@@ -155,10 +158,18 @@ class InMemoryTrajectory(RecordedTrajectory):
         loss_scale: float | None = None,
         validate: bool = True,
         record: StepRecord | None = None,
+        micro: list[MicroBatch] | None = None,
+        buffers: dict[str, Tensor] | None = None,
     ) -> None:
-        """Add one step (used by :meth:`from_steps` and the recorder, which passes checked values and its record)."""
+        """Add one step (used by :meth:`from_steps` and the recorder, which passes checked values and its record).
+
+        The recorder also passes the step's micro-batches and :math:`\beta_{s+1}` when buffers changed.
+        """
         s = len(self._updates)
+        beta = buffers if buffers is not None else self.buffers(s)
         if not validate:
+            self._micro.append(micro)
+            self._buffers.append(beta)
             self._params.append(params_next)
             self._updates.append(updates)
             self._batches.append((indices, weights))
@@ -192,6 +203,8 @@ class InMemoryTrajectory(RecordedTrajectory):
             raise TrajectoryError(
                 f"Step {s}: batch weights of shape {tuple(weights.shape)} do not match indices {tuple(indices.shape)}."
             )
+        self._micro.append(micro)
+        self._buffers.append(beta)
         self._params.append(dict(params_next))
         self._updates.append(full)
         self._batches.append((indices, weights))
@@ -232,6 +245,16 @@ class InMemoryTrajectory(RecordedTrajectory):
 
     def updates(self, s: int) -> dict[str, LinearUpdate]:
         return dict(self._updates[check_step(s, self.n_steps)])
+
+    def micro_batches(self, s: int) -> list[MicroBatch]:
+        micro = self._micro[check_step(s, self.n_steps)]
+        return list(micro) if micro is not None else super().micro_batches(s)
+
+    def buffers(self, s: int) -> dict[str, Tensor]:
+        s = check_param_index(s, self.n_steps)
+        if s == 0 or not self._manifest.buffer_names:
+            return {n: self._constants[n] for n in self._manifest.buffer_names}
+        return dict(self._buffers[s - 1])
 
     def batch(self, s: int) -> tuple[Tensor, Tensor]:
         return self._batches[check_step(s, self.n_steps)]

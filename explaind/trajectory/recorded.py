@@ -66,6 +66,12 @@ class RecordedTrajectory(Trajectory):
     _data: TrainData | None
 
     @property
+    def buffer_names(self) -> tuple[str, ...]:
+        """The tracked buffers, when training changed them at some step (else empty)."""
+        names = tuple(self._manifest.buffer_names)
+        return names if any(r.buffers for r in self._manifest.steps) else ()
+
+    @property
     def model(self) -> nn.Module:
         return self._model
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
-from ..recurrence import LinearUpdate
+from ..exceptions import ConfigError, TrajectoryError
+from ._buffers import BufferTracker
 from ._checks import (
     AUTO_CHECK_EVERY,
     AUTO_CHECK_STEPS,
     CheckSchedule,
     autocast_tolerance,
-    check_batch_gradient,
-    check_loss_decomposes,
     default_tolerance,
 )
 from ._common import (
@@ -45,13 +42,14 @@ from ._common import (
 )
 from ._gradients import AutocastProbe, GradientTap, UpdateAudit, has_stochastic_layers, is_power_of_two
 from ._participation import (
-    called_by_grad_scaler,
+    collect_updates,
     foreign_parameters,
-    own_update,
+    refuse_unknown_grad_scaler,
     stepped_parameters,
     stepped_without_backward,
-    without_gradient_input,
 )
+from ._random import RandomCapture, RandomState
+from ._recorder_checks import RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
 from .disk import DiskTrajectory
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
@@ -62,9 +60,6 @@ __all__ = ["TrajectoryRecorder", "AUTO_CHECK_STEPS", "AUTO_CHECK_EVERY"]
 
 logger = logging.getLogger(__name__)
 
-_UNCHANGED = LinearUpdate(a=1.0, b=0.0, P=0.0)
-
-
 @dataclass(frozen=True)
 class _Logged:
     """One ``log_batch`` call: the samples, the tap's sequence number then, whether the gradient was finite."""
@@ -73,9 +68,12 @@ class _Logged:
     weights: Tensor
     seq: int
     finite: bool | None
+    forwards: int = -1
+    state: RandomState | None = None
+    eval_forwards: int = 0
 
 
-class TrajectoryRecorder(RecorderStoreMixin):
+class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
     r"""Record a training run for exact kernel replicas and influence scores.
 
     Parameters
@@ -116,7 +114,11 @@ class TrajectoryRecorder(RecorderStoreMixin):
         Store the optimizer's ``state_dict`` after every step (``True``), every ``k``-th step (an int
         ``k``) or never, keeping the latest two, so :meth:`restore` can resume exactly. Resuming
         continues after the last stored state: with ``k > 1`` the steps recorded after it are
-        dropped and recorded again.
+        dropped and recorded again. With ``checkpoint_every > 1`` the state is stored at every checkpoint.
+    checkpoint_every : int
+        Store :math:`\theta` and the optimizer state every ``k`` steps and at the last step only (a sparse
+        store, docs/recording.md "Sparse checkpoints"); the other steps keep their batch and scalars and
+        are replayed from the nearest checkpoint when read (needs the training data). ``1``: every step.
     background_writes : bool
         Write step files on a worker thread, at most 4 steps behind; failures surface at the next step or exit.
     fsync : bool
@@ -133,6 +135,10 @@ class TrajectoryRecorder(RecorderStoreMixin):
         frozen), so they may be unfrozen later; by default they are constants and stepping one is refused.
     extras : dict, optional
         JSON metadata stored in ``manifest.extras``.
+    capture_random : bool or "auto"
+        Save the random generators' state before every training forward and tie it to its
+        micro-batch, so dropout masks and batch statistics are replayed exactly (docs/recording.md,
+        "Dropout and batch norm"); ``"auto"``: when the model has dropout or batch norm.
 
     Notes
     -----
@@ -160,12 +166,14 @@ class TrajectoryRecorder(RecorderStoreMixin):
         check_gradients: bool | int | str = "auto",
         store_data: bool = True,
         save_optimizer_state: bool | int = True,
+        checkpoint_every: int = 1,
         background_writes: bool = True,
         fsync: bool = True,
         gradient_tolerance: float | None = None,
         extras: dict[str, Any] | None = None,
         grad_scaler: Any = None,
         record_frozen: bool = False,
+        capture_random: bool | str = "auto",
     ):
         from ..plugins import resolve_optimizer_adapter
 
@@ -191,6 +199,8 @@ class TrajectoryRecorder(RecorderStoreMixin):
             constants = {n: t for n, t in constants.items() if n not in self._constant_params}
             self._constant_params = {}
         self._constant_names = tuple(constants)
+        self._random = RandomCapture(model, capture_random)
+        self._buffers = BufferTracker(model, self._constant_names)
         if not self._params:
             raise ConfigError("The model has no trainable parameters (requires_grad=True); nothing to record.")
         self._check_optimizer_params()
@@ -202,14 +212,8 @@ class TrajectoryRecorder(RecorderStoreMixin):
         self._scaler = grad_scaler
         self._schedule = self._resolve_check(check_gradients)
         self._store = Path(store) if store is not None else None
-        if not (isinstance(save_optimizer_state, bool) or (type(save_optimizer_state) is int and
-                                                           save_optimizer_state > 0)):
-            raise ConfigError(
-                f"save_optimizer_state={save_optimizer_state!r} is not allowed. Choose True, False or a positive int "
-                f"k (store the optimizer state every k steps)."
-            )
+        self._storage_options(save_optimizer_state, checkpoint_every)
         self._store_data = bool(store_data)
-        self._state_every = int(save_optimizer_state) if save_optimizer_state is not False else 0
         self._background, self._fsync = bool(background_writes), bool(fsync)
         hp = json.loads(json.dumps(self._adapter.hyperparameters(), default=str))
         self._manifest = TrajectoryManifest(
@@ -218,7 +222,8 @@ class TrajectoryRecorder(RecorderStoreMixin):
             adapter=self._adapter_record.name, adapter_hyperparameters=hp,
             optimizer_class=f"{type(optimizer).__module__}.{type(optimizer).__name__}", loss=loss_name(self._loss),
             architecture=architecture_spec(model), n_train=len(self._data) if self._data is not None else None,
-            extras=dict(extras or {}),
+            extras=dict(extras or {}), coupled=self._random.coupled, random_capture=self._random.enabled,
+            buffer_names=list(self._buffers.names), param_stride=self._every,
         )
         self._resumed = self._restarted = False
         if self._store is not None:
@@ -259,7 +264,8 @@ class TrajectoryRecorder(RecorderStoreMixin):
 
     def _resolve_check(self, check: Any) -> CheckSchedule:
         schedule = CheckSchedule(check)
-        if schedule.kind == "auto" and (self._data is None or has_stochastic_layers(self.model)):
+        if schedule.kind == "auto" and (self._data is None or (has_stochastic_layers(self.model) and
+                                                               not self._random.enabled)):
             return CheckSchedule(False)
         if not schedule.never and self._data is None:
             raise ConfigError(
@@ -282,23 +288,20 @@ class TrajectoryRecorder(RecorderStoreMixin):
         indices : 1-D int tensor, array or sequence, shape (n,)
             Dataset positions of the samples (repeats allowed).
         weights : 1-D float tensor, shape (n,), optional
-            :math:`w_{s,k}`; default ``1/n`` for every sample (the mean reduction of this micro-batch).
+            :math:`w_{s,k}`; default ``1/n`` each (the mean reduction), or token shares for e.g. ``"causal_lm"``.
         """
         if not self._active:
             raise TrajectoryError(
                 "rec.log_batch() was called outside the recorder: wrap the training loop in `with rec:`."
             )
         idx = validate_indices(indices, len(self._data) if self._data is not None else None)
-        w = validate_weights(weights, idx, self._dtype)
+        w = validate_weights(weights, idx, self._dtype, self._loss, self._data)
         self._drop_skipped_step()
-        self._pending.append(_Logged(idx, w, self._tap.seq, self._tap.finite_since(-1)))
+        self._pending.append(_Logged(idx, w, self._tap.seq, self._tap.finite_since(-1), *self._random.take()))
 
     def _drop_skipped_step(self) -> None:
-        """Forget the batches of a step that was skipped (``GradScaler`` found inf/nan and did not call step).
-
-        The last logged micro-batch saw a non-finite accumulated gradient; if the gradients produced
-        since are finite, the accumulation was reset (a non-finite sum stays non-finite) without an
-        optimizer step: those batches were never applied.
+        """Forget the batches of a step ``GradScaler`` skipped: the last one saw a non-finite accumulated gradient,
+        and finite gradients since mean the accumulation restarted (a non-finite sum stays non-finite) without a step.
         """
         if not self._pending or self._pending[-1].finite is not False:
             return
@@ -339,6 +342,8 @@ class TrajectoryRecorder(RecorderStoreMixin):
         self._theta = theta
         self._tap.attach()
         self._probe.attach()
+        self._random.attach()
+        self._buffers.start()
         self._handles = [
             self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step),
@@ -352,6 +357,7 @@ class TrajectoryRecorder(RecorderStoreMixin):
         self._handles.clear()
         self._tap.detach()
         self._probe.detach()
+        self._random.detach()
         self._active = False
         if self._pending:
             if self._pending[-1].finite is False:
@@ -363,30 +369,37 @@ class TrajectoryRecorder(RecorderStoreMixin):
                                len(self._pending))
             self._pending.clear()
         if self._writer is not None:
-            writer, self._writer = self._writer, None
             try:
-                writer.close(complete=exc_type is None and self._broken is None)
-            except TrajectoryError:
-                if exc_type is None:
-                    raise
-                logger.exception("Closing the trajectory store failed while handling another error.")
+                self._final_checkpoint(exc_type is not None)
+            finally:
+                writer, self._writer = self._writer, None
+                try:
+                    writer.close(complete=exc_type is None and self._broken is None)
+                except TrajectoryError:
+                    if exc_type is None:
+                        raise
+                    logger.exception("Closing the trajectory store failed while handling another error.")
 
     # ----------------------------------------------------------------- hooks
-    def _refuse_gradscaler_without_scaler(self) -> None:
-        if self._scaler is None and called_by_grad_scaler():
-            raise TrajectoryError(
-                f"Step {self._n}: optimizer.step() is called by torch.amp.GradScaler.step, but the recorder does "
-                f"not know the scaler, so the loss scale of each step cannot be recorded. Fix: "
-                f"TrajectoryRecorder(..., grad_scaler=scaler)."
-            )
-
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        s = self._n
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
         if self._broken is not None:
             raise TrajectoryError(f"Recording stopped after an error at {self._broken}; start a new recorder.")
         if self._writer is not None:
             self._writer.check()
-        self._refuse_gradscaler_without_scaler()
+        refuse_unknown_grad_scaler(self._scaler, self._n)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None:
+            return self._begin_step(optimizer)
+
+        def run() -> Any:  # step(closure) (e.g. Lightning): the gradients exist once the closure has run
+            value = closure()
+            self._begin_step(optimizer)
+            return value
+
+        return (args if "closure" in kwargs else args[:1] + args[2:]), {**kwargs, "closure": run}
+
+    def _begin_step(self, optimizer: Any) -> None:
+        s = self._n
         if not self._pending:
             raise TrajectoryError(
                 f"Step {s}: optimizer.step() was called without a logged batch: call rec.log_batch(indices) before "
@@ -424,70 +437,40 @@ class TrajectoryRecorder(RecorderStoreMixin):
         device = next(iter(self._params.values())).device
         if not self._loss_checked and self._data is not None:
             self._check_loss_callable(device)
-        check = None
-        if due:
-            raw = {n: self._tap.raw(n, g) for n, g in seen.items() if n not in no_input}
-            x, y = self._data.get(indices)  # type: ignore[union-attr]
-            self._probe.paused = True
-            try:
-                check = check_batch_gradient(self.model, self._params, raw, self._loss,
-                                             (x.to(device), y.to(device), weights.to(device)), s, tol, autocast)
-            finally:
-                self._probe.paused = False
+        check = self._check_gradient(seen, no_input, indices, weights, device, s, tol, autocast) if due else None
+        if check is not None:
             self._sigma = check.sigma / (amp or 1.0)
             if autocast is not None and abs(self._sigma - 1.0) <= tol:
                 self._sigma = 1.0  # autocast rounding is not a loss scale
             self._checked_c = c_in
         before = self._adapter.before_step(optimizer)
-        return {"indices": indices, "weights": weights, "scale": c_in * (amp or 1.0) * self._sigma,
-                "check": check, "amp": amp, "autocast": autocast, "no_input": no_input,
-                "seen": seen if self._audit_on else None, "before": before}
-
-    def _check_loss_callable(self, device: torch.device) -> None:
-        """Once, on the first logged micro-batch: a user loss callable must equal sum_k w_k * per-sample loss."""
-        self._loss_checked = True
-        first = self._pending[0]
-        x, y = self._data.get(first.indices)  # type: ignore[union-attr]
-        self._probe.paused = True
-        try:
-            message = check_loss_decomposes(self.model, self._params, self._loss, x.to(device), y.to(device),
-                                            first.weights)
-        finally:
-            self._probe.paused = False
-        if message is None:
-            return
-        if not self._schedule.never:
-            raise TrajectoryError(f"Step {self._n}: {message}")
-        logger.warning("%s", message)
-        warnings.warn(message, ExplaindWarning, stacklevel=4)
+        return {"indices": indices, "weights": weights, "micro": self._micro_batches(),
+                "scale": c_in * (amp or 1.0) * self._sigma, "stepped": tuple(stepped), "check": check, "amp": amp,
+                "autocast": autocast, "no_input": no_input, "seen": seen if self._audit_on else None,
+                "before": before}
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         s, st = self._n, self._step_state
         assert st is not None and self._theta is not None
         try:
-            by_id = self._adapter.after_step(optimizer, st["before"])
-            updates = {}
-            for n, p in self._params.items():
-                u = by_id.get(id(p))
-                if u is None:
-                    updates[n] = _UNCHANGED
-                elif n in st["no_input"]:
-                    updates[n] = without_gradient_input(n, own_update(u), s)
-                else:
-                    updates[n] = own_update(u)
+            updates = collect_updates(self._params, self._adapter.after_step(optimizer, st["before"]),
+                                      st["no_input"], s)
             theta_next = {n: p.detach().clone() for n, p in self._params.items()}
             audit = self._auditor.step(self._theta, theta_next, st["seen"], updates) if self._audit_on else math.nan
             check = st["check"]
+            buffers = self._buffers.changed()
             record = StepRecord(step=s, n_samples=int(st["indices"].shape[0]), grad_scale=float(st["scale"]),
                                 audit=None if math.isnan(audit) else audit,
                                 loss_scale=None if check is None else check.sigma,
                                 gradient_check=None if check is None else check.mismatch, amp_scale=st["amp"],
-                                autocast=None if st["autocast"] is None else dtype_name(st["autocast"]))
+                                autocast=None if st["autocast"] is None else dtype_name(st["autocast"]),
+                                buffers=True if buffers is not None else None)
             if self._memory is not None:
                 self._memory._append(theta_next, updates, st["indices"], st["weights"], record.grad_scale, audit,
-                                     record.loss_scale, validate=False, record=record)
+                                     record.loss_scale, validate=False, record=record, micro=st["micro"],
+                                     buffers=buffers)
             else:
-                self._write_step(record, theta_next, updates, st)
+                self._write_step(record, theta_next, updates, st, buffers)
         except BaseException as exc:
             self._broken = f"step {s} ({type(exc).__name__}: {exc})"
             raise

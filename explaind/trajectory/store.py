@@ -15,6 +15,11 @@ Layout of a store directory::
                                   order, NaN where the coefficient is a tensor stored as
                                   "update.<name>.<field>"), "batch.indices", "batch.weights"
     optimizer/state-{0,1}.safetensors   optimizer.state_dict() after the latest steps (for resuming)
+    optimizer/checkpoint-000123.safetensors   a sparse store (checkpoint_every > 1): the optimizer
+                                  state after each checkpoint step, all kept (replay and resuming);
+                                  its steps hold theta_{s+1} only at checkpoints ("has_params"), and
+                                  every step file of it holds only "update.scalars" of the
+                                  coefficients plus a "replay" metadata entry (explaind/trajectory/_sparse.py)
 
 A step counts as complete once its journal line is written, which happens after its files were
 moved into place, so a crash loses at most the steps not yet committed. ``manifest.json`` is
@@ -49,6 +54,7 @@ from ._layout import (
     JOURNAL,
     MANIFEST,
     SETUP,
+    checkpoint_state_path,
     mark_setup,
     remove_store,
     remove_temporary_files,
@@ -109,7 +115,8 @@ def unpack_updates(names: tuple[str, ...], tensors: dict[str, Tensor]) -> dict[s
 
 def record_binding(record: StepRecord) -> str:
     """The fields of a step record that change results, as stored inside the step's (checksummed) file."""
-    return record.model_dump_json(exclude={"file", "optimizer_state"})
+    exclude = {"file", "optimizer_state", "audit_state"} | ({"buffers"} if record.buffers is None else set())
+    return record.model_dump_json(exclude=exclude)  # a field added later is left out while unset
 
 
 def is_store(path: Path) -> bool:
@@ -282,17 +289,22 @@ class StoreWriter:
     new : bool
         Set up a new store: the set-up marker is created and the manifest is not written until
         :meth:`finish_setup` (after the start files), so an interruption leaves no store.
+    keep_states : bool
+        Keep every optimizer state handed over (``optimizer/checkpoint-{s:06d}.safetensors``, the
+        checkpoints of a sparse store) instead of the newest one in two alternating slots.
     """
 
     def __init__(self, root: Path, manifest: TrajectoryManifest, *, fsync: bool = True, background: bool = True,
-                 max_queue: int = 4, new: bool = False):
+                 max_queue: int = 4, new: bool = False, keep_states: bool = False):
         self.root = Path(root)
         self.manifest = manifest
         self.fsync = fsync
+        self.keep_states = bool(keep_states)
         self._error: BaseException | None = None
         self._error_step: int | None = None
         # slot (0/1) of the optimizer state of the last committed step; the next state goes to the other one
-        last = next((r.optimizer_state for r in reversed(manifest.steps) if r.optimizer_state is not None), None)
+        slot_of = (lambda r: r.audit_state) if keep_states else (lambda r: r.optimizer_state)
+        last = next((slot_of(r) for r in reversed(manifest.steps) if slot_of(r) is not None), None)
         self._slot = 1 if last is not None and last.path.endswith("state-1.safetensors") else 0
         self._lock = threading.Lock()
         self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
@@ -381,10 +393,14 @@ class StoreWriter:
         record: StepRecord,
         tensors: dict[str, Tensor],
         optimizer_state: tuple[dict[str, Tensor], dict[str, str]] | None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
-        """Queue step ``record.step``: its file, the optimizer state after it (optional), then its journal line."""
+        """Queue step ``record.step``: its file, the optimizer state after it (optional), then its journal line.
+
+        ``metadata`` is added to the step file's (checksummed) safetensors metadata.
+        """
         self.check()
-        item = (record, tensors, optimizer_state)
+        item = (record, tensors, optimizer_state, dict(metadata or {}))
         if self._queue is None:
             try:
                 self._commit([item])
@@ -395,26 +411,28 @@ class StoreWriter:
             self._pending.acquire()  # at most max_queue steps handed over and not yet committed
             self._queue.put(item)
 
-    def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any]]) -> None:
+    def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any, dict[str, str]]]) -> None:
         """Write the files of consecutive steps, then their journal lines (the commit point).
 
         Only the newest optimizer state of the group is written, into the slot *not* holding the
-        state of the last committed step, so a crash at any point leaves a resumable store.
+        state of the last committed step, so a crash at any point leaves a resumable store; with
+        ``keep_states`` every state is written to its own checkpoint file.
         """
         last_state = max((i for i, item in enumerate(items) if item[2] is not None), default=None)
         done: list[StepRecord] = []
         try:
-            for i, (record, tensors, state) in enumerate(items):
+            for i, (record, tensors, state, extra) in enumerate(items):
                 s = self._error_step = record.step
-                meta = {"step": str(s), "record": record_binding(record)}  # checksummed with the file
+                meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
                 file = write_tensors(self.root, step_path(s), tensors, meta, fsync=self.fsync, fsync_dir=False)
-                state_file = None
-                if i == last_state:
-                    slot = 1 - self._slot
-                    state_tensors, meta = state
-                    state_file = write_tensors(self.root, f"optimizer/state-{slot}.safetensors", state_tensors,
-                                               dict(meta, n_steps=str(s + 1)), fsync=self.fsync, fsync_dir=False)
-                done.append(record.model_copy(update={"file": file, "optimizer_state": state_file}))
+                files: dict[str, FileRecord | None] = {"file": file, "optimizer_state": None}
+                if state is not None and self.keep_states:
+                    files.update(self._write_checkpoint_state(s, *state))
+                elif state is not None and i == last_state:
+                    files["optimizer_state"] = write_tensors(
+                        self.root, f"optimizer/state-{1 - self._slot}.safetensors", state[0],
+                        dict(state[1], n_steps=str(s + 1)), fsync=self.fsync, fsync_dir=False)
+                done.append(record.model_copy(update=files))
         finally:
             if done:
                 if self.fsync:
@@ -427,8 +445,22 @@ class StoreWriter:
                     os.fsync(self._journal.fileno())
                 with self._lock:
                     self.manifest.steps.extend(done)
-                if last_state is not None and last_state < len(done):
+                if last_state is not None and last_state < len(done) and not self.keep_states:
                     self._slot = 1 - self._slot
+
+    def _write_checkpoint_state(self, s: int, tensors: dict[str, Tensor],
+                                meta: dict[str, str]) -> dict[str, FileRecord | None]:
+        """A sparse store's checkpoint: the optimizer state kept for good, the audit's momentum in the next slot."""
+        own = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
+        audit = {k: v for k, v in tensors.items() if k.startswith("audit.")}
+        out: dict[str, FileRecord | None] = {"optimizer_state": write_tensors(
+            self.root, checkpoint_state_path(s), own, dict(meta, n_steps=str(s + 1)), fsync=self.fsync,
+            fsync_dir=False)}
+        if audit:
+            out["audit_state"] = write_tensors(self.root, f"optimizer/state-{1 - self._slot}.safetensors", audit,
+                                               {"n_steps": str(s + 1)}, fsync=self.fsync, fsync_dir=False)
+            self._slot = 1 - self._slot  # the record is committed with the group (the journal lists it)
+        return out
 
     def flush(self) -> None:
         """Wait until every queued step is on disk; raise a failed write's error."""

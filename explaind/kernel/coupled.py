@@ -1,0 +1,120 @@
+r"""Per-sample gradients through the replayed batched training forward (dropout, batch norm; docs/maths.md).
+
+With dropout or batch norm in training mode the gradient the optimizer saw is that of
+:math:`L_s(\theta) = \sum_k w_k \ell_k(F(X_B; \theta, \xi_s))`: ``F`` is the *batched* forward (batch
+statistics couple the samples) and :math:`\xi_s` the random state of the micro-batch's forward
+(dropout masks). The atom of sample ``k`` is the gradient of its own loss term through that shared
+forward,
+
+.. math::
+
+    G_k = w_k \frac{\partial}{\partial\theta} \ell_k\big(F(X_B; \theta, \xi_s)\big)\Big|_{\theta_s},
+    \qquad \sum_k G_k = \nabla_\theta L_s(\theta_s),
+
+so the atoms add up to the batch gradient exactly. :func:`coupled_sample_grads` runs one batched
+forward per micro-batch, on a training-mode copy of the model with cloned buffers (nothing is
+mutated), under the recorded state (:func:`~explaind.trajectory._random.replayed`), and takes the
+``B`` gradients as one batched backward with cotangents :math:`w_k e_k` (``is_grads_batched``,
+chunked by ``chunk_size``). :func:`step_replay` says which steps need it and refuses steps that
+cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..inputs import call_model
+from ..outputs import model_output
+from ..trajectory._random import RandomState, replay_parts, replayed
+from .explained import FunctionalModel, Params
+from .layout import ParamLayout
+
+__all__ = ["Replay", "step_replay", "coupled_sample_grads", "training_module"]
+
+
+@dataclass(frozen=True)
+class Replay:
+    """How to recompute step ``step``'s batch: micro-batch positions ``[lo, hi)`` in the batch and their states."""
+
+    step: int
+    parts: tuple[tuple[int, int, RandomState], ...]
+
+
+def step_replay(traj: Any, s: int) -> Replay | None:
+    """The :class:`Replay` of step ``s``, or ``None`` when it needs none.
+
+    None is needed without dropout or batch norm, without captured states, or when every forward
+    of the step ran in evaluation mode.
+
+    Raises
+    ------
+    TrajectoryError
+        When the run captured random states but a micro-batch of step ``s`` saw no or several
+        training forwards between two ``log_batch`` calls: its masks and batch statistics are not known.
+    """
+    manifest = traj.manifest
+    if not (getattr(manifest, "random_capture", False) and getattr(manifest, "coupled", None)):
+        return None
+    parts = replay_parts(traj.micro_batches(s), manifest.coupled, f"Step {s}")
+    return None if parts is None else Replay(s, parts)
+
+
+def training_module(fm: FunctionalModel) -> nn.Module:
+    """A copy of ``fm``'s module with every submodule in training mode (cached on ``fm``)."""
+    cached = getattr(fm, "_training_module", None)
+    if cached is None:
+        cached = copy.deepcopy(fm.module).train()
+        fm._training_module = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def coupled_sample_grads(fm: FunctionalModel, theta: Params, block: ParamLayout, batch: Any,
+                         chunk_size: int | None, summed: bool = False) -> Tensor:
+    r""":math:`G_k` (weights :math:`c_s w_{s,k}` included) on ``block``, ``(B, D_b)``; with ``summed`` their sum.
+
+    ``batch`` is a :class:`~explaind.kernel.evaluate.Batch` whose ``replay`` is a :class:`Replay`.
+    """
+    module = training_module(fm)
+    buffer_names = {n for n, _ in module.named_buffers()}
+    names = block.names
+    B = batch.weights.shape[0]
+    out = torch.zeros((block.size,) if summed else (B, block.size), dtype=fm.dtype, device=fm.device)
+    for lo, hi, state in batch.replay.parts:
+        point = {n: (t.detach().requires_grad_(True) if n in names else t.detach()) for n, t in theta.items()}
+        state_dict = {**fm.constants, **point}
+        state_dict = {n: (t.clone() if n in buffer_names else t) for n, t in state_dict.items()}  # BN mutates these
+        with torch.enable_grad(), replayed(state, fm.device, f"Step {batch.replay.step}"):
+            losses = fm.loss_fn(model_output(call_model(module, state_dict, batch.X[lo:hi])), batch.Y[lo:hi])
+        losses = losses.reshape(-1)
+        w = batch.weights[lo:hi].to(losses.dtype)
+        inputs = [point[n] for n in names]
+        if summed:
+            grads = torch.autograd.grad((w * losses).sum(), inputs, allow_unused=True)
+            out += block.flatten(_filled(names, grads, point))
+            continue
+        n = hi - lo
+        step = chunk_size or n
+        for c in range(0, n, step):
+            rows = torch.arange(c, min(c + step, n), device=fm.device)
+            cot = torch.zeros(rows.shape[0], n, dtype=losses.dtype, device=fm.device)
+            cot[torch.arange(rows.shape[0], device=fm.device), rows] = w[rows]
+            grads = torch.autograd.grad(losses, inputs, grad_outputs=cot, is_grads_batched=True, retain_graph=True,
+                                        allow_unused=True)
+            out[lo + c:lo + c + rows.shape[0]] = block.flatten(_filled(names, grads, point, rows.shape[0]), lead=1)
+    return out
+
+
+def _filled(names: Any, grads: Any, point: Params, lead: int | None = None) -> Params:
+    """``name -> gradient`` with zeros for parameters the loss does not reach."""
+    out = {}
+    for n, g in zip(names, grads):
+        if g is None:
+            shape = point[n].shape if lead is None else (lead, *point[n].shape)
+            g = torch.zeros(shape, dtype=point[n].dtype, device=point[n].device)
+        out[n] = g
+    return out

@@ -1,0 +1,225 @@
+r"""Replaying the steps of a sparse store between two checkpoints (docs/recording.md, "Sparse checkpoints").
+
+A store recorded with ``checkpoint_every=k`` holds :math:`\theta` and the optimizer state only at
+checkpoints :math:`c_0 = 0 < c_1 < \dots`. For a step :math:`s` with :math:`c_j \le s < c_{j+1}`,
+:class:`SegmentReplay` rebuilds the segment: starting from the stored :math:`\theta_{c_j}` and
+optimizer state, for :math:`s = c_j, \dots, c_{j+1}-1` it recomputes the batch gradient
+:math:`c_s \sum_k w_{s,k} \nabla\ell_k(\theta_s)` from the training data (the functional path of
+the recorder's gradient check), hands it to a fresh optimizer of the recorded class with the
+step's recorded hyperparameters, runs ``optimizer.step()`` and asks the adapter for the step's
+:class:`~explaind.recurrence.LinearUpdate`, exactly as the recorder did.
+
+The replayed :math:`\hat\theta_{c_{j+1}}` is compared with the stored checkpoint; the relative gap
+:math:`\|\hat\theta_{c_{j+1}} - \theta_{c_{j+1}}\| / \|\theta_{c_{j+1}} - \theta_{c_j}\|` is kept per
+segment and warned about above a tolerance. The trajectory then uses the *stored*
+:math:`\theta_{c_{j+1}}`, so :math:`\Delta\theta_{c_{j+1}-1}` ends on the checkpoint: the sum of the
+steps telescopes to the recorded end points and the gap lands in the residual of the segment's last
+step (docs/maths.md §4). Segments are cached (least recently used), so sweeps that walk
+the steps forwards or backwards replay each segment once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from ..exceptions import ExplaindWarning, TrajectoryError
+from ..recurrence import LinearUpdate
+from ._checks import batch_gradient, default_tolerance
+from ._io import decode_optimizer_state, read_tensors
+from ._participation import collect_updates
+from ._sparse import StepReplay, apply_groups, relative_gap
+from .store import pack_updates
+
+__all__ = ["SegmentReplay", "Segment"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Segment:
+    r"""The replayed steps ``lo .. hi-1`` between the checkpoints ``lo`` and ``hi``.
+
+    Attributes
+    ----------
+    lo, hi : int
+        The checkpoints (``theta_lo`` and ``theta_hi`` are stored).
+    thetas : list of dict
+        :math:`\theta_t` for ``t = lo .. hi`` (the stored ones at both ends).
+    updates : list of dict
+        The :class:`LinearUpdate` of each step ``lo .. hi-1``.
+    gap : float
+        :math:`\|\hat\theta_{hi} - \theta_{hi}\| / \|\theta_{hi} - \theta_{lo}\|` (float64).
+    """
+
+    lo: int
+    hi: int
+    thetas: list[dict[str, Tensor]]
+    updates: list[dict[str, LinearUpdate]]
+    gap: float
+
+
+class SegmentReplay:
+    """Rebuild the parameters and coefficients of a sparse store's steps, one segment at a time.
+
+    Parameters
+    ----------
+    source : DiskTrajectory
+        The sparse store's reader (its stored checkpoints, step files, data, model and loss).
+    tolerance : float, optional
+        Largest replay gap before an :class:`~explaind.exceptions.ExplaindWarning` (default: the
+        recorder's gradient tolerance, 1e-7 in float64 and 1e-3 in float32).
+    cache_segments : int
+        Replayed segments kept in memory.
+    """
+
+    def __init__(self, source: Any, tolerance: float | None = None, cache_segments: int = 2):
+        self._src = source
+        manifest = source.manifest
+        self._ends = [0] + [r.step + 1 for r in manifest.steps if r.has_params]
+        self._tol = float(tolerance) if tolerance is not None else default_tolerance(source.dtype)
+        self._cache: OrderedDict[int, Segment] = OrderedDict()
+        self._cache_size = max(1, int(cache_segments))
+        self._gaps: dict[int, float] = {}
+
+    # ----------------------------------------------------------------- lookup
+    def bounds(self, s: int) -> tuple[int, int]:
+        """The checkpoints ``(lo, hi)`` with ``lo <= s < hi``."""
+        j = bisect.bisect_right(self._ends, s)
+        return self._ends[j - 1], self._ends[j]
+
+    def segment(self, s: int) -> Segment:
+        """The replayed segment holding step ``s`` (cached)."""
+        lo, hi = self.bounds(s)
+        if lo in self._cache:
+            self._cache.move_to_end(lo)
+            return self._cache[lo]
+        seg = self._replay(lo, hi)
+        self._cache[lo] = seg
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return seg
+
+    def params(self, t: int) -> dict[str, Tensor]:
+        r""":math:`\theta_t` (replayed; ``t`` must not be a checkpoint)."""
+        seg = self.segment(t)
+        return seg.thetas[t - seg.lo]
+
+    def updates(self, s: int) -> dict[str, LinearUpdate]:
+        """The coefficients of step ``s``."""
+        seg = self.segment(s)
+        return seg.updates[s - seg.lo]
+
+    def gaps(self, n_steps: int, replay_all: bool) -> np.ndarray:
+        """Per step: the gap of the segment that ends with it (NaN elsewhere and for segments not replayed)."""
+        if replay_all:
+            for lo, hi in zip(self._ends[:-1], self._ends[1:]):
+                if hi not in self._gaps:
+                    self.segment(lo)
+        out = np.full(n_steps, np.nan, dtype=np.float64)
+        for hi, gap in self._gaps.items():
+            out[hi - 1] = gap
+        return out
+
+    # ----------------------------------------------------------------- replay
+    def _optimizer(self, first: StepReplay, lo: int, theta: dict[str, Tensor]) -> tuple[Any, Any, dict[str, Tensor]]:
+        """A fresh optimizer of the recorded class over copies of ``theta_lo``, with the state stored at ``lo``."""
+        from ..plugins import get_entry
+
+        src, manifest = self._src, self._src.manifest
+        record = get_entry("optimizer_adapter", str(manifest.adapter))
+        cls = next((c for c in record.optimizer_classes
+                    if f"{c.__module__}.{c.__name__}" == manifest.optimizer_class), None)
+        if cls is None:
+            raise TrajectoryError(
+                f"The sparse store at {str(src.root)!r} was recorded with {manifest.optimizer_class}, which the "
+                f"adapter {manifest.adapter!r} does not list in optimizer_classes, so its steps cannot be replayed. "
+                f"Install the plugin that recorded it, or re-record with checkpoint_every=1."
+            )
+        constants = src.constants()
+        leaves = {n: theta[n].detach().clone().requires_grad_(True) for n in src.param_names}
+        for g in first.groups:
+            for n in g["params"]:
+                if n not in leaves:  # a frozen parameter held by the optimizer: never stepped
+                    leaves[n] = constants[n].detach().clone().requires_grad_(True)
+        groups = [{**{k: (tuple(v) if isinstance(v, list) else v) for k, v in g.items() if k != "params"},
+                   "params": [leaves[n] for n in g["params"]]} for g in first.groups]
+        optimizer = cls(groups)
+        adapter = record.implementation.from_optimizer(optimizer)
+        if lo > 0:
+            state_file = manifest.steps[lo - 1].optimizer_state
+            if state_file is None:
+                raise TrajectoryError(f"Checkpoint step {lo - 1} of the store at {str(src.root)!r} has no optimizer "
+                                      f"state; the store is corrupted. Re-record the run.")
+            tensors, meta = read_tensors(src.root, state_file, step=lo - 1)
+            state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
+            try:
+                optimizer.load_state_dict(decode_optimizer_state(state, meta, optimizer.state_dict()))
+            except (ValueError, KeyError) as exc:
+                raise TrajectoryError(f"The optimizer state of checkpoint step {lo - 1} at {str(src.root)!r} does "
+                                      f"not fit the recorded parameter groups ({exc}); the store is corrupted. "
+                                      f"Re-record the run.") from None
+        return optimizer, adapter, {n: leaves[n] for n in src.param_names}
+
+    def _replay(self, lo: int, hi: int) -> Segment:
+        src = self._src
+        src.require_data()
+        names = list(src.param_names)
+        start = src.params(lo)
+        optimizer, adapter, leaves = self._optimizer(src.step_replay(lo), lo, start)
+        model, constants, loss = src.model, src.constants(), src.loss
+        thetas: list[dict[str, Tensor]] = [start]
+        updates: list[dict[str, LinearUpdate]] = []
+        for s in range(lo, hi):
+            info = src.step_replay(s)
+            where = f"Step {s} of the sparse store at {str(src.root)!r}"
+            apply_groups(optimizer, info.groups, where)
+            idx, w = src.batch(s)
+            x, y = src.train_samples(idx)
+            stepped = [n for n in names if n in set(info.stepped)]
+            grads = batch_gradient(model, constants, {n: leaves[n] for n in names}, stepped, loss, (x, y, w))
+            scale = src.grad_scale(s)
+            for n, p in leaves.items():
+                p.grad = grads[n].mul(scale) if n in grads else None
+            before = adapter.before_step(optimizer)
+            optimizer.step()
+            step_updates = collect_updates(leaves, adapter.after_step(optimizer, before), set(info.no_input), s)
+            self._check_scalars(s, step_updates, where)
+            updates.append(step_updates)
+            thetas.append({n: p.detach().clone() for n, p in leaves.items()})
+        stored = src.params(hi)
+        gap = relative_gap(thetas[-1], stored, start)
+        thetas[-1] = stored
+        self._gaps[hi] = gap
+        if not gap <= self._tol:
+            message = (
+                f"Replaying steps {lo}..{hi - 1} of the sparse store at {str(src.root)!r} ends {gap:.3g} (relative "
+                f"to the segment's movement) away from the stored checkpoint theta_{hi} (tolerance {self._tol:g}). "
+                f"The difference is reported as the residual of step {hi - 1}. Likely causes: train_data or loss "
+                f"differ from the recording, a non-deterministic model, or a modified checkpoint. Fix: pass the "
+                f"recorded data and loss, or re-record with checkpoint_every=1."
+            )
+            logger.warning("%s", message)
+            warnings.warn(message, ExplaindWarning, stacklevel=3)
+        return Segment(lo, hi, thetas, updates, gap)
+
+    def _check_scalars(self, s: int, updates: dict[str, LinearUpdate], where: str) -> None:
+        """The replayed scalar coefficients equal the recorded ones (same hyperparameters, same rounding)."""
+        names = tuple(self._src.param_names)
+        recorded = self._src.step_scalars(s)
+        replayed = pack_updates(names, updates)["update.scalars"]
+        same = (recorded == replayed) | (recorded.isnan() & replayed.isnan())
+        if not bool(same.all()):
+            row = int((~same).any(dim=1).nonzero()[0, 0])
+            raise TrajectoryError(
+                f"{where}: the replayed optimizer coefficients of {names[row]!r} ({replayed[row].tolist()}) differ "
+                f"from the recorded ones ({recorded[row].tolist()}): the replay optimizer does not reproduce the "
+                f"recorded step. Re-record the run with checkpoint_every=1 (or report the optimizer adapter)."
+            )
