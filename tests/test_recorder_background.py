@@ -36,7 +36,7 @@ def _setup(opt_name: str):
     return model, opt, X, y
 
 
-def _run(opt_name, store_path=None, *, background=True, steps=N_STEPS, before_step=None, **kwargs):
+def _run(opt_name, store_path=None, *, background=True, steps=N_STEPS, before_step=None, clip=None, **kwargs):
     """Record ``steps`` steps; returns the recorder and the parameters the loop itself cloned after each step."""
     model, opt, X, y = _setup(opt_name)
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=store_path,
@@ -47,6 +47,8 @@ def _run(opt_name, store_path=None, *, background=True, steps=N_STEPS, before_st
             idx = torch.arange(4 * s, 4 * s + 4) % 32
             opt.zero_grad(set_to_none=False)  # gradients overwritten in place: copies must be taken on time
             F.cross_entropy(model(X[idx]), y[idx]).backward()
+            if clip is not None:  # p.grad no longer equals the snapshot: the audit gets a copy of it
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             rec.log_batch(idx)
             if before_step is not None:
                 before_step(s)
@@ -57,13 +59,16 @@ def _run(opt_name, store_path=None, *, background=True, steps=N_STEPS, before_st
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 @pytest.mark.parametrize("on_disk", [False, True])
-def test_the_background_audit_equals_the_inline_audit_bit_for_bit(tmp_path, opt_name, on_disk):
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_the_background_audit_equals_the_inline_audit_bit_for_bit(tmp_path, opt_name, on_disk, clip):
     audits = []
     for background in (True, False):
         path = tmp_path / f"run-{background}" if on_disk else None
-        rec, seen, _ = _run(opt_name, path, background=background)
+        rec, seen, _ = _run(opt_name, path, background=background, clip=clip)
         traj = rec.trajectory if not on_disk else explaind.Trajectory.load(path, model=_setup("sgd")[0])
         audits.append(traj.audit())
+        scales = [traj.grad_scale(s) for s in range(N_STEPS)]
+        assert (max(scales) < 1.0) if clip else scales == [1.0] * N_STEPS  # clipping was seen
         for s in range(N_STEPS + 1):
             for n, t in traj.params(s).items():
                 assert torch.equal(t, seen[s][n]), (s, n)

@@ -138,31 +138,30 @@ def audit_job(
     step: int,
     theta: dict[str, Tensor],
     theta_next: dict[str, Tensor],
-    seen: dict[str, Tensor | None],
+    grads: dict[str, Tensor | None],
     updates: dict[str, LinearUpdate],
     release_theta: bool,
 ) -> Callable[[], float]:
     r"""The audit of step ``step`` as a job: :math:`\|E_s\|/\|\Delta\theta_s\|` when called.
 
-    The gradients the optimizer saw are copied now (the loop may change ``p.grad`` after the
-    step); ``theta`` and ``theta_next`` must stay unchanged until the job ran. Jobs must run in
-    step order (the audit carries the modelled momentum from step to step). With
-    ``release_theta`` the job gives ``theta`` (pool buffers of ``"param."``) back: the audit of
-    step ``s`` is the last reader of :math:`\theta_s`.
+    ``grads`` are the gradients the optimizer saw, in buffers the job owns (pool keys
+    ``"grad.<name>"``, given back after the audit; the loop may change ``p.grad`` after the step);
+    ``theta`` and ``theta_next`` must stay unchanged until the job ran. Jobs must run in step
+    order (the audit carries the modelled momentum from step to step). With ``release_theta`` the
+    job gives ``theta`` (pool buffers of ``"param."``) back: the audit of step ``s`` is the last
+    reader of :math:`\theta_s`.
 
     Raises
     ------
     TrajectoryError
         When called, if the audit fails (naming the step).
     """
-    grads = pool.copies("grad.", {n: g for n, g in seen.items() if g is not None})
-
     def run() -> float:
         try:
-            value = auditor.step(theta, theta_next, {n: grads.get(n) for n in seen}, updates)
+            value = auditor.step(theta, theta_next, grads, updates)
         except Exception as exc:
             raise TrajectoryError(f"The update audit of step {step} failed: {type(exc).__name__}: {exc}") from exc
-        pool.release("grad.", grads)
+        pool.release("grad.", {n: g for n, g in grads.items() if g is not None})
         if release_theta:
             pool.release("param.", theta)
         return value

@@ -82,10 +82,15 @@ class GradientTap:
     params : dict of str to Parameter
         The recorded parameters; those that do not require grad yet are hooked by :meth:`sync`
         once they do.
+    copy : callable, optional
+        ``copy(key, tensor)`` makes a new snapshot buffer (default ``clone``; the recorder passes
+        its :class:`~explaind.trajectory._background.CopyPool`, keys ``"grad.<name>"``).
     """
 
-    def __init__(self, params: dict[str, nn.Parameter]):
+    def __init__(self, params: dict[str, nn.Parameter], copy: Any = None):
         self._params = params
+        self._copy = copy or (lambda _key, g: g.detach().clone())
+        self._unchanged: set[str] = set()
         self._raw: dict[str, Tensor] = {}
         self._stamp: dict[str, int] = {}
         self._finite: dict[str, tuple[int, bool]] = {}  # name -> (stamp, finite) of the snapshot last checked
@@ -123,7 +128,7 @@ class GradientTap:
                 return
             buf = self._raw.get(name)
             if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
-                self._raw[name] = g.detach().clone()
+                self._raw[name] = self._copy("grad." + name, g)
             else:  # neither tensor requires grad: no autograd bookkeeping
                 buf.copy_(g.detach())
             self._seq += 1
@@ -134,6 +139,18 @@ class GradientTap:
     def reset(self) -> None:
         """Forget the snapshots of the finished accumulation (after each optimizer step)."""
         self._stamp.clear()
+        self._unchanged.clear()
+
+    def take(self, name: str) -> Tensor | None:
+        """Hand over the snapshot of ``name`` when :meth:`measure` found ``p.grad`` equal to it, else ``None``.
+
+        The caller owns the buffer from now on (the next ``backward`` snapshots into a new one):
+        the audit reads the gradient the optimizer saw without copying it again.
+        """
+        if name not in self._unchanged:
+            return None
+        self._unchanged.discard(name)
+        return self._raw.pop(name)
 
     def forget_until(self, seq: int) -> None:
         """Forget the snapshots taken up to sequence number ``seq`` (an accumulation whose step was skipped)."""
@@ -184,7 +201,7 @@ class GradientTap:
         if not names:
             return 1.0
         compared = [n for n in names if self.reached(n)]
-        unchanged = {n for n in compared if _same(seen[n], self._raw[n])}
+        unchanged = self._unchanged = {n for n in compared if _same(seen[n], self._raw[n])}
         # a gradient equal to its snapshot is finite when the snapshot was found so at log_batch
         unknown = [n for n in names if not (n in unchanged and self._known_finite(n))]
         grads = [seen[n] for n in unknown]

@@ -59,6 +59,7 @@ class RecorderStoreMixin:
     _theta: dict[str, Tensor] | None
     _pool: CopyPool
     _worker: OrderedWorker | None
+    _tap: Any
 
     def _storage_options(self, save_optimizer_state: Any, checkpoint_every: Any) -> None:
         """Validate ``save_optimizer_state`` and ``checkpoint_every``; set ``_state_every`` and ``_every``."""
@@ -92,7 +93,11 @@ class RecorderStoreMixin:
         if not self._audit_on:
             return None
         assert theta is not None
-        return audit_job(self._auditor, self._pool, s, theta, theta_next, seen, updates, self._pooled())
+        grads: dict[str, Tensor | None] = {}
+        for n, g in seen.items():  # the snapshot itself when p.grad still equals it, else a copy
+            taken = None if g is None else self._tap.take(n)
+            grads[n] = taken if taken is not None or g is None else self._pool.copy("grad." + n, g)
+        return audit_job(self._auditor, self._pool, s, theta, theta_next, grads, updates, self._pooled())
 
     def _audit_in_memory(self, s: int, job: Any) -> None:
         """Run the audit of an in-memory step on the worker and fill in its value."""

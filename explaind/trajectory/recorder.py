@@ -120,7 +120,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         store, docs/recording.md "Sparse checkpoints"); the other steps keep their batch and scalars and
         are replayed from the nearest checkpoint when read (needs the training data). ``1``: every step.
     background_writes : bool
-        Write step files on a worker thread, at most 4 steps behind; failures surface at the next step or exit.
+        Write step files and run the update audit on a worker thread (the store's writer, or one for the
+        audit in memory), at most 4 steps behind; failures surface at the next step or exit.
     fsync : bool
         ``fsync`` every stored file.
     gradient_tolerance : float, optional
@@ -244,7 +245,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._pending: list[_Logged] = []
         self._step_state: dict[str, Any] | None = None
         self._handles: list[Any] = []
-        self._tap = GradientTap(self._params)
+        self._tap = GradientTap(self._params, self._pool.copy)
         self._probe = AutocastProbe(model, self._tap, first.device.type)
         self._auditor = UpdateAudit()
         self._memory: InMemoryTrajectory | None = None
