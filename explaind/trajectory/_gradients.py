@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -46,9 +47,21 @@ def has_stochastic_layers(model: nn.Module) -> list[str]:
     return found
 
 
+#: dtypes whose CPU tensors are compared through numpy (``torch.equal`` on CPU is ~15x slower)
+_NUMPY_EQUAL = frozenset({torch.float16, torch.float32, torch.float64})
+
+
 def _same(a: Tensor, b: Tensor) -> bool:
-    """Whether ``a`` and ``b`` hold the same values (one pass, no float64 copies)."""
-    return a.dtype == b.dtype and a.device == b.device and a.shape == b.shape and bool(torch.equal(a, b))
+    """Whether ``a`` and ``b`` hold the same values (one pass, no copies).
+
+    Compared by value: ``-0.0 == 0.0``, and NaN differs from everything (the caller then measures
+    the change with dot products and reports non-finite gradients).
+    """
+    if a.dtype != b.dtype or a.device != b.device or a.shape != b.shape:
+        return False
+    if a.device.type == "cpu" and a.dtype in _NUMPY_EQUAL and not (a.is_neg() or b.is_neg()):
+        return bool(np.array_equal(a.detach().numpy(), b.detach().numpy()))
+    return bool(torch.equal(a, b))
 
 
 def _dot64(a: Tensor, b: Tensor) -> Tensor:
@@ -69,12 +82,18 @@ class GradientTap:
     params : dict of str to Parameter
         The recorded parameters; those that do not require grad yet are hooked by :meth:`sync`
         once they do.
+    copy : callable, optional
+        ``copy(key, tensor)`` makes a new snapshot buffer (default ``clone``; the recorder passes
+        its :class:`~explaind.trajectory._background.CopyPool`, keys ``"grad.<name>"``).
     """
 
-    def __init__(self, params: dict[str, nn.Parameter]):
+    def __init__(self, params: dict[str, nn.Parameter], copy: Any = None):
         self._params = params
+        self._copy = copy or (lambda _key, g: g.detach().clone())
+        self._unchanged: set[str] = set()
         self._raw: dict[str, Tensor] = {}
         self._stamp: dict[str, int] = {}
+        self._finite: dict[str, tuple[int, bool]] = {}  # name -> (stamp, finite) of the snapshot last checked
         self._seq = 0
         self._hooked: set[str] = set()
         self._handles: list[Any] = []
@@ -109,7 +128,7 @@ class GradientTap:
                 return
             buf = self._raw.get(name)
             if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
-                self._raw[name] = g.detach().clone()
+                self._raw[name] = self._copy("grad." + name, g)
             else:  # neither tensor requires grad: no autograd bookkeeping
                 buf.copy_(g.detach())
             self._seq += 1
@@ -120,6 +139,18 @@ class GradientTap:
     def reset(self) -> None:
         """Forget the snapshots of the finished accumulation (after each optimizer step)."""
         self._stamp.clear()
+        self._unchanged.clear()
+
+    def take(self, name: str) -> Tensor | None:
+        """Hand over the snapshot of ``name`` when :meth:`measure` found ``p.grad`` equal to it, else ``None``.
+
+        The caller owns the buffer from now on (the next ``backward`` snapshots into a new one):
+        the audit reads the gradient the optimizer saw without copying it again.
+        """
+        if name not in self._unchanged:
+            return None
+        self._unchanged.discard(name)
+        return self._raw.pop(name)
 
     def forget_until(self, seq: int) -> None:
         """Forget the snapshots taken up to sequence number ``seq`` (an accumulation whose step was skipped)."""
@@ -134,11 +165,24 @@ class GradientTap:
         return self._raw[name] if name in self._stamp else seen
 
     def finite_since(self, seq: int) -> bool | None:
-        """Whether the snapshots taken after ``seq`` are all finite (``None`` when there are none)."""
+        """Whether the snapshots taken after ``seq`` are all finite (``None`` when there are none).
+
+        Each snapshot's answer is kept with its sequence number, so a snapshot is checked once.
+        """
         names = [n for n, t in self._stamp.items() if t > seq]
         if not names:
             return None
-        return all(math.isfinite(float(x)) for x in torch._foreach_norm([self._raw[n] for n in names]))
+        todo = [n for n in names if self._finite.get(n, (-1, False))[0] != self._stamp[n]]
+        if todo:
+            norms = torch._foreach_norm([self._raw[n] for n in todo])
+            for n, x in zip(todo, norms):
+                self._finite[n] = (self._stamp[n], math.isfinite(float(x)))
+        return all(self._finite[n][1] for n in names)
+
+    def _known_finite(self, name: str) -> bool:
+        """Whether the current snapshot of ``name`` was found finite (by :meth:`finite_since`)."""
+        stamp = self._stamp.get(name)
+        return stamp is not None and self._finite.get(name) == (stamp, True)
 
     def measure(self, seen: dict[str, Tensor], step: int, tol: float) -> float:
         """Compare the gradients the optimizer sees with the snapshots; return ``c`` (``g_seen = c g_raw``).
@@ -156,17 +200,19 @@ class GradientTap:
         names = list(seen)
         if not names:
             return 1.0
-        grads = [seen[n] for n in names]
-        norms = torch._foreach_norm(grads)
-        total = sum(float(x) for x in norms)
+        compared = [n for n in names if self.reached(n)]
+        unchanged = self._unchanged = {n for n in compared if _same(seen[n], self._raw[n])}
+        # a gradient equal to its snapshot is finite when the snapshot was found so at log_batch
+        unknown = [n for n in names if not (n in unchanged and self._known_finite(n))]
+        grads = [seen[n] for n in unknown]
+        total = sum(float(x) for x in torch._foreach_norm(grads)) if grads else 0.0
         if not math.isfinite(total):
-            bad = [n for n, g in zip(names, grads) if not bool(torch.isfinite(g).all())]
+            bad = [n for n, g in zip(unknown, grads) if not bool(torch.isfinite(g).all())]
             raise TrajectoryError(
                 f"Step {step}: the gradient of {', '.join(bad)} contains NaN or inf, so this step cannot be recorded "
                 f"(nothing was stored for it). Lower the learning rate, check the loss and inputs, or clip gradients."
             )
-        compared = [n for n in names if self.reached(n)]
-        if not compared or all(_same(seen[n], self._raw[n]) for n in compared):
+        if len(unchanged) == len(compared):
             # unchanged gradients (the common case): c = 1 without the float64 dot products below
             return 1.0
         parts = [torch.stack([_dot64(seen[n], self._raw[n]), _dot64(self._raw[n], self._raw[n]),

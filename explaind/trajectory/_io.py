@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -193,20 +194,24 @@ def _jsonable(value: Any) -> bool:
     return False
 
 
-def encode_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, str]]:
+def encode_optimizer_state(
+    state_dict: dict[str, Any], copy: Callable[[str, Tensor], Tensor] | None = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Split ``optimizer.state_dict()`` into safetensors tensors and a JSON metadata string.
 
     Tensors become ``state.<param index>.<key>`` and ``group.<group index>.<key>``; everything
     else (numbers, flags, tuples) goes to the JSON description. Values that are neither a tensor
-    nor JSON are left out and taken from the live optimizer on restore.
+    nor JSON are left out and taken from the live optimizer on restore. Tensors are copied with
+    ``copy(key, tensor)`` (default: ``clone``), so the optimizer may go on changing its own.
     """
+    copy = copy or (lambda _key, value: value.detach().clone())
     tensors: dict[str, Tensor] = {}
     state_json: dict[str, dict[str, Any]] = {}
     for idx, entry in state_dict.get("state", {}).items():
         kept: dict[str, Any] = {}
         for key, value in entry.items():
             if isinstance(value, Tensor):
-                tensors[f"state.{idx}.{key}"] = value.detach().clone()
+                tensors[f"state.{idx}.{key}"] = copy(f"state.{idx}.{key}", value)
             elif _jsonable(value):
                 kept[key] = value
         state_json[str(idx)] = kept
@@ -215,7 +220,7 @@ def encode_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor
         kept = {}
         for key, value in group.items():
             if isinstance(value, Tensor):
-                tensors[f"group.{g}.{key}"] = value.detach().clone()
+                tensors[f"group.{g}.{key}"] = copy(f"group.{g}.{key}", value)
             elif _jsonable(value):
                 kept[key] = list(value) if isinstance(value, tuple) else value
         groups.append(kept)

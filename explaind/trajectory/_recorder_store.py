@@ -2,6 +2,10 @@
 
 Kept apart from the hooks so that each module reads on its own; the methods use the recorder's
 attributes (``_store``, ``_manifest``, ``_writer``, ``_params``, ...) set in its ``__init__``.
+The per-step work that can wait runs off the hot path (:mod:`~explaind.trajectory._background`):
+the update audit on the store's writer thread (in memory: on a worker thread), in step order, and
+the copies of :math:`\theta_{s+1}` and of the optimizer state handed to the writer are made in
+reused buffers, given back once written (and, for :math:`\theta`, once audited).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
+from ._background import CopyPool, OrderedWorker, audit_job, audit_value
 from ._buffers import pack_buffers
 from ._gradients import UpdateAudit, has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
@@ -23,7 +28,7 @@ from ._sparse import StepReplay, group_snapshot, validate_checkpoint_every
 from .disk import DiskTrajectory, check_model_matches
 from .fingerprint import check_train_data, data_fingerprint
 from .manifest import StepRecord, TrajectoryManifest
-from .store import StoreWriter, pack_updates, read_manifest
+from .store import Prepare, StoreWriter, pack_updates, read_manifest
 
 __all__ = ["RecorderStoreMixin"]
 
@@ -51,6 +56,11 @@ class RecorderStoreMixin:
     _every: int
     _audit_on: bool
     _broken: str | None
+    _memory: Any
+    _theta: dict[str, Tensor] | None
+    _pool: CopyPool
+    _worker: OrderedWorker | None
+    _tap: Any
 
     def _storage_options(self, save_optimizer_state: Any, checkpoint_every: Any) -> None:
         """Validate ``save_optimizer_state`` and ``checkpoint_every``; set ``_state_every`` and ``_every``."""
@@ -63,7 +73,91 @@ class RecorderStoreMixin:
         self._state_every = int(save_optimizer_state) if save_optimizer_state is not False else 0
         self._every = validate_checkpoint_every(checkpoint_every, store=self._store,
                                                 stochastic=has_stochastic_layers(self.model))
-        self._deferred: tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], StepReplay] | None = None
+        self._deferred: tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], StepReplay, Any] | None = None
+        self._pool = CopyPool()
+        self._worker = None
+
+    # ----------------------------------------------------------------- off the hot path
+    def _pooled(self) -> bool:
+        """Whether theta_{s+1} is copied into reused buffers: a dense store (memory keeps every copy)."""
+        return self._store is not None and self._every == 1
+
+    def _copy_params(self) -> dict[str, Tensor]:
+        """:math:`\theta_{s+1}` of the recorded parameters, copied (in pool buffers for a dense store)."""
+        if self._pooled():
+            return self._pool.copies("param.", self._params)
+        return {n: p.detach().clone() for n, p in self._params.items()}
+
+    def _audit_job(self, s: int, theta_next: dict[str, Tensor], seen: Any, updates: dict[str, LinearUpdate]) -> Any:
+        """The audit of step ``s`` as a job to run later in step order (``None`` with the audit off)."""
+        theta, self._theta = self._theta, theta_next
+        if not self._audit_on:
+            return None
+        assert theta is not None
+        grads: dict[str, Tensor | None] = {}
+        for n, g in seen.items():  # the snapshot itself when p.grad still equals it, else a copy
+            taken = None if g is None else self._tap.take(n)
+            grads[n] = taken if taken is not None or g is None else self._pool.copy("grad." + n, g)
+        return audit_job(self._auditor, self._pool, s, theta, theta_next, grads, updates, self._pooled())
+
+    def _audit_in_memory(self, s: int, job: Any) -> None:
+        """Run the audit of an in-memory step on the worker and fill in its value."""
+        if job is None:
+            return
+        if self._worker is None:
+            self._worker = OrderedWorker("explaind-audit", background=self._background)
+        memory = self._memory
+        self._worker.submit(lambda: memory._set_audit(s, job()))
+
+    def _check_worker(self, wait: bool = False) -> None:
+        """Raise the error of a failed background audit (the recorder stops: later audits would be wrong).
+
+        ``wait``: first wait for the audits still queued.
+        """
+        if self._worker is not None:
+            try:
+                self._worker.flush() if wait else self._worker.check()
+            except BaseException as exc:
+                self._broken = f"the audit ({exc})"
+                raise
+
+    def _close_worker(self, failing: bool) -> None:
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        try:
+            worker.close()
+        except BaseException as exc:
+            self._broken = f"the audit ({exc})"
+            if not failing:
+                raise
+            logger.exception("The background audit failed while handling another error.")
+
+    def _prepare(self, job: Any) -> Prepare | None:
+        """What the writer runs before writing a step: its audit, whose momentum joins the optimizer state."""
+        if job is None:
+            return None
+
+        def prepare(record: StepRecord, state: Any) -> tuple[StepRecord, Any]:
+            record = record.model_copy(update={"audit": audit_value(job())})
+            if state is not None:
+                momentum = {f"audit.{k}": v.detach().clone() for k, v in self._auditor.momentum.items()}
+                state = ({**state[0], **momentum}, state[1])
+            return record, state
+
+        return prepare
+
+    def _release(self, state: Any, theta: dict[str, Tensor] | None) -> Any:
+        """What the writer runs once a step is written: the optimizer state's (and theta's) buffers are free."""
+        pool = self._pool
+
+        def done() -> None:
+            if state is not None:
+                pool.release("state.", state[0])
+            if theta is not None:
+                pool.release("param.", theta)
+
+        return done
 
     def _validate_resume(self) -> TrajectoryManifest:
         assert self._store is not None
@@ -153,17 +247,17 @@ class RecorderStoreMixin:
         self._writer.finish_setup()
 
     def _optimizer_state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """The optimizer's ``state_dict`` (and the audit's momentum) as safetensors tensors and metadata."""
-        state_tensors, meta = encode_optimizer_state(self.optimizer.state_dict())
-        if self._audit_on:
-            state_tensors.update({f"audit.{k}": v.detach().clone() for k, v in self._auditor.momentum.items()})
-        return state_tensors, meta
+        """The optimizer's ``state_dict`` as safetensors tensors (pool copies) and metadata.
+
+        The audit's momentum is added by :meth:`_prepare` on the writer, after the step's audit ran.
+        """
+        return encode_optimizer_state(self.optimizer.state_dict(), copy=lambda k, v: self._pool.copy("state." + k, v))
 
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
-                    st: dict[str, Any], buffers: dict[str, Tensor] | None = None) -> None:
+                    st: dict[str, Any], buffers: dict[str, Tensor] | None = None, audit: Any = None) -> None:
         assert self._writer is not None
         if self._every > 1:
-            self._write_sparse(record, theta_next, updates, st)
+            self._write_sparse(record, theta_next, updates, st, audit)
             return
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
         tensors.update(pack_buffers(buffers))
@@ -175,11 +269,12 @@ class RecorderStoreMixin:
         state = None
         if self._state_every and (record.step + 1) % self._state_every == 0:
             state = self._optimizer_state()
-        self._writer.write_step(record, tensors, state)
+        self._writer.write_step(record, tensors, state, prepare=self._prepare(audit),
+                                done=self._release(state, None if self._audit_on else theta_next))
 
     # ----------------------------------------------------------------- sparse stores
     def _write_sparse(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
-                      st: dict[str, Any]) -> None:
+                      st: dict[str, Any], audit: Any) -> None:
         """A step of a sparse store: a checkpoint every ``k`` steps; others wait for the next step (or the end).
 
         The step before is written without ``theta`` once this one exists (so the last step of a run
@@ -192,20 +287,20 @@ class RecorderStoreMixin:
         replay = StepReplay(group_snapshot(self.optimizer, names), st["stepped"], tuple(sorted(st["no_input"])))
         scalars = pack_updates(tuple(self._params), updates)["update.scalars"]
         tensors = {"update.scalars": scalars, "batch.indices": st["indices"], "batch.weights": st["weights"]}
-        pending = (record, theta_next, tensors, replay)
+        pending = (record, theta_next, tensors, replay, audit)
         if (record.step + 1) % self._every == 0:
             self._emit_sparse(*pending, checkpoint=True)
         else:
             self._deferred = pending
 
     def _emit_sparse(self, record: StepRecord, theta_next: dict[str, Tensor], tensors: dict[str, Tensor],
-                     replay: StepReplay, *, checkpoint: bool) -> None:
+                     replay: StepReplay, audit: Any, *, checkpoint: bool) -> None:
         assert self._writer is not None
         if checkpoint:
             tensors = {**{f"param.{n}": t for n, t in theta_next.items()}, **tensors}
         state = self._optimizer_state() if checkpoint else None
         self._writer.write_step(record.model_copy(update={"has_params": checkpoint}), tensors, state,
-                                replay.encode())
+                                replay.encode(), prepare=self._prepare(audit), done=self._release(state, None))
 
     def _final_checkpoint(self, failing: bool) -> None:
         """At the end of recording: the last step of a sparse store becomes a checkpoint (theta, optimizer state)."""

@@ -221,6 +221,12 @@ class InMemoryTrajectory(RecordedTrajectory):
         )
         self._manifest.n_steps = len(self._updates)
 
+    def _set_audit(self, s: int, audit: float) -> None:
+        """Fill in the audit of step ``s`` (the recorder's audit runs after the step was appended)."""
+        self._audit[s] = float(audit)
+        self._manifest.steps[s] = self._manifest.steps[s].model_copy(
+            update={"audit": None if math.isnan(audit) else float(audit)})
+
     # ----------------------------------------------------------------- structure
     @property
     def n_steps(self) -> int:

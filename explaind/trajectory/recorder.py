@@ -120,7 +120,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         store, docs/recording.md "Sparse checkpoints"); the other steps keep their batch and scalars and
         are replayed from the nearest checkpoint when read (needs the training data). ``1``: every step.
     background_writes : bool
-        Write step files on a worker thread, at most 4 steps behind; failures surface at the next step or exit.
+        Write step files and run the update audit on a worker thread (the store's writer, or one for the
+        audit in memory), at most 4 steps behind; failures surface at the next step or exit.
     fsync : bool
         ``fsync`` every stored file.
     gradient_tolerance : float, optional
@@ -244,7 +245,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._pending: list[_Logged] = []
         self._step_state: dict[str, Any] | None = None
         self._handles: list[Any] = []
-        self._tap = GradientTap(self._params)
+        self._tap = GradientTap(self._params, self._pool.copy)
         self._probe = AutocastProbe(model, self._tap, first.device.type)
         self._auditor = UpdateAudit()
         self._memory: InMemoryTrajectory | None = None
@@ -320,6 +321,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         if self._store is None:
             if self._memory is None:
                 raise TrajectoryError("Nothing recorded yet: use the recorder as a context manager (`with rec:`).")
+            self._check_worker(wait=True)  # the audits still running
             return self._memory
         if self._writer is not None:
             self._writer.flush()
@@ -368,6 +370,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 logger.warning("%d logged micro-batch(es) were not followed by optimizer.step(); dropped.",
                                len(self._pending))
             self._pending.clear()
+        self._close_worker(exc_type is not None)
         if self._writer is not None:
             try:
                 self._final_checkpoint(exc_type is not None)
@@ -386,6 +389,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             raise TrajectoryError(f"Recording stopped after an error at {self._broken}; start a new recorder.")
         if self._writer is not None:
             self._writer.check()
+        self._check_worker()
         refuse_unknown_grad_scaler(self._scaler, self._n)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
         if closure is None:
@@ -455,22 +459,22 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         try:
             updates = collect_updates(self._params, self._adapter.after_step(optimizer, st["before"]),
                                       st["no_input"], s)
-            theta_next = {n: p.detach().clone() for n, p in self._params.items()}
-            audit = self._auditor.step(self._theta, theta_next, st["seen"], updates) if self._audit_on else math.nan
+            theta_next = self._copy_params()
+            audit = self._audit_job(s, theta_next, st["seen"], updates)  # run later, in step order
             check = st["check"]
             buffers = self._buffers.changed()
             record = StepRecord(step=s, n_samples=int(st["indices"].shape[0]), grad_scale=float(st["scale"]),
-                                audit=None if math.isnan(audit) else audit,
                                 loss_scale=None if check is None else check.sigma,
                                 gradient_check=None if check is None else check.mismatch, amp_scale=st["amp"],
                                 autocast=None if st["autocast"] is None else dtype_name(st["autocast"]),
                                 buffers=True if buffers is not None else None)
             if self._memory is not None:
-                self._memory._append(theta_next, updates, st["indices"], st["weights"], record.grad_scale, audit,
+                self._memory._append(theta_next, updates, st["indices"], st["weights"], record.grad_scale, math.nan,
                                      record.loss_scale, validate=False, record=record, micro=st["micro"],
                                      buffers=buffers)
+                self._audit_in_memory(s, audit)
             else:
-                self._write_step(record, theta_next, updates, st, buffers)
+                self._write_step(record, theta_next, updates, st, buffers, audit)
         except BaseException as exc:
             self._broken = f"step {s} ({type(exc).__name__}: {exc})"
             raise
@@ -479,5 +483,4 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             self._tap.reset()
             self._probe.reset()
             self._step_state = None
-        self._theta = theta_next
         self._n += 1

@@ -64,19 +64,12 @@ from ._layout import (
 from .lock import LOCK, WriterLock, busy_message, live_writer
 from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TrajectoryManifest
 
-__all__ = [
-    "MANIFEST",
-    "JOURNAL",
-    "StoreWriter",
-    "read_manifest",
-    "is_store",
-    "step_path",
-    "prepare_directory",
-    "pack_updates",
-    "unpack_updates",
-]
+__all__ = ["MANIFEST", "JOURNAL", "StoreWriter", "read_manifest", "is_store", "step_path", "prepare_directory",
+           "pack_updates", "unpack_updates", "Prepare"]
 
 logger = logging.getLogger(__name__)
+#: ``prepare(record, optimizer_state) -> (record, optimizer_state)``, run on the writer before a step is written
+Prepare = Callable[[StepRecord, Any], tuple[StepRecord, Any]]
 
 #: Largest manifest or journal read (5,000 steps take about 4 MB).
 MAX_INDEX_BYTES = 1 << 28
@@ -394,13 +387,17 @@ class StoreWriter:
         tensors: dict[str, Tensor],
         optimizer_state: tuple[dict[str, Tensor], dict[str, str]] | None,
         metadata: dict[str, str] | None = None,
+        prepare: Prepare | None = None,
+        done: Callable[[], None] | None = None,
     ) -> None:
         """Queue step ``record.step``: its file, the optimizer state after it (optional), then its journal line.
 
-        ``metadata`` is added to the step file's (checksummed) safetensors metadata.
+        ``metadata`` joins the step file's (checksummed) metadata. ``prepare(record, state)`` runs on the
+        writer in step order just before the step is written and returns the record and state to write
+        (the recorder's audit runs there); ``done()`` runs once the step's group was written.
         """
         self.check()
-        item = (record, tensors, optimizer_state, dict(metadata or {}))
+        item = (record, tensors, optimizer_state, dict(metadata or {}), prepare, done)
         if self._queue is None:
             try:
                 self._commit([item])
@@ -411,7 +408,7 @@ class StoreWriter:
             self._pending.acquire()  # at most max_queue steps handed over and not yet committed
             self._queue.put(item)
 
-    def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any, dict[str, str]]]) -> None:
+    def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any, dict[str, str], Any, Any]]) -> None:
         """Write the files of consecutive steps, then their journal lines (the commit point).
 
         Only the newest optimizer state of the group is written, into the slot *not* holding the
@@ -421,8 +418,10 @@ class StoreWriter:
         last_state = max((i for i, item in enumerate(items) if item[2] is not None), default=None)
         done: list[StepRecord] = []
         try:
-            for i, (record, tensors, state, extra) in enumerate(items):
+            for i, (record, tensors, state, extra, prepare, _) in enumerate(items):
                 s = self._error_step = record.step
+                if prepare is not None:
+                    record, state = prepare(record, state)
                 meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
                 file = write_tensors(self.root, step_path(s), tensors, meta, fsync=self.fsync, fsync_dir=False)
                 files: dict[str, FileRecord | None] = {"file": file, "optimizer_state": None}
@@ -447,6 +446,9 @@ class StoreWriter:
                     self.manifest.steps.extend(done)
                 if last_state is not None and last_state < len(done) and not self.keep_states:
                     self._slot = 1 - self._slot
+            for item in items:
+                if item[5] is not None:
+                    item[5]()
 
     def _write_checkpoint_state(self, s: int, tensors: dict[str, Tensor],
                                 meta: dict[str, str]) -> dict[str, FileRecord | None]:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,7 +55,7 @@ def as_used(value: float, dtype: torch.dtype) -> float:
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     if compute == torch.float64:
         return float(value)
-    return float(torch.tensor(float(value), dtype=compute).item())
+    return float(np.float32(float(value)))  # IEEE round-to-nearest, as torch.tensor(value, dtype=float32)
 
 
 @dataclass(frozen=True)

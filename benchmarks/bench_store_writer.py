@@ -1,0 +1,107 @@
+"""What one recorded step costs the store's writer thread, piece by piece, next to the plain training step.
+
+For the ~1M-parameter MLP of ``bench_recording.py`` (784-1024-256-10, batch 64) and SGD with
+momentum or Adam, the step file (``theta_{s+1}``, the update coefficients, the batch) and the
+optimizer state are built as the recorder hands them to the writer; then each piece of the
+writer's work is timed on its own: safetensors serialisation, SHA-256, the atomic write without
+and with ``fsync``. Printed as ms per step and as a ratio to the plain training step of the same
+run: when the writer's sum exceeds the plain step, recording to disk is bound by it, whatever the
+loop's thread does (``bench_recording.py``'s ``disk`` columns).
+
+Run: ``python benchmarks/bench_store_writer.py [--repeats R] [--threads T] [--root DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from explaind._io import atomic_write
+from explaind.models import build_model
+from explaind.recurrence import LinearUpdate
+from explaind.trajectory._io import encode_optimizer_state, encode_tensors
+from explaind.trajectory.store import pack_updates
+
+CONFIG = {"in_features": 784, "hidden_sizes": [1024, 256], "out_features": 10}
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def _files(opt_name: str):
+    """The plain step (a closure) and the step file's and optimizer state's tensors after one step."""
+    model = build_model("mlp", CONFIG, seed=0)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3) if opt_name == "adam" else torch.optim.SGD(params, lr=0.05,
+                                                                                        momentum=0.9)
+    X, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+
+    def step() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(X), y).backward()
+        opt.step()
+
+    step()
+    names = tuple(n for n, _ in model.named_parameters())
+    if opt_name == "adam":  # Adam's preconditioner P is a tensor per parameter
+        updates = {n: LinearUpdate(a=0.9, b=0.1, P=torch.rand_like(p), q=1.0, n=0.0)
+                   for n, p in model.named_parameters()}
+    else:
+        updates = {n: LinearUpdate(a=0.9, b=1.0, P=0.05, q=1.0, n=0.0) for n in names}
+    tensors = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    tensors.update(pack_updates(names, updates))
+    tensors["batch.indices"] = torch.arange(64)
+    tensors["batch.weights"] = torch.full((64,), 1 / 64)
+    state, meta = encode_optimizer_state(opt.state_dict())
+    return step, tensors, (state, meta)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--root", default=None, help="directory to write into (default: a temp dir)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(args.root or tempfile.mkdtemp(prefix="explaind-writer-"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"torch threads={torch.get_num_threads()}  repeats={args.repeats} (best of)  load average="
+          f"{os.getloadavg()[0]:.1f}  root={root}")
+    cols = ("MB", "encode", "sha256", "write", "write+fsync", "sum")
+    header = f"{'optim':<6}{'file':<10}{'plain ms':>10}" + "".join(f"{c:>13}" for c in cols)
+    print("ms per step (ratio to the plain training step)")
+    print(header)
+    print("-" * len(header))
+    for opt_name in ("sgd", "adam"):
+        step, tensors, state = _files(opt_name)
+        plain = _best(step, args.repeats)
+        for label, (data, meta) in (("step", (tensors, None)), ("opt-state", state)):
+            blob = encode_tensors(data, meta)
+            encode = _best(lambda data=data, meta=meta: encode_tensors(data, meta), args.repeats)
+            digest = _best(lambda blob=blob: hashlib.sha256(blob).hexdigest(), args.repeats)
+            write = _best(lambda blob=blob: atomic_write(root / "f", blob, fsync=False), args.repeats)
+            synced = _best(lambda blob=blob: atomic_write(root / "f", blob, fsync=True), args.repeats)
+            cells = [f"{len(blob) / 1e6:.2f}"] + [f"{t:.2f} ({t / plain:.2f})" for t in
+                                                   (encode, digest, write, synced, encode + digest + synced)]
+            print(f"{opt_name:<6}{label:<10}{plain:>10.2f}" + "".join(f"{c:>13}" for c in cells))
+    if args.root is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

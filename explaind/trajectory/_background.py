@@ -1,0 +1,174 @@
+r"""The recorder's per-step work off the training loop's hot path (docs/recording.md, "Recording overhead").
+
+* :class:`CopyPool` hands out copies of tensors in reused buffers. A fresh ``clone()`` of a large
+  tensor pays the page faults of new memory (on CPU about 25x the copy itself); a buffer returned
+  by its last user is filled again with ``copy_``.
+* :class:`OrderedWorker` runs jobs on one daemon thread, in the order they were submitted, at
+  most ``max_queue`` behind; the error of a failed job is raised by the next :meth:`submit`,
+  :meth:`check`, :meth:`flush` or :meth:`close`, and later jobs are not run.
+* :func:`audit_job` wraps one step of :class:`~explaind.trajectory._gradients.UpdateAudit` so it
+  can run on such a thread (or the store's writer thread): the gradients the optimizer saw are
+  copied on the hot path, the replay of the update and its float64 norms run later, in step order,
+  with the same arithmetic (the audit values are identical to an inline audit).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ..exceptions import TrajectoryError
+from ..recurrence import LinearUpdate
+from ._gradients import UpdateAudit
+
+__all__ = ["CopyPool", "OrderedWorker", "audit_job"]
+
+class CopyPool:
+    """Copies of tensors in buffers that are reused once released (thread-safe).
+
+    A buffer is reused only for a tensor of the same key, shape, dtype and device; a buffer must
+    be released by the last code that reads it, exactly once.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[str, list[Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def copy(self, key: str, src: Tensor) -> Tensor:
+        """A copy of ``src`` (detached) in a free buffer of ``key``, or a new one."""
+        src = src.detach()
+        with self._lock:
+            free = self._free.get(key)
+            buf = None
+            while free:
+                cand = free.pop()
+                if cand.shape == src.shape and cand.dtype == src.dtype and cand.device == src.device:
+                    buf = cand
+                    break
+        if buf is None:
+            return src.clone()
+        return buf.copy_(src)
+
+    def copies(self, prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`copy` of every tensor, keyed ``prefix + name``."""
+        return {n: self.copy(prefix + n, t) for n, t in tensors.items()}
+
+    def release(self, prefix: str, tensors: dict[str, Tensor]) -> None:
+        """Give the buffers of :meth:`copies` back (their contents may be overwritten from now on)."""
+        with self._lock:
+            for n, t in tensors.items():
+                self._free.setdefault(prefix + n, []).append(t)
+
+
+class OrderedWorker:
+    """Runs jobs in submission order on one daemon thread (or inline when ``background=False``).
+
+    Parameters
+    ----------
+    name : str
+        Thread name (shown in tracebacks and debuggers).
+    background : bool
+        Run jobs on the thread; ``False`` runs each job inside :meth:`submit`.
+    max_queue : int
+        Jobs submitted and not yet finished, at most; a further :meth:`submit` waits.
+    """
+
+    def __init__(self, name: str, *, background: bool = True, max_queue: int = 4):
+        self._error: BaseException | None = None
+        self._failed = False  # a job failed: the later ones are not run
+        self._queue: queue.Queue[Callable[[], None] | None] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=max(1, int(max_queue)))
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if not self._failed:
+                    job()
+            except BaseException as exc:  # raised by the next check()
+                self._error, self._failed = exc, True
+            finally:
+                self._queue.task_done()
+
+    def check(self) -> None:
+        """Raise the error of a failed job, once."""
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` after the jobs submitted before it; raises a failed earlier job's error first."""
+        self.check()
+        if self._queue is None:
+            job()
+        else:
+            self._queue.put(job)
+
+    def flush(self) -> None:
+        """Wait until every submitted job has run; raise a failed job's error."""
+        if self._queue is not None:
+            self._queue.join()
+        self.check()
+
+    def close(self) -> None:
+        """Run what is queued, stop the thread and raise a failed job's error (the thread stops either way)."""
+        try:
+            self.flush()
+        finally:
+            if self._queue is not None and self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+                self._queue = None
+
+
+def audit_job(
+    auditor: UpdateAudit,
+    pool: CopyPool,
+    step: int,
+    theta: dict[str, Tensor],
+    theta_next: dict[str, Tensor],
+    grads: dict[str, Tensor | None],
+    updates: dict[str, LinearUpdate],
+    release_theta: bool,
+) -> Callable[[], float]:
+    r"""The audit of step ``step`` as a job: :math:`\|E_s\|/\|\Delta\theta_s\|` when called.
+
+    ``grads`` are the gradients the optimizer saw, in buffers the job owns (pool keys
+    ``"grad.<name>"``, given back after the audit; the loop may change ``p.grad`` after the step);
+    ``theta`` and ``theta_next`` must stay unchanged until the job ran. Jobs must run in step
+    order (the audit carries the modelled momentum from step to step). With ``release_theta`` the
+    job gives ``theta`` (pool buffers of ``"param."``) back: the audit of step ``s`` is the last
+    reader of :math:`\theta_s`.
+
+    Raises
+    ------
+    TrajectoryError
+        When called, if the audit fails (naming the step).
+    """
+    def run() -> float:
+        try:
+            value = auditor.step(theta, theta_next, grads, updates)
+        except Exception as exc:
+            raise TrajectoryError(f"The update audit of step {step} failed: {type(exc).__name__}: {exc}") from exc
+        pool.release("grad.", {n: g for n, g in grads.items() if g is not None})
+        if release_theta:
+            pool.release("param.", theta)
+        return value
+
+    return run
+
+
+def audit_value(value: float) -> float | None:
+    """The audit as a :class:`~explaind.trajectory.manifest.StepRecord` stores it (``None`` for NaN)."""
+    return None if math.isnan(value) else value
