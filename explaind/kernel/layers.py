@@ -36,7 +36,7 @@ from .autograd import AutogradEvaluator
 from .evaluate import CHECK_TOLERANCE, Batch, Grid, Rows, Segment, StepStack
 from .explained import Params
 from .layer_hooks import SegmentRows, StepRows
-from .layer_rules import LAYER_RULES, Factors, covered_parameters
+from .layer_rules import Factors, covered_parameters, layer_rule, rule_names
 from .layout import ParamLayout
 from .products import FactorProducts
 from .quadrature import NodePlan
@@ -72,14 +72,14 @@ class LayerEvaluator:
         self.covered = covered_parameters(self.fm.module, names)
         prefixes = sorted({p for p, _ in self.covered.values()})
         self.layers = {p: self.fm.module.get_submodule(p) for p in prefixes}
-        self.rules = {p: LAYER_RULES[type(m)] for p, m in self.layers.items()}
+        self.rules = {p: layer_rule(m) for p, m in self.layers.items()}
         self.segment_rows = SegmentRows(self.layers, self.rules)
         self.step_rows = StepRows(self.layers, self.rules, self.covered)
         #: per capability: ``None`` unchecked, ``True`` in use, else the reason it is off
         self.state: dict[str, bool | str | None] = {"jacobian": None, "rows": None}
         missing = [n for n in names if n not in self.covered]
         if missing:
-            rules = ", ".join(sorted(t.__name__ for t in LAYER_RULES))
+            rules = ", ".join(rule_names())
             self.state = {k: f"parameters outside nn.Linear/nn.Embedding layers: {', '.join(missing[:5])} (layer rules "
                              f"exist for {rules}; register_layer_rule adds one)" for k in self.state}
 
