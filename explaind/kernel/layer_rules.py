@@ -164,7 +164,18 @@ class TransposedLinearRule(LinearRule):
 
 
 class EmbeddingRule:
-    """``nn.Embedding`` without ``max_norm`` (which rewrites the table) or ``scale_grad_by_freq``: role ``table``."""
+    """``nn.Embedding`` without ``max_norm`` (which rewrites the table) or ``scale_grad_by_freq``: role ``table``.
+
+    Like torch's backward, the padding row receives nothing from tokens equal to the module's
+    ``padding_idx`` at the time of the forward (:meth:`kept` marks them ``-1``); the explained
+    function lifts the index (:meth:`~explaind.kernel.explained.FunctionalModel.outputs`), training
+    losses keep it.
+    """
+
+    @staticmethod
+    def kept(module: nn.Module, a: Tensor) -> Tensor:
+        """The looked-up tokens, those equal to the current ``padding_idx`` replaced by ``-1``."""
+        return a if module.padding_idx is None else torch.where(a == module.padding_idx, -1, a)
 
     def roles(self, module: nn.Module) -> dict[str, str]:
         if module.max_norm is not None or module.scale_grad_by_freq:
@@ -192,8 +203,8 @@ class EmbeddingRule:
             tok = tokens.reshape(tokens.shape[0], -1).long()
             rows = (owner[:, None] * V + tok).reshape(-1)
             vals = d.permute(1, 2, 0, 3).reshape(-1, O, dim)
-            if module.padding_idx is not None:
-                keep = tok.reshape(-1) != module.padding_idx
+            keep = tok.reshape(-1) >= 0  # padding tokens (see kept)
+            if not bool(keep.all()):
                 rows, vals = rows[keep], vals[keep]
             acc.index_add_(0, rows, vals)
         out.copy_(acc.reshape(Tc, V, O, dim).permute(0, 2, 1, 3).reshape(Tc, O, V * dim))
