@@ -197,7 +197,23 @@ class BatchNormNet(nn.Module):
         return self.head(torch.tanh(self.bn1(self.lin(h))))
 
 
+class TiedTokens(nn.Module):
+    """A read-out nn.Linear sharing the token table (GPT-2's tied weights), positions broadcast as (1, L)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(7, 4)
+        self.pos = nn.Embedding(3, 4)
+        self.read = nn.Linear(4, 7, bias=False)
+        self.read.weight = self.tok.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = torch.tanh(self.tok(tokens) + self.pos(torch.arange(tokens.shape[1])[None]))
+        return self.read(h.mean(1))
+
+
 CASES = {
+    "tied": (TiedTokens, lambda T: _tokens(T, 7)),
     "batchnorm": (BatchNormNet, lambda T: torch.randn(T, 1, 6, 6, generator=torch.Generator().manual_seed(5),
                                                       dtype=DT)),
     "conv1d": (Conv1DNet, lambda T: torch.randn(T, 2, 3, generator=torch.Generator().manual_seed(5), dtype=DT)),
@@ -254,7 +270,7 @@ def test_covered_parameters_lists_linear_and_embedding_roles():
 
 
 REFUSED = [
-    (BareParameter, lambda: torch.randn(3, 3, dtype=DT), "outside nn.Linear/nn.Embedding layers: scale"),
+    (BareParameter, lambda: torch.randn(3, 3, dtype=DT), "outside layers with a rule: scale"),
     (TiedReadout, lambda: torch.randint(0, 6, (3, 2)), "start-up check failed"),
     (FlattensBatch, lambda: torch.randn(3, 2, 3, dtype=DT), "batched rows failed"),
 ]

@@ -123,7 +123,7 @@ def test_rows_use_each_steps_running_statistics():
 
 # ---------------------------------------------------------------------------------------------- whole models
 class TinyGPT2(nn.Module):
-    """GPT-2 from a config (no download), dropout 0, untied read-out; explains the last position's logits."""
+    """GPT-2 from a config (no download), dropout 0; explains the last position's logits."""
 
     def __init__(self, vocab: int = 11, tie: bool = False):
         super().__init__()
@@ -213,8 +213,9 @@ def _both(traj, X, **kw):
     return out
 
 
-def test_tiny_gpt2_factored_equals_generic():
-    traj, X = _gpt2_run()
+@pytest.mark.parametrize("tie", [False, True])
+def test_tiny_gpt2_factored_equals_generic(tie):
+    traj, X = _gpt2_run(tie)
     att = _both(traj, X, quadrature="gauss-legendre")
     assert rel(att["always"].values, att["never"].values) <= 1e-10
     replica = {}
@@ -279,7 +280,7 @@ def test_padding_row_moved_by_weight_decay_is_explained(mode):
     att = est.transform(X)
     assert est.sweep_["jacobian"] == {"always": "factored", "never": "autograd"}[mode]
     change = float((att.final - att.initial).abs().max())
-    assert float(att.quadrature_error.abs().max()) <= 1e-10 * change  # was 9% of the change with the row left out
+    assert float(att.quadrature_error.abs().max()) <= 1e-10 * change  # the row's share, were it left out
     assert att.completeness_error() <= 1e-10
 
 

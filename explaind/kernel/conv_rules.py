@@ -1,4 +1,4 @@
-r"""Layer rules for convolutional networks: ``nn.Conv2d`` and ``nn.GroupNorm`` (registered on import).
+r"""Layer rules for convolutional networks: ``nn.Conv2d``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (on import).
 
 **Conv2d** (``groups=1``, zero padding given as numbers): the output is affine in the kernel and
 bias, :math:`z = W \star a + b`, so the segment point :math:`t` adds :math:`t\,(\Delta W \star a + \Delta b)`,
@@ -14,7 +14,9 @@ kernel offset). **GroupNorm** with an affine transform: :math:`z = \hat a \odot 
 :math:`\hat a` the input normalised per sample and group, so
 :math:`\partial g_o/\partial w[c] = \sum_p \delta_o[c, p]\,\hat a[c, p]` and
 :math:`\partial g_o/\partial b[c] = \sum_p \delta_o[c, p]`.
-Both are checked against ``torch.func`` at start-up like every rule (:mod:`~explaind.kernel.layers`).
+**BatchNorm** in evaluation mode is the same per-channel affine map with :math:`\hat a` normalised by
+the running statistics of the step (:class:`BatchNormRule`).
+All are checked against ``torch.func`` at start-up like every rule (:mod:`~explaind.kernel.layers`).
 """
 
 from __future__ import annotations

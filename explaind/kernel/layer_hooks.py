@@ -99,9 +99,9 @@ class StepRows(LayerHooks):
     """Each covered layer's output at the rows' own steps and points (parameters stacked ``(S, *shape)``)."""
 
     def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any],
-                 covered: Mapping[str, tuple[str, str]]):
+                 uses: Mapping[str, list[tuple[str, str]]]):
         super().__init__(layers, rules)
-        self.param_of = {(prefix, role): name for name, (prefix, role) in covered.items()}
+        self.param_of = {use: name for name, used in uses.items() for use in used}
         self.base: Params = {}
         self.delta: Params = {}
         self.sidx = torch.zeros(0, dtype=torch.long)

@@ -17,8 +17,11 @@ and for a layer normalisation :math:`z = \hat a \odot w + b` the same holds with
 :math:`\hat a`. A :class:`LayerRule` says which parameters of a module it covers (their *roles*), the moved
 output :math:`z(\Delta\theta)` at one step, the output at rows of stacked steps, and how a role's
 quadrature-weighted Jacobian is reduced from the factors. :data:`LAYER_RULES` maps
-``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` to theirs; :func:`register_layer_rule` adds another (its
-results are still checked against ``torch.func`` at start-up before use).
+``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` to theirs; :data:`NAMED_LAYER_RULES` holds rules
+keyed by a class's qualified name, matched when such a module is first seen, so that explaind
+imports without the class's package (GPT-2's ``transformers.pytorch_utils.Conv1D``, :math:`z = a W + b`
+with ``W`` stored ``(in, out)``: :class:`TransposedLinearRule`). :func:`register_layer_rule` adds a
+rule either way (its results are still checked against ``torch.func`` at start-up before use).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError
 
 __all__ = ["LayerRule", "LAYER_RULES", "NAMED_LAYER_RULES", "register_layer_rule", "layer_rule", "rule_names",
-           "covered_parameters", "Factors"]
+           "covered_parameters", "parameter_uses", "Factors"]
 
 #: Per call of a layer: ``(delta (O, E, R, out), layer input)``; weighted output gradients and inputs.
 Factors = list[tuple[Tensor, Tensor]]
@@ -327,20 +330,29 @@ def rule_names() -> list[str]:
     return sorted(t.__name__ for t in LAYER_RULES) + sorted(NAMED_LAYER_RULES)
 
 
-def covered_parameters(module: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Trainable parameters that a registered rule handles: ``name -> (module prefix, role)``.
+def parameter_uses(module: nn.Module, names: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """Trainable parameters that registered rules handle: ``name -> [(module prefix, role), ...]``.
 
-    ``role`` is ``"weight"`` or ``"bias"`` of an ``nn.Linear``, ``"table"`` of an ``nn.Embedding``, or
-    ``"scale"``/``"shift"`` of an ``nn.LayerNorm`` over the last axis.
+    A parameter shared by several layers (a read-out tied to the token embeddings) has one use per
+    layer; parameters are matched by identity, under the name ``named_parameters`` gives them.
+    ``role`` is ``"weight"`` or ``"bias"`` of an ``nn.Linear`` or GPT-2 ``Conv1D``, ``"table"`` of an
+    ``nn.Embedding``, ``"kernel"``/``"bias"`` of an ``nn.Conv2d``, or ``"scale"``/``"shift"`` of a
+    normalisation (``nn.LayerNorm`` over the last axis, ``nn.GroupNorm``, eval-mode ``nn.BatchNorm*``).
     """
     wanted = set(names)
-    out: dict[str, tuple[str, str]] = {}
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    out: dict[str, list[tuple[str, str]]] = {}
     for prefix, sub in module.named_modules():
         rule = layer_rule(sub)
         if rule is None:
             continue
-        dot = f"{prefix}." if prefix else ""
         for attr, role in rule.roles(sub).items():
-            if f"{dot}{attr}" in wanted:
-                out[f"{dot}{attr}"] = (prefix, role)
+            name = by_id.get(id(getattr(sub, attr, None)))
+            if name in wanted:
+                out.setdefault(name, []).append((prefix, role))
     return out
+
+
+def covered_parameters(module: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """The first use of each parameter of :func:`parameter_uses`: ``name -> (module prefix, role)``."""
+    return {name: uses[0] for name, uses in parameter_uses(module, names).items()}

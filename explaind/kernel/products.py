@@ -108,8 +108,8 @@ class FactorProducts(JacobianProducts):
                  device: torch.device, block_elements: int = BLOCK_ELEMENTS):
         super().__init__(evaluator, block, T, O, chunk, dtype, device)
         self.T, self.O, self.block_elements = T, O, block_elements
-        linear = {name for name, (prefix, _) in evaluator.covered.items()
-                  if isinstance(evaluator.rules[prefix], LinearRule)}
+        linear = {name for name, used in evaluator.uses.items()  # tied parameters go through Phi
+                  if len(used) == 1 and isinstance(evaluator.rules[used[0][0]], LinearRule)}
         self.weights = {name: sl for name, sl in block.slices() if name in linear
                         and evaluator.covered[name][1] == "weight"}
         self.biases = {name for name in block.names if name in linear and evaluator.covered[name][1] == "bias"}
@@ -131,7 +131,7 @@ class FactorProducts(JacobianProducts):
             Tc = mask.shape[0]
             rows = slice(lo, lo + Tc)
             for name, sl in self.block.slices():
-                prefix, role = ev.covered[name]
+                prefix = ev.covered[name][0]
                 vv = v[sl]
                 if name in self.weights:
                     module, rule = ev.layers[prefix], ev.rules[prefix]
@@ -151,7 +151,7 @@ class FactorProducts(JacobianProducts):
                     scratch = self._scratch[name] = torch.empty(Tc, self.O, sl.stop - sl.start, dtype=v.dtype,
                                                                 device=v.device)
                 buckets = [(torch.arange(Tc, device=v.device), torch.arange(Tc * Q, device=v.device).reshape(Tc, Q))]
-                ev.rules[prefix].reduce(ev.layers[prefix], role, factors[prefix], owner, buckets, self.O, scratch)
+                ev.reduce_parameter(name, factors, owner, buckets, self.O, scratch)
                 self.total[rows, :, sl].addcmul_(scratch, vv)
 
     def _weight_block(self, name: str, lo: int, Tc: int, n_out: int, n_in: int) -> _WeightBlock:
