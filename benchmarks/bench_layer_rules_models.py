@@ -1,6 +1,6 @@
 """Engine time per step with and without the layer rules on a tiny GPT-2 and a ResNet-18-shaped BatchNorm CNN.
 
-Run ``python benchmarks/bench_layer_rules_models.py [--steps N] [--inputs T] [--width W]``. Records
+Run ``python benchmarks/bench_layer_rules_models.py [--steps N] [--inputs T] [--width W] [--gpt-width D]``. Records
 two runs nobody tuned the rules for, in float64 on the CPU:
 
 * a GPT-2 (``transformers.GPT2LMHeadModel`` from a ``GPT2Config``, no download; dropout 0; the
@@ -101,7 +101,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torc
     return rec.trajectory
 
 
-def gpt2_run(steps: int, n_test: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
+def gpt2_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
     vocab, length = 32, 8
     gen = torch.Generator().manual_seed(1)
     start = torch.randint(vocab, (256 + n_test, 1), generator=gen)
@@ -109,11 +109,11 @@ def gpt2_run(steps: int, n_test: int) -> tuple[str, explaind.Trajectory, torch.T
     seq = (start + step * torch.arange(length + 1)) % vocab  # arithmetic sequences: predict the next term
     X, y = seq[:, :-1], seq[:, -1]
     torch.manual_seed(0)
-    model = TinyGPT2(vocab, width=32, layers=2, heads=4, length=length).double()
+    model = TinyGPT2(vocab, width=width, layers=2, heads=4, length=length).double()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     traj = train(model, opt, X[:256], y[:256], steps, batch=16)
     n = sum(p.numel() for p in model.parameters())
-    return f"tiny GPT-2 (2 layers, width 32, {n} parameters, AdamW)", traj, X[256:]
+    return f"tiny GPT-2 (2 layers, width {width}, {n} parameters, AdamW)", traj, X[256:]
 
 
 def resnet_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--inputs", type=int, default=8, help="test inputs")
     ap.add_argument("--width", type=int, default=4, help="channels of the ResNet's first stage (64 in ResNet-18)")
+    ap.add_argument("--gpt-width", type=int, default=32, help="GPT-2's embedding width (768 in GPT-2 small)")
     ap.add_argument("--repeat", type=int, default=2, help="timings per mode (the fastest is printed)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", module="transformers")
@@ -173,7 +174,8 @@ def main() -> None:
           f"inputs; seconds per recorded step (fit + transform/predict)\n")
     print("| model | measurement | layer rules (s/step) | path | torch.func (s/step) | ratio | max rel. difference |")
     print("|---|---|---|---|---|---|---|")
-    for name, traj, X in (gpt2_run(args.steps, args.inputs), resnet_run(args.steps, args.inputs, args.width)):
+    runs = (gpt2_run(args.steps, args.inputs, args.gpt_width), resnet_run(args.steps, args.inputs, args.width))
+    for name, traj, X in runs:
         for label, job in jobs().items():
             out, best = best_of(args.repeat, job, traj, X)
             (fast, path), (slow, _), t_fast, t_slow = out["auto"], out["never"], best["auto"], best["never"]

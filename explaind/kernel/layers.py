@@ -15,7 +15,8 @@ each row of one batch sits at its own point of a segment, with no parameter copy
   :math:`h' = \partial h / \partial t` by forward mode in the per-row :math:`t`.
 
 Valid when the rows of a batch do not interact (evaluation mode), each layer keeps the batch axis
-first and each covered parameter is used only through its layer: each capability is checked
+first (or broadcasts one row over it) and each covered parameter is used only through covered layers
+(a tied one through several: its Jacobian is the sum over them): each capability is checked
 once against the :class:`~explaind.kernel.autograd.AutogradEvaluator` on the first data it sees,
 and falls back to it (``strict``: raises) when the check fails. Other primitives are the
 fallback's.
@@ -235,7 +236,7 @@ class LayerEvaluator:
                          buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
         """One parameter's Jacobian ``out (T_c, O, numel)``: the sum over its uses (one unless tied)."""
         for k, (prefix, role) in enumerate(self.uses[name]):
-            part = out if k == 0 else torch.empty_like(out)
+            part = out if k == 0 else torch.zeros_like(out)
             self.rules[prefix].reduce(self.layers[prefix], role, factors[prefix], owner, buckets, O, part)
             if k:
                 out += part
