@@ -53,6 +53,18 @@ def test_conv1d_rule_is_found_by_its_qualified_name():
     assert layer_rule(Conv1DSubclass(4, 3)) is None
 
 
+def test_explaind_imports_without_transformers():
+    """The Conv1D rule is keyed by name: nothing imports transformers (blocked here in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None; import explaind, explaind.kernel.layers; "
+            "from explaind.kernel.layer_rules import NAMED_LAYER_RULES; "
+            "assert 'transformers.pytorch_utils.Conv1D' in NAMED_LAYER_RULES; print('imported')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr
+
+
 def test_register_layer_rule_by_name_and_its_errors(monkeypatch):
     monkeypatch.setattr("explaind.kernel.layer_rules.NAMED_LAYER_RULES", dict(NAMED_LAYER_RULES))
     rule = BatchNormRule()
