@@ -157,7 +157,66 @@ class ConvNet(nn.Module):
         return self.head(torch.tanh(self.conv2(h)).flatten(1))
 
 
+class Conv1DNet(nn.Module):
+    """GPT-2's Conv1D (weight stored (in, out)) on token sequences, applied twice, a Conv1D read-out."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.proj = Conv1D(4, 3)  # nf (out), nx (in)
+        self.mix = Conv1D(4, 4)
+        self.head = Conv1D(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.proj(x))
+        h = h + torch.tanh(self.mix(torch.tanh(self.mix(h))))
+        return self.head(h).mean(1)
+
+
+class BatchNormNet(nn.Module):
+    """Eval-mode BatchNorm2d after a convolution and BatchNorm1d after a linear layer, non-trivial statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.lin = nn.Linear(3 * 4 * 4, 4)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 5)
+        gen = torch.Generator().manual_seed(9)
+        for bn in (self.bn2, self.bn1):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen))
+            bn.running_var.copy_(0.5 + torch.rand(bn.num_features, generator=gen))
+            nn.init.normal_(bn.weight, 1.0, 0.3)
+            nn.init.normal_(bn.bias, 0.0, 0.3)
+        self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn2(self.conv(x))).flatten(1)
+        return self.head(torch.tanh(self.bn1(self.lin(h))))
+
+
+class TiedTokens(nn.Module):
+    """A read-out nn.Linear sharing the token table (GPT-2's tied weights), positions broadcast as (1, L)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(7, 4)
+        self.pos = nn.Embedding(3, 4)
+        self.read = nn.Linear(4, 7, bias=False)
+        self.read.weight = self.tok.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = torch.tanh(self.tok(tokens) + self.pos(torch.arange(tokens.shape[1])[None]))
+        return self.read(h.mean(1))
+
+
 CASES = {
+    "tied": (TiedTokens, lambda T: _tokens(T, 7)),
+    "batchnorm": (BatchNormNet, lambda T: torch.randn(T, 1, 6, 6, generator=torch.Generator().manual_seed(5),
+                                                      dtype=DT)),
+    "conv1d": (Conv1DNet, lambda T: torch.randn(T, 2, 3, generator=torch.Generator().manual_seed(5), dtype=DT)),
     "conv": (ConvNet, lambda T: torch.randn(T, 1, 6, 6, generator=torch.Generator().manual_seed(5), dtype=DT)),
     "mlp": (lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)),
             lambda T: torch.randn(T, 3, generator=torch.Generator().manual_seed(5), dtype=DT)),
@@ -211,7 +270,7 @@ def test_covered_parameters_lists_linear_and_embedding_roles():
 
 
 REFUSED = [
-    (BareParameter, lambda: torch.randn(3, 3, dtype=DT), "outside nn.Linear/nn.Embedding layers: scale"),
+    (BareParameter, lambda: torch.randn(3, 3, dtype=DT), "outside layers with a rule: scale"),
     (TiedReadout, lambda: torch.randint(0, 6, (3, 2)), "start-up check failed"),
     (FlattensBatch, lambda: torch.randn(3, 2, 3, dtype=DT), "batched rows failed"),
 ]

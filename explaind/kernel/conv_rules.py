@@ -1,4 +1,4 @@
-r"""Layer rules for convolutional networks: ``nn.Conv2d`` and ``nn.GroupNorm`` (registered on import).
+r"""Layer rules for convolutional networks: ``nn.Conv2d``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (on import).
 
 **Conv2d** (``groups=1``, zero padding given as numbers): the output is affine in the kernel and
 bias, :math:`z = W \star a + b`, so the segment point :math:`t` adds :math:`t\,(\Delta W \star a + \Delta b)`,
@@ -14,12 +14,15 @@ kernel offset). **GroupNorm** with an affine transform: :math:`z = \hat a \odot 
 :math:`\hat a` the input normalised per sample and group, so
 :math:`\partial g_o/\partial w[c] = \sum_p \delta_o[c, p]\,\hat a[c, p]` and
 :math:`\partial g_o/\partial b[c] = \sum_p \delta_o[c, p]`.
-Both are checked against ``torch.func`` at start-up like every rule (:mod:`~explaind.kernel.layers`).
+**BatchNorm** in evaluation mode is the same per-channel affine map with :math:`\hat a` normalised by
+the running statistics of the step (:class:`BatchNormRule`).
+All are checked against ``torch.func`` at start-up like every rule (:mod:`~explaind.kernel.layers`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 
 from .layer_rules import Factors, StackedSteps, register_layer_rule
 
-__all__ = ["Conv2dRule", "GroupNormRule"]
+__all__ = ["Conv2dRule", "GroupNormRule", "BatchNormRule"]
 
 
 def _at(stack: Tensor | None, s: int) -> Tensor | None:
@@ -127,14 +130,75 @@ class GroupNormRule:
 
     def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
-        total = torch.zeros(out.shape[0], O, out.shape[-1], dtype=out.dtype, device=out.device)
-        for d, a in calls:
-            d = d.reshape(O, d.shape[1], module.num_channels, -1)  # (O, E, C, positions)
-            if role == "scale":
-                d = d * self.normalised(module, a).reshape(1, d.shape[1], module.num_channels, -1)
-            total.index_add_(0, owner, d.sum(-1).transpose(0, 1))
-        out.copy_(total)
+        _reduce_channels(module.num_channels, role, calls, owner, O, out, lambda a: self.normalised(module, a))
+
+
+class BatchNormRule:
+    r"""``nn.BatchNorm1d/2d/3d`` in evaluation mode with running statistics: roles ``scale`` and ``shift``.
+
+    With the running mean :math:`\mu` and variance :math:`\sigma^2` of the step (buffers
+    :math:`\beta_s`, constant along the segment) the layer is the per-channel affine map
+    :math:`z = \hat a \odot w[c] + b[c]`, :math:`\hat a = (a - \mu[c]) / \sqrt{\sigma^2[c] + \epsilon}`,
+    so the factors are those of :class:`GroupNormRule` with this :math:`\hat a`. The hooks keep
+    :math:`\hat a` (:meth:`kept`) while the step's statistics are in the module. Training-mode batch
+    norm (batch statistics, rows coupled) has no rule: its per-sample gradients come from the replayed
+    batched forward (:mod:`~explaind.kernel.coupled`).
+    """
+
+    def roles(self, module: nn.Module) -> dict[str, str]:
+        if module.training or not module.affine or module.running_mean is None or module.running_var is None:
+            return {}
+        return {"weight": "scale", "bias": "shift"}
+
+    @staticmethod
+    def kept(module: nn.Module, a: Tensor) -> Tensor:
+        r""":math:`\hat a`, the input normalised with the module's running statistics."""
+        return F.batch_norm(a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+
+    def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
+        shape = (1, -1, *([1] * (a.dim() - 2)))
+        dw, db = delta.get("scale"), delta.get("shift")
+        moved = None if dw is None else self.kept(module, a) * dw.reshape(shape)
+        if db is not None:
+            moved = db.reshape(shape).expand_as(output) if moved is None else moved + db.reshape(shape)
+        return moved
+
+    def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
+        shape = (t.shape[0], a.shape[1], *([1] * (a.dim() - 2)))
+        mean = _per_row(rows.buffers(prefix, "running_mean", module.running_mean), rows, shape)
+        var = _per_row(rows.buffers(prefix, "running_var", module.running_var), rows, shape)
+        hat = (a - mean) / torch.sqrt(var + module.eps)
+        W, dW = rows.stacked(prefix, "scale", module.weight)
+        b, db = rows.stacked(prefix, "shift", module.bias)
+        z = hat * _per_row(W, rows, shape) + _per_row(b, rows, shape)
+        if dW is not None:
+            z = z + t * hat * _per_row(dW, rows, shape)
+        if db is not None:
+            z = z + t * _per_row(db, rows, shape)
+        return z
+
+    def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
+               buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
+        _reduce_channels(module.num_features, role, calls, owner, O, out)
+
+
+def _reduce_channels(C: int, role: str, calls: Factors, owner: Tensor, O: int, out: Tensor,
+                     hat: Any = None) -> None:
+    r"""Per-channel scale/shift factors summed over positions into ``out (T_c, O, C)``.
+
+    ``calls`` hold ``(delta, kept)``: :math:`\sum_p \delta[c, p]\,\hat a[c, p]` for ``"scale"`` (``hat(kept)``
+    gives :math:`\hat a`, default the kept tensor itself), :math:`\sum_p \delta[c, p]` for ``"shift"``.
+    """
+    total = torch.zeros(out.shape[0], O, out.shape[-1], dtype=out.dtype, device=out.device)
+    for d, a in calls:
+        d = d.reshape(O, d.shape[1], C, -1)  # (O, E, C, positions)
+        if role == "scale":
+            d = d * (a if hat is None else hat(a)).reshape(1, d.shape[1], C, -1)
+        total.index_add_(0, owner, d.sum(-1).transpose(0, 1))
+    out.copy_(total)
 
 
 register_layer_rule(nn.Conv2d, Conv2dRule())
 register_layer_rule(nn.GroupNorm, GroupNormRule())
+for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    register_layer_rule(_bn, BatchNormRule())

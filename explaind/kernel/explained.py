@@ -57,6 +57,8 @@ class FunctionalModel:
         self.dtype = dtype
         self.constants = {k: self.cast(v) for k, v in constants.items()}
         self.loss_fn = loss_fn
+        #: embeddings whose padding row torch's backward leaves out (see :meth:`outputs`)
+        self._padded = [m for m in self.module.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
 
     def cast(self, t: Any) -> Any:
         """Move to the compute device; floating tensors also to the compute dtype (every tensor of :class:`Inputs`)."""
@@ -90,6 +92,24 @@ class FunctionalModel:
                     f"right-padded causal LMs (see docs/guide_own_model.md)."
                 ) from exc
 
+    def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        r"""Model outputs like :meth:`__call__`, differentiable in every parameter entry (what :math:`g` uses).
+
+        Torch's backward of an embedding with ``padding_idx`` leaves the padding row out (its
+        gradient is zero) although the forward reads it; when that row moves (weight decay) the
+        Jacobian must include it for :math:`\Phi_s \cdot \Delta\theta_s` to add up to the change of
+        :math:`g`. So the padding index is lifted during this forward (the forward is unchanged);
+        training losses (:meth:`sample_loss`) keep torch's gradient, the one the optimizer saw.
+        """
+        saved = [(m, m.padding_idx) for m in self._padded]
+        for m, _ in saved:
+            m.padding_idx = None
+        try:
+            return self(params, x)
+        finally:
+            for m, idx in saved:
+                m.padding_idx = idx
+
     def sample_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Per-sample training losses ``l_k(params)``, shape ``(n,)``."""
         return self.loss_fn(self(params, x), y).reshape(-1)
@@ -115,7 +135,7 @@ class Explained:
 
     def __call__(self, fm: FunctionalModel, params: Mapping[str, Tensor], x: Tensor, aux: Tensor) -> Tensor:
         """``g(params, x)`` of shape ``(n, O)``."""
-        out = fm(params, x)
+        out = fm.outputs(params, x)
         if self.kind == "loss":
             return fm.loss_fn(out, aux).reshape(-1, 1)
         flat = out.reshape(out.shape[0], -1)

@@ -40,12 +40,19 @@ class LayerHooks:
     def _hook(self, prefix: str) -> Any:
         raise NotImplementedError
 
-    def _rows_t(self, prefix: str, output: Tensor) -> Tensor:
-        """``t`` shaped to broadcast against ``output``; the layer must keep the batch axis first."""
+    def _rows(self, prefix: str, a: Any, output: Tensor) -> tuple[Any, Tensor, Tensor]:
+        """The input and output with one row per row of ``t``, and ``t`` shaped to broadcast against the output.
+
+        The layer must keep the batch axis first; a single row broadcast over the batch (GPT-2's
+        position embeddings, ``(1, L)`` positions) is expanded to every row, which then moves on its own.
+        """
         n = self.t.shape[0]
+        if output.dim() >= 1 and output.shape[0] == 1 != n and isinstance(a, Tensor) and a.dim() >= 1 \
+                and a.shape[0] == 1:
+            a, output = a.expand(n, *a.shape[1:]), output.expand(n, *output.shape[1:])
         if output.dim() == 0 or output.shape[0] != n:
             raise ValueError(f"layer {prefix!r} does not keep the batch axis first")
-        return self.t.reshape(n, *([1] * (output.dim() - 1)))
+        return a, output, self.t.reshape(n, *([1] * (output.dim() - 1)))
 
 
 class SegmentRows(LayerHooks):
@@ -73,15 +80,15 @@ class SegmentRows(LayerHooks):
 
     def _hook(self, prefix: str) -> Any:
         rule = self.rules[prefix]
+        keep = getattr(rule, "kept", None)
 
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
-            a = inputs[0]
-            t = self._rows_t(prefix, output)
+            a, output, t = self._rows(prefix, inputs[0], output)
             moved = rule.moved(mod, a, output, self.delta[prefix])
             if moved is not None:
                 output = output + t * moved
             eps = torch.zeros_like(output, requires_grad=True)
-            self.inputs[prefix].append(a.detach())
+            self.inputs[prefix].append((a if keep is None else keep(mod, a)).detach())
             self.offsets[prefix].append(eps)
             return output + eps
 
@@ -92,9 +99,9 @@ class StepRows(LayerHooks):
     """Each covered layer's output at the rows' own steps and points (parameters stacked ``(S, *shape)``)."""
 
     def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any],
-                 covered: Mapping[str, tuple[str, str]]):
+                 uses: Mapping[str, list[tuple[str, str]]]):
         super().__init__(layers, rules)
-        self.param_of = {(prefix, role): name for name, (prefix, role) in covered.items()}
+        self.param_of = {use: name for name, used in uses.items() for use in used}
         self.base: Params = {}
         self.delta: Params = {}
         self.sidx = torch.zeros(0, dtype=torch.long)
@@ -131,6 +138,11 @@ class StepRows(LayerHooks):
             return (None if current is None else current.unsqueeze(0)), None
         return self.base[name], self.delta[name]
 
+    def buffers(self, prefix: str, attr: str, current: Tensor) -> Tensor:
+        """Stacked ``(S, *shape)`` buffer ``attr`` of layer ``prefix`` (changed by training), else ``current[None]``."""
+        stacked = self.base.get(f"{prefix}.{attr}" if prefix else attr)
+        return current.unsqueeze(0) if stacked is None else stacked
+
     def per_step(self, a: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
         """``a (E, R, in)`` through ``W[s_e] (out, in)`` and ``b[s_e]`` per row: one padded ``bmm``.
 
@@ -153,6 +165,7 @@ class StepRows(LayerHooks):
         rule = self.rules[prefix]
 
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
-            return rule.at_steps(mod, prefix, inputs[0], self._rows_t(prefix, output), self)
+            a, _, t = self._rows(prefix, inputs[0], output)
+            return rule.at_steps(mod, prefix, a, t, self)
 
         return hook

@@ -17,8 +17,11 @@ and for a layer normalisation :math:`z = \hat a \odot w + b` the same holds with
 :math:`\hat a`. A :class:`LayerRule` says which parameters of a module it covers (their *roles*), the moved
 output :math:`z(\Delta\theta)` at one step, the output at rows of stacked steps, and how a role's
 quadrature-weighted Jacobian is reduced from the factors. :data:`LAYER_RULES` maps
-``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` to theirs; :func:`register_layer_rule` adds another (its
-results are still checked against ``torch.func`` at start-up before use).
+``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` to theirs; :data:`NAMED_LAYER_RULES` holds rules
+keyed by a class's qualified name, matched when such a module is first seen, so that explaind
+imports without the class's package (GPT-2's ``transformers.pytorch_utils.Conv1D``, :math:`z = a W + b`
+with ``W`` stored ``(in, out)``: :class:`TransposedLinearRule`). :func:`register_layer_rule` adds a
+rule either way (its results are still checked against ``torch.func`` at start-up before use).
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError
 
-__all__ = ["LayerRule", "LAYER_RULES", "register_layer_rule", "covered_parameters", "Factors"]
+__all__ = ["LayerRule", "LAYER_RULES", "NAMED_LAYER_RULES", "register_layer_rule", "layer_rule", "rule_names",
+           "covered_parameters", "parameter_uses", "Factors"]
 
 #: Per call of a layer: ``(delta (O, E, R, out), layer input)``; weighted output gradients and inputs.
 Factors = list[tuple[Tensor, Tensor]]
 
 
 class StackedSteps(Protocol):
-    """What a rule needs of the row hooks: stacked parameters, each row's step and the per-step product."""
+    """What a rule needs of the row hooks: stacked parameters and buffers, each row's step, the per-step product."""
 
     sidx: Tensor
 
@@ -47,9 +51,16 @@ class StackedSteps(Protocol):
 
     def per_step(self, a: Tensor, W: Tensor, b: Tensor | None) -> Tensor: ...
 
+    def buffers(self, prefix: str, attr: str, current: Tensor) -> Tensor: ...
+
 
 class LayerRule(Protocol):
-    """How one layer type is evaluated from factors (see the module docstring)."""
+    """How one layer type is evaluated from factors (see the module docstring).
+
+    A rule may also define ``kept(module, a) -> Tensor``: what the hooks keep of the layer input for
+    :meth:`reduce` (default: ``a``), computed during the forward pass, while the step's buffers are
+    in the module (e.g. the input normalised with running statistics).
+    """
 
     def roles(self, module: nn.Module) -> dict[str, str]:
         """``attribute -> role`` of the module's parameters this rule covers (empty: none)."""
@@ -70,7 +81,22 @@ class LayerRule(Protocol):
 
 
 class LinearRule:
-    """``nn.Linear``: roles ``weight`` and ``bias``."""
+    """``nn.Linear``: roles ``weight`` and ``bias`` (``weight`` stored ``(out, in)``).
+
+    Subclasses set :attr:`transposed` for a weight stored ``(in, out)`` (``y = a W + b``) and
+    override :meth:`dims`; everything else is shared.
+    """
+
+    #: whether the weight is stored ``(in, out)`` rather than ``(out, in)``
+    transposed = False
+
+    def dims(self, module: nn.Module) -> tuple[int, int]:
+        """``(out, in)`` features of the layer."""
+        return module.out_features, module.in_features
+
+    def matrix(self, W: Tensor) -> Tensor:
+        """The weight (or a stack ``(S, ...)`` of them) as ``(..., out, in)`` (a view)."""
+        return W.transpose(-1, -2) if self.transposed else W
 
     def roles(self, module: nn.Module) -> dict[str, str]:
         out = {"weight": "weight"}
@@ -81,7 +107,7 @@ class LinearRule:
     def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
         dw, db = delta.get("weight"), delta.get("bias")
         if dw is not None:
-            return F.linear(a, dw, db)
+            return F.linear(a, self.matrix(dw), db)
         return None if db is None else db.expand_as(output)
 
     def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
@@ -90,9 +116,9 @@ class LinearRule:
         b, db = rows.stacked(prefix, "bias", module.bias)
         lead = a.shape[:-1]
         flat = a.reshape(n, -1, a.shape[-1])
-        z = rows.per_step(flat, W, b)
+        z = rows.per_step(flat, self.matrix(W), b)
         if dW is not None:
-            z = z + t.reshape(n, 1, 1) * rows.per_step(flat, dW, db)
+            z = z + t.reshape(n, 1, 1) * rows.per_step(flat, self.matrix(dW), db)
         elif db is not None:
             z = z + t.reshape(n, 1, 1) * db.index_select(0, rows.sidx).unsqueeze(1)
         return z.reshape(*lead, z.shape[-1])
@@ -100,13 +126,13 @@ class LinearRule:
     def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
         Tc = out.shape[0]
+        n_out, n_in = self.dims(module)
         if role == "bias":
-            total = torch.zeros(Tc, O, module.out_features, dtype=out.dtype, device=out.device)
+            total = torch.zeros(Tc, O, n_out, dtype=out.dtype, device=out.device)
             for d, _ in calls:
                 total.index_add_(0, owner, d.sum(2).transpose(0, 1))
             out.copy_(total)
             return
-        n_out, n_in = module.out_features, module.in_features
         # per entry: G_e^T (R, O*out) and A_e (R, in); Phi_W[x] = sum_e G_e A_e as one bmm per bucket
         g_rows = [d.permute(1, 2, 0, 3).reshape(d.shape[1], -1, O * n_out) for d, _ in calls]  # (E, R, O*out)
         a_rows = [a.reshape(a.shape[0], -1, n_in) for _, a in calls]  # (E, R, in)
@@ -119,15 +145,40 @@ class LinearRule:
             else:
                 G = torch.cat([g[entries].reshape(k, -1, O * n_out) for g in g_rows], dim=1)
                 A = torch.cat([a[entries].reshape(k, -1, n_in) for a in a_rows], dim=1)
-            part = torch.bmm(G.transpose(1, 2), A).reshape(k, O, n_out * n_in)
+            part = torch.bmm(G.transpose(1, 2), A).reshape(k, O, n_out, n_in)
+            part = (part.transpose(2, 3) if self.transposed else part).reshape(k, O, n_out * n_in)
             if whole:
                 out.copy_(part)
             else:  # buckets partition the inputs
                 out.index_copy_(0, inputs, part)
 
 
+class TransposedLinearRule(LinearRule):
+    """GPT-style ``Conv1D`` (``transformers.pytorch_utils.Conv1D``): :math:`z = a W + b`, ``W`` stored ``(in, out)``.
+
+    The roles and factors are those of ``nn.Linear`` with :math:`W^\top`; the reduced Jacobian is laid
+    out like the stored weight, ``(in, out)``.
+    """
+
+    transposed = True
+
+    def dims(self, module: nn.Module) -> tuple[int, int]:
+        return module.nf, module.nx
+
+
 class EmbeddingRule:
-    """``nn.Embedding`` without ``max_norm`` (which rewrites the table) or ``scale_grad_by_freq``: role ``table``."""
+    """``nn.Embedding`` without ``max_norm`` (which rewrites the table) or ``scale_grad_by_freq``: role ``table``.
+
+    Like torch's backward, the padding row receives nothing from tokens equal to the module's
+    ``padding_idx`` at the time of the forward (:meth:`kept` marks them ``-1``); the explained
+    function lifts the index (:meth:`~explaind.kernel.explained.FunctionalModel.outputs`), training
+    losses keep it.
+    """
+
+    @staticmethod
+    def kept(module: nn.Module, a: Tensor) -> Tensor:
+        """The looked-up tokens, those equal to the current ``padding_idx`` replaced by ``-1``."""
+        return a if module.padding_idx is None else torch.where(a == module.padding_idx, -1, a)
 
     def roles(self, module: nn.Module) -> dict[str, str]:
         if module.max_norm is not None or module.scale_grad_by_freq:
@@ -155,8 +206,8 @@ class EmbeddingRule:
             tok = tokens.reshape(tokens.shape[0], -1).long()
             rows = (owner[:, None] * V + tok).reshape(-1)
             vals = d.permute(1, 2, 0, 3).reshape(-1, O, dim)
-            if module.padding_idx is not None:
-                keep = tok.reshape(-1) != module.padding_idx
+            keep = tok.reshape(-1) >= 0  # padding tokens (see kept)
+            if not bool(keep.all()):
                 rows, vals = rows[keep], vals[keep]
             acc.index_add_(0, rows, vals)
         out.copy_(acc.reshape(Tc, V, O, dim).permute(0, 2, 1, 3).reshape(Tc, O, V * dim))
@@ -227,39 +278,81 @@ class LayerNormRule:
 #: Rules by exact module type (subclasses are not matched: they may override ``forward``).
 LAYER_RULES: dict[type[nn.Module], Any] = {nn.Linear: LinearRule(), nn.Embedding: EmbeddingRule(),
                                            nn.LayerNorm: LayerNormRule()}
+#: Rules by the qualified name ``"module.QualName"`` of a type explaind does not import (matched on first use).
+NAMED_LAYER_RULES: dict[str, Any] = {"transformers.pytorch_utils.Conv1D": TransposedLinearRule()}
 
 
-def register_layer_rule(layer_type: type[nn.Module], rule: Any) -> None:
+def type_name(layer_type: type) -> str:
+    """The qualified name ``"package.module.Class"`` of a type, the key of :data:`NAMED_LAYER_RULES`."""
+    return f"{layer_type.__module__}.{layer_type.__qualname__}"
+
+
+def register_layer_rule(layer_type: type[nn.Module] | str, rule: Any) -> None:
     """Use ``rule`` (a :class:`LayerRule`) for modules of exactly ``layer_type``.
+
+    ``layer_type`` is the class, or its qualified name (``"transformers.pytorch_utils.Conv1D"``) for
+    a class whose package need not be installed: the name is matched when such a module is first seen.
 
     Raises
     ------
     ConfigError
-        When ``layer_type`` is not an ``nn.Module`` subclass or ``rule`` lacks a method of the protocol.
+        When ``layer_type`` is neither an ``nn.Module`` subclass nor a dotted name, or ``rule`` lacks a
+        method of the protocol.
     """
-    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
-        raise ConfigError(f"register_layer_rule: layer_type must be an nn.Module subclass, got {layer_type!r}.")
+    named = isinstance(layer_type, str)
+    if named and not (layer_type.count(".") >= 1 and all(part.isidentifier() for part in layer_type.split("."))):
+        raise ConfigError(f"register_layer_rule: layer_type {layer_type!r} is not a qualified class name; give the "
+                          f"class or its name as 'package.module.Class'.")
+    if not named and not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise ConfigError(f"register_layer_rule: layer_type must be an nn.Module subclass or a qualified class name, "
+                          f"got {layer_type!r}.")
     missing = [m for m in ("roles", "moved", "at_steps", "reduce") if not callable(getattr(rule, m, None))]
     if missing:
-        raise ConfigError(f"register_layer_rule: the rule for {layer_type.__name__} lacks {', '.join(missing)}; a "
+        label = layer_type if named else layer_type.__name__
+        raise ConfigError(f"register_layer_rule: the rule for {label} lacks {', '.join(missing)}; a "
                           f"layer rule implements roles, moved, at_steps and reduce (see LayerRule).")
-    LAYER_RULES[layer_type] = rule
+    if named:
+        NAMED_LAYER_RULES[layer_type] = rule
+    else:
+        LAYER_RULES[layer_type] = rule
+
+
+def layer_rule(module: nn.Module) -> Any:
+    """The rule registered for ``type(module)`` (by class, else by qualified name), or ``None``."""
+    rule = LAYER_RULES.get(type(module))
+    if rule is None and NAMED_LAYER_RULES:
+        rule = NAMED_LAYER_RULES.get(type_name(type(module)))
+    return rule
+
+
+def rule_names() -> list[str]:
+    """The layer types with a rule, for messages: class names, then qualified names."""
+    return sorted(t.__name__ for t in LAYER_RULES) + sorted(NAMED_LAYER_RULES)
+
+
+def parameter_uses(module: nn.Module, names: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """Trainable parameters that registered rules handle: ``name -> [(module prefix, role), ...]``.
+
+    A parameter shared by several layers (a read-out tied to the token embeddings) has one use per
+    layer; parameters are matched by identity, under the name ``named_parameters`` gives them.
+    ``role`` is ``"weight"`` or ``"bias"`` of an ``nn.Linear`` or GPT-2 ``Conv1D``, ``"table"`` of an
+    ``nn.Embedding``, ``"kernel"``/``"bias"`` of an ``nn.Conv2d``, or ``"scale"``/``"shift"`` of a
+    normalisation (``nn.LayerNorm`` over the last axis, ``nn.GroupNorm``, eval-mode ``nn.BatchNorm*``).
+    """
+    wanted = set(names)
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for prefix, sub in module.named_modules():
+        rule = layer_rule(sub)
+        if rule is None:
+            continue
+        for attr, role in rule.roles(sub).items():
+            name = by_id.get(id(getattr(sub, attr, None)))
+            if name in wanted:
+                out.setdefault(name, []).append((prefix, role))
+    return out
 
 
 def covered_parameters(module: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Trainable parameters that a registered rule handles: ``name -> (module prefix, role)``.
-
-    ``role`` is ``"weight"`` or ``"bias"`` of an ``nn.Linear``, ``"table"`` of an ``nn.Embedding``, or
-    ``"scale"``/``"shift"`` of an ``nn.LayerNorm`` over the last axis.
-    """
-    wanted = set(names)
-    out: dict[str, tuple[str, str]] = {}
-    for prefix, sub in module.named_modules():
-        rule = LAYER_RULES.get(type(sub))
-        if rule is None:
-            continue
-        dot = f"{prefix}." if prefix else ""
-        for attr, role in rule.roles(sub).items():
-            if f"{dot}{attr}" in wanted:
-                out[f"{dot}{attr}"] = (prefix, role)
-    return out
+    """The first use of each parameter of :func:`parameter_uses`: ``name -> (module prefix, role)``."""
+    return {name: uses[0] for name, uses in parameter_uses(module, names).items()}

@@ -15,7 +15,8 @@ each row of one batch sits at its own point of a segment, with no parameter copy
   :math:`h' = \partial h / \partial t` by forward mode in the per-row :math:`t`.
 
 Valid when the rows of a batch do not interact (evaluation mode), each layer keeps the batch axis
-first and each covered parameter is used only through its layer: each capability is checked
+first (or broadcasts one row over it) and each covered parameter is used only through covered layers
+(a tied one through several: its Jacobian is the sum over them): each capability is checked
 once against the :class:`~explaind.kernel.autograd.AutogradEvaluator` on the first data it sees,
 and falls back to it (``strict``: raises) when the check fails. Other primitives are the
 fallback's.
@@ -36,7 +37,7 @@ from .autograd import AutogradEvaluator
 from .evaluate import CHECK_TOLERANCE, Batch, Grid, Rows, Segment, StepStack
 from .explained import Params
 from .layer_hooks import SegmentRows, StepRows
-from .layer_rules import LAYER_RULES, Factors, covered_parameters
+from .layer_rules import Factors, layer_rule, parameter_uses, rule_names
 from .layout import ParamLayout
 from .products import FactorProducts
 from .quadrature import NodePlan
@@ -69,18 +70,20 @@ class LayerEvaluator:
         self.fm = fallback.fm
         self.names = names
         self.strict = strict
-        self.covered = covered_parameters(self.fm.module, names)
-        prefixes = sorted({p for p, _ in self.covered.values()})
+        #: every use of a covered parameter (several for a tied one), and its first use
+        self.uses = parameter_uses(self.fm.module, names)
+        self.covered = {name: used[0] for name, used in self.uses.items()}
+        prefixes = sorted({p for used in self.uses.values() for p, _ in used})
         self.layers = {p: self.fm.module.get_submodule(p) for p in prefixes}
-        self.rules = {p: LAYER_RULES[type(m)] for p, m in self.layers.items()}
+        self.rules = {p: layer_rule(m) for p, m in self.layers.items()}
         self.segment_rows = SegmentRows(self.layers, self.rules)
-        self.step_rows = StepRows(self.layers, self.rules, self.covered)
+        self.step_rows = StepRows(self.layers, self.rules, self.uses)
         #: per capability: ``None`` unchecked, ``True`` in use, else the reason it is off
         self.state: dict[str, bool | str | None] = {"jacobian": None, "rows": None}
         missing = [n for n in names if n not in self.covered]
         if missing:
-            rules = ", ".join(sorted(t.__name__ for t in LAYER_RULES))
-            self.state = {k: f"parameters outside nn.Linear/nn.Embedding layers: {', '.join(missing[:5])} (layer rules "
+            rules = ", ".join(rule_names())
+            self.state = {k: f"parameters outside layers with a rule: {', '.join(missing[:5])} (layer rules "
                              f"exist for {rules}; register_layer_rule adds one)" for k in self.state}
 
     @property
@@ -204,7 +207,7 @@ class LayerEvaluator:
         mask = ww != 0
         owner = torch.arange(ww.shape[0], device=w.device)[:, None].expand_as(mask)[mask]  # input of each entry
         x, aux = seg.X[rows][owner], seg.explained.aux[rows][owner]
-        delta = {(prefix, role): seg.delta[name] for name, (prefix, role) in self.covered.items()}
+        delta = {use: seg.delta[name] for name, used in self.uses.items() for use in used}
         with torch.enable_grad(), self.segment_rows.run(delta, tt[mask]) as hooked:
             g = seg.explained(self.fm, seg.base, x, aux)  # (E, O)
         O = g.shape[1]
@@ -227,8 +230,16 @@ class LayerEvaluator:
     def _reduce(self, block: ParamLayout, factors: Mapping[str, Factors], owner: Tensor,
                 buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
         for name, sl in block.slices():
-            prefix, role = self.covered[name]
-            self.rules[prefix].reduce(self.layers[prefix], role, factors[prefix], owner, buckets, O, out[..., sl])
+            self.reduce_parameter(name, factors, owner, buckets, O, out[..., sl])
+
+    def reduce_parameter(self, name: str, factors: Mapping[str, Factors], owner: Tensor,
+                         buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
+        """One parameter's Jacobian ``out (T_c, O, numel)``: the sum over its uses (one unless tied)."""
+        for k, (prefix, role) in enumerate(self.uses[name]):
+            part = out if k == 0 else torch.zeros_like(out)
+            self.rules[prefix].reduce(self.layers[prefix], role, factors[prefix], owner, buckets, O, part)
+            if k:
+                out += part
 
     def _check_jacobian(self, seg: Segment) -> str:
         r""":math:`\Phi` of the first two inputs, one node each, against the fallback (``jacrev``)."""

@@ -108,11 +108,13 @@ class FactorProducts(JacobianProducts):
                  device: torch.device, block_elements: int = BLOCK_ELEMENTS):
         super().__init__(evaluator, block, T, O, chunk, dtype, device)
         self.T, self.O, self.block_elements = T, O, block_elements
-        linear = {name for name, (prefix, _) in evaluator.covered.items()
-                  if isinstance(evaluator.rules[prefix], LinearRule)}
+        linear = {name for name, used in evaluator.uses.items()  # tied parameters go through Phi
+                  if len(used) == 1 and isinstance(evaluator.rules[used[0][0]], LinearRule)}
         self.weights = {name: sl for name, sl in block.slices() if name in linear
                         and evaluator.covered[name][1] == "weight"}
         self.biases = {name for name in block.names if name in linear and evaluator.covered[name][1] == "bias"}
+        #: weights stored ``(in, out)``
+        self.transposed = {name for name in self.weights if evaluator.rules[evaluator.covered[name][0]].transposed}
         self.blocks: dict[tuple[str, int], _WeightBlock] = {}
         self._scratch: dict[str, Tensor] = {}
 
@@ -129,14 +131,15 @@ class FactorProducts(JacobianProducts):
             Tc = mask.shape[0]
             rows = slice(lo, lo + Tc)
             for name, sl in self.block.slices():
-                prefix, role = ev.covered[name]
+                prefix = ev.covered[name][0]
                 vv = v[sl]
                 if name in self.weights:
-                    module = ev.layers[prefix]
+                    module, rule = ev.layers[prefix], ev.rules[prefix]
+                    n_out, n_in = rule.dims(module)
+                    v_w = rule.matrix(vv.reshape(n_in, n_out) if rule.transposed else vv.reshape(n_out, n_in))
                     for d, a in factors[prefix]:  # (O, E, R, out), (E, R, in) per call of the layer
                         g = d.reshape(self.O, Tc, -1, d.shape[-1]).permute(1, 3, 0, 2)  # (T_c, out, O, Q R)
-                        self._weight_block(name, lo, Tc, module).add(g, a.reshape(Tc, -1, a.shape[-1]),
-                                                                     vv.reshape(module.out_features, -1))
+                        self._weight_block(name, lo, Tc, n_out, n_in).add(g, a.reshape(Tc, -1, a.shape[-1]), v_w)
                     continue
                 if name in self.biases:  # P_b[x, o, i] = sum_e delta_e[o, x, i] v[i]
                     for d, _ in factors[prefix]:
@@ -148,15 +151,14 @@ class FactorProducts(JacobianProducts):
                     scratch = self._scratch[name] = torch.empty(Tc, self.O, sl.stop - sl.start, dtype=v.dtype,
                                                                 device=v.device)
                 buckets = [(torch.arange(Tc, device=v.device), torch.arange(Tc * Q, device=v.device).reshape(Tc, Q))]
-                ev.rules[prefix].reduce(ev.layers[prefix], role, factors[prefix], owner, buckets, self.O, scratch)
+                ev.reduce_parameter(name, factors, owner, buckets, self.O, scratch)
                 self.total[rows, :, sl].addcmul_(scratch, vv)
 
-    def _weight_block(self, name: str, lo: int, Tc: int, module: Any) -> _WeightBlock:
+    def _weight_block(self, name: str, lo: int, Tc: int, n_out: int, n_in: int) -> _WeightBlock:
         key = (name, lo)
         if key not in self.blocks:
-            columns = max(1, min(512, self.block_elements // max(1, Tc * module.weight.numel())))
-            self.blocks[key] = _WeightBlock(Tc, self.O, module.out_features, module.in_features, columns,
-                                            self.total)
+            columns = max(1, min(512, self.block_elements // max(1, Tc * n_out * n_in)))
+            self.blocks[key] = _WeightBlock(Tc, self.O, n_out, n_in, columns, self.total)
         return self.blocks[key]
 
     def result(self) -> Tensor:
@@ -164,6 +166,9 @@ class FactorProducts(JacobianProducts):
             wb.flush()
             sl = self.weights[name]
             Tc = wb.acc.shape[0]
-            self.total[lo:lo + Tc, :, sl] += wb.acc.permute(0, 2, 1, 3).reshape(Tc, self.O, -1)
+            acc = wb.acc.permute(0, 2, 1, 3)  # (T_c, O, out, in)
+            if name in self.transposed:
+                acc = acc.transpose(2, 3)
+            self.total[lo:lo + Tc, :, sl] += acc.reshape(Tc, self.O, -1)
             wb.acc.zero_()
         return self.total
