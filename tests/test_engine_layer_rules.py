@@ -248,6 +248,18 @@ def test_batchnorm_cnn_factored_equals_generic():
     assert rel(att["always"].buffers, att["never"].buffers) <= 1e-10
 
 
+
+def test_auto_keeps_a_convolutional_model_on_the_generic_path_on_the_cpu():
+    """Measured slower with the Conv2d rule on the CPU (docs/engine.md): "auto" takes torch.func there."""
+    traj, X = _bn_run()
+    auto = explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", device="cpu").fit(traj)
+    auto.transform(X)
+    assert auto.sweep_["jacobian"] == "autograd"
+    always = explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", factored="always",
+                                         device="cpu").fit(traj)
+    always.transform(X)
+    assert always.sweep_["jacobian"] == "factored"
+
 def test_unknown_layer_type_goes_through_the_generic_path():
     traj, X = _bn_run(unknown=True)
     auto = explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", residual_tol=1.0,

@@ -37,9 +37,19 @@ def make_evaluator(fm: FunctionalModel, names: tuple[str, ...], factored: str, c
         raise ConfigError(f"PathEngine: invalid value for 'factored': {factored!r}; choose one of 'auto', "
                           f"'always', 'never'.")
     base = AutogradEvaluator(fm, chunk_size)
-    if factored == "never":
+    if factored == "never" or (factored == "auto" and _generic_is_faster(fm)):
         return base
     return LayerEvaluator(base, names, strict=factored == "always")
+
+
+def _generic_is_faster(fm: FunctionalModel) -> bool:
+    """``"auto"`` on the CPU keeps convolutional models on the ``torch.func`` path.
+
+    Measured by ``benchmarks/bench_layer_rules_models.py`` (docs/engine.md): on the CPU the Conv2d
+    rule's unfolded patches cost more than the generic path (a ResNet-18-shaped model ran at 0.56-0.97x
+    with the rules in most rows). ``factored="always"`` still uses them.
+    """
+    return fm.device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in fm.module.modules())
 
 
 class PathEngine:
