@@ -17,13 +17,27 @@ import numpy as np
 import torch
 from reference import Reference
 
+from explaind.outputs import model_output
+
 __all__ = ["BufferReference", "ReplayReference"]
 
 DT = torch.float64
 
 
+def _cast(x: torch.Tensor) -> torch.Tensor:
+    """Float inputs in float64; token ids as they are."""
+    return x.to(DT) if x.is_floating_point() else x
+
+
 class ReplayReference(Reference):
-    """The reference with per-sample gradients through the replayed batched training forward (a plain loop)."""
+    """The reference with per-sample gradients through the replayed batched training forward (a plain loop).
+
+    Models may return a ``ModelOutput`` (its logits are taken) of any shape (flattened per test input).
+    """
+
+    def forward(self, vec, xi):
+        params = {**self.constants, **self._unflat(vec)}
+        return model_output(torch.func.functional_call(self.model, params, (self.X[xi:xi + 1],)))[0].reshape(-1)
 
     def _compute_gradients(self) -> None:
         train_model = copy.deepcopy(self.model).train()
@@ -38,7 +52,7 @@ class ReplayReference(Reference):
                 before = torch.get_rng_state()
                 if micro.state is not None:
                     torch.set_rng_state(micro.state.cpu)
-                out = torch.func.functional_call(module, {**buffers, **self._unflat(th)}, (Xb.to(DT),))
+                out = model_output(torch.func.functional_call(module, {**buffers, **self._unflat(th)}, (_cast(Xb),)))
                 torch.set_rng_state(before)
                 losses = self.loss_fn(out, yb).reshape(-1)
                 for j in range(len(idx)):

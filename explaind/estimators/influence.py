@@ -31,6 +31,7 @@ from ..kernel.planning import window_plans
 from ..kernel.shard import all_sum, gather_rows, shard_rows, world
 from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
+from .base import batching_errors
 from .residual import check_quadrature, check_residual
 
 __all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
@@ -223,14 +224,15 @@ class InfluenceEstimator(PathEstimator):
         T = Xt.shape[0]
         target = cfg.target if cfg.target is None or cfg.target == "loss" else torch.tensor(cfg.target)
         rank, size = world() if cfg.distributed == "auto" else (0, 1)
-        if size == 1:
-            att = self._decompose(Xt, target, y)
-        else:
-            rows, counts = shard_rows(T, rank, size)
-            if isinstance(target, torch.Tensor) and target.numel() == T:
-                target = target.reshape(-1)[rows]
-            part = self._decompose(Xt[rows], target, None if y is None else torch.as_tensor(y)[rows])
-            att = _gathered(part, counts, T)
+        with batching_errors(name, self.trajectory_.model):
+            if size == 1:
+                att = self._decompose(Xt, target, y)
+            else:
+                rows, counts = shard_rows(T, rank, size)
+                if isinstance(target, torch.Tensor) and target.numel() == T:
+                    target = target.reshape(-1)[rows]
+                part = self._decompose(Xt[rows], target, None if y is None else torch.as_tensor(y)[rows])
+                att = _gathered(part, counts, T)
         if cfg.split:
             check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
         check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name)

@@ -25,6 +25,7 @@ from ..kernel.planning import window_plans
 from ..kernel.shard import gather_rows, shard_rows, world
 from ..outputs import model_output
 from ._path import PathConfig, PathEstimator
+from .base import batching_errors
 
 __all__ = ["KernelReplica", "KernelReplicaConfig"]
 
@@ -122,8 +123,9 @@ class KernelReplica(PathEstimator):
         engine = self.engine_
         explained = engine.explained(Xt, None, None, type(self).__name__)
         cfg = self.config_
-        g_start, g_stop, plans, buffers = window_plans(engine, Xt, explained, self.window_, cfg.quadrature,
-                                                       cfg.nodes, cfg.tol, with_estimate=True)
+        with batching_errors(type(self).__name__, self.trajectory_.model):
+            g_start, g_stop, plans, buffers = window_plans(engine, Xt, explained, self.window_, cfg.quadrature,
+                                                           cfg.nodes, cfg.tol, with_estimate=True)
         replica = g_start + sum(p.estimate for p in plans) + (0 if buffers is None else buffers.sum(1))
         return replica, g_stop, plans
 
