@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_engine.py --skip-baseline
 	$(PY) benchmarks/bench_pruning.py
 	$(PY) benchmarks/bench_validation.py
+	$(PY) benchmarks/bench_distributed.py
 
 demo: $(STAMP)
 	# Trains, records, replicates and explains a small run that groks (a few minutes on 2 cores);

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
-from . import __version__, cli_commands
+from . import __version__, cli_commands, cli_launch
 from .cli_io import Output, parse_assignments
 from .exceptions import ExplaindError
 
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a registered architecture on a built-in dataset and record it")
     p.add_argument("--out", required=True, help="new run folder (run.json + trajectory/)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out with the settings of its run.json")
     p.add_argument("--architecture", "-a", default="mlp", help="registered architecture (see 'explaind plugins')")
     p.add_argument("--dataset", "-d", default="digits", help="modular, digits or cifar10 (default: digits)")
     p.add_argument("--data", action="append", metavar="KEY=VALUE", help="dataset option, e.g. p=23, classes=[3,8]")
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 400000; 0: no limit)")
     _add_size(p, "small")
     _add_device(p)
+    cli_launch.add_nproc(p)
     _common(p, suppress=True)
 
     p = sub.add_parser("influence", help="influence scores along chosen axes, saved as safetensors and CSV")
@@ -127,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     _add_quadrature(p, "gauss-legendre", 2)
     _add_device(p)
+    cli_launch.add_nproc(p)
     _common(p, suppress=True)
 
     p = sub.add_parser("prune", help="the pruning benchmark on digits (ExPLAIND scores versus classic criteria)")
@@ -190,7 +195,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "study" and args.study is None:
         parser.exit(EXIT_USAGE, "explaind study: error: choose a study: grokking (see 'explaind study --help')\n")
-    out = Output(quiet=args.quiet, as_json=args.json)
+    nproc = getattr(args, "nproc", 1)
+    if nproc != 1 and not cli_launch.under_torchrun():
+        try:
+            return cli_launch.launch(list(sys.argv[1:] if argv is None else argv), nproc)
+        except ExplaindError as exc:
+            print(f"explaind {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+    grouped = hasattr(args, "nproc") and cli_launch.under_torchrun()
+    rank = cli_launch.join_group(args.device) if grouped else 0
+    out = Output(quiet=args.quiet, as_json=args.json, silent=rank > 0)
+    if rank > 0:  # rank 0 warns for all
+        warnings.simplefilter("ignore")
     if args.threads is not None:
         if args.threads < 1:
             parser.exit(EXIT_USAGE, f"explaind: error: --threads {args.threads} must be a positive integer\n")
@@ -202,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"explaind {args.command}" + (f" {args.study}" if args.command == "study" else "")
     try:
         handler = getattr(cli_commands, f"cmd_{args.command}")
-        return int(handler(args, out) or EXIT_OK)
+        code = int(handler(args, out) or EXIT_OK)
+        if grouped:
+            cli_launch.leave_group(code)
+        return code
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -50,8 +50,25 @@ def cmd_plugins(args: argparse.Namespace, out: Any) -> int:
 
 
 # --------------------------------------------------------------------------- train
+def _resume_conflicts(config: dict[str, Any], run_dir: str) -> None:
+    """With ``--resume`` the settings come from ``run.json``: an option given with another value is an error."""
+    from .config import validate_config
+    from .studies.run_file import read_run_file
+    from .studies.runs import TrainConfig
+
+    stored = read_run_file(run_dir)["config"]
+    given = validate_config(TrainConfig, config, "train").model_dump(mode="json")
+    defaults = TrainConfig().model_dump(mode="json")
+    for key, value in given.items():
+        if value != defaults[key] and value != stored.get(key):
+            option = "--" + key.replace("_", "-")
+            raise ConfigError(f"--resume continues {run_dir!r} with the settings of its run.json, but {option} "
+                              f"{value!r} differs from the run's {stored.get(key)!r}. Drop {option}, or train a new "
+                              f"run into another --out folder.")
+
+
 def cmd_train(args: argparse.Namespace, out: Any) -> int:
-    """Train and record a run."""
+    """Train and record a run (or continue an interrupted one with ``--resume``)."""
     from .studies.runs import train_run
 
     config = {
@@ -72,9 +89,13 @@ def cmd_train(args: argparse.Namespace, out: Any) -> int:
         "dtype": args.dtype,
         "device": args.device,
     }
-    run = train_run(config, args.out, progress=out.progress, log=out.info)
+    if args.resume:
+        _resume_conflicts(config, args.out)
+    run = train_run(None if args.resume else config, args.out, progress=out.progress, log=out.info,
+                    resume=args.resume)
     info = dict(run.info, run=str(run.path))
-    text = (f"recorded {info['n_steps']} steps to {run.path} in {info['train_seconds']:.1f} s: "
+    resumed = "" if info.get("resumed_at") is None else f" (resumed at step {info['resumed_at']})"
+    text = (f"recorded {info['n_steps']} steps to {run.path}{resumed} in {info['train_seconds']:.1f} s: "
             f"train acc {info['final_train_acc']:.3f}, validation acc {info['final_val_acc']:.3f}")
     out.result(text, info)
     return 0
@@ -154,10 +175,13 @@ def cmd_influence(args: argparse.Namespace, out: Any) -> int:
     rule = fidelity.rule_from(args.quadrature, args.nodes)
     run = load_run(args.run)
     n_test = min(args.n_test or N_TEST_DEFAULT, run.dataset.n_val)
-    _announce(out, "influence", rule, _window(int(run.trajectory.n_steps), steps), n_test)
+    window = _window(int(run.trajectory.n_steps), steps)
+    if not args.no_csv:
+        analysis.check_csv_rows(analysis.csv_rows(run, keep, target, window, n_test), keep, n_test)
+    _announce(out, "influence", rule, window, n_test)
     att = analysis.influence(run, keep=keep, target=target, steps=steps, n_test=n_test, device=args.device,
                              quadrature=rule.quadrature, nodes=rule.nodes, progress=out.progress)
-    written = analysis.save_attribution(att, Path(args.out), csv_file=not args.no_csv)
+    written = [] if out.silent else analysis.save_attribution(att, Path(args.out), csv_file=not args.no_csv)
     summary = analysis.summarise(att)
     lines = [f"axes {summary['axes']} shape {summary['shape']}; completeness gap {summary['completeness_gap']:.3g}; "
              f"quadrature error {summary['quadrature_error_max']:.3g} (largest per input and output, {rule.label})"]

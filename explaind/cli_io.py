@@ -24,11 +24,14 @@ class Output:
         Suppress progress bars and informational lines (results are still printed).
     as_json : bool
         Print one JSON document with the results instead of text.
+    silent : bool
+        Print nothing at all (the processes other than rank 0 under ``--nproc``).
     """
 
-    def __init__(self, quiet: bool = False, as_json: bool = False):
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, as_json: bool = False, silent: bool = False):
+        self.quiet = quiet or silent
         self.as_json = as_json
+        self.silent = silent
 
     @property
     def progress(self) -> bool:
@@ -42,6 +45,8 @@ class Output:
 
     def result(self, text: str, data: Any) -> None:
         """The command's result: ``text`` for humans, ``data`` as JSON with ``--json`` (stdout)."""
+        if self.silent:
+            return
         _line(sys.stdout, json.dumps(data, indent=2, default=_json_default) if self.as_json else text)
 
 

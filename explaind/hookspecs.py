@@ -34,6 +34,10 @@ def explaind_optimizer_adapters() -> list[Any]:
 def explaind_architectures() -> list[Any]:
     """Register model factories.
 
+    Each record's ``parameter_count(config)`` gives the parameter and buffer elements a config
+    builds, without allocating them: ``explaind.build_model`` refuses a config over its size limit
+    before calling the factory (a spec read from a trajectory store included).
+
     Returns
     -------
     list of ArchitectureRecord

@@ -29,7 +29,7 @@ from torch import Tensor
 from .exceptions import ConfigError, UnknownEntryError
 from .records import LossRecord
 
-__all__ = ["resolve_loss", "wrap_loss_callable", "CUSTOM_LOSS_PREFIX"]
+__all__ = ["resolve_loss", "wrap_loss_callable", "batch_weights", "CUSTOM_LOSS_PREFIX"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,33 @@ def wrap_loss_callable(loss_fn: Callable[..., Any]) -> LossRecord:
     )
 
 
+def batch_weights(record: LossRecord, targets: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""The sample weights :math:`w_k` under which :math:`\sum_k w_k \ell_k` is the loss of one batch.
+
+    Parameters
+    ----------
+    record : LossRecord
+    targets : Tensor, shape (n, ...)
+        The batch's targets.
+    dtype : torch.dtype
+        Floating dtype of the result.
+
+    Returns
+    -------
+    Tensor, shape (n,)
+        ``1/n`` each, or :math:`n_k / \sum_j n_j` for a loss with ``counts`` (e.g. the counted tokens of a
+        token loss; docs/maths.md §1). A batch without any counted term gets weights 0.
+    """
+    n = int(targets.shape[0])
+    if record.counts is None:
+        return torch.full((n,), 1.0 / n, dtype=dtype)
+    counts = torch.as_tensor(record.counts(targets)).detach().to("cpu", dtype)
+    if counts.shape != (n,):
+        raise ConfigError(f"Loss {record.name!r}: counts(targets) returned shape {tuple(counts.shape)}; "
+                          f"expected ({n},).")
+    return counts / counts.sum().clamp_min(1)
+
+
 def _check_mean(record: LossRecord, outputs: Tensor, targets: Tensor, reference: Callable[..., Any]) -> None:
     with torch.no_grad():
         per_sample = record.implementation(outputs, targets)
@@ -109,7 +136,7 @@ def _check_mean(record: LossRecord, outputs: Tensor, targets: Tensor, reference:
             f"Loss {record.name!r} returned per-sample losses of shape {tuple(per_sample.shape)}; "
             f"expected ({outputs.shape[0]},)."
         )
-    mean = per_sample.mean()
+    mean = (batch_weights(record, targets, per_sample.dtype).to(per_sample.device) * per_sample).sum()
     tol = 1e-5 if mean.dtype == torch.float32 else 1e-10
     if not torch.allclose(mean, torch.as_tensor(batch, dtype=mean.dtype), rtol=tol, atol=tol):
         raise ConfigError(

@@ -9,11 +9,19 @@ builds the module deterministically from a seed and tags it with a plain-dict at
 A recorder stores this spec in the trajectory manifest, so :meth:`explaind.Trajectory.load` can
 rebuild the model with :func:`model_from_spec` without any user code. The module itself is an
 ordinary instance of the factory's class (no subclassing, no wrapper).
+
+Before anything is allocated, :func:`build_model` asks the architecture's ``parameter_count``
+(a field of its record) how many parameter and buffer elements the config builds and refuses
+more than :func:`resolve_max_parameters` (default :data:`DEFAULT_MAX_PARAMETERS`, or the environment
+variable ``EXPLAIND_MAX_PARAMETERS``): a config from a stranger's store cannot make it allocate
+40 GB.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from typing import Any
 
 import torch
@@ -23,10 +31,86 @@ from torch import nn
 from .config import resolve_dtype, validate_config
 from .exceptions import ConfigError
 
-__all__ = ["build_model", "model_from_spec", "SPEC_ATTRIBUTE"]
+__all__ = [
+    "build_model",
+    "model_from_spec",
+    "count_parameters",
+    "resolve_max_parameters",
+    "SPEC_ATTRIBUTE",
+    "DEFAULT_MAX_PARAMETERS",
+    "MAX_PARAMETERS_ENV",
+]
+
+logger = logging.getLogger(__name__)
 
 #: Name of the attribute carrying the build spec on modules made by :func:`build_model`.
 SPEC_ATTRIBUTE = "explaind_spec"
+#: Largest number of parameter and buffer elements :func:`build_model` builds by default (1 GB in float32).
+DEFAULT_MAX_PARAMETERS = 250_000_000
+#: Environment variable overriding :data:`DEFAULT_MAX_PARAMETERS`.
+MAX_PARAMETERS_ENV = "EXPLAIND_MAX_PARAMETERS"
+
+
+def resolve_max_parameters(limit: int | None = None) -> int:
+    """The size limit in elements: ``limit`` when given, else ``$EXPLAIND_MAX_PARAMETERS``, else the default.
+
+    Raises
+    ------
+    ConfigError
+        For a limit that is not a positive integer (the message names where it came from).
+    """
+    source = "max_parameters"
+    if limit is None:
+        raw = os.environ.get(MAX_PARAMETERS_ENV)
+        if raw is None or not raw.strip():
+            return DEFAULT_MAX_PARAMETERS
+        source = f"${MAX_PARAMETERS_ENV}"
+        try:
+            limit = int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{source}={raw!r} is not an integer. Set it to the largest number of model "
+                              f"parameters to build, e.g. {MAX_PARAMETERS_ENV}=1000000000.") from None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"{source}={limit!r} must be a positive integer: the largest number of parameter and "
+                          f"buffer elements to build (default {DEFAULT_MAX_PARAMETERS:,}).")
+    return limit
+
+
+def count_parameters(name: str, config: BaseModel | dict[str, Any] | None = None) -> int | None:
+    """Parameter and buffer elements that ``build_model(name, config)`` allocates, computed without allocating.
+
+    Returns
+    -------
+    int or None
+        The architecture's ``parameter_count(config)``; ``None`` when its record declares none.
+
+    Raises
+    ------
+    UnknownEntryError, ConfigError
+        For an unknown name or an invalid config.
+    """
+    from .plugins import get_entry
+
+    record = get_entry("architecture", name)
+    return _declared_count(record, _validated(record, config))
+
+
+def _declared_count(record: Any, cfg: BaseModel) -> int | None:
+    counter = getattr(record, "parameter_count", None)
+    if counter is None:
+        return None
+    count = counter(cfg)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(f"The parameter_count of architecture {record.name!r} returned {count!r}, not a "
+                          f"non-negative int; the plugin providing it is broken.")
+    return count
+
+
+def _size_message(name: str, count: int, limit: int) -> str:
+    return (f"architecture {name!r} with this config has {count:,} parameter and buffer elements, more than the "
+            f"limit of {limit:,} (about {4 * count / 1e9:.1f} GB in float32). If the size is intended, raise the "
+            f"limit: max_parameters=<n> (or the environment variable {MAX_PARAMETERS_ENV}=<n>); otherwise fix "
+            f"the config's sizes.")
 
 
 def _validated(record: Any, config: BaseModel | dict[str, Any] | None) -> BaseModel:
@@ -51,8 +135,9 @@ def build_model(
     *,
     seed: int = 0,
     dtype: str | torch.dtype | None = None,
+    max_parameters: int | None = None,
 ) -> nn.Module:
-    """Build a registered architecture.
+    """Build a registered architecture (its size is checked first, see the module docstring).
 
     Parameters
     ----------
@@ -66,6 +151,9 @@ def build_model(
         Seed of the local generator the weights are drawn from; the global RNG is untouched.
     dtype : {"float32", "float64"} or torch.dtype, optional
         Floating dtype of the parameters (default: float32, as built).
+    max_parameters : int, optional
+        Refuse configs of more parameter and buffer elements (default: ``$EXPLAIND_MAX_PARAMETERS``
+        or :data:`DEFAULT_MAX_PARAMETERS`).
 
     Returns
     -------
@@ -78,7 +166,8 @@ def build_model(
     UnknownEntryError
         For an unknown architecture name (the message lists the choices).
     ConfigError
-        For an invalid config, seed or dtype; the message names the field and the value.
+        For an invalid config, seed or dtype, or a config above the size limit; the message names the
+        field and the value (the limit and how to raise it).
     """
     from .plugins import get_entry
 
@@ -87,19 +176,32 @@ def build_model(
         raise ConfigError(f"seed must be a non-negative int; got {seed!r}. Pass e.g. seed=0.")
     torch_dtype = resolve_dtype(dtype, default=torch.float32)
     cfg = _validated(record, config)
+    limit = resolve_max_parameters(max_parameters)
+    declared = _declared_count(record, cfg)
+    if declared is None:
+        logger.info("Architecture %r declares no parameter_count: its size is checked after building.", name)
+    elif declared > limit:
+        raise ConfigError(_size_message(record.name, declared, limit))
     module = record.implementation(cfg, seed=seed)
     if not isinstance(module, nn.Module):
         raise ConfigError(
             f"The factory of architecture {name!r} returned {type(module).__name__}, not a torch.nn.Module; "
             f"the plugin providing it is broken."
         )
+    built = sum(t.numel() for t in [*module.parameters(), *module.buffers()])
+    if declared is not None and built != declared:
+        raise ConfigError(f"Architecture {name!r}: parameter_count says {declared:,} elements, the factory built "
+                          f"{built:,}; the plugin providing it is broken.")
+    if built > limit:
+        raise ConfigError(_size_message(record.name, built, limit))
     module = module.to(torch_dtype)
     spec = {"name": record.name, "config": json.loads(cfg.model_dump_json()), "seed": seed}
     setattr(module, SPEC_ATTRIBUTE, spec)
     return module
 
 
-def model_from_spec(spec: dict[str, Any], *, dtype: str | torch.dtype | None = None) -> nn.Module:
+def model_from_spec(spec: dict[str, Any], *, dtype: str | torch.dtype | None = None,
+                    max_parameters: int | None = None) -> nn.Module:
     """Rebuild a model from a stored ``explaind_spec`` dict.
 
     Parameters
@@ -107,6 +209,8 @@ def model_from_spec(spec: dict[str, Any], *, dtype: str | torch.dtype | None = N
     spec : dict
         ``{"name": str, "config": dict, "seed": int}`` as set by :func:`build_model`.
     dtype : {"float32", "float64"} or torch.dtype, optional
+    max_parameters : int, optional
+        Size limit (see :func:`build_model`).
 
     Returns
     -------
@@ -118,4 +222,4 @@ def model_from_spec(spec: dict[str, Any], *, dtype: str | torch.dtype | None = N
             f"A model spec must be a dict with keys 'name', 'config' and 'seed'; got {spec!r}. "
             f"It is the {SPEC_ATTRIBUTE!r} attribute of a model made by explaind.build_model."
         )
-    return build_model(spec["name"], spec["config"], seed=spec["seed"], dtype=dtype)
+    return build_model(spec["name"], spec["config"], seed=spec["seed"], dtype=dtype, max_parameters=max_parameters)

@@ -77,6 +77,13 @@ class ArchitectureRecord:
         conformance suite feeds the model.
     loss : str
         Name of the loss the architecture is usually trained with.
+    parameter_count : callable, optional
+        ``parameter_count(config) -> int``: the number of parameter and buffer elements
+        ``implementation(config)`` allocates, computed without allocating them (e.g. by building
+        the module under ``torch.device("meta")``). ``explaind.build_model`` checks it against the
+        size limit before building, so a config from a stranger's store cannot allocate
+        unbounded memory; without it the size is checked only after building. The conformance
+        suite requires it and compares it with the built model.
     """
 
     name: str
@@ -85,15 +92,16 @@ class ArchitectureRecord:
     description: str
     example_input: Callable[..., Any] | None = None
     loss: str = "cross_entropy"
+    parameter_count: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)
 class LossRecord:
-    """A training loss.
+    r"""A training loss.
 
     ``implementation(outputs, targets)`` returns per-sample losses of shape ``(n,)``; the
     training loss is their mean (the reduction ``mean`` of torch), so sample weights
-    ``w_k = 1/|B|`` reproduce it.
+    ``w_k = 1/|B|`` reproduce it — or, for a loss with ``counts``, their count-weighted mean.
 
     Attributes
     ----------
@@ -104,6 +112,11 @@ class LossRecord:
         ``reference(outputs, targets) -> scalar``: the batch loss as the reference library computes
         it (e.g. ``torch.nn.functional.mse_loss``); the suite checks that the mean of the
         per-sample losses equals it.
+    counts : callable, optional
+        ``counts(targets) -> (n,)``: how many terms each sample adds to a batch loss that averages
+        over terms rather than samples (e.g. the non-ignored tokens of a token loss). The batch
+        loss is then :math:`\sum_k n_k \ell_k / \sum_k n_k`, so the sample weights are
+        :math:`w_k = n_k / \sum_j n_j` (docs/maths.md §1); ``None``: every sample counts once.
     """
 
     name: str
@@ -112,6 +125,7 @@ class LossRecord:
     description: str = ""
     example: Callable[..., Any] | None = None
     reference: Callable[..., Any] | None = None
+    counts: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)

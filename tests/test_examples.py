@@ -40,7 +40,7 @@ def test_grokking_phases(tmp_path, capsys):
 
 
 def test_every_example_is_tested():
-    tested = {"quickstart", "grokking_phases", "checkpoints_causal_lm"}
+    tested = {"quickstart", "grokking_phases", "checkpoints_causal_lm", "hf_trainer", "lightning_callback"}
     scripts = {p.stem for p in EXAMPLES.glob("*.py")}
     assert scripts == tested, f"untested examples: {sorted(scripts - tested)}"
 
@@ -52,3 +52,14 @@ def test_checkpoints_causal_lm(tmp_path, capsys):
     assert result["fidelity"]["model_max_rel_error"] < 1e-6
     assert result["fidelity"]["model_vs_recorded"] < 1e-12
     assert result["completeness_gap"] < 1e-10
+
+
+@pytest.mark.parametrize("name, line", [("hf_trainer", "most loss-lowering training sequences"),
+                                        ("lightning_callback", "most supporting training sequences")])
+def test_framework_callback_examples(capsys, name, line):
+    result = _load(name).main(tiny=True)
+    out = capsys.readouterr().out
+    assert "3 steps recorded" in out and out.count(line) == 4
+    assert result["fidelity"]["model_max_rel_error"] < 1e-6
+    assert result["residual_share"] < 1e-9 and result["completeness_gap"] < 1e-10
+    assert result["scores"].shape == (4, 16)

@@ -3,7 +3,8 @@
 A GPT-2 language model with its default dropout and SDPA attention, trained with AdamW on a next-token loss
 callable, decomposes exactly against the slow replaying loop reference (tests/replay_reference.py); a GPT-2
 sequence classifier with an attention mask is exact with eager attention, and with the default SDPA attention
-(whose mask preparation branches on tensor values) it is refused with an error naming that fix.
+when the mask is given in 4-D; a 2-D mask under SDPA (whose preparation branches on the mask's values) is refused
+with an error naming that fix.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from replay_reference import ReplayReference
 
 import explaind
 from explaind.exceptions import ExplaindWarning, UnsupportedModelError
+from explaind.integrations import four_d_attention_mask
 
 transformers = pytest.importorskip("transformers")  # in the dev extra
 
@@ -79,21 +81,24 @@ def test_gpt2_lm_with_dropout_and_sdpa_attention_is_exact():
     assert rel_err(replica, as_numpy(trained)) <= 1e-6
 
 
-def _classifier_run(attention: str):
+def _classifier_run(attention: str, four_d: bool = False):
     torch.manual_seed(0)
     model = transformers.GPT2ForSequenceClassification(_config(num_labels=3, pad_token_id=0))
     model.config._attn_implementation = attention
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(1, VOCAB, (N_TRAIN + 3, LENGTH), generator=gen)
-    X = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    X = {"input_ids": ids, "attention_mask": four_d_attention_mask(mask, causal=True) if four_d else mask}
     y = torch.randint(0, 3, (N_TRAIN + 3,), generator=gen)
     train = {k: v[:N_TRAIN] for k, v in X.items()}
     model, traj = _train(model, train, y[:N_TRAIN], "cross_entropy", lambda m, x: m(**x).logits)
     return model, traj, {k: v[N_TRAIN:] for k, v in X.items()}
 
 
-def test_gpt2_classifier_with_attention_mask_and_eager_attention_is_exact():
-    model, traj, X_test = _classifier_run("eager")
+@pytest.mark.parametrize(("attention", "four_d"), [("eager", False), ("sdpa", True)])
+def test_gpt2_classifier_with_an_attention_mask_is_exact(attention, four_d):
+    """Eager attention takes the 2-D mask; SDPA takes it as the 4-D boolean mask (no value-dependent shortcut)."""
+    model, traj, X_test = _classifier_run(attention, four_d)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExplaindWarning)
         att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
@@ -103,10 +108,10 @@ def test_gpt2_classifier_with_attention_mask_and_eager_attention_is_exact():
     assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_test), as_numpy(trained)) <= 1e-6
 
 
-def test_sdpa_mask_preparation_is_refused_with_the_fix():
-    _, traj, X_test = _classifier_run("sdpa")  # recording works; the engine's vmap cannot batch the mask code
-    fix = r"GPT2ForSequenceClassification branches in Python on tensor values.*attn_implementation='eager'"
-    with pytest.raises(UnsupportedModelError, match=r"InfluenceEstimator: the forward of " + fix):
+def test_sdpa_with_a_2d_mask_is_refused_with_the_fix():
+    _, traj, X_test = _classifier_run("sdpa")  # recording works; the mask shortcut branches on the mask's values
+    fix = r"branches on the values of its inputs.*four_d_attention_mask"
+    with pytest.raises(UnsupportedModelError, match=fix):
         explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
-    with pytest.raises(UnsupportedModelError, match=r"KernelReplica: the forward of " + fix):
+    with pytest.raises(UnsupportedModelError, match=fix):
         explaind.KernelReplica(device="cpu").fit(traj).predict(X_test)

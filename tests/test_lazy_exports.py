@@ -10,7 +10,7 @@ import pytest
 
 import explaind
 
-PACKAGES = ("explaind", "explaind.pruning", "explaind.testing")
+PACKAGES = ("explaind", "explaind.pruning", "explaind.testing", "explaind.integrations")
 
 
 @pytest.mark.parametrize("name", PACKAGES)
@@ -28,7 +28,9 @@ def test_first_access_imports_and_caches():
             "value = explaind.LinearUpdate\n"
             "assert 'explaind.recurrence' in sys.modules and vars(explaind)['LinearUpdate'] is value\n"
             "from explaind.recurrence import LinearUpdate\n"
-            "assert value is LinearUpdate\n")
+            "assert value is LinearUpdate\n"
+            "import explaind.integrations\n"  # the framework callbacks load their framework on first use
+            "assert not any(m.split('.')[0] in ('transformers', 'lightning') for m in sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -118,7 +118,8 @@ def test_resolve_loss_unknown_name():
     with pytest.raises(UnknownEntryError) as info:
         resolve_loss("mse2")
     message = str(info.value)
-    assert message.startswith("Unknown loss 'mse2'. Choose one of: cross_entropy, mse, nll")
+    assert message.startswith(
+        "Unknown loss 'mse2'. Choose one of: causal_lm, cross_entropy, mse, nll, token_cross_entropy")
     assert "Did you mean 'mse'?" in message
     assert message.endswith("A callable (outputs, targets) -> mean loss is accepted too.")
 

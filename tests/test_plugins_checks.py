@@ -182,7 +182,7 @@ def _seeded_linear(config, seed=0):
 
 def _arch_plugin(**fields) -> types.SimpleNamespace:
     base = dict(name="lin", implementation=_seeded_linear, config=Cfg, description="Linear.",
-                example_input=_arch_example)
+                example_input=_arch_example, parameter_count=lambda config: 4 * 2 + 2)
     base.update(fields)
     return _plugin(explaind_architectures=lambda: [ArchitectureRecord(**base)])
 
@@ -283,6 +283,16 @@ def test_architecture_output_shape_and_example_input():
     assert "has no example_input" in failures["architecture:lin:example_input"]
     failures = _failures(_arch_plugin(example_input=lambda c, n, g: (torch.randn(n, 4), torch.zeros(n).long())))
     assert "not reproducible" in failures["architecture:lin:example_input"]
+
+
+def test_architecture_parameter_count_is_required_and_checked():
+    failures = _failures(_arch_plugin(parameter_count=None))
+    assert set(failures) == {"architecture:lin:parameter_count"}
+    assert "declares no parameter_count" in failures["architecture:lin:parameter_count"]
+    failures = _failures(_arch_plugin(parameter_count=lambda config: 8))
+    assert "returned 8, the built model has 10" in failures["architecture:lin:parameter_count"]
+    failures = _failures(_arch_plugin(parameter_count=10))
+    assert "parameter_count must be callable" in " ".join(failures.values())
 
 
 def test_architecture_naming_an_unknown_loss():

@@ -38,7 +38,7 @@ def test_check_plugin_returns_the_checks_it_ran():
 
     ran = check_plugin(explaind_losses)
     assert ran == [name for name, _ in plugin_checks(explaind_losses)]
-    assert len(ran) == 2 + 3 * 5
+    assert len(ran) == 2 + 5 * 5
 
 
 def test_parametrizer_ids_name_plugin_and_check():

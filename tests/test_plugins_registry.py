@@ -61,7 +61,8 @@ def test_get_plugins_lists_builtins_with_versions_and_entries():
     for name in plugins.BUILTIN_PLUGINS:
         assert by_name[name]["version"] == explaind.__version__
         assert set(by_name[name]) == {"name", "version", "entries"}
-    assert by_name["explaind_losses"]["entries"]["loss"] == ["cross_entropy", "mse", "nll"]
+    losses = ["causal_lm", "cross_entropy", "mse", "nll", "token_cross_entropy"]
+    assert by_name["explaind_losses"]["entries"]["loss"] == losses
     assert by_name["explaind_architectures"]["entries"]["architecture"] == ["cnn", "mlp", "modular_transformer"]
 
 
@@ -78,7 +79,7 @@ def test_get_entry_returns_the_record():
     record = explaind.get_entry("loss", "mse")
     assert isinstance(record, LossRecord) and record.name == "mse"
     assert isinstance(explaind.get_entry("architecture", "mlp"), ArchitectureRecord)
-    assert explaind.list_entries("loss") == ["cross_entropy", "mse", "nll"]
+    assert explaind.list_entries("loss") == ["causal_lm", "cross_entropy", "mse", "nll", "token_cross_entropy"]
 
 
 def test_unknown_optimizer_adapter_message_lists_choices_and_suggests(monkeypatch):
@@ -96,7 +97,7 @@ def test_unknown_name_without_close_match_has_no_suggestion():
     with pytest.raises(UnknownEntryError) as info:
         explaind.get_entry("loss", "zzzzzz")
     message = str(info.value)
-    assert "Unknown loss 'zzzzzz'. Choose one of: cross_entropy, mse, nll." in message
+    assert "Unknown loss 'zzzzzz'. Choose one of: causal_lm, cross_entropy, mse, nll, token_cross_entropy." in message
     assert "Did you mean" not in message
 
 

@@ -85,7 +85,9 @@ def reports(tmp_path_factory) -> dict:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXPLAIND_")}
-    env["PYTHONPATH"] = str(target)
+    # the explaind under test (and its first-party plugins) ahead of any other installed copy
+    tree = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(target), str(tree), str(tree / "plugins")])
     done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(SETTINGS)], capture_output=True, text=True,
                           env=env, timeout=300, cwd=str(root))
     assert done.returncode == 0, done.stderr

@@ -209,20 +209,3 @@ def test_a_large_quadrature_error_is_loud_but_not_for_the_tracin_rule():
         left = explaind.InfluenceEstimator(keep=("step",), split=False, quadrature="left",
                                            device="cpu").fit(traj).transform(X_test)
     assert left.meta["quadrature_share"] > 1e-3
-
-
-
-def test_vmaps_error_on_a_branching_forward_becomes_one_naming_the_fix():
-    from explaind.estimators.base import batching_errors
-
-    def branching(x: Tensor) -> Tensor:
-        return -x if bool(x.sum() > 0) else x
-
-    with pytest.raises(UnsupportedModelError, match=r"KernelReplica: the forward of Linear branches in Python on "
-                                                    r"tensor values.*replace the branch by tensor operations") as info:
-        with batching_errors("KernelReplica", nn.Linear(2, 2)):
-            torch.func.vmap(branching)(torch.randn(3, 2))
-    assert "data-dependent control flow" in str(info.value.__cause__)  # torch.func's own error stays attached
-    with pytest.raises(RuntimeError, match="another failure"):  # other errors pass unchanged
-        with batching_errors("KernelReplica", nn.Linear(2, 2)):
-            raise RuntimeError("another failure")

@@ -98,16 +98,33 @@ class PathEstimator(ExplaindEstimator):
             raise ConfigError(f"{type(self).__name__}: X must hold at least one input along its first axis; got "
                               f"shape {tuple(Xt.shape)}.")
         engine = self.engine_
-        try:
-            with torch.no_grad():
-                engine.fm(engine.params(0), Xt[:1])
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            raise ConfigError(f"{type(self).__name__}: the model fails on X of shape {tuple(Xt.shape)} and dtype "
-                              f"{Xt.dtype} ({str(exc).splitlines()[0]}). Pass test inputs shaped like the training "
-                              f"inputs, with the test inputs along the first axis.") from None
+        probe_inputs(type(self).__name__, engine.fm, engine.params(0), Xt)
         return Xt
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_engine_cache"] = None
         return state
+
+
+def probe_inputs(name: str, fm: Any, params: Any, Xt: Any) -> None:
+    """Run the model on the first test input; a failure (wrong shape or dtype) becomes a :class:`ConfigError`.
+
+    Parameters
+    ----------
+    name : str
+        The estimator, for the message.
+    fm : FunctionalModel
+        ``fm(params, x)`` evaluates the model.
+    params : mapping of str to Tensor
+        Parameters to evaluate at (e.g. ``theta_0``).
+    Xt : Tensor or Inputs
+        Test inputs ``(n, ...)``.
+    """
+    try:
+        with torch.no_grad():
+            fm(params, Xt[:1])
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise ConfigError(f"{name}: the model fails on X of shape {tuple(Xt.shape)} and dtype {Xt.dtype} "
+                          f"({str(exc).splitlines()[0]}). Pass test inputs shaped like the training inputs, with the "
+                          f"test inputs along the first axis.") from None

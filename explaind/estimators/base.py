@@ -9,47 +9,15 @@ Fitted attributes end with an underscore; :meth:`_check_fitted` raises
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 from sklearn.base import BaseEstimator
 
 from ..config import resolve_device, validate_config
-from ..exceptions import ConfigError, NotFittedError, UnsupportedModelError
+from ..exceptions import ConfigError, NotFittedError
 
-__all__ = ["ExplaindEstimator", "batching_errors"]
-
-
-@contextmanager
-def batching_errors(owner: str, model: Any) -> Iterator[None]:
-    """Turn torch.func's raw error on a forward that branches on tensor values into one naming the fix.
-
-    The engine evaluates the model under ``torch.func.vmap`` (over test inputs, quadrature nodes and
-    training samples), which cannot batch Python control flow that reads tensor values (``.item()``,
-    ``if tensor:``, ``value in tensor``).
-
-    Raises
-    ------
-    UnsupportedModelError
-        In place of that ``RuntimeError``, naming the model and how to avoid the branch.
-    """
-    try:
-        yield
-    except RuntimeError as exc:
-        text = str(exc)
-        if not (text.startswith("vmap:") and "data-dependent control flow" in text):
-            raise
-        raise UnsupportedModelError(
-            f"{owner}: the forward of {type(model).__name__} branches in Python on tensor values (.item(), "
-            f"'if tensor:', 'value in tensor'), which torch.func.vmap cannot batch over test inputs, quadrature "
-            f"nodes and training samples. Hugging Face models do this when they prepare the attention mask for "
-            f"the 'sdpa' and flash attention implementations and when they look for padding without an "
-            f"attention_mask: build the model with attn_implementation='eager' (or set "
-            f"model.config._attn_implementation = 'eager') and pass attention_mask with the inputs (a mapping "
-            f"{{'input_ids': ..., 'attention_mask': ...}}). In your own model, replace the branch by tensor "
-            f"operations (torch.where, masking).") from exc
+__all__ = ["ExplaindEstimator"]
 
 
 class ExplaindEstimator(BaseEstimator):

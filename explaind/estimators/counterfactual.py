@@ -33,6 +33,7 @@ from ..kernel.explained import Explained, FunctionalModel
 from ..kernel.layout import ParamLayout
 from ..kernel.metagrad import Replay, counterfactual_sweep, output_cotangents
 from ..trajectory.base import Trajectory
+from ._path import probe_inputs
 from .base import ExplaindEstimator
 
 __all__ = ["CounterfactualEstimator", "CounterfactualConfig"]
@@ -152,7 +153,11 @@ class CounterfactualEstimator(ExplaindEstimator):
         fm = FunctionalModel(traj.model, traj.constants(), traj.loss.implementation, self.device_, self.dtype_)
         if X is None:
             raise ConfigError(f"{name}: X is None; pass test inputs of shape (n, ...).")
-        Xt = fm.cast(torch.as_tensor(X))
+        try:
+            Xt = fm.cast(torch.as_tensor(X))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"{name}: X of type {type(X).__name__} cannot be turned into a tensor ({exc}); pass a "
+                              f"tensor or array of test inputs of shape (n, ...).") from None
         if Xt.dim() == 0 or Xt.shape[0] == 0:
             raise ConfigError(f"{name}: X must hold at least one input along its first axis; got shape "
                               f"{tuple(Xt.shape)}.")
@@ -162,6 +167,7 @@ class CounterfactualEstimator(ExplaindEstimator):
         names = tuple(traj.param_names)
         replay = Replay(traj, fm, self.update_fn_)
         theta_0, theta_N = replay.theta(0), replay.theta(self.n_steps_)
+        probe_inputs(name, fm, theta_0, Xt)
         explained = Explained.build(fm, theta_0, Xt, cfg.target, y, name)
         T, O = Xt.shape[0], explained.n_outputs
         chunk = T if cfg.test_chunk_size is None else cfg.test_chunk_size

@@ -28,10 +28,9 @@ from ..kernel.attribution import AXES, Attribution
 from ..kernel.budget import parse_bytes, plan_sweep
 from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_samples, update_sweep
 from ..kernel.planning import window_plans
-from ..kernel.shard import all_sum, gather_rows, shard_rows, world
+from ..kernel.shard import Cell, all_sum_, choose_layout, world
 from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
-from .base import batching_errors
 from .residual import check_quadrature, check_residual
 
 __all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
@@ -78,8 +77,11 @@ class InfluenceConfig(PathConfig):
         if isinstance(v, str):
             raise ValueError("use None (all outputs), 'loss' (needs y), an int or a sequence of ints")
         arr = np.asarray(v)
-        if arr.dtype.kind not in "iu" or arr.ndim > 1:
-            raise ValueError("use None (all outputs), 'loss' (needs y), an int or a 1-D sequence of ints")
+        if arr.dtype.kind not in "iu" or arr.ndim > 2:
+            raise ValueError("use None (all outputs), 'loss' (needs y), an int, a 1-D sequence of ints or one row "
+                             "of indices into the output shape per test input, e.g. [(position, token), ...]")
+        if arr.ndim == 2:
+            return tuple(tuple(int(t) for t in row) for row in arr)
         return tuple(int(t) for t in arr.reshape(-1))
 
     @field_validator("memory_budget", mode="before")
@@ -99,9 +101,11 @@ class InfluenceEstimator(PathEstimator):
     keep : tuple of str
         Axes to keep, a subset of ``("step", "group", "param", "train")`` (not both ``group`` and
         ``param``); the others are summed. Their order is the order of the axes in the result.
-    target : None, int, sequence of int or "loss"
+    target : None, int, sequence of int, (T, r) ints or "loss"
         Explained quantity: all outputs (``O`` = model outputs), one output per test input
-        (``O = 1``), or the per-sample loss of ``(f(x), y)`` (``O = 1``; ``transform`` needs ``y``).
+        (``O = 1``: a flat index, or ``r`` indices into outputs of shape ``(d_1, ..., d_r)`` such as
+        ``(position, token)`` of token logits), or the per-sample loss of ``(f(x), y)`` (``O = 1``;
+        ``transform`` needs ``y``; for ``loss="causal_lm"`` the next-token loss of each input).
     split : bool
         Split every update into its data (kernel), regularization and residual parts (default).
         ``False``: ``values`` hold each step's whole update :math:`\varphi_s(x)\Delta\theta_s` on the kept
@@ -128,7 +132,10 @@ class InfluenceEstimator(PathEstimator):
         Peak working memory target (bytes or ``"2GB"``); chooses chunks and the momentum mode.
     distributed : {"auto", "off"}
         ``"auto"``: inside an initialised ``torch.distributed`` process group of several processes,
-        split the test inputs over them and gather the result (the same numbers as one process).
+        split the work over them — test inputs, then step windows (not with ``"train"``) or
+        parameter blocks (Jacobian path) — and sum the zero-padded shares with one all-reduce
+        (:mod:`explaind.kernel.shard`; the same numbers as one process, to rounding). ``"off"``:
+        every process computes everything.
     test_chunk_size, param_chunk_size : int, optional
         Force test inputs per chunk / coordinates per parameter block (whole tensors).
     chunk_size : int or None
@@ -210,9 +217,10 @@ class InfluenceEstimator(PathEstimator):
     def transform(self, X: Any, y: Any = None) -> Attribution:
         r"""Decompose :math:`g(x;\theta_{stop})` for test inputs ``X`` (and targets ``y`` for ``target='loss'``).
 
-        In a ``torch.distributed`` process group (``distributed="auto"``), each process explains a
-        contiguous shard of the test inputs and every process returns the gathered result
-        (:mod:`explaind.kernel.shard`).
+        In a ``torch.distributed`` process group (``distributed="auto"``), each process computes
+        its share — test inputs × parameter blocks × step windows, chosen from the world size, the
+        number of inputs, the steps and the kept axes — and every process returns the whole
+        result (:mod:`explaind.kernel.shard`); ``meta["shards"]`` names the arrangement.
         """
         self._check_fitted()
         cfg = self.config_
@@ -221,25 +229,15 @@ class InfluenceEstimator(PathEstimator):
         if cfg.target == "loss" and y is None:
             raise ConfigError(f"{name}: target='loss' explains the test loss and needs the test targets: call "
                               f"transform(X, y).")
-        T = Xt.shape[0]
         target = cfg.target if cfg.target is None or cfg.target == "loss" else torch.tensor(cfg.target)
-        rank, size = world() if cfg.distributed == "auto" else (0, 1)
-        with batching_errors(name, self.trajectory_.model):
-            if size == 1:
-                att = self._decompose(Xt, target, y)
-            else:
-                rows, counts = shard_rows(T, rank, size)
-                if isinstance(target, torch.Tensor) and target.numel() == T:
-                    target = target.reshape(-1)[rows]
-                part = self._decompose(Xt[rows], target, None if y is None else torch.as_tensor(y)[rows])
-                att = _gathered(part, counts, T)
+        att = self._decompose(Xt, target, y)
         if cfg.split:
             check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
         check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name)
         return att
 
     def _decompose(self, Xt: Any, target: Any, y: Any) -> Attribution:
-        """The attribution of the inputs ``Xt`` (one process's share)."""
+        """The attribution of the inputs ``Xt``; in a process group, each process computes its :class:`Cell`."""
         cfg = self.config_
         name = type(self).__name__
         engine = self.engine_
@@ -261,24 +259,48 @@ class InfluenceEstimator(PathEstimator):
         # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output
         n_tangents = (3 if cfg.split else 1) * (len(layout) if "group" in keep else 1)
         jacobian_path = needs_train or "param" in keep or n_tangents > self._jvp_tangent_ratio * O
-        g_start, g_stop, plans, buffers = window_plans(engine, Xt, explained, self.window_, cfg.quadrature, cfg.nodes,
-                                              cfg.tol, with_estimate=False, coarsen=True)
+        rank, size = world() if cfg.distributed == "auto" else (0, 1)
+        shards = choose_layout(size, T, stop - start, blocks=jacobian_path, steps=not needs_train)
+        cell = shards.cell(rank, T, self.window_)
+        kw = {"dtype": engine.dtype, "device": engine.device}
         acc = Accumulators(keep, T, O, self.window_, layout, n_train, engine.dtype, engine.device)
-        first = momentum_start(engine, start) if cfg.split else start
-        query = Query(Xt, explained, plans, self.window_, first, slice(0, T), split=cfg.split)
-        if not jacobian_path:
-            jvp_path(engine, query, acc, max(1, cfg.memory_budget // 4))
-            self.sweep_ = {"path": "jvp", "momentum": None, "test_chunk": T, "block_size": layout.size}
-        else:
-            self._jacobian_path(engine, query, acc, keep, O, elem)
-        exact = torch.stack([p.exact for p in plans], dim=1)
-        evals = torch.stack([p.evals for p in plans], dim=1)
+        exact, evals = torch.zeros(T, stop - start, O, **kw), torch.zeros(T, stop - start, **kw)
+        g_start, g_stop = torch.zeros(T, O, **kw), torch.zeros(T, O, **kw)
+        buffers = torch.zeros(T, stop - start, O, **kw) if engine.buffer_names else None
+        self.sweep_ = {"path": "jacobian" if jacobian_path else "jvp", "momentum": None, "test_chunk": 0,
+                       "block_size": 0}
+        if not cell.empty:
+            lo, hi = cell.window
+            X, ex = Xt[cell.rows], explained.take(cell.rows)
+            g_lo, g_hi, plans, cell_buffers = window_plans(engine, X, ex, cell.window, cfg.quadrature, cfg.nodes,
+                                                           cfg.tol, with_estimate=False, coarsen=True)
+            first = momentum_start(engine, lo) if cfg.split else lo
+            query = Query(X, ex, plans, cell.window, first, cell.rows, split=cfg.split)
+            if not jacobian_path:
+                jvp_path(engine, query, acc, max(1, cfg.memory_budget // 4))
+                self.sweep_ = {"path": "jvp", "momentum": None, "test_chunk": X.shape[0], "block_size": layout.size}
+            else:
+                self._jacobian_path(engine, query, acc, keep, O, elem, cell)
+            if cell.lead:
+                exact[cell.rows, lo - start:hi - start] = torch.stack([p.exact for p in plans], dim=1)
+                evals[cell.rows, lo - start:hi - start] = torch.stack([p.evals for p in plans], dim=1).to(evals)
+                if buffers is not None:
+                    buffers[cell.rows, lo - start:hi - start] = cell_buffers
+                if lo == start:
+                    g_start[cell.rows] = g_lo
+                if hi == stop:
+                    g_stop[cell.rows] = g_hi
+        if size > 1:
+            all_sum_([acc.values, acc.regularization, acc.residual, acc.estimate, exact, evals, g_start, g_stop,
+                      *([] if buffers is None else [buffers])])
+            self.sweep_["processes"] = size
+            self.sweep_["shards"] = shards.describe()
         return self._assemble(acc, keep, g_start, g_stop, exact, evals, explained, T, n_train, buffers)
 
     def _jacobian_path(self, engine: Any, query: Query, acc: Accumulators, keep: tuple[str, ...], O: int,
-                       elem: int) -> None:
+                       elem: int, cell: Cell) -> None:
         cfg = self.config_
-        first, stop = query.first, self.window_[1]
+        first, stop = query.first, query.window[1]
         layout = engine.layout
         T = query.X.shape[0]
         batch_max = max(int(torch.as_tensor(self.trajectory_.batch(s)[0]).numel())
@@ -289,12 +311,17 @@ class InfluenceEstimator(PathEstimator):
                           budget=cfg.memory_budget, chunk_size=cfg.chunk_size, test_chunk=cfg.test_chunk_size,
                           block_size=cfg.param_chunk_size)
         sweep = update_sweep if not cfg.split else reverse_sweep if plan.mode == "reverse" else forward_sweep
-        blocks = make_blocks(layout, plan.block_size)
+        block_size = plan.block_size
+        if cell.block[1] > 1 and not cfg.param_chunk_size:
+            # enough blocks for the block shards (whole tensors, so some processes may get none)
+            block_size = min(block_size, max(max(layout.numels), -(-layout.size // cell.block[1])))
+        blocks = make_blocks(layout, block_size)
+        mine = cell.my_blocks(blocks)
         self.sweep_ = {"path": "jacobian", "momentum": plan.mode if cfg.split else None, "test_chunk": plan.test_chunk,
-                       "block_size": plan.block_size, "n_blocks": len(blocks), "estimate_bytes": plan.estimate_bytes}
+                       "block_size": block_size, "n_blocks": len(blocks), "estimate_bytes": plan.estimate_bytes}
         for lo in range(0, T, plan.test_chunk):
             part = replace(query.chunk(slice(lo, min(T, lo + plan.test_chunk))), jac_chunk=plan.jac_chunk)
-            for block in blocks:
+            for block in mine:
                 sweep(engine, part, acc, block)
         self.sweep_["jacobian"] = engine.jacobian_used
         engine.clear()
@@ -346,14 +373,3 @@ class InfluenceEstimator(PathEstimator):
             meta=meta,
         )
 
-
-def _gathered(part: Attribution, counts: list[int], T: int) -> Attribution:
-    """The attribution of every rank's shard, concatenated along the test axis (every rank gets it)."""
-    fields = {name: gather_rows(getattr(part, name), counts)
-              for name in ("values", "initial", "final", "regularization", "residual", "quadrature_error", "buffers")}
-    meta = dict(part.meta)
-    local = torch.tensor(meta["evals_per_step"], dtype=torch.float64) * part.values.shape[0]
-    meta["evals_per_step"] = (all_sum(local) / T).tolist()
-    meta["processes"] = len(counts)
-    coords = {**part.coords, "test": np.arange(T)}
-    return Attribution(axes=part.axes, coords=coords, layout=part.layout, meta=meta, **fields)

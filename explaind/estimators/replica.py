@@ -14,6 +14,7 @@ Jacobians.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,13 +22,32 @@ import torch
 from torch import nn
 
 from ..exceptions import ConfigError, ExplaindWarning
+from ..inputs import Inputs, as_inputs
 from ..kernel.planning import window_plans
-from ..kernel.shard import gather_rows, shard_rows, world
+from ..kernel.shard import all_max_, all_sum_, choose_layout, world
 from ..outputs import model_output
 from ._path import PathConfig, PathEstimator
-from .base import batching_errors
 
 __all__ = ["KernelReplica", "KernelReplicaConfig"]
+
+
+@dataclass(frozen=True)
+class _Replicated:
+    r"""Per input ``(T, O)``: :math:`g(\theta_{start})`, :math:`g(\theta_{stop})` and the summed step
+    increments (quadrature estimates and buffers terms); per step ``(S,)``: the largest quadrature
+    error and the largest :math:`|g(\theta_{s+1}) - g(\theta_s)|`, and the evaluations summed over inputs."""
+
+    g_start: torch.Tensor
+    g_stop: torch.Tensor
+    increments: torch.Tensor
+    error: torch.Tensor
+    scale: torch.Tensor
+    evals: torch.Tensor
+
+    @property
+    def replica(self) -> torch.Tensor:
+        r""":math:`f(x;\theta_{start}) + \sum_s \varphi_s(x)\Delta\theta_s`, ``(T, O)``."""
+        return self.g_start + self.increments
 
 
 class KernelReplicaConfig(PathConfig):
@@ -67,8 +87,9 @@ class KernelReplica(PathEstimator):
         Progress bar over steps.
     distributed : {"auto", "off"}
         ``"auto"``: inside an initialised ``torch.distributed`` process group of several processes,
-        ``predict`` and ``score`` split the test inputs over them and gather the replica (the same
-        numbers as one process); ``fidelity_report`` always runs on all inputs.
+        ``predict``, ``score`` and ``fidelity_report`` split the test inputs and then the steps
+        over them and sum the zero-padded shares with one all-reduce (:mod:`explaind.kernel.shard`;
+        the same numbers as one process, to rounding). ``"off"``: every process computes everything.
 
     Attributes
     ----------
@@ -103,36 +124,40 @@ class KernelReplica(PathEstimator):
         return self
 
     # ------------------------------------------------------------------ evaluation
-    def _run(self, X: Any) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
-        self._check_fitted()
-        return self._replicate(self._inputs(X))
-
-    def _sharded(self, X: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replica and ``g(theta_stop)`` of all inputs, each process computing its shard (``distributed="auto"``)."""
+    def _sharded(self, X: Any) -> _Replicated:
+        r"""Replica, :math:`g(\theta_{stop})` and per-step statistics of all inputs (each process its :class:`Cell`)."""
         self._check_fitted()
         Xt = self._inputs(X)
-        rank, size = world() if self.config_.distributed == "auto" else (0, 1)
-        if size == 1:
-            replica, g_stop, _ = self._replicate(Xt)
-            return replica, g_stop
-        rows, counts = shard_rows(Xt.shape[0], rank, size)
-        replica, g_stop, _ = self._replicate(Xt[rows])
-        return gather_rows(replica, counts), gather_rows(g_stop, counts)
-
-    def _replicate(self, Xt: Any) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
-        engine = self.engine_
+        engine, cfg = self.engine_, self.config_
         explained = engine.explained(Xt, None, None, type(self).__name__)
-        cfg = self.config_
-        with batching_errors(type(self).__name__, self.trajectory_.model):
-            g_start, g_stop, plans, buffers = window_plans(engine, Xt, explained, self.window_, cfg.quadrature,
-                                                           cfg.nodes, cfg.tol, with_estimate=True)
-        replica = g_start + sum(p.estimate for p in plans) + (0 if buffers is None else buffers.sum(1))
-        return replica, g_stop, plans
+        start, stop = self.window_
+        T, O, S = Xt.shape[0], explained.n_outputs, stop - start
+        rank, size = world() if cfg.distributed == "auto" else (0, 1)
+        cell = choose_layout(size, T, S, blocks=False, steps=True).cell(rank, T, self.window_)
+        kw = {"dtype": engine.dtype, "device": engine.device}
+        out = _Replicated(*(torch.zeros(T, O, **kw) for _ in range(3)),
+                          *(torch.zeros(S, **kw) for _ in range(3)))
+        if not cell.empty:
+            lo, hi = cell.window
+            g_lo, g_hi, plans, buffers = window_plans(engine, Xt[cell.rows], explained.take(cell.rows), cell.window,
+                                                      cfg.quadrature, cfg.nodes, cfg.tol, with_estimate=True)
+            out.increments[cell.rows] = sum(p.estimate for p in plans) + (0 if buffers is None else buffers.sum(1))
+            if lo == start:
+                out.g_start[cell.rows] = g_lo
+            if hi == stop:
+                out.g_stop[cell.rows] = g_hi
+            steps = slice(lo - start, hi - start)
+            out.error[steps] = torch.stack([(p.exact - p.estimate).abs().amax() for p in plans])
+            out.scale[steps] = torch.stack([p.exact.abs().amax() for p in plans])
+            out.evals[steps] = torch.stack([p.evals.double().sum() for p in plans]).to(out.evals)
+        if size > 1:
+            all_sum_([out.increments, out.g_start, out.g_stop, out.evals])
+            all_max_([out.error, out.scale])
+        return out
 
     def predict(self, X: Any) -> np.ndarray:
         r"""Replica outputs :math:`f(x;\theta_{start}) + \sum_s \varphi_s(x)\Delta\theta_s`, shape ``(n, O)``."""
-        replica, _ = self._sharded(X)
-        return replica.detach().cpu().numpy()
+        return self._sharded(X).replica.detach().cpu().numpy()
 
     def score(self, X: Any, y: Any = None) -> float:
         r"""Agreement of the replica with the model.
@@ -140,7 +165,8 @@ class KernelReplica(PathEstimator):
         Without ``y``: the fraction of inputs whose replica arg-max output equals the arg-max of
         the trained model :math:`f(x;\theta_{stop})`. With ``y``: the replica's accuracy on ``y``.
         """
-        replica, g_stop = self._sharded(X)
+        rep = self._sharded(X)
+        replica, g_stop = rep.replica, rep.g_stop
         pred = replica.argmax(-1).cpu()
         ref = g_stop.argmax(-1).cpu() if y is None else torch.as_tensor(np.asarray(y)).reshape(-1).cpu()
         return float((pred == ref).double().mean())
@@ -164,10 +190,9 @@ class KernelReplica(PathEstimator):
             :math:`f(x;\theta_{stop})` — above rounding level (a warning says so) the recorded run
             does not end in that model, and the replica explains the recorded one.
         """
-        replica, g_stop, plans = self._run(X)
-        errs = torch.stack([(p.exact - p.estimate).abs().amax() for p in plans])
-        scale = torch.stack([p.exact.abs().amax() for p in plans])
-        evals = torch.stack([p.evals.double().mean() for p in plans])
+        rep = self._sharded(X)
+        replica, g_stop, errs, scale = rep.replica, rep.g_stop, rep.error, rep.scale
+        evals = rep.evals / replica.shape[0]
         diff = (replica - g_stop).abs()
         log_p = torch.log_softmax(g_stop.double(), -1)
         log_q = torch.log_softmax(replica.double(), -1)
@@ -178,7 +203,7 @@ class KernelReplica(PathEstimator):
             "quadrature_error": errs.cpu().numpy(),
             "relative_quadrature_error": (errs / scale.clamp_min(torch.finfo(scale.dtype).tiny)).cpu().numpy(),
             "evals_per_step": evals.cpu().numpy(),
-            "total_evals": int(sum(int(p.evals.sum()) for p in plans)),
+            "total_evals": int(rep.evals.sum()),
             "max_abs_error": float(diff.max()),
             "max_rel_error": _rel(replica, g_stop),
             "argmax_agreement": float((replica.argmax(-1) == g_stop.argmax(-1)).double().mean()),
@@ -193,14 +218,14 @@ class KernelReplica(PathEstimator):
         """The replica against the user's model in evaluation mode (its mode is restored)."""
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
-        Xt = torch.as_tensor(X).to(device)
-        if Xt.is_floating_point() and first is not None:
+        Xt = as_inputs(X).to(device)  # a tensor, or a tuple/mapping of tensors (model(*x) / model(**x))
+        if isinstance(Xt, torch.Tensor) and Xt.is_floating_point() and first is not None:
             Xt = Xt.to(first.dtype)
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                out = model_output(model(Xt))
+                out = model_output(Xt.call(model) if isinstance(Xt, Inputs) else model(Xt))
         finally:
             model.train(was_training)
         out = out.reshape(out.shape[0], -1).to(device=replica.device, dtype=replica.dtype)

@@ -5,7 +5,9 @@ r"""The explained function :math:`g(\theta, x)` on a private copy of the recorde
 :class:`Explained` picks what is explained, :math:`g(\theta, x) \in \mathbb{R}^O`:
 
 * ``"outputs"``: every output of the model, flattened (``O`` = outputs per input);
-* ``"target"``: one chosen output per test input (``O = 1``, like Captum's ``target``);
+* ``"target"``: one chosen output per test input (``O = 1``, like Captum's ``target``), given as a flat
+  index or, for outputs of shape ``(n, d_1, ..., d_r)`` such as token logits ``(n, length, vocab)``, as
+  ``r`` indices per input (e.g. ``(position, token)``);
 * ``"loss"``: the per-sample loss of ``(f(x; theta), y)`` (``O = 1``).
 
 :meth:`Explained.build` validates a user's ``target``/``y`` and builds one for a set of test inputs.
@@ -14,6 +16,7 @@ r"""The explained function :math:`g(\theta, x)` on a private copy of the recorde
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
 from ..outputs import model_output
 
@@ -74,7 +77,18 @@ class FunctionalModel:
         ``scaled_dot_product_attention`` runs its math backend, the one with forward-mode derivatives.
         """
         with sdpa_kernel(SDPBackend.MATH):
-            return model_output(call_model(self.module, {**self.constants, **params}, x))
+            try:
+                return model_output(call_model(self.module, {**self.constants, **params}, x))
+            except RuntimeError as exc:
+                if "vmap: It looks like you" not in str(exc):
+                    raise
+                raise UnsupportedModelError(
+                    f"the model's forward branches on the values of its inputs ({exc.args[0][:60]}...), which "
+                    f"torch.func.vmap cannot trace, and explaind evaluates the model one input at a time under "
+                    f"vmap. For Hugging Face models this is the attention-mask shortcut of a 2-D attention_mask: "
+                    f"pass a 4-D boolean mask instead (explaind.integrations.four_d_attention_mask), or no mask for "
+                    f"right-padded causal LMs (see docs/guide_own_model.md)."
+                ) from exc
 
     def sample_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Per-sample training losses ``l_k(params)``, shape ``(n,)``."""
@@ -138,13 +152,15 @@ class Explained:
                 raise ConfigError(f"{owner}: y has {yy.shape[0]} entries but X has {T} inputs; pass one target "
                                   f"per test input.")
             return cls("loss", yy, 1)
-        n_out = _n_outputs(fm, theta, X)
-        tgt = torch.as_tensor(target).reshape(-1)
+        shape = _output_shape(fm, theta, X)
+        n_out = math.prod(shape)
+        tgt = _flat_target(torch.as_tensor(target), shape, T, owner)
         if tgt.numel() == 1 and T != 1:
             tgt = tgt.expand(T)
         if tgt.shape[0] != T or tgt.is_floating_point() or tgt.dtype == torch.bool:
-            raise ConfigError(f"{owner}: target must be None, 'loss', an int or {T} ints (one output index per test "
-                              f"input); got {target!r}.")
+            raise ConfigError(f"{owner}: target must be None, 'loss', an int, {T} ints (one output index per test "
+                              f"input, flat) or a ({T}, {len(shape)}) array of indices into the output shape "
+                              f"{shape}; got {target!r}.")
         if int(tgt.min()) < 0 or int(tgt.max()) >= n_out:
             raise ConfigError(f"{owner}: target indices must lie in 0..{n_out - 1} (the model has {n_out} outputs "
                               f"per input); got values from {int(tgt.min())} to {int(tgt.max())}.")
@@ -152,8 +168,29 @@ class Explained:
         return cls("target", onehot, 1)
 
 
-def _n_outputs(fm: FunctionalModel, theta: Params, X: Tensor) -> int:
-    """Number of model outputs per input (``O`` of ``target=None``)."""
+def _output_shape(fm: FunctionalModel, theta: Params, X: Tensor) -> tuple[int, ...]:
+    """Shape of the model's outputs for one input, ``(d_1, ..., d_r)``."""
     with torch.no_grad():
         out = fm(theta, X[:1])
-    return int(out[0].numel())
+    return tuple(int(d) for d in out.shape[1:])
+
+
+def _n_outputs(fm: FunctionalModel, theta: Params, X: Tensor) -> int:
+    """Number of model outputs per input (``O`` of ``target=None``)."""
+    return math.prod(_output_shape(fm, theta, X))
+
+
+def _flat_target(tgt: Tensor, shape: tuple[int, ...], T: int, owner: str) -> Tensor:
+    """Flat output indices ``(T,)`` from flat indices or from ``(T, r)`` indices into ``shape`` (row-major)."""
+    if tgt.dim() != 2 or tgt.shape[1] < 2 or tgt.is_floating_point() or tgt.dtype == torch.bool:
+        return tgt.reshape(-1)
+    if tgt.shape != (T, len(shape)):
+        raise ConfigError(f"{owner}: a target of indices into the output shape {shape} must have shape "
+                          f"({T}, {len(shape)}), one row per test input; got {tuple(tgt.shape)}.")
+    bounds = torch.tensor(shape)
+    if bool((tgt < 0).any()) or bool((tgt >= bounds).any()):
+        raise ConfigError(f"{owner}: target indices must lie within the output shape {shape} (0 <= index < size "
+                          f"along each axis); got rows from "
+                          f"{tgt.min(0).values.tolist()} to {tgt.max(0).values.tolist()}.")
+    strides = torch.tensor([math.prod(shape[i + 1:]) for i in range(len(shape))])
+    return (tgt.long() * strides).sum(1)

@@ -110,10 +110,11 @@ class Query:
     split: bool = True
 
     def chunk(self, rows: slice) -> Query:
-        """The query of the inputs ``rows`` (positions within this one)."""
+        """The query of the inputs ``rows`` (positions within this one; the result rows follow ``self.rows``)."""
         idx = torch.arange(rows.start, rows.stop, device=self.X.device)
+        base = self.rows.start
         return replace(self, X=self.X[rows], explained=self.explained.take(rows),
-                       plans=[p.take(idx) for p in self.plans], rows=rows)
+                       plans=[p.take(idx) for p in self.plans], rows=slice(base + rows.start, base + rows.stop))
 
 
 def seen_samples(engine: Any, first: int, stop: int) -> Tensor:

@@ -33,6 +33,9 @@ __all__ = [
     "resolve_target",
     "influence",
     "save_attribution",
+    "CSV_LIMIT",
+    "csv_rows",
+    "check_csv_rows",
     "summarise",
     "StepGroupScores",
     "step_group_scores",
@@ -42,7 +45,8 @@ __all__ = [
 
 #: Explained quantity, by name: the correct class, the model's predicted class, every output, the loss.
 TARGETS = ("label", "predicted", "all", "loss")
-_CSV_LIMIT = 5_000_000
+#: Largest ``scores.csv`` written (rows).
+CSV_LIMIT = 5_000_000
 
 
 def parse_keep(text: str) -> tuple[str, ...]:
@@ -128,6 +132,31 @@ def influence(run: Any, *, keep: Sequence[str] = ("step", "group"), target: str 
     return est.fit(run.trajectory).transform(X, y if target == "loss" else None)
 
 
+def csv_rows(run: Any, keep: Sequence[str], target: str, n_steps: int, n_test: int) -> int:
+    """Rows of the ``scores.csv`` of an :func:`influence` query, from the axis sizes alone (nothing computed).
+
+    ``n_test x prod(kept axis sizes) x outputs``: ``step`` has ``n_steps`` entries (the window),
+    ``group`` one per parameter tensor, ``param`` one per coordinate, ``train`` one per training
+    sample; the output axis has one entry per class for ``target="all"``, else one.
+    """
+    traj = run.trajectory
+    params = traj.params(0)
+    sizes = {"step": n_steps, "group": len(traj.param_names), "param": sum(int(t.numel()) for t in params.values()),
+             "train": int(traj.n_train)}
+    rows = n_test * (int(run.dataset.n_classes) if target == "all" else 1)
+    for axis in keep:
+        rows *= sizes[axis]
+    return rows
+
+
+def check_csv_rows(rows: int, keep: Sequence[str], n_test: int) -> None:
+    """Refuse a query whose CSV would exceed :data:`CSV_LIMIT` rows, before anything is computed."""
+    if rows > CSV_LIMIT:
+        raise ConfigError(f"--keep {','.join(keep) or '(none)'} on {n_test} inputs would write a CSV of {rows:,} rows "
+                          f"(limit {CSV_LIMIT:,}); nothing was computed. Use --no-csv (the safetensors file holds "
+                          f"every score), or fewer --n-test, a --steps window or fewer kept axes.")
+
+
 def save_attribution(att: Any, out_dir: str | Path, *, csv_file: bool = True) -> list[Path]:
     """Write ``att`` to ``out_dir``: ``attribution.safetensors``/``.json`` and ``scores.csv``.
 
@@ -146,8 +175,8 @@ def save_attribution(att: Any, out_dir: str | Path, *, csv_file: bool = True) ->
     if not csv_file:
         return written
     values = att.values.detach().cpu().numpy()
-    if values.size > _CSV_LIMIT:
-        raise ConfigError(f"The CSV would have {values.size} rows (limit {_CSV_LIMIT}). Use --no-csv (the "
+    if values.size > CSV_LIMIT:
+        raise ConfigError(f"The CSV would have {values.size} rows (limit {CSV_LIMIT}). Use --no-csv (the "
                           f"safetensors file holds everything) or keep fewer axes / test inputs.")
     side = "train" not in att.axes
     reg = att.regularization.detach().cpu().numpy() if side else None

@@ -57,6 +57,12 @@ class History:
     def __len__(self) -> int:
         return len(self.step)
 
+    def until(self, step: int) -> History:
+        """The rows evaluated at or before optimizer step ``step`` (a resumed run recomputes the later ones)."""
+        keep = [i for i, s in enumerate(self.step) if s <= step]
+        rows = {name: [getattr(self, name)[i] for i in keep] for name in self.to_dict()}
+        return History(**rows)
+
     def to_dict(self) -> dict[str, list[Any]]:
         """JSON-serialisable form."""
         return asdict(self)

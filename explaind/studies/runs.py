@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,18 +25,16 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_write
 from ..config import StrictModel, resolve_device, resolve_dtype, validate_config
 from ..datasets import Dataset, load_dataset
-from ..exceptions import ConfigError, TrajectoryError
+from ..exceptions import ConfigError
 from .phases import History
+from .run_file import RUN_FILE, TRAJECTORY_DIR, check_new_run_folder, read_run_file, write_run_file
 
 __all__ = ["TrainConfig", "Run", "train_run", "load_run", "model_config_for", "evaluate", "RUN_FILE"]
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-TRAJECTORY_DIR = "trajectory"
 
 
 class TrainConfig(StrictModel):
@@ -193,25 +191,57 @@ def evaluate(model: nn.Module, X: Tensor, y: Tensor, batch: int = 4096) -> tuple
     return total_loss / len(X), correct / len(X)
 
 
+def _batches(n: int, batch: int, seed: int) -> Iterator[Tensor]:
+    """The index batch of every step: full batch, or shuffled batches reshuffled each epoch (depends on the seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    order, cursor = torch.randperm(n, generator=generator), 0
+    while True:
+        if batch == n:
+            yield torch.arange(n)
+            continue
+        if cursor + batch > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        yield order[cursor : cursor + batch]
+        cursor += batch
+
+
+def _resume_state(path: Path) -> tuple[TrainConfig, History]:
+    """The settings and the curves so far of the interrupted run in ``path``."""
+    record = read_run_file(path)
+    if record["status"] != "recording":
+        raise ConfigError(f"The run in {str(path)!r} is complete; there is nothing to resume. Train a new run with "
+                          f"another --out folder.")
+    config = validate_config(TrainConfig, record["config"], f"{path / RUN_FILE}")
+    return config, History.from_dict(record["history"]) if "history" in record else History()
+
+
 def train_run(
-    config: TrainConfig | dict[str, Any],
+    config: TrainConfig | dict[str, Any] | None,
     out_dir: str | Path | None = None,
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> Run:
     """Train a registered architecture on a built-in dataset and record its trajectory.
 
+    The run folder's ``run.json`` is written before recording starts and updated at every
+    evaluation (:mod:`explaind.studies.run_file`); the recorder stores the optimizer state, so an
+    interrupted run continues with ``resume=True`` to the trajectory an uninterrupted run records.
+
     Parameters
     ----------
-    config : TrainConfig or dict
-        What to train (a dict is validated into a :class:`TrainConfig`).
+    config : TrainConfig or dict or None
+        What to train (a dict is validated into a :class:`TrainConfig`); ``None`` with ``resume=True``
+        (the settings are read from ``run.json``).
     out_dir : str or Path, optional
-        Run folder (created; must not already hold a run). ``None`` records in memory.
+        Run folder (created; must not already hold a run unless resuming). ``None`` records in memory.
     progress : bool
         Show a progress bar.
     log : callable, optional
         Receives a line describing the run once the settings are validated.
+    resume : bool
+        Continue the interrupted run in ``out_dir`` (its ``run.json`` has ``"status": "recording"``).
 
     Returns
     -------
@@ -219,12 +249,17 @@ def train_run(
     """
     import explaind
 
-    if not isinstance(config, TrainConfig):
-        config = validate_config(TrainConfig, dict(config), "train")
     path = None if out_dir is None else Path(out_dir)
+    history = History()
+    if resume:
+        if path is None:
+            raise ConfigError("resume=True needs the run folder of the interrupted run (out_dir / --out).")
+        config, history = _resume_state(path)
+    elif path is not None:
+        check_new_run_folder(path)
+    if not isinstance(config, TrainConfig):
+        config = validate_config(TrainConfig, dict(config or {}), "train")
     store = None if path is None else path / TRAJECTORY_DIR
-    if path is not None and ((path / RUN_FILE).exists() or (path / TRAJECTORY_DIR).exists()):
-        raise ConfigError(f"Run folder {str(path)!r} already holds a run. Choose a new --out folder or delete it.")
     data_params = _dataset_defaults(config.architecture, config.dataset, config.data)
     dataset = load_dataset(config.dataset, **data_params)
     dtype = resolve_dtype(config.dtype)
@@ -235,35 +270,40 @@ def train_run(
     model = explaind.build_model(config.architecture, model_cfg, seed=config.seed, dtype=dtype).to(device)
     optimizer = _optimizer(config, model)
     if log is not None:
-        log(f"training {config.architecture} on {config.dataset} ({dataset.n_train} samples, "
-            f"{sum(p.numel() for p in model.parameters())} parameters) with {config.optimizer} for up to "
+        log(f"{'resuming' if resume else 'training'} {config.architecture} on {config.dataset} ({dataset.n_train} "
+            f"samples, {sum(p.numel() for p in model.parameters())} parameters) with {config.optimizer} for up to "
             f"{config.steps} steps -> {out_dir if out_dir is not None else 'memory'}")
-
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
+    model_dict = model_cfg.model_dump(mode="json")
+    record = {
+        "explaind_version": explaind.__version__,
+        "status": "recording",
+        "config": config.model_dump(mode="json"),
+        "dataset": {"name": dataset.name, "params": data_params, "meta": _json_meta(dataset.meta)},
+        "model_config": model_dict,
+    }
 
     X_tr, y_tr = dataset.X_train.to(device), dataset.y_train.to(device)
     X_va, y_va = dataset.X_val.to(device), dataset.y_val.to(device)
-    n = dataset.n_train
-    batch = n if config.batch_size is None else min(config.batch_size, n)
-    generator = torch.Generator().manual_seed(config.seed)
-    history = History()
-    history.append(0, *evaluate(model, X_tr, y_tr), *evaluate(model, X_va, y_va))
+    if not resume:
+        history.append(0, *evaluate(model, X_tr, y_tr), *evaluate(model, X_va, y_va))
+    if path is not None:  # the description first: an interrupted recording can always be resumed
+        path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_run_file(path, {**record, "history": history.to_dict()})
     recorder = explaind.TrajectoryRecorder(model, optimizer, loss="cross_entropy", train_data=dataset.train,
-                                           store=store, fsync=False, save_optimizer_state=False,
-                                           extras={"dataset": dataset.spec()})
+                                           store=store, fsync=False, save_optimizer_state=store is not None,
+                                           resume=resume, extras={"dataset": dataset.spec()})
+    first = recorder.restore() if resume else 0
+    history = history.until(first)
+    n = dataset.n_train
+    batches = _batches(n, n if config.batch_size is None else min(config.batch_size, n), config.seed)
+    for _ in range(first):  # the batches of the steps already recorded
+        next(batches)
     start = time.perf_counter()
-    order = torch.randperm(n, generator=generator)
-    cursor = 0
-    bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=config.steps, initial=first, desc="train", unit="step", disable=not progress, leave=False)
     with recorder:
-        for step in range(1, config.steps + 1):
-            if batch == n:
-                idx = torch.arange(n)
-            else:
-                if cursor + batch > n:
-                    order, cursor = torch.randperm(n, generator=generator), 0
-                idx, cursor = order[cursor : cursor + batch], cursor + batch
+        for step in range(first + 1, config.steps + 1):
+            idx = next(batches)
             model.train()
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(X_tr[idx.to(device)]), y_tr[idx.to(device)])
@@ -275,6 +315,8 @@ def train_run(
                 row = (*evaluate(model, X_tr, y_tr), *evaluate(model, X_va, y_va))
                 history.append(step, *row)
                 bar.set_postfix(train_acc=f"{row[1]:.2f}", val_acc=f"{row[3]:.2f}")
+                if path is not None:
+                    write_run_file(path, {**record, "history": history.to_dict()})
                 if config.stop_at is not None and row[1] >= config.stop_at and row[3] >= config.stop_at:
                     break
     bar.close()
@@ -283,6 +325,7 @@ def train_run(
     info = {
         "n_steps": int(trajectory.n_steps),
         "train_seconds": round(train_seconds, 3),
+        "resumed_at": first if resume else None,
         "final_train_acc": history.train_acc[-1],
         "final_val_acc": history.val_acc[-1],
         "final_train_loss": history.train_loss[-1],
@@ -291,18 +334,8 @@ def train_run(
         "n_val": dataset.n_val,
         "n_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
     }
-    model_dict = model_cfg.model_dump(mode="json")
     if path is not None:
-        record = {
-            "format": "explaind-run",
-            "explaind_version": explaind.__version__,
-            "config": config.model_dump(mode="json"),
-            "dataset": {"name": dataset.name, "params": data_params, "meta": _json_meta(dataset.meta)},
-            "model_config": model_dict,
-            "history": history.to_dict(),
-            "info": info,
-        }
-        atomic_write(path / RUN_FILE, json.dumps(record, indent=2))
+        write_run_file(path, {**record, "status": "complete", "history": history.to_dict(), "info": info})
     return Run(path, config, dataset, model_dict, trajectory, history, info)
 
 
@@ -318,29 +351,26 @@ def _cast(dataset: Dataset, dtype: torch.dtype) -> Dataset:
 def load_run(path: str | Path) -> Run:
     """Reopen a run folder written by :func:`train_run`.
 
+    An interrupted run (``"status": "recording"``) opens with the steps recorded so far and a
+    logged note on how to resume it.
+
     Raises
     ------
     TrajectoryError
-        When the folder, its ``run.json`` or its trajectory is missing or unreadable.
+        When the folder, its ``run.json`` (or a field of it) or its trajectory is missing or unreadable.
     """
     import explaind
 
     path = Path(path)
-    run_file = path / RUN_FILE
-    if not run_file.is_file():
-        raise TrajectoryError(
-            f"{str(path)!r} is not a run folder: {RUN_FILE} is missing. Create one with 'explaind train --out {path}'."
-        )
-    try:
-        record = json.loads(run_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TrajectoryError(f"Cannot read {str(run_file)!r}: {exc}. The run folder is damaged.") from None
-    if record.get("format") != "explaind-run":
-        raise TrajectoryError(f"{str(run_file)!r} is not an explaind run description (format field missing).")
-    config = validate_config(TrainConfig, record["config"], "run.json")
+    record = read_run_file(path)
+    config = validate_config(TrainConfig, record["config"], f"{path / RUN_FILE}")
     dataset = load_dataset(record["dataset"]["name"], **record["dataset"]["params"])
     if dataset.X_train.is_floating_point():
         dataset = _cast(dataset, resolve_dtype(config.dtype))
     trajectory = explaind.Trajectory.load(path / TRAJECTORY_DIR, train_data=dataset.train)
-    history = History.from_dict(record["history"])
+    history = History.from_dict(record["history"]) if "history" in record else History()
+    if record["status"] == "recording":
+        logger.warning("The run in %s was interrupted after %d recorded steps; it is used as it is. Continue it with "
+                       "'explaind train --out %s --resume'.", path, trajectory.n_steps, path)
+        history = history.until(int(trajectory.n_steps))
     return Run(path, config, dataset, record["model_config"], trajectory, history, record.get("info", {}))

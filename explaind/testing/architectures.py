@@ -21,6 +21,10 @@ it ``record.example_input(config, n, generator)``. Exactness checks run in float
 ``jvp``
     Forward-mode ``jvp`` agrees with reverse mode: ``<w, J t> = <J^T w, t>`` for random
     ``w``, ``t``.
+``parameter_count``
+    The record declares ``parameter_count(config)`` and it equals the number of parameter and
+    buffer elements of the built model (``explaind.build_model`` checks it against its size limit
+    before building).
 """
 
 from __future__ import annotations
@@ -219,6 +223,21 @@ def _check_jvp(record: Any) -> None:
         )
 
 
+def _check_parameter_count(record: Any) -> None:
+    if record.parameter_count is None:
+        _fail(
+            f"architecture {record.name!r} declares no parameter_count; add parameter_count=<config -> number of "
+            f"parameter and buffer elements> to its record (e.g. build the module under torch.device('meta') and "
+            f"sum numel()), so build_model can refuse an oversized config before allocating it."
+        )
+    declared = record.parameter_count(record.config())
+    model = _build(record)
+    built = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    if declared != built:
+        _fail(f"architecture {record.name!r}: parameter_count(config) returned {declared!r}, the built model has "
+              f"{built} parameter and buffer elements.")
+
+
 def architecture_checks(record: Any, inspected: InspectedPlugin) -> Iterator[tuple[str, Callable[[], None]]]:
     """Checks of one :class:`~explaind.records.ArchitectureRecord` (see the module docstring)."""
     yield "deterministic", lambda: _check_deterministic(record)
@@ -227,3 +246,4 @@ def architecture_checks(record: Any, inspected: InspectedPlugin) -> Iterator[tup
     yield "functional_call", lambda: _check_functional_call(record)
     yield "per_sample_gradients", lambda: _check_per_sample_gradients(record, _loss(record, inspected))
     yield "jvp", lambda: _check_jvp(record)
+    yield "parameter_count", lambda: _check_parameter_count(record)

@@ -11,7 +11,8 @@ A loss's ``implementation(outputs, targets)`` must return per-sample losses ``l`
     The result has shape ``(n,)``, a floating dtype and finite values.
 ``mean_matches_reference``
     ``l.mean()`` equals ``record.reference(outputs, targets)`` (e.g. torch's loss with
-    ``reduction="mean"``) to 1e-12 relative.
+    ``reduction="mean"``) to 1e-12 relative; for a record with ``counts`` the count-weighted
+    mean ``sum_k n_k l_k / sum_k n_k`` does.
 ``vmap``
     ``torch.func.vmap`` over single samples (outputs ``(1, O)``) gives the same values, and
     ``vmap(grad)`` with respect to the outputs equals a loop of ``backward`` calls.
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..losses import batch_weights
 from .plugins import InspectedPlugin, PluginCheckError
 
 __all__ = ["loss_checks", "N_EXAMPLES"]
@@ -83,7 +85,7 @@ def _check_reference(record: Any) -> None:
             f"LossRecord (e.g. the torch function with reduction='mean') so the mean can be checked."
         )
     outputs, targets = _example(record)
-    mean = record.implementation(outputs, targets).mean()
+    mean = (batch_weights(record, targets, torch.float64) * record.implementation(outputs, targets)).sum()
     expected = torch.as_tensor(record.reference(outputs, targets), dtype=torch.float64)
     if not torch.allclose(mean, expected, rtol=_RTOL, atol=_ATOL):
         _fail(

@@ -186,6 +186,8 @@ def _record_problems(kind: str, record: Any) -> list[str]:
             problems.append(f"{label}: loss must be a registered loss name, got {record.loss!r}")
         if record.example_input is not None and not callable(record.example_input):
             problems.append(f"{label}: example_input must be callable")
+        if record.parameter_count is not None and not callable(record.parameter_count):
+            problems.append(f"{label}: parameter_count must be callable")
     if kind == "optimizer_adapter":
         classes = record.optimizer_classes
         if not isinstance(classes, tuple) or not all(isinstance(c, type) for c in classes):

@@ -22,6 +22,7 @@ __all__ = [
     "split_model_tensors",
     "validate_indices",
     "validate_weights",
+    "default_weights",
 ]
 
 
@@ -89,8 +90,11 @@ class TrainData:
         self._x: Tensor | Inputs | None = None
         self._y: Tensor | None = None
         self._dataset: Any = None
+        #: rows hashed -> DataFingerprint, filled by ``explaind.trajectory.fingerprint.data_fingerprint``
+        self.fingerprints: dict[int, Any] = {}
         if isinstance(data, TrainData):
             self._x, self._y, self._dataset = data._x, data._y, data._dataset
+            self.fingerprints = data.fingerprints
             return
         if (isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], Tensor)
                 and isinstance(data[0], Tensor | Inputs | Mapping | tuple)):
@@ -108,6 +112,11 @@ class TrainData:
                 f"train_data of type {type(data).__name__} is not supported. Pass a tuple (X, y) — X a tensor or a "
                 f"tuple/mapping of tensors — or a map-style torch.utils.data.Dataset returning (x, y) pairs."
             )
+
+    @property
+    def is_dataset(self) -> bool:
+        """Whether the data is a ``Dataset`` object (items fetched one by one), not tensors."""
+        return self._x is None
 
     def __len__(self) -> int:
         if self._x is not None:
@@ -190,9 +199,12 @@ def validate_indices(indices: Any, n_train: int | None) -> Tensor:
     return idx
 
 
-def validate_weights(weights: Any, idx: Tensor, dtype: torch.dtype) -> Tensor:
-    """Sample weights of shape ``idx.shape`` in ``dtype`` on the CPU (default ``1/n`` each: the mean reduction)."""
+def validate_weights(weights: Any, idx: Tensor, dtype: torch.dtype, loss: LossRecord | None = None,
+                     data: TrainData | None = None) -> Tensor:
+    """Sample weights of shape ``idx.shape`` in ``dtype`` on the CPU (default: :func:`default_weights`)."""
     if weights is None:
+        if loss is not None:
+            return default_weights(loss, data, idx, dtype)
         return torch.full((idx.shape[0],), 1.0 / idx.shape[0], dtype=dtype)
     w = torch.as_tensor(weights).detach().to("cpu")
     if not w.is_floating_point() or w.shape != idx.shape:
@@ -203,3 +215,27 @@ def validate_weights(weights: Any, idx: Tensor, dtype: torch.dtype) -> Tensor:
     if not bool(torch.isfinite(w).all()):
         raise TrajectoryError("log_batch: weights contain NaN or inf; pass finite sample weights.")
     return w.to(dtype)
+
+
+def default_weights(loss: LossRecord, data: TrainData | None, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rec.log_batch`` weights when none are given: ``1/n``, or the token shares of a loss with ``counts``.
+
+    A loss with ``counts`` (e.g. ``causal_lm``) averages over the batch's counted tokens, so
+    :math:`w_k = n_k / \\sum_j n_j` needs the targets of the batch (docs/maths.md §1).
+
+    Raises
+    ------
+    TrajectoryError
+        For a loss with ``counts`` when there is no ``train_data`` to count from.
+    """
+    if loss.counts is None:
+        return torch.full((idx.shape[0],), 1.0 / idx.shape[0], dtype=dtype)
+    if data is None:
+        raise TrajectoryError(
+            f"log_batch: loss {loss.name!r} averages over the counted tokens of the batch, so each sample's weight "
+            f"is its share of them; without train_data the recorder cannot count them. Pass train_data=(X, y) to "
+            f"the recorder, or weights=n_k / n_k.sum() to log_batch (n_k: the counted tokens of sample k)."
+        )
+    from ..losses import batch_weights
+
+    return batch_weights(loss, data.get(idx)[1], dtype)

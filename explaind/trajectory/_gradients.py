@@ -194,7 +194,10 @@ class GradientTap:
 
 
 class AutocastProbe:
-    """Forward pre-hook on the model: the autocast dtype of the loop's forward passes since the last step.
+    """Forward pre-hooks on the model and its children: the autocast dtype of the loop's forwards since the last step.
+
+    The children's hooks see an autocast that the model's own ``forward`` enters (accelerate, and so
+    the Hugging Face ``Trainer``, wraps ``model.forward`` in ``torch.autocast``).
 
     Parameters
     ----------
@@ -212,21 +215,25 @@ class AutocastProbe:
         self._model, self._tap, self._device = model, tap, device_type
         self.dtype: torch.dtype | None = None
         self.paused = False
-        self._handle: Any = None
+        self._handles: list[Any] = []
 
     def attach(self) -> None:
-        self._handle = self._model.register_forward_pre_hook(self._hook)
+        self._handles = [self._model.register_forward_pre_hook(self._hook)]
+        self._handles += [child.register_forward_pre_hook(self._inner) for child in self._model.children()]
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _hook(self, module: nn.Module, args: Any) -> None:
         if self.paused:
             return
         self._tap.sync()
-        if torch.is_autocast_enabled(self._device):
+        self._inner(module, args)
+
+    def _inner(self, module: nn.Module, args: Any) -> None:
+        if not self.paused and torch.is_autocast_enabled(self._device):
             dt = torch.get_autocast_dtype(self._device)
             if self.dtype is None or self._RANK.get(dt, 1) > self._RANK.get(self.dtype, 1):
                 self.dtype = dt

@@ -32,6 +32,7 @@ __all__ = [
     "collect_updates",
     "foreign_parameters",
     "own_update",
+    "refuse_unknown_grad_scaler",
     "stepped_parameters",
     "stepped_without_backward",
     "without_gradient_input",
@@ -143,6 +144,16 @@ def without_gradient_input(name: str, update: LinearUpdate, step: int) -> Linear
             f"the default), or use decoupled weight decay (AdamW)."
         )
     return dataclasses.replace(update, b=0.0, n=0.0)
+
+
+def refuse_unknown_grad_scaler(scaler: Any, step: int) -> None:
+    """Raise when ``optimizer.step()`` runs inside ``GradScaler.step`` but the recorder was given no scaler."""
+    if scaler is None and called_by_grad_scaler():
+        raise TrajectoryError(
+            f"Step {step}: optimizer.step() is called by torch.amp.GradScaler.step, but the recorder does "
+            f"not know the scaler, so the loss scale of each step cannot be recorded. Fix: "
+            f"TrajectoryRecorder(..., grad_scaler=scaler)."
+        )
 
 
 #: The update of a recorded parameter the optimizer did not step.

@@ -21,6 +21,7 @@ from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
 from ._random import pack_micro_batches
 from ._sparse import StepReplay, group_snapshot, validate_checkpoint_every
 from .disk import DiskTrajectory, check_model_matches
+from .fingerprint import check_train_data, data_fingerprint
 from .manifest import StepRecord, TrajectoryManifest
 from .store import StoreWriter, pack_updates, read_manifest
 
@@ -79,6 +80,8 @@ class RecorderStoreMixin:
                 f"Cannot resume the run at {str(self._store)!r} with checkpoint_every={self._every}: it was recorded "
                 f"with checkpoint_every={stored.param_stride}. Pass checkpoint_every={stored.param_stride}."
             )
+        if self._data is not None and stored.n_train is not None:
+            check_train_data(self._data, stored.train_fingerprint, repr(str(self._store)))
         point = len(stored.steps)
         while point > 0 and stored.steps[point - 1].optimizer_state is None:
             point -= 1
@@ -135,6 +138,8 @@ class RecorderStoreMixin:
             self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background,
                                        keep_states=self._every > 1)
             return
+        if self._data is not None:
+            m.train_fingerprint = data_fingerprint(self._data)
         # the manifest goes last: until it is written the directory holds no store (store.py, _layout.py)
         self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background, new=True,
                                    keep_states=self._every > 1)

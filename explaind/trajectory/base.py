@@ -175,10 +175,14 @@ class Trajectory(abc.ABC):
             was recorded from a registry model. A parameter name/shape mismatch raises
             ``TrajectoryError`` listing the differences.
         train_data : (X, y) or Dataset, optional
-            Training data (defaults to the copy stored with the run, if any).
+            Training data (defaults to the copy stored with the run, if any). It must be the data the
+            run was recorded with, in the same order: its length and fingerprint are checked
+            (``TrajectoryError`` naming the difference).
         **kwargs
-            ``loss=`` (needed for a run recorded with a custom loss callable), ``cache_steps=``; for a
-            sparse store (``checkpoint_every > 1``) ``replay_tolerance=`` and ``cache_segments=``.
+            ``loss=`` (needed for a run recorded with a custom loss callable), ``cache_steps=``,
+            ``verify_train_data=False`` (skip the fingerprint check), ``max_parameters=`` (the size
+            limit of a model rebuilt from the recorded architecture spec); for a sparse store
+            (``checkpoint_every > 1``) ``replay_tolerance=`` and ``cache_segments=``.
 
         Returns
         -------

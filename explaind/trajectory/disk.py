@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError
 from ..recurrence import LinearUpdate
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
 from ._random import MicroBatch, unpack_micro_batches
 from ._sparse import StepReplay
+from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_from_name, dtype_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
 from .replay import SegmentReplay
@@ -60,8 +62,31 @@ def check_model_matches(model: nn.Module, manifest: TrajectoryManifest, where: s
         )
 
 
-def build_model_from_spec(manifest: TrajectoryManifest, where: str) -> nn.Module:
-    """Rebuild the recorded model with ``explaind.models.build_model`` from the manifest's architecture spec."""
+def _declared_elements(manifest: TrajectoryManifest, where: str) -> int:
+    """Elements of the parameters and constants the manifest declares (shapes checked to be non-negative)."""
+    total = 0
+    for spec in [*manifest.params, *manifest.constants]:
+        if any(d < 0 for d in spec.shape):
+            raise TrajectoryError(f"The manifest of the trajectory at {where} records {spec.name!r} with the shape "
+                                  f"{spec.shape}; the store is corrupted. Re-record the run.")
+        total += math.prod(spec.shape)
+    return total
+
+
+def build_model_from_spec(manifest: TrajectoryManifest, where: str, max_parameters: int | None = None) -> nn.Module:
+    """Rebuild the recorded model with ``explaind.models.build_model`` from the manifest's architecture spec.
+
+    Nothing is allocated before the size is checked: the parameter and constant shapes the manifest
+    declares, and the architecture's ``parameter_count`` of the spec's config, must agree and stay
+    within ``max_parameters`` (``explaind.models.resolve_max_parameters``).
+
+    Raises
+    ------
+    TrajectoryError
+        For a run not recorded from the registry, a spec over the size limit (the message gives the
+        limit and how to raise it), a spec whose size differs from the declared shapes, or an invalid
+        spec.
+    """
     spec = manifest.architecture
     if spec is None:
         raise TrajectoryError(
@@ -69,8 +94,26 @@ def build_model_from_spec(manifest: TrajectoryManifest, where: str) -> nn.Module
             f"cannot be rebuilt. Pass model=<a module with the same architecture> to Trajectory.load."
         )
     models = importlib.import_module("explaind.models")
-    kwargs = {} if spec.seed is None else {"seed": spec.seed}
-    return models.build_model(spec.name, spec.config, dtype=manifest.dtype, **kwargs)
+    limit = models.resolve_max_parameters(max_parameters)
+    fix = (f"If you trust the store and the size is intended, pass max_parameters=<n> to Trajectory.load (or set "
+           f"{models.MAX_PARAMETERS_ENV}=<n>), or pass model=<a module with the recorded architecture>.")
+    declared = _declared_elements(manifest, where)
+    if declared > limit:
+        raise TrajectoryError(f"The trajectory at {where} declares {declared:,} parameter and constant elements, "
+                              f"more than the limit of {limit:,}; nothing was built. {fix}")
+    try:
+        count = models.count_parameters(spec.name, spec.config)
+        if count is not None and count != declared:
+            raise TrajectoryError(
+                f"The architecture spec of the trajectory at {where} ({spec.name!r}) builds {count:,} elements but its "
+                f"manifest declares parameters and constants of {declared:,}; the store was modified. Re-record the "
+                f"run, or pass model=<a module with the recorded architecture>."
+            )
+        kwargs = {} if spec.seed is None else {"seed": spec.seed}
+        return models.build_model(spec.name, spec.config, dtype=manifest.dtype, max_parameters=limit, **kwargs)
+    except (ConfigError, UnknownEntryError) as exc:
+        raise TrajectoryError(f"Cannot rebuild the model of the trajectory at {where} from its architecture spec: "
+                              f"{exc} {fix}") from None
 
 
 class DiskTrajectory(RecordedTrajectory, reads_stores=True):
@@ -93,6 +136,11 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         (see :mod:`explaind.trajectory.replay`).
     cache_segments : int
         Sparse stores: replayed segments kept in memory.
+    verify_train_data : bool
+        Check ``train_data`` against the fingerprint recorded with the run (its length always); ``False``
+        skips the fingerprint, for data known to hold the same samples in other bytes.
+    max_parameters : int, optional
+        Size limit of a model rebuilt from the recorded spec (see :func:`build_model_from_spec`).
 
     Notes
     -----
@@ -102,7 +150,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
 
     def __init__(self, path: str | Path, model: nn.Module | None = None, train_data: Any = None, *,
                  loss: Any = None, cache_steps: int = 4, replay_tolerance: float | None = None,
-                 cache_segments: int = 2):
+                 cache_segments: int = 2, verify_train_data: bool = True, max_parameters: int | None = None):
         self.root = Path(path)
         self._manifest = read_manifest(self.root)
         self._replay: SegmentReplay | None = None
@@ -113,7 +161,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         self._static: dict[str, dict[str, Tensor]] = {}
         where = repr(str(self.root))
         if model is None:
-            model = build_model_from_spec(self._manifest, where)
+            model = build_model_from_spec(self._manifest, where, max_parameters)
             self._fill_model(model)
         check_model_matches(model, self._manifest, where)
         self._model = model
@@ -128,14 +176,26 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             loss = self._manifest.loss
         self._loss = resolve_loss_record(loss)
         self._data = TrainData(train_data) if train_data is not None else None
-        if self._data is not None and self._manifest.n_train is not None and len(self._data) != self._manifest.n_train:
+        if self._data is not None and self._manifest.n_train is not None:
+            self._check_data(self._data, where, verify_train_data)
+        if self.sparse:
+            self._replay = SegmentReplay(self, replay_tolerance, cache_segments)
+
+    def _check_data(self, data: TrainData, where: str, verify: bool) -> None:
+        """The given training data has the recorded length and (unless ``verify`` is off) fingerprint."""
+        if len(data) != self._manifest.n_train:
             raise TrajectoryError(
-                f"train_data has {len(self._data)} samples but the run at {where} was recorded with "
+                f"train_data has {len(data)} samples but the run at {where} was recorded with "
                 f"{self._manifest.n_train}: its batch indices refer to that data. Pass the training data the run "
                 f"was recorded with, in the same order."
             )
-        if self.sparse:
-            self._replay = SegmentReplay(self, replay_tolerance, cache_segments)
+        if verify is not True:
+            if verify is not False:
+                raise ConfigError(f"verify_train_data={verify!r} is not allowed. Choose True (the default) or False.")
+            logger.warning("verify_train_data=False: the training data given for %s is not compared with the "
+                           "recorded fingerprint; train-axis scores are exact only if it is the recorded data.", where)
+            return
+        check_train_data(data, self._manifest.train_fingerprint, where)
 
     @property
     def sparse(self) -> bool:

@@ -23,6 +23,8 @@ __all__ = [
     "FileRecord",
     "StepRecord",
     "ArchitectureSpec",
+    "TensorDigest",
+    "DataFingerprint",
     "TrajectoryManifest",
     "tensor_specs",
     "dtype_name",
@@ -143,6 +145,35 @@ class ArchitectureSpec(_Model):
     seed: int | None = None
 
 
+class TensorDigest(_Model):
+    """One tensor of the training data in a :class:`DataFingerprint`: dtype, shape of one row, SHA-256."""
+
+    dtype: str
+    row_shape: list[int]
+    sha256: str
+
+
+class DataFingerprint(_Model):
+    """A fingerprint of the training data a run was recorded with (docs/recording.md, "Training data").
+
+    Attributes
+    ----------
+    n : int
+        Number of samples.
+    rows : int
+        Number of rows hashed: ``n`` (all of them) or an evenly spaced sample of that many rows,
+        positions ``i * (n - 1) // (rows - 1)`` for ``i = 0 .. rows-1``.
+    tensors : dict of str to TensorDigest
+        ``"X"`` (or ``"X.<key>"`` / ``"X.<position>"`` for tuple and mapping inputs) and ``"y"``:
+        dtype, row shape and the SHA-256 of the hashed rows' bytes, in row order.
+    """
+
+    algorithm: Literal["sha256-rows"] = "sha256-rows"
+    n: int = Field(ge=0)
+    rows: int = Field(ge=0)
+    tensors: dict[str, TensorDigest]
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -173,6 +204,9 @@ class TrajectoryManifest(_Model):
         ``param_stride`` steps and at the last step; ``1`` (a dense store): every step.
     n_train : int or None
         Number of training samples, when known.
+    train_fingerprint : DataFingerprint or None
+        Fingerprint of the training data at record time (``None``: recorded without ``train_data``,
+        or by an explaind that did not record one).
     data_file : FileRecord or None
         ``data.safetensors`` with the training data, when stored.
     initial_file, constants_file : FileRecord or None
@@ -204,6 +238,7 @@ class TrajectoryManifest(_Model):
     n_steps: int = 0
     param_stride: int = 1
     n_train: int | None = None
+    train_fingerprint: DataFingerprint | None = None
     data_file: FileRecord | None = None
     initial_file: FileRecord | None = None
     constants_file: FileRecord | None = None

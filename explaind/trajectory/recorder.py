@@ -42,9 +42,9 @@ from ._common import (
 )
 from ._gradients import AutocastProbe, GradientTap, UpdateAudit, has_stochastic_layers, is_power_of_two
 from ._participation import (
-    called_by_grad_scaler,
     collect_updates,
     foreign_parameters,
+    refuse_unknown_grad_scaler,
     stepped_parameters,
     stepped_without_backward,
 )
@@ -288,23 +288,20 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         indices : 1-D int tensor, array or sequence, shape (n,)
             Dataset positions of the samples (repeats allowed).
         weights : 1-D float tensor, shape (n,), optional
-            :math:`w_{s,k}`; default ``1/n`` for every sample (the mean reduction of this micro-batch).
+            :math:`w_{s,k}`; default ``1/n`` each (the mean reduction), or token shares for e.g. ``"causal_lm"``.
         """
         if not self._active:
             raise TrajectoryError(
                 "rec.log_batch() was called outside the recorder: wrap the training loop in `with rec:`."
             )
         idx = validate_indices(indices, len(self._data) if self._data is not None else None)
-        w = validate_weights(weights, idx, self._dtype)
+        w = validate_weights(weights, idx, self._dtype, self._loss, self._data)
         self._drop_skipped_step()
         self._pending.append(_Logged(idx, w, self._tap.seq, self._tap.finite_since(-1), *self._random.take()))
 
     def _drop_skipped_step(self) -> None:
-        """Forget the batches of a step that was skipped (``GradScaler`` found inf/nan and did not call step).
-
-        The last logged micro-batch saw a non-finite accumulated gradient; if the gradients produced
-        since are finite, the accumulation was reset (a non-finite sum stays non-finite) without an
-        optimizer step: those batches were never applied.
+        """Forget the batches of a step ``GradScaler`` skipped: the last one saw a non-finite accumulated gradient,
+        and finite gradients since mean the accumulation restarted (a non-finite sum stays non-finite) without a step.
         """
         if not self._pending or self._pending[-1].finite is not False:
             return
@@ -384,21 +381,25 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                     logger.exception("Closing the trajectory store failed while handling another error.")
 
     # ----------------------------------------------------------------- hooks
-    def _refuse_gradscaler_without_scaler(self) -> None:
-        if self._scaler is None and called_by_grad_scaler():
-            raise TrajectoryError(
-                f"Step {self._n}: optimizer.step() is called by torch.amp.GradScaler.step, but the recorder does "
-                f"not know the scaler, so the loss scale of each step cannot be recorded. Fix: "
-                f"TrajectoryRecorder(..., grad_scaler=scaler)."
-            )
-
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        s = self._n
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
         if self._broken is not None:
             raise TrajectoryError(f"Recording stopped after an error at {self._broken}; start a new recorder.")
         if self._writer is not None:
             self._writer.check()
-        self._refuse_gradscaler_without_scaler()
+        refuse_unknown_grad_scaler(self._scaler, self._n)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None:
+            return self._begin_step(optimizer)
+
+        def run() -> Any:  # step(closure) (e.g. Lightning): the gradients exist once the closure has run
+            value = closure()
+            self._begin_step(optimizer)
+            return value
+
+        return (args if "closure" in kwargs else args[:1] + args[2:]), {**kwargs, "closure": run}
+
+    def _begin_step(self, optimizer: Any) -> None:
+        s = self._n
         if not self._pending:
             raise TrajectoryError(
                 f"Step {s}: optimizer.step() was called without a logged batch: call rec.log_batch(indices) before "

@@ -27,7 +27,9 @@ from .feedforward import (
     build_cnn,
     build_mlp,
     cnn_example_input,
+    cnn_parameter_count,
     mlp_example_input,
+    mlp_parameter_count,
 )
 from .transformer import (
     ModularTransformer,
@@ -35,6 +37,7 @@ from .transformer import (
     build_modular_transformer,
     modular_arithmetic_dataset,
     modular_example_input,
+    modular_transformer_parameter_count,
 )
 
 __all__ = [
@@ -60,6 +63,7 @@ def explaind_architectures() -> list[ArchitectureRecord]:
             description="Fully connected network with relu, tanh or gelu activations.",
             example_input=mlp_example_input,
             loss="cross_entropy",
+            parameter_count=mlp_parameter_count,
         ),
         ArchitectureRecord(
             name="cnn",
@@ -69,6 +73,7 @@ def explaind_architectures() -> list[ArchitectureRecord]:
             "or 32x32 images.",
             example_input=cnn_example_input,
             loss="cross_entropy",
+            parameter_count=cnn_parameter_count,
         ),
         ArchitectureRecord(
             name="modular_transformer",
@@ -78,5 +83,6 @@ def explaind_architectures() -> list[ArchitectureRecord]:
             "(a + b) mod p.",
             example_input=modular_example_input,
             loss="cross_entropy",
+            parameter_count=modular_transformer_parameter_count,
         ),
     ]

@@ -17,17 +17,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from .initialization import build_seeded
+from .initialization import build_seeded, meta_count
 
 __all__ = [
     "MLPConfig",
     "MLP",
     "build_mlp",
     "mlp_example_input",
+    "mlp_parameter_count",
     "CNNConfig",
     "SmallCNN",
     "build_cnn",
     "cnn_example_input",
+    "cnn_parameter_count",
 ]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -85,6 +87,11 @@ class MLP(nn.Module):
 def build_mlp(config: MLPConfig, seed: int = 0) -> MLP:
     """Build an :class:`MLP` initialised from a local generator seeded with ``seed``."""
     return build_seeded(lambda: MLP(config), seed)
+
+
+def mlp_parameter_count(config: MLPConfig) -> int:
+    """Elements of an :class:`MLP`'s parameters, counted on the ``meta`` device."""
+    return meta_count(lambda: MLP(config))
 
 
 def mlp_example_input(config: MLPConfig, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -150,6 +157,11 @@ class SmallCNN(nn.Module):
 def build_cnn(config: CNNConfig, seed: int = 0) -> SmallCNN:
     """Build a :class:`SmallCNN` initialised from a local generator seeded with ``seed``."""
     return build_seeded(lambda: SmallCNN(config), seed)
+
+
+def cnn_parameter_count(config: CNNConfig) -> int:
+    """Elements of a :class:`SmallCNN`'s parameters, counted on the ``meta`` device."""
+    return meta_count(lambda: SmallCNN(config))
 
 
 def cnn_example_input(config: CNNConfig, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

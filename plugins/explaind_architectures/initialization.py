@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["build_seeded", "uniform_", "normal_", "default_init"]
+__all__ = ["build_seeded", "meta_count", "uniform_", "normal_", "default_init"]
 
 
 def uniform_(tensor: Tensor, bound: float, generator: torch.Generator) -> None:
@@ -64,6 +64,17 @@ def default_init(module: nn.Module, generator: torch.Generator) -> bool:
         normal_(module.weight, 1.0 / math.sqrt(module.embedding_dim), generator)
         return True
     return False
+
+
+def meta_count(factory: Callable[[], nn.Module]) -> int:
+    """Elements of the parameters and buffers of ``factory()``, built on the ``meta`` device (nothing allocated).
+
+    The ``parameter_count`` of the architecture records: ``explaind.build_model`` compares it with
+    its size limit before building.
+    """
+    with torch.device("meta"):
+        module = factory()
+    return sum(t.numel() for t in [*module.parameters(), *module.buffers()])
 
 
 def build_seeded(

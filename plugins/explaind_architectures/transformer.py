@@ -33,13 +33,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from .initialization import build_seeded, normal_
+from .initialization import build_seeded, meta_count, normal_
 
 __all__ = [
     "ModularTransformerConfig",
     "ModularTransformer",
     "build_modular_transformer",
     "modular_example_input",
+    "modular_transformer_parameter_count",
     "modular_arithmetic_dataset",
     "SEQUENCE_LENGTH",
 ]
@@ -137,6 +138,11 @@ def _init_positions(module: nn.Module, generator: torch.Generator) -> None:
 def build_modular_transformer(config: ModularTransformerConfig, seed: int = 0) -> ModularTransformer:
     """Build a :class:`ModularTransformer` initialised from a local generator seeded with ``seed``."""
     return build_seeded(lambda: ModularTransformer(config), seed, extra_init=_init_positions)
+
+
+def modular_transformer_parameter_count(config: ModularTransformerConfig) -> int:
+    """Elements of a :class:`ModularTransformer`'s parameters, counted on the ``meta`` device."""
+    return meta_count(lambda: ModularTransformer(config))
 
 
 def _encode(a: Tensor, b: Tensor, p: int) -> tuple[Tensor, Tensor]:

@@ -63,6 +63,11 @@ def build_linear(config: LinearConfig, seed: int = 0) -> nn.Module:
     return model
 
 
+def linear_parameter_count(config: LinearConfig) -> int:
+    """Elements of the weight ``(out, in)`` and the bias ``(out,)``: known without building the model."""
+    return config.out_features * config.in_features + config.out_features
+
+
 def linear_example_input(config: LinearConfig, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Inputs ``(n, in)`` and regression targets ``(n, out)``."""
     inputs = torch.randn(n, config.in_features, generator=generator)
@@ -93,5 +98,6 @@ def explaind_architectures() -> list[ArchitectureRecord]:
             description="A single linear layer, trained with the Huber loss.",
             example_input=linear_example_input,
             loss="huber",
+            parameter_count=linear_parameter_count,
         )
     ]

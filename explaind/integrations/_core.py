@@ -1,0 +1,64 @@
+"""What both framework callbacks share: the training data, the loss, and one recorder per run."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..exceptions import TrajectoryError
+from ..trajectory._common import TrainData, resolve_loss_record
+from ..trajectory.recorder import TrajectoryRecorder
+from .data import INDEX_KEY, IndexedDataset
+
+__all__ = ["RecordingCore"]
+
+
+class RecordingCore:
+    """Holds the recorder of a framework callback: created when training starts, closed when it ends.
+
+    Parameters
+    ----------
+    train_data : IndexedDataset or (X, y)
+        With an :class:`IndexedDataset`, ``(X, y)`` is its :meth:`~IndexedDataset.train_data`.
+    loss : str, LossRecord or callable
+    attention_mask : {"keep", "bidirectional", "causal"}
+        Passed to :meth:`IndexedDataset.train_data`.
+    recorder_kwargs : dict
+        Passed to :class:`~explaind.TrajectoryRecorder`.
+    """
+
+    framework = "the framework's trainer"
+
+    def _setup(self, train_data: Any, loss: Any, attention_mask: Literal["keep", "bidirectional", "causal"],
+               recorder_kwargs: dict[str, Any]) -> None:
+        if isinstance(train_data, IndexedDataset):
+            self.index_key = train_data.index_key
+            train_data = train_data.train_data(attention_mask=attention_mask)
+        else:
+            self.index_key = INDEX_KEY
+        self._data = TrainData(train_data)
+        self._loss = resolve_loss_record(loss)
+        self._kwargs = recorder_kwargs
+        self.recorder: TrajectoryRecorder | None = None
+        self._dtype = torch.float32
+
+    @property
+    def trajectory(self) -> Any:
+        """The recorded trajectory (after or during training)."""
+        if self.recorder is None:
+            raise TrajectoryError(f"Nothing recorded yet: pass the callback to {self.framework} and train.")
+        return self.recorder.trajectory
+
+    def _start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.recorder is not None:
+            raise TrajectoryError(f"This {type(self).__name__} has recorded a run already; create a new one for "
+                                  f"every training run.")
+        self.recorder = TrajectoryRecorder(model, optimizer, loss=self._loss, train_data=self._data, **self._kwargs)
+        self._dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+        self.recorder.__enter__()
+
+    def _stop(self) -> None:
+        if self.recorder is not None and self.recorder._active:
+            self.recorder.__exit__(None, None, None)

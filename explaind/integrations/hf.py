@@ -1,0 +1,167 @@
+r"""Recording a Hugging Face ``transformers.Trainer`` run with :class:`ExplaindTrainerCallback`.
+
+The callback holds a :class:`~explaind.TrajectoryRecorder` on the Trainer's model and (unwrapped)
+optimizer for the whole of ``trainer.train()``. The training set is an
+:class:`~explaind.integrations.IndexedDataset`: the callback wraps the training dataloader's
+collator in :class:`~explaind.integrations.data.IndexCollate`, so each batch carries the positions
+of its samples, and a forward pre-hook on the model takes them out before the model sees them.
+Each micro-batch is logged right after its backward (``on_substep_end``, and ``on_pre_optimizer_step``
+for the last one of a step; gradient clipping is measured by the recorder as :math:`c_s`), with
+weights :math:`w_{s,k}`:
+
+* when the Trainer normalises the loss by ``num_items_in_batch`` (the model accepts loss keyword
+  arguments, or ``compute_loss_func`` is set), :math:`w_k = n_k / N` with :math:`N` the value the Trainer
+  passed (it counts the labels itself, not always as the loss does);
+* otherwise the micro-batch's mean divided by ``gradient_accumulation_steps``. The Trainer divides by
+  the micro-batches the step actually had, fewer at the end of an epoch whose length is not a multiple;
+  that step's factor is then measured only if the gradient check runs there (``check_gradients=True``).
+
+The recorder measures clipping and the learning-rate schedule itself; bf16 autocast (``bf16=True``)
+is recorded with the gradient check's autocast tolerance. docs/guide_own_model.md has the walk-through.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..exceptions import ConfigError, TrajectoryError
+
+try:
+    from transformers import TrainerCallback
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigError(f"explaind.integrations.ExplaindTrainerCallback needs transformers ({exc}); install it with "
+                      f"pip install 'explaind[hf]'.") from exc
+from ..outputs import model_output
+from ._core import RecordingCore
+from .data import IndexCollate, step_weights
+
+__all__ = ["ExplaindTrainerCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
+    r"""Record a ``transformers.Trainer`` run through :class:`~explaind.TrajectoryRecorder`.
+
+    Parameters
+    ----------
+    train_data : IndexedDataset or (X, y)
+        The training set, the same object given to the Trainer as ``train_dataset`` (an
+        :class:`IndexedDataset`; its :meth:`~IndexedDataset.train_data` gives the recorder's ``(X, y)``)
+        or explicit ``(X, y)`` whose rows are the dataset's items.
+    loss : str, LossRecord or callable
+        The per-sample loss of the recorder, e.g. ``"causal_lm"`` or ``"cross_entropy"``.
+    normalization : {"auto", "step", "micro_batch"}
+        How the Trainer normalises the loss of a step (module docstring). ``"auto"``: ``"step"`` when
+        the model's forward or :meth:`compute_loss` received ``num_items_in_batch``, else ``"micro_batch"``.
+    attention_mask : {"keep", "bidirectional", "causal"}
+        With an :class:`IndexedDataset`: store a 2-D ``attention_mask`` as the equivalent 4-D mask
+        (needed for Hugging Face models whose 2-D mask handling cannot run under ``torch.func.vmap``).
+    **recorder_kwargs
+        Passed to :class:`~explaind.TrajectoryRecorder` (``store=``, ``check_gradients=``, ...).
+
+    Attributes
+    ----------
+    recorder : TrajectoryRecorder or None
+        Created at ``on_train_begin``.
+    """
+
+    framework = "transformers.Trainer(callbacks=[...])"
+
+    def __init__(self, train_data: Any, *, loss: Any,
+                 normalization: Literal["auto", "step", "micro_batch"] = "auto",
+                 attention_mask: Literal["keep", "bidirectional", "causal"] = "keep", **recorder_kwargs: Any):
+        if normalization not in ("auto", "step", "micro_batch"):
+            raise ConfigError(f"normalization={normalization!r} is not allowed. Choose one of: 'auto', 'step', "
+                              f"'micro_batch'.")
+        self._setup(train_data, loss, attention_mask, recorder_kwargs)
+        self._normalization = normalization
+        self._pending: list[tuple[Tensor, float | None]] = []  # positions, the Trainer's num_items_in_batch
+        self._hook: Any = None
+        self._collate: tuple[Any, Any] | None = None
+        self._logged = 0  # micro-batches logged in the current step
+
+    def compute_loss(self, outputs: Any, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
+        r"""A ``compute_loss_func`` for the Trainer: the recorder's loss, in the model's dtype.
+
+        :math:`\sum_k n_k \ell_k / N` with :math:`N` = ``num_items_in_batch`` (or the batch's own
+        :math:`\sum_k n_k`), exactly the decomposition the recorder logs. Hugging Face's own causal-LM loss
+        computes in float32 even for a float64 model; this one keeps float64 runs exact.
+        """
+        logits = model_output(outputs)
+        per_sample = self._loss.implementation(logits, labels)
+        counts = (torch.ones_like(per_sample) if self._loss.counts is None
+                  else self._loss.counts(labels).to(per_sample.dtype))
+        if num_items_in_batch is not None and self._pending:
+            self._pending[-1] = (self._pending[-1][0], float(num_items_in_batch))
+        total = counts.sum().clamp_min(1) if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        return (counts * per_sample).sum() / total.to(per_sample.device, per_sample.dtype)
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       train_dataloader: Any = None, **kwargs: Any) -> None:
+        self._start(model, getattr(optimizer, "optimizer", optimizer))  # accelerate wraps the torch optimizer
+        self._hook = model.register_forward_pre_hook(self._take_index, with_kwargs=True)
+        loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
+        if loader is not None:
+            self._collate = (loader, loader.collate_fn)
+            loader.collate_fn = IndexCollate(loader.collate_fn, self.index_key)
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._log(args)  # a micro-batch that does not end the step: its backward is done
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._log(args)
+        if self.recorder is not None and not self._logged:
+            raise TrajectoryError(
+                f"Step {state.global_step}: no training batch carried {self.index_key!r}. Give the Trainer the "
+                f"IndexedDataset as train_dataset (explaind.integrations.IndexedDataset(dataset))."
+            )
+        self._logged = 0
+
+    def _log(self, args: Any) -> None:
+        """Log the micro-batch whose backward just ended (one forward per ``log_batch``, so random states replay)."""
+        if self.recorder is None or not self._pending:
+            return
+        if len(self._pending) > 1:
+            raise TrajectoryError(f"{len(self._pending)} training forwards carried {self.index_key!r} between two "
+                                  f"backward passes; explaind expects one forward per micro-batch.")
+        idx, total = self._pending.pop()
+        mode = self._normalization if self._normalization != "auto" else ("step" if total is not None else
+                                                                          "micro_batch")
+        (w,) = step_weights(self._loss, self._data, [idx], mode, self._dtype, total if mode == "step" else None)
+        # "micro_batch": the Trainer divides each micro-batch mean by the accumulation steps
+        self.recorder.log_batch(idx, w if mode == "step" else w / args.gradient_accumulation_steps)
+        self._logged += 1
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach from the model and dataloader and close the recorder (``on_train_end`` does it)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._collate is not None:
+            loader, original = self._collate
+            loader.collate_fn = original
+            self._collate = None
+        self._stop()
+
+    # ------------------------------------------------------------------ model hook
+    def _take_index(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Forward pre-hook: remove the positions from the batch; keep them for training forwards.
+
+        Forwards without positions (the recorder's own gradient check, user calls) pass unchanged; a step
+        without any logged micro-batch is refused at ``on_pre_optimizer_step``.
+        """
+        idx = kwargs.pop(self.index_key, None)
+        if idx is not None and module.training and torch.is_grad_enabled():  # not evaluation, not the recorder's
+            total = kwargs.get("num_items_in_batch")
+            self._pending.append((torch.as_tensor(idx).detach().to("cpu", torch.long).reshape(-1),
+                                  None if total is None else float(total)))
+        return args, kwargs

@@ -1,0 +1,102 @@
+r"""Recording a Lightning run with :class:`ExplaindLightningCallback`.
+
+The callback holds a :class:`~explaind.TrajectoryRecorder` on the LightningModule (or one of its
+submodules) and its optimizer for the whole of ``trainer.fit``. The training dataloader serves an
+:class:`~explaind.integrations.IndexedDataset`; ``on_train_batch_start`` takes the positions out
+of the batch (so ``training_step`` never sees them) and ``on_after_backward`` logs the micro-batch.
+
+Lightning divides the loss of every micro-batch by ``accumulate_grad_batches`` = :math:`K`, and the
+loss of a batch is the mean over its counted terms, so micro-batch :math:`m` is logged with
+:math:`w_k = n_k / (K \sum_{j \in m} n_j)` (docs/maths.md §1). Lightning runs the last micro-batch of
+a step inside ``optimizer.step(closure)``; the recorder takes the step's gradient once the closure
+has run, after Lightning's gradient clipping, so ``gradient_clip_val`` is measured as a scale
+:math:`c_s`. docs/guide_own_model.md has the walk-through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..exceptions import ConfigError, TrajectoryError
+
+try:
+    import lightning.pytorch as pl
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigError(f"explaind.integrations.ExplaindLightningCallback needs lightning ({exc}); install it with "
+                      f"pip install 'explaind[lightning]'.") from exc
+from ._core import RecordingCore
+from .data import step_weights
+
+__all__ = ["ExplaindLightningCallback"]
+
+
+class ExplaindLightningCallback(pl.Callback, RecordingCore):
+    """Record a Lightning ``Trainer.fit`` run through :class:`~explaind.TrajectoryRecorder`.
+
+    Parameters
+    ----------
+    train_data : IndexedDataset or (X, y)
+        The training set the dataloader serves (an :class:`IndexedDataset`, whose
+        :meth:`~IndexedDataset.train_data` gives the recorder's ``(X, y)``), or explicit ``(X, y)``.
+    loss : str, LossRecord or callable
+        The per-sample loss, e.g. ``"cross_entropy"`` or ``"causal_lm"``.
+    module : str, optional
+        Attribute of the LightningModule to record (e.g. ``"model"`` for a wrapped Hugging Face model);
+        default the LightningModule itself, whose ``forward`` must take the inputs ``X``.
+    attention_mask : {"keep", "bidirectional", "causal"}
+        With an :class:`IndexedDataset`: store a 2-D ``attention_mask`` as the equivalent 4-D mask.
+    **recorder_kwargs
+        Passed to :class:`~explaind.TrajectoryRecorder` (``store=``, ``check_gradients=``, ...).
+    """
+
+    framework = "lightning.Trainer(callbacks=[...])"
+
+    def __init__(self, train_data: Any, *, loss: Any, module: str | None = None,
+                 attention_mask: Literal["keep", "bidirectional", "causal"] = "keep", **recorder_kwargs: Any):
+        self._setup(train_data, loss, attention_mask, recorder_kwargs)
+        self._module = module
+        self._current: Tensor | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ConfigError(f"ExplaindLightningCallback records runs with one optimizer; configure_optimizers "
+                              f"returned {len(trainer.optimizers)}.")
+        model = pl_module if self._module is None else getattr(pl_module, self._module, None)
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"module={self._module!r}: the LightningModule has no submodule of that name; pass the "
+                              f"attribute name of the model to record (e.g. module='model') or None.")
+        if not pl_module.automatic_optimization:
+            raise ConfigError("ExplaindLightningCallback supports automatic optimization; with manual optimization "
+                              "use explaind.TrajectoryRecorder in training_step (rec.log_batch before opt.step()).")
+        self._start(model, trainer.optimizers[0])
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.recorder is None:
+            return
+        if not (isinstance(batch, MutableMapping) and self.index_key in batch):
+            raise TrajectoryError(
+                f"Training batch {batch_idx} has no {self.index_key!r}: the training dataloader must serve an "
+                f"explaind.integrations.IndexedDataset, collated to a mapping (torch's default collate does)."
+            )
+        self._current = torch.as_tensor(batch.pop(self.index_key)).detach().to("cpu", torch.long).reshape(-1)
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if self.recorder is None or self._current is None:
+            return
+        (w,) = step_weights(self._loss, self._data, [self._current], "micro_batch", self._dtype)
+        self.recorder.log_batch(self._current, w / trainer.accumulate_grad_batches)
+        self._current = None
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the recorder (``on_train_end`` does it)."""
+        self._stop()

@@ -1,0 +1,110 @@
+"""Tiny Hugging Face models built from configs (no downloads), their data, and a loop reference for mapping inputs.
+
+``MappingReference`` reuses the slow float64 reference of ``reference.py`` (unrolled recurrence,
+per-sample gradients one ``autograd.grad`` each, Gauss–Legendre path integrals) for models called as
+``model(**inputs)`` that return a ``ModelOutput``; the token loss it uses is a plain loop over positions
+(``loop_token_loss``), independent of the registered loss under test.
+"""
+
+from __future__ import annotations
+
+import torch
+from reference import Reference
+from torch import Tensor
+from torch.func import functional_call
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+VOCAB, LENGTH, N_TRAIN = 30, 8, 24
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """One layer, 16-wide, 2 heads, SDPA attention, every dropout 0, float64."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(cfg).double()
+
+
+def tiny_bert(seed: int = 0, n_labels: int = 3) -> BertForSequenceClassification:
+    """One layer, 16-wide, 2 heads, SDPA attention, every dropout 0, float64."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, num_labels=n_labels)
+    cfg._attn_implementation = "sdpa"
+    return BertForSequenceClassification(cfg).double()
+
+
+def lm_data(n: int = N_TRAIN, seed: int = 1) -> tuple[Tensor, Tensor]:
+    """Right-padded token ids ``(n, LENGTH)`` (pad id 0) and labels with ``-100`` at the padding."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=gen)
+    lengths = torch.randint(3, LENGTH + 1, (n,), generator=gen)
+    pad = torch.arange(LENGTH)[None, :] >= lengths[:, None]
+    return ids.masked_fill(pad, 0), ids.masked_fill(pad, -100)
+
+
+def cls_data(n: int = N_TRAIN, seed: int = 2, n_labels: int = 3) -> tuple[Tensor, Tensor, Tensor]:
+    """Token ids ``(n, LENGTH)`` padded with 0, their 2-D attention mask, and class labels ``(n,)``."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, LENGTH + 1, (n,), generator=gen)
+    mask = (torch.arange(LENGTH)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, VOCAB, (n, LENGTH), generator=gen) * mask
+    return ids, mask, torch.randint(0, n_labels, (n,), generator=gen)
+
+
+def mask_4d(mask: Tensor) -> Tensor:
+    """``(n, 1, L, L)``: query i may attend key j where ``mask[j]`` (written here, independently of explaind)."""
+    n, L = mask.shape
+    return torch.stack([mask[k].bool().repeat(L, 1) for k in range(n)])[:, None]
+
+
+def loop_token_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
+    """Per-sample mean token cross-entropy over the labels that are not -100, one position at a time."""
+    out = []
+    for k in range(logits.shape[0]):
+        terms = []
+        for j in range(labels.shape[1] - (1 if shift else 0)):
+            label = int(labels[k, j + 1] if shift else labels[k, j])
+            if label != -100:
+                terms.append(-torch.log_softmax(logits[k, j], dim=-1)[label])
+        out.append(torch.stack(terms).mean() if terms else logits.sum() * 0)
+    return torch.stack(out)
+
+
+class MappingReference(Reference):
+    """The loop reference of ``reference.py`` for ``model(**inputs).logits`` with mapping inputs."""
+
+    def __init__(self, traj, X: dict[str, Tensor], *, loss_fn=None, **kwargs):
+        self.inputs = X
+        self._loss = loss_fn
+        n = next(iter(X.values())).shape[0]
+        super().__init__(traj, torch.zeros(n), **kwargs)
+        if loss_fn is not None:
+            self.loss_fn = loss_fn
+
+    def _logits(self, vec: Tensor, x: dict[str, Tensor]) -> Tensor:
+        return functional_call(self.model, {**self.constants, **self._unflat(vec)}, (), x).logits
+
+    def forward(self, vec: Tensor, xi: int) -> Tensor:
+        return self._logits(vec, {k: v[xi : xi + 1] for k, v in self.inputs.items()})[0].reshape(-1)
+
+    def explained(self, vec: Tensor, xi: int) -> Tensor:
+        out = self._logits(vec, {k: v[xi : xi + 1] for k, v in self.inputs.items()})
+        if isinstance(self.target, str):
+            return self._loss(out, self.y[xi : xi + 1]).reshape(1)
+        flat = out.reshape(-1)
+        return flat if self.target is None else flat[int(self.target[xi])].reshape(1)
+
+    def _compute_gradients(self) -> None:
+        loss_fn = self._loss or self.traj.loss.implementation
+        self.G = torch.zeros(self.N, self.K, self.D, dtype=torch.float64)
+        for i in range(self.N):
+            idx, w = self.traj.batch(i)
+            Xb, yb = self.traj.train_samples(idx)
+            th = self.theta[i].clone().requires_grad_(True)
+            for j in range(len(idx)):
+                out = self._logits(th, {k: v[j : j + 1] for k, v in Xb.data.items()})
+                (g,) = torch.autograd.grad(loss_fn(out, yb[j : j + 1]).sum(), th)
+                self.G[i, int(idx[j])] += self.coef[i]["scale"] * float(w[j]) * g

@@ -1,0 +1,152 @@
+"""Hugging Face Trainer runs recorded by ExplaindTrainerCallback: gradient accumulation, clipping, a warm-up schedule.
+
+Float64 models built from configs (no downloads), every dropout 0; the slow reference is
+``MappingReference`` (tests/_hf_testkit.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _hf_testkit import LENGTH, N_TRAIN, MappingReference, cls_data, lm_data, loop_token_loss, tiny_bert, tiny_gpt2
+from reference import rel_err
+from transformers import Trainer, TrainingArguments
+
+import explaind
+from explaind.exceptions import ExplaindWarning, TrajectoryError
+from explaind.integrations import ExplaindTrainerCallback, IndexedDataset, four_d_attention_mask, step_weights
+from explaind.losses import resolve_loss
+from explaind.trajectory._common import TrainData
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                    max_steps=4, learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=1, weight_decay=0.01,
+                    max_grad_norm=0.5, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+                    seed=0, optim="adamw_torch", disable_tqdm=True, dataloader_num_workers=0)
+    return TrainingArguments(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    ids, labels = lm_data()
+    data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
+    model = tiny_gpt2()
+    callback = ExplaindTrainerCallback(data, loss="causal_lm", check_gradients=True)
+    trainer = Trainer(model=model, args=_args(tmp_path_factory.mktemp("gpt2")), train_dataset=data,
+                      callbacks=[callback], compute_loss_func=callback.compute_loss)
+    trainer.train()
+    return model.eval(), callback.trajectory
+
+
+def test_trainer_steps_are_recorded_with_their_samples_clipping_and_schedule(gpt2_run):
+    _, traj = gpt2_run
+    assert traj.n_steps == 4
+    batches = [traj.batch(s)[0] for s in range(4)]
+    assert all(b.numel() == 8 for b in batches)  # 2 micro-batches of 4 per step
+    assert sorted(torch.cat(batches[:3]).tolist()) == list(range(N_TRAIN))  # the first epoch sees every sample once
+    assert all(0 < traj.grad_scale(s) < 1 for s in range(4))  # max_grad_norm=0.5 clipped every step
+    assert max(traj.gradient_check()) <= 1e-7 and max(traj.audit()) <= 1e-12
+
+
+def test_trainer_gpt2_replica_and_next_token_scores_are_exact(gpt2_run):
+    model, traj = gpt2_run
+    ids, labels = lm_data(3, seed=9)
+    with torch.no_grad():
+        truth = model(input_ids=ids).logits.reshape(3, -1)
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict({"input_ids": ids}), truth) <= 1e-6
+    att = explaind.InfluenceEstimator(keep=("train",), target="loss", tol=1e-11, device="cpu").fit(traj).transform(
+        {"input_ids": ids}, labels)
+    assert att.meta["residual_share"] <= 1e-9
+    ref = MappingReference(traj, {"input_ids": ids}, target="loss", y=labels,
+                           loss_fn=lambda out, y: loop_token_loss(out, y, shift=True))
+    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
+
+
+def test_trainer_bert_with_the_models_own_loss_is_exact(tmp_path):
+    ids, mask, y = cls_data()
+    data = IndexedDataset([{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(N_TRAIN)])
+    model = tiny_bert()
+    callback = ExplaindTrainerCallback(data, loss="cross_entropy", attention_mask="bidirectional",
+                                       check_gradients=True, store=tmp_path / "run")
+    Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=data, callbacks=[callback]).train()
+    traj = explaind.Trajectory.load(tmp_path / "run", model=tiny_bert())  # the stored run, 4-D masks included
+    assert traj.n_steps == 3 and max(traj.gradient_check()) <= 1e-7
+    test_ids, test_mask, _ = cls_data(3, seed=7)
+    X = {"input_ids": test_ids, "attention_mask": four_d_attention_mask(test_mask)}
+    with torch.no_grad():
+        truth = model.eval()(input_ids=test_ids, attention_mask=test_mask).logits
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
+    att = explaind.InfluenceEstimator(keep=("step",), device="cpu").fit(traj).transform(X)
+    assert att.meta["residual_share"] <= 1e-9
+
+
+def test_a_plain_dataset_is_refused_at_the_first_step(tmp_path):
+    ids, labels = lm_data()
+    items = [{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)]
+    callback = ExplaindTrainerCallback(({"input_ids": ids}, labels), loss="causal_lm")
+    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=1), train_dataset=items, callbacks=[callback])
+    with pytest.raises(TrajectoryError, match="no training batch carried 'explaind_index'"):
+        trainer.train()
+
+
+def test_step_weights_follow_the_two_normalisations():
+    _, labels = lm_data()
+    data = TrainData(({"input_ids": labels.clamp_min(0)}, labels))
+    micro = [torch.tensor([0, 1, 2]), torch.tensor([3, 4])]
+    n = [(labels[m, 1:] != -100).sum(1).double() for m in micro]
+    loss = resolve_loss("causal_lm")
+    step = step_weights(loss, data, micro, "step", torch.float64)
+    assert all(torch.allclose(w, c / (n[0].sum() + n[1].sum())) for w, c in zip(step, n))
+    given = step_weights(loss, data, micro, "step", torch.float64, total=50.0)
+    assert all(torch.allclose(w, c / 50.0) for w, c in zip(given, n))
+    per_micro = step_weights(loss, data, micro, "micro_batch", torch.float64)
+    assert all(torch.allclose(w, c / c.sum() / 2) for w, c in zip(per_micro, n))
+    logits = torch.randn(5, LENGTH, 30, dtype=torch.float64)
+    per_sample = loss.implementation(logits, labels[:5])
+    parts = [F.cross_entropy(logits[m, :-1].reshape(-1, 30), labels[m, 1:].reshape(-1), ignore_index=-100)
+             for m in micro]
+    assert torch.allclose(sum((w * per_sample[m]).sum() for w, m in zip(per_micro, micro)), sum(parts) / 2)
+
+
+def test_trainer_bf16_autocast_is_recorded_and_its_residual_reported(tmp_path):
+    ids, labels = lm_data()
+    data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
+    model = tiny_gpt2().float()
+    callback = ExplaindTrainerCallback(data, loss="causal_lm", check_gradients=True)
+    Trainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True), train_dataset=data, callbacks=[callback],
+            compute_loss_func=callback.compute_loss).train()
+    traj = callback.trajectory
+    # accelerate enters autocast inside model.forward; the recorder sees it and checks at the bf16 tolerance
+    assert [traj.manifest.steps[s].autocast for s in range(2)] == ["bfloat16", "bfloat16"]
+    assert 1e-5 < max(traj.gradient_check()) <= 1.5e-1
+    final = tiny_gpt2().float()
+    final.load_state_dict(model.state_dict())  # the trained parameters, run without the wrapped autocast
+    X = {"input_ids": ids[:3]}
+    with torch.no_grad():
+        truth = final.eval()(**X).logits.reshape(3, -1)
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-4
+    with pytest.warns(ExplaindWarning, match="residual share"):
+        att = explaind.InfluenceEstimator(keep=("train",), target="loss", device="cpu").fit(traj).transform(
+            X, labels[:3])
+    assert 1e-4 < att.meta["residual_share"] < 0.1  # bf16 gradients differ from the float32 recomputation
+
+
+def test_trainer_dropout_run_is_exact_with_random_state_capture(tmp_path):
+    ids, labels = lm_data()
+    data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
+    model = tiny_gpt2()
+    for module in model.modules():  # the one test with dropout: each micro-batch's masks are replayed
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.2
+    callback = ExplaindTrainerCallback(data, loss="causal_lm")
+    Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=data, callbacks=[callback],
+            compute_loss_func=callback.compute_loss).train()
+    X = {"input_ids": ids[:3]}
+    with torch.no_grad():
+        truth = model.eval()(**X).logits.reshape(3, -1)
+    traj = callback.trajectory
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
+    att = explaind.InfluenceEstimator(keep=("train",), target="loss", device="cpu").fit(traj).transform(X, labels[:3])
+    assert att.meta["residual_share"] <= 1e-9

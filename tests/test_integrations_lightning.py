@@ -1,0 +1,94 @@
+"""Lightning runs recorded by ExplaindLightningCallback: a BERT classifier with accumulation, clipping, a schedule.
+
+Float64 (``precision="64-true"``), every dropout 0; the slow reference is ``MappingReference``
+(tests/_hf_testkit.py).
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from _hf_testkit import N_TRAIN, MappingReference, cls_data, mask_4d, tiny_bert
+from reference import rel_err
+
+import explaind
+from explaind.exceptions import ConfigError, TrajectoryError
+from explaind.integrations import ExplaindLightningCallback, IndexedDataset
+
+
+class Classifier(pl.LightningModule):
+    """A Hugging Face sequence classifier inside a LightningModule, trained on the model's own loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_bert()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.8)}
+
+
+def _items():
+    ids, mask, y = cls_data()
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(N_TRAIN)]
+
+
+def _fit(tmp_path, module, callback, data, max_steps=4):
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2))
+    trainer = pl.Trainer(max_steps=max_steps, accumulate_grad_batches=2, gradient_clip_val=0.05, precision="64-true",
+                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, loader)
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory):
+    data = IndexedDataset(_items())
+    module = Classifier()
+    callback = ExplaindLightningCallback(data, loss="cross_entropy", module="model", attention_mask="bidirectional",
+                                         check_gradients=True)
+    _fit(tmp_path_factory.mktemp("bert"), module, callback, data)
+    return module.model.eval(), callback.trajectory
+
+
+def test_lightning_steps_hold_both_micro_batches_and_the_clipping(bert_run):
+    _, traj = bert_run
+    assert traj.n_steps == 4
+    batches = [traj.batch(s)[0] for s in range(4)]
+    assert all(b.numel() == 8 for b in batches)
+    assert sorted(torch.cat(batches[:3]).tolist()) == list(range(N_TRAIN))
+    weights = torch.cat([traj.batch(s)[1] for s in range(4)])
+    assert torch.allclose(weights, torch.full_like(weights, 1 / 8))  # mean of 4, divided by 2 micro-batches
+    assert any(traj.grad_scale(s) < 1 - 1e-6 for s in range(4))  # gradient_clip_val=0.05 acted
+    assert max(traj.gradient_check()) <= 1e-7 and max(traj.audit()) <= 1e-12
+
+
+def test_lightning_bert_replica_and_train_scores_are_exact(bert_run):
+    model, traj = bert_run
+    ids, mask, _ = cls_data(3, seed=7)
+    X = {"input_ids": ids, "attention_mask": mask_4d(mask)}
+    with torch.no_grad():
+        truth = model(input_ids=ids, attention_mask=mask).logits
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
+    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X)
+    assert att.meta["residual_share"] <= 1e-9
+    ref = MappingReference(traj, X, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
+
+
+def test_a_dataloader_without_indices_is_refused(tmp_path):
+    callback = ExplaindLightningCallback(IndexedDataset(_items()), loss="cross_entropy", module="model")
+    with pytest.raises(TrajectoryError, match="has no 'explaind_index'"):
+        _fit(tmp_path, Classifier(), callback, _items(), max_steps=1)
+
+
+def test_an_unknown_submodule_is_refused(tmp_path):
+    callback = ExplaindLightningCallback(IndexedDataset(_items()), loss="cross_entropy", module="encoder")
+    with pytest.raises(ConfigError, match="module='encoder'"):
+        _fit(tmp_path, Classifier(), callback, IndexedDataset(_items()), max_steps=1)
