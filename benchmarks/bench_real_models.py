@@ -155,7 +155,7 @@ def main() -> None:
     print("ratios = recorded / plain loop: time 'wall (cpu)', peak memory above the start of the run")
     shown = MODES[1:]
     header = (f"{'model':<10}{'params':>10}{'plain ms':>10}{'plain MB':>10}"
-              + "".join(f"{m + ' time':>17}{m + ' mem':>14}" for m in shown))
+              + "".join(f"{m + ' time':>19}{m + ' mem':>17}" for m in shown))
     print(header)
     print("-" * len(header))
     for name in args.cases:
@@ -167,8 +167,8 @@ def main() -> None:
                 old = best.setdefault(mode, got)
                 best[mode] = {k: min(old[k], got[k]) for k in got}
         plain = best["plain"]
-        cells = "".join(f"{best[m]['wall'] / plain['wall']:>9.2f} ({best[m]['cpu'] / plain['cpu']:.2f})"
-                        f"{best[m]['peak_mb'] / plain['peak_mb']:>14.2f}" for m in shown)
+        cells = "".join(f"{best[m]['wall'] / plain['wall']:>12.2f} ({best[m]['cpu'] / plain['cpu']:.2f})"
+                        f"{best[m]['peak_mb'] / plain['peak_mb']:>17.2f}" for m in shown)
         print(f"{name:<10}{int(plain['params']):>10}{plain['wall'] * 1e3:>10.1f}{plain['peak_mb']:>10.0f}{cells}")
     if args.root is None:
         shutil.rmtree(root, ignore_errors=True)
