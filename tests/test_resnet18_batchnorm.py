@@ -3,8 +3,8 @@
 The network (tests/resnet_model.py) has the BasicBlock layout [2, 2, 2, 2] of ResNet-18 at widths 4/8/16/32, so
 the slow float64 reference (tests/replay_reference.py: a plain loop replaying each step's batched training
 forward, batch statistics included, and evaluating step ``s``'s path at the recorded buffers ``beta_s``) runs in
-seconds. The learning rate is small so that the ReLU kinks the reference locates one by one stay few (about 20
-per step); the running statistics still move the outputs by about 2.5e-2.
+seconds. The learning rate is small so that the ReLU kinks the reference locates one by one stay few (3 to 6
+per step on the explained input); the running statistics still move the outputs by about 2.5e-2.
 """
 
 from __future__ import annotations
