@@ -75,7 +75,7 @@ class Reference:
     def __init__(self, traj, X: Tensor, *, target=None, y: Tensor | None = None, order: int = 8,
                  panels: int = 2):
         self.traj = traj
-        self.X = X.detach().to(torch.float64)
+        self.X = X.detach().to(torch.float64) if X.is_floating_point() else X.detach()  # token ids stay integer
         self.y = y
         self.target = target
         self.names = tuple(traj.param_names)

@@ -262,3 +262,16 @@ def test_store_keeps_the_check_mismatch_scale_and_autocast(tmp_path):
         _model(), loss="mse", params=[loaded.params(0), loaded.params(1)], updates=[loaded.updates(0)],
         batches=[loaded.batch(0)])
     assert torch.isnan(torch.as_tensor(plain.gradient_check())).all()
+
+
+def test_class_weighted_loss_callable_with_the_check_off_is_loud_in_the_residual_share():
+    """Recorded anyway (the warning ignored): the explanation's residual share is large and names the loss."""
+    with pytest.warns(ExplaindWarning, match="custom:_weighted_ce"):
+        traj = _weighted_run(_weighted_ce, False).trajectory
+    x_test = torch.randn(5, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with pytest.warns(ExplaindWarning, match=r"residual share .* > residual_tol=0.001.*class-weighted loss.*no "
+                                             r"gradient check ran.*check_gradients=True"):
+        att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(x_test)
+    assert att.meta["residual_share"] > 0.05
+    with pytest.raises(TrajectoryError, match="residual share"):
+        explaind.InfluenceEstimator(keep=("train",), device="cpu", strict=True).fit(traj).transform(x_test)

@@ -1,14 +1,11 @@
 """Dropout and train-mode batch norm decompose exactly: random states captured per micro-batch and replayed.
 
-The slow reference (tests/reference.py) is reused for the path features; its per-sample gradients are
-replaced by an independent loop: for every step and micro-batch, set the recorded CPU generator state with
-``torch.set_rng_state``, run the plain module in training mode on the micro-batch (one batched forward), and
-take each sample's own loss gradient with ``torch.autograd.grad`` one sample at a time.
+The slow references (tests/replay_reference.py) replay the recorded generator state of every micro-batch in a
+plain loop and take each sample's own loss gradient through the batched training forward.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import numpy as np
@@ -16,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engine_compare import as_numpy, reference_terms
-from reference import Reference, rel_err
+from reference import rel_err
+from replay_reference import BufferReference, ReplayReference
 from torch import nn
 
 import explaind
@@ -26,30 +24,6 @@ from explaind.trajectory._random import RandomState, replayed
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DT = torch.float64
-
-
-class ReplayReference(Reference):
-    """The reference with per-sample gradients through the replayed batched training forward (a plain loop)."""
-
-    def _compute_gradients(self) -> None:
-        train_model = copy.deepcopy(self.model).train()
-        self.G = torch.zeros(self.N, self.K, self.D, dtype=DT)
-        for i in range(self.N):
-            th = self.theta[i].clone().requires_grad_(True)
-            for micro in self.traj.micro_batches(i):
-                idx, w = micro.indices, micro.weights
-                Xb, yb = self.traj.train_samples(idx)
-                buffers = {k: v.clone() for k, v in self.constants.items()}
-                module = train_model if micro.state is not None else self.model  # else: evaluation mode
-                before = torch.get_rng_state()
-                if micro.state is not None:
-                    torch.set_rng_state(micro.state.cpu)
-                out = torch.func.functional_call(module, {**buffers, **self._unflat(th)}, (Xb.to(DT),))
-                torch.set_rng_state(before)
-                losses = self.loss_fn(out, yb).reshape(-1)
-                for j in range(len(idx)):
-                    (g,) = torch.autograd.grad(losses[j], th, retain_graph=True)
-                    self.G[i, int(idx[j])] += self.coef[i]["scale"] * float(w[j]) * g
 
 
 def _data(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,36 +197,6 @@ def test_capture_random_is_validated_and_can_be_forced():
         assert traj.manifest.random_capture is captured and traj.manifest.coupled == []
         (m,) = traj.micro_batches(1)
         assert (m.state is not None) is captured and m.forwards == (1 if captured else -1)
-
-
-class BufferReference(ReplayReference):
-    """The replaying reference with the recorded buffers: step ``s``'s path at ``beta_s`` (a plain loop)."""
-
-    def __init__(self, traj, X):
-        self.betas = [{k: v.to(DT) if v.is_floating_point() else v for k, v in traj.buffers(s).items()}
-                      for s in range(traj.n_steps + 1)]
-        self._s = 0
-        super().__init__(traj, X)
-
-    def nodes(self, s, xi):
-        self._s = s  # the Jacobians and kinks that follow are along step s's segment
-        return super().nodes(s, xi)
-
-    def forward(self, vec, xi):
-        step = next((s for s, th in enumerate(self.theta) if th is vec), self._s)  # values at theta_s use beta_s
-        params = {**self.constants, **self.betas[step], **self._unflat(vec)}
-        return torch.func.functional_call(self.model, params, (self.X[xi:xi + 1],))[0]
-
-    def buffer_terms(self):
-        """``f(theta_{s+1}, beta_{s+1}) - f(theta_{s+1}, beta_s)`` per step and test input, ``(N, T, O)``."""
-        out = torch.zeros(self.N, self.X.shape[0], self.O, dtype=DT)
-        with torch.no_grad():
-            for s in range(self.N):
-                params = self._unflat(self.theta[s + 1])
-                for beta, sign in ((self.betas[s + 1], 1.0), (self.betas[s], -1.0)):
-                    out[s] += sign * torch.func.functional_call(self.model, {**self.constants, **beta, **params},
-                                                                (self.X,))
-        return out
 
 
 def _bn_cnn() -> nn.Module:

@@ -43,6 +43,14 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
     """Likely causes of a large residual in the steps ``window`` of ``traj``, each with its fix (sentences)."""
     start, stop = window
     causes = []
+    steps = getattr(traj.manifest, "steps", None) or []
+    autocast = sorted({str(r.autocast) for r in steps[start:stop] if getattr(r, "autocast", None)})
+    if autocast:
+        causes.append(f"the loop's forward ran under torch.autocast ({', '.join(autocast)}) while the engine "
+                      f"recomputes each sample's gradient without it, so the residual holds the autocast rounding "
+                      f"of the loop's gradients (of order 1e-4 for float16, 1e-3 for bfloat16, docs/recording.md "
+                      f"'Mixed precision'); this is expected — accept it with a larger residual_tol, or train "
+                      f"without autocast for a split at rounding level")
     stochastic = _stochastic_modules(traj.model)
     replayed = bool(getattr(traj.manifest, "random_capture", False))
     if stochastic and not replayed:
