@@ -109,24 +109,10 @@ class GroupNormRule:
         return F.group_norm(a, module.num_groups, None, None, module.eps)
 
     def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
-        shape = (1, -1, *([1] * (a.dim() - 2)))
-        dw, db = delta.get("scale"), delta.get("shift")
-        moved = None if dw is None else self.normalised(module, a) * dw.reshape(shape)
-        if db is not None:
-            moved = db.reshape(shape).expand_as(output) if moved is None else moved + db.reshape(shape)
-        return moved
+        return _affine_moved(self.normalised(module, a), output, delta)
 
     def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
-        shape = (t.shape[0], a.shape[1], *([1] * (a.dim() - 2)))
-        hat = self.normalised(module, a)
-        W, dW = rows.stacked(prefix, "scale", module.weight)
-        b, db = rows.stacked(prefix, "shift", module.bias)
-        z = hat * _per_row(W, rows, shape) + _per_row(b, rows, shape)
-        if dW is not None:
-            z = z + t * hat * _per_row(dW, rows, shape)
-        if db is not None:
-            z = z + t * _per_row(db, rows, shape)
-        return z
+        return _affine_at_steps(module, prefix, self.normalised(module, a), t, rows)
 
     def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
@@ -156,30 +142,40 @@ class BatchNormRule:
         return F.batch_norm(a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
 
     def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
-        shape = (1, -1, *([1] * (a.dim() - 2)))
-        dw, db = delta.get("scale"), delta.get("shift")
-        moved = None if dw is None else self.kept(module, a) * dw.reshape(shape)
-        if db is not None:
-            moved = db.reshape(shape).expand_as(output) if moved is None else moved + db.reshape(shape)
-        return moved
+        return _affine_moved(self.kept(module, a), output, delta)
 
     def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
         shape = (t.shape[0], a.shape[1], *([1] * (a.dim() - 2)))
         mean = _per_row(rows.buffers(prefix, "running_mean", module.running_mean), rows, shape)
         var = _per_row(rows.buffers(prefix, "running_var", module.running_var), rows, shape)
-        hat = (a - mean) / torch.sqrt(var + module.eps)
-        W, dW = rows.stacked(prefix, "scale", module.weight)
-        b, db = rows.stacked(prefix, "shift", module.bias)
-        z = hat * _per_row(W, rows, shape) + _per_row(b, rows, shape)
-        if dW is not None:
-            z = z + t * hat * _per_row(dW, rows, shape)
-        if db is not None:
-            z = z + t * _per_row(db, rows, shape)
-        return z
+        return _affine_at_steps(module, prefix, (a - mean) / torch.sqrt(var + module.eps), t, rows)
 
     def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
         _reduce_channels(module.num_features, role, calls, owner, O, out)
+
+
+def _affine_moved(hat: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
+    r"""The change :math:`\hat a \odot \Delta w[c] + \Delta b[c]` of a per-channel affine map (``None``: none)."""
+    shape = (1, -1, *([1] * (hat.dim() - 2)))
+    dw, db = delta.get("scale"), delta.get("shift")
+    moved = None if dw is None else hat * dw.reshape(shape)
+    if db is not None:
+        moved = db.reshape(shape).expand_as(output) if moved is None else moved + db.reshape(shape)
+    return moved
+
+
+def _affine_at_steps(module: nn.Module, prefix: str, hat: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
+    r""":math:`\hat a \odot (w + t\,\Delta w)[c] + (b + t\,\Delta b)[c]` with each row's step parameters."""
+    shape = (t.shape[0], hat.shape[1], *([1] * (hat.dim() - 2)))
+    W, dW = rows.stacked(prefix, "scale", module.weight)
+    b, db = rows.stacked(prefix, "shift", module.bias)
+    z = hat * _per_row(W, rows, shape) + _per_row(b, rows, shape)
+    if dW is not None:
+        z = z + t * hat * _per_row(dW, rows, shape)
+    if db is not None:
+        z = z + t * _per_row(db, rows, shape)
+    return z
 
 
 def _reduce_channels(C: int, role: str, calls: Factors, owner: Tensor, O: int, out: Tensor,
