@@ -123,3 +123,13 @@ def resumable_step(model, opt, X, y, s, rec):
     torch.nn.functional.mse_loss(model(X[idx]), y[idx]).backward()
     rec.log_batch(idx)
     opt.step()
+
+
+def resumable_reference():
+    """The kill/resume run recorded in memory without interruption (the reference of those tests)."""
+    model, opt, X, y = resumable_setup()
+    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y))
+    with rec:
+        for s in range(RESUME_STEPS):
+            resumable_step(model, opt, X, y, s, rec)
+    return rec.trajectory

@@ -23,7 +23,14 @@ import numpy as np
 import pytest
 import torch
 from _fault_injection import Injector, Killed
-from _recording_helpers import RESUME_STEPS, classification_data, mlp, resumable_setup, resumable_step
+from _recording_helpers import (
+    RESUME_STEPS,
+    classification_data,
+    mlp,
+    resumable_reference,
+    resumable_setup,
+    resumable_step,
+)
 from safetensors import safe_open
 from torch import nn
 
@@ -183,15 +190,6 @@ CHILD = textwrap.dedent(
 )
 
 
-def _reference():
-    model, opt, X, y = resumable_setup()
-    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y))
-    with rec:
-        for s in range(RESUME_STEPS):
-            resumable_step(model, opt, X, y, s, rec)
-    return rec.trajectory
-
-
 def _kill_after(script: Path, step: int) -> int:
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
@@ -219,7 +217,7 @@ def test_sigkill_mid_segment_loses_only_the_open_segment_and_resumes(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(HERE), store=str(store), k=k))
     seen = _kill_after(script, 10)  # inside the segment of steps 8..11
-    reference = _reference()
+    reference = resumable_reference()
     model, opt, X, y = resumable_setup()
     crashed = Trajectory.load(store, model=mlp(seed=1), train_data=(X, y))
     n = crashed.n_steps
@@ -252,7 +250,7 @@ def test_sigkill_mid_segment_loses_only_the_open_segment_and_resumes(tmp_path):
 def test_a_kill_at_any_write_point_keeps_every_committed_checkpoint(tmp_path, monkeypatch):
     """In-process kills (tests/_fault_injection.py) at every write of a 3-step recording with k=2, then resume."""
     steps, k = 3, 2
-    reference = _reference()
+    reference = resumable_reference()
     if Path("/dev/shm").is_dir():  # tmpfs: fsync costs nothing there, the kill points are the same
         tmp_path = Path(tempfile.mkdtemp(prefix="explaind-sparse-faults-", dir="/dev/shm"))
         request_cleanup = True

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _recording_helpers import RESUME_STEPS, mlp, resumable_setup, resumable_step
+from _recording_helpers import RESUME_STEPS, mlp, resumable_reference, resumable_setup, resumable_step
 
 import explaind
 from explaind.exceptions import TrajectoryError
@@ -37,15 +37,6 @@ CHILD = textwrap.dedent(
     print("finished", flush=True)
     """
 )
-
-
-def _reference():
-    model, opt, X, y = resumable_setup()
-    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y))
-    with rec:
-        for s in range(RESUME_STEPS):
-            resumable_step(model, opt, X, y, s, rec)
-    return rec.trajectory
 
 
 def _assert_prefix_equal(ref, traj, n):
@@ -81,7 +72,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_trajectory(tmp_path
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    reference = _reference()
+    reference = resumable_reference()
     crashed = Trajectory.load(store, model=mlp(seed=1))
     n = crashed.n_steps
     # with background writes a crash loses at most the steps still queued (max_queue=4) plus the one in flight
@@ -121,7 +112,7 @@ def test_resume_after_a_clean_end_appends(tmp_path):
     with rec:
         for s in range(5, 8):
             resumable_step(model, opt, X, y, s, rec)
-    ref = _reference()
+    ref = resumable_reference()
     traj = rec.trajectory
     assert traj.n_steps == 8
     _assert_prefix_equal(ref, traj, 8)
@@ -188,7 +179,7 @@ def test_state_every_k_steps_resumes_from_the_last_stored_state(tmp_path):
             resumable_step(model, opt, X, y, s, rec)
     traj = Trajectory.load(tmp_path / "run", model=mlp(seed=1))
     assert traj.n_steps == 9
-    _assert_prefix_equal(_reference(), traj, 9)
+    _assert_prefix_equal(resumable_reference(), traj, 9)
     with pytest.raises(Exception, match=r"save_optimizer_state=0 is not allowed"):
         explaind.TrajectoryRecorder(model, torch.optim.Adam(model.parameters()), loss="mse", store=tmp_path / "x",
                                     save_optimizer_state=0)
