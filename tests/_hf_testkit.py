@@ -9,10 +9,13 @@ per-sample gradients one ``autograd.grad`` each, Gauss–Legendre path integrals
 from __future__ import annotations
 
 import torch
-from reference import Reference
+import torch.nn.functional as F
+from reference import Reference, rel_err
 from torch import Tensor
 from torch.func import functional_call
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+import explaind
 
 VOCAB, LENGTH, N_TRAIN = 30, 8, 24
 
@@ -108,3 +111,20 @@ class MappingReference(Reference):
                 out = self._logits(th, {k: v[j : j + 1] for k, v in Xb.data.items()})
                 (g,) = torch.autograd.grad(loss_fn(out, yb[j : j + 1]).sum(), th)
                 self.G[i, int(idx[j])] += self.coef[i]["scale"] * float(w[j]) * g
+
+
+def assert_classifier_exact(model, traj) -> None:
+    """A recorded BERT classifier on 3 held-out inputs (4-D mask): replica, residual share, train scores.
+
+    Replica <= 1e-6 relative to ``model`` in evaluation mode with its 2-D mask, residual share <= 1e-9,
+    ``keep=("train",)`` <= 1e-9 relative to the slow loop reference.
+    """
+    ids, mask, _ = cls_data(3, seed=7)
+    X = {"input_ids": ids, "attention_mask": mask_4d(mask)}
+    with torch.no_grad():
+        truth = model(input_ids=ids, attention_mask=mask).logits
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
+    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X)
+    assert att.meta["residual_share"] <= 1e-9
+    ref = MappingReference(traj, X, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9

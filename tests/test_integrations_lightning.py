@@ -9,11 +9,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
-from _hf_testkit import N_TRAIN, MappingReference, cls_data, mask_4d, tiny_bert
-from reference import rel_err
+from _hf_testkit import N_TRAIN, assert_classifier_exact, cls_data, tiny_bert
 
-import explaind
 from explaind.exceptions import ConfigError, TrajectoryError
 from explaind.integrations import ExplaindLightningCallback, IndexedDataset
 
@@ -71,15 +68,7 @@ def test_lightning_steps_hold_both_micro_batches_and_the_clipping(bert_run):
 
 def test_lightning_bert_replica_and_train_scores_are_exact(bert_run):
     model, traj = bert_run
-    ids, mask, _ = cls_data(3, seed=7)
-    X = {"input_ids": ids, "attention_mask": mask_4d(mask)}
-    with torch.no_grad():
-        truth = model(input_ids=ids, attention_mask=mask).logits
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
-    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X)
-    assert att.meta["residual_share"] <= 1e-9
-    ref = MappingReference(traj, X, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
-    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
+    assert_classifier_exact(model, traj)
 
 
 def test_a_dataloader_without_indices_is_refused(tmp_path):

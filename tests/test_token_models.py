@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from _hf_testkit import (
     VOCAB,
     MappingReference,
+    assert_classifier_exact,
     cls_data,
     lm_data,
     loop_token_loss,
@@ -175,15 +176,7 @@ def _record_bert(mask_kind: str):
 
 def test_bert_classifier_is_explained_exactly_with_a_4d_mask():
     model, traj = _record_bert("4d")
-    ids, mask, y = cls_data(3, seed=7)
-    X = {"input_ids": ids, "attention_mask": mask_4d(mask)}
-    with torch.no_grad():
-        truth = model(input_ids=ids, attention_mask=mask).logits
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
-    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X)
-    assert att.meta["residual_share"] <= 1e-9
-    ref = MappingReference(traj, X, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
-    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
+    assert_classifier_exact(model, traj)
 
 
 def test_a_2d_attention_mask_that_vmap_cannot_trace_is_a_clear_error():
