@@ -24,7 +24,7 @@ from ._buffers import pack_buffers
 from ._gradients import UpdateAudit, has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
 from ._random import pack_micro_batches
-from ._sparse import StepReplay, group_snapshot, validate_checkpoint_every
+from ._sparse import SparseLayout, StepReplay, group_snapshot, state_bytes, validate_checkpoint_every
 from .disk import DiskTrajectory, check_model_matches
 from .fingerprint import check_train_data, data_fingerprint
 from .manifest import StepRecord, TrajectoryManifest
@@ -61,6 +61,7 @@ class RecorderStoreMixin:
     _pool: CopyPool
     _worker: OrderedWorker | None
     _tap: Any
+    _random: Any
 
     def _storage_options(self, save_optimizer_state: Any, checkpoint_every: Any) -> None:
         """Validate ``save_optimizer_state`` and ``checkpoint_every``; set ``_state_every`` and ``_every``."""
@@ -71,8 +72,9 @@ class RecorderStoreMixin:
                 f"k (store the optimizer state every k steps)."
             )
         self._state_every = int(save_optimizer_state) if save_optimizer_state is not False else 0
-        self._every = validate_checkpoint_every(checkpoint_every, store=self._store,
-                                                stochastic=has_stochastic_layers(self.model))
+        uncaptured = [] if self._random.enabled else has_stochastic_layers(self.model)
+        self._every = validate_checkpoint_every(checkpoint_every, store=self._store, stochastic=uncaptured)
+        self._layout: SparseLayout | None = None
         self._deferred: tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], StepReplay, Any] | None = None
         self._pool = CopyPool()
         self._worker = None
@@ -257,50 +259,64 @@ class RecorderStoreMixin:
                     st: dict[str, Any], buffers: dict[str, Tensor] | None = None, audit: Any = None) -> None:
         assert self._writer is not None
         if self._every > 1:
-            self._write_sparse(record, theta_next, updates, st, audit)
+            self._write_sparse(record, theta_next, updates, st, buffers, audit)
             return
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
-        tensors.update(pack_buffers(buffers))
-        if self._manifest.random_capture:
-            tensors.update(pack_micro_batches(st["micro"]))
+        tensors.update(self._step_record(st, buffers))
         tensors.update(pack_updates(tuple(self._params), updates))
-        tensors["batch.indices"] = st["indices"]
-        tensors["batch.weights"] = st["weights"]
         state = None
         if self._state_every and (record.step + 1) % self._state_every == 0:
             state = self._optimizer_state()
         self._writer.write_step(record, tensors, state, prepare=self._prepare(audit),
                                 done=self._release(state, None if self._audit_on else theta_next))
 
+    def _step_record(self, st: dict[str, Any], buffers: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        """What every step file keeps, dense or sparse: the batch, the changed buffers, the micro-batches' states."""
+        tensors = {"batch.indices": st["indices"], "batch.weights": st["weights"], **pack_buffers(buffers)}
+        if self._manifest.random_capture:
+            tensors.update(pack_micro_batches(st["micro"]))
+        return tensors
+
     # ----------------------------------------------------------------- sparse stores
     def _write_sparse(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
-                      st: dict[str, Any], audit: Any) -> None:
-        """A step of a sparse store: a checkpoint every ``k`` steps; others wait for the next step (or the end).
+                      st: dict[str, Any], buffers: dict[str, Tensor] | None, audit: Any) -> None:
+        """A step of a sparse store: a checkpoint where the layout says; others wait for the next step (or the end).
 
         The step before is written without ``theta`` once this one exists (so the last step of a run
-        is always a checkpoint, written by :meth:`_final_checkpoint`).
+        is always a full checkpoint, written by :meth:`_final_checkpoint`).
         """
         if self._deferred is not None:
             self._emit_sparse(*self._deferred, checkpoint=False)
             self._deferred = None
         names = {id(p): n for n, p in self.model.named_parameters()}
         replay = StepReplay(group_snapshot(self.optimizer, names), st["stepped"], tuple(sorted(st["no_input"])))
-        scalars = pack_updates(tuple(self._params), updates)["update.scalars"]
-        tensors = {"update.scalars": scalars, "batch.indices": st["indices"], "batch.weights": st["weights"]}
+        packed = pack_updates(tuple(self._params), updates)
+        tensors = {"update.scalars": packed["update.scalars"], **self._step_record(st, buffers)}
+        layout = self._sparse_layout(theta_next, packed)
         pending = (record, theta_next, tensors, replay, audit)
-        if (record.step + 1) % self._every == 0:
-            self._emit_sparse(*pending, checkpoint=True)
+        if layout.stores_params(record.step):
+            self._emit_sparse(*pending, checkpoint=True, state=layout.stores_state(record.step))
         else:
             self._deferred = pending
 
+    def _sparse_layout(self, theta: dict[str, Tensor], packed: dict[str, Tensor]) -> SparseLayout:
+        """The :class:`SparseLayout`, chosen at the first step this recorder writes from the measured sizes."""
+        if self._layout is None:
+            size = sum(t.numel() * t.element_size() for t in theta.values())
+            extra = sum(t.numel() * t.element_size() for k, t in packed.items() if k != "update.scalars")
+            self._layout = SparseLayout.choose(self._every, size, state_bytes(self.optimizer), extra)
+            logger.info("Sparse store %s: %s (%d theta bytes, %d optimizer state bytes, %d coefficient bytes per "
+                        "dense step).", self._store, self._layout, size, state_bytes(self.optimizer), extra)
+        return self._layout
+
     def _emit_sparse(self, record: StepRecord, theta_next: dict[str, Tensor], tensors: dict[str, Tensor],
-                     replay: StepReplay, audit: Any, *, checkpoint: bool) -> None:
+                     replay: StepReplay, audit: Any, *, checkpoint: bool, state: bool = True) -> None:
         assert self._writer is not None
         if checkpoint:
             tensors = {**{f"param.{n}": t for n, t in theta_next.items()}, **tensors}
-        state = self._optimizer_state() if checkpoint else None
-        self._writer.write_step(record.model_copy(update={"has_params": checkpoint}), tensors, state,
-                                replay.encode(), prepare=self._prepare(audit), done=self._release(state, None))
+        saved = self._optimizer_state() if checkpoint and state else None
+        self._writer.write_step(record.model_copy(update={"has_params": checkpoint}), tensors, saved,
+                                replay.encode(), prepare=self._prepare(audit), done=self._release(saved, None))
 
     def _final_checkpoint(self, failing: bool) -> None:
         """At the end of recording: the last step of a sparse store becomes a checkpoint (theta, optimizer state)."""

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ..exceptions import ConfigError, TrajectoryError
 
-__all__ = ["REPLAY_KEY", "StepReplay", "apply_groups", "group_snapshot", "relative_gap", "validate_checkpoint_every"]
+__all__ = ["REPLAY_KEY", "SparseLayout", "StepReplay", "apply_groups", "group_snapshot", "relative_gap",
+           "state_bytes", "validate_checkpoint_every"]
 
 #: Key of the replay record in a step file's safetensors metadata.
 REPLAY_KEY = "replay"
@@ -137,9 +138,9 @@ def validate_checkpoint_every(value: Any, *, store: Any, stochastic: list[str]) 
         )
     if value > 1 and stochastic:
         raise ConfigError(
-            f"checkpoint_every={value}: the model has active dropout or batch norm ({', '.join(stochastic)}), so the "
-            f"steps between checkpoints cannot be replayed from the recorded batches. Use checkpoint_every=1, or put "
-            f"those modules in eval mode (p=0 dropout)."
+            f"checkpoint_every={value}: the model has active dropout or batch norm ({', '.join(stochastic)}) and "
+            f"capture_random=False, so the steps between checkpoints cannot be replayed (their masks and batch "
+            f"statistics are not kept). Pass capture_random='auto' (the default) or True, or use checkpoint_every=1."
         )
     return value
 
@@ -152,3 +153,70 @@ def relative_gap(replayed: dict[str, Tensor], stored: dict[str, Tensor], start: 
     gap = math.sqrt(sum(float((replayed[n].double() - stored[n].double()).pow(2).sum()) for n in stored))
     moved = math.sqrt(sum(float((stored[n].double() - start[n].double()).pow(2).sum()) for n in stored))
     return gap / moved if moved > 0 else gap
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in the optimizer's per-parameter state (what a checkpoint's state file holds)."""
+    return sum(v.numel() * v.element_size() for entry in optimizer.state.values() for v in entry.values()
+               if isinstance(v, Tensor))
+
+
+#: Largest number of ``k``-step slots between two stored optimizer states the layout considers.
+MAX_SLOTS = 8
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    r"""Which steps of a sparse store keep :math:`\theta` and which keep the optimizer state too.
+
+    With ``checkpoint_every=k`` the steps fall into slots of ``k``; a *window* is ``m`` slots. The
+    optimizer state is stored at the end of every window (a full checkpoint: :math:`\theta` and the
+    state); :math:`\theta` alone at the end of the window's first ``m - 1 - d`` slots; the last
+    ``d + 1`` slots of a window form one replayed segment. Per window the store then keeps
+    ``(m - d) T + S`` bytes against ``m k (T + P)`` of a dense store (``T``: the bytes of
+    :math:`\theta`, ``S``: of the optimizer state, ``P``: of a dense step's tensor coefficients such
+    as Adam's preconditioner), and :meth:`choose` picks the layout with ``(m - d) T + S <= m (T + P)``,
+    at most ``1/k`` of the dense bytes (docs/recording.md, "Sparse checkpoints").
+
+    Attributes
+    ----------
+    k : int
+        ``checkpoint_every``.
+    m : int
+        Slots per window (the optimizer state every ``m * k`` steps).
+    d : int
+        Slots without a stored :math:`\theta` before each window's end, ``0 <= d < m``.
+    """
+
+    k: int
+    m: int = 1
+    d: int = 0
+
+    @classmethod
+    def choose(cls, k: int, theta: int, state: int, extra: int) -> SparseLayout:
+        """The layout of the fewest dropped slots ``d``, then the shortest window ``m``, within ``1/k`` of dense.
+
+        Parameters
+        ----------
+        k : int
+            ``checkpoint_every``.
+        theta, state, extra : int
+            ``T``, ``S`` and ``P`` of the class docstring, in bytes.
+        """
+        for d in range(MAX_SLOTS):
+            for m in range(d + 1, MAX_SLOTS + 1):
+                if (m - d) * theta + state <= m * (theta + extra):
+                    return cls(k, m, d)
+        m = max(1, math.ceil((theta + state) / max(theta + extra, 1)))  # one theta and the state per window
+        return cls(k, m, m - 1)
+
+    def stores_params(self, s: int) -> bool:
+        r"""Whether step ``s`` keeps :math:`\theta_{s+1}` (before the end of recording)."""
+        if (s + 1) % self.k:
+            return False
+        slot = ((s + 1) // self.k) % self.m
+        return slot == 0 or slot < self.m - self.d
+
+    def stores_state(self, s: int) -> bool:
+        """Whether step ``s`` keeps the optimizer state (a full checkpoint)."""
+        return (s + 1) % (self.k * self.m) == 0

@@ -21,6 +21,7 @@ the steps forwards or backwards replay each segment once.
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 import warnings
 from collections import OrderedDict
@@ -28,19 +29,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..exceptions import ExplaindWarning, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._checks import batch_gradient, default_tolerance
 from ._io import decode_optimizer_state, read_tensors
 from ._participation import collect_updates
+from ._random import replay_parts
 from ._sparse import StepReplay, apply_groups, relative_gap
 from .store import pack_updates
 
 __all__ = ["SegmentReplay", "Segment"]
 
 logger = logging.getLogger(__name__)
+
+#: Replayed optimizer states kept at checkpoints that store only theta.
+MAX_STATES = 8
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,10 @@ class SegmentReplay:
         self._src = source
         manifest = source.manifest
         self._ends = [0] + [r.step + 1 for r in manifest.steps if r.has_params]
+        #: checkpoints whose optimizer state is stored (the others take it from the replay before them)
+        self._full = {0} | {r.step + 1 for r in manifest.steps if r.optimizer_state is not None}
+        self._states: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._module: nn.Module | None = None
         self._tol = float(tolerance) if tolerance is not None else default_tolerance(source.dtype)
         self._cache: OrderedDict[int, Segment] = OrderedDict()
         self._cache_size = max(1, int(cache_segments))
@@ -154,19 +163,36 @@ class SegmentReplay:
         optimizer = cls(groups)
         adapter = record.implementation.from_optimizer(optimizer)
         if lo > 0:
-            state_file = manifest.steps[lo - 1].optimizer_state
-            if state_file is None:
-                raise TrajectoryError(f"Checkpoint step {lo - 1} of the store at {str(src.root)!r} has no optimizer "
-                                      f"state; the store is corrupted. Re-record the run.")
-            tensors, meta = read_tensors(src.root, state_file, step=lo - 1)
-            state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
             try:
-                optimizer.load_state_dict(decode_optimizer_state(state, meta, optimizer.state_dict()))
+                optimizer.load_state_dict(self._state_at(lo, optimizer))
             except (ValueError, KeyError) as exc:
-                raise TrajectoryError(f"The optimizer state of checkpoint step {lo - 1} at {str(src.root)!r} does "
-                                      f"not fit the recorded parameter groups ({exc}); the store is corrupted. "
-                                      f"Re-record the run.") from None
+                raise TrajectoryError(f"The optimizer state at checkpoint theta_{lo} of the store at "
+                                      f"{str(src.root)!r} does not fit the recorded parameter groups ({exc}); the "
+                                      f"store is corrupted. Re-record the run.") from None
         return optimizer, adapter, {n: leaves[n] for n in src.param_names}
+
+    def _state_at(self, lo: int, optimizer: Any) -> dict[str, Any]:
+        """The optimizer's ``state_dict`` at checkpoint ``lo``: stored, or left by replaying the segment before it."""
+        if lo in self._full:
+            state_file = self._src.manifest.steps[lo - 1].optimizer_state
+            tensors, meta = read_tensors(self._src.root, state_file, step=lo - 1)
+            state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
+            return decode_optimizer_state(state, meta, optimizer.state_dict())
+        before = self._ends[bisect.bisect_left(self._ends, lo) - 1]
+        if lo not in self._states:
+            self.segment(before)  # its replay leaves the end state in self._states
+        if lo not in self._states:  # the segment was cached, its end state forgotten
+            self._replay(before, lo)
+        self._states.move_to_end(lo)
+        return self._states[lo]
+
+    def _keep_state(self, hi: int, optimizer: Any) -> None:
+        """Remember the replayed optimizer state at a checkpoint without a stored one (least recently used)."""
+        if hi in self._full:
+            return
+        self._states[hi] = copy.deepcopy(optimizer.state_dict())
+        while len(self._states) > MAX_STATES:
+            self._states.popitem(last=False)
 
     def _replay(self, lo: int, hi: int) -> Segment:
         src = self._src
@@ -184,7 +210,9 @@ class SegmentReplay:
             idx, w = src.batch(s)
             x, y = src.train_samples(idx)
             stepped = [n for n in names if n in set(info.stepped)]
-            grads = batch_gradient(model, constants, {n: leaves[n] for n in names}, stepped, loss, (x, y, w))
+            module, parts = self._forward_of(s, model, where)
+            grads = batch_gradient(module, {**constants, **self._buffers_at(s)}, {n: leaves[n] for n in names},
+                                   stepped, loss, (x, y, w), parts, where)
             scale = src.grad_scale(s)
             for n, p in leaves.items():
                 p.grad = grads[n].mul(scale) if n in grads else None
@@ -194,6 +222,7 @@ class SegmentReplay:
             self._check_scalars(s, step_updates, where)
             updates.append(step_updates)
             thetas.append({n: p.detach().clone() for n, p in leaves.items()})
+        self._keep_state(hi, optimizer)
         stored = src.params(hi)
         gap = relative_gap(thetas[-1], stored, start)
         thetas[-1] = stored
@@ -209,6 +238,29 @@ class SegmentReplay:
             logger.warning("%s", message)
             warnings.warn(message, ExplaindWarning, stacklevel=3)
         return Segment(lo, hi, thetas, updates, gap)
+
+    def _forward_of(self, s: int, model: nn.Module, where: str) -> tuple[nn.Module, Any]:
+        """The module and micro-batch replay plan of step ``s``'s batch gradient.
+
+        Without captured dropout or batch norm: the model as it is, one forward. Otherwise a copy of
+        the model in training mode and, per micro-batch, its positions in the batch and its recorded
+        random state (:func:`~explaind.trajectory._random.replay_parts`); every forward of the step in
+        evaluation mode: the copy in evaluation mode, one forward.
+        """
+        manifest = self._src.manifest
+        if not (manifest.random_capture and manifest.coupled):
+            return model, None
+        if self._module is None:
+            self._module = copy.deepcopy(model)
+        parts = replay_parts(self._src.micro_batches(s), manifest.coupled, where)
+        self._module.train(parts is not None)
+        return self._module, None if parts is None else [(slice(lo, hi), state) for lo, hi, state in parts]
+
+    def _buffers_at(self, s: int) -> dict[str, Tensor]:
+        r"""Copies of the buffers :math:`\beta_s` step ``s``'s forward started from (batch norm updates them)."""
+        if not self._src.manifest.buffer_names:
+            return {}
+        return {n: t.clone() for n, t in self._src.buffers(s).items()}
 
     def _check_scalars(self, s: int, updates: dict[str, LinearUpdate], where: str) -> None:
         """The replayed scalar coefficients equal the recorded ones (same hyperparameters, same rounding)."""
