@@ -439,3 +439,21 @@ def test_sweeps_replay_each_segment_a_bounded_number_of_times(tmp_path, monkeypa
         assert sorted(counts) == list(range(0, steps, K))
         most.append(max(counts.values()))
     assert most[1] == most[0] <= 6
+
+
+@pytest.mark.parametrize(("theta", "state", "extra"), [(100, 0, 0), (100, 100, 0), (100, 201, 100), (100, 200, 100),
+                                                        (100, 350, 0), (100, 2000, 0), (7, 5, 3)])
+def test_layout_stays_within_one_kth_of_dense(theta, state, extra):
+    """Counting the stored thetas and states of a long run: at most 1/k of the dense bytes (+ the final checkpoint)."""
+    from explaind.trajectory._sparse import SparseLayout
+
+    k, steps = 5, 2400
+    layout = SparseLayout.choose(k, theta, state, extra)
+    stored = [(layout.stores_params(s), layout.stores_state(s)) for s in range(steps)]
+    assert all(p for p, st in stored if st)  # a stored state always comes with theta
+    kept = sum(theta * p + state * st for p, st in stored) + theta + state  # the last step is a full checkpoint
+    assert kept <= steps * (theta + extra) / k + theta + state
+    gaps = np.diff([-1] + [s for s, (p, _) in enumerate(stored) if p])
+    assert gaps.max() == (layout.d + 1) * k and (state > extra or gaps.max() == k)  # k when the state costs nothing
+    states = np.diff([-1] + [s for s, (_, st) in enumerate(stored) if st])
+    assert (states == layout.m * k).all()

@@ -144,8 +144,9 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
 
     Notes
     -----
-    A sparse store (``checkpoint_every > 1``) ends at its last checkpoint: steps a crash left after
-    it are not read (a resumed recording records them again).
+    A sparse store (``checkpoint_every > 1``) ends at its last checkpoint holding theta: steps a crash
+    left after it are not read (a resumed recording records them again from the last stored
+    optimizer state).
     """
 
     def __init__(self, path: str | Path, model: nn.Module | None = None, train_data: Any = None, *,

@@ -111,10 +111,10 @@ class StepRecord(_Model):
         dtype of ``torch.autocast`` during the step's forward passes (``None``: no autocast).
     has_params : bool
         Whether the file holds ``theta_{s+1}``: every step of a dense store; the checkpoints of a
-        sparse one (every ``param_stride``-th step and the last).
+        sparse one (multiples of ``param_stride`` chosen by its layout, and the last step).
     optimizer_state : FileRecord or None
         The optimizer's ``state_dict`` after this step (dense stores keep only the latest two, for
-        resuming; sparse stores keep one per checkpoint).
+        resuming; sparse stores keep one per full checkpoint).
     buffers : bool or None
         ``True`` when the step file holds :math:`\beta_{s+1}` (buffers changed by training); ``None`` otherwise.
     audit_state : FileRecord or None

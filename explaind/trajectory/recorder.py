@@ -114,11 +114,14 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         Store the optimizer's ``state_dict`` after every step (``True``), every ``k``-th step (an int
         ``k``) or never, keeping the latest two, so :meth:`restore` can resume exactly. Resuming
         continues after the last stored state: with ``k > 1`` the steps recorded after it are
-        dropped and recorded again. With ``checkpoint_every > 1`` the state is stored at every checkpoint.
+        dropped and recorded again. With ``checkpoint_every > 1`` the state is stored at every full checkpoint.
     checkpoint_every : int
-        Store :math:`\theta` and the optimizer state every ``k`` steps and at the last step only (a sparse
-        store, docs/recording.md "Sparse checkpoints"); the other steps keep their batch and scalars and
-        are replayed from the nearest checkpoint when read (needs the training data). ``1``: every step.
+        A sparse store (docs/recording.md "Sparse checkpoints") of at most ``1/k`` of the dense store's
+        bytes plus the per-step records: :math:`\theta` every ``k`` steps and the optimizer state every
+        ``m k`` steps, or both every ``m k`` steps when the state is larger than what ``k`` dense steps
+        hold (``m`` chosen from the measured sizes), and both at the last step; the other steps keep
+        their batch, scalars, changed buffers and random states and are replayed from the nearest
+        checkpoint when read (needs the training data). ``1``: every step.
     background_writes : bool
         Write step files and run the update audit on a worker thread (the store's writer, or one for the
         audit in memory), at most 4 steps behind; failures surface at the next step or exit.

@@ -1,21 +1,28 @@
 r"""Replaying the steps of a sparse store between two checkpoints (docs/recording.md, "Sparse checkpoints").
 
-A store recorded with ``checkpoint_every=k`` holds :math:`\theta` and the optimizer state only at
-checkpoints :math:`c_0 = 0 < c_1 < \dots`. For a step :math:`s` with :math:`c_j \le s < c_{j+1}`,
-:class:`SegmentReplay` rebuilds the segment: starting from the stored :math:`\theta_{c_j}` and
-optimizer state, for :math:`s = c_j, \dots, c_{j+1}-1` it recomputes the batch gradient
+A store recorded with ``checkpoint_every=k`` holds :math:`\theta` only at checkpoints
+:math:`c_0 = 0 < c_1 < \dots`, and the optimizer state at some of them (the full checkpoints,
+:class:`~explaind.trajectory._sparse.SparseLayout`). For a step :math:`s` with
+:math:`c_j \le s < c_{j+1}`, :class:`SegmentReplay` rebuilds the segment: starting from the stored
+:math:`\theta_{c_j}` and the optimizer state at :math:`c_j` (stored, or the one the replay of the
+segment before left there, from the last full checkpoint on), for
+:math:`s = c_j, \dots, c_{j+1}-1` it recomputes the batch gradient
 :math:`c_s \sum_k w_{s,k} \nabla\ell_k(\theta_s)` from the training data (the functional path of
 the recorder's gradient check), hands it to a fresh optimizer of the recorded class with the
 step's recorded hyperparameters, runs ``optimizer.step()`` and asks the adapter for the step's
-:class:`~explaind.recurrence.LinearUpdate`, exactly as the recorder did.
+:class:`~explaind.recurrence.LinearUpdate`, exactly as the recorder did. With dropout or
+train-mode batch norm the gradient is that of the batched training forward of each micro-batch
+under its recorded random state, from the buffers :math:`\beta_s` of the step (docs/maths.md,
+"Dropout and batch norm").
 
 The replayed :math:`\hat\theta_{c_{j+1}}` is compared with the stored checkpoint; the relative gap
 :math:`\|\hat\theta_{c_{j+1}} - \theta_{c_{j+1}}\| / \|\theta_{c_{j+1}} - \theta_{c_j}\|` is kept per
 segment and warned about above a tolerance. The trajectory then uses the *stored*
 :math:`\theta_{c_{j+1}}`, so :math:`\Delta\theta_{c_{j+1}-1}` ends on the checkpoint: the sum of the
 steps telescopes to the recorded end points and the gap lands in the residual of the segment's last
-step (docs/maths.md §4). Segments are cached (least recently used), so sweeps that walk
-the steps forwards or backwards replay each segment once.
+step (docs/maths.md §4). Segments are cached (least recently used), and so are the replayed
+optimizer states at checkpoints without a stored one, so sweeps that walk the steps forwards or
+backwards replay each segment at most twice.
 """
 
 from __future__ import annotations

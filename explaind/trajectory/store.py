@@ -16,10 +16,12 @@ Layout of a store directory::
                                   "update.<name>.<field>"), "batch.indices", "batch.weights"
     optimizer/state-{0,1}.safetensors   optimizer.state_dict() after the latest steps (for resuming)
     optimizer/checkpoint-000123.safetensors   a sparse store (checkpoint_every > 1): the optimizer
-                                  state after each checkpoint step, all kept (replay and resuming);
+                                  state after each full checkpoint step, all kept (replay and resuming);
                                   its steps hold theta_{s+1} only at checkpoints ("has_params"), and
                                   every step file of it holds only "update.scalars" of the
-                                  coefficients plus a "replay" metadata entry (explaind/trajectory/_sparse.py)
+                                  coefficients (with the batch, changed buffers and random states as
+                                  in a dense store) plus a "replay" metadata entry
+                                  (explaind/trajectory/_sparse.py)
 
 A step counts as complete once its journal line is written, which happens after its files were
 moved into place, so a crash loses at most the steps not yet committed. ``manifest.json`` is
