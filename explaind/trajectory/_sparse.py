@@ -1,12 +1,13 @@
 r"""What a sparse store keeps per step so that a step can be replayed (docs/recording.md, "Sparse checkpoints").
 
-A store recorded with ``checkpoint_every=k > 1`` writes :math:`\theta_{s+1}` and the optimizer state
-only at checkpoints (every ``k``-th step and the last one); every other step keeps its batch, its
-scalars (``c_s``, the scalar :class:`~explaind.recurrence.LinearUpdate` coefficients) and a
-:class:`StepReplay`: the optimizer's parameter groups with the hyperparameters this step used
-(learning-rate schedules), which parameters it stepped and which of them had no gradient input.
-With these and the training data, :mod:`explaind.trajectory.replay` re-runs the optimizer from the
-nearest checkpoint.
+A store recorded with ``checkpoint_every=k > 1`` writes :math:`\theta_{s+1}` only at checkpoints
+and the optimizer state only at some of them (:class:`SparseLayout`: at most ``1/k`` of the dense
+bytes), and both at the last step; every step keeps its batch, its scalars (``c_s``, the scalar
+:class:`~explaind.recurrence.LinearUpdate` coefficients), the buffers that changed, the random
+states of its micro-batches and a :class:`StepReplay`: the optimizer's parameter groups with the
+hyperparameters this step used (learning-rate schedules), which parameters it stepped and which of
+them had no gradient input. With these and the training data, :mod:`explaind.trajectory.replay`
+re-runs the optimizer from the nearest checkpoint.
 """
 
 from __future__ import annotations
