@@ -26,11 +26,11 @@ from torch import Tensor, nn
 import explaind
 from explaind.exceptions import ExplaindWarning
 
-#: ResNet run: training set size, and the adaptive quadrature that follows the ReLU kinks.
-RESNET_N_TRAIN = 12
+#: ResNet run: training set size, SGD learning rate, and the adaptive quadrature that follows the ReLU kinks.
+RESNET_N_TRAIN, RESNET_LR = 12, 5e-5
 RESNET_QUAD = {"quadrature": "adaptive", "tol": 1e-10}
-#: Dropout-MLP run: training set size, and an 8-node Gauss-Legendre rule (tanh is smooth).
-MLP_N_TRAIN = 40
+#: Dropout-MLP run: training set size, SGD learning rate, and an 8-node Gauss-Legendre rule (tanh is smooth).
+MLP_N_TRAIN, MLP_LR = 40, 0.2
 MLP_QUAD = {"quadrature": "gauss-legendre", "nodes": 8}
 #: The gradient check's largest mismatch under autocast, and the measured range of the residual share.
 AMP_CHECK_TOL = {"float16": 2e-3, "bfloat16": 2e-2}
@@ -51,7 +51,7 @@ def resnet_data(gen: torch.Generator) -> tuple[Tensor, Tensor]:
 
 def resnet_optimizer(params) -> torch.optim.SGD:
     """SGD with momentum 0.9 at a learning rate small enough for the reference's kink search."""
-    return torch.optim.SGD(params, lr=5e-5, momentum=0.9)
+    return torch.optim.SGD(params, lr=RESNET_LR, momentum=0.9)
 
 
 def assert_resnet_exact(model: nn.Module, traj, X_test: Tensor) -> None:
@@ -98,7 +98,8 @@ def mlp_data(gen: torch.Generator) -> tuple[Tensor, Tensor]:
 
 
 def mlp_optimizer(params) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=0.2, momentum=0.9)
+    """SGD with momentum 0.9."""
+    return torch.optim.SGD(params, lr=MLP_LR, momentum=0.9)
 
 
 def assert_autocast_run_exact(model: nn.Module, traj, X_test: Tensor, precision: str) -> None:

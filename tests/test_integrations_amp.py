@@ -22,17 +22,14 @@ hand-off the recorder refuses the first ``scaler.step``.
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
-from _real_loop_testkit import MLP_N_TRAIN, assert_autocast_run_exact, dropout_mlp, mlp_data, mlp_optimizer
+from _framework_testkit import CrossEntropyModule, KeywordInput, fit_lightning, hf_trainer, indexed
+from _real_loop_testkit import MLP_LR, MLP_N_TRAIN, assert_autocast_run_exact, dropout_mlp, mlp_data, mlp_optimizer
 from lightning.pytorch.plugins import MixedPrecision
-from torch import nn
-from transformers import Trainer, TrainingArguments
 
 from explaind.exceptions import ConfigError
-from explaind.integrations import ExplaindLightningCallback, ExplaindTrainerCallback, IndexedDataset
+from explaind.integrations import ExplaindLightningCallback, ExplaindTrainerCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,32 +38,15 @@ N_STEPS, BATCH, ACCUMULATE = 6, 4, 2
 
 def _data():
     X, y = mlp_data(torch.Generator().manual_seed(2))
-    train = IndexedDataset([{"x": X[i], "labels": y[i]} for i in range(MLP_N_TRAIN)])
-    return train, (X[:MLP_N_TRAIN], y[:MLP_N_TRAIN]), X[MLP_N_TRAIN:]
-
-
-class MLPModule(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = dropout_mlp()
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self.model(batch["x"]), batch["labels"])
-
-    def configure_optimizers(self):
-        return mlp_optimizer(self.parameters())
+    return (X[:MLP_N_TRAIN], y[:MLP_N_TRAIN]), X[MLP_N_TRAIN:]
 
 
 def _lightning(tmp_path, **precision):
-    train, data, X_test = _data()
-    module = MLPModule()
+    data, X_test = _data()
+    module = CrossEntropyModule(dropout_mlp(), mlp_optimizer)
     callback = ExplaindLightningCallback(data, loss="cross_entropy", module="model", check_gradients=True)
-    loader = torch.utils.data.DataLoader(train, batch_size=BATCH, shuffle=True,
-                                         generator=torch.Generator().manual_seed(3))
-    trainer = pl.Trainer(max_steps=N_STEPS, accumulate_grad_batches=ACCUMULATE, accelerator="cpu", devices=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback], default_root_dir=str(tmp_path), **precision)
-    trainer.fit(module, loader)
+    fit_lightning(tmp_path, module, callback, indexed(*data), max_steps=N_STEPS, batch=BATCH, accumulate=ACCUMULATE,
+                  **precision)
     return module.model.eval(), callback, X_test
 
 
@@ -100,39 +80,24 @@ def test_lightning_float16_steps_the_scaler_skips_are_not_recorded(tmp_path):
     assert_autocast_run_exact(model, traj, X_test, "float16")
 
 
-class MLP(nn.Module):
-    """The dropout MLP as the Trainer calls it, ``model(x=...)``; the loss is the callback's ``compute_loss``."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = dropout_mlp()
-
-    def forward(self, x):
-        return self.net(x)
-
-
 def _trainer(tmp_path, precision: str, **overrides):
-    train, data, X_test = _data()
-    model = MLP()
+    data, X_test = _data()
+    model = KeywordInput(dropout_mlp())
     callback = ExplaindTrainerCallback(data, loss="cross_entropy", check_gradients=True)
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATE,
-                    max_steps=N_STEPS, learning_rate=0.2, lr_scheduler_type="constant", optim="sgd",
-                    optim_args="momentum=0.9", weight_decay=0.0, max_grad_norm=0.0, fp16=precision == "float16",
-                    bf16=precision == "bfloat16", use_cpu=True, remove_unused_columns=False, report_to=[],
-                    save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=TrainingArguments(**{**settings, **overrides}), train_dataset=train,
-                      callbacks=[callback], compute_loss_func=callback.compute_loss)
+    settings = {"max_steps": N_STEPS, "fp16": precision == "float16", "bf16": precision == "bfloat16", **overrides}
+    trainer = hf_trainer(tmp_path, model, callback, indexed(*data), batch=BATCH, accumulate=ACCUMULATE, lr=MLP_LR,
+                         **settings)
     return trainer, model, callback, X_test
 
 
-def _trained_copy(model: MLP) -> MLP:
+def _trained_copy(model: KeywordInput) -> KeywordInput:
     """The trained parameters in a fresh module: accelerate leaves its autocast wrapped around ``model.forward``.
 
     The recorded module itself goes to evaluation mode too (the Trainer leaves it training): the reference
     evaluates the recorded model along each step's path.
     """
     model.eval()
-    final = MLP()
+    final = KeywordInput(dropout_mlp())
     final.load_state_dict(model.state_dict())
     return final.eval()
 
@@ -167,6 +132,5 @@ def test_trainer_bf16_is_recorded_and_exact_up_to_its_rounding(tmp_path):
 
 @pytest.mark.parametrize("callback", [ExplaindLightningCallback, ExplaindTrainerCallback])
 def test_a_grad_scaler_argument_is_refused(callback):
-    train, _, _ = _data()
     with pytest.raises(ConfigError, match=r"grad_scaler=\.\.\.\) is not allowed.*Fix: remove grad_scaler="):
-        callback(train, loss="cross_entropy", grad_scaler=torch.amp.GradScaler("cpu"))
+        callback(indexed(*_data()[0]), loss="cross_entropy", grad_scaler=torch.amp.GradScaler("cpu"))
