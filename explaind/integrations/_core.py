@@ -35,11 +35,6 @@ class RecordingCore:
 
     def _setup(self, train_data: Any, loss: Any, attention_mask: Literal["keep", "bidirectional", "causal"],
                recorder_kwargs: dict[str, Any]) -> None:
-        if isinstance(train_data, IndexedDataset):
-            self.index_key = train_data.index_key
-            train_data = train_data.train_data(attention_mask=attention_mask)
-        else:
-            self.index_key = INDEX_KEY
         if "grad_scaler" in recorder_kwargs:
             raise ConfigError(
                 f"{type(self).__name__}(grad_scaler=...) is not allowed: the callback hands "
@@ -47,6 +42,11 @@ class RecordingCore:
                 f"is the one the framework used. Fix: remove grad_scaler= and configure float16 mixed precision in "
                 f"the framework (docs/guide_own_model.md, 'Mixed precision')."
             )
+        if isinstance(train_data, IndexedDataset):
+            self.index_key = train_data.index_key
+            train_data = train_data.train_data(attention_mask=attention_mask)
+        else:
+            self.index_key = INDEX_KEY
         self._data = TrainData(train_data)
         self._loss = resolve_loss_record(loss)
         self._kwargs = recorder_kwargs
