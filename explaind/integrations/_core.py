@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..exceptions import TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ..trajectory._common import TrainData, resolve_loss_record
 from ..trajectory.recorder import TrajectoryRecorder
 from .data import INDEX_KEY, IndexedDataset
@@ -26,13 +26,22 @@ class RecordingCore:
     attention_mask : {"keep", "bidirectional", "causal"}
         Passed to :meth:`IndexedDataset.train_data`.
     recorder_kwargs : dict
-        Passed to :class:`~explaind.TrajectoryRecorder`.
+        Passed to :class:`~explaind.TrajectoryRecorder`, except ``grad_scaler``: the framework's loss scaler
+        is handed over by the callback when training starts.
     """
 
     framework = "the framework's trainer"
+    framework_scaler = "the framework's GradScaler"
 
     def _setup(self, train_data: Any, loss: Any, attention_mask: Literal["keep", "bidirectional", "causal"],
                recorder_kwargs: dict[str, Any]) -> None:
+        if "grad_scaler" in recorder_kwargs:
+            raise ConfigError(
+                f"{type(self).__name__}(grad_scaler=...) is not allowed: the callback hands "
+                f"{self.framework_scaler} to the recorder when training starts, so the loss scale of every step "
+                f"is the one the framework used. Fix: remove grad_scaler= and configure float16 mixed precision in "
+                f"the framework (docs/guide_own_model.md, 'Mixed precision')."
+            )
         if isinstance(train_data, IndexedDataset):
             self.index_key = train_data.index_key
             train_data = train_data.train_data(attention_mask=attention_mask)
@@ -51,11 +60,13 @@ class RecordingCore:
             raise TrajectoryError(f"Nothing recorded yet: pass the callback to {self.framework} and train.")
         return self.recorder.trajectory
 
-    def _start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _start(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: Any = None) -> None:
+        """Create and enter the recorder; ``grad_scaler`` is the framework's ``torch.amp.GradScaler`` or ``None``."""
         if self.recorder is not None:
             raise TrajectoryError(f"This {type(self).__name__} has recorded a run already; create a new one for "
                                   f"every training run.")
-        self.recorder = TrajectoryRecorder(model, optimizer, loss=self._loss, train_data=self._data, **self._kwargs)
+        self.recorder = TrajectoryRecorder(model, optimizer, loss=self._loss, train_data=self._data,
+                                          grad_scaler=grad_scaler, **self._kwargs)
         self._dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
         self.recorder.__enter__()
 

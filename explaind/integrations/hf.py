@@ -16,8 +16,13 @@ weights :math:`w_{s,k}`:
   the micro-batches the step actually had, fewer at the end of an epoch whose length is not a multiple;
   that step's factor is then measured only if the gradient check runs there (``check_gradients=True``).
 
-The recorder measures clipping and the learning-rate schedule itself; bf16 autocast (``bf16=True``)
-is recorded with the gradient check's autocast tolerance. docs/guide_own_model.md has the walk-through.
+The recorder measures clipping and the learning-rate schedule itself; autocast (``bf16=True``, and
+``fp16=True`` where accelerate supports it) is recorded with the gradient check's autocast tolerance.
+Under ``fp16=True`` accelerate scales the loss with its ``GradScaler`` (``accelerator.scaler``, also
+held by the prepared optimizer as ``optimizer.scaler``); the callback hands that scaler to the
+recorder, which records each step's loss scale :math:`S_s` as ``amp_scale`` and the unscaled
+gradient's factor as :math:`c_s` (1 without clipping). On the CPU accelerate runs ``fp16=True``
+without autocast and without a scaler, in float32. docs/guide_own_model.md has the walk-through.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         With an :class:`IndexedDataset`: store a 2-D ``attention_mask`` as the equivalent 4-D mask
         (needed for Hugging Face models whose 2-D mask handling cannot run under ``torch.func.vmap``).
     **recorder_kwargs
-        Passed to :class:`~explaind.TrajectoryRecorder` (``store=``, ``check_gradients=``, ...).
+        Passed to :class:`~explaind.TrajectoryRecorder` (``store=``, ``check_gradients=``, ...); not
+        ``grad_scaler``, which the callback takes from accelerate.
 
     Attributes
     ----------
@@ -71,6 +77,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     """
 
     framework = "transformers.Trainer(callbacks=[...])"
+    framework_scaler = "accelerate's GradScaler (TrainingArguments(fp16=True))"
 
     def __init__(self, train_data: Any, *, loss: Any,
                  normalization: Literal["auto", "step", "micro_batch"] = "auto",
@@ -104,7 +111,8 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
-        self._start(model, getattr(optimizer, "optimizer", optimizer))  # accelerate wraps the torch optimizer
+        # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
+        self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None))
         self._hook = model.register_forward_pre_hook(self._take_index, with_kwargs=True)
         loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
         if loader is not None:

@@ -10,7 +10,10 @@ loss of a batch is the mean over its counted terms, so micro-batch :math:`m` is 
 :math:`w_k = n_k / (K \sum_{j \in m} n_j)` (docs/maths.md §1). Lightning runs the last micro-batch of
 a step inside ``optimizer.step(closure)``; the recorder takes the step's gradient once the closure
 has run, after Lightning's gradient clipping, so ``gradient_clip_val`` is measured as a scale
-:math:`c_s`. docs/guide_own_model.md has the walk-through.
+:math:`c_s`. With a float16 ``MixedPrecision`` plugin Lightning scales the loss with the plugin's
+``GradScaler``; the callback hands ``trainer.precision_plugin.scaler`` to the recorder, which records
+each step's loss scale :math:`S_s` as ``amp_scale`` (``"bf16-mixed"`` needs no scaler).
+docs/guide_own_model.md has the walk-through.
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     attention_mask : {"keep", "bidirectional", "causal"}
         With an :class:`IndexedDataset`: store a 2-D ``attention_mask`` as the equivalent 4-D mask.
     **recorder_kwargs
-        Passed to :class:`~explaind.TrajectoryRecorder` (``store=``, ``check_gradients=``, ...).
+        Passed to :class:`~explaind.TrajectoryRecorder` (``store=``, ``check_gradients=``, ...); not
+        ``grad_scaler``, which the callback takes from the precision plugin.
     """
 
     framework = "lightning.Trainer(callbacks=[...])"
+    framework_scaler = "the precision plugin's GradScaler (trainer.precision_plugin.scaler)"
 
     def __init__(self, train_data: Any, *, loss: Any, module: str | None = None,
                  attention_mask: Literal["keep", "bidirectional", "causal"] = "keep", **recorder_kwargs: Any):
@@ -72,7 +77,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         if not pl_module.automatic_optimization:
             raise ConfigError("ExplaindLightningCallback supports automatic optimization; with manual optimization "
                               "use explaind.TrajectoryRecorder in training_step (rec.log_batch before opt.step()).")
-        self._start(model, trainer.optimizers[0])
+        self._start(model, trainer.optimizers[0], getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.recorder is None:
