@@ -152,7 +152,10 @@ def refuse_unknown_grad_scaler(scaler: Any, step: int) -> None:
         raise TrajectoryError(
             f"Step {step}: optimizer.step() is called by torch.amp.GradScaler.step, but the recorder does "
             f"not know the scaler, so the loss scale of each step cannot be recorded. Fix: "
-            f"TrajectoryRecorder(..., grad_scaler=scaler)."
+            f"TrajectoryRecorder(..., grad_scaler=scaler). Inside ExplaindTrainerCallback or "
+            f"ExplaindLightningCallback the scaler is taken from accelerate's prepared optimizer "
+            f"(`.scaler`) or Lightning's precision plugin (`.scaler`); a plugin that keeps it elsewhere "
+            f"needs the plain-loop recorder (docs/guide_own_model.md, 'Mixed precision')."
         )
 
 
