@@ -34,7 +34,7 @@ from ..trajectory._random import RandomState, replay_parts, replayed
 from .explained import FunctionalModel, Params
 from .layout import ParamLayout
 
-__all__ = ["Replay", "step_replay", "coupled_sample_grads", "training_module"]
+__all__ = ["Replay", "step_replay", "coupled_sample_grads", "replayed_losses", "training_module"]
 
 
 @dataclass(frozen=True)
@@ -73,24 +73,34 @@ def training_module(fm: FunctionalModel) -> nn.Module:
     return cached
 
 
+def replayed_losses(fm: FunctionalModel, point: Params, X: Any, Y: Tensor, state: RandomState, where: str) -> Tensor:
+    r"""Per-sample losses :math:`\ell_k(F(X; \theta, \xi))` of one micro-batch, ``(n,)``, differentiable in ``point``.
+
+    One batched forward of the training-mode copy (:func:`training_module`) at the parameters
+    ``point`` under the recorded state ``state``; the buffers are cloned first (batch norm updates
+    them in place), so nothing of ``fm`` changes.
+    """
+    module = training_module(fm)
+    buffer_names = {n for n, _ in module.named_buffers()}
+    state_dict = {**fm.constants, **point}
+    state_dict = {n: (t.clone() if n in buffer_names else t) for n, t in state_dict.items()}
+    with torch.enable_grad(), replayed(state, fm.device, where):
+        losses = fm.loss_fn(model_output(call_model(module, state_dict, X)), Y)
+    return losses.reshape(-1)
+
+
 def coupled_sample_grads(fm: FunctionalModel, theta: Params, block: ParamLayout, batch: Any,
                          chunk_size: int | None, summed: bool = False) -> Tensor:
     r""":math:`G_k` (weights :math:`c_s w_{s,k}` included) on ``block``, ``(B, D_b)``; with ``summed`` their sum.
 
     ``batch`` is a :class:`~explaind.kernel.evaluate.Batch` whose ``replay`` is a :class:`Replay`.
     """
-    module = training_module(fm)
-    buffer_names = {n for n, _ in module.named_buffers()}
     names = block.names
     B = batch.weights.shape[0]
     out = torch.zeros((block.size,) if summed else (B, block.size), dtype=fm.dtype, device=fm.device)
     for lo, hi, state in batch.replay.parts:
         point = {n: (t.detach().requires_grad_(True) if n in names else t.detach()) for n, t in theta.items()}
-        state_dict = {**fm.constants, **point}
-        state_dict = {n: (t.clone() if n in buffer_names else t) for n, t in state_dict.items()}  # BN mutates these
-        with torch.enable_grad(), replayed(state, fm.device, f"Step {batch.replay.step}"):
-            losses = fm.loss_fn(model_output(call_model(module, state_dict, batch.X[lo:hi])), batch.Y[lo:hi])
-        losses = losses.reshape(-1)
+        losses = replayed_losses(fm, point, batch.X[lo:hi], batch.Y[lo:hi], state, f"Step {batch.replay.step}")
         w = batch.weights[lo:hi].to(losses.dtype)
         inputs = [point[n] for n in names]
         if summed:
