@@ -1,10 +1,10 @@
-"""CounterfactualEstimator on dropout and train-mode batch-norm runs, against finite differences of retraining.
+"""CounterfactualEstimator on dropout, train-mode batch-norm and private-generator runs, against finite differences.
 
-The retraining loop below fixes every forward's masks by seeding the global generator itself (``torch.manual_seed``
-before each micro-batch's forward), so the perturbed runs draw exactly the masks of the recorded run; the
-estimator instead replays the random states the recorder captured. The perturbed models are evaluated in
-evaluation mode with their own running statistics, so the batch-norm derivative includes how the retrained
-parameters move the running statistics.
+The retraining loop below fixes every forward's masks by seeding the generators itself (``torch.manual_seed`` and
+the noise layer's own generator before each micro-batch's forward), so the perturbed runs draw exactly the masks
+of the recorded run; the estimator instead replays the random states the recorder captured. The perturbed models
+are evaluated in evaluation mode with their own running statistics, so the batch-norm derivative includes how the
+retrained parameters move the running statistics.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 import explaind
 import explaind.kernel.metagrad as metagrad
+from explaind.exceptions import UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,6 +30,22 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)).to(DT)
 
 
+class _Noise(nn.Module):
+    """Multiplicative Gaussian noise in training mode from the layer's own generator (not the global one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gen = torch.Generator()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + 0.5 * torch.randn(x.shape, generator=self.gen, dtype=x.dtype)) if self.training else x
+
+
+def _noise_mlp() -> nn.Module:
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Linear(3, 6), _Noise(), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+
+
 def _bn_cnn(momentum: float | None = 0.1) -> nn.Module:
     torch.manual_seed(5)
     return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, momentum=momentum), nn.Tanh(), nn.Flatten(),
@@ -39,6 +56,7 @@ CASES = {
     "dropout_mlp_sgd": (_mlp, (3,), torch.optim.SGD, {"lr": 0.3}, 1),
     "dropout_mlp_adam_two_micro_batches": (_mlp, (3,), torch.optim.Adam, {"lr": 0.05, "weight_decay": 0.01}, 2),
     "batchnorm_cnn_sgd_momentum": (_bn_cnn, (1, 5, 5), torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, 1),
+    "private_generator_noise_adam": (_noise_mlp, (3,), torch.optim.Adam, {"lr": 0.05}, 1),
     "batchnorm_cumulative_two_micro_batches": (lambda: _bn_cnn(None), (1, 5, 5), torch.optim.SGD,
                                                {"lr": 0.1, "momentum": 0.9}, 2),
 }
@@ -66,6 +84,9 @@ def _train(case: str, scale: torch.Tensor | None = None, record: bool = False):
         opt.zero_grad()
         for j, part in enumerate(torch.tensor(batch).chunk(micro)):
             torch.manual_seed(1000 + 10 * s + j)
+            for layer in model.modules():
+                if isinstance(layer, _Noise):
+                    layer.gen.manual_seed(2000 + 10 * s + j)
             losses = F.cross_entropy(model(X[part]), y[part], reduction="none")
             (losses * scale[part] / len(batch)).sum().backward()
             if rec is not None:
@@ -130,3 +151,34 @@ def test_without_the_running_statistics_the_batchnorm_metagradient_is_wrong(monk
     monkeypatch.setattr(metagrad, "running_stats", lambda fm, names, owner: ())
     att = explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test)
     assert _rel(att.values, fd) > 1e-3
+
+
+class _Counter(nn.Module):
+    """Counts its training forwards in a float buffer: a buffer training changes that is no running statistic."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros((), dtype=DT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen += 1
+        return x
+
+
+def test_a_changing_buffer_that_is_not_a_running_statistic_is_refused():
+    X, y, X_test = _data((3,))
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), _Counter(), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    with rec:
+        for batch in BATCHES[:2]:
+            opt.zero_grad()
+            F.cross_entropy(model(X[batch]), y[batch]).backward()
+            rec.log_batch(torch.tensor(batch))
+            opt.step()
+    assert rec.trajectory.buffer_names == ("1.seen",)
+    with pytest.raises(UnsupportedModelError, match=r"changed the buffers \['1.seen'\].*not batch-norm running "
+                                                    r"statistics.*Fix: keep those buffers constant"):
+        explaind.CounterfactualEstimator(device="cpu").fit(rec.trajectory).transform(X_test)

@@ -197,7 +197,7 @@ def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g
     module = training_module(fm)
     for j, (lo, hi, state) in enumerate(parts):
         with batch_statistics(module, [st.module for st in stats]) as found:
-            losses = replayed_losses(fm, theta, x[lo:hi], y[lo:hi], state, f"Step {point.s}")
+            losses = replayed_losses(fm, theta, x[lo:hi], y[lo:hi], state, point.replay)
         n = hi - lo
         eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
         G = torch.autograd.grad(losses, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
