@@ -143,9 +143,10 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
     generators : list of torch.Generator, optional
         Private generators the model draws from (``torch.rand(..., generator=g)`` in a custom layer)
         that are not attributes of its modules; those held as module attributes are found without
-        this. Their states are captured with the global ones and replayed (docs/recording.md, "Private
-        generators"); a stored run needs them again, ``Trajectory.load(path, generators=[...])``. A
-        generator that is neither found nor passed is not replayed: the gradient check fails on it.
+        this. Their states are captured with the global ones and replayed
+        (docs/recording.md, "Private generators"); a stored run needs them again,
+        ``Trajectory.load(path, generators=[...])``. A generator that is neither found nor passed is
+        not replayed: the gradient check fails on it.
 
     Notes
     -----
