@@ -69,8 +69,12 @@ def _data(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return X[:M], y, X[M:]
 
 
-def _train(case: str, scale: torch.Tensor | None = None, record: bool = False):
-    """The loop: sample k's loss weighted ``scale[k] / |B|``, each micro-batch's masks from its own seed."""
+def _train(case: str, scale: torch.Tensor | None = None, record: bool = False, window: tuple[int, int] = (0, 5)):
+    """The loop: sample k's loss weighted ``scale[k] / |B|``, each micro-batch's masks from its own seed.
+
+    ``window=(a, b)``: the loop stops after step ``b - 1`` and the weights are scaled in steps ``a <= s < b`` only
+    (the state at ``a`` is then the recorded one: retraining from the recorded state at ``a``).
+    """
     build, shape, cls, kwargs, micro = CASES[case]
     X, y, _ = _data(shape)
     model = build()
@@ -80,7 +84,8 @@ def _train(case: str, scale: torch.Tensor | None = None, record: bool = False):
     if rec is not None:
         rec.__enter__()
     model.train()
-    for s, batch in enumerate(BATCHES):
+    for s, batch in enumerate(BATCHES[:window[1]]):
+        weight = scale if s >= window[0] else torch.ones(M, dtype=DT)
         opt.zero_grad()
         for j, part in enumerate(torch.tensor(batch).chunk(micro)):
             torch.manual_seed(1000 + 10 * s + j)
@@ -88,7 +93,7 @@ def _train(case: str, scale: torch.Tensor | None = None, record: bool = False):
                 if isinstance(layer, _Noise):
                     layer.gen.manual_seed(2000 + 10 * s + j)
             losses = F.cross_entropy(model(X[part]), y[part], reduction="none")
-            (losses * scale[part] / len(batch)).sum().backward()
+            (losses * weight[part] / len(batch)).sum().backward()
             if rec is not None:
                 rec.log_batch(part, torch.full((len(part),), 1.0 / len(batch), dtype=DT))
         opt.step()
@@ -98,13 +103,13 @@ def _train(case: str, scale: torch.Tensor | None = None, record: bool = False):
     return model.eval()
 
 
-def _finite_differences(case: str, X_test: torch.Tensor) -> torch.Tensor:
+def _finite_differences(case: str, X_test: torch.Tensor, window: tuple[int, int] = (0, 5)) -> torch.Tensor:
     """Central differences of the retrained model's evaluation-mode outputs, ``(T, M, O)``."""
     out = []
     for k in range(M):
         up, down = torch.ones(M, dtype=DT), torch.ones(M, dtype=DT)
         up[k], down[k] = 1 + H, 1 - H
-        plus, minus = _train(case, up), _train(case, down)
+        plus, minus = _train(case, up, window=window), _train(case, down, window=window)
         with torch.no_grad():
             out.append((plus(X_test) - minus(X_test)) / (2 * H))
     return torch.stack(out, 1)
@@ -127,6 +132,18 @@ def test_metagradient_of_a_stochastic_run_matches_finite_differences(case):
     trained = _train(case)
     with torch.no_grad():  # final is the trained model in evaluation mode, running statistics included
         assert _rel(att.final, trained(X_test)) <= 1e-12
+
+
+@pytest.mark.parametrize("case", ["batchnorm_cumulative_two_micro_batches", "dropout_mlp_adam_two_micro_batches"])
+def test_a_window_of_a_stochastic_run_matches_finite_differences(case):
+    """``steps=(2, 4)``: theta, optimizer state and running statistics at step 2 held, f taken at step 4."""
+    traj = _train(case, record=True)
+    X_test = _data(CASES[case][1])[2]
+    att = explaind.CounterfactualEstimator(device="cpu", steps=(2, 4)).fit(traj).transform(X_test)
+    assert _rel(att.values, _finite_differences(case, X_test, window=(2, 4))) <= 1e-6
+    at_start, at_stop = _train(case, window=(0, 2)), _train(case, window=(0, 4))
+    with torch.no_grad():
+        assert _rel(att.initial, at_start(X_test)) <= 1e-12 and _rel(att.final, at_stop(X_test)) <= 1e-12
 
 
 def test_without_the_replay_the_dropout_metagradient_is_wrong(monkeypatch):
