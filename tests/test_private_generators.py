@@ -20,7 +20,7 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
-from explaind.trajectory._random import RandomState, replayed
+from explaind.trajectory._random import MicroBatch, RandomState, pack_micro_batches, replayed, unpack_micro_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,3 +183,15 @@ def test_generators_are_validated():
     with pytest.raises(ConfigError, match=r"generators must be a list of torch.Generator.*\['int'\].*Fix"):
         explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), loss="cross_entropy",
                                     generators=[3])
+
+
+def test_a_store_missing_a_generator_state_is_reported():
+    gen = torch.Generator().manual_seed(4)
+    state = RandomState(torch.get_rng_state(), (), "cpu", (gen.get_state(),), ("cpu",))
+    idx, w = torch.arange(3), torch.full((3,), 1 / 3, dtype=DT)
+    tensors = pack_micro_batches([MicroBatch(idx, w, 1, state)])
+    (back,) = unpack_micro_batches(tensors, idx, w, "step_000001")
+    assert torch.equal(back.state.private[0], gen.get_state()) and back.state.private_devices == ("cpu",)
+    del tensors["micro.0.gen.0"]
+    with pytest.raises(TrajectoryError, match=r"step_000001 lacks the private generator states \['micro.0.gen.0'\]"):
+        unpack_micro_batches(tensors, idx, w, "step_000001")

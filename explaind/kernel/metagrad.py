@@ -209,7 +209,8 @@ def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state
     bar_theta, bar_state, bar_g = vmap(vjp_fn)((lam_theta, lam_state))
     if point.replay is not None:
         x, y = replay.samples(point.idx)
-        counts = {st.module: int(replay.traj.buffers(point.s)[st.count]) for st in replay.stats}
+        beta = replay.traj.buffers(point.s) if replay.stats else {}
+        counts = {st.module: int(beta.get(st.count, 0)) for st in replay.stats}
         dots, hv, lam_beta = coupled_step_terms(replay.fm, point, x, y, bar_g, lam_beta, replay.stats, counts)
     else:
         G = _sample_grads(replay, point.theta, point.idx)

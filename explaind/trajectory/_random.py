@@ -369,6 +369,10 @@ def unpack_micro_batches(tensors: dict[str, Tensor], indices: Tensor, weights: T
             cuda = tensors.get(f"micro.{i}.cuda")
             on_cuda = bool(tensors.get(f"micro.{i}.on_cuda", torch.tensor(False)))
             kinds = tensors.get(f"micro.{i}.gen_cuda", torch.zeros(0, dtype=torch.bool)).tolist()
+            missing = [f"micro.{i}.gen.{g}" for g in range(len(kinds)) if f"micro.{i}.gen.{g}" not in tensors]
+            if missing:
+                raise TrajectoryError(f"Trajectory file {where} lacks the private generator states {missing} its "
+                                      f"micro-batch {i} records. The store is corrupted; re-record the run.")
             private = tuple(tensors[f"micro.{i}.gen.{g}"] for g in range(len(kinds)))
             state = RandomState(tensors[f"micro.{i}.cpu"], tuple(cuda) if cuda is not None else (),
                                 "cuda" if on_cuda else "cpu", private, tuple("cuda" if k else "cpu" for k in kinds))
