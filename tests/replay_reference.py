@@ -33,7 +33,11 @@ class ReplayReference(Reference):
     """The reference with per-sample gradients through the replayed batched training forward (a plain loop).
 
     Models may return a ``ModelOutput`` (its logits are taken) of any shape (flattened per test input).
+    A subclass may define ``before_forward(module, step, micro)``, called right before each micro-batch's
+    training forward (e.g. to seed a layer's private generator as the loop did).
     """
+
+    before_forward = None
 
     def forward(self, vec, xi):
         params = {**self.constants, **self._unflat(vec)}
@@ -44,7 +48,7 @@ class ReplayReference(Reference):
         self.G = torch.zeros(self.N, self.K, self.D, dtype=DT)
         for i in range(self.N):
             th = self.theta[i].clone().requires_grad_(True)
-            for micro in self.traj.micro_batches(i):
+            for m, micro in enumerate(self.traj.micro_batches(i)):
                 idx, w = micro.indices, micro.weights
                 Xb, yb = self.traj.train_samples(idx)
                 buffers = {k: v.clone() for k, v in self._buffers_of_step(i).items()}
@@ -52,6 +56,8 @@ class ReplayReference(Reference):
                 before = torch.get_rng_state()
                 if micro.state is not None:
                     torch.set_rng_state(micro.state.cpu)
+                if self.before_forward is not None:
+                    self.before_forward(module, i, m)
                 out = model_output(torch.func.functional_call(module, {**buffers, **self._unflat(th)}, (_cast(Xb),)))
                 torch.set_rng_state(before)
                 losses = self.loss_fn(out, yb).reshape(-1)

@@ -92,9 +92,11 @@ class CounterfactualEstimator(ExplaindEstimator):
         The adapter's pure update (``record.update_fn(hyperparameters)``).
     replay_residual_ : float
         After ``transform``: the largest ``||U_s(z_s, g_s) - theta_{s+1}|| / ||Delta theta_s||`` of
-        the replay (round-off for a faithful replay; large when the run had dropout, batch
-        statistics or anything else ``U_s`` does not model, and then the metagradient is that of
-        the modelled run).
+        the replay (round-off for a faithful replay; large when the run had anything ``U_s`` does
+        not model, and then the metagradient is that of the modelled run). Dropout and batch norm
+        in training mode are modelled: their steps are replayed through the batched training
+        forward at the recorded random states, and the trained model's running statistics are
+        differentiated too (docs/maths.md §9, "Dropout and batch norm").
 
     Notes
     -----
@@ -182,23 +184,25 @@ class CounterfactualEstimator(ExplaindEstimator):
         names = tuple(traj.param_names)
         replay = Replay(traj, fm, self.update_fn_)
         start, stop = self.window_
-        theta_start, theta_stop = replay.theta(start), replay.theta(stop)
-        probe_inputs(name, fm, theta_start, Xt)
-        explained = Explained.build(fm, theta_start, Xt, cfg.target, y, name)
+        # (theta_s, beta_s): the buffers the run changed (batch-norm running statistics) at the window's ends
+        beta_stop, theta_stop = replay.buffers(stop), replay.theta(stop)
+        at_start, at_stop = {**replay.buffers(start), **replay.theta(start)}, {**beta_stop, **theta_stop}
+        probe_inputs(name, fm, at_start, Xt)
+        explained = Explained.build(fm, at_start, Xt, cfg.target, y, name)
         T, O = Xt.shape[0], explained.n_outputs
         chunk = T if cfg.test_chunk_size is None else cfg.test_chunk_size
         parts = []
         for lo in range(0, T, chunk):
             sl = slice(lo, min(T, lo + chunk))
-            lam = output_cotangents(fm, explained.take(sl), theta_stop, Xt[sl])
-            tau = counterfactual_sweep(replay, lam, self.n_train_, cfg.checkpoint_every, start, stop)
+            lam, lam_beta = output_cotangents(fm, explained.take(sl), theta_stop, Xt[sl], beta_stop, replay.stats)
+            tau = counterfactual_sweep(replay, lam, self.n_train_, cfg.checkpoint_every, start, stop, lam_beta)
             parts.append(tau.reshape(-1, O, self.n_train_).permute(0, 2, 1))
         values = torch.cat(parts).detach().cpu()
         self.replay_residual_ = float(replay.max_residual)
         logger.info("%s: replay residual %.2e over steps %d-%d", name, self.replay_residual_, start, stop - 1)
         with torch.no_grad():
-            initial = explained(fm, theta_start, Xt, explained.aux).detach().cpu()
-            final = explained(fm, theta_stop, Xt, explained.aux).detach().cpu()
+            initial = explained(fm, at_start, Xt, explained.aux).detach().cpu()
+            final = explained(fm, at_stop, Xt, explained.aux).detach().cpu()
         zeros = torch.zeros(T, O, dtype=values.dtype)
         coords = {"test": np.arange(T), "train": np.arange(self.n_train_),
                   "output": np.arange(O) if explained.kind == "outputs" else [explained.kind]}

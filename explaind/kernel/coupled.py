@@ -30,19 +30,25 @@ from torch import Tensor, nn
 
 from ..inputs import call_model
 from ..outputs import model_output
-from ..trajectory._random import RandomState, replay_parts, replayed
+from ..trajectory._random import RandomState, replay_parts, replayed, resolve_generators
 from .explained import FunctionalModel, Params
 from .layout import ParamLayout
 
-__all__ = ["Replay", "step_replay", "coupled_sample_grads", "training_module"]
+__all__ = ["Replay", "step_replay", "coupled_sample_grads", "replayed_losses", "training_module"]
 
 
 @dataclass(frozen=True)
 class Replay:
-    """How to recompute step ``step``'s batch: micro-batch positions ``[lo, hi)`` in the batch and their states."""
+    """How to recompute step ``step``'s batch: micro-batch positions ``[lo, hi)`` in the batch and their states.
+
+    ``generators`` names the run's private generators (``manifest.generators``) and ``extra`` holds
+    those passed to the recorder (``traj.generators``); both are resolved on the replayed module.
+    """
 
     step: int
     parts: tuple[tuple[int, int, RandomState], ...]
+    generators: tuple[str, ...] = ()
+    extra: tuple[torch.Generator, ...] = ()
 
 
 def step_replay(traj: Any, s: int) -> Replay | None:
@@ -61,7 +67,9 @@ def step_replay(traj: Any, s: int) -> Replay | None:
     if not (getattr(manifest, "random_capture", False) and getattr(manifest, "coupled", None)):
         return None
     parts = replay_parts(traj.micro_batches(s), manifest.coupled, f"Step {s}")
-    return None if parts is None else Replay(s, parts)
+    if parts is None:
+        return None
+    return Replay(s, parts, tuple(getattr(manifest, "generators", ())), tuple(traj.generators))
 
 
 def training_module(fm: FunctionalModel) -> nn.Module:
@@ -73,24 +81,37 @@ def training_module(fm: FunctionalModel) -> nn.Module:
     return cached
 
 
+def replayed_losses(fm: FunctionalModel, point: Params, X: Any, Y: Tensor, state: RandomState,
+                    replay: Replay) -> Tensor:
+    r"""Per-sample losses :math:`\ell_k(F(X; \theta, \xi))` of one micro-batch, ``(n,)``, differentiable in ``point``.
+
+    One batched forward of the training-mode copy (:func:`training_module`) at the parameters
+    ``point`` under the recorded state ``state`` (the private generators of ``replay`` included);
+    the buffers are cloned first (batch norm updates them in place), so nothing of ``fm`` changes.
+    """
+    module = training_module(fm)
+    where = f"Step {replay.step}"
+    generators = resolve_generators(replay.generators, module, replay.extra, where)
+    buffer_names = {n for n, _ in module.named_buffers()}
+    state_dict = {**fm.constants, **point}
+    state_dict = {n: (t.clone() if n in buffer_names else t) for n, t in state_dict.items()}
+    with torch.enable_grad(), replayed(state, fm.device, where, generators):
+        losses = fm.loss_fn(model_output(call_model(module, state_dict, X)), Y)
+    return losses.reshape(-1)
+
+
 def coupled_sample_grads(fm: FunctionalModel, theta: Params, block: ParamLayout, batch: Any,
                          chunk_size: int | None, summed: bool = False) -> Tensor:
     r""":math:`G_k` (weights :math:`c_s w_{s,k}` included) on ``block``, ``(B, D_b)``; with ``summed`` their sum.
 
     ``batch`` is a :class:`~explaind.kernel.evaluate.Batch` whose ``replay`` is a :class:`Replay`.
     """
-    module = training_module(fm)
-    buffer_names = {n for n, _ in module.named_buffers()}
     names = block.names
     B = batch.weights.shape[0]
     out = torch.zeros((block.size,) if summed else (B, block.size), dtype=fm.dtype, device=fm.device)
     for lo, hi, state in batch.replay.parts:
         point = {n: (t.detach().requires_grad_(True) if n in names else t.detach()) for n, t in theta.items()}
-        state_dict = {**fm.constants, **point}
-        state_dict = {n: (t.clone() if n in buffer_names else t) for n, t in state_dict.items()}  # BN mutates these
-        with torch.enable_grad(), replayed(state, fm.device, f"Step {batch.replay.step}"):
-            losses = fm.loss_fn(model_output(call_model(module, state_dict, batch.X[lo:hi])), batch.Y[lo:hi])
-        losses = losses.reshape(-1)
+        losses = replayed_losses(fm, point, batch.X[lo:hi], batch.Y[lo:hi], state, batch.replay)
         w = batch.weights[lo:hi].to(losses.dtype)
         inputs = [point[n] for n in names]
         if summed:

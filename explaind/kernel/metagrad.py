@@ -16,6 +16,12 @@ with :math:`H_s = c_s \sum_k w_{s,k} \nabla^2\ell_k(\theta_s)` (one Hessian-vect
 step, forward-over-reverse). All ``R = T * O`` cotangents (test inputs times outputs) are swept
 at once (:func:`torch.func.vmap`).
 
+Dropout and batch norm. A step whose forwards ran in training mode is replayed: :math:`g_s`,
+:math:`\nabla\ell_k` and :math:`H_s` are taken through the batched training forward at the step's
+recorded random state (sample ``k``'s own loss term through the shared forward), and batch norm's
+running statistics :math:`\beta` join the state with their own cotangent :math:`\lambda^\beta`
+(:mod:`explaind.kernel.metagrad_coupled`; docs/maths.md §9, "Dropout and batch norm").
+
 Memory. ``theta_s`` is read from the trajectory; the optimizer state is rebuilt by replaying
 ``U`` from ``theta_0`` with the recomputed batch gradients. :func:`counterfactual_sweep` keeps
 the state every ``K`` steps (checkpoints) and recomputes one segment of ``K`` steps at a time
@@ -35,7 +41,11 @@ from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from ..recurrence import LinearUpdate, is_unchanged
+from .coupled import coupled_sample_grads, step_replay
+from .evaluate import Batch
 from .explained import Explained, FunctionalModel, Params
+from .layout import ParamLayout
+from .metagrad_coupled import coupled_step_terms, running_stats, shifted_statistics
 
 __all__ = ["Replay", "StepPoint", "counterfactual_sweep", "output_cotangents"]
 
@@ -55,6 +65,7 @@ class StepPoint:
     idx: Tensor
     weights: Tensor
     scale: float
+    replay: Any = None
 
 
 class Replay:
@@ -75,6 +86,8 @@ class Replay:
         self.fm = fm
         self.pure = pure
         self.names = tuple(traj.param_names)
+        #: Batch-norm modules whose running statistics the run changed (carried by the sweep's lambda^beta).
+        self.stats = running_stats(fm, tuple(traj.buffer_names), "CounterfactualEstimator")
         #: Largest ``||U_s(z_s, g_s) - theta_{s+1}|| / ||theta_{s+1} - theta_s||`` seen by :meth:`point`.
         self.max_residual = 0.0
 
@@ -95,6 +108,25 @@ class Replay:
         w = self.fm.cast(weights) * float(self.traj.grad_scale(s))
         return lambda theta: (w * self.fm.sample_loss(theta, x, y)).sum()
 
+    def samples(self, idx: Tensor) -> tuple[Any, Tensor]:
+        """Training inputs and targets at ``idx``, on the compute device and dtype."""
+        x, y = self.traj.train_samples(idx.cpu())
+        return self.fm.cast(x), self.fm.cast(y)
+
+    def buffers(self, s: int) -> Params:
+        r""":math:`\beta_s` (the buffers the run changed) on the compute device and dtype."""
+        return {n: self.fm.cast(t) for n, t in self.traj.buffers(s).items()}
+
+    def batch_grad(self, s: int, theta: Params, coupled: Any) -> Params:
+        r""":math:`g_s`, through the replayed training forward when ``coupled`` (a step replay), else in eval mode."""
+        if coupled is None:
+            return grad(self.batch_loss(s))(theta)
+        idx, weights = self.traj.batch(s)
+        x, y = self.samples(idx)
+        layout = ParamLayout.from_tensors(theta, self.names)
+        batch = Batch(x, y, self.fm.cast(weights) * float(self.traj.grad_scale(s)), coupled)
+        return layout.unflatten(coupled_sample_grads(self.fm, theta, layout, batch, None, summed=True))
+
     def update_all(self, point: StepPoint, theta: Params, state: State, g: Params) -> tuple[Params, State]:
         """``U_s`` over every parameter tensor (a tensor without gradient at ``s`` keeps ``theta`` and state)."""
         new_theta, new_state = {}, {}
@@ -109,13 +141,14 @@ class Replay:
     def point(self, s: int, state: State) -> tuple[StepPoint, State]:
         """The point of step ``s`` from ``state_s``, and ``state_{s+1}`` (``U_s`` at the recorded ``theta_s``)."""
         theta = self.theta(s)
-        g = grad(self.batch_loss(s))(theta)
+        coupled = step_replay(self.traj, s)
+        g = self.batch_grad(s, theta, coupled)
         updates = {n: u.to(device=self.fm.device, dtype=self.fm.dtype) for n, u in self.traj.updates(s).items()}
         scalars = {n: ({} if is_unchanged(updates[n]) else self.pure.scalars(updates[n], theta[n], state[n], g[n]))
                    for n in self.names}
         idx, weights = self.traj.batch(s)
         point = StepPoint(s, theta, state, g, scalars, updates, idx.to(self.fm.device),
-                          self.fm.cast(weights), float(self.traj.grad_scale(s)))
+                          self.fm.cast(weights), float(self.traj.grad_scale(s)), coupled)
         with torch.no_grad():
             new_theta, new_state = self.update_all(point, theta, state, g)
             target = self.theta(s + 1)
@@ -125,20 +158,33 @@ class Replay:
         return point, new_state
 
 
-def output_cotangents(fm: FunctionalModel, explained: Explained, theta: Params, X: Tensor) -> Params:
-    r""":math:`\lambda_N = \nabla_\theta g(x; \theta_N)` per test input and output, ``name -> (T * O, *shape)``."""
+def output_cotangents(fm: FunctionalModel, explained: Explained, theta: Params, X: Tensor,
+                      buffers: Params | None = None, stats: Any = ()) -> tuple[Params, Params]:
+    r""":math:`\lambda_N = \nabla_\theta g(x; \theta_N, \beta_N)` and :math:`\lambda^\beta_N = \nabla_\beta g`.
 
-    def g_one(th: Params, x: Tensor, aux: Tensor) -> Tensor:
-        return explained(fm, th, x[None], aux[None])[0]
+    ``buffers`` are :math:`\beta_N` (the buffers the run changed); :math:`\lambda^\beta_N` is taken on
+    the running means and variances of ``stats`` (:func:`~explaind.kernel.metagrad_coupled.shifted_statistics`).
+    Returns two dicts ``name -> (T * O, *shape)`` (per test input and output).
+    """
+    buffers = {} if buffers is None else buffers
+    zeros = {n: torch.zeros_like(buffers[n]) for st in stats for n in (st.mean, st.var)}
+    shifts: dict[str, Tensor] = {}
 
-    jac = vmap(jacrev(g_one), in_dims=(None, 0, 0))(theta, X, explained.aux)
-    return {n: j.reshape(-1, *theta[n].shape) for n, j in jac.items()}
+    def g_one(th: Params, shift: Params, x: Tensor, aux: Tensor) -> Tensor:
+        shifts.update(shift)
+        return explained(fm, {**buffers, **th}, x[None], aux[None])[0]
+
+    with shifted_statistics(fm.module, stats, shifts):
+        jac_theta, jac_beta = vmap(jacrev(g_one, argnums=(0, 1)), in_dims=(None, None, 0, 0))(theta, zeros, X,
+                                                                                                explained.aux)
+    return ({n: j.reshape(-1, *theta[n].shape) for n, j in jac_theta.items()},
+            {n: j.reshape(-1, *zeros[n].shape) for n, j in jac_beta.items()})
 
 
-def _sample_grads(fm: FunctionalModel, traj: Any, theta: Params, idx: Tensor) -> Params:
+def _sample_grads(replay: Replay, theta: Params, idx: Tensor) -> Params:
     r""":math:`\nabla\ell_k(\theta)` of the samples ``idx``, ``name -> (B, *shape)``."""
-    x, y = traj.train_samples(idx.cpu())
-    x, y = fm.cast(x), fm.cast(y)
+    fm = replay.fm
+    x, y = replay.samples(idx)
 
     def loss_one(th: Params, xi: Tensor, yi: Tensor) -> Tensor:
         return fm.sample_loss(th, xi[None], yi[None])[0]
@@ -146,9 +192,14 @@ def _sample_grads(fm: FunctionalModel, traj: Any, theta: Params, idx: Tensor) ->
     return vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, x, y)
 
 
-def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state: State,
-                  tau: Tensor) -> tuple[Params, State]:
-    """One step of the reverse sweep: updates ``tau (R, M)`` in place, returns ``lambda_s``."""
+def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state: State, lam_beta: Params,
+                  tau: Tensor) -> tuple[Params, State, Params]:
+    r"""One reverse step: updates ``tau (R, M)`` in place; returns :math:`\lambda_s`, :math:`\lambda^\beta_s`.
+
+    A step whose forwards ran in training mode (dropout, batch norm) takes its per-sample
+    gradients, Hessian-vector product and running-statistics term through the replayed batched
+    forward (:func:`~explaind.kernel.metagrad_coupled.coupled_step_terms`).
+    """
     names = replay.names
 
     def U(theta: Params, state: State, g: Params) -> tuple[Params, State]:
@@ -156,21 +207,28 @@ def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state
 
     _, vjp_fn = vjp(U, point.theta, point.state, point.grad)
     bar_theta, bar_state, bar_g = vmap(vjp_fn)((lam_theta, lam_state))
-    G = _sample_grads(replay.fm, replay.traj, point.theta, point.idx)
-    dots = sum(torch.einsum("rp,bp->rb", bar_g[n].reshape(bar_g[n].shape[0], -1), G[n].reshape(G[n].shape[0], -1))
-               for n in names)
+    if point.replay is not None:
+        x, y = replay.samples(point.idx)
+        beta = replay.traj.buffers(point.s) if replay.stats else {}
+        counts = {st.module: int(beta.get(st.count, 0)) for st in replay.stats}
+        dots, hv, lam_beta = coupled_step_terms(replay.fm, point, x, y, bar_g, lam_beta, replay.stats, counts)
+    else:
+        G = _sample_grads(replay, point.theta, point.idx)
+        dots = sum(torch.einsum("rp,bp->rb", bar_g[n].reshape(bar_g[n].shape[0], -1),
+                                G[n].reshape(G[n].shape[0], -1)) for n in names)
+        grad_L = grad(replay.batch_loss(point.s))
+
+        def hvp(v: Params) -> Params:
+            return jvp(grad_L, (point.theta,), (v,))[1]
+
+        hv = vmap(hvp)(bar_g)
     tau.index_add_(1, point.idx, dots * (point.scale * point.weights)[None])
-    grad_L = grad(replay.batch_loss(point.s))
-
-    def hvp(v: Params) -> Params:
-        return jvp(grad_L, (point.theta,), (v,))[1]
-
-    hv = vmap(hvp)(bar_g)
-    return {n: bar_theta[n] + hv[n] for n in names}, bar_state
+    return {n: bar_theta[n] + hv[n] for n in names}, bar_state, lam_beta
 
 
 def counterfactual_sweep(replay: Replay, lam_theta: Params, n_train: int,
-                         checkpoint_every: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+                         checkpoint_every: int | None = None, start: int = 0, stop: int | None = None,
+                         lam_beta: Params | None = None) -> Tensor:
     r""":math:`\tau_k = \partial g(x;\theta_{stop}) / \partial\epsilon_k` for ``R`` cotangents at once.
 
     ``epsilon_k`` scales sample ``k``'s weight in the steps ``start <= s < stop`` only; the state
@@ -187,6 +245,9 @@ def counterfactual_sweep(replay: Replay, lam_theta: Params, n_train: int,
         ``K``: keep the optimizer state every ``K`` steps of the window (default ``ceil(sqrt(stop - start))``).
     start, stop : int
         The window of steps (default: the whole run, ``0`` and ``N``).
+    lam_beta : dict of Tensor, optional
+        :math:`\lambda^\beta_{stop} = \nabla_\beta g(x; \theta_{stop}, \beta_{stop})` on the running
+        statistics of ``replay.stats``, ``name -> (R, C)`` (required when the run changed them).
 
     Returns
     -------
@@ -209,11 +270,12 @@ def counterfactual_sweep(replay: Replay, lam_theta: Params, n_train: int,
     tau = torch.zeros(R, n_train, dtype=fm.dtype, device=fm.device)
     lam_state = {n: {k: torch.zeros(R, *v.shape, dtype=v.dtype, device=v.device) for k, v in st.items()}
                  for n, st in checkpoints[start].items()}
+    lam_beta = {} if lam_beta is None else dict(lam_beta)
     for lo in sorted(checkpoints, reverse=True):
         points, state = [], checkpoints[lo]
         for s in range(lo, min(stop, lo + K)):
             point, state = replay.point(s, state)
             points.append(point)
         for point in reversed(points):
-            lam_theta, lam_state = _reverse_step(replay, point, lam_theta, lam_state, tau)
+            lam_theta, lam_state, lam_beta = _reverse_step(replay, point, lam_theta, lam_state, lam_beta, tau)
     return tau

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +161,7 @@ def batch_gradient(
     batch: tuple[Any, Tensor, Tensor],
     replay: list[tuple[slice, RandomState]] | None = None,
     where: str = "The gradient check",
+    generators: Sequence[torch.Generator] = (),
 ) -> dict[str, Tensor]:
     r""":math:`\sum_k w_k \nabla\ell_k(\theta)` over ``names``, through batched ``functional_call``\ s.
 
@@ -184,6 +185,8 @@ def batch_gradient(
         Default: one forward of the whole batch.
     where : str
         Names the caller in a refusal to replay.
+    generators : sequence of torch.Generator
+        The model's private generators, set from each state for the replay.
 
     Returns
     -------
@@ -197,7 +200,7 @@ def batch_gradient(
     total: Any = 0
     with torch.enable_grad(), torch.autocast(device, enabled=False):
         for sl, state in replay or [(slice(None), None)]:
-            with replayed(state, inputs.device, where) if state is not None else contextlib.nullcontext():
+            with replayed(state, inputs.device, where, generators) if state is not None else contextlib.nullcontext():
                 out = model_output(call_model(model, {**constants, **detached}, inputs[sl]))
             per_sample = loss.implementation(out, targets[sl])
             total = total + (weights[sl].to(per_sample.dtype) * per_sample).sum()
@@ -215,6 +218,7 @@ def check_batch_gradient(
     tol: float,
     autocast: torch.dtype | None = None,
     replay: list[tuple[slice, RandomState]] | None = None,
+    generators: Sequence[torch.Generator] = (),
 ) -> GradientCheck:
     r"""Compare the raw gradient with :math:`\sum_k w_k \nabla\ell_k(\theta_s)`; measure :math:`\sigma`.
 
@@ -241,6 +245,8 @@ def check_batch_gradient(
         The micro-batches (positions in ``batch``) and the random states of their training forwards:
         each is recomputed as one batched forward under its state (dropout masks and batch statistics
         as in the loop; docs/recording.md). Default: one forward of the whole batch.
+    generators : sequence of torch.Generator
+        The model's private generators (replayed with the states).
 
     Returns
     -------
@@ -254,7 +260,7 @@ def check_batch_gradient(
     """
     names = [n for n in params if n in raw]
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    refs = batch_gradient(model, buffers, params, names, loss, batch, replay, f"Step {step}")
+    refs = batch_gradient(model, buffers, params, names, loss, batch, replay, f"Step {step}", generators)
     dot = sum(_dot64(raw[n], refs[n]) for n in names)
     sq_ref = sum(_dot64(refs[n], refs[n]) for n in names)
     sq_raw = sum(_dot64(raw[n], raw[n]) for n in names)
@@ -276,7 +282,8 @@ def check_batch_gradient(
             f"or label-smoothed loss must be given as that same callable), that rec.log_batch() received the "
             f"indices of every sample (and micro-batch) used in this step, that no gradient carries over from "
             f"an earlier backward (optimizer.zero_grad() clears only the optimizer's parameters: use "
-            f"model.zero_grad()), and that the model is deterministic in training mode; pass "
+            f"model.zero_grad()), and that the model is deterministic in training mode (a layer that draws from a "
+            f"torch.Generator held outside its modules: pass it as TrajectoryRecorder(generators=[...])); pass "
             f"check_gradients=False to record anyway.{_autocast_hint(autocast, tol)}"
         )
     return GradientCheck(sigma=sigma, mismatch=rel)

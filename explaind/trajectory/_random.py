@@ -10,9 +10,17 @@ generator (and of every CUDA device's generator once CUDA is initialised); ``log
 the state of that forward to its micro-batch (:class:`MicroBatch`). :func:`replayed` runs code
 under a saved state without touching the caller's generators.
 
+Private generators. A layer that draws from its own :class:`torch.Generator` (``torch.rand(...,
+generator=self.gen)``) is not seen by the global state. :func:`find_generators` lists the generators
+held as attributes of the model's modules (named ``"<module>.<attribute>"``); generators held
+elsewhere are passed to the recorder (``generators=[...]``, named ``"generators[i]"``). Their states
+are saved with the global ones before every training forward (:attr:`RandomState.private`) and set
+for the replay (:func:`replayed`): attributes are found again by name in the module being replayed,
+passed generators are the objects given again (``Trajectory.load(path, generators=[...])``).
+
 The rule (``capture_random="auto"``): capture when the model holds a dropout layer with
-``p > 0`` or a batch-norm layer; ``True`` always, ``False`` never. The CPU state is 5,056 bytes,
-each CUDA device's 16 bytes.
+``p > 0``, a batch-norm layer or a private generator; ``True`` always, ``False`` never. The CPU
+state is 5,056 bytes, each CUDA device's 16 bytes.
 """
 
 from __future__ import annotations
@@ -27,9 +35,8 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
 
-__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "replayed", "replay_parts",
-           "pack_micro_batches",
-           "unpack_micro_batches"]
+__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "find_generators", "resolve_generators",
+           "replayed", "replay_parts", "pack_micro_batches", "unpack_micro_batches"]
 
 
 def coupled_modules(model: nn.Module) -> list[str]:
@@ -41,6 +48,53 @@ def coupled_modules(model: nn.Module) -> list[str]:
         elif isinstance(module, nn.modules.batchnorm._NormBase):
             found.append(name or type(module).__name__)
     return found
+
+
+def find_generators(model: nn.Module) -> dict[str, torch.Generator]:
+    """``"<module>.<attribute>" -> generator`` for every :class:`torch.Generator` held as a module attribute."""
+    found: dict[str, torch.Generator] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Generator) and id(value) not in seen:
+                seen.add(id(value))
+                found[f"{name}.{attr}" if name else attr] = value
+    return found
+
+
+def resolve_generators(names: Sequence[str], module: nn.Module, extra: Sequence[torch.Generator],
+                       where: str) -> list[torch.Generator]:
+    """The generators ``names`` (from :func:`find_generators`, or ``"generators[i]"``) as ``module`` holds them.
+
+    Raises
+    ------
+    TrajectoryError
+        When a name is not a generator of ``module``, or a passed generator is not given again.
+    """
+    out = []
+    for name in names:
+        if name.startswith("generators["):
+            i = int(name[len("generators["):-1])
+            if i >= len(extra):
+                raise TrajectoryError(
+                    f"{where}: the run drew random numbers from {name}, a torch.Generator passed to the recorder as "
+                    f"generators=[...], but only {len(extra)} such generator(s) are known here, so its draws cannot "
+                    f"be replayed. Fix: pass the same generators again, Trajectory.load(path, generators=[...]).")
+            out.append(extra[i])
+            continue
+        path, _, attr = name.rpartition(".")
+        try:
+            holder = module.get_submodule(path) if path else module
+        except AttributeError:
+            holder = None
+        gen = getattr(holder, attr, None)
+        if not isinstance(gen, torch.Generator):
+            raise TrajectoryError(
+                f"{where}: the run drew random numbers from the torch.Generator {name!r} of the model, but the model "
+                f"replayed here has no generator there, so its draws cannot be replayed. Fix: analyse the run with "
+                f"the model it was recorded with (Trajectory.load(path, model=...)).")
+        out.append(gen)
+    return out
 
 
 @dataclass(frozen=True)
@@ -56,17 +110,24 @@ class RandomState:
     device : str
         Device type of the model's parameters during the forward (``"cpu"``, ``"cuda"``): the
         generator its random layers drew from.
+    private : tuple of Tensor
+        ``get_state()`` of each private generator, in the recorder's order (empty without them).
+    private_devices : tuple of str
+        Their device types.
     """
 
     cpu: Tensor
     cuda: tuple[Tensor, ...]
     device: str
+    private: tuple[Tensor, ...] = ()
+    private_devices: tuple[str, ...] = ()
 
     @classmethod
-    def now(cls, device: str) -> RandomState:
-        """The current states."""
+    def now(cls, device: str, generators: Sequence[torch.Generator] = ()) -> RandomState:
+        """The current states (of ``generators`` too)."""
         cuda = tuple(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else ()
-        return cls(torch.get_rng_state(), cuda, device)
+        return cls(torch.get_rng_state(), cuda, device, tuple(g.get_state() for g in generators),
+                   tuple(g.device.type for g in generators))
 
 
 @dataclass(frozen=True)
@@ -104,14 +165,33 @@ class RandomCapture:
     model : nn.Module
     capture : {"auto", True, False}
         See the module docstring.
+    generators : sequence of torch.Generator, optional
+        Private generators the model draws from that are not attributes of its modules.
+
+    Attributes
+    ----------
+    generator_names : list of str
+        Names of the private generators (attributes found, then ``"generators[i]"``).
+    generators : list of torch.Generator
+        The generators themselves, in that order; ``extra`` the passed ones.
     """
 
-    def __init__(self, model: nn.Module, capture: Any):
+    def __init__(self, model: nn.Module, capture: Any, generators: Any = None):
         if not (capture is True or capture is False or capture == "auto"):
             raise ConfigError(f"capture_random={capture!r} is not allowed. Choose one of: 'auto' (when the model has "
-                              f"dropout or batch norm), True, False.")
+                              f"dropout, batch norm or a private generator), True, False.")
+        extra = list(generators or ())
+        bad = [type(g).__name__ for g in extra if not isinstance(g, torch.Generator)]
+        if bad:
+            raise ConfigError(f"generators must be a list of torch.Generator objects the model draws from; got "
+                              f"{bad}. Fix: pass e.g. generators=[my_layer_generator].")
+        found = find_generators(model)
+        known = {id(g) for g in found.values()}
+        self.extra = [g for g in extra if id(g) not in known]  # a generator the model holds is found by name
+        self.generator_names = [*found, *(f"generators[{i}]" for i in range(len(self.extra)))]
+        self.generators = [*found.values(), *self.extra]
         self.model = model
-        self.coupled = coupled_modules(model)
+        self.coupled = coupled_modules(model) + self.generator_names
         self.enabled = bool(self.coupled) if capture == "auto" else bool(capture)
         self.paused = False
         self._handle: Any = None
@@ -138,7 +218,7 @@ class RandomCapture:
         self._forwards += 1
         if self._forwards == 1:
             param = next(module.parameters(), None)
-            self._state = RandomState.now(param.device.type if param is not None else "cpu")
+            self._state = RandomState.now(param.device.type if param is not None else "cpu", self.generators)
 
     def take(self) -> tuple[int, RandomState | None, int]:
         """``(forwards, state, eval_forwards)`` since the previous call (``(-1, None, 0)`` when not capturing)."""
@@ -153,7 +233,7 @@ class RandomCapture:
         """Run the recorder's own forwards (checks): not counted, and the caller's generators left as they were."""
         self.paused = True
         try:
-            with torch.random.fork_rng(devices=_cuda_devices(), device_type="cuda"):
+            with torch.random.fork_rng(devices=_cuda_devices(), device_type="cuda"), _kept(self.generators):
                 yield
         finally:
             self.paused = False
@@ -164,15 +244,42 @@ def _cuda_devices() -> list[int]:
 
 
 @contextlib.contextmanager
-def replayed(state: RandomState, device: torch.device, where: str) -> Iterator[None]:
+def _kept(generators: Sequence[torch.Generator]) -> Iterator[None]:
+    """Restore the states of ``generators`` after the body."""
+    saved = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for g, st in zip(generators, saved):
+            g.set_state(st)
+
+
+@contextlib.contextmanager
+def replayed(state: RandomState, device: torch.device, where: str,
+             generators: Sequence[torch.Generator] = ()) -> Iterator[None]:
     """Run the body with the generators set to ``state``; the caller's generators are restored afterwards.
+
+    ``generators`` are the private generators of the module that runs the body, in the order of
+    ``state.private`` (:func:`resolve_generators`).
 
     Raises
     ------
     TrajectoryError
         When the forward drew from a generator this device does not have (recorded on CUDA, replayed
-        on CPU or the reverse): its masks cannot be reproduced here.
+        on CPU or the reverse), or a private generator is missing or on another device type: its
+        masks cannot be reproduced here.
     """
+    if len(generators) != len(state.private):
+        raise TrajectoryError(
+            f"{where}: the training forward drew from {len(state.private)} private torch.Generator(s) but "
+            f"{len(generators)} are given for the replay, so its random draws cannot be reproduced. Fix: analyse "
+            f"the run with the model (and generators=[...]) it was recorded with.")
+    for i, (gen, kind) in enumerate(zip(generators, state.private_devices)):
+        if gen.device.type != kind:
+            raise TrajectoryError(
+                f"{where}: private generator {i} drew on {kind!r} during training, but the generator given for the "
+                f"replay is on {gen.device.type!r}, whose states are not interchangeable. Fix: analyse the run on a "
+                f"machine with a {kind!r} device and keep the layer's generator on {kind!r}.")
     if state.device != device.type or (state.device == "cuda" and not state.cuda):
         raise TrajectoryError(
             f"{where}: the training forward ran on {state.device!r} and drew its dropout masks from that device's "
@@ -180,10 +287,12 @@ def replayed(state: RandomState, device: torch.device, where: str) -> Iterator[N
             f"compute on the device the run was recorded on (device={state.device!r})."
         )
     devices = list(range(len(state.cuda))) if state.device == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+    with torch.random.fork_rng(devices=devices, device_type="cuda"), _kept(generators):
         torch.set_rng_state(state.cpu)
         for d, s in enumerate(state.cuda if devices else ()):
             torch.cuda.set_rng_state(s, d)
+        for gen, s in zip(generators, state.private):
+            gen.set_state(s)
         yield
 
 
@@ -225,7 +334,8 @@ def pack_micro_batches(micro: Sequence[MicroBatch]) -> dict[str, Tensor]:
     ``micro.sizes``, ``micro.forwards`` and ``micro.eval_forwards`` (int64 ``(M,)``), and per captured
     micro-batch ``m``
     ``micro.{m}.cpu`` and ``micro.{m}.cuda`` (``(n_devices, 16)``); the state's device type is
-    ``micro.{m}.on_cuda`` (a 0-d bool).
+    ``micro.{m}.on_cuda`` (a 0-d bool); private generator ``g``'s state is ``micro.{m}.gen.{g}`` and
+    their device types ``micro.{m}.gen_cuda`` (bool ``(G,)``).
     """
     out = {"micro.sizes": torch.tensor([int(m.indices.shape[0]) for m in micro], dtype=torch.long),
            "micro.forwards": torch.tensor([m.forwards for m in micro], dtype=torch.long),
@@ -236,6 +346,9 @@ def pack_micro_batches(micro: Sequence[MicroBatch]) -> dict[str, Tensor]:
             out[f"micro.{i}.on_cuda"] = torch.tensor(m.state.device == "cuda")
             if m.state.cuda:
                 out[f"micro.{i}.cuda"] = torch.stack(list(m.state.cuda))
+            if m.state.private:
+                out[f"micro.{i}.gen_cuda"] = torch.tensor([d == "cuda" for d in m.state.private_devices])
+                out.update({f"micro.{i}.gen.{g}": t for g, t in enumerate(m.state.private)})
     return out
 
 
@@ -255,8 +368,14 @@ def unpack_micro_batches(tensors: dict[str, Tensor], indices: Tensor, weights: T
         if f"micro.{i}.cpu" in tensors:
             cuda = tensors.get(f"micro.{i}.cuda")
             on_cuda = bool(tensors.get(f"micro.{i}.on_cuda", torch.tensor(False)))
+            kinds = tensors.get(f"micro.{i}.gen_cuda", torch.zeros(0, dtype=torch.bool)).tolist()
+            missing = [f"micro.{i}.gen.{g}" for g in range(len(kinds)) if f"micro.{i}.gen.{g}" not in tensors]
+            if missing:
+                raise TrajectoryError(f"Trajectory file {where} lacks the private generator states {missing} its "
+                                      f"micro-batch {i} records. The store is corrupted; re-record the run.")
+            private = tuple(tensors[f"micro.{i}.gen.{g}"] for g in range(len(kinds)))
             state = RandomState(tensors[f"micro.{i}.cpu"], tuple(cuda) if cuda is not None else (),
-                                "cuda" if on_cuda else "cpu")
+                                "cuda" if on_cuda else "cpu", private, tuple("cuda" if k else "cpu" for k in kinds))
         out.append(MicroBatch(indices[lo:lo + n], weights[lo:lo + n], int(f), state, int(evals[i])))
         lo += n
     return out

@@ -86,7 +86,8 @@ class RecorderChecksMixin:
         x, y = self._data.get(indices)
         with self._quiet():
             return check_batch_gradient(self.model, self._params, raw, self._loss,
-                                        (x.to(device), y.to(device), weights.to(device)), s, tol, autocast, replay)
+                                        (x.to(device), y.to(device), weights.to(device)), s, tol, autocast, replay,
+                                        self._random.generators)
 
     def _check_loss_callable(self, device: torch.device) -> None:
         """Once, on the first logged micro-batch: a user loss callable must equal sum_k w_k * per-sample loss."""

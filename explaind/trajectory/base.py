@@ -132,6 +132,15 @@ class Trajectory(abc.ABC):
         return [MicroBatch(idx, w)]
 
     @property
+    def generators(self) -> tuple[torch.Generator, ...]:
+        """The private generators passed to the recorder as ``generators=[...]`` (or to :meth:`load`), for replays.
+
+        Generators held as attributes of the model's modules are found in the model by name and are
+        not listed here (docs/recording.md, "Private generators").
+        """
+        return tuple(getattr(self, "_generators", ()))
+
+    @property
     def buffer_names(self) -> tuple[str, ...]:
         """Buffers recorded per step because training changed them (running statistics); empty by default."""
         return ()
@@ -181,7 +190,8 @@ class Trajectory(abc.ABC):
         **kwargs
             ``loss=`` (needed for a run recorded with a custom loss callable), ``cache_steps=``,
             ``verify_train_data=False`` (skip the fingerprint check), ``max_parameters=`` (the size
-            limit of a model rebuilt from the recorded architecture spec); for a sparse store
+            limit of a model rebuilt from the recorded architecture spec), ``generators=`` (the private
+            generators the run was recorded with ``generators=[...]``, same order); for a sparse store
             (``checkpoint_every > 1``) ``replay_tolerance=`` and ``cache_segments=``.
 
         Returns

@@ -141,6 +141,9 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         skips the fingerprint, for data known to hold the same samples in other bytes.
     max_parameters : int, optional
         Size limit of a model rebuilt from the recorded spec (see :func:`build_model_from_spec`).
+    generators : sequence of torch.Generator, optional
+        The generators passed to the recorder as ``generators=[...]``, in the same order (needed to
+        replay the run's training forwards; generators held by the model's modules are found in it).
 
     Notes
     -----
@@ -151,8 +154,10 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
 
     def __init__(self, path: str | Path, model: nn.Module | None = None, train_data: Any = None, *,
                  loss: Any = None, cache_steps: int = 4, replay_tolerance: float | None = None,
-                 cache_segments: int = 2, verify_train_data: bool = True, max_parameters: int | None = None):
+                 cache_segments: int = 2, verify_train_data: bool = True, max_parameters: int | None = None,
+                 generators: Any = None):
         self.root = Path(path)
+        self._generators = tuple(generators or ())
         self._manifest = read_manifest(self.root)
         self._replay: SegmentReplay | None = None
         if self.sparse:

@@ -217,6 +217,9 @@ class TrajectoryManifest(_Model):
         Dropout and batch-norm modules of the model (samples coupled by randomness or batch statistics).
     random_capture : bool
         Whether the random state of every training forward was captured (docs/recording.md).
+    generators : list of str
+        Private generators whose states were captured too: ``"<module>.<attribute>"`` for those the
+        model's modules hold, ``"generators[i]"`` for those passed to the recorder.
     buffer_names : list of str
         The buffers tracked per step (``StepRecord.buffers`` marks the steps that changed them).
     extras : dict
@@ -246,6 +249,7 @@ class TrajectoryManifest(_Model):
     complete: bool = False
     coupled: list[str] = Field(default_factory=list)
     random_capture: bool = False
+    generators: list[str] = Field(default_factory=list)
     buffer_names: list[str] = Field(default_factory=list)
     extras: dict[str, Any] = Field(default_factory=dict)
 

@@ -37,8 +37,10 @@ class InMemoryTrajectory(RecordedTrajectory):
         constants: dict[str, Tensor] | None = None,
         train_data: Any = None,
         manifest: TrajectoryManifest | None = None,
+        generators: Any = None,
     ):
         self._model = model
+        self._generators = tuple(generators or ())
         self._loss = resolve_loss_record(loss)
         self._names = tuple(initial_params)
         self._params: list[dict[str, Tensor]] = [dict(initial_params)]

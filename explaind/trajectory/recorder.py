@@ -142,7 +142,14 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
     capture_random : bool or "auto"
         Save the random generators' state before every training forward and tie it to its
         micro-batch, so dropout masks and batch statistics are replayed exactly (docs/recording.md,
-        "Dropout and batch norm"); ``"auto"``: when the model has dropout or batch norm.
+        "Dropout and batch norm"); ``"auto"``: when the model has dropout, batch norm or a private generator.
+    generators : list of torch.Generator, optional
+        Private generators the model draws from (``torch.rand(..., generator=g)`` in a custom layer)
+        that are not attributes of its modules; those held as module attributes are found without
+        this. Their states are captured with the global ones and replayed
+        (docs/recording.md, "Private generators"); a stored run needs them again,
+        ``Trajectory.load(path, generators=[...])``. A generator that is neither found nor passed is
+        not replayed: the gradient check fails on it.
 
     Notes
     -----
@@ -178,6 +185,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         grad_scaler: Any = None,
         record_frozen: bool = False,
         capture_random: bool | str = "auto",
+        generators: Any = None,
     ):
         from ..plugins import resolve_optimizer_adapter
 
@@ -203,7 +211,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             constants = {n: t for n, t in constants.items() if n not in self._constant_params}
             self._constant_params = {}
         self._constant_names = tuple(constants)
-        self._random = RandomCapture(model, capture_random)
+        self._random = RandomCapture(model, capture_random, generators)
         self._buffers = BufferTracker(model, self._constant_names)
         if not self._params:
             raise ConfigError("The model has no trainable parameters (requires_grad=True); nothing to record.")
@@ -227,6 +235,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             optimizer_class=f"{type(optimizer).__module__}.{type(optimizer).__name__}", loss=loss_name(self._loss),
             architecture=architecture_spec(model), n_train=len(self._data) if self._data is not None else None,
             extras=dict(extras or {}), coupled=self._random.coupled, random_capture=self._random.enabled,
+            generators=self._random.generator_names,
             buffer_names=list(self._buffers.names), param_stride=self._every,
         )
         self._resumed = self._restarted = False
@@ -328,7 +337,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             return self._memory
         if self._writer is not None:
             self._writer.flush()
-        return DiskTrajectory(self._store, model=self.model, train_data=self._data, loss=self._loss)
+        return DiskTrajectory(self._store, model=self.model, train_data=self._data, loss=self._loss,
+                              generators=self._random.extra)
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> TrajectoryRecorder:
@@ -341,7 +351,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             if self._memory is not None:
                 raise TrajectoryError("An in-memory recorder records one run; create a new TrajectoryRecorder.")
             self._memory = InMemoryTrajectory(self.model, loss=self._loss, initial_params=theta, constants=constants,
-                                              train_data=self._data, manifest=self._manifest)
+                                              train_data=self._data, manifest=self._manifest,
+                                              generators=self._random.extra)
         else:
             self._open_store(theta, constants)
         self._theta = theta
