@@ -88,6 +88,23 @@ def test_the_reused_buffer_leaves_nothing_of_a_larger_file_in_a_smaller_one(tmp_
     assert again.sha256 == hashlib.sha256((tmp_path / "big.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_file_larger_than_the_buffer_is_written_chunk_by_chunk(tmp_path, monkeypatch, direct):
+    monkeypatch.setattr(_filewrite, "CHUNK", 2 * _filewrite.BLOCK)  # the header, tensors and blocks straddle chunks
+    tensors, meta = _tensors(3, n=1500), {"m": "x" * 5000}  # a header longer than one block
+    writer = TensorFileWriter(direct=direct)
+    record = writer.write(tmp_path, "big.safetensors", tensors, meta)
+    data = (tmp_path / "big.safetensors").read_bytes()
+    assert len(data) > 4 * _filewrite.CHUNK and len(writer._buffer) == _filewrite.CHUNK
+    assert _split(data) == _split(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+    assert record.sha256 == hashlib.sha256(data).hexdigest() and record.nbytes == len(data)
+    tensors["u16"] = torch.arange(3000, dtype=torch.int32).to(torch.uint16)  # the library's bytes, in chunks too
+    record = writer.write(tmp_path, "lib.safetensors", tensors, {"m": "y"})
+    data = (tmp_path / "lib.safetensors").read_bytes()
+    assert data == st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"m": "y"})
+    assert record.sha256 == hashlib.sha256(data).hexdigest() and len(data) > 2 * _filewrite.CHUNK
+
+
 def test_a_file_is_replaced_atomically_and_leaves_no_temporary_file(tmp_path):
     writer = TensorFileWriter()
     writer.write(tmp_path, "state.safetensors", {"x": torch.zeros(3)})

@@ -1,14 +1,14 @@
 r"""The store's tensor files, written from one reused buffer (docs/recording.md, "Recording overhead").
 
 :class:`TensorFileWriter` lays a safetensors file out (8-byte header length, JSON header, the
-tensors' bytes) in a page-aligned buffer that it keeps from file to file, takes the SHA-256 of
-it and writes it the way :func:`explaind._io.atomic_write` does (a temporary file in the
-target's directory, ``fsync``, :func:`os.replace`), so a crash leaves the old file or the whole
-new one. Compared with serialising to a fresh ``bytes`` object and writing it through the page
-cache, it saves per file:
+tensors' bytes) in a page-aligned buffer that it keeps from file to file, at most :data:`CHUNK`
+bytes at a time, takes the SHA-256 of them and writes them the way
+:func:`explaind._io.atomic_write` does (a temporary file in the target's directory, ``fsync``,
+:func:`os.replace`), so a crash leaves the old file or the whole new one. Compared with
+serialising to a fresh ``bytes`` object and writing it through the page cache, it saves per file:
 
-* the copies of serialisation (each tensor into its own ``bytes``, then all of them into one):
-  the tensors are copied once, into the buffer;
+* the copies of serialisation (each tensor into its own ``bytes``, then all of them into one,
+  two transient copies of the file in memory): the tensors are copied once, into the buffer;
 * on Linux, the page cache: the buffer is written with ``O_DIRECT`` (straight to the device), so
   the new file's pages are neither allocated nor written back later by the kernel. ``fsync``
   then flushes only the file's size and the device's cache. Measured with
@@ -32,6 +32,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,6 +54,8 @@ DTYPES: dict[torch.dtype, str] = {
 _RANK = {dtype: rank for rank, dtype in enumerate(DTYPES)}
 #: alignment of the buffer, of the length written with O_DIRECT and of its file offsets
 BLOCK = 4096
+#: bytes laid out, hashed and written at a time (a multiple of BLOCK): the most the buffer holds
+CHUNK = 8 << 20
 
 
 def layout(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[Tensor, int]]]:
@@ -89,7 +92,10 @@ def layout(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> tuple
 
 
 class TensorFileWriter:
-    """Writes checksummed safetensors files atomically from one reused, page-aligned buffer (thread-safe).
+    """Writes checksummed safetensors files atomically through one reused, page-aligned buffer (thread-safe).
+
+    A file is laid out ``CHUNK`` bytes at a time (the buffer never grows past that), each chunk
+    hashed and written before the next is filled.
 
     Parameters
     ----------
@@ -103,28 +109,6 @@ class TensorFileWriter:
         self._buffer: mmap.mmap | None = None
         self._lock = threading.Lock()
 
-    def _fill(self, tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> tuple[memoryview, int]:
-        """Lay the file out in the buffer; returns the buffer and the file's length."""
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        if all(v.dtype in DTYPES for v in cpu.values()):
-            head, places = layout(cpu, metadata)
-            size = len(head) + sum(t.numel() * t.element_size() for t, _ in places)
-        else:  # a dtype this module does not lay out: the library's bytes
-            head, places = st_save(cpu, metadata=metadata), []
-            size = len(head)
-        padded = -(-size // BLOCK) * BLOCK
-        if self._buffer is None or len(self._buffer) < padded:
-            self._buffer = mmap.mmap(-1, max(padded, BLOCK))  # anonymous: page-aligned, zero-filled
-        view = memoryview(self._buffer)
-        view[: len(head)] = head
-        flat = torch.frombuffer(self._buffer, dtype=torch.uint8, count=padded)
-        for t, offset in places:
-            n = t.numel() * t.element_size()
-            if n:
-                flat[offset : offset + n].copy_(t.reshape(-1).view(torch.uint8))
-        flat[size:padded].zero_()
-        return view, size
-
     def write(self, root: Path, relpath: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
               *, fsync: bool = True, fsync_dir: bool | None = None) -> FileRecord:
         r"""Write ``tensors`` to ``root / relpath`` (replaced atomically); return its :class:`FileRecord`.
@@ -134,54 +118,77 @@ class TensorFileWriter:
         """
         target = Path(root) / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if all(v.dtype in DTYPES for v in cpu.values()):
+            head, places = layout(cpu, metadata)
+        else:  # a dtype this module does not lay out: the library's bytes
+            head, places = st_save(cpu, metadata=metadata), []
+        pieces = [(t.reshape(-1).view(torch.uint8), offset) for t, offset in places if t.numel()]
+        size = len(head) + sum(len(flat) for flat, _ in pieces)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         with self._lock:
-            view, size = self._fill(tensors, metadata)
-            digest = hashlib.sha256(view[:size]).hexdigest()
-            tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
             try:
-                self._write_file(tmp, view, size, fsync)
+                digest = self._write_file(tmp, head, pieces, size, fsync)
                 os.replace(tmp, target)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            finally:
-                view.release()
         if fsync if fsync_dir is None else fsync_dir:
             fsync_directory(target.parent)
         return FileRecord(path=relpath, sha256=digest, nbytes=size)
 
-    def _write_file(self, path: Path, view: memoryview, size: int, fsync: bool) -> None:
-        """Create ``path`` holding ``view[:size]``: with ``O_DIRECT`` where allowed, else through the page cache."""
+    def _chunks(self, head: bytes, pieces: list[tuple[Tensor, int]], size: int) -> Iterator[tuple[memoryview, int]]:
+        """The file's bytes, ``CHUNK`` at a time, in the buffer: ``(chunk padded to BLOCK, file bytes in it)``."""
+        span = min(-(-size // BLOCK) * BLOCK, CHUNK)
+        if self._buffer is None or len(self._buffer) < span:
+            self._buffer = mmap.mmap(-1, span)  # anonymous: page-aligned
+        flat = torch.frombuffer(self._buffer, dtype=torch.uint8, count=span)
+        view = memoryview(self._buffer)
+        try:
+            for start in range(0, size, CHUNK):
+                stop = min(start + CHUNK, size)
+                if start < len(head):
+                    view[: min(len(head), stop) - start] = head[start:stop]
+                for piece, offset in pieces:
+                    lo, hi = max(start, offset), min(stop, offset + len(piece))
+                    if lo < hi:
+                        flat[lo - start : hi - start].copy_(piece[lo - offset : hi - offset])
+                n = stop - start
+                padded = -(-n // BLOCK) * BLOCK
+                flat[n:padded].zero_()
+                yield view[:padded], n
+        finally:
+            view.release()
+
+    def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int]], size: int, fsync: bool) -> str:
+        """Create ``path`` with the file's bytes, with ``O_DIRECT`` where allowed; returns their SHA-256."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         directory = str(path.parent)
         if self._direct and directory not in self._refused:
             try:
-                fd = os.open(path, flags | os.O_DIRECT, 0o644)
+                return self._write_chunks(path, flags | os.O_DIRECT, head, pieces, size, fsync, direct=True)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                fd = None
-            if fd is not None:
-                try:
-                    _write_all(fd, view[: -(-size // BLOCK) * BLOCK])
-                    os.ftruncate(fd, size)
-                    if fsync:
-                        os.fsync(fd)
-                    return
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                finally:
-                    os.close(fd)
             logger.debug("O_DIRECT refused in %s; writing through the page cache there.", directory)
             self._refused.add(directory)
+        return self._write_chunks(path, flags, head, pieces, size, fsync, direct=False)
+
+    def _write_chunks(self, path: Path, flags: int, head: bytes, pieces: list[tuple[Tensor, int]], size: int,
+                      fsync: bool, *, direct: bool) -> str:
+        digest = hashlib.sha256()
         fd = os.open(path, flags, 0o644)
         try:
-            _write_all(fd, view[:size])
+            for chunk, n in self._chunks(head, pieces, size):
+                digest.update(chunk[:n])
+                _write_all(fd, chunk if direct else chunk[:n])  # O_DIRECT: whole blocks, cut below
+            if direct:
+                os.ftruncate(fd, size)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+        return digest.hexdigest()
 
 
 def _write_all(fd: int, data: memoryview) -> None:
