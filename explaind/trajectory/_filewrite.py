@@ -162,7 +162,7 @@ class TensorFileWriter:
 
     def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int]], size: int, fsync: bool) -> str:
         """Create ``path`` with the file's bytes, with ``O_DIRECT`` where allowed; returns their SHA-256."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         directory = str(path.parent)
         if self._direct and directory not in self._refused:
             try:
