@@ -3,10 +3,16 @@
 For the ~1M-parameter MLP of ``bench_recording.py`` (784-1024-256-10, batch 64) and SGD with
 momentum or Adam, the step file (``theta_{s+1}``, the update coefficients, the batch) and the
 optimizer state are built as the recorder hands them to the writer; then each piece of the
-writer's work is timed on its own: safetensors serialisation, SHA-256, the atomic write without
-and with ``fsync``. Printed as ms per step and as a ratio to the plain training step of the same
-run: when the writer's sum exceeds the plain step, recording to disk is bound by it, whatever the
-loop's thread does (``bench_recording.py``'s ``disk`` columns).
+former writer's work is timed on its own: safetensors serialisation to ``bytes``, SHA-256, the
+atomic write through the page cache without and with ``fsync``, and their sum; then the whole
+durable write (fsync) as the store's writer does it now (``TensorFileWriter``: one reused buffer,
+``O_DIRECT`` where the file system allows it), and the same writer through the page cache.
+Last, the checksums hashlib offers, on the SGD step file (the store uses SHA-256).
+Every write makes a new file, as the store does. Printed as ms per file, wall time and, in
+brackets, the CPU time of the writing thread (what competes with the training loop for a core),
+and as a ratio to the plain training step: when the writer's time exceeds the plain step,
+recording to disk is bound by it, whatever the loop's thread does (``bench_recording.py``'s
+``disk`` columns).
 
 Run: ``python benchmarks/bench_store_writer.py [--repeats R] [--threads T] [--root DIR]``
 """
@@ -27,20 +33,33 @@ import torch.nn.functional as F
 from explaind._io import atomic_write
 from explaind.models import build_model
 from explaind.recurrence import LinearUpdate
+from explaind.trajectory._filewrite import TensorFileWriter
 from explaind.trajectory._io import encode_optimizer_state, encode_tensors
 from explaind.trajectory.store import pack_updates
 
 CONFIG = {"in_features": 784, "hidden_sizes": [1024, 256], "out_features": 10}
 
 
-def _best(fn, repeats: int) -> float:
+def _best(fn, repeats: int) -> tuple[float, float]:
+    """Best wall and thread-CPU milliseconds of ``fn()`` over ``repeats`` calls (after one warm-up)."""
     fn()
-    best = float("inf")
+    best, cpu = float("inf"), float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        best, cpu = min(best, time.perf_counter() - start), min(cpu, time.thread_time() - cpu_start)
+    return best * 1e3, cpu * 1e3
+
+
+class _Names:
+    """A new file name per call (the store writes a new file per step)."""
+
+    def __init__(self, root: Path):
+        self.root, self.i = root, 0
+
+    def __call__(self) -> str:
+        self.i += 1
+        return f"f{self.i:06d}.safetensors"
 
 
 def _files(opt_name: str):
@@ -82,23 +101,34 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     print(f"torch threads={torch.get_num_threads()}  repeats={args.repeats} (best of)  load average="
           f"{os.getloadavg()[0]:.1f}  root={root}")
-    cols = ("MB", "encode", "sha256", "write", "write+fsync", "sum")
-    header = f"{'optim':<6}{'file':<10}{'plain ms':>10}" + "".join(f"{c:>13}" for c in cols)
-    print("ms per step (ratio to the plain training step)")
+    cols = ("MB", "encode", "sha256", "write", "write+fsync", "sum", "now", "now, no O_DIRECT")
+    header = f"{'optim':<6}{'file':<10}{'plain ms':>10}" + "".join(f"{c:>19}" for c in cols)
+    print("ms per file: wall (thread CPU) and the wall ratio to the plain training step; 'sum': the pieces before "
+          "(encode, sha256, write+fsync), 'now'/'now, no O_DIRECT': TensorFileWriter.write with fsync")
     print(header)
     print("-" * len(header))
+    name = _Names(root)
+    direct, buffered = TensorFileWriter(), TensorFileWriter(direct=False)
     for opt_name in ("sgd", "adam"):
         step, tensors, state = _files(opt_name)
-        plain = _best(step, args.repeats)
+        plain = _best(step, args.repeats)[0]
         for label, (data, meta) in (("step", (tensors, None)), ("opt-state", state)):
             blob = encode_tensors(data, meta)
             encode = _best(lambda data=data, meta=meta: encode_tensors(data, meta), args.repeats)
             digest = _best(lambda blob=blob: hashlib.sha256(blob).hexdigest(), args.repeats)
-            write = _best(lambda blob=blob: atomic_write(root / "f", blob, fsync=False), args.repeats)
-            synced = _best(lambda blob=blob: atomic_write(root / "f", blob, fsync=True), args.repeats)
-            cells = [f"{len(blob) / 1e6:.2f}"] + [f"{t:.2f} ({t / plain:.2f})" for t in
-                                                   (encode, digest, write, synced, encode + digest + synced)]
-            print(f"{opt_name:<6}{label:<10}{plain:>10.2f}" + "".join(f"{c:>13}" for c in cells))
+            write = _best(lambda blob=blob: atomic_write(root / name(), blob, fsync=False), args.repeats)
+            synced = _best(lambda blob=blob: atomic_write(root / name(), blob, fsync=True), args.repeats)
+            total = tuple(a + b + c for a, b, c in zip(encode, digest, synced))
+            now = _best(lambda data=data, meta=meta: direct.write(root, name(), data, meta), args.repeats)
+            cached = _best(lambda data=data, meta=meta: buffered.write(root, name(), data, meta), args.repeats)
+            cells = [f"{len(blob) / 1e6:.2f}"] + [f"{w:.2f} ({c:.2f}) {w / plain:.2f}" for w, c in
+                                                   (encode, digest, write, synced, total, now, cached)]
+            print(f"{opt_name:<6}{label:<10}{plain:>10.2f}" + "".join(f"{c:>19}" for c in cells))
+    blob = encode_tensors(_files("sgd")[1])
+    speeds = {algo: _best(lambda algo=algo: hashlib.new(algo, blob).hexdigest(), args.repeats)[0]
+              for algo in ("sha256", "sha1", "blake2b", "md5")}
+    print(f"\nhashlib on the SGD step file ({len(blob) / 1e6:.2f} MB), ms: "
+          + "  ".join(f"{algo} {ms:.2f}" for algo, ms in speeds.items()))
     if args.root is None:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -2,8 +2,9 @@
 
 :class:`Injector` wraps every operation that changes a file under one directory — ``open`` for
 writing, each ``write`` (before it, and torn after half of its bytes), ``os.fsync``,
-``os.replace``, ``os.link``, ``os.unlink``, ``os.mkdir``, ``os.rmdir`` and ``os.open`` with a
-creating flag — and numbers them. With ``kill_at=k`` the k-th raises :class:`Killed` and so does
+``os.replace``, ``os.link``, ``os.unlink``, ``os.mkdir``, ``os.rmdir``, ``os.open`` with a
+creating flag and, on a descriptor it opened so, ``os.write`` (torn too) and ``os.ftruncate`` — and
+numbers them. With ``kill_at=k`` the k-th raises :class:`Killed` and so does
 every later one, so nothing after the kill point reaches the disk (cleanup code included), as
 after a real SIGKILL. Files are written unbuffered, so what a write returned is on disk. With
 ``error=True`` the k-th operation fails with ``OSError`` (a full disk) instead, once, and the
@@ -59,7 +60,9 @@ class Injector:
         self.error = False
         self.events: list[str] = []
         self.dead = False
-        real = {name: getattr(os, name) for name in ("replace", "link", "unlink", "mkdir", "rmdir", "open", "fsync")}
+        real = {name: getattr(os, name) for name in ("replace", "link", "unlink", "mkdir", "rmdir", "open", "fsync",
+                                                     "write", "ftruncate", "close")}
+        watched: set[int] = set()  # descriptors os.open gave out for writing under root
         real_open = builtins.open
 
         def on_path(name, path_arg):
@@ -73,9 +76,28 @@ class Injector:
             monkeypatch.setattr(os, name, on_path(name, arg))
 
         def os_open(path, flags, *args, **kwargs):
-            if self.active and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and self._mine(path):
+            mine = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and self._mine(path)
+            if self.active and mine:
                 self.event(f"open {os.path.relpath(path, self.root)}")
-            return real["open"](path, flags, *args, **kwargs)
+            fd = real["open"](path, flags, *args, **kwargs)
+            if mine:
+                watched.add(fd)
+            return fd
+
+        def os_write(fd, data):
+            if self.active and fd in watched:
+                self.event("write")
+                self.event("write-torn", lambda: real["write"](fd, memoryview(data)[: len(data) // 2]))
+            return real["write"](fd, data)
+
+        def os_ftruncate(fd, length):
+            if self.active and fd in watched:
+                self.event("ftruncate")
+            return real["ftruncate"](fd, length)
+
+        def os_close(fd):
+            watched.discard(fd)
+            return real["close"](fd)
 
         def fsync(fd):
             if self.active:
@@ -89,6 +111,9 @@ class Injector:
             return real_open(file, mode, *args, **kwargs)
 
         monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(os, "write", os_write)
+        monkeypatch.setattr(os, "ftruncate", os_ftruncate)
+        monkeypatch.setattr(os, "close", os_close)
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(builtins, "open", open_)
 

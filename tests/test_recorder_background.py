@@ -80,7 +80,7 @@ def test_the_background_audit_equals_the_inline_audit_bit_for_bit(tmp_path, opt_
 
 @pytest.mark.parametrize("audit", [True, False])
 def test_reused_buffers_hold_every_step_while_the_writer_lags(tmp_path, monkeypatch, audit):
-    real_write, calls = store.write_tensors, {"fresh": 0, "reused": 0}
+    real_write, calls = store.TensorFileWriter.write, {"fresh": 0, "reused": 0}
 
     def slow_write(*args, **kwargs):  # the writer falls behind: the queue fills and buffers come back late
         time.sleep(0.01)
@@ -94,7 +94,7 @@ def test_reused_buffers_hold_every_step_while_the_writer_lags(tmp_path, monkeypa
         handed_out.add(out.data_ptr())
         return out
 
-    monkeypatch.setattr(store, "write_tensors", slow_write)
+    monkeypatch.setattr(store.TensorFileWriter, "write", slow_write)
     monkeypatch.setattr(CopyPool, "copy", counting_copy)
     path = tmp_path / "run"
     rec, seen, opt = _run("adam", path, steps=16, audit=audit)

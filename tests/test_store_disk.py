@@ -201,14 +201,14 @@ def test_registry_model_is_rebuilt_with_trained_weights(tmp_path):
 def test_background_write_failure_surfaces_and_keeps_earlier_steps(tmp_path, monkeypatch):
     from explaind.trajectory import store as store_module
 
-    real = store_module.write_tensors
+    real = store_module.TensorFileWriter.write
 
-    def flaky(root, relpath, tensors, metadata=None, **kwargs):
+    def flaky(self, root, relpath, tensors, metadata=None, **kwargs):
         if relpath == "steps/000002.safetensors":
             raise OSError("disk full")
-        return real(root, relpath, tensors, metadata, **kwargs)
+        return real(self, root, relpath, tensors, metadata, **kwargs)
 
-    monkeypatch.setattr(store_module, "write_tensors", flaky)
+    monkeypatch.setattr(store_module.TensorFileWriter, "write", flaky)
     with pytest.raises(TrajectoryError, match=r"Writing step 2 of the trajectory store .* failed: OSError: disk full"):
         _record(tmp_path / "run")
     traj = Trajectory.load(tmp_path / "run", model=mlp())

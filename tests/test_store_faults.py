@@ -241,13 +241,13 @@ CHILD = textwrap.dedent(
             sys.stdout.write(f"{{text}}\\n")
             sys.stdout.flush()
 
-    real = store_module.write_tensors
-    def stalled(root, relpath, *args, **kwargs):  # the disk stops answering at step {stall}
+    real = store_module.TensorFileWriter.write
+    def stalled(self, root, relpath, *args, **kwargs):  # the disk stops answering at step {stall}
         if relpath == "steps/{stall:06d}.safetensors":
             emit("stalled")
             time.sleep(1000)
-        return real(root, relpath, *args, **kwargs)
-    store_module.write_tensors = stalled
+        return real(self, root, relpath, *args, **kwargs)
+    store_module.TensorFileWriter.write = stalled
 
     class Progress(list):
         def __setitem__(self, i, value):
@@ -348,14 +348,14 @@ def test_the_background_writer_is_at_most_four_steps_behind(tmp_path, monkeypatc
 
     import explaind.trajectory.store as store_module
 
-    real, gate, returned = store_module.write_tensors, threading.Event(), [0]
+    real, gate, returned = store_module.TensorFileWriter.write, threading.Event(), [0]
 
-    def stuck(root, relpath, *args, **kwargs):
+    def stuck(self, root, relpath, *args, **kwargs):
         if relpath == "steps/000000.safetensors":
             gate.wait(60)
-        return real(root, relpath, *args, **kwargs)
+        return real(self, root, relpath, *args, **kwargs)
 
-    monkeypatch.setattr(store_module, "write_tensors", stuck)
+    monkeypatch.setattr(store_module.TensorFileWriter, "write", stuck)
     loop = threading.Thread(target=_record, args=(tmp_path / "run", 0, 8, returned), kwargs={"background_writes": True})
     loop.start()
     deadline = time.monotonic() + 60

@@ -293,6 +293,8 @@ class UpdateAudit:
     r"""Replays the recurrence with the adapter's coefficients and measures :math:`\|E_s\|/\|\Delta\theta_s\|`."""
 
     def __init__(self) -> None:
+        # m_s per parameter; each step stores new tensors and never writes into old ones (the store's
+        # writer saves them with the optimizer state without copying)
         self.momentum: dict[str, Tensor] = {}
 
     def step(

@@ -1,8 +1,9 @@
 """Low-level file handling of the trajectory store: atomic checksummed writes and verified reads.
 
 Every file is written with :func:`explaind._io.atomic_write` (a temporary file in the target
-directory, flushed, ``fsync``-ed and moved into place with :func:`os.replace`), so a reader (or a
-crash) sees either the old file or the complete new one. The SHA-256 of the bytes written goes
+directory, flushed, ``fsync``-ed and moved into place with :func:`os.replace`), or, the store
+writer's tensor files, by :class:`~explaind.trajectory._filewrite.TensorFileWriter` in the same
+way, so a reader (or a crash) sees either the old file or the complete new one. The SHA-256 of the bytes written goes
 into the manifest; reads hash the bytes they parse and raise
 :class:`~explaind.exceptions.TrajectoryError` naming the file (and the step, when there is one)
 on any mismatch. Reads are confined to the store: a path that the manifest names must stay

@@ -143,7 +143,8 @@ class RecorderStoreMixin:
         def prepare(record: StepRecord, state: Any) -> tuple[StepRecord, Any]:
             record = record.model_copy(update={"audit": audit_value(job())})
             if state is not None:
-                momentum = {f"audit.{k}": v.detach().clone() for k, v in self._auditor.momentum.items()}
+                # no copy: the audit replaces its momentum tensors at every step, never writes into them
+                momentum = {f"audit.{k}": v.detach() for k, v in self._auditor.momentum.items()}
                 state = ({**state[0], **momentum}, state[1])
             return record, state
 

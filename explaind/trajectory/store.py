@@ -51,7 +51,8 @@ from torch import Tensor
 from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
-from ._io import read_confined, write_bytes, write_tensors
+from ._filewrite import TensorFileWriter
+from ._io import read_confined, write_bytes
 from ._layout import (
     JOURNAL,
     MANIFEST,
@@ -302,6 +303,7 @@ class StoreWriter:
         last = next((slot_of(r) for r in reversed(manifest.steps) if slot_of(r) is not None), None)
         self._slot = 1 if last is not None and last.path.endswith("state-1.safetensors") else 0
         self._lock = threading.Lock()
+        self._files = TensorFileWriter()  # tensor files: one reused buffer, O_DIRECT where allowed
         self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
         remove_temporary_files(self.root)
         if new:
@@ -346,7 +348,7 @@ class StoreWriter:
         self, relpath: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
     ) -> FileRecord:
         """Synchronous checksummed write of one safetensors file (start files)."""
-        return write_tensors(self.root, relpath, tensors, metadata, fsync=self.fsync)
+        return self._files.write(self.root, relpath, tensors, metadata, fsync=self.fsync)
 
     def _worker(self) -> None:
         """Commit queued steps; whatever has piled up is committed as one group (fewer fsyncs)."""
@@ -425,12 +427,12 @@ class StoreWriter:
                 if prepare is not None:
                     record, state = prepare(record, state)
                 meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
-                file = write_tensors(self.root, step_path(s), tensors, meta, fsync=self.fsync, fsync_dir=False)
+                file = self._files.write(self.root, step_path(s), tensors, meta, fsync=self.fsync, fsync_dir=False)
                 files: dict[str, FileRecord | None] = {"file": file, "optimizer_state": None}
                 if state is not None and self.keep_states:
                     files.update(self._write_checkpoint_state(s, *state))
                 elif state is not None and i == last_state:
-                    files["optimizer_state"] = write_tensors(
+                    files["optimizer_state"] = self._files.write(
                         self.root, f"optimizer/state-{1 - self._slot}.safetensors", state[0],
                         dict(state[1], n_steps=str(s + 1)), fsync=self.fsync, fsync_dir=False)
                 done.append(record.model_copy(update=files))
@@ -457,11 +459,11 @@ class StoreWriter:
         """A sparse store's checkpoint: the optimizer state kept for good, the audit's momentum in the next slot."""
         own = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
         audit = {k: v for k, v in tensors.items() if k.startswith("audit.")}
-        out: dict[str, FileRecord | None] = {"optimizer_state": write_tensors(
+        out: dict[str, FileRecord | None] = {"optimizer_state": self._files.write(
             self.root, checkpoint_state_path(s), own, dict(meta, n_steps=str(s + 1)), fsync=self.fsync,
             fsync_dir=False)}
         if audit:
-            out["audit_state"] = write_tensors(self.root, f"optimizer/state-{1 - self._slot}.safetensors", audit,
+            out["audit_state"] = self._files.write(self.root, f"optimizer/state-{1 - self._slot}.safetensors", audit,
                                                {"n_steps": str(s + 1)}, fsync=self.fsync, fsync_dir=False)
             self._slot = 1 - self._slot  # the record is committed with the group (the journal lists it)
         return out

@@ -1,0 +1,198 @@
+r"""The store's tensor files, written from one reused buffer (docs/recording.md, "Recording overhead").
+
+:class:`TensorFileWriter` lays a safetensors file out (8-byte header length, JSON header, the
+tensors' bytes) in a page-aligned buffer that it keeps from file to file, at most :data:`CHUNK`
+bytes at a time, takes the SHA-256 of them and writes them the way
+:func:`explaind._io.atomic_write` does (a temporary file in the target's directory, ``fsync``,
+:func:`os.replace`), so a crash leaves the old file or the whole new one. Compared with
+serialising to a fresh ``bytes`` object and writing it through the page cache, it saves per file:
+
+* the copies of serialisation (each tensor into its own ``bytes``, then all of them into one,
+  two transient copies of the file in memory): the tensors are copied once, into the buffer;
+* on Linux, the page cache: the buffer is written with ``O_DIRECT`` (straight to the device), so
+  the new file's pages are neither allocated nor written back later by the kernel. ``fsync``
+  then flushes only the file's size and the device's cache. Measured with
+  ``benchmarks/bench_store_writer.py``, this is what a durable write of the store costs the
+  CPU. Where the file system refuses ``O_DIRECT`` (``EINVAL``, e.g. some network or in-memory
+  file systems) or the platform lacks it, the buffer is written through the page cache instead,
+  and the writer stays with that for the directories that refused.
+
+The bytes are those of a safetensors file that ``safetensors.torch.load`` reads: tensors ordered
+as the safetensors library orders them (by its dtype enum, last first, then by name), contiguous,
+the header padded with spaces to a multiple of 8 bytes. Tensors of a dtype outside
+:data:`DTYPES` are serialised by the safetensors library and copied into the buffer.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from .._io import fsync_directory
+from .manifest import FileRecord
+
+__all__ = ["TensorFileWriter", "DTYPES", "layout"]
+
+logger = logging.getLogger(__name__)
+
+#: safetensors' names of the dtypes this module lays out itself, in the order of the library's ``Dtype`` enum
+DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+}
+_RANK = {dtype: rank for rank, dtype in enumerate(DTYPES)}
+#: alignment of the buffer, of the length written with O_DIRECT and of its file offsets
+BLOCK = 4096
+#: bytes laid out, hashed and written at a time (a multiple of BLOCK): the most the buffer holds
+CHUNK = 8 << 20
+
+
+def layout(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[Tensor, int]]]:
+    """The safetensors header of ``tensors`` and where each tensor's bytes go.
+
+    Parameters
+    ----------
+    tensors : dict of str to Tensor
+        On the CPU, contiguous, of a dtype in :data:`DTYPES`.
+    metadata : dict of str to str, optional
+        The header's ``__metadata__``.
+
+    Returns
+    -------
+    head : bytes
+        The file's first ``8 + N`` bytes: ``N`` (little-endian u64) and the JSON header, padded with
+        spaces so that ``8 + N`` is a multiple of 8.
+    places : list of (Tensor, int)
+        Each tensor with the offset of its bytes in the file.
+    """
+    order = sorted(tensors, key=lambda k: (-_RANK[tensors[k].dtype], k))  # the library's order
+    header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
+    spans, end = [], 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [end, end + size]}
+        spans.append((t, end))
+        end += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, [(t, start + offset) for t, offset in spans]
+
+
+class TensorFileWriter:
+    """Writes checksummed safetensors files atomically through one reused, page-aligned buffer (thread-safe).
+
+    A file is laid out ``CHUNK`` bytes at a time (the buffer never grows past that), each chunk
+    hashed and written before the next is filled.
+
+    Parameters
+    ----------
+    direct : bool
+        Try ``O_DIRECT`` (Linux); ``False`` always writes through the page cache.
+    """
+
+    def __init__(self, direct: bool = True) -> None:
+        self._direct = bool(direct) and hasattr(os, "O_DIRECT")
+        self._refused: set[str] = set()  # directories whose file system refused O_DIRECT
+        self._buffer: mmap.mmap | None = None
+        self._lock = threading.Lock()
+
+    def write(self, root: Path, relpath: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
+              *, fsync: bool = True, fsync_dir: bool | None = None) -> FileRecord:
+        r"""Write ``tensors`` to ``root / relpath`` (replaced atomically); return its :class:`FileRecord`.
+
+        ``fsync`` flushes the file before it is moved into place; ``fsync_dir`` (default:
+        ``fsync``) flushes its directory after (callers committing many files flush it once).
+        """
+        target = Path(root) / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if all(v.dtype in DTYPES for v in cpu.values()):
+            head, places = layout(cpu, metadata)
+        else:  # a dtype this module does not lay out: the library's bytes
+            head, places = st_save(cpu, metadata=metadata), []
+        pieces = [(t.reshape(-1).view(torch.uint8), offset) for t, offset in places if t.numel()]
+        size = len(head) + sum(len(flat) for flat, _ in pieces)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        with self._lock:
+            try:
+                digest = self._write_file(tmp, head, pieces, size, fsync)
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        if fsync if fsync_dir is None else fsync_dir:
+            fsync_directory(target.parent)
+        return FileRecord(path=relpath, sha256=digest, nbytes=size)
+
+    def _chunks(self, head: bytes, pieces: list[tuple[Tensor, int]], size: int) -> Iterator[tuple[memoryview, int]]:
+        """The file's bytes, ``CHUNK`` at a time, in the buffer: ``(chunk padded to BLOCK, file bytes in it)``."""
+        span = min(-(-size // BLOCK) * BLOCK, CHUNK)
+        if self._buffer is None or len(self._buffer) < span:
+            self._buffer = mmap.mmap(-1, span)  # anonymous: page-aligned
+        flat = torch.frombuffer(self._buffer, dtype=torch.uint8, count=span)
+        view = memoryview(self._buffer)
+        try:
+            for start in range(0, size, CHUNK):
+                stop = min(start + CHUNK, size)
+                if start < len(head):
+                    view[: min(len(head), stop) - start] = head[start:stop]
+                for piece, offset in pieces:
+                    lo, hi = max(start, offset), min(stop, offset + len(piece))
+                    if lo < hi:
+                        flat[lo - start : hi - start].copy_(piece[lo - offset : hi - offset])
+                n = stop - start
+                padded = -(-n // BLOCK) * BLOCK
+                flat[n:padded].zero_()
+                yield view[:padded], n
+        finally:
+            view.release()
+
+    def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int]], size: int, fsync: bool) -> str:
+        """Create ``path`` with the file's bytes, with ``O_DIRECT`` where allowed; returns their SHA-256."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        directory = str(path.parent)
+        if self._direct and directory not in self._refused:
+            try:
+                return self._write_chunks(path, flags | os.O_DIRECT, head, pieces, size, fsync, direct=True)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            logger.debug("O_DIRECT refused in %s; writing through the page cache there.", directory)
+            self._refused.add(directory)
+        return self._write_chunks(path, flags, head, pieces, size, fsync, direct=False)
+
+    def _write_chunks(self, path: Path, flags: int, head: bytes, pieces: list[tuple[Tensor, int]], size: int,
+                      fsync: bool, *, direct: bool) -> str:
+        digest = hashlib.sha256()
+        fd = os.open(path, flags, 0o644)
+        try:
+            for chunk, n in self._chunks(head, pieces, size):
+                digest.update(chunk[:n])
+                _write_all(fd, chunk if direct else chunk[:n])  # O_DIRECT: whole blocks, cut below
+            if direct:
+                os.ftruncate(fd, size)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return digest.hexdigest()
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """``os.write`` until all of ``data`` is written (a short write continues where it stopped)."""
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
