@@ -47,10 +47,92 @@ def test_conv1d_rule_is_found_by_its_qualified_name():
     assert isinstance(layer_rule(layer), TransposedLinearRule)
     assert covered_parameters(layer, ["weight", "bias"]) == {"weight": ("", "weight"), "bias": ("", "bias")}
 
-    class Conv1DSubclass(Conv1D):  # exact types only: a subclass may override forward
+    class Conv1DSubclass(Conv1D):  # overrides nothing: matched through its MRO by name
         pass
 
-    assert layer_rule(Conv1DSubclass(4, 3)) is None
+    assert isinstance(layer_rule(Conv1DSubclass(4, 3)), TransposedLinearRule)
+
+    class Conv1DOwnForward(Conv1D):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 2
+
+    assert layer_rule(Conv1DOwnForward(4, 3)) is None
+
+
+class InitOnlyLinear(nn.Linear):
+    """A subclass with its own constructor only (like nn.MultiheadAttention's out_proj)."""
+
+    def __init__(self, n: int):
+        super().__init__(n, n)
+        nn.init.eye_(self.weight)
+
+
+class OwnForwardLinear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+class OwnConvForward(nn.Conv2d):
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # a helper of forward
+        return super()._conv_forward(x, weight.flip(-1), bias)
+
+
+class HookedLinear(nn.Linear):
+    """Overrides no method, but changes the output through a hook installed by its constructor."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__(n_in, n_out)
+        self.register_forward_hook(lambda module, args, out: 2 * out)
+
+
+def test_subclasses_use_their_bases_rule_unless_they_redefine_a_method():
+    from explaind.kernel.conv_rules import Conv2dRule
+    from explaind.kernel.layer_rules import LinearRule, overridden
+
+    assert isinstance(layer_rule(InitOnlyLinear(3)), LinearRule)
+    assert isinstance(layer_rule(nn.MultiheadAttention(4, 2).out_proj), LinearRule)
+    assert isinstance(layer_rule(type("Deeper", (InitOnlyLinear,), {})(3)), LinearRule)
+    assert layer_rule(OwnForwardLinear(3, 2)) is None
+    assert overridden(OwnForwardLinear, nn.Linear) == ["forward"]
+    assert isinstance(layer_rule(nn.Conv2d(1, 2, 3)), Conv2dRule)
+    assert layer_rule(OwnConvForward(1, 2, 3)) is None
+    assert overridden(OwnConvForward, nn.Conv2d) == ["_conv_forward"]
+    assert covered_parameters(nn.Sequential(OwnForwardLinear(3, 2)), ["0.weight", "0.bias"]) == {}
+
+
+def test_register_layer_rule_none_takes_a_class_off_the_rules(monkeypatch):
+    monkeypatch.setattr("explaind.kernel.layer_rules.LAYER_RULES", dict(explaind.kernel.layer_rules.LAYER_RULES))
+    assert layer_rule(HookedLinear(3, 2)) is not None
+    register_layer_rule(HookedLinear, None)
+    assert layer_rule(HookedLinear(3, 2)) is None
+    assert layer_rule(type("Sub", (HookedLinear,), {})(3, 2)) is None  # its subclasses too
+    assert layer_rule(nn.Linear(3, 2)) is not None
+    assert "HookedLinear" not in explaind.kernel.layer_rules.rule_names()
+
+
+def _subclass_run(layer: type[nn.Module]):
+    gen = torch.Generator().manual_seed(6)
+    X = torch.randn(12, 3, generator=gen, dtype=DT)
+    y = torch.randint(0, 2, (12,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), layer(4, 2)).to(DT)
+    return _record(model, X[:10], y[:10], steps=2, batch=5, opt="sgd"), X[10:]
+
+
+@pytest.mark.parametrize("layer, why", [(OwnForwardLinear, "outside layers with a rule: 2.weight, 2.bias"),
+                                        (HookedLinear, "start-up check failed")])
+def test_a_subclass_computing_otherwise_never_gets_a_silent_rule(layer, why):
+    """A redefined forward gets no rule; a hook that overrides nothing is caught by the start-up check."""
+    traj, X = _subclass_run(layer)
+    auto = explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", residual_tol=1.0,
+                                       device="cpu").fit(traj)
+    got = auto.transform(X)
+    assert auto.sweep_["jacobian"] == "autograd"
+    assert why in auto.engine_.evaluator.state["jacobian"]
+    never = explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", factored="never",
+                                        residual_tol=1.0, device="cpu").fit(traj).transform(X)
+    assert rel(got.values, never.values) == 0.0
+    assert got.completeness_error() <= 1e-10
 
 
 def test_explaind_imports_without_transformers():
