@@ -422,3 +422,101 @@ def test_padding_jacobian_is_the_true_derivative_and_atoms_keep_torchs_gradient(
             g = grad(lambda p, k=k: F.cross_entropy(functional_call(padded, p, (X[k:k + 1],)), Y[k:k + 1]))(params)
             assert rel(atoms[k], torch.cat([g[n].reshape(-1) for n in names])) <= 1e-13
         assert float(atoms[:, :4].abs().max()) == 0.0  # torch's gradient: nothing at the padding row
+
+
+# ---------------------------------------------------------------------------------------------- attention, depthwise
+class EncoderClassifier(nn.Module):
+    """Token embeddings, two nn.TransformerEncoderLayer (post-norm ReLU, causal mask; pre-norm GELU), a read-out."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.tok = nn.Embedding(7, d)
+        self.pos = nn.Embedding(4, d)
+        self.layers = nn.ModuleList([
+            nn.TransformerEncoderLayer(d, 2, 12, dropout=0.0, batch_first=True),
+            nn.TransformerEncoderLayer(d, 2, 12, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1])[None])
+        causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], dtype=h.dtype)
+        h = self.layers[1](self.layers[0](h, src_mask=causal, is_causal=True))
+        return self.head(h.mean(1))
+
+
+class DepthwiseCNN(nn.Module):
+    """A MobileNet-style block: 3x3 stem, depthwise 3x3 (groups = channels), pointwise 1x1, pooling, a read-out."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.depthwise = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
+        self.pointwise = nn.Conv2d(width, width, 1)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.stem(x))
+        h = torch.relu(h + self.pointwise(torch.relu(self.depthwise(h))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+@functools.cache
+def _model_run(kind: str):
+    gen = torch.Generator().manual_seed(5)
+    if kind == "encoder":
+        X = torch.randint(0, 7, (20, 4), generator=gen)
+        model = EncoderClassifier
+    else:
+        X = torch.randn(20, 1, 5, 5, generator=gen, dtype=DT)
+        model = DepthwiseCNN
+    y = torch.randint(0, 3, (20,), generator=gen)
+    torch.manual_seed(2)
+    return _record(model().to(DT), X[:16], y[:16], steps=3, batch=4), X[16:]
+
+
+def test_encoder_layer_parameters_are_the_attention_rules():
+    """in_proj_* and out_proj.* belong to the block's rule (out_proj's own forward never runs)."""
+    layer = nn.TransformerEncoderLayer(4, 2, 6, batch_first=True).eval()  # dropout off
+    names = [n for n, _ in layer.named_parameters()]
+    covered = covered_parameters(layer, names)
+    assert set(covered) == set(names)
+    assert covered["self_attn.in_proj_weight"] == ("self_attn", "in_weight")
+    assert covered["self_attn.out_proj.weight"] == ("self_attn", "out_weight")
+    assert covered["self_attn.out_proj.bias"] == ("self_attn", "out_bias")
+    assert covered["linear1.weight"] == ("linear1", "weight")
+    assert "self_attn.in_proj_weight" not in covered_parameters(layer.train(), names)  # active dropout: no rule
+    kv_bias = nn.MultiheadAttention(4, 2, add_bias_kv=True)
+    assert "in_proj_weight" not in covered_parameters(kv_bias, [n for n, _ in kv_bias.named_parameters()])
+
+
+@pytest.mark.parametrize("kind", ["encoder", "depthwise"])
+def test_attention_and_depthwise_models_factored_equal_generic(kind):
+    traj, X = _model_run(kind)
+    att, replica = {}, {}
+    for mode in ("always", "never"):
+        est = explaind.InfluenceEstimator(keep=("step", "group", "train"), quadrature="gauss-legendre",
+                                          factored=mode, residual_tol=1.0, device="cpu").fit(traj)
+        att[mode] = est.transform(X)
+        assert est.sweep_["jacobian"] == {"always": "factored", "never": "autograd"}[mode]
+        assert att[mode].completeness_error() <= 1e-10
+        rep = explaind.KernelReplica(quadrature="adaptive", factored=mode, device="cpu").fit(traj)
+        replica[mode] = torch.as_tensor(rep.predict(X))
+        assert ("rows" in rep.engine_.factored_used) == (mode == "always")
+    assert float(att["never"].values.abs().max()) > 1e-6
+    assert rel(att["always"].values, att["never"].values) <= 1e-10
+    assert rel(replica["always"], replica["never"]) <= 1e-10
+
+
+def test_every_registered_layer_rule_is_documented():
+    """docs/engine.md's table of rules names every layer type with a rule (by class or qualified name)."""
+    from pathlib import Path
+
+    from explaind.kernel.layer_rules import LAYER_RULES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "engine.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| `nn.") or line.startswith("| `transformers.")]
+    for layer in LAYER_RULES:
+        name = "BatchNorm1d/2d/3d" if layer.__name__.startswith("BatchNorm") else layer.__name__
+        assert any(f"`nn.{name}`" in line for line in table), layer
+    for qualified in NAMED_LAYER_RULES:
+        assert any(f"`{qualified}`" in line for line in table), qualified

@@ -21,7 +21,10 @@ quadrature-weighted Jacobian is reduced from the factors. :data:`LAYER_RULES` ma
 keyed by a class's qualified name, matched when such a module is first seen, so that explaind
 imports without the class's package (GPT-2's ``transformers.pytorch_utils.Conv1D``, :math:`z = a W + b`
 with ``W`` stored ``(in, out)``: :class:`TransposedLinearRule`). :func:`register_layer_rule` adds a
-rule either way (its results are still checked against ``torch.func`` at start-up before use).
+rule either way (its results are still checked against ``torch.func`` at start-up before use);
+:func:`layer_rule` finds a module's rule through its class's MRO, for subclasses that redefine no
+method of the registered class. A *composite* rule (a block of affine maps around a parameter-free
+core, :mod:`~explaind.kernel.attention_rules`) defines ``forward`` instead of ``moved``/``at_steps``.
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ class LayerRule(Protocol):
 
     A rule may also define ``kept(module, a) -> Tensor``: what the hooks keep of the layer input for
     :meth:`reduce` (default: ``a``), computed during the forward pass, while the step's buffers are
-    in the module (e.g. the input normalised with running statistics).
+    in the module (e.g. the input normalised with running statistics). A composite rule defines
+    ``forward(module, args, kwargs, site)`` instead of :meth:`moved` and :meth:`at_steps`: it returns
+    the module's output with each affine map computed by ``site(name, a, W, b, roles, part)``, and its
+    :meth:`reduce` receives ``calls`` grouped by site name (``{site: Factors}``).
     """
 
     def roles(self, module: nn.Module) -> dict[str, str]:
