@@ -156,6 +156,9 @@ def test_register_layer_rule_by_name_and_its_errors(monkeypatch):
         register_layer_rule("PReLU", rule)
     with pytest.raises(ConfigError, match=r"the rule for a.b.C lacks at_steps, reduce"):
         register_layer_rule("a.b.C", type("Half", (), {"roles": lambda self, m: {}, "moved": lambda self: 0})())
+    with pytest.raises(ConfigError, match=r"the rule for a.b.C lacks reduce; .*roles, forward and reduce"):
+        register_layer_rule("a.b.C", type("Composite", (), {"roles": lambda self, m: {}, "forward": lambda self: 0})())
+    assert "a.b.C" not in NAMED_LAYER_RULES
 
 
 def test_batchnorm_rule_covers_only_eval_mode_with_running_statistics():
@@ -520,3 +523,22 @@ def test_every_registered_layer_rule_is_documented():
         assert any(f"`nn.{name}`" in line for line in table), layer
     for qualified in NAMED_LAYER_RULES:
         assert any(f"`{qualified}`" in line for line in table), qualified
+
+
+def test_auto_keeps_narrow_attention_on_the_generic_path_on_the_cpu():
+    """Measured slower with the attention rule at width 32, faster at 128 (docs/engine.md): "auto" follows."""
+    from explaind.kernel.engine import NARROW_ATTENTION, make_evaluator
+
+    def evaluator(width: int, mode: str = "auto"):
+        model = nn.Sequential(nn.TransformerEncoderLayer(width, 2, 8, dropout=0.0, batch_first=True)).to(DT)
+        fm = FunctionalModel(model, {}, resolve_loss("cross_entropy").implementation, torch.device("cpu"), DT)
+        return make_evaluator(fm, tuple(n for n, _ in model.named_parameters()), mode, None)
+
+    assert type(evaluator(NARROW_ATTENTION - 2)) is AutogradEvaluator
+    assert type(evaluator(NARROW_ATTENTION)) is LayerEvaluator
+    assert type(evaluator(8, "always")) is LayerEvaluator
+    traj, X = _model_run("encoder")  # width 8
+    auto = explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", residual_tol=1.0,
+                                       device="cpu").fit(traj)
+    auto.transform(X)
+    assert auto.sweep_["jacobian"] == "autograd"
