@@ -13,7 +13,7 @@ a parameter-free core: the in-projection :math:`[q; k; v] = W_{in} a + b_{in}` (
 affine map is a *site*: the hooks evaluate it at every row's own point and, for Jacobians, put a
 zero offset on its output, so each site's factors are those of a linear layer,
 :math:`\partial g / \partial W = \sum_r \delta_r a_r^\top` with :math:`a` the site's input and
-:math:`\delta` the output gradient of the site (docs/engine.md, "Layer-factored evaluator"). The
+:math:`\delta` the output gradient of the site (docs/engine.md §2, the layer-factored evaluator). The
 in-projection of self-attention (``query is key is value``) is one site; of cross-attention,
 ``q`` and ``kv`` (``key is value``) or ``q``, ``k``, ``v``, each a block of rows of
 ``in_proj_weight``. Covered: packed projections (``kdim = vdim = embed_dim``), no ``bias_k``/``bias_v``,
