@@ -1,7 +1,7 @@
-"""Engine time per step with and without the layer rules on a tiny GPT-2 and a ResNet-18-shaped BatchNorm CNN.
+"""Engine time per step with and without the layer rules on GPT-2, a ResNet, a Transformer encoder, a MobileNet block.
 
-Run ``python benchmarks/bench_layer_rules_models.py [--steps N] [--inputs T] [--width W] [--gpt-width D]``. Records
-two runs nobody tuned the rules for, in float64 on the CPU:
+Run ``python benchmarks/bench_layer_rules_models.py [--steps N] [--inputs T] [--width W] [--gpt-width D]
+[--models gpt2,resnet,encoder,depthwise]``. Records runs nobody tuned the rules for, in float64 on the CPU:
 
 * a GPT-2 (``transformers.GPT2LMHeadModel`` from a ``GPT2Config``, no download; dropout 0; the
   read-out tied to the token embeddings as in GPT-2) trained with AdamW on next-token prediction of short sequences,
@@ -9,7 +9,12 @@ two runs nobody tuned the rules for, in float64 on the CPU:
 * a ResNet-18-shaped CNN at reduced width (BatchNorm after every convolution, four stages of two
   basic blocks, 1x1 projection shortcuts) trained with SGD momentum on scikit-learn's digits, in
   training mode (batch statistics: per-sample gradients through the replayed batched forward),
-  explained in evaluation mode: Conv2d, BatchNorm and Linear rules.
+  explained in evaluation mode: Conv2d, BatchNorm and Linear rules;
+* a Transformer encoder (``nn.TransformerEncoderLayer`` x2, causal mask, width ``--gpt-width``) on the
+  same sequences with AdamW: the MultiheadAttention rule (in/out projections as sites), Linear,
+  LayerNorm and Embedding rules;
+* a MobileNet-style CNN (depthwise-separable blocks: depthwise 3x3 Conv2d with ``groups`` = channels,
+  pointwise 1x1, GroupNorm) on digits with SGD momentum: grouped Conv2d, GroupNorm and Linear rules.
 
 For each it times ``InfluenceEstimator(keep=("train",))`` (Gauss-Legendre 4 nodes, and the adaptive
 rule) and the adaptive ``KernelReplica`` with the layer rules (``factored="always"``; ``"auto"`` keeps
@@ -50,6 +55,53 @@ class TinyGPT2(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.gpt(input_ids=tokens).logits[:, -1]
+
+
+class Encoder(nn.Module):
+    """Token and position embeddings, ``nn.TransformerEncoderLayer`` blocks with a causal mask; the last position."""
+
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, length: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(length, width)
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True)
+                                     for _ in range(layers)])
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device)[None])
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], dtype=h.dtype, device=h.device)
+        for block in self.blocks:
+            h = block(h, src_mask=mask, is_causal=True)
+        return self.head(h[:, -1])
+
+
+class SeparableBlock(nn.Module):
+    """MobileNet's depthwise-separable block: depthwise 3x3 (one group per channel), GroupNorm, pointwise 1x1."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False)
+        self.norm = nn.GroupNorm(1, c_in)
+        self.pointwise = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.pointwise(torch.relu(self.norm(self.depthwise(x)))))
+
+
+class MobileNet(nn.Module):
+    """A 3x3 stem and four depthwise-separable blocks at widths w, 2w, 2w, 4w for 8x8 single-channel images."""
+
+    def __init__(self, width: int, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, 1, 1)
+        widths = (width, 2 * width, 2 * width, 4 * width)
+        self.blocks = nn.Sequential(*[SeparableBlock(c_in, c_out, 2 if i % 2 else 1) for i, (c_in, c_out)
+                                      in enumerate(zip((width, *widths[:-1]), widths))])
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(torch.relu(self.stem(x))).mean(dim=(2, 3)))
 
 
 class BasicBlock(nn.Module):
@@ -102,31 +154,54 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torc
     return rec.trajectory
 
 
-def gpt2_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
-    vocab, length = 32, 8
+def sequences(n_test: int, vocab: int = 32, length: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arithmetic sequences modulo ``vocab``: ``X (256 + n_test, length)``, the next term ``y``."""
     gen = torch.Generator().manual_seed(1)
     start = torch.randint(vocab, (256 + n_test, 1), generator=gen)
     step = torch.randint(1, 4, (256 + n_test, 1), generator=gen)
-    seq = (start + step * torch.arange(length + 1)) % vocab  # arithmetic sequences: predict the next term
-    X, y = seq[:, :-1], seq[:, -1]
-    torch.manual_seed(0)
-    model = TinyGPT2(vocab, width=width, layers=2, heads=4, length=length).double()
+    seq = (start + step * torch.arange(length + 1)) % vocab
+    return seq[:, :-1], seq[:, -1]
+
+
+def sequence_run(model: nn.Module, label: str, steps: int, n_test: int) -> tuple[str, explaind.Trajectory,
+                                                                                torch.Tensor]:
+    X, y = sequences(n_test)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     traj = train(model, opt, X[:256], y[:256], steps, batch=16)
     n = sum(p.numel() for p in model.parameters())
-    return f"tiny GPT-2 (2 layers, width {width}, {n} parameters, AdamW)", traj, X[256:]
+    return f"{label}, {n} parameters, AdamW)", traj, X[256:]
 
 
-def resnet_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
+def gpt2_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TinyGPT2(32, width=width, layers=2, heads=4, length=8).double()
+    return sequence_run(model, f"tiny GPT-2 (2 layers, width {width}", steps, n_test)
+
+
+def encoder_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Encoder(32, width=width, layers=2, heads=4, length=8).double()
+    return sequence_run(model, f"TransformerEncoderLayer x2 (width {width}", steps, n_test)
+
+
+def digits_run(model: nn.Module, label: str, steps: int, n_test: int) -> tuple[str, explaind.Trajectory,
+                                                                              torch.Tensor]:
     data = digits(flatten=False, dtype=torch.float64)
     X, y = data.train
-    torch.manual_seed(0)
-    model = ResNet18(width).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     traj = train(model, opt, X.reshape(-1, 1, 8, 8), y, steps, batch=16)
     n = sum(p.numel() for p in model.parameters())
-    name = f"ResNet-18 layout, BatchNorm, width {width} ({n} parameters, SGD momentum)"
-    return name, traj, data.X_val.reshape(-1, 1, 8, 8)[:n_test]
+    return f"{label} ({n} parameters, SGD momentum)", traj, data.X_val.reshape(-1, 1, 8, 8)[:n_test]
+
+
+def resnet_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
+    torch.manual_seed(0)
+    return digits_run(ResNet18(width).double(), f"ResNet-18 layout, BatchNorm, width {width}", steps, n_test)
+
+
+def depthwise_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
+    torch.manual_seed(0)
+    return digits_run(MobileNet(width).double(), f"MobileNet-style, depthwise, width {width}", steps, n_test)
 
 
 def timed(fn):
@@ -168,6 +243,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4, help="channels of the ResNet's first stage (64 in ResNet-18)")
     ap.add_argument("--gpt-width", type=int, default=32, help="GPT-2's embedding width (768 in GPT-2 small)")
     ap.add_argument("--repeat", type=int, default=2, help="timings per mode (the fastest is printed)")
+    ap.add_argument("--models", default="gpt2,resnet,encoder,depthwise",
+                    help="comma-separated subset of gpt2, resnet, encoder, depthwise")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", category=ExplaindWarning)  # quadrature notes, the same for both paths
@@ -175,8 +252,15 @@ def main() -> None:
           f"inputs; seconds per recorded step (fit + transform/predict)\n")
     print("| model | measurement | layer rules (s/step) | path | torch.func (s/step) | ratio | max rel. difference |")
     print("|---|---|---|---|---|---|---|")
-    runs = (gpt2_run(args.steps, args.inputs, args.gpt_width), resnet_run(args.steps, args.inputs, args.width))
-    for name, traj, X in runs:
+    makers = {"gpt2": (gpt2_run, args.gpt_width), "resnet": (resnet_run, args.width),
+              "encoder": (encoder_run, args.gpt_width), "depthwise": (depthwise_run, args.width)}
+    chosen = args.models.split(",")
+    unknown = sorted(set(chosen) - set(makers))
+    if unknown:
+        ap.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(makers)}")
+    for key in chosen:
+        make, width = makers[key]
+        name, traj, X = make(args.steps, args.inputs, width)
         for label, job in jobs().items():
             out, best = best_of(args.repeat, job, traj, X)
             (fast, path), (slow, _), t_fast, t_slow = out["always"], out["never"], best["always"], best["never"]

@@ -212,7 +212,70 @@ class TiedTokens(nn.Module):
         return self.read(h.mean(1))
 
 
+class DepthwiseNet(nn.Module):
+    """Grouped and depthwise Conv2d (groups 2 and 4, one strided, one without bias), a pointwise one, a read-out."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(2, 4, 3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(4, 4, 3, stride=2, groups=4, bias=False)
+        self.pointwise = nn.Conv2d(4, 3, 1)
+        self.head = nn.Linear(3 * 2 * 2, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.grouped(x))
+        return self.head(torch.tanh(self.pointwise(torch.tanh(self.depthwise(h)))).flatten(1))
+
+
+class AttentionNet(nn.Module):
+    """nn.MultiheadAttention every way it is called: self-attention (sequence first, padding mask), one module
+    for cross-attention with shared keys and values (float mask, averaged weights used) and with three inputs,
+    and one without biases; the out-projection's own forward is never called by the block."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.tok = nn.Embedding(7, d)
+        self.self_attn = nn.MultiheadAttention(d, 2)  # sequence first
+        self.cross = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.plain = nn.MultiheadAttention(d, 1, bias=False, batch_first=True)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        pad = tokens == 0
+        pad[:, 0] = False  # no row masked entirely
+        x = self.tok(tokens)
+        h = self.self_attn(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), key_padding_mask=pad,
+                           need_weights=False)[0].transpose(0, 1)
+        h = torch.tanh(h + x)
+        L = tokens.shape[1]
+        mask = torch.linspace(-1.0, 0.0, L * L, dtype=x.dtype).reshape(L, L)
+        c, w = self.cross(h, x, x, attn_mask=mask)
+        c = c + (w @ torch.linspace(0.5, 1.5, L, dtype=x.dtype)).unsqueeze(-1)
+        c = c + self.cross(c, h, torch.tanh(x), need_weights=False)[0]
+        c = c + self.plain(c, c, c, need_weights=False)[0]
+        return self.head(torch.tanh(c).mean(1))
+
+
+class EncoderNet(nn.Module):
+    """Token embeddings into an nn.TransformerEncoderLayer (pre-norm, GELU, causal mask), a linear read-out."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(7, 4)
+        self.layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, activation="gelu", batch_first=True,
+                                                norm_first=True)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], dtype=self.head.weight.dtype)
+        return self.head(self.layer(self.tok(tokens), src_mask=mask, is_causal=True)[:, -1])
+
+
 CASES = {
+    "attention": (AttentionNet, lambda T: _tokens(T, 8)),
+    "encoder": (EncoderNet, lambda T: _tokens(T, 9)),
+    "depthwise": (DepthwiseNet, lambda T: torch.randn(T, 2, 5, 5, generator=torch.Generator().manual_seed(5),
+                                                      dtype=DT)),
     "tied": (TiedTokens, lambda T: _tokens(T, 7)),
     "batchnorm": (BatchNormNet, lambda T: torch.randn(T, 1, 6, 6, generator=torch.Generator().manual_seed(5),
                                                       dtype=DT)),

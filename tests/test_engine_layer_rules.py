@@ -47,10 +47,92 @@ def test_conv1d_rule_is_found_by_its_qualified_name():
     assert isinstance(layer_rule(layer), TransposedLinearRule)
     assert covered_parameters(layer, ["weight", "bias"]) == {"weight": ("", "weight"), "bias": ("", "bias")}
 
-    class Conv1DSubclass(Conv1D):  # exact types only: a subclass may override forward
+    class Conv1DSubclass(Conv1D):  # overrides nothing: matched through its MRO by name
         pass
 
-    assert layer_rule(Conv1DSubclass(4, 3)) is None
+    assert isinstance(layer_rule(Conv1DSubclass(4, 3)), TransposedLinearRule)
+
+    class Conv1DOwnForward(Conv1D):
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(x) * 2
+
+    assert layer_rule(Conv1DOwnForward(4, 3)) is None
+
+
+class InitOnlyLinear(nn.Linear):
+    """A subclass with its own constructor only (like nn.MultiheadAttention's out_proj)."""
+
+    def __init__(self, n: int):
+        super().__init__(n, n)
+        nn.init.eye_(self.weight)
+
+
+class OwnForwardLinear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+class OwnConvForward(nn.Conv2d):
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # a helper of forward
+        return super()._conv_forward(x, weight.flip(-1), bias)
+
+
+class HookedLinear(nn.Linear):
+    """Overrides no method, but changes the output through a hook installed by its constructor."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__(n_in, n_out)
+        self.register_forward_hook(lambda module, args, out: 2 * out)
+
+
+def test_subclasses_use_their_bases_rule_unless_they_redefine_a_method():
+    from explaind.kernel.conv_rules import Conv2dRule
+    from explaind.kernel.layer_rules import LinearRule, overridden
+
+    assert isinstance(layer_rule(InitOnlyLinear(3)), LinearRule)
+    assert isinstance(layer_rule(nn.MultiheadAttention(4, 2).out_proj), LinearRule)
+    assert isinstance(layer_rule(type("Deeper", (InitOnlyLinear,), {})(3)), LinearRule)
+    assert layer_rule(OwnForwardLinear(3, 2)) is None
+    assert overridden(OwnForwardLinear, nn.Linear) == ["forward"]
+    assert isinstance(layer_rule(nn.Conv2d(1, 2, 3)), Conv2dRule)
+    assert layer_rule(OwnConvForward(1, 2, 3)) is None
+    assert overridden(OwnConvForward, nn.Conv2d) == ["_conv_forward"]
+    assert covered_parameters(nn.Sequential(OwnForwardLinear(3, 2)), ["0.weight", "0.bias"]) == {}
+
+
+def test_register_layer_rule_none_takes_a_class_off_the_rules(monkeypatch):
+    monkeypatch.setattr("explaind.kernel.layer_rules.LAYER_RULES", dict(explaind.kernel.layer_rules.LAYER_RULES))
+    assert layer_rule(HookedLinear(3, 2)) is not None
+    register_layer_rule(HookedLinear, None)
+    assert layer_rule(HookedLinear(3, 2)) is None
+    assert layer_rule(type("Sub", (HookedLinear,), {})(3, 2)) is None  # its subclasses too
+    assert layer_rule(nn.Linear(3, 2)) is not None
+    assert "HookedLinear" not in explaind.kernel.layer_rules.rule_names()
+
+
+def _subclass_run(layer: type[nn.Module]):
+    gen = torch.Generator().manual_seed(6)
+    X = torch.randn(12, 3, generator=gen, dtype=DT)
+    y = torch.randint(0, 2, (12,), generator=gen)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), layer(4, 2)).to(DT)
+    return _record(model, X[:10], y[:10], steps=2, batch=5, opt="sgd"), X[10:]
+
+
+@pytest.mark.parametrize("layer, why", [(OwnForwardLinear, "outside layers with a rule: 2.weight, 2.bias"),
+                                        (HookedLinear, "start-up check failed")])
+def test_a_subclass_computing_otherwise_never_gets_a_silent_rule(layer, why):
+    """A redefined forward gets no rule; a hook that overrides nothing is caught by the start-up check."""
+    traj, X = _subclass_run(layer)
+    auto = explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", residual_tol=1.0,
+                                       device="cpu").fit(traj)
+    got = auto.transform(X)
+    assert auto.sweep_["jacobian"] == "autograd"
+    assert why in auto.engine_.evaluator.state["jacobian"]
+    never = explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", factored="never",
+                                        residual_tol=1.0, device="cpu").fit(traj).transform(X)
+    assert rel(got.values, never.values) == 0.0
+    assert got.completeness_error() <= 1e-10
 
 
 def test_explaind_imports_without_transformers():
@@ -74,6 +156,9 @@ def test_register_layer_rule_by_name_and_its_errors(monkeypatch):
         register_layer_rule("PReLU", rule)
     with pytest.raises(ConfigError, match=r"the rule for a.b.C lacks at_steps, reduce"):
         register_layer_rule("a.b.C", type("Half", (), {"roles": lambda self, m: {}, "moved": lambda self: 0})())
+    with pytest.raises(ConfigError, match=r"the rule for a.b.C lacks reduce; .*roles, forward and reduce"):
+        register_layer_rule("a.b.C", type("Composite", (), {"roles": lambda self, m: {}, "forward": lambda self: 0})())
+    assert "a.b.C" not in NAMED_LAYER_RULES
 
 
 def test_batchnorm_rule_covers_only_eval_mode_with_running_statistics():
@@ -340,3 +425,120 @@ def test_padding_jacobian_is_the_true_derivative_and_atoms_keep_torchs_gradient(
             g = grad(lambda p, k=k: F.cross_entropy(functional_call(padded, p, (X[k:k + 1],)), Y[k:k + 1]))(params)
             assert rel(atoms[k], torch.cat([g[n].reshape(-1) for n in names])) <= 1e-13
         assert float(atoms[:, :4].abs().max()) == 0.0  # torch's gradient: nothing at the padding row
+
+
+# ---------------------------------------------------------------------------------------------- attention, depthwise
+class EncoderClassifier(nn.Module):
+    """Token embeddings, two nn.TransformerEncoderLayer (post-norm ReLU, causal mask; pre-norm GELU), a read-out."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.tok = nn.Embedding(7, d)
+        self.pos = nn.Embedding(4, d)
+        self.layers = nn.ModuleList([
+            nn.TransformerEncoderLayer(d, 2, 12, dropout=0.0, batch_first=True),
+            nn.TransformerEncoderLayer(d, 2, 12, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1])[None])
+        causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], dtype=h.dtype)
+        h = self.layers[1](self.layers[0](h, src_mask=causal, is_causal=True))
+        return self.head(h.mean(1))
+
+
+class DepthwiseCNN(nn.Module):
+    """A MobileNet-style block: 3x3 stem, depthwise 3x3 (groups = channels), pointwise 1x1, pooling, a read-out."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.depthwise = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
+        self.pointwise = nn.Conv2d(width, width, 1)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.stem(x))
+        h = torch.relu(h + self.pointwise(torch.relu(self.depthwise(h))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+@functools.cache
+def _model_run(kind: str):
+    gen = torch.Generator().manual_seed(5)
+    if kind == "encoder":
+        X = torch.randint(0, 7, (20, 4), generator=gen)
+        model = EncoderClassifier
+    else:
+        X = torch.randn(20, 1, 5, 5, generator=gen, dtype=DT)
+        model = DepthwiseCNN
+    y = torch.randint(0, 3, (20,), generator=gen)
+    torch.manual_seed(2)
+    return _record(model().to(DT), X[:16], y[:16], steps=3, batch=4), X[16:]
+
+
+def test_encoder_layer_parameters_are_the_attention_rules():
+    """in_proj_* and out_proj.* belong to the block's rule (out_proj's own forward never runs)."""
+    layer = nn.TransformerEncoderLayer(4, 2, 6, batch_first=True).eval()  # dropout off
+    names = [n for n, _ in layer.named_parameters()]
+    covered = covered_parameters(layer, names)
+    assert set(covered) == set(names)
+    assert covered["self_attn.in_proj_weight"] == ("self_attn", "in_weight")
+    assert covered["self_attn.out_proj.weight"] == ("self_attn", "out_weight")
+    assert covered["self_attn.out_proj.bias"] == ("self_attn", "out_bias")
+    assert covered["linear1.weight"] == ("linear1", "weight")
+    assert "self_attn.in_proj_weight" not in covered_parameters(layer.train(), names)  # active dropout: no rule
+    kv_bias = nn.MultiheadAttention(4, 2, add_bias_kv=True)
+    assert "in_proj_weight" not in covered_parameters(kv_bias, [n for n, _ in kv_bias.named_parameters()])
+
+
+@pytest.mark.parametrize("kind", ["encoder", "depthwise"])
+def test_attention_and_depthwise_models_factored_equal_generic(kind):
+    traj, X = _model_run(kind)
+    att, replica = {}, {}
+    for mode in ("always", "never"):
+        est = explaind.InfluenceEstimator(keep=("step", "group", "train"), quadrature="gauss-legendre",
+                                          factored=mode, residual_tol=1.0, device="cpu").fit(traj)
+        att[mode] = est.transform(X)
+        assert est.sweep_["jacobian"] == {"always": "factored", "never": "autograd"}[mode]
+        assert att[mode].completeness_error() <= 1e-10
+        rep = explaind.KernelReplica(quadrature="adaptive", factored=mode, device="cpu").fit(traj)
+        replica[mode] = torch.as_tensor(rep.predict(X))
+        assert ("rows" in rep.engine_.factored_used) == (mode == "always")
+    assert float(att["never"].values.abs().max()) > 1e-6
+    assert rel(att["always"].values, att["never"].values) <= 1e-10
+    assert rel(replica["always"], replica["never"]) <= 1e-10
+
+
+def test_every_registered_layer_rule_is_documented():
+    """docs/engine.md's table of rules names every layer type with a rule (by class or qualified name)."""
+    from pathlib import Path
+
+    from explaind.kernel.layer_rules import LAYER_RULES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "engine.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| `nn.") or line.startswith("| `transformers.")]
+    for layer in LAYER_RULES:
+        name = "BatchNorm1d/2d/3d" if layer.__name__.startswith("BatchNorm") else layer.__name__
+        assert any(f"`nn.{name}`" in line for line in table), layer
+    for qualified in NAMED_LAYER_RULES:
+        assert any(f"`{qualified}`" in line for line in table), qualified
+
+
+def test_auto_keeps_narrow_attention_on_the_generic_path_on_the_cpu():
+    """Measured slower with the attention rule at width 32, faster at 128 (docs/engine.md): "auto" follows."""
+    from explaind.kernel.engine import NARROW_ATTENTION, make_evaluator
+
+    def evaluator(width: int, mode: str = "auto"):
+        model = nn.Sequential(nn.TransformerEncoderLayer(width, 2, 8, dropout=0.0, batch_first=True)).to(DT)
+        fm = FunctionalModel(model, {}, resolve_loss("cross_entropy").implementation, torch.device("cpu"), DT)
+        return make_evaluator(fm, tuple(n for n, _ in model.named_parameters()), mode, None)
+
+    assert type(evaluator(NARROW_ATTENTION - 2)) is AutogradEvaluator
+    assert type(evaluator(NARROW_ATTENTION)) is LayerEvaluator
+    assert type(evaluator(8, "always")) is LayerEvaluator
+    traj, X = _model_run("encoder")  # width 8
+    auto = explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", residual_tol=1.0,
+                                       device="cpu").fit(traj)
+    auto.transform(X)
+    assert auto.sweep_["jacobian"] == "autograd"

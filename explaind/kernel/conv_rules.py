@@ -1,16 +1,19 @@
 r"""Layer rules for convolutional networks: ``nn.Conv2d``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (on import).
 
-**Conv2d** (``groups=1``, zero padding given as numbers): the output is affine in the kernel and
+**Conv2d** (zero padding given as numbers, any ``groups``): the output is affine in the kernel and
 bias, :math:`z = W \star a + b`, so the segment point :math:`t` adds :math:`t\,(\Delta W \star a + \Delta b)`,
 and with the output gradients :math:`\delta_{o}[c_{out}, p]` at every output position :math:`p`
 
 .. math::
 
-    \frac{\partial g_o}{\partial W[c_{out}, k]} = \sum_p \delta_o[c_{out}, p]\, U(a)[k, p], \qquad
+    \frac{\partial g_o}{\partial W[c_{out}, k]} = \sum_p \delta_o[c_{out}, p]\, U_{\gamma(c_{out})}(a)[k, p], \qquad
     \frac{\partial g_o}{\partial b[c_{out}]} = \sum_p \delta_o[c_{out}, p],
 
-:math:`U(a)` the unfolded input patches (``F.unfold``, :math:`k` running over input channel and
-kernel offset). **GroupNorm** with an affine transform: :math:`z = \hat a \odot w[c] + b[c]`,
+:math:`U_\gamma(a)` the unfolded input patches of group :math:`\gamma` (``F.unfold``, :math:`k` running over
+the group's input channels and the kernel offsets; :math:`\gamma(c_{out})` the group of the output
+channel: with ``groups`` = :math:`G`, output channel :math:`c` reads the input channels of group
+:math:`\lfloor c G / C_{out} \rfloor`, depthwise convolutions having one input channel per group).
+**GroupNorm** with an affine transform: :math:`z = \hat a \odot w[c] + b[c]`,
 :math:`\hat a` the input normalised per sample and group, so
 :math:`\partial g_o/\partial w[c] = \sum_p \delta_o[c, p]\,\hat a[c, p]` and
 :math:`\partial g_o/\partial b[c] = \sum_p \delta_o[c, p]`.
@@ -51,7 +54,7 @@ class Conv2dRule:
     """``nn.Conv2d``: roles ``kernel`` (weight) and ``bias``."""
 
     def roles(self, module: nn.Module) -> dict[str, str]:
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return {}
         out = {"weight": "kernel"}
         if module.bias is not None:
@@ -60,7 +63,7 @@ class Conv2dRule:
 
     @staticmethod
     def _conv(module: nn.Module, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return F.conv2d(a, w, b, module.stride, module.padding, module.dilation)
+        return F.conv2d(a, w, b, module.stride, module.padding, module.dilation, module.groups)
 
     def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
         dw, db = delta.get("kernel"), delta.get("bias")
@@ -88,12 +91,14 @@ class Conv2dRule:
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
         total = torch.zeros(out.shape[0], O, out.shape[-1], dtype=out.dtype, device=out.device)
         for d, a in calls:
-            d = d.reshape(O, d.shape[1], module.out_channels, -1)  # (O, E, C_out, P)
+            G = module.groups
+            d = d.reshape(O, d.shape[1], G, module.out_channels // G, -1)  # (O, E, G, C_out / G, P)
             if role == "kernel":
-                patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (E, K, P)
-                per_entry = torch.einsum("oecp,ekp->eock", d, patches).reshape(d.shape[1], O, -1)
+                patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+                patches = patches.reshape(d.shape[1], G, -1, patches.shape[-1])  # (E, G, C_in / G * kh * kw, P)
+                per_entry = torch.einsum("oegcp,egkp->eogck", d, patches).reshape(d.shape[1], O, -1)
             else:
-                per_entry = d.sum(-1).transpose(0, 1)
+                per_entry = d.sum(-1).reshape(O, d.shape[1], -1).transpose(0, 1)
             total.index_add_(0, owner, per_entry)
         out.copy_(total)
 

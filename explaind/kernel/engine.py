@@ -42,14 +42,23 @@ def make_evaluator(fm: FunctionalModel, names: tuple[str, ...], factored: str, c
     return LayerEvaluator(base, names, strict=factored == "always")
 
 
+#: On the CPU, models with an ``nn.MultiheadAttention`` narrower than this take the generic path under ``"auto"``.
+NARROW_ATTENTION = 64
+
+
 def _generic_is_faster(fm: FunctionalModel) -> bool:
-    """``"auto"`` on the CPU keeps convolutional models on the ``torch.func`` path.
+    """``"auto"`` on the CPU keeps convolutional models and narrow attention blocks on the ``torch.func`` path.
 
     Measured by ``benchmarks/bench_layer_rules_models.py`` (docs/engine.md): on the CPU the Conv2d
     rule's unfolded patches cost more than the generic path (a ResNet-18-shaped model ran at 0.56-0.97x
-    with the rules in most rows). ``factored="always"`` still uses them.
+    with the rules in most rows), and a ``nn.TransformerEncoderLayer`` model of width 32 ran at
+    0.42-0.97x with the attention rule, against 0.96-1.35x at width 128 (:data:`NARROW_ATTENTION`).
+    ``factored="always"`` still uses them.
     """
-    return fm.device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in fm.module.modules())
+    if fm.device.type != "cpu":
+        return False
+    return any(isinstance(m, torch.nn.Conv2d) or (isinstance(m, torch.nn.MultiheadAttention)
+                                                  and m.embed_dim < NARROW_ATTENTION) for m in fm.module.modules())
 
 
 class PathEngine:

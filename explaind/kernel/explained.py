@@ -15,9 +15,10 @@ r"""The explained function :math:`g(\theta, x)` on a private copy of the recorde
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -76,9 +77,11 @@ class FunctionalModel:
     def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Model outputs ``f(x; params)`` of shape ``(n, ...)`` (the logits of a tuple or ``ModelOutput``).
 
-        ``scaled_dot_product_attention`` runs its math backend, the one with forward-mode derivatives.
+        ``scaled_dot_product_attention`` runs its math backend, the one with forward-mode derivatives,
+        and ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` their standard forward (their
+        evaluation-mode fast path has no forward-mode derivatives and bypasses the layers' hooks).
         """
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), _standard_attention():
             try:
                 return model_output(call_model(self.module, {**self.constants, **params}, x))
             except RuntimeError as exc:
@@ -113,6 +116,17 @@ class FunctionalModel:
     def sample_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Per-sample training losses ``l_k(params)``, shape ``(n,)``."""
         return self.loss_fn(self(params, x), y).reshape(-1)
+
+
+@contextlib.contextmanager
+def _standard_attention() -> Iterator[None]:
+    """Switch off torch's fused attention fast path (``torch.backends.mha``) inside the block."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 @dataclass(frozen=True)

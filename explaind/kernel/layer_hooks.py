@@ -5,18 +5,23 @@ r"""Forward hooks that put every row of a batch at its own point of a segment (l
 grad, and keeps its input, so one backward pass gives every row's output gradients.
 :class:`StepRows` (stacked steps): each covered layer returns its output at the row's own step,
 :math:`z(\theta_{s_e}) + t_e\, z(\Delta\theta_{s_e})`, from stacked parameters. The layer-specific parts
-are the rules of :mod:`~explaind.kernel.layer_rules`.
+are the rules of :mod:`~explaind.kernel.layer_rules`. A composite rule (an attention block, whose
+output is not affine in its parameters) recomputes the layer's output itself and passes each affine
+map inside it through :meth:`SegmentRows.affine` / :meth:`StepRows.affine`, its *sites*.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .explained import Params
+from .layer_rules import linear_at_steps, linear_moved
 
 __all__ = ["LayerHooks", "SegmentRows", "StepRows"]
 
@@ -30,8 +35,34 @@ class LayerHooks:
         self.t: Tensor | None = None
 
     def __enter__(self) -> LayerHooks:
-        self._handles = [m.register_forward_hook(self._hook(p)) for p, m in self.layers.items()]
+        self._handles = [m.register_forward_hook(self._composite(p), with_kwargs=True) if self.composite(p)
+                         else m.register_forward_hook(self._hook(p)) for p, m in self.layers.items()]
         return self
+
+    def composite(self, prefix: str) -> bool:
+        """Whether layer ``prefix`` has a composite rule (one that defines ``forward``)."""
+        return callable(getattr(self.rules[prefix], "forward", None))
+
+    def _composite(self, prefix: str) -> Any:
+        """The hook of a composite rule: its ``forward`` with this object's :meth:`affine` as the sites."""
+        rule, site = self.rules[prefix], functools.partial(self.affine, prefix)
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            return rule.forward(mod, args, kwargs, site)
+
+        return hook
+
+    def affine(self, prefix: str, site: str, a: Tensor, W: Tensor, b: Tensor | None, roles: tuple[str, str],
+               part: slice | None = None) -> Tensor:
+        """The affine map ``a W[part]^T + b[part]`` of a composite layer at the rows' points (``roles``: of W, b)."""
+        raise NotImplementedError
+
+    def _batch_first(self, prefix: str, a: Tensor) -> Tensor:
+        """``t (E,)`` shaped to broadcast against ``a``'s affine image; ``a`` must hold one row per row of ``t``."""
+        n = self.t.shape[0]
+        if a.dim() < 2 or a.shape[0] != n:
+            raise ValueError(f"layer {prefix!r} does not keep the batch axis first")
+        return self.t.reshape(n, *([1] * (a.dim() - 1)))
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
@@ -62,6 +93,8 @@ class SegmentRows(LayerHooks):
         super().__init__(layers, rules)
         self.inputs: dict[str, list[Tensor]] = {}
         self.offsets: dict[str, list[Tensor]] = {}
+        #: the site of each kept input and offset of a composite rule (``None`` for other rules)
+        self.sites: dict[str, list[str | None]] = {}
         self.delta: dict[str, dict[str, Tensor]] = {}
 
     def run(self, delta: Mapping[tuple[str, str], Tensor], t: Tensor) -> SegmentRows:
@@ -75,8 +108,27 @@ class SegmentRows(LayerHooks):
     def __enter__(self) -> SegmentRows:
         self.inputs = {p: [] for p in self.layers}
         self.offsets = {p: [] for p in self.layers}
+        self.sites = {p: [] for p in self.layers}
         super().__enter__()
         return self
+
+    def affine(self, prefix: str, site: str, a: Tensor, W: Tensor, b: Tensor | None, roles: tuple[str, str],
+               part: slice | None = None) -> Tensor:
+        r""":math:`(W + t_e \Delta W) a_e + b + t_e \Delta b + \epsilon` (rows ``part`` of ``W``, ``b``), ``a`` kept."""
+        t = self._batch_first(prefix, a)
+        delta = self.delta[prefix]
+        dW, db = delta.get(roles[0]), delta.get(roles[1])
+        if part is not None:
+            W, dW, b, db = (None if v is None else v[part] for v in (W, dW, b, db))
+        z = F.linear(a, W, b)
+        moved = linear_moved(a, dW, db, z)
+        if moved is not None:
+            z = z + t * moved
+        eps = torch.zeros_like(z, requires_grad=True)
+        self.inputs[prefix].append(a.detach())
+        self.offsets[prefix].append(eps)
+        self.sites[prefix].append(site)
+        return z + eps
 
     def _hook(self, prefix: str) -> Any:
         rule = self.rules[prefix]
@@ -90,6 +142,7 @@ class SegmentRows(LayerHooks):
             eps = torch.zeros_like(output, requires_grad=True)
             self.inputs[prefix].append((a if keep is None else keep(mod, a)).detach())
             self.offsets[prefix].append(eps)
+            self.sites[prefix].append(None)
             return output + eps
 
         return hook
@@ -169,3 +222,13 @@ class StepRows(LayerHooks):
             return rule.at_steps(mod, prefix, a, t, self)
 
         return hook
+
+    def affine(self, prefix: str, site: str, a: Tensor, W: Tensor, b: Tensor | None, roles: tuple[str, str],
+               part: slice | None = None) -> Tensor:
+        r""":math:`(W + t_e \Delta W)_{s_e} a_e + (b + t_e \Delta b)_{s_e}` with each row's step (rows ``part``)."""
+        t = self._batch_first(prefix, a).reshape(-1)
+        Ws, dW = self.stacked(prefix, roles[0], W)
+        bs, db = self.stacked(prefix, roles[1], b)
+        if part is not None:
+            Ws, dW, bs, db = (None if v is None else v[:, part] for v in (Ws, dW, bs, db))
+        return linear_at_steps(a, t, self, Ws, dW, bs, db)

@@ -21,7 +21,10 @@ quadrature-weighted Jacobian is reduced from the factors. :data:`LAYER_RULES` ma
 keyed by a class's qualified name, matched when such a module is first seen, so that explaind
 imports without the class's package (GPT-2's ``transformers.pytorch_utils.Conv1D``, :math:`z = a W + b`
 with ``W`` stored ``(in, out)``: :class:`TransposedLinearRule`). :func:`register_layer_rule` adds a
-rule either way (its results are still checked against ``torch.func`` at start-up before use).
+rule either way (its results are still checked against ``torch.func`` at start-up before use);
+:func:`layer_rule` finds a module's rule through its class's MRO, for subclasses that redefine no
+method of the registered class. A *composite* rule (a block of affine maps around a parameter-free
+core, :mod:`~explaind.kernel.attention_rules`) defines ``forward`` instead of ``moved``/``at_steps``.
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ class LayerRule(Protocol):
 
     A rule may also define ``kept(module, a) -> Tensor``: what the hooks keep of the layer input for
     :meth:`reduce` (default: ``a``), computed during the forward pass, while the step's buffers are
-    in the module (e.g. the input normalised with running statistics).
+    in the module (e.g. the input normalised with running statistics). A composite rule defines
+    ``forward(module, args, kwargs, site)`` instead of :meth:`moved` and :meth:`at_steps`: it returns
+    the module's output with each affine map computed by ``site(name, a, W, b, roles, part)``, and its
+    :meth:`reduce` receives ``calls`` grouped by site name (``{site: Factors}``).
     """
 
     def roles(self, module: nn.Module) -> dict[str, str]:
@@ -78,6 +84,64 @@ class LayerRule(Protocol):
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
         """Sum a role's factors over each input's entries into ``out (T_c, O, numel)``."""
         ...
+
+
+def linear_moved(a: Tensor, dW: Tensor | None, db: Tensor | None, output: Tensor) -> Tensor | None:
+    r"""The change :math:`\Delta W a + \Delta b` of an affine map (``dW`` as ``(out, in)``; ``None``: nothing moves)."""
+    if dW is not None:
+        return F.linear(a, dW, db)
+    return None if db is None else db.expand_as(output)
+
+
+def linear_at_steps(a: Tensor, t: Tensor, rows: StackedSteps, W: Tensor, dW: Tensor | None, b: Tensor | None,
+                    db: Tensor | None) -> Tensor:
+    r""":math:`(W + t_e \Delta W)_{s_e} a_e + (b + t_e \Delta b)_{s_e}` per row ``e`` of ``a (E, ..., in)``.
+
+    ``W``, ``dW`` are stacks ``(S, out, in)`` (``S = 1``: frozen), ``b``, ``db`` stacks ``(S, out)``.
+    """
+    n = t.shape[0]
+    lead = a.shape[:-1]
+    flat = a.reshape(n, -1, a.shape[-1])
+    z = rows.per_step(flat, W, b)
+    if dW is not None:
+        z = z + t.reshape(n, 1, 1) * rows.per_step(flat, dW, db)
+    elif db is not None:
+        z = z + t.reshape(n, 1, 1) * db.index_select(0, rows.sidx).unsqueeze(1)
+    return z.reshape(*lead, z.shape[-1])
+
+
+def reduce_linear(bias: bool, calls: Factors, owner: Tensor, buckets: list[tuple[Tensor, Tensor]], O: int,
+                  out: Tensor, n_out: int, n_in: int, transposed: bool = False) -> None:
+    r"""An affine map's Jacobian ``out (T_c, O, numel)``: :math:`\sum_r \delta_r a_r^\top`, or :math:`\sum_r \delta_r`.
+
+    ``calls`` hold ``(delta (O, E, R, out), input (E, R, in))``; ``transposed`` lays the weight's
+    Jacobian out as ``(in, out)``. Every input of ``out`` is written (zero where it has no entry).
+    """
+    Tc = out.shape[0]
+    if bias or not calls:
+        total = torch.zeros(Tc, O, n_out if bias else n_out * n_in, dtype=out.dtype, device=out.device)
+        for d, _ in calls:
+            total.index_add_(0, owner, d.sum(2).transpose(0, 1))
+        out.copy_(total)
+        return
+    # per entry: G_e^T (R, O*out) and A_e (R, in); Phi_W[x] = sum_e G_e A_e as one bmm per bucket
+    g_rows = [d.permute(1, 2, 0, 3).reshape(d.shape[1], -1, O * n_out) for d, _ in calls]  # (E, R, O*out)
+    a_rows = [a.reshape(a.shape[0], -1, n_in) for _, a in calls]  # (E, R, in)
+    whole = len(buckets) == 1 and buckets[0][0].numel() == Tc
+    for inputs, entries in buckets:  # inputs with the same number of entries: no padding
+        k = entries.shape[0]
+        if whole:  # entries are 0..E-1 in order
+            G = torch.cat([g.reshape(k, -1, O * n_out) for g in g_rows], dim=1)
+            A = torch.cat([a.reshape(k, -1, n_in) for a in a_rows], dim=1)
+        else:
+            G = torch.cat([g[entries].reshape(k, -1, O * n_out) for g in g_rows], dim=1)
+            A = torch.cat([a[entries].reshape(k, -1, n_in) for a in a_rows], dim=1)
+        part = torch.bmm(G.transpose(1, 2), A).reshape(k, O, n_out, n_in)
+        part = (part.transpose(2, 3) if transposed else part).reshape(k, O, n_out * n_in)
+        if whole:
+            out.copy_(part)
+        else:  # buckets partition the inputs
+            out.index_copy_(0, inputs, part)
 
 
 class LinearRule:
@@ -105,52 +169,17 @@ class LinearRule:
         return out
 
     def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
-        dw, db = delta.get("weight"), delta.get("bias")
-        if dw is not None:
-            return F.linear(a, self.matrix(dw), db)
-        return None if db is None else db.expand_as(output)
+        dw = delta.get("weight")
+        return linear_moved(a, None if dw is None else self.matrix(dw), delta.get("bias"), output)
 
     def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
-        n = t.shape[0]
         W, dW = rows.stacked(prefix, "weight", module.weight)
         b, db = rows.stacked(prefix, "bias", module.bias)
-        lead = a.shape[:-1]
-        flat = a.reshape(n, -1, a.shape[-1])
-        z = rows.per_step(flat, self.matrix(W), b)
-        if dW is not None:
-            z = z + t.reshape(n, 1, 1) * rows.per_step(flat, self.matrix(dW), db)
-        elif db is not None:
-            z = z + t.reshape(n, 1, 1) * db.index_select(0, rows.sidx).unsqueeze(1)
-        return z.reshape(*lead, z.shape[-1])
+        return linear_at_steps(a, t, rows, self.matrix(W), None if dW is None else self.matrix(dW), b, db)
 
     def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
-        Tc = out.shape[0]
-        n_out, n_in = self.dims(module)
-        if role == "bias":
-            total = torch.zeros(Tc, O, n_out, dtype=out.dtype, device=out.device)
-            for d, _ in calls:
-                total.index_add_(0, owner, d.sum(2).transpose(0, 1))
-            out.copy_(total)
-            return
-        # per entry: G_e^T (R, O*out) and A_e (R, in); Phi_W[x] = sum_e G_e A_e as one bmm per bucket
-        g_rows = [d.permute(1, 2, 0, 3).reshape(d.shape[1], -1, O * n_out) for d, _ in calls]  # (E, R, O*out)
-        a_rows = [a.reshape(a.shape[0], -1, n_in) for _, a in calls]  # (E, R, in)
-        whole = len(buckets) == 1 and buckets[0][0].numel() == Tc
-        for inputs, entries in buckets:  # inputs with the same number of entries: no padding
-            k = entries.shape[0]
-            if whole:  # entries are 0..E-1 in order
-                G = torch.cat([g.reshape(k, -1, O * n_out) for g in g_rows], dim=1)
-                A = torch.cat([a.reshape(k, -1, n_in) for a in a_rows], dim=1)
-            else:
-                G = torch.cat([g[entries].reshape(k, -1, O * n_out) for g in g_rows], dim=1)
-                A = torch.cat([a[entries].reshape(k, -1, n_in) for a in a_rows], dim=1)
-            part = torch.bmm(G.transpose(1, 2), A).reshape(k, O, n_out, n_in)
-            part = (part.transpose(2, 3) if self.transposed else part).reshape(k, O, n_out * n_in)
-            if whole:
-                out.copy_(part)
-            else:  # buckets partition the inputs
-                out.index_copy_(0, inputs, part)
+        reduce_linear(role == "bias", calls, owner, buckets, O, out, *self.dims(module), self.transposed)
 
 
 class TransposedLinearRule(LinearRule):
@@ -275,11 +304,13 @@ class LayerNormRule:
         out.copy_(total)
 
 
-#: Rules by exact module type (subclasses are not matched: they may override ``forward``).
+#: Rules by module type; subclasses that override no method of the type use its rule too (:func:`layer_rule`).
 LAYER_RULES: dict[type[nn.Module], Any] = {nn.Linear: LinearRule(), nn.Embedding: EmbeddingRule(),
                                            nn.LayerNorm: LayerNormRule()}
 #: Rules by the qualified name ``"module.QualName"`` of a type explaind does not import (matched on first use).
 NAMED_LAYER_RULES: dict[str, Any] = {"transformers.pytorch_utils.Conv1D": TransposedLinearRule()}
+#: Methods a subclass may define and still use its base's rule: construction and initialisation only.
+INHERITABLE = frozenset({"__init__", "reset_parameters", "extra_repr", "__repr__", "__setstate__"})
 
 
 def type_name(layer_type: type) -> str:
@@ -288,10 +319,16 @@ def type_name(layer_type: type) -> str:
 
 
 def register_layer_rule(layer_type: type[nn.Module] | str, rule: Any) -> None:
-    """Use ``rule`` (a :class:`LayerRule`) for modules of exactly ``layer_type``.
+    """Use ``rule`` (a :class:`LayerRule`) for modules of ``layer_type`` and its subclasses that override nothing.
 
     ``layer_type`` is the class, or its qualified name (``"transformers.pytorch_utils.Conv1D"``) for
     a class whose package need not be installed: the name is matched when such a module is first seen.
+    A subclass that defines no method of ``layer_type`` other than those of :data:`INHERITABLE`
+    (``__init__``, ``reset_parameters``, ...) uses the rule too (see :func:`layer_rule`); ``rule=None``
+    takes a class off the rules (its modules and their subclasses then run on the generic path).
+    A rule is either affine (``moved`` and ``at_steps``) or composite (``forward``, see
+    :mod:`~explaind.kernel.attention_rules`); either way its results are checked against ``torch.func``
+    before use.
 
     Raises
     ------
@@ -306,28 +343,56 @@ def register_layer_rule(layer_type: type[nn.Module] | str, rule: Any) -> None:
     if not named and not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
         raise ConfigError(f"register_layer_rule: layer_type must be an nn.Module subclass or a qualified class name, "
                           f"got {layer_type!r}.")
-    missing = [m for m in ("roles", "moved", "at_steps", "reduce") if not callable(getattr(rule, m, None))]
-    if missing:
-        label = layer_type if named else layer_type.__name__
-        raise ConfigError(f"register_layer_rule: the rule for {label} lacks {', '.join(missing)}; a "
-                          f"layer rule implements roles, moved, at_steps and reduce (see LayerRule).")
+    if rule is not None:
+        shape = ("roles", "forward", "reduce") if callable(getattr(rule, "forward", None)) else \
+            ("roles", "moved", "at_steps", "reduce")
+        missing = [m for m in shape if not callable(getattr(rule, m, None))]
+        if missing:
+            label = layer_type if named else layer_type.__name__
+            raise ConfigError(f"register_layer_rule: the rule for {label} lacks {', '.join(missing)}; a layer rule "
+                              f"implements roles, moved, at_steps and reduce, or roles, forward and reduce (see "
+                              f"LayerRule), or is None to take the class off the rules.")
     if named:
         NAMED_LAYER_RULES[layer_type] = rule
     else:
         LAYER_RULES[layer_type] = rule
 
 
+def overridden(cls: type, base: type) -> list[str]:
+    """Methods of ``base`` that ``cls`` (a subclass) or a class between them redefines, outside :data:`INHERITABLE`."""
+    out = []
+    for klass in cls.__mro__:
+        if klass is base:
+            break
+        out += [name for name, value in vars(klass).items() if name not in INHERITABLE and hasattr(base, name)
+                and (callable(value) or isinstance(value, (staticmethod, classmethod, property)))]
+    return out
+
+
 def layer_rule(module: nn.Module) -> Any:
-    """The rule registered for ``type(module)`` (by class, else by qualified name), or ``None``."""
-    rule = LAYER_RULES.get(type(module))
-    if rule is None and NAMED_LAYER_RULES:
-        rule = NAMED_LAYER_RULES.get(type_name(type(module)))
-    return rule
+    """The rule of the first class in ``type(module)``'s MRO with one (by class, else by qualified name), or ``None``.
+
+    A subclass of a registered layer that redefines one of its methods (``forward``, ``_conv_forward``,
+    ...; :func:`overridden`) gets no rule, whatever its base's: it may compute something else. A
+    subclass that only adds a constructor (``nn.MultiheadAttention``'s ``out_proj``,
+    ``NonDynamicallyQuantizableLinear``) computes what its base does and uses the base's rule.
+    """
+    cls = type(module)
+    for klass in cls.__mro__:
+        if klass in LAYER_RULES:
+            rule = LAYER_RULES[klass]
+        elif NAMED_LAYER_RULES and type_name(klass) in NAMED_LAYER_RULES:
+            rule = NAMED_LAYER_RULES[type_name(klass)]
+        else:
+            continue
+        return rule if rule is not None and not overridden(cls, klass) else None
+    return None
 
 
 def rule_names() -> list[str]:
     """The layer types with a rule, for messages: class names, then qualified names."""
-    return sorted(t.__name__ for t in LAYER_RULES) + sorted(NAMED_LAYER_RULES)
+    return sorted(t.__name__ for t, r in LAYER_RULES.items() if r is not None) + sorted(
+        n for n, r in NAMED_LAYER_RULES.items() if r is not None)
 
 
 def parameter_uses(module: nn.Module, names: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
@@ -336,21 +401,36 @@ def parameter_uses(module: nn.Module, names: Sequence[str]) -> dict[str, list[tu
     A parameter shared by several layers (a read-out tied to the token embeddings) has one use per
     layer; parameters are matched by identity, under the name ``named_parameters`` gives them.
     ``role`` is ``"weight"`` or ``"bias"`` of an ``nn.Linear`` or GPT-2 ``Conv1D``, ``"table"`` of an
-    ``nn.Embedding``, ``"kernel"``/``"bias"`` of an ``nn.Conv2d``, or ``"scale"``/``"shift"`` of a
-    normalisation (``nn.LayerNorm`` over the last axis, ``nn.GroupNorm``, eval-mode ``nn.BatchNorm*``).
+    ``nn.Embedding``, ``"kernel"``/``"bias"`` of an ``nn.Conv2d``, ``"scale"``/``"shift"`` of a
+    normalisation (``nn.LayerNorm`` over the last axis, ``nn.GroupNorm``, eval-mode ``nn.BatchNorm*``),
+    or ``"in_weight"``, ``"in_bias"``, ``"out_weight"``, ``"out_bias"`` of an ``nn.MultiheadAttention``.
+    A role's attribute may name a submodule's parameter (``"out_proj.weight"``): that submodule is the
+    rule's, and gets no rule of its own.
     """
     wanted = set(names)
     by_id = {id(p): n for n, p in module.named_parameters()}
     out: dict[str, list[tuple[str, str]]] = {}
+    owned: set[str] = set()  # submodules whose parameters a composite rule of an enclosing module handles
     for prefix, sub in module.named_modules():
+        if prefix in owned or any(prefix.startswith(o + ".") for o in owned):
+            continue
         rule = layer_rule(sub)
         if rule is None:
             continue
         for attr, role in rule.roles(sub).items():
-            name = by_id.get(id(getattr(sub, attr, None)))
+            if "." in attr:
+                owned.add(f"{prefix}.{attr.rsplit('.', 1)[0]}" if prefix else attr.rsplit(".", 1)[0])
+            name = by_id.get(id(_attribute(sub, attr)))
             if name in wanted:
                 out.setdefault(name, []).append((prefix, role))
     return out
+
+
+def _attribute(module: nn.Module, path: str) -> Any:
+    """``module.a.b`` for ``path = "a.b"`` (``None`` when absent)."""
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module
 
 
 def covered_parameters(module: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, str]]:

@@ -214,17 +214,22 @@ class LayerEvaluator:
         cot = torch.eye(O, dtype=g.dtype, device=g.device).unsqueeze(1) * ww[mask][None, :, None]  # (O, E, O)
         return self._factors(hooked, g, cot, O), owner, mask, O
 
-    def _factors(self, rows: SegmentRows, value: Tensor, cot: Tensor | None, O: int) -> dict[str, Factors]:
-        """``prefix -> [(d value / d offset (O, E, R, out), layer input), ...]`` by one batched backward pass."""
+    def _factors(self, rows: SegmentRows, value: Tensor, cot: Tensor | None, O: int) -> dict[str, Any]:
+        """``prefix -> [(d value / d offset (O, E, R, out), layer input), ...]`` by one batched backward pass.
+
+        A composite rule's factors are grouped by site: ``prefix -> {site: [(delta, input), ...]}``.
+        """
         flat = [(p, k) for p in self.layers for k in range(len(rows.offsets[p]))]
         grads = torch.autograd.grad(value, [rows.offsets[p][k] for p, k in flat], grad_outputs=cot,
                                     is_grads_batched=cot is not None, allow_unused=True)
-        result: dict[str, Factors] = {p: [] for p in self.layers}
+        result: dict[str, Any] = {p: {} if rows.composite(p) else [] for p in self.layers}
         for (p, k), d in zip(flat, grads):
             z = rows.offsets[p][k]
             E = z.shape[0]
             d = torch.zeros((O, *z.shape), dtype=z.dtype, device=z.device) if d is None else d
-            result[p].append((d.reshape(O, E, -1, z.shape[-1]), rows.inputs[p][k]))
+            entry = (d.reshape(O, E, -1, z.shape[-1]), rows.inputs[p][k])
+            site = rows.sites[p][k]
+            (result[p] if site is None else result[p].setdefault(site, [])).append(entry)
         return result
 
     def _reduce(self, block: ParamLayout, factors: Mapping[str, Factors], owner: Tensor,
