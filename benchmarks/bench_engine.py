@@ -26,11 +26,22 @@ the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above
 before the call, falling back to ``resource.getrusage`` (process lifetime peak) where the reset is not
 available. (``tracemalloc`` does not see torch's allocations, so it is not used.)
 
+``--workload reference`` measures instead the paper's own transformer shape (``reference_shape.py``:
+four heads of one shared query/key/value projection each, no residual around attention, two ReLU
+layers, log-probabilities out; d_model 32 and MLP 128 unless ``--d-model``/``--d-mlp``), 12 AdamW steps
+(lr 1e-3) from initialisation, 20 test inputs, all 25 outputs, side by side with two baselines written
+here: the replica by the 100-point midpoint rule with one JVP per node and step (batched over the
+inputs) and the ``train`` axis by :func:`paper_baseline`. Columns: evaluations per step and input,
+time, peak memory, the replica's error against the trained model (for ``train`` rows the
+quadrature error and the agreement with the baseline's scores), the ratio to the baseline and the
+ratio to bare batched JVPs of the same node count.
+
 Rows marked ``factored='never'`` repeat a measurement on the generic paths (``vmap`` over per-row
 parameters, ``vmap(jacrev)``) for comparison with the layer-factored ones used by default.
 
 Run: ``python benchmarks/bench_engine.py [--device cpu|cuda] [--dtype float64|float32]
-[--baseline-nodes 100] [--steps 40] [--repeats 2] [--threads N] [--skip-baseline] [--skip-generic]``
+[--baseline-nodes 100] [--steps 40] [--repeats 2] [--threads N] [--skip-baseline] [--skip-generic]
+[--workload repository|reference] [--d-model 32] [--d-mlp 128] [--seed 0]``
 
 Every time is the fastest of ``--repeats`` runs (the first run includes one-off set-up costs of
 ``torch.func``), except the baseline's, which runs once.
@@ -50,10 +61,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from explaind_architectures.transformer import modular_arithmetic_dataset
-from reference_shape import ReferenceShapeTransformer, midpoint_replica
+from reference_shape import ReferenceShapeTransformer, midpoint_replica, relu_kinks
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import explaind
+from explaind.kernel import dense
 from explaind.models import build_model
 
 P = 23
@@ -270,6 +282,16 @@ def reference_case(args: argparse.Namespace, device: torch.device, dtype: torch.
         pred = torch.as_tensor(pred, device=device, dtype=dtype)
         return float((pred - truth).abs().max() / truth.abs().max())
 
+    if args.dense_off:  # the adaptive rule alone: no batch is ever judged kink-dense (docs/engine.md, section 2)
+        dense.DENSE_MIN = 2**62
+    if args.kinks:
+        theta = [{k: v.to(dtype) for k, v in traj.params(s).items()} for s in range(N + 1)]
+        counts = relu_kinks(model, theta, X_test)
+        print("\nReLU kinks crossed per step and test input (min / median / max):")
+        print("| step | " + " | ".join(str(s) for s in range(N)) + " |")
+        print("|---" * (N + 1) + "|")
+        print("| kinks | " + " | ".join(f"{a} / {m} / {b}" for a, m, b in counts) + " |", flush=True)
+        return
     explaind.KernelReplica(quadrature="gauss-legendre", nodes=1, steps=(0, 1), **kw).fit(traj).predict(X)
     print()
     print("| measurement | evals/step/input | time (s) | peak mem (MB) | rel. error | vs midpoint-100 baseline "
@@ -316,7 +338,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    ap.add_argument("--steps", type=int, default=None, help="recorded steps (default: 40; 12 with --workload reference)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="recorded steps (default: 40; 12 with --workload reference)")
     ap.add_argument("--baseline-nodes", type=int, default=100)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the fastest is shown)")
@@ -325,9 +348,13 @@ def main() -> None:
                     help="skip the comparison rows with factored='never' (generic vmap/jacrev paths)")
     ap.add_argument("--workload", default="repository", choices=["repository", "reference"],
                     help="the repository's transformer (default) or the paper's transformer shape")
-    ap.add_argument("--d-model", type=int, default=64, help="--workload reference: width of the residual stream")
-    ap.add_argument("--d-mlp", type=int, default=512, help="--workload reference: hidden width of the MLP")
+    ap.add_argument("--d-model", type=int, default=32, help="--workload reference: width of the residual stream")
+    ap.add_argument("--d-mlp", type=int, default=128, help="--workload reference: hidden width of the MLP")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dense-off", action="store_true",
+                    help="--workload reference: switch off the kink-dense fallback of the adaptive rule")
+    ap.add_argument("--kinks", action="store_true",
+                    help="--workload reference: count the ReLU kinks each step crosses per input, then stop")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -30,9 +30,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import jvp
+from torch.func import functional_call, jvp
 
-__all__ = ["ReferenceShapeTransformer", "midpoint_replica"]
+__all__ = ["ReferenceShapeTransformer", "midpoint_replica", "relu_kinks"]
 
 
 class ReferenceShapeTransformer(nn.Module):
@@ -90,3 +90,31 @@ def midpoint_replica(f, theta: list[Tensor], X: Tensor, nodes: int = 100) -> Ten
                 t = (q + 0.5) / nodes
                 out = out + jvp(lambda v: f(v, X), (theta[s] + t * delta,), (delta,))[1] / nodes
     return out
+
+
+def relu_kinks(model: ReferenceShapeTransformer, theta: list[dict[str, Tensor]], X: Tensor,
+               grid: int = 2000) -> list[tuple[int, int, int]]:
+    r"""Activation kinks each step's segment crosses, per test input: ``(min, median, max)`` per step.
+
+    A kink is a sign change of a pre-activation of either ReLU layer at the last position (the only
+    one the output reads) between neighbouring points of a ``grid``-cell grid on
+    :math:`\theta_s + t\Delta\theta_s`, ``t`` in ``[0, 1]`` (kinks closer than a cell are missed).
+    """
+    signs: dict[str, Tensor] = {}
+    hooks = [getattr(model, name).register_forward_hook(
+        lambda mod, inp, out, name=name: signs.__setitem__(name, out[:, -1] > 0)) for name in ("linear1", "linear2")]
+    counts = []
+    try:
+        with torch.no_grad():
+            for a, b in zip(theta[:-1], theta[1:]):
+                pattern = []
+                for t in torch.linspace(0.0, 1.0, grid + 1, dtype=torch.float64):
+                    functional_call(model, {k: a[k] + float(t) * (b[k] - a[k]) for k in a}, (X,))
+                    pattern.append(torch.cat([signs["linear1"], signs["linear2"]], dim=-1))
+                P = torch.stack(pattern)
+                flips = (P[1:] != P[:-1]).sum(dim=(0, 2))  # (T,)
+                counts.append((int(flips.min()), int(flips.median()), int(flips.max())))
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
