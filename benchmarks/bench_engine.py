@@ -26,11 +26,22 @@ the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above
 before the call, falling back to ``resource.getrusage`` (process lifetime peak) where the reset is not
 available. (``tracemalloc`` does not see torch's allocations, so it is not used.)
 
+``--workload reference`` measures instead the paper's own transformer shape (``reference_shape.py``:
+four heads of one shared query/key/value projection each, no residual around attention, two ReLU
+layers, log-probabilities out; d_model 32 and MLP 128 unless ``--d-model``/``--d-mlp``), 12 AdamW steps
+(lr 1e-3) from initialisation, 20 test inputs, all 25 outputs, side by side with two baselines written
+here: the replica by the 100-point midpoint rule with one JVP per node and step (batched over the
+inputs) and the ``train`` axis by :func:`paper_baseline`. Columns: evaluations per step and input,
+time, peak memory, the replica's error against the trained model (for ``train`` rows the
+quadrature error and the agreement with the baseline's scores), the ratio to the baseline and the
+ratio to bare batched JVPs of the same node count.
+
 Rows marked ``factored='never'`` repeat a measurement on the generic paths (``vmap`` over per-row
 parameters, ``vmap(jacrev)``) for comparison with the layer-factored ones used by default.
 
 Run: ``python benchmarks/bench_engine.py [--device cpu|cuda] [--dtype float64|float32]
-[--baseline-nodes 100] [--steps 40] [--repeats 2] [--threads N] [--skip-baseline] [--skip-generic]``
+[--baseline-nodes 100] [--steps 40] [--repeats 2] [--threads N] [--skip-baseline] [--skip-generic]
+[--workload repository|reference] [--d-model 32] [--d-mlp 128] [--seed 0]``
 
 Every time is the fastest of ``--repeats`` runs (the first run includes one-off set-up costs of
 ``torch.func``), except the baseline's, which runs once.
@@ -43,15 +54,18 @@ import copy
 import math
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from explaind_architectures.transformer import modular_arithmetic_dataset
+from reference_shape import ReferenceShapeTransformer, midpoint_replica, relu_kinks
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import explaind
+from explaind.kernel import dense
 from explaind.models import build_model
 
 P = 23
@@ -121,14 +135,20 @@ def _measure_once(fn: Callable[[], Any], device: torch.device) -> tuple[Any, flo
 # ------------------------------------------------------------------------------------------ workload
 def record(steps: int, dtype: torch.dtype, seed: int = 0, activation: str = "relu"):
     """Train the transformer (MLP ``activation``) with AdamW and record the run (on the CPU)."""
+    model = build_model("modular_transformer", {**CONFIG, "activation": activation}, seed=seed, dtype=dtype)
+    return record_model(model, steps, seed, "cross_entropy")
+
+
+def record_model(model: torch.nn.Module, steps: int, seed: int, loss: str):
+    """Record ``steps`` AdamW steps (lr 1e-3) of ``model`` on the modular-arithmetic pairs; ``(traj, X_test)``."""
     X_all, y_all = modular_arithmetic_dataset(P)
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(X_all.shape[0], generator=gen)
     X_train, y_train = X_all[perm[:N_TRAIN]], y_all[perm[:N_TRAIN]]
     X_test = X_all[perm[N_TRAIN : N_TRAIN + N_TEST]]
-    model = build_model("modular_transformer", {**CONFIG, "activation": activation}, seed=seed, dtype=dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=1.0)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X_train, y_train))
+    loss_fn = F.cross_entropy if loss == "cross_entropy" else F.nll_loss
+    rec = explaind.TrajectoryRecorder(model, opt, loss=loss, train_data=(X_train, y_train))
     with rec:
         for s in range(steps):
             if s % (N_TRAIN // BATCH) == 0:
@@ -136,7 +156,7 @@ def record(steps: int, dtype: torch.dtype, seed: int = 0, activation: str = "rel
             j = s % (N_TRAIN // BATCH)
             idx = order[j * BATCH : (j + 1) * BATCH]
             opt.zero_grad()
-            F.cross_entropy(model(X_train[idx]), y_train[idx]).backward()
+            loss_fn(model(X_train[idx]), y_train[idx]).backward()
             rec.log_batch(idx)
             opt.step()
     return rec.trajectory, X_test
@@ -240,18 +260,101 @@ def paper_baseline(flat: Flat, X: torch.Tensor, n_steps: int, nodes: int) -> tor
     return scores
 
 
+# ------------------------------------------------------------------------------------------ reference shape
+def reference_case(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """The paper's transformer shape (``reference_shape.py``) side by side with the midpoint-100 baselines."""
+    torch.manual_seed(args.seed)
+    model = ReferenceShapeTransformer(P, args.d_model, args.d_mlp).to(dtype)
+    traj, X_test = record_model(model, args.steps, args.seed, "nll")
+    X = X_test.to(device)
+    flat = Flat(traj, device, dtype)
+    thetas = [flat.theta(s) for s in range(traj.n_steps + 1)]
+    with torch.no_grad():
+        truth = flat.f(thetas[-1], X)
+    D, N, T = sum(flat.sizes), traj.n_steps, X.shape[0]
+    print(f"workload: reference-shaped transformer p={P} (d_model {args.d_model}, 4 heads, MLP {args.d_mlp}, two "
+          f"ReLU layers), D={D} params, N={N} steps (AdamW lr 1e-3 from initialisation), {N_TRAIN} train, batch "
+          f"{BATCH}, T={T} test inputs x O={P + 2} outputs; device={device}, dtype={args.dtype}, "
+          f"torch threads={torch.get_num_threads()}", flush=True)
+    kw = {"device": str(device), "dtype": args.dtype}
+
+    def rel(pred: Any) -> float:
+        pred = torch.as_tensor(pred, device=device, dtype=dtype)
+        return float((pred - truth).abs().max() / truth.abs().max())
+
+    if args.dense_off:  # the adaptive rule alone: no batch is ever judged kink-dense (docs/engine.md, section 2)
+        dense.DENSE_MIN = 2**62
+    if args.kinks:
+        theta = [{k: v.to(dtype) for k, v in traj.params(s).items()} for s in range(N + 1)]
+        counts = relu_kinks(model, theta, X_test)
+        print("\nReLU kinks crossed per step and test input (min / median / max):")
+        print("| step | " + " | ".join(str(s) for s in range(N)) + " |")
+        print("|---" * (N + 1) + "|")
+        print("| kinks | " + " | ".join(f"{a} / {m} / {b}" for a, m, b in counts) + " |", flush=True)
+        return
+    explaind.KernelReplica(quadrature="gauss-legendre", nodes=1, steps=(0, 1), **kw).fit(traj).predict(X)
+    print()
+    print("| measurement | evals/step/input | time (s) | peak mem (MB) | rel. error | vs midpoint-100 baseline "
+          "| vs bare batched JVPs |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+
+    def emit(*row: str) -> None:
+        print("| " + " | ".join(row) + " |", flush=True)
+
+    n = args.baseline_nodes
+    base, base_dt, base_mem = measure(lambda: midpoint_replica(flat.f, thetas, X, n), device)
+    emit(f"baseline replica: midpoint {n}, one JVP per node", str(n), f"{base_dt:.3f}", f"{base_mem:.0f}",
+         f"{rel(base):.1e}", "1", "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", explaind.exceptions.ExplaindWarning)
+        for label, rule, nodes in (("adaptive (tol 1e-7)", "adaptive", None), ("midpoint 100", "midpoint", 100),
+                                   ("gauss-legendre 4", "gauss-legendre", 4)):
+            rep = explaind.KernelReplica(quadrature=rule, nodes=nodes, **kw).fit(traj)
+            pred, dt, mem = measure(lambda rep=rep: rep.predict(X), device)
+            evals = rep.fidelity_report(X)["total_evals"] / (N * T)
+            per_step = max(1, math.ceil(evals))
+            _, bare, _ = measure(lambda k=per_step: bare_jvp_batched(flat, X, N, k), device)
+            emit(f"replica, {label}", f"{evals:.1f}", f"{dt:.3f}", f"{mem:.0f}", f"{rel(pred):.1e}",
+                 f"{base_dt / dt:.1f}x faster, {mem / max(base_mem, 1):.2f}x memory",
+                 f"{dt / bare:.2f}x ({bare:.3f} s)")
+        if args.skip_baseline:
+            return
+        scores, base_dt, base_mem = _measure_once(lambda: paper_baseline(flat, X, N, n), device)
+        emit(f"baseline train axis: midpoint {n}, per-sample gradients, Jacobian per node", str(n), f"{base_dt:.3f}",
+             f"{base_mem:.0f}", "", "1", "")
+        for label, rule, nodes in (("adaptive", "adaptive", None), ("midpoint 100", "midpoint", 100)):
+            est = explaind.InfluenceEstimator(keep=("train",), quadrature=rule, nodes=nodes, **kw).fit(traj)
+            att, dt, mem = measure(lambda est=est: est.transform(X), device)
+            evals = sum(att.meta["evals_per_step"]) / N
+            quad = float(att.quadrature_error.sum(1).abs().max() / truth.abs().max())
+            agree = float((att.values.to(scores) - scores).abs().max() / scores.abs().max())
+            emit(f"influence keep=(train,), {label}", f"{evals:.1f}", f"{dt:.3f}", f"{mem:.0f}",
+                 f"{quad:.1e} (quadrature); {agree:.1e} vs baseline scores",
+                 f"{base_dt / dt:.1f}x faster, {mem / max(base_mem, 1):.2f}x memory", "")
+
+
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="recorded steps (default: 40; 12 with --workload reference)")
     ap.add_argument("--baseline-nodes", type=int, default=100)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the fastest is shown)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--skip-generic", action="store_true",
                     help="skip the comparison rows with factored='never' (generic vmap/jacrev paths)")
+    ap.add_argument("--workload", default="repository", choices=["repository", "reference"],
+                    help="the repository's transformer (default) or the paper's transformer shape")
+    ap.add_argument("--d-model", type=int, default=32, help="--workload reference: width of the residual stream")
+    ap.add_argument("--d-mlp", type=int, default=128, help="--workload reference: hidden width of the MLP")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dense-off", action="store_true",
+                    help="--workload reference: switch off the kink-dense fallback of the adaptive rule")
+    ap.add_argument("--kinks", action="store_true",
+                    help="--workload reference: count the ReLU kinks each step crosses per input, then stop")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,7 +363,12 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
 
-    traj, X_test = record(args.steps, dtype)
+    if args.steps is None:
+        args.steps = 12 if args.workload == "reference" else 40
+    if args.workload == "reference":
+        reference_case(args, device, dtype)
+        return
+    traj, X_test = record(args.steps, dtype, args.seed)
     X = X_test.to(device)
     flat = Flat(traj, device, dtype)
     with torch.no_grad():

@@ -54,9 +54,10 @@ def _add_size(parser: argparse.ArgumentParser, default: str) -> None:
     group.add_argument("--tiny", dest="size", action="store_const", const="tiny", help="same as --size tiny")
 
 
-def _add_quadrature(parser: argparse.ArgumentParser, default: str, nodes: int | None) -> None:
+def _add_quadrature(parser: argparse.ArgumentParser, default: str | None, nodes: int | None) -> None:
+    chosen = default or "adaptive within --max-evals, else gauss-legendre 4 or 2"
     parser.add_argument("--quadrature", default=default,
-                        help=f"adaptive, gauss-legendre, midpoint or left (default: {default})")
+                        help=f"adaptive, gauss-legendre, midpoint or left (default: {chosen})")
     parser.add_argument("--nodes", type=int, default=nodes,
                         help="nodes per step of a fixed rule (per panel for adaptive)"
                         + (f" (default: {nodes})" if nodes else ""))
@@ -106,14 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replicate", help="fidelity of the kernel replica of a stored run (--table: Table 1)")
     p.add_argument("run", nargs="?", help="run folder; without it, --table trains the three reference setups")
     p.add_argument("--table", action="store_true", help="compare every quadrature rule (the fidelity table)")
-    _add_quadrature(p, "adaptive", None)
+    _add_quadrature(p, None, None)
     p.add_argument("--n-test", type=int, default=None,
                    help="validation inputs to compare on (default: 64, 32 with --table)")
     p.add_argument("--steps", default=None, metavar="START:STOP",
                    help="replicate only these optimizer steps, from f(theta_START) to f(theta_STOP)")
     p.add_argument("--max-evals", type=int, default=None, metavar="N",
-                   help="--table of a run: rules whose path-gradient evaluations exceed N together are skipped "
-                        "(default: 400000; 0: no limit)")
+                   help="path-gradient evaluations a run's replica may cost (default: 400000; 0: no limit): "
+                        "without --quadrature the adaptive rule is used within it, else gauss-legendre 4 or 2; "
+                        "--table skips the rules that exceed it together")
     _add_size(p, "small")
     _add_device(p)
     cli_launch.add_nproc(p)

@@ -122,6 +122,19 @@ def _announce(out: Any, what: str, rule: Any, n_steps: int, n_test: int) -> None
              f"evaluations")
 
 
+def _cheaper_default(out: Any, n_steps: int, n_test: int, limit: int | None) -> Any:
+    """The rule of ``replicate RUN`` without ``--quadrature``: adaptive unless its cost exceeds the budget."""
+    from .studies import fidelity
+
+    rule, passed = fidelity.default_rule(n_steps, n_test, limit)
+    for other, evals in passed:
+        bound = "at least " if other.quadrature == "adaptive" else ""
+        out.info(f"replicate: {other.label} would take {bound}{evals:,} path-gradient evaluations, more than "
+                 f"--max-evals {limit:,}; using {rule.label} (its error is measured and shown). Force a rule with "
+                 f"--quadrature, or raise --max-evals (0: no limit).")
+    return rule
+
+
 def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
     """Fidelity of the kernel replica (one rule, or every affordable rule with --table)."""
     from .studies import analysis, fidelity
@@ -140,15 +153,19 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
         out.result(text + f"\n({time.perf_counter() - start:.1f} s)", {"rows": rows})
         return 0
     steps = analysis.parse_steps(args.steps)
-    single = None if args.table else fidelity.rule_from(args.quadrature, args.nodes)
+    # without --quadrature (and --nodes, which alone keeps meaning panels of the adaptive rule) the rule is chosen
+    # by its cost below
+    chosen = args.quadrature is None and args.nodes is None
+    single = None if args.table or chosen else fidelity.rule_from(args.quadrature or "adaptive", args.nodes)
     run = load_run(args.run)
     n_test = min(args.n_test or (N_TEST_TABLE if args.table else N_TEST_DEFAULT), run.dataset.n_val)
     n_steps = _window(int(run.trajectory.n_steps), steps)
     skipped: list[tuple[Any, int]] = []
-    limit: int | None = None
+    limit = fidelity.TABLE_MAX_EVALS if args.max_evals is None else args.max_evals or None
     if args.table:
-        limit = fidelity.TABLE_MAX_EVALS if args.max_evals is None else args.max_evals or None
         rules, skipped = fidelity.affordable_rules(fidelity.all_rules(), n_steps, n_test, limit)
+    elif single is None:
+        rules = [_cheaper_default(out, n_steps, n_test, limit)]
     else:
         rules = [single]
     for rule in rules:

@@ -75,3 +75,37 @@ def test_report_covers_a_prefix_of_the_run_in_its_data_view(grok, capsys):
     page = (grok / "report" / "index.html").read_text()
     assert f"Only the first 12 of the {STEPS} steps" in page
     assert main(["-q", "report", str(grok), "--data-steps", "some"]) == 2
+
+
+def test_replicate_without_a_rule_uses_adaptive_within_the_budget(grok, capsys):
+    assert main(["--threads", "1", "replicate", str(grok)]) == 0
+    captured = capsys.readouterr()
+    assert "adaptive" in captured.out and "gauss-legendre" not in captured.out + captured.err
+    assert f"replicate: adaptive over {STEPS} steps x 20 inputs = at least {12 * STEPS * 20:,}" in captured.err
+
+
+def test_replicate_without_a_rule_falls_back_to_cheaper_rules_by_cost(grok, capsys):
+    adaptive, gl4 = 12 * STEPS * 20, 4 * STEPS * 20  # the announced lower bound and the exact cost
+    assert main(["--threads", "1", "replicate", str(grok), "--max-evals", str(adaptive - 1)]) == 0
+    captured = capsys.readouterr()
+    assert "gauss-legendre-4" in captured.out and "adaptive" not in captured.out
+    assert (f"adaptive would take at least {adaptive:,} path-gradient evaluations, more than --max-evals "
+            f"{adaptive - 1:,}; using gauss-legendre-4") in captured.err
+    assert f"replicate: gauss-legendre-4 over {STEPS} steps x 20 inputs = {gl4:,}" in captured.err
+    # below every rule's cost the cheapest one is used
+    assert main(["-q", "replicate", str(grok), "--max-evals", "10", "--json", "--steps", "0:4"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["rule"] == "gauss-legendre-2"
+
+
+def test_replicate_with_a_rule_or_nodes_keeps_it_whatever_the_budget(grok, capsys):
+    assert main(["-q", "replicate", str(grok), "--quadrature", "adaptive", "--max-evals", "10", "--steps", "0:4",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["rule"] == "adaptive"
+    assert main(["-q", "replicate", str(grok), "--nodes", "3", "--max-evals", "10", "--steps", "0:4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["rule"] == "adaptive-3"
+
+
+def test_replicate_shows_a_progress_bar_with_the_time_left(grok, capsys):
+    assert main(["--threads", "1", "replicate", str(grok), "--quadrature", "gauss-legendre", "--nodes", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "quadrature" in err and "<" in err.split("quadrature")[-1]  # tqdm's [elapsed<remaining]

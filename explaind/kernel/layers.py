@@ -42,7 +42,11 @@ from .layout import ParamLayout
 from .products import FactorProducts
 from .quadrature import NodePlan
 
-__all__ = ["LayerEvaluator"]
+__all__ = ["LayerEvaluator", "FACTOR_BYTES"]
+
+#: Bytes of layer factors (each (input, node) entry's output gradients for every output, and its layer
+#: inputs) that one batch of a factored Jacobian holds at most; its backward pass is of the same order.
+FACTOR_BYTES = 2**27
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +185,14 @@ class LayerEvaluator:
 
     def _factored_jacobian(self, seg: Segment, t: Tensor, w: Tensor, block: ParamLayout, chunk: int,
                            out: Tensor | None) -> Tensor:
+        """Batches of at most ``chunk`` inputs whose entries' factors take at most :data:`FACTOR_BYTES`."""
         T = w.shape[0]
-        result = out
-        for lo in range(0, T, max(1, chunk)):
-            factors, owner, mask, O = self.entry_factors(seg, t, w, slice(lo, lo + chunk))
+        entries = (w != 0).sum(1).tolist()
+        result, lo, per_entry = out, 0, 0
+        while lo < T:
+            hi = _factor_batch(entries, lo, max(1, chunk), per_entry)
+            factors, owner, mask, O = self.entry_factors(seg, t, w, slice(lo, hi))
+            per_entry = max(per_entry, _factor_bytes(factors) // max(1, int(mask.sum())))
             if result is None:
                 result = torch.empty(T, O, block.size, dtype=w.dtype, device=w.device)
             rows_out = result[lo:lo + mask.shape[0]]
@@ -192,6 +200,7 @@ class LayerEvaluator:
             empty = ~mask.any(1)
             if bool(empty.any()):
                 rows_out[empty] = 0
+            lo = hi
         if result is None:
             raise ValueError("jacobian needs at least one input")
         return result
@@ -285,6 +294,24 @@ class LayerEvaluator:
             self._reduce(block, self._factors(rows, total, None, 1), owner, [(owner, owner[:, None])], 1,
                          result[lo:lo + n, None, :])
         return result
+
+
+def _factor_batch(entries: list[int], lo: int, chunk: int, per_entry: int) -> int:
+    """End of the batch of inputs from ``lo``: at most ``chunk`` inputs and, once the bytes of one entry's
+    factors are known (``per_entry > 0``; the first batch is one input, to measure them), at most
+    :data:`FACTOR_BYTES` of factors; always at least one input."""
+    if not per_entry:
+        return lo + 1
+    hi, held = lo, 0
+    while hi < min(len(entries), lo + chunk) and (hi == lo or (held + entries[hi]) * per_entry <= FACTOR_BYTES):
+        held += entries[hi]
+        hi += 1
+    return hi
+
+
+def _factor_bytes(factors: Mapping[str, Factors]) -> int:
+    return sum(d.numel() * d.element_size() + a.numel() * a.element_size()
+               for parts in factors.values() for d, a in parts)
 
 
 def _compare(labels: tuple[str, ...], got: Any, want: Any, dtype: torch.dtype, what: str) -> str:

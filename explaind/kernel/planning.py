@@ -68,6 +68,8 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     elem = torch.finfo(engine.dtype).bits // 8
     stacked = rule == "adaptive" or with_estimate
     group = max(1, STACK_BYTES // max(1, 2 * elem * engine.layout.size)) if stacked else 1
+    if engine.progress:  # the bar (and its estimate of the time left) moves at least BAR_UPDATES times
+        group = min(group, max(1, -(-(stop - start) // BAR_UPDATES)))
     g_prev = engine.values_at(start, X, explained)
     g_start = g_prev
     plans: list[NodePlan] = []
@@ -91,6 +93,9 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     bar.close()
     return g_start, g_prev, plans, torch.stack(buffers, dim=1) if engine.buffer_names else None
 
+
+#: With a progress bar, groups of stacked steps hold at most this fraction of the window's steps.
+BAR_UPDATES = 20
 
 #: Bytes of slopes ``(U, nodes, O)`` the kink-dense fallback holds per batched evaluation.
 SHARED_NODES_BYTES = 1 << 27

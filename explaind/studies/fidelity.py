@@ -23,7 +23,7 @@ import numpy as np
 from ..exceptions import ConfigError
 
 __all__ = ["format_table", "Rule", "all_rules", "rule_from", "run_fidelity", "reference_setups", "reference_table",
-           "TABLE_COLUMNS", "estimated_evals", "affordable_rules", "TABLE_MAX_EVALS"]
+           "TABLE_COLUMNS", "estimated_evals", "affordable_rules", "TABLE_MAX_EVALS", "DEFAULT_RULES", "default_rule"]
 
 TABLE_COLUMNS = ["setup", "rule", "evals/step", "argmax agreement", "KL", "max rel error", "seconds"]
 _QUADRATURES = ("adaptive", "gauss-legendre", "midpoint", "left")
@@ -89,6 +89,33 @@ def affordable_rules(rules: list[Rule], n_steps: int, n_test: int,
             spent += cost[rule]
             admitted.add(rule)
     return [r for r in rules if r in admitted], [(r, cost[r]) for r in rules if r not in admitted]
+
+
+#: The rules ``explaind replicate RUN`` tries without ``--quadrature``, most accurate first: the first whose
+#: evaluations fit the budget is used (the last one whatever its cost).
+DEFAULT_RULES = (Rule("adaptive"), Rule("gauss-legendre", 4), Rule("gauss-legendre", 2))
+
+
+def default_rule(n_steps: int, n_test: int,
+                 max_evals: int | None = TABLE_MAX_EVALS) -> tuple[Rule, list[tuple[Rule, int]]]:
+    """The rule of a replica whose rule was not chosen, and the more accurate rules passed over for their cost.
+
+    The first of :data:`DEFAULT_RULES` whose :func:`estimated_evals` (a lower bound for ``adaptive``)
+    is at most ``max_evals`` (``None``: no limit, always ``adaptive``); the last one when none fits.
+
+    Returns
+    -------
+    rule : Rule
+    passed_over : list of (Rule, int)
+        The rules before it with their estimated evaluations.
+    """
+    passed: list[tuple[Rule, int]] = []
+    for rule in DEFAULT_RULES[:-1]:
+        cost = estimated_evals(rule, n_steps, n_test)
+        if max_evals is None or cost <= max_evals:
+            return rule, passed
+        passed.append((rule, cost))
+    return DEFAULT_RULES[-1], passed
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
