@@ -309,9 +309,13 @@ def _factor_batch(entries: list[int], lo: int, chunk: int, per_entry: int) -> in
     return hi
 
 
-def _factor_bytes(factors: Mapping[str, Factors]) -> int:
-    return sum(d.numel() * d.element_size() + a.numel() * a.element_size()
-               for parts in factors.values() for d, a in parts)
+def _factor_bytes(factors: Mapping[str, Any]) -> int:
+    """Bytes held by the factors; a composite rule's are grouped by site (``{site: Factors}``)."""
+    def held(parts: Any) -> int:
+        if isinstance(parts, Mapping):
+            return sum(held(p) for p in parts.values())
+        return sum(d.numel() * d.element_size() + a.numel() * a.element_size() for d, a in parts)
+    return sum(held(parts) for parts in factors.values())
 
 
 def _compare(labels: tuple[str, ...], got: Any, want: Any, dtype: torch.dtype, what: str) -> str:
