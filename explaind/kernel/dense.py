@@ -21,10 +21,11 @@ their panels (both errors are known exactly). The error left is reported as quad
 warned about (``docs/engine.md``, section 2).
 
 The test runs first on a *probe* of at most :data:`PROBE_UNITS` failing units spread over the batch
-(:func:`probe_positions`): when the probe is kink-dense, the batch's other failing units are not
-refined one by one at all; those far above tolerance after the first estimate whose error no single
-kink between its nodes accounts for go straight to the midpoint rule, the rest are refined as usual.
-When the probe is not kink-dense, every failing unit is refined and tested as before.
+(:func:`probe_positions`): when the probe is kink-dense and none of its units reached its tolerance,
+the batch's other failing units are not refined one by one at all; those far after the first
+estimate whose error no single kink between its nodes accounts for go straight to the midpoint rule,
+the rest are refined as usual. Otherwise (no kink-dense probe, or some of its units converged: few-kink
+units among kink-dense ones) every other failing unit is refined and tested like the probe.
 """
 
 from __future__ import annotations
