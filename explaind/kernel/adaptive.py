@@ -35,6 +35,8 @@ from .dense import (
     DENSE_AFTER,
     DENSE_CAP,
     DENSE_EVALS,
+    DENSE_MIN,
+    DENSE_SHARE,
     MIDPOINT_KIND,
     Shared,
     dense_estimate,
@@ -104,10 +106,12 @@ def adaptive_plan(
         evaluation of :math:`h'(0), h'(1)` where a kink stands out between two nodes (the ``nodes``
         evaluations behind ``est0`` are counted for every unit either way).
     dense_after, dense_evals : int
-        After ``dense_after`` evaluations, the far units of a kink-dense batch are integrated by the
-        ``dense_evals``-point composite midpoint rule instead; the other units of the batch stop at
-        ``DENSE_CAP * dense_after`` evaluations and take the midpoint rule too where it errs less
-        (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
+        After ``dense_after`` evaluations of a probe of at most ``PROBE_UNITS`` failing units, the far
+        units of a kink-dense batch are integrated by the ``dense_evals``-cell composite midpoint rule
+        through the first estimate's nodes instead (``dense_evals`` evaluations in all); the far units
+        beyond the probe skip the refinement when no probe unit converged; the other units of the
+        batch stop at ``DENSE_CAP * dense_after`` evaluations and take the midpoint rule too where it
+        errs less (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
     shared : callable, optional
         ``(units (K,), t (Q,), w (Q,)) -> (K, O)``, :math:`\sum_q w_q h'(t_q)` at nodes shared by the
         units, for that midpoint rule
@@ -142,13 +146,16 @@ def adaptive_plan(
     run = _Levels(refine, rules, eps, evals, acc, thr, scale, max_depth, max_evals, dense_after)
     samples = None if first is None else (*rules[0], first[1], first[2])
     if failing.numel():
-        probe = failing[probe_positions(failing.numel())] if dense_after > 0 else failing
+        # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it
+        looks = far_units(err0[failing], thr[failing], scale[failing]) & ~one_kink(failing, est0, g_a, g_b, samples)
+        split = dense_after > 0 and int(looks.sum()) >= max(DENSE_MIN, DENSE_SHARE * failing.numel())
+        probe = failing[probe_positions(failing.numel())] if split else failing
         rest = failing[~torch.isin(failing, probe)]
         run(_start_jobs(probe, est0, err0, g_a, g_b, thr, rel, refine, evals, samples), probe.numel())
         settled = (acc.err[probe] <= thr[probe]) & ~run.dense[probe]
         if rest.numel() and bool(run.dense.any()) and not bool(settled.any()):
             # a kink-dense probe where no unit reached its tolerance: the far units skip the refinement
-            far = far_units(err0[rest], thr[rest], scale[rest]) & ~one_kink(rest, est0, g_a, g_b, samples)
+            far = looks[torch.isin(failing, rest)]
             run.dense[rest[far]] = True
             rest = rest[~far]
         elif rest.numel():  # otherwise the others are refined and tested as without a probe
