@@ -20,12 +20,14 @@ batched evaluation per node, not one per unit); the batch's other units stop ref
 their panels (both errors are known exactly). The error left is reported as quadrature error and
 warned about (``docs/engine.md``, section 2).
 
-The test runs first on a *probe* of at most :data:`PROBE_UNITS` failing units spread over the batch
-(:func:`probe_positions`): when the probe is kink-dense and none of its units reached its tolerance,
-the batch's other failing units are not refined one by one at all; those far after the first
-estimate whose error no single kink between its nodes accounts for go straight to the midpoint rule,
-the rest are refined as usual. Otherwise (no kink-dense probe, or some of its units converged: few-kink
-units among kink-dense ones) every other failing unit is refined and tested like the probe.
+Where the first estimate already looks kink-dense (as many units far as the test asks for, and no
+single kink between the first nodes explaining their error), the test runs first on a *probe* of at
+most :data:`PROBE_UNITS` failing units spread over the batch (:func:`probe_positions`). When the probe
+is kink-dense and none of its units reached its tolerance, the batch's other failing units are not
+refined one by one at all: those far after the first estimate whose error no single kink between its
+nodes accounts for go straight to the midpoint rule, the rest are refined as usual. Otherwise (no
+kink-dense probe, or some of its units converged: few-kink units among kink-dense ones) every other
+failing unit is refined and tested like the probe.
 """
 
 from __future__ import annotations
