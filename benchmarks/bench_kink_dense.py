@@ -1,23 +1,30 @@
-"""The kernel replica on a ReLU-dense model nobody tuned for: a small GroupNorm ResNet.
+"""The kernel replica on ReLU-dense models nobody tuned for: a small GroupNorm ResNet and a ReLU MLP.
 
-Workload: a hand-written ResNet (Conv2d 3x3 + GroupNorm + ReLU stem, two residual blocks of two
-convolutions with GroupNorm, global average pooling, a linear head; 16 channels, about 10k
-parameters) on sklearn's 8x8 digits, 1,000 training images, batches of 64, SGD with momentum 0.9 and
-lr 0.05 from initialisation; the run is recorded in float64 and the replica explains every output of
-held-out test images.
+Workloads (``--model``): ``resnet``, a hand-written ResNet (Conv2d 3x3 + GroupNorm + ReLU stem, two
+residual blocks of two convolutions with GroupNorm, global average pooling, a linear head; 16 channels,
+9,770 parameters) trained with SGD, momentum 0.9, lr 0.05; ``mlp``, a ReLU MLP 64-256-256-10 (85,002
+parameters) trained with plain SGD at an untuned lr 1.0. Both from initialisation on sklearn's 8x8
+digits, 1,000 training images, batches of 64, recorded in float64; the replica explains every output
+of held-out test images.
 
 Printed (one table): for the adaptive rule (default tolerance) and the paper's 100-point midpoint
 rule, the wall time, evaluations per step and test input, and the relative error of the replica
 against the trained model, ``max |replica - f(x; theta_N)| / max |f|``. The path of each step crosses
 thousands of ReLU kinks; ``docs/engine.md`` (section 2, *kink-dense paths*) describes what the
-adaptive rule does then.
+adaptive rule does then. ``--before DIR`` first runs the same rows in a subprocess against another
+checkout of explaind (``PYTHONPATH=DIR``; e.g. ``git worktree add /tmp/before <commit>``), so a
+before/after table comes from one run on one machine.
 
-Run: ``python benchmarks/bench_kink_dense.py [--steps 40] [--inputs 64] [--threads 1]``
+Run: ``python benchmarks/bench_kink_dense.py [--model resnet] [--steps 40] [--inputs 64] [--threads 1]
+[--before DIR]``
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 import warnings
 
@@ -50,13 +57,22 @@ class ResNet(nn.Module):
         return self.head(self.b2(self.b1(F.relu(self.norm(self.stem(x))))).mean((2, 3)))
 
 
-def record(steps: int):
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, 10))
+
+
+def record(steps: int, kind: str = "resnet"):
     digits = load_digits()
     X = torch.tensor(digits.data, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16
     y = torch.tensor(digits.target)
     torch.manual_seed(0)
-    model = ResNet().double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if kind == "resnet":
+        model = ResNet().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        model = mlp().double()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X[:1000], y[:1000]))
     gen = torch.Generator().manual_seed(0)
     with rec:
@@ -69,14 +85,10 @@ def record(steps: int):
     return model.eval(), rec.trajectory, X[1000:]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--inputs", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+def measure(args: argparse.Namespace, label: str) -> list[str]:
+    """Table rows ``| label | rule | time | evals | error |`` of both rules on the recorded run."""
     torch.set_num_threads(args.threads)
-    model, traj, X_test = record(args.steps)
+    model, traj, X_test = record(args.steps, args.model)
     X = X_test[: args.inputs]
     with torch.no_grad():
         target = model(X)
@@ -89,9 +101,7 @@ def main() -> None:
         return plan
 
     planning.adaptive_plan = counting
-    print(f"GroupNorm ResNet, {sum(p.numel() for p in model.parameters())} parameters, {args.steps} SGD-momentum "
-          f"steps, {args.inputs} test inputs x 10 outputs, float64, torch threads={args.threads}")
-    print("| rule | time s | evaluations per step and input | relative error |\n|---|---|---|---|")
+    rows = []
     for rule, nodes in (("midpoint", 100), ("adaptive", None)):
         evals.clear()
         t0 = time.perf_counter()
@@ -100,8 +110,42 @@ def main() -> None:
             out = explaind.KernelReplica(quadrature=rule, nodes=nodes).fit(traj).predict(X)
         wall = time.perf_counter() - t0
         err = float((torch.as_tensor(out) - target).abs().max() / target.abs().max())
-        per = f"{float(torch.cat(evals).double().mean()):.0f}" if evals else str(nodes)
-        print(f"| {rule}{'' if nodes is None else f'-{nodes}'} | {wall:.1f} | {per} | {err:.2e} |", flush=True)
+        per = f"{float(torch.cat(evals).double().mean()):.1f}" if evals else str(nodes)
+        rows.append(f"| {label} | {rule}{'' if nodes is None else f'-{nodes}'} | {wall:.1f} | {per} | {err:.2e} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("resnet", "mlp"), default="resnet")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--inputs", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--before", default=None, help="another explaind checkout, measured first in a subprocess")
+    ap.add_argument("--label", default="this checkout", help=argparse.SUPPRESS)
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rows_only:
+        measure(args, args.label)
+        return
+    model = ResNet() if args.model == "resnet" else mlp()
+    name = "GroupNorm ResNet" if args.model == "resnet" else "ReLU MLP (SGD lr 1.0)"
+    print(f"{name}, {sum(p.numel() for p in model.parameters())} parameters, {args.steps} steps, {args.inputs} test "
+          f"inputs x 10 outputs, float64, torch threads={args.threads}; load {os.getloadavg()[0]:.1f}")
+    head = "| code | rule | time s | evaluations per step and input | relative error |\n|---|---|---|---|---|"
+    print(head, flush=True)
+    rows = []
+    if args.before:
+        cmd = [sys.executable, __file__, "--rows-only", "--label", "before", "--model", args.model, "--steps",
+               str(args.steps), "--inputs", str(args.inputs), "--threads", str(args.threads)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.before, os.path.join(args.before, "plugins")])}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        rows = [line for line in done.stdout.splitlines() if line.startswith("| before")]
+        print("\n".join(rows), flush=True)
+    rows += measure(args, "after" if args.before else args.label)
+    if args.before:  # the table once more, in one piece
+        print(f"\n{head}\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,35 @@ import torch
 from torch import Tensor
 
 from ..exceptions import ConfigError
-from .adaptive_jobs import FLOOR, GAUSS_KIND, Jobs, Rows, choose, grade, halves, join, locate, place, probed, steepest
-from .dense import DENSE_AFTER, DENSE_CAP, DENSE_EVALS, MIDPOINT_KIND, Shared, dense_units, midpoint_estimate
+from .adaptive_jobs import (
+    FLOOR,
+    GAUSS_KIND,
+    Jobs,
+    Rows,
+    choose,
+    first_bracket,
+    grade,
+    halves,
+    join,
+    locate,
+    one_kink,
+    place,
+    probed,
+    steepest,
+)
+from .dense import (
+    DENSE_AFTER,
+    DENSE_CAP,
+    DENSE_EVALS,
+    DENSE_MIN,
+    DENSE_SHARE,
+    MIDPOINT_KIND,
+    Shared,
+    dense_estimate,
+    dense_units,
+    far_units,
+    probe_positions,
+)
 from .quadrature import NodePlan, rule_nodes
 
 __all__ = ["MAX_DEPTH", "MAX_EVALS", "adaptive_plan"]
@@ -79,10 +106,12 @@ def adaptive_plan(
         evaluation of :math:`h'(0), h'(1)` where a kink stands out between two nodes (the ``nodes``
         evaluations behind ``est0`` are counted for every unit either way).
     dense_after, dense_evals : int
-        After ``dense_after`` evaluations, the far units of a kink-dense batch are integrated by the
-        ``dense_evals``-point composite midpoint rule instead; the other units of the batch stop at
-        ``DENSE_CAP * dense_after`` evaluations and take the midpoint rule too where it errs less
-        (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
+        After ``dense_after`` evaluations of a probe of at most ``PROBE_UNITS`` failing units, the far
+        units of a kink-dense batch are integrated by the ``dense_evals``-cell composite midpoint rule
+        through the first estimate's nodes instead (``dense_evals`` evaluations in all); the far units
+        beyond the probe skip the refinement when no probe unit converged; the other units of the
+        batch stop at ``DENSE_CAP * dense_after`` evaluations and take the midpoint rule too where it
+        errs less (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
     shared : callable, optional
         ``(units (K,), t (Q,), w (Q,)) -> (K, O)``, :math:`\sum_q w_q h'(t_q)` at nodes shared by the
         units, for that midpoint rule
@@ -113,37 +142,35 @@ def adaptive_plan(
     err0 = (est0 - exact).abs().amax(-1)
     failing = torch.nonzero(err0 > thr).reshape(-1)
     acc = Accepted(torch.zeros(U, dtype=dt, device=dev))
-    dense = torch.zeros(U, dtype=torch.bool, device=dev)
+    scale = exact.abs().amax(-1)
+    run = _Levels(refine, rules, eps, evals, acc, thr, scale, max_depth, max_evals, dense_after)
+    samples = None if first is None else (*rules[0], first[1], first[2])
     if failing.numel():
-        jobs = _start_jobs(failing, est0, err0, g_a, g_b, thr, rel, refine, evals,
-                           None if first is None else (*rules[0], first[1], first[2]))
-        tested, cap = dense_after <= 0, max_evals
-        for depth in range(1, max_depth + 1):
-            total = acc.err.index_add(0, jobs.unit, jobs.err)
-            refining = torch.zeros(U, dtype=torch.bool, device=dev)
-            refining[jobs.unit] = True
-            ripe = refining & (evals >= dense_after)
-            if not tested and bool(ripe.any()):  # tested at every level until the batch is found kink-dense
-                dense = dense_units(total, ripe, failing.numel(), thr, exact.abs().amax(-1))
-                if bool(dense.any()):  # the others get a few levels more at most
-                    tested, cap = True, min(max_evals, DENSE_CAP * dense_after)
-                jobs = jobs.take(~dense[jobs.unit])
-                if jobs.unit.numel() == 0:
-                    break
-                total = acc.err.index_add(0, jobs.unit, jobs.err)
-            done = (total <= thr) | (evals >= cap) | (depth >= max_depth)
-            stop = done[jobs.unit]
-            acc.add(jobs.take(stop))
-            jobs = jobs.take(~stop)
-            if jobs.unit.numel() == 0:
-                break
-            jobs = _level(jobs, refine, rules, eps, evals, acc)
+        # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it
+        looks = far_units(err0[failing], thr[failing], scale[failing]) & ~one_kink(failing, est0, g_a, g_b, samples)
+        split = dense_after > 0 and int(looks.sum()) >= max(DENSE_MIN, DENSE_SHARE * failing.numel())
+        probe = failing[probe_positions(failing.numel())] if split else failing
+        rest = failing[~torch.isin(failing, probe)]
+        run(_start_jobs(probe, est0, err0, g_a, g_b, thr, rel, refine, evals, samples), probe.numel())
+        settled = (acc.err[probe] <= thr[probe]) & ~run.dense[probe]
+        if rest.numel() and bool(run.dense.any()) and not bool(settled.any()):
+            # a kink-dense probe where no unit reached its tolerance: the far units skip the refinement
+            far = looks[torch.isin(failing, rest)]
+            run.dense[rest[far]] = True
+            rest = rest[~far]
+        elif rest.numel():  # otherwise the others are refined and tested as without a probe
+            run.retest(max_evals)
+        if rest.numel():
+            run(_start_jobs(rest, est0, err0, g_a, g_b, thr, rel, refine, evals, samples), rest.numel())
+    dense = run.dense
     t_mid = torch.zeros(0, dtype=dt, device=dev)
     w_mid = t_mid
     if bool(dense.any()):  # the far units, and the others left above tolerance where the midpoint rule errs less
-        cand = dense | ((evals >= cap) & (acc.err > thr))
+        cand = dense | (acc.err > thr)
         cu = torch.nonzero(cand).reshape(-1)
-        t_mid, w_mid, est = midpoint_estimate(cu, shared or _pointwise(refine), dt, dense_evals)
+        x = rules[0][0] if first is not None else t_mid
+        t_mid, w_mid, est, new = dense_estimate(cu, shared or _pointwise(refine), x,
+                                                None if first is None else first[2], dense_evals)
         err = (est - exact[cu]).abs().amax(-1)
         mine = torch.zeros_like(exact)
         for part in acc.parts:
@@ -153,7 +180,7 @@ def adaptive_plan(
         chosen[cu[take]] = True
         acc.drop(chosen)
         du, est, err = cu[take], est[take], err[take]
-        evals[cu] += dense_evals
+        evals[cu] += new
         one = torch.ones_like(du, dtype=dt)
         acc.add(Panels(torch.full_like(du, MIDPOINT_KIND), du, 0 * one, one, est, err, g_a[du], g_b[du], rel[du]))
     rules = [*rules, (t_mid, w_mid)]
@@ -203,6 +230,52 @@ class Accepted:
         return Panels.cat(self.parts) if self.parts else None
 
 
+class _Levels:
+    """The refinement levels of :func:`adaptive_plan`, and the kink-dense test between them (:mod:`~.dense`).
+
+    Calling it refines ``jobs`` level by level until every unit is within tolerance or capped. It tests
+    the units still refining at every level until the batch is found kink-dense (``dense``: the far
+    units, taken out of the refinement; ``cap`` then drops to ``DENSE_CAP * dense_after``; :meth:`retest`
+    starts the test over for the units refined next).
+    """
+
+    def __init__(self, refine: Refine, rules: Rules, eps: float, evals: Tensor, acc: Accepted, thr: Tensor,
+                 scale: Tensor, max_depth: int, max_evals: int, dense_after: int):
+        self.refine, self.rules, self.eps, self.evals, self.acc = refine, rules, eps, evals, acc
+        self.thr, self.scale, self.max_depth, self.dense_after = thr, scale, max_depth, dense_after
+        self.cap = max_evals
+        self.dense = torch.zeros_like(thr, dtype=torch.bool)
+        self.tested = dense_after <= 0
+
+    def retest(self, max_evals: int) -> None:
+        """Test the units refined next as if the batch were not known to be kink-dense (``dense`` is kept)."""
+        self.tested, self.cap = self.dense_after <= 0, max_evals
+
+    def __call__(self, jobs: Jobs, failing: int) -> None:
+        acc, evals = self.acc, self.evals
+        for depth in range(1, self.max_depth + 1):
+            total = acc.err.index_add(0, jobs.unit, jobs.err)
+            refining = torch.zeros_like(self.dense)
+            refining[jobs.unit] = True
+            ripe = refining & (evals >= self.dense_after)
+            if not self.tested and bool(ripe.any()):  # tested at every level until the batch is found kink-dense
+                dense = dense_units(total, ripe, failing, self.thr, self.scale)
+                if bool(dense.any()):  # the others get a few levels more at most
+                    self.tested, self.cap = True, min(self.cap, DENSE_CAP * self.dense_after)
+                    self.dense |= dense
+                jobs = jobs.take(~dense[jobs.unit])
+                if jobs.unit.numel() == 0:
+                    return
+                total = acc.err.index_add(0, jobs.unit, jobs.err)
+            done = (total <= self.thr) | (evals >= self.cap) | (depth >= self.max_depth)
+            stop = done[jobs.unit]
+            acc.add(jobs.take(stop))
+            jobs = jobs.take(~stop)
+            if jobs.unit.numel() == 0:
+                return
+            jobs = _level(jobs, self.refine, self.rules, self.eps, evals, acc)
+
+
 def _pointwise(refine: Refine) -> Shared:
     """``shared`` from ``refine``: every (unit, node) pair evaluated as its own row."""
 
@@ -242,23 +315,11 @@ def _start_jobs(failing: Tensor, est0: Tensor, err0: Tensor, g_a: Tensor, g_b: T
     if first is None:
         da, db = _end_slopes(refine, failing, evals, g_a.dtype)
         return Jobs.whole(failing, fa, fb, da, db, est0[failing], err0[failing], thr[failing], rel[failing])
-    dev, dt = g_a.device, g_a.dtype
-    x, wx = (v.to(device=dev, dtype=dt) for v in first[:2])
-    t = x.expand(failing.numel(), -1)
-    f, d = (v[failing].to(device=dev, dtype=dt) for v in first[2:])
+    dt = g_a.dtype
     unknown = torch.full_like(fa, torch.nan)
     jobs = Jobs.whole(failing, fa, fb, unknown, unknown, est0[failing], err0[failing], thr[failing], rel[failing])
-    inner = torch.zeros(failing.numel(), dtype=torch.bool, device=dev)
-    if x.numel() >= 2:
-        # a kink at c of jump Delta makes est0 err by Delta (sum of the weights after node i - (1 - c))
-        br, stands, i = steepest(t, f, d)
-        w = br.q - br.p
-        c = br.p + torch.minimum(torch.nan_to_num(br.meet(), nan=0.0).clamp_min(0), w)
-        tail = torch.cat([wx.flip(0).cumsum(0).flip(0)[1:], wx[:1] * 0])  # sum of the weights after node i
-        e = est0[failing] - (fb - fa)
-        miss = (e - (br.d_q - br.d_p) * (tail[i] - (1 - c))[:, None]).abs().amax(-1)
-        br, placed = place(br, t, f, d, i)
-        inner = stands & (miss <= 0.5 * e.abs().amax(-1)) & placed
+    br, inner, (t, f, d) = first_bracket(failing, est0, g_a, g_b, first)
+    if br is not None:
         jobs.set_bracket(br.take(inner), inner)
     ends = torch.nonzero(~inner).reshape(-1)
     if ends.numel():

@@ -8,13 +8,13 @@ The rule and its symbols are described in ``docs/engine.md`` (section 2, *adapti
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Self
+from typing import Any, Self
 
 import torch
 from torch import Tensor
 
 __all__ = ["GAUSS_KIND", "KINK_KIND", "C0", "FLOOR", "Rows", "Bracket", "Jobs", "Moves", "steepest", "place",
-           "locate", "choose", "halves", "join", "probed", "grade"]
+           "locate", "choose", "halves", "join", "probed", "grade", "first_bracket", "one_kink"]
 
 #: Panel kinds: ``nodes``-point and ``max(1, nodes // 2)``-point Gauss–Legendre.
 GAUSS_KIND, KINK_KIND = 0, 1
@@ -351,3 +351,45 @@ def grade(h: Jobs, t: Tensor, f: Tensor, d: Tensor, wq: Tensor) -> tuple[Jobs, J
     h.set_bracket(br)
     h.C, h.bisect = torch.full_like(h.A, C0), ~(hidden | explained) & ~fetch
     return passed, h
+
+
+def first_bracket(failing: Tensor, est0: Tensor, g_a: Tensor, g_b: Tensor,
+                   first: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Any, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    r"""The bracket of the steepest gap between the first estimate's nodes, and where one kink there explains the error.
+
+    A kink at :math:`c` of jump :math:`\Delta` makes ``est0`` err by :math:`\Delta` (the sum of the weights
+    after node :math:`i` less :math:`1 - c`); a unit is *inner* when a kink standing out in the steepest gap
+    accounts for at least half its error (``docs/engine.md``, section 2). No evaluation.
+
+    Returns
+    -------
+    bracket : Bracket or None
+        The placed brackets of all ``failing`` units (``None`` with fewer than two nodes).
+    inner : Tensor
+        Bool ``(F,)``.
+    samples : tuple of Tensor
+        The nodes ``(F, n)``, :math:`h` and :math:`h'` ``(F, n, O)`` of the failing units.
+    """
+    dev, dt = g_a.device, g_a.dtype
+    x, wx = (v.to(device=dev, dtype=dt) for v in first[:2])
+    t = x.expand(failing.numel(), -1)
+    f, d = (v[failing].to(device=dev, dtype=dt) for v in first[2:])
+    inner = torch.zeros(failing.numel(), dtype=torch.bool, device=dev)
+    if x.numel() < 2:
+        return None, inner, (t, f, d)
+    br, stands, i = steepest(t, f, d)
+    w = br.q - br.p
+    c = br.p + torch.minimum(torch.nan_to_num(br.meet(), nan=0.0).clamp_min(0), w)
+    tail = torch.cat([wx.flip(0).cumsum(0).flip(0)[1:], wx[:1] * 0])  # sum of the weights after node i
+    e = est0[failing] - (g_b[failing] - g_a[failing])
+    miss = (e - (br.d_q - br.d_p) * (tail[i] - (1 - c))[:, None]).abs().amax(-1)
+    br, placed = place(br, t, f, d, i)
+    return br, stands & (miss <= 0.5 * e.abs().amax(-1)) & placed, (t, f, d)
+
+
+def one_kink(units: Tensor, est0: Tensor, g_a: Tensor, g_b: Tensor,
+              first: tuple[Tensor, Tensor, Tensor, Tensor] | None) -> Tensor:
+    """Bool ``(F,)``: units whose first-estimate error one kink between nodes explains (none without samples)."""
+    if first is None:
+        return torch.zeros(units.numel(), dtype=torch.bool, device=units.device)
+    return first_bracket(units, est0, g_a, g_b, first)[1]

@@ -12,12 +12,22 @@ times :math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the
 the first estimate, and at least :data:`DENSE_MIN` units, are far, the batch is kink-dense (a
 property of the model and the step size, not of one test input: a few far units among many
 converging ones are left to the adaptive rule, which locates their kinks). Its far units are
-integrated by the composite midpoint rule with :data:`DENSE_EVALS` nodes shared by all test inputs
-of a step, which the engine evaluates like a fixed rule (one batched evaluation per node, not one
-per unit); the batch's other units stop refining at :data:`DENSE_CAP` times :data:`DENSE_AFTER`
-evaluations and take the midpoint rule where it errs less than their panels (both errors are known
-exactly). The error left is reported as quadrature error and warned about (``docs/engine.md``,
-section 2).
+integrated by the composite midpoint rule of :func:`dense_rule`: :data:`DENSE_EVALS` cells, the first
+estimate's nodes among the cell centres (so a unit spends :data:`DENSE_EVALS` evaluations in all), the
+other nodes shared by all test inputs of a step, which the engine evaluates like a fixed rule (one
+batched evaluation per node, not one per unit); the batch's other units stop refining at
+:data:`DENSE_CAP` times :data:`DENSE_AFTER` evaluations and take that rule where it errs less than
+their panels (both errors are known exactly). The error left is reported as quadrature error and
+warned about (``docs/engine.md``, section 2).
+
+Where the first estimate already looks kink-dense (as many units far as the test asks for, and no
+single kink between the first nodes explaining their error), the test runs first on a *probe* of at
+most :data:`PROBE_UNITS` failing units spread over the batch (:func:`probe_positions`). When the probe
+is kink-dense and none of its units reached its tolerance, the batch's other failing units are not
+refined one by one at all: those far after the first estimate whose error no single kink between its
+nodes accounts for go straight to the midpoint rule, the rest are refined as usual. Otherwise (no
+kink-dense probe, or some of its units converged: few-kink units among kink-dense ones) every other
+failing unit is refined and tested like the probe.
 """
 
 from __future__ import annotations
@@ -27,10 +37,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .quadrature import rule_nodes
-
 __all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN", "DENSE_EVALS", "DENSE_CAP",
-           "MIDPOINT_KIND", "Shared", "dense_units", "midpoint_estimate"]
+           "PROBE_UNITS", "MIDPOINT_KIND", "Shared", "dense_units", "far_units", "probe_positions", "dense_rule",
+           "dense_estimate"]
 
 #: Evaluations per unit after which the adaptive rule tests whether the batch is kink-dense.
 DENSE_AFTER = 32
@@ -43,11 +52,14 @@ DENSE_REL = 1e-4
 #: a few kinks each, which the adaptive rule locates).
 DENSE_SHARE = 0.5
 DENSE_MIN = 8
-#: Nodes of the composite midpoint rule for the far units of a kink-dense batch.
+#: Cells of the composite midpoint rule for the far units of a kink-dense batch (its nodes, the first estimate's
+#: included: the evaluations such a unit spends in all).
 DENSE_EVALS = 100
 #: In a kink-dense batch the units that were not far stop refining after ``DENSE_CAP * DENSE_AFTER``
 #: evaluations (with their error, known exactly, reported).
 DENSE_CAP = 4
+#: Failing units of a batch refined first to decide whether the batch is kink-dense (all when not more).
+PROBE_UNITS = 16
 #: Panel kind of a midpoint panel (after the adaptive rule's two Gauss–Legendre kinds).
 MIDPOINT_KIND = 2
 
@@ -69,15 +81,92 @@ def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: T
     thr, scale : Tensor
         Each unit's tolerance and :math:`\max_o |\Delta g_o|`, ``(U,)``.
     """
-    far = ripe & (total > torch.maximum(DENSE_RATIO * thr, DENSE_REL * scale))
+    far = ripe & far_units(total, thr, scale)
     if int(far.sum()) < max(DENSE_MIN, DENSE_SHARE * failing):
         return torch.zeros_like(far)
     return far
 
 
-def midpoint_estimate(units: Tensor, shared: Shared, dtype: torch.dtype,
-                      n: int = DENSE_EVALS) -> tuple[Tensor, Tensor, Tensor]:
-    r"""The ``n``-point composite midpoint rule on :math:`[0, 1]` for ``units (K,)``.
+def far_units(err: Tensor, thr: Tensor, scale: Tensor) -> Tensor:
+    r"""Bool: error above :data:`DENSE_RATIO` tolerances and :data:`DENSE_REL` :math:`\max_o |\Delta g_o|`."""
+    return err > torch.maximum(DENSE_RATIO * thr, DENSE_REL * scale)
+
+
+def probe_positions(n_failing: int, n: int = PROBE_UNITS) -> Tensor:
+    """Positions of at most ``n`` of ``n_failing`` failing units, evenly spread (all of them when not more)."""
+    if n_failing <= n:
+        return torch.arange(n_failing)
+    return torch.unique(torch.linspace(0, n_failing - 1, n).round().long())
+
+
+def dense_rule(x: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    r"""A composite midpoint rule of ``n`` cells of :math:`[0, 1]` with the sorted nodes ``x (m,)`` among its centres.
+
+    Each :math:`x_k` gets the cell :math:`[x_k - 1/(2n), x_k + 1/(2n)]`; each gap between those cells (and
+    the ends) of length :math:`L_j` is cut into :math:`c_j` equal cells, :math:`\sum_j c_j = n - m`, the
+    :math:`c_j` rounded from :math:`n L_j` by largest remainders (a gap that gets none widens the cell
+    next to it). Every node lies in its own cell and the weights are the cell widths (they sum to 1), so
+    the rule is exact for linear :math:`h'`; a kink in a cell of width :math:`w` errs by at most
+    :math:`|\Delta h'|\, w` (docs/engine.md, section 2). Without ``x`` (or when the cells of ``x`` do not
+    fit: nodes closer than :math:`1/n`), it is the plain ``n``-point midpoint rule.
+
+    Returns
+    -------
+    t, w : Tensor
+        Nodes and weights, ``(n,)``, ``t`` increasing.
+    known : Tensor
+        Bool ``(n,)``: the nodes that are ``x`` (in the order of ``x``).
+    """
+    dt, dev = x.dtype, x.device
+    cell = 1.0 / n
+    xs = [float(v) for v in x.tolist()]
+    fits = len(xs) < n and all(b - a >= cell for a, b in zip(xs, xs[1:])) and (not xs or (
+        xs[0] >= cell / 2 and xs[-1] <= 1 - cell / 2))
+    if not fits:
+        xs = []
+    edges = [0.0, *[e for v in xs for e in (v - cell / 2, v + cell / 2)], 1.0]
+    gaps = [(edges[2 * j], edges[2 * j + 1]) for j in range(len(xs) + 1)]
+    share = [max(0.0, b - a) * n for a, b in gaps]
+    counts = [int(v) for v in share]
+    for j in sorted(range(len(gaps)), key=lambda j: counts[j] - share[j])[:n - len(xs) - sum(counts)]:
+        counts[j] += 1
+    lo = list(edges)  # widened fixed cells absorb the gaps that get no cell of their own
+    for j, (a, b) in enumerate(gaps):
+        if counts[j] == 0 and j > 0:
+            lo[2 * j] = b  # the fixed cell before the gap reaches its end
+        elif counts[j] == 0:
+            lo[1] = a  # the first fixed cell starts at 0
+    ts, ws, known = [], [], []
+    for j, (a, b) in enumerate(gaps):
+        if counts[j]:
+            width = (b - a) / counts[j]
+            ts += [a + (i + 0.5) * width for i in range(counts[j])]
+            ws += [width] * counts[j]
+            known += [False] * counts[j]
+        if j < len(xs):
+            ts.append(xs[j])
+            ws.append(lo[2 * j + 2] - lo[2 * j + 1])
+            known.append(True)
+    return (torch.tensor(ts, dtype=dt, device=dev), torch.tensor(ws, dtype=dt, device=dev),
+            torch.tensor(known, dtype=torch.bool, device=dev))
+
+
+def dense_estimate(units: Tensor, shared: Shared, x: Tensor, d_x: Tensor | None,
+                   n: int = DENSE_EVALS) -> tuple[Tensor, Tensor, Tensor, int]:
+    r"""The rule of :func:`dense_rule` for ``units (K,)``, the slopes at the nodes ``x`` reused.
+
+    Parameters
+    ----------
+    units : Tensor
+        Units ``(K,)``.
+    shared : callable
+        Evaluates the other nodes (:data:`Shared`).
+    x : Tensor
+        Nodes already evaluated for every unit, ``(m,)`` sorted (may be empty).
+    d_x : Tensor or None
+        :math:`h'` at ``x`` of every unit of the batch, ``(U, m, O)`` (``None`` when ``x`` is empty).
+    n : int
+        Cells of the rule.
 
     Returns
     -------
@@ -85,6 +174,11 @@ def midpoint_estimate(units: Tensor, shared: Shared, dtype: torch.dtype,
         The nodes and weights, ``(n,)``.
     est : Tensor
         :math:`\sum_q w_q h'(t_q)` of each unit, ``(K, O)``.
+    new : int
+        Nodes evaluated here (``n`` less the reused ones).
     """
-    t, w = (torch.as_tensor(v, dtype=dtype, device=units.device) for v in rule_nodes("midpoint", n))
-    return t, w, shared(units, t, w)
+    t, w, known = dense_rule(x, n)
+    est = shared(units, t[~known], w[~known])
+    if bool(known.any()) and d_x is not None:
+        est = est + torch.einsum("q,kqo->ko", w[known], d_x[units][:, : int(known.sum())])
+    return t, w, est, int((~known).sum())

@@ -146,8 +146,9 @@ def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> No
     causes = []
     if bool(dense.any()):
         causes.append(f"{int(dense.sum())} crossed too many activation kinks to locate one by one (a ReLU-dense path): "
-                      f"they were integrated by the {adaptive.DENSE_EVALS}-point midpoint rule, or stopped after "
-                      f"{adaptive.DENSE_CAP * adaptive.DENSE_AFTER} evaluations")
+                      f"they were integrated by a {adaptive.DENSE_EVALS}-cell midpoint rule (on average the "
+                      f"100-point midpoint rule's error), or stopped after {adaptive.DENSE_CAP * adaptive.DENSE_AFTER} "
+                      f"evaluations")
     if bool(capped.any()):
         causes.append(f"{int(capped.sum())} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
     warnings.warn(
