@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["atomic_write", "fsync_directory"]
+__all__ = ["atomic_write", "fsync_directory", "replace_with"]
+
+T = TypeVar("T")
 
 
 def fsync_directory(directory: str | os.PathLike[str]) -> None:
@@ -67,17 +71,32 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, fsync: bool
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             fh.write(payload)
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
+
+    replace_with(target, write)
+    if fsync if fsync_dir is None else fsync_dir:
+        fsync_directory(target.parent)
+    return target
+
+
+def replace_with(target: Path, write: Callable[[Path], T]) -> T:
+    """Create ``target`` atomically: ``write`` fills a temporary file beside it, which then replaces it.
+
+    The temporary name carries the process and thread, so concurrent writers never share one; it is
+    removed when ``write`` or the replacement fails. Returns what ``write`` returns. The caller
+    fsyncs the directory when the new name must be durable.
+    """
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        result = write(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if fsync if fsync_dir is None else fsync_dir:
-        fsync_directory(target.parent)
-    return target
+    return result

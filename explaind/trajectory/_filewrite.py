@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .._io import fsync_directory
+from .._io import fsync_directory, replace_with
 from .manifest import FileRecord
 
 __all__ = ["TensorFileWriter", "DTYPES", "layout"]
@@ -125,14 +125,8 @@ class TensorFileWriter:
             head, places = st_save(cpu, metadata=metadata), []
         pieces = [(t.reshape(-1).view(torch.uint8), offset) for t, offset in places if t.numel()]
         size = len(head) + sum(len(flat) for flat, _ in pieces)
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         with self._lock:
-            try:
-                digest = self._write_file(tmp, head, pieces, size, fsync)
-                os.replace(tmp, target)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            digest = replace_with(target, lambda tmp: self._write_file(tmp, head, pieces, size, fsync))
         if fsync if fsync_dir is None else fsync_dir:
             fsync_directory(target.parent)
         return FileRecord(path=relpath, sha256=digest, nbytes=size)
