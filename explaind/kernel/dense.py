@@ -42,7 +42,7 @@ __all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN"
            "dense_estimate"]
 
 #: Evaluations per unit after which the adaptive rule tests whether the batch is kink-dense.
-DENSE_AFTER = 32
+DENSE_AFTER = 64
 #: A unit is far when, after ``DENSE_AFTER`` evaluations, its error is above this many tolerances ...
 DENSE_RATIO = 1000.0
 #: ... and above this fraction of :math:`\max_o |h_o(1) - h_o(0)|`.
