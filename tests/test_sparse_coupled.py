@@ -43,7 +43,25 @@ def _batchnorm_cnn() -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-CASES = {"dropout_mlp": (_dropout_mlp, (5,)), "batchnorm_cnn": (_batchnorm_cnn, (1, 6, 6))}
+class _OwnNoise(nn.Module):
+    """Multiplicative noise in training mode from the layer's own generator (not torch's global one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1 + 0.4 * torch.randn(x.shape, generator=self.gen, dtype=x.dtype)) if self.training else x
+
+
+def _private_generator_mlp() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 12), _OwnNoise(), nn.Tanh(), nn.Linear(12, 3)).to(DT)
+    return model, torch.optim.Adam(model.parameters(), lr=0.05)
+
+
+CASES = {"dropout_mlp": (_dropout_mlp, (5,)), "batchnorm_cnn": (_batchnorm_cnn, (1, 6, 6)),
+         "private_generator": (_private_generator_mlp, (5,))}
 
 
 def _record(case: str, store, k: int):

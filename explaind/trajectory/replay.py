@@ -43,7 +43,7 @@ from ..recurrence import LinearUpdate
 from ._checks import batch_gradient, default_tolerance
 from ._io import decode_optimizer_state, read_tensors
 from ._participation import collect_updates
-from ._random import replay_parts
+from ._random import replay_parts, resolve_generators
 from ._sparse import StepReplay, apply_groups, relative_gap
 from .store import pack_updates
 
@@ -218,8 +218,10 @@ class SegmentReplay:
             x, y = src.train_samples(idx)
             stepped = [n for n in names if n in set(info.stepped)]
             module, parts = self._forward_of(s, model, where)
+            generators = () if parts is None else resolve_generators(
+                tuple(getattr(src.manifest, "generators", ())), module, src.generators, where)
             grads = batch_gradient(module, {**constants, **self._buffers_at(s)}, {n: leaves[n] for n in names},
-                                   stepped, loss, (x, y, w), parts, where)
+                                   stepped, loss, (x, y, w), parts, where, generators)
             scale = src.grad_scale(s)
             for n, p in leaves.items():
                 p.grad = grads[n].mul(scale) if n in grads else None
