@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 import types
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel
@@ -133,3 +139,25 @@ def resumable_reference():
         for s in range(RESUME_STEPS):
             resumable_step(model, opt, X, y, s, rec)
     return rec.trajectory
+
+
+def kill_after(script: Path, step: int) -> int:
+    """Run ``script`` (it prints each finished step), SIGKILL it once it printed ``step``; the last step seen."""
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        seen = -1
+        deadline = time.monotonic() + 120
+        while seen < step and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen = int(line) if line.strip().isdigit() else seen
+        assert seen >= step, "the child did not get far enough"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return seen

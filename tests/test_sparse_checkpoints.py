@@ -9,14 +9,9 @@ the recomputed gradient is not bitwise the loop's and "equal" is a measured floa
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +21,7 @@ from _fault_injection import Injector, Killed
 from _recording_helpers import (
     RESUME_STEPS,
     classification_data,
+    kill_after,
     mlp,
     resumable_reference,
     resumable_setup,
@@ -202,33 +198,12 @@ CHILD = textwrap.dedent(
 )
 
 
-def _kill_after(script: Path, step: int) -> int:
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    try:
-        seen = -1
-        deadline = time.monotonic() + 120
-        while seen < step and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen = int(line) if line.strip().isdigit() else seen
-        assert seen >= step, "the child did not get far enough"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return seen
-
-
 def test_sigkill_mid_segment_loses_only_the_open_segment_and_resumes(tmp_path):
     k = 4
     store = tmp_path / "run"
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(HERE), store=str(store), k=k))
-    seen = _kill_after(script, 10)  # inside the segment of steps 8..11
+    seen = kill_after(script, 10)  # inside the segment of steps 8..11
     reference = resumable_reference()
     model, opt, X, y = resumable_setup()
     crashed = Trajectory.load(store, model=mlp(seed=1), train_data=(X, y))

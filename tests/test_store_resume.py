@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from _recording_helpers import RESUME_STEPS, mlp, resumable_reference, resumable_setup, resumable_step
+from _recording_helpers import RESUME_STEPS, kill_after, mlp, resumable_reference, resumable_setup, resumable_step
 
 import explaind
 from explaind.exceptions import TrajectoryError
@@ -54,23 +49,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_trajectory(tmp_path
     store = tmp_path / "run"
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(HERE), store=str(store)))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    try:
-        seen = -1
-        deadline = time.monotonic() + 120
-        while seen < 12 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen = int(line) if line.strip().isdigit() else seen
-        assert seen >= 12, "the child did not get far enough"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    seen = kill_after(script, 12)
 
     reference = resumable_reference()
     crashed = Trajectory.load(store, model=mlp(seed=1))
