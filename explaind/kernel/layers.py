@@ -82,6 +82,10 @@ class LayerEvaluator:
         self.rules = {p: layer_rule(m) for p, m in self.layers.items()}
         self.segment_rows = SegmentRows(self.layers, self.rules)
         self.step_rows = StepRows(self.layers, self.rules, self.uses)
+        #: per kind of explained function (its number of outputs O is fixed by it), the largest bytes of one
+        #: (input, node) entry's factors seen so far; sizes the batches of :meth:`_factored_jacobian` without a
+        #: one-input measuring batch at every call
+        self._entry_bytes: dict[str, int] = {}
         #: per capability: ``None`` unchecked, ``True`` in use, else the reason it is off
         self.state: dict[str, bool | str | None] = {"jacobian": None, "rows": None}
         missing = [n for n in names if n not in self.covered]
@@ -188,11 +192,12 @@ class LayerEvaluator:
         """Batches of at most ``chunk`` inputs whose entries' factors take at most :data:`FACTOR_BYTES`."""
         T = w.shape[0]
         entries = (w != 0).sum(1).tolist()
-        result, lo, per_entry = out, 0, 0
+        result, lo, kind = out, 0, seg.explained.kind
         while lo < T:
-            hi = _factor_batch(entries, lo, max(1, chunk), per_entry)
+            hi = _factor_batch(entries, lo, max(1, chunk), self._entry_bytes.get(kind, 0))
             factors, owner, mask, O = self.entry_factors(seg, t, w, slice(lo, hi))
-            per_entry = max(per_entry, _factor_bytes(factors) // max(1, int(mask.sum())))
+            measured = _factor_bytes(factors) // max(1, int(mask.sum()))
+            self._entry_bytes[kind] = max(self._entry_bytes.get(kind, 0), measured)
             if result is None:
                 result = torch.empty(T, O, block.size, dtype=w.dtype, device=w.device)
             rows_out = result[lo:lo + mask.shape[0]]
@@ -298,7 +303,7 @@ class LayerEvaluator:
 
 def _factor_batch(entries: list[int], lo: int, chunk: int, per_entry: int) -> int:
     """End of the batch of inputs from ``lo``: at most ``chunk`` inputs and, once the bytes of one entry's
-    factors are known (``per_entry > 0``; the first batch is one input, to measure them), at most
+    factors are known (``per_entry > 0``; the evaluator's first batch is one input, to measure them), at most
     :data:`FACTOR_BYTES` of factors; always at least one input."""
     if not per_entry:
         return lo + 1
