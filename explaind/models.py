@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from .config import resolve_dtype, validate_config
-from .exceptions import ConfigError
+from .exceptions import ConfigError, UnsupportedModelError
 
 __all__ = [
     "build_model",
@@ -39,6 +39,7 @@ __all__ = [
     "SPEC_ATTRIBUTE",
     "DEFAULT_MAX_PARAMETERS",
     "MAX_PARAMETERS_ENV",
+    "refuse_renormalising_embeddings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -223,3 +224,27 @@ def model_from_spec(spec: dict[str, Any], *, dtype: str | torch.dtype | None = N
             f"It is the {SPEC_ATTRIBUTE!r} attribute of a model made by explaind.build_model."
         )
     return build_model(spec["name"], spec["config"], seed=spec["seed"], dtype=dtype, max_parameters=max_parameters)
+
+
+def refuse_renormalising_embeddings(model: nn.Module, where: str) -> None:
+    """Refuse a model with an ``nn.Embedding(max_norm=...)``: its forward rewrites the table in place.
+
+    Torch renormalises the looked-up rows of such a table inside the forward (``embedding_renorm_``
+    on the weight, outside autograd), so the parameters change between optimizer steps without an
+    update the recorder sees, and an explained forward would rewrite the recorded parameters it is
+    given. Neither can be decomposed exactly, so the model is refused before anything runs.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Naming every such embedding and the fix.
+    """
+    found = [f"{name or type(m).__name__} (max_norm={m.max_norm})" for name, m in model.named_modules()
+             if isinstance(m, nn.Embedding) and m.max_norm is not None]
+    if found:
+        raise UnsupportedModelError(
+            f"{where}: the embeddings {found} renormalise their rows in place during every forward (max_norm), "
+            f"which changes the parameters outside the optimizer's steps and would rewrite the recorded ones; "
+            f"that cannot be decomposed exactly. Allowed: nn.Embedding with max_norm=None. Fix: build the "
+            f"embedding with max_norm=None and, if the norm cap matters, apply it without changing the table, "
+            f"e.g. rows = emb(x); rows = rows * (max_norm / rows.norm(dim=-1, keepdim=True)).clamp(max=1).")

@@ -271,7 +271,69 @@ class EncoderNet(nn.Module):
         return self.head(self.layer(self.tok(tokens), src_mask=mask, is_causal=True)[:, -1])
 
 
+class PaddedConvNet(nn.Module):
+    """Conv2d with every kind of padding: "same" (odd kernel; even kernel, whose sides differ, reflected),
+    "valid", numeric replicate padding with different heights and widths, circular, a read-out."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Conv2d(1, 2, 3, padding="same")
+        self.even = nn.Conv2d(2, 2, 2, padding="same", padding_mode="reflect", dilation=2)
+        self.replicate = nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="replicate", stride=2)
+        self.circular = nn.Conv2d(3, 2, 3, padding=1, padding_mode="circular", groups=1, bias=False)
+        self.valid = nn.Conv2d(2, 2, 2, padding="valid")
+        self.head = nn.Linear(2 * 3 * 4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.even(torch.tanh(self.same(x))))
+        h = torch.tanh(self.circular(torch.tanh(self.replicate(h))))
+        return self.head(torch.tanh(self.valid(h)).flatten(1))
+
+
+class SequenceFirstNet(nn.Module):
+    """Token embeddings into sequence-first blocks (``(length, batch, features)``): a post-norm ReLU and a pre-norm
+    GELU nn.TransformerEncoderLayer and an nn.TransformerDecoderLayer attending to the encoder's output."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.tok = nn.Embedding(7, d)
+        self.enc1 = nn.TransformerEncoderLayer(d, 2, 6, dropout=0.0)
+        self.enc2 = nn.TransformerEncoderLayer(d, 2, 6, dropout=0.0, activation="gelu", norm_first=True)
+        self.dec = nn.TransformerDecoderLayer(d, 2, 5, dropout=0.0)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.tok(tokens).transpose(0, 1)  # (length, batch, d)
+        h = self.enc2(self.enc1(x))
+        return self.head(self.dec(torch.tanh(x), h).mean(0))
+
+
+class WideAxesNet(nn.Module):
+    """nn.Linear on 4-D inputs (batch, 2, 3, features), nn.LayerNorm over the last two axes and, without bias,
+    over the last three."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.norm2 = nn.LayerNorm((3, 5))
+        self.norm3 = nn.LayerNorm((2, 3, 5), bias=False)
+        self.head = nn.Linear(2 * 3 * 5, 5)
+        with torch.no_grad():  # affine parameters away from their initial ones and zeros
+            for norm in (self.norm2, self.norm3):
+                norm.weight.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(3))
+            self.norm2.bias.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm3(torch.tanh(self.norm2(self.lin(x))))
+        return self.head(torch.tanh(h).flatten(1))
+
+
 CASES = {
+    "conv_padding": (PaddedConvNet, lambda T: torch.randn(T, 1, 7, 7, generator=torch.Generator().manual_seed(5),
+                                                          dtype=DT)),
+    "sequence_first": (SequenceFirstNet, lambda T: _tokens(T, 10)),
+    "wide_axes": (WideAxesNet, lambda T: torch.randn(T, 2, 3, 4, generator=torch.Generator().manual_seed(5),
+                                                     dtype=DT)),
     "attention": (AttentionNet, lambda T: _tokens(T, 8)),
     "encoder": (EncoderNet, lambda T: _tokens(T, 9)),
     "depthwise": (DepthwiseNet, lambda T: torch.randn(T, 2, 5, 5, generator=torch.Generator().manual_seed(5),

@@ -1,7 +1,10 @@
 r"""Layer rules for convolutional networks: ``nn.Conv2d``, ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` (on import).
 
-**Conv2d** (zero padding given as numbers, any ``groups``): the output is affine in the kernel and
-bias, :math:`z = W \star a + b`, so the segment point :math:`t` adds :math:`t\,(\Delta W \star a + \Delta b)`,
+**Conv2d** (any padding and ``padding_mode``, any ``groups``): the output is affine in the kernel and
+bias, :math:`z = W \star P(a) + b` with :math:`P` the layer's padding of the input (a linear map of the
+input that does not depend on the parameters: zeros, ``"reflect"``, ``"replicate"`` or ``"circular"``,
+given as numbers or as ``"same"``/``"valid"``), so the segment point :math:`t` adds
+:math:`t\,(\Delta W \star P(a) + \Delta b)`,
 and with the output gradients :math:`\delta_{o}[c_{out}, p]` at every output position :math:`p`
 
 .. math::
@@ -51,19 +54,31 @@ def _per_row(stack: Tensor | None, rows: StackedSteps, shape: tuple[int, ...]) -
 
 
 class Conv2dRule:
-    """``nn.Conv2d``: roles ``kernel`` (weight) and ``bias``."""
+    """``nn.Conv2d``: roles ``kernel`` (weight) and ``bias``.
+
+    Numeric zero padding is left to ``F.conv2d``/``F.unfold``; any other padding (``"same"``, whose
+    sides differ for an even kernel, ``"valid"``, or a ``padding_mode`` other than ``"zeros"``) is
+    applied to the input first as ``nn.Conv2d`` itself does (``F.pad`` with the module's per-side
+    amounts), and the convolution then runs unpadded.
+    """
 
     def roles(self, module: nn.Module) -> dict[str, str]:
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return {}
         out = {"weight": "kernel"}
         if module.bias is not None:
             out["bias"] = "bias"
         return out
 
     @staticmethod
-    def _conv(module: nn.Module, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return F.conv2d(a, w, b, module.stride, module.padding, module.dilation, module.groups)
+    def padded(module: nn.Module, a: Tensor) -> tuple[Tensor, Any]:
+        """``(P(a), padding left to the convolution)``: the input padded as the module pads it."""
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return a, module.padding
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return F.pad(a, module._reversed_padding_repeated_twice, mode=mode), 0
+
+    def _conv(self, module: nn.Module, a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        a, padding = self.padded(module, a)
+        return F.conv2d(a, w, b, module.stride, padding, module.dilation, module.groups)
 
     def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
         dw, db = delta.get("kernel"), delta.get("bias")
@@ -94,7 +109,8 @@ class Conv2dRule:
             G = module.groups
             d = d.reshape(O, d.shape[1], G, module.out_channels // G, -1)  # (O, E, G, C_out / G, P)
             if role == "kernel":
-                patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+                a, padding = self.padded(module, a)
+                patches = F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)
                 patches = patches.reshape(d.shape[1], G, -1, patches.shape[-1])  # (E, G, C_in / G * kh * kw, P)
                 per_entry = torch.einsum("oegcp,egkp->eogck", d, patches).reshape(d.shape[1], O, -1)
             else:

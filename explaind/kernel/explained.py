@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
+from ..models import refuse_renormalising_embeddings
 from ..outputs import model_output
 
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
@@ -53,6 +54,7 @@ class FunctionalModel:
 
     def __init__(self, module: nn.Module, constants: Mapping[str, Tensor], loss_fn: Any, device: torch.device,
                  dtype: torch.dtype):
+        refuse_renormalising_embeddings(module, "explaind cannot evaluate this model")
         self.module = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
         self.device = device
         self.dtype = dtype

@@ -8,6 +8,12 @@ grad, and keeps its input, so one backward pass gives every row's output gradien
 are the rules of :mod:`~explaind.kernel.layer_rules`. A composite rule (an attention block, whose
 output is not affine in its parameters) recomputes the layer's output itself and passes each affine
 map inside it through :meth:`SegmentRows.affine` / :meth:`StepRows.affine`, its *sites*.
+
+Rows ride on the batch axis, which must come first, except in the layers that a sequence-first
+``nn.TransformerEncoderLayer``/``nn.TransformerDecoderLayer`` (``batch_first=False``) applies to its
+``(length, batch, features)`` activations: there the batch axis is the second (:func:`batch_axes`), and
+the hooks swap it to the front for the rule and back for the output (the layers act per position, so
+the swap changes nothing but the layout).
 """
 
 from __future__ import annotations
@@ -23,15 +29,37 @@ from torch import Tensor, nn
 from .explained import Params
 from .layer_rules import linear_at_steps, linear_moved
 
-__all__ = ["LayerHooks", "SegmentRows", "StepRows"]
+__all__ = ["LayerHooks", "SegmentRows", "StepRows", "batch_axes"]
+
+#: Blocks that hand their own (non-composite) layers ``(length, batch, features)`` when built sequence first.
+SEQUENCE_FIRST_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def batch_axes(root: nn.Module, prefixes: list[str]) -> dict[str, int]:
+    """The batch axis of each layer's input and output: ``1`` for a direct child of a sequence-first block.
+
+    A sequence-first block is one of :data:`SEQUENCE_FIRST_BLOCKS` whose attention was built with
+    ``batch_first=False``; its feed-forward ``nn.Linear`` layers and ``nn.LayerNorm`` layers see
+    ``(length, batch, features)``. Every other layer keeps the batch axis first (``0``); its attention
+    block's composite rule handles either layout itself.
+    """
+    out = {}
+    for prefix in prefixes:
+        parent = root.get_submodule(prefix.rpartition(".")[0]) if prefix else None
+        seq_first = isinstance(parent, SEQUENCE_FIRST_BLOCKS) and not parent.self_attn.batch_first
+        out[prefix] = 1 if seq_first else 0
+    return out
 
 
 class LayerHooks:
     """Forward hooks on the covered layers, active inside a ``with`` block; rows ride on a per-row ``t``."""
 
-    def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any]):
+    def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any],
+                 axes: Mapping[str, int] | None = None):
         self.layers = dict(layers)
         self.rules = dict(rules)
+        #: the batch axis of each layer (:func:`batch_axes`; absent: 0)
+        self.axes = dict(axes or {})
         self.t: Tensor | None = None
 
     def __enter__(self) -> LayerHooks:
@@ -74,10 +102,15 @@ class LayerHooks:
     def _rows(self, prefix: str, a: Any, output: Tensor) -> tuple[Any, Tensor, Tensor]:
         """The input and output with one row per row of ``t``, and ``t`` shaped to broadcast against the output.
 
-        The layer must keep the batch axis first; a single row broadcast over the batch (GPT-2's
-        position embeddings, ``(1, L)`` positions) is expanded to every row, which then moves on its own.
+        The layer must keep the batch axis first, or second where :attr:`axes` says so (then both are
+        returned batch first; :meth:`_back` restores the layout); a single row broadcast over the batch
+        (GPT-2's position embeddings, ``(1, L)`` positions) is expanded to every row, which then moves on its own.
         """
         n = self.t.shape[0]
+        if self.axes.get(prefix, 0):
+            if output.dim() < 2 or output.shape[1] != n or not isinstance(a, Tensor) or a.dim() < 2 or a.shape[1] != n:
+                raise ValueError(f"layer {prefix!r} of a sequence-first block does not keep the batch axis second")
+            a, output = a.transpose(0, 1), output.transpose(0, 1)
         if output.dim() >= 1 and output.shape[0] == 1 != n and isinstance(a, Tensor) and a.dim() >= 1 \
                 and a.shape[0] == 1:
             a, output = a.expand(n, *a.shape[1:]), output.expand(n, *output.shape[1:])
@@ -85,12 +118,17 @@ class LayerHooks:
             raise ValueError(f"layer {prefix!r} does not keep the batch axis first")
         return a, output, self.t.reshape(n, *([1] * (output.dim() - 1)))
 
+    def _back(self, prefix: str, output: Tensor) -> Tensor:
+        """A batch-first output of layer ``prefix`` in the layer's own layout (see :meth:`_rows`)."""
+        return output.transpose(0, 1) if self.axes.get(prefix, 0) else output
+
 
 class SegmentRows(LayerHooks):
     """Rows at ``theta_s + t_e * delta`` of one step, with zero offsets on the layer outputs."""
 
-    def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any]):
-        super().__init__(layers, rules)
+    def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any],
+                 axes: Mapping[str, int] | None = None):
+        super().__init__(layers, rules, axes)
         self.inputs: dict[str, list[Tensor]] = {}
         self.offsets: dict[str, list[Tensor]] = {}
         #: the site of each kept input and offset of a composite rule (``None`` for other rules)
@@ -143,7 +181,7 @@ class SegmentRows(LayerHooks):
             self.inputs[prefix].append((a if keep is None else keep(mod, a)).detach())
             self.offsets[prefix].append(eps)
             self.sites[prefix].append(None)
-            return output + eps
+            return self._back(prefix, output + eps)
 
         return hook
 
@@ -152,8 +190,8 @@ class StepRows(LayerHooks):
     """Each covered layer's output at the rows' own steps and points (parameters stacked ``(S, *shape)``)."""
 
     def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any],
-                 uses: Mapping[str, list[tuple[str, str]]]):
-        super().__init__(layers, rules)
+                 uses: Mapping[str, list[tuple[str, str]]], axes: Mapping[str, int] | None = None):
+        super().__init__(layers, rules, axes)
         self.param_of = {use: name for name, used in uses.items() for use in used}
         self.base: Params = {}
         self.delta: Params = {}
@@ -219,7 +257,7 @@ class StepRows(LayerHooks):
 
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
             a, _, t = self._rows(prefix, inputs[0], output)
-            return rule.at_steps(mod, prefix, a, t, self)
+            return self._back(prefix, rule.at_steps(mod, prefix, a, t, self))
 
         return hook
 

@@ -243,16 +243,17 @@ class EmbeddingRule:
 
 
 class LayerNormRule:
-    r"""``nn.LayerNorm`` over the last axis: roles ``scale`` (weight) and ``shift`` (bias).
+    r"""``nn.LayerNorm`` over the last :math:`k \ge 1` axes: roles ``scale`` (weight) and ``shift`` (bias).
 
     Given its input, the output :math:`z = \hat a \odot w + b` is affine in the parameters, with
-    :math:`\hat a` the input normalised over the last axis (recomputed from the kept input):
+    :math:`\hat a` the input normalised over the trailing axes ``normalized_shape`` (recomputed from the
+    kept input) and :math:`w, b` of that shape: with :math:`r` running over the leading positions,
     :math:`\partial g_o/\partial w = \sum_r \delta_{o,r} \odot \hat a_r` and
     :math:`\partial g_o/\partial b = \sum_r \delta_{o,r}`.
     """
 
     def roles(self, module: nn.Module) -> dict[str, str]:
-        if len(module.normalized_shape) != 1 or not module.elementwise_affine:
+        if not module.elementwise_affine:
             return {}
         out = {"weight": "scale"}
         if module.bias is not None:
@@ -271,33 +272,35 @@ class LayerNormRule:
         return moved if db is None else moved + db
 
     def at_steps(self, module: nn.Module, prefix: str, a: Tensor, t: Tensor, rows: StackedSteps) -> Tensor:
-        n = t.shape[0]
-        shape = (n, *([1] * (a.dim() - 2)), a.shape[-1])
+        n, trailing = t.shape[0], tuple(module.normalized_shape)
+        shape = (n, *([1] * (a.dim() - 1 - len(trailing))), *trailing)
 
         def per_row(stack: Tensor | None) -> Tensor | None:
             if stack is None:
                 return None
-            return (stack[0] if stack.shape[0] == 1 else stack.index_select(0, rows.sidx)).reshape(
-                shape if stack.shape[0] > 1 else shape[1:])
+            return (stack[0] if stack.shape[0] == 1 else stack.index_select(0, rows.sidx).reshape(shape))
 
         hat = self.normalised(module, a)
+        tt = t.reshape(n, *([1] * (a.dim() - 1)))
         W, dW = rows.stacked(prefix, "scale", module.weight)
         b, db = rows.stacked(prefix, "shift", module.bias)
         z = hat * per_row(W)
         if b is not None:
             z = z + per_row(b)
         if dW is not None:
-            z = z + t * hat * per_row(dW)
+            z = z + tt * hat * per_row(dW)
         if db is not None:
-            z = z + t * per_row(db)
+            z = z + tt * per_row(db)
         return z
 
     def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
-        total = torch.zeros(out.shape[0], O, out.shape[-1], dtype=out.dtype, device=out.device)
-        for d, a in calls:  # d (O, E, R, C)
+        C = out.shape[-1]  # elements of normalized_shape
+        total = torch.zeros(out.shape[0], O, C, dtype=out.dtype, device=out.device)
+        for d, a in calls:  # d (O, E, R, last axis)
+            d = d.reshape(O, d.shape[1], -1, C)
             if role == "scale":
-                hat = self.normalised(module, a).reshape(d.shape[1], -1, d.shape[-1])
+                hat = self.normalised(module, a).reshape(d.shape[1], -1, C)
                 total.index_add_(0, owner, (d * hat).sum(2).transpose(0, 1))
             else:
                 total.index_add_(0, owner, d.sum(2).transpose(0, 1))

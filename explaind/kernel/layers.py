@@ -15,7 +15,8 @@ each row of one batch sits at its own point of a segment, with no parameter copy
   :math:`h' = \partial h / \partial t` by forward mode in the per-row :math:`t`.
 
 Valid when the rows of a batch do not interact (evaluation mode), each layer keeps the batch axis
-first (or broadcasts one row over it) and each covered parameter is used only through covered layers
+first (or broadcasts one row over it; second in the layers of a sequence-first transformer block)
+and each covered parameter is used only through covered layers
 (a tied one through several: its Jacobian is the sum over them): each capability is checked
 once against the :class:`~explaind.kernel.autograd.AutogradEvaluator` on the first data it sees,
 and falls back to it (``strict``: raises) when the check fails. Other primitives are the
@@ -36,7 +37,7 @@ from ..exceptions import ConfigError
 from .autograd import AutogradEvaluator
 from .evaluate import CHECK_TOLERANCE, Batch, Grid, Rows, Segment, StepStack
 from .explained import Params
-from .layer_hooks import SegmentRows, StepRows
+from .layer_hooks import SegmentRows, StepRows, batch_axes
 from .layer_rules import Factors, layer_rule, parameter_uses, rule_names
 from .layout import ParamLayout
 from .products import FactorProducts
@@ -80,8 +81,9 @@ class LayerEvaluator:
         prefixes = sorted({p for used in self.uses.values() for p, _ in used})
         self.layers = {p: self.fm.module.get_submodule(p) for p in prefixes}
         self.rules = {p: layer_rule(m) for p, m in self.layers.items()}
-        self.segment_rows = SegmentRows(self.layers, self.rules)
-        self.step_rows = StepRows(self.layers, self.rules, self.uses)
+        axes = batch_axes(self.fm.module, prefixes)
+        self.segment_rows = SegmentRows(self.layers, self.rules, axes)
+        self.step_rows = StepRows(self.layers, self.rules, self.uses, axes)
         #: per kind of explained function (its number of outputs O is fixed by it), the largest bytes of one
         #: (input, node) entry's factors seen so far; sizes the batches of :meth:`_factored_jacobian` without a
         #: one-input measuring batch at every call

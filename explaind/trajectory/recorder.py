@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..exceptions import ConfigError, TrajectoryError
+from ..models import refuse_renormalising_embeddings
 from ._buffers import BufferTracker
 from ._checks import (
     AUTO_CHECK_EVERY,
@@ -200,6 +201,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 f"grad_scaler must be a torch.amp.GradScaler (the one the loop calls scaler.step with), got "
                 f"{type(grad_scaler).__name__}."
             )
+        refuse_renormalising_embeddings(model, "TrajectoryRecorder")
         self.model, self.optimizer = model, optimizer
         self._loss = resolve_loss_record(loss)
         self._adapter_record = resolve_optimizer_adapter(optimizer)
