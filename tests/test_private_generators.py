@@ -8,6 +8,7 @@ the recorder captured.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 
 import pytest
@@ -195,3 +196,109 @@ def test_a_store_missing_a_generator_state_is_reported():
     del tensors["micro.0.gen.0"]
     with pytest.raises(TrajectoryError, match=r"step_000001 lacks the private generator states \['micro.0.gen.0'\]"):
         unpack_micro_batches(tensors, idx, w, "step_000001")
+
+
+# ---------------------------------------------------------------------------------------------- where generators live
+class ListNoise(OutsideNoise):
+    """The noise generator held in a list attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.gens = [torch.Generator()]
+
+    def source(self) -> torch.Generator:
+        return self.gens[0]
+
+
+class DictNoise(OutsideNoise):
+    """The noise generator held in a tuple inside a dict attribute (a key with a quote in it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = {"it's": (torch.Generator(),)}
+
+    def source(self) -> torch.Generator:
+        return self.pool["it's"][0]
+
+
+class Sampler:
+    """A helper object (not a module, not a container) owning a generator."""
+
+    def __init__(self):
+        self.gen = torch.Generator()
+
+
+class HelperNoise(OutsideNoise):
+    def __init__(self):
+        super().__init__()
+        self.sampler = Sampler()
+
+    def source(self) -> torch.Generator:
+        return self.sampler.gen
+
+
+@pytest.mark.parametrize(("layer", "name"), [(ListNoise, "1.gens[0]"), (DictNoise, "1.pool[\"it's\"][0]")])
+def test_a_generator_in_a_container_attribute_is_found_and_replayed(tmp_path, layer, name):
+    X, y = _data(5)
+    model = _model(layer)
+    traj = _record(model, X, y, store=tmp_path / "run").trajectory
+    assert traj.manifest.generators == [name]
+    assert float(max(traj.gradient_check()[:3])) <= 1e-12
+    _check_exact(traj, model, X[18:])
+    _check_exact(explaind.Trajectory.load(tmp_path / "run", model=_model(layer).eval()), model, X[18:])
+
+
+def test_a_generator_owned_by_a_helper_object_fails_the_check_unless_passed():
+    X, y = _data(6)
+    with pytest.raises(TrajectoryError, match=r"Step 0: the gradient from backward\(\) does not match.*"
+                                              r"TrajectoryRecorder\(generators=\[\.\.\.\]\)"):
+        _record(_model(HelperNoise), X, y)
+    model = _model(HelperNoise)
+    traj = _record(model, X, y, generators=[model[1].sampler.gen]).trajectory
+    assert traj.manifest.generators == ["generators[0]"]
+    _check_exact(traj, model, X[18:])  # the engine's copy of the model shares the passed generator
+
+
+def test_names_of_found_generators_point_back_to_them():
+    from explaind.trajectory._random import find_generators, resolve_generators
+
+    root = nn.Module()
+    root.generators = [torch.Generator()]  # a root container named like the passed ones: ".generators[0]"
+    root.table = {3: {"a]b": torch.Generator()}, -1: [None, torch.Generator()]}
+    root.big = [torch.Generator()] * 1001  # larger than CONTAINER_SIZE: not searched
+    root.child = nn.Linear(2, 2)
+    root.child.gen = root.generators[0]  # the same generator again: listed once
+    found = find_generators(root)
+    assert list(found) == [".generators[0]", "table[3]['a]b']", "table[-1][1]"]
+    assert resolve_generators(list(found), root, (), "here") == list(found.values())
+    with pytest.raises(TrajectoryError, match=r"\"table\[4\]\['a\]b'\]\" of the model.*Fix"):
+        resolve_generators(["table[4]['a]b']"], root, (), "here")
+
+
+class NoisyLoss:
+    def __init__(self):
+        self.gen = torch.Generator()
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out + 0.1 * torch.randn(out.shape, generator=self.gen, dtype=out.dtype), target)
+
+
+def _closure_loss() -> object:
+    gens = {"noise": torch.Generator()}
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out + 0.1 * torch.randn(out.shape, generator=gens["noise"], dtype=out.dtype), target)
+
+    return loss
+
+
+@pytest.mark.parametrize(("loss", "name"), [(NoisyLoss(), "loss.gen"), (_closure_loss(), "loss.gens['noise']")])
+def test_a_loss_callable_holding_a_generator_is_refused(loss, name):
+    from explaind.trajectory._random import loss_generators
+
+    assert loss_generators(loss) == [name]
+    assert loss_generators(F.cross_entropy) == [] and loss_generators("cross_entropy") == []
+    model = _model()
+    with pytest.raises(ConfigError, match=re.escape(f"loss: the loss callable holds the torch.Generator(s) {[name]}")
+                       + r".*one sample at a time.*Fix"):
+        explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), loss=loss)

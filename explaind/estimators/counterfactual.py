@@ -167,7 +167,8 @@ class CounterfactualEstimator(ExplaindEstimator):
         r""":math:`\tau_k(x)` for inputs ``X`` (``y`` for ``target="loss"``), axes ``("test", "train", "output")``."""
         self._check_fitted()
         cfg, traj, name = self.config_, self.trajectory_, type(self).__name__
-        fm = FunctionalModel(traj.model, traj.constants(), traj.loss.implementation, self.device_, self.dtype_)
+        fm = FunctionalModel(traj.model, traj.constants(), traj.loss.implementation, self.device_, self.dtype_,
+                             traj.generators)
         if X is None:
             raise ConfigError(f"{name}: X is None; pass test inputs of shape (n, ...).")
         try:

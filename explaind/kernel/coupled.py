@@ -21,7 +21,6 @@ cannot be replayed.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +75,7 @@ def training_module(fm: FunctionalModel) -> nn.Module:
     """A copy of ``fm``'s module with every submodule in training mode (cached on ``fm``)."""
     cached = getattr(fm, "_training_module", None)
     if cached is None:
-        cached = copy.deepcopy(fm.module).train()
+        cached = fm.copy(fm.module).train()
         fm._training_module = cached  # type: ignore[attr-defined]
     return cached
 

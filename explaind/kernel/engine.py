@@ -89,7 +89,8 @@ class PathEngine:
         self.chunk_size = chunk_size
         self.progress = progress
         self.names = tuple(traj.param_names)
-        self.fm = FunctionalModel(traj.model, traj.constants(), traj.loss.implementation, device, dtype)
+        self.fm = FunctionalModel(traj.model, traj.constants(), traj.loss.implementation, device, dtype,
+                                  traj.generators)
         self.layout = ParamLayout.from_tensors(traj.params(0), self.names)
         constants = traj.constants()
         #: floating buffers that training changed (running statistics): part of every point, not of the path

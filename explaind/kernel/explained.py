@@ -50,18 +50,27 @@ class FunctionalModel:
         Per-sample training loss ``(outputs, targets) -> (n,)``.
     device, dtype
         Where and in which floating dtype everything is computed.
+    shared : sequence, optional
+        Objects the copy keeps rather than copies, wherever the module holds them: the private
+        generators passed to the recorder (``traj.generators``), so that a replay setting their state
+        reaches the draws of the copy (a generator held by a helper object the module holds).
     """
 
     def __init__(self, module: nn.Module, constants: Mapping[str, Tensor], loss_fn: Any, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, shared: Sequence[Any] = ()):
         refuse_renormalising_embeddings(module, "explaind cannot evaluate this model")
-        self.module = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+        self.shared = tuple(shared)
+        self.module = self.copy(module).to(device=device, dtype=dtype).eval()
         self.device = device
         self.dtype = dtype
         self.constants = {k: self.cast(v) for k, v in constants.items()}
         self.loss_fn = loss_fn
         #: embeddings whose padding row torch's backward leaves out (see :meth:`outputs`)
         self._padded = [m for m in self.module.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
+
+    def copy(self, module: nn.Module) -> nn.Module:
+        """A deep copy of ``module`` that holds the objects of :attr:`shared` themselves."""
+        return copy.deepcopy(module, {id(o): o for o in self.shared})
 
     def cast(self, t: Any) -> Any:
         """Move to the compute device; floating tensors also to the compute dtype (every tensor of :class:`Inputs`)."""

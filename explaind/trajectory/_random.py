@@ -12,8 +12,15 @@ under a saved state without touching the caller's generators.
 
 Private generators. A layer that draws from its own :class:`torch.Generator` (``torch.rand(...,
 generator=self.gen)``) is not seen by the global state. :func:`find_generators` lists the generators
-held as attributes of the model's modules (named ``"<module>.<attribute>"``); generators held
-elsewhere are passed to the recorder (``generators=[...]``, named ``"generators[i]"``). Their states
+held as attributes of the model's modules, directly or inside lists, tuples and dicts held as
+attributes (at most :data:`CONTAINER_DEPTH` levels deep and :data:`CONTAINER_SIZE` entries each; dict
+keys that are ``int`` or ``str``), named ``"<module>.<attribute>"`` or ``"<module>.<attribute>[0]['key']"``
+(a container named ``generators`` on the root module is named ``".generators[i]"``); generators held
+elsewhere (by a helper object the module holds, in a closure, at module level) are passed to the recorder
+(``generators=[...]``, named ``"generators[i]"``); an unfound one fails the gradient check, whose message
+names ``generators=``. A generator held by a loss callable (its attributes or closure,
+:func:`loss_generators`) is refused: the loss is applied one sample at a time, so its draws cannot be
+split over samples. Their states
 are saved with the global ones before every training forward (:attr:`RandomState.private`) and set
 for the replay (:func:`replayed`): attributes are found again by name in the module being replayed,
 passed generators are the objects given again (``Trajectory.load(path, generators=[...])``).
@@ -25,7 +32,10 @@ state is 5,056 bytes, each CUDA device's 16 bytes.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +44,19 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
+from ..records import LossRecord
 
 __all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "find_generators", "resolve_generators",
-           "replayed", "replay_parts", "pack_micro_batches", "unpack_micro_batches"]
+           "loss_generators", "replayed", "replay_parts", "pack_micro_batches", "unpack_micro_batches"]
+
+#: Levels of nested lists, tuples and dicts searched for generators below a module's attribute.
+CONTAINER_DEPTH = 3
+#: Largest container searched (a bigger one, such as a list of data tensors, is skipped).
+CONTAINER_SIZE = 1000
+#: Attributes every ``nn.Module`` has (parameters, buffers, submodules, hooks): not searched.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+#: One subscript of a generator's name: an ``int`` or the ``repr`` of a ``str`` key.
+_KEY = re.compile(r"""\[(-?\d+|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]""")
 
 
 def coupled_modules(model: nn.Module) -> list[str]:
@@ -50,16 +70,91 @@ def coupled_modules(model: nn.Module) -> list[str]:
     return found
 
 
+def _held(value: Any, name: str, depth: int) -> Iterator[tuple[str, torch.Generator]]:
+    """``(name, generator)`` for ``value`` itself or each generator in its nested lists, tuples and dicts."""
+    if isinstance(value, torch.Generator):
+        yield name, value
+    elif depth <= 0 or isinstance(value, nn.Module):
+        return
+    elif isinstance(value, (list, tuple)) and len(value) <= CONTAINER_SIZE:
+        for i, item in enumerate(value):
+            yield from _held(item, f"{name}[{i}]", depth - 1)
+    elif isinstance(value, dict) and len(value) <= CONTAINER_SIZE:
+        for key, item in value.items():
+            if isinstance(key, (int, str)) and not isinstance(key, bool):
+                yield from _held(item, f"{name}[{key!r}]", depth - 1)
+
+
 def find_generators(model: nn.Module) -> dict[str, torch.Generator]:
-    """``"<module>.<attribute>" -> generator`` for every :class:`torch.Generator` held as a module attribute."""
+    """``name -> generator`` for every :class:`torch.Generator` a module of ``model`` holds (see the module docstring).
+
+    Names are ``"<module>.<attribute>"`` followed by the subscripts into the containers
+    (``"noise.gens[1]"``, ``"noise.table['a']"``); each generator is listed once, under its first name.
+    """
     found: dict[str, torch.Generator] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
         for attr, value in vars(module).items():
-            if isinstance(value, torch.Generator) and id(value) not in seen:
-                seen.add(id(value))
-                found[f"{name}.{attr}" if name else attr] = value
+            if attr in _MODULE_INTERNALS:
+                continue
+            label = f"{name}.{attr}" if name else attr
+            for full, gen in _held(value, label, CONTAINER_DEPTH):
+                if id(gen) not in seen:
+                    seen.add(id(gen))
+                    found["." + full if full.startswith("generators[") else full] = gen
     return found
+
+
+def _locate(module: nn.Module, name: str) -> Any:
+    """The object a name of :func:`find_generators` points to in ``module`` (``None`` when absent)."""
+    head, bracket, rest = name.partition("[")
+    path, _, attr = head.rpartition(".")
+    try:
+        value = getattr(module.get_submodule(path) if path else module, attr, None)
+    except AttributeError:
+        return None
+    keys, end = (bracket + rest), 0
+    for match in _KEY.finditer(keys):
+        if match.start() != end:
+            return None
+        end = match.end()
+        try:
+            value = value[ast.literal_eval(match.group(1))]
+        except (LookupError, TypeError):
+            return None
+    return value if end == len(keys) else None
+
+
+def _callable_parts(loss: Any) -> Iterator[tuple[str, Any]]:
+    """``(label, value)`` of what a loss callable holds: attributes, closure cells, partial arguments, ``__self__``."""
+    if isinstance(loss, functools.partial):
+        yield from _callable_parts(loss.func)
+        yield from ((f"args[{i}]", v) for i, v in enumerate(loss.args))
+        yield from ((f"keywords[{k!r}]", v) for k, v in loss.keywords.items())
+        return
+    owner = getattr(loss, "__self__", None)
+    if owner is not None and not isinstance(owner, type):
+        yield from ((k, v) for k, v in vars(owner).items() if k not in _MODULE_INTERNALS)
+    code, cells = getattr(loss, "__code__", None), getattr(loss, "__closure__", None) or ()
+    for var, cell in zip(code.co_freevars if code is not None else (), cells):
+        try:
+            yield var, cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    yield from ((k, v) for k, v in getattr(loss, "__dict__", {}).items() if k not in _MODULE_INTERNALS)
+
+
+def loss_generators(loss: Any) -> list[str]:
+    """Names ``"loss.<what>"`` of the generators a loss callable holds (:func:`_callable_parts`, containers too).
+
+    A registered loss (a name or a record) holds none; an ``nn.Module`` loss is searched like a model.
+    """
+    if isinstance(loss, (str, LossRecord)) or not callable(loss):
+        return []
+    if isinstance(loss, nn.Module):
+        return [f"loss.{name}" for name in find_generators(loss)]
+    return [name for label, value in _callable_parts(loss) for name, _ in _held(value, f"loss.{label}",
+                                                                                CONTAINER_DEPTH)]
 
 
 def resolve_generators(names: Sequence[str], module: nn.Module, extra: Sequence[torch.Generator],
@@ -82,12 +177,7 @@ def resolve_generators(names: Sequence[str], module: nn.Module, extra: Sequence[
                     f"be replayed. Fix: pass the same generators again, Trajectory.load(path, generators=[...]).")
             out.append(extra[i])
             continue
-        path, _, attr = name.rpartition(".")
-        try:
-            holder = module.get_submodule(path) if path else module
-        except AttributeError:
-            holder = None
-        gen = getattr(holder, attr, None)
+        gen = _locate(module, name)
         if not isinstance(gen, torch.Generator):
             raise TrajectoryError(
                 f"{where}: the run drew random numbers from the torch.Generator {name!r} of the model, but the model "

@@ -49,7 +49,7 @@ from ._participation import (
     stepped_parameters,
     stepped_without_backward,
 )
-from ._random import RandomCapture, RandomState
+from ._random import RandomCapture, RandomState, loss_generators
 from ._recorder_checks import RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
 from .disk import DiskTrajectory
@@ -146,8 +146,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         "Dropout and batch norm"); ``"auto"``: when the model has dropout, batch norm or a private generator.
     generators : list of torch.Generator, optional
         Private generators the model draws from (``torch.rand(..., generator=g)`` in a custom layer)
-        that are not attributes of its modules; those held as module attributes are found without
-        this. Their states are captured with the global ones and replayed
+        that are not attributes of its modules; those held as module attributes, directly or in
+        list, tuple and dict attributes, are found without this (a helper object's are not). A loss
+        callable holding a generator is refused (it is applied one sample at a time). Their states are captured with the global ones and replayed
         (docs/recording.md, "Private generators"); a stored run needs them again,
         ``Trajectory.load(path, generators=[...])``. A generator that is neither found nor passed is
         not replayed: the gradient check fails on it.
@@ -202,6 +203,13 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 f"{type(grad_scaler).__name__}."
             )
         refuse_renormalising_embeddings(model, "TrajectoryRecorder")
+        drawn = loss_generators(loss)
+        if drawn:
+            raise ConfigError(
+                f"loss: the loss callable holds the torch.Generator(s) {drawn}. explaind applies the loss to one "
+                f"sample at a time to split the gradient over samples, so random draws made by the loss cannot be "
+                f"split exactly. Allowed: a loss that draws no random numbers. Fix: draw the randomness in the "
+                f"model's forward, from a generator a module holds (found, captured and replayed), or drop it.")
         self.model, self.optimizer = model, optimizer
         self._loss = resolve_loss_record(loss)
         self._adapter_record = resolve_optimizer_adapter(optimizer)

@@ -260,7 +260,7 @@ class SegmentReplay:
         if not (manifest.random_capture and manifest.coupled):
             return model, None
         if self._module is None:
-            self._module = copy.deepcopy(model)
+            self._module = copy.deepcopy(model, {id(g): g for g in self._src.generators})
         parts = replay_parts(self._src.micro_batches(s), manifest.coupled, where)
         self._module.train(parts is not None)
         return self._module, None if parts is None else [(slice(lo, hi), state) for lo, hi, state in parts]
