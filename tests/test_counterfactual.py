@@ -99,6 +99,28 @@ def test_checkpoint_interval_and_chunks_do_not_change_the_result():
     assert float((every - sqrt).abs().max()) <= 1e-13 * float(every.abs().max())
 
 
+def test_sample_chunks_bound_the_gradients_held_and_do_not_change_the_result(monkeypatch):
+    """chunk_size=1 and 3 (batches of 4) equal the whole batch at once (chunk_size=None) to 1e-12."""
+    import explaind.kernel.metagrad as metagrad
+
+    traj = _train("sgd_momentum_schedule", record=True)
+    X_test = _data()[2]
+    whole = explaind.CounterfactualEstimator(device="cpu", chunk_size=None).fit(traj).transform(X_test).values
+    held, inner = [], metagrad._sample_grads
+
+    def spy(replay, theta, idx):
+        held.append(int(idx.shape[0]))
+        return inner(replay, theta, idx)
+
+    monkeypatch.setattr(metagrad, "_sample_grads", spy)
+    for chunk in (1, 3):
+        held.clear()
+        att = explaind.CounterfactualEstimator(device="cpu", chunk_size=chunk).fit(traj).transform(X_test)
+        assert max(held) == chunk and sum(held) == sum(len(b) for b in BATCHES[:N_STEPS])  # one backward sweep
+        assert att.meta["chunk_size"] == chunk
+        assert float((att.values - whole).abs().max()) <= 1e-12 * float(whole.abs().max())
+
+
 def test_target_selects_one_output():
     traj = _train("adam_l2", record=True)
     X_test = _data()[2]
@@ -136,6 +158,8 @@ def test_not_fitted_and_bad_parameters():
     traj = _train("adam_l2", record=True)
     with pytest.raises(ConfigError, match="checkpoint_every"):
         explaind.CounterfactualEstimator(checkpoint_every=0).fit(traj)
+    with pytest.raises(ConfigError, match="chunk_size"):
+        explaind.CounterfactualEstimator(chunk_size=0).fit(traj)
     with pytest.raises(ConfigError, match="Trajectory"):
         explaind.CounterfactualEstimator().fit("run/")
 

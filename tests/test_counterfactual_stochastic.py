@@ -134,6 +134,17 @@ def test_metagradient_of_a_stochastic_run_matches_finite_differences(case):
         assert _rel(att.final, trained(X_test)) <= 1e-12
 
 
+@pytest.mark.parametrize("case", ["batchnorm_cnn_sgd_momentum", "dropout_mlp_adam_two_micro_batches"])
+def test_sample_chunks_of_the_replayed_forward_do_not_change_the_result(case):
+    """Per-sample gradients through the replayed batched forward, 1 or 3 at a time, equal all at once to 1e-12."""
+    traj = _train(case, record=True)
+    X_test = _data(CASES[case][1])[2]
+    whole = explaind.CounterfactualEstimator(device="cpu", chunk_size=None).fit(traj).transform(X_test).values
+    for chunk in (1, 3):
+        got = explaind.CounterfactualEstimator(device="cpu", chunk_size=chunk).fit(traj).transform(X_test).values
+        assert _rel(got, whole) <= 1e-12
+
+
 @pytest.mark.parametrize("case", ["batchnorm_cumulative_two_micro_batches", "dropout_mlp_adam_two_micro_batches"])
 def test_a_window_of_a_stochastic_run_matches_finite_differences(case):
     """``steps=(2, 4)``: theta, optimizer state and running statistics at step 2 held, f taken at step 4."""

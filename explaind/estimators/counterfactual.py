@@ -50,6 +50,7 @@ class CounterfactualConfig(StrictModel):
     checkpoint_every: int | None = Field(default=None, ge=1)
     steps: tuple[int, int | None] | None = None
     test_chunk_size: int | None = Field(default=None, ge=1)
+    chunk_size: int | None = Field(default=256, ge=1)
     device: str = "auto"
     dtype: DtypeName = "float64"
 
@@ -75,6 +76,10 @@ class CounterfactualEstimator(ExplaindEstimator):
         :math:`g(\theta_{stop})`; the reverse sweep covers the window only.
     test_chunk_size : int, optional
         Test inputs per reverse sweep (default: all at once); each chunk repeats the sweep.
+    chunk_size : int or None
+        Training samples whose per-sample gradients are held at once in a step of the reverse sweep
+        (as in :class:`~explaind.InfluenceEstimator`; ``None``: a step's whole batch), so that step holds
+        ``chunk_size * |theta|`` gradient values; the result does not depend on it.
     device : str
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     dtype : {"float64", "float32"}
@@ -108,11 +113,13 @@ class CounterfactualEstimator(ExplaindEstimator):
     _config_model: ClassVar[type[CounterfactualConfig]] = CounterfactualConfig
 
     def __init__(self, *, target: Any = None, checkpoint_every: int | None = None, steps: Any = None,
-                 test_chunk_size: int | None = None, device: str = "auto", dtype: str = "float64"):
+                 test_chunk_size: int | None = None, chunk_size: int | None = 256, device: str = "auto",
+                 dtype: str = "float64"):
         self.target = target
         self.checkpoint_every = checkpoint_every
         self.steps = steps
         self.test_chunk_size = test_chunk_size
+        self.chunk_size = chunk_size
         self.device = device
         self.dtype = dtype
 
@@ -183,7 +190,7 @@ class CounterfactualEstimator(ExplaindEstimator):
             raise ConfigError(f"{name}: target='loss' explains the test loss and needs the test targets: call "
                               f"transform(X, y).")
         names = tuple(traj.param_names)
-        replay = Replay(traj, fm, self.update_fn_)
+        replay = Replay(traj, fm, self.update_fn_, cfg.chunk_size)
         start, stop = self.window_
         # (theta_s, beta_s): the buffers the run changed (batch-norm running statistics) at the window's ends
         beta_stop, theta_stop = replay.buffers(stop), replay.theta(stop)
@@ -209,7 +216,7 @@ class CounterfactualEstimator(ExplaindEstimator):
                   "output": np.arange(O) if explained.kind == "outputs" else [explained.kind]}
         meta = {"estimator": name, "kind": "counterfactual", "additive": False, "target_kind": explained.kind,
                 "window": [start, stop], "adapter": self.adapter_, "replay_residual": self.replay_residual_,
-                "checkpoint_every": cfg.checkpoint_every}
+                "checkpoint_every": cfg.checkpoint_every, "chunk_size": cfg.chunk_size}
         layout = ParamLayout.from_tensors(traj.params(0), names)
         return Attribution(axes=("test", "train", "output"), values=values, initial=initial, final=final,
                            regularization=zeros, residual=zeros.clone(), quadrature_error=zeros.clone(),

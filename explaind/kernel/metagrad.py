@@ -28,6 +28,9 @@ the state every ``K`` steps (checkpoints) and recomputes one segment of ``K`` st
 during the reverse sweep: ``ceil(N / K) * |opt|`` for the checkpoints, ``K * (|theta| + |opt| +
 |g|)`` for a segment and ``2 R (|theta| + |opt|)`` for the cotangents; the default
 ``K = ceil(sqrt(N))`` makes it ``O(sqrt(N) * D + R * D)`` at the price of one extra forward replay.
+The per-sample gradients :math:`\nabla\ell_k(\theta_s)` of a step are taken ``chunk_size`` samples at a
+time and contracted with :math:`\bar g_s` chunk by chunk, so a step holds ``chunk_size * D`` of them
+instead of ``|B_s| * D``; the chunks only split the sum, the values are unchanged.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .explained import Explained, FunctionalModel, Params
 from .layout import ParamLayout
 from .metagrad_coupled import coupled_step_terms, running_stats, shifted_statistics
 
-__all__ = ["Replay", "StepPoint", "counterfactual_sweep", "output_cotangents"]
+__all__ = ["Replay", "StepPoint", "counterfactual_sweep", "output_cotangents", "sample_dots"]
 
 State = dict[str, dict[str, Tensor]]
 
@@ -79,12 +82,15 @@ class Replay:
         The model on the compute device and dtype.
     pure : PureUpdate
         The adapter's pure update (``record.update_fn(hyperparameters)``).
+    chunk_size : int, optional
+        Training samples per batch of per-sample gradients (``None``: a step's whole batch at once).
     """
 
-    def __init__(self, traj: Any, fm: FunctionalModel, pure: Any):
+    def __init__(self, traj: Any, fm: FunctionalModel, pure: Any, chunk_size: int | None = None):
         self.traj = traj
         self.fm = fm
         self.pure = pure
+        self.chunk_size = chunk_size
         self.names = tuple(traj.param_names)
         #: Batch-norm modules whose running statistics the run changed (carried by the sweep's lambda^beta).
         self.stats = running_stats(fm, tuple(traj.buffer_names), "CounterfactualEstimator")
@@ -192,6 +198,22 @@ def _sample_grads(replay: Replay, theta: Params, idx: Tensor) -> Params:
     return vmap(grad(loss_one), in_dims=(None, 0, 0))(theta, x, y)
 
 
+def sample_dots(replay: Replay, theta: Params, idx: Tensor, bar_g: Params) -> Tensor:
+    r""":math:`\langle \bar g_r, \nabla\ell_k(\theta) \rangle` for the samples ``idx``, ``(R, B)``.
+
+    The gradients are taken :attr:`Replay.chunk_size` samples at a time (all at once when ``None``).
+    """
+    B = idx.shape[0]
+    R = next(iter(bar_g.values())).shape[0]
+    flat = {n: bar_g[n].reshape(R, -1) for n in replay.names}
+    out = torch.empty(R, B, dtype=replay.fm.dtype, device=replay.fm.device)
+    step = replay.chunk_size or max(1, B)
+    for lo in range(0, B, step):
+        G = _sample_grads(replay, theta, idx[lo:lo + step])
+        out[:, lo:lo + step] = sum(flat[n] @ G[n].reshape(G[n].shape[0], -1).T for n in replay.names)
+    return out
+
+
 def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state: State, lam_beta: Params,
                   tau: Tensor) -> tuple[Params, State, Params]:
     r"""One reverse step: updates ``tau (R, M)`` in place; returns :math:`\lambda_s`, :math:`\lambda^\beta_s`.
@@ -211,11 +233,10 @@ def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state
         x, y = replay.samples(point.idx)
         beta = replay.traj.buffers(point.s) if replay.stats else {}
         counts = {st.module: int(beta.get(st.count, 0)) for st in replay.stats}
-        dots, hv, lam_beta = coupled_step_terms(replay.fm, point, x, y, bar_g, lam_beta, replay.stats, counts)
+        dots, hv, lam_beta = coupled_step_terms(replay.fm, point, x, y, bar_g, lam_beta, replay.stats, counts,
+                                                replay.chunk_size)
     else:
-        G = _sample_grads(replay, point.theta, point.idx)
-        dots = sum(torch.einsum("rp,bp->rb", bar_g[n].reshape(bar_g[n].shape[0], -1),
-                                G[n].reshape(G[n].shape[0], -1)) for n in names)
+        dots = sample_dots(replay, point.theta, point.idx, bar_g)
         grad_L = grad(replay.batch_loss(point.s))
 
         def hvp(v: Params) -> Params:

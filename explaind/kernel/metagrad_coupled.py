@@ -158,7 +158,8 @@ def shifted_statistics(module: nn.Module, stats: Sequence[RunningStat], shifts: 
 
 
 def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g: Params, lam_beta: Params,
-                       stats: Sequence[RunningStat], counts: dict[str, int]) -> tuple[Tensor, Params, Params]:
+                       stats: Sequence[RunningStat], counts: dict[str, int],
+                       chunk_size: int | None = None) -> tuple[Tensor, Params, Params]:
     r"""The data, curvature and running-statistics terms of one reverse step through the replayed forward.
 
     Parameters
@@ -175,6 +176,9 @@ def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g
     stats : sequence of RunningStat
     counts : dict of int
         ``num_batches_tracked`` of each of ``stats`` before the step.
+    chunk_size : int, optional
+        Samples whose gradients :math:`G_k` one backward pass takes (one-hot cotangents; ``None``: a
+        whole micro-batch), so at most ``chunk_size * D`` of them are held at once.
 
     Returns
     -------
@@ -200,11 +204,15 @@ def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g
             losses = replayed_losses(fm, theta, x[lo:hi], y[lo:hi], state, point.replay)
         n = hi - lo
         eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
-        G = torch.autograd.grad(losses, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                                allow_unused=True)
-        for name, g in zip(names, G):
-            if g is not None:
-                dots[:, lo:hi] += bar_g[name].reshape(R, -1) @ g.reshape(n, -1).T
+        step = chunk_size or n
+        for c in range(0, n, step):
+            rows = eye[c:c + step]
+            G = torch.autograd.grad(losses, inputs, grad_outputs=rows, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True)
+            for name, g in zip(names, G):
+                if g is not None:
+                    dots[:, lo + c:lo + c + rows.shape[0]] += bar_g[name].reshape(R, -1) @ g.reshape(rows.shape[0],
+                                                                                                     -1).T
         cw = (point.scale * point.weights[lo:hi]).to(losses.dtype)
         grads = torch.autograd.grad((cw * losses).sum(), inputs, create_graph=True, allow_unused=True)
         outs = [g for g in grads if g is not None and g.requires_grad]

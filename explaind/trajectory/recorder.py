@@ -148,8 +148,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         Private generators the model draws from (``torch.rand(..., generator=g)`` in a custom layer)
         that are not attributes of its modules; those held as module attributes, directly or in
         list, tuple and dict attributes, are found without this (a helper object's are not). A loss
-        callable holding a generator is refused (it is applied one sample at a time). Their states are captured with the global ones and replayed
-        (docs/recording.md, "Private generators"); a stored run needs them again,
+        callable holding a generator is refused (it is applied one sample at a time). Their states
+        are captured with the global ones and replayed (docs/recording.md, "Private generators"); a
+        stored run needs them again,
         ``Trajectory.load(path, generators=[...])``. A generator that is neither found nor passed is
         not replayed: the gradient check fails on it.
 
