@@ -1,7 +1,8 @@
 """Engine time per step with and without the layer rules on GPT-2, a ResNet, a Transformer encoder, a MobileNet block.
 
 Run ``python benchmarks/bench_layer_rules_models.py [--steps N] [--inputs T] [--width W] [--gpt-width D]
-[--models gpt2,resnet,encoder,depthwise]``. Records runs nobody tuned the rules for, in float64 on the CPU:
+[--models gpt2,resnet,encoder,depthwise,seqfirst,padded]``. Records runs nobody tuned the rules for, in float64
+on the CPU:
 
 * a GPT-2 (``transformers.GPT2LMHeadModel`` from a ``GPT2Config``, no download; dropout 0; the
   read-out tied to the token embeddings as in GPT-2) trained with AdamW on next-token prediction of short sequences,
@@ -14,7 +15,11 @@ Run ``python benchmarks/bench_layer_rules_models.py [--steps N] [--inputs T] [--
   same sequences with AdamW: the MultiheadAttention rule (in/out projections as sites), Linear,
   LayerNorm and Embedding rules;
 * a MobileNet-style CNN (depthwise-separable blocks: depthwise 3x3 Conv2d with ``groups`` = channels,
-  pointwise 1x1, GroupNorm) on digits with SGD momentum: grouped Conv2d, GroupNorm and Linear rules.
+  pointwise 1x1, GroupNorm) on digits with SGD momentum: grouped Conv2d, GroupNorm and Linear rules;
+* the same Transformer encoder built sequence first (``batch_first=False``, ``(length, batch, width)``
+  activations): Linear and LayerNorm rules with the batch axis second (``seqfirst``);
+* a CNN whose convolutions pad by ``"same"`` with reflection, by numbers with replication and by
+  ``"same"`` circularly with an even kernel, with GroupNorm, on digits (``padded``).
 
 For each it times ``InfluenceEstimator(keep=("train",))`` (Gauss-Legendre 4 nodes, and the adaptive
 rule) and the adaptive ``KernelReplica`` with the layer rules (``factored="always"``; ``"auto"`` keeps
@@ -58,22 +63,45 @@ class TinyGPT2(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Token and position embeddings, ``nn.TransformerEncoderLayer`` blocks with a causal mask; the last position."""
+    """Token and position embeddings, ``nn.TransformerEncoderLayer`` blocks with a causal mask; the last position.
 
-    def __init__(self, vocab: int, width: int, layers: int, heads: int, length: int):
+    ``batch_first=False`` builds the blocks sequence first and runs them on ``(length, batch, width)``.
+    """
+
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, length: int, batch_first: bool = True):
         super().__init__()
+        self.batch_first = batch_first
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(length, width)
-        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True)
-                                     for _ in range(layers)])
+        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
+                                                                batch_first=batch_first) for _ in range(layers)])
         self.head = nn.Linear(width, vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device)[None])
         mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], dtype=h.dtype, device=h.device)
+        h = h if self.batch_first else h.transpose(0, 1)
         for block in self.blocks:
             h = block(h, src_mask=mask, is_causal=True)
-        return self.head(h[:, -1])
+        return self.head(h[:, -1] if self.batch_first else h[-1])
+
+
+class PaddedCNN(nn.Module):
+    """Convolutions padded every other way than numeric zeros, GroupNorm, for 8x8 single-channel images."""
+
+    def __init__(self, width: int, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding="same", padding_mode="reflect")
+        self.norm1 = nn.GroupNorm(1, width)
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, padding_mode="replicate")
+        self.norm2 = nn.GroupNorm(1, 2 * width)
+        self.mix = nn.Conv2d(2 * width, 2 * width, 2, padding="same", padding_mode="circular")
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm1(self.stem(x)))
+        h = torch.relu(self.norm2(self.down(h)))
+        return self.head(torch.relu(h + self.mix(h)).mean(dim=(2, 3)))
 
 
 class SeparableBlock(nn.Module):
@@ -184,6 +212,12 @@ def encoder_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Traj
     return sequence_run(model, f"TransformerEncoderLayer x2 (width {width}", steps, n_test)
 
 
+def seqfirst_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Encoder(32, width=width, layers=2, heads=4, length=8, batch_first=False).double()
+    return sequence_run(model, f"TransformerEncoderLayer x2, sequence first (width {width}", steps, n_test)
+
+
 def digits_run(model: nn.Module, label: str, steps: int, n_test: int) -> tuple[str, explaind.Trajectory,
                                                                               torch.Tensor]:
     data = digits(flatten=False, dtype=torch.float64)
@@ -202,6 +236,12 @@ def resnet_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Traje
 def depthwise_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
     torch.manual_seed(0)
     return digits_run(MobileNet(width).double(), f"MobileNet-style, depthwise, width {width}", steps, n_test)
+
+
+def padded_run(steps: int, n_test: int, width: int) -> tuple[str, explaind.Trajectory, torch.Tensor]:
+    torch.manual_seed(0)
+    return digits_run(PaddedCNN(width).double(), f"CNN, reflect/replicate/circular padding, width {width}", steps,
+                      n_test)
 
 
 def timed(fn):
@@ -244,7 +284,7 @@ def main() -> None:
     ap.add_argument("--gpt-width", type=int, default=32, help="GPT-2's embedding width (768 in GPT-2 small)")
     ap.add_argument("--repeat", type=int, default=2, help="timings per mode (the fastest is printed)")
     ap.add_argument("--models", default="gpt2,resnet,encoder,depthwise",
-                    help="comma-separated subset of gpt2, resnet, encoder, depthwise")
+                    help="comma-separated subset of gpt2, resnet, encoder, depthwise, seqfirst, padded")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", category=ExplaindWarning)  # quadrature notes, the same for both paths
@@ -253,7 +293,8 @@ def main() -> None:
     print("| model | measurement | layer rules (s/step) | path | torch.func (s/step) | ratio | max rel. difference |")
     print("|---|---|---|---|---|---|---|")
     makers = {"gpt2": (gpt2_run, args.gpt_width), "resnet": (resnet_run, args.width),
-              "encoder": (encoder_run, args.gpt_width), "depthwise": (depthwise_run, args.width)}
+              "encoder": (encoder_run, args.gpt_width), "depthwise": (depthwise_run, args.width),
+              "seqfirst": (seqfirst_run, args.gpt_width), "padded": (padded_run, args.width)}
     chosen = args.models.split(",")
     unknown = sorted(set(chosen) - set(makers))
     if unknown:
