@@ -131,12 +131,12 @@ def resumable_step(model, opt, X, y, s, rec):
     opt.step()
 
 
-def resumable_reference():
-    """The kill/resume run recorded in memory without interruption (the reference of those tests)."""
+def resumable_reference(steps=RESUME_STEPS):
+    """The kill/resume run recorded in memory for ``steps`` steps without interruption (their reference)."""
     model, opt, X, y = resumable_setup()
     rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y))
     with rec:
-        for s in range(RESUME_STEPS):
+        for s in range(steps):
             resumable_step(model, opt, X, y, s, rec)
     return rec.trajectory
 

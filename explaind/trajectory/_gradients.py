@@ -234,7 +234,8 @@ class GradientTap:
                 f"Step {step}: between backward() and optimizer.step() the gradient of {', '.join(modified)} was "
                 f"changed by more than a global factor (relative deviation {deviation:.3g} > {tol:g}). Only global "
                 f"rescaling such as torch.nn.utils.clip_grad_norm_ over all parameters can be recorded; "
-                f"clip_grad_value_ or per-parameter clipping cannot."
+                f"clip_grad_value_, per-parameter clipping or noise added to .grad cannot (noise drawn inside "
+                f"the model's forward, e.g. by a noise layer, is replayed from the captured random state)."
             )
         return c
 

@@ -11,7 +11,13 @@ per step, from the live optimizer (so ``add_param_group`` and freezing mid-run a
   gradient (``zero_grad(set_to_none=False)``): its update keeps the optimizer's coefficients with
   ``b = n = 0``, so no data term enters at that step; a non-zero leftover gradient is refused;
 * a parameter frozen when recording started is stored as a constant: stepping it later is refused
-  with the fix (``record_frozen=True``).
+  with the fix (``record_frozen=True``);
+* a recorded parameter must hold, when the next step begins, the value recorded after the previous
+  one: a change made outside ``optimizer.step()`` (``p.data`` edits such as weight clipping, an EMA
+  or ``load_state_dict`` written into the model, another optimizer) is no term of the recurrence,
+  and the next step's gradients would be taken at parameters the trajectory does not hold. It is
+  refused at the next step (:func:`edited_parameters`, :func:`edit_message`) and warned about when
+  recording ends.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
+from ._gradients import _same
 
 __all__ = [
     "UNCHANGED",
     "called_by_grad_scaler",
     "collect_updates",
+    "edit_message",
+    "edited_parameters",
     "foreign_parameters",
     "own_update",
     "refuse_unknown_grad_scaler",
@@ -193,3 +202,46 @@ def called_by_grad_scaler(depth: int = 8) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def edited_parameters(params: dict[str, nn.Parameter], recorded: dict[str, Tensor]) -> list[tuple[str, float]]:
+    r"""Recorded parameters whose live value differs from the last recorded one, with the relative change.
+
+    Parameters
+    ----------
+    params : dict of str to Parameter
+        The live recorded parameters.
+    recorded : dict of str to Tensor
+        :math:`\theta_s` as recorded (after the previous step, or when recording started).
+
+    Returns
+    -------
+    list of (str, float)
+        ``(name, ||p - theta_s[name]|| / ||theta_s[name]||)`` for every parameter that changed (by value:
+        ``p.data`` edits do not bump the version counter); empty when none did.
+    """
+    out = []
+    for name, p in params.items():
+        ref = recorded.get(name)
+        if ref is None or _same(p.detach(), ref):
+            continue
+        live = p.detach().to(ref.device, torch.float64)
+        base = float(ref.double().norm())
+        out.append((name, float((live - ref.double()).norm()) / (base if base > 0 else 1.0)))
+    return out
+
+
+def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
+    """The error of step ``step`` whose parameters changed outside ``optimizer.step()`` (``start``: first recorded)."""
+    listed = ", ".join(f"{n} (relative change {r:.3g})" for n, r in edited[:5])
+    more = f" and {len(edited) - 5} more" if len(edited) > 5 else ""
+    since = "recording started" if step == start else f"step {step - 1} was recorded"
+    return (
+        f"Step {step}: the parameter(s) {listed}{more} changed outside optimizer.step() since {since}: an edit of "
+        f"p.data or an in-place write (weight clipping, an EMA or load_state_dict written into the model), or "
+        f"another optimizer stepping them. explaind decomposes only the recorded optimizer's updates, and this "
+        f"step's gradients were taken at parameters the trajectory does not hold, so it cannot be recorded exactly "
+        f"(nothing was stored for it; the {step - start} step(s) recorded before are kept). Fix: make such changes "
+        f"before `with rec:` or after it, express them through the optimizer (e.g. weight_decay instead of "
+        f"shrinking the weights), or record a model holding only the parameters this optimizer trains."
+    )

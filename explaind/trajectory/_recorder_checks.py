@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ExplaindWarning, TrajectoryError
+from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient, check_loss_decomposes
-from ._gradients import AutocastProbe, GradientTap
+from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
+from ._participation import edit_message, edited_parameters
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 
 __all__ = ["RecorderChecksMixin"]
@@ -46,6 +47,22 @@ class RecorderChecksMixin:
     _n: int
     _loss_checked: bool
     _schedule: CheckSchedule
+    _theta: dict[str, Tensor] | None
+    _sigma: float
+    _sigma_shape: tuple[int, ...] | None
+
+    def _resolve_check(self, check: Any) -> CheckSchedule:
+        """The checked steps (``"auto"`` without data, or with uncaptured dropout or batch norm: none)."""
+        schedule = CheckSchedule(check)
+        if schedule.kind == "auto" and (self._data is None or (has_stochastic_layers(self.model) and
+                                                               not self._random.enabled)):
+            return CheckSchedule(False)
+        if not schedule.never and self._data is None:
+            raise ConfigError(
+                f"check_gradients={check!r} needs the training data: pass train_data=(X, y) or set "
+                f"check_gradients=False."
+            )
+        return schedule
 
     @contextlib.contextmanager
     def _quiet(self) -> Iterator[None]:
@@ -104,3 +121,37 @@ class RecorderChecksMixin:
         logger.warning("%s", message)
         warnings.warn(message, ExplaindWarning, stacklevel=5)
 
+
+    # ----------------------------------------------------------------- changes outside the step
+    def _refuse_edits(self, s: int) -> None:
+        r"""Raise when a recorded parameter no longer holds :math:`\theta_s` as recorded (changed outside the step)."""
+        edited = edited_parameters(self._params, self._theta or {})
+        if edited:
+            raise TrajectoryError(edit_message(edited, s, self._schedule.start))
+
+    def _warn_final_edits(self) -> None:
+        r"""Warn when the model left the recorder holding other values than :math:`\theta_N`, the last recorded."""
+        edited = edited_parameters(self._params, self._theta or {})
+        if not edited:
+            return
+        listed = ", ".join(f"{n} (relative change {r:.3g})" for n, r in edited[:5])
+        message = (f"After the last recorded step ({self._n - 1}) the parameter(s) {listed} were changed outside "
+                   f"optimizer.step() (weight clipping, an EMA or load_state_dict written into the model): the "
+                   f"trajectory ends at theta_{self._n}, the values the last step produced, not at the model as it "
+                   f"is now, so its replica and scores explain theta_{self._n}. Fix: explain the model at "
+                   f"traj.params(traj.n_steps), or make such changes after `with rec:`, on a copy of the model.")
+        logger.warning("%s", message)
+        warnings.warn(message, ExplaindWarning, stacklevel=3)
+
+    # ----------------------------------------------------------------- the loss scale
+    def _sigma_stale(self) -> bool:
+        r"""Whether the measured loss scale :math:`\sigma \ne 1` may not hold for the pending micro-batches.
+
+        :math:`\sigma` is measured by the gradient check on one step's micro-batches; a loop whose loss
+        is not the weighted mean the weights say (``reduction="sum"``, dividing by a fixed number of
+        micro-batches) has another :math:`\sigma` when the micro-batch sizes change (an epoch's last
+        batch), so a step with other sizes is checked too.
+        """
+        if self._sigma_shape is None or self._data is None or self._schedule.never or self._sigma == 1.0:
+            return False
+        return tuple(int(e.indices.shape[0]) for e in self._pending) != self._sigma_shape

@@ -10,20 +10,23 @@ reused buffers, given back once written (and, for :math:`\theta`, once audited).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, TrajectoryError
+from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._background import CopyPool, OrderedWorker, audit_job, audit_value
 from ._buffers import pack_buffers
 from ._gradients import UpdateAudit, has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
 from ._random import pack_micro_batches
+from ._setup import setup_error
 from ._sparse import SparseLayout, StepReplay, group_snapshot, state_bytes, validate_checkpoint_every
 from .disk import DiskTrajectory, check_model_matches
 from .fingerprint import check_train_data, data_fingerprint
@@ -33,6 +36,34 @@ from .store import Prepare, StoreWriter, pack_updates, read_manifest
 __all__ = ["RecorderStoreMixin"]
 
 logger = logging.getLogger("explaind.trajectory.recorder")
+
+
+def _group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Every parameter group's hyperparameters (all entries but ``"params"``)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal hyperparameter values (``0 == 0.0``, a tuple equals the list of its items; tensors by value)."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and torch.equal(a.cpu(), b.cpu())
+    return bool(a == b)
+
+
+def _warn_replaced_settings(given: list[dict[str, Any]], restored: list[dict[str, Any]], n: int) -> None:
+    """Warn when ``restore()`` replaced hyperparameters the resumed optimizer was built with (``load_state_dict``)."""
+    changed = [f"param_groups[{g}][{k!r}]: {old[k]!r} -> {new.get(k)!r}" for g, (old, new) in
+               enumerate(zip(given, restored)) for k in old if not _same_setting(old[k], new.get(k))]
+    if not changed:
+        return
+    message = (f"restore() loaded the optimizer state of step {n}, and with it the hyperparameters the run was "
+               f"recorded with, replacing those this optimizer was built with: {'; '.join(changed[:6])}. The run "
+               f"continues with the recorded values. To continue with other values, set them in "
+               f"optimizer.param_groups after restore(): the recorder follows a change at any step.")
+    logger.warning("%s", message)
+    warnings.warn(message, ExplaindWarning, stacklevel=3)
 
 
 class RecorderStoreMixin:
@@ -216,11 +247,28 @@ class RecorderStoreMixin:
                 tensors = {**tensors, **read_tensors(self._store, audit_file, step=n - 1)[0]}
             audit = {k[len("audit."):]: v for k, v in tensors.items() if k.startswith("audit.")}
             state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
+            given = _group_settings(self.optimizer)
             self.optimizer.load_state_dict(decode_optimizer_state(state, meta, self.optimizer.state_dict()))
+            _warn_replaced_settings(given, _group_settings(self.optimizer), n)
             self._auditor.momentum = {k: v.to(self._params[k].device) for k, v in audit.items()}
         return n
 
     def _open_store(self, theta: dict[str, Tensor], constants: dict[str, Tensor]) -> None:
+        """Open the store's writer and write the start files; a directory that cannot be written is an explaind error.
+
+        The writer of a failed set-up is abandoned (its lock released, nothing more written): the
+        directory then holds no store, or the resumed store as it was, and a later recorder can open it.
+        """
+        try:
+            self._start_writer(theta, constants)
+        except OSError as exc:
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.abandon()
+            raise setup_error(self._store, exc) from exc
+
+    def _start_writer(self, theta: dict[str, Tensor], constants: dict[str, Tensor]) -> None:
         assert self._store is not None
         m = self._manifest
         if self._resumed:

@@ -28,7 +28,6 @@ from ._buffers import BufferTracker
 from ._checks import (
     AUTO_CHECK_EVERY,
     AUTO_CHECK_STEPS,
-    CheckSchedule,
     autocast_tolerance,
     default_tolerance,
 )
@@ -41,7 +40,7 @@ from ._common import (
     validate_indices,
     validate_weights,
 )
-from ._gradients import AutocastProbe, GradientTap, UpdateAudit, has_stochastic_layers, is_power_of_two
+from ._gradients import AutocastProbe, GradientTap, UpdateAudit, is_power_of_two
 from ._participation import (
     collect_updates,
     foreign_parameters,
@@ -52,10 +51,11 @@ from ._participation import (
 from ._random import RandomCapture, RandomState, loss_generators
 from ._recorder_checks import RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
+from ._setup import prepare_directory
 from .disk import DiskTrajectory
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
 from .memory import InMemoryTrajectory
-from .store import StoreWriter, prepare_directory
+from .store import StoreWriter
 
 __all__ = ["TrajectoryRecorder", "AUTO_CHECK_STEPS", "AUTO_CHECK_EVERY"]
 
@@ -259,7 +259,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             raise ConfigError("resume=True needs store=<path of the stored run>.")
         self._n = self._manifest.n_steps if self._resumed else 0
         self._schedule.start = self._n
-        self._sigma = 1.0
+        self._sigma, self._sigma_shape = 1.0, None
         self._checked_c: float | None = None  # the in-between factor at the latest checked step
         self._loss_checked = False
         self.skipped_batches = 0  # micro-batches of steps GradScaler skipped
@@ -285,18 +285,6 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         if idle:
             logger.info("Recorded parameters not in the optimizer (recorded as not moving while outside it): %s",
                         idle)
-
-    def _resolve_check(self, check: Any) -> CheckSchedule:
-        schedule = CheckSchedule(check)
-        if schedule.kind == "auto" and (self._data is None or (has_stochastic_layers(self.model) and
-                                                               not self._random.enabled)):
-            return CheckSchedule(False)
-        if not schedule.never and self._data is None:
-            raise ConfigError(
-                f"check_gradients={check!r} needs the training data: pass train_data=(X, y) or set "
-                f"check_gradients=False."
-            )
-        return schedule
 
     # ----------------------------------------------------------------- public API
     @property
@@ -386,6 +374,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._probe.detach()
         self._random.detach()
         self._active = False
+        if exc_type is None and self._n > self._schedule.start:
+            self._warn_final_edits()
         if self._pending:
             if self._pending[-1].finite is False:
                 logger.info("The last step was skipped (non-finite gradients); its %d micro-batch(es) were dropped.",
@@ -435,6 +425,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 f"optimizer.step() (after backward)."
             )
         try:
+            self._refuse_edits(s)
             self._step_state = self._prepare_step(optimizer, s)
         except BaseException:
             self._pending.clear()
@@ -454,7 +445,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         autocast = self._probe.dtype
         tol = autocast_tolerance(autocast, self._tol)
         suspicious = amp is None and c_in != 1.0 and is_power_of_two(c_in) and c_in != self._checked_c
-        due = self._schedule.due(s) or (suspicious and self._data is not None)
+        due = self._schedule.due(s) or (suspicious and self._data is not None) or self._sigma_stale()
         if suspicious and not due:
             raise TrajectoryError(
                 f"Step {s}: between backward() and optimizer.step() every gradient was divided by exactly "
@@ -472,6 +463,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             if autocast is not None and abs(self._sigma - 1.0) <= tol:
                 self._sigma = 1.0  # autocast rounding is not a loss scale
             self._checked_c = c_in
+            self._sigma_shape = tuple(int(e.indices.shape[0]) for e in self._pending)
         before = self._adapter.before_step(optimizer)
         return {"indices": indices, "weights": weights, "micro": self._micro_batches(),
                 "scale": c_in * (amp or 1.0) * self._sigma, "stepped": tuple(stepped), "check": check, "amp": amp,

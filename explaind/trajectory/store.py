@@ -59,15 +59,13 @@ from ._layout import (
     SETUP,
     checkpoint_state_path,
     mark_setup,
-    remove_store,
     remove_temporary_files,
-    setup_leftover,
     step_path,
 )
-from .lock import LOCK, WriterLock, busy_message, live_writer
+from .lock import WriterLock
 from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TrajectoryManifest
 
-__all__ = ["MANIFEST", "JOURNAL", "StoreWriter", "read_manifest", "is_store", "step_path", "prepare_directory",
+__all__ = ["MANIFEST", "JOURNAL", "StoreWriter", "read_manifest", "is_store", "step_path",
            "pack_updates", "unpack_updates", "Prepare"]
 
 logger = logging.getLogger(__name__)
@@ -193,79 +191,6 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     return manifest
 
 
-def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
-    """Make ``root`` ready for recording; returns ``True`` when an existing store is resumed.
-
-    An existing store is resumed with ``resume=True``, replaced with ``overwrite=True`` (only a
-    valid explaind store, and only its own files are deleted) and otherwise refused. A directory
-    that an interrupted set-up or replacement left (the set-up marker, no manifest; see
-    ``_layout``) holds no store: its explaind files are deleted and recording starts anew (also
-    with ``resume=True``); other files in it need ``overwrite=True`` and stay. Any other non-empty
-    directory that is not a store is refused, and nothing is done while another writer holds the
-    store's lock.
-    """
-    if root.exists() and not root.is_dir():
-        raise TrajectoryError(f"store={str(root)!r} is a file; pass a directory path for the trajectory store.")
-    holder = live_writer(root) if root.is_dir() else None
-    if holder is not None:
-        raise TrajectoryError(busy_message(root, holder))
-    if is_store(root):
-        if resume:
-            return True
-        if overwrite:
-            try:
-                manifest = read_manifest(root)
-            except TrajectoryError as exc:
-                raise TrajectoryError(
-                    f"overwrite=True deletes only a valid explaind trajectory store, and {str(root)!r} is not one "
-                    f"({exc}). Nothing was deleted; choose another store path or remove the directory yourself."
-                ) from None
-            remove_store(root, manifest)
-        else:
-            raise TrajectoryError(
-                f"A trajectory is already stored at {str(root)!r}. Pass overwrite=True to replace it, resume=True to "
-                f"continue it, or choose another store path."
-            )
-    elif root.is_dir():
-        return _reuse_directory(root, overwrite=overwrite, resume=resume)
-    elif resume:
-        raise TrajectoryError(
-            f"resume=True but no trajectory is stored at {str(root)!r}. Pass resume=False to start a new recording."
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    return False
-
-
-def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
-    """Prepare an existing directory without a manifest: empty, or left by an interrupted set-up (see ``_layout``)."""
-    marked, foreign = setup_leftover(root)
-    if not marked:
-        foreign = sorted(p.name for p in root.iterdir() if not p.name.startswith(LOCK))
-    listed = ", ".join(repr(f) for f in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-    if foreign and not marked:
-        raise TrajectoryError(
-            f"store={str(root)!r} is a non-empty directory that is not an explaind trajectory store ({listed}); "
-            f"refusing to write into it. Choose a new or empty directory."
-        )
-    if foreign and not overwrite:
-        raise TrajectoryError(
-            f"store={str(root)!r} holds the files of a recording interrupted while its store was set up or replaced "
-            f"(no store is left there) and files that are not explaind's ({listed}). Pass overwrite=True to delete "
-            f"the interrupted recording's files (the others stay), or choose another store path."
-        )
-    started = marked or any(p.name.startswith(LOCK) for p in root.iterdir())
-    if resume and not started:
-        raise TrajectoryError(
-            f"resume=True but no trajectory is stored at {str(root)!r}. Pass resume=False to start a new recording."
-        )
-    if marked:
-        logger.warning("%s holds the files of a recording interrupted while its store was set up or replaced; "
-                       "no store is left there, so they are deleted and recording starts anew.", root)
-        remove_store(root, None)
-    elif resume:
-        logger.warning("resume=True: the recording at %s was interrupted before anything was recorded; starting "
-                       "anew.", root)
-    return False
 
 
 class StoreWriter:
@@ -497,6 +422,15 @@ class StoreWriter:
             self._writer_lock.release()
         if error is not None:
             raise error
+
+    def abandon(self) -> None:
+        """Give the store up after a failed set-up: stop the worker and release the lock, writing nothing more."""
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+        self._journal.close()
+        self._writer_lock.release()
 
     @property
     def n_steps(self) -> int:

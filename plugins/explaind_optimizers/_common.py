@@ -213,3 +213,40 @@ def snapshot_groups(optimizer: torch.optim.Optimizer) -> list[GroupSnapshot]:
         with_grad = tuple(p for p in group["params"] if p.grad is not None)
         out.append(GroupSnapshot(values=values, with_grad=with_grad))
     return out
+
+
+def maximize_switch_problems(optimizer: torch.optim.Optimizer, last: dict[int, bool], buffer_key: str) -> list[str]:
+    """A problem per group whose ``maximize`` changed since its parameters' buffers were built; updates ``last``.
+
+    The adapters model ``maximize=True`` by negating ``P`` and ``lambda_c``, so their modelled buffer
+    is the negative of torch's; a buffer built before a switch would keep the other sign, and the
+    update of every later step would be wrong. A switch is refused while a parameter of the group
+    holds ``optimizer.state[p][buffer_key]``.
+
+    Parameters
+    ----------
+    last : dict of int to bool
+        ``maximize`` at each parameter's previous step, keyed by ``id(param)`` (the adapter's own).
+    buffer_key : str
+        The state entry holding the buffer (``"momentum_buffer"``, ``"exp_avg"``).
+    """
+    problems, seen = [], {}
+    for g, group in enumerate(optimizer.param_groups):
+        now = bool(group.get("maximize", False))
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            before = last.get(id(p), now)
+            if before != now and optimizer.state.get(p, {}).get(buffer_key) is not None:
+                problems.append(
+                    f"param_groups[{g}]['maximize'] was switched from {before} to {now} while its parameters hold "
+                    f"{buffer_key!r} built with maximize={before}: maximize is modelled by negating P, so a buffer "
+                    f"built before the switch would enter every later update with the wrong sign. Allowed: "
+                    f"{before} for the rest of the run. Fix: keep maximize fixed, or switch with a new optimizer "
+                    f"and a new recorder."
+                )
+                break
+            seen[id(p)] = now
+    if not problems:
+        last.update(seen)
+    return problems

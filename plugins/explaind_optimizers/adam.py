@@ -40,6 +40,7 @@ from ._common import (
     as_used,
     check_amp_scaling,
     collect_group_problems,
+    maximize_switch_problems,
     raise_problems,
     snapshot_groups,
     state_problems,
@@ -163,6 +164,7 @@ class AdamAdapter:
 
     def __init__(self, config: AdamConfig):
         self._config = config
+        self._maximize: dict[int, bool] = {}  # maximize at each parameter's last step (id(param))
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> AdamAdapter:
@@ -204,7 +206,8 @@ class AdamAdapter:
     def before_step(self, optimizer: torch.optim.Optimizer) -> _AdamBefore:
         """Snapshot the group hyperparameters (schedulers may change ``lr`` and ``betas`` between steps)."""
         check_amp_scaling(self.name, optimizer)
-        raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS))
+        raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS) +
+                       maximize_switch_problems(optimizer, self._maximize, "exp_avg"))
         return _AdamBefore(groups=snapshot_groups(optimizer))
 
     def after_step(self, optimizer: torch.optim.Optimizer, before: _AdamBefore) -> dict[int, LinearUpdate]:

@@ -36,6 +36,7 @@ from ._common import (
     as_used,
     check_amp_scaling,
     collect_group_problems,
+    maximize_switch_problems,
     raise_problems,
     snapshot_groups,
     state_problems,
@@ -95,6 +96,7 @@ class SGDAdapter:
 
     def __init__(self, config: SGDConfig):
         self._config = config
+        self._maximize: dict[int, bool] = {}  # maximize at each parameter's last step (id(param))
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> SGDAdapter:
@@ -125,7 +127,8 @@ class SGDAdapter:
     def before_step(self, optimizer: torch.optim.Optimizer) -> _SGDBefore:
         """Snapshot the group hyperparameters and which parameters already hold a momentum buffer."""
         check_amp_scaling(self.name, optimizer)
-        raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS))
+        raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS) +
+                       maximize_switch_problems(optimizer, self._maximize, "momentum_buffer"))
         groups = snapshot_groups(optimizer)
         buffered = frozenset(
             id(p)

@@ -1,0 +1,122 @@
+"""Preparing a store directory for a recording, and the error a refused or failing set-up raises.
+
+:func:`prepare_directory` decides what a recorder may do with ``store=``: resume an existing store
+(``resume=True``), replace it (``overwrite=True``, only a valid store and only its files), reuse an
+empty directory or one an interrupted set-up left (see ``_layout``), and refuse anything else. A
+directory that cannot be written (read-only, no permission, no space) fails with
+:func:`setup_error`, a :class:`~explaind.exceptions.TrajectoryError` naming the path, the system's
+error and the fix, instead of a bare ``OSError``; nothing was recorded then.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..exceptions import TrajectoryError
+from ._layout import remove_store, setup_leftover
+from .lock import LOCK, busy_message, live_writer
+from .store import is_store, read_manifest
+
+__all__ = ["prepare_directory", "setup_error"]
+
+logger = logging.getLogger("explaind.trajectory.store")
+
+
+def setup_error(root: Path, exc: OSError) -> TrajectoryError:
+    """The error of a store directory the recorder could not set up (``exc``: the system's error)."""
+    return TrajectoryError(
+        f"Cannot set up the trajectory store at {str(root)!r}: {type(exc).__name__}: {exc}. Nothing was recorded "
+        f"and nothing in the directory was deleted. Fix: pass a store path in a writable directory with free space "
+        f"(check its permissions and that the file system is not mounted read-only), or store=None to record in "
+        f"memory."
+    )
+
+
+def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
+    """Make ``root`` ready for recording; returns ``True`` when an existing store is resumed.
+
+    Raises
+    ------
+    TrajectoryError
+        When the directory is refused (see :func:`_prepare`) or cannot be written (:func:`setup_error`).
+    """
+    try:
+        return _prepare(root, overwrite=overwrite, resume=resume)
+    except OSError as exc:
+        raise setup_error(root, exc) from exc
+
+
+def _prepare(root: Path, *, overwrite: bool, resume: bool) -> bool:
+    """What :func:`prepare_directory` does, raising the system's ``OSError``.
+
+    An existing store is resumed with ``resume=True``, replaced with ``overwrite=True`` (only a
+    valid explaind store, and only its own files are deleted) and otherwise refused. A directory
+    that an interrupted set-up or replacement left (the set-up marker, no manifest; see
+    ``_layout``) holds no store: its explaind files are deleted and recording starts anew (also
+    with ``resume=True``); other files in it need ``overwrite=True`` and stay. Any other non-empty
+    directory that is not a store is refused, and nothing is done while another writer holds the
+    store's lock.
+    """
+    if root.exists() and not root.is_dir():
+        raise TrajectoryError(f"store={str(root)!r} is a file; pass a directory path for the trajectory store.")
+    holder = live_writer(root) if root.is_dir() else None
+    if holder is not None:
+        raise TrajectoryError(busy_message(root, holder))
+    if is_store(root):
+        if resume:
+            return True
+        if overwrite:
+            try:
+                manifest = read_manifest(root)
+            except TrajectoryError as exc:
+                raise TrajectoryError(
+                    f"overwrite=True deletes only a valid explaind trajectory store, and {str(root)!r} is not one "
+                    f"({exc}). Nothing was deleted; choose another store path or remove the directory yourself."
+                ) from None
+            remove_store(root, manifest)
+        else:
+            raise TrajectoryError(
+                f"A trajectory is already stored at {str(root)!r}. Pass overwrite=True to replace it, resume=True to "
+                f"continue it, or choose another store path."
+            )
+    elif root.is_dir():
+        return _reuse_directory(root, overwrite=overwrite, resume=resume)
+    elif resume:
+        raise TrajectoryError(
+            f"resume=True but no trajectory is stored at {str(root)!r}. Pass resume=False to start a new recording."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
+    """Prepare an existing directory without a manifest: empty, or left by an interrupted set-up (see ``_layout``)."""
+    marked, foreign = setup_leftover(root)
+    if not marked:
+        foreign = sorted(p.name for p in root.iterdir() if not p.name.startswith(LOCK))
+    listed = ", ".join(repr(f) for f in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    if foreign and not marked:
+        raise TrajectoryError(
+            f"store={str(root)!r} is a non-empty directory that is not an explaind trajectory store ({listed}); "
+            f"refusing to write into it. Choose a new or empty directory."
+        )
+    if foreign and not overwrite:
+        raise TrajectoryError(
+            f"store={str(root)!r} holds the files of a recording interrupted while its store was set up or replaced "
+            f"(no store is left there) and files that are not explaind's ({listed}). Pass overwrite=True to delete "
+            f"the interrupted recording's files (the others stay), or choose another store path."
+        )
+    started = marked or any(p.name.startswith(LOCK) for p in root.iterdir())
+    if resume and not started:
+        raise TrajectoryError(
+            f"resume=True but no trajectory is stored at {str(root)!r}. Pass resume=False to start a new recording."
+        )
+    if marked:
+        logger.warning("%s holds the files of a recording interrupted while its store was set up or replaced; "
+                       "no store is left there, so they are deleted and recording starts anew.", root)
+        remove_store(root, None)
+    elif resume:
+        logger.warning("resume=True: the recording at %s was interrupted before anything was recorded; starting "
+                       "anew.", root)
+    return False
