@@ -132,7 +132,10 @@ def _read_journal(root: Path) -> list[StepRecord]:
             records.append(StepRecord.model_validate_json(line))
         except ValidationError as exc:
             if all(not rest.strip() for rest in lines[i + 1 :]):
-                logger.warning("Ignoring the incomplete last line of %s (a step in flight at a crash).", path)
+                torn = i == len(lines) - 1  # no newline after it: the write was cut off
+                logger.warning("Ignoring the %s last line of %s (%s); its step is not part of the run.", "incomplete"
+                               if torn else "unreadable", path, "a step in flight at a crash" if torn else
+                               "complete but corrupted: the step is recorded again when the run is resumed")
                 break
             raise TrajectoryError(
                 f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {exc.errors()[0]['msg']}."
