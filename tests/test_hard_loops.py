@@ -167,6 +167,26 @@ def test_backward_twice_every_step_is_measured_as_a_loss_scale():
     assert_exact(model, traj)
 
 
+def test_a_second_backward_at_one_step_is_checked_there_and_exact():
+    """Steps 5 and 6 are not auto-checked; 5 saw two backward passes and 6 one again: both are checked."""
+    twice = 5
+
+    def step(s, model, opt, X, y, idx, rec):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X[idx]), y[idx])
+        loss.backward(retain_graph=True)
+        if s == twice:
+            loss.backward()
+        rec.log_batch(idx)
+        opt.step()
+
+    model, traj = train(sgd(momentum=0.9), step=step)
+    checked = np.isfinite(np.asarray(traj.gradient_check()))
+    assert checked.tolist() == [True, True, True, False, True, True, True, False]
+    assert [float(traj.grad_scale(s)) for s in range(traj.n_steps)] == [1.0] * twice + [2.0] + [1.0] * 2
+    assert_exact(model, traj)
+
+
 def test_sum_reduction_with_an_uneven_batch_is_checked_again_and_exact():
     """``reduction="sum"`` makes the loss scale the batch size: a step with another size is measured anew."""
     small = 6

@@ -4,7 +4,8 @@ Parameters edited outside ``optimizer.step()`` (weight clipping, an EMA written 
 at the next step — ``p.data`` edits do not bump the version counter — and refused there with every earlier step
 kept; an edit after the last step is warned about when recording ends. Gradient noise added to ``.grad`` is a
 per-coordinate change and refused. A forgotten ``zero_grad`` is caught by the gradient check, and where no check
-runs, the residual share flags it (warning, or an error with ``strict=True``). ``restore()`` warns when it replaces
+runs, the residual share flags it (warning, or an error with ``strict=True``), as it flags a loss changed at a step
+the check skips. ``restore()`` warns when it replaces
 the hyperparameters a resumed optimizer was built with; changing them after it is followed exactly.
 The exactness helpers are those of tests/test_hard_loops.py.
 """
@@ -122,24 +123,21 @@ def test_a_forgotten_zero_grad_is_caught_by_the_gradient_check_and_otherwise_by_
         explaind.InfluenceEstimator(keep=("train",), target=[0, 1, 2], strict=True, device="cpu").fit(traj).transform(x)
 
 
-def test_a_second_backward_at_an_unchecked_step_is_flagged_by_the_residual_share():
+def test_a_loss_changed_at_a_step_the_check_skips_is_flagged_by_the_residual_share():
     unchecked = 5  # "auto" checks steps 0, 1, 2, 4, 8, ...
 
-    def twice_once(s, model, opt, X, y, idx, rec):
+    def smoothed_once(s, model, opt, X, y, idx, rec):
         opt.zero_grad()
-        loss = F.cross_entropy(model(X[idx]), y[idx])
-        loss.backward(retain_graph=True)
-        if s == unchecked:
-            loss.backward()
+        F.cross_entropy(model(X[idx]), y[idx], label_smoothing=0.2 if s == unchecked else 0.0).backward()
         rec.log_batch(idx)
         opt.step()
 
-    _, traj = train(lambda ps: torch.optim.SGD(ps, lr=0.1), step=twice_once)
+    _, traj = train(lambda ps: torch.optim.SGD(ps, lr=0.1), step=smoothed_once)
     with pytest.warns(ExplaindWarning, match=r"residual share .* > residual_tol.*the gradient check passed at the "
                                              r"checked steps, so look at the steps it did not check"):
         att = explaind.InfluenceEstimator(keep=("train",), target=[0, 1, 2], device="cpu").fit(traj).transform(
             data()[0][:3])
-    assert att.meta["residual_share"] > 1e-2
+    assert att.meta["residual_share"] > 1e-3
 
 
 def _stored_adam_run(store, steps):

@@ -95,6 +95,7 @@ class GradientTap:
         self._stamp: dict[str, int] = {}
         self._finite: dict[str, tuple[int, bool]] = {}  # name -> (stamp, finite) of the snapshot last checked
         self._seq = 0
+        self._hits: dict[str, int] = {}  # snapshots per parameter since the last log_batch
         self._hooked: set[str] = set()
         self._handles: list[Any] = []
 
@@ -133,8 +134,15 @@ class GradientTap:
                 buf.copy_(g.detach())
             self._seq += 1
             self._stamp[name] = self._seq
+            self._hits[name] = self._hits.get(name, 0) + 1
 
         return hook
+
+    def take_backwards(self) -> int:
+        """How many ``backward`` passes reached the parameters since the last call (the most reaching one)."""
+        n = max(self._hits.values(), default=0)
+        self._hits.clear()
+        return n
 
     def reset(self) -> None:
         """Forget the snapshots of the finished accumulation (after each optimizer step)."""

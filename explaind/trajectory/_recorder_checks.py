@@ -49,7 +49,7 @@ class RecorderChecksMixin:
     _schedule: CheckSchedule
     _theta: dict[str, Tensor] | None
     _sigma: float
-    _sigma_shape: tuple[int, ...] | None
+    _sigma_shape: tuple[tuple[int, int], ...] | None
 
     def _resolve_check(self, check: Any) -> CheckSchedule:
         """The checked steps (``"auto"`` without data, or with uncaptured dropout or batch norm: none)."""
@@ -144,14 +144,23 @@ class RecorderChecksMixin:
         warnings.warn(message, ExplaindWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- the loss scale
-    def _sigma_stale(self) -> bool:
-        r"""Whether the measured loss scale :math:`\sigma \ne 1` may not hold for the pending micro-batches.
+    def _batch_shape(self) -> tuple[tuple[int, int], ...]:
+        """``(samples, backward passes)`` of each pending micro-batch: what the loss scale was measured for."""
+        return tuple((int(e.indices.shape[0]), int(e.backwards)) for e in self._pending)
 
-        :math:`\sigma` is measured by the gradient check on one step's micro-batches; a loop whose loss
-        is not the weighted mean the weights say (``reduction="sum"``, dividing by a fixed number of
-        micro-batches) has another :math:`\sigma` when the micro-batch sizes change (an epoch's last
-        batch), so a step with other sizes is checked too.
+    def _sigma_stale(self) -> bool:
+        r"""Whether the measured loss scale :math:`\sigma` may not hold for the pending micro-batches.
+
+        :math:`\sigma` is measured by the gradient check on one step's micro-batches. A step is checked
+        too when its micro-batches saw another number of ``backward`` passes than at that step (a
+        second ``loss.backward()``, an auxiliary loss backpropagated on its own), and, when
+        :math:`\sigma \ne 1`, when their sizes differ (``reduction="sum"`` makes :math:`\sigma` the
+        batch size; a loop that divides by a fixed number of micro-batches has another one at an
+        epoch's last, smaller step).
         """
-        if self._sigma_shape is None or self._data is None or self._schedule.never or self._sigma == 1.0:
+        if self._sigma_shape is None or self._data is None or self._schedule.never:
             return False
-        return tuple(int(e.indices.shape[0]) for e in self._pending) != self._sigma_shape
+        shape = self._batch_shape()
+        if [b for _, b in shape] != [b for _, b in self._sigma_shape]:
+            return True
+        return self._sigma != 1.0 and shape != self._sigma_shape

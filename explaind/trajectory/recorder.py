@@ -72,6 +72,7 @@ class _Logged:
     forwards: int = -1
     state: RandomState | None = None
     eval_forwards: int = 0
+    backwards: int = 1
 
 
 class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
@@ -309,7 +310,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         idx = validate_indices(indices, len(self._data) if self._data is not None else None)
         w = validate_weights(weights, idx, self._dtype, self._loss, self._data)
         self._drop_skipped_step()
-        self._pending.append(_Logged(idx, w, self._tap.seq, self._tap.finite_since(-1), *self._random.take()))
+        self._pending.append(_Logged(idx, w, self._tap.seq, self._tap.finite_since(-1), *self._random.take(),
+                                     backwards=self._tap.take_backwards()))
 
     def _drop_skipped_step(self) -> None:
         """Forget the batches of a step ``GradScaler`` skipped: the last one saw a non-finite accumulated gradient,
@@ -463,7 +465,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             if autocast is not None and abs(self._sigma - 1.0) <= tol:
                 self._sigma = 1.0  # autocast rounding is not a loss scale
             self._checked_c = c_in
-            self._sigma_shape = tuple(int(e.indices.shape[0]) for e in self._pending)
+            self._sigma_shape = self._batch_shape()
         before = self._adapter.before_step(optimizer)
         return {"indices": indices, "weights": weights, "micro": self._micro_batches(),
                 "scale": c_in * (amp or 1.0) * self._sigma, "stepped": tuple(stepped), "check": check, "amp": amp,
