@@ -17,6 +17,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,9 +29,25 @@ from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
 from ._participation import edit_message, edited_parameters
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 
-__all__ = ["RecorderChecksMixin"]
+__all__ = ["RecorderChecksMixin", "LoggedBatch"]
 
 logger = logging.getLogger("explaind.trajectory.recorder")
+
+
+@dataclass(frozen=True)
+class LoggedBatch:
+    """One ``log_batch`` call: samples and weights, the tap's sequence number then, whether the gradient was finite,
+    the training forwards and random state captured for it, and the ``backward`` passes since the previous call.
+    """
+
+    indices: Tensor
+    weights: Tensor
+    seq: int
+    finite: bool | None
+    forwards: int = -1
+    state: RandomState | None = None
+    eval_forwards: int = 0
+    backwards: int = 1
 
 
 class RecorderChecksMixin:
@@ -38,7 +55,7 @@ class RecorderChecksMixin:
 
     model: nn.Module
     _params: dict[str, nn.Parameter]
-    _pending: list[Any]
+    _pending: list[LoggedBatch]
     _tap: GradientTap
     _probe: AutocastProbe
     _random: RandomCapture

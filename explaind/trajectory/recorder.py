@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +47,8 @@ from ._participation import (
     stepped_parameters,
     stepped_without_backward,
 )
-from ._random import RandomCapture, RandomState, loss_generators
-from ._recorder_checks import RecorderChecksMixin
+from ._random import RandomCapture, loss_generators
+from ._recorder_checks import LoggedBatch, RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
 from ._setup import prepare_directory
 from .disk import DiskTrajectory
@@ -60,20 +59,6 @@ from .store import StoreWriter
 __all__ = ["TrajectoryRecorder", "AUTO_CHECK_STEPS", "AUTO_CHECK_EVERY"]
 
 logger = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class _Logged:
-    """One ``log_batch`` call: the samples, the tap's sequence number then, whether the gradient was finite."""
-
-    indices: Tensor
-    weights: Tensor
-    seq: int
-    finite: bool | None
-    forwards: int = -1
-    state: RandomState | None = None
-    eval_forwards: int = 0
-    backwards: int = 1
-
 
 class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
     r"""Record a training run for exact kernel replicas and influence scores.
@@ -266,7 +251,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self.skipped_batches = 0  # micro-batches of steps GradScaler skipped
         self._active = False
         self._broken: str | None = None
-        self._pending: list[_Logged] = []
+        self._pending: list[LoggedBatch] = []
         self._step_state: dict[str, Any] | None = None
         self._handles: list[Any] = []
         self._tap = GradientTap(self._params, self._pool.copy)
@@ -310,7 +295,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         idx = validate_indices(indices, len(self._data) if self._data is not None else None)
         w = validate_weights(weights, idx, self._dtype, self._loss, self._data)
         self._drop_skipped_step()
-        self._pending.append(_Logged(idx, w, self._tap.seq, self._tap.finite_since(-1), *self._random.take(),
+        self._pending.append(LoggedBatch(idx, w, self._tap.seq, self._tap.finite_since(-1), *self._random.take(),
                                      backwards=self._tap.take_backwards()))
 
     def _drop_skipped_step(self) -> None:
