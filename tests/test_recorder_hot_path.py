@@ -86,6 +86,31 @@ def test_in_memory_theta_equals_the_parameters_after_every_step(opt_name):
         assert all(torch.equal(got[n], ref[n]) for n in ref), f"theta_{s}"
 
 
+def test_adams_uncopied_P_of_every_step_stays_as_the_optimizer_state_gave_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.8, 0.95), maximize=False)
+    X, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    expected = []
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=False)
+    with rec:
+        for s in range(6):
+            idx = torch.arange(s * 5, s * 5 + 8) % 40
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+            t = s + 1.0  # P from the state torch left, written out here: lr / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps)
+            expected.append({n: 1e-2 / (1 - 0.8**t) / (opt.state[p]["exp_avg_sq"] / (1 - 0.95**t)).sqrt().add(1e-8)
+                             for n, p in model.named_parameters()})
+    for s, ref in enumerate(expected):
+        got = rec.trajectory.updates(s)
+        for n, P in ref.items():
+            torch.testing.assert_close(got[n].P, P, rtol=1e-14, atol=0.0)
+    firsts = [rec.trajectory.updates(s)["0.weight"].P.data_ptr() for s in range(6)]
+    assert len(set(firsts)) == 6  # a tensor per step, none overwritten by a later one
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_adam_preconditioner_has_the_bits_of_one_tensor_per_operation(dtype, amsgrad):

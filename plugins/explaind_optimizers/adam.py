@@ -161,6 +161,8 @@ class AdamAdapter:
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam
     #: Treat every group as decoupled (AdamW semantics, also on torch versions without the group flag).
     always_decoupled: bool = False
+    #: ``after_step``'s ``P`` is a new tensor each step, never touched again: the recorder keeps it without a copy.
+    fresh_tensors: bool = True
     config_model: type[AdamConfig] = AdamConfig
 
     def __init__(self, config: AdamConfig):
