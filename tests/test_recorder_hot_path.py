@@ -147,3 +147,25 @@ def test_a_failed_write_on_the_io_thread_surfaces_and_leaves_no_file(tmp_path, m
     pool = writer._pool
     writer.close()
     assert writer._pool is None and pool is not None and all(not t.is_alive() for t in pool._threads)
+
+
+def test_an_interrupted_wait_for_the_io_thread_returns_only_after_the_write(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait as real_wait
+
+    calls = []
+
+    def interrupted_once(futures):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_wait(futures)
+
+    monkeypatch.setattr(_filewrite, "wait", interrupted_once)
+    gate = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(gate.wait, 10)
+        threading.Timer(0.2, gate.set).start()
+        with pytest.raises(KeyboardInterrupt):
+            _filewrite._finished(future)
+        assert future.done() and len(calls) == 2  # waited again after the interrupt, then re-raised it

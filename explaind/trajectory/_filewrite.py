@@ -34,7 +34,7 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -196,7 +196,7 @@ class TensorFileWriter:
                 try:
                     digest.update(chunk[:n])
                 finally:
-                    written.result()
+                    _finished(written)
             if direct:
                 os.ftruncate(fd, size)
             if fsync:
@@ -204,6 +204,23 @@ class TensorFileWriter:
         finally:
             os.close(fd)
         return digest.hexdigest()
+
+
+def _finished(future: Future) -> None:
+    """Wait for ``future`` (a write into an open file) to finish, also when interrupted, then raise its error.
+
+    The caller closes the file and refills the buffer afterwards, so a ``KeyboardInterrupt`` here
+    must not return before the write is over; it is raised once it is.
+    """
+    interrupted: BaseException | None = None
+    while not future.done():
+        try:
+            wait([future])
+        except BaseException as exc:  # KeyboardInterrupt: finish waiting first
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+    future.result()
 
 
 def _write_all(fd: int, data: memoryview) -> None:
