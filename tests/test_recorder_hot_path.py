@@ -14,7 +14,7 @@ from torch import nn
 
 import explaind
 from explaind.trajectory import _filewrite
-from explaind.trajectory._warm import WarmBuffers
+from explaind.trajectory._background import WarmBuffers
 
 
 def _ready(warm: WarmBuffers, timeout: float = 10.0) -> None:

@@ -19,13 +19,12 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
-from ._background import CopyPool, OrderedWorker, audit_job, audit_value
+from ._background import CopyPool, OrderedWorker, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
 from ._gradients import UpdateAudit, has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
 from ._random import pack_micro_batches
 from ._sparse import SparseLayout, StepReplay, group_snapshot, state_bytes, validate_checkpoint_every
-from ._warm import WarmBuffers
 from .disk import DiskTrajectory, check_model_matches
 from .fingerprint import check_train_data, data_fingerprint
 from .manifest import StepRecord, TrajectoryManifest
@@ -90,7 +89,7 @@ class RecorderStoreMixin:
         """:math:`\theta_{s+1}` of the recorded parameters, copied (in pool buffers for a dense store).
 
         In memory every copy is kept: from the second step on they go into memory made ready by
-        :class:`~explaind.trajectory._warm.WarmBuffers` (page-faulted on its thread).
+        :class:`~explaind.trajectory._background.WarmBuffers` (page-faulted on its thread).
         """
         if self._pooled():
             return self._pool.copies("param.", self._params)
