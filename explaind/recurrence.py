@@ -113,7 +113,9 @@ class OptimizerAdapter(Protocol):
     """What the recorder needs from an optimizer adapter implementation.
 
     ``record.implementation.from_optimizer(optimizer)`` builds one; it raises
-    :class:`explaind.exceptions.ConfigError` for options the maths does not cover.
+    :class:`explaind.exceptions.ConfigError` for options the maths does not cover. An optional class
+    attribute ``fresh_tensors = True`` says that every tensor coefficient ``after_step`` returns is
+    new and never touched by the adapter again, so the recorder keeps it without a copy.
     """
 
     def hyperparameters(self) -> dict[str, Any]:

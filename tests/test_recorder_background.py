@@ -245,12 +245,16 @@ def test_gradients_are_compared_by_value(dtype):
     assert _same(a.neg(), torch._neg_view(a))  # a lazily negated view
     nan = a.clone()
     nan[0, 0] = float("nan")
-    assert not _same(nan, nan.clone())  # NaN: measured (and refused) by the slow path
+    assert _same(nan, nan.clone())  # the same bytes on CPU; refused by the finiteness check (tests below)
+    other = nan.clone()
+    other[0, 1] = float("nan")
+    assert not _same(nan, other)  # a NaN where the snapshot has a number: changed
 
 
-def test_an_infinite_gradient_equal_to_its_snapshot_is_still_refused():
-    model, opt, X, y = _setup("sgd")
-    model[0].weight.register_hook(lambda g: torch.full_like(g, float("inf")))  # the raw gradient is inf
+@pytest.mark.parametrize(("opt_name", "value"), [("sgd", float("inf")), ("adam", float("nan"))])
+def test_a_non_finite_gradient_equal_to_its_snapshot_is_still_refused(opt_name, value):
+    model, opt, X, y = _setup(opt_name)
+    model[0].weight.register_hook(lambda g: torch.full_like(g, value))  # the raw gradient is inf / NaN
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=False)
     with rec:
         opt.zero_grad()

@@ -3,6 +3,9 @@ r"""The recorder's per-step work off the training loop's hot path (docs/recordin
 * :class:`CopyPool` hands out copies of tensors in reused buffers. A fresh ``clone()`` of a large
   tensor pays the page faults of new memory (on CPU about 25x the copy itself); a buffer returned
   by its last user is filled again with ``copy_``.
+* :class:`WarmBuffers` gives an in-memory run, which keeps every copy of :math:`\theta_{s+1}`,
+  new memory that a daemon thread allocated and page-faulted ahead (writing zeros into it), so the
+  loop's thread only copies; when no set is ready the copy is a plain ``clone()`` (same values).
 * :class:`OrderedWorker` runs jobs on one daemon thread, in the order they were submitted, at
   most ``max_queue`` behind; the error of a failed job is raised by the next :meth:`submit`,
   :meth:`check`, :meth:`flush` or :meth:`close`, and later jobs are not run.
@@ -14,18 +17,23 @@ r"""The recorder's per-step work off the training loop's hot path (docs/recordin
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
 from ._gradients import UpdateAudit
 
-__all__ = ["CopyPool", "OrderedWorker", "audit_job"]
+__all__ = ["CopyPool", "OrderedWorker", "WarmBuffers", "audit_job"]
+
+logger = logging.getLogger(__name__)
+
 
 class CopyPool:
     """Copies of tensors in buffers that are reused once released (thread-safe).
@@ -62,6 +70,73 @@ class CopyPool:
         with self._lock:
             for n, t in tensors.items():
                 self._free.setdefault(prefix + n, []).append(t)
+
+
+class WarmBuffers:
+    """Sets of zero-filled tensors shaped like ``like``, made ahead by a daemon thread (CPU tensors only).
+
+    Parameters
+    ----------
+    like : dict of str to Tensor
+        The tensors whose copies are wanted (shapes and dtypes; those on another device are cloned).
+    depth : int
+        Sets kept ready, at most (each holds one copy of every CPU tensor of ``like``).
+    """
+
+    def __init__(self, like: dict[str, Tensor], depth: int = 2):
+        self._specs = {n: (tuple(t.shape), t.stride(), t.dtype) for n, t in like.items() if t.device.type == "cpu"}
+        self._ready: queue.Queue[dict[str, Tensor]] = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.misses = 0  # copies made with clone() because no set was ready
+        if self._specs:
+            self._thread = threading.Thread(target=self._fill, name="explaind-warm-buffers", daemon=True)
+            self._thread.start()
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                # zero_() touches every page here, not on the training loop's thread
+                bufs = {n: torch.empty_strided(shape, stride, dtype=dtype).zero_()
+                        for n, (shape, stride, dtype) in self._specs.items()}
+                while not self._stop.is_set():
+                    try:
+                        self._ready.put(bufs, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except Exception:  # out of memory here: the loop's thread clones instead
+            logger.debug("Allocating warm buffers failed; theta is cloned on the loop's thread.", exc_info=True)
+
+    def copies(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Detached copies of ``tensors`` (same keys as ``like``): into a ready set where there is one, else clones."""
+        try:
+            bufs = self._ready.get_nowait()
+        except queue.Empty:
+            bufs = {}
+            if self._specs:
+                self.misses += 1
+        out = {}
+        for name, t in tensors.items():
+            buf = bufs.get(name)
+            if (buf is None or buf.shape != t.shape or buf.stride() != t.stride() or buf.dtype != t.dtype
+                    or t.device.type != "cpu"):
+                out[name] = t.detach().clone()
+            else:
+                out[name] = buf.copy_(t.detach())
+        return out
+
+    def close(self) -> None:
+        """Stop the thread and drop the sets not handed out."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        while True:
+            try:
+                self._ready.get_nowait()
+            except queue.Empty:
+                return
 
 
 class OrderedWorker:

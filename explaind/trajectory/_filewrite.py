@@ -15,7 +15,8 @@ serialising to a fresh ``bytes`` object and writing it through the page cache, i
   ``benchmarks/bench_store_writer.py``, this is what a durable write of the store costs the
   CPU. Where the file system refuses ``O_DIRECT`` (``EINVAL``, e.g. some network or in-memory
   file systems) or the platform lacks it, the buffer is written through the page cache instead,
-  and the writer stays with that for the directories that refused.
+  and the writer stays with that for the directories that refused;
+* the wait for the device: each chunk is written by a second thread while the caller hashes it.
 
 The bytes are those of a safetensors file that ``safetensors.torch.load`` reads: tensors ordered
 as the safetensors library orders them (by its dtype enum, last first, then by name), contiguous,
@@ -33,6 +34,7 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -95,7 +97,7 @@ class TensorFileWriter:
     """Writes checksummed safetensors files atomically through one reused, page-aligned buffer (thread-safe).
 
     A file is laid out ``CHUNK`` bytes at a time (the buffer never grows past that), each chunk
-    hashed and written before the next is filled.
+    hashed and, at the same time on a second thread, written, before the next is filled.
 
     Parameters
     ----------
@@ -108,6 +110,20 @@ class TensorFileWriter:
         self._refused: set[str] = set()  # directories whose file system refused O_DIRECT
         self._buffer: mmap.mmap | None = None
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _io(self) -> ThreadPoolExecutor:
+        """The thread that writes a chunk while the caller hashes it (started at the first file)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explaind-file-io")
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the I/O thread (a later :meth:`write` starts a new one)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def write(self, root: Path, relpath: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
               *, fsync: bool = True, fsync_dir: bool | None = None) -> FileRecord:
@@ -174,8 +190,13 @@ class TensorFileWriter:
         fd = os.open(path, flags, 0o644)
         try:
             for chunk, n in self._chunks(head, pieces, size):
-                digest.update(chunk[:n])
-                _write_all(fd, chunk if direct else chunk[:n])  # O_DIRECT: whole blocks, cut below
+                # the write (with O_DIRECT it waits for the device) runs on the I/O thread while this one
+                # hashes the same bytes; both are done before the buffer is refilled or the file closed
+                written = self._io().submit(_write_all, fd, chunk if direct else chunk[:n])  # O_DIRECT: whole blocks
+                try:
+                    digest.update(chunk[:n])
+                finally:
+                    _finished(written)
             if direct:
                 os.ftruncate(fd, size)
             if fsync:
@@ -183,6 +204,23 @@ class TensorFileWriter:
         finally:
             os.close(fd)
         return digest.hexdigest()
+
+
+def _finished(future: Future) -> None:
+    """Wait for ``future`` (a write into an open file) to finish, also when interrupted, then raise its error.
+
+    The caller closes the file and refills the buffer afterwards, so a ``KeyboardInterrupt`` here
+    must not return before the write is over; it is raised once it is.
+    """
+    interrupted: BaseException | None = None
+    while not future.done():
+        try:
+            wait([future])
+        except BaseException as exc:  # KeyboardInterrupt: finish waiting first
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+    future.result()
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -16,7 +16,10 @@ r"""Gradient bookkeeping of the recorder: raw-gradient snapshots, the scale ``c_
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -51,15 +54,40 @@ def has_stochastic_layers(model: nn.Module) -> list[str]:
 _NUMPY_EQUAL = frozenset({torch.float16, torch.float32, torch.float64})
 
 
+@functools.cache
+def _memcmp() -> Any:
+    """The C library's ``memcmp`` through ctypes, loaded at first use (``None`` where it cannot be)."""
+    try:
+        fn = (ctypes.CDLL("msvcrt") if sys.platform == "win32" else ctypes.CDLL(None)).memcmp
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+def _same_bytes(a: Tensor, b: Tensor) -> bool:
+    """Whether two contiguous CPU tensors of one dtype and shape hold the same bytes (``memcmp``, no temporaries)."""
+    memcmp = _memcmp()
+    if memcmp is None or not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    return memcmp(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
+
+
 def _same(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` hold the same values (one pass, no copies).
 
-    Compared by value: ``-0.0 == 0.0``, and NaN differs from everything (the caller then measures
-    the change with dot products and reports non-finite gradients).
+    Compared by value (``-0.0 == 0.0``). On CPU the bytes are compared first (``memcmp``, without
+    numpy's temporary array of ``a.numel()`` booleans), so there a NaN with the same bits in both
+    counts as the same; on other devices NaN differs from everything. Either way the caller reports a non-finite
+    gradient (:meth:`GradientTap.measure` checks the finiteness of every gradient not known finite).
     """
     if a.dtype != b.dtype or a.device != b.device or a.shape != b.shape:
         return False
-    if a.device.type == "cpu" and a.dtype in _NUMPY_EQUAL and not (a.is_neg() or b.is_neg()):
+    cpu = a.device.type == "cpu" and not (a.is_neg() or b.is_neg())
+    if cpu and _same_bytes(a, b):
+        return True
+    if cpu and a.dtype in _NUMPY_EQUAL:
         return bool(np.array_equal(a.detach().numpy(), b.detach().numpy()))
     return bool(torch.equal(a, b))
 

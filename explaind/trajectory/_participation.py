@@ -173,21 +173,21 @@ UNCHANGED = LinearUpdate(a=1.0, b=0.0, P=0.0)
 
 
 def collect_updates(params: dict[str, Tensor], by_id: dict[int, LinearUpdate], no_input: Any,
-                    step: int) -> dict[str, LinearUpdate]:
+                    step: int, fresh: bool = False) -> dict[str, LinearUpdate]:
     """One update per recorded parameter from the adapter's ``after_step`` (keyed by ``id(param)``).
 
     A parameter the adapter did not report gets :data:`UNCHANGED`; one stepped without gradient
-    input (in ``no_input``) gets :func:`without_gradient_input`; tensor coefficients are copied.
+    input (in ``no_input``) gets :func:`without_gradient_input`; tensor coefficients are copied,
+    unless ``fresh`` (the adapter's ``fresh_tensors``: they are new and the adapter never touches them again).
     """
     out = {}
     for n, p in params.items():
         u = by_id.get(id(p))
         if u is None:
             out[n] = UNCHANGED
-        elif n in no_input:
-            out[n] = without_gradient_input(n, own_update(u), step)
-        else:
-            out[n] = own_update(u)
+            continue
+        u = u if fresh else own_update(u)
+        out[n] = without_gradient_input(n, u, step) if n in no_input else u
     return out
 
 

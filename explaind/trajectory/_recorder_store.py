@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ..recurrence import LinearUpdate
-from ._background import CopyPool, OrderedWorker, audit_job, audit_value
+from ._background import CopyPool, OrderedWorker, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
 from ._gradients import UpdateAudit, has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
@@ -109,6 +109,7 @@ class RecorderStoreMixin:
         self._deferred: tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], StepReplay, Any] | None = None
         self._pool = CopyPool()
         self._worker = None
+        self._warm: WarmBuffers | None = None
 
     # ----------------------------------------------------------------- off the hot path
     def _pooled(self) -> bool:
@@ -116,9 +117,18 @@ class RecorderStoreMixin:
         return self._store is not None and self._every == 1
 
     def _copy_params(self) -> dict[str, Tensor]:
-        """:math:`\theta_{s+1}` of the recorded parameters, copied (in pool buffers for a dense store)."""
+        """:math:`\theta_{s+1}` of the recorded parameters, copied (in pool buffers for a dense store).
+
+        In memory every copy is kept: from the second step on they go into memory made ready by
+        :class:`~explaind.trajectory._background.WarmBuffers` (page-faulted on its thread).
+        """
         if self._pooled():
             return self._pool.copies("param.", self._params)
+        if self._store is None:
+            if self._warm is None:
+                self._warm = WarmBuffers({n: p.detach() for n, p in self._params.items()})
+                return {n: p.detach().clone() for n, p in self._params.items()}
+            return self._warm.copies(self._params)
         return {n: p.detach().clone() for n, p in self._params.items()}
 
     def _audit_job(self, s: int, theta_next: dict[str, Tensor], seen: Any, updates: dict[str, LinearUpdate]) -> Any:
@@ -155,6 +165,9 @@ class RecorderStoreMixin:
                 raise
 
     def _close_worker(self, failing: bool) -> None:
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.close()
         worker, self._worker = self._worker, None
         if worker is None:
             return

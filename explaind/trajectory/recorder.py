@@ -462,7 +462,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         assert st is not None and self._theta is not None
         try:
             updates = collect_updates(self._params, self._adapter.after_step(optimizer, st["before"]),
-                                      st["no_input"], s)
+                                      st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
             theta_next = self._copy_params()
             audit = self._audit_job(s, theta_next, st["seen"], updates)  # run later, in step order
             check = st["check"]

@@ -418,6 +418,7 @@ class StoreWriter:
             self._thread.join()
             self._queue = None
         self._journal.close()
+        self._files.close()
         self.manifest.complete = complete
         try:
             self.write_manifest()

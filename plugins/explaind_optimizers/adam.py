@@ -130,8 +130,10 @@ def preconditioner(
     step_size = lr / bias_correction1
     bias_correction2_sqrt = bias_correction2**0.5
     second = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
-    denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
-    return torch.full_like(denom, as_used(step_size, dtype)).div_(denom)
+    # torch's (second.sqrt() / bias_correction2_sqrt).add_(eps) and step_size / denom, elementwise in the
+    # same order and dtype, in one buffer (the same bits as with a new tensor for every operation)
+    out = torch.sqrt(second).div_(bias_correction2_sqrt).add_(eps)
+    return torch.div(torch.tensor(as_used(step_size, dtype), dtype=out.dtype, device=out.device), out, out=out)
 
 
 def _warn_fused_cuda_low_precision(name: str, optimizer: torch.optim.Optimizer) -> None:
@@ -160,6 +162,8 @@ class AdamAdapter:
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam
     #: Treat every group as decoupled (AdamW semantics, also on torch versions without the group flag).
     always_decoupled: bool = False
+    #: ``after_step``'s ``P`` is a new tensor each step, never touched again: the recorder keeps it without a copy.
+    fresh_tensors: bool = True
     config_model: type[AdamConfig] = AdamConfig
 
     def __init__(self, config: AdamConfig):

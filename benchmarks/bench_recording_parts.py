@@ -1,0 +1,172 @@
+"""Where the recorder's time goes: per step, by component, on the training loop's thread and the writer's.
+
+Runs the loops of ``bench_recording.py`` (same models, batches and optimizers) with the recorder's
+parts wrapped in timers and prints, per recorded mode, the CPU time of the loop's own thread
+(``time.thread_time``) per step spent in each part, the wall time spent waiting to hand a step to
+the store's writer, and the CPU time of the writer's thread per step (laying out, SHA-256 and
+writing the files; the overlapped device writes run on its I/O thread and are not in it):
+
+* ``grad snapshot``: the copies of the raw gradients after ``backward()`` (the tap's hooks);
+* ``finite``: their finiteness check at ``log_batch``; ``log_batch`` is the rest of that call;
+* ``compare``: the comparison of the gradient the optimizer sees with the snapshot (``c_s``);
+* ``adapter``: the optimizer adapter's coefficients (e.g. Adam's ``P``);
+* ``theta copy`` / ``state copy``: the copies of ``theta_{s+1}`` and of the optimizer state;
+* ``append``: adding the step to the in-memory trajectory; ``hand-over``: queueing it for the writer;
+* ``other``: the rest of the recorder's hooks (Python bookkeeping: records, participation, the audit's job).
+
+The sum of the parts is the recorder's share of the loop's thread; the plain loop's thread time per
+step is printed next to it. Timers add about 1 us per wrapped call.
+
+Run: ``python benchmarks/bench_recording_parts.py [--steps N] [--repeats R] [--threads T] [--cases mlp-1m ...]
+[--modes memory disk ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import torch
+from bench_recording import CASES, _run
+from explaind_optimizers.adam import AdamAdapter
+from explaind_optimizers.sgd import SGDAdapter
+
+from explaind.trajectory import _recorder_store, memory, recorder, store
+from explaind.trajectory._gradients import GradientTap
+
+PARTS = ("grad snapshot", "finite", "log_batch", "compare", "adapter", "theta copy", "state copy", "append",
+         "hand-over", "other")
+_cpu: dict[str, float] = defaultdict(float)  # thread CPU seconds of the loop's thread per part
+_wall: dict[str, float] = defaultdict(float)
+_main = threading.main_thread()
+
+
+def _wrap(owner: type, name: str, key: str, *, top: bool = False, wall: bool = False) -> None:
+    """Time ``owner.name`` on the loop's thread under ``key`` (``top``: also under ``"total"``; ``wall``: wall time)."""
+    inner: Callable = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        if threading.current_thread() is not _main:
+            return inner(*args, **kwargs)
+        c0, w0 = time.thread_time(), time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            dc, dw = time.thread_time() - c0, time.perf_counter() - w0
+            _cpu[key] += dc
+            _wall[key] += dw
+            if top:
+                _cpu["total"] += dc
+
+    setattr(owner, name, timed)
+
+
+def _wrap_hooks() -> None:
+    make = GradientTap._make_hook
+
+    def timed_make(self, name):
+        hook = make(self, name)
+
+        def timed(p):
+            c0 = time.thread_time()
+            try:
+                return hook(p)
+            finally:
+                dc = time.thread_time() - c0
+                _cpu["grad snapshot"] += dc
+                _cpu["total"] += dc
+
+        return timed
+
+    GradientTap._make_hook = timed_make
+
+
+def _wrap_writer() -> None:
+    commit = store.StoreWriter._commit
+
+    def timed(self, items):
+        c0 = time.thread_time()
+        try:
+            return commit(self, items)
+        finally:
+            _cpu["writer"] += time.thread_time() - c0
+
+    store.StoreWriter._commit = timed
+
+
+def install() -> None:
+    """Wrap the recorder's parts in timers (once per process)."""
+    T = recorder.TrajectoryRecorder
+    _wrap(T, "log_batch", "log_batch", top=True)
+    _wrap(T, "_pre_step", "pre", top=True)
+    _wrap(T, "_post_step", "post", top=True)
+    _wrap(GradientTap, "finite_since", "finite")
+    _wrap(GradientTap, "measure", "compare")
+    for cls in (SGDAdapter, AdamAdapter):
+        _wrap(cls, "before_step", "adapter")
+        _wrap(cls, "after_step", "adapter")
+    _wrap(_recorder_store.RecorderStoreMixin, "_copy_params", "theta copy")
+    _wrap(_recorder_store.RecorderStoreMixin, "_optimizer_state", "state copy")
+    _wrap(memory.InMemoryTrajectory, "_append", "append")
+    _wrap(store.StoreWriter, "write_step", "hand-over", wall=True)
+    _wrap_hooks()
+    _wrap_writer()
+
+
+def measure(label: str, opt_name: str, mode: str, steps: int, root: str) -> dict[str, float]:
+    """ms per step of each part (timed from step 0; the first two steps' allocations included)."""
+    name, config, batch = CASES[label]
+    _cpu.clear()
+    _wall.clear()
+    _run(name, config, batch, opt_name, steps, mode, torch.device("cpu"), root)
+    out = {k: v * 1e3 / steps for k, v in _cpu.items()}
+    out["hand-over wall"] = _wall.get("hand-over", 0.0) * 1e3 / steps
+    out["log_batch"] = out.get("log_batch", 0.0) - out.get("finite", 0.0)
+    inner = ("finite", "log_batch", "compare", "adapter", "theta copy", "state copy", "append", "hand-over",
+             "grad snapshot")
+    out["other"] = out.get("total", 0.0) - sum(out.get(k, 0.0) for k in inner)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=["mlp-1m"])
+    parser.add_argument("--modes", nargs="+", default=["memory", "disk", "disk+audit"])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    install()
+    root = tempfile.mkdtemp(prefix="explaind-bench-")
+    print(f"steps={args.steps}  repeats={args.repeats} (median)  torch threads={torch.get_num_threads()}  "
+          f"load average={os.getloadavg()[0]:.1f}")
+    print("ms per step: CPU time of the loop's thread in each part; 'wait' the wall time of the hand-over; "
+          "'writer' the writer thread's CPU time")
+    cols = (*PARTS, "sum", "plain", "wait", "writer")
+    header = f"{'model':<10}{'optim':>6}{'mode':>12}" + "".join(f"{c[:10]:>11}" for c in cols)
+    print(header)
+    print("-" * len(header))
+    for label in args.cases:
+        for opt_name in ("sgd", "adam"):
+            for mode in args.modes:
+                runs = []
+                for _ in range(args.repeats):
+                    parts = measure(label, opt_name, mode, args.steps, root)
+                    _, _, plain = _run(*CASES[label][:3], opt_name, args.steps, "plain", torch.device("cpu"), root)
+                    parts["plain"] = plain * 1e3
+                    runs.append(parts)
+                med = {k: sorted(r.get(k, 0.0) for r in runs)[len(runs) // 2] for k in (*PARTS, "total", "plain",
+                                                                                         "hand-over wall", "writer")}
+                cells = [med[p] for p in PARTS] + [med["total"], med["plain"], med["hand-over wall"], med["writer"]]
+                print(f"{label:<10}{opt_name:>6}{mode:>12}" + "".join(f"{c:>11.2f}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
