@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ExplaindWarning, TrajectoryError
+from ._buffers import BufferTracker
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient, check_loss_decomposes
 from ._gradients import AutocastProbe, GradientTap
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
@@ -41,6 +42,7 @@ class RecorderChecksMixin:
     _tap: GradientTap
     _probe: AutocastProbe
     _random: RandomCapture
+    _buffers: BufferTracker
     _loss: Any
     _data: Any
     _n: int
@@ -87,7 +89,7 @@ class RecorderChecksMixin:
         with self._quiet():
             return check_batch_gradient(self.model, self._params, raw, self._loss,
                                         (x.to(device), y.to(device), weights.to(device)), s, tol, autocast, replay,
-                                        self._random.generators)
+                                        self._random.generators, self._buffers.recorded())
 
     def _check_loss_callable(self, device: torch.device) -> None:
         """Once, on the first logged micro-batch: a user loss callable must equal sum_k w_k * per-sample loss."""
