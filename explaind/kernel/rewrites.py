@@ -93,7 +93,7 @@ _CELLS: dict[str, Callable[..., Any]] = {"lstm": _lstm_cell, "gru": _gru_cell,
 
 def _unrolled(kind: str, args: Sequence[Any]) -> tuple[Tensor, ...]:
     """``torch.<kind>(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)``."""
-    if len(args) != 9 or not isinstance(args[2], list | tuple):
+    if len(args) != 9 or not isinstance(args[3], bool):  # the packed overload: (data, batch_sizes, hx, params, ...)
         raise UnsupportedModelError(
             f"a packed sequence reached torch.{kind}: explaind evaluates recurrent layers unrolled over time and "
             f"does not unroll packed sequences. Fix: pad the sequences to one length (and mask the padded "

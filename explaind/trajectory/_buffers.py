@@ -48,7 +48,7 @@ class BufferTracker:
         self._last = {n: buffers[n].detach().clone() for n in self.names}
 
     def recorded(self) -> dict[str, Tensor]:
-        r""":math:`\beta_s`: the tracked buffers as last recorded, the values the step's training forward started from."""
+        r""":math:`\beta_s`: the tracked buffers as last recorded (what the step's training forward started from)."""
         return dict(self._last)
 
     def changed(self) -> dict[str, Tensor] | None:

@@ -220,6 +220,7 @@ def check_batch_gradient(
     replay: list[tuple[slice, RandomState]] | None = None,
     generators: Sequence[torch.Generator] = (),
     start_buffers: dict[str, Tensor] | None = None,
+    hint: str = "",
 ) -> GradientCheck:
     r"""Compare the raw gradient with :math:`\sum_k w_k \nabla\ell_k(\theta_s)`; measure :math:`\sigma`.
 
@@ -253,6 +254,8 @@ def check_batch_gradient(
         them replace the model's current values, so a forward that reads buffers it changes (spectral
         norm's power iteration) is recomputed from where the loop's started, micro-batch after
         micro-batch.
+    hint : str
+        A sentence on the likeliest cause, placed first in the message.
 
     Returns
     -------
@@ -273,7 +276,8 @@ def check_batch_gradient(
     if sq_ref == 0.0 and sq_raw == 0.0:
         return GradientCheck(sigma=1.0, mismatch=0.0)
     sigma = dot / sq_ref if sq_ref > 0 else 0.0
-    resid = math.sqrt(max(sq_raw - 2 * sigma * dot + sigma * sigma * sq_ref, 0.0))
+    # the difference itself, not sq_raw - 2 sigma dot + sigma^2 sq_ref: that cancels to a floor of sqrt(eps) ~ 1e-8
+    resid = math.sqrt(sum(float((raw[n].double() - sigma * refs[n].double()).square().sum()) for n in names))
     rel = resid / math.sqrt(max(sq_raw, sq_ref * sigma * sigma, 1e-300))
     if rel > tol or sigma <= 0:
         per = []
@@ -284,7 +288,7 @@ def check_batch_gradient(
         raise TrajectoryError(
             f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under "
             f"loss {loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}; "
-            f"largest differences: {worst}). Check that loss= is the loss the loop trains with (a class-weighted "
+            f"largest differences: {worst}).{hint} Check that loss= is the loss the loop trains with (a class-weighted "
             f"or label-smoothed loss must be given as that same callable), that rec.log_batch() received the "
             f"indices of every sample (and micro-batch) used in this step, that no gradient carries over from "
             f"an earlier backward (optimizer.zero_grad() clears only the optimizer's parameters: use "

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
 
-__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "is_spectral_norm", "find_generators", "resolve_generators",
-           "replayed", "replay_parts", "pack_micro_batches", "unpack_micro_batches"]
+__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "is_spectral_norm", "find_generators",
+           "resolve_generators", "replayed", "replay_parts", "pack_micro_batches", "unpack_micro_batches"]
 
 
 def coupled_modules(model: nn.Module) -> list[str]:
