@@ -37,14 +37,14 @@ def run_exact(build, opt="sgd", *, X=X, Y=Y, buffers=False, **kw) -> None:
     assert_exact(measure(model, traj, copies, X[12:], buffers=buffers, logits=kw.get("logits", lambda o: o)))
 
 
-def _weight_norms() -> nn.Module:
+def weight_norms() -> nn.Module:
     model = mlp()
     weight_norm(model[0])  # norm per output row (dim=0)
     weight_norm(model[2], dim=None)  # one norm over the whole matrix
     return model
 
 
-def _old_weight_norm() -> nn.Module:
+def old_weight_norm() -> nn.Module:
     model = mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the hook-based API is deprecated, still in use
@@ -52,13 +52,13 @@ def _old_weight_norm() -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize(("build", "opt"), [(_weight_norms, "sgd"), (_weight_norms, "adam"), (_old_weight_norm, "sgd")],
+@pytest.mark.parametrize(("build", "opt"), [(weight_norms, "sgd"), (weight_norms, "adam"), (old_weight_norm, "sgd")],
                          ids=["parametrizations-sgd", "parametrizations-adam", "hook-sgd"])
 def test_weight_norm_is_exact(build, opt):
     run_exact(build, opt)
 
 
-def _spectral() -> nn.Module:
+def spectral() -> nn.Module:
     model = mlp()
     spectral_norm(model[0])
     spectral_norm(model[2])
@@ -66,7 +66,7 @@ def _spectral() -> nn.Module:
 
 
 def test_spectral_norm_power_iteration_is_replayed_exactly():
-    model = seeded(_spectral)
+    model = seeded(spectral)
     traj, copies = train(model, "sgd", X[:12], Y[:12])
     assert traj.manifest.coupled == ["0.parametrizations.weight.0", "2.parametrizations.weight.0"]
     assert float(np.nanmax(traj.gradient_check())) <= 1e-12  # recomputed from the buffers the step started from
@@ -76,7 +76,7 @@ def test_spectral_norm_power_iteration_is_replayed_exactly():
 
 def test_spectral_norm_with_accumulation_carries_the_buffers_through_micro_batches():
     """Two micro-batches per step: the second forward starts from the first one's power iteration."""
-    model = seeded(_spectral)
+    model = seeded(spectral)
     traj, _ = train(model, "adam", X[:12], Y[:12], micro=2)
     assert np.isfinite(traj.gradient_check()).all() and float(np.nanmax(traj.gradient_check())) <= 1e-12
     X_test = X[12:]
@@ -102,7 +102,7 @@ class Positive(nn.Module):
         return torch.exp(b)
 
 
-def _custom_parametrizations() -> nn.Module:
+def custom_parametrizations() -> nn.Module:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
     parametrize.register_parametrization(model[0], "weight", Symmetric())
     parametrize.register_parametrization(model[2], "bias", Positive())
@@ -110,7 +110,7 @@ def _custom_parametrizations() -> nn.Module:
 
 
 def test_custom_parametrization_is_exact():
-    run_exact(_custom_parametrizations)
+    run_exact(custom_parametrizations)
 
 
 class Tied(nn.Module):
