@@ -81,13 +81,6 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       f"{worst}, traj.gradient_check()) between the loop's gradient and the one recomputed from the "
                       f"data: the loss, the data or the forward pass differ from the loop's (autocast rounding "
                       f"shows up here too)")
-    elif measured.size and not (replayed and getattr(traj.manifest, "coupled", None)):
-        causes.append("the gradient check passed at the checked steps, and it recomputes the training forward "
-                      "while the engine, with no forward to replay, recomputes in evaluation mode: a forward that "
-                      "differs between the two in a way no module shows (F.dropout or torch.rand in forward, a "
-                      "buffer it updates, a branch on self.training) — record with "
-                      "TrajectoryRecorder(..., capture_random=True) so every training forward is replayed; else look "
-                      "at the steps the check did not cover")
     elif measured.size:
         causes.append("the gradient check passed at the checked steps, so look at the steps it did not check")
     else:

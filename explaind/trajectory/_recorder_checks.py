@@ -102,9 +102,9 @@ class RecorderChecksMixin:
         # a training forward that differs from it in a way no module shows (F.dropout, torch.rand) fails here
         hint = ""
         if replay is None and self.model.training:
-            hint = (" The loop's forward ran in training mode, and with no dropout, batch norm or spectral norm "
-                    "module to replay, explaind recomputes gradients in evaluation mode: if the forward draws random "
-                    "numbers (F.dropout, torch.rand) or reads a buffer it updates, record with "
+            hint = (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
+                    "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
+                    "(F.dropout, torch.rand) or reads a buffer it updates, record with "
                     "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
             return check_batch_gradient(self.model, self._params, raw, self._loss,
