@@ -18,7 +18,7 @@ and the trajectory is read only through the abstract :class:`explaind.Trajectory
 * ``phi_s(x) = int_0^1 grad_theta f(x; theta_s + t Delta theta_s) dt`` by a Gauss–Legendre rule
   (``numpy.polynomial.legendre.leggauss``) on composite panels, with full Jacobians taken one
   output at a time. For piecewise-smooth networks the segment is first split at every kink: the
-  inputs of each ``nn.ReLU``/``nn.LeakyReLU`` module are watched along the segment and every sign
+  inputs of each ``nn.ReLU``/``nn.LeakyReLU``/``nn.SELU``-like module are watched along the segment and every sign
   change is located by bisection to machine precision, so each piece is smooth (polynomial for a
   one-hidden-layer ReLU MLP) and the rule is exact on it. The reference measures its own error
   exactly, ``[f(theta_{s+1}) - f(theta_s)] - phi_s Delta theta_s``, in :attr:`Reference.quad_error`;
@@ -41,7 +41,7 @@ from torch.func import functional_call
 __all__ = ["Reference", "rel_err"]
 
 AXES = ("step", "param", "train")
-_KINK_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
+_KINK_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU)  # ELUs: kink at 0 (alpha != 1)
 
 
 def rel_err(a, b) -> float:

@@ -81,15 +81,15 @@ class PathEstimator(ExplaindEstimator):
     def _inputs(self, X: Any) -> torch.Tensor:
         if X is None:
             raise ConfigError(f"{type(self).__name__}: X is None; pass test inputs of shape (n, ...).")
+        engine = self.engine_  # a model explaind cannot evaluate is refused here, not blamed on X
         try:
-            Xt = self.engine_.inputs(X)
+            Xt = engine.inputs(X)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"{type(self).__name__}: X of type {type(X).__name__} cannot be turned into a tensor "
                               f"({exc}); pass a tensor or array of test inputs of shape (n, ...).") from None
         if Xt.dim() == 0 or Xt.shape[0] == 0:
             raise ConfigError(f"{type(self).__name__}: X must hold at least one input along its first axis; got "
                               f"shape {tuple(Xt.shape)}.")
-        engine = self.engine_
         probe_inputs(type(self).__name__, engine.fm, engine.params(0), Xt)
         return Xt
 

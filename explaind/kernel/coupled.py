@@ -12,8 +12,10 @@ forward,
     \qquad \sum_k G_k = \nabla_\theta L_s(\theta_s),
 
 so the atoms add up to the batch gradient exactly. :func:`coupled_sample_grads` runs one batched
-forward per micro-batch, on a training-mode copy of the model with cloned buffers (nothing is
-mutated), under the recorded state (:func:`~explaind.trajectory._random.replayed`), and takes the
+forward per micro-batch, on a training-mode copy of the model with copies of the recorded buffers
+:math:`\beta_s` the step started from, carried from micro-batch to micro-batch (a forward that reads
+buffers it updates, like spectral norm's power iteration, sees what the loop's saw; nothing of the
+recorded model is mutated), under the recorded state (:func:`~explaind.trajectory._random.replayed`), and takes the
 ``B`` gradients as one batched backward with cotangents :math:`w_k e_k` (``is_grads_batched``,
 chunked by ``chunk_size``). :func:`step_replay` says which steps need it and refuses steps that
 cannot be replayed.
@@ -33,7 +35,7 @@ from ..trajectory._random import RandomState, replay_parts, replayed, resolve_ge
 from .explained import FunctionalModel, Params
 from .layout import ParamLayout
 
-__all__ = ["Replay", "step_replay", "coupled_sample_grads", "replayed_losses", "training_module"]
+__all__ = ["Replay", "step_replay", "coupled_sample_grads", "replayed_losses", "start_buffers", "training_module"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,14 @@ class Replay:
 
     ``generators`` names the run's private generators (``manifest.generators``) and ``extra`` holds
     those passed to the recorder (``traj.generators``); both are resolved on the replayed module.
+    ``buffers`` holds the recorded buffers :math:`\beta_s` the step's first forward started from.
     """
 
     step: int
     parts: tuple[tuple[int, int, RandomState], ...]
     generators: tuple[str, ...] = ()
     extra: tuple[torch.Generator, ...] = ()
+    buffers: tuple[tuple[str, Tensor], ...] = ()
 
 
 def step_replay(traj: Any, s: int) -> Replay | None:
@@ -68,7 +72,8 @@ def step_replay(traj: Any, s: int) -> Replay | None:
     parts = replay_parts(traj.micro_batches(s), manifest.coupled, f"Step {s}")
     if parts is None:
         return None
-    return Replay(s, parts, tuple(getattr(manifest, "generators", ())), tuple(traj.generators))
+    return Replay(s, parts, tuple(getattr(manifest, "generators", ())), tuple(traj.generators),
+                  tuple(traj.buffers(s).items()))
 
 
 def training_module(fm: FunctionalModel) -> nn.Module:
@@ -80,21 +85,32 @@ def training_module(fm: FunctionalModel) -> nn.Module:
     return cached
 
 
+def start_buffers(fm: FunctionalModel, replay: Replay) -> Params:
+    r"""Copies of every buffer of ``fm``'s module as the step's first training forward found them (:math:`\beta_s`)."""
+    names = {n for n, _ in training_module(fm).named_buffers()}
+    values = {**fm.constants, **{n: fm.cast(t) for n, t in replay.buffers}}
+    return {n: t.clone() for n, t in values.items() if n in names}
+
+
 def replayed_losses(fm: FunctionalModel, point: Params, X: Any, Y: Tensor, state: RandomState,
-                    replay: Replay) -> Tensor:
+                    replay: Replay, buffers: Params | None = None) -> Tensor:
     r"""Per-sample losses :math:`\ell_k(F(X; \theta, \xi))` of one micro-batch, ``(n,)``, differentiable in ``point``.
 
     One batched forward of the training-mode copy (:func:`training_module`) at the parameters
-    ``point`` under the recorded state ``state`` (the private generators of ``replay`` included);
-    the buffers are cloned first (batch norm updates them in place), so nothing of ``fm`` changes.
+    ``point`` under the recorded state ``state`` (the private generators of ``replay`` included).
+    The forward reads and updates ``buffers`` in place (batch norm's running statistics, spectral
+    norm's power iteration), so passing the same dict to the micro-batches of a step in order carries
+    the buffers from one to the next as in the loop (they replace buffer entries of ``point``);
+    default: copies of the buffers in ``point`` or the constants. Nothing of ``fm`` or ``point`` changes.
     """
     module = training_module(fm)
     where = f"Step {replay.step}"
     generators = resolve_generators(replay.generators, module, replay.extra, where)
-    buffer_names = {n for n, _ in module.named_buffers()}
-    state_dict = {**fm.constants, **point}
-    state_dict = {n: (t.clone() if n in buffer_names else t) for n, t in state_dict.items()}
-    with torch.enable_grad(), replayed(state, fm.device, where, generators):
+    if buffers is None:
+        names = {n for n, _ in module.named_buffers()}
+        buffers = {n: t.clone() for n, t in {**fm.constants, **point}.items() if n in names}
+    state_dict = {**fm.constants, **point, **buffers}
+    with torch.enable_grad(), replayed(state, fm.device, where, generators), fm.rewritten():
         losses = fm.loss_fn(model_output(call_model(module, state_dict, X)), Y)
     return losses.reshape(-1)
 
@@ -108,9 +124,10 @@ def coupled_sample_grads(fm: FunctionalModel, theta: Params, block: ParamLayout,
     names = block.names
     B = batch.weights.shape[0]
     out = torch.zeros((block.size,) if summed else (B, block.size), dtype=fm.dtype, device=fm.device)
+    buffers = start_buffers(fm, batch.replay)  # carried through the micro-batches in order
     for lo, hi, state in batch.replay.parts:
         point = {n: (t.detach().requires_grad_(True) if n in names else t.detach()) for n, t in theta.items()}
-        losses = replayed_losses(fm, point, batch.X[lo:hi], batch.Y[lo:hi], state, batch.replay)
+        losses = replayed_losses(fm, point, batch.X[lo:hi], batch.Y[lo:hi], state, batch.replay, buffers)
         w = batch.weights[lo:hi].to(losses.dtype)
         inputs = [point[n] for n in names]
         if summed:

@@ -30,6 +30,7 @@ from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
 from ..models import refuse_renormalising_embeddings
 from ..outputs import model_output
+from .rewrites import FusedKernelRewrite, needs_rewrite
 
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
 
@@ -59,6 +60,7 @@ class FunctionalModel:
     def __init__(self, module: nn.Module, constants: Mapping[str, Tensor], loss_fn: Any, device: torch.device,
                  dtype: torch.dtype, shared: Sequence[Any] = ()):
         refuse_renormalising_embeddings(module, "explaind cannot evaluate this model")
+        _refuse_batch_statistics(module)
         self.shared = tuple(shared)
         self.module = self.copy(module).to(device=device, dtype=dtype).eval()
         self.device = device
@@ -67,6 +69,12 @@ class FunctionalModel:
         self.loss_fn = loss_fn
         #: embeddings whose padding row torch's backward leaves out (see :meth:`outputs`)
         self._padded = [m for m in self.module.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
+        #: recurrent layers and weight norms run as plain operations (:mod:`~explaind.kernel.rewrites`)
+        self._rewrite = needs_rewrite(self.module)
+
+    def rewritten(self) -> contextlib.AbstractContextManager[Any]:
+        """The block in which the fused kernels ``torch.func`` cannot transform run as plain operations."""
+        return FusedKernelRewrite() if self._rewrite else contextlib.nullcontext()
 
     def copy(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` that holds the objects of :attr:`shared` themselves."""
@@ -91,8 +99,9 @@ class FunctionalModel:
         ``scaled_dot_product_attention`` runs its math backend, the one with forward-mode derivatives,
         and ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` their standard forward (their
         evaluation-mode fast path has no forward-mode derivatives and bypasses the layers' hooks).
+        Recurrent layers and weight norms run as plain operations (:meth:`rewritten`).
         """
-        with sdpa_kernel(SDPBackend.MATH), _standard_attention():
+        with sdpa_kernel(SDPBackend.MATH), _standard_attention(), self.rewritten():
             try:
                 return model_output(call_model(self.module, {**self.constants, **params}, x))
             except RuntimeError as exc:
@@ -127,6 +136,19 @@ class FunctionalModel:
     def sample_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Per-sample training losses ``l_k(params)``, shape ``(n,)``."""
         return self.loss_fn(self(params, x), y).reshape(-1)
+
+
+def _refuse_batch_statistics(module: nn.Module) -> None:
+    """Refuse batch norms that normalise with the statistics of the batch in evaluation mode too."""
+    bad = [f"{name or type(m).__name__!r} ({type(m).__name__})" for name, m in module.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats]
+    if bad:
+        raise UnsupportedModelError(
+            f"the batch norm module(s) {', '.join(bad)} have track_running_stats=False, so even in evaluation mode "
+            f"they normalise with the statistics of the batch they are given: a test input's output depends on "
+            f"the other inputs of its batch, while explaind explains each input's output on its own. Fix: "
+            f"track_running_stats=True (the default), or a per-sample normalisation (nn.LayerNorm, nn.GroupNorm)."
+        )
 
 
 @contextlib.contextmanager

@@ -47,6 +47,10 @@ class BufferTracker:
         buffers = dict(self.model.named_buffers())
         self._last = {n: buffers[n].detach().clone() for n in self.names}
 
+    def recorded(self) -> dict[str, Tensor]:
+        r""":math:`\beta_s`: the tracked buffers as last recorded (what the step's training forward started from)."""
+        return dict(self._last)
+
     def changed(self) -> dict[str, Tensor] | None:
         r""":math:`\beta_{s+1}` (clones of every tracked buffer) when one changed since the last record, or ``None``."""
         if not self.names:

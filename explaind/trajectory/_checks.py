@@ -219,6 +219,8 @@ def check_batch_gradient(
     autocast: torch.dtype | None = None,
     replay: list[tuple[slice, RandomState]] | None = None,
     generators: Sequence[torch.Generator] = (),
+    start_buffers: dict[str, Tensor] | None = None,
+    hint: str = "",
 ) -> GradientCheck:
     r"""Compare the raw gradient with :math:`\sum_k w_k \nabla\ell_k(\theta_s)`; measure :math:`\sigma`.
 
@@ -247,6 +249,13 @@ def check_batch_gradient(
         as in the loop; docs/recording.md). Default: one forward of the whole batch.
     generators : sequence of torch.Generator
         The model's private generators (replayed with the states).
+    start_buffers : dict of str to Tensor, optional
+        Buffers as they were before the step's first training forward (:math:`\beta_s`); copies of
+        them replace the model's current values, so a forward that reads buffers it changes (spectral
+        norm's power iteration) is recomputed from where the loop's started, micro-batch after
+        micro-batch.
+    hint : str
+        A sentence on the likeliest cause, placed first in the message.
 
     Returns
     -------
@@ -259,7 +268,7 @@ def check_batch_gradient(
         names the loss, the parameters that differ most and the possible causes.
     """
     names = [n for n in params if n in raw]
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    buffers = {n: b.detach().clone() for n, b in {**dict(model.named_buffers()), **(start_buffers or {})}.items()}
     refs = batch_gradient(model, buffers, params, names, loss, batch, replay, f"Step {step}", generators)
     dot = sum(_dot64(raw[n], refs[n]) for n in names)
     sq_ref = sum(_dot64(refs[n], refs[n]) for n in names)
@@ -267,7 +276,8 @@ def check_batch_gradient(
     if sq_ref == 0.0 and sq_raw == 0.0:
         return GradientCheck(sigma=1.0, mismatch=0.0)
     sigma = dot / sq_ref if sq_ref > 0 else 0.0
-    resid = math.sqrt(max(sq_raw - 2 * sigma * dot + sigma * sigma * sq_ref, 0.0))
+    # the difference itself, not sq_raw - 2 sigma dot + sigma^2 sq_ref: that cancels to a floor of sqrt(eps) ~ 1e-8
+    resid = math.sqrt(sum(float((raw[n].double() - sigma * refs[n].double()).square().sum()) for n in names))
     rel = resid / math.sqrt(max(sq_raw, sq_ref * sigma * sigma, 1e-300))
     if rel > tol or sigma <= 0:
         per = []
@@ -278,15 +288,18 @@ def check_batch_gradient(
         raise TrajectoryError(
             f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under "
             f"loss {loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}; "
-            f"largest differences: {worst}). Check that loss= is the loss the loop trains with (a class-weighted "
+            f"largest differences: {worst}).{hint} Check that loss= is the loss the loop trains with (a class-weighted "
             f"or label-smoothed loss must be given as that same callable; a penalty on the parameters added to the "
             f"loss by hand is no loss of the samples: express an L2 penalty lam*||theta||^2 as coupled weight "
             f"decay, SGD or Adam with weight_decay=2*lam), that rec.log_batch() received the "
             f"indices of every sample (and micro-batch) used in this step, that no gradient carries over from "
             f"an earlier backward (optimizer.zero_grad() clears only the optimizer's parameters: use "
             f"model.zero_grad()), and that the model is deterministic in training mode (a layer that draws from a "
-            f"torch.Generator held outside its modules: pass it as TrajectoryRecorder(generators=[...])); pass "
-            f"check_gradients=False to record anyway.{_autocast_hint(autocast, tol)}"
+            f"torch.Generator held outside its modules: pass it as TrajectoryRecorder(generators=[...]); random "
+            f"draws in forward outside nn.Dropout modules, such as F.dropout or torch.rand: pass "
+            f"capture_random=True; the same for a forward that reads a buffer it also updates, which is then "
+            f"replayed from the recorded buffers). Pass check_gradients=False to record anyway."
+            f"{_autocast_hint(autocast, tol)}"
         )
     return GradientCheck(sigma=sigma, mismatch=rel)
 

@@ -26,7 +26,9 @@ for the replay (:func:`replayed`): attributes are found again by name in the mod
 passed generators are the objects given again (``Trajectory.load(path, generators=[...])``).
 
 The rule (``capture_random="auto"``): capture when the model holds a dropout layer with
-``p > 0``, a batch-norm layer or a private generator; ``True`` always, ``False`` never. The CPU
+``p > 0``, a batch-norm layer or a private generator; ``True`` always, ``False`` never. A forward
+that draws random numbers no module shows (``F.dropout`` or ``torch.rand`` in ``forward``) needs
+``True``: every training forward is then replayed, named ``"<Model>.forward"`` in ``coupled``. The CPU
 state is 5,056 bytes, each CUDA device's 16 bytes.
 """
 
@@ -46,7 +48,8 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, TrajectoryError
 from ..records import LossRecord
 
-__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "find_generators", "resolve_generators",
+__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "is_spectral_norm", "find_generators",
+           "resolve_generators",
            "loss_generators", "replayed", "replay_parts", "pack_micro_batches", "unpack_micro_batches"]
 
 #: Levels of nested lists, tuples and dicts searched for generators below a module's attribute.
@@ -60,14 +63,25 @@ _KEY = re.compile(r"""\[(-?\d+|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]""")
 
 
 def coupled_modules(model: nn.Module) -> list[str]:
-    """Names of the dropout (``p > 0``) and batch-norm modules of ``model``, whatever their mode."""
+    """Names of the modules whose training forward must be replayed, whatever their mode.
+
+    Dropout (``p > 0``) draws masks, batch norm couples the samples, and spectral norm
+    (``torch.nn.utils.parametrizations.spectral_norm`` or the older hook) runs its power iteration
+    on buffers the same forward reads.
+    """
     found = []
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             found.append(name or type(module).__name__)
-        elif isinstance(module, nn.modules.batchnorm._NormBase):
+        elif isinstance(module, nn.modules.batchnorm._NormBase) or is_spectral_norm(module):
             found.append(name or type(module).__name__)
     return found
+
+
+def is_spectral_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a spectral-norm parametrization or carries the older spectral-norm hook."""
+    return type(module).__name__ == "_SpectralNorm" or any(
+        type(h).__name__ == "SpectralNorm" for h in module._forward_pre_hooks.values())
 
 
 def _held(value: Any, name: str, depth: int) -> Iterator[tuple[str, torch.Generator]]:
@@ -282,6 +296,8 @@ class RandomCapture:
         self.generators = [*found.values(), *self.extra]
         self.model = model
         self.coupled = coupled_modules(model) + self.generator_names
+        if capture is True and not self.coupled:  # random draws the modules do not show (F.dropout, torch.rand)
+            self.coupled = [f"{type(model).__name__}.forward"]
         self.enabled = bool(self.coupled) if capture == "auto" else bool(capture)
         self.paused = False
         self._handle: Any = None

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from ._buffers import BufferTracker
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient, check_loss_decomposes
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
 from ._participation import edit_message, edited_parameters
@@ -50,6 +51,18 @@ class LoggedBatch:
     backwards: int = 1
 
 
+@contextlib.contextmanager
+def _evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in evaluation mode inside the block; each module's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class RecorderChecksMixin:
     """Check methods of the recorder (see :class:`~explaind.TrajectoryRecorder`)."""
 
@@ -59,6 +72,7 @@ class RecorderChecksMixin:
     _tap: GradientTap
     _probe: AutocastProbe
     _random: RandomCapture
+    _buffers: BufferTracker
     _loss: Any
     _data: Any
     _n: int
@@ -118,10 +132,18 @@ class RecorderChecksMixin:
             return None
         raw = {n: self._tap.raw(n, g) for n, g in seen.items() if n not in no_input}
         x, y = self._data.get(indices)
-        with self._quiet():
+        # without forwards to replay the engine recomputes gradients in evaluation mode: so does the check, and
+        # a training forward that differs from it in a way no module shows (F.dropout, torch.rand) fails here
+        hint = ""
+        if replay is None and self.model.training:
+            hint = (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
+                    "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
+                    "(F.dropout, torch.rand) or reads a buffer it updates, record with "
+                    "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
+        with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
             return check_batch_gradient(self.model, self._params, raw, self._loss,
                                         (x.to(device), y.to(device), weights.to(device)), s, tol, autocast, replay,
-                                        self._random.generators)
+                                        self._random.generators, self._buffers.recorded(), hint)
 
     def _check_loss_callable(self, device: torch.device) -> None:
         """Once, on the first logged micro-batch: a user loss callable must equal sum_k w_k * per-sample loss."""

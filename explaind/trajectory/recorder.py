@@ -130,6 +130,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         Save the random generators' state before every training forward and tie it to its
         micro-batch, so dropout masks and batch statistics are replayed exactly (docs/recording.md,
         "Dropout and batch norm"); ``"auto"``: when the model has dropout, batch norm or a private generator.
+        ``True`` for a forward that draws random numbers outside such modules (``F.dropout``,
+        ``torch.rand`` in ``forward``): its training forwards are then always replayed.
     generators : list of torch.Generator, optional
         Private generators the model draws from (``torch.rand(..., generator=g)`` in a custom layer)
         that are not attributes of its modules; those held as module attributes, directly or in
