@@ -221,8 +221,8 @@ def batch_gradient(
     return {n: (torch.zeros_like(detached[n]) if r is None else r) for n, r in zip(names, ref)}
 
 
-#: Elements per float64 chunk in the check's inner products (8 MiB per chunk and operand).
-_CHUNK = 1 << 20
+#: Elements per float64 chunk in the check's inner products (1 MiB per chunk and operand).
+_CHUNK = 1 << 17
 
 
 def _products64(raw: Tensor, ref: Tensor, pivot: float) -> tuple[float, float, float, float]:
