@@ -374,7 +374,7 @@ def check_batch_gradient(
         \sigma = D / R, \qquad
         \text{mismatch} = \frac{\lVert \tilde g - \sigma r\rVert}{\max(\sqrt{G}, |\sigma|\sqrt{R})},
 
-    the relative distance of :math:`\tilde g` from the best multiple of :math:`r` (docs/maths.md),
+    the relative distance of :math:`\tilde g` from the best multiple of :math:`r` (docs/recording.md),
     its numerator from the pivoted sums of :class:`StreamedSums`. Each parameter's share
     :math:`\lVert \tilde g_n - \sigma r_n\rVert / \lVert \tilde g\rVert` comes from its own
     sums, for the message.
