@@ -5,7 +5,9 @@ batch, the training data and the recorder's loss (``torch.func.functional_call``
 arithmetic of the parameters, no autocast) and compares it with the raw gradient of the loop's
 ``backward()`` over the parameters the optimizer steps. It measures the loop's loss scale
 :math:`\sigma` (``raw = sigma * recomputed``) and the relative mismatch that remains, which the
-trajectory keeps per step (``StepRecord.gradient_check``).
+trajectory keeps per step (``StepRecord.gradient_check``). :func:`streamed_products` never holds
+the recomputed gradient whole: each parameter's is reduced to float64 sums (:class:`StreamedSums`)
+and freed as soon as its backward completes it.
 
 :class:`CheckSchedule` decides which steps are checked: by default the first
 :data:`AUTO_CHECK_STEPS` steps, every power of two and every :data:`AUTO_CHECK_EVERY`-th step, so a
