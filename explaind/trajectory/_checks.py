@@ -5,7 +5,9 @@ batch, the training data and the recorder's loss (``torch.func.functional_call``
 arithmetic of the parameters, no autocast) and compares it with the raw gradient of the loop's
 ``backward()`` over the parameters the optimizer steps. It measures the loop's loss scale
 :math:`\sigma` (``raw = sigma * recomputed``) and the relative mismatch that remains, which the
-trajectory keeps per step (``StepRecord.gradient_check``).
+trajectory keeps per step (``StepRecord.gradient_check``). :func:`streamed_products` never holds
+the recomputed gradient whole: each parameter's is reduced to float64 sums (:class:`StreamedSums`)
+and freed as soon as its backward completes it.
 
 :class:`CheckSchedule` decides which steps are checked: by default the first
 :data:`AUTO_CHECK_STEPS` steps, every power of two and every :data:`AUTO_CHECK_EVERY`-th step, so a
@@ -41,8 +43,9 @@ __all__ = [
     "autocast_tolerance",
     "batch_gradient",
     "check_batch_gradient",
-    "check_loss_decomposes",
     "default_tolerance",
+    "StreamedSums",
+    "streamed_products",
 ]
 
 #: With ``check_gradients="auto"``: the first steps checked.
@@ -137,10 +140,6 @@ class GradientCheck:
     mismatch: float
 
 
-def _dot64(a: Tensor, b: Tensor) -> float:
-    return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double()))
-
-
 def _autocast_hint(autocast: torch.dtype | None, tol: float) -> str:
     if autocast is None:
         return ""
@@ -150,6 +149,25 @@ def _autocast_hint(autocast: torch.dtype | None, tol: float) -> str:
         f"is autocast rounding of this model, pass gradient_tolerance=<a larger value> to the recorder; the part "
         f"of the update that autocast changes is reported as the residual."
     )
+
+
+def _weighted_loss(
+    model: nn.Module,
+    state: dict[str, Tensor],
+    loss: LossRecord,
+    batch: tuple[Any, Tensor, Tensor],
+    sl: slice,
+    random: RandomState | None,
+    where: str,
+    generators: Sequence[torch.Generator],
+) -> Tensor:
+    r""":math:`\sum_{k \in sl} w_k \ell_k`: one batched forward of the micro-batch ``sl`` under its random state."""
+    inputs, targets, weights = batch
+    context = replayed(random, inputs.device, where, generators) if random is not None else contextlib.nullcontext()
+    with context:
+        out = model_output(call_model(model, state, inputs[sl]))
+    per_sample = loss.implementation(out, targets[sl])
+    return (weights[sl].to(per_sample.dtype) * per_sample).sum()
 
 
 def batch_gradient(
@@ -193,19 +211,144 @@ def batch_gradient(
     dict of str to Tensor
         The batch gradient per name, shapes of the parameters (no autocast; the parameters' dtype).
     """
-    inputs, targets, weights = batch
     wanted = set(names)
     detached = {n: p.detach().requires_grad_(n in wanted) for n, p in params.items()}
     device = next(iter(detached.values())).device.type
     total: Any = 0
     with torch.enable_grad(), torch.autocast(device, enabled=False):
         for sl, state in replay or [(slice(None), None)]:
-            with replayed(state, inputs.device, where, generators) if state is not None else contextlib.nullcontext():
-                out = model_output(call_model(model, {**constants, **detached}, inputs[sl]))
-            per_sample = loss.implementation(out, targets[sl])
-            total = total + (weights[sl].to(per_sample.dtype) * per_sample).sum()
+            total = total + _weighted_loss(model, {**constants, **detached}, loss, batch, sl, state, where, generators)
         ref = torch.autograd.grad(total, [detached[n] for n in names], allow_unused=True)
     return {n: (torch.zeros_like(detached[n]) if r is None else r) for n, r in zip(names, ref)}
+
+
+#: Elements per float64 chunk in the check's inner products (1 MiB per chunk and operand).
+_CHUNK = 1 << 17
+
+
+def _products64(raw: Tensor, ref: Tensor, pivot: float) -> tuple[float, float, float, float]:
+    r"""``(<raw, ref>, ||ref||^2, ||raw||^2, ||raw - pivot * ref||^2)`` accumulated in float64, a chunk at a time.
+
+    Each operand is cast to float64 by chunks of :data:`_CHUNK` elements, so the products of a
+    large tensor never hold a float64 copy of it (they run during the check's backward, while
+    its activations are alive).
+    """
+    a, b = raw.detach().reshape(-1), ref.detach().reshape(-1)
+    ab = bb = aa = ee = 0.0
+    for lo in range(0, a.numel(), _CHUNK):
+        x, y = a[lo:lo + _CHUNK].double(), b[lo:lo + _CHUNK].double()
+        ab += float(torch.dot(x, y))
+        bb += float(torch.dot(y, y))
+        aa += float(torch.dot(x, x))
+        d = x - pivot * y
+        ee += float(torch.dot(d, d))
+    return ab, bb, aa, ee
+
+
+class StreamedSums:
+    r"""The gradient check's float64 sums per parameter, with the pivot scale :math:`p`.
+
+    For each compared parameter :math:`n` (raw :math:`\tilde g_n`, recomputed :math:`r_n`):
+    :math:`D_n = \langle \tilde g_n, r_n\rangle`, :math:`R_n = \lVert r_n\rVert^2`,
+    :math:`G_n = \lVert \tilde g_n\rVert^2` and :math:`E_n = \lVert \tilde g_n - p\,r_n\rVert^2`.
+    :math:`p` is the scale :math:`D_n / R_n` of the first parameter reduced with :math:`R_n > 0`
+    (0 before that), one value for all. For any :math:`\sigma`,
+
+    .. math::
+
+        \lVert \tilde g_n - \sigma r_n\rVert^2 = E_n - 2(\sigma - p)(D_n - p R_n) + (\sigma - p)^2 R_n,
+
+    which, when :math:`p` is close to :math:`\sigma`, keeps the float64 resolution of a direct
+    :math:`\lVert \tilde g_n - \sigma r_n\rVert` (``G - 2 sigma D + sigma^2 R`` alone cancels
+    to about 1e-8 relative).
+    """
+
+    def __init__(self) -> None:
+        self.pivot: float | None = None
+        self.sums: dict[str, tuple[float, float, float, float]] = {}
+
+    def add(self, name: str, raw: Tensor, ref: Tensor) -> None:
+        """Reduce one parameter's raw and recomputed gradients (``ref`` may be freed afterwards)."""
+        sums = _products64(raw, ref, self.pivot or 0.0)
+        if self.pivot is None and sums[1] > 0:
+            self.pivot = sums[0] / sums[1]
+            sums = _products64(raw, ref, self.pivot)
+        self.sums[name] = sums
+
+    def distance_sq(self, sigma: float) -> dict[str, float]:
+        r""":math:`\lVert \tilde g_n - \sigma r_n\rVert^2` per parameter (clipped at 0)."""
+        p = self.pivot or 0.0
+        return {n: max(ee - 2 * (sigma - p) * (ab - p * bb) + (sigma - p) ** 2 * bb, 0.0)
+                for n, (ab, bb, _aa, ee) in self.sums.items()}
+
+
+def streamed_products(
+    model: nn.Module,
+    constants: dict[str, Tensor],
+    params: dict[str, Tensor],
+    raw: dict[str, Tensor],
+    loss: LossRecord,
+    batch: tuple[Any, Tensor, Tensor],
+    replay: list[tuple[slice, RandomState]] | None = None,
+    where: str = "The gradient check",
+    generators: Sequence[torch.Generator] = (),
+) -> StreamedSums:
+    r"""The float64 sums (:class:`StreamedSums`) of ``raw`` and :math:`r = \sum_k w_k \nabla\ell_k(\theta)`.
+
+    The same forwards as :func:`batch_gradient`, but :math:`r` is never held as a whole: each
+    micro-batch is differentiated on its own (``backward`` into fresh leaves; only one micro-batch's
+    activations are alive), and during the last micro-batch's backward a post-accumulate-grad hook
+    reduces each parameter's finished gradient :math:`r_n` to its four sums and frees it. The
+    check's extra memory is therefore the activations of one micro-batch plus (with several
+    micro-batches) one gradient set, instead of all micro-batches' activations and a full second
+    gradient set.
+
+    Parameters
+    ----------
+    model, constants, params, loss, batch, replay, where, generators
+        As for :func:`batch_gradient`.
+    raw : dict of str to Tensor
+        The loop's raw gradients :math:`\tilde g_n`, shapes of the parameters; only these names
+        are differentiated.
+
+    Returns
+    -------
+    StreamedSums
+        The sums of every name of ``raw``; a parameter the loss does not reach has :math:`r_n = 0`.
+    """
+    if not raw:
+        return StreamedSums()
+    leaves = {n: p.detach().requires_grad_(n in raw) for n, p in params.items()}
+    wanted = [leaves[n] for n in raw]
+    names = {id(leaves[n]): n for n in raw}
+    out = StreamedSums()
+    last = [False]
+
+    def reduce(leaf: Tensor) -> None:
+        if last[0] and leaf.grad is not None:
+            name = names[id(leaf)]
+            out.add(name, raw[name], leaf.grad)
+            leaf.grad = None  # the finished gradient is not kept
+
+    handles = [leaf.register_post_accumulate_grad_hook(reduce) for leaf in wanted]
+    device = wanted[0].device.type
+    parts = replay or [(slice(None), None)]
+    try:
+        with torch.enable_grad(), torch.autocast(device, enabled=False):
+            for i, (sl, state) in enumerate(parts):
+                term = _weighted_loss(model, {**constants, **leaves}, loss, batch, sl, state, where, generators)
+                last[0] = i == len(parts) - 1
+                if term.requires_grad:
+                    torch.autograd.backward(term, inputs=wanted)
+                del term  # this micro-batch's activations go before the next forward
+    finally:
+        for h in handles:
+            h.remove()
+    for n in raw:  # reached by an earlier micro-batch only, or not at all
+        if n not in out.sums:
+            grad = leaves[n].grad
+            out.add(n, raw[n], torch.zeros_like(raw[n]) if grad is None else grad)
+    return out
 
 
 def check_batch_gradient(
@@ -223,6 +366,21 @@ def check_batch_gradient(
     hint: str = "",
 ) -> GradientCheck:
     r"""Compare the raw gradient with :math:`\sum_k w_k \nabla\ell_k(\theta_s)`; measure :math:`\sigma`.
+
+    With :math:`\tilde g` the raw gradient and :math:`r` the recomputed one over the compared
+    parameters, and the float64 sums :math:`D = \langle \tilde g, r\rangle`,
+    :math:`R = \lVert r\rVert^2`, :math:`G = \lVert \tilde g\rVert^2` (from
+    :func:`streamed_products`, so :math:`r` is never held whole):
+
+    .. math::
+
+        \sigma = D / R, \qquad
+        \text{mismatch} = \frac{\lVert \tilde g - \sigma r\rVert}{\max(\sqrt{G}, |\sigma|\sqrt{R})},
+
+    the relative distance of :math:`\tilde g` from the best multiple of :math:`r` (docs/recording.md),
+    its numerator from the pivoted sums of :class:`StreamedSums`. Each parameter's share
+    :math:`\lVert \tilde g_n - \sigma r_n\rVert / \lVert \tilde g\rVert` comes from its own
+    sums, for the message.
 
     Parameters
     ----------
@@ -267,23 +425,19 @@ def check_batch_gradient(
         When the raw gradient is not ``sigma`` times the recomputed one within ``tol``; the message
         names the loss, the parameters that differ most and the possible causes.
     """
-    names = [n for n in params if n in raw]
+    compared = {n: raw[n] for n in params if n in raw}
     buffers = {n: b.detach().clone() for n, b in {**dict(model.named_buffers()), **(start_buffers or {})}.items()}
-    refs = batch_gradient(model, buffers, params, names, loss, batch, replay, f"Step {step}", generators)
-    dot = sum(_dot64(raw[n], refs[n]) for n in names)
-    sq_ref = sum(_dot64(refs[n], refs[n]) for n in names)
-    sq_raw = sum(_dot64(raw[n], raw[n]) for n in names)
+    sums = streamed_products(model, buffers, params, compared, loss, batch, replay, f"Step {step}", generators)
+    dot = math.fsum(v[0] for v in sums.sums.values())
+    sq_ref = math.fsum(v[1] for v in sums.sums.values())
+    sq_raw = math.fsum(v[2] for v in sums.sums.values())
     if sq_ref == 0.0 and sq_raw == 0.0:
         return GradientCheck(sigma=1.0, mismatch=0.0)
     sigma = dot / sq_ref if sq_ref > 0 else 0.0
-    # the difference itself, not sq_raw - 2 sigma dot + sigma^2 sq_ref: that cancels to a floor of sqrt(eps) ~ 1e-8
-    resid = math.sqrt(sum(float((raw[n].double() - sigma * refs[n].double()).square().sum()) for n in names))
-    rel = resid / math.sqrt(max(sq_raw, sq_ref * sigma * sigma, 1e-300))
+    distance = sums.distance_sq(sigma)
+    rel = math.sqrt(math.fsum(distance.values())) / math.sqrt(max(sq_raw, sq_ref * sigma * sigma, 1e-300))
     if rel > tol or sigma <= 0:
-        per = []
-        for n in names:
-            d = raw[n].double() - sigma * refs[n].double()
-            per.append((float(d.norm()) / math.sqrt(max(sq_raw, 1e-300)), n))
+        per = [(math.sqrt(d / max(sq_raw, 1e-300)), n) for n, d in distance.items()]
         worst = ", ".join(f"{n} ({v:.2g})" for v, n in sorted(per, reverse=True)[:3])
         raise TrajectoryError(
             f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under "
@@ -303,51 +457,3 @@ def check_batch_gradient(
         )
     return GradientCheck(sigma=sigma, mismatch=rel)
 
-
-def check_loss_decomposes(
-    model: nn.Module,
-    params: dict[str, nn.Parameter],
-    loss: LossRecord,
-    inputs: Tensor,
-    targets: Tensor,
-    weights: Tensor,
-) -> str | None:
-    r"""Whether a user loss callable equals :math:`\sum_k w_k \ell_k` on one logged micro-batch.
-
-    Parameters
-    ----------
-    inputs, targets : Tensor
-        One logged micro-batch, ``(n, ...)``.
-    weights : Tensor
-        Its logged weights ``(n,)``.
-
-    Returns
-    -------
-    str or None
-        A message naming the loss and the fix when the callable's batch value differs from the
-        weighted sum of its per-sample values (class weights with the default weights,
-        ``reduction="sum"``, terms coupling samples); else ``None``. Registered losses and
-        micro-batches of one sample are not checked.
-    """
-    reference = loss.reference
-    if reference is None or not loss.name.startswith("custom:") or inputs.shape[0] < 2:
-        return None
-    state = {n: p.detach() for n, p in params.items()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
-        out = model_output(call_model(model, {**buffers, **state}, inputs))
-        mean = float((loss.implementation(out, targets).double() * weights.to(out.device).double()).sum())
-        batch = float(reference(out, targets))
-    tol = 1e-10 if out.dtype == torch.float64 else 1e-5
-    if abs(mean - batch) <= tol * max(abs(batch), abs(mean), 1e-30):
-        return None
-    return (
-        f"Loss {loss.name!r}: on the first logged micro-batch the loss callable gives {batch:.6g}, but the "
-        f"logged weights times its per-sample values sum to {mean:.6g}. explaind splits the gradient into "
-        f"per-sample terms w_k * grad loss_fn(sample k), exact only when the batch loss is "
-        f"sum_k w_k loss_fn(sample k): a "
-        f"class-weighted cross entropy (weight=...) normalises by the batch's summed class weights, "
-        f"reduction='sum' and terms coupling samples differ too. Fix: pass per-sample weights to "
-        f"rec.log_batch(indices, weights) (for class weights w: weights = w[y] / w[y].sum()) and an unweighted "
-        f"loss= callable, or use reduction='mean'."
-    )

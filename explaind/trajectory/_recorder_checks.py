@@ -24,13 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from ..inputs import call_model
+from ..outputs import model_output
+from ..records import LossRecord
 from ._buffers import BufferTracker
-from ._checks import CheckSchedule, GradientCheck, check_batch_gradient, check_loss_decomposes
+from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
 from ._participation import edit_message, edited_parameters
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 
-__all__ = ["RecorderChecksMixin", "LoggedBatch"]
+__all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
 
 logger = logging.getLogger("explaind.trajectory.recorder")
 
@@ -61,6 +64,55 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def check_loss_decomposes(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    loss: LossRecord,
+    inputs: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+) -> str | None:
+    r"""Whether a user loss callable equals :math:`\sum_k w_k \ell_k` on one logged micro-batch.
+
+    Parameters
+    ----------
+    inputs, targets : Tensor
+        One logged micro-batch, ``(n, ...)``.
+    weights : Tensor
+        Its logged weights ``(n,)``.
+
+    Returns
+    -------
+    str or None
+        A message naming the loss and the fix when the callable's batch value differs from the
+        weighted sum of its per-sample values (class weights with the default weights,
+        ``reduction="sum"``, terms coupling samples); else ``None``. Registered losses and
+        micro-batches of one sample are not checked.
+    """
+    reference = loss.reference
+    if reference is None or not loss.name.startswith("custom:") or inputs.shape[0] < 2:
+        return None
+    state = {n: p.detach() for n, p in params.items()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
+        out = model_output(call_model(model, {**buffers, **state}, inputs))
+        mean = float((loss.implementation(out, targets).double() * weights.to(out.device).double()).sum())
+        batch = float(reference(out, targets))
+    tol = 1e-10 if out.dtype == torch.float64 else 1e-5
+    if abs(mean - batch) <= tol * max(abs(batch), abs(mean), 1e-30):
+        return None
+    return (
+        f"Loss {loss.name!r}: on the first logged micro-batch the loss callable gives {batch:.6g}, but the "
+        f"logged weights times its per-sample values sum to {mean:.6g}. explaind splits the gradient into "
+        f"per-sample terms w_k * grad loss_fn(sample k), exact only when the batch loss is "
+        f"sum_k w_k loss_fn(sample k): a "
+        f"class-weighted cross entropy (weight=...) normalises by the batch's summed class weights, "
+        f"reduction='sum' and terms coupling samples differ too. Fix: pass per-sample weights to "
+        f"rec.log_batch(indices, weights) (for class weights w: weights = w[y] / w[y].sum()) and an unweighted "
+        f"loss= callable, or use reduction='mean'."
+    )
 
 
 class RecorderChecksMixin:
