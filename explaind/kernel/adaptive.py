@@ -257,36 +257,31 @@ class _Levels:
 
     def __call__(self, jobs: Jobs, failing: int) -> None:
         acc, evals = self.acc, self.evals
-        levels = torch.zeros_like(evals)
-        wait = jobs.take(jobs.unit[:0])  # far units already tested: refining them would spend until the test is decided
-        while jobs.unit.numel() or wait.unit.numel():
-            reach = evals + self.per_job * torch.bincount(jobs.unit, minlength=evals.numel())  # most after a level
-            if not self.tested:  # after dense_after evaluations, or before a level could take a unit past dense_evals
-                total = acc.err.index_add(0, jobs.unit, jobs.err).index_add_(0, wait.unit, wait.err)
-                ripe = torch.zeros_like(self.dense)
-                ripe[jobs.unit] = True
-                ripe &= (evals >= self.dense_after) | (reach > self.dense_evals)
-                ripe[wait.unit] = True
+        for depth in range(1, self.max_depth + 1):
+            total = acc.err.index_add(0, jobs.unit, jobs.err)
+            refining = torch.zeros_like(self.dense)
+            refining[jobs.unit] = True
+            ripe = refining & (evals >= self.dense_after)
+            if not self.tested and bool(ripe.any()):  # tested at every level until the batch is found kink-dense
                 dense = dense_units(total, ripe, failing, self.thr, self.scale)
                 if bool(dense.any()):  # the others stop before a level could take them past dense_evals
                     self.tested, self.strict, self.cap = True, True, min(self.cap, self.dense_evals)
                     self.dense |= dense
-                    jobs, wait = Jobs.cat([jobs, wait]), wait.take(wait.unit[:0])
-                    jobs = jobs.take(~dense[jobs.unit])
-                else:  # far ripe units wait for the test; when no other unit is left, they go on untested
-                    far = ripe & far_units(total, self.thr, self.scale)
-                    wait, jobs = Jobs.cat([wait, jobs.take(far[jobs.unit])]), jobs.take(~far[jobs.unit])
-                    if jobs.unit.numel() == 0:
-                        self.tested, jobs, wait = True, wait, wait.take(wait.unit[:0])
-            total = acc.err.index_add(0, jobs.unit, jobs.err)
-            over = (reach > self.cap) if self.strict else (evals >= self.cap)
-            done = (total <= self.thr) | over | (levels + 1 >= self.max_depth)
+                jobs = jobs.take(~dense[jobs.unit])
+                if jobs.unit.numel() == 0:
+                    return
+                total = acc.err.index_add(0, jobs.unit, jobs.err)
+            if self.strict:  # the most the next level could spend on each unit
+                over = evals + self.per_job * torch.bincount(jobs.unit, minlength=evals.numel()) > self.cap
+            else:
+                over = evals >= self.cap
+            done = (total <= self.thr) | over | (depth >= self.max_depth)
             stop = done[jobs.unit]
             acc.add(jobs.take(stop))
             jobs = jobs.take(~stop)
-            if jobs.unit.numel():
-                levels[jobs.unit] += 1
-                jobs = _level(jobs, self.refine, self.rules, self.eps, evals, acc)
+            if jobs.unit.numel() == 0:
+                return
+            jobs = _level(jobs, self.refine, self.rules, self.eps, evals, acc)
 
 
 def _pointwise(refine: Refine) -> Shared:

@@ -6,14 +6,12 @@ first steps) crosses thousands per segment: each located kink removes a tiny sha
 the rule would run into its evaluation cap after thousands of evaluations per unit, each at its own
 point of its own segment (the costliest kind of evaluation).
 
-So after :data:`DENSE_AFTER` evaluations (or earlier, before one level could take a unit past
-:data:`DENSE_EVALS`) the rule tests the units still refining: a unit is *far* when its error is above
-:data:`DENSE_RATIO` times its tolerance and above :data:`DENSE_REL` times :math:`\max_o |h_o(1) - h_o(0)|`.
-A far unit tested stops refining until the test is decided (refining it further would only spend). When
-at least :data:`DENSE_SHARE` of the units that missed the first estimate, and at least :data:`DENSE_MIN`
-units, are far, the batch is kink-dense (a property of the model and the step size, not of one test
-input: a few far units among many converging ones are left to the adaptive rule, which locates their
-kinks; they go on refining once no other unit is left to test). Its far units are integrated by the
+So after :data:`DENSE_AFTER` evaluations the rule tests the units still refining: a unit is *far*
+when its error is above :data:`DENSE_RATIO` times its tolerance and above :data:`DENSE_REL` times
+:math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the units that missed the first
+estimate, and at least :data:`DENSE_MIN` units, are far, the batch is kink-dense (a property of the
+model and the step size, not of one test input: a few far units among many converging ones are left to
+the adaptive rule, which locates their kinks). Its far units are integrated by the
 composite midpoint rule of :func:`dense_rule`, the first estimate's nodes among the cell centres, the
 other nodes shared by all test inputs of a step, which the engine evaluates like a fixed rule (one
 batched evaluation per node, not one per unit). The batch spends :data:`DENSE_EVALS` evaluations per
