@@ -16,7 +16,7 @@ checkout of explaind (``PYTHONPATH=DIR``; e.g. ``git worktree add /tmp/before <c
 before/after table comes from one run on one machine.
 
 Run: ``python benchmarks/bench_kink_dense.py [--model resnet] [--steps 40] [--inputs 64] [--threads 1]
-[--before DIR]``
+[--rules midpoint adaptive] [--before DIR]``
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
     planning.adaptive_plan = counting
     rows = []
     for rule, nodes in (("midpoint", 100), ("adaptive", None)):
+        if rule not in args.rules:
+            continue
         evals.clear()
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -122,6 +124,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--inputs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rules", nargs="+", choices=("midpoint", "adaptive"), default=["midpoint", "adaptive"],
+                    help="the rules measured (both by default)")
     ap.add_argument("--before", default=None, help="another explaind checkout, measured first in a subprocess")
     ap.add_argument("--label", default="this checkout", help=argparse.SUPPRESS)
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
@@ -138,7 +142,7 @@ def main() -> None:
     rows = []
     if args.before:
         cmd = [sys.executable, __file__, "--rows-only", "--label", "before", "--model", args.model, "--steps",
-               str(args.steps), "--inputs", str(args.inputs), "--threads", str(args.threads)]
+               str(args.steps), "--inputs", str(args.inputs), "--threads", str(args.threads), "--rules", *args.rules]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.before, os.path.join(args.before, "plugins")])}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         rows = [line for line in done.stdout.splitlines() if line.startswith("| before")]
