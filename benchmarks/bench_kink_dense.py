@@ -125,9 +125,10 @@ def breakdown(evals: torch.Tensor) -> str:
     above = evals > 100
     counts = torch.bincount(evals).nonzero().reshape(-1)
     common = int(counts[torch.bincount(evals)[counts].argmax()])
-    return (f"{int((evals <= 4).sum())} units at <= 4, {int(((evals > 4) & ~above).sum())} at 5-100 (most common "
-            f"{common}), {int(above.sum())} above 100 with {int(evals[above].sum())} evaluations in all "
-            f"({int((evals[above] - 100).sum())} above 100); {int(evals.sum())} in all for {evals.numel()} units")
+    return (f"{int((evals <= 4).sum())} units at <= 4, {int(((evals > 4) & ~above).sum())} at 5-100, "
+            f"{int(above.sum())} above 100 with {int(evals[above].sum())} evaluations in all "
+            f"({int((evals[above] - 100).sum())} above 100); {int(evals.sum())} in all for {evals.numel()} units; "
+            f"most common count {common}")
 
 
 def main() -> None:
