@@ -16,7 +16,7 @@ checkout of explaind (``PYTHONPATH=DIR``; e.g. ``git worktree add /tmp/before <c
 before/after table comes from one run on one machine.
 
 Run: ``python benchmarks/bench_kink_dense.py [--model resnet] [--steps 40] [--inputs 64] [--threads 1]
-[--before DIR]``
+[--rules midpoint adaptive] [--before DIR]``
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
     planning.adaptive_plan = counting
     rows = []
     for rule, nodes in (("midpoint", 100), ("adaptive", None)):
+        if rule not in args.rules:
+            continue
         evals.clear()
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -113,7 +115,20 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
         per = f"{float(torch.cat(evals).double().mean()):.1f}" if evals else str(nodes)
         rows.append(f"| {label} | {rule}{'' if nodes is None else f'-{nodes}'} | {wall:.1f} | {per} | {err:.2e} |")
         print(rows[-1], flush=True)
+        if args.breakdown and evals:
+            print(f"{label}, {rule}: {breakdown(torch.cat(evals))}", file=sys.stderr, flush=True)
     return rows
+
+
+def breakdown(evals: torch.Tensor) -> str:
+    """Where a plan's evaluations per (step, input) lie: how many units spent at most 100, how many more."""
+    above = evals > 100
+    counts = torch.bincount(evals).nonzero().reshape(-1)
+    common = int(counts[torch.bincount(evals)[counts].argmax()])
+    return (f"{int((evals <= 4).sum())} units at <= 4, {int(((evals > 4) & ~above).sum())} at 5-100, "
+            f"{int(above.sum())} above 100 with {int(evals[above].sum())} evaluations in all "
+            f"({int((evals[above] - 100).sum())} above 100); {int(evals.sum())} in all for {evals.numel()} units; "
+            f"most common count {common}")
 
 
 def main() -> None:
@@ -122,6 +137,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--inputs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="print where the adaptive rule's evaluations lie (units at <= 100 and above)")
+    ap.add_argument("--rules", nargs="+", choices=("midpoint", "adaptive"), default=["midpoint", "adaptive"],
+                    help="the rules measured (both by default)")
     ap.add_argument("--before", default=None, help="another explaind checkout, measured first in a subprocess")
     ap.add_argument("--label", default="this checkout", help=argparse.SUPPRESS)
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
@@ -138,9 +157,12 @@ def main() -> None:
     rows = []
     if args.before:
         cmd = [sys.executable, __file__, "--rows-only", "--label", "before", "--model", args.model, "--steps",
-               str(args.steps), "--inputs", str(args.inputs), "--threads", str(args.threads)]
+               str(args.steps), "--inputs", str(args.inputs), "--threads", str(args.threads), "--rules", *args.rules,
+               *(["--breakdown"] if args.breakdown else [])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.before, os.path.join(args.before, "plugins")])}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        if args.breakdown:
+            print("\n".join(line for line in done.stderr.splitlines() if line.startswith("before")), flush=True)
         rows = [line for line in done.stdout.splitlines() if line.startswith("| before")]
         print("\n".join(rows), flush=True)
     rows += measure(args, "after" if args.before else args.label)

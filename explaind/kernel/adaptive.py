@@ -33,7 +33,6 @@ from .adaptive_jobs import (
 )
 from .dense import (
     DENSE_AFTER,
-    DENSE_CAP,
     DENSE_EVALS,
     DENSE_MIN,
     DENSE_SHARE,
@@ -42,6 +41,7 @@ from .dense import (
     dense_estimate,
     dense_units,
     far_units,
+    grid_cells,
     probe_positions,
 )
 from .quadrature import NodePlan, rule_nodes
@@ -107,11 +107,11 @@ def adaptive_plan(
         evaluations behind ``est0`` are counted for every unit either way).
     dense_after, dense_evals : int
         After ``dense_after`` evaluations of a probe of at most ``PROBE_UNITS`` failing units, the far
-        units of a kink-dense batch are integrated by the ``dense_evals``-cell composite midpoint rule
-        through the first estimate's nodes instead (``dense_evals`` evaluations in all); the far units
-        beyond the probe skip the refinement when no probe unit converged; the other units of the
-        batch stop at ``DENSE_CAP * dense_after`` evaluations and take the midpoint rule too where it
-        errs less (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
+        units of a kink-dense batch are integrated by a composite midpoint rule through the first
+        estimate's nodes instead, the batch spending ``dense_evals`` evaluations per failing unit in
+        all; the far units beyond the probe skip the refinement when no probe unit converged; the other
+        units of the batch stop before ``dense_evals`` evaluations and take the midpoint rule too where
+        still far and it errs less (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
     shared : callable, optional
         ``(units (K,), t (Q,), w (Q,)) -> (K, O)``, :math:`\sum_q w_q h'(t_q)` at nodes shared by the
         units, for that midpoint rule
@@ -143,7 +143,7 @@ def adaptive_plan(
     failing = torch.nonzero(err0 > thr).reshape(-1)
     acc = Accepted(torch.zeros(U, dtype=dt, device=dev))
     scale = exact.abs().amax(-1)
-    run = _Levels(refine, rules, eps, evals, acc, thr, scale, max_depth, max_evals, dense_after)
+    run = _Levels(refine, rules, eps, evals, acc, thr, scale, max_depth, max_evals, dense_after, dense_evals)
     samples = None if first is None else (*rules[0], first[1], first[2])
     if failing.numel():
         # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it
@@ -165,12 +165,13 @@ def adaptive_plan(
     dense = run.dense
     t_mid = torch.zeros(0, dtype=dt, device=dev)
     w_mid = t_mid
-    if bool(dense.any()):  # the far units, and the others left above tolerance where the midpoint rule errs less
-        cand = dense | (acc.err > thr)
+    if bool(dense.any()):  # the far units, and the others left far above tolerance where the midpoint rule errs less
+        cand = dense | ((acc.err > thr) & far_units(acc.err, thr, scale))
         cu = torch.nonzero(cand).reshape(-1)
         x = rules[0][0] if first is not None else t_mid
+        cells = grid_cells(int(evals[failing].sum()), failing.numel(), cu.numel(), x.numel(), dense_evals)
         t_mid, w_mid, est, new = dense_estimate(cu, shared or _pointwise(refine), x,
-                                                None if first is None else first[2], dense_evals)
+                                                None if first is None else first[2], cells)
         err = (est - exact[cu]).abs().amax(-1)
         mine = torch.zeros_like(exact)
         for part in acc.parts:
@@ -235,21 +236,24 @@ class _Levels:
 
     Calling it refines ``jobs`` level by level until every unit is within tolerance or capped. It tests
     the units still refining at every level until the batch is found kink-dense (``dense``: the far
-    units, taken out of the refinement; ``cap`` then drops to ``DENSE_CAP * dense_after``; :meth:`retest`
-    starts the test over for the units refined next).
+    units, taken out of the refinement; the others then stop before a level could take them past
+    ``dense_evals`` evaluations, the far units' budget; :meth:`retest` starts the test over for the units
+    refined next).
     """
 
     def __init__(self, refine: Refine, rules: Rules, eps: float, evals: Tensor, acc: Accepted, thr: Tensor,
-                 scale: Tensor, max_depth: int, max_evals: int, dense_after: int):
+                 scale: Tensor, max_depth: int, max_evals: int, dense_after: int, dense_evals: int):
         self.refine, self.rules, self.eps, self.evals, self.acc = refine, rules, eps, evals, acc
         self.thr, self.scale, self.max_depth, self.dense_after = thr, scale, max_depth, dense_after
-        self.cap = max_evals
+        self.cap, self.dense_evals, self.strict = max_evals, dense_evals, False
+        n = rules[0][0].numel()
+        self.per_job = max(2 * n, 1 + 2 * max(1, n // 2))  # the most one job spends at a level
         self.dense = torch.zeros_like(thr, dtype=torch.bool)
         self.tested = dense_after <= 0
 
     def retest(self, max_evals: int) -> None:
         """Test the units refined next as if the batch were not known to be kink-dense (``dense`` is kept)."""
-        self.tested, self.cap = self.dense_after <= 0, max_evals
+        self.tested, self.cap, self.strict = self.dense_after <= 0, max_evals, False
 
     def __call__(self, jobs: Jobs, failing: int) -> None:
         acc, evals = self.acc, self.evals
@@ -260,14 +264,18 @@ class _Levels:
             ripe = refining & (evals >= self.dense_after)
             if not self.tested and bool(ripe.any()):  # tested at every level until the batch is found kink-dense
                 dense = dense_units(total, ripe, failing, self.thr, self.scale)
-                if bool(dense.any()):  # the others get a few levels more at most
-                    self.tested, self.cap = True, min(self.cap, DENSE_CAP * self.dense_after)
+                if bool(dense.any()):  # the others stop before a level could take them past dense_evals
+                    self.tested, self.strict, self.cap = True, True, min(self.cap, self.dense_evals)
                     self.dense |= dense
                 jobs = jobs.take(~dense[jobs.unit])
                 if jobs.unit.numel() == 0:
                     return
                 total = acc.err.index_add(0, jobs.unit, jobs.err)
-            done = (total <= self.thr) | (evals >= self.cap) | (depth >= self.max_depth)
+            if self.strict:  # the most the next level could spend on each unit
+                over = evals + self.per_job * torch.bincount(jobs.unit, minlength=evals.numel()) > self.cap
+            else:
+                over = evals >= self.cap
+            done = (total <= self.thr) | over | (depth >= self.max_depth)
             stop = done[jobs.unit]
             acc.add(jobs.take(stop))
             jobs = jobs.take(~stop)

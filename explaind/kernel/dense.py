@@ -6,19 +6,20 @@ first steps) crosses thousands per segment: each located kink removes a tiny sha
 the rule would run into its evaluation cap after thousands of evaluations per unit, each at its own
 point of its own segment (the costliest kind of evaluation).
 
-So after :data:`DENSE_AFTER` evaluations the rule looks at the units still refining: a unit is
-*far* when its error is above :data:`DENSE_RATIO` times its tolerance and above :data:`DENSE_REL`
-times :math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the units that missed
-the first estimate, and at least :data:`DENSE_MIN` units, are far, the batch is kink-dense (a
-property of the model and the step size, not of one test input: a few far units among many
-converging ones are left to the adaptive rule, which locates their kinks). Its far units are
-integrated by the composite midpoint rule of :func:`dense_rule`: :data:`DENSE_EVALS` cells, the first
-estimate's nodes among the cell centres (so a unit spends :data:`DENSE_EVALS` evaluations in all), the
+So after :data:`DENSE_AFTER` evaluations the rule tests the units still refining: a unit is *far*
+when its error is above :data:`DENSE_RATIO` times its tolerance and above :data:`DENSE_REL` times
+:math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the units that missed the first
+estimate, and at least :data:`DENSE_MIN` units, are far, the batch is kink-dense (a property of the
+model and the step size, not of one test input: a few far units among many converging ones are left to
+the adaptive rule, which locates their kinks). Its far units are integrated by the
+composite midpoint rule of :func:`dense_rule`, the first estimate's nodes among the cell centres, the
 other nodes shared by all test inputs of a step, which the engine evaluates like a fixed rule (one
-batched evaluation per node, not one per unit); the batch's other units stop refining at
-:data:`DENSE_CAP` times :data:`DENSE_AFTER` evaluations and take that rule where it errs less than
-their panels (both errors are known exactly). The error left is reported as quadrature error and
-warned about (``docs/engine.md``, section 2).
+batched evaluation per node, not one per unit). The batch spends :data:`DENSE_EVALS` evaluations per
+failing unit in all: the rule gets the cells the probe's refinement left (:func:`grid_cells`, at least
+:data:`GRID_FLOOR` of :data:`DENSE_EVALS`). The batch's other units stop refining before a level could
+take them past :data:`DENSE_EVALS` evaluations; those still far then take that rule too where it errs
+less than their panels (both errors are known exactly). The error left is reported as quadrature error
+and warned about (``docs/engine.md``, section 2).
 
 Where the first estimate already looks kink-dense (as many units far as the test asks for, and no
 single kink between the first nodes explaining their error), the test runs first on a *probe* of at
@@ -32,14 +33,15 @@ failing unit is refined and tested like the probe.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN", "DENSE_EVALS", "DENSE_CAP",
-           "PROBE_UNITS", "MIDPOINT_KIND", "Shared", "dense_units", "far_units", "probe_positions", "dense_rule",
-           "dense_estimate"]
+__all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN", "DENSE_EVALS",
+           "PROBE_UNITS", "MIDPOINT_KIND", "Shared", "dense_units", "far_units", "probe_positions",
+           "dense_rule", "cells", "dense_estimate", "GRID_FLOOR", "grid_cells"]
 
 #: Evaluations per unit after which the adaptive rule tests whether the batch is kink-dense.
 DENSE_AFTER = 64
@@ -55,9 +57,6 @@ DENSE_MIN = 8
 #: Cells of the composite midpoint rule for the far units of a kink-dense batch (its nodes, the first estimate's
 #: included: the evaluations such a unit spends in all).
 DENSE_EVALS = 100
-#: In a kink-dense batch the units that were not far stop refining after ``DENSE_CAP * DENSE_AFTER``
-#: evaluations (with their error, known exactly, reported).
-DENSE_CAP = 4
 #: Failing units of a batch refined first to decide whether the batch is kink-dense (all when not more).
 PROBE_UNITS = 16
 #: Panel kind of a midpoint panel (after the adaptive rule's two Gauss–Legendre kinds).
@@ -102,13 +101,11 @@ def probe_positions(n_failing: int, n: int = PROBE_UNITS) -> Tensor:
 def dense_rule(x: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     r"""A composite midpoint rule of ``n`` cells of :math:`[0, 1]` with the sorted nodes ``x (m,)`` among its centres.
 
-    Each :math:`x_k` gets the cell :math:`[x_k - 1/(2n), x_k + 1/(2n)]`; each gap between those cells (and
-    the ends) of length :math:`L_j` is cut into :math:`c_j` equal cells, :math:`\sum_j c_j = n - m`, the
-    :math:`c_j` rounded from :math:`n L_j` by largest remainders (a gap that gets none widens the cell
-    next to it). Every node lies in its own cell and the weights are the cell widths (they sum to 1), so
-    the rule is exact for linear :math:`h'`; a kink in a cell of width :math:`w` errs by at most
-    :math:`|\Delta h'|\, w` (docs/engine.md, section 2). Without ``x`` (or when the cells of ``x`` do not
-    fit: nodes closer than :math:`1/n`), it is the plain ``n``-point midpoint rule.
+    Each :math:`x_k` gets the cell :math:`[x_k - 1/(2n), x_k + 1/(2n)]`, the gaps between those cells are cut
+    into equal cells (:func:`cells`). Every node lies in its own cell and the weights are the cell widths (they
+    sum to 1), so the rule is exact for linear :math:`h'`; a kink in a cell of width :math:`w` errs by at most
+    :math:`|\Delta h'|\, w` (docs/engine.md, section 2). Without ``x`` (or when the cells of ``x`` do not fit:
+    nodes closer than :math:`1/n`), it is the plain ``n``-point midpoint rule.
 
     Returns
     -------
@@ -117,38 +114,64 @@ def dense_rule(x: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     known : Tensor
         Bool ``(n,)``: the nodes that are ``x`` (in the order of ``x``).
     """
-    dt, dev = x.dtype, x.device
     cell = 1.0 / n
     xs = [float(v) for v in x.tolist()]
     fits = len(xs) < n and all(b - a >= cell for a, b in zip(xs, xs[1:])) and (not xs or (
         xs[0] >= cell / 2 and xs[-1] <= 1 - cell / 2))
-    if not fits:
-        xs = []
-    edges = [0.0, *[e for v in xs for e in (v - cell / 2, v + cell / 2)], 1.0]
-    gaps = [(edges[2 * j], edges[2 * j + 1]) for j in range(len(xs) + 1)]
-    share = [max(0.0, b - a) * n for a, b in gaps]
-    counts = [int(v) for v in share]
-    for j in sorted(range(len(gaps)), key=lambda j: counts[j] - share[j])[:n - len(xs) - sum(counts)]:
-        counts[j] += 1
-    lo = list(edges)  # widened fixed cells absorb the gaps that get no cell of their own
-    for j, (a, b) in enumerate(gaps):
-        if counts[j] == 0 and j > 0:
-            lo[2 * j] = b  # the fixed cell before the gap reaches its end
-        elif counts[j] == 0:
-            lo[1] = a  # the first fixed cell starts at 0
-    ts, ws, known = [], [], []
-    for j, (a, b) in enumerate(gaps):
-        if counts[j]:
-            width = (b - a) / counts[j]
-            ts += [a + (i + 0.5) * width for i in range(counts[j])]
-            ws += [width] * counts[j]
-            known += [False] * counts[j]
-        if j < len(xs):
-            ts.append(xs[j])
-            ws.append(lo[2 * j + 2] - lo[2 * j + 1])
-            known.append(True)
-    return (torch.tensor(ts, dtype=dt, device=dev), torch.tensor(ws, dtype=dt, device=dev),
+    t, w, known = cells(xs if fits else [], n, 0.0, 1.0)
+    dt, dev = x.dtype, x.device
+    return (torch.tensor(t, dtype=dt, device=dev), torch.tensor(w, dtype=dt, device=dev),
             torch.tensor(known, dtype=torch.bool, device=dev))
+
+
+def cells(xs: list[float], n: int, a: float, b: float) -> tuple[list[float], list[float], list[bool]]:
+    r"""``n`` cells of :math:`[a, b]`, one node each: the sorted nodes ``xs`` (``m <= n``, inside) and new centres.
+
+    With :math:`h = (b - a)/n`, node :math:`x_k` gets the cell :math:`[x_k - r_k, x_k + r_k']`, each radius
+    :math:`h/2` or less where a neighbouring node or an end is nearer (half the distance to the neighbour,
+    the distance to the end). The gaps between those cells, of lengths :math:`L_j`, get the :math:`n - m`
+    new cells in proportion to :math:`L_j` (largest remainders), each gap cut into equal cells with a node at
+    each centre; a gap that gets none widens the node's cell before it (the first node's, for the gap at
+    :math:`a`). The weights are the cell widths: they sum to :math:`b - a`, every node lies in its own cell.
+
+    Returns
+    -------
+    t, w, known : list
+        Nodes (increasing), weights and whether each node is one of ``xs``, ``n`` each.
+    """
+    m, h = len(xs), (b - a) / n
+    edges = [a]
+    for k, v in enumerate(xs):
+        lo = v - a if k == 0 else (v - xs[k - 1]) / 2
+        hi = b - v if k == m - 1 else (xs[k + 1] - v) / 2
+        edges += [v - min(h / 2, lo), v + min(h / 2, hi)]
+    edges.append(b)
+    gaps = [(edges[2 * j], edges[2 * j + 1]) for j in range(m + 1)]
+    length = sum(max(0.0, hi - lo) for lo, hi in gaps)
+    share = [(n - m) * max(0.0, hi - lo) / length if length > 0 else 0.0 for lo, hi in gaps]
+    counts = [int(v) for v in share]
+    for j in sorted(range(len(gaps)), key=lambda j: counts[j] - share[j])[:n - m - sum(counts)]:
+        counts[j] += 1
+    ends = list(edges)  # widened cells of the nodes absorb the gaps that get no cell of their own
+    for j, (lo, hi) in enumerate(gaps):
+        if counts[j] == 0 and j > 0:
+            ends[2 * j] = hi
+        elif counts[j] == 0 and m:
+            ends[1] = lo
+    t: list[float] = []
+    w: list[float] = []
+    known: list[bool] = []
+    for j, (lo, hi) in enumerate(gaps):
+        if counts[j]:
+            width = (hi - lo) / counts[j]
+            t += [lo + (i + 0.5) * width for i in range(counts[j])]
+            w += [width] * counts[j]
+            known += [False] * counts[j]
+        if j < m:
+            t.append(xs[j])
+            w.append(ends[2 * j + 2] - ends[2 * j + 1])
+            known.append(True)
+    return t, w, known
 
 
 def dense_estimate(units: Tensor, shared: Shared, x: Tensor, d_x: Tensor | None,
@@ -182,3 +205,20 @@ def dense_estimate(units: Tensor, shared: Shared, x: Tensor, d_x: Tensor | None,
     if bool(known.any()) and d_x is not None:
         est = est + torch.einsum("q,kqo->ko", w[known], d_x[units][:, : int(known.sum())])
     return t, w, est, int((~known).sum())
+
+
+#: The grid of :func:`grid_cells` keeps at least this share of :data:`DENSE_EVALS` cells.
+GRID_FLOOR = 0.9
+
+
+def grid_cells(spent: int, failing: int, takers: int, m: int, n: int = DENSE_EVALS) -> int:
+    r"""Cells of the midpoint rule of a kink-dense batch: ``n`` evaluations per failing unit in all.
+
+    The batch's ``failing`` units may spend ``n * failing`` evaluations; they have spent ``spent``
+    (the first estimate's ``m`` nodes each, and the refinement of the probe and of the units not far).
+    Each of the ``takers`` units that take the rule gets :math:`\lfloor (n F - \mathrm{spent}) / K \rfloor`
+    new nodes, so the rule has that many cells plus the ``m`` it reuses, at most ``n`` and at least
+    :data:`GRID_FLOOR` ``n`` (where a probe spent more than the batch can make up, the batch spends more).
+    """
+    new = (n * failing - spent) // max(1, takers)
+    return int(min(n, max(new + m, math.ceil(GRID_FLOOR * n))))

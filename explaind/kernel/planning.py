@@ -20,6 +20,7 @@ from torch import Tensor
 from ..exceptions import ExplaindWarning
 from . import adaptive
 from .adaptive import adaptive_plan
+from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
 from .paths import progress_bar
@@ -146,9 +147,9 @@ def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> No
     causes = []
     if bool(dense.any()):
         causes.append(f"{int(dense.sum())} crossed too many activation kinks to locate one by one (a ReLU-dense path): "
-                      f"they were integrated by a {adaptive.DENSE_EVALS}-cell midpoint rule (on average the "
-                      f"100-point midpoint rule's error), or stopped after {adaptive.DENSE_CAP * adaptive.DENSE_AFTER} "
-                      f"evaluations")
+                      f"they were integrated by a midpoint rule of at most {adaptive.DENSE_EVALS} cells (about the "
+                      f"100-point midpoint rule's error), or stopped at {adaptive.DENSE_EVALS} evaluations below "
+                      f"{DENSE_REL:g} of their change")
     if bool(capped.any()):
         causes.append(f"{int(capped.sum())} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
     warnings.warn(
