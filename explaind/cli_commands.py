@@ -135,6 +135,14 @@ def _cheaper_default(out: Any, n_steps: int, n_test: int, limit: int | None) -> 
     return rule
 
 
+def _skip_note(rule: Any, evals: int, spent: int, limit: int) -> str:
+    """Why ``--table`` left a rule out: its own cost, or its cost on top of the rules computed."""
+    bound = "at least " if rule.quadrature == "adaptive" else ""
+    why = (f"{bound}{evals:,} evaluations exceed" if evals > limit else
+           f"{bound}{evals:,} evaluations, with the {spent:,} of the rules computed, exceed")
+    return f"skipped {rule.label}: {why} --max-evals {limit:,} (raise it, or use --steps / --n-test)"
+
+
 def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
     """Fidelity of the kernel replica (one rule, or every affordable rule with --table)."""
     from .studies import analysis, fidelity
@@ -171,8 +179,8 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
     for rule in rules:
         _announce(out, "replicate", rule, n_steps, n_test)
     rows = fidelity.run_fidelity(run, rules, n_test=n_test, device=args.device, progress=out.progress, steps=steps)
-    notes = [f"skipped {rule.label}: {'at least ' if rule.quadrature == 'adaptive' else ''}{evals:,} evaluations "
-             f"exceed --max-evals {limit:,} (raise it, or use --steps / --n-test)" for rule, evals in skipped]
+    rows_evals = sum(fidelity.estimated_evals(rule, n_steps, n_test) for rule in rules)
+    notes = [_skip_note(rule, evals, rows_evals, limit) for rule, evals in skipped]
     text = "\n".join([format_table(rows, fidelity.TABLE_COLUMNS), *notes])
     out.result(text, {"run": str(run.path), "rows": rows,
                       "skipped": [{"rule": r.label, "estimated_evals": e} for r, e in skipped]})

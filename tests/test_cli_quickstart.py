@@ -9,11 +9,12 @@ steps) are visible in the results.
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
-from explaind.cli import main
+from explaind.cli import default_threads, main
 from explaind.studies import fidelity
 
 STEPS = 30
@@ -49,6 +50,15 @@ def test_replicate_table_skips_what_exceeds_the_budget(grok, capsys):
     assert "skipped midpoint-100: 40,000 evaluations exceed --max-evals 20,000" in captured.out
     assert "gauss-legendre-4" in captured.out and "adaptive" in captured.out
     assert main(["-q", "replicate", str(grok), "--table", "--max-evals", "-1"]) == 2
+
+
+def test_replicate_table_says_when_a_rule_fits_alone_but_not_after_the_others(grok, capsys):
+    # 20 steps x 20 inputs: gauss-legendre-4 1,600 + midpoint-10 4,000 computed; adaptive's 4,800 fits 8,000 alone
+    assert main(["--threads", "1", "replicate", str(grok), "--table", "--max-evals", "8000", "--steps", "10:"]) == 0
+    out = capsys.readouterr().out
+    assert ("skipped adaptive: at least 4,800 evaluations, with the 5,600 of the rules computed, exceed "
+            "--max-evals 8,000") in out
+    assert "skipped midpoint-100: 40,000 evaluations exceed --max-evals 8,000" in out
 
 
 def test_influence_defaults_to_a_two_node_rule_with_its_error_reported(grok, tmp_path, capsys):
@@ -109,3 +119,26 @@ def test_replicate_shows_a_progress_bar_with_the_time_left(grok, capsys):
     assert main(["--threads", "1", "replicate", str(grok), "--quadrature", "gauss-legendre", "--nodes", "2"]) == 0
     err = capsys.readouterr().err
     assert "quadrature" in err and "<" in err.split("quadrature")[-1]  # tqdm's [elapsed<remaining]
+
+
+def test_commands_use_one_cpu_thread_unless_told_otherwise(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        assert main(["-q", "plugins"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["-q", "--threads", "2", "plugins"]) == 0
+        assert torch.get_num_threads() == 2
+        # an OMP_NUM_THREADS of the user's, or a GPU device, keeps torch's choice
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert main(["-q", "plugins"]) == 0
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert default_threads(argparse.Namespace(threads=None, device="cuda:0")) is None
+        assert default_threads(argparse.Namespace(threads=None, device="cpu")) == 1
+        assert default_threads(argparse.Namespace(threads=3, device="cuda")) == 3
+    finally:
+        torch.set_num_threads(before)
