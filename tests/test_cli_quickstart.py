@@ -1,16 +1,22 @@
 """The command-line section of docs/quickstart.md, run in order at a reduced size.
 
-The documented commands (train -> replicate --table -> influence -> report) with the same options
-except the sizes (modulus 7, a narrow model, 30 steps), so that the chain runs in seconds: each
-command announces its cost before computing, and the defaults that keep the documented sizes
-within minutes (64 / 32 test inputs, the evaluation budget of ``--table``, the data view's first
-steps) are visible in the results.
+The documented commands (train -> replicate --table -> influence -> report) are read from the
+page (by the parser of ``benchmarks/bench_quickstart.py``, which times them at full size) and run
+with the same options except the sizes (:data:`SIZES`: modulus 7, a narrow model, 30 steps), so
+that the chain runs in seconds: each command announces its cost before computing, and the
+defaults that keep the documented sizes within minutes (64 / 32 test inputs, the evaluation
+budget of ``--table``, the data view's first steps) are visible in the results. ``demo --tiny``
+and ``study grokking --tiny`` run in ``tests/test_cli_demo.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import shlex
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,21 +24,49 @@ from explaind.cli import default_threads, main
 from explaind.studies import fidelity
 
 STEPS = 30
+#: The only changes to the documented commands: the sizes (a model width of 8 wants 2 heads).
+SIZES = {"--data p=23": "--data p=7", "--model d_model=48": "--model d_model=8 --model n_heads=2",
+         "--model d_mlp=192": "--model d_mlp=16", "--steps 2000": f"--steps {STEPS}"}
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quickstart.py"
+
+
+def _documented() -> list[str]:
+    spec = importlib.util.spec_from_file_location("bench_quickstart", _BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quickstart"] = module
+    spec.loader.exec_module(module)
+    return module.quickstart_commands()
+
+
+DOCUMENTED = _documented()
+
+
+def documented(command: str, run: Path) -> list[str]:
+    """The page's ``explaind COMMAND ...`` line as arguments, at the reduced sizes, on the run ``run``."""
+    (line,) = [c for c in DOCUMENTED if c.split()[1] == command]
+    for full, reduced in SIZES.items():
+        line = line.replace(full, reduced)
+    return [str(run) + a[len("runs/grok"):] if a.startswith("runs/grok") else a for a in shlex.split(line)[1:]]
+
+
+def test_the_page_documents_the_commands_run_here():
+    assert [c.split()[1] for c in DOCUMENTED] == ["demo", "train", "replicate", "influence", "report", "study"]
+    train = next(c for c in DOCUMENTED if c.split()[1] == "train")
+    assert all(full in train for full in SIZES), "the documented train command changed: update SIZES"
 
 
 @pytest.fixture(scope="module")
 def grok(tmp_path_factory):
     run = tmp_path_factory.mktemp("quickstart") / "runs" / "grok"
-    code = main(["-q", "--threads", "1", "train", "--out", str(run), "-a", "modular_transformer", "-d", "modular",
-                 "--data", "p=7", "--data", "n_train=0.6", "--data", "n_val=null", "--model", "d_model=8",
-                 "--model", "n_heads=2", "--model", "d_mlp=16", "--lr", "1e-2", "--weight-decay", "2", "--betas",
-                 "0.9", "0.98", "--steps", str(STEPS), "--stop-at", "1.0"])
-    assert code == 0
+    argv = documented("train", run)
+    assert argv[:3] == ["train", "--out", str(run)] and "p=7" in argv and str(STEPS) in argv
+    assert main(["-q", *argv]) == 0
     return run
 
 
 def test_replicate_table_announces_the_cost_of_each_rule(grok, capsys):
-    assert main(["--threads", "1", "replicate", str(grok), "--table", "--json"]) == 0
+    assert documented("replicate", grok) == ["replicate", str(grok), "--table"]
+    assert main([*documented("replicate", grok), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     rows = data["rows"]
     # 20 validation pairs (< 32): every rule of the table fits the default budget
@@ -62,8 +96,9 @@ def test_replicate_table_says_when_a_rule_fits_alone_but_not_after_the_others(gr
 
 
 def test_influence_defaults_to_a_two_node_rule_with_its_error_reported(grok, tmp_path, capsys):
-    out_dir = tmp_path / "scores"
-    assert main(["--threads", "1", "influence", str(grok), "--keep", "step,group", "--out", str(out_dir)]) == 0
+    out_dir = grok / "scores"
+    assert documented("influence", grok) == ["influence", str(grok), "--keep", "step,group", "--out", str(out_dir)]
+    assert main(documented("influence", grok)) == 0
     captured = capsys.readouterr()
     assert f"influence: gauss-legendre-2 over {STEPS} steps x 20 inputs = {2 * STEPS * 20:,}" in captured.err
     assert "quadrature error" in captured.out and "gauss-legendre-2" in captured.out
@@ -76,7 +111,8 @@ def test_influence_defaults_to_a_two_node_rule_with_its_error_reported(grok, tmp
 
 
 def test_report_covers_a_prefix_of_the_run_in_its_data_view(grok, capsys):
-    assert main(["--threads", "1", "report", str(grok), "--data-steps", "12"]) == 0
+    assert documented("report", grok) == ["report", str(grok)]
+    assert main([*documented("report", grok), "--data-steps", "12"]) == 0  # 12 < STEPS: a prefix
     captured = capsys.readouterr()
     assert "report, data view: gauss-legendre-2 over 12 steps" in captured.err
     scores = json.loads((grok / "report" / "scores.json").read_text())
