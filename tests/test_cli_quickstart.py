@@ -115,6 +115,10 @@ def test_report_covers_a_prefix_of_the_run_in_its_data_view(grok, capsys):
     assert main([*documented("report", grok), "--data-steps", "12"]) == 0  # 12 < STEPS: a prefix
     captured = capsys.readouterr()
     assert "report, data view: gauss-legendre-2 over 12 steps" in captured.err
+    # each view says its evaluations again as it starts (so do the demo and the grokking study, which call it too)
+    assert (f"step x group influence on 20 validation inputs (gauss-legendre-2: {STEPS * 20 * 2:,} path-gradient "
+            f"evaluations)") in captured.err
+    assert f"of {STEPS} (gauss-legendre-2: {12 * 20 * 2:,} path-gradient evaluations)" in captured.err
     scores = json.loads((grok / "report" / "scores.json").read_text())
     assert scores["data_view"]["data_steps"] == [0, 12]
     assert all(s < 12 for s in scores["data_view"]["kernel_steps"])
