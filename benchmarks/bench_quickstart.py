@@ -46,6 +46,7 @@ CLI_COMMANDS = [
     "--weight-decay 4 --betas 0.9 0.98 --steps 1500 --stop-at 1.0",
     "explaind replicate runs/grok",
     "explaind replicate runs/grok --steps 0:100",
+    "explaind replicate runs/grok --steps 680:780",
     "explaind replicate --table",
     "explaind influence runs/cli --out runs/cli/scores",
     "explaind prune",
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     for command in commands:
         rows.append(run_command(command, workdir))
         r = rows[-1]
-        print(f"#   {r['wall_s']:7.1f} s wall {r['cpu_s']:7.1f} s CPU {r['rss_mb']:6.0f} MB  rc {r['rc']}  {command}",
-              flush=True)
+        print(f"#   {r['wall_s']:7.1f} s wall {r['cpu_s']:7.1f} s CPU {r['rss_mb']:6.0f} MB  rc {r['rc']}  "
+              f"ETA {'yes' if r['eta'] else 'no'}  {command}", flush=True)
     print(f"# after: {_uptime()}")
     print(_table(rows))
     return 0
