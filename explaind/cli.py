@@ -3,7 +3,8 @@
 Subcommands: ``demo``, ``train``, ``replicate``, ``influence``, ``prune``, ``report``,
 ``plugins`` and ``study grokking``. Every subcommand takes ``-q/--quiet`` (no progress bars,
 no chatter), ``--json`` (one JSON document on stdout), ``--debug`` (tracebacks) and
-``--threads N`` (torch's CPU threads for the command; the library itself never sets them).
+``--threads N`` (torch's CPU threads for the command; 1 by default on the CPU unless ``OMP_NUM_THREADS``
+is set; the library itself never sets them).
 
 Bad input ends with one line on stderr (``explaind <command>: error: ...``) and exit code 2;
 a file system problem with exit code 1; an interrupt with 130. The handlers live in
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,7 +26,7 @@ from . import __version__, cli_commands, cli_launch
 from .cli_io import Output, parse_assignments
 from .exceptions import ExplaindError
 
-__all__ = ["main", "build_parser", "Output", "parse_assignments"]
+__all__ = ["main", "build_parser", "default_threads", "Output", "parse_assignments"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -43,8 +45,8 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--json", action="store_true", default=default, help="print results as one JSON document")
     parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks of errors")
     parser.add_argument("--threads", type=int, default=argparse.SUPPRESS if suppress else None, metavar="N",
-                        help="CPU threads of torch for this command (default: torch's choice; 1 is often fastest "
-                             "for small models on a busy machine)")
+                        help="CPU threads of torch for this command (default: 1 on the CPU, torch's choice when "
+                             "OMP_NUM_THREADS is set or the device is a GPU)")
 
 
 def _add_size(parser: argparse.ArgumentParser, default: str) -> None:
@@ -192,6 +194,21 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(lines)
 
 
+def default_threads(args: argparse.Namespace) -> int | None:
+    """CPU threads of torch for a command: ``--threads``, else 1 on the CPU (``None``: leave torch's choice).
+
+    The models of the commands are small: their operations fall under torch's parallel grain size,
+    and on a machine whose cores are busy the waiting worker threads spin and cost several times
+    the work (measured by ``benchmarks/bench_quickstart.py --threads``, table in ``docs/cli.md``). An
+    ``OMP_NUM_THREADS`` set in the environment, or a ``cuda`` device, keeps torch's choice.
+    """
+    if args.threads is not None:
+        return int(args.threads)
+    if "OMP_NUM_THREADS" in os.environ or str(getattr(args, "device", "cpu") or "cpu").startswith("cuda"):
+        return None
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (also used as the console script)."""
     parser = build_parser()
@@ -213,12 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Output(quiet=args.quiet, as_json=args.json, silent=rank > 0)
     if rank > 0:  # rank 0 warns for all
         warnings.simplefilter("ignore")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.exit(EXIT_USAGE, f"explaind: error: --threads {args.threads} must be a positive integer\n")
+    threads = default_threads(args)
+    if threads is not None:
+        if threads < 1:
+            parser.exit(EXIT_USAGE, f"explaind: error: --threads {threads} must be a positive integer\n")
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR if out.quiet else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     prog = f"explaind {args.command}" + (f" {args.study}" if args.command == "study" else "")

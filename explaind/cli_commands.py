@@ -117,9 +117,8 @@ def _announce(out: Any, what: str, rule: Any, n_steps: int, n_test: int) -> None
     from .studies import fidelity
 
     evals = fidelity.estimated_evals(rule, n_steps, n_test)
-    bound = "at least " if rule.quadrature == "adaptive" else ""
-    out.info(f"{what}: {rule.label} over {n_steps} steps x {n_test} inputs = {bound}{evals:,} path-gradient "
-             f"evaluations")
+    out.info(f"{what}: {rule.label} over {n_steps} steps x {n_test} inputs = {fidelity.evals_text(rule, evals)} "
+             f"path-gradient evaluations")
 
 
 def _cheaper_default(out: Any, n_steps: int, n_test: int, limit: int | None) -> Any:
@@ -128,11 +127,19 @@ def _cheaper_default(out: Any, n_steps: int, n_test: int, limit: int | None) -> 
 
     rule, passed = fidelity.default_rule(n_steps, n_test, limit)
     for other, evals in passed:
-        bound = "at least " if other.quadrature == "adaptive" else ""
-        out.info(f"replicate: {other.label} would take {bound}{evals:,} path-gradient evaluations, more than "
-                 f"--max-evals {limit:,}; using {rule.label} (its error is measured and shown). Force a rule with "
-                 f"--quadrature, or raise --max-evals (0: no limit).")
+        out.info(f"replicate: {other.label} would take {fidelity.evals_text(other, evals)} path-gradient evaluations, "
+                 f"more than --max-evals {limit:,}; using {rule.label} (its error is measured and shown). Force a rule "
+                 f"with --quadrature, or raise --max-evals (0: no limit).")
     return rule
+
+
+def _skip_note(rule: Any, evals: int, spent: int, limit: int) -> str:
+    """Why ``--table`` left a rule out: its own cost, or its cost on top of the rules computed."""
+    from .studies.fidelity import evals_text
+
+    why = (f"{evals_text(rule, evals)} evaluations exceed" if evals > limit else
+           f"{evals_text(rule, evals)} evaluations, with the {spent:,} of the rules computed, exceed")
+    return f"skipped {rule.label}: {why} --max-evals {limit:,} (raise it, or use --steps / --n-test)"
 
 
 def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
@@ -171,8 +178,8 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
     for rule in rules:
         _announce(out, "replicate", rule, n_steps, n_test)
     rows = fidelity.run_fidelity(run, rules, n_test=n_test, device=args.device, progress=out.progress, steps=steps)
-    notes = [f"skipped {rule.label}: {'at least ' if rule.quadrature == 'adaptive' else ''}{evals:,} evaluations "
-             f"exceed --max-evals {limit:,} (raise it, or use --steps / --n-test)" for rule, evals in skipped]
+    rows_evals = sum(fidelity.estimated_evals(rule, n_steps, n_test) for rule in rules)
+    notes = [_skip_note(rule, evals, rows_evals, limit) for rule, evals in skipped]
     text = "\n".join([format_table(rows, fidelity.TABLE_COLUMNS), *notes])
     out.result(text, {"run": str(run.path), "rows": rows,
                       "skipped": [{"rule": r.label, "estimated_evals": e} for r, e in skipped]})

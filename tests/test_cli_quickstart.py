@@ -1,37 +1,72 @@
 """The command-line section of docs/quickstart.md, run in order at a reduced size.
 
-The documented commands (train -> replicate --table -> influence -> report) with the same options
-except the sizes (modulus 7, a narrow model, 30 steps), so that the chain runs in seconds: each
-command announces its cost before computing, and the defaults that keep the documented sizes
-within minutes (64 / 32 test inputs, the evaluation budget of ``--table``, the data view's first
-steps) are visible in the results.
+The documented commands (train -> replicate --table -> influence -> report) are read from the
+page (by the parser of ``benchmarks/bench_quickstart.py``, which times them at full size) and run
+with the same options except the sizes (:data:`SIZES`: modulus 7, a narrow model, 30 steps), so
+that the chain runs in seconds: each command announces its cost before computing, and the
+defaults that keep the documented sizes within minutes (64 / 32 test inputs, the evaluation
+budget of ``--table``, the data view's first steps) are visible in the results. ``demo --tiny``
+and ``study grokking --tiny`` run in ``tests/test_cli_demo.py``.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+import shlex
+import sys
+from pathlib import Path
 
 import pytest
 
-from explaind.cli import main
+from explaind.cli import default_threads, main
 from explaind.studies import fidelity
 
 STEPS = 30
+#: The only changes to the documented commands: the sizes (a model width of 8 wants 2 heads).
+SIZES = {"--data p=23": "--data p=7", "--model d_model=48": "--model d_model=8 --model n_heads=2",
+         "--model d_mlp=192": "--model d_mlp=16", "--steps 2000": f"--steps {STEPS}"}
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quickstart.py"
+
+
+def _documented() -> list[str]:
+    spec = importlib.util.spec_from_file_location("bench_quickstart", _BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quickstart"] = module
+    spec.loader.exec_module(module)
+    return module.quickstart_commands()
+
+
+DOCUMENTED = _documented()
+
+
+def documented(command: str, run: Path) -> list[str]:
+    """The page's ``explaind COMMAND ...`` line as arguments, at the reduced sizes, on the run ``run``."""
+    (line,) = [c for c in DOCUMENTED if c.split()[1] == command]
+    for full, reduced in SIZES.items():
+        line = line.replace(full, reduced)
+    return [str(run) + a[len("runs/grok"):] if a.startswith("runs/grok") else a for a in shlex.split(line)[1:]]
+
+
+def test_the_page_documents_the_commands_run_here():
+    assert [c.split()[1] for c in DOCUMENTED] == ["demo", "train", "replicate", "influence", "report", "study"]
+    train = next(c for c in DOCUMENTED if c.split()[1] == "train")
+    assert all(full in train for full in SIZES), "the documented train command changed: update SIZES"
 
 
 @pytest.fixture(scope="module")
 def grok(tmp_path_factory):
     run = tmp_path_factory.mktemp("quickstart") / "runs" / "grok"
-    code = main(["-q", "--threads", "1", "train", "--out", str(run), "-a", "modular_transformer", "-d", "modular",
-                 "--data", "p=7", "--data", "n_train=0.6", "--data", "n_val=null", "--model", "d_model=8",
-                 "--model", "n_heads=2", "--model", "d_mlp=16", "--lr", "1e-2", "--weight-decay", "2", "--betas",
-                 "0.9", "0.98", "--steps", str(STEPS), "--stop-at", "1.0"])
-    assert code == 0
+    argv = documented("train", run)
+    assert argv[:3] == ["train", "--out", str(run)] and "p=7" in argv and str(STEPS) in argv
+    assert main(["-q", *argv]) == 0
     return run
 
 
 def test_replicate_table_announces_the_cost_of_each_rule(grok, capsys):
-    assert main(["--threads", "1", "replicate", str(grok), "--table", "--json"]) == 0
+    assert documented("replicate", grok) == ["replicate", str(grok), "--table"]
+    assert main([*documented("replicate", grok), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     rows = data["rows"]
     # 20 validation pairs (< 32): every rule of the table fits the default budget
@@ -51,9 +86,19 @@ def test_replicate_table_skips_what_exceeds_the_budget(grok, capsys):
     assert main(["-q", "replicate", str(grok), "--table", "--max-evals", "-1"]) == 2
 
 
+def test_replicate_table_says_when_a_rule_fits_alone_but_not_after_the_others(grok, capsys):
+    # 20 steps x 20 inputs: gauss-legendre-4 1,600 + midpoint-10 4,000 computed; adaptive's 4,800 fits 8,000 alone
+    assert main(["--threads", "1", "replicate", str(grok), "--table", "--max-evals", "8000", "--steps", "10:"]) == 0
+    out = capsys.readouterr().out
+    assert ("skipped adaptive: at least 4,800 evaluations, with the 5,600 of the rules computed, exceed "
+            "--max-evals 8,000") in out
+    assert "skipped midpoint-100: 40,000 evaluations exceed --max-evals 8,000" in out
+
+
 def test_influence_defaults_to_a_two_node_rule_with_its_error_reported(grok, tmp_path, capsys):
-    out_dir = tmp_path / "scores"
-    assert main(["--threads", "1", "influence", str(grok), "--keep", "step,group", "--out", str(out_dir)]) == 0
+    out_dir = grok / "scores"
+    assert documented("influence", grok) == ["influence", str(grok), "--keep", "step,group", "--out", str(out_dir)]
+    assert main(documented("influence", grok)) == 0
     captured = capsys.readouterr()
     assert f"influence: gauss-legendre-2 over {STEPS} steps x 20 inputs = {2 * STEPS * 20:,}" in captured.err
     assert "quadrature error" in captured.out and "gauss-legendre-2" in captured.out
@@ -66,9 +111,14 @@ def test_influence_defaults_to_a_two_node_rule_with_its_error_reported(grok, tmp
 
 
 def test_report_covers_a_prefix_of_the_run_in_its_data_view(grok, capsys):
-    assert main(["--threads", "1", "report", str(grok), "--data-steps", "12"]) == 0
+    assert documented("report", grok) == ["report", str(grok)]
+    assert main([*documented("report", grok), "--data-steps", "12"]) == 0  # 12 < STEPS: a prefix
     captured = capsys.readouterr()
     assert "report, data view: gauss-legendre-2 over 12 steps" in captured.err
+    # each view says its evaluations again as it starts (so do the demo and the grokking study, which call it too)
+    assert (f"step x group influence on 20 validation inputs (gauss-legendre-2: {STEPS * 20 * 2:,} path-gradient "
+            f"evaluations)") in captured.err
+    assert f"of {STEPS} (gauss-legendre-2: {12 * 20 * 2:,} path-gradient evaluations)" in captured.err
     scores = json.loads((grok / "report" / "scores.json").read_text())
     assert scores["data_view"]["data_steps"] == [0, 12]
     assert all(s < 12 for s in scores["data_view"]["kernel_steps"])
@@ -109,3 +159,26 @@ def test_replicate_shows_a_progress_bar_with_the_time_left(grok, capsys):
     assert main(["--threads", "1", "replicate", str(grok), "--quadrature", "gauss-legendre", "--nodes", "2"]) == 0
     err = capsys.readouterr().err
     assert "quadrature" in err and "<" in err.split("quadrature")[-1]  # tqdm's [elapsed<remaining]
+
+
+def test_commands_use_one_cpu_thread_unless_told_otherwise(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        assert main(["-q", "plugins"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["-q", "--threads", "2", "plugins"]) == 0
+        assert torch.get_num_threads() == 2
+        # an OMP_NUM_THREADS of the user's, or a GPU device, keeps torch's choice
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert main(["-q", "plugins"]) == 0
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert default_threads(argparse.Namespace(threads=None, device="cuda:0")) is None
+        assert default_threads(argparse.Namespace(threads=None, device="cpu")) == 1
+        assert default_threads(argparse.Namespace(threads=3, device="cuda")) == 3
+    finally:
+        torch.set_num_threads(before)

@@ -206,12 +206,30 @@ def test_bootstrap_and_config_errors():
         compute_scores(None, None, None, ("shapley",))
 
 
-def test_cli_validate_runs_the_benchmark(tmp_path, capsys):
-    from explaind.cli import main
+def test_cli_validate_runs_the_benchmark(tmp_path, capsys, monkeypatch):
+    import sys
 
+    from explaind.cli import main
+    from explaind.validation.problem import ValidationProblem
+
+    # the retrainings of the benchmark itself: from retrain_logits or from the benchmark module (not TRAK's models)
+    callers = []
+    train = ValidationProblem.train
+
+    def counted(self, *args, **kwargs):
+        frame = sys._getframe(1)
+        callers.append((frame.f_code.co_name, frame.f_code.co_filename.endswith("benchmark.py"),
+                        kwargs.get("record", False)))
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ValidationProblem, "train", counted)
     assert main(["validate", "--quick", "--subsets", "4", "--fractions", "0.5", "--seeds", "2", "--out",
                  str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    made = sum(1 for name, in_benchmark, record in callers if not record and (in_benchmark or name == "retrain_logits"))
+    assert made == 2 * (1 + 4 + 10 * 2)  # seeds x (full set + subsets + 10 test points x 2 removal methods)
+    assert f"validate (tanh): 2 seed(s), {made:,} retrainings of 20 steps (a smoke test" in captured.err
+    out = captured.out
     assert "## tanh" in out and "counterfactual" in out and "2 seed(s) from 0" in out
     data = json.loads((tmp_path / "validation_tanh.json").read_text())
     assert data["config"]["seeds"] == 2 and data["config"]["fractions"] == [0.5]

@@ -23,7 +23,8 @@ import numpy as np
 from ..exceptions import ConfigError
 
 __all__ = ["format_table", "Rule", "all_rules", "rule_from", "run_fidelity", "reference_setups", "reference_table",
-           "TABLE_COLUMNS", "estimated_evals", "affordable_rules", "TABLE_MAX_EVALS", "DEFAULT_RULES", "default_rule"]
+           "TABLE_COLUMNS", "estimated_evals", "evals_text", "affordable_rules", "TABLE_MAX_EVALS", "DEFAULT_RULES",
+           "default_rule"]
 
 TABLE_COLUMNS = ["setup", "rule", "evals/step", "argmax agreement", "KL", "max rel error", "seconds"]
 _QUADRATURES = ("adaptive", "gauss-legendre", "midpoint", "left")
@@ -64,6 +65,11 @@ def estimated_evals(rule: Rule, n_steps: int, n_test: int) -> int:
     per_step = _ADAPTIVE_MIN_EVALS if rule.quadrature == "adaptive" else (
         rule.nodes if rule.nodes is not None else DEFAULT_NODES[rule.quadrature])
     return int(per_step) * int(n_steps) * int(n_test)
+
+
+def evals_text(rule: Rule, evals: int) -> str:
+    """``evals`` as said to the user: ``"4,000"``, or ``"at least 4,800"`` for ``adaptive`` (a lower bound)."""
+    return f"{'at least ' if rule.quadrature == 'adaptive' else ''}{evals:,}"
 
 
 def affordable_rules(rules: list[Rule], n_steps: int, n_test: int,

@@ -135,6 +135,14 @@ def _kernel_steps(n_steps: int, phases: list[Any] | None, count: int) -> list[in
     return sorted(dict.fromkeys(min(max(s, 0), n_steps - 1) for s in steps))[:max(count, 1)]
 
 
+def _cost(opts: ReportOptions, n_steps: int, n_test: int) -> str:
+    """The path-gradient evaluations of one view, said before it is computed (a lower bound for ``adaptive``)."""
+    from .fidelity import Rule, estimated_evals, evals_text
+
+    rule = Rule(opts.quadrature, opts.nodes)
+    return f" ({rule.label}: {evals_text(rule, estimated_evals(rule, n_steps, n_test))} path-gradient evaluations)"
+
+
 def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, device: str = "cpu",
                  pruning_dir: str | Path | None = None, validation_dir: str | Path | None = None,
                  progress: bool = False,
@@ -203,7 +211,8 @@ def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, de
             f"between the two softmax outputs, the largest error relative to the largest output, and the cost in "
             f"gradient evaluations per step and input.", table=fidelity_rows))
 
-    say(f"step x group influence on {min(opts.n_test, ds.n_val)} validation inputs")
+    say(f"step x group influence on {min(opts.n_test, ds.n_val)} validation inputs"
+        f"{_cost(opts, traj.n_steps, min(opts.n_test, ds.n_val))}")
     start = time.perf_counter()
     att = analysis.influence(run, keep=("step", "group"), target="label", n_test=opts.n_test, device=opts.device,
                              quadrature=opts.quadrature, nodes=opts.nodes, memory_budget=opts.memory_budget,
@@ -232,7 +241,7 @@ def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, de
 
     data_stop = traj.n_steps if opts.data_steps is None else min(traj.n_steps, int(opts.data_steps))
     say(f"data view: {opts.n_kernel} validation inputs x {ds.n_train} training samples, per step, over steps "
-        f"0-{data_stop - 1} of {traj.n_steps}")
+        f"0-{data_stop - 1} of {traj.n_steps}{_cost(opts, data_stop, min(opts.n_kernel, ds.n_val))}")
     start = time.perf_counter()
     pick = pick_kernel_inputs(ds.y_val.numpy(), opts.n_kernel)
     data_images, data_captions, data_summary = _data_view(run, pick, phases, opts, out, progress)

@@ -39,7 +39,7 @@ from .methods import METHODS, OPTIONAL_METHODS, compute_scores
 from .metrics import bootstrap_mean, lds, subset_predictions
 from .problem import ValidationConfig, ValidationProblem
 
-__all__ = ["ValidationResult", "run_validation", "draw_subsets", "REMOVAL_METHODS"]
+__all__ = ["ValidationResult", "run_validation", "draw_subsets", "REMOVAL_METHODS", "retrainings"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +223,16 @@ def _run_seed(config: ValidationConfig, methods: tuple[str, ...], bar: Any) -> _
     seconds["retrain_removal"] = time.perf_counter() - start
     bar.update()
     return _SeedRun(per_test, removal, seconds, float(np.abs(full - base).max()))
+
+
+def retrainings(config: ValidationConfig) -> int:
+    """Training runs that :func:`run_validation` makes after recording (its cost, announced up front).
+
+    Per seed: the full set once, ``n_subsets`` subsets for each fraction, and ``n_test`` top-k
+    removals for each method of :data:`REMOVAL_METHODS`.
+    """
+    per_seed = 1 + len(config.fractions) * config.n_subsets + config.n_test * len(REMOVAL_METHODS)
+    return config.seeds * per_seed
 
 
 def run_validation(config: ValidationConfig | None = None,
