@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
-from ._gradients import UpdateAudit
+from ._audit import UpdateAudit
 
 __all__ = ["CopyPool", "OrderedWorker", "WarmBuffers", "audit_job"]
 

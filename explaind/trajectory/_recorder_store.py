@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ..recurrence import LinearUpdate
+from ._audit import UpdateAudit
 from ._background import CopyPool, OrderedWorker, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
-from ._gradients import UpdateAudit, has_stochastic_layers
+from ._gradients import has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
 from ._random import pack_micro_batches
 from ._setup import setup_error
