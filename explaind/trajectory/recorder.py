@@ -466,6 +466,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         try:
             updates = collect_updates(self._params, self._adapter.after_step(optimizer, st["before"]),
                                       st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
+            self._make_room(s, st)  # a dense store's queue bounded by bytes: wait before copying, not after
             theta_next = self._copy_params()
             audit = self._audit_job(s, theta_next, st["seen"], updates)  # run later, in step order
             check = st["check"]
