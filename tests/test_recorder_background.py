@@ -17,7 +17,7 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import TrajectoryError
-from explaind.trajectory import _gradients, store
+from explaind.trajectory import _audit, store
 from explaind.trajectory._background import CopyPool, OrderedWorker
 from explaind.trajectory._gradients import _same
 
@@ -117,7 +117,7 @@ def test_reused_buffers_hold_every_step_while_the_writer_lags(tmp_path, monkeypa
 
 
 def _failing_audit(monkeypatch, at: int):
-    real, calls = _gradients.UpdateAudit.step, []
+    real, calls = _audit.UpdateAudit.step, []
 
     def step(self, *args, **kwargs):
         calls.append(threading.current_thread().name)
@@ -125,7 +125,7 @@ def _failing_audit(monkeypatch, at: int):
             raise RuntimeError("disk full in the audit")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(_gradients.UpdateAudit, "step", step)
+    monkeypatch.setattr(_audit.UpdateAudit, "step", step)
     return calls
 
 
@@ -162,13 +162,13 @@ def test_a_failed_audit_of_the_last_step_is_raised_at_exit(tmp_path, monkeypatch
 
 
 def test_the_in_memory_trajectory_waits_for_the_audits(monkeypatch):
-    real = _gradients.UpdateAudit.step
+    real = _audit.UpdateAudit.step
 
     def slow(self, *args, **kwargs):
         time.sleep(0.02)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(_gradients.UpdateAudit, "step", slow)
+    monkeypatch.setattr(_audit.UpdateAudit, "step", slow)
     model, opt, X, y = _setup("sgd")
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=False)
     with rec:

@@ -9,6 +9,10 @@ r"""The recorder's per-step work off the training loop's hot path (docs/recordin
 * :class:`OrderedWorker` runs jobs on one daemon thread, in the order they were submitted, at
   most ``max_queue`` behind; the error of a failed job is raised by the next :meth:`submit`,
   :meth:`check`, :meth:`flush` or :meth:`close`, and later jobs are not run.
+* :class:`QueueBudget` bounds what waits for a background thread by count and by bytes: a step
+  waits until fewer than ``max_steps`` are queued and its bytes fit under ``max_bytes`` with those
+  queued (a step is always let in when nothing is queued, so a step larger than the budget waits
+  for an empty queue instead of forever).
 * :func:`audit_job` wraps one step of :class:`~explaind.trajectory._gradients.UpdateAudit` so it
   can run on such a thread (or the store's writer thread): the gradients the optimizer saw are
   copied on the hot path, the replay of the update and its float64 norms run later, in step order,
@@ -28,9 +32,9 @@ from torch import Tensor
 
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
-from ._gradients import UpdateAudit
+from ._audit import UpdateAudit
 
-__all__ = ["CopyPool", "OrderedWorker", "WarmBuffers", "audit_job"]
+__all__ = ["CopyPool", "OrderedWorker", "QueueBudget", "WarmBuffers", "audit_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +209,56 @@ class OrderedWorker:
                 self._queue.put(None)
                 self._thread.join()
                 self._queue = None
+
+
+class QueueBudget:
+    """How many steps, and how many bytes of their copies, are handed to a background thread and not yet done.
+
+    A step of ``nbytes`` is admitted when ``steps < max_steps`` and either nothing is queued or
+    ``queued_bytes + nbytes <= max_bytes``; :meth:`acquire` waits until it is. Thread-safe.
+
+    Parameters
+    ----------
+    max_steps : int
+        Steps queued at most (at least 1).
+    max_bytes : int or None
+        Bytes queued at most, unless a single step is larger (``None``: no byte bound).
+    """
+
+    def __init__(self, max_steps: int, max_bytes: int | None):
+        self.max_steps = max(1, int(max_steps))
+        self.max_bytes = None if max_bytes is None else max(0, int(max_bytes))
+        self._room = threading.Condition()
+        self.steps = 0
+        self.bytes = 0
+        self.peak_steps = 0  # the most steps queued at once (for tests and benchmarks)
+        self.peak_bytes = 0
+
+    def _fits(self, nbytes: int) -> bool:
+        if self.steps >= self.max_steps:
+            return False
+        return self.steps == 0 or self.max_bytes is None or self.bytes + nbytes <= self.max_bytes
+
+    def wait_for_room(self, nbytes: int) -> None:
+        """Wait until a step of ``nbytes`` would be admitted (call before making its copies)."""
+        with self._room:
+            self._room.wait_for(lambda: self._fits(nbytes))
+
+    def acquire(self, nbytes: int) -> None:
+        """Wait until a step of ``nbytes`` is admitted, then count it as queued."""
+        with self._room:
+            self._room.wait_for(lambda: self._fits(nbytes))
+            self.steps += 1
+            self.bytes += nbytes
+            self.peak_steps = max(self.peak_steps, self.steps)
+            self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def release(self, nbytes: int) -> None:
+        """A step of ``nbytes`` is done: its room is free."""
+        with self._room:
+            self.steps -= 1
+            self.bytes -= nbytes
+            self._room.notify_all()
 
 
 def audit_job(

@@ -1,4 +1,4 @@
-r"""Gradient bookkeeping of the recorder: raw-gradient snapshots, the scale ``c_s``, autocast, the audit.
+r"""Gradient bookkeeping of the recorder: raw-gradient snapshots, the scale ``c_s``, autocast.
 
 * :class:`GradientTap` copies each parameter's accumulated gradient right after ``backward``
   (``Tensor.register_post_accumulate_grad_hook``), before the user's loop may unscale, clip or edit
@@ -10,8 +10,8 @@ r"""Gradient bookkeeping of the recorder: raw-gradient snapshots, the scale ``c_
   accumulation whose step was skipped (``GradScaler`` found inf/nan) can be forgotten.
 * :class:`AutocastProbe` (a forward pre-hook on the model) notes whether the loop's forward ran
   under ``torch.autocast`` and in which dtype, and hooks parameters that start requiring grad.
-* :class:`UpdateAudit` replays each step with the adapter's coefficients and reports
-  :math:`\|E_s\| / \|\Delta\theta_s\|`.
+* The update audit, which replays each step with the adapter's coefficients, is
+  :class:`~explaind.trajectory._audit.UpdateAudit`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
-from ..recurrence import LinearUpdate
 
-__all__ = ["GradientTap", "AutocastProbe", "UpdateAudit", "has_stochastic_layers", "is_power_of_two"]
+__all__ = ["GradientTap", "AutocastProbe", "has_stochastic_layers", "is_power_of_two"]
 
 
 def is_power_of_two(c: float) -> bool:
@@ -94,12 +93,6 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 def _dot64(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1).double(), b.reshape(-1).double())
-
-
-def _sq64(a: Tensor) -> Tensor:
-    """``_dot64(a, a)`` with one float64 copy of ``a`` instead of two (the same value)."""
-    flat = a.reshape(-1).double()
-    return torch.dot(flat, flat)
 
 
 class GradientTap:
@@ -324,33 +317,3 @@ class AutocastProbe:
     def reset(self) -> None:
         """Forget the forward passes of the finished step."""
         self.dtype = None
-
-
-class UpdateAudit:
-    r"""Replays the recurrence with the adapter's coefficients and measures :math:`\|E_s\|/\|\Delta\theta_s\|`."""
-
-    def __init__(self) -> None:
-        # m_s per parameter; each step stores new tensors and never writes into old ones (the store's
-        # writer saves them with the optimizer state without copying)
-        self.momentum: dict[str, Tensor] = {}
-
-    def step(
-        self,
-        theta: dict[str, Tensor],
-        theta_next: dict[str, Tensor],
-        grads: dict[str, Tensor | None],
-        updates: dict[str, LinearUpdate],
-    ) -> float:
-        err = delta_sq = 0.0
-        for name, u in updates.items():
-            g = grads.get(name)
-            t = theta[name]
-            g = torch.zeros_like(t) if g is None else g
-            modelled, m = u.step(g.to(t.dtype), self.momentum.get(name), t)
-            self.momentum[name] = m if isinstance(m, Tensor) else torch.as_tensor(m, dtype=t.dtype)
-            actual = theta_next[name] - t
-            err += float(_sq64(actual - modelled))
-            delta_sq += float(_sq64(actual))
-        if delta_sq == 0.0:
-            return 0.0 if err == 0.0 else math.inf
-        return math.sqrt(err / delta_sq)

@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ..recurrence import LinearUpdate
+from ._audit import UpdateAudit
 from ._background import CopyPool, OrderedWorker, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
-from ._gradients import UpdateAudit, has_stochastic_layers
+from ._gradients import has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
 from ._random import pack_micro_batches
 from ._setup import setup_error
@@ -194,6 +195,27 @@ class RecorderStoreMixin:
 
         return prepare
 
+    def _held_bytes(self, st: dict[str, Any]) -> int:
+        """Bytes of the gradient copies the step's audit keeps until it ran on the writer (0 with the audit off)."""
+        seen = st.get("seen") if self._audit_on else None
+        return sum(g.numel() * g.element_size() for g in (seen or {}).values() if g is not None)
+
+    def _state_due(self, s: int) -> bool:
+        """Whether a dense store keeps the optimizer state after step ``s``."""
+        return bool(self._state_every) and (s + 1) % self._state_every == 0
+
+    def _make_room(self, s: int, st: dict[str, Any]) -> None:
+        """Before step ``s``'s copies are made: wait until the writer's queue has room for them (dense stores).
+
+        The queue is bounded by bytes as well as steps (``StoreWriter``'s ``max_queue_bytes``), so
+        when the writer is behind the loop waits here instead of holding one more step of copies.
+        """
+        if self._writer is None or self._every > 1:
+            return
+        theta = sum(p.numel() * p.element_size() for p in self._params.values())
+        state = state_bytes(self.optimizer) if self._state_due(s) else 0
+        self._writer.wait_for_room(theta + state + self._held_bytes(st))
+
     def _release(self, state: Any, theta: dict[str, Tensor] | None) -> Any:
         """What the writer runs once a step is written: the optimizer state's (and theta's) buffers are free."""
         pool = self._pool
@@ -326,11 +348,10 @@ class RecorderStoreMixin:
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
         tensors.update(self._step_record(st, buffers))
         tensors.update(pack_updates(tuple(self._params), updates))
-        state = None
-        if self._state_every and (record.step + 1) % self._state_every == 0:
-            state = self._optimizer_state()
+        state = self._optimizer_state() if self._state_due(record.step) else None
         self._writer.write_step(record, tensors, state, prepare=self._prepare(audit),
-                                done=self._release(state, None if self._audit_on else theta_next))
+                                done=self._release(state, None if self._audit_on else theta_next),
+                                held_bytes=self._held_bytes(st))
 
     def _step_record(self, st: dict[str, Any], buffers: dict[str, Tensor] | None) -> dict[str, Tensor]:
         """What every step file keeps, dense or sparse: the batch, the changed buffers, the micro-batches' states."""

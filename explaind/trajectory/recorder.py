@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_renormalising_embeddings
+from ._audit import UpdateAudit
 from ._buffers import BufferTracker
 from ._checks import (
     AUTO_CHECK_EVERY,
@@ -39,7 +40,7 @@ from ._common import (
     validate_indices,
     validate_weights,
 )
-from ._gradients import AutocastProbe, GradientTap, UpdateAudit, is_power_of_two
+from ._gradients import AutocastProbe, GradientTap, is_power_of_two
 from ._participation import (
     collect_updates,
     foreign_parameters,
@@ -465,6 +466,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         try:
             updates = collect_updates(self._params, self._adapter.after_step(optimizer, st["before"]),
                                       st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
+            self._make_room(s, st)  # a dense store's queue bounded by bytes: wait before copying, not after
             theta_next = self._copy_params()
             audit = self._audit_job(s, theta_next, st["seen"], updates)  # run later, in step order
             check = st["check"]

@@ -28,8 +28,9 @@ moved into place, so a crash loses at most the steps not yet committed. ``manife
 written last when a new store is set up (its existence makes the directory a store; see
 ``_layout``), again when a resumed recording starts, and when recording ends; readers merge it
 with the journal. Writing may run on a background thread; at most ``max_queue`` (4) steps are
-handed to it and not yet committed, so a crash loses at most those 4 plus the step in flight
-(measured in tests/test_store_faults.py). A failure there is raised by the next recorder call.
+handed to it and not yet committed, and at most ``max_queue_bytes`` (64 MiB) of their copies unless
+one step alone is larger (then one step at a time), so a crash loses at most those 4 plus the step
+in flight (measured in tests/test_store_faults.py). A failure there is raised by the next recorder call.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from torch import Tensor
 from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
+from ._background import QueueBudget
 from ._filewrite import TensorFileWriter
 from ._io import read_confined, write_bytes
 from ._layout import (
@@ -71,6 +73,10 @@ __all__ = ["MANIFEST", "JOURNAL", "StoreWriter", "read_manifest", "is_store", "s
 logger = logging.getLogger(__name__)
 #: ``prepare(record, optimizer_state) -> (record, optimizer_state)``, run on the writer before a step is written
 Prepare = Callable[[StepRecord, Any], tuple[StepRecord, Any]]
+
+#: Bytes of step copies (theta, optimizer state, what the step's ``prepare`` holds) queued for the writer at
+#: most, unless one step alone is larger: then a step waits until the one before it is committed
+MAX_QUEUE_BYTES = 1 << 26
 
 #: Largest manifest or journal read (5,000 steps take about 4 MB).
 MAX_INDEX_BYTES = 1 << 28
@@ -105,6 +111,12 @@ def unpack_updates(names: tuple[str, ...], tensors: dict[str, Tensor]) -> dict[s
             values[field] = tensors[key] if key in tensors else scalar
         out[name] = LinearUpdate(**values)
     return out
+
+
+def step_bytes(tensors: dict[str, Tensor], optimizer_state: tuple[dict[str, Tensor], Any] | None) -> int:
+    """Bytes of a step's tensors and of its optimizer state's tensors."""
+    held = list(tensors.values()) + ([] if optimizer_state is None else list(optimizer_state[0].values()))
+    return sum(t.numel() * t.element_size() for t in held)
 
 
 def record_binding(record: StepRecord) -> str:
@@ -210,6 +222,12 @@ class StoreWriter:
     background : bool
         Write step files on a worker thread; at most ``max_queue`` steps are handed over and not
         yet committed at any time (a further ``write_step`` waits).
+    max_queue : int
+        Steps handed over and not yet committed, at most (the crash bound).
+    max_queue_bytes : int or None
+        Bytes of the steps handed over and not yet committed (their tensors, optimizer state and
+        ``held_bytes``), at most, unless a single step is larger: then it waits until nothing is
+        queued. ``None``: bounded by ``max_queue`` only; ``"default"``: :data:`MAX_QUEUE_BYTES`.
     new : bool
         Set up a new store: the set-up marker is created and the manifest is not written until
         :meth:`finish_setup` (after the start files), so an interruption leaves no store.
@@ -219,7 +237,8 @@ class StoreWriter:
     """
 
     def __init__(self, root: Path, manifest: TrajectoryManifest, *, fsync: bool = True, background: bool = True,
-                 max_queue: int = 4, new: bool = False, keep_states: bool = False):
+                 max_queue: int = 4, max_queue_bytes: int | None | str = "default", new: bool = False,
+                 keep_states: bool = False):
         self.root = Path(root)
         self.manifest = manifest
         self.fsync = fsync
@@ -241,7 +260,7 @@ class StoreWriter:
         self._journal = open(self.root / JOURNAL, "ab")  # noqa: SIM115 - closed in close()
         self._queue: queue.Queue[Callable[[], None] | None] | None = None
         self._thread: threading.Thread | None = None
-        self._pending = threading.BoundedSemaphore(max(1, int(max_queue)))
+        self._budget = QueueBudget(max_queue, MAX_QUEUE_BYTES if max_queue_bytes == "default" else max_queue_bytes)
         if background:
             self._queue = queue.Queue(maxsize=max(1, int(max_queue)))
             self._thread = threading.Thread(target=self._worker, name="explaind-store-writer", daemon=True)
@@ -298,7 +317,7 @@ class StoreWriter:
             finally:
                 for item in batch:
                     if item is not None:
-                        self._pending.release()
+                        self._budget.release(item[6])
                     self._queue.task_done()
             if stop:
                 return
@@ -321,15 +340,19 @@ class StoreWriter:
         metadata: dict[str, str] | None = None,
         prepare: Prepare | None = None,
         done: Callable[[], None] | None = None,
+        held_bytes: int = 0,
     ) -> None:
         """Queue step ``record.step``: its file, the optimizer state after it (optional), then its journal line.
 
         ``metadata`` joins the step file's (checksummed) metadata. ``prepare(record, state)`` runs on the
         writer in step order just before the step is written and returns the record and state to write
         (the recorder's audit runs there); ``done()`` runs once the step's group was written.
+        ``held_bytes``: what else the step keeps alive until it is written (the audit's gradient
+        copies), counted against ``max_queue_bytes`` with its tensors and optimizer state.
         """
         self.check()
-        item = (record, tensors, optimizer_state, dict(metadata or {}), prepare, done)
+        nbytes = step_bytes(tensors, optimizer_state) + int(held_bytes)
+        item = (record, tensors, optimizer_state, dict(metadata or {}), prepare, done, nbytes)
         if self._queue is None:
             try:
                 self._commit([item])
@@ -337,10 +360,15 @@ class StoreWriter:
                 self._error = exc
                 self.check()
         else:
-            self._pending.acquire()  # at most max_queue steps handed over and not yet committed
+            self._budget.acquire(nbytes)  # at most max_queue steps (and max_queue_bytes) not yet committed
             self._queue.put(item)
 
-    def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any, dict[str, str], Any, Any]]) -> None:
+    def wait_for_room(self, nbytes: int) -> None:
+        """Wait until a step of ``nbytes`` would be queued without waiting (call before copying it)."""
+        if self._queue is not None:
+            self._budget.wait_for_room(nbytes)
+
+    def _commit(self, items: list[tuple[StepRecord, dict[str, Tensor], Any, dict[str, str], Any, Any, int]]) -> None:
         """Write the files of consecutive steps, then their journal lines (the commit point).
 
         Only the newest optimizer state of the group is written, into the slot *not* holding the
@@ -350,7 +378,7 @@ class StoreWriter:
         last_state = max((i for i, item in enumerate(items) if item[2] is not None), default=None)
         done: list[StepRecord] = []
         try:
-            for i, (record, tensors, state, extra, prepare, _) in enumerate(items):
+            for i, (record, tensors, state, extra, prepare, _, _) in enumerate(items):
                 s = self._error_step = record.step
                 if prepare is not None:
                     record, state = prepare(record, state)
