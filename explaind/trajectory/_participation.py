@@ -37,6 +37,7 @@ __all__ = [
     "UNCHANGED",
     "called_by_grad_scaler",
     "collect_updates",
+    "edit_list",
     "edit_message",
     "edited_parameters",
     "foreign_parameters",
@@ -231,13 +232,17 @@ def edited_parameters(params: dict[str, nn.Parameter], recorded: dict[str, Tenso
     return out
 
 
+def edit_list(edited: list[tuple[str, float]]) -> str:
+    """The first five edited parameters of :func:`edited_parameters` with their relative change, and how many more."""
+    listed = ", ".join(f"{n} (relative change {r:.3g})" for n, r in edited[:5])
+    return listed + (f" and {len(edited) - 5} more" if len(edited) > 5 else "")
+
+
 def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
     """The error of step ``step`` whose parameters changed outside ``optimizer.step()`` (``start``: first recorded)."""
-    listed = ", ".join(f"{n} (relative change {r:.3g})" for n, r in edited[:5])
-    more = f" and {len(edited) - 5} more" if len(edited) > 5 else ""
     since = "recording started" if step == start else f"step {step - 1} was recorded"
     return (
-        f"Step {step}: the parameter(s) {listed}{more} changed outside optimizer.step() since {since}: an edit of "
+        f"Step {step}: the parameter(s) {edit_list(edited)} changed outside optimizer.step() since {since}: an edit of "
         f"p.data or an in-place write (weight clipping, an EMA or load_state_dict written into the model), or "
         f"another optimizer stepping them. explaind decomposes only the recorded optimizer's updates, and this "
         f"step's gradients were taken at parameters the trajectory does not hold, so it cannot be recorded exactly "

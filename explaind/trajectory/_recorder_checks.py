@@ -30,7 +30,7 @@ from ..records import LossRecord
 from ._buffers import BufferTracker
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
-from ._participation import edit_message, edited_parameters
+from ._participation import edit_list, edit_message, edited_parameters
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
@@ -225,9 +225,8 @@ class RecorderChecksMixin:
         edited = edited_parameters(self._params, self._theta or {})
         if not edited:
             return
-        listed = ", ".join(f"{n} (relative change {r:.3g})" for n, r in edited[:5])
-        message = (f"After the last recorded step ({self._n - 1}) the parameter(s) {listed} were changed outside "
-                   f"optimizer.step() (weight clipping, an EMA or load_state_dict written into the model): the "
+        message = (f"After the last recorded step ({self._n - 1}) the parameter(s) {edit_list(edited)} were changed "
+                   f"outside optimizer.step() (weight clipping, an EMA or load_state_dict written into the model): the "
                    f"trajectory ends at theta_{self._n}, the values the last step produced, not at the model as it "
                    f"is now, so its replica and scores explain theta_{self._n}. Fix: explain the model at "
                    f"traj.params(traj.n_steps), or make such changes after `with rec:`, on a copy of the model.")
