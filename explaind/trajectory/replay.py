@@ -219,7 +219,7 @@ class SegmentReplay:
             stepped = [n for n in names if n in set(info.stepped)]
             module, parts = self._forward_of(s, model, where)
             generators = () if parts is None else resolve_generators(
-                tuple(getattr(src.manifest, "generators", ())), module, src.generators, where)
+                src.manifest.generators, module, src.generators, where)
             grads = batch_gradient(module, {**constants, **self._buffers_at(s)}, {n: leaves[n] for n in names},
                                    stepped, loss, (x, y, w), parts, where, generators)
             scale = src.grad_scale(s)
