@@ -286,3 +286,18 @@ def test_pivoted_distances_equal_direct_ones_for_any_scale():
         for n in r:
             want = float((raw[n] - sigma * r[n]).norm())  # float64 resolution: 1e-14 of ||g_n||, not 1e-8
             assert math.sqrt(got[n]) == pytest.approx(want, rel=1e-9, abs=1e-14 * float(raw[n].norm()))
+
+
+def test_products_accumulate_chunk_by_chunk_in_float64(monkeypatch):
+    """The chunk sums add up in chunk order in float64: bit-equal to a plain loop of Python floats over the chunks."""
+    monkeypatch.setattr(_checks, "_CHUNK", 5)
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(3, 13, generator=g), torch.randn(3, 13, generator=g)
+    want = [0.0, 0.0, 0.0, 0.0]
+    flat_a, flat_b = a.reshape(-1).tolist(), b.reshape(-1).tolist()
+    for lo in range(0, len(flat_a), 5):
+        xs, ys = flat_a[lo:lo + 5], flat_b[lo:lo + 5]
+        ds = [x - 1.25 * y for x, y in zip(xs, ys)]
+        for k, (u, v) in enumerate(((xs, ys), (ys, ys), (xs, xs), (ds, ds))):
+            want[k] += float(torch.dot(torch.tensor(u, dtype=torch.float64), torch.tensor(v, dtype=torch.float64)))
+    assert _checks._products64(a, b, 1.25) == tuple(want)

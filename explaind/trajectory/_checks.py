@@ -231,17 +231,16 @@ def _products64(raw: Tensor, ref: Tensor, pivot: float) -> tuple[float, float, f
 
     Each operand is cast to float64 by chunks of :data:`_CHUNK` elements, so the products of a
     large tensor never hold a float64 copy of it (they run during the check's backward, while
-    its activations are alive).
+    its activations are alive). The four sums are accumulated chunk after chunk in a float64 tensor
+    on the gradients' device and read once (one host synchronisation per parameter, not four per chunk).
     """
     a, b = raw.detach().reshape(-1), ref.detach().reshape(-1)
-    ab = bb = aa = ee = 0.0
+    acc = torch.zeros(4, dtype=torch.float64, device=a.device)
     for lo in range(0, a.numel(), _CHUNK):
         x, y = a[lo:lo + _CHUNK].double(), b[lo:lo + _CHUNK].double()
-        ab += float(torch.dot(x, y))
-        bb += float(torch.dot(y, y))
-        aa += float(torch.dot(x, x))
         d = x - pivot * y
-        ee += float(torch.dot(d, d))
+        acc += torch.stack([torch.dot(x, y), torch.dot(y, y), torch.dot(x, x), torch.dot(d, d)])
+    ab, bb, aa, ee = acc.tolist()
     return ab, bb, aa, ee
 
 
