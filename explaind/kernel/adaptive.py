@@ -146,9 +146,14 @@ def adaptive_plan(
     run = _Levels(refine, rules, eps, evals, acc, thr, scale, max_depth, max_evals, dense_after, dense_evals)
     samples = None if first is None else (*rules[0], first[1], first[2])
     if failing.numel():
-        # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it
-        looks = far_units(err0[failing], thr[failing], scale[failing]) & ~one_kink(failing, est0, g_a, g_b, samples)
-        split = dense_after > 0 and int(looks.sum()) >= max(DENSE_MIN, DENSE_SHARE * failing.numel())
+        # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it (the
+        # kink test only where enough units are far for the count to pass: it cannot raise the count)
+        looks = far_units(err0[failing], thr[failing], scale[failing])
+        need = max(DENSE_MIN, DENSE_SHARE * failing.numel())
+        split = dense_after > 0 and int(looks.sum()) >= need
+        if split:
+            looks = looks & ~one_kink(failing, est0, g_a, g_b, samples)
+            split = int(looks.sum()) >= need
         probe = failing[probe_positions(failing.numel())] if split else failing
         rest = failing[~torch.isin(failing, probe)]
         run(_start_jobs(probe, est0, err0, g_a, g_b, thr, rel, refine, evals, samples), probe.numel())
