@@ -146,9 +146,14 @@ def adaptive_plan(
     run = _Levels(refine, rules, eps, evals, acc, thr, scale, max_depth, max_evals, dense_after, dense_evals)
     samples = None if first is None else (*rules[0], first[1], first[2])
     if failing.numel():
-        # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it
-        looks = far_units(err0[failing], thr[failing], scale[failing]) & ~one_kink(failing, est0, g_a, g_b, samples)
-        split = dense_after > 0 and int(looks.sum()) >= max(DENSE_MIN, DENSE_SHARE * failing.numel())
+        # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it (the
+        # kink test only where enough units are far for the count to pass: it cannot raise the count)
+        looks = far_units(err0[failing], thr[failing], scale[failing])
+        need = max(DENSE_MIN, DENSE_SHARE * failing.numel())
+        split = dense_after > 0 and int(looks.sum()) >= need
+        if split:
+            looks = looks & ~one_kink(failing, est0, g_a, g_b, samples)
+            split = int(looks.sum()) >= need
         probe = failing[probe_positions(failing.numel())] if split else failing
         rest = failing[~torch.isin(failing, probe)]
         run(_start_jobs(probe, est0, err0, g_a, g_b, thr, rel, refine, evals, samples), probe.numel())
@@ -259,18 +264,18 @@ class _Levels:
         acc, evals = self.acc, self.evals
         for depth in range(1, self.max_depth + 1):
             total = acc.err.index_add(0, jobs.unit, jobs.err)
-            refining = torch.zeros_like(self.dense)
-            refining[jobs.unit] = True
-            ripe = refining & (evals >= self.dense_after)
-            if not self.tested and bool(ripe.any()):  # tested at every level until the batch is found kink-dense
-                dense = dense_units(total, ripe, failing, self.thr, self.scale)
-                if bool(dense.any()):  # the others stop before a level could take them past dense_evals
+            if not self.tested:  # tested at every level until the batch is found kink-dense
+                ripe = torch.zeros_like(self.dense)
+                ripe[jobs.unit] = True
+                ripe &= evals >= self.dense_after
+                dense = dense_units(total, ripe, failing, self.thr, self.scale) if bool(ripe.any()) else None
+                if dense is not None and bool(dense.any()):  # the others then stop short of dense_evals
                     self.tested, self.strict, self.cap = True, True, min(self.cap, self.dense_evals)
                     self.dense |= dense
-                jobs = jobs.take(~dense[jobs.unit])
-                if jobs.unit.numel() == 0:
-                    return
-                total = acc.err.index_add(0, jobs.unit, jobs.err)
+                    jobs = jobs.take(~dense[jobs.unit])
+                    if jobs.unit.numel() == 0:
+                        return
+                    total = acc.err.index_add(0, jobs.unit, jobs.err)
             if self.strict:  # the most the next level could spend on each unit
                 over = evals + self.per_job * torch.bincount(jobs.unit, minlength=evals.numel()) > self.cap
             else:

@@ -93,22 +93,19 @@ def start_buffers(fm: FunctionalModel, replay: Replay) -> Params:
 
 
 def replayed_losses(fm: FunctionalModel, point: Params, X: Any, Y: Tensor, state: RandomState,
-                    replay: Replay, buffers: Params | None = None) -> Tensor:
+                    replay: Replay, buffers: Params) -> Tensor:
     r"""Per-sample losses :math:`\ell_k(F(X; \theta, \xi))` of one micro-batch, ``(n,)``, differentiable in ``point``.
 
     One batched forward of the training-mode copy (:func:`training_module`) at the parameters
     ``point`` under the recorded state ``state`` (the private generators of ``replay`` included).
     The forward reads and updates ``buffers`` in place (batch norm's running statistics, spectral
     norm's power iteration), so passing the same dict to the micro-batches of a step in order carries
-    the buffers from one to the next as in the loop (they replace buffer entries of ``point``);
-    default: copies of the buffers in ``point`` or the constants. Nothing of ``fm`` or ``point`` changes.
+    the buffers from one to the next as in the loop (they replace buffer entries of ``point``; a step
+    starts from :func:`start_buffers`). Nothing of ``fm`` or ``point`` changes.
     """
     module = training_module(fm)
     where = f"Step {replay.step}"
     generators = resolve_generators(replay.generators, module, replay.extra, where)
-    if buffers is None:
-        names = {n for n, _ in module.named_buffers()}
-        buffers = {n: t.clone() for n, t in {**fm.constants, **point}.items() if n in names}
     state_dict = {**fm.constants, **point, **buffers}
     with torch.enable_grad(), replayed(state, fm.device, where, generators), fm.rewritten():
         losses = fm.loss_fn(model_output(call_model(module, state_dict, X)), Y)

@@ -231,7 +231,7 @@ def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state
     bar_theta, bar_state, bar_g = vmap(vjp_fn)((lam_theta, lam_state))
     if point.replay is not None:
         x, y = replay.samples(point.idx)
-        beta = replay.traj.buffers(point.s) if replay.stats else {}
+        beta = dict(point.replay.buffers)  # beta_s, read once by step_replay
         counts = {st.module: int(beta.get(st.count, 0)) for st in replay.stats}
         dots, hv, lam_beta = coupled_step_terms(replay.fm, point, x, y, bar_g, lam_beta, replay.stats, counts,
                                                 replay.chunk_size)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import UnsupportedModelError
-from .coupled import replayed_losses, training_module
+from .coupled import replayed_losses, start_buffers, training_module
 from .explained import FunctionalModel, Params
 
 __all__ = ["RunningStat", "running_stats", "coupled_step_terms", "shifted_statistics"]
@@ -199,9 +199,10 @@ def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g
     parts = point.replay.parts
     factors = {st.module: st.factors(counts[st.module], len(parts)) for st in stats}
     module = training_module(fm)
+    buffers = start_buffers(fm, point.replay)  # beta_s, carried through the micro-batches as in the loop
     for j, (lo, hi, state) in enumerate(parts):
         with batch_statistics(module, [st.module for st in stats]) as found:
-            losses = replayed_losses(fm, theta, x[lo:hi], y[lo:hi], state, point.replay)
+            losses = replayed_losses(fm, theta, x[lo:hi], y[lo:hi], state, point.replay, buffers)
         n = hi - lo
         eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
         step = chunk_size or n
