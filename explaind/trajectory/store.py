@@ -441,12 +441,7 @@ class StoreWriter:
             self.flush()
         except TrajectoryError as exc:
             error, complete = exc, False
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._queue = None
-        self._journal.close()
-        self._files.close()
+        self._stop()
         self.manifest.complete = complete
         try:
             self.write_manifest()
@@ -457,12 +452,17 @@ class StoreWriter:
 
     def abandon(self) -> None:
         """Give the store up after a failed set-up: stop the worker and release the lock, writing nothing more."""
+        self._stop()
+        self._writer_lock.release()
+
+    def _stop(self) -> None:
+        """Stop the writer thread (after what it was handed), close the journal and the file writer's I/O thread."""
         if self._queue is not None and self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._queue = None
         self._journal.close()
-        self._writer_lock.release()
+        self._files.close()
 
     @property
     def n_steps(self) -> int:
