@@ -54,7 +54,7 @@ from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget
 from ._filewrite import TensorFileWriter
-from ._io import read_confined, write_bytes
+from ._io import read_confined, tensor_bytes, write_bytes
 from ._layout import (
     JOURNAL,
     MANIFEST,
@@ -115,8 +115,8 @@ def unpack_updates(names: tuple[str, ...], tensors: dict[str, Tensor]) -> dict[s
 
 def step_bytes(tensors: dict[str, Tensor], optimizer_state: tuple[dict[str, Tensor], Any] | None) -> int:
     """Bytes of a step's tensors and of its optimizer state's tensors."""
-    held = list(tensors.values()) + ([] if optimizer_state is None else list(optimizer_state[0].values()))
-    return sum(t.numel() * t.element_size() for t in held)
+    state = () if optimizer_state is None else optimizer_state[0].values()
+    return tensor_bytes(tensors.values()) + tensor_bytes(state)
 
 
 def record_binding(record: StepRecord) -> str:
