@@ -126,10 +126,9 @@ class RecorderStoreMixin:
         if self._pooled():
             return self._pool.copies("param.", self._params)
         if self._store is None:
-            if self._warm is None:
-                self._warm = WarmBuffers({n: p.detach() for n, p in self._params.items()})
-                return {n: p.detach().clone() for n, p in self._params.items()}
-            return self._warm.copies(self._params)
+            if self._warm is not None:
+                return self._warm.copies(self._params)
+            self._warm = WarmBuffers({n: p.detach() for n, p in self._params.items()})  # ready from the next step
         return {n: p.detach().clone() for n, p in self._params.items()}
 
     def _audit_job(self, s: int, theta_next: dict[str, Tensor], seen: Any, updates: dict[str, LinearUpdate]) -> Any:
