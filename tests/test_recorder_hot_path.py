@@ -58,22 +58,33 @@ def test_warm_buffers_fall_back_to_clones_when_none_is_ready():
     meta.close()
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_in_memory_theta_equals_the_parameters_after_every_step(opt_name):
+def _mlp_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 MLP and 40 samples of 6 features, 3 classes (seeded)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    return model, torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+
+
+def _recorded_steps(rec, model, opt, X, y, steps: int, stride: int):
+    """Train ``steps`` recorded steps on batches of 8 starting ``stride`` samples apart; yields each step after it."""
+    for s in range(steps):
+        idx = torch.arange(s * stride, s * stride + 8) % 40
+        opt.zero_grad()
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        rec.log_batch(idx)
+        opt.step()
+        yield s
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_in_memory_theta_equals_the_parameters_after_every_step(opt_name):
+    model, X, y = _mlp_and_data()
     opt = (torch.optim.Adam(model.parameters(), lr=1e-2) if opt_name == "adam"
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
-    X, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
     seen = [{n: p.detach().clone() for n, p in model.named_parameters()}]
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=False)
     with rec:
-        for s in range(12):
-            idx = torch.arange(s * 3, s * 3 + 8) % 40
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
+        for _ in _recorded_steps(rec, model, opt, X, y, steps=12, stride=3):
             seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
             time.sleep(0.005)  # let the warm-buffer thread make sets, so most copies use them
         warm = rec._warm
@@ -87,19 +98,12 @@ def test_in_memory_theta_equals_the_parameters_after_every_step(opt_name):
 
 
 def test_adams_uncopied_P_of_every_step_stays_as_the_optimizer_state_gave_it():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    model, X, y = _mlp_and_data()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.8, 0.95), maximize=False)
-    X, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
     expected = []
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=False)
     with rec:
-        for s in range(6):
-            idx = torch.arange(s * 5, s * 5 + 8) % 40
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
+        for s in _recorded_steps(rec, model, opt, X, y, steps=6, stride=5):
             t = s + 1.0  # P from the state torch left, written out here: lr / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps)
             expected.append({n: 1e-2 / (1 - 0.8**t) / (opt.state[p]["exp_avg_sq"] / (1 - 0.95**t)).sqrt().add(1e-8)
                              for n, p in model.named_parameters()})

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "read_verified_bytes",
     "read_confined",
     "store_path",
+    "tensor_bytes",
     "encode_optimizer_state",
     "decode_optimizer_state",
 ]
@@ -68,6 +69,11 @@ def encode_tensors(tensors: dict[str, Tensor], metadata: dict[str, str] | None =
     if all(v.dtype in _NUMPY_DTYPES for v in cpu.values()):
         return np_save({k: v.numpy() for k, v in cpu.items()}, metadata=metadata)
     return st_save(cpu, metadata=metadata)
+
+
+def tensor_bytes(tensors: Iterable[Tensor | None]) -> int:
+    """Bytes of the elements of ``tensors`` (``None`` entries count 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def write_tensors(

@@ -25,7 +25,7 @@ from ._audit import UpdateAudit
 from ._background import CopyPool, OrderedWorker, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
 from ._gradients import has_stochastic_layers
-from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors
+from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors, tensor_bytes
 from ._random import pack_micro_batches
 from ._setup import setup_error
 from ._sparse import SparseLayout, StepReplay, group_snapshot, state_bytes, validate_checkpoint_every
@@ -126,10 +126,9 @@ class RecorderStoreMixin:
         if self._pooled():
             return self._pool.copies("param.", self._params)
         if self._store is None:
-            if self._warm is None:
-                self._warm = WarmBuffers({n: p.detach() for n, p in self._params.items()})
-                return {n: p.detach().clone() for n, p in self._params.items()}
-            return self._warm.copies(self._params)
+            if self._warm is not None:
+                return self._warm.copies(self._params)
+            self._warm = WarmBuffers({n: p.detach() for n, p in self._params.items()})  # ready from the next step
         return {n: p.detach().clone() for n, p in self._params.items()}
 
     def _audit_job(self, s: int, theta_next: dict[str, Tensor], seen: Any, updates: dict[str, LinearUpdate]) -> Any:
@@ -198,7 +197,7 @@ class RecorderStoreMixin:
     def _held_bytes(self, st: dict[str, Any]) -> int:
         """Bytes of the gradient copies the step's audit keeps until it ran on the writer (0 with the audit off)."""
         seen = st.get("seen") if self._audit_on else None
-        return sum(g.numel() * g.element_size() for g in (seen or {}).values() if g is not None)
+        return tensor_bytes((seen or {}).values())
 
     def _state_due(self, s: int) -> bool:
         """Whether a dense store keeps the optimizer state after step ``s``."""
@@ -212,7 +211,7 @@ class RecorderStoreMixin:
         """
         if self._writer is None or self._every > 1:
             return
-        theta = sum(p.numel() * p.element_size() for p in self._params.values())
+        theta = tensor_bytes(self._params.values())
         state = state_bytes(self.optimizer) if self._state_due(s) else 0
         self._writer.wait_for_room(theta + state + self._held_bytes(st))
 
@@ -385,11 +384,12 @@ class RecorderStoreMixin:
     def _sparse_layout(self, theta: dict[str, Tensor], packed: dict[str, Tensor]) -> SparseLayout:
         """The :class:`SparseLayout`, chosen at the first step this recorder writes from the measured sizes."""
         if self._layout is None:
-            size = sum(t.numel() * t.element_size() for t in theta.values())
-            extra = sum(t.numel() * t.element_size() for k, t in packed.items() if k != "update.scalars")
-            self._layout = SparseLayout.choose(self._every, size, state_bytes(self.optimizer), extra)
+            size = tensor_bytes(theta.values())
+            extra = tensor_bytes(t for k, t in packed.items() if k != "update.scalars")
+            state = state_bytes(self.optimizer)
+            self._layout = SparseLayout.choose(self._every, size, state, extra)
             logger.info("Sparse store %s: %s (%d theta bytes, %d optimizer state bytes, %d coefficient bytes per "
-                        "dense step).", self._store, self._layout, size, state_bytes(self.optimizer), extra)
+                        "dense step).", self._store, self._layout, size, state, extra)
         return self._layout
 
     def _emit_sparse(self, record: StepRecord, theta_next: dict[str, Tensor], tensors: dict[str, Tensor],

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..exceptions import ConfigError, TrajectoryError
+from ._io import tensor_bytes
 
 __all__ = ["REPLAY_KEY", "SparseLayout", "StepReplay", "apply_groups", "group_snapshot", "relative_gap",
            "state_bytes", "validate_checkpoint_every"]
@@ -158,8 +159,7 @@ def relative_gap(replayed: dict[str, Tensor], stored: dict[str, Tensor], start: 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors in the optimizer's per-parameter state (what a checkpoint's state file holds)."""
-    return sum(v.numel() * v.element_size() for entry in optimizer.state.values() for v in entry.values()
-               if isinstance(v, Tensor))
+    return tensor_bytes(v for entry in optimizer.state.values() for v in entry.values() if isinstance(v, Tensor))
 
 
 #: Largest number of ``k``-step slots between two stored optimizer states the layout considers.

@@ -54,7 +54,7 @@ from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget
 from ._filewrite import TensorFileWriter
-from ._io import read_confined, write_bytes
+from ._io import read_confined, tensor_bytes, write_bytes
 from ._layout import (
     JOURNAL,
     MANIFEST,
@@ -115,8 +115,8 @@ def unpack_updates(names: tuple[str, ...], tensors: dict[str, Tensor]) -> dict[s
 
 def step_bytes(tensors: dict[str, Tensor], optimizer_state: tuple[dict[str, Tensor], Any] | None) -> int:
     """Bytes of a step's tensors and of its optimizer state's tensors."""
-    held = list(tensors.values()) + ([] if optimizer_state is None else list(optimizer_state[0].values()))
-    return sum(t.numel() * t.element_size() for t in held)
+    state = () if optimizer_state is None else optimizer_state[0].values()
+    return tensor_bytes(tensors.values()) + tensor_bytes(state)
 
 
 def record_binding(record: StepRecord) -> str:
@@ -441,12 +441,7 @@ class StoreWriter:
             self.flush()
         except TrajectoryError as exc:
             error, complete = exc, False
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._queue = None
-        self._journal.close()
-        self._files.close()
+        self._stop()
         self.manifest.complete = complete
         try:
             self.write_manifest()
@@ -457,12 +452,17 @@ class StoreWriter:
 
     def abandon(self) -> None:
         """Give the store up after a failed set-up: stop the worker and release the lock, writing nothing more."""
+        self._stop()
+        self._writer_lock.release()
+
+    def _stop(self) -> None:
+        """Stop the writer thread (after what it was handed), close the journal and the file writer's I/O thread."""
         if self._queue is not None and self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._queue = None
         self._journal.close()
-        self._writer_lock.release()
+        self._files.close()
 
     @property
     def n_steps(self) -> int:

@@ -131,9 +131,11 @@ def preconditioner(
     bias_correction2_sqrt = bias_correction2**0.5
     second = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
     # torch's (second.sqrt() / bias_correction2_sqrt).add_(eps) and step_size / denom, elementwise in the
-    # same order and dtype, in one buffer (the same bits as with a new tensor for every operation)
+    # same order and dtype, in one buffer (the same bits as with a new tensor for every operation). The
+    # dividend is a 0-d CPU tensor on every device: kernels take it as a scalar, where a 0-d tensor made on a
+    # GPU would be a blocking host-to-device copy for every parameter at every step
     out = torch.sqrt(second).div_(bias_correction2_sqrt).add_(eps)
-    return torch.div(torch.tensor(as_used(step_size, dtype), dtype=out.dtype, device=out.device), out, out=out)
+    return torch.div(torch.tensor(as_used(step_size, dtype), dtype=out.dtype), out, out=out)
 
 
 def _warn_fused_cuda_low_precision(name: str, optimizer: torch.optim.Optimizer) -> None:
