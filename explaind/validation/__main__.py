@@ -58,7 +58,7 @@ def _announcement(config: ValidationConfig, quick: bool) -> str:
     from .benchmark import retrainings
 
     size = ("a smoke test, seconds" if quick else
-            "the measurement itself: 27 minutes for tanh on a loaded 2-core machine, docs/scores_meaning.md; "
+            "the measurement itself: tens of minutes on a CPU, measured times in docs/scores_meaning.md; "
             "--quick is a smoke test in seconds")
     return (f"validate ({config.activation}): {config.seeds} seed(s), {retrainings(config):,} retrainings of "
             f"{config.n_steps} steps ({size})\n")
