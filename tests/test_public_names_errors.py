@@ -1,4 +1,4 @@
-"""Error paths of public names added with private generators, the counterfactual's chunks and the CLI's threads.
+"""Error paths of new public names: load's generators, counterfactual chunks, CLI threads, default rule, attention.
 
 Each bad value is refused with an explaind exception naming the value, the allowed values and the fix.
 """
@@ -10,10 +10,14 @@ import argparse
 import pytest
 import torch
 from test_private_generators import OUTSIDE, OutsideNoise, _data, _model, _record
+from torch import nn
 
 import explaind
 from explaind.cli import default_threads
 from explaind.exceptions import ConfigError
+from explaind.kernel.attention_rules import MultiheadAttentionRule
+from explaind.kernel.layer_rules import covered_parameters
+from explaind.studies.fidelity import DEFAULT_RULES, TABLE_MAX_EVALS, Rule, default_rule, estimated_evals, evals_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,3 +94,27 @@ def test_threads_below_one_is_a_usage_error(capsys, bad):
         explaind.cli.main(["--threads", bad, "plugins"])
     assert info.value.code == 2
     assert f"--threads {bad} must be a positive integer" in capsys.readouterr().err
+
+
+def test_default_rule_refuses_a_negative_budget_and_says_the_cost():
+    with pytest.raises(ConfigError, match=rf"max_evals=-1 is not allowed.*Allowed: an integer >= 0, or None.*Fix: "
+                                          rf"pass e.g. max_evals={TABLE_MAX_EVALS}"):
+        default_rule(10, 4, -1)
+    assert default_rule(10, 4, None) == (Rule("adaptive"), [])
+    adaptive = estimated_evals(Rule("adaptive"), 10, 4)
+    assert default_rule(10, 4, adaptive - 1)[0] == DEFAULT_RULES[1]
+    assert default_rule(10, 4, 0) == (DEFAULT_RULES[-1], [(r, estimated_evals(r, 10, 4)) for r in DEFAULT_RULES[:-1]])
+    assert evals_text(Rule("adaptive"), 4800) == "at least 4,800"
+    assert evals_text(Rule("gauss-legendre", 4), 4000) == "4,000"
+
+
+@pytest.mark.parametrize("kwargs", [{"kdim": 3, "vdim": 3}, {"add_zero_attn": True}, {"add_bias_kv": True}])
+def test_attention_layouts_the_rule_does_not_cover_fall_back(kwargs):
+    """``nn.MultiheadAttention`` outside the rule's conditions (docs/engine.md) gets no factored roles."""
+    mha = nn.MultiheadAttention(4, 2, **kwargs).eval()
+    assert MultiheadAttentionRule().roles(mha) == {}
+    names = [n for n, _ in mha.named_parameters()]
+    # the projections outside any rule turn the factored path off for the whole model (the generic path runs)
+    assert {n for n in names if "proj_weight" in n} - set(covered_parameters(mha, names))
+    plain = nn.MultiheadAttention(4, 2).eval()
+    assert set(MultiheadAttentionRule().roles(plain).values()) == {"in_weight", "in_bias", "out_weight", "out_bias"}
