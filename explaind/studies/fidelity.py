@@ -114,7 +114,15 @@ def default_rule(n_steps: int, n_test: int,
     rule : Rule
     passed_over : list of (Rule, int)
         The rules before it with their estimated evaluations.
+
+    Raises
+    ------
+    ConfigError
+        When ``max_evals`` is negative.
     """
+    if max_evals is not None and max_evals < 0:
+        raise ConfigError(f"max_evals={max_evals} is not allowed: it counts path-gradient evaluations. Allowed: an "
+                          f"integer >= 0, or None for no limit. Fix: pass e.g. max_evals={TABLE_MAX_EVALS}.")
     passed: list[tuple[Rule, int]] = []
     for rule in DEFAULT_RULES[:-1]:
         cost = estimated_evals(rule, n_steps, n_test)

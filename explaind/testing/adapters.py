@@ -279,6 +279,12 @@ def _run_scenario(
         config_name = record.config.__name__
         raise PluginCheckError(f"{label}: hyperparameters() is not valid {config_name} JSON data: {exc}") from exc
 
+    fresh = getattr(adapter, "fresh_tensors", False)
+    if fresh is not True and fresh is not False:
+        raise PluginCheckError(f"{label}: fresh_tensors={fresh!r} is not allowed. Choose True (every tensor after_step "
+                               f"returns is new and never touched again: the recorder keeps it without a copy) or "
+                               f"False (the default: the recorder copies them). Fix: set it to one of these.")
+    held: list[tuple[int, Tensor, Tensor]] = []  # with fresh_tensors: each tensor after_step returned, and its copy
     pure = _PureReplay.start(record, hyper, scenario.n_steps)
     momentum: dict[int, Tensor] = {}
     residuals = np.zeros(scenario.n_steps)
@@ -300,11 +306,17 @@ def _run_scenario(
         optimizer.step()
         updates = adapter.after_step(optimizer, before)
         residuals[s], n_skipped = _compare(label, s, params, names, theta, grads, updates, momentum)
+        held += [(s, t, t.clone()) for u in updates.values() for t in vars(u).values() if fresh and torch.is_tensor(t)]
         skipped += n_skipped
         if pure is not None:
             pure.step(s, params, theta, grads, updates)
         if scheduler is not None:
             scheduler.step()
+    changed = sorted({s for s, t, then in held if not torch.equal(t, then)})
+    if changed:
+        raise PluginCheckError(f"{label}: fresh_tensors=True, but tensors after_step returned at steps {changed} were "
+                               f"changed afterwards, so the recorder would keep changed coefficients. Fix: return new "
+                               f"tensors, or set fresh_tensors = False.")
     return residuals, clipped, skipped, pure
 
 

@@ -23,7 +23,7 @@ from ..recurrence import LinearUpdate
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
-from ._random import MicroBatch, unpack_micro_batches
+from ._random import MicroBatch, find_generators, unpack_micro_batches
 from ._sparse import StepReplay
 from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_from_name, dtype_name
@@ -141,9 +141,11 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         skips the fingerprint, for data known to hold the same samples in other bytes.
     max_parameters : int, optional
         Size limit of a model rebuilt from the recorded spec (see :func:`build_model_from_spec`).
-    generators : sequence of torch.Generator, optional
+    generators : list or tuple of torch.Generator, optional
         The generators passed to the recorder as ``generators=[...]``, in the same order (needed to
-        replay the run's training forwards; generators held by the model's modules are found in it).
+        replay the run's training forwards; generators held by the model's modules are found in it
+        and left out). A :class:`~explaind.exceptions.ConfigError` names a non-generator, or a count
+        other than the run's ``"generators[i]"`` entries of ``manifest.generators``.
 
     Notes
     -----
@@ -157,7 +159,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                  cache_segments: int = 2, verify_train_data: bool = True, max_parameters: int | None = None,
                  generators: Any = None):
         self.root = Path(path)
-        self._generators = tuple(generators or ())
+        self._generators: tuple[torch.Generator, ...] = ()
         self._manifest = read_manifest(self.root)
         self._replay: SegmentReplay | None = None
         if self.sparse:
@@ -171,6 +173,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             self._fill_model(model)
         check_model_matches(model, self._manifest, where)
         self._model = model
+        if generators is not None:
+            self._generators = self._passed_generators(generators, model, where)
         if loss is None:
             if self._manifest.loss is None:
                 raise TrajectoryError(f"The trajectory at {where} records no loss; pass loss=... to Trajectory.load.")
@@ -186,6 +190,29 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             self._check_data(self._data, where, verify_train_data)
         if self.sparse:
             self._replay = SegmentReplay(self, replay_tolerance, cache_segments)
+
+    def _passed_generators(self, generators: Any, model: nn.Module, where: str) -> tuple[torch.Generator, ...]:
+        """``generators=`` as the recorder kept them: those ``model`` holds left out, as many as the run passed.
+
+        Raises
+        ------
+        ConfigError
+            When an entry is not a :class:`torch.Generator`, or the count differs from the run's.
+        """
+        given = list(generators) if isinstance(generators, (list, tuple)) else [generators]
+        bad = [type(g).__name__ for g in given if not isinstance(g, torch.Generator)]
+        held = {id(g) for g in find_generators(model).values()}  # found by name, as the recorder did
+        kept = tuple(g for g in given if id(g) not in held)
+        recorded = [n for n in self._manifest.generators if n.startswith("generators[")]
+        if bad or len(kept) != len(recorded):
+            raise ConfigError(
+                f"Trajectory.load(generators=...): got {len(given)} object(s) ({bad or 'torch.Generator'}), "
+                f"{len(kept)} of them not held by the model, but the run at {where} was recorded with "
+                f"{len(recorded)} generator(s) passed as generators=[...] ({recorded}). Allowed: a list of "
+                f"{len(recorded)} torch.Generator(s), in the order given to the recorder (those the model's modules "
+                f"hold are found by name and may be left out). Fix: pass the same generators as TrajectoryRecorder("
+                f"generators=[...]), or leave generators= out when the run passed none.")
+        return kept
 
     def _check_data(self, data: TrainData, where: str, verify: bool) -> None:
         """The given training data has the recorded length and (unless ``verify`` is off) fingerprint."""
