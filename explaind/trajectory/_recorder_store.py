@@ -203,17 +203,31 @@ class RecorderStoreMixin:
         """Whether a dense store keeps the optimizer state after step ``s``."""
         return bool(self._state_every) and (s + 1) % self._state_every == 0
 
-    def _make_room(self, s: int, st: dict[str, Any]) -> None:
+    def _dense_tensors(self, st: dict[str, Any], updates: dict[str, LinearUpdate],
+                       buffers: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """A dense store's step-file tensors besides theta: the batch record and the packed coefficients.
+
+        ``None`` in memory and for sparse stores (they write their own).
+        """
+        if self._writer is None or self._every > 1:
+            return None
+        return {**self._step_record(st, buffers), **pack_updates(tuple(self._params), updates)}
+
+    def _make_room(self, s: int, st: dict[str, Any], tensors: dict[str, Tensor] | None) -> None:
         """Before step ``s``'s copies are made: wait until the writer's queue has room for them (dense stores).
 
         The queue is bounded by bytes as well as steps (``StoreWriter``'s ``max_queue_bytes``), so
         when the writer is behind the loop waits here instead of holding one more step of copies.
+        The room asked for is what :meth:`_write_step` then hands over: theta, ``tensors`` (the
+        batch record and the tensor-valued coefficients, e.g. Adam's ``P``, of
+        :meth:`_dense_tensors`), the optimizer state when it is due and the audit's gradient copies,
+        so a step let through here is never held back again holding its copies.
         """
-        if self._writer is None or self._every > 1:
+        if self._writer is None or tensors is None:
             return
         theta = tensor_bytes(self._params.values())
         state = state_bytes(self.optimizer) if self._state_due(s) else 0
-        self._writer.wait_for_room(theta + state + self._held_bytes(st))
+        self._writer.wait_for_room(theta + tensor_bytes(tensors.values()) + state + self._held_bytes(st))
 
     def _release(self, state: Any, theta: dict[str, Tensor] | None) -> Any:
         """What the writer runs once a step is written: the optimizer state's (and theta's) buffers are free."""
@@ -339,14 +353,15 @@ class RecorderStoreMixin:
         return encode_optimizer_state(self.optimizer.state_dict(), copy=lambda k, v: self._pool.copy("state." + k, v))
 
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
-                    st: dict[str, Any], buffers: dict[str, Tensor] | None = None, audit: Any = None) -> None:
+                    st: dict[str, Any], buffers: dict[str, Tensor] | None = None, audit: Any = None,
+                    dense: dict[str, Tensor] | None = None) -> None:
+        """Hand step ``record.step`` to the writer (``dense``: :meth:`_dense_tensors`, built once by the caller)."""
         assert self._writer is not None
         if self._every > 1:
             self._write_sparse(record, theta_next, updates, st, buffers, audit)
             return
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
-        tensors.update(self._step_record(st, buffers))
-        tensors.update(pack_updates(tuple(self._params), updates))
+        tensors.update(self._dense_tensors(st, updates, buffers) if dense is None else dense)
         state = self._optimizer_state() if self._state_due(record.step) else None
         self._writer.write_step(record, tensors, state, prepare=self._prepare(audit),
                                 done=self._release(state, None if self._audit_on else theta_next),

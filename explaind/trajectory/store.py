@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import queue
 import threading
@@ -50,7 +51,7 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from .._io import fsync_directory
-from ..exceptions import TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget
 from ._filewrite import TensorFileWriter
@@ -207,6 +208,29 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
 
 
 
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is an integer (a Python or numpy int; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_queue_bounds(max_queue: Any, max_queue_bytes: Any) -> None:
+    """Refuse a ``StoreWriter`` queue bound that is not a count: ``max_queue >= 1``, ``max_queue_bytes >= 0``."""
+    if not _is_count(max_queue) or max_queue < 1:
+        raise ConfigError(
+            f"StoreWriter: max_queue={max_queue!r} is not allowed: it is the number of steps handed to the writer "
+            f"and not yet committed. Allowed: an int >= 1. Fix: pass max_queue=1 to write one step at a time, "
+            f"or leave the default 4."
+        )
+    if max_queue_bytes is None or max_queue_bytes == "default":
+        return
+    if not _is_count(max_queue_bytes) or max_queue_bytes < 0:
+        raise ConfigError(
+            f"StoreWriter: max_queue_bytes={max_queue_bytes!r} is not allowed: it bounds the bytes of the steps "
+            f"handed to the writer and not yet committed. Allowed: an int >= 0 (0: a step waits until the one "
+            f"before it is committed), None (no byte bound) or 'default' ({MAX_QUEUE_BYTES} bytes). Fix: pass one "
+            f"of those."
+        )
+
 
 class StoreWriter:
     """Writes a store: the start files synchronously, then one step at a time (optionally in the background).
@@ -223,22 +247,30 @@ class StoreWriter:
         Write step files on a worker thread; at most ``max_queue`` steps are handed over and not
         yet committed at any time (a further ``write_step`` waits).
     max_queue : int
-        Steps handed over and not yet committed, at most (the crash bound).
-    max_queue_bytes : int or None
+        Steps handed over and not yet committed, at most (the crash bound; at least 1).
+    max_queue_bytes : int, None or "default"
         Bytes of the steps handed over and not yet committed (their tensors, optimizer state and
         ``held_bytes``), at most, unless a single step is larger: then it waits until nothing is
-        queued. ``None``: bounded by ``max_queue`` only; ``"default"``: :data:`MAX_QUEUE_BYTES`.
+        queued (``0``: every step waits for the one before it). ``None``: bounded by ``max_queue``
+        only; ``"default"``: :data:`MAX_QUEUE_BYTES`.
     new : bool
         Set up a new store: the set-up marker is created and the manifest is not written until
         :meth:`finish_setup` (after the start files), so an interruption leaves no store.
     keep_states : bool
         Keep every optimizer state handed over (``optimizer/checkpoint-{s:06d}.safetensors``, the
         checkpoints of a sparse store) instead of the newest one in two alternating slots.
+
+    Raises
+    ------
+    ConfigError
+        When ``max_queue`` is not an int >= 1 or ``max_queue_bytes`` not an int >= 0, ``None`` or
+        ``"default"`` (checked before anything is written or locked).
     """
 
     def __init__(self, root: Path, manifest: TrajectoryManifest, *, fsync: bool = True, background: bool = True,
                  max_queue: int = 4, max_queue_bytes: int | None | str = "default", new: bool = False,
                  keep_states: bool = False):
+        _check_queue_bounds(max_queue, max_queue_bytes)
         self.root = Path(root)
         self.manifest = manifest
         self.fsync = fsync
