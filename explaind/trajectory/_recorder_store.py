@@ -62,7 +62,9 @@ def _warn_replaced_settings(given: list[dict[str, Any]], restored: list[dict[str
     message = (f"restore() loaded the optimizer state of step {n}, and with it the hyperparameters the run was "
                f"recorded with, replacing those this optimizer was built with: {'; '.join(changed[:6])}. The run "
                f"continues with the recorded values. To continue with other values, set them in "
-               f"optimizer.param_groups after restore(): the recorder follows a change at any step.")
+               f"optimizer.param_groups after restore(): the recorder follows a change at any step that the "
+               f"optimizer adapter models (it refuses one it cannot, such as switching maximize while momentum "
+               f"buffers built under the recorded value exist).")
     logger.warning("%s", message)
     warnings.warn(message, ExplaindWarning, stacklevel=3)
 
@@ -94,6 +96,7 @@ class RecorderStoreMixin:
     _worker: OrderedWorker | None
     _tap: Any
     _random: Any
+    _adapter: Any
 
     def _storage_options(self, save_optimizer_state: Any, checkpoint_every: Any) -> None:
         """Validate ``save_optimizer_state`` and ``checkpoint_every``; set ``_state_every`` and ``_every``."""
@@ -298,6 +301,9 @@ class RecorderStoreMixin:
             given = _group_settings(self.optimizer)
             self.optimizer.load_state_dict(decode_optimizer_state(state, meta, self.optimizer.state_dict()))
             _warn_replaced_settings(given, _group_settings(self.optimizer), n)
+            resumed = getattr(self._adapter, "resumed", None)  # optional adapter method (OptimizerAdapter)
+            if callable(resumed):
+                resumed(self.optimizer)
             self._auditor.momentum = {k: v.to(self._params[k].device) for k, v in audit.items()}
         return n
 

@@ -263,6 +263,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._memory: InMemoryTrajectory | None = None
         self._writer: StoreWriter | None = None
         self._theta: dict[str, Tensor] | None = None
+        self._frozen: dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------- validation
     def _check_optimizer_params(self) -> None:
@@ -345,6 +346,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         else:
             self._open_store(theta, constants)
         self._theta = theta
+        self._frozen = {n: constants[n] for n in self._constant_params}  # as stored: edits are refused
         self._tap.attach()
         self._probe.attach()
         self._random.attach()

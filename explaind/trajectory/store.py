@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import os
 import queue
 import threading
@@ -51,9 +50,9 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from .._io import fsync_directory
-from ..exceptions import ConfigError, TrajectoryError
+from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
-from ._background import QueueBudget
+from ._background import QueueBudget, check_queue_bounds
 from ._filewrite import TensorFileWriter
 from ._io import read_confined, tensor_bytes, write_bytes
 from ._layout import (
@@ -208,30 +207,6 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
 
 
 
-def _is_count(value: Any) -> bool:
-    """Whether ``value`` is an integer (a Python or numpy int; not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_queue_bounds(max_queue: Any, max_queue_bytes: Any) -> None:
-    """Refuse a ``StoreWriter`` queue bound that is not a count: ``max_queue >= 1``, ``max_queue_bytes >= 0``."""
-    if not _is_count(max_queue) or max_queue < 1:
-        raise ConfigError(
-            f"StoreWriter: max_queue={max_queue!r} is not allowed: it is the number of steps handed to the writer "
-            f"and not yet committed. Allowed: an int >= 1. Fix: pass max_queue=1 to write one step at a time, "
-            f"or leave the default 4."
-        )
-    if max_queue_bytes is None or max_queue_bytes == "default":
-        return
-    if not _is_count(max_queue_bytes) or max_queue_bytes < 0:
-        raise ConfigError(
-            f"StoreWriter: max_queue_bytes={max_queue_bytes!r} is not allowed: it bounds the bytes of the steps "
-            f"handed to the writer and not yet committed. Allowed: an int >= 0 (0: a step waits until the one "
-            f"before it is committed), None (no byte bound) or 'default' ({MAX_QUEUE_BYTES} bytes). Fix: pass one "
-            f"of those."
-        )
-
-
 class StoreWriter:
     """Writes a store: the start files synchronously, then one step at a time (optionally in the background).
 
@@ -270,7 +245,7 @@ class StoreWriter:
     def __init__(self, root: Path, manifest: TrajectoryManifest, *, fsync: bool = True, background: bool = True,
                  max_queue: int = 4, max_queue_bytes: int | None | str = "default", new: bool = False,
                  keep_states: bool = False):
-        _check_queue_bounds(max_queue, max_queue_bytes)
+        check_queue_bounds(max_queue, max_queue_bytes, MAX_QUEUE_BYTES)
         self.root = Path(root)
         self.manifest = manifest
         self.fsync = fsync
