@@ -242,11 +242,11 @@ def test_a_changing_buffer_that_is_not_a_running_statistic_is_refused():
         explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test)
 
 
-def _two_plain_steps(model: nn.Module, store=None):
-    """Two SGD steps of the plain loop over ``model`` (unweighted batches), recorded."""
+def _two_plain_steps(model: nn.Module, **recorder):
+    """Two SGD steps of the plain loop over ``model`` (unweighted batches), recorded with ``recorder`` options."""
     X, y, _ = _data((3,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=store)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), **recorder)
     with rec:
         for batch in BATCHES[:2]:
             opt.zero_grad()
@@ -264,3 +264,10 @@ def test_the_hook_based_spectral_norm_is_refused_naming_the_parametrization(tmp_
                                                     r"Allowed: torch\.nn\.utils\.parametrizations\.spectral_norm\. "
                                                     r"Fix: apply that one"):
         explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test)
+
+
+def test_a_spectral_norm_run_recorded_without_its_forwards_is_refused_naming_the_capture():
+    traj = _two_plain_steps(_spectral_mlp(), capture_random=False, check_gradients=False)
+    with pytest.raises(UnsupportedModelError, match=r"step 1 of this run with spectral norm ran no training forward "
+                                                    r"that can be replayed.*Fix: record with capture_random='auto'"):
+        explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(_data((3,))[2])

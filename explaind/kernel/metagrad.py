@@ -249,8 +249,8 @@ def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state
             raise UnsupportedModelError(
                 f"CounterfactualEstimator: step {point.s} of this run with spectral norm ran no training forward "
                 f"that can be replayed, so how its gradient depends on the power-iteration buffers is unknown. "
-                f"Fix: record with the model in training mode and capture_random='auto' (the default), or use "
-                f"InfluenceEstimator.")
+                f"Fix: record with capture_random='auto' (the default) or True, so that every training forward "
+                f"is captured and replayed.")
         dots = sample_dots(replay, point.theta, point.idx, bar_g)
         grad_L = grad(replay.batch_loss(point.s))
 
