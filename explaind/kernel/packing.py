@@ -55,7 +55,8 @@ class Packing:
                               f"sequences; it takes one length per sequence. Fix: pass lengths of shape ({B},).")
         flat = seq.reshape(T * B, *seq.shape[2:])
         if _vmapped(lengths):
-            mask = torch.arange(T, device=lengths.device)[:, None] < lengths.to(torch.long)[None, :]  # (T, B)
+            lens = lengths.to(device=x.device, dtype=torch.long)  # torch asks for lengths on the CPU
+            mask = torch.arange(T, device=x.device)[:, None, None] < lens[None, :, None]
             batch_sizes = torch.full((T,), B, dtype=torch.long)
             self._masked[id(batch_sizes)] = (batch_sizes, Steps("masked", T, mask=mask), lengths.to(torch.long))
             return flat, batch_sizes

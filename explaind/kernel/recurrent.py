@@ -134,44 +134,46 @@ KINDS: dict[str, Callable[[Tensor, State, _Weights], State]] = {
 def _direction(kind: str, x: Tensor, state: State, w: _Weights, steps: Steps, reverse: bool) -> tuple[Tensor, State]:
     """One direction of one layer over ``x``; its outputs (``x``'s layout) and final state.
 
-    ``state`` holds the initial state of every row, ``(B, H)`` each (``(b_0, H)`` when packed).
+    ``state`` holds the initial state of every row, ``(B, H)`` each (``(b_0, H)`` when packed). The
+    input projection of every step is one product, cut into steps by ``unbind``/``split`` (whose
+    backward is one ``stack``/``cat``, where indexing step by step would add a full-size zero
+    gradient per step).
     """
     cell = KINDS[kind]
-    gi = F.linear(x, w.w_ih, w.b_in)  # every step's input projection at once
-    order = range(steps.T - 1, -1, -1) if reverse else range(steps.T)
-    ys: list[Tensor] = [gi] * steps.T  # placeholders, each overwritten
+    gi = F.linear(x.reshape(-1, x.shape[-1]), w.w_ih, w.b_in)  # (T B, G) or (N, G): one 2-D product
     if steps.layout == "packed":
-        return _packed_direction(cell, gi, state, w, steps, reverse)
-    for t in order:
-        new = cell(gi[t], state, w)
-        if steps.mask is not None:
-            m = steps.mask[t]
-            state = tuple(torch.where(m, a, b) for a, b in zip(new, state))
-            ys[t] = torch.where(m, new[0], 0.0)
+        return _packed_direction(cell, gi.split(list(steps.sizes)), state, w, steps, reverse)
+    gis = gi.reshape(steps.T, -1, gi.shape[-1]).unbind(0)
+    masks = steps.mask.unbind(0) if steps.mask is not None else None
+    ys: list[Tensor] = list(gis)  # placeholders, each overwritten
+    for t in (range(steps.T - 1, -1, -1) if reverse else range(steps.T)):
+        new = cell(gis[t], state, w)
+        if masks is not None:
+            state = tuple(torch.where(masks[t], a, b) for a, b in zip(new, state))
+            ys[t] = torch.where(masks[t], new[0], 0.0)
         else:
             state = new
             ys[t] = new[0]
     return torch.stack(ys), state
 
 
-def _packed_direction(cell: Callable[[Tensor, State, _Weights], State], gi: Tensor, state: State, w: _Weights,
-                      steps: Steps, reverse: bool) -> tuple[Tensor, State]:
-    """:func:`_direction` on packed data: step ``t`` updates rows ``[0, b_t)`` of the state."""
-    offsets = steps.offsets()
-    ys: list[Tensor] = [gi] * steps.T
+def _packed_direction(cell: Callable[[Tensor, State, _Weights], State], gis: Sequence[Tensor], state: State,
+                      w: _Weights, steps: Steps, reverse: bool) -> tuple[Tensor, State]:
+    """:func:`_direction` on packed data, ``gis`` per step: step ``t`` updates rows ``[0, b_t)`` of the state."""
+    ys: list[Tensor] = list(gis)
     if not reverse:
         for t in range(steps.T):
-            b, o = steps.sizes[t], offsets[t]
-            new = cell(gi[o:o + b], tuple(s[:b] for s in state), w)
+            b = steps.sizes[t]
+            new = cell(gis[t], tuple(s[:b] for s in state), w)
             state = tuple(torch.cat([a, s[b:]]) if b < s.shape[0] else a for a, s in zip(new, state))
             ys[t] = new[0]
         return torch.cat(ys), state
     initial, cur = state, tuple(s[:steps.sizes[-1]] for s in state)
     for t in range(steps.T - 1, -1, -1):
-        b, o = steps.sizes[t], offsets[t]
+        b = steps.sizes[t]
         if b > cur[0].shape[0]:  # rows whose sequences end at step t start from their initial state
             cur = tuple(torch.cat([c, s[c.shape[0]:b]]) for c, s in zip(cur, initial))
-        cur = cell(gi[o:o + b], cur, w)
+        cur = cell(gis[t], cur, w)
         ys[t] = cur[0]
     return torch.cat(ys), cur
 

@@ -22,6 +22,7 @@ training mode is drawn as torch's CPU kernel draws it; on CUDA it is refused
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,4 +74,8 @@ class FusedKernelRewrite(TorchFunctionMode):
             return self.packing.pack(*args, **kwargs)
         if func is torch._pad_packed_sequence:
             return self.packing.pad(*args, **kwargs)
+        if func is Tensor.scatter_:  # pack_padded_sequence(enforce_sorted=False) inverts its permutation so
+            with warnings.catch_warnings():  # under vmap: torch's exact fallback warns of its speed only
+                warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+                return func(*args, **kwargs)
         return func(*args, **kwargs)
