@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -29,6 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_layer_rules_models import train  # noqa: E402  (the recorded plain loop)
 
 import explaind
 from explaind.kernel import rewrites
@@ -100,21 +105,13 @@ def timed_pair(slow: Callable[[], Any], fast: Callable[[], Any], repeat: int) ->
 
 
 def record(cell: type[nn.RNNBase], steps: int, length: int) -> tuple[Any, nn.Module, Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
     X = torch.randint(0, VOCAB, (256, length), generator=gen)
     y = torch.randint(0, CLASSES, (256,), generator=gen)
     torch.manual_seed(0)
     model = Classifier(cell).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
-    with rec:
-        for _ in range(steps):
-            idx = torch.randint(len(X), (BATCH,), generator=gen)
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-    return rec.trajectory, model, X, y
+    traj = train(model, torch.optim.SGD(model.parameters(), lr=0.1), X, y, steps, BATCH)
+    return traj, model, X, y
 
 
 def forward_backward(model: nn.Module, X: Tensor, y: Tensor, rewrite: bool) -> None:
