@@ -2,7 +2,7 @@
 
 The models pack inside their forward (lengths read off the padding, as a text classifier does), so explaind
 evaluates them batched (packed with torch's per-step batch sizes) and one input at a time under ``vmap`` (each
-input with its own length: the masked form, explaind/kernel/packing.py). Every run is checked against the trained
+input with its own length: the masked form, explaind/kernel/rewrites.py). Every run is checked against the trained
 model and the slow loop reference of tests/hard_models_kit.py (plain torch, fused kernels, one input at a time);
 the packing operations themselves against torch's, batched and under ``vmap``.
 """

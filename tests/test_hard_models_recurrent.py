@@ -15,6 +15,8 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from explaind.exceptions import UnsupportedModelError
 from explaind.kernel.rewrites import FusedKernelRewrite, needs_rewrite
+from explaind.trajectory._gradients import has_stochastic_layers
+from explaind.trajectory._random import coupled_modules, draws_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,6 +114,14 @@ def test_unrolled_recurrent_kernels_equal_torchs(module):
 def test_only_models_with_fused_kernels_are_rewritten():
     assert needs_rewrite(nn.Sequential(nn.Linear(2, 2), nn.GRU(2, 2)))
     assert not needs_rewrite(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+
+
+def test_recurrent_dropout_is_found_as_a_random_draw():
+    """The recorder captures (and, uncaptured, the gradient check schedule skips) recurrent layers with dropout."""
+    model = nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.2), nn.GRU(4, 4, dropout=0.0, num_layers=2),
+                          nn.RNN(4, 4, num_layers=1))
+    assert coupled_modules(model) == ["0"] and has_stochastic_layers(model) == ["0"]
+    assert draws_masks(nn.GRU(3, 4, num_layers=3, dropout=0.1)) and not draws_masks(nn.Dropout(0.0))
 
 
 def test_fused_dropout_is_off_in_evaluation_mode():
