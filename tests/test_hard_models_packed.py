@@ -150,3 +150,27 @@ def test_bad_lengths_and_rebuilt_packed_data_are_refused():
 
     with FusedKernelRewrite(), pytest.raises(UnsupportedModelError, match=r"holds 3 rows where 4.*Fix"):
         vmap(rebuilt, in_dims=(1, 0))(x, torch.tensor([3, 2]))
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_packed_with_an_initial_state_equals_torchs(cell):
+    """A given ``h_0`` (and ``c_0``) is reordered with the unsorted batch, batched and one input at a time."""
+    torch.manual_seed(0)
+    module = cell(3, 4, num_layers=2, bidirectional=True).to(DT).requires_grad_(False)
+    x, lengths = torch.randn(6, 4, 3, dtype=DT), torch.tensor([3, 6, 1, 4])
+    h0, c0 = torch.randn(4, 4, 4, dtype=DT), torch.randn(4, 4, 4, dtype=DT)
+
+    def run(xs, ls, h, c):
+        state = (h, c) if cell is nn.LSTM else h
+        out, hidden = module(pack_padded_sequence(xs, ls, enforce_sorted=False), state)
+        return out, (hidden[0] if cell is nn.LSTM else hidden)
+
+    want_out, want_h = run(x, lengths, h0, c0)
+    with FusedKernelRewrite():
+        got_out, got_h = run(x, lengths, h0, c0)
+        one_h = vmap(lambda xi, li, hi, ci: run(xi.unsqueeze(1), li.unsqueeze(0), hi.unsqueeze(1),
+                                                ci.unsqueeze(1))[1].squeeze(1),
+                     in_dims=(1, 0, 1, 1), out_dims=1)(x, lengths, h0, c0)
+    assert float((got_out.data - want_out.data).abs().max()) <= 1e-14
+    for h in (got_h, one_h):
+        assert float((h - want_h).abs().max()) <= 1e-14
