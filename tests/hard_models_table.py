@@ -18,6 +18,8 @@ import warnings
 import torch
 from hard_models_kit import data, measure, seeded, train
 from test_hard_models_layers import XI, YI, ConvNorm, FunctionalDropout, RunningCenter, StochasticDepth, X, Y, mlp
+from test_hard_models_packed import CASES as PACKED
+from test_hard_models_packed import PackedClassifier, tokens
 from test_hard_models_params import (
     XC,
     YC,
@@ -30,7 +32,7 @@ from test_hard_models_params import (
     spectral,
     weight_norms,
 )
-from test_hard_models_recurrent import Conv1dNet, RecurrentHead
+from test_hard_models_recurrent import Conv1dNet, DeepRecurrentHead, RecurrentHead
 from torch import nn
 
 from explaind.exceptions import ExplaindError
@@ -46,6 +48,14 @@ def cases() -> list[tuple[str, dict]]:
         for first, opt in ((True, "sgd"), (False, "adam")):
             rows.append((f"{cell.__name__} batch_first={first} ({opt})",
                          dict(build=lambda c=cell, f=first: RecurrentHead(c, f), opt=opt, X=seq, Y=seq_y)))
+    for cell, opt in ((nn.LSTM, "sgd"), (nn.GRU, "adam")):
+        rows.append((f"{cell.__name__} 2 layers, dropout=0.3 between them ({opt})",
+                     dict(build=lambda c=cell: DeepRecurrentHead(c, c is nn.GRU), opt=opt, X=seq, Y=seq_y)))
+    packed, packed_y = tokens(14, 3)
+    for name, (rnn, read, sort, opt) in PACKED.items():
+        rows.append((f"packed sequences: {name} ({opt})",
+                     dict(build=lambda r=rnn, d=read, s=sort: PackedClassifier(r(), d, s), opt=opt, X=packed,
+                          Y=packed_y)))
     rows += [
         ("Conv1d ReLU over sequences (sgd)", dict(build=Conv1dNet, X=conv1d, Y=conv1d_y)),
         ("torch.compile(backend='eager') (adam)",

@@ -15,6 +15,8 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from explaind.exceptions import UnsupportedModelError
 from explaind.kernel.rewrites import FusedKernelRewrite, needs_rewrite
+from explaind.trajectory._gradients import has_stochastic_layers
+from explaind.trajectory._random import coupled_modules, draws_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,14 +116,65 @@ def test_only_models_with_fused_kernels_are_rewritten():
     assert not needs_rewrite(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
 
 
-def test_packed_sequences_and_fused_dropout_are_refused():
-    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(5, 2, 3, dtype=DT), [5, 3])
-    for module in (nn.LSTM(3, 4).to(DT), nn.GRU(3, 4).to(DT)):
-        with FusedKernelRewrite(), pytest.raises(UnsupportedModelError, match=r"packed sequence.*Fix: pad"):
-            module(packed)
-    deep = nn.GRU(3, 4, num_layers=2, dropout=0.3).to(DT).train()
+def test_recurrent_dropout_is_found_as_a_random_draw():
+    """The recorder captures (and, uncaptured, the gradient check schedule skips) recurrent layers with dropout."""
+    model = nn.Sequential(nn.LSTM(3, 4, num_layers=2, dropout=0.2), nn.GRU(4, 4, dropout=0.0, num_layers=2),
+                          nn.RNN(4, 4, num_layers=1))
+    assert coupled_modules(model) == ["0"] and has_stochastic_layers(model) == ["0"]
+    assert draws_masks(nn.GRU(3, 4, num_layers=3, dropout=0.1)) and not draws_masks(nn.Dropout(0.0))
+
+
+def test_fused_dropout_is_off_in_evaluation_mode():
+    deep = nn.GRU(3, 4, num_layers=2, dropout=0.3).to(DT).eval().requires_grad_(False)
+    x = torch.randn(5, 2, 3, dtype=DT)
+    with FusedKernelRewrite():
+        assert float((deep(x)[0] - deep.train()(x)[0]).abs().max()) > 1e-3  # the masks change the output
+        assert float((deep.eval()(x)[0] - nn.GRU.forward(deep, x)[0]).abs().max()) <= 1e-14
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_fused_dropout_draws_torchs_masks(kind):
+    """In training mode the unrolled layers draw the masks torch's CPU kernel draws from the same generator state."""
+    torch.manual_seed(0)
+    deep = (nn.LSTM if kind == "lstm" else nn.GRU)(3, 4, num_layers=3, dropout=0.4, bidirectional=True)
+    deep = deep.to(DT).train().requires_grad_(False)
+    x = torch.randn(5, 2, 3, dtype=DT)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [5, 3])
+    for inp in (x, packed):
+        state = torch.get_rng_state()
+        want = deep(inp)
+        torch.set_rng_state(state)
+        with FusedKernelRewrite():
+            got = deep(inp)
+        a, b = (want[0], got[0]) if inp is x else (want[0].data, got[0].data)
+        assert float((a - b).abs().max()) <= 1e-14
+        assert not torch.equal(torch.get_rng_state(), state)  # masks were drawn
+
+
+def test_fused_dropout_one_input_at_a_time_is_refused():
+    deep = nn.LSTM(3, 4, num_layers=2, dropout=0.3).to(DT).train()
+
+    def one(xi, li):
+        return deep(nn.utils.rnn.pack_padded_sequence(xi.unsqueeze(1), li.unsqueeze(0)))[1][0]
+
     with FusedKernelRewrite(), pytest.raises(UnsupportedModelError,
-                                             match=r"dropout=0.3 between its 2 layers.*Fix: .*nn.Dropout"):
-        deep(torch.randn(5, 2, 3, dtype=DT))
-    with FusedKernelRewrite():  # in evaluation mode the dropout is off and nothing is refused
-        assert deep.eval()(torch.randn(5, 2, 3, dtype=DT))[0].shape == (5, 2, 4)
+                                             match=r"dropout=0.3 between its layers.*one input at a time.*Fix"):
+        vmap(one, in_dims=(1, 0))(torch.randn(5, 2, 3, dtype=DT), torch.tensor([5, 3]))
+
+
+class DeepRecurrentHead(RecurrentHead):
+    """:class:`RecurrentHead` with a two-layer ``cell`` and ``dropout=0.3`` between its layers."""
+
+    def __init__(self, cell: type[nn.RNNBase], batch_first: bool):
+        super().__init__(cell, batch_first)
+        self.rnn = cell(3, 5, num_layers=2, dropout=0.3, batch_first=batch_first)
+
+
+@pytest.mark.parametrize(("cell", "opt"), [(nn.LSTM, "sgd"), (nn.GRU, "adam")])
+def test_dropout_between_recurrent_layers_is_exact(cell, opt):
+    """The recorder captures the random state of each training forward; the engine replays the masks."""
+    X, y = data(14, (4, 3), 1)
+    model = seeded(lambda: DeepRecurrentHead(cell, batch_first=cell is nn.GRU))
+    traj, copies = train(model, opt, X[:12], y[:12])
+    assert traj.manifest.coupled == ["rnn"]
+    assert_exact(measure(model, traj, copies, X[12:]))

@@ -9,31 +9,49 @@ under :func:`torch.func.vmap`. Two families of fused kernels break there:
   :math:`w = g \, v / \|v\|_{\text{except dim}}`, written here with ``torch.linalg.vector_norm``.
 * ``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh`` and ``torch.rnn_relu`` (``nn.LSTM``, ``nn.GRU``,
   ``nn.RNN``) have no ``vmap`` rule that survives batched inputs with unbatched hidden states.
-  Here they are unrolled over time with matrix products and pointwise gates, the equations of the
-  torch documentation: for the LSTM with gates ``(i, f, g, o)``,
-  :math:`c_t = \sigma(f) c_{t-1} + \sigma(i)\tanh(g)`, :math:`h_t = \sigma(o)\tanh(c_t)` (times
-  ``weight_hr`` with ``proj_size``); for the GRU with gates ``(r, z, n)``,
-  :math:`n_t = \tanh(W_{in}x + b_{in} + \sigma(r)(W_{hn}h + b_{hn}))`,
-  :math:`h_t = (1-\sigma(z)) n_t + \sigma(z) h_{t-1}`.
+  They run unrolled over time (:mod:`~explaind.kernel.recurrent`), packed sequences included:
+  ``pack_padded_sequence`` and ``pad_packed_sequence`` run as plain indexing (:class:`Packing`),
+  masked where ``vmap`` gives each input its own length.
 
-Both forms equal the fused kernels up to float rounding. :class:`FusedKernelRewrite` is a
+Every form equals the fused kernel up to float rounding. :class:`FusedKernelRewrite` is a
 ``TorchFunctionMode`` that swaps them in; :func:`needs_rewrite` says whether a model holds such a
-module, so models without one run with no mode at all. Packed sequences and dropout between
-recurrent layers in training mode are refused (:class:`~explaind.exceptions.UnsupportedModelError`).
+module, so models without one run with no mode at all. Dropout between recurrent layers in
+training mode is drawn as torch's CPU kernel draws it; on CUDA it is refused
+(:class:`~explaind.exceptions.UnsupportedModelError`).
+
+**Packing.** torch packs a padded batch ``(T, B, *)`` with lengths :math:`L_b` (sorted,
+non-increasing) into ``data`` ``(N, *)``, :math:`N = \sum_b L_b`, holding step ``t``'s rows ``b < b_t`` one step after
+the other, :math:`b_t = \#\{b : L_b > t\}` (``batch_sizes``). :class:`Packing` does the same in
+two ways (see :mod:`~explaind.kernel.recurrent`):
+
+* lengths that are plain tensors (a batched forward, or ``vmap`` over parameters only): the packed
+  layout itself, built with one gather, so the unrolled layers follow torch's per-step batch sizes;
+* lengths that ``vmap`` maps over (one input at a time, each with its own length): a packed
+  layout's shape would differ from input to input, so ``data`` stays the padded sequence,
+  flattened time-major to ``(T B, *)``, ``batch_sizes`` reads ``B`` at every step, and the mask
+  :math:`m_{t,b} = [t < L_b]` is kept under that ``batch_sizes`` object: the layers run
+  ``masked`` and ``pad_packed_sequence`` puts ``padding_value`` where :math:`m = 0`. Its output
+  then has the padded length ``T`` (or ``total_length``), not :math:`\max_b L_b`.
+
+Every ``PackedSequence`` torch builds from these keeps the ``batch_sizes`` object, which is how a
+masked one is recognised downstream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 from torch.overrides import TorchFunctionMode
 
-from ..exceptions import UnsupportedModelError
+from ..exceptions import ConfigError, UnsupportedModelError
+from .recurrent import KINDS, Steps, run_kernel
 
-__all__ = ["FusedKernelRewrite", "needs_rewrite"]
+__all__ = ["FusedKernelRewrite", "Packing", "needs_rewrite"]
 
 
 def needs_rewrite(module: nn.Module) -> bool:
@@ -56,91 +74,111 @@ def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     return v * (g / torch.linalg.vector_norm(v, dim=axes, keepdim=True))
 
 
-def _lstm_cell(x: Tensor, state: tuple[Tensor, Tensor], w: Sequence[Tensor], bias: bool) -> tuple[Tensor, Tensor]:
-    h, c = state
-    gates = x @ w[0].T + h @ w[1].T
-    if bias:
-        gates = gates + w[2] + w[3]
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
-    if len(w) == (5 if bias else 3):  # proj_size > 0: weight_hr last
-        h = h @ w[-1].T
-    return h, c
+def _vmapped(t: Tensor) -> bool:
+    """Whether ``t`` carries a ``vmap`` batch dimension at any functorch level."""
+    while is_functorch_wrapped_tensor(t):
+        if is_batchedtensor(t):
+            return True
+        t = get_unwrapped(t)
+    return False
 
 
-def _gru_cell(x: Tensor, h: Tensor, w: Sequence[Tensor], bias: bool) -> Tensor:
-    gi = x @ w[0].T + (w[2] if bias else 0)
-    gh = h @ w[1].T + (w[3] if bias else 0)
-    ir, iz, in_ = gi.chunk(3, dim=-1)
-    hr, hz, hn = gh.chunk(3, dim=-1)
-    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-    n = torch.tanh(in_ + r * hn)
-    return (1 - z) * n + z * h
+class Packing:
+    """The packing operations of one evaluation; remembers the masked ``batch_sizes`` it handed out."""
 
+    def __init__(self) -> None:
+        self._masked: dict[int, tuple[Tensor, Steps, Tensor]] = {}
 
-def _simple_cell(act: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
-    def cell(x: Tensor, h: Tensor, w: Sequence[Tensor], bias: bool) -> Tensor:
-        pre = x @ w[0].T + h @ w[1].T
-        return act(pre + w[2] + w[3] if bias else pre)
+    def pack(self, x: Tensor, lengths: Tensor, batch_first: bool) -> tuple[Tensor, Tensor]:
+        """``torch._pack_padded_sequence(input, lengths, batch_first)``: ``(data, batch_sizes)``."""
+        seq = x.transpose(0, 1) if batch_first else x
+        T, B = seq.shape[0], seq.shape[1]
+        if lengths.dim() != 1 or lengths.shape[0] != B:
+            raise ConfigError(f"pack_padded_sequence got lengths of shape {tuple(lengths.shape)} for a batch of {B} "
+                              f"sequences; it takes one length per sequence. Fix: pass lengths of shape ({B},).")
+        flat = seq.reshape(T * B, *seq.shape[2:])
+        if _vmapped(lengths):
+            lens = lengths.to(device=x.device, dtype=torch.long)  # torch asks for lengths on the CPU
+            mask = torch.arange(T, device=x.device)[:, None, None] < lens[None, :, None]
+            batch_sizes = torch.full((T,), B, dtype=torch.long)
+            self._masked[id(batch_sizes)] = (batch_sizes, Steps("masked", T, mask=mask), lengths.to(torch.long))
+            return flat, batch_sizes
+        lens = [int(v) for v in lengths.tolist()]
+        if min(lens) <= 0 or max(lens) > T or any(a < b for a, b in zip(lens, lens[1:])):
+            raise ConfigError(
+                f"pack_padded_sequence got lengths {lens} for sequences padded to {T} steps; it takes lengths in "
+                f"1..{T}, in decreasing order unless enforce_sorted=False. Fix: pass the true lengths, and "
+                f"enforce_sorted=False when they are not sorted.")
+        sizes = [sum(1 for n in lens if n > t) for t in range(lens[0])]
+        idx = [t * B + b for t, n in enumerate(sizes) for b in range(n)]
+        return flat[torch.tensor(idx, device=flat.device)], torch.tensor(sizes, dtype=torch.long)
 
-    return cell
+    def steps(self, data: Tensor, batch_sizes: Tensor) -> Steps:
+        """The :class:`Steps` of packed ``data`` with ``batch_sizes`` (masked when :meth:`pack` made it so)."""
+        masked = self._masked.get(id(batch_sizes))
+        if masked is not None and masked[0] is batch_sizes:
+            steps = masked[1]
+            rows = steps.T * steps.mask.shape[1]  # type: ignore[union-attr]
+            if data.shape[0] != rows:
+                raise UnsupportedModelError(
+                    f"a packed sequence evaluated one input at a time holds {data.shape[0]} rows where {rows} "
+                    f"(steps x sequences) were expected: its data was rebuilt with other rows after packing. Fix: "
+                    f"apply per-row operations to the padded sequence before pack_padded_sequence.")
+            return steps
+        if _vmapped(batch_sizes):
+            raise UnsupportedModelError(
+                "a PackedSequence whose batch_sizes differ from input to input reached a recurrent layer under "
+                "vmap. Fix: build it with torch.nn.utils.rnn.pack_padded_sequence inside the model's forward.")
+        return Steps("packed", int(batch_sizes.shape[0]), sizes=tuple(int(b) for b in batch_sizes.tolist()))
 
-
-_CELLS: dict[str, Callable[..., Any]] = {"lstm": _lstm_cell, "gru": _gru_cell,
-                                         "rnn_tanh": _simple_cell(torch.tanh), "rnn_relu": _simple_cell(torch.relu)}
-
-
-def _unrolled(kind: str, args: Sequence[Any]) -> tuple[Tensor, ...]:
-    """``torch.<kind>(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)``."""
-    if len(args) != 9 or not isinstance(args[3], bool):  # the packed overload: (data, batch_sizes, hx, params, ...)
-        raise UnsupportedModelError(
-            f"a packed sequence reached torch.{kind}: explaind evaluates recurrent layers unrolled over time and "
-            f"does not unroll packed sequences. Fix: pad the sequences to one length (and mask the padded "
-            f"positions in the loss or the head) instead of torch.nn.utils.rnn.pack_padded_sequence.")
-    x, hx, params, bias, layers, dropout, train, bidirectional, batch_first = args
-    if train and dropout > 0 and layers > 1:
-        raise UnsupportedModelError(
-            f"torch.{kind} with dropout={dropout} between its {layers} layers in training mode draws its masks "
-            f"inside a fused kernel that explaind cannot replay. Fix: stack single-layer recurrent modules with "
-            f"nn.Dropout between them (its masks are replayed), or set dropout=0.")
-    cell = _CELLS[kind]
-    dirs = 2 if bidirectional else 1
-    per = len(params) // (layers * dirs)
-    seq = x.transpose(0, 1) if batch_first else x  # (T, B, F)
-    is_lstm = kind == "lstm"
-    h0 = hx[0] if is_lstm else hx
-    finals_h, finals_c = [], []
-    for layer in range(layers):
-        outs = []
-        for d in range(dirs):
-            k = layer * dirs + d
-            w = params[k * per:(k + 1) * per]
-            state: Any = (h0[k], hx[1][k]) if is_lstm else h0[k]
-            steps = range(seq.shape[0] - 1, -1, -1) if d == 1 else range(seq.shape[0])
-            ys: list[Tensor] = [None] * seq.shape[0]  # type: ignore[list-item]
-            for t in steps:
-                state = cell(seq[t], state, w, bias)
-                ys[t] = state[0] if is_lstm else state
-            outs.append(torch.stack(ys))
-            finals_h.append(state[0] if is_lstm else state)
-            if is_lstm:
-                finals_c.append(state[1])
-        seq = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
-    out = seq.transpose(0, 1) if batch_first else seq
-    if is_lstm:
-        return out, torch.stack(finals_h), torch.stack(finals_c)
-    return out, torch.stack(finals_h)
+    def pad(self, data: Tensor, batch_sizes: Tensor, batch_first: bool, padding_value: float,
+            total_length: int) -> tuple[Tensor, Tensor]:
+        """``torch._pad_packed_sequence``: ``(padded, lengths)``, padded ``(total_length, B, *)`` or batch first."""
+        steps = self.steps(data, batch_sizes)
+        rest = data.shape[1:]
+        if steps.layout == "masked":
+            mask = steps.mask
+            B = mask.shape[1]  # type: ignore[union-attr]
+            seq = data.reshape(steps.T, B, *rest)
+            padded = torch.where(mask.reshape(steps.T, B, *([1] * len(rest))), seq,  # type: ignore[union-attr]
+                                 torch.full((), padding_value, dtype=data.dtype, device=data.device))
+            if total_length > steps.T:
+                fill = torch.full((total_length - steps.T, B, *rest), padding_value, dtype=data.dtype,
+                                  device=data.device)
+                padded = torch.cat([padded, fill])
+            lengths = self._masked[id(batch_sizes)][2]
+        else:
+            B, N = steps.sizes[0], data.shape[0]
+            offsets = steps.offsets()
+            idx = [offsets[t] + b if t < steps.T and b < steps.sizes[t] else N
+                   for t in range(total_length) for b in range(B)]
+            pad_row = torch.full((1, *rest), padding_value, dtype=data.dtype, device=data.device)
+            rows = torch.cat([data, pad_row])[torch.tensor(idx, device=data.device)]
+            padded = rows.reshape(total_length, B, *rest)
+            lengths = torch.tensor([sum(1 for n in steps.sizes if n > b) for b in range(B)], dtype=torch.long)
+        return (padded.transpose(0, 1) if batch_first else padded), lengths
 
 
 class FusedKernelRewrite(TorchFunctionMode):
-    """Inside the block, weight norm and the recurrent kernels run as the plain operations of this module."""
+    """Inside the block, weight norm, the recurrent kernels and sequence packing run as plain operations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.packing = Packing()
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if func is torch._weight_norm:
             return _weight_norm(*args, **kwargs)
-        if name in _CELLS and getattr(torch, name, None) is func:
-            return _unrolled(name, list(args) + list(kwargs.values()))
+        if name in KINDS and getattr(torch, name, None) is func:
+            return run_kernel(name, list(args) + list(kwargs.values()), self.packing.steps)
+        if func is torch._pack_padded_sequence:
+            return self.packing.pack(*args, **kwargs)
+        if func is torch._pad_packed_sequence:
+            return self.packing.pad(*args, **kwargs)
+        if func is Tensor.scatter_:  # pack_padded_sequence(enforce_sorted=False) inverts its permutation so
+            with warnings.catch_warnings():  # under vmap: torch's exact fallback warns of its speed only
+                warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+                return func(*args, **kwargs)
         return func(*args, **kwargs)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
+from ._random import draws_masks
 
 __all__ = ["GradientTap", "AutocastProbe", "has_stochastic_layers", "is_power_of_two"]
 
@@ -42,9 +43,7 @@ def has_stochastic_layers(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if not module.training:
             continue
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            found.append(name or type(module).__name__)
-        elif isinstance(module, nn.modules.batchnorm._NormBase):
+        if draws_masks(module) or isinstance(module, nn.modules.batchnorm._NormBase):
             found.append(name or type(module).__name__)
     return found
 

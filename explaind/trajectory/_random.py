@@ -48,8 +48,8 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, TrajectoryError
 from ..records import LossRecord
 
-__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "is_spectral_norm", "find_generators",
-           "resolve_generators",
+__all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "draws_masks", "is_spectral_norm",
+           "find_generators", "resolve_generators",
            "loss_generators", "replayed", "replay_parts", "pack_micro_batches", "unpack_micro_batches"]
 
 #: Levels of nested lists, tuples and dicts searched for generators below a module's attribute.
@@ -65,17 +65,24 @@ _KEY = re.compile(r"""\[(-?\d+|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]""")
 def coupled_modules(model: nn.Module) -> list[str]:
     """Names of the modules whose training forward must be replayed, whatever their mode.
 
-    Dropout (``p > 0``) draws masks, batch norm couples the samples, and spectral norm
-    (``torch.nn.utils.parametrizations.spectral_norm`` or the older hook) runs its power iteration
-    on buffers the same forward reads.
+    Dropout (``p > 0``, also between the layers of a recurrent module) draws masks, batch norm
+    couples the samples, and spectral norm (``torch.nn.utils.parametrizations.spectral_norm`` or
+    the older hook) runs its power iteration on buffers the same forward reads.
     """
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+        if draws_masks(module):
             found.append(name or type(module).__name__)
         elif isinstance(module, nn.modules.batchnorm._NormBase) or is_spectral_norm(module):
             found.append(name or type(module).__name__)
     return found
+
+
+def draws_masks(module: nn.Module) -> bool:
+    """Whether ``module``'s training forward draws dropout masks: a dropout layer or a recurrent module's dropout."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    return isinstance(module, nn.RNNBase) and module.dropout > 0 and module.num_layers > 1
 
 
 def is_spectral_norm(module: nn.Module) -> bool:
