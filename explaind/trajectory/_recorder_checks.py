@@ -110,7 +110,8 @@ def check_loss_decomposes(
         return None
     return (
         f"Loss {loss.name!r}: on the first logged micro-batch the loss callable gives {batch:.6g}, but the "
-        f"logged weights (normalised to sum to 1 over the micro-batch) times its per-sample values sum to {mean:.6g}. explaind splits the gradient into "
+        f"logged weights (normalised to sum to 1 over the micro-batch) times its per-sample values sum to "
+        f"{mean:.6g}. explaind splits the gradient into "
         f"per-sample terms w_k * grad loss_fn(sample k), exact only when the batch loss is "
         f"sum_k w_k loss_fn(sample k): a "
         f"class-weighted cross entropy (weight=...) normalises by the batch's summed class weights, "
