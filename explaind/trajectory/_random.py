@@ -69,13 +69,13 @@ def coupled_modules(model: nn.Module) -> list[str]:
     (``torch.nn.utils.parametrizations.spectral_norm`` or the older hook) runs its power iteration
     on buffers the same forward reads.
     """
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            found.append(name or type(module).__name__)
-        elif isinstance(module, nn.modules.batchnorm._NormBase) or is_spectral_norm(module):
-            found.append(name or type(module).__name__)
-    return found
+    return [name or type(module).__name__ for name, module in model.named_modules() if _is_coupled(module)]
+
+
+def _is_coupled(module: nn.Module) -> bool:
+    """Dropout with ``p > 0``, batch norm or spectral norm (see :func:`coupled_modules`)."""
+    return ((isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0)
+            or isinstance(module, nn.modules.batchnorm._NormBase) or is_spectral_norm(module))
 
 
 def is_spectral_norm(module: nn.Module) -> bool:
@@ -296,6 +296,8 @@ class RandomCapture:
         self.generators = [*found.values(), *self.extra]
         self.model = model
         self.coupled = coupled_modules(model) + self.generator_names
+        #: coupled submodules, whose mode must follow the root's in every training forward (:meth:`_hook`)
+        self._moded = [(name, m) for name, m in model.named_modules() if m is not model and _is_coupled(m)]
         if capture is True and not self.coupled:  # random draws the modules do not show (F.dropout, torch.rand)
             self.coupled = [f"{type(model).__name__}.forward"]
         self.enabled = bool(self.coupled) if capture == "auto" else bool(capture)
@@ -318,6 +320,7 @@ class RandomCapture:
     def _hook(self, module: nn.Module, args: Any) -> None:
         if self.paused or not torch.is_grad_enabled():
             return
+        self._refuse_mixed_modes(module)
         if not module.training:
             self._eval_forwards += 1
             return
@@ -325,6 +328,26 @@ class RandomCapture:
         if self._forwards == 1:
             param = next(module.parameters(), None)
             self._state = RandomState.now(param.device.type if param is not None else "cpu", self.generators)
+
+    def _refuse_mixed_modes(self, root: nn.Module) -> None:
+        """Raise when a dropout, batch-norm or spectral-norm module's mode differs from the root's in a forward.
+
+        The engine replays a training forward with every module in training mode (and recomputes an
+        evaluation forward with every module in evaluation mode), so a module the loop switched on its own
+        (frozen batch norm, one dropout turned off with ``.eval()``) would be replayed otherwise than it ran.
+        """
+        off = [name for name, m in self._moded if m.training != root.training]
+        if not off:
+            return
+        mode, other = ("training", "evaluation") if root.training else ("evaluation", "training")
+        raise TrajectoryError(
+            f"A forward of the recorded model ran in {mode} mode with the module(s) {off} in {other} mode. "
+            f"explaind replays every training forward with all modules in the model's own mode, so these modules' "
+            f"masks or batch statistics would differ from the loop's and the split over samples would be inexact. "
+            f"Fix: keep these modules in the model's mode while recording; for frozen batch norm use a module that "
+            f"applies the running statistics in both modes (e.g. torchvision.ops.FrozenBatchNorm2d), and switch a "
+            f"dropout off with p=0 rather than .eval()."
+        )
 
     def take(self) -> tuple[int, RandomState | None, int]:
         """``(forwards, state, eval_forwards)`` since the previous call (``(-1, None, 0)`` when not capturing)."""
