@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import Reference, rel_err
+from replay_reference import ReplayReference
 from torch import nn
 
 import explaind
-from explaind.exceptions import ExplaindWarning, TrajectoryError, UnsupportedModelError
+from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError, UnsupportedModelError
 
 DT = torch.float64
 N, STEPS, BATCH = 30, 6, 10
@@ -205,3 +206,47 @@ def test_gradient_checkpointing_hook_is_refused_naming_the_fix():
     with torch.no_grad():
         truth = model.eval()(**X_test).logits.reshape(2, -1)
     assert rel_err(explaind.KernelReplica(device="cpu").fit(rec.trajectory).predict(X_test), truth) <= 1e-6
+
+
+def _dropout_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_compiled_dropout_model_with_inductor_is_refused(how):
+    """Before: the gradient check (running the compiled model) passed and the residual share was 0.40."""
+    X, y, _ = _data()
+    net = _dropout_net()
+    model = torch.compile(net) if how == "torch.compile" else net
+    if how == "module.compile":
+        net.compile()
+    with pytest.raises(ConfigError, match=r"torch.compile\(backend='inductor'\).*Fix: record the uncompiled model, "
+                                          r"or compile it with backend='eager' or 'aot_eager'"):
+        explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.2), loss="cross_entropy",
+                                    train_data=(X, y))
+
+
+def test_compiled_dropout_model_with_aot_eager_is_exact():
+    X, y, X_test = _data()
+    net = _dropout_net()
+    model = torch.compile(net, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=True)
+    gen = torch.Generator().manual_seed(2)
+    with rec:
+        for _ in range(3):
+            idx = torch.randperm(N, generator=gen)[:8]
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    with torch.no_grad():
+        truth = net.eval()(X_test)
+    traj = rec.trajectory
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_test), truth) <= 1e-6
+    att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
+    assert att.meta["residual_share"] <= 1e-9
+    ref = ReplayReference(traj, X_test)
+    assert float(ref.E.abs().max()) <= 1e-12
+    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9

@@ -301,6 +301,10 @@ class RandomCapture:
         if capture is True and not self.coupled:  # random draws the modules do not show (F.dropout, torch.rand)
             self.coupled = [f"{type(model).__name__}.forward"]
         self.enabled = bool(self.coupled) if capture == "auto" else bool(capture)
+        draws = capture is True or bool(self.generators) or any(
+            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+        if self.enabled and draws:
+            _refuse_compiled_draws(model)
         self.paused = False
         self._handle: Any = None
         self._forwards = self._eval_forwards = 0
@@ -366,6 +370,39 @@ class RandomCapture:
                 yield
         finally:
             self.paused = False
+
+
+#: ``torch.compile`` backends that run dropout with eager PyTorch's random number generator.
+EAGER_RANDOM_BACKENDS = ("eager", "aot_eager")
+
+
+def compile_backend(model: nn.Module) -> str | None:
+    """The ``torch.compile`` backend's name of a compiled module (``"?"`` when unknown), ``None`` if not compiled."""
+    if hasattr(model, "_orig_mod") and hasattr(model, "dynamo_ctx"):  # torch.compile(model)
+        context = model.dynamo_ctx
+    elif getattr(model, "_compiled_call_impl", None) is not None:  # model.compile(): the context is in a closure
+        cells = getattr(model._compiled_call_impl, "__closure__", None) or ()
+        context = next((c.cell_contents for c in cells if hasattr(c.cell_contents, "callback")), None)
+    else:
+        return None
+    try:  # torch keeps the backend two wrappers deep; a backend without a __name__ is reported as unknown
+        return str(context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend.__name__)
+    except AttributeError:
+        return "?"
+
+
+def _refuse_compiled_draws(model: nn.Module) -> None:
+    """Refuse a compiled model that draws random numbers with a backend whose draws eager PyTorch cannot replay."""
+    backend = compile_backend(model)
+    if backend is None or backend in EAGER_RANDOM_BACKENDS:
+        return
+    raise ConfigError(
+        f"The model is compiled with torch.compile(backend={backend!r}), which draws dropout masks and other random "
+        f"numbers with its own generator, while explaind replays every training forward in eager PyTorch: the "
+        f"masks would differ from the loop's and the split over samples would be inexact (the gradient check "
+        f"runs the compiled model and would not see it). Fix: record the uncompiled model, or compile it with "
+        f"backend='eager' or 'aot_eager', whose draws are eager PyTorch's."
+    )
 
 
 def _cuda_devices() -> list[int]:
