@@ -154,27 +154,33 @@ def test_a_module_left_in_another_mode_than_the_model_is_refused(switched):
         F.cross_entropy(model(X[:8]), y[:8]).backward()
 
 
+def _three_steps(model: nn.Module, X, y, training=(True, True, True)):
+    """Three SGD-momentum steps of 8 random samples, the whole model in ``training[s]`` mode at step ``s``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=True)
+    gen = torch.Generator().manual_seed(2)
+    with rec:
+        for mode in training:
+            model.train(mode)
+            idx = torch.randperm(N, generator=gen)[:8]
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    return rec.trajectory
+
+
 def test_whole_model_evaluation_steps_stay_exact():
     """The model switched to evaluation mode as a whole for one step is replayed in evaluation mode."""
     X, y, X_test = _data()
     model = _bn_dropout_model()
     with torch.no_grad():
         model.train()(X * 2 + 1)  # running statistics that differ from the batch's
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
-    gen = torch.Generator().manual_seed(2)
-    with rec:
-        for s in range(3):
-            model.train(s != 1)
-            idx = torch.randperm(N, generator=gen)[:8]
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
+    traj = _three_steps(model, X, y, training=(True, False, True))
     with torch.no_grad():
         truth = model.eval()(X_test)
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(rec.trajectory).predict(X_test), truth) <= 1e-6
-    att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(rec.trajectory).transform(X_test)
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_test), truth) <= 1e-6
+    att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
     assert att.meta["residual_share"] <= 1e-9
 
 
@@ -230,20 +236,9 @@ def test_compiled_dropout_model_with_inductor_is_refused(how):
 def test_compiled_dropout_model_with_aot_eager_is_exact():
     X, y, X_test = _data()
     net = _dropout_net()
-    model = torch.compile(net, backend="aot_eager")
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=True)
-    gen = torch.Generator().manual_seed(2)
-    with rec:
-        for _ in range(3):
-            idx = torch.randperm(N, generator=gen)[:8]
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
+    traj = _three_steps(torch.compile(net, backend="aot_eager"), X, y)
     with torch.no_grad():
         truth = net.eval()(X_test)
-    traj = rec.trajectory
     assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_test), truth) <= 1e-6
     att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
     assert att.meta["residual_share"] <= 1e-9
