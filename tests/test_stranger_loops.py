@@ -245,3 +245,24 @@ def test_compiled_dropout_model_with_aot_eager_is_exact():
     ref = ReplayReference(traj, X_test)
     assert float(ref.E.abs().max()) <= 1e-12
     assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
+
+
+def test_parameters_stored_in_bfloat16_warn_naming_the_update_rounding():
+    """Pure bfloat16 training (no float32 master weights): before, the warning blamed only the adapter."""
+    X, y, X_test = _data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
+    X = X.to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    with rec:
+        for idx in torch.arange(24).reshape(3, 8):
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    with pytest.warns(ExplaindWarning, match=r"residual share .*\(1\) the parameters themselves are stored in "
+                                             r"bfloat16.*float32 master weights"):
+        att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(rec.trajectory).transform(
+            X_test.to(torch.bfloat16))
+    assert att.meta["residual_share"] > 1e-3
