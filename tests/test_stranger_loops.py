@@ -266,3 +266,58 @@ def test_parameters_stored_in_bfloat16_warn_naming_the_update_rounding():
         att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(rec.trajectory).transform(
             X_test.to(torch.bfloat16))
     assert att.meta["residual_share"] > 1e-3
+
+
+class _Checkpointed(nn.Module):
+    """Token ids -> mean embedding -> a block run under torch.utils.checkpoint -> logits."""
+
+    def __init__(self, reentrant: bool | None, sparse: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, sparse=sparse)
+        self.block = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.reentrant = reentrant  # None: no checkpointing (the same function)
+
+    def forward(self, x):
+        h = self.emb(x).mean(1)
+        if self.reentrant is not None:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.reentrant)
+        else:
+            h = self.block(h)
+        return self.head(h)
+
+
+def _token_data():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randint(0, 20, (N, 4), generator=gen), torch.randint(0, 3, (N,), generator=gen)
+
+
+def test_activation_checkpointing_is_refused_naming_the_fix_and_exact_once_switched_off():
+    """Before: a raw torch.func RuntimeError (use_reentrant=False, when explaining) or a raw autograd RuntimeError
+    inside optimizer.step() (use_reentrant=True)."""
+    X, y = _token_data()
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant=True).to(DT)
+    with pytest.raises(UnsupportedModelError, match=r"checkpoints activations.*use_reentrant=False"):
+        _three_steps(model, X, y)
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant=False).to(DT)
+    traj = _three_steps(model, X, y)
+    X_test = X[:3]
+    with pytest.raises(UnsupportedModelError, match=r"checkpoints activations.*switch checkpointing off"):
+        explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
+    model.reentrant = None
+    with torch.no_grad():
+        truth = model.eval()(X_test)
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_test), truth) <= 1e-6
+    assert explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(
+        X_test).meta["residual_share"] <= 1e-9
+
+
+def test_sparse_embedding_gradients_are_refused_naming_the_fix():
+    """Before: a raw NotImplementedError (a norm of a sparse gradient) in rec.log_batch."""
+    X, y = _token_data()
+    model = _Checkpointed(reentrant=None, sparse=True).to(DT)
+    with pytest.raises(UnsupportedModelError, match=r"\['emb'\] have sparse=True.*Fix: build them with sparse=False"):
+        explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), loss="cross_entropy",
+                                    train_data=(X, y))

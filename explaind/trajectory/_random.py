@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
+from ..models import refuse_compiled_draws, refuse_mixed_modes
 from ..records import LossRecord
 
 __all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "is_spectral_norm", "find_generators",
@@ -304,7 +305,7 @@ class RandomCapture:
         draws = capture is True or bool(self.generators) or any(
             isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
         if self.enabled and draws:
-            _refuse_compiled_draws(model)
+            refuse_compiled_draws(model)
         self.paused = False
         self._handle: Any = None
         self._forwards = self._eval_forwards = 0
@@ -324,7 +325,7 @@ class RandomCapture:
     def _hook(self, module: nn.Module, args: Any) -> None:
         if self.paused or not torch.is_grad_enabled():
             return
-        self._refuse_mixed_modes(module)
+        refuse_mixed_modes(self._moded, module)
         if not module.training:
             self._eval_forwards += 1
             return
@@ -332,26 +333,6 @@ class RandomCapture:
         if self._forwards == 1:
             param = next(module.parameters(), None)
             self._state = RandomState.now(param.device.type if param is not None else "cpu", self.generators)
-
-    def _refuse_mixed_modes(self, root: nn.Module) -> None:
-        """Raise when a dropout, batch-norm or spectral-norm module's mode differs from the root's in a forward.
-
-        The engine replays a training forward with every module in training mode (and recomputes an
-        evaluation forward with every module in evaluation mode), so a module the loop switched on its own
-        (frozen batch norm, one dropout turned off with ``.eval()``) would be replayed otherwise than it ran.
-        """
-        off = [name for name, m in self._moded if m.training != root.training]
-        if not off:
-            return
-        mode, other = ("training", "evaluation") if root.training else ("evaluation", "training")
-        raise TrajectoryError(
-            f"A forward of the recorded model ran in {mode} mode with the module(s) {off} in {other} mode. "
-            f"explaind replays every training forward with all modules in the model's own mode, so these modules' "
-            f"masks or batch statistics would differ from the loop's and the split over samples would be inexact. "
-            f"Fix: keep these modules in the model's mode while recording; for frozen batch norm use a module that "
-            f"applies the running statistics in both modes (e.g. torchvision.ops.FrozenBatchNorm2d), and switch a "
-            f"dropout off with p=0 rather than .eval()."
-        )
 
     def take(self) -> tuple[int, RandomState | None, int]:
         """``(forwards, state, eval_forwards)`` since the previous call (``(-1, None, 0)`` when not capturing)."""
@@ -370,39 +351,6 @@ class RandomCapture:
                 yield
         finally:
             self.paused = False
-
-
-#: ``torch.compile`` backends that run dropout with eager PyTorch's random number generator.
-EAGER_RANDOM_BACKENDS = ("eager", "aot_eager")
-
-
-def compile_backend(model: nn.Module) -> str | None:
-    """The ``torch.compile`` backend's name of a compiled module (``"?"`` when unknown), ``None`` if not compiled."""
-    if hasattr(model, "_orig_mod") and hasattr(model, "dynamo_ctx"):  # torch.compile(model)
-        context = model.dynamo_ctx
-    elif getattr(model, "_compiled_call_impl", None) is not None:  # model.compile(): the context is in a closure
-        cells = getattr(model._compiled_call_impl, "__closure__", None) or ()
-        context = next((c.cell_contents for c in cells if hasattr(c.cell_contents, "callback")), None)
-    else:
-        return None
-    try:  # torch keeps the backend two wrappers deep; a backend without a __name__ is reported as unknown
-        return str(context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend.__name__)
-    except AttributeError:
-        return "?"
-
-
-def _refuse_compiled_draws(model: nn.Module) -> None:
-    """Refuse a compiled model that draws random numbers with a backend whose draws eager PyTorch cannot replay."""
-    backend = compile_backend(model)
-    if backend is None or backend in EAGER_RANDOM_BACKENDS:
-        return
-    raise ConfigError(
-        f"The model is compiled with torch.compile(backend={backend!r}), which draws dropout masks and other random "
-        f"numbers with its own generator, while explaind replays every training forward in eager PyTorch: the "
-        f"masks would differ from the loop's and the split over samples would be inexact (the gradient check "
-        f"runs the compiled model and would not see it). Fix: record the uncompiled model, or compile it with "
-        f"backend='eager' or 'aot_eager', whose draws are eager PyTorch's."
-    )
 
 
 def _cuda_devices() -> list[int]:
