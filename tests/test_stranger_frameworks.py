@@ -88,25 +88,30 @@ def _xy():
     return torch.randn(12, 5, generator=gen, dtype=DT), torch.randint(0, 3, (12,), generator=gen)
 
 
-def _gpt2_trainer(tmp_path, **overrides) -> Trainer:
+def _gpt2_trainer(tmp_path, model=None, **overrides) -> tuple[Trainer, ExplaindTrainerCallback]:
     ids, labels = lm_data(8)
     data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(8)])
     callback = ExplaindTrainerCallback(data, loss="causal_lm")
-    return Trainer(model=tiny_gpt2(), args=_args(tmp_path, gradient_accumulation_steps=1, **overrides),
-                   train_dataset=data, callbacks=[callback], compute_loss_func=callback.compute_loss)
+    return Trainer(model=model or tiny_gpt2(), args=_args(tmp_path, gradient_accumulation_steps=1, **overrides),
+                   train_dataset=data, callbacks=[callback], compute_loss_func=callback.compute_loss), callback
 
 
 def test_trainer_label_smoothing_factor_ignored_by_compute_loss_func_is_refused(tmp_path):
     """The Trainer drops label_smoothing_factor when compute_loss_func is set: before, the run trained unsmoothed."""
+    model = tiny_gpt2()
+    trainer, _ = _gpt2_trainer(tmp_path, model, label_smoothing_factor=0.1)
     with pytest.raises(ConfigError, match=r"label_smoothing_factor=0.1\) has no effect.*Fix: set "
                                           r"label_smoothing_factor=0 and give the callback the smoothed loss"):
-        _gpt2_trainer(tmp_path, label_smoothing_factor=0.1).train()
+        trainer.train()
+    trainer, callback = _gpt2_trainer(tmp_path, model, max_steps=1)  # the refused callback let go of the model
+    trainer.train()
+    assert callback.trajectory.n_steps == 1
 
 
 def test_trainer_neftune_is_refused(tmp_path):
     """NEFTune's noise hook is removed after training: before, the residual share was 7.6e3 with a dropout hint."""
     with pytest.raises(ConfigError, match=r"neftune_noise_alpha=5.0\).*Fix: train with neftune_noise_alpha=None"):
-        _gpt2_trainer(tmp_path, neftune_noise_alpha=5.0).train()
+        _gpt2_trainer(tmp_path, neftune_noise_alpha=5.0)[0].train()
 
 
 class _TwoOptimizers(pl.LightningModule):

@@ -107,6 +107,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             only without ``compute_loss_func``, so the run would silently train without label smoothing.
         """
         if self._label_smoothing:
+            self.close()  # the model and dataloader are left as they were before training
             raise ConfigError(
                 f"TrainingArguments(label_smoothing_factor={self._label_smoothing}) has no effect when the Trainer "
                 f"is given compute_loss_func=callback.compute_loss: the Trainer smooths labels only in its own "
