@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .exceptions import ConfigError
+from .exceptions import ConfigError, UnsupportedModelError
 
 __all__ = ["Inputs", "as_inputs", "call_model", "batch_size"]
 
@@ -127,10 +127,40 @@ def batch_size(X: Tensor | Inputs) -> int:
     return int(X.shape[0])
 
 
+#: Torch's messages when activation checkpointing runs inside ``torch.func`` or under ``autograd.grad``.
+_CHECKPOINT_ERRORS = ("don't yet support saved tensor hooks", "torch.utils.checkpoint is incompatible with .grad()")
+
+
 def call_model(module: nn.Module, params: Mapping[str, Tensor], x: Tensor | Inputs) -> Any:
-    """``functional_call`` of ``module`` with ``params`` on a tensor or on :class:`Inputs` (``*args``/``**kwargs``)."""
-    if isinstance(x, Inputs):
-        if isinstance(x.data, dict):
-            return functional_call(module, dict(params), (), dict(x.data))
-        return functional_call(module, dict(params), tuple(x.data))
-    return functional_call(module, dict(params), (x,))
+    """``functional_call`` of ``module`` with ``params`` on a tensor or on :class:`Inputs` (``*args``/``**kwargs``).
+
+    Raises
+    ------
+    UnsupportedModelError
+        When the forward checkpoints activations (``torch.utils.checkpoint``), which neither ``torch.func``
+        nor, with ``use_reentrant=True``, ``torch.autograd.grad`` can run; the message names the fix.
+    """
+    try:
+        if isinstance(x, Inputs):
+            if isinstance(x.data, dict):
+                return functional_call(module, dict(params), (), dict(x.data))
+            return functional_call(module, dict(params), tuple(x.data))
+        return functional_call(module, dict(params), (x,))
+    except RuntimeError as exc:
+        refused = checkpoint_error(exc)
+        if refused is None:
+            raise
+        raise refused from exc
+
+
+def checkpoint_error(exc: RuntimeError) -> UnsupportedModelError | None:
+    """The explaind error for torch's activation-checkpointing error ``exc`` (``None`` for any other error)."""
+    if not any(m in str(exc) for m in _CHECKPOINT_ERRORS):
+        return None
+    return UnsupportedModelError(
+        "the model's forward checkpoints activations (torch.utils.checkpoint, or another saved-tensor hook "
+        "such as torch.autograd.graph.save_on_cpu), which the torch.func transforms explaind evaluates the "
+        "model with cannot run, nor torch.autograd.grad when use_reentrant=True. Checkpointing does not change "
+        "the model's function: record with use_reentrant=False and switch checkpointing off before explaining "
+        "(a flag on your module; for Hugging Face models model.gradient_checkpointing_disable())."
+    )

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from .config import resolve_dtype, validate_config
-from .exceptions import ConfigError, UnsupportedModelError
+from .exceptions import ConfigError, TrajectoryError, UnsupportedModelError
 
 __all__ = [
     "build_model",
@@ -40,6 +40,11 @@ __all__ = [
     "DEFAULT_MAX_PARAMETERS",
     "MAX_PARAMETERS_ENV",
     "refuse_renormalising_embeddings",
+    "refuse_sparse_embeddings",
+    "refuse_compiled_draws",
+    "refuse_mixed_modes",
+    "compile_backend",
+    "EAGER_RANDOM_BACKENDS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -248,3 +253,91 @@ def refuse_renormalising_embeddings(model: nn.Module, where: str) -> None:
             f"that cannot be decomposed exactly. Allowed: nn.Embedding with max_norm=None. Fix: build the "
             f"embedding with max_norm=None and, if the norm cap matters, apply it without changing the table, "
             f"e.g. rows = emb(x); rows = rows * (max_norm / rows.norm(dim=-1, keepdim=True)).clamp(max=1).")
+
+
+def refuse_sparse_embeddings(model: nn.Module, where: str) -> None:
+    """Refuse ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)``: their gradients are sparse tensors.
+
+    The recorder reads, checks and stores dense gradients; the model's function does not depend on
+    ``sparse``, so the dense layer trains and explains the same model.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Naming every such embedding and the fix.
+    """
+    found = [name or type(m).__name__ for name, m in model.named_modules()
+             if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse]
+    if found:
+        raise UnsupportedModelError(
+            f"{where}: the embeddings {found} have sparse=True, so backward() gives them sparse gradients, which "
+            f"explaind does not record. Allowed: sparse=False (the default). Fix: build them with sparse=False; "
+            f"the model's function is the same, and torch's optimizers then update them with dense gradients.")
+
+
+#: ``torch.compile`` backends that run dropout with eager PyTorch's random number generator.
+EAGER_RANDOM_BACKENDS = ("eager", "aot_eager")
+
+
+def compile_backend(model: nn.Module) -> str | None:
+    """The ``torch.compile`` backend's name of a compiled module (``"?"`` when unknown), ``None`` if not compiled."""
+    if hasattr(model, "_orig_mod") and hasattr(model, "dynamo_ctx"):  # torch.compile(model)
+        context = model.dynamo_ctx
+    elif getattr(model, "_compiled_call_impl", None) is not None:  # model.compile(): the context is in a closure
+        cells = getattr(model._compiled_call_impl, "__closure__", None) or ()
+        context = next((c.cell_contents for c in cells if hasattr(c.cell_contents, "callback")), None)
+    else:
+        return None
+    try:  # torch keeps the backend two wrappers deep; a backend without a __name__ is reported as unknown
+        return str(context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend.__name__)
+    except AttributeError:
+        return "?"
+
+
+def refuse_compiled_draws(model: nn.Module) -> None:
+    """Refuse a compiled model with a backend whose random draws eager PyTorch cannot replay.
+
+    The recorder calls it for models that draw random numbers (dropout, private generators,
+    ``capture_random=True``): the engine replays every training forward in eager PyTorch.
+
+    Raises
+    ------
+    ConfigError
+        Naming the backend and the fix.
+    """
+    backend = compile_backend(model)
+    if backend is None or backend in EAGER_RANDOM_BACKENDS:
+        return
+    raise ConfigError(
+        f"The model is compiled with torch.compile(backend={backend!r}), which draws dropout masks and other random "
+        f"numbers with its own generator, while explaind replays every training forward in eager PyTorch: the "
+        f"masks would differ from the loop's and the split over samples would be inexact (the gradient check "
+        f"runs the compiled model and would not see it). Fix: record the uncompiled model, or compile it with "
+        f"backend='eager' or 'aot_eager', whose draws are eager PyTorch's."
+    )
+
+
+def refuse_mixed_modes(modules: list[tuple[str, nn.Module]], root: nn.Module) -> None:
+    """Raise when a module of ``modules`` (dropout, batch norm, spectral norm) is in another mode than ``root``.
+
+    The engine replays a training forward with every module in training mode (and recomputes an
+    evaluation forward with every module in evaluation mode), so a module the loop switched on its own
+    (frozen batch norm, one dropout turned off with ``.eval()``) would be replayed otherwise than it ran.
+
+    Raises
+    ------
+    TrajectoryError
+        Naming the modules and the fix.
+    """
+    off = [name for name, m in modules if m.training != root.training]
+    if not off:
+        return
+    mode, other = ("training", "evaluation") if root.training else ("evaluation", "training")
+    raise TrajectoryError(
+        f"A forward of the recorded model ran in {mode} mode with the module(s) {off} in {other} mode. "
+        f"explaind replays every training forward with all modules in the model's own mode, so these modules' "
+        f"masks or batch statistics would differ from the loop's and the split over samples would be inexact. "
+        f"Fix: keep these modules in the model's mode while recording; for frozen batch norm use a module that "
+        f"applies the running statistics in both modes (e.g. torchvision.ops.FrozenBatchNorm2d), and switch a "
+        f"dropout off with p=0 rather than .eval()."
+    )

@@ -51,6 +51,14 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       f"of the loop's gradients (of order 1e-4 for float16, 1e-3 for bfloat16, docs/recording.md "
                       f"'Mixed precision'); this is expected — accept it with a larger residual_tol, or train "
                       f"without autocast for a split at rounding level")
+    half = sorted({str(t.dtype).removeprefix("torch.") for t in traj.params(start).values()
+                   if t.dtype in (torch.float16, torch.bfloat16)})
+    if half:
+        causes.append(f"the parameters themselves are stored in {', '.join(half)}: every step's update is rounded "
+                      f"to that precision when it is added to the parameters (unit roundoff 3.9e-3 for bfloat16, "
+                      f"4.9e-4 for float16, relative to each parameter), and no per-sample term carries that "
+                      f"rounding — train with float32 master weights (torch.autocast for the half-precision "
+                      f"compute) for a split at rounding level")
     stochastic = _stochastic_modules(traj.model)
     replayed = bool(getattr(traj.manifest, "random_capture", False))
     if stochastic and not replayed:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..exceptions import ConfigError, TrajectoryError
+from ..inputs import Inputs
 from ..trajectory._common import TrainData, resolve_loss_record
 from ..trajectory.recorder import TrajectoryRecorder
 from .data import INDEX_KEY, IndexedDataset
@@ -59,6 +61,26 @@ class RecordingCore:
         if self.recorder is None:
             raise TrajectoryError(f"Nothing recorded yet: pass the callback to {self.framework} and train.")
         return self.recorder.trajectory
+
+    def _check_keywords(self, model: nn.Module) -> None:
+        """Refuse mapping inputs whose keys ``model.forward`` does not take: explaind calls ``model(**X)``.
+
+        Lightning's ``training_step`` may call the model in any way (``self.model(batch["x"])``); the recorder
+        recomputes gradients as ``model(**X)`` with ``X`` the items' entries other than the labels.
+        """
+        x = self._data.get(torch.arange(1))[0] if not self._data.is_dataset else None
+        if not (isinstance(x, Inputs) and isinstance(x.data, dict)):
+            return
+        try:
+            inspect.signature(model.forward).bind(**dict.fromkeys(x.data))
+        except TypeError as exc:
+            raise ConfigError(
+                f"The training items' inputs {sorted(x.data)} are passed to the recorded model as keyword arguments, "
+                f"model(**inputs), but {type(model).__name__}.forward{inspect.signature(model.forward)} does not "
+                f"take them ({exc}). Fix: name the items' entries as forward's arguments (e.g. {{'input': ..., "
+                f"'labels': ...}}), or give the callback train_data=(X, y) with X what training_step passes to the "
+                f"model (a tensor for model(x)), keeping the IndexedDataset for the dataloader."
+            ) from None
 
     def _start(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: Any = None) -> None:
         """Create and enter the recorder; ``grad_scaler`` is the framework's ``torch.amp.GradScaler`` or ``None``."""

@@ -91,6 +91,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self._hook: Any = None
         self._collate: tuple[Any, Any] | None = None
         self._logged = 0  # micro-batches logged in the current step
+        self._label_smoothing = 0.0  # TrainingArguments.label_smoothing_factor, read when training starts
 
     def compute_loss(self, outputs: Any, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
         r"""A ``compute_loss_func`` for the Trainer: the recorder's loss, in the model's dtype.
@@ -98,7 +99,23 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         :math:`\sum_k n_k \ell_k / N` with :math:`N` = ``num_items_in_batch`` (or the batch's own
         :math:`\sum_k n_k`), exactly the decomposition the recorder logs. Hugging Face's own causal-LM loss
         computes in float32 even for a float64 model; this one keeps float64 runs exact.
+
+        Raises
+        ------
+        ConfigError
+            With ``TrainingArguments(label_smoothing_factor > 0)``: the Trainer applies its label smoother
+            only without ``compute_loss_func``, so the run would silently train without label smoothing.
         """
+        if self._label_smoothing:
+            self.close()  # the model and dataloader are left as they were before training
+            raise ConfigError(
+                f"TrainingArguments(label_smoothing_factor={self._label_smoothing}) has no effect when the Trainer "
+                f"is given compute_loss_func=callback.compute_loss: the Trainer smooths labels only in its own "
+                f"loss, so this run would train without label smoothing. Fix: set label_smoothing_factor=0 and give "
+                f"the callback the smoothed loss, loss=lambda out, y: F.cross_entropy(out, y, "
+                f"label_smoothing={self._label_smoothing}); or drop compute_loss_func= and keep the Trainer's label "
+                f"smoother, giving the callback that same loss= callable."
+            )
         logits = model_output(outputs)
         per_sample = self._loss.implementation(logits, labels)
         counts = (torch.ones_like(per_sample) if self._loss.counts is None
@@ -111,6 +128,15 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
+        if getattr(args, "neftune_noise_alpha", None) is not None:
+            raise ConfigError(
+                f"TrainingArguments(neftune_noise_alpha={args.neftune_noise_alpha}) adds noise to the embeddings "
+                f"through a forward hook that the Trainer removes when training ends, so no later forward can draw "
+                f"it again and the per-sample scores would miss it (the residual would carry most of the run). "
+                f"Fix: train with neftune_noise_alpha=None, or draw the noise in a layer of the model (it is then "
+                f"replayed with TrajectoryRecorder(capture_random=True))."
+            )
+        self._label_smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
         # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
         self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None))
         self._hook = model.register_forward_pre_hook(self._take_index, with_kwargs=True)

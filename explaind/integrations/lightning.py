@@ -69,7 +69,12 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
             raise ConfigError(f"ExplaindLightningCallback records runs with one optimizer; configure_optimizers "
-                              f"returned {len(trainer.optimizers)}.")
+                              f"returned {len(trainer.optimizers)}. explaind decomposes the updates of one optimizer "
+                              f"(another one stepping the model's parameters is an edit it cannot split over "
+                              f"samples). Fix: return one optimizer with a parameter group per part of the model "
+                              f"(per-group learning rates and weight decay are recorded), e.g. "
+                              f"torch.optim.SGD([{{'params': a.parameters(), 'lr': 0.1}}, "
+                              f"{{'params': b.parameters()}}], lr=0.01).")
         model = pl_module if self._module is None else getattr(pl_module, self._module, None)
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"module={self._module!r}: the LightningModule has no submodule of that name; pass the "
@@ -77,6 +82,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         if not pl_module.automatic_optimization:
             raise ConfigError("ExplaindLightningCallback supports automatic optimization; with manual optimization "
                               "use explaind.TrajectoryRecorder in training_step (rec.log_batch before opt.step()).")
+        self._check_keywords(model)
         self._start(model, trainer.optimizers[0], getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

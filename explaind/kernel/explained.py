@@ -105,6 +105,15 @@ class FunctionalModel:
             try:
                 return model_output(call_model(self.module, {**self.constants, **params}, x))
             except RuntimeError as exc:
+                if "call Tensor.requires_grad_() (or perhaps" in str(exc):
+                    raise UnsupportedModelError(
+                        "a forward hook or the forward itself calls Tensor.requires_grad_(), which torch.func "
+                        "cannot run; Hugging Face's gradient checkpointing registers such a hook on the input "
+                        "embeddings (model.gradient_checkpointing_enable(), TrainingArguments(gradient_checkpointing="
+                        "True)). Checkpointing does not change the model's function: after training call "
+                        "model.gradient_checkpointing_disable() and model.disable_input_require_grads() (or remove "
+                        "your own hook), then explain."
+                    ) from exc
                 if "vmap: It looks like you" not in str(exc):
                     raise
                 raise UnsupportedModelError(

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
-from ..inputs import call_model
+from ..inputs import call_model, checkpoint_error
 from ..outputs import model_output
 from ..records import LossRecord
 from ._random import RandomState, replayed
@@ -338,7 +338,13 @@ def streamed_products(
                 term = _weighted_loss(model, {**constants, **leaves}, loss, batch, sl, state, where, generators)
                 last[0] = i == len(parts) - 1
                 if term.requires_grad:
-                    torch.autograd.backward(term, inputs=wanted)
+                    try:
+                        torch.autograd.backward(term, inputs=wanted)
+                    except RuntimeError as exc:  # checkpointing with use_reentrant=True refuses inputs=
+                        refused = checkpoint_error(exc)
+                        if refused is None:
+                            raise
+                        raise refused from exc
                 del term  # this micro-batch's activations go before the next forward
     finally:
         for h in handles:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
+from ..models import refuse_compiled_draws, refuse_mixed_modes
 from ..records import LossRecord
 
 __all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "draws_masks", "is_spectral_norm",
@@ -69,13 +70,12 @@ def coupled_modules(model: nn.Module) -> list[str]:
     couples the samples, and spectral norm (``torch.nn.utils.parametrizations.spectral_norm`` or
     the older hook) runs its power iteration on buffers the same forward reads.
     """
-    found = []
-    for name, module in model.named_modules():
-        if draws_masks(module):
-            found.append(name or type(module).__name__)
-        elif isinstance(module, nn.modules.batchnorm._NormBase) or is_spectral_norm(module):
-            found.append(name or type(module).__name__)
-    return found
+    return [name or type(module).__name__ for name, module in model.named_modules() if _is_coupled(module)]
+
+
+def _is_coupled(module: nn.Module) -> bool:
+    """A module that draws masks, batch norm or spectral norm (see :func:`coupled_modules`)."""
+    return draws_masks(module) or isinstance(module, nn.modules.batchnorm._NormBase) or is_spectral_norm(module)
 
 
 def draws_masks(module: nn.Module) -> bool:
@@ -303,9 +303,14 @@ class RandomCapture:
         self.generators = [*found.values(), *self.extra]
         self.model = model
         self.coupled = coupled_modules(model) + self.generator_names
+        #: coupled submodules, whose mode must follow the root's in every training forward (:meth:`_hook`)
+        self._moded = [(name, m) for name, m in model.named_modules() if m is not model and _is_coupled(m)]
         if capture is True and not self.coupled:  # random draws the modules do not show (F.dropout, torch.rand)
             self.coupled = [f"{type(model).__name__}.forward"]
         self.enabled = bool(self.coupled) if capture == "auto" else bool(capture)
+        draws = capture is True or bool(self.generators) or any(draws_masks(m) for m in model.modules())
+        if self.enabled and draws:
+            refuse_compiled_draws(model)
         self.paused = False
         self._handle: Any = None
         self._forwards = self._eval_forwards = 0
@@ -325,6 +330,7 @@ class RandomCapture:
     def _hook(self, module: nn.Module, args: Any) -> None:
         if self.paused or not torch.is_grad_enabled():
             return
+        refuse_mixed_modes(self._moded, module)
         if not module.training:
             self._eval_forwards += 1
             return

@@ -74,7 +74,11 @@ def check_loss_decomposes(
     targets: Tensor,
     weights: Tensor,
 ) -> str | None:
-    r"""Whether a user loss callable equals :math:`\sum_k w_k \ell_k` on one logged micro-batch.
+    r"""Whether a user loss callable equals :math:`\sum_k w_k \ell_k / \sum_k w_k` on one logged micro-batch.
+
+    The weights are normalised within the micro-batch: a loop that scales each micro-batch's mean (gradient
+    accumulation, ``w_k = 1 / (n m)``; a Trainer's ``n_k / N``) is a decomposable loss whose global factor is the
+    gradient check's to measure, as for the registered losses.
 
     Parameters
     ----------
@@ -98,14 +102,16 @@ def check_loss_decomposes(
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
         out = model_output(call_model(model, {**buffers, **state}, inputs))
-        mean = float((loss.implementation(out, targets).double() * weights.to(out.device).double()).sum())
+        w = weights.to(out.device).double()
+        mean = float((loss.implementation(out, targets).double() * w).sum() / (w.sum() if w.sum() != 0 else 1.0))
         batch = float(reference(out, targets))
     tol = 1e-10 if out.dtype == torch.float64 else 1e-5
     if abs(mean - batch) <= tol * max(abs(batch), abs(mean), 1e-30):
         return None
     return (
         f"Loss {loss.name!r}: on the first logged micro-batch the loss callable gives {batch:.6g}, but the "
-        f"logged weights times its per-sample values sum to {mean:.6g}. explaind splits the gradient into "
+        f"logged weights (normalised to sum to 1 over the micro-batch) times its per-sample values sum to "
+        f"{mean:.6g}. explaind splits the gradient into "
         f"per-sample terms w_k * grad loss_fn(sample k), exact only when the batch loss is "
         f"sum_k w_k loss_fn(sample k): a "
         f"class-weighted cross entropy (weight=...) normalises by the batch's summed class weights, "

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..exceptions import ConfigError, TrajectoryError
-from ..models import refuse_renormalising_embeddings
+from ..models import refuse_renormalising_embeddings, refuse_sparse_embeddings
 from ._audit import UpdateAudit
 from ._buffers import BufferTracker
 from ._checks import (
@@ -193,6 +193,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 f"{type(grad_scaler).__name__}."
             )
         refuse_renormalising_embeddings(model, "TrajectoryRecorder")
+        refuse_sparse_embeddings(model, "TrajectoryRecorder")
         drawn = loss_generators(loss)
         if drawn:
             raise ConfigError(
