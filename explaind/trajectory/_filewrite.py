@@ -2,7 +2,8 @@ r"""The store's tensor files, written from one reused buffer (docs/recording.md,
 
 :class:`TensorFileWriter` lays a safetensors file out (8-byte header length, JSON header, the
 tensors' bytes) in a page-aligned buffer that it keeps from file to file, at most :data:`CHUNK`
-bytes at a time, takes the SHA-256 of them and writes them the way
+bytes at a time, takes their checksum (:mod:`~explaind.trajectory._checksum`, XXH3-128 unless asked
+for SHA-256) and writes them the way
 :func:`explaind._io.atomic_write` does (a temporary file in the target's directory, ``fsync``,
 :func:`os.replace`), so a crash leaves the old file or the whole new one. Compared with
 serialising to a fresh ``bytes`` object and writing it through the page cache, it saves per file:
@@ -27,7 +28,6 @@ the header padded with spaces to a multiple of 8 bytes. Tensors of a dtype outsi
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import mmap
@@ -42,6 +42,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .._io import fsync_directory, replace_with
+from ._checksum import DEFAULT, hasher, validate_algorithm
 from .manifest import FileRecord
 
 __all__ = ["TensorFileWriter", "DTYPES", "layout"]
@@ -103,9 +104,12 @@ class TensorFileWriter:
     ----------
     direct : bool
         Try ``O_DIRECT`` (Linux); ``False`` always writes through the page cache.
+    checksum : str
+        The files' checksum algorithm (:data:`~explaind.trajectory._checksum.ALGORITHMS`).
     """
 
-    def __init__(self, direct: bool = True) -> None:
+    def __init__(self, direct: bool = True, checksum: str = DEFAULT) -> None:
+        self.checksum = validate_algorithm(checksum)
         self._direct = bool(direct) and hasattr(os, "O_DIRECT")
         self._refused: set[str] = set()  # directories whose file system refused O_DIRECT
         self._buffer: mmap.mmap | None = None
@@ -145,7 +149,7 @@ class TensorFileWriter:
             digest = replace_with(target, lambda tmp: self._write_file(tmp, head, pieces, size, fsync))
         if fsync if fsync_dir is None else fsync_dir:
             fsync_directory(target.parent)
-        return FileRecord(path=relpath, sha256=digest, nbytes=size)
+        return FileRecord(path=relpath, checksum=f"{self.checksum}:{digest}", nbytes=size)
 
     def _chunks(self, head: bytes, pieces: list[tuple[Tensor, int]], size: int) -> Iterator[tuple[memoryview, int]]:
         """The file's bytes, ``CHUNK`` at a time, in the buffer: ``(chunk padded to BLOCK, file bytes in it)``."""
@@ -171,7 +175,7 @@ class TensorFileWriter:
             view.release()
 
     def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int]], size: int, fsync: bool) -> str:
-        """Create ``path`` with the file's bytes, with ``O_DIRECT`` where allowed; returns their SHA-256."""
+        """Create ``path`` with the file's bytes, with ``O_DIRECT`` where allowed; returns their hex checksum."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         directory = str(path.parent)
         if self._direct and directory not in self._refused:
@@ -186,7 +190,7 @@ class TensorFileWriter:
 
     def _write_chunks(self, path: Path, flags: int, head: bytes, pieces: list[tuple[Tensor, int]], size: int,
                       fsync: bool, *, direct: bool) -> str:
-        digest = hashlib.sha256()
+        digest = hasher(self.checksum)
         fd = os.open(path, flags, 0o644)
         try:
             for chunk, n in self._chunks(head, pieces, size):
