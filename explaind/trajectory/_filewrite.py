@@ -143,16 +143,21 @@ class TensorFileWriter:
             head, places = layout(cpu, metadata)
         else:  # a dtype this module does not lay out: the library's bytes
             head, places = st_save(cpu, metadata=metadata), []
-        pieces = [(t.reshape(-1).view(torch.uint8), offset) for t, offset in places if t.numel()]
-        size = len(head) + sum(len(flat) for flat, _ in pieces)
+        pieces = [(flat, offset, flat.numel()) for flat, offset in
+                  ((t.reshape(-1).view(torch.uint8), offset) for t, offset in places if t.numel())]
+        size = len(head) + sum(n for _, _, n in pieces)
         with self._lock:
             digest = replace_with(target, lambda tmp: self._write_file(tmp, head, pieces, size, fsync))
         if fsync if fsync_dir is None else fsync_dir:
             fsync_directory(target.parent)
         return FileRecord(path=relpath, checksum=f"{self.checksum}:{digest}", nbytes=size)
 
-    def _chunks(self, head: bytes, pieces: list[tuple[Tensor, int]], size: int) -> Iterator[tuple[memoryview, int]]:
-        """The file's bytes, ``CHUNK`` at a time, in the buffer: ``(chunk padded to BLOCK, file bytes in it)``."""
+    def _chunks(self, head: bytes, pieces: list[tuple[Tensor, int, int]],
+                size: int) -> Iterator[tuple[memoryview, int]]:
+        """The file's bytes, ``CHUNK`` at a time, in the buffer: ``(chunk padded to BLOCK, file bytes in it)``.
+
+        ``pieces``: each tensor's bytes (flat ``uint8``), their offset in the file and their number.
+        """
         span = min(-(-size // BLOCK) * BLOCK, CHUNK)
         if self._buffer is None or len(self._buffer) < span:
             self._buffer = mmap.mmap(-1, span)  # anonymous: page-aligned
@@ -163,8 +168,8 @@ class TensorFileWriter:
                 stop = min(start + CHUNK, size)
                 if start < len(head):
                     view[: min(len(head), stop) - start] = head[start:stop]
-                for piece, offset in pieces:
-                    lo, hi = max(start, offset), min(stop, offset + len(piece))
+                for piece, offset, length in pieces:
+                    lo, hi = max(start, offset), min(stop, offset + length)
                     if lo < hi:
                         flat[lo - start : hi - start].copy_(piece[lo - offset : hi - offset])
                 n = stop - start
@@ -174,7 +179,8 @@ class TensorFileWriter:
         finally:
             view.release()
 
-    def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int]], size: int, fsync: bool) -> str:
+    def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int, int]], size: int,
+                    fsync: bool) -> str:
         """Create ``path`` with the file's bytes, with ``O_DIRECT`` where allowed; returns their hex checksum."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         directory = str(path.parent)
@@ -188,7 +194,7 @@ class TensorFileWriter:
             self._refused.add(directory)
         return self._write_chunks(path, flags, head, pieces, size, fsync, direct=False)
 
-    def _write_chunks(self, path: Path, flags: int, head: bytes, pieces: list[tuple[Tensor, int]], size: int,
+    def _write_chunks(self, path: Path, flags: int, head: bytes, pieces: list[tuple[Tensor, int, int]], size: int,
                       fsync: bool, *, direct: bool) -> str:
         digest = hasher(self.checksum)
         fd = os.open(path, flags, 0o644)
