@@ -1,8 +1,9 @@
 """The store's checksums: XXH3-128 by default (schema 2), SHA-256 stores of schema 1 still read and resumed.
 
 A bit of every fifth byte (and of the last) of every file of a store written with the default is
-flipped, one at a time, and each flip must be a ``TrajectoryError``; a schema-1 store (SHA-256, ``FileRecord.sha256``) is made the way the
-previous explaind wrote it and must read, verify, detect corruption and resume bit for bit.
+flipped, one at a time, and each flip must be a ``TrajectoryError``; a schema-1 store (SHA-256,
+``FileRecord.sha256``) is made the way the previous explaind wrote it and must read, verify,
+detect corruption and resume bit for bit.
 """
 
 from __future__ import annotations
