@@ -17,7 +17,7 @@ for a random change and is designed so that structured changes (a flipped bit, a
 not collide. It is not a cryptographic hash: someone who *wants* a modified store to pass can
 compute a matching XXH3 (they could equally rewrite a SHA-256 in the manifest, which no key
 protects). A store is data from whoever wrote it, and reading one never runs code from it
-(docs/recording.md, "What a store can and cannot make explaind do"), so the checksum guards
+(docs/recording.md, "The store"), so the checksum guards
 against accidents, not adversaries, as SHA-256 did here.
 """
 
