@@ -115,7 +115,11 @@ class OptimizerAdapter(Protocol):
     ``record.implementation.from_optimizer(optimizer)`` builds one; it raises
     :class:`explaind.exceptions.ConfigError` for options the maths does not cover. An optional class
     attribute ``fresh_tensors = True`` says that every tensor coefficient ``after_step`` returns is
-    new and never touched by the adapter again, so the recorder keeps it without a copy.
+    new and never touched by the adapter again, so the recorder keeps it without a copy. An
+    optional method ``resumed(optimizer)`` is called by ``TrajectoryRecorder.restore()`` right after
+    the recorded run's optimizer state was loaded into ``optimizer``: its hyperparameters are then
+    those of the last recorded step (the built-in adapters refuse a later switch of ``maximize``
+    while a buffer built under the loaded value exists).
     """
 
     def hyperparameters(self) -> dict[str, Any]:

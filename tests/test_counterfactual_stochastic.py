@@ -1,18 +1,22 @@
-"""CounterfactualEstimator on dropout, train-mode batch-norm and private-generator runs, against finite differences.
+"""CounterfactualEstimator on dropout, batch-norm, private-generator and spectral-norm runs, against finite differences.
 
 The retraining loop below fixes every forward's masks by seeding the generators itself (``torch.manual_seed`` and
 the noise layer's own generator before each micro-batch's forward), so the perturbed runs draw exactly the masks
 of the recorded run; the estimator instead replays the random states the recorder captured. The perturbed models
 are evaluated in evaluation mode with their own running statistics, so the batch-norm derivative includes how the
-retrained parameters move the running statistics.
+retrained parameters move the running statistics. Spectral norm's power iteration draws nothing; a retrained run's
+buffers ``u, v`` differ, and its training forwards read them (docs/maths.md §9, "Spectral norm").
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 import explaind
 import explaind.kernel.metagrad as metagrad
@@ -52,6 +56,14 @@ def _bn_cnn(momentum: float | None = 0.1) -> nn.Module:
                          nn.Linear(27, 3)).to(DT)
 
 
+def _spectral_mlp(iterations: int = 1) -> nn.Module:
+    torch.manual_seed(3)  # spectral_norm draws the initial u, v
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    spectral_norm(model[0], n_power_iterations=iterations)
+    spectral_norm(model[2])
+    return model
+
+
 CASES = {
     "dropout_mlp_sgd": (_mlp, (3,), torch.optim.SGD, {"lr": 0.3}, 1),
     "dropout_mlp_adam_two_micro_batches": (_mlp, (3,), torch.optim.Adam, {"lr": 0.05, "weight_decay": 0.01}, 2),
@@ -59,6 +71,9 @@ CASES = {
     "private_generator_noise_adam": (_noise_mlp, (3,), torch.optim.Adam, {"lr": 0.05}, 1),
     "batchnorm_cumulative_two_micro_batches": (lambda: _bn_cnn(None), (1, 5, 5), torch.optim.SGD,
                                                {"lr": 0.1, "momentum": 0.9}, 2),
+    "spectral_norm_sgd_momentum": (_spectral_mlp, (3,), torch.optim.SGD, {"lr": 0.5, "momentum": 0.9}, 1),
+    "spectral_norm_two_iterations_adam_two_micro_batches": (lambda: _spectral_mlp(2), (3,), torch.optim.Adam,
+                                                            {"lr": 0.05}, 2),
 }
 
 
@@ -134,7 +149,8 @@ def test_metagradient_of_a_stochastic_run_matches_finite_differences(case):
         assert _rel(att.final, trained(X_test)) <= 1e-12
 
 
-@pytest.mark.parametrize("case", ["batchnorm_cnn_sgd_momentum", "dropout_mlp_adam_two_micro_batches"])
+@pytest.mark.parametrize("case", ["batchnorm_cnn_sgd_momentum", "dropout_mlp_adam_two_micro_batches",
+                                  "spectral_norm_two_iterations_adam_two_micro_batches"])
 def test_sample_chunks_of_the_replayed_forward_do_not_change_the_result(case):
     """Per-sample gradients through the replayed batched forward, 1 or 3 at a time, equal all at once to 1e-12."""
     traj = _train(case, record=True)
@@ -145,7 +161,8 @@ def test_sample_chunks_of_the_replayed_forward_do_not_change_the_result(case):
         assert _rel(got, whole) <= 1e-12
 
 
-@pytest.mark.parametrize("case", ["batchnorm_cumulative_two_micro_batches", "dropout_mlp_adam_two_micro_batches"])
+@pytest.mark.parametrize("case", ["batchnorm_cumulative_two_micro_batches", "dropout_mlp_adam_two_micro_batches",
+                                  "spectral_norm_two_iterations_adam_two_micro_batches"])
 def test_a_window_of_a_stochastic_run_matches_finite_differences(case):
     """``steps=(2, 4)``: theta, optimizer state and running statistics at step 2 held, f taken at step 4."""
     traj = _train(case, record=True)
@@ -181,6 +198,27 @@ def test_without_the_running_statistics_the_batchnorm_metagradient_is_wrong(monk
     assert _rel(att.values, fd) > 1e-3
 
 
+def test_without_the_power_iteration_term_the_spectral_norm_metagradient_is_wrong(monkeypatch):
+    """Holding u, v fixed (no lambda^beta through the power iteration) misses part of the retrained model's change."""
+    case = "spectral_norm_sgd_momentum"
+    traj = _train(case, record=True)
+    X_test = _data(CASES[case][1])[2]
+    fd = _finite_differences(case, X_test)
+    assert _rel(explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test).values, fd) <= 1e-8
+    monkeypatch.setattr(metagrad, "power_iterations", lambda fm, names, owner: ())
+    att = explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test)
+    assert _rel(att.values, fd) > 1e-3
+
+
+def _hook_based_spectral_norm() -> nn.Module:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based API is deprecated on some torch versions
+        nn.utils.spectral_norm(model[0])
+    return model
+
+
 class _Counter(nn.Module):
     """Counts its training forwards in a float buffer: a buffer training changes that is no running statistic."""
 
@@ -195,18 +233,41 @@ class _Counter(nn.Module):
 
 
 def test_a_changing_buffer_that_is_not_a_running_statistic_is_refused():
-    X, y, X_test = _data((3,))
+    X_test = _data((3,))[2]
     torch.manual_seed(7)
-    model = nn.Sequential(nn.Linear(3, 4), _Counter(), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+    traj = _two_plain_steps(nn.Sequential(nn.Linear(3, 4), _Counter(), nn.Tanh(), nn.Linear(4, 3)).to(DT))
+    assert traj.buffer_names == ("1.seen",)
+    with pytest.raises(UnsupportedModelError, match=r"changed the buffers \['1.seen'\].*not batch-norm running "
+                                                    r"statistics.*Fix: keep those buffers constant"):
+        explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test)
+
+
+def _two_plain_steps(model: nn.Module, **recorder):
+    """Two SGD steps of the plain loop over ``model`` (unweighted batches), recorded with ``recorder`` options."""
+    X, y, _ = _data((3,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), **recorder)
     with rec:
         for batch in BATCHES[:2]:
             opt.zero_grad()
             F.cross_entropy(model(X[batch]), y[batch]).backward()
             rec.log_batch(torch.tensor(batch))
             opt.step()
-    assert rec.trajectory.buffer_names == ("1.seen",)
-    with pytest.raises(UnsupportedModelError, match=r"changed the buffers \['1.seen'\].*not batch-norm running "
-                                                    r"statistics.*Fix: keep those buffers constant"):
-        explaind.CounterfactualEstimator(device="cpu").fit(rec.trajectory).transform(X_test)
+    return rec.trajectory
+
+
+def test_the_hook_based_spectral_norm_is_refused_naming_the_parametrization(tmp_path):
+    X_test = _data((3,))[2]
+    _two_plain_steps(_hook_based_spectral_norm(), store=tmp_path / "run")
+    traj = explaind.Trajectory.load(tmp_path / "run", model=_hook_based_spectral_norm())  # no forward has run
+    with pytest.raises(UnsupportedModelError, match=r"'0' uses the hook-based torch\.nn\.utils\.spectral_norm.*"
+                                                    r"Allowed: torch\.nn\.utils\.parametrizations\.spectral_norm\. "
+                                                    r"Fix: apply that one"):
+        explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test)
+
+
+def test_a_spectral_norm_run_recorded_without_its_forwards_is_refused_naming_the_capture():
+    traj = _two_plain_steps(_spectral_mlp(), capture_random=False, check_gradients=False)
+    with pytest.raises(UnsupportedModelError, match=r"step 1 of this run with spectral norm ran no training forward "
+                                                    r"that can be replayed.*Fix: record with capture_random='auto'"):
+        explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(_data((3,))[2])

@@ -202,7 +202,8 @@ class CounterfactualEstimator(ExplaindEstimator):
         parts = []
         for lo in range(0, T, chunk):
             sl = slice(lo, min(T, lo + chunk))
-            lam, lam_beta = output_cotangents(fm, explained.take(sl), theta_stop, Xt[sl], beta_stop, replay.stats)
+            lam, lam_beta = output_cotangents(fm, explained.take(sl), theta_stop, Xt[sl], beta_stop, replay.stats,
+                                              replay.spectral)
             tau = counterfactual_sweep(replay, lam, self.n_train_, cfg.checkpoint_every, start, stop, lam_beta)
             parts.append(tau.reshape(-1, O, self.n_train_).permute(0, 2, 1))
         values = torch.cat(parts).detach().cpu()

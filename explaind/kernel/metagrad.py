@@ -20,7 +20,9 @@ Dropout and batch norm. A step whose forwards ran in training mode is replayed: 
 :math:`\nabla\ell_k` and :math:`H_s` are taken through the batched training forward at the step's
 recorded random state (sample ``k``'s own loss term through the shared forward), and batch norm's
 running statistics :math:`\beta` join the state with their own cotangent :math:`\lambda^\beta`
-(:mod:`explaind.kernel.metagrad_coupled`; docs/maths.md §9, "Dropout and batch norm").
+(:mod:`explaind.kernel.metagrad_coupled`; docs/maths.md §9, "Dropout and batch norm"); spectral
+norm's power-iteration buffers too, through a differentiable copy of the iteration
+(:mod:`explaind.kernel.metagrad_spectral`).
 
 Memory. ``theta_s`` is read from the trajectory; the optimizer state is rebuilt by replaying
 ``U`` from ``theta_0`` with the recomputed batch gradients. :func:`counterfactual_sweep` keeps
@@ -43,12 +45,14 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
+from ..exceptions import UnsupportedModelError
 from ..recurrence import LinearUpdate, is_unchanged
 from .coupled import coupled_sample_grads, step_replay
 from .evaluate import Batch
 from .explained import Explained, FunctionalModel, Params
 from .layout import ParamLayout
 from .metagrad_coupled import coupled_step_terms, running_stats, shifted_statistics
+from .metagrad_spectral import power_iterations
 
 __all__ = ["Replay", "StepPoint", "counterfactual_sweep", "output_cotangents", "sample_dots"]
 
@@ -94,6 +98,8 @@ class Replay:
         self.names = tuple(traj.param_names)
         #: Batch-norm modules whose running statistics the run changed (carried by the sweep's lambda^beta).
         self.stats = running_stats(fm, tuple(traj.buffer_names), "CounterfactualEstimator")
+        #: Spectral-norm layers whose power-iteration buffers the run changed (carried by lambda^beta too).
+        self.spectral = power_iterations(fm, tuple(traj.buffer_names), "CounterfactualEstimator")
         #: Largest ``||U_s(z_s, g_s) - theta_{s+1}|| / ||theta_{s+1} - theta_s||`` seen by :meth:`point`.
         self.max_residual = 0.0
 
@@ -165,26 +171,29 @@ class Replay:
 
 
 def output_cotangents(fm: FunctionalModel, explained: Explained, theta: Params, X: Tensor,
-                      buffers: Params | None = None, stats: Any = ()) -> tuple[Params, Params]:
+                      buffers: Params | None = None, stats: Any = (), spectral: Any = ()) -> tuple[Params, Params]:
     r""":math:`\lambda_N = \nabla_\theta g(x; \theta_N, \beta_N)` and :math:`\lambda^\beta_N = \nabla_\beta g`.
 
     ``buffers`` are :math:`\beta_N` (the buffers the run changed); :math:`\lambda^\beta_N` is taken on
-    the running means and variances of ``stats`` (:func:`~explaind.kernel.metagrad_coupled.shifted_statistics`).
+    the running means and variances of ``stats`` (:func:`~explaind.kernel.metagrad_coupled.shifted_statistics`)
+    and on the ``_u``/``_v`` of the spectral-norm layers ``spectral`` (read as they are in evaluation mode).
     Returns two dicts ``name -> (T * O, *shape)`` (per test input and output).
     """
     buffers = {} if buffers is None else buffers
     zeros = {n: torch.zeros_like(buffers[n]) for st in stats for n in (st.mean, st.var)}
+    iterates = {n: buffers[n] for it in spectral for n in (it.u, it.v)}
     shifts: dict[str, Tensor] = {}
 
-    def g_one(th: Params, shift: Params, x: Tensor, aux: Tensor) -> Tensor:
+    def g_one(th: Params, shift: Params, uv: Params, x: Tensor, aux: Tensor) -> Tensor:
         shifts.update(shift)
-        return explained(fm, {**buffers, **th}, x[None], aux[None])[0]
+        return explained(fm, {**buffers, **uv, **th}, x[None], aux[None])[0]
 
     with shifted_statistics(fm.module, stats, shifts):
-        jac_theta, jac_beta = vmap(jacrev(g_one, argnums=(0, 1)), in_dims=(None, None, 0, 0))(theta, zeros, X,
-                                                                                                explained.aux)
+        jac_theta, jac_beta, jac_uv = vmap(jacrev(g_one, argnums=(0, 1, 2)), in_dims=(None, None, None, 0, 0))(
+            theta, zeros, iterates, X, explained.aux)
+    beta = {**zeros, **iterates}
     return ({n: j.reshape(-1, *theta[n].shape) for n, j in jac_theta.items()},
-            {n: j.reshape(-1, *zeros[n].shape) for n, j in jac_beta.items()})
+            {n: j.reshape(-1, *beta[n].shape) for n, j in {**jac_beta, **jac_uv}.items()})
 
 
 def _sample_grads(replay: Replay, theta: Params, idx: Tensor) -> Params:
@@ -234,8 +243,14 @@ def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state
         beta = dict(point.replay.buffers)  # beta_s, read once by step_replay
         counts = {st.module: int(beta.get(st.count, 0)) for st in replay.stats}
         dots, hv, lam_beta = coupled_step_terms(replay.fm, point, x, y, bar_g, lam_beta, replay.stats, counts,
-                                                replay.chunk_size)
+                                                replay.chunk_size, replay.spectral)
     else:
+        if replay.spectral:
+            raise UnsupportedModelError(
+                f"CounterfactualEstimator: step {point.s} of this run with spectral norm ran no training forward "
+                f"that can be replayed, so how its gradient depends on the power-iteration buffers is unknown. "
+                f"Fix: record with capture_random='auto' (the default) or True, so that every training forward "
+                f"is captured and replayed.")
         dots = sample_dots(replay, point.theta, point.idx, bar_g)
         grad_L = grad(replay.batch_loss(point.s))
 

@@ -23,8 +23,9 @@ that same forward, one micro-batch at a time under its own recorded state
   to :math:`\lambda_s`. The statistics are recomputed from the layer's input by a forward hook
   (only their derivatives are used; the values of :math:`\beta` are the recorded ones).
 
-A buffer that training changes and that is not a batch-norm running statistic cannot be
-differentiated here: :func:`running_stats` refuses it.
+Spectral norm's power-iteration buffers are carried the same way, through a differentiable copy
+of the iteration (:mod:`explaind.kernel.metagrad_spectral`). Any other buffer that training
+changes cannot be differentiated here: :func:`running_stats` refuses it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from ..exceptions import UnsupportedModelError
 from .coupled import replayed_losses, start_buffers, training_module
 from .explained import FunctionalModel, Params
+from .metagrad_spectral import PowerIteration, carried_iteration, check_iterates, power_iterations
 
 __all__ = ["RunningStat", "running_stats", "coupled_step_terms", "shifted_statistics"]
 
@@ -87,7 +89,7 @@ def running_stats(fm: FunctionalModel, buffer_names: Sequence[str], owner: str) 
         When training changed a buffer that is not a batch-norm running statistic: its
         dependence on the sample weights is unknown, so the metagradient would be inexact.
     """
-    found, covered = [], set()
+    found, covered = [], {n for it in power_iterations(fm, buffer_names, owner) for n in (it.u, it.v)}
     for name, module in training_module(fm).named_modules():
         if not (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats):
             continue
@@ -101,7 +103,8 @@ def running_stats(fm: FunctionalModel, buffer_names: Sequence[str], owner: str) 
         raise UnsupportedModelError(
             f"{owner}: training changed the buffers {unknown}, which are not batch-norm running statistics; how "
             f"they depend on the sample weights is unknown, so the metagradient through them would be inexact. "
-            f"Allowed: buffers of BatchNorm1d/2d/3d with track_running_stats. Fix: keep those buffers constant "
+            f"Allowed: buffers of BatchNorm1d/2d/3d with track_running_stats and of "
+            f"torch.nn.utils.parametrizations.spectral_norm. Fix: keep those buffers constant "
             f"during training, or use InfluenceEstimator (it adds the buffers' change as its own exact term)."
         )
     return tuple(found)
@@ -159,7 +162,8 @@ def shifted_statistics(module: nn.Module, stats: Sequence[RunningStat], shifts: 
 
 def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g: Params, lam_beta: Params,
                        stats: Sequence[RunningStat], counts: dict[str, int],
-                       chunk_size: int | None = None) -> tuple[Tensor, Params, Params]:
+                       chunk_size: int | None = None,
+                       spectral: Sequence[PowerIteration] = ()) -> tuple[Tensor, Params, Params]:
     r"""The data, curvature and running-statistics terms of one reverse step through the replayed forward.
 
     Parameters
@@ -179,6 +183,10 @@ def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g
     chunk_size : int, optional
         Samples whose gradients :math:`G_k` one backward pass takes (one-hot cotangents; ``None``: a
         whole micro-batch), so at most ``chunk_size * D`` of them are held at once.
+    spectral : sequence of PowerIteration
+        Spectral-norm layers whose buffers the run changed: their iteration is differentiated too
+        (:mod:`~explaind.kernel.metagrad_spectral`), with :math:`\lambda^\beta_{s+1}` on their
+        ``_u``/``_v`` in ``lam_beta``.
 
     Returns
     -------
@@ -186,7 +194,7 @@ def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g
         :math:`\langle \bar g_{s,r}, G_k \rangle`, ``(R, B)`` (weights not included).
     theta_bar : dict of Tensor
         :math:`H_s \bar g_s + \sum_j m_j \prod_{i>j}(1-m_i) (\partial\,\mathrm{stat}_j/\partial\theta)^T
-        \lambda^\beta_{s+1}`, ``name -> (R, *shape)``.
+        \lambda^\beta_{s+1}` (plus the spectral-norm iteration's terms), ``name -> (R, *shape)``.
     lam_beta_s : dict of Tensor
         :math:`\lambda^\beta_s`.
     """
@@ -200,9 +208,21 @@ def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g
     factors = {st.module: st.factors(counts[st.module], len(parts)) for st in stats}
     module = training_module(fm)
     buffers = start_buffers(fm, point.replay)  # beta_s, carried through the micro-batches as in the loop
+    # spectral norm: W_b, the iteration's own leaf copy of each weight, and beta_s on u, v as leaves
+    w_b = {it.original: point.theta[it.original].detach().requires_grad_(True) for it in spectral
+           if it.original in point.theta}
+    start = {n: buffers[n].detach().clone().requires_grad_(True) for it in spectral for n in (it.u, it.v)}
+    carried = dict(start)
+    lam_beta = {**{n: torch.zeros(R, *t.shape, dtype=t.dtype, device=t.device) for n, t in start.items()},
+                **lam_beta}  # no cotangent given on u, v: zero
+    beta_bar = {n: torch.zeros_like(lam_beta[n]) for n in start}  # lambda^beta_s on u, v
+    extra = list(w_b.values()) + list(start.values())
     for j, (lo, hi, state) in enumerate(parts):
-        with batch_statistics(module, [st.module for st in stats]) as found:
+        weights_b = {it.original: w_b.get(it.original, fm.constants.get(it.original)) for it in spectral}
+        with batch_statistics(module, [st.module for st in stats]) as found, \
+                carried_iteration(module, spectral, weights_b, carried):
             losses = replayed_losses(fm, theta, x[lo:hi], y[lo:hi], state, point.replay, buffers)
+        check_iterates(spectral, carried, buffers, f"Step {point.s}")
         n = hi - lo
         eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
         step = chunk_size or n
@@ -223,13 +243,20 @@ def coupled_step_terms(fm: FunctionalModel, point: Any, x: Any, y: Tensor, bar_g
             c = factors[st.module][0][j]
             outs += [mean, var]
             cots += [c * lam_beta[st.mean], c * lam_beta[st.var]]
+        if j == len(parts) - 1:  # beta_{s+1}: the iterates after the step's last forward
+            outs += [carried[n] for n in start if carried[n].requires_grad]
+            cots += [lam_beta[n] for n in start if carried[n].requires_grad]
         if not outs:
             continue
-        back = torch.autograd.grad(outs, inputs, grad_outputs=cots, is_grads_batched=True, allow_unused=True)
+        back = torch.autograd.grad(outs, inputs + extra, grad_outputs=cots, is_grads_batched=True,
+                                   allow_unused=True, retain_graph=bool(spectral))  # the iteration spans the step
         for name, b in zip(names, back):
             if b is not None:
                 theta_bar[name] += b
-    lam_beta_s = dict(lam_beta)
+        for name, b in zip(list(w_b) + list(start), back[len(names):]):
+            if b is not None:  # W_b: the iteration's path to theta_s; u, v: to beta_s
+                (theta_bar if name in w_b else beta_bar)[name] += b
+    lam_beta_s = {**lam_beta, **beta_bar}
     for st in stats:
         decay = factors[st.module][1]
         lam_beta_s[st.mean], lam_beta_s[st.var] = decay * lam_beta[st.mean], decay * lam_beta[st.var]

@@ -27,19 +27,22 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..exceptions import TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
 
-__all__ = ["CopyPool", "OrderedWorker", "QueueBudget", "StateCopier", "WarmBuffers", "audit_job"]
+__all__ = ["CopyPool", "OrderedWorker", "QueueBudget", "StateCopier", "WarmBuffers", "audit_job",
+           "check_queue_bounds"]
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +264,37 @@ class OrderedWorker:
                 self._queue.put(None)
                 self._thread.join()
                 self._queue = None
+
+
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is an integer (a Python or numpy int; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_queue_bounds(max_queue: Any, max_queue_bytes: Any, default_bytes: int) -> None:
+    """Refuse a ``StoreWriter`` queue bound that is no count: ``max_queue >= 1``; ``max_queue_bytes >= 0``,
+    ``None`` or ``"default"`` (``default_bytes``).
+
+    Raises
+    ------
+    ConfigError
+        Naming the value, the allowed values and the fix (a :class:`QueueBudget` would clamp it silently).
+    """
+    if not _is_count(max_queue) or max_queue < 1:
+        raise ConfigError(
+            f"StoreWriter: max_queue={max_queue!r} is not allowed: it is the number of steps handed to the writer "
+            f"and not yet committed. Allowed: an int >= 1. Fix: pass max_queue=1 to write one step at a time, "
+            f"or leave the default 4."
+        )
+    if max_queue_bytes is None or (isinstance(max_queue_bytes, str) and max_queue_bytes == "default"):
+        return
+    if not _is_count(max_queue_bytes) or max_queue_bytes < 0:
+        raise ConfigError(
+            f"StoreWriter: max_queue_bytes={max_queue_bytes!r} is not allowed: it bounds the bytes of the steps "
+            f"handed to the writer and not yet committed. Allowed: an int >= 0 (0: a step waits until the one "
+            f"before it is committed), None (no byte bound) or 'default' ({default_bytes} bytes). Fix: pass one "
+            f"of those."
+        )
 
 
 class QueueBudget:

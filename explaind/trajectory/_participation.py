@@ -12,6 +12,11 @@ per step, from the live optimizer (so ``add_param_group`` and freezing mid-run a
   ``b = n = 0``, so no data term enters at that step; a non-zero leftover gradient is refused;
 * a parameter frozen when recording started is stored as a constant: stepping it later is refused
   with the fix (``record_frozen=True``);
+* a parameter frozen when recording started (a constant) must keep its stored value: edited by
+  hand during recording (``p.data.mul_``, ``p.copy_``, ``load_state_dict``) the model no longer is
+  the one the trajectory evaluates, and the edit is no term of the decomposition (unlike a buffer,
+  whose changes are recorded per step). It is refused at the next step
+  (:func:`frozen_edit_message`) and warned about when recording ends;
 * a recorded parameter must hold, when the next step begins, the value recorded after the previous
   one: a change made outside ``optimizer.step()`` (``p.data`` edits such as weight clipping, an EMA
   or ``load_state_dict`` written into the model, another optimizer) is no term of the recurrence,
@@ -41,6 +46,7 @@ __all__ = [
     "edit_message",
     "edited_parameters",
     "foreign_parameters",
+    "frozen_edit_message",
     "own_update",
     "refuse_unknown_grad_scaler",
     "stepped_parameters",
@@ -249,4 +255,28 @@ def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
         f"(nothing was stored for it; the {step - start} step(s) recorded before are kept). Fix: make such changes "
         f"before `with rec:` or after it, express them through the optimizer (e.g. weight_decay instead of "
         f"shrinking the weights), or record a model holding only the parameters this optimizer trains."
+    )
+
+
+def frozen_edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
+    """The error of step ``step`` whose frozen parameters (constants of the trajectory) changed (``start``: first step).
+
+    Parameters
+    ----------
+    edited : list of (str, float)
+        :func:`edited_parameters` of the frozen parameters against their stored values.
+    step, start : int
+        The step about to be recorded and the first step this recorder records.
+    """
+    since = "recording started" if step == start else f"step {step - 1} was recorded"
+    return (
+        f"Step {step}: the frozen parameter(s) {edit_list(edited)} changed since {since}. They had "
+        f"requires_grad=False when the recorder started, so the trajectory stores them once, as constants, and "
+        f"evaluates every step at those values; an edit of p.data or an in-place write (p.mul_, p.copy_, "
+        f"load_state_dict), or a forward that updates a parameter as a running statistic, is no term of the "
+        f"decomposition, and this step's gradients were taken at a model the trajectory does not hold, so it cannot "
+        f"be recorded exactly (nothing was stored for it; the {step - start} step(s) recorded before are kept). "
+        f"Fix: make such changes before `with rec:` or after it; keep a value the forward updates in a buffer "
+        f"(module.register_buffer), whose changes are recorded per step; or train the parameter through the "
+        f"optimizer (requires_grad=True, or TrajectoryRecorder(..., record_frozen=True) to unfreeze it later)."
     )

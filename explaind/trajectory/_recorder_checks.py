@@ -30,7 +30,7 @@ from ..records import LossRecord
 from ._buffers import BufferTracker
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
-from ._participation import edit_list, edit_message, edited_parameters
+from ._participation import edit_list, edit_message, edited_parameters, frozen_edit_message
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
@@ -131,6 +131,8 @@ class RecorderChecksMixin:
     _loss_checked: bool
     _schedule: CheckSchedule
     _theta: dict[str, Tensor] | None
+    _constant_params: dict[str, nn.Parameter]
+    _frozen: dict[str, Tensor]
     _sigma: float
     _sigma_shape: tuple[tuple[int, int], ...] | None
 
@@ -215,21 +217,30 @@ class RecorderChecksMixin:
 
     # ----------------------------------------------------------------- changes outside the step
     def _refuse_edits(self, s: int) -> None:
-        r"""Raise when a recorded parameter no longer holds :math:`\theta_s` as recorded (changed outside the step)."""
+        r"""Raise when a recorded parameter no longer holds :math:`\theta_s` as recorded (changed outside the step),
+        or a frozen parameter (a constant of the trajectory) no longer holds its stored value."""
         edited = edited_parameters(self._params, self._theta or {})
         if edited:
             raise TrajectoryError(edit_message(edited, s, self._schedule.start))
+        frozen = edited_parameters(self._constant_params, self._frozen)
+        if frozen:
+            raise TrajectoryError(frozen_edit_message(frozen, s, self._schedule.start))
 
     def _warn_final_edits(self) -> None:
-        r"""Warn when the model left the recorder holding other values than :math:`\theta_N`, the last recorded."""
+        r"""Warn when the model left the recorder holding other values than :math:`\theta_N`, the last recorded
+        (or other frozen parameters than the stored constants)."""
         edited = edited_parameters(self._params, self._theta or {})
-        if not edited:
+        frozen = edited_parameters(self._constant_params, self._frozen)
+        if not (edited or frozen):
             return
-        message = (f"After the last recorded step ({self._n - 1}) the parameter(s) {edit_list(edited)} were changed "
-                   f"outside optimizer.step() (weight clipping, an EMA or load_state_dict written into the model): the "
-                   f"trajectory ends at theta_{self._n}, the values the last step produced, not at the model as it "
-                   f"is now, so its replica and scores explain theta_{self._n}. Fix: explain the model at "
-                   f"traj.params(traj.n_steps), or make such changes after `with rec:`, on a copy of the model.")
+        changed = [f"the parameter(s) {edit_list(edited)}"] if edited else []
+        changed += [f"the frozen parameter(s) {edit_list(frozen)}"] if frozen else []
+        message = (f"After the last recorded step ({self._n - 1}) {' and '.join(changed)} were changed outside "
+                   f"optimizer.step() (weight clipping, an EMA or load_state_dict written into the model): the "
+                   f"trajectory ends at theta_{self._n}, the values the last step produced (frozen parameters: as "
+                   f"stored when recording started), not at the model as it is now, so its replica and scores "
+                   f"explain theta_{self._n}. Fix: explain the model at traj.params(traj.n_steps) (frozen "
+                   f"parameters: traj.constants()), or make such changes after `with rec:`, on a copy of the model.")
         logger.warning("%s", message)
         warnings.warn(message, ExplaindWarning, stacklevel=3)
 

@@ -67,7 +67,9 @@ def _warn_replaced_settings(given: list[dict[str, Any]], restored: list[dict[str
     message = (f"restore() loaded the optimizer state of step {n}, and with it the hyperparameters the run was "
                f"recorded with, replacing those this optimizer was built with: {'; '.join(changed[:6])}. The run "
                f"continues with the recorded values. To continue with other values, set them in "
-               f"optimizer.param_groups after restore(): the recorder follows a change at any step.")
+               f"optimizer.param_groups after restore(): the recorder follows a change at any step that the "
+               f"optimizer adapter models (it refuses one it cannot, such as switching maximize while momentum "
+               f"buffers built under the recorded value exist).")
     logger.warning("%s", message)
     warnings.warn(message, ExplaindWarning, stacklevel=3)
 
@@ -99,6 +101,7 @@ class RecorderStoreMixin:
     _worker: OrderedWorker | None
     _tap: Any
     _random: Any
+    _adapter: Any
     _handles: list[Any]
 
     def _storage_options(self, save_optimizer_state: Any, checkpoint_every: Any) -> None:
@@ -220,17 +223,31 @@ class RecorderStoreMixin:
         """Whether a dense store keeps the optimizer state after step ``s``."""
         return bool(self._state_every) and (s + 1) % self._state_every == 0
 
-    def _make_room(self, s: int, st: dict[str, Any]) -> None:
+    def _dense_tensors(self, st: dict[str, Any], updates: dict[str, LinearUpdate],
+                       buffers: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """A dense store's step-file tensors besides theta: the batch record and the packed coefficients.
+
+        ``None`` in memory and for sparse stores (they write their own).
+        """
+        if self._writer is None or self._every > 1:
+            return None
+        return {**self._step_record(st, buffers), **pack_updates(tuple(self._params), updates)}
+
+    def _make_room(self, s: int, st: dict[str, Any], tensors: dict[str, Tensor] | None) -> None:
         """Before step ``s``'s copies are made: wait until the writer's queue has room for them (dense stores).
 
         The queue is bounded by bytes as well as steps (``StoreWriter``'s ``max_queue_bytes``), so
         when the writer is behind the loop waits here instead of holding one more step of copies.
+        The room asked for is what :meth:`_write_step` then hands over: theta, ``tensors`` (the
+        batch record and the tensor-valued coefficients, e.g. Adam's ``P``, of
+        :meth:`_dense_tensors`), the optimizer state when it is due and the audit's gradient copies,
+        so a step let through here is never held back again holding its copies.
         """
-        if self._writer is None or self._every > 1:
+        if self._writer is None or tensors is None:
             return
         theta = tensor_bytes(self._params.values())
         state = state_bytes(self.optimizer) if self._state_due(s) else 0
-        self._writer.wait_for_room(theta + state + self._held_bytes(st))
+        self._writer.wait_for_room(theta + tensor_bytes(tensors.values()) + state + self._held_bytes(st))
 
     def _release(self, state: Any, theta: dict[str, Tensor] | None) -> Any:
         """What the writer runs once a step is written: the optimizer state's (and theta's) buffers are free."""
@@ -301,6 +318,9 @@ class RecorderStoreMixin:
             given = _group_settings(self.optimizer)
             self.optimizer.load_state_dict(decode_optimizer_state(state, meta, self.optimizer.state_dict()))
             _warn_replaced_settings(given, _group_settings(self.optimizer), n)
+            resumed = getattr(self._adapter, "resumed", None)  # optional adapter method (OptimizerAdapter)
+            if callable(resumed):
+                resumed(self.optimizer)
             self._auditor.momentum = {k: v.to(self._params[k].device) for k, v in audit.items()}
         return n
 
@@ -386,14 +406,15 @@ class RecorderStoreMixin:
         self._copier.wait()
 
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
-                    st: dict[str, Any], buffers: dict[str, Tensor] | None = None, audit: Any = None) -> None:
+                    st: dict[str, Any], buffers: dict[str, Tensor] | None = None, audit: Any = None,
+                    dense: dict[str, Tensor] | None = None) -> None:
+        """Hand step ``record.step`` to the writer (``dense``: :meth:`_dense_tensors`, built once by the caller)."""
         assert self._writer is not None
         if self._every > 1:
             self._write_sparse(record, theta_next, updates, st, buffers, audit)
             return
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
-        tensors.update(self._step_record(st, buffers))
-        tensors.update(pack_updates(tuple(self._params), updates))
+        tensors.update(self._dense_tensors(st, updates, buffers) if dense is None else dense)
         state, copied = self._optimizer_state_async() if self._state_due(record.step) else (None, None)
         self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, copied),
                                 done=self._release(state, None if self._audit_on else theta_next),

@@ -263,6 +263,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._memory: InMemoryTrajectory | None = None
         self._writer: StoreWriter | None = None
         self._theta: dict[str, Tensor] | None = None
+        self._frozen: dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------- validation
     def _check_optimizer_params(self) -> None:
@@ -345,6 +346,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         else:
             self._open_store(theta, constants)
         self._theta = theta
+        self._frozen = {n: constants[n] for n in self._constant_params}  # as stored: edits are refused
         self._tap.attach()
         self._probe.attach()
         self._random.attach()
@@ -466,11 +468,12 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         try:
             updates = collect_updates(self._params, self._adapter.after_step(optimizer, st["before"]),
                                       st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
-            self._make_room(s, st)  # a dense store's queue bounded by bytes: wait before copying, not after
+            buffers = self._buffers.changed()
+            dense = self._dense_tensors(st, updates, buffers)
+            self._make_room(s, st, dense)  # a dense store's queue bounded by bytes: wait before copying, not after
             theta_next = self._copy_params()
             audit = self._audit_job(s, theta_next, st["seen"], updates)  # run later, in step order
             check = st["check"]
-            buffers = self._buffers.changed()
             record = StepRecord(step=s, n_samples=int(st["indices"].shape[0]), grad_scale=float(st["scale"]),
                                 loss_scale=None if check is None else check.sigma,
                                 gradient_check=None if check is None else check.mismatch, amp_scale=st["amp"],
@@ -482,7 +485,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                                      buffers=buffers)
                 self._audit_in_memory(s, audit)
             else:
-                self._write_step(record, theta_next, updates, st, buffers, audit)
+                self._write_step(record, theta_next, updates, st, buffers, audit, dense)
         except BaseException as exc:
             self._broken = f"step {s} ({type(exc).__name__}: {exc})"
             raise

@@ -52,7 +52,7 @@ from torch import Tensor
 from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
-from ._background import QueueBudget
+from ._background import QueueBudget, check_queue_bounds
 from ._checksum import DEFAULT as DEFAULT_CHECKSUM
 from ._checksum import validate_algorithm
 from ._filewrite import TensorFileWriter
@@ -209,7 +209,6 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
 
 
 
-
 class StoreWriter:
     """Writes a store: the start files synchronously, then one step at a time (optionally in the background).
 
@@ -225,11 +224,12 @@ class StoreWriter:
         Write step files on a worker thread; at most ``max_queue`` steps are handed over and not
         yet committed at any time (a further ``write_step`` waits).
     max_queue : int
-        Steps handed over and not yet committed, at most (the crash bound).
-    max_queue_bytes : int or None
+        Steps handed over and not yet committed, at most (the crash bound; at least 1).
+    max_queue_bytes : int, None or "default"
         Bytes of the steps handed over and not yet committed (their tensors, optimizer state and
         ``held_bytes``), at most, unless a single step is larger: then it waits until nothing is
-        queued. ``None``: bounded by ``max_queue`` only; ``"default"``: :data:`MAX_QUEUE_BYTES`.
+        queued (``0``: every step waits for the one before it). ``None``: bounded by ``max_queue``
+        only; ``"default"``: :data:`MAX_QUEUE_BYTES`.
     new : bool
         Set up a new store: the set-up marker is created and the manifest is not written until
         :meth:`finish_setup` (after the start files), so an interruption leaves no store.
@@ -240,11 +240,19 @@ class StoreWriter:
         Checksum algorithm of the files written (:data:`~explaind.trajectory._checksum.ALGORITHMS`,
         default XXH3-128). The manifest is written with the current :data:`SCHEMA_VERSION`: a resumed
         schema-1 store keeps its SHA-256 records, which are read as before, and becomes schema 2.
+
+    Raises
+    ------
+    ConfigError
+        When ``max_queue`` is not an int >= 1 or ``max_queue_bytes`` not an int >= 0, ``None`` or
+        ``"default"``, or ``checksum`` not one of the algorithms (checked before anything is
+        written or locked).
     """
 
     def __init__(self, root: Path, manifest: TrajectoryManifest, *, fsync: bool = True, background: bool = True,
                  max_queue: int = 4, max_queue_bytes: int | None | str = "default", new: bool = False,
                  keep_states: bool = False, checksum: str = DEFAULT_CHECKSUM):
+        check_queue_bounds(max_queue, max_queue_bytes, MAX_QUEUE_BYTES)
         self.root = Path(root)
         self.checksum = validate_algorithm(checksum)
         manifest.schema_version = SCHEMA_VERSION  # new records need it (read_manifest refused newer ones)

@@ -240,7 +240,8 @@ def maximize_switch_problems(optimizer: torch.optim.Optimizer, last: dict[int, b
             if before != now and optimizer.state.get(p, {}).get(buffer_key) is not None:
                 problems.append(
                     f"param_groups[{g}]['maximize'] was switched from {before} to {now} while its parameters hold "
-                    f"{buffer_key!r} built with maximize={before}: maximize is modelled by negating P, so a buffer "
+                    f"{buffer_key!r} built with maximize={before} (at the previous step, or in the recorded run's "
+                    f"optimizer state that restore() loaded): maximize is modelled by negating P, so a buffer "
                     f"built before the switch would enter every later update with the wrong sign. Allowed: "
                     f"{before} for the rest of the run. Fix: keep maximize fixed, or switch with a new optimizer "
                     f"and a new recorder."
@@ -250,3 +251,14 @@ def maximize_switch_problems(optimizer: torch.optim.Optimizer, last: dict[int, b
     if not problems:
         last.update(seen)
     return problems
+
+
+def remember_maximize(optimizer: torch.optim.Optimizer, last: dict[int, bool]) -> None:
+    """Take every group's current ``maximize`` as that of its parameters' previous step (updates ``last``).
+
+    Called when a resumed recording loaded the recorded run's optimizer state (the adapter's
+    ``resumed``): its buffers were built with the loaded ``maximize``, so a switch made after it is
+    refused by :func:`maximize_switch_problems` at the next step, as a switch mid-run is.
+    """
+    last.update({id(p): bool(group.get("maximize", False)) for group in optimizer.param_groups
+                 for p in group["params"]})

@@ -38,6 +38,7 @@ from ._common import (
     collect_group_problems,
     maximize_switch_problems,
     raise_problems,
+    remember_maximize,
     snapshot_groups,
     state_problems,
     wrong_class_problem,
@@ -123,6 +124,14 @@ class SGDAdapter:
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters at construction, as JSON-ready data validated by :class:`SGDConfig`."""
         return self._config.model_dump(mode="json")
+
+    def resumed(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by ``TrajectoryRecorder.restore()`` once the recorded optimizer state is loaded.
+
+        The loaded ``momentum_buffer`` buffers were built with the loaded ``maximize``; switching it afterwards
+        is refused at the next step, as a switch mid-run is.
+        """
+        remember_maximize(optimizer, self._maximize)
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> _SGDBefore:
         """Snapshot the group hyperparameters and which parameters already hold a momentum buffer."""
