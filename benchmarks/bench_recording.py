@@ -8,14 +8,16 @@ threads; steadier on a shared machine), side by side:
 * ``memory`` / ``disk`` / ``disk no-fsync``: audit and gradient check off; disk runs use
   background writes, with and without fsync, and store the optimizer state every step;
 * ``memory+audit`` / ``disk+audit``: the same with the update audit on;
-* ``default``: ``TrajectoryRecorder``'s defaults in memory (audit on, the scheduled gradient check).
+* ``default``: ``TrajectoryRecorder``'s defaults in memory (audit on, the scheduled gradient check);
+* optional (``--modes``): ``disk-stateK`` (``save_optimizer_state=K``), ``disk-sparseK``
+  (``checkpoint_every=K``), both like ``disk``, optionally with ``+audit``.
 
 A second table gives the CPU time of the loop's own thread (``time.thread_time``) per step as a ratio
 to the plain loop: the recorder's work on the training loop's hot path, without the work moved to the
 store's writer thread or the audit worker, and steady on a loaded machine where wall time is not.
 
 Run: ``python benchmarks/bench_recording.py [--steps N] [--repeats R] [--device cpu|cuda] [--threads T]
-[--cases mlp-small mlp-1m ...]``
+[--cases mlp-small mlp-1m ...] [--modes memory disk disk-state10 ...]``
 Goals: <= 1.3x in memory, <= 2x to disk; <= 1.3x with the store on a 1M-parameter model.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,6 +40,7 @@ from explaind.models import build_model
 from explaind.plugins import get_entry
 
 MODES = ("plain", "memory", "memory+audit", "default", "disk", "disk+audit", "disk-nofsync")
+_EXTRA = re.compile(r"disk-(state|sparse)([1-9][0-9]*)(\+audit)?")
 CASES = {
     "mlp-small": ("mlp", {"in_features": 64, "hidden_sizes": [32], "out_features": 10}, 64),
     "mlp-1m": ("mlp", {"in_features": 784, "hidden_sizes": [1024, 256], "out_features": 10}, 64),
@@ -64,6 +68,9 @@ def _run(name, config, batch, opt_name, steps, mode, device, root):
             store = Path(root) / f"{name}-{opt_name}"
             shutil.rmtree(store, ignore_errors=True)
         options = {} if mode == "default" else {"audit": mode.endswith("+audit"), "check_gradients": False}
+        extra = _EXTRA.fullmatch(mode)
+        if extra:
+            options["save_optimizer_state" if extra[1] == "state" else "checkpoint_every"] = int(extra[2])
         rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=store,
                                           store_data=False, fsync=mode.startswith("disk") and "nofsync" not in mode,
                                           **options)
@@ -100,7 +107,12 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="directory for the disk stores (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="models to measure")
+    parser.add_argument("--modes", nargs="+", default=list(MODES[1:]),
+                        help="recorded modes (the plain loop is always run): those above, disk-stateK, disk-sparseK")
     args = parser.parse_args()
+    unknown = [m for m in args.modes if m not in MODES[1:] and not _EXTRA.fullmatch(m)]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {list(MODES[1:])}, disk-stateK or disk-sparseK[+audit]")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -108,7 +120,7 @@ def main() -> None:
     print(f"device={device}  steps={args.steps}  repeats={args.repeats} (best of)  torch threads="
           f"{torch.get_num_threads()}  load average={os.getloadavg()[0]:.1f}  store root={root}")
     print("ratios = recorded / plain loop, 'wall (cpu)': wall-clock time and process CPU time")
-    shown = MODES[1:]
+    shown = tuple(args.modes)
     header = f"{'model':<21}{'params':>8}{'batch':>6}{'optim':>6}{'plain ms':>10}" + "".join(
         f"{m:>15}" for m in shown)
     print(header)
@@ -122,7 +134,7 @@ def main() -> None:
             cpu: dict[str, float] = {}
             loop: dict[str, float] = {}
             for _ in range(args.repeats):
-                for mode in MODES:
+                for mode in ("plain", *shown):
                     gc.collect()
                     t, c, th = _run(name, config, batch, opt_name, args.steps, mode, device, root)
                     wall[mode] = min(wall.get(mode, float("inf")), t)

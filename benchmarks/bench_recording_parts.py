@@ -10,7 +10,9 @@ writing the files; the overlapped device writes run on its I/O thread and are no
 * ``finite``: their finiteness check at ``log_batch``; ``log_batch`` is the rest of that call;
 * ``compare``: the comparison of the gradient the optimizer sees with the snapshot (``c_s``);
 * ``adapter``: the optimizer adapter's coefficients (e.g. Adam's ``P``);
-* ``theta copy`` / ``state copy``: the copies of ``theta_{s+1}`` and of the optimizer state;
+* ``theta copy`` / ``state copy``: the copies of ``theta_{s+1}`` and of the optimizer state (in a dense
+  store the loop's thread only reads the state's structure and hands its tensors to the state copier's
+  thread, whose time is not shown);
 * ``append``: adding the step to the in-memory trajectory; ``hand-over``: queueing it for the writer;
 * ``other``: the rest of the recorder's hooks (Python bookkeeping: records, participation, the audit's job).
 
@@ -112,6 +114,7 @@ def install() -> None:
         _wrap(cls, "after_step", "adapter")
     _wrap(_recorder_store.RecorderStoreMixin, "_copy_params", "theta copy")
     _wrap(_recorder_store.RecorderStoreMixin, "_optimizer_state", "state copy")
+    _wrap(_recorder_store.RecorderStoreMixin, "_optimizer_state_async", "state copy")
     _wrap(memory.InMemoryTrajectory, "_append", "append")
     _wrap(store.StoreWriter, "write_step", "hand-over", wall=True)
     _wrap_hooks()

@@ -329,7 +329,7 @@ def test_tampered_checkpoints_are_detected(tmp_path):
     data[-9] ^= 0xFF
     original = path.read_bytes()
     path.write_bytes(bytes(data))
-    with pytest.raises(TrajectoryError, match=r"000007\.safetensors' \(step 7\) is corrupted: SHA-256"):
+    with pytest.raises(TrajectoryError, match=r"000007\.safetensors' \(step 7\) is corrupted: its xxh3-128 checksum"):
         Trajectory.load(store, model=model, train_data=(X, y)).params(8)
     path.write_bytes(original)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import xxhash
 from _recording_helpers import batches, classification_data, mlp, regression_data
 
 import explaind
@@ -70,7 +71,10 @@ def test_disk_and_memory_trajectories_are_equal(tmp_path, background):
     assert m.adapter == "adam" and m.adapter_hyperparameters and m.loss == "mse"
     assert [p.name for p in m.params] == ["0.weight", "2.weight", "2.bias"] and m.params[0].shape == [5, 3]
     assert [c.name for c in m.constants] == ["0.bias"] and m.dtype == "float64"
-    assert all(len(r.file.sha256) == 64 for r in m.steps)
+    for r in m.steps:  # each step file's checksum: XXH3-128 of its bytes, computed here with xxhash itself
+        assert r.file.sha256 is None
+        data = (tmp_path / "run" / r.file.path).read_bytes()
+        assert r.file.checksum == "xxh3-128:" + xxhash.xxh3_128(data).hexdigest()
     on_disk = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert on_disk["n_steps"] == 4 and len(on_disk["steps"]) == 4
     assert sorted(p.name for p in (tmp_path / "run" / "steps").iterdir()) == [f"{s:06d}.safetensors" for s in range(4)]
@@ -102,7 +106,7 @@ def test_flipped_byte_names_file_and_step(tmp_path):
     path.write_bytes(bytes(data))
     traj = Trajectory.load(tmp_path / "run", model=mlp())
     traj.params(1)  # other steps are fine
-    with pytest.raises(TrajectoryError, match=r"steps/000001\.safetensors' \(step 1\) is corrupted: SHA-256"):
+    with pytest.raises(TrajectoryError, match=r"000001\.safetensors' \(step 1\) is corrupted: its xxh3-128 checksum"):
         traj.updates(1)
     with pytest.raises(TrajectoryError, match=r"000001\.safetensors' \(step 1\) is corrupted"):
         traj.params(2)

@@ -169,8 +169,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 # ---------------------------------------------------------------------------------------------- checked content
 def _rewrite(store, relpath, edit_tensors=None, edit_meta=None):
     """Rewrite a step or start file with edited content and a manifest that checksums it again (a forgery)."""
-    import hashlib
-
+    import xxhash
     from safetensors.torch import load_file, safe_open, save
 
     with safe_open(str(store / relpath), framework="pt") as fh:
@@ -187,7 +186,7 @@ def _rewrite(store, relpath, edit_tensors=None, edit_meta=None):
         records = [m.get("initial_file"), m.get("constants_file"), m.get("data_file")] + [s["file"] for s in m["steps"]]
         for rec in records:
             if rec and rec["path"] == relpath:
-                rec.update(sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+                rec.update(checksum="xxh3-128:" + xxhash.xxh3_128(data).hexdigest(), nbytes=len(data))
 
     _edit_manifest(store, fix)
 

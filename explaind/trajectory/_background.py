@@ -6,6 +6,10 @@ r"""The recorder's per-step work off the training loop's hot path (docs/recordin
 * :class:`WarmBuffers` gives an in-memory run, which keeps every copy of :math:`\theta_{s+1}`,
   new memory that a daemon thread allocated and page-faulted ahead (writing zeros into it), so the
   loop's thread only copies; when no set is ready the copy is a plain ``clone()`` (same values).
+* :class:`StateCopier` copies the optimizer state after step :math:`s` on a daemon thread while the
+  loop computes the next step's forward and backward (which leave the state alone); the next
+  ``optimizer.step()`` waits for the copy before it changes the state, and the writer waits for it
+  before writing it.
 * :class:`OrderedWorker` runs jobs on one daemon thread, in the order they were submitted, at
   most ``max_queue`` behind; the error of a failed job is raised by the next :meth:`submit`,
   :meth:`check`, :meth:`flush` or :meth:`close`, and later jobs are not run.
@@ -27,6 +31,7 @@ import numbers
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -36,7 +41,8 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
 
-__all__ = ["CopyPool", "OrderedWorker", "QueueBudget", "WarmBuffers", "audit_job", "check_queue_bounds"]
+__all__ = ["CopyPool", "OrderedWorker", "QueueBudget", "StateCopier", "WarmBuffers", "audit_job",
+           "check_queue_bounds"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,16 @@ class CopyPool:
         if buf is None:
             return src.clone()
         return buf.copy_(src)
+
+    def buffer(self, key: str, like: Tensor) -> Tensor:
+        """A free buffer of ``key`` shaped like ``like`` (contents undefined), or new (uninitialised) memory."""
+        with self._lock:
+            free = self._free.get(key)
+            while free:
+                cand = free.pop()
+                if cand.shape == like.shape and cand.dtype == like.dtype and cand.device == like.device:
+                    return cand
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
     def copies(self, prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """:meth:`copy` of every tensor, keyed ``prefix + name``."""
@@ -143,6 +159,43 @@ class WarmBuffers:
                 self._ready.get_nowait()
             except queue.Empty:
                 return
+
+
+class StateCopier:
+    """Tensor copies made in submission order on one background thread, each job with its ``Future``.
+
+    Used for the optimizer state after a step: its tensors change only inside ``optimizer.step()``,
+    so a copy started when a step returns and awaited (:meth:`wait`) before the next step begins
+    holds exactly the state after the step. The thread starts with the first copy.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._last: Future | None = None
+
+    def submit(self, pairs: list[tuple[Tensor, Tensor]]) -> Future:
+        """Copy each ``source`` into its ``destination`` (``[(destination, source), ...]``) on the thread."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explaind-state-copy")
+
+        def run() -> None:
+            for dst, src in pairs:
+                dst.copy_(src)
+
+        self._last = self._pool.submit(run)
+        return self._last
+
+    def wait(self) -> None:
+        """Wait until every copy submitted so far is finished (a failed copy is raised by whoever reads it)."""
+        last = self._last
+        if last is not None:
+            wait([last])
+
+    def close(self) -> None:
+        """Finish the copies submitted and stop the thread (a later :meth:`submit` starts a new one)."""
+        pool, self._pool, self._last = self._pool, None, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 class OrderedWorker:

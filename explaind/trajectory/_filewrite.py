@@ -2,7 +2,8 @@ r"""The store's tensor files, written from one reused buffer (docs/recording.md,
 
 :class:`TensorFileWriter` lays a safetensors file out (8-byte header length, JSON header, the
 tensors' bytes) in a page-aligned buffer that it keeps from file to file, at most :data:`CHUNK`
-bytes at a time, takes the SHA-256 of them and writes them the way
+bytes at a time, takes their checksum (:mod:`~explaind.trajectory._checksum`, XXH3-128 unless asked
+for SHA-256) and writes them the way
 :func:`explaind._io.atomic_write` does (a temporary file in the target's directory, ``fsync``,
 :func:`os.replace`), so a crash leaves the old file or the whole new one. Compared with
 serialising to a fresh ``bytes`` object and writing it through the page cache, it saves per file:
@@ -27,7 +28,6 @@ the header padded with spaces to a multiple of 8 bytes. Tensors of a dtype outsi
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import mmap
@@ -42,6 +42,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .._io import fsync_directory, replace_with
+from ._checksum import DEFAULT, hasher, validate_algorithm
 from .manifest import FileRecord
 
 __all__ = ["TensorFileWriter", "DTYPES", "layout"]
@@ -103,9 +104,12 @@ class TensorFileWriter:
     ----------
     direct : bool
         Try ``O_DIRECT`` (Linux); ``False`` always writes through the page cache.
+    checksum : str
+        The files' checksum algorithm (:data:`~explaind.trajectory._checksum.ALGORITHMS`).
     """
 
-    def __init__(self, direct: bool = True) -> None:
+    def __init__(self, direct: bool = True, checksum: str = DEFAULT) -> None:
+        self.checksum = validate_algorithm(checksum)
         self._direct = bool(direct) and hasattr(os, "O_DIRECT")
         self._refused: set[str] = set()  # directories whose file system refused O_DIRECT
         self._buffer: mmap.mmap | None = None
@@ -139,16 +143,21 @@ class TensorFileWriter:
             head, places = layout(cpu, metadata)
         else:  # a dtype this module does not lay out: the library's bytes
             head, places = st_save(cpu, metadata=metadata), []
-        pieces = [(t.reshape(-1).view(torch.uint8), offset) for t, offset in places if t.numel()]
-        size = len(head) + sum(len(flat) for flat, _ in pieces)
+        pieces = [(flat, offset, flat.numel()) for flat, offset in
+                  ((t.reshape(-1).view(torch.uint8), offset) for t, offset in places if t.numel())]
+        size = len(head) + sum(n for _, _, n in pieces)
         with self._lock:
             digest = replace_with(target, lambda tmp: self._write_file(tmp, head, pieces, size, fsync))
         if fsync if fsync_dir is None else fsync_dir:
             fsync_directory(target.parent)
-        return FileRecord(path=relpath, sha256=digest, nbytes=size)
+        return FileRecord(path=relpath, checksum=f"{self.checksum}:{digest}", nbytes=size)
 
-    def _chunks(self, head: bytes, pieces: list[tuple[Tensor, int]], size: int) -> Iterator[tuple[memoryview, int]]:
-        """The file's bytes, ``CHUNK`` at a time, in the buffer: ``(chunk padded to BLOCK, file bytes in it)``."""
+    def _chunks(self, head: bytes, pieces: list[tuple[Tensor, int, int]],
+                size: int) -> Iterator[tuple[memoryview, int]]:
+        """The file's bytes, ``CHUNK`` at a time, in the buffer: ``(chunk padded to BLOCK, file bytes in it)``.
+
+        ``pieces``: each tensor's bytes (flat ``uint8``), their offset in the file and their number.
+        """
         span = min(-(-size // BLOCK) * BLOCK, CHUNK)
         if self._buffer is None or len(self._buffer) < span:
             self._buffer = mmap.mmap(-1, span)  # anonymous: page-aligned
@@ -159,8 +168,8 @@ class TensorFileWriter:
                 stop = min(start + CHUNK, size)
                 if start < len(head):
                     view[: min(len(head), stop) - start] = head[start:stop]
-                for piece, offset in pieces:
-                    lo, hi = max(start, offset), min(stop, offset + len(piece))
+                for piece, offset, length in pieces:
+                    lo, hi = max(start, offset), min(stop, offset + length)
                     if lo < hi:
                         flat[lo - start : hi - start].copy_(piece[lo - offset : hi - offset])
                 n = stop - start
@@ -170,8 +179,9 @@ class TensorFileWriter:
         finally:
             view.release()
 
-    def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int]], size: int, fsync: bool) -> str:
-        """Create ``path`` with the file's bytes, with ``O_DIRECT`` where allowed; returns their SHA-256."""
+    def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int, int]], size: int,
+                    fsync: bool) -> str:
+        """Create ``path`` with the file's bytes, with ``O_DIRECT`` where allowed; returns their hex checksum."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         directory = str(path.parent)
         if self._direct and directory not in self._refused:
@@ -184,9 +194,9 @@ class TensorFileWriter:
             self._refused.add(directory)
         return self._write_chunks(path, flags, head, pieces, size, fsync, direct=False)
 
-    def _write_chunks(self, path: Path, flags: int, head: bytes, pieces: list[tuple[Tensor, int]], size: int,
+    def _write_chunks(self, path: Path, flags: int, head: bytes, pieces: list[tuple[Tensor, int, int]], size: int,
                       fsync: bool, *, direct: bool) -> str:
-        digest = hashlib.sha256()
+        digest = hasher(self.checksum)
         fd = os.open(path, flags, 0o644)
         try:
             for chunk, n in self._chunks(head, pieces, size):

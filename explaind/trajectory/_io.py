@@ -3,8 +3,9 @@
 Every file is written with :func:`explaind._io.atomic_write` (a temporary file in the target
 directory, flushed, ``fsync``-ed and moved into place with :func:`os.replace`), or, the store
 writer's tensor files, by :class:`~explaind.trajectory._filewrite.TensorFileWriter` in the same
-way, so a reader (or a crash) sees either the old file or the complete new one. The SHA-256 of the bytes written goes
-into the manifest; reads hash the bytes they parse and raise
+way, so a reader (or a crash) sees either the old file or the complete new one. The checksum of the bytes written
+(:mod:`~explaind.trajectory._checksum`: XXH3-128, or SHA-256 in stores of schema 1) goes into the manifest; reads
+hash the bytes they parse with the recorded algorithm and raise
 :class:`~explaind.exceptions.TrajectoryError` naming the file (and the step, when there is one)
 on any mismatch. Reads are confined to the store: a path that the manifest names must stay
 inside it (no absolute paths, no ``..``, no symbolic link out), must be a regular file, and is
@@ -13,7 +14,6 @@ never read past the size the manifest declares (:func:`read_confined`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .._io import atomic_write
 from ..exceptions import TrajectoryError
+from ._checksum import DEFAULT, checksum, hasher
 from .manifest import FileRecord
 
 __all__ = [
@@ -47,15 +48,16 @@ __all__ = [
 
 
 def write_bytes(
-    root: Path, relpath: str, data: bytes, *, fsync: bool = True, fsync_dir: bool | None = None
+    root: Path, relpath: str, data: bytes, *, fsync: bool = True, fsync_dir: bool | None = None,
+    algorithm: str = DEFAULT,
 ) -> FileRecord:
     """Write ``data`` to ``root / relpath`` with :func:`~explaind._io.atomic_write`; return its :class:`FileRecord`.
 
     ``fsync`` and ``fsync_dir`` are passed on (callers that commit many files flush their
-    directories once).
+    directories once); ``algorithm`` is the checksum's (:data:`~explaind.trajectory._checksum.ALGORITHMS`).
     """
     atomic_write(root / relpath, data, fsync=fsync, fsync_dir=fsync_dir)
-    return FileRecord(path=relpath, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+    return FileRecord(path=relpath, checksum=checksum(data, algorithm), nbytes=len(data))
 
 
 #: dtypes serialized through numpy (same bytes as ``safetensors.torch.save``, much less per-tensor overhead)
@@ -156,7 +158,11 @@ def read_confined(root: Path, relpath: str, max_bytes: int, what: str) -> bytes:
 
 
 def read_verified_bytes(root: Path, record: FileRecord, step: int | None = None) -> bytes:
-    """Read a file of the store (confined, at most its recorded size) and check its size and SHA-256."""
+    """Read a file of the store (confined, at most its recorded size) and check its size and checksum.
+
+    The checksum is recomputed with the algorithm the record names (XXH3-128, or SHA-256 in
+    stores of schema 1, :mod:`~explaind.trajectory._checksum`).
+    """
     path = root / record.path
     try:
         data = read_confined(root, record.path, record.nbytes, f"Trajectory file{_where(step)}")
@@ -170,11 +176,15 @@ def read_verified_bytes(root: Path, record: FileRecord, step: int | None = None)
             f"Trajectory file {str(path)!r}{_where(step)} is truncated or was modified: it has {len(data)} bytes, "
             f"the manifest recorded {record.nbytes}."
         )
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != record.sha256:
+    algorithm, expected = record.algorithm_and_digest
+    h = hasher(algorithm)
+    h.update(data)
+    digest = h.hexdigest()
+    if digest != expected:
         raise TrajectoryError(
-            f"Trajectory file {str(path)!r}{_where(step)} is corrupted: SHA-256 {digest[:16]}... does not match "
-            f"the recorded {record.sha256[:16]}...."
+            f"Trajectory file {str(path)!r}{_where(step)} is corrupted: its {algorithm} checksum {digest[:16]}... "
+            f"does not match the recorded {expected[:16]}.... Re-record the run, or resume it from the last "
+            f"complete step before this file."
         )
     return data
 

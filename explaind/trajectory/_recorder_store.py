@@ -5,7 +5,11 @@ attributes (``_store``, ``_manifest``, ``_writer``, ``_params``, ...) set in its
 The per-step work that can wait runs off the hot path (:mod:`~explaind.trajectory._background`):
 the update audit on the store's writer thread (in memory: on a worker thread), in step order, and
 the copies of :math:`\theta_{s+1}` and of the optimizer state handed to the writer are made in
-reused buffers, given back once written (and, for :math:`\theta`, once audited).
+reused buffers, given back once written (and, for :math:`\theta`, once audited). A dense store's
+copy of the optimizer state (on the CPU) is made by a
+:class:`~explaind.trajectory._background.StateCopier` thread while the loop computes the next
+step's gradients; the next ``optimizer.step()`` waits for it (a step pre-hook), and so does the
+writer before writing it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
-from ._background import CopyPool, OrderedWorker, WarmBuffers, audit_job, audit_value
+from ._background import CopyPool, OrderedWorker, StateCopier, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
 from ._gradients import has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors, tensor_bytes
@@ -97,6 +102,7 @@ class RecorderStoreMixin:
     _tap: Any
     _random: Any
     _adapter: Any
+    _handles: list[Any]
 
     def _storage_options(self, save_optimizer_state: Any, checkpoint_every: Any) -> None:
         """Validate ``save_optimizer_state`` and ``checkpoint_every``; set ``_state_every`` and ``_every``."""
@@ -112,6 +118,8 @@ class RecorderStoreMixin:
         self._layout: SparseLayout | None = None
         self._deferred: tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], StepReplay, Any] | None = None
         self._pool = CopyPool()
+        self._copier = StateCopier()
+        self._copy_hook: Any = None
         self._worker = None
         self._warm: WarmBuffers | None = None
 
@@ -168,6 +176,7 @@ class RecorderStoreMixin:
                 raise
 
     def _close_worker(self, failing: bool) -> None:
+        self._copier.close()  # the state copies handed to the writer are complete from here on
         warm, self._warm = self._warm, None
         if warm is not None:
             warm.close()
@@ -182,12 +191,20 @@ class RecorderStoreMixin:
                 raise
             logger.exception("The background audit failed while handling another error.")
 
-    def _prepare(self, job: Any) -> Prepare | None:
-        """What the writer runs before writing a step: its audit, whose momentum joins the optimizer state."""
-        if job is None:
+    def _prepare(self, job: Any, copied: Future | None = None) -> Prepare | None:
+        """What the writer runs before writing a step: its audit, whose momentum joins the optimizer state.
+
+        ``copied``: the optimizer state's copy on the :class:`StateCopier`, waited for first (its error is
+        the step's).
+        """
+        if job is None and copied is None:
             return None
 
         def prepare(record: StepRecord, state: Any) -> tuple[StepRecord, Any]:
+            if copied is not None:
+                copied.result()
+            if job is None:
+                return record, state
             record = record.model_copy(update={"audit": audit_value(job())})
             if state is not None:
                 # no copy: the audit replaces its momentum tensors at every step, never writes into them
@@ -358,6 +375,36 @@ class RecorderStoreMixin:
         """
         return encode_optimizer_state(self.optimizer.state_dict(), copy=lambda k, v: self._pool.copy("state." + k, v))
 
+    def _optimizer_state_async(self) -> tuple[tuple[dict[str, Tensor], dict[str, str]], Future | None]:
+        """:meth:`_optimizer_state` with the CPU tensors copied on the :class:`StateCopier` thread.
+
+        Returns the state (its CPU tensors: pool buffers being filled) and the copy's future
+        (``None`` when nothing is copied there). Hyperparameters and the state's structure are
+        read here, on the loop's thread; the next ``optimizer.step()`` waits for the copy
+        (:meth:`_await_state_copy`, registered as a step pre-hook with the first copy).
+        """
+        pairs: list[tuple[Tensor, Tensor]] = []
+
+        def take(key: str, value: Tensor) -> Tensor:
+            value = value.detach()
+            if value.device.type != "cpu":  # another device: copied here, in the device's stream order
+                return self._pool.copy("state." + key, value)
+            buf = self._pool.buffer("state." + key, value)
+            pairs.append((buf, value))
+            return buf
+
+        state = encode_optimizer_state(self.optimizer.state_dict(), copy=take)
+        if not pairs:
+            return state, None
+        if self._copy_hook is None or self._copy_hook not in self._handles:
+            self._copy_hook = self.optimizer.register_step_pre_hook(self._await_state_copy)
+            self._handles.append(self._copy_hook)  # removed with the recorder's hooks
+        return state, self._copier.submit(pairs)
+
+    def _await_state_copy(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Step pre-hook: the optimizer state's copy of the previous step is finished before this step changes it."""
+        self._copier.wait()
+
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
                     st: dict[str, Any], buffers: dict[str, Tensor] | None = None, audit: Any = None,
                     dense: dict[str, Tensor] | None = None) -> None:
@@ -368,8 +415,8 @@ class RecorderStoreMixin:
             return
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
         tensors.update(self._dense_tensors(st, updates, buffers) if dense is None else dense)
-        state = self._optimizer_state() if self._state_due(record.step) else None
-        self._writer.write_step(record, tensors, state, prepare=self._prepare(audit),
+        state, copied = self._optimizer_state_async() if self._state_due(record.step) else (None, None)
+        self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, copied),
                                 done=self._release(state, None if self._audit_on else theta_next),
                                 held_bytes=self._held_bytes(st))
 

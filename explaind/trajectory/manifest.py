@@ -3,7 +3,8 @@
 The manifest is the JSON description of a run: what was trained (parameter names, shapes and
 dtypes, constants, the architecture spec when the model came from the registry), how it was
 trained (optimizer adapter and hyperparameters, loss) and one :class:`StepRecord` per
-completed optimizer step with the SHA-256 checksum of every file that step wrote.
+completed optimizer step with the checksum of every file that step wrote (XXH3-128 since
+schema 2, SHA-256 in schema-1 stores: :mod:`explaind.trajectory._checksum`).
 
 Both trajectory backends expose the same model; the in-memory backend simply has no files.
 """
@@ -14,8 +15,10 @@ import datetime as _dt
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from torch import Tensor
+
+from ._checksum import parse
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -31,8 +34,9 @@ __all__ = [
     "dtype_from_name",
 ]
 
-#: Version of the on-disk layout; bumped on incompatible changes.
-SCHEMA_VERSION = 1
+#: Version of the on-disk layout; bumped on incompatible changes. 2: file checksums are XXH3-128
+#: (``FileRecord.checksum``); schema-1 stores (``FileRecord.sha256``) are still read and resumed.
+SCHEMA_VERSION = 2
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float16: "float16",
@@ -76,11 +80,47 @@ class TensorSpec(_Model):
 
 
 class FileRecord(_Model):
-    """A file of the store, relative to its root, with its size and SHA-256 checksum."""
+    """A file of the store, relative to its root, with its size and the checksum of its bytes.
+
+    Exactly one of ``checksum`` and ``sha256`` is set: ``checksum`` (``"xxh3-128:<32 hex>"``, or
+    ``"sha256:<64 hex>"`` when a writer was asked for it) in stores of schema 2; ``sha256`` (the
+    bare hex digest) in stores of schema 1. The field left unset is not written, so a schema-1
+    record reads and writes back as it was.
+    """
 
     path: str
-    sha256: str
     nbytes: int
+    checksum: str | None = None
+    sha256: str | None = None
+
+    @field_validator("checksum")
+    @classmethod
+    def _known_checksum(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_checksum(self) -> FileRecord:
+        if (self.checksum is None) == (self.sha256 is None):
+            raise ValueError(f"file record {self.path!r} needs exactly one of 'checksum' and 'sha256'")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_checksum(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        for key in ("checksum", "sha256"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
+
+    @property
+    def algorithm_and_digest(self) -> tuple[str, str]:
+        """``(algorithm, hex digest)`` the file's bytes must hash to."""
+        if self.checksum is not None:
+            return parse(self.checksum)
+        assert self.sha256 is not None  # _one_checksum
+        return "sha256", self.sha256
 
 
 class StepRecord(_Model):

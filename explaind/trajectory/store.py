@@ -53,6 +53,8 @@ from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget, check_queue_bounds
+from ._checksum import DEFAULT as DEFAULT_CHECKSUM
+from ._checksum import validate_algorithm
 from ._filewrite import TensorFileWriter
 from ._io import read_confined, tensor_bytes, write_bytes
 from ._layout import (
@@ -234,19 +236,26 @@ class StoreWriter:
     keep_states : bool
         Keep every optimizer state handed over (``optimizer/checkpoint-{s:06d}.safetensors``, the
         checkpoints of a sparse store) instead of the newest one in two alternating slots.
+    checksum : str
+        Checksum algorithm of the files written (:data:`~explaind.trajectory._checksum.ALGORITHMS`,
+        default XXH3-128). The manifest is written with the current :data:`SCHEMA_VERSION`: a resumed
+        schema-1 store keeps its SHA-256 records, which are read as before, and becomes schema 2.
 
     Raises
     ------
     ConfigError
         When ``max_queue`` is not an int >= 1 or ``max_queue_bytes`` not an int >= 0, ``None`` or
-        ``"default"`` (checked before anything is written or locked).
+        ``"default"``, or ``checksum`` not one of the algorithms (checked before anything is
+        written or locked).
     """
 
     def __init__(self, root: Path, manifest: TrajectoryManifest, *, fsync: bool = True, background: bool = True,
                  max_queue: int = 4, max_queue_bytes: int | None | str = "default", new: bool = False,
-                 keep_states: bool = False):
+                 keep_states: bool = False, checksum: str = DEFAULT_CHECKSUM):
         check_queue_bounds(max_queue, max_queue_bytes, MAX_QUEUE_BYTES)
         self.root = Path(root)
+        self.checksum = validate_algorithm(checksum)
+        manifest.schema_version = SCHEMA_VERSION  # new records need it (read_manifest refused newer ones)
         self.manifest = manifest
         self.fsync = fsync
         self.keep_states = bool(keep_states)
@@ -257,7 +266,7 @@ class StoreWriter:
         last = next((slot_of(r) for r in reversed(manifest.steps) if slot_of(r) is not None), None)
         self._slot = 1 if last is not None and last.path.endswith("state-1.safetensors") else 0
         self._lock = threading.Lock()
-        self._files = TensorFileWriter()  # tensor files: one reused buffer, O_DIRECT where allowed
+        self._files = TensorFileWriter(checksum=self.checksum)  # one reused buffer, O_DIRECT where allowed
         self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
         remove_temporary_files(self.root)
         if new:
