@@ -107,17 +107,15 @@ def adaptive_plan(
         evaluations behind ``est0`` are counted for every unit either way).
     dense_after, dense_evals : int
         After ``dense_after`` evaluations of a probe of at most ``PROBE_UNITS`` failing units, the far
-        units of a kink-dense batch are integrated by a composite midpoint rule through the first
-        estimate's nodes instead, the batch spending ``dense_evals`` evaluations per failing unit in
-        all; the far units beyond the probe skip the refinement when no probe unit converged; the other
-        units of the batch stop before ``dense_evals`` evaluations and take the midpoint rule too where
-        still far and it errs less (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
+        units of a kink-dense batch are integrated on a grid of nodes per step (``steps (U,)``, each unit's
+        step; default one grid) shared by the step's units (``shared``) instead, cells cut at kinks, each
+        step spending ``dense_evals`` evaluations per failing unit in all; the far units beyond the probe
+        skip the refinement when no probe unit converged; the other units of the batch stop before
+        ``dense_evals`` evaluations and take the grid too where still far and it errs less
+        (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
     shared : callable, optional
-        ``(units (K,), t (Q,)) -> (h, h')``, each ``(K, Q, O)``: the units of one step at nodes shared by
-        them, for that rule (the engine evaluates each node once for all of the step's test inputs, with
-        the step's parameters); by default ``refine`` at every (unit, node).
-    steps : Tensor, optional
-        The step of each unit, ``(U,)``: the midpoint rule's grid is chosen per step (default: one grid).
+        ``(units (K,), t (Q,)) -> (h, h')``, each ``(K, Q, O)``, units of one step at shared nodes (the
+        engine evaluates each node once for the step's inputs); by default ``refine`` at every (unit, node).
 
     Returns
     -------

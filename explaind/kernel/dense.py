@@ -1,4 +1,4 @@
-r"""The adaptive rule's fallback for kink-dense paths: a composite midpoint rule on shared nodes.
+r"""The adaptive rule's fallback for kink-dense paths: a grid of shared nodes per step, its cells cut at kinks.
 
 Locating kinks one by one (:mod:`explaind.kernel.adaptive`) pays off when a path crosses a few
 dozen activation kinks. A ReLU-dense network (convolutions over many positions, wide MLPs, large
@@ -11,22 +11,24 @@ when its error is above :data:`DENSE_RATIO` times its tolerance and above :data:
 :math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the units that missed the first
 estimate, and at least :data:`DENSE_MIN` units, are far, the batch is kink-dense (a property of the
 model and the step size, not of one test input: a few far units among many converging ones are left to
-the adaptive rule, which locates their kinks). Its far units are integrated by the
-composite midpoint rule of :func:`dense_rule`, the first estimate's nodes among the cell centres, the
-other nodes shared by all test inputs of a step, which the engine evaluates like a fixed rule (one
-batched evaluation per node, not one per unit). The batch spends :data:`DENSE_EVALS` evaluations per
-failing unit in all: the rule gets the cells the probe's refinement left (:func:`grid_cells`, at least
-:data:`GRID_FLOOR` of :data:`DENSE_EVALS`). The batch's other units stop refining before a level could
-take them past :data:`DENSE_EVALS` evaluations; those still far then take that rule too where it errs
-less than their panels (both errors are known exactly). The error left is reported as quadrature error
-and warned about (``docs/engine.md``, section 2).
+the adaptive rule, which locates their kinks). Its far units are integrated by :func:`dense_fallback`:
+per step, one grid of :func:`dense_rule` (cells of a composite midpoint rule, the first estimate's nodes
+among the centres) whose new nodes are shared by every test input of the step, so the engine evaluates
+each (step, node) once for all of them with the step's parameters; each unit's weights then cut the gaps
+between the nodes at the kinks their values locate (:func:`cut_cells`), never erring more than the cells
+as given. The step's failing units spend :data:`DENSE_EVALS` evaluations each in all: the grid gets the
+cells the probe's refinement left (:func:`grid_cells`, at least :data:`GRID_FLOOR` of :data:`DENSE_EVALS`).
+The batch's other units stop refining before a level could take them past :data:`DENSE_EVALS`
+evaluations; those still far then take that rule too where it errs less than their panels (both errors
+are known exactly). The error left is reported as quadrature error and warned about (``docs/engine.md``,
+section 2).
 
 Where the first estimate already looks kink-dense (as many units far as the test asks for, and no
 single kink between the first nodes explaining their error), the test runs first on a *probe* of at
 most :data:`PROBE_UNITS` failing units spread over the batch (:func:`probe_positions`). When the probe
 is kink-dense and none of its units reached its tolerance, the batch's other failing units are not
 refined one by one at all: those far after the first estimate whose error no single kink between its
-nodes accounts for go straight to the midpoint rule, the rest are refined as usual. Otherwise (no
+nodes accounts for go straight to the grid, the rest are refined as usual. Otherwise (no
 kink-dense probe, or some of its units converged: few-kink units among kink-dense ones) every other
 failing unit is refined and tested like the probe.
 """
@@ -58,8 +60,8 @@ DENSE_REL = 1e-4
 #: a few kinks each, which the adaptive rule locates).
 DENSE_SHARE = 0.5
 DENSE_MIN = 8
-#: Cells of the composite midpoint rule for the far units of a kink-dense batch (its nodes, the first estimate's
-#: included: the evaluations such a unit spends in all).
+#: Nodes of the grid for the far units of a kink-dense batch (the first estimate's included: the evaluations
+#: such a unit spends in all).
 DENSE_EVALS = 100
 #: Failing units of a batch refined first to decide whether the batch is kink-dense (all when not more).
 PROBE_UNITS = 16
@@ -183,9 +185,9 @@ GRID_FLOOR = 0.9
 
 
 def grid_cells(spent: int, failing: int, takers: int, m: int, n: int = DENSE_EVALS) -> int:
-    r"""Cells of the midpoint rule of a kink-dense batch: ``n`` evaluations per failing unit in all.
+    r"""Cells of the grid of a kink-dense step: ``n`` evaluations per failing unit in all.
 
-    The batch's ``failing`` units may spend ``n * failing`` evaluations; they have spent ``spent``
+    The step's ``failing`` units may spend ``n * failing`` evaluations; they have spent ``spent``
     (the first estimate's ``m`` nodes each, and the refinement of the probe and of the units not far).
     Each of the ``takers`` units that take the rule gets :math:`\lfloor (n F - \mathrm{spent}) / K \rfloor`
     new nodes, so the rule has that many cells plus the ``m`` it reuses, at most ``n`` and at least
