@@ -165,3 +165,27 @@ def test_models_without_convolutions_keep_the_vmap_over_nodes():
     eng = PathEngine(rec.trajectory, device=torch.device("cpu"), dtype=torch.float64, chunk_size=None,
                      factored="never")
     assert not eng.evaluator.per_node
+
+
+def test_weighted_jvps_one_call_per_node_equal_the_vmap_over_nodes(recorded):
+    """The decompositions' JVPs at shared nodes (``Evaluator.jvp``) take the same per-node path on conv models."""
+    from explaind.kernel.evaluate import Segment
+    from explaind.kernel.quadrature import fixed_plan
+
+    model, traj, X = recorded
+    eng = PathEngine(traj, device=torch.device("cpu"), dtype=torch.float64, chunk_size=None, factored="never")
+    ev = eng.evaluator
+    Xc = eng.inputs(X)
+    ex = eng.explained(Xc, None, None, "test")
+    seg = Segment(eng.params(1), eng.delta(1), Xc, ex)
+    plan = fixed_plan("gauss-legendre", 3, torch.zeros(INPUTS, 3, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(2)
+    tangents = {n: torch.randn(2, *v.shape, generator=gen, dtype=torch.float64) for n, v in seg.delta.items()}
+    per_node = ev.jvp(seg, plan, tangents)
+    ev.per_node = False
+    torch.testing.assert_close(per_node, ev.jvp(seg, plan, tangents), rtol=0, atol=1e-13)
+    for i in (0, INPUTS - 1):  # one input, one tangent, by forward-mode AD at each node
+        want = sum(w * _slope(model, {n: seg.base[n] + t * seg.delta[n] for n in seg.delta},
+                              {n: v[1] for n, v in tangents.items()}, 0.0, X[i])
+                   for t, w in zip(plan.t[i].tolist(), plan.w[i].tolist()))
+        torch.testing.assert_close(per_node[i, 1], want, rtol=0, atol=1e-12)

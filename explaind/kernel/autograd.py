@@ -144,7 +144,8 @@ class AutogradEvaluator:
         return vmap(per_step)(stack.base, stack.delta)
 
     def jvp(self, segment: Segment, plan: NodePlan, tangents: Params) -> Tensor:
-        """Weighted JVPs along ``tangents`` (see :meth:`Evaluator.jvp`): shared nodes in one ``vmap`` over nodes."""
+        """Weighted JVPs along ``tangents`` (see :meth:`Evaluator.jvp`): shared nodes in one ``vmap`` over nodes
+        (one call per node for :data:`PER_NODE_LAYERS`), ``vals (U, K, S, O)``."""
         T = plan.t.shape[0]
         K = next(iter(tangents.values())).shape[0]
         out = torch.zeros(T, K, plan.exact.shape[-1], dtype=self.fm.dtype, device=self.fm.device)
@@ -153,7 +154,10 @@ class AutogradEvaluator:
             step = self.chunk_size or group.inputs.shape[0]
             for i in range(0, group.inputs.shape[0], step):
                 part = group.inputs[i:i + step]
-                vals = vmap(lambda tu, part=part: self._jvp_at(segment, tu, tangents, part))(group.t)  # (U, K, S, O)
+                if self.per_node:  # one call per node, parameters shared (PER_NODE_LAYERS)
+                    vals = torch.stack([self._jvp_at(segment, tu, tangents, part) for tu in group.t])
+                else:
+                    vals = vmap(lambda tu, part=part: self._jvp_at(segment, tu, tangents, part))(group.t)
                 out.index_add_(0, part, torch.einsum("su,ukso->sko", group.w[i:i + step], vals))
         if idx.shape[0]:
             chunk = self.chunk_size or idx.shape[0]
