@@ -215,7 +215,7 @@ def test_after_a_probe_where_every_unit_is_far_the_others_spend_the_rule_s_evalu
     assert _budget_kept(plan, list(range(len(kinks))), cells)
     assert int(evals[probe].max()) <= 3 * dense.DENSE_EVALS
     err = (plan.estimate - exact).abs().amax(-1)
-    for u in at_rule:
+    for u in at_rule[::4]:
         _check_rule(plan, h, dh, u, cells)
     mid = torch.stack([(_midpoint(dh, u) - exact[u]).abs().max() for u in at_rule])
     ratio = float(err[at_rule].mean() / mid.mean())

@@ -31,8 +31,8 @@ __all__ = ["AutogradEvaluator", "PER_NODE_LAYERS"]
 
 #: On the CPU, grids of models holding these layers are evaluated one (step, node) at a time with the
 #: parameters shared by the batch of test inputs: under ``vmap`` over per-node parameters a convolution
-#: runs as a grouped convolution, about 4x slower per evaluation in float64 than one call per node
-#: (``python benchmarks/bench_kink_dense.py --per-eval``; docs/engine.md, section 2).
+#: runs as a grouped convolution, 2-4x slower per evaluation in float64 than one call per node
+#: (``python benchmarks/bench_kink_dense.py --per-eval``; docs/engine.md, sections 2 and 7).
 PER_NODE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
