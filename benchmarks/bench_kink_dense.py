@@ -15,8 +15,12 @@ adaptive rule does then. ``--before DIR`` first runs the same rows in a subproce
 checkout of explaind (``PYTHONPATH=DIR``; e.g. ``git worktree add /tmp/before <commit>``), so a
 before/after table comes from one run on one machine.
 
+``--per-eval`` prints instead the cost of one evaluation (one JVP of one test input at one point) for
+each way the engine evaluates: shared nodes one call per (step, node), shared nodes by ``vmap`` over steps
+and nodes, rows by ``vmap`` over rows, and a bare forward pass.
+
 Run: ``python benchmarks/bench_kink_dense.py [--model resnet] [--steps 40] [--inputs 64] [--threads 1]
-[--rules midpoint adaptive] [--before DIR]``
+[--rules midpoint adaptive] [--before DIR] [--per-eval]``
 """
 
 from __future__ import annotations
@@ -120,6 +124,63 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
     return rows
 
 
+def per_eval(args: argparse.Namespace) -> None:
+    """Microseconds per evaluation (one JVP of one test input at one point) of the ways the engine evaluates.
+
+    On the first 4 steps and ``--inputs`` test inputs, 16 nodes per step: a grid of nodes shared by every input
+    of a step, one call per (step, node) with the step's parameters shared by the batch of inputs (what the
+    kink-dense rule and the fixed rules use for convolutional models on the CPU) and by one ``vmap`` over steps
+    and nodes (per-node parameters: grouped convolutions); rows, each at its own point (``vmap`` over rows,
+    parameters per row: the adaptive rule's refinement); and a bare forward pass per (step, node) without
+    derivatives, for scale. All on the ``torch.func`` evaluator (``factored="never"``); each the fastest of
+    three runs.
+    """
+    from explaind.kernel.engine import PathEngine
+    from explaind.kernel.evaluate import Grid, Rows
+
+    torch.set_num_threads(args.threads)
+    _, traj, X_test = record(4, args.model)
+    X = X_test[: args.inputs]
+    engine = PathEngine(traj, device=torch.device("cpu"), dtype=torch.float64, chunk_size=256, factored="never")
+    explained = engine.explained(X, None, None, "bench")
+    stack = engine.stack(0, 4, X, explained)
+    ev, (S, T, n) = engine.evaluator, (4, X.shape[0], 16)
+    t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    units = torch.arange(S * T).repeat_interleave(n)
+
+    def grid(per_node: bool):
+        ev.per_node = per_node
+        return ev.slopes(stack, Grid(t))[1]
+
+    def forward():
+        with torch.no_grad():
+            for s in range(S):
+                for tq in t:
+                    explained(engine.fm, {k: v[s] + tq * stack.delta[k][s] for k, v in stack.base.items()}, X,
+                              explained.aux)
+
+    ways = [("grid, one call per (step, node), parameters shared", lambda: grid(True)),
+            ("grid, vmap over steps and nodes, parameters per node", lambda: grid(False)),
+            ("rows, vmap over rows, parameters per row", lambda: ev.slopes(stack, Rows(units // T, units % T,
+                                                                                       t.repeat(S * T)))[1]),
+            ("bare forward per (step, node), no derivative", forward)]
+    print(f"per evaluation, {S} steps x {n} nodes x {T} inputs, float64, threads={args.threads}; "
+          f"load {os.getloadavg()[0]:.1f}\n| evaluation | us per evaluation |\n|---|---|")
+    ref = None
+    for name, fn in ways:
+        out = fn()  # warm-up, and the result compared below
+        wall = float("inf")
+        for _ in range(3):  # the fastest of three: a shared machine's load only ever adds time
+            t0 = time.perf_counter()
+            fn()
+            wall = min(wall, time.perf_counter() - t0)
+        if isinstance(out, torch.Tensor):
+            out = out.reshape(S * T, n, -1)
+            ref = out if ref is None else ref
+            assert float((out - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), name
+        print(f"| {name} | {1e6 * wall / (S * n * T):.0f} |", flush=True)
+
+
 def breakdown(evals: torch.Tensor) -> str:
     """Where a plan's evaluations per (step, input) lie: how many units spent at most 100, how many more."""
     above = evals > 100
@@ -142,9 +203,14 @@ def main() -> None:
     ap.add_argument("--rules", nargs="+", choices=("midpoint", "adaptive"), default=["midpoint", "adaptive"],
                     help="the rules measured (both by default)")
     ap.add_argument("--before", default=None, help="another explaind checkout, measured first in a subprocess")
+    ap.add_argument("--per-eval", action="store_true",
+                    help="print the cost per evaluation of the engine's ways to evaluate, and nothing else")
     ap.add_argument("--label", default="this checkout", help=argparse.SUPPRESS)
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.per_eval:
+        per_eval(args)
+        return
     if args.rows_only:
         measure(args, args.label)
         return

@@ -2,7 +2,7 @@
 
 Checks, against loops written here with ``torch.func.jvp`` per (step, input, node) and plain forward
 passes: every plan's estimate is its nodes' weighted slopes, the exact differences are the model's,
-most units beyond the probe spend the midpoint rule's cells (at most ``DENSE_EVALS``, the batch's budget
+most units beyond the probe spend the rule's cells (at most ``DENSE_EVALS``, the batch's budget
 per unit, at least ``GRID_FLOOR`` of it) and have as many nodes, and the warning names the cause.
 """
 
@@ -43,7 +43,7 @@ def _run(steps: int = 2):
     return model, rec.trajectory, X[200:240]
 
 
-def test_a_relu_dense_mlp_takes_the_midpoint_rule_with_exact_bookkeeping():
+def test_a_relu_dense_mlp_takes_the_kink_dense_rule_with_exact_bookkeeping():
     model, traj, X = _run()
     eng = PathEngine(traj, device=torch.device("cpu"), dtype=torch.float64, chunk_size=None)
     Xc = eng.inputs(X)
@@ -74,5 +74,5 @@ def test_a_relu_dense_mlp_takes_the_midpoint_rule_with_exact_bookkeeping():
                 point = {n: thetas[s][n] + t * delta[n] for n in names}
                 total += w * jvp(lambda p, x=X[i:i + 1]: g(p, x)[0], (point,), (delta,))[1]
             torch.testing.assert_close(plan.estimate[i], total, rtol=0, atol=1e-12)
-            if int(plan.evals[i]) == cells:
-                assert int(keep.sum()) == cells
+            if int(plan.evals[i]) == cells:  # nodes (a node between two cuts may weigh 0); padding has t = 0
+                assert int((plan.t[i] > 0).sum()) == cells

@@ -38,10 +38,9 @@ from .dense import (
     DENSE_SHARE,
     MIDPOINT_KIND,
     Shared,
-    dense_estimate,
+    dense_fallback,
     dense_units,
     far_units,
-    grid_cells,
     probe_positions,
 )
 from .quadrature import NodePlan, rule_nodes
@@ -74,6 +73,7 @@ def adaptive_plan(
     dense_after: int = DENSE_AFTER,
     dense_evals: int = DENSE_EVALS,
     shared: Shared | None = None,
+    steps: Tensor | None = None,
 ) -> NodePlan:
     r"""Error-controlled plan for a batch of units (one unit = one step and test input).
 
@@ -107,15 +107,15 @@ def adaptive_plan(
         evaluations behind ``est0`` are counted for every unit either way).
     dense_after, dense_evals : int
         After ``dense_after`` evaluations of a probe of at most ``PROBE_UNITS`` failing units, the far
-        units of a kink-dense batch are integrated by a composite midpoint rule through the first
-        estimate's nodes instead, the batch spending ``dense_evals`` evaluations per failing unit in
-        all; the far units beyond the probe skip the refinement when no probe unit converged; the other
-        units of the batch stop before ``dense_evals`` evaluations and take the midpoint rule too where
-        still far and it errs less (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
+        units of a kink-dense batch are integrated on a grid of nodes per step (``steps (U,)``, each unit's
+        step; default one grid) shared by the step's units (``shared``) instead, cells cut at kinks, each
+        step spending ``dense_evals`` evaluations per failing unit in all; the far units beyond the probe
+        skip the refinement when no probe unit converged; the other units of the batch stop before
+        ``dense_evals`` evaluations and take the grid too where still far and it errs less
+        (:mod:`explaind.kernel.dense`; ``dense_after=0``: never).
     shared : callable, optional
-        ``(units (K,), t (Q,), w (Q,)) -> (K, O)``, :math:`\sum_q w_q h'(t_q)` at nodes shared by the
-        units, for that midpoint rule
-        (the engine evaluates it like a fixed rule); by default ``refine`` at every (unit, node).
+        ``(units (K,), t (Q,)) -> (h, h')``, each ``(K, Q, O)``, units of one step at shared nodes (the
+        engine evaluates each node once for the step's inputs); by default ``refine`` at every (unit, node).
 
     Returns
     -------
@@ -167,33 +167,15 @@ def adaptive_plan(
             run.retest(max_evals)
         if rest.numel():
             run(_start_jobs(rest, est0, err0, g_a, g_b, thr, rel, refine, evals, samples), rest.numel())
-    dense = run.dense
-    t_mid = torch.zeros(0, dtype=dt, device=dev)
-    w_mid = t_mid
-    if bool(dense.any()):  # the far units, and the others left far above tolerance where the midpoint rule errs less
-        cand = dense | ((acc.err > thr) & far_units(acc.err, thr, scale))
-        cu = torch.nonzero(cand).reshape(-1)
-        x = rules[0][0] if first is not None else t_mid
-        cells = grid_cells(int(evals[failing].sum()), failing.numel(), cu.numel(), x.numel(), dense_evals)
-        t_mid, w_mid, est, new = dense_estimate(cu, shared or _pointwise(refine), x,
-                                                None if first is None else first[2], cells)
-        err = (est - exact[cu]).abs().amax(-1)
-        mine = torch.zeros_like(exact)
-        for part in acc.parts:
-            mine.index_add_(0, part.unit, part.est)
-        take = dense[cu] | (err < (mine[cu] - exact[cu]).abs().amax(-1))
-        chosen = torch.zeros_like(dense)
-        chosen[cu[take]] = True
-        acc.drop(chosen)
-        du, est, err = cu[take], est[take], err[take]
-        evals[cu] += new
-        one = torch.ones_like(du, dtype=dt)
-        acc.add(Panels(torch.full_like(du, MIDPOINT_KIND), du, 0 * one, one, est, err, g_a[du], g_b[du], rel[du]))
-    rules = [*rules, (t_mid, w_mid)]
+    extra = None
+    if bool(run.dense.any()):  # the far units, and the others left far above tolerance where that rule errs less
+        extra = _fallback(run.dense, acc, evals, failing, exact, thr, scale, rel, g_a, g_b, steps,
+                          shared or _pointwise(refine), rules[0][0] if first is not None else rules[0][0][:0],
+                          None if first is None else first[1:], dense_evals)
     panels = acc.panels()
     if coarsen and panels is not None:
         panels = _coarsen(panels, refine, *rules[0], rel, thr, evals)
-    return _assemble(U, rules, failing, panels, exact, estimate, evals)
+    return _assemble(U, rules, failing, panels, exact, estimate, evals, extra)
 
 
 @dataclass
@@ -289,12 +271,36 @@ class _Levels:
             jobs = _level(jobs, self.refine, self.rules, self.eps, evals, acc)
 
 
+def _fallback(dense: Tensor, acc: Accepted, evals: Tensor, failing: Tensor, exact: Tensor, thr: Tensor,
+              scale: Tensor, rel: Tensor, g_a: Tensor, g_b: Tensor, steps: Tensor | None, shared: Shared, x: Tensor,
+              first: tuple[Tensor, Tensor] | None, dense_evals: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The kink-dense rule (:func:`~explaind.kernel.dense.dense_fallback`) for the far units ``dense (U,)`` and
+    the units still far whose panels err more; updates ``acc`` and ``evals``, returns their ``(unit, t, w)`` nodes."""
+    cand = dense | ((acc.err > thr) & far_units(acc.err, thr, scale))
+    cu = torch.nonzero(cand).reshape(-1)
+    groups = torch.zeros_like(evals) if steps is None else steps.to(evals.device)
+    fb = dense_fallback(cu, groups, failing, evals, shared, x, first, g_a, g_b, dense_evals)
+    mine = torch.zeros_like(exact)
+    for part in acc.parts:
+        mine.index_add_(0, part.unit, part.est)
+    take = dense[fb.unit] | (fb.err < (mine[fb.unit] - exact[fb.unit]).abs().amax(-1))
+    chosen = torch.zeros_like(dense)
+    chosen[fb.unit[take]] = True
+    acc.drop(chosen)
+    du = fb.unit[take]
+    evals[fb.unit] += fb.new
+    one = torch.ones_like(du, dtype=exact.dtype)
+    acc.add(Panels(torch.full_like(du, MIDPOINT_KIND), du, 0 * one, one, fb.est[take], fb.err[take], g_a[du],
+                   g_b[du], rel[du]))
+    return fb.nodes(chosen)
+
+
 def _pointwise(refine: Refine) -> Shared:
     """``shared`` from ``refine``: every (unit, node) pair evaluated as its own row."""
 
-    def shared(units: Tensor, t: Tensor, w: Tensor) -> Tensor:
-        _, d = refine(units.repeat_interleave(t.numel()), t.repeat(units.numel()))
-        return torch.einsum("q,kqo->ko", w, d.reshape(units.numel(), t.numel(), -1))
+    def shared(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        h, d = refine(units.repeat_interleave(t.numel()), t.repeat(units.numel()))
+        return h.reshape(units.numel(), t.numel(), -1), d.reshape(units.numel(), t.numel(), -1)
 
     return shared
 
@@ -444,8 +450,11 @@ def _coarsen(p: Panels, refine: Refine, x01: Tensor, w01: Tensor, rel: Tensor, t
 
 
 def _assemble(U: int, rules: Rules, failing: Tensor, panels: Panels | None, exact: Tensor, estimate: Tensor,
-              evals: Tensor) -> NodePlan:
-    """Node lists per unit: Gauss–Legendre for passing units, the merged panel nodes for the others."""
+              evals: Tensor, extra: tuple[Tensor, Tensor, Tensor] | None = None) -> NodePlan:
+    """Node lists per unit: Gauss–Legendre for passing units, the merged panel nodes for the others.
+
+    Panels of the kink-dense rule (``MIDPOINT_KIND``) take their nodes from ``extra``, ``(unit, t, w)`` rows.
+    """
     dev, dt = exact.device, exact.dtype
     good = torch.ones(U, dtype=torch.bool, device=dev)
     good[failing] = False
@@ -465,6 +474,10 @@ def _assemble(U: int, rules: Rules, failing: Tensor, panels: Panels | None, exac
                 units.append(ins)
                 ts.append(lo + p_ * h)
                 ws.append(w_ * h)
+    if extra is not None:
+        units.append(extra[0])
+        ts.append(extra[1])
+        ws.append(extra[2])
     unit, t, w = torch.cat(units), torch.cat(ts), torch.cat(ws)
     order = torch.argsort(t, stable=True)
     order = order[torch.argsort(unit[order], stable=True)]

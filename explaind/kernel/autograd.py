@@ -1,7 +1,8 @@
 r"""The ``torch.func`` evaluator: the three primitives for any model.
 
 * JVPs with :func:`torch.func.jvp`: at one node shared by a set of inputs (parameters not batched,
-  the inputs one batch), on a grid of nodes (``vmap`` over nodes, and over stacked steps), or on
+  the inputs one batch), on a grid of nodes (``vmap`` over nodes, and over stacked steps; for
+  convolutional models on the CPU one call per step and node, :data:`PER_NODE_LAYERS`), or on
   rows that each have their own point of a segment (``vmap`` over rows, parameters gathered per row);
 * Jacobians with :func:`torch.func.jacrev` with respect to a common offset of the block, the
   quadrature weights folded into the differentiated outputs;
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vmap
 
 from .coupled import coupled_sample_grads
@@ -26,7 +27,13 @@ from .layout import ParamLayout
 from .products import JacobianProducts
 from .quadrature import NodePlan
 
-__all__ = ["AutogradEvaluator"]
+__all__ = ["AutogradEvaluator", "PER_NODE_LAYERS"]
+
+#: On the CPU, grids of models holding these layers are evaluated one (step, node) at a time with the
+#: parameters shared by the batch of test inputs: under ``vmap`` over per-node parameters a convolution
+#: runs as a grouped convolution, 2-4x slower per evaluation in float64 than one call per node
+#: (``python benchmarks/bench_kink_dense.py --per-eval``; docs/engine.md, sections 2 and 7).
+PER_NODE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _along_each(along: Callable[[Params], Tensor], tangents: Params) -> Tensor:
@@ -65,6 +72,8 @@ class AutogradEvaluator:
         self.fm = fm
         self.chunk_size = chunk_size
         self.rows_chunk = rows_chunk or 16 * (chunk_size or 256)
+        #: grids by one JVP per (step, node) (:data:`PER_NODE_LAYERS`), else one ``vmap`` over steps and nodes
+        self.per_node = fm.device.type == "cpu" and any(isinstance(m, PER_NODE_LAYERS) for m in fm.module.modules())
 
     # ------------------------------------------------------------------ JVPs
     def slopes(self, stack: StepStack, rows: Rows | Grid) -> tuple[Tensor, Tensor]:
@@ -88,6 +97,8 @@ class AutogradEvaluator:
 
     def _slopes_grid(self, stack: StepStack, x: Tensor) -> tuple[Tensor, Tensor]:
         """Grid slopes in batches of at most ``rows_chunk`` rows and :data:`STACK_BYTES` of stacked parameters."""
+        if self.per_node:
+            return self._grid_per_node(stack, x)
         S, n, T = stack.n_steps, x.shape[0], stack.X.shape[0]
         elem = torch.finfo(self.fm.dtype).bits // 8
         D = sum(v[0].numel() for v in stack.base.values())
@@ -100,6 +111,24 @@ class AutogradEvaluator:
             hs.append(torch.cat([g[0] for g in got], dim=1))
             ds.append(torch.cat([g[1] for g in got], dim=1))
         h, d = torch.cat(hs), torch.cat(ds)  # (S, n, T, O)
+        return h.transpose(1, 2).reshape(S * T, n, -1), d.transpose(1, 2).reshape(S * T, n, -1)
+
+    def _grid_per_node(self, stack: StepStack, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Grid slopes by one JVP per (step, node): parameters not batched, the inputs one batch (``rows_chunk``)."""
+        fm, explained, X = self.fm, stack.explained, stack.X
+        S, n, T = stack.n_steps, x.shape[0], X.shape[0]
+        hs, ds = [], []
+        for s in range(S):
+            b = {k: v[s] for k, v in stack.base.items()}
+            d = {k: v[s] for k, v in stack.delta.items()}
+            for t in x:
+                point = along(b, d, t)
+                for lo in range(0, T, self.rows_chunk):
+                    part, aux = X[lo:lo + self.rows_chunk], explained.aux[lo:lo + self.rows_chunk]
+                    h, dh = _jvp(lambda p, part=part, aux=aux: explained(fm, p, part, aux), point, d)
+                    hs.append(h)
+                    ds.append(dh)
+        h, d = torch.cat(hs).reshape(S, n, T, -1), torch.cat(ds).reshape(S, n, T, -1)
         return h.transpose(1, 2).reshape(S * T, n, -1), d.transpose(1, 2).reshape(S * T, n, -1)
 
     def _grid(self, stack: StepStack, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,7 +144,8 @@ class AutogradEvaluator:
         return vmap(per_step)(stack.base, stack.delta)
 
     def jvp(self, segment: Segment, plan: NodePlan, tangents: Params) -> Tensor:
-        """Weighted JVPs along ``tangents`` (see :meth:`Evaluator.jvp`): shared nodes in one ``vmap`` over nodes."""
+        """Weighted JVPs along ``tangents`` (see :meth:`Evaluator.jvp`): shared nodes in one ``vmap`` over nodes
+        (one call per node for :data:`PER_NODE_LAYERS`), ``vals (U, K, S, O)``."""
         T = plan.t.shape[0]
         K = next(iter(tangents.values())).shape[0]
         out = torch.zeros(T, K, plan.exact.shape[-1], dtype=self.fm.dtype, device=self.fm.device)
@@ -124,7 +154,10 @@ class AutogradEvaluator:
             step = self.chunk_size or group.inputs.shape[0]
             for i in range(0, group.inputs.shape[0], step):
                 part = group.inputs[i:i + step]
-                vals = vmap(lambda tu, part=part: self._jvp_at(segment, tu, tangents, part))(group.t)  # (U, K, S, O)
+                if self.per_node:  # one call per node, parameters shared (PER_NODE_LAYERS)
+                    vals = torch.stack([self._jvp_at(segment, tu, tangents, part) for tu in group.t])
+                else:
+                    vals = vmap(lambda tu, part=part: self._jvp_at(segment, tu, tangents, part))(group.t)
                 out.index_add_(0, part, torch.einsum("su,ukso->sko", group.w[i:i + step], vals))
         if idx.shape[0]:
             chunk = self.chunk_size or idx.shape[0]

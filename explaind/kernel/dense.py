@@ -1,4 +1,4 @@
-r"""The adaptive rule's fallback for kink-dense paths: a composite midpoint rule on shared nodes.
+r"""The adaptive rule's fallback for kink-dense paths: a grid of shared nodes per step, its cells cut at kinks.
 
 Locating kinks one by one (:mod:`explaind.kernel.adaptive`) pays off when a path crosses a few
 dozen activation kinks. A ReLU-dense network (convolutions over many positions, wide MLPs, large
@@ -11,22 +11,24 @@ when its error is above :data:`DENSE_RATIO` times its tolerance and above :data:
 :math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the units that missed the first
 estimate, and at least :data:`DENSE_MIN` units, are far, the batch is kink-dense (a property of the
 model and the step size, not of one test input: a few far units among many converging ones are left to
-the adaptive rule, which locates their kinks). Its far units are integrated by the
-composite midpoint rule of :func:`dense_rule`, the first estimate's nodes among the cell centres, the
-other nodes shared by all test inputs of a step, which the engine evaluates like a fixed rule (one
-batched evaluation per node, not one per unit). The batch spends :data:`DENSE_EVALS` evaluations per
-failing unit in all: the rule gets the cells the probe's refinement left (:func:`grid_cells`, at least
-:data:`GRID_FLOOR` of :data:`DENSE_EVALS`). The batch's other units stop refining before a level could
-take them past :data:`DENSE_EVALS` evaluations; those still far then take that rule too where it errs
-less than their panels (both errors are known exactly). The error left is reported as quadrature error
-and warned about (``docs/engine.md``, section 2).
+the adaptive rule, which locates their kinks). Its far units are integrated by :func:`dense_fallback`:
+per step, one grid of :func:`dense_rule` (cells of a composite midpoint rule, the first estimate's nodes
+among the centres) whose new nodes are shared by every test input of the step, so the engine evaluates
+each (step, node) once for all of them with the step's parameters; each unit's weights then cut the gaps
+between the nodes at the kinks their values locate (:func:`cut_cells`), never erring more than the cells
+as given. The step's failing units spend :data:`DENSE_EVALS` evaluations each in all: the grid gets the
+cells the probe's refinement left (:func:`grid_cells`, at least :data:`GRID_FLOOR` of :data:`DENSE_EVALS`).
+The batch's other units stop refining before a level could take them past :data:`DENSE_EVALS`
+evaluations; those still far then take that rule too where it errs less than their panels (both errors
+are known exactly). The error left is reported as quadrature error and warned about (``docs/engine.md``,
+section 2).
 
 Where the first estimate already looks kink-dense (as many units far as the test asks for, and no
 single kink between the first nodes explaining their error), the test runs first on a *probe* of at
 most :data:`PROBE_UNITS` failing units spread over the batch (:func:`probe_positions`). When the probe
 is kink-dense and none of its units reached its tolerance, the batch's other failing units are not
 refined one by one at all: those far after the first estimate whose error no single kink between its
-nodes accounts for go straight to the midpoint rule, the rest are refined as usual. Otherwise (no
+nodes accounts for go straight to the grid, the rest are refined as usual. Otherwise (no
 kink-dense probe, or some of its units converged: few-kink units among kink-dense ones) every other
 failing unit is refined and tested like the probe.
 """
@@ -35,13 +37,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .adaptive_jobs import Bracket
+
 __all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN", "DENSE_EVALS",
            "PROBE_UNITS", "MIDPOINT_KIND", "Shared", "dense_units", "far_units", "probe_positions",
-           "dense_rule", "cells", "dense_estimate", "GRID_FLOOR", "grid_cells"]
+           "dense_rule", "cells", "GRID_FLOOR", "grid_cells", "SHARED_NODES_BYTES", "Fallback", "dense_fallback",
+           "cut_cells"]
 
 #: Evaluations per unit after which the adaptive rule tests whether the batch is kink-dense.
 DENSE_AFTER = 64
@@ -54,16 +60,16 @@ DENSE_REL = 1e-4
 #: a few kinks each, which the adaptive rule locates).
 DENSE_SHARE = 0.5
 DENSE_MIN = 8
-#: Cells of the composite midpoint rule for the far units of a kink-dense batch (its nodes, the first estimate's
-#: included: the evaluations such a unit spends in all).
+#: Nodes of the grid for the far units of a kink-dense batch (the first estimate's included: the evaluations
+#: such a unit spends in all).
 DENSE_EVALS = 100
 #: Failing units of a batch refined first to decide whether the batch is kink-dense (all when not more).
 PROBE_UNITS = 16
 #: Panel kind of a midpoint panel (after the adaptive rule's two Gauss–Legendre kinds).
 MIDPOINT_KIND = 2
 
-#: ``(units (K,), t (Q,), w (Q,)) -> (K, O)``: :math:`\sum_q w_q h'(t_q)` of ``units`` at nodes shared by all.
-Shared = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: ``(units (K,), t (Q,)) -> (h, h')``, each ``(K, Q, O)``: ``units`` at nodes ``t`` shared by all of them.
+Shared = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: Tensor) -> Tensor:
@@ -174,47 +180,14 @@ def cells(xs: list[float], n: int, a: float, b: float) -> tuple[list[float], lis
     return t, w, known
 
 
-def dense_estimate(units: Tensor, shared: Shared, x: Tensor, d_x: Tensor | None,
-                   n: int = DENSE_EVALS) -> tuple[Tensor, Tensor, Tensor, int]:
-    r"""The rule of :func:`dense_rule` for ``units (K,)``, the slopes at the nodes ``x`` reused.
-
-    Parameters
-    ----------
-    units : Tensor
-        Units ``(K,)``.
-    shared : callable
-        Evaluates the other nodes (:data:`Shared`).
-    x : Tensor
-        Nodes already evaluated for every unit, ``(m,)`` sorted (may be empty).
-    d_x : Tensor or None
-        :math:`h'` at ``x`` of every unit of the batch, ``(U, m, O)`` (``None`` when ``x`` is empty).
-    n : int
-        Cells of the rule.
-
-    Returns
-    -------
-    t, w : Tensor
-        The nodes and weights, ``(n,)``.
-    est : Tensor
-        :math:`\sum_q w_q h'(t_q)` of each unit, ``(K, O)``.
-    new : int
-        Nodes evaluated here (``n`` less the reused ones).
-    """
-    t, w, known = dense_rule(x, n)
-    est = shared(units, t[~known], w[~known])
-    if bool(known.any()) and d_x is not None:
-        est = est + torch.einsum("q,kqo->ko", w[known], d_x[units][:, : int(known.sum())])
-    return t, w, est, int((~known).sum())
-
-
 #: The grid of :func:`grid_cells` keeps at least this share of :data:`DENSE_EVALS` cells.
 GRID_FLOOR = 0.9
 
 
 def grid_cells(spent: int, failing: int, takers: int, m: int, n: int = DENSE_EVALS) -> int:
-    r"""Cells of the midpoint rule of a kink-dense batch: ``n`` evaluations per failing unit in all.
+    r"""Cells of the grid of a kink-dense step: ``n`` evaluations per failing unit in all.
 
-    The batch's ``failing`` units may spend ``n * failing`` evaluations; they have spent ``spent``
+    The step's ``failing`` units may spend ``n * failing`` evaluations; they have spent ``spent``
     (the first estimate's ``m`` nodes each, and the refinement of the probe and of the units not far).
     Each of the ``takers`` units that take the rule gets :math:`\lfloor (n F - \mathrm{spent}) / K \rfloor`
     new nodes, so the rule has that many cells plus the ``m`` it reuses, at most ``n`` and at least
@@ -222,3 +195,171 @@ def grid_cells(spent: int, failing: int, takers: int, m: int, n: int = DENSE_EVA
     """
     new = (n * failing - spent) // max(1, takers)
     return int(min(n, max(new + m, math.ceil(GRID_FLOOR * n))))
+
+
+#: Bytes of :math:`h, h'` at shared nodes ``(K, nodes, O)`` the fallback holds per call of ``shared``.
+SHARED_NODES_BYTES = 1 << 27
+
+
+@dataclass
+class Fallback:
+    r"""The rule of :func:`dense_fallback` for units ``unit (K,)``.
+
+    Attributes
+    ----------
+    unit : Tensor
+        Units ``(K,)``.
+    est, err : Tensor
+        :math:`\sum_q w_q h'(t_q)` ``(K, O)`` and its error :math:`\max_o |\mathrm{est}_o - \Delta g_o|` ``(K,)``.
+    new : Tensor
+        Nodes evaluated for each unit (its step's grid less the reused nodes), ``(K,)`` long.
+    node_unit, t, w : Tensor
+        The nodes: one row per (unit, node), ``(N,)`` each.
+    """
+
+    unit: Tensor
+    est: Tensor
+    err: Tensor
+    new: Tensor
+    node_unit: Tensor
+    t: Tensor
+    w: Tensor
+
+    def nodes(self, units: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(unit, t, w)`` rows of the nodes of ``units`` (bool over all units)."""
+        keep = units[self.node_unit]
+        return self.node_unit[keep], self.t[keep], self.w[keep]
+
+
+def dense_fallback(cand: Tensor, steps: Tensor, failing: Tensor, evals: Tensor, shared: Shared, x: Tensor,
+                   first: tuple[Tensor, Tensor] | None, g_a: Tensor, g_b: Tensor,
+                   n: int = DENSE_EVALS) -> Fallback:
+    r"""The kink-dense rule of the units ``cand (K,)``: one grid of shared nodes per step, its cells cut at kinks.
+
+    Per step (``steps (U,)``: each unit's group, all units of a group share its grid), the grid is
+    :func:`dense_rule` through the first estimate's nodes ``x (m,)`` with :func:`grid_cells` cells: the step's
+    failing units (``failing (F,)``, having spent ``evals (U,)``) spend ``n`` evaluations each in all.
+    Every new node is one evaluation for all of the step's units (``shared``); the weights of each unit are
+    those of :func:`cut_cells`.
+
+    Parameters
+    ----------
+    first : tuple of Tensor or None
+        :math:`h` and :math:`h'` at ``x`` of every unit, ``(U, m, O)`` each (``None`` when ``x`` is empty).
+    g_a, g_b : Tensor
+        :math:`h(0)` and :math:`h(1)` of every unit, ``(U, O)``.
+    """
+    in_cand = torch.zeros_like(steps, dtype=torch.bool)
+    in_cand[cand] = True
+    is_failing = torch.zeros_like(in_cand)
+    is_failing[failing] = True
+    parts = []
+    for g in torch.unique(steps[cand]).tolist():
+        mine = steps == g
+        units = torch.nonzero(mine & in_cand).reshape(-1)
+        cells_g = grid_cells(int(evals[mine & is_failing].sum()), int((mine & is_failing).sum()), units.numel(),
+                             x.numel(), n)
+        t, wc, known = dense_rule(x, cells_g)
+        w, est = cut_cells(units, t, wc, known, shared, first, g_a[units], g_b[units])
+        new = torch.full_like(units, int((~known).sum()))
+        parts.append((units, est, new, units.repeat_interleave(t.numel()), t.repeat(units.numel()), w.reshape(-1)))
+    unit, est, new, node_unit, tt, ww = (torch.cat(v) for v in zip(*parts))
+    err = (est - (g_b - g_a)[unit]).abs().amax(-1)
+    return Fallback(unit, est, err, new, node_unit, tt, ww)
+
+
+def cut_cells(units: Tensor, t: Tensor, wc: Tensor, known: Tensor, shared: Shared,
+              first: tuple[Tensor, Tensor] | None, h0: Tensor, h1: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Weights of the nodes ``t (n,)`` (cells of widths ``wc``) for each unit: cells cut at a located kink.
+
+    Every evaluation returns :math:`h` with :math:`h'`, so the exact integral
+    :math:`I = h(b) - h(a)` of each gap :math:`[a, b]` between neighbouring nodes is known. The gap is
+    split at :math:`a + u`, node :math:`a` weighted by :math:`u` and node :math:`b` by :math:`L - u`
+    (:math:`L = b - a`): that errs by :math:`r(u) = h'(a)\,u + h'(b)(L - u) - I`, zero where :math:`h` is
+    linear on each side of one kink at :math:`a + u`. Each gap takes the tangent intersection
+    (least squares over the outputs, clipped to the gap) or the cut of the cells (the rule as given), whichever
+    errs less there (:math:`\max_o |r_o|`, known exactly); the ends :math:`[0, t_1]` and :math:`[t_n, 1]` go to
+    their node. The weights stay positive and sum to 1. Each unit finally keeps the cut or the given cells,
+    whichever errs less in all (``docs/engine.md``, section 2).
+
+    Parameters
+    ----------
+    units : Tensor
+        Units ``(K,)``, evaluated at the new nodes by ``shared``.
+    t, wc, known : Tensor
+        The nodes (increasing), the widths of their cells and which nodes are reused from ``first``, ``(n,)``.
+    first : tuple of Tensor or None
+        :math:`h, h'` of every unit at the reused nodes, in order, ``(U, m, O)`` each.
+    h0, h1 : Tensor
+        :math:`h(0)` and :math:`h(1)` of ``units``, ``(K, O)``.
+
+    Returns
+    -------
+    w : Tensor
+        Weights ``(K, n)``.
+    est : Tensor
+        :math:`\sum_q w_q h'(t_q)` of each unit, ``(K, O)``.
+    """
+    K, n, O = units.numel(), t.numel(), h0.shape[-1]
+    cut = wc.expand(K, n).clone()  # the given cells as the start: each gap then cut where it errs less
+    edge = torch.cumsum(wc, 0)  # edge[q]: where the given cells divide the gap [t_q, t_{q+1}]
+    which = torch.cumsum(known.long(), 0) - 1
+    est_cut = torch.zeros(K, O, dtype=h0.dtype, device=h0.device)
+    est_cells = torch.zeros_like(est_cut)
+    per = max(2, SHARED_NODES_BYTES // max(1, 2 * h0.element_size() * K * O))
+    prev: tuple[Tensor, Tensor] | None = None
+    for lo in range(0, n, per):
+        hi = min(n, lo + per)
+        h, d = _values(units, t[lo:hi], known[lo:hi], which[lo:hi], shared, first, h0)
+        est_cells += torch.einsum("q,kqo->ko", wc[lo:hi], d)
+        if lo == 0:
+            est_cut += t[0] * d[:, 0]  # [0, t_1] to the first node
+        if prev is not None:
+            h, d = torch.cat([prev[0], h], 1), torch.cat([prev[1], d], 1)
+        first_node = lo - 1 if prev is not None else lo
+        _cut_gaps(t[first_node:hi], edge[first_node:hi], h, d, cut[:, first_node:hi], est_cut)
+        prev = (h[:, -1:], d[:, -1:])
+    est_cut += (1 - t[-1]) * prev[1][:, 0]  # [t_n, 1] to the last node
+    exact = h1 - h0
+    better = (est_cut - exact).abs().amax(-1) <= (est_cells - exact).abs().amax(-1)
+    w = torch.where(better[:, None], cut, wc.expand(K, n))
+    return w, torch.where(better[:, None], est_cut, est_cells)
+
+
+def _values(units: Tensor, t: Tensor, known: Tensor, which: Tensor, shared: Shared,
+            first: tuple[Tensor, Tensor] | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`h, h'` of ``units`` at the nodes ``t (c,)``: reused from ``first`` where ``known``, else ``shared``."""
+    K, O = like.shape
+    h = like.new_empty(K, t.numel(), O)
+    d = like.new_empty(K, t.numel(), O)
+    if bool((~known).any()):
+        h[:, ~known], d[:, ~known] = shared(units, t[~known])
+    if bool(known.any()) and first is not None:
+        h[:, known] = first[0][units][:, which[known]]
+        d[:, known] = first[1][units][:, which[known]]
+    return h, d
+
+
+def _cut_gaps(t: Tensor, edge: Tensor, h: Tensor, d: Tensor, w: Tensor, est: Tensor) -> None:
+    r"""Cut the gaps between the nodes ``t (c,)`` (``h, d (K, c, O)``): shift ``w (K, c)`` in place, add to ``est``.
+
+    ``w`` holds the given cells' weights; a gap cut at :math:`a + u` instead of at ``edge`` moves
+    :math:`u - (\mathrm{edge} - a)` of weight from node :math:`b` to node :math:`a`.
+    """
+    if t.numel() < 2:
+        return
+    K, c, O = h.shape
+    L = (t[1:] - t[:-1]).expand(K, c - 1)
+    flat = Bracket(t[:-1].expand(K, c - 1).reshape(-1), t[1:].expand(K, c - 1).reshape(-1),
+                   h[:, :-1].reshape(-1, O), h[:, 1:].reshape(-1, O), d[:, :-1].reshape(-1, O), d[:, 1:].reshape(-1, O))
+    given = (edge[:-1] - t[:-1]).expand(K, c - 1)
+    fit = flat.meet().reshape(K, c - 1)  # no jump of h' (0 / 0): the given cut
+    fit = torch.where(torch.isfinite(fit), fit, given).clamp(min=0).minimum(L)
+    jump = d[:, 1:] - d[:, :-1]
+    rest = d[:, 1:] * L[..., None] - (h[:, 1:] - h[:, :-1])  # r(u) = -jump u + rest
+    worse = (rest - jump * fit[..., None]).abs().amax(-1) >= (rest - jump * given[..., None]).abs().amax(-1)
+    u = torch.where(worse, given, fit)
+    est += (u[..., None] * d[:, :-1] + (L - u)[..., None] * d[:, 1:]).sum(1)
+    shift = u - given
+    w[:, :-1] += shift
+    w[:, 1:] -= shift

@@ -98,9 +98,6 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
 #: With a progress bar, groups of stacked steps hold at most this fraction of the window's steps.
 BAR_UPDATES = 20
 
-#: Bytes of slopes ``(U, nodes, O)`` the kink-dense fallback holds per batched evaluation.
-SHARED_NODES_BYTES = 1 << 27
-
 
 def _rule(engine: Any, rule: str, n: int) -> tuple[Tensor, Tensor]:
     return tuple(torch.as_tensor(v, dtype=engine.dtype, device=engine.device) for v in rule_nodes(rule, n))
@@ -117,18 +114,20 @@ def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: l
     def refine(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return engine.evaluator.slopes(stack, Rows(units // T, units % T, t))
 
-    def shared(units: Tensor, t: Tensor, w: Tensor) -> Tensor:
-        # every unit of the stack at a few shared nodes per call (like a fixed rule), weighted and summed
-        total = 0
-        per = max(1, SHARED_NODES_BYTES // max(1, 2 * d0.element_size() * d0.shape[0] * d0.shape[-1]))
-        for lo in range(0, t.numel(), per):
-            _, d = engine.evaluator.slopes(stack, Grid(t[lo:lo + per]))
-            total = total + torch.einsum("q,kqo->ko", w[lo:lo + per], d[units])
-        return total
+    def shared(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        # the nodes t shared by the units of one step: one evaluation per node for all of the step's inputs
+        h = d0.new_empty(units.numel(), t.numel(), d0.shape[-1])
+        d = torch.empty_like(h)
+        for s in torch.unique(units // T).tolist():
+            mine = units // T == s
+            hs, ds = engine.evaluator.slopes(stack.steps(s, s + 1), Grid(t))  # (T, Q, O)
+            h[mine], d[mine] = hs[units[mine] % T], ds[units[mine] % T]
+        return h, d
 
+    steps = torch.arange(stack.n_steps, device=d0.device).repeat_interleave(T)
     plan = adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
                          coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
-                         max_evals=adaptive.MAX_EVALS, shared=shared)
+                         max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps)
     _warn_if_inexact(plan, tol, torch.cat(begins), torch.cat(ends))
     return plan.split(stack.n_steps)
 
@@ -147,9 +146,10 @@ def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> No
     causes = []
     if bool(dense.any()):
         causes.append(f"{int(dense.sum())} crossed too many activation kinks to locate one by one (a ReLU-dense path): "
-                      f"they were integrated by a midpoint rule of at most {adaptive.DENSE_EVALS} cells (about the "
-                      f"{adaptive.DENSE_EVALS}-point midpoint rule's error), or stopped at {adaptive.DENSE_EVALS} "
-                      f"evaluations below {DENSE_REL:g} of their change")
+                      f"they were integrated on a grid of at most {adaptive.DENSE_EVALS} nodes per step, its cells cut "
+                      f"at the kinks the node values locate (at most the {adaptive.DENSE_EVALS}-point midpoint rule's "
+                      f"error on the same nodes), or stopped at {adaptive.DENSE_EVALS} evaluations below "
+                      f"{DENSE_REL:g} of their change")
     if bool(capped.any()):
         causes.append(f"{int(capped.sum())} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
     warnings.warn(
