@@ -97,17 +97,26 @@ def linear_at_steps(a: Tensor, t: Tensor, rows: StackedSteps, W: Tensor, dW: Ten
                     db: Tensor | None) -> Tensor:
     r""":math:`(W + t_e \Delta W)_{s_e} a_e + (b + t_e \Delta b)_{s_e}` per row ``e`` of ``a (E, ..., in)``.
 
-    ``W``, ``dW`` are stacks ``(S, out, in)`` (``S = 1``: frozen), ``b``, ``db`` stacks ``(S, out)``.
+    ``W``, ``dW`` are stacks ``(S, out, in)`` (``S = 1``: frozen), ``b``, ``db`` stacks ``(S, out)``. A moving
+    weight takes one product with ``[W; dW]`` stacked along the outputs, ``(S, 2 out, in)``, whose two
+    halves give :math:`W a + b` and :math:`\Delta W a + \Delta b`.
     """
     n = t.shape[0]
     lead = a.shape[:-1]
     flat = a.reshape(n, -1, a.shape[-1])
-    z = rows.per_step(flat, W, b)
-    if dW is not None:
-        z = z + t.reshape(n, 1, 1) * rows.per_step(flat, dW, db)
-    elif db is not None:
-        z = z + t.reshape(n, 1, 1) * db.index_select(0, rows.sidx).unsqueeze(1)
-    return z.reshape(*lead, z.shape[-1])
+    tt = t.reshape(n, 1, 1)
+    if dW is None:
+        z = rows.per_step(flat, W, b)
+        if db is not None:
+            z = z + tt * db.index_select(0, rows.sidx).unsqueeze(1)
+        return z.reshape(*lead, z.shape[-1])
+    out = W.shape[1]
+    fused = db is not None  # then b is a stack of the same steps
+    both = rows.per_step(flat, torch.cat([W.expand_as(dW), dW], 1), torch.cat([b, db], 1) if fused else None)
+    z = both[..., :out] + tt * both[..., out:]
+    if b is not None and not fused:  # a frozen bias
+        z = z + (b[0] if b.shape[0] == 1 else b.index_select(0, rows.sidx).unsqueeze(1))
+    return z.reshape(*lead, out)
 
 
 def reduce_linear(bias: bool, calls: Factors, owner: Tensor, buckets: list[tuple[Tensor, Tensor]], O: int,
