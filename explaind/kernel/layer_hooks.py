@@ -32,7 +32,7 @@ from .layer_rules import linear_at_steps, linear_moved
 
 __all__ = ["LayerHooks", "SegmentRows", "StepRows", "batch_axes", "step_blocks", "BLOCK_ROWS"]
 
-#: What one more block of rows costs in :func:`step_blocks`, in rows (its weights are gathered, its matrices multiplied).
+#: What one more block costs in :func:`step_blocks`, in rows (its weights are gathered, its matrices multiplied).
 BLOCK_ROWS = 4
 
 #: Blocks that hand their own (non-composite) layers ``(length, batch, features)`` when built sequence first.
@@ -318,7 +318,7 @@ class StepRows(LayerHooks):
         return z.reshape(E, R, W.shape[1])
 
     def _input_rows(self, prefix: str, a: Any, out_dim: int) -> tuple[Tensor, Tensor]:
-        """The layer input with one row per row of ``t``, batch first, and ``t`` shaped for an output of ``out_dim`` axes.
+        """The layer input with one row per row of ``t``, batch first, and ``t`` shaped for ``out_dim`` output axes.
 
         As :meth:`LayerHooks._rows`, from the input alone (the layer's own output has one row).
         """

@@ -145,7 +145,7 @@ class LayerEvaluator:
         return torch.cat(prim)[inverse], torch.cat(tang)[inverse]
 
     def _row_batch(self, stack: StepStack, sidx: Tensor, idx: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows sorted by step, laid out in blocks of one step each (:func:`~explaind.kernel.layer_hooks.step_blocks`)."""
+        """Rows sorted by step, in blocks of one step each (:func:`~explaind.kernel.layer_hooks.step_blocks`)."""
         block_step, C, pad, slot = step_blocks(sidx)
         idx, t = idx[pad], t[pad]
         explained, x, aux = stack.explained, stack.X[idx], stack.explained.aux[idx]
