@@ -56,6 +56,8 @@ class StackedSteps(Protocol):
 
     def buffers(self, prefix: str, attr: str, current: Tensor) -> Tensor: ...
 
+    def constant(self, x: Tensor) -> Tensor: ...
+
 
 class LayerRule(Protocol):
     """How one layer type is evaluated from factors (see the module docstring).
@@ -108,14 +110,14 @@ def linear_at_steps(a: Tensor, t: Tensor, rows: StackedSteps, W: Tensor, dW: Ten
     if dW is None:
         z = rows.per_step(flat, W, b)
         if db is not None:
-            z = z + tt * db.index_select(0, rows.sidx).unsqueeze(1)
+            z = z + tt * rows.constant(db.index_select(0, rows.sidx).unsqueeze(1))
         return z.reshape(*lead, z.shape[-1])
     out = W.shape[1]
     fused = db is not None  # then b is a stack of the same steps
     both = rows.per_step(flat, torch.cat([W.expand_as(dW), dW], 1), torch.cat([b, db], 1) if fused else None)
     z = both[..., :out] + tt * both[..., out:]
     if b is not None and not fused:  # a frozen bias
-        z = z + (b[0] if b.shape[0] == 1 else b.index_select(0, rows.sidx).unsqueeze(1))
+        z = z + rows.constant(b[0] if b.shape[0] == 1 else b.index_select(0, rows.sidx).unsqueeze(1))
     return z.reshape(*lead, out)
 
 
@@ -232,8 +234,8 @@ class EmbeddingRule:
         table, moved = rows.stacked(prefix, "table", module.weight)
         sel = rows.sidx.reshape(n, *([1] * (a.dim() - 1)))
         sel_base = sel if table.shape[0] > 1 else torch.zeros_like(sel)
-        z = table[sel_base, a]
-        return z if moved is None else z + t * moved[sel, a]
+        z = rows.constant(table[sel_base, a])
+        return z if moved is None else z + t * rows.constant(moved[sel, a])
 
     def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
@@ -287,7 +289,7 @@ class LayerNormRule:
         def per_row(stack: Tensor | None) -> Tensor | None:
             if stack is None:
                 return None
-            return (stack[0] if stack.shape[0] == 1 else stack.index_select(0, rows.sidx).reshape(shape))
+            return rows.constant(stack[0] if stack.shape[0] == 1 else stack.index_select(0, rows.sidx).reshape(shape))
 
         hat = self.normalised(module, a)
         tt = t.reshape(n, *([1] * (a.dim() - 1)))

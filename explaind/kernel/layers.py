@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
-from torch.func import jvp
 
 from ..exceptions import ConfigError
 from .autograd import AutogradEvaluator
@@ -155,9 +155,9 @@ class LayerEvaluator:
             self.step_rows.t = tt
             return explained(self.fm, first, x, aux)
 
-        with self.step_rows.run(stack.base, stack.delta, block_step, C):
-            h, d = jvp(along, (t,), (torch.ones_like(t),))
-        return h[slot], d[slot]
+        with self.step_rows.run(stack.base, stack.delta, block_step, C, dual=True), fwad.dual_level():
+            h, d = fwad.unpack_dual(along(fwad.make_dual(t, torch.ones_like(t))))
+        return h[slot], (torch.zeros_like(h) if d is None else d)[slot]
 
     def _check_rows(self, stack: StepStack) -> str:
         """Probe rows (two steps, the first two inputs at two points) against the fallback."""
