@@ -288,7 +288,8 @@ class StepRows(LayerHooks):
             if not isinstance(a, Tensor) or a.dim() <= axis or a.shape[axis] <= 1:
                 return None
             self._held[prefix] = a
-            return (a.narrow(axis, 0, 1), *inputs[1:])
+            one = (fwad.unpack_dual(a).primal if self.dual else a).narrow(axis, 0, 1)  # no tangent: no forward mode
+            return (one, *inputs[1:])
 
         return pre
 
