@@ -305,21 +305,63 @@ class StepRows(LayerHooks):
         stacked = self.base.get(f"{prefix}.{attr}" if prefix else attr)
         return current.unsqueeze(0) if stacked is None else stacked
 
-    def per_step(self, a: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-        """``a (E, R, in)`` through ``W[s_e] (out, in)`` and ``b[s_e]`` per row: one ``bmm`` over the blocks.
+    def linear(self, a: Tensor, t: Tensor, W: Tensor, dW: Tensor | None, b: Tensor | None,
+               db: Tensor | None) -> Tensor:
+        r""":math:`(W + t_e \Delta W)_{s_e} a_e + (b + t_e \Delta b)_{s_e}` per row, one ``bmm`` over the blocks.
 
-        ``W`` is a stack ``(S, out, in)`` (``S = 1``: the same matrix for every row), ``b`` one ``(S, out)``.
+        ``a (E, R, in)``, ``t (E,)``; ``W``, ``dW`` stacks ``(S, out, in)`` (``S = 1``: the same matrix for
+        every row), ``b``, ``db`` stacks ``(S, out)``; returns ``(E, R, out)``. In forward mode
+        (``a = a_0 + \varepsilon a_1``, ``t = t_0 + \varepsilon t_1``) the tangent is formed here: with
+        :math:`P = a_0 [W; \Delta W]^\top` and :math:`Q = a_1 [W; \Delta W]^\top` from one product of the
+        blocks' rows :math:`[a_0; a_1]`,
+
+        .. math::
+
+            z_0 = P_W + t_0 P_{\Delta W} + b + t_0 \Delta b, \qquad
+            z_1 = Q_W + t_0 Q_{\Delta W} + t_1 (P_{\Delta W} + \Delta b),
+
+        four products of ``a`` per row and layer, where torch's forward mode would take two calls.
         """
-        E, R, n_in = a.shape
-        block_step, C = self.blocks
-        if W.shape[0] == 1:
-            z = a @ W[0].transpose(0, 1)
-            return z if b is None else z + self.constant(b[0] if b.shape[0] == 1 else
-                                                         b.index_select(0, self.sidx).unsqueeze(1))
-        z = torch.bmm(a.reshape(block_step.shape[0], C * R, n_in), W.index_select(0, block_step).transpose(1, 2))
+        E, R, _ = a.shape
+        a0, a1 = fwad.unpack_dual(a) if self.dual else (a, None)
+        t0, t1 = fwad.unpack_dual(t) if self.dual else (t, None)
+        out = W.shape[1]
+        both = W if dW is None else torch.cat([W.expand_as(dW), dW], 1)
+        P, Q = self._products(a0, a1, both)  # (E, R, out or 2 out) each; Q None without a1
+        t0, t1 = t0.reshape(E, 1, 1), None if t1 is None else t1.reshape(E, 1, 1)
+        z0, z1 = P[..., :out], None if Q is None else Q[..., :out]
+        if dW is not None:
+            z0 = torch.addcmul(z0, t0, P[..., out:])
+            z1 = None if z1 is None else torch.addcmul(z1, t0, Q[..., out:])
+        moved = None if dW is None else P[..., out:]
         if b is not None:
-            z = z + self.constant(b[0] if b.shape[0] == 1 else b.index_select(0, block_step).unsqueeze(1))
-        return z.reshape(E, R, W.shape[1])
+            z0 = z0 + self._rows_of(b)
+        if db is not None:
+            rows_db = self._rows_of(db)
+            z0 = torch.addcmul(z0, t0, rows_db)
+            moved = rows_db if moved is None else moved + rows_db
+        if t1 is not None and moved is not None:
+            z1 = t1 * moved if z1 is None else torch.addcmul(z1, t1, moved)
+        return z0 if z1 is None else fwad.make_dual(z0, z1.expand_as(z0))
+
+    def _rows_of(self, stack: Tensor) -> Tensor:
+        """Each row's entry of ``stack (S, out)`` (``S = 1``: shared), shaped ``(E, 1, out)`` (or ``(out,)``)."""
+        return stack[0] if stack.shape[0] == 1 else stack.index_select(0, self.sidx).unsqueeze(1)
+
+    def _products(self, a0: Tensor, a1: Tensor | None, W: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``a0 W[s_e]^T`` and ``a1 W[s_e]^T`` (``a (E, R, in)``, ``W (S, k, in)``): one product over the blocks."""
+        E, R, n_in = a0.shape
+        k = W.shape[1]
+        if W.shape[0] == 1:
+            x = a0 if a1 is None else torch.cat([a0, a1])
+            z = x @ W[0].transpose(0, 1)
+            return (z, None) if a1 is None else (z[:E], z[E:])
+        block_step, C = self.blocks
+        B = block_step.shape[0]
+        parts = [a0] if a1 is None else [a0, a1]
+        x = torch.stack([p.reshape(B, C * R, n_in) for p in parts], 1).reshape(B, -1, n_in)
+        z = torch.bmm(x, W.index_select(0, block_step).transpose(1, 2)).reshape(B, len(parts), C * R, k)
+        return z[:, 0].reshape(E, R, k), None if a1 is None else z[:, 1].reshape(E, R, k)
 
     def constant(self, x: Tensor) -> Tensor:
         """``x`` with a zero tangent while the rows run in forward mode (:meth:`run`); else ``x`` itself.

@@ -52,7 +52,8 @@ class StackedSteps(Protocol):
 
     def stacked(self, prefix: str, role: str, current: Tensor | None) -> tuple[Tensor | None, Tensor | None]: ...
 
-    def per_step(self, a: Tensor, W: Tensor, b: Tensor | None) -> Tensor: ...
+    def linear(self, a: Tensor, t: Tensor, W: Tensor, dW: Tensor | None, b: Tensor | None,
+               db: Tensor | None) -> Tensor: ...
 
     def buffers(self, prefix: str, attr: str, current: Tensor) -> Tensor: ...
 
@@ -99,26 +100,11 @@ def linear_at_steps(a: Tensor, t: Tensor, rows: StackedSteps, W: Tensor, dW: Ten
                     db: Tensor | None) -> Tensor:
     r""":math:`(W + t_e \Delta W)_{s_e} a_e + (b + t_e \Delta b)_{s_e}` per row ``e`` of ``a (E, ..., in)``.
 
-    ``W``, ``dW`` are stacks ``(S, out, in)`` (``S = 1``: frozen), ``b``, ``db`` stacks ``(S, out)``. A moving
-    weight takes one product with ``[W; dW]`` stacked along the outputs, ``(S, 2 out, in)``, whose two
-    halves give :math:`W a + b` and :math:`\Delta W a + \Delta b`.
+    ``W``, ``dW`` are stacks ``(S, out, in)`` (``S = 1``: frozen), ``b``, ``db`` stacks ``(S, out)``.
     """
     n = t.shape[0]
-    lead = a.shape[:-1]
-    flat = a.reshape(n, -1, a.shape[-1])
-    tt = t.reshape(n, 1, 1)
-    if dW is None:
-        z = rows.per_step(flat, W, b)
-        if db is not None:
-            z = z + tt * rows.constant(db.index_select(0, rows.sidx).unsqueeze(1))
-        return z.reshape(*lead, z.shape[-1])
-    out = W.shape[1]
-    fused = db is not None  # then b is a stack of the same steps
-    both = rows.per_step(flat, torch.cat([W.expand_as(dW), dW], 1), torch.cat([b, db], 1) if fused else None)
-    z = both[..., :out] + tt * both[..., out:]
-    if b is not None and not fused:  # a frozen bias
-        z = z + rows.constant(b[0] if b.shape[0] == 1 else b.index_select(0, rows.sidx).unsqueeze(1))
-    return z.reshape(*lead, out)
+    z = rows.linear(a.reshape(n, -1, a.shape[-1]), t.reshape(n), W, dW, b, db)
+    return z.reshape(*a.shape[:-1], z.shape[-1])
 
 
 def reduce_linear(bias: bool, calls: Factors, owner: Tensor, buckets: list[tuple[Tensor, Tensor]], O: int,
