@@ -327,29 +327,34 @@ class StepRows(LayerHooks):
         t0, t1 = fwad.unpack_dual(t) if self.dual else (t, None)
         out = W.shape[1]
         both = W if dW is None else torch.cat([W.expand_as(dW), dW], 1)
-        P, Q = self._products(a0, a1, both)  # (E, R, out or 2 out) each; Q None without a1
-        t0, t1 = t0.reshape(E, 1, 1), None if t1 is None else t1.reshape(E, 1, 1)
+        P, Q = self._products(a0, a1, both)  # (..., R, out or 2 out), rows leading; Q None without a1
+        lead = P.shape[:-2]  # (E,), or (blocks, C): views of the product, no copy
+
+        def per_row(v: Tensor | None) -> Tensor | None:  # (E,) or (E, out) to broadcast against (*lead, R, out)
+            return None if v is None else v.reshape(*lead, 1, -1)
+
+        t0, t1 = per_row(t0), per_row(t1)
         z0, z1 = P[..., :out], None if Q is None else Q[..., :out]
-        if dW is not None:
-            z0 = torch.addcmul(z0, t0, P[..., out:])
-            z1 = None if z1 is None else torch.addcmul(z1, t0, Q[..., out:])
         moved = None if dW is None else P[..., out:]
+        if dW is not None:
+            z0 = torch.addcmul(z0, t0, moved)
+            z1 = None if z1 is None else torch.addcmul(z1, t0, Q[..., out:])
         if b is not None:
-            z0 = z0 + self._rows_of(b)
+            z0 = z0 + (b[0] if b.shape[0] == 1 else per_row(b.index_select(0, self.sidx)))
         if db is not None:
-            rows_db = self._rows_of(db)
+            rows_db = db[0] if db.shape[0] == 1 else per_row(db.index_select(0, self.sidx))
             z0 = torch.addcmul(z0, t0, rows_db)
             moved = rows_db if moved is None else moved + rows_db
         if t1 is not None and moved is not None:
             z1 = t1 * moved if z1 is None else torch.addcmul(z1, t1, moved)
-        return z0 if z1 is None else fwad.make_dual(z0, z1.expand_as(z0))
-
-    def _rows_of(self, stack: Tensor) -> Tensor:
-        """Each row's entry of ``stack (S, out)`` (``S = 1``: shared), shaped ``(E, 1, out)`` (or ``(out,)``)."""
-        return stack[0] if stack.shape[0] == 1 else stack.index_select(0, self.sidx).unsqueeze(1)
+        z0 = z0.reshape(E, R, out)
+        return z0 if z1 is None else fwad.make_dual(z0, z1.expand(*lead, R, out).reshape(E, R, out))
 
     def _products(self, a0: Tensor, a1: Tensor | None, W: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``a0 W[s_e]^T`` and ``a1 W[s_e]^T`` (``a (E, R, in)``, ``W (S, k, in)``): one product over the blocks."""
+        """``a0 W[s_e]^T`` and ``a1 W[s_e]^T`` for ``a (E, R, in)``, ``W (S, k, in)``: one product over the blocks.
+
+        Returned as ``(E, R, k)`` when ``S = 1``, else as views ``(blocks, C, R, k)`` of the product.
+        """
         E, R, n_in = a0.shape
         k = W.shape[1]
         if W.shape[0] == 1:
@@ -358,10 +363,9 @@ class StepRows(LayerHooks):
             return (z, None) if a1 is None else (z[:E], z[E:])
         block_step, C = self.blocks
         B = block_step.shape[0]
-        parts = [a0] if a1 is None else [a0, a1]
-        x = torch.stack([p.reshape(B, C * R, n_in) for p in parts], 1).reshape(B, -1, n_in)
-        z = torch.bmm(x, W.index_select(0, block_step).transpose(1, 2)).reshape(B, len(parts), C * R, k)
-        return z[:, 0].reshape(E, R, k), None if a1 is None else z[:, 1].reshape(E, R, k)
+        Wt = W.index_select(0, block_step).transpose(1, 2)
+        z = [torch.bmm(p.reshape(B, C * R, n_in), Wt).reshape(B, C, R, k) for p in ([a0] if a1 is None else [a0, a1])]
+        return z[0], None if a1 is None else z[1]
 
     def constant(self, x: Tensor) -> Tensor:
         """``x`` with a zero tangent while the rows run in forward mode (:meth:`run`); else ``x`` itself.
