@@ -311,16 +311,17 @@ class StepRows(LayerHooks):
 
         ``a (E, R, in)``, ``t (E,)``; ``W``, ``dW`` stacks ``(S, out, in)`` (``S = 1``: the same matrix for
         every row), ``b``, ``db`` stacks ``(S, out)``; returns ``(E, R, out)``. In forward mode
-        (``a = a_0 + \varepsilon a_1``, ``t = t_0 + \varepsilon t_1``) the tangent is formed here: with
-        :math:`P = a_0 [W; \Delta W]^\top` and :math:`Q = a_1 [W; \Delta W]^\top` from one product of the
-        blocks' rows :math:`[a_0; a_1]`,
+        (:mod:`torch.autograd.forward_ad`, ``a = a_0 + \varepsilon a_1``, ``t = t_0 + \varepsilon t_1``) the
+        tangent is formed here from :math:`P = a_0 [W; \Delta W]^\top` and :math:`Q = a_1 [W; \Delta W]^\top`
+        (one ``bmm`` over the blocks each),
 
         .. math::
 
             z_0 = P_W + t_0 P_{\Delta W} + b + t_0 \Delta b, \qquad
             z_1 = Q_W + t_0 Q_{\Delta W} + t_1 (P_{\Delta W} + \Delta b),
 
-        four products of ``a`` per row and layer, where torch's forward mode would take two calls.
+        and the result carries the tangent :math:`z_1` (docs/engine.md, *layer-factored paths*); outside
+        forward mode it is :math:`z_0`.
         """
         E, R, _ = a.shape
         a0, a1 = fwad.unpack_dual(a) if self.dual else (a, None)
@@ -371,8 +372,8 @@ class StepRows(LayerHooks):
         """``x`` with a zero tangent while the rows run in forward mode (:meth:`run`); else ``x`` itself.
 
         An operation between a tensor with a tangent and one without takes a slow path of torch's
-        forward mode (about 0.5 ms per call, whatever the size); with an explicit zero tangent it takes
-        the ordinary one.
+        forward mode (a Python meta kernel on every call); with an explicit zero tangent it takes the
+        ordinary one.
         """
         return fwad.make_dual(x, torch.zeros_like(x)) if self.dual else x
 
