@@ -327,46 +327,62 @@ class StepRows(LayerHooks):
         a0, a1 = fwad.unpack_dual(a) if self.dual else (a, None)
         t0, t1 = fwad.unpack_dual(t) if self.dual else (t, None)
         out = W.shape[1]
-        both = W if dW is None else torch.cat([W.expand_as(dW), dW], 1)
-        P, Q = self._products(a0, a1, both)  # (..., R, out or 2 out), rows leading; Q None without a1
+        if dW is None:  # nothing moves but a bias, if that
+            both, bias = W, b
+        else:  # [W; dW] and [b; db] (a frozen or absent part: its value, or zeros)
+            both = torch.cat([W.expand_as(dW), dW], 1)
+            bias = None
+            if b is not None or db is not None:
+                parts = [W.new_zeros(1, out) if v is None else v for v in (b, db)]
+                S = max(v.shape[0] for v in parts)
+                bias = torch.cat([v.expand(S, out) for v in parts], 1)
+        P, Q = self._products(a0, a1, both, bias)  # (..., R, out or 2 out), rows leading; Q None without a1
         lead = P.shape[:-2]  # (E,), or (blocks, C): views of the product, no copy
 
         def per_row(v: Tensor | None) -> Tensor | None:  # (E,) or (E, out) to broadcast against (*lead, R, out)
             return None if v is None else v.reshape(*lead, 1, -1)
 
         t0, t1 = per_row(t0), per_row(t1)
-        z0, z1 = P[..., :out], None if Q is None else Q[..., :out]
-        moved = None if dW is None else P[..., out:]
-        if dW is not None:
-            z0 = torch.addcmul(z0, t0, moved)
-            z1 = None if z1 is None else torch.addcmul(z1, t0, Q[..., out:])
-        if b is not None:
-            z0 = z0 + (b[0] if b.shape[0] == 1 else per_row(b.index_select(0, self.sidx)))
-        if db is not None:
-            rows_db = db[0] if db.shape[0] == 1 else per_row(db.index_select(0, self.sidx))
-            z0 = torch.addcmul(z0, t0, rows_db)
-            moved = rows_db if moved is None else moved + rows_db
+        if dW is None:
+            z0, z1, moved = P, Q, None
+            if db is not None:
+                moved = db[0] if db.shape[0] == 1 else per_row(db.index_select(0, self.sidx))
+                z0 = torch.addcmul(z0, t0, moved)
+        else:
+            moved = P[..., out:]
+            z0 = torch.addcmul(P[..., :out], t0, moved)
+            z1 = None if Q is None else torch.addcmul(Q[..., :out], t0, Q[..., out:])
         if t1 is not None and moved is not None:
             z1 = t1 * moved if z1 is None else torch.addcmul(z1, t1, moved)
         z0 = z0.reshape(E, R, out)
         return z0 if z1 is None else fwad.make_dual(z0, z1.expand(*lead, R, out).reshape(E, R, out))
 
-    def _products(self, a0: Tensor, a1: Tensor | None, W: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``a0 W[s_e]^T`` and ``a1 W[s_e]^T`` for ``a (E, R, in)``, ``W (S, k, in)``: one product over the blocks.
+    def _products(self, a0: Tensor, a1: Tensor | None, W: Tensor,
+                  bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``a0 W[s_e]^T + bias[s_e]`` and ``a1 W[s_e]^T`` for ``a (E, R, in)``, ``W (S, k, in)``, ``bias (S, k)``.
 
-        Returned as ``(E, R, k)`` when ``S = 1``, else as views ``(blocks, C, R, k)`` of the product.
+        One product over the blocks each, returned as ``(E, R, k)`` when ``S = 1``, else as views
+        ``(blocks, C, R, k)`` of the product; a stack with ``S = 1`` is shared by every row.
         """
         E, R, n_in = a0.shape
         k = W.shape[1]
         if W.shape[0] == 1:
             x = a0 if a1 is None else torch.cat([a0, a1])
             z = x @ W[0].transpose(0, 1)
-            return (z, None) if a1 is None else (z[:E], z[E:])
+            P = z[:E]
+            if bias is not None:
+                P = P + (bias[0] if bias.shape[0] == 1 else bias.index_select(0, self.sidx).unsqueeze(1))
+            return P, None if a1 is None else z[E:]
         block_step, C = self.blocks
         B = block_step.shape[0]
         Wt = W.index_select(0, block_step).transpose(1, 2)
-        z = [torch.bmm(p.reshape(B, C * R, n_in), Wt).reshape(B, C, R, k) for p in ([a0] if a1 is None else [a0, a1])]
-        return z[0], None if a1 is None else z[1]
+        if bias is None:
+            P = torch.bmm(a0.reshape(B, C * R, n_in), Wt)
+        else:
+            rows = bias[0].expand(1, 1, k) if bias.shape[0] == 1 else bias.index_select(0, block_step).unsqueeze(1)
+            P = torch.baddbmm(rows, a0.reshape(B, C * R, n_in), Wt)
+        Q = None if a1 is None else torch.bmm(a1.reshape(B, C * R, n_in), Wt).reshape(B, C, R, k)
+        return P.reshape(B, C, R, k), Q
 
     def constant(self, x: Tensor) -> Tensor:
         """``x`` with a zero tangent while the rows run in forward mode (:meth:`run`); else ``x`` itself.
