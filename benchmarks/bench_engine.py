@@ -41,10 +41,12 @@ parameters, ``vmap(jacrev)``) for comparison with the layer-factored ones used b
 
 Run: ``python benchmarks/bench_engine.py [--device cpu|cuda] [--dtype float64|float32]
 [--baseline-nodes 100] [--steps 40] [--repeats 2] [--threads N] [--skip-baseline] [--skip-generic]
-[--workload repository|reference] [--d-model 32] [--d-mlp 128] [--seed 0]``
+[--workload repository|reference] [--d-model 32] [--d-mlp 128] [--seed 0] [--clock wall|cpu]``
 
 Every time is the fastest of ``--repeats`` runs (the first run includes one-off set-up costs of
-``torch.func``), except the baseline's, which runs once.
+``torch.func``), except the baseline's, which runs once. ``--clock cpu`` times by the process's CPU time
+instead of the wall clock: with ``--threads 1`` on the CPU it barely moves when other jobs share the
+machine, where wall times vary by 1.5x or more.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def _reset_hwm() -> bool:
 
 
 REPEATS = 2
+#: ``time.perf_counter`` (wall) or ``time.process_time`` (this process's CPU time: steadier on a shared machine).
+CLOCK = time.perf_counter
 
 
 def measure(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float]:
@@ -120,10 +124,10 @@ def _measure_once(fn: Callable[[], Any], device: torch.device) -> tuple[Any, flo
     else:
         exact = _reset_hwm()
         base = _rss_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     out = fn()
     _sync(device)
-    dt = time.perf_counter() - t0
+    dt = CLOCK() - t0
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
@@ -275,7 +279,7 @@ def reference_case(args: argparse.Namespace, device: torch.device, dtype: torch.
     print(f"workload: reference-shaped transformer p={P} (d_model {args.d_model}, 4 heads, MLP {args.d_mlp}, two "
           f"ReLU layers), D={D} params, N={N} steps (AdamW lr 1e-3 from initialisation), {N_TRAIN} train, batch "
           f"{BATCH}, T={T} test inputs x O={P + 2} outputs; device={device}, dtype={args.dtype}, "
-          f"torch threads={torch.get_num_threads()}", flush=True)
+          f"torch threads={torch.get_num_threads()}, clock={args.clock}", flush=True)
     kw = {"device": str(device), "dtype": args.dtype}
 
     def rel(pred: Any) -> float:
@@ -356,13 +360,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dense-off", action="store_true",
                     help="--workload reference: switch off the kink-dense fallback of the adaptive rule")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="time by the wall clock (default) or by this process's CPU time (with --threads 1, "
+                         "steadier when other jobs share the machine; CPU only)")
     ap.add_argument("--kinks", action="store_true",
                     help="--workload reference: count the ReLU kinks each step crosses per input, then stop")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    global REPEATS
+    global REPEATS, CLOCK
     REPEATS = max(1, args.repeats)
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
 

@@ -38,8 +38,10 @@ class Rows:
         return tuple(getattr(self, f.name) for f in fields(self))
 
     def take(self, sel: Tensor) -> Self:
-        """The rows ``sel`` (mask or indices) of every field, as new tensors."""
-        return type(self)(*(v[sel] for v in self.tensors()))
+        """The rows ``sel`` (mask or indices) of every field, as new tensors (a mask is turned into indices once)."""
+        if sel.dtype == torch.bool:
+            sel = torch.nonzero(sel).reshape(-1)
+        return type(self)(*(v.index_select(0, sel) for v in self.tensors()))
 
     @classmethod
     def cat(cls, parts: list[Self]) -> Self:

@@ -19,17 +19,22 @@ the swap changes nothing but the layout).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .explained import Params
 from .layer_rules import linear_at_steps, linear_moved
 
-__all__ = ["LayerHooks", "SegmentRows", "StepRows", "batch_axes"]
+__all__ = ["LayerHooks", "SegmentRows", "StepRows", "batch_axes", "step_blocks", "BLOCK_ROWS"]
+
+#: What one more block costs in :func:`step_blocks`, in rows (its weights are gathered, its matrices multiplied).
+BLOCK_ROWS = 4
 
 #: Blocks that hand their own (non-composite) layers ``(length, batch, features)`` when built sequence first.
 SEQUENCE_FIRST_BLOCKS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -49,6 +54,51 @@ def batch_axes(root: nn.Module, prefixes: list[str]) -> dict[str, int]:
         seq_first = isinstance(parent, SEQUENCE_FIRST_BLOCKS) and not parent.self_attn.batch_first
         out[prefix] = 1 if seq_first else 0
     return out
+
+
+def step_blocks(sidx: Tensor) -> tuple[Tensor, int, Tensor, Tensor]:
+    """Rows sorted by step laid out in blocks of ``C`` rows of one step each, for one ``bmm`` per layer.
+
+    Step ``s`` with ``n_s`` rows gets ``ceil(n_s / C)`` blocks; ``C`` minimises the padded rows plus
+    :data:`BLOCK_ROWS` per block (among every size up to 64 and 256 sizes spaced evenly in log up to
+    the largest ``n_s``). A padding slot repeats the first row of its step (it is computed and
+    dropped).
+
+    Parameters
+    ----------
+    sidx : Tensor
+        The step of each row ``(E,)``, sorted.
+
+    Returns
+    -------
+    block_step : Tensor
+        The step of each block ``(B,)``.
+    C : int
+        Rows per block.
+    pad : Tensor
+        The row at each of the ``B C`` slots ``(B C,)``.
+    slot : Tensor
+        The slot of each row ``(E,)``: ``pad[slot]`` is ``arange(E)``.
+    """
+    E = sidx.shape[0]
+    steps, counts = torch.unique_consecutive(sidx, return_counts=True)
+    top = int(counts.max())  # candidates: every size up to 64, then about 3% apart
+    sizes = torch.unique(torch.cat([torch.arange(1, min(top, 64) + 1, dtype=torch.float64),
+                                    torch.logspace(0, math.log10(top), 256, dtype=torch.float64).ceil()]))
+    sizes = sizes.to(device=sidx.device, dtype=torch.long)
+    n_blocks = -(-counts[None, :] // sizes[:, None])  # (candidate C, step)
+    cost = n_blocks.sum(1) * (sizes + BLOCK_ROWS)
+    C = int(sizes[int(torch.argmin(cost))])
+    n_blocks = -(-counts // C)
+    block_step = torch.repeat_interleave(steps, n_blocks)
+    first_block = torch.cumsum(n_blocks, 0) - n_blocks
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.repeat_interleave(torch.arange(steps.shape[0], device=sidx.device), counts)
+    rank = torch.arange(E, device=sidx.device) - starts[pos]
+    slot = (first_block[pos] + rank // C) * C + rank % C
+    pad = torch.repeat_interleave(starts, n_blocks * C)
+    pad[slot] = torch.arange(E, device=sidx.device)
+    return block_step, C, pad, slot
 
 
 class LayerHooks:
@@ -187,7 +237,13 @@ class SegmentRows(LayerHooks):
 
 
 class StepRows(LayerHooks):
-    """Each covered layer's output at the rows' own steps and points (parameters stacked ``(S, *shape)``)."""
+    """Each covered layer's output at the rows' own steps and points (parameters stacked ``(S, *shape)``).
+
+    The rows come laid out in blocks of ``C`` rows of one step each (:func:`step_blocks`), so that a
+    layer's product with stacked weights is one ``bmm`` over the blocks on the activations as they are.
+    A covered layer's own forward runs on one row only (a forward pre-hook narrows its input; the hook
+    then computes every row's output from the held input): its result would be replaced anyway.
+    """
 
     def __init__(self, layers: Mapping[str, nn.Module], rules: Mapping[str, Any],
                  uses: Mapping[str, list[tuple[str, str]]], axes: Mapping[str, int] | None = None):
@@ -196,31 +252,46 @@ class StepRows(LayerHooks):
         self.base: Params = {}
         self.delta: Params = {}
         self.sidx = torch.zeros(0, dtype=torch.long)
-        #: (step of each block of rows, padded slot -> row (E = padding), row -> padded slot)
-        self.blocks: tuple[Tensor, Tensor, Tensor] | None = None
+        #: the step of each block of ``C`` consecutive rows, and ``C``
+        self.blocks: tuple[Tensor, int] | None = None
+        #: each layer's full input while its own forward runs on one row
+        self._held: dict[str, Any] = {}
+        #: whether the rows run in forward mode (:meth:`constant`)
+        self.dual = False
 
-    def run(self, base: Params, delta: Params, sidx: Tensor) -> StepRows:
-        """Set the stacked parameters and the rows' steps ``sidx (E,)`` (sorted), and group rows in blocks."""
-        self.base, self.delta, self.sidx = base, delta, sidx
-        E = sidx.shape[0]
-        steps, counts = torch.unique_consecutive(sidx, return_counts=True)
-        C = max(1, -(-E // steps.shape[0]))  # rows per block: the mean per step (little padding)
-        n_blocks = -(-counts // C)  # blocks per step
-        block_step = torch.repeat_interleave(steps, n_blocks)
-        first_block = torch.cumsum(n_blocks, 0) - n_blocks
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.repeat_interleave(torch.arange(steps.shape[0], device=sidx.device), counts)
-        rank = torch.arange(E, device=sidx.device) - starts[pos]
-        slot = (first_block[pos] + rank // C) * C + rank % C
-        pad = torch.full((block_step.shape[0] * C,), E, dtype=torch.long, device=sidx.device)
-        pad[slot] = torch.arange(E, device=sidx.device)
-        self.blocks = (block_step, pad, slot)
+    def run(self, base: Params, delta: Params, block_step: Tensor, C: int, dual: bool = False) -> StepRows:
+        """Set the stacked parameters and the layout: rows ``b C .. (b + 1) C - 1`` are at step ``block_step[b]``.
+
+        ``dual``: the rows' ``t`` is a forward-mode dual tensor (``torch.autograd.forward_ad``) inside a dual level.
+        """
+        self.base, self.delta, self.dual = base, delta, dual
+        self.blocks = (block_step, C)
+        self.sidx = torch.repeat_interleave(block_step, C)
+        return self
+
+    def __enter__(self) -> StepRows:
+        super().__enter__()
+        self._handles += [m.register_forward_pre_hook(self._narrow(p)) for p, m in self.layers.items()
+                          if not self.composite(p)]
         return self
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
         self.t = None
-        self.base, self.delta, self.blocks = {}, {}, None
+        self.base, self.delta, self.blocks, self._held, self.dual = {}, {}, None, {}, False
+
+    def _narrow(self, prefix: str) -> Any:
+        axis = self.axes.get(prefix, 0)
+
+        def pre(mod: nn.Module, inputs: tuple[Any, ...]) -> Any:
+            a = inputs[0] if inputs else None
+            if not isinstance(a, Tensor) or a.dim() <= axis or a.shape[axis] <= 1:
+                return None
+            self._held[prefix] = a
+            one = (fwad.unpack_dual(a).primal if self.dual else a).narrow(axis, 0, 1)  # no tangent: no forward mode
+            return (one, *inputs[1:])
+
+        return pre
 
     def stacked(self, prefix: str, role: str, current: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """Stacked base and delta ``(S, *shape)`` of a layer parameter (a frozen one: its value, no delta)."""
@@ -234,29 +305,115 @@ class StepRows(LayerHooks):
         stacked = self.base.get(f"{prefix}.{attr}" if prefix else attr)
         return current.unsqueeze(0) if stacked is None else stacked
 
-    def per_step(self, a: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-        """``a (E, R, in)`` through ``W[s_e] (out, in)`` and ``b[s_e]`` per row: one padded ``bmm``.
+    def linear(self, a: Tensor, t: Tensor, W: Tensor, dW: Tensor | None, b: Tensor | None,
+               db: Tensor | None) -> Tensor:
+        r""":math:`(W + t_e \Delta W)_{s_e} a_e + (b + t_e \Delta b)_{s_e}` per row, one ``bmm`` over the blocks.
 
-        Rows are grouped by step into blocks of at most ``C`` rows, ``(blocks, C * R, in)`` (padding
-        rows are zero), so the cost is one product per layer whatever the number of steps.
+        ``a (E, R, in)``, ``t (E,)``; ``W``, ``dW`` stacks ``(S, out, in)`` (``S = 1``: the same matrix for
+        every row), ``b``, ``db`` stacks ``(S, out)``; returns ``(E, R, out)``. In forward mode
+        (:mod:`torch.autograd.forward_ad`, ``a = a_0 + \varepsilon a_1``, ``t = t_0 + \varepsilon t_1``) the
+        tangent is formed here from :math:`P = a_0 [W; \Delta W]^\top` and :math:`Q = a_1 [W; \Delta W]^\top`
+        (one ``bmm`` over the blocks each),
+
+        .. math::
+
+            z_0 = P_W + t_0 P_{\Delta W} + b + t_0 \Delta b, \qquad
+            z_1 = Q_W + t_0 Q_{\Delta W} + t_1 (P_{\Delta W} + \Delta b),
+
+        and the result carries the tangent :math:`z_1` (docs/engine.md, *layer-factored paths*); outside
+        forward mode it is :math:`z_0`.
         """
-        E, R, n_in = a.shape
-        block_step, pad, slot = self.blocks
-        if W.shape[0] == 1:  # frozen: the same matrix for every row
-            z = a @ W[0].transpose(0, 1)
+        E, R, _ = a.shape
+        a0, a1 = fwad.unpack_dual(a) if self.dual else (a, None)
+        t0, t1 = fwad.unpack_dual(t) if self.dual else (t, None)
+        out = W.shape[1]
+        if dW is None:  # nothing moves but a bias, if that
+            both, bias = W, b
+        else:  # [W; dW] and [b; db] (a frozen or absent part: its value, or zeros)
+            both = torch.cat([W.expand_as(dW), dW], 1)
+            bias = None
+            if b is not None or db is not None:
+                parts = [W.new_zeros(1, out) if v is None else v for v in (b, db)]
+                S = max(v.shape[0] for v in parts)
+                bias = torch.cat([v.expand(S, out) for v in parts], 1)
+        P, Q = self._products(a0, a1, both, bias)  # (..., R, out or 2 out), rows leading; Q None without a1
+        lead = P.shape[:-2]  # (E,), or (blocks, C): views of the product, no copy
+
+        def per_row(v: Tensor | None) -> Tensor | None:  # (E,) or (E, out) to broadcast against (*lead, R, out)
+            return None if v is None else v.reshape(*lead, 1, -1)
+
+        t0, t1 = per_row(t0), per_row(t1)
+        if dW is None:
+            z0, z1, moved = P, Q, None
+            if db is not None:
+                moved = db[0] if db.shape[0] == 1 else per_row(db.index_select(0, self.sidx))
+                z0 = torch.addcmul(z0, t0, moved)
         else:
-            Ws = W.index_select(0, block_step)
-            padded = torch.cat([a, a.new_zeros(1, R, n_in)]).index_select(0, pad).reshape(Ws.shape[0], -1, n_in)
-            z = torch.bmm(padded, Ws.transpose(1, 2)).reshape(-1, R, W.shape[1]).index_select(0, slot)
-        if b is not None:
-            z = z + (b[0] if b.shape[0] == 1 else b.index_select(0, self.sidx).unsqueeze(1))
-        return z
+            moved = P[..., out:]
+            z0 = torch.addcmul(P[..., :out], t0, moved)
+            z1 = None if Q is None else torch.addcmul(Q[..., :out], t0, Q[..., out:])
+        if t1 is not None and moved is not None:
+            z1 = t1 * moved if z1 is None else torch.addcmul(z1, t1, moved)
+        z0 = z0.reshape(E, R, out)
+        return z0 if z1 is None else fwad.make_dual(z0, z1.expand(*lead, R, out).reshape(E, R, out))
+
+    def _products(self, a0: Tensor, a1: Tensor | None, W: Tensor,
+                  bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``a0 W[s_e]^T + bias[s_e]`` and ``a1 W[s_e]^T`` for ``a (E, R, in)``, ``W (S, k, in)``, ``bias (S, k)``.
+
+        One product over the blocks each, returned as ``(E, R, k)`` when ``S = 1``, else as views
+        ``(blocks, C, R, k)`` of the product; a stack with ``S = 1`` is shared by every row.
+        """
+        E, R, n_in = a0.shape
+        k = W.shape[1]
+        if W.shape[0] == 1:
+            x = a0 if a1 is None else torch.cat([a0, a1])
+            z = x @ W[0].transpose(0, 1)
+            P = z[:E]
+            if bias is not None:
+                P = P + (bias[0] if bias.shape[0] == 1 else bias.index_select(0, self.sidx).unsqueeze(1))
+            return P, None if a1 is None else z[E:]
+        block_step, C = self.blocks
+        B = block_step.shape[0]
+        Wt = W.index_select(0, block_step).transpose(1, 2)
+        if bias is None:
+            P = torch.bmm(a0.reshape(B, C * R, n_in), Wt)
+        else:
+            rows = bias[0].expand(1, 1, k) if bias.shape[0] == 1 else bias.index_select(0, block_step).unsqueeze(1)
+            P = torch.baddbmm(rows, a0.reshape(B, C * R, n_in), Wt)
+        Q = None if a1 is None else torch.bmm(a1.reshape(B, C * R, n_in), Wt).reshape(B, C, R, k)
+        return P.reshape(B, C, R, k), Q
+
+    def constant(self, x: Tensor) -> Tensor:
+        """``x`` with a zero tangent while the rows run in forward mode (:meth:`run`); else ``x`` itself.
+
+        An operation between a tensor with a tangent and one without takes a slow path of torch's
+        forward mode (a Python meta kernel on every call); with an explicit zero tangent it takes the
+        ordinary one.
+        """
+        return fwad.make_dual(x, torch.zeros_like(x)) if self.dual else x
+
+    def _input_rows(self, prefix: str, a: Any, out_dim: int) -> tuple[Tensor, Tensor]:
+        """The layer input with one row per row of ``t``, batch first, and ``t`` shaped for ``out_dim`` output axes.
+
+        As :meth:`LayerHooks._rows`, from the input alone (the layer's own output has one row).
+        """
+        n, axis = self.t.shape[0], self.axes.get(prefix, 0)
+        if not isinstance(a, Tensor) or a.dim() <= axis:
+            raise ValueError(f"layer {prefix!r} does not keep the batch axis {'second' if axis else 'first'}")
+        if axis:
+            a = a.transpose(0, 1)
+        elif a.shape[0] == 1 != n:
+            a = a.expand(n, *a.shape[1:])
+        if a.shape[0] != n:
+            raise ValueError(f"layer {prefix!r} does not keep the batch axis {'second' if axis else 'first'}")
+        return a, self.t.reshape(n, *([1] * (out_dim - 1)))
 
     def _hook(self, prefix: str) -> Any:
         rule = self.rules[prefix]
 
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
-            a, _, t = self._rows(prefix, inputs[0], output)
+            a, t = self._input_rows(prefix, self._held.pop(prefix, inputs[0]), output.dim())
             return self._back(prefix, rule.at_steps(mod, prefix, a, t, self))
 
         return hook

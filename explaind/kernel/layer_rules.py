@@ -52,9 +52,12 @@ class StackedSteps(Protocol):
 
     def stacked(self, prefix: str, role: str, current: Tensor | None) -> tuple[Tensor | None, Tensor | None]: ...
 
-    def per_step(self, a: Tensor, W: Tensor, b: Tensor | None) -> Tensor: ...
+    def linear(self, a: Tensor, t: Tensor, W: Tensor, dW: Tensor | None, b: Tensor | None,
+               db: Tensor | None) -> Tensor: ...
 
     def buffers(self, prefix: str, attr: str, current: Tensor) -> Tensor: ...
+
+    def constant(self, x: Tensor) -> Tensor: ...
 
 
 class LayerRule(Protocol):
@@ -100,14 +103,8 @@ def linear_at_steps(a: Tensor, t: Tensor, rows: StackedSteps, W: Tensor, dW: Ten
     ``W``, ``dW`` are stacks ``(S, out, in)`` (``S = 1``: frozen), ``b``, ``db`` stacks ``(S, out)``.
     """
     n = t.shape[0]
-    lead = a.shape[:-1]
-    flat = a.reshape(n, -1, a.shape[-1])
-    z = rows.per_step(flat, W, b)
-    if dW is not None:
-        z = z + t.reshape(n, 1, 1) * rows.per_step(flat, dW, db)
-    elif db is not None:
-        z = z + t.reshape(n, 1, 1) * db.index_select(0, rows.sidx).unsqueeze(1)
-    return z.reshape(*lead, z.shape[-1])
+    z = rows.linear(a.reshape(n, -1, a.shape[-1]), t.reshape(n), W, dW, b, db)
+    return z.reshape(*a.shape[:-1], z.shape[-1])
 
 
 def reduce_linear(bias: bool, calls: Factors, owner: Tensor, buckets: list[tuple[Tensor, Tensor]], O: int,
@@ -223,8 +220,8 @@ class EmbeddingRule:
         table, moved = rows.stacked(prefix, "table", module.weight)
         sel = rows.sidx.reshape(n, *([1] * (a.dim() - 1)))
         sel_base = sel if table.shape[0] > 1 else torch.zeros_like(sel)
-        z = table[sel_base, a]
-        return z if moved is None else z + t * moved[sel, a]
+        z = rows.constant(table[sel_base, a])
+        return z if moved is None else z + t * rows.constant(moved[sel, a])
 
     def reduce(self, module: nn.Module, role: str, calls: Factors, owner: Tensor,
                buckets: list[tuple[Tensor, Tensor]], O: int, out: Tensor) -> None:
@@ -278,7 +275,7 @@ class LayerNormRule:
         def per_row(stack: Tensor | None) -> Tensor | None:
             if stack is None:
                 return None
-            return (stack[0] if stack.shape[0] == 1 else stack.index_select(0, rows.sidx).reshape(shape))
+            return rows.constant(stack[0] if stack.shape[0] == 1 else stack.index_select(0, rows.sidx).reshape(shape))
 
         hat = self.normalised(module, a)
         tt = t.reshape(n, *([1] * (a.dim() - 1)))

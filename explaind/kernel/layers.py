@@ -30,14 +30,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
-from torch.func import jvp
 
 from ..exceptions import ConfigError
 from .autograd import AutogradEvaluator
 from .evaluate import CHECK_TOLERANCE, Batch, Grid, Rows, Segment, StepStack
 from .explained import Params
-from .layer_hooks import SegmentRows, StepRows, batch_axes
+from .layer_hooks import SegmentRows, StepRows, batch_axes, step_blocks
 from .layer_rules import Factors, layer_rule, parameter_uses, rule_names
 from .layout import ParamLayout
 from .products import FactorProducts
@@ -145,6 +145,9 @@ class LayerEvaluator:
         return torch.cat(prim)[inverse], torch.cat(tang)[inverse]
 
     def _row_batch(self, stack: StepStack, sidx: Tensor, idx: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows sorted by step, in blocks of one step each (:func:`~explaind.kernel.layer_hooks.step_blocks`)."""
+        block_step, C, pad, slot = step_blocks(sidx)
+        idx, t = idx[pad], t[pad]
         explained, x, aux = stack.explained, stack.X[idx], stack.explained.aux[idx]
         first = {n: v[int(sidx[0])] for n, v in stack.base.items()}  # any parameters: covered outputs are replaced
 
@@ -152,8 +155,9 @@ class LayerEvaluator:
             self.step_rows.t = tt
             return explained(self.fm, first, x, aux)
 
-        with self.step_rows.run(stack.base, stack.delta, sidx):
-            return jvp(along, (t,), (torch.ones_like(t),))
+        with self.step_rows.run(stack.base, stack.delta, block_step, C, dual=True), fwad.dual_level():
+            h, d = fwad.unpack_dual(along(fwad.make_dual(t, torch.ones_like(t))))
+        return h[slot], (torch.zeros_like(h) if d is None else d)[slot]
 
     def _check_rows(self, stack: StepStack) -> str:
         """Probe rows (two steps, the first two inputs at two points) against the fallback."""

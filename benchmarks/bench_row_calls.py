@@ -1,0 +1,110 @@
+"""Where the adaptive replica's time goes on the paper-shaped transformer: row evaluations and the rest.
+
+Records ``KernelReplica(quadrature="adaptive")`` on the workload of ``bench_engine.py --workload
+reference`` (``reference_shape.py``; 12 AdamW steps, 20 test inputs, all 25 outputs, float64), keeps every
+batch of refinement rows the rule evaluates, and prints, in CPU time of this process (one torch
+thread; steady when other jobs share the machine):
+
+* the replica's ``predict``; the same with every row evaluation answered from the kept results (the
+  rule's bookkeeping, the first estimate and the step ends); the row evaluations replayed alone;
+* a least-squares fit of each batch's time against its rows: a fixed cost per batched evaluation
+  and a cost per row;
+* bare batched JVPs of the same node count (``bench_engine.bare_jvp_batched``) and their cost per row.
+
+Run: ``python benchmarks/bench_row_calls.py [--tol 1e-7] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+
+import bench_engine as be
+import torch
+from reference_shape import ReferenceShapeTransformer
+
+import explaind
+from explaind.kernel import layers
+from explaind.kernel.evaluate import Rows
+
+
+def best(fn, repeats: int) -> float:
+    """The least CPU time of ``repeats`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tol", type=float, default=1e-7)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = ReferenceShapeTransformer(be.P, 32, 128).to(torch.float64)
+    traj, X = be.record_model(model, 12, 0, "nll")
+    flat = be.Flat(traj, torch.device("cpu"), torch.float64)
+    warnings.simplefilter("ignore", explaind.exceptions.ExplaindWarning)
+    explaind.KernelReplica(quadrature="gauss-legendre", nodes=1, steps=(0, 1), dtype="float64").fit(traj).predict(X)
+    rep = explaind.KernelReplica(quadrature="adaptive", tol=args.tol, dtype="float64").fit(traj)
+    rep.predict(X)  # start-up checks
+    calls = []
+    plain = layers.LayerEvaluator.slopes
+
+    def keep(self, stack, rows):
+        out = plain(self, stack, rows)
+        if isinstance(rows, Rows):
+            calls.append((self, stack, rows, out))
+        return out
+
+    layers.LayerEvaluator.slopes = keep
+    try:
+        rep.predict(X)
+    finally:
+        layers.LayerEvaluator.slopes = plain
+    kept = iter(())
+
+    def answered(self, stack, rows):
+        return next(kept)[3] if isinstance(rows, Rows) else plain(self, stack, rows)
+
+    def rest() -> None:
+        nonlocal kept
+        kept = iter(calls)
+        layers.LayerEvaluator.slopes = answered
+        try:
+            rep.predict(X)
+        finally:
+            layers.LayerEvaluator.slopes = plain
+
+    total = best(lambda: rep.predict(X), args.repeats)
+    other = best(rest, args.repeats)
+    replay = best(lambda: [ev.slopes(st, rows) for ev, st, rows, _ in calls], args.repeats)
+    each = [best(lambda c=c: c[0].slopes(c[1], c[2]), args.repeats) for c in calls]
+    E = torch.tensor([float(c[2].t.numel()) for c in calls], dtype=torch.float64)
+    A = torch.stack([torch.ones_like(E), E], 1)
+    fixed, per_row = torch.linalg.lstsq(A, torch.tensor(each, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
+    evals = rep.fidelity_report(X)["total_evals"] / (traj.n_steps * X.shape[0])
+    nodes = max(1, math.ceil(evals))
+    bare = best(lambda: be.bare_jvp_batched(flat, X, traj.n_steps, nodes), args.repeats)
+    bare_rows = nodes * traj.n_steps * X.shape[0]
+    print(f"adaptive replica, tol {args.tol:g}: {evals:.1f} evaluations per step and input, CPU time of one torch "
+          f"thread, best of {args.repeats}\n")
+    print("| measurement | CPU time (s) | calls | rows | per call (ms) | per row (ms) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| predict | {total:.3f} |  |  |  |  |")
+    print(f"| predict, row evaluations answered from kept results | {other:.3f} |  |  |  |  |")
+    print(f"| row evaluations replayed | {replay:.3f} | {len(calls)} | {int(E.sum())} | {fixed * 1e3:.2f} (fit) "
+          f"| {per_row * 1e3:.4f} (fit) |")
+    print(f"| bare batched JVPs, {nodes} nodes per step | {bare:.3f} | {traj.n_steps} | {bare_rows} |  "
+          f"| {bare / bare_rows * 1e3:.4f} (all in) |")
+    print(f"\npredict / bare = {total / bare:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
