@@ -447,6 +447,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         device = next(iter(self._params.values())).device
         if not self._loss_checked and self._data is not None:
             self._check_loss_callable(device)
+        if due:  # idle copy buffers and the snapshots equal to p.grad give their memory to the check
+            self._pool.trim()
+            self._tap.drop_unchanged()
         check = self._check_gradient(seen, no_input, indices, weights, device, s, tol, autocast) if due else None
         if check is not None:
             self._sigma = check.sigma / (amp or 1.0)
@@ -466,9 +469,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         try:
             updates = collect_updates(self._params, self._adapter.after_step(optimizer, st["before"]),
                                       st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
-            self._make_room(s, st)  # a dense store's queue bounded by bytes: wait before copying, not after
-            theta_next = self._copy_params()
-            audit = self._audit_job(s, theta_next, st["seen"], updates)  # run later, in step order
+            self._make_room(s)  # a dense store's queue bounded by bytes: wait before copying, not after
+            theta_next, audit = self._next_theta(s, st["seen"], updates)  # with a store, the audit runs now
             check = st["check"]
             buffers = self._buffers.changed()
             record = StepRecord(step=s, n_samples=int(st["indices"].shape[0]), grad_scale=float(st["scale"]),
