@@ -90,7 +90,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         Recompute :math:`\sum_k w_k\nabla\ell_k(\theta_s)` from ``train_data`` and the loss and compare
         it with the gradient of ``backward()`` over the parameters the optimizer steps: ``True`` every
         step, an int ``k`` every ``k``-th step, a collection of step numbers exactly those, ``"auto"``
-        steps ``0..AUTO_CHECK_STEPS-1``, every power of two and every :data:`AUTO_CHECK_EVERY`-th step
+        steps ``0..AUTO_CHECK_STEPS-1``, every power of 4 and every :data:`AUTO_CHECK_EVERY`-th step
         when ``train_data`` is given and the model has no active dropout or batch norm. A mismatch
         raises ``TrajectoryError`` naming the step; the measured mismatch is kept per step
         (``trajectory.gradient_check()``). The check also measures the user's loss scale
@@ -111,8 +111,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         their batch, scalars, changed buffers and random states and are replayed from the nearest
         checkpoint when read (needs the training data). ``1``: every step.
     background_writes : bool
-        Write step files and run the update audit on a worker thread (the store's writer, or one for the
-        audit in memory), at most 4 steps behind; failures surface at the next step or exit.
+        Write step files on the store's writer thread, and in memory run the update audit on a worker
+        thread, at most 4 steps behind; failures surface at the next step or exit. With a store the audit
+        runs at the step (it then needs one copy of the parameters, not two; docs/recording.md).
     fsync : bool
         ``fsync`` every stored file.
     gradient_tolerance : float, optional
