@@ -6,8 +6,9 @@ recorded loop to them, side by side, for
 * ``memory``: ``TrajectoryRecorder``'s defaults with the trajectory in memory (update audit, the scheduled
   gradient check, random-state capture for dropout and batch norm);
 * ``disk``: the same defaults with the store on (background writes, fsync, optimizer state every step);
-* ``disk-nocheck``: the store on with the gradient check off (it recomputes a step's gradient at steps 0, 1, 2
-  and the powers of two, so its share of a short run is larger than of a long one);
+* ``disk-nocheck``: the store on with the gradient check off (it recomputes a step's gradient at steps 0, 1 and
+  the powers of 4, so its share of a short run is larger than of a long one: steps 4 and 16 of a 40-step run's
+  timed steps 2..39, step 4 of a 12-step run's);
 * ``disk-lean``: the store on with the audit and the gradient check off.
 
 The models are built in this script: GPT-2 from ``transformers.GPT2Config`` (2 layers, ``n_embd=128``, 4 heads,
