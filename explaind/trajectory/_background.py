@@ -16,10 +16,12 @@ r"""The recorder's per-step work off the training loop's hot path (docs/recordin
 * :class:`Handoff` gives a set of pool buffers back once each of its readers said it is done with
   it: a dense store's copy of :math:`\theta_{s+1}` is read by the writer (the step file) and by the
   update audit of the next step, in either order.
-* :func:`audit_job` wraps one step of :class:`~explaind.trajectory._gradients.UpdateAudit` so it
-  can run on such a thread (or the store's writer thread): the gradients the optimizer saw are
-  copied on the hot path, the replay of the update and its float64 norms run later, in step order,
-  with the same arithmetic (the audit values are identical to an inline audit).
+* :func:`audit_job` wraps one step of :class:`~explaind.trajectory._audit.UpdateAudit` so an
+  in-memory run can run it on such a thread: the gradients the optimizer saw are copied on the hot
+  path, the replay of the update and its float64 norms run later, in step order, with the same
+  arithmetic (the audit values are identical to an inline audit). With a store the audit runs at
+  the step instead (:class:`AuditResult`), which needs no copy of :math:`\theta_s` beyond the one
+  already made for the store.
 """
 
 from __future__ import annotations
