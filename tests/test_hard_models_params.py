@@ -77,7 +77,7 @@ def test_spectral_norm_power_iteration_is_replayed_exactly():
 def test_spectral_norm_with_accumulation_carries_the_buffers_through_micro_batches():
     """Two micro-batches per step: the second forward starts from the first one's power iteration."""
     model = seeded(spectral)
-    traj, _ = train(model, "adam", X[:12], Y[:12], micro=2)
+    traj, _ = train(model, "adam", X[:12], Y[:12], micro=2, check_gradients=True)
     assert np.isfinite(traj.gradient_check()).all() and float(np.nanmax(traj.gradient_check())) <= 1e-12
     X_test = X[12:]
     with warnings.catch_warnings():

@@ -84,7 +84,7 @@ def test_fp16_autocast_with_grad_scaler_records_the_unscaled_gradient():
         den = sum(float(((0.1 * g[n].double()) ** 2).sum()) for n in g)
         assert num / den == pytest.approx(1.0, abs=5e-3)
     checked = traj.gradient_check()
-    assert (checked[[0, 1, 2, 4]] < 3e-2).all() and torch.isnan(torch.as_tensor(checked[[3, 5, 6, 7]])).all()
+    assert (checked[[0, 1, 4]] < 3e-2).all() and torch.isnan(torch.as_tensor(checked[[2, 3, 5, 6, 7]])).all()
     completeness, residual_share = _shares(traj)
     assert completeness <= 1e-10
     assert residual_share <= 5e-3  # autocast rounding of the gradients; measured 7.5e-4

@@ -252,10 +252,10 @@ def _interrupt_step_write(monkeypatch, at_call):
                          ids=["inside-torch-update", "inside-gradient-check", "inside-the-step-write"])
 def test_ctrl_c_inside_optimizer_step_keeps_every_step_before_and_resumes_bit_for_bit(tmp_path, monkeypatch,
                                                                                        reference, where):
-    store, stop = tmp_path / "run", 3  # Ctrl-C at step 2: the third call (the gradient check runs at 0, 1, 2)
+    store, stop = tmp_path / "run", 3  # Ctrl-C at step 2: the third call (the gradient check runs at every step)
     where(monkeypatch, stop)
     with pytest.raises(KeyboardInterrupt):
-        _record(store, 0, STEPS)
+        _record(store, 0, STEPS, check_gradients=True)
     monkeypatch.undo()
     _assert_prefix(reference, store, stop - 1, complete=False)
     _record(store, stop - 1, STEPS, resume=True)  # restore() undoes the half-applied update

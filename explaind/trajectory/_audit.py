@@ -68,6 +68,34 @@ def _chunk(u: LinearUpdate, lo: int, hi: int) -> LinearUpdate:
     return replace(u, **part)
 
 
+def _is(value: object, number: float) -> bool:
+    """Whether a coefficient is the Python float (or int) ``number`` (a tensor coefficient never is)."""
+    return isinstance(value, float | int) and not isinstance(value, bool) and value == number
+
+
+def _modelled(u: LinearUpdate, g: Tensor, prev: Tensor | None, t: Tensor) -> tuple[Tensor, Tensor]:
+    r""":meth:`LinearUpdate.step` without the operations that scalar coefficients 0 and 1 make identities.
+
+    ``g + 0 * theta`` is ``g``, ``1 * u`` is ``u``, ``q m + 0 * u`` is ``q m`` and ``x - 0 * theta`` is
+    ``x`` for finite values (up to the sign of a zero, which no square or sum of the audit sees), so the
+    modelled update and :math:`m_s` equal those of ``u.step(g, prev, t)``; an SGD-with-momentum step
+    then costs 3 elementwise passes instead of 11. Returns ``(modelled update, m_s)``.
+    """
+    x = g if _is(u.lambda_c, 0.0) else g + u.lambda_c * t
+    bx = x if _is(u.b, 1.0) else u.b * x
+    if prev is None:
+        m = bx.clone() if bx is g else bx  # m_s is kept: never the caller's gradient buffer
+    else:
+        m = u.a * prev + bx
+    inner = m if _is(u.q, 1.0) else u.q * m
+    if not _is(u.n, 0.0):
+        inner = inner + u.n * x
+    delta = -u.P * inner
+    if not _is(u.lambda_d, 0.0):
+        delta = delta - u.lambda_d * t
+    return delta, m
+
+
 def _sq64(a: Tensor) -> float:
     r""":math:`\sum_i a_i^2` in float64 (one float64 copy of ``a``)."""
     flat = a.reshape(-1).double()
@@ -129,7 +157,7 @@ class UpdateAudit:
                  or (g is not None and g.shape != t.shape) or (prev is not None and prev.shape != t.shape))
         if whole:
             g = torch.zeros_like(t) if g is None else g
-            modelled, m = u.step(g.to(t.dtype), prev, t)
+            modelled, m = _modelled(u, g.to(t.dtype), prev, t)
             self.momentum[name] = m if isinstance(m, Tensor) else torch.as_tensor(m, dtype=t.dtype)
             actual = t_next - t
             return _sq64(actual - modelled), _sq64(actual)
@@ -143,7 +171,7 @@ class UpdateAudit:
             hi = min(lo + self.chunk, tf.numel())
             tc = tf[lo:hi]
             gc = torch.zeros_like(tc) if gf is None else gf[lo:hi].to(t.dtype)
-            modelled, m = _chunk(flat_u, lo, hi).step(gc, None if pf is None else pf[lo:hi], tc)
+            modelled, m = _modelled(_chunk(flat_u, lo, hi), gc, None if pf is None else pf[lo:hi], tc)
             if m_new is None:
                 m_new = torch.empty(tf.numel(), dtype=m.dtype, device=m.device)
             m_new[lo:hi] = m

@@ -17,10 +17,15 @@ r"""The recorder's per-step work off the training loop's hot path (docs/recordin
   waits until fewer than ``max_steps`` are queued and its bytes fit under ``max_bytes`` with those
   queued (a step is always let in when nothing is queued, so a step larger than the budget waits
   for an empty queue instead of forever).
-* :func:`audit_job` wraps one step of :class:`~explaind.trajectory._gradients.UpdateAudit` so it
-  can run on such a thread (or the store's writer thread): the gradients the optimizer saw are
-  copied on the hot path, the replay of the update and its float64 norms run later, in step order,
-  with the same arithmetic (the audit values are identical to an inline audit).
+* :class:`Handoff` gives a set of pool buffers back once each of its readers said it is done with
+  it: a dense store's copy of :math:`\theta_{s+1}` is read by the writer (the step file) and by the
+  update audit of the next step, in either order.
+* :func:`audit_job` wraps one step of :class:`~explaind.trajectory._audit.UpdateAudit` so an
+  in-memory run can run it on such a thread: the gradients the optimizer saw are copied on the hot
+  path, the replay of the update and its float64 norms run later, in step order, with the same
+  arithmetic (the audit values are identical to an inline audit). With a store the audit runs at
+  the step instead (:class:`AuditResult`), which needs no copy of :math:`\theta_s` beyond the one
+  already made for the store.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +47,7 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
 
-__all__ = ["CopyPool", "OrderedWorker", "QueueBudget", "StateCopier", "WarmBuffers", "audit_job",
+__all__ = ["AuditResult", "CopyPool", "Handoff", "OrderedWorker", "QueueBudget", "StateCopier", "WarmBuffers", "audit_job",
            "check_queue_bounds"]
 
 logger = logging.getLogger(__name__)
@@ -87,11 +93,52 @@ class CopyPool:
         """:meth:`copy` of every tensor, keyed ``prefix + name``."""
         return {n: self.copy(prefix + n, t) for n, t in tensors.items()}
 
+    def trim(self) -> int:
+        """Drop every free buffer (the next copies are new ones); returns the bytes dropped.
+
+        For a moment that needs the memory more than the copies need speed: the recorder trims before
+        a gradient check, whose recomputed activations then take the place of the idle buffers.
+        """
+        with self._lock:
+            free, self._free = self._free, {}
+        return sum(t.numel() * t.element_size() for bufs in free.values() for t in bufs)
+
     def release(self, prefix: str, tensors: dict[str, Tensor]) -> None:
         """Give the buffers of :meth:`copies` back (their contents may be overwritten from now on)."""
         with self._lock:
             for n, t in tensors.items():
                 self._free.setdefault(prefix + n, []).append(t)
+
+
+class Handoff:
+    """Buffers of a :class:`CopyPool` released once ``readers`` calls of :meth:`done` were made (thread-safe).
+
+    Parameters
+    ----------
+    pool : CopyPool
+        Where the buffers go back.
+    prefix : str
+        Their pool key prefix (``"param."``).
+    tensors : dict of str to Tensor
+        The buffers (from :meth:`CopyPool.copies` with ``prefix``).
+    readers : int
+        How many readers must call :meth:`done` (at least 1).
+    """
+
+    def __init__(self, pool: CopyPool, prefix: str, tensors: dict[str, Tensor], readers: int):
+        self._pool, self._prefix, self._tensors = pool, prefix, tensors
+        self._left = max(1, int(readers))
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        """One reader is done; the last one gives the buffers back (later calls do nothing)."""
+        with self._lock:
+            if self._left == 0:
+                return
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._pool.release(self._prefix, self._tensors)
 
 
 class WarmBuffers:
@@ -382,6 +429,23 @@ def audit_job(
         return value
 
     return run
+
+
+@dataclass
+class AuditResult:
+    r"""A step's audit run at the step: its value and the modelled momentum :math:`m_s` after it.
+
+    ``momentum`` holds the audit's own tensors of that step (the audit makes new ones at every step and
+    never writes into old ones), so it can be stored with the optimizer state after later steps ran.
+    """
+
+    value: float
+    momentum: dict[str, Tensor]
+
+    def take_momentum(self) -> dict[str, Tensor]:
+        """The momentum, once: this result keeps no reference to it afterwards (its reader frees it)."""
+        momentum, self.momentum = self.momentum, {}
+        return momentum
 
 
 def audit_value(value: float) -> float | None:

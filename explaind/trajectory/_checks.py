@@ -10,8 +10,11 @@ the recomputed gradient whole: each parameter's is reduced to float64 sums (:cla
 and freed as soon as its backward completes it.
 
 :class:`CheckSchedule` decides which steps are checked: by default the first
-:data:`AUTO_CHECK_STEPS` steps, every power of two and every :data:`AUTO_CHECK_EVERY`-th step, so a
-run of ``N`` steps pays about ``3 + log2(N) + N / AUTO_CHECK_EVERY`` extra batch gradients.
+:data:`AUTO_CHECK_STEPS` steps, every power of :data:`AUTO_CHECK_BASE` and every
+:data:`AUTO_CHECK_EVERY`-th step (0, 1, 4, 16, 64, 256, 1024, 2048, 3072, ...), so a run of ``N``
+steps pays about ``2 + log4(N) + N / AUTO_CHECK_EVERY`` extra batch gradients: a fault present from
+the start is found at step 0, a gradient carried over from the previous step at step 1, and one that
+starts at step ``t`` by step ``4 t`` at the latest (docs/recording.md).
 
 :func:`check_loss_decomposes` verifies once, on the first logged micro-batch, that a user loss
 callable equals the logged weights times its per-sample values (a class-weighted cross entropy with
@@ -37,6 +40,7 @@ from ._random import RandomState, replayed
 
 __all__ = [
     "AUTO_CHECK_STEPS",
+    "AUTO_CHECK_BASE",
     "AUTO_CHECK_EVERY",
     "CheckSchedule",
     "GradientCheck",
@@ -49,8 +53,10 @@ __all__ = [
 ]
 
 #: With ``check_gradients="auto"``: the first steps checked.
-AUTO_CHECK_STEPS = 3
-#: With ``check_gradients="auto"``: after the powers of two, every this many steps.
+AUTO_CHECK_STEPS = 2
+#: With ``check_gradients="auto"``: every power of this base is checked (4, 16, 64, ...).
+AUTO_CHECK_BASE = 4
+#: With ``check_gradients="auto"``: after the powers, every this many steps.
 AUTO_CHECK_EVERY = 1024
 
 #: Relative tolerance of the gradient check when the forward ran under ``torch.autocast`` in this dtype
@@ -71,14 +77,23 @@ def autocast_tolerance(dtype: torch.dtype | None, base: float) -> float:
     return max(base, _AUTOCAST_TOLERANCE.get(dtype, _AUTOCAST_TOLERANCE[torch.bfloat16]))
 
 
+def _is_power(n: int, base: int) -> bool:
+    """Whether ``n`` is ``base**k`` for an integer ``k >= 0``."""
+    if n < 1:
+        return False
+    while n % base == 0:
+        n //= base
+    return n == 1
+
+
 class CheckSchedule:
     """Which steps the gradient check runs on.
 
     Parameters
     ----------
     spec : bool, int, "auto" or iterable of int
-        ``"auto"``: steps ``0 .. AUTO_CHECK_STEPS-1``, every power of two and every multiple of
-        :data:`AUTO_CHECK_EVERY` (counted from the first step this recorder records); ``True``: every
+        ``"auto"``: steps ``0 .. AUTO_CHECK_STEPS-1``, every power of :data:`AUTO_CHECK_BASE` and every
+        multiple of :data:`AUTO_CHECK_EVERY` (counted from the first step this recorder records); ``True``: every
         step; ``False``: none; an int ``k``: every ``k``-th step; an iterable: exactly those steps.
     start : int
         The first step this recorder records (``N`` of a resumed run).
@@ -121,7 +136,7 @@ class CheckSchedule:
         if self.kind == "every":
             return step % self._every == 0
         local = step - self.start
-        return local < AUTO_CHECK_STEPS or (local & (local - 1)) == 0 or local % AUTO_CHECK_EVERY == 0
+        return local < AUTO_CHECK_STEPS or _is_power(local, AUTO_CHECK_BASE) or local % AUTO_CHECK_EVERY == 0
 
 
 @dataclass(frozen=True)

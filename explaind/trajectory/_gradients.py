@@ -178,7 +178,27 @@ class GradientTap:
         if name not in self._unchanged:
             return None
         self._unchanged.discard(name)
-        return self._raw.pop(name)
+        return self._raw.pop(name, None)
+
+    def snapshot(self, name: str) -> Tensor | None:
+        """The snapshot of ``name`` when :meth:`measure` found ``p.grad`` equal to it, else ``None``.
+
+        Unlike :meth:`take` the tap keeps the buffer (the next ``backward`` snapshots into it): for a
+        reader that is done with it before then, such as the update audit run at the step.
+        """
+        return self._raw.get(name) if name in self._unchanged else None
+
+    def drop_unchanged(self) -> int:
+        """Free the snapshots that :meth:`measure` found equal to ``p.grad``; returns how many.
+
+        Their values stay readable as ``p.grad`` (:meth:`raw` then returns the gradient it is given,
+        :meth:`snapshot` ``None``); the next ``backward`` snapshots into a new buffer. For a moment that
+        needs the memory (the gradient check recomputes a whole forward and backward).
+        """
+        names = [n for n in self._unchanged if n in self._raw]
+        for n in names:
+            del self._raw[n]
+        return len(names)
 
     def forget_until(self, seq: int) -> None:
         """Forget the snapshots taken up to sequence number ``seq`` (an accumulation whose step was skipped)."""
@@ -189,8 +209,13 @@ class GradientTap:
         return name in self._stamp
 
     def raw(self, name: str, seen: Tensor) -> Tensor:
-        """The raw gradient of ``name`` (``seen`` itself when no backward reached it since the last step)."""
-        return self._raw[name] if name in self._stamp else seen
+        """The raw gradient of ``name`` (``seen`` itself when no backward reached it since the last step).
+
+        ``seen`` too when its snapshot equalled it and was dropped (:meth:`drop_unchanged`).
+        """
+        if name in self._stamp and not (name in self._unchanged and name not in self._raw):
+            return self._raw[name]
+        return seen
 
     def finite_since(self, seq: int) -> bool | None:
         """Whether the snapshots taken after ``seq`` are all finite (``None`` when there are none).

@@ -3,13 +3,17 @@
 Kept apart from the hooks so that each module reads on its own; the methods use the recorder's
 attributes (``_store``, ``_manifest``, ``_writer``, ``_params``, ...) set in its ``__init__``.
 The per-step work that can wait runs off the hot path (:mod:`~explaind.trajectory._background`):
-the update audit on the store's writer thread (in memory: on a worker thread), in step order, and
-the copies of :math:`\theta_{s+1}` and of the optimizer state handed to the writer are made in
-reused buffers, given back once written (and, for :math:`\theta`, once audited). A dense store's
-copy of the optimizer state (on the CPU) is made by a
-:class:`~explaind.trajectory._background.StateCopier` thread while the loop computes the next
-step's gradients; the next ``optimizer.step()`` waits for it (a step pre-hook), and so does the
-writer before writing it.
+the writes on the store's writer thread, and the copies of :math:`\theta_{s+1}` and of the optimizer
+state handed to the writer are made in reused buffers, given back once written (and, for
+:math:`\theta`, once the next step was audited). With a store the update audit runs at the step,
+before :math:`\theta_{s+1}` is copied (:meth:`RecorderStoreMixin._next_theta`): it reads
+:math:`\theta_s` from the previous copy, :math:`\theta_{s+1}` from the parameters and the gradient
+from the tap's snapshot, so the recorder holds one copy of :math:`\theta` and one gradient snapshot
+instead of two of each (docs/recording.md, "Recording overhead"). In memory, where every copy is
+kept anyway, it runs on a worker thread in step order. A dense store's copy of the optimizer state
+(on the CPU) is made by a :class:`~explaind.trajectory._background.StateCopier` thread while the
+loop computes the next step's gradients; the next ``optimizer.step()`` waits for it (a step
+pre-hook), and so does the writer before writing it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
-from ._background import CopyPool, OrderedWorker, StateCopier, WarmBuffers, audit_job, audit_value
+from ._background import (AuditResult, CopyPool, Handoff, OrderedWorker, StateCopier, WarmBuffers, audit_job,
+                          audit_value)
 from ._buffers import pack_buffers
 from ._gradients import has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors, tensor_bytes
@@ -120,6 +125,7 @@ class RecorderStoreMixin:
         self._pool = CopyPool()
         self._copier = StateCopier()
         self._copy_hook: Any = None
+        self._theta_handoff: Handoff | None = None  # readers of a dense store's theta_s copy
         self._worker = None
         self._warm: WarmBuffers | None = None
 
@@ -142,8 +148,55 @@ class RecorderStoreMixin:
             self._warm = WarmBuffers({n: p.detach() for n, p in self._params.items()})  # ready from the next step
         return {n: p.detach().clone() for n, p in self._params.items()}
 
+    def _next_theta(self, s: int, seen: Any, updates: dict[str, LinearUpdate]) -> tuple[dict[str, Tensor], Any]:
+        r"""After step ``s``: the copy of :math:`\theta_{s+1}` and the step's audit (``None`` with the audit off).
+
+        With a store the audit runs first (:meth:`_audit_now`, an :class:`AuditResult`), so the buffers
+        of :math:`\theta_s` are free for :math:`\theta_{s+1}` once the writer wrote them too; in memory it
+        is a job for the worker (:meth:`_audit_job`).
+        """
+        if self._store is None:
+            theta_next = self._copy_params()
+            return theta_next, self._audit_job(s, theta_next, seen, updates)
+        audit = self._audit_now(s, seen, updates) if self._audit_on else None
+        theta_next = self._copy_params()
+        self._theta = theta_next
+        if self._pooled():  # read by the writer, and by the next step's audit
+            self._theta_handoff = Handoff(self._pool, "param.", theta_next, 2 if self._audit_on else 1)
+        return theta_next, audit
+
+    def _audit_now(self, s: int, seen: Any, updates: dict[str, LinearUpdate]) -> AuditResult:
+        r"""The audit of step ``s`` at the step: :math:`\theta_s` from the last copy, :math:`\theta_{s+1}` live.
+
+        Runs inside the optimizer's post-step hook, before anything can change the parameters. The
+        gradient the optimizer saw is the tap's snapshot when ``p.grad`` equalled it, else ``p.grad``
+        itself (read now, no copy). The same arithmetic as the worker's audit (:func:`audit_job`).
+
+        Raises
+        ------
+        TrajectoryError
+            If the audit fails (naming the step).
+        """
+        theta = self._theta
+        assert theta is not None
+        live = {n: p.detach() for n, p in self._params.items()}
+        grads: dict[str, Tensor | None] = {}
+        for n, g in seen.items():
+            snap = None if g is None else self._tap.snapshot(n)
+            grads[n] = snap if snap is not None else g
+        try:
+            value = self._auditor.step(theta, live, grads, updates)
+        except Exception as exc:
+            raise TrajectoryError(f"The update audit of step {s} failed: {type(exc).__name__}: {exc}") from exc
+        handoff, self._theta_handoff = self._theta_handoff, None
+        if handoff is not None:
+            handoff.done()
+        elif self._pooled():  # the first theta_s (written at the start, or read from a resumed store)
+            self._pool.release("param.", theta)
+        return AuditResult(value, dict(self._auditor.momentum))
+
     def _audit_job(self, s: int, theta_next: dict[str, Tensor], seen: Any, updates: dict[str, LinearUpdate]) -> Any:
-        """The audit of step ``s`` as a job to run later in step order (``None`` with the audit off)."""
+        """In memory: the audit of step ``s`` as a job to run later in step order (``None`` with the audit off)."""
         theta, self._theta = self._theta, theta_next
         if not self._audit_on:
             return None
@@ -191,33 +244,30 @@ class RecorderStoreMixin:
                 raise
             logger.exception("The background audit failed while handling another error.")
 
-    def _prepare(self, job: Any, copied: Future | None = None) -> Prepare | None:
-        """What the writer runs before writing a step: its audit, whose momentum joins the optimizer state.
+    @staticmethod
+    def _prepare(audit: AuditResult | None, copied: Future | None = None) -> Prepare | None:
+        """What the writer runs before writing a step: the audit value into the record, its momentum into the state.
 
         ``copied``: the optimizer state's copy on the :class:`StateCopier`, waited for first (its error is
         the step's).
         """
-        if job is None and copied is None:
+        if audit is None and copied is None:
             return None
 
         def prepare(record: StepRecord, state: Any) -> tuple[StepRecord, Any]:
             if copied is not None:
                 copied.result()
-            if job is None:
+            if audit is None:
                 return record, state
-            record = record.model_copy(update={"audit": audit_value(job())})
+            record = record.model_copy(update={"audit": audit_value(audit.value)})
+            # taken, so that the queued step keeps no reference to it once written; no copy: the audit replaces
+            # its momentum tensors at every step, never writes into them
+            momentum = audit.take_momentum()
             if state is not None:
-                # no copy: the audit replaces its momentum tensors at every step, never writes into them
-                momentum = {f"audit.{k}": v.detach() for k, v in self._auditor.momentum.items()}
-                state = ({**state[0], **momentum}, state[1])
+                state = ({**state[0], **{f"audit.{k}": v.detach() for k, v in momentum.items()}}, state[1])
             return record, state
 
         return prepare
-
-    def _held_bytes(self, st: dict[str, Any]) -> int:
-        """Bytes of the gradient copies the step's audit keeps until it ran on the writer (0 with the audit off)."""
-        seen = st.get("seen") if self._audit_on else None
-        return tensor_bytes((seen or {}).values())
 
     def _state_due(self, s: int) -> bool:
         """Whether a dense store keeps the optimizer state after step ``s``."""
@@ -233,6 +283,10 @@ class RecorderStoreMixin:
             return None
         return {**self._step_record(st, buffers), **pack_updates(tuple(self._params), updates)}
 
+    def _momentum_bytes(self, s: int) -> int:
+        """Bytes of the audit's momentum a dense step's queued optimizer state keeps alive (0 without either)."""
+        return tensor_bytes(self._auditor.momentum.values()) if self._audit_on and self._state_due(s) else 0
+
     def _make_room(self, s: int, st: dict[str, Any], tensors: dict[str, Tensor] | None) -> None:
         """Before step ``s``'s copies are made: wait until the writer's queue has room for them (dense stores).
 
@@ -240,24 +294,24 @@ class RecorderStoreMixin:
         when the writer is behind the loop waits here instead of holding one more step of copies.
         The room asked for is what :meth:`_write_step` then hands over: theta, ``tensors`` (the
         batch record and the tensor-valued coefficients, e.g. Adam's ``P``, of
-        :meth:`_dense_tensors`), the optimizer state when it is due and the audit's gradient copies,
+        :meth:`_dense_tensors`), the optimizer state when it is due and the audit's momentum that state keeps,
         so a step let through here is never held back again holding its copies.
         """
         if self._writer is None or tensors is None:
             return
         theta = tensor_bytes(self._params.values())
         state = state_bytes(self.optimizer) if self._state_due(s) else 0
-        self._writer.wait_for_room(theta + tensor_bytes(tensors.values()) + state + self._held_bytes(st))
+        self._writer.wait_for_room(theta + tensor_bytes(tensors.values()) + state + self._momentum_bytes(s))
 
-    def _release(self, state: Any, theta: dict[str, Tensor] | None) -> Any:
-        """What the writer runs once a step is written: the optimizer state's (and theta's) buffers are free."""
+    def _release(self, state: Any, theta: Handoff | None) -> Any:
+        """What the writer runs once a step is written: the optimizer state's buffers are free, theta's read."""
         pool = self._pool
 
         def done() -> None:
             if state is not None:
                 pool.release("state.", state[0])
             if theta is not None:
-                pool.release("param.", theta)
+                theta.done()
 
         return done
 
@@ -371,7 +425,7 @@ class RecorderStoreMixin:
     def _optimizer_state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """The optimizer's ``state_dict`` as safetensors tensors (pool copies) and metadata.
 
-        The audit's momentum is added by :meth:`_prepare` on the writer, after the step's audit ran.
+        The audit's momentum of the step is added by :meth:`_prepare` on the writer.
         """
         return encode_optimizer_state(self.optimizer.state_dict(), copy=lambda k, v: self._pool.copy("state." + k, v))
 
@@ -417,8 +471,8 @@ class RecorderStoreMixin:
         tensors.update(self._dense_tensors(st, updates, buffers) if dense is None else dense)
         state, copied = self._optimizer_state_async() if self._state_due(record.step) else (None, None)
         self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, copied),
-                                done=self._release(state, None if self._audit_on else theta_next),
-                                held_bytes=self._held_bytes(st))
+                                done=self._release(state, self._theta_handoff),
+                                held_bytes=self._momentum_bytes(record.step))
 
     def _step_record(self, st: dict[str, Any], buffers: dict[str, Tensor] | None) -> dict[str, Tensor]:
         """What every step file keeps, dense or sparse: the batch, the changed buffers, the micro-batches' states."""

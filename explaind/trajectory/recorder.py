@@ -90,7 +90,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         Recompute :math:`\sum_k w_k\nabla\ell_k(\theta_s)` from ``train_data`` and the loss and compare
         it with the gradient of ``backward()`` over the parameters the optimizer steps: ``True`` every
         step, an int ``k`` every ``k``-th step, a collection of step numbers exactly those, ``"auto"``
-        steps ``0..AUTO_CHECK_STEPS-1``, every power of two and every :data:`AUTO_CHECK_EVERY`-th step
+        steps ``0..AUTO_CHECK_STEPS-1``, every power of 4 and every :data:`AUTO_CHECK_EVERY`-th step
         when ``train_data`` is given and the model has no active dropout or batch norm. A mismatch
         raises ``TrajectoryError`` naming the step; the measured mismatch is kept per step
         (``trajectory.gradient_check()``). The check also measures the user's loss scale
@@ -111,8 +111,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         their batch, scalars, changed buffers and random states and are replayed from the nearest
         checkpoint when read (needs the training data). ``1``: every step.
     background_writes : bool
-        Write step files and run the update audit on a worker thread (the store's writer, or one for the
-        audit in memory), at most 4 steps behind; failures surface at the next step or exit.
+        Write step files on the store's writer thread, and in memory run the update audit on a worker
+        thread, at most 4 steps behind; failures surface at the next step or exit. With a store the audit
+        runs at the step (it then needs one copy of the parameters, not two; docs/recording.md).
     fsync : bool
         ``fsync`` every stored file.
     gradient_tolerance : float, optional
@@ -450,6 +451,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         device = next(iter(self._params.values())).device
         if not self._loss_checked and self._data is not None:
             self._check_loss_callable(device)
+        if due:  # idle copy buffers and the snapshots equal to p.grad give their memory to the check
+            self._pool.trim()
+            self._tap.drop_unchanged()
         check = self._check_gradient(seen, no_input, indices, weights, device, s, tol, autocast) if due else None
         if check is not None:
             self._sigma = check.sigma / (amp or 1.0)
@@ -472,8 +476,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             buffers = self._buffers.changed()
             dense = self._dense_tensors(st, updates, buffers)
             self._make_room(s, st, dense)  # a dense store's queue bounded by bytes: wait before copying, not after
-            theta_next = self._copy_params()
-            audit = self._audit_job(s, theta_next, st["seen"], updates)  # run later, in step order
+            theta_next, audit = self._next_theta(s, st["seen"], updates)  # with a store, the audit runs now
             check = st["check"]
             record = StepRecord(step=s, n_samples=int(st["indices"].shape[0]), grad_scale=float(st["scale"]),
                                 loss_scale=None if check is None else check.sigma,
