@@ -47,8 +47,8 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
 
-__all__ = ["AuditResult", "CopyPool", "Handoff", "OrderedWorker", "QueueBudget", "StateCopier", "WarmBuffers", "audit_job",
-           "check_queue_bounds"]
+__all__ = ["AuditResult", "CopyPool", "Handoff", "OrderedWorker", "QueueBudget", "StateCopier", "WarmBuffers",
+           "audit_job", "check_queue_bounds"]
 
 logger = logging.getLogger(__name__)
 

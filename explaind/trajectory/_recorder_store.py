@@ -31,8 +31,7 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
-from ._background import (AuditResult, CopyPool, Handoff, OrderedWorker, StateCopier, WarmBuffers, audit_job,
-                          audit_value)
+from ._background import AuditResult, CopyPool, Handoff, OrderedWorker, StateCopier, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
 from ._gradients import has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors, tensor_bytes
@@ -148,17 +147,22 @@ class RecorderStoreMixin:
             self._warm = WarmBuffers({n: p.detach() for n, p in self._params.items()})  # ready from the next step
         return {n: p.detach().clone() for n, p in self._params.items()}
 
-    def _next_theta(self, s: int, seen: Any, updates: dict[str, LinearUpdate]) -> tuple[dict[str, Tensor], Any]:
+    def _next_theta(self, s: int, st: dict[str, Any], updates: dict[str, LinearUpdate],
+                    dense: dict[str, Tensor] | None) -> tuple[dict[str, Tensor], Any]:
         r"""After step ``s``: the copy of :math:`\theta_{s+1}` and the step's audit (``None`` with the audit off).
 
         With a store the audit runs first (:meth:`_audit_now`, an :class:`AuditResult`), so the buffers
         of :math:`\theta_s` are free for :math:`\theta_{s+1}` once the writer wrote them too; in memory it
-        is a job for the worker (:meth:`_audit_job`).
+        is a job for the worker (:meth:`_audit_job`). Between the two, a dense store waits for room in the
+        writer's queue (:meth:`_make_room`, ``dense``: :meth:`_dense_tensors`).
         """
+        seen = st["seen"]
         if self._store is None:
             theta_next = self._copy_params()
             return theta_next, self._audit_job(s, theta_next, seen, updates)
         audit = self._audit_now(s, seen, updates) if self._audit_on else None
+        # a dense store's queue is bounded by bytes: wait before copying, not after (the audit's new momentum counted)
+        self._make_room(s, st, dense)
         theta_next = self._copy_params()
         self._theta = theta_next
         if self._pooled():  # read by the writer, and by the next step's audit

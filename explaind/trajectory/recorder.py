@@ -475,8 +475,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                                       st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
             buffers = self._buffers.changed()
             dense = self._dense_tensors(st, updates, buffers)
-            self._make_room(s, st, dense)  # a dense store's queue bounded by bytes: wait before copying, not after
-            theta_next, audit = self._next_theta(s, st["seen"], updates)  # with a store, the audit runs now
+            theta_next, audit = self._next_theta(s, st, updates, dense)  # with a store, the audit runs now
             check = st["check"]
             record = StepRecord(step=s, n_samples=int(st["indices"].shape[0]), grad_scale=float(st["scale"]),
                                 loss_scale=None if check is None else check.sigma,
