@@ -339,3 +339,29 @@ def test_float32_training_is_replayed_in_float64():
         att = explaind.InfluenceEstimator(keep=("train",), device="cpu", residual_tol=10.0).fit(traj).transform(X[20:])
         shares.append(att.meta["residual_share"])
     assert shares[0] <= 1e-5 < 1e-2 < shares[1]  # float32 rounding of the recorded updates, against wrong masks
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_log_batch_before_the_forward_is_refused_at_once_naming_the_order(check):
+    """``log_batch`` called before its micro-batch's forward pairs the samples with another forward's masks:
+    refused at the first call (before: a gradient mismatch at step 1, or with the check off a failure only when
+    explaining), naming the documented order; the documented order records the same loop."""
+    torch.manual_seed(3)
+    X, y = _data(24, (6,), seed=3)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=check)
+    idx = torch.arange(8)
+    with pytest.raises(TrajectoryError, match=r"(?s)no forward of the model since the previous call.*'2'.*"
+                                              r"after that micro-batch's forward and backward\(\)"):
+        with rec:
+            rec.log_batch(idx)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=check)
+    with rec:
+        for s in range(3):
+            idx = torch.arange(8 * s, 8 * s + 8)
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    assert rec.trajectory.n_steps == 3
