@@ -1,15 +1,17 @@
-"""Helpers shared by the trajectory backends and the recorder: losses, training data, model specs."""
+"""Helpers shared by the trajectory backends and the recorder: losses, training data, model specs, warnings."""
 
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, TrajectoryError
+from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from ..inputs import Inputs, as_inputs
 from ..records import LossRecord
 from .manifest import ArchitectureSpec
@@ -23,6 +25,7 @@ __all__ = [
     "validate_indices",
     "validate_weights",
     "default_weights",
+    "warn_user",
 ]
 
 
@@ -239,3 +242,13 @@ def default_weights(loss: LossRecord, data: TrainData | None, idx: Tensor, dtype
     from ..losses import batch_weights
 
     return batch_weights(loss, data.get(idx)[1], dtype)
+
+
+def warn_user(logger: logging.Logger, message: str, stacklevel: int) -> None:
+    """Send ``message`` both to ``logger`` (level WARNING) and as an :class:`~explaind.exceptions.ExplaindWarning`.
+
+    ``stacklevel`` counts as in :func:`warnings.warn` called from the caller of this helper: ``2``
+    points the warning at the caller's caller.
+    """
+    logger.warning("%s", message)
+    warnings.warn(message, ExplaindWarning, stacklevel=stacklevel + 1)

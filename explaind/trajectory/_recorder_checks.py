@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
 from ._buffers import BufferTracker
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
+from ._common import warn_user
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
 from ._participation import edit_list, edit_message, edited_parameters, frozen_edit_message
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
@@ -217,8 +217,7 @@ class RecorderChecksMixin:
             return
         if not self._schedule.never:
             raise TrajectoryError(f"Step {self._n}: {message}")
-        logger.warning("%s", message)
-        warnings.warn(message, ExplaindWarning, stacklevel=5)
+        warn_user(logger, message, stacklevel=5)
 
 
     # ----------------------------------------------------------------- changes outside the step
@@ -247,8 +246,7 @@ class RecorderChecksMixin:
                    f"stored when recording started), not at the model as it is now, so its replica and scores "
                    f"explain theta_{self._n}. Fix: explain the model at traj.params(traj.n_steps) (frozen "
                    f"parameters: traj.constants()), or make such changes after `with rec:`, on a copy of the model.")
-        logger.warning("%s", message)
-        warnings.warn(message, ExplaindWarning, stacklevel=3)
+        warn_user(logger, message, stacklevel=3)
 
     # ----------------------------------------------------------------- the loss scale
     def _batch_shape(self) -> tuple[tuple[int, int], ...]:

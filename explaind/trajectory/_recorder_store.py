@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
 from ._background import AuditResult, CopyPool, Handoff, OrderedWorker, StateCopier, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
+from ._common import warn_user
 from ._gradients import has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors, tensor_bytes
 from ._random import pack_micro_batches
@@ -74,8 +74,7 @@ def _warn_replaced_settings(given: list[dict[str, Any]], restored: list[dict[str
                f"optimizer.param_groups after restore(): the recorder follows a change at any step that the "
                f"optimizer adapter models (it refuses one it cannot, such as switching maximize while momentum "
                f"buffers built under the recorded value exist).")
-    logger.warning("%s", message)
-    warnings.warn(message, ExplaindWarning, stacklevel=3)
+    warn_user(logger, message, stacklevel=3)
 
 
 class RecorderStoreMixin:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import bisect
 import copy
 import logging
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +37,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
-from ..exceptions import ExplaindWarning, TrajectoryError
+from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
 from ._checks import batch_gradient, default_tolerance
+from ._common import warn_user
 from ._io import decode_optimizer_state, read_tensors
 from ._participation import collect_updates
 from ._random import replay_parts, resolve_generators
@@ -244,8 +244,7 @@ class SegmentReplay:
                 f"differ from the recording, a non-deterministic model, or a modified checkpoint. Fix: pass the "
                 f"recorded data and loss, or re-record with checkpoint_every=1."
             )
-            logger.warning("%s", message)
-            warnings.warn(message, ExplaindWarning, stacklevel=3)
+            warn_user(logger, message, stacklevel=3)
         return Segment(lo, hi, thetas, updates, gap)
 
     def _forward_of(self, s: int, model: nn.Module, where: str) -> tuple[nn.Module, Any]:
