@@ -46,6 +46,7 @@ from torch import Tensor
 from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
+from ._io import tensor_bytes
 
 __all__ = ["AuditResult", "CopyPool", "Handoff", "OrderedWorker", "QueueBudget", "StateCopier", "WarmBuffers",
            "audit_job", "check_queue_bounds"]
@@ -101,7 +102,7 @@ class CopyPool:
         """
         with self._lock:
             free, self._free = self._free, {}
-        return sum(t.numel() * t.element_size() for bufs in free.values() for t in bufs)
+        return tensor_bytes(t for bufs in free.values() for t in bufs)
 
     def release(self, prefix: str, tensors: dict[str, Tensor]) -> None:
         """Give the buffers of :meth:`copies` back (their contents may be overwritten from now on)."""
