@@ -215,7 +215,7 @@ class StoreWriter:
     Parameters
     ----------
     root : Path
-        Store directory (prepared by :func:`prepare_directory`).
+        Store directory (prepared by :func:`~explaind.trajectory._setup.prepare_directory`).
     manifest : TrajectoryManifest
         The manifest; its ``steps`` are the steps already on disk (non-empty when resuming).
     fsync : bool
