@@ -36,6 +36,7 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model, checkpoint_error
 from ..outputs import model_output
 from ..records import LossRecord
+from ._audit import CHUNK_ELEMENTS as _CHUNK
 from ._random import RandomState, replayed
 
 __all__ = [
@@ -237,16 +238,13 @@ def batch_gradient(
     return {n: (torch.zeros_like(detached[n]) if r is None else r) for n, r in zip(names, ref)}
 
 
-#: Elements per float64 chunk in the check's inner products (1 MiB per chunk and operand).
-_CHUNK = 1 << 17
-
-
 def _products64(raw: Tensor, ref: Tensor, pivot: float) -> tuple[float, float, float, float]:
     r"""``(<raw, ref>, ||ref||^2, ||raw||^2, ||raw - pivot * ref||^2)`` accumulated in float64, a chunk at a time.
 
-    Each operand is cast to float64 by chunks of :data:`_CHUNK` elements, so the products of a
-    large tensor never hold a float64 copy of it (they run during the check's backward, while
-    its activations are alive). The four sums are accumulated chunk after chunk in a float64 tensor
+    Each operand is cast to float64 by chunks of :data:`~explaind.trajectory._audit.CHUNK_ELEMENTS`
+    elements (1 MiB per chunk and operand, the update audit's chunk), so the products of a large
+    tensor never hold a float64 copy of it (they run during the check's backward, while its
+    activations are alive). The four sums are accumulated chunk after chunk in a float64 tensor
     on the gradients' device and read once (one host synchronisation per parameter, not four per chunk).
     """
     a, b = raw.detach().reshape(-1), ref.detach().reshape(-1)
