@@ -295,21 +295,25 @@ def compile_backend(model: nn.Module) -> str | None:
 
 
 def refuse_compiled_draws(model: nn.Module) -> None:
-    """Refuse a compiled model with a backend whose random draws eager PyTorch cannot replay.
+    """Refuse a model compiled (whole or in a submodule) with a backend whose draws eager PyTorch cannot replay.
 
     The recorder calls it for models that draw random numbers (dropout, private generators,
-    ``capture_random=True``): the engine replays every training forward in eager PyTorch.
+    ``capture_random=True``): the engine replays every training forward in eager PyTorch. Every module
+    of ``model`` is checked, so ``model.encoder = torch.compile(encoder)`` is refused as the whole model is.
 
     Raises
     ------
     ConfigError
         Naming the backend and the fix.
     """
-    backend = compile_backend(model)
-    if backend is None or backend in EAGER_RANDOM_BACKENDS:
+    found = [(name, backend) for name, m in model.named_modules()
+             if (backend := compile_backend(m)) is not None and backend not in EAGER_RANDOM_BACKENDS]
+    if not found:
         return
+    name, backend = found[0]
+    where = "The model is" if not name else f"The submodule {name!r} is"
     raise ConfigError(
-        f"The model is compiled with torch.compile(backend={backend!r}), which draws dropout masks and other random "
+        f"{where} compiled with torch.compile(backend={backend!r}), which draws dropout masks and other random "
         f"numbers with its own generator, while explaind replays every training forward in eager PyTorch: the "
         f"masks would differ from the loop's and the split over samples would be inexact (the gradient check "
         f"runs the compiled model and would not see it). Fix: record the uncompiled model, or compile it with "

@@ -233,6 +233,19 @@ def test_compiled_dropout_model_with_inductor_is_refused(how):
                                     train_data=(X, y))
 
 
+def test_a_submodule_compiled_with_inductor_under_an_uncompiled_root_is_refused():
+    """Before: only the root was looked at, so a compiled submodule with dropout recorded a silently inexact run."""
+    X, y, _ = _data()
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3)).to(DT)
+    model = nn.Sequential(torch.compile(inner), nn.Linear(8, 3)).to(DT)
+    assert explaind.models.compile_backend(model) is None and explaind.models.compile_backend(model[0]) == "inductor"
+    with pytest.raises(ConfigError, match=r"The submodule '0' is compiled with torch.compile\(backend='inductor'\).*"
+                                          r"Fix: record the uncompiled model"):
+        explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.2), loss="cross_entropy",
+                                    train_data=(X, y))
+
+
 def test_compiled_dropout_model_with_aot_eager_is_exact():
     X, y, X_test = _data()
     net = _dropout_net()
