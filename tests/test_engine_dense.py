@@ -329,6 +329,20 @@ def test_shared_nodes_give_the_same_plan_as_pointwise_evaluation():
     torch.testing.assert_close(a.w, b.w)
 
 
+@pytest.mark.parametrize("nbytes", [1, 1 << 14])  # 2 nodes per chunk (the floor); 512 / K nodes (K takers, 2 outputs)
+def test_cells_cut_in_chunks_of_nodes_give_the_same_plan(monkeypatch, nbytes):
+    """``cut_cells`` evaluates the nodes in chunks (``SHARED_NODES_BYTES``): the gaps across chunks are cut alike."""
+    kinks = [3000] * 40
+    whole, h, dh = _plan(kinks)
+    monkeypatch.setattr(dense, "SHARED_NODES_BYTES", nbytes)
+    parts, _, _ = _plan(kinks)
+    assert len(_at_rule(whole, range(len(kinks)))) > 0  # the rule ran (its grid spans several chunks)
+    torch.testing.assert_close(parts.estimate, whole.estimate, rtol=0, atol=1e-13)  # summed in another order
+    torch.testing.assert_close(parts.t, whole.t, rtol=0, atol=0)
+    torch.testing.assert_close(parts.w, whole.w, rtol=0, atol=1e-13)
+    torch.testing.assert_close(parts.evals, whole.evals, rtol=0, atol=0)
+
+
 def test_a_few_far_units_are_left_to_the_adaptive_rule():
     """Fewer than DENSE_MIN far units: no fallback (a unit with a few kinks may be among them); the far units
     wait for the test while others refine and go on untested when none is left."""

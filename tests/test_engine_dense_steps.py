@@ -69,15 +69,20 @@ def recorded():
     return _run()
 
 
-def test_every_unit_s_estimate_is_its_own_step_and_input_s_weighted_slopes(recorded, monkeypatch):
-    model, traj, X = recorded
+def _every_unit_dense(traj, X, monkeypatch):
+    """An engine on ``traj`` whose kink-dense test finds every failing unit far; its inputs and explained outputs."""
     monkeypatch.setattr(dense, "DENSE_RATIO", 0.0)
     monkeypatch.setattr(dense, "DENSE_REL", 0.0)
     monkeypatch.setattr(adaptive, "DENSE_MIN", 1)
     eng = PathEngine(traj, device=torch.device("cpu"), dtype=torch.float64, chunk_size=None)
-    assert eng.evaluator.per_node  # a convolutional model on the CPU: grids one call per (step, node)
     Xc = eng.inputs(X)
-    ex = eng.explained(Xc, None, None, "test")
+    return eng, Xc, eng.explained(Xc, None, None, "test")
+
+
+def test_every_unit_s_estimate_is_its_own_step_and_input_s_weighted_slopes(recorded, monkeypatch):
+    model, traj, X = recorded
+    eng, Xc, ex = _every_unit_dense(traj, X, monkeypatch)
+    assert eng.evaluator.per_node  # a convolutional model on the CPU: grids one call per (step, node)
     with pytest.warns(explaind.exceptions.ExplaindWarning):
         _, _, plans, _ = window_plans(eng, Xc, ex, (0, STEPS), "adaptive", None, 1e-12, with_estimate=True)
     names = [n for n, _ in model.named_parameters()]
@@ -189,3 +194,19 @@ def test_weighted_jvps_one_call_per_node_equal_the_vmap_over_nodes(recorded):
                               {n: v[1] for n, v in tangents.items()}, 0.0, X[i])
                    for t, w in zip(plan.t[i].tolist(), plan.w[i].tolist()))
         torch.testing.assert_close(per_node[i, 1], want, rtol=0, atol=1e-12)
+
+
+def test_shared_nodes_in_chunks_give_the_same_plans(recorded, monkeypatch):
+    """The engine's shared evaluation splits a step's nodes by ``SHARED_NODES_BYTES`` (all its inputs at each chunk)."""
+    _, traj, X = recorded
+    eng, Xc, ex = _every_unit_dense(traj, X, monkeypatch)
+    got = []
+    for nbytes in (dense.SHARED_NODES_BYTES, 1):  # one chunk; one node per evaluation (two per cut_cells chunk)
+        monkeypatch.setattr(dense, "SHARED_NODES_BYTES", nbytes)
+        with pytest.warns(explaind.exceptions.ExplaindWarning):
+            got.append(window_plans(eng, Xc, ex, (0, STEPS), "adaptive", None, 1e-12, with_estimate=True)[2])
+    assert max(int(p.evals.max()) for p in got[0]) >= 0.9 * dense.DENSE_EVALS  # the grid ran
+    for whole, parts in zip(*got):
+        torch.testing.assert_close(parts.t, whole.t, rtol=0, atol=0)
+        torch.testing.assert_close(parts.w, whole.w, rtol=0, atol=1e-13)
+        torch.testing.assert_close(parts.estimate, whole.estimate, rtol=0, atol=1e-13)

@@ -197,7 +197,8 @@ def grid_cells(spent: int, failing: int, takers: int, m: int, n: int = DENSE_EVA
     return int(min(n, max(new + m, math.ceil(GRID_FLOOR * n))))
 
 
-#: Bytes of :math:`h, h'` at shared nodes ``(K, nodes, O)`` the fallback holds per call of ``shared``.
+#: Bytes of :math:`h, h'` at shared nodes ``(K, nodes, O)`` the fallback holds per call of ``shared`` (the
+#: engine's ``shared`` also splits its nodes so that a step's ``T`` inputs, ``(T, nodes, O)``, stay within it).
 SHARED_NODES_BYTES = 1 << 27
 
 

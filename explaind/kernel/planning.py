@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..exceptions import ExplaindWarning
 from . import adaptive
+from . import dense as _dense
 from .adaptive import adaptive_plan
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
@@ -118,10 +119,13 @@ def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: l
         # the nodes t shared by the units of one step: one evaluation per node for all of the step's inputs
         h = d0.new_empty(units.numel(), t.numel(), d0.shape[-1])
         d = torch.empty_like(h)
+        # the step's T inputs at a chunk of nodes: within _dense.SHARED_NODES_BYTES like the chunks of cut_cells
+        per = max(1, _dense.SHARED_NODES_BYTES // max(1, 2 * d0.element_size() * T * d0.shape[-1]))
         for s in torch.unique(units // T).tolist():
             mine = units // T == s
-            hs, ds = engine.evaluator.slopes(stack.steps(s, s + 1), Grid(t))  # (T, Q, O)
-            h[mine], d[mine] = hs[units[mine] % T], ds[units[mine] % T]
+            for lo in range(0, t.numel(), per):
+                hs, ds = engine.evaluator.slopes(stack.steps(s, s + 1), Grid(t[lo:lo + per]))  # (T, per, O)
+                h[mine, lo:lo + per], d[mine, lo:lo + per] = hs[units[mine] % T], ds[units[mine] % T]
         return h, d
 
     steps = torch.arange(stack.n_steps, device=d0.device).repeat_interleave(T)
