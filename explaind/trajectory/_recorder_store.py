@@ -19,6 +19,7 @@ pre-hook), and so does the writer before writing it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from concurrent.futures import Future
 from pathlib import Path
@@ -30,7 +31,17 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
-from ._background import AuditResult, CopyPool, Handoff, OrderedWorker, StateCopier, WarmBuffers, audit_job, audit_value
+from ._background import (
+    AuditResult,
+    CoefficientBuffers,
+    CopyPool,
+    Handoff,
+    OrderedWorker,
+    StateCopier,
+    WarmBuffers,
+    audit_job,
+    audit_value,
+)
 from ._buffers import pack_buffers
 from ._common import warn_user
 from ._gradients import has_stochastic_layers
@@ -126,6 +137,9 @@ class RecorderStoreMixin:
         self._theta_handoff: Handoff | None = None  # readers of a dense store's theta_s copy
         self._worker = None
         self._warm: WarmBuffers | None = None
+        # a dense store lends the adapter pool buffers for its tensor coefficients (after_step's optional `out`)
+        takes_out = "out" in inspect.signature(self._adapter.after_step).parameters
+        self._coefs = CoefficientBuffers(self._pool, self._params) if takes_out and self._pooled() else None
 
     # ----------------------------------------------------------------- off the hot path
     def _pooled(self) -> bool:
@@ -145,6 +159,14 @@ class RecorderStoreMixin:
                 return self._warm.copies(self._params)
             self._warm = WarmBuffers({n: p.detach() for n, p in self._params.items()})  # ready from the next step
         return {n: p.detach().clone() for n, p in self._params.items()}
+
+    def _adapter_updates(self, optimizer: torch.optim.Optimizer, before: Any) -> dict[int, LinearUpdate]:
+        """The adapter's ``after_step``; in a dense store its tensor coefficients go into pool buffers
+        (:class:`~explaind.trajectory._background.CoefficientBuffers`, given back once the step is written)."""
+        if self._coefs is None:
+            return self._adapter.after_step(optimizer, before)
+        self._coefs.take()  # a failed step's buffers are not given back: nothing may reuse them
+        return self._adapter.after_step(optimizer, before, out=self._coefs)
 
     def _next_theta(self, s: int, st: dict[str, Any], updates: dict[str, LinearUpdate],
                     dense: dict[str, Tensor] | None) -> tuple[dict[str, Tensor], Any]:
@@ -306,13 +328,16 @@ class RecorderStoreMixin:
         state = state_bytes(self.optimizer) if self._state_due(s) else 0
         self._writer.wait_for_room(theta + tensor_bytes(tensors.values()) + state + self._momentum_bytes(s))
 
-    def _release(self, state: Any, theta: Handoff | None) -> Any:
-        """What the writer runs once a step is written: the optimizer state's buffers are free, theta's read."""
+    def _release(self, state: Any, theta: Handoff | None, coefs: dict[str, Tensor] | None = None) -> Any:
+        """What the writer runs once a step is written: the optimizer state's and the coefficients' buffers are
+        free, theta's read."""
         pool = self._pool
 
         def done() -> None:
             if state is not None:
                 pool.release("state.", state[0])
+            if coefs:
+                pool.release("coef.", coefs)
             if theta is not None:
                 theta.done()
 
@@ -474,7 +499,8 @@ class RecorderStoreMixin:
         tensors.update(self._dense_tensors(st, updates, buffers) if dense is None else dense)
         state, copied = self._optimizer_state_async() if self._state_due(record.step) else (None, None)
         self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, copied),
-                                done=self._release(state, self._theta_handoff),
+                                done=self._release(state, self._theta_handoff,
+                                                   None if self._coefs is None else self._coefs.take()),
                                 held_bytes=self._momentum_bytes(record.step))
 
     def _step_record(self, st: dict[str, Any], buffers: dict[str, Tensor] | None) -> dict[str, Tensor]:

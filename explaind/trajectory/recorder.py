@@ -480,7 +480,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         s, st = self._n, self._step_state
         assert st is not None and self._theta is not None
         try:
-            updates = collect_updates(self._params, self._adapter.after_step(optimizer, st["before"]),
+            updates = collect_updates(self._params, self._adapter_updates(optimizer, st["before"]),
                                       st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
             buffers = self._buffers.changed()
             dense = self._dense_tensors(st, updates, buffers)

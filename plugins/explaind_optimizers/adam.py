@@ -24,6 +24,7 @@ scales the parameter before adding the Adam step). ``maximize=True`` is modelled
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -104,7 +105,8 @@ def _step_count(value: Any) -> float:
 
 
 def preconditioner(
-    state: dict[str, Any], lr: float, beta1: float, beta2: float, eps: float, amsgrad: bool, dtype: torch.dtype
+    state: dict[str, Any], lr: float, beta1: float, beta2: float, eps: float, amsgrad: bool, dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Adam's diagonal ``P`` with the operation order of torch's non-capturable paths.
 
@@ -118,6 +120,10 @@ def preconditioner(
         Use the running maximum ``max_exp_avg_sq``.
     dtype : torch.dtype
         Parameter dtype (fixes the rounding of the scalar step size).
+    out : Tensor, optional
+        Where to write ``P`` (shape, dtype and device of the second moment; anything else is
+        ignored and a new tensor made). The same elementwise operations run in it, so the bits equal
+        those of a new tensor; a reused buffer spares the page faults of fresh memory every step.
 
     Returns
     -------
@@ -135,7 +141,10 @@ def preconditioner(
     # same order and dtype, in one buffer (the same bits as with a new tensor for every operation). The
     # dividend is a 0-d CPU tensor on every device: kernels take it as a scalar, where a 0-d tensor made on a
     # GPU would be a blocking host-to-device copy for every parameter at every step
-    out = torch.sqrt(second).div_(bias_correction2_sqrt).add_(eps)
+    usable = (out is not None and out.shape == second.shape and out.dtype == second.dtype
+              and out.device == second.device and out.is_contiguous())
+    out = torch.sqrt(second, out=out) if usable else torch.sqrt(second)
+    out.div_(bias_correction2_sqrt).add_(eps)
     return torch.div(torch.tensor(as_used(step_size, dtype), dtype=out.dtype), out, out=out)
 
 
@@ -225,9 +234,15 @@ class AdamAdapter:
                        maximize_switch_problems(optimizer, self._maximize, "exp_avg"))
         return _AdamBefore(groups=snapshot_groups(optimizer))
 
-    def after_step(self, optimizer: torch.optim.Optimizer, before: _AdamBefore) -> dict[int, LinearUpdate]:
-        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only)."""
-        out: dict[int, LinearUpdate] = {}
+    def after_step(self, optimizer: torch.optim.Optimizer, before: _AdamBefore, *,
+                   out: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> dict[int, LinearUpdate]:
+        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only).
+
+        ``out(param)``, when given, returns a buffer shaped like ``param`` to compute its ``P`` in
+        (or ``None``); the buffer is then the caller's, and the adapter never touches it again
+        (docs/optimizers.md, "Coefficient buffers").
+        """
+        updates: dict[int, LinearUpdate] = {}
         for snap in before.groups:
             v = snap.values
             beta1, beta2 = (float(b) for b in v["betas"])
@@ -237,7 +252,8 @@ class AdamAdapter:
             amsgrad = bool(v.get("amsgrad", False))
             for p in snap.with_grad:
                 dt = p.dtype
-                P = preconditioner(optimizer.state[p], lr, beta1, beta2, eps, amsgrad, dt)
+                P = preconditioner(optimizer.state[p], lr, beta1, beta2, eps, amsgrad, dt,
+                                   None if out is None else out(p))
                 if sign < 0:
                     P = P.neg_()
                 b = as_used(1.0 - beta1, dt)  # torch: exp_avg.lerp_(u, 1 - beta1)
@@ -248,5 +264,5 @@ class AdamAdapter:
                         lambda_d = 1.0 - as_used(1.0 - lr * wd, dt)
                     else:
                         lambda_c = sign * as_used(wd, dt)
-                out[id(p)] = LinearUpdate(a=1.0 - b, b=b, P=P, q=1.0, n=0.0, lambda_c=lambda_c, lambda_d=lambda_d)
-        return out
+                updates[id(p)] = LinearUpdate(a=1.0 - b, b=b, P=P, q=1.0, n=0.0, lambda_c=lambda_c, lambda_d=lambda_d)
+        return updates
