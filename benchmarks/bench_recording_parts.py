@@ -26,6 +26,7 @@ Run: ``python benchmarks/bench_recording_parts.py [--steps N] [--repeats R] [--t
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import threading
@@ -52,6 +53,7 @@ def _wrap(owner: type, name: str, key: str, *, top: bool = False, wall: bool = F
     """Time ``owner.name`` on the loop's thread under ``key`` (``top``: also under ``"total"``; ``wall``: wall time)."""
     inner: Callable = getattr(owner, name)
 
+    @functools.wraps(inner)  # keeps the signature: the recorder reads an adapter's optional keywords from it
     def timed(*args, **kwargs):
         if threading.current_thread() is not _main:
             return inner(*args, **kwargs)

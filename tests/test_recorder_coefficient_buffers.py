@@ -18,7 +18,7 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import TrajectoryError
-from explaind.trajectory import _background, _filewrite
+from explaind.trajectory import _background, _coefficients, _filewrite
 from explaind.trajectory.disk import DiskTrajectory
 from explaind.trajectory.store import read_manifest
 
@@ -105,7 +105,7 @@ def test_stored_P_equals_the_loop_reference_and_the_in_memory_recording_bit_for_
     reference = _loop_reference(variant, dtype)
     memory = _recorded(variant, dtype).trajectory
     rec = _recorded(variant, dtype, store=tmp_path / "run", audit=False)
-    assert rec._coefs is not None  # the pooled path is the one under test
+    assert rec._coefs is not None and rec._coefs._jobs is not None  # pooled and filled on the copier's thread
     stored = rec.trajectory
     assert isinstance(stored, DiskTrajectory) and stored.n_steps == STEPS
     for s in range(STEPS):
@@ -117,25 +117,70 @@ def test_stored_P_equals_the_loop_reference_and_the_in_memory_recording_bit_for_
             assert torch.equal(stored.params(s + 1)[name], theta)
 
 
-def test_audit_at_the_step_reads_the_pooled_P(tmp_path, monkeypatch):
-    """With the audit on, the store's audit values equal the in-memory audit's (both replay the same ``P``)."""
+def test_audit_at_the_step_reads_the_pooled_P_computed_at_the_step(tmp_path, monkeypatch):
+    """With the audit on, ``P`` is computed at the step (not deferred): the store's ``P`` and audit values equal
+    the in-memory recorder's."""
     _slow_writer(monkeypatch)
     memory = _recorded("adamw-decay", torch.float64).trajectory
-    stored = _recorded("adamw-decay", torch.float64, store=tmp_path / "run").trajectory
+    rec = _recorded("adamw-decay", torch.float64, store=tmp_path / "run")
+    assert rec._coefs is not None and rec._coefs._jobs is None
+    stored = rec.trajectory
     assert np.array_equal(stored.audit(), memory.audit())
     assert np.all(stored.audit() < 1e-12)
+    for s in range(STEPS):
+        for name, u in memory.updates(s).items():
+            assert torch.equal(_bits(stored.updates(s)[name].P), _bits(u.P)), (s, name)
+
+
+@pytest.mark.parametrize("save_state", [True, False], ids=["state", "no-state"])
+def test_a_slow_deferred_P_holds_back_the_next_step_and_the_writer(tmp_path, monkeypatch, save_state):
+    """The copier's job finishes late: the next ``optimizer.step()`` (which changes ``exp_avg_sq``) and the write
+    wait for it, also without a state copy to wait for, so every stored ``P`` still equals the loop's."""
+    run = _background.StateCopier.run
+    finished: list[float] = []
+
+    def slow(self, jobs):
+        def late():
+            threading.Event().wait(0.03)
+            finished.append(len(finished))
+        return run(self, [late, *jobs])
+
+    monkeypatch.setattr(_background.StateCopier, "run", slow)
+    reference = _loop_reference("adam", torch.float32)
+    rec = _recorded("adam", torch.float32, store=tmp_path / "run", audit=False, save_optimizer_state=save_state)
+    assert len(finished) >= STEPS  # every step's P went through the slow copier
+    stored = rec.trajectory
+    for s in range(STEPS):
+        for name, P in reference[s].items():
+            assert torch.equal(_bits(stored.updates(s)[name].P), _bits(P)), (s, name)
+
+
+def test_a_failed_deferred_P_is_the_steps_error(tmp_path, monkeypatch):
+    import explaind_optimizers.adam as adam
+
+    fill, calls = adam._fill, []
+
+    def failing(later):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("deferred P failed")
+        fill(later)
+
+    monkeypatch.setattr(adam, "_fill", failing)
+    with pytest.raises(TrajectoryError, match="deferred P failed"):
+        _recorded("adam", torch.float32, store=tmp_path / "run", audit=False)
 
 
 def test_dense_store_reuses_the_coefficient_buffers(tmp_path, monkeypatch):
     handed: list[torch.Tensor] = []
-    call = _background.CoefficientBuffers.__call__
+    call = _coefficients.CoefficientBuffers.__call__
 
     def spy(self, param):
         buf = call(self, param)
         handed.append(buf)  # kept alive: distinct objects are distinct memory
         return buf
 
-    monkeypatch.setattr(_background.CoefficientBuffers, "__call__", spy)
+    monkeypatch.setattr(_coefficients.CoefficientBuffers, "__call__", spy)
     _recorded("adam", torch.float32, store=tmp_path / "run", audit=False, background_writes=False)
     n_params = 4
     assert len(handed) == STEPS * n_params

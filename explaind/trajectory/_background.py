@@ -17,8 +17,6 @@ r"""The recorder's per-step work off the training loop's hot path (docs/recordin
   waits until fewer than ``max_steps`` are queued and its bytes fit under ``max_bytes`` with those
   queued (a step is always let in when nothing is queued, so a step larger than the budget waits
   for an empty queue instead of forever).
-* :class:`CoefficientBuffers` lends an optimizer adapter pool buffers to compute its tensor
-  coefficients in (Adam's ``P``), given back once a dense store's writer wrote them.
 * :class:`Handoff` gives a set of pool buffers back once each of its readers said it is done with
   it: a dense store's copy of :math:`\theta_{s+1}` is read by the writer (the step file) and by the
   update audit of the next step, in either order.
@@ -50,7 +48,7 @@ from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
 from ._io import tensor_bytes
 
-__all__ = ["AuditResult", "CoefficientBuffers", "CopyPool", "Handoff", "OrderedWorker", "QueueBudget", "StateCopier",
+__all__ = ["AuditResult", "CopyPool", "Handoff", "OrderedWorker", "QueueBudget", "StateCopier",
            "WarmBuffers", "audit_job", "check_queue_bounds"]
 
 logger = logging.getLogger(__name__)
@@ -111,42 +109,6 @@ class CopyPool:
         with self._lock:
             for n, t in tensors.items():
                 self._free.setdefault(prefix + n, []).append(t)
-
-
-class CoefficientBuffers:
-    """Pool buffers for an optimizer adapter's tensor coefficients: the ``out`` of its ``after_step``.
-
-    Called with a recorded parameter, it hands out a buffer of the pool (key ``"coef.<name>"``,
-    shaped like the parameter) for the adapter to compute that parameter's coefficient in (e.g. Adam's
-    ``P``), or ``None`` for a parameter it does not know. A dense store's step keeps its coefficients
-    only until the writer wrote them, so they go back to the pool then (:meth:`take`, then
-    :meth:`CopyPool.release` with ``"coef."``) instead of being new memory, page-faulted, every step.
-
-    Parameters
-    ----------
-    pool : CopyPool
-        Where the buffers come from and go back to.
-    params : dict of str to Tensor
-        The recorded parameters, by name.
-    """
-
-    def __init__(self, pool: CopyPool, params: dict[str, Tensor]):
-        self._pool = pool
-        self._names = {id(p): n for n, p in params.items()}
-        self._params = params  # keeps the parameters (and so their ids) alive
-        self._taken: dict[str, Tensor] = {}
-
-    def __call__(self, param: Tensor) -> Tensor | None:
-        name = self._names.get(id(param))
-        if name is None:
-            return None
-        buf = self._taken[name] = self._pool.buffer("coef." + name, param)
-        return buf
-
-    def take(self) -> dict[str, Tensor]:
-        """The buffers handed out since the last call, by parameter name (the caller gives them back)."""
-        taken, self._taken = self._taken, {}
-        return taken
 
 
 class Handoff:
@@ -261,12 +223,22 @@ class StateCopier:
 
     def submit(self, pairs: list[tuple[Tensor, Tensor]]) -> Future:
         """Copy each ``source`` into its ``destination`` (``[(destination, source), ...]``) on the thread."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explaind-state-copy")
 
         def run() -> None:
             for dst, src in pairs:
                 dst.copy_(src)
+
+        return self.run([run])
+
+    def run(self, jobs: list[Callable[[], None]]) -> Future:
+        """Run ``jobs`` in order on the thread, after what was submitted before (e.g. an adapter's deferred
+        coefficients, computed from the state after the step: :mod:`~explaind.trajectory._coefficients`)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explaind-state-copy")
+
+        def run() -> None:
+            for job in jobs:
+                job()
 
         self._last = self._pool.submit(run)
         return self._last

@@ -19,7 +19,6 @@ pre-hook), and so does the writer before writing it.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from concurrent.futures import Future
 from pathlib import Path
@@ -33,7 +32,6 @@ from ..recurrence import LinearUpdate
 from ._audit import UpdateAudit
 from ._background import (
     AuditResult,
-    CoefficientBuffers,
     CopyPool,
     Handoff,
     OrderedWorker,
@@ -43,6 +41,7 @@ from ._background import (
     audit_value,
 )
 from ._buffers import pack_buffers
+from ._coefficients import PREFIX, CoefficientBuffers
 from ._common import warn_user
 from ._gradients import has_stochastic_layers
 from ._io import decode_optimizer_state, encode_optimizer_state, read_tensors, tensor_bytes
@@ -137,9 +136,8 @@ class RecorderStoreMixin:
         self._theta_handoff: Handoff | None = None  # readers of a dense store's theta_s copy
         self._worker = None
         self._warm: WarmBuffers | None = None
-        # a dense store lends the adapter pool buffers for its tensor coefficients (after_step's optional `out`)
-        takes_out = "out" in inspect.signature(self._adapter.after_step).parameters
-        self._coefs = CoefficientBuffers(self._pool, self._params) if takes_out and self._pooled() else None
+        self._coefs = CoefficientBuffers.for_adapter(self._adapter, self._pool, self._params, dense=self._pooled(),
+                                                     read_at_step=self._audit_on)
 
     # ----------------------------------------------------------------- off the hot path
     def _pooled(self) -> bool:
@@ -161,12 +159,22 @@ class RecorderStoreMixin:
         return {n: p.detach().clone() for n, p in self._params.items()}
 
     def _adapter_updates(self, optimizer: torch.optim.Optimizer, before: Any) -> dict[int, LinearUpdate]:
-        """The adapter's ``after_step``; in a dense store its tensor coefficients go into pool buffers
-        (:class:`~explaind.trajectory._background.CoefficientBuffers`, given back once the step is written)."""
+        """The adapter's ``after_step``; in a dense store with its tensor coefficients in pool buffers
+        (:mod:`~explaind.trajectory._coefficients`, given back once the step is written)."""
         if self._coefs is None:
             return self._adapter.after_step(optimizer, before)
-        self._coefs.take()  # a failed step's buffers are not given back: nothing may reuse them
-        return self._adapter.after_step(optimizer, before, out=self._coefs)
+        return self._coefs.updates(self._adapter, optimizer, before)
+
+    def _fill_coefficients(self) -> Future | None:
+        """The adapter's deferred coefficients of this step, filled on the :class:`StateCopier` (``None``: none).
+
+        The next ``optimizer.step()`` waits for them (:meth:`_hold_next_step`), the writer before writing them.
+        """
+        jobs = [] if self._coefs is None else self._coefs.take_jobs()
+        if not jobs:
+            return None
+        self._hold_next_step()
+        return self._copier.run(jobs)
 
     def _next_theta(self, s: int, st: dict[str, Any], updates: dict[str, LinearUpdate],
                     dense: dict[str, Tensor] | None) -> tuple[dict[str, Tensor], Any]:
@@ -270,18 +278,19 @@ class RecorderStoreMixin:
             logger.exception("The background audit failed while handling another error.")
 
     @staticmethod
-    def _prepare(audit: AuditResult | None, copied: Future | None = None) -> Prepare | None:
+    def _prepare(audit: AuditResult | None, *copied: Future | None) -> Prepare | None:
         """What the writer runs before writing a step: the audit value into the record, its momentum into the state.
 
-        ``copied``: the optimizer state's copy on the :class:`StateCopier`, waited for first (its error is
-        the step's).
+        ``copied``: the optimizer state's copy and the deferred coefficients on the :class:`StateCopier`,
+        waited for first (their errors are the step's).
         """
-        if audit is None and copied is None:
+        waits = [f for f in copied if f is not None]
+        if audit is None and not waits:
             return None
 
         def prepare(record: StepRecord, state: Any) -> tuple[StepRecord, Any]:
-            if copied is not None:
-                copied.result()
+            for future in waits:
+                future.result()
             if audit is None:
                 return record, state
             record = record.model_copy(update={"audit": audit_value(audit.value)})
@@ -337,7 +346,7 @@ class RecorderStoreMixin:
             if state is not None:
                 pool.release("state.", state[0])
             if coefs:
-                pool.release("coef.", coefs)
+                pool.release(PREFIX, coefs)
             if theta is not None:
                 theta.done()
 
@@ -478,10 +487,14 @@ class RecorderStoreMixin:
         state = encode_optimizer_state(self.optimizer.state_dict(), copy=take)
         if not pairs:
             return state, None
+        self._hold_next_step()
+        return state, self._copier.submit(pairs)
+
+    def _hold_next_step(self) -> None:
+        """Make the next ``optimizer.step()`` wait for the :class:`StateCopier` (a step pre-hook, registered once)."""
         if self._copy_hook is None or self._copy_hook not in self._handles:
             self._copy_hook = self.optimizer.register_step_pre_hook(self._await_state_copy)
             self._handles.append(self._copy_hook)  # removed with the recorder's hooks
-        return state, self._copier.submit(pairs)
 
     def _await_state_copy(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Step pre-hook: the optimizer state's copy of the previous step is finished before this step changes it."""
@@ -498,7 +511,8 @@ class RecorderStoreMixin:
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
         tensors.update(self._dense_tensors(st, updates, buffers) if dense is None else dense)
         state, copied = self._optimizer_state_async() if self._state_due(record.step) else (None, None)
-        self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, copied),
+        filled = self._fill_coefficients()
+        self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, copied, filled),
                                 done=self._release(state, self._theta_handoff,
                                                    None if self._coefs is None else self._coefs.take()),
                                 held_bytes=self._momentum_bytes(record.step))

@@ -23,6 +23,7 @@ scales the parameter before adding the Adam step). ``maximize=True`` is modelled
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,11 +142,23 @@ def preconditioner(
     # same order and dtype, in one buffer (the same bits as with a new tensor for every operation). The
     # dividend is a 0-d CPU tensor on every device: kernels take it as a scalar, where a 0-d tensor made on a
     # GPU would be a blocking host-to-device copy for every parameter at every step
-    usable = (out is not None and out.shape == second.shape and out.dtype == second.dtype
-              and out.device == second.device and out.is_contiguous())
-    out = torch.sqrt(second, out=out) if usable else torch.sqrt(second)
+    out = torch.sqrt(second, out=out) if _fits(out, second) else torch.sqrt(second)
     out.div_(bias_correction2_sqrt).add_(eps)
     return torch.div(torch.tensor(as_used(step_size, dtype), dtype=out.dtype), out, out=out)
+
+
+def _fits(out: torch.Tensor | None, second: torch.Tensor) -> bool:
+    """Whether ``out`` can hold ``P`` computed from ``second`` (same shape, dtype and device, contiguous)."""
+    return (out is not None and out.shape == second.shape and out.dtype == second.dtype
+            and out.device == second.device and out.is_contiguous())
+
+
+def _fill(later: list[tuple[Any, ...]]) -> None:
+    """Compute the deferred ``P`` of :meth:`AdamAdapter.after_step` into their buffers (``defer``'s job)."""
+    for state, lr, beta1, beta2, eps, amsgrad, dt, buf, negate in later:
+        P = preconditioner(state, lr, beta1, beta2, eps, amsgrad, dt, buf)
+        if negate:
+            P.neg_()
 
 
 def _warn_fused_cuda_low_precision(name: str, optimizer: torch.optim.Optimizer) -> None:
@@ -235,14 +248,18 @@ class AdamAdapter:
         return _AdamBefore(groups=snapshot_groups(optimizer))
 
     def after_step(self, optimizer: torch.optim.Optimizer, before: _AdamBefore, *,
-                   out: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> dict[int, LinearUpdate]:
+                   out: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                   defer: Callable[[Callable[[], None]], None] | None = None) -> dict[int, LinearUpdate]:
         """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only).
 
         ``out(param)``, when given, returns a buffer shaped like ``param`` to compute its ``P`` in
-        (or ``None``); the buffer is then the caller's, and the adapter never touches it again
-        (docs/optimizers.md, "Coefficient buffers").
+        (or ``None``); the buffer is then the caller's, and the adapter never touches it again.
+        ``defer(job)``, when given with ``out``, receives one job that fills those buffers: the
+        updates returned hold them unfilled until the caller ran the job, which it must do before the
+        next ``optimizer.step()`` changes the state (docs/optimizers.md, "Coefficient buffers").
         """
         updates: dict[int, LinearUpdate] = {}
+        later: list[tuple[Any, ...]] = []
         for snap in before.groups:
             v = snap.values
             beta1, beta2 = (float(b) for b in v["betas"])
@@ -252,10 +269,14 @@ class AdamAdapter:
             amsgrad = bool(v.get("amsgrad", False))
             for p in snap.with_grad:
                 dt = p.dtype
-                P = preconditioner(optimizer.state[p], lr, beta1, beta2, eps, amsgrad, dt,
-                                   None if out is None else out(p))
-                if sign < 0:
-                    P = P.neg_()
+                state, buf = optimizer.state[p], None if out is None else out(p)
+                if defer is not None and _fits(buf, state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]):
+                    later.append((state, lr, beta1, beta2, eps, amsgrad, dt, buf, sign < 0))
+                    P = buf
+                else:
+                    P = preconditioner(state, lr, beta1, beta2, eps, amsgrad, dt, buf)
+                    if sign < 0:
+                        P = P.neg_()
                 b = as_used(1.0 - beta1, dt)  # torch: exp_avg.lerp_(u, 1 - beta1)
                 lambda_c = 0.0
                 lambda_d = 0.0
@@ -265,4 +286,6 @@ class AdamAdapter:
                     else:
                         lambda_c = sign * as_used(wd, dt)
                 updates[id(p)] = LinearUpdate(a=1.0 - b, b=b, P=P, q=1.0, n=0.0, lambda_c=lambda_c, lambda_d=lambda_d)
+        if later:
+            defer(functools.partial(_fill, later))
         return updates
