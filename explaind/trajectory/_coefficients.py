@@ -70,7 +70,10 @@ class CoefficientBuffers:
         read_at_step : bool
             Something reads the coefficients inside the step (the update audit): no deferring.
         """
-        takes = inspect.signature(adapter.after_step).parameters
+        try:
+            takes = inspect.signature(adapter.after_step).parameters
+        except (TypeError, ValueError):  # a callable without a signature: new tensors, as without the keyword
+            return None
         if not dense or "out" not in takes:
             return None
         return cls(pool, params, defer="defer" in takes and not read_at_step)
