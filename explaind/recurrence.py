@@ -117,7 +117,8 @@ class OptimizerAdapter(Protocol):
     attribute ``fresh_tensors = True`` says that every tensor coefficient ``after_step`` returns is
     new and never touched by the adapter again, so the recorder keeps it without a copy. An
     optional keyword ``out`` of ``after_step`` takes ``out(param) -> Tensor | None``, a buffer the
-    recorder lends for that parameter's tensor coefficient (docs/optimizers.md). An
+    recorder lends for that parameter's tensor coefficient, and ``defer`` a job that fills those
+    buffers later (docs/optimizers.md, "Coefficient buffers"). An
     optional method ``resumed(optimizer)`` is called by ``TrajectoryRecorder.restore()`` right after
     the recorded run's optimizer state was loaded into ``optimizer``: its hyperparameters are then
     those of the last recorded step (the built-in adapters refuse a later switch of ``maximize``
