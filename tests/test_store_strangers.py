@@ -36,10 +36,9 @@ def _record(store: Path, steps: int, **kwargs):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, **kwargs)
-    if kwargs.get("resume"):
-        rec.restore()
+    start = rec.restore() if kwargs.get("resume") else 0
     with rec:
-        for idx in (batches(12, 4) * 3)[rec.manifest.n_steps if kwargs.get("resume") else 0 :][:steps]:
+        for idx in (batches(12, 4) * 3)[start : start + steps]:
             opt.zero_grad()
             F.mse_loss(model(X[idx]), y[idx]).backward()
             rec.log_batch(idx)

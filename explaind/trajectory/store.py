@@ -427,6 +427,14 @@ class StoreWriter:
         self.manifest.complete = complete
         try:
             self.write_manifest()
+        except OSError as exc:  # a full disk, a directory turned read-only: every step is in the journal already
+            if error is None:
+                error = TrajectoryError(
+                    f"Writing the final manifest of the trajectory store {str(self.root)!r} failed: "
+                    f"{type(exc).__name__}: {exc}. Every step recorded is kept (its journal lists them) and the "
+                    f"store reads as an interrupted run. Free the space (or restore write access), then open it "
+                    f"with TrajectoryRecorder(..., resume=True) and rec.restore() to go on or to mark it complete.")
+                error.__cause__ = exc
         finally:
             self._writer_lock.release()
         if error is not None:
