@@ -86,15 +86,21 @@ def run_chain(store: Path, reference, every: int, kills: list[tuple[str, int]], 
         traj.verify()
         _assert_same(reference, traj)
         held = traj.n_steps
+    resume_to_the_end(store, reference, STEPS, every)
+
+
+def resume_to_the_end(store: Path, reference, steps: int, every: int = 1) -> None:
+    """Resume the store to ``steps`` steps; it must then be complete, verify, equal ``reference`` bit for bit and hold
+    no temporary file."""
     model, opt, X, y = resumable_setup()
     rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, resume=True,
                                       checkpoint_every=every)
     start = rec.restore()
     with rec:
-        for s in range(start, STEPS):
+        for s in range(start, steps):
             resumable_step(model, opt, X, y, s, rec)
     final = explaind.Trajectory.load(store, model=resumable_setup()[0])
-    assert final.n_steps == STEPS and final.manifest.complete
+    assert final.n_steps == steps and final.manifest.complete
     final.verify()
     _assert_same(reference, final)
     assert not [p.name for p in store.rglob("*") if TEMP_FILE.fullmatch(p.name)]

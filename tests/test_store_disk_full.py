@@ -10,6 +10,7 @@ import errno
 import os
 
 import pytest
+from _kill_chain import resume_to_the_end
 from _recording_helpers import resumable_reference, resumable_setup, resumable_step
 from test_store_faults import _assert_same
 
@@ -109,13 +110,4 @@ def test_a_full_disk_mid_run_is_an_explaind_error_loses_no_committed_step_and_re
     assert not traj.manifest.complete
     traj.verify()
     _assert_same(reference, traj)
-    model, opt, X, y = resumable_setup()
-    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, resume=True)
-    start = rec.restore()
-    with rec:
-        for s in range(start, STEPS):
-            resumable_step(model, opt, X, y, s, rec)
-    final = explaind.Trajectory.load(store, model=resumable_setup()[0])
-    assert final.n_steps == STEPS and final.manifest.complete
-    final.verify()
-    _assert_same(reference, final)
+    resume_to_the_end(store, reference, STEPS)
