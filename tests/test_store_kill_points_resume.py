@@ -9,8 +9,8 @@ The points and K come from a fixed seed, so a failure reruns as it was.
 from __future__ import annotations
 
 import pytest
-from _kill_chain import STEPS, draw, run_chain
-from _recording_helpers import resumable_reference, schema_1_store
+from _kill_chain import STEPS, draw, run_chain, schema_1_store
+from _recording_helpers import resumable_reference
 
 #: per chain: checkpoint_every and the kill points, each with the largest K drawn (1..K_max)
 KILLS = draw({"sparse": (3, [("write", 4), ("after:optimizer/checkpoint-", 1)]),

@@ -49,7 +49,8 @@ def _read_journal(root: Path) -> list[StepRecord]:
                                "complete but corrupted: the step is recorded again when the run is resumed")
                 break
             raise TrajectoryError(
-                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {exc.errors()[0]['msg']}."
+                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {validation_problems(exc, 1)}. "
+                f"The store was modified: restore journal.jsonl from a copy, or re-record the run."
             ) from None
     return records
 
