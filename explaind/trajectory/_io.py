@@ -106,14 +106,15 @@ def store_path(root: Path, relpath: str, what: str) -> Path:
         nothing about what lies there.
     """
     parts = PurePosixPath(relpath).parts
-    if not parts or PurePosixPath(relpath).is_absolute() or ".." in parts or "\\" in relpath:
-        raise TrajectoryError(f"{what}: the manifest names {relpath!r}, which is not a relative path inside the "
-                              f"store. The store is corrupted or was not written by explaind; re-record the run.")
+    if not parts or PurePosixPath(relpath).is_absolute() or ".." in parts or "\\" in relpath or "\0" in relpath:
+        raise TrajectoryError(f"{what}: the manifest of the store {str(root)!r} names {relpath!r}, which is not a "
+                              f"relative path inside the store (allowed: a path below it, without '..', '\\' or NUL). "
+                              f"The store is corrupted or was not written by explaind; re-record the run.")
     base = os.path.realpath(root)
     full = os.path.realpath(root / relpath)
     if os.path.commonpath([base, full]) != base:
-        raise TrajectoryError(f"{what}: {relpath!r} leads outside the store (a symbolic link). The store is "
-                              f"corrupted or was not written by explaind; re-record the run.")
+        raise TrajectoryError(f"{what}: {relpath!r} of the store {str(root)!r} leads outside the store (a symbolic "
+                              f"link). The store is corrupted or was not written by explaind; re-record the run.")
     return root / relpath
 
 
@@ -198,7 +199,9 @@ def read_tensors(root: Path, record: FileRecord, step: int | None = None) -> tup
         header = json.loads(data[8 : 8 + header_len])
     except (SafetensorError, ValueError) as exc:
         where = f"{str(root / record.path)!r}{_where(step)}"
-        raise TrajectoryError(f"Trajectory file {where} is unreadable: {exc}") from exc
+        raise TrajectoryError(f"Trajectory file {where} is not a safetensors file explaind can read: {exc}. The store "
+                              f"is corrupted or was not written by explaind; re-record the run, or resume it from "
+                              f"the last complete step before this file.") from exc
     return tensors, dict(header.get("__metadata__", {}) or {})
 
 
@@ -246,17 +249,26 @@ def encode_optimizer_state(
 
 
 def decode_optimizer_state(
-    tensors: dict[str, Tensor], metadata: dict[str, str], live_state_dict: dict[str, Any]
+    tensors: dict[str, Tensor], metadata: dict[str, str], live_state_dict: dict[str, Any],
+    where: str = "The stored optimizer state",
 ) -> dict[str, Any]:
-    """Inverse of :func:`encode_optimizer_state`, filling gaps from the live optimizer's state dict."""
-    desc = json.loads(metadata["optimizer"])
-    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in desc["state"].items()}
+    """Inverse of :func:`encode_optimizer_state`, filling gaps from the live optimizer's state dict.
+
+    Raises
+    ------
+    TrajectoryError
+        Naming ``where`` (the file) when the description or a tensor name is not what
+        :func:`encode_optimizer_state` writes, or refers to a parameter or group the optimizer lacks.
+    """
     live_groups = live_state_dict.get("param_groups", [])
+    n_params = sum(len(g["params"]) for g in live_groups)
+    desc = _optimizer_description(metadata, where, n_params)
     if len(live_groups) != len(desc["param_groups"]):
         raise TrajectoryError(
             f"The stored optimizer state has {len(desc['param_groups'])} parameter group(s) but the optimizer has "
             f"{len(live_groups)}. Build the optimizer with the same parameter groups as the recorded run."
         )
+    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in desc["state"].items()}
     groups = []
     for live, saved in zip(live_groups, desc["param_groups"]):
         group = dict(live)
@@ -264,12 +276,48 @@ def decode_optimizer_state(
             group[key] = tuple(value) if isinstance(live.get(key), tuple) else value
         groups.append(group)
     for key, value in tensors.items():
-        kind, index, name = key.split(".", 2)
+        kind, index, name = _state_key(key, where, n_params, len(groups))
         if kind == "state":
-            state.setdefault(int(index), {})[name] = value
+            state.setdefault(index, {})[name] = value
         else:
-            groups[int(index)][name] = value
+            groups[index][name] = value
     for g, live in zip(groups, live_groups):
         g["params"] = live["params"]
     return {"state": state, "param_groups": groups}
 
+
+def _unreadable_state(where: str, problem: str) -> TrajectoryError:
+    return TrajectoryError(f"{where}: {problem}. The optimizer state was not written by explaind or the store is "
+                           f"corrupted: re-record the run (or resume it from an earlier copy of the store).")
+
+
+def _optimizer_description(metadata: dict[str, str], where: str, n_params: int) -> dict[str, Any]:
+    """The JSON description of an optimizer state file, checked: ``{"state": {i: {...}}, "param_groups": [{...}]}``."""
+    try:
+        desc = json.loads(metadata["optimizer"])
+    except KeyError:
+        raise _unreadable_state(where, "its metadata has no 'optimizer' entry") from None
+    except (ValueError, RecursionError) as exc:
+        raise _unreadable_state(where, f"its 'optimizer' metadata is not valid JSON ({exc})") from None
+    ok = (isinstance(desc, dict) and isinstance(desc.get("state"), dict) and isinstance(desc.get("param_groups"), list)
+          and all(isinstance(v, dict) for v in desc["state"].values())
+          and all(isinstance(g, dict) for g in desc["param_groups"]))
+    if not ok:
+        raise _unreadable_state(where, "its 'optimizer' metadata is not {'state': {index: {...}}, 'param_groups': "
+                                       "[{...}, ...]}")
+    bad = [k for k in desc["state"] if not (k.isascii() and k.isdigit() and int(k) < n_params)]
+    if bad:
+        raise _unreadable_state(where, f"it holds state for parameter indices {bad[:5]}, allowed: 0..{n_params - 1} "
+                                       f"(the optimizer's {n_params} parameters)")
+    return desc
+
+
+def _state_key(key: str, where: str, n_params: int, n_groups: int) -> tuple[str, int, str]:
+    """``"state.<i>.<name>"`` or ``"group.<g>.<name>"`` split, its index checked against the optimizer."""
+    kind, _, rest = key.partition(".")
+    index, _, name = rest.partition(".")
+    limit = n_params if kind == "state" else n_groups
+    if kind not in ("state", "group") or not (index.isascii() and index.isdigit()) or not name or int(index) >= limit:
+        raise _unreadable_state(where, f"it holds the tensor {key!r}, allowed: 'state.<i>.<name>' with i in "
+                                       f"0..{n_params - 1} or 'group.<g>.<name>' with g in 0..{n_groups - 1}")
+    return kind, int(index), name

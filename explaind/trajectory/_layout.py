@@ -67,15 +67,22 @@ def _is_own(name: str, pattern: re.Pattern[str] | None) -> bool:
     return base in _TOP_FILES if pattern is None else bool(pattern.fullmatch(base))
 
 
+def _is_layout_path(relpath: str) -> bool:
+    """Whether ``relpath`` is a name explaind gives its files (a manifest naming another file does not own it)."""
+    folder, _, name = relpath.rpartition("/")
+    if not folder:
+        return _is_own(name, None)
+    return folder in _FOLDERS and _is_own(name, _FOLDERS[folder])
+
+
 def own_files(root: Path, manifest: TrajectoryManifest | None) -> set[str]:
     """Relative paths of the files a store owns: its index, the files it lists, and its step and state files."""
     owned = {MANIFEST, JOURNAL, SETUP, *START_FILES}
     if manifest is not None:
-        for record in (manifest.initial_file, manifest.constants_file, manifest.data_file):
-            if record is not None:
-                owned.add(record.path)
+        records = [manifest.initial_file, manifest.constants_file, manifest.data_file]
         for step in manifest.steps:
-            owned.update(r.path for r in (step.file, step.optimizer_state, step.audit_state) if r is not None)
+            records += [step.file, step.optimizer_state, step.audit_state]
+        owned.update(r.path for r in records if r is not None and _is_layout_path(r.path))
     for folder, pattern in _FOLDERS.items():
         if (root / folder).is_dir() and not (root / folder).is_symlink():
             owned.update(f"{folder}/{p.name}" for p in (root / folder).iterdir() if pattern.fullmatch(p.name))

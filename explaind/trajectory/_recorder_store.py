@@ -407,7 +407,8 @@ class RecorderStoreMixin:
             audit = {k[len("audit."):]: v for k, v in tensors.items() if k.startswith("audit.")}
             state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
             given = _group_settings(self.optimizer)
-            self.optimizer.load_state_dict(decode_optimizer_state(state, meta, self.optimizer.state_dict()))
+            self.optimizer.load_state_dict(decode_optimizer_state(state, meta, self.optimizer.state_dict(),
+                                                                  f"Trajectory file {str(self._store / rec.path)!r}"))
             _warn_replaced_settings(given, _group_settings(self.optimizer), n)
             resumed = getattr(self._adapter, "resumed", None)  # optional adapter method (OptimizerAdapter)
             if callable(resumed):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError
+from ..exceptions import ConfigError, ExplaindError, TrajectoryError, UnknownEntryError
 from ..recurrence import LinearUpdate
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
@@ -29,7 +29,7 @@ from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_from_name, dtype_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
 from .replay import SegmentReplay
-from .store import read_manifest, record_binding, unpack_updates
+from .store import check_updates, read_manifest, record_binding, unpack_updates
 
 __all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
 
@@ -249,7 +249,9 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
     def _static_file(self, key: str, record: FileRecord | None) -> dict[str, Tensor]:
         if key not in self._static:
             if record is None:
-                raise TrajectoryError(f"The trajectory at {str(self.root)!r} has no {key} file.")
+                raise TrajectoryError(f"The manifest of the trajectory at {str(self.root)!r} names no {key} file "
+                                      f"({key}_file is null); every store has one. The store is corrupted or was not "
+                                      f"written by explaind; re-record the run.")
             tensors = read_tensors(self.root, record)[0]
             if key == "initial":
                 self._check_params(tensors, f"{record.path!r}")
@@ -279,6 +281,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                                   f"modified. Re-record the run.")
         if record.has_params:
             self._check_params(tensors, where)
+        check_updates(self._manifest.params, tensors, where, dense=not self.sparse)
         self._check_batch(tensors, where)
         self._cache[s] = (tensors, meta)
         while len(self._cache) > self._cache_size:
@@ -342,9 +345,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
     # ----------------------------------------------------------------- per step
     def params(self, s: int) -> dict[str, Tensor]:
         s = check_param_index(s, self.n_steps)
-        if s > 0 and not self._manifest.steps[s - 1].has_params:
-            assert self._replay is not None  # only sparse stores have steps without theta
-            return self._replay.params(s)
+        if s > 0 and not self._manifest.steps[s - 1].has_params and self._replay is not None:
+            return self._replay.params(s)  # only sparse stores have steps without theta (store._check_consistency)
         if s == 0:
             tensors = self._static_file("initial", self._manifest.initial_file)
         else:
@@ -431,9 +433,26 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                     f"The trajectory at {str(self.root)!r} has no training data attached. Pass "
                     f"Trajectory.load(path, train_data=(X, y)), or record with store_data=True."
                 )
-            tensors = read_tensors(self.root, self._manifest.data_file)[0]
-            self._data = TrainData.from_flat(tensors)
+            self._data = self._stored_data(self._manifest.data_file)
         return self._data.get(indices)
+
+    def _stored_data(self, record: FileRecord) -> TrainData:
+        """``data.safetensors`` as :class:`TrainData`, checked to hold ``n_train`` samples."""
+        tensors = read_tensors(self.root, record)[0]
+        where = repr(str(self.root / record.path))
+        try:
+            data = TrainData.from_flat(tensors)
+            n = len(data)
+        except (KeyError, IndexError, ValueError, TypeError, RuntimeError, ExplaindError) as exc:
+            raise TrajectoryError(f"Trajectory file {where} does not hold training data as explaind stores it "
+                                  f"(tensors 'X' or 'X.<key>', and 'y'; here {sorted(tensors)}): {exc!r}. The store "
+                                  f"is corrupted; pass Trajectory.load(path, train_data=(X, y)) with the recorded "
+                                  f"data.") from None
+        if self._manifest.n_train is not None and n != self._manifest.n_train:
+            raise TrajectoryError(f"Trajectory file {where} holds {n} samples, but the run was recorded with n_train="
+                                  f"{self._manifest.n_train}. The store is corrupted; pass Trajectory.load(path, "
+                                  f"train_data=(X, y)) with the recorded data.")
+        return data
 
     # ----------------------------------------------------------------- extras
     def verify(self) -> None:

@@ -12,7 +12,7 @@ Both trajectory backends expose the same model; the in-memory backend simply has
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -59,8 +59,29 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    """Inverse of :func:`dtype_name`."""
-    return _NAME_DTYPES[name]
+    """Inverse of :func:`dtype_name` (any ``torch`` dtype by its name, e.g. ``"complex64"``).
+
+    Raises
+    ------
+    ValueError
+        When ``name`` names no torch dtype (the manifest's validators turn it into a clear error).
+    """
+    if name in _NAME_DTYPES:
+        return _NAME_DTYPES[name]
+    dtype = getattr(torch, name, None) if name.isidentifier() else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype; allowed: {sorted(_NAME_DTYPES)} or another torch dtype name")
+    return dtype
+
+
+def _known_dtype(value: str) -> str:
+    """A field validator: ``value`` names a torch dtype."""
+    dtype_from_name(value)
+    return value
+
+
+#: a tensor dimension or count stored in the manifest (never negative)
+_Count = Annotated[int, Field(ge=0)]
 
 
 class _Model(BaseModel):
@@ -71,8 +92,13 @@ class TensorSpec(_Model):
     """Name, shape and dtype of one stored tensor."""
 
     name: str
-    shape: list[int]
+    shape: list[_Count]
     dtype: str
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        return _known_dtype(value)
 
     @classmethod
     def of(cls, name: str, tensor: Tensor) -> TensorSpec:
@@ -89,7 +115,7 @@ class FileRecord(_Model):
     """
 
     path: str
-    nbytes: int
+    nbytes: _Count
     checksum: str | None = None
     sha256: str | None = None
 
@@ -162,9 +188,9 @@ class StepRecord(_Model):
         the latest two kept, for resuming); dense stores keep it inside ``optimizer_state``.
     """
 
-    step: int
+    step: _Count
     file: FileRecord | None = None
-    n_samples: int
+    n_samples: _Count
     grad_scale: float
     audit: float | None = None
     loss_scale: float | None = None
@@ -279,8 +305,8 @@ class TrajectoryManifest(_Model):
     loss: str | None = None
     architecture: ArchitectureSpec | None = None
     n_steps: int = 0
-    param_stride: int = 1
-    n_train: int | None = None
+    param_stride: int = Field(default=1, ge=1)
+    n_train: _Count | None = None
     train_fingerprint: DataFingerprint | None = None
     data_file: FileRecord | None = None
     initial_file: FileRecord | None = None
@@ -292,6 +318,21 @@ class TrajectoryManifest(_Model):
     generators: list[str] = Field(default_factory=list)
     buffer_names: list[str] = Field(default_factory=list)
     extras: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        return _known_dtype(value)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> TrajectoryManifest:
+        seen: set[str] = set()
+        for spec in [*self.params, *self.constants]:
+            if spec.name in seen:
+                raise ValueError(f"the tensor name {spec.name!r} is listed twice in 'params' and 'constants'; each "
+                                 f"parameter or constant is recorded once")
+            seen.add(spec.name)
+        return self
 
     @property
     def param_names(self) -> tuple[str, ...]:

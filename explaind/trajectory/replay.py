@@ -170,8 +170,9 @@ class SegmentReplay:
         optimizer = cls(groups)
         adapter = record.implementation.from_optimizer(optimizer)
         if lo > 0:
+            state = self._state_at(lo, optimizer)  # a stored state that cannot be read raises naming its file
             try:
-                optimizer.load_state_dict(self._state_at(lo, optimizer))
+                optimizer.load_state_dict(state)
             except (ValueError, KeyError) as exc:
                 raise TrajectoryError(f"The optimizer state at checkpoint theta_{lo} of the store at "
                                       f"{str(src.root)!r} does not fit the recorded parameter groups ({exc}); the "
@@ -184,7 +185,8 @@ class SegmentReplay:
             state_file = self._src.manifest.steps[lo - 1].optimizer_state
             tensors, meta = read_tensors(self._src.root, state_file, step=lo - 1)
             state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
-            return decode_optimizer_state(state, meta, optimizer.state_dict())
+            return decode_optimizer_state(state, meta, optimizer.state_dict(),
+                                          f"Trajectory file {str(self._src.root / state_file.path)!r}")
         before = self._ends[bisect.bisect_left(self._ends, lo) - 1]
         if lo not in self._states:
             self.segment(before)  # its replay leaves the end state in self._states

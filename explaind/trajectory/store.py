@@ -35,8 +35,6 @@ in flight (measured in tests/test_store_faults.py). A failure there is raised by
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import queue
@@ -46,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor
 
 from .._io import fsync_directory
@@ -56,7 +53,8 @@ from ._background import QueueBudget, check_queue_bounds
 from ._checksum import DEFAULT as DEFAULT_CHECKSUM
 from ._checksum import validate_algorithm
 from ._filewrite import TensorFileWriter
-from ._io import read_confined, tensor_bytes, write_bytes
+from ._index import read_manifest
+from ._io import tensor_bytes, write_bytes
 from ._layout import (
     JOURNAL,
     MANIFEST,
@@ -67,12 +65,11 @@ from ._layout import (
     step_path,
 )
 from .lock import WriterLock
-from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TrajectoryManifest
+from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TensorSpec, TrajectoryManifest
 
 __all__ = ["MANIFEST", "JOURNAL", "StoreWriter", "read_manifest", "is_store", "step_path",
-           "pack_updates", "unpack_updates", "Prepare"]
+           "pack_updates", "unpack_updates", "check_updates", "Prepare"]
 
-logger = logging.getLogger(__name__)
 #: ``prepare(record, optimizer_state) -> (record, optimizer_state)``, run on the writer before a step is written
 Prepare = Callable[[StepRecord, Any], tuple[StepRecord, Any]]
 
@@ -80,8 +77,6 @@ Prepare = Callable[[StepRecord, Any], tuple[StepRecord, Any]]
 #: most, unless one step alone is larger: then a step waits until the one before it is committed
 MAX_QUEUE_BYTES = 1 << 26
 
-#: Largest manifest or journal read (5,000 steps take about 4 MB).
-MAX_INDEX_BYTES = 1 << 28
 
 
 def pack_updates(names: tuple[str, ...], updates: dict[str, LinearUpdate]) -> dict[str, Tensor]:
@@ -100,6 +95,53 @@ def pack_updates(names: tuple[str, ...], updates: dict[str, LinearUpdate]) -> di
         rows.append(row)
     out["update.scalars"] = torch.tensor(rows, dtype=torch.float64).reshape(len(names), len(COEFFICIENT_NAMES))
     return out
+
+
+def check_updates(specs: list[TensorSpec], tensors: dict[str, Tensor], where: str, *, dense: bool) -> None:
+    """The coefficients of a step file are those :func:`pack_updates` writes for parameters ``specs``.
+
+    ``update.scalars`` is float64 of shape ``(n_params, 7)``, finite except NaN where a dense file
+    holds the coefficient as ``update.<name>.<field>`` instead (sparse files keep only the table: their
+    tensor coefficients are replayed); such a tensor is floating and broadcasts to its parameter's shape.
+
+    Raises
+    ------
+    TrajectoryError
+        Naming the file, the tensor, what it holds and what is allowed.
+    """
+    problem = _update_problem(specs, tensors, dense)
+    if problem:
+        raise TrajectoryError(f"Trajectory file {where}: {problem}. The store is corrupted or was not written by "
+                              f"explaind; re-record the run.")
+
+
+def _described(t: Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} of shape {list(t.shape)}"
+
+
+def _update_problem(specs: list[TensorSpec], tensors: dict[str, Tensor], dense: bool) -> str | None:
+    table = tensors.get("update.scalars")
+    shape = [len(specs), len(COEFFICIENT_NAMES)]
+    if table is None or table.dtype != torch.float64 or list(table.shape) != shape:
+        held = "nothing" if table is None else _described(table)
+        return f"'update.scalars' holds {held}, allowed: float64 of shape {shape}"
+    if bool(torch.isinf(table).any()):
+        return "'update.scalars' holds infinite coefficients, allowed: finite values (NaN marks a tensor coefficient)"
+    for spec, row in zip(specs, table.tolist()):
+        for field, value in zip(COEFFICIENT_NAMES, row):
+            key = f"update.{spec.name}.{field}"
+            t = tensors.get(key)
+            if t is None:
+                if dense and math.isnan(value):
+                    return f"{key!r} is missing (its cell of 'update.scalars' is NaN)"
+                continue
+            try:
+                fits = t.is_floating_point() and list(torch.broadcast_shapes(t.shape, spec.shape)) == spec.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                return f"{key!r} is {_described(t)}, allowed: a floating tensor broadcasting to the shape {spec.shape}"
+    return None
 
 
 def unpack_updates(names: tuple[str, ...], tensors: dict[str, Tensor]) -> dict[str, LinearUpdate]:
@@ -130,82 +172,6 @@ def record_binding(record: StepRecord) -> str:
 def is_store(path: Path) -> bool:
     """Whether ``path`` is a trajectory store (holds a manifest)."""
     return (path / MANIFEST).is_file()
-
-
-def _read_journal(root: Path) -> list[StepRecord]:
-    path = root / JOURNAL
-    try:
-        lines = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal").split(b"\n")
-    except FileNotFoundError:
-        return []
-    records: list[StepRecord] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(StepRecord.model_validate_json(line))
-        except ValidationError as exc:
-            if all(not rest.strip() for rest in lines[i + 1 :]):
-                torn = i == len(lines) - 1  # no newline after it: the write was cut off
-                logger.warning("Ignoring the %s last line of %s (%s); its step is not part of the run.", "incomplete"
-                               if torn else "unreadable", path, "a step in flight at a crash" if torn else
-                               "complete but corrupted: the step is recorded again when the run is resumed")
-                break
-            raise TrajectoryError(
-                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {exc.errors()[0]['msg']}."
-            ) from None
-    return records
-
-
-def read_manifest(root: str | Path) -> TrajectoryManifest:
-    """Read ``manifest.json`` and merge the steps completed since it was written (from the journal).
-
-    Raises
-    ------
-    TrajectoryError
-        When ``root`` is not a store, the manifest is invalid, its schema is newer than this
-        version of explaind, or the journal contradicts it.
-    """
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        what = "does not exist" if not root.exists() else "has no manifest.json"
-        raise TrajectoryError(
-            f"{str(root)!r} is not an explaind trajectory store: it {what}. Record one with "
-            f"TrajectoryRecorder(..., store={str(root)!r})."
-        )
-    try:
-        raw = json.loads(read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest"))
-    except FileNotFoundError:
-        raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
-                              f"vanished.") from None
-    except ValueError as exc:
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc}.") from None
-    version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if isinstance(version, int) and version > SCHEMA_VERSION:
-        raise TrajectoryError(
-            f"Trajectory manifest {str(path)!r} has schema_version {version}; this explaind reads up to "
-            f"{SCHEMA_VERSION}. Upgrade explaind."
-        )
-    try:
-        manifest = TrajectoryManifest.model_validate(raw)
-    except ValidationError as exc:
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {exc}") from None
-    steps = list(manifest.steps)
-    for record in _read_journal(root):
-        if record.step < len(steps):
-            continue
-        if record.step != len(steps):
-            raise TrajectoryError(
-                f"Trajectory journal {str(root / JOURNAL)!r} jumps from step {len(steps) - 1} to step {record.step}."
-            )
-        steps.append(record)
-    for i, record in enumerate(steps):
-        if record.step != i:
-            raise TrajectoryError(f"Trajectory manifest {str(path)!r} lists step {record.step} at position {i}.")
-    manifest.steps = steps
-    manifest.n_steps = len(steps)
-    return manifest
 
 
 
@@ -461,6 +427,14 @@ class StoreWriter:
         self.manifest.complete = complete
         try:
             self.write_manifest()
+        except OSError as exc:  # a full disk, a directory turned read-only: every step is in the journal already
+            if error is None:
+                error = TrajectoryError(
+                    f"Writing the final manifest of the trajectory store {str(self.root)!r} failed: "
+                    f"{type(exc).__name__}: {exc}. Every step recorded is kept (its journal lists them) and the "
+                    f"store reads as an interrupted run. Free the space (or restore write access), then open it "
+                    f"with TrajectoryRecorder(..., resume=True) and rec.restore() to go on or to mark it complete.")
+                error.__cause__ = exc
         finally:
             self._writer_lock.release()
         if error is not None:
