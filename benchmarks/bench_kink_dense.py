@@ -16,7 +16,8 @@ checkout of explaind (``PYTHONPATH=DIR``; e.g. ``git worktree add /tmp/before <c
 before/after table comes from one run on one machine.
 
 ``--per-eval`` prints instead the cost of one evaluation (one JVP of one test input at one point) for
-each way the engine evaluates: shared nodes one call per (step, node), shared nodes by ``vmap`` over steps
+each way the engine evaluates: shared nodes one call per (step, node) (convolutions fused, and by
+``torch.func.jvp``), shared nodes by ``vmap`` over steps
 and nodes, rows by ``vmap`` over rows, and a bare forward pass.
 
 Run: ``python benchmarks/bench_kink_dense.py [--model resnet] [--steps 40] [--inputs 64] [--threads 1]
@@ -129,14 +130,18 @@ def per_eval(args: argparse.Namespace) -> None:
 
     On the first 4 steps and ``--inputs`` test inputs, 16 nodes per step: a grid of nodes shared by every input
     of a step, one call per (step, node) with the step's parameters shared by the batch of inputs (what the
-    kink-dense rule and the fixed rules use for convolutional models on the CPU) and by one ``vmap`` over steps
+    kink-dense rule and the fixed rules use for convolutional models on the CPU; each convolution's primal and
+    kernel tangent in one call, :mod:`explaind.kernel.fused_jvp`, and for comparison by ``torch.func.jvp``,
+    three convolutions per layer) and by one ``vmap`` over steps
     and nodes (per-node parameters: grouped convolutions); rows, each at its own point (``vmap`` over rows,
     parameters per row: the adaptive rule's refinement); and a bare forward pass per (step, node) without
     derivatives, for scale. All on the ``torch.func`` evaluator (``factored="never"``); each the fastest of
     three runs.
     """
+    from explaind.kernel import autograd
     from explaind.kernel.engine import PathEngine
     from explaind.kernel.evaluate import Grid, Rows
+    from explaind.kernel.fused_jvp import fused_jvp
 
     torch.set_num_threads(args.threads)
     _, traj, X_test = record(4, args.model)
@@ -148,9 +153,13 @@ def per_eval(args: argparse.Namespace) -> None:
     t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     units = torch.arange(S * T).repeat_interleave(n)
 
-    def grid(per_node: bool):
+    def grid(per_node: bool, fused: bool = True):
         ev.per_node = per_node
-        return ev.slopes(stack, Grid(t))[1]
+        autograd.fused_jvp = fused_jvp if fused else autograd._jvp  # torch.func.jvp: three convolutions per layer
+        try:
+            return ev.slopes(stack, Grid(t))[1]
+        finally:
+            autograd.fused_jvp = fused_jvp
 
     def forward():
         with torch.no_grad():
@@ -159,7 +168,8 @@ def per_eval(args: argparse.Namespace) -> None:
                     explained(engine.fm, {k: v[s] + tq * stack.delta[k][s] for k, v in stack.base.items()}, X,
                               explained.aux)
 
-    ways = [("grid, one call per (step, node), parameters shared", lambda: grid(True)),
+    ways = [("grid, one call per (step, node), parameters shared, convolutions fused", lambda: grid(True)),
+            ("grid, one call per (step, node), parameters shared, torch.func.jvp", lambda: grid(True, False)),
             ("grid, vmap over steps and nodes, parameters per node", lambda: grid(False)),
             ("rows, vmap over rows, parameters per row", lambda: ev.slopes(stack, Rows(units // T, units % T,
                                                                                        t.repeat(S * T)))[1]),

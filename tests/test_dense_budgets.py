@@ -61,3 +61,37 @@ def test_budgets_keep_the_batch_total_and_the_spread():
 def test_a_step_without_error_falls_back_to_the_mean_for_all():
     need = torch.cat([torch.zeros(4), torch.full((4,), 1e-3)])
     assert dense.step_budgets(_steps([4, 4]), need, 100) == [100, 100]
+
+
+def _fallback(n_steps: int, per_step: int = 5):
+    """``dense_fallback`` on ``n_steps`` steps of far units whose first estimates err more in later steps."""
+    from explaind.kernel.quadrature import rule_nodes
+
+    U, m, O = n_steps * per_step, 4, 2
+    steps = torch.arange(n_steps).repeat_interleave(per_step)
+    x = torch.tensor(rule_nodes("gauss-legendre", m)[0])
+    gen = torch.Generator().manual_seed(0)
+    h, d = (torch.randn(U, m, O, generator=gen, dtype=torch.float64) for _ in range(2))
+
+    def shared(units, t):
+        k = torch.stack([torch.sin(t * (u + 1)) for u in units.tolist()])
+        return torch.stack([k, -k], -1), torch.stack([k + 1, k - 1], -1)
+
+    need = ((steps + 1).double() ** 2) * 1e-3  # rms per step (g + 1)^2 e-3: budgets in proportion to g + 1
+    every = torch.arange(U)
+    fb = dense.dense_fallback(every, steps, every, torch.full((U,), m), shared, x, (h, d), h[:, 0] * 0,
+                              h[:, 0] * 0 + 1, need=need)
+    per_unit = {u: n + m for u, n in zip(fb.unit.tolist(), fb.new.tolist())}
+    return [per_unit[u] for u in range(U)], steps
+
+
+def test_a_batch_of_share_steps_kink_dense_steps_spends_grid_evals_on_average_shared_by_error():
+    cells, steps = _fallback(dense.SHARE_STEPS)
+    assert sum(cells) <= dense.GRID_EVALS * len(cells)
+    per_step = [cells[int(torch.nonzero(steps == g)[0])] for g in range(dense.SHARE_STEPS)]
+    assert per_step == sorted(per_step) and per_step[-1] > 2 * per_step[1]  # later steps err more: more nodes
+
+
+def test_fewer_kink_dense_steps_keep_dense_evals_each_on_average():
+    cells, _ = _fallback(dense.SHARE_STEPS - 1)
+    assert dense.GRID_EVALS * len(cells) < sum(cells) <= dense.DENSE_EVALS * len(cells)

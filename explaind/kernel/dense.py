@@ -47,7 +47,7 @@ from .adaptive_jobs import Bracket
 __all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN", "DENSE_EVALS",
            "PROBE_UNITS", "MIDPOINT_KIND", "Shared", "dense_units", "far_units", "probe_positions",
            "dense_rule", "cells", "GRID_FLOOR", "grid_cells", "BUDGET_SPREAD", "BUDGET_POWER",
-           "step_budgets", "SHARED_NODES_BYTES", "Fallback", "dense_fallback",
+           "GRID_EVALS", "SHARE_STEPS", "step_budgets", "SHARED_NODES_BYTES", "Fallback", "dense_fallback",
            "cut_cells"]
 
 #: Evaluations per unit after which the adaptive rule tests whether the batch is kink-dense.
@@ -198,6 +198,10 @@ def grid_cells(spent: int, failing: int, takers: int, m: int, n: int = DENSE_EVA
     return int(min(n, max(new + m, math.ceil(GRID_FLOOR * n))))
 
 
+#: Mean budget per failing unit of the grids of a batch of at least :data:`SHARE_STEPS` kink-dense steps, whose
+#: budget :func:`step_budgets` shares out by their first-estimate errors (fewer steps: :data:`DENSE_EVALS` each).
+GRID_EVALS = 60
+SHARE_STEPS = 8
 #: :func:`step_budgets` gives a step between ``1 / BUDGET_SPREAD`` and ``BUDGET_SPREAD`` times the mean budget.
 BUDGET_SPREAD = 4.0
 #: ... in proportion to this power of the step's first-estimate error.
@@ -287,13 +291,14 @@ class Fallback:
 
 def dense_fallback(cand: Tensor, steps: Tensor, failing: Tensor, evals: Tensor, shared: Shared, x: Tensor,
                    first: tuple[Tensor, Tensor] | None, g_a: Tensor, g_b: Tensor,
-                   n: int = DENSE_EVALS, need: Tensor | None = None) -> Fallback:
+                   n: int = DENSE_EVALS, need: Tensor | None = None, grid_evals: int = GRID_EVALS) -> Fallback:
     r"""The kink-dense rule of the units ``cand (K,)``: one grid of shared nodes per step, its cells cut at kinks.
 
     Per step (``steps (U,)``: each unit's group, all units of a group share its grid), the grid is
     :func:`dense_rule` through the first estimate's nodes ``x (m,)`` with :func:`grid_cells` cells: the step's
-    failing units (``failing (F,)``, having spent ``evals (U,)``) spend :math:`n_g` evaluations each in all,
-    the budget :func:`step_budgets` shares out by ``need`` (``n`` each without it).
+    failing units (``failing (F,)``, having spent ``evals (U,)``) spend :math:`n_g` evaluations each in all:
+    ``n`` each without ``need`` or with fewer than :data:`SHARE_STEPS` steps; else ``min(n, grid_evals)`` on
+    average, shared out by ``need`` (:func:`step_budgets`).
     Every new node is one evaluation for all of the step's units (``shared``); the weights of each unit are
     those of :func:`cut_cells`.
 
@@ -312,7 +317,8 @@ def dense_fallback(cand: Tensor, steps: Tensor, failing: Tensor, evals: Tensor, 
     is_failing[failing] = True
     parts = []
     groups = torch.unique(steps[cand]).tolist()
-    budget = step_budgets([is_failing & (steps == g) for g in groups], need, n)
+    mean = n if need is None or len(groups) < SHARE_STEPS else min(n, grid_evals)
+    budget = step_budgets([is_failing & (steps == g) for g in groups], need, mean)
     for g, n_g in zip(groups, budget):
         mine = steps == g
         units = torch.nonzero(mine & in_cand).reshape(-1)
