@@ -136,7 +136,7 @@ def per_eval(args: argparse.Namespace) -> None:
     and nodes (per-node parameters: grouped convolutions); rows, each at its own point (``vmap`` over rows,
     parameters per row: the adaptive rule's refinement); and a bare forward pass per (step, node) without
     derivatives, for scale. All on the ``torch.func`` evaluator (``factored="never"``); each the fastest of
-    three runs.
+    five runs, the ways taking turns (so that a changing load falls on all of them alike).
     """
     from explaind.kernel import autograd
     from explaind.kernel.engine import PathEngine
@@ -179,15 +179,17 @@ def per_eval(args: argparse.Namespace) -> None:
     ref = None
     for name, fn in ways:
         out = fn()  # warm-up, and the result compared below
-        wall = float("inf")
-        for _ in range(3):  # the fastest of three: a shared machine's load only ever adds time
-            t0 = time.perf_counter()
-            fn()
-            wall = min(wall, time.perf_counter() - t0)
         if isinstance(out, torch.Tensor):
             out = out.reshape(S * T, n, -1)
             ref = out if ref is None else ref
             assert float((out - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), name
+    walls = [float("inf")] * len(ways)
+    for _ in range(5):  # the ways interleaved, the fastest of five each: a shared machine's load only ever adds time
+        for k, (_, fn) in enumerate(ways):
+            t0 = time.perf_counter()
+            fn()
+            walls[k] = min(walls[k], time.perf_counter() - t0)
+    for (name, _), wall in zip(ways, walls):
         print(f"| {name} | {1e6 * wall / (S * n * T):.0f} |", flush=True)
 
 

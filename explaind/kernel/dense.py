@@ -16,8 +16,11 @@ per step, one grid of :func:`dense_rule` (cells of a composite midpoint rule, th
 among the centres) whose new nodes are shared by every test input of the step, so the engine evaluates
 each (step, node) once for all of them with the step's parameters; each unit's weights then cut the gaps
 between the nodes at the kinks their values locate (:func:`cut_cells`), never erring more than the cells
-as given. The step's failing units spend :data:`DENSE_EVALS` evaluations each in all: the grid gets the
-cells the probe's refinement left (:func:`grid_cells`, at least :data:`GRID_FLOOR` of :data:`DENSE_EVALS`).
+as given. The step's failing units spend :math:`n_g` evaluations each in all: the grid gets the cells the
+probe's refinement left (:func:`grid_cells`, at least :data:`GRID_FLOOR` of :math:`n_g`). The budgets
+:math:`n_g` of the steps of a batch share :data:`GRID_EVALS` per failing unit on average, in proportion to
+the square root of each step's first-estimate error (:func:`step_budgets`), where at least
+:data:`SHARE_STEPS` steps take the grid; fewer steps get :data:`DENSE_EVALS` each.
 The batch's other units stop refining before a level could take them past :data:`DENSE_EVALS`
 evaluations; those still far then take that rule too where it errs less than their panels (both errors
 are known exactly). The error left is reported as quadrature error and warned about (``docs/engine.md``,
@@ -181,7 +184,7 @@ def cells(xs: list[float], n: int, a: float, b: float) -> tuple[list[float], lis
     return t, w, known
 
 
-#: The grid of :func:`grid_cells` keeps at least this share of :data:`DENSE_EVALS` cells.
+#: The grid of :func:`grid_cells` keeps at least this share of its budget ``n`` in cells.
 GRID_FLOOR = 0.9
 
 
