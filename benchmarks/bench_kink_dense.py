@@ -20,8 +20,10 @@ each way the engine evaluates: shared nodes one call per (step, node) (convoluti
 ``torch.func.jvp``), shared nodes by ``vmap`` over steps
 and nodes, rows by ``vmap`` over rows, and a bare forward pass.
 
+``--profile`` prints, for each replica, the operators that took the most time (``torch.profiler``).
+
 Run: ``python benchmarks/bench_kink_dense.py [--model resnet] [--steps 40] [--inputs 64] [--threads 1]
-[--rules midpoint adaptive] [--before DIR] [--per-eval]``
+[--rules midpoint adaptive] [--before DIR] [--per-eval] [--profile]``
 """
 
 from __future__ import annotations
@@ -112,10 +114,12 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
             continue
         evals.clear()
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), profiled(args.profile) as prof:
             warnings.simplefilter("ignore")
             out = explaind.KernelReplica(quadrature=rule, nodes=nodes).fit(traj).predict(X)
         wall = time.perf_counter() - t0
+        if prof is not None:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
         err = float((torch.as_tensor(out) - target).abs().max() / target.abs().max())
         per = f"{float(torch.cat(evals).double().mean()):.1f}" if evals else str(nodes)
         rows.append(f"| {label} | {rule}{'' if nodes is None else f'-{nodes}'} | {wall:.1f} | {per} | {err:.2e} |")
@@ -123,6 +127,15 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
         if args.breakdown and evals:
             print(f"{label}, {rule}: {breakdown(torch.cat(evals))}", file=sys.stderr, flush=True)
     return rows
+
+
+def profiled(on: bool):
+    """``torch.profiler.profile`` of the CPU when ``on``, else a context that yields ``None``."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU]) if on else contextlib.nullcontext()
 
 
 def per_eval(args: argparse.Namespace) -> None:
@@ -217,6 +230,8 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="another explaind checkout, measured first in a subprocess")
     ap.add_argument("--per-eval", action="store_true",
                     help="print the cost per evaluation of the engine's ways to evaluate, and nothing else")
+    ap.add_argument("--profile", action="store_true",
+                    help="print to stderr the operators that took the most time in each replica (torch.profiler)")
     ap.add_argument("--label", default="this checkout", help=argparse.SUPPRESS)
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
