@@ -16,11 +16,14 @@ checkout of explaind (``PYTHONPATH=DIR``; e.g. ``git worktree add /tmp/before <c
 before/after table comes from one run on one machine.
 
 ``--per-eval`` prints instead the cost of one evaluation (one JVP of one test input at one point) for
-each way the engine evaluates: shared nodes one call per (step, node), shared nodes by ``vmap`` over steps
+each way the engine evaluates: shared nodes one call per (step, node) (convolutions fused, and by
+``torch.func.jvp``), shared nodes by ``vmap`` over steps
 and nodes, rows by ``vmap`` over rows, and a bare forward pass.
 
+``--profile`` prints, for each replica, the operators that took the most time (``torch.profiler``).
+
 Run: ``python benchmarks/bench_kink_dense.py [--model resnet] [--steps 40] [--inputs 64] [--threads 1]
-[--rules midpoint adaptive] [--before DIR] [--per-eval]``
+[--rules midpoint adaptive] [--before DIR] [--per-eval] [--profile]``
 """
 
 from __future__ import annotations
@@ -111,10 +114,12 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
             continue
         evals.clear()
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), profiled(args.profile) as prof:
             warnings.simplefilter("ignore")
             out = explaind.KernelReplica(quadrature=rule, nodes=nodes).fit(traj).predict(X)
         wall = time.perf_counter() - t0
+        if prof is not None:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
         err = float((torch.as_tensor(out) - target).abs().max() / target.abs().max())
         per = f"{float(torch.cat(evals).double().mean()):.1f}" if evals else str(nodes)
         rows.append(f"| {label} | {rule}{'' if nodes is None else f'-{nodes}'} | {wall:.1f} | {per} | {err:.2e} |")
@@ -124,19 +129,32 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
     return rows
 
 
+def profiled(on: bool):
+    """``torch.profiler.profile`` of the CPU when ``on``, else a context that yields ``None``."""
+    import contextlib
+
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU]) if on else contextlib.nullcontext()
+
+
 def per_eval(args: argparse.Namespace) -> None:
     """Microseconds per evaluation (one JVP of one test input at one point) of the ways the engine evaluates.
 
     On the first 4 steps and ``--inputs`` test inputs, 16 nodes per step: a grid of nodes shared by every input
     of a step, one call per (step, node) with the step's parameters shared by the batch of inputs (what the
-    kink-dense rule and the fixed rules use for convolutional models on the CPU) and by one ``vmap`` over steps
+    kink-dense rule and the fixed rules use for convolutional models on the CPU; each convolution's primal and
+    kernel tangent in one call, :mod:`explaind.kernel.fused_jvp`, and for comparison by ``torch.func.jvp``,
+    three convolutions per layer) and by one ``vmap`` over steps
     and nodes (per-node parameters: grouped convolutions); rows, each at its own point (``vmap`` over rows,
     parameters per row: the adaptive rule's refinement); and a bare forward pass per (step, node) without
     derivatives, for scale. All on the ``torch.func`` evaluator (``factored="never"``); each the fastest of
-    three runs.
+    five runs, the ways taking turns (so that a changing load falls on all of them alike).
     """
+    from explaind.kernel import autograd
     from explaind.kernel.engine import PathEngine
     from explaind.kernel.evaluate import Grid, Rows
+    from explaind.kernel.fused_jvp import fused_jvp
 
     torch.set_num_threads(args.threads)
     _, traj, X_test = record(4, args.model)
@@ -148,9 +166,13 @@ def per_eval(args: argparse.Namespace) -> None:
     t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     units = torch.arange(S * T).repeat_interleave(n)
 
-    def grid(per_node: bool):
+    def grid(per_node: bool, fused: bool = True):
         ev.per_node = per_node
-        return ev.slopes(stack, Grid(t))[1]
+        autograd.fused_jvp = fused_jvp if fused else autograd._jvp  # torch.func.jvp: three convolutions per layer
+        try:
+            return ev.slopes(stack, Grid(t))[1]
+        finally:
+            autograd.fused_jvp = fused_jvp
 
     def forward():
         with torch.no_grad():
@@ -159,7 +181,8 @@ def per_eval(args: argparse.Namespace) -> None:
                     explained(engine.fm, {k: v[s] + tq * stack.delta[k][s] for k, v in stack.base.items()}, X,
                               explained.aux)
 
-    ways = [("grid, one call per (step, node), parameters shared", lambda: grid(True)),
+    ways = [("grid, one call per (step, node), parameters shared, convolutions fused", lambda: grid(True)),
+            ("grid, one call per (step, node), parameters shared, torch.func.jvp", lambda: grid(True, False)),
             ("grid, vmap over steps and nodes, parameters per node", lambda: grid(False)),
             ("rows, vmap over rows, parameters per row", lambda: ev.slopes(stack, Rows(units // T, units % T,
                                                                                        t.repeat(S * T)))[1]),
@@ -169,15 +192,17 @@ def per_eval(args: argparse.Namespace) -> None:
     ref = None
     for name, fn in ways:
         out = fn()  # warm-up, and the result compared below
-        wall = float("inf")
-        for _ in range(3):  # the fastest of three: a shared machine's load only ever adds time
-            t0 = time.perf_counter()
-            fn()
-            wall = min(wall, time.perf_counter() - t0)
         if isinstance(out, torch.Tensor):
             out = out.reshape(S * T, n, -1)
             ref = out if ref is None else ref
             assert float((out - ref).abs().max()) <= 1e-10 * float(ref.abs().max()), name
+    walls = [float("inf")] * len(ways)
+    for _ in range(5):  # the ways interleaved, the fastest of five each: a shared machine's load only ever adds time
+        for k, (_, fn) in enumerate(ways):
+            t0 = time.perf_counter()
+            fn()
+            walls[k] = min(walls[k], time.perf_counter() - t0)
+    for (name, _), wall in zip(ways, walls):
         print(f"| {name} | {1e6 * wall / (S * n * T):.0f} |", flush=True)
 
 
@@ -205,6 +230,8 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="another explaind checkout, measured first in a subprocess")
     ap.add_argument("--per-eval", action="store_true",
                     help="print the cost per evaluation of the engine's ways to evaluate, and nothing else")
+    ap.add_argument("--profile", action="store_true",
+                    help="print to stderr the operators that took the most time in each replica (torch.profiler)")
     ap.add_argument("--label", default="this checkout", help=argparse.SUPPRESS)
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -171,7 +171,7 @@ def adaptive_plan(
     if bool(run.dense.any()):  # the far units, and the others left far above tolerance where that rule errs less
         extra = _fallback(run.dense, acc, evals, failing, exact, thr, scale, rel, g_a, g_b, steps,
                           shared or _pointwise(refine), rules[0][0] if first is not None else rules[0][0][:0],
-                          None if first is None else first[1:], dense_evals)
+                          None if first is None else first[1:], dense_evals, err0)
     panels = acc.panels()
     if coarsen and panels is not None:
         panels = _coarsen(panels, refine, *rules[0], rel, thr, evals)
@@ -273,13 +273,13 @@ class _Levels:
 
 def _fallback(dense: Tensor, acc: Accepted, evals: Tensor, failing: Tensor, exact: Tensor, thr: Tensor,
               scale: Tensor, rel: Tensor, g_a: Tensor, g_b: Tensor, steps: Tensor | None, shared: Shared, x: Tensor,
-              first: tuple[Tensor, Tensor] | None, dense_evals: int) -> tuple[Tensor, Tensor, Tensor]:
+              first: tuple[Tensor, Tensor] | None, dense_evals: int, err0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The kink-dense rule (:func:`~explaind.kernel.dense.dense_fallback`) for the far units ``dense (U,)`` and
     the units still far whose panels err more; updates ``acc`` and ``evals``, returns their ``(unit, t, w)`` nodes."""
     cand = dense | ((acc.err > thr) & far_units(acc.err, thr, scale))
     cu = torch.nonzero(cand).reshape(-1)
     groups = torch.zeros_like(evals) if steps is None else steps.to(evals.device)
-    fb = dense_fallback(cu, groups, failing, evals, shared, x, first, g_a, g_b, dense_evals)
+    fb = dense_fallback(cu, groups, failing, evals, shared, x, first, g_a, g_b, dense_evals, need=err0)
     mine = torch.zeros_like(exact)
     for part in acc.parts:
         mine.index_add_(0, part.unit, part.est)

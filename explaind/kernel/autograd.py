@@ -23,6 +23,7 @@ from torch.func import grad, jacrev, jvp, vmap
 from .coupled import coupled_sample_grads
 from .evaluate import STACK_BYTES, Batch, Grid, Rows, Segment, StepStack, along, node_groups
 from .explained import FunctionalModel, Params
+from .fused_jvp import fused_jvp
 from .layout import ParamLayout
 from .products import JacobianProducts
 from .quadrature import NodePlan
@@ -114,7 +115,11 @@ class AutogradEvaluator:
         return h.transpose(1, 2).reshape(S * T, n, -1), d.transpose(1, 2).reshape(S * T, n, -1)
 
     def _grid_per_node(self, stack: StepStack, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Grid slopes by one JVP per (step, node): parameters not batched, the inputs one batch (``rows_chunk``)."""
+        """Grid slopes by one JVP per (step, node): parameters not batched, the inputs one batch (``rows_chunk``).
+
+        Each JVP is a :func:`~explaind.kernel.fused_jvp.fused_jvp`: a convolution's primal and its kernel's
+        tangent in one call.
+        """
         fm, explained, X = self.fm, stack.explained, stack.X
         S, n, T = stack.n_steps, x.shape[0], X.shape[0]
         hs, ds = [], []
@@ -125,7 +130,7 @@ class AutogradEvaluator:
                 point = along(b, d, t)
                 for lo in range(0, T, self.rows_chunk):
                     part, aux = X[lo:lo + self.rows_chunk], explained.aux[lo:lo + self.rows_chunk]
-                    h, dh = _jvp(lambda p, part=part, aux=aux: explained(fm, p, part, aux), point, d)
+                    h, dh = fused_jvp(lambda p, part=part, aux=aux: explained(fm, p, part, aux), point, d)
                     hs.append(h)
                     ds.append(dh)
         h, d = torch.cat(hs).reshape(S, n, T, -1), torch.cat(ds).reshape(S, n, T, -1)

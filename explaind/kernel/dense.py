@@ -16,8 +16,11 @@ per step, one grid of :func:`dense_rule` (cells of a composite midpoint rule, th
 among the centres) whose new nodes are shared by every test input of the step, so the engine evaluates
 each (step, node) once for all of them with the step's parameters; each unit's weights then cut the gaps
 between the nodes at the kinks their values locate (:func:`cut_cells`), never erring more than the cells
-as given. The step's failing units spend :data:`DENSE_EVALS` evaluations each in all: the grid gets the
-cells the probe's refinement left (:func:`grid_cells`, at least :data:`GRID_FLOOR` of :data:`DENSE_EVALS`).
+as given. The step's failing units spend :math:`n_g` evaluations each in all: the grid gets the cells the
+probe's refinement left (:func:`grid_cells`, at least :data:`GRID_FLOOR` of :math:`n_g`). The budgets
+:math:`n_g` of the steps of a batch share :data:`GRID_EVALS` per failing unit on average, in proportion to
+the square root of each step's first-estimate error (:func:`step_budgets`), where at least
+:data:`SHARE_STEPS` steps take the grid; fewer steps get :data:`DENSE_EVALS` each.
 The batch's other units stop refining before a level could take them past :data:`DENSE_EVALS`
 evaluations; those still far then take that rule too where it errs less than their panels (both errors
 are known exactly). The error left is reported as quadrature error and warned about (``docs/engine.md``,
@@ -46,7 +49,8 @@ from .adaptive_jobs import Bracket
 
 __all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN", "DENSE_EVALS",
            "PROBE_UNITS", "MIDPOINT_KIND", "Shared", "dense_units", "far_units", "probe_positions",
-           "dense_rule", "cells", "GRID_FLOOR", "grid_cells", "SHARED_NODES_BYTES", "Fallback", "dense_fallback",
+           "dense_rule", "cells", "GRID_FLOOR", "grid_cells", "BUDGET_SPREAD", "BUDGET_POWER",
+           "GRID_EVALS", "SHARE_STEPS", "step_budgets", "SHARED_NODES_BYTES", "Fallback", "dense_fallback",
            "cut_cells"]
 
 #: Evaluations per unit after which the adaptive rule tests whether the batch is kink-dense.
@@ -180,7 +184,7 @@ def cells(xs: list[float], n: int, a: float, b: float) -> tuple[list[float], lis
     return t, w, known
 
 
-#: The grid of :func:`grid_cells` keeps at least this share of :data:`DENSE_EVALS` cells.
+#: The grid of :func:`grid_cells` keeps at least this share of its budget ``n`` in cells.
 GRID_FLOOR = 0.9
 
 
@@ -195,6 +199,62 @@ def grid_cells(spent: int, failing: int, takers: int, m: int, n: int = DENSE_EVA
     """
     new = (n * failing - spent) // max(1, takers)
     return int(min(n, max(new + m, math.ceil(GRID_FLOOR * n))))
+
+
+#: Mean budget per failing unit of the grids of a batch of at least :data:`SHARE_STEPS` kink-dense steps, whose
+#: budget :func:`step_budgets` shares out by their first-estimate errors (fewer steps: :data:`DENSE_EVALS` each).
+GRID_EVALS = 60
+SHARE_STEPS = 8
+#: :func:`step_budgets` gives a step between ``1 / BUDGET_SPREAD`` and ``BUDGET_SPREAD`` times the mean budget.
+BUDGET_SPREAD = 4.0
+#: ... in proportion to this power of the step's first-estimate error.
+BUDGET_POWER = 0.5
+
+
+def step_budgets(failing: list[Tensor], need: Tensor | None, n: int) -> list[int]:
+    r"""Evaluations per failing unit of each step: ``n`` on average over the failing units, shared out by ``need``.
+
+    On a kink-dense path the rule's error in a step falls about like :math:`E_g / n_g` in its budget
+    :math:`n_g`, and the errors of the steps add up in the replica, so a step whose first estimate errs
+    more should get more nodes: with :math:`E_g` the root mean square of ``need`` over the step's failing
+    units (``F_g`` of them), :math:`n_g \propto E_g^{p}` (:data:`BUDGET_POWER` :math:`p = 1/2`, the
+    minimiser of :math:`\sum_g (E_g / n_g)^2` under :math:`\sum_g F_g n_g` fixed when the errors fall like
+    :math:`1/n_g`: ``docs/engine.md``, section 2), clipped to :math:`[n / c, c\, n]`
+    (:data:`BUDGET_SPREAD` :math:`c`), and scaled so that :math:`\sum_g F_g n_g \le n \sum_g F_g`.
+
+    Parameters
+    ----------
+    failing : list of Tensor
+        Per step, bool ``(U,)``: its failing units.
+    need : Tensor or None
+        Each unit's first-estimate error ``(U,)``; ``None``: ``n`` for every step.
+    n : int
+        The mean budget.
+
+    Returns
+    -------
+    list of int
+        :math:`n_g` per step, each at least 1.
+    """
+    counts = torch.tensor([float(f.sum()) for f in failing], dtype=torch.float64)
+    if need is None or len(failing) < 2:
+        return [n] * len(failing)
+    rms = torch.stack([need[f].double().pow(2).mean().sqrt() for f in failing])  # nan for a step without any
+    if not bool(torch.isfinite(rms).all()) or not bool((rms > 0).all()):
+        return [n] * len(failing)
+    weight = rms.pow(BUDGET_POWER)
+    lo, hi, total = n / BUDGET_SPREAD, n * BUDGET_SPREAD, n * float(counts.sum())
+    budget = torch.full_like(weight, float(n))
+    free = torch.ones_like(weight, dtype=torch.bool)
+    for _ in range(len(failing)):  # water filling: clipped steps keep their bound, the rest share what is left
+        left = total - float((counts * budget)[~free].sum())
+        budget[free] = left * weight[free] / float((counts * weight)[free].sum())
+        clipped = free & ((budget < lo) | (budget > hi))
+        if not bool(clipped.any()):
+            break
+        budget[clipped] = budget[clipped].clamp(lo, hi)
+        free &= ~clipped
+    return [max(1, int(v)) for v in budget.floor().tolist()]
 
 
 #: Bytes of :math:`h, h'` at shared nodes ``(K, nodes, O)`` the fallback holds per call of ``shared`` (the
@@ -234,12 +294,14 @@ class Fallback:
 
 def dense_fallback(cand: Tensor, steps: Tensor, failing: Tensor, evals: Tensor, shared: Shared, x: Tensor,
                    first: tuple[Tensor, Tensor] | None, g_a: Tensor, g_b: Tensor,
-                   n: int = DENSE_EVALS) -> Fallback:
+                   n: int = DENSE_EVALS, need: Tensor | None = None, grid_evals: int = GRID_EVALS) -> Fallback:
     r"""The kink-dense rule of the units ``cand (K,)``: one grid of shared nodes per step, its cells cut at kinks.
 
     Per step (``steps (U,)``: each unit's group, all units of a group share its grid), the grid is
     :func:`dense_rule` through the first estimate's nodes ``x (m,)`` with :func:`grid_cells` cells: the step's
-    failing units (``failing (F,)``, having spent ``evals (U,)``) spend ``n`` evaluations each in all.
+    failing units (``failing (F,)``, having spent ``evals (U,)``) spend :math:`n_g` evaluations each in all:
+    ``n`` each without ``need`` or with fewer than :data:`SHARE_STEPS` steps; else ``min(n, grid_evals)`` on
+    average, shared out by ``need`` (:func:`step_budgets`).
     Every new node is one evaluation for all of the step's units (``shared``); the weights of each unit are
     those of :func:`cut_cells`.
 
@@ -249,17 +311,22 @@ def dense_fallback(cand: Tensor, steps: Tensor, failing: Tensor, evals: Tensor, 
         :math:`h` and :math:`h'` at ``x`` of every unit, ``(U, m, O)`` each (``None`` when ``x`` is empty).
     g_a, g_b : Tensor
         :math:`h(0)` and :math:`h(1)` of every unit, ``(U, O)``.
+    need : Tensor, optional
+        Each unit's first-estimate error :math:`\max_o |\mathrm{est}^{(0)}_o - \Delta g_o|`, ``(U,)``.
     """
     in_cand = torch.zeros_like(steps, dtype=torch.bool)
     in_cand[cand] = True
     is_failing = torch.zeros_like(in_cand)
     is_failing[failing] = True
     parts = []
-    for g in torch.unique(steps[cand]).tolist():
+    groups = torch.unique(steps[cand]).tolist()
+    mean = n if need is None or len(groups) < SHARE_STEPS else min(n, grid_evals)
+    budget = step_budgets([is_failing & (steps == g) for g in groups], need, mean)
+    for g, n_g in zip(groups, budget):
         mine = steps == g
         units = torch.nonzero(mine & in_cand).reshape(-1)
         cells_g = grid_cells(int(evals[mine & is_failing].sum()), int((mine & is_failing).sum()), units.numel(),
-                             x.numel(), n)
+                             x.numel(), n_g)
         t, wc, known = dense_rule(x, cells_g)
         w, est = cut_cells(units, t, wc, known, shared, first, g_a[units], g_b[units])
         new = torch.full_like(units, int((~known).sum()))

@@ -150,10 +150,11 @@ def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> No
     causes = []
     if bool(dense.any()):
         causes.append(f"{int(dense.sum())} crossed too many activation kinks to locate one by one (a ReLU-dense path): "
-                      f"they were integrated on a grid of at most {adaptive.DENSE_EVALS} nodes per step, its cells cut "
-                      f"at the kinks the node values locate (at most the {adaptive.DENSE_EVALS}-point midpoint rule's "
-                      f"error on the same nodes), or stopped at {adaptive.DENSE_EVALS} evaluations below "
-                      f"{DENSE_REL:g} of their change")
+                      f"they were integrated on a grid per step, its cells cut at the kinks the node values locate (at "
+                      f"most the midpoint rule's error on the same nodes), {_dense.GRID_EVALS} nodes per (step, input) "
+                      f"on average where {_dense.SHARE_STEPS} steps or more took it ({adaptive.DENSE_EVALS} on fewer), "
+                      f"shared out over the steps by the error of their first estimate, or stopped at "
+                      f"{adaptive.DENSE_EVALS} evaluations below {DENSE_REL:g} of their change")
     if bool(capped.any()):
         causes.append(f"{int(capped.sum())} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
     warnings.warn(
