@@ -56,6 +56,12 @@ CLI_COMMANDS = [
     "explaind study grokking",
 ]
 
+#: The quickstart's replica over 100 steps with one and with two CPU threads (``--threads``).
+THREAD_COMMANDS = [
+    f"explaind --threads {n} replicate runs/grok --quadrature gauss-legendre --nodes 4 --n-test 32 --steps 0:100"
+    for n in (1, 2)
+]
+
 
 def quickstart_commands(page: Path = ROOT / "docs" / "quickstart.md") -> list[str]:
     """The ``explaind`` lines of the page's fenced blocks, continuations joined, comments dropped."""
@@ -126,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = [] if args.only == "cli" else quickstart_commands()
     commands += [] if args.only == "quickstart" else CLI_COMMANDS
     if args.threads:
-        base = "explaind {} replicate runs/grok --quadrature gauss-legendre --nodes 4 --n-test 32 --steps 0:100"
-        commands += [base.format("--threads 1"), base.format("--threads 2")]
+        commands += THREAD_COMMANDS
     commands = [c for c in commands if not any(s in c for s in args.skip)]
     print(f"# {len(commands)} commands in {workdir}; before: {_uptime()}", flush=True)
     rows = []

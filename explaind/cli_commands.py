@@ -57,7 +57,8 @@ def _resume_conflicts(config: dict[str, Any], run_dir: str) -> None:
     from .studies.runs import TrainConfig
 
     stored = read_run_file(run_dir)["config"]
-    given = validate_config(TrainConfig, config, "train").model_dump(mode="json")
+    given = validate_config(TrainConfig, config, "train", fix="Fix the option and resume again.")
+    given = given.model_dump(mode="json")
     defaults = TrainConfig().model_dump(mode="json")
     for key, value in given.items():
         if value != defaults[key] and value != stored.get(key):
