@@ -103,6 +103,11 @@ def test_influence_defaults_to_a_two_node_rule_with_its_error_reported(grok, tmp
     captured = capsys.readouterr()
     assert f"influence: gauss-legendre-2 over {STEPS} steps x 20 inputs = {2 * STEPS * 20:,}" in captured.err
     assert "quadrature error" in captured.out and "gauss-legendre-2" in captured.out
+    # the parts of the explained change the scores leave out, as shares (also in attribution.json's meta)
+    meta = json.loads((out_dir / "attribution.json").read_text())["meta"]
+    share = f"quadrature error share {100 * meta['quadrature_share']:.3g}%, residual share"
+    assert share in captured.out
+    assert ("more --nodes or --quadrature adaptive" in captured.out) == (meta["quadrature_share"] > 1e-3)
     assert (out_dir / "scores.csv").exists()
     assert main(["-q", "--json", "influence", str(grok), "--out", str(tmp_path / "json")]) == 0
     summary = json.loads(capsys.readouterr().out)

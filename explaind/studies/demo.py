@@ -78,7 +78,7 @@ def run_demo(out_dir: str | Path = "report", *, size: str = "small", seed: int =
 
     config, options = grokking_config(size, seed=seed, device=device)
     say(f"[1/4] training the modular transformer on (a + b) mod {config['data']['p']} with AdamW "
-        f"(weight decay {config['weight_decay']}) and recording it to {run_dir}")
+        f"(weight decay {config['weight_decay']}) for up to {config['steps']} steps and recording it to {run_dir}")
     t = time.perf_counter()
     run = train_run(config, run_dir, progress=progress)
     timings["train"] = round(time.perf_counter() - t, 2)
@@ -87,7 +87,9 @@ def run_demo(out_dir: str | Path = "report", *, size: str = "small", seed: int =
     outcome = run_outcome(run.history)
     say(f"      {outcome.describe()}")
 
-    say(f"[2/4] fidelity of the kernel replica on {preset['n_fidelity']} validation inputs")
+    n_fidelity = min(preset["n_fidelity"], run.dataset.n_val)
+    say(f"[2/4] fidelity of the kernel replica: "
+        f"{fidelity.rules_cost(preset['rules'], int(run.trajectory.n_steps), n_fidelity)}")
     t = time.perf_counter()
     rows = fidelity.run_fidelity(run, preset["rules"], n_test=preset["n_fidelity"],
                                  device=device, progress=progress, setup="modular transformer, AdamW")
