@@ -221,6 +221,14 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(lines)
 
 
+def _warning_line(prog: str, message: Warning | str) -> str:
+    """A warning as one line naming the command (not Python's file:line and source line), below any progress bar."""
+    from tqdm import tqdm
+
+    # a bar being drawn has no newline yet: start the warning on a line of its own
+    return f"{chr(10) if getattr(tqdm, '_instances', None) else ''}{prog}: warning: {message}\n"
+
+
 def default_threads(args: argparse.Namespace) -> int | None:
     """CPU threads of torch for a command: ``--threads``, else 1 on the CPU (``None``: leave torch's choice).
 
@@ -270,8 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     prog = f"explaind {args.command}" + (f" {args.study}" if args.command == "study" else "")
     formatwarning = warnings.formatwarning
-    # a warning is one line naming the command, not Python's file:line and the source line that raised it
-    warnings.formatwarning = lambda message, category, *_, **__: f"{prog}: warning: {message}\n"
+    warnings.formatwarning = lambda message, *_, **__: _warning_line(prog, message)
     try:
         handler = getattr(cli_commands, f"cmd_{args.command}")
         code = int(handler(args, out) or EXIT_OK)

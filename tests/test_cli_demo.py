@@ -102,6 +102,13 @@ def test_study_grokking_overrides(tmp_path, capsys):
                  "-q"]) == 0
     text = capsys.readouterr().out
     assert "p=7" in text and "3 steps" in text
+    # the same command again into the same folder replaces the study's run (the documented command, run twice)
+    (out / "run" / "marker").write_text("the earlier run")
+    assert main(["study", "grokking", "--tiny", "--p", "7", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "2 steps" in captured.out and f"replacing the run of the previous study in {out / 'run'}" in captured.err
+    assert not (out / "run" / "marker").exists()
+    assert json.loads((out / "run" / "run.json").read_text())["status"] == "complete"
 
 
 def test_prune_tiny(tmp_path, capsys):

@@ -232,3 +232,22 @@ def test_warnings_are_one_line_naming_the_command(monkeypatch, capsys):
     assert main(["plugins"]) == 0
     assert seen == ["explaind plugins: warning: inexact\n"]
     assert warnings.formatwarning("inexact", UserWarning, "x.py", 3) != seen[0]  # restored after the command
+
+
+def test_a_warning_during_a_progress_bar_starts_on_its_own_line(monkeypatch, capsys):
+    import warnings
+
+    from tqdm import tqdm
+
+    from explaind import cli_commands
+
+    def handler(args, out):
+        with tqdm(total=2, desc="quadrature") as bar:
+            bar.update(1)
+            seen.append(warnings.formatwarning("inexact", UserWarning, "x.py", 3))
+        return 0
+
+    seen = []
+    monkeypatch.setattr(cli_commands, "cmd_plugins", handler)
+    assert main(["plugins"]) == 0
+    assert seen == ["\nexplaind plugins: warning: inexact\n"]

@@ -194,6 +194,7 @@ def test_commands_use_one_cpu_thread_unless_told_otherwise(monkeypatch):
 NOT_TIMED = {
     "explaind validate": "the 27-minute measurement of docs/scores_meaning.md, timed as 'explaind validate --quick'",
     "explaind demo --threads 1 --out report": "'make demo': 'explaind demo' with its defaults spelled out",
+    "explaind replicate runs/grok --tabel": "an error example, refused at once like the timed '--dataset digit'",
 }
 
 

@@ -24,7 +24,8 @@ from . import fidelity, pruning_run
 from .grokking import grokking_config
 from .phases import run_outcome
 from .report import build_report
-from .runs import RUN_FILE, TRAJECTORY_DIR, train_run
+from .run_file import clear_run_folder
+from .runs import train_run
 
 __all__ = ["DEMO_RULES", "DEMO_SIZES", "run_demo"]
 
@@ -71,8 +72,7 @@ def run_demo(out_dir: str | Path = "report", *, size: str = "small", seed: int =
     preset = DEMO_SIZES[size]
     out = Path(out_dir)
     run_dir = out / "run"
-    if (run_dir / RUN_FILE).exists() or (run_dir / TRAJECTORY_DIR).exists():
-        shutil.rmtree(run_dir)
+    clear_run_folder(run_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 

@@ -20,7 +20,8 @@ from .._io import atomic_write
 from ..exceptions import ConfigError, TrajectoryError
 from ..trajectory.store import is_store
 
-__all__ = ["RUN_FILE", "TRAJECTORY_DIR", "RUN_FORMAT", "read_run_file", "write_run_file", "check_new_run_folder"]
+__all__ = ["RUN_FILE", "TRAJECTORY_DIR", "RUN_FORMAT", "read_run_file", "write_run_file", "check_new_run_folder",
+           "clear_run_folder"]
 
 RUN_FILE = "run.json"
 TRAJECTORY_DIR = "trajectory"
@@ -123,6 +124,19 @@ def check_new_run_folder(path: Path) -> None:
         )
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {str(path)!r} is a file, not a folder. Choose a new --out folder.")
+
+
+def clear_run_folder(path: Path) -> bool:
+    """Delete the run a study or the demo wrote to its own ``path`` before, so that it runs again there.
+
+    Only a folder holding a run (``run.json`` or ``trajectory/``) is deleted; returns whether one was.
+    """
+    import shutil
+
+    if (path / RUN_FILE).exists() or (path / TRAJECTORY_DIR).exists():
+        shutil.rmtree(path)
+        return True
+    return False
 
 
 def _status(path: Path) -> str | None:
