@@ -6,11 +6,14 @@ the ``docs/cli.md`` commands listed in :data:`CLI_COMMANDS` (its code blocks are
 synopses; the list holds the example commands and each command at its defaults). Each command
 runs as ``python -m explaind.cli ...`` of this checkout in a scratch folder, with
 ``OMP_NUM_THREADS`` removed from the environment as in a user's shell, and is timed as one child
-process (``os.wait4``: wall time and that child's peak resident memory).
+process (``os.wait4``: wall time and that child's peak resident memory). What each command printed is
+kept in ``WORKDIR/logs/NN.out`` (the command, then its stdout) and ``NN.err`` (its stderr), so the
+numbers the docs quote from it can be read back.
 
 Prints one table: command, wall seconds, CPU seconds (user + system of the child: the work itself,
 steadier than wall time on a shared machine), max RSS (MB), exit code, whether stderr showed a
-progress bar with the remaining time (tqdm's ``[elapsed<remaining``), and whether it finished
+progress bar with the remaining time (tqdm's ``[elapsed<remaining``), whether it said its cost (a count of
+path-gradient evaluations, steps or retrainings) before its first progress bar, and whether it finished
 within 120 s. ``--threads`` adds the quickstart's replica over 100 steps with ``--threads 1``
 and ``--threads 2`` (the ratio behind the CLI's default of one CPU thread).
 
@@ -34,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LIMIT_S = 120.0
 #: tqdm's time field with an estimate of the time left, e.g. ``[00:21<00:01``.
 _ETA = re.compile(r"\[\d+:\d\d<\d+:\d\d")
+#: A cost said before the first progress bar: evaluations, steps or retrainings counted.
+_COST = re.compile(r"\d[\d,]* (path-gradient evaluations|steps|retrainings)")
 
 #: The docs/cli.md commands, in the page's order: its examples, and each command at its defaults
 #: (``validate`` at its default size is the 27-minute measurement of docs/scores_meaning.md, run
@@ -54,6 +59,12 @@ CLI_COMMANDS = [
     "explaind report runs/cli",
     "explaind plugins",
     "explaind study grokking",
+]
+
+#: The quickstart's replica over 100 steps with one and with two CPU threads (``--threads``).
+THREAD_COMMANDS = [
+    f"explaind --threads {n} replicate runs/grok --quadrature gauss-legendre --nodes 4 --n-test 32 --steps 0:100"
+    for n in (1, 2)
 ]
 
 
@@ -85,26 +96,31 @@ def run_command(command: str, workdir: Path) -> dict:
     argv = shlex.split(command)
     if argv[0] != "explaind":
         raise SystemExit(f"not an explaind command: {command!r}")
-    err_path = workdir / f".stderr_{abs(hash(command))}.txt"
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    n = len(list(logs.glob("*.out")))
+    out_path, err_path = logs / f"{n:02d}.out", logs / f"{n:02d}.err"
     start = time.perf_counter()
-    with open(err_path, "w") as err:
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        out.write(f"$ {command}\n")
+        out.flush()
         child = subprocess.Popen([sys.executable, "-m", "explaind.cli", *argv[1:]], cwd=workdir, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=err)
+                                 stdout=out, stderr=err)
         _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
     stderr = err_path.read_text(errors="replace")
     return {"command": command, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
             "rss_mb": usage.ru_maxrss / 1024, "rc": child.returncode,
-            "eta": bool(_ETA.search(stderr)), "ok": wall <= LIMIT_S}
+            "eta": bool(_ETA.search(stderr)), "cost": bool(_COST.search(stderr.split("%|")[0])), "ok": wall <= LIMIT_S}
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"| command | wall s | CPU s | max RSS MB | exit | bar + ETA | <= {LIMIT_S:.0f} s |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = f"| command | wall s | CPU s | max RSS MB | exit | bar + ETA | cost first | <= {LIMIT_S:.0f} s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r['command']}` | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['rss_mb']:.0f} | {r['rc']} | "
-                     f"{'yes' if r['eta'] else 'no'} | {'yes' if r['ok'] else 'NO'} |")
+                     f"{'yes' if r['eta'] else 'no'} | {'yes' if r['cost'] else 'no'} | {'yes' if r['ok'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -126,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = [] if args.only == "cli" else quickstart_commands()
     commands += [] if args.only == "quickstart" else CLI_COMMANDS
     if args.threads:
-        base = "explaind {} replicate runs/grok --quadrature gauss-legendre --nodes 4 --n-test 32 --steps 0:100"
-        commands += [base.format("--threads 1"), base.format("--threads 2")]
+        commands += THREAD_COMMANDS
     commands = [c for c in commands if not any(s in c for s in args.skip)]
     print(f"# {len(commands)} commands in {workdir}; before: {_uptime()}", flush=True)
     rows = []

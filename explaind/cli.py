@@ -15,6 +15,7 @@ a file system problem with exit code 1; an interrupt with 130. The handlers live
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -188,10 +189,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- main
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[argparse.ArgumentParser, str]:
+    """The parser of the (sub)command that ``args`` chose, and its name (``explaind study grokking``)."""
+    prog, names = "explaind", [args.command, getattr(args, "study", None)]
+    for name in names:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not subs or name not in subs[0].choices:
+            break
+        parser, prog = subs[0].choices[name], f"{prog} {name}"
+    return parser, prog
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> NoReturn:
+    """Exit 2 with one line naming the first argument the command does not take, the closest option and the rest."""
+    chosen, prog = _chosen_parser(parser, args)
+    options = [o for a in chosen._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    word = extra[0]
+    if word.startswith("-"):
+        close = difflib.get_close_matches(word.split("=")[0], options, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        message = f"unknown option {word!r}.{hint} The options of '{prog}' are: {', '.join(options)}"
+    else:
+        usage = " ".join(chosen.format_usage().split()[1:])
+        message = f"unexpected argument {word!r}; usage: {usage}"
+    chosen.exit(EXIT_USAGE, f"{prog}: error: {message} (see '{prog} --help')\n")
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " ".join(lines)
+
+
+def _warning_line(prog: str, message: Warning | str) -> str:
+    """A warning as one line naming the command (not Python's file:line and source line), below any progress bar."""
+    from tqdm import tqdm
+
+    # a bar being drawn has no newline yet: start the warning on a line of its own
+    return f"{chr(10) if getattr(tqdm, '_instances', None) else ''}{prog}: warning: {message}\n"
 
 
 def default_threads(args: argparse.Namespace) -> int | None:
@@ -212,7 +247,9 @@ def default_threads(args: argparse.Namespace) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (also used as the console script)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unknown_arguments(parser, args, extra)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -240,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.ERROR if out.quiet else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     prog = f"explaind {args.command}" + (f" {args.study}" if args.command == "study" else "")
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: _warning_line(prog, message)
     try:
         handler = getattr(cli_commands, f"cmd_{args.command}")
         code = int(handler(args, out) or EXIT_OK)
@@ -261,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

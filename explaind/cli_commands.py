@@ -57,7 +57,8 @@ def _resume_conflicts(config: dict[str, Any], run_dir: str) -> None:
     from .studies.runs import TrainConfig
 
     stored = read_run_file(run_dir)["config"]
-    given = validate_config(TrainConfig, config, "train").model_dump(mode="json")
+    given = validate_config(TrainConfig, config, "train", fix="Fix the option and resume again.")
+    given = given.model_dump(mode="json")
     defaults = TrainConfig().model_dump(mode="json")
     for key, value in given.items():
         if value != defaults[key] and value != stored.get(key):
@@ -155,7 +156,7 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
         if not args.table:
             raise ConfigError("Give a run folder (explaind replicate RUN) or --table for the reference fidelity table.")
         start = time.perf_counter()
-        rows = fidelity.reference_table(size=args.size, device=args.device, progress=out.progress)
+        rows = fidelity.reference_table(size=args.size, device=args.device, progress=out.progress, log=out.info)
         text = format_table(rows, fidelity.TABLE_COLUMNS)
         out.result(text + f"\n({time.perf_counter() - start:.1f} s)", {"rows": rows})
         return 0
@@ -208,10 +209,24 @@ def cmd_influence(args: argparse.Namespace, out: Any) -> int:
     written = [] if out.silent else analysis.save_attribution(att, Path(args.out), csv_file=not args.no_csv)
     summary = analysis.summarise(att)
     lines = [f"axes {summary['axes']} shape {summary['shape']}; completeness gap {summary['completeness_gap']:.3g}; "
-             f"quadrature error {summary['quadrature_error_max']:.3g} (largest per input and output, {rule.label})"]
+             f"quadrature error {summary['quadrature_error_max']:.3g} (largest per input and output, {rule.label})",
+             _shares(att.meta, rule)]
     lines += [f"wrote {p}" for p in written]
     out.result("\n".join(lines), dict(summary, files=[str(p) for p in written]))
     return 0
+
+
+def _shares(meta: dict[str, Any], rule: Any) -> str:
+    """The parts of the explained change the scores leave out (docs/maths.md), and how to shrink the quadrature's."""
+    from .estimators.influence import InfluenceConfig
+
+    tol = InfluenceConfig.model_fields["residual_tol"].default
+    parts = [f"{name} share {100 * meta[key]:.3g}%" for name, key in (("quadrature error", "quadrature_share"),
+                                                                       ("residual", "residual_share")) if key in meta]
+    fix = (f"; above {100 * tol:g}%: more --nodes or --quadrature adaptive shrink the quadrature error, at a higher "
+           f"cost"
+           if meta.get("quadrature_share", 0.0) > tol and rule.quadrature != "left" else "")
+    return f"of the explained change g(theta_stop) - g(theta_start): {', '.join(parts) or 'not measured'}{fix}"
 
 
 # --------------------------------------------------------------------------- prune

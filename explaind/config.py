@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal
 
 import torch
@@ -30,12 +31,14 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-def validate_config(model: type[BaseModel], values: dict[str, Any], owner: str) -> Any:
+def validate_config(model: type[BaseModel], values: dict[str, Any], owner: str,
+                    fix: str = "Fix the parameter and call fit again.") -> Any:
     """Validate ``values`` against ``model``; turn pydantic's error into a :class:`ConfigError`.
 
     The message names each offending field, the value given and what is allowed, e.g.
     ``KernelReplica: invalid value for 'quadrature': 'simpson' — Input should be 'adaptive',
-    'gauss-legendre', 'midpoint' or 'left'.``
+    'gauss-legendre', 'midpoint' or 'left'.``; a field the model does not have is listed with the
+    fields it does have. ``fix`` ends the message (how to correct it where the values came from).
     """
     try:
         return model.model_validate(values)
@@ -45,7 +48,11 @@ def validate_config(model: type[BaseModel], values: dict[str, Any], owner: str) 
             field = ".".join(str(p) for p in err.get("loc", ())) or "<config>"
             given = err.get("input")
             problems.append(f"invalid value for {field!r}: {given!r} — {err.get('msg')}")
-        raise ConfigError(f"{owner}: " + "; ".join(problems) + ". Fix the parameter and call fit again.") from None
+            if err.get("type") == "extra_forbidden" and len(err.get("loc", ())) == 1:
+                close = difflib.get_close_matches(field, list(model.model_fields), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                problems[-1] += f" (the fields are: {', '.join(model.model_fields)}{hint})"
+        raise ConfigError(f"{owner}: " + "; ".join(problems) + ". " + fix) from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -102,6 +102,13 @@ def test_study_grokking_overrides(tmp_path, capsys):
                  "-q"]) == 0
     text = capsys.readouterr().out
     assert "p=7" in text and "3 steps" in text
+    # the same command again into the same folder replaces the study's run (the documented command, run twice)
+    (out / "run" / "marker").write_text("the earlier run")
+    assert main(["study", "grokking", "--tiny", "--p", "7", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "2 steps" in captured.out and f"replacing the run of the previous study in {out / 'run'}" in captured.err
+    assert not (out / "run" / "marker").exists()
+    assert json.loads((out / "run" / "run.json").read_text())["status"] == "complete"
 
 
 def test_prune_tiny(tmp_path, capsys):
@@ -126,3 +133,19 @@ def test_reference_fidelity_table_tiny(capsys):
         assert row["KL"] >= -1e-12
     evals = {r["rule"]: r["evals/step"] for r in rows if r["setup"] == "digits MLP, Adam"}
     assert evals["midpoint-10"] == 10 and evals["midpoint-100"] == 100 and evals["gauss-legendre-4"] == 4
+
+
+def test_reference_table_says_its_cost_before_training(monkeypatch):
+    from explaind.studies import fidelity, runs
+
+    said, order = [], []
+    monkeypatch.setattr(runs, "train_run", lambda *a, **k: order.append("train"))
+    monkeypatch.setattr(fidelity, "run_fidelity", lambda *a, **k: [])
+    fidelity.reference_table("small", log=lambda line: said.append(line) or order.append("said"))
+    # every rule over 40 steps x 64 inputs: (10 + 100 + 4) nodes + adaptive's lower bound of 12, per step and input
+    assert said == ["replicate --table (small): 3 reference setups, each trained for 40 steps, then midpoint-10, "
+                    f"midpoint-100, gauss-legendre-4 and adaptive over 40 steps x 64 inputs = at least "
+                    f"{(10 + 100 + 4 + 12) * 40 * 64:,} path-gradient evaluations per setup"]
+    assert order == ["said", "train", "train", "train"]
+    assert fidelity.rules_cost([fidelity.Rule("gauss-legendre", 2)], 780, 64) == (
+        "gauss-legendre-2 over 780 steps x 64 inputs = 99,840 path-gradient evaluations")

@@ -78,7 +78,8 @@ def test_console_script_is_installed():
         (["train", "--out", "{tmp}/r", "--optimizer", "rmsprop"], ["'optimizer'", "'rmsprop'", "'adamw'"]),
         (["train", "--out", "{tmp}/r", "--model", "widths=[3]"], ["widths"]),
         (["train", "--out", "{tmp}/r", "--steps", "0"], ["'steps'", "0"]),
-        (["replicate", "{tmp}/missing"], ["is not a run folder", "run.json is missing"]),
+        (["replicate", "{tmp}/missing"], ["'{tmp}/missing' does not exist", "explaind train --out {tmp}/missing"]),
+        (["replicate", "{tmp}"], ["is not a run folder", "run.json is missing"]),
         (["replicate"], ["Give a run folder"]),
         (["replicate", "{tmp}", "--quadrature", "simpson"], ["Unknown quadrature 'simpson'", "midpoint"]),
         (["replicate", "--table", "--size", "huge"], ["invalid choice: 'huge'"]),
@@ -86,7 +87,7 @@ def test_console_script_is_installed():
         (["influence", "{tmp}", "--target", "best", "--out", "{tmp}/o"], ["Unknown target 'best'", "label"]),
         (["influence", "{tmp}", "--steps", "5", "--out", "{tmp}/o"], ["--steps '5' is not START:STOP"]),
         (["influence", "{tmp}", "--n-test", "0", "--out", "{tmp}/o"], ["--n-test 0 must be a positive integer"]),
-        (["report", "{tmp}/missing"], ["is not a run folder"]),
+        (["report", "{tmp}/missing"], ["does not exist"]),
         (["study"], ["choose a study: grokking"]),
         (["study", "grokking", "--p", "0", "--out", "{tmp}/g"], ["--p 0 must be a positive integer"]),
         (["demo", "--size", "medium"], ["invalid choice: 'medium'"]),
@@ -95,6 +96,7 @@ def test_console_script_is_installed():
 )
 def test_bad_input_is_one_line_and_exit_2(argv, fragments, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    fragments = [f.replace("{tmp}", str(tmp_path)) for f in fragments]
     try:
         code, _, err = _run(argv, capsys)
     except SystemExit as exc:  # argparse errors exit through parser.exit
@@ -149,3 +151,103 @@ def test_parser_documents_every_subcommand_in_the_cli_reference():
             for option in action.option_strings:
                 if option.startswith("--") and option not in ("--help", "--quiet", "--json", "--debug", "--threads"):
                     assert option in body, f"the section of '{command}' in docs/cli.md lacks {option}"
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["replicate", "{tmp}", "--tabel"], ["explaind replicate: error: unknown option '--tabel'",
+                                            "Did you mean '--table'?", "--quadrature, --nodes", "--max-evals"]),
+        (["train", "--out", "{tmp}/r", "--optimiser", "sgd"], ["unknown option '--optimiser'",
+                                                               "Did you mean '--optimizer'?", "--weight-decay"]),
+        (["study", "grokking", "--setps", "3"], ["explaind study grokking: error: unknown option '--setps'",
+                                                 "Did you mean '--steps'?"]),
+        (["--quite", "plugins"], ["explaind plugins: error: unknown option '--quite'", "Did you mean '--quiet'?"]),
+        (["influence", "{tmp}", "--out", "{tmp}/o", "--zzz"], ["unknown option '--zzz'. The options of"]),
+        (["replicate", "{tmp}/a", "{tmp}/b"], ["unexpected argument '{tmp}/b'", "usage: explaind replicate"]),
+        (["train", "--out", "{tmp}/r", "-a", "modular_transformer", "-d", "modular", "--model", "d_modl=3"],
+         ["invalid value for 'd_modl'", "the fields are: p, d_model", "did you mean 'd_model'?", "--model KEY=VALUE"]),
+    ],
+)
+def test_a_mistyped_option_names_the_closest_one_and_the_others(argv, fragments, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        code, _, err = _run(argv, capsys)
+    except SystemExit as exc:
+        code, err = exc.code, capsys.readouterr().err
+    _one_line_error(code, err, *[f.replace("{tmp}", str(tmp_path)) for f in fragments])
+
+
+@pytest.fixture(scope="module")
+def python_store(tmp_path_factory):
+    """A trajectory store recorded in Python (TrajectoryRecorder(store=...)), as in docs/quickstart.md."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("python") / "my_run"
+    torch.manual_seed(0)
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(3, (16,))
+    model = explaind.build_model("mlp", {"in_features": 4, "hidden_sizes": [5], "out_features": 3}, seed=0,
+                                 dtype="float64")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = explaind.TrajectoryRecorder(model, optimizer, loss="cross_entropy", train_data=(X, y), store=folder)
+    with recorder:
+        for idx in torch.arange(16).reshape(4, 4):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            recorder.log_batch(idx)
+            optimizer.step()
+    return folder
+
+
+def test_a_python_store_is_not_taken_for_a_run_folder(python_store, tmp_path, capsys):
+    for argv in (["replicate", str(python_store)], ["influence", str(python_store), "--out", str(tmp_path / "o")],
+                 ["report", str(python_store)]):
+        code, _, err = _run(argv, capsys)
+        _one_line_error(code, err, f"{str(python_store)!r} is a trajectory store recorded in Python",
+                        f"explaind.Trajectory.load('{python_store}')", "explaind train --out")
+    # 'explaind train' never writes a run into it
+    code, _, err = _run(["train", "--out", str(python_store), "--steps", "1"], capsys)
+    _one_line_error(code, err, "is a trajectory store recorded in Python", "Choose a new --out folder")
+    assert not (python_store / "run.json").exists()
+
+
+def test_the_trajectory_inside_a_run_folder_points_at_the_folder(python_store, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(python_store, run / "trajectory")
+    (run / "run.json").write_text("{}")
+    code, _, err = _run(["replicate", str(run / "trajectory")], capsys)
+    _one_line_error(code, err, "is the trajectory inside the run folder", f"'explaind replicate {run}'")
+
+
+def test_warnings_are_one_line_naming_the_command(monkeypatch, capsys):
+    import warnings
+
+    from explaind import cli_commands
+
+    seen = []
+    monkeypatch.setattr(cli_commands, "cmd_plugins",
+                        lambda args, out: seen.append(warnings.formatwarning("inexact", UserWarning, "x.py", 3)) or 0)
+    assert main(["plugins"]) == 0
+    assert seen == ["explaind plugins: warning: inexact\n"]
+    assert warnings.formatwarning("inexact", UserWarning, "x.py", 3) != seen[0]  # restored after the command
+
+
+def test_a_warning_during_a_progress_bar_starts_on_its_own_line(monkeypatch, capsys):
+    import warnings
+
+    from tqdm import tqdm
+
+    from explaind import cli_commands
+
+    def handler(args, out):
+        with tqdm(total=2, desc="quadrature") as bar:
+            bar.update(1)
+            seen.append(warnings.formatwarning("inexact", UserWarning, "x.py", 3))
+        return 0
+
+    seen = []
+    monkeypatch.setattr(cli_commands, "cmd_plugins", handler)
+    assert main(["plugins"]) == 0
+    assert seen == ["\nexplaind plugins: warning: inexact\n"]

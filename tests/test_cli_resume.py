@@ -95,7 +95,8 @@ def test_resume_refuses_other_settings_and_complete_runs(tmp_path, complete_run,
     assert main([*TRAIN, "--out", str(folder)]) == 130
     _one_line_error(capsys, ["train", "--out", str(folder), "--resume", "--lr", "0.5"], "--lr 0.5",
                     "differs from the run's 0.001", "Drop --lr")
-    _one_line_error(capsys, [*TRAIN, "--out", str(folder)], "already holds a run", "--resume")
+    _one_line_error(capsys, [*TRAIN, "--out", str(folder)], "holds an interrupted run",
+                    f"'explaind train --out {folder} --resume'")
 
 
 def test_a_trajectory_without_run_json_gives_the_fix(tmp_path, complete_run, capsys):

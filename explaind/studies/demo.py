@@ -24,7 +24,8 @@ from . import fidelity, pruning_run
 from .grokking import grokking_config
 from .phases import run_outcome
 from .report import build_report
-from .runs import RUN_FILE, TRAJECTORY_DIR, train_run
+from .run_file import clear_run_folder
+from .runs import train_run
 
 __all__ = ["DEMO_RULES", "DEMO_SIZES", "run_demo"]
 
@@ -71,14 +72,13 @@ def run_demo(out_dir: str | Path = "report", *, size: str = "small", seed: int =
     preset = DEMO_SIZES[size]
     out = Path(out_dir)
     run_dir = out / "run"
-    if (run_dir / RUN_FILE).exists() or (run_dir / TRAJECTORY_DIR).exists():
-        shutil.rmtree(run_dir)
+    clear_run_folder(run_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
     config, options = grokking_config(size, seed=seed, device=device)
     say(f"[1/4] training the modular transformer on (a + b) mod {config['data']['p']} with AdamW "
-        f"(weight decay {config['weight_decay']}) and recording it to {run_dir}")
+        f"(weight decay {config['weight_decay']}) for up to {config['steps']} steps and recording it to {run_dir}")
     t = time.perf_counter()
     run = train_run(config, run_dir, progress=progress)
     timings["train"] = round(time.perf_counter() - t, 2)
@@ -87,7 +87,9 @@ def run_demo(out_dir: str | Path = "report", *, size: str = "small", seed: int =
     outcome = run_outcome(run.history)
     say(f"      {outcome.describe()}")
 
-    say(f"[2/4] fidelity of the kernel replica on {preset['n_fidelity']} validation inputs")
+    n_fidelity = min(preset["n_fidelity"], run.dataset.n_val)
+    say(f"[2/4] fidelity of the kernel replica: "
+        f"{fidelity.rules_cost(preset['rules'], int(run.trajectory.n_steps), n_fidelity)}")
     t = time.perf_counter()
     rows = fidelity.run_fidelity(run, preset["rules"], n_test=preset["n_fidelity"],
                                  device=device, progress=progress, setup="modular transformer, AdamW")

@@ -72,6 +72,20 @@ def evals_text(rule: Rule, evals: int) -> str:
     return f"{'at least ' if rule.quadrature == 'adaptive' else ''}{evals:,}"
 
 
+def rules_cost(rules: list[Rule], n_steps: int, n_test: int) -> str:
+    """The evaluations of comparing ``rules`` over ``n_steps`` steps and ``n_test`` inputs, as said to the user.
+
+    E.g. ``"midpoint-10, gauss-legendre-4 and adaptive over 40 steps x 64 inputs = at least 66,560
+    path-gradient evaluations"`` (``at least`` when ``adaptive`` is among them: its count is a lower bound).
+    """
+    total = sum(estimated_evals(rule, n_steps, n_test) for rule in rules)
+    bound = any(rule.quadrature == "adaptive" for rule in rules)
+    labels = [rule.label for rule in rules]
+    names = labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} and {labels[-1]}"
+    return (f"{names} over {n_steps} steps x {n_test} inputs = {'at least ' if bound else ''}{total:,} "
+            f"path-gradient evaluations")
+
+
 def affordable_rules(rules: list[Rule], n_steps: int, n_test: int,
                      max_evals: int | None = TABLE_MAX_EVALS) -> tuple[list[Rule], list[tuple[Rule, int]]]:
     """Split ``rules`` into those whose evaluations fit in ``max_evals`` together, and the rest.
@@ -243,8 +257,11 @@ def reference_setups(size: str = "small", device: str = "cpu") -> list[tuple[str
 
 
 def reference_table(size: str = "small", *, device: str = "cpu", progress: bool = False,
-                    rules: list[Rule] | None = None) -> list[dict[str, Any]]:
+                    rules: list[Rule] | None = None, log: Any = None) -> list[dict[str, Any]]:
     """Train the three reference setups (in memory) and compare every rule on each.
+
+    ``log`` (a callable taking a line) is told the cost first: the setups, their steps and the
+    path-gradient evaluations of the rules (:func:`rules_cost`).
 
     Returns
     -------
@@ -255,7 +272,11 @@ def reference_table(size: str = "small", *, device: str = "cpu", progress: bool 
 
     rows: list[dict[str, Any]] = []
     n_test = _SIZES[size]["n_test"] if size in _SIZES else None
-    for name, config in reference_setups(size, device):
+    setups = reference_setups(size, device)
+    say = log or (lambda message: None)
+    say(f"replicate --table ({size}): {len(setups)} reference setups, each trained for {_SIZES[size]['steps']} steps, "
+        f"then {rules_cost(rules or all_rules(), _SIZES[size]['steps'], n_test)} per setup")
+    for name, config in setups:
         run = train_run(config, None, progress=progress)
         rows += run_fidelity(run, rules or all_rules(), n_test=n_test, device=device, progress=progress, setup=name)
     return rows

@@ -26,6 +26,7 @@ from ..exceptions import ConfigError
 from .analysis import StepGroupScores
 from .phases import detect_phases, run_outcome
 from .report import ReportOptions, build_report, phase_totals
+from .run_file import clear_run_folder
 from .runs import train_run
 
 __all__ = ["PRESETS", "grokking_config", "run_grokking_study"]
@@ -91,8 +92,8 @@ def run_grokking_study(out_dir: str | Path, *, size: str = "small", p: int | Non
     Parameters
     ----------
     out_dir : str or Path
-        New folder; receives ``run/`` (run folder), ``report/`` (figures + ``index.html``) and
-        ``summary.json``.
+        Output folder; receives ``run/`` (run folder), ``report/`` (figures + ``index.html``) and
+        ``summary.json``, replacing those of an earlier study there.
     size, p, steps, seed
         See :func:`grokking_config`.
     device : str
@@ -118,6 +119,8 @@ def run_grokking_study(out_dir: str | Path, *, size: str = "small", p: int | Non
     start = time.perf_counter()
     say(f"training the modular transformer on (a + b) mod {config['data']['p']} ({size}, up to {config['steps']} "
         f"steps, {dev})")
+    if clear_run_folder(out / "run"):
+        say(f"replacing the run of the previous study in {out / 'run'}")
     run = train_run(config, out / "run", progress=progress)
     trained = time.perf_counter() - start
     say(f"trained {run.trajectory.n_steps} steps in {trained:.1f} s; computing the report")

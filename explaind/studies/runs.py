@@ -166,7 +166,12 @@ def model_config_for(architecture: str, dataset: Dataset, overrides: dict[str, A
     fields = record.config.model_fields
     values = {k: v for k, v in derived.items() if k in fields}
     values.update(overrides or {})
-    return validate_config(record.config, values, f"architecture {architecture!r}")
+    return validate_config(record.config, values, f"architecture {architecture!r}",
+                           fix="Fix the option (--model KEY=VALUE on the command line) and train again.")
+
+
+#: The end of an error about a run.json whose settings do not validate.
+_DAMAGED = "The run folder's run.json was edited or written by another version of explaind: train the run again."
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -211,7 +216,7 @@ def _resume_state(path: Path) -> tuple[TrainConfig, History]:
     if record["status"] != "recording":
         raise ConfigError(f"The run in {str(path)!r} is complete; there is nothing to resume. Train a new run with "
                           f"another --out folder.")
-    config = validate_config(TrainConfig, record["config"], f"{path / RUN_FILE}")
+    config = validate_config(TrainConfig, record["config"], f"{path / RUN_FILE}", fix=_DAMAGED)
     return config, History.from_dict(record["history"]) if "history" in record else History()
 
 
@@ -258,7 +263,7 @@ def train_run(
     elif path is not None:
         check_new_run_folder(path)
     if not isinstance(config, TrainConfig):
-        config = validate_config(TrainConfig, dict(config or {}), "train")
+        config = validate_config(TrainConfig, dict(config or {}), "train", fix="Fix the option and train again.")
     store = None if path is None else path / TRAJECTORY_DIR
     data_params = _dataset_defaults(config.architecture, config.dataset, config.data)
     dataset = load_dataset(config.dataset, **data_params)
@@ -363,7 +368,7 @@ def load_run(path: str | Path) -> Run:
 
     path = Path(path)
     record = read_run_file(path)
-    config = validate_config(TrainConfig, record["config"], f"{path / RUN_FILE}")
+    config = validate_config(TrainConfig, record["config"], f"{path / RUN_FILE}", fix=_DAMAGED)
     dataset = load_dataset(record["dataset"]["name"], **record["dataset"]["params"])
     if dataset.X_train.is_floating_point():
         dataset = _cast(dataset, resolve_dtype(config.dtype))
