@@ -202,3 +202,27 @@ def test_lightning_manual_optimization_with_clip_gradients_is_refused_by_the_cal
     traj = module.rec.trajectory
     assert traj.n_steps == STEPS and all(float(traj.grad_scale(s)) < 1 for s in range(STEPS))  # clipped every step
     _assert_exact(module.model, traj, X_test)
+
+
+def test_a_hand_loaded_optimizer_state_with_maximize_switched_is_refused_naming_restore(tmp_path):
+    """Resuming by ``opt.load_state_dict`` instead of ``rec.restore()``, then switching ``maximize``: the recorder
+    refuses the loaded state (its recurrence starts from empty buffers) and names ``restore()``, after which a
+    switch while buffers exist is refused at the first resumed step (tests/test_recording_edges.py)."""
+    X, y, _ = _data()
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run")
+    with rec:
+        for idx in torch.arange(2 * BATCH).reshape(2, BATCH):
+            opt.zero_grad()
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    resumed = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    resumed.load_state_dict(opt.state_dict())
+    for group in resumed.param_groups:
+        group["maximize"] = True
+    with pytest.raises(ConfigError, match=r"already holds state for 4 parameter\(s\).*resume=True on a fresh "
+                                          r"optimizer and call its restore\(\)"):
+        explaind.TrajectoryRecorder(model, resumed, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run",
+                                    resume=True)

@@ -79,19 +79,45 @@ def _assert_exact(traj, X_test, truth, ref, target=None) -> None:
     assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
 
 
-def test_llama_with_rotary_embeddings_gqa_and_a_silu_gated_mlp_is_exact_with_float64_norms():
+def _llama(swap: bool):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
                                    tie_word_embeddings=False)
-    model = float64_norms(transformers.LlamaForCausalLM(cfg).to(DT))
-    assert cfg._attn_implementation == "sdpa" and not any("LlamaRMSNorm" in type(m).__name__ for m in model.modules())
+    model = transformers.LlamaForCausalLM(cfg).to(DT)
+    assert cfg._attn_implementation == "sdpa"
+    return float64_norms(model) if swap else model
+
+
+def _next_token(logits, t):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), t[:, 1:].reshape(-1))
+
+
+def test_llamas_float32_norms_cap_the_adaptive_rule_with_a_warning_naming_them(monkeypatch):
+    """Before: the warning named only the cap (5 minutes at the default cap of 4096 evaluations per pair)."""
+    import explaind.kernel.adaptive as adaptive
+
+    monkeypatch.setattr(adaptive, "MAX_EVALS", 300)
     ids = _ids(N + 2, 1)
+    X_test = {"input_ids": ids[N:]}
+    for swap in (False, True):
+        _, traj = _train(_llama(swap), {"input_ids": ids[:N]}, ids[:N], "causal_lm", _next_token)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            explaind.KernelReplica(device="cpu").fit(traj).predict(X_test)
+        capped = [str(w.message) for w in seen if "stopped at the cap" in str(w.message)]
+        if swap:
+            assert not capped
+        else:
+            assert len(capped) == 1
+            assert "LlamaRMSNorm and T5LayerNorm do; replace them by torch.nn.RMSNorm" in capped[0]
 
-    def next_token(logits, t):
-        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), t[:, 1:].reshape(-1))
 
-    model, traj = _train(model, {"input_ids": ids[:N]}, ids[:N], "causal_lm", next_token)
+def test_llama_with_rotary_embeddings_gqa_and_a_silu_gated_mlp_is_exact_with_float64_norms():
+    model = _llama(swap=True)
+    assert not any("LlamaRMSNorm" in type(m).__name__ for m in model.modules())
+    ids = _ids(N + 2, 1)
+    model, traj = _train(model, {"input_ids": ids[:N]}, ids[:N], "causal_lm", _next_token)
     X_test = {"input_ids": ids[N:]}
     with torch.no_grad():
         truth = model(**X_test).logits.reshape(2, -1)
