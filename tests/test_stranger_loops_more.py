@@ -17,7 +17,7 @@ from _framework_testkit import fit_lightning, indexed
 from test_stranger_loops import BATCH, DT, STEPS, N, _assert_exact, _data, _mlp
 
 import explaind
-from explaind.exceptions import ConfigError, TrajectoryError
+from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from explaind.integrations import ExplaindLightningCallback
 
 
@@ -226,3 +226,26 @@ def test_a_hand_loaded_optimizer_state_with_maximize_switched_is_refused_naming_
                                           r"optimizer and call its restore\(\)"):
         explaind.TrajectoryRecorder(model, resumed, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run",
                                     resume=True)
+
+
+def test_a_mean_over_padding_unpacked_without_total_length_is_flagged_naming_total_length():
+    """A GRU text classifier whose head averages ``pad_packed_sequence``'s output over all time steps: trained on
+    batches padded to their longest sequence, explained on inputs padded to the full length, it computes another
+    function there. Before, the residual-share warning named dropout, the audit and the gradient check only."""
+    from hard_models_kit import seeded, train
+    from test_hard_models_packed import PackedClassifier, tokens
+
+    class MeanOverPadding(PackedClassifier):
+        def forward(self, ids):
+            packed = torch.nn.utils.rnn.pack_padded_sequence(self.emb(ids), (ids != 0).sum(1), batch_first=True,
+                                                             enforce_sorted=False)
+            seq, _ = torch.nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+            return self.head(self.act(seq.mean(1)))
+
+    X, y = tokens(14, 3)
+    model = seeded(lambda: MeanOverPadding(torch.nn.GRU(3, 4, batch_first=True), "mean", False))
+    traj, _ = train(model, "sgd", X[:12], y[:12])
+    with pytest.warns(ExplaindWarning, match=r"residual share .*recurrent layers \(rnn\).*pad_packed_sequence without "
+                                             r"total_length.*pass total_length=x.shape\[1\]"):
+        att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X[12:])
+    assert att.meta["residual_share"] > 1e-3
