@@ -245,12 +245,16 @@ def refuse_ignored_labels(loss: LossRecord, data: TrainData, idx: Tensor, weight
     """
     if loss.counts is not None or data.is_dataset:
         return
-    targets = data.get(idx)[1]
-    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.dim() != 1:
+    labels = data._y  # the targets only: slicing the inputs too would copy a batch at every log_batch
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1:
         return
+    targets = labels[idx.to(labels.device)]
     ignored = (targets == IGNORE_INDEX).cpu()
     if weights is not None:
-        ignored &= torch.as_tensor(weights).detach().to("cpu").reshape(-1) != 0
+        w = torch.as_tensor(weights).detach().to("cpu").reshape(-1)
+        if w.shape != ignored.shape:
+            return  # validate_weights names the wrong shape
+        ignored &= w != 0
     if not bool(ignored.any()):
         return
     where = idx.cpu()[ignored].tolist()
