@@ -17,7 +17,7 @@ from _framework_testkit import fit_lightning, indexed
 from test_stranger_loops import BATCH, DT, STEPS, N, _assert_exact, _data, _mlp
 
 import explaind
-from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from explaind.exceptions import ConfigError, TrajectoryError
 from explaind.integrations import ExplaindLightningCallback
 
 
@@ -202,50 +202,3 @@ def test_lightning_manual_optimization_with_clip_gradients_is_refused_by_the_cal
     traj = module.rec.trajectory
     assert traj.n_steps == STEPS and all(float(traj.grad_scale(s)) < 1 for s in range(STEPS))  # clipped every step
     _assert_exact(module.model, traj, X_test)
-
-
-def test_a_hand_loaded_optimizer_state_with_maximize_switched_is_refused_naming_restore(tmp_path):
-    """Resuming by ``opt.load_state_dict`` instead of ``rec.restore()``, then switching ``maximize``: the recorder
-    refuses the loaded state (its recurrence starts from empty buffers) and names ``restore()``, after which a
-    switch while buffers exist is refused at the first resumed step (tests/test_recording_edges.py)."""
-    X, y, _ = _data()
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run")
-    with rec:
-        for idx in torch.arange(2 * BATCH).reshape(2, BATCH):
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-    resumed = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    resumed.load_state_dict(opt.state_dict())
-    for group in resumed.param_groups:
-        group["maximize"] = True
-    with pytest.raises(ConfigError, match=r"already holds state for 4 parameter\(s\).*resume=True on a fresh "
-                                          r"optimizer and call its restore\(\)"):
-        explaind.TrajectoryRecorder(model, resumed, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run",
-                                    resume=True)
-
-
-def test_a_mean_over_padding_unpacked_without_total_length_is_flagged_naming_total_length():
-    """A GRU text classifier whose head averages ``pad_packed_sequence``'s output over all time steps: trained on
-    batches padded to their longest sequence, explained on inputs padded to the full length, it computes another
-    function there. Before, the residual-share warning named dropout, the audit and the gradient check only."""
-    from hard_models_kit import seeded, train
-    from test_hard_models_packed import PackedClassifier, tokens
-
-    class MeanOverPadding(PackedClassifier):
-        def forward(self, ids):
-            packed = torch.nn.utils.rnn.pack_padded_sequence(self.emb(ids), (ids != 0).sum(1), batch_first=True,
-                                                             enforce_sorted=False)
-            seq, _ = torch.nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
-            return self.head(self.act(seq.mean(1)))
-
-    X, y = tokens(14, 3)
-    model = seeded(lambda: MeanOverPadding(torch.nn.GRU(3, 4, batch_first=True), "mean", False))
-    traj, _ = train(model, "sgd", X[:12], y[:12])
-    with pytest.warns(ExplaindWarning, match=r"residual share .*recurrent layers \(rnn\).*pad_packed_sequence without "
-                                             r"total_length.*pass total_length=x.shape\[1\]"):
-        att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X[12:])
-    assert att.meta["residual_share"] > 1e-3
