@@ -199,14 +199,21 @@ class Reference:
             self.E[s] = self.delta[s] - self.Dk[s].sum(0) - self.R[s]
 
     # ------------------------------------------------------------------ path features
+    #: Names of modules whose output goes through a ReLU that is no module (``torch.relu`` or ``nn.ReLU()(h)``
+    #: inside ``forward``, as DistilBERT's classifier does): their outputs' sign changes are kinks too.
+    kink_outputs: tuple[str, ...] = ()
+
     def kinks(self, s: int, xi: int, grid: int = 16) -> list[float]:
-        """Points ``t in (0, 1)`` where an input of a ReLU-like module changes sign on the segment."""
+        """Points ``t in (0, 1)`` where an input of a ReLU-like module (or a ``kink_outputs`` output) changes sign."""
         mods = [m for m in self.model.modules() if isinstance(m, _KINK_MODULES)]
-        if not mods:
+        feeding = [dict(self.model.named_modules())[name] for name in self.kink_outputs]
+        if not mods and not feeding:
             return []
         seen: list[Tensor] = []
         hooks = [m.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach().reshape(-1)))
                  for m in mods]
+        hooks += [m.register_forward_hook(lambda _m, _inp, out: seen.append(out.detach().reshape(-1)))
+                  for m in feeding]
         thresholds = []
         for m in mods:
             if isinstance(m, nn.ReLU6):
@@ -215,6 +222,7 @@ class Reference:
                 thresholds.append((m.min_val, m.max_val))
             else:
                 thresholds.append((0.0,))
+        thresholds += [(0.0,)] * len(feeding)
 
         def pre(t: float) -> Tensor:
             seen.clear()

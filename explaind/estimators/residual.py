@@ -70,6 +70,13 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
         causes.append(f"the dropout masks and batch statistics of {', '.join(stochastic[:5])} are replayed from the "
                       f"captured random states; a replay on another device or library version than the recording "
                       f"draws other masks — explain on the device the run was recorded on")
+    recurrent = [name or type(m).__name__ for name, m in traj.model.named_modules() if isinstance(m, nn.RNNBase)]
+    if recurrent:
+        causes.append(f"the model has recurrent layers ({', '.join(recurrent[:5])}): if its forward unpacks a packed "
+                      f"sequence with pad_packed_sequence without total_length, a training batch is padded to its "
+                      f"longest sequence but an input explained alone to its full padded length, so a head that "
+                      f"reads the padding (a mean over all time steps) computes another function — pass "
+                      f"total_length=x.shape[1] (docs/maths.md, 'Recurrent layers')")
     audit = np.asarray(traj.audit(), dtype=np.float64)[start:stop]
     if audit.size and np.isfinite(audit).all() and float(audit.max()) > AUDIT_TOL:
         worst = int(np.argmax(audit)) + start

@@ -80,8 +80,14 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
             raise ConfigError(f"module={self._module!r}: the LightningModule has no submodule of that name; pass the "
                               f"attribute name of the model to record (e.g. module='model') or None.")
         if not pl_module.automatic_optimization:
-            raise ConfigError("ExplaindLightningCallback supports automatic optimization; with manual optimization "
-                              "use explaind.TrajectoryRecorder in training_step (rec.log_batch before opt.step()).")
+            raise ConfigError(
+                "ExplaindLightningCallback supports automatic optimization (automatic_optimization=True); this "
+                "LightningModule sets it to False. Fix: record manual optimization with explaind.TrajectoryRecorder "
+                "itself: create it in on_train_start on the wrapped torch optimizer, TrajectoryRecorder(self.model, "
+                "self.optimizers().optimizer, loss=..., train_data=(X, y)), enter it there and exit it in "
+                "on_train_end; in training_step call rec.log_batch(batch['explaind_index']) (an IndexedDataset's "
+                "positions) after self.manual_backward(loss) and self.clip_gradients(...), before opt.step(). "
+                "Clipping by norm is measured as a factor of the step; see docs/guide_own_model.md, 'Lightning'.")
         self._check_keywords(model)
         self._start(model, trainer.optimizers[0], getattr(trainer.precision_plugin, "scaler", None))
 

@@ -157,6 +157,11 @@ def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> No
                       f"{adaptive.DENSE_EVALS} evaluations below {DENSE_REL:g} of their change")
     if bool(capped.any()):
         causes.append(f"{int(capped.sum())} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
+        if scale.dtype == torch.float64:
+            causes.append("in float64 a cap is often a model computing part of its forward in float32 whatever its "
+                          "dtype, whose rounding (about 1e-7) makes the integrand noisy: Hugging Face's "
+                          "LlamaRMSNorm and T5LayerNorm do; replace them by torch.nn.RMSNorm with the same weight "
+                          "and eps (docs/guide_own_model.md, 'Layers and models beyond the built-in ones')")
     warnings.warn(
         f"the adaptive quadrature left {int(above.sum())} of {above.numel()} (step, input) pairs above tol={tol:g}, "
         f"with relative error up to {worst:.2g}: {'; '.join(causes)}. The error left is reported as quadrature_error "

@@ -16,6 +16,9 @@ from ..inputs import Inputs, as_inputs
 from ..records import LossRecord
 from .manifest import ArchitectureSpec
 
+#: The class label that torch's and Hugging Face's cross entropies skip (``ignore_index``).
+IGNORE_INDEX = -100
+
 __all__ = [
     "TrainData",
     "resolve_loss_record",
@@ -25,6 +28,8 @@ __all__ = [
     "validate_indices",
     "validate_weights",
     "default_weights",
+    "refuse_ignored_labels",
+    "IGNORE_INDEX",
     "warn_user",
 ]
 
@@ -205,6 +210,8 @@ def validate_indices(indices: Any, n_train: int | None) -> Tensor:
 def validate_weights(weights: Any, idx: Tensor, dtype: torch.dtype, loss: LossRecord | None = None,
                      data: TrainData | None = None) -> Tensor:
     """Sample weights of shape ``idx.shape`` in ``dtype`` on the CPU (default: :func:`default_weights`)."""
+    if loss is not None and data is not None:
+        refuse_ignored_labels(loss, data, idx, weights)
     if weights is None:
         if loss is not None:
             return default_weights(loss, data, idx, dtype)
@@ -218,6 +225,47 @@ def validate_weights(weights: Any, idx: Tensor, dtype: torch.dtype, loss: LossRe
     if not bool(torch.isfinite(w).all()):
         raise TrajectoryError("log_batch: weights contain NaN or inf; pass finite sample weights.")
     return w.to(dtype)
+
+
+def refuse_ignored_labels(loss: LossRecord, data: TrainData, idx: Tensor, weights: Any) -> None:
+    """Refuse logged samples whose class label is ``ignore_index`` (-100) under a per-sample loss.
+
+    ``F.cross_entropy(out, y)`` skips samples labelled ``-100`` and averages over the others, so the
+    batch loss is :math:`\\sum_{k: y_k \\ne -100} \\ell_k / n_{counted}` (docs/maths.md §1): those samples must
+    not be logged, or must be logged with weight 0 (then the loss callable must give them a finite value).
+    A per-sample loss of one ignored sample is undefined (a gather at -100, or a mean over no counted
+    label), so a run that logs one with a weight is refused here, before anything is recorded. Token
+    losses (records with ``counts``) count their labels themselves and are not checked; nor is
+    data given as a ``Dataset`` (its items are read only where they are needed).
+
+    Raises
+    ------
+    TrajectoryError
+        Naming the ignored positions and the fix.
+    """
+    if loss.counts is not None or data.is_dataset:
+        return
+    labels = data._y  # the targets only: slicing the inputs too would copy a batch at every log_batch
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1:
+        return
+    targets = labels[idx.to(labels.device)]
+    ignored = (targets == IGNORE_INDEX).cpu()
+    if weights is not None:
+        w = torch.as_tensor(weights).detach().to("cpu").reshape(-1)
+        if w.shape != ignored.shape:
+            return  # validate_weights names the wrong shape
+        ignored &= w != 0
+    if not bool(ignored.any()):
+        return
+    where = idx.cpu()[ignored].tolist()
+    raise TrajectoryError(
+        f"log_batch: the samples {where[:8]}{' ...' if len(where) > 8 else ''} are logged with label "
+        f"{IGNORE_INDEX} (ignore_index) under loss {loss.name!r}, which gives each logged sample its own loss term: "
+        f"an ignored sample has none, and F.cross_entropy's mean runs over the counted samples only. Fix: log "
+        f"only the counted samples, keep = y[idx] != {IGNORE_INDEX}; rec.log_batch(idx[keep]) (their mean is "
+        f"exactly the loop's loss), or pass weights that are 0 at the ignored samples with a loss callable "
+        f"that gives them a finite value."
+    )
 
 
 def default_weights(loss: LossRecord, data: TrainData | None, idx: Tensor, dtype: torch.dtype) -> Tensor:
