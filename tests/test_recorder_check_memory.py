@@ -2,12 +2,16 @@
 
 Before a checked step's forward and backward the recorder lets the writer finish, drops its idle
 copy buffers and lets go of its copy of theta_s (the live parameters hold the same values), and
-copies theta_s again after the check. These tests watch what is alive inside the check, and compare
-the stored trajectory of a run checked at every step with the loop's own clones (taken here, in
-the loop) and with the same run unchecked, bit for bit.
+copies theta_s again after the check. These tests watch what is alive inside the check (and that
+nothing else, the writer's thread included, still refers to theta_s), and compare the stored
+trajectory of a run checked at every step with the loop's own clones (taken here, in the loop)
+and with the same run unchecked, bit for bit.
 """
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
@@ -62,15 +66,27 @@ def _record(path, check, *, audit=True, logged=None):
 
 
 def _watch(monkeypatch, rec_box):
-    """Record, at the start of each gradient check, what the recorder in ``rec_box[0]`` holds."""
-    seen, real = [], _checks.streamed_products
+    """Record, at the start of each gradient check, what the recorder in ``rec_box[0]`` holds.
+
+    ``alive``: how many of the tensors of the recorder's copy of theta_s, as it was when the step
+    began, still exist anywhere (the writer's thread and the recorder's own frames included).
+    """
+    seen, real, before = [], _checks.streamed_products, []
+    real_prepare = explaind.TrajectoryRecorder._prepare_step
+
+    def prepare(self, optimizer, s):
+        before[:] = [weakref.ref(t) for t in (self._theta or {}).values()]
+        return real_prepare(self, optimizer, s)
 
     def watched(*args, **kwargs):
         rec = rec_box[0]
-        seen.append({"theta": rec._theta, "queued": rec._writer._budget.steps,
-                     "idle": sum(len(b) for b in rec._pool._free.values()), "snapshots": len(rec._tap._raw)})
+        gc.collect()
+        seen.append({"theta": rec._theta, "alive": sum(r() is not None for r in before),
+                     "queued": rec._writer._budget.steps, "idle": sum(len(b) for b in rec._pool._free.values()),
+                     "snapshots": len(rec._tap._raw)})
         return real(*args, **kwargs)
 
+    monkeypatch.setattr(explaind.TrajectoryRecorder, "_prepare_step", prepare)
     monkeypatch.setattr(_checks, "streamed_products", watched)
     return seen
 
@@ -90,7 +106,7 @@ def test_inside_the_check_the_recorder_holds_no_theta_copy_no_queued_step_and_no
     _record(tmp_path / "run", True, audit=audit)
     assert len(seen) == STEPS
     for s, held in enumerate(seen):
-        assert held == {"theta": None, "queued": 0, "idle": 0, "snapshots": 0}, s
+        assert held == {"theta": None, "alive": 0, "queued": 0, "idle": 0, "snapshots": 0}, s
 
 
 @pytest.mark.parametrize("audit", [True, False])
@@ -120,3 +136,4 @@ def test_a_check_that_fails_leaves_a_copy_of_theta_and_the_run_goes_on(tmp_path)
     for s in range(STEPS + 1):
         assert all(torch.equal(t, thetas[s][n]) for n, t in traj.params(s).items()), s
     assert traj.audit().max() < 1e-13 and traj.gradient_check().max() < 1e-12
+

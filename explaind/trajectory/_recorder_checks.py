@@ -226,12 +226,11 @@ class RecorderChecksMixin:
         theta = self._pooled() and self._theta is not None
         if theta:
             self._writer.flush()  # the writer's readers of theta_s and of the state copies are done
-            handoff, self._theta_handoff = self._theta_handoff, None
-            if handoff is not None:
-                handoff.done()  # the audit's turn: the writer's came with the flush
+            if self._theta_handoff is not None:
+                self._theta_handoff.done()  # the audit's turn: the writer's came with the flush
             else:  # the first theta_s, read by no writer
                 self._pool.release("param.", self._theta or {})
-            self._theta = None
+            self._theta = self._theta_handoff = None  # no reference to theta_s is left while the check runs
         self._pool.trim()
         self._tap.drop_unchanged()
         try:
