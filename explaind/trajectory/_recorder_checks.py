@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
+from ._background import CopyPool, Handoff
 from ._buffers import BufferTracker
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
@@ -141,6 +142,11 @@ class RecorderChecksMixin:
     _frozen: dict[str, Tensor]
     _sigma: float
     _sigma_shape: tuple[tuple[int, int], ...] | None
+    _pool: CopyPool
+    _writer: Any
+    _theta_handoff: Handoff | None
+
+    _pooled: Callable[[], bool]
 
     def _resolve_check(self, check: Any) -> CheckSchedule:
         """The checked steps (``"auto"`` without data, or with uncaptured dropout or batch norm: none)."""
@@ -204,6 +210,34 @@ class RecorderChecksMixin:
             return check_batch_gradient(self.model, self._params, raw, self._loss,
                                         (x.to(device), y.to(device), weights.to(device)), s, tol, autocast, replay,
                                         self._random.generators, self._buffers.recorded(), hint)
+
+    @contextlib.contextmanager
+    def _room_for_check(self) -> Iterator[None]:
+        r"""Around the gradient check: what the recorder holds only for later is freed, so the check's forward and
+        backward reuse its memory (docs/recording.md, "Memory at a checked step").
+
+        Before the check a dense store's writer finishes the queued steps (their copies of :math:`\theta` and of
+        the optimizer state go back to the pool), the pool's idle buffers are dropped, the gradient snapshots equal
+        to ``p.grad`` too (:meth:`GradientTap.drop_unchanged`), and the copy of :math:`\theta_s`, which after that
+        only the step's update audit reads, is let go: the live parameters hold the same values
+        (:meth:`_refuse_edits` compared them before), so it is copied from them again after the check, whether it
+        passed or raised. The check's extra memory is then its activations, not those plus the recorder's copies.
+        """
+        theta = self._pooled() and self._theta is not None
+        if theta:
+            self._writer.flush()  # the writer's readers of theta_s and of the state copies are done
+            if self._theta_handoff is not None:
+                self._theta_handoff.done()  # the audit's turn: the writer's came with the flush
+            else:  # the first theta_s, read by no writer
+                self._pool.release("param.", self._theta or {})
+            self._theta = self._theta_handoff = None  # no reference to theta_s is left while the check runs
+        self._pool.trim()
+        self._tap.drop_unchanged()
+        try:
+            yield
+        finally:
+            if theta:  # back to the pool after the audit (RecorderStoreMixin._audit_now)
+                self._theta = self._pool.copies("param.", self._params)
 
     def _check_loss_callable(self, device: torch.device) -> None:
         """Once, on the first logged micro-batch: a user loss callable must equal sum_k w_k * per-sample loss."""

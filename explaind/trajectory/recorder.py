@@ -460,10 +460,10 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         device = next(iter(self._params.values())).device
         if not self._loss_checked and self._data is not None:
             self._check_loss_callable(device)
-        if due:  # idle copy buffers and the snapshots equal to p.grad give their memory to the check
-            self._pool.trim()
-            self._tap.drop_unchanged()
-        check = self._check_gradient(seen, no_input, indices, weights, device, s, tol, autocast) if due else None
+        check = None
+        if due:  # what the recorder holds only for later gives its memory to the check
+            with self._room_for_check():
+                check = self._check_gradient(seen, no_input, indices, weights, device, s, tol, autocast)
         if check is not None:
             self._sigma = check.sigma / (amp or 1.0)
             if autocast is not None and abs(self._sigma - 1.0) <= tol:

@@ -282,27 +282,33 @@ class StoreWriter:
     def _worker(self) -> None:
         """Commit queued steps; whatever has piled up is committed as one group (fewer fsyncs)."""
         assert self._queue is not None
+        while not self._commit_queued(self._queue):
+            pass
+
+    def _commit_queued(self, q: queue.Queue) -> bool:
+        """Wait for a step, commit it with those queued behind it; ``True`` once the stop marker came.
+
+        A call of its own, so that no written step's tensors stay referenced while the worker waits
+        for the next step (they go back to the recorder's pool, or are freed, once written).
+        """
+        batch = [q.get()]
         while True:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(item is None for item in batch)
-            items = [item for item in batch if item is not None]
             try:
-                if items and self._error is None:
-                    self._commit(items)
-            except BaseException as exc:  # surfaced by check()
-                self._error = exc
-            finally:
-                for item in batch:
-                    if item is not None:
-                        self._budget.release(item[6])
-                    self._queue.task_done()
-            if stop:
-                return
+                batch.append(q.get_nowait())
+            except queue.Empty:
+                break
+        items = [item for item in batch if item is not None]
+        try:
+            if items and self._error is None:
+                self._commit(items)
+        except BaseException as exc:  # surfaced by check()
+            self._error = exc
+        finally:
+            for item in batch:
+                if item is not None:
+                    self._budget.release(item[6])
+                q.task_done()
+        return len(items) < len(batch)
 
     def check(self) -> None:
         """Raise the error of a failed background write, if any."""
