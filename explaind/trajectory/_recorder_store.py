@@ -21,15 +21,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
-from ._audit import UpdateAudit
 from ._background import (
     AuditResult,
     CopyPool,
@@ -45,11 +43,12 @@ from ._coefficients import PREFIX, CoefficientBuffers
 from ._gradients import has_stochastic_layers
 from ._io import encode_optimizer_state, tensor_bytes
 from ._random import pack_micro_batches
+from ._recorder_resume import RecorderResumeMixin
 from ._setup import setup_error
 from ._sparse import SparseLayout, StepReplay, group_snapshot, state_bytes, validate_checkpoint_every
 from .disk import DiskTrajectory
 from .fingerprint import data_fingerprint
-from .manifest import StepRecord, TrajectoryManifest
+from .manifest import StepRecord
 from .store import Prepare, StoreWriter, pack_updates
 
 __all__ = ["RecorderStoreMixin"]
@@ -57,18 +56,9 @@ __all__ = ["RecorderStoreMixin"]
 logger = logging.getLogger("explaind.trajectory.recorder")
 
 
-class RecorderStoreMixin:
-    """Store methods of the recorder (see :class:`~explaind.TrajectoryRecorder`)."""
+class RecorderStoreMixin(RecorderResumeMixin):
+    """Store methods of the recorder (see :class:`~explaind.TrajectoryRecorder`); resuming in the base class."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    _store: Path | None
-    _manifest: TrajectoryManifest
-    _resumed: bool
-    _restarted: bool
-    _loss: Any
-    _params: dict[str, nn.Parameter]
-    _auditor: UpdateAudit
     _writer: StoreWriter | None
     _fsync: bool
     _background: bool

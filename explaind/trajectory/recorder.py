@@ -50,7 +50,6 @@ from ._participation import (
 )
 from ._random import RandomCapture, loss_generators
 from ._recorder_checks import LoggedBatch, RecorderChecksMixin
-from ._recorder_resume import RecorderResumeMixin
 from ._recorder_store import RecorderStoreMixin
 from ._setup import prepare_directory
 from .disk import DiskTrajectory
@@ -62,7 +61,7 @@ __all__ = ["TrajectoryRecorder", "AUTO_CHECK_STEPS", "AUTO_CHECK_EVERY"]
 
 logger = logging.getLogger(__name__)
 
-class TrajectoryRecorder(RecorderStoreMixin, RecorderResumeMixin, RecorderChecksMixin):
+class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
     r"""Record a training run for exact kernel replicas and influence scores.
 
     Parameters
