@@ -9,6 +9,7 @@ import json
 import pytest
 from _browser import check_rendered, render, screenshot
 from _png import check_png, check_report_folder
+from sklearn.datasets import load_digits
 
 from explaind.cli import main
 
@@ -114,11 +115,17 @@ def test_study_grokking_overrides(tmp_path, capsys):
 def test_prune_tiny(tmp_path, capsys):
     out = tmp_path / "prune"
     assert main(["prune", "--tiny", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "magnitude" in text and "random" in text
     results = json.loads((out / "results.json").read_text())
     assert {r["strategy"] for r in results["rows"]} == {"magnitude", "random"}
     assert sorted({r["sparsity"] for r in results["rows"]}) == [0.5, 0.9]
+    # the cost said before the work: one epoch of batches of 100 over the training digits, and as many pruned
+    # models as the results hold
+    n_train = len(load_digits(return_X_y=True)[1]) - 300 - 497  # the splits' scoring and test sizes, docs/pruning.md
+    line = next(x for x in captured.err.splitlines() if x.startswith("prune (tiny)"))
+    assert f"of {-(-n_train // 100)} steps" in line and f"evaluates {len(results['rows'])} pruned models" in line
     assert (out / "pruning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

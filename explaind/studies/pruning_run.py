@@ -12,7 +12,7 @@ from typing import Any
 
 from ..exceptions import ConfigError
 
-__all__ = ["PRESETS", "run_benchmark", "format_result", "PLOT_FILE"]
+__all__ = ["PRESETS", "run_benchmark", "format_result", "cost_text", "PLOT_FILE"]
 
 #: File name of the benchmark's figure inside its output folder.
 PLOT_FILE = "pruning.png"
@@ -57,6 +57,36 @@ def run_benchmark(out_dir: str | Path, *, size: str = "small", seed: int = 0, pr
         "summary": result.summary(),
         "baseline": result.baseline,
     }
+
+
+def cost_text(size: str = "small") -> str:
+    """What ``run_benchmark`` at ``size`` will do, counted before it starts (the CLI says it up front).
+
+    The count follows ``run_digits_benchmark``'s defaults for what a preset leaves out: models trained
+    (one per seed) and their SGD steps over the training digits, the strategies that score each
+    model (all registered ones unless the preset names them) and the pruned models evaluated
+    (strategies x sparsities per trained model).
+    """
+    import inspect
+
+    from ..plugins import list_entries
+    from ..pruning import run_digits_benchmark
+    from ..pruning.digits import load_digits_splits
+
+    if size not in PRESETS:
+        raise ConfigError(f"Unknown size {size!r}. Choose one of: {', '.join(PRESETS)}.")
+    defaults = {k: v.default for k, v in inspect.signature(run_digits_benchmark).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    options = {**defaults, **PRESETS[size]}
+    n_models = 1 if size != "full" else len(tuple(options["seeds"]))
+    n_train = int(load_digits_splits(options["architecture"])["train"][0].shape[0])
+    steps = int(options["epochs"]) * -(-n_train // int(options["batch_size"]))
+    names = list(options["strategies"]) if options["strategies"] is not None else list_entries("pruning_strategy")
+    pruned = n_models * len(names) * len(tuple(options["sparsities"]))
+    each = " each" if n_models != 1 else ""
+    return (f"prune ({size}): trains {n_models} model{'s' if n_models != 1 else ''} of {steps} steps{each}, scores "
+            f"{'it' if n_models == 1 else 'each'} with {len(names)} strategies ({', '.join(names)}) and evaluates "
+            f"{pruned} pruned models, without retraining")
 
 
 def format_result(result: dict[str, Any]) -> str:
