@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,8 +43,7 @@ class _Bar:
         pass
 
 
-@pytest.mark.parametrize("quadrature", ["adaptive", "gauss-legendre"])
-def test_bar_moves_in_at_most_a_twentieth_of_the_window(traj, monkeypatch, quadrature):
+def _fake_bars(monkeypatch) -> list[_Bar]:
     bars: list[_Bar] = []
 
     def fake(enabled, desc, total, unit="step"):
@@ -50,9 +51,56 @@ def test_bar_moves_in_at_most_a_twentieth_of_the_window(traj, monkeypatch, quadr
         return bars[-1]
 
     monkeypatch.setattr(planning, "progress_bar", fake)
+    return bars
+
+
+def test_bar_moves_in_at_most_a_twentieth_of_the_window(traj, monkeypatch):
+    bars = _fake_bars(monkeypatch)
     trajectory, X = traj
-    quiet = explaind.KernelReplica(quadrature=quadrature).fit(trajectory).predict(X)
-    shown = explaind.KernelReplica(quadrature=quadrature, progress=True).fit(trajectory).predict(X)
+    quiet = explaind.KernelReplica(quadrature="gauss-legendre").fit(trajectory).predict(X)
+    shown = explaind.KernelReplica(quadrature="gauss-legendre", progress=True).fit(trajectory).predict(X)
     assert bars[0].updates == [STEPS]  # no bar: one group of stacked steps
     assert sum(bars[-1].updates) == STEPS and max(bars[-1].updates) == math.ceil(STEPS / planning.BAR_UPDATES)
     assert float(abs(torch.as_tensor(shown) - torch.as_tensor(quiet)).max()) <= 1e-12 * float(abs(quiet).max())
+
+
+@pytest.fixture(scope="module")
+def relu_traj():
+    """A wide ReLU MLP at a large learning rate: many units cross their kink within a step (a kink-dense path)."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 96), torch.nn.ReLU(), torch.nn.Linear(96, 96), torch.nn.ReLU(),
+                                torch.nn.Linear(96, 3)).double()
+    X, y = torch.randn(48, 6, dtype=torch.float64), torch.randint(0, 3, (48,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    with rec:
+        for s in range(RELU_STEPS):
+            idx = torch.arange(16 * (s % 3), 16 * (s % 3) + 16)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    return rec.trajectory, torch.randn(12, 6, dtype=torch.float64)
+
+
+RELU_STEPS = 20
+
+
+def test_the_adaptive_rule_plans_the_same_with_and_without_a_bar(relu_traj, monkeypatch):
+    # the adaptive rule decides per group of steps (kink-dense test, probe, shared budgets): its groups must not
+    # follow the bar, or the replica and its evaluations would change with it
+    bars = _fake_bars(monkeypatch)
+    trajectory, X = relu_traj
+    reports = []
+    for progress in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a kink-dense path may leave pairs above tol: warned, the same both ways
+            est = explaind.KernelReplica(quadrature="adaptive", progress=progress).fit(trajectory)
+            reports.append((est.predict(X), est.fidelity_report(X)))
+    (quiet, r_quiet), (shown, r_shown) = reports
+    G = planning.ADAPTIVE_GROUP_STEPS
+    expected = [G] * (RELU_STEPS // G) + ([RELU_STEPS % G] if RELU_STEPS % G else [])
+    assert [b.updates for b in bars] == [expected] * 4  # predict and fidelity_report, without and with the bar
+    assert torch.equal(torch.as_tensor(shown), torch.as_tensor(quiet))
+    assert np.array_equal(r_shown["evals_per_step"], r_quiet["evals_per_step"])
+    assert np.array_equal(r_shown["quadrature_error"], r_quiet["quadrature_error"])

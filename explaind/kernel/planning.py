@@ -6,7 +6,10 @@ the exact difference :math:`g(\theta_{s+1}) - g(\theta_s)` and, for the adaptive
 when asked), the estimate along :math:`\Delta\theta_s`. Steps are handled in groups whose stacked
 :math:`\theta_s, \Delta\theta_s` take at most :data:`~explaind.kernel.evaluate.STACK_BYTES`: the first
 estimates of a group are one grid evaluation, and each refinement level of the adaptive rule one
-evaluation of rows ``(step, input, t)``.
+evaluation of rows ``(step, input, t)``. The adaptive rule's groups hold at most
+:data:`ADAPTIVE_GROUP_STEPS` steps whether or not a progress bar is shown, so its plans do not depend
+on the bar; the fixed rules' plans do not depend on the grouping, and their groups shrink so that a
+bar moves at least :data:`BAR_UPDATES` times.
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     elem = torch.finfo(engine.dtype).bits // 8
     stacked = rule == "adaptive" or with_estimate
     group = max(1, STACK_BYTES // max(1, 2 * elem * engine.layout.size)) if stacked else 1
-    if engine.progress:  # the bar (and its estimate of the time left) moves at least BAR_UPDATES times
+    if rule == "adaptive":  # the same groups with or without a bar: the rule decides some things per group
+        group = min(group, ADAPTIVE_GROUP_STEPS)
+    elif engine.progress:  # the bar (and its estimate of the time left) moves at least BAR_UPDATES times
         group = min(group, max(1, -(-(stop - start) // BAR_UPDATES)))
     g_prev = engine.values_at(start, X, explained)
     g_start = g_prev
@@ -96,8 +101,13 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     return g_start, g_prev, plans, torch.stack(buffers, dim=1) if engine.buffer_names else None
 
 
-#: With a progress bar, groups of stacked steps hold at most this fraction of the window's steps.
+#: With a progress bar, groups of stacked steps of the fixed rules hold at most this fraction of the window's steps.
 BAR_UPDATES = 20
+#: Steps the adaptive rule refines together, at most, with or without a progress bar. Its kink-dense test, probe and
+#: shared budgets (:mod:`~explaind.kernel.dense`) are decided per group, so a group size that followed the bar would
+#: make the plans depend on whether a bar is shown; the bar moves once per group. At least
+#: :data:`~explaind.kernel.dense.SHARE_STEPS` steps per group let kink-dense steps share their budget.
+ADAPTIVE_GROUP_STEPS = 16
 
 
 def _rule(engine: Any, rule: str, n: int) -> tuple[Tensor, Tensor]:
