@@ -15,21 +15,27 @@ from explaind.kernel import planning
 STEPS = 41
 
 
+def _record(model, X, y, steps, batch, lr):
+    """SGD over ``steps`` mini-batches of ``batch`` consecutive samples, cycling through ``X``, recorded."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    n = X.shape[0] // batch
+    with rec:
+        for s in range(steps):
+            idx = torch.arange(batch * (s % n), batch * (s % n) + batch)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    return rec.trajectory
+
+
 @pytest.fixture(scope="module")
 def traj():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
     X, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
-    with rec:
-        for s in range(STEPS):
-            idx = torch.arange(4 * (s % 4), 4 * (s % 4) + 4)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-    return rec.trajectory, X[:3]
+    return _record(model, X, y, STEPS, 4, 0.1), X[:3]
 
 
 class _Bar:
@@ -71,16 +77,7 @@ def relu_traj():
     model = torch.nn.Sequential(torch.nn.Linear(6, 96), torch.nn.ReLU(), torch.nn.Linear(96, 96), torch.nn.ReLU(),
                                 torch.nn.Linear(96, 3)).double()
     X, y = torch.randn(48, 6, dtype=torch.float64), torch.randint(0, 3, (48,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
-    with rec:
-        for s in range(RELU_STEPS):
-            idx = torch.arange(16 * (s % 3), 16 * (s % 3) + 16)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-    return rec.trajectory, torch.randn(12, 6, dtype=torch.float64)
+    return _record(model, X, y, RELU_STEPS, 16, 0.5), torch.randn(12, 6, dtype=torch.float64)
 
 
 RELU_STEPS = 20
