@@ -234,8 +234,10 @@ def cmd_prune(args: argparse.Namespace, out: Any) -> int:
     """Run the pruning benchmark on digits."""
     from .studies import pruning_run
 
+    _positive(args.nodes, "--nodes")
     out.info(pruning_run.cost_text(args.size))
-    result = pruning_run.run_benchmark(args.out, size=args.size, seed=args.seed, progress=out.progress)
+    result = pruning_run.run_benchmark(args.out, size=args.size, seed=args.seed, nodes=args.nodes,
+                                       progress=out.progress)
     out.result(pruning_run.format_result(result), result)
     return 0
 

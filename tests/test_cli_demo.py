@@ -156,3 +156,33 @@ def test_reference_table_says_its_cost_before_training(monkeypatch):
     assert order == ["said", "train", "train", "train"]
     assert fidelity.rules_cost([fidelity.Rule("gauss-legendre", 2)], 780, 64) == (
         "gauss-legendre-2 over 780 steps x 64 inputs = 99,840 path-gradient evaluations")
+
+
+def test_prune_nodes_reach_the_explaind_scores(tmp_path, monkeypatch):
+    import explaind.pruning
+    from explaind.exceptions import ConfigError
+    from explaind.studies import pruning_run
+
+    seen = {}
+
+    class _Result:
+        baseline = {}
+
+        def table(self):
+            return ""
+
+        def summary(self):
+            return {}
+
+    def fake(out_dir, **options):
+        seen.update(options)
+        return _Result()
+
+    monkeypatch.setattr(explaind.pruning, "run_digits_benchmark", fake)
+    pruning_run.run_benchmark(tmp_path, size="tiny", nodes=4)
+    assert seen["quadrature_nodes"] == 4
+    seen.clear()
+    pruning_run.run_benchmark(tmp_path, size="tiny")
+    assert "quadrature_nodes" not in seen  # the benchmark's own default
+    with pytest.raises(ConfigError, match="nodes=0 must be a positive integer"):
+        pruning_run.run_benchmark(tmp_path, size="tiny", nodes=0)

@@ -92,6 +92,7 @@ def test_console_script_is_installed():
         (["study", "grokking", "--p", "0", "--out", "{tmp}/g"], ["--p 0 must be a positive integer"]),
         (["demo", "--size", "medium"], ["invalid choice: 'medium'"]),
         (["plugins", "--threads", "0"], ["--threads 0 must be a positive integer"]),
+        (["prune", "--tiny", "--nodes", "0", "--out", "{tmp}/p"], ["--nodes 0 must be a positive integer"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, fragments, tmp_path, capsys):
