@@ -13,11 +13,19 @@ import torch.nn.functional as F
 from reference import Reference, rel_err
 from torch import Tensor
 from torch.func import functional_call
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 import explaind
 
 VOCAB, LENGTH, N_TRAIN = 30, 8, 24
+
+
+def trainer_args(tmp_path, **settings) -> TrainingArguments:
+    """``TrainingArguments`` of a short CPU run that writes nothing: no checkpoints, logs, reports or bars;
+    ``settings`` give the run's own values (batch, steps, learning rate, schedule, clipping) and overrides."""
+    quiet = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+                 seed=0, optim="adamw_torch", disable_tqdm=True, dataloader_num_workers=0)
+    return TrainingArguments(**{**quiet, **settings})
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

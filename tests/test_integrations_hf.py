@@ -9,7 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _hf_testkit import LENGTH, N_TRAIN, MappingReference, cls_data, lm_data, loop_token_loss, tiny_bert, tiny_gpt2
+from _hf_testkit import (
+    LENGTH,
+    N_TRAIN,
+    MappingReference,
+    cls_data,
+    lm_data,
+    loop_token_loss,
+    tiny_bert,
+    tiny_gpt2,
+    trainer_args,
+)
 from reference import rel_err
 from transformers import Trainer, TrainingArguments
 
@@ -21,11 +31,9 @@ from explaind.trajectory._common import TrainData
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                    max_steps=4, learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=1, weight_decay=0.01,
-                    max_grad_norm=0.5, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
-                    seed=0, optim="adamw_torch", disable_tqdm=True, dataloader_num_workers=0)
-    return TrainingArguments(**{**settings, **overrides})
+    return trainer_args(tmp_path, **{**dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
+                                          learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=1,
+                                          weight_decay=0.01, max_grad_norm=0.5), **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _framework_testkit import CrossEntropyModule, fit_lightning, indexed
-from _hf_testkit import LENGTH, VOCAB, MappingReference, cls_data, lm_data, tiny_gpt2
+from _hf_testkit import LENGTH, VOCAB, MappingReference, cls_data, lm_data, tiny_gpt2, trainer_args
 from reference import rel_err
 from torch import nn
 from transformers import RobertaConfig, RobertaForSequenceClassification, Trainer, TrainingArguments
@@ -46,11 +46,9 @@ def _roberta() -> RobertaForSequenceClassification:
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=3,
-                    max_steps=4, learning_rate=5e-2, lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.01,
-                    max_grad_norm=1.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
-                    seed=0, optim="adamw_torch", disable_tqdm=True, dataloader_num_workers=0)
-    return TrainingArguments(**{**settings, **overrides})
+    return trainer_args(tmp_path, **{**dict(per_device_train_batch_size=4, gradient_accumulation_steps=3, max_steps=4,
+                                          learning_rate=5e-2, lr_scheduler_type="cosine", warmup_steps=1,
+                                          weight_decay=0.01, max_grad_norm=1.0), **overrides})
 
 
 def test_trainer_label_smoothed_loss_callable_with_accumulation_3_is_exact(tmp_path):

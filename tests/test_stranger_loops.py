@@ -227,8 +227,13 @@ def test_compiled_dropout_model_with_inductor_is_refused(how):
     model = torch.compile(net) if how == "torch.compile" else net
     if how == "module.compile":
         net.compile()
-    with pytest.raises(ConfigError, match=r"torch.compile\(backend='inductor'\).*Fix: record the uncompiled model, "
-                                          r"or compile it with backend='eager' or 'aot_eager'"):
+    _refused(model, X, y, r"torch.compile\(backend='inductor'\).*Fix: record the uncompiled model, "
+                          r"or compile it with backend='eager' or 'aot_eager'")
+
+
+def _refused(model, X, y, match):
+    """A recorder over ``model`` is refused with a ConfigError matching ``match``."""
+    with pytest.raises(ConfigError, match=match):
         explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.2), loss="cross_entropy",
                                     train_data=(X, y))
 
@@ -240,10 +245,8 @@ def test_a_submodule_compiled_with_inductor_under_an_uncompiled_root_is_refused(
     inner = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3)).to(DT)
     model = nn.Sequential(torch.compile(inner), nn.Linear(8, 3)).to(DT)
     assert explaind.models.compile_backend(model) is None and explaind.models.compile_backend(model[0]) == "inductor"
-    with pytest.raises(ConfigError, match=r"The submodule '0' is compiled with torch.compile\(backend='inductor'\).*"
-                                          r"Fix: record the uncompiled model"):
-        explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.2), loss="cross_entropy",
-                                    train_data=(X, y))
+    _refused(model, X, y, r"The submodule '0' is compiled with torch.compile\(backend='inductor'\).*"
+                          r"Fix: record the uncompiled model")
 
 
 def test_compiled_dropout_model_with_aot_eager_is_exact():
