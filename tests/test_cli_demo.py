@@ -186,3 +186,5 @@ def test_prune_nodes_reach_the_explaind_scores(tmp_path, monkeypatch):
     assert "quadrature_nodes" not in seen  # the benchmark's own default
     with pytest.raises(ConfigError, match="nodes=0 must be a positive integer"):
         pruning_run.run_benchmark(tmp_path, size="tiny", nodes=0)
+    with pytest.raises(ConfigError, match="Unknown size 'medium'. Choose one of: tiny, small, full"):
+        pruning_run.cost_text("medium")
