@@ -101,3 +101,29 @@ def test_the_adaptive_rule_plans_the_same_with_and_without_a_bar(relu_traj, monk
     assert torch.equal(torch.as_tensor(shown), torch.as_tensor(quiet))
     assert np.array_equal(r_shown["evals_per_step"], r_quiet["evals_per_step"])
     assert np.array_equal(r_shown["quadrature_error"], r_quiet["quadrature_error"])
+
+
+def test_adaptive_groups_are_cut_at_multiples_of_the_group_size():
+    assert planning.step_groups(5, 40, 16, aligned=True) == [(5, 16), (16, 32), (32, 40)]
+    assert planning.step_groups(32, 40, 16, aligned=True) == [(32, 40)]
+    assert planning.step_groups(0, 3, 16, aligned=True) == [(0, 3)]
+    assert planning.step_groups(5, 40, 16, aligned=False) == [(5, 21), (21, 37), (37, 40)]
+    assert planning.step_groups(7, 7, 4, aligned=True) == []
+
+
+def test_a_window_plans_its_whole_groups_as_the_whole_run_does(relu_traj):
+    # the kink-dense test, probe and shared budgets are decided per group: with groups counted from the window's
+    # first step, the window (4, 20) would refine steps 4..19 as one group and plan steps 16..19 otherwise
+    trajectory, X = relu_traj
+    G = planning.ADAPTIVE_GROUP_STEPS
+    reports = []
+    for steps in (None, (4, None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = explaind.KernelReplica(quadrature="adaptive", steps=steps).fit(trajectory)
+            reports.append(est.fidelity_report(X))
+    whole, window = reports
+    assert list(window["steps"]) == list(range(4, RELU_STEPS))
+    shared = slice(G - 4, None)  # steps G .. RELU_STEPS-1 of the window
+    assert np.array_equal(window["evals_per_step"][shared], whole["evals_per_step"][G:])
+    assert np.array_equal(window["quadrature_error"][shared], whole["quadrature_error"][G:])

@@ -8,7 +8,9 @@ when asked), the estimate along :math:`\Delta\theta_s`. Steps are handled in gro
 estimates of a group are one grid evaluation, and each refinement level of the adaptive rule one
 evaluation of rows ``(step, input, t)``. The adaptive rule's groups hold at most
 :data:`ADAPTIVE_GROUP_STEPS` steps whether or not a progress bar is shown, so its plans do not depend
-on the bar; the fixed rules' plans do not depend on the grouping, and their groups shrink so that a
+on the bar, and its groups are cut at multiples of that size counted from step 0 (:func:`step_groups`),
+so a window plans the steps of every group wholly inside it as the whole run does; the fixed rules'
+plans do not depend on the grouping, and their groups shrink so that a
 bar moves at least :data:`BAR_UPDATES` times.
 """
 
@@ -30,7 +32,7 @@ from .explained import Explained
 from .paths import progress_bar
 from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
-__all__ = ["window_plans"]
+__all__ = ["window_plans", "step_groups"]
 
 
 def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int, int], rule: str,
@@ -83,8 +85,7 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     # counted in steps: a group of stacked steps advances the bar by its size
     bar = progress_bar(engine.progress, "quadrature", stop - start)
     buffers: list[Tensor] = []
-    for lo in range(start, stop, group):
-        hi = min(stop, lo + group)
+    for lo, hi in step_groups(start, stop, group, aligned=rule == "adaptive"):
         nexts = [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
         ends = ([engine.values_at(s, X, explained, engine.end_params(s)) for s in range(lo, hi)]
                 if engine.buffer_names else nexts)
@@ -99,6 +100,27 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
         bar.update(hi - lo)
     bar.close()
     return g_start, g_prev, plans, torch.stack(buffers, dim=1) if engine.buffer_names else None
+
+
+def step_groups(start: int, stop: int, size: int, *, aligned: bool) -> list[tuple[int, int]]:
+    """Steps ``start .. stop-1`` cut into groups ``[lo, hi)`` of at most ``size`` steps.
+
+    With ``aligned``, the cuts fall on multiples of ``size`` counted from step 0, not from ``start``: a window
+    shares every group that lies wholly inside it with the whole run (and with any other window), so the adaptive
+    rule, which decides some things per group, plans those steps the same whichever window is replicated.
+
+    Examples
+    --------
+    >>> step_groups(5, 40, 16, aligned=True)
+    [(5, 16), (16, 32), (32, 40)]
+    >>> step_groups(5, 40, 16, aligned=rule == "adaptive")
+    [(5, 21), (21, 37), (37, 40)]
+    """
+    cuts = [start]
+    while cuts[-1] < stop:
+        lo = cuts[-1]
+        cuts.append(min(stop, (lo // size + 1) * size if aligned else lo + size))
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 #: With a progress bar, groups of stacked steps of the fixed rules hold at most this fraction of the window's steps.
