@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import explaind
-from explaind.kernel import planning
+from explaind.kernel import adaptive, planning
 
 STEPS = 41
 
@@ -127,3 +127,22 @@ def test_a_window_plans_its_whole_groups_as_the_whole_run_does(relu_traj):
     shared = slice(G - 4, None)  # steps G .. RELU_STEPS-1 of the window
     assert np.array_equal(window["evals_per_step"][shared], whole["evals_per_step"][G:])
     assert np.array_equal(window["quadrature_error"][shared], whole["quadrature_error"][G:])
+
+
+def test_a_window_left_above_tol_warns_once_with_the_counts_of_all_its_groups(relu_traj, monkeypatch):
+    # RELU_STEPS = 20 steps are two groups (16 + 4); with a cap of 8 evaluations at a tolerance of 1e-12 pairs of
+    # both groups end above it: one warning for the window, counting the pairs of both
+    monkeypatch.setattr(adaptive, "MAX_EVALS", 8)
+    trajectory, X = relu_traj
+    est = explaind.KernelReplica(quadrature="adaptive", tol=1e-12).fit(trajectory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = est.fidelity_report(X)
+    left = [str(w.message) for w in caught if "adaptive quadrature left" in str(w.message)]
+    assert len(left) == 1
+    G = planning.ADAPTIVE_GROUP_STEPS
+    rel = report["relative_quadrature_error"]
+    assert (rel[:G] > 1e-12).any() and (rel[G:] > 1e-12).any()  # both groups left pairs above tol
+    assert f" of {RELU_STEPS * X.shape[0]} (step, input) pairs above tol=1e-12" in left[0]
+    assert "stopped at the cap of about 8 evaluations" in left[0]
+    assert f"relative error up to {float(rel.max()):.2g}" in left[0]

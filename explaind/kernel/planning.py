@@ -84,6 +84,7 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     plans: list[NodePlan] = []
     # counted in steps: a group of stacked steps advances the bar by its size
     bar = progress_bar(engine.progress, "quadrature", stop - start)
+    inexact = InexactUnits(tol)
     buffers: list[Tensor] = []
     for lo, hi in step_groups(start, stop, group, aligned=rule == "adaptive"):
         nexts = [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
@@ -92,13 +93,15 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
         begins = [g_prev, *nexts[:-1]]
         buffers.extend(b - e for b, e in zip(nexts, ends))
         if rule == "adaptive":
-            plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), begins, ends, n, tol, coarsen))
+            plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), begins, ends, n, tol, coarsen,
+                                         inexact))
         else:
             stack = engine.stack(lo, hi, X, explained) if with_estimate else None
             plans.extend(_fixed_group(engine, stack, begins, ends, rule, n))
         g_prev = nexts[-1]
         bar.update(hi - lo)
     bar.close()
+    inexact.warn()
     return g_start, g_prev, plans, torch.stack(buffers, dim=1) if engine.buffer_names else None
 
 
@@ -137,7 +140,7 @@ def _rule(engine: Any, rule: str, n: int) -> tuple[Tensor, Tensor]:
 
 
 def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor], n: int, tol: float,
-                    coarsen: bool) -> list[NodePlan]:
+                    coarsen: bool, inexact: InexactUnits) -> list[NodePlan]:
     """Adaptive plans of the stacked steps refined together (units are (step, input) pairs, step-major)."""
     T = stack.X.shape[0]
     x01, w01 = _rule(engine, "gauss-legendre", n)
@@ -164,42 +167,66 @@ def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: l
     plan = adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
                          coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
                          max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps)
-    _warn_if_inexact(plan, tol, torch.cat(begins), torch.cat(ends))
+    inexact.add(plan, torch.cat(begins), torch.cat(ends))
     return plan.split(stack.n_steps)
 
 
-def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> None:
-    """A loud warning when units end above their tolerance: at the evaluation cap, or kink-dense."""
-    scale = plan.exact.abs().amax(-1)
-    floor = adaptive.FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
-    err = (plan.estimate - plan.exact).abs().amax(-1)
-    above = err > tol * scale + floor
-    if not bool(above.any()):
-        return
-    worst = float((err[above] / scale[above].clamp_min(torch.finfo(scale.dtype).tiny)).max())
-    capped = above & (plan.evals >= adaptive.MAX_EVALS)
-    dense = above & ~capped
-    causes = []
-    if bool(dense.any()):
-        causes.append(f"{int(dense.sum())} crossed too many activation kinks to locate one by one (a ReLU-dense path): "
-                      f"they were integrated on a grid per step, its cells cut at the kinks the node values locate (at "
-                      f"most the midpoint rule's error on the same nodes), {_dense.GRID_EVALS} nodes per (step, input) "
-                      f"on average where {_dense.SHARE_STEPS} steps or more took it ({adaptive.DENSE_EVALS} on fewer), "
-                      f"shared out over the steps by the error of their first estimate, or stopped at "
-                      f"{adaptive.DENSE_EVALS} evaluations below {DENSE_REL:g} of their change")
-    if bool(capped.any()):
-        causes.append(f"{int(capped.sum())} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
-        if scale.dtype == torch.float64:
-            causes.append("in float64 a cap is often a model computing part of its forward in float32 whatever its "
-                          "dtype, whose rounding (about 1e-7) makes the integrand noisy: Hugging Face's "
-                          "LlamaRMSNorm and T5LayerNorm do; replace them by torch.nn.RMSNorm with the same weight "
-                          "and eps (docs/guide_own_model.md, 'Layers and models beyond the built-in ones')")
-    warnings.warn(
-        f"the adaptive quadrature left {int(above.sum())} of {above.numel()} (step, input) pairs above tol={tol:g}, "
-        f"with relative error up to {worst:.2g}: {'; '.join(causes)}. The error left is reported as quadrature_error "
-        f"(never hidden). For a smaller error raise the budget (quadrature='midpoint', nodes=... costs a known "
-        f"number of evaluations), or explain fewer steps.",
-        ExplaindWarning, stacklevel=4)
+class InexactUnits:
+    """The (step, input) pairs of a window that the adaptive rule left above their tolerance, warned about once.
+
+    Each group of steps adds its plan (:meth:`add`); :meth:`warn` then gives one warning for the whole window
+    instead of one per group, with the counts and the worst relative error over all of its groups.
+    """
+
+    def __init__(self, tol: float) -> None:
+        self.tol = tol
+        self.above = self.total = self.dense = self.capped = 0
+        self.worst = 0.0
+        self.float64 = False
+
+    def add(self, plan: NodePlan, g_a: Tensor, g_b: Tensor) -> None:
+        """Count the units of one group's plan above ``tol`` (``g_a, g_b``: the values at its steps' ends)."""
+        scale = plan.exact.abs().amax(-1)
+        floor = adaptive.FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
+        err = (plan.estimate - plan.exact).abs().amax(-1)
+        above = err > self.tol * scale + floor
+        self.total += above.numel()
+        if not bool(above.any()):
+            return
+        capped = above & (plan.evals >= adaptive.MAX_EVALS)
+        self.above += int(above.sum())
+        self.capped += int(capped.sum())
+        self.dense += int((above & ~capped).sum())
+        rel = err[above] / scale[above].clamp_min(torch.finfo(scale.dtype).tiny)
+        self.worst = max(self.worst, float(rel.max()))
+        self.float64 |= scale.dtype == torch.float64
+
+    def warn(self) -> None:
+        """A loud warning when units ended above their tolerance: at the evaluation cap, or kink-dense."""
+        if not self.above:
+            return
+        causes = []
+        if self.dense:
+            causes.append(f"{self.dense} crossed too many activation kinks to locate one by one (a ReLU-dense path): "
+                          f"they were integrated on a grid per step, its cells cut at the kinks the node values locate "
+                          f"(at most the midpoint rule's error on the same nodes), {_dense.GRID_EVALS} nodes per "
+                          f"(step, input) on average where {_dense.SHARE_STEPS} steps or more took it "
+                          f"({adaptive.DENSE_EVALS} on fewer), shared out over the steps by the error of their first "
+                          f"estimate, or stopped at {adaptive.DENSE_EVALS} evaluations below {DENSE_REL:g} of their "
+                          f"change")
+        if self.capped:
+            causes.append(f"{self.capped} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
+            if self.float64:
+                causes.append("in float64 a cap is often a model computing part of its forward in float32 whatever "
+                              "its dtype, whose rounding (about 1e-7) makes the integrand noisy: Hugging Face's "
+                              "LlamaRMSNorm and T5LayerNorm do; replace them by torch.nn.RMSNorm with the same weight "
+                              "and eps (docs/guide_own_model.md, 'Layers and models beyond the built-in ones')")
+        warnings.warn(
+            f"the adaptive quadrature left {self.above} of {self.total} (step, input) pairs above tol={self.tol:g}, "
+            f"with relative error up to {self.worst:.2g}: {'; '.join(causes)}. The error left is reported as "
+            f"quadrature_error (never hidden). For a smaller error raise the budget (quadrature='midpoint', "
+            f"nodes=... costs a known number of evaluations), or explain fewer steps.",
+            ExplaindWarning, stacklevel=3)
 
 
 def _fixed_group(engine: Any, stack: StepStack | None, begins: list[Tensor], ends: list[Tensor], rule: str,
