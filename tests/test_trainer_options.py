@@ -190,19 +190,34 @@ def test_a_compute_loss_override_is_exact_with_the_loss_scale_the_check_measures
     _assert_exact(model, traj)
 
 
-def test_resuming_with_the_optimizers_state_is_refused_naming_resume_from_checkpoint(tmp_path):
+def _resume(tmp_path, optim: str):
+    """Two steps of 3 micro-batches saved at ``checkpoint-2``, then a new model and callback resumed to step 5."""
     X, y = _data()
-    first = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=2, optim="adamw_torch",
-                 use_cpu=True, remove_unused_columns=False, report_to=[], save_strategy="steps", save_steps=2,
-                 disable_tqdm=True, seed=0)
+    first = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATE,
+                 max_steps=2, optim=optim, learning_rate=0.1, lr_scheduler_type="constant", use_cpu=True,
+                 remove_unused_columns=False, report_to=[], save_strategy="steps", save_steps=2, disable_tqdm=True,
+                 seed=0)
     Trainer(model=OwnLossMLP(), args=TrainingArguments(**first),
             train_dataset=[{"x": X[i], "labels": y[i]} for i in range(N)]).train()
-    callback = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy")
-    trainer = Trainer(model=OwnLossMLP(), args=TrainingArguments(**{**first, "max_steps": 4}),
-                      train_dataset=indexed(X, y), callbacks=[callback])
+    model = OwnLossMLP()
+    callback = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy", check_gradients=False)
+    Trainer(model=model, args=TrainingArguments(**{**first, "max_steps": 5}), train_dataset=indexed(X, y),
+            callbacks=[callback]).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    return model.eval(), callback.trajectory
+
+
+def test_resuming_with_the_optimizers_state_is_refused_naming_resume_from_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match=r"started at step 2 with the optimizer state of a checkpoint.*"
                                           r"resume_from_checkpoint.*Fix: record the run from step 0"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+        _resume(tmp_path, "adamw_torch")
+
+
+def test_resuming_plain_sgd_records_the_resumed_steps_weighted_by_their_place_in_the_epoch(tmp_path):
+    """The resumed run starts at the epoch's third step, its one micro-batch undivided; the gradient check is off."""
+    model, traj = _resume(tmp_path, "sgd")
+    assert [traj.batch(s)[0].numel() for s in range(3)] == [1, 12, 12]
+    assert [float(traj.batch(s)[1][0]) for s in range(3)] == [1.0, 1 / 12, 1 / 12]
+    _assert_exact(model, traj)
 
 
 # ---------------------------------------------------------------- BERT: label smoothing, dynamic padding
