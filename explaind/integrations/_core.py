@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..exceptions import ConfigError, TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError
 from ..inputs import Inputs
 from ..trajectory._common import TrainData, resolve_loss_record
 from ..trajectory.recorder import TrajectoryRecorder
@@ -34,6 +34,10 @@ class RecordingCore:
 
     framework = "the framework's trainer"
     framework_scaler = "the framework's GradScaler"
+    #: How a run resumed from a framework checkpoint was started, and how the optimizer was chosen (for messages).
+    framework_resume = "resuming from a checkpoint"
+    framework_optimizer = "the framework's optimizer setting"
+    framework_optimizer_fix = "Fix: train with torch.optim.SGD, Adam or AdamW."
 
     def _setup(self, train_data: Any, loss: Any, attention_mask: Literal["keep", "bidirectional", "causal"],
                recorder_kwargs: dict[str, Any]) -> None:
@@ -51,6 +55,7 @@ class RecordingCore:
             self.index_key = INDEX_KEY
         self._data = TrainData(train_data)
         self._loss = resolve_loss_record(loss)
+        self._loss_name = loss if isinstance(loss, str) else None  # a registered loss, given by its name
         self._kwargs = recorder_kwargs
         self.recorder: TrajectoryRecorder | None = None
         self._dtype = torch.float32
@@ -82,13 +87,35 @@ class RecordingCore:
                 f"model (a tensor for model(x)), keeping the IndexedDataset for the dataloader."
             ) from None
 
-    def _start(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: Any = None) -> None:
-        """Create and enter the recorder; ``grad_scaler`` is the framework's ``torch.amp.GradScaler`` or ``None``."""
+    def _start(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: Any = None, *,
+               step: int = 0) -> None:
+        """Create and enter the recorder; ``grad_scaler`` is the framework's ``torch.amp.GradScaler`` or ``None``.
+
+        ``step`` is the framework's optimizer step when training starts (above 0 when it resumed from a
+        checkpoint). The recorder's recurrence starts from an empty optimizer state (docs/maths.md §1), so a
+        resumed run whose optimizer holds restored state (momentum, Adam moments) is refused here, naming
+        the framework's resume option; the adapter's own refusal would name a fix the callback cannot take.
+        """
         if self.recorder is not None:
             raise TrajectoryError(f"This {type(self).__name__} has recorded a run already; create a new one for "
                                   f"every training run.")
-        self.recorder = TrajectoryRecorder(model, optimizer, loss=self._loss, train_data=self._data,
-                                          grad_scaler=grad_scaler, **self._kwargs)
+        held = sum(1 for state in optimizer.state.values() if state)
+        if step > 0 and held:
+            raise ConfigError(
+                f"Training started at step {step} with the optimizer state of a checkpoint ({held} parameter(s) "
+                f"hold {type(optimizer).__name__} state) after {self.framework_resume}. explaind decomposes a run "
+                f"from its first step, where the optimizer state is empty, so the momentum carried over from the "
+                f"steps before the checkpoint cannot be split over samples. Fix: record the run from step 0 in one "
+                f"call with the callback (its store= keeps the recording on disk as it goes); a run that must "
+                f"survive interruptions can be recorded in a plain loop with TrajectoryRecorder(store=..., "
+                f"resume=True) and rec.restore() (docs/recording.md, 'Resuming')."
+            )
+        try:
+            self.recorder = TrajectoryRecorder(model, optimizer, loss=self._loss, train_data=self._data,
+                                              grad_scaler=grad_scaler, **self._kwargs)
+        except UnknownEntryError as exc:
+            raise UnknownEntryError(f"{self.framework_optimizer} gave a {type(optimizer).__module__}."
+                                    f"{type(optimizer).__name__}: {exc} {self.framework_optimizer_fix}") from None
         self._dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
         self.recorder.__enter__()
 

@@ -12,9 +12,10 @@ weights :math:`w_{s,k}`:
 * when the Trainer normalises the loss by ``num_items_in_batch`` (the model accepts loss keyword
   arguments, or ``compute_loss_func`` is set), :math:`w_k = n_k / N` with :math:`N` the value the Trainer
   passed (it counts the labels itself, not always as the loss does);
-* otherwise the micro-batch's mean divided by ``gradient_accumulation_steps``. The Trainer divides by
-  the micro-batches the step actually had, fewer at the end of an epoch whose length is not a multiple;
-  that step's factor is then measured only if the gradient check runs there (``check_gradients=True``).
+* otherwise the micro-batch's mean divided by the micro-batches :math:`M_s` of its step, as the
+  Trainer divides it: ``gradient_accumulation_steps``, and fewer at the last step of an epoch whose
+  batches are not a multiple of it (``_step_micro_batches`` follows the Trainer's epoch loop; a step
+  with another count is refused).
 
 The recorder measures clipping and the learning-rate schedule itself; autocast (``bf16=True``, and
 ``fp16=True`` where accelerate supports it) is recorded with the gradient check's autocast tolerance.
@@ -78,6 +79,9 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
 
     framework = "transformers.Trainer(callbacks=[...])"
     framework_scaler = "accelerate's GradScaler (TrainingArguments(fp16=True))"
+    framework_resume = "trainer.train(resume_from_checkpoint=...)"
+    framework_optimizer_fix = ("Fix: TrainingArguments(optim='adamw_torch'), 'adamw_torch_fused' or 'sgd' (torch's "
+                               "AdamW and SGD), or pass one of those as Trainer(optimizers=(optimizer, None)).")
 
     def __init__(self, train_data: Any, *, loss: Any,
                  normalization: Literal["auto", "step", "micro_batch"] = "auto",
@@ -92,6 +96,8 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self._collate: tuple[Any, Any] | None = None
         self._logged = 0  # micro-batches logged in the current step
         self._label_smoothing = 0.0  # TrainingArguments.label_smoothing_factor, read when training starts
+        self._epoch_batches: int | None = None  # micro-batches per epoch (len of the training dataloader)
+        self._divided = False  # a micro-batch of the current step was weighted as divided by the accumulation
 
     def compute_loss(self, outputs: Any, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
         r"""A ``compute_loss_func`` for the Trainer: the recorder's loss, in the model's dtype.
@@ -137,8 +143,16 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                 f"replayed with TrajectoryRecorder(capture_random=True))."
             )
         self._label_smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+        optim = getattr(args, "optim", None)
+        self.framework_optimizer = (f"The Trainer's optimizer (TrainingArguments(optim="
+                                    f"{getattr(optim, 'value', optim)!r}), or Trainer(optimizers=...))")
+        try:
+            self._epoch_batches = len(train_dataloader) if train_dataloader is not None else None
+        except TypeError:  # an iterable dataset: the Trainer then counts max_steps * accumulation batches per epoch
+            self._epoch_batches = None
         # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
-        self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None))
+        self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None),
+                    step=int(state.global_step))
         self._hook = model.register_forward_pre_hook(self._take_index, with_kwargs=True)
         loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
         if loader is not None:
@@ -146,18 +160,43 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             loader.collate_fn = IndexCollate(loader.collate_fn, self.index_key)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._log(args)  # a micro-batch that does not end the step: its backward is done
+        self._log(args, state)  # a micro-batch that does not end the step: its backward is done
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._log(args)
+        self._log(args, state)
         if self.recorder is not None and not self._logged:
             raise TrajectoryError(
                 f"Step {state.global_step}: no training batch carried {self.index_key!r}. Give the Trainer the "
                 f"IndexedDataset as train_dataset (explaind.integrations.IndexedDataset(dataset))."
             )
-        self._logged = 0
+        expected = self._step_micro_batches(args, state)
+        if self._divided and self._logged != expected:
+            self.close()
+            raise TrajectoryError(
+                f"Step {state.global_step}: the Trainer ran {self._logged} micro-batches, but an epoch of "
+                f"{self._epoch_batches} batches with gradient_accumulation_steps={args.gradient_accumulation_steps} "
+                f"gives this step {expected}, the number each micro-batch's mean was divided by in the recorded "
+                f"weights. Fix: pass compute_loss_func=callback.compute_loss to the Trainer, which normalises every "
+                f"step by the samples it has (recorded as they are), or normalization='step' when the model divides "
+                f"its loss by num_items_in_batch."
+            )
+        self._logged, self._divided = 0, False
 
-    def _log(self, args: Any) -> None:
+    def _step_micro_batches(self, args: Any, state: Any) -> int:
+        r"""The micro-batches the Trainer accumulates in the current step, :math:`M_s` (its epoch loop's rule).
+
+        An epoch of :math:`L` batches has :math:`\lceil L / K \rceil` steps of :math:`K` =
+        ``gradient_accumulation_steps`` micro-batches, the last one of :math:`L \bmod K` when that is not 0;
+        without a dataloader length every step has :math:`K`. Step ``global_step`` is step
+        ``global_step mod`` :math:`\lceil L / K \rceil` of its epoch (also after resuming from a checkpoint).
+        """
+        K = int(args.gradient_accumulation_steps)
+        if not self._epoch_batches:
+            return K
+        per_epoch = -(-self._epoch_batches // K)
+        return (self._epoch_batches % K or K) if int(state.global_step) % per_epoch == per_epoch - 1 else K
+
+    def _log(self, args: Any, state: Any) -> None:
         """Log the micro-batch whose backward just ended (one forward per ``log_batch``, so random states replay)."""
         if self.recorder is None or not self._pending:
             return
@@ -167,9 +206,22 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         idx, total = self._pending.pop()
         mode = self._normalization if self._normalization != "auto" else ("step" if total is not None else
                                                                           "micro_batch")
+        if self._label_smoothing and self._loss_name is not None:
+            self.close()
+            raise ConfigError(
+                f"TrainingArguments(label_smoothing_factor={self._label_smoothing}) makes the Trainer train on the "
+                f"label-smoothed loss (its LabelSmoother), but the callback was given loss={self._loss_name!r}, "
+                f"which does not smooth: the recorded per-sample gradients would not be those of the run. Fix: give "
+                f"the callback the smoothed loss, loss=lambda out, y: F.cross_entropy(out, y, "
+                f"label_smoothing={self._label_smoothing}) (docs/guide_own_model.md, 'Hugging Face Trainer'); with "
+                f"a compute_loss_func= or compute_loss of your own the Trainer ignores label_smoothing_factor, so "
+                f"set it to 0."
+            )
         (w,) = step_weights(self._loss, self._data, [idx], mode, self._dtype, total if mode == "step" else None)
-        # "micro_batch": the Trainer divides each micro-batch mean by the accumulation steps
-        self.recorder.log_batch(idx, w if mode == "step" else w / args.gradient_accumulation_steps)
+        if mode == "micro_batch":  # the Trainer divides each micro-batch mean by the micro-batches of the step
+            w = w / self._step_micro_batches(args, state)
+            self._divided = True
+        self.recorder.log_batch(idx, w)
         self._logged += 1
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -59,6 +59,9 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
 
     framework = "lightning.Trainer(callbacks=[...])"
     framework_scaler = "the precision plugin's GradScaler (trainer.precision_plugin.scaler)"
+    framework_resume = "trainer.fit(..., ckpt_path=...)"
+    framework_optimizer = "configure_optimizers"
+    framework_optimizer_fix = "Fix: return torch.optim.SGD, Adam or AdamW from configure_optimizers."
 
     def __init__(self, train_data: Any, *, loss: Any, module: str | None = None,
                  attention_mask: Literal["keep", "bidirectional", "causal"] = "keep", **recorder_kwargs: Any):
@@ -88,8 +91,18 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 "on_train_end; in training_step call rec.log_batch(batch['explaind_index']) (an IndexedDataset's "
                 "positions) after self.manual_backward(loss) and self.clip_gradients(...), before opt.step(). "
                 "Clipping by norm is measured as a factor of the step; see docs/guide_own_model.md, 'Lightning'.")
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+        if trainer.gradient_clip_val and str(getattr(algorithm, "value", algorithm)) == "value":
+            raise ConfigError(
+                f"pl.Trainer(gradient_clip_val={trainer.gradient_clip_val}, gradient_clip_algorithm='value') clips "
+                f"every gradient entry on its own, which changes the step's direction by a different factor per "
+                f"coordinate: the step is then no weighted sum of the samples' gradients and cannot be decomposed. "
+                f"Allowed: gradient_clip_algorithm='norm' (one factor per step, recorded exactly as c_s). Fix: "
+                f"pl.Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm'), or no clipping."
+            )
         self._check_keywords(model)
-        self._start(model, trainer.optimizers[0], getattr(trainer.precision_plugin, "scaler", None))
+        self._start(model, trainer.optimizers[0], getattr(trainer.precision_plugin, "scaler", None),
+                    step=int(trainer.global_step))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.recorder is None:
