@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import rel_err
 from replay_reference import BufferReference, ReplayReference
-from test_stranger_optimizers import assert_exact
+from test_stranger_optimizers import QUAD, assert_exact
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -168,3 +169,26 @@ def test_an_ema_copy_made_inside_the_recorder_and_run_in_training_mode_leaves_th
     model, traj, X_test = _train("dropout", between)
     assert ema["m"].training and ema["m"].module[2].p == 0.3
     assert_exact(model, traj, X_test, ReplayReference)
+
+
+def test_update_bn_after_the_last_step_inside_the_recorder_is_warned_about_and_measured_by_fidelity_report():
+    X, _, X_test = _data()
+
+    def recalibrate(s, model, X_val):
+        if s == STEPS - 1:  # SWA's batch-norm recalibration after the last step, still inside `with rec:`
+            torch.optim.swa_utils.update_bn([X[:12], X[12:]], model)
+
+    with pytest.warns(ExplaindWarning, match=rf"After the last recorded step \({STEPS - 1}\) the buffers "
+                                             r"\['1\.running_mean', '1\.running_var', '1\.num_batches_tracked'\] were "
+                                             r"changed.*update_bn.*Fix: run such forwards under model\.eval\(\)"):
+        model, traj, X_test = _train("batchnorm", recalibrate)
+    recorded = copy.deepcopy(model)
+    recorded.load_state_dict(traj.buffers(STEPS), strict=False)  # the model as the last step left it
+    with torch.no_grad():
+        as_recorded, as_now = recorded(X_test), model(X_test)
+    assert float((as_recorded - as_now).abs().max()) > 1e-2  # the recalibration moved the outputs
+    replica = explaind.KernelReplica(**QUAD).fit(traj)
+    assert rel_err(replica.predict(X_test), as_recorded) <= 1e-6
+    with pytest.warns(ExplaindWarning):
+        report = replica.fidelity_report(X_test, model=model)
+    assert report["model_vs_recorded"] > 1e-2

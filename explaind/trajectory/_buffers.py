@@ -73,8 +73,12 @@ class BufferTracker:
         if not self._armed or not torch.is_grad_enabled():
             return
         self._armed = False
+        self._moved = self.differing()
+
+    def differing(self) -> tuple[str, ...]:
+        """The tracked buffers whose values now differ from the last recorded ones."""
         buffers = dict(self.model.named_buffers())
-        self._moved = tuple(n for n in self.names if not torch.equal(buffers[n].detach(), self._last[n]))
+        return tuple(n for n in self.names if not torch.equal(buffers[n].detach(), self._last[n]))
 
     def take_moved(self) -> tuple[str, ...]:
         r"""The buffers that held other values than :math:`\beta_s` at the step's first gradient-enabled forward

@@ -277,7 +277,17 @@ class RecorderChecksMixin:
 
     def _warn_final_edits(self) -> None:
         r"""Warn when the model left the recorder holding other values than :math:`\theta_N`, the last recorded
-        (or other frozen parameters than the stored constants)."""
+        (or other frozen parameters than the stored constants, or other buffers than the last recorded)."""
+        moved = self._buffers.differing()
+        if moved:
+            warn_user(logger, f"After the last recorded step ({self._n - 1}) the buffers {list(moved)} were changed "
+                              f"(a forward in training mode, e.g. a validation pass without model.eval() or "
+                              f"torch.optim.swa_utils.update_bn, or a hand edit): the trajectory ends at the buffers "
+                              f"the last step left, traj.buffers(traj.n_steps), not at the model as it is now, so its "
+                              f"replica and scores explain the model with those buffers "
+                              f"(KernelReplica.fidelity_report(X, model=model) measures the difference). Fix: run "
+                              f"such forwards under model.eval(), or after `with rec:` on a copy of the model.",
+                      stacklevel=3)
         edited = edited_parameters(self._params, self._theta or {})
         frozen = edited_parameters(self._constant_params, self._frozen)
         if not (edited or frozen):
