@@ -7,10 +7,11 @@ mode, residual share <= 1e-9 with no warning, the reference's own residual ``Del
 ``keep=("train",)`` scores <= 1e-9 relative to the reference.
 
 Cases: AdamW with per-group betas, eps and weight decay and a group at ``lr=0``; fused SGD and fused amsgrad AdamW
-on CPU; optimizers without an adapter (RMSprop, NAdam, RAdam); ``LambdaLR`` stepped after every micro-batch of an
-uneven accumulation; ``clip_grad_norm_(foreach=True)`` (the recorded scale against torch's clip factor); a guard
-that skips ``optimizer.step()`` after ``log_batch`` (caught at that step) or before it (exact); a loss that is the
-sum of two criteria; an EMA of the weights (``AveragedModel``) and a ``no_grad`` evaluation pass beside the loop.
+on CPU; optimizers built from ``named_parameters()`` (groups holding ``param_names``); optimizers without an adapter
+(RMSprop, NAdam, RAdam); ``LambdaLR`` stepped after every micro-batch of an uneven accumulation;
+``clip_grad_norm_(foreach=True)`` (the recorded scale against torch's clip factor); a guard that skips
+``optimizer.step()`` after ``log_batch`` (caught at that step) or before it (exact); a loss that is the sum of two
+criteria; an EMA of the weights (``AveragedModel``) and a ``no_grad`` evaluation pass beside the loop.
 """
 
 from __future__ import annotations
@@ -104,8 +105,11 @@ def test_adamw_groups_with_their_own_betas_eps_decay_and_a_group_at_lr_zero_are_
 @pytest.mark.parametrize("make", [
     lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, fused=True),
     lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, amsgrad=True, weight_decay=0.05, fused=True),
-], ids=["sgd-nesterov-fused", "adamw-amsgrad-fused"])
-def test_fused_cpu_kernels_are_exact(make):
+    lambda m: torch.optim.AdamW(m.named_parameters(), lr=0.01, weight_decay=0.1),
+    lambda m: torch.optim.SGD([{"params": list(m[0].named_parameters())},
+                               {"params": list(m[2].named_parameters()), "lr": 0.3}], lr=0.1, momentum=0.9),
+], ids=["sgd-nesterov-fused", "adamw-amsgrad-fused", "adamw-named-parameters", "sgd-named-parameter-groups"])
+def test_fused_kernels_and_named_parameter_groups_are_exact(make):
     assert_exact(*_train(make))
 
 
