@@ -12,8 +12,8 @@ A buffer can also change *between* steps, outside any training forward: a valida
 under ``torch.no_grad()`` (spectral norm's power iteration, batch-norm statistics) or a hand edit. Step ``s``'s
 gradient is then taken at a value that is not :math:`\beta_s`. A forward pre-hook compares the buffers with
 :math:`\beta_s` at the first gradient-enabled forward of every step (:meth:`BufferTracker.take_moved` names
-those that moved), so the recorder can check that step's gradient or warn (docs/recording.md, "Buffers
-changed between steps").
+those that moved), so the recorder can check that step's gradient or warn
+(docs/recording.md, "Buffers changed between steps").
 
 In a step file the buffers are ``buffer.<name>``; :class:`~explaind.trajectory.manifest.StepRecord`
 ``buffers`` says which steps hold them.
