@@ -92,9 +92,9 @@ class PathEngine:
         self.fm = FunctionalModel(traj.model, traj.constants(), traj.loss.implementation, device, dtype,
                                   traj.generators)
         self.layout = ParamLayout.from_tensors(traj.params(0), self.names)
-        constants = traj.constants()
-        #: floating buffers that training changed (running statistics): part of every point, not of the path
-        self.buffer_names = tuple(n for n in traj.buffer_names if constants[n].is_floating_point())
+        #: buffers that training changed (running statistics, a step counter the forward reads): part of every
+        #: point, not of the path; integer ones too (an evaluation forward may read them)
+        self.buffer_names = tuple(traj.buffer_names)
         self.evaluator = make_evaluator(self.fm, self.names, factored, chunk_size)
         self._cache: OrderedDict[int, Params] = OrderedDict()
 

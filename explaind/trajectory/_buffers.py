@@ -8,6 +8,13 @@ and hands back :math:`\beta_{s+1}` (every tracked buffer) when one of them chang
 ``None``. The engine then evaluates step ``s``'s segment at :math:`\beta_s` and adds the exact term
 :math:`g(\theta_{s+1}, \beta_{s+1}) - g(\theta_{s+1}, \beta_s)` (docs/maths.md, "Buffers").
 
+A buffer can also change *between* steps, outside any training forward: a validation forward in training mode
+under ``torch.no_grad()`` (spectral norm's power iteration, batch-norm statistics) or a hand edit. Step ``s``'s
+gradient is then taken at a value that is not :math:`\beta_s`. A forward pre-hook compares the buffers with
+:math:`\beta_s` at the first gradient-enabled forward of every step (:meth:`BufferTracker.take_moved` names
+those that moved), so the recorder can check that step's gradient or warn
+(docs/recording.md, "Buffers changed between steps").
+
 In a step file the buffers are ``buffer.<name>``; :class:`~explaind.trajectory.manifest.StepRecord`
 ``buffers`` says which steps hold them.
 """
@@ -15,13 +22,15 @@ In a step file the buffers are ``buffer.<name>``; :class:`~explaind.trajectory.m
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
+from ._common import ModelHook
 
-__all__ = ["BufferTracker", "pack_buffers", "unpack_buffers", "PREFIX"]
+__all__ = ["BufferTracker", "moved_message", "pack_buffers", "unpack_buffers", "PREFIX"]
 
 PREFIX = "buffer."
 
@@ -41,11 +50,41 @@ class BufferTracker:
         self.model = model
         self.names = tuple(n for n in names if n in buffers)
         self._last: dict[str, Tensor] = {}
+        self._armed = False  # compare at the next gradient-enabled forward
+        self._moved: tuple[str, ...] = ()
+        self._handle: Any = None
 
     def start(self) -> None:
-        """Remember the buffers at the start (:math:`\\beta_0`, stored with the constants)."""
+        """Remember the buffers at the start (:math:`\\beta_0`, stored with the constants) and watch the forwards."""
         buffers = dict(self.model.named_buffers())
         self._last = {n: buffers[n].detach().clone() for n in self.names}
+        self._armed, self._moved = True, ()
+        if self.names and self._handle is None:
+            self._handle = self.model.register_forward_pre_hook(ModelHook(self._first_forward))
+
+    def stop(self) -> None:
+        """Remove the forward pre-hook."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _first_forward(self, module: nn.Module, args: Any) -> None:
+        r"""At the first gradient-enabled forward since :math:`\beta_s` was recorded: which buffers differ from it."""
+        if not self._armed or not torch.is_grad_enabled():
+            return
+        self._armed = False
+        self._moved = self.differing()
+
+    def differing(self) -> tuple[str, ...]:
+        """The tracked buffers whose values now differ from the last recorded ones."""
+        buffers = dict(self.model.named_buffers())
+        return tuple(n for n in self.names if not torch.equal(buffers[n].detach(), self._last[n]))
+
+    def take_moved(self) -> tuple[str, ...]:
+        r"""The buffers that held other values than :math:`\beta_s` at the step's first gradient-enabled forward
+        (changed between steps, outside a training forward); empty when none did. Resets the answer."""
+        moved, self._moved = self._moved, ()
+        return moved
 
     def recorded(self) -> dict[str, Tensor]:
         r""":math:`\beta_s`: the tracked buffers as last recorded (what the step's training forward started from)."""
@@ -55,12 +94,31 @@ class BufferTracker:
         r""":math:`\beta_{s+1}` (clones of every tracked buffer) when one changed since the last record, or ``None``."""
         if not self.names:
             return None
+        self._armed, self._moved = True, ()  # beta_{s+1} is settled: watch the next step's first forward
         buffers = dict(self.model.named_buffers())
         now = {n: buffers[n].detach() for n in self.names}
         if all(torch.equal(now[n], self._last[n]) for n in self.names):
             return None
         self._last = {n: t.clone() for n, t in now.items()}
         return dict(self._last)
+
+
+def moved_message(moved: Sequence[str], s: int, checked: bool) -> str:
+    """Why buffers that changed between steps matter, and the fix: the gradient check's hint (``checked``) or a
+    warning when step ``s`` cannot be checked."""
+    where = "since recording started" if s == 0 else f"since step {s - 1}"
+    text = (f"The buffers {list(moved)} changed {where} outside a training forward (a validation forward in "
+            f"training mode under torch.no_grad(), or a hand edit), so step {s}'s forward read other values than "
+            f"the recorded ones, which explaind recomputes its gradients at.")
+    fix = (" Fix: run validation forwards under model.eval(), and change a buffer the forward reads only inside "
+           "the forward (record with capture_random=True), not between steps.")
+    if checked:
+        return " " + text + fix
+    return (f"Step {s}: {text[0].lower()}{text[1:]} A buffer the training forward reads (spectral norm's "
+            f"power-iteration vectors, a hand-set buffer) then leaves the data part inexact, seen only in the "
+            f"estimators' residual share; one it only updates (batch-norm running statistics) is harmless. The "
+            f"step is not checked (no train_data or check_gradients=False): pass train_data with check_gradients "
+            f"on to have it checked.{fix}")
 
 
 def pack_buffers(buffers: dict[str, Tensor] | None) -> dict[str, Tensor]:

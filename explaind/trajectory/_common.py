@@ -31,7 +31,37 @@ __all__ = [
     "refuse_ignored_labels",
     "IGNORE_INDEX",
     "warn_user",
+    "ModelHook",
 ]
+
+
+class ModelHook:
+    """A hook the recorder registers on the user's model, left behind by copies of the model.
+
+    ``copy.deepcopy(model)`` inside ``with rec:`` (an EMA in ``torch.optim.swa_utils.AveragedModel``, a snapshot
+    of the best model) copies the module's hook dictionaries; a bound method would drag the recorder's state
+    (locks, tensors, generators) into the copy, or fail to copy. A copy of this wrapper (deep copy or pickle) is
+    inert: the copy's forwards are not the recorded model's, so the recorder does not see them.
+
+    Parameters
+    ----------
+    fn : callable or None
+        The hook; ``None`` does nothing.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any = None):
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return None if self.fn is None else self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModelHook:
+        return ModelHook()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return ModelHook, ()
 
 
 def resolve_loss_record(loss: Any) -> LossRecord:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
+from ._common import ModelHook
 from ._random import draws_masks
 
 __all__ = ["GradientTap", "AutocastProbe", "has_stochastic_layers", "is_power_of_two"]
@@ -318,8 +319,8 @@ class AutocastProbe:
         self._handles: list[Any] = []
 
     def attach(self) -> None:
-        self._handles = [self._model.register_forward_pre_hook(self._hook)]
-        self._handles += [child.register_forward_pre_hook(self._inner) for child in self._model.children()]
+        self._handles = [self._model.register_forward_pre_hook(ModelHook(self._hook))]
+        self._handles += [child.register_forward_pre_hook(ModelHook(self._inner)) for child in self._model.children()]
 
     def detach(self) -> None:
         for handle in self._handles:

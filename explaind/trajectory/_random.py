@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_compiled_draws, refuse_mixed_modes
 from ..records import LossRecord
+from ._common import ModelHook
 
 __all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "draws_masks", "is_spectral_norm",
            "find_generators", "resolve_generators",
@@ -319,7 +320,7 @@ class RandomCapture:
     def attach(self) -> None:
         """Register the hook (when capturing)."""
         if self.enabled and self._handle is None:
-            self._handle = self.model.register_forward_pre_hook(self._hook)
+            self._handle = self.model.register_forward_pre_hook(ModelHook(self._hook))
 
     def detach(self) -> None:
         """Remove the hook."""

@@ -27,7 +27,7 @@ from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
 from ._background import CopyPool, Handoff
-from ._buffers import BufferTracker
+from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
@@ -191,10 +191,13 @@ class RecorderChecksMixin:
         return True, None if parts is None else [(slice(lo, hi), state) for lo, hi, state in parts]
 
     def _check_gradient(self, seen: dict[str, Tensor], no_input: Any, indices: Tensor, weights: Tensor,
-                        device: torch.device, s: int, tol: float, autocast: Any) -> GradientCheck | None:
-        """The gradient check of step ``s`` (``None`` when its forwards cannot be replayed)."""
+                        device: torch.device, s: int, tol: float, autocast: Any,
+                        moved: tuple[str, ...] = ()) -> GradientCheck | None:
+        """The gradient check of step ``s`` (``None`` when its forwards cannot be replayed); ``moved`` names the
+        buffers that changed before the step's first forward (:meth:`BufferTracker.take_moved`)."""
         checkable, replay = self._replay_plan(s)
         if not checkable:
+            self._warn_moved_buffers(moved, s)
             return None
         raw = {n: self._tap.raw(n, g) for n, g in seen.items() if n not in no_input}
         x, y = self._data.get(indices)
@@ -206,10 +209,17 @@ class RecorderChecksMixin:
                     "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
                     "(F.dropout, torch.rand) or reads a buffer it updates, record with "
                     "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
+        if moved:
+            hint += moved_message(moved, s, checked=True)
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
             return check_batch_gradient(self.model, self._params, raw, self._loss,
                                         (x.to(device), y.to(device), weights.to(device)), s, tol, autocast, replay,
                                         self._random.generators, self._buffers.recorded(), hint)
+
+    def _warn_moved_buffers(self, moved: tuple[str, ...], s: int) -> None:
+        """Warn that buffers changed between steps when step ``s`` is not checked (nothing when none did)."""
+        if moved:
+            warn_user(logger, moved_message(moved, s, checked=False), stacklevel=6)
 
     @contextlib.contextmanager
     def _room_for_check(self) -> Iterator[None]:
@@ -267,7 +277,17 @@ class RecorderChecksMixin:
 
     def _warn_final_edits(self) -> None:
         r"""Warn when the model left the recorder holding other values than :math:`\theta_N`, the last recorded
-        (or other frozen parameters than the stored constants)."""
+        (or other frozen parameters than the stored constants, or other buffers than the last recorded)."""
+        moved = self._buffers.differing()
+        if moved:
+            warn_user(logger, f"After the last recorded step ({self._n - 1}) the buffers {list(moved)} were changed "
+                              f"(a forward in training mode, e.g. a validation pass without model.eval() or "
+                              f"torch.optim.swa_utils.update_bn, or a hand edit): the trajectory ends at the buffers "
+                              f"the last step left, traj.buffers(traj.n_steps), not at the model as it is now, so its "
+                              f"replica and scores explain the model with those buffers "
+                              f"(KernelReplica.fidelity_report(X, model=model) measures the difference). Fix: run "
+                              f"such forwards under model.eval(), or after `with rec:` on a copy of the model.",
+                      stacklevel=3)
         edited = edited_parameters(self._params, self._theta or {})
         frozen = edited_parameters(self._constant_params, self._frozen)
         if not (edited or frozen):

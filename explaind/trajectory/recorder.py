@@ -376,6 +376,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._tap.detach()
         self._probe.detach()
         self._random.detach()
+        self._buffers.stop()
         self._active = False
         if exc_type is None and self._n > self._schedule.start:
             self._warn_final_edits()
@@ -448,7 +449,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         autocast = self._probe.dtype
         tol = autocast_tolerance(autocast, self._tol)
         suspicious = amp is None and c_in != 1.0 and is_power_of_two(c_in) and c_in != self._checked_c
-        due = self._schedule.due(s) or (suspicious and self._data is not None) or self._sigma_stale()
+        moved = self._buffers.take_moved()  # buffers changed between steps: check this step, or warn
+        due = (self._schedule.due(s) or (suspicious and self._data is not None) or self._sigma_stale()
+               or (bool(moved) and self._data is not None and not self._schedule.never))
         if suspicious and not due:
             raise TrajectoryError(
                 f"Step {s}: between backward() and optimizer.step() every gradient was divided by exactly "
@@ -463,7 +466,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         check = None
         if due:  # what the recorder holds only for later gives its memory to the check
             with self._room_for_check():
-                check = self._check_gradient(seen, no_input, indices, weights, device, s, tol, autocast)
+                check = self._check_gradient(seen, no_input, indices, weights, device, s, tol, autocast, moved)
+        else:
+            self._warn_moved_buffers(moved, s)
         if check is not None:
             self._sigma = check.sigma / (amp or 1.0)
             if autocast is not None and abs(self._sigma - 1.0) <= tol:
