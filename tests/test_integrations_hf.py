@@ -158,3 +158,37 @@ def test_trainer_dropout_run_is_exact_with_random_state_capture(tmp_path):
     assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
     att = explaind.InfluenceEstimator(keep=("train",), target="loss", device="cpu").fit(traj).transform(X, labels[:3])
     assert att.meta["residual_share"] <= 1e-9
+
+
+def test_a_deep_copy_of_the_model_during_a_trainer_run_leaves_the_recording_exact(tmp_path):
+    # a callback that snapshots the model every step (a best-model or EMA copy) copies its forward pre-hooks: the
+    # callback's index hook must copy as an inert hook, so the snapshot neither fails nor feeds the recording
+    import copy
+
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def __init__(self):
+            self.copies = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.copies.append(copy.deepcopy(model))
+            with torch.no_grad():  # the copy's forward: not one of the recorded model's
+                self.copies[-1](input_ids=ids[:2], attention_mask=mask[:2])
+
+    ids, mask, y = cls_data()
+    data = IndexedDataset([{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(N_TRAIN)])
+    model = tiny_bert()
+    callback = ExplaindTrainerCallback(data, loss="cross_entropy", attention_mask="bidirectional",
+                                       check_gradients=True)
+    snapshot = Snapshot()
+    Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=data,
+            callbacks=[callback, snapshot]).train()
+    assert len(snapshot.copies) == 3
+    traj = callback.trajectory
+    assert traj.n_steps == 3 and max(traj.gradient_check()) <= 1e-7
+    test_ids, test_mask, _ = cls_data(3, seed=7)
+    X = {"input_ids": test_ids, "attention_mask": four_d_attention_mask(test_mask)}
+    with torch.no_grad():
+        truth = model.eval()(input_ids=test_ids, attention_mask=test_mask).logits
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6

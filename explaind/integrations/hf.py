@@ -42,6 +42,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
     raise ConfigError(f"explaind.integrations.ExplaindTrainerCallback needs transformers ({exc}); install it with "
                       f"pip install 'explaind[hf]'.") from exc
 from ..outputs import model_output
+from ..trajectory._common import ModelHook
 from ._core import RecordingCore
 from .data import IndexCollate, step_weights
 
@@ -153,7 +154,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
         self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None),
                     step=int(state.global_step))
-        self._hook = model.register_forward_pre_hook(self._take_index, with_kwargs=True)
+        self._hook = model.register_forward_pre_hook(ModelHook(self._take_index), with_kwargs=True)
         loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
         if loader is not None:
             self._collate = (loader, loader.collate_fn)
