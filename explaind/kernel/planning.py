@@ -24,6 +24,7 @@ from ..exceptions import ExplaindWarning
 from . import adaptive
 from . import dense as _dense
 from .adaptive import adaptive_plan
+from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
@@ -142,11 +143,24 @@ def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: l
     plan = adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
                          coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
                          max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps)
-    _warn_if_inexact(plan, tol, torch.cat(begins), torch.cat(ends))
+    _warn_if_inexact(plan, tol, torch.cat(begins), torch.cat(ends), _casts_hint(engine))
     return plan.split(stack.n_steps)
 
 
-def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> None:
+def _casts_hint(engine: Any) -> str:
+    """Why a float64 replay may stop at the cap: the parameter-dependent casts below its dtype kept as written."""
+    moving = [s for s in (getattr(engine, "cast_sites", None) or ()) if s.moving]
+    if moving and not engine.fm.keep_dtype:
+        return (f"the model's forward rounds tensors that depend on the parameters below {engine.dtype} "
+                f"({sites_text(tuple(moving))}) and casts='as_written' keeps that rounding, which makes the integrand "
+                f"noisy at its level; casts='auto' evaluates them in {engine.dtype}")
+    return ("in float64 a cap is often a model computing part of its forward in float32 whatever its dtype, whose "
+            "rounding (about 1e-7) makes the integrand noisy; explaind evaluates the casts it intercepts (Tensor.to, "
+            ".float(), dtype= arguments) in the replay dtype unless casts='as_written', so look for others "
+            "(docs/guide_own_model.md, 'Layers and models beyond the built-in ones')")
+
+
+def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor, casts_hint: str = "") -> None:
     """A loud warning when units end above their tolerance: at the evaluation cap, or kink-dense."""
     scale = plan.exact.abs().amax(-1)
     floor = adaptive.FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
@@ -167,11 +181,8 @@ def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> No
                       f"{adaptive.DENSE_EVALS} evaluations below {DENSE_REL:g} of their change")
     if bool(capped.any()):
         causes.append(f"{int(capped.sum())} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
-        if scale.dtype == torch.float64:
-            causes.append("in float64 a cap is often a model computing part of its forward in float32 whatever its "
-                          "dtype, whose rounding (about 1e-7) makes the integrand noisy: Hugging Face's "
-                          "LlamaRMSNorm and T5LayerNorm do; replace them by torch.nn.RMSNorm with the same weight "
-                          "and eps (docs/guide_own_model.md, 'Layers and models beyond the built-in ones')")
+        if scale.dtype == torch.float64 and casts_hint:
+            causes.append(casts_hint)
     warnings.warn(
         f"the adaptive quadrature left {int(above.sum())} of {above.numel()} (step, input) pairs above tol={tol:g}, "
         f"with relative error up to {worst:.2g}: {'; '.join(causes)}. The error left is reported as quadrature_error "
