@@ -190,6 +190,18 @@ def _module_stack(root: nn.Module) -> Iterator[list[tuple[str, str]]]:
             h.remove()
 
 
+def _call_name(func: Any) -> str:
+    """``"Tensor.to"``, ``"torch.softmax"``, ``"torch.nn.functional.softmax"``: how the forward spelled the call."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    owner, _, short = name.rpartition(".")
+    if owner in ("Tensor", "TensorBase"):
+        return f"Tensor.{short}"
+    if owner == "_VariableFunctionsClass":
+        return f"torch.{short}"
+    module = getattr(func, "__module__", None)
+    return f"{module}.{name}" if module and not owner else name
+
+
 def find_casts(root: nn.Module, forward: Callable[[dict[str, Tensor]], Any], params: dict[str, Tensor],
                trainable: tuple[str, ...], replay: torch.dtype) -> tuple[CastSite, ...]:
     """The calls below ``replay`` that one forward makes, by module and kind (parameter-dependent ones first).
@@ -212,8 +224,7 @@ def find_casts(root: nn.Module, forward: Callable[[dict[str, Tensor]], Any], par
         def record(func: Any, args: tuple[Any, ...], targets: list[Any]) -> None:
             path, cls = stack[-1]
             moving = any(isinstance(a, Tensor) and a.requires_grad for a in args)
-            op = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-            op = op.replace("TensorBase.", "Tensor.")
+            op = _call_name(func)
             for _, dtype in targets:
                 counts[(path, cls, op, str(dtype), moving)] += 1
 
