@@ -151,8 +151,8 @@ class PathEngine:
         makes the path integrand noisy). ``"replay_dtype"``: :math:`g` converts to the compute dtype
         instead wherever the forward converts below it. ``"auto"``: like ``"replay_dtype"`` when a
         parameter-dependent conversion was found (a logged warning names them), else like ``"as_written"``
-        (no change at all). Training gradients always round as the run did (docs/maths.md, "Casts below
-        the replay dtype").
+        (no change at all). Training gradients always round as the run did
+        (docs/maths.md, "Casts below the replay dtype").
 
         Returns the sites found (:class:`~explaind.kernel.casts.CastSite`).
         """
