@@ -127,6 +127,23 @@ def test_find_casts_names_each_module_path_class_call_and_dtype_and_which_move_w
     assert "inner.1 (Float32Norm): Tensor.float -> float32" in [s.describe() for s in sites]
 
 
+def test_every_kind_of_conversion_keeps_float64_under_the_mode():
+    """Casts' forward with no rounding, written out by hand in float64: what the mode must compute."""
+    torch.manual_seed(4)
+    model = Casts().to(DT)
+    x = _x(3)
+    with torch.no_grad():
+        h = model.lin(x)
+        h = model.inner[1].weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        want = 2 * torch.softmax(h, -1) + 5 * h + torch.arange(4, dtype=DT) + x
+        with KeepReplayDtype(DT):
+            got = model(x)
+        as_written = model(x)
+    assert got.dtype == DT
+    assert rel_err(got, want) <= 1e-15
+    assert rel_err(as_written, want) > 1e-6  # half and bfloat16 round that much
+
+
 def test_a_float32_replay_finds_half_casts_and_not_float_ones():
     model = Casts().float()
     params = dict(model.named_parameters())
