@@ -35,6 +35,7 @@ class PathConfig(StrictModel):
     factored: Literal["auto", "always", "never"] = "auto"
     progress: bool = False
     distributed: Literal["auto", "off"] = "auto"
+    casts: Literal["auto", "replay_dtype", "as_written"] = "auto"
 
 
 class PathEstimator(ExplaindEstimator):
@@ -74,7 +75,7 @@ class PathEstimator(ExplaindEstimator):
 
             engine = PathEngine(self.trajectory_, device=self.device_, dtype=self.dtype_,
                                 chunk_size=self.config_.chunk_size, progress=self.config_.progress,
-                                factored=self.config_.factored)
+                                factored=self.config_.factored, casts=self.config_.casts)
             self._engine_cache = engine
         return engine
 
@@ -91,6 +92,7 @@ class PathEstimator(ExplaindEstimator):
             raise ConfigError(f"{type(self).__name__}: X must hold at least one input along its first axis; got "
                               f"shape {tuple(Xt.shape)}.")
         probe_inputs(type(self).__name__, engine.fm, engine.params(0), Xt)
+        engine.settle_casts(Xt[:1], type(self).__name__)
         return Xt
 
     def __getstate__(self) -> dict[str, Any]:

@@ -144,8 +144,9 @@ class InfluenceEstimator(PathEstimator):
         Layer-factored computation (see :class:`~explaind.KernelReplica`); here it also forms
         :math:`\Phi_s` for ``"param"``/``"train"`` from layer factors, all (input, node) entries of
         a step in one batch (:mod:`explaind.kernel.layers`), instead of ``vmap(jacrev)``.
-    device, dtype, progress
-        As in :class:`~explaind.KernelReplica`.
+    device, dtype, progress, casts
+        As in :class:`~explaind.KernelReplica`; ``meta["promoted_casts"]`` lists the conversions
+        evaluated in the replay dtype (empty when none).
 
     Attributes
     ----------
@@ -165,7 +166,7 @@ class InfluenceEstimator(PathEstimator):
                  quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
                  memory_budget: int | str = "2GB", distributed: str = "auto", test_chunk_size: int | None = None,
                  param_chunk_size: int | None = None, chunk_size: int | None = 256, factored: str = "auto",
-                 device: str = "auto", dtype: str = "float64", progress: bool = False):
+                 device: str = "auto", dtype: str = "float64", progress: bool = False, casts: str = "auto"):
         self.keep = keep
         self.target = target
         self.split = split
@@ -185,6 +186,7 @@ class InfluenceEstimator(PathEstimator):
         self.device = device
         self.dtype = dtype
         self.progress = progress
+        self.casts = casts
 
     def fit(self, traj: Any, y: Any = None) -> InfluenceEstimator:
         """Validate the parameters and attach the trajectory ``traj``; returns ``self``."""
@@ -231,6 +233,7 @@ class InfluenceEstimator(PathEstimator):
                               f"transform(X, y).")
         target = cfg.target if cfg.target is None or cfg.target == "loss" else torch.tensor(cfg.target)
         att = self._decompose(Xt, target, y)
+        att.meta["promoted_casts"] = self.engine_.promoted_casts
         if cfg.split:
             check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
         check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name)

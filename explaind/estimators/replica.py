@@ -90,6 +90,15 @@ class KernelReplica(PathEstimator):
         ``predict``, ``score`` and ``fidelity_report`` split the test inputs and then the steps
         over them and sum the zero-padded shares with one all-reduce (:mod:`explaind.kernel.shard`;
         the same numbers as one process, to rounding). ``"off"``: every process computes everything.
+    casts : {"auto", "replay_dtype", "as_written"}
+        Conversions in the model's forward to a floating dtype below ``dtype`` (``Tensor.to``,
+        ``.float()``, ``dtype=`` arguments; Hugging Face's RMS norms convert to ``float32``), found
+        on the first test input. ``"replay_dtype"``: the replay converts to ``dtype`` instead, so the
+        path integrand has no float32 rounding; ``"as_written"``: it rounds as the forward says (a
+        warning names parameter-dependent ones: their rounding makes the integrand noisy and the
+        adaptive quadrature may stop at its cap). ``"auto"``: ``"replay_dtype"`` when a conversion
+        of a parameter-dependent tensor was found (a logged warning names them), else unchanged.
+        Training gradients always round as in the run (docs/maths.md, "Casts below the replay dtype").
 
     Attributes
     ----------
@@ -106,7 +115,7 @@ class KernelReplica(PathEstimator):
     def __init__(self, *, quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7,
                  steps: tuple[int, int | None] | None = None, device: str = "auto", dtype: str = "float64",
                  chunk_size: int | None = 256, factored: str = "auto", progress: bool = False,
-                 distributed: str = "auto"):
+                 distributed: str = "auto", casts: str = "auto"):
         self.quadrature = quadrature
         self.nodes = nodes
         self.tol = tol
@@ -117,6 +126,7 @@ class KernelReplica(PathEstimator):
         self.factored = factored
         self.progress = progress
         self.distributed = distributed
+        self.casts = casts
 
     def fit(self, traj: Any, y: Any = None) -> KernelReplica:
         """Validate the parameters and attach the trajectory ``traj``; returns ``self``."""
@@ -183,7 +193,8 @@ class KernelReplica(PathEstimator):
             mean evaluations per input; ``total_evals``; ``max_abs_error`` and ``max_rel_error``
             of the replica against :math:`f(x;\theta_{stop})` (relative to ``max |f|``);
             ``argmax_agreement``; ``kl_divergence``: mean
-            ``KL(softmax(f(x;theta_stop)) || softmax(replica))``. With ``model`` (the user's
+            ``KL(softmax(f(x;theta_stop)) || softmax(replica))``; ``promoted_casts``: the conversions
+            evaluated in the replay dtype (``casts``; empty when none). With ``model`` (the user's
             trained model, run in evaluation mode with its own buffers, e.g. final BatchNorm
             statistics): ``model_max_rel_error`` and ``model_argmax_agreement`` of the replica
             against it, and ``model_vs_recorded``, the largest relative difference between it and
@@ -208,6 +219,7 @@ class KernelReplica(PathEstimator):
             "max_rel_error": _rel(replica, g_stop),
             "argmax_agreement": float((replica.argmax(-1) == g_stop.argmax(-1)).double().mean()),
             "kl_divergence": max(float(kl), 0.0),
+            "promoted_casts": self.engine_.promoted_casts,
         }
         if model is not None:
             report.update(self._against_model(model, X, replica, g_stop))

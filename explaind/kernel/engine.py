@@ -10,22 +10,30 @@ layer-factored one when it applies (:mod:`~explaind.kernel.layers`), else ``torc
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, ExplaindWarning
 from ..inputs import as_inputs
 from ..trajectory.base import Trajectory
 from .autograd import AutogradEvaluator
+from .casts import CastSite, find_casts, sites_text
 from .evaluate import Evaluator, StepStack
 from .explained import Explained, FunctionalModel, Params
 from .layers import LayerEvaluator
 from .layout import ParamLayout
 
-__all__ = ["PathEngine", "make_evaluator"]
+__all__ = ["PathEngine", "make_evaluator", "CASTS"]
+
+logger = logging.getLogger(__name__)
+
+#: Values of the estimators' ``casts`` parameter (see :meth:`PathEngine.settle_casts`).
+CASTS = ("auto", "replay_dtype", "as_written")
 
 #: Parameters kept in the step cache.
 CACHED_STEPS = 3
@@ -79,10 +87,18 @@ class PathEngine:
         parameter, each capability after a start-up check against ``torch.func``. ``"auto"`` falls
         back to ``torch.func`` when they do not apply, ``"always"`` raises
         :class:`~explaind.exceptions.ConfigError` then, ``"never"`` always uses ``torch.func``.
+    casts : {"auto", "replay_dtype", "as_written"}
+        Conversions in the forward below ``dtype`` (:meth:`settle_casts`).
     """
 
     def __init__(self, traj: Trajectory, *, device: torch.device, dtype: torch.dtype, chunk_size: int | None,
-                 progress: bool = False, factored: str = "auto"):
+                 progress: bool = False, factored: str = "auto", casts: str = "auto"):
+        if casts not in CASTS:
+            raise ConfigError(f"PathEngine: invalid value for 'casts': {casts!r}; choose one of "
+                              f"{', '.join(map(repr, CASTS))}.")
+        self.casts = casts
+        #: the conversions below ``dtype`` found by :meth:`settle_casts` (``None`` before it ran)
+        self.cast_sites: tuple[CastSite, ...] | None = None
         self.traj = traj
         self.device = device
         self.dtype = dtype
@@ -126,6 +142,48 @@ class PathEngine:
         deltas = [self.delta(s) for s in range(lo, hi)]
         return StepStack({k: torch.stack([b[k] for b in bases]) for k in bases[0]},
                          {k: torch.stack([d[k] for d in deltas]) for k in self.names}, X, explained)
+
+    def settle_casts(self, x: Any, owner: str) -> tuple[CastSite, ...]:
+        r"""Find the forward's conversions below the compute dtype on one input ``x`` and decide, once.
+
+        ``"as_written"``: :math:`g` keeps them; when some round a tensor that depends on the
+        parameters, an :class:`~explaind.exceptions.ExplaindWarning` names them and the fix (their rounding
+        makes the path integrand noisy). ``"replay_dtype"``: :math:`g` converts to the compute dtype
+        instead wherever the forward converts below it. ``"auto"``: like ``"replay_dtype"`` when a
+        parameter-dependent conversion was found (a logged warning names them), else like ``"as_written"``
+        (no change at all). Training gradients always round as the run did
+        (docs/maths.md, "Casts below the replay dtype").
+
+        Returns the sites found (:class:`~explaind.kernel.casts.CastSite`).
+        """
+        if self.cast_sites is not None:
+            return self.cast_sites
+        sites = find_casts(self.fm.module, lambda p: self.fm(p, x), self.params(0), self.names, self.dtype)
+        self.cast_sites = sites
+        moving = tuple(s for s in sites if s.moving)
+        self.fm.keep_dtype = self.casts == "replay_dtype" or (self.casts == "auto" and bool(moving))
+        if moving and self.casts == "as_written":
+            warnings.warn(
+                f"{owner}: the model's forward converts tensors that depend on the parameters to a dtype below "
+                f"{self.dtype} ({sites_text(moving)}), and casts='as_written' replays that rounding: the path "
+                f"integrand is noisy at its level, so the adaptive quadrature may stop at its cap and the error left "
+                f"lands in quadrature_error. Fix: casts='auto' or 'replay_dtype' evaluate these conversions in "
+                f"{self.dtype} (docs/guide_own_model.md).", ExplaindWarning, stacklevel=4)
+        elif moving and self.casts == "auto":
+            logger.warning("%s: the model's forward converts tensors that depend on the parameters to a dtype below "
+                           "%s (%s); the replay evaluates them in %s (casts='auto'), so it explains the model's "
+                           "function without that rounding, which differs from the model's own outputs at the "
+                           "rounding level of the lower dtype (fidelity_report(X, model=...) measures it). "
+                           "casts='as_written' replays the rounding.", owner, self.dtype, sites_text(moving),
+                           self.dtype)
+        return sites
+
+    @property
+    def promoted_casts(self) -> list[str]:
+        """The conversions evaluated in the compute dtype instead (descriptions; empty when none)."""
+        if not self.fm.keep_dtype:
+            return []
+        return [s.describe() for s in (self.cast_sites or ())]
 
     def clear(self) -> None:
         """Drop cached parameters."""

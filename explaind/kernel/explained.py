@@ -30,6 +30,7 @@ from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
 from ..models import refuse_renormalising_embeddings
 from ..outputs import model_output
+from .casts import KeepReplayDtype
 from .rewrites import FusedKernelRewrite, needs_rewrite
 
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
@@ -71,6 +72,8 @@ class FunctionalModel:
         self._padded = [m for m in self.module.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
         #: recurrent layers and weight norms run as plain operations (:mod:`~explaind.kernel.rewrites`)
         self._rewrite = needs_rewrite(self.module)
+        #: :meth:`outputs` converts to this dtype where the forward converts below it (:mod:`~explaind.kernel.casts`)
+        self.keep_dtype = False
 
     def rewritten(self) -> contextlib.AbstractContextManager[Any]:
         """The block in which the fused kernels ``torch.func`` cannot transform run as plain operations."""
@@ -132,12 +135,17 @@ class FunctionalModel:
         Jacobian must include it for :math:`\Phi_s \cdot \Delta\theta_s` to add up to the change of
         :math:`g`. So the padding index is lifted during this forward (the forward is unchanged);
         training losses (:meth:`sample_loss`) keep torch's gradient, the one the optimizer saw.
+
+        With :attr:`keep_dtype`, conversions in the forward below the compute dtype keep the compute
+        dtype (:class:`~explaind.kernel.casts.KeepReplayDtype`): :math:`g` is then the model's function
+        without their rounding, while :meth:`sample_loss` still rounds as the training run did.
         """
         saved = [(m, m.padding_idx) for m in self._padded]
         for m, _ in saved:
             m.padding_idx = None
         try:
-            return self(params, x)
+            with KeepReplayDtype(self.dtype) if self.keep_dtype else contextlib.nullcontext():
+                return self(params, x)
         finally:
             for m, idx in saved:
                 m.padding_idx = idx

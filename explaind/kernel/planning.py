@@ -26,6 +26,7 @@ from ..exceptions import ExplaindWarning
 from . import adaptive
 from . import dense as _dense
 from .adaptive import adaptive_plan
+from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
@@ -84,7 +85,7 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     plans: list[NodePlan] = []
     # counted in steps: a group of stacked steps advances the bar by its size
     bar = progress_bar(engine.progress, "quadrature", stop - start)
-    inexact = InexactUnits(tol)
+    inexact = InexactUnits(tol, _casts_hint(engine))
     buffers: list[Tensor] = []
     for lo, hi in step_groups(start, stop, group, aligned=rule == "adaptive"):
         nexts = [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
@@ -175,11 +176,12 @@ class InexactUnits:
     """The (step, input) pairs of a window that the adaptive rule left above their tolerance, warned about once.
 
     Each group of steps adds its plan (:meth:`add`); :meth:`warn` then gives one warning for the whole window
-    instead of one per group, with the counts and the worst relative error over all of its groups.
+    instead of one per group, with the counts and the worst relative error over all of its groups; ``casts_hint``
+    (:func:`_casts_hint`) says why a float64 replay may stop at the cap.
     """
 
-    def __init__(self, tol: float) -> None:
-        self.tol = tol
+    def __init__(self, tol: float, casts_hint: str = "") -> None:
+        self.tol, self.casts_hint = tol, casts_hint
         self.above = self.total = self.dense = self.capped = 0
         self.worst = 0.0
         self.float64 = False
@@ -216,17 +218,27 @@ class InexactUnits:
                           f"change")
         if self.capped:
             causes.append(f"{self.capped} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
-            if self.float64:
-                causes.append("in float64 a cap is often a model computing part of its forward in float32 whatever "
-                              "its dtype, whose rounding (about 1e-7) makes the integrand noisy: Hugging Face's "
-                              "LlamaRMSNorm and T5LayerNorm do; replace them by torch.nn.RMSNorm with the same weight "
-                              "and eps (docs/guide_own_model.md, 'Layers and models beyond the built-in ones')")
+            if self.float64 and self.casts_hint:
+                causes.append(self.casts_hint)
         warnings.warn(
             f"the adaptive quadrature left {self.above} of {self.total} (step, input) pairs above tol={self.tol:g}, "
             f"with relative error up to {self.worst:.2g}: {'; '.join(causes)}. The error left is reported as "
             f"quadrature_error (never hidden). For a smaller error raise the budget (quadrature='midpoint', "
             f"nodes=... costs a known number of evaluations), or explain fewer steps.",
             ExplaindWarning, stacklevel=3)
+
+
+def _casts_hint(engine: Any) -> str:
+    """Why a float64 replay may stop at the cap: the parameter-dependent casts below its dtype kept as written."""
+    moving = [s for s in (getattr(engine, "cast_sites", None) or ()) if s.moving]
+    if moving and not engine.fm.keep_dtype:
+        return (f"the model's forward rounds tensors that depend on the parameters below {engine.dtype} "
+                f"({sites_text(tuple(moving))}) and casts='as_written' keeps that rounding, which makes the integrand "
+                f"noisy at its level; casts='auto' evaluates them in {engine.dtype}")
+    return ("in float64 a cap is often a model computing part of its forward in float32 whatever its dtype, whose "
+            "rounding (about 1e-7) makes the integrand noisy; explaind evaluates the casts it intercepts (Tensor.to, "
+            ".float(), dtype= arguments) in the replay dtype unless casts='as_written', so look for others "
+            "(docs/guide_own_model.md, 'Layers and models beyond the built-in ones')")
 
 
 def _fixed_group(engine: Any, stack: StepStack | None, begins: list[Tensor], ends: list[Tensor], rule: str,
