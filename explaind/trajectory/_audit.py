@@ -182,7 +182,7 @@ class _Piece:
     g: Tensor | None
     prev: Tensor | None
     coef: dict[str, Tensor]
-    m_out: Tensor | None  # the flat m_s to write (None: m_s is m_{s-1} itself, or zeros made here)
+    m_out: Tensor | None  # where m_s goes (None: m_s is m_{s-1} itself)
 
 
 class _Work:
@@ -339,15 +339,17 @@ class UpdateAudit:
         sizes: dict[tuple[Any, Any], list[int]] = {}
         for grp, names in groups.items():
             numel = [theta[n].numel() for n in names]
-            small = sum(k for k in numel if k <= self._pack_limit())
+            small = [k for k in numel if k <= self._pack_limit()]
             entry = sizes.setdefault((grp.dtype, grp.device), [0, 0, 0])
             entry[0] = max(entry[0], min(self.chunk, max(numel)))
-            entry[1] = max(entry[1], min(self.chunk, small) if sum(k <= self._pack_limit() for k in numel) > 1 else 0)
+            if len(small) > 1:  # packed (a lone small tensor is used in place)
+                entry[1] = max(entry[1], min(self.chunk, sum(small)))
             entry[2] = max(entry[2], len(grp.tensors))
         # a packed buffer's pieces use the work rows too: they are as long as the longest piece or packed buffer
         return {key: _Work(key[0], key[1], max(entry[0], entry[1]), entry[1], entry[2]) for key, entry in sizes.items()}
 
     def _pack_limit(self) -> int:
+        """Elements of the largest tensor that is packed with others (:data:`PACK_ELEMENTS`, at most a chunk)."""
         return min(PACK_ELEMENTS, self.chunk)
 
     def _group(self, grp: _Group, names: list[str], theta: dict[str, Tensor], theta_next: dict[str, Tensor],
