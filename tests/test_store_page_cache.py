@@ -1,5 +1,5 @@
-"""A store recorded without ``fsync`` is written through the page cache, from the tensors themselves, and holds
-the same bytes as a durable one (``O_DIRECT`` from the writer's buffer): explaind/trajectory/_filewrite.py."""
+"""A store written through the page cache (``O_DIRECT`` refused), from the tensors themselves, holds the bytes of
+one written with ``O_DIRECT`` from the writer's buffer: explaind/trajectory/_filewrite.py."""
 
 from __future__ import annotations
 
@@ -14,26 +14,27 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import explaind
-from explaind.trajectory import _filewrite
+from explaind.trajectory import _filewrite, store
 
 
-def _record(root, fsync: bool, opt_name: str, monkeypatch) -> list[int]:
-    """Record 5 seeded steps into ``root``; returns the flags of every file the writer opened."""
+def _record(root, direct: bool, opt_name: str, monkeypatch) -> list[int]:
+    """Record 5 seeded steps into ``root`` (``direct=False``: as where O_DIRECT is refused); returns the flags of
+    every file the writer opened."""
     flags: list[int] = []
-    real_open = os.open
+    real_open, real_writer = os.open, store.TensorFileWriter
 
     def opening(path, how, *args, **kwargs):
         flags.append(how)
         return real_open(path, how, *args, **kwargs)
 
     monkeypatch.setattr(_filewrite.os, "open", opening)
+    monkeypatch.setattr(store, "TensorFileWriter", lambda **kw: real_writer(direct=direct, **kw))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))
     opt = (torch.optim.Adam(model.parameters(), lr=1e-2) if opt_name == "adam"
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     X, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    with explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=root,
-                                     fsync=fsync) as rec:
+    with explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=root) as rec:
         for s in range(5):
             idx = torch.arange(8 * s, 8 * s + 8) % 32
             opt.zero_grad()
@@ -41,6 +42,7 @@ def _record(root, fsync: bool, opt_name: str, monkeypatch) -> list[int]:
             rec.log_batch(idx)
             opt.step()
     monkeypatch.setattr(_filewrite.os, "open", real_open)
+    monkeypatch.setattr(store, "TensorFileWriter", real_writer)
     return flags
 
 
@@ -49,8 +51,9 @@ def _files(root) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_a_store_without_fsync_holds_the_bytes_of_a_durable_one(tmp_path, monkeypatch, opt_name):
-    durable, cached = tmp_path / "durable", tmp_path / "cached"
+def test_a_store_written_through_the_page_cache_holds_the_bytes_of_an_o_direct_one(tmp_path, monkeypatch,
+                                                                                   opt_name):
+    durable, cached = tmp_path / "direct", tmp_path / "cached"
     _record(durable, True, opt_name, monkeypatch)
     _record(cached, False, opt_name, monkeypatch)
     # which steps' optimizer states the two slots hold depends on how many steps the writer found queued at
@@ -80,8 +83,23 @@ def _split(data: bytes) -> tuple[dict, bytes]:
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
-def test_only_a_durable_store_opens_its_files_with_o_direct(tmp_path, monkeypatch):
-    durable = _record(tmp_path / "durable", True, "sgd", monkeypatch)
+def test_the_page_cache_path_opens_no_file_with_o_direct_and_copies_into_no_buffer(tmp_path, monkeypatch):
+    direct = _record(tmp_path / "direct", True, "sgd", monkeypatch)
+    copies: list[int] = []
+    real_chunks = _filewrite.TensorFileWriter._chunks
+    monkeypatch.setattr(_filewrite.TensorFileWriter, "_chunks",
+                        lambda self, *a: (copies.append(1), real_chunks(self, *a))[1])
     cached = _record(tmp_path / "cached", False, "sgd", monkeypatch)
-    assert any(f & os.O_DIRECT for f in durable)  # tried at least (a file system may refuse it)
-    assert cached and not any(f & os.O_DIRECT for f in cached)
+    assert any(f & os.O_DIRECT for f in direct)  # tried at least (a file system may refuse it)
+    assert cached and not any(f & os.O_DIRECT for f in cached) and not copies
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_lazily_negated_tensor_is_written_with_its_values(tmp_path, direct):
+    # the page cache is written from the tensor's own memory: a negative-bit view must be resolved first
+    x = torch.randn(5, 3, dtype=torch.float64)
+    lazy = torch._neg_view(x)
+    assert lazy.is_neg()
+    record = _filewrite.TensorFileWriter(direct=direct).write(tmp_path, "neg.safetensors", {"n": lazy})
+    stored = st_load((tmp_path / "neg.safetensors").read_bytes())["n"]
+    assert torch.equal(stored, -x) and record.nbytes == (tmp_path / "neg.safetensors").stat().st_size

@@ -7,18 +7,19 @@ temporary file in the target's directory, ``fsync``, :func:`os.replace`), so a c
 file or the whole new one. No serialisation to a fresh ``bytes`` object (each tensor into its own
 ``bytes``, then all of them into one: two transient copies of the file). Two ways:
 
-* ``direct=True`` (a durable store: ``StoreWriter(fsync=True)``), on Linux: the file is laid out
-  in a page-aligned buffer kept from file to file, at most :data:`CHUNK` bytes at a time (one copy
-  of each tensor), and written with ``O_DIRECT`` (straight to the device), so the new file's pages
-  are neither allocated nor written back later by the kernel; ``fsync`` then flushes only the
-  file's size and the device's cache. Measured with ``benchmarks/bench_store_writer.py``, this is
-  what a durable write costs the CPU least. Each write waits for the device.
-* ``direct=False`` (``StoreWriter(fsync=False)``), where the file system refuses ``O_DIRECT``
-  (``EINVAL``, e.g. some network or in-memory file systems; the writer stays with the page cache
-  for the directories that refused) or the platform lacks it: the header and then each tensor's
-  bytes are written through the page cache from where they are (:func:`_spans`) and hashed there,
-  so the writer's thread copies nothing itself (the kernel copies into the page cache, with the GIL
-  released) and, without ``fsync``, does not wait for the device.
+* ``direct=True`` (the store's writer), on Linux: the file is laid out in a page-aligned buffer
+  kept from file to file, at most :data:`CHUNK` bytes at a time (one copy of each tensor), and
+  written with ``O_DIRECT`` (straight to the device), so the new file's pages are neither allocated
+  nor written back later by the kernel; ``fsync`` then flushes only the file's size and the
+  device's cache. Measured with ``benchmarks/bench_store_writer.py``, this is what a durable write
+  costs the CPU least; on this project's 2-core machine, also without ``fsync``: there the page
+  cache costs more CPU per byte (its pages allocated and filled by the kernel) than the copy into the
+  buffer (docs/recording.md, "Recording overhead").
+* ``direct=False``, where the file system refuses ``O_DIRECT`` (``EINVAL``, e.g. some network or
+  in-memory file systems; the writer stays with the page cache for the directories that refused)
+  or the platform lacks it: the header and then each tensor's bytes are written through the page
+  cache from where they are (:func:`_spans`) and hashed there, so the writer's thread copies
+  nothing itself (the kernel copies into the page cache, with the GIL released).
 
 Either way each chunk is written by a second thread while the caller hashes it.
 
@@ -141,7 +142,7 @@ class TensorFileWriter:
         """
         target = Path(root) / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        cpu = {k: v.detach().to("cpu").resolve_conj().resolve_neg().contiguous() for k, v in tensors.items()}
         if all(v.dtype in DTYPES for v in cpu.values()):
             head, places = layout(cpu, metadata)
         else:  # a dtype this module does not lay out: the library's bytes

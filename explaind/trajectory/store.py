@@ -185,9 +185,7 @@ class StoreWriter:
     manifest : TrajectoryManifest
         The manifest; its ``steps`` are the steps already on disk (non-empty when resuming).
     fsync : bool
-        ``fsync`` every file and journal line (durability across power loss, not only crashes). With it the
-        files are written with ``O_DIRECT`` where allowed, without it through the page cache (the writer
-        then does not wait for the device; :mod:`~explaind.trajectory._filewrite`).
+        ``fsync`` every file and journal line (durability across power loss, not only crashes).
     background : bool
         Write step files on a worker thread; at most ``max_queue`` steps are handed over and not
         yet committed at any time (a further ``write_step`` waits).
@@ -234,9 +232,7 @@ class StoreWriter:
         last = next((slot_of(r) for r in reversed(manifest.steps) if slot_of(r) is not None), None)
         self._slot = 1 if last is not None and last.path.endswith("state-1.safetensors") else 0
         self._lock = threading.Lock()
-        # durable: O_DIRECT from one reused buffer where allowed; without fsync through the page cache, from the
-        # tensors themselves (no wait for the device, no copy on the writer's thread)
-        self._files = TensorFileWriter(direct=fsync, checksum=self.checksum)
+        self._files = TensorFileWriter(checksum=self.checksum)  # one reused buffer, O_DIRECT where allowed
         self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
         remove_temporary_files(self.root)
         if new:
