@@ -81,6 +81,17 @@ def _case(name: str, device: torch.device):
     raise KeyError(name)
 
 
+def train_step(model, opt, X, y, batch: int, forward, loss, rec, i: int) -> None:
+    """Step ``i`` of a case's loop: batch ``i`` (cycling through ``X``), logged to ``rec`` unless it is ``None``."""
+    idx = torch.arange(i * batch, (i + 1) * batch, device=X.device) % X.shape[0]
+    opt.zero_grad()
+    out = forward(model, X[idx])
+    (F.cross_entropy(out, y[idx]) if loss == "cross_entropy" else loss(out, y[idx])).backward()
+    if rec is not None:
+        rec.log_batch(idx)
+    opt.step()
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -107,19 +118,12 @@ def child(name: str, mode: str, steps: int, device: torch.device, root: str) -> 
                    "disk-lean": {"audit": False, "check_gradients": False}}.get(mode, {})
         rec = explaind.TrajectoryRecorder(model, opt, loss=loss, train_data=(X, y), store=store, **options)
         rec.__enter__()
-    n = X.shape[0]
     for i in range(steps):
         if i == 2:  # warm-up steps excluded
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start, cpu_start = time.perf_counter(), time.process_time()
-        idx = torch.arange(i * batch, (i + 1) * batch, device=X.device) % n
-        opt.zero_grad()
-        out = forward(model, X[idx])
-        (F.cross_entropy(out, y[idx]) if loss == "cross_entropy" else loss(out, y[idx])).backward()
-        if rec is not None:
-            rec.log_batch(idx)
-        opt.step()
+        train_step(model, opt, X, y, batch, forward, loss, rec, i)
     if rec is not None:
         rec.__exit__(None, None, None)
     if device.type == "cuda":

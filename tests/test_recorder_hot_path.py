@@ -13,7 +13,7 @@ from explaind_optimizers.adam import as_used, preconditioner
 from torch import nn
 
 import explaind
-from explaind.trajectory import _filewrite
+from explaind.trajectory import _background, _filewrite
 from explaind.trajectory._background import WarmBuffers
 
 
@@ -56,6 +56,20 @@ def test_warm_buffers_fall_back_to_clones_when_none_is_ready():
     meta = WarmBuffers({"m": torch.empty(4, device="meta")})  # not on the CPU: no thread, clones
     assert meta._thread is None and meta.copies({"m": torch.empty(4, device="meta")})["m"].is_meta
     meta.close()
+
+
+def test_warm_buffers_close_does_not_wait_for_the_thread_s_poll(monkeypatch):
+    # a thread waiting to hand a set over to a full queue looks at its stop flag every WARM_POLL_S
+    # seconds; close() makes room for it instead of waiting that out (here 60 s: the test would hang)
+    monkeypatch.setattr(_background, "WARM_POLL_S", 60.0)
+    warm = WarmBuffers({"w": torch.randn(8, 8)}, depth=1)
+    _ready(warm)
+    time.sleep(0.05)  # the thread has made its next set and waits in put()
+    closer = threading.Thread(target=warm.close, daemon=True)
+    closer.start()
+    closer.join(timeout=10.0)
+    assert not closer.is_alive(), "close() waited for the warm-buffer thread's poll"
+    assert warm._thread is None and warm._ready.empty()
 
 
 def _mlp_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -100,7 +100,9 @@ def test_a_file_larger_than_the_buffer_is_written_chunk_by_chunk(tmp_path, monke
     writer = TensorFileWriter(direct=direct)
     record = writer.write(tmp_path, "big.safetensors", tensors, meta)
     data = (tmp_path / "big.safetensors").read_bytes()
-    assert len(data) > 4 * _filewrite.CHUNK and len(writer._buffer) == _filewrite.CHUNK
+    assert len(data) > 4 * _filewrite.CHUNK
+    # O_DIRECT lays the file out in a buffer of one chunk; the page cache is written from the tensors themselves
+    assert len(writer._buffer) == _filewrite.CHUNK if direct else writer._buffer is None
     assert _split(data) == _split(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
     assert record.checksum == _xxh3(data) and record.nbytes == len(data)
     tensors["u16"] = torch.arange(3000, dtype=torch.int32).to(torch.uint16)  # the library's bytes, in chunks too

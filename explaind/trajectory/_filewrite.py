@@ -1,23 +1,27 @@
-r"""The store's tensor files, written from one reused buffer (docs/recording.md, "Recording overhead").
+r"""The store's tensor files, checksummed and written atomically (docs/recording.md, "Recording overhead").
 
-:class:`TensorFileWriter` lays a safetensors file out (8-byte header length, JSON header, the
-tensors' bytes) in a page-aligned buffer that it keeps from file to file, at most :data:`CHUNK`
-bytes at a time, takes their checksum (:mod:`~explaind.trajectory._checksum`, XXH3-128 unless asked
-for SHA-256) and writes them the way
-:func:`explaind._io.atomic_write` does (a temporary file in the target's directory, ``fsync``,
-:func:`os.replace`), so a crash leaves the old file or the whole new one. Compared with
-serialising to a fresh ``bytes`` object and writing it through the page cache, it saves per file:
+:class:`TensorFileWriter` writes a safetensors file (8-byte header length, JSON header, the
+tensors' bytes), takes the checksum of its bytes (:mod:`~explaind.trajectory._checksum`, XXH3-128
+unless asked for SHA-256) and writes them the way :func:`explaind._io.atomic_write` does (a
+temporary file in the target's directory, ``fsync``, :func:`os.replace`), so a crash leaves the old
+file or the whole new one. No serialisation to a fresh ``bytes`` object (each tensor into its own
+``bytes``, then all of them into one: two transient copies of the file). Two ways:
 
-* the copies of serialisation (each tensor into its own ``bytes``, then all of them into one,
-  two transient copies of the file in memory): the tensors are copied once, into the buffer;
-* on Linux, the page cache: the buffer is written with ``O_DIRECT`` (straight to the device), so
-  the new file's pages are neither allocated nor written back later by the kernel. ``fsync``
-  then flushes only the file's size and the device's cache. Measured with
-  ``benchmarks/bench_store_writer.py``, this is what a durable write of the store costs the
-  CPU. Where the file system refuses ``O_DIRECT`` (``EINVAL``, e.g. some network or in-memory
-  file systems) or the platform lacks it, the buffer is written through the page cache instead,
-  and the writer stays with that for the directories that refused;
-* the wait for the device: each chunk is written by a second thread while the caller hashes it.
+* ``direct=True`` (the store's writer), on Linux: the file is laid out in a page-aligned buffer
+  kept from file to file, at most :data:`CHUNK` bytes at a time (one copy of each tensor), and
+  written with ``O_DIRECT`` (straight to the device), so the new file's pages are neither allocated
+  nor written back later by the kernel; ``fsync`` then flushes only the file's size and the
+  device's cache. Measured with ``benchmarks/bench_store_writer.py``, this is what a durable write
+  costs the CPU least; on this project's 2-core machine, also without ``fsync``: there the page
+  cache costs more CPU per byte (its pages allocated and filled by the kernel) than the copy into the
+  buffer (docs/recording.md, "Recording overhead").
+* ``direct=False``, where the file system refuses ``O_DIRECT`` (``EINVAL``, e.g. some network or
+  in-memory file systems; the writer stays with the page cache for the directories that refused)
+  or the platform lacks it: the header and then each tensor's bytes are written through the page
+  cache from where they are (:func:`_spans`) and hashed there, so the writer's thread copies
+  nothing itself (the kernel copies into the page cache, with the GIL released).
+
+Either way each chunk is written by a second thread while the caller hashes it.
 
 The bytes are those of a safetensors file that ``safetensors.torch.load`` reads: tensors ordered
 as the safetensors library orders them (by its dtype enum, last first, then by name), contiguous,
@@ -138,7 +142,7 @@ class TensorFileWriter:
         """
         target = Path(root) / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        cpu = {k: v.detach().to("cpu").resolve_conj().resolve_neg().contiguous() for k, v in tensors.items()}
         if all(v.dtype in DTYPES for v in cpu.values()):
             head, places = layout(cpu, metadata)
         else:  # a dtype this module does not lay out: the library's bytes
@@ -186,20 +190,25 @@ class TensorFileWriter:
         directory = str(path.parent)
         if self._direct and directory not in self._refused:
             try:
-                return self._write_chunks(path, flags | os.O_DIRECT, head, pieces, size, fsync, direct=True)
+                return self._write_chunks(path, flags | os.O_DIRECT, self._chunks(head, pieces, size), size, fsync,
+                                          direct=True)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
             logger.debug("O_DIRECT refused in %s; writing through the page cache there.", directory)
             self._refused.add(directory)
-        return self._write_chunks(path, flags, head, pieces, size, fsync, direct=False)
+        return self._write_chunks(path, flags, _spans(head, pieces), size, fsync, direct=False)
 
-    def _write_chunks(self, path: Path, flags: int, head: bytes, pieces: list[tuple[Tensor, int, int]], size: int,
+    def _write_chunks(self, path: Path, flags: int, chunks: Iterator[tuple[memoryview, int]], size: int,
                       fsync: bool, *, direct: bool) -> str:
+        """Write ``chunks`` (``(bytes to write, file bytes in them)``, in file order) to a new ``path``; their checksum.
+
+        With ``direct`` each chunk is padded to :data:`BLOCK` and the file truncated to ``size`` after.
+        """
         digest = hasher(self.checksum)
         fd = os.open(path, flags, 0o644)
         try:
-            for chunk, n in self._chunks(head, pieces, size):
+            for chunk, n in chunks:
                 # the write (with O_DIRECT it waits for the device) runs on the I/O thread while this one
                 # hashes the same bytes; both are done before the buffer is refilled or the file closed
                 written = self._io().submit(_write_all, fd, chunk if direct else chunk[:n])  # O_DIRECT: whole blocks
@@ -214,6 +223,20 @@ class TensorFileWriter:
         finally:
             os.close(fd)
         return digest.hexdigest()
+
+
+def _spans(head: bytes, pieces: list[tuple[Tensor, int, int]]) -> Iterator[tuple[memoryview, int]]:
+    """The file's bytes read where they are, at most :data:`CHUNK` at a time: ``(bytes, their number)``.
+
+    For writes through the page cache, which copy from any address: the header, then each tensor's
+    bytes (``pieces``: flat ``uint8``, in file order and back to back, as :func:`layout` places them)
+    from the tensor's own memory, so the writer's thread copies nothing (the kernel copies them
+    into the page cache, with the GIL released) and hashes them in place.
+    """
+    for view in (memoryview(head), *(memoryview(piece.numpy()) for piece, _, _ in pieces)):
+        for start in range(0, len(view), CHUNK):
+            part = view[start : start + CHUNK]
+            yield part, len(part)
 
 
 def _finished(future: Future) -> None:
