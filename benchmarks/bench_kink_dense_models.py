@@ -18,8 +18,8 @@ explaining every output of held-out test images:
 * ``spiky-mlp``: a ReLU MLP 64-128-128-10 trained by SGD at lr 1e-3 except two steps in every 16 at lr 1.0
   (a few kink-dense steps among many smooth ones; the shared budget must not starve them).
 
-Printed per workload and rule (the adaptive rule at its default tolerance 1e-7, the paper's 100-point
-midpoint rule, Gauss-Legendre with 4 nodes): wall time; evaluations per step and input (mean and the
+Printed per workload and rule (the adaptive rule at each tolerance of ``--tols``, by default its own 1e-7; the
+paper's 100-point midpoint rule; Gauss-Legendre with 4 nodes): wall time; evaluations per step and input (mean and the
 largest of any (step, input)); the replica's relative error against the trained model run independently in
 float64, ``max |replica - f(x; theta_N)| / max |f|`` (the telescoping sum makes ``f(x; theta_N)`` the exact
 value the replica must reach, so it is the reference: no quadrature of its own); the worst (step, input)'s
@@ -27,7 +27,7 @@ quadrature error relative to its change ``max_o |g_o(theta_{s+1}) - g_o(theta_s)
 input) pairs end above ``tol = 1e-7`` of it; and whether an ``ExplaindWarning`` about the quadrature fired.
 
 Run: ``python benchmarks/bench_kink_dense_models.py [--models deep-mlp ...] [--steps 16] [--inputs 16]
-[--threads 1]``
+[--threads 1] [--tols 1e-7 1e-5]``
 """
 
 from __future__ import annotations
@@ -185,19 +185,20 @@ def measure(name: str, args: argparse.Namespace) -> list[str]:
     replica_module.window_plans = keeping
     rows = []
     try:
-        for rule, nodes in (("adaptive", None), ("midpoint", 100), ("gauss-legendre", 4)):
+        for rule, nodes, tol in [*(("adaptive", None, t) for t in args.tols), ("midpoint", 100, TOL),
+                                 ("gauss-legendre", 4, TOL)]:
             plans.clear()
             t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                out = explaind.KernelReplica(quadrature=rule, nodes=nodes, tol=TOL).fit(traj).predict(X)
+                out = explaind.KernelReplica(quadrature=rule, nodes=nodes, tol=tol).fit(traj).predict(X)
             wall = time.perf_counter() - t0
             warned = any(issubclass(w.category, ExplaindWarning) and "quadrature" in str(w.message) for w in caught)
             err = float((torch.as_tensor(out) - target).abs().max() / target.abs().max())
             evals = torch.cat([p.evals for p in plans]).double()
             unit = torch.cat([(p.estimate - p.exact).abs().amax(-1) / p.exact.abs().amax(-1).clamp_min(1e-300)
                               for p in plans])
-            label = rule if nodes is None else f"{rule}-{nodes}"
+            label = (rule if tol == TOL else f"{rule} tol={tol:g}") if nodes is None else f"{rule}-{nodes}"
             rows.append(f"| {name} | {label} | {wall:.1f} | {float(evals.mean()):.1f} | {int(evals.max())} | "
                         f"{err:.2e} | {float(unit.max()):.2e} | {int((unit > TOL).sum())}/{unit.numel()} | "
                         f"{'yes' if warned else 'no'} |")
@@ -213,6 +214,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--inputs", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tols", type=float, nargs="+", default=[TOL],
+                    help="tolerances of the adaptive rule, one row each (default: its own 1e-7)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.steps} steps, {args.inputs} test inputs x 10 outputs, float64, torch threads={args.threads}; "

@@ -83,6 +83,7 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     # counted in steps: a group of stacked steps advances the bar by its size
     bar = progress_bar(engine.progress, "quadrature", stop - start)
     buffers: list[Tensor] = []
+    ends_all: list[Tensor] = []
     for lo in range(start, stop, group):
         hi = min(stop, lo + group)
         nexts = [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
@@ -90,6 +91,8 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
                 if engine.buffer_names else nexts)
         begins = [g_prev, *nexts[:-1]]
         buffers.extend(b - e for b, e in zip(nexts, ends))
+        if with_estimate and rule != "adaptive":
+            ends_all.extend(zip(begins, ends))
         if rule == "adaptive":
             plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), begins, ends, n, tol, coarsen))
         else:
@@ -98,6 +101,8 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
         g_prev = nexts[-1]
         bar.update(hi - lo)
     bar.close()
+    if with_estimate and rule not in ("adaptive", "left"):  # "left" (TracIn) is first order by design
+        _warn_fixed(plans, rule, n, tol, ends_all)
     return g_start, g_prev, plans, torch.stack(buffers, dim=1) if engine.buffer_names else None
 
 
@@ -146,15 +151,23 @@ def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: l
     return plan.split(stack.n_steps)
 
 
+def _above(est: Tensor, exact: Tensor, g_a: Tensor, g_b: Tensor, tol: float) -> tuple[Tensor, float]:
+    r"""Units ``(..., O)`` whose estimate misses :math:`\mathrm{tol} \max_o |\Delta g_o|` plus the rounding floor of
+    :func:`~explaind.kernel.adaptive.adaptive_plan` (bool ``(...)``), and the largest relative error among them."""
+    scale = exact.abs().amax(-1)
+    floor = adaptive.FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
+    err = (est - exact).abs().amax(-1)
+    above = err > tol * scale + floor
+    worst = float((err[above] / scale[above].clamp_min(torch.finfo(scale.dtype).tiny)).max()) if bool(above.any()) \
+        else 0.0
+    return above, worst
+
+
 def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> None:
     """A loud warning when units end above their tolerance: at the evaluation cap, or kink-dense."""
-    scale = plan.exact.abs().amax(-1)
-    floor = adaptive.FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
-    err = (plan.estimate - plan.exact).abs().amax(-1)
-    above = err > tol * scale + floor
+    above, worst = _above(plan.estimate, plan.exact, g_a, g_b, tol)
     if not bool(above.any()):
         return
-    worst = float((err[above] / scale[above].clamp_min(torch.finfo(scale.dtype).tiny)).max())
     capped = above & (plan.evals >= adaptive.MAX_EVALS)
     dense = above & ~capped
     causes = []
@@ -163,11 +176,13 @@ def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> No
                       f"they were integrated on a grid per step, its cells cut at the kinks the node values locate (at "
                       f"most the midpoint rule's error on the same nodes), {_dense.GRID_EVALS} nodes per (step, input) "
                       f"on average where {_dense.SHARE_STEPS} steps or more took it ({adaptive.DENSE_EVALS} on fewer), "
-                      f"shared out over the steps by the error of their first estimate, or stopped at "
+                      f"shared out over the steps by the error of their first estimate and grown up to "
+                      f"{adaptive.DENSE_EVALS} where not expected to beat the {adaptive.DENSE_EVALS}-point midpoint "
+                      f"rule, or stopped at "
                       f"{adaptive.DENSE_EVALS} evaluations below {DENSE_REL:g} of their change")
     if bool(capped.any()):
         causes.append(f"{int(capped.sum())} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
-        if scale.dtype == torch.float64:
+        if plan.exact.dtype == torch.float64:
             causes.append("in float64 a cap is often a model computing part of its forward in float32 whatever its "
                           "dtype, whose rounding (about 1e-7) makes the integrand noisy: Hugging Face's "
                           "LlamaRMSNorm and T5LayerNorm do; replace them by torch.nn.RMSNorm with the same weight "
@@ -178,6 +193,20 @@ def _warn_if_inexact(plan: NodePlan, tol: float, g_a: Tensor, g_b: Tensor) -> No
         f"(never hidden). For a smaller error raise the budget (quadrature='midpoint', nodes=... costs a known "
         f"number of evaluations), or explain fewer steps.",
         ExplaindWarning, stacklevel=4)
+
+
+def _warn_fixed(plans: list[NodePlan], rule: str, n: int, tol: float, ends: list[tuple[Tensor, Tensor]]) -> None:
+    """One loud warning where a fixed rule's estimates (known) miss their steps' changes by more than ``tol``."""
+    g_a, g_b = (torch.stack(v) for v in zip(*ends))
+    above, worst = _above(torch.stack([p.estimate for p in plans]), torch.stack([p.exact for p in plans]), g_a, g_b,
+                          tol)
+    if not bool(above.any()):
+        return
+    warnings.warn(
+        f"quadrature={rule!r} with {n} nodes left {int(above.sum())} of {above.numel()} (step, input) pairs above "
+        f"tol={tol:g} of their change, with relative error up to {worst:.2g} (the path crosses activation kinks or "
+        f"curves more than {n} nodes resolve). The error left is reported as quadrature_error (never hidden). For a "
+        f"smaller error use quadrature='adaptive' (error-controlled) or more nodes.", ExplaindWarning, stacklevel=4)
 
 
 def _fixed_group(engine: Any, stack: StepStack | None, begins: list[Tensor], ends: list[Tensor], rule: str,
