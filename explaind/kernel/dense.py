@@ -7,8 +7,8 @@ the rule would run into its evaluation cap after thousands of evaluations per un
 point of its own segment (the costliest kind of evaluation).
 
 So after :data:`DENSE_AFTER` evaluations the rule tests the units still refining: a unit is *far*
-when its error is above :data:`DENSE_RATIO` times its tolerance and above :data:`DENSE_REL` times
-:math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the units that missed the first
+when its error is above its tolerance, :data:`DENSE_RATIO` times its rounding floor and :data:`DENSE_REL`
+times :math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the units that missed the first
 estimate, and at least :data:`DENSE_MIN` units, are far, the batch is kink-dense (a property of the
 model and the step size, not of one test input: a few far units among many converging ones are left to
 the adaptive rule, which locates their kinks). Its far units are integrated by :func:`dense_fallback`:
@@ -56,9 +56,11 @@ __all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN"
 
 #: Evaluations per unit after which the adaptive rule tests whether the batch is kink-dense.
 DENSE_AFTER = 64
-#: A unit is far when, after ``DENSE_AFTER`` evaluations, its error is above this many tolerances ...
+#: A unit is far when, after ``DENSE_AFTER`` evaluations, its error is above its tolerance, above this many
+#: rounding floors (the part of the tolerance that is a few ulps of :math:`|g|`) ...
 DENSE_RATIO = 1000.0
-#: ... and above this fraction of :math:`\max_o |h_o(1) - h_o(0)|`.
+#: ... and above this fraction of :math:`\max_o |h_o(1) - h_o(0)|` (1000 tolerances at the default ``tol``
+#: 1e-7; not more at a looser ``tol``, whose far level would otherwise rise with it).
 DENSE_REL = 1e-4
 #: The batch is kink-dense when at least this share of the units that missed the first estimate are far,
 #: and at least ``DENSE_MIN`` units (a kink-dense model shows it on many inputs; a few far units may hold
@@ -77,7 +79,7 @@ MIDPOINT_KIND = 2
 Shared = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: Tensor) -> Tensor:
+def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: Tensor, floor: Tensor) -> Tensor:
     r"""The far units of a kink-dense batch (bool ``(U,)``; all ``False`` when the batch is not kink-dense).
 
     Parameters
@@ -88,18 +90,19 @@ def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: T
         Units still refining that have spent ``DENSE_AFTER`` evaluations, bool ``(U,)``.
     failing : int
         Number of units that missed the first estimate.
-    thr, scale : Tensor
-        Each unit's tolerance and :math:`\max_o |\Delta g_o|`, ``(U,)``.
+    thr, scale, floor : Tensor
+        Each unit's tolerance, :math:`\max_o |\Delta g_o|` and rounding floor, ``(U,)``.
     """
-    far = ripe & far_units(total, thr, scale)
+    far = ripe & far_units(total, thr, scale, floor)
     if int(far.sum()) < max(DENSE_MIN, DENSE_SHARE * failing):
         return torch.zeros_like(far)
     return far
 
 
-def far_units(err: Tensor, thr: Tensor, scale: Tensor) -> Tensor:
-    r"""Bool: error above :data:`DENSE_RATIO` tolerances and :data:`DENSE_REL` :math:`\max_o |\Delta g_o|`."""
-    return err > torch.maximum(DENSE_RATIO * thr, DENSE_REL * scale)
+def far_units(err: Tensor, thr: Tensor, scale: Tensor, floor: Tensor) -> Tensor:
+    r"""Bool: error above the tolerance ``thr``, :data:`DENSE_RATIO` rounding floors and :data:`DENSE_REL`
+    :math:`\max_o |\Delta g_o|` (``scale``); all ``(U,)``."""
+    return err > torch.maximum(thr, torch.maximum(DENSE_RATIO * floor, DENSE_REL * scale))
 
 
 def probe_positions(n_failing: int, n: int = PROBE_UNITS) -> Tensor:
