@@ -233,8 +233,7 @@ class _Levels:
                  scale: Tensor, floor: Tensor, max_depth: int, max_evals: int, dense_after: int, dense_evals: int):
         self.refine, self.rules, self.eps, self.evals, self.acc = refine, rules, eps, evals, acc
         self.thr, self.scale, self.floor, self.max_depth = thr, scale, floor, max_depth
-        self.dense_after = dense_after
-        self.cap, self.dense_evals, self.strict = max_evals, dense_evals, False
+        self.dense_after, self.cap, self.dense_evals, self.strict = dense_after, max_evals, dense_evals, False
         n = rules[0][0].numel()
         self.per_job = max(2 * n, 1 + 2 * max(1, n // 2))  # the most one job spends at a level
         self.dense = torch.zeros_like(thr, dtype=torch.bool)
@@ -252,8 +251,7 @@ class _Levels:
                 ripe = torch.zeros_like(self.dense)
                 ripe[jobs.unit] = True
                 ripe &= evals >= self.dense_after
-                dense = (dense_units(total, ripe, failing, self.thr, self.scale, self.floor) if bool(ripe.any())
-                         else None)
+                dense = dense_units(total, ripe, failing, self.thr, self.scale, self.floor) if ripe.any() else None
                 if dense is not None and bool(dense.any()):  # the others then stop short of dense_evals
                     self.tested, self.strict, self.cap = True, True, min(self.cap, self.dense_evals)
                     self.dense |= dense
