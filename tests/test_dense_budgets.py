@@ -85,7 +85,10 @@ def _fallback(n_steps: int, per_step: int = 5):
     return [per_unit[u] for u in range(U)], steps
 
 
-def test_a_batch_of_share_steps_kink_dense_steps_spends_grid_evals_on_average_shared_by_error():
+def test_a_batch_of_share_steps_kink_dense_steps_spends_grid_evals_on_average_shared_by_error(monkeypatch):
+    # the budgets as shared out, before the grids grow where they miss the midpoint rule (test_dense_growth.py):
+    # the synthetic values here are no path (h and h' unrelated), so what the grids err by means nothing
+    monkeypatch.setattr(dense, "SHORTFALL_TARGET", float("inf"))
     cells, steps = _fallback(dense.SHARE_STEPS)
     assert sum(cells) <= dense.GRID_EVALS * len(cells)
     per_step = [cells[int(torch.nonzero(steps == g)[0])] for g in range(dense.SHARE_STEPS)]

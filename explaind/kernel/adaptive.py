@@ -136,19 +136,20 @@ def adaptive_plan(
     exact = g_b - g_a
     eps = torch.finfo(dt).eps
     rel = tol * exact.abs().amax(-1)
-    thr = rel + FLOOR * eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
+    floor = FLOOR * eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
+    thr = rel + floor
     evals = torch.full((U,), nodes, dtype=torch.long, device=dev)
     estimate = est0.clone()
     err0 = (est0 - exact).abs().amax(-1)
     failing = torch.nonzero(err0 > thr).reshape(-1)
     acc = Accepted(torch.zeros(U, dtype=dt, device=dev))
     scale = exact.abs().amax(-1)
-    run = _Levels(refine, rules, eps, evals, acc, thr, scale, max_depth, max_evals, dense_after, dense_evals)
+    run = _Levels(refine, rules, eps, evals, acc, thr, scale, floor, max_depth, max_evals, dense_after, dense_evals)
     samples = None if first is None else (*rules[0], first[1], first[2])
     if failing.numel():
         # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it (the
         # kink test only where enough units are far for the count to pass: it cannot raise the count)
-        looks = far_units(err0[failing], thr[failing], scale[failing])
+        looks = far_units(err0[failing], thr[failing], scale[failing], floor[failing])
         need = max(DENSE_MIN, DENSE_SHARE * failing.numel())
         split = dense_after > 0 and int(looks.sum()) >= need
         if split:
@@ -169,7 +170,7 @@ def adaptive_plan(
             run(_start_jobs(rest, est0, err0, g_a, g_b, thr, rel, refine, evals, samples), rest.numel())
     extra = None
     if bool(run.dense.any()):  # the far units, and the others left far above tolerance where that rule errs less
-        extra = _fallback(run.dense, acc, evals, failing, exact, thr, scale, rel, g_a, g_b, steps,
+        extra = _fallback(run.dense, acc, evals, failing, exact, thr, (scale, floor), rel, g_a, g_b, steps,
                           shared or _pointwise(refine), rules[0][0] if first is not None else rules[0][0][:0],
                           None if first is None else first[1:], dense_evals, err0)
     panels = acc.panels()
@@ -229,10 +230,10 @@ class _Levels:
     """
 
     def __init__(self, refine: Refine, rules: Rules, eps: float, evals: Tensor, acc: Accepted, thr: Tensor,
-                 scale: Tensor, max_depth: int, max_evals: int, dense_after: int, dense_evals: int):
+                 scale: Tensor, floor: Tensor, max_depth: int, max_evals: int, dense_after: int, dense_evals: int):
         self.refine, self.rules, self.eps, self.evals, self.acc = refine, rules, eps, evals, acc
-        self.thr, self.scale, self.max_depth, self.dense_after = thr, scale, max_depth, dense_after
-        self.cap, self.dense_evals, self.strict = max_evals, dense_evals, False
+        self.thr, self.scale, self.floor, self.max_depth = thr, scale, floor, max_depth
+        self.dense_after, self.cap, self.dense_evals, self.strict = dense_after, max_evals, dense_evals, False
         n = rules[0][0].numel()
         self.per_job = max(2 * n, 1 + 2 * max(1, n // 2))  # the most one job spends at a level
         self.dense = torch.zeros_like(thr, dtype=torch.bool)
@@ -250,7 +251,7 @@ class _Levels:
                 ripe = torch.zeros_like(self.dense)
                 ripe[jobs.unit] = True
                 ripe &= evals >= self.dense_after
-                dense = dense_units(total, ripe, failing, self.thr, self.scale) if bool(ripe.any()) else None
+                dense = dense_units(total, ripe, failing, self.thr, self.scale, self.floor) if ripe.any() else None
                 if dense is not None and bool(dense.any()):  # the others then stop short of dense_evals
                     self.tested, self.strict, self.cap = True, True, min(self.cap, self.dense_evals)
                     self.dense |= dense
@@ -272,11 +273,13 @@ class _Levels:
 
 
 def _fallback(dense: Tensor, acc: Accepted, evals: Tensor, failing: Tensor, exact: Tensor, thr: Tensor,
-              scale: Tensor, rel: Tensor, g_a: Tensor, g_b: Tensor, steps: Tensor | None, shared: Shared, x: Tensor,
+              levels: tuple[Tensor, Tensor], rel: Tensor, g_a: Tensor, g_b: Tensor, steps: Tensor | None,
+              shared: Shared, x: Tensor,
               first: tuple[Tensor, Tensor] | None, dense_evals: int, err0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The kink-dense rule (:func:`~explaind.kernel.dense.dense_fallback`) for the far units ``dense (U,)`` and
-    the units still far whose panels err more; updates ``acc`` and ``evals``, returns their ``(unit, t, w)`` nodes."""
-    cand = dense | ((acc.err > thr) & far_units(acc.err, thr, scale))
+    the units still far whose panels err more (``levels``: each unit's scale and rounding floor for
+    :func:`~explaind.kernel.dense.far_units`); updates ``acc`` and ``evals``, returns their ``(unit, t, w)`` nodes."""
+    cand = dense | ((acc.err > thr) & far_units(acc.err, thr, *levels))
     cu = torch.nonzero(cand).reshape(-1)
     groups = torch.zeros_like(evals) if steps is None else steps.to(evals.device)
     fb = dense_fallback(cu, groups, failing, evals, shared, x, first, g_a, g_b, dense_evals, need=err0)

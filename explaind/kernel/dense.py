@@ -7,8 +7,8 @@ the rule would run into its evaluation cap after thousands of evaluations per un
 point of its own segment (the costliest kind of evaluation).
 
 So after :data:`DENSE_AFTER` evaluations the rule tests the units still refining: a unit is *far*
-when its error is above :data:`DENSE_RATIO` times its tolerance and above :data:`DENSE_REL` times
-:math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the units that missed the first
+when its error is above its tolerance, :data:`DENSE_RATIO` times its rounding floor and :data:`DENSE_REL`
+times :math:`\max_o |h_o(1) - h_o(0)|`. When at least :data:`DENSE_SHARE` of the units that missed the first
 estimate, and at least :data:`DENSE_MIN` units, are far, the batch is kink-dense (a property of the
 model and the step size, not of one test input: a few far units among many converging ones are left to
 the adaptive rule, which locates their kinks). Its far units are integrated by :func:`dense_fallback`:
@@ -46,18 +46,21 @@ import torch
 from torch import Tensor
 
 from .adaptive_jobs import Bracket
+from .dense_grid import cells, dense_rule, half_cells, refined_grid
 
 __all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN", "DENSE_EVALS",
            "PROBE_UNITS", "MIDPOINT_KIND", "Shared", "dense_units", "far_units", "probe_positions",
            "dense_rule", "cells", "GRID_FLOOR", "grid_cells", "BUDGET_SPREAD", "BUDGET_POWER",
            "GRID_EVALS", "SHARE_STEPS", "step_budgets", "SHARED_NODES_BYTES", "Fallback", "dense_fallback",
-           "cut_cells"]
+           "Cut", "cut_cells", "shortfall", "refine_grid", "SHORTFALL_TARGET"]
 
 #: Evaluations per unit after which the adaptive rule tests whether the batch is kink-dense.
 DENSE_AFTER = 64
-#: A unit is far when, after ``DENSE_AFTER`` evaluations, its error is above this many tolerances ...
+#: A unit is far when, after ``DENSE_AFTER`` evaluations, its error is above its tolerance, above this many
+#: rounding floors (the part of the tolerance that is a few ulps of :math:`|g|`) ...
 DENSE_RATIO = 1000.0
-#: ... and above this fraction of :math:`\max_o |h_o(1) - h_o(0)|`.
+#: ... and above this fraction of :math:`\max_o |h_o(1) - h_o(0)|` (1000 tolerances at the default ``tol``
+#: 1e-7; not more at a looser ``tol``, whose far level would otherwise rise with it).
 DENSE_REL = 1e-4
 #: The batch is kink-dense when at least this share of the units that missed the first estimate are far,
 #: and at least ``DENSE_MIN`` units (a kink-dense model shows it on many inputs; a few far units may hold
@@ -76,7 +79,7 @@ MIDPOINT_KIND = 2
 Shared = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: Tensor) -> Tensor:
+def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: Tensor, floor: Tensor) -> Tensor:
     r"""The far units of a kink-dense batch (bool ``(U,)``; all ``False`` when the batch is not kink-dense).
 
     Parameters
@@ -87,18 +90,19 @@ def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: T
         Units still refining that have spent ``DENSE_AFTER`` evaluations, bool ``(U,)``.
     failing : int
         Number of units that missed the first estimate.
-    thr, scale : Tensor
-        Each unit's tolerance and :math:`\max_o |\Delta g_o|`, ``(U,)``.
+    thr, scale, floor : Tensor
+        Each unit's tolerance, :math:`\max_o |\Delta g_o|` and rounding floor, ``(U,)``.
     """
-    far = ripe & far_units(total, thr, scale)
+    far = ripe & far_units(total, thr, scale, floor)
     if int(far.sum()) < max(DENSE_MIN, DENSE_SHARE * failing):
         return torch.zeros_like(far)
     return far
 
 
-def far_units(err: Tensor, thr: Tensor, scale: Tensor) -> Tensor:
-    r"""Bool: error above :data:`DENSE_RATIO` tolerances and :data:`DENSE_REL` :math:`\max_o |\Delta g_o|`."""
-    return err > torch.maximum(DENSE_RATIO * thr, DENSE_REL * scale)
+def far_units(err: Tensor, thr: Tensor, scale: Tensor, floor: Tensor) -> Tensor:
+    r"""Bool: error above the tolerance ``thr``, :data:`DENSE_RATIO` rounding floors and :data:`DENSE_REL`
+    :math:`\max_o |\Delta g_o|` (``scale``); all ``(U,)``."""
+    return err > torch.maximum(thr, torch.maximum(DENSE_RATIO * floor, DENSE_REL * scale))
 
 
 def probe_positions(n_failing: int, n: int = PROBE_UNITS) -> Tensor:
@@ -106,82 +110,6 @@ def probe_positions(n_failing: int, n: int = PROBE_UNITS) -> Tensor:
     if n_failing <= n:
         return torch.arange(n_failing)
     return torch.unique(torch.linspace(0, n_failing - 1, n).round().long())
-
-
-def dense_rule(x: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    r"""A composite midpoint rule of ``n`` cells of :math:`[0, 1]` with the sorted nodes ``x (m,)`` among its centres.
-
-    Each :math:`x_k` gets the cell :math:`[x_k - 1/(2n), x_k + 1/(2n)]`, the gaps between those cells are cut
-    into equal cells (:func:`cells`). Every node lies in its own cell and the weights are the cell widths (they
-    sum to 1), so the rule is exact for linear :math:`h'`; a kink in a cell of width :math:`w` errs by at most
-    :math:`|\Delta h'|\, w` (docs/engine.md, section 2). Without ``x`` (or when the cells of ``x`` do not fit:
-    nodes closer than :math:`1/n`), it is the plain ``n``-point midpoint rule.
-
-    Returns
-    -------
-    t, w : Tensor
-        Nodes and weights, ``(n,)``, ``t`` increasing.
-    known : Tensor
-        Bool ``(n,)``: the nodes that are ``x`` (in the order of ``x``).
-    """
-    cell = 1.0 / n
-    xs = [float(v) for v in x.tolist()]
-    fits = len(xs) < n and all(b - a >= cell for a, b in zip(xs, xs[1:])) and (not xs or (
-        xs[0] >= cell / 2 and xs[-1] <= 1 - cell / 2))
-    t, w, known = cells(xs if fits else [], n, 0.0, 1.0)
-    dt, dev = x.dtype, x.device
-    return (torch.tensor(t, dtype=dt, device=dev), torch.tensor(w, dtype=dt, device=dev),
-            torch.tensor(known, dtype=torch.bool, device=dev))
-
-
-def cells(xs: list[float], n: int, a: float, b: float) -> tuple[list[float], list[float], list[bool]]:
-    r"""``n`` cells of :math:`[a, b]`, one node each: the sorted nodes ``xs`` (``m <= n``, inside) and new centres.
-
-    With :math:`h = (b - a)/n`, node :math:`x_k` gets the cell :math:`[x_k - r_k, x_k + r_k']`, each radius
-    :math:`h/2` or less where a neighbouring node or an end is nearer (half the distance to the neighbour,
-    the distance to the end). The gaps between those cells, of lengths :math:`L_j`, get the :math:`n - m`
-    new cells in proportion to :math:`L_j` (largest remainders), each gap cut into equal cells with a node at
-    each centre; a gap that gets none widens the node's cell before it (the first node's, for the gap at
-    :math:`a`). The weights are the cell widths: they sum to :math:`b - a`, every node lies in its own cell.
-
-    Returns
-    -------
-    t, w, known : list
-        Nodes (increasing), weights and whether each node is one of ``xs``, ``n`` each.
-    """
-    m, h = len(xs), (b - a) / n
-    edges = [a]
-    for k, v in enumerate(xs):
-        lo = v - a if k == 0 else (v - xs[k - 1]) / 2
-        hi = b - v if k == m - 1 else (xs[k + 1] - v) / 2
-        edges += [v - min(h / 2, lo), v + min(h / 2, hi)]
-    edges.append(b)
-    gaps = [(edges[2 * j], edges[2 * j + 1]) for j in range(m + 1)]
-    length = sum(max(0.0, hi - lo) for lo, hi in gaps)
-    share = [(n - m) * max(0.0, hi - lo) / length if length > 0 else 0.0 for lo, hi in gaps]
-    counts = [int(v) for v in share]
-    for j in sorted(range(len(gaps)), key=lambda j: counts[j] - share[j])[:n - m - sum(counts)]:
-        counts[j] += 1
-    ends = list(edges)  # widened cells of the nodes absorb the gaps that get no cell of their own
-    for j, (lo, hi) in enumerate(gaps):
-        if counts[j] == 0 and j > 0:
-            ends[2 * j] = hi
-        elif counts[j] == 0 and m:
-            ends[1] = lo
-    t: list[float] = []
-    w: list[float] = []
-    known: list[bool] = []
-    for j, (lo, hi) in enumerate(gaps):
-        if counts[j]:
-            width = (hi - lo) / counts[j]
-            t += [lo + (i + 0.5) * width for i in range(counts[j])]
-            w += [width] * counts[j]
-            known += [False] * counts[j]
-        if j < m:
-            t.append(xs[j])
-            w.append(ends[2 * j + 2] - ends[2 * j + 1])
-            known.append(True)
-    return t, w, known
 
 
 #: The grid of :func:`grid_cells` keeps at least this share of its budget ``n`` in cells.
@@ -257,9 +185,166 @@ def step_budgets(failing: list[Tensor], need: Tensor | None, n: int) -> list[int
     return [max(1, int(v)) for v in budget.floor().tolist()]
 
 
+def dense_fallback(cand: Tensor, steps: Tensor, failing: Tensor, evals: Tensor, shared: Shared, x: Tensor,
+                   first: tuple[Tensor, Tensor] | None, g_a: Tensor, g_b: Tensor,
+                   n: int = DENSE_EVALS, need: Tensor | None = None, grid_evals: int = GRID_EVALS) -> Fallback:
+    r"""The kink-dense rule of the units ``cand (K,)``: one grid of shared nodes per step, its cells cut at kinks.
+
+    Per step (``steps (U,)``: each unit's group, all units of a group share its grid), the grid is
+    :func:`dense_rule` through the first estimate's nodes ``x (m,)`` with :func:`grid_cells` cells: the step's
+    failing units (``failing (F,)``, having spent ``evals (U,)``) spend :math:`n_g` evaluations each in all:
+    ``n`` each without ``need`` or with fewer than :data:`SHARE_STEPS` steps; else ``min(n, grid_evals)`` on
+    average, shared out by ``need`` (:func:`step_budgets`).
+    Every new node is one evaluation for all of the step's units (``shared``); the weights of each unit are
+    those of :func:`cut_cells`. Where the shared budget is below ``n`` and the cut grids are not expected to
+    err less than :data:`SHORTFALL_TARGET` times the ``n``-point midpoint rule (:func:`shortfall` :math:`R`),
+    every step's grid gains :math:`R` / :data:`SHORTFALL_TARGET` times its nodes (at most ``n`` per unit on
+    average in all), each in the middle of a gap where the cut errs most (:func:`refine_grid`).
+
+    Parameters
+    ----------
+    first : tuple of Tensor or None
+        :math:`h` and :math:`h'` at ``x`` of every unit, ``(U, m, O)`` each (``None`` when ``x`` is empty).
+    g_a, g_b : Tensor
+        :math:`h(0)` and :math:`h(1)` of every unit, ``(U, O)``.
+    need : Tensor, optional
+        Each unit's first-estimate error :math:`\max_o |\mathrm{est}^{(0)}_o - \Delta g_o|`, ``(U,)``.
+    """
+    in_cand = torch.zeros_like(steps, dtype=torch.bool)
+    in_cand[cand] = True
+    is_failing = torch.zeros_like(in_cand)
+    is_failing[failing] = True
+    groups = torch.unique(steps[cand]).tolist()
+    mean = n if need is None or len(groups) < SHARE_STEPS else min(n, grid_evals)
+    budget = step_budgets([is_failing & (steps == g) for g in groups], need, mean)
+    grids = []
+    for g, n_g in zip(groups, budget):
+        mine = steps == g
+        units = torch.nonzero(mine & in_cand).reshape(-1)
+        cells_g = grid_cells(int(evals[mine & is_failing].sum()), int((mine & is_failing).sum()), units.numel(),
+                             x.numel(), n_g)
+        t, wc, known = dense_rule(x, cells_g)
+        cut = cut_cells(units, t, wc, known, shared, first, g_a[units], g_b[units], keep=mean < n)
+        grids.append((units, t, cut, int((~known).sum())))
+    ratio = shortfall([c for _, _, c, _ in grids], [t.numel() for _, t, _, _ in grids], n)
+    grow = min(n / mean, ratio / SHORTFALL_TARGET)  # at most n per unit on average
+    parts = []
+    for units, t, cut, new in grids:
+        if grow > 1 and cut.h is not None:
+            t, cut, added = refine_grid(units, t, cut, math.ceil((grow - 1) * t.numel()), shared, g_a[units],
+                                        g_b[units])
+            new += added
+        parts.append((units, cut.est, torch.full_like(units, new), units.repeat_interleave(t.numel()),
+                      t.repeat(units.numel()), cut.w.reshape(-1)))
+    unit, est, new, node_unit, tt, ww = (torch.cat(v) for v in zip(*parts))
+    err = (est - (g_b - g_a)[unit]).abs().amax(-1)
+    return Fallback(unit, est, err, new, node_unit, tt, ww)
+
+
+def shortfall(cuts: list[Cut], sizes: list[int], n: int) -> float:
+    r"""By how much the grids' nodes should grow for the cut grids to err like the ``n``-point midpoint rule.
+
+    The cells of a grid of :math:`n_g` nodes (a composite midpoint rule) err by :math:`c_k` on unit :math:`k`,
+    and the same rule on every other node by :math:`c'_k` (both known exactly), so the rule's order on these
+    paths is :math:`p = \log_2 (\lVert c' \rVert / \lVert c \rVert)` over all units, clipped to
+    :math:`[1, 2]` (about 1 on kink-dense paths, 2 on smooth ones), and the ``n``-point rule would err by about
+    :math:`c_k (n_g / n)^p`. The cut grids err by :math:`e_k`; over the units of all grids
+
+    .. math:: R = \sqrt{\sum_k e_k^2 \Big/ \sum_k \big(c_k (n_g / n)^p\big)^2},
+
+    :math:`R \le 1`: the cut grids are expected to err no more than the ``n``-point rule.
+
+    Parameters
+    ----------
+    cuts : list of Cut
+        Each grid's weights and errors.
+    sizes : list of int
+        Each grid's nodes :math:`n_g`.
+    """
+    cells = sum(float(c.cells_err.double().pow(2).sum()) for c in cuts)
+    half = sum(float(c.half_err.double().pow(2).sum()) for c in cuts)
+    if not cells > 0 or not half > 0:
+        return 1.0
+    p = min(2.0, max(1.0, 0.5 * math.log2(half / cells)))
+    num = sum(float(c.err.double().pow(2).sum()) for c in cuts)
+    den = sum(float((c.cells_err.double() * (m / n) ** p).pow(2).sum()) for c, m in zip(cuts, sizes))
+    return math.sqrt(num / den) if den > 0 else 1.0
+
+
+def refine_grid(units: Tensor, t: Tensor, cut: Cut, extra: int, shared: Shared, h0: Tensor,
+                h1: Tensor) -> tuple[Tensor, Cut, int]:
+    r"""The grid ``t (n,)`` of ``units (K,)`` with ``extra`` nodes more, in the gaps where the cut errs most.
+
+    A gap's score is :math:`\sum_k r_{kj}^2` over the units of the squared error of its cut
+    (:attr:`Cut.gap_err`); the new nodes (one evaluation each for all the units) go to the middle of the gaps
+    of the largest scores (:func:`~explaind.kernel.dense_grid.refined_grid`), and :func:`cut_cells` cuts the
+    union's gaps anew from the values kept in ``cut``. A unit keeps its former weights (zero at the new
+    nodes) where they err less.
+
+    Returns
+    -------
+    t : Tensor
+        The nodes of the union, ``(N,)``.
+    cut : Cut
+        Its weights ``(K, N)`` and estimates.
+    added : int
+        New nodes evaluated.
+    """
+    s, wc, known = refined_grid(t, cut.gap_err.pow(2).sum(0), extra)
+
+    def local(u: Tensor, tq: Tensor) -> tuple[Tensor, Tensor]:
+        return shared(units[u], tq)
+
+    fine = cut_cells(torch.arange(units.numel(), device=units.device), s, wc, known, local, (cut.h, cut.d), h0, h1)
+    keep = cut.err < fine.err
+    w_old = cut.w.new_zeros(fine.w.shape)
+    w_old[:, known] = cut.w
+    fine.w = torch.where(keep[:, None], w_old, fine.w)
+    fine.est = torch.where(keep[:, None], cut.est, fine.est)
+    fine.err = torch.minimum(cut.err, fine.err)
+    fine.cells_err, fine.half_err = cut.cells_err, cut.half_err
+    return s, fine, int((~known).sum())
+
+
+#: :func:`dense_fallback` grows the shared-budget grids of a batch whose :func:`shortfall` is above this: on three
+#: workloads :math:`R` was 0.85-0.88 of the measured ratio of the replica's error to the ``n``-point midpoint rule's
+#: (``docs/engine.md``, section 2), so the grids aim below the prediction by that margin.
+SHORTFALL_TARGET = 0.8
+
+
 #: Bytes of :math:`h, h'` at shared nodes ``(K, nodes, O)`` the fallback holds per call of ``shared`` (the
-#: engine's ``shared`` also splits its nodes so that a step's ``T`` inputs, ``(T, nodes, O)``, stay within it).
+#: engine's ``shared`` also splits its nodes so that a step's ``T`` inputs, ``(T, nodes, O)``, stay within it),
+#: and the most it keeps of a step's grid for :func:`refine_grid` (a larger grid is not refined).
 SHARED_NODES_BYTES = 1 << 27
+
+
+@dataclass
+class Cut:
+    r"""The weights of :func:`cut_cells` for ``K`` units on ``n`` nodes and what they err by.
+
+    Attributes
+    ----------
+    w : Tensor
+        Weights ``(K, n)``.
+    est : Tensor
+        :math:`\sum_q w_q h'(t_q)` ``(K, O)``.
+    err, cells_err, half_err : Tensor
+        :math:`\max_o |\mathrm{est}_o - (h_o(1) - h_o(0))|` ``(K,)``, that of the given cells and that of the
+        cells of every other node (:func:`~explaind.kernel.dense_grid.half_cells`).
+    gap_err : Tensor
+        ``(K, n - 1)``: :math:`\max_o |r_o(u)|` of each gap's cut.
+    h, d : Tensor or None
+        :math:`h, h'` at the nodes, ``(K, n, O)``, when kept.
+    """
+
+    w: Tensor
+    est: Tensor
+    err: Tensor
+    cells_err: Tensor
+    half_err: Tensor
+    gap_err: Tensor
+    h: Tensor | None = None
+    d: Tensor | None = None
 
 
 @dataclass
@@ -292,52 +377,8 @@ class Fallback:
         return self.node_unit[keep], self.t[keep], self.w[keep]
 
 
-def dense_fallback(cand: Tensor, steps: Tensor, failing: Tensor, evals: Tensor, shared: Shared, x: Tensor,
-                   first: tuple[Tensor, Tensor] | None, g_a: Tensor, g_b: Tensor,
-                   n: int = DENSE_EVALS, need: Tensor | None = None, grid_evals: int = GRID_EVALS) -> Fallback:
-    r"""The kink-dense rule of the units ``cand (K,)``: one grid of shared nodes per step, its cells cut at kinks.
-
-    Per step (``steps (U,)``: each unit's group, all units of a group share its grid), the grid is
-    :func:`dense_rule` through the first estimate's nodes ``x (m,)`` with :func:`grid_cells` cells: the step's
-    failing units (``failing (F,)``, having spent ``evals (U,)``) spend :math:`n_g` evaluations each in all:
-    ``n`` each without ``need`` or with fewer than :data:`SHARE_STEPS` steps; else ``min(n, grid_evals)`` on
-    average, shared out by ``need`` (:func:`step_budgets`).
-    Every new node is one evaluation for all of the step's units (``shared``); the weights of each unit are
-    those of :func:`cut_cells`.
-
-    Parameters
-    ----------
-    first : tuple of Tensor or None
-        :math:`h` and :math:`h'` at ``x`` of every unit, ``(U, m, O)`` each (``None`` when ``x`` is empty).
-    g_a, g_b : Tensor
-        :math:`h(0)` and :math:`h(1)` of every unit, ``(U, O)``.
-    need : Tensor, optional
-        Each unit's first-estimate error :math:`\max_o |\mathrm{est}^{(0)}_o - \Delta g_o|`, ``(U,)``.
-    """
-    in_cand = torch.zeros_like(steps, dtype=torch.bool)
-    in_cand[cand] = True
-    is_failing = torch.zeros_like(in_cand)
-    is_failing[failing] = True
-    parts = []
-    groups = torch.unique(steps[cand]).tolist()
-    mean = n if need is None or len(groups) < SHARE_STEPS else min(n, grid_evals)
-    budget = step_budgets([is_failing & (steps == g) for g in groups], need, mean)
-    for g, n_g in zip(groups, budget):
-        mine = steps == g
-        units = torch.nonzero(mine & in_cand).reshape(-1)
-        cells_g = grid_cells(int(evals[mine & is_failing].sum()), int((mine & is_failing).sum()), units.numel(),
-                             x.numel(), n_g)
-        t, wc, known = dense_rule(x, cells_g)
-        w, est = cut_cells(units, t, wc, known, shared, first, g_a[units], g_b[units])
-        new = torch.full_like(units, int((~known).sum()))
-        parts.append((units, est, new, units.repeat_interleave(t.numel()), t.repeat(units.numel()), w.reshape(-1)))
-    unit, est, new, node_unit, tt, ww = (torch.cat(v) for v in zip(*parts))
-    err = (est - (g_b - g_a)[unit]).abs().amax(-1)
-    return Fallback(unit, est, err, new, node_unit, tt, ww)
-
-
 def cut_cells(units: Tensor, t: Tensor, wc: Tensor, known: Tensor, shared: Shared,
-              first: tuple[Tensor, Tensor] | None, h0: Tensor, h1: Tensor) -> tuple[Tensor, Tensor]:
+              first: tuple[Tensor, Tensor] | None, h0: Tensor, h1: Tensor, keep: bool = False) -> Cut:
     r"""Weights of the nodes ``t (n,)`` (cells of widths ``wc``) for each unit: cells cut at a located kink.
 
     Every evaluation returns :math:`h` with :math:`h'`, so the exact integral
@@ -360,13 +401,13 @@ def cut_cells(units: Tensor, t: Tensor, wc: Tensor, known: Tensor, shared: Share
         :math:`h, h'` of every unit at the reused nodes, in order, ``(U, m, O)`` each.
     h0, h1 : Tensor
         :math:`h(0)` and :math:`h(1)` of ``units``, ``(K, O)``.
+    keep : bool
+        Keep :math:`h, h'` at the nodes in the result where they take at most :data:`SHARED_NODES_BYTES`.
 
     Returns
     -------
-    w : Tensor
-        Weights ``(K, n)``.
-    est : Tensor
-        :math:`\sum_q w_q h'(t_q)` of each unit, ``(K, O)``.
+    Cut
+        The weights ``(K, n)``, the estimates and their errors.
     """
     K, n, O = units.numel(), t.numel(), h0.shape[-1]
     cut = wc.expand(K, n).clone()  # the given cells as the start: each gap then cut where it errs less
@@ -374,24 +415,38 @@ def cut_cells(units: Tensor, t: Tensor, wc: Tensor, known: Tensor, shared: Share
     which = torch.cumsum(known.long(), 0) - 1
     est_cut = torch.zeros(K, O, dtype=h0.dtype, device=h0.device)
     est_cells = torch.zeros_like(est_cut)
+    est_half = torch.zeros_like(est_cut)
+    w_half = half_cells(t)
+    gap_err = h0.new_zeros(K, max(0, n - 1))
+    kept: list[tuple[Tensor, Tensor]] | None = [] if keep and 2 * h0.element_size() * K * n * O <= \
+        SHARED_NODES_BYTES else None
     per = max(2, SHARED_NODES_BYTES // max(1, 2 * h0.element_size() * K * O))
     prev: tuple[Tensor, Tensor] | None = None
     for lo in range(0, n, per):
         hi = min(n, lo + per)
         h, d = _values(units, t[lo:hi], known[lo:hi], which[lo:hi], shared, first, h0)
+        if kept is not None:
+            kept.append((h, d))
         est_cells += torch.einsum("q,kqo->ko", wc[lo:hi], d)
+        est_half += torch.einsum("q,kqo->ko", w_half[lo:hi], d)
         if lo == 0:
             est_cut += t[0] * d[:, 0]  # [0, t_1] to the first node
         if prev is not None:
             h, d = torch.cat([prev[0], h], 1), torch.cat([prev[1], d], 1)
         first_node = lo - 1 if prev is not None else lo
-        _cut_gaps(t[first_node:hi], edge[first_node:hi], h, d, cut[:, first_node:hi], est_cut)
+        gap_err[:, first_node:hi - 1] = _cut_gaps(t[first_node:hi], edge[first_node:hi], h, d, cut[:, first_node:hi],
+                                                  est_cut)
         prev = (h[:, -1:], d[:, -1:])
     est_cut += (1 - t[-1]) * prev[1][:, 0]  # [t_n, 1] to the last node
     exact = h1 - h0
-    better = (est_cut - exact).abs().amax(-1) <= (est_cells - exact).abs().amax(-1)
+    err_cut, err_cells = (est_cut - exact).abs().amax(-1), (est_cells - exact).abs().amax(-1)
+    better = err_cut <= err_cells
     w = torch.where(better[:, None], cut, wc.expand(K, n))
-    return w, torch.where(better[:, None], est_cut, est_cells)
+    out = Cut(w, torch.where(better[:, None], est_cut, est_cells), torch.minimum(err_cut, err_cells), err_cells,
+              (est_half - exact).abs().amax(-1), gap_err)
+    if kept is not None:
+        out.h, out.d = (torch.cat(v, 1) for v in zip(*kept))
+    return out
 
 
 def _values(units: Tensor, t: Tensor, known: Tensor, which: Tensor, shared: Shared,
@@ -408,15 +463,16 @@ def _values(units: Tensor, t: Tensor, known: Tensor, which: Tensor, shared: Shar
     return h, d
 
 
-def _cut_gaps(t: Tensor, edge: Tensor, h: Tensor, d: Tensor, w: Tensor, est: Tensor) -> None:
+def _cut_gaps(t: Tensor, edge: Tensor, h: Tensor, d: Tensor, w: Tensor, est: Tensor) -> Tensor:
     r"""Cut the gaps between the nodes ``t (c,)`` (``h, d (K, c, O)``): shift ``w (K, c)`` in place, add to ``est``.
 
     ``w`` holds the given cells' weights; a gap cut at :math:`a + u` instead of at ``edge`` moves
-    :math:`u - (\mathrm{edge} - a)` of weight from node :math:`b` to node :math:`a`.
+    :math:`u - (\mathrm{edge} - a)` of weight from node :math:`b` to node :math:`a`. Returns each gap's error
+    :math:`\max_o |r_o(u)|`, ``(K, c - 1)``.
     """
-    if t.numel() < 2:
-        return
     K, c, O = h.shape
+    if c < 2:
+        return h.new_zeros(K, 0)
     L = (t[1:] - t[:-1]).expand(K, c - 1)
     flat = Bracket(t[:-1].expand(K, c - 1).reshape(-1), t[1:].expand(K, c - 1).reshape(-1),
                    h[:, :-1].reshape(-1, O), h[:, 1:].reshape(-1, O), d[:, :-1].reshape(-1, O), d[:, 1:].reshape(-1, O))
@@ -425,9 +481,12 @@ def _cut_gaps(t: Tensor, edge: Tensor, h: Tensor, d: Tensor, w: Tensor, est: Ten
     fit = torch.where(torch.isfinite(fit), fit, given).clamp(min=0).minimum(L)
     jump = d[:, 1:] - d[:, :-1]
     rest = d[:, 1:] * L[..., None] - (h[:, 1:] - h[:, :-1])  # r(u) = -jump u + rest
-    worse = (rest - jump * fit[..., None]).abs().amax(-1) >= (rest - jump * given[..., None]).abs().amax(-1)
+    r_fit = (rest - jump * fit[..., None]).abs().amax(-1)
+    r_given = (rest - jump * given[..., None]).abs().amax(-1)
+    worse = r_fit >= r_given
     u = torch.where(worse, given, fit)
     est += (u[..., None] * d[:, :-1] + (L - u)[..., None] * d[:, 1:]).sum(1)
     shift = u - given
     w[:, :-1] += shift
     w[:, 1:] -= shift
+    return torch.minimum(r_fit, r_given)

@@ -87,12 +87,15 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     bar = progress_bar(engine.progress, "quadrature", stop - start)
     inexact = InexactUnits(tol, _casts_hint(engine))
     buffers: list[Tensor] = []
+    ends_all: list[tuple[Tensor, Tensor]] = []
     for lo, hi in step_groups(start, stop, group, aligned=rule == "adaptive"):
         nexts = [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
         ends = ([engine.values_at(s, X, explained, engine.end_params(s)) for s in range(lo, hi)]
                 if engine.buffer_names else nexts)
         begins = [g_prev, *nexts[:-1]]
         buffers.extend(b - e for b, e in zip(nexts, ends))
+        if with_estimate and rule != "adaptive":
+            ends_all.extend(zip(begins, ends))
         if rule == "adaptive":
             plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), begins, ends, n, tol, coarsen,
                                          inexact))
@@ -103,6 +106,8 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
         bar.update(hi - lo)
     bar.close()
     inexact.warn()
+    if with_estimate and rule not in ("adaptive", "left"):  # "left" (TracIn) is first order by design
+        _warn_fixed(plans, rule, n, tol, ends_all)
     return g_start, g_prev, plans, torch.stack(buffers, dim=1) if engine.buffer_names else None
 
 
@@ -117,7 +122,7 @@ def step_groups(start: int, stop: int, size: int, *, aligned: bool) -> list[tupl
     --------
     >>> step_groups(5, 40, 16, aligned=True)
     [(5, 16), (16, 32), (32, 40)]
-    >>> step_groups(5, 40, 16, aligned=rule == "adaptive")
+    >>> step_groups(5, 40, 16, aligned=False)
     [(5, 21), (21, 37), (37, 40)]
     """
     cuts = [start]
@@ -172,6 +177,19 @@ def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: l
     return plan.split(stack.n_steps)
 
 
+def _above(est: Tensor, exact: Tensor, g_a: Tensor, g_b: Tensor, tol: float) -> tuple[Tensor, float]:
+    r"""Units ``(..., O)`` whose estimate misses :math:`\mathrm{tol} \max_o |\Delta g_o|` plus the rounding floor of
+    :func:`~explaind.kernel.adaptive.adaptive_plan` (bool ``(...)``), and the largest relative error among them."""
+    scale = exact.abs().amax(-1)
+    floor = adaptive.FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
+    err = (est - exact).abs().amax(-1)
+    above = err > tol * scale + floor
+    worst = float((err[above] / scale[above].clamp_min(torch.finfo(scale.dtype).tiny)).max()) if bool(above.any()) \
+        else 0.0
+    return above, worst
+
+
+
 class InexactUnits:
     """The (step, input) pairs of a window that the adaptive rule left above their tolerance, warned about once.
 
@@ -188,10 +206,7 @@ class InexactUnits:
 
     def add(self, plan: NodePlan, g_a: Tensor, g_b: Tensor) -> None:
         """Count the units of one group's plan above ``tol`` (``g_a, g_b``: the values at its steps' ends)."""
-        scale = plan.exact.abs().amax(-1)
-        floor = adaptive.FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
-        err = (plan.estimate - plan.exact).abs().amax(-1)
-        above = err > self.tol * scale + floor
+        above, worst = _above(plan.estimate, plan.exact, g_a, g_b, self.tol)
         self.total += above.numel()
         if not bool(above.any()):
             return
@@ -199,9 +214,8 @@ class InexactUnits:
         self.above += int(above.sum())
         self.capped += int(capped.sum())
         self.dense += int((above & ~capped).sum())
-        rel = err[above] / scale[above].clamp_min(torch.finfo(scale.dtype).tiny)
-        self.worst = max(self.worst, float(rel.max()))
-        self.float64 |= scale.dtype == torch.float64
+        self.worst = max(self.worst, worst)
+        self.float64 |= plan.exact.dtype == torch.float64
 
     def warn(self) -> None:
         """A loud warning when units ended above their tolerance: at the evaluation cap, or kink-dense."""
@@ -214,8 +228,9 @@ class InexactUnits:
                           f"(at most the midpoint rule's error on the same nodes), {_dense.GRID_EVALS} nodes per "
                           f"(step, input) on average where {_dense.SHARE_STEPS} steps or more took it "
                           f"({adaptive.DENSE_EVALS} on fewer), shared out over the steps by the error of their first "
-                          f"estimate, or stopped at {adaptive.DENSE_EVALS} evaluations below {DENSE_REL:g} of their "
-                          f"change")
+                          f"estimate and grown up to {adaptive.DENSE_EVALS} where not expected to beat the "
+                          f"{adaptive.DENSE_EVALS}-point midpoint rule, or stopped at {adaptive.DENSE_EVALS} "
+                          f"evaluations below {DENSE_REL:g} of their change")
         if self.capped:
             causes.append(f"{self.capped} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
             if self.float64 and self.casts_hint:
@@ -239,6 +254,20 @@ def _casts_hint(engine: Any) -> str:
             "rounding (about 1e-7) makes the integrand noisy; explaind evaluates the casts it intercepts (Tensor.to, "
             ".float(), dtype= arguments) in the replay dtype unless casts='as_written', so look for others "
             "(docs/guide_own_model.md, 'Layers and models beyond the built-in ones')")
+
+
+def _warn_fixed(plans: list[NodePlan], rule: str, n: int, tol: float, ends: list[tuple[Tensor, Tensor]]) -> None:
+    """One loud warning where a fixed rule's estimates (known) miss their steps' changes by more than ``tol``."""
+    g_a, g_b = (torch.stack(v) for v in zip(*ends))
+    above, worst = _above(torch.stack([p.estimate for p in plans]), torch.stack([p.exact for p in plans]), g_a, g_b,
+                          tol)
+    if not bool(above.any()):
+        return
+    warnings.warn(
+        f"quadrature={rule!r} with {n} nodes left {int(above.sum())} of {above.numel()} (step, input) pairs above "
+        f"tol={tol:g} of their change, with relative error up to {worst:.2g} (the path crosses activation kinks or "
+        f"curves more than {n} nodes resolve). The error left is reported as quadrature_error (never hidden). For a "
+        f"smaller error use quadrature='adaptive' (error-controlled) or more nodes.", ExplaindWarning, stacklevel=3)
 
 
 def _fixed_group(engine: Any, stack: StepStack | None, begins: list[Tensor], ends: list[Tensor], rule: str,
