@@ -13,7 +13,9 @@ instead of two of each (docs/recording.md, "Recording overhead"). In memory, whe
 kept anyway, it runs on a worker thread in step order. A dense store's copy of the optimizer state
 (on the CPU) is made by a :class:`~explaind.trajectory._background.StateCopier` thread while the
 loop computes the next step's gradients; the next ``optimizer.step()`` waits for it (a step
-pre-hook), and so does the writer before writing it.
+pre-hook), and so does the writer before writing it. A state tensor whose bytes equal the audit's
+momentum of its parameter (SGD's momentum buffer) is not copied: the audit's tensor is stored
+(:mod:`~explaind.trajectory._state_share`).
 """
 
 from __future__ import annotations
