@@ -90,6 +90,23 @@ def mlp(d=3, o=2, hidden=5, dtype=torch.float64, seed=0):
     return nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, o)).to(dtype)
 
 
+def classifier_setup(optimizer, options, dtype):
+    """``(model, optimizer, X, y)``: a 6-16-3 tanh MLP in ``dtype``, 40 samples of 3 classes, the optimizer."""
+    X, y = classification_data(n=40, d=6, classes=3, dtype=dtype, seed=3)
+    model = mlp(d=6, o=3, hidden=16, dtype=dtype, seed=5)
+    return model, optimizer(model.parameters(), **options), X, y
+
+
+def classifier_step(model, opt, X, y, s, rec=None, size=8, seed=100):
+    """Training step ``s`` of a cross-entropy classifier on ``size`` samples drawn from seed ``seed + s``."""
+    idx = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(seed + s))[:size]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+    if rec is not None:
+        rec.log_batch(idx)
+    opt.step()
+
+
 def batches(n, size, seed=0):
     """Shuffled index batches covering ``range(n)`` (the last one may be smaller)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

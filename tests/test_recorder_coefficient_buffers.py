@@ -13,8 +13,8 @@ import threading
 import numpy as np
 import pytest
 import torch
+from _recording_helpers import classifier_setup, classifier_step
 from explaind_optimizers.adam import preconditioner
-from torch import nn
 
 import explaind
 from explaind.exceptions import TrajectoryError
@@ -30,23 +30,11 @@ VARIANTS = {
 }
 
 
-def _setup(variant: str, dtype: torch.dtype):
-    gen = torch.Generator().manual_seed(3)
-    X = torch.randn(40, 6, generator=gen, dtype=dtype)
-    y = torch.randint(0, 3, (40,), generator=gen)
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
-    cls, kwargs = VARIANTS[variant]
-    return model, cls(model.parameters(), **kwargs), X, y
+def _setup(name: str, dtype: torch.dtype):
+    return classifier_setup(*VARIANTS[name], dtype)
 
 
-def _step(model, opt, X, y, s, rec=None):
-    idx = torch.randperm(40, generator=torch.Generator().manual_seed(100 + s))[:8]
-    opt.zero_grad()
-    nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-    if rec is not None:
-        rec.log_batch(idx)
-    opt.step()
+_step = classifier_step
 
 
 def _loop_reference(variant: str, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:

@@ -30,7 +30,7 @@ from ..exceptions import TrajectoryError
 from ._common import ModelHook
 from ._random import draws_masks
 
-__all__ = ["GradientTap", "AutocastProbe", "has_stochastic_layers", "is_power_of_two"]
+__all__ = ["GradientTap", "AutocastProbe", "has_stochastic_layers", "is_power_of_two", "same_bytes"]
 
 
 def is_power_of_two(c: float) -> bool:
@@ -65,7 +65,7 @@ def _memcmp() -> Any:
     return fn
 
 
-def _same_bytes(a: Tensor, b: Tensor) -> bool:
+def same_bytes(a: Tensor, b: Tensor) -> bool:
     """Whether two contiguous CPU tensors of one dtype and shape hold the same bytes (``memcmp``, no temporaries)."""
     memcmp = _memcmp()
     if memcmp is None or not (a.is_contiguous() and b.is_contiguous()):
@@ -84,7 +84,7 @@ def _same(a: Tensor, b: Tensor) -> bool:
     if a.dtype != b.dtype or a.device != b.device or a.shape != b.shape:
         return False
     cpu = a.device.type == "cpu" and not (a.is_neg() or b.is_neg())
-    if cpu and _same_bytes(a, b):
+    if cpu and same_bytes(a, b):
         return True
     if cpu and a.dtype in _NUMPY_EQUAL:
         return bool(np.array_equal(a.detach().numpy(), b.detach().numpy()))

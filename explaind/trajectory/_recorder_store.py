@@ -13,7 +13,9 @@ instead of two of each (docs/recording.md, "Recording overhead"). In memory, whe
 kept anyway, it runs on a worker thread in step order. A dense store's copy of the optimizer state
 (on the CPU) is made by a :class:`~explaind.trajectory._background.StateCopier` thread while the
 loop computes the next step's gradients; the next ``optimizer.step()`` waits for it (a step
-pre-hook), and so does the writer before writing it.
+pre-hook), and so does the writer before writing it. A state tensor whose bytes equal the audit's
+momentum of its parameter (SGD's momentum buffer) is not copied: the audit's tensor is stored
+(:mod:`~explaind.trajectory._state_share`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from ._random import pack_micro_batches
 from ._recorder_resume import RecorderResumeMixin
 from ._setup import setup_error
 from ._sparse import SparseLayout, StepReplay, group_snapshot, state_bytes, validate_checkpoint_every
+from ._state_share import StateCopy, momentum_by_state_index
 from .disk import DiskTrajectory
 from .fingerprint import data_fingerprint
 from .manifest import StepRecord
@@ -238,11 +241,11 @@ class RecorderStoreMixin(RecorderResumeMixin):
             logger.exception("The background audit failed while handling another error.")
 
     @staticmethod
-    def _prepare(audit: AuditResult | None, *copied: Future | None) -> Prepare | None:
+    def _prepare(audit: AuditResult | None, *copied: Future | None, share: StateCopy | None = None) -> Prepare | None:
         """What the writer runs before writing a step: the audit value into the record, its momentum into the state.
 
         ``copied``: the optimizer state's copy and the deferred coefficients on the :class:`StateCopier`,
-        waited for first (their errors are the step's).
+        waited for first (their errors are the step's); ``share``: that copy, whose placeholders it resolves.
         """
         waits = [f for f in copied if f is not None]
         if audit is None and not waits:
@@ -251,6 +254,8 @@ class RecorderStoreMixin(RecorderResumeMixin):
         def prepare(record: StepRecord, state: Any) -> tuple[StepRecord, Any]:
             for future in waits:
                 future.result()
+            if share is not None and state is not None:
+                state = (share.resolve(state[0]), state[1])
             if audit is None:
                 return record, state
             record = record.model_copy(update={"audit": audit_value(audit.value)})
@@ -299,11 +304,13 @@ class RecorderStoreMixin(RecorderResumeMixin):
 
     def _release(self, state: Any, theta: Handoff | None, coefs: dict[str, Tensor] | None = None) -> Any:
         """What the writer runs once a step is written: the optimizer state's and the coefficients' buffers are
-        free, theta's read."""
+        free, theta's read (``state``: the encoded state of pool copies, or its :class:`StateCopy`)."""
         pool = self._pool
 
         def done() -> None:
-            if state is not None:
+            if isinstance(state, StateCopy):
+                state.release()
+            elif state is not None:
                 pool.release("state.", state[0])
             if coefs:
                 pool.release(PREFIX, coefs)
@@ -363,29 +370,27 @@ class RecorderStoreMixin(RecorderResumeMixin):
         """
         return encode_optimizer_state(self.optimizer.state_dict(), copy=lambda k, v: self._pool.copy("state." + k, v))
 
-    def _optimizer_state_async(self) -> tuple[tuple[dict[str, Tensor], dict[str, str]], Future | None]:
+    def _optimizer_state_async(self, audit: AuditResult | None) -> tuple[Any, list[Future], StateCopy]:
         """:meth:`_optimizer_state` with the CPU tensors copied on the :class:`StateCopier` thread.
 
-        Returns the state (its CPU tensors: pool buffers being filled) and the copy's future
-        (``None`` when nothing is copied there). Hyperparameters and the state's structure are
-        read here, on the loop's thread; the next ``optimizer.step()`` waits for the copy
-        (:meth:`_await_state_copy`, registered as a step pre-hook with the first copy).
+        Returns the state (its CPU tensors: pool buffers being filled, or placeholders for the
+        audit's momentum), the futures of the copier's jobs (none when nothing is copied there) and the
+        :class:`~explaind.trajectory._state_share.StateCopy` (state tensors equal to ``audit``'s momentum
+        are stored from it, not copied). Hyperparameters and the state's structure are read here, on the
+        loop's thread; the next ``optimizer.step()`` waits for the copy (:meth:`_await_state_copy`,
+        registered as a step pre-hook with the first copy).
         """
-        pairs: list[tuple[Tensor, Tensor]] = []
-
-        def take(key: str, value: Tensor) -> Tensor:
-            value = value.detach()
-            if value.device.type != "cpu":  # another device: copied here, in the device's stream order
-                return self._pool.copy("state." + key, value)
-            buf = self._pool.buffer("state." + key, value)
-            pairs.append((buf, value))
-            return buf
-
-        state = encode_optimizer_state(self.optimizer.state_dict(), copy=take)
-        if not pairs:
-            return state, None
-        self._hold_next_step()
-        return state, self._copier.submit(pairs)
+        names = {id(p): n for n, p in self._params.items()}
+        momentum = {} if audit is None else momentum_by_state_index(self.optimizer, names, audit.momentum)
+        copy = StateCopy(self._pool, momentum)
+        state = encode_optimizer_state(self.optimizer.state_dict(), copy=copy.take)
+        compare = copy.compare()
+        futures = ([self._copier.submit(copy.pairs)] if copy.pairs else []) + (
+            [self._copier.run([compare])] if compare is not None else [])
+        if futures:
+            self._hold_next_step()
+            copy.started(futures)
+        return state, futures, copy
 
     def _hold_next_step(self) -> None:
         """Make the next ``optimizer.step()`` wait for the :class:`StateCopier` (a step pre-hook, registered once)."""
@@ -407,10 +412,11 @@ class RecorderStoreMixin(RecorderResumeMixin):
             return
         tensors: dict[str, Tensor] = {f"param.{n}": t for n, t in theta_next.items()}
         tensors.update(self._dense_tensors(st, updates, buffers) if dense is None else dense)
-        state, copied = self._optimizer_state_async() if self._state_due(record.step) else (None, None)
+        due = self._state_due(record.step)
+        state, copied, copy = self._optimizer_state_async(audit) if due else (None, [], None)
         filled = self._fill_coefficients()
-        self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, copied, filled),
-                                done=self._release(state, self._theta_handoff,
+        self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, *copied, filled, share=copy),
+                                done=self._release(copy, self._theta_handoff,
                                                    None if self._coefs is None else self._coefs.take()),
                                 held_bytes=self._momentum_bytes(record.step))
 
