@@ -57,13 +57,20 @@ def _add_size(parser: argparse.ArgumentParser, default: str) -> None:
     group.add_argument("--tiny", dest="size", action="store_const", const="tiny", help="same as --size tiny")
 
 
-def _add_quadrature(parser: argparse.ArgumentParser, default: str | None, nodes: int | None) -> None:
-    chosen = default or "adaptive within --max-evals, else gauss-legendre 4 or 2"
-    parser.add_argument("--quadrature", default=default,
+def _add_quadrature(parser: argparse.ArgumentParser, chosen: str) -> None:
+    parser.add_argument("--quadrature", default=None,
                         help=f"adaptive, gauss-legendre, midpoint or left (default: {chosen})")
-    parser.add_argument("--nodes", type=int, default=nodes,
-                        help="nodes per step of a fixed rule (per panel for adaptive)"
-                        + (f" (default: {nodes})" if nodes else ""))
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="nodes per step of a fixed rule (per panel for adaptive)")
+
+
+def _add_scores_rule(parser: argparse.ArgumentParser) -> None:
+    """``--quadrature``, ``--nodes`` and ``--tol`` of the commands that compute influence scores."""
+    from .studies.fidelity import SCORES_RULE, SCORES_TOL
+
+    _add_quadrature(parser, f"adaptive with {SCORES_RULE.nodes}-node panels")
+    parser.add_argument("--tol", type=float, default=None, metavar="TOL",
+                        help=f"relative error per step and input of the adaptive rule (default: {SCORES_TOL:g})")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replicate", help="fidelity of the kernel replica of a stored run (--table: Table 1)")
     p.add_argument("run", nargs="?", help="run folder; without it, --table trains the three reference setups")
     p.add_argument("--table", action="store_true", help="compare every quadrature rule (the fidelity table)")
-    _add_quadrature(p, None, None)
+    _add_quadrature(p, "adaptive within --max-evals, else gauss-legendre 4 or 2")
     p.add_argument("--n-test", type=int, default=None,
                    help="validation inputs to compare on (default: 64, 32 with --table)")
     p.add_argument("--steps", default=None, metavar="START:STOP",
@@ -134,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="output folder: attribution.safetensors + attribution.json + scores.csv")
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
-    _add_quadrature(p, "gauss-legendre", 2)
+    _add_scores_rule(p)
     _add_device(p)
     cli_launch.add_nproc(p)
     _common(p, suppress=True)
@@ -170,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "when it exists)")
     p.add_argument("--data-steps", default="32", metavar="N",
                    help="split the first N steps over training samples in the data view, or 'all' (default: 32)")
-    _add_quadrature(p, "gauss-legendre", 2)
+    _add_scores_rule(p)
     _add_device(p)
     _common(p, suppress=True)
 

@@ -197,7 +197,8 @@ def cmd_influence(args: argparse.Namespace, out: Any) -> int:
     keep = analysis.parse_keep(args.keep)
     steps = analysis.parse_steps(args.steps)
     target = analysis.check_target(args.target)
-    rule = fidelity.rule_from(args.quadrature, args.nodes)
+    rule = fidelity.scores_rule(args.quadrature, args.nodes)
+    tol = _tol(args.tol)
     run = load_run(args.run)
     n_test = min(args.n_test or N_TEST_DEFAULT, run.dataset.n_val)
     window = _window(int(run.trajectory.n_steps), steps)
@@ -205,15 +206,32 @@ def cmd_influence(args: argparse.Namespace, out: Any) -> int:
         analysis.check_csv_rows(analysis.csv_rows(run, keep, target, window, n_test), keep, n_test)
     _announce(out, "influence", rule, window, n_test)
     att = analysis.influence(run, keep=keep, target=target, steps=steps, n_test=n_test, device=args.device,
-                             quadrature=rule.quadrature, nodes=rule.nodes, progress=out.progress)
+                             quadrature=rule.quadrature, nodes=rule.nodes, tol=tol, progress=out.progress)
     written = [] if out.silent else analysis.save_attribution(att, Path(args.out), csv_file=not args.no_csv)
     summary = analysis.summarise(att)
     lines = [f"axes {summary['axes']} shape {summary['shape']}; completeness gap {summary['completeness_gap']:.3g}; "
-             f"quadrature error {summary['quadrature_error_max']:.3g} (largest per input and output, {rule.label})",
+             f"quadrature error {summary['quadrature_error_max']:.3g} (largest per input and output, "
+             f"{_rule_text(rule, tol)})",
              _shares(att.meta, rule)]
     lines += [f"wrote {p}" for p in written]
     out.result("\n".join(lines), dict(summary, files=[str(p) for p in written]))
     return 0
+
+
+def _tol(value: float | None) -> float:
+    """``--tol``: the adaptive rule's relative tolerance per step and input (default ``fidelity.SCORES_TOL``)."""
+    from .studies.fidelity import SCORES_TOL
+
+    if value is None:
+        return SCORES_TOL
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"--tol {value:g} must be a relative error between 0 and 1 (exclusive), e.g. --tol 1e-5.")
+    return float(value)
+
+
+def _rule_text(rule: Any, tol: float) -> str:
+    """The rule as said to the user: ``adaptive-2, tol 0.0001`` or ``gauss-legendre-4``."""
+    return f"{rule.label}, tol {tol:g}" if rule.quadrature == "adaptive" else rule.label
 
 
 def _shares(meta: dict[str, Any], rule: Any) -> str:
@@ -223,8 +241,9 @@ def _shares(meta: dict[str, Any], rule: Any) -> str:
     tol = InfluenceConfig.model_fields["residual_tol"].default
     parts = [f"{name} share {100 * meta[key]:.3g}%" for name, key in (("quadrature error", "quadrature_share"),
                                                                        ("residual", "residual_share")) if key in meta]
-    fix = (f"; above {100 * tol:g}%: more --nodes or --quadrature adaptive shrink the quadrature error, at a higher "
-           f"cost"
+    shrink = ("a smaller --tol shrinks" if rule.quadrature == "adaptive" else
+              "more --nodes or --quadrature adaptive shrink")
+    fix = (f"; above {100 * tol:g}%: {shrink} the quadrature error, at a higher cost"
            if meta.get("quadrature_share", 0.0) > tol and rule.quadrature != "left" else "")
     return f"of the explained change g(theta_stop) - g(theta_start): {', '.join(parts) or 'not measured'}{fix}"
 
@@ -278,11 +297,12 @@ def cmd_report(args: argparse.Namespace, out: Any) -> int:
     from .studies.runs import load_run
 
     _positive(args.n_test, "--n-test")
-    rule = fidelity.rule_from(args.quadrature, args.nodes)
+    rule = fidelity.scores_rule(args.quadrature, args.nodes)
     data_steps = _data_steps(args.data_steps)
     run = load_run(args.run)
     target = Path(args.out) if args.out else Path(args.run) / "report"
-    options = ReportOptions(quadrature=rule.quadrature, nodes=rule.nodes, device=args.device, data_steps=data_steps)
+    options = ReportOptions(quadrature=rule.quadrature, nodes=rule.nodes, tol=_tol(args.tol), device=args.device,
+                            data_steps=data_steps)
     n_steps = int(run.trajectory.n_steps)
     _announce(out, "report, step x group view", rule, n_steps, min(options.n_test if args.n_test is None
                                                                     else args.n_test, run.dataset.n_val))

@@ -17,6 +17,7 @@ import json
 import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -96,35 +97,86 @@ def test_replicate_table_says_when_a_rule_fits_alone_but_not_after_the_others(gr
     assert "skipped midpoint-100: 40,000 evaluations exceed --max-evals 8,000" in out
 
 
-def test_influence_defaults_to_a_two_node_rule_with_its_error_reported(grok, tmp_path, capsys):
+def _main_warned(argv: list[str]) -> list[str]:
+    """Run the command line on ``argv`` (exit code 0) and return the explaind warnings it gave (on stderr outside
+    pytest, where pytest records them)."""
+    from explaind.exceptions import ExplaindWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    return [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
+
+
+def _left_out_share(out_dir: Path) -> float:
+    """The share of the explained change the saved scores do not hold, from the saved terms alone."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(out_dir / "attribution.safetensors"))
+    parts = sum(t[k].reshape(t[k].shape[0], -1, t[k].shape[-1]).sum(1)
+                for k in ("values", "regularization", "residual") + (("buffers",) if "buffers" in t else ()))
+    change = t["final"] - t["initial"]
+    return float((change - parts).abs().sum() / change.abs().sum())
+
+
+def test_influence_defaults_to_the_adaptive_rule_under_the_warning_threshold(grok, tmp_path, capsys):
     out_dir = grok / "scores"
     assert documented("influence", grok) == ["influence", str(grok), "--keep", "step,group", "--out", str(out_dir)]
-    assert main(documented("influence", grok)) == 0
+    assert _main_warned(documented("influence", grok)) == []
     captured = capsys.readouterr()
-    assert f"influence: gauss-legendre-2 over {STEPS} steps x 20 inputs = {2 * STEPS * 20:,}" in captured.err
-    assert "quadrature error" in captured.out and "gauss-legendre-2" in captured.out
-    # the parts of the explained change the scores leave out, as shares (also in attribution.json's meta)
+    nodes = fidelity.SCORES_RULE.nodes
+    cost = f"influence: adaptive-{nodes} over {STEPS} steps x 20 inputs = at least {nodes * STEPS * 20:,}"
+    assert cost in captured.err
+    assert "above 0.1%" not in captured.out
+    assert f"adaptive-{nodes}, tol {fidelity.SCORES_TOL:g})" in captured.out
+    # the share printed (and stored in attribution.json) is what the saved scores leave out of the change
     meta = json.loads((out_dir / "attribution.json").read_text())["meta"]
-    share = f"quadrature error share {100 * meta['quadrature_share']:.3g}%, residual share"
-    assert share in captured.out
-    assert ("more --nodes or --quadrature adaptive" in captured.out) == (meta["quadrature_share"] > 1e-3)
+    assert meta["quadrature"] == "adaptive" and meta["nodes"] == nodes and meta["tol"] == fidelity.SCORES_TOL
+    assert f"quadrature error share {100 * meta['quadrature_share']:.3g}%, residual share" in captured.out
+    left_out = _left_out_share(out_dir)
+    assert left_out == pytest.approx(meta["quadrature_share"], rel=1e-6, abs=1e-12)
+    assert meta["quadrature_share"] < 1e-3
+    # a path that is not smooth: the adaptive rule refined some steps beyond its first 2-node estimate
+    assert max(meta["evals_per_step"]) > nodes
     assert (out_dir / "scores.csv").exists()
     assert main(["-q", "--json", "influence", str(grok), "--out", str(tmp_path / "json")]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["meta"]["quadrature"] == "gauss-legendre" and summary["meta"]["nodes"] == 2
+    assert summary["meta"]["quadrature"] == "adaptive" and summary["meta"]["nodes"] == nodes
     assert summary["completeness_gap"] < 1e-9
-    assert summary["quadrature_error_max"] >= 0.0
+
+
+def test_influence_with_a_coarse_rule_forced_still_warns(grok, tmp_path, capsys):
+    out_dir = tmp_path / "coarse"
+    argv = [*documented("influence", grok)[:-2], "--out", str(out_dir), "--quadrature", "gauss-legendre", "--nodes",
+            "1"]
+    (warned,) = _main_warned(argv)
+    captured = capsys.readouterr()
+    meta = json.loads((out_dir / "attribution.json").read_text())["meta"]
+    assert meta["quadrature_share"] > 1e-3
+    assert _left_out_share(out_dir) == pytest.approx(meta["quadrature_share"], rel=1e-6)
+    assert warned.startswith(f"InfluenceEstimator: quadrature error share {meta['quadrature_share']:.3g} > 0.001 "
+                             f"with quadrature='gauss-legendre'") and "more nodes" in warned
+    assert "above 0.1%: more --nodes or --quadrature adaptive shrink the quadrature error" in captured.out
+    # the adaptive rule with a loose --tol (1-node panels whose first estimate passes it) warns too, naming --tol
+    (warned,) = _main_warned([*argv[:-4], "--tol", "0.5", "--nodes", "1"])
+    captured = capsys.readouterr()
+    assert json.loads((out_dir / "attribution.json").read_text())["meta"]["quadrature_share"] > 1e-3
+    assert "with quadrature='adaptive'" in warned and "Use a smaller tol" in warned
+    assert "above 0.1%: a smaller --tol shrinks the quadrature error" in captured.out
+    assert main(["-q", *argv[:-4], "--tol", "0"]) == 2
+    assert "--tol 0 must be a relative error between 0 and 1" in capsys.readouterr().err
 
 
 def test_report_covers_a_prefix_of_the_run_in_its_data_view(grok, capsys):
     assert documented("report", grok) == ["report", str(grok)]
-    assert main([*documented("report", grok), "--data-steps", "12"]) == 0  # 12 < STEPS: a prefix
+    # 12 < STEPS: a prefix; neither view's quadrature share is above the threshold
+    assert _main_warned([*documented("report", grok), "--data-steps", "12"]) == []
     captured = capsys.readouterr()
-    assert "report, data view: gauss-legendre-2 over 12 steps" in captured.err
+    assert "report, data view: adaptive-2 over 12 steps" in captured.err
     # each view says its evaluations again as it starts (so do the demo and the grokking study, which call it too)
-    assert (f"step x group influence on 20 validation inputs (gauss-legendre-2: {STEPS * 20 * 2:,} path-gradient "
+    assert (f"step x group influence on 20 validation inputs (adaptive-2: at least {STEPS * 20 * 2:,} path-gradient "
             f"evaluations)") in captured.err
-    assert f"of {STEPS} (gauss-legendre-2: {12 * 20 * 2:,} path-gradient evaluations)" in captured.err
+    assert f"of {STEPS} (adaptive-2: at least {12 * 20 * 2:,} path-gradient evaluations)" in captured.err
     scores = json.loads((grok / "report" / "scores.json").read_text())
     assert scores["data_view"]["data_steps"] == [0, 12]
     assert all(s < 12 for s in scores["data_view"]["kernel_steps"])

@@ -143,8 +143,9 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str) -> 
     share = float(err.sum() / (att.final - att.initial).abs().sum().clamp_min(torch.finfo(err.dtype).tiny))
     att.meta["quadrature_share"] = share
     if share > tol and rule != "left":
+        fix = "a smaller tol" if rule == "adaptive" else "quadrature='adaptive' or more nodes"
         warnings.warn(f"{owner}: quadrature error share {share:.3g} > {tol:g} with quadrature={rule!r}: the path "
                       f"integrals miss {100 * share:.3g}% of the explained change (it is kept in quadrature_error, "
-                      f"so completeness holds, but the scores do not include it). Use quadrature='adaptive' or "
-                      f"more nodes.", ExplaindWarning, stacklevel=3)
+                      f"so completeness holds, but the scores do not include it). Use {fix}.", ExplaindWarning,
+                      stacklevel=3)
     return share

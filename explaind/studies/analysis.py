@@ -113,9 +113,12 @@ def _validation(run: Any, n_test: int | None) -> tuple[torch.Tensor, torch.Tenso
 
 def influence(run: Any, *, keep: Sequence[str] = ("step", "group"), target: str = "label",
               steps: tuple[int, int | None] | None = None, n_test: int | None = None, device: str = "cpu",
-              quadrature: str = "adaptive", nodes: int | None = None, memory_budget: str = "2GB",
+              quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, memory_budget: str = "2GB",
               chunk_size: int | None = 256, dtype: str = "float64", progress: bool = False) -> Any:
     """Influence scores of a run on (the first ``n_test`` inputs of) its validation set.
+
+    ``quadrature``, ``nodes`` and ``tol`` are the path-integral rule of :class:`~explaind.InfluenceEstimator`
+    (``tol``: the adaptive rule's relative tolerance per step and input).
 
     Returns
     -------
@@ -127,7 +130,7 @@ def influence(run: Any, *, keep: Sequence[str] = ("step", "group"), target: str 
     X, y = _validation(run, n_test)
     tgt = resolve_target(target, run.final_model(), X, y)
     est = explaind.InfluenceEstimator(keep=tuple(keep), target=tgt, steps=steps, device=device,
-                                      quadrature=quadrature, nodes=nodes, memory_budget=memory_budget,
+                                      quadrature=quadrature, nodes=nodes, tol=tol, memory_budget=memory_budget,
                                       chunk_size=chunk_size, dtype=dtype, progress=progress)
     return est.fit(run.trajectory).transform(X, y if target == "loss" else None)
 

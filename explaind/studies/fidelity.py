@@ -24,7 +24,7 @@ from ..exceptions import ConfigError
 
 __all__ = ["format_table", "Rule", "all_rules", "rule_from", "run_fidelity", "reference_setups", "reference_table",
            "TABLE_COLUMNS", "estimated_evals", "evals_text", "affordable_rules", "TABLE_MAX_EVALS", "DEFAULT_RULES",
-           "default_rule"]
+           "default_rule", "SCORES_RULE", "SCORES_TOL", "scores_rule"]
 
 TABLE_COLUMNS = ["setup", "rule", "evals/step", "argmax agreement", "KL", "max rel error", "seconds"]
 _QUADRATURES = ("adaptive", "gauss-legendre", "midpoint", "left")
@@ -58,12 +58,15 @@ def estimated_evals(rule: Rule, n_steps: int, n_test: int) -> int:
     """Path-gradient evaluations of ``rule`` over ``n_steps`` steps and ``n_test`` inputs.
 
     Exact for the fixed rules; a lower bound for ``adaptive``, whose refinement depends on the
-    path (the early steps of a run with a large learning rate can take hundreds per step).
+    path (the early steps of a run with a large learning rate can take hundreds per step): its
+    first estimate, ``nodes`` per step and input, when the panel nodes are given.
     """
     from ..kernel.quadrature import DEFAULT_NODES
 
-    per_step = _ADAPTIVE_MIN_EVALS if rule.quadrature == "adaptive" else (
-        rule.nodes if rule.nodes is not None else DEFAULT_NODES[rule.quadrature])
+    if rule.quadrature == "adaptive":  # with its panel nodes given: its first estimate, which every unit makes
+        per_step = _ADAPTIVE_MIN_EVALS if rule.nodes is None else rule.nodes
+    else:
+        per_step = rule.nodes if rule.nodes is not None else DEFAULT_NODES[rule.quadrature]
     return int(per_step) * int(n_steps) * int(n_test)
 
 
@@ -144,6 +147,29 @@ def default_rule(n_steps: int, n_test: int,
             return rule, passed
         passed.append((rule, cost))
     return DEFAULT_RULES[-1], passed
+
+
+#: The rule of the influence scores of ``explaind influence`` and ``explaind report`` when none is chosen: the
+#: adaptive rule on 2-node Gauss–Legendre panels. A step whose 2-node estimate is within ``SCORES_TOL`` costs its
+#: 2 evaluations; a step across activation kinks is refined until it is (docs/cli.md, "explaind influence").
+SCORES_RULE = Rule("adaptive", 2)
+#: Relative tolerance per step and input of :data:`SCORES_RULE`. Steps within it leave, for one output per input,
+#: at most ``SCORES_TOL * sum_s |g(theta_{s+1}) - g(theta_s)|`` to the quadrature error, so the quadrature share
+#: stays below the warning threshold (1e-3) while the steps' changes add up to less than ten times the explained
+#: change (4.8 times on the quickstart's run); a step the rule leaves above it is warned about, and the share is
+#: measured and printed either way.
+SCORES_TOL = 1e-4
+
+
+def scores_rule(quadrature: str | None, nodes: int | None) -> Rule:
+    """The rule of the influence scores given on the command line (``None``: not given).
+
+    Without ``--quadrature``, :data:`SCORES_RULE` (``--nodes`` alone sets its panel nodes); with it,
+    the rule as given (:func:`rule_from`).
+    """
+    if quadrature is None:
+        return rule_from(SCORES_RULE.quadrature, SCORES_RULE.nodes if nodes is None else nodes)
+    return rule_from(quadrature, nodes)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

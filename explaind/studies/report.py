@@ -53,6 +53,8 @@ class ReportOptions:
         later in the run still sweeps every step before it — hence a prefix, stated on the page.
     quadrature, nodes : str, int
         Path-integral rule of the report's queries (its error is reported on the page).
+    tol : float
+        Relative tolerance per step and input of the adaptive rule.
     device : str
     memory_budget : str
         Working-memory target of the influence queries; the data view keeps (step, train) in one
@@ -72,6 +74,7 @@ class ReportOptions:
     data_steps: int | None = None
     quadrature: str = "gauss-legendre"
     nodes: int | None = 2
+    tol: float = 1e-7
     device: str = "cpu"
     memory_budget: str = "2GB"
     chunk_size: int | None = 256
@@ -215,8 +218,9 @@ def build_report(run: Any, out_dir: str | Path, *, n_test: int | None = None, de
         f"{_cost(opts, traj.n_steps, min(opts.n_test, ds.n_val))}")
     start = time.perf_counter()
     att = analysis.influence(run, keep=("step", "group"), target="label", n_test=opts.n_test, device=opts.device,
-                             quadrature=opts.quadrature, nodes=opts.nodes, memory_budget=opts.memory_budget,
-                             chunk_size=opts.chunk_size, dtype=opts.dtype, progress=progress)
+                             quadrature=opts.quadrature, nodes=opts.nodes, tol=opts.tol,
+                             memory_budget=opts.memory_budget, chunk_size=opts.chunk_size, dtype=opts.dtype,
+                             progress=progress)
     scores = analysis.step_group_scores(att)
     timings["step_group_seconds"] = round(time.perf_counter() - start, 2)
     heat = viz.step_group_heatmap(scores.steps, scores.groups, scores.influence, out / "step_group_influence.png",
@@ -278,8 +282,9 @@ def _train_scores(run: Any, X: Any, y: Any, opts: ReportOptions, progress: bool,
     import explaind
 
     est = explaind.InfluenceEstimator(keep=keep, target=[int(v) for v in y], steps=steps, device=opts.device,
-                                      quadrature=opts.quadrature, nodes=opts.nodes, memory_budget=opts.memory_budget,
-                                      chunk_size=opts.chunk_size, dtype=opts.dtype, progress=progress)
+                                      quadrature=opts.quadrature, nodes=opts.nodes, tol=opts.tol,
+                                      memory_budget=opts.memory_budget, chunk_size=opts.chunk_size,
+                                      dtype=opts.dtype, progress=progress)
     return est.fit(run.trajectory).transform(X)
 
 
