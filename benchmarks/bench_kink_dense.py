@@ -69,19 +69,18 @@ def mlp() -> nn.Module:
                          nn.Linear(256, 10))
 
 
-def record(steps: int, kind: str = "resnet"):
-    digits = load_digits()
-    X = torch.tensor(digits.data, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16
-    y = torch.tensor(digits.target)
-    torch.manual_seed(0)
-    if kind == "resnet":
-        model = ResNet().double()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    else:
-        model = mlp().double()
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits: float64 images ``(1797, 1, 8, 8)`` in [0, 1] and their labels."""
+    data = load_digits()
+    return torch.tensor(data.data, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16, torch.tensor(data.target)
+
+
+def train_recorded(model: nn.Module, opt: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor, steps: int,
+                   sched=None):
+    """``steps`` steps on 64 random images of the first 1000 under the recorder; the model (evaluation mode), run."""
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X[:1000], y[:1000]))
     gen = torch.Generator().manual_seed(0)
+    model.train()
     with rec:
         for _ in range(steps):
             idx = torch.randint(0, 1000, (64,), generator=gen)
@@ -89,7 +88,22 @@ def record(steps: int, kind: str = "resnet"):
             F.cross_entropy(model(X[idx]), y[idx]).backward()
             rec.log_batch(idx)
             opt.step()
-    return model.eval(), rec.trajectory, X[1000:]
+            if sched is not None:
+                sched.step()
+    return model.eval(), rec.trajectory
+
+
+def record(steps: int, kind: str = "resnet"):
+    X, y = digits()
+    torch.manual_seed(0)
+    if kind == "resnet":
+        model = ResNet().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        model = mlp().double()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, traj = train_recorded(model, opt, X, y, steps)
+    return model, traj, X[1000:]
 
 
 def measure(args: argparse.Namespace, label: str) -> list[str]:

@@ -34,12 +34,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kink_dense import digits, train_recorded  # noqa: E402  (the same data and training loop)
 from torch import nn
 
 import explaind
@@ -145,27 +149,14 @@ WORKLOADS = {
 
 def record(name: str, steps: int):
     """Train workload ``name`` for ``steps`` steps under the recorder; the model (evaluation mode), run, test images."""
-    digits = load_digits()
-    X = torch.tensor(digits.data, dtype=torch.float64).reshape(-1, 1, 8, 8) / 16
-    y = torch.tensor(digits.target)
+    X, y = digits()
     _, factory, make_opt, schedule = WORKLOADS[name]
     torch.manual_seed(0)
     model = factory().double()
     opt = make_opt(model.parameters())
     sched = None if schedule is None else torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X[:1000], y[:1000]))
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    with rec:
-        for _ in range(steps):
-            idx = torch.randint(0, 1000, (64,), generator=gen)
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-            if sched is not None:
-                sched.step()
-    return model.eval(), rec.trajectory, X[1000:]
+    model, traj = train_recorded(model, opt, X, y, steps, sched)
+    return model, traj, X[1000:]
 
 
 def measure(name: str, args: argparse.Namespace) -> list[str]:

@@ -72,6 +72,16 @@ def test_trainer_gpt2_replica_and_next_token_scores_are_exact(gpt2_run):
     assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
 
 
+def _assert_bert_replica(model, traj) -> dict:
+    """The replica of a recorded BERT on 3 held-out inputs (4-D mask) within 1e-6 of ``model`` in evaluation mode."""
+    test_ids, test_mask, _ = cls_data(3, seed=7)
+    X = {"input_ids": test_ids, "attention_mask": four_d_attention_mask(test_mask)}
+    with torch.no_grad():
+        truth = model.eval()(input_ids=test_ids, attention_mask=test_mask).logits
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
+    return X
+
+
 def test_trainer_bert_with_the_models_own_loss_is_exact(tmp_path):
     ids, mask, y = cls_data()
     data = IndexedDataset([{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(N_TRAIN)])
@@ -81,11 +91,7 @@ def test_trainer_bert_with_the_models_own_loss_is_exact(tmp_path):
     Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=data, callbacks=[callback]).train()
     traj = explaind.Trajectory.load(tmp_path / "run", model=tiny_bert())  # the stored run, 4-D masks included
     assert traj.n_steps == 3 and max(traj.gradient_check()) <= 1e-7
-    test_ids, test_mask, _ = cls_data(3, seed=7)
-    X = {"input_ids": test_ids, "attention_mask": four_d_attention_mask(test_mask)}
-    with torch.no_grad():
-        truth = model.eval()(input_ids=test_ids, attention_mask=test_mask).logits
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
+    X = _assert_bert_replica(model, traj)
     att = explaind.InfluenceEstimator(keep=("step",), device="cpu").fit(traj).transform(X)
     assert att.meta["residual_share"] <= 1e-9
 
@@ -187,8 +193,4 @@ def test_a_deep_copy_of_the_model_during_a_trainer_run_leaves_the_recording_exac
     assert len(snapshot.copies) == 3
     traj = callback.trajectory
     assert traj.n_steps == 3 and max(traj.gradient_check()) <= 1e-7
-    test_ids, test_mask, _ = cls_data(3, seed=7)
-    X = {"input_ids": test_ids, "attention_mask": four_d_attention_mask(test_mask)}
-    with torch.no_grad():
-        truth = model.eval()(input_ids=test_ids, attention_mask=test_mask).logits
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
+    _assert_bert_replica(model, traj)
