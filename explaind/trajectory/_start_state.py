@@ -107,19 +107,23 @@ def capture_start_state(adapter: Any, adapter_name: str, optimizer: torch.optim.
     return out
 
 
+def _problems(state: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> list[str]:
+    """What is wrong with start buffers ``state`` for ``params``: unknown names, shapes unlike the parameter's."""
+    problems = [f"{n!r} is not a trainable parameter of the run" for n in state if n not in params]
+    problems += [f"{n!r} has shape {tuple(t.shape)}, its parameter {tuple(params[n].shape)}" for n, t in state.items()
+                 if n in params and tuple(t.shape) != tuple(params[n].shape)]
+    return problems
+
+
 def check_initial_state(state: Mapping[str, Tensor] | None, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``state`` checked against the parameters: known names, their shapes (raises ``TrajectoryError``)."""
     if not state:
         return {}
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise TrajectoryError(f"initial_state names {unknown}, which are not trainable parameters of the run. Allowed: "
-                              f"{list(params)}. Fix: pass start buffers only for recorded parameters.")
-    wrong = [f"{n}: {tuple(t.shape)} (parameter {tuple(params[n].shape)})" for n, t in state.items()
-             if tuple(t.shape) != tuple(params[n].shape)]
-    if wrong:
-        raise TrajectoryError(f"initial_state buffers must be shaped like their parameters; got {'; '.join(wrong)}. "
-                              f"Fix: pass each m_-1 with its parameter's shape.")
+    problems = _problems(state, params)
+    if problems:
+        raise TrajectoryError(f"initial_state: {'; '.join(problems)}. Allowed: buffers shaped like the trainable "
+                              f"parameters {list(params)}. Fix: pass m_-1 only for recorded parameters, each with its "
+                              f"parameter's shape.")
     return dict(state)
 
 
@@ -137,7 +141,8 @@ def start_state_from_tensors(tensors: Mapping[str, Tensor], params: Mapping[str,
             raise TrajectoryError(f"Trajectory file {where} holds the tensor {key!r}; a start-state file holds only "
                                   f"'{PREFIX}<parameter>' tensors. The store is corrupted; re-record the run.")
         state[key[len(PREFIX):]] = t
-    try:
-        return check_initial_state(state, params)
-    except TrajectoryError as exc:
-        raise TrajectoryError(f"Trajectory file {where}: {exc} The store is corrupted; re-record the run.") from None
+    problems = _problems(state, params)
+    if problems:
+        raise TrajectoryError(f"Trajectory file {where} does not hold start buffers of this run's parameters: "
+                              f"{'; '.join(problems)}. The store is corrupted; re-record the run.")
+    return state
