@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _start_state_kit import BATCH, OPTIMIZERS, carried_part, data, mlp, step, train
+from _start_state_kit import BATCH, OPTIMIZERS, batches, carried_part, data, mlp, step, train
 from reference import Reference, rel_err
 
 import explaind
@@ -109,3 +109,31 @@ def test_an_adapter_without_start_state_is_refused_naming_the_fix(monkeypatch):
     with pytest.raises(ConfigError, match=r"already holds SGD state for 4 parameter\(s\).*adapter 'sgd' has no "
                                           r"start_state\(\).*Fix: record from a fresh optimizer"):
         train("sgd", recorded=1)
+
+
+VARIANTS = {
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True),
+    "sgd-dampening": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, dampening=0.3),
+    "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
+    "adamw-maximize": lambda p: torch.optim.AdamW(p, lr=0.01, maximize=True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_optimizer_variants_started_from_state_audit_and_decompose_at_rounding_level(variant):
+    """Nesterov (``q = mu``), dampening, AMSGrad's running maximum and ``maximize``: the modelled updates from
+    ``m_-1`` match torch's (audit) and the residual share stays at rounding level, with a real initial-state part."""
+    X, y, Xt = data()
+    model = mlp()
+    opt = VARIANTS[variant](model.parameters())
+    plan = batches(7)
+    for idx in plan[:3]:
+        step(model, opt, X, y, idx)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    with rec:
+        for idx in plan[3:]:
+            step(model, opt, X, y, idx, rec)
+    assert max(rec.trajectory.audit()) <= 1e-13
+    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(rec.trajectory).transform(Xt)
+    assert att.meta["residual_share"] <= 1e-9 and att.completeness_error() <= 1e-12
+    assert att.initial_state.abs().sum() >= 1e-2 * (att.final - att.initial).abs().sum()
