@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from explaind.kernel.attribution import Attribution
 from explaind.trajectory import Trajectory
 from explaind.trajectory._checksum import checksum
 
@@ -40,6 +41,8 @@ def test_the_start_state_round_trips_through_the_store(tmp_path):
     assert all(torch.equal(loaded.initial_state()[n], memory.initial_state()[n]) for n in memory.initial_state())
     a, b = _decompose(memory), _decompose(loaded)
     assert rel_err(b.initial_state, a.initial_state) <= 1e-12 and b.meta["residual_share"] <= 1e-9
+    saved = Attribution.load(b.save(tmp_path / "att"))  # the term travels with a saved attribution
+    assert torch.equal(saved.initial_state, b.initial_state) and torch.equal(saved.total(), b.total())
 
 
 def test_a_fresh_optimizer_writes_no_start_state_file(tmp_path):
