@@ -107,7 +107,8 @@ class InfluenceEstimator(PathEstimator):
         ``(position, token)`` of token logits), or the per-sample loss of ``(f(x), y)`` (``O = 1``;
         ``transform`` needs ``y``; for ``loss="causal_lm"`` the next-token loss of each input).
     split : bool
-        Split every update into its data (kernel), regularization and residual parts (default).
+        Split every update into its data (kernel), regularization and residual parts (default), and, for a
+        run recorded from an optimizer that held momentum, the part it carries (``initial_state``).
         ``False``: ``values`` hold each step's whole update :math:`\varphi_s(x)\Delta\theta_s` on the kept
         axes and ``regularization``/``residual`` are zero; only the recorded parameters are read
         (no training data, no optimizer coefficients), and ``"train"`` cannot be kept.
