@@ -30,7 +30,7 @@ from torch import Tensor, nn
 import explaind
 from explaind.exceptions import ExplaindWarning
 
-__all__ = ["DT", "QUAD", "data", "seeded", "train", "measure", "assert_exact"]
+__all__ = ["DT", "QUAD", "data", "seeded", "train", "measure", "assert_exact", "run_exact"]
 
 DT = torch.float64
 #: The error-controlled rule, tight enough that the kinks of an untuned ReLU run leave no quadrature error.
@@ -129,3 +129,14 @@ def assert_exact(got: dict[str, float]) -> None:
     if "buffers_vs_reference" in got:
         assert got["buffers_vs_reference"] <= 1e-12, got
 
+
+
+def run_exact(build: Callable[[], nn.Module], opt: str, X: Any, y: Tensor, *, n_train: int = 12,
+              buffers: bool = False, logits: Callable[[Any], Tensor] = lambda out: out, order: int = 8,
+              panels: int = 2, **recorder: Any) -> dict[str, float]:
+    """Build (seeded), train on the first ``n_train`` samples, measure on the rest and :func:`assert_exact`."""
+    model = seeded(build)
+    traj, copies = train(model, opt, X[:n_train], y[:n_train], logits=logits, **recorder)
+    got = measure(model, traj, copies, X[n_train:], buffers=buffers, logits=logits, order=order, panels=panels)
+    assert_exact(got)
+    return got
