@@ -41,7 +41,8 @@ from torch.func import functional_call
 __all__ = ["Reference", "rel_err"]
 
 AXES = ("step", "param", "train")
-_KINK_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU)  # ELUs: kink at 0 (alpha != 1)
+#: ELUs: kink at 0 (alpha != 1); PReLU: kink at 0
+_KINK_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.PReLU)
 
 
 def _candidate_gaps(module: nn.Module, inp: tuple) -> Tensor:

@@ -109,9 +109,8 @@ def test_transformer_decoder_with_a_causal_mask_is_exact():
 def test_multihead_attention_dropout_is_captured_by_default_and_exact(kw):
     """Its dropout is drawn inside ``F.multi_head_attention_forward``: ``capture_random="auto"`` now sees it
     (before: the gradient check refused step 0, naming capture_random=True)."""
-    model = seeded(lambda: Attention(**kw))
-    assert explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                       loss="cross_entropy")._random.enabled
+    traj, _ = train(seeded(lambda: Attention(**kw)), "sgd", X[:12], Y[:12], steps=1)
+    assert traj.manifest.coupled == ["att"]
     run_exact(lambda: Attention(**kw), "sgd", X, Y)
 
 
