@@ -11,8 +11,8 @@ gradients of its samples, hence the split of every step over samples, would be o
 :class:`HostDrawGuard` is a pair of forward hooks on the root module: before every training forward with
 gradients it takes a fingerprint of those states, after the forward it compares; a changed state raises a
 :class:`~explaind.exceptions.TrajectoryError` naming the source and the fix (draw with torch), at the forward
-that drew. The fingerprint copies the numpy Mersenne Twister key (2.5 KB) and Python's state tuple: a few
-microseconds per forward.
+that drew. The fingerprint copies the numpy Mersenne Twister key (2.5 KB) and Python's state tuple per training
+forward.
 """
 
 from __future__ import annotations
