@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import explaind
-from explaind.exceptions import ExplaindWarning
+from explaind.exceptions import ExplaindWarning, UnsupportedModelError
 from explaind.kernel.rewrites import _embedding_bag
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -181,6 +181,15 @@ def test_embedding_bags_plain_form_equals_torchs_kernel():
     psw = torch.rand(3, 5, generator=gen, dtype=torch.float64)
     got = _embedding_bag(rows, weight, mode="sum", per_sample_weights=psw)
     assert torch.allclose(got, F.embedding_bag(rows, weight, mode="sum", per_sample_weights=psw), rtol=0, atol=1e-13)
+
+
+def test_embedding_bag_with_max_norm_is_refused_by_the_recorder_before_its_table_changes():
+    """``max_norm`` renormalises the looked-up rows of the table in place at every forward."""
+    model = seeded(lambda: Bags("mean"))
+    model.bag.max_norm = 1.0
+    with pytest.raises(UnsupportedModelError, match=r"the embeddings \['bag \(max_norm=1.0\)'\].*nn.EmbeddingBag with "
+                                                    r"max_norm=None"):
+        explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), loss="cross_entropy")
 
 
 @pytest.mark.parametrize("map", ["matrix_exp", "cayley", "householder"])
