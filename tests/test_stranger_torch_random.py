@@ -95,6 +95,12 @@ def test_stochastic_depth_drawn_outside_torch_is_refused_at_the_forward_naming_t
         train(model, "sgd", X[:12], Y[:12], capture_random=True, check_gradients=check)
 
 
+def test_capture_random_false_switches_the_guard_off_and_the_gradient_check_still_fails():
+    """The escape hatch for draws the guard would misattribute (another thread's): nothing is replayed then."""
+    with pytest.raises(TrajectoryError, match=r"Step 0: the gradient from backward\(\) does not match"):
+        train(seeded(lambda: DropPath("numpy.random")), "sgd", X[:12], Y[:12], capture_random=False)
+
+
 def test_numpy_draws_between_the_forwards_and_in_evaluation_mode_are_not_refused():
     """A loop that shuffles with numpy, and an evaluation forward that draws, are outside the training forwards."""
     model = seeded(lambda: DropPath("torch.rand"))

@@ -321,11 +321,14 @@ class RandomCapture:
         self._handle: Any = None
         self._forwards = self._eval_forwards = 0
         self._state: RandomState | None = None
+        #: numpy and Python draws in a training forward are refused unless capture_random=False (nothing replayed)
         self.host = HostDrawGuard(model, lambda: not self.paused and torch.is_grad_enabled())
+        self._guarded = capture is not False
 
     def attach(self) -> None:
-        """Register the hook (when capturing) and the guard against numpy and Python draws (always)."""
-        self.host.attach()
+        """Register the hook (when capturing) and the guard against numpy and Python draws."""
+        if self._guarded:
+            self.host.attach()
         if self.enabled and self._handle is None:
             self._handle = self.model.register_forward_pre_hook(ModelHook(self._hook))
 
