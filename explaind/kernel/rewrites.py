@@ -1,7 +1,7 @@
 r"""Plain-operation forms of the fused torch kernels that ``torch.func`` cannot transform.
 
 explaind evaluates models under :func:`torch.func.jvp` (forward mode), and one input at a time
-under :func:`torch.func.vmap`. Two families of fused kernels break there:
+under :func:`torch.func.vmap`. These fused kernels break there:
 
 * ``torch._weight_norm`` (``torch.nn.utils.parametrizations.weight_norm`` and the older
   ``torch.nn.utils.weight_norm``) dispatches on the CPU to ``_weight_norm_interface``, which has no
@@ -114,7 +114,7 @@ def _embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,
     valid = torch.ones_like(input, dtype=torch.bool) if padding_idx is None else \
         input != (padding_idx % weight.shape[0])
     if input.dim() == 2:  # one bag per row
-        member, rows = valid, rows
+        member = valid
     else:
         n = input.shape[0]
         starts = offsets[:-1] if include_last_offset else offsets  # torch's last bag runs to the end of the input
