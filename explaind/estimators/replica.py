@@ -247,7 +247,7 @@ class KernelReplica(PathEstimator):
                               f"from.")
         drift = _rel(out, g_stop)
         bound = 1e-6 if replica.dtype == torch.float64 else 1e-3
-        if drift > bound and _grad_mode_differs(model, Xt, g_stop, bound):
+        if drift > bound and _agrees_with_gradients(model, Xt, g_stop, bound):
             warnings.warn(
                 f"{type(self).__name__}.fidelity_report: the model's outputs under torch.no_grad() differ from its "
                 f"outputs with gradients enabled by {drift:.3g} (relative) on X, in evaluation mode with the "
@@ -267,11 +267,11 @@ class KernelReplica(PathEstimator):
                 float((replica.argmax(-1) == out.argmax(-1)).double().mean()), "model_vs_recorded": drift}
 
 
-def _grad_mode_differs(model: nn.Module, Xt: Any, g_stop: torch.Tensor, bound: float) -> bool:
+def _agrees_with_gradients(model: nn.Module, Xt: Any, g_stop: torch.Tensor, bound: float) -> bool:
     """Whether ``model`` in evaluation mode *with* gradients enabled agrees with ``g_stop`` within ``bound``.
 
-    Called when its ``torch.no_grad()`` outputs do not: then the difference is torch's inference fast path, not
-    the parameters or buffers.
+    Called when its ``torch.no_grad()`` outputs do not: when this one does, the difference is torch's inference
+    fast path, not the parameters or buffers.
     """
     was_training = model.training
     model.eval()
