@@ -16,8 +16,8 @@ checkout of explaind (``PYTHONPATH=DIR``; e.g. ``git worktree add /tmp/before <c
 before/after table comes from one run on one machine.
 
 ``--per-eval`` prints instead the cost of one evaluation (one JVP of one test input at one point) for
-each way the engine evaluates: shared nodes one call per (step, node) (convolutions and group norms fused,
-convolutions alone fused, and by ``torch.func.jvp``), shared nodes by ``vmap`` over steps
+each way the engine evaluates: shared nodes one call per (step, node) (convolutions fused, and by
+``torch.func.jvp``), shared nodes by ``vmap`` over steps
 and nodes, rows by ``vmap`` over rows, and a bare forward pass.
 
 ``--profile`` prints, for each replica, the operators that took the most time (``torch.profiler``).
@@ -166,7 +166,6 @@ def per_eval(args: argparse.Namespace) -> None:
     five runs, the ways taking turns (so that a changing load falls on all of them alike).
     """
     from explaind.kernel import autograd
-    from explaind.kernel import fused_jvp as fused_module
     from explaind.kernel.engine import PathEngine
     from explaind.kernel.evaluate import Grid, Rows
     from explaind.kernel.fused_jvp import fused_jvp
@@ -181,17 +180,13 @@ def per_eval(args: argparse.Namespace) -> None:
     t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     units = torch.arange(S * T).repeat_interleave(n)
 
-    def grid(per_node: bool, fused: bool = True, norm_rule: bool = True):
+    def grid(per_node: bool, fused: bool = True):
         ev.per_node = per_node
         autograd.fused_jvp = fused_jvp if fused else autograd._jvp  # torch.func.jvp: three convolutions per layer
-        rules = dict(fused_module._RULES)
-        if not norm_rule:  # group_norm by forward mode's own derivative (the code before the rule)
-            fused_module._RULES.pop(F.group_norm)
         try:
             return ev.slopes(stack, Grid(t))[1]
         finally:
             autograd.fused_jvp = fused_jvp
-            fused_module._RULES.update(rules)
 
     def forward():
         with torch.no_grad():
@@ -200,10 +195,7 @@ def per_eval(args: argparse.Namespace) -> None:
                     explained(engine.fm, {k: v[s] + tq * stack.delta[k][s] for k, v in stack.base.items()}, X,
                               explained.aux)
 
-    ways = [("grid, one call per (step, node), parameters shared, convolutions and group norms fused",
-             lambda: grid(True)),
-            ("grid, one call per (step, node), parameters shared, convolutions fused, group norms by forward mode",
-             lambda: grid(True, norm_rule=False)),
+    ways = [("grid, one call per (step, node), parameters shared, convolutions fused", lambda: grid(True)),
             ("grid, one call per (step, node), parameters shared, torch.func.jvp", lambda: grid(True, False)),
             ("grid, vmap over steps and nodes, parameters per node", lambda: grid(False)),
             ("rows, vmap over rows, parameters per row", lambda: ev.slopes(stack, Rows(units // T, units % T,

@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from explaind.kernel.fused_jvp import conv2d_dual, fused_jvp, group_norm_dual
+from explaind.kernel.fused_jvp import conv2d_dual, fused_jvp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DT = torch.float64
@@ -147,58 +147,3 @@ def test_a_model_without_tangents_gives_zero_derivatives():
     h, dh = fused_jvp(lambda p: functional_call(model, p, (X,)), point, {})
     torch.testing.assert_close(h, model(X), rtol=0, atol=1e-13)
     assert bool((dh == 0).all())
-
-
-def _group_norm_loop(x, dx, G, w, dw, b, db, eps):
-    """The reference tangent of ``group_norm``: per sample and group, the derivative of the normalised values
-    written out from their definition, ``d/dx [(x - mean) / sqrt(var + eps)]``, by central differences of the
-    mean and variance along ``dx`` (exact for these quadratic statistics), then the affine part."""
-    B, C = x.shape[:2]
-    out = torch.zeros_like(x)
-    per = C // G
-    for i in range(B):
-        for g in range(G):
-            sl = slice(g * per, (g + 1) * per)
-            v, dv = x[i, sl], dx[i, sl]
-            mean, var = v.mean(), v.var(unbiased=False)
-            d_mean = dv.mean()
-            d_var = ((v + dv).var(unbiased=False) - (v - dv).var(unbiased=False)) / 2  # exact: var is quadratic
-            r = (var + eps) ** -0.5
-            x_hat = (v - mean) * r
-            d_hat = (dv - d_mean) * r - 0.5 * (v - mean) * r ** 3 * d_var
-            for c in range(per):
-                ch = g * per + c
-                gain = 1.0 if w is None else w[ch]
-                out[i, ch] = gain * d_hat[c] + (0.0 if dw is None else dw[ch] * x_hat[c]) + (0.0 if db is None
-                                                                                               else db[ch])
-    return out
-
-
-@pytest.mark.parametrize("shape,G", [((3, 6, 4, 4), 3), ((2, 4, 5), 1), ((2, 4, 2, 3, 2), 4)],
-                         ids=["2d-groups3", "1d-one-group", "3d-per-channel"])
-@pytest.mark.parametrize("which", ["all", "input", "affine", "no-affine"])
-def test_fused_group_norm_equals_its_derivative_written_out(shape, G, which):
-    C = shape[1]
-    x, dx = _randn(*shape, seed=0), _randn(*shape, seed=1)
-    w, dw, b, db = _randn(C, seed=2), _randn(C, seed=3), _randn(C, seed=4), _randn(C, seed=5)
-    if which == "input":
-        dw = db = None
-    if which == "affine":
-        dx = None
-    if which == "no-affine":
-        w = dw = b = db = None
-    with fwAD.dual_level():
-        out = group_norm_dual(x if dx is None else fwAD.make_dual(x, dx), G,
-                              None if w is None else (w if dw is None else fwAD.make_dual(w, dw)),
-                              None if b is None else (b if db is None else fwAD.make_dual(b, db)), eps=1e-5)
-        y, dy = fwAD.unpack_dual(out)
-    assert torch.equal(y, F.group_norm(x, G, w, b, eps=1e-5))  # the primal is torch's, bit for bit
-    want = _group_norm_loop(x, torch.zeros_like(x) if dx is None else dx, G, w, dw, b, db, 1e-5)
-    torch.testing.assert_close(dy, want, rtol=0, atol=1e-12)
-
-
-def test_group_norm_without_tangents_or_with_mixed_dtypes_takes_the_ordinary_derivative():
-    x, w = _randn(2, 4, 3, seed=0), _randn(4, seed=1)
-    with fwAD.dual_level():
-        assert group_norm_dual(x, 2, w, None) is None
-        assert group_norm_dual(fwAD.make_dual(x, x), 2, w.float(), None) is None

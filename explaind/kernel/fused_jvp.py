@@ -17,18 +17,6 @@ convolution of :math:`a` with the kernel stacked along the output channels,
 :math:`G` the stacked kernel interleaves the groups, :math:`[W_1; \dot W_1; \dots; W_G; \dot W_G]`, so each
 group of output channels still reads its own input channels.
 
-A group normalisation :math:`y = \gamma \hat x + \beta`, :math:`\hat x = r (x - \mu)` with the mean
-:math:`\mu` and :math:`r = (\sigma^2 + \epsilon)^{-1/2}` of each group of each sample, takes its tangent in
-closed form (:func:`group_norm_dual`),
-
-.. math::
-
-    \dot y = \gamma\, r \bigl(\dot x - \langle \dot x \rangle - \hat x \langle \hat x \dot x \rangle\bigr)
-    + \dot\gamma \hat x + \dot\beta
-
-(:math:`\langle\cdot\rangle` the mean over the group), a few passes over the activations where forward
-mode's own derivative of ``native_group_norm`` takes about twice as many; the primal is torch's own.
-
 Every other operation, and a convolution whose kernel has no tangent, takes the ordinary forward-mode
 derivative (:mod:`torch.autograd.forward_ad`). The result equals :func:`torch.func.jvp` up to rounding
 (``tests/test_fused_jvp.py`` compares both and a loop of plain forward-mode derivatives).
@@ -47,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from .explained import Params
 
-__all__ = ["fused_jvp", "FusedConvTangents", "conv2d_dual", "group_norm_dual"]
+__all__ = ["fused_jvp", "FusedConvTangents", "conv2d_dual"]
 
 
 def fused_jvp(fn: Callable[[Params], Tensor], point: Params, tangent: Params) -> tuple[Tensor, Tensor]:
@@ -76,18 +64,16 @@ def fused_jvp(fn: Callable[[Params], Tensor], point: Params, tangent: Params) ->
 
 
 class FusedConvTangents(TorchFunctionMode):
-    """A torch function mode that routes ``torch.conv2d`` and ``F.group_norm`` on dual tensors through
-    :func:`conv2d_dual` and :func:`group_norm_dual`.
+    """A torch function mode that routes ``torch.conv2d`` on dual tensors through :func:`conv2d_dual`.
 
-    Active only inside :func:`fused_jvp` (within a ``forward_ad.dual_level``); any call that those rules
-    do not take runs unchanged.
+    Active only inside :func:`fused_jvp` (within a ``forward_ad.dual_level``); any call that
+    :func:`conv2d_dual` does not fuse runs unchanged.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        rule = _RULES.get(func)
-        if rule is not None:
-            out = rule(*args, **kwargs)
+        if func is torch.conv2d:
+            out = conv2d_dual(*args, **kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
@@ -121,43 +107,3 @@ def conv2d_dual(input: Tensor, weight: Tensor, bias: Tensor | None = None, strid
     if a_dot is not None:
         z_dot = z_dot + F.conv2d(a_dot, w, None, stride, padding, dilation, groups)
     return fwad.make_dual(z, z_dot)
-
-
-def group_norm_dual(input: Tensor, num_groups: int, weight: Tensor | None = None, bias: Tensor | None = None,
-                    eps: float = 1e-5) -> Tensor | None:
-    r"""``F.group_norm`` on dual tensors, the tangent in closed form (module docstring).
-
-    Parameters are those of :func:`torch.nn.functional.group_norm`: ``input (B, C, *)``, ``weight`` and ``bias``
-    ``(C,)`` or ``None``. The primal is ``native_group_norm``'s, the kernel ``F.group_norm`` runs, so it is torch's
-    to the last bit; :math:`\hat x` and :math:`r` come from a second call without the affine part. Returns
-    ``None`` (the caller then runs the ordinary derivative) when nothing has a tangent, for an input without
-    a batch and a channel axis, or when the input and the affine parameters differ in dtype.
-    """
-    x, x_dot = fwad.unpack_dual(input)
-    w, w_dot = fwad.unpack_dual(weight) if weight is not None else (None, None)
-    b, b_dot = fwad.unpack_dual(bias) if bias is not None else (None, None)
-    if (x_dot is None and w_dot is None and b_dot is None) or x.dim() < 2 or x.numel() == 0 \
-            or any(p is not None and p.dtype != x.dtype for p in (w, b)):
-        return None
-    B, C = x.shape[:2]
-    x = x.contiguous()
-    HxW = x.numel() // (B * C)
-    y = torch.native_group_norm(x, w, b, B, C, HxW, num_groups, eps)[0]
-    x_hat, _, rstd = torch.native_group_norm(x, None, None, B, C, HxW, num_groups, eps)  # rstd (B, G)
-    channel = (1, C) + (1,) * (x.dim() - 2)
-    y_dot = None
-    if x_dot is not None:  # r (x dot - <x dot> - x hat <x hat x dot>) per group
-        xd, xh = x_dot.reshape(B, num_groups, -1), x_hat.view(B, num_groups, -1)
-        proj = (xh * xd).mean(-1, keepdim=True)
-        y_dot = (torch.addcmul(xd - xd.mean(-1, keepdim=True), xh, proj, value=-1) * rstd[..., None]).view_as(x)
-        if w is not None:
-            y_dot = y_dot * w.reshape(channel)
-    if w_dot is not None:
-        y_dot = x_hat * w_dot.reshape(channel) if y_dot is None else torch.addcmul(y_dot, x_hat, w_dot.reshape(channel))
-    if b_dot is not None:
-        y_dot = b_dot.reshape(channel).expand_as(y) if y_dot is None else y_dot + b_dot.reshape(channel)
-    return fwad.make_dual(y, y_dot)
-
-
-#: the fused rules by the torch function they replace
-_RULES: dict[Any, Callable[..., Tensor | None]] = {torch.conv2d: conv2d_dual, F.group_norm: group_norm_dual}
