@@ -41,7 +41,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import explaind
-from explaind.kernel import planning
+from explaind.kernel import dense, planning
 
 
 class Block(nn.Module):
@@ -122,6 +122,15 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
         return plan
 
     planning.adaptive_plan = counting
+    if args.breakdown and hasattr(dense, "shortfall"):  # each batch's shortfall R (docs/engine.md, section 2)
+        plain = dense.shortfall
+
+        def told(cuts, sizes, n):
+            ratio = plain(cuts, sizes, n)
+            print(f"{label}: shortfall R = {ratio:.3f} over {len(sizes)} grids", file=sys.stderr, flush=True)
+            return ratio
+
+        dense.shortfall = told
     rows = []
     for rule, nodes in (("midpoint", 100), ("adaptive", None)):
         if rule not in args.rules:
@@ -238,7 +247,8 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--breakdown", action="store_true",
-                    help="print where the adaptive rule's evaluations lie (units at <= 100 and above)")
+                    help="print where the adaptive rule's evaluations lie (units at <= 100 and above) and each batch's "
+                         "shortfall R")
     ap.add_argument("--rules", nargs="+", choices=("midpoint", "adaptive"), default=["midpoint", "adaptive"],
                     help="the rules measured (both by default)")
     ap.add_argument("--before", default=None, help="another explaind checkout, measured first in a subprocess")

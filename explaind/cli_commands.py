@@ -115,11 +115,16 @@ def _window(n_steps: int, steps: tuple[int, int | None] | None) -> int:
 
 def _announce(out: Any, what: str, rule: Any, n_steps: int, n_test: int) -> None:
     """Say up front how many path-gradient evaluations a computation will make."""
+    from .kernel.adaptive import MAX_EVALS
+    from .kernel.planning import EVALS_NOTICE
     from .studies import fidelity
 
     evals = fidelity.estimated_evals(rule, n_steps, n_test)
+    bound = (f"; up to about {MAX_EVALS:,} per step and input where the path crosses many activation kinks (the "
+             f"progress bar shows the mean, and a warning says so above {EVALS_NOTICE} on average)"
+             if rule.quadrature == "adaptive" else "")
     out.info(f"{what}: {rule.label} over {n_steps} steps x {n_test} inputs = {fidelity.evals_text(rule, evals)} "
-             f"path-gradient evaluations")
+             f"path-gradient evaluations{bound}")
 
 
 def _cheaper_default(out: Any, n_steps: int, n_test: int, limit: int | None) -> Any:
