@@ -37,7 +37,7 @@ def _replay(traj, dtype: torch.dtype) -> np.ndarray:
     unit = 2.0 ** -24
     rows = []
     for s in range(traj.n_steps):
-        theta = {n: v.to(dtype).requires_grad_(True) for n, v in traj.params(s).items()}
+        theta = {n: v.detach().to(dtype).clone().requires_grad_(True) for n, v in traj.params(s).items()}
         idx, weights = traj.batch(s)
         X, y = traj.train_samples(idx)
         out = torch.func.functional_call(model, {**constants, **theta}, (X,))
