@@ -3,8 +3,8 @@
 The commands are those ``benchmarks/bench_quickstart.py`` times at full size (its ``CLI_COMMANDS``, checked
 against the page by ``tests/test_cli_quickstart.py``), with only the sizes reduced. The example trains in
 float64, so ``influence`` and ``report`` split the updates to rounding level: the residual share is
-checked at 1e-12, far below what the float32 rounding of a run's gradients leaves (docs/cli.md, "Float32
-runs and the residual").
+checked at 1e-12, far below what the float32 rounding of a run's gradients leaves
+(docs/cli.md, "Float32 runs and the residual").
 """
 
 from __future__ import annotations
