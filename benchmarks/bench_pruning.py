@@ -12,7 +12,15 @@
    for all outputs per step and node on the evaluation set), plus the largest relative difference of
    the scores to the path backend's.
 
-Run: ``python benchmarks/bench_pruning.py [--out DIR] [--seeds 0 1 2] [--skip-benchmark] [--epochs 2]``
+3. With ``--rules``: the pruning quality of the ExPLAIND scores under each path-integral rule, at the
+   settings of ``explaind prune`` (its ``small`` preset: MLP 64-64-32-10, 3 epochs, six sparsities),
+   side by side in one run: accuracy, agreement and KL of the pruned models per sparsity (mean over
+   ``--seeds``), the scores' fit time and the warnings of explaind they gave. A rule is
+   ``QUADRATURE:NODES[:TOL[:DTYPE]]``, e.g. ``gauss-legendre:1::float32`` (the rule of ``explaind prune``
+   before it took the scores' rule of ``explaind influence``) and ``adaptive:2:1e-3:float64`` (that rule).
+
+Run: ``python benchmarks/bench_pruning.py [--out DIR] [--seeds 0 1 2] [--skip-benchmark] [--epochs 2]
+[--rules RULE ...]``
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import warnings
 
 import torch
 from torch.func import functional_call
@@ -51,13 +60,46 @@ def relative_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-300)) for k in b)
 
 
+def compare_rules(rules: list[str], seeds: list[int], out: str) -> None:
+    """Part 3: the ``explaind`` strategy's pruning quality under each rule, at ``explaind prune``'s small preset."""
+    from explaind.exceptions import ExplaindWarning
+    from explaind.studies.pruning_run import PRESETS
+
+    preset = {k: v for k, v in PRESETS["small"].items() if k != "strategies"}
+    results = {}
+    for rule in rules:
+        quadrature, nodes, tol, dtype = (rule.split(":") + ["", "", ""])[:4]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ExplaindWarning)
+            result = run_digits_benchmark(f"{out}/rule-{rule.replace(':', '_')}", strategies=("explaind",),
+                                          seeds=seeds, quadrature=quadrature, quadrature_nodes=int(nodes),
+                                          tol=float(tol) if tol else None, scores_dtype=dtype or None, **preset)
+        fit = [r["fit_seconds"] for r in result.rows if r["strategy"] == "explaind"]
+        warned = [str(w.message)[:70] for w in caught if issubclass(w.category, ExplaindWarning)]
+        results[rule] = (result, sum(fit) / len(fit), warned)
+    print(f"## The ExPLAIND scores' rule and the pruning quality (explaind prune's small preset, seeds {seeds})")
+    print("| rule | sparsity | accuracy | agreement | KL | fit s (mean per seed) | explaind warnings |")
+    print("|---|---|---|---|---|---|---|")
+    for rule, (result, fit, warned) in results.items():
+        for sparsity in result.sparsities:
+            rows = [r for r in result.rows if r["strategy"] == "explaind" and r["sparsity"] == sparsity]
+            mean = {m: sum(float(r[m]) for r in rows) / len(rows) for m in ("accuracy", "agreement", "kl")}
+            print(f"| {rule} | {sparsity:g} | {mean['accuracy']:.4f} | {mean['agreement']:.4f} | {mean['kl']:.4g} | "
+                  f"{fit:.1f} | {len(warned)}{': ' + warned[0] if warned else ''} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="pruning-digits")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip-benchmark", action="store_true", help="only the cost table")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the run timed in part 2 (default 2)")
+    parser.add_argument("--rules", nargs="+", default=None, metavar="RULE",
+                        help="only part 3: QUADRATURE:NODES[:TOL[:DTYPE]] rules of the ExPLAIND scores compared")
     args = parser.parse_args()
+    if args.rules:
+        compare_rules(args.rules, args.seeds, args.out)
+        return
 
     if not args.skip_benchmark:
         start = time.perf_counter()

@@ -13,9 +13,10 @@ numbers the docs quote from it can be read back.
 Prints one table: command, wall seconds, CPU seconds (user + system of the child: the work itself,
 steadier than wall time on a shared machine), max RSS (MB), exit code, whether stderr showed a
 progress bar with the remaining time (tqdm's ``[elapsed<remaining``), whether it said its cost (a count of
-path-gradient evaluations, steps or retrainings) before its first progress bar, and whether it finished
-within 120 s. ``--threads`` adds the quickstart's replica over 100 steps with ``--threads 1``
-and ``--threads 2`` (the ratio behind the CLI's default of one CPU thread).
+path-gradient evaluations, steps or retrainings) before its first progress bar, how many warning lines it
+printed (``explaind COMMAND: warning: ...``) and whether it finished within 120 s. ``--threads`` adds the
+quickstart's replica over 100 steps with ``--threads 1`` and ``--threads 2`` (the ratio behind the CLI's
+default of one CPU thread).
 
 Run: ``python benchmarks/bench_quickstart.py [--workdir DIR] [--only quickstart|cli] [--skip NAME ...]
 [--threads]``. State the machine's load (``uptime``, printed before and after) next to the figures.
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LIMIT_S = 120.0
 #: tqdm's time field with an estimate of the time left, e.g. ``[00:21<00:01``.
 _ETA = re.compile(r"\[\d+:\d\d<\d+:\d\d")
+#: A warning line of the command line (``explaind influence: warning: ...``).
+_WARNING = re.compile(r"^explaind[\w -]*: warning: ", re.MULTILINE)
 #: A cost said before the first progress bar: evaluations, steps or retrainings counted.
 _COST = re.compile(r"\d[\d,]* (path-gradient evaluations|steps|retrainings)")
 
@@ -48,7 +51,7 @@ CLI_COMMANDS = [
     "explaind train --out runs/a --dataset digit",
     "explaind train --out runs/cli -a modular_transformer -d modular --data p=23 --data n_train=0.5 "
     "--data n_val=null --model d_model=32 --model d_mlp=128 --optimizer adamw --lr 3e-3 "
-    "--weight-decay 4 --betas 0.9 0.98 --steps 1500 --stop-at 1.0",
+    "--weight-decay 4 --betas 0.9 0.98 --steps 1000 --stop-at 1.0 --dtype float64",
     "explaind replicate runs/grok",
     "explaind replicate runs/grok --steps 0:100",
     "explaind replicate runs/grok --steps 680:780",
@@ -112,15 +115,17 @@ def run_command(command: str, workdir: Path) -> dict:
     stderr = err_path.read_text(errors="replace")
     return {"command": command, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
             "rss_mb": usage.ru_maxrss / 1024, "rc": child.returncode,
-            "eta": bool(_ETA.search(stderr)), "cost": bool(_COST.search(stderr.split("%|")[0])), "ok": wall <= LIMIT_S}
+            "eta": bool(_ETA.search(stderr)), "cost": bool(_COST.search(stderr.split("%|")[0])),
+            "warnings": len(_WARNING.findall(stderr.replace("\r", "\n"))), "ok": wall <= LIMIT_S}
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"| command | wall s | CPU s | max RSS MB | exit | bar + ETA | cost first | <= {LIMIT_S:.0f} s |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = f"| command | wall s | CPU s | max RSS MB | exit | bar + ETA | cost first | warnings | <= {LIMIT_S:.0f} s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r['command']}` | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['rss_mb']:.0f} | {r['rc']} | "
-                     f"{'yes' if r['eta'] else 'no'} | {'yes' if r['cost'] else 'no'} | {'yes' if r['ok'] else 'NO'} |")
+                     f"{'yes' if r['eta'] else 'no'} | {'yes' if r['cost'] else 'no'} | {r['warnings']} | "
+                     f"{'yes' if r['ok'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_command(command, workdir))
         r = rows[-1]
         print(f"#   {r['wall_s']:7.1f} s wall {r['cpu_s']:7.1f} s CPU {r['rss_mb']:6.0f} MB  rc {r['rc']}  "
-              f"ETA {'yes' if r['eta'] else 'no'}  {command}", flush=True)
+              f"ETA {'yes' if r['eta'] else 'no'}  warnings {r['warnings']}  {command}", flush=True)
     print(f"# after: {_uptime()}")
     print(_table(rows))
     return 0

@@ -150,9 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="pruning", help="output folder (default: pruning)")
     _add_size(p, "small")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nodes", type=int, default=None,
-                   help="Gauss-Legendre nodes per step of the ExPLAIND scores' path integral (default 1, the midpoint "
-                        "rule; more nodes shrink the quadrature error the scores leave out)")
+    _add_scores_rule(p)
     _common(p, suppress=True)
 
     p = sub.add_parser("validate", help="how well each attribution method predicts retraining on digits subsets "

@@ -256,12 +256,15 @@ def _shares(meta: dict[str, Any], rule: Any) -> str:
 # --------------------------------------------------------------------------- prune
 def cmd_prune(args: argparse.Namespace, out: Any) -> int:
     """Run the pruning benchmark on digits."""
-    from .studies import pruning_run
+    from .studies import fidelity, pruning_run
 
-    _positive(args.nodes, "--nodes")
-    out.info(pruning_run.cost_text(args.size))
-    result = pruning_run.run_benchmark(args.out, size=args.size, seed=args.seed, nodes=args.nodes,
-                                       progress=out.progress)
+    rule = fidelity.scores_rule(args.quadrature, args.nodes)
+    tol = _tol(args.tol) if rule.quadrature == "adaptive" else None
+    scored = "explaind" in (pruning_run.PRESETS.get(args.size, {}).get("strategies") or ("explaind",))
+    out.info(pruning_run.cost_text(args.size) + (f"; the ExPLAIND scores' path integral: {_rule_text(rule, tol or 0.0)}"
+                                                 if scored else ""))
+    result = pruning_run.run_benchmark(args.out, size=args.size, seed=args.seed, nodes=rule.nodes,
+                                       quadrature=rule.quadrature, tol=tol, progress=out.progress)
     out.result(pruning_run.format_result(result), result)
     return 0
 

@@ -183,8 +183,40 @@ def test_prune_nodes_reach_the_explaind_scores(tmp_path, monkeypatch):
     assert seen["quadrature_nodes"] == 4
     seen.clear()
     pruning_run.run_benchmark(tmp_path, size="tiny")
-    assert "quadrature_nodes" not in seen  # the benchmark's own default
+    assert not {"quadrature_nodes", "quadrature", "tol"} & set(seen)  # the benchmark's own defaults
+    pruning_run.run_benchmark(tmp_path, size="tiny", quadrature="gauss-legendre", nodes=1)
+    assert seen["quadrature"] == "gauss-legendre" and seen["quadrature_nodes"] == 1
+    seen.clear()
+    pruning_run.run_benchmark(tmp_path, size="tiny", tol=1e-4)
+    assert seen["tol"] == 1e-4
     with pytest.raises(ConfigError, match="nodes=0 must be a positive integer"):
         pruning_run.run_benchmark(tmp_path, size="tiny", nodes=0)
     with pytest.raises(ConfigError, match="Unknown size 'medium'. Choose one of: tiny, small, full"):
         pruning_run.cost_text("medium")
+
+
+def test_prune_scores_use_the_rule_of_influence_and_do_not_warn(tmp_path):
+    # the benchmark's ExPLAIND scores at a reduced size: by default the adaptive rule of `explaind influence`
+    # (2-node panels, SCORES_TOL, float64) leaves no warning; the former 1-node rule warned on the same run
+    import warnings
+
+    from explaind.exceptions import ExplaindWarning
+    from explaind.pruning import run_digits_benchmark
+    from explaind.studies.fidelity import SCORES_RULE, SCORES_TOL
+
+    small = {"strategies": ("explaind",), "epochs": 1, "hidden_sizes": (16,), "sparsities": (0.5,), "seeds": (0,),
+             "batch_size": 100}
+
+    def warned(**rule):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run_digits_benchmark(tmp_path / str(len(rule)), **small, **rule)
+        return result, [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
+
+    result, messages = warned()
+    assert messages == []
+    assert result.config["quadrature"] == SCORES_RULE.quadrature == "adaptive"
+    assert result.config["quadrature_nodes"] == SCORES_RULE.nodes and result.config["tol"] == SCORES_TOL
+    assert result.config["scores_dtype"] == "float64"
+    _, messages = warned(quadrature="gauss-legendre", quadrature_nodes=1, scores_dtype="float32")
+    assert len(messages) == 1 and "quadrature error share" in messages[0]

@@ -108,6 +108,32 @@ def _main_warned(argv: list[str]) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
 
 
+def test_replicate_table_states_each_rules_error_and_warns_once(grok, capsys):
+    # every fixed rule on this ReLU model leaves steps above the replica's tolerance: the table says how far in a
+    # column, and one warning names them all instead of one warning per row
+    warned = _main_warned([*documented("replicate", grok), "--json"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    inexact = [r["rule"] for r in rows if r["warned"]]
+    assert set(inexact) >= {"midpoint-10", "gauss-legendre-4"}
+    assert all(r["rule"] != "adaptive" for r in rows if r["warned"])
+    for row in rows:  # the column is the rule's measured error, positive where the rule warned
+        assert 0.0 <= row["step error"] < 1.0
+        assert (row["step error"] > 0.0) or not row["warned"]
+    held = [w for w in warned if w.startswith("the fixed rules of the table (")]
+    assert len(held) == 1 and all(rule in held[0] for rule in inexact)
+    assert not [w for w in warned if w.startswith("quadrature=")]
+    assert len(warned) == 1 + sum(1 for w in warned if "adaptive quadrature left" in w)
+    # the text table has the column too
+    assert main(["-q", *documented("replicate", grok)]) == 0
+    assert "step error" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_replicate_with_one_fixed_rule_keeps_its_own_warning(grok, capsys):
+    warned = _main_warned(["-q", "replicate", str(grok), "--quadrature", "midpoint", "--nodes", "10"])
+    assert len([w for w in warned if w.startswith("quadrature='midpoint' with 10 nodes left")]) == 1
+    assert not [w for w in warned if w.startswith("the fixed rules of the table")]
+
+
 def _left_out_share(out_dir: Path) -> float:
     """The share of the explained change the saved scores do not hold, from the saved terms alone."""
     from safetensors.torch import load_file

@@ -181,3 +181,71 @@ def test_errors_name_the_problem_and_the_fix():
         get_strategy("explaind").fit(other, X, traj)
     with pytest.raises(ConfigError, match="invalid value for 'backend'"):
         get_strategy("explaind", backend="fast").fit(model, X, traj)
+
+
+def _relu_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+
+
+def _loop_scores(model, traj, X_eval, nodes=24):
+    """S_p = sum_x sum_o |sum_s int grad f_o(x; theta_s + t dtheta_s)[p] dt * dtheta_s[p]| by a plain loop over
+    steps, Gauss-Legendre nodes, inputs and outputs (torch.autograd, no explaind code)."""
+    import numpy as np
+
+    t_nodes, weights = np.polynomial.legendre.leggauss(nodes)
+    names = [n for n, _ in model.named_parameters()]
+    contrib = {n: torch.zeros(X_eval.shape[0], 2, *p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+    for s in range(traj.n_steps):
+        a, b = traj.params(s), traj.params(s + 1)
+        for t, w in zip((t_nodes + 1) / 2, weights / 2):
+            theta = {n: (a[n] + float(t) * (b[n] - a[n])).double().requires_grad_(True) for n in names}
+            for i in range(X_eval.shape[0]):
+                out = torch.func.functional_call(model, theta, (X_eval[i:i + 1],))[0]
+                for o in range(out.shape[0]):
+                    grads = torch.autograd.grad(out[o], list(theta.values()), retain_graph=True)
+                    for n, g in zip(names, grads):
+                        contrib[n][i, o] += float(w) * g * (b[n] - a[n]).double()
+    return {n: c.abs().sum(dim=(0, 1)) for n, c in contrib.items()}
+
+
+def test_adaptive_path_scores_match_a_loop_reference_on_a_smooth_model():
+    # tanh: 24 Gauss-Legendre nodes per step integrate to rounding, so the adaptive rule at a tight tol must agree
+    model = _tanh_mlp(seed=5)
+    X, y = _data(seed=5)
+    traj = _record(model, X, y, steps=3, lr=0.5)
+    X_eval = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    est = get_strategy("explaind", backend="path", quadrature="adaptive", quadrature_nodes=2, tol=1e-11).fit(
+        model, X_eval, traj)
+    reference = _loop_scores(model, traj, X_eval)
+    for name, ref in reference.items():
+        assert torch.allclose(est.scores_[name], ref, rtol=1e-8, atol=1e-12), name
+
+
+def test_adaptive_path_contributions_telescope_on_a_relu_model():
+    # ReLU kinks: a fixed rule leaves error in the sum; the adaptive rule brings every step within tol of its change
+    model = _relu_mlp()
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    X, y = _data(seed=4)
+    traj = _record(model, X, y, steps=6, lr=0.5)
+    X_eval = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        change = model(X_eval) - torch.func.functional_call(model, theta0, (X_eval,))
+
+    def left(**rule):
+        A = path_contributions(traj, X_eval, **rule)
+        return float((sum(a.reshape(8, 2, -1).sum(-1) for a in A.values()) - change).abs().max())
+
+    coarse = left(quadrature="gauss-legendre", quadrature_nodes=1)
+    assert coarse > 1e-6  # the kinks are there: the midpoint rule misses part of the change
+    assert left(quadrature="adaptive", quadrature_nodes=2, tol=1e-10) < 1e-9 * float(change.abs().max())
+
+
+def test_tol_belongs_to_the_adaptive_rule():
+    model = _tanh_mlp()
+    X, y = _data()
+    traj = _record(model, X, y, steps=2)
+    with pytest.raises(ConfigError, match="tol=0.001 is the adaptive rule's tolerance, but quadrature='gauss-leg"):
+        get_strategy("explaind", quadrature="gauss-legendre", tol=1e-3).fit(model, X[:3], traj)
+    with pytest.raises(ConfigError, match="simpson"):
+        get_strategy("explaind", quadrature="simpson").fit(model, X[:3], traj)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 
 import numpy as np
 import pytest
@@ -106,6 +108,30 @@ def test_save_attribution_csv_matches_tensor(tmp_path):
         s, g, o = int(row["step"]) - 10, ["w", "b"].index(row["group"]), int(row["output"])
         assert float(row["value"]) == float(values[0, s, g, o])
     assert Attribution.load(tmp_path).values.equal(values)
+
+
+def test_save_attribution_csv_is_what_csv_writer_writes_row_by_row(tmp_path, monkeypatch):
+    # a param axis (labels like "w[0,1]" need quoting), side columns, values of every magnitude, and blocks of 5 rows
+    gen = torch.Generator().manual_seed(0)
+    D = sum(int(np.prod(s)) for s in LAYOUT.shapes)
+    magnitudes = torch.logspace(-20, 20, 2 * 3 * D * 2, dtype=torch.float64).reshape(2, 3, D, 2)
+    values = torch.randn(2, 3, D, 2, generator=gen, dtype=torch.float64) * magnitudes
+    att = _attribution(("test", "step", "param", "output"), values, (2, 3, D, 2))
+    att.regularization.copy_(torch.randn(2, 3, D, 2, generator=gen, dtype=torch.float64))
+    att.residual.copy_(torch.randn(2, 3, D, 2, generator=gen, dtype=torch.float64) * 1e-17)
+    monkeypatch.setattr(analysis, "_CSV_ROWS", 5)
+    analysis.save_attribution(att, tmp_path)
+    # the reference: one csv.writer row per cell, in C order
+    reference = io.StringIO(newline="")
+    writer = csv.writer(reference)
+    writer.writerow(["test", "step", "param", "output", "value", "regularization", "residual"])
+    labels = [list(att.coords["test"]), list(att.coords["step"]), [att.param_label(i) for i in range(D)],
+              list(att.coords["output"])]
+    for t, s, p, o in itertools.product(*(range(n) for n in values.shape)):
+        writer.writerow([labels[0][t], labels[1][s], labels[2][p], labels[3][o]]
+                        + [repr(float(x[t, s, p, o])) for x in (values, att.regularization, att.residual)])
+    assert any("," in label for label in labels[2])
+    assert (tmp_path / "scores.csv").read_bytes() == reference.getvalue().encode()
 
 
 def test_pick_kernel_inputs_spreads_classes():

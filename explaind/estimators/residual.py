@@ -26,6 +26,9 @@ __all__ = ["check_residual", "residual_causes", "check_quadrature"]
 
 #: Audited relative residual of the adapter above which it is named as a cause.
 AUDIT_TOL = 1e-6
+#: A step's audited gap ``||E_s||`` within this many unit roundoffs of ``||theta_{s+1}||`` is the rounding of the
+#: stored parameters to their dtype (about 0.55 on a float32 AdamW run, docs/cli.md "explaind influence").
+ROUNDING_UNITS = 2.0
 
 
 def _stochastic_modules(model: nn.Module) -> list[str]:
@@ -79,10 +82,16 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       f"total_length=x.shape[1] (docs/maths.md, 'Recurrent layers')")
     audit = np.asarray(traj.audit(), dtype=np.float64)[start:stop]
     if audit.size and np.isfinite(audit).all() and float(audit.max()) > AUDIT_TOL:
-        worst = int(np.argmax(audit)) + start
-        causes.append(f"the optimizer adapter does not reproduce the recorded update (traj.audit() reaches "
-                      f"{float(audit.max()):.2g} at step {worst}): an optimizer option, a parameter group or a "
-                      f"change of the trainable parameters it does not model — check the audit per step")
+        gaps = _beyond_rounding(traj, audit, start)
+        if gaps is None:  # the audit is the rounding of the stored parameters (named above for half precision)
+            if not half:
+                causes.append(_float32_cause(traj, float(audit.max()), int(np.argmax(audit)) + start))
+        else:
+            worst = int(np.argmax(gaps)) + start
+            causes.append(f"the optimizer adapter does not reproduce the recorded update (traj.audit() reaches "
+                          f"{float(gaps.max()):.2g} at step {worst}, beyond the rounding of the stored parameters): "
+                          f"an optimizer option, a parameter group or a change of the trainable parameters it does "
+                          f"not model — check the audit per step")
     scales = np.array([float(traj.grad_scale(s)) for s in range(start, stop)])
     if scales.size and np.any(np.abs(scales - 1.0) > 1e-12):
         causes.append(f"gradients were rescaled at {int(np.sum(np.abs(scales - 1.0) > 1e-12))} step(s) (recorded "
@@ -106,6 +115,40 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                                  "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand) or "
                                  "updates a buffer it reads needs capture_random=True"))
     return causes
+
+
+def _beyond_rounding(traj: Any, audit: np.ndarray, start: int) -> np.ndarray | None:
+    r"""The audit of the steps whose gap exceeds the rounding of the stored parameters (others 0), ``None`` if none.
+
+    A step's audited gap :math:`\|E_s\| = \mathrm{audit}_s \|\Delta\theta_s\|` is rounding when it is within
+    :data:`ROUNDING_UNITS` unit roundoffs of :math:`\|\theta_{s+1}\|` in the parameters' dtype (float64: never
+    above :data:`AUDIT_TOL` in practice, so every gap above it counts).
+    """
+    names = traj.param_names
+    dtype = traj.params(start)[names[0]].dtype
+    if dtype == torch.float64 or not dtype.is_floating_point:
+        return audit
+    unit = torch.finfo(dtype).eps / 2
+    beyond = np.zeros_like(audit)
+    for k in np.flatnonzero(audit > AUDIT_TOL):
+        current, following = traj.params(start + int(k)), traj.params(start + int(k) + 1)
+        step = sum(float((following[n].double() - current[n].double()).square().sum()) for n in names) ** 0.5
+        size = sum(float(following[n].double().square().sum()) for n in names) ** 0.5
+        if audit[k] * step > ROUNDING_UNITS * unit * size:
+            beyond[k] = audit[k]
+    return beyond if beyond.any() else None
+
+
+def _float32_cause(traj: Any, largest: float, step: int) -> str:
+    """Why a run in a dtype below float64 leaves a residual although its updates are reproduced to rounding."""
+    dtype = str(traj.params(0)[traj.param_names[0]].dtype).removeprefix("torch.")
+    return (f"the run was trained in {dtype}: its updates are reproduced to the rounding of the stored parameters "
+            f"(traj.audit() up to {largest:.2g}, at step {step}, within {ROUNDING_UNITS:g} unit roundoffs of "
+            f"|theta_s+1|), but the loop's gradients are {dtype} sums, rounded relative to their per-sample terms, "
+            f"and the engine recomputes them in float64; where a gradient nearly cancels, an Adam-type optimizer "
+            f"(which divides by sqrt(v)+eps) turns that rounding into a step of order lr, and the residual holds it "
+            f"— train in float64 (explaind train --dtype float64, or model.double()) for a residual at rounding "
+            f"level")
 
 
 def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol: float, strict: bool,

@@ -34,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--hidden", type=int, nargs="+", default=[64], help="MLP hidden widths (default: %(default)s)")
     p.add_argument("--channels", type=int, nargs="+", default=[8, 16], help="CNN channels (default: %(default)s)")
-    p.add_argument("--nodes", type=int, default=1, help="quadrature nodes per step for the ExPLAIND scores")
+    p.add_argument("--quadrature", default="adaptive",
+                   help="path-integral rule of the ExPLAIND scores: adaptive, gauss-legendre, midpoint or left "
+                        "(default: %(default)s)")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="nodes per step of the ExPLAIND scores' rule (per panel for adaptive; default: 2 for adaptive)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="relative error per step and input of the adaptive rule (default: 1e-3)")
     p.add_argument("--scope", choices=("global", "layer"), default="global")
     p.add_argument("--granularity", choices=("unstructured", "neuron"), default="unstructured")
     p.add_argument("--show", type=float, nargs="+", default=[0.9, 0.95, 0.99],
@@ -57,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_digits_benchmark(
             args.out, architecture=args.architecture, sparsities=args.sparsities, seeds=args.seeds,
             strategies=args.strategies, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            momentum=args.momentum, hidden_sizes=args.hidden, channels=args.channels, quadrature_nodes=args.nodes,
+            momentum=args.momentum, hidden_sizes=args.hidden, channels=args.channels, quadrature=args.quadrature,
+            quadrature_nodes=args.nodes, tol=args.tol,
             scope=args.scope, granularity=args.granularity, progress=args.progress,
         )
         shown = [s for s in args.show if s in result.sparsities] or result.sparsities

@@ -120,6 +120,20 @@ def output_layer(model: nn.Module) -> str:
     return names[-1].rpartition(".")[0] or names[-1]
 
 
+def _scores_rule(quadrature: str, nodes: int | None, tol: float | None) -> dict[str, Any]:
+    """The ``explaind`` strategy's path-integral options: ``quadrature``, ``quadrature_nodes``, (adaptive) ``tol``."""
+    from ..kernel.quadrature import DEFAULT_NODES
+    from ..studies.fidelity import SCORES_RULE, SCORES_TOL
+
+    if quadrature not in DEFAULT_NODES:
+        raise ConfigError(f"quadrature={quadrature!r} is not a path-integral rule. Choose one of: "
+                          f"{', '.join(DEFAULT_NODES)}.")
+    if quadrature != "adaptive":
+        return {"quadrature": quadrature, "quadrature_nodes": nodes or DEFAULT_NODES[quadrature]}
+    return {"quadrature": quadrature, "quadrature_nodes": nodes or SCORES_RULE.nodes,
+            "tol": SCORES_TOL if tol is None else tol}
+
+
 def run_digits_benchmark(
     out_dir: str | os.PathLike[str],
     *,
@@ -133,7 +147,10 @@ def run_digits_benchmark(
     momentum: float = 0.9,
     hidden_sizes: Sequence[int] = (64,),
     channels: Sequence[int] = (8, 16),
-    quadrature_nodes: int = 1,
+    quadrature: str = "adaptive",
+    quadrature_nodes: int | None = None,
+    tol: float | None = None,
+    scores_dtype: Literal["float32", "float64"] | None = "float64",
     explaind_backend: str = "auto",
     scope: str = "global",
     granularity: str = "unstructured",
@@ -159,8 +176,19 @@ def run_digits_benchmark(
         SGD with momentum (torch semantics) over the 1000 training digits.
     hidden_sizes, channels
         Widths of the MLP / channels of the CNN.
-    quadrature_nodes : int
-        Gauss–Legendre nodes per step for the ExPLAIND scores' path integral (1 = midpoint rule).
+    quadrature, quadrature_nodes, tol
+        The ExPLAIND scores' path-integral rule (``adaptive``, ``gauss-legendre``, ``midpoint`` or ``left``),
+        its nodes per step (per panel for ``adaptive``; ``None``: the panel nodes of ``SCORES_RULE`` for
+        ``adaptive``, else the rule's default) and the adaptive rule's relative tolerance per step and input
+        (``None``: ``SCORES_TOL``; ignored by the other rules). The default is the rule of ``explaind influence``
+        (:data:`explaind.studies.fidelity.SCORES_RULE` at :data:`~explaind.studies.fidelity.SCORES_TOL`): a fixed
+        rule leaves the error of the steps whose paths cross ReLU kinks, warned about above 0.1% of the explained
+        change.
+    scores_dtype : {"float32", "float64"} or None
+        Dtype the ExPLAIND scores are computed in (``None``: the recorded run's, float32). float64, as
+        ``explaind influence`` computes: in float32 the rounding of the path gradients blurs the adaptive
+        rule's error estimate on the steps across many kinks, and a (step, input) pair can end just above
+        its tolerance (``benchmarks/bench_pruning.py --rules``).
     explaind_backend : {"auto", "path", "engine"}
         Backend of the ``"explaind"`` strategy. With ``"auto"`` this run (SGD with momentum, no
         weight decay, audited residual ~1e-6) uses the direct path integral, which computes the
@@ -181,7 +209,8 @@ def run_digits_benchmark(
     from ..plugins import list_entries
 
     names = list(strategies) if strategies is not None else list_entries("pruning_strategy")
-    options = ({"explaind": {"quadrature_nodes": quadrature_nodes, "backend": explaind_backend}}
+    rule = _scores_rule(quadrature, quadrature_nodes, tol)
+    options = ({"explaind": {**rule, "dtype": scores_dtype, "backend": explaind_backend}}
                if "explaind" in names else {})
     results = []
     for seed in seeds:
@@ -198,7 +227,7 @@ def run_digits_benchmark(
     result.config.update({
         "dataset": "sklearn digits 8x8 (1000 train / 300 scoring / 497 test)",
         "architecture": architecture, "epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-        "hidden_sizes": list(hidden_sizes), "channels": list(channels), "quadrature_nodes": quadrature_nodes,
+        "hidden_sizes": list(hidden_sizes), "channels": list(channels), **rule, "scores_dtype": scores_dtype,
         "explaind_backend": explaind_backend,
     })
     result.to_json(out / "results.json")

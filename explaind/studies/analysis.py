@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import csv
-import itertools
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +160,17 @@ def check_csv_rows(rows: int, keep: Sequence[str], n_test: int) -> None:
                           f"every score), or fewer --n-test, a --steps window or fewer kept axes.")
 
 
+#: Rows of ``scores.csv`` formatted at a time.
+_CSV_ROWS = 100_000
+
+
+def _csv_field(value: Any) -> str:
+    """``value`` as ``csv.writer`` writes one field (quoted when it holds a comma, a quote or a line break)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow([value])
+    return buffer.getvalue()
+
+
 def save_attribution(att: Any, out_dir: str | Path, *, csv_file: bool = True) -> list[Path]:
     """Write ``att`` to ``out_dir``: ``attribution.safetensors``/``.json`` and ``scores.csv``.
 
@@ -187,14 +198,16 @@ def save_attribution(att: Any, out_dir: str | Path, *, csv_file: bool = True) ->
     coords = [list(att.coords[a]) if a != "param" else [att.param_label(i) for i in range(values.shape[k])]
               for k, a in enumerate(att.axes)]
     path = root / "scores.csv"
+    labels = [np.array([_csv_field(c) for c in axis], dtype=object) for axis in coords]
+    columns = [values] + ([reg, res] if side else [])
     with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([*att.axes, "value", *(["regularization", "residual"] if side else [])])
-        for index in itertools.product(*(range(n) for n in values.shape)):
-            row = [coords[k][i] for k, i in enumerate(index)] + [repr(float(values[index]))]
-            if side:
-                row += [repr(float(reg[index])), repr(float(res[index]))]
-            writer.writerow(row)
+        handle.write(",".join(_csv_field(c) for c in [*att.axes, "value",
+                                                      *(["regularization", "residual"] if side else [])]) + "\r\n")
+        for lo in range(0, values.size, _CSV_ROWS):  # rows as csv.writer writes them, a block at a time
+            cells = np.unravel_index(np.arange(lo, min(lo + _CSV_ROWS, values.size)), values.shape)
+            fields = [labels[k][i] for k, i in enumerate(cells)]
+            fields += [[repr(v) for v in c.reshape(-1)[lo:lo + _CSV_ROWS].tolist()] for c in columns]
+            handle.write("".join(",".join(row) + "\r\n" for row in zip(*fields)))
     written.append(path)
     return written
 

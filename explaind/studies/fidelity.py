@@ -7,7 +7,13 @@ quadrature rule (midpoint with 10 and 100 nodes, Gauss–Legendre, the adaptive 
 * **argmax agreement** — fraction of validation inputs where replica and model pick the same class;
 * **KL** — mean ``KL(softmax f || softmax f̂)`` between model and replica;
 * **max rel error** — ``max |f̂ - f| / max |f|`` over inputs and outputs;
+* **step error** — the largest quadrature error of a step, relative to its largest change
+  ``|g(θ_{s+1}) − g(θ_s)|`` (the rule's own error, what its warnings are about);
 * **evals/step** — path-gradient evaluations per step and input (the cost).
+
+A table compares rules, so each fixed rule's error is its row's **step error** and the rules that
+left steps above the replica's tolerance are named in one warning after the table
+(:func:`warn_inexact_rules`); the adaptive rule, the error-controlled one, keeps its own warnings.
 
 ``explaind replicate --table`` prints it; :func:`run_fidelity` computes the rows of one run.
 """
@@ -15,18 +21,19 @@ quadrature rule (midpoint with 10 and 100 nodes, Gauss–Legendre, the adaptive 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, ExplaindWarning
 
 __all__ = ["format_table", "Rule", "all_rules", "rule_from", "run_fidelity", "reference_setups", "reference_table",
            "TABLE_COLUMNS", "estimated_evals", "evals_text", "affordable_rules", "TABLE_MAX_EVALS", "DEFAULT_RULES",
-           "default_rule", "SCORES_RULE", "SCORES_TOL", "scores_rule"]
+           "default_rule", "SCORES_RULE", "SCORES_TOL", "scores_rule", "warn_inexact_rules"]
 
-TABLE_COLUMNS = ["setup", "rule", "evals/step", "argmax agreement", "KL", "max rel error", "seconds"]
+TABLE_COLUMNS = ["setup", "rule", "evals/step", "argmax agreement", "KL", "max rel error", "step error", "seconds"]
 _QUADRATURES = ("adaptive", "gauss-legendre", "midpoint", "left")
 #: Path-gradient evaluations that ``explaind replicate RUN --table`` spends by default (about a
 #: minute for the quickstart's transformer on one CPU thread, at ~165 µs per evaluation).
@@ -204,7 +211,7 @@ def rule_from(quadrature: str, nodes: int | None = None) -> Rule:
 
 def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, device: str = "cpu",
                  progress: bool = False, setup: str | None = None,
-                 steps: tuple[int, int | None] | None = None) -> list[dict[str, Any]]:
+                 steps: tuple[int, int | None] | None = None, warn: bool = True) -> list[dict[str, Any]]:
     r"""One table row per rule for a recorded run, on (the first ``n_test`` of) its validation inputs.
 
     Parameters
@@ -220,6 +227,12 @@ def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, devi
     steps : (int, int or None), optional
         Step window: the replica of steps ``start .. stop-1`` from :math:`f(x;\theta_{start})`
         against :math:`f(x;\theta_{stop})` (default: the whole run).
+    warn : bool
+        With more than one rule, the fixed rules' warnings that steps stayed above the replica's
+        tolerance are held back (each row's ``step error`` states its rule's error) and given as one
+        warning naming them all (:func:`warn_inexact_rules`); ``False`` leaves that warning to the caller
+        (it reads each row's ``warned``). The adaptive rule's warnings, and all of a single rule's, pass
+        through as they are.
     """
     import explaind
 
@@ -232,7 +245,13 @@ def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, devi
         start = time.perf_counter()
         replica = explaind.KernelReplica(quadrature=rule.quadrature, nodes=rule.nodes, device=device,
                                          progress=progress, steps=steps)
-        report = replica.fit(run.trajectory).fidelity_report(X)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = replica.fit(run.trajectory).fidelity_report(X)
+        held = [w for w in caught if len(rules) > 1 and _fixed_rule_warning(w)]
+        for w in caught:  # what the table does not state itself is warned about as it came
+            if w not in held:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         rows.append({
             "setup": name,
             "rule": rule.label,
@@ -240,11 +259,39 @@ def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, devi
             "argmax agreement": float(report["argmax_agreement"]),
             "KL": float(report["kl_divergence"]),
             "max rel error": float(report["max_rel_error"]),
+            "step error": float(np.max(report["relative_quadrature_error"], initial=0.0)),
             "seconds": round(time.perf_counter() - start, 2),
             "n_test": int(len(X)),
             "n_steps": int(len(report["steps"])),
+            "warned": bool(held),
+            "tol": float(replica.tol),
         })
+    if warn:
+        warn_inexact_rules(rows)
     return rows
+
+
+def _fixed_rule_warning(w: warnings.WarningMessage) -> bool:
+    """Whether ``w`` is a fixed rule's warning that (step, input) pairs stayed above the replica's tolerance."""
+    return issubclass(w.category, ExplaindWarning) and str(w.message).startswith("quadrature=")
+
+
+def warn_inexact_rules(rows: list[dict[str, Any]]) -> None:
+    """One :class:`~explaind.exceptions.ExplaindWarning` naming the table's fixed rules that left steps above tolerance.
+
+    ``rows`` are :func:`run_fidelity`'s; nothing is warned when no row is ``warned``.
+    """
+    inexact = [row for row in rows if row.get("warned")]
+    if not inexact:
+        return
+    labels = list(dict.fromkeys(f"{row['rule']}" + (f" ({row['setup']})" if len({r['setup'] for r in rows}) > 1
+                                                    else "") for row in inexact))
+    worst = max(row["step error"] for row in inexact)
+    warnings.warn(f"the fixed rules of the table ({', '.join(labels)}) left steps above the replica's tolerance "
+                  f"{inexact[0]['tol']:g} of their change, by up to {worst:.2g}: each row's 'step error' column is its "
+                  f"rule's largest, and the error is kept in the replica's quadrature error. Fixed rules do not "
+                  f"control their error; the adaptive rule does (quadrature='adaptive'), and more nodes shrink it.",
+                  ExplaindWarning, stacklevel=3)
 
 
 #: size -> (steps of each setup, validation inputs compared)
@@ -306,5 +353,7 @@ def reference_table(size: str = "small", *, device: str = "cpu", progress: bool 
         f"then {rules_cost(rules or all_rules(), _SIZES[size]['steps'], n_test)} per setup")
     for name, config in setups:
         run = train_run(config, None, progress=progress)
-        rows += run_fidelity(run, rules or all_rules(), n_test=n_test, device=device, progress=progress, setup=name)
+        rows += run_fidelity(run, rules or all_rules(), n_test=n_test, device=device, progress=progress, setup=name,
+                             warn=False)
+    warn_inexact_rules(rows)
     return rows

@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def run_benchmark(out_dir: str | Path, *, size: str = "small", seed: int = 0, nodes: int | None = None,
-                  progress: bool = False) -> dict[str, Any]:
+                  quadrature: str | None = None, tol: float | None = None, progress: bool = False) -> dict[str, Any]:
     """Run the digits pruning benchmark at a size preset and return a JSON-ready summary.
 
     Parameters
@@ -40,9 +40,14 @@ def run_benchmark(out_dir: str | Path, *, size: str = "small", seed: int = 0, no
     seed : int
         Seed of the single model trained by ``tiny`` and ``small`` (``full`` uses seeds 0, 1, 2).
     nodes : int, optional
-        Gauss–Legendre nodes per step of the ExPLAIND scores' path integral (``None``: the benchmark's
-        default, 1, the midpoint rule). More nodes shrink the quadrature error the scores leave out,
-        which the scores' estimator warns about above 0.1% of the explained change.
+        Nodes per step of the ExPLAIND scores' path-integral rule (per panel for ``adaptive``; ``None``:
+        the benchmark's default for the rule).
+    quadrature : str, optional
+        The scores' rule (``None``: the benchmark's default, the adaptive rule of ``explaind influence``).
+    tol : float, optional
+        The adaptive rule's relative tolerance per step and input (``None``: the benchmark's default,
+        :data:`~explaind.studies.fidelity.SCORES_TOL`). The scores' estimator warns when the quadrature
+        error they leave out is above 0.1% of the explained change.
     progress : bool
         Progress bars.
     """
@@ -55,6 +60,9 @@ def run_benchmark(out_dir: str | Path, *, size: str = "small", seed: int = 0, no
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
             raise ConfigError(f"nodes={nodes!r} must be a positive integer (Gauss-Legendre nodes per step), e.g. 4.")
         options["quadrature_nodes"] = nodes
+    for key, value in (("quadrature", quadrature), ("tol", tol)):
+        if value is not None:
+            options[key] = value
     if size != "full":
         options["seeds"] = (seed,)
     result = run_digits_benchmark(out_dir, progress=progress, **options)

@@ -17,8 +17,10 @@ input, counted whatever its sign. Both backends are :class:`explaind.InfluenceEs
     the data part of the updates, :math:`\sum_s\sum_k \psi` (``split=True``; options from
     ``engine_options``).
 ``"path"``
-    the whole update, :math:`\sum_s \varphi_s(x)[o, p]\,\Delta\theta_s[p]` (``split=False``), with a
-    Gauss–Legendre rule of ``quadrature_nodes`` nodes per step. It reads only the recorded
+    the whole update, :math:`\sum_s \varphi_s(x)[o, p]\,\Delta\theta_s[p]` (``split=False``), with the
+    path-integral rule ``quadrature`` (default a Gauss–Legendre rule of ``quadrature_nodes`` nodes per
+    step; ``"adaptive"``: panels of ``quadrature_nodes`` nodes refined until every step and input is
+    within ``tol`` of its exact change, as ``explaind prune`` uses). It reads only the recorded
     parameters; its sum over :math:`p` telescopes to :math:`f(x;\theta_N) - f(x;\theta_0)` up to the
     quadrature error. It equals the engine's score when the run has no weight decay and a zero
     residual (e.g. SGD with momentum, the paper's setting); otherwise the regularization and
@@ -37,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 import explaind
@@ -59,8 +61,13 @@ class ExplaindScoreConfig(PruningConfig):
     ----------
     backend : {"auto", "engine", "path"}
         Which computation to use (see the module documentation).
+    quadrature : {"gauss-legendre", "adaptive", "midpoint", "left"}
+        Path-integral rule of the path backend (:class:`explaind.InfluenceEstimator`'s ``quadrature``).
     quadrature_nodes : int
-        Gauss–Legendre nodes per step of the path backend.
+        Nodes per step of the path backend's rule (per panel for ``"adaptive"``).
+    tol : float or None
+        Relative tolerance per step and input of ``"adaptive"`` (``None``: the estimator's default);
+        refused with another rule.
     jacobian : {"factored", "vmap"}
         How the path backend forms the Jacobians: the engine's layer-factored evaluator where it
         applies (``factored="auto"``), or ``torch.func`` only (``factored="never"``).
@@ -76,12 +83,21 @@ class ExplaindScoreConfig(PruningConfig):
     """
 
     backend: Literal["auto", "engine", "path"] = "auto"
+    quadrature: Literal["gauss-legendre", "adaptive", "midpoint", "left"] = "gauss-legendre"
     quadrature_nodes: PositiveInt = 4
+    tol: float | None = Field(default=None, gt=0.0, lt=1.0)
     jacobian: Literal["factored", "vmap"] = "factored"
     batch_size: PositiveInt | None = None
     device: str = "auto"
     dtype: Literal["float32", "float64"] | None = None
     engine_options: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _tol_needs_adaptive(self) -> ExplaindScoreConfig:
+        if self.tol is not None and self.quadrature != "adaptive":
+            raise ValueError(f"tol={self.tol:g} is the adaptive rule's tolerance, but quadrature={self.quadrature!r}; "
+                             f"pass quadrature='adaptive' with it, or drop tol")
+        return self
 
 
 class ExplaindPruning(PruningStrategy):
@@ -93,7 +109,9 @@ class ExplaindPruning(PruningStrategy):
     Parameters
     ----------
     backend : {"auto", "engine", "path"}
+    quadrature : {"gauss-legendre", "adaptive", "midpoint", "left"}
     quadrature_nodes : int
+    tol : float or None
     jacobian : {"factored", "vmap"}
     batch_size : int
     device : str
@@ -107,13 +125,15 @@ class ExplaindPruning(PruningStrategy):
     needs_data = True
     needs_trajectory = True
 
-    def __init__(self, *, backend: str = "auto", quadrature_nodes: int = 4, jacobian: str = "factored",
-                 batch_size: int | None = None,
+    def __init__(self, *, backend: str = "auto", quadrature: str = "gauss-legendre", quadrature_nodes: int = 4,
+                 tol: float | None = None, jacobian: str = "factored", batch_size: int | None = None,
                  device: str = "auto", dtype: str | None = None, engine_options: dict[str, Any] | None = None,
                  sparsity: float = 0.9, scope: str = "global", exclude: Iterable[str] = (),
                  granularity: str = "unstructured", prune_biases: bool = False, random_state: int | None = None):
         self.backend = backend
+        self.quadrature = quadrature
         self.quadrature_nodes = quadrature_nodes
+        self.tol = tol
         self.jacobian = jacobian
         self.batch_size = batch_size
         self.device = device
@@ -168,8 +188,9 @@ def _dtype_name(dtype: str | None, trajectory: Any) -> str:
 def _estimator(cfg: ExplaindScoreConfig, backend: str, trajectory: Any) -> Any:
     """The :class:`explaind.InfluenceEstimator` of ``backend`` (``keep=("param",)``)."""
     if backend == "path":
+        rule = {} if cfg.tol is None else {"tol": cfg.tol}
         return explaind.InfluenceEstimator(
-            keep=("param",), split=False, quadrature="gauss-legendre", nodes=cfg.quadrature_nodes,
+            keep=("param",), split=False, quadrature=cfg.quadrature, nodes=cfg.quadrature_nodes, **rule,
             factored="auto" if cfg.jacobian == "factored" else "never", device=cfg.device,
             dtype=_dtype_name(cfg.dtype, trajectory))
     options = dict(cfg.engine_options or {})
@@ -210,15 +231,18 @@ def _check_model_matches(model: nn.Module, trajectory: Any) -> None:
 
 
 def path_contributions(trajectory: Any, X: Tensor, *, quadrature_nodes: int = 4, batch_size: int | None = None,
-                       device: str = "cpu", dtype: str | None = None, jacobian: str = "factored") -> dict[str, Tensor]:
+                       device: str = "cpu", dtype: str | None = None, jacobian: str = "factored",
+                       quadrature: str = "gauss-legendre", tol: float | None = None) -> dict[str, Tensor]:
     r"""Signed per-coordinate contributions of the path backend, ``(T, O, *param_shape)`` per tensor.
 
     ``A[x, o, p] = sum_s (int_0^1 grad_theta f(x; theta_s + t Delta theta_s) dt)[o, p] * Delta theta_s[p]``
-    with a Gauss–Legendre rule; summing ``A`` over ``p`` gives ``f(x; theta_N) - f(x; theta_0)`` up
+    with the rule ``quadrature`` (Gauss–Legendre by default; ``tol``: the adaptive rule's tolerance); summing ``A``
+    over ``p`` gives ``f(x; theta_N) - f(x; theta_0)`` up
     to the quadrature error. Memory ``T * O * D`` numbers (for inspection and tests; the strategy
     reduces chunk by chunk).
     """
-    cfg = ExplaindScoreConfig(quadrature_nodes=quadrature_nodes, jacobian=jacobian, device=device, dtype=dtype)
+    cfg = ExplaindScoreConfig(quadrature=quadrature, quadrature_nodes=quadrature_nodes, tol=tol, jacobian=jacobian,
+                              device=device, dtype=dtype)
     estimator = _estimator(cfg, "path", trajectory).fit(trajectory)
     parts = []
     for lo, hi in _chunks(trajectory, X, batch_size):
