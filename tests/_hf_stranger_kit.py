@@ -8,10 +8,12 @@ slow float64 loop reference (tests/reference.py, tests/_hf_testkit.py).
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
 import torch.nn.functional as F
+from _hf_testkit import MappingReference
 from reference import rel_err
 
 import explaind
@@ -40,14 +42,16 @@ def per_sample_ce(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, t, reduction="none")
 
 
-def train(model, X, y, loss, batch_loss, *, steps: int = 3, lr: float = 0.02, **recorder):
+def train(model, X, y, loss, batch_loss, *, steps: int = 3, lr: float = 0.02, check: bool = True, **recorder):
     """Record ``steps`` AdamW steps of 4 random samples; ``batch_loss(model_output, targets)`` is the loop's loss.
 
-    Returns the model in evaluation mode and the trajectory; every step's gradient check must pass at 1e-12.
+    Returns the model in evaluation mode and the trajectory; with ``check`` every step's gradient check must pass
+    at 1e-12.
     """
     model = model.to(DT).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    rec = explaind.TrajectoryRecorder(model, opt, loss=loss, train_data=(X, y), check_gradients=True, **recorder)
+    rec = explaind.TrajectoryRecorder(model, opt, loss=loss, train_data=(X, y), check_gradients=check,
+                                      **recorder)
     gen = torch.Generator().manual_seed(0)
     n = next(iter(X.values())).shape[0] if isinstance(X, dict) else X.shape[0]
     with rec:
@@ -59,17 +63,18 @@ def train(model, X, y, loss, batch_loss, *, steps: int = 3, lr: float = 0.02, **
             rec.log_batch(idx)
             opt.step()
     traj = rec.trajectory
-    assert max(traj.gradient_check()) <= 1e-12
+    assert not check or max(traj.gradient_check()) <= 1e-12
     return model.eval(), traj
 
 
-def assert_exact(traj, X_test, truth, ref, target, *, max_share: float = 1e-9):
+def assert_exact(traj, X_test, truth, ref, target, *, max_share: float = 1e-9, ref_error=None):
     """Replica <= 1e-6 relative to ``truth`` (the trained model in evaluation mode), no warning, residual share
-    <= ``max_share``, ``keep=("train",)`` <= 1e-9 relative to ``ref`` (whose own quadrature must be exact).
+    <= ``max_share``, ``keep=("train",)`` <= 1e-9 relative to ``ref``, whose own quadrature error (``ref_error``,
+    default ``ref.quad_error``) must vanish.
 
     Returns the attribution.
     """
-    assert float(ref.quad_error.abs().max()) <= 1e-11
+    assert float((ref.quad_error if ref_error is None else ref_error).abs().max()) <= 1e-11
     n = truth.shape[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExplaindWarning)
@@ -80,3 +85,28 @@ def assert_exact(traj, X_test, truth, ref, target, *, max_share: float = 1e-9):
     assert att.meta["residual_share"] <= max_share
     assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
     return att
+
+
+class TwinReference(MappingReference):
+    """The loop reference whose explained function runs ``twin(copy of the model)`` (the same function, written
+    otherwise), while the training gradients run the recorded model as the loop did."""
+
+    def __init__(self, traj, X, twin, **kwargs):
+        self.twin = twin(copy.deepcopy(traj.model)).to(DT).eval()
+        super().__init__(traj, X, **kwargs)
+
+    def _compute_gradients(self) -> None:
+        super()._compute_gradients()
+        self.model = self.twin  # what the explained function and its kinks run from here on
+
+
+def float64_rms_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Every ``*RMSNorm`` module that computes in float32 replaced by ``torch.nn.RMSNorm`` (same weight and eps)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child).__name__.endswith("RMSNorm") and hasattr(child, "variance_epsilon"):
+                norm = torch.nn.RMSNorm(child.weight.shape[0], eps=child.variance_epsilon, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    norm.weight.copy_(child.weight)
+                setattr(module, name, norm)
+    return model
