@@ -211,6 +211,7 @@ class RecorderChecksMixin:
                     "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
         if moved:
             hint += moved_message(moved, s, checked=True)
+        hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
             return check_batch_gradient(self.model, self._params, raw, self._loss,
                                         (x.to(device), y.to(device), weights.to(device)), s, tol, autocast, replay,
