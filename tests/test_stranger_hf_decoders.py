@@ -26,7 +26,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _hf_stranger_kit import (
-    LENGTH,
     VOCAB,
     N,
     TwinReference,
@@ -34,6 +33,7 @@ from _hf_stranger_kit import (
     float64_rms_norms,
     ids,
     padded,
+    tiny_bart,
     train,
 )
 from _hf_testkit import MappingReference, loop_token_loss
@@ -76,17 +76,11 @@ def _no_padding_idx(model):
 
 
 def test_bart_with_shared_embeddings_and_labels_padded_with_minus_100_is_exact():
-    torch.manual_seed(0)
-    cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
-                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                  decoder_ffn_dim=32, max_position_embeddings=LENGTH, dropout=0.0,
-                                  attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
-                                  eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
     src, labels = ids(N + 1, 4), ids(N + 1, 5, length=4)
     labels[::3, -2:] = -100  # padded targets; the decoder reads the padding id after the first
     decoder_ids = transformers.models.bart.modeling_bart.shift_tokens_right(labels, 1, 2)
     X = {"input_ids": src, "decoder_input_ids": decoder_ids}
-    model, traj = train(transformers.BartForConditionalGeneration(cfg), {k: v[:N] for k, v in X.items()}, labels[:N],
+    model, traj = train(tiny_bart(), {k: v[:N] for k, v in X.items()}, labels[:N],
                         "token_cross_entropy", lambda out, t: F.cross_entropy(out.logits.reshape(-1, VOCAB),
                                                                               t.reshape(-1)))
     assert model.lm_head.weight is model.model.shared.weight and "lm_head.weight" not in traj.param_names
@@ -107,15 +101,26 @@ def test_bart_with_shared_embeddings_and_labels_padded_with_minus_100_is_exact()
                                                     panels=4), target)
 
 
-def test_gpt_neox_with_partial_rotary_and_parallel_residual_is_exact():
+def _neox():
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, rotary_pct=0.5, use_parallel_residual=True, hidden_dropout=0.0,
+        attention_dropout=0.0, tie_word_embeddings=False))
+
+
+def _phi():
+    return transformers.PhiForCausalLM(transformers.PhiConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0))
+
+
+@pytest.mark.parametrize("build", [_neox, _phi], ids=["gpt_neox_parallel_residual", "phi_parallel_attention"])
+def test_partial_rotary_decoders_are_exact(build):
+    """GPT-NeoX (``rotary_pct=0.5``, parallel residual) and Phi (``partial_rotary_factor=0.5``, attention and MLP in
+    parallel, one norm)."""
     torch.manual_seed(0)
-    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, rotary_pct=0.5,
-                                     use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0,
-                                     tie_word_embeddings=False)
     tokens = ids(N + 2, 1)
-    _, traj, X_test, truth, ref = _causal_lm(transformers.GPTNeoXForCausalLM(cfg), {"input_ids": tokens}, tokens,
-                                             panels=8)
+    _, traj, X_test, truth, ref = _causal_lm(build(), {"input_ids": tokens}, tokens, panels=8)
     assert_exact(traj, X_test, truth, ref, TARGET)
 
 
@@ -131,17 +136,6 @@ def test_mistral_with_sliding_window_attention_is_exact():
     with torch.no_grad():
         assert rel_err(model(**X_test).logits, truth) > 1e-3
     model.config.sliding_window = 3  # the trajectory explains this very model
-    assert_exact(traj, X_test, truth, ref, TARGET)
-
-
-def test_phi_with_partial_rotary_and_parallel_attention_is_exact():
-    torch.manual_seed(0)
-    cfg = transformers.PhiConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, max_position_embeddings=16, partial_rotary_factor=0.5,
-                                 resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
-    tokens = ids(N + 2, 1)
-    _, traj, X_test, truth, ref = _causal_lm(transformers.PhiForCausalLM(cfg), {"input_ids": tokens}, tokens,
-                                             panels=8)
     assert_exact(traj, X_test, truth, ref, TARGET)
 
 
