@@ -170,6 +170,7 @@ def test_qwen2_left_padded_with_the_causal_4d_mask_is_exact_up_to_its_float32_no
         assert rel_err(model(input_ids=tokens[N:], attention_mask=mask[N:]).logits, truth) <= 1e-15
     idx, w = traj.batch(0)
     assert not np.allclose(np.log2(w.numpy()), np.round(np.log2(w.numpy())))  # token weights: not powers of two
-    att = assert_exact(traj, X_test, truth, ref, TARGET, max_share=1e-5)
+    # the per-sample gradients round in float32 too, one input at a time here and under vmap in the engine: 7e-10
+    att = assert_exact(traj, X_test, truth, ref, TARGET, max_share=1e-5, train_tol=1e-8)
     assert att.meta["residual_share"] > 1e-8  # float32 rounding, not the engine's: the reference has the same residual
     assert rel_err(att.residual, ref.residual(("train",))) <= 1e-3

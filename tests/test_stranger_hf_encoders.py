@@ -101,8 +101,8 @@ def test_bert_multiple_choice_is_exact():
 
     The classifier's bias is added to every choice, so the softmax cancels it: its gradient is 0 up to rounding
     (1e-16), which AdamW divides by ``sqrt(v) + eps`` into a step of about 1e-10 that the per-sample split carries
-    only up to rounding. That puts the residual share at about 2e-9 (the reference's own residual is the same size),
-    so the bound here is 1e-8.
+    only up to rounding. That puts the residual share at 2e-9 to 5e-9 (the reference's own residual is the same
+    size), so the bound here is 5e-8. (The question-answering head's bias cancels the same way: 2e-10.)
     """
     torch.manual_seed(0)
     cfg = transformers.BertConfig(**SMALL, num_hidden_layers=1, max_position_embeddings=LENGTH, **NO_DROPOUT)
@@ -117,7 +117,7 @@ def test_bert_multiple_choice_is_exact():
     assert 0 < float((bias[1] - bias[0]).abs().max()) < 1e-9  # rounding divided by eps
     target = [0, 2]
     assert_exact(traj, X_test, truth, MappingReference(traj, X_test, loss_fn=per_sample_ce, target=target, panels=4),
-                 target, max_share=1e-8)
+                 target, max_share=5e-8)
 
 
 class _SpanReference(MappingReference):
