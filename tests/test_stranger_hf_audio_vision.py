@@ -204,3 +204,19 @@ def test_transformers_resnet_with_train_mode_batch_norm_is_exact():
     ref = _LogitsBufferReference(traj, X[N:], target=TARGET, panels=2)
     # the reference's values at theta_{s+1} use beta_{s+1}, its path beta_s: the difference is the buffers term
     assert_exact(traj, X[N:], truth, ref, TARGET, ref_error=ref.quad_error - ref.buffer_terms())
+
+
+def test_numpy_states_round_trip_and_a_corrupted_one_is_refused():
+    from explaind.trajectory._numpy_random import numpy_state, set_numpy_state
+
+    np.random.seed(3)
+    np.random.randn(1)  # leaves a cached Gaussian (has_gauss = 1)
+    state = numpy_state()
+    drawn = (np.random.rand(3), np.random.randn(2))
+    set_numpy_state(state, "step_000001")
+    assert np.array_equal(np.random.rand(3), drawn[0]) and np.array_equal(np.random.randn(2), drawn[1])
+    bad = state.clone()
+    bad[5] = 2.5
+    for corrupted in (bad, state[:10]):
+        with pytest.raises(TrajectoryError, match=r"step_000001: the recorded NumPy random state.*corrupted"):
+            set_numpy_state(corrupted, "step_000001")
