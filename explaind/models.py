@@ -232,7 +232,8 @@ def model_from_spec(spec: dict[str, Any], *, dtype: str | torch.dtype | None = N
 
 
 def refuse_renormalising_embeddings(model: nn.Module, where: str) -> None:
-    """Refuse a model with an ``nn.Embedding(max_norm=...)``: its forward rewrites the table in place.
+    """Refuse a model with an ``nn.Embedding(max_norm=...)`` or ``nn.EmbeddingBag(max_norm=...)``: its forward
+    rewrites the table in place.
 
     Torch renormalises the looked-up rows of such a table inside the forward (``embedding_renorm_``
     on the weight, outside autograd), so the parameters change between optimizer steps without an
@@ -245,14 +246,14 @@ def refuse_renormalising_embeddings(model: nn.Module, where: str) -> None:
         Naming every such embedding and the fix.
     """
     found = [f"{name or type(m).__name__} (max_norm={m.max_norm})" for name, m in model.named_modules()
-             if isinstance(m, nn.Embedding) and m.max_norm is not None]
+             if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
     if found:
         raise UnsupportedModelError(
             f"{where}: the embeddings {found} renormalise their rows in place during every forward (max_norm), "
             f"which changes the parameters outside the optimizer's steps and would rewrite the recorded ones; "
-            f"that cannot be decomposed exactly. Allowed: nn.Embedding with max_norm=None. Fix: build the "
-            f"embedding with max_norm=None and, if the norm cap matters, apply it without changing the table, "
-            f"e.g. rows = emb(x); rows = rows * (max_norm / rows.norm(dim=-1, keepdim=True)).clamp(max=1).")
+            f"that cannot be decomposed exactly. Allowed: nn.Embedding and nn.EmbeddingBag with max_norm=None. "
+            f"Fix: build the embedding with max_norm=None and, if the norm cap matters, apply it without changing "
+            f"the table, e.g. rows = emb(x); rows = rows * (max_norm / rows.norm(dim=-1, keepdim=True)).clamp(max=1).")
 
 
 def refuse_sparse_embeddings(model: nn.Module, where: str) -> None:

@@ -122,7 +122,10 @@ class OptimizerAdapter(Protocol):
     optional method ``resumed(optimizer)`` is called by ``TrajectoryRecorder.restore()`` right after
     the recorded run's optimizer state was loaded into ``optimizer``: its hyperparameters are then
     those of the last recorded step (the built-in adapters refuse a later switch of ``maximize``
-    while a buffer built under the loaded value exists).
+    while a buffer built under the loaded value exists). An optional method ``start_state(optimizer)`` returns
+    the momentum buffers an optimizer holds when recording starts (restored from a checkpoint, or after
+    unrecorded steps), ``id(param) -> m_{-1}`` in the recurrence's sign convention; without it such an
+    optimizer is refused (docs/maths.md §4, "Optimizer state at the start").
     """
 
     def hyperparameters(self) -> dict[str, Any]:

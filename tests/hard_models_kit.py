@@ -30,7 +30,7 @@ from torch import Tensor, nn
 import explaind
 from explaind.exceptions import ExplaindWarning
 
-__all__ = ["DT", "QUAD", "data", "seeded", "train", "measure", "assert_exact"]
+__all__ = ["DT", "QUAD", "data", "seeded", "train", "measure", "assert_exact", "run_exact"]
 
 DT = torch.float64
 #: The error-controlled rule, tight enough that the kinks of an untuned ReLU run leave no quadrature error.
@@ -86,8 +86,12 @@ def train(model: nn.Module, opt: str, X: Any, y: Tensor, *, steps: int = 3, batc
 
 
 def measure(model: nn.Module, traj: Any, copies: list[dict[str, Tensor]], X_test: Any, *, buffers: bool = False,
-            logits: Callable[[Any], Tensor] = lambda out: out) -> dict[str, float]:
-    """The errors of one run (see the module docstring); ``buffers``: training changed buffers (beta_s per step)."""
+            logits: Callable[[Any], Tensor] = lambda out: out, order: int = 8, panels: int = 2) -> dict[str, float]:
+    """The errors of one run (see the module docstring); ``buffers``: training changed buffers (beta_s per step).
+
+    ``order``, ``panels``: the reference's Gauss-Legendre nodes per panel and panels per smooth piece of a segment
+    (more for the long, curved segments of attention models trained at the untuned learning rates).
+    """
     got = {}
     got["params"] = max(float((traj.params(s)[n].to(DT) - c[n]).abs().max())
                         for s, c in enumerate(copies) for n in c)
@@ -102,7 +106,7 @@ def measure(model: nn.Module, traj: Any, copies: list[dict[str, Tensor]], X_test
         att = explaind.InfluenceEstimator(keep=("train",), device="cpu", **QUAD).fit(traj).transform(X_test)
     got["residual_share"] = float(att.meta["residual_share"])
     got["total"] = rel_err(as_numpy(att.total()), as_numpy(trained))
-    ref = (BufferReference if buffers else ReplayReference)(traj, X_test)
+    ref = (BufferReference if buffers else ReplayReference)(traj, X_test, order=order, panels=panels)
     got["train_vs_reference"] = rel_err(as_numpy(att.values), reference_terms(ref, att)["values"])
     # the reference's own split: its per-sample terms and regularization add up to every recorded update
     moved = max(float(torch.stack(ref.delta).abs().max()), 1e-300)
@@ -125,3 +129,14 @@ def assert_exact(got: dict[str, float]) -> None:
     if "buffers_vs_reference" in got:
         assert got["buffers_vs_reference"] <= 1e-12, got
 
+
+
+def run_exact(build: Callable[[], nn.Module], opt: str, X: Any, y: Tensor, *, n_train: int = 12,
+              buffers: bool = False, logits: Callable[[Any], Tensor] = lambda out: out, order: int = 8,
+              panels: int = 2, **recorder: Any) -> dict[str, float]:
+    """Build (seeded), train on the first ``n_train`` samples, measure on the rest and :func:`assert_exact`."""
+    model = seeded(build)
+    traj, copies = train(model, opt, X[:n_train], y[:n_train], logits=logits, **recorder)
+    got = measure(model, traj, copies, X[n_train:], buffers=buffers, logits=logits, order=order, panels=panels)
+    assert_exact(got)
+    return got

@@ -41,7 +41,32 @@ from torch.func import functional_call
 __all__ = ["Reference", "rel_err"]
 
 AXES = ("step", "param", "train")
-_KINK_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU)  # ELUs: kink at 0 (alpha != 1)
+#: ELUs: kink at 0 (alpha != 1); PReLU: kink at 0
+_KINK_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.PReLU)
+
+
+def _candidate_gaps(module: nn.Module, inp: tuple) -> Tensor:
+    """Differences of every pair of candidates of each maximum ``module`` takes (a sign change is a kink).
+
+    Max pooling (padding 0, dilation 1): the values of each window; a ``mode="max"`` embedding bag of a 2-D input:
+    each coordinate of the rows of each bag.
+    """
+    if isinstance(module, nn.EmbeddingBag):
+        if inp[0].dim() != 2:
+            raise NotImplementedError("the reference watches mode='max' bags of 2-D inputs only")
+        cands = module.weight.detach()[inp[0]].transpose(-1, -2)  # (n, D, L)
+    else:
+        if module.padding not in (0, (0, 0)) or module.dilation not in (1, (1, 1)):
+            raise NotImplementedError("the reference watches max pooling without padding or dilation only")
+        x = inp[0].detach()
+        nd, dims = x.dim(), (1 if isinstance(module, nn.MaxPool1d) else 2)
+        ks = (module.kernel_size,) * dims if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+        st = (module.stride,) * dims if isinstance(module.stride, int) else tuple(module.stride)
+        for a in range(dims):  # (..., *out, *kernel): unfold appends each window axis at the end
+            x = x.unfold(nd - dims + a, ks[a], st[a])
+        cands = x.reshape(*x.shape[:nd], -1)
+    i, j = torch.triu_indices(cands.shape[-1], cands.shape[-1], 1)
+    return (cands[..., i] - cands[..., j]).reshape(-1)
 
 
 def rel_err(a, b) -> float:
@@ -204,31 +229,32 @@ class Reference:
     kink_outputs: tuple[str, ...] = ()
 
     def kinks(self, s: int, xi: int, grid: int = 16) -> list[float]:
-        """Points ``t in (0, 1)`` where an input of a ReLU-like module (or a ``kink_outputs`` output) changes sign."""
+        """Points ``t in (0, 1)`` where an input of a ReLU-like module (or a ``kink_outputs`` output) changes sign,
+        or two candidates of a maximum (a max-pooling window, a ``mode="max"`` bag) swap order."""
         mods = [m for m in self.model.modules() if isinstance(m, _KINK_MODULES)]
         feeding = [dict(self.model.named_modules())[name] for name in self.kink_outputs]
-        if not mods and not feeding:
+        maxima = [m for m in self.model.modules() if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d))
+                  or (isinstance(m, nn.EmbeddingBag) and m.mode == "max")]
+        if not mods and not feeding and not maxima:
             return []
-        seen: list[Tensor] = []
-        hooks = [m.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach().reshape(-1)))
-                 for m in mods]
+        seen: list[Tensor] = []  # each hook appends its watched values minus their thresholds
+
+        def relu_like(m: nn.Module, inp: tuple, _out: Tensor) -> None:
+            ths = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (m.min_val, m.max_val) if isinstance(m, nn.Hardtanh) \
+                else (0.0,)
+            seen.extend(inp[0].detach().reshape(-1) - th for th in ths)
+
+        hooks = [m.register_forward_hook(relu_like) for m in mods]
         hooks += [m.register_forward_hook(lambda _m, _inp, out: seen.append(out.detach().reshape(-1)))
                   for m in feeding]
-        thresholds = []
-        for m in mods:
-            if isinstance(m, nn.ReLU6):
-                thresholds.append((0.0, 6.0))
-            elif isinstance(m, nn.Hardtanh):
-                thresholds.append((m.min_val, m.max_val))
-            else:
-                thresholds.append((0.0,))
-        thresholds += [(0.0,)] * len(feeding)
+        hooks += [m.register_forward_hook(lambda m, inp, _out: seen.append(_candidate_gaps(m, inp)))
+                  for m in maxima]
 
         def pre(t: float) -> Tensor:
             seen.clear()
             with torch.no_grad():
                 self.forward(self.theta[s] + t * self.delta[s], xi)
-            return torch.cat([v - th for v, ths in zip(seen, thresholds) for th in ths])
+            return torch.cat(seen)
 
         try:
             ts = np.linspace(0.0, 1.0, grid + 1)

@@ -98,17 +98,18 @@ def test_all_problems_reported_at_once():
     assert "param_groups[1]['lr']" in msg
 
 
-def test_optimizer_with_state_refused():
+def test_optimizer_with_state_is_accepted_and_its_start_buffers_are_read():
+    """An optimizer restored from a checkpoint starts the recurrence from its buffers (docs/maths.md §4)."""
     p = _param()
     opt = torch.optim.AdamW([p])
     p.grad = torch.ones(3, dtype=torch.float64)
     opt.step()
-    with pytest.raises(ConfigError, match=r"already holds state for 1 parameter.*before the first optimizer\.step"):
-        _adapter(opt)
-    # plain SGD keeps no state: nothing to refuse
-    sgd = torch.optim.SGD([p], lr=0.1)
+    start = _adapter(opt).start_state(opt)
+    assert list(start) == [id(p)] and torch.equal(start[id(p)], opt.state[p]["exp_avg"])
+    assert start[id(p)] is not opt.state[p]["exp_avg"]  # a copy: the next step changes the buffer in place
+    sgd = torch.optim.SGD([p], lr=0.1)  # plain SGD keeps no buffer: nothing to start from
     sgd.step()
-    assert _adapter(sgd).hyperparameters()["param_groups"][0]["lr"] == 0.1
+    assert _adapter(sgd).start_state(sgd) == {}
 
 
 def test_complex_parameters_refused_by_adam():

@@ -74,7 +74,8 @@ def test_an_embedding_with_max_norm_is_refused_by_the_recorder():
     model = CappedTokens().to(DT)
     before = model.tok.weight.detach().clone()
     with pytest.raises(UnsupportedModelError, match=r"TrajectoryRecorder: the embeddings \['tok \(max_norm=0.5\)'\] "
-                                                    r"renormalise.*Allowed: nn.Embedding with max_norm=None. Fix"):
+                                                    r"renormalise.*Allowed: nn.Embedding and nn.EmbeddingBag with "
+                                                    r"max_norm=None. Fix"):
         explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), loss="cross_entropy")
     assert torch.equal(model.tok.weight, before)
 

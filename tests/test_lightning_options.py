@@ -131,7 +131,7 @@ def test_limit_train_batches_with_max_steps_inside_an_epoch_is_exact(tmp_path):
     _assert_exact(model, traj)
 
 
-def _resume(tmp_path, momentum: float):
+def _resume(tmp_path, momentum: float, **callback_kwargs):
     """Two steps saved by ``ModelCheckpoint``, then a new module and callback resumed from it to step 5."""
     X, y = _data()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1)
@@ -151,17 +151,30 @@ def _resume(tmp_path, momentum: float):
     trainer([checkpoints, ExplaindLightningCallback((X, y), loss="cross_entropy", module="model")], 2).fit(
         CrossEntropyModule(_mlp(), optimizer), loader())
     module = CrossEntropyModule(_mlp(), optimizer)
-    callback = ExplaindLightningCallback((X, y), loss="cross_entropy", module="model")
+    callback = ExplaindLightningCallback((X, y), loss="cross_entropy", module="model", **callback_kwargs)
     (saved,) = (tmp_path / "checkpoints").glob("*.ckpt")
     trainer([callback], 5).fit(module, loader(), ckpt_path=str(saved))
     return module.model.eval(), callback.trajectory
 
 
-def test_resuming_with_momentum_from_a_checkpoint_is_refused_naming_ckpt_path(tmp_path):
+def test_resuming_with_momentum_from_a_checkpoint_is_exact_with_its_initial_state_term(tmp_path):
+    """``ckpt_path`` restores the momentum buffers: the recording starts from them, their part of the resumed updates
+    is the ``initial_state`` term, and the replica, the residual and the train scores stay exact."""
+    model, traj = _resume(tmp_path, momentum=0.9)
+    assert traj.n_steps == 3 and len(traj.initial_state()) == 4
+    _assert_exact(model, traj)
+    X = torch.randn(3, 5, generator=torch.Generator().manual_seed(9), dtype=DT)
+    att = explaind.InfluenceEstimator(keep=("step",), tol=1e-11, device="cpu").fit(traj).transform(X)
+    carried = att.initial_state.abs().sum() / (att.final - att.initial).abs().sum()
+    assert carried >= 1e-2 and att.completeness_error() <= 1e-12
+
+
+def test_a_sparse_store_resumed_with_momentum_from_a_checkpoint_is_refused_naming_ckpt_path(tmp_path):
+    """A sparse store replays its first segment from a fresh optimizer: the restored momentum would be lost."""
     with pytest.raises(ConfigError, match=r"started at step 2 with the optimizer state of a checkpoint \(4 "
-                                          r"parameter\(s\) hold SGD state\).*ckpt_path.*Fix: record the run from "
-                                          r"step 0"):
-        _resume(tmp_path, momentum=0.9)
+                                          r"parameter\(s\) hold SGD state\).*ckpt_path.*checkpoint_every=2.*Fix: pass "
+                                          r"checkpoint_every=1"):
+        _resume(tmp_path, momentum=0.9, store=tmp_path / "run", checkpoint_every=2)
 
 
 def test_resuming_without_optimizer_state_records_the_resumed_steps_exactly(tmp_path):

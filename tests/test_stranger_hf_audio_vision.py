@@ -1,8 +1,9 @@
 """Hugging Face audio and vision models whose training forwards draw random numbers or couple the batch.
 
 * Wav2Vec2 with SpecAugment (``mask_time_prob > 0``) draws its time masks with **NumPy** (``np.random`` in
-  ``_compute_mask_indices``), not torch. Without capture the gradient check refuses the run at step 0 naming
-  ``capture_random=True`` (and NumPy); with the check off the residual share warns. With ``capture_random=True`` the
+  ``_compute_mask_indices``), not torch. Without capture the recorder refuses the run at its first training forward
+  naming ``capture_random=True``; with ``capture_random=False`` (nothing replayed, no guard) the residual share
+  warns. With ``capture_random=True`` the
   recorder saves NumPy's global state with the torch states before every training forward and the replay sets it:
   exact, also through a store, and recording leaves the loop's own NumPy draws unchanged.
 * ConvNeXt with ``drop_path_rate > 0`` (stochastic depth with ``torch.rand`` in ``forward``, in no dropout module):
@@ -70,13 +71,14 @@ class _NumpyReplayReference(ReplayReference):
 
 def test_wav2vec2_spec_augment_without_capture_is_refused_naming_capture_random():
     X, y = _audio()
-    with pytest.raises(TrajectoryError, match=r"np\.random.*capture_random=True"):
+    with pytest.raises(TrajectoryError, match=r"numpy\.random \(the global state\).*capture_random=True"):
         train(_wav2vec2(), X[:N], y, "cross_entropy", _logits_ce)  # no dropout: nothing is captured
 
 
-def test_wav2vec2_spec_augment_unchecked_and_uncaptured_warns_naming_capture_random():
+def test_wav2vec2_spec_augment_with_capture_random_false_warns_naming_capture_random():
+    """``capture_random=False`` switches the forward's guard off and replays nothing: the residual share warns."""
     X, y = _audio()
-    model, traj = train(_wav2vec2(), X[:N], y, "cross_entropy", _logits_ce, check=False)
+    model, traj = train(_wav2vec2(), X[:N], y, "cross_entropy", _logits_ce, check=False, capture_random=False)
     with pytest.warns(ExplaindWarning, match=r"residual share.*capture_random=True"):
         explaind.InfluenceEstimator(keep=(), device="cpu").fit(traj).transform(X[N:])
 
@@ -148,19 +150,24 @@ class _LogitsBufferReference(BufferReference):
         return functional_call(self.model, params, (self.X[xi:xi + 1],)).logits[0]
 
     def kinks(self, s, xi, grid=16):
-        """Where the embedder's 3x3 max pooling switches its maximum: every sign change of a difference of two
-        entries of a window (a superset of the switches, located by bisection as the base class does)."""
-        pool, seen = self.model.resnet.embedder.pooler, []
-        hook = pool.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach()))
+        """Where an ``nn.ReLU``'s input changes sign (the model keeps a few ReLUs whatever ``hidden_act``) or the
+        embedder's 3x3 max pooling (padding 1, which the base class does not watch) switches its maximum: every sign
+        change of a difference of two entries of a window (a superset of the switches). Located by bisection as the
+        base class does."""
+        pool, seen, relus = self.model.resnet.embedder.pooler, [], []
+        hooks = [pool.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach()))]
+        hooks += [m.register_forward_hook(lambda _m, inp, _out: relus.append(inp[0].detach().reshape(-1)))
+                  for m in self.model.modules() if isinstance(m, torch.nn.ReLU)]
         pairs = torch.triu_indices(9, 9, 1)
 
         def pre(t: float) -> torch.Tensor:
             seen.clear()
+            relus.clear()
             with torch.no_grad():
                 self.forward(self.theta[s] + t * self.delta[s], xi)
             padded = F.pad(seen[0], (1, 1, 1, 1), value=-1e6)  # max pooling's padding never wins
             win = F.unfold(padded, 3, stride=2).reshape(seen[0].shape[1], 9, -1)
-            return (win[:, pairs[0]] - win[:, pairs[1]]).reshape(-1)
+            return torch.cat([(win[:, pairs[0]] - win[:, pairs[1]]).reshape(-1), *relus])
 
         try:
             ts = np.linspace(0.0, 1.0, grid + 1)
@@ -174,8 +181,9 @@ class _LogitsBufferReference(BufferReference):
                         lo, hi = (mid, hi) if (float(pre(mid)[unit]) > 0) == sign else (lo, mid)
                     roots.append(0.5 * (lo + hi))
         finally:
-            hook.remove()
-        return sorted(set(roots) | set(super().kinks(s, xi, grid)))
+            for hook in hooks:
+                hook.remove()
+        return sorted(set(roots))
 
     def buffer_terms(self):
         """``f(theta_{s+1}, beta_{s+1}) - f(theta_{s+1}, beta_s)`` of the target logits, ``(N, n, 1)``."""
@@ -191,7 +199,8 @@ class _LogitsBufferReference(BufferReference):
 
 
 def test_transformers_resnet_with_train_mode_batch_norm_is_exact():
-    """GELU activations (a ReLU network's kinks are another matter: docs/guide_own_model.md); max pooling kept."""
+    """``hidden_act="gelu"`` (a ReLU-dense path is another matter: docs/guide_own_model.md); the ReLUs the model keeps
+    and its max pooling are kinks the reference locates."""
     torch.manual_seed(0)
     cfg = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                     layer_type="basic", num_labels=3, hidden_act="gelu")

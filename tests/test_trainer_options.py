@@ -206,10 +206,17 @@ def _resume(tmp_path, optim: str):
     return model.eval(), callback.trajectory
 
 
-def test_resuming_with_the_optimizers_state_is_refused_naming_resume_from_checkpoint(tmp_path):
-    with pytest.raises(ConfigError, match=r"started at step 2 with the optimizer state of a checkpoint.*"
-                                          r"resume_from_checkpoint.*Fix: record the run from step 0"):
-        _resume(tmp_path, "adamw_torch")
+def test_resuming_from_a_checkpoint_with_adamw_state_is_exact_with_its_initial_state_term(tmp_path):
+    """``resume_from_checkpoint`` restores AdamW's moments and step count: the recording starts from them, the
+    part of the three resumed updates that the first moments carry is the ``initial_state`` term, and the rest
+    still splits over the resumed steps' samples (docs/maths.md §4, "Optimizer state at the start")."""
+    model, traj = _resume(tmp_path, "adamw_torch")
+    assert traj.n_steps == 3 and sorted(traj.initial_state()) == sorted(n for n, _ in model.named_parameters())
+    _assert_exact(model, traj)
+    X = {"x": torch.randn(3, 5, generator=torch.Generator().manual_seed(9), dtype=DT)}
+    att = explaind.InfluenceEstimator(keep=("step",), tol=1e-11, device="cpu").fit(traj).transform(X)
+    carried = att.initial_state.abs().sum() / (att.final - att.initial).abs().sum()
+    assert carried >= 1e-2 and att.completeness_error() <= 1e-12  # a real share of the change, in its own term
 
 
 def test_resuming_plain_sgd_records_the_resumed_steps_weighted_by_their_place_in_the_epoch(tmp_path):

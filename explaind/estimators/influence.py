@@ -107,7 +107,8 @@ class InfluenceEstimator(PathEstimator):
         ``(position, token)`` of token logits), or the per-sample loss of ``(f(x), y)`` (``O = 1``;
         ``transform`` needs ``y``; for ``loss="causal_lm"`` the next-token loss of each input).
     split : bool
-        Split every update into its data (kernel), regularization and residual parts (default).
+        Split every update into its data (kernel), regularization and residual parts (default), and, for a
+        run recorded from an optimizer that held momentum, the part it carries (``initial_state``).
         ``False``: ``values`` hold each step's whole update :math:`\varphi_s(x)\Delta\theta_s` on the kept
         axes and ``regularization``/``residual`` are zero; only the recorded parameters are read
         (no training data, no optimizer coefficients), and ``"train"`` cannot be kept.
@@ -260,7 +261,8 @@ class InfluenceEstimator(PathEstimator):
                 f"memory_budget."
             )
         # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output
-        n_tangents = (3 if cfg.split else 1) * (len(layout) if "group" in keep else 1)
+        n_parts = (4 if self.trajectory_.initial_state() else 3) if cfg.split else 1
+        n_tangents = n_parts * (len(layout) if "group" in keep else 1)
         jacobian_path = needs_train or "param" in keep or n_tangents > self._jvp_tangent_ratio * O
         rank, size = world() if cfg.distributed == "auto" else (0, 1)
         shards = choose_layout(size, T, stop - start, blocks=jacobian_path, steps=not needs_train)
@@ -294,7 +296,8 @@ class InfluenceEstimator(PathEstimator):
                 if hi == stop:
                     g_stop[cell.rows] = g_hi
         if size > 1:
-            all_sum_([acc.values, acc.regularization, acc.residual, acc.estimate, exact, evals, g_start, g_stop,
+            all_sum_([acc.values, acc.regularization, acc.residual, acc.initial_state, acc.estimate, exact, evals,
+                      g_start, g_stop,
                       *([] if buffers is None else [buffers])])
             self.sweep_["processes"] = size
             self.sweep_["shards"] = shards.describe()
@@ -368,6 +371,7 @@ class InfluenceEstimator(PathEstimator):
             final=g_stop.cpu(),
             regularization=order(acc.regularization, side),
             residual=order(acc.residual, side),
+            initial_state=order(acc.initial_state, side),
             quadrature_error=order(quad, ("step",) if "step" in keep else ()),
             buffers=None if buffers is None else order(buffers if "step" in keep else buffers.sum(1),
                                                         ("step",) if "step" in keep else ()),

@@ -246,7 +246,17 @@ class KernelReplica(PathEstimator):
                               f"for X, the replica {tuple(replica.shape)}; pass the model the trajectory was recorded "
                               f"from.")
         drift = _rel(out, g_stop)
-        if drift > (1e-6 if replica.dtype == torch.float64 else 1e-3):
+        bound = 1e-6 if replica.dtype == torch.float64 else 1e-3
+        if drift > bound and _agrees_with_gradients(model, Xt, g_stop, bound):
+            warnings.warn(
+                f"{type(self).__name__}.fidelity_report: the model's outputs under torch.no_grad() differ from its "
+                f"outputs with gradients enabled by {drift:.3g} (relative) on X, in evaluation mode with the "
+                f"recorded parameters: torch takes an inference fast path there (nn.TransformerEncoder with "
+                f"enable_nested_tensor=True and a src_key_padding_mask returns 0 at the padded positions). explaind "
+                f"differentiates the model, so the replica and the scores explain the outputs with gradients "
+                f"enabled. Fix: build nn.TransformerEncoder(..., enable_nested_tensor=False), or read only unpadded "
+                f"positions (pool with the mask).", ExplaindWarning, stacklevel=3)
+        elif drift > bound:
             warnings.warn(f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
                           f"{drift:.3g} (relative) on X: its buffers or parameters are not those of the recorded run's "
                           f"last step (the model was changed after recording, or the run was recorded before "
@@ -255,6 +265,23 @@ class KernelReplica(PathEstimator):
                           stacklevel=3)
         return {"model_max_rel_error": _rel(replica, out), "model_argmax_agreement":
                 float((replica.argmax(-1) == out.argmax(-1)).double().mean()), "model_vs_recorded": drift}
+
+
+def _agrees_with_gradients(model: nn.Module, Xt: Any, g_stop: torch.Tensor, bound: float) -> bool:
+    """Whether ``model`` in evaluation mode *with* gradients enabled agrees with ``g_stop`` within ``bound``.
+
+    Called when its ``torch.no_grad()`` outputs do not: when this one does, the difference is torch's inference
+    fast path, not the parameters or buffers.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = model_output(Xt.call(model) if isinstance(Xt, Inputs) else model(Xt)).detach()
+    finally:
+        model.train(was_training)
+    out = out.reshape(out.shape[0], -1).to(device=g_stop.device, dtype=g_stop.dtype)
+    return out.shape == g_stop.shape and _rel(out, g_stop) <= bound
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

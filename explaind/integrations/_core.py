@@ -11,6 +11,7 @@ from torch import nn
 from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError
 from ..inputs import Inputs
 from ..trajectory._common import TrainData, resolve_loss_record
+from ..trajectory._start_state import held_state
 from ..trajectory.recorder import TrajectoryRecorder
 from .data import INDEX_KEY, IndexedDataset
 
@@ -94,32 +95,32 @@ class RecordingCore:
         """Create and enter the recorder; ``grad_scaler`` is the framework's ``torch.amp.GradScaler`` or ``None``.
 
         ``step`` is the framework's optimizer step when training starts (above 0 when it resumed from a
-        checkpoint). The recorder's recurrence starts from an empty optimizer state (docs/maths.md §1), so a
-        resumed run whose optimizer holds restored state (momentum, Adam moments) is refused here, naming
-        the framework's resume option; the adapter's own refusal would name a fix the callback cannot take.
+        checkpoint). An optimizer restored with the checkpoint starts the recording from its state: the
+        recorder stores its momentum buffers and the ``initial_state`` term of an attribution carries them
+        (docs/maths.md §4, "Optimizer state at the start"). What the recorder cannot start from (an adapter
+        without ``start_state``, a sparse store) is refused with the framework's resume option named.
         """
         if self.recorder is not None:
             raise TrajectoryError(f"This {type(self).__name__} has recorded a run already; create a new one for "
                                   f"every training run.")
-        held = sum(1 for state in optimizer.state.values() if state)
-        if step > 0 and held:
-            raise ConfigError(
-                f"Training started at step {step} with the optimizer state of a checkpoint ({held} parameter(s) "
-                f"hold {type(optimizer).__name__} state) after {self.framework_resume}. explaind decomposes a run "
-                f"from its first step, where the optimizer state is empty, so the momentum carried over from the "
-                f"steps before the checkpoint cannot be split over samples. Fix: record the run from step 0 in one "
-                f"call with the callback (its store= keeps the recording on disk as it goes); a run that must "
-                f"survive interruptions can be recorded in a plain loop with TrajectoryRecorder(store=..., "
-                f"resume=True) and rec.restore() (docs/recording.md, 'Resuming')."
-            )
+        held = held_state(optimizer)
         try:
             self.recorder = TrajectoryRecorder(model, optimizer, loss=self._loss, train_data=self._data,
                                               grad_scaler=grad_scaler, **self._kwargs)
+            self._dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+            self.recorder.__enter__()
         except UnknownEntryError as exc:
+            self.recorder = None
             raise UnknownEntryError(f"{self.framework_optimizer} gave a {type(optimizer).__module__}."
                                     f"{type(optimizer).__name__}: {exc} {self.framework_optimizer_fix}") from None
-        self._dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
-        self.recorder.__enter__()
+        except ConfigError as exc:
+            self.recorder = None
+            if not (step > 0 and held):
+                raise
+            raise ConfigError(f"Training started at step {step} with the optimizer state of a checkpoint ({held} "
+                              f"parameter(s) hold {type(optimizer).__name__} state) after {self.framework_resume}, "
+                              f"and the recording cannot start from it: {exc} Or record the run from step 0 in one "
+                              f"call with the callback.") from None
 
     def _stop(self) -> None:
         if self.recorder is not None and self.recorder._active:

@@ -6,6 +6,7 @@ exclusive) the engine fills, in canonical axis order,
 * ``values``          ``(T, *K, O)``: the data (kernel) part :math:`\sum \varphi_s(x)[o,p] D_{s,k}[p]`;
 * ``regularization``  ``(T, *K \ {train}, O)``: :math:`\varphi_s(x) R_s` (weight decay);
 * ``residual``        ``(T, *K \ {train}, O)``: :math:`\varphi_s(x) E_s` (unmodelled update);
+* ``initial_state``   ``(T, *K \ {train}, O)``: the part carried by the optimizer's buffers from before step 0;
 * ``estimate``        ``(T, S, O)``: the quadrature estimate of each step (all parts together),
 
 and the quadrature error follows as ``exact - estimate``. Contributions arrive per step (or summed
@@ -79,6 +80,7 @@ class Accumulators:
         side = [sizes[a] for a in self.canon if a != "train"]
         self.regularization = torch.zeros(T, *side, O, **kw)
         self.residual = torch.zeros(T, *side, O, **kw)
+        self.initial_state = torch.zeros(T, *side, O, **kw)
         self.estimate = torch.zeros(T, S, O, **kw)
         self.step = "step" in keep
         self.group = "group" in keep
@@ -95,7 +97,7 @@ class Accumulators:
             vals *= sizes[a]
             if a != "train":
                 side *= sizes[a]
-        return vals + 2 * side + T * S * O
+        return vals + 3 * side + T * S * O
 
     def _view(self, target: Tensor, s: int | None, rows: slice) -> Tensor:
         view = target[rows]

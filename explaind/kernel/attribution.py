@@ -7,7 +7,7 @@ summed to the kept axes, and the terms that complete them:
 
     g(x;\theta_{stop}) = \underbrace{g(x;\theta_{start})}_{initial}
         + \sum \text{values} + \sum \text{regularization} + \sum \text{residual}
-        + \sum \text{quadrature\_error} + \sum \text{buffers}
+        + \sum \text{quadrature\_error} + \sum \text{buffers} + \sum \text{initial\_state}
 
 (completeness; :meth:`Attribution.total` returns the right-hand side and :attr:`final` the
 left-hand side, computed by a forward pass).
@@ -25,6 +25,10 @@ indices ``0..n_train-1`` (samples never used contribute 0).
 since they are measured per step and input, not per parameter or sample. ``buffers`` is the exact
 change of :math:`g` when training changed buffers (batch-norm running statistics) at a step,
 :math:`g(\theta_{s+1}, \beta_{s+1}) - g(\theta_{s+1}, \beta_s)` (docs/maths.md, "Buffers"); zero otherwise.
+``initial_state`` (axes :attr:`side_axes`) is the part of the updates carried by the momentum buffers
+:math:`m_{-1}` the optimizer held before the first recorded step,
+:math:`\sum_s \varphi_s(x)\,(-P_s q_s \prod_{j \le s} a_j\, m_{-1})` (docs/maths.md §4, "Optimizer state at
+the start"); zero for a recording that started from a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ __all__ = ["Attribution", "AXES"]
 #: The decomposed axes an influence query may keep, in canonical order.
 AXES = ("step", "group", "param", "train")
 
-_TENSORS = ("values", "initial", "final", "regularization", "residual", "quadrature_error", "buffers")
+_TENSORS = ("values", "initial", "final", "regularization", "residual", "quadrature_error", "buffers",
+            "initial_state")
 FORMAT_VERSION = 1
 
 
@@ -73,6 +78,9 @@ class Attribution:
     buffers : Tensor
         Exact change through buffers changed by training, axes :attr:`quadrature_axes` (zeros when
         none changed; ``None`` at construction means zeros).
+    initial_state : Tensor
+        Part carried by the optimizer's momentum buffers from before the recording, axes
+        :attr:`side_axes` (zeros for a fresh optimizer; ``None`` at construction means zeros).
     coords : dict
         Axis name -> coordinates (lists or int arrays).
     layout : ParamLayout
@@ -92,10 +100,13 @@ class Attribution:
     layout: ParamLayout
     meta: dict[str, Any] = field(default_factory=dict)
     buffers: Tensor = None  # type: ignore[assignment]  # zeros like quadrature_error when not given
+    initial_state: Tensor = None  # type: ignore[assignment]  # zeros like residual when not given
 
     def __post_init__(self) -> None:
         if self.buffers is None:
             self.buffers = torch.zeros_like(self.quadrature_error)
+        if self.initial_state is None:
+            self.initial_state = torch.zeros_like(self.residual)
 
     # ------------------------------------------------------------------ axes
     @property
@@ -105,7 +116,7 @@ class Attribution:
 
     @property
     def side_axes(self) -> tuple[str, ...]:
-        """Axes of ``regularization`` and ``residual``."""
+        """Axes of ``regularization``, ``residual`` and ``initial_state``."""
         return tuple(a for a in self.axes if a != "train")
 
     @property
@@ -150,6 +161,7 @@ class Attribution:
             residual=drop(self.residual, self.side_axes),
             quadrature_error=drop(self.quadrature_error, self.quadrature_axes),
             buffers=drop(self.buffers, self.quadrature_axes),
+            initial_state=drop(self.initial_state, self.side_axes),
             coords=coords,
             layout=self.layout,
             meta=dict(self.meta),
@@ -161,7 +173,8 @@ class Attribution:
     def total(self) -> Tensor:
         """``initial`` + every term summed to ``(T, O)``: the replica's output at the window end."""
         return (self.initial + self._flat(self.values) + self._flat(self.regularization)
-                + self._flat(self.residual) + self._flat(self.quadrature_error) + self._flat(self.buffers))
+                + self._flat(self.residual) + self._flat(self.quadrature_error) + self._flat(self.buffers)
+                + self._flat(self.initial_state))
 
     def completeness_error(self) -> float:
         """``max |total() - final| / max |final|`` (0 up to rounding)."""
@@ -211,6 +224,7 @@ class Attribution:
             residual=regroup(self.residual, self.side_axes),
             quadrature_error=self.quadrature_error,
             buffers=self.buffers,
+            initial_state=regroup(self.initial_state, self.side_axes),
             coords=coords,
             layout=self.layout,
             meta=dict(self.meta),
@@ -332,6 +346,7 @@ class Attribution:
                               f"version of explaind reads format {FORMAT_VERSION}.")
         tensors = load_file(str(root / "attribution.safetensors"))
         tensors.setdefault("buffers", None)  # written before buffers were a term
+        tensors.setdefault("initial_state", None)  # written before the start state was a term
         layout = ParamLayout.from_json(header["layout"])
         coords = dict(header["coords"])
         if "param" in header["axes"]:

@@ -42,7 +42,7 @@ from .evaluate import Segment
 from .explained import Explained
 from .layout import ParamLayout
 from .quadrature import NodePlan
-from .split import Splitter, coefficients, is_zero, step_batch
+from .split import Splitter, coefficients, is_zero, start_buffer, step_batch
 
 __all__ = ["Query", "jvp_path", "update_sweep", "forward_sweep", "reverse_sweep", "seen_samples", "progress_iter",
            "progress_bar"]
@@ -135,12 +135,14 @@ def jvp_path(engine: Any, q: Query, acc: Accumulators, max_tangent_bytes: int) -
     """Fill ``acc`` for ``keep`` within ``{"step", "group"}`` with JVPs along the parts of each update."""
     layout = engine.layout
     G = len(layout)
-    names = ("values", "regularization", "residual") if q.split else ("values",)
+    init = start_buffer(engine, layout, q.first) if q.split else None
+    names = (("values", "regularization", "residual") + (("initial_state",) if init is not None else ())
+             if q.split else ("values",))
     per_group = acc.group
     n_tan = len(names) * G if per_group else len(names)
     elem = torch.finfo(engine.dtype).bits // 8
     k_chunk = max(1, min(n_tan, max_tangent_bytes // max(1, elem * layout.size)))
-    for s, parts in (_split_parts(engine, q) if q.split else _whole_updates(engine, q)):
+    for s, parts in (_split_parts(engine, q, init) if q.split else _whole_updates(engine, q)):
         seg, plan = _segment(engine, s, q), q.plans[s - q.window[0]]
         chunks = []
         for lo in range(0, n_tan, k_chunk):
@@ -153,18 +155,24 @@ def jvp_path(engine: Any, q: Query, acc: Accumulators, max_tangent_bytes: int) -
         acc.add_estimate(s, J.sum(dim=(1, 2)) if per_group else J.sum(1), q.rows)
 
 
-def _split_parts(engine: Any, q: Query) -> Iterator[tuple[int, Tensor]]:
-    """``(s, parts (3, D))`` of the window's steps: data, regularization and residual parts of the update."""
+def _split_parts(engine: Any, q: Query, init: Tensor | None) -> Iterator[tuple[int, Tensor]]:
+    """``(s, parts (3 or 4, D))`` of the window's steps: data, regularization, residual and initial-state parts.
+
+    The fourth part only with a start buffer ``init`` (:func:`~explaind.kernel.split.start_buffer`).
+    """
     start, stop = q.window
     layout = engine.layout
-    splitter = Splitter()
+    splitter = Splitter(init)
     for s in progress_iter(range(q.first, stop), engine.progress, "steps", stop - q.first):
         theta = engine.params(s)
         g = engine.evaluator.sample_grads(theta, layout, step_batch(engine, s)[1], summed=True)
-        data, reg = splitter.advance(coefficients(engine, s, layout), g, layout.flatten(theta))
+        data, reg, init_part = splitter.advance(coefficients(engine, s, layout), g, layout.flatten(theta))
         if s >= start:
             delta = layout.flatten(engine.delta(s))
-            yield s, torch.stack([data, reg, delta - data - reg])
+            if init_part is None:
+                yield s, torch.stack([data, reg, delta - data - reg])
+            else:
+                yield s, torch.stack([data, reg, delta - data - reg - init_part, init_part])
 
 
 def _whole_updates(engine: Any, q: Query) -> Iterator[tuple[int, Tensor]]:
@@ -246,7 +254,7 @@ def forward_sweep(engine: Any, q: Query, acc: Accumulators, block: Block) -> Non
     position[samples] = torch.arange(samples.numel(), device=engine.device)
     buf = torch.zeros(samples.numel(), layout.size, dtype=engine.dtype, device=engine.device)
     n_seen = 0
-    splitter, phi_of = Splitter(), _Phi(engine, q, block)
+    splitter, phi_of = Splitter(start_buffer(engine, layout, q.first)), _Phi(engine, q, block)
     for s in progress_iter(range(q.first, stop), engine.progress, "forward sweep", stop - q.first):
         co = coefficients(engine, s, layout)
         if acc.train:
@@ -261,12 +269,15 @@ def forward_sweep(engine: Any, q: Query, acc: Accumulators, block: Block) -> Non
             theta = engine.params(s)
             gsum = engine.evaluator.sample_grads(theta, layout, step_batch(engine, s)[1], summed=True)
             theta = layout.flatten(theta)
-        data, reg = splitter.advance(co, gsum, theta)
+        data, reg, init = splitter.advance(co, gsum, theta)
         if s < start:
             continue
         phi = phi_of(s)
         delta = layout.flatten(engine.delta(s))
-        vectors = [("regularization", reg), ("residual", delta - data - reg)]
+        if init is None:
+            vectors = [("regularization", reg), ("residual", delta - data - reg)]
+        else:
+            vectors = [("regularization", reg), ("initial_state", init), ("residual", delta - data - reg - init)]
         if not acc.train:
             acc.contract(s, phi, block, rows, vectors=[("values", data), *vectors], estimate=(s, delta))
             continue
@@ -293,7 +304,9 @@ def reverse_sweep(engine: Any, q: Query, acc: Accumulators, block: Block) -> Non
     The combined coefficient :math:`C_i = b_i U_i + n_i P_i \Phi_i` is never formed: every
     contraction is split into one with ``U`` and one with :math:`\Phi_i` (one matrix product
     each), with the diagonal factors moved onto the per-sample gradients and vectors. ``U`` is
-    kept as ``scale * V`` so that a uniform decay :math:`a_{i+1}` only rescales a number.
+    kept as ``scale * V`` so that a uniform decay :math:`a_{i+1}` only rescales a number. With a start
+    buffer :math:`m_{-1}` the sweep ends at step 0 with :math:`U_0`, and the initial-state part is
+    :math:`-U_0 \cdot (a_0 m_{-1})` (docs/maths.md §4, "Optimizer state at the start").
     """
     start, stop = q.window
     layout, rows = block.layout, q.rows
@@ -301,6 +314,7 @@ def reverse_sweep(engine: Any, q: Query, acc: Accumulators, block: Block) -> Non
     scale = 1.0
     co_next = None
     phi_of = _Phi(engine, q, block)
+    reached = stop
     for i in progress_iter(range(stop - 1, q.first - 1, -1), engine.progress, "reverse sweep", stop - q.first):
         co = coefficients(engine, i, layout)
         if V is not None and co_next is not None:
@@ -326,6 +340,7 @@ def reverse_sweep(engine: Any, q: Query, acc: Accumulators, block: Block) -> Non
                 V.add_(phi, alpha=float(qP) / scale)
         if V is None and phi is None:
             break
+        reached = i
         idx, G, theta = _sample_grads(engine, i, block)
         gsum = G.sum(0)
         lam = co.lambda_c * theta
@@ -344,3 +359,8 @@ def reverse_sweep(engine: Any, q: Query, acc: Accumulators, block: Block) -> Non
             acc.contract(None, phi, block, rows, G=G * (-nP) if with_n else None, samples=idx if with_n else None,
                          vectors=[("regularization", _vec(reg_phi, gsum)), ("residual", _vec(res_phi, gsum))],
                          estimate=(i, delta))
+    init = start_buffer(engine, layout, q.first)
+    if init is not None and reached == 0 and V is not None and co_next is not None:
+        carried = co_next.a * init * scale  # a_0 m_{-1}, with U_0 = scale * V
+        acc.contract(None, V, block, rows, vectors=[("initial_state", _vec(-carried, init)),
+                                                    ("residual", _vec(carried, init))])

@@ -20,7 +20,7 @@ import warnings
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..exceptions import ExplaindWarning
 from . import adaptive
@@ -85,7 +85,7 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     plans: list[NodePlan] = []
     # counted in steps: a group of stacked steps advances the bar by its size
     bar = progress_bar(engine.progress, "quadrature", stop - start)
-    inexact = InexactUnits(tol, _casts_hint(engine))
+    inexact = InexactUnits(tol, _casts_hint(engine), _jumps_hint(engine))
     buffers: list[Tensor] = []
     ends_all: list[tuple[Tensor, Tensor]] = []
     for lo, hi in step_groups(start, stop, group, aligned=rule == "adaptive"):
@@ -195,11 +195,12 @@ class InexactUnits:
 
     Each group of steps adds its plan (:meth:`add`); :meth:`warn` then gives one warning for the whole window
     instead of one per group, with the counts and the worst relative error over all of its groups; ``casts_hint``
-    (:func:`_casts_hint`) says why a float64 replay may stop at the cap.
+    (:func:`_casts_hint`) says why a float64 replay may stop at the cap; ``jumps_hint`` (:func:`_jumps_hint`) names
+    the modules whose outputs jump, which no rule integrates across.
     """
 
-    def __init__(self, tol: float, casts_hint: str = "") -> None:
-        self.tol, self.casts_hint = tol, casts_hint
+    def __init__(self, tol: float, casts_hint: str = "", jumps_hint: str = "") -> None:
+        self.tol, self.casts_hint, self.jumps_hint = tol, casts_hint, jumps_hint
         self.above = self.total = self.dense = self.capped = 0
         self.worst = 0.0
         self.float64 = False
@@ -221,7 +222,7 @@ class InexactUnits:
         """A loud warning when units ended above their tolerance: at the evaluation cap, or kink-dense."""
         if not self.above:
             return
-        causes = []
+        causes = [self.jumps_hint] if self.jumps_hint else []
         if self.dense:
             causes.append(f"{self.dense} crossed too many activation kinks to locate one by one (a ReLU-dense path): "
                           f"they were integrated on a grid per step, its cells cut at the kinks the node values locate "
@@ -241,6 +242,19 @@ class InexactUnits:
             f"quadrature_error (never hidden). For a smaller error raise the budget (quadrature='midpoint', "
             f"nodes=... costs a known number of evaluations), or explain fewer steps.",
             ExplaindWarning, stacklevel=3)
+
+
+def _jumps_hint(engine: Any) -> str:
+    """Names the modules whose output jumps along a segment (max unpooling), or ``""`` when the model has none."""
+    module = getattr(getattr(engine, "fm", None), "module", None)
+    found = [f"{name} ({type(m).__name__})" for name, m in (module.named_modules() if module is not None else ())
+             if isinstance(m, (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d))]
+    if not found:
+        return ""
+    return (f"the model holds {found}, whose output jumps where the maximum of a pooling window changes place (the "
+            f"value moves to another position): the gradient has no term for a jump, so no quadrature rule "
+            f"integrates across it and the jump stays in quadrature_error. Fix: upsample continuously "
+            f"(nn.Upsample, F.interpolate, nn.ConvTranspose2d) instead of unpooling by the indices")
 
 
 def _casts_hint(engine: Any) -> str:

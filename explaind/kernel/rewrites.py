@@ -1,7 +1,7 @@
 r"""Plain-operation forms of the fused torch kernels that ``torch.func`` cannot transform.
 
 explaind evaluates models under :func:`torch.func.jvp` (forward mode), and one input at a time
-under :func:`torch.func.vmap`. Two families of fused kernels break there:
+under :func:`torch.func.vmap`. These fused kernels break there:
 
 * ``torch._weight_norm`` (``torch.nn.utils.parametrizations.weight_norm`` and the older
   ``torch.nn.utils.weight_norm``) dispatches on the CPU to ``_weight_norm_interface``, which has no
@@ -12,6 +12,16 @@ under :func:`torch.func.vmap`. Two families of fused kernels break there:
   They run unrolled over time (:mod:`~explaind.kernel.recurrent`), packed sequences included:
   ``pack_padded_sequence`` and ``pad_packed_sequence`` run as plain indexing (:class:`Packing`),
   masked where ``vmap`` gives each input its own length.
+
+* ``torch.prelu`` (``nn.PReLU``) has a backward that fails under ``vmap`` of ``jacrev`` (the
+  Jacobians one input at a time): it runs as :math:`x \,[x > 0] + a x \,[x \le 0]` with ``torch.where``,
+  the slope ``a`` broadcast along the channel axis 1, as torch does.
+* ``F.embedding_bag`` (``nn.EmbeddingBag``) has no forward-mode derivative. It runs as a lookup
+  followed by the bag's reduction: with the membership :math:`M_{bj} = [o_b \le j < o_{b+1}]
+  [i_j \ne \text{padding}]` of position ``j`` in bag ``b`` (offsets :math:`o`, or one bag per row of a
+  2-D input), ``sum`` is :math:`\sum_j M_{bj} w_j E_{i_j}` (per-sample weights :math:`w`, else 1),
+  ``mean`` divides it by :math:`\max(1, \sum_j M_{bj})` and ``max`` takes the largest
+  :math:`E_{i_j}` over the bag per coordinate; an empty bag gives zeros, as torch's kernel does.
 
 Every form equals the fused kernel up to float rounding. :class:`FusedKernelRewrite` is a
 ``TorchFunctionMode`` that swaps them in; :func:`needs_rewrite` says whether a model holds such a
@@ -55,9 +65,9 @@ __all__ = ["FusedKernelRewrite", "Packing", "needs_rewrite"]
 
 
 def needs_rewrite(module: nn.Module) -> bool:
-    """Whether ``module`` holds a recurrent layer or a weight norm (either implementation)."""
+    """Whether ``module`` holds a recurrent layer, a weight norm (either implementation), a PReLU or a bag."""
     for m in module.modules():
-        if isinstance(m, nn.RNNBase):
+        if isinstance(m, (nn.RNNBase, nn.PReLU, nn.EmbeddingBag)):
             return True
         if type(m).__name__ == "_WeightNorm":  # torch.nn.utils.parametrizations.weight_norm
             return True
@@ -72,6 +82,58 @@ def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
         return v * (g / torch.linalg.vector_norm(v))
     axes = [a for a in range(v.dim()) if a != dim % v.dim()]
     return v * (g / torch.linalg.vector_norm(v, dim=axes, keepdim=True))
+
+
+def _prelu(x: Tensor, weight: Tensor) -> Tensor:
+    """``torch.prelu(x, weight)``: ``x`` where positive, else ``weight * x`` (``weight`` along axis 1)."""
+    if weight.numel() != 1 and x.dim() >= 2:
+        weight = weight.reshape(weight.shape[0], *([1] * (x.dim() - 2)))
+    return torch.where(x > 0, x, weight * x)
+
+
+def _embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, max_norm: float | None = None,
+                   norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean",
+                   sparse: bool = False, per_sample_weights: Tensor | None = None, include_last_offset: bool = False,
+                   padding_idx: int | None = None) -> Tensor:
+    """``F.embedding_bag`` as a lookup and a masked reduction (see the module docstring): ``(bags, dim)``.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For ``max_norm`` (torch renormalises the table in place) and nested inputs.
+    """
+    if max_norm is not None or input.is_nested:
+        what = f"max_norm={max_norm}" if max_norm is not None else "a nested input"
+        raise UnsupportedModelError(
+            f"F.embedding_bag with {what} cannot be evaluated by explaind: max_norm rewrites the table in place "
+            f"and a nested input has no fixed shape. Fix: max_norm=None, and a 2-D input or a 1-D input with "
+            f"offsets.")
+    if mode not in ("sum", "mean", "max"):
+        raise ConfigError(f"F.embedding_bag got mode={mode!r}. Choose one of: 'sum', 'mean', 'max'.")
+    rows = nn.functional.embedding(input, weight)  # (n, L, D) for 2-D input, (N, D) for 1-D
+    valid = torch.ones_like(input, dtype=torch.bool) if padding_idx is None else \
+        input != (padding_idx % weight.shape[0])
+    if input.dim() == 2:  # one bag per row
+        member = valid
+    else:
+        n = input.shape[0]
+        starts = offsets[:-1] if include_last_offset else offsets  # torch's last bag runs to the end of the input
+        ends = torch.cat([starts[1:], offsets.new_full((1,), n)])
+        pos = torch.arange(n, device=input.device)
+        member = (pos >= starts[:, None]) & (pos < ends[:, None]) & valid  # (B, N)
+        rows = rows.unsqueeze(0)  # (1, N, D): broadcast over the bags
+    if mode == "max":
+        filled = torch.where(member[..., None], rows, torch.full((), -torch.inf, dtype=rows.dtype,
+                                                                  device=rows.device))
+        return torch.where(member.any(-1)[..., None], filled.amax(-2), torch.zeros((), dtype=rows.dtype,
+                                                                                      device=rows.device))
+    scale = member.to(rows.dtype)
+    if per_sample_weights is not None:
+        scale = scale * per_sample_weights.to(rows.dtype)
+    total = (scale[..., None] * rows).sum(-2)
+    if mode == "mean":
+        total = total / member.sum(-1, keepdim=True).clamp_min(1).to(rows.dtype)
+    return total
 
 
 def _vmapped(t: Tensor) -> bool:
@@ -160,7 +222,8 @@ class Packing:
 
 
 class FusedKernelRewrite(TorchFunctionMode):
-    """Inside the block, weight norm, the recurrent kernels and sequence packing run as plain operations."""
+    """Inside the block, weight norm, the recurrent kernels, sequence packing, PReLU and embedding bags run as
+    plain operations."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -171,6 +234,10 @@ class FusedKernelRewrite(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if func is torch._weight_norm:
             return _weight_norm(*args, **kwargs)
+        if func is nn.functional.prelu or func is torch.prelu:
+            return _prelu(*args, **kwargs)
+        if func is nn.functional.embedding_bag:
+            return _embedding_bag(*args, **kwargs)
         if name in KINDS and getattr(torch, name, None) is func:
             return run_kernel(name, list(args) + list(kwargs.values()), self.packing.steps)
         if func is torch._pack_padded_sequence:

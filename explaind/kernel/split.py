@@ -13,9 +13,21 @@ two buffers,
       + \underbrace{E_s}_{residual},
 
 with :math:`g_s = c_s\sum_k w_{s,k}\nabla\ell_k(\theta_s)` recomputed from the training data
-(:class:`Splitter`) and :math:`E_s` whatever the two modelled parts leave of the actual
+(:class:`Splitter`) and :math:`E_s` whatever the modelled parts leave of the actual
 :math:`\Delta\theta_s`. Buffers start at the last step ``r <= start`` where every ``a_r`` is exactly 0
 (:func:`momentum_start`): earlier history cannot reach the window.
+
+When the optimizer held momentum buffers :math:`m_{-1}` before step 0 (a recording resumed from a
+checkpoint, :meth:`~explaind.trajectory.base.Trajectory.initial_state`), a third buffer carries them,
+
+.. math::
+
+    m^{init}_s = a_s m^{init}_{s-1},\quad m^{init}_{-1} = m_{-1},\qquad
+    \underbrace{-P_s q_s m^{init}_s}_{initial\ state},
+
+so that the data, regularization and initial-state parts and :math:`E_s` sum to :math:`\Delta\theta_s`
+(docs/maths.md §4, "Optimizer state at the start"). It reaches a window only when the buffers start
+at step 0 (:func:`start_buffer`).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from .evaluate import Batch
 from .layout import ParamLayout
 
 __all__ = ["StepCoefficients", "step_coefficients", "is_zero", "coefficients", "momentum_start", "step_batch",
-           "Splitter"]
+           "Splitter", "start_buffer"]
 
 Coefficient = float | Tensor
 
@@ -111,21 +123,47 @@ def step_batch(engine: Any, s: int) -> tuple[Tensor, Batch]:
     return idx.to(engine.device), Batch(fm.cast(Xb), fm.cast(Yb), weights, step_replay(engine.traj, s))
 
 
-class Splitter:
-    """The data and regularization buffers of the unrolled recurrence on one parameter block."""
+def start_buffer(engine: Any, layout: ParamLayout, first: int) -> Tensor | None:
+    r"""The flat :math:`m_{-1}` on ``layout`` (zeros for parameters without one), or ``None`` when it cannot matter.
 
-    def __init__(self) -> None:
+    ``None`` when the trajectory started from a fresh optimizer, or when the buffers of the query
+    start after step 0 (``first > 0``: a decay :math:`a_r = 0` cut every earlier buffer).
+    """
+    state = engine.traj.initial_state()
+    if first != 0 or not state:
+        return None
+    parts = {n: engine.fm.cast(state[n]) if n in state else torch.zeros(shape, dtype=engine.dtype, device=engine.device)
+             for n, shape in zip(layout.names, layout.shapes)}
+    return layout.flatten(parts)
+
+
+class Splitter:
+    """The data, regularization and initial-state buffers of the unrolled recurrence on one parameter block.
+
+    Parameters
+    ----------
+    m_init : Tensor, optional
+        :math:`m_{-1}` on the block, flat ``(D_b,)`` (:func:`start_buffer`); ``None``: zero.
+    """
+
+    def __init__(self, m_init: Tensor | None = None) -> None:
         self.m_data: Tensor | None = None
         self.m_reg: Tensor | None = None
+        self.m_init = m_init
 
-    def advance(self, co: StepCoefficients, gsum: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    def advance(self, co: StepCoefficients, gsum: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         r"""Feed step ``s``: ``gsum`` = :math:`g_s` (flat, ``c_s`` included), ``theta`` = :math:`\theta_s`.
 
-        Returns the data and regularization parts of :math:`\Delta\theta_s`, both flat.
+        Returns the data, regularization and initial-state parts of :math:`\Delta\theta_s`, all flat
+        (the last ``None`` without a start buffer).
         """
         u_reg = co.lambda_c * theta
         self.m_data = co.b * gsum if self.m_data is None else co.a * self.m_data + co.b * gsum
         self.m_reg = co.b * u_reg if self.m_reg is None else co.a * self.m_reg + co.b * u_reg
         data = -co.P * (co.q * self.m_data + co.n * gsum)
         reg = -co.P * (co.q * self.m_reg + co.n * u_reg) - co.lambda_d * theta
-        return data, reg
+        init = None
+        if self.m_init is not None:
+            self.m_init = co.a * self.m_init
+            init = -co.P * (co.q * self.m_init)
+        return data, reg, init

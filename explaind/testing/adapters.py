@@ -51,7 +51,6 @@ __all__ = [
     "AdapterCheckReport",
     "check_optimizer_adapter",
     "default_scenarios",
-    "optimizer_adapter_checks",
 ]
 
 _N_TRAIN = 48
@@ -480,20 +479,3 @@ def check_optimizer_adapter(
             f"({dtype}):\n{details}"
         )
     return report
-
-
-def optimizer_adapter_checks(record: Any, inspected: Any = None) -> Iterable[tuple[str, Callable[[], None]]]:
-    """Checks of one :class:`~explaind.records.OptimizerAdapterRecord` for the plugin suite.
-
-    Yields ``("replay_float64", ...)`` (``tol=1e-12``) and ``("replay_float32", ...)``
-    (``tol=1e-5``), each running :func:`check_optimizer_adapter` on the default scenarios.
-    """
-
-    def float64() -> None:
-        check_optimizer_adapter(record, dtype=torch.float64, tol=1e-12)
-
-    def float32() -> None:
-        check_optimizer_adapter(record, dtype=torch.float32, tol=1e-5)
-
-    yield "replay_float64", float64
-    yield "replay_float32", float32

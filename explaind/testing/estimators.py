@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from ..exceptions import ConfigError, ExplaindError, NotFittedError
+from .configs import InvalidValue, config_default_mismatches, equal_values, invalid_value_for
 
 __all__ = [
     "EstimatorCheckError",
@@ -85,16 +86,6 @@ class EstimatorCheckError(ExplaindError, AssertionError):
     def __init__(self, message: str, failures: list[tuple[str, str]] | None = None):
         super().__init__(message)
         self.failures: list[tuple[str, str]] = failures or []
-
-
-class _InvalidValue:
-    """A value no typed config field accepts."""
-
-    def __repr__(self) -> str:
-        return "<invalid value>"
-
-
-_CANDIDATE_INVALID: tuple[Any, ...] = (_InvalidValue(), "__invalid__", -1, 0, float("nan"), (), 1.5)
 
 
 def _fail(estimator: Any, message: str) -> None:
@@ -209,79 +200,9 @@ def check_default_params(estimator: Any, trajectory: Any, X: Any, y: Any = None)
     for name, p in sig.items():
         if p.default is inspect.Parameter.empty:
             continue
-        if got[name] is not p.default and not _equal_values(got[name], p.default):
+        if got[name] is not p.default and not equal_values(got[name], p.default):
             _fail(estimator, f"get_params()[{name!r}] of a default instance is {got[name]!r}, not the "
                   f"signature default {p.default!r}.")
-
-
-def _equal_values(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except (TypeError, ValueError):
-        return False
-
-
-class _Required:
-    """Stands for "no default" in :func:`config_default_mismatches` messages."""
-
-    def __repr__(self) -> str:
-        return "<required>"
-
-
-_REQUIRED = _Required()
-
-
-def _field_default(field: Any) -> Any:
-    """The default of a pydantic field (``_REQUIRED`` for none; a default factory is called)."""
-    if field.is_required():
-        return _REQUIRED
-    factory = field.default_factory
-    if factory is None:
-        return field.default
-    try:
-        try:
-            return factory()
-        except TypeError:  # a factory of the validated data (pydantic >= 2.10)
-            return factory({})
-    except Exception as exc:
-        return f"<default_factory failed: {type(exc).__name__}: {exc}>"
-
-
-def config_default_mismatches(cls: type, config_model: Any) -> list[str]:
-    """How the ``__init__`` signature of ``cls`` and the pydantic ``config_model`` disagree.
-
-    Parameters
-    ----------
-    cls : type
-        An estimator (or pruning strategy) class with keyword-only ``__init__`` parameters.
-    config_model : type of pydantic.BaseModel
-        The model that validates those parameters (``cls._config_model``, a record's ``config``).
-
-    Returns
-    -------
-    list of str
-        One message per problem, empty when they agree: a parameter that is not a field, a field
-        that is not a parameter, and a parameter whose default differs from its field's default
-        (the message names the parameter and gives both values; ``<required>`` stands for no
-        default).
-    """
-    sig = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
-           if n != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
-    fields = dict(getattr(config_model, "model_fields", {}))
-    model_name = getattr(config_model, "__name__", repr(config_model))
-    problems = [f"__init__ parameter {name!r} is not a field of {model_name}." for name in sig if name not in fields]
-    problems += [f"{model_name} field {name!r} is not an __init__ parameter." for name in fields if name not in sig]
-    for name, param in sig.items():
-        if name not in fields:
-            continue
-        default = _REQUIRED if param.default is inspect.Parameter.empty else param.default
-        field_default = _field_default(fields[name])
-        same = default is field_default or (
-            _REQUIRED not in (default, field_default) and _equal_values(default, field_default))
-        if not same:
-            problems.append(f"parameter {name!r}: the __init__ default {default!r} differs from the {model_name} "
-                            f"default {field_default!r}.")
-    return problems
 
 
 def check_config_defaults(estimator: Any, trajectory: Any, X: Any, y: Any = None) -> None:
@@ -298,7 +219,7 @@ def check_set_params_and_clone(estimator: Any, trajectory: Any, X: Any, y: Any =
     params = _params(est)
     name = next(iter(params), None)
     if name is not None:
-        marker = _InvalidValue()
+        marker = InvalidValue()
         if est.set_params(**{name: marker}) is not est:
             _fail(estimator, "set_params must return the estimator itself.")
         if _params(est)[name] is not marker:
@@ -378,20 +299,6 @@ def check_fitted_attributes(estimator: Any, trajectory: Any, X: Any, y: Any = No
         _fail(estimator, f"fit added public attributes without a trailing underscore: {wrong}.")
     if not added:
         _fail(estimator, "fit added no fitted attribute (name ending with '_').")
-
-
-def invalid_value_for(estimator: Any, name: str) -> tuple[bool, Any]:
-    """A value the estimator's config model rejects for parameter ``name``: ``(found, value)``."""
-    model = getattr(type(estimator), "_config_model", None)
-    if model is None:
-        return True, _CANDIDATE_INVALID[0]
-    base = _params(estimator)
-    for candidate in _CANDIDATE_INVALID:
-        try:
-            model.model_validate({**base, name: candidate})
-        except Exception:
-            return True, candidate
-    return False, None
 
 
 def check_invalid_params_at_fit(estimator: Any, trajectory: Any, X: Any, y: Any = None) -> None:

@@ -57,7 +57,7 @@ Check = tuple[str, Callable[[], None]]
 KIND_CHECKS: dict[str, str] = {
     "architecture": "explaind.testing.architectures:architecture_checks",
     "loss": "explaind.testing.losses:loss_checks",
-    "optimizer_adapter": "explaind.testing.adapters:optimizer_adapter_checks",
+    "optimizer_adapter": "explaind.testing.adapter_start:optimizer_adapter_checks",
     "pruning_strategy": "explaind.testing.pruning:pruning_strategy_checks",
 }
 

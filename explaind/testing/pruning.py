@@ -31,7 +31,7 @@ strategies that need one, a trajectory of 6 SGD-with-momentum steps recorded wit
 ``clone``
     ``sklearn.base.clone`` reproduces the parameters, which are exactly the config's fields, with
     the config's defaults as ``__init__`` defaults (see
-    :func:`explaind.testing.estimators.config_default_mismatches`); an invalid sparsity is a
+    :func:`explaind.testing.configs.config_default_mismatches`); an invalid sparsity is a
     ``ConfigError`` naming it.
 """
 
@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindError, NotFittedError
-from .estimators import config_default_mismatches
+from .configs import config_default_mismatches
 from .plugins import PluginCheckError
 
 __all__ = ["pruning_strategy_checks", "check_pruning_strategy", "tiny_pruning_problem"]

@@ -473,8 +473,9 @@ def check_batch_gradient(
             f"parameters: use model.zero_grad()), and that the model is deterministic in training mode (a layer "
             f"that draws from a torch.Generator held outside its modules: pass it as "
             f"TrajectoryRecorder(generators=[...]); random draws in forward outside nn.Dropout modules, such as "
-            f"F.dropout, torch.rand or np.random: pass capture_random=True; the same for a forward that reads a buffer "
-            f"it also updates, which is then replayed from the recorded buffers). Pass check_gradients=False to "
+            f"F.dropout, F.scaled_dot_product_attention(dropout_p > 0), torch.rand or np.random: pass "
+            f"capture_random=True; the same for a forward that reads a buffer it "
+            f"also updates, which is then replayed from the recorded buffers). Pass check_gradients=False to "
             f"record anyway."
             f"{_autocast_hint(autocast, tol)}"
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ._io import store_path
+from ._start_state import START_STATE_FILE
 from .lock import LOCK
 from .manifest import TrajectoryManifest
 
@@ -42,7 +43,7 @@ JOURNAL = "journal.jsonl"
 #: Present while a store is being set up or replaced; a directory holding it but no manifest has nothing recorded.
 SETUP = ".explaind-setup"
 #: The files a new store writes before its manifest.
-START_FILES = ("initial.safetensors", "constants.safetensors", "data.safetensors")
+START_FILES = ("initial.safetensors", "constants.safetensors", "data.safetensors", START_STATE_FILE)
 STEP_FILE = re.compile(r"\d{6,}\.safetensors")
 STATE_FILE = re.compile(r"state-[01]\.safetensors|checkpoint-\d{6,}\.safetensors")
 TEMP_FILE = re.compile(r"(.+)\.tmp-\d+-\d+")
@@ -79,7 +80,7 @@ def own_files(root: Path, manifest: TrajectoryManifest | None) -> set[str]:
     """Relative paths of the files a store owns: its index, the files it lists, and its step and state files."""
     owned = {MANIFEST, JOURNAL, SETUP, *START_FILES}
     if manifest is not None:
-        records = [manifest.initial_file, manifest.constants_file, manifest.data_file]
+        records = [manifest.initial_file, manifest.constants_file, manifest.data_file, manifest.initial_state_file]
         for step in manifest.steps:
             records += [step.file, step.optimizer_state, step.audit_state]
         owned.update(r.path for r in records if r is not None and _is_layout_path(r.path))

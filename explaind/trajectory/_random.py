@@ -27,7 +27,8 @@ for the replay (:func:`replayed`): attributes are found again by name in the mod
 passed generators are the objects given again (``Trajectory.load(path, generators=[...])``).
 
 The rule (``capture_random="auto"``): capture when the model holds a dropout layer with
-``p > 0``, a batch-norm layer or a private generator; ``True`` always, ``False`` never. A forward
+``p > 0`` (also ``nn.MultiheadAttention(dropout > 0)`` and dropout between recurrent layers), a batch-norm
+layer or a private generator; ``True`` always, ``False`` never. A forward
 that draws random numbers no module shows (``F.dropout`` or ``torch.rand`` in ``forward``) needs
 ``True``: every training forward is then replayed, named ``"<Model>.forward"`` in ``coupled``. The CPU
 state is 5,056 bytes, each CUDA device's 16 bytes.
@@ -50,6 +51,7 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_compiled_draws, refuse_mixed_modes
 from ..records import LossRecord
 from ._common import ModelHook
+from ._host_random import HostDrawGuard
 from ._numpy_random import kept_numpy_state, numpy_state, set_numpy_state
 
 __all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "draws_masks", "is_spectral_norm",
@@ -82,9 +84,12 @@ def _is_coupled(module: nn.Module) -> bool:
 
 
 def draws_masks(module: nn.Module) -> bool:
-    """Whether ``module``'s training forward draws dropout masks: a dropout layer or a recurrent module's dropout."""
+    """Whether ``module``'s training forward draws dropout masks: a dropout layer, a recurrent module's dropout or
+    ``nn.MultiheadAttention``'s dropout on the attention weights (drawn inside its functional forward)."""
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return module.p > 0
+    if isinstance(module, nn.MultiheadAttention):
+        return module.dropout > 0
     return isinstance(module, nn.RNNBase) and module.dropout > 0 and module.num_layers > 1
 
 
@@ -322,14 +327,20 @@ class RandomCapture:
         self._handle: Any = None
         self._forwards = self._eval_forwards = 0
         self._state: RandomState | None = None
+        #: numpy and Python draws in a training forward are refused unless capture_random=False (nothing replayed)
+        self.host = HostDrawGuard(model, lambda: not self.paused and torch.is_grad_enabled(), self.enabled)
+        self._guarded = capture is not False
 
     def attach(self) -> None:
-        """Register the hook (when capturing)."""
+        """Register the hook (when capturing) and the guard against numpy and Python draws."""
+        if self._guarded:
+            self.host.attach()
         if self.enabled and self._handle is None:
             self._handle = self.model.register_forward_pre_hook(ModelHook(self._hook))
 
     def detach(self) -> None:
-        """Remove the hook."""
+        """Remove the hooks."""
+        self.host.detach()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None

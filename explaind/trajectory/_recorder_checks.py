@@ -207,7 +207,8 @@ class RecorderChecksMixin:
         if replay is None and self.model.training:
             hint = (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
                     "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
-                    "(F.dropout, torch.rand, np.random) or reads a buffer it updates, record with "
+                    "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand, np.random) or "
+                    "reads a buffer it updates, record with "
                     "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
         if moved:
             hint += moved_message(moved, s, checked=True)

@@ -154,6 +154,16 @@ class Trajectory(abc.ABC):
         constants = self.constants()
         return {n: constants[n] for n in self.buffer_names}
 
+    def initial_state(self) -> dict[str, Tensor]:
+        r"""The momentum buffers :math:`m_{-1}` the optimizer held before step 0, name -> tensor (parameter shape).
+
+        Non-empty when recording started on an optimizer restored from a checkpoint or after unrecorded
+        steps; a parameter not listed starts from :math:`m_{-1} = 0`. Its share of every update is the
+        ``initial_state`` term of an :class:`~explaind.kernel.attribution.Attribution` (docs/maths.md §4,
+        "Optimizer state at the start"). This default: none (every buffer starts at zero).
+        """
+        return {}
+
     def gradient_check(self) -> np.ndarray:
         """Per-step mismatch of the recorder's gradient check, shape ``(n_steps,)``; NaN where not checked.
 

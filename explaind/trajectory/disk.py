@@ -26,6 +26,7 @@ from ._io import read_tensors
 from ._random import MicroBatch, find_generators
 from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
+from ._start_state import start_state_from_tensors
 from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_from_name, dtype_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
@@ -360,6 +361,15 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         tensors = self._static_file("constants", self._manifest.constants_file)
         return {spec.name: tensors[f"const.{spec.name}"] for spec in self._manifest.constants}
 
+    def initial_state(self) -> dict[str, Tensor]:
+        record = self._manifest.initial_state_file
+        if record is None:
+            return {}
+        if "initial_state" not in self._static:
+            self._static["initial_state"] = start_state_from_tensors(
+                read_tensors(self.root, record)[0], self.params(0), repr(str(self.root / record.path)))
+        return dict(self._static["initial_state"])
+
     def updates(self, s: int) -> dict[str, LinearUpdate]:
         s = check_step(s, self.n_steps)
         if self._replay is not None:
@@ -463,7 +473,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         were overwritten by later ones, two slots in turn); a sparse store's checkpoint states are
         all checked, and the newest audit state.
         """
-        for record in (self._manifest.initial_file, self._manifest.constants_file, self._manifest.data_file):
+        for record in (self._manifest.initial_file, self._manifest.constants_file, self._manifest.data_file,
+                       self._manifest.initial_state_file):
             if record is not None:
                 read_tensors(self.root, record)
         for record in self._manifest.steps:

@@ -277,6 +277,9 @@ class TrajectoryManifest(_Model):
         ``data.safetensors`` with the training data, when stored.
     initial_file, constants_file : FileRecord or None
         ``theta_0`` and the constants.
+    initial_state_file : FileRecord or None
+        The momentum buffers :math:`m_{-1}` the optimizer held before step 0 (``None``: all zero, a
+        fresh optimizer; docs/recording.md, "Starting from optimizer state").
     complete : bool
         ``True`` once the recorder exited cleanly (a crashed run is resumable).
     coupled : list of str
@@ -311,6 +314,7 @@ class TrajectoryManifest(_Model):
     data_file: FileRecord | None = None
     initial_file: FileRecord | None = None
     constants_file: FileRecord | None = None
+    initial_state_file: FileRecord | None = None
     steps: list[StepRecord] = Field(default_factory=list)
     complete: bool = False
     coupled: list[str] = Field(default_factory=list)

@@ -15,6 +15,7 @@ from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
 from ._common import TrainData, architecture_spec, loss_name, resolve_loss_record, split_model_tensors
 from ._random import MicroBatch
+from ._start_state import check_initial_state
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
 from .recorded import RecordedTrajectory, check_param_index, check_step
 
@@ -38,8 +39,10 @@ class InMemoryTrajectory(RecordedTrajectory):
         train_data: Any = None,
         manifest: TrajectoryManifest | None = None,
         generators: Any = None,
+        initial_state: dict[str, Tensor] | None = None,
     ):
         self._model = model
+        self._initial_state = check_initial_state(initial_state, initial_params)
         self._generators = tuple(generators or ())
         self._loss = resolve_loss_record(loss)
         self._names = tuple(initial_params)
@@ -82,6 +85,7 @@ class InMemoryTrajectory(RecordedTrajectory):
         audit: Any = None,
         train_data: Any = None,
         constants: dict[str, Tensor] | None = None,
+        initial_state: dict[str, Tensor] | None = None,
         **extras: Any,
     ) -> InMemoryTrajectory:
         """Assemble a trajectory from explicit per-step values (tests, synthetic runs, conversions).
@@ -106,6 +110,9 @@ class InMemoryTrajectory(RecordedTrajectory):
         train_data : (X, y) or Dataset, optional
         constants : dict, optional
             Frozen parameters and buffers (default: taken from ``model``).
+        initial_state : dict, optional
+            The momentum buffers :math:`m_{-1}` before step 0, name -> tensor shaped like the parameter
+            (default: none, every buffer starts at zero; see :meth:`initial_state`).
         **extras
             Manifest fields (``adapter``, ``adapter_hyperparameters``, ``optimizer_class``, ...); unknown
             keys go to ``manifest.extras``.
@@ -136,7 +143,7 @@ class InMemoryTrajectory(RecordedTrajectory):
         )
         manifest.extras.update(unknown)
         traj = cls(model, loss=loss, initial_params=params[0], constants=constants, train_data=train_data,
-                   manifest=manifest)
+                   manifest=manifest, initial_state=initial_state)
         for s in range(n):
             idx, w = batches[s]
             traj._append(
@@ -250,6 +257,9 @@ class InMemoryTrajectory(RecordedTrajectory):
 
     def constants(self) -> dict[str, Tensor]:
         return dict(self._constants)
+
+    def initial_state(self) -> dict[str, Tensor]:
+        return dict(self._initial_state)
 
     def updates(self, s: int) -> dict[str, LinearUpdate]:
         return dict(self._updates[check_step(s, self.n_steps)])

@@ -52,6 +52,7 @@ from ._random import RandomCapture, loss_generators
 from ._recorder_checks import LoggedBatch, RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
 from ._setup import prepare_directory
+from ._start_state import capture_start_state, refuse_held_state_on_resume
 from .disk import DiskTrajectory
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
 from .memory import InMemoryTrajectory
@@ -206,6 +207,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._loss = resolve_loss_record(loss)
         self._adapter_record = resolve_optimizer_adapter(optimizer)
         self._adapter = self._adapter_record.implementation.from_optimizer(optimizer)
+        refuse_held_state_on_resume(optimizer, resume)
         self._params, constants = split_model_tensors(model)
         self._constant_params = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         if record_frozen:
@@ -266,6 +268,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._writer: StoreWriter | None = None
         self._theta: dict[str, Tensor] | None = None
         self._frozen: dict[str, Tensor] = {}
+        self._start_state: dict[str, Tensor] = {}  # m_{-1} of an optimizer that holds state at the start
 
     # ----------------------------------------------------------------- validation
     def _check_optimizer_params(self) -> None:
@@ -348,12 +351,16 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         theta = {n: p.detach().clone() for n, p in self._params.items()}
         state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         constants = {k: state[k].detach().clone() for k in self._constant_names}
+        if not self._resumed:  # a resumed store keeps its own start; restore() loaded the state it saved
+            self._start_state = capture_start_state(self._adapter, self._adapter_record.name, self.optimizer,
+                                                    self._params, checkpoint_every=self._every)
+            self._auditor.momentum = {n: m.clone() for n, m in self._start_state.items()}
         if self._store is None:
             if self._memory is not None:
                 raise TrajectoryError("An in-memory recorder records one run; create a new TrajectoryRecorder.")
             self._memory = InMemoryTrajectory(self.model, loss=self._loss, initial_params=theta, constants=constants,
                                               train_data=self._data, manifest=self._manifest,
-                                              generators=self._random.extra)
+                                              generators=self._random.extra, initial_state=self._start_state)
         else:
             self._open_store(theta, constants)
         self._theta = theta

@@ -32,7 +32,7 @@ __all__ = [
     "raise_problems",
     "snapshot_groups",
     "check_amp_scaling",
-    "state_problems",
+    "start_buffers",
     "wrong_class_problem",
 ]
 
@@ -127,21 +127,39 @@ def collect_group_problems(
     return problems
 
 
-def state_problems(optimizer: torch.optim.Optimizer) -> list[str]:
-    """A problem when the optimizer already carries state (momentum buffers, moments, step counts).
+def start_buffers(optimizer: torch.optim.Optimizer, buffer_key: str, last: dict[int, bool]) -> dict[int, Tensor]:
+    r"""The momentum buffers the optimizer holds before the first recorded step, as the recurrence's :math:`m_{-1}`.
 
-    The unrolled recurrence starts from ``m_{-1} = 0`` and step counts of zero, so recording must
-    start from a fresh optimizer.
+    An optimizer restored from a checkpoint (or that took unrecorded steps) starts the recording with
+    :math:`m_{-1} = m_{start}` instead of 0 (docs/maths.md §4, "Optimizer state at the start"). The
+    adapters model ``maximize=True`` by negating ``P`` and ``lambda_c``, so their modelled buffer is the
+    negative of torch's: the start buffer is returned with the same sign flip. Also takes every group's
+    ``maximize`` as that of its parameters' previous step (a later switch is refused while buffers exist).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The live optimizer.
+    buffer_key : str
+        The state entry holding the buffer (``"momentum_buffer"``, ``"exp_avg"``).
+    last : dict of int to bool
+        The adapter's ``maximize`` per parameter (updated).
+
+    Returns
+    -------
+    dict of int to Tensor
+        ``id(param) -> m_{-1}`` (a new tensor, shape and dtype of the buffer) for every parameter
+        holding a buffer; the others start from zero and are left out.
     """
-    started = sum(1 for s in optimizer.state.values() if len(s) > 0)
-    if not started:
-        return []
-    return [
-        f"the optimizer already holds state for {started} parameter(s) (it has taken steps or loaded a "
-        f"state_dict); the recurrence starts from empty optimizer state (m_{{-1}} = 0). Allowed: a fresh "
-        f"optimizer. Fix: create the recorder before the first optimizer.step(), or build a new optimizer; to continue "
-        f"a stored run, open the recorder with resume=True on a fresh optimizer and call its restore()."
-    ]
+    remember_maximize(optimizer, last)
+    out: dict[int, Tensor] = {}
+    for group in optimizer.param_groups:
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get(buffer_key)
+            if isinstance(buf, Tensor):
+                out[id(p)] = buf.detach().clone() if sign > 0 else -buf.detach()
+    return out
 
 
 def wrong_class_problem(optimizer: Any, expected: type) -> list[str]:

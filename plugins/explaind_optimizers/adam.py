@@ -46,7 +46,7 @@ from ._common import (
     raise_problems,
     remember_maximize,
     snapshot_groups,
-    state_problems,
+    start_buffers,
     wrong_class_problem,
 )
 
@@ -203,12 +203,11 @@ class AdamAdapter:
         ------
         explaind.exceptions.ConfigError
             Listing every option the recurrence cannot express (``differentiable=True``,
-            ``capturable=True``, tensor hyperparameters, complex parameters, an optimizer that
-            already took steps, a different class).
+            ``capturable=True``, tensor hyperparameters, complex parameters, a different class).
         """
         problems = wrong_class_problem(optimizer, cls.optimizer_class)
         if not problems:
-            problems = collect_group_problems(optimizer, _RULES, _FLOAT_KEYS) + state_problems(optimizer)
+            problems = collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
             for index, group in enumerate(optimizer.param_groups):
                 if any(torch.is_complex(p) for p in group["params"]):
                     problems.append(
@@ -231,6 +230,17 @@ class AdamAdapter:
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters at construction, as JSON-ready data validated by :class:`AdamConfig`."""
         return self._config.model_dump(mode="json")
+
+    def start_state(self, optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+        r"""The ``exp_avg`` buffers at the start of recording: :math:`m_{-1}` of docs/maths.md §4.
+
+        Called by the recorder when its ``with`` block opens on an optimizer restored from a checkpoint or
+        that took unrecorded steps. Everything else the optimizer carries on with (a buffer's first-step
+        flag, Adam's second moment and step count) is read from the live state at every step, so only
+        the first moment needs a start value. Returns ``id(param) -> m_{-1}`` for the parameters holding
+        one.
+        """
+        return start_buffers(optimizer, "exp_avg", self._maximize)
 
     def resumed(self, optimizer: torch.optim.Optimizer) -> None:
         """Called by ``TrajectoryRecorder.restore()`` once the recorded optimizer state is loaded.

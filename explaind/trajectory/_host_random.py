@@ -1,0 +1,122 @@
+r"""Random draws in a training forward that the recorder cannot replay: ``numpy.random`` and Python's ``random``.
+
+The recorder replays a training forward under the torch generators' states it captured before it
+(:mod:`~explaind.trajectory._random`), so dropout masks, ``torch.rand`` and ``torch.bernoulli`` draws are
+recomputed exactly (docs/recording.md, "Dropout and batch norm"). A forward that draws from another source —
+``numpy.random``'s global state, Python's ``random`` module, or a ``numpy.random.Generator``,
+``numpy.random.RandomState`` or ``random.Random`` held as an attribute of one of the model's modules (stochastic
+depth or SpecAugment-style masking written with numpy) — would be replayed with other numbers, and the
+gradients of its samples, hence the split of every step over samples, would be off.
+
+:class:`HostDrawGuard` is a pair of forward hooks on the root module: before every training forward with
+gradients it takes a fingerprint of those states, after the forward it compares; a changed state raises a
+:class:`~explaind.exceptions.TrajectoryError` naming the source and the fix (draw with torch), at the forward
+that drew. The fingerprint copies the numpy Mersenne Twister key (2.5 KB) and Python's state tuple per training
+forward.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..exceptions import TrajectoryError
+from ._common import ModelHook
+
+__all__ = ["HostDrawGuard", "host_generators"]
+
+#: The name of numpy's global state among the sources.
+NUMPY_GLOBAL = "numpy.random (the global state)"
+
+#: Random sources of the host (not torch) a module may hold as an attribute.
+_HOST_TYPES = (np.random.Generator, np.random.RandomState, random.Random)
+
+
+def host_generators(model: nn.Module) -> dict[str, Any]:
+    """``"<module>.<attribute>" -> generator`` for every numpy or Python generator a module holds directly."""
+    found = {}
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, _HOST_TYPES):
+                found[f"{name}.{attr}" if name else attr] = value
+    return found
+
+
+def _state(source: Any) -> Any:
+    """A comparable snapshot of one source's state."""
+    if isinstance(source, np.random.Generator):
+        return source.bit_generator.state
+    if isinstance(source, np.random.RandomState):
+        return source.get_state(legacy=False)
+    return source.getstate()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two snapshots of :func:`_state` are equal (numpy arrays compared by value)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray):
+        return bool(np.array_equal(a, b))
+    return bool(a == b)
+
+
+class HostDrawGuard:
+    """Raise at a training forward that draws from ``numpy.random``, Python's ``random`` or a held host generator.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The recorded model; its modules' numpy and Python generators are found once (:func:`host_generators`).
+    active : callable
+        ``active()`` says whether the recorder watches this forward (not one of its own checks).
+    numpy_captured : bool
+        Whether numpy's global state is captured and replayed with the torch states (``capture_random`` on:
+        :mod:`~explaind.trajectory._numpy_random`); its draws are then allowed.
+    """
+
+    def __init__(self, model: nn.Module, active: Callable[[], bool], numpy_captured: bool = False):
+        self.model = model
+        self.active = active
+        self.numpy_captured = numpy_captured
+        self.sources: dict[str, Any] = {**({} if numpy_captured else {NUMPY_GLOBAL: np.random.mtrand._rand}),
+                                        "random (Python's module-level functions)": random._inst,
+                                        **host_generators(model)}
+        self._before: dict[str, Any] | None = None
+        self._handles: list[Any] = []
+
+    def attach(self) -> None:
+        """Register the two hooks."""
+        if not self._handles:
+            self._handles = [self.model.register_forward_pre_hook(ModelHook(self._pre)),
+                             self.model.register_forward_hook(ModelHook(self._post))]
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        self._before = {k: _state(v) for k, v in self.sources.items()} if self.active() and module.training \
+            else None
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        before, self._before = self._before, None
+        if before is None:
+            return
+        drew = [k for k, v in self.sources.items() if not _same(before[k], _state(v))]
+        if drew:
+            raise TrajectoryError(
+                f"A training forward of the recorded model drew random numbers from {drew}, which explaind does not "
+                f"capture: replaying this forward would draw other numbers, and the split of the step over samples "
+                f"would be inexact. Allowed: draws from torch's generators (torch.rand, torch.bernoulli, dropout, "
+                f"or a torch.Generator held by a module), which the recorder captures and replays. Fix: draw with "
+                f"torch inside forward, e.g. torch.rand(n, device=x.device) instead of numpy.random.rand(n) or "
+                f"random.random()."
+                + (" numpy.random's global state alone is captured and replayed with "
+                   "TrajectoryRecorder(..., capture_random=True) (Hugging Face Wav2Vec2's SpecAugment draws there)."
+                   if NUMPY_GLOBAL in drew else ""))

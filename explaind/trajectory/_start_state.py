@@ -1,0 +1,148 @@
+r"""The optimizer state a recording starts from: taken from the live optimizer, checked, stored and read back.
+
+A recording may open on an optimizer that already holds state: restored from a framework checkpoint
+(``trainer.train(resume_from_checkpoint=...)``, ``trainer.fit(..., ckpt_path=...)``) or after steps the
+loop took before ``with rec:``. Its second moments and step counts are read from the live state at every
+step by the optimizer adapter, so only the first moment needs a start value: the recurrence of
+docs/maths.md §3 then starts from :math:`m_{-1} = m_{start}` instead of 0, and the part of every update
+that :math:`m_{start}` carries is the exact ``initial_state`` term of an attribution (docs/maths.md §4,
+"Optimizer state at the start").
+
+The start buffers go to the store's start file :data:`START_STATE_FILE` (tensors ``m.<parameter name>``,
+written with the other start files before the manifest, checksummed and checked by ``verify()``);
+a parameter without an entry starts from zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..exceptions import ConfigError, TrajectoryError
+
+__all__ = ["START_STATE_FILE", "PREFIX", "held_state", "refuse_held_state_on_resume", "capture_start_state",
+           "check_initial_state", "start_state_tensors", "start_state_from_tensors"]
+
+#: The store's start file holding :math:`m_{-1}` (only written when some buffer is held at the start).
+START_STATE_FILE = "initial_state.safetensors"
+#: Key prefix of a parameter's start buffer in that file.
+PREFIX = "m."
+
+
+def held_state(optimizer: torch.optim.Optimizer) -> int:
+    """Number of parameters for which ``optimizer`` holds state (momentum buffers, moments, step counts)."""
+    return sum(1 for state in optimizer.state.values() if len(state) > 0)
+
+
+def refuse_held_state_on_resume(optimizer: torch.optim.Optimizer, resume: bool) -> None:
+    """Refuse ``resume=True`` on an optimizer that holds state: ``restore()`` loads the recorded run's state.
+
+    Continuing a stored run takes the optimizer state the store saved; state loaded by hand (a
+    ``load_state_dict`` of some other checkpoint) would be replaced by it, silently.
+    """
+    held = held_state(optimizer)
+    if resume and held:
+        raise ConfigError(
+            f"resume=True: the optimizer already holds state for {held} parameter(s) (it has taken steps or loaded a "
+            f"state_dict), but continuing a stored run loads the optimizer state that run saved. Allowed: a fresh "
+            f"optimizer. Fix: open the recorder with resume=True on a fresh optimizer and call its restore(); to "
+            f"start a new recording from this optimizer's state, use a new store (or store=None) without resume."
+        )
+
+
+def capture_start_state(adapter: Any, adapter_name: str, optimizer: torch.optim.Optimizer,
+                        params: Mapping[str, nn.Parameter], *, checkpoint_every: int) -> dict[str, Tensor]:
+    r"""The start buffers :math:`m_{-1}` of the recorded parameters, name -> new tensor (empty for a fresh optimizer).
+
+    Parameters
+    ----------
+    adapter : OptimizerAdapter
+        Its optional ``start_state(optimizer)`` returns ``id(param) -> m_{-1}``.
+    adapter_name : str
+        For messages.
+    optimizer : torch.optim.Optimizer
+    params : mapping of str to Parameter
+        The recorded parameters.
+    checkpoint_every : int
+        The store's stride; a sparse store replays its first segment from a fresh optimizer, so it is refused.
+
+    Raises
+    ------
+    explaind.exceptions.ConfigError
+        The optimizer holds state and the adapter has no ``start_state``, or ``checkpoint_every > 1``.
+    """
+    held = held_state(optimizer)
+    if not held:
+        return {}
+    kind = type(optimizer).__name__
+    starter = getattr(adapter, "start_state", None)
+    if not callable(starter):
+        raise ConfigError(
+            f"The optimizer already holds {kind} state for {held} parameter(s) (restored from a checkpoint or after "
+            f"unrecorded steps), and the optimizer adapter {adapter_name!r} has no start_state() to read it, so the "
+            f"part of each update carried over from before the recording cannot be modelled. Fix: record from a "
+            f"fresh optimizer, or give the adapter a start_state(optimizer) method (docs/optimizers.md)."
+        )
+    if checkpoint_every > 1:
+        raise ConfigError(
+            f"checkpoint_every={checkpoint_every} with an optimizer that already holds {kind} state for {held} "
+            f"parameter(s): a sparse store replays its first segment from a fresh optimizer, which would drop that "
+            f"state. Allowed: checkpoint_every=1 when recording starts from optimizer state. Fix: pass "
+            f"checkpoint_every=1, or record from a fresh optimizer."
+        )
+    buffers = starter(optimizer)
+    out: dict[str, Tensor] = {}
+    for name, p in params.items():
+        m = buffers.get(id(p))
+        if m is None:
+            continue
+        if tuple(m.shape) != tuple(p.shape):
+            raise ConfigError(f"The optimizer adapter {adapter_name!r} returned a start buffer of shape "
+                              f"{tuple(m.shape)} for {name!r} of shape {tuple(p.shape)}; it must be shaped like the "
+                              f"parameter. Fix the adapter's start_state().")
+        out[name] = m.detach().to(device=p.device, dtype=p.dtype).clone()
+    return out
+
+
+def _problems(state: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> list[str]:
+    """What is wrong with start buffers ``state`` for ``params``: unknown names, shapes unlike the parameter's."""
+    problems = [f"{n!r} is not a trainable parameter of the run" for n in state if n not in params]
+    problems += [f"{n!r} has shape {tuple(t.shape)}, its parameter {tuple(params[n].shape)}" for n, t in state.items()
+                 if n in params and tuple(t.shape) != tuple(params[n].shape)]
+    return problems
+
+
+def check_initial_state(state: Mapping[str, Tensor] | None, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` checked against the parameters: known names, their shapes (raises ``TrajectoryError``)."""
+    if not state:
+        return {}
+    problems = _problems(state, params)
+    if problems:
+        raise TrajectoryError(f"initial_state: {'; '.join(problems)}. Allowed: buffers shaped like the trainable "
+                              f"parameters {list(params)}. Fix: pass m_-1 only for recorded parameters, each with its "
+                              f"parameter's shape.")
+    return dict(state)
+
+
+def start_state_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of :data:`START_STATE_FILE` (contiguous CPU copies)."""
+    return {PREFIX + n: t.detach().to("cpu").contiguous() for n, t in state.items()}
+
+
+def start_state_from_tensors(tensors: Mapping[str, Tensor], params: Mapping[str, Tensor], where: str
+                             ) -> dict[str, Tensor]:
+    """Read back :func:`start_state_tensors` (names and shapes checked against ``params``; ``where`` names the file)."""
+    state = {}
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise TrajectoryError(f"Trajectory file {where} holds the tensor {key!r}; a start-state file holds only "
+                                  f"'{PREFIX}<parameter>' tensors. The store is corrupted; re-record the run.")
+        state[key[len(PREFIX):]] = t
+    problems = _problems(state, params)
+    if problems:
+        raise TrajectoryError(f"Trajectory file {where} does not hold start buffers of this run's parameters: "
+                              f"{'; '.join(problems)}. The store is corrupted; re-record the run.")
+    return state
