@@ -6,7 +6,9 @@ recomputed exactly (docs/recording.md, "Dropout and batch norm"). A forward that
 ``numpy.random``'s global state, Python's ``random`` module, or a ``numpy.random.Generator``,
 ``numpy.random.RandomState`` or ``random.Random`` held as an attribute of one of the model's modules (stochastic
 depth or SpecAugment-style masking written with numpy) — would be replayed with other numbers, and the
-gradients of its samples, hence the split of every step over samples, would be off.
+gradients of its samples, hence the split of every step over samples, would be off. ``numpy.random``'s global
+state is the exception while the random states are captured: it is saved and replayed with them
+(:mod:`~explaind.trajectory._numpy_random`), so the guard watches it only when nothing is captured.
 
 :class:`HostDrawGuard` is a pair of forward hooks on the root module: before every training forward with
 gradients it takes a fingerprint of those states, after the forward it compares; a changed state raises a
