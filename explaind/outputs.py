@@ -3,7 +3,9 @@
 Models return a tensor, a tuple or list whose first element is the output (``return_dict=False``
 models, ``(logits, hidden)`` pairs), a mapping or an object with a ``logits`` entry (Hugging Face
 ``ModelOutput``). :func:`model_output` picks the tensor that losses and explained quantities are
-computed from.
+computed from. A mapping without ``logits`` whose logits are split over fields named ``*_logits``
+(a question-answering head's ``start_logits`` and ``end_logits``, each ``(n, L)``) gives them stacked
+along a new last axis in the mapping's order, ``(n, L, 2)``: both are explained, and a loss sees both.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .exceptions import UnsupportedModelError
@@ -31,6 +34,9 @@ def model_output(out: Any) -> Tensor:
     logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     if isinstance(logits, Tensor):
         return logits
+    split = _split_logits(out)
+    if split is not None:
+        return split
     if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
         return out[0]
     raise UnsupportedModelError(
@@ -38,3 +44,28 @@ def model_output(out: Any) -> Tensor:
         f"return a tensor, a tuple whose first element is the output, or an object/mapping with a 'logits' "
         f"tensor (e.g. a Hugging Face ModelOutput)."
     )
+
+
+def _split_logits(out: Any) -> Tensor | None:
+    """The tensors of a mapping's ``*_logits`` fields stacked on a new last axis (one field: itself).
+
+    ``None`` when ``out`` is no mapping or has no such field.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When the fields' shapes differ (they cannot be stacked), naming them and the fix.
+    """
+    if not isinstance(out, Mapping):
+        return None
+    fields = {k: v for k, v in out.items() if isinstance(k, str) and k.endswith("_logits") and isinstance(v, Tensor)}
+    if len(fields) <= 1:
+        return next(iter(fields.values()), None)
+    shapes = {k: tuple(v.shape) for k, v in fields.items()}
+    if len(set(shapes.values())) > 1:
+        raise UnsupportedModelError(
+            f"the model's forward returned {type(out).__name__} with the logit fields {shapes}, whose shapes differ, "
+            f"so explaind cannot stack them into one output: return the logits to explain as a tensor, or under "
+            f"'logits' (e.g. a module whose forward returns model(**inputs).{next(iter(fields))})."
+        )
+    return torch.stack(list(fields.values()), dim=-1)

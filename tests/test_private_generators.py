@@ -21,7 +21,8 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
-from explaind.trajectory._random import MicroBatch, RandomState, pack_micro_batches, replayed, unpack_micro_batches
+from explaind.trajectory._random import MicroBatch, RandomState, replayed
+from explaind.trajectory._random_store import pack_micro_batches, unpack_micro_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,9 +3,10 @@
 ``F.scaled_dot_product_attention(dropout_p=...)`` and stochastic depth with ``torch.rand``/``torch.bernoulli``
 draw from torch's generators: no module shows them, so the gradient check refuses step 0 naming
 ``capture_random=True``, which replays them exactly (the replay runs the training forward the recorder saw,
-with the same attention backend, so the masks are the loop's). Draws from ``numpy.random``, Python's ``random``
-or a numpy generator held by a module cannot be replayed: they are refused at the forward that drew them, with
-or without the gradient check. Exactness is measured by tests/hard_models_kit.py in float64.
+with the same attention backend, so the masks are the loop's). Draws from ``numpy.random``'s global state are
+captured and replayed with ``capture_random=True`` (refused at the forward without it); Python's ``random`` or a
+numpy generator held by a module cannot be replayed: they are refused at the forward that drew them, with or
+without the gradient check. Exactness is measured by tests/hard_models_kit.py in float64.
 """
 
 from __future__ import annotations
@@ -83,8 +84,7 @@ def test_stochastic_depth_drawn_with_torch_is_exact_with_capture_random(how):
     run_exact(lambda: DropPath(how), "sgd", X, Y, capture_random=True)
 
 
-@pytest.mark.parametrize("how, source", [("numpy.random", r"numpy.random \(the global state\)"),
-                                         ("random", r"random \(Python's module-level functions\)"),
+@pytest.mark.parametrize("how, source", [("random", r"random \(Python's module-level functions\)"),
                                          ("rng", r"'rng'")])
 @pytest.mark.parametrize("check", [True, False])
 def test_stochastic_depth_drawn_outside_torch_is_refused_at_the_forward_naming_the_source(how, source, check):
@@ -93,6 +93,19 @@ def test_stochastic_depth_drawn_outside_torch_is_refused_at_the_forward_naming_t
     model = seeded(lambda: DropPath(how))
     with pytest.raises(TrajectoryError, match=rf"drew random numbers from \[.*{source}.*\].*Fix: draw with torch"):
         train(model, "sgd", X[:12], Y[:12], capture_random=True, check_gradients=check)
+
+
+def test_numpy_global_draws_are_refused_without_capture_and_replayed_with_it():
+    """numpy's global state is captured with the torch states (tests/test_stranger_hf_audio_vision.py checks such a
+    replay against a loop reference); here: the gradient check at every step and the residual share."""
+    with pytest.raises(TrajectoryError, match=r"numpy.random \(the global state\).*capture_random=True"):
+        train(seeded(lambda: DropPath("numpy.random")), "sgd", X[:12], Y[:12])  # nothing captured: refused
+    np.random.seed(0)
+    traj, _ = train(seeded(lambda: DropPath("numpy.random")), "sgd", X[:12], Y[:12], capture_random=True,
+                    check_gradients=True)
+    assert max(traj.gradient_check()) <= 1e-12
+    att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X[12:])
+    assert att.meta["residual_share"] <= 1e-9
 
 
 def test_capture_random_false_switches_the_guard_off_and_the_gradient_check_still_fails():

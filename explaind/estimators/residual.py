@@ -112,8 +112,8 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       "loop's (a custom or class-weighted loss, data augmentation, a reordered train_data); no "
                       "gradient check ran — record with check_gradients=True, which compares them on a spread of "
                       "steps" + ("" if replayed else "; a forward that draws random numbers no module shows "
-                                 "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand) or "
-                                 "updates a buffer it reads needs capture_random=True"))
+                                 "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand, "
+                                 "np.random) or updates a buffer it reads needs capture_random=True"))
     return causes
 
 

@@ -54,6 +54,8 @@ class RecordingCore:
             train_data = train_data.train_data(attention_mask=attention_mask)
         else:
             self.index_key = INDEX_KEY
+        #: the (X, y) pair when given as one (an IndexedDataset's items), for inputs the callback derives from y
+        self._items = train_data if isinstance(train_data, tuple) and len(train_data) == 2 else None
         self._data = TrainData(train_data)
         self._loss = resolve_loss_record(loss)
         self._loss_name = loss if isinstance(loss, str) else None  # a registered loss, given by its name

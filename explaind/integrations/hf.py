@@ -42,7 +42,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
     raise ConfigError(f"explaind.integrations.ExplaindTrainerCallback needs transformers ({exc}); install it with "
                       f"pip install 'explaind[hf]'.") from exc
 from ..outputs import model_output
-from ..trajectory._common import ModelHook
+from ..trajectory._common import ModelHook, TrainData
 from ._core import RecordingCore
 from .data import IndexCollate, step_weights
 
@@ -99,6 +99,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self._label_smoothing = 0.0  # TrainingArguments.label_smoothing_factor, read when training starts
         self._epoch_batches: int | None = None  # micro-batches per epoch (len of the training dataloader)
         self._divided = False  # a micro-batch of the current step was weighted as divided by the accumulation
+        self._decoder_from_labels = False  # decoder_input_ids were added to the recorded inputs from the labels
 
     def compute_loss(self, outputs: Any, labels: Tensor, num_items_in_batch: Any = None) -> Tensor:
         r"""A ``compute_loss_func`` for the Trainer: the recorder's loss, in the model's dtype.
@@ -151,6 +152,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._epoch_batches = len(train_dataloader) if train_dataloader is not None else None
         except TypeError:  # an iterable dataset: the Trainer then counts max_steps * accumulation batches per epoch
             self._epoch_batches = None
+        self._decoder_from_labels = self._add_decoder_inputs(model)
         # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
         self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None),
                     step=int(state.global_step))
@@ -207,6 +209,15 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         idx, total = self._pending.pop()
         mode = self._normalization if self._normalization != "auto" else ("step" if total is not None else
                                                                           "micro_batch")
+        if self._normalization == "auto" and mode == "step" and int(args.gradient_accumulation_steps) > 1:
+            self.recorder.framework_hint = (
+                " The Trainer passed num_items_in_batch to the model, so the callback weighted each sample by its "
+                "share of the step's counted items (normalization='auto' chose 'step') and the Trainer did not "
+                "divide the loss by gradient_accumulation_steps; a model whose own loss ignores num_items_in_batch "
+                "(a plain mean, as the ...ForTokenClassification heads of transformers compute it) trains on the sum "
+                "of the micro-batches' means instead. Fix: ExplaindTrainerCallback(..., normalization='micro_batch', "
+                "check_gradients=True), whose check measures the factor the Trainer leaves in at every step, or "
+                "compute_loss_func=callback.compute_loss.")
         if self._label_smoothing and self._loss_name is not None:
             self.close()
             raise ConfigError(
@@ -239,6 +250,28 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._collate = None
         self._stop()
 
+    def _add_decoder_inputs(self, model: Any) -> bool:
+        """Add ``decoder_input_ids`` built from the labels to the recorded inputs of an encoder-decoder model.
+
+        Given ``labels`` and no decoder inputs, a Hugging Face encoder-decoder (BART, T5, Marian, ...) builds them
+        in ``forward`` as ``prepare_decoder_input_ids_from_labels(labels)`` (the labels shifted right, -100 as the
+        padding id). explaind calls ``model(**X)`` without labels, where the model would build them from
+        ``input_ids`` instead: a different function. So ``X`` gets the decoder inputs the Trainer's forwards
+        build; :meth:`_take_index` refuses a run whose forwards do not receive the labels.
+        """
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None or self._items is None or not isinstance(self._items[0], dict):
+            return False
+        X, y = self._items
+        if {"decoder_input_ids", "decoder_inputs_embeds"} & set(X):
+            return False
+        with torch.no_grad():
+            decoder = prepare(labels=torch.as_tensor(y))
+        self._data = TrainData(({**X, "decoder_input_ids": decoder}, y))
+        logger.info("%s: recording decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels), as the "
+                    "model builds them from the labels the Trainer passes.", type(model).__name__)
+        return True
+
     # ------------------------------------------------------------------ model hook
     def _take_index(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """Forward pre-hook: remove the positions from the batch; keep them for training forwards.
@@ -248,6 +281,17 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         """
         idx = kwargs.pop(self.index_key, None)
         if idx is not None and module.training and torch.is_grad_enabled():  # not evaluation, not the recorder's
+            if self._decoder_from_labels and "labels" not in kwargs:
+                self.close()
+                raise ConfigError(
+                    f"{type(module).__name__} builds its decoder inputs from the labels, and the callback recorded "
+                    f"them so (decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)), but the "
+                    f"Trainer calls the model without labels (compute_loss_func= or label smoothing take them out), "
+                    f"so its decoder inputs come from elsewhere and the recorded gradients would not be the run's. "
+                    f"Fix: add 'decoder_input_ids' to every item of the IndexedDataset "
+                    f"(model.prepare_decoder_input_ids_from_labels(labels=item['labels'])), so the model and the "
+                    f"recorder see the same decoder inputs."
+                )
             total = kwargs.get("num_items_in_batch")
             self._pending.append((torch.as_tensor(idx).detach().to("cpu", torch.long).reshape(-1),
                                   None if total is None else float(total)))

@@ -123,8 +123,10 @@ class FunctionalModel:
                     f"the model's forward branches on the values of its inputs ({exc.args[0][:60]}...), which "
                     f"torch.func.vmap cannot trace, and explaind evaluates the model one input at a time under "
                     f"vmap. For Hugging Face models this is the attention-mask shortcut of a 2-D attention_mask: "
-                    f"pass a 4-D boolean mask instead (explaind.integrations.four_d_attention_mask), or no mask for "
-                    f"right-padded causal LMs (see docs/guide_own_model.md)."
+                    f"pass a 4-D boolean mask instead (explaind.integrations.four_d_attention_mask(mask), for a "
+                    f"causal LM four_d_attention_mask(mask, causal=True): a 4-D mask is used as given, so without "
+                    f"causal=True the model would see later tokens; left padding included), in train_data and the "
+                    f"test inputs alike, or no mask for right-padded causal LMs (see docs/guide_own_model.md)."
                 ) from exc
 
     def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:

@@ -6,7 +6,9 @@ recomputed exactly (docs/recording.md, "Dropout and batch norm"). A forward that
 ``numpy.random``'s global state, Python's ``random`` module, or a ``numpy.random.Generator``,
 ``numpy.random.RandomState`` or ``random.Random`` held as an attribute of one of the model's modules (stochastic
 depth or SpecAugment-style masking written with numpy) — would be replayed with other numbers, and the
-gradients of its samples, hence the split of every step over samples, would be off.
+gradients of its samples, hence the split of every step over samples, would be off. ``numpy.random``'s global
+state is the exception while the random states are captured: it is saved and replayed with them
+(:mod:`~explaind.trajectory._numpy_random`), so the guard watches it only when nothing is captured.
 
 :class:`HostDrawGuard` is a pair of forward hooks on the root module: before every training forward with
 gradients it takes a fingerprint of those states, after the forward it compares; a changed state raises a
@@ -28,6 +30,9 @@ from ..exceptions import TrajectoryError
 from ._common import ModelHook
 
 __all__ = ["HostDrawGuard", "host_generators"]
+
+#: The name of numpy's global state among the sources.
+NUMPY_GLOBAL = "numpy.random (the global state)"
 
 #: Random sources of the host (not torch) a module may hold as an attribute.
 _HOST_TYPES = (np.random.Generator, np.random.RandomState, random.Random)
@@ -70,12 +75,16 @@ class HostDrawGuard:
         The recorded model; its modules' numpy and Python generators are found once (:func:`host_generators`).
     active : callable
         ``active()`` says whether the recorder watches this forward (not one of its own checks).
+    numpy_captured : bool
+        Whether numpy's global state is captured and replayed with the torch states (``capture_random`` on:
+        :mod:`~explaind.trajectory._numpy_random`); its draws are then allowed.
     """
 
-    def __init__(self, model: nn.Module, active: Callable[[], bool]):
+    def __init__(self, model: nn.Module, active: Callable[[], bool], numpy_captured: bool = False):
         self.model = model
         self.active = active
-        self.sources: dict[str, Any] = {"numpy.random (the global state)": np.random.mtrand._rand,
+        self.numpy_captured = numpy_captured
+        self.sources: dict[str, Any] = {**({} if numpy_captured else {NUMPY_GLOBAL: np.random.mtrand._rand}),
                                         "random (Python's module-level functions)": random._inst,
                                         **host_generators(model)}
         self._before: dict[str, Any] | None = None
@@ -109,4 +118,7 @@ class HostDrawGuard:
                 f"would be inexact. Allowed: draws from torch's generators (torch.rand, torch.bernoulli, dropout, "
                 f"or a torch.Generator held by a module), which the recorder captures and replays. Fix: draw with "
                 f"torch inside forward, e.g. torch.rand(n, device=x.device) instead of numpy.random.rand(n) or "
-                f"random.random().")
+                f"random.random()."
+                + (" numpy.random's global state alone is captured and replayed with "
+                   "TrajectoryRecorder(..., capture_random=True) (Hugging Face Wav2Vec2's SpecAugment draws there)."
+                   if NUMPY_GLOBAL in drew else ""))

@@ -6,7 +6,8 @@ gradient the optimizer saw is :math:`c_s\nabla_\theta\sum_k w_k\ell_k(F(X_B;\the
 function of the *batched* forward :math:`F` and of the random state :math:`\xi_s` (docs/maths.md,
 "Dropout and batch norm"). :class:`RandomCapture` is a forward pre-hook on the root module: before
 every forward that runs in training mode with gradients enabled it saves the state of the CPU
-generator (and of every CUDA device's generator once CUDA is initialised); ``log_batch`` then ties
+generator (and of every CUDA device's generator once CUDA is initialised, and NumPy's global one:
+:mod:`~explaind.trajectory._numpy_random`); ``log_batch`` then ties
 the state of that forward to its micro-batch (:class:`MicroBatch`). :func:`replayed` runs code
 under a saved state without touching the caller's generators.
 
@@ -51,10 +52,11 @@ from ..models import refuse_compiled_draws, refuse_mixed_modes
 from ..records import LossRecord
 from ._common import ModelHook
 from ._host_random import HostDrawGuard
+from ._numpy_random import kept_numpy_state, numpy_state, set_numpy_state
 
 __all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "draws_masks", "is_spectral_norm",
            "find_generators", "resolve_generators",
-           "loss_generators", "replayed", "replay_parts", "pack_micro_batches", "unpack_micro_batches"]
+           "loss_generators", "replayed", "replay_parts"]
 
 #: Levels of nested lists, tuples and dicts searched for generators below a module's attribute.
 CONTAINER_DEPTH = 3
@@ -231,6 +233,9 @@ class RandomState:
         ``get_state()`` of each private generator, in the recorder's order (empty without them).
     private_devices : tuple of str
         Their device types.
+    numpy : Tensor or None
+        NumPy's global generator, packed by :func:`~explaind.trajectory._numpy_random.numpy_state` (``None``
+        in runs recorded before it was captured).
     """
 
     cpu: Tensor
@@ -238,13 +243,14 @@ class RandomState:
     device: str
     private: tuple[Tensor, ...] = ()
     private_devices: tuple[str, ...] = ()
+    numpy: Tensor | None = None
 
     @classmethod
     def now(cls, device: str, generators: Sequence[torch.Generator] = ()) -> RandomState:
         """The current states (of ``generators`` too)."""
         cuda = tuple(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else ()
         return cls(torch.get_rng_state(), cuda, device, tuple(g.get_state() for g in generators),
-                   tuple(g.device.type for g in generators))
+                   tuple(g.device.type for g in generators), numpy_state())
 
 
 @dataclass(frozen=True)
@@ -322,7 +328,7 @@ class RandomCapture:
         self._forwards = self._eval_forwards = 0
         self._state: RandomState | None = None
         #: numpy and Python draws in a training forward are refused unless capture_random=False (nothing replayed)
-        self.host = HostDrawGuard(model, lambda: not self.paused and torch.is_grad_enabled())
+        self.host = HostDrawGuard(model, lambda: not self.paused and torch.is_grad_enabled(), self.enabled)
         self._guarded = capture is not False
 
     def attach(self) -> None:
@@ -364,7 +370,8 @@ class RandomCapture:
         """Run the recorder's own forwards (checks): not counted, and the caller's generators left as they were."""
         self.paused = True
         try:
-            with torch.random.fork_rng(devices=_cuda_devices(), device_type="cuda"), _kept(self.generators):
+            with (torch.random.fork_rng(devices=_cuda_devices(), device_type="cuda"), _kept(self.generators),
+                  kept_numpy_state()):
                 yield
         finally:
             self.paused = False
@@ -418,8 +425,10 @@ def replayed(state: RandomState, device: torch.device, where: str,
             f"compute on the device the run was recorded on (device={state.device!r})."
         )
     devices = list(range(len(state.cuda))) if state.device == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"), _kept(generators):
+    with torch.random.fork_rng(devices=devices, device_type="cuda"), _kept(generators), kept_numpy_state():
         torch.set_rng_state(state.cpu)
+        if state.numpy is not None:
+            set_numpy_state(state.numpy, where)
         for d, s in enumerate(state.cuda if devices else ()):
             torch.cuda.set_rng_state(s, d)
         for gen, s in zip(generators, state.private):
@@ -456,57 +465,3 @@ def replay_parts(micro: Sequence[MicroBatch], coupled: Sequence[str],
         parts.append((lo, lo + n, m.state))
         lo += n
     return tuple(parts)
-
-
-# ---------------------------------------------------------------------- storage
-def pack_micro_batches(micro: Sequence[MicroBatch]) -> dict[str, Tensor]:
-    """Step-file tensors of the micro-batches (their merged indices and weights are stored as the batch).
-
-    ``micro.sizes``, ``micro.forwards`` and ``micro.eval_forwards`` (int64 ``(M,)``), and per captured
-    micro-batch ``m``
-    ``micro.{m}.cpu`` and ``micro.{m}.cuda`` (``(n_devices, 16)``); the state's device type is
-    ``micro.{m}.on_cuda`` (a 0-d bool); private generator ``g``'s state is ``micro.{m}.gen.{g}`` and
-    their device types ``micro.{m}.gen_cuda`` (bool ``(G,)``).
-    """
-    out = {"micro.sizes": torch.tensor([int(m.indices.shape[0]) for m in micro], dtype=torch.long),
-           "micro.forwards": torch.tensor([m.forwards for m in micro], dtype=torch.long),
-           "micro.eval_forwards": torch.tensor([m.eval_forwards for m in micro], dtype=torch.long)}
-    for i, m in enumerate(micro):
-        if m.state is not None:
-            out[f"micro.{i}.cpu"] = m.state.cpu
-            out[f"micro.{i}.on_cuda"] = torch.tensor(m.state.device == "cuda")
-            if m.state.cuda:
-                out[f"micro.{i}.cuda"] = torch.stack(list(m.state.cuda))
-            if m.state.private:
-                out[f"micro.{i}.gen_cuda"] = torch.tensor([d == "cuda" for d in m.state.private_devices])
-                out.update({f"micro.{i}.gen.{g}": t for g, t in enumerate(m.state.private)})
-    return out
-
-
-def unpack_micro_batches(tensors: dict[str, Tensor], indices: Tensor, weights: Tensor,
-                         where: str) -> list[MicroBatch]:
-    """Inverse of :func:`pack_micro_batches` (one uncaptured micro-batch when the file holds none)."""
-    if "micro.sizes" not in tensors:
-        return [MicroBatch(indices, weights)]
-    sizes, forwards = tensors["micro.sizes"].tolist(), tensors.get("micro.forwards")
-    if forwards is None or sum(sizes) != indices.shape[0] or len(forwards) != len(sizes) or min(sizes) < 0:
-        raise TrajectoryError(f"Trajectory file {where}: its micro-batch sizes {sizes} do not add up to the batch of "
-                              f"{indices.shape[0]} samples. The store is corrupted; re-record the run.")
-    evals = tensors.get("micro.eval_forwards", torch.zeros(len(sizes), dtype=torch.long)).tolist()
-    out, lo = [], 0
-    for i, (n, f) in enumerate(zip(sizes, forwards.tolist())):
-        state = None
-        if f"micro.{i}.cpu" in tensors:
-            cuda = tensors.get(f"micro.{i}.cuda")
-            on_cuda = bool(tensors.get(f"micro.{i}.on_cuda", torch.tensor(False)))
-            kinds = tensors.get(f"micro.{i}.gen_cuda", torch.zeros(0, dtype=torch.bool)).tolist()
-            missing = [f"micro.{i}.gen.{g}" for g in range(len(kinds)) if f"micro.{i}.gen.{g}" not in tensors]
-            if missing:
-                raise TrajectoryError(f"Trajectory file {where} lacks the private generator states {missing} its "
-                                      f"micro-batch {i} records. The store is corrupted; re-record the run.")
-            private = tuple(tensors[f"micro.{i}.gen.{g}"] for g in range(len(kinds)))
-            state = RandomState(tensors[f"micro.{i}.cpu"], tuple(cuda) if cuda is not None else (),
-                                "cuda" if on_cuda else "cpu", private, tuple("cuda" if k else "cpu" for k in kinds))
-        out.append(MicroBatch(indices[lo:lo + n], weights[lo:lo + n], int(f), state, int(evals[i])))
-        lo += n
-    return out

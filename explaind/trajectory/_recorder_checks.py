@@ -207,11 +207,12 @@ class RecorderChecksMixin:
         if replay is None and self.model.training:
             hint = (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
                     "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
-                    "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand) or reads a buffer "
-                    "it updates, record with "
+                    "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand, np.random) or "
+                    "reads a buffer it updates, record with "
                     "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
         if moved:
             hint += moved_message(moved, s, checked=True)
+        hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
             return check_batch_gradient(self.model, self._params, raw, self._loss,
                                         (x.to(device), y.to(device), weights.to(device)), s, tol, autocast, replay,

@@ -44,7 +44,7 @@ from ._buffers import pack_buffers
 from ._coefficients import PREFIX, CoefficientBuffers
 from ._gradients import has_stochastic_layers
 from ._io import encode_optimizer_state, tensor_bytes
-from ._random import pack_micro_batches
+from ._random_store import pack_micro_batches
 from ._recorder_resume import RecorderResumeMixin
 from ._setup import setup_error
 from ._sparse import SparseLayout, StepReplay, group_snapshot, state_bytes, validate_checkpoint_every

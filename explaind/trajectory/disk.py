@@ -23,7 +23,8 @@ from ..recurrence import LinearUpdate
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import read_tensors
-from ._random import MicroBatch, find_generators, unpack_micro_batches
+from ._random import MicroBatch, find_generators
+from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
 from ._start_state import start_state_from_tensors
 from .fingerprint import check_train_data

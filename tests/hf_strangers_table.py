@@ -1,0 +1,41 @@
+"""Print the measured figures of the stranger Hugging Face tests (tests/test_stranger_hf_*.py) as a table.
+
+Run from the repository root::
+
+    PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/hf_strangers_table.py
+
+It runs those test files in this process; each exactness check keeps what it measured
+(``_hf_stranger_kit.MEASURED``): replica against the trained model in evaluation mode, residual share, and
+``keep=("train",)`` scores against the slow loop reference (relative errors).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _hf_stranger_kit  # noqa: E402  (the test files share this module object)
+
+FILES = ["test_stranger_hf_encoders.py", "test_stranger_hf_decoders.py", "test_stranger_hf_audio_vision.py",
+         "test_stranger_hf_trainer.py"]
+
+
+def main() -> int:
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *(str(HERE / f) for f in FILES)])
+    merged: dict[str, dict] = {}
+    for row in _hf_stranger_kit.MEASURED:
+        merged.setdefault(row["test"], {}).update({k: v for k, v in row.items() if k != "test"})
+    print("\n| test | replica vs trained model | residual share | train scores vs reference |\n|---|---|---|---|")
+    for test, fig in merged.items():
+        cells = [f"{fig[k]:.1e}" if k in fig else "—" for k in ("replica", "share", "train")]
+        print(f"| `{test.split('::', 1)[1]}` | " + " | ".join(cells) + " |")
+    return int(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
