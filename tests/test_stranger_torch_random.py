@@ -133,3 +133,20 @@ def test_numpy_draws_between_the_forwards_and_in_evaluation_mode_are_not_refused
         with torch.no_grad():
             model(X[12:])
     assert rec.trajectory.n_steps == 2
+
+
+
+@pytest.mark.parametrize(("how", "kept"), [("torch.rand", False), ("numpy.random", True)])
+def test_numpy_state_is_kept_only_for_micro_batches_whose_forward_drew_from_it(tmp_path, how, kept):
+    """A forward that draws nothing from numpy leaves numpy's state out of the step file (5 KB per micro-batch);
+    one that draws keeps the state its forward started from, in the store as in memory."""
+    np.random.seed(0)
+    seed0_keys = torch.as_tensor(np.random.get_state()[1].astype(np.float64))
+    traj, _ = train(seeded(lambda: DropPath(how)), "sgd", X[:12], Y[:12], capture_random=True,
+                    store=str(tmp_path / "run"))
+    for loaded in (traj, explaind.Trajectory.load(str(tmp_path / "run"), model=seeded(lambda: DropPath(how)))):
+        states = [m.state for s in range(loaded.n_steps) for m in loaded.micro_batches(s)]
+        assert len(states) == 3 and all(st is not None for st in states)
+        assert [st.numpy is not None for st in states] == [kept] * 3
+        if kept:  # the first forward began from the seed's state (nothing else drew from numpy before it)
+            assert torch.equal(states[0].numpy[:624], seed0_keys)

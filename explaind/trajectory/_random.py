@@ -41,7 +41,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -235,7 +235,7 @@ class RandomState:
         Their device types.
     numpy : Tensor or None
         NumPy's global generator, packed by :func:`~explaind.trajectory._numpy_random.numpy_state` (``None``
-        in runs recorded before it was captured).
+        in runs recorded before it was captured, and when the forward drew nothing from it).
     """
 
     cpu: Tensor
@@ -361,7 +361,11 @@ class RandomCapture:
         """``(forwards, state, eval_forwards)`` since the previous call (``(-1, None, 0)`` when not capturing)."""
         if not self.enabled:
             return -1, None, 0
-        got = (self._forwards, self._state if self._forwards == 1 else None, self._eval_forwards)
+        state = self._state if self._forwards == 1 else None
+        if state is not None and state.numpy is not None and torch.equal(state.numpy, numpy_state()):
+            # NumPy's generator did not move since the forward began: the forward drew nothing from it
+            state = replace(state, numpy=None)
+        got = (self._forwards, state, self._eval_forwards)
         self._forwards, self._state, self._eval_forwards = 0, None, 0
         return got
 
