@@ -1,4 +1,8 @@
-"""Preparing a store directory for a recording, and the error a refused or failing set-up raises.
+"""Setting up a recording: the recorder's arguments checked, the store directory prepared, and the error a
+refused or failing set-up raises.
+
+:func:`refuse_invalid_arguments` refuses a model, optimizer, loss or option the recorder cannot record
+(``ConfigError``) before any hook is attached or file written.
 
 :func:`prepare_directory` decides what a recorder may do with ``store=``: resume an existing store
 (``resume=True``), replace it (``overwrite=True``, only a valid store and only its files), reuse an
@@ -12,13 +16,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
-from ..exceptions import TrajectoryError
+import torch
+from torch import nn
+
+from ..exceptions import ConfigError, TrajectoryError
+from ..models import refuse_renormalising_embeddings, refuse_sparse_embeddings
 from ._layout import remove_store, setup_leftover
+from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
 from .store import is_store, read_manifest
 
-__all__ = ["prepare_directory", "setup_error"]
+__all__ = ["prepare_directory", "refuse_invalid_arguments", "setup_error"]
 
 logger = logging.getLogger("explaind.trajectory.store")
 
@@ -120,3 +130,37 @@ def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
         logger.warning("resume=True: the recording at %s was interrupted before anything was recorded; starting "
                        "anew.", root)
     return False
+
+
+def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: Any, grad_scaler: Any) -> None:
+    """Refuse what a :class:`~explaind.trajectory.recorder.TrajectoryRecorder` cannot record, before anything starts.
+
+    Raises
+    ------
+    ConfigError
+        ``model`` not an ``nn.Module``, ``optimizer`` not a ``torch.optim.Optimizer``, ``audit`` not one of
+        ``'auto'``, ``True``, ``False``, ``grad_scaler`` not a ``torch.amp.GradScaler``, embeddings that
+        renormalise their weights in the forward (``max_norm``) or have sparse gradients, or a loss callable
+        holding its own ``torch.Generator`` (its draws cannot be split over samples); each message names the
+        value, what is allowed and the fix.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    if not (audit is True or audit is False or audit == "auto"):
+        raise ConfigError(f"audit={audit!r} is not allowed. Choose one of: 'auto', True, False.")
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise ConfigError(
+            f"grad_scaler must be a torch.amp.GradScaler (the one the loop calls scaler.step with), got "
+            f"{type(grad_scaler).__name__}."
+        )
+    refuse_renormalising_embeddings(model, "TrajectoryRecorder")
+    refuse_sparse_embeddings(model, "TrajectoryRecorder")
+    drawn = loss_generators(loss)
+    if drawn:
+        raise ConfigError(
+            f"loss: the loss callable holds the torch.Generator(s) {drawn}. explaind applies the loss to one "
+            f"sample at a time to split the gradient over samples, so random draws made by the loss cannot be "
+            f"split exactly. Allowed: a loss that draws no random numbers. Fix: draw the randomness in the "
+            f"model's forward, from a generator a module holds (found, captured and replayed), or drop it.")

@@ -22,15 +22,9 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..exceptions import ConfigError, TrajectoryError
-from ..models import refuse_renormalising_embeddings, refuse_sparse_embeddings
 from ._audit import UpdateAudit
 from ._buffers import BufferTracker
-from ._checks import (
-    AUTO_CHECK_EVERY,
-    AUTO_CHECK_STEPS,
-    autocast_tolerance,
-    default_tolerance,
-)
+from ._checks import AUTO_CHECK_EVERY, AUTO_CHECK_STEPS, autocast_tolerance, default_tolerance
 from ._common import (
     TrainData,
     architecture_spec,
@@ -48,10 +42,10 @@ from ._participation import (
     stepped_parameters,
     stepped_without_backward,
 )
-from ._random import RandomCapture, loss_generators
+from ._random import RandomCapture
 from ._recorder_checks import LoggedBatch, RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
-from ._setup import prepare_directory
+from ._setup import prepare_directory, refuse_invalid_arguments
 from ._start_state import capture_start_state, refuse_held_state_on_resume
 from .disk import DiskTrajectory
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
@@ -183,26 +177,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
     ):
         from ..plugins import resolve_optimizer_adapter
 
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-        if not (audit is True or audit is False or audit == "auto"):
-            raise ConfigError(f"audit={audit!r} is not allowed. Choose one of: 'auto', True, False.")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise ConfigError(
-                f"grad_scaler must be a torch.amp.GradScaler (the one the loop calls scaler.step with), got "
-                f"{type(grad_scaler).__name__}."
-            )
-        refuse_renormalising_embeddings(model, "TrajectoryRecorder")
-        refuse_sparse_embeddings(model, "TrajectoryRecorder")
-        drawn = loss_generators(loss)
-        if drawn:
-            raise ConfigError(
-                f"loss: the loss callable holds the torch.Generator(s) {drawn}. explaind applies the loss to one "
-                f"sample at a time to split the gradient over samples, so random draws made by the loss cannot be "
-                f"split exactly. Allowed: a loss that draws no random numbers. Fix: draw the randomness in the "
-                f"model's forward, from a generator a module holds (found, captured and replayed), or drop it.")
+        refuse_invalid_arguments(model, optimizer, loss=loss, audit=audit, grad_scaler=grad_scaler)
         self.model, self.optimizer = model, optimizer
         self._loss = resolve_loss_record(loss)
         self._adapter_record = resolve_optimizer_adapter(optimizer)
