@@ -150,3 +150,24 @@ def test_numpy_state_is_kept_only_for_micro_batches_whose_forward_drew_from_it(t
         assert [st.numpy is not None for st in states] == [kept] * 3
         if kept:  # the first forward began from the seed's state (nothing else drew from numpy before it)
             assert torch.equal(states[0].numpy[:624], seed0_keys)
+
+
+@pytest.mark.parametrize("draw", [lambda: np.random.rand(1), lambda: np.random.rand(624), lambda: np.random.rand(1248),
+                                  lambda: np.random.randn(2), lambda: np.random.seed(7)],
+                         ids=["one word", "624 words", "two wraps", "normals", "reseed"])
+def test_the_in_place_fingerprint_of_numpys_global_generator_sees_every_draw(draw):
+    """The guard reads numpy's position and key words in place; a draw of whole keys leaves the position alone."""
+    from explaind.trajectory._host_random import HostDrawGuard, _GlobalPosition
+
+    found = _GlobalPosition.find()
+    assert found is not None  # this numpy's layout agrees with get_state(); the guard reads in place
+    _, key, pos, *_ = np.random.get_state(legacy=True)
+    assert found.state() == (int(pos), int(key[0]), int(key[623]))
+    model = nn.Linear(2, 2)
+    guard = HostDrawGuard(model, lambda: True)
+    guard._pre(model, ())
+    draw()
+    with pytest.raises(TrajectoryError, match=r"numpy.random \(the global state\)"):
+        guard._post(model, (), None)
+    guard._pre(model, ())
+    guard._post(model, (), None)  # no draw: nothing raised
