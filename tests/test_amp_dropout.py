@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 N_STEPS, BATCH = 6, 8
 
 
-def _record(precision: str):
+def record(precision: str):
     """The documented recipe: ``torch.autocast("cpu", dtype)``; float16 with ``GradScaler("cpu")``."""
     gen = torch.Generator().manual_seed(2)
     X, y = mlp_data(gen)
@@ -58,7 +58,7 @@ def _record(precision: str):
 
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])
 def test_autocast_dropout_run_decomposes_exactly_up_to_its_rounding(precision):
-    model, traj, X_test = _record(precision)
+    model, traj, X_test = record(precision)
     assert traj.n_steps == N_STEPS
     assert all(traj.grad_scale(s) == 1.0 for s in range(N_STEPS))  # the unscaled gradient, not 1024 x it
     if precision == "float16":
@@ -68,7 +68,7 @@ def test_autocast_dropout_run_decomposes_exactly_up_to_its_rounding(precision):
 
 def test_the_residual_share_is_the_autocasts():
     """The same loop in float32 without autocast: the share falls to float32 rounding, and nothing warns."""
-    _, traj, X_test = _record("float32")
+    _, traj, X_test = record("float32")
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExplaindWarning)
         att = explaind.InfluenceEstimator(keep=("train",), device="cpu", **MLP_QUAD).fit(traj).transform(X_test)
@@ -76,7 +76,7 @@ def test_the_residual_share_is_the_autocasts():
 
 
 def test_a_share_above_the_tolerance_names_autocast_first():
-    _, traj, X_test = _record("bfloat16")
+    _, traj, X_test = record("bfloat16")
     with pytest.warns(ExplaindWarning, match=r"residual share .* > residual_tol=0.001.*Likely causes: \(1\) the "
                                              r"loop's forward ran under torch.autocast \(bfloat16\).*residual_tol"):
         explaind.InfluenceEstimator(keep=("train",), device="cpu", **MLP_QUAD).fit(traj).transform(X_test)

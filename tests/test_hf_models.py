@@ -59,26 +59,39 @@ def _train(model, X, y, loss, forward, batch: int = 4, steps: int = 3):
     return model.eval(), rec.trajectory
 
 
-def test_gpt2_lm_with_dropout_and_sdpa_attention_is_exact():
+def record_gpt2_lm():
+    """GPT-2 LM with its default dropout (0.1) and SDPA attention, AdamW on the next-token loss, passed directly."""
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(_config())
     assert model.config._attn_implementation == "sdpa" and model.config.attn_pdrop > 0
     ids = torch.randint(0, VOCAB, (N_TRAIN + 2, LENGTH), generator=torch.Generator().manual_seed(1))
     model, traj = _train(model, ids[:N_TRAIN], ids[:N_TRAIN], next_token_loss, lambda m, x: m(input_ids=x).logits)
-    assert traj.manifest.random_capture and float(np.nanmax(traj.gradient_check())) <= 1e-12
-    X_test, target = ids[N_TRAIN:], [5 * VOCAB + 3, 2 * VOCAB + 7]  # one (position, token) logit per sequence
+    return model, traj, ids[N_TRAIN:]
+
+
+def gpt2_lm_figures(model, traj, X_test) -> dict[str, float]:
+    """One (position, token) logit per test sequence: residual share (no warning), ``keep=("train",)`` against
+    ``ReplayReference`` (the masks replayed), the reference's own path error, and the replica against ``model``."""
+    target = [5 * VOCAB + 3, 2 * VOCAB + 7]
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExplaindWarning)
         est = explaind.InfluenceEstimator(keep=("train",), target=target, device="cpu", **QUAD)
         att = est.fit(traj).transform(X_test)
-    assert att.meta["residual_share"] <= 1e-9
     ref = ReplayReference(traj, X_test, target=target, panels=4)
-    assert float(ref.quad_error.abs().max()) <= 1e-12
-    assert rel_err(as_numpy(att.values), reference_terms(ref, att)["values"]) <= 1e-9
     with torch.no_grad():
         trained = model(input_ids=X_test).logits.reshape(len(X_test), -1)
     replica = explaind.KernelReplica(device="cpu").fit(traj).predict(X_test)
-    assert rel_err(replica, as_numpy(trained)) <= 1e-6
+    return {"replica": rel_err(replica, as_numpy(trained)), "residual_share": att.meta["residual_share"],
+            "train": rel_err(as_numpy(att.values), reference_terms(ref, att)["values"]),
+            "ref_quad": float(ref.quad_error.abs().max())}
+
+
+def test_gpt2_lm_with_dropout_and_sdpa_attention_is_exact():
+    model, traj, X_test = record_gpt2_lm()
+    assert traj.manifest.random_capture and float(np.nanmax(traj.gradient_check())) <= 1e-12
+    got = gpt2_lm_figures(model, traj, X_test)
+    assert got["residual_share"] <= 1e-9 and got["ref_quad"] <= 1e-12
+    assert got["train"] <= 1e-9 and got["replica"] <= 1e-6
 
 
 def _classifier_run(attention: str, four_d: bool = False):

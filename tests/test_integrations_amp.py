@@ -41,7 +41,7 @@ def _data():
     return (X[:MLP_N_TRAIN], y[:MLP_N_TRAIN]), X[MLP_N_TRAIN:]
 
 
-def _lightning(tmp_path, **precision):
+def record_lightning_amp(tmp_path, **precision):
     data, X_test = _data()
     module = CrossEntropyModule(dropout_mlp(), mlp_optimizer)
     callback = ExplaindLightningCallback(data, loss="cross_entropy", module="model", check_gradients=True)
@@ -51,7 +51,7 @@ def _lightning(tmp_path, **precision):
 
 
 def test_lightning_bf16_mixed_is_recorded_and_exact_up_to_its_rounding(tmp_path):
-    model, callback, X_test = _lightning(tmp_path, precision="bf16-mixed")
+    model, callback, X_test = record_lightning_amp(tmp_path, precision="bf16-mixed")
     traj = callback.trajectory
     assert traj.n_steps == N_STEPS and all(traj.grad_scale(s) == 1.0 for s in range(N_STEPS))
     assert all(r.amp_scale is None for r in traj.manifest.steps)  # bf16-mixed has no scaler
@@ -60,7 +60,7 @@ def test_lightning_bf16_mixed_is_recorded_and_exact_up_to_its_rounding(tmp_path)
 
 def test_lightning_float16_steps_are_recorded_with_the_plugins_loss_scale(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    model, callback, X_test = _lightning(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    model, callback, X_test = record_lightning_amp(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
     traj = callback.trajectory
     assert traj.n_steps == N_STEPS and callback.recorder.skipped_batches == 0
     assert all(traj.grad_scale(s) == 1.0 for s in range(N_STEPS))  # the unscaled gradient, not 1024 x it
@@ -70,7 +70,7 @@ def test_lightning_float16_steps_are_recorded_with_the_plugins_loss_scale(tmp_pa
 
 def test_lightning_float16_steps_the_scaler_skips_are_not_recorded(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # overflows the float16 logits' gradients at first
-    model, callback, X_test = _lightning(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    model, callback, X_test = record_lightning_amp(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
     traj = callback.trajectory
     skipped = N_STEPS - traj.n_steps
     assert skipped >= 1 and callback.recorder.skipped_batches == ACCUMULATE * skipped
@@ -110,24 +110,30 @@ def test_trainer_fp16_on_the_cpu_is_float32_without_a_scaler(tmp_path):
     assert [(r.autocast, r.amp_scale) for r in callback.trajectory.manifest.steps] == [(None, None)] * 2
 
 
-def test_trainer_fp16_steps_are_recorded_with_accelerates_loss_scale(tmp_path):
-    trainer, model, callback, X_test = _trainer(tmp_path, "float16", max_grad_norm=0.5)
-    trainer.accelerator.native_amp = True  # what accelerate sets on a GPU (see the module docstring)
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+def record_trainer_amp(tmp_path, precision: str):
+    """The Trainer run in ``precision``: ``bf16=True``, or ``fp16=True`` with accelerate's GPU settings and
+    ``max_grad_norm=0.5``; the trained parameters in a fresh module, the trajectory, the test inputs."""
+    trainer, model, callback, X_test = _trainer(tmp_path, precision,
+                                                **({"max_grad_norm": 0.5} if precision == "float16" else {}))
+    if precision == "float16":
+        trainer.accelerator.native_amp = True  # what accelerate sets on a GPU (see the module docstring)
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     trainer.train()
-    traj = callback.trajectory
+    return _trained_copy(model), callback.trajectory, X_test
+
+
+def test_trainer_fp16_steps_are_recorded_with_accelerates_loss_scale(tmp_path):
+    model, traj, X_test = record_trainer_amp(tmp_path, "float16")
     assert traj.n_steps == N_STEPS and [len(traj.micro_batches(s)) for s in range(N_STEPS)] == [2] * N_STEPS
     assert [r.amp_scale for r in traj.manifest.steps] == [1024.0] * N_STEPS
     assert all(0 < traj.grad_scale(s) < 1 for s in range(N_STEPS))  # max_grad_norm=0.5 on the unscaled gradient
-    assert_autocast_run_exact(_trained_copy(model), traj, X_test, "float16")
+    assert_autocast_run_exact(model, traj, X_test, "float16")
 
 
 def test_trainer_bf16_is_recorded_and_exact_up_to_its_rounding(tmp_path):
-    trainer, model, callback, X_test = _trainer(tmp_path, "bfloat16")
-    trainer.train()
-    traj = callback.trajectory
+    model, traj, X_test = record_trainer_amp(tmp_path, "bfloat16")
     assert traj.n_steps == N_STEPS and all(traj.grad_scale(s) == 1.0 for s in range(N_STEPS))
-    assert_autocast_run_exact(_trained_copy(model), traj, X_test, "bfloat16")
+    assert_autocast_run_exact(model, traj, X_test, "bfloat16")
 
 
 @pytest.mark.parametrize("callback", [ExplaindLightningCallback, ExplaindTrainerCallback])

@@ -1,7 +1,7 @@
 """Hugging Face Trainer runs recorded by ExplaindTrainerCallback: gradient accumulation, clipping, a warm-up schedule.
 
-Float64 models built from configs (no downloads), every dropout 0; the slow reference is
-``MappingReference`` (tests/_hf_testkit.py).
+Float64 models built from configs (no downloads), every dropout 0 except one GPT-2 run with dropout 0.2; the slow
+reference is ``MappingReplayReference`` (tests/_hf_testkit.py), which replays each micro-batch's recorded masks.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from _hf_testkit import (
     LENGTH,
     N_TRAIN,
-    MappingReference,
+    assert_classifier_exact,
     cls_data,
     lm_data,
-    loop_token_loss,
+    lm_figures,
     tiny_bert,
     tiny_gpt2,
     trainer_args,
@@ -59,17 +59,8 @@ def test_trainer_steps_are_recorded_with_their_samples_clipping_and_schedule(gpt
 
 
 def test_trainer_gpt2_replica_and_next_token_scores_are_exact(gpt2_run):
-    model, traj = gpt2_run
-    ids, labels = lm_data(3, seed=9)
-    with torch.no_grad():
-        truth = model(input_ids=ids).logits.reshape(3, -1)
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict({"input_ids": ids}), truth) <= 1e-6
-    att = explaind.InfluenceEstimator(keep=("train",), target="loss", tol=1e-11, device="cpu").fit(traj).transform(
-        {"input_ids": ids}, labels)
-    assert att.meta["residual_share"] <= 1e-9
-    ref = MappingReference(traj, {"input_ids": ids}, target="loss", y=labels,
-                           loss_fn=lambda out, y: loop_token_loss(out, y, shift=True))
-    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
+    got = lm_figures(*gpt2_run)
+    assert got["replica"] <= 1e-6 and got["residual_share"] <= 1e-9 and got["train"] <= 1e-9
 
 
 def _assert_bert_replica(model, traj) -> dict:
@@ -82,18 +73,21 @@ def _assert_bert_replica(model, traj) -> dict:
     return X
 
 
-def test_trainer_bert_with_the_models_own_loss_is_exact(tmp_path):
+def record_trainer_bert(tmp_path):
+    """The BERT classifier trained by the Trainer on the model's own loss, stored and loaded back."""
     ids, mask, y = cls_data()
     data = IndexedDataset([{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(N_TRAIN)])
     model = tiny_bert()
     callback = ExplaindTrainerCallback(data, loss="cross_entropy", attention_mask="bidirectional",
                                        check_gradients=True, store=tmp_path / "run")
     Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=data, callbacks=[callback]).train()
-    traj = explaind.Trajectory.load(tmp_path / "run", model=tiny_bert())  # the stored run, 4-D masks included
+    return model.eval(), explaind.Trajectory.load(tmp_path / "run", model=tiny_bert().eval())  # 4-D masks stored
+
+
+def test_trainer_bert_with_the_models_own_loss_is_exact(tmp_path):
+    model, traj = record_trainer_bert(tmp_path)
     assert traj.n_steps == 3 and max(traj.gradient_check()) <= 1e-7
-    X = _assert_bert_replica(model, traj)
-    att = explaind.InfluenceEstimator(keep=("step",), device="cpu").fit(traj).transform(X)
-    assert att.meta["residual_share"] <= 1e-9
+    assert_classifier_exact(model, traj)
 
 
 def test_a_plain_dataset_is_refused_at_the_first_step(tmp_path):
@@ -147,23 +141,27 @@ def test_trainer_bf16_autocast_is_recorded_and_its_residual_reported(tmp_path):
     assert 1e-4 < att.meta["residual_share"] < 0.1  # bf16 gradients differ from the float32 recomputation
 
 
-def test_trainer_dropout_run_is_exact_with_random_state_capture(tmp_path):
+def record_trainer_dropout_gpt2(tmp_path, p: float = 0.2):
+    """GPT-2 (SDPA attention) with every dropout ``p``, trained by the Trainer (AdamW, next-token loss, accumulation
+    2, clipping, warm-up): each micro-batch's random state is captured."""
     ids, labels = lm_data()
     data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
     model = tiny_gpt2()
-    for module in model.modules():  # the one test with dropout: each micro-batch's masks are replayed
+    for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
-            module.p = 0.2
+            module.p = p
     callback = ExplaindTrainerCallback(data, loss="causal_lm")
     Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=data, callbacks=[callback],
             compute_loss_func=callback.compute_loss).train()
-    X = {"input_ids": ids[:3]}
-    with torch.no_grad():
-        truth = model.eval()(**X).logits.reshape(3, -1)
-    traj = callback.trajectory
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth) <= 1e-6
-    att = explaind.InfluenceEstimator(keep=("train",), target="loss", device="cpu").fit(traj).transform(X, labels[:3])
-    assert att.meta["residual_share"] <= 1e-9
+    return model.eval(), callback.trajectory
+
+
+def test_trainer_dropout_run_is_exact_with_random_state_capture(tmp_path):
+    model, traj = record_trainer_dropout_gpt2(tmp_path)
+    assert traj.manifest.random_capture and [len(traj.micro_batches(s)) for s in range(2)] == [2, 2]
+    assert all(m.state is not None for s in range(2) for m in traj.micro_batches(s))
+    got = lm_figures(model, traj)  # the reference replays each micro-batch's masks
+    assert got["replica"] <= 1e-6 and got["residual_share"] <= 1e-9 and got["train"] <= 1e-9
 
 
 def test_a_deep_copy_of_the_model_during_a_trainer_run_leaves_the_recording_exact(tmp_path):

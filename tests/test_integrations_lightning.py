@@ -44,14 +44,19 @@ def _fit(tmp_path, module, callback, data, max_steps=4):
     trainer.fit(module, loader)
 
 
-@pytest.fixture(scope="module")
-def bert_run(tmp_path_factory):
+def record_lightning_bert(tmp_path):
+    """The BERT classifier trained by Lightning (AdamW, StepLR, accumulation 2, clipping); the trained model."""
     data = IndexedDataset(_items())
     module = Classifier()
     callback = ExplaindLightningCallback(data, loss="cross_entropy", module="model", attention_mask="bidirectional",
                                          check_gradients=True)
-    _fit(tmp_path_factory.mktemp("bert"), module, callback, data)
+    _fit(tmp_path, module, callback, data)
     return module.model.eval(), callback.trajectory
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory):
+    return record_lightning_bert(tmp_path_factory.mktemp("bert"))
 
 
 def test_lightning_steps_hold_both_micro_batches_and_the_clipping(bert_run):

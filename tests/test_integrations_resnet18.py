@@ -50,12 +50,18 @@ def _trainer(tmp_path, X, y):
 FRAMEWORKS = {"lightning": (_lightning, [1 / 8, 1 / 8, 1 / 8]), "trainer": (_trainer, [1 / 8, 1 / 4, 1 / 8])}
 
 
+def record_framework_resnet(tmp_path, framework: str):
+    """The ResNet run trained by ``framework`` ("lightning" or "trainer"): the trained model in evaluation mode, the
+    trajectory, the two test images."""
+    X, y = resnet_data(torch.Generator().manual_seed(1))
+    model, traj = FRAMEWORKS[framework][0](tmp_path, X[:RESNET_N_TRAIN], y[:RESNET_N_TRAIN])
+    return model.eval(), traj, X[RESNET_N_TRAIN:]
+
+
 @pytest.fixture(scope="module", params=sorted(FRAMEWORKS))
 def run(request, tmp_path_factory):
-    X, y = resnet_data(torch.Generator().manual_seed(1))
-    train, weights = FRAMEWORKS[request.param]
-    model, traj = train(tmp_path_factory.mktemp(request.param), X[:RESNET_N_TRAIN], y[:RESNET_N_TRAIN])
-    return model.eval(), traj, X[RESNET_N_TRAIN:], weights
+    return (*record_framework_resnet(tmp_path_factory.mktemp(request.param), request.param),
+            FRAMEWORKS[request.param][1])
 
 
 def test_steps_hold_their_micro_batches_weights_and_clipping(run):

@@ -23,14 +23,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 N_STEPS, BATCH = 3, 4
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """Three SGD-momentum steps of the plain loop, recorded to disk; the trained model in evaluation mode."""
+def record_resnet(store):
+    """Three SGD-momentum steps of the plain loop, recorded to ``store`` and loaded back; the trained model in
+    evaluation mode and the two test images."""
     gen = torch.Generator().manual_seed(1)
     X, y = resnet_data(gen)
     model = narrow_resnet()
     opt = resnet_optimizer(model.parameters())
-    store = tmp_path_factory.mktemp("resnet") / "run"
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy",
                                       train_data=(X[:RESNET_N_TRAIN], y[:RESNET_N_TRAIN]), store=store)
     model.train()
@@ -43,6 +42,11 @@ def run(tmp_path_factory):
             opt.step()
     traj = explaind.Trajectory.load(store, model=narrow_resnet().eval())
     return model.eval(), traj, X[RESNET_N_TRAIN:]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return record_resnet(tmp_path_factory.mktemp("resnet") / "run")
 
 
 def test_every_running_statistic_is_recorded_per_step(run):

@@ -158,7 +158,7 @@ def test_token_loss_without_train_data_needs_weights():
         rec.log_batch(torch.arange(3))
 
 
-def _record_bert(mask_kind: str):
+def record_bert(mask_kind: str):
     model = tiny_bert()
     ids, mask, y = cls_data()
     X = {"input_ids": ids, "attention_mask": mask_4d(mask) if mask_kind == "4d" else mask}
@@ -175,12 +175,12 @@ def _record_bert(mask_kind: str):
 
 
 def test_bert_classifier_is_explained_exactly_with_a_4d_mask():
-    model, traj = _record_bert("4d")
+    model, traj = record_bert("4d")
     assert_classifier_exact(model, traj)
 
 
 def test_a_2d_attention_mask_that_vmap_cannot_trace_is_a_clear_error():
-    _, traj = _record_bert("2d")
+    _, traj = record_bert("2d")
     ids, mask, _ = cls_data(2, seed=7)
     with pytest.raises(UnsupportedModelError, match="four_d_attention_mask"):
         explaind.KernelReplica(device="cpu").fit(traj).predict({"input_ids": ids, "attention_mask": mask})
