@@ -39,12 +39,12 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).double()
 
 
-def tiny_bert(seed: int = 0, n_labels: int = 3) -> BertForSequenceClassification:
-    """One layer, 16-wide, 2 heads, SDPA attention, every dropout 0, float64."""
+def tiny_bert(seed: int = 0, n_labels: int = 3, dropout: float = 0.0) -> BertForSequenceClassification:
+    """One layer, 16-wide, 2 heads, SDPA attention, every dropout ``dropout`` (default 0), float64."""
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, num_labels=n_labels)
+                     intermediate_size=32, max_position_embeddings=LENGTH, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout, num_labels=n_labels)
     cfg._attn_implementation = "sdpa"
     return BertForSequenceClassification(cfg).double()
 

@@ -72,6 +72,9 @@ def rows() -> dict[str, list[Row]]:
             (bert, "Lightning, accumulation 2, clipping",
              "test_integrations_lightning.py::test_lightning_bert_replica_and_train_scores_are_exact",
              lambda tmp: classifier_figures(*record_lightning_bert(tmp))),
+            (bert + " (dropout 0.1)", "Lightning, accumulation 2, clipping",
+             "test_integrations_lightning.py::test_lightning_bert_with_dropout_is_exact_with_each_micro_batchs_masks_"
+             "replayed", lambda tmp: classifier_figures(*record_lightning_bert(tmp, dropout=0.1))),
             (bert, "HF Trainer, accumulation 2, clipping",
              "test_integrations_hf.py::test_trainer_bert_with_the_models_own_loss_is_exact",
              lambda tmp: classifier_figures(*record_trainer_bert(tmp))),

@@ -1,12 +1,13 @@
 """Lightning runs recorded by ExplaindLightningCallback: a BERT classifier with accumulation, clipping, a schedule.
 
-Float64 (``precision="64-true"``), every dropout 0; the slow reference is ``MappingReference``
-(tests/_hf_testkit.py).
+Float64 (``precision="64-true"``), every dropout 0, and once 0.1; the slow reference is ``MappingReplayReference``
+(tests/_hf_testkit.py), which replays each micro-batch's recorded masks.
 """
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from _hf_testkit import N_TRAIN, assert_classifier_exact, cls_data, tiny_bert
@@ -18,9 +19,9 @@ from explaind.integrations import ExplaindLightningCallback, IndexedDataset
 class Classifier(pl.LightningModule):
     """A Hugging Face sequence classifier inside a LightningModule, trained on the model's own loss."""
 
-    def __init__(self):
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
-        self.model = tiny_bert()
+        self.model = tiny_bert(dropout=dropout)
 
     def training_step(self, batch, batch_idx):
         return self.model(**batch).loss
@@ -44,10 +45,11 @@ def _fit(tmp_path, module, callback, data, max_steps=4):
     trainer.fit(module, loader)
 
 
-def record_lightning_bert(tmp_path):
-    """The BERT classifier trained by Lightning (AdamW, StepLR, accumulation 2, clipping); the trained model."""
+def record_lightning_bert(tmp_path, dropout: float = 0.0):
+    """The BERT classifier trained by Lightning (AdamW, StepLR, accumulation 2, clipping), every dropout
+    ``dropout``; the trained model in evaluation mode and the trajectory."""
     data = IndexedDataset(_items())
-    module = Classifier()
+    module = Classifier(dropout)
     callback = ExplaindLightningCallback(data, loss="cross_entropy", module="model", attention_mask="bidirectional",
                                          check_gradients=True)
     _fit(tmp_path, module, callback, data)
@@ -74,6 +76,14 @@ def test_lightning_steps_hold_both_micro_batches_and_the_clipping(bert_run):
 def test_lightning_bert_replica_and_train_scores_are_exact(bert_run):
     model, traj = bert_run
     assert_classifier_exact(model, traj)
+
+
+def test_lightning_bert_with_dropout_is_exact_with_each_micro_batchs_masks_replayed(tmp_path):
+    model, traj = record_lightning_bert(tmp_path, dropout=0.1)
+    assert traj.manifest.random_capture and [len(traj.micro_batches(s)) for s in range(4)] == [2] * 4
+    assert all(m.state is not None for s in range(4) for m in traj.micro_batches(s))
+    assert float(np.nanmax(traj.gradient_check())) <= 1e-7
+    assert_classifier_exact(model, traj)  # the reference replays the recorded masks
 
 
 def test_a_dataloader_without_indices_is_refused(tmp_path):
