@@ -169,8 +169,10 @@ class SegmentReplay:
                    "params": [leaves[n] for n in g["params"]]} for g in first.groups]
         optimizer = cls(groups)
         adapter = record.implementation.from_optimizer(optimizer)
-        if lo > 0:
-            state = self._state_at(lo, optimizer)  # a stored state that cannot be read raises naming its file
+        start = src.optimizer_start() if lo == 0 else None  # the state a recording opened on (or None: fresh)
+        if lo > 0 or start is not None:
+            # a stored state that cannot be read raises naming its file
+            state = self._state_at(lo, optimizer) if lo > 0 else self._start_state(start, first, optimizer)
             try:
                 optimizer.load_state_dict(state)
             except (ValueError, KeyError) as exc:
@@ -178,6 +180,17 @@ class SegmentReplay:
                                       f"{str(src.root)!r} does not fit the recorded parameter groups ({exc}); the "
                                       f"store is corrupted. Re-record the run.") from None
         return optimizer, adapter, {n: leaves[n] for n in src.param_names}
+
+    def _start_state(self, start: Any, first: StepReplay, optimizer: Any) -> dict[str, Any]:
+        """The ``state_dict`` the recording opened on (:meth:`~explaind.trajectory.base.Trajectory.optimizer_start`)."""
+        where = f"The optimizer's start state in the store at {str(self._src.root)!r}"
+        order = tuple(n for g in first.groups for n in g["params"])
+        if start.names != order:
+            raise TrajectoryError(f"{where} covers the parameters {list(start.names)[:6]} in that order, step 0's "
+                                  f"parameter groups {list(order)[:6]}: the groups changed between the start of the "
+                                  f"recording and its first step, which the replay cannot follow. Re-record with "
+                                  f"checkpoint_every=1, or add parameter groups before the recorder opens.")
+        return start.state_dict(optimizer.state_dict(), where)
 
     def _state_at(self, lo: int, optimizer: Any) -> dict[str, Any]:
         """The optimizer's ``state_dict`` at checkpoint ``lo``: stored, or left by replaying the segment before it."""
@@ -193,7 +206,7 @@ class SegmentReplay:
         if lo not in self._states:  # the segment was cached, its end state forgotten
             self._replay(before, lo)
         self._states.move_to_end(lo)
-        return self._states[lo]
+        return copy.deepcopy(self._states[lo])  # load_state_dict keeps its tensors and step() updates them
 
     def _keep_state(self, hi: int, optimizer: Any) -> None:
         """Remember the replayed optimizer state at a checkpoint without a stored one (least recently used)."""
