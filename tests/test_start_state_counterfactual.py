@@ -10,15 +10,18 @@ the recorded steps with sample k's weight scaled by 1 +- h (central differences;
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _start_state_kit import BEFORE, DT, N_TRAIN, OPTIMIZERS, batches, data, mlp, train
+from safetensors.torch import load_file, save_file
 
 import explaind
 from explaind.exceptions import ConfigError
 from explaind.trajectory import Trajectory
+from explaind.trajectory._checksum import checksum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,3 +108,42 @@ def test_a_stored_run_and_a_sparse_store_give_the_in_memory_values(tmp_path, kin
         assert loaded.optimizer_start() is not None and loaded.sparse == (every > 1)
         got = explaind.CounterfactualEstimator(device="cpu").fit(loaded).transform(Xt).values
         assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+def test_a_pure_update_without_start_state_is_refused_naming_the_fix(monkeypatch):
+    from explaind_optimizers.pure import SGDUpdate
+
+    _, traj, _, _ = _train("sgd", recorded=2)
+    monkeypatch.delattr(SGDUpdate, "start_state")
+    with pytest.raises(ConfigError, match=r"CounterfactualEstimator.fit: The run started from optimizer state.*pure "
+                                          r"update SGDUpdate of the adapter 'sgd' has no start_state.*Fix: add "
+                                          r"start_state"):
+        explaind.CounterfactualEstimator(device="cpu").fit(traj)
+
+
+def _keep_first_moment_only(root):
+    """Rewrite the start file as an explaind that stored only m_-1 wrote it (its manifest record updated)."""
+    path = root / "initial_state.safetensors"
+    tensors = {k: v for k, v in load_file(str(path)).items() if k.startswith("m.")}
+    save_file(tensors, str(path))
+    manifest = json.loads((root / "manifest.json").read_text())
+    raw = path.read_bytes()
+    manifest["initial_state_file"].update(nbytes=len(raw), checksum=checksum(raw))
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_store_that_kept_only_the_first_moment_is_exact_for_sgd_and_refused_for_adam(tmp_path):
+    _, _, Xt = data()
+    _, memory, _, _ = _train("sgd")
+    for kind in ("sgd", "adam"):
+        _train(kind, store=tmp_path / kind)
+        _keep_first_moment_only(tmp_path / kind)
+        loaded = Trajectory.load(tmp_path / kind, model=mlp())
+        loaded.verify()
+        assert loaded.optimizer_start() is None and loaded.initial_state()
+    want = explaind.CounterfactualEstimator(device="cpu").fit(memory).transform(Xt).values
+    got = explaind.CounterfactualEstimator(device="cpu").fit(Trajectory.load(tmp_path / "sgd", model=mlp()))
+    assert float((got.transform(Xt).values - want).abs().max()) <= 1e-12 * float(want.abs().max())
+    with pytest.raises(ConfigError, match=r"start file does not hold \['exp_avg_sq', 'step'\].*Fix: re-record the "
+                                          r"run with this explaind, or use InfluenceEstimator"):
+        explaind.CounterfactualEstimator(device="cpu").fit(Trajectory.load(tmp_path / "adam", model=mlp()))

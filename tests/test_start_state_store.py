@@ -139,9 +139,3 @@ def test_resume_on_an_optimizer_that_holds_state_is_refused_naming_restore(tmp_p
                                           r"restore\(\)"):
         explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run",
                                     resume=True)
-
-
-def test_a_sparse_store_from_optimizer_state_is_refused_naming_checkpoint_every(tmp_path):
-    with pytest.raises(ConfigError, match=r"checkpoint_every=2 with an optimizer that already holds Adam state for 4 "
-                                          r"parameter\(s\).*Fix: pass checkpoint_every=1"):
-        train("adam", recorded=1, store=tmp_path / "run", checkpoint_every=2)

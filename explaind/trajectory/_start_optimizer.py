@@ -1,11 +1,12 @@
 r"""The optimizer's whole state when a recording opens on one that already holds state.
 
 The recurrence needs only the first moment :math:`m_{-1}` from before step 0
-(:mod:`explaind.trajectory._start_state`), but three consumers replay the optimizer itself from its
-state before step 0 and need all of it: the counterfactual metagradient (Adam's second moment
-:math:`v_{-1}`, AMSGrad's maximum and the step count :math:`t_{start}`; docs/maths.md §9, "Optimizer
-state at the start"), the first segment of a sparse store (:mod:`explaind.trajectory.replay`), and
-nothing else. :class:`OptimizerStart` is ``optimizer.state_dict()`` at that moment, encoded as the
+(:mod:`explaind.trajectory._start_state`), but what replays the optimizer itself from its state
+before step 0 needs all of it: the counterfactual metagradient (Adam's second moment :math:`v_{-1}`,
+AMSGrad's maximum and the step count :math:`t_{start}`; docs/maths.md §9, "Optimizer state at the
+start") and the first segment of a sparse store (:mod:`explaind.trajectory.replay`); a resumed
+recording compares the optimizer it is given with the state it continues (:func:`state_differences`).
+:class:`OptimizerStart` is ``optimizer.state_dict()`` at that moment, encoded as the
 optimizer-state files are (:func:`~explaind.trajectory._io.encode_optimizer_state`), with the name of
 the parameter at every state index. In a store it goes into the same start file as :math:`m_{-1}`
 (``initial_state.safetensors``): tensors ``opt.state.<i>.<key>`` and ``opt.group.<g>.<key>``, and two
@@ -56,7 +57,7 @@ class OptimizerStart:
     names: tuple[str, ...]
 
     def state_dict(self, live: Mapping[str, Any], where: str) -> dict[str, Any]:
-        """A ``state_dict`` (new tensors) to load into an optimizer with the same parameters and groups (``live``: its own)."""
+        """A ``state_dict`` (new tensors) for an optimizer with the same parameters and groups (``live``: its own)."""
         n_live = sum(len(g["params"]) for g in live.get("param_groups", []))
         if n_live != len(self.names):
             raise TrajectoryError(f"{where}: the optimizer's start state covers {len(self.names)} parameters "
