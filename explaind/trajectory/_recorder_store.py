@@ -349,6 +349,7 @@ class RecorderStoreMixin(RecorderResumeMixin):
                     f"Resuming {str(self._store)!r} at step {m.n_steps}, but the model's parameters {differ} differ "
                     f"from the stored theta_{m.n_steps}. Call rec.restore() before `with rec:`."
                 )
+            self._check_resumed_state()  # without restore(): the optimizer must hold the state saved at N
             m.complete = False
             self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background,
                                        keep_states=self._every > 1)

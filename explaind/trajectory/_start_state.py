@@ -28,7 +28,7 @@ from ._io import read_tensors
 from ._start_optimizer import OPT_PREFIX, OptimizerStart, optimizer_start_from_file
 from .manifest import FileRecord
 
-__all__ = ["START_STATE_FILE", "PREFIX", "held_state", "refuse_held_state_on_resume", "capture_start_state",
+__all__ = ["START_STATE_FILE", "PREFIX", "held_state", "capture_start_state",
            "check_initial_state", "start_state_tensors", "start_state_from_tensors", "read_start_file"]
 
 #: The store's start file holding :math:`m_{-1}` (only written when some buffer is held at the start).
@@ -40,22 +40,6 @@ PREFIX = "m."
 def held_state(optimizer: torch.optim.Optimizer) -> int:
     """Number of parameters for which ``optimizer`` holds state (momentum buffers, moments, step counts)."""
     return sum(1 for state in optimizer.state.values() if len(state) > 0)
-
-
-def refuse_held_state_on_resume(optimizer: torch.optim.Optimizer, resume: bool) -> None:
-    """Refuse ``resume=True`` on an optimizer that holds state: ``restore()`` loads the recorded run's state.
-
-    Continuing a stored run takes the optimizer state the store saved; state loaded by hand (a
-    ``load_state_dict`` of some other checkpoint) would be replaced by it, silently.
-    """
-    held = held_state(optimizer)
-    if resume and held:
-        raise ConfigError(
-            f"resume=True: the optimizer already holds state for {held} parameter(s) (it has taken steps or loaded a "
-            f"state_dict), but continuing a stored run loads the optimizer state that run saved. Allowed: a fresh "
-            f"optimizer. Fix: open the recorder with resume=True on a fresh optimizer and call its restore(); to "
-            f"start a new recording from this optimizer's state, use a new store (or store=None) without resume."
-        )
 
 
 def capture_start_state(adapter: Any, adapter_name: str, optimizer: torch.optim.Optimizer,

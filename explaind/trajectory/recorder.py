@@ -47,7 +47,7 @@ from ._recorder_checks import LoggedBatch, RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
 from ._setup import prepare_directory, refuse_invalid_arguments
 from ._start_optimizer import OptimizerStart, capture_optimizer_start
-from ._start_state import capture_start_state, refuse_held_state_on_resume
+from ._start_state import capture_start_state
 from .disk import DiskTrajectory
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
 from .memory import InMemoryTrajectory
@@ -183,7 +183,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._loss = resolve_loss_record(loss)
         self._adapter_record = resolve_optimizer_adapter(optimizer)
         self._adapter = self._adapter_record.implementation.from_optimizer(optimizer)
-        refuse_held_state_on_resume(optimizer, resume)
+        self._restored = False  # restore() called, or the optimizer found holding the resumed store's state
         self._params, constants = split_model_tensors(model)
         self._constant_params = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         if record_frozen:
