@@ -149,14 +149,21 @@ def _first_two_steps(kind, root, **recorder_kwargs):
     return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
 
 
-def _last_two_steps(kind, root, model_state, opt_state, *, restore):
-    """A new process: the model and optimizer loaded from the checkpoint of step 2, the store resumed, 2 more steps."""
+def _resumed(kind, root, model_state, opt_state):
+    """A new process: the model and optimizer loaded from the checkpoint of step 2, a recorder resuming the store."""
     X, y, _ = data()
     model = mlp()
     model.load_state_dict(model_state)
     opt = OPTIMIZERS[kind](model.parameters())
     opt.load_state_dict(copy.deepcopy(opt_state))
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=root, resume=True)
+    return model, opt, explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=root,
+                                                   resume=True)
+
+
+def _last_two_steps(kind, root, model_state, opt_state, *, restore):
+    """:func:`_resumed`, then 2 more recorded steps."""
+    X, y, _ = data()
+    model, opt, rec = _resumed(kind, root, model_state, opt_state)
     if restore:  # the checkpoint was taken after the schedule's step, the store's state at the optimizer's
         with pytest.warns(ExplaindWarning, match=r"restore\(\) loaded the optimizer state of step 2.*'lr'"):
             assert rec.restore() == 2
@@ -192,7 +199,11 @@ def test_resume_on_an_optimizer_holding_other_state_is_refused_naming_where(tmp_
                                           r"store at .* saved after step 1 \(at state\[1\]\['momentum_buffer'\]\), "
                                           r"and " + where + r".*Fix: open the recorder with resume=True on a fresh "
                                           r"optimizer and call its restore\(\)"):
-        _last_two_steps("sgd", tmp_path / "run", model_state, opt_state, restore=restore)
+        _, _, rec = _resumed("sgd", tmp_path / "run", model_state, opt_state)
+        if restore:
+            rec.restore()
+        else:
+            rec.__enter__()
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
