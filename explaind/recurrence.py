@@ -161,7 +161,7 @@ class PureUpdate(Protocol):
     ``start_state(theta, m, saved)`` returns the state before step 0 of a run recorded from an
     optimizer that held state: ``m`` its stored :math:`m_{-1}` (or ``None``), ``saved`` torch's own
     state entry of the parameter then (``None`` where the store did not keep it); without it such a
-    run is refused (docs/maths.md §9, "Optimizer state at the start").
+    run is refused (docs/maths.md §9, "A run that started from optimizer state").
     """
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:

@@ -1,5 +1,5 @@
-"""CounterfactualEstimator on runs recorded from an optimizer that held state (docs/maths.md §9, "Optimizer state at
-the start").
+"""CounterfactualEstimator on runs recorded from an optimizer that held state (docs/maths.md §9, "A run that started
+from optimizer state").
 
 The metagradient replays the optimizer from its state before step 0: the stored first moment m_-1 and, kept in the
 same start file, torch's own state then (Adam's second moment and step count, AMSGrad's maximum). The reference is an

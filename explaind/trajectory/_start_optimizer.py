@@ -3,8 +3,8 @@ r"""The optimizer's whole state when a recording opens on one that already holds
 The recurrence needs only the first moment :math:`m_{-1}` from before step 0
 (:mod:`explaind.trajectory._start_state`), but what replays the optimizer itself from its state
 before step 0 needs all of it: the counterfactual metagradient (Adam's second moment :math:`v_{-1}`,
-AMSGrad's maximum and the step count :math:`t_{start}`; docs/maths.md §9, "Optimizer state at the
-start") and the first segment of a sparse store (:mod:`explaind.trajectory.replay`); a resumed
+AMSGrad's maximum and the step count :math:`t_{start}`; docs/maths.md §9, "A run that started from
+optimizer state") and the first segment of a sparse store (:mod:`explaind.trajectory.replay`); a resumed
 recording compares the optimizer it is given with the state it continues (:func:`state_differences`).
 :class:`OptimizerStart` is ``optimizer.state_dict()`` at that moment, encoded as the
 optimizer-state files are (:func:`~explaind.trajectory._io.encode_optimizer_state`), with the name of

@@ -5,7 +5,8 @@ A store recorded with ``checkpoint_every=k`` holds :math:`\theta` only at checkp
 :class:`~explaind.trajectory._sparse.SparseLayout`). For a step :math:`s` with
 :math:`c_j \le s < c_{j+1}`, :class:`SegmentReplay` rebuilds the segment: starting from the stored
 :math:`\theta_{c_j}` and the optimizer state at :math:`c_j` (stored, or the one the replay of the
-segment before left there, from the last full checkpoint on), for
+segment before left there, from the last full checkpoint on; at :math:`c_0 = 0` none, or the state the
+recording opened on), for
 :math:`s = c_j, \dots, c_{j+1}-1` it recomputes the batch gradient
 :math:`c_s \sum_k w_{s,k} \nabla\ell_k(\theta_s)` from the training data (the functional path of
 the recorder's gradient check), hands it to a fresh optimizer of the recorded class with the
@@ -146,7 +147,11 @@ class SegmentReplay:
 
     # ----------------------------------------------------------------- replay
     def _optimizer(self, first: StepReplay, lo: int, theta: dict[str, Tensor]) -> tuple[Any, Any, dict[str, Tensor]]:
-        """A fresh optimizer of the recorded class over copies of ``theta_lo``, with the state stored at ``lo``."""
+        """A fresh optimizer of the recorded class over copies of ``theta_lo``, with the state at ``lo``.
+
+        At ``lo > 0`` the stored or replayed state; at ``lo = 0`` the state the recording opened on
+        (:meth:`~explaind.trajectory.base.Trajectory.optimizer_start`; none for a fresh optimizer).
+        """
         from ..plugins import get_entry
 
         src, manifest = self._src, self._src.manifest
