@@ -16,7 +16,7 @@ import pytest
 import torch
 from _start_state_kit import BEFORE, OPTIMIZERS, batches, data, mlp, step, train
 from reference import Reference, rel_err
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
@@ -92,6 +92,23 @@ def test_a_start_state_file_with_foreign_tensors_is_refused(tmp_path):
     with pytest.raises(TrajectoryError, match=r"initial_state\.safetensors.*does not hold start buffers.*'nope' is "
                                               r"not a trainable parameter.*re-record"):
         Trajectory.load(tmp_path / "run", model=mlp()).initial_state()
+
+
+def test_an_optimizer_start_state_without_its_description_is_refused_naming_the_file(tmp_path):
+    """A start file whose optimizer tensors pass the checksum but lack the metadata that names their parameters."""
+    train("adam", recorded=1, store=tmp_path / "run")
+    path = tmp_path / "run/initial_state.safetensors"
+    save_file(load_file(str(path)), str(path))  # the tensors kept, the metadata dropped
+    manifest = tmp_path / "run/manifest.json"
+    m = json.loads(manifest.read_text())
+    raw = path.read_bytes()
+    m["initial_state_file"].update(nbytes=len(raw), checksum=checksum(raw))
+    manifest.write_text(json.dumps(m))
+    loaded = Trajectory.load(tmp_path / "run", model=mlp())
+    loaded.verify()  # the checksum matches
+    with pytest.raises(TrajectoryError, match=r"initial_state\.safetensors.* holds the optimizer's start state "
+                                              r"without its description.*re-record"):
+        loaded.optimizer_start()
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
@@ -185,6 +202,8 @@ def test_resume_on_an_optimizer_holding_the_stored_state_continues_the_run_exact
     loaded = Trajectory.load(tmp_path / "run", model=mlp())
     assert loaded.n_steps == 4 and max(loaded.audit()) <= 1e-13
     _, _, Xt = data()
+    with torch.no_grad():
+        assert rel_err(explaind.KernelReplica(device="cpu").fit(loaded).predict(Xt), model_ref(Xt)) <= 1e-6
     att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(loaded).transform(Xt)
     assert att.meta["residual_share"] <= 1e-9 and rel_err(att.values, Reference(memory, Xt).kept(("train",))) <= 1e-9
     assert rel_err(_decompose(loaded).initial_state, _decompose(memory).initial_state) <= 1e-12

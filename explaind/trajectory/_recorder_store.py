@@ -370,6 +370,7 @@ class RecorderStoreMixin(RecorderResumeMixin):
             opt, metadata = optimizer_start_file(self._start_optimizer)
             m.initial_state_file = self._writer.write_file(
                 START_STATE_FILE, {**start_state_tensors(self._start_state), **opt}, metadata or None)
+            self._start_optimizer = None  # in the file now: its CPU copy need not live through the recording
         self._writer.finish_setup()
 
     def _optimizer_state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
