@@ -248,3 +248,20 @@ def test_a_resume_from_step_0_restores_the_optimizer_state_the_recording_opened_
     assert loaded.n_steps == 4 and max(loaded.audit()) <= 1e-13
     a, b = _decompose(memory), _decompose(loaded)
     assert b.meta["residual_share"] <= 1e-9 and rel_err(b.initial_state, a.initial_state) <= 1e-12
+
+
+def test_a_resume_from_step_0_without_restore_needs_the_start_state_in_the_optimizer(tmp_path):
+    """theta_0 loaded by hand into a fresh optimizer's model: `with rec:` refuses, naming restore()."""
+    _first_two_steps("adam", tmp_path / "run", save_optimizer_state=False)
+    X, y, _ = data()
+    model = mlp()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(Trajectory.load(tmp_path / "run", model=mlp()).params(0)[n])
+    opt = OPTIMIZERS["adam"](model.parameters())
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run",
+                                      resume=True, save_optimizer_state=False)
+    with pytest.raises(ConfigError, match=r"the optimizer holds no state, unlike the state the store at .* saved when "
+                                          r"the recording opened \(at state\[0\]\['exp_avg'\] \(missing\).*`with rec:` "
+                                          r"without restore\(\).*call its restore\(\)"), rec:
+        pass

@@ -202,9 +202,10 @@ class RecorderResumeMixin:
         saved = f"after step {n - 1}" if n > 0 else "when the recording opened"
         why = ("restore() would replace it" if loading else
                "`with rec:` without restore() continues the store from the state it saved")
+        holds = "holds state that differs from" if held_state(self.optimizer) else "holds no state, unlike"
         raise ConfigError(
-            f"resume=True: the optimizer holds state that differs from the state the store at {str(self._store)!r} "
-            f"saved {saved} (at {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}), and {why}. Allowed: "
+            f"resume=True: the optimizer {holds} the state the store at {str(self._store)!r} saved {saved} "
+            f"(at {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}), and {why}. Allowed: "
             f"a fresh optimizer and rec.restore(), or an optimizer holding exactly that state (restored from the "
             f"checkpoint of step {n}). Fix: open the recorder with resume=True on a fresh optimizer and call its "
             f"restore(); to start a new recording from this optimizer's state, use a new store (or store=None) "
