@@ -157,7 +157,11 @@ class PureUpdate(Protocol):
     :func:`torch.func.vjp`, so ``__call__`` must be written in differentiable torch operations.
     Per-step constants the recorder did not store as such (Adam's step size
     ``lr_s / (1 - beta1^t)``) are recovered by :meth:`scalars` from the recorded
-    :class:`LinearUpdate` at the recorded point and held fixed.
+    :class:`LinearUpdate` at the recorded point and held fixed. An optional method
+    ``start_state(theta, m, saved)`` returns the state before step 0 of a run recorded from an
+    optimizer that held state: ``m`` its stored :math:`m_{-1}` (or ``None``), ``saved`` torch's own
+    state entry of the parameter then (``None`` where the store did not keep it); without it such a
+    run is refused (docs/maths.md §9, "A run that started from optimizer state").
     """
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:

@@ -10,6 +10,7 @@ tests/reference.py (one ``autograd.grad`` per sample, Gauss-Legendre path integr
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,12 +170,12 @@ def test_resuming_with_momentum_from_a_checkpoint_is_exact_with_its_initial_stat
     assert carried >= 1e-2 and att.completeness_error() <= 1e-12
 
 
-def test_a_sparse_store_resumed_with_momentum_from_a_checkpoint_is_refused_naming_ckpt_path(tmp_path):
-    """A sparse store replays its first segment from a fresh optimizer: the restored momentum would be lost."""
-    with pytest.raises(ConfigError, match=r"started at step 2 with the optimizer state of a checkpoint \(4 "
-                                          r"parameter\(s\) hold SGD state\).*ckpt_path.*checkpoint_every=2.*Fix: pass "
-                                          r"checkpoint_every=1"):
-        _resume(tmp_path, momentum=0.9, store=tmp_path / "run", checkpoint_every=2)
+def test_a_sparse_store_resumed_with_momentum_from_a_checkpoint_is_exact(tmp_path):
+    """A sparse store replays its first segment from the restored momentum, kept in its start file."""
+    model, traj = _resume(tmp_path, momentum=0.9, store=tmp_path / "run", checkpoint_every=2)
+    assert traj.sparse and traj.n_steps == 3 and traj.optimizer_start() is not None
+    assert float(np.nanmax(traj.replay_error())) <= 1e-13
+    _assert_exact(model, traj)
 
 
 def test_resuming_without_optimizer_state_records_the_resumed_steps_exactly(tmp_path):

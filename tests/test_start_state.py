@@ -95,13 +95,6 @@ def test_maximize_starts_from_the_negated_buffer():
     assert att.meta["residual_share"] <= 1e-9 and att.initial_state.abs().sum() > 0
 
 
-def test_the_counterfactual_refuses_a_run_with_a_start_state_naming_the_fix():
-    _, traj, _, _ = train("sgd", recorded=2)
-    with pytest.raises(ConfigError, match=r"started from optimizer state.*Fix: record the run from its first step, "
-                                          r"or use InfluenceEstimator"):
-        explaind.CounterfactualEstimator(device="cpu").fit(traj)
-
-
 def test_an_adapter_without_start_state_is_refused_naming_the_fix(monkeypatch):
     from explaind_optimizers.sgd import SGDAdapter
 

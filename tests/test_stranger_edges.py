@@ -1,6 +1,7 @@
 """Runs a new user resumes or unpacks by hand: refused or flagged, naming the cause and the fix (float64).
 
-An optimizer state loaded with ``opt.load_state_dict`` instead of ``rec.restore()``, ``maximize`` switched on it;
+An optimizer state loaded with ``opt.load_state_dict`` instead of ``rec.restore()``, ``maximize`` switched on it
+(refused at the first step);
 a GRU classifier whose head averages ``pad_packed_sequence``'s output (unpacked without ``total_length``) over all
 time steps, padding included. The loops that end exact are in tests/test_stranger_loops_more.py.
 """
@@ -16,10 +17,10 @@ import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning
 
 
-def test_a_hand_loaded_optimizer_state_with_maximize_switched_is_refused_naming_restore(tmp_path):
-    """Resuming by ``opt.load_state_dict`` instead of ``rec.restore()``, then switching ``maximize``: the recorder
-    refuses the loaded state (its recurrence starts from empty buffers) and names ``restore()``, after which a
-    switch while buffers exist is refused at the first resumed step (tests/test_recording_edges.py)."""
+def test_a_hand_loaded_optimizer_state_with_maximize_switched_is_refused_at_the_first_step(tmp_path):
+    """Resuming by ``opt.load_state_dict`` instead of ``rec.restore()``, then switching ``maximize``: the loaded state
+    is the one the store saved, so the recorder continues from it, and learns the ``maximize`` its buffers were built
+    under; the switch is refused at the first resumed step (as after ``restore()``, tests/test_recording_edges.py)."""
     X, y, _ = _data()
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
@@ -34,10 +35,16 @@ def test_a_hand_loaded_optimizer_state_with_maximize_switched_is_refused_naming_
     resumed.load_state_dict(opt.state_dict())
     for group in resumed.param_groups:
         group["maximize"] = True
-    with pytest.raises(ConfigError, match=r"already holds state for 4 parameter\(s\).*resume=True on a fresh "
-                                          r"optimizer and call its restore\(\)"):
-        explaind.TrajectoryRecorder(model, resumed, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run",
-                                    resume=True)
+    rec = explaind.TrajectoryRecorder(model, resumed, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run",
+                                      resume=True)
+    idx = torch.arange(2 * BATCH, 3 * BATCH)
+    with pytest.raises(ConfigError, match=r"'maximize'\] was switched from False to True while its parameters hold "
+                                          r"'momentum_buffer'"), rec:
+        resumed.zero_grad()
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        rec.log_batch(idx)
+        resumed.step()
+    assert all(g["maximize"] for g in resumed.param_groups)  # the live settings are left as they were
 
 
 def test_a_mean_over_padding_unpacked_without_total_length_is_flagged_naming_total_length():

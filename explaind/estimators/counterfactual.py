@@ -33,7 +33,7 @@ from ..exceptions import ConfigError, UnknownEntryError
 from ..kernel.attribution import Attribution
 from ..kernel.explained import Explained, FunctionalModel
 from ..kernel.layout import ParamLayout
-from ..kernel.metagrad import Replay, counterfactual_sweep, output_cotangents
+from ..kernel.metagrad import Replay, counterfactual_sweep, output_cotangents, start_state
 from ..trajectory.base import Trajectory
 from ._path import probe_inputs
 from .base import ExplaindEstimator
@@ -137,15 +137,6 @@ class CounterfactualEstimator(ExplaindEstimator):
         if not traj.has_updates:
             raise ConfigError(f"{name}.fit: {traj!r} has no record of each step's batches and optimizer state, which "
                               f"the metagradient replays; record the run with TrajectoryRecorder.")
-        if traj.initial_state():
-            raise ConfigError(
-                f"{name}.fit: this run's recording started from optimizer state (momentum buffers restored from a "
-                f"checkpoint or left by unrecorded steps, Trajectory.initial_state()). The metagradient replays the "
-                f"optimizer from its state before step 0, and the recording keeps only the first-moment buffers "
-                f"(Adam's second moments and step counts are read at each step), so that state cannot be rebuilt. "
-                f"Allowed: runs recorded from a fresh optimizer. Fix: record the run from its first step, or use "
-                f"InfluenceEstimator, whose initial_state term is exact for such runs."
-            )
         adapter = traj.manifest.adapter
         try:
             record = get_entry("optimizer_adapter", str(adapter))
@@ -160,6 +151,10 @@ class CounterfactualEstimator(ExplaindEstimator):
             )
         try:
             pure = record.update_fn(traj.manifest.adapter_hyperparameters)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}.fit: {exc}") from None
+        try:
+            start_state(traj, pure, traj.params(0))  # a run recorded from optimizer state: can it start there?
         except ConfigError as exc:
             raise ConfigError(f"{name}.fit: {exc}") from None
         try:

@@ -98,7 +98,7 @@ class RecordingCore:
         checkpoint). An optimizer restored with the checkpoint starts the recording from its state: the
         recorder stores its momentum buffers and the ``initial_state`` term of an attribution carries them
         (docs/maths.md §4, "Optimizer state at the start"). What the recorder cannot start from (an adapter
-        without ``start_state``, a sparse store) is refused with the framework's resume option named.
+        without ``start_state``) is refused with the framework's resume option named.
         """
         if self.recorder is not None:
             raise TrajectoryError(f"This {type(self).__name__} has recorded a run already; create a new one for "

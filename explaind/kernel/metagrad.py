@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from ..exceptions import UnsupportedModelError
+from ..exceptions import ConfigError, UnsupportedModelError
 from ..recurrence import LinearUpdate, is_unchanged
 from .coupled import coupled_sample_grads, step_replay
 from .evaluate import Batch
@@ -54,7 +54,7 @@ from .layout import ParamLayout
 from .metagrad_coupled import coupled_step_terms, running_stats, shifted_statistics
 from .metagrad_spectral import power_iterations
 
-__all__ = ["Replay", "StepPoint", "counterfactual_sweep", "output_cotangents", "sample_dots"]
+__all__ = ["Replay", "StepPoint", "counterfactual_sweep", "output_cotangents", "sample_dots", "start_state"]
 
 State = dict[str, dict[str, Tensor]]
 
@@ -108,9 +108,8 @@ class Replay:
         return self.fm.cast_params(self.traj.params(s), self.names)
 
     def init_state(self) -> State:
-        """The optimizer state before step 0."""
-        theta = self.theta(0)
-        return {n: self.pure.init_state(theta[n]) for n in self.names}
+        """The optimizer state before step 0 (:func:`start_state`)."""
+        return start_state(self.traj, self.pure, self.theta(0))
 
     def batch_loss(self, s: int) -> Any:
         r"""``L_s(theta) = c_s sum_k w_{s,k} l_k(theta)`` (its gradient is the :math:`g_s` of the run)."""
@@ -168,6 +167,42 @@ class Replay:
             den = math.sqrt(sum(float((target[n] - theta[n]).pow(2).sum()) for n in self.names))
         self.max_residual = max(self.max_residual, num / den if den > 0 else num)
         return point, new_state
+
+
+def start_state(traj: Any, pure: Any, theta: Params) -> State:
+    r"""The pure update's state before step 0: zeros, or the state a recording opened on (docs/maths.md §9).
+
+    A run recorded from an optimizer that held state starts from its stored :math:`m_{-1}`
+    (:meth:`~explaind.trajectory.base.Trajectory.initial_state`) and torch's own state then
+    (:meth:`~explaind.trajectory.base.Trajectory.optimizer_start`: Adam's second moment and step
+    count), turned into the pure update's state by its ``start_state``; a parameter that held none
+    starts from ``init_state``. ``theta`` (:math:`\theta_0`) sets the dtype and device.
+
+    Raises
+    ------
+    ConfigError
+        The run started from optimizer state and the pure update has no ``start_state``, or
+        cannot build its state from what the store kept.
+    """
+    m, start = traj.initial_state(), traj.optimizer_start()
+    if not m and start is None:
+        return {n: pure.init_state(theta[n]) for n in theta}
+    starter = getattr(pure, "start_state", None)
+    if not callable(starter):
+        raise ConfigError(
+            f"The run started from optimizer state (Trajectory.initial_state(), restored from a checkpoint or left by "
+            f"unrecorded steps), and the pure update {type(pure).__name__} of the adapter {traj.manifest.adapter!r} "
+            f"has no start_state(theta, m, saved) to start from it. Fix: add start_state to the pure update "
+            f"(docs/optimizers.md, 'Pure updates'), record the run from a fresh optimizer, or use InfluenceEstimator."
+        )
+    saved = start.entries(f"The optimizer's start state of {traj!r}") if start is not None else {}
+    out = {}
+    for n, t in theta.items():
+        if n in m or n in saved:
+            out[n] = starter(t, m[n] if n in m else None, saved.get(n) if start is not None else None)
+        else:
+            out[n] = pure.init_state(t)
+    return out
 
 
 def output_cotangents(fm: FunctionalModel, explained: Explained, theta: Params, X: Tensor,

@@ -20,6 +20,8 @@ from ..exceptions import ConfigError, TrajectoryError
 from ._audit import UpdateAudit
 from ._common import warn_user
 from ._io import decode_optimizer_state, read_tensors
+from ._start_optimizer import state_differences
+from ._start_state import held_state
 from .disk import DiskTrajectory, check_model_matches
 from .fingerprint import check_train_data
 from .manifest import TrajectoryManifest
@@ -73,6 +75,7 @@ class RecorderResumeMixin:
     _data: Any
     _every: int
     _adapter: Any
+    _restored: bool
 
     def _validate_resume(self) -> TrajectoryManifest:
         assert self._store is not None
@@ -105,13 +108,18 @@ class RecorderResumeMixin:
         """Load ``theta_N``, the recorded buffers and the optimizer state into the model and optimizer; returns ``N``.
 
         Use with ``resume=True`` before the loop, then continue training from step ``N``. An LR
-        scheduler is the loop's own: recreate it at step ``N`` (e.g. ``last_epoch=N - 1``).
+        scheduler is the loop's own: recreate it at step ``N`` (e.g. ``last_epoch=N - 1``). An
+        optimizer that already holds state must hold exactly the state the store saved at ``N`` (the
+        one of a run that started from optimizer state at ``N = 0``), which is then left as it is;
+        any other state is refused rather than replaced.
         """
         if self._store is not None and self._restarted:
             return 0  # resume=True where an interrupted recording had recorded nothing: starting anew
         if self._store is None or not self._resumed:
             raise TrajectoryError("restore() needs a recorder opened with store=<path> and resume=True.")
         n = self._manifest.n_steps  # the last step with a stored optimizer state
+        state, audit = self._saved_state(n)
+        self._refuse_other_state(state, n, loading=True)
         stored = DiskTrajectory(self._store, model=self.model, loss=self._loss)
         final, buffers = stored.params(n), dict(self.model.named_buffers())
         with torch.no_grad():
@@ -119,21 +127,87 @@ class RecorderResumeMixin:
                 p.copy_(final[name])
             for name, b in stored.buffers(n).items():  # running statistics as they were after step n - 1
                 buffers[name].copy_(b)
-        if n > 0:
-            rec = self._manifest.steps[n - 1].optimizer_state
-            assert rec is not None  # _validate_resume chose n so
-            tensors, meta = read_tensors(self._store, rec, step=n - 1)
-            audit_file = self._manifest.steps[n - 1].audit_state  # sparse stores keep it apart
-            if audit_file is not None:
-                tensors = {**tensors, **read_tensors(self._store, audit_file, step=n - 1)[0]}
-            audit = {k[len("audit."):]: v for k, v in tensors.items() if k.startswith("audit.")}
-            state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
+        if state is not None:
             given = _group_settings(self.optimizer)
-            self.optimizer.load_state_dict(decode_optimizer_state(state, meta, self.optimizer.state_dict(),
-                                                                  f"Trajectory file {str(self._store / rec.path)!r}"))
+            self.optimizer.load_state_dict(state)
             _warn_replaced_settings(given, _group_settings(self.optimizer), n)
-            resumed = getattr(self._adapter, "resumed", None)  # optional adapter method (OptimizerAdapter)
-            if callable(resumed):
-                resumed(self.optimizer)
-            self._auditor.momentum = {k: v.to(self._params[k].device) for k, v in audit.items()}
+        self._continue_from(audit)
         return n
+
+    def _check_resumed_state(self) -> None:
+        """``with rec:`` on a resumed store without ``restore()``: the optimizer must hold the state saved at ``N``.
+
+        So a framework that restored the model and optimizer from its own checkpoint of step ``N``
+        continues the store (the parameters were compared with ``theta_N`` before).
+        """
+        if self._restored:
+            return
+        n = self._manifest.n_steps
+        state, audit = self._saved_state(n)
+        self._refuse_other_state(state, n, loading=False)
+        live = [dict(group) for group in self.optimizer.param_groups]
+        if state is not None:  # the adapter learns the settings the state was built under (maximize), then the
+            for group, saved in zip(self.optimizer.param_groups, state["param_groups"]):  # live ones come back:
+                group.update({k: v for k, v in saved.items() if k != "params"})  # a switch is refused at the step
+        try:
+            self._continue_from(audit)
+        finally:
+            for group, values in zip(self.optimizer.param_groups, live):
+                group.clear()
+                group.update(values)
+
+    def _continue_from(self, audit: dict[str, Tensor]) -> None:
+        """The update audit's modelled buffer and the adapter's ``resumed`` hook, once the optimizer holds the state."""
+        resumed = getattr(self._adapter, "resumed", None)  # optional adapter method (OptimizerAdapter)
+        if callable(resumed):
+            resumed(self.optimizer)
+        self._auditor.momentum = {k: v.to(self._params[k].device) for k, v in audit.items()}
+        self._restored = True
+
+    def _saved_state(self, n: int) -> tuple[dict[str, Any] | None, dict[str, Tensor]]:
+        """The decoded ``state_dict`` the store saved at step ``n`` and the audit's buffers then.
+
+        At ``n = 0``: the state the recording opened on and its :math:`m_{-1}` (``None`` and ``{}``
+        for a fresh optimizer).
+        """
+        assert self._store is not None
+        if n == 0:
+            start = DiskTrajectory(self._store, model=self.model, loss=self._loss)
+            begun = start.optimizer_start()
+            where = f"The optimizer's start state in {str(self._store)!r}"
+            state = None if begun is None else begun.state_dict(self.optimizer.state_dict(), where)
+            return state, start.initial_state()
+        rec = self._manifest.steps[n - 1].optimizer_state
+        assert rec is not None  # _validate_resume chose n so
+        tensors, meta = read_tensors(self._store, rec, step=n - 1)
+        audit_file = self._manifest.steps[n - 1].audit_state  # sparse stores keep it apart
+        if audit_file is not None:
+            tensors = {**tensors, **read_tensors(self._store, audit_file, step=n - 1)[0]}
+        audit = {k[len("audit."):]: v for k, v in tensors.items() if k.startswith("audit.")}
+        state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
+        return decode_optimizer_state(state, meta, self.optimizer.state_dict(),
+                                      f"Trajectory file {str(self._store / rec.path)!r}"), audit
+
+    def _refuse_other_state(self, state: dict[str, Any] | None, n: int, loading: bool) -> None:
+        """Refuse an optimizer holding state other than ``state`` (saved at ``n``; ``None``: none), naming where.
+
+        ``loading``: ``restore()``, which loads ``state`` into a fresh optimizer; without it the
+        optimizer must hold ``state`` already (a fresh one: none).
+        """
+        if loading and not held_state(self.optimizer):
+            return
+        differ = state_differences(self.optimizer, state or {})
+        if not differ:
+            return
+        saved = f"after step {n - 1}" if n > 0 else "when the recording opened"
+        why = ("restore() would replace it" if loading else
+               "`with rec:` without restore() continues the store from the state it saved")
+        holds = "holds state that differs from" if held_state(self.optimizer) else "holds no state, unlike"
+        raise ConfigError(
+            f"resume=True: the optimizer {holds} the state the store at {str(self._store)!r} saved {saved} "
+            f"(at {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}), and {why}. Allowed: "
+            f"a fresh optimizer and rec.restore(), or an optimizer holding exactly that state (restored from the "
+            f"checkpoint of step {n}). Fix: open the recorder with resume=True on a fresh optimizer and call its "
+            f"restore(); to start a new recording from this optimizer's state, use a new store (or store=None) "
+            f"without resume."
+        )

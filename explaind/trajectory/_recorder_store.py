@@ -48,6 +48,7 @@ from ._random_store import pack_micro_batches
 from ._recorder_resume import RecorderResumeMixin
 from ._setup import setup_error
 from ._sparse import SparseLayout, StepReplay, group_snapshot, state_bytes, validate_checkpoint_every
+from ._start_optimizer import optimizer_start_file
 from ._start_state import START_STATE_FILE, start_state_tensors
 from ._state_share import StateCopy, momentum_by_state_index
 from .disk import DiskTrajectory
@@ -80,6 +81,7 @@ class RecorderStoreMixin(RecorderResumeMixin):
     _random: Any
     _adapter: Any
     _start_state: dict[str, Tensor]
+    _start_optimizer: Any
     _handles: list[Any]
 
     def _storage_options(self, save_optimizer_state: Any, checkpoint_every: Any) -> None:
@@ -347,6 +349,7 @@ class RecorderStoreMixin(RecorderResumeMixin):
                     f"Resuming {str(self._store)!r} at step {m.n_steps}, but the model's parameters {differ} differ "
                     f"from the stored theta_{m.n_steps}. Call rec.restore() before `with rec:`."
                 )
+            self._check_resumed_state()  # without restore(): the optimizer must hold the state saved at N
             m.complete = False
             self._writer = StoreWriter(self._store, m, fsync=self._fsync, background=self._background,
                                        keep_states=self._every > 1)
@@ -363,8 +366,11 @@ class RecorderStoreMixin(RecorderResumeMixin):
             )
         if self._data is not None and self._store_data:
             m.data_file = self._writer.write_file("data.safetensors", self._data.flat())
-        if self._start_state:
-            m.initial_state_file = self._writer.write_file(START_STATE_FILE, start_state_tensors(self._start_state))
+        if self._start_state or self._start_optimizer is not None:
+            opt, metadata = optimizer_start_file(self._start_optimizer)
+            m.initial_state_file = self._writer.write_file(
+                START_STATE_FILE, {**start_state_tensors(self._start_state), **opt}, metadata or None)
+            self._start_optimizer = None  # in the file now: its CPU copy need not live through the recording
         self._writer.finish_setup()
 
     def _optimizer_state(self) -> tuple[dict[str, Tensor], dict[str, str]]:

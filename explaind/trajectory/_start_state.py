@@ -10,21 +10,26 @@ that :math:`m_{start}` carries is the exact ``initial_state`` term of an attribu
 
 The start buffers go to the store's start file :data:`START_STATE_FILE` (tensors ``m.<parameter name>``,
 written with the other start files before the manifest, checksummed and checked by ``verify()``);
-a parameter without an entry starts from zero.
+a parameter without an entry starts from zero. The same file keeps the optimizer's whole state at the
+start for what replays the optimizer itself (:mod:`explaind.trajectory._start_optimizer`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
+from ._io import read_tensors
+from ._start_optimizer import OPT_PREFIX, OptimizerStart, optimizer_start_from_file
+from .manifest import FileRecord
 
-__all__ = ["START_STATE_FILE", "PREFIX", "held_state", "refuse_held_state_on_resume", "capture_start_state",
-           "check_initial_state", "start_state_tensors", "start_state_from_tensors"]
+__all__ = ["START_STATE_FILE", "PREFIX", "held_state", "capture_start_state",
+           "check_initial_state", "start_state_tensors", "start_state_from_tensors", "read_start_file"]
 
 #: The store's start file holding :math:`m_{-1}` (only written when some buffer is held at the start).
 START_STATE_FILE = "initial_state.safetensors"
@@ -37,24 +42,8 @@ def held_state(optimizer: torch.optim.Optimizer) -> int:
     return sum(1 for state in optimizer.state.values() if len(state) > 0)
 
 
-def refuse_held_state_on_resume(optimizer: torch.optim.Optimizer, resume: bool) -> None:
-    """Refuse ``resume=True`` on an optimizer that holds state: ``restore()`` loads the recorded run's state.
-
-    Continuing a stored run takes the optimizer state the store saved; state loaded by hand (a
-    ``load_state_dict`` of some other checkpoint) would be replaced by it, silently.
-    """
-    held = held_state(optimizer)
-    if resume and held:
-        raise ConfigError(
-            f"resume=True: the optimizer already holds state for {held} parameter(s) (it has taken steps or loaded a "
-            f"state_dict), but continuing a stored run loads the optimizer state that run saved. Allowed: a fresh "
-            f"optimizer. Fix: open the recorder with resume=True on a fresh optimizer and call its restore(); to "
-            f"start a new recording from this optimizer's state, use a new store (or store=None) without resume."
-        )
-
-
 def capture_start_state(adapter: Any, adapter_name: str, optimizer: torch.optim.Optimizer,
-                        params: Mapping[str, nn.Parameter], *, checkpoint_every: int) -> dict[str, Tensor]:
+                        params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
     r"""The start buffers :math:`m_{-1}` of the recorded parameters, name -> new tensor (empty for a fresh optimizer).
 
     Parameters
@@ -66,13 +55,11 @@ def capture_start_state(adapter: Any, adapter_name: str, optimizer: torch.optim.
     optimizer : torch.optim.Optimizer
     params : mapping of str to Parameter
         The recorded parameters.
-    checkpoint_every : int
-        The store's stride; a sparse store replays its first segment from a fresh optimizer, so it is refused.
 
     Raises
     ------
     explaind.exceptions.ConfigError
-        The optimizer holds state and the adapter has no ``start_state``, or ``checkpoint_every > 1``.
+        The optimizer holds state and the adapter has no ``start_state``.
     """
     held = held_state(optimizer)
     if not held:
@@ -85,13 +72,6 @@ def capture_start_state(adapter: Any, adapter_name: str, optimizer: torch.optim.
             f"unrecorded steps), and the optimizer adapter {adapter_name!r} has no start_state() to read it, so the "
             f"part of each update carried over from before the recording cannot be modelled. Fix: record from a "
             f"fresh optimizer, or give the adapter a start_state(optimizer) method (docs/optimizers.md)."
-        )
-    if checkpoint_every > 1:
-        raise ConfigError(
-            f"checkpoint_every={checkpoint_every} with an optimizer that already holds {kind} state for {held} "
-            f"parameter(s): a sparse store replays its first segment from a fresh optimizer, which would drop that "
-            f"state. Allowed: checkpoint_every=1 when recording starts from optimizer state. Fix: pass "
-            f"checkpoint_every=1, or record from a fresh optimizer."
         )
     buffers = starter(optimizer)
     out: dict[str, Tensor] = {}
@@ -134,9 +114,14 @@ def start_state_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def start_state_from_tensors(tensors: Mapping[str, Tensor], params: Mapping[str, Tensor], where: str
                              ) -> dict[str, Tensor]:
-    """Read back :func:`start_state_tensors` (names and shapes checked against ``params``; ``where`` names the file)."""
+    """Read back :func:`start_state_tensors` (names and shapes checked against ``params``; ``where`` names the file).
+
+    The optimizer's whole start state in the same file (``opt.`` tensors) is read by
+    :func:`~explaind.trajectory._start_optimizer.optimizer_start_from_file`."""
     state = {}
     for key, t in tensors.items():
+        if key.startswith(OPT_PREFIX):  # the optimizer's whole start state (_start_optimizer)
+            continue
         if not key.startswith(PREFIX):
             raise TrajectoryError(f"Trajectory file {where} holds the tensor {key!r}; a start-state file holds only "
                                   f"'{PREFIX}<parameter>' tensors. The store is corrupted; re-record the run.")
@@ -146,3 +131,13 @@ def start_state_from_tensors(tensors: Mapping[str, Tensor], params: Mapping[str,
         raise TrajectoryError(f"Trajectory file {where} does not hold start buffers of this run's parameters: "
                               f"{'; '.join(problems)}. The store is corrupted; re-record the run.")
     return state
+
+
+def read_start_file(root: Path, record: FileRecord | None, params: Mapping[str, Tensor]
+                    ) -> tuple[dict[str, Tensor], OptimizerStart | None]:
+    """:data:`START_STATE_FILE` of the store at ``root``: :math:`m_{-1}` and the optimizer's start state (if kept)."""
+    if record is None:
+        return {}, None
+    tensors, metadata = read_tensors(root, record)
+    where = repr(str(root / record.path))
+    return start_state_from_tensors(tensors, params, where), optimizer_start_from_file(tensors, metadata, where)

@@ -164,6 +164,16 @@ class Trajectory(abc.ABC):
         """
         return {}
 
+    def optimizer_start(self) -> Any:
+        """The optimizer's whole state before step 0, an ``OptimizerStart``, or ``None``.
+
+        ``None`` for a run recorded from a fresh optimizer (and for stores written before it was
+        kept). What replays the optimizer from its state before step 0 needs it: the counterfactual
+        of a run that started from optimizer state (docs/maths.md §9) and a sparse store's first
+        segment. This default: ``None``.
+        """
+        return None
+
     def gradient_check(self) -> np.ndarray:
         """Per-step mismatch of the recorder's gradient check, shape ``(n_steps,)``; NaN where not checked.
 

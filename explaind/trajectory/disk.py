@@ -26,7 +26,8 @@ from ._io import read_tensors
 from ._random import MicroBatch, find_generators
 from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
-from ._start_state import start_state_from_tensors
+from ._start_optimizer import OptimizerStart
+from ._start_state import read_start_file
 from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_from_name, dtype_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
@@ -168,7 +169,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             self._end_at_checkpoint()
         self._cache: OrderedDict[int, tuple[dict[str, Tensor], dict[str, str]]] = OrderedDict()
         self._cache_size = max(1, int(cache_steps))
-        self._static: dict[str, dict[str, Tensor]] = {}
+        self._static: dict[str, Any] = {}
         where = repr(str(self.root))
         if model is None:
             model = build_model_from_spec(self._manifest, where, max_parameters)
@@ -362,13 +363,16 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         return {spec.name: tensors[f"const.{spec.name}"] for spec in self._manifest.constants}
 
     def initial_state(self) -> dict[str, Tensor]:
-        record = self._manifest.initial_state_file
-        if record is None:
-            return {}
-        if "initial_state" not in self._static:
-            self._static["initial_state"] = start_state_from_tensors(
-                read_tensors(self.root, record)[0], self.params(0), repr(str(self.root / record.path)))
-        return dict(self._static["initial_state"])
+        return dict(self._start_file()[0])
+
+    def optimizer_start(self) -> OptimizerStart | None:
+        return self._start_file()[1]
+
+    def _start_file(self) -> tuple[dict[str, Tensor], OptimizerStart | None]:
+        """``initial_state.safetensors``: :math:`m_{-1}` and the optimizer's whole start state (when kept)."""
+        if "start" not in self._static:
+            self._static["start"] = read_start_file(self.root, self._manifest.initial_state_file, self.params(0))
+        return self._static["start"]
 
     def updates(self, s: int) -> dict[str, LinearUpdate]:
         s = check_step(s, self.n_steps)

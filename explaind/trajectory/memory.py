@@ -40,9 +40,11 @@ class InMemoryTrajectory(RecordedTrajectory):
         manifest: TrajectoryManifest | None = None,
         generators: Any = None,
         initial_state: dict[str, Tensor] | None = None,
+        optimizer_start: Any = None,
     ):
         self._model = model
         self._initial_state = check_initial_state(initial_state, initial_params)
+        self._optimizer_start = optimizer_start
         self._generators = tuple(generators or ())
         self._loss = resolve_loss_record(loss)
         self._names = tuple(initial_params)
@@ -260,6 +262,9 @@ class InMemoryTrajectory(RecordedTrajectory):
 
     def initial_state(self) -> dict[str, Tensor]:
         return dict(self._initial_state)
+
+    def optimizer_start(self) -> Any:
+        return self._optimizer_start
 
     def updates(self, s: int) -> dict[str, LinearUpdate]:
         return dict(self._updates[check_step(s, self.n_steps)])

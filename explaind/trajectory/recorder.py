@@ -46,7 +46,8 @@ from ._random import RandomCapture
 from ._recorder_checks import LoggedBatch, RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
 from ._setup import prepare_directory, refuse_invalid_arguments
-from ._start_state import capture_start_state, refuse_held_state_on_resume
+from ._start_optimizer import OptimizerStart, capture_optimizer_start
+from ._start_state import capture_start_state
 from .disk import DiskTrajectory
 from .manifest import StepRecord, TrajectoryManifest, dtype_name, tensor_specs
 from .memory import InMemoryTrajectory
@@ -182,7 +183,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._loss = resolve_loss_record(loss)
         self._adapter_record = resolve_optimizer_adapter(optimizer)
         self._adapter = self._adapter_record.implementation.from_optimizer(optimizer)
-        refuse_held_state_on_resume(optimizer, resume)
+        self._restored = False  # restore() called, or the optimizer found holding the resumed store's state
         self._params, constants = split_model_tensors(model)
         self._constant_params = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         if record_frozen:
@@ -244,6 +245,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._theta: dict[str, Tensor] | None = None
         self._frozen: dict[str, Tensor] = {}
         self._start_state: dict[str, Tensor] = {}  # m_{-1} of an optimizer that holds state at the start
+        self._start_optimizer: OptimizerStart | None = None  # and its whole state (replays of the optimizer)
 
     # ----------------------------------------------------------------- validation
     def _check_optimizer_params(self) -> None:
@@ -328,14 +330,16 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         constants = {k: state[k].detach().clone() for k in self._constant_names}
         if not self._resumed:  # a resumed store keeps its own start; restore() loaded the state it saved
             self._start_state = capture_start_state(self._adapter, self._adapter_record.name, self.optimizer,
-                                                    self._params, checkpoint_every=self._every)
+                                                    self._params)
+            self._start_optimizer = capture_optimizer_start(self.optimizer, self.model)
             self._auditor.momentum = {n: m.clone() for n, m in self._start_state.items()}
         if self._store is None:
             if self._memory is not None:
                 raise TrajectoryError("An in-memory recorder records one run; create a new TrajectoryRecorder.")
             self._memory = InMemoryTrajectory(self.model, loss=self._loss, initial_params=theta, constants=constants,
                                               train_data=self._data, manifest=self._manifest,
-                                              generators=self._random.extra, initial_state=self._start_state)
+                                              generators=self._random.extra, initial_state=self._start_state,
+                                              optimizer_start=self._start_optimizer)
         else:
             self._open_store(theta, constants)
         self._theta = theta

@@ -5,7 +5,8 @@ A store recorded with ``checkpoint_every=k`` holds :math:`\theta` only at checkp
 :class:`~explaind.trajectory._sparse.SparseLayout`). For a step :math:`s` with
 :math:`c_j \le s < c_{j+1}`, :class:`SegmentReplay` rebuilds the segment: starting from the stored
 :math:`\theta_{c_j}` and the optimizer state at :math:`c_j` (stored, or the one the replay of the
-segment before left there, from the last full checkpoint on), for
+segment before left there, from the last full checkpoint on; at :math:`c_0 = 0` none, or the state the
+recording opened on), for
 :math:`s = c_j, \dots, c_{j+1}-1` it recomputes the batch gradient
 :math:`c_s \sum_k w_{s,k} \nabla\ell_k(\theta_s)` from the training data (the functional path of
 the recorder's gradient check), hands it to a fresh optimizer of the recorded class with the
@@ -146,7 +147,11 @@ class SegmentReplay:
 
     # ----------------------------------------------------------------- replay
     def _optimizer(self, first: StepReplay, lo: int, theta: dict[str, Tensor]) -> tuple[Any, Any, dict[str, Tensor]]:
-        """A fresh optimizer of the recorded class over copies of ``theta_lo``, with the state stored at ``lo``."""
+        """A fresh optimizer of the recorded class over copies of ``theta_lo``, with the state at ``lo``.
+
+        At ``lo > 0`` the stored or replayed state; at ``lo = 0`` the state the recording opened on
+        (:meth:`~explaind.trajectory.base.Trajectory.optimizer_start`; none for a fresh optimizer).
+        """
         from ..plugins import get_entry
 
         src, manifest = self._src, self._src.manifest
@@ -169,8 +174,10 @@ class SegmentReplay:
                    "params": [leaves[n] for n in g["params"]]} for g in first.groups]
         optimizer = cls(groups)
         adapter = record.implementation.from_optimizer(optimizer)
-        if lo > 0:
-            state = self._state_at(lo, optimizer)  # a stored state that cannot be read raises naming its file
+        start = src.optimizer_start() if lo == 0 else None  # the state a recording opened on (or None: fresh)
+        if lo > 0 or start is not None:
+            # a stored state that cannot be read raises naming its file
+            state = self._state_at(lo, optimizer) if lo > 0 else self._start_state(start, first, optimizer)
             try:
                 optimizer.load_state_dict(state)
             except (ValueError, KeyError) as exc:
@@ -178,6 +185,17 @@ class SegmentReplay:
                                       f"{str(src.root)!r} does not fit the recorded parameter groups ({exc}); the "
                                       f"store is corrupted. Re-record the run.") from None
         return optimizer, adapter, {n: leaves[n] for n in src.param_names}
+
+    def _start_state(self, start: Any, first: StepReplay, optimizer: Any) -> dict[str, Any]:
+        """The ``state_dict`` the recording opened on (:meth:`~explaind.trajectory.base.Trajectory.optimizer_start`)."""
+        where = f"The optimizer's start state in the store at {str(self._src.root)!r}"
+        order = tuple(n for g in first.groups for n in g["params"])
+        if start.names != order:
+            raise TrajectoryError(f"{where} covers the parameters {list(start.names)[:6]} in that order, step 0's "
+                                  f"parameter groups {list(order)[:6]}: the groups changed between the start of the "
+                                  f"recording and its first step, which the replay cannot follow. Re-record with "
+                                  f"checkpoint_every=1, or add parameter groups before the recorder opens.")
+        return start.state_dict(optimizer.state_dict(), where)
 
     def _state_at(self, lo: int, optimizer: Any) -> dict[str, Any]:
         """The optimizer's ``state_dict`` at checkpoint ``lo``: stored, or left by replaying the segment before it."""
@@ -193,7 +211,7 @@ class SegmentReplay:
         if lo not in self._states:  # the segment was cached, its end state forgotten
             self._replay(before, lo)
         self._states.move_to_end(lo)
-        return self._states[lo]
+        return copy.deepcopy(self._states[lo])  # load_state_dict keeps its tensors and step() updates them
 
     def _keep_state(self, hi: int, optimizer: Any) -> None:
         """Remember the replayed optimizer state at a checkpoint without a stored one (least recently used)."""

@@ -45,6 +45,10 @@ class SGDUpdate:
         """``{"m": zeros}``: the (modelled) momentum buffer before the first step."""
         return {"m": torch.zeros_like(theta)}
 
+    def start_state(self, theta: Tensor, m: Tensor | None, saved: Mapping[str, Any] | None) -> dict[str, Tensor]:
+        """``{"m": m_-1}``: the recorded coefficients carry the rest (``a_0 = mu`` once the buffer exists)."""
+        return {"m": torch.zeros_like(theta) if m is None else m.to(theta)}
+
     def scalars(self, update: LinearUpdate, theta: Tensor, state: dict[str, Tensor], grad: Tensor) -> dict[str, Any]:
         """SGD needs nothing beyond the recorded coefficients."""
         return {}
@@ -85,6 +89,34 @@ class AdamUpdate:
                  "step": torch.zeros((), dtype=theta.dtype, device=theta.device)}
         if self.amsgrad:
             state["vmax"] = torch.zeros_like(theta)
+        return state
+
+    def start_state(self, theta: Tensor, m: Tensor | None, saved: Mapping[str, Any] | None) -> dict[str, Tensor]:
+        r"""The state of a run recorded from an optimizer that held state: :math:`m_{-1}`, ``exp_avg_sq``, ``step``.
+
+        ``m`` is the stored :math:`m_{-1}` (the recurrence's sign: ``-exp_avg`` under ``maximize``), ``saved``
+        torch's state entry of the parameter at the start (``exp_avg_sq``, ``step``, ``max_exp_avg_sq``).
+
+        Raises
+        ------
+        ConfigError
+            When ``saved`` is ``None`` (a store that kept only :math:`m_{-1}`) or lacks an entry.
+        """
+        keys = ("exp_avg_sq", "step") + (("max_exp_avg_sq",) if self.amsgrad else ())
+        entry = dict(saved or {})
+        missing = [k for k in keys if k not in entry]
+        if missing:
+            raise ConfigError(
+                f"Adam pure update: the run started from optimizer state, and its start file does not hold "
+                f"{missing} of that state (a store written before explaind kept the optimizer's whole start state "
+                f"keeps only the first moment), so the second moment and the step count before step 0 are unknown. "
+                f"Fix: re-record the run with this explaind, or use InfluenceEstimator (its initial_state term "
+                f"needs only the first moment)."
+            )
+        state = {"m": torch.zeros_like(theta) if m is None else m.to(theta), "v": entry["exp_avg_sq"].to(theta),
+                 "step": torch.tensor(float(entry["step"]), dtype=theta.dtype, device=theta.device)}
+        if self.amsgrad:
+            state["vmax"] = entry["max_exp_avg_sq"].to(theta)
         return state
 
     def _moments(self, update: LinearUpdate, theta: Tensor, state: dict[str, Tensor],
