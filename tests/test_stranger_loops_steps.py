@@ -6,7 +6,9 @@ warning, train scores <= 1e-9 against the slow float64 loop reference, whose own
 with ``norm_type=inf`` or called after ``log_batch``; ``ChainedScheduler`` and ``SequentialLR``; a backbone run
 under ``torch.no_grad()``. Refused naming the fix: clipping a subset of the parameters; a gradient from
 ``torch.autograd.grad`` assigned to ``.grad`` (before, the fix named only a leftover gradient);
-``torch.optim.swa_utils.AveragedModel`` given to the recorder (before, only "not parameters of the model").
+``torch.optim.swa_utils.AveragedModel`` given to the recorder (before, only "not parameters of the model"); a
+closure with dropout whose ``log_batch`` comes before ``step(closure)`` (now named: inside the closure); a second
+optimizer over part of the model (now named: one optimizer, a parameter group per part).
 Warned: the SWA average passed to ``fidelity_report`` is named as no point of the trajectory (before, the
 warning blamed a change after recording or unrecorded buffers).
 """
@@ -19,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _stranger_loops_kit import DT, assert_exact, data, measure, mlp, plain, train
+from replay_reference import ReplayReference
 from torch import nn
 from torch.optim import lr_scheduler
 from torch.optim.swa_utils import SWALR, AveragedModel
@@ -183,3 +186,35 @@ def test_an_averaged_model_given_to_the_recorder_is_refused_naming_it():
     with pytest.raises(TrajectoryError, match=r"not parameters of the model.*given a torch\.optim\.swa_utils\."
                                               r"AveragedModel.*Record the model the optimizer trains"):
         train(swa, OPTIMIZERS["sgd"](model), step=plain)
+
+
+def _dropout_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT)
+
+
+def test_a_closure_with_dropout_is_exact_logged_inside_and_refused_before_naming_the_closure():
+    model = _dropout_mlp()
+    traj = train(model, OPTIMIZERS["sgd"](model), step=_closure_step("inside"), check_gradients=True)
+    assert_exact(measure(model, traj, ReplayReference))
+    model = _dropout_mlp()
+    with pytest.raises(TrajectoryError, match=r"no forward of the model since the previous call.*with "
+                                              r"optimizer\.step\(closure\): inside the closure, after backward\(\)"):
+        train(model, OPTIMIZERS["sgd"](model), step=_closure_step("before"))
+
+
+def test_a_second_optimizer_over_part_of_the_model_is_refused_naming_parameter_groups():
+    model = mlp()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    second = torch.optim.Adam(model[2].parameters(), lr=0.01)
+
+    def step(s, model, opt, X, y, idx, rec):
+        model.zero_grad()
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        rec.log_batch(idx)
+        first.step()
+        second.step()
+
+    with pytest.raises(TrajectoryError, match=r"Step 1: the parameter\(s\) 2\.weight .*another optimizer stepping "
+                                              r"them.*Two optimizers over one model.*a parameter group per part"):
+        train(model, first, step=step)

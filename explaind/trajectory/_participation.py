@@ -263,7 +263,9 @@ def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
         f"step's gradients were taken at parameters the trajectory does not hold, so it cannot be recorded exactly "
         f"(nothing was stored for it; the {step - start} step(s) recorded before are kept). Fix: make such changes "
         f"before `with rec:` or after it, express them through the optimizer (e.g. weight_decay instead of "
-        f"shrinking the weights), or record a model holding only the parameters this optimizer trains."
+        f"shrinking the weights), or record a model holding only the parameters this optimizer trains. Two "
+        f"optimizers over one model (SGD for one part, Adam for another) are not recorded: train every part with "
+        f"one optimizer, a parameter group per part (its own lr, weight_decay, momentum or betas)."
     )
 
 
