@@ -8,7 +8,8 @@ under ``torch.no_grad()``. Refused naming the fix: clipping a subset of the para
 ``torch.autograd.grad`` assigned to ``.grad`` (before, the fix named only a leftover gradient);
 ``torch.optim.swa_utils.AveragedModel`` given to the recorder (before, only "not parameters of the model"); a
 closure with dropout whose ``log_batch`` comes before ``step(closure)`` (now named: inside the closure); a second
-optimizer over part of the model (now named: one optimizer, a parameter group per part).
+optimizer over part of the model (now named: one optimizer, a parameter group per part); ``SparseAdam`` over a
+``sparse=True`` embedding (now naming Adam or AdamW with ``sparse=False``).
 Warned: the SWA average passed to ``fidelity_report`` is named as no point of the trajectory (before, the
 warning blamed a change after recording or unrecorded buffers).
 """
@@ -27,7 +28,7 @@ from torch.optim import lr_scheduler
 from torch.optim.swa_utils import SWALR, AveragedModel
 
 import explaind
-from explaind.exceptions import ExplaindWarning, TrajectoryError
+from explaind.exceptions import ExplaindWarning, TrajectoryError, UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -218,3 +219,12 @@ def test_a_second_optimizer_over_part_of_the_model_is_refused_naming_parameter_g
     with pytest.raises(TrajectoryError, match=r"Step 1: the parameter\(s\) 2\.weight .*another optimizer stepping "
                                               r"them.*Two optimizers over one model.*a parameter group per part"):
         train(model, first, step=step)
+
+
+def test_sparse_adam_over_a_sparse_embedding_is_refused_naming_the_dense_optimizer():
+    """Before: the fix (sparse=False) led to SparseAdam's own error on dense gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6, sparse=True), nn.Flatten(), nn.Linear(6, 3)).to(DT)
+    with pytest.raises(UnsupportedModelError, match=r"sparse=True.*SparseAdam takes only sparse ones: train them with "
+                                                    r"Adam or AdamW.*lazy update"):
+        explaind.TrajectoryRecorder(model, torch.optim.SparseAdam(list(model[0].parameters())), loss="cross_entropy")
