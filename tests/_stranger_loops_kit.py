@@ -104,10 +104,12 @@ def train(model: nn.Module, opt: Any, step: Callable = plain, after: Callable | 
     return rec.trajectory
 
 
-def measure(model: nn.Module, traj: Any, reference: type = Reference) -> dict[str, Any]:
+def measure(model: nn.Module, traj: Any, reference: type = Reference,
+            before_reference: Callable[[], None] | None = None) -> dict[str, Any]:
     """``replica`` (relative to ``model`` in evaluation mode), ``share`` (residual share), ``scores`` (train scores
     relative to ``reference``), ``reference_residual`` (its largest per-step residual relative to its largest
-    update) and ``warnings`` (the estimator's ExplaindWarning messages)."""
+    update) and ``warnings`` (the estimator's ExplaindWarning messages). ``before_reference()`` runs after the
+    estimators and before the reference (e.g. switching checkpointing off: the loop reference runs plain torch)."""
     _, _, X_test = data()
     with torch.no_grad():
         truth = model.eval()(X_test)
@@ -115,6 +117,8 @@ def measure(model: nn.Module, traj: Any, reference: type = Reference) -> dict[st
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExplaindWarning)
         att = explaind.InfluenceEstimator(keep=("train",), **QUAD).fit(traj).transform(X_test)
+    if before_reference is not None:
+        before_reference()
     ref = reference(traj, X_test, panels=1)
     expected = ref.kept(("train",))
     return {

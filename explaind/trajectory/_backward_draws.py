@@ -76,7 +76,7 @@ def draws_in_backward(model: nn.Module, state: dict[str, Tensor], loss: LossReco
     leaves = {n: (t.detach().requires_grad_(True) if t.is_floating_point() else t) for n, t in state.items()}
     wanted = [t for t in leaves.values() if t.requires_grad]
     with torch.enable_grad(), replayed(random, inputs.device, "The backward-draw diagnosis", generators):
-        out = model_output(call_model(model, leaves, inputs[sl]))
+        out = model_output(call_model(model, leaves, inputs[sl], plain_checkpoints=False))  # the real recompute
         total = (weights[sl].to(out.dtype) * loss.implementation(out, targets[sl])).sum()
         after_forward = _states(inputs.device, generators)
         torch.autograd.grad(total, wanted, allow_unused=True)
