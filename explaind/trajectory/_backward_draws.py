@@ -1,7 +1,7 @@
 r"""Whether a step's ``backward()`` draws random numbers: the cause a failed gradient check names first.
 
 The recorder captures the random state before every training forward and replays that forward
-(docs/recording.md, "Dropout"): the masks of the replay are the masks of the forward. A backward
+(docs/recording.md, "Dropout and batch norm"): the masks of the replay are the masks of the forward. A backward
 pass that draws again is invisible to that capture. The common case is activation checkpointing
 (``torch.utils.checkpoint.checkpoint``) with ``preserve_rng_state=False``, or a layer drawing from
 its own ``torch.Generator`` inside a checkpointed block (``preserve_rng_state`` restores only
