@@ -83,6 +83,73 @@ class Checkpointed(nn.Module):
         return self.head(h)
 
 
+def dropout_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT)
+
+
+class NoGradBackbone(nn.Module):
+    """A backbone run under ``torch.no_grad()`` (its parameters in the optimizer, never given a gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone, self.head = nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)
+        self.to(DT)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.backbone(x)
+        return self.head(h)
+
+
+def sgd(model: nn.Module) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def adam(model: nn.Module) -> torch.optim.Adam:
+    return torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def closure_step(where: str) -> Callable:
+    """A step through ``optimizer.step(closure)``; ``rec.log_batch`` inside the closure (``"inside"``, and
+    ``"keyword"``, which passes ``closure=``) or before ``step`` (``"before"``)."""
+    def step(s, model, opt, X, y, idx, rec):
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+            loss.backward()
+            if where != "before":
+                rec.log_batch(idx)
+            return loss
+
+        if where == "before":
+            rec.log_batch(idx)  # before the closure has run backward(): the step's gradient is read at step time
+        opt.step(closure=closure) if where == "keyword" else opt.step(closure)
+    return step
+
+
+def autograd_step(s, model, opt, X, y, idx, rec) -> None:
+    """The step's gradient from ``torch.autograd.grad``, assigned to ``.grad`` by hand."""
+    opt.zero_grad()
+    grads = torch.autograd.grad(F.cross_entropy(model(X[idx]), y[idx]), list(model.parameters()))
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    rec.log_batch(idx)
+    opt.step()
+
+
+def two_optimizer_step(first: Any, second: Any) -> Callable:
+    """A step that steps ``first`` (the recorded optimizer) and then ``second``, each over part of the model."""
+    def step(s, model, opt, X, y, idx, rec):
+        model.zero_grad()
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        rec.log_batch(idx)
+        first.step()
+        second.step()
+    return step
+
+
 def plain(s, model, opt, X, y, idx, rec) -> None:
     """The textbook step."""
     opt.zero_grad()
@@ -102,6 +169,21 @@ def train(model: nn.Module, opt: Any, step: Callable = plain, after: Callable | 
             if after is not None:
                 after(s)
     return rec.trajectory
+
+
+def swa_run() -> tuple[nn.Module, Any, Any]:
+    """SGD momentum with ``SWALR``, an ``AveragedModel`` updated from step 2 on: ``(model, average, trajectory)``."""
+    model = mlp()
+    opt = sgd(model)
+    swa = torch.optim.swa_utils.AveragedModel(model)
+    sched = torch.optim.swa_utils.SWALR(opt, swa_lr=0.05, anneal_epochs=2)
+
+    def after(s):
+        if s >= 2:
+            swa.update_parameters(model)
+            sched.step()
+
+    return model, swa, train(model, opt, after=after, check_gradients=True)
 
 
 def measure(model: nn.Module, traj: Any, reference: type = Reference,

@@ -22,49 +22,36 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _stranger_loops_kit import DT, Checkpointed, data, measure, mlp, plain, train
+from _stranger_loops_kit import (
+    DT,
+    Checkpointed,
+    NoGradBackbone,
+    adam,
+    autograd_step,
+    closure_step,
+    data,
+    dropout_mlp,
+    measure,
+    mlp,
+    plain,
+    sgd,
+    swa_run,
+    train,
+    two_optimizer_step,
+)
 from reference import Reference
 from replay_reference import BufferReference, ReplayReference
 from torch import nn
 from torch.optim import lr_scheduler
-from torch.optim.swa_utils import SWALR, AveragedModel
+from torch.optim.swa_utils import AveragedModel
 
 import explaind
 from explaind.exceptions import ExplaindWarning
 
 
-def sgd(m):
-    return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-
-
-def adam(m):
-    return torch.optim.Adam(m.parameters(), lr=0.01)
-
-
-def dropout_mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT)
-
-
 def batchnorm_mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
-
-
-def closure_step(where):
-    def step(s, model, opt, X, y, idx, rec):
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(X[idx]), y[idx])
-            loss.backward()
-            if where == "inside":
-                rec.log_batch(idx)
-            return loss
-
-        if where == "before":
-            rec.log_batch(idx)
-        opt.step(closure)
-    return step
 
 
 def grad_step(edit, log_first=False):
@@ -79,15 +66,6 @@ def grad_step(edit, log_first=False):
             rec.log_batch(idx)
         opt.step()
     return step
-
-
-def autograd_step(s, model, opt, X, y, idx, rec):
-    opt.zero_grad()
-    grads = torch.autograd.grad(F.cross_entropy(model(X[idx]), y[idx]), list(model.parameters()))
-    for p, g in zip(model.parameters(), grads):
-        p.grad = g
-    rec.log_batch(idx)
-    opt.step()
 
 
 def duplicate_step(s, model, opt, X, y, idx, rec):
@@ -110,19 +88,6 @@ def freeze_step(s, model, opt, X, y, idx, rec):
     F.cross_entropy(model(X[idx]), y[idx]).backward()
     rec.log_batch(idx)
     opt.step()
-
-
-class NoGradBackbone(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.backbone, self.head = nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)
-        self.to(DT)
-
-    def forward(self, x):
-        with torch.no_grad():
-            h = self.backbone(x)
-        return self.head(h)
 
 
 class ChannelsLast(nn.Module):
@@ -152,16 +117,7 @@ def scheduled(make):
 
 
 def swa_against_average():
-    model = mlp()
-    opt = sgd(model)
-    swa, sched = AveragedModel(model), SWALR(opt, swa_lr=0.05, anneal_epochs=2)
-
-    def after(s):
-        if s >= 2:
-            swa.update_parameters(model)
-            sched.step()
-
-    traj = train(model, opt, after=after)
+    model, swa, traj = swa_run()
     figures = measure(model, traj)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExplaindWarning)
@@ -174,15 +130,7 @@ def swa_against_average():
 def two_optimizers():
     model = mlp()
     first, second = torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.Adam(model[2].parameters(), lr=0.01)
-
-    def step(s, model, opt, X, y, idx, rec):
-        model.zero_grad()
-        F.cross_entropy(model(X[idx]), y[idx]).backward()
-        rec.log_batch(idx)
-        first.step()
-        second.step()
-
-    return train(model, first, step=step)
+    return train(model, first, step=two_optimizer_step(first, second))
 
 
 def refused_optimizers():

@@ -21,44 +21,41 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _stranger_loops_kit import DT, assert_exact, data, measure, mlp, plain, train
+from _stranger_loops_kit import (
+    DT,
+    NoGradBackbone,
+    adam,
+    assert_exact,
+    autograd_step,
+    closure_step,
+    data,
+    dropout_mlp,
+    measure,
+    mlp,
+    plain,
+    sgd,
+    swa_run,
+    train,
+    two_optimizer_step,
+)
 from replay_reference import ReplayReference
 from torch import nn
 from torch.optim import lr_scheduler
-from torch.optim.swa_utils import SWALR, AveragedModel
+from torch.optim.swa_utils import AveragedModel
 
 import explaind
 from explaind.exceptions import ExplaindWarning, TrajectoryError, UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OPTIMIZERS = {
-    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=0.01),
-}
-
-
-def _closure_step(where: str):
-    def step(s, model, opt, X, y, idx, rec):
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(X[idx]), y[idx])
-            loss.backward()
-            if where != "before":
-                rec.log_batch(idx)
-            return loss
-
-        if where == "before":
-            rec.log_batch(idx)  # before the closure has run backward(): the step's gradient is read at step time
-        opt.step(closure=closure) if where == "keyword" else opt.step(closure)
-    return step
+OPTIMIZERS = {"sgd": sgd, "adam": adam}
 
 
 @pytest.mark.parametrize("where", ["inside", "before", "keyword"])
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_step_with_a_closure_is_exact(where, opt):
     model = mlp()
-    traj = train(model, OPTIMIZERS[opt](model), step=_closure_step(where), check_gradients=True)
+    traj = train(model, OPTIMIZERS[opt](model), step=closure_step(where), check_gradients=True)
     assert_exact(measure(model, traj))
 
 
@@ -115,60 +112,23 @@ def test_chained_and_sequential_schedulers_are_exact(kind):
     assert_exact(measure(model, traj))
 
 
-class _NoGradBackbone(nn.Module):
-    """A backbone run under ``torch.no_grad()`` (its parameters in the optimizer, never given a gradient)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.backbone, self.head = nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3)
-        self.to(DT)
-
-    def forward(self, x):
-        with torch.no_grad():
-            h = self.backbone(x)
-        return self.head(h)
-
-
 def test_a_backbone_under_no_grad_in_the_optimizer_is_exact():
-    model = _NoGradBackbone()
+    model = NoGradBackbone()
     traj = train(model, torch.optim.AdamW(model.parameters(), lr=0.01), check_gradients=True)
     assert torch.equal(traj.params(traj.n_steps)["backbone.0.weight"], traj.params(0)["backbone.0.weight"])
     assert_exact(measure(model, traj))
 
 
 def test_a_gradient_from_autograd_grad_assigned_to_grad_is_refused_naming_backward():
-    def step(s, model, opt, X, y, idx, rec):
-        opt.zero_grad()
-        grads = torch.autograd.grad(F.cross_entropy(model(X[idx]), y[idx]), list(model.parameters()))
-        for p, g in zip(model.parameters(), grads):
-            p.grad = g
-        rec.log_batch(idx)
-        opt.step()
-
     model = mlp()
     with pytest.raises(TrajectoryError, match=r"Step 0: .*0\.weight with a gradient that no backward\(\) of this step "
                                               r"produced.*torch\.autograd\.grad and assigned to \.grad.*compute it "
                                               r"with loss\.backward\(\)"):
-        train(model, OPTIMIZERS["sgd"](model), step=step)
-
-
-def _swa_run():
-    """SGD with SWALR, the average updated from step 2 on: ``(model, swa_model, trajectory)``."""
-    model = mlp()
-    opt = OPTIMIZERS["sgd"](model)
-    swa, sched = AveragedModel(model), SWALR(opt, swa_lr=0.05, anneal_epochs=2)
-
-    def after(s):
-        if s >= 2:
-            swa.update_parameters(model)
-            sched.step()
-
-    return model, swa, train(model, opt, after=after, check_gradients=True)
+        train(model, OPTIMIZERS["sgd"](model), step=autograd_step)
 
 
 def test_swa_records_the_last_iterate_exactly_and_names_the_average_at_fidelity_report():
-    model, swa, traj = _swa_run()
+    model, swa, traj = swa_run()
     assert_exact(measure(model, traj))
     replica = explaind.KernelReplica(device="cpu").fit(traj)
     X_test = data()[2]
@@ -189,36 +149,23 @@ def test_an_averaged_model_given_to_the_recorder_is_refused_naming_it():
         train(swa, OPTIMIZERS["sgd"](model), step=plain)
 
 
-def _dropout_mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).to(DT)
-
-
 def test_a_closure_with_dropout_is_exact_logged_inside_and_refused_before_naming_the_closure():
-    model = _dropout_mlp()
-    traj = train(model, OPTIMIZERS["sgd"](model), step=_closure_step("inside"), check_gradients=True)
+    model = dropout_mlp()
+    traj = train(model, OPTIMIZERS["sgd"](model), step=closure_step("inside"), check_gradients=True)
     assert_exact(measure(model, traj, ReplayReference))
-    model = _dropout_mlp()
+    model = dropout_mlp()
     with pytest.raises(TrajectoryError, match=r"no forward of the model since the previous call.*with "
                                               r"optimizer\.step\(closure\): inside the closure, after backward\(\)"):
-        train(model, OPTIMIZERS["sgd"](model), step=_closure_step("before"))
+        train(model, OPTIMIZERS["sgd"](model), step=closure_step("before"))
 
 
 def test_a_second_optimizer_over_part_of_the_model_is_refused_naming_parameter_groups():
     model = mlp()
     first = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
     second = torch.optim.Adam(model[2].parameters(), lr=0.01)
-
-    def step(s, model, opt, X, y, idx, rec):
-        model.zero_grad()
-        F.cross_entropy(model(X[idx]), y[idx]).backward()
-        rec.log_batch(idx)
-        first.step()
-        second.step()
-
     with pytest.raises(TrajectoryError, match=r"Step 1: the parameter\(s\) 2\.weight .*another optimizer stepping "
                                               r"them.*Two optimizers over one model.*a parameter group per part"):
-        train(model, first, step=step)
+        train(model, first, step=two_optimizer_step(first, second))
 
 
 def test_sparse_adam_over_a_sparse_embedding_is_refused_naming_the_dense_optimizer():
