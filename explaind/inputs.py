@@ -10,6 +10,7 @@ is a ``torch.utils._pytree`` node, so ``torch.func.vmap`` maps over all its tens
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._checkpointing import plain_checkpoints as _plain_checkpoints
 from .exceptions import ConfigError, UnsupportedModelError
 
 __all__ = ["Inputs", "as_inputs", "call_model", "batch_size"]
@@ -131,21 +133,29 @@ def batch_size(X: Tensor | Inputs) -> int:
 _CHECKPOINT_ERRORS = ("don't yet support saved tensor hooks", "torch.utils.checkpoint is incompatible with .grad()")
 
 
-def call_model(module: nn.Module, params: Mapping[str, Tensor], x: Tensor | Inputs) -> Any:
+def call_model(module: nn.Module, params: Mapping[str, Tensor], x: Tensor | Inputs, *,
+               plain_checkpoints: bool = True) -> Any:
     """``functional_call`` of ``module`` with ``params`` on a tensor or on :class:`Inputs` (``*args``/``**kwargs``).
+
+    With ``plain_checkpoints`` (the default) ``torch.utils.checkpoint.checkpoint`` in the forward runs its
+    function directly (:func:`explaind._checkpointing.plain_checkpoints`): the same function, which
+    ``torch.func`` and ``torch.autograd.grad`` can differentiate.
 
     Raises
     ------
     UnsupportedModelError
-        When the forward checkpoints activations (``torch.utils.checkpoint``), which neither ``torch.func``
-        nor, with ``use_reentrant=True``, ``torch.autograd.grad`` can run; the message names the fix.
+        When the forward still checkpoints activations (another saved-tensor hook such as
+        ``torch.autograd.graph.save_on_cpu``, or a torch whose checkpoint internals are unknown), which
+        neither ``torch.func`` nor, with ``use_reentrant=True``, ``torch.autograd.grad`` can run; the
+        message names the fix.
     """
     try:
-        if isinstance(x, Inputs):
-            if isinstance(x.data, dict):
-                return functional_call(module, dict(params), (), dict(x.data))
-            return functional_call(module, dict(params), tuple(x.data))
-        return functional_call(module, dict(params), (x,))
+        with _plain_checkpoints() if plain_checkpoints else contextlib.nullcontext():
+            if isinstance(x, Inputs):
+                if isinstance(x.data, dict):
+                    return functional_call(module, dict(params), (), dict(x.data))
+                return functional_call(module, dict(params), tuple(x.data))
+            return functional_call(module, dict(params), (x,))
     except RuntimeError as exc:
         refused = checkpoint_error(exc)
         if refused is None:
@@ -158,9 +168,10 @@ def checkpoint_error(exc: RuntimeError) -> UnsupportedModelError | None:
     if not any(m in str(exc) for m in _CHECKPOINT_ERRORS):
         return None
     return UnsupportedModelError(
-        "the model's forward checkpoints activations (torch.utils.checkpoint, or another saved-tensor hook "
-        "such as torch.autograd.graph.save_on_cpu), which the torch.func transforms explaind evaluates the "
-        "model with cannot run, nor torch.autograd.grad when use_reentrant=True. Checkpointing does not change "
-        "the model's function: record with use_reentrant=False and switch checkpointing off before explaining "
-        "(a flag on your module; for Hugging Face models model.gradient_checkpointing_disable())."
+        "the model's forward checkpoints activations or installs another saved-tensor hook (such as "
+        "torch.autograd.graph.save_on_cpu; torch.utils.checkpoint itself runs as a plain call inside explaind "
+        "when this torch's checkpoint internals are the known ones), which the torch.func transforms explaind "
+        "evaluates the model with cannot run, nor torch.autograd.grad when use_reentrant=True. These hooks do "
+        "not change the model's function: switch them off before explaining (a flag on your module; for Hugging "
+        "Face models model.gradient_checkpointing_disable())."
     )

@@ -273,7 +273,9 @@ def refuse_sparse_embeddings(model: nn.Module, where: str) -> None:
         raise UnsupportedModelError(
             f"{where}: the embeddings {found} have sparse=True, so backward() gives them sparse gradients, which "
             f"explaind does not record. Allowed: sparse=False (the default). Fix: build them with sparse=False; "
-            f"the model's function is the same, and torch's optimizers then update them with dense gradients.")
+            f"the model's function is the same, and torch's optimizers then update them with dense gradients "
+            f"(torch.optim.SparseAdam takes only sparse ones: train them with Adam or AdamW, which explaind records; "
+            f"unlike SparseAdam's lazy update they also move the rows a batch did not use).")
 
 
 #: ``torch.compile`` backends that run dropout with eager PyTorch's random number generator.

@@ -4,7 +4,8 @@ Float64 runs of a small tanh MLP (smooth, so the slow loop reference of ``refere
 OneCycleLR and CyclicLR over per-group learning rates (they cycle SGD's momentum and Adam's beta1 every step),
 a per-sample weighted mean of ``reduction="none"`` losses, gradient accumulation with an uneven last
 micro-batch and a loss callable; and what is refused: a batch-norm or dropout module left in another mode
-than the model, and a hook that calls ``requires_grad_`` (Hugging Face's gradient checkpointing).
+than the model, and a hook that calls ``requires_grad_`` (Hugging Face's gradient checkpointing). Activation
+checkpointing (``torch.utils.checkpoint``, either ``use_reentrant``) is exact without switching it off.
 """
 
 from __future__ import annotations
@@ -308,26 +309,39 @@ def _token_data():
     return torch.randint(0, 20, (N, 4), generator=gen), torch.randint(0, 3, (N,), generator=gen)
 
 
-def test_activation_checkpointing_is_refused_naming_the_fix_and_exact_once_switched_off():
-    """Before: a raw torch.func RuntimeError (use_reentrant=False, when explaining) or a raw autograd RuntimeError
-    inside optimizer.step() (use_reentrant=True)."""
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_is_exact_without_switching_it_off(reentrant):
+    """Before: refused (use_reentrant=True at the first checked step, False when explaining) until the user switched
+    checkpointing off with a flag of their own; explaind now runs torch.utils.checkpoint as a plain call."""
     X, y = _token_data()
     torch.manual_seed(0)
-    model = _Checkpointed(reentrant=True).to(DT)
-    with pytest.raises(UnsupportedModelError, match=r"checkpoints activations.*use_reentrant=False"):
-        _three_steps(model, X, y)
-    torch.manual_seed(0)
-    model = _Checkpointed(reentrant=False).to(DT)
+    model = _Checkpointed(reentrant=reentrant).to(DT)
     traj = _three_steps(model, X, y)
     X_test = X[:3]
-    with pytest.raises(UnsupportedModelError, match=r"checkpoints activations.*switch checkpointing off"):
-        explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
-    model.reentrant = None
+    replica = explaind.KernelReplica(device="cpu").fit(traj).predict(X_test)
+    att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
+    model.reentrant = None  # the independent reference runs the plain function
     with torch.no_grad():
         truth = model.eval()(X_test)
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_test), truth) <= 1e-6
-    assert explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(
-        X_test).meta["residual_share"] <= 1e-9
+    assert rel_err(replica, truth) <= 1e-6
+    assert att.meta["residual_share"] <= 1e-9
+    ref = Reference(traj, X_test)
+    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
+
+
+class _SavedOnCpu(_Checkpointed):
+    def forward(self, x):
+        with torch.autograd.graph.save_on_cpu():
+            return self.head(self.block(self.emb(x).mean(1)))
+
+
+def test_another_saved_tensor_hook_is_refused_when_explaining_naming_the_fix():
+    X, y = _token_data()
+    torch.manual_seed(0)
+    traj = _three_steps(_SavedOnCpu(reentrant=None).to(DT), X, y)
+    with pytest.raises(UnsupportedModelError, match=r"another saved-tensor hook \(such as "
+                                                    r"torch\.autograd\.graph\.save_on_cpu.*switch them off"):
+        explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X[:3])
 
 
 def test_sparse_embedding_gradients_are_refused_naming_the_fix():

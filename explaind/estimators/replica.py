@@ -256,6 +256,13 @@ class KernelReplica(PathEstimator):
                 f"differentiates the model, so the replica and the scores explain the outputs with gradients "
                 f"enabled. Fix: build nn.TransformerEncoder(..., enable_nested_tensor=False), or read only unpadded "
                 f"positions (pool with the mask).", ExplaindWarning, stacklevel=3)
+        elif drift > bound and isinstance(model, torch.optim.swa_utils.AveragedModel):
+            warnings.warn(f"{type(self).__name__}.fidelity_report: the model is a torch.optim.swa_utils.AveragedModel "
+                          f"and differs from the recorded final state by {drift:.3g} (relative) on X: it holds an "
+                          f"average of the iterates (SWA or an EMA), a point the optimizer never stepped to, so no "
+                          f"step of the trajectory ends in it. The replica and the scores explain the model the "
+                          f"optimizer trained (its last iterate); pass that model here to measure the replica.",
+                          ExplaindWarning, stacklevel=3)
         elif drift > bound:
             warnings.warn(f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
                           f"{drift:.3g} (relative) on X: its buffers or parameters are not those of the recorded run's "

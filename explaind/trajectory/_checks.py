@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -381,7 +381,7 @@ def check_batch_gradient(
     replay: list[tuple[slice, RandomState]] | None = None,
     generators: Sequence[torch.Generator] = (),
     start_buffers: dict[str, Tensor] | None = None,
-    hint: str = "",
+    hint: str | Callable[[], str] = "",
 ) -> GradientCheck:
     r"""Compare the raw gradient with :math:`\sum_k w_k \nabla\ell_k(\theta_s)`; measure :math:`\sigma`.
 
@@ -430,8 +430,9 @@ def check_batch_gradient(
         them replace the model's current values, so a forward that reads buffers it changes (spectral
         norm's power iteration) is recomputed from where the loop's started, micro-batch after
         micro-batch.
-    hint : str
-        A sentence on the likeliest cause, placed first in the message.
+    hint : str or callable
+        A sentence on the likeliest cause, placed first in the message; a callable returning it is
+        called only when the check fails (a diagnosis that runs the model again).
 
     Returns
     -------
@@ -457,6 +458,7 @@ def check_batch_gradient(
     if rel > tol or sigma <= 0:
         per = [(math.sqrt(d / max(sq_raw, 1e-300)), n) for n, d in distance.items()]
         worst = ", ".join(f"{n} ({v:.2g})" for v, n in sorted(per, reverse=True)[:3])
+        hint = hint() if callable(hint) else hint
         raise TrajectoryError(
             f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under "
             f"loss {loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}; "

@@ -67,9 +67,15 @@ def foreign_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> st
     if not foreign:
         return None
     listed = "; ".join(f"group {g} position {i} shape {tuple(p.shape)}" for g, i, p in foreign)
+    averaged = ""
+    if isinstance(model, torch.optim.swa_utils.AveragedModel):
+        averaged = (" The recorder was given a torch.optim.swa_utils.AveragedModel: its parameters are a copy that "
+                    "update_parameters() averages outside the optimizer. Record the model the optimizer trains "
+                    "(the trajectory then ends at its last iterate, not at the average).")
     return (
         f"The optimizer holds {len(foreign)} parameter tensor(s) that are not parameters of the model: {listed}. "
         f"Build the optimizer (and every add_param_group) from parameters of the model passed to the recorder."
+        f"{averaged}"
     )
 
 
@@ -123,7 +129,10 @@ def stepped_without_backward(tap: Any, seen: dict[str, Tensor], s: int) -> set[s
                 f"Step {s}: optimizer.step() would update {n} with a gradient that no backward() of this step "
                 f"produced (left over from an earlier step, or set by hand); the recorder can only attribute "
                 f"gradients of the logged batch. Fix: zero it or set it to None before the step "
-                f"(model.zero_grad() clears every parameter; optimizer.zero_grad() only the optimizer's)."
+                f"(model.zero_grad() clears every parameter; optimizer.zero_grad() only the optimizer's). A "
+                f"gradient computed with torch.autograd.grad and assigned to .grad is not seen as this step's "
+                f"(nothing tells it from a leftover): compute it with loss.backward(), the same gradient, "
+                f"accumulated into .grad where the recorder observes it."
             )
         out.add(n)
     return out
@@ -254,7 +263,9 @@ def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
         f"step's gradients were taken at parameters the trajectory does not hold, so it cannot be recorded exactly "
         f"(nothing was stored for it; the {step - start} step(s) recorded before are kept). Fix: make such changes "
         f"before `with rec:` or after it, express them through the optimizer (e.g. weight_decay instead of "
-        f"shrinking the weights), or record a model holding only the parameters this optimizer trains."
+        f"shrinking the weights), or record a model holding only the parameters this optimizer trains. Two "
+        f"optimizers over one model (SGD for one part, Adam for another) are not recorded: train every part with "
+        f"one optimizer, a parameter group per part (its own lr, weight_decay, momentum or betas)."
     )
 
 

@@ -27,6 +27,7 @@ from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
 from ._background import CopyPool, Handoff
+from ._backward_draws import backward_draw_hint, draws_in_backward
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
@@ -213,10 +214,27 @@ class RecorderChecksMixin:
         if moved:
             hint += moved_message(moved, s, checked=True)
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
+        batch = (x.to(device), y.to(device), weights.to(device))
+        lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
-            return check_batch_gradient(self.model, self._params, raw, self._loss,
-                                        (x.to(device), y.to(device), weights.to(device)), s, tol, autocast, replay,
-                                        self._random.generators, self._buffers.recorded(), hint)
+            return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast, replay,
+                                        self._random.generators, self._buffers.recorded(), lazy)
+
+    def _backward_draws(self, batch: Any, replay: list[tuple[slice, RandomState]], s: int,
+                        hint: str) -> Callable[[], str]:
+        """The failed check's hint: :func:`backward_draw_hint` first when a replayed micro-batch's backward() draws
+        random numbers (only computed when the check fails)."""
+        def diagnose() -> str:
+            buffers = {n: b.detach().clone() for n, b in {**dict(self.model.named_buffers()),
+                                                          **self._buffers.recorded()}.items()}
+            try:
+                drawn = any(draws_in_backward(self.model, {**buffers, **self._params}, self._loss, batch, part,
+                                              self._random.generators) for part in replay)
+            except RuntimeError as exc:  # the diagnosis must not hide the check's own message
+                logger.debug("The backward-draw diagnosis of step %d failed: %s", s, exc)
+                drawn = False
+            return (backward_draw_hint(s) if drawn else "") + hint
+        return diagnose
 
     def _warn_moved_buffers(self, moved: tuple[str, ...], s: int) -> None:
         """Warn that buffers changed between steps when step ``s`` is not checked (nothing when none did)."""

@@ -288,7 +288,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 f"cannot be paired with the dropout masks and batch statistics of the modules "
                 f"{list(self._random.coupled)} (each logged micro-batch is replayed with the random state of its own "
                 f"forward). Fix: call rec.log_batch(indices) after that micro-batch's forward and backward() and "
-                f"before optimizer.step(), once per micro-batch; not before the forward."
+                f"before optimizer.step(), once per micro-batch; not before the forward (with optimizer.step(closure): "
+                f"inside the closure, after backward())."
             )
         self._pending.append(LoggedBatch(idx, w, self._tap.seq, self._tap.finite_since(-1), forwards, state,
                                          eval_forwards, backwards=self._tap.take_backwards()))
