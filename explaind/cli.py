@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"explaind {__version__}")
     _common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    from .studies.fidelity import SCORES_RULE, SCORES_TOL
 
     p = sub.add_parser("demo", help="train a small grokking run, replicate it and write the HTML report")
     _add_size(p, "small")
@@ -117,15 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replicate", help="fidelity of the kernel replica of a stored run (--table: Table 1)")
     p.add_argument("run", nargs="?", help="run folder; without it, --table trains the three reference setups")
     p.add_argument("--table", action="store_true", help="compare every quadrature rule (the fidelity table)")
-    _add_quadrature(p, "adaptive within --max-evals, else gauss-legendre 4 or 2")
+    _add_quadrature(p, f"adaptive with {SCORES_RULE.nodes}-node panels within --max-evals, else gauss-legendre")
     p.add_argument("--n-test", type=int, default=None,
                    help="validation inputs to compare on (default: 64, 32 with --table)")
     p.add_argument("--steps", default=None, metavar="START:STOP",
                    help="replicate only these optimizer steps, from f(theta_START) to f(theta_STOP)")
     p.add_argument("--max-evals", type=int, default=None, metavar="N",
                    help="path-gradient evaluations a run's replica may cost (default: 400000; 0: no limit): "
-                        "without --quadrature the adaptive rule is used within it, else gauss-legendre 4 or 2; "
+                        "without --quadrature the adaptive rule is used within it, else gauss-legendre 2; "
                         "--table skips the rules that exceed it together")
+    p.add_argument("--tol", type=float, default=None, metavar="TOL",
+                   help=f"relative error per step and input of the adaptive rule (default: {SCORES_TOL:g}; with "
+                        f"--table: the replica's 1e-07)")
     _add_size(p, "small")
     _add_device(p)
     cli_launch.add_nproc(p)

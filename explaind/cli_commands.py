@@ -120,15 +120,21 @@ def _announce(out: Any, what: str, rule: Any, n_steps: int, n_test: int) -> None
     from .studies import fidelity
 
     evals = fidelity.estimated_evals(rule, n_steps, n_test)
+    label = rule.label if rule.tol is None else _rule_text(rule, rule.tol)
     bound = (f"; up to about {MAX_EVALS:,} per step and input where the path crosses many activation kinks (the "
              f"progress bar shows the mean, and a warning says so above {EVALS_NOTICE} on average)"
              if rule.quadrature == "adaptive" else "")
-    out.info(f"{what}: {rule.label} over {n_steps} steps x {n_test} inputs = {fidelity.evals_text(rule, evals)} "
+    out.info(f"{what}: {label} over {n_steps} steps x {n_test} inputs = {fidelity.evals_text(rule, evals)} "
              f"path-gradient evaluations{bound}")
 
 
-def _cheaper_default(out: Any, n_steps: int, n_test: int, limit: int | None) -> Any:
-    """The rule of ``replicate RUN`` without ``--quadrature``: adaptive unless its cost exceeds the budget."""
+def _cheaper_default(out: Any, n_steps: int, n_test: int, limit: int | None, tol: float | None) -> Any:
+    """The rule of ``replicate RUN`` without ``--quadrature``: adaptive unless its cost exceeds the budget.
+
+    ``tol`` (``--tol``) replaces the adaptive rule's tolerance when given.
+    """
+    import dataclasses
+
     from .studies import fidelity
 
     rule, passed = fidelity.default_rule(n_steps, n_test, limit)
@@ -136,7 +142,23 @@ def _cheaper_default(out: Any, n_steps: int, n_test: int, limit: int | None) -> 
         out.info(f"replicate: {other.label} would take {fidelity.evals_text(other, evals)} path-gradient evaluations, "
                  f"more than --max-evals {limit:,}; using {rule.label} (its error is measured and shown). Force a rule "
                  f"with --quadrature, or raise --max-evals (0: no limit).")
-    return rule
+    return dataclasses.replace(rule, tol=tol) if tol is not None and rule.quadrature == "adaptive" else rule
+
+
+def _tolerance_line(row: dict[str, Any]) -> str:
+    """Whether a single rule's steps met the tolerance the replica was asked for, with the measured error."""
+    met = "within" if row["step error"] <= row["tol"] else "ABOVE"
+    return (f"{row['rule']} at tol {row['tol']:g}: largest step error {row['step error']:.3g} of its step's change "
+            f"({met} tol); the replica against the trained model: max rel error {row['max rel error']:.3g}")
+
+
+def _note(rows: list[dict[str, Any]]) -> list[str]:
+    """Under a table of rules, the line naming the fixed rules that left steps above tolerance (their error is in
+    the table: the line is its reading, printed with the result rather than warned)."""
+    from .studies.fidelity import inexact_rules_note
+
+    note = inexact_rules_note(rows)
+    return [] if note is None else [f"note: {note}"]
 
 
 def _skip_note(rule: Any, evals: int, spent: int, limit: int) -> str:
@@ -161,33 +183,41 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
         if not args.table:
             raise ConfigError("Give a run folder (explaind replicate RUN) or --table for the reference fidelity table.")
         start = time.perf_counter()
-        rows = fidelity.reference_table(size=args.size, device=args.device, progress=out.progress, log=out.info)
-        text = format_table(rows, fidelity.TABLE_COLUMNS)
-        out.result(text + f"\n({time.perf_counter() - start:.1f} s)", {"rows": rows})
+        rows = fidelity.reference_table(size=args.size, device=args.device, progress=out.progress, log=out.info,
+                                        warn=False)
+        text = "\n".join([format_table(rows, fidelity.TABLE_COLUMNS), *_note(rows)])
+        out.result(text + f"\n({time.perf_counter() - start:.1f} s)", {"rows": rows,
+                                                                       "note": fidelity.inexact_rules_note(rows)})
         return 0
     steps = analysis.parse_steps(args.steps)
     # without --quadrature (and --nodes, which alone keeps meaning panels of the adaptive rule) the rule is chosen
     # by its cost below
     chosen = args.quadrature is None and args.nodes is None
-    single = None if args.table or chosen else fidelity.rule_from(args.quadrature or "adaptive", args.nodes)
+    # the adaptive rule of a run's replica refines to --tol (default SCORES_TOL); the table's, to the replica's own
+    # tolerance unless --tol is given
+    tol = _tol(args.tol) if args.tol is not None or not args.table else None
+    single = None if args.table or chosen else fidelity.rule_from(args.quadrature or "adaptive", args.nodes, tol)
     run = load_run(args.run)
     n_test = min(args.n_test or (N_TEST_TABLE if args.table else N_TEST_DEFAULT), run.dataset.n_val)
     n_steps = _window(int(run.trajectory.n_steps), steps)
     skipped: list[tuple[Any, int]] = []
     limit = fidelity.TABLE_MAX_EVALS if args.max_evals is None else args.max_evals or None
     if args.table:
-        rules, skipped = fidelity.affordable_rules(fidelity.all_rules(), n_steps, n_test, limit)
+        rules, skipped = fidelity.affordable_rules([fidelity.rule_from(r.quadrature, r.nodes, tol)
+                                                    for r in fidelity.all_rules()], n_steps, n_test, limit)
     elif single is None:
-        rules = [_cheaper_default(out, n_steps, n_test, limit)]
+        rules = [_cheaper_default(out, n_steps, n_test, limit, tol)]
     else:
         rules = [single]
     for rule in rules:
         _announce(out, "replicate", rule, n_steps, n_test)
-    rows = fidelity.run_fidelity(run, rules, n_test=n_test, device=args.device, progress=out.progress, steps=steps)
+    rows = fidelity.run_fidelity(run, rules, n_test=n_test, device=args.device, progress=out.progress, steps=steps,
+                                 warn=False)
     rows_evals = sum(fidelity.estimated_evals(rule, n_steps, n_test) for rule in rules)
     notes = [_skip_note(rule, evals, rows_evals, limit) for rule, evals in skipped]
-    text = "\n".join([format_table(rows, fidelity.TABLE_COLUMNS), *notes])
-    out.result(text, {"run": str(run.path), "rows": rows,
+    single_line = [_tolerance_line(rows[0])] if len(rows) == 1 and rows[0]["rule"].startswith("adaptive") else []
+    text = "\n".join([format_table(rows, fidelity.TABLE_COLUMNS), *single_line, *_note(rows), *notes])
+    out.result(text, {"run": str(run.path), "rows": rows, "note": fidelity.inexact_rules_note(rows),
                       "skipped": [{"rule": r.label, "estimated_evals": e} for r, e in skipped]})
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 
 import pytest
 from _browser import check_rendered, render, screenshot
@@ -12,6 +13,8 @@ from _png import check_png, check_report_folder
 from sklearn.datasets import load_digits
 
 from explaind.cli import main
+from explaind.exceptions import ExplaindWarning
+from explaind.studies import fidelity
 
 REPORT_FIGURES = {
     "training_curves.png",
@@ -25,16 +28,18 @@ REPORT_FIGURES = {
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
-    """The tiny demo, run once for the tests of this module: (report folder, JSON result, printed text)."""
+    """The tiny demo, run once for the tests of this module: (report folder, JSON result, its warnings)."""
     out = tmp_path_factory.mktemp("demo") / "report"
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with contextlib.redirect_stdout(buffer), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert main(["demo", "--tiny", "--out", str(out), "--json"]) == 0
-    return out, json.loads(buffer.getvalue())
+    return out, json.loads(buffer.getvalue()), [str(w.message) for w in caught
+                                                if issubclass(w.category, ExplaindWarning)]
 
 
 def test_demo_tiny_writes_a_complete_report(tiny_demo):
-    out, result = tiny_demo
+    out, result, warned = tiny_demo
     assert result["report"] == str(out / "index.html")
     expected = REPORT_FIGURES | {"pruning_curve.png"}
     if not result["outcome"]["generalised"]:
@@ -42,11 +47,17 @@ def test_demo_tiny_writes_a_complete_report(tiny_demo):
     files = check_report_folder(out, expected)
     assert set(files) == expected
     rules = [row["rule"] for row in result["fidelity"]]
-    assert rules == ["midpoint-10", "gauss-legendre-4", "adaptive"]
+    assert rules == ["midpoint-10", "gauss-legendre-4", "adaptive-2"]
     for row in result["fidelity"]:
         assert row["argmax agreement"] == 1.0
+    # the adaptive row is replicate's default rule, within its tolerance; the fixed rules' errors are the table's
+    # column, read in one note under it instead of a warning; the report's rule is the scores' (no warning either)
     adaptive = result["fidelity"][-1]
-    assert adaptive["max rel error"] < 1e-6
+    assert adaptive["tol"] == 1e-3 and adaptive["step error"] <= adaptive["tol"] and not adaptive["warned"]
+    assert warned == []
+    inexact = [row["rule"] for row in result["fidelity"] if row["warned"]]
+    note = fidelity.inexact_rules_note(result["fidelity"])
+    assert (note is None) == (not inexact)
     assert set(result["timings"]) == {"train", "fidelity", "pruning", "report"}
     assert (out / "run" / "run.json").is_file() and (out / "pruning" / "results.json").is_file()
     html = (out / "index.html").read_text()
@@ -65,7 +76,7 @@ def test_demo_tiny_writes_a_complete_report(tiny_demo):
 
 
 def test_demo_report_renders_in_a_browser(tiny_demo, tmp_path):
-    out, result = tiny_demo
+    out, result, _ = tiny_demo
     figures = {p.name for p in out.glob("*.png")}
     measured = render(out / "index.html", tmp_path)
     check_rendered(measured, figures=figures, tables={"Fidelity of the kernel replica": 7,
@@ -76,7 +87,10 @@ def test_demo_report_renders_in_a_browser(tiny_demo, tmp_path):
 
 def test_study_grokking_tiny(tmp_path, capsys):
     out = tmp_path / "grok"
-    assert main(["study", "grokking", "--tiny", "--out", str(out), "--device", "cpu", "--json"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["study", "grokking", "--tiny", "--out", str(out), "--device", "cpu", "--json"]) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)] == []
     result = json.loads(capsys.readouterr().out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary == result

@@ -103,9 +103,10 @@ def _demo_numbers(size: str) -> dict[str, Any]:
     }
     for stage, seconds in {**result["timings"], **scores["timings"]}.items():
         values[f"{stage.replace('_seconds', '')}_seconds"] = f"{seconds:.0f}"
-    for row in result["fidelity"]:
-        values[f"{row['rule']}.evals"] = f"{row['evals/step']:.1f}"
-        values[f"{row['rule']}.max_rel_error"] = _g(row["max rel error"])
+    for row in result["fidelity"]:  # the demo's adaptive row (replicate's default rule) keeps the key "adaptive"
+        key = "adaptive" if row["rule"].startswith("adaptive") else row["rule"]
+        values[f"{key}.evals"] = f"{row['evals/step']:.1f}"
+        values[f"{key}.max_rel_error"] = _g(row["max rel error"])
     return {"values": values, "history": history.to_dict()}
 
 

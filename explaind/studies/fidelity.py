@@ -31,7 +31,7 @@ from ..exceptions import ConfigError, ExplaindWarning
 
 __all__ = ["format_table", "Rule", "all_rules", "rule_from", "run_fidelity", "reference_setups", "reference_table",
            "TABLE_COLUMNS", "estimated_evals", "evals_text", "affordable_rules", "TABLE_MAX_EVALS", "DEFAULT_RULES",
-           "default_rule", "SCORES_RULE", "SCORES_TOL", "scores_rule", "warn_inexact_rules"]
+           "default_rule", "SCORES_RULE", "SCORES_TOL", "scores_rule", "warn_inexact_rules", "inexact_rules_note"]
 
 TABLE_COLUMNS = ["setup", "rule", "evals/step", "argmax agreement", "KL", "max rel error", "step error", "seconds"]
 _QUADRATURES = ("adaptive", "gauss-legendre", "midpoint", "left")
@@ -45,10 +45,15 @@ _ADAPTIVE_MIN_EVALS = 12
 
 @dataclass(frozen=True)
 class Rule:
-    """A quadrature rule of the replica: name and nodes (``None``: the rule's default)."""
+    """A quadrature rule of the replica: name, nodes and, for ``adaptive``, its tolerance.
+
+    ``nodes=None`` is the rule's default; ``tol=None`` the replica's (``KernelReplica``'s 1e-7): the
+    relative error per step and input the adaptive rule refines to, and above which it warns.
+    """
 
     quadrature: str
     nodes: int | None = None
+    tol: float | None = None
 
     @property
     def label(self) -> str:
@@ -121,9 +126,26 @@ def affordable_rules(rules: list[Rule], n_steps: int, n_test: int,
     return [r for r in rules if r in admitted], [(r, cost[r]) for r in rules if r not in admitted]
 
 
-#: The rules ``explaind replicate RUN`` tries without ``--quadrature``, most accurate first: the first whose
-#: evaluations fit the budget is used (the last one whatever its cost).
-DEFAULT_RULES = (Rule("adaptive"), Rule("gauss-legendre", 4), Rule("gauss-legendre", 2))
+#: The rule of the influence scores of ``explaind influence`` and ``explaind report`` when none is chosen: the
+#: adaptive rule on 2-node Gauss–Legendre panels. A step whose 2-node estimate is within ``SCORES_TOL`` costs its
+#: 2 evaluations; a step across activation kinks is refined until it is (docs/cli.md, "explaind influence").
+SCORES_RULE = Rule("adaptive", 2)
+#: Relative tolerance per step and input of :data:`SCORES_RULE`. Steps within it leave, for one output per input,
+#: at most ``SCORES_TOL * sum_s |g(theta_{s+1}) - g(theta_s)|`` to the quadrature error. That bound is no promise
+#: of a share below the warning threshold (1e-3; the steps' changes add up to 4.8 times the explained change on the
+#: quickstart's run), but the errors of a step within tolerance mostly cancel: the quickstart's influence leaves
+#: 0.014 % at 1e-3 in 105 s on one idle CPU thread, against 0.0015 % at 1e-4 in 132 s (docs/cli.md). The share is
+#: measured from every step's exact change and printed, and warned about above the threshold, so a run where the
+#: errors do not cancel is told; a step the rule leaves above its tolerance is warned about too.
+SCORES_TOL = 1e-3
+
+#: The rules ``explaind replicate RUN`` tries without ``--quadrature``: the adaptive rule of the scores
+#: (:data:`SCORES_RULE` at :data:`SCORES_TOL`: every step and input within 1e-3 of its change, or a warning)
+#: when its lower bound fits the budget, else the fixed rule of the same count, whatever its cost. The
+#: adaptive rule at the replica's 1e-7 is no default: on ReLU paths that cross many kinks it integrates
+#: pairs on a grid that misses 1e-7 and warns, at about twice the cost (docs/cli.md, "explaind replicate").
+DEFAULT_RULES = (Rule(SCORES_RULE.quadrature, SCORES_RULE.nodes, SCORES_TOL),
+                 Rule("gauss-legendre", SCORES_RULE.nodes))
 
 
 def default_rule(n_steps: int, n_test: int,
@@ -131,7 +153,8 @@ def default_rule(n_steps: int, n_test: int,
     """The rule of a replica whose rule was not chosen, and the more accurate rules passed over for their cost.
 
     The first of :data:`DEFAULT_RULES` whose :func:`estimated_evals` (a lower bound for ``adaptive``)
-    is at most ``max_evals`` (``None``: no limit, always ``adaptive``); the last one when none fits.
+    is at most ``max_evals`` (``None``: no limit, always the adaptive rule at :data:`SCORES_TOL`); the
+    last one when none fits.
 
     Returns
     -------
@@ -154,20 +177,6 @@ def default_rule(n_steps: int, n_test: int,
             return rule, passed
         passed.append((rule, cost))
     return DEFAULT_RULES[-1], passed
-
-
-#: The rule of the influence scores of ``explaind influence`` and ``explaind report`` when none is chosen: the
-#: adaptive rule on 2-node Gauss–Legendre panels. A step whose 2-node estimate is within ``SCORES_TOL`` costs its
-#: 2 evaluations; a step across activation kinks is refined until it is (docs/cli.md, "explaind influence").
-SCORES_RULE = Rule("adaptive", 2)
-#: Relative tolerance per step and input of :data:`SCORES_RULE`. Steps within it leave, for one output per input,
-#: at most ``SCORES_TOL * sum_s |g(theta_{s+1}) - g(theta_s)|`` to the quadrature error. That bound is no promise
-#: of a share below the warning threshold (1e-3; the steps' changes add up to 4.8 times the explained change on the
-#: quickstart's run), but the errors of a step within tolerance mostly cancel: the quickstart's influence leaves
-#: 0.014 % at 1e-3 in 105 s on one idle CPU thread, against 0.0015 % at 1e-4 in 132 s (docs/cli.md). The share is
-#: measured from every step's exact change and printed, and warned about above the threshold, so a run where the
-#: errors do not cancel is told; a step the rule leaves above its tolerance is warned about too.
-SCORES_TOL = 1e-3
 
 
 def scores_rule(quadrature: str | None, nodes: int | None) -> Rule:
@@ -200,13 +209,13 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
     return "\n".join([line, rule, *body])
 
 
-def rule_from(quadrature: str, nodes: int | None = None) -> Rule:
-    """Validate a rule given on the command line."""
+def rule_from(quadrature: str, nodes: int | None = None, tol: float | None = None) -> Rule:
+    """Validate a rule given on the command line (``tol`` is kept for ``adaptive`` only)."""
     if quadrature not in _QUADRATURES:
         raise ConfigError(f"Unknown quadrature {quadrature!r}. Choose one of: {', '.join(_QUADRATURES)}.")
     if nodes is not None and nodes < 1:
         raise ConfigError(f"--nodes {nodes} must be a positive integer.")
-    return Rule(quadrature, nodes)
+    return Rule(quadrature, nodes, tol if quadrature == "adaptive" else None)
 
 
 def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, device: str = "cpu",
@@ -243,8 +252,9 @@ def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, devi
     rows = []
     for rule in rules:
         start = time.perf_counter()
+        tol = {} if rule.tol is None else {"tol": rule.tol}
         replica = explaind.KernelReplica(quadrature=rule.quadrature, nodes=rule.nodes, device=device,
-                                         progress=progress, steps=steps)
+                                         progress=progress, steps=steps, **tol)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report = replica.fit(run.trajectory).fidelity_report(X)
@@ -276,22 +286,32 @@ def _fixed_rule_warning(w: warnings.WarningMessage) -> bool:
     return issubclass(w.category, ExplaindWarning) and str(w.message).startswith("quadrature=")
 
 
-def warn_inexact_rules(rows: list[dict[str, Any]]) -> None:
-    """One :class:`~explaind.exceptions.ExplaindWarning` naming the table's fixed rules that left steps above tolerance.
+def inexact_rules_note(rows: list[dict[str, Any]]) -> str | None:
+    """The sentence naming the table's fixed rules that left steps above tolerance (``None``: none did).
 
-    ``rows`` are :func:`run_fidelity`'s; nothing is warned when no row is ``warned``.
+    ``rows`` are :func:`run_fidelity`'s (a row is counted when ``warned``). :func:`warn_inexact_rules`
+    warns it; the command line prints it under the table instead, which states each rule's error.
     """
     inexact = [row for row in rows if row.get("warned")]
     if not inexact:
-        return
+        return None
     labels = list(dict.fromkeys(f"{row['rule']}" + (f" ({row['setup']})" if len({r['setup'] for r in rows}) > 1
                                                     else "") for row in inexact))
     worst = max(row["step error"] for row in inexact)
-    warnings.warn(f"the fixed rules of the table ({', '.join(labels)}) left steps above the replica's tolerance "
-                  f"{inexact[0]['tol']:g} of their change, by up to {worst:.2g}: each row's 'step error' column is its "
-                  f"rule's largest, and the error is kept in the replica's quadrature error. Fixed rules do not "
-                  f"control their error; the adaptive rule does (quadrature='adaptive'), and more nodes shrink it.",
-                  ExplaindWarning, stacklevel=3)
+    return (f"the fixed rules of the table ({', '.join(labels)}) left steps above the replica's tolerance "
+            f"{inexact[0]['tol']:g} of their change, by up to {worst:.2g}: each row's 'step error' column is its "
+            f"rule's largest, and the error is kept in the replica's quadrature error. Fixed rules do not "
+            f"control their error; the adaptive rule does (quadrature='adaptive'), and more nodes shrink it.")
+
+
+def warn_inexact_rules(rows: list[dict[str, Any]]) -> None:
+    """One :class:`~explaind.exceptions.ExplaindWarning` naming the table's fixed rules that left steps above tolerance.
+
+    ``rows`` are :func:`run_fidelity`'s; nothing is warned when no row is ``warned`` (:func:`inexact_rules_note`).
+    """
+    note = inexact_rules_note(rows)
+    if note is not None:
+        warnings.warn(note, ExplaindWarning, stacklevel=3)
 
 
 #: size -> (steps of each setup, validation inputs compared)
@@ -332,11 +352,12 @@ def reference_setups(size: str = "small", device: str = "cpu") -> list[tuple[str
 
 
 def reference_table(size: str = "small", *, device: str = "cpu", progress: bool = False,
-                    rules: list[Rule] | None = None, log: Any = None) -> list[dict[str, Any]]:
+                    rules: list[Rule] | None = None, log: Any = None, warn: bool = True) -> list[dict[str, Any]]:
     """Train the three reference setups (in memory) and compare every rule on each.
 
     ``log`` (a callable taking a line) is told the cost first: the setups, their steps and the
-    path-gradient evaluations of the rules (:func:`rules_cost`).
+    path-gradient evaluations of the rules (:func:`rules_cost`). ``warn=False`` leaves the warning
+    about the fixed rules (:func:`warn_inexact_rules`) to the caller, as in :func:`run_fidelity`.
 
     Returns
     -------
@@ -355,5 +376,6 @@ def reference_table(size: str = "small", *, device: str = "cpu", progress: bool 
         run = train_run(config, None, progress=progress)
         rows += run_fidelity(run, rules or all_rules(), n_test=n_test, device=device, progress=progress, setup=name,
                              warn=False)
-    warn_inexact_rules(rows)
+    if warn:
+        warn_inexact_rules(rows)
     return rows

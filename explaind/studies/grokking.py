@@ -24,6 +24,7 @@ import numpy as np
 
 from ..exceptions import ConfigError
 from .analysis import StepGroupScores
+from .fidelity import SCORES_RULE, SCORES_TOL
 from .phases import detect_phases, run_outcome
 from .report import ReportOptions, build_report, phase_totals
 from .run_file import clear_run_folder
@@ -31,19 +32,25 @@ from .runs import train_run
 
 __all__ = ["PRESETS", "grokking_config", "run_grokking_study"]
 
+#: The rule of the report's queries at the CPU sizes: the scores' rule of ``explaind report`` (the adaptive rule on
+#: 2-node panels at tol 1e-3 per step and input, in float64), which keeps the quadrature error under the 0.1 %
+#: warning threshold where the 2-node Gauss–Legendre rule in float32 left 0.57 % (docs/cli.md, "explaind study").
+_SCORES: dict[str, Any] = {"quadrature": SCORES_RULE.quadrature, "nodes": SCORES_RULE.nodes, "tol": SCORES_TOL,
+                           "dtype": "float64"}
+
 #: size -> (training settings, report settings)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "data": {"p": 5, "n_train": 0.6, "n_val": None},
         "model": {"d_model": 8, "n_heads": 2, "d_mlp": 16},
         "lr": 1e-2, "weight_decay": 1.0, "steps": 12, "eval_every": 3,
-        "report": {"n_test": 4, "n_kernel": 5, "n_queries": 2, "top_k": 2, "nodes": 1},
+        "report": {"n_test": 4, "n_kernel": 5, "n_queries": 2, "top_k": 2, **_SCORES},
     },
     "small": {
         "data": {"p": 23, "n_train": 0.6, "n_val": None},
         "model": {"d_model": 48, "n_heads": 4, "d_mlp": 192},
         "lr": 1e-2, "weight_decay": 2.0, "steps": 2000, "eval_every": 10,
-        "report": {"n_test": 32, "n_kernel": 23, "nodes": 2, "dtype": "float32", "data_steps": 32},
+        "report": {"n_test": 32, "n_kernel": 23, **_SCORES, "data_steps": 32},
     },
     "full": {
         "data": {"p": 113, "n_train": 4000, "n_val": 2000},
