@@ -28,7 +28,7 @@ from explaind.studies import fidelity
 STEPS = 30
 #: The only changes to the documented commands: the sizes (a model width of 8 wants 2 heads).
 SIZES = {"--data p=23": "--data p=7", "--model d_model=48": "--model d_model=8 --model n_heads=2",
-         "--model d_mlp=192": "--model d_mlp=16", "--steps 2000": f"--steps {STEPS}"}
+         "--model d_mlp=192": "--model d_mlp=16", "--steps 800": f"--steps {STEPS}"}
 _BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quickstart.py"
 
 
@@ -284,8 +284,8 @@ NOT_TIMED = {
     "explaind validate": "the 27-minute measurement of docs/scores_meaning.md, timed as 'explaind validate --quick'",
     "explaind demo --threads 1 --out report": "'make demo': 'explaind demo' with its defaults spelled out",
     "explaind replicate runs/grok --tabel": "an error example, refused at once like the timed '--dataset digit'",
-    "explaind study grokking --steps 780": "a comparison of rules at the timed table's run length (docs/cli.md, "
-                                           "'explaind study grokking'); the study itself is timed at its defaults",
+    "explaind study grokking --steps 780": "a comparison of rules at the timed table's run length (docs/cli.md, section "
+                                           "explaind study grokking); the study itself is timed at its defaults",
 }
 
 

@@ -34,7 +34,8 @@ __all__ = ["PRESETS", "grokking_config", "run_grokking_study"]
 
 #: The rule of the report's queries at the CPU sizes: the scores' rule of ``explaind report`` (the adaptive rule on
 #: 2-node panels at tol 1e-3 per step and input, in float64), which keeps the quadrature error under the 0.1 %
-#: warning threshold where the 2-node Gauss–Legendre rule in float32 left 0.57 % (docs/cli.md, "explaind study").
+#: warning threshold where the 2-node Gauss–Legendre rule in float32 left 0.57 %
+#: (docs/cli.md, "explaind study grokking").
 _SCORES: dict[str, Any] = {"quadrature": SCORES_RULE.quadrature, "nodes": SCORES_RULE.nodes, "tol": SCORES_TOL,
                            "dtype": "float64"}
 
@@ -49,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {
         "data": {"p": 23, "n_train": 0.6, "n_val": None},
         "model": {"d_model": 48, "n_heads": 4, "d_mlp": 192},
-        "lr": 1e-2, "weight_decay": 2.0, "steps": 2000, "eval_every": 10,
+        "lr": 1e-2, "weight_decay": 2.0, "steps": 800, "eval_every": 10,
         "report": {"n_test": 32, "n_kernel": 23, **_SCORES, "data_steps": 32},
     },
     "full": {
