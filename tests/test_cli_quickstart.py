@@ -284,8 +284,8 @@ NOT_TIMED = {
     "explaind validate": "the 27-minute measurement of docs/scores_meaning.md, timed as 'explaind validate --quick'",
     "explaind demo --threads 1 --out report": "'make demo': 'explaind demo' with its defaults spelled out",
     "explaind replicate runs/grok --tabel": "an error example, refused at once like the timed '--dataset digit'",
-    "explaind study grokking --steps 780": "a comparison of rules at the timed table's run length (docs/cli.md, section "
-                                           "explaind study grokking); the study itself is timed at its defaults",
+    "explaind study grokking --steps 780": "a comparison of rules at the timed table's run length (docs/cli.md "
+                                           "section explaind study grokking); the study is timed at its defaults",
 }
 
 
