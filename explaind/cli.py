@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "without --quadrature the adaptive rule is used within it, else gauss-legendre 2; "
                         "--table skips the rules that exceed it together")
     p.add_argument("--tol", type=float, default=None, metavar="TOL",
-                   help=f"relative error per step and input of the adaptive rule (default: {SCORES_TOL:g}; with "
-                        f"--table: the replica's 1e-07)")
+                   help=f"relative error per step and input of the adaptive rule (default: the rule's own: 1e-07, "
+                        f"the replica's, or {SCORES_TOL:g} for the default rule when the 1e-07 one exceeds "
+                        f"--max-evals)")
     _add_size(p, "small")
     _add_device(p)
     cli_launch.add_nproc(p)

@@ -139,10 +139,27 @@ def _cheaper_default(out: Any, n_steps: int, n_test: int, limit: int | None, tol
 
     rule, passed = fidelity.default_rule(n_steps, n_test, limit)
     for other, evals in passed:
-        out.info(f"replicate: {other.label} would take {fidelity.evals_text(other, evals)} path-gradient evaluations, "
-                 f"more than --max-evals {limit:,}; using {rule.label} (its error is measured and shown). Force a rule "
-                 f"with --quadrature, or raise --max-evals (0: no limit).")
+        out.info(f"replicate: {_default_text(other)} would take {fidelity.evals_text(other, evals)} path-gradient "
+                 f"evaluations, more than --max-evals {limit:,}; using {_default_text(rule)} (its error is measured "
+                 f"and shown). Force a rule with --quadrature and --tol, or raise --max-evals (0: no limit).")
     return dataclasses.replace(rule, tol=tol) if tol is not None and rule.quadrature == "adaptive" else rule
+
+
+def _with_tol(rule: Any) -> Any:
+    """``rule`` with the adaptive rule's tolerance spelled out (``None``: the replica's own, 1e-7)."""
+    import dataclasses
+
+    from .estimators.replica import KernelReplica
+
+    if rule.quadrature != "adaptive" or rule.tol is not None:
+        return rule
+    return dataclasses.replace(rule, tol=KernelReplica().tol)
+
+
+def _default_text(rule: Any) -> str:
+    """A default rule as said to the user, with the adaptive rule's tolerance."""
+    rule = _with_tol(rule)
+    return rule.label if rule.tol is None else _rule_text(rule, rule.tol)
 
 
 def _tolerance_line(row: dict[str, Any]) -> str:
@@ -193,9 +210,9 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
     # without --quadrature (and --nodes, which alone keeps meaning panels of the adaptive rule) the rule is chosen
     # by its cost below
     chosen = args.quadrature is None and args.nodes is None
-    # the adaptive rule of a run's replica refines to --tol (default SCORES_TOL); the table's, to the replica's own
-    # tolerance unless --tol is given
-    tol = _tol(args.tol) if args.tol is not None or not args.table else None
+    # --tol sets the adaptive rule's tolerance; without it each rule keeps its own (the replica's 1e-7, or the
+    # default rule's, fidelity.DEFAULT_RULES)
+    tol = None if args.tol is None else _tol(args.tol)
     single = None if args.table or chosen else fidelity.rule_from(args.quadrature or "adaptive", args.nodes, tol)
     run = load_run(args.run)
     n_test = min(args.n_test or (N_TEST_TABLE if args.table else N_TEST_DEFAULT), run.dataset.n_val)
@@ -210,7 +227,7 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
     else:
         rules = [single]
     for rule in rules:
-        _announce(out, "replicate", rule, n_steps, n_test)
+        _announce(out, "replicate", _with_tol(rule), n_steps, n_test)
     rows = fidelity.run_fidelity(run, rules, n_test=n_test, device=args.device, progress=out.progress, steps=steps,
                                  warn=False)
     rows_evals = sum(fidelity.estimated_evals(rule, n_steps, n_test) for rule in rules)

@@ -219,7 +219,13 @@ def test_report_covers_a_prefix_of_the_run_in_its_data_view(grok, capsys):
 def test_replicate_without_a_rule_uses_adaptive_within_the_budget(grok, capsys):
     assert main(["--threads", "1", "replicate", str(grok)]) == 0
     captured = capsys.readouterr()
-    assert "adaptive-2" in captured.out and "gauss-legendre" not in captured.out + captured.err
+    assert "adaptive" in captured.out and "gauss-legendre" not in captured.out + captured.err
+    assert (f"replicate: adaptive, tol 1e-07 over {STEPS} steps x 20 inputs = at least {12 * STEPS * 20:,}"
+            in captured.err)
+    assert "adaptive at tol 1e-07: largest step error " in captured.out
+    # a budget below the adaptive rule's lower bound at 1e-7 (12 per step and input) and above the 2-node one's
+    assert main(["--threads", "1", "replicate", str(grok), "--max-evals", str(12 * STEPS * 20 - 1)]) == 0
+    captured = capsys.readouterr()
     assert (f"replicate: adaptive-2, tol 0.001 over {STEPS} steps x 20 inputs = at least {2 * STEPS * 20:,}"
             in captured.err)
     assert "adaptive-2 at tol 0.001: largest step error " in captured.out
@@ -230,8 +236,10 @@ def test_replicate_without_a_rule_falls_back_to_the_fixed_rule_by_cost(grok, cap
     assert main(["--threads", "1", "replicate", str(grok), "--max-evals", str(adaptive - 1)]) == 0
     captured = capsys.readouterr()
     assert "gauss-legendre-2" in captured.out and "adaptive" not in captured.out
-    assert (f"adaptive-2 would take at least {adaptive:,} path-gradient evaluations, more than --max-evals "
-            f"{adaptive - 1:,}; using gauss-legendre-2") in captured.err
+    assert (f"adaptive, tol 1e-07 would take at least {6 * adaptive:,} path-gradient evaluations, more than "
+            f"--max-evals {adaptive - 1:,}; using gauss-legendre-2") in captured.err
+    assert (f"adaptive-2, tol 0.001 would take at least {adaptive:,} path-gradient evaluations, more than "
+            f"--max-evals {adaptive - 1:,}; using gauss-legendre-2") in captured.err
     assert f"replicate: gauss-legendre-2 over {STEPS} steps x 20 inputs = {adaptive:,}" in captured.err
     assert main(["-q", "replicate", str(grok), "--max-evals", "10", "--json", "--steps", "0:4"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"][0]["rule"] == "gauss-legendre-2"
@@ -241,7 +249,7 @@ def test_replicate_with_a_rule_or_nodes_keeps_it_whatever_the_budget(grok, capsy
     assert main(["-q", "replicate", str(grok), "--quadrature", "adaptive", "--max-evals", "10", "--steps", "0:4",
                  "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
-    assert row["rule"] == "adaptive" and row["tol"] == fidelity.SCORES_TOL
+    assert row["rule"] == "adaptive" and row["tol"] == 1e-7  # the replica's own tolerance without --tol
     assert main(["-q", "replicate", str(grok), "--nodes", "3", "--max-evals", "10", "--steps", "0:4", "--json",
                  "--tol", "1e-6"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]

@@ -100,9 +100,11 @@ def test_default_rule_refuses_a_negative_budget_and_says_the_cost():
     with pytest.raises(ConfigError, match=rf"max_evals=-1 is not allowed.*Allowed: an integer >= 0, or None.*Fix: "
                                           rf"pass e.g. max_evals={TABLE_MAX_EVALS}"):
         default_rule(10, 4, -1)
-    assert default_rule(10, 4, None) == (Rule("adaptive", 2, 1e-3), [])
+    assert default_rule(10, 4, None) == (Rule("adaptive"), [])
     adaptive = estimated_evals(DEFAULT_RULES[0], 10, 4)
-    assert default_rule(10, 4, adaptive - 1)[0] == DEFAULT_RULES[1]
+    assert default_rule(10, 4, adaptive)[0] == Rule("adaptive")
+    assert default_rule(10, 4, adaptive - 1) == (Rule("adaptive", 2, 1e-3), [(Rule("adaptive"), adaptive)])
+    assert default_rule(10, 4, estimated_evals(DEFAULT_RULES[1], 10, 4) - 1)[0] == DEFAULT_RULES[2]
     assert default_rule(10, 4, 0) == (DEFAULT_RULES[-1], [(r, estimated_evals(r, 10, 4)) for r in DEFAULT_RULES[:-1]])
     assert evals_text(Rule("adaptive"), 4800) == "at least 4,800"
     assert evals_text(Rule("gauss-legendre", 4), 4000) == "4,000"

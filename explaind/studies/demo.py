@@ -30,10 +30,11 @@ from .runs import train_run
 __all__ = ["DEMO_RULES", "DEMO_SIZES", "run_demo"]
 
 #: Rules compared by the CPU demo (midpoint-100 costs 100 evaluations per step; ``replicate --table`` has it); the
-#: adaptive one is ``explaind replicate``'s default (2-node panels, tol 1e-3 per step and input), which reaches its
-#: tolerance on the demo's run where the adaptive rule at the replica's 1e-7 integrates kink-dense pairs on a grid
-#: that misses it (docs/cli.md, "explaind demo").
-DEMO_RULES = [fidelity.Rule("midpoint", 10), fidelity.Rule("gauss-legendre", 4), fidelity.DEFAULT_RULES[0]]
+#: adaptive one is the scores' rule and ``explaind replicate``'s default on runs as long as the demo's (2-node
+#: panels, tol 1e-3 per step and input), which reaches its tolerance on the demo's run where the adaptive rule at
+#: the replica's 1e-7 integrates kink-dense pairs on a grid that misses it (docs/cli.md, "explaind demo").
+DEMO_RULES = [fidelity.Rule("midpoint", 10), fidelity.Rule("gauss-legendre", 4),
+              fidelity.Rule(fidelity.SCORES_RULE.quadrature, fidelity.SCORES_RULE.nodes, fidelity.SCORES_TOL)]
 
 #: size -> (fidelity inputs, fidelity rules, pruning preset)
 DEMO_SIZES: dict[str, dict[str, Any]] = {

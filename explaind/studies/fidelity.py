@@ -139,12 +139,14 @@ SCORES_RULE = Rule("adaptive", 2)
 #: errors do not cancel is told; a step the rule leaves above its tolerance is warned about too.
 SCORES_TOL = 1e-3
 
-#: The rules ``explaind replicate RUN`` tries without ``--quadrature``: the adaptive rule of the scores
-#: (:data:`SCORES_RULE` at :data:`SCORES_TOL`: every step and input within 1e-3 of its change, or a warning)
-#: when its lower bound fits the budget, else the fixed rule of the same count, whatever its cost. The
-#: adaptive rule at the replica's 1e-7 is no default: on ReLU paths that cross many kinks it integrates
-#: pairs on a grid that misses 1e-7 and warns, at about twice the cost (docs/cli.md, "explaind replicate").
-DEFAULT_RULES = (Rule(SCORES_RULE.quadrature, SCORES_RULE.nodes, SCORES_TOL),
+#: The rules ``explaind replicate RUN`` tries without ``--quadrature``, the first whose cost fits the budget: the
+#: adaptive rule at the replica's own tolerance (1e-7 per step and input: a replica at rounding level on smooth
+#: paths; where a path crosses many ReLU kinks some pairs are integrated on a grid that misses 1e-7, and a warning
+#: says so); then the adaptive rule of the scores (:data:`SCORES_RULE` at :data:`SCORES_TOL`: every step and input
+#: within 1e-3 of its change, or a warning), whose lower bound is a sixth of the first's; else the fixed rule of
+#: the same count, whatever its cost (docs/cli.md, "explaind replicate").
+DEFAULT_RULES = (Rule("adaptive"),
+                 Rule(SCORES_RULE.quadrature, SCORES_RULE.nodes, SCORES_TOL),
                  Rule("gauss-legendre", SCORES_RULE.nodes))
 
 
@@ -153,7 +155,7 @@ def default_rule(n_steps: int, n_test: int,
     """The rule of a replica whose rule was not chosen, and the more accurate rules passed over for their cost.
 
     The first of :data:`DEFAULT_RULES` whose :func:`estimated_evals` (a lower bound for ``adaptive``)
-    is at most ``max_evals`` (``None``: no limit, always the adaptive rule at :data:`SCORES_TOL`); the
+    is at most ``max_evals`` (``None``: no limit, always the first, the adaptive rule at the replica's 1e-7); the
     last one when none fits.
 
     Returns
