@@ -82,10 +82,15 @@ def test_trainer_bart_on_its_own_loss_records_the_decoder_inputs_built_from_the_
     X_test = {"input_ids": src[N:], "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels[N:])}
     with torch.no_grad():
         truth = model.eval()(input_ids=src[N:], labels=labels[N:]).logits.reshape(1, -1)
-    target = [2 * VOCAB + 5]
+    _assert_seq2seq_exact(traj, X_test, truth, [2 * VOCAB + 5], panels=4)
+
+
+def _assert_seq2seq_exact(traj, X_test, truth, target, panels: int) -> None:
+    """Replica and residual share as :func:`_assert_replica_and_share`, train scores <= 1e-9 relative to the loop
+    reference of a twin without ``padding_idx`` (token cross entropy), whose quadrature error must vanish."""
     att = _assert_replica_and_share(traj, X_test, truth, target)
     ref = TwinReference(traj, X_test, _no_padding_idx, loss_fn=lambda out, t: loop_token_loss(out, t, shift=False),
-                        target=target, panels=4)
+                        target=target, panels=panels)
     assert float(ref.quad_error.abs().max()) <= 1e-11
     note(train=rel_err(att.values, ref.kept(("train",))))
     assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
@@ -158,13 +163,7 @@ def _seq2seq_through_the_trainer(tmp_path, model, inputs: dict, labels, prepare)
     X_test = {**{k: v[N:] for k, v in inputs.items()}, "decoder_input_ids": prepare(labels[N:])}
     with torch.no_grad():
         truth = model.eval()(**{k: v[N:] for k, v in inputs.items()}, labels=labels[N:]).logits.reshape(2, -1)
-    target = [2 * VOCAB + 5, 1 * VOCAB + 3]
-    att = _assert_replica_and_share(traj, X_test, truth, target)
-    ref = TwinReference(traj, X_test, _no_padding_idx, loss_fn=lambda out, t: loop_token_loss(out, t, shift=False),
-                        target=target, panels=8)
-    assert float(ref.quad_error.abs().max()) <= 1e-11
-    note(train=rel_err(att.values, ref.kept(("train",))))
-    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
+    _assert_seq2seq_exact(traj, X_test, truth, [2 * VOCAB + 5, 1 * VOCAB + 3], panels=8)
 
 
 def test_trainer_marian_on_its_own_loss_is_exact(tmp_path):

@@ -6,7 +6,9 @@
   (the model holds none).
 * MobileViT: convolutions with train-mode BatchNorm (statistics replayed per step) and transformer blocks over
   unfolded patches. Exact, against a reference that replays the batched training forwards and adds the buffers'
-  term per step.
+  term per step; residual share <= 1e-8 (measured 2.2e-9). Its running statistics are set from the training
+  images before recording: with the initial ones this tiny network's evaluation-mode logits were 1e-56 plus the
+  classifier's bias, the same for every input, which an earlier version of this test explained "exactly".
 * ViT called with ``interpolate_pos_encoding=True`` (12x12 images, position embeddings made for 8x8): the flag is
   an entry of the mapping input, passed unchanged to every forward (before, ``vmap`` refused the ``bool``). Exact.
 * CLIP: ``CLIPForImageClassification`` (the vision tower with a per-sample head) exact; ``CLIPModel`` trained
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from _hf_stranger_kit import DT, N, assert_exact, per_sample_ce, train
 from _hf_testkit import MappingReference
+from reference import rel_err
 from test_stranger_hf_audio_vision import _images, _LogitsBufferReference
 
 from explaind.exceptions import UnsupportedModelError
@@ -81,16 +84,30 @@ def test_mobilevit_with_train_mode_batch_norm_and_unfolded_patches_is_exact():
     cfg = transformers.MobileViTConfig(image_size=16, patch_size=2, num_channels=3, hidden_sizes=[8, 8, 8],
                                        neck_hidden_sizes=[4, 4, 8, 8, 8, 8, 16], num_attention_heads=2,
                                        mlp_ratio=2.0, expand_ratio=2.0, classifier_dropout_prob=0.0, num_labels=3,
-                                       **NO_DROPOUT)
-    model = transformers.MobileViTForImageClassification(cfg)
+                                       initializer_range=0.3, **NO_DROPOUT)
+    model = transformers.MobileViTForImageClassification(cfg).to(DT)
     assert not any(isinstance(m, (torch.nn.ReLU, torch.nn.MaxPool2d)) for m in model.modules())
     X, y = _images(16)
-    model, traj = train(model, X[:N], y, "cross_entropy", _logits_ce, steps=2)
+    # running statistics set from the training images first, as a trained model's are: with the initial ones
+    # (mean 0, variance 1) the evaluation-mode features of this tiny network vanish (logits 1e-56, only the bias)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.momentum = None  # a cumulative average: one forward sets the batch's statistics
+    with torch.no_grad():
+        model.train()(X[:N])
+    for norm in norms:
+        norm.momentum = 0.1
+    with torch.no_grad():
+        before = model.eval()(X[N:]).logits
+    model, traj = train(model, X[:N], y, "cross_entropy", _logits_ce, steps=2, lr=0.002)
     assert traj.buffer_names and traj.manifest.coupled  # the BatchNorms' training forwards replayed
     with torch.no_grad():
         truth = model(X[N:]).logits
-    ref = _SmoothBufferReference(traj, X[N:], target=TARGET, panels=4)
-    assert_exact(traj, X[N:], truth, ref, TARGET, ref_error=ref.quad_error - ref.buffer_terms())
+    assert rel_err(truth[0], truth[1]) > 0.1 and rel_err(before, truth) > 0.01  # the features carry the inputs
+    ref = _SmoothBufferReference(traj, X[N:], target=TARGET, panels=16)
+    # the short path (lr 0.002) is sharp: the reference needs 16 panels (4: 3.8e-6 off on one pair); the residual
+    # share, 2.2e-9 measured, is float64 rounding of the replayed per-sample split against a small change
+    assert_exact(traj, X[N:], truth, ref, TARGET, ref_error=ref.quad_error - ref.buffer_terms(), max_share=1e-8)
 
 
 def test_vit_with_interpolate_pos_encoding_passed_as_a_flag_in_the_inputs_is_exact():
