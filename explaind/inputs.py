@@ -94,15 +94,29 @@ class Inputs:
 
 
 def _flatten(x: Inputs) -> tuple[list[Any], Any]:
-    if isinstance(x.data, dict):
-        return list(x.data.values()), ("dict", tuple(x.data))
-    return list(x.data), ("tuple", len(x.data))
+    """The tensors are the leaves; the other entries (flags such as ``interpolate_pos_encoding=True``, ``None``)
+    ride in the context, so that ``vmap`` maps over the tensors only and passes the flags unchanged.
+
+    Which entries are flags is fixed once per structure (``_fixed``, set again by :func:`_unflatten`): torch
+    rebuilds a structure from placeholder leaves (``vmap``'s ``in_dims``), which must count as leaves again.
+    """
+    kind = "dict" if isinstance(x.data, dict) else "tuple"
+    values = list(x.data.values()) if kind == "dict" else list(x.data)
+    fixed = getattr(x, "_fixed", None)
+    if fixed is None:
+        fixed = tuple((i, v) for i, v in enumerate(values) if not isinstance(v, Tensor))
+    flags = {i for i, _ in fixed}
+    keys = tuple(x.data) if kind == "dict" else len(values)
+    return [v for i, v in enumerate(values) if i not in flags], (kind, keys, fixed)
 
 
-def _unflatten(values: Any, context: Any) -> Inputs:
-    kind, keys = context
+def _unflatten(leaves: Any, context: Any) -> Inputs:
+    kind, keys, fixed = context
+    given, leaves = dict(fixed), iter(leaves)
+    values = [given[i] if i in given else next(leaves) for i in range(len(keys) if kind == "dict" else keys)]
     new = object.__new__(Inputs)  # leaves may be vmap's batched tensors: no shape checks
     new.data = dict(zip(keys, values)) if kind == "dict" else tuple(values)
+    new._fixed = fixed
     return new
 
 

@@ -39,6 +39,7 @@ def model_output(out: Any) -> Tensor:
         return split
     if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
         return out[0]
+    _refuse_pairwise(out)
     raise UnsupportedModelError(
         f"the model's forward returned {type(out).__name__}, which holds no output tensor explaind can use: "
         f"return a tensor, a tuple whose first element is the output, or an object/mapping with a 'logits' "
@@ -69,3 +70,26 @@ def _split_logits(out: Any) -> Tensor | None:
             f"'logits' (e.g. a module whose forward returns model(**inputs).{next(iter(fields))})."
         )
     return torch.stack(list(fields.values()), dim=-1)
+
+
+def _refuse_pairwise(out: Any) -> None:
+    """Refuse a contrastive model's output (``logits_per_image``, ``logits_per_text``: ``(n, n)``), naming why.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When ``out`` has a ``logits_per_*`` tensor field (Hugging Face ``CLIPOutput``, ``SiglipOutput``).
+    """
+    items = out.items() if isinstance(out, Mapping) else vars(out).items() if hasattr(out, "__dict__") else ()
+    pairwise = [k for k, v in items if isinstance(k, str) and k.startswith("logits_per_") and isinstance(v, Tensor)]
+    if not pairwise:
+        return
+    raise UnsupportedModelError(
+        f"the model's forward returned {type(out).__name__}, whose {pairwise} score every sample of the batch "
+        f"against every other (a contrastive model, (n, n)): a sample's output, and a contrastive loss over them, "
+        f"depend on the rest of its batch, so a training step has no split into per-sample terms and a test "
+        f"input no output of its own (docs/maths.md section 1: the loss is a weighted sum of per-sample losses). "
+        f"explaind explains per-sample outputs trained on per-sample losses. Fix: train and explain a per-sample "
+        f"head, e.g. CLIPForImageClassification, or a module returning model.get_image_features(pixel_values) "
+        f"@ class_text_embeddings.T with the class prompts' embeddings fixed (a buffer), on cross entropy."
+    )

@@ -43,6 +43,11 @@ def per_sample_ce(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, t, reduction="none")
 
 
+def rows(X: dict, idx) -> dict:
+    """The rows ``idx`` of every tensor of the mapping ``X``; other entries (flags) as they are."""
+    return {k: v[idx] if torch.is_tensor(v) else v for k, v in X.items()}
+
+
 def train(model, X, y, loss, batch_loss, *, steps: int = 3, lr: float = 0.02, check: bool = True, **recorder):
     """Record ``steps`` AdamW steps of 4 random samples; ``batch_loss(model_output, targets)`` is the loop's loss.
 
@@ -54,12 +59,12 @@ def train(model, X, y, loss, batch_loss, *, steps: int = 3, lr: float = 0.02, ch
     rec = explaind.TrajectoryRecorder(model, opt, loss=loss, train_data=(X, y), check_gradients=check,
                                       **recorder)
     gen = torch.Generator().manual_seed(0)
-    n = next(iter(X.values())).shape[0] if isinstance(X, dict) else X.shape[0]
+    n = next(v for v in X.values() if torch.is_tensor(v)).shape[0] if isinstance(X, dict) else X.shape[0]
     with rec:
         for _ in range(steps):
             idx = torch.randperm(n, generator=gen)[:4]
             opt.zero_grad()
-            out = model(**{k: v[idx] for k, v in X.items()}) if isinstance(X, dict) else model(X[idx])
+            out = model(**rows(X, idx)) if isinstance(X, dict) else model(X[idx])
             batch_loss(out, y[idx]).backward()
             rec.log_batch(idx)
             opt.step()

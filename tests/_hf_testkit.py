@@ -86,13 +86,18 @@ def loop_token_loss(logits: Tensor, labels: Tensor, shift: bool) -> Tensor:
     return torch.stack(out)
 
 
+def _row(X: dict, i: int) -> dict:
+    """Row ``i`` of every tensor of ``X`` (a batch of one); other entries (flags) as they are."""
+    return {k: v[i : i + 1] if isinstance(v, Tensor) else v for k, v in X.items()}
+
+
 class MappingReference(Reference):
     """The loop reference of ``reference.py`` for ``model(**inputs).logits`` with mapping inputs."""
 
     def __init__(self, traj, X: dict[str, Tensor], *, loss_fn=None, **kwargs):
         self.inputs = X
         self._loss = loss_fn
-        n = next(iter(X.values())).shape[0]
+        n = next(v for v in X.values() if isinstance(v, Tensor)).shape[0]
         super().__init__(traj, torch.zeros(n), **kwargs)
         if loss_fn is not None:
             self.loss_fn = loss_fn
@@ -101,10 +106,10 @@ class MappingReference(Reference):
         return functional_call(self.model, {**self.constants, **self._unflat(vec)}, (), x).logits
 
     def forward(self, vec: Tensor, xi: int) -> Tensor:
-        return self._logits(vec, {k: v[xi : xi + 1] for k, v in self.inputs.items()})[0].reshape(-1)
+        return self._logits(vec, _row(self.inputs, xi))[0].reshape(-1)
 
     def explained(self, vec: Tensor, xi: int) -> Tensor:
-        out = self._logits(vec, {k: v[xi : xi + 1] for k, v in self.inputs.items()})
+        out = self._logits(vec, _row(self.inputs, xi))
         if isinstance(self.target, str):
             return self._loss(out, self.y[xi : xi + 1]).reshape(1)
         flat = out.reshape(-1)
@@ -118,7 +123,7 @@ class MappingReference(Reference):
             Xb, yb = self.traj.train_samples(idx)
             th = self.theta[i].clone().requires_grad_(True)
             for j in range(len(idx)):
-                out = self._logits(th, {k: v[j : j + 1] for k, v in Xb.data.items()})
+                out = self._logits(th, _row(Xb.data, j))
                 (g,) = torch.autograd.grad(loss_fn(out, yb[j : j + 1]).sum(), th)
                 self.G[i, int(idx[j])] += self.coef[i]["scale"] * float(w[j]) * g
 

@@ -2,7 +2,9 @@
 
 Run from the repository root::
 
-    PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/hf_strangers_table.py
+    PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/hf_strangers_table.py [test files]
+
+Without arguments it runs every file of ``FILES``; given file names (of ``FILES``) it runs those only.
 
 It runs those test files in this process; each exactness check keeps what it measured
 (``_hf_stranger_kit.MEASURED``): replica against the trained model in evaluation mode, residual share, and
@@ -22,11 +24,16 @@ sys.path.insert(0, str(HERE))
 import _hf_stranger_kit  # noqa: E402  (the test files share this module object)
 
 FILES = ["test_stranger_hf_encoders.py", "test_stranger_hf_decoders.py", "test_stranger_hf_audio_vision.py",
+         "test_stranger_hf_vision.py", "test_stranger_hf_seq2seq.py", "test_stranger_hf_text.py",
          "test_stranger_hf_trainer.py"]
 
 
 def main() -> int:
-    code = pytest.main(["-q", "-p", "no:cacheprovider", *(str(HERE / f) for f in FILES)])
+    chosen = sys.argv[1:] or FILES
+    unknown = sorted(set(chosen) - set(FILES))
+    if unknown:
+        raise SystemExit(f"unknown test files {unknown}; allowed: {FILES}")
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *(str(HERE / f) for f in chosen)])
     merged: dict[str, dict] = {}
     for row in _hf_stranger_kit.MEASURED:
         merged.setdefault(row["test"], {}).update({k: v for k, v in row.items() if k != "test"})

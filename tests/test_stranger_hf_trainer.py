@@ -14,9 +14,14 @@
   (best scale 1.99), its message naming the cause and ``normalization="micro_batch"``, with which the run is
   exact against the slow loop reference.
 * Wav2Vec2 with SpecAugment (NumPy masks, ``mask_time_prob=0.5``) and ``capture_random=True``: exact.
+* Marian on its own loss: exact, decoder inputs as BART's. Whisper on its own loss: it shifts the labels in
+  ``forward`` but has no ``prepare_decoder_input_ids_from_labels``, so the callback recorded no decoder inputs and
+  the recorder's first check failed inside Whisper's decoder (``ValueError: You cannot specify both
+  decoder_input_ids and decoder_inputs_embeds``, neither being given). Now the callback shifts them as the config
+  says (``decoder_start_token_id`` first, -100 as ``pad_token_id``): exact.
 
 "Exact": replica <= 1e-6 relative to the trained model in evaluation mode, residual share <= 1e-9, ``keep=("train",)``
-<= 1e-9 relative to the slow float64 loop reference (BART, ELECTRA).
+<= 1e-9 relative to the slow float64 loop reference (BART, ELECTRA, Marian, Whisper).
 """
 
 from __future__ import annotations
@@ -77,10 +82,15 @@ def test_trainer_bart_on_its_own_loss_records_the_decoder_inputs_built_from_the_
     X_test = {"input_ids": src[N:], "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels[N:])}
     with torch.no_grad():
         truth = model.eval()(input_ids=src[N:], labels=labels[N:]).logits.reshape(1, -1)
-    target = [2 * VOCAB + 5]
+    _assert_seq2seq_exact(traj, X_test, truth, [2 * VOCAB + 5], panels=4)
+
+
+def _assert_seq2seq_exact(traj, X_test, truth, target, panels: int) -> None:
+    """Replica and residual share as :func:`_assert_replica_and_share`, train scores <= 1e-9 relative to the loop
+    reference of a twin without ``padding_idx`` (token cross entropy), whose quadrature error must vanish."""
     att = _assert_replica_and_share(traj, X_test, truth, target)
     ref = TwinReference(traj, X_test, _no_padding_idx, loss_fn=lambda out, t: loop_token_loss(out, t, shift=False),
-                        target=target, panels=4)
+                        target=target, panels=panels)
     assert float(ref.quad_error.abs().max()) <= 1e-11
     note(train=rel_err(att.values, ref.kept(("train",))))
     assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
@@ -138,3 +148,41 @@ def test_trainer_wav2vec2_spec_augment_with_capture_random_is_exact(tmp_path):
     with torch.no_grad():
         truth = model.eval()(X[N:]).logits
     _assert_replica_and_share(traj, {"input_values": X[N:]}, truth)
+
+
+def _seq2seq_through_the_trainer(tmp_path, model, inputs: dict, labels, prepare):
+    """Train ``model`` on its own loss (the Trainer passes the labels), check 2 held-out rows against the loop
+    reference of a twin without ``padding_idx``; ``prepare(labels)`` builds the decoder inputs as the model does."""
+    data = IndexedDataset([{**{k: v[i] for k, v in inputs.items()}, "labels": labels[i]} for i in range(N)])
+    callback = ExplaindTrainerCallback(data, loss="token_cross_entropy", check_gradients=True)
+    transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=data, callbacks=[callback]).train()
+    traj = callback.trajectory
+    assert max(traj.gradient_check()) <= 1e-12
+    X_train, _ = traj.train_samples(torch.arange(N))
+    assert torch.equal(X_train.data["decoder_input_ids"], prepare(labels[:N]))
+    X_test = {**{k: v[N:] for k, v in inputs.items()}, "decoder_input_ids": prepare(labels[N:])}
+    with torch.no_grad():
+        truth = model.eval()(**{k: v[N:] for k, v in inputs.items()}, labels=labels[N:]).logits.reshape(2, -1)
+    _assert_seq2seq_exact(traj, X_test, truth, [2 * VOCAB + 5, 1 * VOCAB + 3], panels=8)
+
+
+def test_trainer_marian_on_its_own_loss_is_exact(tmp_path):
+    from test_stranger_hf_seq2seq import tiny_marian
+
+    model = tiny_marian().to(DT)
+    src, labels = ids(N + 2, 4), ids(N + 2, 5, length=4)
+    labels[::3, -1] = -100
+    _seq2seq_through_the_trainer(tmp_path, model, {"input_ids": src}, labels,
+                                 lambda t: model.prepare_decoder_input_ids_from_labels(labels=t))
+
+
+def test_trainer_whisper_without_a_prepare_method_records_the_decoder_inputs_it_builds_from_the_labels(tmp_path):
+    """Whisper shifts the labels in ``forward`` and has no ``prepare_decoder_input_ids_from_labels``: the callback
+    shifts them as its config says (start token, -100 as the padding id)."""
+    from test_stranger_hf_seq2seq import tiny_whisper, whisper_data
+
+    model = tiny_whisper().to(DT)
+    assert not hasattr(model, "prepare_decoder_input_ids_from_labels")
+    feats, labels = whisper_data()
+    _seq2seq_through_the_trainer(tmp_path, model, {"input_features": feats}, labels,
+                                 lambda t: transformers.models.whisper.modeling_whisper.shift_tokens_right(t, 1, 0))

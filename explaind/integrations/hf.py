@@ -29,6 +29,7 @@ without autocast and without a scaler, in float32. docs/guide_own_model.md has t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -257,9 +258,13 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         in ``forward`` as ``prepare_decoder_input_ids_from_labels(labels)`` (the labels shifted right, -100 as the
         padding id). explaind calls ``model(**X)`` without labels, where the model would build them from
         ``input_ids`` instead: a different function. So ``X`` gets the decoder inputs the Trainer's forwards
-        build; :meth:`_take_index` refuses a run whose forwards do not receive the labels.
+        build; :meth:`_take_index` refuses a run whose forwards do not receive the labels. A model without that
+        method (Whisper) gets them shifted as its config says (:func:`_shift_by_config`).
         """
         prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        how = "model.prepare_decoder_input_ids_from_labels(labels)"
+        if prepare is None:
+            prepare, how = _shift_by_config(model)
         if prepare is None or self._items is None or not isinstance(self._items[0], dict):
             return False
         X, y = self._items
@@ -268,8 +273,8 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         with torch.no_grad():
             decoder = prepare(labels=torch.as_tensor(y))
         self._data = TrainData(({**X, "decoder_input_ids": decoder}, y))
-        logger.info("%s: recording decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels), as the "
-                    "model builds them from the labels the Trainer passes.", type(model).__name__)
+        logger.info("%s: recording decoder_input_ids = %s, as the model builds them from the labels the Trainer "
+                    "passes.", type(model).__name__, how)
         return True
 
     # ------------------------------------------------------------------ model hook
@@ -296,3 +301,26 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._pending.append((torch.as_tensor(idx).detach().to("cpu", torch.long).reshape(-1),
                                   None if total is None else float(total)))
         return args, kwargs
+
+
+def _shift_by_config(model: Any) -> tuple[Callable[..., Tensor] | None, str]:
+    """The decoder inputs an encoder-decoder without ``prepare_decoder_input_ids_from_labels`` (Whisper) builds in
+    ``forward`` from its labels: shifted right by one, ``config.decoder_start_token_id`` first, -100 as
+    ``config.pad_token_id``; with how it is built, in words. ``None`` for a model that is no encoder-decoder or lacks
+    either id.
+
+    The gradient check compares the recorded gradients with the run's, so a model that builds them otherwise is
+    refused at the checked steps.
+    """
+    cfg = getattr(model, "config", None)
+    start, pad = getattr(cfg, "decoder_start_token_id", None), getattr(cfg, "pad_token_id", None)
+    if not getattr(cfg, "is_encoder_decoder", False) or not isinstance(start, int) or not isinstance(pad, int):
+        return None, ""
+
+    def shift(labels: Tensor) -> Tensor:
+        out = torch.full_like(labels, start)
+        out[:, 1:] = labels[:, :-1]
+        return out.masked_fill(out == -100, pad)
+
+    return shift, (f"the labels shifted right, config.decoder_start_token_id={start} first and -100 as "
+                   f"config.pad_token_id={pad}")

@@ -117,6 +117,16 @@ class FunctionalModel:
                         "model.gradient_checkpointing_disable() and model.disable_input_require_grads() (or remove "
                         "your own hook), then explain."
                     ) from exc
+                if "vmap: inplace arithmetic" in str(exc):
+                    raise UnsupportedModelError(
+                        "the model's forward writes a tensor that depends on the input or the parameters into a "
+                        "tensor it created itself, in place (e.g. buf = torch.zeros(...); buf[:, :k] = weights), "
+                        "which torch.func.vmap cannot run (torch: 'vmap: inplace arithmetic ... is not possible'), "
+                        "and explaind evaluates the model one input at a time under vmap. Hugging Face BigBird's "
+                        "attention_type='block_sparse' does this (it assembles its attention probabilities so). "
+                        "Fix: build such tensors out of place (torch.cat, torch.stack, torch.where, F.pad) in the "
+                        "model's forward; for BigBird train and explain with attention_type='original_full'."
+                    ) from exc
                 if "vmap: It looks like you" not in str(exc):
                     raise
                 raise UnsupportedModelError(

@@ -88,8 +88,9 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     plans: list[NodePlan] = []
     # counted in steps: a group of stacked steps advances the bar by its size
     bar = progress_bar(engine.progress, "quadrature", stop - start)
-    inexact = InexactUnits(tol, _casts_hint(engine), _jumps_hint(engine))
-    cost = CostNotice(tol, stop - start)
+    kinks = _kinks_hint(engine)
+    inexact = InexactUnits(tol, _casts_hint(engine), _jumps_hint(engine), kinks)
+    cost = CostNotice(tol, stop - start, kinks=kinks)
     buffers: list[Tensor] = []
     ends_all: list[tuple[Tensor, Tensor]] = []
     for lo, hi in step_groups(start, stop, group, aligned=rule == "adaptive"):
@@ -209,8 +210,8 @@ class CostNotice:
     exact as ``tol`` asks, what runs high is its price) naming the count, ``tol`` and the lever.
     """
 
-    def __init__(self, tol: float, n_steps: int, level: float | None = None) -> None:
-        self.tol, self.n_steps = tol, n_steps
+    def __init__(self, tol: float, n_steps: int, level: float | None = None, kinks: str | None = None) -> None:
+        self.tol, self.n_steps, self.kinks = tol, n_steps, kinks
         self.level = EVALS_NOTICE if level is None else level
         self.spent = self.units = self.steps = self.most = 0
         self.said = False
@@ -232,14 +233,22 @@ class CostNotice:
         left = self.n_steps - self.steps
         looser = self.tol * 100
         done = f"the first {self.steps} of {self.n_steps} steps ({left} left)" if left else f"all {self.steps} steps"
+        if self.kinks is None:  # the model unknown (a bare notice): what kink-rich paths hold
+            why = "the path crosses many activation kinks (LeakyReLU, ELU, MaxPool, ReLU6, Hardswish, ...), each " \
+                  "located to tol"
+        elif self.kinks:
+            why = f"the path crosses activation kinks of {self.kinks}, each located to tol"
+        else:
+            why = (f"the model holds no module with a kink (ReLU-like activations, max pooling), so the count is "
+                   f"what its curvature costs at tol={self.tol:g} (or kinks computed inside forward: F.relu, "
+                   f"torch.maximum, clamp)")
         logger.warning(
             "the adaptive quadrature has spent %.0f evaluations per (step, input) on average (up to %d for one) over "
-            "%s to reach tol=%g, %.1fx the 100 of the 100-point midpoint rule: the path crosses many activation "
-            "kinks (LeakyReLU, ELU, MaxPool, ReLU6, Hardswish, ...), each located to tol. The lever is tol: tol=%g "
+            "%s to reach tol=%g, %.1fx the 100 of the 100-point midpoint rule: %s. The lever is tol: tol=%g "
             "lets each (step, input) err by that fraction of its change and costs fewer evaluations (on a LeakyReLU "
             "CNN 142 instead of 250 per pair at tol 1e-5 instead of 1e-7, replica error 5.1e-06 instead of 4.5e-08; "
             "docs/engine.md section 2, 'The cost of kink-rich paths'); quadrature='midpoint' with nodes=N costs "
-            "exactly N per pair at an error it reports.", mean, self.most, done, self.tol, mean / 100, looser)
+            "exactly N per pair at an error it reports.", mean, self.most, done, self.tol, mean / 100, why, looser)
 
 
 class InexactUnits:
@@ -248,11 +257,13 @@ class InexactUnits:
     Each group of steps adds its plan (:meth:`add`); :meth:`warn` then gives one warning for the whole window
     instead of one per group, with the counts and the worst relative error over all of its groups; ``casts_hint``
     (:func:`_casts_hint`) says why a float64 replay may stop at the cap; ``jumps_hint`` (:func:`_jumps_hint`) names
-    the modules whose outputs jump, which no rule integrates across.
+    the modules whose outputs jump, which no rule integrates across; ``kinks`` (:func:`_kinks_hint`) names the
+    model's modules with kinks, the first cause of a cap when there are any (the generic float32 hint is then left
+    out; a cast the replay found is still named).
     """
 
-    def __init__(self, tol: float, casts_hint: str = "", jumps_hint: str = "") -> None:
-        self.tol, self.casts_hint, self.jumps_hint = tol, casts_hint, jumps_hint
+    def __init__(self, tol: float, casts_hint: str = "", jumps_hint: str = "", kinks: str | None = None) -> None:
+        self.tol, self.casts_hint, self.jumps_hint, self.kinks = tol, casts_hint, jumps_hint, kinks
         self.above = self.total = self.dense = self.capped = 0
         self.worst = 0.0
         self.float64 = False
@@ -286,7 +297,10 @@ class InexactUnits:
                           f"evaluations below {DENSE_REL:g} of their change")
         if self.capped:
             causes.append(f"{self.capped} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
-            if self.float64 and self.casts_hint:
+            if self.kinks:  # the model's own kinks first: each one the path crosses is located to tol
+                causes.append(f"their paths cross more kinks of {self.kinks} than the cap lets the rule locate to "
+                              f"tol; a looser tol locates each with fewer evaluations")
+            if self.float64 and self.casts_hint and (not self.kinks or self.casts_hint.startswith("the model's")):
                 causes.append(self.casts_hint)
         warnings.warn(
             f"the adaptive quadrature left {self.above} of {self.total} (step, input) pairs above tol={self.tol:g}, "
@@ -307,6 +321,25 @@ def _jumps_hint(engine: Any) -> str:
             f"value moves to another position): the gradient has no term for a jump, so no quadrature rule "
             f"integrates across it and the jump stays in quadrature_error. Fix: upsample continuously "
             f"(nn.Upsample, F.interpolate, nn.ConvTranspose2d) instead of unpooling by the indices")
+
+
+#: torch's modules whose output has a kink (a jump of its derivative, of a higher one for ELU and CELU) at a threshold.
+_KINKED = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.ELU,
+           nn.CELU, nn.SELU, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+           nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def _kinks_hint(engine: Any) -> str | None:
+    """The model's modules with a kink (:data:`_KINKED`), as ``"n module(s) (Class at path, ...)"``; ``""`` when it
+    holds none, ``None`` when the engine holds no model."""
+    module = getattr(getattr(engine, "fm", None), "module", None)
+    if module is None:
+        return None
+    found = [(name, type(m).__name__) for name, m in module.named_modules() if isinstance(m, _KINKED)]
+    if not found:
+        return ""
+    shown = ", ".join(f"{cls} at {name or 'the model'}" for name, cls in found[:3])
+    return f"{len(found)} module(s) ({shown}{', ...' if len(found) > 3 else ''})"
 
 
 def _casts_hint(engine: Any) -> str:
