@@ -91,6 +91,18 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return bool(torch.equal(a, b))
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of the CPU tensor ``t`` is finite, in one pass without temporaries where it is.
+
+    A sum with a NaN or an infinity among its terms is not finite, so a finite sum means every
+    element is; a sum that is not finite can also be an overflow of finite terms (or a complex
+    tensor), so then each element is checked (``torch.isfinite``, exact, slower).
+    """
+    if t.is_floating_point() and math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _dot64(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1).double(), b.reshape(-1).double())
 
@@ -155,6 +167,8 @@ class GradientTap:
                 buf.copy_(g.detach())
             self._seq += 1
             self._stamp[name] = self._seq
+            if g.device.type == "cpu":  # checked while the copy is in the cache (elsewhere: at log_batch, one sync)
+                self._finite[name] = (self._seq, all_finite(self._raw[name]))
             self._hits[name] = self._hits.get(name, 0) + 1
 
         return hook
@@ -221,7 +235,8 @@ class GradientTap:
     def finite_since(self, seq: int) -> bool | None:
         """Whether the snapshots taken after ``seq`` are all finite (``None`` when there are none).
 
-        Each snapshot's answer is kept with its sequence number, so a snapshot is checked once.
+        Each snapshot's answer is kept with its sequence number, so a snapshot is checked once: a CPU
+        snapshot when it is taken (:func:`all_finite`), the others here, together (one device sync).
         """
         names = [n for n, t in self._stamp.items() if t > seq]
         if not names:
@@ -260,8 +275,9 @@ class GradientTap:
         unknown = [n for n in names if not (n in unchanged and self._known_finite(n))]
         grads = [seen[n] for n in unknown]
         total = sum(float(x) for x in torch._foreach_norm(grads)) if grads else 0.0
-        if not math.isfinite(total):
-            bad = [n for n, g in zip(unknown, grads) if not bool(torch.isfinite(g).all())]
+        # a norm that is not finite is a NaN or inf, or a square of a huge finite value that overflowed
+        bad = [] if math.isfinite(total) else [n for n, g in zip(unknown, grads) if not bool(torch.isfinite(g).all())]
+        if bad:
             raise TrajectoryError(
                 f"Step {step}: the gradient of {', '.join(bad)} contains NaN or inf, so this step cannot be recorded "
                 f"(nothing was stored for it). Lower the learning rate, check the loss and inputs, or clip gradients."

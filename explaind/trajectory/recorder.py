@@ -411,7 +411,6 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 f"optimizer.step() (after backward)."
             )
         try:
-            self._refuse_edits(s)
             self._step_state = self._prepare_step(optimizer, s)
         except BaseException:
             self._pending.clear()
@@ -421,12 +420,13 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
 
     def _prepare_step(self, optimizer: Any, s: int) -> dict[str, Any]:
         """Everything the pre-step hook measures: participation, ``c_s``, the gradient check, the adapter's state."""
-        indices = torch.cat([e.indices for e in self._pending])
-        weights = torch.cat([e.weights for e in self._pending])
-        stepped = stepped_parameters(self.model, optimizer, self._params, self._constant_params, s)
-        seen = {n: self._params[n].grad for n in stepped}
-        no_input = stepped_without_backward(self._tap, seen, s)
-        c_in = self._tap.measure(seen, s, self._tol)
+        with self._edits_checked(s):  # parameters changed outside the step are refused first
+            indices = torch.cat([e.indices for e in self._pending])
+            weights = torch.cat([e.weights for e in self._pending])
+            stepped = stepped_parameters(self.model, optimizer, self._params, self._constant_params, s)
+            seen = {n: self._params[n].grad for n in stepped}
+            no_input = stepped_without_backward(self._tap, seen, s)
+            c_in = self._tap.measure(seen, s, self._tol)
         amp = float(self._scaler.get_scale()) if self._scaler is not None and self._scaler.is_enabled() else None
         autocast = self._probe.dtype
         tol = autocast_tolerance(autocast, self._tol)
