@@ -92,7 +92,7 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 
 def all_finite(t: Tensor) -> bool:
-    """Whether every element of the CPU tensor ``t`` is finite, in one pass without temporaries where it is.
+    """Whether every element of ``t`` is finite, in one pass without temporaries where it is.
 
     A sum with a NaN or an infinity among its terms is not finite, so a finite sum means every
     element is; a sum that is not finite can also be an overflow of finite terms (or a complex
@@ -167,8 +167,6 @@ class GradientTap:
                 buf.copy_(g.detach())
             self._seq += 1
             self._stamp[name] = self._seq
-            if g.device.type == "cpu":  # checked while the copy is in the cache (elsewhere: at log_batch, one sync)
-                self._finite[name] = (self._seq, all_finite(self._raw[name]))
             self._hits[name] = self._hits.get(name, 0) + 1
 
         return hook
@@ -235,17 +233,24 @@ class GradientTap:
     def finite_since(self, seq: int) -> bool | None:
         """Whether the snapshots taken after ``seq`` are all finite (``None`` when there are none).
 
-        Each snapshot's answer is kept with its sequence number, so a snapshot is checked once: a CPU
-        snapshot when it is taken (:func:`all_finite`), the others here, together (one device sync).
+        Each snapshot's answer is kept with its sequence number, so a snapshot is checked once: on the
+        CPU by :func:`all_finite` (a sum: faster than a norm, and the square of a finite value cannot
+        overflow it), elsewhere by one ``_foreach_norm`` of all of them (one device sync), each norm that
+        is not finite then checked element by element.
         """
         names = [n for n, t in self._stamp.items() if t > seq]
         if not names:
             return None
         todo = [n for n in names if self._finite.get(n, (-1, False))[0] != self._stamp[n]]
+        cpu = [n for n in todo if self._raw[n].device.type == "cpu"]
+        for n in cpu:
+            self._finite[n] = (self._stamp[n], all_finite(self._raw[n]))
+        todo = [n for n in todo if n not in cpu]
         if todo:
             norms = torch._foreach_norm([self._raw[n] for n in todo])
             for n, x in zip(todo, norms):
-                self._finite[n] = (self._stamp[n], math.isfinite(float(x)))
+                finite = math.isfinite(float(x)) or bool(torch.isfinite(self._raw[n]).all())
+                self._finite[n] = (self._stamp[n], finite)
         return all(self._finite[n][1] for n in names)
 
     def _known_finite(self, name: str) -> bool:

@@ -464,14 +464,15 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 "before": before}
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        s, st = self._n, self._step_state
+        s, st, copying = self._n, self._step_state, None
         assert st is not None and self._theta is not None
         try:
+            copying = None if self._pooled() else self._copy_params()  # theta_{s+1}, beside the bookkeeping below
             updates = collect_updates(self._params, self._adapter_updates(optimizer, st["before"]),
                                       st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
             buffers = self._buffers.changed()
             dense = self._dense_tensors(st, updates, buffers)
-            theta_next, audit = self._next_theta(s, st, updates, dense)  # with a store, the audit runs now
+            theta_next, audit, copying = self._next_theta(s, st, updates, dense, copying)  # store: the audit too
             check = st["check"]
             record = StepRecord(step=s, n_samples=int(st["indices"].shape[0]), grad_scale=float(st["scale"]),
                                 loss_scale=None if check is None else check.sigma,
@@ -484,11 +485,14 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                                      buffers=buffers)
                 self._audit_in_memory(s, audit)
             else:
-                self._write_step(record, theta_next, updates, st, buffers, audit, dense)
+                self._write_step(record, theta_next, updates, st, buffers, audit, dense, copying.future)
+                copying.wait()  # the loop may edit the parameters once this hook returns
         except BaseException as exc:
             self._broken = f"step {s} ({type(exc).__name__}: {exc})"
             raise
         finally:
+            if copying is not None and copying.future is not None:
+                copying.future.exception()  # not reading the parameters any more (its error was raised above)
             self._pending.clear()
             self._tap.reset()
             self._probe.reset()
