@@ -5,11 +5,14 @@
   (whose squared norm overflows float32) are finite: recorded, not refused as NaN or inf.
 * The check that no parameter changed outside ``optimizer.step()`` runs on the state copier's thread
   while the loop's thread compares the gradients: its error still comes first.
+* theta_{s+1} is copied on that thread too, and the post-step hook waits for it: an edit right after the
+  step is still found, also when the copy is slow.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import TrajectoryError
+from explaind.trajectory import _theta_copy
 from explaind.trajectory._gradients import GradientTap, all_finite
 
 
@@ -127,3 +131,34 @@ def test_a_gradient_change_alone_is_still_refused_with_its_own_message():
         with torch.no_grad():
             model.weight.grad[0, 0] += 1.0
         opt.step()
+
+
+@pytest.mark.parametrize("store", [None, "dense", "sparse"])
+def test_an_edit_right_after_the_step_is_caught_while_theta_is_copied_on_another_thread(tmp_path, monkeypatch, store):
+    """theta_{s+1} is copied on the state copier's thread; the post-step hook waits for it, so a slow copy still
+    holds the values the step left, and an edit made right after ``optimizer.step()`` is refused at the next step."""
+    real = _theta_copy._copy
+
+    def slow(pairs):
+        time.sleep(0.05)
+        real(pairs)
+
+    monkeypatch.setattr(_theta_copy, "_copy", slow)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    X, y = torch.randn(8, 3), torch.randn(8, 1)
+    options = {} if store is None else {"store": tmp_path / "run"}
+    if store == "sparse":
+        options["checkpoint_every"] = 2
+    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), check_gradients=False, **options)
+    with pytest.raises(TrajectoryError, match=r"Step 3: the parameter\(s\) 0\.weight.*changed outside"), rec:
+        for s in range(4):
+            opt.zero_grad()
+            F.mse_loss(model(X), y).backward()
+            rec.log_batch(torch.arange(8))
+            opt.step()
+            if s == 2:
+                with torch.no_grad():
+                    model[0].weight.data.mul_(0.5)
+    assert rec.n_steps == 3
