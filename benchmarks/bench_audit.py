@@ -47,16 +47,13 @@ def _model(case: str):
 
         return _case(case, torch.device("cpu"))
     from bench_recording import CASES as RECORDING
-    from bench_recording import _data
 
-    from explaind.models import build_model
-
-    name, config, batch = RECORDING["mlp-1m"]
-    model = build_model(name, config, seed=0)
+    mlp = RECORDING["mlp-1m"]
+    model, batch = mlp.build(), mlp.batch
     params = model.parameters()
     opt = torch.optim.Adam(params, lr=1e-3) if case.endswith("adam") else torch.optim.SGD(params, lr=0.05,
                                                                                             momentum=0.9)
-    X, y = _data(name, config, batch * 8, torch.device("cpu"))
+    X, y = mlp.data(batch * 8)
     return model, opt, X, y, batch, lambda m, x: m(x), "cross_entropy"
 
 

@@ -125,10 +125,10 @@ def install() -> None:
 
 def measure(label: str, opt_name: str, mode: str, steps: int, root: str) -> dict[str, float]:
     """ms per step of each part (timed from step 0; the first two steps' allocations included)."""
-    name, config, batch = CASES[label]
+    case = CASES[label]
     _cpu.clear()
     _wall.clear()
-    _run(name, config, batch, opt_name, steps, mode, torch.device("cpu"), root)
+    _run(case, case.batch, opt_name, steps, mode, torch.device("cpu"), root, label)
     out = {k: v * 1e3 / steps for k, v in _cpu.items()}
     out["hand-over wall"] = _wall.get("hand-over", 0.0) * 1e3 / steps
     out["log_batch"] = out.get("log_batch", 0.0) - out.get("finite", 0.0)
@@ -164,7 +164,8 @@ def main() -> None:
                 runs = []
                 for _ in range(args.repeats):
                     parts = measure(label, opt_name, mode, args.steps, root)
-                    _, _, plain = _run(*CASES[label][:3], opt_name, args.steps, "plain", torch.device("cpu"), root)
+                    case = CASES[label]
+                    _, _, plain = _run(case, case.batch, opt_name, args.steps, "plain", torch.device("cpu"), root)
                     parts["plain"] = plain * 1e3
                     runs.append(parts)
                 med = {k: sorted(r.get(k, 0.0) for r in runs)[len(runs) // 2] for k in (*PARTS, "total", "plain",

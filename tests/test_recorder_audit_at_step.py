@@ -180,14 +180,17 @@ def test_a_parameter_edited_between_steps_is_refused_with_the_store_on(tmp_path,
 
 def test_a_dense_store_holds_one_copy_of_theta_and_one_gradient_snapshot(tmp_path, monkeypatch):
     _small_queue(monkeypatch)
-    real_copy, handed = CopyPool.copy, {}
+    handed = {}
 
-    def counting_copy(self, key, src):
-        out = real_copy(self, key, src)
-        handed.setdefault(key, set()).add(out.data_ptr())
-        return out
+    def counting(real):  # the pool's copies (CopyPool.copy) and its buffers to copy into (CopyPool.buffer, theta's)
+        def hand_out(self, key, src):
+            out = real(self, key, src)
+            handed.setdefault(key, set()).add(out.data_ptr())
+            return out
+        return hand_out
 
-    monkeypatch.setattr(CopyPool, "copy", counting_copy)
+    monkeypatch.setattr(CopyPool, "copy", counting(CopyPool.copy))
+    monkeypatch.setattr(CopyPool, "buffer", counting(CopyPool.buffer))
     traj, clones = _record(tmp_path / "run")
     params = [n for n, _ in _setup()[0].named_parameters()]
     # theta_s's buffer holds theta_{s+1} next (the audit of step s ran before the copy); the tap keeps its buffer

@@ -86,16 +86,19 @@ def test_reused_buffers_hold_every_step_while_the_writer_lags(tmp_path, monkeypa
         time.sleep(0.01)
         return real_write(*args, **kwargs)
 
-    real_copy, handed_out = CopyPool.copy, set()
+    handed_out = set()
 
-    def counting_copy(self, key, src):
-        out = real_copy(self, key, src)
-        calls["reused" if out.data_ptr() in handed_out else "fresh"] += 1
-        handed_out.add(out.data_ptr())
-        return out
+    def counting(real):  # a pool's copies (CopyPool.copy) and its buffers to copy into (CopyPool.buffer, theta's)
+        def hand_out(self, key, src):
+            out = real(self, key, src)
+            calls["reused" if out.data_ptr() in handed_out else "fresh"] += 1
+            handed_out.add(out.data_ptr())
+            return out
+        return hand_out
 
     monkeypatch.setattr(store.TensorFileWriter, "write", slow_write)
-    monkeypatch.setattr(CopyPool, "copy", counting_copy)
+    monkeypatch.setattr(CopyPool, "copy", counting(CopyPool.copy))
+    monkeypatch.setattr(CopyPool, "buffer", counting(CopyPool.buffer))
     path = tmp_path / "run"
     rec, seen, opt = _run("adam", path, steps=16, audit=audit)
     assert calls["reused"] > 0  # the test exercises recycled buffers

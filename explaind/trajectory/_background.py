@@ -181,22 +181,28 @@ class WarmBuffers:
         except Exception:  # out of memory here: the loop's thread clones instead
             logger.debug("Allocating warm buffers failed; theta is cloned on the loop's thread.", exc_info=True)
 
-    def copies(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Detached copies of ``tensors`` (same keys as ``like``): into a ready set where there is one, else clones."""
+    def take(self) -> dict[str, Tensor]:
+        """A ready set of buffers (name to buffer), or ``{}`` when none is ready (counted in :attr:`misses`)."""
         try:
-            bufs = self._ready.get_nowait()
+            return self._ready.get_nowait()
         except queue.Empty:
-            bufs = {}
             if self._specs:
                 self.misses += 1
+            return {}
+
+    @staticmethod
+    def fits(buf: Tensor | None, t: Tensor) -> bool:
+        """Whether ``buf`` of a ready set can hold a copy of ``t`` (same shape, strides and dtype, on the CPU)."""
+        return (buf is not None and buf.shape == t.shape and buf.stride() == t.stride() and buf.dtype == t.dtype
+                and t.device.type == "cpu")
+
+    def copies(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Detached copies of ``tensors`` (same keys as ``like``): into a ready set where there is one, else clones."""
+        bufs = self.take()
         out = {}
         for name, t in tensors.items():
             buf = bufs.get(name)
-            if (buf is None or buf.shape != t.shape or buf.stride() != t.stride() or buf.dtype != t.dtype
-                    or t.device.type != "cpu"):
-                out[name] = t.detach().clone()
-            else:
-                out[name] = buf.copy_(t.detach())
+            out[name] = buf.copy_(t.detach()) if self.fits(buf, t) else t.detach().clone()
         return out
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
-from ._background import CopyPool, Handoff
+from ._background import CopyPool, Handoff, StateCopier
 from ._backward_draws import backward_draw_hint, draws_in_backward
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
@@ -146,6 +146,7 @@ class RecorderChecksMixin:
     _pool: CopyPool
     _writer: Any
     _theta_handoff: Handoff | None
+    _copier: StateCopier
 
     _pooled: Callable[[], bool]
 
@@ -294,6 +295,28 @@ class RecorderChecksMixin:
         frozen = edited_parameters(self._constant_params, self._frozen)
         if frozen:
             raise TrajectoryError(frozen_edit_message(frozen, s, self._schedule.start))
+
+    @contextlib.contextmanager
+    def _edits_checked(self, s: int) -> Iterator[None]:
+        r""":meth:`_refuse_edits` of step ``s`` on the state copier's thread while the block runs on the loop's.
+
+        The comparisons of the live parameters with :math:`\theta_s` (``memcmp``, which releases the GIL)
+        then overlap the block's own (the gradients with their snapshots, :meth:`GradientTap.measure`);
+        the block must not change the parameters. Its edit error comes first, as when the check ran before
+        the block: it replaces an error the block raised. Parameters off the CPU are compared on the
+        loop's thread, before the block (another thread would read them on another stream).
+        """
+        if any(p.device.type != "cpu" for p in self._params.values()):
+            self._refuse_edits(s)
+            yield
+            return
+        checked = self._copier.run([lambda: self._refuse_edits(s)])
+        try:
+            yield
+        except BaseException:
+            checked.result()  # raises the edit error, if any, in place of the block's
+            raise
+        checked.result()
 
     def _warn_final_edits(self) -> None:
         r"""Warn when the model left the recorder holding other values than :math:`\theta_N`, the last recorded

@@ -51,6 +51,7 @@ from ._sparse import SparseLayout, StepReplay, group_snapshot, state_bytes, vali
 from ._start_optimizer import optimizer_start_file
 from ._start_state import START_STATE_FILE, start_state_tensors
 from ._state_share import StateCopy, momentum_by_state_index
+from ._theta_copy import ThetaCopy
 from .disk import DiskTrajectory
 from .fingerprint import data_fingerprint
 from .manifest import StepRecord
@@ -111,19 +112,21 @@ class RecorderStoreMixin(RecorderResumeMixin):
         """Whether theta_{s+1} is copied into reused buffers: a dense store (memory keeps every copy)."""
         return self._store is not None and self._every == 1
 
-    def _copy_params(self) -> dict[str, Tensor]:
-        """:math:`\theta_{s+1}` of the recorded parameters, copied (in pool buffers for a dense store).
-
-        In memory every copy is kept: from the second step on they go into memory made ready by
+    def _copy_params(self) -> ThetaCopy:
+        r""":math:`\theta_{s+1}` of the recorded parameters, being copied on the state copier's thread
+        (:class:`~explaind.trajectory._theta_copy.ThetaCopy`): into pool buffers for a dense store; in memory,
+        where every copy is kept, from the second step on into memory made ready by
         :class:`~explaind.trajectory._background.WarmBuffers` (page-faulted on its thread).
         """
         if self._pooled():
-            return self._pool.copies("param.", self._params)
+            return ThetaCopy(self._params, lambda n, t: self._pool.buffer("param." + n, t), self._copier)
+        if self._store is None and self._warm is not None:
+            warm, ready = self._warm, self._warm.take()
+            return ThetaCopy(self._params, lambda n, t: ready[n] if warm.fits(ready.get(n), t) else torch.empty_like(t),
+                             self._copier)
         if self._store is None:
-            if self._warm is not None:
-                return self._warm.copies(self._params)
             self._warm = WarmBuffers({n: p.detach() for n, p in self._params.items()})  # ready from the next step
-        return {n: p.detach().clone() for n, p in self._params.items()}
+        return ThetaCopy(self._params, lambda _n, t: torch.empty_like(t), self._copier)
 
     def _adapter_updates(self, optimizer: torch.optim.Optimizer, before: Any) -> dict[int, LinearUpdate]:
         """The adapter's ``after_step``; in a dense store with its tensor coefficients in pool buffers
@@ -144,26 +147,29 @@ class RecorderStoreMixin(RecorderResumeMixin):
         return self._copier.run(jobs)
 
     def _next_theta(self, s: int, st: dict[str, Any], updates: dict[str, LinearUpdate],
-                    dense: dict[str, Tensor] | None) -> tuple[dict[str, Tensor], Any]:
-        r"""After step ``s``: the copy of :math:`\theta_{s+1}` and the step's audit (``None`` with the audit off).
+                    dense: dict[str, Tensor] | None, copying: ThetaCopy | None) -> tuple[dict[str, Tensor], Any,
+                                                                                        ThetaCopy]:
+        r"""After step ``s``: the copy of :math:`\theta_{s+1}`, the step's audit (``None`` with the audit off) and
+        the copy's :class:`ThetaCopy` (``copying``: started by the caller; a dense store starts it here).
 
         With a store the audit runs first (:meth:`_audit_now`, an :class:`AuditResult`), so the buffers
         of :math:`\theta_s` are free for :math:`\theta_{s+1}` once the writer wrote them too; in memory it
         is a job for the worker (:meth:`_audit_job`). Between the two, a dense store waits for room in the
-        writer's queue (:meth:`_make_room`, ``dense``: :meth:`_dense_tensors`).
+        writer's queue (:meth:`_make_room`, ``dense``: :meth:`_dense_tensors`). The copy is complete on return
+        except in a dense store, whose writer waits for it (:meth:`_write_step`), as the caller does before it returns.
         """
         seen = st["seen"]
         if self._store is None:
-            theta_next = self._copy_params()
-            return theta_next, self._audit_job(s, theta_next, seen, updates)
+            theta_next = copying.wait()
+            return theta_next, self._audit_job(s, theta_next, seen, updates), copying
         audit = self._audit_now(s, seen, updates) if self._audit_on else None
         # a dense store's queue is bounded by bytes: wait before copying, not after (the audit's new momentum counted)
         self._make_room(s, st, dense)
-        theta_next = self._copy_params()
-        self._theta = theta_next
+        copying = copying or self._copy_params()
+        theta_next = self._theta = copying.tensors if self._pooled() else copying.wait()
         if self._pooled():  # read by the writer, and by the next step's audit
             self._theta_handoff = Handoff(self._pool, "param.", theta_next, 2 if self._audit_on else 1)
-        return theta_next, audit
+        return theta_next, audit, copying
 
     def _audit_now(self, s: int, seen: Any, updates: dict[str, LinearUpdate]) -> AuditResult:
         r"""The audit of step ``s`` at the step: :math:`\theta_s` from the last copy, :math:`\theta_{s+1}` live.
@@ -414,8 +420,9 @@ class RecorderStoreMixin(RecorderResumeMixin):
 
     def _write_step(self, record: StepRecord, theta_next: dict[str, Tensor], updates: dict[str, LinearUpdate],
                     st: dict[str, Any], buffers: dict[str, Tensor] | None = None, audit: Any = None,
-                    dense: dict[str, Tensor] | None = None) -> None:
-        """Hand step ``record.step`` to the writer (``dense``: :meth:`_dense_tensors`, built once by the caller)."""
+                    dense: dict[str, Tensor] | None = None, copying: Future | None = None) -> None:
+        """Hand step ``record.step`` to the writer (``dense``: :meth:`_dense_tensors`, built once by the caller;
+        ``copying``: the copy of ``theta_next`` still being made, which the writer waits for)."""
         assert self._writer is not None
         if self._every > 1:
             self._write_sparse(record, theta_next, updates, st, buffers, audit)
@@ -425,7 +432,8 @@ class RecorderStoreMixin(RecorderResumeMixin):
         due = self._state_due(record.step)
         state, copied, copy = self._optimizer_state_async(audit) if due else (None, [], None)
         filled = self._fill_coefficients()
-        self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, *copied, filled, share=copy),
+        self._writer.write_step(record, tensors, state, prepare=self._prepare(audit, copying, *copied, filled,
+                                                                              share=copy),
                                 done=self._release(copy, self._theta_handoff,
                                                    None if self._coefs is None else self._coefs.take()),
                                 held_bytes=self._momentum_bytes(record.step))

@@ -416,7 +416,6 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 f"optimizer.step() (after backward)."
             )
         try:
-            self._refuse_edits(s)
             self._step_state = self._prepare_step(optimizer, s)
         except BaseException:
             self._pending.clear()
@@ -426,12 +425,13 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
 
     def _prepare_step(self, optimizer: Any, s: int) -> dict[str, Any]:
         """Everything the pre-step hook measures: participation, ``c_s``, the gradient check, the adapter's state."""
-        indices = torch.cat([e.indices for e in self._pending])
-        weights = torch.cat([e.weights for e in self._pending])
-        stepped = stepped_parameters(self.model, optimizer, self._params, self._constant_params, s)
-        seen = {n: self._params[n].grad for n in stepped}
-        no_input = stepped_without_backward(self._tap, seen, s)
-        c_in = self._tap.measure(seen, s, self._tol)
+        with self._edits_checked(s):  # parameters changed outside the step are refused first
+            indices = torch.cat([e.indices for e in self._pending])
+            weights = torch.cat([e.weights for e in self._pending])
+            stepped = stepped_parameters(self.model, optimizer, self._params, self._constant_params, s)
+            seen = {n: self._params[n].grad for n in stepped}
+            no_input = stepped_without_backward(self._tap, seen, s)
+            c_in = self._tap.measure(seen, s, self._tol)
         amp = float(self._scaler.get_scale()) if self._scaler is not None and self._scaler.is_enabled() else None
         autocast = self._probe.dtype
         tol = autocast_tolerance(autocast, self._tol)
@@ -469,14 +469,15 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                 "before": before}
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        s, st = self._n, self._step_state
+        s, st, copying = self._n, self._step_state, None
         assert st is not None and self._theta is not None
         try:
+            copying = None if self._pooled() else self._copy_params()  # theta_{s+1}, beside the bookkeeping below
             updates = collect_updates(self._params, self._adapter_updates(optimizer, st["before"]),
                                       st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
             buffers = self._buffers.changed()
             dense = self._dense_tensors(st, updates, buffers)
-            theta_next, audit = self._next_theta(s, st, updates, dense)  # with a store, the audit runs now
+            theta_next, audit, copying = self._next_theta(s, st, updates, dense, copying)  # store: the audit too
             check = st["check"]
             record = StepRecord(step=s, n_samples=int(st["indices"].shape[0]), grad_scale=float(st["scale"]),
                                 loss_scale=None if check is None else check.sigma,
@@ -489,11 +490,14 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
                                      buffers=buffers)
                 self._audit_in_memory(s, audit)
             else:
-                self._write_step(record, theta_next, updates, st, buffers, audit, dense)
+                self._write_step(record, theta_next, updates, st, buffers, audit, dense, copying.future)
+                copying.wait()  # the loop may edit the parameters once this hook returns
         except BaseException as exc:
             self._broken = f"step {s} ({type(exc).__name__}: {exc})"
             raise
         finally:
+            if copying is not None and copying.future is not None:
+                copying.future.exception()  # not reading the parameters any more (its error was raised above)
             self._pending.clear()
             self._tap.reset()
             self._probe.reset()

@@ -304,11 +304,16 @@ class StoreWriter:
         except BaseException as exc:  # surfaced by check()
             self._error = exc
         finally:
+            stop, n = len(items) < len(batch), len(batch)
             for item in batch:
                 if item is not None:
                     self._budget.release(item[6])
+            batch.clear()  # no reference to a written step's tensors once flush() returns
+            items.clear()
+            item = None
+            for _ in range(n):
                 q.task_done()
-        return len(items) < len(batch)
+        return stop
 
     def check(self) -> None:
         """Raise the error of a failed background write, if any."""
