@@ -483,3 +483,13 @@ def check_batch_gradient(
         )
     return GradientCheck(sigma=sigma, mismatch=rel)
 
+
+def unscaled_without_scaler(s: int, c_in: float) -> TrajectoryError:
+    """The error for gradients divided by a power of two between backward and step, with no scaler or check."""
+    return TrajectoryError(
+        f"Step {s}: between backward() and optimizer.step() every gradient was divided by exactly "
+        f"{1 / c_in:g}, the signature of torch.amp.GradScaler.unscale_ (a loss scale), which the recorder "
+        f"cannot tell from dividing an unscaled gradient (e.g. averaging micro-batches) without the scaler "
+        f"or a gradient check. Fix: TrajectoryRecorder(..., grad_scaler=scaler), or pass train_data so the "
+        f"loss scale is measured."
+    )

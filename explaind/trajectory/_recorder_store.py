@@ -2,11 +2,10 @@
 
 Kept apart from the hooks so that each module reads on its own; the methods use the recorder's
 attributes (``_store``, ``_manifest``, ``_writer``, ``_params``, ...) set in its ``__init__``.
-The per-step work that can wait runs off the hot path (:mod:`~explaind.trajectory._background`):
-the writes on the store's writer thread, and the copies of :math:`\theta_{s+1}` and of the optimizer
-state handed to the writer are made in reused buffers, given back once written (and, for
-:math:`\theta`, once the next step was audited). With a store the update audit runs at the step,
-before :math:`\theta_{s+1}` is copied (:meth:`RecorderStoreMixin._next_theta`): it reads
+The per-step work that can wait runs off the hot path (:mod:`~explaind.trajectory._background`): the
+writes on the store's writer thread; the copies of :math:`\theta_{s+1}` (on the state copier's thread,
+:mod:`~explaind.trajectory._theta_copy`) and of the optimizer state go to reused buffers, given back once
+written. With a store the update audit runs at the step (:meth:`RecorderStoreMixin._next_theta`): it reads
 :math:`\theta_s` from the previous copy, :math:`\theta_{s+1}` from the parameters and the gradient
 from the tap's snapshot, so the recorder holds one copy of :math:`\theta` and one gradient snapshot
 instead of two of each (docs/recording.md, "Recording overhead"). In memory, where every copy is

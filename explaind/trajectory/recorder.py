@@ -24,7 +24,7 @@ from .. import __version__
 from ..exceptions import ConfigError, TrajectoryError
 from ._audit import UpdateAudit
 from ._buffers import BufferTracker
-from ._checks import AUTO_CHECK_EVERY, AUTO_CHECK_STEPS, autocast_tolerance, default_tolerance
+from ._checks import AUTO_CHECK_EVERY, AUTO_CHECK_STEPS, autocast_tolerance, default_tolerance, unscaled_without_scaler
 from ._common import (
     TrainData,
     architecture_spec,
@@ -440,13 +440,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         due = (self._schedule.due(s) or (suspicious and self._data is not None) or self._sigma_stale()
                or (bool(moved) and self._data is not None and not self._schedule.never))
         if suspicious and not due:
-            raise TrajectoryError(
-                f"Step {s}: between backward() and optimizer.step() every gradient was divided by exactly "
-                f"{1 / c_in:g}, the signature of torch.amp.GradScaler.unscale_ (a loss scale), which the recorder "
-                f"cannot tell from dividing an unscaled gradient (e.g. averaging micro-batches) without the scaler "
-                f"or a gradient check. Fix: TrajectoryRecorder(..., grad_scaler=scaler), or pass train_data so the "
-                f"loss scale is measured."
-            )
+            raise unscaled_without_scaler(s, c_in)
         device = next(iter(self._params.values())).device
         if not self._loss_checked and self._data is not None:
             self._check_loss_callable(device)
