@@ -129,10 +129,9 @@ class SGDAdapter:
         r"""The ``momentum_buffer`` buffers at the start of recording: :math:`m_{-1}` of docs/maths.md §4.
 
         Called by the recorder when its ``with`` block opens on an optimizer restored from a checkpoint or
-        that took unrecorded steps. Everything else the optimizer carries on with (a buffer's first-step
-        flag, Adam's second moment and step count) is read from the live state at every step, so only
-        the first moment needs a start value. Returns ``id(param) -> m_{-1}`` for the parameters holding
-        one.
+        that took unrecorded steps (the same contract as the Adam adapter's, with the momentum buffer as
+        the first moment; negated under ``maximize``). Returns ``id(param) -> m_{-1}`` for the parameters
+        holding one.
         """
         return start_buffers(optimizer, "momentum_buffer", self._maximize)
 
