@@ -170,8 +170,8 @@ def default_scenarios(optimizer_class: type) -> list[AdapterScenario]:
     Parameters
     ----------
     optimizer_class : type
-        A ``torch.optim.Optimizer`` subclass. SGD, Adam and AdamW get family-specific option
-        sweeps; any other class gets the generic runs with ``lr=1e-2`` only.
+        A ``torch.optim.Optimizer`` subclass. SGD, Adam, AdamW, RMSprop and Adagrad get
+        family-specific option sweeps; any other class gets the generic runs with ``lr=1e-2`` only.
 
     Returns
     -------
@@ -209,6 +209,27 @@ def default_scenarios(optimizer_class: type) -> list[AdapterScenario]:
             AdapterScenario("adam_foreach", {**base, "amsgrad": True, "foreach": True}),
             AdapterScenario("adam_fused", {**base, "amsgrad": True, "fused": True}),
             *_common_variants(base, {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}, "adam_"),
+        ]
+    if issubclass(optimizer_class, torch.optim.RMSprop):
+        base = {"lr": 1e-2, "weight_decay": 0.1}
+        mom = {**base, "momentum": 0.9, "centered": True}
+        return [
+            AdapterScenario("rmsprop_plain", {"lr": 1e-2}),
+            AdapterScenario("rmsprop_momentum", {**base, "momentum": 0.9, "alpha": 0.9, "eps": 1e-3}),
+            AdapterScenario("rmsprop_centered", {**base, "centered": True}),
+            AdapterScenario("rmsprop_centered_momentum_maximize", {**mom, "maximize": True}),
+            AdapterScenario("rmsprop_foreach", {**mom, "foreach": True}),
+            AdapterScenario("rmsprop_momentum_switched_off", mom, before_each_step=_momentum_switched_off),
+            *_common_variants(mom, {"lr": 3e-3, "weight_decay": 0.0, "momentum": 0.5}, "rmsprop_"),
+        ]
+    if issubclass(optimizer_class, torch.optim.Adagrad):
+        base = {"lr": 5e-2, "weight_decay": 0.1, "lr_decay": 0.05}
+        return [
+            AdapterScenario("adagrad_plain", {"lr": 5e-2}),
+            AdapterScenario("adagrad_decay_accumulator", {**base, "initial_accumulator_value": 0.3, "eps": 1e-3}),
+            AdapterScenario("adagrad_maximize", {**base, "maximize": True}),
+            AdapterScenario("adagrad_foreach", {**base, "foreach": True}),
+            *_common_variants(base, {"lr": 2e-2, "weight_decay": 0.0}, "adagrad_"),
         ]
     return [AdapterScenario("plain", {"lr": 1e-2}), *_common_variants({"lr": 1e-2}, {"lr": 3e-3}, "")]
 

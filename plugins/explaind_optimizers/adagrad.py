@@ -1,0 +1,175 @@
+r"""Adapter for :class:`torch.optim.Adagrad` (learning-rate decay, L2 weight decay, initial accumulator, maximize).
+
+Torch's update for a parameter with gradient ``g_s`` at its ``t``-th step (``t = state["step"]`` after the
+step; single-tensor and foreach paths compute the same elementwise arithmetic):
+
+.. math::
+
+    u_s &= \pm g_s + \mathrm{wd}\,\theta_s \qquad (- \text{ under maximize}) \\
+    \Sigma_s &= \Sigma_{s-1} + u_s^2, \qquad \Sigma_{-1} = \text{initial\_accumulator\_value} \\
+    \mathrm{clr}_t &= \mathrm{lr}_s / (1 + (t-1)\,\mathrm{lr\_decay}) \\
+    \Delta\theta_s &= -\mathrm{clr}_t\, u_s / (\sqrt{\Sigma_s} + \epsilon)
+
+In the notation of docs/maths.md §3: ``a, b = 0, 1`` (no momentum buffer), the diagonal preconditioner
+``P = clr_t / (sqrt(sum) + eps)`` recomputed after the step from ``state["sum"]`` with torch's operation order
+(``sqrt``, then ``add eps``), ``q, n = 1, 0`` and ``lambda_c = wd``. ``maximize=True`` is modelled by
+``P -> -P`` and ``lambda_c -> -lambda_c``. Torch creates Adagrad's state (``step = 0`` and the accumulator) when
+the optimizer is built, so every recording opens on "held state": :meth:`AdagradAdapter.start_state` has no
+buffer to report (``m_{-1}`` is unused with ``a = 0``), and the accumulator and step count are read from the
+live state at every step.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field
+
+from explaind.config import StrictModel, validate_config
+from explaind.recurrence import LinearUpdate
+
+from ._common import (
+    GroupSnapshot,
+    OptionRule,
+    as_used,
+    check_amp_scaling,
+    collect_group_problems,
+    raise_problems,
+    snapshot_groups,
+    wrong_class_problem,
+)
+
+__all__ = ["AdagradAdapter", "AdagradConfig", "AdagradGroupConfig", "adagrad_step_size"]
+
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+_RULES = (
+    OptionRule(
+        key="differentiable",
+        allowed=(False,),
+        reason="differentiating through the optimizer step is outside the recorded linear recurrence",
+        fix="build the optimizer with differentiable=False",
+    ),
+    OptionRule(
+        key="fused",
+        allowed=(None, False),
+        reason="the fused kernel runs its own arithmetic (and unscales gradients inside when a GradScaler "
+        "drives it), which the adapter does not reproduce",
+        fix="build the optimizer with fused=False (the foreach or single-tensor path)",
+    ),
+)
+_FLOAT_KEYS = ("lr", "lr_decay", "eps", "weight_decay", "initial_accumulator_value")
+
+
+class AdagradGroupConfig(StrictModel):
+    """Hyperparameters of one Adagrad parameter group when recording started."""
+
+    lr: NonNegative = 1e-2
+    lr_decay: NonNegative = 0.0
+    eps: NonNegative = 1e-10
+    weight_decay: NonNegative = 0.0
+    initial_accumulator_value: NonNegative = 0.0
+    maximize: bool = False
+    foreach: bool | None = None
+    n_params: Annotated[int, Field(ge=0)] = 0
+
+
+class AdagradConfig(StrictModel):
+    """Hyperparameters of a :class:`torch.optim.Adagrad` run (stored in the trajectory manifest)."""
+
+    param_groups: list[AdagradGroupConfig] = Field(default_factory=lambda: [AdagradGroupConfig()], min_length=1)
+
+
+def adagrad_step_size(lr: float, lr_decay: float, step: float) -> float:
+    """``clr = lr / (1 + (t - 1) lr_decay)`` as torch computes it (Python floats), ``t`` the step count after the step."""
+    return lr / (1 + (step - 1) * lr_decay)
+
+
+def _sparse_problems(optimizer: torch.optim.Optimizer) -> list[str]:
+    """A problem per group holding a sparse gradient (torch's sparse Adagrad path updates only the rows seen)."""
+    return [
+        f"param_groups[{g}] holds a sparse gradient (nn.Embedding(sparse=True) or similar); the recurrence needs "
+        f"dense gradients. Allowed: dense p.grad. Fix: build the layer with sparse=False."
+        for g, group in enumerate(optimizer.param_groups)
+        if any(p.grad is not None and p.grad.is_sparse for p in group["params"])
+    ]
+
+
+class AdagradAdapter:
+    """Express every :class:`torch.optim.Adagrad` step as a :class:`~explaind.recurrence.LinearUpdate`."""
+
+    name = "adagrad"
+    optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adagrad
+    #: ``after_step``'s ``P`` is a new tensor each step, never touched again: the recorder keeps it without a copy.
+    fresh_tensors: bool = True
+
+    def __init__(self, config: AdagradConfig):
+        self._config = config
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> AdagradAdapter:
+        """Validate ``optimizer`` and snapshot its hyperparameters.
+
+        Raises
+        ------
+        explaind.exceptions.ConfigError
+            Listing every option the recurrence cannot express (``differentiable=True``, ``fused=True``,
+            tensor hyperparameters, complex parameters, a different class).
+        """
+        problems = wrong_class_problem(optimizer, cls.optimizer_class)
+        if not problems:
+            problems = collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
+            for index, group in enumerate(optimizer.param_groups):
+                if any(torch.is_complex(p) for p in group["params"]):
+                    problems.append(
+                        f"param_groups[{index}] holds a complex parameter; Adagrad accumulates real and imaginary "
+                        f"parts separately, which a coefficient per complex entry cannot express. Allowed: real "
+                        f"floating-point parameters. Fix: split the parameter into real and imaginary parts."
+                    )
+        raise_problems(cls.name, optimizer, problems)
+        groups = []
+        for group in optimizer.param_groups:
+            values = {k: group[k] for k in AdagradGroupConfig.model_fields if k in group}
+            values["n_params"] = len(group["params"])
+            groups.append(values)
+        config = validate_config(AdagradConfig, {"param_groups": groups}, f"Optimizer adapter {cls.name!r}")
+        return cls(config)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The hyperparameters at construction, as JSON-ready data validated by :class:`AdagradConfig`."""
+        return self._config.model_dump(mode="json")
+
+    def start_state(self, optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+        r"""No start buffer: Adagrad has no momentum (``a = 0``), so :math:`m_{-1}` never enters an update.
+
+        Torch builds the accumulator and step count with the optimizer, so the recorder calls this for every
+        Adagrad run; both are read from the live state at each step (docs/maths.md §4, "Optimizer state at the
+        start").
+        """
+        return {}
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> list[GroupSnapshot]:
+        """Snapshot the group hyperparameters (schedulers may change ``lr`` between steps)."""
+        check_amp_scaling(self.name, optimizer)
+        raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
+                       + _sparse_problems(optimizer))
+        return snapshot_groups(optimizer)
+
+    def after_step(self, optimizer: torch.optim.Optimizer, before: list[GroupSnapshot]) -> dict[int, LinearUpdate]:
+        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only)."""
+        out: dict[int, LinearUpdate] = {}
+        for snap in before:
+            v = snap.values
+            sign = -1.0 if v.get("maximize", False) else 1.0
+            lr, lr_decay, eps, wd = (float(v[k]) for k in ("lr", "lr_decay", "eps", "weight_decay"))
+            for p in snap.with_grad:
+                dt = p.dtype
+                state = optimizer.state[p]
+                step = float(state["step"].item()) if isinstance(state["step"], torch.Tensor) else float(state["step"])
+                clr = as_used(adagrad_step_size(lr, lr_decay, step), dt)
+                std = state["sum"].sqrt().add_(eps)  # torch: state_sum.sqrt().add_(eps)
+                P = torch.div(torch.tensor(sign * clr, dtype=std.dtype), std, out=std)
+                lambda_c = sign * as_used(wd, dt) if wd != 0.0 else 0.0
+                out[id(p)] = LinearUpdate(a=0.0, b=1.0, P=P, q=1.0, n=0.0, lambda_c=lambda_c)
+        return out

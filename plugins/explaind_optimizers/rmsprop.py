@@ -1,0 +1,238 @@
+r"""Adapter for :class:`torch.optim.RMSprop` (L2 weight decay, momentum, centered, maximize).
+
+Torch's update for a parameter with gradient ``g_s`` (single-tensor and foreach paths compute the same
+elementwise arithmetic):
+
+.. math::
+
+    u_s &= \pm g_s + \mathrm{wd}\,\theta_s \qquad (- \text{ under maximize}) \\
+    v_s &= \alpha v_{s-1} + (1-\alpha) u_s^2, \qquad
+    \bar g_s = \mathrm{lerp}(\bar g_{s-1}, u_s, 1-\alpha) \quad\text{(centered only)} \\
+    d_s &= \sqrt{v_s} + \epsilon \quad\text{or, centered,}\quad \sqrt{v_s - \bar g_s^2} + \epsilon \\
+    \Delta\theta_s &= -\mathrm{lr}_s\, u_s / d_s \quad\text{(momentum 0)} \\
+    \mathrm{buf}_s &= \mu\,\mathrm{buf}_{s-1} + u_s / d_s, \qquad \Delta\theta_s = -\mathrm{lr}_s\,\mathrm{buf}_s
+    \quad\text{(momentum } \mu > 0\text{)}
+
+In the notation of docs/maths.md §3 (recurrence of :mod:`explaind.recurrence`):
+
+* momentum 0: ``a, b = 0, 1``, the diagonal preconditioner ``P = lr_s / d_s``, ``q, n = 1, 0``;
+* momentum ``mu > 0``: the buffer accumulates *preconditioned* inputs, so ``a = mu``, the tensor gain
+  ``b = 1 / d_s``, ``P = lr_s`` (a scalar), ``q, n = 1, 0``; torch starts the buffer at zero, so no first
+  step is special;
+* momentum set to 0 after a buffer existed: torch keeps the buffer untouched and steps without it,
+  ``a, b = 1, 0``, ``P = lr_s / d_s``, ``q, n = 0, 1``;
+
+and ``lambda_c = wd`` (``lambda_d = 0``). ``d_s`` is recomputed after the step from ``square_avg``
+(and ``grad_avg``) with torch's own operations and order (``addcmul(..., value=-1)``, ``sqrt``, ``add eps``),
+so it holds the bits torch divided by. ``maximize=True`` is modelled by ``P -> -P`` and
+``lambda_c -> -lambda_c``: the modelled buffer is the negative of torch's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field
+
+from explaind.config import StrictModel, validate_config
+from explaind.recurrence import LinearUpdate
+
+from ._common import (
+    GroupSnapshot,
+    OptionRule,
+    as_used,
+    check_amp_scaling,
+    collect_group_problems,
+    maximize_switch_problems,
+    raise_problems,
+    remember_maximize,
+    snapshot_groups,
+    start_buffers,
+    wrong_class_problem,
+)
+
+__all__ = ["RMSpropAdapter", "RMSpropConfig", "RMSpropGroupConfig", "denominator"]
+
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+_RULES = (
+    OptionRule(
+        key="differentiable",
+        allowed=(False,),
+        reason="differentiating through the optimizer step is outside the recorded linear recurrence",
+        fix="build the optimizer with differentiable=False",
+    ),
+    OptionRule(
+        key="capturable",
+        allowed=(False,),
+        reason="CUDA-graph capture cannot record per-step coefficients, and the capturable path divides by a "
+        "device learning rate in its own operation order",
+        fix="build the optimizer with capturable=False",
+    ),
+)
+_FLOAT_KEYS = ("lr", "alpha", "eps", "weight_decay", "momentum")
+
+
+class RMSpropGroupConfig(StrictModel):
+    """Hyperparameters of one RMSprop parameter group when recording started."""
+
+    lr: NonNegative = 1e-2
+    alpha: NonNegative = 0.99
+    eps: NonNegative = 1e-8
+    weight_decay: NonNegative = 0.0
+    momentum: NonNegative = 0.0
+    centered: bool = False
+    maximize: bool = False
+    foreach: bool | None = None
+    n_params: Annotated[int, Field(ge=0)] = 0
+
+
+class RMSpropConfig(StrictModel):
+    """Hyperparameters of a :class:`torch.optim.RMSprop` run (stored in the trajectory manifest)."""
+
+    param_groups: list[RMSpropGroupConfig] = Field(default_factory=lambda: [RMSpropGroupConfig()], min_length=1)
+
+
+@dataclass(frozen=True)
+class _RMSpropBefore:
+    groups: list[GroupSnapshot]
+    buffered: frozenset[int]  # id(param) of parameters holding a momentum buffer before the step
+
+
+def denominator(state: dict[str, Any], centered: bool, eps: float) -> torch.Tensor:
+    r"""RMSprop's ``d_s`` from ``optimizer.state[param]`` *after* the step, with torch's operation order.
+
+    Parameters
+    ----------
+    state : dict
+        ``square_avg`` (and ``grad_avg`` when centered), shape of the parameter.
+    centered : bool
+        Subtract the square of the running mean of the inputs.
+    eps : float
+        Added after the square root.
+
+    Returns
+    -------
+    Tensor
+        ``sqrt(square_avg) + eps`` or ``sqrt(square_avg - grad_avg^2) + eps`` (a new tensor, shape of the
+        parameter), computed as torch does: ``square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()``
+        (or ``square_avg.sqrt()``), then ``add_(eps)``.
+    """
+    square = state["square_avg"]
+    if centered:
+        avg = square.addcmul(state["grad_avg"], state["grad_avg"], value=-1).sqrt_()
+    else:
+        avg = square.sqrt()
+    return avg.add_(eps)
+
+
+def _scaled_inverse(scale: float, d: torch.Tensor) -> torch.Tensor:
+    """``scale / d`` in ``d``'s memory (``d`` is the adapter's own new tensor); the scalar as a 0-d CPU tensor."""
+    return torch.div(torch.tensor(scale, dtype=d.dtype), d, out=d)
+
+
+class RMSpropAdapter:
+    """Express every :class:`torch.optim.RMSprop` step as a :class:`~explaind.recurrence.LinearUpdate`.
+
+    Build it with :meth:`from_optimizer`; the recorder calls :meth:`before_step` and :meth:`after_step`
+    around each ``optimizer.step()``.
+    """
+
+    name = "rmsprop"
+    optimizer_class: type[torch.optim.Optimizer] = torch.optim.RMSprop
+    #: Every tensor ``after_step`` returns (``P`` or ``b``) is new and never touched again.
+    fresh_tensors: bool = True
+
+    def __init__(self, config: RMSpropConfig):
+        self._config = config
+        self._maximize: dict[int, bool] = {}  # maximize at each parameter's last step (id(param))
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> RMSpropAdapter:
+        """Validate ``optimizer`` and snapshot its hyperparameters.
+
+        Raises
+        ------
+        explaind.exceptions.ConfigError
+            Listing every option the recurrence cannot express (``differentiable=True``,
+            ``capturable=True``, tensor hyperparameters, complex parameters, a different class).
+        """
+        problems = wrong_class_problem(optimizer, cls.optimizer_class)
+        if not problems:
+            problems = collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
+            for index, group in enumerate(optimizer.param_groups):
+                if any(torch.is_complex(p) for p in group["params"]):
+                    problems.append(
+                        f"param_groups[{index}] holds a complex parameter; RMSprop divides real and imaginary parts "
+                        f"by separate denominators, which a coefficient per complex entry cannot express. Allowed: "
+                        f"real floating-point parameters. Fix: split the parameter into real and imaginary parts."
+                    )
+        raise_problems(cls.name, optimizer, problems)
+        groups = []
+        for group in optimizer.param_groups:
+            values = {k: group[k] for k in RMSpropGroupConfig.model_fields if k in group}
+            values["n_params"] = len(group["params"])
+            groups.append(values)
+        config = validate_config(RMSpropConfig, {"param_groups": groups}, f"Optimizer adapter {cls.name!r}")
+        return cls(config)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The hyperparameters at construction, as JSON-ready data validated by :class:`RMSpropConfig`."""
+        return self._config.model_dump(mode="json")
+
+    def start_state(self, optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
+        r"""The ``momentum_buffer`` buffers at the start of recording: :math:`m_{-1}` of docs/maths.md §4.
+
+        Called by the recorder when its ``with`` block opens on an optimizer restored from a checkpoint or that
+        took unrecorded steps. The second moment ``square_avg`` and ``grad_avg`` are read from the live state at
+        every step (they enter ``d_s`` only), so only the momentum buffer needs a start value (negated under
+        ``maximize``). Returns ``id(param) -> m_{-1}`` for the parameters holding one.
+        """
+        return start_buffers(optimizer, "momentum_buffer", self._maximize)
+
+    def resumed(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by ``TrajectoryRecorder.restore()`` once the recorded optimizer state is loaded.
+
+        The loaded momentum buffers were built with the loaded ``maximize``; switching it afterwards is
+        refused at the next step, as a switch mid-run is.
+        """
+        remember_maximize(optimizer, self._maximize)
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> _RMSpropBefore:
+        """Snapshot the group hyperparameters and which parameters already hold a momentum buffer."""
+        check_amp_scaling(self.name, optimizer)
+        problems = collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
+        # grad_avg (centered) carries the sign of the inputs too: a switch is refused while either buffer exists
+        problems += maximize_switch_problems(optimizer, dict(self._maximize), "grad_avg")
+        problems += maximize_switch_problems(optimizer, self._maximize, "momentum_buffer")
+        raise_problems(self.name, optimizer, problems)
+        groups = snapshot_groups(optimizer)
+        buffered = frozenset(id(p) for snap in groups for p in snap.with_grad
+                             if optimizer.state.get(p, {}).get("momentum_buffer") is not None)
+        return _RMSpropBefore(groups=groups, buffered=buffered)
+
+    def after_step(self, optimizer: torch.optim.Optimizer, before: _RMSpropBefore) -> dict[int, LinearUpdate]:
+        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only)."""
+        out: dict[int, LinearUpdate] = {}
+        for snap in before.groups:
+            v = snap.values
+            sign = -1.0 if v.get("maximize", False) else 1.0
+            momentum, centered = float(v["momentum"]), bool(v.get("centered", False))
+            for p in snap.with_grad:
+                dt = p.dtype
+                d = denominator(optimizer.state[p], centered, float(v["eps"]))
+                lr = sign * as_used(float(v["lr"]), dt)
+                wd = float(v["weight_decay"])
+                lambda_c = sign * as_used(wd, dt) if wd != 0.0 else 0.0
+                if momentum > 0.0:  # torch: buf.mul_(mu).addcdiv_(u, d); param.add_(buf, alpha=-lr)
+                    out[id(p)] = LinearUpdate(a=as_used(momentum, dt), b=d.reciprocal_(), P=lr, q=1.0, n=0.0,
+                                              lambda_c=lambda_c)
+                elif id(p) in before.buffered:  # momentum switched off: the stale buffer stays, unused
+                    out[id(p)] = LinearUpdate(a=1.0, b=0.0, P=_scaled_inverse(lr, d), q=0.0, n=1.0,
+                                              lambda_c=lambda_c)
+                else:  # torch: param.addcdiv_(u, d, value=-lr)
+                    out[id(p)] = LinearUpdate(a=0.0, b=1.0, P=_scaled_inverse(lr, d), q=1.0, n=0.0,
+                                              lambda_c=lambda_c)
+        return out
