@@ -17,6 +17,7 @@ with ``P`` and ``lambda_c = wd`` negated under ``maximize`` (the recurrence's si
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 import explaind
 from explaind.exceptions import ExplaindWarning
 
-__all__ = ["DT", "MODELS", "MathCoefficients", "assert_exact", "data", "record"]
+__all__ = ["DT", "MODELS", "MathCoefficients", "assert_exact", "batch_plan", "data", "math_reference", "record"]
 
 DT = torch.float64
 N_TRAIN, N_TEST, BATCH = 20, 3, 5
@@ -68,19 +69,25 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], type, dict[str, Any]]] = {
 }
 
 
+def batch_plan(n: int) -> list[Tensor]:
+    """The index batches of the first ``n`` steps of :func:`record` (unrecorded ones included)."""
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randperm(N_TRAIN, generator=gen)[:BATCH] for _ in range(n)]
+
+
 def record(model: nn.Module, optimizer: torch.optim.Optimizer, *, steps: int, schedule: Any = None,
            before: int = 0, **recorder_kwargs) -> tuple[Any, list[float], dict[str, Any]]:
     """``before`` unrecorded steps, then ``steps`` recorded ones of a plain loop.
 
     Returns ``(trajectory, lrs, start)``: the learning rate of every recorded step (read from the group, as a user
-    would) and the optimizer's ``state_dict()["state"]`` when the recorder opened (deep-copied tensors).
+    would) and the optimizer's ``state_dict()`` when the recorder opened (a deep copy).
     """
     X, y, _ = data()
-    gen = torch.Generator().manual_seed(3)
+    plan = iter(batch_plan(before + steps))
     sched = None if schedule is None else schedule(optimizer)
 
     def one_step(rec=None):
-        idx = torch.randperm(N_TRAIN, generator=gen)[:BATCH]
+        idx = next(plan)
         optimizer.zero_grad()
         F.cross_entropy(model(X[idx]), y[idx]).backward()
         if rec is not None:
@@ -92,8 +99,7 @@ def record(model: nn.Module, optimizer: torch.optim.Optimizer, *, steps: int, sc
     model.train()
     for _ in range(before):
         one_step()
-    start = {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in entry.items()}
-             for i, entry in optimizer.state_dict()["state"].items()}
+    start = copy.deepcopy(optimizer.state_dict())
     lrs = []
     rec = explaind.TrajectoryRecorder(model, optimizer, loss="cross_entropy", train_data=(X, y), **recorder_kwargs)
     with rec:
@@ -108,7 +114,7 @@ class MathCoefficients:
     """Mixin for a reference class: the optimizer coefficients from the maths (module docstring).
 
     Set before construction: ``kind`` (``"rmsprop"`` or ``"adagrad"``), ``hp`` (the one group's hyperparameters),
-    ``lrs`` (per recorded step) and ``start`` (``state_dict()["state"]`` when recording opened, or empty).
+    ``lrs`` (per recorded step) and ``start`` (the optimizer's ``state_dict()`` when recording opened, or empty).
     """
 
     kind: str
@@ -119,7 +125,7 @@ class MathCoefficients:
     def _state_vec(self, key: str, default: float) -> Tensor:
         parts = []
         for i, shape in enumerate(self.shapes):
-            entry = self.start.get(i, {})
+            entry = self.start.get("state", {}).get(i, {})
             t = entry.get(key)
             parts.append((torch.full(shape, default, dtype=DT) if t is None else t.to(DT)).reshape(-1))
         return torch.cat(parts)
@@ -133,7 +139,7 @@ class MathCoefficients:
         else:
             eps, decay = float(hp.get("eps", 1e-10)), float(hp.get("lr_decay", 0.0))
             total = self._state_vec("sum", float(hp.get("initial_accumulator_value", 0.0)))
-            t0 = float(self.start[0]["step"]) if self.start else 0.0
+            t0 = float(self.start["state"][0]["step"]) if self.start.get("state") else 0.0
         for s, c in enumerate(self.coef):
             u = sign * self.G[s].sum(0) + wd * self.theta[s]  # torch's input (maximize negates the gradient)
             if self.kind == "rmsprop":
@@ -153,7 +159,7 @@ class MathCoefficients:
 
 
 def math_reference(base: type, kind: str, hp: Mapping[str, Any], lrs: list[float],
-                   start: Mapping[int, Any] | None = None) -> type:
+                   start: Mapping[str, Any] | None = None) -> type:
     """A reference class (``base``: ``Reference`` or ``ReplayReference``) with :class:`MathCoefficients`."""
     return type(f"Math{base.__name__}", (MathCoefficients, base),
                 {"kind": kind, "hp": dict(hp), "lrs": list(lrs), "start": dict(start or {})})

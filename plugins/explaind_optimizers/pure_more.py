@@ -165,9 +165,11 @@ class RMSpropUpdate:
         u, d, new = self._moments(update, theta, state, grad)
         if "step_size" in scalars:
             new["m"] = update.a * state["m"] + update.b * u
-            return theta - scalars["step_size"] * u / d - update.lambda_d * theta, new
-        new["m"] = update.a * state["m"] + u / d
-        return theta - update.P * (update.q * new["m"] + update.n * u / d) - update.lambda_d * theta, new
+            theta_next = theta - scalars["step_size"] * u / d - update.lambda_d * theta
+        else:
+            new["m"] = update.a * state["m"] + u / d
+            theta_next = theta - update.P * (update.q * new["m"] + update.n * u / d) - update.lambda_d * theta
+        return theta_next, {k: new[k] for k in state}  # the input's key order (torch.func compares the trees)
 
 
 class AdagradUpdate:
@@ -177,15 +179,29 @@ class AdagradUpdate:
     ----------
     eps : float
         Added to the square root of the accumulator.
-    initial : float
-        ``initial_accumulator_value`` (the accumulator of a fresh optimizer).
+    initial : float or None
+        ``initial_accumulator_value`` (the accumulator of a fresh optimizer); ``None`` when the groups differ in it.
     """
 
-    def __init__(self, eps: float, initial: float):
-        self.eps, self.initial = float(eps), float(initial)
+    def __init__(self, eps: float, initial: float | None):
+        self.eps, self.initial = float(eps), None if initial is None else float(initial)
 
     def init_state(self, theta: Tensor) -> dict[str, Tensor]:
-        """``{"sum": initial_accumulator_value}`` shaped like ``theta``."""
+        """``{"sum": initial_accumulator_value}`` shaped like ``theta``.
+
+        Torch builds Adagrad's state with the optimizer, so a recorded run starts from :meth:`start_state`; this
+        serves a replay without a stored start (the conformance suite).
+
+        Raises
+        ------
+        ConfigError
+            When the parameter groups differ in ``initial_accumulator_value``.
+        """
+        if self.initial is None:
+            raise ConfigError("Adagrad pure update: the parameter groups differ in initial_accumulator_value and the "
+                              "run holds no stored start state to read each tensor's accumulator from. Fix: record "
+                              "the run with this explaind (it stores the optimizer's state at the start), or share "
+                              "initial_accumulator_value between the groups.")
         return {"sum": torch.full_like(theta, self.initial)}
 
     def start_state(self, theta: Tensor, m: Tensor | None, saved: Mapping[str, Any] | None) -> dict[str, Tensor]:
@@ -237,7 +253,10 @@ def adagrad_update_fn(hyperparameters: Mapping[str, Any]) -> AdagradUpdate:
     Raises
     ------
     ConfigError
-        When the parameter groups differ in ``eps`` or ``initial_accumulator_value``.
+        When the parameter groups differ in ``eps``. Groups that differ in ``initial_accumulator_value`` are
+        refused only where a replay has no stored start state (:meth:`AdagradUpdate.init_state`).
     """
-    eps, initial = _shared(hyperparameters, {"eps": 1e-10, "initial_accumulator_value": 0.0}, "Adagrad")
-    return AdagradUpdate(eps, initial)
+    (eps,) = _shared(hyperparameters, {"eps": 1e-10}, "Adagrad")
+    groups = list(hyperparameters.get("param_groups") or [{}])
+    initial = {float(g.get("initial_accumulator_value", 0.0)) for g in groups}
+    return AdagradUpdate(eps, initial.pop() if len(initial) == 1 else None)
