@@ -101,7 +101,8 @@ def test_pure_update_refuses_groups_that_differ_in_eps_and_starts_other_accumula
     opt = torch.optim.Adagrad([{"params": model[0].parameters(), "initial_accumulator_value": 0.5},
                                {"params": model[2].parameters()}], lr=0.05)
     pure = record_.update_fn(record_.implementation.from_optimizer(opt).hyperparameters())
-    with pytest.raises(ConfigError, match=r"differ in initial_accumulator_value.*Fix: record the run with this explaind"):
+    with pytest.raises(ConfigError, match=r"differ in initial_accumulator_value.*Fix: record the run with this "
+                                          r"explaind"):
         pure.init_state(torch.zeros(2, dtype=torch.float64))
     saved = {"sum": torch.full((2,), 0.5, dtype=torch.float64), "step": torch.tensor(0.0)}
     assert torch.equal(pure.start_state(torch.zeros(2, dtype=torch.float64), None, saved)["sum"], saved["sum"])

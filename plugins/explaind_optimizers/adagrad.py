@@ -82,7 +82,7 @@ class AdagradConfig(StrictModel):
 
 
 def adagrad_step_size(lr: float, lr_decay: float, step: float) -> float:
-    """``clr = lr / (1 + (t - 1) lr_decay)`` as torch computes it (Python floats), ``t`` the step count after the step."""
+    """``clr = lr / (1 + (t - 1) lr_decay)`` as torch computes it (Python floats); ``t``: step count after the step."""
     return lr / (1 + (step - 1) * lr_decay)
 
 

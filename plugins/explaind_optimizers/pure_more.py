@@ -143,13 +143,14 @@ class RMSpropUpdate:
             When the recorded coefficients are not those of ``alpha``, ``eps`` and ``centered`` of the manifest
             (a scheduler changed them during the run).
         """
-        fix = "keep alpha, eps and centered constant to use CounterfactualEstimator (InfluenceEstimator does not need it)."
+        fix = ("keep alpha, eps and centered constant to use CounterfactualEstimator (InfluenceEstimator does not "
+               "need it).")
         with torch.no_grad():
             _, d, _ = self._moments(update, theta, state, grad)
             if _is(update.a, 0.0) or (_is(update.a, 1.0) and _is(update.b, 0.0)):
                 P = torch.as_tensor(update.P, dtype=d.dtype, device=d.device)
-                S = _constant(P * d, f"RMSprop pure update: the recorded P_s is not lr_s / d_s with alpha={self.alpha}, "
-                              f"eps={self.eps}, centered={self.centered} from the manifest", fix)
+                S = _constant(P * d, f"RMSprop pure update: the recorded P_s is not lr_s / d_s with "
+                              f"alpha={self.alpha}, eps={self.eps}, centered={self.centered} from the manifest", fix)
                 return {"step_size": S}
             b = torch.as_tensor(update.b, dtype=d.dtype, device=d.device)
             one = _constant(b * d, f"RMSprop pure update: the recorded b_s is not 1 / d_s with alpha={self.alpha}, "
