@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from explaind.config import validate_config
 from explaind.exceptions import ConfigError
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "raise_problems",
     "snapshot_groups",
     "check_amp_scaling",
+    "checked_config",
+    "complex_problems",
     "start_buffers",
     "wrong_class_problem",
 ]
@@ -280,3 +283,29 @@ def remember_maximize(optimizer: torch.optim.Optimizer, last: dict[int, bool]) -
     """
     last.update({id(p): bool(group.get("maximize", False)) for group in optimizer.param_groups
                  for p in group["params"]})
+
+
+def complex_problems(optimizer: torch.optim.Optimizer, why: str) -> list[str]:
+    """A problem per group holding a complex parameter (``why``: how the optimizer treats its two parts)."""
+    return [
+        f"param_groups[{index}] holds a complex parameter; {why}, which a coefficient per complex entry cannot "
+        f"express. Allowed: real floating-point parameters. Fix: split the parameter into real and imaginary parts."
+        for index, group in enumerate(optimizer.param_groups) if any(torch.is_complex(p) for p in group["params"])
+    ]
+
+
+def checked_config(adapter: Any, optimizer: torch.optim.Optimizer, rules: Iterable[OptionRule],
+                   float_keys: Iterable[str], complex_why: str) -> Any:
+    """Validate ``optimizer`` for ``adapter`` (a class) and snapshot its groups into ``adapter.config_model``.
+
+    Collects every problem (another class than ``adapter.optimizer_class``, options outside ``rules``, tensor
+    hyperparameters among ``float_keys``, complex parameters) and raises one :class:`ConfigError` listing them;
+    otherwise returns the validated config: each group's keys of ``adapter.group_model``, and ``n_params``.
+    """
+    problems = wrong_class_problem(optimizer, adapter.optimizer_class)
+    if not problems:
+        problems = collect_group_problems(optimizer, rules, float_keys) + complex_problems(optimizer, complex_why)
+    raise_problems(adapter.name, optimizer, problems)
+    fields = adapter.group_model.model_fields
+    groups = [{**{k: g[k] for k in fields if k in g}, "n_params": len(g["params"])} for g in optimizer.param_groups]
+    return validate_config(adapter.config_model, {"param_groups": groups}, f"Optimizer adapter {adapter.name!r}")

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
-from explaind.config import StrictModel, validate_config
+from explaind.config import StrictModel
 from explaind.recurrence import LinearUpdate
 
 from ._common import (
@@ -34,10 +34,10 @@ from ._common import (
     OptionRule,
     as_used,
     check_amp_scaling,
+    checked_config,
     collect_group_problems,
     raise_problems,
     snapshot_groups,
-    wrong_class_problem,
 )
 
 __all__ = ["AdagradAdapter", "AdagradConfig", "AdagradGroupConfig", "adagrad_step_size"]
@@ -103,6 +103,8 @@ class AdagradAdapter:
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adagrad
     #: ``after_step``'s ``P`` is a new tensor each step, never touched again: the recorder keeps it without a copy.
     fresh_tensors: bool = True
+    config_model: type[AdagradConfig] = AdagradConfig
+    group_model: type[AdagradGroupConfig] = AdagradGroupConfig
 
     def __init__(self, config: AdagradConfig):
         self._config = config
@@ -117,24 +119,8 @@ class AdagradAdapter:
             Listing every option the recurrence cannot express (``differentiable=True``, ``fused=True``,
             tensor hyperparameters, complex parameters, a different class).
         """
-        problems = wrong_class_problem(optimizer, cls.optimizer_class)
-        if not problems:
-            problems = collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
-            for index, group in enumerate(optimizer.param_groups):
-                if any(torch.is_complex(p) for p in group["params"]):
-                    problems.append(
-                        f"param_groups[{index}] holds a complex parameter; Adagrad accumulates real and imaginary "
-                        f"parts separately, which a coefficient per complex entry cannot express. Allowed: real "
-                        f"floating-point parameters. Fix: split the parameter into real and imaginary parts."
-                    )
-        raise_problems(cls.name, optimizer, problems)
-        groups = []
-        for group in optimizer.param_groups:
-            values = {k: group[k] for k in AdagradGroupConfig.model_fields if k in group}
-            values["n_params"] = len(group["params"])
-            groups.append(values)
-        config = validate_config(AdagradConfig, {"param_groups": groups}, f"Optimizer adapter {cls.name!r}")
-        return cls(config)
+        return cls(checked_config(cls, optimizer, _RULES, _FLOAT_KEYS, "Adagrad accumulates real and imaginary "
+                                  "parts separately"))
 
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters at construction, as JSON-ready data validated by :class:`AdagradConfig`."""

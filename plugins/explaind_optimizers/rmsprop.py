@@ -36,7 +36,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
-from explaind.config import StrictModel, validate_config
+from explaind.config import StrictModel
 from explaind.recurrence import LinearUpdate
 
 from ._common import (
@@ -44,13 +44,13 @@ from ._common import (
     OptionRule,
     as_used,
     check_amp_scaling,
+    checked_config,
     collect_group_problems,
     maximize_switch_problems,
     raise_problems,
     remember_maximize,
     snapshot_groups,
     start_buffers,
-    wrong_class_problem,
 )
 
 __all__ = ["RMSpropAdapter", "RMSpropConfig", "RMSpropGroupConfig", "denominator"]
@@ -144,6 +144,8 @@ class RMSpropAdapter:
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.RMSprop
     #: Every tensor ``after_step`` returns (``P`` or ``b``) is new and never touched again.
     fresh_tensors: bool = True
+    config_model: type[RMSpropConfig] = RMSpropConfig
+    group_model: type[RMSpropGroupConfig] = RMSpropGroupConfig
 
     def __init__(self, config: RMSpropConfig):
         self._config = config
@@ -159,24 +161,8 @@ class RMSpropAdapter:
             Listing every option the recurrence cannot express (``differentiable=True``,
             ``capturable=True``, tensor hyperparameters, complex parameters, a different class).
         """
-        problems = wrong_class_problem(optimizer, cls.optimizer_class)
-        if not problems:
-            problems = collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
-            for index, group in enumerate(optimizer.param_groups):
-                if any(torch.is_complex(p) for p in group["params"]):
-                    problems.append(
-                        f"param_groups[{index}] holds a complex parameter; RMSprop divides real and imaginary parts "
-                        f"by separate denominators, which a coefficient per complex entry cannot express. Allowed: "
-                        f"real floating-point parameters. Fix: split the parameter into real and imaginary parts."
-                    )
-        raise_problems(cls.name, optimizer, problems)
-        groups = []
-        for group in optimizer.param_groups:
-            values = {k: group[k] for k in RMSpropGroupConfig.model_fields if k in group}
-            values["n_params"] = len(group["params"])
-            groups.append(values)
-        config = validate_config(RMSpropConfig, {"param_groups": groups}, f"Optimizer adapter {cls.name!r}")
-        return cls(config)
+        return cls(checked_config(cls, optimizer, _RULES, _FLOAT_KEYS, "RMSprop divides real and imaginary parts "
+                                  "by separate denominators"))
 
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters at construction, as JSON-ready data validated by :class:`RMSpropConfig`."""
