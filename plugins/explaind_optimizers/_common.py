@@ -26,6 +26,7 @@ from explaind.config import validate_config
 from explaind.exceptions import ConfigError
 
 __all__ = [
+    "DIFFERENTIABLE_RULE",
     "GroupSnapshot",
     "OptionRule",
     "as_used",
@@ -81,6 +82,15 @@ class OptionRule:
     allowed: tuple[Any, ...]
     reason: str
     fix: str
+
+
+#: ``differentiable=True`` refused (the RMSprop and Adagrad adapters share it).
+DIFFERENTIABLE_RULE = OptionRule(
+    key="differentiable",
+    allowed=(False,),
+    reason="differentiating through the optimizer step is outside the recorded linear recurrence",
+    fix="build the optimizer with differentiable=False",
+)
 
 
 def collect_group_problems(

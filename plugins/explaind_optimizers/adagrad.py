@@ -30,6 +30,7 @@ from explaind.config import StrictModel
 from explaind.recurrence import LinearUpdate
 
 from ._common import (
+    DIFFERENTIABLE_RULE,
     GroupSnapshot,
     OptionRule,
     as_used,
@@ -45,12 +46,7 @@ __all__ = ["AdagradAdapter", "AdagradConfig", "AdagradGroupConfig", "adagrad_ste
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 _RULES = (
-    OptionRule(
-        key="differentiable",
-        allowed=(False,),
-        reason="differentiating through the optimizer step is outside the recorded linear recurrence",
-        fix="build the optimizer with differentiable=False",
-    ),
+    DIFFERENTIABLE_RULE,
     OptionRule(
         key="fused",
         allowed=(None, False),
