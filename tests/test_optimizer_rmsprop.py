@@ -127,3 +127,26 @@ def test_pure_update_refuses_groups_that_differ_in_alpha_naming_the_fix():
     with pytest.raises(ConfigError, match=r"RMSprop pure update: the parameter groups differ in alpha, eps, centered "
                                           r".*Fix: record the run with shared values"):
         explaind.CounterfactualEstimator(device="cpu").fit(rec.trajectory)
+
+
+def test_momentum_switched_off_mid_run_is_exact():
+    """Torch keeps the stale buffer and steps without it (a, b, q, n = 1, 0, 0, 1 with P = lr / d), then reuses it."""
+    build, ref_class, quad = MODELS["tanh"]
+    model = build()
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9)
+
+    class Switch:  # a "scheduler" stepped after each optimizer step: momentum 0 for steps 2 and 3
+        def __init__(self, optimizer):
+            self.optimizer, self.count = optimizer, 0
+
+        def step(self):
+            self.count += 1
+            self.optimizer.param_groups[0]["momentum"] = 0.0 if self.count in (2, 3) else 0.9
+
+    traj, _, _ = record(model, opt, steps=5, schedule=Switch)
+    update = traj.updates(2)["0.weight"]
+    assert (update.a, update.b, update.q, update.n) == (1.0, 0.0, 0.0, 1.0) and torch.is_tensor(update.P)
+    _, _, X_test = data()
+    assert_exact(model, traj, X_test, ref_class, quad)  # the loop reference of the recorded coefficients
+    att = explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test)  # the pure update's three forms
+    assert att.meta["replay_residual"] <= 1e-12
