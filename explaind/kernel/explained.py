@@ -110,12 +110,10 @@ class FunctionalModel:
             except RuntimeError as exc:
                 if "call Tensor.requires_grad_() (or perhaps" in str(exc):
                     raise UnsupportedModelError(
-                        "a forward hook or the forward itself calls Tensor.requires_grad_(), which torch.func "
-                        "cannot run; Hugging Face's gradient checkpointing registers such a hook on the input "
-                        "embeddings (model.gradient_checkpointing_enable(), TrainingArguments(gradient_checkpointing="
-                        "True)). Checkpointing does not change the model's function: after training call "
-                        "model.gradient_checkpointing_disable() and model.disable_input_require_grads() (or remove "
-                        "your own hook), then explain."
+                        "a forward hook or the forward itself calls Tensor.requires_grad_(False), which torch.func "
+                        "cannot run (requires_grad_(True), as in the input-embedding hook of Hugging Face's "
+                        "gradient checkpointing, is inert inside explaind's model calls). Fix: remove that call "
+                        "from the forward or the hook; it marks tensors for autograd and changes no value."
                     ) from exc
                 if "vmap: inplace arithmetic" in str(exc):
                     raise UnsupportedModelError(
