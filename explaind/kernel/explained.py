@@ -127,6 +127,15 @@ class FunctionalModel:
                     ) from exc
                 if "vmap: It looks like you" not in str(exc):
                     raise
+                if any(type(m).__name__.startswith(("Longformer", "LED")) for m in self.module.modules()):
+                    raise UnsupportedModelError(
+                        "Hugging Face Longformer (and LED) reads its global-attention indices as values in every "
+                        "forward (nonzero() and .item() on the global_attention_mask, also without global "
+                        "attention), which torch.func.vmap cannot trace, and explaind evaluates the model one input "
+                        "at a time under vmap: such a model cannot be explained (its training records exactly). "
+                        "Fix: train a model with dense attention (RoBERTa, or BigBird with attention_type="
+                        "'original_full') for the run you want explained."
+                    ) from exc
                 raise UnsupportedModelError(
                     f"the model's forward branches on the values of its inputs ({exc.args[0][:60]}...), which "
                     f"torch.func.vmap cannot trace, and explaind evaluates the model one input at a time under "
