@@ -206,3 +206,18 @@ def test_trainer_falcon_with_alibi_is_exact(tmp_path):
     got = lm_figures(model.eval(), traj)
     note(replica=got["replica"], share=got["residual_share"], train=got["train"])
     assert got["replica"] <= 1e-6 and got["residual_share"] <= 1e-9 and got["train"] <= 1e-9
+
+
+def test_mapping_test_inputs_the_model_refuses_raise_a_config_error_naming_them():
+    """Before: the message read ``X.dtype`` of the mapping and raised ``AttributeError`` instead."""
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    multi_query=True, alibi=False, new_decoder_architecture=False,
+                                    hidden_dropout=0.0, attention_dropout=0.0, max_position_embeddings=16)
+    tokens = ids(N, 1)
+    _, traj = train(transformers.FalconForCausalLM(cfg), {"input_ids": tokens}, tokens, "causal_lm", _next_token,
+                    steps=1, check=False)
+    X_bad = {"input_ids": tokens[:2].to(DT)}  # token ids as floats: the embedding refuses them
+    with pytest.raises(explaind.exceptions.ConfigError, match=r"fails on X Inputs\(\['input_ids'\], batch=2\) .*"
+                                                              r"Pass test inputs shaped like"):
+        explaind.KernelReplica(device="cpu").fit(traj).predict(X_bad)
