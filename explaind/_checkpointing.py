@@ -1,4 +1,4 @@
-r"""Activation checkpointing run as a plain call while explaind evaluates a model.
+r"""Activation checkpointing run as a plain call while explaind evaluates a model, and the input hook it brings.
 
 ``torch.utils.checkpoint.checkpoint(fn, *args)`` returns ``fn(*args)``: it changes what autograd
 keeps for the backward pass (memory), not the function. Its two implementations cannot run where
@@ -29,9 +29,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.utils.checkpoint as _ckpt
 
-__all__ = ["plain_checkpoints", "PATCHABLE"]
+__all__ = ["plain_checkpoints", "inert_requires_grad", "PATCHABLE"]
 
 _NAMES = ("_checkpoint_without_reentrant_generator", "CheckpointFunction")
 _ORIGINAL = {name: getattr(_ckpt, name, None) for name in _NAMES}
@@ -81,3 +82,50 @@ def plain_checkpoints() -> Iterator[None]:
             if _depth == 0:
                 for name, value in _ORIGINAL.items():
                     setattr(_ckpt, name, value)
+
+
+_functorch = torch._C._functorch
+_TORCH_REQUIRES_GRAD = torch.Tensor.requires_grad_
+_OWN_ATTRIBUTE = "requires_grad_" in vars(torch.Tensor)  # whether torch.Tensor itself defines it (it inherits it)
+_inert = threading.local()
+_inert_lock = threading.Lock()
+_inert_depth = 0
+
+
+def _refused_by_torch_func() -> bool:
+    """Whether torch would refuse ``requires_grad_`` here: a ``torch.func`` transform active, in-place not allowed."""
+    return _functorch.peek_interpreter_stack() is not None and not _functorch.get_inplace_requires_grad_allowed()
+
+
+def _requires_grad_(self: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+    """``Tensor.requires_grad_``: ``self`` unchanged where torch would refuse ``True`` inside this thread's block."""
+    if requires_grad and getattr(_inert, "depth", 0) and _refused_by_torch_func():
+        return self
+    return _TORCH_REQUIRES_GRAD(self, requires_grad)
+
+
+@contextlib.contextmanager
+def inert_requires_grad() -> Iterator[None]:
+    """Inside the block, on this thread, ``t.requires_grad_(True)`` under a ``torch.func`` transform returns ``t``.
+
+    Elsewhere (other threads, outside the transforms, ``requires_grad_(False)``) torch's method runs. Nested
+    and concurrent blocks share one replacement of ``torch.Tensor.requires_grad_``: the first to enter installs
+    it, the last to leave restores torch's.
+    """
+    global _inert_depth
+    with _inert_lock:
+        _inert_depth += 1
+        if _inert_depth == 1:
+            torch.Tensor.requires_grad_ = _requires_grad_  # type: ignore[method-assign]
+    _inert.depth = getattr(_inert, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _inert.depth -= 1
+        with _inert_lock:
+            _inert_depth -= 1
+            if _inert_depth == 0:
+                if _OWN_ATTRIBUTE:
+                    torch.Tensor.requires_grad_ = _TORCH_REQUIRES_GRAD  # type: ignore[method-assign]
+                else:
+                    del torch.Tensor.requires_grad_

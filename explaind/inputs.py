@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._checkpointing import inert_requires_grad as _inert_requires_grad
 from ._checkpointing import plain_checkpoints as _plain_checkpoints
 from .exceptions import ConfigError, UnsupportedModelError
 
@@ -164,7 +165,7 @@ def call_model(module: nn.Module, params: Mapping[str, Tensor], x: Tensor | Inpu
         message names the fix.
     """
     try:
-        with _plain_checkpoints() if plain_checkpoints else contextlib.nullcontext():
+        with _plain_checkpoints() if plain_checkpoints else contextlib.nullcontext(), _inert_requires_grad():
             if isinstance(x, Inputs):
                 if isinstance(x.data, dict):
                     return functional_call(module, dict(params), (), dict(x.data))

@@ -140,7 +140,7 @@ class MappingReplayReference(MappingReference):
 
     def _compute_gradients(self) -> None:
         loss_fn = self._loss or self.traj.loss.implementation
-        train_model = copy.deepcopy(self.model).train()
+        train_model = self.train_copy()
         self.G = torch.zeros(self.N, self.K, self.D, dtype=torch.float64)
         for i in range(self.N):
             th = self.theta[i].clone().requires_grad_(True)
@@ -158,13 +158,17 @@ class MappingReplayReference(MappingReference):
                     (g,) = torch.autograd.grad(losses[j], th, retain_graph=True)
                     self.G[i, int(micro.indices[j])] += self.coef[i]["scale"] * float(micro.weights[j]) * g
 
+    def train_copy(self) -> torch.nn.Module:
+        """The training-mode copy of the model that replays the micro-batches."""
+        return copy.deepcopy(self.model).train()
 
-def lm_figures(model, traj, n_test: int = 3) -> dict[str, float]:
+
+def lm_figures(model, traj, n_test: int = 3, reference=MappingReplayReference) -> dict[str, float]:
     """A recorded causal LM on ``n_test`` held-out sequences of ``lm_data``: replica, residual share, train scores.
 
     ``replica``: relative error of the replica's logits against ``model`` in evaluation mode; ``residual_share``
     and ``train`` (``keep=("train",)`` relative to ``MappingReplayReference``, which replays the recorded dropout
-    masks) of the next-token loss (``target="loss"``, the per-sequence mean of ``loop_token_loss``).
+    masks, or ``reference``) of the next-token loss (``target="loss"``, the per-sequence mean of ``loop_token_loss``).
     """
     ids, labels = lm_data(n_test, seed=9)
     X = {"input_ids": ids}
@@ -173,18 +177,18 @@ def lm_figures(model, traj, n_test: int = 3) -> dict[str, float]:
     replica = explaind.KernelReplica(device="cpu").fit(traj).predict(X)
     att = explaind.InfluenceEstimator(keep=("train",), target="loss", tol=1e-11, device="cpu").fit(traj).transform(
         X, labels)
-    ref = MappingReplayReference(traj, X, target="loss", y=labels,
-                                 loss_fn=lambda out, y: loop_token_loss(out, y, shift=True))
+    ref = reference(traj, X, target="loss", y=labels,
+                    loss_fn=lambda out, y: loop_token_loss(out, y, shift=True))
     return {"replica": rel_err(replica, truth), "residual_share": att.meta["residual_share"],
             "train": rel_err(att.values, ref.kept(("train",)))}
 
 
-def classifier_figures(model, traj, loss_fn=None) -> dict[str, float]:
+def classifier_figures(model, traj, loss_fn=None, reference=MappingReplayReference) -> dict[str, float]:
     """A recorded BERT classifier on 3 held-out inputs (4-D mask): replica, residual share, train scores.
 
     ``replica``: relative error against ``model`` in evaluation mode with its 2-D mask; ``residual_share``;
     ``train``: ``keep=("train",)`` relative to the slow loop reference, whose per-sample loss is ``loss_fn``
-    (default: cross entropy), through each micro-batch's replayed training forward.
+    (default: cross entropy), through each micro-batch's replayed training forward (``reference``).
     """
     ids, mask, _ = cls_data(3, seed=7)
     X = {"input_ids": ids, "attention_mask": mask_4d(mask)}
@@ -192,8 +196,8 @@ def classifier_figures(model, traj, loss_fn=None) -> dict[str, float]:
         truth = model.eval()(input_ids=ids, attention_mask=mask).logits
     replica = explaind.KernelReplica(device="cpu").fit(traj).predict(X)
     att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X)
-    ref = MappingReplayReference(traj, X,
-                                 loss_fn=loss_fn or (lambda out, t: F.cross_entropy(out, t, reduction="none")))
+    ref = reference(traj, X,
+                    loss_fn=loss_fn or (lambda out, t: F.cross_entropy(out, t, reduction="none")))
     return {"replica": rel_err(replica, truth), "residual_share": att.meta["residual_share"],
             "train": rel_err(att.values, ref.kept(("train",)))}
 

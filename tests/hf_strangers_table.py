@@ -24,6 +24,7 @@ sys.path.insert(0, str(HERE))
 import _hf_stranger_kit  # noqa: E402  (the test files share this module object)
 
 FILES = ["test_stranger_hf_encoders.py", "test_stranger_hf_decoders.py", "test_stranger_hf_audio_vision.py",
+         "test_stranger_hf_gc.py", "test_stranger_hf_round3.py",
          "test_stranger_hf_vision.py", "test_stranger_hf_seq2seq.py", "test_stranger_hf_text.py",
          "test_stranger_hf_trainer.py"]
 

@@ -4,8 +4,8 @@ Float64 runs of a small tanh MLP (smooth, so the slow loop reference of ``refere
 OneCycleLR and CyclicLR over per-group learning rates (they cycle SGD's momentum and Adam's beta1 every step),
 a per-sample weighted mean of ``reduction="none"`` losses, gradient accumulation with an uneven last
 micro-batch and a loss callable; and what is refused: a batch-norm or dropout module left in another mode
-than the model, and a hook that calls ``requires_grad_`` (Hugging Face's gradient checkpointing). Activation
-checkpointing (``torch.utils.checkpoint``, either ``use_reentrant``) is exact without switching it off.
+than the model. Activation checkpointing (``torch.utils.checkpoint``, either ``use_reentrant``) is exact without
+switching it off, Hugging Face's too (its input hook calling ``requires_grad_`` included).
 """
 
 from __future__ import annotations
@@ -185,17 +185,23 @@ def test_whole_model_evaluation_steps_stay_exact():
     assert att.meta["residual_share"] <= 1e-9
 
 
-def test_gradient_checkpointing_hook_is_refused_naming_the_fix():
-    """Hugging Face's gradient checkpointing leaves a hook calling requires_grad_ (a raw functorch error before)."""
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_with_its_input_hook_is_exact_without_switching_it_off(reentrant):
+    """Hugging Face's gradient checkpointing leaves a hook calling requires_grad_ on the embeddings' output.
+
+    Before: a raw functorch error, then an UnsupportedModelError asking for disable_input_require_grads(); now the
+    hook is inert inside explaind's calls (explaind._checkpointing) and the model keeps it.
+    """
     transformers = pytest.importorskip("transformers")
     from _hf_testkit import lm_data, tiny_gpt2
 
     ids, labels = lm_data(8)
     model = tiny_gpt2()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     assert isinstance(model, transformers.PreTrainedModel)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rec = explaind.TrajectoryRecorder(model, opt, loss="causal_lm", train_data=({"input_ids": ids}, labels))
+    model.train()
     with rec:
         for idx in (torch.arange(4), torch.arange(4, 8)):
             opt.zero_grad()
@@ -204,15 +210,13 @@ def test_gradient_checkpointing_hook_is_refused_naming_the_fix():
             rec.log_batch(idx)
             opt.step()
     X_test = {"input_ids": lm_data(2, seed=9)[0]}
-    replica = explaind.KernelReplica(device="cpu").fit(rec.trajectory)
-    with pytest.raises(UnsupportedModelError, match=r"requires_grad_.*gradient checkpointing.*"
-                                                    r"disable_input_require_grads"):
-        replica.predict(X_test)
-    model.gradient_checkpointing_disable()
-    model.disable_input_require_grads()
     with torch.no_grad():
         truth = model.eval()(**X_test).logits.reshape(2, -1)
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(rec.trajectory).predict(X_test), truth) <= 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        replica = explaind.KernelReplica(device="cpu").fit(rec.trajectory).predict(X_test)
+    assert rel_err(replica, truth) <= 1e-6
+    assert model.is_activation_checkpointing and len(model._require_grads_hooks) == 1  # left as the user set it
 
 
 def _dropout_net() -> nn.Module:

@@ -119,6 +119,7 @@ def probe_inputs(name: str, fm: Any, params: Any, Xt: Any) -> None:
         with torch.no_grad():
             fm(params, Xt[:1])
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        raise ConfigError(f"{name}: the model fails on X of shape {tuple(Xt.shape)} and dtype {Xt.dtype} "
+        what = f"X of shape {tuple(Xt.shape)} and dtype {Xt.dtype}" if isinstance(Xt, torch.Tensor) else f"X {Xt!r}"
+        raise ConfigError(f"{name}: the model fails on {what} "
                           f"({str(exc).splitlines()[0]}). Pass test inputs shaped like the training inputs, with the "
                           f"test inputs along the first axis.") from None

@@ -110,12 +110,10 @@ class FunctionalModel:
             except RuntimeError as exc:
                 if "call Tensor.requires_grad_() (or perhaps" in str(exc):
                     raise UnsupportedModelError(
-                        "a forward hook or the forward itself calls Tensor.requires_grad_(), which torch.func "
-                        "cannot run; Hugging Face's gradient checkpointing registers such a hook on the input "
-                        "embeddings (model.gradient_checkpointing_enable(), TrainingArguments(gradient_checkpointing="
-                        "True)). Checkpointing does not change the model's function: after training call "
-                        "model.gradient_checkpointing_disable() and model.disable_input_require_grads() (or remove "
-                        "your own hook), then explain."
+                        "a forward hook or the forward itself calls Tensor.requires_grad_(False), which torch.func "
+                        "cannot run (requires_grad_(True), as in the input-embedding hook of Hugging Face's "
+                        "gradient checkpointing, is inert inside explaind's model calls). Fix: remove that call "
+                        "from the forward or the hook; it marks tensors for autograd and changes no value."
                     ) from exc
                 if "vmap: inplace arithmetic" in str(exc):
                     raise UnsupportedModelError(
@@ -129,6 +127,15 @@ class FunctionalModel:
                     ) from exc
                 if "vmap: It looks like you" not in str(exc):
                     raise
+                if any(type(m).__name__.startswith(("Longformer", "LED")) for m in self.module.modules()):
+                    raise UnsupportedModelError(
+                        "Hugging Face Longformer (and LED) reads its global-attention indices as values in every "
+                        "forward (nonzero() and .item() on the global_attention_mask, also without global "
+                        "attention), which torch.func.vmap cannot trace, and explaind evaluates the model one input "
+                        "at a time under vmap: such a model cannot be explained (its training records exactly). "
+                        "Fix: train a model with dense attention (RoBERTa, or BigBird with attention_type="
+                        "'original_full') for the run you want explained."
+                    ) from exc
                 raise UnsupportedModelError(
                     f"the model's forward branches on the values of its inputs ({exc.args[0][:60]}...), which "
                     f"torch.func.vmap cannot trace, and explaind evaluates the model one input at a time under "
