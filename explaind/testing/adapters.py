@@ -170,8 +170,8 @@ def default_scenarios(optimizer_class: type) -> list[AdapterScenario]:
     Parameters
     ----------
     optimizer_class : type
-        A ``torch.optim.Optimizer`` subclass. SGD, Adam and AdamW get family-specific option
-        sweeps; any other class gets the generic runs with ``lr=1e-2`` only.
+        A ``torch.optim.Optimizer`` subclass. SGD, Adam, AdamW, NAdam, RAdam and Adamax get
+        family-specific option sweeps; any other class gets the generic runs with ``lr=1e-2`` only.
 
     Returns
     -------
@@ -210,6 +210,11 @@ def default_scenarios(optimizer_class: type) -> list[AdapterScenario]:
             AdapterScenario("adam_fused", {**base, "amsgrad": True, "fused": True}),
             *_common_variants(base, {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}, "adam_"),
         ]
+    from .adapter_family_scenarios import adam_family_scenarios  # NAdam, RAdam, Adamax; imports this module
+
+    family = adam_family_scenarios(optimizer_class)
+    if family is not None:
+        return family
     return [AdapterScenario("plain", {"lr": 1e-2}), *_common_variants({"lr": 1e-2}, {"lr": 3e-3}, "")]
 
 

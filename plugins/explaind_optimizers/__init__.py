@@ -1,7 +1,8 @@
 """First-party explaind plugin: optimizer adapters (uses only the public API of explaind).
 
 Registers ``sgd``, ``adam`` and ``adamw`` for :class:`torch.optim.SGD`, :class:`torch.optim.Adam`
-and :class:`torch.optim.AdamW` (exact class match). The coefficient table is in
+and :class:`torch.optim.AdamW`, and ``nadam``, ``radam`` and ``adamax`` for :class:`torch.optim.NAdam`,
+:class:`torch.optim.RAdam` and :class:`torch.optim.Adamax` (exact class match). The coefficient table is in
 ``docs/optimizers.md``.
 """
 
@@ -13,16 +14,21 @@ import explaind
 from explaind.records import OptimizerAdapterRecord
 
 from .adam import AdamAdapter, AdamConfig
+from .adamax import AdamaxAdapter, AdamaxConfig
 from .adamw import AdamWAdapter, AdamWConfig
+from .nadam import NAdamAdapter, NAdamConfig
 from .pure import adam_update_fn, sgd_update_fn
+from .pure_adam_family import adamax_update_fn, nadam_update_fn, radam_update_fn
+from .radam import RAdamAdapter, RAdamConfig
 from .sgd import SGDAdapter, SGDConfig
 
-__all__ = ["AdamAdapter", "AdamWAdapter", "SGDAdapter", "explaind_optimizer_adapters"]
+__all__ = ["AdamAdapter", "AdamWAdapter", "AdamaxAdapter", "NAdamAdapter", "RAdamAdapter", "SGDAdapter",
+           "explaind_optimizer_adapters"]
 
 
 @explaind.hookimpl
 def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
-    """The three built-in optimizer adapters."""
+    """The built-in optimizer adapters."""
     return [
         OptimizerAdapterRecord(
             name="sgd",
@@ -47,5 +53,31 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             description="torch.optim.AdamW: decoupled weight decay lambda_d = lr * wd, AMSGrad (diagonal P).",
             optimizer_classes=(torch.optim.AdamW,),
             update_fn=adam_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="nadam",
+            implementation=NAdamAdapter,
+            config=NAdamConfig,
+            description="torch.optim.NAdam: momentum decay, L2 or decoupled weight decay, maximize (diagonal P, "
+            "scalar q and n).",
+            optimizer_classes=(torch.optim.NAdam,),
+            update_fn=nadam_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="radam",
+            implementation=RAdamAdapter,
+            config=RAdamConfig,
+            description="torch.optim.RAdam: rectification (rho_t <= 5: momentum step), L2 or decoupled weight "
+            "decay, maximize.",
+            optimizer_classes=(torch.optim.RAdam,),
+            update_fn=radam_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="adamax",
+            implementation=AdamaxAdapter,
+            config=AdamaxConfig,
+            description="torch.optim.Adamax: infinity-norm denominator as a diagonal P, L2 weight decay, maximize.",
+            optimizer_classes=(torch.optim.Adamax,),
+            update_fn=adamax_update_fn,
         ),
     ]
