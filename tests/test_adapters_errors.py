@@ -42,7 +42,7 @@ def test_unknown_optimizer_lists_adapters_and_how_to_add_one():
         resolve_optimizer_adapter(torch.optim.RMSprop([_param()], lr=0.1))
     msg = str(info.value)
     assert "torch.optim.rmsprop.RMSprop" in msg
-    assert "adam, adamw, sgd" in msg
+    assert "adam, adamax, adamw, nadam, radam, sgd" in msg
     assert "explaind_optimizer_adapters" in msg and "entry-point" in msg
 
 

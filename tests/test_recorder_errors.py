@@ -95,7 +95,7 @@ def test_unknown_optimizer_lists_adapters_and_plugin_route():
         explaind.TrajectoryRecorder(model, opt, loss="mse")
     msg = str(info.value)
     assert "No optimizer adapter handles torch.optim.rmsprop.RMSprop" in msg
-    assert "adam, adamw, sgd" in msg and "entry-point group" in msg
+    assert "adam, adamax, adamw, nadam, radam, sgd" in msg and "entry-point group" in msg
 
 
 def test_unknown_loss_suggests_the_closest_name():

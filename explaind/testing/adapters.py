@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError
 from ..recurrence import LinearUpdate, is_unchanged
+from .adapter_family_scenarios import adam_family_options
 from .plugins import PluginCheckError
 
 __all__ = [
@@ -210,11 +211,10 @@ def default_scenarios(optimizer_class: type) -> list[AdapterScenario]:
             AdapterScenario("adam_fused", {**base, "amsgrad": True, "fused": True}),
             *_common_variants(base, {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}, "adam_"),
         ]
-    from .adapter_family_scenarios import adam_family_scenarios  # NAdam, RAdam, Adamax; imports this module
-
-    family = adam_family_scenarios(optimizer_class)
+    family = adam_family_options(optimizer_class)
     if family is not None:
-        return family
+        named, base, second, prefix = family
+        return [*(AdapterScenario(name, kwargs) for name, kwargs in named), *_common_variants(base, second, prefix)]
     return [AdapterScenario("plain", {"lr": 1e-2}), *_common_variants({"lr": 1e-2}, {"lr": 3e-3}, "")]
 
 
