@@ -22,7 +22,6 @@ from explaind.recurrence import LinearUpdate
 
 from ._common import (
     GroupSnapshot,
-    OptionRule,
     as_used,
     check_amp_scaling,
     collect_group_problems,
@@ -33,27 +32,25 @@ from ._common import (
     start_buffers,
     wrong_class_problem,
 )
+from .adam import _RULES as ADAM_RULES
+from .adam import Beta, NonNegative
 
-__all__ = ["AdamFamilyAdapter", "Beta", "NonNegative", "RULES", "step_count", "uses_foreach"]
+__all__ = ["AdamFamilyAdapter", "FamilyGroupConfig", "RULES", "step_count", "uses_foreach"]
 
-NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+#: ``differentiable=True`` and ``capturable=True`` are refused, for the reasons given for Adam.
+RULES = ADAM_RULES
 
-RULES = (
-    OptionRule(
-        key="differentiable",
-        allowed=(False,),
-        reason="differentiating through the optimizer step is outside the recorded linear recurrence",
-        fix="build the optimizer with differentiable=False",
-    ),
-    OptionRule(
-        key="capturable",
-        allowed=(False,),
-        reason="the capturable path computes its step sizes from device step tensors with its own operation "
-        "order, which the adapter does not reproduce, and CUDA-graph capture cannot record per-step coefficients",
-        fix="build the optimizer with capturable=False",
-    ),
-)
+
+class FamilyGroupConfig(StrictModel):
+    """The group hyperparameters the three optimizers share (subclasses add theirs and torch's ``lr`` default)."""
+
+    lr: NonNegative = 1e-3
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: NonNegative = 1e-8
+    weight_decay: NonNegative = 0.0
+    maximize: bool = False
+    foreach: bool | None = None
+    n_params: Annotated[int, Field(ge=0)] = 0
 
 
 def step_count(value: Any) -> float:

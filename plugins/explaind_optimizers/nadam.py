@@ -23,31 +23,26 @@ computes them (Python floats, then the computation dtype).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 from pydantic import Field
 
 from explaind.config import StrictModel
 
-from ._adam_family import AdamFamilyAdapter, Beta, NonNegative, step_count
+from ._adam_family import AdamFamilyAdapter, FamilyGroupConfig, step_count
 from ._common import as_used
+from .adam import NonNegative
 
 __all__ = ["NAdamAdapter", "NAdamConfig", "NAdamGroupConfig", "nadam_scalars"]
 
 
-class NAdamGroupConfig(StrictModel):
+class NAdamGroupConfig(FamilyGroupConfig):
     """Hyperparameters of one NAdam parameter group when recording started."""
 
     lr: NonNegative = 2e-3
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: NonNegative = 1e-8
-    weight_decay: NonNegative = 0.0
     momentum_decay: NonNegative = 4e-3
     decoupled_weight_decay: bool = False
-    maximize: bool = False
-    foreach: bool | None = None
-    n_params: Annotated[int, Field(ge=0)] = 0
 
 
 class NAdamConfig(StrictModel):

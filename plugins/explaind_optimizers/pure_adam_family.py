@@ -17,7 +17,8 @@ gradient through ``w``:
 
 ``S_s`` (scheduled, signed under ``maximize``) is not stored by the recorder:
 :meth:`ScaledMomentUpdate.scalars` recovers it from the recorded preconditioner as ``P_s d`` — one value
-for every entry of the tensor, which is checked to :data:`STEP_SIZE_RTOL` — and holds it fixed.
+for every entry of the tensor, which is checked to :data:`~explaind_optimizers.pure.STEP_SIZE_RTOL` — and
+holds it fixed.
 ``beta2`` and ``eps`` come from the manifest; groups that differ in them are refused, because the
 trajectory does not record which tensor belongs to which group.
 """
@@ -33,7 +34,7 @@ from torch import Tensor
 from explaind.exceptions import ConfigError
 from explaind.recurrence import LinearUpdate
 
-from .pure import STEP_SIZE_RTOL, _safe_sqrt
+from .pure import _safe_sqrt, recovered_step_size
 
 __all__ = ["AdamaxUpdate", "NAdamUpdate", "RAdamUpdate", "ScaledMomentUpdate", "adamax_update_fn",
            "nadam_update_fn", "radam_update_fn"]
@@ -103,23 +104,13 @@ class ScaledMomentUpdate:
         Raises
         ------
         ConfigError
-            When ``P_s d_s`` differs between entries by more than :data:`STEP_SIZE_RTOL` relative
-            (``beta2`` or ``eps`` changed during the run or differ from the manifest).
+            When ``P_s d_s`` differs between entries by more than
+            :data:`~explaind_optimizers.pure.STEP_SIZE_RTOL` relative (``beta2`` or ``eps`` changed during
+            the run or differ from the manifest).
         """
         with torch.no_grad():
             _, denom, _ = self._forward(update, theta, state, grad)
-            S = (torch.as_tensor(update.P, dtype=theta.dtype, device=theta.device) * denom).reshape(-1)
-            mid = S.median()
-            spread = float((S - mid).abs().max() / mid.abs().clamp_min(torch.finfo(S.dtype).tiny))
-        if not spread <= STEP_SIZE_RTOL:
-            raise ConfigError(
-                f"{self.label} pure update: the recorded preconditioner P_s is not S_s / d_s with beta2={self.beta2} "
-                f"and eps={self.eps} from the manifest (P_s * d_s of one tensor differ by {spread:.2e} relative; "
-                f"allowed: {STEP_SIZE_RTOL:.0e}). This happens when a scheduler changed betas[1] or eps during the "
-                f"run. Fix: keep betas[1] and eps constant to use CounterfactualEstimator (InfluenceEstimator does "
-                f"not need them)."
-            )
-        return {"step_size": float(mid)}
+        return {"step_size": recovered_step_size(update.P, denom, self.label, "S_s", self.beta2, self.eps)}
 
     def __call__(self, update: LinearUpdate, scalars: dict[str, Any], theta: Tensor, state: dict[str, Tensor],
                  grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

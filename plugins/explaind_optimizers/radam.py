@@ -23,30 +23,23 @@ step. The foreach path's ``P`` is recomputed in its own operation order.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 from pydantic import Field
 
 from explaind.config import StrictModel
 
-from ._adam_family import AdamFamilyAdapter, Beta, NonNegative, step_count
+from ._adam_family import AdamFamilyAdapter, FamilyGroupConfig, step_count
 from ._common import as_used
 
 __all__ = ["RAdamAdapter", "RAdamConfig", "RAdamGroupConfig", "radam_rectification"]
 
 
-class RAdamGroupConfig(StrictModel):
+class RAdamGroupConfig(FamilyGroupConfig):
     """Hyperparameters of one RAdam parameter group when recording started."""
 
-    lr: NonNegative = 1e-3
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: NonNegative = 1e-8
-    weight_decay: NonNegative = 0.0
     decoupled_weight_decay: bool = False
-    maximize: bool = False
-    foreach: bool | None = None
-    n_params: Annotated[int, Field(ge=0)] = 0
 
 
 class RAdamConfig(StrictModel):
