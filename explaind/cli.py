@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", "-d", default="digits", help="modular, digits or cifar10 (default: digits)")
     p.add_argument("--data", action="append", metavar="KEY=VALUE", help="dataset option, e.g. p=23, classes=[3,8]")
     p.add_argument("--model", action="append", metavar="KEY=VALUE", help="architecture option, e.g. d_model=32")
-    p.add_argument("--optimizer", default="adamw", help="sgd, adam, adamw, rmsprop or adagrad (default: adamw)")
+    p.add_argument("--optimizer", default="adamw",
+                   help="sgd, adam, adamw, rmsprop, adagrad, nadam, radam or adamax (default: adamw)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--momentum", type=float, default=0.0, help="SGD and RMSprop momentum")

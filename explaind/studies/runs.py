@@ -52,10 +52,10 @@ class TrainConfig(StrictModel):
         Built-in dataset (``modular``, ``digits``, ``cifar10``).
     data : dict
         Keyword arguments of the dataset loader.
-    optimizer : {"sgd", "adam", "adamw", "rmsprop", "adagrad"}
+    optimizer : {"sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adamax"}
     lr, weight_decay, momentum, betas, eps
-        Optimizer hyperparameters (torch semantics; ``momentum`` for SGD and RMSprop, ``betas``
-        for Adam and AdamW, ``eps`` for all but SGD; RMSprop keeps torch's ``alpha=0.99``).
+        Optimizer hyperparameters (torch semantics and defaults otherwise; ``momentum`` for SGD and
+        RMSprop, ``betas`` for the Adam family, ``eps`` for all but SGD; RMSprop keeps torch's ``alpha=0.99``).
     steps : int
         Maximum number of optimizer steps.
     batch_size : int or None
@@ -75,7 +75,7 @@ class TrainConfig(StrictModel):
     model: dict[str, Any] = Field(default_factory=dict)
     dataset: str = "digits"
     data: dict[str, Any] = Field(default_factory=dict)
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad"] = "adamw"
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adamax"] = "adamw"
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
@@ -183,7 +183,8 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
                                    weight_decay=config.weight_decay)
     if config.optimizer == "adagrad":
         return torch.optim.Adagrad(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
-    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam,
+           "radam": torch.optim.RAdam, "adamax": torch.optim.Adamax}[config.optimizer]
     return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 

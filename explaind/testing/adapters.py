@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError
 from ..recurrence import LinearUpdate, is_unchanged
+from .adapter_family_scenarios import adam_family_options
 from .plugins import PluginCheckError
 
 __all__ = [
@@ -170,7 +171,7 @@ def default_scenarios(optimizer_class: type) -> list[AdapterScenario]:
     Parameters
     ----------
     optimizer_class : type
-        A ``torch.optim.Optimizer`` subclass. SGD, Adam, AdamW, RMSprop and Adagrad get
+        A ``torch.optim.Optimizer`` subclass. SGD, Adam, AdamW, RMSprop, Adagrad, NAdam, RAdam and Adamax get
         family-specific option sweeps; any other class gets the generic runs with ``lr=1e-2`` only.
 
     Returns
@@ -222,15 +223,10 @@ def default_scenarios(optimizer_class: type) -> list[AdapterScenario]:
             AdapterScenario("rmsprop_momentum_switched_off", mom, before_each_step=_momentum_switched_off),
             *_common_variants(mom, {"lr": 3e-3, "weight_decay": 0.0, "momentum": 0.5}, "rmsprop_"),
         ]
-    if issubclass(optimizer_class, torch.optim.Adagrad):
-        base = {"lr": 5e-2, "weight_decay": 0.1, "lr_decay": 0.05}
-        return [
-            AdapterScenario("adagrad_plain", {"lr": 5e-2}),
-            AdapterScenario("adagrad_decay_accumulator", {**base, "initial_accumulator_value": 0.3, "eps": 1e-3}),
-            AdapterScenario("adagrad_maximize", {**base, "maximize": True}),
-            AdapterScenario("adagrad_foreach", {**base, "foreach": True}),
-            *_common_variants(base, {"lr": 2e-2, "weight_decay": 0.0}, "adagrad_"),
-        ]
+    family = adam_family_options(optimizer_class)
+    if family is not None:
+        named, base, second, prefix = family
+        return [*(AdapterScenario(name, kwargs) for name, kwargs in named), *_common_variants(base, second, prefix)]
     return [AdapterScenario("plain", {"lr": 1e-2}), *_common_variants({"lr": 1e-2}, {"lr": 3e-3}, "")]
 
 

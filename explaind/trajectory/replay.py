@@ -184,6 +184,7 @@ class SegmentReplay:
                 raise TrajectoryError(f"The optimizer state at checkpoint theta_{lo} of the store at "
                                       f"{str(src.root)!r} does not fit the recorded parameter groups ({exc}); the "
                                       f"store is corrupted. Re-record the run.") from None
+            _keep_state_dtypes(optimizer, state)
         return optimizer, adapter, {n: leaves[n] for n in src.param_names}
 
     def _start_state(self, start: Any, first: StepReplay, optimizer: Any) -> dict[str, Any]:
@@ -303,3 +304,19 @@ class SegmentReplay:
                 f"from the recorded ones ({recorded[row].tolist()}): the replay optimizer does not reproduce the "
                 f"recorded step. Re-record the run with checkpoint_every=1 (or report the optimizer adapter)."
             )
+
+
+def _keep_state_dtypes(optimizer: Any, state: dict[str, Any]) -> None:
+    """Give every loaded state tensor back the dtype it was stored in.
+
+    ``load_state_dict`` casts every state entry but ``step`` to its parameter's dtype, so NAdam's
+    ``mu_product`` (held in torch's scalar dtype, float32) would continue in float64 and change the
+    replayed ``q``, ``n`` in their last bits, which :meth:`SegmentReplay._check_scalars` refuses.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state.get("state", {}).items():
+        live = optimizer.state.get(params[int(index)], {})
+        for key, saved in entry.items():
+            now = live.get(key)
+            if isinstance(saved, Tensor) and isinstance(now, Tensor) and now.dtype != saved.dtype:
+                live[key] = now.to(saved.dtype)

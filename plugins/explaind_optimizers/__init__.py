@@ -2,7 +2,8 @@
 
 Registers ``sgd``, ``adam`` and ``adamw`` for :class:`torch.optim.SGD`, :class:`torch.optim.Adam`
 and :class:`torch.optim.AdamW`, ``rmsprop`` and ``adagrad`` for :class:`torch.optim.RMSprop` and
-:class:`torch.optim.Adagrad` (exact class match). The coefficient table is in
+:class:`torch.optim.Adagrad`, and ``nadam``, ``radam`` and ``adamax`` for :class:`torch.optim.NAdam`,
+:class:`torch.optim.RAdam` and :class:`torch.optim.Adamax` (exact class match). The coefficient table is in
 ``docs/optimizers.md``.
 """
 
@@ -15,14 +16,18 @@ from explaind.records import OptimizerAdapterRecord
 
 from .adagrad import AdagradAdapter, AdagradConfig
 from .adam import AdamAdapter, AdamConfig
+from .adamax import AdamaxAdapter, AdamaxConfig
 from .adamw import AdamWAdapter, AdamWConfig
+from .nadam import NAdamAdapter, NAdamConfig
 from .pure import adam_update_fn, sgd_update_fn
+from .pure_adam_family import adamax_update_fn, nadam_update_fn, radam_update_fn
 from .pure_more import adagrad_update_fn, rmsprop_update_fn
+from .radam import RAdamAdapter, RAdamConfig
 from .rmsprop import RMSpropAdapter, RMSpropConfig
 from .sgd import SGDAdapter, SGDConfig
 
-__all__ = ["AdagradAdapter", "AdamAdapter", "AdamWAdapter", "RMSpropAdapter", "SGDAdapter",
-           "explaind_optimizer_adapters"]
+__all__ = ["AdagradAdapter", "AdamAdapter", "AdamWAdapter", "AdamaxAdapter", "NAdamAdapter", "RAdamAdapter",
+           "RMSpropAdapter", "SGDAdapter", "explaind_optimizer_adapters"]
 
 
 @explaind.hookimpl
@@ -69,5 +74,31 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             description="torch.optim.Adagrad: lr_decay, initial accumulator, L2 weight decay, maximize (diagonal P).",
             optimizer_classes=(torch.optim.Adagrad,),
             update_fn=adagrad_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="nadam",
+            implementation=NAdamAdapter,
+            config=NAdamConfig,
+            description="torch.optim.NAdam: momentum decay, L2 or decoupled weight decay, maximize (diagonal P, "
+            "scalar q and n).",
+            optimizer_classes=(torch.optim.NAdam,),
+            update_fn=nadam_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="radam",
+            implementation=RAdamAdapter,
+            config=RAdamConfig,
+            description="torch.optim.RAdam: rectification (rho_t <= 5: momentum step), L2 or decoupled weight "
+            "decay, maximize.",
+            optimizer_classes=(torch.optim.RAdam,),
+            update_fn=radam_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="adamax",
+            implementation=AdamaxAdapter,
+            config=AdamaxConfig,
+            description="torch.optim.Adamax: infinity-norm denominator as a diagonal P, L2 weight decay, maximize.",
+            optimizer_classes=(torch.optim.Adamax,),
+            update_fn=adamax_update_fn,
         ),
     ]

@@ -32,7 +32,7 @@ from torch import Tensor
 from explaind.exceptions import ConfigError
 from explaind.recurrence import LinearUpdate
 
-__all__ = ["SGDUpdate", "AdamUpdate", "sgd_update_fn", "adam_update_fn"]
+__all__ = ["SGDUpdate", "AdamUpdate", "sgd_update_fn", "adam_update_fn", "recovered_step_size"]
 
 #: Largest relative spread of the recovered Adam step size over a tensor's entries.
 STEP_SIZE_RTOL = 1e-6
@@ -65,6 +65,41 @@ def _safe_sqrt(v: Tensor) -> Tensor:
     """``sqrt(v)`` with derivative 0 (not infinity) where ``v == 0`` (an entry whose gradient was always 0)."""
     pos = v > 0
     return torch.where(pos, torch.where(pos, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+def recovered_step_size(P: Any, denom: Tensor, label: str, size: str, beta2: float, eps: float) -> float:
+    """The one step size ``S_s = P_s d_s`` of a tensor (its median), checked constant to :data:`STEP_SIZE_RTOL`.
+
+    Parameters
+    ----------
+    P : float or Tensor
+        The recorded preconditioner (shape of the parameter, or a float).
+    denom : Tensor
+        The pure update's denominator ``d_s`` at the recorded point (shape of the parameter).
+    label, size : str
+        The optimizer and its step size in words, for the message.
+    beta2, eps : float
+        The manifest's values, for the message.
+
+    Raises
+    ------
+    ConfigError
+        When ``P_s d_s`` differs between entries by more than :data:`STEP_SIZE_RTOL` relative:
+        ``beta2`` or ``eps`` changed during the run or differ from the manifest.
+    """
+    with torch.no_grad():
+        S = (torch.as_tensor(P, dtype=denom.dtype, device=denom.device) * denom).reshape(-1)
+        mid = S.median()
+        spread = float((S - mid).abs().max() / mid.abs().clamp_min(torch.finfo(S.dtype).tiny))
+    if not spread <= STEP_SIZE_RTOL:
+        raise ConfigError(
+            f"{label} pure update: the recorded preconditioner P_s is not {size} / d_s with beta2={beta2} and "
+            f"eps={eps} from the manifest (step sizes P_s * d_s of one tensor differ by {spread:.2e} relative; "
+            f"allowed: {STEP_SIZE_RTOL:.0e}). This happens when a scheduler changed betas[1] or eps during the run. "
+            f"Fix: keep betas[1] and eps constant to use CounterfactualEstimator (InfluenceEstimator does not need "
+            f"them)."
+        )
+    return float(mid)
 
 
 class AdamUpdate:
@@ -134,26 +169,11 @@ class AdamUpdate:
     def scalars(self, update: LinearUpdate, theta: Tensor, state: dict[str, Tensor], grad: Tensor) -> dict[str, Any]:
         """``{"step_size": S_s}`` with ``S_s = P_s d_s`` (``lr_s / (1 - beta1^t)``, signed), checked constant.
 
-        Raises
-        ------
-        ConfigError
-            When ``P_s d_s`` differs between entries by more than :data:`STEP_SIZE_RTOL` relative:
-            ``beta2`` or ``eps`` changed during the run or differ from the manifest.
+        Raises :class:`ConfigError` as :func:`recovered_step_size` does (``beta2`` or ``eps`` changed).
         """
         with torch.no_grad():
             denom, _ = self._moments(update, theta, state, grad)
-            S = (torch.as_tensor(update.P, dtype=denom.dtype, device=denom.device) * denom).reshape(-1)
-            mid = S.median()
-            spread = float((S - mid).abs().max() / mid.abs().clamp_min(torch.finfo(S.dtype).tiny))
-        if not spread <= STEP_SIZE_RTOL:
-            raise ConfigError(
-                f"Adam pure update: the recorded preconditioner P_s is not lr_s / (1 - beta1^t) / d_s with "
-                f"beta2={self.beta2} and eps={self.eps} from the manifest (step sizes P_s * d_s of one tensor differ "
-                f"by {spread:.2e} relative; allowed: {STEP_SIZE_RTOL:.0e}). This happens when a scheduler changed "
-                f"betas[1] or eps during the run. Fix: keep betas[1] and eps constant to use "
-                f"CounterfactualEstimator (InfluenceEstimator does not need them)."
-            )
-        return {"step_size": float(mid)}
+        return {"step_size": recovered_step_size(update.P, denom, "Adam", "lr_s / (1 - beta1^t)", self.beta2, self.eps)}
 
     def __call__(self, update: LinearUpdate, scalars: dict[str, Any], theta: Tensor, state: dict[str, Tensor],
                  grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -1,0 +1,66 @@
+"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax and Adagrad (docs/optimizers.md).
+
+:func:`~explaind.testing.adapters.default_scenarios` takes its runs for these four classes from
+:func:`adam_family_options`: every option the adapters model (L2 or decoupled weight decay, momentum
+decay, rectified and never-rectified RAdam steps, Adagrad's ``lr_decay`` and initial accumulator, ``maximize``,
+the ``foreach`` path), to which it adds
+the generic runs (two groups, schedules, accumulation, clipping, a frozen and a sometimes-unused
+parameter) with the base options and the second group's overrides given here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["FamilyOptions", "adam_family_options"]
+
+#: ``(named runs as (name, optimizer kwargs), base kwargs of the generic runs, second-group overrides, prefix)``.
+FamilyOptions = tuple[list[tuple[str, dict[str, Any]]], dict[str, Any], dict[str, Any], str]
+
+
+def adam_family_options(optimizer_class: type) -> FamilyOptions | None:
+    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax`` or ``Adagrad`` (subclasses too); else ``None``."""
+    base = {"lr": 2e-2, "weight_decay": 0.1}
+    second = {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}
+    decoupled = {"lr": 2e-2, "weight_decay": 0.5, "decoupled_weight_decay": True}
+    if issubclass(optimizer_class, torch.optim.NAdam):
+        return [
+            ("nadam_plain", {"lr": 2e-2}),
+            ("nadam_l2_momentum_decay", {**base, "momentum_decay": 0.02, "eps": 1e-3, "betas": (0.9, 0.7)}),
+            ("nadam_decoupled", decoupled),
+            ("nadam_maximize", {**base, "maximize": True}),
+            ("nadam_foreach", {**base, "foreach": True}),
+            ("nadam_foreach_decoupled_maximize", {**decoupled, "foreach": True, "maximize": True}),
+        ], base, second, "nadam_"
+    if issubclass(optimizer_class, torch.optim.RAdam):
+        # beta2 = 0.999: steps 1-5 have rho_t <= 5 (momentum steps), the later ones are rectified with r_t from
+        # 0.026 up; lr 10x Adam's keeps |Delta theta| / |theta| >= 1e-3, above the rounding floor ulp(theta)
+        base, second = {"lr": 0.2, "weight_decay": 0.1}, {**second, "lr": 0.08}
+        decoupled = {"lr": 0.2, "weight_decay": 0.05, "decoupled_weight_decay": True}
+        return [
+            ("radam_plain", {"lr": 0.2}),
+            ("radam_l2", {**base, "eps": 1e-3}),
+            ("radam_decoupled", decoupled),
+            ("radam_maximize", {**base, "maximize": True}),
+            ("radam_never_rectified", {**base, "betas": (0.9, 0.6)}),
+            ("radam_foreach", {**base, "foreach": True}),
+            ("radam_foreach_decoupled_maximize", {**decoupled, "foreach": True, "maximize": True}),
+        ], base, second, "radam_"
+    if issubclass(optimizer_class, torch.optim.Adamax):
+        return [
+            ("adamax_plain", {"lr": 2e-2}),
+            ("adamax_l2", {**base, "eps": 1e-3, "betas": (0.9, 0.7)}),
+            ("adamax_maximize", {**base, "maximize": True}),
+            ("adamax_foreach", {**base, "foreach": True, "maximize": True}),
+        ], base, second, "adamax_"
+    if issubclass(optimizer_class, torch.optim.Adagrad):
+        base = {"lr": 5e-2, "weight_decay": 0.1, "lr_decay": 0.05}
+        return [
+            ("adagrad_plain", {"lr": 5e-2}),
+            ("adagrad_decay_accumulator", {**base, "initial_accumulator_value": 0.3, "eps": 1e-3}),
+            ("adagrad_maximize", {**base, "maximize": True}),
+            ("adagrad_foreach", {**base, "foreach": True}),
+        ], base, {"lr": 2e-2, "weight_decay": 0.0}, "adagrad_"
+    return None
