@@ -12,8 +12,10 @@ by one HTML comment that the reader does not see:
 * ``<!-- not run: REASON -->``: the block is not run; the reason must name what runs it instead.
 
 An unmarked block that raises fails the test, as does an unknown setup name or a marker without a
-reason. Blocks written as an interactive session (``>>>`` lines) are run statement by statement and
-each printed line is compared with the page (``...`` matches anything, as in doctest).
+reason. An ``ExplaindWarning`` fails it too: a guide's code should run as shown, without a warning the page
+does not explain (other libraries' warnings are ignored). Blocks written as an interactive session
+(``>>>`` lines) are run statement by statement and each printed line is compared with the page (``...``
+matches anything, as in doctest).
 """
 
 from __future__ import annotations
@@ -241,7 +243,8 @@ def _run_page(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dic
                     assert name.strip() in SETUPS, f"{where}: unknown setup {name.strip()!r}; known: {sorted(SETUPS)}"
                     SETUPS[name.strip()](ns, tmp_path)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a guide's warnings are the library's; this test checks it runs
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("error", explaind.exceptions.ExplaindWarning)
                 if source.startswith(">>> "):
                     run_session(source, ns, where)
                 else:
