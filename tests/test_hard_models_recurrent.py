@@ -13,6 +13,7 @@ from hard_models_kit import DT, assert_exact, data, measure, seeded, train
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
+import explaind
 from explaind.exceptions import UnsupportedModelError
 from explaind.kernel.rewrites import FusedKernelRewrite, needs_rewrite
 from explaind.trajectory._gradients import has_stochastic_layers
@@ -72,6 +73,18 @@ def test_torch_compile_eager_backend_is_exact():
     model = seeded(lambda: torch.compile(Conv1dNet(), backend="eager"))
     traj, copies = train(model, "adam", X[:12], y[:12])
     assert traj.param_names[0].startswith("_orig_mod.")
+    assert_exact(measure(model, traj, copies, X[12:]))
+
+
+@pytest.mark.slow
+def test_torch_compile_default_backend_is_exact():
+    """Inductor's generated code (``out=`` kernels) cannot carry forward-mode dual tensors: a convolutional model's
+    per-node JVPs then run through ``torch.func.jvp`` (before: ``NotImplementedError`` from ``addmm_out``)."""
+    torch._dynamo.reset()
+    X, y = data(14, (2, 9), 2)
+    model = seeded(lambda: torch.compile(Conv1dNet()))
+    traj, copies = train(model, "sgd", X[:12], y[:12])
+    assert explaind.models.compile_backend(model) == "inductor"
     assert_exact(measure(model, traj, copies, X[12:]))
 
 

@@ -183,6 +183,28 @@ def test_errors_name_the_problem_and_the_fix():
         get_strategy("explaind", backend="fast").fit(model, X, traj)
 
 
+def test_a_torch_prune_round_trip_that_reorders_the_parameters_is_matched_by_name():
+    # docs/pruning.md: prune_global_by_scores then remove_torch_prune re-registers the weight after its bias
+    from explaind.pruning import apply_masks, prune_global_by_scores, remove_torch_prune
+
+    model = _tanh_mlp()
+    X, y = _data()
+    traj = _record(model, X, y, steps=2)
+    first = get_strategy("explaind", backend="path", quadrature_nodes=2).fit(model, X, traj)
+    prune_global_by_scores(model, {"0.weight": torch.ones(5, 3)}, 0.0, names=["0.weight"])  # prunes nothing
+    remove_torch_prune(model)
+    assert [n for n, _ in model.named_parameters()][:2] == ["0.bias", "0.weight"]  # the order torch leaves
+    again = get_strategy("explaind", backend="path", quadrature_nodes=2).fit(model, X, traj)
+    assert all(torch.equal(first.scores_[n], again.scores_[n]) for n in traj.param_names)
+    masks = get_strategy("explaind", backend="path", quadrature_nodes=2, sparsity=0.5).fit(model, X, traj).masks()
+    apply_masks(model, masks, inplace=True)  # pruned in place: no longer the trained model
+    with pytest.raises(TrajectoryError, match=r"parameter '\d.weight' of the model differs from the trajectory's "
+                                              r"final state theta_N; pass the trained model"):
+        get_strategy("explaind", backend="path").fit(model, X, traj)
+    with pytest.raises(TrajectoryError, match=r"missing \['4.bias'\], not recorded \[\]"):
+        get_strategy("explaind", backend="path").fit(nn.Sequential(*model[:4], nn.Linear(4, 2, bias=False)), X, traj)
+
+
 def _relu_mlp(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).double()

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, jvp, vmap
 
+from ..models import EAGER_RANDOM_BACKENDS, compile_backend
 from .coupled import coupled_sample_grads
 from .evaluate import STACK_BYTES, Batch, Grid, Rows, Segment, StepStack, along, node_groups
 from .explained import FunctionalModel, Params
@@ -75,6 +76,10 @@ class AutogradEvaluator:
         self.rows_chunk = rows_chunk or 16 * (chunk_size or 256)
         #: grids by one JVP per (step, node) (:data:`PER_NODE_LAYERS`), else one ``vmap`` over steps and nodes
         self.per_node = fm.device.type == "cpu" and any(isinstance(m, PER_NODE_LAYERS) for m in fm.module.modules())
+        #: the per-node JVPs fuse convolutions with forward-mode dual tensors, which the code a compiling
+        #: ``torch.compile`` backend (inductor) generates cannot carry (its ``out=`` kernels have no forward AD);
+        #: such a model takes ``torch.func.jvp``, which runs it as eager PyTorch
+        self.fused = not any(compile_backend(m) not in (None, *EAGER_RANDOM_BACKENDS) for m in fm.module.modules())
 
     # ------------------------------------------------------------------ JVPs
     def slopes(self, stack: StepStack, rows: Rows | Grid) -> tuple[Tensor, Tensor]:
@@ -130,7 +135,8 @@ class AutogradEvaluator:
                 point = along(b, d, t)
                 for lo in range(0, T, self.rows_chunk):
                     part, aux = X[lo:lo + self.rows_chunk], explained.aux[lo:lo + self.rows_chunk]
-                    h, dh = fused_jvp(lambda p, part=part, aux=aux: explained(fm, p, part, aux), point, d)
+                    h, dh = (fused_jvp if self.fused else _jvp)(
+                        lambda p, part=part, aux=aux: explained(fm, p, part, aux), point, d)
                     hs.append(h)
                     ds.append(dh)
         h, d = torch.cat(hs).reshape(S, n, T, -1), torch.cat(ds).reshape(S, n, T, -1)

@@ -216,10 +216,12 @@ def _chunks(trajectory: Any, X: Tensor, batch_size: int | None) -> list[tuple[in
 def _check_model_matches(model: nn.Module, trajectory: Any) -> None:
     final = trajectory.params(trajectory.n_steps)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if list(named) != list(trajectory.param_names):
+    if set(named) != set(trajectory.param_names):  # by name: torch's prune.remove re-registers in another order
+        recorded = set(trajectory.param_names)
+        missing, extra = sorted(recorded - set(named)), sorted(set(named) - recorded)
         raise TrajectoryError(
-            f"the model's trainable parameters {list(named)} differ from the trajectory's "
-            f"{list(trajectory.param_names)}; pass the model the trajectory was recorded from."
+            f"the model's trainable parameters differ from the trajectory's: missing {missing}, not recorded "
+            f"{extra}; pass the model the trajectory was recorded from."
         )
     for name, p in named.items():
         ref = final[name].to(device=p.device, dtype=p.dtype)
