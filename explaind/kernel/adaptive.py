@@ -43,6 +43,7 @@ from .dense import (
     far_units,
     probe_positions,
 )
+from .gaps import GAP_TOL, loose_plan
 from .quadrature import NodePlan, rule_nodes
 
 __all__ = ["MAX_DEPTH", "MAX_EVALS", "adaptive_plan"]
@@ -146,6 +147,11 @@ def adaptive_plan(
     scale = exact.abs().amax(-1)
     run = _Levels(refine, rules, eps, evals, acc, thr, scale, floor, max_depth, max_evals, dense_after, dense_evals)
     samples = None if first is None else (*rules[0], first[1], first[2])
+    if failing.numel() and tol >= GAP_TOL:  # a loose tolerance: gaps cut at kinks (kernel/gaps.py)
+        extra = loose_plan(failing, samples, g_a, g_b, thr, refine, evals, max_evals, max_depth)
+        acc.add(Panels(torch.full_like(failing, MIDPOINT_KIND), failing, 0 * rel[failing], 1 + 0 * rel[failing],
+                       *extra[3:], g_a[failing], g_b[failing], rel[failing]))
+        return _assemble(U, rules, failing, acc.panels(), exact, estimate, evals, extra[:3])
     if failing.numel():
         # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it (the
         # kink test only where enough units are far for the count to pass: it cannot raise the count)
