@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..exceptions import ConfigError
 from .adaptive_jobs import (
     FLOOR,
     GAUSS_KIND,
     Jobs,
     Rows,
+    check_first,
     choose,
     first_bracket,
     grade,
@@ -133,7 +133,7 @@ def adaptive_plan(
              for n in (nodes, max(1, nodes // 2))]
     U = g_a.shape[0]
     if first is not None:
-        _check_first(first, rules[0][0], est0)
+        check_first(first, rules[0][0], est0)
     exact = g_b - g_a
     eps = torch.finfo(dt).eps
     rel = tol * exact.abs().amax(-1)
@@ -312,20 +312,6 @@ def _pointwise(refine: Refine) -> Shared:
         return h.reshape(units.numel(), t.numel(), -1), d.reshape(units.numel(), t.numel(), -1)
 
     return shared
-
-
-def _check_first(first: tuple[Tensor, Tensor, Tensor], x01: Tensor, est0: Tensor) -> None:
-    """Raise :class:`~explaind.exceptions.ConfigError` unless ``first`` fits the nodes ``x01 (n,)`` and ``est0``."""
-    x, h, d = first
-    (U, O), n = est0.shape, x01.numel()
-    if tuple(x.shape) != (n,) or tuple(h.shape) != (U, n, O) or tuple(d.shape) != (U, n, O):
-        raise ConfigError(f"adaptive_plan: 'first' must hold the nodes ({n},) and h, h' ({U}, {n}, {O}) of the first "
-                          f"estimate; got shapes {tuple(x.shape)}, {tuple(h.shape)}, {tuple(d.shape)}. Pass the "
-                          f"samples behind est0, or first=None.")
-    xx = x.to(device=x01.device, dtype=x01.dtype)
-    if not torch.allclose(xx, x01, rtol=0, atol=64 * torch.finfo(x01.dtype).eps):
-        raise ConfigError(f"adaptive_plan: the nodes of 'first' must be the {n} Gauss-Legendre nodes on [0, 1] "
-                          f"{x01.tolist()}; got {xx.tolist()}. Pass rule_nodes('gauss-legendre', {n})[0].")
 
 
 def _start_jobs(failing: Tensor, est0: Tensor, err0: Tensor, g_a: Tensor, g_b: Tensor, thr: Tensor, rel: Tensor,
