@@ -19,7 +19,8 @@ largest error of one (step, input) relative to its change ``max_o |est_o - Δg_o
 estimate against the exact difference) and how many pairs are above ``tol``, and whether an ``ExplaindWarning``
 was given. Evaluation counts and errors are deterministic; CPU seconds grow with the machine's load (printed).
 
-Run: ``python benchmarks/bench_loose_tol.py [--run runs/grok] [--stop 64] [--tol 1e-3] [--workloads ...]``
+Run: ``python benchmarks/bench_loose_tol.py [--run runs/grok] [--stop 64] [--tol 1e-3] [--gap-tol 1e-3]
+[--workloads ...]`` (``--tol 1e-4 --gap-tol 1e-4``: what the gaps would do below the library's ``GAP_TOL``)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import ExplaindWarning
-from explaind.kernel import adaptive, planning
+from explaind.kernel import adaptive, gaps, planning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kink_dense import digits, record, train_recorded  # noqa: E402
@@ -45,10 +46,10 @@ from bench_kink_dense import digits, record, train_recorded  # noqa: E402
 RULES = ("kinks", "gaps")
 
 
-def _run(rule: str, fn) -> dict:
-    """Run ``fn`` with the adaptive rule's loose-tolerance path on (``gaps``) or off (``kinks``); collect the plans."""
+def _run(rule: str, fn, gap_tol: float) -> dict:
+    """Run ``fn`` with the adaptive rule's loose-tolerance path from ``gap_tol`` (``gaps``) or off (``kinks``)."""
     plans = []
-    original, gap_tol = planning.adaptive_plan, adaptive.GAP_TOL
+    original, default = planning.adaptive_plan, adaptive.GAP_TOL
 
     def counting(*a, **k):
         plan = original(*a, **k)
@@ -63,7 +64,7 @@ def _run(rule: str, fn) -> dict:
             warnings.simplefilter("always", ExplaindWarning)
             fn()
     finally:
-        planning.adaptive_plan, adaptive.GAP_TOL = original, gap_tol
+        planning.adaptive_plan, adaptive.GAP_TOL = original, default
     cpu = time.process_time() - start
     evals = torch.cat([p.evals for p in plans]).double()
     exact = torch.cat([p.exact for p in plans])
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="run folder of 'explaind train' (the quickstart's runs/grok)")
     ap.add_argument("--stop", type=int, default=64, help="last step of the quickstart's second window")
     ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--gap-tol", type=float, default=gaps.GAP_TOL,
+                    help="GAP_TOL of the 'gaps' rows (default: the library's); a --tol below it runs 'kinks' twice")
     ap.add_argument("--workloads", nargs="+", default=["relu-mlp", "resnet", "tanh-mlp"],
                     choices=("relu-mlp", "resnet", "tanh-mlp"))
     args = ap.parse_args()
@@ -133,7 +136,7 @@ def main() -> None:
     jobs += list(models(args.workloads, args.tol))
     for k, (name, fn) in enumerate(jobs):
         for rule in (RULES if k % 2 == 0 else RULES[::-1]):  # take turns: a changing load falls on both
-            r = _run(rule, fn)
+            r = _run(rule, fn, args.gap_tol)
             above = int((r["rel"] > args.tol).sum())
             print(f"| {name} | {rule} | {r['evals']:.1f} | {r['most']} | {r['cpu']:.1f} | {r['worst']:.2e} | "
                   f"{above}/{r['rel'].numel()} | {'yes' if r['warned'] else 'no'} |", flush=True)
