@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adaptive_jobs import Bracket
+from .adaptive_jobs import Bracket, Rows
 
 __all__ = ["GAP_TOL", "GapPlan", "cut_gaps", "gap_plan", "loose_plan"]
 
@@ -132,37 +132,35 @@ def gap_plan(units: Tensor, x: Tensor, h: Tensor, d: Tensor, g_a: Tensor, g_b: T
     k = torch.arange(K, device=units.device).repeat_interleave(n + 1)
     gaps = _Gaps(k, ts[:, :-1].reshape(-1), ts[:, 1:].reshape(-1), fs[:, :-1].flatten(0, 1), fs[:, 1:].flatten(0, 1),
                  ds[:, :-1].flatten(0, 1), ds[:, 1:].flatten(0, 1))
-    done: list[_Gaps] = []
+    done: list[tuple[_Gaps, Tensor]] = []  # the gaps of the units that stopped, and their cuts
     for depth in range(max_depth + 1):
         u, r = cut_gaps(gaps.a, gaps.b, gaps.f_a, gaps.f_b, gaps.d_a, gaps.d_b)
-        gaps.u, gaps.r = u, r
-        total = torch.zeros(K, r.shape[-1], dtype=r.dtype, device=r.device).index_add_(0, gaps.k, r)
-        err = total.abs().amax(-1)
+        err = torch.zeros(K, r.shape[-1], dtype=r.dtype, device=r.device).index_add_(0, gaps.k, r).abs().amax(-1)
         e = r.abs().amax(-1)
         worst = torch.zeros_like(err).scatter_reduce_(0, gaps.k, e, reduce="amax", include_self=False)
         split = (e > thr[gaps.k] * (gaps.b - gaps.a)) | (e >= worst[gaps.k])
         count = torch.bincount(gaps.k[split], minlength=K)
-        stop = (err <= thr) | (evals[units] + count > max_evals) | (depth >= max_depth)
-        split &= ~stop[gaps.k]
-        done.append(gaps.take(stop[gaps.k]))  # a unit's gaps stay open (their errors summed) until it stops
+        stop = ((err <= thr) | (evals[units] + count > max_evals) | (depth >= max_depth))[gaps.k]
+        done.append((gaps.take(stop), u[stop]))  # a unit's gaps stay open (their errors summed) until it stops
+        split &= ~stop
         if not bool(split.any()):
             break
-        cut, gaps = gaps.take(split), gaps.take(~split & ~stop[gaps.k])
+        cut, gaps = gaps.take(split), gaps.take(~split & ~stop)
         m = 0.5 * (cut.a + cut.b)
         fm, dm = refine(units[cut.k], m)
         evals.index_add_(0, units[cut.k], torch.ones_like(cut.k))
         gaps = _Gaps.cat([gaps, _Gaps(cut.k, cut.a, m, cut.f_a, fm, cut.d_a, dm),
                           _Gaps(cut.k, m, cut.b, fm, cut.f_b, dm, cut.d_b)])
-    g = _Gaps.cat(done)
+    g, u = _Gaps.cat([p for p, _ in done]), torch.cat([c for _, c in done])
     L = g.b - g.a
-    est = torch.zeros_like(g_a).index_add_(0, g.k, g.u[:, None] * g.d_a + (L - g.u)[:, None] * g.d_b)
+    est = torch.zeros_like(g_a).index_add_(0, g.k, u[:, None] * g.d_a + (L - u)[:, None] * g.d_b)
     err = (est - (g_b - g_a)).abs().amax(-1)
-    return GapPlan(est, err, torch.cat([g.k, g.k]), torch.cat([g.a, g.b]), torch.cat([g.u, L - g.u]))
+    return GapPlan(est, err, torch.cat([g.k, g.k]), torch.cat([g.a, g.b]), torch.cat([u, L - u]))
 
 
 @dataclass
-class _Gaps:
-    """Gaps ``[a, b]`` of units ``k``, with ``h, h'`` at their ends and, once cut, the cut ``u`` and its error ``r``."""
+class _Gaps(Rows):
+    """Gaps ``[a, b]`` of units ``k`` (indices into the units of :func:`gap_plan`), with ``h, h'`` at their ends."""
 
     k: Tensor
     a: Tensor
@@ -171,17 +169,6 @@ class _Gaps:
     f_b: Tensor
     d_a: Tensor
     d_b: Tensor
-    u: Tensor | None = None
-    r: Tensor | None = None
-
-    def take(self, mask: Tensor) -> _Gaps:
-        return _Gaps(*(None if v is None else v[mask] for v in self.__dict__.values()))
-
-    @staticmethod
-    def cat(parts: list[_Gaps]) -> _Gaps:
-        fields = list(parts[0].__dict__)
-        return _Gaps(*(None if any(getattr(p, f) is None for p in parts) else torch.cat([getattr(p, f) for p in parts])
-                       for f in fields))
 
 
 def loose_plan(failing: Tensor, samples: tuple[Tensor, Tensor, Tensor, Tensor] | None, g_a: Tensor, g_b: Tensor,
