@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..exceptions import ConfigError
 from .adaptive_jobs import (
     FLOOR,
     GAUSS_KIND,
     Jobs,
     Rows,
+    check_first,
     choose,
     first_bracket,
     grade,
@@ -43,6 +43,7 @@ from .dense import (
     far_units,
     probe_positions,
 )
+from .gaps import GAP_TOL, loose_plan
 from .quadrature import NodePlan, rule_nodes
 
 __all__ = ["MAX_DEPTH", "MAX_EVALS", "adaptive_plan"]
@@ -132,7 +133,7 @@ def adaptive_plan(
              for n in (nodes, max(1, nodes // 2))]
     U = g_a.shape[0]
     if first is not None:
-        _check_first(first, rules[0][0], est0)
+        check_first(first, rules[0][0], est0)
     exact = g_b - g_a
     eps = torch.finfo(dt).eps
     rel = tol * exact.abs().amax(-1)
@@ -146,6 +147,11 @@ def adaptive_plan(
     scale = exact.abs().amax(-1)
     run = _Levels(refine, rules, eps, evals, acc, thr, scale, floor, max_depth, max_evals, dense_after, dense_evals)
     samples = None if first is None else (*rules[0], first[1], first[2])
+    if failing.numel() and tol >= GAP_TOL:  # a loose tolerance: gaps cut at kinks (kernel/gaps.py)
+        extra = loose_plan(failing, samples, g_a, g_b, thr, refine, evals, max_evals, max_depth)
+        acc.add(Panels(torch.full_like(failing, MIDPOINT_KIND), failing, 0 * rel[failing], 1 + 0 * rel[failing],
+                       *extra[3:], g_a[failing], g_b[failing], rel[failing]))
+        return _assemble(U, rules, failing, acc.panels(), exact, estimate, evals, extra[:3])
     if failing.numel():
         # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it (the
         # kink test only where enough units are far for the count to pass: it cannot raise the count)
@@ -306,20 +312,6 @@ def _pointwise(refine: Refine) -> Shared:
         return h.reshape(units.numel(), t.numel(), -1), d.reshape(units.numel(), t.numel(), -1)
 
     return shared
-
-
-def _check_first(first: tuple[Tensor, Tensor, Tensor], x01: Tensor, est0: Tensor) -> None:
-    """Raise :class:`~explaind.exceptions.ConfigError` unless ``first`` fits the nodes ``x01 (n,)`` and ``est0``."""
-    x, h, d = first
-    (U, O), n = est0.shape, x01.numel()
-    if tuple(x.shape) != (n,) or tuple(h.shape) != (U, n, O) or tuple(d.shape) != (U, n, O):
-        raise ConfigError(f"adaptive_plan: 'first' must hold the nodes ({n},) and h, h' ({U}, {n}, {O}) of the first "
-                          f"estimate; got shapes {tuple(x.shape)}, {tuple(h.shape)}, {tuple(d.shape)}. Pass the "
-                          f"samples behind est0, or first=None.")
-    xx = x.to(device=x01.device, dtype=x01.dtype)
-    if not torch.allclose(xx, x01, rtol=0, atol=64 * torch.finfo(x01.dtype).eps):
-        raise ConfigError(f"adaptive_plan: the nodes of 'first' must be the {n} Gauss-Legendre nodes on [0, 1] "
-                          f"{x01.tolist()}; got {xx.tolist()}. Pass rule_nodes('gauss-legendre', {n})[0].")
 
 
 def _start_jobs(failing: Tensor, est0: Tensor, err0: Tensor, g_a: Tensor, g_b: Tensor, thr: Tensor, rel: Tensor,

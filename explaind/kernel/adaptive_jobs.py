@@ -13,8 +13,10 @@ from typing import Any, Self
 import torch
 from torch import Tensor
 
+from ..exceptions import ConfigError
+
 __all__ = ["GAUSS_KIND", "KINK_KIND", "C0", "FLOOR", "Rows", "Bracket", "Jobs", "Moves", "steepest", "place",
-           "locate", "choose", "halves", "join", "probed", "grade", "first_bracket", "one_kink"]
+           "locate", "choose", "halves", "join", "probed", "grade", "first_bracket", "one_kink", "check_first"]
 
 #: Panel kinds: ``nodes``-point and ``max(1, nodes // 2)``-point Gauss–Legendre.
 GAUSS_KIND, KINK_KIND = 0, 1
@@ -395,3 +397,17 @@ def one_kink(units: Tensor, est0: Tensor, g_a: Tensor, g_b: Tensor,
     if first is None:
         return torch.zeros(units.numel(), dtype=torch.bool, device=units.device)
     return first_bracket(units, est0, g_a, g_b, first)[1]
+
+
+def check_first(first: tuple[Tensor, Tensor, Tensor], x01: Tensor, est0: Tensor) -> None:
+    """Raise :class:`~explaind.exceptions.ConfigError` unless ``first`` fits the nodes ``x01 (n,)`` and ``est0``."""
+    x, h, d = first
+    (U, O), n = est0.shape, x01.numel()
+    if tuple(x.shape) != (n,) or tuple(h.shape) != (U, n, O) or tuple(d.shape) != (U, n, O):
+        raise ConfigError(f"adaptive_plan: 'first' must hold the nodes ({n},) and h, h' ({U}, {n}, {O}) of the first "
+                          f"estimate; got shapes {tuple(x.shape)}, {tuple(h.shape)}, {tuple(d.shape)}. Pass the "
+                          f"samples behind est0, or first=None.")
+    xx = x.to(device=x01.device, dtype=x01.dtype)
+    if not torch.allclose(xx, x01, rtol=0, atol=64 * torch.finfo(x01.dtype).eps):
+        raise ConfigError(f"adaptive_plan: the nodes of 'first' must be the {n} Gauss-Legendre nodes on [0, 1] "
+                          f"{x01.tolist()}; got {xx.tolist()}. Pass rule_nodes('gauss-legendre', {n})[0].")
