@@ -55,11 +55,14 @@ def _named(lr: float, wd: float, beta2: float = 0.98, n_train: float = 0.6, step
                   "data": {**BASE["data"], "n_train": n_train, "p": p}}
 
 
-#: The configs of the sweep (``lr1e-2_wd2`` is the quickstart's command until now).
+#: The configs of the sweep: the quickstart's command until this release (``lr0.01_wd2``), its command now
+#: (``lr0.01_wd1``), and the others tried (docs/cli.md, "The quickstart's training run").
 CONFIGS: dict[str, dict[str, Any]] = dict([
-    _named(1e-2, 2.0), _named(3e-3, 2.0), _named(3e-3, 10.0), _named(5e-3, 5.0), _named(5e-3, 5.0, 0.95),
-    _named(1e-2, 2.0, 0.95), _named(1e-2, 2.0, n_train=0.7), _named(3e-3, 5.0, n_train=0.7),
-    _named(3e-3, 5.0, n_train=0.8), _named(5e-3, 5.0, 0.95, n_train=0.7), _named(3e-3, 10.0, n_train=0.7),
+    _named(1e-2, 2.0), _named(1e-2, 1.0), _named(1e-2, 1.5), _named(1e-2, 1.0, 0.95), _named(1e-2, 1.0, n_train=0.7),
+    _named(1e-2, 1.0, p=31), _named(1e-2, 2.0, 0.95), _named(1e-2, 2.0, n_train=0.7), _named(1e-2, 2.0, n_train=0.8),
+    _named(5e-3, 2.0), _named(5e-3, 5.0), _named(5e-3, 5.0, 0.95), _named(5e-3, 5.0, 0.95, n_train=0.7),
+    _named(3e-3, 2.0), _named(3e-3, 10.0), _named(3e-3, 5.0, n_train=0.7), _named(3e-3, 5.0, n_train=0.8),
+    _named(3e-3, 10.0, n_train=0.7),
 ])
 
 
