@@ -57,6 +57,31 @@ def test_the_page_documents_the_commands_run_here():
     assert all(full in train for full in SIZES), "the documented train command changed: update SIZES"
 
 
+def test_the_quickstarts_train_command_is_the_runs_of_study_grokking_and_demo():
+    # docs/quickstart.md and docs/cli.md ("The quickstart's training run") say the three train one run: the page's
+    # command, parsed by the command line's own parser, against grokking_config("small")
+    import explaind
+    from explaind.cli import build_parser
+    from explaind.studies.grokking import grokking_config
+
+    (train,) = [c for c in DOCUMENTED if c.split()[1] == "train"]
+    args = build_parser().parse_args(shlex.split(train)[1:])
+    data = dict(item.split("=", 1) for item in args.data)
+    model = dict(item.split("=", 1) for item in args.model)
+    config, _ = grokking_config("small")
+    assert (args.architecture, args.dataset, args.optimizer) == (config["architecture"], config["dataset"], "adamw")
+    assert json.loads(data["p"]) == config["data"]["p"] and json.loads(data["n_train"]) == config["data"]["n_train"]
+    assert json.loads(data["n_val"]) is config["data"]["n_val"] is None
+    # the page leaves n_heads at the architecture's default, which is the preset's
+    fields = explaind.get_entry("architecture", "modular_transformer").config.model_fields
+    assert fields["n_heads"].default == config["model"]["n_heads"]
+    assert {k: json.loads(v) for k, v in model.items()} == {k: v for k, v in config["model"].items() if k != "n_heads"}
+    assert (args.lr, args.weight_decay, tuple(args.betas)) == (config["lr"], config["weight_decay"], config["betas"])
+    assert (args.steps, args.stop_at, args.seed) == (config["steps"], config["stop_at"], config["seed"])
+    assert args.batch_size is config["batch_size"] is None
+    assert args.weight_decay == 1.0  # not the 2 of earlier releases, whose run spiked (docs/cli.md)
+
+
 @pytest.fixture(scope="module")
 def grok(tmp_path_factory):
     run = tmp_path_factory.mktemp("quickstart") / "runs" / "grok"

@@ -1,8 +1,8 @@
 """The end-to-end demo behind ``make demo`` / ``explaind demo``.
 
 1. trains the modular-arithmetic transformer with AdamW and weight decay on a small modulus
-   (lr 1e-2, weight decay 2, 60% of the pairs: it groks in under a thousand steps, seconds on a
-   CPU) and records its trajectory;
+   (lr 1e-2, weight decay 1, 60% of the pairs: with seed 0 it groks in under 800 steps, without AdamW loss
+   spikes; ``grokking.PRESETS["small"]``) and records its trajectory;
 2. computes the fidelity table of its kernel replica (midpoint 10, Gauss–Legendre 4, adaptive;
    the command prints it once, at the end);
 3. runs the digits pruning benchmark;
