@@ -54,7 +54,7 @@ CLI_COMMANDS = [
     "--weight-decay 4 --betas 0.9 0.98 --steps 1000 --stop-at 1.0 --dtype float64",
     "explaind replicate runs/grok",
     "explaind replicate runs/grok --steps 0:100",
-    "explaind replicate runs/grok --steps 680:780",
+    "explaind replicate runs/grok --steps 570:670",
     "explaind replicate --table",
     "explaind influence runs/cli --out runs/cli/scores",
     "explaind prune",

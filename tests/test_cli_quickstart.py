@@ -335,7 +335,7 @@ def test_every_command_written_on_the_pages_is_timed_by_the_benchmark():
     written = {c for c in written if not c.split()[1].endswith(":")}
     runnable = {c for c in written if not re.search(r"\[|\.\.\.|\b[A-Z]{1,}\b", c) and len(c.split()) > 2
                 or c in ("explaind demo", "explaind prune", "explaind plugins", "explaind validate")}
-    assert {"explaind replicate runs/grok --steps 680:780", "explaind train --out runs/a --dataset digit",
+    assert {"explaind replicate runs/grok --steps 570:670", "explaind train --out runs/a --dataset digit",
             "explaind influence runs/cli --out runs/cli/scores", "explaind prune"} <= runnable
     missing = sorted(runnable - timed - set(NOT_TIMED))
     assert not missing, f"documented but not timed by benchmarks/bench_quickstart.py: {missing}"
