@@ -25,6 +25,7 @@ from ._common import (
     as_used,
     check_amp_scaling,
     collect_group_problems,
+    complex_problems,
     maximize_switch_problems,
     raise_problems,
     remember_maximize,
@@ -104,14 +105,8 @@ class AdamFamilyAdapter:
     @classmethod
     def _problems(cls, optimizer: torch.optim.Optimizer) -> list[str]:
         problems = collect_group_problems(optimizer, RULES, cls.float_keys)
-        for index, group in enumerate(optimizer.param_groups):
-            if any(torch.is_complex(p) for p in group["params"]):
-                problems.append(
-                    f"param_groups[{index}] holds a complex parameter; {cls.optimizer_class.__name__} normalises "
-                    f"real and imaginary parts separately, which a coefficient per complex entry cannot express. "
-                    f"Allowed: real floating-point parameters. Fix: split the parameter into real and imaginary "
-                    f"parts."
-                )
+        problems += complex_problems(optimizer, f"{cls.optimizer_class.__name__} normalises real and imaginary "
+                                                "parts separately")
         return problems
 
     @classmethod

@@ -42,6 +42,7 @@ from ._common import (
     as_used,
     check_amp_scaling,
     collect_group_problems,
+    complex_problems,
     maximize_switch_problems,
     raise_problems,
     remember_maximize,
@@ -208,13 +209,7 @@ class AdamAdapter:
         problems = wrong_class_problem(optimizer, cls.optimizer_class)
         if not problems:
             problems = collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
-            for index, group in enumerate(optimizer.param_groups):
-                if any(torch.is_complex(p) for p in group["params"]):
-                    problems.append(
-                        f"param_groups[{index}] holds a complex parameter; Adam normalises real and imaginary "
-                        f"parts separately, which a coefficient per complex entry cannot express. Allowed: real "
-                        f"floating-point parameters. Fix: split the parameter into real and imaginary parts."
-                    )
+            problems += complex_problems(optimizer, "Adam normalises real and imaginary parts separately")
         raise_problems(cls.name, optimizer, problems)
         _warn_fused_cuda_low_precision(cls.name, optimizer)
         groups = []
