@@ -1,7 +1,7 @@
 """Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax and Adagrad (docs/optimizers.md).
 
 :func:`~explaind.testing.adapters.default_scenarios` takes its runs for these four classes from
-:func:`adam_family_options`: every option the adapters model (L2 or decoupled weight decay, momentum
+:func:`family_options`: every option the adapters model (L2 or decoupled weight decay, momentum
 decay, rectified and never-rectified RAdam steps, Adagrad's ``lr_decay`` and initial accumulator, ``maximize``,
 the ``foreach`` path), to which it adds
 the generic runs (two groups, schedules, accumulation, clipping, a frozen and a sometimes-unused
@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["FamilyOptions", "adam_family_options"]
+__all__ = ["FamilyOptions", "family_options"]
 
 #: ``(named runs as (name, optimizer kwargs), base kwargs of the generic runs, second-group overrides, prefix)``.
 FamilyOptions = tuple[list[tuple[str, dict[str, Any]]], dict[str, Any], dict[str, Any], str]
 
 
-def adam_family_options(optimizer_class: type) -> FamilyOptions | None:
+def family_options(optimizer_class: type) -> FamilyOptions | None:
     """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax`` or ``Adagrad`` (subclasses too); else ``None``."""
     base = {"lr": 2e-2, "weight_decay": 0.1}
     second = {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError
 from ..recurrence import LinearUpdate, is_unchanged
-from .adapter_family_scenarios import adam_family_options
+from .adapter_family_scenarios import family_options
 from .plugins import PluginCheckError
 
 __all__ = [
@@ -223,7 +223,7 @@ def default_scenarios(optimizer_class: type) -> list[AdapterScenario]:
             AdapterScenario("rmsprop_momentum_switched_off", mom, before_each_step=_momentum_switched_off),
             *_common_variants(mom, {"lr": 3e-3, "weight_decay": 0.0, "momentum": 0.5}, "rmsprop_"),
         ]
-    family = adam_family_options(optimizer_class)
+    family = family_options(optimizer_class)
     if family is not None:
         named, base, second, prefix = family
         return [*(AdapterScenario(name, kwargs) for name, kwargs in named), *_common_variants(base, second, prefix)]
