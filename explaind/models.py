@@ -19,9 +19,11 @@ variable ``EXPLAIND_MAX_PARAMETERS``): a config from a stranger's store cannot m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -41,6 +43,10 @@ __all__ = [
     "MAX_PARAMETERS_ENV",
     "refuse_renormalising_embeddings",
     "refuse_sparse_embeddings",
+    "refuse_script_modules",
+    "backward_hooks_off",
+    "drop_backward_hooks",
+    "gradient_hooks",
     "refuse_compiled_draws",
     "refuse_mixed_modes",
     "compile_backend",
@@ -276,6 +282,68 @@ def refuse_sparse_embeddings(model: nn.Module, where: str) -> None:
             f"the model's function is the same, and torch's optimizers then update them with dense gradients "
             f"(torch.optim.SparseAdam takes only sparse ones: train them with Adam or AdamW, which explaind records; "
             f"unlike SparseAdam's lazy update they also move the rows a batch did not use).")
+
+
+def refuse_script_modules(model: nn.Module, where: str) -> None:
+    """Refuse a model holding a ``torch.jit.script``/``torch.jit.trace`` module: torch cannot hook or transform it.
+
+    The recorder observes the forward through module hooks, which TorchScript modules refuse, and the
+    engine evaluates the model under ``torch.func`` (``vmap``, ``jvp``), which cannot run a compiled
+    TorchScript graph.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Naming every such module and the fix.
+    """
+    found = [name or "the model" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if found:
+        raise UnsupportedModelError(
+            f"{where}: {found} {'is a TorchScript module' if len(found) == 1 else 'are TorchScript modules'} "
+            f"(torch.jit.script or torch.jit.trace), which take no module hooks and which torch.func (vmap, jvp) "
+            f"cannot transform, so the run can be neither recorded nor explained. Allowed: eager nn.Module "
+            f"submodules (torch.compile(..., backend='eager' or 'aot_eager') too). Fix: keep the module you "
+            f"scripted and use it unscripted while recording and explaining; its function is the same.")
+
+
+@contextlib.contextmanager
+def backward_hooks_off(model: nn.Module) -> Iterator[None]:
+    """Inside the block, forwards of ``model`` set up none of its modules' backward hooks.
+
+    Module backward hooks (``register_full_backward_hook``, ``register_full_backward_pre_hook``,
+    ``register_backward_hook``) change no output, only what ``backward()`` leaves in ``.grad``, and torch
+    runs the full ones through an ``autograd.Function`` that ``torch.func`` cannot transform. explaind
+    recomputes every gradient without them (the gradient check too), so a hook that only observes
+    leaves the run exact and one that rewrites gradients is caught by the gradient check (or, with the
+    check off, by the residual share). The hooks are restored when the block ends.
+    """
+    saved = [(m, dict(m._backward_hooks), dict(m._backward_pre_hooks), m._is_full_backward_hook)
+             for m in model.modules() if m._backward_hooks or m._backward_pre_hooks]
+    drop_backward_hooks(model)
+    try:
+        yield
+    finally:
+        for m, hooks, pre_hooks, full in saved:
+            m._backward_hooks.update(hooks)
+            m._backward_pre_hooks.update(pre_hooks)
+            m._is_full_backward_hook = full
+
+
+def drop_backward_hooks(model: nn.Module) -> None:
+    """Remove every module backward hook of ``model`` for good (explaind's private copies; see
+    :func:`backward_hooks_off`)."""
+    for m in model.modules():
+        m._backward_hooks.clear()
+        m._backward_pre_hooks.clear()
+        m._is_full_backward_hook = None
+
+
+def gradient_hooks(model: nn.Module) -> list[str]:
+    """Names of the modules with backward hooks and of the parameters with tensor hooks (``p.register_hook``)."""
+    found = [f"module {name or type(m).__name__!r}" for name, m in model.named_modules()
+             if m._backward_hooks or m._backward_pre_hooks]
+    found += [f"parameter {name!r}" for name, p in model.named_parameters() if getattr(p, "_backward_hooks", None)]
+    return found
 
 
 #: ``torch.compile`` backends that run dropout with eager PyTorch's random number generator.

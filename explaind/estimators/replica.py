@@ -163,6 +163,8 @@ class KernelReplica(PathEstimator):
         if size > 1:
             all_sum_([out.increments, out.g_start, out.g_stop, out.evals])
             all_max_([out.error, out.scale])
+        if cfg.quadrature == "adaptive":
+            _warn_accumulated(out, cfg.tol, type(self).__name__)
         return out
 
     def predict(self, X: Any) -> np.ndarray:
@@ -289,6 +291,39 @@ def _agrees_with_gradients(model: nn.Module, Xt: Any, g_stop: torch.Tensor, boun
         model.train(was_training)
     out = out.reshape(out.shape[0], -1).to(device=g_stop.device, dtype=g_stop.dtype)
     return out.shape == g_stop.shape and _rel(out, g_stop) <= bound
+
+
+#: The replica's error against :math:`f(x;\theta_{stop})` that is warned about, in multiples of ``tol`` (and above 1e-6
+#: in float64, 1e-3 in float32): the adaptive rule holds each step to ``tol`` of that step's own change, and on
+#: ordinary runs the replica's error is at or below ``tol`` of the output (docs/quickstart.md: 3e-10 at tol 1e-7).
+ACCUMULATED_TOLS = 1000.0
+
+
+def _warn_accumulated(out: _Replicated, tol: float, who: str) -> None:
+    r"""Warn when the per-step errors add up to far more than ``tol`` of the outputs.
+
+    The adaptive rule errs by at most ``tol`` times each step's largest change :math:`|g(\theta_{s+1}) - g(\theta_s)|`
+    (``out.scale``); when those changes are much larger than the net change (a diverging or oscillating run at an
+    untuned learning rate) their errors add up although every step met ``tol``.
+    """
+    rel = _rel(out.replica, out.g_stop)
+    floor = 1e-6 if out.replica.dtype == torch.float64 else 1e-3  # the replica bounds of fidelity_report(model=)
+    if not rel > max(ACCUMULATED_TOLS * tol, floor):  # NaN-safe: a non-finite replica is another error's to report
+        return
+    tiny = torch.finfo(out.scale.dtype).tiny
+    if float((out.error / out.scale.clamp_min(tiny)).max()) > tol:
+        return  # steps above tol: the adaptive rule's own warning names their cause
+    net = float((out.g_stop - out.g_start).abs().max().clamp_min(tiny))
+    gross = float(out.scale.sum())
+    ratio = gross / net
+    warnings.warn(
+        f"{who}: the replica misses f(x; theta_stop) by {rel:.2g} (relative to the largest output) although the "
+        f"adaptive rule held each step to tol={tol:g} of that step's own change: the steps' changes add up to "
+        f"{ratio:.3g}x the net change of the outputs, so they cancel (a diverging or oscillating run, an untuned "
+        f"learning rate) and their per-step errors add up. fidelity_report() gives each step's error. Fix: a "
+        f"smaller tol (the error falls about in proportion: tol={max(tol * tol / rel, 1e-15):.1g} for an error "
+        f"near {tol:g}), or explain a window of steps after the run settles (steps=(start, stop)).",
+        ExplaindWarning, stacklevel=3)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
-from ..models import refuse_renormalising_embeddings
+from ..models import drop_backward_hooks, refuse_renormalising_embeddings, refuse_script_modules
 from ..outputs import model_output
 from .casts import KeepReplayDtype
 from .rewrites import FusedKernelRewrite, needs_rewrite
@@ -61,9 +61,11 @@ class FunctionalModel:
     def __init__(self, module: nn.Module, constants: Mapping[str, Tensor], loss_fn: Any, device: torch.device,
                  dtype: torch.dtype, shared: Sequence[Any] = ()):
         refuse_renormalising_embeddings(module, "explaind cannot evaluate this model")
+        refuse_script_modules(module, "explaind cannot evaluate this model")
         _refuse_batch_statistics(module)
         self.shared = tuple(shared)
         self.module = self.copy(module).to(device=device, dtype=dtype).eval()
+        drop_backward_hooks(self.module)  # they change no output (explaind.models.backward_hooks_off)
         self.device = device
         self.dtype = dtype
         self.constants = {k: self.cast(v) for k, v in constants.items()}
@@ -124,6 +126,17 @@ class FunctionalModel:
                         "attention_type='block_sparse' does this (it assembles its attention probabilities so). "
                         "Fix: build such tensors out of place (torch.cat, torch.stack, torch.where, F.pad) in the "
                         "model's forward; for BigBird train and explain with attention_type='original_full'."
+                    ) from exc
+                if "In order to use an autograd.Function with functorch transforms" in str(exc):
+                    raise UnsupportedModelError(
+                        "the model's forward applies a custom torch.autograd.Function written in the old style "
+                        "(forward(ctx, ...) without a setup_context staticmethod), which torch.func cannot "
+                        "transform, and explaind evaluates the model under torch.func (vmap for one input at a time, "
+                        "jvp for the path derivatives). Fix: write it in torch.func's style (docs: 'Extending "
+                        "torch.func with autograd.Function'): forward(*inputs) without ctx, a setup_context(ctx, "
+                        "inputs, output) staticmethod that saves what backward and jvp need, generate_vmap_rule = "
+                        "True, and a jvp(ctx, *tangents) staticmethod; or compute the same function from "
+                        "differentiable torch operations."
                     ) from exc
                 if "vmap: It looks like you" not in str(exc):
                     raise

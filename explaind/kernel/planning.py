@@ -311,16 +311,29 @@ class InexactUnits:
 
 
 def _jumps_hint(engine: Any) -> str:
-    """Names the modules whose output jumps along a segment (max unpooling), or ``""`` when the model has none."""
+    """Names the modules whose output jumps along a segment (max unpooling, ``Hardshrink``, ``Threshold``), or ``""``
+    when the model has none."""
     module = getattr(getattr(engine, "fm", None), "module", None)
-    found = [f"{name} ({type(m).__name__})" for name, m in (module.named_modules() if module is not None else ())
-             if isinstance(m, (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d))]
-    if not found:
-        return ""
-    return (f"the model holds {found}, whose output jumps where the maximum of a pooling window changes place (the "
-            f"value moves to another position): the gradient has no term for a jump, so no quadrature rule "
-            f"integrates across it and the jump stays in quadrature_error. Fix: upsample continuously "
-            f"(nn.Upsample, F.interpolate, nn.ConvTranspose2d) instead of unpooling by the indices")
+    named = list(module.named_modules()) if module is not None else []
+    unpool = [f"{name} ({type(m).__name__})" for name, m in named
+              if isinstance(m, (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d))]
+    steps = [f"{name} ({type(m).__name__})" for name, m in named
+             if (isinstance(m, nn.Hardshrink) and m.lambd != 0)
+             or (isinstance(m, nn.Threshold) and m.value != m.threshold)]
+    hints = []
+    if unpool:
+        hints.append(f"the model holds {unpool}, whose output jumps where the maximum of a pooling window changes "
+                     f"place (the value moves to another position): the gradient has no term for a jump, so no "
+                     f"quadrature rule integrates across it and the jump stays in quadrature_error. Fix: upsample "
+                     f"continuously (nn.Upsample, F.interpolate, nn.ConvTranspose2d) instead of unpooling by the "
+                     f"indices")
+    if steps:
+        hints.append(f"the model holds {steps}, whose output jumps where an input crosses the threshold "
+                     f"(Hardshrink(lambd) from 0 to +-lambd, Threshold(threshold, value) from value to threshold): the "
+                     f"gradient has no term for a jump, so no quadrature rule integrates across it and the jump stays "
+                     f"in quadrature_error. Fix: a continuous activation (nn.Softshrink instead of nn.Hardshrink; "
+                     f"nn.Threshold with value equal to threshold, or nn.ReLU)")
+    return "; ".join(hints)
 
 
 #: torch's modules whose output has a kink (a jump of its derivative, of a higher one for ELU and CELU) at a threshold.
@@ -352,7 +365,11 @@ def _casts_hint(engine: Any) -> str:
     return ("in float64 a cap is often a model computing part of its forward in float32 whatever its dtype, whose "
             "rounding (about 1e-7) makes the integrand noisy; explaind evaluates the casts it intercepts (Tensor.to, "
             ".float(), dtype= arguments) in the replay dtype unless casts='as_written', so look for others "
-            "(docs/guide_own_model.md, 'Layers and models beyond the built-in ones')")
+            "(docs/guide_own_model.md, 'Layers and models beyond the built-in ones'). A relative error far above "
+            "that rounding points to a forward whose output jumps as the parameters move: torch.round, floor, "
+            "sign or an argmax selection, often under a straight-through estimator (x + (q - x).detach()), whose "
+            "gradient is not the derivative of the output; no rule integrates across a jump. Fix: a continuous "
+            "forward (a soft relaxation) for the run you want explained")
 
 
 def _warn_fixed(plans: list[NodePlan], rule: str, n: int, tol: float, ends: list[tuple[Tensor, Tensor]]) -> None:

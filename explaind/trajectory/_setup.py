@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..exceptions import ConfigError, TrajectoryError
-from ..models import refuse_renormalising_embeddings, refuse_sparse_embeddings
+from ..models import refuse_renormalising_embeddings, refuse_script_modules, refuse_sparse_embeddings
 from ._layout import remove_store, setup_leftover
 from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
@@ -157,6 +157,7 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
         )
     refuse_renormalising_embeddings(model, "TrajectoryRecorder")
     refuse_sparse_embeddings(model, "TrajectoryRecorder")
+    refuse_script_modules(model, "TrajectoryRecorder")
     drawn = loss_generators(loss)
     if drawn:
         raise ConfigError(
