@@ -296,7 +296,11 @@ def refuse_script_modules(model: nn.Module, where: str) -> None:
     UnsupportedModelError
         Naming every such module and the fix.
     """
-    found = [name or "the model" for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    found: list[str] = []
+    for name, m in model.named_modules():  # the outermost ones: their submodules are TorchScript too
+        if isinstance(m, torch.jit.ScriptModule) and not any(name.startswith(f"{f}.") for f in found):
+            found.append(name)
+    found = [name or "the model" for name in found]
     if found:
         raise UnsupportedModelError(
             f"{where}: {found} {'is a TorchScript module' if len(found) == 1 else 'are TorchScript modules'} "

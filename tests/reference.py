@@ -41,8 +41,22 @@ from torch.func import functional_call
 __all__ = ["Reference", "rel_err"]
 
 AXES = ("step", "param", "train")
-#: ELUs: kink at 0 (alpha != 1); PReLU: kink at 0
-_KINK_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.PReLU)
+#: ELUs: kink at 0 (alpha != 1); PReLU: kink at 0; Hardswish, Hardsigmoid: kinks at -3 and 3; Softshrink at +-lambd
+_KINK_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.PReLU, nn.Hardswish,
+                 nn.Hardsigmoid, nn.Softshrink)
+
+
+def _thresholds(m: nn.Module) -> tuple[float, ...]:
+    """Where the activation module ``m`` of :data:`_KINK_MODULES` has its kinks."""
+    if isinstance(m, nn.ReLU6):
+        return (0.0, 6.0)
+    if isinstance(m, nn.Hardtanh):
+        return (m.min_val, m.max_val)
+    if isinstance(m, (nn.Hardswish, nn.Hardsigmoid)):
+        return (-3.0, 3.0)
+    if isinstance(m, nn.Softshrink):
+        return (-m.lambd, m.lambd)
+    return (0.0,)
 
 
 def _candidate_gaps(module: nn.Module, inp: tuple) -> Tensor:
@@ -55,6 +69,13 @@ def _candidate_gaps(module: nn.Module, inp: tuple) -> Tensor:
         if inp[0].dim() != 2:
             raise NotImplementedError("the reference watches mode='max' bags of 2-D inputs only")
         cands = module.weight.detach()[inp[0]].transpose(-1, -2)  # (n, D, L)
+    elif isinstance(module, nn.AdaptiveMaxPool2d):  # windows of in/out when the sizes divide (as max pooling)
+        size = inp[0].shape[-2:]
+        out = [o or i for o, i in zip(_pair(module.output_size), size)]
+        if any(i % o for i, o in zip(size, out)):
+            raise NotImplementedError("the reference watches adaptive max pooling of divisible sizes only")
+        windows = tuple(i // o for i, o in zip(size, out))
+        return _candidate_gaps(nn.MaxPool2d(windows, windows), inp)
     else:
         if module.padding not in (0, (0, 0)) or module.dilation not in (1, (1, 1)):
             raise NotImplementedError("the reference watches max pooling without padding or dilation only")
@@ -67,6 +88,10 @@ def _candidate_gaps(module: nn.Module, inp: tuple) -> Tensor:
         cands = x.reshape(*x.shape[:nd], -1)
     i, j = torch.triu_indices(cands.shape[-1], cands.shape[-1], 1)
     return (cands[..., i] - cands[..., j]).reshape(-1)
+
+
+def _pair(v) -> tuple:
+    return (v, v) if not isinstance(v, (tuple, list)) else tuple(v)
 
 
 def rel_err(a, b) -> float:
@@ -233,18 +258,16 @@ class Reference:
         or two candidates of a maximum (a max-pooling window, a ``mode="max"`` bag) swap order."""
         mods = [m for m in self.model.modules() if isinstance(m, _KINK_MODULES)]
         feeding = [dict(self.model.named_modules())[name] for name in self.kink_outputs]
-        maxima = [m for m in self.model.modules() if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d))
+        maxima = [m for m in self.model.modules() if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool2d))
                   or (isinstance(m, nn.EmbeddingBag) and m.mode == "max")]
         if not mods and not feeding and not maxima:
             return []
         seen: list[Tensor] = []  # each hook appends its watched values minus their thresholds
 
-        def relu_like(m: nn.Module, inp: tuple, _out: Tensor) -> None:
-            ths = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (m.min_val, m.max_val) if isinstance(m, nn.Hardtanh) \
-                else (0.0,)
-            seen.extend(inp[0].detach().reshape(-1) - th for th in ths)
+        def relu_like(m: nn.Module, inp: tuple) -> None:  # before the module: an in-place one overwrites inp
+            seen.extend(inp[0].detach().reshape(-1) - th for th in _thresholds(m))
 
-        hooks = [m.register_forward_hook(relu_like) for m in mods]
+        hooks = [m.register_forward_pre_hook(relu_like) for m in mods]
         hooks += [m.register_forward_hook(lambda _m, _inp, out: seen.append(out.detach().reshape(-1)))
                   for m in feeding]
         hooks += [m.register_forward_hook(lambda m, inp, _out: seen.append(_candidate_gaps(m, inp)))

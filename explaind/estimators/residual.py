@@ -24,6 +24,8 @@ from ..kernel.attribution import Attribution
 
 __all__ = ["check_residual", "residual_causes", "check_quadrature"]
 
+#: An explained change within this many machine epsilons of the outputs is named as rounding by the quadrature warning.
+ROUNDING_CHANGE = 1e4
 #: Audited relative residual of the adapter above which it is named as a cause.
 AUDIT_TOL = 1e-6
 #: A step's audited gap ``||E_s||`` within this many unit roundoffs of ``||theta_{s+1}||`` is the rounding of the
@@ -84,8 +86,11 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
     if audit.size and np.isfinite(audit).all() and float(audit.max()) > AUDIT_TOL:
         gaps = _beyond_rounding(traj, audit, start)
         if gaps is None:  # the audit is the rounding of the stored parameters (named above for half precision)
-            if not half:
-                causes.append(_float32_cause(traj, float(audit.max()), int(np.argmax(audit)) + start))
+            worst = int(np.argmax(audit)) + start
+            if traj.params(start)[traj.param_names[0]].dtype == torch.float64:
+                causes.append(_tiny_update_cause(traj, float(audit.max()), worst))
+            elif not half:
+                causes.append(_float32_cause(traj, float(audit.max()), worst))
         else:
             worst = int(np.argmax(gaps)) + start
             causes.append(f"the optimizer adapter does not reproduce the recorded update (traj.audit() reaches "
@@ -121,12 +126,13 @@ def _beyond_rounding(traj: Any, audit: np.ndarray, start: int) -> np.ndarray | N
     r"""The audit of the steps whose gap exceeds the rounding of the stored parameters (others 0), ``None`` if none.
 
     A step's audited gap :math:`\|E_s\| = \mathrm{audit}_s \|\Delta\theta_s\|` is rounding when it is within
-    :data:`ROUNDING_UNITS` unit roundoffs of :math:`\|\theta_{s+1}\|` in the parameters' dtype (float64: never
-    above :data:`AUDIT_TOL` in practice, so every gap above it counts).
+    :data:`ROUNDING_UNITS` unit roundoffs of :math:`\|\theta_{s+1}\|` in the parameters' dtype (in float64 only
+    when the updates themselves are near that rounding: a learning rate so small that
+    :math:`\|\Delta\theta_s\| / \|\theta_{s+1}\|` approaches 1e-16 / AUDIT_TOL).
     """
     names = traj.param_names
     dtype = traj.params(start)[names[0]].dtype
-    if dtype == torch.float64 or not dtype.is_floating_point:
+    if not dtype.is_floating_point:
         return audit
     unit = torch.finfo(dtype).eps / 2
     beyond = np.zeros_like(audit)
@@ -137,6 +143,19 @@ def _beyond_rounding(traj: Any, audit: np.ndarray, start: int) -> np.ndarray | N
         if audit[k] * step > ROUNDING_UNITS * unit * size:
             beyond[k] = audit[k]
     return beyond if beyond.any() else None
+
+
+def _tiny_update_cause(traj: Any, largest: float, step: int) -> str:
+    """Why a float64 run leaves a residual although its updates are reproduced to rounding: they are that small."""
+    before, after = traj.params(step), traj.params(step + 1)
+    moved = sum(float((after[n] - before[n]).square().sum()) for n in traj.param_names) ** 0.5
+    size = sum(float(after[n].square().sum()) for n in traj.param_names) ** 0.5
+    return (f"the updates are at the rounding level of the float64 parameters: at step {step} |theta_s+1 - theta_s| "
+            f"is {moved / max(size, 1e-300):.2g} of |theta_s+1| and traj.audit() reaches {largest:.2g}, within "
+            f"{ROUNDING_UNITS:g} unit roundoffs of |theta_s+1|, so each stored update carries the rounding of "
+            f"theta_s + update (up to half an ulp of every parameter), which no per-sample term carries — a learning "
+            f"rate this small moves the model by little more than rounding; raise it, or accept the share with a "
+            f"larger residual_tol")
 
 
 def _float32_cause(traj: Any, largest: float, step: int) -> str:
@@ -188,6 +207,13 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str) -> 
     att.meta["quadrature_share"] = share
     if share > tol and rule != "left":
         fix = "a smaller tol" if rule == "adaptive" else "quadrature='adaptive' or more nodes"
+        change = float((att.final - att.initial).abs().amax())
+        size = float(att.final.abs().amax())
+        if change <= ROUNDING_CHANGE * torch.finfo(att.final.dtype).eps * size:
+            fix = (f"a larger learning rate, or explain a run that moved: the explained change is only "
+                   f"{change / max(size, 1e-300):.2g} of the outputs themselves, near the rounding of their "
+                   f"{str(att.final.dtype).removeprefix('torch.')} values, which the exact endpoint values carry and "
+                   f"no integral does (no tol or rule removes it)")
         warnings.warn(f"{owner}: quadrature error share {share:.3g} > {tol:g} with quadrature={rule!r}: the path "
                       f"integrals miss {100 * share:.3g}% of the explained change (it is kept in quadrature_error, "
                       f"so completeness holds, but the scores do not include it). Use {fix}.", ExplaindWarning,

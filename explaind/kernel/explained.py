@@ -152,7 +152,11 @@ class FunctionalModel:
                 raise UnsupportedModelError(
                     f"the model's forward branches on the values of its inputs ({exc.args[0][:60]}...), which "
                     f"torch.func.vmap cannot trace, and explaind evaluates the model one input at a time under "
-                    f"vmap. For Hugging Face models this is the attention-mask shortcut of a 2-D attention_mask: "
+                    f"vmap. In a forward of your own look for .item(), .tolist(), bool(tensor) in an if, "
+                    f"torch.nonzero, boolean-mask indexing and F.one_hot (which reads its input's largest value); "
+                    f"fix: compute the same values with tensor operations (torch.where, torch.gather, "
+                    f"(idx[..., None] == torch.arange(k)).to(dtype) for a one-hot). For Hugging Face models this "
+                    f"is the attention-mask shortcut of a 2-D attention_mask: "
                     f"pass a 4-D boolean mask instead (explaind.integrations.four_d_attention_mask(mask), for a "
                     f"causal LM four_d_attention_mask(mask, causal=True): a 4-D mask is used as given, so without "
                     f"causal=True the model would see later tokens; left padding included), in train_data and the "

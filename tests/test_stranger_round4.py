@@ -1,0 +1,155 @@
+"""Fourth round of cases nobody tuned for (tests/_round4_kit.py): exact in float64, or loud naming cause and fix.
+
+Exact (replica <= 1e-6 against the trained model in evaluation mode, residual share <= 1e-9, ``keep=("train",)``
+scores <= 1e-9 against the slow loop reference): Hardswish, ReLU6, LeakyReLU, in-place ReLU, Softshrink,
+AdaptiveMaxPool2d, FFT mixing, torch.nn.utils.prune, a custom autograd.Function in torch.func's style, a top-1
+router through gather, a full backward hook that only reads gradients, a hand-written batch centring and
+F.gumbel_softmax (both with capture_random=True), LambdaLR with lr 0 at some steps, float32 inputs to a float64 model.
+
+Loud, each with a fix landed here (the test failed before it): TorchScript submodules and old-style
+autograd.Functions (raw torch RuntimeErrors before), a backward hook (torch's RuntimeError before; a rescaling one
+is now refused by the gradient check naming the hook), Hardshrink/Threshold and a straight-through round (the
+warnings blamed kink density and float32 casts), F.one_hot under vmap (the message named only Hugging Face masks),
+a diverging learning rate (the replica missed the trained model by 3.2e-4 without a word), a learning rate so
+small that the updates are rounding (the warnings blamed the optimizer adapter and the tolerance).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _round4_kit import (
+    XI,
+    XV,
+    YI,
+    YV,
+    AdaptivePool,
+    Router,
+    batch_centred,
+    custom_function,
+    estimator_warnings,
+    fft_mixing,
+    float32_inputs,
+    gumbel,
+    hooked,
+    one_hot_router,
+    pruned,
+    relu_mlp,
+    replica_warnings,
+    scaled_run,
+    scripted,
+    stack,
+    straight_through,
+    warm_up,
+)
+from _stranger_loops_kit import assert_exact
+from hard_models_kit import run_exact, seeded, train
+from torch import nn
+
+import explaind
+from explaind.exceptions import ExplaindWarning, TrajectoryError, UnsupportedModelError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXACT_MODELS = {
+    "hardswish_relu6_leaky": (stack(nn.Hardswish(), nn.ReLU6(), nn.LeakyReLU(0.1)), XV, YV, {}),
+    "relu_inplace": (stack(nn.ReLU(inplace=True), nn.ReLU(inplace=True)), XV, YV, {}),
+    "softshrink": (stack(nn.Softshrink(0.3), nn.Softshrink(0.3)), XV, YV, {}),
+    "adaptive_max_pool": (AdaptivePool, XI, YI, {}),
+    "fft_mixing": (fft_mixing, XV, YV, {}),
+    "pruned": (pruned, XV, YV, {}),
+    "autograd_function_func_style": (custom_function, XV, YV, {}),
+    "top1_router_gather": (Router, XV, YV, {}),
+    "reading_backward_hook": (hooked(None), XV, YV, {}),
+    "batch_centred_captured": (batch_centred, XV, YV, {"capture_random": True}),
+    "gumbel_softmax_captured": (gumbel, XV, YV, {"capture_random": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT_MODELS))
+def test_models_are_exact(case):
+    """``reading_backward_hook`` before the fix: torch's RuntimeError (autograd.Function without setup_context)."""
+    build, X, Y, kw = EXACT_MODELS[case]
+    run_exact(build, "sgd", X, Y, **kw)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_lambda_lr_with_zero_factors_is_exact(opt):
+    assert_exact(warm_up(opt))
+
+
+def test_float32_inputs_to_a_float64_model_are_exact():
+    assert_exact(float32_inputs())
+
+
+@pytest.mark.parametrize(("build", "match"), [
+    (scripted, r"\['0'\] is a TorchScript module .*Fix: keep the module you scripted"),
+    (lambda: custom_function(old=True), r"old style .*setup_context.*jvp"),
+    (one_hot_router, r"F\.one_hot .*torch\.gather"),
+])
+def test_models_torch_func_cannot_run_are_refused_naming_the_fix(build, match):
+    """Before: ``register_forward_pre_hook is not supported on ScriptModules`` at ``with rec:``, torch's
+    setup_context RuntimeError, and a message naming only Hugging Face's attention masks."""
+    with pytest.raises(UnsupportedModelError, match=match):  # at the recorder (TorchScript) or when explaining
+        traj, _ = train(seeded(build), "sgd", XV[:12], YV[:12])
+        explaind.KernelReplica(device="cpu").fit(traj).predict(XV[12:])
+
+
+def test_a_rescaling_backward_hook_is_refused_by_the_gradient_check_naming_it():
+    with pytest.raises(TrajectoryError, match=r"gradient hooks \(module '2'\).*Fix: remove such hooks"):
+        train(seeded(hooked(0.5)), "sgd", XV[:12], YV[:12])
+
+
+def test_the_gradient_check_keeps_the_models_own_backward_hooks():
+    model = seeded(hooked(None))
+    train(model, "sgd", XV[:12], YV[:12])
+    assert len(model[2]._backward_hooks) == 1 and model[2]._is_full_backward_hook
+
+
+@pytest.mark.parametrize(("act", "name"), [(nn.Hardshrink(0.3), "Hardshrink"), (nn.Threshold(0.1, -1.0), "Threshold")])
+def test_activations_that_jump_are_named_as_jumps(act, name):
+    """Before: the warning said the path crossed too many kinks (a ReLU-dense path)."""
+    model = seeded(stack(act))
+    traj, _ = train(model, "sgd", XV[:12], YV[:12])
+    with pytest.warns(ExplaindWarning, match=rf"\['1 \({name}\)'\], whose output jumps .*Fix: a continuous"):
+        explaind.KernelReplica(device="cpu", tol=1e-11).fit(traj).predict(XV[12:])
+
+
+def test_a_straight_through_round_is_named_in_the_cap_warning():
+    """Before: only the float32-casts hint, for a forward that is piecewise constant in the parameters."""
+    model = seeded(straight_through)
+    traj, _ = train(model, "sgd", XV[:12], YV[:12])
+    with pytest.warns(ExplaindWarning, match=r"torch\.round.*straight-through estimator"):
+        explaind.KernelReplica(device="cpu", tol=1e-11).fit(traj).predict(XV[12:])
+
+
+def test_a_diverging_run_warns_that_the_per_step_errors_add_up_and_the_fix_is_exact():
+    """SGD lr 50 on a ReLU MLP: outputs swing by up to 3.6e3 and end near 38. Before: 3.2e-4 without a warning."""
+    model, traj = scaled_run(50.0, relu_mlp)
+    err, caught = replica_warnings(model, traj)
+    assert err > 1e-5 and len(caught) == 1, (err, caught)
+    assert "per-step errors add up" in caught[0] and "tol=3e-11" in caught[0], caught
+    err, caught = replica_warnings(model, traj, tol=3e-11)
+    assert err <= 1e-6 and not caught, (err, caught)
+
+
+def test_updates_at_the_rounding_of_the_parameters_are_named_in_both_warnings():
+    """SGD lr 1e-14. Before: the residual warning blamed the optimizer adapter, the quadrature one the tol."""
+    _, traj = scaled_run(1e-14)
+    share, caught = estimator_warnings(traj)
+    assert share > 1e-3, share
+    text = " ".join(caught)
+    assert "the updates are at the rounding level of the float64 parameters" in text, caught
+    assert "does not reproduce the recorded update" not in text, caught
+    assert "Use a larger learning rate" in text and "Use a smaller tol" not in text, caught
+
+
+def test_a_normal_run_has_no_accumulation_warning():
+    model, traj = scaled_run(0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        err, caught = replica_warnings(model, traj)
+    assert err <= 1e-6 and not caught
+    assert torch.isfinite(torch.tensor(err))
