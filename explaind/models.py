@@ -45,6 +45,7 @@ __all__ = [
     "refuse_sparse_embeddings",
     "refuse_script_modules",
     "backward_hooks_off",
+    "copy_memo",
     "drop_backward_hooks",
     "gradient_hooks",
     "refuse_compiled_draws",
@@ -331,6 +332,22 @@ def backward_hooks_off(model: nn.Module) -> Iterator[None]:
             m._backward_hooks.update(hooks)
             m._backward_pre_hooks.update(pre_hooks)
             m._is_full_backward_hook = full
+
+
+def copy_memo(model: nn.Module, keep: Any = ()) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo for ``model``: the objects of ``keep`` kept, and each tensor a forward pre-hook left
+    in a module's attributes as a result of the autograd graph replaced by a detached copy.
+
+    ``torch.nn.utils.prune`` (``weight = weight_orig * weight_mask``) and the hook-based
+    ``torch.nn.utils.weight_norm`` set such an attribute in every forward; after a training forward it
+    is no graph leaf, which ``deepcopy`` refuses. Its value is recomputed at the copy's next forward.
+    """
+    memo: dict[int, Any] = {id(o): o for o in keep}
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return memo
 
 
 def drop_backward_hooks(model: nn.Module) -> None:

@@ -4,7 +4,9 @@ Exact (replica <= 1e-6 against the trained model in evaluation mode, residual sh
 scores <= 1e-9 against the slow loop reference): Hardswish, ReLU6, LeakyReLU, in-place ReLU, Softshrink,
 AdaptiveMaxPool2d, FFT mixing, torch.nn.utils.prune, a custom autograd.Function in torch.func's style, a top-1
 router through gather, a full backward hook that only reads gradients, a hand-written batch centring and
-F.gumbel_softmax (both with capture_random=True), LambdaLR with lr 0 at some steps, float32 inputs to a float64 model.
+F.gumbel_softmax (both with capture_random=True), LambdaLR with lr 0 at some steps, float32 inputs to a float64 model;
+pruned and hook-based weight-norm models explained right after a training forward (torch's deepcopy refused their
+non-leaf ``weight`` attribute before).
 
 Loud, each with a fix landed here (the test failed before it): TorchScript submodules and old-style
 autograd.Functions (raw torch RuntimeErrors before), a backward hook (torch's RuntimeError before; a rescaling one
@@ -45,7 +47,9 @@ from _round4_kit import (
     warm_up,
 )
 from _stranger_loops_kit import assert_exact
-from hard_models_kit import run_exact, seeded, train
+from hard_models_kit import assert_exact as assert_model_exact
+from hard_models_kit import measure, run_exact, seeded, train
+from test_hard_models_params import old_weight_norm
 from torch import nn
 
 import explaind
@@ -73,6 +77,16 @@ def test_models_are_exact(case):
     """``reading_backward_hook`` before the fix: torch's RuntimeError (autograd.Function without setup_context)."""
     build, X, Y, kw = EXACT_MODELS[case]
     run_exact(build, "sgd", X, Y, **kw)
+
+
+@pytest.mark.parametrize("build", [pruned, old_weight_norm])
+def test_weights_set_by_a_pre_hook_are_explained_right_after_a_training_forward(build):
+    """prune and the hook-based weight_norm leave ``module.weight`` a non-leaf tensor after a training forward.
+    Before: torch's deepcopy RuntimeError when explaining before any forward without gradients."""
+    model = seeded(build)
+    traj, copies = train(model, "sgd", XV[:12], YV[:12])
+    explaind.KernelReplica(device="cpu").fit(traj).predict(XV[12:])
+    assert_model_exact(measure(model, traj, copies, XV[12:]))
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adam"])

@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
-from ..models import drop_backward_hooks, refuse_renormalising_embeddings, refuse_script_modules
+from ..models import copy_memo, drop_backward_hooks, refuse_renormalising_embeddings, refuse_script_modules
 from ..outputs import model_output
 from .casts import KeepReplayDtype
 from .rewrites import FusedKernelRewrite, needs_rewrite
@@ -83,7 +83,7 @@ class FunctionalModel:
 
     def copy(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` that holds the objects of :attr:`shared` themselves."""
-        return copy.deepcopy(module, {id(o): o for o in self.shared})
+        return copy.deepcopy(module, copy_memo(module, self.shared))
 
     def cast(self, t: Any) -> Any:
         """Move to the compute device; floating tensors also to the compute dtype (every tensor of :class:`Inputs`)."""

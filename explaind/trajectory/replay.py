@@ -39,6 +39,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
+from ..models import copy_memo
 from ..recurrence import LinearUpdate
 from ._checks import batch_gradient, default_tolerance
 from ._common import warn_user
@@ -280,7 +281,7 @@ class SegmentReplay:
         if not (manifest.random_capture and manifest.coupled):
             return model, None
         if self._module is None:
-            self._module = copy.deepcopy(model, {id(g): g for g in self._src.generators})
+            self._module = copy.deepcopy(model, copy_memo(model, self._src.generators))
         parts = replay_parts(self._src.micro_batches(s), manifest.coupled, where)
         self._module.train(parts is not None)
         return self._module, None if parts is None else [(slice(lo, hi), state) for lo, hi, state in parts]
