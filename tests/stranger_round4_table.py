@@ -45,8 +45,9 @@ import explaind
 from explaind.exceptions import ExplaindError, ExplaindWarning
 
 
-def model_row(build: Callable[[], nn.Module], X: Any = XV, Y: Any = YV, **recorder: Any) -> str:
-    """Train and measure one model case; its figures, or the first explaind warning or error."""
+def model_row(build: Callable[[], nn.Module], X: Any = XV, Y: Any = YV, key: str = "", **recorder: Any) -> str:
+    """Train and measure one model case; its figures, or the first explaind warning or error (shown around
+    ``key``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", ExplaindWarning)
@@ -55,7 +56,7 @@ def model_row(build: Callable[[], nn.Module], X: Any = XV, Y: Any = YV, **record
             explaind.KernelReplica(device="cpu", tol=1e-11).fit(traj).predict(X[12:])  # an error when explaining
             got = measure(model, traj, copies, X[12:])
     except (ExplaindError, ExplaindWarning) as exc:
-        return f"| | | | {type(exc).__name__}: {_cut(str(exc))} |"
+        return f"| | | | {type(exc).__name__}: {_cut(str(exc), key)} |"
     exact = got["replica"] <= 1e-6 and got["residual_share"] <= 1e-9 and got["train_vs_reference"] <= 1e-9
     return (f"| {got['replica']:.1e} | {got['residual_share']:.1e} | {got['train_vs_reference']:.1e} | "
             f"{'exact' if exact else 'NOT EXACT'} |")
@@ -144,15 +145,16 @@ def main() -> None:
     for opt in ("sgd", "adam"):
         print(f"| LambdaLR factors 0 at steps 0 and 3 ({opt}) {loop_row(warm_up(opt))}", flush=True)
     print(f"| float32 inputs, float64 model {loop_row(float32_inputs())}", flush=True)
-    loud = [("batch centring without capture_random", lambda: model_row(EXACT_MODELS["batch_centred_captured"][0])),
-            ("hardshrink", lambda: model_row(stack(nn.Hardshrink(0.3)))),
-            ("threshold", lambda: model_row(stack(nn.Threshold(0.1, -1.0)))),
-            ("straight-through round", lambda: model_row(straight_through)),
+    centred = EXACT_MODELS["batch_centred_captured"][0]
+    loud = [("batch centring without capture_random", lambda: model_row(centred, key="capture_random=True")),
+            ("hardshrink", lambda: model_row(stack(nn.Hardshrink(0.3)), key="whose output jumps")),
+            ("threshold", lambda: model_row(stack(nn.Threshold(0.1, -1.0)), key="whose output jumps")),
+            ("straight-through round", lambda: model_row(straight_through, key="torch.round")),
             ("hardsigmoid (tol 1e-11)", lambda: model_row(stack(nn.Hardsigmoid(), nn.Hardsigmoid()))),
-            ("torch.jit.script block", lambda: model_row(scripted)),
-            ("old-style autograd.Function", lambda: model_row(lambda: function(old=True))),
-            ("F.one_hot top-1 router", lambda: model_row(one_hot_router)),
-            ("backward hook rescaling a gradient", lambda: model_row(hooked(0.5))),
+            ("torch.jit.script block", lambda: model_row(scripted, key="TorchScript")),
+            ("old-style autograd.Function", lambda: model_row(lambda: function(old=True), key="old style")),
+            ("F.one_hot top-1 router", lambda: model_row(one_hot_router, key="F.one_hot")),
+            ("backward hook rescaling a gradient", lambda: model_row(hooked(0.5), key="gradient hooks")),
             ("in-batch contrastive loss callable", contrastive),
             ("temperature as a Python attribute changed between steps", annealed),
             ("SGD lr 50, ReLU MLP (diverging), default replica", diverging),
