@@ -264,7 +264,8 @@ def refuse_renormalising_embeddings(model: nn.Module, where: str) -> None:
 
 
 def refuse_sparse_embeddings(model: nn.Module, where: str) -> None:
-    """Refuse ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)``: their gradients are sparse tensors.
+    """Refuse ``nn.Embedding(sparse=True)`` and ``nn.EmbeddingBag(sparse=True)``: their gradients are sparse tensors;
+    and ``scale_grad_by_freq=True``, whose gradients couple the samples of a batch.
 
     The recorder reads, checks and stores dense gradients; the model's function does not depend on
     ``sparse``, so the dense layer trains and explains the same model.
@@ -274,6 +275,17 @@ def refuse_sparse_embeddings(model: nn.Module, where: str) -> None:
     UnsupportedModelError
         Naming every such embedding and the fix.
     """
+    scaled = [name or type(m).__name__ for name, m in model.named_modules()
+              if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.scale_grad_by_freq]
+    if scaled:
+        raise UnsupportedModelError(
+            f"{where}: the embeddings {scaled} have scale_grad_by_freq=True, so backward() divides each row's "
+            f"gradient by how often its index occurs in the whole batch: a sample's share of the update depends on "
+            f"the other samples, while explaind splits it into per-sample gradients (each computed alone, they "
+            f"would be scaled by the counts within that sample), and the split would be inexact although the "
+            f"gradient check passes. Allowed: scale_grad_by_freq=False (the default). Fix: build them with "
+            f"scale_grad_by_freq=False; if rare tokens need larger steps, use an optimizer that adapts per "
+            f"coordinate (Adam, AdamW, Adagrad), which explaind records.")
     found = [name or type(m).__name__ for name, m in model.named_modules()
              if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse]
     if found:

@@ -26,6 +26,8 @@ from explaind.exceptions import ExplaindWarning
 
 XV, YV = hard_data(14, (4,), 3)
 XI, YI = hard_data(14, (1, 4, 4), 1)
+XS, YS = hard_data(14, (4, 3), 1)
+XT, YT = hard_data(14, (5,), 4, vocab=6)
 
 
 def stack(*acts: nn.Module) -> Callable[[], nn.Module]:
@@ -146,6 +148,32 @@ class AdaptivePool(nn.Module):
 
     def forward(self, x):
         return self.head(self.pool(torch.tanh(self.c(x))).flatten(1))
+
+
+class Tokens(nn.Module):
+    """Token rows through ``nn.Embedding(6, 4, scale_grad_by_freq=...)``, tanh, a mean over positions, a head."""
+
+    def __init__(self, scale_grad_by_freq: bool = True):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(6, 4, scale_grad_by_freq=scale_grad_by_freq), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)).mean(1))
+
+
+class SequenceFirst(nn.Module):
+    """``nn.Transformer`` with ``batch_first=False``, ``norm_first=True``, dropout 0.1, GELU and a causal target
+    mask (``tgt_is_causal``); the sequence attends to itself; a head on the last position."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(3, 8), nn.Linear(8, 3)
+        self.t = nn.Transformer(8, 2, 1, 1, 16, dropout=0.1, activation="gelu", batch_first=False, norm_first=True)
+
+    def forward(self, x):
+        src = self.inp(x).transpose(0, 1)  # (length, n, d)
+        mask = nn.Transformer.generate_square_subsequent_mask(src.shape[0], dtype=src.dtype)
+        return self.head(self.t(src, src, tgt_mask=mask, tgt_is_causal=True)[-1])
 
 
 def pruned() -> nn.Module:

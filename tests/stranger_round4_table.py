@@ -20,8 +20,11 @@ from typing import Any
 
 import torch
 from _round4_kit import (
+    XT,
     XV,
+    YT,
     YV,
+    Tokens,
     estimator_warnings,
     float32_inputs,
     hooked,
@@ -52,9 +55,10 @@ def model_row(build: Callable[[], nn.Module], X: Any = XV, Y: Any = YV, key: str
         with warnings.catch_warnings():
             warnings.simplefilter("error", ExplaindWarning)
             model = seeded(build)
+            panels = recorder.pop("panels", 2)  # the reference's, not the recorder's
             traj, copies = train(model, "sgd", X[:12], Y[:12], **recorder)
             explaind.KernelReplica(device="cpu", tol=1e-11).fit(traj).predict(X[12:])  # an error when explaining
-            got = measure(model, traj, copies, X[12:])
+            got = measure(model, traj, copies, X[12:], panels=panels)
     except (ExplaindError, ExplaindWarning) as exc:
         return f"| | | | {type(exc).__name__}: {_cut(str(exc), key)} |"
     exact = got["replica"] <= 1e-6 and got["residual_share"] <= 1e-9 and got["train_vs_reference"] <= 1e-9
@@ -151,6 +155,7 @@ def main() -> None:
             ("threshold", lambda: model_row(stack(nn.Threshold(0.1, -1.0)), key="whose output jumps")),
             ("straight-through round", lambda: model_row(straight_through, key="torch.round")),
             ("hardsigmoid (tol 1e-11)", lambda: model_row(stack(nn.Hardsigmoid(), nn.Hardsigmoid()))),
+            ("Embedding(scale_grad_by_freq=True)", lambda: model_row(Tokens, XT, YT, key="scale_grad_by_freq")),
             ("torch.jit.script block", lambda: model_row(scripted, key="TorchScript")),
             ("old-style autograd.Function", lambda: model_row(lambda: function(old=True), key="old style")),
             ("F.one_hot top-1 router", lambda: model_row(one_hot_router, key="F.one_hot")),

@@ -2,18 +2,18 @@
 
 Exact (replica <= 1e-6 against the trained model in evaluation mode, residual share <= 1e-9, ``keep=("train",)``
 scores <= 1e-9 against the slow loop reference): Hardswish, ReLU6, LeakyReLU, in-place ReLU, Softshrink,
-AdaptiveMaxPool2d, FFT mixing, torch.nn.utils.prune, a custom autograd.Function in torch.func's style, a top-1
-router through gather, a full backward hook that only reads gradients, a hand-written batch centring and
-F.gumbel_softmax (both with capture_random=True), LambdaLR with lr 0 at some steps, float32 inputs to a float64 model;
-pruned and hook-based weight-norm models explained right after a training forward (torch's deepcopy refused their
-non-leaf ``weight`` attribute before).
+AdaptiveMaxPool2d, FFT mixing, torch.nn.utils.prune, nn.Transformer (sequence first, pre-norm, causal, dropout), a
+custom autograd.Function in torch.func's style, a top-1 router through gather, a full backward hook that only reads
+gradients, a hand-written batch centring and F.gumbel_softmax (both with capture_random=True), LambdaLR with lr 0 at
+some steps, float32 inputs to a float64 model; pruned and hook-based weight-norm models explained right after a
+training forward (torch's deepcopy refused their non-leaf ``weight`` attribute before).
 
 Loud, each with a fix landed here (the test failed before it): TorchScript submodules and old-style
 autograd.Functions (raw torch RuntimeErrors before), a backward hook (torch's RuntimeError before; a rescaling one
 is now refused by the gradient check naming the hook), Hardshrink/Threshold and a straight-through round (the
-warnings blamed kink density and float32 casts), F.one_hot under vmap (the message named only Hugging Face masks),
-a diverging learning rate (the replica missed the trained model by 3.2e-4 without a word), a learning rate so
-small that the updates are rounding (the warnings blamed the optimizer adapter and the tolerance).
+warnings blamed kink density and float32 casts), F.one_hot under vmap (the message named only Hugging Face masks), a
+diverging learning rate (the replica missed the trained model by 3.2e-4 without a word), a learning rate so small
+that the updates are rounding (the warnings blamed the optimizer adapter and the tolerance).
 """
 
 from __future__ import annotations
@@ -24,11 +24,17 @@ import pytest
 import torch
 from _round4_kit import (
     XI,
+    XS,
+    XT,
     XV,
     YI,
+    YS,
+    YT,
     YV,
     AdaptivePool,
     Router,
+    SequenceFirst,
+    Tokens,
     batch_centred,
     custom_function,
     estimator_warnings,
@@ -69,6 +75,7 @@ EXACT_MODELS = {
     "reading_backward_hook": (hooked(None), XV, YV, {}),
     "batch_centred_captured": (batch_centred, XV, YV, {"capture_random": True}),
     "gumbel_softmax_captured": (gumbel, XV, YV, {"capture_random": True}),
+    "transformer_sequence_first_pre_norm": (SequenceFirst, XS, YS, {"panels": 8}),
 }
 
 
@@ -109,6 +116,15 @@ def test_models_torch_func_cannot_run_are_refused_naming_the_fix(build, match):
     with pytest.raises(UnsupportedModelError, match=match):  # at the recorder (TorchScript) or when explaining
         traj, _ = train(seeded(build), "sgd", XV[:12], YV[:12])
         explaind.KernelReplica(device="cpu").fit(traj).predict(XV[12:])
+
+
+def test_embeddings_scaling_gradients_by_batch_frequency_are_refused_naming_the_fix():
+    """Before: the gradient check passed (it recomputes the batch) and the residual share was 0.017, warned with
+    "look at the steps it did not check"."""
+    with pytest.raises(UnsupportedModelError, match=r"\['emb'\] have scale_grad_by_freq=True.*Fix: build them with "
+                                                    r"scale_grad_by_freq=False"):
+        train(seeded(Tokens), "sgd", XT[:12], YT[:12])
+    run_exact(lambda: Tokens(False), "sgd", XT, YT)
 
 
 def test_a_rescaling_backward_hook_is_refused_by_the_gradient_check_naming_it():
