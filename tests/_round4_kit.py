@@ -255,10 +255,25 @@ def float32_inputs() -> dict[str, Any]:
             "warnings": [str(w.message) for w in caught]}
 
 
-def scaled_run(lr: float, build: Callable[[], nn.Module] = mlp) -> tuple[nn.Module, Any]:
-    """Plain SGD at an untuned learning rate: ``(model, trajectory)``."""
+def scaled_run(lr: float, build: Callable[[], nn.Module] = mlp, opt: type = torch.optim.SGD) -> tuple[nn.Module, Any]:
+    """Plain SGD (or ``opt``) at an untuned learning rate: ``(model, trajectory)``."""
     model = build()
-    return model, train(model, torch.optim.SGD(model.parameters(), lr=lr))
+    return model, train(model, opt(model.parameters(), lr=lr))
+
+
+def default_figures(model: nn.Module, traj: Any) -> dict[str, Any]:
+    """What :func:`_stranger_loops_kit.measure` measures, with the default (adaptive) estimators."""
+    _, _, X_test = data()
+    replica, caught = replica_warnings(model, traj)
+    share, more = estimator_warnings(traj)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExplaindWarning)
+        att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
+    ref = Reference(traj, X_test, panels=1)
+    expected = ref.kept(("train",))
+    return {"replica": replica, "share": share, "scores": rel_err(att.values.reshape(expected.shape), expected),
+            "reference_residual": float(ref.E.abs().max()) / float(torch.stack(ref.delta).abs().max()),
+            "warnings": caught + more}
 
 
 def replica_warnings(model: nn.Module, traj: Any, **kw: Any) -> tuple[float, list[str]]:

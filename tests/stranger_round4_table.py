@@ -25,6 +25,7 @@ from _round4_kit import (
     YT,
     YV,
     Tokens,
+    default_figures,
     estimator_warnings,
     float32_inputs,
     hooked,
@@ -149,6 +150,8 @@ def main() -> None:
     for opt in ("sgd", "adam"):
         print(f"| LambdaLR factors 0 at steps 0 and 3 ({opt}) {loop_row(warm_up(opt))}", flush=True)
     print(f"| float32 inputs, float64 model {loop_row(float32_inputs())}", flush=True)
+    adam = default_figures(*scaled_run(3.0, relu_mlp, torch.optim.Adam))
+    print(f"| Adam lr 3, ReLU MLP, default estimators {loop_row(adam)}", flush=True)
     centred = EXACT_MODELS["batch_centred_captured"][0]
     loud = [("batch centring without capture_random", lambda: model_row(centred, key="capture_random=True")),
             ("hardshrink", lambda: model_row(stack(nn.Hardshrink(0.3)), key="whose output jumps")),

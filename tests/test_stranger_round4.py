@@ -37,6 +37,7 @@ from _round4_kit import (
     Tokens,
     batch_centred,
     custom_function,
+    default_figures,
     estimator_warnings,
     fft_mixing,
     float32_inputs,
@@ -174,6 +175,11 @@ def test_updates_at_the_rounding_of_the_parameters_are_named_in_both_warnings():
     assert "the updates are at the rounding level of the float64 parameters" in text, caught
     assert "does not reproduce the recorded update" not in text, caught
     assert "Use a larger learning rate" in text and "Use a smaller tol" not in text, caught
+
+
+def test_adam_at_lr_3_on_a_relu_mlp_is_exact_with_the_default_estimators():
+    """The untuned Adam counterpart of the diverging SGD run: its steps do not cancel, so tol=1e-7 per step holds."""
+    assert_exact(default_figures(*scaled_run(3.0, relu_mlp, torch.optim.Adam)))
 
 
 def test_a_normal_run_has_no_accumulation_warning():
