@@ -255,6 +255,31 @@ def float32_inputs() -> dict[str, Any]:
             "warnings": [str(w.message) for w in caught]}
 
 
+class Annealed(nn.Module):
+    """Logits divided by a temperature: a plain Python attribute (``counted=False``, raised by the loop after every
+    step) or ``1 + 0.5 t`` with ``t`` an integer buffer the training forward counts up."""
+
+    def __init__(self, counted: bool = False):
+        super().__init__()
+        self.net, self.tau, self.counted = mlp(), 1.0, counted
+        self.register_buffer("t", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if not self.counted:
+            return self.net(x) / self.tau
+        out = self.net(x) / (1.0 + 0.5 * self.t)
+        if self.training:
+            self.t += 1
+        return out
+
+
+def annealed(counted: bool) -> tuple[nn.Module, Any]:
+    """``(model, trajectory)`` of an :class:`Annealed` run (SGD momentum)."""
+    model = Annealed(counted)
+    after = None if counted else (lambda s: setattr(model, "tau", 1.5 + 0.5 * s))
+    return model, train(model, sgd(model), after=after)
+
+
 def scaled_run(lr: float, build: Callable[[], nn.Module] = mlp, opt: type = torch.optim.SGD) -> tuple[nn.Module, Any]:
     """Plain SGD (or ``opt``) at an untuned learning rate: ``(model, trajectory)``."""
     model = build()

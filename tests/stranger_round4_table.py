@@ -25,6 +25,7 @@ from _round4_kit import (
     YT,
     YV,
     Tokens,
+    annealed,
     default_figures,
     estimator_warnings,
     float32_inputs,
@@ -40,8 +41,9 @@ from _round4_kit import (
 )
 from _round4_kit import custom_function as function
 from _stranger_loops_kit import batches, data, mlp, sgd
-from _stranger_loops_kit import train as loop_train
+from _stranger_loops_kit import measure as measure_loop
 from hard_models_kit import measure, seeded, train
+from replay_reference import BufferReference
 from test_stranger_round4 import EXACT_MODELS
 from torch import nn
 
@@ -108,23 +110,11 @@ def contrastive() -> str:
     return "| | | | not refused |"
 
 
-class Annealed(nn.Module):
-    """Logits divided by a temperature kept as a plain Python attribute, raised after every step."""
-
-    def __init__(self):
-        super().__init__()
-        self.net, self.tau = mlp(), 1.0
-
-    def forward(self, x):
-        return self.net(x) / self.tau
-
-
-def annealed() -> str:
-    model = Annealed()
-    traj = loop_train(model, sgd(model), after=lambda s: setattr(model, "tau", 1.5 + 0.5 * s))
+def temperature() -> str:
+    model, traj = annealed(counted=False)
     err, _ = replica_warnings(model, traj)
     share, caught = estimator_warnings(traj)
-    return warned_row(err, share, caught, "residual share")
+    return warned_row(err, share, caught, "Python attribute")
 
 
 def diverging() -> str:
@@ -152,6 +142,8 @@ def main() -> None:
     print(f"| float32 inputs, float64 model {loop_row(float32_inputs())}", flush=True)
     adam = default_figures(*scaled_run(3.0, relu_mlp, torch.optim.Adam))
     print(f"| Adam lr 3, ReLU MLP, default estimators {loop_row(adam)}", flush=True)
+    counted = measure_loop(*annealed(counted=True), BufferReference)
+    print(f"| temperature from an integer buffer the forward counts {loop_row(counted)}", flush=True)
     centred = EXACT_MODELS["batch_centred_captured"][0]
     loud = [("batch centring without capture_random", lambda: model_row(centred, key="capture_random=True")),
             ("hardshrink", lambda: model_row(stack(nn.Hardshrink(0.3)), key="whose output jumps")),
@@ -164,7 +156,7 @@ def main() -> None:
             ("F.one_hot top-1 router", lambda: model_row(one_hot_router, key="F.one_hot")),
             ("backward hook rescaling a gradient", lambda: model_row(hooked(0.5), key="gradient hooks")),
             ("in-batch contrastive loss callable", contrastive),
-            ("temperature as a Python attribute changed between steps", annealed),
+            ("temperature as a Python attribute changed between steps", temperature),
             ("SGD lr 50, ReLU MLP (diverging), default replica", diverging),
             ("SGD lr 1e-14, default estimators", tiny)]
     for name, row in loud:

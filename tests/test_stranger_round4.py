@@ -35,6 +35,7 @@ from _round4_kit import (
     Router,
     SequenceFirst,
     Tokens,
+    annealed,
     batch_centred,
     custom_function,
     default_figures,
@@ -54,8 +55,10 @@ from _round4_kit import (
     warm_up,
 )
 from _stranger_loops_kit import assert_exact
+from _stranger_loops_kit import measure as measure_loop
 from hard_models_kit import assert_exact as assert_model_exact
 from hard_models_kit import measure, run_exact, seeded, train
+from replay_reference import BufferReference
 from test_hard_models_params import old_weight_norm
 from torch import nn
 
@@ -180,6 +183,15 @@ def test_updates_at_the_rounding_of_the_parameters_are_named_in_both_warnings():
 def test_adam_at_lr_3_on_a_relu_mlp_is_exact_with_the_default_estimators():
     """The untuned Adam counterpart of the diverging SGD run: its steps do not cancel, so tol=1e-7 per step holds."""
     assert_exact(default_figures(*scaled_run(3.0, relu_mlp, torch.optim.Adam)))
+
+
+def test_a_temperature_kept_as_a_python_attribute_is_warned_about_naming_the_buffer_fix_which_is_exact():
+    """Before: the residual warning said only "look at the steps it did not check"."""
+    model, traj = annealed(counted=False)
+    share, caught = estimator_warnings(traj)
+    assert share > 0.1 and any("Python attribute" in w and "step counter" in w for w in caught), (share, caught)
+    model, traj = annealed(counted=True)
+    assert_exact(measure_loop(model, traj, BufferReference))
 
 
 def test_a_normal_run_has_no_accumulation_warning():
