@@ -48,6 +48,7 @@ __all__ = [
     "copy_memo",
     "drop_backward_hooks",
     "gradient_hooks",
+    "gradient_hooks_hint",
     "refuse_compiled_draws",
     "refuse_mixed_modes",
     "compile_backend",
@@ -449,3 +450,15 @@ def refuse_mixed_modes(modules: list[tuple[str, nn.Module]], root: nn.Module) ->
         f"applies the running statistics in both modes (e.g. torchvision.ops.FrozenBatchNorm2d), and switch a "
         f"dropout off with p=0 rather than .eval()."
     )
+
+
+def gradient_hooks_hint(model: nn.Module) -> str:
+    """Names the gradient hooks of ``model`` (``""`` when none) for a failed gradient check."""
+    hooked = gradient_hooks(model)
+    if not hooked:
+        return ""
+    return (f" The model has gradient hooks ({', '.join(hooked[:4])}{', ...' if len(hooked) > 4 else ''}), which "
+            f"change what backward() leaves in .grad but no output; explaind recomputes gradients without them, so a "
+            f"hook that rescales or edits gradients makes the recorded update the gradient of no loss. Fix: remove "
+            f"such hooks (a hook that only reads gradients is fine); scale a layer's update with a parameter group's "
+            f"lr instead.")

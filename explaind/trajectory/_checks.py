@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model, checkpoint_error
-from ..models import backward_hooks_off, gradient_hooks
+from ..models import backward_hooks_off, gradient_hooks_hint
 from ..outputs import model_output
 from ..records import LossRecord
 from ._audit import CHUNK_ELEMENTS as _CHUNK
@@ -166,18 +166,6 @@ def _autocast_hint(autocast: torch.dtype | None, tol: float) -> str:
         f"is autocast rounding of this model, pass gradient_tolerance=<a larger value> to the recorder; the part "
         f"of the update that autocast changes is reported as the residual."
     )
-
-
-def _hooks_hint(model: nn.Module) -> str:
-    """Names the gradient hooks of ``model`` (``""`` when none) for a failed gradient check."""
-    hooked = gradient_hooks(model)
-    if not hooked:
-        return ""
-    return (f" The model has gradient hooks ({', '.join(hooked[:4])}{', ...' if len(hooked) > 4 else ''}), which "
-            f"change what backward() leaves in .grad but no output; explaind recomputes gradients without them, so a "
-            f"hook that rescales or edits gradients makes the recorded update the gradient of no loss. Fix: remove "
-            f"such hooks (a hook that only reads gradients is fine); scale a layer's update with a parameter group's "
-            f"lr instead.")
 
 
 def _weighted_loss(
@@ -471,7 +459,7 @@ def check_batch_gradient(
     if rel > tol or sigma <= 0:
         per = [(math.sqrt(d / max(sq_raw, 1e-300)), n) for n, d in distance.items()]
         worst = ", ".join(f"{n} ({v:.2g})" for v, n in sorted(per, reverse=True)[:3])
-        hint = (hint() if callable(hint) else hint) + _hooks_hint(model)
+        hint = (hint() if callable(hint) else hint) + gradient_hooks_hint(model)
         raise TrajectoryError(
             f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under "
             f"loss {loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}; "
