@@ -50,6 +50,7 @@ from ._common import (
     start_buffers,
     wrong_class_problem,
 )
+from ._pooled import fits
 
 __all__ = ["AdamAdapter", "AdamConfig", "AdamGroupConfig"]
 
@@ -143,15 +144,9 @@ def preconditioner(
     # same order and dtype, in one buffer (the same bits as with a new tensor for every operation). The
     # dividend is a 0-d CPU tensor on every device: kernels take it as a scalar, where a 0-d tensor made on a
     # GPU would be a blocking host-to-device copy for every parameter at every step
-    out = torch.sqrt(second, out=out) if _fits(out, second) else torch.sqrt(second)
+    out = torch.sqrt(second, out=out) if fits(out, second) else torch.sqrt(second)
     out.div_(bias_correction2_sqrt).add_(eps)
     return torch.div(torch.tensor(as_used(step_size, dtype), dtype=out.dtype), out, out=out)
-
-
-def _fits(out: torch.Tensor | None, second: torch.Tensor) -> bool:
-    """Whether ``out`` can hold ``P`` computed from ``second`` (same shape, dtype and device, contiguous)."""
-    return (out is not None and out.shape == second.shape and out.dtype == second.dtype
-            and out.device == second.device and out.is_contiguous())
 
 
 def _fill(later: list[tuple[Any, ...]]) -> None:
@@ -275,7 +270,7 @@ class AdamAdapter:
             for p in snap.with_grad:
                 dt = p.dtype
                 state, buf = optimizer.state[p], None if out is None else out(p)
-                if defer is not None and _fits(buf, state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]):
+                if defer is not None and fits(buf, state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]):
                     later.append((state, lr, beta1, beta2, eps, amsgrad, dt, buf, sign < 0))
                     P = buf
                 else:
