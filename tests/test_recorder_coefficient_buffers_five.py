@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from _recording_helpers import classifier_setup, classifier_step
+from _recording_helpers import classifier_setup, classifier_step, fail_third_call, spy_coefficient_buffers
 from explaind_optimizers import _pooled
 from explaind_optimizers.adagrad import AdagradAdapter
 from explaind_optimizers.adamax import AdamaxAdapter
@@ -116,15 +116,7 @@ def test_pooled_coefficients_equal_the_in_memory_ones_bit_for_bit(tmp_path, vari
 
 @pytest.mark.parametrize("variant", ONE_EACH)
 def test_dense_store_reuses_the_coefficient_buffers(tmp_path, monkeypatch, variant):
-    handed: list[torch.Tensor] = []
-    call = _coefficients.CoefficientBuffers.__call__
-
-    def spy(self, param):
-        buf = call(self, param)
-        handed.append(buf)  # kept alive: distinct objects are distinct memory
-        return buf
-
-    monkeypatch.setattr(_coefficients.CoefficientBuffers, "__call__", spy)
+    handed = spy_coefficient_buffers(monkeypatch)
     _recorded(variant, torch.float32, store=tmp_path / "run", audit=False, background_writes=False)
     tensor_steps = STEPS - 5 if variant == "radam" else STEPS  # RAdam asks for a buffer once P is a tensor
     assert len(handed) == tensor_steps * 4
@@ -184,15 +176,7 @@ def test_a_sparse_stores_replay_gives_the_pooled_coefficients(tmp_path, variant)
 
 @pytest.mark.parametrize("variant", ONE_EACH)
 def test_a_failed_deferred_fill_is_the_steps_error(tmp_path, monkeypatch, variant):
-    run, calls = _pooled._run, []
-
-    def failing(fills):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("deferred coefficient failed")
-        run(fills)
-
-    monkeypatch.setattr(_pooled, "_run", failing)
+    fail_third_call(monkeypatch, _pooled, "_run", "deferred coefficient failed")
     with pytest.raises(TrajectoryError, match="deferred coefficient failed"):
         _recorded(variant, torch.float32, store=tmp_path / "run", audit=False)
 
