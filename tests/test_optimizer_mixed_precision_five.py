@@ -1,5 +1,6 @@
-"""RMSprop, Adagrad, NAdam, RAdam and Adamax (and Adam, for comparison) on the dropout MLP of tests/test_amp_dropout.py:
-float32, float16 autocast + ``torch.amp.GradScaler("cpu")``, and bfloat16 autocast, float32 master weights.
+"""RMSprop, Adagrad, NAdam, RAdam and Adamax (and SGD momentum and Adam, for comparison) on the dropout MLP of
+tests/test_amp_dropout.py: float32, float16 autocast + ``torch.amp.GradScaler("cpu")``, and bfloat16 autocast,
+float32 master weights.
 
 Each run is held to the bounds of the SGD runs (tests/_real_loop_testkit.py, ``assert_autocast_run_exact``):
 ``keep=("train",)`` scores and the residual <= 1e-9 relative to the slow loop reference that replays the dropout
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 N_STEPS, BATCH = 8, 8
 #: name -> (optimizer factory, measured residual share in float16, in bfloat16)
 OPTIMIZERS = {
+    "sgd": (lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9), 3.17e-4, 1.59e-3),  # tests/test_amp_dropout.py's
     "adam": (lambda p: torch.optim.Adam(p, lr=0.01), 9.57e-4, 8.77e-3),
     "rmsprop": (lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True), 6.65e-3, 4.92e-2),
     "adagrad": (lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01), 3.15e-3, 2.05e-2),
