@@ -144,9 +144,9 @@ def test_a_slow_deferred_P_holds_back_the_next_step_and_the_writer(tmp_path, mon
 
 
 def test_a_failed_deferred_P_is_the_steps_error(tmp_path, monkeypatch):
-    import explaind_optimizers.adam as adam
+    from explaind_optimizers import _pooled
 
-    fail_third_call(monkeypatch, adam, "_fill", "deferred P failed")
+    fail_third_call(monkeypatch, _pooled, "_run", "deferred P failed")
     with pytest.raises(TrajectoryError, match="deferred P failed"):
         _recorded("adam", torch.float32, store=tmp_path / "run", audit=False)
 
