@@ -1,6 +1,7 @@
 """Recording overhead of TrajectoryRecorder versus the plain training loop.
 
-For each model and each optimizer (SGD with momentum, Adam) the wall time per step of the bare
+For each model and each optimizer (SGD with momentum, Adam; ``--optimizers`` adds RMSprop, Adagrad, NAdam,
+RAdam and Adamax, each at torch's defaults but the learning rate) the wall time per step of the bare
 loop and the ratios of the recorded loop to it, by wall time and by process CPU time (all threads;
 steadier on a shared machine). The models: the quickstart's 64-32-10 MLP (``mlp-small``), three of
 about 1M parameters -- the 784-1024-256-10 MLP (``mlp-1m``, batch 64), a CIFAR-style CNN on 32x32
@@ -21,8 +22,8 @@ to the plain loop: the recorder's work on the training loop's hot path, without 
 store's writer thread or the audit worker, and steady on a loaded machine where wall time is not.
 
 Run: ``python benchmarks/bench_recording.py [--steps N] [--repeats R] [--device cpu|cuda] [--threads T]
-[--cases mlp-1m cnn-1m lm-1m ...] [--batch 16 64 ...] [--optimizers sgd adam] [--modes memory disk disk-state10
-disk-sparse10 ...]``
+[--cases mlp-1m cnn-1m lm-1m ...] [--batch 16 64 ...] [--optimizers sgd adam rmsprop adagrad nadam radam adamax]
+[--modes memory disk disk-state10 disk-sparse10 ...]``
 Goals: <= 1.3x in memory, <= 2x to disk; <= 1.3x with the store on a 1M-parameter model.
 """
 
@@ -146,6 +147,19 @@ CASES = {
 }
 
 
+#: ``--optimizers``: each builds its optimizer on the model's parameters (single-tensor or foreach path: torch's
+#: default for the device)
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+    "rmsprop": lambda params: torch.optim.RMSprop(params, lr=1e-3),
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=1e-2),
+    "nadam": lambda params: torch.optim.NAdam(params, lr=1e-3),
+    "radam": lambda params: torch.optim.RAdam(params, lr=1e-3),
+    "adamax": lambda params: torch.optim.Adamax(params, lr=1e-3),
+}
+
+
 def _loss(case: Case, out: Tensor, y: Tensor) -> Tensor:
     """The loop's loss: the mean cross-entropy over samples, or over the next-token predictions of an LM."""
     if case.loss == "causal_lm":
@@ -157,8 +171,7 @@ def _run(case: Case, batch: int, opt_name: str, steps: int, mode: str, device: t
          tag: str = "run") -> tuple[float, float, float]:
     """Seconds per step after two warm-up steps: wall, process CPU and the loop thread's CPU."""
     model = case.build().to(device)
-    params = model.parameters()
-    opt = torch.optim.Adam(params, lr=1e-3) if opt_name == "adam" else torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    opt = OPTIMIZERS[opt_name](model.parameters())
     X, y = (t.to(device) for t in case.data(batch * 8))
     idx_list = [torch.arange(i * batch, (i + 1) * batch) % X.shape[0] for i in range(steps)]
     rec = None
@@ -200,7 +213,7 @@ def _run(case: Case, batch: int, opt_name: str, steps: int, mode: str, device: t
 
 
 def _ratios(rows: list[tuple[str, dict[str, float]]], shown: tuple[str, ...], cells: Callable) -> None:
-    header = f"{'model':<11}{'params':>9}{'batch':>6}{'optim':>6}{'load':>6}{'plain ms':>10}{'ns/param':>10}" + "".join(
+    header = f"{'model':<11}{'params':>9}{'batch':>6}{'optim':>8}{'load':>6}{'plain ms':>10}{'ns/param':>10}" + "".join(
         f"{m:>15}" for m in shown)
     print(header)
     print("-" * len(header))
@@ -218,7 +231,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="models to measure")
     parser.add_argument("--batch", nargs="+", type=int, default=None,
                         help="batch sizes to run each case at (default: each case's own)")
-    parser.add_argument("--optimizers", nargs="+", choices=("sgd", "adam"), default=["sgd", "adam"])
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=["sgd", "adam"])
     parser.add_argument("--modes", nargs="+", default=list(MODES[1:]),
                         help="recorded modes (the plain loop is always run): those above, disk-stateK, disk-sparseK")
     args = parser.parse_args()
@@ -246,7 +259,7 @@ def main() -> None:
                         for kind, t in zip(("wall", "cpu", "loop"), times):
                             best[f"{kind} {mode}"] = min(best.get(f"{kind} {mode}", float("inf")), t)
                 plain = best["loop plain"]
-                prefix = (f"{label:<11}{n_params:>9}{batch:>6}{opt_name:>6}{os.getloadavg()[0]:>6.1f}"
+                prefix = (f"{label:<11}{n_params:>9}{batch:>6}{opt_name:>8}{os.getloadavg()[0]:>6.1f}"
                           f"{best['wall plain'] * 1e3:>10.2f}"
                           f"{plain * 1e9 / n_params:>10.1f}")
                 rows.append((prefix, best))

@@ -20,7 +20,8 @@ The sum of the parts is the recorder's share of the loop's thread; the plain loo
 step is printed next to it. Timers add about 1 us per wrapped call.
 
 Run: ``python benchmarks/bench_recording_parts.py [--steps N] [--repeats R] [--threads T] [--cases mlp-1m ...]
-[--modes memory disk ...]``
+[--modes memory disk ...] [--optimizers sgd adam rmsprop adagrad nadam radam adamax]`` (the optimizers of
+``bench_recording.py``; default SGD and Adam)
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-from bench_recording import CASES, _run
+from bench_recording import CASES, OPTIMIZERS, _run
+from explaind_optimizers._adam_family import AdamFamilyAdapter
+from explaind_optimizers.adagrad import AdagradAdapter
 from explaind_optimizers.adam import AdamAdapter
+from explaind_optimizers.rmsprop import RMSpropAdapter
 from explaind_optimizers.sgd import SGDAdapter
 
 from explaind.trajectory import _recorder_store, memory, recorder, store
@@ -111,7 +115,7 @@ def install() -> None:
     _wrap(T, "_post_step", "post", top=True)
     _wrap(GradientTap, "finite_since", "finite")
     _wrap(GradientTap, "measure", "compare")
-    for cls in (SGDAdapter, AdamAdapter):
+    for cls in (SGDAdapter, AdamAdapter, RMSpropAdapter, AdagradAdapter, AdamFamilyAdapter):  # NAdam, RAdam, Adamax
         _wrap(cls, "before_step", "adapter")
         _wrap(cls, "after_step", "adapter")
     _wrap(_recorder_store.RecorderStoreMixin, "_copy_params", "theta copy")
@@ -145,6 +149,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=["mlp-1m"])
     parser.add_argument("--modes", nargs="+", default=["memory", "disk", "disk+audit"])
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=["sgd", "adam"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,11 +160,11 @@ def main() -> None:
     print("ms per step: CPU time of the loop's thread in each part; 'wait' the wall time of the hand-over; "
           "'writer' the writer thread's CPU time")
     cols = (*PARTS, "sum", "plain", "wait", "writer")
-    header = f"{'model':<10}{'optim':>6}{'mode':>12}" + "".join(f"{c[:10]:>11}" for c in cols)
+    header = f"{'model':<10}{'optim':>8}{'mode':>12}" + "".join(f"{c[:10]:>11}" for c in cols)
     print(header)
     print("-" * len(header))
     for label in args.cases:
-        for opt_name in ("sgd", "adam"):
+        for opt_name in args.optimizers:
             for mode in args.modes:
                 runs = []
                 for _ in range(args.repeats):
@@ -171,7 +176,7 @@ def main() -> None:
                 med = {k: sorted(r.get(k, 0.0) for r in runs)[len(runs) // 2] for k in (*PARTS, "total", "plain",
                                                                                          "hand-over wall", "writer")}
                 cells = [med[p] for p in PARTS] + [med["total"], med["plain"], med["hand-over wall"], med["writer"]]
-                print(f"{label:<10}{opt_name:>6}{mode:>12}" + "".join(f"{c:>11.2f}" for c in cells))
+                print(f"{label:<10}{opt_name:>8}{mode:>12}" + "".join(f"{c:>11.2f}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from engine_compare import as_numpy, reference_terms
 from reference import rel_err
 from replay_reference import BufferReference, ReplayReference
@@ -112,16 +113,50 @@ def mlp_optimizer(params) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=MLP_LR, momentum=0.9)
 
 
-def autocast_figures(model: nn.Module, traj, X_test: Tensor, precision: str) -> dict[str, float]:
-    """A dropout-MLP run under autocast in ``precision`` ("float16" or "bfloat16") measured against the loop reference.
+def record_autocast_mlp(precision: str, optimizer, steps: int, batch: int):
+    """The dropout MLP trained by the documented recipe: ``torch.autocast("cpu", dtype)`` (none for "float32"),
+    float16 with ``GradScaler("cpu", init_scale=1024)`` handed to the recorder (``unscale_`` before the step);
+    ``optimizer(params)`` builds the optimizer. Returns the trained model (evaluation mode), the trajectory and
+    the four test inputs."""
+    gen = torch.Generator().manual_seed(2)
+    X, y = mlp_data(gen)
+    model = dropout_mlp()
+    opt = optimizer(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if precision == "float16" else None
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X[:MLP_N_TRAIN], y[:MLP_N_TRAIN]),
+                                      grad_scaler=scaler)
+    model.train()
+    with rec:
+        for _ in range(steps):
+            idx = torch.randperm(MLP_N_TRAIN, generator=gen)[:batch]
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=getattr(torch, precision), enabled=precision != "float32"):
+                loss = F.cross_entropy(model(X[idx]), y[idx])
+            if scaler is None:
+                loss.backward()
+                rec.log_batch(idx)
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                rec.log_batch(idx)
+                scaler.step(opt)
+                scaler.update()
+    return model.eval(), rec.trajectory, X[MLP_N_TRAIN:]
 
-    Asserts what is not a figure: every step recorded under that autocast, at least three steps checked. Returns
+
+def autocast_figures(model: nn.Module, traj, X_test: Tensor, precision: str) -> dict[str, float]:
+    """A dropout-MLP run under autocast in ``precision`` ("float16" or "bfloat16"; "float32": no autocast) measured
+    against the loop reference.
+
+    Asserts what is not a figure: every step recorded under that autocast (none for "float32"), at least three
+    steps checked. Returns
     ``check`` (the largest gradient-check mismatch), the relative errors of ``keep=("train",)`` (``train``) and of
     the residual (``residual``) against ``ReplayReference``, the reference's own path error ``ref_quad``
     (absolute), the ``residual_share``, ``completeness`` and ``replica`` (against ``model``: the trained
     parameters in evaluation mode, run without autocast).
     """
-    assert {r.autocast for r in traj.manifest.steps} == {precision}
+    assert {r.autocast for r in traj.manifest.steps} == {None if precision == "float32" else precision}
     checked = np.asarray(traj.gradient_check())
     assert np.isfinite(checked).sum() >= 3
     att = explaind.InfluenceEstimator(keep=("train",), device="cpu", residual_tol=1.0, **MLP_QUAD).fit(
@@ -137,13 +172,16 @@ def autocast_figures(model: nn.Module, traj, X_test: Tensor, precision: str) -> 
             "completeness": att.completeness_error(), "replica": rel_err(replica, as_numpy(trained))}
 
 
-def assert_autocast_run_exact(model: nn.Module, traj, X_test: Tensor, precision: str) -> None:
+def assert_autocast_run_exact(model: nn.Module, traj, X_test: Tensor, precision: str,
+                              share_range: tuple[float, float] | None = None) -> dict[str, float]:
     """``autocast_figures`` within the bounds: the check at its tolerance; train scores and the residual (the
     autocast rounding, measured alike) <= 1e-9 relative to the reference, whose path error is <= 1e-12; the
-    residual share in the measured range of ``AMP_SHARE_RANGE``; completeness <= 1e-12; replica <= 1e-6."""
+    residual share in ``share_range`` (default: the SGD run's measured range, ``AMP_SHARE_RANGE``); completeness
+    <= 1e-12; replica <= 1e-6. Returns the figures."""
     got = autocast_figures(model, traj, X_test, precision)
     assert got["check"] <= AMP_CHECK_TOL[precision] and got["ref_quad"] <= 1e-12
     assert got["train"] <= 1e-9 and got["residual"] <= 1e-9
-    low, high = AMP_SHARE_RANGE[precision]
+    low, high = share_range or AMP_SHARE_RANGE[precision]
     assert low <= got["residual_share"] <= high
     assert got["completeness"] <= 1e-12 and got["replica"] <= 1e-6
+    return got

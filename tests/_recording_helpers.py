@@ -107,6 +107,35 @@ def classifier_step(model, opt, X, y, s, rec=None, size=8, seed=100):
     opt.step()
 
 
+def spy_coefficient_buffers(monkeypatch) -> list:
+    """Every buffer the recorder's ``CoefficientBuffers`` hands an adapter from now on, in order (kept alive, so
+    distinct objects are distinct memory)."""
+    from explaind.trajectory import _coefficients
+
+    handed: list = []
+    call = _coefficients.CoefficientBuffers.__call__
+
+    def spy(self, param):
+        handed.append(call(self, param))
+        return handed[-1]
+
+    monkeypatch.setattr(_coefficients.CoefficientBuffers, "__call__", spy)
+    return handed
+
+
+def fail_third_call(monkeypatch, owner, name: str, message: str) -> None:
+    """``owner.name`` raises ``RuntimeError(message)`` at its third call (the others run it)."""
+    function, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError(message)
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
 def batches(n, size, seed=0):
     """Shuffled index batches covering ``range(n)`` (the last one may be smaller)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

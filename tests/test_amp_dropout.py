@@ -15,9 +15,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
-import torch.nn.functional as F
-from _real_loop_testkit import MLP_N_TRAIN, MLP_QUAD, assert_autocast_run_exact, dropout_mlp, mlp_data, mlp_optimizer
+from _real_loop_testkit import MLP_QUAD, assert_autocast_run_exact, mlp_optimizer, record_autocast_mlp
 
 import explaind
 from explaind.exceptions import ExplaindWarning
@@ -28,32 +26,8 @@ N_STEPS, BATCH = 6, 8
 
 
 def record(precision: str):
-    """The documented recipe: ``torch.autocast("cpu", dtype)``; float16 with ``GradScaler("cpu")``."""
-    gen = torch.Generator().manual_seed(2)
-    X, y = mlp_data(gen)
-    model = dropout_mlp()
-    opt = mlp_optimizer(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if precision == "float16" else None
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X[:MLP_N_TRAIN], y[:MLP_N_TRAIN]),
-                                      grad_scaler=scaler)
-    model.train()
-    with rec:
-        for _ in range(N_STEPS):
-            idx = torch.randperm(MLP_N_TRAIN, generator=gen)[:BATCH]
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=getattr(torch, precision), enabled=precision != "float32"):
-                loss = F.cross_entropy(model(X[idx]), y[idx])
-            if scaler is None:
-                loss.backward()
-                rec.log_batch(idx)
-                opt.step()
-            else:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                rec.log_batch(idx)
-                scaler.step(opt)
-                scaler.update()
-    return model.eval(), rec.trajectory, X[MLP_N_TRAIN:]
+    """The documented recipe with SGD momentum (tests/_real_loop_testkit.py, ``record_autocast_mlp``)."""
+    return record_autocast_mlp(precision, mlp_optimizer, N_STEPS, BATCH)
 
 
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])

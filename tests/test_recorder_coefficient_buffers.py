@@ -13,12 +13,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-from _recording_helpers import classifier_setup, classifier_step
+from _recording_helpers import classifier_setup, classifier_step, fail_third_call, spy_coefficient_buffers
 from explaind_optimizers.adam import preconditioner
 
 import explaind
 from explaind.exceptions import TrajectoryError
-from explaind.trajectory import _background, _coefficients, _filewrite
+from explaind.trajectory import _background, _filewrite
 from explaind.trajectory.disk import DiskTrajectory
 from explaind.trajectory.store import read_manifest
 
@@ -144,31 +144,15 @@ def test_a_slow_deferred_P_holds_back_the_next_step_and_the_writer(tmp_path, mon
 
 
 def test_a_failed_deferred_P_is_the_steps_error(tmp_path, monkeypatch):
-    import explaind_optimizers.adam as adam
+    from explaind_optimizers import _pooled
 
-    fill, calls = adam._fill, []
-
-    def failing(later):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("deferred P failed")
-        fill(later)
-
-    monkeypatch.setattr(adam, "_fill", failing)
+    fail_third_call(monkeypatch, _pooled, "_run", "deferred P failed")
     with pytest.raises(TrajectoryError, match="deferred P failed"):
         _recorded("adam", torch.float32, store=tmp_path / "run", audit=False)
 
 
 def test_dense_store_reuses_the_coefficient_buffers(tmp_path, monkeypatch):
-    handed: list[torch.Tensor] = []
-    call = _coefficients.CoefficientBuffers.__call__
-
-    def spy(self, param):
-        buf = call(self, param)
-        handed.append(buf)  # kept alive: distinct objects are distinct memory
-        return buf
-
-    monkeypatch.setattr(_coefficients.CoefficientBuffers, "__call__", spy)
+    handed = spy_coefficient_buffers(monkeypatch)
     _recorded("adam", torch.float32, store=tmp_path / "run", audit=False, background_writes=False)
     n_params = 4
     assert len(handed) == STEPS * n_params

@@ -11,6 +11,7 @@ factor torch multiplied ``theta_s`` with). ``maximize=True`` is modelled as for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
@@ -33,6 +34,7 @@ from ._common import (
     start_buffers,
     wrong_class_problem,
 )
+from ._pooled import Pending, StepSlots, negated
 from .adam import _RULES as ADAM_RULES
 from .adam import Beta, NonNegative
 
@@ -95,7 +97,8 @@ class AdamFamilyAdapter:
     config_model: ClassVar[type[StrictModel]]
     float_keys: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "weight_decay")
     decoupled_key: ClassVar[bool] = True
-    #: every tensor ``after_step`` returns is new and never touched again: the recorder keeps it without a copy.
+    #: every tensor ``after_step`` returns is new (or the recorder's ``out`` buffer) and never touched again: the
+    #: recorder keeps it without a copy.
     fresh_tensors: ClassVar[bool] = True
 
     def __init__(self, config: StrictModel):
@@ -154,13 +157,24 @@ class AdamFamilyAdapter:
         return _Before(groups=snapshot_groups(optimizer))
 
     def coefficients(self, values: dict[str, Any], state: dict[str, Any], p: torch.Tensor,
-                     foreach: bool) -> tuple[float | torch.Tensor, float, float]:
-        """``(P, q, n)`` of one parameter from its post-step ``state`` and the group ``values`` (unsigned)."""
+                     foreach: bool) -> tuple[float | Pending, float, float]:
+        """``(P, q, n)`` of one parameter from its post-step ``state`` and the group ``values`` (unsigned).
+
+        A tensor ``P`` is returned :class:`~._pooled.Pending` (how to compute it), so that it can go into the
+        recorder's buffer, now or in the deferred job; a scalar ``P`` as a float.
+        """
         raise NotImplementedError
 
-    def after_step(self, optimizer: torch.optim.Optimizer, before: _Before) -> dict[int, LinearUpdate]:
-        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only)."""
+    def after_step(self, optimizer: torch.optim.Optimizer, before: _Before, *,
+                   out: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                   defer: Callable[[Callable[[], None]], None] | None = None) -> dict[int, LinearUpdate]:
+        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only).
+
+        ``out`` and ``defer``: the recorder's coefficient buffers for ``P`` and the job that fills them
+        (docs/optimizers.md, "Coefficient buffers"); without them every tensor ``P`` is new memory.
+        """
         updates: dict[int, LinearUpdate] = {}
+        slots = StepSlots(out, defer)
         for snap in before.groups:
             v = dict(snap.values)
             beta1 = float(v["betas"][0])
@@ -171,8 +185,10 @@ class AdamFamilyAdapter:
             for p in snap.with_grad:
                 dt = p.dtype
                 P, q, n = self.coefficients(v, optimizer.state[p], p, foreach)
-                if negate:
-                    P = P.neg_() if isinstance(P, torch.Tensor) else -P
+                if isinstance(P, Pending):
+                    P = slots.tensor(p, Pending(P.like, negated(P.fill)) if negate else P)
+                elif negate:
+                    P = -P
                 b = as_used(1.0 - beta1, dt)  # torch: exp_avg.lerp_(u, 1 - beta1)
                 lambda_c = lambda_d = 0.0
                 if wd != 0.0:
@@ -181,4 +197,5 @@ class AdamFamilyAdapter:
                     else:
                         lambda_c = (-1.0 if negate else 1.0) * as_used(wd, dt)
                 updates[id(p)] = LinearUpdate(a=1.0 - b, b=b, P=P, q=q, n=n, lambda_c=lambda_c, lambda_d=lambda_d)
+        slots.close()
         return updates

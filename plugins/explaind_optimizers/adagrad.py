@@ -21,6 +21,8 @@ live state at every step.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
@@ -40,6 +42,7 @@ from ._common import (
     raise_problems,
     snapshot_groups,
 )
+from ._pooled import Pending, StepSlots
 
 __all__ = ["AdagradAdapter", "AdagradConfig", "AdagradGroupConfig", "adagrad_step_size"]
 
@@ -92,12 +95,19 @@ def _sparse_problems(optimizer: torch.optim.Optimizer) -> list[str]:
     ]
 
 
+def _preconditioner(scale: float, state_sum: torch.Tensor, eps: float, out: torch.Tensor | None) -> torch.Tensor:
+    """``P = scale / (sqrt(sum) + eps)`` in ``out`` (or new memory); torch: ``state_sum.sqrt().add_(eps)``."""
+    std = torch.sqrt(state_sum, out=out).add_(eps)
+    return torch.div(torch.tensor(scale, dtype=std.dtype), std, out=std)
+
+
 class AdagradAdapter:
     """Express every :class:`torch.optim.Adagrad` step as a :class:`~explaind.recurrence.LinearUpdate`."""
 
     name = "adagrad"
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adagrad
-    #: ``after_step``'s ``P`` is a new tensor each step, never touched again: the recorder keeps it without a copy.
+    #: ``after_step``'s ``P`` is a new tensor each step (or the recorder's ``out`` buffer), never touched again: the
+    #: recorder keeps it without a copy.
     fresh_tensors: bool = True
     config_model: type[AdagradConfig] = AdagradConfig
     group_model: type[AdagradGroupConfig] = AdagradGroupConfig
@@ -138,9 +148,16 @@ class AdagradAdapter:
                        + _sparse_problems(optimizer))
         return snapshot_groups(optimizer)
 
-    def after_step(self, optimizer: torch.optim.Optimizer, before: list[GroupSnapshot]) -> dict[int, LinearUpdate]:
-        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only)."""
-        out: dict[int, LinearUpdate] = {}
+    def after_step(self, optimizer: torch.optim.Optimizer, before: list[GroupSnapshot], *,
+                   out: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                   defer: Callable[[Callable[[], None]], None] | None = None) -> dict[int, LinearUpdate]:
+        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only).
+
+        ``out`` and ``defer``: the recorder's coefficient buffers for ``P`` and the job that fills them
+        (docs/optimizers.md, "Coefficient buffers"); without them every ``P`` is new memory.
+        """
+        updates: dict[int, LinearUpdate] = {}
+        slots = StepSlots(out, defer)
         for snap in before:
             v = snap.values
             sign = -1.0 if v.get("maximize", False) else 1.0
@@ -150,8 +167,9 @@ class AdagradAdapter:
                 state = optimizer.state[p]
                 step = float(state["step"].item()) if isinstance(state["step"], torch.Tensor) else float(state["step"])
                 clr = as_used(adagrad_step_size(lr, lr_decay, step), dt)
-                std = state["sum"].sqrt().add_(eps)  # torch: state_sum.sqrt().add_(eps)
-                P = torch.div(torch.tensor(sign * clr, dtype=std.dtype), std, out=std)
+                P = slots.tensor(p, Pending(state["sum"], functools.partial(_preconditioner, sign * clr,
+                                                                            state["sum"], eps)))
                 lambda_c = sign * as_used(wd, dt) if wd != 0.0 else 0.0
-                out[id(p)] = LinearUpdate(a=0.0, b=1.0, P=P, q=1.0, n=0.0, lambda_c=lambda_c)
-        return out
+                updates[id(p)] = LinearUpdate(a=0.0, b=1.0, P=P, q=1.0, n=0.0, lambda_c=lambda_c)
+        slots.close()
+        return updates

@@ -50,6 +50,7 @@ from ._common import (
     start_buffers,
     wrong_class_problem,
 )
+from ._pooled import Pending, StepSlots, fits, negated
 
 __all__ = ["AdamAdapter", "AdamConfig", "AdamGroupConfig"]
 
@@ -143,23 +144,9 @@ def preconditioner(
     # same order and dtype, in one buffer (the same bits as with a new tensor for every operation). The
     # dividend is a 0-d CPU tensor on every device: kernels take it as a scalar, where a 0-d tensor made on a
     # GPU would be a blocking host-to-device copy for every parameter at every step
-    out = torch.sqrt(second, out=out) if _fits(out, second) else torch.sqrt(second)
+    out = torch.sqrt(second, out=out) if fits(out, second) else torch.sqrt(second)
     out.div_(bias_correction2_sqrt).add_(eps)
     return torch.div(torch.tensor(as_used(step_size, dtype), dtype=out.dtype), out, out=out)
-
-
-def _fits(out: torch.Tensor | None, second: torch.Tensor) -> bool:
-    """Whether ``out`` can hold ``P`` computed from ``second`` (same shape, dtype and device, contiguous)."""
-    return (out is not None and out.shape == second.shape and out.dtype == second.dtype
-            and out.device == second.device and out.is_contiguous())
-
-
-def _fill(later: list[tuple[Any, ...]]) -> None:
-    """Compute the deferred ``P`` of :meth:`AdamAdapter.after_step` into their buffers (``defer``'s job)."""
-    for state, lr, beta1, beta2, eps, amsgrad, dt, buf, negate in later:
-        P = preconditioner(state, lr, beta1, beta2, eps, amsgrad, dt, buf)
-        if negate:
-            P.neg_()
 
 
 def _warn_fused_cuda_low_precision(name: str, optimizer: torch.optim.Optimizer) -> None:
@@ -264,7 +251,7 @@ class AdamAdapter:
         next ``optimizer.step()`` changes the state (docs/optimizers.md, "Coefficient buffers").
         """
         updates: dict[int, LinearUpdate] = {}
-        later: list[tuple[Any, ...]] = []
+        slots = StepSlots(out, defer)
         for snap in before.groups:
             v = snap.values
             beta1, beta2 = (float(b) for b in v["betas"])
@@ -273,15 +260,10 @@ class AdamAdapter:
             decoupled = self.always_decoupled or bool(v.get("decoupled_weight_decay", False))
             amsgrad = bool(v.get("amsgrad", False))
             for p in snap.with_grad:
-                dt = p.dtype
-                state, buf = optimizer.state[p], None if out is None else out(p)
-                if defer is not None and _fits(buf, state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"]):
-                    later.append((state, lr, beta1, beta2, eps, amsgrad, dt, buf, sign < 0))
-                    P = buf
-                else:
-                    P = preconditioner(state, lr, beta1, beta2, eps, amsgrad, dt, buf)
-                    if sign < 0:
-                        P = P.neg_()
+                dt, state = p.dtype, optimizer.state[p]
+                fill = functools.partial(preconditioner, state, lr, beta1, beta2, eps, amsgrad, dt)
+                P = slots.tensor(p, Pending(state["max_exp_avg_sq" if amsgrad else "exp_avg_sq"],
+                                            negated(fill) if sign < 0 else fill))
                 b = as_used(1.0 - beta1, dt)  # torch: exp_avg.lerp_(u, 1 - beta1)
                 lambda_c = 0.0
                 lambda_d = 0.0
@@ -291,6 +273,5 @@ class AdamAdapter:
                     else:
                         lambda_c = sign * as_used(wd, dt)
                 updates[id(p)] = LinearUpdate(a=1.0 - b, b=b, P=P, q=1.0, n=0.0, lambda_c=lambda_c, lambda_d=lambda_d)
-        if later:
-            defer(functools.partial(_fill, later))
+        slots.close()
         return updates

@@ -17,6 +17,7 @@ from the post-step ``exp_inf``. Adamax has no decoupled weight decay.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from explaind.config import StrictModel
 
 from ._adam_family import AdamFamilyAdapter, FamilyGroupConfig, step_count
 from ._common import as_used
+from ._pooled import Pending
 from .adam import NonNegative
 
 __all__ = ["AdamaxAdapter", "AdamaxConfig", "AdamaxGroupConfig"]
@@ -53,9 +55,14 @@ class AdamaxAdapter(AdamFamilyAdapter):
     decoupled_key = False
 
     def coefficients(self, values: dict[str, Any], state: dict[str, Any], p: torch.Tensor,
-                     foreach: bool) -> tuple[torch.Tensor, float, float]:
+                     foreach: bool) -> tuple[Pending, float, float]:
         """``P = clr / e_s`` with ``clr = lr / (1 - beta1^t)`` (torch: ``addcdiv_(m, e, value=-clr)``)."""
         beta1 = float(values["betas"][0])
         clr = float(values["lr"]) / (1 - beta1 ** step_count(state["step"]))
         exp_inf = state["exp_inf"]
-        return torch.div(torch.tensor(as_used(clr, p.dtype), dtype=exp_inf.dtype), exp_inf), 1.0, 0.0
+        return Pending(exp_inf, functools.partial(_over_exp_inf, as_used(clr, p.dtype), exp_inf)), 1.0, 0.0
+
+
+def _over_exp_inf(clr: float, exp_inf: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``P = clr / exp_inf`` in ``out`` (or new memory); the scalar as a 0-d CPU tensor."""
+    return torch.div(torch.tensor(clr, dtype=exp_inf.dtype), exp_inf, out=out)

@@ -23,6 +23,7 @@ computes them (Python floats, then the computation dtype).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from explaind.config import StrictModel
 
 from ._adam_family import AdamFamilyAdapter, FamilyGroupConfig, step_count
 from ._common import as_used
+from ._pooled import Pending
 from .adam import NonNegative
 
 __all__ = ["NAdamAdapter", "NAdamConfig", "NAdamGroupConfig", "nadam_scalars"]
@@ -76,6 +78,16 @@ def nadam_scalars(lr: float, beta1: float, momentum_decay: float, step: float,
     return q, n
 
 
+def _inverse_denominator(exp_avg_sq: torch.Tensor, bias_correction2: float, eps: float, foreach: bool,
+                         out: torch.Tensor | None) -> torch.Tensor:
+    """``1 / d_s`` in ``out`` (or new memory), with the denominator of the path torch ran."""
+    if foreach:  # torch: sqrt(v), then / sqrt(1 - beta2^t), then + eps
+        denom = torch.sqrt(exp_avg_sq, out=out).div_(bias_correction2**0.5).add_(eps)
+    else:  # torch: (v / (1 - beta2^t)).sqrt() + eps
+        denom = torch.div(exp_avg_sq, bias_correction2, out=out).sqrt_().add_(eps)
+    return denom.reciprocal_()
+
+
 class NAdamAdapter(AdamFamilyAdapter):
     """Express every :class:`torch.optim.NAdam` step as a :class:`~explaind.recurrence.LinearUpdate`."""
 
@@ -86,15 +98,11 @@ class NAdamAdapter(AdamFamilyAdapter):
     float_keys = ("lr", "betas", "eps", "weight_decay", "momentum_decay")
 
     def coefficients(self, values: dict[str, Any], state: dict[str, Any], p: torch.Tensor,
-                     foreach: bool) -> tuple[torch.Tensor, float, float]:
+                     foreach: bool) -> tuple[Pending, float, float]:
         """``P = 1 / d_s`` with the path's denominator, and the scalars ``q``, ``n``."""
         beta1, beta2 = (float(b) for b in values["betas"])
         eps, step = float(values["eps"]), step_count(state["step"])
-        bias_correction2 = 1 - beta2**step
-        if foreach:  # torch: sqrt(v), then / sqrt(1 - beta2^t), then + eps
-            denom = torch.sqrt(state["exp_avg_sq"]).div_(bias_correction2**0.5).add_(eps)
-        else:  # torch: (v / (1 - beta2^t)).sqrt() + eps
-            denom = state["exp_avg_sq"].div(bias_correction2).sqrt_().add_(eps)
         q, n = nadam_scalars(float(values["lr"]), beta1, float(values["momentum_decay"]), step,
                              step_count(state["mu_product"]))
-        return denom.reciprocal_(), as_used(q, p.dtype), as_used(n, p.dtype)
+        fill = functools.partial(_inverse_denominator, state["exp_avg_sq"], 1 - beta2**step, eps, foreach)
+        return Pending(state["exp_avg_sq"], fill), as_used(q, p.dtype), as_used(n, p.dtype)

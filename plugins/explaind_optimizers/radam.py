@@ -23,6 +23,7 @@ step. The foreach path's ``P`` is recomputed in its own operation order.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from explaind.config import StrictModel
 
 from ._adam_family import AdamFamilyAdapter, FamilyGroupConfig, step_count
 from ._common import as_used
+from ._pooled import Pending
 
 __all__ = ["RAdamAdapter", "RAdamConfig", "RAdamGroupConfig", "radam_rectification"]
 
@@ -57,6 +59,20 @@ def radam_rectification(beta2: float, step: float) -> float | None:
     return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
 
 
+def _foreach_P(exp_avg_sq: torch.Tensor, eps: float, scale: float, out: torch.Tensor | None) -> torch.Tensor:
+    """The foreach path's rectified ``P`` in ``out`` (or new memory): ``-(1 / ((sqrt(v) + eps) / scale))``."""
+    return torch.sqrt(exp_avg_sq, out=out).add_(eps).div_(scale).reciprocal_().neg_()
+
+
+def _single_tensor_P(exp_avg_sq: torch.Tensor, eps: float, sqrt_bc2: float, step_size: float, rect: float,
+                     out: torch.Tensor | None) -> torch.Tensor:
+    """The single-tensor path's rectified ``P`` in ``out`` (or new memory): ``sqrt(bc2) / (sqrt(v) + eps)``
+    times ``lr / bc1``, times ``r_t`` (the scalars already rounded as torch uses them)."""
+    adaptive = torch.sqrt(exp_avg_sq, out=out).add_(eps)
+    adaptive = torch.div(torch.tensor(sqrt_bc2, dtype=adaptive.dtype), adaptive, out=adaptive)
+    return adaptive.mul_(step_size).mul_(rect)
+
+
 class RAdamAdapter(AdamFamilyAdapter):
     """Express every :class:`torch.optim.RAdam` step as a :class:`~explaind.recurrence.LinearUpdate`."""
 
@@ -66,7 +82,7 @@ class RAdamAdapter(AdamFamilyAdapter):
     config_model = RAdamConfig
 
     def coefficients(self, values: dict[str, Any], state: dict[str, Any], p: torch.Tensor,
-                     foreach: bool) -> tuple[float | torch.Tensor, float, float]:
+                     foreach: bool) -> tuple[float | Pending, float, float]:
         """``P`` (a tensor when rectified, else a float) and ``q, n = 1, 0``."""
         beta1, beta2 = (float(b) for b in values["betas"])
         lr, eps, step = float(values["lr"]), float(values["eps"]), step_count(state["step"])
@@ -75,11 +91,9 @@ class RAdamAdapter(AdamFamilyAdapter):
         rect = radam_rectification(beta2, step)
         if rect is None:  # torch: param.add_(exp_avg / bc1 * lr, alpha=-1)
             return as_used(lr / bias_correction1, p.dtype), 1.0, 0.0
+        v = state["exp_avg_sq"]
         if foreach:  # torch: 1 / ((sqrt(v) + eps) / (-sqrt(bc2) lr r / bc1)), added to -0.0, times m
             scale = (bias_correction2**0.5) * (lr * rect / bias_correction1) * -1
-            return torch.sqrt(state["exp_avg_sq"]).add_(eps).div_(scale).reciprocal_().neg_(), 1.0, 0.0
-        # torch: (m / bc1) * lr * (sqrt(bc2) / (sqrt(v) + eps)) * r
-        adaptive = torch.sqrt(state["exp_avg_sq"]).add_(eps)
-        adaptive = torch.div(torch.tensor(as_used(bias_correction2**0.5, p.dtype), dtype=adaptive.dtype), adaptive,
-                             out=adaptive)
-        return adaptive.mul_(as_used(lr / bias_correction1, p.dtype)).mul_(as_used(rect, p.dtype)), 1.0, 0.0
+            return Pending(v, functools.partial(_foreach_P, v, eps, scale)), 1.0, 0.0
+        scalars = tuple(as_used(x, p.dtype) for x in (bias_correction2**0.5, lr / bias_correction1, rect))
+        return Pending(v, functools.partial(_single_tensor_P, v, eps, *scalars)), 1.0, 0.0

@@ -30,6 +30,8 @@ so it holds the bits torch divided by. ``maximize=True`` is modelled by ``P -> -
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -53,6 +55,7 @@ from ._common import (
     snapshot_groups,
     start_buffers,
 )
+from ._pooled import Pending, StepSlots
 
 __all__ = ["RMSpropAdapter", "RMSpropConfig", "RMSpropGroupConfig", "denominator"]
 
@@ -97,7 +100,7 @@ class _RMSpropBefore:
     buffered: frozenset[int]  # id(param) of parameters holding a momentum buffer before the step
 
 
-def denominator(state: dict[str, Any], centered: bool, eps: float) -> torch.Tensor:
+def denominator(state: dict[str, Any], centered: bool, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     r"""RMSprop's ``d_s`` from ``optimizer.state[param]`` *after* the step, with torch's operation order.
 
     Parameters
@@ -108,24 +111,34 @@ def denominator(state: dict[str, Any], centered: bool, eps: float) -> torch.Tens
         Subtract the square of the running mean of the inputs.
     eps : float
         Added after the square root.
+    out : Tensor, optional
+        Where to compute ``d_s`` (shape, dtype and device of ``square_avg``, contiguous); ``None``: new memory.
+        The same elementwise operations run in it, so the bits are those of new memory.
 
     Returns
     -------
     Tensor
-        ``sqrt(square_avg) + eps`` or ``sqrt(square_avg - grad_avg^2) + eps`` (a new tensor, shape of the
-        parameter), computed as torch does: ``square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()``
+        ``sqrt(square_avg) + eps`` or ``sqrt(square_avg - grad_avg^2) + eps`` (``out`` or a new tensor, shape
+        of the parameter), computed as torch does: ``square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()``
         (or ``square_avg.sqrt()``), then ``add_(eps)``.
     """
     square = state["square_avg"]
     if centered:
-        avg = square.addcmul(state["grad_avg"], state["grad_avg"], value=-1).sqrt_()
+        avg = torch.addcmul(square, state["grad_avg"], state["grad_avg"], value=-1, out=out).sqrt_()
     else:
-        avg = square.sqrt()
+        avg = torch.sqrt(square, out=out)
     return avg.add_(eps)
 
 
-def _scaled_inverse(scale: float, d: torch.Tensor) -> torch.Tensor:
-    """``scale / d`` in ``d``'s memory (``d`` is the adapter's own new tensor); the scalar as a 0-d CPU tensor."""
+def _gain(state: dict[str, Any], centered: bool, eps: float, out: torch.Tensor | None) -> torch.Tensor:
+    """``b = 1 / d_s`` (momentum > 0), in ``out`` or new memory."""
+    return denominator(state, centered, eps, out).reciprocal_()
+
+
+def _scaled_inverse(scale: float, state: dict[str, Any], centered: bool, eps: float,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    """``P = scale / d_s`` in ``d_s``'s memory (``out`` or new); the scalar as a 0-d CPU tensor."""
+    d = denominator(state, centered, eps, out)
     return torch.div(torch.tensor(scale, dtype=d.dtype), d, out=d)
 
 
@@ -138,7 +151,8 @@ class RMSpropAdapter:
 
     name = "rmsprop"
     optimizer_class: type[torch.optim.Optimizer] = torch.optim.RMSprop
-    #: Every tensor ``after_step`` returns (``P`` or ``b``) is new and never touched again.
+    #: Every tensor ``after_step`` returns (``P`` or ``b``) is new (or the recorder's ``out`` buffer) and never
+    #: touched again.
     fresh_tensors: bool = True
     config_model: type[RMSpropConfig] = RMSpropConfig
     group_model: type[RMSpropGroupConfig] = RMSpropGroupConfig
@@ -195,26 +209,35 @@ class RMSpropAdapter:
                              if optimizer.state.get(p, {}).get("momentum_buffer") is not None)
         return _RMSpropBefore(groups=groups, buffered=buffered)
 
-    def after_step(self, optimizer: torch.optim.Optimizer, before: _RMSpropBefore) -> dict[int, LinearUpdate]:
-        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only)."""
-        out: dict[int, LinearUpdate] = {}
+    def after_step(self, optimizer: torch.optim.Optimizer, before: _RMSpropBefore, *,
+                   out: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                   defer: Callable[[Callable[[], None]], None] | None = None) -> dict[int, LinearUpdate]:
+        """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only).
+
+        ``out`` and ``defer``: the recorder's coefficient buffers for ``b`` or ``P`` and the job that fills them
+        (docs/optimizers.md, "Coefficient buffers"); without them every tensor coefficient is new memory.
+        """
+        updates: dict[int, LinearUpdate] = {}
+        slots = StepSlots(out, defer)
         for snap in before.groups:
             v = snap.values
             sign = -1.0 if v.get("maximize", False) else 1.0
-            momentum, centered = float(v["momentum"]), bool(v.get("centered", False))
+            momentum, centered, eps = float(v["momentum"]), bool(v.get("centered", False)), float(v["eps"])
             for p in snap.with_grad:
-                dt = p.dtype
-                d = denominator(optimizer.state[p], centered, float(v["eps"]))
+                dt, state = p.dtype, optimizer.state[p]
                 lr = sign * as_used(float(v["lr"]), dt)
                 wd = float(v["weight_decay"])
                 lambda_c = sign * as_used(wd, dt) if wd != 0.0 else 0.0
                 if momentum > 0.0:  # torch: buf.mul_(mu).addcdiv_(u, d); param.add_(buf, alpha=-lr)
-                    out[id(p)] = LinearUpdate(a=as_used(momentum, dt), b=d.reciprocal_(), P=lr, q=1.0, n=0.0,
-                                              lambda_c=lambda_c)
-                elif id(p) in before.buffered:  # momentum switched off: the stale buffer stays, unused
-                    out[id(p)] = LinearUpdate(a=1.0, b=0.0, P=_scaled_inverse(lr, d), q=0.0, n=1.0,
-                                              lambda_c=lambda_c)
+                    b = slots.tensor(p, Pending(state["square_avg"], functools.partial(_gain, state, centered, eps)))
+                    updates[id(p)] = LinearUpdate(a=as_used(momentum, dt), b=b, P=lr, q=1.0, n=0.0,
+                                                  lambda_c=lambda_c)
+                    continue
+                P = slots.tensor(p, Pending(state["square_avg"],
+                                            functools.partial(_scaled_inverse, lr, state, centered, eps)))
+                if id(p) in before.buffered:  # momentum switched off: the stale buffer stays, unused
+                    updates[id(p)] = LinearUpdate(a=1.0, b=0.0, P=P, q=0.0, n=1.0, lambda_c=lambda_c)
                 else:  # torch: param.addcdiv_(u, d, value=-lr)
-                    out[id(p)] = LinearUpdate(a=0.0, b=1.0, P=_scaled_inverse(lr, d), q=1.0, n=0.0,
-                                              lambda_c=lambda_c)
-        return out
+                    updates[id(p)] = LinearUpdate(a=0.0, b=1.0, P=P, q=1.0, n=0.0, lambda_c=lambda_c)
+        slots.close()
+        return updates
