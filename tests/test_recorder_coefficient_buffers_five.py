@@ -148,9 +148,9 @@ def _interrupted_and_resumed(variant, dtype, store, monkeypatch, pooled: bool):
     return rec
 
 
-# Adagrad is not here: torch builds its state with the optimizer, and resume=True refuses a fresh Adagrad
-# ("the optimizer holds state that differs ..."), a recorder limitation outside the adapter
-@pytest.mark.parametrize("variant", ["rmsprop-momentum", "nadam", "radam", "adamax"])
+# Adagrad is here too: torch builds its state (step 0, the initial sum) with the optimizer, which restore() takes
+# for a fresh optimizer's
+@pytest.mark.parametrize("variant", ["rmsprop-momentum", "adagrad", "nadam", "radam", "adamax"])
 def test_a_resumed_dense_store_continues_with_pooled_coefficients_bit_identical(tmp_path, monkeypatch, variant):
     """Interrupted after 4 steps, resumed, finished: pooled and new coefficient tensors give the same bits; and,
     but for NAdam (torch's load_state_dict casts its float32 mu_product to float64, so the resumed q and n differ in

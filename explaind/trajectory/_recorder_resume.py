@@ -21,7 +21,7 @@ from ._audit import UpdateAudit
 from ._common import warn_user
 from ._io import decode_optimizer_state, read_tensors
 from ._start_optimizer import state_differences
-from ._start_state import held_state
+from ._start_state import held_state, stepped_state
 from .disk import DiskTrajectory, check_model_matches
 from .fingerprint import check_train_data
 from .manifest import TrajectoryManifest
@@ -194,7 +194,7 @@ class RecorderResumeMixin:
         ``loading``: ``restore()``, which loads ``state`` into a fresh optimizer; without it the
         optimizer must hold ``state`` already (a fresh one: none).
         """
-        if loading and not held_state(self.optimizer):
+        if loading and not stepped_state(self.optimizer):  # fresh, or only what its constructor built (Adagrad)
             return
         differ = state_differences(self.optimizer, state or {})
         if not differ:

@@ -42,6 +42,19 @@ def held_state(optimizer: torch.optim.Optimizer) -> int:
     return sum(1 for state in optimizer.state.values() if len(state) > 0)
 
 
+def stepped_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` holds state from steps taken: state other than what its constructor built.
+
+    Some optimizers (Adagrad) build their state in ``__init__`` (``step = 0`` and the initial
+    accumulator); state whose every ``step`` count is zero is that, not the trace of a step.
+    """
+    for state in optimizer.state.values():
+        step = state.get("step") if len(state) else 0
+        if step is None or float(step) != 0.0:
+            return True
+    return False
+
+
 def capture_start_state(adapter: Any, adapter_name: str, optimizer: torch.optim.Optimizer,
                         params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
     r"""The start buffers :math:`m_{-1}` of the recorded parameters, name -> new tensor (empty for a fresh optimizer).
