@@ -136,10 +136,15 @@ class PathEngine:
         a, b = self.params(s), self.params(s + 1)
         return {n: b[n] - a[n] for n in self.names}
 
-    def stack(self, lo: int, hi: int, X: Tensor, explained: Explained) -> StepStack:
-        r"""The segments of steps ``lo .. hi-1``, :math:`\theta_s` and :math:`\Delta\theta_s` stacked."""
-        bases = [self.params(s) for s in range(lo, hi)]
-        deltas = [self.delta(s) for s in range(lo, hi)]
+    def stack(self, lo: int, hi: int, X: Tensor, explained: Explained, points: list[Params] | None = None) -> StepStack:
+        r"""The segments of steps ``lo .. hi-1``, :math:`\theta_s` and :math:`\Delta\theta_s` stacked.
+
+        ``points``: :math:`\theta_{lo} .. \theta_{hi}` (``hi - lo + 1`` entries of :meth:`params`) when the caller
+        holds them already; each step's file is then read once however many steps the stack holds.
+        """
+        points = [self.params(s) for s in range(lo, hi + 1)] if points is None else points
+        bases = points[:-1]
+        deltas = [{n: b[n] - a[n] for n in self.names} for a, b in zip(points[:-1], points[1:])]
         return StepStack({k: torch.stack([b[k] for b in bases]) for k in bases[0]},
                          {k: torch.stack([d[k] for d in deltas]) for k in self.names}, X, explained)
 

@@ -94,7 +94,10 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     buffers: list[Tensor] = []
     ends_all: list[tuple[Tensor, Tensor]] = []
     for lo, hi in step_groups(start, stop, group, aligned=rule == "adaptive"):
-        nexts = [engine.values_at(s + 1, X, explained) for s in range(lo, hi)]
+        # a stacked group holds theta_lo .. theta_hi from here on: each step's file is read once
+        points = [engine.params(s) for s in range(lo, hi + 1)] if stacked else None
+        nexts = [engine.values_at(s + 1, X, explained, None if points is None else points[s + 1 - lo])
+                 for s in range(lo, hi)]
         ends = ([engine.values_at(s, X, explained, engine.end_params(s)) for s in range(lo, hi)]
                 if engine.buffer_names else nexts)
         begins = [g_prev, *nexts[:-1]]
@@ -102,11 +105,11 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
         if with_estimate and rule != "adaptive":
             ends_all.extend(zip(begins, ends))
         if rule == "adaptive":
-            plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained), begins, ends, n, tol, coarsen,
-                                         inexact))
+            plans.extend(_adaptive_group(engine, engine.stack(lo, hi, X, explained, points), begins, ends, n, tol,
+                                         coarsen, inexact))
             cost.add(plans[lo - start:], bar)
         else:
-            stack = engine.stack(lo, hi, X, explained) if with_estimate else None
+            stack = engine.stack(lo, hi, X, explained, points) if with_estimate else None
             plans.extend(_fixed_group(engine, stack, begins, ends, rule, n))
         g_prev = nexts[-1]
         bar.update(hi - lo)

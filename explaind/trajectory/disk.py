@@ -292,7 +292,12 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         return tensors, meta
 
     def _check_specs(self, tensors: dict[str, Tensor], prefix: str, specs: Any, where: str) -> None:
-        """Every tensor of ``specs`` is present with the recorded shape and dtype, and finite."""
+        """Every tensor of ``specs`` is present with the recorded shape and dtype, and finite.
+
+        Finiteness is tested on all floating tensors at once (one ``isfinite`` of their concatenation); only a file
+        that fails it is searched for the tensor to name.
+        """
+        floats: list[tuple[str, Tensor]] = []
         for spec in specs:
             t = tensors.get(prefix + spec.name)
             if t is None:
@@ -302,9 +307,13 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                 raise TrajectoryError(f"Trajectory file {where}: {prefix + spec.name!r} has shape {list(t.shape)} and "
                                       f"dtype {dtype_name(t.dtype)}, the manifest records {spec.shape} and "
                                       f"{spec.dtype}. The store is corrupted; re-record the run.")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise TrajectoryError(f"Trajectory file {where}: {prefix + spec.name!r} holds NaN or infinite values; "
-                                      f"the run diverged or the store is corrupted.")
+            if t.is_floating_point():
+                floats.append((prefix + spec.name, t))
+        if not floats or bool(torch.isfinite(torch.cat([t.reshape(-1) for _, t in floats])).all()):
+            return
+        name = next(n for n, t in floats if not bool(torch.isfinite(t).all()))
+        raise TrajectoryError(f"Trajectory file {where}: {name!r} holds NaN or infinite values; the run diverged or "
+                              f"the store is corrupted.")
 
     def _check_params(self, tensors: dict[str, Tensor], where: str) -> None:
         self._check_specs(tensors, "param.", self._manifest.params, where)

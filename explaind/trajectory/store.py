@@ -115,6 +115,15 @@ def check_updates(specs: list[TensorSpec], tensors: dict[str, Tensor], where: st
                               f"explaind; re-record the run.")
 
 
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (``torch.broadcast_shapes(shape, target) == target``).
+
+    >>> _broadcasts_to((1, 3), (2, 3)), _broadcasts_to((3,), (2, 3)), _broadcasts_to((2, 3), (3,))
+    (True, True, False)
+    """
+    return len(shape) <= len(target) and all(d in (1, e) for d, e in zip(reversed(shape), reversed(target)))
+
+
 def _described(t: Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')} of shape {list(t.shape)}"
 
@@ -135,11 +144,7 @@ def _update_problem(specs: list[TensorSpec], tensors: dict[str, Tensor], dense: 
                 if dense and math.isnan(value):
                     return f"{key!r} is missing (its cell of 'update.scalars' is NaN)"
                 continue
-            try:
-                fits = t.is_floating_point() and list(torch.broadcast_shapes(t.shape, spec.shape)) == spec.shape
-            except RuntimeError:
-                fits = False
-            if not fits:
+            if not (t.is_floating_point() and _broadcasts_to(tuple(t.shape), tuple(spec.shape))):
                 return f"{key!r} is {_described(t)}, allowed: a floating tensor broadcasting to the shape {spec.shape}"
     return None
 
