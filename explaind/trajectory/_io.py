@@ -31,9 +31,10 @@ from torch import Tensor
 from .._io import atomic_write
 from ..exceptions import TrajectoryError
 from ._checksum import DEFAULT, checksum, hasher
-from .manifest import FileRecord
+from .manifest import FileRecord, dtype_name
 
 __all__ = [
+    "check_specs",
     "write_bytes",
     "encode_tensors",
     "write_tensors",
@@ -321,3 +322,28 @@ def _state_key(key: str, where: str, n_params: int, n_groups: int) -> tuple[str,
         raise _unreadable_state(where, f"it holds the tensor {key!r}, allowed: 'state.<i>.<name>' with i in "
                                        f"0..{n_params - 1} or 'group.<g>.<name>' with g in 0..{n_groups - 1}")
     return kind, int(index), name
+
+
+def check_specs(tensors: dict[str, Tensor], prefix: str, specs: Any, where: str) -> None:
+    """Check a read step file: every tensor of ``specs`` (manifest entries with ``name``, ``shape``, ``dtype``)
+    is in ``tensors`` under ``prefix + name`` with the recorded shape and dtype, and finite.
+
+    Finiteness is one ``isfinite`` of all floating tensors at once; only a file that fails it is searched for
+    the tensor to name. Raises :class:`~explaind.exceptions.TrajectoryError` naming ``where`` and the tensor.
+    """
+    floats: list[tuple[str, Tensor]] = []
+    for spec in specs:
+        t = tensors.get(prefix + spec.name)
+        if t is None:
+            raise TrajectoryError(f"Trajectory file {where} lacks {prefix + spec.name!r}; the store is "
+                                  f"corrupted. Re-record the run.")
+        if list(t.shape) != list(spec.shape) or dtype_name(t.dtype) != spec.dtype:
+            raise TrajectoryError(f"Trajectory file {where}: {prefix + spec.name!r} has shape {list(t.shape)} and "
+                                  f"dtype {dtype_name(t.dtype)}, the manifest records {spec.shape} and "
+                                  f"{spec.dtype}. The store is corrupted; re-record the run.")
+        if t.is_floating_point():
+            floats.append((prefix + spec.name, t))
+    if floats and not bool(torch.isfinite(torch.cat([t.reshape(-1) for _, t in floats])).all()):
+        name = next(n for n, t in floats if not bool(torch.isfinite(t).all()))
+        raise TrajectoryError(f"Trajectory file {where}: {name!r} holds NaN or infinite values; the run diverged "
+                              f"or the store is corrupted.")

@@ -22,14 +22,14 @@ from ..exceptions import ConfigError, ExplaindError, TrajectoryError, UnknownEnt
 from ..recurrence import LinearUpdate
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
-from ._io import read_tensors
+from ._io import check_specs, read_tensors
 from ._random import MicroBatch, find_generators
 from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
 from ._start_optimizer import OptimizerStart
 from ._start_state import read_start_file
 from .fingerprint import check_train_data
-from .manifest import FileRecord, TrajectoryManifest, dtype_from_name, dtype_name
+from .manifest import FileRecord, TrajectoryManifest, dtype_from_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
 from .replay import SegmentReplay
 from .store import check_updates, read_manifest, record_binding, unpack_updates
@@ -259,7 +259,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             if key == "initial":
                 self._check_params(tensors, f"{record.path!r}")
             elif key == "constants":
-                self._check_specs(tensors, "const.", self._manifest.constants, f"{record.path!r}")
+                check_specs(tensors, "const.", self._manifest.constants, f"{record.path!r}")
             self._static[key] = tensors
         return self._static[key]
 
@@ -291,32 +291,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             self._cache.popitem(last=False)
         return tensors, meta
 
-    def _check_specs(self, tensors: dict[str, Tensor], prefix: str, specs: Any, where: str) -> None:
-        """Every tensor of ``specs`` is present with the recorded shape and dtype, and finite.
-
-        Finiteness is tested on all floating tensors at once (one ``isfinite`` of their concatenation); only a file
-        that fails it is searched for the tensor to name.
-        """
-        floats: list[tuple[str, Tensor]] = []
-        for spec in specs:
-            t = tensors.get(prefix + spec.name)
-            if t is None:
-                raise TrajectoryError(f"Trajectory file {where} lacks {prefix + spec.name!r}; the store is "
-                                      f"corrupted. Re-record the run.")
-            if list(t.shape) != list(spec.shape) or dtype_name(t.dtype) != spec.dtype:
-                raise TrajectoryError(f"Trajectory file {where}: {prefix + spec.name!r} has shape {list(t.shape)} and "
-                                      f"dtype {dtype_name(t.dtype)}, the manifest records {spec.shape} and "
-                                      f"{spec.dtype}. The store is corrupted; re-record the run.")
-            if t.is_floating_point():
-                floats.append((prefix + spec.name, t))
-        if not floats or bool(torch.isfinite(torch.cat([t.reshape(-1) for _, t in floats])).all()):
-            return
-        name = next(n for n, t in floats if not bool(torch.isfinite(t).all()))
-        raise TrajectoryError(f"Trajectory file {where}: {name!r} holds NaN or infinite values; the run diverged or "
-                              f"the store is corrupted.")
-
     def _check_params(self, tensors: dict[str, Tensor], where: str) -> None:
-        self._check_specs(tensors, "param.", self._manifest.params, where)
+        check_specs(tensors, "param.", self._manifest.params, where)
 
     def _check_batch(self, tensors: dict[str, Tensor], where: str) -> None:
         idx, w = tensors.get("batch.indices"), tensors.get("batch.weights")
