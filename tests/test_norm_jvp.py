@@ -85,6 +85,15 @@ def test_group_norm_jvp_equals_torch_func_jvp(name):
     assert _relative(want, elem) <= 1e-12  # the two references agree with each other
 
 
+def test_group_norm_jvp_with_a_scale_and_no_shift():
+    x, dx = _randn(3, 8, 4, 4, seed=0), _randn(3, 8, 4, 4, seed=1)
+    w, dw = _randn(8, seed=2), _randn(8, seed=3)
+    y, dy = _closed(x, dx, 2, w, dw, None, None, 1e-5)
+    want, want_dot = jvp(lambda x, w: F.group_norm(x, 2, w, None, 1e-5), (x, w), (dx, dw))
+    assert torch.equal(y, want)
+    assert _relative(dy, want_dot) <= 1e-12
+
+
 @pytest.mark.parametrize("moving", ["weight", "bias", "input", "weight-bias"])
 def test_group_norm_jvp_with_some_tangents_only(moving):
     """Only some of input, scale and shift move; the others are plain tensors."""
@@ -119,6 +128,8 @@ def test_group_norm_dual_declines_what_it_does_not_compute():
         assert group_norm_dual(fwAD.make_dual(x, dx), 4) is None  # 4 groups do not divide 6 channels
         assert group_norm_dual(fwAD.make_dual(x, dx), 3, torch.ones(6, dtype=torch.float32)) is None  # dtypes
         assert group_norm_dual(fwAD.make_dual(x[0, 0, 0], dx[0, 0, 0]), 1) is None  # no channel axis
+        half = x.to(torch.bfloat16)
+        assert group_norm_dual(fwAD.make_dual(half, dx.to(torch.bfloat16)), 3) is None  # statistics in float32
 
 
 class Norms(nn.Module):

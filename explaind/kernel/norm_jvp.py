@@ -62,15 +62,16 @@ def group_norm_dual(input: Tensor, num_groups: int, weight: Tensor | None = None
     Tensor or None
         The dual output ``(B, C, *)``; ``None`` (the caller then runs torch's own function, its derivative and its
         errors) when nothing has a tangent, for an input without a batch and a channel axis or with no elements,
-        when ``num_groups`` does not divide ``C``, or when the affine parameters' dtype or shape differ from what
-        ``native_group_norm`` takes without a conversion.
+        in a dtype other than ``float32`` and ``float64``, when ``num_groups`` does not divide ``C``, or when the
+        affine parameters' dtype or shape differ from what ``native_group_norm`` takes without a conversion.
     """
     x, x_dot = fwad.unpack_dual(input)
     w, w_dot = (None, None) if weight is None else fwad.unpack_dual(weight)
     b, b_dot = (None, None) if bias is None else fwad.unpack_dual(bias)
     if x_dot is None and w_dot is None and b_dot is None:
         return None
-    if x.dim() < 2 or x.numel() == 0 or not isinstance(num_groups, int) or num_groups < 1:
+    if x.dim() < 2 or x.numel() == 0 or not isinstance(num_groups, int) or num_groups < 1 \
+            or x.dtype not in (torch.float32, torch.float64):  # half types: statistics in float32, left to torch
         return None
     B, C, G = x.shape[0], x.shape[1], num_groups
     if C % G or any(p is not None and (p.dtype != x.dtype or p.shape != (C,)) for p in (w, b)):
