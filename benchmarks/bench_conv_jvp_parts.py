@@ -6,7 +6,8 @@ The kink-dense replica of ``benchmarks/bench_kink_dense.py`` spends nearly all o
 batch in float64 with one torch thread, the whole fused JVP, a bare forward pass, and the parts the JVP cannot
 do without: per 16-channel layer the stacked convolution (32 output channels) and the one on the input's
 tangent (16), the products alone (``matmul`` of the kernel with patches made beforehand) and the unfolding
-alone, plus a GroupNorm by forward mode against its bare forward. Each the median of ``--repeats`` runs, the
+alone, plus a GroupNorm by forward mode and in closed form (``explaind.kernel.norm_jvp``) against its bare forward,
+and the whole JVP with its group norms by forward mode. Each the median of ``--repeats`` runs, the
 ways taking turns, by **CPU time of this process** (``time.process_time``): on a machine shared with other
 jobs wall time mostly measures the others.
 
@@ -26,7 +27,9 @@ import torch.nn.functional as F
 from bench_kink_dense import ResNet
 from torch.func import functional_call
 
+from explaind.kernel import fused_jvp as fused_module
 from explaind.kernel.fused_jvp import fused_jvp
+from explaind.kernel.norm_jvp import group_norm_dual
 
 
 def patches(x: torch.Tensor) -> torch.Tensor:
@@ -59,9 +62,24 @@ def main() -> None:
             return fwad.unpack_dual(F.group_norm(fwad.make_dual(a, a_dot), 4, fwad.make_dual(gamma, gamma),
                                                  fwad.make_dual(beta, beta)))
 
+    def norm_closed():
+        with fwad.dual_level():
+            return fwad.unpack_dual(group_norm_dual(fwad.make_dual(a, a_dot), 4, fwad.make_dual(gamma, gamma),
+                                                    fwad.make_dual(beta, beta)))
+
+    def norms_by_forward_mode():
+        rules = dict(fused_module._RULES)
+        for f in (F.group_norm, torch.group_norm):
+            del fused_module._RULES[f]
+        try:
+            return fused_jvp(lambda p: functional_call(model, p, (X,)), point, tangent)
+        finally:
+            fused_module._RULES.update(rules)
+
     ways = {
-        "fused JVP of the ResNet (5 convolutions, 5 group norms)":
+        "fused JVP of the ResNet (5 convolutions, 5 group norms in closed form)":
             lambda: fused_jvp(lambda p: functional_call(model, p, (X,)), point, tangent),
+        "fused JVP of the ResNet, group norms by forward mode": norms_by_forward_mode,
         "bare forward of the ResNet": lambda: functional_call(model, point, (X,)),
         "stacked convolution [W; W dot] * a (32 out)": lambda: F.conv2d(a, stacked, None, 1, 1),
         "convolution W * a dot (16 out)": lambda: F.conv2d(a_dot, w, None, 1, 1),
@@ -69,6 +87,7 @@ def main() -> None:
         "products alone, 16 out": lambda: torch.matmul(w.reshape(16, -1), cols),
         "unfolding alone (3x3 patches)": lambda: patches(a),
         "group norm by forward mode": norm_dual,
+        "group norm in closed form (explaind.kernel.norm_jvp)": norm_closed,
         "group norm, bare forward": lambda: F.group_norm(a, 4, gamma, beta),
     }
     spent: dict[str, list[float]] = {k: [] for k in ways}

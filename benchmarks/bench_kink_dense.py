@@ -7,9 +7,11 @@ parameters) trained with plain SGD at an untuned lr 1.0. Both from initialisatio
 digits, 1,000 training images, batches of 64, recorded in float64; the replica explains every output
 of held-out test images.
 
-Printed (one table): for the adaptive rule (default tolerance) and the paper's 100-point midpoint
-rule, the wall time, evaluations per step and test input, and the relative error of the replica
-against the trained model, ``max |replica - f(x; theta_N)| / max |f|``. The path of each step crosses
+Printed (one table): for the adaptive rule (at each tolerance of ``--tols``, by default its own 1e-7; panels of
+``--nodes`` nodes, by default its own 4) and the paper's 100-point midpoint rule, the wall time, the process's CPU
+time (``time.process_time``: steadier than the wall time on a shared machine), evaluations per step and test input,
+the relative error of the replica against the trained model, ``max |replica - f(x; theta_N)| / max |f|``, and
+whether an ``ExplaindWarning`` about the quadrature was given. The path of each step crosses
 thousands of ReLU kinks; ``docs/engine.md`` (section 2, *kink-dense paths*) describes what the
 adaptive rule does then. ``--before DIR`` first runs the same rows in a subprocess against another
 checkout of explaind (``PYTHONPATH=DIR``; e.g. ``git worktree add /tmp/before <commit>``), so a
@@ -23,7 +25,7 @@ and nodes, rows by ``vmap`` over rows, and a bare forward pass.
 ``--profile`` prints, for each replica, the operators that took the most time (``torch.profiler``).
 
 Run: ``python benchmarks/bench_kink_dense.py [--model resnet] [--steps 40] [--inputs 64] [--threads 1]
-[--rules midpoint adaptive] [--before DIR] [--per-eval] [--profile]``
+[--rules midpoint adaptive] [--tols 1e-7 1e-3] [--nodes 2] [--gap-tol 1e-4] [--before DIR] [--per-eval] [--profile]``
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import explaind
-from explaind.kernel import dense, planning
+from explaind.exceptions import ExplaindWarning
+from explaind.kernel import adaptive, dense, planning
 
 
 class Block(nn.Module):
@@ -107,8 +110,10 @@ def record(steps: int, kind: str = "resnet"):
 
 
 def measure(args: argparse.Namespace, label: str) -> list[str]:
-    """Table rows ``| label | rule | time | evals | error |`` of both rules on the recorded run."""
+    """Table rows ``| label | rule | time | CPU time | evals | error | warned |`` of the rules on the recorded run."""
     torch.set_num_threads(args.threads)
+    if args.gap_tol is not None:  # where the adaptive rule switches to the loose-tolerance gaps (kernel/gaps.py)
+        adaptive.GAP_TOL = args.gap_tol
     model, traj, X_test = record(args.steps, args.model)
     X = X_test[: args.inputs]
     with torch.no_grad():
@@ -132,20 +137,22 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
 
         dense.shortfall = told
     rows = []
-    for rule, nodes in (("midpoint", 100), ("adaptive", None)):
-        if rule not in args.rules:
-            continue
+    runs = [("adaptive", args.nodes, tol) for tol in args.tols] if "adaptive" in args.rules else []
+    for rule, nodes, tol in ([("midpoint", 100, 1e-7)] if "midpoint" in args.rules else []) + runs:
         evals.clear()
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(), profiled(args.profile) as prof:
-            warnings.simplefilter("ignore")
-            out = explaind.KernelReplica(quadrature=rule, nodes=nodes).fit(traj).predict(X)
-        wall = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings(record=True) as caught, profiled(args.profile) as prof:
+            warnings.simplefilter("always")
+            out = explaind.KernelReplica(quadrature=rule, nodes=nodes, tol=tol).fit(traj).predict(X)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         if prof is not None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
+        warned = any(issubclass(w.category, ExplaindWarning) and "quadrature" in str(w.message) for w in caught)
         err = float((torch.as_tensor(out) - target).abs().max() / target.abs().max())
         per = f"{float(torch.cat(evals).double().mean()):.1f}" if evals else str(nodes)
-        rows.append(f"| {label} | {rule}{'' if nodes is None else f'-{nodes}'} | {wall:.1f} | {per} | {err:.2e} |")
+        name = f"{rule}-{nodes}" if rule == "midpoint" else (
+            f"adaptive tol={tol:g}" + ("" if nodes is None else f" nodes={nodes}"))
+        rows.append(f"| {label} | {name} | {wall:.1f} | {cpu:.1f} | {per} | {err:.2e} | {'yes' if warned else 'no'} |")
         print(rows[-1], flush=True)
         if args.breakdown and evals:
             print(f"{label}, {rule}: {breakdown(torch.cat(evals))}", file=sys.stderr, flush=True)
@@ -167,14 +174,17 @@ def per_eval(args: argparse.Namespace) -> None:
     On the first 4 steps and ``--inputs`` test inputs, 16 nodes per step: a grid of nodes shared by every input
     of a step, one call per (step, node) with the step's parameters shared by the batch of inputs (what the
     kink-dense rule and the fixed rules use for convolutional models on the CPU; each convolution's primal and
-    kernel tangent in one call, :mod:`explaind.kernel.fused_jvp`, and for comparison by ``torch.func.jvp``,
+    kernel tangent in one call, :mod:`explaind.kernel.fused_jvp`, each group norm's tangent in closed form,
+    :mod:`explaind.kernel.norm_jvp`; for comparison with the group norms by forward mode, and by ``torch.func.jvp``,
     three convolutions per layer) and by one ``vmap`` over steps
     and nodes (per-node parameters: grouped convolutions); rows, each at its own point (``vmap`` over rows,
     parameters per row: the adaptive rule's refinement); and a bare forward pass per (step, node) without
-    derivatives, for scale. All on the ``torch.func`` evaluator (``factored="never"``); each the fastest of
-    five runs, the ways taking turns (so that a changing load falls on all of them alike).
+    derivatives, for scale. All on the ``torch.func`` evaluator (``factored="never"``); each the least CPU time of
+    this process (``time.process_time``, one thread) of five runs, the ways taking turns (so that a changing load
+    falls on all of them alike).
     """
     from explaind.kernel import autograd
+    from explaind.kernel import fused_jvp as fused_module
     from explaind.kernel.engine import PathEngine
     from explaind.kernel.evaluate import Grid, Rows
     from explaind.kernel.fused_jvp import fused_jvp
@@ -189,13 +199,18 @@ def per_eval(args: argparse.Namespace) -> None:
     t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     units = torch.arange(S * T).repeat_interleave(n)
 
-    def grid(per_node: bool, fused: bool = True):
+    def grid(per_node: bool, fused: bool = True, norms: bool = True):
         ev.per_node = per_node
         autograd.fused_jvp = fused_jvp if fused else autograd._jvp  # torch.func.jvp: three convolutions per layer
+        rules = dict(fused_module._RULES)
+        if not norms:  # group norms by forward mode's own derivative
+            for f in (F.group_norm, torch.group_norm):
+                del fused_module._RULES[f]
         try:
             return ev.slopes(stack, Grid(t))[1]
         finally:
             autograd.fused_jvp = fused_jvp
+            fused_module._RULES.update(rules)
 
     def forward():
         with torch.no_grad():
@@ -204,14 +219,17 @@ def per_eval(args: argparse.Namespace) -> None:
                     explained(engine.fm, {k: v[s] + tq * stack.delta[k][s] for k, v in stack.base.items()}, X,
                               explained.aux)
 
-    ways = [("grid, one call per (step, node), parameters shared, convolutions fused", lambda: grid(True)),
+    ways = [("grid, one call per (step, node), parameters shared, convolutions fused, group norms in closed form",
+             lambda: grid(True)),
+            ("grid, one call per (step, node), parameters shared, convolutions fused, group norms by forward mode",
+             lambda: grid(True, norms=False)),
             ("grid, one call per (step, node), parameters shared, torch.func.jvp", lambda: grid(True, False)),
             ("grid, vmap over steps and nodes, parameters per node", lambda: grid(False)),
             ("rows, vmap over rows, parameters per row", lambda: ev.slopes(stack, Rows(units // T, units % T,
                                                                                        t.repeat(S * T)))[1]),
             ("bare forward per (step, node), no derivative", forward)]
     print(f"per evaluation, {S} steps x {n} nodes x {T} inputs, float64, threads={args.threads}; "
-          f"load {os.getloadavg()[0]:.1f}\n| evaluation | us per evaluation |\n|---|---|")
+          f"load {os.getloadavg()[0]:.1f}; CPU time, least of five\n| evaluation | us per evaluation |\n|---|---|")
     ref = None
     for name, fn in ways:
         out = fn()  # warm-up, and the result compared below
@@ -222,9 +240,9 @@ def per_eval(args: argparse.Namespace) -> None:
     walls = [float("inf")] * len(ways)
     for _ in range(5):  # the ways interleaved, the fastest of five each: a shared machine's load only ever adds time
         for k, (_, fn) in enumerate(ways):
-            t0 = time.perf_counter()
+            t0 = time.process_time()  # CPU time of this process: on a shared machine wall time measures the others
             fn()
-            walls[k] = min(walls[k], time.perf_counter() - t0)
+            walls[k] = min(walls[k], time.process_time() - t0)
     for (name, _), wall in zip(ways, walls):
         print(f"| {name} | {1e6 * wall / (S * n * T):.0f} |", flush=True)
 
@@ -251,6 +269,13 @@ def main() -> None:
                          "shortfall R")
     ap.add_argument("--rules", nargs="+", choices=("midpoint", "adaptive"), default=["midpoint", "adaptive"],
                     help="the rules measured (both by default)")
+    ap.add_argument("--tols", type=float, nargs="+", default=[1e-7],
+                    help="tolerances of the adaptive rule, one row each (default: its own 1e-7)")
+    ap.add_argument("--nodes", type=int, default=None,
+                    help="nodes per panel of the adaptive rule (default: its own 4; the scores' rule uses 2)")
+    ap.add_argument("--gap-tol", type=float, default=None,
+                    help="the tolerance from which the adaptive rule integrates on gaps cut at kinks (default: the "
+                         "library's explaind.kernel.gaps.GAP_TOL, 1e-3); lower it to try that rule at tighter tols")
     ap.add_argument("--before", default=None, help="another explaind checkout, measured first in a subprocess")
     ap.add_argument("--per-eval", action="store_true",
                     help="print the cost per evaluation of the engine's ways to evaluate, and nothing else")
@@ -268,13 +293,16 @@ def main() -> None:
     model = ResNet() if args.model == "resnet" else mlp()
     name = "GroupNorm ResNet" if args.model == "resnet" else "ReLU MLP (SGD lr 1.0)"
     print(f"{name}, {sum(p.numel() for p in model.parameters())} parameters, {args.steps} steps, {args.inputs} test "
-          f"inputs x 10 outputs, float64, torch threads={args.threads}; load {os.getloadavg()[0]:.1f}")
-    head = "| code | rule | time s | evaluations per step and input | relative error |\n|---|---|---|---|---|"
+          f"inputs x 10 outputs, float64, torch threads={args.threads}; load {os.getloadavg()[0]:.1f}", flush=True)
+    head = ("| code | rule | time s | CPU s | evaluations per step and input | relative error | quadrature warning |\n"
+            "|---|---|---|---|---|---|---|")
     print(head, flush=True)
     rows = []
     if args.before:
         cmd = [sys.executable, __file__, "--rows-only", "--label", "before", "--model", args.model, "--steps",
                str(args.steps), "--inputs", str(args.inputs), "--threads", str(args.threads), "--rules", *args.rules,
+               "--tols", *map(str, args.tols), *([] if args.nodes is None else ["--nodes", str(args.nodes)]),
+               *([] if args.gap_tol is None else ["--gap-tol", str(args.gap_tol)]),
                *(["--breakdown"] if args.breakdown else [])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.before, os.path.join(args.before, "plugins")])}
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -285,6 +313,7 @@ def main() -> None:
     rows += measure(args, "after" if args.before else args.label)
     if args.before:  # the table once more, in one piece
         print(f"\n{head}\n" + "\n".join(rows))
+    print(f"load {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
