@@ -5,7 +5,8 @@
    spikes; ``grokking.PRESETS["small"]``) and records its trajectory;
 2. computes the fidelity table of its kernel replica (midpoint 10, Gauss–Legendre 4, adaptive;
    the command prints it once, at the end);
-3. runs the digits pruning benchmark;
+3. runs the digits pruning benchmark (in a second process, beside stages 1 and 2, on a machine with
+   a second core: it needs nothing from them);
 4. writes the report folder: ``index.html`` (figures embedded) and the PNG files.
 
 ``size="tiny"`` does the same in seconds (tests); ``size="full"`` is the paper-scale grokking
@@ -14,11 +15,16 @@ run (GPU).
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from .. import exceptions
 from ..exceptions import ConfigError
 from . import fidelity, pruning_run
 from .grokking import grokking_config
@@ -44,8 +50,34 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def _pruning_job(prune_dir: str, size: str, seed: int, threads: int) -> tuple[dict[str, Any], list[list[str]]]:
+    """The pruning stage in a child process: its summary and the warnings it raised, as (category, message).
+
+    Only JSON-ready values cross the process boundary; the parent raises the warnings again.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = pruning_run.run_benchmark(prune_dir, size=size, seed=seed, progress=False)
+    return summary, [[w.category.__name__, str(w.message)] for w in caught]
+
+
+def _rewarn(caught: list[list[str]]) -> None:
+    """Raise in this process the warnings the pruning child recorded (explaind's and Python's categories kept)."""
+    import builtins
+
+    for name, message in caught:
+        category = getattr(exceptions, name, None) or getattr(builtins, name, None)
+        if not (isinstance(category, type) and issubclass(category, Warning)):
+            category = UserWarning
+        warnings.warn(message, category, stacklevel=3)
+
+
 def run_demo(out_dir: str | Path = "report", *, size: str = "small", seed: int = 0, device: str = "cpu",
-             progress: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             progress: bool = False, log: Callable[[str], None] | None = None,
+             parallel: bool | None = None) -> dict[str, Any]:
     """Run the demo; returns the fidelity table, timings and the report path.
 
     Parameters
@@ -59,6 +91,11 @@ def run_demo(out_dir: str | Path = "report", *, size: str = "small", seed: int =
     progress : bool
     log : callable, optional
         Receives one line per stage.
+    parallel : bool, optional
+        Run the pruning benchmark in a second process (``spawn``, torch's current thread count) while
+        the run trains and its fidelity is measured. ``None``: where the machine has more CPU cores
+        than torch uses and ``size`` is not ``"tiny"``. The results are those of the serial demo but
+        for rounding that depends on the thread count; the child's warnings are raised again here.
 
     Returns
     -------
@@ -79,37 +116,56 @@ def run_demo(out_dir: str | Path = "report", *, size: str = "small", seed: int =
     clear_run_folder(run_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    import torch
 
-    config, options = grokking_config(size, seed=seed, device=device)
-    say(f"[1/4] training the modular transformer on (a + b) mod {config['data']['p']} with AdamW "
-        f"(weight decay {config['weight_decay']}) for up to {config['steps']} steps and recording it to {run_dir}")
-    t = time.perf_counter()
-    run = train_run(config, run_dir, progress=progress)
-    timings["train"] = round(time.perf_counter() - t, 2)
-    say(f"      {run.trajectory.n_steps} steps, train acc {run.history.train_acc[-1]:.3f}, "
-        f"validation acc {run.history.val_acc[-1]:.3f} ({timings['train']:.0f} s)")
-    outcome = run_outcome(run.history)
-    say(f"      {outcome.describe()}")
-
-    n_fidelity = min(preset["n_fidelity"], run.dataset.n_val)
-    say(f"[2/4] fidelity of the kernel replica: "
-        f"{fidelity.rules_cost(preset['rules'], int(run.trajectory.n_steps), n_fidelity)}")
-    t = time.perf_counter()
-    rows = fidelity.run_fidelity(run, preset["rules"], n_test=preset["n_fidelity"],
-                                 device=device, progress=progress, setup="modular transformer, AdamW", warn=False)
-    timings["fidelity"] = round(time.perf_counter() - t, 2)
-    # printed once, by the caller, after the report (so that -q still shows it); the fixed rules' errors are the
-    # table's 'step error' column, and the sentence that reads it is printed under the table, not warned
-    note = fidelity.inexact_rules_note(rows)
-    table = fidelity.format_table(rows, fidelity.TABLE_COLUMNS) + ("" if note is None else f"\nnote: {note}")
-
-    say(f"[3/4] pruning benchmark on digits ({preset['pruning']})")
-    t = time.perf_counter()
+    threads = torch.get_num_threads()
+    if parallel is None:
+        parallel = size != "tiny" and (os.cpu_count() or 1) > threads
     prune_dir = out / "pruning"
     if prune_dir.exists():
         shutil.rmtree(prune_dir)
-    pruning_run.run_benchmark(prune_dir, size=preset["pruning"], seed=seed, progress=progress)
-    timings["pruning"] = round(time.perf_counter() - t, 2)
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) if parallel else None
+    job: Future | None = None
+    if pool is not None:
+        job = pool.submit(_pruning_job, str(prune_dir), preset["pruning"], seed, threads)
+        say(f"[3/4, beside 1 and 2] pruning benchmark on digits ({preset['pruning']}) in a second process")
+
+    try:
+        config, options = grokking_config(size, seed=seed, device=device)
+        say(f"[1/4] training the modular transformer on (a + b) mod {config['data']['p']} with AdamW "
+            f"(weight decay {config['weight_decay']}) for up to {config['steps']} steps and recording it to {run_dir}")
+        t = time.perf_counter()
+        run = train_run(config, run_dir, progress=progress)
+        timings["train"] = round(time.perf_counter() - t, 2)
+        say(f"      {run.trajectory.n_steps} steps, train acc {run.history.train_acc[-1]:.3f}, "
+            f"validation acc {run.history.val_acc[-1]:.3f} ({timings['train']:.0f} s)")
+        outcome = run_outcome(run.history)
+        say(f"      {outcome.describe()}")
+
+        n_fidelity = min(preset["n_fidelity"], run.dataset.n_val)
+        say(f"[2/4] fidelity of the kernel replica: "
+            f"{fidelity.rules_cost(preset['rules'], int(run.trajectory.n_steps), n_fidelity)}")
+        t = time.perf_counter()
+        rows = fidelity.run_fidelity(run, preset["rules"], n_test=preset["n_fidelity"],
+                                     device=device, progress=progress, setup="modular transformer, AdamW", warn=False)
+        timings["fidelity"] = round(time.perf_counter() - t, 2)
+        # printed once, by the caller, after the report (so that -q still shows it); the fixed rules' errors are the
+        # table's 'step error' column, and the sentence that reads it is printed under the table, not warned
+        note = fidelity.inexact_rules_note(rows)
+        table = fidelity.format_table(rows, fidelity.TABLE_COLUMNS) + ("" if note is None else f"\nnote: {note}")
+
+        t = time.perf_counter()
+        if job is None:
+            say(f"[3/4] pruning benchmark on digits ({preset['pruning']})")
+            pruning_run.run_benchmark(prune_dir, size=preset["pruning"], seed=seed, progress=progress)
+        else:
+            say("[3/4] waiting for the pruning benchmark's process")
+            _, caught = job.result()
+            _rewarn(caught)
+        timings["pruning"] = round(time.perf_counter() - t, 2)  # with parallel: the wait after stages 1 and 2
+    finally:  # a failed stage waits for the pruning process rather than leave it behind
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
     say("[4/4] influence figures and the HTML report")
     t = time.perf_counter()
