@@ -23,6 +23,7 @@ import explaind
 from explaind.trajectory import Trajectory
 from explaind.trajectory._filewrite import TensorFileWriter
 from explaind.trajectory._layout import JOURNAL, TEMP_FILE
+from explaind.trajectory.store import StoreWriter
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
@@ -172,3 +173,62 @@ def test_a_group_of_steps_is_flushed_then_renamed_then_journaled(tmp_path, monke
     dirs = [i for i, (k, name) in enumerate(kinds) if k == "fsync" and name in ("steps", "optimizer")]
     assert len(dirs) == 2 and min(dirs) > last_replace  # the directories after the renames
     assert kinds[-1] == ("fsync", JOURNAL) and max(dirs) < len(kinds) - 1  # the journal line last
+
+
+def _queue_of(n):
+    def patch(init):
+        def wrapped(self, *args, **kwargs):
+            kwargs["max_queue"] = n  # room for every step behind the stalled one
+            return init(self, *args, **kwargs)
+        return wrapped
+    return patch
+
+
+def _sparse_run(store, steps, stall=None):
+    X, y = regression_data(n=16)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, checkpoint_every=2,
+                                      check_gradients=False)
+    with rec:
+        for s in range(steps):
+            idx = torch.arange(4 * s, 4 * s + 4) % 16
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+        if stall is not None:
+            stall.set()
+
+
+def test_a_group_with_two_files_for_one_slot_writes_the_newer_one(tmp_path, monkeypatch):
+    """A sparse store's audit momentum alternates between two slots; a group holding three such checkpoints
+    writes one slot twice: the older file is moved into place first, then replaced (as one file at a time)."""
+    steps = 10  # checkpoint_every=2 and the state at every 4th step: states at steps 3, 7 and the last, 9
+    _sparse_run(tmp_path / "plain", steps)
+    gate, started = threading.Event(), threading.Event()
+    real_write = TensorFileWriter.write
+    slots: list[str] = []
+
+    def stalled(self, root, relpath, *args, **kwargs):
+        if relpath == "steps/000000.safetensors":
+            started.set()
+            gate.wait(60)
+        if relpath.startswith("optimizer/state-"):
+            slots.append(relpath)
+        return real_write(self, root, relpath, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "__init__", _queue_of(steps + 2)(StoreWriter.__init__))
+    monkeypatch.setattr(TensorFileWriter, "write", stalled)
+    _sparse_run(tmp_path / "grouped", steps, stall=gate)
+    monkeypatch.undo()
+    assert started.is_set()
+    assert len(slots) == 3 and slots[0] == slots[2] != slots[1]  # one slot written twice in the group
+    grouped, plain = (Trajectory.load(tmp_path / name, model=mlp()) for name in ("grouped", "plain"))
+    grouped.verify()
+    assert grouped.n_steps == plain.n_steps == steps
+    for s in (3, 7, 9):
+        for name, value in plain.params(s + 1).items():
+            assert torch.equal(grouped.params(s + 1)[name], value)
+    newest = (tmp_path / "grouped" / slots[2]).read_bytes()
+    assert newest == (tmp_path / "plain" / slots[2]).read_bytes()  # the newer momentum, as written one by one

@@ -382,7 +382,8 @@ class StoreWriter:
                     file = self._files.write(self.root, step_path(s), tensors, meta, staged=mine)
                     files: dict[str, FileRecord | None] = {"file": file, "optimizer_state": None}
                     if state is not None and self.keep_states:
-                        files.update(self._write_checkpoint_state(s, *state, staged=mine))
+                        files.update(self._write_checkpoint_state(
+                            s, *state, staged=mine, free=lambda relpath: self._free_target(relpath, ready, done)))
                     elif state is not None and i == last_state:
                         files["optimizer_state"] = self._files.write(
                             self.root, f"optimizer/state-{1 - self._slot}.safetensors", state[0],
@@ -411,19 +412,36 @@ class StoreWriter:
                 if item[5] is not None:
                     item[5]()
 
+    def _free_target(self, relpath: str, ready: list[Staged], done: list[StepRecord]) -> None:
+        """Before a file of the group is written to ``relpath``: where an earlier step of the group staged one
+        for it (a sparse store's audit slot, at every second checkpoint), the group's files so far (``ready``,
+        of the steps in ``done``) are flushed and moved into place first, so that the newer file replaces the
+        older one as it does one file at a time (the two would share a temporary name)."""
+        if not any(f.target == self.root / relpath for f in ready):
+            return
+        try:
+            self._files.settle(ready, fsync=self.fsync)
+        except BaseException:
+            done.clear()  # not all of their files are in place: no journal line for them
+            raise
+        finally:
+            ready.clear()
+
     def _write_checkpoint_state(self, s: int, tensors: dict[str, Tensor], meta: dict[str, str],
-                                staged: list[Staged]) -> dict[str, FileRecord | None]:
+                                staged: list[Staged], free: Callable[[str], None]) -> dict[str, FileRecord | None]:
         """A sparse store's checkpoint: the optimizer state kept for good, the audit's momentum in the next slot.
 
-        The files are written into ``staged`` (flushed and moved into place with the step's group).
+        The files are written into ``staged`` (flushed and moved into place with the step's group);
+        ``free(relpath)`` runs before the slot's file is written (:meth:`_free_target`).
         """
         own = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
         audit = {k: v for k, v in tensors.items() if k.startswith("audit.")}
         out: dict[str, FileRecord | None] = {"optimizer_state": self._files.write(
             self.root, checkpoint_state_path(s), own, dict(meta, n_steps=str(s + 1)), staged=staged)}
         if audit:
-            out["audit_state"] = self._files.write(self.root, f"optimizer/state-{1 - self._slot}.safetensors", audit,
-                                                   {"n_steps": str(s + 1)}, staged=staged)
+            slot = f"optimizer/state-{1 - self._slot}.safetensors"
+            free(slot)
+            out["audit_state"] = self._files.write(self.root, slot, audit, {"n_steps": str(s + 1)}, staged=staged)
             self._slot = 1 - self._slot  # the record is committed with the group (the journal lists it)
         return out
 
