@@ -28,8 +28,9 @@ docs/recording.md): ``write(..., staged=files)`` leaves each file under its temp
 but not flushed, and :meth:`TensorFileWriter.settle` then flushes all of them, each ``fsync`` on a
 thread of its own, before moving them into place. A file system that journals its metadata (ext4,
 XFS) serves concurrent ``fsync`` calls with one journal commit and one flush of the device's cache,
-where one file after the other costs one of each per file (10-40 ms here). Every file is still
-flushed before it is renamed, so what a crash or a power loss keeps is unchanged.
+where one file after the other costs one of each per file (``benchmarks/bench_store_commit.py``;
+docs/recording.md, "A group's files flushed together"). Every file is still flushed before it is
+renamed, so what a crash or a power loss keeps is unchanged.
 
 The bytes are those of a safetensors file that ``safetensors.torch.load`` reads: tensors ordered
 as the safetensors library orders them (by its dtype enum, last first, then by name), contiguous,
