@@ -40,6 +40,26 @@ def _fd_path(fd: int) -> str:
     return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
 
 
+def _run(store, steps, stall=None, before_step=None, **options):
+    """Record ``steps`` SGD-momentum steps of a small MLP into ``store``; ``stall.set()`` after the last step."""
+    X, y = regression_data(n=16)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, check_gradients=False,
+                                      **options)
+    with rec:
+        for s in range(steps):
+            idx = torch.arange(4 * s, 4 * s + 4) % 16
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            if before_step is not None:
+                before_step(s)
+            opt.step()
+        if stall is not None:
+            stall.set()
+
+
 linux = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors through /proc/self/fd")
 
 
@@ -137,25 +157,15 @@ def test_a_group_of_steps_is_flushed_then_renamed_then_journaled(tmp_path, monke
             events.append(("replace", os.path.basename(dst)))
         return real_replace(src, dst)
 
+    def watch(s):
+        if s == 1:
+            assert started.wait(60)
+            monkeypatch.setattr(os, "fsync", fsync)
+            monkeypatch.setattr(os, "replace", replace)
+
     monkeypatch.setattr(TensorFileWriter, "write", stalled)
-    X, y = regression_data(n=16)
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=tmp_path / "run",
-                                      audit=False, check_gradients=False)
     steps = 4
-    with rec:
-        for s in range(steps):
-            idx = torch.arange(4 * s, 4 * s + 4) % 16
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            if s == 1:
-                assert started.wait(60)
-                monkeypatch.setattr(os, "fsync", fsync)
-                monkeypatch.setattr(os, "replace", replace)
-            opt.step()
-        gate.set()
+    _run(tmp_path / "run", steps, stall=gate, before_step=watch, audit=False)
     monkeypatch.undo()
     traj = Trajectory.load(tmp_path / "run", model=mlp())
     assert traj.n_steps == steps
@@ -184,28 +194,13 @@ def _queue_of(n):
     return patch
 
 
-def _sparse_run(store, steps, stall=None):
-    X, y = regression_data(n=16)
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, checkpoint_every=2,
-                                      check_gradients=False)
-    with rec:
-        for s in range(steps):
-            idx = torch.arange(4 * s, 4 * s + 4) % 16
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-        if stall is not None:
-            stall.set()
 
 
 def test_a_group_with_two_files_for_one_slot_writes_the_newer_one(tmp_path, monkeypatch):
     """A sparse store's audit momentum alternates between two slots; a group holding three such checkpoints
     writes one slot twice: the older file is moved into place first, then replaced (as one file at a time)."""
     steps = 10  # checkpoint_every=2 and the state at every 4th step: states at steps 3, 7 and the last, 9
-    _sparse_run(tmp_path / "plain", steps)
+    _run(tmp_path / "plain", steps, checkpoint_every=2)
     gate, started = threading.Event(), threading.Event()
     real_write = TensorFileWriter.write
     slots: list[str] = []
@@ -220,7 +215,7 @@ def test_a_group_with_two_files_for_one_slot_writes_the_newer_one(tmp_path, monk
 
     monkeypatch.setattr(StoreWriter, "__init__", _queue_of(steps + 2)(StoreWriter.__init__))
     monkeypatch.setattr(TensorFileWriter, "write", stalled)
-    _sparse_run(tmp_path / "grouped", steps, stall=gate)
+    _run(tmp_path / "grouped", steps, stall=gate, checkpoint_every=2)
     monkeypatch.undo()
     assert started.is_set()
     assert len(slots) == 3 and slots[0] == slots[2] != slots[1]  # one slot written twice in the group
