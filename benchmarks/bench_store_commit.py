@@ -1,7 +1,7 @@
 """Commit of a group of steps by the store's writer: one flush after the other, or all at once.
 
-A dense store's writer commits the steps queued behind it as one group (docs/recording.md, "The
-store", "What a power loss keeps"): each step file, the newest optimizer state, the directories and
+A dense store's writer commits the steps queued behind it as one group (docs/recording.md,
+"The store"): each step file, the newest optimizer state, the directories and
 then the journal line are flushed to the device. This script writes such groups of the ~1M-parameter
 MLP's files (``mlp-1m`` of ``bench_recording.py``: 4.28 MB per step file and per SGD momentum state)
 with ``O_DIRECT`` and ``fsync``, two ways, alternated in one run:

@@ -29,7 +29,7 @@ but not flushed, and :meth:`TensorFileWriter.settle` then flushes all of them, e
 thread of its own, before moving them into place. A file system that journals its metadata (ext4,
 XFS) serves concurrent ``fsync`` calls with one journal commit and one flush of the device's cache,
 where one file after the other costs one of each per file (``benchmarks/bench_store_commit.py``;
-docs/recording.md, "A group's files flushed together"). Every file is still flushed before it is
+docs/recording.md, "Recording overhead"). Every file is still flushed before it is
 renamed, so what a crash or a power loss keeps is unchanged.
 
 The bytes are those of a safetensors file that ``safetensors.torch.load`` reads: tensors ordered
