@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["atomic_write", "fsync_directory", "replace_with"]
+__all__ = ["atomic_write", "fsync_directory", "replace_with", "temporary_path"]
 
 T = TypeVar("T")
 
@@ -85,6 +85,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, fsync: bool
     return target
 
 
+def temporary_path(target: Path) -> Path:
+    """The temporary file beside ``target`` that an atomic write fills first: ``<name>.tmp-<pid>-<thread>``."""
+    return target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
 def replace_with(target: Path, write: Callable[[Path], T]) -> T:
     """Create ``target`` atomically: ``write`` fills a temporary file beside it, which then replaces it.
 
@@ -92,7 +97,7 @@ def replace_with(target: Path, write: Callable[[Path], T]) -> T:
     removed when ``write`` or the replacement fails. Returns what ``write`` returns. The caller
     fsyncs the directory when the new name must be durable.
     """
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp = temporary_path(target)
     try:
         result = write(tmp)
         os.replace(tmp, target)

@@ -23,6 +23,15 @@ file or the whole new one. No serialisation to a fresh ``bytes`` object (each te
 
 Either way each chunk is written by a second thread while the caller hashes it.
 
+A store commits several files at once (the files of the steps queued, "Recording overhead" in
+docs/recording.md): ``write(..., staged=files)`` leaves each file under its temporary name, written
+but not flushed, and :meth:`TensorFileWriter.settle` then flushes all of them, each ``fsync`` on a
+thread of its own, before moving them into place. A file system that journals its metadata (ext4,
+XFS) serves concurrent ``fsync`` calls with one journal commit and one flush of the device's cache,
+where one file after the other costs one of each per file (``benchmarks/bench_store_commit.py``;
+docs/recording.md, "Recording overhead"). Every file is still flushed before it is
+renamed, so what a crash or a power loss keeps is unchanged.
+
 The bytes are those of a safetensors file that ``safetensors.torch.load`` reads: tensors ordered
 as the safetensors library orders them (by its dtype enum, last first, then by name), contiguous,
 the header padded with spaces to a multiple of 8 bytes. Tensors of a dtype outside
@@ -37,19 +46,20 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .._io import fsync_directory, replace_with
+from .._io import fsync_directory, temporary_path
 from ._checksum import DEFAULT, hasher, validate_algorithm
 from .manifest import FileRecord
 
-__all__ = ["TensorFileWriter", "DTYPES", "layout"]
+__all__ = ["TensorFileWriter", "Staged", "DTYPES", "layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +73,16 @@ _RANK = {dtype: rank for rank, dtype in enumerate(DTYPES)}
 BLOCK = 4096
 #: bytes laid out, hashed and written at a time (a multiple of BLOCK): the most the buffer holds
 CHUNK = 8 << 20
+#: threads that flush staged files at the same time (:meth:`TensorFileWriter.settle`)
+FSYNC_THREADS = 8
+
+
+class Staged(NamedTuple):
+    """A file written under its temporary name and still open: ``settle`` flushes it and moves it to ``target``."""
+
+    tmp: Path
+    target: Path
+    fd: int
 
 
 def layout(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[Tensor, int]]]:
@@ -119,6 +139,7 @@ class TensorFileWriter:
         self._buffer: mmap.mmap | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._flushers: ThreadPoolExecutor | None = None
 
     def _io(self) -> ThreadPoolExecutor:
         """The thread that writes a chunk while the caller hashes it (started at the first file)."""
@@ -127,18 +148,22 @@ class TensorFileWriter:
         return self._pool
 
     def close(self) -> None:
-        """Stop the I/O thread (a later :meth:`write` starts a new one)."""
+        """Stop the I/O and flushing threads (a later :meth:`write` or :meth:`settle` starts new ones)."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+            pools, self._pool, self._flushers = (self._pool, self._flushers), None, None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def write(self, root: Path, relpath: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
-              *, fsync: bool = True, fsync_dir: bool | None = None) -> FileRecord:
+              *, fsync: bool = True, fsync_dir: bool | None = None, staged: list[Staged] | None = None) -> FileRecord:
         r"""Write ``tensors`` to ``root / relpath`` (replaced atomically); return its :class:`FileRecord`.
 
         ``fsync`` flushes the file before it is moved into place; ``fsync_dir`` (default:
         ``fsync``) flushes its directory after (callers committing many files flush it once).
+        With ``staged`` (a list) the file is only written, under its temporary name, and appended
+        to ``staged`` open: the caller passes the list to :meth:`settle` (or :meth:`discard`), and
+        ``fsync`` and ``fsync_dir`` are not used.
         """
         target = Path(root) / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -150,11 +175,79 @@ class TensorFileWriter:
         pieces = [(flat, offset, flat.numel()) for flat, offset in
                   ((t.reshape(-1).view(torch.uint8), offset) for t, offset in places if t.numel())]
         size = len(head) + sum(n for _, _, n in pieces)
+        tmp = temporary_path(target)
         with self._lock:
-            digest = replace_with(target, lambda tmp: self._write_file(tmp, head, pieces, size, fsync))
+            try:
+                fd, digest = self._write_file(tmp, head, pieces, size)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        record = FileRecord(path=relpath, checksum=f"{self.checksum}:{digest}", nbytes=size)
+        if staged is not None:
+            staged.append(Staged(tmp, target, fd))
+            return record
+        self.settle([Staged(tmp, target, fd)], fsync=fsync)
         if fsync if fsync_dir is None else fsync_dir:
             fsync_directory(target.parent)
-        return FileRecord(path=relpath, checksum=f"{self.checksum}:{digest}", nbytes=size)
+        return record
+
+    def settle(self, files: list[Staged], *, fsync: bool = True) -> None:
+        """Flush the staged ``files`` (with ``fsync``, all at once), close them and move each into place, in order.
+
+        On an error (or an interrupt) the files not yet moved are removed and the error is raised;
+        the directories are not flushed (the caller flushes each once, after the renames).
+        """
+        moved = 0
+        try:
+            try:
+                if fsync:
+                    self._fsync_all([f.fd for f in files])
+            finally:
+                _close_all([f.fd for f in files])
+            for f in files:
+                os.replace(f.tmp, f.target)
+                moved += 1
+        except BaseException:
+            for f in files[moved:]:
+                f.tmp.unlink(missing_ok=True)
+            raise
+
+    def discard(self, files: list[Staged]) -> None:
+        """Close and remove staged ``files`` that will not be settled (their step failed)."""
+        try:
+            _close_all([f.fd for f in files])
+        finally:
+            for f in files:
+                f.tmp.unlink(missing_ok=True)
+
+    def flush_directories(self, directories: list[Path]) -> None:
+        """``fsync`` each directory (so that the renames inside it survive a power loss), all at once."""
+        self._concurrently([lambda d=d: fsync_directory(d) for d in directories])
+
+    def _fsync_all(self, fds: list[int]) -> None:
+        """``fsync`` every descriptor, each on a thread of its own when there are several."""
+        self._concurrently([lambda fd=fd: os.fsync(fd) for fd in fds])
+
+    def _concurrently(self, jobs: list[Callable[[], None]]) -> None:
+        """Run ``jobs`` (each a flush: it waits for the device), several at once; all are waited for, also
+        when interrupted, and the first error is raised after."""
+        if len(jobs) <= 1:
+            for job in jobs:
+                job()
+            return
+        with self._lock:
+            if self._flushers is None:
+                self._flushers = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="explaind-fsync")
+            pool = self._flushers
+        futures = [pool.submit(job) for job in jobs]
+        interrupted: BaseException | None = None
+        for future in futures:  # every flush is over before a descriptor is closed, also when interrupted
+            try:
+                _finished(future)
+            except BaseException as exc:
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
     def _chunks(self, head: bytes, pieces: list[tuple[Tensor, int, int]],
                 size: int) -> Iterator[tuple[memoryview, int]]:
@@ -183,27 +276,28 @@ class TensorFileWriter:
         finally:
             view.release()
 
-    def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int, int]], size: int,
-                    fsync: bool) -> str:
-        """Create ``path`` with the file's bytes, with ``O_DIRECT`` where allowed; returns their hex checksum."""
+    def _write_file(self, path: Path, head: bytes, pieces: list[tuple[Tensor, int, int]],
+                    size: int) -> tuple[int, str]:
+        """Create ``path`` with the file's bytes (``O_DIRECT`` where allowed): its open descriptor and checksum."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
         directory = str(path.parent)
         if self._direct and directory not in self._refused:
             try:
-                return self._write_chunks(path, flags | os.O_DIRECT, self._chunks(head, pieces, size), size, fsync,
+                return self._write_chunks(path, flags | os.O_DIRECT, self._chunks(head, pieces, size), size,
                                           direct=True)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
             logger.debug("O_DIRECT refused in %s; writing through the page cache there.", directory)
             self._refused.add(directory)
-        return self._write_chunks(path, flags, _spans(head, pieces), size, fsync, direct=False)
+        return self._write_chunks(path, flags, _spans(head, pieces), size, direct=False)
 
     def _write_chunks(self, path: Path, flags: int, chunks: Iterator[tuple[memoryview, int]], size: int,
-                      fsync: bool, *, direct: bool) -> str:
-        """Write ``chunks`` (``(bytes to write, file bytes in them)``, in file order) to a new ``path``; their checksum.
+                      *, direct: bool) -> tuple[int, str]:
+        """Write ``chunks`` (``(bytes to write, file bytes in them)``, in file order) to a new ``path``.
 
         With ``direct`` each chunk is padded to :data:`BLOCK` and the file truncated to ``size`` after.
+        Returns the file's descriptor, still open (closed here on an error), and the chunks' checksum.
         """
         digest = hasher(self.checksum)
         fd = os.open(path, flags, 0o644)
@@ -218,11 +312,10 @@ class TensorFileWriter:
                     _finished(written)
             if direct:
                 os.ftruncate(fd, size)
-            if fsync:
-                os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
-        return digest.hexdigest()
+            raise
+        return fd, digest.hexdigest()
 
 
 def _spans(head: bytes, pieces: list[tuple[Tensor, int, int]]) -> Iterator[tuple[memoryview, int]]:
@@ -254,6 +347,18 @@ def _finished(future: Future) -> None:
     if interrupted is not None:
         raise interrupted
     future.result()
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close every descriptor; the first error is raised once all were tried."""
+    error: OSError | None = None
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _write_all(fd: int, data: memoryview) -> None:

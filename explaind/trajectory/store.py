@@ -52,7 +52,7 @@ from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget, check_queue_bounds
 from ._checksum import DEFAULT as DEFAULT_CHECKSUM
 from ._checksum import validate_algorithm
-from ._filewrite import TensorFileWriter
+from ._filewrite import Staged, TensorFileWriter
 from ._index import read_manifest
 from ._io import tensor_bytes, write_bytes
 from ._layout import (
@@ -375,27 +375,36 @@ class StoreWriter:
         """
         last_state = max((i for i, item in enumerate(items) if item[2] is not None), default=None)
         done: list[StepRecord] = []
+        ready: list[Staged] = []  # the files of the steps in `done`, written, not yet flushed nor in place
         try:
             for i, (record, tensors, state, extra, prepare, _, _) in enumerate(items):
                 s = self._error_step = record.step
                 if prepare is not None:
                     record, state = prepare(record, state)
                 meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
-                file = self._files.write(self.root, step_path(s), tensors, meta, fsync=self.fsync, fsync_dir=False)
-                files: dict[str, FileRecord | None] = {"file": file, "optimizer_state": None}
-                if state is not None and self.keep_states:
-                    files.update(self._write_checkpoint_state(s, *state))
-                elif state is not None and i == last_state:
-                    files["optimizer_state"] = self._files.write(
-                        self.root, f"optimizer/state-{1 - self._slot}.safetensors", state[0],
-                        dict(state[1], n_steps=str(s + 1)), fsync=self.fsync, fsync_dir=False)
+                mine: list[Staged] = []
+                try:
+                    file = self._files.write(self.root, step_path(s), tensors, meta, staged=mine)
+                    files: dict[str, FileRecord | None] = {"file": file, "optimizer_state": None}
+                    if state is not None and self.keep_states:
+                        files.update(self._write_checkpoint_state(
+                            s, *state, staged=mine, free=lambda relpath: self._free_target(relpath, ready, done)))
+                    elif state is not None and i == last_state:
+                        files["optimizer_state"] = self._files.write(
+                            self.root, f"optimizer/state-{1 - self._slot}.safetensors", state[0],
+                            dict(state[1], n_steps=str(s + 1)), staged=mine)
+                except BaseException:
+                    self._files.discard(mine)
+                    raise
+                ready.extend(mine)
                 done.append(record.model_copy(update=files))
         finally:
             if done:
+                # every file flushed (at once) before it is renamed, the renames before the journal line
+                self._files.settle(ready, fsync=self.fsync)
                 if self.fsync:
-                    fsync_directory(self.root / "steps")
-                    if last_state is not None:
-                        fsync_directory(self.root / "optimizer")
+                    self._files.flush_directories([self.root / "steps"] + ([self.root / "optimizer"]
+                                                                           if last_state is not None else []))
                 self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
                 self._journal.flush()
                 if self.fsync:
@@ -408,17 +417,36 @@ class StoreWriter:
                 if item[5] is not None:
                     item[5]()
 
-    def _write_checkpoint_state(self, s: int, tensors: dict[str, Tensor],
-                                meta: dict[str, str]) -> dict[str, FileRecord | None]:
-        """A sparse store's checkpoint: the optimizer state kept for good, the audit's momentum in the next slot."""
+    def _free_target(self, relpath: str, ready: list[Staged], done: list[StepRecord]) -> None:
+        """Before a file of the group is written to ``relpath``: where an earlier step of the group staged one
+        for it (a sparse store's audit slot, at every second checkpoint), the group's files so far (``ready``,
+        of the steps in ``done``) are flushed and moved into place first, so that the newer file replaces the
+        older one as it does one file at a time (the two would share a temporary name)."""
+        if not any(f.target == self.root / relpath for f in ready):
+            return
+        try:
+            self._files.settle(ready, fsync=self.fsync)
+        except BaseException:
+            done.clear()  # not all of their files are in place: no journal line for them
+            raise
+        finally:
+            ready.clear()
+
+    def _write_checkpoint_state(self, s: int, tensors: dict[str, Tensor], meta: dict[str, str],
+                                staged: list[Staged], free: Callable[[str], None]) -> dict[str, FileRecord | None]:
+        """A sparse store's checkpoint: the optimizer state kept for good, the audit's momentum in the next slot.
+
+        The files are written into ``staged`` (flushed and moved into place with the step's group);
+        ``free(relpath)`` runs before the slot's file is written (:meth:`_free_target`).
+        """
         own = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
         audit = {k: v for k, v in tensors.items() if k.startswith("audit.")}
         out: dict[str, FileRecord | None] = {"optimizer_state": self._files.write(
-            self.root, checkpoint_state_path(s), own, dict(meta, n_steps=str(s + 1)), fsync=self.fsync,
-            fsync_dir=False)}
+            self.root, checkpoint_state_path(s), own, dict(meta, n_steps=str(s + 1)), staged=staged)}
         if audit:
-            out["audit_state"] = self._files.write(self.root, f"optimizer/state-{1 - self._slot}.safetensors", audit,
-                                               {"n_steps": str(s + 1)}, fsync=self.fsync, fsync_dir=False)
+            slot = f"optimizer/state-{1 - self._slot}.safetensors"
+            free(slot)
+            out["audit_state"] = self._files.write(self.root, slot, audit, {"n_steps": str(s + 1)}, staged=staged)
             self._slot = 1 - self._slot  # the record is committed with the group (the journal lists it)
         return out
 
