@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 import explaind
 import explaind.trajectory.disk as disk
 from explaind.exceptions import TrajectoryError
-from explaind.trajectory.store import _broadcasts_to
+from explaind.trajectory._io import broadcasts_to
 
 STEPS = 40
 
@@ -95,7 +95,7 @@ def test_broadcasts_to_agrees_with_torch_broadcast_shapes():
             expected = tuple(torch.broadcast_shapes(shape, target)) == target
         except RuntimeError:
             expected = False
-        assert _broadcasts_to(shape, target) == expected, (shape, target)
+        assert broadcasts_to(shape, target) == expected, (shape, target)
 
 
 def _forge_step(path, step, edit):

@@ -34,6 +34,7 @@ from ._checksum import DEFAULT, checksum, hasher
 from .manifest import FileRecord, dtype_name
 
 __all__ = [
+    "broadcasts_to",
     "check_specs",
     "write_bytes",
     "encode_tensors",
@@ -347,3 +348,12 @@ def check_specs(tensors: dict[str, Tensor], prefix: str, specs: Any, where: str)
         name = next(n for n, t in floats if not bool(torch.isfinite(t).all()))
         raise TrajectoryError(f"Trajectory file {where}: {name!r} holds NaN or infinite values; the run diverged "
                               f"or the store is corrupted.")
+
+
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (``torch.broadcast_shapes(shape, target) == target``).
+
+    >>> broadcasts_to((1, 3), (2, 3)), broadcasts_to((3,), (2, 3)), broadcasts_to((2, 3), (3,))
+    (True, True, False)
+    """
+    return len(shape) <= len(target) and all(d in (1, e) for d, e in zip(reversed(shape), reversed(target)))

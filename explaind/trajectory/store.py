@@ -54,7 +54,7 @@ from ._checksum import DEFAULT as DEFAULT_CHECKSUM
 from ._checksum import validate_algorithm
 from ._filewrite import Staged, TensorFileWriter
 from ._index import read_manifest
-from ._io import tensor_bytes, write_bytes
+from ._io import broadcasts_to, tensor_bytes, write_bytes
 from ._layout import (
     JOURNAL,
     MANIFEST,
@@ -115,15 +115,6 @@ def check_updates(specs: list[TensorSpec], tensors: dict[str, Tensor], where: st
                               f"explaind; re-record the run.")
 
 
-def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    """Whether ``shape`` broadcasts to exactly ``target`` (``torch.broadcast_shapes(shape, target) == target``).
-
-    >>> _broadcasts_to((1, 3), (2, 3)), _broadcasts_to((3,), (2, 3)), _broadcasts_to((2, 3), (3,))
-    (True, True, False)
-    """
-    return len(shape) <= len(target) and all(d in (1, e) for d, e in zip(reversed(shape), reversed(target)))
-
-
 def _described(t: Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')} of shape {list(t.shape)}"
 
@@ -144,7 +135,7 @@ def _update_problem(specs: list[TensorSpec], tensors: dict[str, Tensor], dense: 
                 if dense and math.isnan(value):
                     return f"{key!r} is missing (its cell of 'update.scalars' is NaN)"
                 continue
-            if not (t.is_floating_point() and _broadcasts_to(tuple(t.shape), tuple(spec.shape))):
+            if not (t.is_floating_point() and broadcasts_to(tuple(t.shape), tuple(spec.shape))):
                 return f"{key!r} is {_described(t)}, allowed: a floating tensor broadcasting to the shape {spec.shape}"
     return None
 
