@@ -38,11 +38,17 @@ def _train(model, opt, rec, X, y, steps: range) -> None:
             opt.step()
 
 
-def test_a_fresh_adagrad_restores_and_continues_like_one_run(tmp_path):
+def _cut_run(store) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run recorded for CRASH of its STEPS steps (as if the process died then); its data."""
     X, y = _data()
     model, opt = _setup()
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "cut")
-    _train(model, opt, rec, X, y, range(CRASH))
+    _train(model, opt, explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=store),
+           X, y, range(CRASH))
+    return X, y
+
+
+def test_a_fresh_adagrad_restores_and_continues_like_one_run(tmp_path):
+    X, y = _cut_run(tmp_path / "cut")
     model, opt = _setup()
     assert len(opt.state) > 0  # torch built Adagrad's state in its constructor
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "cut",
@@ -63,10 +69,7 @@ def test_a_fresh_adagrad_restores_and_continues_like_one_run(tmp_path):
 
 
 def test_an_adagrad_that_took_a_step_is_refused_naming_the_fix(tmp_path):
-    X, y = _data()
-    model, opt = _setup()
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "cut")
-    _train(model, opt, rec, X, y, range(CRASH))
+    X, y = _cut_run(tmp_path / "cut")
     model, opt = _setup()
     F.cross_entropy(model(X[:5]), y[:5]).backward()
     opt.step()  # its state is now a step's, not the constructor's
