@@ -53,3 +53,15 @@ def test_the_childs_warnings_are_raised_again_with_their_categories():
         (ExplaindWarning, "quadrature error above tol"), (RuntimeWarning, "overflow"),
         (UserWarning, "from a library")]
     assert issubclass(caught[0].category, ExplaindWarning)
+
+
+def test_a_failing_pruning_process_fails_the_demo_with_its_error(tmp_path, monkeypatch):
+    """The child's error reaches the caller (through the future), after the stages it ran beside."""
+    from explaind.exceptions import ConfigError
+
+    monkeypatch.setitem(demo.DEMO_SIZES, "tiny", dict(demo.DEMO_SIZES["tiny"], pruning="no-such-preset"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConfigError, match="no-such-preset"):
+            demo.run_demo(tmp_path / "report", size="tiny", parallel=True)
+    assert (tmp_path / "report" / "run").is_dir()  # training ran beside the failing process
