@@ -66,6 +66,28 @@ def test_console_script_is_installed():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_python_dash_m_runs_the_same_command_line():
+    """``python -m explaind`` is the console script: same output, same exit codes, one-line errors."""
+    done = subprocess.run([sys.executable, "-m", "explaind", "plugins", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["plugins"] == json.loads(main_json(["plugins", "--json"]))["plugins"]
+    bad = subprocess.run([sys.executable, "-m", "explaind", "train", "--out", "x", "--steps", "-"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--steps" in bad.stderr
+
+
+def main_json(argv):
+    """The stdout of :func:`explaind.cli.main` called in this process."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
 @pytest.mark.parametrize(
     "argv, fragments",
     [
