@@ -7,6 +7,8 @@ subclasses, so code written against the standard library conventions keeps worki
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Iterable
 
 from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
@@ -20,6 +22,7 @@ __all__ = [
     "UnsupportedModelError",
     "PluginError",
     "ExplaindWarning",
+    "warn_at_caller",
 ]
 
 
@@ -66,3 +69,38 @@ class UnsupportedModelError(ExplaindError, ValueError):
 
 class ExplaindWarning(UserWarning):
     """Warnings emitted by explaind (skipped plugins, large residuals, ...)."""
+
+
+#: Top-level packages whose frames a warning skips to reach the user's line: explaind, its first-party
+#: plugins, and the frameworks that call into it (an optimizer step hook, a Trainer or Lightning callback).
+LIBRARY_PACKAGES = frozenset({
+    "explaind", "explaind_architectures", "explaind_losses", "explaind_optimizers", "explaind_pruning",
+    "torch", "transformers", "accelerate", "lightning", "lightning_fabric", "pytorch_lightning", "sklearn",
+    "pluggy", "contextlib", "functools", "concurrent", "threading",
+})
+
+
+def warn_at_caller(message: str, category: type[Warning] = ExplaindWarning,
+                   skip: frozenset[str] = LIBRARY_PACKAGES) -> None:
+    """Warn with the location of the first calling frame outside ``skip``: the user's own line.
+
+    A fixed ``stacklevel`` points into explaind whenever the call depth differs (an estimator called
+    from another, a recorder check run from torch's optimizer hook, a callback run by a Trainer);
+    this walks up to the first frame whose module's top-level package is not in ``skip``, so the
+    warning names the line of the user's script or test that caused it, and Python's once-per-line
+    filters count that line. When every frame is a library's (a worker thread), the outermost is named.
+
+    Parameters
+    ----------
+    message : str
+    category : type of Warning
+        Default :class:`ExplaindWarning`.
+    skip : frozenset of str
+        Top-level package names whose frames are skipped (default :data:`LIBRARY_PACKAGES`).
+    """
+    frame = sys._getframe(1)
+    level = 2  # warnings.warn's stacklevel that names this function's caller
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] in skip:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

@@ -29,14 +29,13 @@ import importlib.metadata as md
 import logging
 import os
 import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .exceptions import ExplaindWarning, PluginError, UnknownEntryError
+from .exceptions import PluginError, UnknownEntryError, warn_at_caller
 from .records import KIND_NAMES, NAME_PATTERN, RECORD_TYPES
 
 __all__ = [
@@ -129,12 +128,9 @@ def _register_first_party(pm: pluggy.PluginManager, module: Any, name: str) -> N
 
 
 def _skip_warning(name: str, where: str, exc: BaseException) -> None:
-    warnings.warn(
+    warn_at_caller(
         f"Skipping plugin {name!r} ({where}): {type(exc).__name__}: {exc}. Fix or uninstall it, or hide it with "
-        f"EXPLAIND_DISABLE_PLUGINS={name}.",
-        ExplaindWarning,
-        stacklevel=4,
-    )
+        f"EXPLAIND_DISABLE_PLUGINS={name}.")
 
 
 def _build_manager() -> tuple[pluggy.PluginManager, list[tuple[str, Any, str]], set[str]]:
@@ -181,12 +177,9 @@ def _build_manager() -> tuple[pluggy.PluginManager, list[tuple[str, Any, str]], 
             third_party.add(ep.name)
         missing = sorted(set(only or ()) - seen)
         if missing:
-            warnings.warn(
+            warn_at_caller(
                 f"EXPLAIND_LOAD_PLUGINS names {', '.join(map(repr, missing))}, but no installed plugin has that "
-                f"entry-point name. Installed: {', '.join(sorted(seen)) or '(none)'}.",
-                ExplaindWarning,
-                stacklevel=3,
-            )
+                f"entry-point name. Installed: {', '.join(sorted(seen)) or '(none)'}.")
     return pm, loaded, third_party
 
 

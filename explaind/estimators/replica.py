@@ -13,7 +13,6 @@ Jacobians.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..exceptions import ConfigError, ExplaindWarning
+from ..exceptions import ConfigError, warn_at_caller
 from ..inputs import Inputs, as_inputs
 from ..kernel.planning import window_plans
 from ..kernel.shard import all_max_, all_sum_, choose_layout, world
@@ -250,28 +249,26 @@ class KernelReplica(PathEstimator):
         drift = _rel(out, g_stop)
         bound = 1e-6 if replica.dtype == torch.float64 else 1e-3
         if drift > bound and _agrees_with_gradients(model, Xt, g_stop, bound):
-            warnings.warn(
+            warn_at_caller(
                 f"{type(self).__name__}.fidelity_report: the model's outputs under torch.no_grad() differ from its "
                 f"outputs with gradients enabled by {drift:.3g} (relative) on X, in evaluation mode with the "
                 f"recorded parameters: torch takes an inference fast path there (nn.TransformerEncoder with "
                 f"enable_nested_tensor=True and a src_key_padding_mask returns 0 at the padded positions). explaind "
                 f"differentiates the model, so the replica and the scores explain the outputs with gradients "
                 f"enabled. Fix: build nn.TransformerEncoder(..., enable_nested_tensor=False), or read only unpadded "
-                f"positions (pool with the mask).", ExplaindWarning, stacklevel=3)
+                f"positions (pool with the mask).")
         elif drift > bound and isinstance(model, torch.optim.swa_utils.AveragedModel):
-            warnings.warn(f"{type(self).__name__}.fidelity_report: the model is a torch.optim.swa_utils.AveragedModel "
+            warn_at_caller(f"{type(self).__name__}.fidelity_report: the model is a torch.optim.swa_utils.AveragedModel "
                           f"and differs from the recorded final state by {drift:.3g} (relative) on X: it holds an "
                           f"average of the iterates (SWA or an EMA), a point the optimizer never stepped to, so no "
                           f"step of the trajectory ends in it. The replica and the scores explain the model the "
-                          f"optimizer trained (its last iterate); pass that model here to measure the replica.",
-                          ExplaindWarning, stacklevel=3)
+                          f"optimizer trained (its last iterate); pass that model here to measure the replica.")
         elif drift > bound:
-            warnings.warn(f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
+            warn_at_caller(f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
                           f"{drift:.3g} (relative) on X: its buffers or parameters are not those of the recorded run's "
                           f"last step (the model was changed after recording, or the run was recorded before "
                           f"buffers such as BatchNorm running statistics were recorded per step). The replica "
-                          f"reproduces the recorded run.", ExplaindWarning,
-                          stacklevel=3)
+                          f"reproduces the recorded run.")
         return {"model_max_rel_error": _rel(replica, out), "model_argmax_agreement":
                 float((replica.argmax(-1) == out.argmax(-1)).double().mean()), "model_vs_recorded": drift}
 
@@ -316,14 +313,13 @@ def _warn_accumulated(out: _Replicated, tol: float, who: str) -> None:
     net = float((out.g_stop - out.g_start).abs().max().clamp_min(tiny))
     gross = float(out.scale.sum())
     ratio = gross / net
-    warnings.warn(
+    warn_at_caller(
         f"{who}: the replica misses f(x; theta_stop) by {rel:.2g} (relative to the largest output) although the "
         f"adaptive rule held each step to tol={tol:g} of that step's own change: the steps' changes add up to "
         f"{ratio:.3g}x the net change of the outputs, so they cancel (a diverging or oscillating run, an untuned "
         f"learning rate) and their per-step errors add up. fidelity_report() gives each step's error. Fix: a "
         f"smaller tol (the error falls about in proportion: tol={max(tol * tol / rel, 1e-15):.1g} for an error "
-        f"near {tol:g}), or explain a window of steps after the run settles (steps=(start, stop)).",
-        ExplaindWarning, stacklevel=3)
+        f"near {tol:g}), or explain a window of steps after the run settles (steps=(start, stop)).")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

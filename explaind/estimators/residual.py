@@ -12,14 +12,13 @@ likely caused it and how to fix it.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..exceptions import ExplaindWarning, TrajectoryError
+from ..exceptions import TrajectoryError, warn_at_caller
 from ..kernel.attribution import Attribution
 
 __all__ = ["check_residual", "residual_causes", "check_quadrature"]
@@ -195,7 +194,7 @@ def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol:
                f"strict=True to make this an error.")
     if strict:
         raise TrajectoryError(message)
-    warnings.warn(message, ExplaindWarning, stacklevel=3)
+    warn_at_caller(message)
     return share
 
 
@@ -219,8 +218,7 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str) -> 
                    f"{change / max(size, 1e-300):.2g} of the outputs themselves, near the rounding of their "
                    f"{str(att.final.dtype).removeprefix('torch.')} values, which the exact endpoint values carry and "
                    f"no integral does (no tol or rule removes it)")
-        warnings.warn(f"{owner}: quadrature error share {share:.3g} > {tol:g} with quadrature={rule!r}: the path "
+        warn_at_caller(f"{owner}: quadrature error share {share:.3g} > {tol:g} with quadrature={rule!r}: the path "
                       f"integrals miss {100 * share:.3g}% of the explained change (it is kept in quadrature_error, "
-                      f"so completeness holds, but the scores do not include it). Use {fix}.", ExplaindWarning,
-                      stacklevel=3)
+                      f"so completeness holds, but the scores do not include it). Use {fix}.")
     return share

@@ -11,14 +11,13 @@ layer-factored one when it applies (:mod:`~explaind.kernel.layers`), else ``torc
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..exceptions import ConfigError, ExplaindWarning
+from ..exceptions import ConfigError, warn_at_caller
 from ..inputs import as_inputs
 from ..trajectory.base import Trajectory
 from .autograd import AutogradEvaluator
@@ -168,12 +167,12 @@ class PathEngine:
         moving = tuple(s for s in sites if s.moving)
         self.fm.keep_dtype = self.casts == "replay_dtype" or (self.casts == "auto" and bool(moving))
         if moving and self.casts == "as_written":
-            warnings.warn(
+            warn_at_caller(
                 f"{owner}: the model's forward converts tensors that depend on the parameters to a dtype below "
                 f"{self.dtype} ({sites_text(moving)}), and casts='as_written' replays that rounding: the path "
                 f"integrand is noisy at its level, so the adaptive quadrature may stop at its cap and the error left "
                 f"lands in quadrature_error. Fix: casts='auto' or 'replay_dtype' evaluate these conversions in "
-                f"{self.dtype} (docs/guide_own_model.md).", ExplaindWarning, stacklevel=4)
+                f"{self.dtype} (docs/guide_own_model.md).")
         elif moving and self.casts == "auto":
             logger.warning("%s: the model's forward converts tensors that depend on the parameters to a dtype below "
                            "%s (%s); the replay evaluates them in %s (casts='auto'), so it explains the model's "

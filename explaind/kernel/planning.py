@@ -17,13 +17,12 @@ bar moves at least :data:`BAR_UPDATES` times.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ExplaindWarning
+from ..exceptions import warn_at_caller
 from . import adaptive
 from . import dense as _dense
 from .adaptive import adaptive_plan
@@ -305,12 +304,11 @@ class InexactUnits:
                               f"tol; a looser tol locates each with fewer evaluations")
             if self.float64 and self.casts_hint and (not self.kinks or self.casts_hint.startswith("the model's")):
                 causes.append(self.casts_hint)
-        warnings.warn(
+        warn_at_caller(
             f"the adaptive quadrature left {self.above} of {self.total} (step, input) pairs above tol={self.tol:g}, "
             f"with relative error up to {self.worst:.2g}: {'; '.join(causes)}. The error left is reported as "
             f"quadrature_error (never hidden). For a smaller error raise the budget (quadrature='midpoint', "
-            f"nodes=... costs a known number of evaluations), or explain fewer steps.",
-            ExplaindWarning, stacklevel=3)
+            f"nodes=... costs a known number of evaluations), or explain fewer steps.")
 
 
 def _jumps_hint(engine: Any) -> str:
@@ -382,11 +380,11 @@ def _warn_fixed(plans: list[NodePlan], rule: str, n: int, tol: float, ends: list
                           tol)
     if not bool(above.any()):
         return
-    warnings.warn(
+    warn_at_caller(
         f"quadrature={rule!r} with {n} nodes left {int(above.sum())} of {above.numel()} (step, input) pairs above "
         f"tol={tol:g} of their change, with relative error up to {worst:.2g} (the path crosses activation kinks or "
         f"curves more than {n} nodes resolve). The error left is reported as quadrature_error (never hidden). For a "
-        f"smaller error use quadrature='adaptive' (error-controlled) or more nodes.", ExplaindWarning, stacklevel=3)
+        f"smaller error use quadrature='adaptive' (error-controlled) or more nodes.")
 
 
 def _fixed_group(engine: Any, stack: StepStack | None, begins: list[Tensor], ends: list[Tensor], rule: str,

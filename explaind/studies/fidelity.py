@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import ConfigError, ExplaindWarning
+from ..exceptions import ConfigError, ExplaindWarning, warn_at_caller
 
 __all__ = ["format_table", "Rule", "all_rules", "rule_from", "run_fidelity", "reference_setups", "reference_table",
            "TABLE_COLUMNS", "estimated_evals", "evals_text", "affordable_rules", "TABLE_MAX_EVALS", "DEFAULT_RULES",
@@ -315,7 +315,7 @@ def warn_inexact_rules(rows: list[dict[str, Any]]) -> None:
     """
     note = inexact_rules_note(rows)
     if note is not None:
-        warnings.warn(note, ExplaindWarning, stacklevel=3)
+        warn_at_caller(note)
 
 
 #: size -> (steps of each setup, validation inputs compared)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError, warn_at_caller
 from ..inputs import Inputs, as_inputs
 from ..records import LossRecord
 from .manifest import ArchitectureSpec
@@ -322,11 +321,11 @@ def default_weights(loss: LossRecord, data: TrainData | None, idx: Tensor, dtype
     return batch_weights(loss, data.get(idx)[1], dtype)
 
 
-def warn_user(logger: logging.Logger, message: str, stacklevel: int) -> None:
+def warn_user(logger: logging.Logger, message: str) -> None:
     """Send ``message`` both to ``logger`` (level WARNING) and as an :class:`~explaind.exceptions.ExplaindWarning`.
 
-    ``stacklevel`` counts as in :func:`warnings.warn` called from the caller of this helper: ``2``
-    points the warning at the caller's caller.
+    The warning names the user's line that led to it (:func:`~explaind.exceptions.warn_at_caller`), e.g. the
+    ``optimizer.step()`` whose hook ran the check.
     """
     logger.warning("%s", message)
-    warnings.warn(message, ExplaindWarning, stacklevel=stacklevel + 1)
+    warn_at_caller(message)

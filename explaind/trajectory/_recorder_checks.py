@@ -240,7 +240,7 @@ class RecorderChecksMixin:
     def _warn_moved_buffers(self, moved: tuple[str, ...], s: int) -> None:
         """Warn that buffers changed between steps when step ``s`` is not checked (nothing when none did)."""
         if moved:
-            warn_user(logger, moved_message(moved, s, checked=False), stacklevel=6)
+            warn_user(logger, moved_message(moved, s, checked=False))
 
     @contextlib.contextmanager
     def _room_for_check(self) -> Iterator[None]:
@@ -282,7 +282,7 @@ class RecorderChecksMixin:
             return
         if not self._schedule.never:
             raise TrajectoryError(f"Step {self._n}: {message}")
-        warn_user(logger, message, stacklevel=5)
+        warn_user(logger, message)
 
 
     # ----------------------------------------------------------------- changes outside the step
@@ -329,8 +329,7 @@ class RecorderChecksMixin:
                               f"the last step left, traj.buffers(traj.n_steps), not at the model as it is now, so its "
                               f"replica and scores explain the model with those buffers "
                               f"(KernelReplica.fidelity_report(X, model=model) measures the difference). Fix: run "
-                              f"such forwards under model.eval(), or after `with rec:` on a copy of the model.",
-                      stacklevel=3)
+                              f"such forwards under model.eval(), or after `with rec:` on a copy of the model.")
         edited = edited_parameters(self._params, self._theta or {})
         frozen = edited_parameters(self._constant_params, self._frozen)
         if not (edited or frozen):
@@ -343,7 +342,7 @@ class RecorderChecksMixin:
                    f"stored when recording started), not at the model as it is now, so its replica and scores "
                    f"explain theta_{self._n}. Fix: explain the model at traj.params(traj.n_steps) (frozen "
                    f"parameters: traj.constants()), or make such changes after `with rec:`, on a copy of the model.")
-        warn_user(logger, message, stacklevel=3)
+        warn_user(logger, message)
 
     # ----------------------------------------------------------------- the loss scale
     def _batch_shape(self) -> tuple[tuple[int, int], ...]:

@@ -57,7 +57,7 @@ def _warn_replaced_settings(given: list[dict[str, Any]], restored: list[dict[str
                f"optimizer.param_groups after restore(): the recorder follows a change at any step that the "
                f"optimizer adapter models (it refuses one it cannot, such as switching maximize while momentum "
                f"buffers built under the recorded value exist).")
-    warn_user(logger, message, stacklevel=3)
+    warn_user(logger, message)
 
 
 class RecorderResumeMixin:

@@ -17,7 +17,6 @@ refused with the reason. Only safetensors are read (no pickle).
 from __future__ import annotations
 
 import json
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..exceptions import ExplaindWarning, TrajectoryError
+from ..exceptions import TrajectoryError, warn_at_caller
 from ..recurrence import LinearUpdate
 from ._common import TrainData, resolve_loss_record
 from .base import Trajectory
@@ -139,10 +138,10 @@ class CheckpointTrajectory(Trajectory, reads_checkpoints=True):
         out = {n: last.get(n, v).detach().clone() for n, v in template.items()}
         changed = [n for n in out if n in first and n in last and not torch.equal(first[n], last[n])]
         if changed:
-            warnings.warn(f"Trajectory.from_checkpoints: {', '.join(changed[:5])} change between the first and the "
+            warn_at_caller(f"Trajectory.from_checkpoints: {', '.join(changed[:5])} change between the first and the "
                           f"last checkpoint (buffers such as BatchNorm statistics, or frozen parameters); the "
                           f"decomposition holds them at their final values, so their own change is not "
-                          f"attributed.", ExplaindWarning, stacklevel=3)
+                          f"attributed.")
         return out
 
     # ----------------------------------------------------------------- structure

@@ -266,7 +266,7 @@ class SegmentReplay:
                 f"differ from the recording, a non-deterministic model, or a modified checkpoint. Fix: pass the "
                 f"recorded data and loss, or re-record with checkpoint_every=1."
             )
-            warn_user(logger, message, stacklevel=3)
+            warn_user(logger, message)
         return Segment(lo, hi, thetas, updates, gap)
 
     def _forward_of(self, s: int, model: nn.Module, where: str) -> tuple[nn.Module, Any]:

@@ -24,7 +24,6 @@ scales the parameter before adding the Adam step). ``maximize=True`` is modelled
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -33,7 +32,7 @@ import torch
 from pydantic import Field
 
 from explaind.config import StrictModel, validate_config
-from explaind.exceptions import ExplaindWarning
+from explaind.exceptions import warn_at_caller
 from explaind.recurrence import LinearUpdate
 
 from ._common import (
@@ -153,14 +152,11 @@ def _warn_fused_cuda_low_precision(name: str, optimizer: torch.optim.Optimizer) 
     """Warn that the CUDA fused kernel in single precision leaves a larger (still measured) residual."""
     for group in optimizer.param_groups:
         if group.get("fused") and any(p.is_cuda and p.dtype != torch.float64 for p in group["params"]):
-            warnings.warn(
+            warn_at_caller(
                 f"Optimizer adapter {name!r}: fused=True on CUDA with {group['params'][0].dtype} parameters "
                 f"runs its own single-precision arithmetic; the recorded coefficients reproduce its updates to "
                 f"about 1e-5 relative (measured per-step residual; about 1e-6 with fused=False). Use fused=False "
-                f"for a tighter replay.",
-                ExplaindWarning,
-                stacklevel=3,
-            )
+                f"for a tighter replay.")
             return
 
 
