@@ -309,3 +309,24 @@ def test_the_layer_factored_rows_take_the_closed_form(monkeypatch):
         trained = model.eval()(X_test)
     assert _relative(got, want) <= 1e-10
     assert _relative(got, trained) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_gpt2_and_bert_stay_exact_with_the_closed_form(kind, tmp_path, monkeypatch):
+    """A tiny GPT-2 LM and a tiny BERT classifier recorded by the Trainer (tests/_hf_testkit.py): their layer norms'
+    tangents in the layer-factored rows come from ``layer_norm_dual``, and the replica (<= 1e-6 against the trained
+    model), the residual share (<= 1e-9) and the train scores (<= 1e-9 against the slow loop reference) hold."""
+    from _hf_testkit import classifier_figures, lm_figures, record_trainer_bert, record_trainer_gpt2
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        out = layer_norm_dual(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layer_rules, "layer_norm_dual", counted)
+    got = lm_figures(*record_trainer_gpt2(tmp_path)) if kind == "gpt2" else \
+        classifier_figures(*record_trainer_bert(tmp_path))
+    assert sum(calls) >= 3  # every layer norm of at least one batch of rows
+    assert got["replica"] <= 1e-6 and got["residual_share"] <= 1e-9 and got["train"] <= 1e-9
