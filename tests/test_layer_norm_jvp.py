@@ -313,10 +313,19 @@ def test_the_layer_factored_rows_take_the_closed_form(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 def test_gpt2_and_bert_stay_exact_with_the_closed_form(kind, tmp_path, monkeypatch):
-    """A tiny GPT-2 LM and a tiny BERT classifier recorded by the Trainer (tests/_hf_testkit.py): their layer norms'
-    tangents in the layer-factored rows come from ``layer_norm_dual``, and the replica (<= 1e-6 against the trained
-    model), the residual share (<= 1e-9) and the train scores (<= 1e-9 against the slow loop reference) hold."""
-    from _hf_testkit import classifier_figures, lm_figures, record_trainer_bert, record_trainer_gpt2
+    """A tiny GPT-2 LM and a tiny BERT classifier recorded by the Trainer (tests/_hf_testkit.py): the replica takes
+    the layer-factored rows (whose start-up check against the generic path turns them off where they differ), their
+    layer norms' tangents come from ``layer_norm_dual``, and the replica (<= 1e-6 against the trained model), the
+    residual share (<= 1e-9) and the train scores (<= 1e-9 against the slow loop reference) hold."""
+    from _hf_testkit import (
+        classifier_figures,
+        cls_data,
+        lm_data,
+        lm_figures,
+        mask_4d,
+        record_trainer_bert,
+        record_trainer_gpt2,
+    )
 
     calls = []
 
@@ -326,7 +335,15 @@ def test_gpt2_and_bert_stay_exact_with_the_closed_form(kind, tmp_path, monkeypat
         return out
 
     monkeypatch.setattr(layer_rules, "layer_norm_dual", counted)
-    got = lm_figures(*record_trainer_gpt2(tmp_path)) if kind == "gpt2" else \
-        classifier_figures(*record_trainer_bert(tmp_path))
-    assert sum(calls) >= 3  # every layer norm of at least one batch of rows
+    if kind == "gpt2":
+        model, traj = record_trainer_gpt2(tmp_path)
+        X = {"input_ids": lm_data(3, seed=9)[0]}
+    else:
+        model, traj = record_trainer_bert(tmp_path)
+        ids, mask, _ = cls_data(3, seed=7)
+        X = {"input_ids": ids, "attention_mask": mask_4d(mask)}
+    replica = explaind.KernelReplica(device="cpu").fit(traj)
+    replica.predict(X)
+    assert "rows" in replica.engine_.factored_used and sum(calls) >= 3  # each layer norm of a batch of rows
+    got = lm_figures(model, traj) if kind == "gpt2" else classifier_figures(model, traj)
     assert got["replica"] <= 1e-6 and got["residual_share"] <= 1e-9 and got["train"] <= 1e-9
