@@ -1,7 +1,7 @@
-"""Closed-form JVPs of layer, RMS and evaluation-mode batch normalisation (``explaind.kernel.layer_norm_jvp``).
+"""Closed-form JVPs of layer and RMS normalisation (``explaind.kernel.layer_norm_jvp``).
 
 References, each in float64: :func:`torch.func.jvp` of the torch function (torch's own derivative of
-``native_layer_norm``, ``_fused_rms_norm``, ``native_batch_norm``) and of the normalisation written here from
+``native_layer_norm``, ``_fused_rms_norm``) and of the normalisation written here from
 elementary operations (mean, centring, mean square, square root). A tangent that dropped the mean of the input's
 tangent, the projection on the normalised input, the scale, or the scale's or shift's tangent fails them by far
 more than the 1e-12 relative tolerance: each part is of the size of the whole. The routing tests count the rule's
@@ -21,7 +21,7 @@ import explaind
 from explaind.kernel import fused_jvp as fused_module
 from explaind.kernel import layer_rules
 from explaind.kernel.fused_jvp import fused_jvp
-from explaind.kernel.layer_norm_jvp import batch_norm_dual, layer_norm_dual, rms_norm_dual
+from explaind.kernel.layer_norm_jvp import layer_norm_dual, rms_norm_dual
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DT = torch.float64
@@ -56,13 +56,6 @@ def _elementary_rms_norm(x, shape, w, eps):
     dims = tuple(range(-len(shape), 0))
     y = x / torch.sqrt((x * x).mean(dims, keepdim=True) + (torch.finfo(x.dtype).eps if eps is None else eps))
     return y if w is None else y * w
-
-
-def _elementary_batch_norm(x, mean, var, w, b, eps):
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.reshape(view)) / torch.sqrt(var.reshape(view) + eps)
-    y = y if w is None else y * w.reshape(view)
-    return y if b is None else y + b.reshape(view)
 
 
 def _relative(got, want):
@@ -184,36 +177,8 @@ def test_rms_norm_jvp_of_the_weight_alone():
     assert _relative(dy, want) <= 1e-12
 
 
-BATCH_CASES = {  # name: (input shape, weight, bias)
-    "4d": ((5, 6, 4, 3), True, True),
-    "2d": ((7, 6), True, True),
-    "3d-no-affine": ((4, 6, 5), False, False),
-    "weight-only": ((4, 6, 3, 3), True, False),
-}
-
-
-@pytest.mark.parametrize("name", list(BATCH_CASES))
-def test_eval_batch_norm_jvp_equals_torch_func_jvp(name):
-    shape, has_w, has_b = BATCH_CASES[name]
-    C = shape[1]
-    x, dx = _randn(*shape, seed=0), _randn(*shape, seed=1)
-    mean, var = _randn(C, seed=6), _randn(C, seed=7).abs() + 0.1
-    w, dw = (_randn(C, seed=2), _randn(C, seed=3)) if has_w else (None, None)
-    b, db = (_randn(C, seed=4), _randn(C, seed=5)) if has_b else (None, None)
-    y, dy = _closed(batch_norm_dual, x, dx, mean, var, [w, dw], [b, db], False, 0.1, 1e-3)
-    want, want_dot = _references(lambda x, w, b: F.batch_norm(x, mean, var, w, b, False, 0.1, 1e-3), (x, w, b),
-                                 (dx, dw, db))
-    elem, elem_dot = _references(lambda x, w, b: _elementary_batch_norm(x, mean, var, w, b, 1e-3), (x, w, b),
-                                 (dx, dw, db))
-    assert torch.equal(y, F.batch_norm(x, mean, var, w, b, False, 0.1, 1e-3))
-    assert _relative(dy, want_dot) <= 1e-12
-    assert _relative(dy, elem_dot) <= 1e-12
-    assert _relative(want, elem) <= 1e-12
-
-
 def test_the_rules_decline_what_they_do_not_compute():
-    x, dx = _randn(4, 6, seed=0), _randn(4, 6, seed=1)
-    w, mean, var = _randn(6, seed=2), _randn(6, seed=3), _randn(6, seed=4).abs()
+    x, dx, w = _randn(4, 6, seed=0), _randn(4, 6, seed=1), _randn(6, seed=2)
     with fwAD.dual_level():
         xd = fwAD.make_dual(x, dx)
         assert layer_norm_dual(x, (6,), w) is None  # nothing moves
@@ -225,10 +190,7 @@ def test_the_rules_decline_what_they_do_not_compute():
         assert layer_norm_dual(half, (6,)) is None  # statistics in float32: left to torch
         assert rms_norm_dual(half, (6,)) is None
         assert rms_norm_dual(xd, (3,)) is None
-        assert batch_norm_dual(xd, mean, var, None, None, True) is None  # training mode: batch statistics
-        assert batch_norm_dual(xd, None, None) is None  # no running statistics
-        moving_mean = fwAD.make_dual(mean, _randn(6, seed=6))
-        assert batch_norm_dual(xd, moving_mean, var) is None  # running statistics with a tangent
+        assert rms_norm_dual(x, (6,), w) is None
 
 
 class Norms(nn.Module):
@@ -256,7 +218,7 @@ def test_fused_jvp_routes_every_normalisation_and_equals_plain_forward_mode(monk
             return out
         return call
 
-    for f in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm, F.batch_norm, torch.batch_norm):
+    for f in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm):
         monkeypatch.setitem(fused_module._RULES, f, counted(fused_module._RULES[f]))
     torch.manual_seed(0)
     model = Norms().double()
@@ -267,7 +229,7 @@ def test_fused_jvp_routes_every_normalisation_and_equals_plain_forward_mode(monk
     point.update({n: v for n, v in model.named_buffers()})
     tangent = {n: _randn(*v.shape, seed=10 + i) for i, (n, v) in enumerate(model.named_parameters())}
     h, dh = fused_jvp(lambda p: functional_call(model, p, (X,)), point, tangent)
-    assert calls == [True] * 6  # bn, bn_plain, ln, rms, torch.layer_norm, F.rms_norm: each in closed form
+    assert calls == [True] * 4  # ln, rms, torch.layer_norm, F.rms_norm: each in closed form (batch norms: torch's)
     with fwAD.dual_level():  # the reference: plain forward mode, no torch function mode
         dual = {n: fwAD.make_dual(v, tangent[n]) if n in tangent else v for n, v in point.items()}
         want, want_dot = fwAD.unpack_dual(functional_call(model, dual, (X,)))

@@ -19,11 +19,10 @@ group of output channels still reads its own input channels.
 
 A group normalisation (``F.group_norm``, ``torch.group_norm``) takes its tangent in closed form
 (:func:`~explaind.kernel.norm_jvp.group_norm_dual`: a few passes over the activations, a quarter of forward mode's
-CPU time for it), and so do layer normalisation (``F.layer_norm``, ``torch.layer_norm``), RMS normalisation
-(``F.rms_norm``, ``torch.rms_norm``) and batch normalisation in evaluation mode (``F.batch_norm``,
-``torch.batch_norm``; :mod:`~explaind.kernel.layer_norm_jvp`). Every other operation (``torch.native_layer_norm``
-called directly, batch normalisation in training mode, half types), and a convolution whose kernel has no
-tangent, takes the ordinary forward-mode derivative (:mod:`torch.autograd.forward_ad`). The result equals
+CPU time for it), and so do layer normalisation (``F.layer_norm``, ``torch.layer_norm``) and RMS normalisation
+(``F.rms_norm``, ``torch.rms_norm``; :mod:`~explaind.kernel.layer_norm_jvp`). Every other operation
+(``torch.native_layer_norm`` called directly, batch normalisation, half types), and a convolution whose kernel
+has no tangent, takes the ordinary forward-mode derivative (:mod:`torch.autograd.forward_ad`). The result equals
 :func:`torch.func.jvp` up to rounding
 (``tests/test_fused_jvp.py`` compares both and a loop of plain forward-mode derivatives).
 """
@@ -40,7 +39,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .explained import Params
-from .layer_norm_jvp import batch_norm_dual, layer_norm_dual, rms_norm_dual, torch_batch_norm_dual
+from .layer_norm_jvp import layer_norm_dual, rms_norm_dual
 from .norm_jvp import group_norm_dual
 
 __all__ = ["fused_jvp", "FusedConvTangents", "conv2d_dual"]
@@ -74,7 +73,7 @@ def fused_jvp(fn: Callable[[Params], Tensor], point: Params, tangent: Params) ->
 class FusedConvTangents(TorchFunctionMode):
     """A torch function mode that routes ``torch.conv2d`` on dual tensors through :func:`conv2d_dual`,
     ``F.group_norm`` / ``torch.group_norm`` through :func:`~explaind.kernel.norm_jvp.group_norm_dual`, and the
-    layer, RMS and evaluation-mode batch normalisations through :mod:`~explaind.kernel.layer_norm_jvp`.
+    layer and RMS normalisations through :mod:`~explaind.kernel.layer_norm_jvp`.
 
     Active only inside :func:`fused_jvp` (within a ``forward_ad.dual_level``); any call that these rules do
     not take (they return ``None``) runs unchanged.
@@ -124,4 +123,4 @@ def conv2d_dual(input: Tensor, weight: Tensor, bias: Tensor | None = None, strid
 _RULES: dict[Any, Callable[..., Tensor | None]] = {
     torch.conv2d: conv2d_dual, F.group_norm: group_norm_dual, torch.group_norm: group_norm_dual,
     F.layer_norm: layer_norm_dual, torch.layer_norm: layer_norm_dual, F.rms_norm: rms_norm_dual,
-    torch.rms_norm: rms_norm_dual, F.batch_norm: batch_norm_dual, torch.batch_norm: torch_batch_norm_dual}
+    torch.rms_norm: rms_norm_dual}

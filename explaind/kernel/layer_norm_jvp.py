@@ -1,4 +1,4 @@
-r"""Forward-mode JVPs of layer, RMS and evaluation-mode batch normalisation in closed form.
+r"""Forward-mode JVPs of layer and RMS normalisation in closed form.
 
 Used by :func:`~explaind.kernel.fused_jvp.fused_jvp` (its rule table) and by the layer-factored rows of
 :class:`~explaind.kernel.layer_rules.LayerNormRule`. Notation of docs/maths.md: a dot marks a tangent (the
@@ -30,25 +30,23 @@ With :math:`\dot\mu = \langle\dot x\rangle` and, since :math:`\langle x - \mu\ra
 
 .. math:: \dot y = \gamma \odot r\bigl(\dot x - \hat x\, m\bigr) + \dot\gamma \odot \hat x .
 
-**Batch normalisation in evaluation mode** (``F.batch_norm``, ``torch.batch_norm`` with ``training=False``) of
-:math:`x` ``(B, C, *)`` uses the running statistics :math:`\mu_c, \sigma^2_c` (buffers: no tangent), so it is
-affine in :math:`x` per channel: with :math:`r_c = (\sigma^2_c + \epsilon)^{-1/2}`,
-
-.. math:: \dot y = \gamma r \odot \dot x + r\dot\gamma \odot (x - \mu) + \dot\beta .
-
-Each primal is torch's own kernel, bit for bit (``native_layer_norm``, ``_fused_rms_norm``, ``batch_norm`` of
-the plain primals), and :math:`\mu, r` are the statistics those kernels return; :math:`\hat x` is taken from the
-centred :math:`x - \mu`, as the variance is. A layer norm's tangent takes six passes over the activations where
-forward mode's derivative of ``native_layer_norm`` takes about a dozen (``python benchmarks/bench_norm_rules.py``;
-docs/engine.md, section 7). ``tests/test_layer_norm_jvp.py`` checks every rule against :func:`torch.func.jvp` of
-the torch function and of a normalisation written from elementary operations.
+Each primal is torch's own kernel, bit for bit (``native_layer_norm``, ``_fused_rms_norm``), and :math:`\mu, r`
+are the statistics those kernels return; :math:`\hat x` is taken from the centred :math:`x - \mu`, as the variance
+is. The tangent is two reductions over each row (:math:`\langle\dot x\rangle` and :math:`n m`, one
+``linalg.vecdot``) and three passes for :math:`r(\dot x - q/n)`, :math:`q = n\langle\dot x\rangle + \hat x\,nm`,
+then one pass per affine term; forward mode's derivative of ``native_layer_norm`` makes about a dozen passes. On
+rows of 768 values that is up to a third less CPU time per call; on rows of 16 the few microseconds each torch call
+costs in Python dominate and it is no faster (``python benchmarks/bench_norm_rules.py --calls``; docs/engine.md,
+section 7). ``tests/test_layer_norm_jvp.py`` checks both rules against :func:`torch.func.jvp` of the torch function
+and of a normalisation written from elementary operations.
 
 Each rule returns ``None``, and the caller then runs torch's own function with its forward-mode derivative and
 its own errors, for what it does not compute: nothing with a tangent; a dtype other than ``float32`` and
 ``float64`` (half types keep their statistics in ``float32``); an empty input; a ``normalized_shape`` that is
-not the input's trailing shape, or affine parameters of another shape, dtype or device; running statistics that
-carry a tangent; and batch normalisation in training mode (batch statistics: the engine evaluates its explained
-functions in evaluation mode and replays training-mode batches by reverse mode, ``kernel/coupled.py``).
+not the input's trailing shape, or a weight or bias of another shape, dtype or device; and, for RMS
+normalisation, a torch without ``_fused_rms_norm``. Batch normalisation is left to forward mode everywhere: in
+evaluation mode its derivative is a per-channel affine map already, and the engine replays training-mode batches
+by reverse mode (``kernel/coupled.py``), never by forward mode.
 """
 
 from __future__ import annotations
@@ -58,10 +56,9 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwad
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["layer_norm_dual", "rms_norm_dual", "batch_norm_dual", "torch_batch_norm_dual"]
+__all__ = ["layer_norm_dual", "rms_norm_dual"]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -188,58 +185,3 @@ def rms_norm_dual(input: Tensor, normalized_shape: Any, weight: Tensor | None = 
     x_hat = x.reshape(M, n) * r
     core = None if x_dot is None else _row_tangent(x_hat, r, x_dot, centred=False)
     return fwad.make_dual(y, _affine_tangent(x_hat, core, w, w_dot, None).view(y.shape))
-
-
-def batch_norm_dual(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-                    weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
-                    momentum: float | None = 0.1, eps: float = 1e-5, *_: Any, **__: Any) -> Tensor | None:
-    r"""``F.batch_norm`` in evaluation mode on dual tensors, the tangent in closed form (module docstring).
-
-    Parameters
-    ----------
-    input : Tensor
-        ``(B, C, *)``, a dual tensor or not.
-    running_mean, running_var : Tensor or None
-        :math:`\mu, \sigma^2` ``(C,)``, buffers without a tangent.
-    weight, bias : Tensor or None
-        :math:`\gamma, \beta` ``(C,)``, dual or not; ``None``: no scale, no shift.
-    training : bool
-        ``True`` (batch statistics) is left to torch (returns ``None``).
-    momentum : float or None
-        Unused in evaluation mode.
-    eps : float
-        Added to the running variance.
-
-    Returns
-    -------
-    Tensor or None
-        The dual output ``(B, C, *)``, or ``None`` (the caller then runs torch's own function) for training mode,
-        missing running statistics and the other cases of the module docstring.
-    """
-    x, x_dot = fwad.unpack_dual(input)
-    w, w_dot = _unpack(weight)
-    b, b_dot = _unpack(bias)
-    if training or running_mean is None or running_var is None or (x_dot is None and w_dot is None and b_dot is None):
-        return None
-    mu, mu_dot = fwad.unpack_dual(running_mean)
-    var, var_dot = fwad.unpack_dual(running_var)
-    if mu_dot is not None or var_dot is not None or x.dim() < 2 or x.dtype not in _FLOATS or x.numel() == 0 \
-            or not all(p is None or (tuple(p.shape) == (x.shape[1],) and p.dtype == x.dtype and p.device == x.device)
-                       for p in (w, b, mu, var)):
-        return None
-    y = F.batch_norm(x, mu, var, w, b, False, momentum, eps)  # torch's kernel on the plain primals
-    view = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    r = torch.rsqrt(var + eps)
-    out = torch.zeros_like(x) if b_dot is None else b_dot.reshape(view).expand_as(x).clone()
-    if w_dot is not None:
-        out.addcmul_(x - mu.reshape(view), (r * w_dot).reshape(view))
-    if x_dot is not None:
-        out.addcmul_(x_dot, (r if w is None else r * w).reshape(view))
-    return fwad.make_dual(y, out)
-
-
-def torch_batch_norm_dual(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                          running_var: Tensor | None, training: bool, momentum: float, eps: float,
-                          *_: Any, **__: Any) -> Tensor | None:
-    """``torch.batch_norm`` (its own argument order) by :func:`batch_norm_dual`."""
-    return batch_norm_dual(input, running_mean, running_var, weight, bias, training, momentum, eps)
