@@ -19,12 +19,20 @@ from torch.func import functional_call, jvp
 
 import explaind
 from explaind.kernel import fused_jvp as fused_module
-from explaind.kernel import layer_rules
+from explaind.kernel import layer_norm_jvp, layer_rules
 from explaind.kernel.fused_jvp import fused_jvp
 from explaind.kernel.layer_norm_jvp import layer_norm_dual, rms_norm_dual
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DT = torch.float64
+DEFAULT_MIN_ELEMENTS = layer_norm_jvp.MIN_ELEMENTS
+
+
+@pytest.fixture(autouse=True)
+def closed_form_at_every_size(monkeypatch):
+    """The rules take inputs of any size here (by default only from ``MIN_ELEMENTS`` values on, where they are
+    faster than forward mode), so that small inputs test the formula."""
+    monkeypatch.setattr(layer_norm_jvp, "MIN_ELEMENTS", 0)
 
 
 def _randn(*shape, seed, dtype=DT, scale=1.0, shift=0.0):
@@ -191,6 +199,18 @@ def test_the_rules_decline_what_they_do_not_compute():
         assert rms_norm_dual(half, (6,)) is None
         assert rms_norm_dual(xd, (3,)) is None
         assert rms_norm_dual(x, (6,), w) is None
+
+
+def test_small_inputs_are_left_to_forward_mode_by_default(monkeypatch):
+    """Below ``MIN_ELEMENTS`` values the rules decline (forward mode is as fast there); from it on they compute."""
+    monkeypatch.setattr(layer_norm_jvp, "MIN_ELEMENTS", DEFAULT_MIN_ELEMENTS)
+    n = 256
+    rows = -(-DEFAULT_MIN_ELEMENTS // n)
+    small, large = _randn(rows - 1, n, seed=0), _randn(rows, n, seed=1)
+    with fwAD.dual_level():
+        for rule in (layer_norm_dual, rms_norm_dual):
+            assert rule(fwAD.make_dual(small, torch.ones_like(small)), (n,)) is None
+            assert rule(fwAD.make_dual(large, torch.ones_like(large)), (n,)) is not None
 
 
 class Norms(nn.Module):

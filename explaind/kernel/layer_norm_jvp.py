@@ -35,18 +35,19 @@ are the statistics those kernels return; :math:`\hat x` is taken from the centre
 is. The tangent is two reductions over each row (:math:`\langle\dot x\rangle` and :math:`n m`, one
 ``linalg.vecdot``) and three passes for :math:`r(\dot x - q/n)`, :math:`q = n\langle\dot x\rangle + \hat x\,nm`,
 then one pass per affine term; forward mode's derivative of ``native_layer_norm`` makes about a dozen passes. On
-rows of 768 values that is up to a third less CPU time per call; on rows of 16 the few microseconds each torch call
-costs in Python dominate and it is no faster (``python benchmarks/bench_norm_rules.py --calls``; docs/engine.md,
-section 7). ``tests/test_layer_norm_jvp.py`` checks both rules against :func:`torch.func.jvp` of the torch function
-and of a normalisation written from elementary operations.
+512 rows of 768 values that is 1.4-1.8x less CPU time per call; on small inputs the few microseconds each torch
+call costs in Python dominate (:data:`MIN_ELEMENTS`; ``python benchmarks/bench_norm_rules.py --calls``;
+docs/engine.md, section 7). ``tests/test_layer_norm_jvp.py`` checks both rules against :func:`torch.func.jvp` of
+the torch function and of a normalisation written from elementary operations.
 
 Each rule returns ``None``, and the caller then runs torch's own function with its forward-mode derivative and
 its own errors, for what it does not compute: nothing with a tangent; a dtype other than ``float32`` and
-``float64`` (half types keep their statistics in ``float32``); an empty input; a ``normalized_shape`` that is
-not the input's trailing shape, or a weight or bias of another shape, dtype or device; and, for RMS
-normalisation, a torch without ``_fused_rms_norm``. Batch normalisation is left to forward mode everywhere: in
-evaluation mode its derivative is a per-channel affine map already, and the engine replays training-mode batches
-by reverse mode (``kernel/coupled.py``), never by forward mode.
+``float64`` (half types keep their statistics in ``float32``); an input of fewer than :data:`MIN_ELEMENTS`
+values (where forward mode is as fast); a ``normalized_shape`` that is not the input's trailing shape, or a weight
+or bias of another shape, dtype or device; and, for RMS normalisation, a torch without ``_fused_rms_norm``. Batch
+normalisation is left to forward mode everywhere: in evaluation mode its derivative is a per-channel affine map
+already, and the engine replays training-mode batches by reverse mode (``kernel/coupled.py``), never by forward
+mode.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ from torch import Tensor
 __all__ = ["layer_norm_dual", "rms_norm_dual"]
 
 _FLOATS = (torch.float32, torch.float64)
+
+#: Inputs of fewer elements are left to forward mode: there the few microseconds that each torch call of the
+#: closed form costs in Python outweigh the passes it saves (``python benchmarks/bench_norm_rules.py --calls``:
+#: 0.6-1.0x forward mode's speed up to 65,536 elements, 1.1-1.8x from 393,216; docs/engine.md, section 7).
+MIN_ELEMENTS = 2**17
 
 
 def _unpack(t: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -78,8 +84,10 @@ def _trailing(normalized_shape: Any) -> tuple[int, ...] | None:
 
 
 def _fits(x: Tensor, shape: tuple[int, ...], params: tuple[Tensor | None, ...]) -> bool:
-    """Whether ``x`` ends in ``shape`` and every parameter given has that shape and ``x``'s dtype and device."""
-    return (x.dtype in _FLOATS and x.numel() > 0 and x.dim() >= len(shape) and tuple(x.shape[-len(shape):]) == shape
+    """Whether ``x`` (at least :data:`MIN_ELEMENTS` values) ends in ``shape`` and every parameter given has that
+    shape and ``x``'s dtype and device."""
+    return (x.dtype in _FLOATS and x.numel() >= max(1, MIN_ELEMENTS) and x.dim() >= len(shape)
+            and tuple(x.shape[-len(shape):]) == shape
             and all(p is None or (tuple(p.shape) == shape and p.dtype == x.dtype and p.device == x.device)
                     for p in params))
 
