@@ -1,8 +1,8 @@
 """Engine time with and without the closed-form layer-norm tangent on GPT-2 and a BERT classifier.
 
 Run ``python benchmarks/bench_norm_rules.py [--widths 16 128] [--steps 4] [--inputs 8] [--repeat 3]
-[--threads 1] [--models gpt2,bert] [--profile N] [--rows-only] [--calls]``. Float64 on the CPU, one thread by
-default. Records, for each width:
+[--threads 1] [--models gpt2,bert] [--profile N] [--rows-only] [--calls] [--min-elements N]``. Float64 on the
+CPU, one thread by default. Records, for each width:
 
 * a GPT-2 (``GPT2LMHeadModel`` from a config, 2 layers, 4 heads, dropout 0; ``bench_layer_rules_models.py``)
   trained with AdamW on arithmetic sequences, explained at the last position's logits;
@@ -11,10 +11,12 @@ default. Records, for each width:
 
 Both take the layer-factored evaluator (``factored="auto"``), whose rows (the adaptive rule's refinement: each
 row at its own step and point, :math:`h'` by forward mode in :math:`t`) normalise every layer's input by
-``LayerNormRule.normalised``: with the rule its tangent is :func:`~explaind.kernel.layer_norm_jvp.layer_norm_dual`,
-without it forward mode's derivative of ``native_layer_norm`` (the rule switched off in this process). Printed:
+``LayerNormRule.normalised``: with the rule its tangent is :func:`~explaind.kernel.layer_norm_jvp.layer_norm_dual`
+(for inputs of at least ``MIN_ELEMENTS`` values; ``--min-elements 0``: all), without it forward mode's derivative
+of ``native_layer_norm`` (the rule switched off in this process). Printed:
 
-* with ``--calls``: microseconds per call of the closed form and of forward mode on rows of several sizes;
+* with ``--calls``: microseconds per call of the closed form (at every size) and of forward mode on rows of
+  several sizes;
 * per evaluation: microseconds per row of ``evaluator.slopes`` on rows (4 steps x ``--inputs`` inputs x 16
   points), and the share of that time spent in the layer norms' forward-mode calls (torch's profiler, without
   the rule);
@@ -44,7 +46,7 @@ from torch import nn
 import explaind
 from explaind.exceptions import ExplaindWarning
 from explaind.kernel import fused_jvp as fused_module
-from explaind.kernel import layer_rules
+from explaind.kernel import layer_norm_jvp, layer_rules
 from explaind.kernel.evaluate import Rows
 from explaind.kernel.layer_norm_jvp import layer_norm_dual
 
@@ -140,6 +142,7 @@ def per_call(repeat: int) -> None:
     rounds of calls, the two taking turns."""
     print("| rows M | values n | affine | closed form (us) | forward mode (us) | ratio |\n|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
+    default, layer_norm_jvp.MIN_ELEMENTS = layer_norm_jvp.MIN_ELEMENTS, 0  # the closed form at every size
     for M, n in ((200, 16), (4096, 16), (32768, 16), (512, 128), (512, 768), (4096, 768)):
         for affine in (False, True):
             x, dx = (torch.randn(M, n, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -159,6 +162,7 @@ def per_call(repeat: int) -> None:
                         best[closed] = min(best[closed], (time.process_time() - start) / reps)
             print(f"| {M} | {n} | {'yes' if affine else 'no'} | {1e6 * best[True]:.0f} | {1e6 * best[False]:.0f} | "
                   f"{best[False] / best[True]:.2f}x |", flush=True)
+    layer_norm_jvp.MIN_ELEMENTS = default
     print()
 
 
@@ -196,6 +200,8 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="print the N costliest operations of the rows")
     ap.add_argument("--rows-only", action="store_true", help="time the rows only, not the estimators")
     ap.add_argument("--calls", action="store_true", help="time single layer-norm calls first")
+    ap.add_argument("--min-elements", type=int, default=None,
+                    help="layer_norm_jvp.MIN_ELEMENTS for the models (default: the module's, 2**17)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", module="transformers")
@@ -204,6 +210,9 @@ def main() -> None:
           f"time of {args.repeat}, modes alternating; load {os.getloadavg()[0]:.1f} at start\n")
     if args.calls:
         per_call(args.repeat)
+    if args.min_elements is not None:
+        layer_norm_jvp.MIN_ELEMENTS = args.min_elements
+    print(f"the models with layer_norm_jvp.MIN_ELEMENTS = {layer_norm_jvp.MIN_ELEMENTS}")
     print("| model | measurement | closed form | forward mode | ratio | layer-norm share | max rel. difference |")
     print("|---|---|---|---|---|---|---|")
     for width in args.widths:
