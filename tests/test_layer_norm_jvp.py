@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from _recording_helpers import classifier_step
 from torch import nn
 from torch.func import functional_call, jvp
 
@@ -275,11 +276,7 @@ def test_the_layer_factored_rows_take_the_closed_form(monkeypatch):
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
     with rec:
         for s in range(3):
-            idx = torch.arange(8 * s, 8 * s + 8)
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
+            classifier_step(model, opt, X, y, s, rec)
     X_test = _randn(4, 5, seed=3)
     monkeypatch.setattr(layer_rules, "layer_norm_dual", counted)
     fast = explaind.KernelReplica(quadrature="adaptive", factored="always", device="cpu").fit(rec.trajectory)
