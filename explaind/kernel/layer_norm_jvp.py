@@ -35,7 +35,7 @@ are the statistics those kernels return; :math:`\hat x` is taken from the centre
 is. The tangent is two reductions over each row (:math:`\langle\dot x\rangle` and :math:`n m`, one
 ``linalg.vecdot``) and three passes for :math:`r(\dot x - q/n)`, :math:`q = n\langle\dot x\rangle + \hat x\,nm`,
 then one pass per affine term; forward mode's derivative of ``native_layer_norm`` makes about a dozen passes. On
-512 rows of 768 values that is 1.4-1.8x less CPU time per call; on small inputs the few microseconds each torch
+512 rows of 768 values that is 1.2-1.8x less CPU time per call; on small inputs the few microseconds each torch
 call costs in Python dominate (:data:`MIN_ELEMENTS`; ``python benchmarks/bench_norm_rules.py --calls``;
 docs/engine.md, section 7). ``tests/test_layer_norm_jvp.py`` checks both rules against :func:`torch.func.jvp` of
 the torch function and of a normalisation written from elementary operations.
@@ -65,7 +65,7 @@ _FLOATS = (torch.float32, torch.float64)
 
 #: Inputs of fewer elements are left to forward mode: there the few microseconds that each torch call of the
 #: closed form costs in Python outweigh the passes it saves (``python benchmarks/bench_norm_rules.py --calls``:
-#: 0.6-1.0x forward mode's speed up to 65,536 elements, 1.1-1.8x from 393,216; docs/engine.md, section 7).
+#: 0.56-1.02x forward mode's speed up to 65,536 elements, 1.12-1.78x from 393,216; docs/engine.md, section 7).
 MIN_ELEMENTS = 2**17
 
 
