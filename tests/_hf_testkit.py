@@ -15,9 +15,17 @@ import torch.nn.functional as F
 from reference import Reference, rel_err
 from torch import Tensor
 from torch.func import functional_call
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+)
 
 import explaind
+from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
 
 VOCAB, LENGTH, N_TRAIN = 30, 8, 24
 
@@ -28,6 +36,37 @@ def trainer_args(tmp_path, **settings) -> TrainingArguments:
     quiet = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
                  seed=0, optim="adamw_torch", disable_tqdm=True, dataloader_num_workers=0)
     return TrainingArguments(**{**quiet, **settings})
+
+
+def run_args(tmp_path, **overrides) -> TrainingArguments:
+    """``trainer_args`` of the recorded Trainer runs: micro-batches of 4, two accumulated per step, 4 steps, AdamW
+    at 1e-2 with weight decay 0.01, a linear schedule after one warm-up step, clipping at 0.5; ``overrides``."""
+    return trainer_args(tmp_path, **{**dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
+                                          learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=1,
+                                          weight_decay=0.01, max_grad_norm=0.5), **overrides})
+
+
+def record_trainer_gpt2(tmp_path) -> tuple[GPT2LMHeadModel, explaind.Trajectory]:
+    """``tiny_gpt2`` trained by the Trainer (``run_args``) on ``lm_data`` with the ``causal_lm`` loss, recorded."""
+    ids, labels = lm_data()
+    data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
+    model = tiny_gpt2()
+    callback = ExplaindTrainerCallback(data, loss="causal_lm", check_gradients=True)
+    trainer = Trainer(model=model, args=run_args(tmp_path), train_dataset=data, callbacks=[callback],
+                      compute_loss_func=callback.compute_loss)
+    trainer.train()
+    return model.eval(), callback.trajectory
+
+
+def record_trainer_bert(tmp_path) -> tuple[BertForSequenceClassification, explaind.Trajectory]:
+    """The BERT classifier trained by the Trainer on the model's own loss, stored and loaded back."""
+    ids, mask, y = cls_data()
+    data = IndexedDataset([{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(N_TRAIN)])
+    model = tiny_bert()
+    callback = ExplaindTrainerCallback(data, loss="cross_entropy", attention_mask="bidirectional",
+                                       check_gradients=True, store=tmp_path / "run")
+    Trainer(model=model, args=run_args(tmp_path, max_steps=3), train_dataset=data, callbacks=[callback]).train()
+    return model.eval(), explaind.Trajectory.load(tmp_path / "run", model=tiny_bert().eval())  # 4-D masks stored
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -16,12 +16,14 @@ from _hf_testkit import (
     cls_data,
     lm_data,
     lm_figures,
+    record_trainer_bert,
+    record_trainer_gpt2,
+    run_args,
     tiny_bert,
     tiny_gpt2,
-    trainer_args,
 )
 from reference import rel_err
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import explaind
 from explaind.exceptions import ExplaindWarning, TrajectoryError
@@ -30,22 +32,9 @@ from explaind.losses import resolve_loss
 from explaind.trajectory._common import TrainData
 
 
-def _args(tmp_path, **overrides) -> TrainingArguments:
-    return trainer_args(tmp_path, **{**dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
-                                          learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=1,
-                                          weight_decay=0.01, max_grad_norm=0.5), **overrides})
-
-
 @pytest.fixture(scope="module")
 def gpt2_run(tmp_path_factory):
-    ids, labels = lm_data()
-    data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
-    model = tiny_gpt2()
-    callback = ExplaindTrainerCallback(data, loss="causal_lm", check_gradients=True)
-    trainer = Trainer(model=model, args=_args(tmp_path_factory.mktemp("gpt2")), train_dataset=data,
-                      callbacks=[callback], compute_loss_func=callback.compute_loss)
-    trainer.train()
-    return model.eval(), callback.trajectory
+    return record_trainer_gpt2(tmp_path_factory.mktemp("gpt2"))
 
 
 def test_trainer_steps_are_recorded_with_their_samples_clipping_and_schedule(gpt2_run):
@@ -73,17 +62,6 @@ def _assert_bert_replica(model, traj) -> dict:
     return X
 
 
-def record_trainer_bert(tmp_path):
-    """The BERT classifier trained by the Trainer on the model's own loss, stored and loaded back."""
-    ids, mask, y = cls_data()
-    data = IndexedDataset([{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(N_TRAIN)])
-    model = tiny_bert()
-    callback = ExplaindTrainerCallback(data, loss="cross_entropy", attention_mask="bidirectional",
-                                       check_gradients=True, store=tmp_path / "run")
-    Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=data, callbacks=[callback]).train()
-    return model.eval(), explaind.Trajectory.load(tmp_path / "run", model=tiny_bert().eval())  # 4-D masks stored
-
-
 def test_trainer_bert_with_the_models_own_loss_is_exact(tmp_path):
     model, traj = record_trainer_bert(tmp_path)
     assert traj.n_steps == 3 and max(traj.gradient_check()) <= 1e-7
@@ -94,7 +72,8 @@ def test_a_plain_dataset_is_refused_at_the_first_step(tmp_path):
     ids, labels = lm_data()
     items = [{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)]
     callback = ExplaindTrainerCallback(({"input_ids": ids}, labels), loss="causal_lm")
-    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path, max_steps=1), train_dataset=items, callbacks=[callback])
+    trainer = Trainer(model=tiny_gpt2(), args=run_args(tmp_path, max_steps=1), train_dataset=items,
+                      callbacks=[callback])
     with pytest.raises(TrajectoryError, match="no training batch carried 'explaind_index'"):
         trainer.train()
 
@@ -123,7 +102,7 @@ def test_trainer_bf16_autocast_is_recorded_and_its_residual_reported(tmp_path):
     data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
     model = tiny_gpt2().float()
     callback = ExplaindTrainerCallback(data, loss="causal_lm", check_gradients=True)
-    Trainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True), train_dataset=data, callbacks=[callback],
+    Trainer(model=model, args=run_args(tmp_path, max_steps=2, bf16=True), train_dataset=data, callbacks=[callback],
             compute_loss_func=callback.compute_loss).train()
     traj = callback.trajectory
     # accelerate enters autocast inside model.forward; the recorder sees it and checks at the bf16 tolerance
@@ -151,7 +130,7 @@ def record_trainer_dropout_gpt2(tmp_path, p: float = 0.2):
         if isinstance(module, torch.nn.Dropout):
             module.p = p
     callback = ExplaindTrainerCallback(data, loss="causal_lm")
-    Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=data, callbacks=[callback],
+    Trainer(model=model, args=run_args(tmp_path, max_steps=2), train_dataset=data, callbacks=[callback],
             compute_loss_func=callback.compute_loss).train()
     return model.eval(), callback.trajectory
 
@@ -186,7 +165,7 @@ def test_a_deep_copy_of_the_model_during_a_trainer_run_leaves_the_recording_exac
     callback = ExplaindTrainerCallback(data, loss="cross_entropy", attention_mask="bidirectional",
                                        check_gradients=True)
     snapshot = Snapshot()
-    Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=data,
+    Trainer(model=model, args=run_args(tmp_path, max_steps=3), train_dataset=data,
             callbacks=[callback, snapshot]).train()
     assert len(snapshot.copies) == 3
     traj = callback.trajectory

@@ -19,8 +19,11 @@ group of output channels still reads its own input channels.
 
 A group normalisation (``F.group_norm``, ``torch.group_norm``) takes its tangent in closed form
 (:func:`~explaind.kernel.norm_jvp.group_norm_dual`: a few passes over the activations, a quarter of forward mode's
-CPU time for it). Every other operation, and a convolution whose kernel has no tangent, takes the ordinary
-forward-mode derivative (:mod:`torch.autograd.forward_ad`). The result equals :func:`torch.func.jvp` up to rounding
+CPU time for it), and so do layer normalisation (``F.layer_norm``, ``torch.layer_norm``) and RMS normalisation
+(``F.rms_norm``, ``torch.rms_norm``; :mod:`~explaind.kernel.layer_norm_jvp`). Every other operation
+(``torch.native_layer_norm`` called directly, batch normalisation, half types), and a convolution whose kernel
+has no tangent, takes the ordinary forward-mode derivative (:mod:`torch.autograd.forward_ad`). The result equals
+:func:`torch.func.jvp` up to rounding
 (``tests/test_fused_jvp.py`` compares both and a loop of plain forward-mode derivatives).
 """
 
@@ -36,6 +39,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .explained import Params
+from .layer_norm_jvp import layer_norm_dual, rms_norm_dual
 from .norm_jvp import group_norm_dual
 
 __all__ = ["fused_jvp", "FusedConvTangents", "conv2d_dual"]
@@ -67,8 +71,9 @@ def fused_jvp(fn: Callable[[Params], Tensor], point: Params, tangent: Params) ->
 
 
 class FusedConvTangents(TorchFunctionMode):
-    """A torch function mode that routes ``torch.conv2d`` on dual tensors through :func:`conv2d_dual`, and
-    ``F.group_norm`` / ``torch.group_norm`` through :func:`~explaind.kernel.norm_jvp.group_norm_dual`.
+    """A torch function mode that routes ``torch.conv2d`` on dual tensors through :func:`conv2d_dual`,
+    ``F.group_norm`` / ``torch.group_norm`` through :func:`~explaind.kernel.norm_jvp.group_norm_dual`, and the
+    layer and RMS normalisations through :mod:`~explaind.kernel.layer_norm_jvp`.
 
     Active only inside :func:`fused_jvp` (within a ``forward_ad.dual_level``); any call that these rules do
     not take (they return ``None``) runs unchanged.
@@ -115,5 +120,7 @@ def conv2d_dual(input: Tensor, weight: Tensor, bias: Tensor | None = None, strid
 
 
 #: the closed-form rules by the torch function they replace on dual tensors
-_RULES: dict[Any, Callable[..., Tensor | None]] = {torch.conv2d: conv2d_dual, F.group_norm: group_norm_dual,
-                                                    torch.group_norm: group_norm_dual}
+_RULES: dict[Any, Callable[..., Tensor | None]] = {
+    torch.conv2d: conv2d_dual, F.group_norm: group_norm_dual, torch.group_norm: group_norm_dual,
+    F.layer_norm: layer_norm_dual, torch.layer_norm: layer_norm_dual, F.rms_norm: rms_norm_dual,
+    torch.rms_norm: rms_norm_dual}

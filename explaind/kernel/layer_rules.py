@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError
+from .layer_norm_jvp import layer_norm_dual
 
 __all__ = ["LayerRule", "LAYER_RULES", "NAMED_LAYER_RULES", "register_layer_rule", "layer_rule", "rule_names",
            "covered_parameters", "parameter_uses", "Factors"]
@@ -259,7 +260,10 @@ class LayerNormRule:
 
     @staticmethod
     def normalised(module: nn.Module, a: Tensor) -> Tensor:
-        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+        r""":math:`\hat a`; on a dual ``a`` (the rows' forward mode in :math:`t`) its tangent in closed form
+        (:func:`~explaind.kernel.layer_norm_jvp.layer_norm_dual`)."""
+        dual = layer_norm_dual(a, module.normalized_shape, None, None, module.eps)
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps) if dual is None else dual
 
     def moved(self, module: nn.Module, a: Tensor, output: Tensor, delta: Mapping[str, Tensor]) -> Tensor | None:
         dw, db = delta.get("scale"), delta.get("shift")
