@@ -1,0 +1,302 @@
+r"""Python attributes a forward can read, fingerprinted at every step (docs/recording.md, "Python attributes").
+
+The engine replays every recorded step with the model as it is when explaining: its parameters are
+:math:`\theta_s` and its buffers :math:`\beta_s` (both recorded), but everything else the forward reads is
+the final model's. A plain Python attribute the loop changes between steps (a float temperature, an int
+``k`` of a top-k, a bool flag, a string mode, ``Dropout.p`` set by a schedule), a submodule swapped for
+another (``nn.Identity`` in place of a layer), a submodule put in another mode than the model
+(``model.encoder.eval()``) or a forward hook added mid-run makes every earlier step's recomputed
+gradient differ from the loop's, and the recorder's gradient check cannot see it (it runs the model as
+it is at that step).
+
+:class:`AttributeWatch` takes a fingerprint of that state at the first gradient-enabled forward of
+every step (a forward pre-hook, like :class:`~explaind.trajectory._buffers.BufferTracker`): for every
+module, each ``__dict__`` entry of a plain type (``None``, ``bool``, ``int``, ``float``, ``complex``,
+``str``, ``bytes``, dtypes, devices, enums, functions and classes by identity, and tuples, lists, sets
+and dicts of those), its children (``_modules``: names and objects), its forward and backward hook
+dictionaries, and whether its ``training`` flag differs from the model's (a whole-model ``train()`` /
+``eval()``, a validation pass, is not a change: the engine sets the mode of the whole model itself).
+Tensors are not fingerprinted (parameters and buffers are recorded; a plain tensor attribute is not
+watched). :meth:`AttributeWatch.take_changes` compares the fingerprints of consecutive steps.
+
+What the recorder does with a change is in :mod:`explaind.trajectory._attribute_check`.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import math
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._common import ModelHook
+
+__all__ = ["ABSENT", "AttributeWatch", "Change", "Snapshot", "snapshot", "IGNORED_KEYS", "HOOK_KEYS"]
+
+#: ``__dict__`` entries never fingerprinted: tensors recorded elsewhere, torch's bookkeeping no forward reads,
+#: and the plumbing Lightning and Hugging Face change during training (trainer references, logging state,
+#: issued-warning registries).
+IGNORED_KEYS = frozenset({
+    "_parameters", "_buffers", "_non_persistent_buffers_set", "_state_dict_hooks", "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_is_full_backward_hook", "_compiled_call_impl",
+    "training",  # fingerprinted relative to the model's own flag (see the module docstring)
+    # Hugging Face PreTrainedModel: a registry of warnings issued once
+    "warnings_issued",
+})
+
+#: Hook dictionaries of ``nn.Module`` a forward or backward runs; fingerprinted as (handle id, hook object).
+HOOK_KEYS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+             "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+#: Names set by framework base classes whose values change during training (Lightning's LightningModule).
+FRAMEWORK_PREFIXES = ("lightning.", "pytorch_lightning.", "lightning_fabric.")
+
+_SCALARS = (type(None), bool, int, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format,
+            enum.Enum, type)
+_CALLABLES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.BuiltinMethodType)
+_MAX_ITEMS = 256
+_UNWATCHED = object()
+#: ``Change.old`` / ``Change.new`` of an entry that did not exist then.
+ABSENT = type("Absent", (), {"__repr__": lambda self: "absent"})()
+
+
+def _freeze(value: Any, depth: int = 0) -> Any:
+    """A comparable form of a plain value (``_UNWATCHED`` for anything else: tensors, objects, large containers)."""
+    if isinstance(value, float):
+        return ("float", value.hex()) if not math.isnan(value) else ("float", "nan")
+    if isinstance(value, complex):
+        return ("complex", value.real.hex(), value.imag.hex())
+    if isinstance(value, _SCALARS):
+        return (type(value), value)
+    if isinstance(value, _CALLABLES):
+        return ("callable", id(getattr(value, "__func__", value)), id(getattr(value, "__self__", None)))
+    if depth >= 3 or not isinstance(value, (tuple, list, set, frozenset, dict)) or len(value) > _MAX_ITEMS:
+        return _UNWATCHED
+    if isinstance(value, dict):
+        items = tuple((_freeze(k, depth + 1), _freeze(v, depth + 1)) for k, v in value.items())
+        frozen: Any = items
+    elif isinstance(value, (set, frozenset)):
+        frozen = frozenset(_freeze(v, depth + 1) for v in value)
+    else:
+        frozen = tuple(_freeze(v, depth + 1) for v in value)
+    if any(x is _UNWATCHED for x in (frozen if not isinstance(value, dict) else (y for kv in frozen for y in kv))):
+        return _UNWATCHED
+    return (type(value), frozen)
+
+
+def _framework_keys(module: nn.Module) -> frozenset[str]:
+    """``__dict__`` keys a framework base class of ``module`` sets in its ``__init__`` (Lightning's plumbing)."""
+    keys: set[str] = set()
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(FRAMEWORK_PREFIXES):
+            keys.update(_init_keys(cls))
+    return frozenset(keys)
+
+
+_INIT_KEYS: dict[type, frozenset[str]] = {}
+
+
+def _init_keys(cls: type) -> frozenset[str]:
+    """The attributes a bare instance of the framework class ``cls`` holds (cached; empty when it needs arguments)."""
+    if cls not in _INIT_KEYS:
+        try:
+            _INIT_KEYS[cls] = frozenset(vars(cls()))
+        except Exception:  # noqa: BLE001 - a base class that cannot be built bare contributes no names
+            _INIT_KEYS[cls] = frozenset()
+    return _INIT_KEYS[cls]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One fingerprinted entry that differs between two steps.
+
+    ``path`` is the module's name in the model (``""``: the model), ``key`` the ``__dict__`` entry
+    (``"training"`` for the mode relative to the model's, ``"_modules"`` for the children, a hook
+    dictionary's name), ``old``/``new`` the values (``old`` restores the entry; :data:`ABSENT` when there was none).
+    """
+
+    path: str
+    key: str
+    old: Any
+    new: Any
+    module: nn.Module
+
+    @property
+    def name(self) -> str:
+        """``path.key`` (``key`` alone on the model itself)."""
+        return f"{self.path}.{self.key}" if self.path else self.key
+
+    def describe(self) -> str:
+        """The change in words: ``name (Class): old -> new``."""
+        owner = f"{self.name} ({type(self.module).__name__})"
+        if self.key == "training":
+            return f"{owner}: {'same mode as' if self.old else 'other mode than'} the model -> " \
+                   f"{'same mode as' if self.new else 'other mode than'} the model"
+        if self.key == "_modules":
+            return f"{owner}: children {_children(self.old)} -> {_children(self.new)}"
+        if self.key in HOOK_KEYS:
+            return f"{owner}: {_count(self.old)} -> {_count(self.new)} hook(s)"
+        return f"{owner}: {_short(self.old)} -> {_short(self.new)}"
+
+
+def _children(modules: Any) -> str:
+    if not isinstance(modules, dict):
+        return "none"
+    return "{" + ", ".join(f"{k}: {type(v).__name__}" for k, v in list(modules.items())[:6]) + \
+        (", ..." if len(modules) > 6 else "") + "}"
+
+
+def _count(hooks: Any) -> int:
+    return len(hooks) if isinstance(hooks, dict) else 0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Snapshot:
+    """A fingerprint of the watched state: ``frozen[(path, key)]`` to compare, ``values[(path, key)]`` to restore."""
+
+    __slots__ = ("frozen", "values", "modules")
+
+    def __init__(self) -> None:
+        self.frozen: dict[tuple[str, str], Any] = {}
+        self.values: dict[tuple[str, str], Any] = {}
+        self.modules: dict[str, nn.Module] = {}
+
+
+def _copy(value: Any) -> Any:
+    """What restores an entry later: a shallow copy of a mutable container (edited in place), else the object."""
+    return type(value)(value) if isinstance(value, (list, dict, set)) else value
+
+
+def snapshot(model: nn.Module, ignore: Sequence[str] = ()) -> Snapshot:
+    """The fingerprint of ``model`` now (see the module docstring); entries matching ``ignore`` are left out.
+
+    Parameters
+    ----------
+    model : nn.Module
+    ignore : sequence of str
+        ``fnmatch`` patterns of ``path.key`` names (``"tau"``, ``"encoder.*.p"``) not fingerprinted.
+    """
+    snap = Snapshot()
+    root = model.training
+    for path, module in model.named_modules(remove_duplicate=True):
+        snap.modules[path] = module
+        framework = _framework_keys(module)
+        for key, value in module.__dict__.items():
+            if key in IGNORED_KEYS or key in framework:
+                continue
+            if key in HOOK_KEYS:
+                frozen: Any = tuple((k, id(h)) for k, h in value.items())
+            elif key == "_modules":
+                frozen = tuple((k, id(m)) for k, m in value.items())
+            else:
+                frozen = _freeze(value)
+                if frozen is _UNWATCHED:
+                    continue
+            snap.frozen[(path, key)] = frozen
+            snap.values[(path, key)] = _copy(value)
+        if path:
+            snap.frozen[(path, "training")] = snap.values[(path, "training")] = module.training == root
+    if ignore:
+        for entry in [e for e in snap.frozen if _ignored(e, ignore)]:
+            del snap.frozen[entry], snap.values[entry]
+    return snap
+
+
+def _ignored(entry: tuple[str, str], patterns: Sequence[str]) -> bool:
+    name = f"{entry[0]}.{entry[1]}" if entry[0] else entry[1]
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def differences(old: Snapshot, new: Snapshot) -> list[Change]:
+    """The entries of ``new`` that differ from ``old`` (changed, added or gone), as :class:`Change`; only those of
+    modules that are the same objects in both (a module added, removed or swapped shows in its parent's children)."""
+    if old.frozen == new.frozen:
+        return []
+    out = []
+    for entry in dict.fromkeys([*old.frozen, *new.frozen]):
+        a, b = old.frozen.get(entry, _UNWATCHED), new.frozen.get(entry, _UNWATCHED)
+        module = new.modules.get(entry[0])
+        if a == b or module is None or module is not old.modules.get(entry[0]):
+            continue  # a module added, removed or swapped is its parent's "_modules" change
+        out.append(Change(entry[0], entry[1], old.values.get(entry, ABSENT), new.values.get(entry, ABSENT), module))
+    return out
+
+
+class AttributeWatch:
+    """The fingerprint of the model at each step's first gradient-enabled forward, compared step to step.
+
+    Parameters
+    ----------
+    model : nn.Module
+    ignore : sequence of str
+        ``fnmatch`` patterns of ``path.key`` names not watched (``TrajectoryRecorder(ignore_attributes=...)``).
+    """
+
+    def __init__(self, model: nn.Module, ignore: Sequence[str] = ()):
+        self.model = model
+        self.ignore = tuple(ignore)
+        self.base: Snapshot | None = None  # what the last accepted step's forward saw
+        self._seen: Snapshot | None = None
+        self._pending: Snapshot | None = None
+        self._armed = False
+        self._handle: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is watched (``ignore_attributes=("*",)`` turns the watch off)."""
+        return "*" not in self.ignore
+
+    def start(self) -> None:
+        """Watch the next gradient-enabled forward (the first step's)."""
+        self.base, self._seen, self._armed = None, None, True
+        if self.enabled and self._handle is None:
+            self._handle = self.model.register_forward_pre_hook(ModelHook(self._first_forward))
+
+    def stop(self) -> None:
+        """Remove the forward pre-hook."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _first_forward(self, module: nn.Module, args: Any) -> None:
+        if self._armed and torch.is_grad_enabled():
+            self._armed = False
+            self._seen = snapshot(self.model, self.ignore)
+
+    def arm(self) -> None:
+        """After a step: fingerprint the next step's first gradient-enabled forward."""
+        self._armed = True
+
+    def take_changes(self) -> list[Change]:
+        """What differs between this step's forward and the last accepted step's (empty at the first step)."""
+        if not self.enabled:
+            return []
+        seen = self._seen if self._seen is not None else snapshot(self.model, self.ignore)
+        self._seen = None
+        if self.base is None:
+            self.base = seen
+            return []
+        changes = differences(self.base, seen)
+        self._pending = seen
+        return changes
+
+    def accept(self) -> None:
+        """The changes :meth:`take_changes` returned are harmless: compare the next step with this one."""
+        if self._pending is not None:
+            self.base, self._pending = self._pending, None
+
+    def final_changes(self) -> list[Change]:
+        """What differs between the model now and the last accepted step's forward (when recording ends)."""
+        if not self.enabled or self.base is None:
+            return []
+        return differences(self.base, snapshot(self.model, self.ignore))
