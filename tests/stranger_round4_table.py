@@ -111,7 +111,15 @@ def contrastive() -> str:
 
 
 def temperature() -> str:
-    model, traj = annealed(counted=False)
+    try:
+        annealed(counted=False)
+    except ExplaindError as exc:
+        return f"| | | | {type(exc).__name__}: {_cut(str(exc), 'tau')} |"
+    return "| | | | not refused |"
+
+
+def temperature_ignored() -> str:
+    model, traj = annealed(counted=False, ignore_attributes=["tau"])
     err, _ = replica_warnings(model, traj)
     share, caught = estimator_warnings(traj)
     return warned_row(err, share, caught, "Python attribute")
@@ -157,6 +165,7 @@ def main() -> None:
             ("backward hook rescaling a gradient", lambda: model_row(hooked(0.5), key="gradient hooks")),
             ("in-batch contrastive loss callable", contrastive),
             ("temperature as a Python attribute changed between steps", temperature),
+            ("the same, let through with ignore_attributes=['tau']", temperature_ignored),
             ("SGD lr 50, ReLU MLP (diverging), default replica", diverging),
             ("SGD lr 1e-14, default estimators", tiny)]
     for name, row in loud:

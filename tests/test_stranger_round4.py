@@ -185,11 +185,21 @@ def test_adam_at_lr_3_on_a_relu_mlp_is_exact_with_the_default_estimators():
     assert_exact(default_figures(*scaled_run(3.0, relu_mlp, torch.optim.Adam)))
 
 
-def test_a_temperature_kept_as_a_python_attribute_is_warned_about_naming_the_buffer_fix_which_is_exact():
-    """Before: the residual warning said only "look at the steps it did not check"."""
-    model, traj = annealed(counted=False)
+def test_a_temperature_kept_as_a_python_attribute_is_refused_at_record_time_naming_it_and_the_buffer_fix():
+    """Before: recorded without a word; only the residual warning said "look at the steps it did not check"."""
+    with pytest.raises(TrajectoryError, match=r"tau \(Annealed\): 1\.0 -> 1\.5") as caught:
+        annealed(counted=False)
+    assert "between steps 0 and 1" in str(caught.value) and "register_buffer" in str(caught.value)
+
+
+def test_a_temperature_change_let_through_by_ignore_attributes_is_warned_about_by_the_estimators():
+    """The deliberate change (ignore_attributes) records; the residual warning names such values and the fix."""
+    model, traj = annealed(counted=False, ignore_attributes=["tau"])
     share, caught = estimator_warnings(traj)
     assert share > 0.1 and any("Python attribute" in w and "step counter" in w for w in caught), (share, caught)
+
+
+def test_a_temperature_derived_from_a_buffer_the_forward_counts_is_exact():
     model, traj = annealed(counted=True)
     assert_exact(measure_loop(model, traj, BufferReference))
 

@@ -96,14 +96,14 @@ def _framework_keys(module: nn.Module) -> frozenset[str]:
     for cls in type(module).__mro__:
         if cls.__module__.startswith(FRAMEWORK_PREFIXES):
             keys.update(_init_keys(cls))
-    return frozenset(keys)
+    return frozenset(keys - _init_keys(nn.Module))  # torch's own entries (children, hooks) stay watched
 
 
 _INIT_KEYS: dict[type, frozenset[str]] = {}
 
 
 def _init_keys(cls: type) -> frozenset[str]:
-    """The attributes a bare instance of the framework class ``cls`` holds (cached; empty when it needs arguments)."""
+    """The attributes a bare instance of ``cls`` holds (cached; empty when it needs arguments)."""
     if cls not in _INIT_KEYS:
         try:
             _INIT_KEYS[cls] = frozenset(vars(cls()))

@@ -354,6 +354,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._end_attributes(exc_type is None and self._n > self._schedule.start, self._last_indices)  # hooks on
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -361,7 +362,6 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._probe.detach()
         self._random.detach()
         self._buffers.stop()
-        self._end_attributes(exc_type is None and self._n > self._schedule.start, self._last_indices)
         self._active = False
         if exc_type is None and self._n > self._schedule.start:
             self._warn_final_edits()
