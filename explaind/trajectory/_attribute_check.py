@@ -164,6 +164,7 @@ class RecorderAttributesMixin:
         x = self._test_batch(self._pending[0].indices if self._pending else None)
         where = f"between steps {s - 1} and {s}"
         if x is None:
+            due = [c for c in changes if counts[c.name] == 1]  # warned about once
             if due:
                 warn_user(logger, f"Step {s}: the model's {_listed(due)} changed {where}, outside the parameters and "
                                   f"buffers explaind records: the engine replays every step with the values as they "
@@ -195,8 +196,8 @@ class RecorderAttributesMixin:
     def _end_attributes(self, clean: bool, last: Tensor | None) -> None:
         """When recording ends: stop watching; after a clean run, warn about changes after the last step that the
         forward reads on the last step's batch ``last`` (or, without data, about any change)."""
+        changes = self._attributes.final_changes() if clean else []  # with its own hook still on, as at each step
         self._attributes.stop()
-        changes = self._attributes.final_changes() if clean else []
         if not changes:
             return
         x = self._test_batch(last)
