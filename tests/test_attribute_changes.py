@@ -219,3 +219,151 @@ def test_a_change_after_the_last_step_inside_the_recorder_is_warned_about_when_t
                                              r"1\.0 -> 3\.0"):
         record(Model(), between=last)
     assert record_quietly(Model(), between=lambda m, s: setattr(m, "epoch", s)).n_steps == STEPS
+
+
+# ----------------------------------------------------------------- Hugging Face models, Lightning, the Trainer
+def hf_record(model: nn.Module, X: dict, y: torch.Tensor, loss: str, batch_loss, after=None) -> int:
+    """``STEPS`` AdamW steps of 4 samples of a Hugging Face model in a plain loop; ``after(model, s)`` between."""
+    model = model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    rec = explaind.TrajectoryRecorder(model, opt, loss=loss, train_data=(X, y))
+    with rec:
+        for s in range(STEPS):
+            idx = torch.arange(4 * s, 4 * s + 4)
+            opt.zero_grad()
+            batch_loss(model(**{k: v[idx] for k, v in X.items()}).logits, y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+            if after is not None and s < STEPS - 1:
+                after(model, s)
+    return rec.n_steps
+
+
+def gpt2_run(after=None) -> int:
+    from _hf_testkit import lm_data, tiny_gpt2
+
+    ids, labels = lm_data()
+    return hf_record(tiny_gpt2(), {"input_ids": ids}, labels, "causal_lm",
+                     lambda out, t: F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), t[:, 1:].reshape(-1),
+                                                    ignore_index=-100), after)
+
+
+def bert_run(after=None) -> int:
+    from _hf_testkit import cls_data, mask_4d, tiny_bert
+
+    ids, mask, y = cls_data()
+    return hf_record(tiny_bert(), {"input_ids": ids, "attention_mask": mask_4d(mask)}, y, "cross_entropy",
+                     F.cross_entropy, after)
+
+
+def test_gpt2_and_bert_from_config_record_without_a_false_alarm():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        assert gpt2_run() == STEPS and bert_run() == STEPS
+
+
+def test_gpt2_and_bert_attribute_changes_the_forward_reads_are_refused():
+    with pytest.raises(TrajectoryError, match=r"transformer\.h\.0\.attn\.resid_dropout\.p \(Dropout\): 0\.0 -> 0\.5"):
+        gpt2_run(lambda m, s: setattr(m.transformer.h[0].attn.resid_dropout, "p", 0.5))
+    with pytest.raises(TrajectoryError, match=r"bert\.encoder\.layer\.0\.output\._forward_hooks"):
+        bert_run(lambda m, s: m.bert.encoder.layer[0].output.register_forward_hook(lambda mod, i, o: o * 0.9))
+
+
+def lightning_fit(tmp_path, change: bool) -> tuple[object, Exception | None]:
+    """A LightningModule recorded whole (its forward takes ``x``) by ExplaindLightningCallback, with ``self.log``, a
+    validation loop every 2 steps and hyperparameters saved; ``change``: its temperature raised after every
+    batch."""
+    import lightning.pytorch as pl
+
+    from explaind.integrations import ExplaindLightningCallback, IndexedDataset
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net, self.tau = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), 1.0
+
+        def forward(self, x):
+            return self.net(x) / self.tau
+
+        def training_step(self, batch, i):
+            loss = F.cross_entropy(self(batch["x"]), batch["labels"])
+            self.log("loss", loss)
+            return loss
+
+        def on_train_batch_end(self, *args):
+            if change:
+                self.tau += 0.5
+
+        def validation_step(self, batch, i):
+            self.log("val", F.cross_entropy(self(batch["x"]), batch["labels"]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    X, y = data()
+    items = [{"x": X[i], "labels": y[i]} for i in range(N)]
+    indexed = IndexedDataset(items)
+    callback = ExplaindLightningCallback(indexed, loss="cross_entropy", check_gradients=True)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(max_steps=STEPS, precision="64-true", accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback], val_check_interval=2, check_val_every_n_epoch=None,
+                         default_root_dir=str(tmp_path))
+    loader = torch.utils.data.DataLoader(indexed, batch_size=4, shuffle=True)
+    try:
+        trainer.fit(Net().double(), loader, torch.utils.data.DataLoader(items[:8], batch_size=4))
+    except TrajectoryError as exc:
+        return callback, exc
+    return callback, None
+
+
+def test_a_lightning_module_records_without_a_false_alarm_from_lightnings_plumbing(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        callback, error = lightning_fit(tmp_path, change=False)
+    assert error is None and callback.trajectory.n_steps == STEPS
+
+
+def test_a_lightning_modules_temperature_raised_every_batch_is_refused(tmp_path):
+    _, error = lightning_fit(tmp_path, change=True)
+    assert error is not None and "tau (Net): 1.0 -> 1.5" in str(error), error
+
+
+def trainer_fit(tmp_path, change: bool) -> tuple[object, Exception | None]:
+    """GPT-2 under the Hugging Face Trainer with evaluation every 2 steps; ``change``: a TrainerCallback raises the
+    embedding dropout's rate after every step."""
+    from _hf_testkit import lm_data, tiny_gpt2, trainer_args
+    from transformers import Trainer, TrainerCallback
+
+    from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
+
+    class Schedule(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if change:
+                model.transformer.drop.p = 0.1 * state.global_step
+
+    ids, labels = lm_data()
+    data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(len(ids))])
+    callback = ExplaindTrainerCallback(data, loss="causal_lm", check_gradients=True)
+    args = trainer_args(tmp_path, max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
+                        eval_strategy="steps", eval_steps=2)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=data, eval_dataset=data,
+                      callbacks=[callback, Schedule()])
+    try:
+        trainer.train()
+    except TrajectoryError as exc:
+        return callback, exc
+    return callback, None
+
+
+def test_gpt2_under_the_trainer_records_without_a_false_alarm(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        callback, error = trainer_fit(tmp_path, change=False)
+    assert error is None and callback.trajectory.n_steps == STEPS
+
+
+def test_a_dropout_schedule_under_the_trainer_is_refused(tmp_path):
+    _, error = trainer_fit(tmp_path, change=True)
+    assert error is not None and "transformer.drop.p (Dropout): 0.0 -> 0.1" in str(error), error

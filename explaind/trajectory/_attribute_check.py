@@ -182,6 +182,7 @@ class RecorderAttributesMixin:
         if read:
             for c in changes:  # not accepted: tested again at the next step
                 counts[c.name] -= 1
+            self._attributes.refused = True
             raise TrajectoryError(
                 f"Step {s}: the model's state outside its parameters and buffers changed {where} and the forward "
                 f"reads it (on this step's batch it gives other outputs with the previous value): {_listed(read)}. "
@@ -194,8 +195,9 @@ class RecorderAttributesMixin:
         self._attributes.accept()
 
     def _end_attributes(self, clean: bool, last: Tensor | None) -> None:
-        """When recording ends: stop watching; after a clean run, warn about changes after the last step that the
-        forward reads on the last step's batch ``last`` (or, without data, about any change)."""
+        """When recording ends: stop watching; after a clean run (no exception, no refused step), warn about changes
+        after the last step that the forward reads on the last step's batch ``last`` (or, without data, about any)."""
+        clean = clean and not self._attributes.refused
         changes = self._attributes.final_changes() if clean else []  # with its own hook still on, as at each step
         self._attributes.stop()
         if not changes:

@@ -50,7 +50,8 @@ IGNORED_KEYS = frozenset({
     "warnings_issued",
 })
 
-#: Hook dictionaries of ``nn.Module`` a forward or backward runs; fingerprinted as (handle id, hook object).
+#: Hook dictionaries of ``nn.Module`` a forward or backward runs; fingerprinted as (handle id, hook object), except
+#: explaind's own (:class:`~explaind.trajectory._common.ModelHook`: the recorder's and the integrations').
 HOOK_KEYS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
@@ -195,7 +196,7 @@ def snapshot(model: nn.Module, ignore: Sequence[str] = ()) -> Snapshot:
             if key in IGNORED_KEYS or key in framework:
                 continue
             if key in HOOK_KEYS:
-                frozen: Any = tuple((k, id(h)) for k, h in value.items())
+                frozen: Any = tuple((k, id(h)) for k, h in value.items() if not isinstance(h, ModelHook))
             elif key == "_modules":
                 frozen = tuple((k, id(m)) for k, m in value.items())
             else:
@@ -248,6 +249,7 @@ class AttributeWatch:
         self.base: Snapshot | None = None  # what the last accepted step's forward saw
         self._seen: Snapshot | None = None
         self._pending: Snapshot | None = None
+        self.refused = False  # a step was refused: the end of the recording warns about nothing more
         self._armed = False
         self._handle: Any = None
 
