@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
-from ._attributes import ABSENT, AttributeWatch, Change
+from ._attributes import ABSENT, AttributeWatch, Change, restore_value
 from ._common import warn_user
 
 __all__ = ["RecorderAttributesMixin", "attribute_watch", "reading", "TEST_SAMPLES"]
@@ -72,7 +72,7 @@ def _restored(changes: Sequence[Change], root: nn.Module) -> Iterator[None]:
         elif c.old is ABSENT:
             entries.pop(c.key, None)
         else:
-            entries[c.key] = c.old
+            entries[c.key] = restore_value(c.old)
     try:
         yield
     finally:

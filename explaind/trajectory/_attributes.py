@@ -24,11 +24,11 @@ What the recorder does with a change is in :mod:`explaind.trajectory._attribute_
 
 from __future__ import annotations
 
+import copy
 import enum
 import fnmatch
-import math
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,8 @@ from torch import nn
 
 from ._common import ModelHook
 
-__all__ = ["ABSENT", "AttributeWatch", "Change", "Snapshot", "snapshot", "IGNORED_KEYS", "HOOK_KEYS"]
+__all__ = ["ABSENT", "AttributeWatch", "Change", "Snapshot", "snapshot", "differences", "restore_value", "IGNORED_KEYS",
+           "HOOK_KEYS"]
 
 #: ``__dict__`` entries never fingerprinted: tensors recorded elsewhere, torch's bookkeeping no forward reads,
 #: and the plumbing Lightning and Hugging Face change during training (trainer references, logging state,
@@ -55,12 +56,17 @@ IGNORED_KEYS = frozenset({
 HOOK_KEYS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
+_HOOKS = frozenset(HOOK_KEYS)
+
 #: Names set by framework base classes whose values change during training (Lightning's LightningModule).
 FRAMEWORK_PREFIXES = ("lightning.", "pytorch_lightning.", "lightning_fabric.")
 
 _SCALARS = (type(None), bool, int, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format,
             enum.Enum, type)
-_CALLABLES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.BuiltinMethodType)
+_EXACT = frozenset({type(None), bool, int, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format})
+_CALLABLES = frozenset({types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.BuiltinMethodType})
+_CONTAINERS = frozenset({tuple, list, set, frozenset, dict})
+_MUTABLE = frozenset({list, set, dict})
 _MAX_ITEMS = 256
 _UNWATCHED = object()
 #: ``Change.old`` / ``Change.new`` of an entry that did not exist then.
@@ -69,37 +75,42 @@ ABSENT = type("Absent", (), {"__repr__": lambda self: "absent"})()
 
 def _freeze(value: Any, depth: int = 0) -> Any:
     """A comparable form of a plain value (``_UNWATCHED`` for anything else: tensors, objects, large containers)."""
-    if isinstance(value, float):
-        return ("float", value.hex()) if not math.isnan(value) else ("float", "nan")
-    if isinstance(value, complex):
+    kind = type(value)
+    if kind in _EXACT:
+        return (kind, value)
+    if kind is float:
+        return ("float", value.hex()) if value == value else ("float", "nan")
+    if kind is complex:
         return ("complex", value.real.hex(), value.imag.hex())
-    if isinstance(value, _SCALARS):
-        return (type(value), value)
-    if isinstance(value, _CALLABLES):
+    if kind in _CALLABLES:
         return ("callable", id(getattr(value, "__func__", value)), id(getattr(value, "__self__", None)))
-    if depth >= 3 or not isinstance(value, (tuple, list, set, frozenset, dict)) or len(value) > _MAX_ITEMS:
-        return _UNWATCHED
-    if isinstance(value, dict):
-        items = tuple((_freeze(k, depth + 1), _freeze(v, depth + 1)) for k, v in value.items())
-        frozen: Any = items
-    elif isinstance(value, (set, frozenset)):
-        frozen = frozenset(_freeze(v, depth + 1) for v in value)
-    else:
-        frozen = tuple(_freeze(v, depth + 1) for v in value)
-    if any(x is _UNWATCHED for x in (frozen if not isinstance(value, dict) else (y for kv in frozen for y in kv))):
-        return _UNWATCHED
-    return (type(value), frozen)
+    if kind in _CONTAINERS and depth < 3 and len(value) <= _MAX_ITEMS:
+        if kind is dict:
+            frozen: Any = tuple((_freeze(k, depth + 1), _freeze(v, depth + 1)) for k, v in value.items())
+            flat: Any = (y for kv in frozen for y in kv)
+        else:
+            frozen = (frozenset if kind in (set, frozenset) else tuple)(_freeze(v, depth + 1) for v in value)
+            flat = frozen
+        return _UNWATCHED if any(x is _UNWATCHED for x in flat) else (kind, frozen)
+    if isinstance(value, _SCALARS):  # subclasses: enums, an int subclass
+        return (kind, value)
+    return _UNWATCHED
 
 
 def _framework_keys(module: nn.Module) -> frozenset[str]:
-    """``__dict__`` keys a framework base class of ``module`` sets in its ``__init__`` (Lightning's plumbing)."""
-    keys: set[str] = set()
-    for cls in type(module).__mro__:
-        if cls.__module__.startswith(FRAMEWORK_PREFIXES):
-            keys.update(_init_keys(cls))
-    return frozenset(keys - _init_keys(nn.Module))  # torch's own entries (children, hooks) stay watched
+    """``__dict__`` keys never fingerprinted for ``module``'s class: :data:`IGNORED_KEYS` and those a framework base
+    class sets in its ``__init__`` (Lightning's plumbing); cached per class."""
+    cls = type(module)
+    if cls not in _SKIPPED:
+        keys: set[str] = set()
+        for base in cls.__mro__:
+            if base.__module__.startswith(FRAMEWORK_PREFIXES):
+                keys.update(_init_keys(base))
+        _SKIPPED[cls] = frozenset(keys - _init_keys(nn.Module)) | IGNORED_KEYS  # torch's own entries stay watched
+    return _SKIPPED[cls]
 
 
+_SKIPPED: dict[type, frozenset[str]] = {}
 _INIT_KEYS: dict[type, frozenset[str]] = {}
 
 
@@ -173,49 +184,85 @@ class Snapshot:
         self.modules: dict[str, nn.Module] = {}
 
 
+class _Empty:
+    """The restore value of an empty container (most hook dictionaries): a new one of its class."""
+
+    __slots__ = ("cls",)
+
+    def __init__(self, cls: type):
+        self.cls = cls
+
+    def __repr__(self) -> str:
+        return f"{self.cls.__name__}()"
+
+
+def restore_value(value: Any) -> Any:
+    """The object an entry is set back to from its snapshot's value (a new empty container for :class:`_Empty`)."""
+    return value.cls() if isinstance(value, _Empty) else value
+
+
+_EMPTIES: dict[type, _Empty] = {}
+
+
 def _copy(value: Any) -> Any:
-    """What restores an entry later: a shallow copy of a mutable container (edited in place), else the object."""
-    return type(value)(value) if isinstance(value, (list, dict, set)) else value
+    """What restores a container entry later: a shallow copy (it may be edited in place), :class:`_Empty` if empty."""
+    if value:
+        return copy.copy(value)
+    cls = type(value)
+    if cls not in _EMPTIES:
+        _EMPTIES[cls] = _Empty(cls)
+    return _EMPTIES[cls]
 
 
-def snapshot(model: nn.Module, ignore: Sequence[str] = ()) -> Snapshot:
-    """The fingerprint of ``model`` now (see the module docstring); entries matching ``ignore`` are left out.
+def snapshot(model: nn.Module, ignored: Callable[[str, str], bool] | None = None) -> Snapshot:
+    """The fingerprint of ``model`` now (see the module docstring).
 
     Parameters
     ----------
     model : nn.Module
-    ignore : sequence of str
-        ``fnmatch`` patterns of ``path.key`` names (``"tau"``, ``"encoder.*.p"``) not fingerprinted.
+    ignored : callable, optional
+        ``ignored(path, key)``: whether an entry is left out (``TrajectoryRecorder(ignore_attributes=...)``).
     """
     snap = Snapshot()
     root = model.training
+    frozen_of, values = snap.frozen, snap.values
     for path, module in model.named_modules(remove_duplicate=True):
         snap.modules[path] = module
-        framework = _framework_keys(module)
+        skipped = _framework_keys(module)
         for key, value in module.__dict__.items():
-            if key in IGNORED_KEYS or key in framework:
+            if key in skipped:
                 continue
-            if key in HOOK_KEYS:
-                frozen: Any = tuple((k, id(h)) for k, h in value.items() if not isinstance(h, ModelHook))
+            if key in _HOOKS:
+                frozen: Any = tuple((k, h) for k, h in value.items() if type(h) is not ModelHook) if value else ()
+                restore = _copy(value)
             elif key == "_modules":
-                frozen = tuple((k, id(m)) for k, m in value.items())
+                frozen, restore = tuple(value.items()), value.copy()  # children compared by identity
             else:
                 frozen = _freeze(value)
                 if frozen is _UNWATCHED:
                     continue
-            snap.frozen[(path, key)] = frozen
-            snap.values[(path, key)] = _copy(value)
-        if path:
-            snap.frozen[(path, "training")] = snap.values[(path, "training")] = module.training == root
-    if ignore:
-        for entry in [e for e in snap.frozen if _ignored(e, ignore)]:
-            del snap.frozen[entry], snap.values[entry]
+                restore = _copy(value) if type(value) in _MUTABLE else value
+            if ignored is not None and ignored(path, key):
+                continue
+            frozen_of[(path, key)] = frozen
+            values[(path, key)] = restore
+        if path and (ignored is None or not ignored(path, "training")):
+            frozen_of[(path, "training")] = values[(path, "training")] = module.training == root
     return snap
 
 
-def _ignored(entry: tuple[str, str], patterns: Sequence[str]) -> bool:
-    name = f"{entry[0]}.{entry[1]}" if entry[0] else entry[1]
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+class _Ignored:
+    """``ignored(path, key)`` for ``fnmatch`` patterns of ``path.key`` names, cached per entry."""
+
+    def __init__(self, patterns: Sequence[str]):
+        self.patterns, self._seen = tuple(patterns), {}
+
+    def __call__(self, path: str, key: str) -> bool:
+        hit = self._seen.get((path, key))
+        if hit is None:
+            name = f"{path}.{key}" if path else key
+            hit = self._seen[(path, key)] = any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+        return hit
 
 
 def differences(old: Snapshot, new: Snapshot) -> list[Change]:
@@ -246,6 +293,7 @@ class AttributeWatch:
     def __init__(self, model: nn.Module, ignore: Sequence[str] = ()):
         self.model = model
         self.ignore = tuple(ignore)
+        self._ignored = _Ignored(self.ignore) if self.ignore else None
         self.base: Snapshot | None = None  # what the last accepted step's forward saw
         self._seen: Snapshot | None = None
         self._pending: Snapshot | None = None
@@ -273,7 +321,7 @@ class AttributeWatch:
     def _first_forward(self, module: nn.Module, args: Any) -> None:
         if self._armed and torch.is_grad_enabled():
             self._armed = False
-            self._seen = snapshot(self.model, self.ignore)
+            self._seen = snapshot(self.model, self._ignored)
 
     def arm(self) -> None:
         """After a step: fingerprint the next step's first gradient-enabled forward."""
@@ -283,7 +331,7 @@ class AttributeWatch:
         """What differs between this step's forward and the last accepted step's (empty at the first step)."""
         if not self.enabled:
             return []
-        seen = self._seen if self._seen is not None else snapshot(self.model, self.ignore)
+        seen = self._seen if self._seen is not None else snapshot(self.model, self._ignored)
         self._seen = None
         if self.base is None:
             self.base = seen
@@ -301,4 +349,4 @@ class AttributeWatch:
         """What differs between the model now and the last accepted step's forward (when recording ends)."""
         if not self.enabled or self.base is None:
             return []
-        return differences(self.base, snapshot(self.model, self.ignore))
+        return differences(self.base, snapshot(self.model, self._ignored))
