@@ -20,6 +20,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -113,10 +114,9 @@ def main() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         idx = torch.arange(args.batch)
         snap = snapshot(model)
-        t_snap = _cpu(lambda: snapshot(model), args.repeats)
-        other = snapshot(model)
-        t_cmp = _cpu(lambda: differences(snap, other), args.repeats)
-        t_step = _cpu(lambda: _step(model, opt, X, y, idx), max(3, args.repeats // 5))
+        t_snap = _cpu(partial(snapshot, model), args.repeats)
+        t_cmp = _cpu(partial(differences, snap, snapshot(model)), args.repeats)
+        t_step = _cpu(partial(_step, model, opt, X, y, idx), max(3, args.repeats // 5))
         off, on = [], []
         for _ in range(args.runs):  # alternated, so a change of load hits both
             off.append(_recorded(build, args.steps, args.batch, ["*"]))

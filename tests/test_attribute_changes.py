@@ -1,6 +1,7 @@
 """Python attributes, submodules, modes and hooks changed between steps: refused at record time when the forward
-reads them (explaind/trajectory/_attributes.py, _attribute_check.py; docs/recording.md, "Python attributes changed
-between steps").
+reads them (explaind/trajectory/_attributes.py, _attribute_check.py).
+
+docs/recording.md, "Python attributes changed between steps", describes it.
 
 Before the fix every "refused" case below recorded without a word: the engine replays every step with the final
 model's attributes, so the run was silently inexact (at best the residual share warned, after the fact). The

@@ -1,4 +1,6 @@
-r"""What the recorder does with a Python attribute that changed between steps (docs/recording.md, "Python attributes").
+r"""What the recorder does with a Python attribute that changed between steps.
+
+docs/recording.md, "Python attributes changed between steps", has the user's side.
 
 :class:`~explaind.trajectory._attributes.AttributeWatch` names the entries of the model's non-tensor
 state that differ between the forwards of two consecutive steps. A change matters only if the

@@ -1,4 +1,6 @@
-r"""Python attributes a forward can read, fingerprinted at every step (docs/recording.md, "Python attributes").
+r"""Python attributes a forward can read, fingerprinted at every step.
+
+docs/recording.md, "Python attributes changed between steps", has the user's side.
 
 The engine replays every recorded step with the model as it is when explaining: its parameters are
 :math:`\theta_s` and its buffers :math:`\beta_s` (both recorded), but everything else the forward reads is
