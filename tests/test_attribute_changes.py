@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,7 @@ def set_to(name: str, value) -> callable:
 
 REFUSED = {
     "float temperature": (set_to("tau", 1.5), r"tau \(Model\): 1\.0 -> 1\.5"),
+    "numpy float temperature": (set_to("tau", np.float64(1.5)), r"tau \(Model\): 1\.0 -> (np\.float64\()?1\.5"),
     "int k of a top-k": (set_to("k", 4), r"k \(Model\): 8 -> 4"),
     "bool flag": (set_to("use_mask", True), r"use_mask \(Model\): False -> True"),
     "string mode": (set_to("mode", "sigmoid"), r"mode \(Model\): 'tanh' -> 'sigmoid'"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import enum
 import fnmatch
+import numbers
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,10 @@ def _freeze(value: Any, depth: int = 0) -> Any:
         return _UNWATCHED if any(x is _UNWATCHED for x in flat) else (kind, frozen)
     if isinstance(value, _SCALARS):  # subclasses: enums, an int subclass
         return (kind, value)
+    if isinstance(value, numbers.Number) and not isinstance(value, torch.Tensor):  # numpy scalars
+        plain = int(value) if isinstance(value, numbers.Integral) else \
+            float(value) if isinstance(value, numbers.Real) else complex(value)
+        return ("number", _freeze(plain, depth))
     return _UNWATCHED
 
 
