@@ -272,10 +272,10 @@ def test_gpt2_and_bert_attribute_changes_the_forward_reads_are_refused():
         bert_run(lambda m, s: m.bert.encoder.layer[0].output.register_forward_hook(lambda mod, i, o: o * 0.9))
 
 
-def lightning_fit(tmp_path, change: bool) -> tuple[object, Exception | None]:
+def lightning_fit(tmp_path, change: bool) -> tuple[object, callable]:
     """A LightningModule recorded whole (its forward takes ``x``) by ExplaindLightningCallback, with ``self.log``, a
     validation loop every 2 steps and hyperparameters saved; ``change``: its temperature raised after every
-    batch."""
+    batch. Returns the callback and the call that trains."""
     import lightning.pytorch as pl
 
     from explaind.integrations import ExplaindLightningCallback, IndexedDataset
@@ -314,26 +314,10 @@ def lightning_fit(tmp_path, change: bool) -> tuple[object, Exception | None]:
                          callbacks=[callback], val_check_interval=2, check_val_every_n_epoch=None,
                          default_root_dir=str(tmp_path))
     loader = torch.utils.data.DataLoader(indexed, batch_size=4, shuffle=True)
-    try:
-        trainer.fit(Net().double(), loader, torch.utils.data.DataLoader(items[:8], batch_size=4))
-    except TrajectoryError as exc:
-        return callback, exc
-    return callback, None
+    return callback, lambda: trainer.fit(Net().double(), loader, torch.utils.data.DataLoader(items[:8], batch_size=4))
 
 
-def test_a_lightning_module_records_without_a_false_alarm_from_lightnings_plumbing(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ExplaindWarning)
-        callback, error = lightning_fit(tmp_path, change=False)
-    assert error is None and callback.trajectory.n_steps == STEPS
-
-
-def test_a_lightning_modules_temperature_raised_every_batch_is_refused(tmp_path):
-    _, error = lightning_fit(tmp_path, change=True)
-    assert error is not None and "tau (Net): 1.0 -> 1.5" in str(error), error
-
-
-def trainer_fit(tmp_path, change: bool) -> tuple[object, Exception | None]:
+def trainer_fit(tmp_path, change: bool) -> tuple[object, callable]:
     """GPT-2 under the Hugging Face Trainer with evaluation every 2 steps; ``change``: a TrainerCallback raises the
     embedding dropout's rate after every step."""
     from _hf_testkit import lm_data, tiny_gpt2, trainer_args
@@ -353,20 +337,25 @@ def trainer_fit(tmp_path, change: bool) -> tuple[object, Exception | None]:
                         eval_strategy="steps", eval_steps=2)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=data, eval_dataset=data,
                       callbacks=[callback, Schedule()])
-    try:
-        trainer.train()
-    except TrajectoryError as exc:
-        return callback, exc
-    return callback, None
+    return callback, trainer.train
 
 
-def test_gpt2_under_the_trainer_records_without_a_false_alarm(tmp_path):
+FRAMEWORKS = {"lightning": (lightning_fit, "tau (Net): 1.0 -> 1.5"),
+              "trainer": (trainer_fit, "transformer.drop.p (Dropout): 0.0 -> 0.1")}
+
+
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
+def test_a_framework_run_records_without_a_false_alarm_from_its_plumbing(tmp_path, framework):
+    callback, fit = FRAMEWORKS[framework][0](tmp_path, change=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExplaindWarning)
-        callback, error = trainer_fit(tmp_path, change=False)
-    assert error is None and callback.trajectory.n_steps == STEPS
+        fit()
+    assert callback.trajectory.n_steps == STEPS
 
 
-def test_a_dropout_schedule_under_the_trainer_is_refused(tmp_path):
-    _, error = trainer_fit(tmp_path, change=True)
-    assert error is not None and "transformer.drop.p (Dropout): 0.0 -> 0.1" in str(error), error
+@pytest.mark.parametrize("framework", list(FRAMEWORKS))
+def test_a_change_made_by_a_framework_hook_is_refused_through_the_framework(tmp_path, framework):
+    build, named = FRAMEWORKS[framework]
+    with pytest.raises(TrajectoryError) as caught:
+        build(tmp_path, change=True)[1]()
+    assert named in str(caught.value), caught.value

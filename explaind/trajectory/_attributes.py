@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._common import ModelHook
+from ._common import FirstForward, ModelHook
 
 __all__ = ["ABSENT", "AttributeWatch", "Change", "Snapshot", "snapshot", "differences", "restore_value", "IGNORED_KEYS",
            "HOOK_KEYS"]
@@ -305,8 +305,7 @@ class AttributeWatch:
         self._seen: Snapshot | None = None
         self._pending: Snapshot | None = None
         self.refused = False  # a step was refused: the end of the recording warns about nothing more
-        self._armed = False
-        self._handle: Any = None
+        self._forward = FirstForward(model, self._first_forward)
 
     @property
     def enabled(self) -> bool:
@@ -315,24 +314,21 @@ class AttributeWatch:
 
     def start(self) -> None:
         """Watch the next gradient-enabled forward (the first step's)."""
-        self.base, self._seen, self._armed = None, None, True
-        if self.enabled and self._handle is None:
-            self._handle = self.model.register_forward_pre_hook(ModelHook(self._first_forward))
+        self.base, self._seen = None, None
+        self._forward.arm()
+        if self.enabled:
+            self._forward.attach()
 
     def stop(self) -> None:
         """Remove the forward pre-hook."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._forward.detach()
 
-    def _first_forward(self, module: nn.Module, args: Any) -> None:
-        if self._armed and torch.is_grad_enabled():
-            self._armed = False
-            self._seen = snapshot(self.model, self._ignored)
+    def _first_forward(self) -> None:
+        self._seen = snapshot(self.model, self._ignored)
 
     def arm(self) -> None:
         """After a step: fingerprint the next step's first gradient-enabled forward."""
-        self._armed = True
+        self._forward.arm()
 
     def take_changes(self) -> list[Change]:
         """What differs between this step's forward and the last accepted step's (empty at the first step)."""
