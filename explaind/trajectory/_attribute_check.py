@@ -156,17 +156,14 @@ class RecorderAttributesMixin:
         changes = self._attributes.take_changes()
         if not changes:
             return
-        counts = getattr(self, "_attribute_counts", {})
-        self._attribute_counts = counts
-        due = []
+        counts = self._attributes.counts
         for c in changes:
             counts[c.name] = counts.get(c.name, 0) + 1
-            if counts[c.name] & (counts[c.name] - 1) == 0:  # its 1st, 2nd, 4th, ... change
-                due.append(c)
-        x = self._test_batch(self._pending[0].indices if self._pending else None)
+        due = [c for c in changes if counts[c.name] & (counts[c.name] - 1) == 0]  # its 1st, 2nd, 4th, ... change
         where = f"between steps {s - 1} and {s}"
-        if x is None:
-            due = [c for c in changes if counts[c.name] == 1]  # warned about once
+        x = self._test_batch(self._pending[0].indices) if due and self._pending else None
+        if x is None and due:
+            due = [c for c in due if counts[c.name] == 1]  # without data: warned about once
             if due:
                 warn_user(logger, f"Step {s}: the model's {_listed(due)} changed {where}, outside the parameters and "
                                   f"buffers explaind records: the engine replays every step with the values as they "

@@ -11,15 +11,16 @@ another (``nn.Identity`` in place of a layer), a submodule put in another mode t
 gradient differ from the loop's, and the recorder's gradient check cannot see it (it runs the model as
 it is at that step).
 
-:class:`AttributeWatch` takes a fingerprint of that state at the first gradient-enabled forward of
-every step (a forward pre-hook, like :class:`~explaind.trajectory._buffers.BufferTracker`): for every
-module, each ``__dict__`` entry of a plain type (``None``, ``bool``, ``int``, ``float``, ``complex``,
-``str``, ``bytes``, dtypes, devices, enums, functions and classes by identity, and tuples, lists, sets
-and dicts of those), its children (``_modules``: names and objects), its forward and backward hook
-dictionaries, and whether its ``training`` flag differs from the model's (a whole-model ``train()`` /
-``eval()``, a validation pass, is not a change: the engine sets the mode of the whole model itself).
-Tensors are not fingerprinted (parameters and buffers are recorded; a plain tensor attribute is not
-watched). :meth:`AttributeWatch.take_changes` compares the fingerprints of consecutive steps.
+:class:`AttributeWatch` takes a fingerprint of that state at the first gradient-enabled forward of every
+step (a forward pre-hook, like :class:`~explaind.trajectory._buffers.BufferTracker`): for every module,
+each ``__dict__`` entry of a plain type (``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``,
+``bytes``, dtypes, devices, enums, numpy scalars as their Python values, functions and classes by
+identity, and tuples, lists, sets and dicts of those), its children (``_modules``: names and objects), its
+forward and backward hook dictionaries, and whether its ``training`` flag differs from the model's (a
+whole-model ``train()`` / ``eval()``, a validation pass, is not a change: the engine sets the mode of the
+whole model itself). Tensors are not fingerprinted (parameters and buffers are recorded; a plain tensor
+attribute is not watched). :meth:`AttributeWatch.take_changes` compares the fingerprints of consecutive
+steps.
 
 What the recorder does with a change is in :mod:`explaind.trajectory._attribute_check`.
 """
@@ -61,7 +62,7 @@ HOOK_KEYS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_h
 
 _HOOKS = frozenset(HOOK_KEYS)
 
-#: Names set by framework base classes whose values change during training (Lightning's LightningModule).
+#: Modules of the framework base classes whose ``__init__`` attributes are plumbing (Lightning's LightningModule).
 FRAMEWORK_PREFIXES = ("lightning.", "pytorch_lightning.", "lightning_fabric.")
 
 _SCALARS = (type(None), bool, int, str, bytes, torch.dtype, torch.device, torch.layout, torch.memory_format,
@@ -172,7 +173,8 @@ def _children(modules: Any) -> str:
 
 
 def _count(hooks: Any) -> int:
-    return len(hooks) if isinstance(hooks, dict) else 0
+    """The hooks of a hook dictionary other than explaind's own."""
+    return sum(type(h) is not ModelHook for h in hooks.values()) if isinstance(hooks, dict) else 0
 
 
 def _short(value: Any) -> str:
@@ -305,6 +307,7 @@ class AttributeWatch:
         self._seen: Snapshot | None = None
         self._pending: Snapshot | None = None
         self.refused = False  # a step was refused: the end of the recording warns about nothing more
+        self.counts: dict[str, int] = {}  # changes seen per entry name (tested at the 1st, 2nd, 4th, ...)
         self._forward = FirstForward(model, self._first_forward)
 
     @property
