@@ -273,11 +273,11 @@ class Annealed(nn.Module):
         return out
 
 
-def annealed(counted: bool) -> tuple[nn.Module, Any]:
-    """``(model, trajectory)`` of an :class:`Annealed` run (SGD momentum)."""
+def annealed(counted: bool, **recorder: Any) -> tuple[nn.Module, Any]:
+    """``(model, trajectory)`` of an :class:`Annealed` run (SGD momentum); ``recorder``: the recorder's options."""
     model = Annealed(counted)
     after = None if counted else (lambda s: setattr(model, "tau", 1.5 + 0.5 * s))
-    return model, train(model, sgd(model), after=after)
+    return model, train(model, sgd(model), after=after, **recorder)
 
 
 def scaled_run(lr: float, build: Callable[[], nn.Module] = mlp, opt: type = torch.optim.SGD) -> tuple[nn.Module, Any]:

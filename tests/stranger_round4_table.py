@@ -111,7 +111,15 @@ def contrastive() -> str:
 
 
 def temperature() -> str:
-    model, traj = annealed(counted=False)
+    try:
+        annealed(counted=False)
+    except ExplaindError as exc:
+        return f"| | | | {type(exc).__name__}: {_cut(str(exc), 'tau')} |"
+    return "| | | | not refused |"
+
+
+def temperature_ignored() -> str:
+    model, traj = annealed(counted=False, ignore_attributes=["tau"])
     err, _ = replica_warnings(model, traj)
     share, caught = estimator_warnings(traj)
     return warned_row(err, share, caught, "Python attribute")
@@ -137,6 +145,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, (build, X, Y, kw) in EXACT_MODELS.items():
         print(f"| {name} {model_row(build, X, Y, **kw)}", flush=True)
+    print(f"| hardsigmoid (tol 1e-11) {model_row(stack(nn.Hardsigmoid(), nn.Hardsigmoid()))}", flush=True)
     for opt in ("sgd", "adam"):
         print(f"| LambdaLR factors 0 at steps 0 and 3 ({opt}) {loop_row(warm_up(opt))}", flush=True)
     print(f"| float32 inputs, float64 model {loop_row(float32_inputs())}", flush=True)
@@ -149,7 +158,6 @@ def main() -> None:
             ("hardshrink", lambda: model_row(stack(nn.Hardshrink(0.3)), key="whose output jumps")),
             ("threshold", lambda: model_row(stack(nn.Threshold(0.1, -1.0)), key="whose output jumps")),
             ("straight-through round", lambda: model_row(straight_through, key="torch.round")),
-            ("hardsigmoid (tol 1e-11)", lambda: model_row(stack(nn.Hardsigmoid(), nn.Hardsigmoid()))),
             ("Embedding(scale_grad_by_freq=True)", lambda: model_row(Tokens, XT, YT, key="scale_grad_by_freq")),
             ("torch.jit.script block", lambda: model_row(scripted, key="TorchScript")),
             ("old-style autograd.Function", lambda: model_row(lambda: function(old=True), key="old style")),
@@ -157,6 +165,7 @@ def main() -> None:
             ("backward hook rescaling a gradient", lambda: model_row(hooked(0.5), key="gradient hooks")),
             ("in-batch contrastive loss callable", contrastive),
             ("temperature as a Python attribute changed between steps", temperature),
+            ("the same, let through with ignore_attributes=['tau']", temperature_ignored),
             ("SGD lr 50, ReLU MLP (diverging), default replica", diverging),
             ("SGD lr 1e-14, default estimators", tiny)]
     for name, row in loud:

@@ -90,6 +90,40 @@ def test_models_are_exact(case):
     run_exact(build, "sgd", X, Y, **kw)
 
 
+def test_hardsigmoid_runs_in_the_engine_with_torchs_value_and_the_exact_slope():
+    """torch's derivative of F.hardsigmoid is float32(1/6) even in float64 (3.0e-8 from the slope of its value), so
+    at tol 1e-11 the adaptive rule stopped at its cap on every (step, input) pair (relative error 2e-10). Under
+    FusedKernelRewrite it runs as relu6(x + 3) / 6: the same value to the bit, derivative 1/6 exactly rounded."""
+    from torch.func import jvp
+
+    from explaind.kernel.rewrites import FusedKernelRewrite, needs_rewrite
+
+    x = torch.linspace(-8, 8, 10001, dtype=torch.float64)
+    _, plain = jvp(torch.nn.functional.hardsigmoid, (x,), (torch.ones_like(x),))
+    assert float(plain.max()) != 1 / 6  # torch's own slope (if torch fixes it, the rewrite may go)
+    with FusedKernelRewrite():
+        value, slope = jvp(torch.nn.functional.hardsigmoid, (x,), (torch.ones_like(x),))
+    assert torch.equal(value, torch.nn.functional.hardsigmoid(x))
+    inside = (x + 3 > 0) & (x + 3 < 6)  # where x + 3 rounds into the open interval
+    assert torch.all(slope[inside] == 1 / 6) and torch.all(slope[~inside] == 0)
+    assert needs_rewrite(stack(nn.Hardsigmoid())()) and not needs_rewrite(stack(nn.Hardtanh())())
+
+
+def test_a_hardsigmoid_mlp_reaches_tol_1e_11_without_the_cap_warning_and_is_exact():
+    """Before: "left 6 of 6 (step, input) pairs above tol=1e-11 ... stopped at the cap". The slow reference
+    integrates torch's own derivative (float32(1/6)), so its quadrature error is 8.6e-11 here, not <= 1e-12; the
+    residual share (1.4e-10) is the loop's gradients, taken with that derivative, against the exact one."""
+    model = seeded(stack(nn.Hardsigmoid(), nn.Hardsigmoid()))
+    traj, copies = train(model, "sgd", XV[:12], YV[:12])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        explaind.KernelReplica(device="cpu", tol=1e-11).fit(traj).predict(XV[12:])
+    got = measure(model, traj, copies, XV[12:])
+    assert got["params"] == 0.0 and got["replica"] <= 1e-12 and got["fidelity_model"] <= 1e-12, got
+    assert got["residual_share"] <= 1e-9 and got["train_vs_reference"] <= 1e-9, got
+    assert got["reference_residual"] <= 1e-10 and got["reference_quadrature"] <= 1e-9, got
+
+
 @pytest.mark.parametrize("build", [pruned, old_weight_norm])
 def test_weights_set_by_a_pre_hook_are_explained_right_after_a_training_forward(build):
     """prune and the hook-based weight_norm leave ``module.weight`` a non-leaf tensor after a training forward.
@@ -185,11 +219,21 @@ def test_adam_at_lr_3_on_a_relu_mlp_is_exact_with_the_default_estimators():
     assert_exact(default_figures(*scaled_run(3.0, relu_mlp, torch.optim.Adam)))
 
 
-def test_a_temperature_kept_as_a_python_attribute_is_warned_about_naming_the_buffer_fix_which_is_exact():
-    """Before: the residual warning said only "look at the steps it did not check"."""
-    model, traj = annealed(counted=False)
+def test_a_temperature_kept_as_a_python_attribute_is_refused_at_record_time_naming_it_and_the_buffer_fix():
+    """Before: recorded without a word; only the residual warning said "look at the steps it did not check"."""
+    with pytest.raises(TrajectoryError, match=r"tau \(Annealed\): 1\.0 -> 1\.5") as caught:
+        annealed(counted=False)
+    assert "between steps 0 and 1" in str(caught.value) and "register_buffer" in str(caught.value)
+
+
+def test_a_temperature_change_let_through_by_ignore_attributes_is_warned_about_by_the_estimators():
+    """The deliberate change (ignore_attributes) records; the residual warning names such values and the fix."""
+    model, traj = annealed(counted=False, ignore_attributes=["tau"])
     share, caught = estimator_warnings(traj)
     assert share > 0.1 and any("Python attribute" in w and "step counter" in w for w in caught), (share, caught)
+
+
+def test_a_temperature_derived_from_a_buffer_the_forward_counts_is_exact():
     model, traj = annealed(counted=True)
     assert_exact(measure_loop(model, traj, BufferReference))
 

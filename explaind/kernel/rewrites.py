@@ -16,6 +16,11 @@ under :func:`torch.func.vmap`. These fused kernels break there:
 * ``torch.prelu`` (``nn.PReLU``) has a backward that fails under ``vmap`` of ``jacrev`` (the
   Jacobians one input at a time): it runs as :math:`x \,[x > 0] + a x \,[x \le 0]` with ``torch.where``,
   the slope ``a`` broadcast along the channel axis 1, as torch does.
+* ``F.hardsigmoid`` (``nn.Hardsigmoid``): torch's derivative of it (backward and forward mode) is
+  ``float32(1/6)`` even in float64, :math:`3.0 \cdot 10^{-8}` relative from the slope :math:`1/6` of its
+  value, so a path integral of it never reaches a tolerance below that (the adaptive rule stopped at
+  its cap at ``tol=1e-11``). It runs as :math:`\text{relu6}(x + 3) / 6`, torch's value to the bit,
+  whose derivative is :math:`1/6` in the replay dtype.
 * ``F.embedding_bag`` (``nn.EmbeddingBag``) has no forward-mode derivative. It runs as a lookup
   followed by the bag's reduction: with the membership :math:`M_{bj} = [o_b \le j < o_{b+1}]
   [i_j \ne \text{padding}]` of position ``j`` in bag ``b`` (offsets :math:`o`, or one bag per row of a
@@ -65,9 +70,10 @@ __all__ = ["FusedKernelRewrite", "Packing", "needs_rewrite"]
 
 
 def needs_rewrite(module: nn.Module) -> bool:
-    """Whether ``module`` holds a recurrent layer, a weight norm (either implementation), a PReLU or a bag."""
+    """Whether ``module`` holds a recurrent layer, a weight norm (either implementation), a PReLU, a bag or a
+    Hardsigmoid."""
     for m in module.modules():
-        if isinstance(m, (nn.RNNBase, nn.PReLU, nn.EmbeddingBag)):
+        if isinstance(m, (nn.RNNBase, nn.PReLU, nn.EmbeddingBag, nn.Hardsigmoid)):
             return True
         if type(m).__name__ == "_WeightNorm":  # torch.nn.utils.parametrizations.weight_norm
             return True
@@ -82,6 +88,12 @@ def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
         return v * (g / torch.linalg.vector_norm(v))
     axes = [a for a in range(v.dim()) if a != dim % v.dim()]
     return v * (g / torch.linalg.vector_norm(v, dim=axes, keepdim=True))
+
+
+def _hardsigmoid(x: Tensor, inplace: bool = False) -> Tensor:
+    """``F.hardsigmoid(x)`` as :math:`\text{relu6}(x + 3) / 6` (torch's value; derivative :math:`1/6` exactly
+    rounded, not ``float32(1/6)``); ``inplace`` is ignored (a new tensor)."""
+    return nn.functional.relu6(x + 3.0) / 6.0
 
 
 def _prelu(x: Tensor, weight: Tensor) -> Tensor:
@@ -222,8 +234,8 @@ class Packing:
 
 
 class FusedKernelRewrite(TorchFunctionMode):
-    """Inside the block, weight norm, the recurrent kernels, sequence packing, PReLU and embedding bags run as
-    plain operations."""
+    """Inside the block, weight norm, the recurrent kernels, sequence packing, PReLU, embedding bags and Hardsigmoid
+    run as plain operations."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -238,6 +250,8 @@ class FusedKernelRewrite(TorchFunctionMode):
             return _prelu(*args, **kwargs)
         if func is nn.functional.embedding_bag:
             return _embedding_bag(*args, **kwargs)
+        if func is nn.functional.hardsigmoid:
+            return _hardsigmoid(*args, **kwargs)
         if name in KINDS and getattr(torch, name, None) is func:
             return run_kernel(name, list(args) + list(kwargs.values()), self.packing.steps)
         if func is torch._pack_padded_sequence:

@@ -22,13 +22,12 @@ In a step file the buffers are ``buffer.<name>``; :class:`~explaind.trajectory.m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
-from ._common import ModelHook
+from ._common import FirstForward
 
 __all__ = ["BufferTracker", "moved_message", "pack_buffers", "unpack_buffers", "PREFIX"]
 
@@ -50,29 +49,24 @@ class BufferTracker:
         self.model = model
         self.names = tuple(n for n in names if n in buffers)
         self._last: dict[str, Tensor] = {}
-        self._armed = False  # compare at the next gradient-enabled forward
+        self._forward = FirstForward(model, self._first_forward)  # compares at the next gradient-enabled forward
         self._moved: tuple[str, ...] = ()
-        self._handle: Any = None
 
     def start(self) -> None:
         """Remember the buffers at the start (:math:`\\beta_0`, stored with the constants) and watch the forwards."""
         buffers = dict(self.model.named_buffers())
         self._last = {n: buffers[n].detach().clone() for n in self.names}
-        self._armed, self._moved = True, ()
-        if self.names and self._handle is None:
-            self._handle = self.model.register_forward_pre_hook(ModelHook(self._first_forward))
+        self._moved = ()
+        self._forward.arm()
+        if self.names:
+            self._forward.attach()
 
     def stop(self) -> None:
         """Remove the forward pre-hook."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._forward.detach()
 
-    def _first_forward(self, module: nn.Module, args: Any) -> None:
+    def _first_forward(self) -> None:
         r"""At the first gradient-enabled forward since :math:`\beta_s` was recorded: which buffers differ from it."""
-        if not self._armed or not torch.is_grad_enabled():
-            return
-        self._armed = False
         self._moved = self.differing()
 
     def differing(self) -> tuple[str, ...]:
@@ -94,7 +88,8 @@ class BufferTracker:
         r""":math:`\beta_{s+1}` (clones of every tracked buffer) when one changed since the last record, or ``None``."""
         if not self.names:
             return None
-        self._armed, self._moved = True, ()  # beta_{s+1} is settled: watch the next step's first forward
+        self._moved = ()  # beta_{s+1} is settled: watch the next step's first forward
+        self._forward.arm()
         buffers = dict(self.model.named_buffers())
         now = {n: buffers[n].detach() for n in self.names}
         if all(torch.equal(now[n], self._last[n]) for n in self.names):

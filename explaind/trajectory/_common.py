@@ -19,6 +19,7 @@ from .manifest import ArchitectureSpec
 IGNORE_INDEX = -100
 
 __all__ = [
+    "FirstForward",
     "TrainData",
     "resolve_loss_record",
     "loss_name",
@@ -61,6 +62,43 @@ class ModelHook:
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         return ModelHook, ()
+
+
+class FirstForward:
+    """Call ``fn()`` at the first gradient-enabled forward of ``model`` after each :meth:`arm` (a forward pre-hook,
+    a :class:`ModelHook`): the forward a step's training starts with, not an evaluation under ``torch.no_grad()``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    fn : callable
+        Called without arguments.
+    """
+
+    def __init__(self, model: nn.Module, fn: Any):
+        self.model, self.fn = model, fn
+        self.armed = False
+        self._handle: Any = None
+
+    def arm(self) -> None:
+        """Call ``fn`` at the next gradient-enabled forward."""
+        self.armed = True
+
+    def attach(self) -> None:
+        """Register the hook (once)."""
+        if self._handle is None:
+            self._handle = self.model.register_forward_pre_hook(ModelHook(self._hook))
+
+    def detach(self) -> None:
+        """Remove the hook."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module: nn.Module, args: Any) -> None:
+        if self.armed and torch.is_grad_enabled():
+            self.armed = False
+            self.fn()
 
 
 def resolve_loss_record(loss: Any) -> LossRecord:

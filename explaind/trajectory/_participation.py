@@ -28,6 +28,7 @@ per step, from the live optimizer (so ``add_param_group`` and freezing mid-run a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from typing import Any
 
@@ -41,6 +42,7 @@ from ._gradients import _same
 __all__ = [
     "UNCHANGED",
     "called_by_grad_scaler",
+    "check_optimizer_params",
     "collect_updates",
     "edit_list",
     "edit_message",
@@ -53,6 +55,8 @@ __all__ = [
     "stepped_without_backward",
     "without_gradient_input",
 ]
+
+logger = logging.getLogger("explaind.trajectory.recorder")
 
 
 def foreign_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
@@ -77,6 +81,18 @@ def foreign_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> st
         f"Build the optimizer (and every add_param_group) from parameters of the model passed to the recorder."
         f"{averaged}"
     )
+
+
+def check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer, params: dict[str, Tensor]) -> None:
+    """Raise :class:`TrajectoryError` when the optimizer holds tensors that are not ``model``'s (see
+    :func:`foreign_parameters`); log the recorded ``params`` the optimizer does not hold."""
+    message = foreign_parameters(model, optimizer)
+    if message is not None:
+        raise TrajectoryError(message)
+    in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    idle = [n for n, p in params.items() if id(p) not in in_opt]
+    if idle:
+        logger.info("Recorded parameters not in the optimizer (recorded as not moving while outside it): %s", idle)
 
 
 def stepped_parameters(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..exceptions import ConfigError, TrajectoryError
+from ._attribute_check import RecorderAttributesMixin, attribute_watch
 from ._audit import UpdateAudit
 from ._buffers import BufferTracker
 from ._checks import AUTO_CHECK_EVERY, AUTO_CHECK_STEPS, autocast_tolerance, default_tolerance, unscaled_without_scaler
@@ -36,8 +37,8 @@ from ._common import (
 )
 from ._gradients import AutocastProbe, GradientTap, is_power_of_two
 from ._participation import (
+    check_optimizer_params,
     collect_updates,
-    foreign_parameters,
     refuse_unknown_grad_scaler,
     stepped_parameters,
     stepped_without_backward,
@@ -57,7 +58,7 @@ __all__ = ["TrajectoryRecorder", "AUTO_CHECK_STEPS", "AUTO_CHECK_EVERY"]
 
 logger = logging.getLogger(__name__)
 
-class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
+class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttributesMixin):
     r"""Record a training run for exact kernel replicas and influence scores.
 
     Parameters
@@ -139,6 +140,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         stored run needs them again,
         ``Trajectory.load(path, generators=[...])``. A generator that is neither found nor passed is
         not replayed: the gradient check fails on it.
+    ignore_attributes : list of str
+        ``fnmatch`` patterns of the Python attributes (``"tau"``, ``"encoder.*.p"``) not watched for changes between
+        steps (docs/recording.md, "Python attributes changed between steps"); ``["*"]`` watches none.
 
     Notes
     -----
@@ -175,6 +179,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         record_frozen: bool = False,
         capture_random: bool | str = "auto",
         generators: Any = None,
+        ignore_attributes: Any = (),
     ):
         from ..plugins import resolve_optimizer_adapter
 
@@ -193,9 +198,10 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._constant_names = tuple(constants)
         self._random = RandomCapture(model, capture_random, generators)
         self._buffers = BufferTracker(model, self._constant_names)
+        self._attributes = attribute_watch(model, ignore_attributes)
         if not self._params:
             raise ConfigError("The model has no trainable parameters (requires_grad=True); nothing to record.")
-        self._check_optimizer_params()
+        check_optimizer_params(model, optimizer, self._params)
         self._data = TrainData(train_data) if train_data is not None else None
         first = next(iter(self._params.values()))
         self._dtype = first.dtype
@@ -236,6 +242,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._broken: str | None = None
         self._pending: list[LoggedBatch] = []
         self._step_state: dict[str, Any] | None = None
+        self._last_indices: Tensor | None = None  # the last step's samples (the attribute test at the end)
         self._handles: list[Any] = []
         self._tap = GradientTap(self._params, self._pool.copy)
         self._probe = AutocastProbe(model, self._tap, first.device.type)
@@ -246,17 +253,6 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._frozen: dict[str, Tensor] = {}
         self._start_state: dict[str, Tensor] = {}  # m_{-1} of an optimizer that holds state at the start
         self._start_optimizer: OptimizerStart | None = None  # and its whole state (replays of the optimizer)
-
-    # ----------------------------------------------------------------- validation
-    def _check_optimizer_params(self) -> None:
-        message = foreign_parameters(self.model, self.optimizer)
-        if message is not None:
-            raise TrajectoryError(message)
-        in_opt = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        idle = [n for n, p in self._params.items() if id(p) not in in_opt]
-        if idle:
-            logger.info("Recorded parameters not in the optimizer (recorded as not moving while outside it): %s",
-                        idle)
 
     # ----------------------------------------------------------------- public API
     @property
@@ -349,6 +345,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         self._probe.attach()
         self._random.attach()
         self._buffers.start()
+        self._attributes.start()
         self._handles = [
             self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step),
@@ -357,6 +354,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._end_attributes(exc_type is None and self._n > self._schedule.start, self._last_indices)  # hooks on
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -437,6 +435,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
         tol = autocast_tolerance(autocast, self._tol)
         suspicious = amp is None and c_in != 1.0 and is_power_of_two(c_in) and c_in != self._checked_c
         moved = self._buffers.take_moved()  # buffers changed between steps: check this step, or warn
+        self._check_attributes(s)  # Python attributes, submodules, modes, hooks changed between steps: refused
         due = (self._schedule.due(s) or (suspicious and self._data is not None) or self._sigma_stale()
                or (bool(moved) and self._data is not None and not self._schedule.never))
         if suspicious and not due:
@@ -469,7 +468,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin):
             copying = None if self._pooled() else self._copy_params()  # theta_{s+1}, beside the bookkeeping below
             updates = collect_updates(self._params, self._adapter_updates(optimizer, st["before"]),
                                       st["no_input"], s, getattr(self._adapter, "fresh_tensors", False) is True)
-            buffers = self._buffers.changed()
+            buffers, self._last_indices = self._buffers.changed(), st["indices"]
+            self._attributes.arm()
             dense = self._dense_tensors(st, updates, buffers)
             theta_next, audit, copying = self._next_theta(s, st, updates, dense, copying)  # store: the audit too
             check = st["check"]

@@ -1,0 +1,218 @@
+r"""What the recorder does with a Python attribute that changed between steps.
+
+docs/recording.md, "Python attributes changed between steps", has the user's side.
+
+:class:`~explaind.trajectory._attributes.AttributeWatch` names the entries of the model's non-tensor
+state that differ between the forwards of two consecutive steps. A change matters only if the
+forward reads it, which the fingerprint cannot tell (a Lightning module's ``self.epoch`` counter, a
+cached value kept for logging, are read by nothing). So at the step where a change is seen the
+recorder runs the forward twice on the step's first logged micro-batch (at most
+:data:`TEST_SAMPLES` samples, the loop's modes, no gradient, the same random state both times,
+buffers copied so batch-norm statistics stay as they are): once as it is, once with the changed
+entries set back to their values at the previous step. Outputs :math:`f_{\text{new}}, f_{\text{old}}`
+that differ,
+
+.. math:: \max |f_{\text{new}} - f_{\text{old}}| > 64\,\varepsilon \max |f_{\text{new}}|,
+
+mean the forward reads it: the engine would replay that step with the final value, so the step is
+refused with a :class:`~explaind.exceptions.TrajectoryError` naming each entry, its old and new value
+and the fix. Outputs equal mean it is not read on that batch: the change is accepted (logged at INFO)
+and tested again at its 2nd, 4th, 8th, ... change. Without ``train_data`` nothing can be tested and an
+:class:`~explaind.exceptions.ExplaindWarning` names the changes (once per entry). When recording ends,
+changes made after the last step are warned about the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from ..inputs import call_model
+from ..outputs import model_output
+from ._attributes import ABSENT, AttributeWatch, Change, restore_value
+
+__all__ = ["RecorderAttributesMixin", "attribute_watch", "reading", "TEST_SAMPLES"]
+
+logger = logging.getLogger("explaind.trajectory.recorder")
+
+#: Samples of the step's first micro-batch the forward is run on to test a change.
+TEST_SAMPLES = 64
+
+FIX = ("Fix: keep a value the forward reads in a buffer it derives the value from (register_buffer('step', "
+       "torch.zeros((), dtype=torch.long)) counted up in forward while training, then tau = f(step)): buffers are "
+       "recorded at every step, so the engine replays each step with its own value; swap submodules, flip their "
+       "mode or add hooks before `with rec:` or after it. If the change is deliberate and the inexact steps "
+       "accepted (the estimators' residual share then measures them), name it in "
+       "TrajectoryRecorder(ignore_attributes=[...]) (fnmatch patterns of these names).")
+
+
+def _warn(message: str, stacklevel: int) -> None:
+    """``message`` to the logger (WARNING) and as an :class:`ExplaindWarning` ``stacklevel`` frames up."""
+    logger.warning("%s", message)
+    warnings.warn(message, ExplaindWarning, stacklevel=stacklevel + 1)
+
+
+def attribute_watch(model: nn.Module, ignore: Any) -> AttributeWatch:
+    """The recorder's :class:`AttributeWatch`, with ``ignore_attributes`` checked (a sequence of ``str``)."""
+    if isinstance(ignore, str) or not all(isinstance(p, str) for p in ignore):
+        raise ConfigError(f"ignore_attributes={ignore!r}: expected a list of fnmatch patterns of attribute names "
+                          f"such as ['tau', 'encoder.*.p'] (['*'] watches nothing). Fix: wrap a single name in a "
+                          f"list.")
+    return AttributeWatch(model, tuple(ignore))
+
+
+@contextlib.contextmanager
+def _restored(changes: Sequence[Change], root: nn.Module) -> Iterator[None]:
+    """The changed entries hold their old values inside the block; the current objects are put back after."""
+    saved = []
+    for c in changes:
+        entries = c.module.__dict__
+        saved.append((entries, c.key, entries.get(c.key, ABSENT)))
+        if c.key == "training":
+            entries["training"] = root.training if c.old else not root.training
+        elif c.old is ABSENT:
+            entries.pop(c.key, None)
+        else:
+            entries[c.key] = restore_value(c.old)
+    try:
+        yield
+    finally:
+        for entries, key, value in reversed(saved):
+            if value is ABSENT:
+                entries.pop(key, None)
+            else:
+                entries[key] = value
+
+
+def _forward(model: nn.Module, x: Any, quiet: Callable[[], Any]) -> Tensor:
+    """The model's output on ``x`` as the loop runs it, without gradient, its buffers left untouched."""
+    with quiet(), torch.no_grad():
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        return model_output(call_model(model, buffers, x)).detach()
+
+
+def _differ(a: Tensor, b: Tensor) -> bool:
+    r"""Whether two outputs differ beyond rounding: :math:`\max|a - b| > 64 \varepsilon \max|b|` (NaN where NaN)."""
+    if a.shape != b.shape:
+        return True
+    if not a.is_floating_point() or a.numel() == 0:
+        return not torch.equal(a, b)
+    if not torch.equal(a.isnan(), b.isnan()):
+        return True
+    a, b = a.double().nan_to_num(), b.double().nan_to_num()
+    return float((a - b).abs().max()) > 64 * torch.finfo(b.dtype if b.is_floating_point() else a.dtype).eps * \
+        float(b.abs().max())
+
+
+def reading(model: nn.Module, changes: Sequence[Change], x: Any, quiet: Callable[[], Any]) -> list[Change] | None:
+    """The changes the forward reads on ``x``: those whose old values give another output (tested one at a time
+    when there are at most 8, else together); ``None`` when the forward as it is fails (nothing can be told)."""
+    try:
+        now = _forward(model, x, quiet)
+    except Exception as exc:  # noqa: BLE001 - the test must not replace the loop's own error
+        logger.info("The attribute test forward failed (%s: %s); the changes are not tested.", type(exc).__name__,
+                    exc)
+        return None
+    groups = [[c] for c in changes] if len(changes) <= 8 else [list(changes)]
+    read = []
+    for group in groups:
+        try:
+            with _restored(group, model):
+                before = _forward(model, x, quiet)
+        except Exception:  # noqa: BLE001 - the old state cannot even run on this batch: it is read
+            read += group
+            continue
+        if _differ(now, before):
+            read += group
+    return read
+
+
+def _listed(changes: Sequence[Change]) -> str:
+    return "; ".join(c.describe() for c in changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8
+                                                              else "")
+
+
+class RecorderAttributesMixin:
+    """The recorder's attribute checks (see :class:`~explaind.TrajectoryRecorder`)."""
+
+    model: nn.Module
+    _attributes: AttributeWatch
+    _pending: list[Any]
+    _data: Any
+    _n: int
+    _quiet: Callable[[], Any]
+
+    def _test_batch(self, indices: Tensor | None) -> Any:
+        """The inputs of at most :data:`TEST_SAMPLES` of ``indices``, on the parameters' device (``None``: no data)."""
+        if self._data is None or indices is None:
+            return None
+        x, _ = self._data.get(indices[:TEST_SAMPLES])
+        device = next(self.model.parameters()).device
+        return x.to(device)
+
+    def _check_attributes(self, s: int) -> None:
+        """At step ``s``'s pre-step hook: refuse a change of the watched state that the forward reads."""
+        changes = self._attributes.take_changes()
+        if not changes:
+            return
+        counts = self._attributes.counts
+        for c in changes:
+            counts[c.name] = counts.get(c.name, 0) + 1
+        due = [c for c in changes if counts[c.name] & (counts[c.name] - 1) == 0]  # its 1st, 2nd, 4th, ... change
+        where = f"between steps {s - 1} and {s}"
+        x = self._test_batch(self._pending[0].indices) if due and self._pending else None
+        if x is None and due:
+            due = [c for c in due if counts[c.name] == 1]  # without data: warned about once
+            if due:
+                _warn(f"Step {s}: the model's {_listed(due)} changed {where}, outside the parameters and "
+                      f"buffers explaind records: the engine replays every step with the values as they "
+                      f"are when explaining, so if the forward reads them the earlier steps are inexact "
+                      f"(without train_data the recorder cannot test whether it does). {FIX}",
+                      stacklevel=6)
+            self._attributes.accept()
+            return
+        read = reading(self.model, due, x, self._quiet) if due else []
+        if read is None:
+            _warn(f"Step {s}: the model's {_listed(due)} changed {where} and the recorder's test forward "
+                  f"failed, so it cannot tell whether the forward reads them. {FIX}", stacklevel=6)
+            self._attributes.accept()
+            return
+        if read:
+            for c in changes:  # not accepted: tested again at the next step
+                counts[c.name] -= 1
+            self._attributes.refused = True
+            raise TrajectoryError(
+                f"Step {s}: the model's state outside its parameters and buffers changed {where} and the forward "
+                f"reads it (on this step's batch it gives other outputs with the previous value): {_listed(read)}. "
+                f"explaind records parameters and buffers per step, not Python attributes, submodules, modes or "
+                f"hooks: the engine would replay every step with the values as they are when explaining, so all "
+                f"earlier steps would be silently inexact. {FIX}"
+            )
+        logger.info("Step %d: %s changed %s; the forward does not read it on the step's batch (accepted).", s,
+                    _listed(changes), where)
+        self._attributes.accept()
+
+    def _end_attributes(self, clean: bool, last: Tensor | None) -> None:
+        """When recording ends: stop watching; after a clean run (no exception, no refused step), warn about changes
+        after the last step that the forward reads on the last step's batch ``last`` (or, without data, about any)."""
+        clean = clean and not self._attributes.refused
+        changes = self._attributes.final_changes() if clean else []  # with its own hook still on, as at each step
+        self._attributes.stop()
+        if not changes:
+            return
+        x = self._test_batch(last)
+        read = changes if x is None else reading(self.model, changes, x, self._quiet)
+        if read is None:
+            read = changes
+        if read:
+            _warn(f"After the last recorded step ({self._n - 1}) the model's {_listed(read)} changed "
+                  f"(inside `with rec:`). The engine replays every step with the values as they are when "
+                  f"explaining: set them back before explaining the run, or the replica and scores are "
+                  f"inexact. {FIX}", stacklevel=4)
