@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
 from ._attributes import ABSENT, AttributeWatch, Change, restore_value
+from ._common import warn_user
 
 __all__ = ["RecorderAttributesMixin", "attribute_watch", "reading", "TEST_SAMPLES"]
 
@@ -51,12 +51,6 @@ FIX = ("Fix: keep a value the forward reads in a buffer it derives the value fro
        "mode or add hooks before `with rec:` or after it. If the change is deliberate and the inexact steps "
        "accepted (the estimators' residual share then measures them), name it in "
        "TrajectoryRecorder(ignore_attributes=[...]) (fnmatch patterns of these names).")
-
-
-def _warn(message: str, stacklevel: int) -> None:
-    """``message`` to the logger (WARNING) and as an :class:`ExplaindWarning` ``stacklevel`` frames up."""
-    logger.warning("%s", message)
-    warnings.warn(message, ExplaindWarning, stacklevel=stacklevel + 1)
 
 
 def attribute_watch(model: nn.Module, ignore: Any) -> AttributeWatch:
@@ -171,17 +165,16 @@ class RecorderAttributesMixin:
         if x is None and due:
             due = [c for c in due if counts[c.name] == 1]  # without data: warned about once
             if due:
-                _warn(f"Step {s}: the model's {_listed(due)} changed {where}, outside the parameters and "
-                      f"buffers explaind records: the engine replays every step with the values as they "
-                      f"are when explaining, so if the forward reads them the earlier steps are inexact "
-                      f"(without train_data the recorder cannot test whether it does). {FIX}",
-                      stacklevel=6)
+                warn_user(logger, f"Step {s}: the model's {_listed(due)} changed {where}, outside the parameters and "
+                                  f"buffers explaind records: the engine replays every step with the values as they "
+                                  f"are when explaining, so if the forward reads them the earlier steps are inexact "
+                                  f"(without train_data the recorder cannot test whether it does). {FIX}")
             self._attributes.accept()
             return
         read = reading(self.model, due, x, self._quiet) if due else []
         if read is None:
-            _warn(f"Step {s}: the model's {_listed(due)} changed {where} and the recorder's test forward "
-                  f"failed, so it cannot tell whether the forward reads them. {FIX}", stacklevel=6)
+            warn_user(logger, f"Step {s}: the model's {_listed(due)} changed {where} and the recorder's test forward "
+                              f"failed, so it cannot tell whether the forward reads them. {FIX}")
             self._attributes.accept()
             return
         if read:
@@ -212,7 +205,7 @@ class RecorderAttributesMixin:
         if read is None:
             read = changes
         if read:
-            _warn(f"After the last recorded step ({self._n - 1}) the model's {_listed(read)} changed "
-                  f"(inside `with rec:`). The engine replays every step with the values as they are when "
-                  f"explaining: set them back before explaining the run, or the replica and scores are "
-                  f"inexact. {FIX}", stacklevel=4)
+            warn_user(logger, f"After the last recorded step ({self._n - 1}) the model's {_listed(read)} changed "
+                              f"(inside `with rec:`). The engine replays every step with the values as they are when "
+                              f"explaining: set them back before explaining the run, or the replica and scores are "
+                              f"inexact. {FIX}")
