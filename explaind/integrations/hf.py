@@ -28,6 +28,7 @@ without autocast and without a scaler, in float32. docs/guide_own_model.md has t
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -153,10 +154,17 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._epoch_batches = len(train_dataloader) if train_dataloader is not None else None
         except TypeError:  # an iterable dataset: the Trainer then counts max_steps * accumulation batches per epoch
             self._epoch_batches = None
+        self._drop_unused_columns(model, args)
         self._decoder_from_labels = self._add_decoder_inputs(model)
         # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
         self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None),
                     step=int(state.global_step))
+        if getattr(args, "load_best_model_at_end", False):
+            self.recorder.final_hint = (
+                " TrainingArguments(load_best_model_at_end=True) loaded the best checkpoint's weights into the model "
+                "when training ended, an earlier point of the trajectory than its end. Fix: record a run with "
+                "load_best_model_at_end=False, or explain the model at that checkpoint's step s with a trajectory "
+                "that ends there (max_steps=s).")
         self._hook = model.register_forward_pre_hook(ModelHook(self._take_index), with_kwargs=True)
         loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
         if loader is not None:
@@ -251,6 +259,26 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._collate = None
         self._stop()
 
+    def _drop_unused_columns(self, model: Any, args: Any) -> None:
+        """Leave out of the recorded inputs the item entries the Trainer removes before the model sees them.
+
+        With ``TrainingArguments(remove_unused_columns=True)`` (the default) the Trainer's collator drops every
+        entry that is no parameter name of ``model.forward`` (a ``**kwargs`` parameter keeps none of them);
+        explaind calls ``model(**X)``, so ``X`` drops them too (before: a ``TypeError`` from the recorder's first
+        forward, or, for a ``forward`` that takes ``**kwargs``, other inputs than the run's).
+        """
+        if not getattr(args, "remove_unused_columns", False) or self._items is None or \
+                not isinstance(self._items[0], dict):
+            return
+        columns = set(inspect.signature(model.forward).parameters)
+        X, y = self._items
+        unused = sorted(k for k in X if k not in columns)
+        if unused:
+            self._items = ({k: v for k, v in X.items() if k in columns}, y)
+            self._data = TrainData(self._items)
+            logger.info("%s: the items' entries %s are left out of the recorded inputs, as the Trainer removes them "
+                        "(remove_unused_columns=True).", type(model).__name__, unused)
+
     def _add_decoder_inputs(self, model: Any) -> bool:
         """Add ``decoder_input_ids`` built from the labels to the recorded inputs of an encoder-decoder model.
 
@@ -298,8 +326,14 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                     f"recorder see the same decoder inputs."
                 )
             total = kwargs.get("num_items_in_batch")
-            self._pending.append((torch.as_tensor(idx).detach().to("cpu", torch.long).reshape(-1),
-                                  None if total is None else float(total)))
+            positions = torch.as_tensor(idx).detach().to("cpu", torch.long).reshape(-1)
+            try:
+                self._check_batch(positions, {k: v for k, v in kwargs.items() if k != self._label_key},
+                                  kwargs.get(self._label_key))
+            except ConfigError:
+                self.close()
+                raise
+            self._pending.append((positions, None if total is None else float(total)))
         return args, kwargs
 
 
