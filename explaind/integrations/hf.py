@@ -23,7 +23,10 @@ Under ``fp16=True`` accelerate scales the loss with its ``GradScaler`` (``accele
 held by the prepared optimizer as ``optimizer.scaler``); the callback hands that scaler to the
 recorder, which records each step's loss scale :math:`S_s` as ``amp_scale`` and the unscaled
 gradient's factor as :math:`c_s` (1 without clipping). On the CPU accelerate runs ``fp16=True``
-without autocast and without a scaler, in float32. docs/guide_own_model.md has the walk-through.
+without autocast and without a scaler, in float32. The model's inputs of every training forward are compared
+with the recorded rows on a spread of micro-batches (:meth:`RecordingCore._check_batch`: a collator that masks at
+random is refused), and with ``remove_unused_columns=True`` the recorded inputs leave out the entries the
+Trainer removes. docs/guide_own_model.md has the walk-through.
 """
 
 from __future__ import annotations

@@ -12,8 +12,12 @@ a step inside ``optimizer.step(closure)``; the recorder takes the step's gradien
 has run, after Lightning's gradient clipping, so ``gradient_clip_val`` is measured as a scale
 :math:`c_s`. With a float16 ``MixedPrecision`` plugin Lightning scales the loss with the plugin's
 ``GradScaler``; the callback hands ``trainer.precision_plugin.scaler`` to the recorder, which records
-each step's loss scale :math:`S_s` as ``amp_scale`` (``"bf16-mixed"`` needs no scaler).
-docs/guide_own_model.md has the walk-through.
+each step's loss scale :math:`S_s` as ``amp_scale`` (``"bf16-mixed"`` needs no scaler; ``"bf16-true"`` and
+``"16-true"``, half-precision parameters, are refused). The first forward of the recorded module in each
+micro-batch is compared with the recorded rows (:meth:`RecordingCore._check_batch`: random augmentation is
+refused), and the recorder is closed at ``on_fit_end``, after every callback's ``on_train_end`` (so the
+averaged weights ``StochasticWeightAveraging`` writes there are warned about). docs/guide_own_model.md has
+the walk-through.
 """
 
 from __future__ import annotations
