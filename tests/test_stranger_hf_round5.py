@@ -27,7 +27,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _framework_testkit import indexed
+from _framework_testkit import NoisyItems, indexed
 from _hf_stranger_kit import note
 from _hf_testkit import (
     LENGTH,
@@ -189,24 +189,11 @@ def test_remove_unused_columns_drops_an_extra_entry_from_the_recorded_inputs_too
     _assert_exact(model, traj)
 
 
-class Augmented(torch.utils.data.Dataset):
-    """The MLP's items with Gaussian noise drawn anew at every ``__getitem__`` (random augmentation)."""
-
-    def __init__(self):
-        self.X, self.y = _data()
-
-    def __len__(self):
-        return len(self.X)
-
-    def __getitem__(self, i):
-        return {"x": self.X[i] + 0.1 * torch.randn(5, dtype=DT), "labels": self.y[i]}
-
-
 @pytest.mark.parametrize("check", [False, "auto"])
 def test_random_augmentation_in_getitem_is_refused_at_the_first_micro_batch(tmp_path, check):
     """Before: with the check on, a gradient mismatch 0.0986 whose message led with capture_random; off, residual
     share 0.044 and a warning."""
-    train = IndexedDataset(Augmented())
+    train = IndexedDataset(NoisyItems(*_data()))
     callback = ExplaindTrainerCallback(train, loss="cross_entropy", check_gradients=check)
     trainer = transformers.Trainer(model=OwnLossMLP(), args=_quiet(tmp_path), train_dataset=train,
                                    callbacks=[callback])

@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _framework_testkit import CrossEntropyModule, indexed
+from _framework_testkit import CrossEntropyModule, NoisyItems, indexed
 from _hf_stranger_kit import note
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
@@ -44,7 +44,7 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
-from explaind.integrations import ExplaindLightningCallback
+from explaind.integrations import ExplaindLightningCallback, IndexedDataset
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*(does not have many workers|training_step. returned .None).*")]
@@ -240,23 +240,11 @@ def test_base_finetuning_unfreezing_a_layer_is_refused_then_exact_with_record_fr
     _assert_exact(module.model, callback.trajectory, outcome="loud: TrajectoryError; exact with record_frozen=True")
 
 
-class Augmented(torch.utils.data.Dataset):
-    """Indexed items whose inputs get Gaussian noise drawn anew at every ``__getitem__``."""
-
-    def __init__(self):
-        self.X, self.y = _data()
-
-    def __len__(self):
-        return len(self.X)
-
-    def __getitem__(self, i):
-        return {"x": self.X[i] + 0.1 * torch.randn(5, dtype=DT), "labels": self.y[i], "explaind_index": i}
-
-
 def test_random_augmentation_in_getitem_is_refused_at_the_first_micro_batch(tmp_path):
     with pytest.raises(ConfigError, match=r"micro-batch 1: the model received 'inputs' that differ from the "
                                           r"recorded training items.*Fix: draw the masks or augmentations once"):
-        _fit(tmp_path, CrossEntropyModule(_mlp(), _sgd), dataset=Augmented(), callback_kwargs={"check_gradients": True})
+        _fit(tmp_path, CrossEntropyModule(_mlp(), _sgd), dataset=IndexedDataset(NoisyItems(*_data())),
+             callback_kwargs={"check_gradients": True})
     note(outcome="loud: ConfigError")
 
 
