@@ -287,3 +287,76 @@ def test_gpt2_with_the_causal_lm_collator_padding_each_batch_is_exact(tmp_path):
     got = lm_figures(model, traj)
     note(replica=got["replica"], share=got["residual_share"], train=got["train"], outcome="exact")
     assert got["replica"] <= 1e-6 and got["residual_share"] <= 1e-9 and got["train"] <= 1e-9
+
+
+def _seq2seq_items():
+    """BART items of source lengths 3..8 and label lengths 2..5 (unpadded lists), 2 held out."""
+    from _hf_stranger_kit import N, ids
+
+    gen = torch.Generator().manual_seed(4)
+    src, tgt = ids(N + 2, 4), ids(N + 2, 5, length=5)
+    src_len, tgt_len = torch.randint(3, 9, (N + 2,), generator=gen), torch.randint(2, 6, (N + 2,), generator=gen)
+    return [{"input_ids": src[i, :src_len[i]].tolist(), "labels": tgt[i, :tgt_len[i]].tolist()} for i in range(N + 2)]
+
+
+def test_bart_with_the_seq2seq_collator_and_a_square_source_mask_is_refused_naming_key_padding(tmp_path):
+    """Before: a raw ``RuntimeError`` (tensor sizes 5 and 8) from BART's cross-attention in the recorder's check."""
+    from _hf_stranger_kit import N, tiny_bart
+
+    model = tiny_bart()
+    collator = transformers.DataCollatorForSeq2Seq(_tokenizer(), model=model)
+    train = IndexedDataset(_seq2seq_items()[:N])
+    callback = ExplaindTrainerCallback(train.train_data(collate_fn=collator, attention_mask="bidirectional"),
+                                       loss="token_cross_entropy")
+    trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path, per_device_train_batch_size=4,
+                                                                  max_steps=1), train_dataset=train,
+                                   data_collator=collator, callbacks=[callback])
+    with pytest.raises(ConfigError, match=r"BartForConditionalGeneration is an encoder-decoder.*square 4-D mask of "
+                                          r"shape \(12, 1, 8, 8\).*Fix: .*attention_mask='key_padding'"):
+        trainer.train()
+    note(outcome="loud: ConfigError")
+
+
+def test_bart_with_the_seq2seq_collator_padding_sources_and_labels_is_exact_with_a_key_padding_mask(tmp_path):
+    """``DataCollatorForSeq2Seq``: each batch padded to its longest source and label, labels -100 there, decoder
+    inputs built by the model from the labels; the recorded set is the whole set through that collator."""
+    from _hf_stranger_kit import N, TwinReference, tiny_bart
+    from test_stranger_hf_decoders import _no_padding_idx
+
+    items = _seq2seq_items()
+    model = tiny_bart()
+    collator = transformers.DataCollatorForSeq2Seq(_tokenizer(), model=model)
+    train = IndexedDataset(items[:N])
+    data = train.train_data(collate_fn=collator, attention_mask="key_padding")
+    assert tuple(data[0]["attention_mask"].shape) == (N, 1, 1, 8) and int((data[1] == -100).sum()) > 0
+    callback = ExplaindTrainerCallback(data, loss="token_cross_entropy", check_gradients=True)
+    transformers.Trainer(model=model, args=trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=3,
+                                                        learning_rate=1e-2), train_dataset=train,
+                         data_collator=collator, callbacks=[callback]).train()
+    traj = callback.trajectory
+    assert max(traj.gradient_check()) <= 1e-12
+    test = collator(items[N:])
+    X = {"input_ids": test["input_ids"], "attention_mask": test["attention_mask"].bool()[:, None, None, :],
+         "decoder_input_ids": test["decoder_input_ids"]}
+    with torch.no_grad():
+        truth = model.eval()(input_ids=test["input_ids"], attention_mask=test["attention_mask"],
+                             decoder_input_ids=test["decoder_input_ids"]).logits.reshape(2, -1)
+    target = [2 * VOCAB + 5, 1 * VOCAB + 3]
+    replica = rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth)
+    att = explaind.InfluenceEstimator(keep=("train",), target=target, tol=1e-11, device="cpu").fit(traj).transform(X)
+    ref = TwinReference(traj, X, _no_padding_idx, loss_fn=lambda out, t: loop_token_loss(out, t, shift=False),
+                        target=target, panels=4)
+    assert float(ref.quad_error.abs().max()) <= 1e-11
+    train_err = rel_err(att.values, ref.kept(("train",)))
+    note(replica=replica, share=att.meta["residual_share"], train=train_err, outcome="exact")
+    assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train_err <= 1e-9
+
+
+def test_an_unknown_attention_mask_form_is_refused_naming_the_allowed_ones():
+    """Before, any other value was taken for 'bidirectional'."""
+    train = IndexedDataset([{"input_ids": torch.ones(4, dtype=torch.long), "attention_mask": torch.ones(4),
+                             "labels": torch.tensor(0)}])
+    with pytest.raises(ConfigError, match=r"attention_mask='square' is not allowed.*'keep', 'bidirectional', "
+                                          r"'causal', 'key_padding'"):
+        train.train_data(attention_mask="square")
+    assert tuple(train.train_data(attention_mask="key_padding")[0]["attention_mask"].shape) == (1, 1, 1, 4)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,7 @@ from ..inputs import Inputs
 from ..trajectory._common import TrainData, resolve_loss_record
 from ..trajectory._start_state import held_state
 from ..trajectory.recorder import TrajectoryRecorder
-from .data import INDEX_KEY, IndexedDataset
+from .data import INDEX_KEY, IndexedDataset, MaskForm
 
 __all__ = ["RecordingCore"]
 
@@ -26,7 +26,7 @@ class RecordingCore:
     train_data : IndexedDataset or (X, y)
         With an :class:`IndexedDataset`, ``(X, y)`` is its :meth:`~IndexedDataset.train_data`.
     loss : str, LossRecord or callable
-    attention_mask : {"keep", "bidirectional", "causal"}
+    attention_mask : {"keep", "bidirectional", "causal", "key_padding"}
         Passed to :meth:`IndexedDataset.train_data`.
     recorder_kwargs : dict
         Passed to :class:`~explaind.TrajectoryRecorder`, except ``grad_scaler``: the framework's loss scaler
@@ -40,7 +40,7 @@ class RecordingCore:
     framework_optimizer = "the framework's optimizer setting"
     framework_optimizer_fix = "Fix: train with torch.optim.SGD, Adam or AdamW."
 
-    def _setup(self, train_data: Any, loss: Any, attention_mask: Literal["keep", "bidirectional", "causal"],
+    def _setup(self, train_data: Any, loss: Any, attention_mask: MaskForm,
                recorder_kwargs: dict[str, Any]) -> None:
         if "grad_scaler" in recorder_kwargs:
             raise ConfigError(

@@ -49,7 +49,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
 from ..outputs import model_output
 from ..trajectory._common import ModelHook, TrainData
 from ._core import RecordingCore
-from .data import IndexCollate, step_weights
+from .data import IndexCollate, MaskForm, step_weights
 
 __all__ = ["ExplaindTrainerCallback"]
 
@@ -70,7 +70,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     normalization : {"auto", "step", "micro_batch"}
         How the Trainer normalises the loss of a step (module docstring). ``"auto"``: ``"step"`` when
         the model's forward or :meth:`compute_loss` received ``num_items_in_batch``, else ``"micro_batch"``.
-    attention_mask : {"keep", "bidirectional", "causal"}
+    attention_mask : {"keep", "bidirectional", "causal", "key_padding"}
         With an :class:`IndexedDataset`: store a 2-D ``attention_mask`` as the equivalent 4-D mask
         (needed for Hugging Face models whose 2-D mask handling cannot run under ``torch.func.vmap``).
     **recorder_kwargs
@@ -91,7 +91,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
 
     def __init__(self, train_data: Any, *, loss: Any,
                  normalization: Literal["auto", "step", "micro_batch"] = "auto",
-                 attention_mask: Literal["keep", "bidirectional", "causal"] = "keep", **recorder_kwargs: Any):
+                 attention_mask: MaskForm = "keep", **recorder_kwargs: Any):
         if normalization not in ("auto", "step", "micro_batch"):
             raise ConfigError(f"normalization={normalization!r} is not allowed. Choose one of: 'auto', 'step', "
                               f"'micro_batch'.")
@@ -158,6 +158,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         except TypeError:  # an iterable dataset: the Trainer then counts max_steps * accumulation batches per epoch
             self._epoch_batches = None
         self._drop_unused_columns(model, args)
+        self._refuse_square_mask(model)
         self._decoder_from_labels = self._add_decoder_inputs(model)
         # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
         self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None),
@@ -281,6 +282,28 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._data = TrainData(self._items)
             logger.info("%s: the items' entries %s are left out of the recorded inputs, as the Trainer removes them "
                         "(remove_unused_columns=True).", type(model).__name__, unused)
+
+    def _refuse_square_mask(self, model: Any) -> None:
+        """Refuse a square 4-D ``(n, 1, L, L)`` source mask for an encoder-decoder (``attention_mask="bidirectional"``).
+
+        The model applies the source mask in its cross-attention too, whose queries are the decoder's positions:
+        a square mask has the source's length there (before: a raw ``RuntimeError`` about tensor sizes from the
+        recorder's first gradient check).
+        """
+        mask = self._items[0].get("attention_mask") if self._items is not None and isinstance(self._items[0], dict) \
+            else None
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "is_encoder_decoder", False) and isinstance(mask, Tensor) and mask.dim() == 4 and \
+                mask.shape[-2] > 1:
+            self.close()
+            raise ConfigError(
+                f"{type(model).__name__} is an encoder-decoder: it applies the source attention_mask in its "
+                f"cross-attention too, over the decoder's positions, so the square 4-D mask of shape "
+                f"{tuple(mask.shape)} (attention_mask='bidirectional') does not fit there. Fix: "
+                f"IndexedDataset.train_data(..., attention_mask='key_padding') or ExplaindTrainerCallback(..., "
+                f"attention_mask='key_padding'), the (n, 1, 1, L) mask every query broadcasts over; explain test "
+                f"inputs with mask.bool()[:, None, None, :] likewise."
+            )
 
     def _add_decoder_inputs(self, model: Any) -> bool:
         """Add ``decoder_input_ids`` built from the labels to the recorded inputs of an encoder-decoder model.

@@ -23,7 +23,7 @@ the walk-through.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
     raise ConfigError(f"explaind.integrations.ExplaindLightningCallback needs lightning ({exc}); install it with "
                       f"pip install 'explaind[lightning]'.") from exc
 from ._core import RecordingCore
-from .data import step_weights
+from .data import MaskForm, step_weights
 
 __all__ = ["ExplaindLightningCallback"]
 
@@ -54,7 +54,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     module : str, optional
         Attribute of the LightningModule to record (e.g. ``"model"`` for a wrapped Hugging Face model);
         default the LightningModule itself, whose ``forward`` must take the inputs ``X``.
-    attention_mask : {"keep", "bidirectional", "causal"}
+    attention_mask : {"keep", "bidirectional", "causal", "key_padding"}
         With an :class:`IndexedDataset`: store a 2-D ``attention_mask`` as the equivalent 4-D mask.
     **recorder_kwargs
         Passed to :class:`~explaind.TrajectoryRecorder` (``store=``, ``check_gradients=``, ...); not
@@ -68,7 +68,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     framework_optimizer_fix = "Fix: return torch.optim.SGD, Adam or AdamW from configure_optimizers."
 
     def __init__(self, train_data: Any, *, loss: Any, module: str | None = None,
-                 attention_mask: Literal["keep", "bidirectional", "causal"] = "keep", **recorder_kwargs: Any):
+                 attention_mask: MaskForm = "keep", **recorder_kwargs: Any):
         self._setup(train_data, loss, attention_mask, recorder_kwargs)
         self._module = module
         self._current: Tensor | None = None
