@@ -150,8 +150,9 @@ def test_a_second_train_call_starts_from_the_first_runs_adamw_state(tmp_path):
 
 def test_load_best_model_at_end_warns_naming_it_and_the_trajectory_ends_at_the_last_step(tmp_path):
     """Before, the warning named weight clipping, an EMA or load_state_dict, not the Trainer option."""
-    with pytest.warns(ExplaindWarning, match=r"load_best_model_at_end=True\) loaded the best checkpoint.*Fix: "
-                                             r"record a run with load_best_model_at_end=False"):
+    with pytest.warns(ExplaindWarning, match=r"load_best_model_at_end=True\) loaded the best checkpoint.*record "
+                                             r"with load_best_model_at_end=False.* Fix: explain the model at "
+                                             r"traj.params"):
         model, traj, trainer = _train(
             tmp_path, callback_kwargs={"check_gradients": False}, evaluate=True, eval_strategy="steps", eval_steps=1,
             save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",

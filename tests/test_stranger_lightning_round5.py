@@ -133,8 +133,8 @@ def test_scheduler_dicts_with_a_frequency_or_a_monitor_are_exact(tmp_path, kind)
 def test_stochastic_weight_averaging_warns_naming_it_and_the_trajectory_ends_at_the_last_step(tmp_path):
     """Before the fix no warning came: the averaged weights were written after the recorder closed."""
     module = CrossEntropyModule(_mlp(), _sgd)
-    with pytest.warns(ExplaindWarning, match=r"changed outside optimizer.step\(\).*StochasticWeightAveraging writes "
-                                             r"the average.*Fix: remove the callback"):
+    with pytest.warns(ExplaindWarning, match=r"changed outside optimizer.step\(\).*StochasticWeightAveraging wrote "
+                                             r"the average.*remove the callback.* Fix: explain the model at"):
         callback, _ = _fit(tmp_path, module, max_steps=-1, max_epochs=3,
                            callbacks=[StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)])
     traj = callback.trajectory

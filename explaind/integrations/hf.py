@@ -165,10 +165,10 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                     step=int(state.global_step))
         if getattr(args, "load_best_model_at_end", False):
             self.recorder.final_hint = (
-                " TrainingArguments(load_best_model_at_end=True) loaded the best checkpoint's weights into the model "
-                "when training ended, an earlier point of the trajectory than its end. Fix: record a run with "
-                "load_best_model_at_end=False, or explain the model at that checkpoint's step s with a trajectory "
-                "that ends there (max_steps=s).")
+                " Here TrainingArguments(load_best_model_at_end=True) loaded the best checkpoint's weights into the "
+                "model when training ended, an earlier point of the trajectory than its end: to explain the model "
+                "training ends with, record with load_best_model_at_end=False (or a run that ends at the best "
+                "checkpoint's step s, max_steps=s).")
         self._hook = model.register_forward_pre_hook(ModelHook(self._take_index), with_kwargs=True)
         loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
         if loader is not None:

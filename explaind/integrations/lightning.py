@@ -121,10 +121,9 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                     step=int(trainer.global_step))
         if any(type(c).__name__ == "StochasticWeightAveraging" for c in trainer.callbacks):
             self.recorder.final_hint = (
-                " StochasticWeightAveraging writes the average of the weights of its epochs into the model when "
-                "training ends; that average is no point of the recorded trajectory. Fix: remove the callback to "
-                "explain the trained model, or explain the last iterate, a copy of the model loaded with "
-                "traj.params(traj.n_steps).")
+                " Here StochasticWeightAveraging wrote the average of the weights of its epochs into the model when "
+                "training ended; that average is no point of the recorded trajectory: remove the callback to "
+                "explain the model training ends with.")
         self._hook = model.register_forward_pre_hook(self._take_inputs, with_kwargs=True)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

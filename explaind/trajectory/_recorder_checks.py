@@ -358,13 +358,14 @@ class RecorderChecksMixin:
             return
         changed = [f"the parameter(s) {edit_list(edited)}"] if edited else []
         changed += [f"the frozen parameter(s) {edit_list(frozen)}"] if frozen else []
+        hint = getattr(self, "final_hint", "")  # the framework option that did it, set by a callback
         message = (f"After the last recorded step ({self._n - 1}) {' and '.join(changed)} were changed outside "
                    f"optimizer.step() (weight clipping, an EMA or load_state_dict written into the model): the "
                    f"trajectory ends at theta_{self._n}, the values the last step produced (frozen parameters: as "
                    f"stored when recording started), not at the model as it is now, so its replica and scores "
-                   f"explain theta_{self._n}. Fix: explain the model at traj.params(traj.n_steps) (frozen "
+                   f"explain theta_{self._n}.{hint} Fix: explain the model at traj.params(traj.n_steps) (frozen "
                    f"parameters: traj.constants()), or make such changes after `with rec:`, on a copy of the model.")
-        warn_user(logger, message + getattr(self, "final_hint", ""), stacklevel=3)  # set by a framework callback
+        warn_user(logger, message, stacklevel=3)
 
     # ----------------------------------------------------------------- the loss scale
     def _batch_shape(self) -> tuple[tuple[int, int], ...]:
