@@ -19,6 +19,20 @@ from transformers import Trainer, TrainingArguments
 from explaind.integrations import IndexedDataset
 
 
+class NoisyItems(torch.utils.data.Dataset):
+    """``{"x": X[i] + noise, "labels": y[i]}`` with Gaussian noise (0.1) drawn anew at every ``__getitem__``: random
+    augmentation, as a dataset's transform does it."""
+
+    def __init__(self, X: Tensor, y: Tensor):
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"x": self.X[i] + 0.1 * torch.randn(self.X.shape[1:], dtype=self.X.dtype), "labels": self.y[i]}
+
+
 def indexed(X: Tensor, y: Tensor) -> IndexedDataset:
     """``{"x": X[i], "labels": y[i]}`` items, each with its position."""
     return IndexedDataset([{"x": X[i], "labels": y[i]} for i in range(len(X))])

@@ -8,7 +8,8 @@ Without arguments it runs every file of ``FILES``; given file names (of ``FILES`
 
 It runs those test files in this process; each exactness check keeps what it measured
 (``_hf_stranger_kit.MEASURED``): replica against the trained model in evaluation mode, residual share, and
-``keep=("train",)`` scores against the slow loop reference (relative errors).
+``keep=("train",)`` scores against the slow loop reference (relative errors), and the outcome a check named
+(``exact``, or ``loud: ...`` for a run refused or warned about; ``exact`` where it named none).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import _hf_stranger_kit  # noqa: E402  (the test files share this module object)
 FILES = ["test_stranger_hf_encoders.py", "test_stranger_hf_decoders.py", "test_stranger_hf_audio_vision.py",
          "test_stranger_hf_gc.py", "test_stranger_hf_round3.py",
          "test_stranger_hf_vision.py", "test_stranger_hf_seq2seq.py", "test_stranger_hf_text.py",
-         "test_stranger_hf_trainer.py"]
+         "test_stranger_hf_trainer.py", "test_stranger_hf_round5.py", "test_stranger_lightning_round5.py"]
 
 
 def main() -> int:
@@ -38,9 +39,11 @@ def main() -> int:
     merged: dict[str, dict] = {}
     for row in _hf_stranger_kit.MEASURED:
         merged.setdefault(row["test"], {}).update({k: v for k, v in row.items() if k != "test"})
-    print("\n| test | replica vs trained model | residual share | train scores vs reference |\n|---|---|---|---|")
+    print("\n| test | replica vs trained model | residual share | train scores vs reference | outcome |\n"
+          "|---|---|---|---|---|")
     for test, fig in merged.items():
         cells = [f"{fig[k]:.1e}" if k in fig else "—" for k in ("replica", "share", "train")]
+        cells.append(str(fig.get("outcome", "exact")))
         print(f"| `{test.split('::', 1)[1]}` | " + " | ".join(cells) + " |")
     return int(code)
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError
 from ..inputs import Inputs
 from ..trajectory._common import TrainData, resolve_loss_record
 from ..trajectory._start_state import held_state
 from ..trajectory.recorder import TrajectoryRecorder
-from .data import INDEX_KEY, IndexedDataset
+from .data import INDEX_KEY, IndexedDataset, MaskForm
 
 __all__ = ["RecordingCore"]
 
@@ -26,7 +26,7 @@ class RecordingCore:
     train_data : IndexedDataset or (X, y)
         With an :class:`IndexedDataset`, ``(X, y)`` is its :meth:`~IndexedDataset.train_data`.
     loss : str, LossRecord or callable
-    attention_mask : {"keep", "bidirectional", "causal"}
+    attention_mask : {"keep", "bidirectional", "causal", "key_padding"}
         Passed to :meth:`IndexedDataset.train_data`.
     recorder_kwargs : dict
         Passed to :class:`~explaind.TrajectoryRecorder`, except ``grad_scaler``: the framework's loss scaler
@@ -40,7 +40,7 @@ class RecordingCore:
     framework_optimizer = "the framework's optimizer setting"
     framework_optimizer_fix = "Fix: train with torch.optim.SGD, Adam or AdamW."
 
-    def _setup(self, train_data: Any, loss: Any, attention_mask: Literal["keep", "bidirectional", "causal"],
+    def _setup(self, train_data: Any, loss: Any, attention_mask: MaskForm,
                recorder_kwargs: dict[str, Any]) -> None:
         if "grad_scaler" in recorder_kwargs:
             raise ConfigError(
@@ -50,10 +50,10 @@ class RecordingCore:
                 f"the framework (docs/guide_own_model.md, 'Mixed precision')."
             )
         if isinstance(train_data, IndexedDataset):
-            self.index_key = train_data.index_key
+            self.index_key, self._label_key = train_data.index_key, train_data.label_key
             train_data = train_data.train_data(attention_mask=attention_mask)
         else:
-            self.index_key = INDEX_KEY
+            self.index_key, self._label_key = INDEX_KEY, "labels"
         #: the (X, y) pair when given as one (an IndexedDataset's items), for inputs the callback derives from y
         self._items = train_data if isinstance(train_data, tuple) and len(train_data) == 2 else None
         self._data = TrainData(train_data)
@@ -62,6 +62,7 @@ class RecordingCore:
         self._kwargs = recorder_kwargs
         self.recorder: TrajectoryRecorder | None = None
         self._dtype = torch.float32
+        self._batches_seen = 0  # training micro-batches whose inputs reached the model (for _check_batch)
 
     @property
     def trajectory(self) -> Any:
@@ -89,6 +90,41 @@ class RecordingCore:
                 f"'labels': ...}}), or give the callback train_data=(X, y) with X what training_step passes to the "
                 f"model (a tensor for model(x)), keeping the IndexedDataset for the dataloader."
             ) from None
+
+    def _check_batch(self, idx: Tensor, given: Any, labels: Any = None) -> None:
+        """Refuse a training batch whose model inputs (or labels) are not the recorded rows ``idx`` of ``(X, y)``.
+
+        explaind recomputes every gradient from the rows of the training items it holds, so inputs drawn anew
+        for every batch (a collator that masks tokens at random, ``DataCollatorForLanguageModeling(mlm=True)``;
+        random augmentation in ``__getitem__``) are other samples than the recorded ones. Checked on the first
+        micro-batches and every 16th after them (a comparison of the batch with the recorded rows); a recorded
+        tensor padded wider than the batch (dynamic padding) is compared on the batch's part of it, aligned
+        left or right. ``given`` is the tensor or mapping the model received; ``labels`` the batch's labels.
+        """
+        self._batches_seen += 1
+        if self._data.is_dataset or not (self._batches_seen <= 4 or self._batches_seen % 16 == 0):
+            return
+        x, y = self._data.get(idx)
+        recorded = x.data if isinstance(x, Inputs) else x
+        pairs = ([(k, recorded.get(k), v) for k, v in given.items()] if isinstance(given, dict) and
+                 isinstance(recorded, dict) else [("inputs", recorded, given)])
+        pairs.append((self._label_key, y, labels))
+        for key, rec, got in pairs:
+            differing = _differing(rec, got)
+            if differing:
+                raise ConfigError(
+                    f"Training micro-batch {self._batches_seen}: the model received {key!r} that differ from the "
+                    f"recorded training items at those positions in {differing} entries (positions "
+                    f"{idx[:8].tolist()}{' ...' if idx.numel() > 8 else ''}). explaind recomputes every gradient from "
+                    f"the items it was given, so inputs drawn anew for every batch are other samples than the recorded "
+                    f"ones and the scores would not be the run's: a collator that draws at random "
+                    f"(DataCollatorForLanguageModeling(mlm=True) masks other tokens every time), random augmentation "
+                    f"in the dataset's __getitem__, or a preprocessing step the callback's train_data does not hold. "
+                    f"Fix: draw the masks or augmentations once, before training, and train on those fixed items (e.g. "
+                    f"mask every item once with the collator and a fixed seed, store input_ids and labels in the "
+                    f"items, and train with a collator that only pads); give the callback train_data whose rows are "
+                    f"exactly what the model receives (docs/guide_own_model.md, 'Trainer and Lightning options')."
+                )
 
     def _start(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_scaler: Any = None, *,
                step: int = 0) -> None:
@@ -125,3 +161,27 @@ class RecordingCore:
     def _stop(self) -> None:
         if self.recorder is not None and self.recorder._active:
             self.recorder.__exit__(None, None, None)
+
+
+def _differing(recorded: Any, given: Any) -> int:
+    """How many entries of the tensor ``given`` differ from ``recorded`` (0 when either is no tensor, or when their
+    ranks or batch sizes differ: a 4-D attention mask recorded for a 2-D one is not compared).
+
+    Where ``recorded`` is wider than ``given`` along an axis (padded to the longest item of the whole set), the
+    batch is compared with the recorded tensor's first and with its last entries along it (right or left
+    padding) and the closer alignment counts.
+    """
+    if not (isinstance(recorded, Tensor) and isinstance(given, Tensor)) or recorded.dim() != given.dim():
+        return 0
+    if recorded.dim() == 0 or recorded.shape[0] != given.shape[0] or recorded.is_floating_point() != \
+            given.is_floating_point():
+        return 0
+    if any(g > r for g, r in zip(given.shape, recorded.shape)):
+        return int(given.numel())  # the batch is wider than every recorded item
+    got = given.detach().to(recorded.device, recorded.dtype)
+    best = got.numel()
+    for side in ("left", "right"):
+        part = recorded[tuple(slice(0, g) if side == "left" else slice(r - g, r)
+                              for g, r in zip(given.shape, recorded.shape))]
+        best = min(best, int((part != got).sum()))
+    return best

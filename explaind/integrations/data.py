@@ -29,12 +29,15 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..records import LossRecord
 from ..trajectory._common import TrainData, resolve_loss_record
 
-__all__ = ["IndexedDataset", "IndexCollate", "four_d_attention_mask", "step_weights", "INDEX_KEY", "Normalization"]
+__all__ = ["IndexedDataset", "IndexCollate", "four_d_attention_mask", "step_weights", "INDEX_KEY", "Normalization",
+           "MaskForm"]
 
 #: The item key that carries a sample's position in the training set.
 INDEX_KEY = "explaind_index"
 
 Normalization = Literal["step", "micro_batch"]
+#: How :meth:`IndexedDataset.train_data` stores a 2-D ``attention_mask`` (see there).
+MaskForm = Literal["keep", "bidirectional", "causal", "key_padding"]
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -72,7 +75,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def train_data(
         self, collate_fn: Callable[[list[Any]], Any] | None = None, *,
-        attention_mask: Literal["keep", "bidirectional", "causal"] = "keep",
+        attention_mask: MaskForm = "keep",
     ) -> tuple[dict[str, Tensor], Tensor]:
         """All items as ``(X, y)`` for the recorder: ``X`` the model inputs, ``y`` the ``label_key`` entries.
 
@@ -81,17 +84,25 @@ class IndexedDataset(torch.utils.data.Dataset):
         collate_fn : callable, optional
             Collates the list of all items (default: stacks each key's values, which must share one shape);
             pass the training collator when it pads.
-        attention_mask : {"keep", "bidirectional", "causal"}
+        attention_mask : {"keep", "bidirectional", "causal", "key_padding"}
             ``"bidirectional"``/``"causal"`` replace a 2-D ``attention_mask`` by the equivalent 4-D mask
-            (:func:`four_d_attention_mask`), which explaind can evaluate one input at a time.
+            (:func:`four_d_attention_mask`), which explaind can evaluate one input at a time;
+            ``"key_padding"`` by the boolean ``(n, 1, 1, L)`` mask ``mask[:, None, None, :]``, which every query
+            broadcasts over: for encoder-decoders, whose cross-attention applies the source mask to the decoder's
+            queries (a square ``(n, 1, L, L)`` mask has the wrong number of query rows there).
         """
+        if attention_mask not in ("keep", "bidirectional", "causal", "key_padding"):
+            raise ConfigError(f"attention_mask={attention_mask!r} is not allowed. Choose one of: 'keep', "
+                              f"'bidirectional', 'causal', 'key_padding' (encoder-decoders).")
         items = [{k: v for k, v in self.dataset[i].items()} for i in range(len(self))]
         batch = collate_fn(items) if collate_fn is not None else _stack(items)
         if self.label_key not in batch:
             raise ConfigError(f"IndexedDataset.train_data: the items have no {self.label_key!r} entry; pass the key "
                               f"of the targets as label_key=.")
         X = {k: torch.as_tensor(v) for k, v in batch.items() if k not in (self.label_key, self.index_key)}
-        if attention_mask != "keep" and "attention_mask" in X:
+        if attention_mask == "key_padding" and "attention_mask" in X:
+            X["attention_mask"] = X["attention_mask"].bool()[:, None, None, :].contiguous()
+        elif attention_mask != "keep" and "attention_mask" in X:
             X["attention_mask"] = four_d_attention_mask(X["attention_mask"], causal=attention_mask == "causal")
         return X, torch.as_tensor(batch[self.label_key])
 

@@ -23,11 +23,15 @@ Under ``fp16=True`` accelerate scales the loss with its ``GradScaler`` (``accele
 held by the prepared optimizer as ``optimizer.scaler``); the callback hands that scaler to the
 recorder, which records each step's loss scale :math:`S_s` as ``amp_scale`` and the unscaled
 gradient's factor as :math:`c_s` (1 without clipping). On the CPU accelerate runs ``fp16=True``
-without autocast and without a scaler, in float32. docs/guide_own_model.md has the walk-through.
+without autocast and without a scaler, in float32. The model's inputs of every training forward are compared
+with the recorded rows on a spread of micro-batches (:meth:`RecordingCore._check_batch`: a collator that masks at
+random is refused), and with ``remove_unused_columns=True`` the recorded inputs leave out the entries the
+Trainer removes. docs/guide_own_model.md has the walk-through.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -45,7 +49,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
 from ..outputs import model_output
 from ..trajectory._common import ModelHook, TrainData
 from ._core import RecordingCore
-from .data import IndexCollate, step_weights
+from .data import IndexCollate, MaskForm, step_weights
 
 __all__ = ["ExplaindTrainerCallback"]
 
@@ -66,7 +70,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     normalization : {"auto", "step", "micro_batch"}
         How the Trainer normalises the loss of a step (module docstring). ``"auto"``: ``"step"`` when
         the model's forward or :meth:`compute_loss` received ``num_items_in_batch``, else ``"micro_batch"``.
-    attention_mask : {"keep", "bidirectional", "causal"}
+    attention_mask : {"keep", "bidirectional", "causal", "key_padding"}
         With an :class:`IndexedDataset`: store a 2-D ``attention_mask`` as the equivalent 4-D mask
         (needed for Hugging Face models whose 2-D mask handling cannot run under ``torch.func.vmap``).
     **recorder_kwargs
@@ -87,7 +91,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
 
     def __init__(self, train_data: Any, *, loss: Any,
                  normalization: Literal["auto", "step", "micro_batch"] = "auto",
-                 attention_mask: Literal["keep", "bidirectional", "causal"] = "keep", **recorder_kwargs: Any):
+                 attention_mask: MaskForm = "keep", **recorder_kwargs: Any):
         if normalization not in ("auto", "step", "micro_batch"):
             raise ConfigError(f"normalization={normalization!r} is not allowed. Choose one of: 'auto', 'step', "
                               f"'micro_batch'.")
@@ -153,10 +157,18 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._epoch_batches = len(train_dataloader) if train_dataloader is not None else None
         except TypeError:  # an iterable dataset: the Trainer then counts max_steps * accumulation batches per epoch
             self._epoch_batches = None
+        self._drop_unused_columns(model, args)
+        self._refuse_square_mask(model)
         self._decoder_from_labels = self._add_decoder_inputs(model)
         # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
         self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None),
                     step=int(state.global_step))
+        if getattr(args, "load_best_model_at_end", False):
+            self.recorder.final_hint = (
+                " Here TrainingArguments(load_best_model_at_end=True) loaded the best checkpoint's weights into the "
+                "model when training ended, an earlier point of the trajectory than its end: to explain the model "
+                "training ends with, record with load_best_model_at_end=False (or a run that ends at the best "
+                "checkpoint's step s, max_steps=s).")
         self._hook = model.register_forward_pre_hook(ModelHook(self._take_index), with_kwargs=True)
         loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
         if loader is not None:
@@ -251,6 +263,48 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._collate = None
         self._stop()
 
+    def _drop_unused_columns(self, model: Any, args: Any) -> None:
+        """Leave out of the recorded inputs the item entries the Trainer removes before the model sees them.
+
+        With ``TrainingArguments(remove_unused_columns=True)`` (the default) the Trainer's collator drops every
+        entry that is no parameter name of ``model.forward`` (a ``**kwargs`` parameter keeps none of them);
+        explaind calls ``model(**X)``, so ``X`` drops them too (before: a ``TypeError`` from the recorder's first
+        forward, or, for a ``forward`` that takes ``**kwargs``, other inputs than the run's).
+        """
+        if not getattr(args, "remove_unused_columns", False) or self._items is None or \
+                not isinstance(self._items[0], dict):
+            return
+        columns = set(inspect.signature(model.forward).parameters)
+        X, y = self._items
+        unused = sorted(k for k in X if k not in columns)
+        if unused:
+            self._items = ({k: v for k, v in X.items() if k in columns}, y)
+            self._data = TrainData(self._items)
+            logger.info("%s: the items' entries %s are left out of the recorded inputs, as the Trainer removes them "
+                        "(remove_unused_columns=True).", type(model).__name__, unused)
+
+    def _refuse_square_mask(self, model: Any) -> None:
+        """Refuse a square 4-D ``(n, 1, L, L)`` source mask for an encoder-decoder (``attention_mask="bidirectional"``).
+
+        The model applies the source mask in its cross-attention too, whose queries are the decoder's positions:
+        a square mask has the source's length there (before: a raw ``RuntimeError`` about tensor sizes from the
+        recorder's first gradient check).
+        """
+        mask = self._items[0].get("attention_mask") if self._items is not None and isinstance(self._items[0], dict) \
+            else None
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "is_encoder_decoder", False) and isinstance(mask, Tensor) and mask.dim() == 4 and \
+                mask.shape[-2] > 1:
+            self.close()
+            raise ConfigError(
+                f"{type(model).__name__} is an encoder-decoder: it applies the source attention_mask in its "
+                f"cross-attention too, over the decoder's positions, so the square 4-D mask of shape "
+                f"{tuple(mask.shape)} (attention_mask='bidirectional') does not fit there. Fix: "
+                f"IndexedDataset.train_data(..., attention_mask='key_padding') or ExplaindTrainerCallback(..., "
+                f"attention_mask='key_padding'), the (n, 1, 1, L) mask every query broadcasts over; explain test "
+                f"inputs with mask.bool()[:, None, None, :] likewise."
+            )
+
     def _add_decoder_inputs(self, model: Any) -> bool:
         """Add ``decoder_input_ids`` built from the labels to the recorded inputs of an encoder-decoder model.
 
@@ -298,8 +352,14 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                     f"recorder see the same decoder inputs."
                 )
             total = kwargs.get("num_items_in_batch")
-            self._pending.append((torch.as_tensor(idx).detach().to("cpu", torch.long).reshape(-1),
-                                  None if total is None else float(total)))
+            positions = torch.as_tensor(idx).detach().to("cpu", torch.long).reshape(-1)
+            try:
+                self._check_batch(positions, {k: v for k, v in kwargs.items() if k != self._label_key},
+                                  kwargs.get(self._label_key))
+            except ConfigError:
+                self.close()
+                raise
+            self._pending.append((positions, None if total is None else float(total)))
         return args, kwargs
 
 

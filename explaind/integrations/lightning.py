@@ -12,14 +12,18 @@ a step inside ``optimizer.step(closure)``; the recorder takes the step's gradien
 has run, after Lightning's gradient clipping, so ``gradient_clip_val`` is measured as a scale
 :math:`c_s`. With a float16 ``MixedPrecision`` plugin Lightning scales the loss with the plugin's
 ``GradScaler``; the callback hands ``trainer.precision_plugin.scaler`` to the recorder, which records
-each step's loss scale :math:`S_s` as ``amp_scale`` (``"bf16-mixed"`` needs no scaler).
-docs/guide_own_model.md has the walk-through.
+each step's loss scale :math:`S_s` as ``amp_scale`` (``"bf16-mixed"`` needs no scaler; ``"bf16-true"`` and
+``"16-true"``, half-precision parameters, are refused). The first forward of the recorded module in each
+micro-batch is compared with the recorded rows (:meth:`RecordingCore._check_batch`: random augmentation is
+refused), and the recorder is closed at ``on_fit_end``, after every callback's ``on_train_end`` (so the
+averaged weights ``StochasticWeightAveraging`` writes there are warned about). docs/guide_own_model.md has
+the walk-through.
 """
 
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,7 +36,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
     raise ConfigError(f"explaind.integrations.ExplaindLightningCallback needs lightning ({exc}); install it with "
                       f"pip install 'explaind[lightning]'.") from exc
 from ._core import RecordingCore
-from .data import step_weights
+from .data import MaskForm, step_weights
 
 __all__ = ["ExplaindLightningCallback"]
 
@@ -50,7 +54,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     module : str, optional
         Attribute of the LightningModule to record (e.g. ``"model"`` for a wrapped Hugging Face model);
         default the LightningModule itself, whose ``forward`` must take the inputs ``X``.
-    attention_mask : {"keep", "bidirectional", "causal"}
+    attention_mask : {"keep", "bidirectional", "causal", "key_padding"}
         With an :class:`IndexedDataset`: store a 2-D ``attention_mask`` as the equivalent 4-D mask.
     **recorder_kwargs
         Passed to :class:`~explaind.TrajectoryRecorder` (``store=``, ``check_gradients=``, ...); not
@@ -64,10 +68,12 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     framework_optimizer_fix = "Fix: return torch.optim.SGD, Adam or AdamW from configure_optimizers."
 
     def __init__(self, train_data: Any, *, loss: Any, module: str | None = None,
-                 attention_mask: Literal["keep", "bidirectional", "causal"] = "keep", **recorder_kwargs: Any):
+                 attention_mask: MaskForm = "keep", **recorder_kwargs: Any):
         self._setup(train_data, loss, attention_mask, recorder_kwargs)
         self._module = module
         self._current: Tensor | None = None
+        self._unchecked = False  # the current micro-batch's first forward of the recorded module is still to come
+        self._hook: Any = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
@@ -100,9 +106,25 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 f"Allowed: gradient_clip_algorithm='norm' (one factor per step, recorded exactly as c_s). Fix: "
                 f"pl.Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm'), or no clipping."
             )
+        precision = str(getattr(trainer, "precision", ""))
+        if precision in ("bf16-true", "16-true"):
+            raise ConfigError(
+                f"pl.Trainer(precision={precision!r}) holds the parameters themselves in "
+                f"{'bfloat16' if precision.startswith('bf') else 'float16'}: every update is rounded to 8 or 11 "
+                f"significant bits, which no decomposition of the steps over samples reproduces (and the callback's "
+                f"train_data stays in its own dtype). Allowed: '64-true', '32-true', 'bf16-mixed', '16-mixed' "
+                f"(autocast with float32 weights, recorded with the autocast tolerance). Fix: "
+                f"pl.Trainer(precision='bf16-mixed'), or '64-true' for float64 exactness."
+            )
         self._check_keywords(model)
         self._start(model, trainer.optimizers[0], getattr(trainer.precision_plugin, "scaler", None),
                     step=int(trainer.global_step))
+        if any(type(c).__name__ == "StochasticWeightAveraging" for c in trainer.callbacks):
+            self.recorder.final_hint = (
+                " Here StochasticWeightAveraging wrote the average of the weights of its epochs into the model when "
+                "training ended; that average is no point of the recorded trajectory: remove the callback to "
+                "explain the model training ends with.")
+        self._hook = model.register_forward_pre_hook(self._take_inputs, with_kwargs=True)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.recorder is None:
@@ -113,6 +135,17 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 f"explaind.integrations.IndexedDataset, collated to a mapping (torch's default collate does)."
             )
         self._current = torch.as_tensor(batch.pop(self.index_key)).detach().to("cpu", torch.long).reshape(-1)
+        self._unchecked = True
+
+    def _take_inputs(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: compare the first training forward of each micro-batch with the recorded rows."""
+        if not (self._unchecked and self._current is not None and module.training and torch.is_grad_enabled()):
+            return
+        self._unchecked = False
+        if len(args) == 1 and not kwargs:
+            self._check_batch(self._current, args[0])
+        elif not args and kwargs:
+            self._check_batch(self._current, kwargs)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         if self.recorder is None or self._current is None:
@@ -121,12 +154,17 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self.recorder.log_batch(self._current, w / trainer.accumulate_grad_batches)
         self._current = None
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Close the recorder once every callback's ``on_train_end`` has run (``StochasticWeightAveraging``
+        writes its averaged weights there), so the recorder's final check sees the model the user gets."""
         self.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.close()
 
     def close(self) -> None:
-        """Close the recorder (``on_train_end`` does it)."""
+        """Close the recorder and remove the model hook (``on_fit_end`` does it)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self._stop()

@@ -318,6 +318,27 @@ class RecorderChecksMixin:
             raise
         checked.result()
 
+    def _skip_or_refuse_empty(self, s: int) -> None:
+        """``optimizer.step()`` with no micro-batch logged since the previous step: skipped when no recorded
+        parameter holds a gradient, refused otherwise.
+
+        torch's optimizers leave a parameter whose ``.grad`` is ``None`` as it is, and its state too; Lightning
+        calls ``optimizer.step()`` so when ``training_step`` returned ``None`` for every micro-batch of the step
+        (no backward ran). Nothing is recorded and the step count stays; an optimizer that moves the parameters
+        all the same is refused at the next step (or warned about at the end) as an edit outside a step.
+        """
+        if any(p.grad is not None for p in self._params.values()):
+            raise TrajectoryError(
+                f"Step {s}: optimizer.step() was called without a logged batch: call rec.log_batch(indices) before "
+                f"optimizer.step() (after backward)."
+            )
+        logger.info("optimizer.step() without a logged batch or a gradient (e.g. a Lightning training_step that "
+                    "returned None) left the parameters as they were: not recorded as a step.")
+        self._random.take()  # a forward whose loss was not backpropagated trains nothing
+        self._tap.reset()
+        self._probe.reset()
+        self._step_state = {"skipped": True}
+
     def _warn_final_edits(self) -> None:
         r"""Warn when the model left the recorder holding other values than :math:`\theta_N`, the last recorded
         (or other frozen parameters than the stored constants, or other buffers than the last recorded)."""
@@ -336,11 +357,12 @@ class RecorderChecksMixin:
             return
         changed = [f"the parameter(s) {edit_list(edited)}"] if edited else []
         changed += [f"the frozen parameter(s) {edit_list(frozen)}"] if frozen else []
+        hint = getattr(self, "final_hint", "")  # the framework option that did it, set by a callback
         message = (f"After the last recorded step ({self._n - 1}) {' and '.join(changed)} were changed outside "
                    f"optimizer.step() (weight clipping, an EMA or load_state_dict written into the model): the "
                    f"trajectory ends at theta_{self._n}, the values the last step produced (frozen parameters: as "
                    f"stored when recording started), not at the model as it is now, so its replica and scores "
-                   f"explain theta_{self._n}. Fix: explain the model at traj.params(traj.n_steps) (frozen "
+                   f"explain theta_{self._n}.{hint} Fix: explain the model at traj.params(traj.n_steps) (frozen "
                    f"parameters: traj.constants()), or make such changes after `with rec:`, on a copy of the model.")
         warn_user(logger, message)
 

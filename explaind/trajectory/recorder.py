@@ -409,10 +409,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
     def _begin_step(self, optimizer: Any) -> None:
         s = self._n
         if not self._pending:
-            raise TrajectoryError(
-                f"Step {s}: optimizer.step() was called without a logged batch: call rec.log_batch(indices) before "
-                f"optimizer.step() (after backward)."
-            )
+            return self._skip_or_refuse_empty(s)
         try:
             self._step_state = self._prepare_step(optimizer, s)
         except BaseException:
@@ -463,6 +460,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
 
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         s, st, copying = self._n, self._step_state, None
+        if st is not None and st.get("skipped"):  # no logged batch and no gradient: _skip_or_refuse_empty
+            self._step_state = None
+            return
         assert st is not None and self._theta is not None
         try:
             copying = None if self._pooled() else self._copy_params()  # theta_{s+1}, beside the bookkeeping below
