@@ -359,3 +359,25 @@ def test_a_change_made_by_a_framework_hook_is_refused_through_the_framework(tmp_
     with pytest.raises(TrajectoryError) as caught:
         build(tmp_path, change=True)[1]()
     assert named in str(caught.value), caught.value
+
+
+def test_a_change_after_a_skipped_step_is_refused_at_the_next_step():
+    """A step with a forward but no logged batch and no gradient is skipped (a ``training_step`` returning None);
+    the next step's values are those of its own first forward, so a change made after the skipped one is refused at
+    that step (step 1), not one step late."""
+    X, y = data()
+    model = Model().to(DT).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    with pytest.raises(TrajectoryError, match=r"^Step 1: .* tau \(Model\): 1\.0 -> 1\.5"), rec:
+        for s in range(STEPS):
+            idx = torch.arange(6 * s, 6 * s + 6) % N
+            opt.zero_grad(set_to_none=True)
+            if s == 1:  # skipped: a forward, then step() without backward or log_batch
+                model(X[idx])
+                opt.step()
+                model.tau = 1.5
+                continue
+            F.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()

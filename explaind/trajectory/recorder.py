@@ -462,7 +462,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         s, st, copying = self._n, self._step_state, None
         if st is not None and st.get("skipped"):  # no logged batch and no gradient: _skip_or_refuse_empty
             self._step_state = None
-            return
+            return self._attributes.arm()  # the next step's values are those of its own first forward
         assert st is not None and self._theta is not None
         try:
             copying = None if self._pooled() else self._copy_params()  # theta_{s+1}, beside the bookkeeping below
