@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
-from ._layout import JOURNAL, MANIFEST
+from ._layout import JOURNAL, MANIFEST, SETUP
 from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
-__all__ = ["read_manifest", "validation_problems", "MAX_INDEX_BYTES"]
+__all__ = ["read_manifest", "strict_json", "validation_problems", "MAX_INDEX_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +31,59 @@ logger = logging.getLogger(__name__)
 MAX_INDEX_BYTES = 1 << 28
 
 
-def _read_journal(root: Path) -> list[StepRecord]:
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of :func:`strict_json`: a key given twice in one object is an error, not the last one."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice in one object (explaind writes each key once; which one "
+                             f"counts would depend on the reader)")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (explaind writes no NaN or infinity)")
+
+
+def strict_json(data: bytes | str) -> Any:
+    """``json.loads`` of what explaind writes: a key repeated in one object and ``NaN``/``Infinity`` are refused.
+
+    Raises
+    ------
+    ValueError
+        For invalid JSON (also text that is not UTF-8, -16 or -32), a repeated key or a non-finite literal.
+    """
+    return json.loads(data, object_pairs_hook=_no_repeated_keys, parse_constant=_no_constant)
+
+
+def _journal_record(line: bytes) -> StepRecord:
+    """One journal line as a :class:`StepRecord` (:class:`ValueError` naming the problem otherwise)."""
+    try:
+        raw = strict_json(line)
+    except RecursionError:
+        raise ValueError("JSON nested deeper than the parser goes") from None
+    return StepRecord.model_validate(raw)
+
+
+def _problem(exc: ValueError) -> str:
+    return validation_problems(exc, 1) if isinstance(exc, ValidationError) else str(exc)
+
+
+def _read_journal(root: Path) -> list[tuple[int, StepRecord]]:
+    """``(line number, record)`` of every readable line of the journal (a torn or unreadable last line left out)."""
     path = root / JOURNAL
     try:
         lines = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal").split(b"\n")
     except FileNotFoundError:
         return []
-    records: list[StepRecord] = []
+    records: list[tuple[int, StepRecord]] = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(StepRecord.model_validate_json(line))
-        except ValidationError as exc:
+            records.append((i + 1, _journal_record(line)))
+        except ValueError as exc:  # a ValidationError too
             if all(not rest.strip() for rest in lines[i + 1 :]):
                 torn = i == len(lines) - 1  # no newline after it: the write was cut off
                 logger.warning("Ignoring the %s last line of %s (%s); its step is not part of the run.", "incomplete"
@@ -49,7 +91,7 @@ def _read_journal(root: Path) -> list[StepRecord]:
                                "complete but corrupted: the step is recorded again when the run is resumed")
                 break
             raise TrajectoryError(
-                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {validation_problems(exc, 1)}. "
+                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {_problem(exc)}. "
                 f"The store was modified: restore journal.jsonl from a copy, or re-record the run."
             ) from None
     return records
@@ -71,6 +113,28 @@ def validation_problems(exc: ValidationError, limit: int = 5) -> str:
     return "; ".join(out) + (f"; and {more} more" if more > 0 else "")
 
 
+def _release(version: Any) -> tuple[int, ...] | None:
+    """``"1.2.3"`` (any suffix after the numbers ignored) as ``(1, 2, 3)``; ``None`` for anything else."""
+    if not isinstance(version, str):
+        return None
+    numbers = []
+    for part in version.split("."):
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers) or None
+
+
+def _newer_writer(version: Any) -> str | None:
+    """The fix for a manifest that a newer explaind wrote (its fields may be ones this version does not know)."""
+    theirs, ours = _release(version), _release(__version__)
+    if theirs is None or ours is None or theirs <= ours:
+        return None
+    return (f"It was written by explaind {version}, newer than this one ({__version__}), with the same schema "
+            f"version: upgrade explaind to read it.")
+
+
 def _check_schema_version(version: Any, path: Path) -> None:
     """``schema_version`` of a manifest is an integer this explaind reads: 1 .. :data:`SCHEMA_VERSION`."""
     if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
@@ -85,6 +149,36 @@ def _check_schema_version(version: Any, path: Path) -> None:
         )
 
 
+def _find_manifest(root: Path, path: Path) -> None:
+    """Raise a :class:`TrajectoryError` saying why ``root`` holds no ``manifest.json`` to read (if it holds none).
+
+    A manifest that is there but no regular file (a directory, a FIFO) is left to :func:`read_confined`, which
+    names it as such; a directory that cannot be searched is named with the system's error, not taken for
+    an empty one.
+    """
+    try:
+        os.stat(path)
+        return
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.lexists(path):
+            return  # a dangling symbolic link: read_confined names it
+    except OSError as exc:
+        raise TrajectoryError(f"The trajectory store {str(root)!r} cannot be read: {exc.strerror} ({str(path)!r}). "
+                              f"Fix: give the user running explaind read and search permission on the directory "
+                              f"and its files (chmod -R u+rX), or copy the store to a place it can read.") from None
+    if not root.exists():
+        what = "it does not exist"
+    elif not root.is_dir():
+        what = "it is a file, not a directory"
+    elif (root / SETUP).exists():
+        what = (f"it holds {SETUP} and no manifest.json yet: a recording is setting it up (its manifest appears "
+                f"once its start files are written) or was interrupted before it recorded anything")
+    else:
+        what = "it has no manifest.json"
+    raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: {what}. Record one with "
+                          f"TrajectoryRecorder(..., store={str(root)!r}).")
+
+
 def read_manifest(root: str | Path) -> TrajectoryManifest:
     """Read ``manifest.json`` and merge the steps completed since it was written (from the journal).
 
@@ -96,21 +190,17 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     """
     root = Path(root)
     path = root / MANIFEST
-    if not path.is_file():
-        what = "does not exist" if not root.exists() else "has no manifest.json"
-        raise TrajectoryError(
-            f"{str(root)!r} is not an explaind trajectory store: it {what}. Record one with "
-            f"TrajectoryRecorder(..., store={str(root)!r})."
-        )
+    _find_manifest(root, path)
     try:
         data = read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest")
     except FileNotFoundError:
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
                               f"vanished.") from None
     try:
-        raw = json.loads(data)
+        raw = strict_json(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than the parser goes
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc}. {_NOT_OURS}") from None
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc} (allowed: UTF-8 "
+                              f"JSON as explaind writes it, each key once per object, finite numbers). {_NOT_OURS}") from None
     if not isinstance(raw, dict):
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} holds a JSON {type(raw).__name__}, not an object "
                               f"with the store's description. {_NOT_OURS}")
@@ -119,11 +209,13 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
         manifest = TrajectoryManifest.model_validate(raw)
     except ValidationError as exc:
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {validation_problems(exc)}. "
-                              f"{_NOT_OURS}") from None
+                              f"{_newer_writer(raw.get('explaind_version')) or _NOT_OURS}") from None
     steps = list(manifest.steps)
-    for record in _read_journal(root):
+    journal: dict[int, tuple[int, StepRecord]] = {}
+    for line, record in _read_journal(root):
+        _check_repeated(record, journal.setdefault(record.step, (line, record)), line, root)
         if record.step < len(steps):
-            continue
+            continue  # the manifest's own record of the step is read (and checked against its file)
         if record.step != len(steps):
             raise TrajectoryError(
                 f"Trajectory journal {str(root / JOURNAL)!r} jumps from step {len(steps) - 1} to step {record.step}; "
@@ -139,6 +231,20 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     manifest.n_steps = len(steps)
     _check_consistency(manifest, path)
     return manifest
+
+
+def _check_repeated(record: StepRecord, first: tuple[int, StepRecord], line: int, root: Path) -> None:
+    """A step the journal lists again (``first``: its earlier line and record) must be listed unchanged.
+
+    explaind appends one record per step, so two different records of one step are a modified
+    journal: which of them is the run cannot be told.
+    """
+    if first[1] != record:
+        raise TrajectoryError(
+            f"Trajectory journal {str(root / JOURNAL)!r} lists step {record.step} at line {first[0]} and again at line "
+            f"{line} with another record; allowed: each step once, or repeated unchanged. The store was modified: "
+            f"restore journal.jsonl from a copy, or re-record the run from step {record.step}."
+        )
 
 
 def _check_consistency(manifest: TrajectoryManifest, path: Path) -> None:
