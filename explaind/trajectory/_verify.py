@@ -6,7 +6,8 @@ A recorder keeps the optimizer state after the latest steps in two slots, ``opti
 replaced by a step committed since: its bytes then differ from the recorded checksum although nothing
 is corrupted. :func:`verify_store` tells the two apart: while a live recorder holds the store's writer
 lock, a slot that fails is checked again against a freshly read index (where it is the newest state
-again), and only a slot that fails with no recorder running is reported as corrupted.
+again), and a slot that fails with no recorder running, or with no step committed since the index
+was read, is reported as corrupted.
 """
 
 from __future__ import annotations
@@ -51,15 +52,23 @@ def verify_store(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None
             return
         except TrajectoryError:
             holder = live_writer(root)
-            if holder is None:
-                raise
-        manifest = read_manifest(root)  # the recorder committed later steps: their slot is the newest now
+            newer = read_manifest(root) if holder is not None else manifest
+            if _newest_states(newer) == _newest_states(manifest):
+                raise  # no step committed since: the state itself differs from its record
+            manifest = newer  # the recorder committed later steps: their slot is the newest now
     raise TrajectoryError(
         f"The trajectory store {str(root)!r} is being written by process {holder.get('pid')} on host "
         f"{holder.get('host')!r}: its newest optimizer state was replaced {STATE_RETRIES} times while verify() read "
         f"it (the recorder writes two slots in turn). Every step file verified. Call verify() again once the "
         f"recording has ended."
     )
+
+
+def _newest_states(manifest: TrajectoryManifest) -> tuple[object, object]:
+    """The records of the newest optimizer state and audit state (those a slot holds)."""
+    state = next((r.optimizer_state for r in reversed(manifest.steps) if r.optimizer_state is not None), None)
+    audit = next((r.audit_state for r in reversed(manifest.steps) if r.audit_state is not None), None)
+    return state, audit
 
 
 def _verify_states(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None:
