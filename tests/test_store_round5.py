@@ -141,9 +141,11 @@ def test_a_manifest_field_of_the_wrong_json_type_is_refused_naming_the_field(sto
         explaind.Trajectory.load(store, model=_model())
 
 
-@pytest.mark.parametrize(("version", "fix"), [("99.0.1", r"It was written by explaind 99\.0\.1, newer than this one \(0\.1"
-                                                         r"\.0\), with the same schema version: upgrade explaind"),
-                                              (explaind.__version__, r"The store is corrupted or was not written by explaind")])
+NEWER = r"It was written by explaind 99\.0\.1, newer than this one \(0\.1\.0\), with the same schema version: upgrade"
+NOT_OURS = r"The store is corrupted or was not written by explaind"
+
+
+@pytest.mark.parametrize(("version", "fix"), [("99.0.1", NEWER), (explaind.__version__, NOT_OURS)])
 def test_an_unknown_manifest_key_names_an_upgrade_only_when_a_newer_explaind_wrote_it(store, version, fix):
     manifest = json.loads(_open_manifest(store))
     manifest.update(explaind_version=version, resumed_from="elsewhere")

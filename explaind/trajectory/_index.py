@@ -199,8 +199,8 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     try:
         raw = strict_json(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than the parser goes
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc} (allowed: UTF-8 "
-                              f"JSON as explaind writes it, each key once per object, finite numbers). {_NOT_OURS}") from None
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc} (allowed: UTF-8 JSON as "
+                              f"explaind writes it, each key once per object, finite numbers). {_NOT_OURS}") from None
     if not isinstance(raw, dict):
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} holds a JSON {type(raw).__name__}, not an object "
                               f"with the store's description. {_NOT_OURS}")
