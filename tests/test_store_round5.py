@@ -12,11 +12,13 @@ lists the checks.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
 import socket
 import struct
+import sys
 import threading
 from pathlib import Path
 
@@ -459,3 +461,21 @@ def test_cli_commands_on_a_broken_run_exit_2_with_one_line_naming_the_problem(cl
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, (argv[0], err)
         assert fragment in lines[0], (argv[0], lines[0])
+
+
+# --------------------------------------------------------------------------- SIGKILL at random moments
+def _crash_trials():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_store_crash_trials.py"
+    spec = importlib.util.spec_from_file_location("bench_store_crash_trials", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recordings_killed_at_random_moments_keep_their_steps_and_resume_bit_for_bit(tmp_path):
+    """The small variant of benchmarks/bench_store_crash_trials.py: three SIGKILLs at delays drawn from a fixed seed."""
+    duration, results = _crash_trials().run_trials(tmp_path, trials=3, steps=6, seed=5)
+    assert duration > 0 and len(results) == 3
+    for r in results:
+        assert r.kept_equal and r.resumed_equal, r
