@@ -479,3 +479,54 @@ def test_recordings_killed_at_random_moments_keep_their_steps_and_resume_bit_for
     assert duration > 0 and len(results) == 3
     for r in results:
         assert r.kept_equal and r.resumed_equal, r
+
+
+# --------------------------------------------------------------------------- a full disk inside a group commit
+def test_a_full_disk_while_a_group_of_steps_is_flushed_keeps_the_steps_before_it_and_resumes_exactly(tmp_path,
+                                                                                                    monkeypatch):
+    """The writer falls behind (held until 3 steps wait), so steps 1-3 (or 1-4) are committed as one group, whose flush
+    finds the disk full: the loop gets the error, step 0 stays, no file of the group is left, and the resumed
+    store equals the uninterrupted run bit for bit."""
+    from _kill_chain import resume_to_the_end
+    from _recording_helpers import resumable_reference, resumable_setup, resumable_step
+    from test_store_faults import _assert_same
+
+    from explaind.trajectory import _filewrite
+    from explaind.trajectory import store as store_module
+
+    steps, store = 6, tmp_path / "run"
+    reference = resumable_reference(steps)
+    commit, flush = store_module.StoreWriter._commit_queued, _filewrite.TensorFileWriter._fsync_all
+    groups: list[int] = []  # files flushed together, per flush
+    calls = [0]
+
+    def held(self, q):
+        calls[0] += 1
+        if calls[0] == 2:  # step 0 committed alone: wait until steps 1-3 are queued, then take them as one group
+            for _ in range(2000):
+                if q.qsize() >= 3:
+                    break
+                threading.Event().wait(0.005)
+        return commit(self, q)
+
+    def full(self, fds):
+        groups.append(len(fds))
+        if len(fds) >= 4:  # the group: three (or four) step files and the newest optimizer state
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return flush(self, fds)
+
+    model, opt, X, y = resumable_setup()
+    with monkeypatch.context() as m:
+        m.setattr(store_module.StoreWriter, "_commit_queued", held)
+        m.setattr(_filewrite.TensorFileWriter, "_fsync_all", full)
+        with pytest.raises(TrajectoryError, match=r"store '.*run' failed: OSError: \[Errno 28\] No space left"):
+            with explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store) as rec:
+                for s in range(steps):
+                    resumable_step(model, opt, X, y, s, rec)
+    assert groups[-2] == 2 and groups[-1] >= 4, groups  # step 0 (its file and state), then the group
+    traj = explaind.Trajectory.load(store, model=resumable_setup()[0])
+    assert traj.n_steps == 1 and not traj.manifest.complete
+    traj.verify()
+    _assert_same(reference, traj)
+    assert not (store / "steps" / "000001.safetensors").exists()
+    resume_to_the_end(store, reference, steps)
