@@ -101,7 +101,8 @@ def _holder(path: Path) -> dict | None:
         return None if age >= _EMPTY_GRACE else {"pid": "?", "host": "?", "since": "just now"}
     if host != socket.gethostname():
         return info
-    if "directory" in info and info["directory"] != _directory_id(path.parent):
+    taken_in, here = info.get("directory"), _directory_id(path.parent)
+    if isinstance(taken_in, list) and here is not None and taken_in != here:
         return None  # the lock of another directory: copied (cp -r) with a store that was being written
     if pid == os.getpid():
         return info if os.path.realpath(path.parent) in _ACTIVE else None
