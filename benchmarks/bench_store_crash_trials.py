@@ -9,8 +9,9 @@ own process, the reference, which also pays the lazy imports). Then:
 * the store holds a prefix of the run for a reader: ``Trajectory.load`` and ``verify()`` pass (or the
   kill came before the manifest was written: no store yet), and every step it holds equals the
   uninterrupted run bit for bit (θ, batch, ``c_s``, coefficients);
-* ``resume=True`` and ``rec.restore()`` continue it to the end, and the whole trajectory equals the
-  uninterrupted run bit for bit.
+* ``resume=True`` and ``rec.restore()`` continue it to the end (a new recording where the kill came
+  before the set-up marker, which ``resume=True`` refuses naming ``resume=False``), and the whole
+  trajectory equals the uninterrupted run bit for bit.
 
 docs/recording.md ("What a crash keeps") states the guarantee; tests/test_store_kill_points*.py kill at
 chosen write operations, this script at random times. Printed: one row per trial (the delay, the steps a
@@ -128,7 +129,9 @@ def trial(root: Path, reference, steps: int, delay: float) -> Trial:
         traj.verify()
         kept = traj.n_steps
         kept_equal = _equal(_values(traj, range(kept)), _values(reference, range(kept)))
-    record(root, steps, resume=True)
+    # a kill before the set-up marker leaves no directory or an empty one: resume=True would be refused there
+    # (naming resume=False), so the run is recorded anew, as the user would
+    record(root, steps, resume=any((root / name).exists() for name in ("manifest.json", ".explaind-setup")))
     resumed = explaind.Trajectory.load(root, model=_setup()[0])
     resumed.verify()
     resumed_equal = resumed.n_steps == steps and _equal(_values(resumed, range(steps)),
