@@ -23,41 +23,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from _recording_helpers import batches, mlp, regression_data
+from test_store_strangers import STEPS, _model, _record
 
 import explaind
 from explaind.exceptions import TrajectoryError
 from explaind.trajectory._checksum import checksum
 from explaind.trajectory.lock import LOCK, WriterLock
 
-STEPS = 4
-
-
-def _model():
-    return mlp()
-
-
-def _record(store: Path, steps: int = STEPS, *, resume: bool = False, **kwargs):
-    X, y = regression_data(n=12)
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, resume=resume,
-                                      **kwargs)
-    start = rec.restore() if resume else 0
-    with rec:
-        for idx in (batches(12, 4) * 3)[start:steps]:
-            opt.zero_grad()
-            F.mse_loss(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-    return rec
-
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     root = tmp_path_factory.mktemp("round5") / "dense"
-    _record(root)
+    _record(root, STEPS)
     return root
 
 
@@ -318,7 +295,7 @@ def test_a_lock_that_is_a_fifo_is_refused_at_once_not_waited_on(store):
     lock = store / LOCK
     os.mkfifo(lock)
     try:
-        finished, exc = _in_thread(lambda: _record(store, STEPS + 2, resume=True))
+        finished, exc = _in_thread(lambda: _record(store, 2, resume=True))
     finally:
         try:  # a reader blocked on the FIFO (the fault this test guards against) gets its end of file
             os.close(os.open(lock, os.O_WRONLY | os.O_NONBLOCK))
@@ -340,7 +317,7 @@ def test_a_lock_that_is_a_link_or_a_directory_is_refused_naming_it_and_nothing_i
         (store / LOCK).symlink_to(tmp_path / "elsewhere")
     with pytest.raises(TrajectoryError, match=r"The writer lock .* is (a symbolic link|not a regular file).*not the "
                                               r"lock file explaind writes.*delete it"):
-        _record(store, STEPS + 2, resume=True)
+        _record(store, 2, resume=True)
     assert _open_manifest(store) == before
 
 
@@ -357,7 +334,7 @@ def test_a_lock_copied_with_a_store_being_written_does_not_block_the_copy(templa
     origin = os.stat(template)
     (store / LOCK).write_text(json.dumps({"pid": alive, "host": socket.gethostname(), "since": "now",
                                           "directory": [origin.st_dev, origin.st_ino]}))
-    _record(store, STEPS + 2, resume=True)
+    _record(store, 2, resume=True)
     reference = tmp_path / "whole"
     _record(reference, STEPS + 2)
     assert _same(_read_all(store), _read_all(reference))
@@ -377,7 +354,7 @@ def test_the_lock_of_a_live_writer_of_the_same_directory_still_refuses(store, tm
         path = tmp_path / "link"
         path.symlink_to(store)
     with pytest.raises(TrajectoryError, match=rf"is being written by process {alive} "):
-        _record(path, STEPS + 2, resume=True)
+        _record(path, 2, resume=True)
     assert json.loads((store / LOCK).read_text()) == content
 
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _recording_helpers import batches, regression_data
-from test_store_round5 import _model, _read_all, _record, _repeat_key, _same
+from test_store_round5 import _read_all, _repeat_key, _same
+from test_store_strangers import STEPS, _model, _record
 
 import explaind
 from explaind.cli import main
@@ -30,7 +31,7 @@ from explaind.exceptions import TrajectoryError
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     root = tmp_path_factory.mktemp("round5_live") / "dense"
-    _record(root)
+    _record(root, STEPS)
     return root
 
 
