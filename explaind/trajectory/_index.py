@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
-from ._layout import JOURNAL, MANIFEST
+from ._layout import JOURNAL, MANIFEST, SETUP
 from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
-__all__ = ["read_manifest", "validation_problems", "MAX_INDEX_BYTES"]
+__all__ = ["read_manifest", "strict_json", "validation_problems", "MAX_INDEX_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +31,64 @@ logger = logging.getLogger(__name__)
 MAX_INDEX_BYTES = 1 << 28
 
 
-def _read_journal(root: Path) -> list[StepRecord]:
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of :func:`strict_json`: a key given twice in one object is an error, not the last one."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        key = next(k for i, (k, _) in enumerate(pairs) if any(k == other for other, _ in pairs[:i]))
+        raise ValueError(f"the key {key!r} appears twice in one object (explaind writes each key once; which one "
+                         f"counts would depend on the reader)")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (explaind writes no NaN or infinity)")
+
+
+#: one decoder for every strict parse (``json.loads`` with hooks builds a new one per call)
+_STRICT = json.JSONDecoder(object_pairs_hook=_no_repeated_keys, parse_constant=_no_constant)
+
+
+def strict_json(data: bytes | str) -> Any:
+    """``json.loads`` of what explaind writes: a key repeated in one object and ``NaN``/``Infinity`` are refused.
+
+    Bytes are decoded as ``json.loads`` decodes them (UTF-8, -16 or -32, a UTF-8 byte-order mark dropped).
+
+    Raises
+    ------
+    ValueError
+        For invalid JSON (also bytes that are not UTF-8, -16 or -32), a repeated key or a non-finite literal.
+    """
+    text = data.decode(json.detect_encoding(data), "surrogatepass") if isinstance(data, bytes) else data
+    return _STRICT.decode(text)
+
+
+def _journal_record(line: bytes) -> StepRecord:
+    """One journal line as a :class:`StepRecord`, by pydantic's own JSON parser (2-3 times faster than
+    :func:`strict_json`): the fields of a record that change results are bound to its checksummed step file
+    (:func:`~explaind.trajectory.store.record_binding`), so a value that another parser would read from a repeated
+    key, or a ``NaN``, is refused when the step is read."""
+    return StepRecord.model_validate_json(line)
+
+
+def _problem(exc: ValueError) -> str:
+    return validation_problems(exc, 1) if isinstance(exc, ValidationError) else str(exc)
+
+
+def _read_journal(root: Path) -> list[tuple[int, bytes, StepRecord]]:
+    """``(line number, line, record)`` of every readable journal line (a torn or unreadable last line left out)."""
     path = root / JOURNAL
     try:
         lines = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal").split(b"\n")
     except FileNotFoundError:
         return []
-    records: list[StepRecord] = []
+    records: list[tuple[int, bytes, StepRecord]] = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(StepRecord.model_validate_json(line))
-        except ValidationError as exc:
+            records.append((i + 1, line, _journal_record(line)))
+        except ValueError as exc:  # a ValidationError too
             if all(not rest.strip() for rest in lines[i + 1 :]):
                 torn = i == len(lines) - 1  # no newline after it: the write was cut off
                 logger.warning("Ignoring the %s last line of %s (%s); its step is not part of the run.", "incomplete"
@@ -49,7 +96,7 @@ def _read_journal(root: Path) -> list[StepRecord]:
                                "complete but corrupted: the step is recorded again when the run is resumed")
                 break
             raise TrajectoryError(
-                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {validation_problems(exc, 1)}. "
+                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {_problem(exc)}. "
                 f"The store was modified: restore journal.jsonl from a copy, or re-record the run."
             ) from None
     return records
@@ -71,6 +118,28 @@ def validation_problems(exc: ValidationError, limit: int = 5) -> str:
     return "; ".join(out) + (f"; and {more} more" if more > 0 else "")
 
 
+def _release(version: Any) -> tuple[int, ...] | None:
+    """``"1.2.3"`` (any suffix after the numbers ignored) as ``(1, 2, 3)``; ``None`` for anything else."""
+    if not isinstance(version, str):
+        return None
+    numbers = []
+    for part in version.split("."):
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers) or None
+
+
+def _newer_writer(version: Any) -> str | None:
+    """The fix for a manifest that a newer explaind wrote (its fields may be ones this version does not know)."""
+    theirs, ours = _release(version), _release(__version__)
+    if theirs is None or ours is None or theirs <= ours:
+        return None
+    return (f"It was written by explaind {version}, newer than this one ({__version__}), with the same schema "
+            f"version: upgrade explaind to read it.")
+
+
 def _check_schema_version(version: Any, path: Path) -> None:
     """``schema_version`` of a manifest is an integer this explaind reads: 1 .. :data:`SCHEMA_VERSION`."""
     if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
@@ -85,6 +154,36 @@ def _check_schema_version(version: Any, path: Path) -> None:
         )
 
 
+def _find_manifest(root: Path, path: Path) -> None:
+    """Raise a :class:`TrajectoryError` saying why ``root`` holds no ``manifest.json`` to read (if it holds none).
+
+    A manifest that is there but no regular file (a directory, a FIFO) is left to :func:`read_confined`, which
+    names it as such; a directory that cannot be searched is named with the system's error, not taken for
+    an empty one.
+    """
+    try:
+        os.stat(path)
+        return
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.lexists(path):
+            return  # a dangling symbolic link: read_confined names it
+    except OSError as exc:
+        raise TrajectoryError(f"The trajectory store {str(root)!r} cannot be read: {exc.strerror} ({str(path)!r}). "
+                              f"Fix: give the user running explaind read and search permission on the directory "
+                              f"and its files (chmod -R u+rX), or copy the store to a place it can read.") from None
+    if not root.exists():
+        what = "it does not exist"
+    elif not root.is_dir():
+        what = "it is a file, not a directory"
+    elif (root / SETUP).exists():
+        what = (f"it holds {SETUP} and no manifest.json yet: a recording is setting it up (its manifest appears "
+                f"once its start files are written) or was interrupted before it recorded anything")
+    else:
+        what = "it has no manifest.json"
+    raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: {what}. Record one with "
+                          f"TrajectoryRecorder(..., store={str(root)!r}).")
+
+
 def read_manifest(root: str | Path) -> TrajectoryManifest:
     """Read ``manifest.json`` and merge the steps completed since it was written (from the journal).
 
@@ -96,21 +195,17 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     """
     root = Path(root)
     path = root / MANIFEST
-    if not path.is_file():
-        what = "does not exist" if not root.exists() else "has no manifest.json"
-        raise TrajectoryError(
-            f"{str(root)!r} is not an explaind trajectory store: it {what}. Record one with "
-            f"TrajectoryRecorder(..., store={str(root)!r})."
-        )
+    _find_manifest(root, path)
     try:
         data = read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest")
     except FileNotFoundError:
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
                               f"vanished.") from None
     try:
-        raw = json.loads(data)
+        raw = strict_json(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than the parser goes
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc}. {_NOT_OURS}") from None
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc} (allowed: UTF-8 JSON as "
+                              f"explaind writes it, each key once per object, finite numbers). {_NOT_OURS}") from None
     if not isinstance(raw, dict):
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} holds a JSON {type(raw).__name__}, not an object "
                               f"with the store's description. {_NOT_OURS}")
@@ -119,11 +214,15 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
         manifest = TrajectoryManifest.model_validate(raw)
     except ValidationError as exc:
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {validation_problems(exc)}. "
-                              f"{_NOT_OURS}") from None
+                              f"{_newer_writer(raw.get('explaind_version')) or _NOT_OURS}") from None
     steps = list(manifest.steps)
-    for record in _read_journal(root):
+    seen: dict[int, tuple[int, bytes]] = {}  # step -> its first line: number and bytes (no records kept alive)
+    for line, text, record in _read_journal(root):
+        first = seen.setdefault(record.step, (line, text))
+        if first[1] is not text and first[1] != text:
+            _check_repeated(record, first, line, root)
         if record.step < len(steps):
-            continue
+            continue  # the manifest's own record of the step is read (and checked against its file)
         if record.step != len(steps):
             raise TrajectoryError(
                 f"Trajectory journal {str(root / JOURNAL)!r} jumps from step {len(steps) - 1} to step {record.step}; "
@@ -139,6 +238,20 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     manifest.n_steps = len(steps)
     _check_consistency(manifest, path)
     return manifest
+
+
+def _check_repeated(record: StepRecord, first: tuple[int, bytes], line: int, root: Path) -> None:
+    """A step the journal lists again (``first``: its earlier line's number and bytes) must be listed unchanged.
+
+    explaind appends one record per step, so two different records of one step are a modified
+    journal: which of them is the run cannot be told.
+    """
+    if _journal_record(first[1]) != record:
+        raise TrajectoryError(
+            f"Trajectory journal {str(root / JOURNAL)!r} lists step {record.step} at line {first[0]} and again at line "
+            f"{line} with another record; allowed: each step once, or repeated unchanged. The store was modified: "
+            f"restore journal.jsonl from a copy, or re-record the run from step {record.step}."
+        )
 
 
 def _check_consistency(manifest: TrajectoryManifest, path: Path) -> None:

@@ -14,6 +14,7 @@ never read past the size the manifest declares (:func:`read_confined`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -120,6 +121,19 @@ def store_path(root: Path, relpath: str, what: str) -> Path:
     return root / relpath
 
 
+_OPEN_FIX = "The store is corrupted; restore the file from a copy, or re-record the run."
+#: what to do when a file of the store cannot be opened, by ``errno``
+_OPEN_FIXES = {
+    errno.ELOOP: "It is a symbolic link, and the files of a store are read only as regular files: replace the link by "
+                 "the file it names (cp -rL copies a store with its links resolved), or re-record the run.",
+    errno.EACCES: "Fix: give the user running explaind read permission on it (chmod u+r), or copy the store to a "
+                  "place it can read.",
+    errno.ENOTDIR: "A folder on its path is not a directory; the store is corrupted: restore it from a copy, or "
+                   "re-record the run.",
+}
+_OPEN_FIXES[errno.EPERM] = _OPEN_FIXES[errno.EACCES]
+
+
 def read_confined(root: Path, relpath: str, max_bytes: int, what: str) -> bytes:
     """Read a regular file of the store, never more than ``max_bytes`` (a larger file is an error, not read).
 
@@ -138,13 +152,14 @@ def read_confined(root: Path, relpath: str, max_bytes: int, what: str) -> bytes:
     except FileNotFoundError:
         raise
     except OSError as exc:
-        raise TrajectoryError(f"{what}: {relpath!r} cannot be opened as a file of the store "
-                              f"({exc.strerror}).") from None
+        raise TrajectoryError(f"{what}: {relpath!r} of the store {str(root)!r} cannot be opened as a file of the "
+                              f"store ({exc.strerror}). {_OPEN_FIXES.get(exc.errno, _OPEN_FIX)}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise TrajectoryError(f"{what}: {relpath!r} is not a regular file. The store is corrupted; re-record "
-                                  f"the run.")
+            raise TrajectoryError(f"{what}: {relpath!r} of the store {str(root)!r} is not a regular file (a "
+                                  f"directory, a FIFO or a device). The store is corrupted; restore the file from a "
+                                  f"copy, or re-record the run.")
         if info.st_size > max_bytes:
             raise TrajectoryError(f"{what}: {relpath!r} has {info.st_size} bytes, more than the {max_bytes} the "
                                   f"store allows for it; it was modified. Re-record the run.")

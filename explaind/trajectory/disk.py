@@ -28,6 +28,7 @@ from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
 from ._start_optimizer import OptimizerStart
 from ._start_state import read_start_file
+from ._verify import verify_store
 from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_from_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
@@ -242,9 +243,9 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         steps = self._manifest.steps
         last = max((r.step + 1 for r in steps if r.has_params), default=0)
         if last < len(steps):
-            logger.warning("The sparse store at %s ends at its last checkpoint, step %d: the %d step(s) recorded after "
-                           "it (by a recording interrupted or still running) are not read.", self.root, last - 1,
-                           len(steps) - last)
+            end = f"ends at its last checkpoint, step {last - 1}" if last else "holds no checkpoint yet"
+            logger.warning("The sparse store at %s %s: the %d step(s) recorded after it (by a recording interrupted "
+                           "or still running) are not read.", self.root, end, len(steps) - last)
             self._manifest.steps = steps[:last]
             self._manifest.n_steps = last
 
@@ -458,23 +459,12 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
     def verify(self) -> None:
         """Check every file's checksum (reads the whole store once); raises ``TrajectoryError`` at the first bad one.
 
-        Of the optimizer states, the newest is checked (the one a resume loads; older steps' states
-        were overwritten by later ones, two slots in turn); a sparse store's checkpoint states are
-        all checked, and the newest audit state.
+        Of the optimizer states, the newest is checked (the one a resume loads); a sparse store's
+        checkpoint states are all checked, and the newest audit state. While a recorder still writes the
+        store, a state slot it replaced meanwhile is checked again against the store's newer index
+        (:func:`~explaind.trajectory._verify.verify_store`).
         """
-        for record in (self._manifest.initial_file, self._manifest.constants_file, self._manifest.data_file,
-                       self._manifest.initial_state_file):
-            if record is not None:
-                read_tensors(self.root, record)
-        for record in self._manifest.steps:
-            if record.file is not None:
-                read_tensors(self.root, record.file, step=record.step)
-        states = [r for r in self._manifest.steps if r.optimizer_state is not None]
-        for record in states if self.sparse else states[-1:]:
-            read_tensors(self.root, record.optimizer_state, step=record.step)  # type: ignore[arg-type]
-        audit = next((r for r in reversed(self._manifest.steps) if r.audit_state is not None), None)
-        if audit is not None and audit.audit_state is not None:
-            read_tensors(self.root, audit.audit_state, step=audit.step)
+        verify_store(self.root, self._manifest, self.sparse)
 
     def __repr__(self) -> str:
         return (

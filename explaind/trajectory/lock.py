@@ -4,17 +4,21 @@
 ``O_CREAT | O_EXCL`` where links are not supported), so of two recorders started together on one
 store exactly one gets it; the other gets a :class:`~explaind.exceptions.TrajectoryError` naming
 the holder. A lock whose holder is gone — a process on this host that no longer runs, or this
-process after a writer that was dropped without being closed — is stale and taken over. A lock
+process after a writer that was dropped without being closed, or a lock copied with the store into
+another directory (it names the directory it was taken in) — is stale and taken over. A lock
 held on another host is never taken over automatically; the message says how to remove it. The
 lock appears with its content in one step (a hard link of a complete temporary file), so a crash
-never leaves an empty one.
+never leaves an empty one. Only a regular file is read as a lock: a symbolic link, a directory or a
+FIFO in its place is an error naming it (it is never followed, and reading it never blocks).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -41,19 +45,65 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(path: Path) -> dict | None:
-    """The lock's content, or ``None`` when it is stale (its holder is gone)."""
+def _directory_id(directory: Path) -> list[int] | None:
+    """``[st_dev, st_ino]`` of the store directory: the same directory under any path, another one for a copy."""
     try:
-        raw = path.read_bytes()[:4096]
-        info = json.loads(raw)
-        pid, host = int(info["pid"]), str(info["host"])
+        info = os.stat(directory)
+    except OSError:
+        return None
+    return [info.st_dev, info.st_ino]
+
+
+def _foreign_lock(path: Path, what: str) -> TrajectoryError:
+    return TrajectoryError(
+        f"The writer lock {str(path)!r} of the trajectory store {str(path.parent)!r} is {what}, not the lock file "
+        f"explaind writes, so whether another recorder writes the store cannot be told; nothing was read from it "
+        f"and nothing was recorded. If no recording runs on this store, delete it (rm -r {str(path)!r}) and record "
+        f"again."
+    )
+
+
+def _read_lock(path: Path) -> bytes | None:
+    """The first 4096 bytes of the lock file, ``None`` when there is none.
+
+    Only a regular file is read: a symbolic link, a directory, a FIFO or a device in its place is a
+    :class:`~explaind.exceptions.TrajectoryError` (opened without following links and without
+    blocking, so a FIFO cannot hang the recorder nor ``/dev/zero`` fill its memory).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        what = "a symbolic link" if exc.errno == errno.ELOOP else f"a file that cannot be opened ({exc.strerror})"
+        raise _foreign_lock(path, what) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _foreign_lock(path, "not a regular file (a directory, a FIFO or a device)")
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def _holder(path: Path) -> dict | None:
+    """The lock's content, or ``None`` when it is stale (its holder is gone, or it was copied with the store)."""
+    raw = _read_lock(path)
+    if raw is None:
+        return None
+    try:
+        info = json.loads(raw)
+        pid, host = int(info["pid"]), str(info["host"])
     except (ValueError, KeyError, TypeError):
-        age = time.time() - path.stat().st_mtime if path.exists() else _EMPTY_GRACE
+        try:
+            age = time.time() - os.lstat(path).st_mtime
+        except FileNotFoundError:
+            return None
         return None if age >= _EMPTY_GRACE else {"pid": "?", "host": "?", "since": "just now"}
     if host != socket.gethostname():
         return info
+    taken_in, here = info.get("directory"), _directory_id(path.parent)
+    if isinstance(taken_in, list) and here is not None and taken_in != here:
+        return None  # the lock of another directory: copied (cp -r) with a store that was being written
     if pid == os.getpid():
         return info if os.path.realpath(path.parent) in _ACTIVE else None
     return info if _alive(pid) else None
@@ -61,8 +111,7 @@ def _holder(path: Path) -> dict | None:
 
 def live_writer(root: Path) -> dict | None:
     """The holder of the store's lock when a writer is alive, else ``None``."""
-    path = Path(root) / LOCK
-    return _holder(path) if path.exists() else None
+    return _holder(Path(root) / LOCK)
 
 
 def busy_message(root: Path, info: dict) -> str:
@@ -90,7 +139,8 @@ class WriterLock:
             When a live writer holds it.
         """
         content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "directory": _directory_id(self.root)}).encode()
         for _ in range(3):
             try:
                 self._create(content)
@@ -145,8 +195,8 @@ class WriterLock:
         self.held = False
         _ACTIVE.pop(self.key, None)
         try:
-            info = json.loads(self.path.read_bytes()[:4096])
+            info = json.loads(_read_lock(self.path) or b"{}")
             if int(info.get("pid", -1)) == os.getpid():
                 self.path.unlink()
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError, AttributeError):  # ValueError: TrajectoryError too
             pass

@@ -1,0 +1,65 @@
+"""CPU time of reading a store's index (``manifest.json`` and ``journal.jsonl``) of a long run.
+
+A 4-step run of a small MLP is recorded; its manifest and journal are then rewritten to list ``--steps``
+copies of its first step record (as a complete store of that many steps holds them: every step in the
+manifest and in the journal). Printed: the best of ``--repeats`` process-CPU times of
+``explaind.trajectory.store.read_manifest`` and the manifest's size. To compare two versions, run the
+script with each on ``PYTHONPATH``, in turn.
+
+Run: ``python benchmarks/bench_store_index.py [--steps N] [--repeats R]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import explaind
+from explaind.trajectory.manifest import TrajectoryManifest
+from explaind.trajectory.store import read_manifest
+
+
+def _long_store(root: Path, steps: int) -> Path:
+    X, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=root) as rec:
+        for s in range(4):
+            idx = torch.arange(4 * s, 4 * s + 4)
+            opt.zero_grad()
+            F.mse_loss(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    manifest = TrajectoryManifest.model_validate_json((root / "manifest.json").read_bytes())
+    manifest.steps = [manifest.steps[0].model_copy(update={"step": s}) for s in range(steps)]
+    manifest.n_steps = steps
+    (root / "manifest.json").write_text(manifest.model_dump_json(indent=1))
+    (root / "journal.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in manifest.steps))
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    root = _long_store(Path(tempfile.mkdtemp(prefix="explaind-index-")) / "run", args.steps)
+    best = float("inf")
+    for _ in range(args.repeats):
+        start = time.process_time()
+        read_manifest(root)
+        best = min(best, time.process_time() - start)
+    size = (root / "manifest.json").stat().st_size / 1e6
+    print(f"{explaind.__file__}: read_manifest of {args.steps} steps (manifest {size:.1f} MB and journal): "
+          f"{best * 1e3:.1f} ms CPU (best of {args.repeats}); load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""``Trajectory.verify()`` of a store: every file's checksum, also while a recorder still writes the store.
+
+A recorder keeps the optimizer state after the latest steps in two slots, ``optimizer/state-0`` and
+``state-1``, written in turn (docs/recording.md, "The store"). A reader that took the store's index
+(manifest and journal) while the recorder runs can find the slot of the newest step it knows already
+replaced by a step committed since: its bytes then differ from the recorded checksum although nothing
+is corrupted. :func:`verify_store` tells the two apart: while a live recorder holds the store's writer
+lock, a slot that fails is checked again against a freshly read index (where it is the newest state
+again), and a slot that fails with no recorder running, or with no step committed since the index
+was read, is reported as corrupted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..exceptions import TrajectoryError
+from ._index import read_manifest
+from ._io import read_tensors
+from .lock import live_writer
+from .manifest import TrajectoryManifest
+
+__all__ = ["verify_store", "STATE_RETRIES"]
+
+#: How often the newest optimizer state is checked against a freshly read index while a recorder writes.
+STATE_RETRIES = 5
+
+
+def verify_store(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None:
+    """Check the checksum of every start and step file of ``manifest``, then the newest optimizer states.
+
+    Of the optimizer states, the newest is checked (the one a resume loads; older steps' states were
+    overwritten by later ones, two slots in turn); a sparse store's checkpoint states are all checked,
+    and the newest audit state.
+
+    Raises
+    ------
+    TrajectoryError
+        At the first file whose size or checksum differs (naming it and its step), or when a recorder
+        replaced the newest optimizer state :data:`STATE_RETRIES` times while it was read (naming the
+        recorder's process; every step file verified).
+    """
+    for record in (manifest.initial_file, manifest.constants_file, manifest.data_file, manifest.initial_state_file):
+        if record is not None:
+            read_tensors(root, record)
+    for record in manifest.steps:
+        if record.file is not None:
+            read_tensors(root, record.file, step=record.step)
+    for _ in range(STATE_RETRIES):
+        try:
+            _verify_states(root, manifest, sparse)
+            return
+        except TrajectoryError:
+            holder = live_writer(root)
+            newer = read_manifest(root) if holder is not None else manifest
+            if _newest_states(newer) == _newest_states(manifest):
+                raise  # no step committed since: the state itself differs from its record
+            manifest = newer  # the recorder committed later steps: their slot is the newest now
+    raise TrajectoryError(
+        f"The trajectory store {str(root)!r} is being written by process {holder.get('pid')} on host "
+        f"{holder.get('host')!r}: its newest optimizer state was replaced {STATE_RETRIES} times while verify() read "
+        f"it (the recorder writes two slots in turn). Every step file verified. Call verify() again once the "
+        f"recording has ended."
+    )
+
+
+def _newest_states(manifest: TrajectoryManifest) -> tuple[object, object]:
+    """The records of the newest optimizer state and audit state (those a slot holds)."""
+    state = next((r.optimizer_state for r in reversed(manifest.steps) if r.optimizer_state is not None), None)
+    audit = next((r.audit_state for r in reversed(manifest.steps) if r.audit_state is not None), None)
+    return state, audit
+
+
+def _verify_states(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None:
+    states = [r for r in manifest.steps if r.optimizer_state is not None]
+    for record in states if sparse else states[-1:]:
+        read_tensors(root, record.optimizer_state, step=record.step)  # type: ignore[arg-type]
+    audit = next((r for r in reversed(manifest.steps) if r.audit_state is not None), None)
+    if audit is not None and audit.audit_state is not None:
+        read_tensors(root, audit.audit_state, step=audit.step)
