@@ -35,6 +35,7 @@ try:
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     raise ConfigError(f"explaind.integrations.ExplaindLightningCallback needs lightning ({exc}); install it with "
                       f"pip install 'explaind[lightning]'.") from exc
+from ..trajectory._common import ModelHook
 from ._core import RecordingCore
 from .data import MaskForm, step_weights
 
@@ -124,7 +125,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 " Here StochasticWeightAveraging wrote the average of the weights of its epochs into the model when "
                 "training ended; that average is no point of the recorded trajectory: remove the callback to "
                 "explain the model training ends with.")
-        self._hook = model.register_forward_pre_hook(self._take_inputs, with_kwargs=True)
+        self._hook = model.register_forward_pre_hook(ModelHook(self._take_inputs), with_kwargs=True)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.recorder is None:
