@@ -1,4 +1,5 @@
-r"""Model features explaind refuses before anything runs: complex parameters and randomized leaky ReLUs.
+r"""Model features explaind refuses (complex parameters, randomized leaky ReLUs, random draws when explaining,
+operations without a forward-mode derivative) and parameters only the loop's loss reads, each named with the fix.
 
 Both are refused by the recorder (before the first step) and by the engine (a model given to
 ``Trajectory.load``), each with a message naming the modules or parameters and the fix:
@@ -20,17 +21,32 @@ that name the cause and the fix: a forward that draws random numbers in evaluati
 dropout, ``F.dropout(x, p, training=True)``), whose output is no function of the parameters, and an
 operation without a forward-mode derivative (``F.grid_sample``), which the path derivatives
 :math:`\varphi_s(x)\,\Delta\theta_s` need (they are computed with ``torch.func.jvp``).
+
+:func:`loss_only_hint` names, in a failed gradient check, the parameters that ``backward()`` gave a
+gradient and the loss of the model's outputs did not: the loop's loss reads them outside the forward
+(a learned loss weight, as in uncertainty weighting), while explaind's loss sees only
+``(outputs, targets)`` (docs/maths.md §1: every update's data part is
+:math:`\sum_k w_{s,k}\nabla\ell_k`, with :math:`\ell_k` a function of the model's output on sample
+:math:`k`). :func:`extra_outputs_hint` names, in the same message, the other outputs of a model that returns
+more than its logits (a tuple, or a mapping with an ``aux_loss``): explaind's loss reads only the
+logits, so a loss the loop adds from the others (a mixture-of-experts load-balancing loss, which
+couples the samples of a batch) is not the recorded loss.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
+import torch
 from torch import nn
 
 from .exceptions import UnsupportedModelError
+from .inputs import Inputs
 
-__all__ = ["evaluation_refusal", "refuse_complex_parameters", "refuse_random_slopes"]
+__all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "refuse_complex_parameters",
+           "refuse_random_slopes"]
 
 
 def refuse_complex_parameters(model: nn.Module, where: str) -> None:
@@ -122,3 +138,64 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             f"with a forward-mode derivative (torch's derivatives.yaml). Fix: compute the same function from such "
             f"operations in the forward (a custom torch.autograd.Function with a jvp staticmethod works too).{hint}")
     return None
+
+
+def loss_only_hint(sums: dict[str, tuple[float, ...]]) -> str:
+    """The failed gradient check's hint for parameters with a loop gradient but none from the model's outputs.
+
+    Parameters
+    ----------
+    sums : dict of str to tuple of float
+        The check's per-parameter sums ``(D, R, G, E)`` (:class:`explaind.trajectory._checks.StreamedSums`):
+        ``R`` the squared norm of the recomputed gradient, ``G`` that of the loop's.
+
+    Returns
+    -------
+    str
+        Empty when every parameter with a loop gradient also has a recomputed one.
+    """
+    names = [n for n, v in sums.items() if v[1] == 0.0 and v[2] > 0.0]
+    if not names:
+        return ""
+    return (f" The parameter(s) {names[:6]} got a gradient from backward() but none from the loss of the model's "
+            f"outputs: the loop's loss reads them outside the model's forward (a learned loss weight or "
+            f"temperature, as in uncertainty weighting), and explaind's loss sees only (outputs, targets). Fix: "
+            f"use them in the forward and return them with the outputs (e.g. torch.cat([logits, log_var.expand(n, "
+            f"1)], 1)), and give the loss callable that reads them there.")
+
+
+def extra_outputs_hint(model: nn.Module, x: Any) -> str:
+    """The failed gradient check's hint for a model returning more than its logits (empty otherwise).
+
+    Runs the model once on the first row of ``x`` in evaluation mode without gradients (buffers unchanged) and
+    names the outputs besides the logits: a tuple's further tensors, or a mapping's tensors other than ``logits``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The recorded model.
+    x : Tensor or Inputs
+        The logged batch's inputs ``(n, ...)``.
+    """
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = x[:1].call(model) if isinstance(x, Inputs) else model(x[:1])
+    except Exception:  # noqa: BLE001 - a hint must not hide the check's own message
+        return ""
+    finally:
+        model.train(was)
+    if isinstance(out, tuple | list):
+        extra = [f"output {i}" for i, v in enumerate(out) if i > 0 and torch.is_tensor(v)]
+    elif isinstance(out, Mapping):
+        extra = [f"{k!r}" for k, v in out.items() if k != "logits" and "logits" in out and torch.is_tensor(v)]
+    else:
+        extra = []
+    if not extra:
+        return ""
+    return (f" The model returns more than its logits ({', '.join(extra[:4])}); explaind's loss reads only the "
+            f"logits, so a loss the loop adds from the other outputs (an auxiliary or load-balancing loss of a "
+            f"mixture of experts, which also couples the samples of a batch) is not the recorded loss. Fix: train "
+            f"without it while recording, or, when it is a sum of per-sample terms, return those terms as columns of "
+            f"the output and give a loss callable that adds them.")

@@ -115,7 +115,7 @@ def figures(model: nn.Module, traj: Any, X_test: Any, *, reference: type = Repla
     ref = reference(traj, X_test, panels=2)
     expected = ref.kept(("train",))
     return {"replica": replica, "share": float(att.meta["residual_share"]),
-            "scores": rel_err(np.asarray(att.values).reshape(expected.shape), expected),
+            "scores": rel_err(np.asarray(att.values.detach()).reshape(expected.shape), expected),
             "reference_residual": float(ref.E.abs().max()) / max(float(torch.stack(ref.delta).abs().max()), 1e-300),
             "warnings": [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]}
 
@@ -392,6 +392,22 @@ class Uncertainty(nn.Module):
         return self.net(x)
 
 
+class UncertaintyInOutputs(nn.Module):
+    """The fix the check names: ``log_var`` returned as a fourth output column, read there by the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = head()
+        self.log_var = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        return torch.cat([self.net(x), self.log_var.expand(len(x), 1)], 1)
+
+
+def uncertainty_in_outputs(out: Tensor, y: Tensor) -> Tensor:
+    return (torch.exp(-out[:, 3]) * F.cross_entropy(out[:, :3], y, reduction="none") + out[:, 3]).mean()
+
+
 def uncertainty_loss(model: Uncertainty) -> Callable[[Tensor, Tensor], Tensor]:
     def loss(out: Tensor, y: Tensor) -> Tensor:
         return torch.exp(-model.log_var) * F.cross_entropy(out, y) + model.log_var
@@ -465,6 +481,85 @@ def halved_grads_step(model, opt, X, y, idx, rec, batch_loss) -> None:
     for p in model.parameters():
         p.grad.mul_(0.5)
     opt.step()
+
+
+def mask_logged_step(model, opt, X, y, idx, rec, batch_loss) -> None:
+    """The batch logged as a boolean mask over the training set instead of its indices."""
+    opt.zero_grad()
+    batch_loss(model(X[idx]), y[idx]).backward()
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[idx] = True
+    rec.log_batch(mask)
+    opt.step()
+
+
+def twice_stepped(model, opt, X, y, idx, rec, batch_loss) -> None:
+    """``optimizer.step()`` called twice on one logged batch (a copy-paste slip)."""
+    plain_step(model, opt, X, y, idx, rec, batch_loss)
+    opt.step()
+
+
+def twice_logged(model, opt, X, y, idx, rec, batch_loss) -> None:
+    """``rec.log_batch(idx)`` called twice for one batch (once in the loop, once in a helper)."""
+    opt.zero_grad()
+    batch_loss(model(X[idx]), y[idx]).backward()
+    rec.log_batch(idx)
+    rec.log_batch(idx)
+    opt.step()
+
+
+def float32_loss_step(model, opt, X, y, idx, rec, batch_loss) -> None:
+    """A float64 model whose loss the loop computes on ``out.float()`` (a habit from float32 code)."""
+    opt.zero_grad()
+    batch_loss(model(X[idx]).float(), y[idx]).backward()
+    rec.log_batch(idx)
+    opt.step()
+
+
+class AuxRouter(nn.Module):
+    """Two tanh experts mixed by a softmax gate; returns ``(logits, aux)`` with ``aux`` a load-balancing loss over
+    the batch (the squared mean gate probability per expert, times 2), which the loop adds to its loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(4, 2)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)) for _ in range(2)])
+
+    def forward(self, x):
+        g = self.gate(x).softmax(-1)
+        out = (torch.stack([e(x) for e in self.experts], -1) * g[:, None]).sum(-1)
+        return out, 2 * (g.mean(0) ** 2).sum()
+
+
+def aux_loss_step(model, opt, X, y, idx, rec, batch_loss) -> None:
+    """The loop adds the model's auxiliary (load-balancing) loss, the second output, with weight 0.1."""
+    opt.zero_grad()
+    out, aux = model(X[idx])
+    (F.cross_entropy(out, y[idx]) + 0.1 * aux).backward()
+    rec.log_batch(idx)
+    opt.step()
+
+
+def relabel(s: int, model: nn.Module, y: Tensor) -> None:
+    """Self-training: after step 0, the training labels are overwritten in place with the model's predictions."""
+    if s == 0:
+        with torch.no_grad():
+            y[:N_TRAIN] = model(XV[:N_TRAIN]).argmax(-1)
+
+
+class Uint8Images(nn.Module):
+    """uint8 6x6 images scaled in the forward (``x.to(float64) / 255`` minus 0.5), a Conv2d, tanh, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.head = nn.Conv2d(1, 2, 3), nn.Linear(2 * 16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c(x.to(self.c.weight.dtype) / 255 - 0.5))
+        return self.head(h.flatten(1))
+
+
+XU = (torch.rand(14, 1, 6, 6, generator=torch.Generator().manual_seed(4)) * 255).to(torch.uint8)
 
 
 def reset_head(s: int, model: nn.Module) -> None:
@@ -559,6 +654,18 @@ def ema_case() -> dict[str, Any]:
     return got
 
 
+def relabel_case(**recorder: Any) -> dict[str, Any]:
+    y = YV.clone()
+    model, traj = fit(head, XV, y, after=lambda s, m: relabel(s, m, y), **recorder)
+    return figures(model, traj, XV[N_TRAIN:])
+
+
+def uncertainty_check_off_case() -> dict[str, Any]:
+    model = seeded(Uncertainty)
+    model, traj = fit(model, XV, YV, loss=uncertainty_loss(model), check_gradients=False)
+    return figures(model, traj, XV[N_TRAIN:])
+
+
 def stateful_gru_case() -> dict[str, Any]:
     model, traj = fit(StatefulGRU, XS, YS)
     model.h = None
@@ -597,6 +704,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "distillation_kl_log_target": loss_case("teacher", distillation),
     "info_nce_check_off": loss_case("pairs", info_nce, Views, check_gradients=False),
     "uncertainty_weighted_loss": uncertainty_case,
+    "uncertainty_weighted_loss_check_off": uncertainty_check_off_case,
+    "uncertainty_weight_in_outputs": loss_case("classes", uncertainty_in_outputs, UncertaintyInOutputs),
     # loops
     "noise_augmentation_in_loop": loop_case(step=noisy_inputs_step),
     "noise_augmentation_check_off": loop_case(step=noisy_inputs_step, check_gradients=False),
@@ -608,5 +717,13 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "ema_copy_explained": ema_case,
     "tbptt_hidden_state_carried": stateful_gru_case,
     "adam_tensor_lr": loop_case(opt=tensor_lr_adam),
+    "log_batch_with_a_boolean_mask": loop_case(step=mask_logged_step),
+    "optimizer_step_twice": loop_case(step=twice_stepped),
+    "log_batch_twice": loop_case(step=twice_logged),
+    "float32_loss_of_float64_model": loop_case(step=float32_loss_step),
+    "aux_load_balancing_loss": loop_case(build=AuxRouter, step=aux_loss_step),
+    "labels_overwritten_in_place": relabel_case,
+    "labels_overwritten_in_place_check_off": lambda: relabel_case(check_gradients=False),
+    "uint8_images_scaled_in_forward": model_case(Uint8Images, XU, YV),
     "adamw_no_decay_groups": loop_case(opt=no_decay_adamw),
 }

@@ -268,7 +268,8 @@ class KernelReplica(PathEstimator):
         elif drift > bound:
             warnings.warn(f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
                           f"{drift:.3g} (relative) on X: its buffers or parameters are not those of the recorded run's "
-                          f"last step (the model was changed after recording, or the run was recorded before "
+                          f"last step (the model was changed after recording, it is a copy holding other weights, "
+                          f"such as an EMA of the iterates kept by hand, or the run was recorded before "
                           f"buffers such as BatchNorm running statistics were recorded per step). The replica "
                           f"reproduces the recorded run.", ExplaindWarning,
                           stacklevel=3)
