@@ -23,9 +23,9 @@ operation without a forward-mode derivative (``F.grid_sample``), which the path 
 :math:`\varphi_s(x)\,\Delta\theta_s` need (they are computed with ``torch.func.jvp``).
 
 :func:`loss_only_hint` names, in a failed gradient check, the parameters that ``backward()`` gave a
-gradient and the loss of the model's outputs did not: the loop's loss reads them outside the forward
-(a learned loss weight, as in uncertainty weighting), while explaind's loss sees only
-``(outputs, targets)`` (docs/maths.md §1: every update's data part is
+gradient and the loss of the model's output did not: the loop's loss reads them outside that output
+(a learned loss weight, as in uncertainty weighting, or a second head of a tuple), while explaind's
+loss sees only ``(outputs, targets)`` (docs/maths.md §1: every update's data part is
 :math:`\sum_k w_{s,k}\nabla\ell_k`, with :math:`\ell_k` a function of the model's output on sample
 :math:`k`). :func:`extra_outputs_hint` names, in the same message, the other outputs of a model that returns
 more than its logits (a tuple, or a mapping with an ``aux_loss``): explaind's loss reads only the
@@ -157,11 +157,12 @@ def loss_only_hint(sums: dict[str, tuple[float, ...]]) -> str:
     names = [n for n, v in sums.items() if v[1] == 0.0 and v[2] > 0.0]
     if not names:
         return ""
-    return (f" The parameter(s) {names[:6]} got a gradient from backward() but none from the loss of the model's "
-            f"outputs: the loop's loss reads them outside the model's forward (a learned loss weight or "
-            f"temperature, as in uncertainty weighting), and explaind's loss sees only (outputs, targets). Fix: "
-            f"use them in the forward and return them with the outputs (e.g. torch.cat([logits, log_var.expand(n, "
-            f"1)], 1)), and give the loss callable that reads them there.")
+    return (f" The parameter(s) {names[:6]} got a gradient from backward() but none through the loss of the output "
+            f"explaind reads (the logits, or a tuple's first element): the loop's loss reaches them another way, "
+            f"directly (a learned loss weight or temperature, as in uncertainty weighting) or through another output "
+            f"of the model (a second head). Fix: return all the loss reads in that one output (torch.cat([logits, "
+            f"other], 1), a learned weight as a column log_var.expand(n, 1)) and give a loss callable that reads it "
+            f"there.")
 
 
 def extra_outputs_hint(model: nn.Module, x: Any) -> str:
@@ -196,6 +197,8 @@ def extra_outputs_hint(model: nn.Module, x: Any) -> str:
         return ""
     return (f" The model returns more than its logits ({', '.join(extra[:4])}); explaind's loss reads only the "
             f"logits, so a loss the loop adds from the other outputs (an auxiliary or load-balancing loss of a "
-            f"mixture of experts, which also couples the samples of a batch) is not the recorded loss. Fix: train "
-            f"without it while recording, or, when it is a sum of per-sample terms, return those terms as columns of "
-            f"the output and give a loss callable that adds them.")
+            f"mixture of experts, which also couples the samples of a batch, or a second head's loss) is not the "
+            f"recorded loss. Fix: when that loss is a mean of per-sample terms (a second head), return everything "
+            f"it reads in one output (torch.cat([logits, other], 1)) with a loss callable that splits it; a loss "
+            f"coupling the samples of a batch (load balancing) has no per-sample split: train without it while "
+            f"recording.")

@@ -562,6 +562,75 @@ class Uint8Images(nn.Module):
 XU = (torch.rand(14, 1, 6, 6, generator=torch.Generator().manual_seed(4)) * 255).to(torch.uint8)
 
 
+def hooked_output() -> nn.Module:
+    """A forward hook on the first layer that rescales its output (``out * 2``): part of the model's function."""
+    model = head()
+    model.a.register_forward_hook(lambda m, inp, out: out * 2)
+    return model
+
+
+class RenormalisedHead(nn.Module):
+    """A NormFace-style head that renormalises its weight rows in place in every forward (under ``no_grad``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.w = nn.Linear(4, 8), nn.Parameter(torch.randn(3, 8))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.w.div_(self.w.norm(dim=1, keepdim=True))
+        return 5 * torch.tanh(self.a(x)) @ self.w.T
+
+
+class TwoHeads(nn.Module):
+    """Multi-task: a shared tanh trunk, a 3-class head and a 2-dimensional regression head, returned as a tuple, or
+    concatenated into one ``(n, 5)`` output when ``concat``."""
+
+    def __init__(self, concat: bool = False):
+        super().__init__()
+        self.trunk, self.cls, self.reg, self.concat = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 2), concat
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        return torch.cat([self.cls(h), self.reg(h)], 1) if self.concat else (self.cls(h), self.reg(h))
+
+
+REG = torch.randn(14, 2, generator=torch.Generator().manual_seed(8), dtype=DT)
+
+
+def multi_task_tuple_step(model, opt, X, y, idx, rec, batch_loss) -> None:
+    """Cross entropy on the first head plus the squared error of the second against REG."""
+    opt.zero_grad()
+    a, b = model(X[idx])
+    (F.cross_entropy(a, y[idx]) + F.mse_loss(b, REG[idx])).backward()
+    rec.log_batch(idx)
+    opt.step()
+
+
+def multi_task_loss(out: Tensor, y: Tensor) -> Tensor:
+    """The fix: one output ``(n, 5)``, ``y (n, 3)`` holding the label and the two regression targets."""
+    return F.cross_entropy(out[:, :3], y[:, 0].long()) + F.mse_loss(out[:, 3:], y[:, 1:])
+
+
+def sam_step(model, opt, X, y, idx, rec, batch_loss, rho: float = 0.05) -> None:
+    """Sharpness-aware minimisation: ascend to ``theta + rho g / |g|``, take the gradient there, come back, step."""
+    opt.zero_grad()
+    batch_loss(model(X[idx]), y[idx]).backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+    eps = [rho * p.grad / norm for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    opt.zero_grad()
+    batch_loss(model(X[idx]), y[idx]).backward()
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.sub_(e)
+    rec.log_batch(idx)
+    opt.step()
+
+
 def reset_head(s: int, model: nn.Module) -> None:
     """``reset_parameters()`` of the head after step 1 (re-initialising a layer mid-run)."""
     if s == 1:
@@ -666,6 +735,18 @@ def uncertainty_check_off_case() -> dict[str, Any]:
     return figures(model, traj, XV[N_TRAIN:])
 
 
+def multi_task_concat_case() -> dict[str, Any]:
+    y = torch.cat([YV[:, None].to(DT), REG], 1)
+    model, traj = fit(lambda: TwoHeads(concat=True), XV, y, loss=multi_task_loss)
+    return figures(model, traj, XV[N_TRAIN:])
+
+
+def ctc_case() -> dict[str, Any]:
+    y = torch.randint(1, 4, (14, 2), generator=torch.Generator().manual_seed(9))
+    model, traj = fit(FrameConv, XS, y, loss=ctc)
+    return figures(model, traj, XS[N_TRAIN:])
+
+
 def stateful_gru_case() -> dict[str, Any]:
     model, traj = fit(StatefulGRU, XS, YS)
     model.h = None
@@ -725,5 +806,11 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "labels_overwritten_in_place": relabel_case,
     "labels_overwritten_in_place_check_off": lambda: relabel_case(check_gradients=False),
     "uint8_images_scaled_in_forward": model_case(Uint8Images, XU, YV),
+    "ctc_loss": ctc_case,
+    "forward_hook_rescaling_output": model_case(hooked_output, XV, YV),
+    "weight_renormalised_in_place_in_forward": model_case(RenormalisedHead, XV, YV),
+    "multi_task_heads_as_a_tuple": loop_case(build=TwoHeads, step=multi_task_tuple_step),
+    "multi_task_heads_concatenated": multi_task_concat_case,
+    "sharpness_aware_minimisation": loop_case(step=sam_step),
     "adamw_no_decay_groups": loop_case(opt=no_decay_adamw),
 }

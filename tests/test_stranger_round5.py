@@ -38,7 +38,7 @@ EXACT = [
     "bce_pos_weight", "multilabel_soft_margin_weight", "huber", "gaussian_nll", "poisson_nll", "focal_by_hand",
     "multi_margin", "triplet_margin", "cosine_embedding", "distillation_kl_log_target",
     "uncertainty_weight_in_outputs", "manual_seed_each_step_dropout", "grads_halved_by_hand", "log_batch_twice",
-    "adamw_no_decay_groups",
+    "adamw_no_decay_groups", "ctc_loss", "forward_hook_rescaling_output", "multi_task_heads_concatenated",
 ]
 
 
@@ -75,7 +75,12 @@ def test_float32_rounding_in_the_loop_stays_at_its_level(case):
     ("float32_layer_in_float64_model", UnsupportedModelError,
      r"several dtypes \(float32: \['a\.weight', 'a\.bias'\]; float64: .*x\.to\(self\.layer\.weight\.dtype\)"),
     ("uncertainty_weighted_loss", TrajectoryError,
-     r"\['log_var'\] got a gradient from backward\(\) but none from the loss of the model's outputs"),
+     r"\['log_var'\] got a gradient from backward\(\) but none through the loss of the output explaind reads"),
+    ("multi_task_heads_as_a_tuple", TrajectoryError,
+     r"\['reg\.weight', 'reg\.bias'\] got a gradient .*another output .*returns more than its logits \(output 1\)"),
+    ("weight_renormalised_in_place_in_forward", TrajectoryError, r"Step 0: the parameter\(s\) w .*changed outside"),
+    ("sharpness_aware_minimisation", TrajectoryError, r"Step 0: the parameter\(s\) .*gradients were taken at "
+                                                      r"parameters the trajectory does not hold"),
     ("aux_load_balancing_loss", TrajectoryError, r"returns more than its logits \(output 1\).*load-balancing"),
     ("labels_overwritten_in_place", TrajectoryError, r"y was changed in place .*append them as new rows"),
     ("labels_overwritten_in_place_check_off", TrajectoryError, r"y was changed in place"),

@@ -130,7 +130,7 @@ class TrainData:
         self._dataset: Any = None
         #: rows hashed -> DataFingerprint, filled by ``explaind.trajectory.fingerprint.data_fingerprint``
         self.fingerprints: dict[int, Any] = {}
-        #: ``Tensor._version`` of X's and y's tensors when given (:meth:`get` refuses in-place edits after that)
+        #: ``(id, Tensor._version)`` of X's and y's tensors when given (:meth:`get` refuses in-place edits after)
         self._versions: tuple[int, ...] | None = None
         if isinstance(data, TrainData):
             self._x, self._y, self._dataset = data._x, data._y, data._dataset
@@ -183,13 +183,16 @@ class TrainData:
         return torch.stack(xs), torch.stack(ys)
 
     def _versions_now(self) -> tuple[int, ...]:
+        """``(id, version)`` of X's tensors and y (a copy of this object holds other tensors, counted anew)."""
         x = self._x._tensors() if isinstance(self._x, Inputs) else [self._x]
-        return tuple(t._version for t in [*x, self._y])
+        return tuple(v for t in [*x, self._y] for v in (id(t), t._version))
 
     def _refuse_edits(self) -> None:
         """Refuse X or y changed in place since they were given: steps taken before saw other rows."""
         versions = self._versions_now()
-        if versions != self._versions:
+        if self._versions is None or versions[::2] != self._versions[::2]:  # copied (pickled, deep-copied)
+            self._versions = versions
+        elif versions != self._versions:
             what = "y" if versions[-1] != self._versions[-1] else "X"
             raise TrajectoryError(
                 f"train_data: {what} was changed in place after it was given to explaind (e.g. labels "
@@ -197,7 +200,7 @@ class TrainData:
                 f"train_data as given and recomputes every step's gradients from it, so the steps taken before the "
                 f"change would be explained with rows they never saw. Fix: leave X and y unchanged while recording "
                 f"and explaining; for relabelled samples, append them as new rows (torch.cat) before recording and "
-                f"log the rows each step used, which is exact.")
+                f"log the rows each step used.")
 
     def tensors(self) -> tuple[Tensor | Inputs, Tensor]:
         """All data as ``(X, y)`` (a dataset is materialised item by item)."""
