@@ -747,6 +747,26 @@ def ctc_case() -> dict[str, Any]:
     return figures(model, traj, XS[N_TRAIN:])
 
 
+def inference_mode_data_case() -> dict[str, Any]:
+    """Training data made under ``torch.inference_mode()`` (features precomputed there: no version counter)."""
+    with torch.inference_mode():
+        X, y = XV.clone(), YV.clone()
+    model, traj = fit(head, X, y)
+    return figures(model, traj, XV[N_TRAIN:])
+
+
+def normalised_in_place_case() -> dict[str, Any]:
+    """The inputs standardised in place after step 1 (``X.sub_(mean).div_(std)``), the loop going on with them."""
+    X = XV.clone()
+
+    def after(s, m):
+        if s == 1:
+            X.sub_(X.mean(0)).div_(X.std(0))
+
+    model, traj = fit(head, X, YV, after=after)
+    return figures(model, traj, XV[N_TRAIN:])
+
+
 def stateful_gru_case() -> dict[str, Any]:
     model, traj = fit(StatefulGRU, XS, YS)
     model.h = None
@@ -805,6 +825,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "aux_load_balancing_loss": loop_case(build=AuxRouter, step=aux_loss_step),
     "labels_overwritten_in_place": relabel_case,
     "labels_overwritten_in_place_check_off": lambda: relabel_case(check_gradients=False),
+    "inputs_normalised_in_place": normalised_in_place_case,
+    "train_data_made_under_inference_mode": inference_mode_data_case,
     "uint8_images_scaled_in_forward": model_case(Uint8Images, XU, YV),
     "ctc_loss": ctc_case,
     "forward_hook_rescaling_output": model_case(hooked_output, XV, YV),

@@ -38,7 +38,8 @@ EXACT = [
     "bce_pos_weight", "multilabel_soft_margin_weight", "huber", "gaussian_nll", "poisson_nll", "focal_by_hand",
     "multi_margin", "triplet_margin", "cosine_embedding", "distillation_kl_log_target",
     "uncertainty_weight_in_outputs", "manual_seed_each_step_dropout", "grads_halved_by_hand", "log_batch_twice",
-    "adamw_no_decay_groups", "ctc_loss", "forward_hook_rescaling_output", "multi_task_heads_concatenated",
+    "adamw_no_decay_groups", "train_data_made_under_inference_mode", "ctc_loss", "forward_hook_rescaling_output",
+    "multi_task_heads_concatenated",
 ]
 
 
@@ -84,6 +85,7 @@ def test_float32_rounding_in_the_loop_stays_at_its_level(case):
     ("aux_load_balancing_loss", TrajectoryError, r"returns more than its logits \(output 1\).*load-balancing"),
     ("labels_overwritten_in_place", TrajectoryError, r"y was changed in place .*append them as new rows"),
     ("labels_overwritten_in_place_check_off", TrajectoryError, r"y was changed in place"),
+    ("inputs_normalised_in_place", TrajectoryError, r"X was changed in place"),
     ("noise_augmentation_in_loop", TrajectoryError, r"augmented inside the loop"),
     ("reset_parameters_mid_run", TrajectoryError, r"Step 2: the parameter\(s\) b\.weight .*changed outside"),
     ("tbptt_hidden_state_carried", TrajectoryError, r"Step 1: the gradient from backward\(\) does not match"),

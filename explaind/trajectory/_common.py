@@ -183,9 +183,10 @@ class TrainData:
         return torch.stack(xs), torch.stack(ys)
 
     def _versions_now(self) -> tuple[int, ...]:
-        """``(id, version)`` of X's tensors and y (a copy of this object holds other tensors, counted anew)."""
+        """``(id, version)`` of X's tensors and y (a copy of this object holds other tensors, counted anew); tensors
+        made under ``torch.inference_mode()`` keep no version counter (-1): their in-place changes are not seen."""
         x = self._x._tensors() if isinstance(self._x, Inputs) else [self._x]
-        return tuple(v for t in [*x, self._y] for v in (id(t), t._version))
+        return tuple(v for t in [*x, self._y] for v in (id(t), -1 if t.is_inference() else t._version))
 
     def _refuse_edits(self) -> None:
         """Refuse X or y changed in place since they were given: steps taken before saw other rows."""
