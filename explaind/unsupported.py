@@ -101,6 +101,15 @@ def refuse_random_slopes(model: nn.Module, where: str) -> None:
             f"nn.LeakyReLU((lower + upper) / 2), the function RReLU computes in evaluation mode.")
 
 
+#: The plain form of operations without a forward-mode derivative that models use, named in the refusal.
+_NO_FORWARD_AD_HINTS = {
+    "grid_sampler_2d": " F.grid_sample (a spatial transformer) is such an operation: resample with F.interpolate, or "
+                       "gather the four neighbours and weight them by hand.",
+    "_cdist_forward": " torch.cdist is such an operation: write the distances as ((a[..., :, None, :] - "
+                      "b[..., None, :, :]) ** 2).sum(-1) (its .sqrt() for p=2).",
+}
+
+
 def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
     """The refusal for a torch error raised while explaind evaluates a model, or ``None`` (see the module
     docstring).
@@ -129,9 +138,7 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
     match = re.search(r"forward AD with (\w+) that does not support it", text)
     if match:
         op = match.group(1)
-        hint = (" F.grid_sample/F.affine_grid (a spatial transformer) is such an operation: resample with "
-                "F.interpolate, or gather the four neighbours and weight them by hand." if "grid_sampler" in op
-                else "")
+        hint = _NO_FORWARD_AD_HINTS.get(op, "")
         return UnsupportedModelError(
             f"the model's forward calls torch's {op}, which has no forward-mode derivative in torch, and explaind "
             f"computes the path derivatives of the replica and the scores with torch.func.jvp. Allowed: operations "
@@ -140,14 +147,17 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
     return None
 
 
-def loss_only_hint(sums: dict[str, tuple[float, ...]]) -> str:
-    """The failed gradient check's hint for parameters with a loop gradient but none from the model's outputs.
+def loss_only_hint(sums: dict[str, tuple[float, ...]], replayed: bool = True) -> str:
+    """The failed gradient check's hint for parameters with a loop gradient but none from the model's output.
 
     Parameters
     ----------
     sums : dict of str to tuple of float
         The check's per-parameter sums ``(D, R, G, E)`` (:class:`explaind.trajectory._checks.StreamedSums`):
         ``R`` the squared norm of the recomputed gradient, ``G`` that of the loop's.
+    replayed : bool
+        Whether the check replayed the loop's training forwards (else it recomputed in evaluation mode, where a
+        branch taken only in training, such as a random draw, is skipped).
 
     Returns
     -------
@@ -157,12 +167,14 @@ def loss_only_hint(sums: dict[str, tuple[float, ...]]) -> str:
     names = [n for n, v in sums.items() if v[1] == 0.0 and v[2] > 0.0]
     if not names:
         return ""
-    return (f" The parameter(s) {names[:6]} got a gradient from backward() but none through the loss of the output "
-            f"explaind reads (the logits, or a tuple's first element): the loop's loss reaches them another way, "
-            f"directly (a learned loss weight or temperature, as in uncertainty weighting) or through another output "
-            f"of the model (a second head). Fix: return all the loss reads in that one output (torch.cat([logits, "
-            f"other], 1), a learned weight as a column log_var.expand(n, 1)) and give a loss callable that reads it "
-            f"there.")
+    eval_only = ("; or only the training-mode forward uses them, and the check recomputed in evaluation mode (no "
+                 "training forward is replayed: see the random draws below)" if not replayed else "")
+    return (f" The parameter(s) {names[:6]} got a gradient from backward() but none through the recomputed loss of "
+            f"the output explaind reads (the logits, or a tuple's first element): the loop's loss reaches them "
+            f"another way, directly (a learned loss weight or temperature, as in uncertainty weighting) or through "
+            f"another output of the model (a second head){eval_only}. Fix for a loss weight or a second head: return "
+            f"all the loss reads in that one output (torch.cat([logits, other], 1), a learned weight as a column "
+            f"log_var.expand(n, 1)) and give a loss callable that reads it there.")
 
 
 def extra_outputs_hint(model: nn.Module, x: Any) -> str:

@@ -631,6 +631,35 @@ def sam_step(model, opt, X, y, idx, rec, batch_loss, rho: float = 0.05) -> None:
     opt.step()
 
 
+class Prototypes(nn.Module):
+    """A prototype classifier: negative squared ``torch.cdist`` distances of tanh features to 3 learned prototypes;
+    ``by_hand``: the same distances as the refusal's fix writes them."""
+
+    def __init__(self, by_hand: bool = False):
+        super().__init__()
+        self.a, self.protos, self.by_hand = nn.Linear(4, 8), nn.Parameter(torch.randn(3, 8)), by_hand
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.by_hand:
+            return -((h[..., :, None, :] - self.protos[..., None, :, :]) ** 2).sum(-1)
+        return -torch.cdist(h, self.protos) ** 2
+
+
+class Reparameterised(nn.Module):
+    """A VAE-style bottleneck: ``Normal(mu, softplus(s)).rsample()`` in training mode, ``mu`` in evaluation mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.mu, self.s, self.head = nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        mu = self.mu(h)
+        z = torch.distributions.Normal(mu, F.softplus(self.s(h))).rsample() if self.training else mu
+        return self.head(z)
+
+
 def reset_head(s: int, model: nn.Module) -> None:
     """``reset_parameters()`` of the head after step 1 (re-initialising a layer mid-run)."""
     if s == 1:
@@ -829,6 +858,10 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "train_data_made_under_inference_mode": inference_mode_data_case,
     "uint8_images_scaled_in_forward": model_case(Uint8Images, XU, YV),
     "ctc_loss": ctc_case,
+    "prototypes_cdist": model_case(Prototypes, XV, YV),
+    "prototypes_distances_by_hand": model_case(lambda: Prototypes(by_hand=True), XV, YV),
+    "vae_rsample": model_case(Reparameterised, XV, YV),
+    "vae_rsample_captured": model_case(Reparameterised, XV, YV, capture_random=True),
     "forward_hook_rescaling_output": model_case(hooked_output, XV, YV),
     "weight_renormalised_in_place_in_forward": model_case(RenormalisedHead, XV, YV),
     "multi_task_heads_as_a_tuple": loop_case(build=TwoHeads, step=multi_task_tuple_step),

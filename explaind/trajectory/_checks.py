@@ -460,8 +460,8 @@ def check_batch_gradient(
     if rel > tol or sigma <= 0:
         per = [(math.sqrt(d / max(sq_raw, 1e-300)), n) for n, d in distance.items()]
         worst = ", ".join(f"{n} ({v:.2g})" for v, n in sorted(per, reverse=True)[:3])
-        hint = (loss_only_hint(sums.sums) + extra_outputs_hint(model, batch[0]) + (hint() if callable(hint) else hint)
-                + gradient_hooks_hint(model))
+        hint = (loss_only_hint(sums.sums, replay is not None) + extra_outputs_hint(model, batch[0])
+                + (hint() if callable(hint) else hint) + gradient_hooks_hint(model))
         raise TrajectoryError(
             f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under "
             f"loss {loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}; "
