@@ -45,12 +45,11 @@ from torch import nn
 from .exceptions import UnsupportedModelError
 from .inputs import Inputs
 
-__all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "refuse_complex_parameters",
-           "refuse_random_slopes"]
+__all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "refuse_unreplayable"]
 
 
-def refuse_complex_parameters(model: nn.Module, where: str) -> None:
-    """Refuse a model holding a complex parameter or buffer (see the module docstring).
+def refuse_unreplayable(model: nn.Module, where: str) -> None:
+    """Refuse a model holding a complex parameter or buffer, or an ``nn.RReLU`` (see the module docstring).
 
     Parameters
     ----------
@@ -62,7 +61,7 @@ def refuse_complex_parameters(model: nn.Module, where: str) -> None:
     Raises
     ------
     UnsupportedModelError
-        Naming every complex tensor and the fix.
+        Naming every complex tensor or ``nn.RReLU`` and the fix.
     """
     found = [f"{name} ({t.dtype})" for name, t in [*model.named_parameters(), *model.named_buffers()]
              if t.is_complex()]
@@ -73,28 +72,11 @@ def refuse_complex_parameters(model: nn.Module, where: str) -> None:
             f"so the explained model would not be the trained one. Allowed: real floating parameters and buffers. "
             f"Fix: hold each as a real tensor of shape (..., 2), e.g. nn.Parameter(torch.view_as_real(w)), and "
             f"use torch.view_as_complex(self.w) in the forward (the same model, trained and explained exactly).")
-
-
-def refuse_random_slopes(model: nn.Module, where: str) -> None:
-    """Refuse ``nn.RReLU`` modules (see the module docstring).
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model to record or evaluate.
-    where : str
-        Who refuses, for the message.
-
-    Raises
-    ------
-    UnsupportedModelError
-        Naming every ``nn.RReLU`` and the fix.
-    """
-    found = [f"{name or type(m).__name__} (lower={m.lower}, upper={m.upper})" for name, m in model.named_modules()
-             if isinstance(m, nn.RReLU)]
-    if found:
+    slopes = [f"{name or type(m).__name__} (lower={m.lower}, upper={m.upper})" for name, m in model.named_modules()
+              if isinstance(m, nn.RReLU)]
+    if slopes:
         raise UnsupportedModelError(
-            f"{where}: the model holds nn.RReLU modules {found}, which draw a random negative slope per element in "
+            f"{where}: the model holds nn.RReLU modules {slopes}, which draw a random negative slope per element in "
             f"training mode inside torch's fused rrelu_with_noise kernel; explaind cannot replay those draws "
             f"(the kernel has no vmap rule), so the training forwards cannot be re-evaluated exactly. Allowed: "
             f"activations without random draws, or random layers drawn with torch's generators (dropout). Fix: "

@@ -30,7 +30,7 @@ from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
 from ..models import copy_memo, drop_backward_hooks, refuse_renormalising_embeddings, refuse_script_modules
 from ..outputs import model_output
-from ..unsupported import evaluation_refusal, refuse_complex_parameters, refuse_random_slopes
+from ..unsupported import evaluation_refusal, refuse_unreplayable
 from .casts import KeepReplayDtype
 from .rewrites import FusedKernelRewrite, needs_rewrite
 
@@ -63,8 +63,7 @@ class FunctionalModel:
                  dtype: torch.dtype, shared: Sequence[Any] = ()):
         refuse_renormalising_embeddings(module, "explaind cannot evaluate this model")
         refuse_script_modules(module, "explaind cannot evaluate this model")
-        refuse_complex_parameters(module, "explaind cannot evaluate this model")
-        refuse_random_slopes(module, "explaind cannot evaluate this model")
+        refuse_unreplayable(module, "explaind cannot evaluate this model")
         _refuse_batch_statistics(module)
         self.shared = tuple(shared)
         self.module = self.copy(module).to(device=device, dtype=dtype).eval()

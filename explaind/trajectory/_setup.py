@@ -23,7 +23,7 @@ from torch import nn
 
 from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_renormalising_embeddings, refuse_script_modules, refuse_sparse_embeddings
-from ..unsupported import refuse_complex_parameters, refuse_random_slopes
+from ..unsupported import refuse_unreplayable
 from ._layout import remove_store, setup_leftover
 from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
@@ -160,8 +160,7 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
     refuse_renormalising_embeddings(model, "TrajectoryRecorder")
     refuse_sparse_embeddings(model, "TrajectoryRecorder")
     refuse_script_modules(model, "TrajectoryRecorder")
-    refuse_complex_parameters(model, "TrajectoryRecorder")
-    refuse_random_slopes(model, "TrajectoryRecorder")
+    refuse_unreplayable(model, "TrajectoryRecorder")
     drawn = loss_generators(loss)
     if drawn:
         raise ConfigError(
