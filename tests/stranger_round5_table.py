@@ -30,6 +30,10 @@ KEYS = {
     "noise_augmentation_in_loop": "augmented inside", "noise_augmentation_check_off": "data augmentation",
     "tbptt_hidden_state_carried": "largest differences", "ema_copy_explained": "EMA",
     "labels_overwritten_in_place": "y was changed", "labels_overwritten_in_place_check_off": "y was changed",
+    "inputs_normalised_in_place": "X was changed", "prototypes_cdist": "_cdist_forward",
+    "vae_rsample": "['s.weight'", "multi_task_heads_as_a_tuple": "['reg.weight'",
+    "sharpness_aware_minimisation": "gradients were taken",
+    "weight_renormalised_in_place_in_forward": "changed outside",
 }
 #: Cases whose loop rounds its gradients to float32: their residual share is that rounding, not an error.
 FLOAT32 = ("float32_layer_cast_to_its_weight_dtype", "float32_loss_of_float64_model")
