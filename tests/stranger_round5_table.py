@@ -17,7 +17,7 @@ import sys
 import warnings
 
 import torch
-from _round5_kit import CASES
+from _round5_cases import CASES
 
 from explaind.exceptions import ExplaindError
 

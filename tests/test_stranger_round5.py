@@ -1,4 +1,4 @@
-"""Fifth round of cases nobody tuned for (tests/_round5_kit.py): exact in float64, or loud naming cause and fix.
+"""Fifth round of cases nobody tuned for (tests/_round5_cases.py): exact in float64, or loud naming cause and fix.
 
 Exact (replica <= 1e-6 against the trained model in evaluation mode, residual share <= 1e-9 with no warning,
 ``keep=("train",)`` scores <= 1e-9 against the slow loop reference of tests/replay_reference.py, whose own residual
@@ -28,7 +28,8 @@ causes); an EMA copy given to fidelity_report (the warning named only edits afte
 from __future__ import annotations
 
 import pytest
-from _round5_kit import CASES, assert_exact
+from _round5_cases import CASES
+from _round5_kit import assert_exact
 
 from explaind.exceptions import ConfigError, TrajectoryError, UnsupportedModelError
 
