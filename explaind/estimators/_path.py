@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from ..config import DtypeName, StrictModel, resolve_dtype
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, UnsupportedModelError
 from ..trajectory.base import Trajectory
 from .base import ExplaindEstimator
 
@@ -91,7 +91,7 @@ class PathEstimator(ExplaindEstimator):
         if Xt.dim() == 0 or Xt.shape[0] == 0:
             raise ConfigError(f"{type(self).__name__}: X must hold at least one input along its first axis; got "
                               f"shape {tuple(Xt.shape)}.")
-        probe_inputs(type(self).__name__, engine.fm, engine.params(0), Xt)
+        probe_inputs(type(self).__name__, engine.fm, engine.params(0), Xt, recorded=self.trajectory_.params(0))
         engine.settle_casts(Xt[:1], type(self).__name__)
         return Xt
 
@@ -101,8 +101,10 @@ class PathEstimator(ExplaindEstimator):
         return state
 
 
-def probe_inputs(name: str, fm: Any, params: Any, Xt: Any) -> None:
-    """Run the model on the first test input; a failure (wrong shape or dtype) becomes a :class:`ConfigError`.
+def probe_inputs(name: str, fm: Any, params: Any, Xt: Any, recorded: Any = None) -> None:
+    """Run the model on the first test input; a failure (wrong shape or dtype) becomes a :class:`ConfigError`, or
+    an :class:`UnsupportedModelError` when the recorded parameters hold several floating dtypes (the replay casts
+    them all to its own, which a forward that converts tensors to one layer's dtype does not expect).
 
     Parameters
     ----------
@@ -114,12 +116,33 @@ def probe_inputs(name: str, fm: Any, params: Any, Xt: Any) -> None:
         Parameters to evaluate at (e.g. ``theta_0``).
     Xt : Tensor or Inputs
         Test inputs ``(n, ...)``.
+    recorded : mapping of str to Tensor, optional
+        The parameters as recorded (their own dtypes), for the message.
     """
     try:
         with torch.no_grad():
             fm(params, Xt[:1])
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        mixed = mixed_dtypes(recorded or {})
+        if len(mixed) > 1:
+            raise UnsupportedModelError(
+                f"{name}: the model fails ({str(exc).splitlines()[0]}), and it was trained with parameters of "
+                f"several dtypes ({'; '.join(f'{d}: {names[:4]}' for d, names in mixed.items())}). explaind evaluates "
+                f"every parameter in one dtype ({fm.dtype}, the estimator's dtype=), so a forward that converts a "
+                f"tensor to a fixed dtype for one layer (x.float() before a float32 layer) meets {fm.dtype} weights. "
+                f"Fix: convert to the layer's own dtype, x.to(self.layer.weight.dtype), which the replay follows "
+                f"(the training gradients keep that layer's rounding), or train the whole model in one dtype "
+                f"(model.to(torch.float64)).") from None
         what = f"X of shape {tuple(Xt.shape)} and dtype {Xt.dtype}" if isinstance(Xt, torch.Tensor) else f"X {Xt!r}"
         raise ConfigError(f"{name}: the model fails on {what} "
                           f"({str(exc).splitlines()[0]}). Pass test inputs shaped like the training inputs, with the "
                           f"test inputs along the first axis.") from None
+
+
+def mixed_dtypes(params: Any) -> dict[str, list[str]]:
+    """``{dtype name: parameter names}`` of the floating tensors in ``params`` (one entry when all share a dtype)."""
+    out: dict[str, list[str]] = {}
+    for n, v in params.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            out.setdefault(str(v.dtype).removeprefix("torch."), []).append(n)
+    return out

@@ -259,16 +259,17 @@ class KernelReplica(PathEstimator):
                 f"positions (pool with the mask).")
         elif drift > bound and isinstance(model, torch.optim.swa_utils.AveragedModel):
             warn_at_caller(f"{type(self).__name__}.fidelity_report: the model is a torch.optim.swa_utils.AveragedModel "
-                          f"and differs from the recorded final state by {drift:.3g} (relative) on X: it holds an "
-                          f"average of the iterates (SWA or an EMA), a point the optimizer never stepped to, so no "
-                          f"step of the trajectory ends in it. The replica and the scores explain the model the "
-                          f"optimizer trained (its last iterate); pass that model here to measure the replica.")
+                           f"and differs from the recorded final state by {drift:.3g} (relative) on X: it holds an "
+                           f"average of the iterates (SWA or an EMA), a point the optimizer never stepped to, so no "
+                           f"step of the trajectory ends in it. The replica and the scores explain the model the "
+                           f"optimizer trained (its last iterate); pass that model here to measure the replica.")
         elif drift > bound:
-            warn_at_caller(f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
-                          f"{drift:.3g} (relative) on X: its buffers or parameters are not those of the recorded run's "
-                          f"last step (the model was changed after recording, or the run was recorded before "
-                          f"buffers such as BatchNorm running statistics were recorded per step). The replica "
-                          f"reproduces the recorded run.")
+            warn_at_caller(
+                f"{type(self).__name__}.fidelity_report: the model differs from the recorded final state by "
+                f"{drift:.3g} (relative) on X: its buffers or parameters are not those of the recorded run's last "
+                f"step (the model was changed after recording, it is a copy holding other weights, such as an EMA "
+                f"of the iterates kept by hand, or the run was recorded before buffers such as BatchNorm running "
+                f"statistics were recorded per step). The replica reproduces the recorded run.")
         return {"model_max_rel_error": _rel(replica, out), "model_argmax_agreement":
                 float((replica.argmax(-1) == out.argmax(-1)).double().mean()), "model_vs_recorded": drift}
 

@@ -219,6 +219,6 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str) -> 
                    f"{str(att.final.dtype).removeprefix('torch.')} values, which the exact endpoint values carry and "
                    f"no integral does (no tol or rule removes it)")
         warn_at_caller(f"{owner}: quadrature error share {share:.3g} > {tol:g} with quadrature={rule!r}: the path "
-                      f"integrals miss {100 * share:.3g}% of the explained change (it is kept in quadrature_error, "
-                      f"so completeness holds, but the scores do not include it). Use {fix}.")
+                       f"integrals miss {100 * share:.3g}% of the explained change (it is kept in quadrature_error, "
+                       f"so completeness holds, but the scores do not include it). Use {fix}.")
     return share

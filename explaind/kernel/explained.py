@@ -30,6 +30,7 @@ from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
 from ..models import copy_memo, drop_backward_hooks, refuse_renormalising_embeddings, refuse_script_modules
 from ..outputs import model_output
+from ..unsupported import evaluation_refusal, refuse_unreplayable
 from .casts import KeepReplayDtype
 from .rewrites import FusedKernelRewrite, needs_rewrite
 
@@ -62,6 +63,7 @@ class FunctionalModel:
                  dtype: torch.dtype, shared: Sequence[Any] = ()):
         refuse_renormalising_embeddings(module, "explaind cannot evaluate this model")
         refuse_script_modules(module, "explaind cannot evaluate this model")
+        refuse_unreplayable(module, "explaind cannot evaluate this model")
         _refuse_batch_statistics(module)
         self.shared = tuple(shared)
         self.module = self.copy(module).to(device=device, dtype=dtype).eval()
@@ -110,6 +112,9 @@ class FunctionalModel:
             try:
                 return model_output(call_model(self.module, {**self.constants, **params}, x))
             except RuntimeError as exc:
+                refusal = evaluation_refusal(exc)
+                if refusal is not None:
+                    raise refusal from exc
                 if "call Tensor.requires_grad_() (or perhaps" in str(exc):
                     raise UnsupportedModelError(
                         "a forward hook or the forward itself calls Tensor.requires_grad_(False), which torch.func "

@@ -167,9 +167,11 @@ class TrainData:
         self._dataset: Any = None
         #: rows hashed -> DataFingerprint, filled by ``explaind.trajectory.fingerprint.data_fingerprint``
         self.fingerprints: dict[int, Any] = {}
+        #: ``(id, Tensor._version)`` of X's and y's tensors when given (:meth:`get` refuses in-place edits after)
+        self._versions: tuple[int, ...] | None = None
         if isinstance(data, TrainData):
             self._x, self._y, self._dataset = data._x, data._y, data._dataset
-            self.fingerprints = data.fingerprints
+            self.fingerprints, self._versions = data.fingerprints, data._versions
             return
         if (isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], Tensor)
                 and isinstance(data[0], Tensor | Inputs | Mapping | tuple)):
@@ -180,6 +182,7 @@ class TrainData:
                     f"number of samples along the first dimension."
                 )
             self._x, self._y = x, y
+            self._versions = self._versions_now()
         elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, Tensor | str):
             self._dataset = data
         else:
@@ -202,6 +205,7 @@ class TrainData:
         """Inputs and targets at ``indices`` (shape ``(n,)``, int64)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         if self._x is not None:
+            self._refuse_edits()
             idx = idx.to(self._x.device)
             return self._x[idx], self._y[idx]
         xs, ys = [], []
@@ -214,6 +218,27 @@ class TrainData:
             xs.append(torch.as_tensor(item[0]))
             ys.append(torch.as_tensor(item[1]))
         return torch.stack(xs), torch.stack(ys)
+
+    def _versions_now(self) -> tuple[int, ...]:
+        """``(id, version)`` of X's tensors and y (a copy of this object holds other tensors, counted anew); tensors
+        made under ``torch.inference_mode()`` keep no version counter (-1): their in-place changes are not seen."""
+        x = self._x._tensors() if isinstance(self._x, Inputs) else [self._x]
+        return tuple(v for t in [*x, self._y] for v in (id(t), -1 if t.is_inference() else t._version))
+
+    def _refuse_edits(self) -> None:
+        """Refuse X or y changed in place since they were given: steps taken before saw other rows."""
+        versions = self._versions_now()
+        if self._versions is None or versions[::2] != self._versions[::2]:  # copied (pickled, deep-copied)
+            self._versions = versions
+        elif versions != self._versions:
+            what = "y" if versions[-1] != self._versions[-1] else "X"
+            raise TrajectoryError(
+                f"train_data: {what} was changed in place after it was given to explaind (e.g. labels "
+                f"overwritten by self-training or pseudo-labelling, inputs normalised in place). explaind holds "
+                f"train_data as given and recomputes every step's gradients from it, so the steps taken before the "
+                f"change would be explained with rows they never saw. Fix: leave X and y unchanged while recording "
+                f"and explaining; for relabelled samples, append them as new rows (torch.cat) before recording and "
+                f"log the rows each step used.")
 
     def tensors(self) -> tuple[Tensor | Inputs, Tensor]:
         """All data as ``(X, y)`` (a dataset is materialised item by item)."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_renormalising_embeddings, refuse_script_modules, refuse_sparse_embeddings
+from ..unsupported import refuse_unreplayable
 from ._layout import remove_store, setup_leftover
 from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
@@ -140,7 +141,8 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
     ConfigError
         ``model`` not an ``nn.Module``, ``optimizer`` not a ``torch.optim.Optimizer``, ``audit`` not one of
         ``'auto'``, ``True``, ``False``, ``grad_scaler`` not a ``torch.amp.GradScaler``, embeddings that
-        renormalise their weights in the forward (``max_norm``) or have sparse gradients, or a loss callable
+        renormalise their weights in the forward (``max_norm``) or have sparse gradients, complex parameters,
+        ``nn.RReLU`` (:mod:`explaind.unsupported`), or a loss callable
         holding its own ``torch.Generator`` (its draws cannot be split over samples); each message names the
         value, what is allowed and the fix.
     """
@@ -158,6 +160,7 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
     refuse_renormalising_embeddings(model, "TrajectoryRecorder")
     refuse_sparse_embeddings(model, "TrajectoryRecorder")
     refuse_script_modules(model, "TrajectoryRecorder")
+    refuse_unreplayable(model, "TrajectoryRecorder")
     drawn = loss_generators(loss)
     if drawn:
         raise ConfigError(

@@ -139,9 +139,9 @@ class CheckpointTrajectory(Trajectory, reads_checkpoints=True):
         changed = [n for n in out if n in first and n in last and not torch.equal(first[n], last[n])]
         if changed:
             warn_at_caller(f"Trajectory.from_checkpoints: {', '.join(changed[:5])} change between the first and the "
-                          f"last checkpoint (buffers such as BatchNorm statistics, or frozen parameters); the "
-                          f"decomposition holds them at their final values, so their own change is not "
-                          f"attributed.")
+                           f"last checkpoint (buffers such as BatchNorm statistics, or frozen parameters); the "
+                           f"decomposition holds them at their final values, so their own change is not "
+                           f"attributed.")
         return out
 
     # ----------------------------------------------------------------- structure

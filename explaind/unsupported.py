@@ -1,0 +1,198 @@
+r"""Model features explaind refuses (complex parameters, randomized leaky ReLUs, random draws when explaining,
+operations without a forward-mode derivative) and parameters only the loop's loss reads, each named with the fix.
+
+Both are refused by the recorder (before the first step) and by the engine (a model given to
+``Trajectory.load``), each with a message naming the modules or parameters and the fix:
+
+* **complex parameters.** explaind replays a run in one real floating dtype (float64 by default):
+  the path :math:`\theta_s + t\,\Delta\theta_s` and the kernels :math:`\varphi_s(x)` of docs/maths.md
+  §2 are real, and casting a complex tensor to a real dtype keeps only its real part (torch warns
+  and goes on), so a complex parameter would be explained as another model. The same weights as a
+  real tensor of shape ``(..., 2)`` read through ``torch.view_as_complex`` in the forward are real
+  parameters to the optimizer and to explaind.
+* **``nn.RReLU`` in training mode.** Its negative slopes are drawn per element inside torch's fused
+  ``rrelu_with_noise`` kernel, which has no ``vmap`` rule and no replay from a captured random state
+  (docs/maths.md §1 needs every training forward re-evaluated exactly). In evaluation mode it is the
+  leaky ReLU with slope :math:`(l + u)/2`, so ``nn.LeakyReLU((lower + upper) / 2)`` trains a model
+  with the same evaluation-mode function that explaind records exactly.
+
+:func:`evaluation_refusal` turns two torch errors met while explaind evaluates a model into refusals
+that name the cause and the fix: a forward that draws random numbers in evaluation mode (Monte Carlo
+dropout, ``F.dropout(x, p, training=True)``), whose output is no function of the parameters, and an
+operation without a forward-mode derivative (``F.grid_sample``), which the path derivatives
+:math:`\varphi_s(x)\,\Delta\theta_s` need (they are computed with ``torch.func.jvp``).
+
+:func:`loss_only_hint` names, in a failed gradient check, the parameters that ``backward()`` gave a
+gradient and the loss of the model's output did not: the loop's loss reads them outside that output
+(a learned loss weight, as in uncertainty weighting, or a second head of a tuple), while explaind's
+loss sees only ``(outputs, targets)`` (docs/maths.md §1: every update's data part is
+:math:`\sum_k w_{s,k}\nabla\ell_k`, with :math:`\ell_k` a function of the model's output on sample
+:math:`k`). :func:`extra_outputs_hint` names, in the same message, the other outputs of a model that returns
+more than its logits (a tuple, or a mapping with an ``aux_loss``): explaind's loss reads only the
+logits, so a loss the loop adds from the others (a mixture-of-experts load-balancing loss, which
+couples the samples of a batch) is not the recorded loss.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .exceptions import UnsupportedModelError
+from .inputs import Inputs
+
+__all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "refuse_unreplayable"]
+
+
+def refuse_unreplayable(model: nn.Module, where: str) -> None:
+    """Refuse a model holding a complex parameter or buffer, or an ``nn.RReLU`` (see the module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to record or evaluate.
+    where : str
+        Who refuses, for the message.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Naming every complex tensor or ``nn.RReLU`` and the fix.
+    """
+    found = [f"{name} ({t.dtype})" for name, t in [*model.named_parameters(), *model.named_buffers()]
+             if t.is_complex()]
+    if found:
+        raise UnsupportedModelError(
+            f"{where}: the model holds complex tensors {found[:8]}{' ...' if len(found) > 8 else ''}. explaind "
+            f"replays a run in a real floating dtype, and casting a complex tensor to it keeps only the real part, "
+            f"so the explained model would not be the trained one. Allowed: real floating parameters and buffers. "
+            f"Fix: hold each as a real tensor of shape (..., 2), e.g. nn.Parameter(torch.view_as_real(w)), and "
+            f"use torch.view_as_complex(self.w) in the forward (the same model, trained and explained exactly).")
+    slopes = [f"{name or type(m).__name__} (lower={m.lower}, upper={m.upper})" for name, m in model.named_modules()
+              if isinstance(m, nn.RReLU)]
+    if slopes:
+        raise UnsupportedModelError(
+            f"{where}: the model holds nn.RReLU modules {slopes}, which draw a random negative slope per element in "
+            f"training mode inside torch's fused rrelu_with_noise kernel; explaind cannot replay those draws "
+            f"(the kernel has no vmap rule), so the training forwards cannot be re-evaluated exactly. Allowed: "
+            f"activations without random draws, or random layers drawn with torch's generators (dropout). Fix: "
+            f"nn.LeakyReLU((lower + upper) / 2), the function RReLU computes in evaluation mode.")
+
+
+#: The plain form of operations without a forward-mode derivative that models use, named in the refusal.
+_NO_FORWARD_AD_HINTS = {
+    "grid_sampler_2d": " F.grid_sample (a spatial transformer) is such an operation: resample with F.interpolate, or "
+                       "gather the four neighbours and weight them by hand.",
+    "_cdist_forward": " torch.cdist is such an operation: write the distances as ((a[..., :, None, :] - "
+                      "b[..., None, :, :]) ** 2).sum(-1) (its .sqrt() for p=2).",
+}
+
+
+def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
+    """The refusal for a torch error raised while explaind evaluates a model, or ``None`` (see the module
+    docstring).
+
+    Parameters
+    ----------
+    exc : BaseException
+        What torch raised inside the model's forward under ``torch.func``.
+
+    Returns
+    -------
+    UnsupportedModelError or None
+        Naming the cause and the fix, for random draws in evaluation mode and operations without a forward-mode
+        derivative; ``None`` for any other error.
+    """
+    text = str(exc)
+    if "called random operation while in randomness error mode" in text:
+        return UnsupportedModelError(
+            "the model's forward draws random numbers in evaluation mode (e.g. Monte Carlo dropout, "
+            "F.dropout(x, p, training=True), or torch.rand without a self.training guard), so its output is not a "
+            "function of the parameters and cannot be explained; explaind evaluates the model in evaluation mode, "
+            "one input at a time under torch.func.vmap, where torch refuses such draws. Training forwards are "
+            "replayed from their captured random state, but a test input's forward has none. Fix: draw only in "
+            "training mode, F.dropout(x, p, training=self.training), and explain the deterministic model; for a "
+            "Monte Carlo average, explain it as a sum over fixed masks held as inputs or buffers.")
+    match = re.search(r"forward AD with (\w+) that does not support it", text)
+    if match:
+        op = match.group(1)
+        hint = _NO_FORWARD_AD_HINTS.get(op, "")
+        return UnsupportedModelError(
+            f"the model's forward calls torch's {op}, which has no forward-mode derivative in torch, and explaind "
+            f"computes the path derivatives of the replica and the scores with torch.func.jvp. Allowed: operations "
+            f"with a forward-mode derivative (torch's derivatives.yaml). Fix: compute the same function from such "
+            f"operations in the forward (a custom torch.autograd.Function with a jvp staticmethod works too).{hint}")
+    return None
+
+
+def loss_only_hint(sums: dict[str, tuple[float, ...]], replayed: bool = True) -> str:
+    """The failed gradient check's hint for parameters with a loop gradient but none from the model's output.
+
+    Parameters
+    ----------
+    sums : dict of str to tuple of float
+        The check's per-parameter sums ``(D, R, G, E)`` (:class:`explaind.trajectory._checks.StreamedSums`):
+        ``R`` the squared norm of the recomputed gradient, ``G`` that of the loop's.
+    replayed : bool
+        Whether the check replayed the loop's training forwards (else it recomputed in evaluation mode, where a
+        branch taken only in training, such as a random draw, is skipped).
+
+    Returns
+    -------
+    str
+        Empty when every parameter with a loop gradient also has a recomputed one.
+    """
+    names = [n for n, v in sums.items() if v[1] == 0.0 and v[2] > 0.0]
+    if not names:
+        return ""
+    eval_only = ("; or only the training-mode forward uses them, and the check recomputed in evaluation mode (no "
+                 "training forward is replayed: see the random draws below)" if not replayed else "")
+    return (f" The parameter(s) {names[:6]} got a gradient from backward() but none through the recomputed loss of "
+            f"the output explaind reads (the logits, or a tuple's first element): the loop's loss reaches them "
+            f"another way, directly (a learned loss weight or temperature, as in uncertainty weighting) or through "
+            f"another output of the model (a second head){eval_only}. Fix for a loss weight or a second head: return "
+            f"all the loss reads in that one output (torch.cat([logits, other], 1), a learned weight as a column "
+            f"log_var.expand(n, 1)) and give a loss callable that reads it there.")
+
+
+def extra_outputs_hint(model: nn.Module, x: Any) -> str:
+    """The failed gradient check's hint for a model returning more than its logits (empty otherwise).
+
+    Runs the model once on the first row of ``x`` in evaluation mode without gradients (buffers unchanged) and
+    names the outputs besides the logits: a tuple's further tensors, or a mapping's tensors other than ``logits``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The recorded model.
+    x : Tensor or Inputs
+        The logged batch's inputs ``(n, ...)``.
+    """
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = x[:1].call(model) if isinstance(x, Inputs) else model(x[:1])
+    except Exception:  # noqa: BLE001 - a hint must not hide the check's own message
+        return ""
+    finally:
+        model.train(was)
+    if isinstance(out, tuple | list):
+        extra = [f"output {i}" for i, v in enumerate(out) if i > 0 and torch.is_tensor(v)]
+    elif isinstance(out, Mapping):
+        extra = [f"{k!r}" for k, v in out.items() if k != "logits" and "logits" in out and torch.is_tensor(v)]
+    else:
+        extra = []
+    if not extra:
+        return ""
+    return (f" The model returns more than its logits ({', '.join(extra[:4])}); explaind's loss reads only the "
+            f"logits, so a loss the loop adds from the other outputs (an auxiliary or load-balancing loss of a "
+            f"mixture of experts, which also couples the samples of a batch, or a second head's loss) is not the "
+            f"recorded loss. Fix: when that loss is a mean of per-sample terms (a second head), return everything "
+            f"it reads in one output (torch.cat([logits, other], 1)) with a loss callable that splits it; a loss "
+            f"coupling the samples of a batch (load balancing) has no per-sample split: train without it while "
+            f"recording.")
