@@ -162,7 +162,15 @@ class Change:
             return f"{owner}: children {_children(self.old)} -> {_children(self.new)}"
         if self.key in HOOK_KEYS:
             return f"{owner}: {_count(self.old)} -> {_count(self.new)} hook(s)"
-        return f"{owner}: {_short(self.old)} -> {_short(self.new)}"
+        return f"{owner}: {_short(self.old)} -> {self._new_text()}"
+
+    def _new_text(self) -> str:
+        """``new`` in words; a value that is no plain one (a tensor, an object) is named by its type, not "absent"."""
+        if self.new is ABSENT and self.key in vars(self.module):
+            value = vars(self.module)[self.key]
+            shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+            return f"a {type(value).__name__}{shape} (not a plain value: not watched)"
+        return _short(self.new)
 
 
 def _children(modules: Any) -> str:
