@@ -157,6 +157,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "nadam": lambda params: torch.optim.NAdam(params, lr=1e-3),
     "radam": lambda params: torch.optim.RAdam(params, lr=1e-3),
     "adamax": lambda params: torch.optim.Adamax(params, lr=1e-3),
+    "adafactor": lambda params: torch.optim.Adafactor(params, lr=1e-2),
 }
 
 

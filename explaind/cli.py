@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", metavar="KEY=VALUE", help="dataset option, e.g. p=23, classes=[3,8]")
     p.add_argument("--model", action="append", metavar="KEY=VALUE", help="architecture option, e.g. d_model=32")
     p.add_argument("--optimizer", default="adamw",
-                   help="sgd, adam, adamw, rmsprop, adagrad, nadam, radam or adamax (default: adamw)")
+                   help="sgd, adam, adamw, rmsprop, adagrad, nadam, radam, adamax or adafactor (default: adamw)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--momentum", type=float, default=0.0, help="SGD and RMSprop momentum")

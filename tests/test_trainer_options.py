@@ -76,7 +76,7 @@ def _data(n: int = N) -> tuple[Tensor, Tensor]:
 
 
 def _train(tmp_path, model: nn.Module | None = None, *, trainer_cls=Trainer, extra_callbacks=(), evaluate=False,
-           callback_kwargs=None, **overrides):
+           callback_kwargs=None, optimizers=(None, None), **overrides):
     """Train ``model`` (default ``OwnLossMLP()``) with SGD momentum 0.9 at a constant rate, accumulation 3."""
     X, y = _data()
     train = indexed(X, y)
@@ -91,7 +91,7 @@ def _train(tmp_path, model: nn.Module | None = None, *, trainer_cls=Trainer, ext
         **{**settings, **overrides})
     held_out = [{"x": X[i], "labels": y[i]} for i in range(8)] if evaluate else None
     trainer = trainer_cls(model=model, args=arguments, train_dataset=train, eval_dataset=held_out,
-                          callbacks=[callback, *extra_callbacks])
+                          callbacks=[callback, *extra_callbacks], optimizers=optimizers)
     trainer.train()
     return model.eval(), callback.trajectory, trainer
 
@@ -151,9 +151,19 @@ def test_optimizers_with_an_adapter_are_exact_with_the_trainers_no_decay_group(t
 
 @pytest.mark.parametrize("optim", ["adafactor"])
 def test_optimizers_without_an_adapter_are_refused_naming_optim(tmp_path, optim):
+    """``optim="adafactor"`` is transformers' own Adafactor class; the fix names torch's, which has an adapter."""
     with pytest.raises(UnknownEntryError, match=rf"TrainingArguments\(optim='{optim}'\).*No optimizer adapter.*"
-                                                r"Fix: TrainingArguments\(optim='adamw_torch'\)"):
+                                                r"Fix: TrainingArguments\(optim='adamw_torch'\).*"
+                                                r"torch.optim.Adafactor\(model.parameters\(\), lr=...\)"):
         _train(tmp_path, optim=optim, optim_args=None)
+
+
+def test_torch_adafactor_passed_to_the_trainer_is_exact(tmp_path):
+    model = OwnLossMLP()
+    optimizer = torch.optim.Adafactor(model.parameters(), lr=0.05, weight_decay=0.1)
+    model, traj, _ = _train(tmp_path, model, optimizers=(optimizer, None))
+    assert traj.manifest.adapter == "adafactor"
+    _assert_exact(model, traj)
 
 
 def test_evaluation_between_steps_keeps_a_dropout_run_exact(tmp_path):

@@ -87,7 +87,8 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     framework_scaler = "accelerate's GradScaler (TrainingArguments(fp16=True))"
     framework_resume = "trainer.train(resume_from_checkpoint=...)"
     framework_optimizer_fix = ("Fix: TrainingArguments(optim='adamw_torch'), 'adamw_torch_fused' or 'sgd' (torch's "
-                               "AdamW and SGD), or pass one of those as Trainer(optimizers=(optimizer, None)).")
+                               "AdamW and SGD), or pass a torch optimizer with an adapter as Trainer(optimizers="
+                               "(optimizer, None)) (for Adafactor: torch.optim.Adafactor(model.parameters(), lr=...)).")
 
     def __init__(self, train_data: Any, *, loss: Any,
                  normalization: Literal["auto", "step", "micro_batch"] = "auto",

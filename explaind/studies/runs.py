@@ -52,10 +52,11 @@ class TrainConfig(StrictModel):
         Built-in dataset (``modular``, ``digits``, ``cifar10``).
     data : dict
         Keyword arguments of the dataset loader.
-    optimizer : {"sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adamax"}
+    optimizer : {"sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adamax", "adafactor"}
     lr, weight_decay, momentum, betas, eps
         Optimizer hyperparameters (torch semantics and defaults otherwise; ``momentum`` for SGD and
-        RMSprop, ``betas`` for the Adam family, ``eps`` for all but SGD; RMSprop keeps torch's ``alpha=0.99``).
+        RMSprop, ``betas`` for the Adam family, ``eps`` for all but SGD and Adafactor; RMSprop keeps torch's
+        ``alpha=0.99``, Adafactor torch's ``eps=(None, 1e-3)``, ``beta2_decay=-0.8`` and ``d=1``).
     steps : int
         Maximum number of optimizer steps.
     batch_size : int or None
@@ -75,7 +76,7 @@ class TrainConfig(StrictModel):
     model: dict[str, Any] = Field(default_factory=dict)
     dataset: str = "digits"
     data: dict[str, Any] = Field(default_factory=dict)
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adamax"] = "adamw"
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adamax", "adafactor"] = "adamw"
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegativeFloat = 0.0
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
@@ -183,6 +184,8 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
                                    weight_decay=config.weight_decay)
     if config.optimizer == "adagrad":
         return torch.optim.Adagrad(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=config.lr, weight_decay=config.weight_decay)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "nadam": torch.optim.NAdam,
            "radam": torch.optim.RAdam, "adamax": torch.optim.Adamax}[config.optimizer]
     return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)

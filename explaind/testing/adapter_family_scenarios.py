@@ -1,8 +1,9 @@
-"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax and Adagrad (docs/optimizers.md).
+"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax, Adagrad and Adafactor (docs/optimizers.md).
 
 :func:`~explaind.testing.adapters.default_scenarios` takes its runs for these four classes from
 :func:`family_options`: every option the adapters model (L2 or decoupled weight decay, momentum
-decay, rectified and never-rectified RAdam steps, Adagrad's ``lr_decay`` and initial accumulator, ``maximize``,
+decay, rectified and never-rectified RAdam steps, Adagrad's ``lr_decay`` and initial accumulator, Adafactor's
+``beta2_decay``, epsilons and clipping threshold, ``maximize``,
 the ``foreach`` path), to which it adds
 the generic runs (two groups, schedules, accumulation, clipping, a frozen and a sometimes-unused
 parameter) with the base options and the second group's overrides given here.
@@ -21,7 +22,8 @@ FamilyOptions = tuple[list[tuple[str, dict[str, Any]]], dict[str, Any], dict[str
 
 
 def family_options(optimizer_class: type) -> FamilyOptions | None:
-    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax`` or ``Adagrad`` (subclasses too); else ``None``."""
+    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad`` or ``Adafactor`` (subclasses too);
+    else ``None``."""
     base = {"lr": 2e-2, "weight_decay": 0.1}
     second = {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}
     decoupled = {"lr": 2e-2, "weight_decay": 0.5, "decoupled_weight_decay": True}
@@ -63,4 +65,14 @@ def family_options(optimizer_class: type) -> FamilyOptions | None:
             ("adagrad_maximize", {**base, "maximize": True}),
             ("adagrad_foreach", {**base, "foreach": True}),
         ], base, {"lr": 2e-2, "weight_decay": 0.0}, "adagrad_"
+    if issubclass(optimizer_class, torch.optim.Adafactor):
+        # lr caps the relative step size rho_t = min(lr, 1/sqrt(t)); d = 1 clips most early updates (RMS(U) > 1)
+        base = {"lr": 5e-2, "weight_decay": 0.1}
+        return [
+            ("adafactor_plain", {"lr": 5e-2}),
+            ("adafactor_decay_eps", {**base, "beta2_decay": -0.5, "eps": (1e-3, 1e-2)}),
+            ("adafactor_no_clip", {**base, "d": 1e6}),
+            ("adafactor_maximize", {**base, "maximize": True}),
+            ("adafactor_foreach", {**base, "foreach": True, "maximize": True}),
+        ], base, {"lr": 2e-2, "weight_decay": 0.0, "d": 2.0}, "adafactor_"
     return None

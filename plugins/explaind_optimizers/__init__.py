@@ -14,20 +14,22 @@ import torch
 import explaind
 from explaind.records import OptimizerAdapterRecord
 
+from .adafactor import AdafactorAdapter, AdafactorConfig
 from .adagrad import AdagradAdapter, AdagradConfig
 from .adam import AdamAdapter, AdamConfig
 from .adamax import AdamaxAdapter, AdamaxConfig
 from .adamw import AdamWAdapter, AdamWConfig
 from .nadam import NAdamAdapter, NAdamConfig
 from .pure import adam_update_fn, sgd_update_fn
+from .pure_adafactor import adafactor_update_fn
 from .pure_adam_family import adamax_update_fn, nadam_update_fn, radam_update_fn
 from .pure_more import adagrad_update_fn, rmsprop_update_fn
 from .radam import RAdamAdapter, RAdamConfig
 from .rmsprop import RMSpropAdapter, RMSpropConfig
 from .sgd import SGDAdapter, SGDConfig
 
-__all__ = ["AdagradAdapter", "AdamAdapter", "AdamWAdapter", "AdamaxAdapter", "NAdamAdapter", "RAdamAdapter",
-           "RMSpropAdapter", "SGDAdapter", "explaind_optimizer_adapters"]
+__all__ = ["AdafactorAdapter", "AdagradAdapter", "AdamAdapter", "AdamWAdapter", "AdamaxAdapter", "NAdamAdapter",
+           "RAdamAdapter", "RMSpropAdapter", "SGDAdapter", "explaind_optimizer_adapters"]
 
 
 @explaind.hookimpl
@@ -100,5 +102,14 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             description="torch.optim.Adamax: infinity-norm denominator as a diagonal P, L2 weight decay, maximize.",
             optimizer_classes=(torch.optim.Adamax,),
             update_fn=adamax_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="adafactor",
+            implementation=AdafactorAdapter,
+            config=AdafactorConfig,
+            description="torch.optim.Adafactor: factored second moment, relative step size, update clipping, "
+            "decoupled weight decay, maximize (diagonal P).",
+            optimizer_classes=(torch.optim.Adafactor,),
+            update_fn=adafactor_update_fn,
         ),
     ]
