@@ -46,6 +46,7 @@ __all__ = [
     "get_plugins",
     "get_entry",
     "list_entries",
+    "adapter_optimizer_classes",
     "reset_plugins",
     "register_plugin",
     "unregister_plugin",
@@ -78,8 +79,9 @@ class _CoreFallback:
     @hookspecs.hookimpl(trylast=True)
     def explaind_resolve_optimizer_adapter(self, optimizer: Any) -> Any:
         registry = get_registry()
+        named = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
         for record in registry.entries["optimizer_adapter"].values():
-            if type(optimizer) in record.optimizer_classes:
+            if type(optimizer) in record.optimizer_classes or named in record.optimizer_class_names:
                 return record
         return None
 
@@ -387,12 +389,40 @@ def resolve_optimizer_adapter(optimizer: Any) -> Any:
     if record is not None:
         return record
     names = list_entries("optimizer_adapter")
-    handled = sorted(
-        {c.__name__ for r in get_registry().entries["optimizer_adapter"].values() for c in r.optimizer_classes}
-    )
+    records = get_registry().entries["optimizer_adapter"].values()
+    handled = sorted({c.__name__ for r in records for c in r.optimizer_classes}
+                     | {n for r in records for n in r.optimizer_class_names})
     raise UnknownEntryError(
         f"No optimizer adapter handles {type(optimizer).__module__}.{type(optimizer).__name__}. "
         f"Registered adapters: {', '.join(names)} (for {', '.join(handled)}). To support another optimizer, "
         f"write a plugin implementing explaind_optimizer_adapters() and register it under the "
         f"'{ENTRY_POINT_GROUP}' entry-point group (see docs/plugins.md)."
     )
+
+
+def adapter_optimizer_classes(record: Any) -> tuple[type, ...]:
+    """The optimizer classes of an adapter record: its ``optimizer_classes``, then each class of its
+    ``optimizer_class_names`` whose module imports (an optional dependency that is not installed is left out).
+
+    Parameters
+    ----------
+    record : OptimizerAdapterRecord
+        A registered record (only names a record lists are imported, never a name read from a file).
+
+    Returns
+    -------
+    tuple of type
+    """
+    found = list(record.optimizer_classes)
+    for name in record.optimizer_class_names:
+        module, _, qualname = name.rpartition(".")
+        try:
+            obj: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            logger.debug("optimizer class %s of adapter %r is not available: %s", name, record.name, exc)
+            continue
+        if isinstance(obj, type) and obj not in found:
+            found.append(obj)
+    return tuple(found)

@@ -49,6 +49,12 @@ class OptimizerAdapterRecord:
         One sentence for listings.
     optimizer_classes : tuple[type, ...]
         The ``torch.optim.Optimizer`` classes this adapter handles (exact class match).
+    optimizer_class_names : tuple[str, ...]
+        Classes this adapter handles, named ``"module.QualifiedName"`` (exact match of an optimizer's
+        ``type(optimizer).__module__`` and ``__qualname__``): for an optimizer of an optional dependency, which the
+        plugin then need not import to register (``transformers.optimization.Adafactor``). explaind imports such a
+        module only where it needs the class itself (replaying a sparse store, the conformance suites), and only
+        for names a registered record lists (:func:`explaind.plugins.adapter_optimizer_classes`).
     update_fn : callable, optional
         ``update_fn(hyperparameters) -> PureUpdate``: the optimizer's update as a pure,
         differentiable function of the state and the gradient (:class:`explaind.recurrence.PureUpdate`),
@@ -63,6 +69,7 @@ class OptimizerAdapterRecord:
     config: type[BaseModel]
     description: str
     optimizer_classes: tuple[type, ...] = ()
+    optimizer_class_names: tuple[str, ...] = ()
     update_fn: Callable[[Any], Any] | None = None
 
 

@@ -104,7 +104,8 @@ def record(model: nn.Module, optimizer: torch.optim.Optimizer, *, steps: int, sc
     rec = explaind.TrajectoryRecorder(model, optimizer, loss="cross_entropy", train_data=(X, y), **recorder_kwargs)
     with rec:
         for _ in range(steps):
-            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            lr = optimizer.param_groups[0]["lr"]
+            lrs.append(None if lr is None else float(lr))  # None: transformers' Adafactor with relative_step
             one_step(rec)
     model.eval()
     return rec.trajectory, lrs, start

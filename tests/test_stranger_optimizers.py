@@ -117,9 +117,10 @@ def test_fused_kernels_and_named_parameter_groups_are_exact(make):
 def test_optimizers_without_an_adapter_are_refused_naming_the_supported_ones(cls):
     model = _mlp()
     with pytest.raises(UnknownEntryError, match=rf"No optimizer adapter handles torch\.optim\..*{cls.__name__}\. "
-                                                r"Registered adapters: adafactor, adagrad, adam, adamax, adamw, nadam, "
-                                                r"radam, rmsprop, sgd \(for Adafactor, Adagrad, Adam, AdamW, Adamax, "
-                                                r"NAdam, RAdam, RMSprop, SGD\).*explaind_optimizer_adapters"):
+                                                r"Registered adapters: adafactor, adagrad, adam, adamax, adamw, "
+                                                r"hf_adafactor, nadam, radam, rmsprop, sgd \(for Adafactor, Adagrad, "
+                                                r"Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, SGD, "
+                                                r"transformers.optimization.Adafactor\).*explaind_optimizer_adapters"):
         explaind.TrajectoryRecorder(model, cls(model.parameters(), lr=0.01), loss="cross_entropy")
 
 

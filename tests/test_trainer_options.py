@@ -149,13 +149,21 @@ def test_optimizers_with_an_adapter_are_exact_with_the_trainers_no_decay_group(t
     _assert_exact(model, traj)
 
 
-@pytest.mark.parametrize("optim", ["adafactor"])
-def test_optimizers_without_an_adapter_are_refused_naming_optim(tmp_path, optim):
-    """``optim="adafactor"`` is transformers' own Adafactor class; the fix names torch's, which has an adapter."""
-    with pytest.raises(UnknownEntryError, match=rf"TrainingArguments\(optim='{optim}'\).*No optimizer adapter.*"
-                                                r"Fix: TrainingArguments\(optim='adamw_torch'\).*"
-                                                r"torch.optim.Adafactor\(model.parameters\(\), lr=...\)"):
-        _train(tmp_path, optim=optim, optim_args=None)
+def test_an_optimizer_without_an_adapter_is_refused_naming_the_trainers_setting(tmp_path):
+    model = OwnLossMLP()
+    with pytest.raises(UnknownEntryError, match=r"Trainer\(optimizers=...\)\) gave a torch.optim.adadelta.Adadelta.*"
+                                                r"No optimizer adapter.*Fix: TrainingArguments\(optim='adamw_torch'\)"):
+        _train(tmp_path, model, optimizers=(torch.optim.Adadelta(model.parameters(), lr=0.1), None))
+
+
+def test_the_trainers_adafactor_is_exact(tmp_path):
+    """``optim="adafactor"`` builds transformers' Adafactor without relative step or parameter scaling (the other
+    options are checked in tests/test_optimizer_hf_adafactor.py); weight decay spares the Trainer's no-decay group."""
+    model, traj, trainer = _train(tmp_path, optim="adafactor", optim_args=None, learning_rate=0.05, weight_decay=0.1)
+    assert traj.manifest.optimizer_class == "transformers.optimization.Adafactor"
+    assert traj.manifest.adapter == "hf_adafactor"
+    assert sorted(g["weight_decay"] for g in trainer.optimizer.param_groups) == [0.0, 0.1]
+    _assert_exact(model, traj)
 
 
 def test_torch_adafactor_passed_to_the_trainer_is_exact(tmp_path):

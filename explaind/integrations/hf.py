@@ -86,9 +86,9 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     framework = "transformers.Trainer(callbacks=[...])"
     framework_scaler = "accelerate's GradScaler (TrainingArguments(fp16=True))"
     framework_resume = "trainer.train(resume_from_checkpoint=...)"
-    framework_optimizer_fix = ("Fix: TrainingArguments(optim='adamw_torch'), 'adamw_torch_fused' or 'sgd' (torch's "
-                               "AdamW and SGD), or pass a torch optimizer with an adapter as Trainer(optimizers="
-                               "(optimizer, None)) (for Adafactor: torch.optim.Adafactor(model.parameters(), lr=...)).")
+    framework_optimizer_fix = ("Fix: TrainingArguments(optim='adamw_torch'), 'adamw_torch_fused', 'sgd', 'rmsprop', "
+                               "'adagrad' or 'adafactor', or pass an optimizer with an adapter as Trainer(optimizers="
+                               "(optimizer, None)).")
 
     def __init__(self, train_data: Any, *, loss: Any,
                  normalization: Literal["auto", "step", "micro_batch"] = "auto",

@@ -22,8 +22,8 @@ FamilyOptions = tuple[list[tuple[str, dict[str, Any]]], dict[str, Any], dict[str
 
 
 def family_options(optimizer_class: type) -> FamilyOptions | None:
-    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad`` or ``Adafactor`` (subclasses too);
-    else ``None``."""
+    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad`` or ``Adafactor`` (subclasses too),
+    or of transformers' ``Adafactor`` (that class exactly); else ``None``."""
     base = {"lr": 2e-2, "weight_decay": 0.1}
     second = {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}
     decoupled = {"lr": 2e-2, "weight_decay": 0.5, "decoupled_weight_decay": True}
@@ -75,4 +75,16 @@ def family_options(optimizer_class: type) -> FamilyOptions | None:
             ("adafactor_maximize", {**base, "maximize": True}),
             ("adafactor_foreach", {**base, "foreach": True, "maximize": True}),
         ], base, {"lr": 2e-2, "weight_decay": 0.0, "d": 2.0}, "adafactor_"
+    if (optimizer_class.__module__, optimizer_class.__qualname__) == ("transformers.optimization", "Adafactor"):
+        fixed = {"lr": 5e-2, "relative_step": False, "scale_parameter": False}  # what Trainer(optim="adafactor") builds
+        # scale_parameter multiplies the step by RMS(theta) (about 0.3 here): lr 0.3 keeps updates well above
+        # ulp(theta); warmup_init's steps (1e-6 t) are far below it, so its residual would measure rounding (not run)
+        base = {"lr": 0.3, "relative_step": False, "scale_parameter": True, "weight_decay": 0.1, "clip_threshold": 0.5}
+        return [
+            ("hf_adafactor_trainer_default", fixed),
+            ("hf_adafactor_decay_eps_clip", {**fixed, "decay_rate": -0.5, "eps": (1e-20, 1e-2), "clip_threshold": 2.0}),
+            ("hf_adafactor_scaled_beta1", {**base, "beta1": 0.9}),
+            ("hf_adafactor_relative_step", {"lr": None, "relative_step": True, "scale_parameter": False}),
+            ("hf_adafactor_relative_step_scaled", {"lr": None, "relative_step": True, "scale_parameter": True}),
+        ], base, {"lr": 0.1, "weight_decay": 0.0}, "hf_adafactor_"
     return None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..exceptions import ConfigError, ExplaindError
+from ..plugins import adapter_optimizer_classes
 from .adapters import check_optimizer_adapter, default_scenarios
 
 __all__ = ["check_adapter_start_state", "optimizer_adapter_checks"]
@@ -89,7 +90,7 @@ def check_adapter_start_state(record: Any, *, dtype: torch.dtype = torch.float64
     has_start = callable(getattr(record.implementation, "start_state", None))
     out: dict[str, float] = {}
     problems: list[str] = []
-    for cls in record.optimizer_classes:
+    for cls in adapter_optimizer_classes(record):
         seen: list[dict[str, Any]] = []
         for scenario in default_scenarios(cls):
             kwargs = dict(scenario.optimizer_kwargs)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError
+from ..plugins import adapter_optimizer_classes
 from ..recurrence import LinearUpdate, is_unchanged
 from .adapter_family_scenarios import family_options
 from .plugins import PluginCheckError
@@ -469,9 +470,10 @@ def check_optimizer_adapter(
         ``raise_on_failure``, when a residual exceeds ``tol``.
     """
     dev = torch.device(device)
-    classes = tuple(record.optimizer_classes)
+    classes = adapter_optimizer_classes(record)
     if not classes:
-        raise PluginCheckError(f"optimizer adapter {record.name!r} lists no optimizer_classes to check.")
+        raise PluginCheckError(f"optimizer adapter {record.name!r} lists no optimizer_classes to check (and no "
+                              f"optimizer_class_names whose module imports).")
     report = AdapterCheckReport(tol=tol)
     given = None if scenarios is None else list(scenarios)
     for cls in classes:

@@ -192,6 +192,10 @@ def _record_problems(kind: str, record: Any) -> list[str]:
         classes = record.optimizer_classes
         if not isinstance(classes, tuple) or not all(isinstance(c, type) for c in classes):
             problems.append(f"{label}: optimizer_classes must be a tuple of optimizer classes, got {classes!r}")
+        names = record.optimizer_class_names
+        if not isinstance(names, tuple) or not all(isinstance(n, str) and "." in n for n in names):
+            problems.append(f"{label}: optimizer_class_names must be a tuple of 'module.ClassName' strings, got "
+                            f"{names!r}")
     return problems
 
 

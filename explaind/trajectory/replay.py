@@ -153,17 +153,18 @@ class SegmentReplay:
         At ``lo > 0`` the stored or replayed state; at ``lo = 0`` the state the recording opened on
         (:meth:`~explaind.trajectory.base.Trajectory.optimizer_start`; none for a fresh optimizer).
         """
-        from ..plugins import get_entry
+        from ..plugins import adapter_optimizer_classes, get_entry
 
         src, manifest = self._src, self._src.manifest
         record = get_entry("optimizer_adapter", str(manifest.adapter))
-        cls = next((c for c in record.optimizer_classes
+        cls = next((c for c in adapter_optimizer_classes(record)
                     if f"{c.__module__}.{c.__name__}" == manifest.optimizer_class), None)
         if cls is None:
             raise TrajectoryError(
                 f"The sparse store at {str(src.root)!r} was recorded with {manifest.optimizer_class}, which the "
-                f"adapter {manifest.adapter!r} does not list in optimizer_classes, so its steps cannot be replayed. "
-                f"Install the plugin that recorded it, or re-record with checkpoint_every=1."
+                f"adapter {manifest.adapter!r} does not list in optimizer_classes (or whose module does not "
+                f"import), so its steps cannot be replayed. Install the plugin (and the package) that recorded it, "
+                f"or re-record with checkpoint_every=1."
             )
         constants = src.constants()
         leaves = {n: theta[n].detach().clone().requires_grad_(True) for n in src.param_names}

@@ -19,6 +19,7 @@ from .adagrad import AdagradAdapter, AdagradConfig
 from .adam import AdamAdapter, AdamConfig
 from .adamax import AdamaxAdapter, AdamaxConfig
 from .adamw import AdamWAdapter, AdamWConfig
+from .hf_adafactor import HANDLED, HFAdafactorAdapter, HFAdafactorConfig
 from .nadam import NAdamAdapter, NAdamConfig
 from .pure import adam_update_fn, sgd_update_fn
 from .pure_adafactor import adafactor_update_fn
@@ -28,8 +29,8 @@ from .radam import RAdamAdapter, RAdamConfig
 from .rmsprop import RMSpropAdapter, RMSpropConfig
 from .sgd import SGDAdapter, SGDConfig
 
-__all__ = ["AdafactorAdapter", "AdagradAdapter", "AdamAdapter", "AdamWAdapter", "AdamaxAdapter", "NAdamAdapter",
-           "RAdamAdapter", "RMSpropAdapter", "SGDAdapter", "explaind_optimizer_adapters"]
+__all__ = ["AdafactorAdapter", "AdagradAdapter", "AdamAdapter", "AdamWAdapter", "AdamaxAdapter", "HFAdafactorAdapter",
+           "NAdamAdapter", "RAdamAdapter", "RMSpropAdapter", "SGDAdapter", "explaind_optimizer_adapters"]
 
 
 @explaind.hookimpl
@@ -111,5 +112,13 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             "decoupled weight decay, maximize (diagonal P).",
             optimizer_classes=(torch.optim.Adafactor,),
             update_fn=adafactor_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="hf_adafactor",
+            implementation=HFAdafactorAdapter,
+            config=HFAdafactorConfig,
+            description="transformers' Adafactor (TrainingArguments(optim='adafactor')): factored second moment, "
+            "relative step, parameter scaling, clipping, first moment, decoupled weight decay (diagonal P).",
+            optimizer_class_names=(".".join(HANDLED),),
         ),
     ]

@@ -1,0 +1,152 @@
+"""transformers' ``Adafactor`` (``TrainingArguments(optim="adafactor")``) through the ``hf_adafactor`` adapter.
+
+Float64 runs of the tanh, ReLU and dropout MLPs of tests/_rmsprop_adagrad_kit.py: replica <= 1e-6 relative to the
+trained model, residual share <= 1e-9, and ``keep=("train",)`` scores <= 1e-9 relative to a slow loop reference
+whose coefficients come from transformers' documented algorithm (written here per parameter tensor, in float64, from
+the reference's own per-sample gradients; its residual <= 1e-12 checks them against the optimizer's real updates).
+Also: the conformance suites, a sparse store replayed bit for bit, the Trainer's ``optim="adafactor"`` and the
+registration, which must not import transformers.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from _rmsprop_adagrad_kit import DT, MODELS, assert_exact, data, record
+from transformers.optimization import Adafactor
+
+import explaind
+from explaind.exceptions import ConfigError
+from explaind.testing import check_adapter_start_state, check_optimizer_adapter
+from explaind.trajectory import Trajectory
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class HFAdafactorMath:
+    """Mixin for a reference class: transformers' Adafactor coefficients from its algorithm (set ``hp``, ``lrs``)."""
+
+    hp: dict
+    lrs: list[float]
+
+    def _compute_decomposition(self) -> None:
+        hp = {"eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None, "weight_decay": 0.0,
+              "scale_parameter": True, "relative_step": True, "warmup_init": False, **self.hp}
+        eps1, eps2 = hp["eps"]
+        factors: list[list[torch.Tensor]] = [[] for _ in self.shapes]
+        for s, c in enumerate(self.coef):
+            t = s + 1
+            new_weight = t ** hp["decay_rate"]  # 1 - beta2_t
+            size = min(1e-2, 1 / math.sqrt(t)) if hp["relative_step"] else self.lrs[s]
+            g_all, theta_all = self.G[s].sum(0), self.theta[s]
+            gains, decays, offset = [], [], 0
+            for i, (shape, n) in enumerate(zip(self.shapes, self.sizes)):
+                g = g_all[offset:offset + n].reshape(shape)
+                theta = theta_all[offset:offset + n]
+                offset += n
+                square = g * g + eps1
+                if len(shape) >= 2:
+                    row, col = factors[i] or [torch.zeros(shape[:-1], dtype=DT), torch.zeros(shape[:-2] + shape[-1:],
+                                                                                               dtype=DT)]
+                    row = (1 - new_weight) * row + new_weight * square.mean(-1)
+                    col = (1 - new_weight) * col + new_weight * square.mean(-2)
+                    factors[i] = [row, col]
+                    r = (row / row.mean(-1, keepdim=True)).unsqueeze(-1) ** -0.5 * col.unsqueeze(-2) ** -0.5
+                else:
+                    v = factors[i][0] if factors[i] else torch.zeros(shape, dtype=DT)
+                    v = (1 - new_weight) * v + new_weight * square
+                    factors[i] = [v]
+                    r = v ** -0.5
+                delta = max(1.0, float((r * g).pow(2).mean().sqrt()) / hp["clip_threshold"])
+                scale = max(eps2, float(theta.pow(2).mean().sqrt())) if hp["scale_parameter"] else 1.0
+                gains.append((scale * size / delta * r).reshape(-1))
+                decays.append(torch.full((n,), hp["weight_decay"] * scale * size, dtype=DT))
+            gain, beta1 = torch.cat(gains), hp["beta1"]
+            if beta1 is None:
+                a, b, P = torch.zeros(self.D, dtype=DT), torch.ones(self.D, dtype=DT), gain
+            else:
+                a, b, P = torch.full((self.D,), beta1, dtype=DT), (1 - beta1) * gain, torch.ones(self.D, dtype=DT)
+            c.update(a=a, b=b, P=P, q=torch.ones(self.D, dtype=DT), n=torch.zeros(self.D, dtype=DT),
+                     lambda_c=torch.zeros(self.D, dtype=DT), lambda_d=torch.cat(decays))
+        super()._compute_decomposition()
+
+
+def _reference(base: type, hp: dict, lrs: list[float]) -> type:
+    return type(f"HFAdafactor{base.__name__}", (HFAdafactorMath, base), {"hp": dict(hp), "lrs": list(lrs)})
+
+
+OPTIONS = {
+    "trainer_default": {"lr": 0.05, "relative_step": False, "scale_parameter": False},
+    "beta1_scaled_wd_clip": {"lr": 0.3, "relative_step": False, "scale_parameter": True, "beta1": 0.9,
+                             "weight_decay": 0.1, "clip_threshold": 0.5},
+    "relative_step": {"lr": None, "relative_step": True, "scale_parameter": True, "decay_rate": -0.5},
+}
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+def test_each_option_set_on_the_tanh_mlp_is_exact(options):
+    build, base, quad = MODELS["tanh"]
+    model = build()
+    hp = OPTIONS[options]
+    traj, lrs, _ = record(model, Adafactor(model.parameters(), **hp), steps=5)
+    assert traj.manifest.adapter == "hf_adafactor"
+    assert traj.manifest.optimizer_class == "transformers.optimization.Adafactor"
+    _, _, X_test = data()
+    assert_exact(model, traj, X_test, _reference(base, hp, lrs), quad)
+
+
+@pytest.mark.parametrize("kind", ["relu", "dropout"])
+def test_relu_and_dropout_models_are_exact(kind):
+    build, base, quad = MODELS[kind]
+    model = build()
+    hp = OPTIONS["beta1_scaled_wd_clip"]
+    traj, lrs, _ = record(model, Adafactor(model.parameters(), **hp), steps=4)
+    _, _, X_test = data()
+    assert_exact(model, traj, X_test, _reference(base, hp, lrs), quad)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_conformance_suites(dtype, tol):
+    record_ = explaind.get_entry("optimizer_adapter", "hf_adafactor")
+    assert record_.optimizer_classes == () and record_.optimizer_class_names == ("transformers.optimization.Adafactor",)
+    report = check_optimizer_adapter(record_, dtype=dtype, tol=tol)
+    assert len(report.residuals) == 11
+    assert len(check_adapter_start_state(record_, dtype=dtype, tol=tol)) == 6  # every distinct option set
+
+
+def test_a_sparse_store_replays_every_step_bit_for_bit(tmp_path):
+    build, _, _ = MODELS["tanh"]
+    hp = OPTIONS["beta1_scaled_wd_clip"]
+    memory_model = build()
+    memory, _, _ = record(memory_model, Adafactor(memory_model.parameters(), **hp), steps=5)
+    model = build()
+    record(model, Adafactor(model.parameters(), **hp), steps=5, store=tmp_path / "run", checkpoint_every=2)
+    sparse = Trajectory.load(tmp_path / "run", model=build())
+    sparse.verify()
+    assert sparse.sparse
+    for s in (3, 0, 4, 1, 2):
+        assert all(torch.equal(sparse.params(s)[n], memory.params(s)[n]) for n in memory.param_names), s
+        for n, u in memory.updates(s).items():
+            v = sparse.updates(s)[n]
+            for f in ("a", "b", "P", "lambda_d"):
+                assert torch.equal(torch.as_tensor(getattr(u, f)), torch.as_tensor(getattr(v, f))), (s, n, f)
+
+
+def test_counterfactual_estimator_names_the_missing_pure_update():
+    build, _, _ = MODELS["tanh"]
+    model = build()
+    traj, _, _ = record(model, Adafactor(model.parameters(), **OPTIONS["trainer_default"]), steps=2)
+    with pytest.raises(ConfigError, match=r"adapter 'hf_adafactor' has no update_fn.*Fix: .*InfluenceEstimator"):
+        explaind.CounterfactualEstimator(device="cpu").fit(traj)
+
+
+def test_registering_the_adapters_does_not_import_transformers():
+    code = ("import sys, explaind; from explaind.plugins import get_entry; "
+            "r = get_entry('optimizer_adapter', 'hf_adafactor'); explaind.plugins.list_entries('optimizer_adapter'); "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
