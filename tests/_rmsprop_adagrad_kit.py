@@ -33,7 +33,8 @@ from torch import Tensor, nn
 import explaind
 from explaind.exceptions import ExplaindWarning
 
-__all__ = ["DT", "MODELS", "MathCoefficients", "assert_exact", "batch_plan", "data", "math_reference", "record"]
+__all__ = ["DT", "MODELS", "MathCoefficients", "assert_exact", "assert_metagradients_match_retraining", "batch_plan",
+           "data", "math_reference", "record"]
 
 DT = torch.float64
 N_TRAIN, N_TEST, BATCH = 20, 3, 5
@@ -184,3 +185,33 @@ def assert_exact(model: nn.Module, traj: Any, X_test: Tensor, reference: type, q
     assert rel_err(as_numpy(att.values), want["values"]) <= 1e-9
     assert np.isfinite(as_numpy(att.values)).all()
     return ref
+
+
+def assert_metagradients_match_retraining(build: Callable[[], nn.Module],
+                                          make_optimizer: Callable[[Any], torch.optim.Optimizer], traj: Any,
+                                          steps: int, h: float = 1e-5) -> None:
+    """``CounterfactualEstimator`` on ``traj`` (recorded by :func:`record` from ``build()`` with ``steps`` steps)
+    replays the run to 1e-12 and its metagradient in the first sample of the first batch matches central differences
+    of re-training from ``build()`` with that sample's loss weight scaled by ``1 +- h``, to 1e-6 relative."""
+    X, y, X_test = data()
+    att = explaind.CounterfactualEstimator(device="cpu").fit(traj).transform(X_test)
+    assert att.meta["replay_residual"] <= 1e-12
+    k = int(batch_plan(steps)[0][0])
+
+    def retrained(scale: float) -> Tensor:
+        net = build()
+        opt = make_optimizer(net.parameters())
+        net.train()
+        for idx in batch_plan(steps):
+            weights = torch.where(idx == k, torch.tensor(scale, dtype=DT), torch.tensor(1.0, dtype=DT))
+            opt.zero_grad()
+            (weights * F.cross_entropy(net(X[idx]), y[idx], reduction="none")).mean().backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            return net(X_test)
+
+    finite = (retrained(1 + h) - retrained(1 - h)) / (2 * h)
+    tau = torch.as_tensor(as_numpy(att.values))[:, k, :]
+    assert float(finite.abs().max()) > 1e-4  # the sample moves the outputs
+    assert rel_err(as_numpy(tau), as_numpy(finite)) <= 1e-6

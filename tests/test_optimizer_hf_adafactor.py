@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from _rmsprop_adagrad_kit import DT, MODELS, assert_exact, data, record
+from _rmsprop_adagrad_kit import DT, MODELS, assert_exact, assert_metagradients_match_retraining, data, record
 from transformers.optimization import Adafactor
 
 import explaind
@@ -136,11 +136,24 @@ def test_a_sparse_store_replays_every_step_bit_for_bit(tmp_path):
                 assert torch.equal(torch.as_tensor(getattr(u, f)), torch.as_tensor(getattr(v, f))), (s, n, f)
 
 
-def test_counterfactual_estimator_names_the_missing_pure_update():
+@pytest.mark.parametrize("options", ["beta1_scaled_wd_clip", "relative_step"])
+def test_counterfactual_metagradients_match_retraining_with_a_reweighted_sample(options):
+    """The pure update replays the run and its derivative in one sample's weight matches central differences of
+    re-training with that weight scaled by 1 +- h (through RMS(theta), the clipping and the first moment)."""
+    build, _, _ = MODELS["tanh"]
+    hp = OPTIONS[options]
+    model = build()
+    traj, _, _ = record(model, Adafactor(model.parameters(), **hp), steps=4)
+    assert_metagradients_match_retraining(build, lambda params: Adafactor(params, **hp), traj, steps=4)
+
+
+def test_the_pure_update_refuses_groups_that_differ_in_beta1():
     build, _, _ = MODELS["tanh"]
     model = build()
-    traj, _, _ = record(model, Adafactor(model.parameters(), **OPTIONS["trainer_default"]), steps=2)
-    with pytest.raises(ConfigError, match=r"adapter 'hf_adafactor' has no update_fn.*Fix: .*InfluenceEstimator"):
+    groups = [{"params": [model[0].weight, model[0].bias]}, {"params": [model[2].weight, model[2].bias], "beta1": 0.9}]
+    traj, _, _ = record(model, Adafactor(groups, **OPTIONS["trainer_default"]), steps=2)
+    with pytest.raises(ConfigError, match=r"transformers' Adafactor pure update: the parameter groups differ in "
+                                          r"decay_rate, eps1, eps2, clip_threshold, beta1, scale_parameter"):
         explaind.CounterfactualEstimator(device="cpu").fit(traj)
 
 

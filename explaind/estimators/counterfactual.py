@@ -146,7 +146,8 @@ class CounterfactualEstimator(ExplaindEstimator):
             raise ConfigError(
                 f"{name}.fit: the optimizer adapter {adapter!r} has no update_fn (its update as a pure function of "
                 f"the optimizer state and the gradient), which the reverse sweep differentiates. Allowed: adapters "
-                f"with update_fn (built in: sgd, adam, adamw, rmsprop, adagrad, nadam, radam, adamax, adafactor). "
+                f"with update_fn (built in: sgd, adam, adamw, rmsprop, adagrad, nadam, radam, adamax, adafactor, "
+                f"hf_adafactor). "
                 f"Fix: add update_fn to the "
                 f"adapter's OptimizerAdapterRecord (docs/optimizers.md, 'Pure updates'), or use InfluenceEstimator."
             )

@@ -22,7 +22,7 @@ from .adamw import AdamWAdapter, AdamWConfig
 from .hf_adafactor import HANDLED, HFAdafactorAdapter, HFAdafactorConfig
 from .nadam import NAdamAdapter, NAdamConfig
 from .pure import adam_update_fn, sgd_update_fn
-from .pure_adafactor import adafactor_update_fn
+from .pure_adafactor import adafactor_update_fn, hf_adafactor_update_fn
 from .pure_adam_family import adamax_update_fn, nadam_update_fn, radam_update_fn
 from .pure_more import adagrad_update_fn, rmsprop_update_fn
 from .radam import RAdamAdapter, RAdamConfig
@@ -120,5 +120,6 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             description="transformers' Adafactor (TrainingArguments(optim='adafactor')): factored second moment, "
             "relative step, parameter scaling, clipping, first moment, decoupled weight decay (diagonal P).",
             optimizer_class_names=(".".join(HANDLED),),
+            update_fn=hf_adafactor_update_fn,
         ),
     ]
