@@ -420,7 +420,7 @@ def adapter_optimizer_classes(record: Any) -> tuple[type, ...]:
             obj: Any = importlib.import_module(module)
             for part in qualname.split("."):
                 obj = getattr(obj, part)
-        except (ImportError, AttributeError) as exc:
+        except (ImportError, AttributeError, ValueError) as exc:  # ValueError: no module part in the name
             logger.debug("optimizer class %s of adapter %r is not available: %s", name, record.name, exc)
             continue
         if isinstance(obj, type) and obj not in found:

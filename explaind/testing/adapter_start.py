@@ -14,6 +14,7 @@ measure (at most ``tol``). An adapter without ``start_state`` must instead be re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch import nn
 from ..exceptions import ConfigError, ExplaindError
 from ..plugins import adapter_optimizer_classes
 from .adapters import check_optimizer_adapter, default_scenarios
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["check_adapter_start_state", "optimizer_adapter_checks"]
 
@@ -121,8 +124,13 @@ def optimizer_adapter_checks(record: Any, inspected: Any = None) -> Iterable[tup
 
     Yields ``("replay_float64", ...)`` (``tol=1e-12``) and ``("replay_float32", ...)`` (``tol=1e-5``), each
     running :func:`~explaind.testing.adapters.check_optimizer_adapter` on the default scenarios, and
-    ``("start_state", ...)``, :func:`check_adapter_start_state` in float64 (``tol=1e-12``).
+    ``("start_state", ...)``, :func:`check_adapter_start_state` in float64 (``tol=1e-12``). A record that names its
+    classes only by ``optimizer_class_names`` whose modules are not installed (an optional dependency) yields
+    nothing: there is no optimizer to run.
     """
+    if not adapter_optimizer_classes(record) and record.optimizer_class_names:
+        logger.info("optimizer adapter %r not checked: none of %s imports", record.name, record.optimizer_class_names)
+        return
 
     def float64() -> None:
         check_optimizer_adapter(record, dtype=torch.float64, tol=1e-12)
