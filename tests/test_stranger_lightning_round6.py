@@ -127,6 +127,25 @@ def test_manual_clipping_by_value_is_refused_by_the_recorder(tmp_path):
     note(outcome="loud: TrajectoryError")
 
 
+class PenaltyToo(Manual):
+    """A second ``manual_backward`` on the batch: an output penalty the callback's ``loss=`` does not hold."""
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        out = self.model(batch["x"])
+        self.manual_backward(F.cross_entropy(out, batch["labels"]), retain_graph=True)
+        self.manual_backward(0.1 * out.pow(2).mean())
+        opt.step()
+        opt.zero_grad()
+
+
+def test_manual_optimization_backpropagating_another_loss_too_is_refused_naming_manual_backward(tmp_path):
+    with pytest.raises(TrajectoryError, match=r"Under Lightning manual optimization the callback logs each batch.*"
+                                              r"Fix: give the callback the per-sample loss"):
+        _fit(tmp_path, PenaltyToo(), max_steps=3, accumulate=1, callback_kwargs={"check_gradients": "auto"})
+    note(outcome="loud: TrajectoryError")
+
+
 class Gan(pl.LightningModule):
     """Two optimizers stepped by hand, each on a loss of its own (the shape of a GAN's training step)."""
 

@@ -136,6 +136,13 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 " Here StochasticWeightAveraging wrote the average of the weights of its epochs into the model when "
                 "training ended; that average is no point of the recorded trajectory: remove the callback to "
                 "explain the model training ends with.")
+        if not pl_module.automatic_optimization:
+            self.recorder.framework_hint = (
+                " Under Lightning manual optimization the callback logs each batch at self.manual_backward(...) "
+                "with the weights of its mean over the callback's loss=, and the check measures one factor per "
+                "step (a loss / k): a backward of another loss, or several manual_backward calls with different "
+                "terms on one batch, is not that. Fix: give the callback the per-sample loss training_step "
+                "backpropagates, with one manual_backward per batch.")
         self._hook = model.register_forward_pre_hook(ModelHook(self._take_inputs), with_kwargs=True)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
