@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from _framework_testkit import CrossEntropyModule, indexed
 from _hf_stranger_kit import note
 from lightning.pytorch.callbacks import (
@@ -182,6 +183,29 @@ def test_model_pruning_is_refused_at_the_start_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"ModelPruning masks the parameters between steps.*Fix: remove ModelPruning"):
         _fit(tmp_path, CrossEntropyModule(_mlp(), _sgd), max_steps=-1, max_epochs=2, callbacks=[pruning])
     note(outcome="loud: ConfigError")
+
+
+def test_a_plain_loop_pruning_mid_run_is_refused_at_the_next_step():
+    """What ModelPruning does, in a plain loop. Before: recorded without a word; the replica matched the pruned model
+    (1e-16) and the estimator failed with torch's "a leaf Variable that requires grad is being used in an in-place
+    operation". (``weight_norm`` mid-run was refused before: the optimizer then holds a tensor that is no parameter
+    of the model.)"""
+    X, y = _data()
+    model = _mlp()
+    opt = _sgd(model.parameters())
+    with pytest.raises(TrajectoryError, match=r"Step 2: the recorded parameter\(s\) 0.weight \(now '0.weight_orig'\) "
+                                              r"are no longer.*ModelPruning.*Fix: prune or parametrize before"):
+        with explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=False) \
+                as rec:
+            for s in range(4):
+                if s == 2:
+                    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.3)
+                idx = torch.arange(4 * s, 4 * s + 4)
+                opt.zero_grad()
+                F.cross_entropy(model(X[idx]), y[idx]).backward()
+                rec.log_batch(idx)
+                opt.step()
+    note(outcome="loud: TrajectoryError")
 
 
 FLAGS = {  # pl.Trainer settings no other test sets
