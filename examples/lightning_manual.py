@@ -63,19 +63,19 @@ def main(tiny: bool = False) -> dict:
 
     X_test = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [0.5, -2.0], [-1.5, -0.5]], dtype=torch.float64)
     y_test = (X_test[:, 0] * X_test[:, 1] > 0).long()
-    fidelity = explaind.KernelReplica().fit(traj).fidelity_report(X_test, model=module.model)
+    replica = explaind.KernelReplica().fit(traj)
+    fidelity = replica.fidelity_report(X_test, model=module.model)
     att = explaind.InfluenceEstimator(keep=("train",), target=y_test.tolist()).fit(traj).transform(X_test)
     scores = att.values[..., 0]  # (test, train): contribution to the logit of the true class
-    checks = {"fidelity": fidelity, "completeness_gap": att.completeness_error(),
-              "residual_share": att.meta["residual_share"]}
+    top = scores.topk(3, dim=1).indices  # (test, 3): the most supporting training samples
     print(f"{traj.n_steps} steps recorded (manual optimization, {K} batches a step, clipping, StepLR); step 0's "
           f"measured factor {traj.grad_scale(0):.3f}; replica max rel. error {fidelity['model_max_rel_error']:.1e}, "
-          f"residual share {checks['residual_share']:.1e}, completeness gap {checks['completeness_gap']:.1e}")
-    for t, row in enumerate(scores):
-        top = torch.argsort(row, descending=True)[:3]
-        print(f"test {X_test[t].tolist()} (label {int(y_test[t])}): most supporting training samples {top.tolist()} "
-              f"with labels {y[top].tolist()}")
-    return {**checks, "scores": scores, "steps": traj.n_steps}
+          f"residual share {att.meta['residual_share']:.1e}, completeness gap {att.completeness_error():.1e}")
+    for point, label, best in zip(X_test.tolist(), y_test.tolist(), top):
+        print(f"test {point} (label {label}): most supporting training samples {best.tolist()} with labels "
+              f"{y[best].tolist()}")
+    return {"fidelity": fidelity, "completeness_gap": att.completeness_error(),
+            "residual_share": att.meta["residual_share"], "scores": scores, "steps": traj.n_steps}
 
 
 if __name__ == "__main__":
