@@ -27,7 +27,8 @@ import _hf_stranger_kit  # noqa: E402  (the test files share this module object)
 FILES = ["test_stranger_hf_encoders.py", "test_stranger_hf_decoders.py", "test_stranger_hf_audio_vision.py",
          "test_stranger_hf_gc.py", "test_stranger_hf_round3.py",
          "test_stranger_hf_vision.py", "test_stranger_hf_seq2seq.py", "test_stranger_hf_text.py",
-         "test_stranger_hf_trainer.py", "test_stranger_hf_round5.py", "test_stranger_lightning_round5.py"]
+         "test_stranger_hf_trainer.py", "test_stranger_hf_round5.py", "test_stranger_lightning_round5.py",
+         "test_stranger_hf_round6.py", "test_stranger_lightning_round6.py"]
 
 
 def main() -> int:

@@ -40,7 +40,8 @@ def test_grokking_phases(tmp_path, capsys):
 
 
 def test_every_example_is_tested():
-    tested = {"quickstart", "grokking_phases", "checkpoints_causal_lm", "hf_trainer", "lightning_callback"}
+    tested = {"quickstart", "grokking_phases", "checkpoints_causal_lm", "hf_trainer", "lightning_callback",
+              "lightning_manual"}
     scripts = {p.stem for p in EXAMPLES.glob("*.py")}
     assert scripts == tested, f"untested examples: {sorted(scripts - tested)}"
 
@@ -60,6 +61,16 @@ def test_framework_callback_examples(capsys, name, line):
     result = _load(name).main(tiny=True)
     out = capsys.readouterr().out
     assert "3 steps recorded" in out and out.count(line) == 4
+    assert result["fidelity"]["model_max_rel_error"] < 1e-6
+    assert result["residual_share"] < 1e-9 and result["completeness_gap"] < 1e-10
+    assert result["scores"].shape == (4, 16)
+
+
+def test_lightning_manual_optimization_example(capsys):
+    result = _load("lightning_manual").main(tiny=True)
+    out = capsys.readouterr().out
+    assert "2 steps recorded (manual optimization" in out and out.count("most supporting training samples") == 4
+    assert "measured factor 0.500" in out  # the loss / 2 of the accumulation (the clipping at 1.0 does not act)
     assert result["fidelity"]["model_max_rel_error"] < 1e-6
     assert result["residual_share"] < 1e-9 and result["completeness_gap"] < 1e-10
     assert result["scores"].shape == (4, 16)

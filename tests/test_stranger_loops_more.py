@@ -17,7 +17,7 @@ from _framework_testkit import fit_lightning, indexed
 from test_stranger_loops import BATCH, DT, STEPS, N, _assert_exact, _data, _mlp
 
 import explaind
-from explaind.exceptions import ConfigError, TrajectoryError
+from explaind.exceptions import TrajectoryError
 from explaind.integrations import ExplaindLightningCallback
 
 
@@ -184,15 +184,15 @@ class _ManualClipping(pl.LightningModule):
         return torch.optim.SGD(self.model.parameters(), lr=0.3, momentum=0.9)
 
 
-def test_lightning_manual_optimization_with_clip_gradients_is_refused_by_the_callback_and_exact_as_documented(
+def test_lightning_manual_optimization_with_clip_gradients_is_exact_by_the_callback_and_by_a_hand_recorder(
         tmp_path):
     X, y, X_test = _data()
     train = indexed(X, y)
     callback = ExplaindLightningCallback((X, y), loss="cross_entropy", module="model")
-    with pytest.raises(ConfigError, match=r"automatic_optimization=True.*Fix: record manual optimization with "
-                                          r"explaind.TrajectoryRecorder.*self.optimizers\(\).optimizer.*"
-                                          r"rec.log_batch\(batch\['explaind_index'\]\)"):
-        fit_lightning(tmp_path, _ManualClipping(_mlp()), callback, train, max_steps=1, batch=4, accumulate=1)
+    by_callback = _ManualClipping(_mlp())
+    fit_lightning(tmp_path, by_callback, callback, train, max_steps=STEPS, batch=BATCH, accumulate=1)
+    assert all(float(callback.trajectory.grad_scale(s)) < 1 for s in range(STEPS))  # clipped every step
+    _assert_exact(by_callback.model, callback.trajectory, X_test)
     module = _ManualClipping(_mlp(), train_data=(X, y))
     loader = torch.utils.data.DataLoader(train, batch_size=BATCH, shuffle=True,
                                          generator=torch.Generator().manual_seed(3))

@@ -5,6 +5,13 @@ submodules) and its optimizer for the whole of ``trainer.fit``. The training dat
 :class:`~explaind.integrations.IndexedDataset`; ``on_train_batch_start`` takes the positions out
 of the batch (so ``training_step`` never sees them) and ``on_after_backward`` logs the micro-batch.
 
+Manual optimization (``automatic_optimization=False``) goes through the same hooks: ``self.manual_backward(loss)``
+runs ``on_after_backward`` (the micro-batch is logged with its mean's weights :math:`n_k / \sum_{j \in m} n_j`),
+and ``opt.step()`` of the ``LightningOptimizer`` steps the torch optimizer the recorder hooks. A loss the
+``training_step`` divides by :math:`k` before ``manual_backward`` (accumulation over :math:`k` batches) is a global
+factor of the step that the recorder's gradient check measures (:math:`c_s`); ``self.clip_gradients`` by norm is
+measured likewise. ``ModelPruning`` (masks between steps) is refused.
+
 Lightning divides the loss of every micro-batch by ``accumulate_grad_batches`` = :math:`K`, and the
 loss of a batch is the mean over its counted terms, so micro-batch :math:`m` is logged with
 :math:`w_k = n_k / (K \sum_{j \in m} n_j)` (docs/maths.md §1). Lightning runs the last micro-batch of
@@ -78,26 +85,23 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
+            manual = ("" if pl_module.automatic_optimization else
+                      " With manual optimization (a GAN's generator and discriminator steps) each optimizer steps on "
+                      "a loss of its own, which is no per-sample loss of the recorded model on its training items "
+                      "(a generator's loss has no training sample; a discriminator's couples real items with "
+                      "generated ones), so the steps cannot be split over the training samples.")
             raise ConfigError(f"ExplaindLightningCallback records runs with one optimizer; configure_optimizers "
                               f"returned {len(trainer.optimizers)}. explaind decomposes the updates of one optimizer "
                               f"(another one stepping the model's parameters is an edit it cannot split over "
-                              f"samples). Fix: return one optimizer with a parameter group per part of the model "
-                              f"(per-group learning rates and weight decay are recorded), e.g. "
+                              f"samples).{manual} Fix: return one optimizer with a parameter group per part of the "
+                              f"model (per-group learning rates and weight decay are recorded), e.g. "
                               f"torch.optim.SGD([{{'params': a.parameters(), 'lr': 0.1}}, "
-                              f"{{'params': b.parameters()}}], lr=0.01).")
+                              f"{{'params': b.parameters()}}], lr=0.01); or record one part on its own loss in a "
+                              f"plain loop (docs/guide_own_model.md, 'Manual optimization').")
         model = pl_module if self._module is None else getattr(pl_module, self._module, None)
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"module={self._module!r}: the LightningModule has no submodule of that name; pass the "
                               f"attribute name of the model to record (e.g. module='model') or None.")
-        if not pl_module.automatic_optimization:
-            raise ConfigError(
-                "ExplaindLightningCallback supports automatic optimization (automatic_optimization=True); this "
-                "LightningModule sets it to False. Fix: record manual optimization with explaind.TrajectoryRecorder "
-                "itself: create it in on_train_start on the wrapped torch optimizer, TrajectoryRecorder(self.model, "
-                "self.optimizers().optimizer, loss=..., train_data=(X, y)), enter it there and exit it in "
-                "on_train_end; in training_step call rec.log_batch(batch['explaind_index']) (an IndexedDataset's "
-                "positions) after self.manual_backward(loss) and self.clip_gradients(...), before opt.step(). "
-                "Clipping by norm is measured as a factor of the step; see docs/guide_own_model.md, 'Lightning'.")
         algorithm = getattr(trainer, "gradient_clip_algorithm", None)
         if trainer.gradient_clip_val and str(getattr(algorithm, "value", algorithm)) == "value":
             raise ConfigError(
@@ -107,6 +111,13 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 f"Allowed: gradient_clip_algorithm='norm' (one factor per step, recorded exactly as c_s). Fix: "
                 f"pl.Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm'), or no clipping."
             )
+        if any(type(c).__name__ == "ModelPruning" for c in trainer.callbacks):
+            raise ConfigError(
+                "ModelPruning masks the parameters between steps (torch.nn.utils.prune renames each pruned weight to "
+                "'<name>_orig' and multiplies it by a mask in a forward pre-hook), so the model's function changes "
+                "outside optimizer.step() and the steps after a pruning are no steps of the recorded parameters; the "
+                "masks are made permanent when training ends. Fix: remove ModelPruning from the Trainer's callbacks "
+                "and prune the model after training (explain the recorded run, then prune), or train without it.")
         precision = str(getattr(trainer, "precision", ""))
         if precision in ("bf16-true", "16-true"):
             raise ConfigError(
@@ -125,6 +136,13 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 " Here StochasticWeightAveraging wrote the average of the weights of its epochs into the model when "
                 "training ended; that average is no point of the recorded trajectory: remove the callback to "
                 "explain the model training ends with.")
+        if not pl_module.automatic_optimization:
+            self.recorder.framework_hint = (
+                " Under Lightning manual optimization the callback logs each batch at self.manual_backward(...) "
+                "with the weights of its mean over the callback's loss=, and the check measures one factor per "
+                "step (a loss / k): a backward of another loss, or several manual_backward calls with different "
+                "terms on one batch, is not that. Fix: give the callback the per-sample loss training_step "
+                "backpropagates, with one manual_backward per batch.")
         self._hook = model.register_forward_pre_hook(ModelHook(self._take_inputs), with_kwargs=True)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

@@ -83,6 +83,30 @@ def foreign_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> st
     )
 
 
+def renamed_parameters(model: nn.Module, params: dict[str, nn.Parameter]) -> str | None:
+    """A message when a recorded parameter is no longer the model's parameter of its name (``None`` otherwise).
+
+    ``torch.nn.utils.prune`` (Lightning's ``ModelPruning``) re-registers a pruned ``weight`` as ``weight_orig`` and
+    computes ``weight`` from it and a mask in a forward pre-hook, ``torch.nn.utils.parametrize`` likewise: the
+    model's function then changes outside ``optimizer.step()``, and the engine, which replays every step by
+    parameter name, would evaluate another function.
+    """
+    named = dict(model.named_parameters(remove_duplicate=False))
+    gone = [n for n, p in params.items() if named.get(n) is not p]
+    if not gone:
+        return None
+    now = {id(p): n for n, p in named.items()}
+    listed = ", ".join(f"{n} (now {now[id(params[n])]!r})" if id(params[n]) in now else f"{n} (no longer a parameter)"
+                       for n in gone[:8]) + (f" and {len(gone) - 8} more" if len(gone) > 8 else "")
+    return (f"the recorded parameter(s) {listed} are no longer the model's parameters of those names, so the model's "
+            f"function changed outside optimizer.step() (torch.nn.utils.prune and Lightning's ModelPruning rename a "
+            f"pruned weight to '<name>_orig' and multiply it by a mask in a forward pre-hook; "
+            f"torch.nn.utils.parametrize moves it under 'parametrizations'). explaind replays every step by "
+            f"parameter name, so the earlier steps would be replayed with another function. Fix: prune or "
+            f"parametrize before the recorder starts (and keep it for the whole run), or after recording, on the "
+            f"explained model.")
+
+
 def check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer, params: dict[str, Tensor]) -> None:
     """Raise :class:`TrajectoryError` when the optimizer holds tensors that are not ``model``'s (see
     :func:`foreign_parameters`); log the recorded ``params`` the optimizer does not hold."""
@@ -119,7 +143,7 @@ def stepped_parameters(
         When the optimizer would update a parameter stored as a constant, or holds a tensor that is
         not a parameter of the model (``add_param_group`` with foreign tensors).
     """
-    message = foreign_parameters(model, optimizer)
+    message = foreign_parameters(model, optimizer) or renamed_parameters(model, params)
     if message is not None:
         raise TrajectoryError(f"Step {step}: {message}")
     in_opt = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
