@@ -199,13 +199,14 @@ class RecorderAttributesMixin:
             )
         logger.info("Step %d: %s changed %s; the forward does not read it on the step's batch (accepted).", s,
                     _listed(changes), where)
+        self._attributes.unread.update(n for c in changes for n in c.names())
         self._attributes.accept()
 
     def _keep_attributes(self, clean: bool) -> None:
         """Keep the last step's fingerprint with the recording (docs/recording.md; ``_attribute_record``): on the
         in-memory trajectory, or in the store's ``attributes.json`` (a stale one removed after an unclean run)."""
         watch = self._attributes
-        record = keep_record(watch.base, watch.ignore) if clean and watch.enabled else None
+        record = keep_record(watch.base, watch.ignore, watch.unread) if clean and watch.enabled else None
         if self._memory is not None:
             self._memory.attribute_record = record
         if self._store is not None:
@@ -221,13 +222,20 @@ class RecorderAttributesMixin:
         clean = clean and not self._attributes.refused
         changes = self._attributes.final_changes() if clean else []  # with its own hook still on, as at each step
         self._attributes.stop()
-        self._keep_attributes(clean)
+        try:
+            self._final_attributes(changes, last)
+        finally:
+            self._keep_attributes(clean)
+
+    def _final_attributes(self, changes: list[Change], last: Tensor | None) -> None:
+        """Warn about ``changes`` made after the last step that the forward reads on ``last``'s batch."""
         if not changes:
             return
         x = self._test_batch(last)
         read = changes if x is None else reading(self.model, changes, x, self._quiet)
         if read is None:
             read = changes
+        self._attributes.unread.update(n for c in changes if not any(c is r for r in read) for n in c.names())
         if read:
             warn_user(logger, f"After the last recorded step ({self._n - 1}) the model's {_listed(read)} changed "
                               f"(inside `with rec:`). The engine replays every step with the values as they are when "

@@ -22,6 +22,8 @@ stopped on an error) is not compared (logged at INFO).
 from __future__ import annotations
 
 import enum
+import glob
+import hashlib
 import json
 import logging
 import types
@@ -66,7 +68,8 @@ def _text(value: Any, depth: int = 0) -> str:
         return f"<function {_name(value)}>"
     if isinstance(value, torch.Tensor):
         sums = checksum(value)
-        return f"<tensor {tuple(value.shape)} {value.dtype} {'unhashed' if sums is None else sums}>"
+        digest = "unhashed" if sums is None else hashlib.blake2b(repr(sums).encode(), digest_size=6).hexdigest()
+        return f"<tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} {digest}>"
     if depth < _DEPTH and isinstance(value, list | tuple | set | frozenset | dict):
         if isinstance(value, dict):
             inner = ", ".join(f"{_text(k, depth + 1)}: {_text(v, depth + 1)}" for k, v in value.items())
@@ -86,7 +89,9 @@ def record_of(snap: Snapshot) -> dict[str, str]:
     for (path, key), value in snap.values.items():
         name = f"{path}.{key}" if path else key
         if key == "_modules":
-            out[name] = "{" + ", ".join(f"{k}: {_name(type(m))}" for k, m in value.items()) + "}"
+            out[name] = "{" + ", ".join(f"{k}: {type(m).__qualname__}" for k, m in value.items()) + "}"
+        elif key.endswith(("_with_kwargs", "_always_called")):
+            continue  # flags of the hooks in the dictionaries above (explaind's own among them)
         elif key in HOOK_KEYS:
             hooks = value.values() if isinstance(value, dict) else ()
             out[name] = f"hooks[{', '.join(_name(h) for h in hooks if type(h) is not ModelHook)}]"
@@ -97,11 +102,14 @@ def record_of(snap: Snapshot) -> dict[str, str]:
     return out
 
 
-def keep_record(snap: Snapshot | None, ignore: tuple[str, ...]) -> dict[str, Any] | None:
-    """The record a recording keeps (``None`` when the watch saw no step or was off)."""
+def keep_record(snap: Snapshot | None, ignore: tuple[str, ...], unread: set[str]) -> dict[str, Any] | None:
+    """The record a recording keeps (``None`` when the watch saw no step or was off): ``unread`` names the entries
+    that changed during the recording and that its test forward found unread (a tensor the forward only writes, a
+    counter): left out, as ``ignore`` patterns, so a later change of them is no alarm."""
     if snap is None:
         return None
-    return {"format": _FORMAT, "ignore": list(ignore), "entries": record_of(snap)}
+    patterns = [*ignore, *sorted(glob.escape(n) for n in unread), *sorted(f"{glob.escape(n)}.*" for n in unread)]
+    return {"format": _FORMAT, "ignore": patterns, "entries": record_of(snap)}
 
 
 def save_record(root: Path, record: dict[str, Any] | None, *, fsync: bool = True) -> None:
@@ -175,4 +183,4 @@ def check_model(traj: Any, model: nn.Module | None, who: str) -> None:
 def _short(text: str | None) -> str:
     if text is None:
         return "absent"
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 120 else text[:117] + "..."

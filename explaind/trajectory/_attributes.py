@@ -161,6 +161,14 @@ class Change:
         """``path.key`` (``key`` alone on the model itself)."""
         return f"{self.path}.{self.key}" if self.path else self.key
 
+    def names(self) -> list[str]:
+        """:attr:`name`, or for a config object ``name.field`` of each field that differs."""
+        if is_plain_object(self.old) and is_plain_object(self.new):
+            a, b = vars(self.old), vars(self.new)
+            return [f"{self.name}.{k}" for k in dict.fromkeys([*a, *b]) if k not in a or k not in b or
+                    _freeze(a[k]) != _freeze(b[k]) or isinstance(a[k], torch.Tensor)]
+        return [self.name]
+
     def describe(self) -> str:
         """The change in words: ``name (Class): old -> new``."""
         owner = f"{self.name} ({type(self.module).__name__})"
@@ -341,6 +349,7 @@ class AttributeWatch:
         self._pending: Snapshot | None = None
         self.refused = False  # a step was refused: the end of the recording warns about nothing more
         self.counts: dict[str, int] = {}  # changes seen per entry name (tested at the 1st, 2nd, 4th, ...)
+        self.unread: set[str] = set()  # entry names that changed and that the test forward found unread
         self._forward = FirstForward(model, self._first_forward)
 
     @property

@@ -8,7 +8,8 @@ It is fingerprinted by :func:`tensor_signature`,
 
 .. math:: \sigma(t) = (\operatorname{id} t,\ v_t,\ \text{shape},\ \text{dtype},\ \text{device},\ c_1(t),\ c_2(t)),
 
-with :math:`v_t` torch's version counter (bumped by every in-place operation) and, for tensors of at most
+with :math:`v_t` torch's version counter (bumped by every in-place operation; used only for tensors larger than
+:data:`CHECKSUM_BYTES`, as a view shares its base's counter) and, for tensors of at most
 :data:`CHECKSUM_BYTES` bytes, two wrapping int64 sums of the elements' bit patterns :math:`u_i` (``view`` as the
 integer type of the same width): :math:`c_1 = \sum_i u_i` and :math:`c_2 = \sum_{i \ge 1} (1000003\,u_{i-1})
 \oplus u_i`, which also see writes through ``.data`` and tensors made under ``torch.inference_mode()`` (no version
@@ -72,9 +73,11 @@ def checksum(t: Tensor) -> tuple[int, int] | None:
 
 
 def tensor_signature(t: Tensor) -> tuple[Any, ...]:
-    r""":math:`\sigma(t)` (module docstring): ``("tensor", id, version, shape, dtype, device, checksum)``."""
-    version = -1 if t.is_inference() else t._version
-    return ("tensor", id(t), version, tuple(t.shape), t.dtype, t.device, checksum(t))
+    r""":math:`\sigma(t)` (module docstring): ``("tensor", id, version, shape, dtype, device, checksum)``; the version
+    counter only where there is no checksum (a view's counter is its base's: bumped by writes to other elements)."""
+    sums = checksum(t)
+    version = -1 if sums is not None or t.is_inference() else t._version
+    return ("tensor", id(t), version, tuple(t.shape), t.dtype, t.device, sums)
 
 
 def is_plain_object(value: Any) -> bool:
