@@ -30,7 +30,6 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import ExplaindWarning, TrajectoryError
-from explaind.trajectory import _tensor_watch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,6 +91,8 @@ def test_a_tensor_made_under_inference_mode_has_no_version_counter_and_is_still_
 
 
 def test_a_large_plain_tensor_changed_in_place_cannot_be_set_back_and_is_refused_without_a_test(monkeypatch):
+    from explaind.trajectory import _tensor_watch
+
     monkeypatch.setattr(_tensor_watch, "CLONE_BYTES", 8)  # the mask (24 bytes) is kept by reference, not cloned
     with pytest.raises(TrajectoryError, match=r"mask \(Masked\): .*changed in place, too large to set back"):
         record(Masked(), lambda m, s: m.mask.mul_(1.5) if s == 0 else None)
@@ -105,6 +106,8 @@ def test_tensors_the_forward_only_writes_and_views_of_parameters_raise_nothing_a
 
 
 def test_checksums_see_a_reordering_and_a_single_bit():
+    from explaind.trajectory import _tensor_watch
+
     t = torch.arange(6, dtype=torch.float32)
     base = _tensor_watch.checksum(t)
     assert _tensor_watch.checksum(t.flip(0)) != base
@@ -155,7 +158,8 @@ def test_a_config_field_the_forward_does_not_read_is_accepted():
 AFTER = {
     "temperature": (lambda m: setattr(m, "tau", 1.5), r"tau: 1\.0 -> 1\.5"),
     "Dropout.p": (lambda m: setattr(m.drop, "p", 0.3), r"drop\.p: 0\.0 -> 0\.3"),
-    "module swapped": (lambda m: setattr(m, "act", nn.ReLU()), r"_modules: \{l1: Linear, act: Tanh, .* -> \{l1: Linear, act: ReLU"),
+    "module swapped": (lambda m: setattr(m, "act", nn.ReLU()),
+                       r"_modules: \{l1: Linear, act: Tanh, .* -> \{l1: Linear, act: ReLU"),
     "plain tensor": (lambda m: m.mask.mul_(2.0), r"mask: <tensor \(3,\) float64 [0-9a-f]{12}> -> <tensor \(3,\) "),
     "config field": (lambda m: setattr(m.settings, "temperature", 2.0), r"settings\.temperature: 1\.0 -> 2\.0"),
 }
