@@ -25,7 +25,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attribute_changes import DT, FRAMEWORKS, STEPS, Model, data, record, replica_error
+from test_attribute_changes import (
+    DT,
+    FRAMEWORKS,
+    STEPS,
+    Model,
+    bert_run,
+    data,
+    gpt2_run,
+    record,
+    replica_error,
+)
 from torch import nn
 
 import explaind
@@ -238,53 +248,19 @@ def test_a_store_reopened_in_another_process_compares_the_fingerprint_it_keeps(t
 
 
 # ----------------------------------------------------------------- frameworks: no false alarm, at record and fit
-def hf_trajectory(build, X: dict, y: torch.Tensor, loss: str, batch_loss, after=None):
-    model = build().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    rec = explaind.TrajectoryRecorder(model, opt, loss=loss, train_data=(X, y))
-    with rec:
-        for s in range(STEPS):
-            idx = torch.arange(4 * s, 4 * s + 4)
-            opt.zero_grad()
-            batch_loss(model(**{k: v[idx] for k, v in X.items()}).logits, y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-            if after is not None and s < STEPS - 1:
-                after(model, s)
-    return model, rec.trajectory
-
-
-def gpt2(after=None):
-    from _hf_testkit import lm_data, tiny_gpt2
-
-    ids, labels = lm_data()
-    return hf_trajectory(tiny_gpt2, {"input_ids": ids}, labels, "causal_lm",
-                         lambda out, t: F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), t[:, 1:].reshape(-1),
-                                                        ignore_index=-100), after)
-
-
-def bert(after=None):
-    from _hf_testkit import cls_data, mask_4d, tiny_bert
-
-    ids, mask, y = cls_data()
-    return hf_trajectory(tiny_bert, {"input_ids": ids, "attention_mask": mask_4d(mask)}, y, "cross_entropy",
-                         F.cross_entropy, after)
-
-
 def test_gpt2_and_bert_from_config_record_and_fit_without_a_false_alarm():
-    for run in (gpt2, bert):
-        model, traj = no_warnings(run)
-        no_warnings(explaind.KernelReplica(device="cpu").fit, traj)
+    for run in (gpt2_run, bert_run):
+        no_warnings(explaind.KernelReplica(device="cpu").fit, no_warnings(run).trajectory)
 
 
 def test_gpt2_config_fields_edited_mid_run_are_seen_tested_and_after_the_run_named():
     """``output_hidden_states`` and ``use_cache`` change no logit (accepted at record time: the test forward gives the
     same outputs); after the run the fit names the edited field."""
-    model, traj = no_warnings(gpt2, lambda m, s: setattr(m.config, "output_hidden_states", s % 2 == 0))
-    assert traj.n_steps == STEPS
-    model.config.use_cache = not model.config.use_cache
+    rec = no_warnings(gpt2_run, lambda m, s: setattr(m.config, "output_hidden_states", s % 2 == 0))
+    assert rec.n_steps == STEPS
+    rec.model.config.use_cache = not rec.model.config.use_cache
     with pytest.warns(ExplaindWarning, match=r"config\.use_cache: (True -> False|False -> True)"):
-        explaind.KernelReplica(device="cpu").fit(traj)
+        explaind.KernelReplica(device="cpu").fit(rec.trajectory)
 
 
 @pytest.mark.parametrize("framework", list(FRAMEWORKS))

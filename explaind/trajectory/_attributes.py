@@ -99,6 +99,8 @@ def _freeze(value: Any, depth: int = 0, seen: Seen | None = None) -> Any:
             frozen = (frozenset if kind in (set, frozenset) else tuple)(_freeze(v, depth + 1, seen) for v in value)
             flat = frozen
         return _UNWATCHED if any(x is _UNWATCHED for x in flat) else (kind, frozen)
+    if seen is not None and depth < 3 and is_plain_object(value):
+        return seen.object(value, lambda v: _freeze(v, depth + 1, seen))
     if isinstance(value, torch.Tensor):
         return _UNWATCHED if seen is None else seen.tensor(value)
     if isinstance(value, _SCALARS):  # subclasses: enums, an int subclass
@@ -107,8 +109,6 @@ def _freeze(value: Any, depth: int = 0, seen: Seen | None = None) -> Any:
         plain = int(value) if isinstance(value, numbers.Integral) else \
             float(value) if isinstance(value, numbers.Real) else complex(value)
         return ("number", _freeze(plain, depth))
-    if seen is not None and depth < 3 and is_plain_object(value):
-        return seen.object(value, lambda v: _freeze(v, depth + 1, seen))
     return _UNWATCHED
 
 
@@ -283,11 +283,11 @@ def snapshot(model: nn.Module, ignored: Callable[[str, str], bool] | None = None
             elif key == "_modules":
                 frozen, restore = tuple(value.items()), value.copy()  # children compared by identity
             else:
+                met = seen.met
                 frozen = _freeze(value, 0, seen)
                 if frozen is _UNWATCHED:
                     continue
-                restore = seen.restore(value) if seen.tensors or seen.objects else \
-                    _copy(value) if type(value) in _MUTABLE else value
+                restore = seen.restore(value) if seen.met != met else _copy(value) if type(value) in _MUTABLE else value
             if ignored is not None and ignored(path, key):
                 continue
             frozen_of[(path, key)] = frozen

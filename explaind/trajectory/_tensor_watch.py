@@ -6,19 +6,24 @@ A tensor held as a plain attribute (``self.mask = torch.ones(d)``, not ``registe
 tuple or dict attribute, is not recorded per step: the engine replays every step with its value when explaining.
 It is fingerprinted by :func:`tensor_signature`,
 
-.. math:: \sigma(t) = (\operatorname{id} t,\ v_t,\ \text{shape},\ \text{dtype},\ \text{device},\ c_1(t),\ c_2(t)),
+.. math::
 
-with :math:`v_t` torch's version counter (bumped by every in-place operation; used only for tensors larger than
-:data:`CHECKSUM_BYTES`, as a view shares its base's counter) and, for tensors of at most
-:data:`CHECKSUM_BYTES` bytes, two wrapping int64 sums of the elements' bit patterns :math:`u_i` (``view`` as the
-integer type of the same width): :math:`c_1 = \sum_i u_i` and :math:`c_2 = \sum_{i \ge 1} (1000003\,u_{i-1})
-\oplus u_i`, which also see writes through ``.data`` and tensors made under ``torch.inference_mode()`` (no version
-counter), and, through :math:`c_2`, reordered elements. Tensors that share storage with a parameter or buffer of the
-model (a view ``self.wT = self.w.T``) are recorded and stand as ``("recorded", id)``.
+    \sigma(t) = (\operatorname{id} t,\ v_t,\ \text{shape},\ \text{dtype},\ \text{device},\ c_1(t), \dots,
+    c_{16}(t),\ c_{\text{tail}}(t)),
+
+with :math:`v_t` torch's version counter (bumped by every in-place operation; left out for a view, which shares
+its base's counter) and, for tensors of at most :data:`CHECKSUM_BYTES` bytes, the wrapping sums of the elements'
+bit patterns :math:`u_i` (``view`` as the integer type of the same width) over :data:`BLOCKS` equal contiguous
+blocks, :math:`c_b = \sum_{i \in B_b} u_i` (one element a block below :data:`BLOCKS` elements), and over the
+remaining tail; int32 sums for elements of up to 4 bytes, a reduction torch vectorises. They see writes through
+``.data`` and tensors made under ``torch.inference_mode()`` (no version counter), and, through the blocks,
+reorderings across blocks (a flip, a shift); a change that keeps every block's sum (two elements of one block
+swapped through ``.data``) is not seen. Tensors that share storage with a parameter or buffer of the model (a
+view ``self.wT = self.w.T``) are recorded and stand as ``("recorded", id)``.
 
 The restore value the recorder's test forward sets back (:mod:`~explaind.trajectory._attribute_check`) is a clone
 for tensors of at most :data:`CLONE_BYTES` bytes; a larger one is kept by reference, so an in-place change of it
-cannot be set back: :meth:`Seen.by_reference` lists those and the recorder refuses such a change without a test.
+cannot be set back: ``Seen.referenced`` lists those and the recorder refuses such a change without a test.
 
 Config objects a forward reads (a Hugging Face ``PretrainedConfig``, a dataclass, ``types.SimpleNamespace``,
 ``argparse.Namespace``: :func:`is_plain_object`) are fingerprinted by their ``vars()`` fields of plain values, once
@@ -37,11 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["UNWATCHED", "CHECKSUM_BYTES", "CLONE_BYTES", "Seen", "tensor_ids", "tensor_signature",
+__all__ = ["UNWATCHED", "CHECKSUM_BYTES", "CLONE_BYTES", "BLOCKS", "Seen", "tensor_ids", "tensor_signature",
            "is_plain_object", "checksum", "describe_object_change", "describe_tensor"]
 
 #: Tensors up to this size get the value checksums :math:`c_1, c_2` at every step.
 CHECKSUM_BYTES = 64 << 20
+#: Contiguous blocks the value checksum sums separately.
+BLOCKS = 16
 #: Tensors up to this size are cloned at every step, so the test forward can set an in-place change back.
 CLONE_BYTES = 4 << 20
 
@@ -53,31 +60,30 @@ _PLAIN_CLASSES = frozenset({types.SimpleNamespace, argparse.Namespace})
 _PLAIN: dict[type, bool] = {}
 
 
-def checksum(t: Tensor) -> tuple[int, int] | None:
-    r""":math:`(c_1, c_2)` of ``t`` (module docstring), or ``None`` for a tensor without plain storage (sparse,
-    meta, quantized) or one larger than :data:`CHECKSUM_BYTES`."""
+def checksum(t: Tensor) -> tuple[int, ...] | None:
+    r"""The block sums :math:`c_b` of ``t`` and the sum of its tail (module docstring), or ``None`` for a tensor
+    without plain storage (sparse, meta, quantized) or one larger than :data:`CHECKSUM_BYTES`."""
     if t.layout is not torch.strided or t.is_meta or t.is_quantized or t.numel() * t.element_size() > CHECKSUM_BYTES:
         return None
     flat = t.detach().reshape(-1)
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(-1)
-    if flat.numel() == 0:
-        return (0, 0)
     try:
-        bits = flat.view(_INT_OF_WIDTH[flat.element_size()]).to(torch.int64)
+        bits = flat.view(_INT_OF_WIDTH[flat.element_size()])
     except (KeyError, RuntimeError):
         return None
-    pair = torch.stack([bits.sum(), torch.bitwise_xor(bits[:-1] * 1000003, bits[1:]).sum()])
-    c1, c2 = pair.tolist()
-    return int(c1), int(c2)
+    wide = torch.int64 if bits.element_size() == 8 else torch.int32  # wrapping sums in the elements' own width
+    blocks = max(1, min(BLOCKS, bits.numel()))  # a tensor of fewer elements: one block each
+    whole = bits.numel() - bits.numel() % blocks
+    sums = torch.cat([bits[:whole].view(blocks, -1).sum(1, dtype=wide), bits[whole:].sum(0, dtype=wide)[None]])
+    return tuple(int(c) for c in sums.tolist())
 
 
 def tensor_signature(t: Tensor) -> tuple[Any, ...]:
     r""":math:`\sigma(t)` (module docstring): ``("tensor", id, version, shape, dtype, device, checksum)``; the version
-    counter only where there is no checksum (a view's counter is its base's: bumped by writes to other elements)."""
-    sums = checksum(t)
-    version = -1 if sums is not None or t.is_inference() else t._version
-    return ("tensor", id(t), version, tuple(t.shape), t.dtype, t.device, sums)
+    counter of a view is left out (it is its base's, bumped by writes to elements outside the view)."""
+    version = -1 if t.is_inference() or t._is_view() else t._version
+    return ("tensor", id(t), version, tuple(t.shape), t.dtype, t.device, checksum(t))
 
 
 def is_plain_object(value: Any) -> bool:
@@ -85,10 +91,10 @@ def is_plain_object(value: Any) -> bool:
     cls = type(value)
     plain = _PLAIN.get(cls)
     if plain is None:
-        plain = _PLAIN[cls] = not issubclass(cls, nn.Module | Tensor | type) and (
+        plain = _PLAIN[cls] = not issubclass(cls, nn.Module | Tensor | type) and cls.__dictoffset__ != 0 and (
             cls in _PLAIN_CLASSES or dataclasses.is_dataclass(cls)
             or any(b.__name__ == "PretrainedConfig" and b.__module__.startswith("transformers") for b in cls.__mro__))
-    return plain and hasattr(value, "__dict__")
+    return plain
 
 
 class Seen:
@@ -107,6 +113,7 @@ class Seen:
         self.referenced: dict[int, tuple[Any, ...]] = {}  # id -> signature, kept by reference (not cloned)
         self.objects: dict[int, tuple[Any, Any]] = {}  # id -> (fingerprint, restore copy)
         self._restores: dict[int, Any] = {}  # id -> restore value of a tensor
+        self.met = 0  # tensors and objects met (a caller compares it before and after freezing one entry)
 
     def _recorded(self, t: Tensor) -> bool:
         if self._owned is None:
@@ -118,6 +125,7 @@ class Seen:
     def tensor(self, t: Tensor) -> tuple[Any, ...]:
         """The fingerprint of a plain tensor attribute (its restore value kept for :meth:`restore`)."""
         key = id(t)
+        self.met += 1
         if key not in self.tensors:
             if self._recorded(t):
                 self.tensors[key], self._restores[key] = ("recorded", key), t
@@ -132,9 +140,10 @@ class Seen:
     def object(self, value: Any, freeze: Callable[[Any], Any]) -> tuple[Any, ...]:
         """The fingerprint of a config-like object: its class and its fields of plain values (``freeze`` each)."""
         key = id(value)
+        self.met += 1
         if key not in self.objects:
             fields = tuple((k, f) for k, v in vars(value).items() if (f := freeze(v)) is not UNWATCHED)
-            duplicate = copy.copy(value)
+            duplicate = _copied(value)
             for k, v in vars(value).items():
                 if isinstance(v, Tensor | list | dict | tuple | set) or is_plain_object(v):
                     vars(duplicate)[k] = self.restore(v)
@@ -155,6 +164,18 @@ class Seen:
         if kind in (list, tuple, set, frozenset):
             return kind(self.restore(v) for v in value)
         return value
+
+
+def _copied(value: Any) -> Any:
+    """A shallow copy of a config object: a bare instance of its class given a copy of its ``__dict__`` (without the
+    class's attribute hooks, which a Hugging Face config runs on every read), or ``copy.copy``."""
+    cls = type(value)
+    try:
+        duplicate = object.__new__(cls)
+    except TypeError:  # a class with its own __new__ (types.SimpleNamespace)
+        return copy.copy(value)
+    object.__getattribute__(duplicate, "__dict__").update(vars(value))
+    return duplicate
 
 
 def tensor_ids(frozen: Any) -> set[int]:
