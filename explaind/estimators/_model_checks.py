@@ -62,13 +62,14 @@ def loss_reads_parameters(traj: Any, model: torch.nn.Module) -> list[str]:
         x, y = traj.train_samples(torch.arange(min(2, int(traj.n_train))))
         device = next(model.parameters()).device
         x, y = x.to(device), y.to(device)
-        was = model.training
-        try:
+        modes = [(m, m.training) for m in model.modules()]
+        try:  # evaluation mode, the global random state and every module's own mode left as they were
             model.eval()
-            with torch.no_grad():
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
                 out = model_output(x.call(model) if isinstance(x, Inputs) else model(x)).detach()
         finally:
-            model.train(was)
+            for m, mode in modes:
+                m.training = mode
         with torch.enable_grad():
             value = loss.implementation(out, y)
         if not (isinstance(value, torch.Tensor) and value.requires_grad):
