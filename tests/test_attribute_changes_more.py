@@ -332,3 +332,18 @@ def test_train_data_edited_inside_the_recorder_stays_refused(edit_at):
     with pytest.raises(TrajectoryError, match=r"X was changed in place"):
         loop(model, opt, rec, X, y, edit_at, lambda: X.mul_(2.0))
         explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(rec.trajectory).transform(X[:2])
+
+
+def test_fidelity_report_names_an_edit_of_the_recorded_model_and_not_another_model():
+    model = Model()
+    rec = record(model)
+    est = no_warnings(explaind.KernelReplica(device="cpu").fit, rec.trajectory)
+    model.tau = 1.5
+    with pytest.warns(ExplaindWarning, match=r"KernelReplica\.fidelity_report: the model's state .* tau: 1\.0 -> 1\.5"):
+        est.fidelity_report(data()[0], model=model)
+    model.tau = 1.0
+    other = torch.optim.swa_utils.AveragedModel(model)  # another layout: measured by the report, not compared
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExplaindWarning)
+        est.fidelity_report(data()[0], model=other)
+    assert not any("differs from the recording" in str(w.message) for w in caught)

@@ -144,7 +144,7 @@ def _stored(traj: Any) -> dict[str, Any] | None:
     return record if ok else None
 
 
-def check_model(traj: Any, model: nn.Module | None, who: str) -> None:
+def check_model(traj: Any, model: nn.Module | None, who: str, same_layout: bool = False) -> None:
     """Warn when ``model``'s plain attributes, children, modes or hooks differ from the recording's last step.
 
     Parameters
@@ -155,6 +155,9 @@ def check_model(traj: Any, model: nn.Module | None, who: str) -> None:
         The model the engine will replay the steps with (``None``: nothing is compared).
     who : str
         The caller named in the warning (``"Trajectory.load"``, ``"InfluenceEstimator.fit"``).
+    same_layout : bool
+        Compare only when ``model`` has the recorded modules (names): another model given to ``fidelity_report``
+        (an ``AveragedModel`` wrapping a copy) is measured there, not compared here.
     """
     if model is None:
         return
@@ -165,6 +168,9 @@ def check_model(traj: Any, model: nn.Module | None, who: str) -> None:
     ignored = _Ignored(ignore) if ignore else None
     now = record_of(snapshot(model, ignored))
     was: dict[str, str] = record["entries"]
+    if same_layout and {k for k in was if k.endswith("._modules") or k == "_modules"} != \
+            {k for k in now if k.endswith("._modules") or k == "_modules"}:
+        return
     differ = [k for k in dict.fromkeys([*was, *now]) if was.get(k) != now.get(k)
               and not (ignored is not None and ignored(*k.rpartition(".")[::2]))]
     if not differ:
