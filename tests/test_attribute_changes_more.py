@@ -347,3 +347,13 @@ def test_fidelity_report_names_an_edit_of_the_recorded_model_and_not_another_mod
         warnings.simplefilter("always", ExplaindWarning)
         est.fidelity_report(data()[0], model=other)
     assert not any("differs from the recording" in str(w.message) for w in caught)
+
+
+def test_the_model_put_in_evaluation_mode_after_training_is_no_edit():
+    """A submodule that trained in another mode than the model (``act``, which reads no mode) and ``model.eval()``
+    after training: the engine sets the modes itself, so no warning."""
+    model = Model()
+    model.act.eval()
+    rec = no_warnings(record, model)
+    model.eval()
+    no_warnings(explaind.KernelReplica(device="cpu").fit, rec.trajectory)

@@ -10,7 +10,7 @@ recorder keeps the fingerprint of the last step's forward (:class:`~explaind.tra
 process-independent form, :func:`record_of`: one text per entry name (``path.key``; a config object's fields as
 ``path.key.field``), values written exactly (``repr`` of plain values, floats round-trip; functions and classes by
 their qualified names; children by class; hooks by count and names; plain tensors by shape, dtype and the value
-checksums of :mod:`~explaind.trajectory._tensor_watch`).
+checksums of :mod:`~explaind.trajectory._tensor_watch`; the submodules' modes are left out, see :func:`check_model`).
 
 It is kept on the in-memory trajectory and, for a store, in :data:`FILE` (JSON, written atomically when a clean
 recording ends). :func:`check_model` compares it with the model given to ``Trajectory.load(path, model)`` and to
@@ -88,6 +88,8 @@ def record_of(snap: Snapshot) -> dict[str, str]:
     out: dict[str, str] = {}
     for (path, key), value in snap.values.items():
         name = f"{path}.{key}" if path else key
+        if key == "training":
+            continue  # see check_model
         if key == "_modules":
             out[name] = "{" + ", ".join(f"{k}: {type(m).__qualname__}" for k, m in value.items()) + "}"
         elif key.endswith(("_with_kwargs", "_always_called")):
@@ -145,7 +147,9 @@ def _stored(traj: Any) -> dict[str, Any] | None:
 
 
 def check_model(traj: Any, model: nn.Module | None, who: str, same_layout: bool = False) -> None:
-    """Warn when ``model``'s plain attributes, children, modes or hooks differ from the recording's last step.
+    """Warn when ``model``'s plain attributes, children, hooks, plain tensors or config fields differ from the
+    recording's last step (submodules' modes are not compared: ``model.eval()`` after training puts a submodule
+    that trained in another mode into the model's, and the engine sets the modes itself).
 
     Parameters
     ----------
