@@ -7,8 +7,16 @@ calls), that work next to one plain training step (forward, backward, ``SGD.step
 recorder) on the same model, and the per-step CPU time of a recorded run (in memory, default options) with the
 watch on and off (``ignore_attributes=["*"]``), alternated ``--runs`` times.
 
-Models: an MLP 784-1024-256-10 (1.07M parameters, float32); GPT-2 built from a config (no download), 2 layers,
-width 64, vocabulary 100, sequences of 32 tokens ("tiny"); the same with 12 layers (more modules to walk).
+Models: an MLP 784-1024-256-10 (1.07M parameters, float32); the same MLP scaling its input by a plain tensor
+attribute of 784 x 1024 float32 elements (3.2 MB, not a buffer: value checksums and a clone per step, see
+``explaind/trajectory/_tensor_watch.py``); GPT-2 built from a config (no download), 2 layers, width 64,
+vocabulary 100, sequences of 32 tokens ("tiny", its ``GPT2Config`` fingerprinted field by field); the same with 12
+layers (more modules to walk). A second table gives the CPU time of the check that compares the model with the
+fingerprint a recording keeps (``explaind/trajectory/_attribute_record.py``), run once per ``Trajectory.load`` /
+``fit``, when the tree has it.
+
+Before/after: run this script with ``PYTHONPATH`` on each tree (the script only imports ``snapshot`` and
+``differences``, which both have).
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_attribute_watch.py [--repeats 50] [--runs 3] [--steps 8]``
 """
@@ -44,6 +52,26 @@ def mlp() -> tuple[nn.Module, Any, Any, str]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 10))
     return model, torch.randn(256, 784), torch.randint(0, 10, (256,)), "cross_entropy"
+
+
+class MaskedMLP(nn.Module):
+    """The MLP with its input scaled by ``self.scale``, a plain tensor attribute of shape (784, 1024) (not a buffer),
+    read through its row sums."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()[0]
+        self.scale = torch.ones(784, 1024)
+        self.row = self.scale.sum(1) / 1024
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * self.row)
+
+
+def masked_mlp() -> tuple[nn.Module, Any, Any, str]:
+    torch.manual_seed(0)
+    _, X, y, loss = mlp()
+    return MaskedMLP(), X, y, loss
 
 
 def gpt2(layers: int) -> Callable[[], tuple[nn.Module, Any, Any, str]]:
@@ -108,8 +136,10 @@ def main() -> None:
     print("| model | parameters | modules | fingerprinted entries | snapshot ms | compare ms | plain step ms | "
           "watch / step | recorded step ms, watch off | watch on | on / off |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, build in (("MLP 784-1024-256-10", mlp), ("GPT-2 tiny (2 layers)", gpt2(2)),
-                        ("GPT-2 12 layers", gpt2(12))):
+    models = (("MLP 784-1024-256-10", mlp), ("MLP + 3.2 MB plain tensor", masked_mlp),
+              ("GPT-2 tiny (2 layers)", gpt2(2)), ("GPT-2 12 layers", gpt2(12)))
+    checks = []
+    for name, build in models:
         model, X, y, _ = build()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         idx = torch.arange(args.batch)
@@ -126,7 +156,23 @@ def main() -> None:
         print(f"| {name} | {n_params / 1e6:.2f}M | {len(list(model.modules()))} | {len(snap.frozen)} | "
               f"{t_snap * 1e3:.3f} | {t_cmp * 1e3:.3f} | {t_step * 1e3:.2f} | {(t_snap + t_cmp) / t_step:.4f} | "
               f"{off_m * 1e3:.2f} | {on_m * 1e3:.2f} | {on_m / off_m:.3f} |", flush=True)
+        checks.append((name, _check_cost(model, args.repeats)))
+    if any(t is not None for _, t in checks):
+        print("\n| model | compare with the kept fingerprint ms (once per load / fit) |\n|---|---|")
+        for name, t in checks:
+            print(f"| {name} | {t * 1e3:.3f} |")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def _check_cost(model: nn.Module, repeats: int) -> float | None:
+    """CPU seconds of ``check_model`` against a record of ``model`` itself (``None`` in a tree without it)."""
+    try:
+        from explaind.trajectory._attribute_record import check_model, keep_record
+    except ImportError:
+        return None
+    holder = type("Held", (), {})()
+    holder.attribute_record = keep_record(snapshot(model), (), set())
+    return _cpu(partial(check_model, holder, model, "bench"), max(3, repeats // 5))
 
 
 if __name__ == "__main__":

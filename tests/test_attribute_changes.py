@@ -225,7 +225,8 @@ def test_a_change_after_the_last_step_inside_the_recorder_is_warned_about_when_t
 
 
 # ----------------------------------------------------------------- Hugging Face models, Lightning, the Trainer
-def hf_record(model: nn.Module, X: dict, y: torch.Tensor, loss: str, batch_loss, after=None) -> int:
+def hf_record(model: nn.Module, X: dict, y: torch.Tensor, loss: str, batch_loss,
+              after=None) -> explaind.TrajectoryRecorder:
     """``STEPS`` AdamW steps of 4 samples of a Hugging Face model in a plain loop; ``after(model, s)`` between."""
     model = model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
@@ -239,10 +240,10 @@ def hf_record(model: nn.Module, X: dict, y: torch.Tensor, loss: str, batch_loss,
             opt.step()
             if after is not None and s < STEPS - 1:
                 after(model, s)
-    return rec.n_steps
+    return rec
 
 
-def gpt2_run(after=None) -> int:
+def gpt2_run(after=None) -> explaind.TrajectoryRecorder:
     from _hf_testkit import lm_data, tiny_gpt2
 
     ids, labels = lm_data()
@@ -251,7 +252,7 @@ def gpt2_run(after=None) -> int:
                                                     ignore_index=-100), after)
 
 
-def bert_run(after=None) -> int:
+def bert_run(after=None) -> explaind.TrajectoryRecorder:
     from _hf_testkit import cls_data, mask_4d, tiny_bert
 
     ids, mask, y = cls_data()
@@ -262,7 +263,7 @@ def bert_run(after=None) -> int:
 def test_gpt2_and_bert_from_config_record_without_a_false_alarm():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExplaindWarning)
-        assert gpt2_run() == STEPS and bert_run() == STEPS
+        assert gpt2_run().n_steps == STEPS and bert_run().n_steps == STEPS
 
 
 def test_gpt2_and_bert_attribute_changes_the_forward_reads_are_refused():

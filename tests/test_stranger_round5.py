@@ -97,7 +97,7 @@ def test_float32_rounding_in_the_loop_stays_at_its_level(case):
     ("reset_parameters_mid_run", TrajectoryError, r"Step 2: the parameter\(s\) b\.weight .*changed outside"),
     ("tbptt_hidden_state_carried", TrajectoryError,  # the attribute watch names the carried state
      r"Step 1: the model's state outside its parameters and buffers changed .*h \(StatefulGRU\): None -> a Tensor of "
-     r"shape \(1, 4, 4\) \(not a plain value: not watched\)"),
+     r"shape \(1, 4, 4\) float64 \(a plain tensor attribute, not a buffer\)"),
     ("adam_tensor_lr", ConfigError, r"is a tensor.*Fix: pass lr=float"),
     ("log_batch_with_a_boolean_mask", TrajectoryError, r"got dtype torch\.bool"),
     ("optimizer_step_twice", TrajectoryError, r"Step 1: optimizer\.step\(\) was called without a logged batch"),

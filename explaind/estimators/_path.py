@@ -15,6 +15,7 @@ from pydantic import Field
 from ..config import DtypeName, StrictModel, resolve_dtype
 from ..exceptions import ConfigError, UnsupportedModelError
 from ..trajectory.base import Trajectory
+from ._model_checks import check_recorded_model
 from .base import ExplaindEstimator
 
 __all__ = ["PathConfig", "PathEstimator", "QuadratureName"]
@@ -54,6 +55,7 @@ class PathEstimator(ExplaindEstimator):
             raise ConfigError(f"{name}.fit: the trajectory has no recorded steps; record at least one optimizer step.")
         start, stop = self._window(config.steps, N)
         device = self._device(config.device)
+        check_recorded_model(traj, name)
         self.config_ = config
         self.trajectory_ = traj
         self.window_ = (start, stop)

@@ -35,6 +35,7 @@ from ..kernel.explained import Explained, FunctionalModel
 from ..kernel.layout import ParamLayout
 from ..kernel.metagrad import Replay, counterfactual_sweep, output_cotangents, start_state
 from ..trajectory.base import Trajectory
+from ._model_checks import check_recorded_model
 from ._path import probe_inputs
 from .base import ExplaindEstimator
 
@@ -137,6 +138,7 @@ class CounterfactualEstimator(ExplaindEstimator):
         if not traj.has_updates:
             raise ConfigError(f"{name}.fit: {traj!r} has no record of each step's batches and optimizer state, which "
                               f"the metagradient replays; record the run with TrajectoryRecorder.")
+        check_recorded_model(traj, name)
         adapter = traj.manifest.adapter
         try:
             record = get_entry("optimizer_adapter", str(adapter))

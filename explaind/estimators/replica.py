@@ -25,6 +25,7 @@ from ..inputs import Inputs, as_inputs
 from ..kernel.planning import window_plans
 from ..kernel.shard import all_max_, all_sum_, choose_layout, world
 from ..outputs import model_output
+from ..trajectory._attribute_record import check_model
 from ._path import PathConfig, PathEstimator
 
 __all__ = ["KernelReplica", "KernelReplicaConfig"]
@@ -200,7 +201,9 @@ class KernelReplica(PathEstimator):
             statistics): ``model_max_rel_error`` and ``model_argmax_agreement`` of the replica
             against it, and ``model_vs_recorded``, the largest relative difference between it and
             :math:`f(x;\theta_{stop})` — above rounding level (a warning says so) the recorded run
-            does not end in that model, and the replica explains the recorded one.
+            does not end in that model, and the replica explains the recorded one. Its plain attributes,
+            submodules, hooks, plain tensors and config fields are compared with the recording's last step
+            (an ``ExplaindWarning`` names those that differ; docs/recording.md).
         """
         rep = self._sharded(X)
         replica, g_stop, errs, scale = rep.replica, rep.g_stop, rep.error, rep.scale
@@ -223,6 +226,7 @@ class KernelReplica(PathEstimator):
             "promoted_casts": self.engine_.promoted_casts,
         }
         if model is not None:
+            check_model(self.trajectory_, model, f"{type(self).__name__}.fidelity_report", same_layout=True)
             report.update(self._against_model(model, X, replica, g_stop))
         return report
 

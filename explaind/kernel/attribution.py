@@ -103,6 +103,11 @@ class Attribution:
     initial_state: Tensor = None  # type: ignore[assignment]  # zeros like residual when not given
 
     def __post_init__(self) -> None:
+        for key in ("values", "initial", "final", "regularization", "residual", "quadrature_error", "buffers",
+                    "initial_state"):  # never an autograd graph: a loss reading a live parameter leaves one
+            value = getattr(self, key)
+            if isinstance(value, Tensor) and value.requires_grad:
+                setattr(self, key, value.detach())
         if self.buffers is None:
             self.buffers = torch.zeros_like(self.quadrature_error)
         if self.initial_state is None:

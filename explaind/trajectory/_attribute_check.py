@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
+from ._attribute_record import keep_record, save_record
 from ._attributes import ABSENT, AttributeWatch, Change, restore_value
 from ._common import warn_user
 
@@ -45,7 +46,9 @@ logger = logging.getLogger("explaind.trajectory.recorder")
 #: Samples of the step's first micro-batch the forward is run on to test a change.
 TEST_SAMPLES = 64
 
-FIX = ("Fix: keep a value the forward reads in a buffer it derives the value from (register_buffer('step', "
+FIX = ("Fix: hold a tensor the forward reads as a buffer (self.register_buffer('mask', mask), recorded at every "
+       "step) rather than a plain attribute or a list of tensors; set config fields (model.config...) before `with "
+       "rec:`; keep a value the forward reads in a buffer it derives the value from (register_buffer('step', "
        "torch.zeros((), dtype=torch.long)) counted up in forward while training, then tau = f(step)): buffers are "
        "recorded at every step, so the engine replays each step with its own value; swap submodules, flip their "
        "mode or add hooks before `with rec:` or after it. If the change is deliberate and the inexact steps "
@@ -117,6 +120,9 @@ def reading(model: nn.Module, changes: Sequence[Change], x: Any, quiet: Callable
     groups = [[c] for c in changes] if len(changes) <= 8 else [list(changes)]
     read = []
     for group in groups:
+        if not all(c.testable for c in group):  # a large plain tensor changed in place: its old value is gone
+            read += group
+            continue
         try:
             with _restored(group, model):
                 before = _forward(model, x, quiet)
@@ -142,6 +148,9 @@ class RecorderAttributesMixin:
     _data: Any
     _n: int
     _quiet: Callable[[], Any]
+    _memory: Any
+    _store: Any
+    _fsync: bool
 
     def _test_batch(self, indices: Tensor | None) -> Any:
         """The inputs of at most :data:`TEST_SAMPLES` of ``indices``, on the parameters' device (``None``: no data)."""
@@ -190,7 +199,22 @@ class RecorderAttributesMixin:
             )
         logger.info("Step %d: %s changed %s; the forward does not read it on the step's batch (accepted).", s,
                     _listed(changes), where)
+        self._attributes.unread.update(n for c in changes for n in c.names())
         self._attributes.accept()
+
+    def _keep_attributes(self, clean: bool) -> None:
+        """Keep the last step's fingerprint with the recording (docs/recording.md; ``_attribute_record``): on the
+        in-memory trajectory, or in the store's ``attributes.json`` (a stale one removed after an unclean run)."""
+        watch = self._attributes
+        record = keep_record(watch.base, watch.ignore, watch.unread) if clean and watch.enabled else None
+        if self._memory is not None:
+            self._memory.attribute_record = record
+        if self._store is not None:
+            try:
+                save_record(self._store, record, fsync=self._fsync)
+            except OSError as exc:  # the recording itself is complete: only the later check is lost
+                logger.warning("The attribute fingerprint could not be written to %s (%s): changes to the model's "
+                               "plain attributes after recording will not be checked.", self._store, exc)
 
     def _end_attributes(self, clean: bool, last: Tensor | None) -> None:
         """When recording ends: stop watching; after a clean run (no exception, no refused step), warn about changes
@@ -198,12 +222,20 @@ class RecorderAttributesMixin:
         clean = clean and not self._attributes.refused
         changes = self._attributes.final_changes() if clean else []  # with its own hook still on, as at each step
         self._attributes.stop()
+        try:
+            self._final_attributes(changes, last)
+        finally:
+            self._keep_attributes(clean)
+
+    def _final_attributes(self, changes: list[Change], last: Tensor | None) -> None:
+        """Warn about ``changes`` made after the last step that the forward reads on ``last``'s batch."""
         if not changes:
             return
         x = self._test_batch(last)
         read = changes if x is None else reading(self.model, changes, x, self._quiet)
         if read is None:
             read = changes
+        self._attributes.unread.update(n for c in changes if not any(c is r for r in read) for n in c.names())
         if read:
             warn_user(logger, f"After the last recorded step ({self._n - 1}) the model's {_listed(read)} changed "
                               f"(inside `with rec:`). The engine replays every step with the values as they are when "

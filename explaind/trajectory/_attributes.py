@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ._common import FirstForward, ModelHook
+from ._tensor_watch import UNWATCHED, Seen, describe_object_change, describe_tensor, is_plain_object, tensor_ids
 
 __all__ = ["ABSENT", "AttributeWatch", "Change", "Snapshot", "snapshot", "differences", "restore_value", "IGNORED_KEYS",
            "HOOK_KEYS"]
@@ -72,13 +73,15 @@ _CALLABLES = frozenset({types.FunctionType, types.BuiltinFunctionType, types.Met
 _CONTAINERS = frozenset({tuple, list, set, frozenset, dict})
 _MUTABLE = frozenset({list, set, dict})
 _MAX_ITEMS = 256
-_UNWATCHED = object()
+_UNWATCHED = UNWATCHED
 #: ``Change.old`` / ``Change.new`` of an entry that did not exist then.
 ABSENT = type("Absent", (), {"__repr__": lambda self: "absent"})()
 
 
-def _freeze(value: Any, depth: int = 0) -> Any:
-    """A comparable form of a plain value (``_UNWATCHED`` for anything else: tensors, objects, large containers)."""
+def _freeze(value: Any, depth: int = 0, seen: Seen | None = None) -> Any:
+    """A comparable form of a plain value (``_UNWATCHED`` for anything else: other objects, large containers);
+    tensors by :func:`~explaind.trajectory._tensor_watch.tensor_signature` and configs by their fields when
+    ``seen`` (one snapshot's context) is given."""
     kind = type(value)
     if kind in _EXACT:
         return (kind, value)
@@ -90,15 +93,19 @@ def _freeze(value: Any, depth: int = 0) -> Any:
         return ("callable", id(getattr(value, "__func__", value)), id(getattr(value, "__self__", None)))
     if kind in _CONTAINERS and depth < 3 and len(value) <= _MAX_ITEMS:
         if kind is dict:
-            frozen: Any = tuple((_freeze(k, depth + 1), _freeze(v, depth + 1)) for k, v in value.items())
+            frozen: Any = tuple((_freeze(k, depth + 1, seen), _freeze(v, depth + 1, seen)) for k, v in value.items())
             flat: Any = (y for kv in frozen for y in kv)
         else:
-            frozen = (frozenset if kind in (set, frozenset) else tuple)(_freeze(v, depth + 1) for v in value)
+            frozen = (frozenset if kind in (set, frozenset) else tuple)(_freeze(v, depth + 1, seen) for v in value)
             flat = frozen
         return _UNWATCHED if any(x is _UNWATCHED for x in flat) else (kind, frozen)
+    if seen is not None and depth < 3 and is_plain_object(value):
+        return seen.object(value, lambda v: _freeze(v, depth + 1, seen))
+    if isinstance(value, torch.Tensor):
+        return _UNWATCHED if seen is None else seen.tensor(value)
     if isinstance(value, _SCALARS):  # subclasses: enums, an int subclass
         return (kind, value)
-    if isinstance(value, numbers.Number) and not isinstance(value, torch.Tensor):  # numpy scalars
+    if isinstance(value, numbers.Number):  # numpy scalars
         plain = int(value) if isinstance(value, numbers.Integral) else \
             float(value) if isinstance(value, numbers.Real) else complex(value)
         return ("number", _freeze(plain, depth))
@@ -146,11 +153,21 @@ class Change:
     old: Any
     new: Any
     module: nn.Module
+    #: False when ``old`` cannot set the entry back: a plain tensor too large to clone was changed in place.
+    testable: bool = True
 
     @property
     def name(self) -> str:
         """``path.key`` (``key`` alone on the model itself)."""
         return f"{self.path}.{self.key}" if self.path else self.key
+
+    def names(self) -> list[str]:
+        """:attr:`name`, or for a config object ``name.field`` of each field that differs."""
+        if is_plain_object(self.old) and is_plain_object(self.new):
+            a, b = vars(self.old), vars(self.new)
+            return [f"{self.name}.{k}" for k in dict.fromkeys([*a, *b]) if k not in a or k not in b or
+                    _freeze(a[k]) != _freeze(b[k]) or isinstance(a[k], torch.Tensor)]
+        return [self.name]
 
     def describe(self) -> str:
         """The change in words: ``name (Class): old -> new``."""
@@ -162,6 +179,13 @@ class Change:
             return f"{owner}: children {_children(self.old)} -> {_children(self.new)}"
         if self.key in HOOK_KEYS:
             return f"{owner}: {_count(self.old)} -> {_count(self.new)} hook(s)"
+        if is_plain_object(self.old) and is_plain_object(self.new):
+            return f"{owner}: {describe_object_change(self.old, self.new)}"
+        if isinstance(self.old, torch.Tensor) or isinstance(self.new, torch.Tensor):
+            how = "changed in place, too large to set back for a test; " if not self.testable else \
+                "values changed; " if isinstance(self.old, torch.Tensor) and isinstance(self.new, torch.Tensor) else ""
+            return f"{owner}: {describe_tensor(self.old)} -> {describe_tensor(self.new)} ({how}a plain tensor " \
+                   f"attribute, not a buffer)"
         return f"{owner}: {_short(self.old)} -> {self._new_text()}"
 
     def _new_text(self) -> str:
@@ -193,12 +217,15 @@ def _short(value: Any) -> str:
 class Snapshot:
     """A fingerprint of the watched state: ``frozen[(path, key)]`` to compare, ``values[(path, key)]`` to restore."""
 
-    __slots__ = ("frozen", "values", "modules")
+    __slots__ = ("frozen", "values", "modules", "tensors", "referenced")
 
     def __init__(self) -> None:
         self.frozen: dict[tuple[str, str], Any] = {}
         self.values: dict[tuple[str, str], Any] = {}
         self.modules: dict[str, nn.Module] = {}
+        #: plain tensors' signatures by id; those kept by reference (too large to clone), which cannot be set back
+        self.tensors: dict[int, Any] = {}
+        self.referenced: dict[int, Any] = {}
 
 
 class _Empty:
@@ -241,6 +268,7 @@ def snapshot(model: nn.Module, ignored: Callable[[str, str], bool] | None = None
         ``ignored(path, key)``: whether an entry is left out (``TrajectoryRecorder(ignore_attributes=...)``).
     """
     snap = Snapshot()
+    seen = Seen(model)
     root = model.training
     frozen_of, values = snap.frozen, snap.values
     for path, module in model.named_modules(remove_duplicate=True):
@@ -255,16 +283,18 @@ def snapshot(model: nn.Module, ignored: Callable[[str, str], bool] | None = None
             elif key == "_modules":
                 frozen, restore = tuple(value.items()), value.copy()  # children compared by identity
             else:
-                frozen = _freeze(value)
+                met = seen.met
+                frozen = _freeze(value, 0, seen)
                 if frozen is _UNWATCHED:
                     continue
-                restore = _copy(value) if type(value) in _MUTABLE else value
+                restore = seen.restore(value) if seen.met != met else _copy(value) if type(value) in _MUTABLE else value
             if ignored is not None and ignored(path, key):
                 continue
             frozen_of[(path, key)] = frozen
             values[(path, key)] = restore
         if path and (ignored is None or not ignored(path, "training")):
             frozen_of[(path, "training")] = values[(path, "training")] = module.training == root
+    snap.tensors, snap.referenced = seen.tensors, seen.referenced
     return snap
 
 
@@ -287,13 +317,16 @@ def differences(old: Snapshot, new: Snapshot) -> list[Change]:
     modules that are the same objects in both (a module added, removed or swapped shows in its parent's children)."""
     if old.frozen == new.frozen:
         return []
+    edited = {k for k, sig in old.referenced.items() if new.tensors.get(k, sig) != sig}  # cannot be set back
     out = []
     for entry in dict.fromkeys([*old.frozen, *new.frozen]):
         a, b = old.frozen.get(entry, _UNWATCHED), new.frozen.get(entry, _UNWATCHED)
         module = new.modules.get(entry[0])
         if a == b or module is None or module is not old.modules.get(entry[0]):
             continue  # a module added, removed or swapped is its parent's "_modules" change
-        out.append(Change(entry[0], entry[1], old.values.get(entry, ABSENT), new.values.get(entry, ABSENT), module))
+        testable = not (edited and edited & tensor_ids(a))
+        out.append(Change(entry[0], entry[1], old.values.get(entry, ABSENT), new.values.get(entry, ABSENT), module,
+                          testable))
     return out
 
 
@@ -316,6 +349,7 @@ class AttributeWatch:
         self._pending: Snapshot | None = None
         self.refused = False  # a step was refused: the end of the recording warns about nothing more
         self.counts: dict[str, int] = {}  # changes seen per entry name (tested at the 1st, 2nd, 4th, ...)
+        self.unread: set[str] = set()  # entry names that changed and that the test forward found unread
         self._forward = FirstForward(model, self._first_forward)
 
     @property

@@ -225,6 +225,12 @@ class TrainData:
         x = self._x._tensors() if isinstance(self._x, Inputs) else [self._x]
         return tuple(v for t in [*x, self._y] for v in (id(t), -1 if t.is_inference() else t._version))
 
+    def follow(self) -> None:
+        """Take X's and y's versions anew: edits made before now are the data (``with rec:`` calls it, before the
+        store's data fingerprint and ``data.safetensors`` are taken); :meth:`get` refuses edits made after."""
+        if self._x is not None and self._versions != self._versions_now():
+            self._versions, self.fingerprints = self._versions_now(), {}
+
     def _refuse_edits(self) -> None:
         """Refuse X or y changed in place since they were given: steps taken before saw other rows."""
         versions = self._versions_now()

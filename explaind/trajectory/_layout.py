@@ -47,7 +47,9 @@ START_FILES = ("initial.safetensors", "constants.safetensors", "data.safetensors
 STEP_FILE = re.compile(r"\d{6,}\.safetensors")
 STATE_FILE = re.compile(r"state-[01]\.safetensors|checkpoint-\d{6,}\.safetensors")
 TEMP_FILE = re.compile(r"(.+)\.tmp-\d+-\d+")
-_TOP_FILES = frozenset({MANIFEST, JOURNAL, SETUP, LOCK, *START_FILES})
+#: The fingerprint of the model's plain attributes at the last step (``_attribute_record.py``), written at the end.
+ATTRIBUTES = "attributes.json"
+_TOP_FILES = frozenset({MANIFEST, JOURNAL, SETUP, LOCK, ATTRIBUTES, *START_FILES})
 _FOLDERS = {"steps": STEP_FILE, "optimizer": STATE_FILE}
 
 
@@ -78,7 +80,7 @@ def _is_layout_path(relpath: str) -> bool:
 
 def own_files(root: Path, manifest: TrajectoryManifest | None) -> set[str]:
     """Relative paths of the files a store owns: its index, the files it lists, and its step and state files."""
-    owned = {MANIFEST, JOURNAL, SETUP, *START_FILES}
+    owned = {MANIFEST, JOURNAL, SETUP, ATTRIBUTES, *START_FILES}
     if manifest is not None:
         records = [manifest.initial_file, manifest.constants_file, manifest.data_file, manifest.initial_state_file]
         for step in manifest.steps:

@@ -223,7 +223,12 @@ class Trajectory(abc.ABC):
         reader = Trajectory._store_reader
         if reader is None:  # pragma: no cover - importing explaind.trajectory imports the disk backend
             raise TrajectoryError("No trajectory backend reads stores; import explaind.trajectory first.")
-        return reader(path, model=model, train_data=train_data, **kwargs)
+        traj = reader(path, model=model, train_data=train_data, **kwargs)
+        if model is not None:  # attributes edited after recording (docs/recording.md)
+            from ._attribute_record import check_model
+
+            check_model(traj, model, "Trajectory.load")
+        return traj
 
     @classmethod
     def from_checkpoints(cls, checkpoints: Any, model: nn.Module, *, loss: Any = None, train_data: Any = None,

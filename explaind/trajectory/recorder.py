@@ -322,6 +322,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
     def __enter__(self) -> TrajectoryRecorder:
         if self._active:
             raise TrajectoryError("This recorder is already active; `with rec:` cannot be nested.")
+        if self._data is not None and not self._resumed:
+            self._data.follow()  # an edit of X or y before `with rec:` is the data the first step reads
         theta = {n: p.detach().clone() for n, p in self._params.items()}
         state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         constants = {k: state[k].detach().clone() for k in self._constant_names}

@@ -1,0 +1,82 @@
+r"""Checks of the model an estimator's ``fit`` replays the recorded steps with.
+
+docs/recording.md, "Python attributes changed between steps" and "Losses that read parameters", has the user's side.
+
+* :func:`~explaind.trajectory._attribute_record.check_model`: the model's plain attributes, children, modes, hooks,
+  plain tensors and config fields against the fingerprint the recording kept (edits after ``with rec:``).
+* :func:`loss_reads_parameters`: a loss callable that reads a parameter of the model directly (``exp(-log_var) *
+  CE + log_var`` with ``log_var = model.log_var``), not through the outputs. The engine evaluates
+  :math:`\ell_k(f(x_k; \theta_s))` (docs/maths.md §1) with such a parameter at its value *now*, at every step, and
+  its gradient through the loss is not in the kernel: a recorded (trained) parameter read that way makes every step
+  inexact. The recorder's gradient check refuses it at record time; with the check off (or a trajectory loaded
+  later) it is found here by one loss evaluation on two training samples whose outputs carry no gradient: a loss
+  value that still requires a gradient reads a tensor that does. A frozen tensor (not recorded: constant over the
+  run) read that way is exact. Either way the scores are returned detached
+  (:class:`~explaind.kernel.attribution.Attribution`), never holding an autograd graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..inputs import Inputs
+from ..outputs import model_output
+from ..trajectory._attribute_record import check_model
+from ..trajectory._common import warn_user
+
+__all__ = ["check_recorded_model", "loss_reads_parameters"]
+
+logger = logging.getLogger("explaind.estimators")
+
+
+def check_recorded_model(traj: Any, who: str) -> None:
+    """Both checks of the module docstring on ``traj.model`` (warnings naming ``who``, e.g. ``"KernelReplica"``)."""
+    try:
+        model = traj.model
+    except Exception:  # noqa: BLE001 - a trajectory without a model has nothing to compare
+        return
+    check_model(traj, model, f"{who}.fit")
+    read = loss_reads_parameters(traj, model)
+    recorded = [n for n in read if n in set(traj.param_names)]
+    if recorded:
+        loss = getattr(traj.loss, "name", "the loss")
+        warn_user(logger, f"{who}.fit: the loss {loss} reads the model's parameter(s) {recorded} directly, not "
+                          f"through the model's outputs. The engine evaluates every step's loss with their values "
+                          f"as they are now, not the step's, and their gradient through the loss is outside the "
+                          f"kernel, so the replica and the scores are inexact (the residual share measures it; "
+                          f"recording with check_gradients=True refuses it at the first step). Fix: return them from "
+                          f"forward as extra output columns (torch.cat([logits, self.log_var.expand(len(x), 1)], 1)) "
+                          f"and read them there in the loss.")
+
+
+def loss_reads_parameters(traj: Any, model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s parameters that ``traj.loss`` reads other than through the outputs (on two training
+    samples; ``[]`` for a registered loss, without training data, or when the forward or loss cannot run)."""
+    loss = traj.loss
+    if not str(getattr(loss, "name", "")).startswith("custom:"):
+        return []
+    try:
+        x, y = traj.train_samples(torch.arange(min(2, int(traj.n_train))))
+        device = next(model.parameters()).device
+        x, y = x.to(device), y.to(device)
+        modes = [(m, m.training) for m in model.modules()]
+        try:  # evaluation mode, the global random state and every module's own mode left as they were
+            model.eval()
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                out = model_output(x.call(model) if isinstance(x, Inputs) else model(x)).detach()
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        with torch.enable_grad():
+            value = loss.implementation(out, y)
+        if not (isinstance(value, torch.Tensor) and value.requires_grad):
+            return []
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(value.sum(), [p for _, p in named], allow_unused=True)
+    except Exception as exc:  # noqa: BLE001 - the check must not replace the estimator's own errors
+        logger.info("The loss-reads-parameters check could not run (%s: %s).", type(exc).__name__, exc)
+        return []
+    return [n for (n, _), g in zip(named, grads, strict=True) if g is not None]

@@ -1,0 +1,196 @@
+r"""The attribute fingerprint a recording keeps, compared when the model meets the recording again.
+
+docs/recording.md, "Python attributes changed between steps", has the user's side.
+
+The engine replays every recorded step with the model as it is when explaining (docs/maths.md §1: :math:`g` and
+:math:`\ell_k` are evaluated at the recorded :math:`\theta_s`, :math:`\beta_s`, with everything else the forward
+reads taken from the model object). A plain attribute edited after ``with rec:`` ended (a temperature, a
+``Dropout.p``, a submodule swapped, a config field, a plain tensor) therefore changes every step's replay. The
+recorder keeps the fingerprint of the last step's forward (:class:`~explaind.trajectory._attributes.Snapshot`) in a
+process-independent form, :func:`record_of`: one text per entry name (``path.key``; a config object's fields as
+``path.key.field``), values written exactly (``repr`` of plain values, floats round-trip; functions and classes by
+their qualified names; children by class; hooks by count and names; plain tensors by shape, dtype and the value
+checksums of :mod:`~explaind.trajectory._tensor_watch`; the submodules' modes are left out, see :func:`check_model`).
+
+It is kept on the in-memory trajectory and, for a store, in :data:`FILE` (JSON, written atomically when a clean
+recording ends). :func:`check_model` compares it with the model given to ``Trajectory.load(path, model)`` and to
+the estimators' ``fit`` and warns (:class:`~explaind.exceptions.ExplaindWarning`) naming every entry with its
+recorded and current value and the fix; a store without the file (recorded before it existed, or a recording that
+stopped on an error) is not compared (logged at INFO).
+"""
+
+from __future__ import annotations
+
+import enum
+import glob
+import hashlib
+import json
+import logging
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._io import atomic_write
+from ._attributes import HOOK_KEYS, Snapshot, _Ignored, snapshot
+from ._common import ModelHook, warn_user
+from ._layout import ATTRIBUTES
+from ._tensor_watch import checksum, is_plain_object
+
+__all__ = ["FILE", "record_of", "save_record", "check_model", "keep_record"]
+
+logger = logging.getLogger("explaind.trajectory")
+
+#: The store's file holding the fingerprint (``{"format": 1, "ignore": [...], "entries": {name: text}}``).
+FILE = ATTRIBUTES
+_FORMAT = 1
+_DEPTH = 4
+
+
+def _name(value: Any) -> str:
+    return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+
+
+def _text(value: Any, depth: int = 0) -> str:
+    """An exact, process-independent text of a fingerprinted value."""
+    if value is None or isinstance(value, bool | int | float | complex | str | bytes) and \
+            not isinstance(value, enum.Enum):
+        return repr(value)
+    if isinstance(value, torch.dtype | torch.device | torch.layout | torch.memory_format | enum.Enum):
+        return repr(value)
+    if isinstance(value, type):
+        return f"<class {_name(value)}>"
+    if isinstance(value, types.MethodType):
+        return f"<method {_name(value.__func__)} of {_name(type(value.__self__))}>"
+    if callable(value) and isinstance(value, types.FunctionType | types.BuiltinFunctionType):
+        return f"<function {_name(value)}>"
+    if isinstance(value, torch.Tensor):
+        sums = checksum(value)
+        digest = "unhashed" if sums is None else hashlib.blake2b(repr(sums).encode(), digest_size=6).hexdigest()
+        return f"<tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} {digest}>"
+    if depth < _DEPTH and isinstance(value, list | tuple | set | frozenset | dict):
+        if isinstance(value, dict):
+            inner = ", ".join(f"{_text(k, depth + 1)}: {_text(v, depth + 1)}" for k, v in value.items())
+            return "{" + inner + "}"
+        items = [_text(v, depth + 1) for v in value]
+        if isinstance(value, set | frozenset):
+            items.sort()
+        return f"{type(value).__name__}[{', '.join(items)}]"
+    if depth < _DEPTH and is_plain_object(value):
+        return f"{type(value).__name__}({', '.join(f'{k}={_text(v, depth + 1)}' for k, v in vars(value).items())})"
+    return f"<{type(value).__name__}>"
+
+
+def record_of(snap: Snapshot) -> dict[str, str]:
+    """The process-independent form of ``snap`` (module docstring): ``{entry name: text}``."""
+    out: dict[str, str] = {}
+    for (path, key), value in snap.values.items():
+        name = f"{path}.{key}" if path else key
+        if key == "training":
+            continue  # see check_model
+        if key == "_modules":
+            out[name] = "{" + ", ".join(f"{k}: {type(m).__qualname__}" for k, m in value.items()) + "}"
+        elif key.endswith(("_with_kwargs", "_always_called")):
+            continue  # flags of the hooks in the dictionaries above (explaind's own among them)
+        elif key in HOOK_KEYS:
+            hooks = value.values() if isinstance(value, dict) else ()
+            out[name] = f"hooks[{', '.join(_name(h) for h in hooks if type(h) is not ModelHook)}]"
+        elif is_plain_object(value):
+            out.update({f"{name}.{k}": _text(v) for k, v in vars(value).items()})
+        else:
+            out[name] = _text(value)
+    return out
+
+
+def keep_record(snap: Snapshot | None, ignore: tuple[str, ...], unread: set[str]) -> dict[str, Any] | None:
+    """The record a recording keeps (``None`` when the watch saw no step or was off): ``unread`` names the entries
+    that changed during the recording and that its test forward found unread (a tensor the forward only writes, a
+    counter): left out, as ``ignore`` patterns, so a later change of them is no alarm."""
+    if snap is None:
+        return None
+    patterns = [*ignore, *sorted(glob.escape(n) for n in unread), *sorted(f"{glob.escape(n)}.*" for n in unread)]
+    return {"format": _FORMAT, "ignore": patterns, "entries": record_of(snap)}
+
+
+def save_record(root: Path, record: dict[str, Any] | None, *, fsync: bool = True) -> None:
+    """Write ``record`` to the store's :data:`FILE` (or remove a stale one when there is none)."""
+    path = Path(root) / FILE
+    if record is None:
+        path.unlink(missing_ok=True)
+        return
+    atomic_write(path, json.dumps(record, sort_keys=True), fsync=fsync)
+
+
+def _stored(traj: Any) -> dict[str, Any] | None:
+    """The record of ``traj``: kept on it, or read from its store's :data:`FILE` (``None``: none, or unreadable)."""
+    record = getattr(traj, "attribute_record", None)
+    if record is not None:
+        return record
+    root = getattr(traj, "root", None)
+    if root is None:
+        return None
+    path = Path(root) / FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        logger.info("The store %s keeps no attribute fingerprint (%s): changes to the model's plain attributes "
+                    "after recording are not checked.", root, FILE)
+        return None
+    except (OSError, ValueError) as exc:
+        logger.info("The store's %s cannot be read (%s); attributes are not checked.", path, exc)
+        return None
+    ok = isinstance(record, dict) and record.get("format") == _FORMAT and isinstance(record.get("entries"), dict) \
+        and isinstance(record.get("ignore"), list)
+    return record if ok else None
+
+
+def check_model(traj: Any, model: nn.Module | None, who: str, same_layout: bool = False) -> None:
+    """Warn when ``model``'s plain attributes, children, hooks, plain tensors or config fields differ from the
+    recording's last step (submodules' modes are not compared: ``model.eval()`` after training puts a submodule
+    that trained in another mode into the model's, and the engine sets the modes itself).
+
+    Parameters
+    ----------
+    traj : Trajectory
+        Holds the record (in memory, or in its store's :data:`FILE`).
+    model : nn.Module or None
+        The model the engine will replay the steps with (``None``: nothing is compared).
+    who : str
+        The caller named in the warning (``"Trajectory.load"``, ``"InfluenceEstimator.fit"``).
+    same_layout : bool
+        Compare only when ``model`` has the recorded modules (names): another model given to ``fidelity_report``
+        (an ``AveragedModel`` wrapping a copy) is measured there, not compared here.
+    """
+    if model is None:
+        return
+    record = _stored(traj)
+    if record is None:
+        return
+    ignore = tuple(p for p in record["ignore"] if isinstance(p, str))
+    ignored = _Ignored(ignore) if ignore else None
+    now = record_of(snapshot(model, ignored))
+    was: dict[str, str] = record["entries"]
+    if same_layout and {k for k in was if k.endswith("._modules") or k == "_modules"} != \
+            {k for k in now if k.endswith("._modules") or k == "_modules"}:
+        return
+    differ = [k for k in dict.fromkeys([*was, *now]) if was.get(k) != now.get(k)
+              and not (ignored is not None and ignored(*k.rpartition(".")[::2]))]
+    if not differ:
+        return
+    listed = "; ".join(f"{k}: {_short(was.get(k))} -> {_short(now.get(k))}" for k in differ[:8])
+    more = f"; and {len(differ) - 8} more" if len(differ) > 8 else ""
+    warn_user(logger, f"{who}: the model's state outside its parameters and buffers differs from the recording's last "
+                      f"step: {listed}{more}. The engine replays every recorded step with the model as it is now, so "
+                      f"if the forward reads these the replica and the scores are inexact (the residual share "
+                      f"measures it). Fix: set them back to the recorded values before explaining (or pass the "
+                      f"model as it was recorded); a deliberate change the forward does not read can be left out "
+                      f"by recording with TrajectoryRecorder(ignore_attributes=[...]), or this warning silenced "
+                      f"with warnings.filterwarnings('ignore', message='.*differs from the recording').")
+
+
+def _short(text: str | None) -> str:
+    if text is None:
+        return "absent"
+    return text if len(text) <= 120 else text[:117] + "..."
