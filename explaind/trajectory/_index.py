@@ -47,12 +47,15 @@ def _no_constant(name: str) -> Any:
 
 #: one decoder for every strict parse (``json.loads`` with hooks builds a new one per call)
 _STRICT = json.JSONDecoder(object_pairs_hook=_no_repeated_keys, parse_constant=_no_constant)
+_STRICT_KEYS = json.JSONDecoder(object_pairs_hook=_no_repeated_keys)
 
 
-def strict_json(data: bytes | str) -> Any:
+def strict_json(data: bytes | str, *, finite: bool = True) -> Any:
     """``json.loads`` of what explaind writes: a key repeated in one object and ``NaN``/``Infinity`` are refused.
 
     Bytes are decoded as ``json.loads`` decodes them (UTF-8, -16 or -32, a UTF-8 byte-order mark dropped).
+    ``finite=False`` reads ``NaN`` and ``Infinity`` (JSON that holds a user's numbers, e.g. an
+    attribution's ``meta``); a repeated key is refused either way.
 
     Raises
     ------
@@ -60,7 +63,7 @@ def strict_json(data: bytes | str) -> Any:
         For invalid JSON (also bytes that are not UTF-8, -16 or -32), a repeated key or a non-finite literal.
     """
     text = data.decode(json.detect_encoding(data), "surrogatepass") if isinstance(data, bytes) else data
-    return _STRICT.decode(text)
+    return (_STRICT if finite else _STRICT_KEYS).decode(text)
 
 
 def _journal_record(line: bytes) -> StepRecord:

@@ -40,6 +40,7 @@ __all__ = [
     "encode_tensors",
     "write_tensors",
     "read_tensors",
+    "decode_safetensors",
     "read_verified_bytes",
     "read_confined",
     "store_path",
@@ -201,14 +202,26 @@ def read_tensors(root: Path, record: FileRecord, step: int | None = None) -> tup
     """Read, verify and decode a safetensors file; returns ``(tensors, metadata)``."""
     data = read_verified_bytes(root, record, step)
     try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
+        tensors, metadata = decode_safetensors(data)
     except (SafetensorError, ValueError) as exc:
         where = f"{str(root / record.path)!r}{_where(step)}"
         raise TrajectoryError(f"Trajectory file {where} is not a safetensors file explaind can read: {exc}. The store "
                               f"is corrupted or was not written by explaind; re-record the run, or resume it from "
                               f"the last complete step before this file.") from exc
+    return tensors, metadata
+
+
+def decode_safetensors(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the ``__metadata__`` of safetensors bytes.
+
+    Raises
+    ------
+    SafetensorError, ValueError
+        When ``data`` is not a safetensors file (truncated, a header that lies about its tensors).
+    """
+    tensors = st_load(data)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
     return tensors, dict(header.get("__metadata__", {}) or {})
 
 
