@@ -126,7 +126,7 @@ class WriterLock:
     """The store's writer lock, held from :meth:`acquire` to :meth:`release`."""
 
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = Path(root).absolute()
         self.path = self.root / LOCK
         self.key = os.path.realpath(self.root)
         self.held = False
