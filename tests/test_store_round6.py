@@ -177,6 +177,14 @@ def test_an_attribution_file_that_is_a_link_out_of_the_directory_is_refused_not_
         Attribution.load(root)
 
 
+def test_an_attribution_file_that_is_a_fifo_is_refused_at_once_not_waited_on(tmp_path):
+    root = _attribution().save(tmp_path / "a")
+    (root / "attribution.safetensors").unlink()
+    os.mkfifo(root / "attribution.safetensors")
+    with pytest.raises(ConfigError, match=r"it is a directory, a FIFO or a device; allowed: a regular file"):
+        Attribution.load(root)  # opened without blocking: no writer needed for the test to end
+
+
 def test_a_missing_directory_or_file_names_what_is_missing(tmp_path):
     with pytest.raises(ConfigError, match=r"is not a directory holding a saved attribution \(it does not exist\)"):
         Attribution.load(tmp_path / "nothing")
