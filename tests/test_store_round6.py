@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_store_round5
 import torch
 import torch.nn.functional as F
 from _recording_helpers import batches, regression_data
@@ -38,18 +39,8 @@ from explaind.kernel.layout import ParamLayout
 from explaind.pruning.apply import apply_masks, load_pruned, save_pruned
 
 LAYOUT = ParamLayout(("w", "b"), ((2, 3), (2,)))
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    root = tmp_path_factory.mktemp("round6") / "dense"
-    _record(root, STEPS)
-    return root
-
-
-@pytest.fixture
-def store(template, tmp_path):
-    return Path(shutil.copytree(template, tmp_path / "run"))
+#: the fixtures of round 5: a recorded dense store (module scope) and a copy of it per test
+template, store = test_store_round5.template, test_store_round5.store
 
 
 def _attribution(seed: int = 0) -> Attribution:
