@@ -406,3 +406,21 @@ def test_home_unset_a_read_only_tmpdir_and_a_newline_in_the_path_change_nothing(
     with pytest.raises(TrajectoryError, match=r"'.*line\\nbreak/run/steps/000001\.safetensors' \(step 1\) is "
                                               r"missing"):
         explaind.Trajectory.load(root, model=_model()).params(2)
+
+
+# --------------------------------------------------------------------------- run folders of explaind train
+@pytest.mark.parametrize("edit, problem", [
+    (lambda text: text.replace('"status": "complete"', '"status": "complete", "config": {"lr": 10.0}'),
+     r"the key 'config' appears twice in one object"),
+    (lambda text: text.replace('"model_config": {}', '"model_config": ' + "[" * 100000 + "]" * 100000),
+     r"maximum recursion depth exceeded"),
+], ids=["a key given twice", "JSON nested deeper than the parser goes"])
+def test_a_run_json_that_parsers_could_read_differently_or_not_at_all_is_named_damaged(tmp_path, edit, problem):
+    from explaind.studies.run_file import read_run_file, write_run_file
+
+    write_run_file(tmp_path, {"config": {"lr": 0.1}, "dataset": {"name": "digits", "params": {}}, "model_config": {},
+                              "status": "complete"})
+    (tmp_path / "run.json").write_text(edit((tmp_path / "run.json").read_text()))
+    with pytest.raises(TrajectoryError, match=r"run\.json' cannot be read \(.*" + problem + r".*The run folder is "
+                                              r"damaged"):
+        read_run_file(tmp_path)
