@@ -1,21 +1,24 @@
-"""Atomic file writes: the one place explaind replaces a file on disk.
+"""Atomic file writes (the one place explaind replaces a file on disk) and reads of regular files only.
 
 :func:`atomic_write` writes the new content to a temporary file next to the target, flushes it
 (``fsync``, unless asked not to) and moves it over the target with :func:`os.replace`, so a
 reader, or a crash at any moment, sees either the old file or the complete new one, never a
 mix. The trajectory store, the pruned-model files, run records and the HTML reports all write
-through it.
+through it. :func:`open_regular` and :func:`read_open` read a file that a stranger may have replaced
+by a symbolic link, a FIFO or a device: the file is opened without following a link and without
+blocking, and only a regular file is read (the store's files, its writer lock, saved attributions).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["atomic_write", "fsync_directory", "replace_with", "temporary_path"]
+__all__ = ["atomic_write", "fsync_directory", "open_regular", "read_open", "replace_with", "temporary_path"]
 
 T = TypeVar("T")
 
@@ -105,3 +108,51 @@ def replace_with(target: Path, write: Callable[[Path], T]) -> T:
         tmp.unlink(missing_ok=True)
         raise
     return result
+
+
+def open_regular(path: str | os.PathLike[str],
+                 refuse: Callable[[OSError | None], BaseException]) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading, without following a symbolic link and without blocking; a regular file only.
+
+    Parameters
+    ----------
+    path : path-like
+        The file.
+    refuse : callable
+        Builds the exception to raise, naming the file for the caller's reader: called with the
+        :class:`OSError` of the open (``ELOOP``: ``path`` is a symbolic link), or with ``None`` when
+        ``path`` is a directory, a FIFO or a device.
+
+    Returns
+    -------
+    (int, os.stat_result)
+        The open file descriptor (the caller closes it) and its ``fstat``.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise refuse(exc) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise refuse(None)
+    return fd, info
+
+
+def read_open(fd: int, max_bytes: int) -> bytes:
+    """Read an open file to its end, but never more than ``max_bytes + 1`` bytes (one more shows a file that grew)."""
+    chunks, left = [], max_bytes + 1
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

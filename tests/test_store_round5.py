@@ -152,16 +152,14 @@ def test_a_journal_repeating_a_step_unchanged_or_with_crlf_line_ends_reads_as_th
     lambda line: line[:-1] + b',"grad_scale":5.0}',  # pydantic's parser keeps the last value
     lambda line: line.replace(b'"gradient_check":0.0', b'"gradient_check":NaN'),
 ], ids=["a key given twice", "NaN"])
-def test_a_journal_value_that_parsers_could_read_differently_is_refused_by_its_step_files_binding(store, edit):
-    """Journal lines are parsed by pydantic (fast); what a line's record says that changes results is bound to the
-    step's checksummed file, so another value, however the line was parsed, is refused when the step is read."""
+def test_a_journal_value_that_parsers_could_read_differently_is_refused_when_the_store_is_opened(store, edit):
+    """Journal lines are parsed strictly since round 6 (tests/test_store_round6.py): a line with a repeated key or
+    ``NaN`` is refused when the store is opened, naming the line; before, only when its step was read."""
     lines = _uncommit(store)
     assert edit(lines[0]) != lines[0]
     (store / "journal.jsonl").write_bytes(b"\n".join([edit(lines[0]), *lines[1:]]) + b"\n")
-    traj = explaind.Trajectory.load(store, model=_model())
-    with pytest.raises(TrajectoryError, match=r"The record of step 0 in the manifest or journal .* differs from the "
-                                              r"one checksummed in 'steps/000000\.safetensors' \(step 0\)"):
-        traj.params(1)
+    with pytest.raises(TrajectoryError, match=r"journal\.jsonl' is corrupted at line 1: .*(appears twice|NaN is not)"):
+        explaind.Trajectory.load(store, model=_model())
 
 
 # --------------------------------------------------------------------------- files that are not files

@@ -29,10 +29,11 @@ def _attribution(axes, values, side_shape):
     if "train" in axes:
         coords["train"] = np.arange(values.shape[axes.index("train")])
     zeros = torch.zeros(T, O, dtype=torch.float64)
+    quadrature = [n for a, n in zip(axes, values.shape) if a in ("test", "step", "output")]  # its quadrature_axes
     return Attribution(axes=axes, values=values, initial=zeros, final=zeros.clone(),
                        regularization=torch.zeros(side_shape, dtype=torch.float64),
                        residual=torch.zeros(side_shape, dtype=torch.float64),
-                       quadrature_error=torch.zeros(T, O, dtype=torch.float64), coords=coords, layout=LAYOUT)
+                       quadrature_error=torch.zeros(quadrature, dtype=torch.float64), coords=coords, layout=LAYOUT)
 
 
 def test_parse_keep_steps_and_target():

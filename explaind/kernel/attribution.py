@@ -33,7 +33,6 @@ the start"); zero for a recording that started from a fresh optimizer.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,21 +41,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
 from torch import Tensor
 
-from .._io import atomic_write
 from ..exceptions import ConfigError
+from ._attribution_io import AXES as _AXES
+from ._attribution_io import FORMAT_VERSION, TENSORS, read_attribution, write_attribution
 from .layout import ParamLayout
 
 __all__ = ["Attribution", "AXES"]
 
-#: The decomposed axes an influence query may keep, in canonical order.
-AXES = ("step", "group", "param", "train")
+#: The decomposed axes an influence query may keep, in canonical order (:data:`._attribution_io.AXES`).
+AXES = _AXES
 
-_TENSORS = ("values", "initial", "final", "regularization", "residual", "quadrature_error", "buffers",
-            "initial_state")
-FORMAT_VERSION = 1
+_TENSORS = TENSORS
 
 
 @dataclass(eq=False)
@@ -331,32 +328,37 @@ class Attribution:
         return out
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write to directory ``path``: ``attribution.safetensors`` + ``attribution.json`` (atomic)."""
+        """Write to directory ``path``: ``attribution.safetensors`` (the tensors, with the header inside) and
+        ``attribution.json`` (a readable copy of the header).
+
+        The tensor file holds the whole result and replaces the old one in one atomic rename, so a save
+        killed at any moment leaves the old attribution or the new one, never a mix
+        (:mod:`~explaind.kernel._attribution_io`).
+        """
         root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
         header = {"format_version": FORMAT_VERSION, "axes": list(self.axes), "coords": _json_coords(self.coords),
                   "layout": self.layout.to_json(), "meta": self.meta}
-        atomic_write(root / "attribution.safetensors", save(tensors))
-        atomic_write(root / "attribution.json", json.dumps(header, indent=1))
+        write_attribution(root, tensors, header)
         return root
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Attribution:
-        """Read an Attribution written by :meth:`save`."""
+        """Read an Attribution written by :meth:`save`, checked against its header.
+
+        Raises
+        ------
+        ConfigError
+            Naming the file, the value and what is allowed, when a file is missing, a link, truncated, of a
+            newer format, or holds tensors whose set, dtype, shape or finiteness is not what :meth:`save` writes.
+        """
         root = Path(path)
-        header = json.loads((root / "attribution.json").read_text())
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(f"{root}: unsupported attribution format {header.get('format_version')!r}; this "
-                              f"version of explaind reads format {FORMAT_VERSION}.")
-        tensors = load_file(str(root / "attribution.safetensors"))
-        tensors.setdefault("buffers", None)  # written before buffers were a term
-        tensors.setdefault("initial_state", None)  # written before the start state was a term
-        layout = ParamLayout.from_json(header["layout"])
-        coords = dict(header["coords"])
+        header, tensors = read_attribution(root)
+        layout = header["layout"]
+        coords = header["coords"]
         if "param" in header["axes"]:
             coords["param"] = np.arange(layout.size)
-        return cls(axes=tuple(header["axes"]), coords=coords, layout=layout, meta=header["meta"],
+        return cls(axes=header["axes"], coords=coords, layout=layout, meta=header["meta"],
                    **{name: tensors[name] for name in _TENSORS})
 
 

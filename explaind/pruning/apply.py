@@ -45,6 +45,9 @@ __all__ = [
 FORMAT_NAME = "explaind.pruned-model"
 _FORMAT_VERSION = "1"
 _STATE, _MASK = "state::", "mask::"
+#: stored dtype -> model dtype that holds every value exactly (load_pruned accepts these besides equal dtypes)
+_EXACT_CASTS = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float64),
+                (torch.bfloat16, torch.float64), (torch.float32, torch.float64)}
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -315,17 +318,35 @@ def load_pruned(
             f"load_pruned: {str(path)!r} has format {header.get('format')!r}, expected {FORMAT_NAME!r}; "
             f"write it with explaind.pruning.save_pruned."
         )
+    version = header.get("version")
+    if version != _FORMAT_VERSION:
+        newer = isinstance(version, str) and version.isdigit() and int(version) > int(_FORMAT_VERSION)
+        raise ConfigError(f"load_pruned: {str(path)!r} has format version {version!r}; this explaind reads version "
+                          f"{_FORMAT_VERSION}. " + ("It was written by a newer explaind: upgrade explaind to read it."
+                                                    if newer else "Write it again with explaind.pruning.save_pruned."))
+    try:
+        metadata = json.loads(header.get("metadata", "{}"))
+    except ValueError as exc:
+        raise ConfigError(f"load_pruned: the metadata of {str(path)!r} is not JSON ({exc}); allowed: the JSON object "
+                          f"save_pruned writes. Write the file again with explaind.pruning.save_pruned.") from None
     state = {k[len(_STATE):]: v for k, v in tensors.items() if k.startswith(_STATE)}
-    masks = {k[len(_MASK):]: v.to(torch.bool) for k, v in tensors.items() if k.startswith(_MASK)}
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    masks = {k[len(_MASK):]: v for k, v in tensors.items() if k.startswith(_MASK)}
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise ConfigError(
             f"load_pruned: {str(path)!r} does not fit the model (missing: {missing}, unexpected: {extra}). "
             f"Pass a plain (not torch-pruned) model of the architecture that was saved."
         )
+    for name, value in state.items():  # load_state_dict would cast a dtype (rounding) and raise torch's own error
+        want = expected[name]
+        if value.shape != want.shape or (value.dtype != want.dtype and (value.dtype, want.dtype) not in _EXACT_CASTS):
+            raise ConfigError(f"load_pruned: {str(path)!r} holds {name!r} with shape {list(value.shape)} and dtype "
+                              f"{value.dtype}; the model's has shape {list(want.shape)} and dtype {want.dtype}. Pass "
+                              f"a model of the saved architecture and dtype (model.to(dtype) before loading; a wider "
+                              f"float dtype is accepted).")
     model.load_state_dict(state, strict=True)
-    _check_masks(model, masks)
+    _check_masks(model, masks)  # names, shapes and the boolean dtype (a stored 0.5 is not read as True)
     if torch_prune:
         export_to_torch_prune(model, masks)
-    return model, masks, json.loads(header.get("metadata", "{}"))
+    return model, masks, metadata

@@ -18,6 +18,7 @@ from typing import Any
 
 from .._io import atomic_write
 from ..exceptions import ConfigError, TrajectoryError
+from ..trajectory._index import strict_json
 from ..trajectory.store import is_store
 
 __all__ = ["RUN_FILE", "TRAJECTORY_DIR", "RUN_FORMAT", "read_run_file", "write_run_file", "check_new_run_folder",
@@ -64,9 +65,9 @@ def read_run_file(path: str | Path) -> dict[str, Any]:
     run_file = path / RUN_FILE
     if not run_file.is_file():
         raise TrajectoryError(_not_a_run(path))
-    try:
-        record = json.loads(run_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    try:  # a key given twice is refused, not read as its last value; NaN losses of a diverged run are kept
+        record = strict_json(run_file.read_bytes(), finite=False)
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise _damaged(run_file, f"cannot be read ({exc})") from None
     if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
         raise TrajectoryError(f"{str(run_file)!r} is not an explaind run description (format field missing).")
@@ -142,8 +143,8 @@ def clear_run_folder(path: Path) -> bool:
 def _status(path: Path) -> str | None:
     """The ``status`` of a readable ``run.json`` (``None`` when it cannot be read)."""
     try:
-        record = json.loads((path / RUN_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = strict_json((path / RUN_FILE).read_bytes(), finite=False)
+    except (OSError, ValueError, RecursionError):
         return None
     status = record.get("status", "complete") if isinstance(record, dict) else None
     return status if status in _STATUSES else None

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from .. import __version__
 from ..exceptions import TrajectoryError
@@ -47,12 +47,15 @@ def _no_constant(name: str) -> Any:
 
 #: one decoder for every strict parse (``json.loads`` with hooks builds a new one per call)
 _STRICT = json.JSONDecoder(object_pairs_hook=_no_repeated_keys, parse_constant=_no_constant)
+_STRICT_KEYS = json.JSONDecoder(object_pairs_hook=_no_repeated_keys)
 
 
-def strict_json(data: bytes | str) -> Any:
+def strict_json(data: bytes | str, *, finite: bool = True) -> Any:
     """``json.loads`` of what explaind writes: a key repeated in one object and ``NaN``/``Infinity`` are refused.
 
     Bytes are decoded as ``json.loads`` decodes them (UTF-8, -16 or -32, a UTF-8 byte-order mark dropped).
+    ``finite=False`` reads ``NaN`` and ``Infinity`` (JSON that holds a user's numbers, e.g. an
+    attribution's ``meta``); a repeated key is refused either way.
 
     Raises
     ------
@@ -60,15 +63,51 @@ def strict_json(data: bytes | str) -> Any:
         For invalid JSON (also bytes that are not UTF-8, -16 or -32), a repeated key or a non-finite literal.
     """
     text = data.decode(json.detect_encoding(data), "surrogatepass") if isinstance(data, bytes) else data
-    return _STRICT.decode(text)
+    return (_STRICT if finite else _STRICT_KEYS).decode(text)
 
 
 def _journal_record(line: bytes) -> StepRecord:
-    """One journal line as a :class:`StepRecord`, by pydantic's own JSON parser (2-3 times faster than
-    :func:`strict_json`): the fields of a record that change results are bound to its checksummed step file
-    (:func:`~explaind.trajectory.store.record_binding`), so a value that another parser would read from a repeated
-    key, or a ``NaN``, is refused when the step is read."""
-    return StepRecord.model_validate_json(line)
+    """One journal line as a :class:`StepRecord`, parsed strictly: each key once, finite numbers, JSON types as written.
+
+    pydantic's JSON parser reads the line in strict mode (a count written as the string ``"12"`` is
+    refused, not converted), but it keeps the last of a repeated key and reads ``NaN``; a line that is
+    not byte for byte the record's own serialization (what explaind writes) is therefore parsed again
+    by :func:`strict_json`, which refuses both.
+    """
+    record = StepRecord.model_validate_json(line, strict=True)
+    if record.model_dump_json().encode() != line.rstrip(b"\r"):
+        StepRecord.model_validate(strict_json(line), strict=True)  # raises for a repeated key or NaN
+    return record
+
+
+#: a journal's records parsed, and written back, in one call (:func:`_canonical_records`)
+_RECORDS = TypeAdapter(list[StepRecord])
+
+
+def _canonical_records(lines: list[bytes]) -> list[StepRecord] | None:
+    """The records of ``lines`` when every line is exactly what explaind writes, else ``None``.
+
+    All lines are parsed as one JSON array in strict mode and serialized back; the bytes are equal
+    only when no key is repeated, no number is ``NaN`` and every value has the JSON type explaind
+    writes (a repeated key or ``NaN`` would serialize differently). One call for the whole journal
+    costs less than pydantic's lax parse line by line (docs/recording.md, "round 6"); anything else
+    (a CRLF line, a line of an older explaind, a corrupted one) is read line by line.
+    """
+    body = b"[" + b",".join(lines) + b"]"
+    try:
+        records = _RECORDS.validate_json(body, strict=True)
+    except ValueError:  # a ValidationError
+        return None
+    return records if _RECORDS.dump_json(records) == body else None
+
+
+def _canonical_manifest(data: bytes) -> TrajectoryManifest | None:
+    """The manifest when ``data`` is exactly what explaind writes (strict parse, same bytes back), else ``None``."""
+    try:
+        manifest = TrajectoryManifest.model_validate_json(data, strict=True)
+    except ValueError:  # a ValidationError
+        return None
+    return manifest if manifest.model_dump_json(indent=1).encode() == data else None
 
 
 def _problem(exc: ValueError) -> str:
@@ -82,6 +121,10 @@ def _read_journal(root: Path) -> list[tuple[int, bytes, StepRecord]]:
         lines = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal").split(b"\n")
     except FileNotFoundError:
         return []
+    whole = lines[:-1] if not lines[-1] else lines  # the text after the last newline (none: b"")
+    fast = _canonical_records(whole) if whole else None
+    if fast is not None:
+        return [(i + 1, line, record) for i, (line, record) in enumerate(zip(whole, fast))]
     records: list[tuple[int, bytes, StepRecord]] = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -201,20 +244,11 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     except FileNotFoundError:
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
                               f"vanished.") from None
-    try:
-        raw = strict_json(data)
-    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than the parser goes
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc} (allowed: UTF-8 JSON as "
-                              f"explaind writes it, each key once per object, finite numbers). {_NOT_OURS}") from None
-    if not isinstance(raw, dict):
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} holds a JSON {type(raw).__name__}, not an object "
-                              f"with the store's description. {_NOT_OURS}")
-    _check_schema_version(raw.get("schema_version"), path)
-    try:
-        manifest = TrajectoryManifest.model_validate(raw)
-    except ValidationError as exc:
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {validation_problems(exc)}. "
-                              f"{_newer_writer(raw.get('explaind_version')) or _NOT_OURS}") from None
+    manifest = _canonical_manifest(data)
+    if manifest is not None:
+        _check_schema_version(manifest.schema_version, path)
+    else:
+        manifest = _parse_manifest(data, path)
     steps = list(manifest.steps)
     seen: dict[int, tuple[int, bytes]] = {}  # step -> its first line: number and bytes (no records kept alive)
     for line, text, record in _read_journal(root):
@@ -237,6 +271,32 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     manifest.steps = steps
     manifest.n_steps = len(steps)
     _check_consistency(manifest, path)
+    return manifest
+
+
+def _parse_manifest(data: bytes, path: Path) -> TrajectoryManifest:
+    """A manifest that is not byte for byte explaind's own (an editor's, an older one's), parsed strictly.
+
+    Raises
+    ------
+    TrajectoryError
+        Naming the problem: invalid JSON, a repeated key, ``NaN``, a schema this explaind does not
+        read, a field of the wrong JSON type (a string for a count is not converted) or an unknown one.
+    """
+    try:
+        raw = strict_json(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than the parser goes
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc} (allowed: UTF-8 JSON as "
+                              f"explaind writes it, each key once per object, finite numbers). {_NOT_OURS}") from None
+    if not isinstance(raw, dict):
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} holds a JSON {type(raw).__name__}, not an object "
+                              f"with the store's description. {_NOT_OURS}")
+    _check_schema_version(raw.get("schema_version"), path)
+    try:
+        manifest = TrajectoryManifest.model_validate(raw, strict=True)
+    except ValidationError as exc:
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {validation_problems(exc)}. "
+                              f"{_newer_writer(raw.get('explaind_version')) or _NOT_OURS}") from None
     return manifest
 
 

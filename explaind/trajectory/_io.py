@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -29,7 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .._io import atomic_write
+from .._io import atomic_write, open_regular, read_open
 from ..exceptions import TrajectoryError
 from ._checksum import DEFAULT, checksum, hasher
 from .manifest import FileRecord, dtype_name
@@ -41,6 +40,7 @@ __all__ = [
     "encode_tensors",
     "write_tensors",
     "read_tensors",
+    "decode_safetensors",
     "read_verified_bytes",
     "read_confined",
     "store_path",
@@ -147,30 +147,21 @@ def read_confined(root: Path, relpath: str, max_bytes: int, what: str) -> bytes:
         When it is outside the store, not a regular file, or larger than ``max_bytes``.
     """
     path = store_path(root, relpath, what)
+
+    def refuse(exc: OSError | None) -> TrajectoryError:
+        if exc is None:
+            return TrajectoryError(f"{what}: {relpath!r} of the store {str(root)!r} is not a regular file (a "
+                                   f"directory, a FIFO or a device). The store is corrupted; restore the file from a "
+                                   f"copy, or re-record the run.")
+        return TrajectoryError(f"{what}: {relpath!r} of the store {str(root)!r} cannot be opened as a file of the "
+                               f"store ({exc.strerror}). {_OPEN_FIXES.get(exc.errno, _OPEN_FIX)}")
+
+    fd, info = open_regular(path, refuse)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise TrajectoryError(f"{what}: {relpath!r} of the store {str(root)!r} cannot be opened as a file of the "
-                              f"store ({exc.strerror}). {_OPEN_FIXES.get(exc.errno, _OPEN_FIX)}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise TrajectoryError(f"{what}: {relpath!r} of the store {str(root)!r} is not a regular file (a "
-                                  f"directory, a FIFO or a device). The store is corrupted; restore the file from a "
-                                  f"copy, or re-record the run.")
         if info.st_size > max_bytes:
             raise TrajectoryError(f"{what}: {relpath!r} has {info.st_size} bytes, more than the {max_bytes} the "
                                   f"store allows for it; it was modified. Re-record the run.")
-        chunks, left = [], max_bytes + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+        return read_open(fd, max_bytes)
     finally:
         os.close(fd)
 
@@ -211,14 +202,26 @@ def read_tensors(root: Path, record: FileRecord, step: int | None = None) -> tup
     """Read, verify and decode a safetensors file; returns ``(tensors, metadata)``."""
     data = read_verified_bytes(root, record, step)
     try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
+        tensors, metadata = decode_safetensors(data)
     except (SafetensorError, ValueError) as exc:
         where = f"{str(root / record.path)!r}{_where(step)}"
         raise TrajectoryError(f"Trajectory file {where} is not a safetensors file explaind can read: {exc}. The store "
                               f"is corrupted or was not written by explaind; re-record the run, or resume it from "
                               f"the last complete step before this file.") from exc
+    return tensors, metadata
+
+
+def decode_safetensors(data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the ``__metadata__`` of safetensors bytes.
+
+    Raises
+    ------
+    SafetensorError, ValueError
+        When ``data`` is not a safetensors file (truncated, a header that lies about its tensors).
+    """
+    tensors = st_load(data)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
     return tensors, dict(header.get("__metadata__", {}) or {})
 
 

@@ -44,11 +44,13 @@ def check_model_matches(model: nn.Module, manifest: TrajectoryManifest, where: s
     """Raise :class:`TrajectoryError` listing every recorded tensor whose name or shape differs in ``model``.
 
     Recorded parameters and constants must exist in ``model`` (as parameters or buffers, whatever their
-    ``requires_grad``) with the recorded shapes; a model parameter that was not recorded is a mismatch too.
+    ``requires_grad``) with the recorded shapes; a model parameter or buffer that was not recorded is a
+    mismatch too (the recorder records every buffer, so the forward of a model with another one is not the
+    recorded model's). Dtypes may differ: the recorded tensors replace the model's in every evaluation.
     """
     expected = {t.name: tuple(t.shape) for t in [*manifest.params, *manifest.constants]}
     actual = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    params = {n for n, _ in model.named_parameters()}
+    buffers = {n for n, _ in model.named_buffers()}
     problems = []
     for name, shape in expected.items():
         if name not in actual:
@@ -56,8 +58,9 @@ def check_model_matches(model: nn.Module, manifest: TrajectoryManifest, where: s
         elif actual[name] != shape:
             problems.append(f"{name}: recorded shape {shape}, model has {actual[name]}")
     for name, shape in actual.items():
-        if name not in expected and name in params:
-            problems.append(f"{name}: model shape {shape}, not in the recorded trajectory")
+        if name not in expected:
+            kind = "buffer of shape" if name in buffers else "shape"
+            problems.append(f"{name}: model {kind} {shape}, not in the recorded trajectory")
     if problems:
         listed = "; ".join(problems)
         raise TrajectoryError(
@@ -162,7 +165,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                  loss: Any = None, cache_steps: int = 4, replay_tolerance: float | None = None,
                  cache_segments: int = 2, verify_train_data: bool = True, max_parameters: int | None = None,
                  generators: Any = None):
-        self.root = Path(path)
+        self.root = Path(path).absolute()  # a later os.chdir does not move it
         self._generators: tuple[torch.Generator, ...] = ()
         self._manifest = read_manifest(self.root)
         self._replay: SegmentReplay | None = None

@@ -18,12 +18,12 @@ import errno
 import json
 import os
 import socket
-import stat
 import threading
 import time
 import weakref
 from pathlib import Path
 
+from .._io import open_regular
 from ..exceptions import TrajectoryError
 
 __all__ = ["LOCK", "WriterLock", "live_writer"]
@@ -70,16 +70,17 @@ def _read_lock(path: Path) -> bytes | None:
     :class:`~explaind.exceptions.TrajectoryError` (opened without following links and without
     blocking, so a FIFO cannot hang the recorder nor ``/dev/zero`` fill its memory).
     """
+    def refuse(exc: OSError | None) -> TrajectoryError:
+        if exc is None:
+            return _foreign_lock(path, "not a regular file (a directory, a FIFO or a device)")
+        return _foreign_lock(path, "a symbolic link" if exc.errno == errno.ELOOP
+                             else f"a file that cannot be opened ({exc.strerror})")
+
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd, _ = open_regular(path, refuse)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        what = "a symbolic link" if exc.errno == errno.ELOOP else f"a file that cannot be opened ({exc.strerror})"
-        raise _foreign_lock(path, what) from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _foreign_lock(path, "not a regular file (a directory, a FIFO or a device)")
         return os.read(fd, 4096)
     finally:
         os.close(fd)
@@ -125,7 +126,7 @@ class WriterLock:
     """The store's writer lock, held from :meth:`acquire` to :meth:`release`."""
 
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = Path(root).absolute()
         self.path = self.root / LOCK
         self.key = os.path.realpath(self.root)
         self.held = False

@@ -209,7 +209,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._audit_on = audit is not False
         self._scaler = grad_scaler
         self._schedule = self._resolve_check(check_gradients)
-        self._store = Path(store) if store is not None else None
+        self._store = Path(store).absolute() if store is not None else None  # fixed against os.chdir
         self._storage_options(save_optimizer_state, checkpoint_every)
         self._store_data = bool(store_data)
         self._background, self._fsync = bool(background_writes), bool(fsync)

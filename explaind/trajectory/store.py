@@ -215,7 +215,7 @@ class StoreWriter:
                  max_queue: int = 4, max_queue_bytes: int | None | str = "default", new: bool = False,
                  keep_states: bool = False, checksum: str = DEFAULT_CHECKSUM):
         check_queue_bounds(max_queue, max_queue_bytes, MAX_QUEUE_BYTES)
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # a later os.chdir does not move it
         self.checksum = validate_algorithm(checksum)
         manifest.schema_version = SCHEMA_VERSION  # new records need it (read_manifest refused newer ones)
         self.manifest = manifest
