@@ -192,6 +192,22 @@ def test_functional_hardsigmoid_has_the_exact_slope_in_the_mode():
     assert torch.all(slope[inside] == 1 / 6) and torch.all(slope[~inside] == 0)
 
 
+def test_an_operation_not_rewritten_is_refused_naming_it_and_the_fix():
+    """``F.ctc_loss`` inside a forward: torch's forward-AD error becomes a refusal naming the loss-callable fix."""
+    from explaind.unsupported import evaluation_refusal
+
+    lp = torch.randn(6, 1, 4, dtype=DT).log_softmax(-1)
+
+    def ctc(u):
+        return F.ctc_loss(u, torch.tensor([[1, 2]]), torch.tensor([6]), torch.tensor([2]))
+
+    with pytest.raises(RuntimeError) as info:
+        jvp(ctc, (lp,), (torch.ones_like(lp),))
+    refusal = evaluation_refusal(info.value)
+    assert refusal is not None
+    assert "_ctc_loss, which has no forward-mode derivative" in str(refusal) and "loss callable" in str(refusal)
+
+
 class Switch(nn.Module):
     """A linear map, then ``F.hardsigmoid`` (``act=True``) or ``F.grid_sample`` of a fixed image at the output's
     first two coordinates (``sample=True``)."""

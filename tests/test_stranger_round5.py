@@ -7,7 +7,9 @@ is <= 1e-10): Dropout1d with FeatureAlphaDropout after SELU, nn.RMSNorm and Laye
 MultiheadAttention(add_zero_attn) with a key_padding_mask, AdaptiveLogSoftmaxWithLoss.log_prob, a complex weight
 held as real pairs, a cosine classifier with a learned scale, a tied autoencoder (W and W.T), uint8 images scaled in
 forward, a forward hook rescaling a layer, prototype distances written by hand, a VAE rsample (capture_random=True),
-two heads concatenated into one output; losses given as callables: BCE with pos_weight, weighted multi-label soft
+two heads concatenated into one output, a spatial transformer (F.affine_grid + F.grid_sample) and prototypes compared
+by torch.cdist (refused before: torch has no forward-mode derivative of either; both now run as the plain operations of
+explaind/kernel/functional_rewrites.py); losses given as callables: BCE with pos_weight, weighted multi-label soft
 margin, Huber, Gaussian and Poisson NLL, CTC, a hand-written focal loss, multi-class hinge, triplet margin and
 cosine embedding over per-sample tuples, KL to a teacher's log-probabilities (log_target) plus CE, a learned loss
 weight returned as an output; loops: torch.manual_seed reset every step with dropout, zero_grad between backward and
@@ -16,9 +18,8 @@ torch.inference_mode().
 
 Loud, each with a fix landed here (the test failed before it): nn.RReLU (before: the gradient check's generic
 random-draw hint, and with capture_random=True torch's raw "vmap: we do not yet support aten::rrelu_with_noise");
-Monte Carlo dropout (raw "vmap: called random operation" when explaining); F.grid_sample (raw forward-AD
-NotImplementedError); complex parameters (raw "jacrev: Expected all inputs to be real"); a float32 layer in a
-float64 model (a ConfigError telling the user to reshape X); torch.cdist (raw forward-AD NotImplementedError); a
+Monte Carlo dropout (raw "vmap: called random operation" when explaining); complex parameters (raw "jacrev:
+Expected all inputs to be real"); a float32 layer in a float64 model (a ConfigError telling the user to reshape X); a
 learned loss weight read only by the loss, an auxiliary load-balancing loss or a second head's loss from a second
 output, a VAE's scale head used only in training (the check blamed random draws and buffers only, or not the
 parameters); labels overwritten or inputs normalised in place mid-run (a residual share of 1.01 naming other
