@@ -24,7 +24,12 @@ with :math:`w_{j,1} = u_j - \lfloor u_j \rfloor`, :math:`w_{j,0} = 1 - w_{j,1}`,
 reading 0; ``nearest`` reads :math:`x[\operatorname{round}(u)]` (half to even, as torch), 0 outside.
 The floors and rounds are constants to the derivative, so the derivative in ``grid`` is
 :math:`\sum_c \partial_u(\prod_j w_{j,c_j})\,x[\cdot]` times :math:`\partial u / \partial g`, torch's own
-(its backward), and the derivative in ``x`` is the same weights. ``bicubic`` is refused.
+(its backward), and the derivative in ``x`` is the same weights. ``bicubic`` (4-D only, as torch) reads the
+:math:`4 \times 4` taps :math:`\lfloor u \rfloor + d`, :math:`d \in \{-1, 0, 1, 2\}` per axis, each tap placed by
+the padding rule (the sampling position itself is not), weighted along each axis by Keys' cubic kernel
+(:math:`A = -0.75`) at :math:`t = u - \lfloor u \rfloor`: :math:`k(t + 1), k(t), k(1 - t), k(2 - t)` with
+:math:`k(s) = (A + 2)s^3 - (A + 3)s^2 + 1` for :math:`s \le 1` and :math:`A s^3 - 5A s^2 + 8A s - 4A` for
+:math:`1 < s < 2`, summed over the columns of each row, then over the rows, as torch does.
 
 **Distances** (``torch.cdist(a, b, p)``, ``a`` ``(*B, P, M)``, ``b`` ``(*B, R, M)``, out ``(*B, P, R)``):
 :math:`d_{ij} = \|a_i - b_j\|_p`, written from the differences :math:`a_i - b_j` with
@@ -56,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..exceptions import ConfigError, UnsupportedModelError
+from ..exceptions import ConfigError
 
 __all__ = ["cdist", "grid_sample", "pdist", "rrelu"]
 
@@ -83,9 +88,8 @@ def _reflect(u: Tensor, low: float, high: float) -> Tensor:
     return torch.where(torch.remainder(flips, 2) == 0, extra + low, span - extra + low)
 
 
-def _index(g: Tensor, n: int, padding_mode: str, align_corners: bool) -> Tensor:
-    """The pixel index of grid coordinate ``g`` along an axis of size ``n``, after the padding rule."""
-    u = _unnormalize(g, n, align_corners)
+def _pad(u: Tensor, n: int, padding_mode: str, align_corners: bool) -> Tensor:
+    """Pixel index ``u`` along an axis of size ``n`` after the padding rule (``zeros``: unchanged)."""
     if padding_mode == "border":
         return u.clamp(0, n - 1)
     if padding_mode == "reflection":
@@ -116,21 +120,18 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     Raises
     ------
     ConfigError
-        For a ``mode`` or ``padding_mode`` torch does not have, or shapes that do not match.
-    UnsupportedModelError
-        For ``mode="bicubic"``.
+        For a ``mode`` or ``padding_mode`` torch does not have, shapes that do not match, or ``bicubic`` on a 5-D
+        input.
     """
     if mode not in _MODES:
         raise ConfigError(f"F.grid_sample got mode={mode!r}. Choose one of: {', '.join(map(repr, _MODES))}.")
     if padding_mode not in _PADDINGS:
         raise ConfigError(f"F.grid_sample got padding_mode={padding_mode!r}. Choose one of: "
                           f"{', '.join(map(repr, _PADDINGS))}.")
-    if mode == "bicubic":
-        raise UnsupportedModelError(
-            "F.grid_sample(mode='bicubic') has no forward-mode derivative in torch, and explaind computes the path "
-            "derivatives with torch.func.jvp; explaind rewrites its bilinear and nearest modes only. Fix: "
-            "mode='bilinear' (or 'nearest') in the model's forward.")
     k = input.dim() - 2
+    if mode == "bicubic" and k != 2:
+        raise ConfigError(f"F.grid_sample got mode='bicubic' with an input of shape {tuple(input.shape)}; bicubic "
+                          f"takes 4-D inputs (N, C, H, W) only, as in torch. Fix: mode='bilinear' for 5-D inputs.")
     if k not in (2, 3) or grid.dim() != k + 2 or grid.shape[-1] != k or grid.shape[0] != input.shape[0]:
         raise ConfigError(
             f"F.grid_sample got an input of shape {tuple(input.shape)} and a grid of shape {tuple(grid.shape)}; it "
@@ -139,8 +140,11 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
     align = bool(align_corners)
     sizes = list(input.shape[2:])
     # grid coordinate j indexes spatial axis k - 1 - j (x: W, y: H, z: D)
-    u = [_index(grid[..., k - 1 - a], sizes[a], padding_mode, align) for a in range(k)]
+    raw = [_unnormalize(grid[..., k - 1 - a], sizes[a], align) for a in range(k)]
     flat = input.reshape(input.shape[0], input.shape[1], -1)
+    if mode == "bicubic":
+        return _bicubic(flat, raw, sizes, padding_mode, align)
+    u = [_pad(r, n, padding_mode, align) for r, n in zip(raw, sizes)]
     if mode == "nearest":
         return _read(flat, [torch.round(ua) for ua in u], sizes)
     low = [torch.floor(ua) for ua in u]
@@ -152,6 +156,35 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
             w = f if c else 1 - f
             weight = w if weight is None else weight * w
         term = _read(flat, [la + c for la, c in zip(low, corner)], sizes) * weight.unsqueeze(1)
+        out = term if out is None else out + term
+    return out
+
+
+def _cubic_weights(t: Tensor) -> list[Tensor]:
+    r"""The weights of taps :math:`-1, 0, 1, 2` at offset ``t`` in :math:`[0, 1)` (Keys' kernel, :math:`A = -0.75`)."""
+    A = -0.75
+
+    def near(x: Tensor) -> Tensor:  # |x| <= 1
+        return ((A + 2) * x - (A + 3)) * x * x + 1
+
+    def far(x: Tensor) -> Tensor:  # 1 < |x| < 2
+        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def _bicubic(flat: Tensor, raw: list[Tensor], sizes: list[int], padding_mode: str, align: bool) -> Tensor:
+    """Bicubic sampling at pixel positions ``raw`` (rows, columns), each tap placed by the padding rule."""
+    low = [torch.floor(r) for r in raw]
+    wy, wx = (_cubic_weights(r - lo) for r, lo in zip(raw, low))
+    taps = [[torch.trunc(_pad(lo + d, n, padding_mode, align)) for d in (-1, 0, 1, 2)] for lo, n in zip(low, sizes)]
+    out = None
+    for i in range(4):
+        row = None
+        for j in range(4):
+            term = _read(flat, [taps[0][i], taps[1][j]], sizes) * wx[j].unsqueeze(1)
+            row = term if row is None else row + term
+        term = row * wy[i].unsqueeze(1)
         out = term if out is None else out + term
     return out
 
