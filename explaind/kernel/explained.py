@@ -104,9 +104,11 @@ class FunctionalModel:
     @contextlib.contextmanager
     def _census(self) -> Iterator[None]:
         """The rewrite mode, whose :attr:`~explaind.kernel.rewrites.FusedKernelRewrite.rewrote` after a forward that
-        completed fixes :attr:`_rewrite`."""
+        completed fixes :attr:`_rewrite`; ``torch.compile``'d code runs eagerly in it."""
         mode = FusedKernelRewrite()
-        with mode:
+        # a torch.compile'd model runs this one forward eagerly: compiled under the mode, it would be compiled again
+        # without it (dynamo guards the mode stack), using up its recompile limit
+        with torch.compiler.set_stance("force_eager"), mode:
             yield
         if self._rewrite is None:
             self._rewrite = mode.rewrote
