@@ -37,6 +37,7 @@ from .rewrites import FusedKernelRewrite, needs_rewrite
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
 
 ExplainedKind = Literal["outputs", "target", "loss"]
+Params = dict[str, Tensor]
 
 #: torch's kernels without a forward-mode derivative that :class:`FusedKernelRewrite` replaces
 _REWRITTEN_OPS = ("grid_sampler_2d", "grid_sampler_3d", "_cdist_forward", "_euclidean_dist", "_pdist_forward",
@@ -47,7 +48,6 @@ def _rewritten_op(exc: BaseException) -> bool:
     """Whether ``exc`` is torch's refusal of forward-mode differentiation of a kernel the rewrite mode replaces."""
     text = str(exc)
     return "forward AD with" in text and any(f"forward AD with {op} " in text for op in _REWRITTEN_OPS)
-Params = dict[str, Tensor]
 
 
 class FunctionalModel:
