@@ -19,7 +19,8 @@ Both are refused by the recorder (before the first step) and by the engine (a mo
 :func:`evaluation_refusal` turns two torch errors met while explaind evaluates a model into refusals
 that name the cause and the fix: a forward that draws random numbers in evaluation mode (Monte Carlo
 dropout, ``F.dropout(x, p, training=True)``), whose output is no function of the parameters, and an
-operation without a forward-mode derivative (``F.grid_sample``), which the path derivatives
+operation without a forward-mode derivative that explaind does not rewrite (``F.ctc_loss`` inside the forward;
+:mod:`explaind.kernel.functional_rewrites` has those it does), which the path derivatives
 :math:`\varphi_s(x)\,\Delta\theta_s` need (they are computed with ``torch.func.jvp``).
 
 :func:`loss_only_hint` names, in a failed gradient check, the parameters that ``backward()`` gave a
@@ -84,11 +85,11 @@ def refuse_unreplayable(model: nn.Module, where: str) -> None:
 
 
 #: The plain form of operations without a forward-mode derivative that models use, named in the refusal.
+#: (F.grid_sample, torch.cdist, F.pdist, F.embedding_bag and weight norm run as plain operations instead:
+#: explaind.kernel.rewrites; these are the ones it does not rewrite)
 _NO_FORWARD_AD_HINTS = {
-    "grid_sampler_2d": " F.grid_sample (a spatial transformer) is such an operation: resample with F.interpolate, or "
-                       "gather the four neighbours and weight them by hand.",
-    "_cdist_forward": " torch.cdist is such an operation: write the distances as ((a[..., :, None, :] - "
-                      "b[..., None, :, :]) ** 2).sum(-1) (its .sqrt() for p=2).",
+    "_ctc_loss": " F.ctc_loss is such an operation: return the per-frame log-probabilities from the forward and "
+                 "give the CTC loss as the loss callable (explaind differentiates losses in reverse mode only).",
 }
 
 

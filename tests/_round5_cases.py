@@ -13,7 +13,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _round5_kit import DT, N_TRAIN, QUAD, XI, XS, XT, XV, YI, YS, YT, YV, figures, fit, head, plain_step, seeded
+from _round5_kit import (
+    DT,
+    N_TRAIN,
+    QUAD,
+    XI,
+    XS,
+    XT,
+    XV,
+    YI,
+    YS,
+    YT,
+    YV,
+    KinkReference,
+    figures,
+    fit,
+    head,
+    plain_step,
+    seeded,
+)
 from _round5_models import (
     REG,
     XU,
@@ -60,6 +78,7 @@ from _round5_models import (
     uncertainty_in_outputs,
     uncertainty_loss,
 )
+from replay_reference import ReplayReference
 from torch import Tensor, nn
 
 import explaind
@@ -208,10 +227,11 @@ def no_decay_adamw(model: nn.Module) -> torch.optim.Optimizer:
                              lr=0.05)
 
 
-def model_case(build: Callable[[], nn.Module], X: Any, y: Tensor, **recorder: Any) -> Callable[[], dict[str, Any]]:
+def model_case(build: Callable[[], nn.Module], X: Any, y: Tensor, reference: type = ReplayReference,
+               **recorder: Any) -> Callable[[], dict[str, Any]]:
     def run() -> dict[str, Any]:
         model, traj = fit(build, X, y, **recorder)
-        return figures(model, traj, X[N_TRAIN:])
+        return figures(model, traj, X[N_TRAIN:], reference=reference)
     return run
 
 
@@ -308,7 +328,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "dropout1d_feature_alpha": model_case(ChannelDropout, XS, YS),
     "rmsnorm_layernorm_no_bias": model_case(norms, XV, YV),
     "conv_padding_modes_output_padding_unfold": model_case(PaddedConvs, XI, YI),
-    "spatial_transformer_grid_sample": model_case(SpatialTransformer, XI, YI),
+    "spatial_transformer_grid_sample": model_case(SpatialTransformer, XI, YI, reference=KinkReference),
     "gru_lstm_cells": model_case(CellLoop, XS, YS),
     "mha_add_zero_attn_key_padding": model_case(PaddedAttention, XT, YT),
     "adaptive_log_softmax": model_case(AdaptiveSoftmax, XV, YV % 5),

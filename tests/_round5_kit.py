@@ -131,6 +131,21 @@ def figures(model: nn.Module, traj: Any, X_test: Any, *, reference: type = Repla
             "warnings": [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]}
 
 
+class KinkMarks(nn.Module):
+    """Returns its input. A model calls it on values whose sign changes are kinks of its forward that no module
+    shows (a functional ``F.hardsigmoid``, the pixel lattice of ``F.grid_sample``), for :class:`KinkReference`."""
+
+    def forward(self, marks: Tensor) -> Tensor:
+        return marks
+
+
+class KinkReference(ReplayReference):
+    """The slow reference, its quadrature split where the output of a model's ``marks`` (:class:`KinkMarks`)
+    changes sign too."""
+
+    kink_outputs = ("marks",)
+
+
 def assert_exact(got: dict[str, Any]) -> None:
     """Replica <= 1e-6, residual share <= 1e-9 with no warning, scores <= 1e-9, reference residual <= 1e-10."""
     assert got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not got["warnings"], got

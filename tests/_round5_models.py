@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _round5_kit import DT, head
+from _round5_kit import DT, KinkMarks, head
 from torch import Tensor, nn
 
 
@@ -69,16 +69,19 @@ class PaddedConvs(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """A localisation net predicts an affine map near the identity; ``F.affine_grid`` and bilinear
-    ``F.grid_sample`` resample the 6x6 image; a linear head."""
+    ``F.grid_sample`` resample the 6x6 image; a linear head. ``marks``: sin(pi u) of the sampling positions u in
+    pixels, whose sign changes (integer u) are the kinks of the bilinear weights, for the slow reference."""
 
     def __init__(self):
         super().__init__()
         self.loc = nn.Linear(36, 6)
         self.head = nn.Linear(36, 3)
+        self.marks = KinkMarks()
 
     def forward(self, x):
         theta = torch.eye(2, 3, dtype=x.dtype) + 0.1 * torch.tanh(self.loc(x.flatten(1))).view(-1, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        self.marks(torch.sin(math.pi * ((grid + 1) * 6 - 1) / 2))  # align_corners=False: u = ((g + 1) n - 1) / 2
         return self.head(F.grid_sample(x, grid, mode="bilinear", align_corners=False).flatten(1))
 
 

@@ -24,13 +24,13 @@ from explaind.exceptions import ExplaindError
 #: The phrase of each loud case's message that names its cause (the table shows the message around it).
 KEYS = {
     "rrelu": "nn.RReLU", "rrelu_captured": "nn.RReLU", "mc_dropout": "capture_random=True",
-    "mc_dropout_captured": "evaluation mode", "spatial_transformer_grid_sample": "grid_sampler_2d",
+    "mc_dropout_captured": "evaluation mode",
     "complex_parameter": "complex tensors", "float32_layer_in_float64_model": "several dtypes",
     "uncertainty_weighted_loss": "['log_var'] got", "aux_load_balancing_loss": "more than its logits",
     "noise_augmentation_in_loop": "augmented inside", "noise_augmentation_check_off": "data augmentation",
     "tbptt_hidden_state_carried": "largest differences", "ema_copy_explained": "EMA",
     "labels_overwritten_in_place": "y was changed", "labels_overwritten_in_place_check_off": "y was changed",
-    "inputs_normalised_in_place": "X was changed", "prototypes_cdist": "_cdist_forward",
+    "inputs_normalised_in_place": "X was changed",
     "vae_rsample": "['s.weight'", "multi_task_heads_as_a_tuple": "['reg.weight'",
     "sharpness_aware_minimisation": "gradients were taken",
     "weight_renormalised_in_place_in_forward": "changed outside",

@@ -7,7 +7,9 @@ is <= 1e-10): Dropout1d with FeatureAlphaDropout after SELU, nn.RMSNorm and Laye
 MultiheadAttention(add_zero_attn) with a key_padding_mask, AdaptiveLogSoftmaxWithLoss.log_prob, a complex weight
 held as real pairs, a cosine classifier with a learned scale, a tied autoencoder (W and W.T), uint8 images scaled in
 forward, a forward hook rescaling a layer, prototype distances written by hand, a VAE rsample (capture_random=True),
-two heads concatenated into one output; losses given as callables: BCE with pos_weight, weighted multi-label soft
+two heads concatenated into one output, a spatial transformer (F.affine_grid + F.grid_sample) and prototypes compared
+by torch.cdist (refused before: torch has no forward-mode derivative of either; both now run as the plain operations of
+explaind/kernel/functional_rewrites.py); losses given as callables: BCE with pos_weight, weighted multi-label soft
 margin, Huber, Gaussian and Poisson NLL, CTC, a hand-written focal loss, multi-class hinge, triplet margin and
 cosine embedding over per-sample tuples, KL to a teacher's log-probabilities (log_target) plus CE, a learned loss
 weight returned as an output; loops: torch.manual_seed reset every step with dropout, zero_grad between backward and
@@ -16,9 +18,8 @@ torch.inference_mode().
 
 Loud, each with a fix landed here (the test failed before it): nn.RReLU (before: the gradient check's generic
 random-draw hint, and with capture_random=True torch's raw "vmap: we do not yet support aten::rrelu_with_noise");
-Monte Carlo dropout (raw "vmap: called random operation" when explaining); F.grid_sample (raw forward-AD
-NotImplementedError); complex parameters (raw "jacrev: Expected all inputs to be real"); a float32 layer in a
-float64 model (a ConfigError telling the user to reshape X); torch.cdist (raw forward-AD NotImplementedError); a
+Monte Carlo dropout (raw "vmap: called random operation" when explaining); complex parameters (raw "jacrev:
+Expected all inputs to be real"); a float32 layer in a float64 model (a ConfigError telling the user to reshape X); a
 learned loss weight read only by the loss, an auxiliary load-balancing loss or a second head's loss from a second
 output, a VAE's scale head used only in training (the check blamed random draws and buffers only, or not the
 parameters); labels overwritten or inputs normalised in place mid-run (a residual share of 1.01 naming other
@@ -44,6 +45,7 @@ EXACT = [
     "uncertainty_weight_in_outputs", "manual_seed_each_step_dropout", "grads_halved_by_hand", "log_batch_twice",
     "adamw_no_decay_groups", "train_data_made_under_inference_mode", "ctc_loss", "forward_hook_rescaling_output",
     "multi_task_heads_concatenated", "vae_rsample_captured", "prototypes_distances_by_hand",
+    "spatial_transformer_grid_sample", "prototypes_cdist",  # refused before explaind/kernel/functional_rewrites.py
 ]
 
 
@@ -74,8 +76,6 @@ def test_float32_rounding_in_the_loop_stays_at_its_level(case):
     ("mc_dropout", TrajectoryError, r"capture_random=True"),
     ("mc_dropout_captured", UnsupportedModelError,
      r"draws random numbers in evaluation mode .*Fix: draw only in training mode"),
-    ("spatial_transformer_grid_sample", UnsupportedModelError,
-     r"grid_sampler_2d, which has no forward-mode derivative.*F\.grid_sample"),
     ("complex_parameter", UnsupportedModelError, r"complex tensors \['w \(torch\.complex128\)'\].*view_as_complex"),
     ("float32_layer_in_float64_model", UnsupportedModelError,
      r"several dtypes \(float32: \['a\.weight', 'a\.bias'\]; float64: .*x\.to\(self\.layer\.weight\.dtype\)"),
@@ -83,7 +83,6 @@ def test_float32_rounding_in_the_loop_stays_at_its_level(case):
      r"\['log_var'\] got a gradient from backward\(\) but none through the recomputed loss of the output"),
     ("vae_rsample", TrajectoryError, r"\['s\.weight', 's\.bias'\] got a gradient .*only the training-mode forward "
                                      r"uses them.*capture_random=True"),
-    ("prototypes_cdist", UnsupportedModelError, r"_cdist_forward, which has no forward-mode derivative.*\.sum\(-1\)"),
     ("multi_task_heads_as_a_tuple", TrajectoryError,
      r"\['reg\.weight', 'reg\.bias'\] got a gradient .*another output .*returns more than its logits \(output 1\)"),
     ("weight_renormalised_in_place_in_forward", TrajectoryError, r"Step 0: the parameter\(s\) w .*changed outside"),

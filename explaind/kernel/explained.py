@@ -39,6 +39,16 @@ __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
 ExplainedKind = Literal["outputs", "target", "loss"]
 Params = dict[str, Tensor]
 
+#: torch's kernels without a forward-mode derivative that :class:`FusedKernelRewrite` replaces
+_REWRITTEN_OPS = ("grid_sampler_2d", "grid_sampler_3d", "_cdist_forward", "_euclidean_dist", "_pdist_forward",
+                  "_embedding_bag", "_weight_norm_interface")
+
+
+def _rewritten_op(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's refusal of forward-mode differentiation of a kernel the rewrite mode replaces."""
+    text = str(exc)
+    return "forward AD with" in text and any(f"forward AD with {op} " in text for op in _REWRITTEN_OPS)
+
 
 class FunctionalModel:
     """A private copy of the template model, in evaluation mode, on the compute device and dtype.
@@ -74,14 +84,34 @@ class FunctionalModel:
         self.loss_fn = loss_fn
         #: embeddings whose padding row torch's backward leaves out (see :meth:`outputs`)
         self._padded = [m for m in self.module.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
-        #: recurrent layers and weight norms run as plain operations (:mod:`~explaind.kernel.rewrites`)
-        self._rewrite = needs_rewrite(self.module)
+        #: recurrent layers, weight norms and the functional calls torch.func cannot transform run as plain
+        #: operations (:mod:`~explaind.kernel.rewrites`): ``True``/``False`` once known, ``None`` until the census
+        #: (the first forward, run in the rewrite mode) has told
+        self._rewrite: bool | None = True if needs_rewrite(self.module) else None
         #: :meth:`outputs` converts to this dtype where the forward converts below it (:mod:`~explaind.kernel.casts`)
         self.keep_dtype = False
 
     def rewritten(self) -> contextlib.AbstractContextManager[Any]:
-        """The block in which the fused kernels ``torch.func`` cannot transform run as plain operations."""
+        """The block in which the fused kernels ``torch.func`` cannot transform run as plain operations.
+
+        Until a forward has completed in it (the census), the block is the rewrite mode and records whether it
+        rewrote anything; afterwards it is the mode for a model that needed it and no mode at all otherwise.
+        """
+        if self._rewrite is None:
+            return self._census()
         return FusedKernelRewrite() if self._rewrite else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _census(self) -> Iterator[None]:
+        """The rewrite mode, whose :attr:`~explaind.kernel.rewrites.FusedKernelRewrite.rewrote` after a forward that
+        completed fixes :attr:`_rewrite`; ``torch.compile``'d code runs eagerly in it."""
+        mode = FusedKernelRewrite()
+        # a torch.compile'd model runs this one forward eagerly: compiled under the mode, it would be compiled again
+        # without it (dynamo guards the mode stack), using up its recompile limit
+        with torch.compiler.set_stance("force_eager"), mode:
+            yield
+        if self._rewrite is None:
+            self._rewrite = mode.rewrote
 
     def copy(self, module: nn.Module) -> nn.Module:
         """A deep copy of ``module`` that holds the objects of :attr:`shared` themselves."""
@@ -112,6 +142,9 @@ class FunctionalModel:
             try:
                 return model_output(call_model(self.module, {**self.constants, **params}, x))
             except RuntimeError as exc:
+                if self._rewrite is False and _rewritten_op(exc):  # a branch the census did not take
+                    self._rewrite = True
+                    return self(params, x)
                 refusal = evaluation_refusal(exc)
                 if refusal is not None:
                     raise refusal from exc

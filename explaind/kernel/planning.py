@@ -243,7 +243,7 @@ class CostNotice:
         else:
             why = (f"the model holds no module with a kink (ReLU-like activations, max pooling), so the count is "
                    f"what its curvature costs at tol={self.tol:g} (or kinks computed inside forward: F.relu, "
-                   f"torch.maximum, clamp)")
+                   f"torch.maximum, clamp, the pixel crossings of F.grid_sample)")
         logger.warning(
             "the adaptive quadrature has spent %.0f evaluations per (step, input) on average (up to %d for one) over "
             "%s to reach tol=%g, %.1fx the 100 of the 100-point midpoint rule: %s. The lever is tol: tol=%g "

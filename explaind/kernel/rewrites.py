@@ -28,10 +28,15 @@ under :func:`torch.func.vmap`. These fused kernels break there:
   ``mean`` divides it by :math:`\max(1, \sum_j M_{bj})` and ``max`` takes the largest
   :math:`E_{i_j}` over the bag per coordinate; an empty bag gives zeros, as torch's kernel does.
 
+Functional operations without a forward-mode derivative (``F.grid_sample``, ``torch.cdist``, ``F.pdist``) and
+``F.rrelu`` in evaluation mode run as the plain forms of :mod:`~explaind.kernel.functional_rewrites`.
+
 Every form equals the fused kernel up to float rounding. :class:`FusedKernelRewrite` is a
 ``TorchFunctionMode`` that swaps them in; :func:`needs_rewrite` says whether a model holds such a
-module, so models without one run with no mode at all. Dropout between recurrent layers in
-training mode is drawn as torch's CPU kernel draws it; on CUDA it is refused
+module. A model without one runs its first forward in the mode, which records whether it rewrote
+anything (:attr:`FusedKernelRewrite.rewrote`: a functional call such as ``F.hardsigmoid(x)``); if not,
+every later forward runs with no mode at all (:class:`~explaind.kernel.explained.FunctionalModel`).
+Dropout between recurrent layers in training mode is drawn as torch's CPU kernel draws it; on CUDA it is refused
 (:class:`~explaind.exceptions.UnsupportedModelError`).
 
 **Packing.** torch packs a padded batch ``(T, B, *)`` with lengths :math:`L_b` (sorted,
@@ -64,6 +69,7 @@ from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wr
 from torch.overrides import TorchFunctionMode
 
 from ..exceptions import ConfigError, UnsupportedModelError
+from . import functional_rewrites as fr
 from .recurrent import KINDS, Steps, run_kernel
 
 __all__ = ["FusedKernelRewrite", "Packing", "needs_rewrite"]
@@ -234,27 +240,33 @@ class Packing:
 
 
 class FusedKernelRewrite(TorchFunctionMode):
-    """Inside the block, weight norm, the recurrent kernels, sequence packing, PReLU, embedding bags and Hardsigmoid
-    run as plain operations."""
+    """Inside the block, weight norm, the recurrent kernels, sequence packing, PReLU, embedding bags, Hardsigmoid,
+    grid sampling, distances and evaluation-mode RReLU run as plain operations.
+
+    :attr:`rewrote` turns true at the first operation run in its plain form: a forward run once in the block
+    tells whether the model needs the block at all (the census of :class:`~explaind.kernel.explained.FunctionalModel`).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.packing = Packing()
+        self.rewrote = False
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        plain = _PLAIN.get(func)
+        if plain is not None:
+            out = plain(*args, **kwargs)
+            if out is not None:
+                self.rewrote = True
+                return out
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        if func is torch._weight_norm:
-            return _weight_norm(*args, **kwargs)
-        if func is nn.functional.prelu or func is torch.prelu:
-            return _prelu(*args, **kwargs)
-        if func is nn.functional.embedding_bag:
-            return _embedding_bag(*args, **kwargs)
-        if func is nn.functional.hardsigmoid:
-            return _hardsigmoid(*args, **kwargs)
         if name in KINDS and getattr(torch, name, None) is func:
+            self.rewrote = True
             return run_kernel(name, list(args) + list(kwargs.values()), self.packing.steps)
         if func is torch._pack_padded_sequence:
+            self.rewrote = True
             return self.packing.pack(*args, **kwargs)
         if func is torch._pad_packed_sequence:
             return self.packing.pad(*args, **kwargs)
@@ -263,3 +275,16 @@ class FusedKernelRewrite(TorchFunctionMode):
                 warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+#: torch function -> its plain form (``None`` from the plain form: run torch's own)
+_PLAIN: dict[Any, Any] = {
+    torch._weight_norm: _weight_norm,
+    torch.prelu: _prelu,  # also nn.functional.prelu
+    nn.functional.embedding_bag: _embedding_bag,
+    nn.functional.hardsigmoid: _hardsigmoid,
+    nn.functional.grid_sample: fr.grid_sample,
+    torch.cdist: fr.cdist,
+    torch.pdist: fr.pdist,
+    nn.functional.rrelu: fr.rrelu,
+}
