@@ -182,7 +182,6 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         ignore_attributes: Any = (),
     ):
         from ..plugins import resolve_optimizer_adapter
-
         refuse_invalid_arguments(model, optimizer, loss=loss, audit=audit, grad_scaler=grad_scaler)
         self.model, self.optimizer = model, optimizer
         self._loss = resolve_loss_record(loss)
