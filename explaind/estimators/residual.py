@@ -198,8 +198,9 @@ def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol:
     return share
 
 
-def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str) -> float:
-    r"""Store the quadrature-error share in ``att.meta``; above ``tol`` warn naming the rule and the fix.
+def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jumps: tuple[str, ...] = ()) -> float:
+    r"""Store the quadrature-error share in ``att.meta``; above ``tol`` warn naming the rule and the fix (or the
+    ``jumps``, calls of the forward whose output can jump: explaind/kernel/jumps.py).
 
     The share is :math:`\sum_{x,o} |\sum_s \text{quadrature\_error}|` over
     :math:`\sum_{x,o} |g(\theta_{stop}) - g(\theta_{start})|`: the part of the change the path
