@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _round5_kit import BATCH, DT, N_TRAIN, XI, XS, XV, YI, YS, YV, figures, fit, plain_step, seeded
+from _round5_kit import BATCH, DT, N_TRAIN, XI, XS, XV, YI, YS, YV, fit, seeded, sgd
+from _round6_kit import figures
 from _round6_models import (
     BinaryConnect,
     Capsules,
@@ -161,10 +162,11 @@ def manual_sgd_case() -> dict[str, Any]:
     return figures(model, rec.trajectory, XV[N_TRAIN:])
 
 
-def model_case(build: Callable[[], nn.Module], X: Any, y: Any, **kw: Any) -> Callable[[], dict[str, Any]]:
+def model_case(build: Callable[[], nn.Module], X: Any, y: Any, panels: int = 2,
+               **kw: Any) -> Callable[[], dict[str, Any]]:
     def run() -> dict[str, Any]:
         model, traj = fit(build, X, y, **kw)
-        return figures(model, traj, X[N_TRAIN:])
+        return figures(model, traj, X[N_TRAIN:], panels=panels)
     return run
 
 
@@ -175,6 +177,11 @@ def loop_case(build: Callable[[], nn.Module] = relu_mlp, **kw: Any) -> Callable[
         model, traj = fit(build, XV, YV, **extra)
         return figures(model, traj, XV[N_TRAIN:])
     return run
+
+
+def sgd2(model: nn.Module) -> torch.optim.Optimizer:
+    """SGD at the untuned rate 2 (the gate's route switches along a step)."""
+    return sgd(model, 2.0)
 
 
 def adam(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
@@ -190,13 +197,15 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "gumbel_softmax_hard_captured": model_case(gumbel_hard, XV, YV, capture_random=True),
     "top1_moe_argmax_routing": model_case(Top1MoE, XV, YV),
     "top2_moe_topk_routing": model_case(Top2MoE, XV, YV),
+    "top1_moe_argmax_route_switches": model_case(Top1MoE, XV, YV, opt=sgd2),
+    "top2_moe_topk_route_switches": model_case(Top2MoE, XV, YV, opt=sgd2),
     "binaryconnect_sign_weights": model_case(BinaryConnect, XV, YV),
     "fake_quantize_qat": model_case(FakeQuant, XV, YV),
     # models from tutorials and papers
     "pointnet_max_over_points": model_case(PointNet, XS, YS),
     "gnn_index_add_sum": model_case(MessagePassing, XS, YS),
     "gnn_scatter_reduce_amax": model_case(lambda: MessagePassing("amax"), XS, YS),
-    "mlp_mixer_block": model_case(Mixer, XS, YS),
+    "mlp_mixer_block": model_case(Mixer, XS, YS, panels=16),
     "convnext_block": model_case(ConvNeXtBlock, XI, YI),
     "squeeze_excitation": model_case(SqueezeExcite, XI, YI),
     "weight_standardised_conv_groupnorm": model_case(WeightStandardised, XI, YI),
@@ -226,5 +235,4 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "input_gradient_penalty_double_backward": loop_case(step=input_gradient_penalty_step),
     "manual_sgd_without_optimizer": manual_sgd_case,
     "adam_lr_1_relu_loss_spikes": loop_case(opt=adam(1.0), steps=3),
-    "plain_step_reference": loop_case(step=plain_step),
 }

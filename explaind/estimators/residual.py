@@ -219,6 +219,10 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"{change / max(size, 1e-300):.2g} of the outputs themselves, near the rounding of their "
                    f"{str(att.final.dtype).removeprefix('torch.')} values, which the exact endpoint values carry and "
                    f"no integral does (no tol or rule removes it)")
+        elif jumps:
+            fix = (f"a continuous forward for the run you want explained: the forward applies calls whose output can "
+                   f"jump as the parameters move ({'; '.join(jumps[:4])}), and no tol or rule integrates across a "
+                   f"jump (the quadrature warning names the kinds and their relaxations)")
         warn_at_caller(f"{owner}: quadrature error share {share:.3g} > {tol:g} with quadrature={rule!r}: the path "
                        f"integrals miss {100 * share:.3g}% of the explained change (it is kept in quadrature_error, "
                        f"so completeness holds, but the scores do not include it). Use {fix}.")
