@@ -7,6 +7,7 @@ its figures (tests/_round5_kit.py :func:`figures`), or raises the error a user s
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -162,6 +163,53 @@ def manual_sgd_case() -> dict[str, Any]:
     return figures(model, rec.trajectory, XV[N_TRAIN:])
 
 
+def annealed_temperature_case(check: bool = True) -> dict[str, Any]:
+    """A loss callable dividing the logits by a temperature kept in its closure, doubled after every step."""
+    state = {"T": 1.0}
+
+    def loss(out, y):
+        return F.cross_entropy(out / state["T"], y)
+
+    def after(s, m):
+        state["T"] *= 2.0
+
+    model, traj = fit(relu_mlp, XV, YV, loss=loss, after=after, check_gradients=check)
+    return figures(model, traj, XV[N_TRAIN:])
+
+
+def mean_teacher_case(check: bool = True) -> dict[str, Any]:
+    """Mean teacher: cross entropy plus the squared distance of the softmax to an EMA teacher's on the same batch,
+    the teacher (a deep copy) moved halfway to the student after every step."""
+    model = seeded(relu_mlp)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    held: dict[str, torch.Tensor] = {}
+
+    def loss(out, y):
+        return F.cross_entropy(out, y) + F.mse_loss(out.softmax(-1), held["probs"])
+
+    def step(model, opt, X, y, idx, rec, batch_loss):
+        opt.zero_grad()
+        with torch.no_grad():
+            held["probs"] = teacher(X[idx]).softmax(-1)
+        loss(model(X[idx]), y[idx]).backward()
+        rec.log_batch(idx)
+        opt.step()
+
+    def after(s, m):
+        with torch.no_grad():
+            for pt, p in zip(teacher.parameters(), m.parameters()):
+                pt.lerp_(p, 0.5)
+
+    model, traj = fit(model, XV, YV, loss=loss, step=step, after=after, check_gradients=check)
+    return figures(model, traj, XV[N_TRAIN:])
+
+
+def batch_balanced(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Class-balanced cross entropy with weights from the batch's own class counts (a weighted mean)."""
+    w = (1.0 / torch.bincount(y, minlength=3).to(DT).clamp(min=1))[y]
+    return (w * F.cross_entropy(out, y, reduction="none")).sum() / w.sum()
+
+
 def model_case(build: Callable[[], nn.Module], X: Any, y: Any, panels: int = 2,
                **kw: Any) -> Callable[[], dict[str, Any]]:
     def run() -> dict[str, Any]:
@@ -234,5 +282,12 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "curriculum_reweighting": loop_case(step=Curriculum),
     "input_gradient_penalty_double_backward": loop_case(step=input_gradient_penalty_step),
     "manual_sgd_without_optimizer": manual_sgd_case,
+    "sgd_lr_1e4_diverging": loop_case(opt=lambda m: sgd(m, 1e4)),
+    "temperature_annealed_in_loss_closure": annealed_temperature_case,
+    "temperature_annealed_in_loss_closure_check_off": lambda: annealed_temperature_case(False),
+    "mean_teacher_ema_targets": mean_teacher_case,
+    "mean_teacher_ema_targets_check_off": lambda: mean_teacher_case(False),
+    "batch_class_balanced_loss": loop_case(loss=batch_balanced),
+    "batch_class_balanced_loss_check_off": loop_case(loss=batch_balanced, check_gradients=False),
     "adam_lr_1_relu_loss_spikes": loop_case(opt=adam(1.0), steps=3),
 }

@@ -85,6 +85,8 @@ def test_a_forward_that_jumps_is_named_with_its_call_by_every_warning(case, call
     ("gradient_centralisation", TrajectoryError, r"gradient of 0\.weight, 2\.weight, 4\.weight was changed by more "
                                                  r"than a global factor"),
     ("gradient_centralisation_check_off", TrajectoryError, r"changed by more than a global factor"),
+    ("mean_teacher_ema_targets", TrajectoryError, r"exact only when the batch loss is sum_k w_k loss_fn\(sample k\)"),
+    ("batch_class_balanced_loss", TrajectoryError, r"normalises by the batch's summed class weights"),
 ])
 def test_refused_naming_the_cause(case, error, match):
     with pytest.raises(error, match=match):
@@ -95,6 +97,9 @@ def test_refused_naming_the_cause(case, error, match):
     ("l1_penalty_in_loss_check_off", 1e-2),
     ("input_gradient_penalty_check_off", 1e-3),
     ("importance_weighted_mean_not_logged_check_off", 0.1),
+    ("temperature_annealed_in_loss_closure_check_off", 0.1),
+    ("mean_teacher_ema_targets_check_off", 1e-2),
+    ("batch_class_balanced_loss_check_off", 0.1),
 ])
 def test_unchecked_runs_warn_with_the_residual_share(case, low):
     """With check_gradients=False the replica is exact and the residual share, which holds the penalty's or the
@@ -130,3 +135,21 @@ def test_find_jumps_names_parameter_dependent_calls_only():
     assert find_jumps(net, lambda p: torch.func.functional_call(net, p, (x,)), params, tuple(params)) == ()
     sites = find_jumps(net, lambda p: torch.func.functional_call(net, p, (x, True)), params, tuple(params))
     assert sites == ("<root> (Net): Tensor.gt", "<root> (Net): torch.sign", "<root> (Net): Tensor.argmax"), sites
+
+
+def test_a_temperature_in_the_loss_callables_closure_is_named_by_the_residual_warning():
+    """The gradient check passes (at each step the closure holds that step's temperature); the engine recomputes
+    every step with the final one, so 77% of the change is residual: the warning names a value in the loss
+    callable's closure (before: only values the forward reads)."""
+    got = CASES["temperature_annealed_in_loss_closure"]()
+    assert got["replica"] <= 1e-6 and got["share"] > 0.1, got
+    assert len(got["warnings"]) == 1 and "in the loss callable's closure" in got["warnings"][0], got
+
+
+def test_sgd_at_lr_1e4_stays_exact_and_names_the_one_step_left_above_tol():
+    """SGD at lr 1e4 (the outputs blow up): replica, residual share and scores at rounding level; one (step, input)
+    pair is left above tol=1e-11 at a relative error below 1e-7, and the quadrature warnings say so."""
+    got = CASES["sgd_lr_1e4_diverging"]()
+    assert got["replica"] <= 1e-6 and got["share"] <= 1e-9 and got["scores"] <= 1e-9, got
+    assert got["warnings"] and all(w.startswith("the adaptive quadrature left 1 of 6") for w in got["warnings"]), got
+    assert all(float(re.search(r"relative error up to ([0-9.e-]+)", w).group(1)) < 1e-7 for w in got["warnings"])
