@@ -1,28 +1,20 @@
-"""Print the table of tests/test_stranger_round6.py: each case's replica error, residual share, train-score error,
-the slow reference's own quadrature error, and class (exact, or the error or warning a user sees). Not collected by
-pytest.
+"""The table of tests/test_stranger_round6.py, one row per case of tests/_round6_cases.py (not collected by pytest):
+replica error, residual share, train-score error, the reference's own quadrature error, and the class (exact, or
+the message a user sees, cut around the phrase naming its cause).
 
-Run from the repository root::
-
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_round6_table.py [case ...]
-
-Every case trains as tests/_round6_kit.py says (float64, SGD 0.5 unless the case says otherwise, 3 steps of 4 of 12
-samples, adaptive rule at tol 1e-11, 2 held-out inputs) and compares with tests/replay_reference.py. The load
-average is printed first; no figure is a timing.
+``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_round6_table.py [case ...]`` from
+the repository root; the set-up is tests/_round6_kit.py's. The first line is the load average; no figure is a timing.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 import torch
 from _round6_cases import CASES
 from _round6_kit import scores_bound
-from stranger_round5_table import _cut
-
-from explaind.exceptions import ExplaindError
+from stranger_round5_table import _cut, run_case
 
 #: The phrase of each loud case's message that names its cause (the table shows the message around it).
 KEYS = {
@@ -41,12 +33,9 @@ KEYS = {
 
 def row(name: str) -> str:
     """``| case | replica | share | train vs reference | reference's quadrature | class |`` for one case."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch's batching-rule notices; ExplaindWarnings are kept
-            got = CASES[name]()
-    except ExplaindError as exc:
-        return f"| {name} | | | | | {type(exc).__name__}: {_cut(str(exc), KEYS.get(name, ''))} |"
+    got = run_case(CASES[name], KEYS.get(name, ""))
+    if isinstance(got, str):
+        return f"| {name} | | | | | {got} |"
     exact = (got["replica"] <= 1e-6 and got["share"] <= 1e-9 and got["scores"] <= scores_bound(got)
              and got["reference_residual"] <= 1e-10 and not got["warnings"])
     verdict = ("exact" if exact else "warns: " + _cut(got["warnings"][0], KEYS.get(name, "")) if got["warnings"]
@@ -57,9 +46,10 @@ def row(name: str) -> str:
 
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)
-    print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
-    print("| case | replica | residual share | train vs reference | reference's own quadrature | class |")
-    print("|---|---|---|---|---|---|")
+    header = ("case", "replica", "residual share", "train vs reference", "reference's own quadrature", "class")
+    lines = [f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}", "| " + " | ".join(header) + " |",
+             "|---" * len(header) + "|"]
+    print("\n".join(lines))
     for name in names or CASES:
         print(row(name), flush=True)
 

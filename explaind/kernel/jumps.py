@@ -79,23 +79,12 @@ class _Record(TorchFunctionMode):
 
 def find_jumps(root: nn.Module, forward: Callable[[dict[str, Tensor]], Any], params: dict[str, Tensor],
                trainable: tuple[str, ...]) -> tuple[str, ...]:
-    """The calls of one forward that can jump in the parameters, as ``"path (Class): torch.sign x2"``.
+    """The calls of one forward that can jump in the parameters, as ``"path (Class): torch.sign x2"``: one
+    description per (module, call), in the order first seen; empty when none.
 
-    Parameters
-    ----------
-    root : nn.Module
-        The module ``forward`` runs (its submodules get temporary hooks).
-    forward : callable
-        ``forward(params)`` runs the model once on one input.
-    params : dict
-        Parameters and buffers to run at; ``trainable`` ones are made leaves that require grad.
-    trainable : tuple of str
-        Names of the trainable parameters.
-
-    Returns
-    -------
-    tuple of str
-        One description per (module, call), in the order first seen; empty when none.
+    The arguments are those of :func:`~explaind.kernel.casts.find_casts` without ``replay``: ``forward(params)``
+    runs ``root`` once on one input, the ``trainable`` entries of ``params`` made leaves that require grad (a call
+    on a tensor that requires grad depends on them).
     """
     counts: Counter[tuple[str, str, str]] = Counter()
     with _module_stack(root) as stack:
