@@ -20,9 +20,10 @@ through estimator (``x + (q(x) - x).detach()``) is found too: its ``q`` reads a 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["SOFTPLUS_JUMP", "find_jumps", "softplus_jump"]
+__all__ = ["SOFTPLUS_JUMP", "find_jumps", "softplus_jump", "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
@@ -77,23 +78,35 @@ class _Record(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def find_jumps(root: nn.Module, forward: Callable[[dict[str, Tensor]], Any], params: dict[str, Tensor],
-               trainable: tuple[str, ...]) -> tuple[str, ...]:
-    """The calls of one forward that can jump in the parameters, as ``"path (Class): torch.sign x2"``: one
-    description per (module, call), in the order first seen; empty when none.
+@contextlib.contextmanager
+def watch_jumps(root: nn.Module) -> Iterator[list[str]]:
+    """Inside the block, every forward of ``root`` records the calls that can jump in the parameters (a call on a
+    tensor that requires grad depends on them); on exit the list holds one description per (module, call),
+    ``"path (Class): torch.sign x2"``, in the order first seen (empty when none).
 
-    The arguments are those of :func:`~explaind.kernel.casts.find_casts` without ``replay``: ``forward(params)``
-    runs ``root`` once on one input, the ``trainable`` entries of ``params`` made leaves that require grad (a call
-    on a tensor that requires grad depends on them).
+    Wrapped around :func:`~explaind.kernel.casts.find_casts`, which runs the forward once with the trainable
+    parameters as leaves that require grad, it finds both in one forward (a second probe forward of a
+    ``torch.compile``d model changes what dynamo caches).
     """
     counts: Counter[tuple[str, str, str]] = Counter()
+    found: list[str] = []
     with _module_stack(root) as stack:
         def record(func: Any) -> None:
             path, cls = stack[-1]
             counts[(path, cls, _call_name(func).replace("torch._C._nn.", "torch.nn.functional."))] += 1
 
-        point = {n: v.detach().requires_grad_(n in trainable and v.is_floating_point()) for n, v in params.items()}
-        with torch.enable_grad(), _Record(record):
-            forward(point)
-    return tuple(f"{path or '<root>'} ({cls}): {op}{f' x{n}' if n > 1 else ''}"
+        with _Record(record):
+            yield found
+    found.extend(f"{path or '<root>'} ({cls}): {op}{f' x{n}' if n > 1 else ''}"
                  for (path, cls, op), n in counts.items())
+
+
+def find_jumps(root: nn.Module, forward: Callable[[dict[str, Tensor]], Any], params: dict[str, Tensor],
+               trainable: tuple[str, ...]) -> tuple[str, ...]:
+    """:func:`watch_jumps` around one forward: the arguments are those of :func:`~explaind.kernel.casts.find_casts`
+    without ``replay`` (``forward(params)`` runs ``root`` once on one input, the ``trainable`` entries of ``params``
+    made leaves that require grad)."""
+    point = {n: v.detach().requires_grad_(n in trainable and v.is_floating_point()) for n, v in params.items()}
+    with torch.enable_grad(), watch_jumps(root) as found:
+        forward(point)
+    return tuple(found)
