@@ -237,7 +237,7 @@ class InfluenceEstimator(PathEstimator):
         att.meta["promoted_casts"] = self.engine_.promoted_casts
         if cfg.split:
             check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
-        check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name)
+        check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name, jumps=self.engine_.jump_sites)
         return att
 
     def _decompose(self, Xt: Any, target: Any, y: Any) -> Attribution:

@@ -112,10 +112,11 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
     elif measured.size:
         causes.append("the gradient check passed at the checked steps, so look at the steps it did not check, and at "
                       "what the check cannot see: it runs the model as it was at that step, while the engine "
-                      "replays every step with the model as it is now, so a value the forward reads that is neither "
-                      "a parameter nor a buffer and changed during training (a temperature or schedule kept as a "
-                      "Python attribute) makes the recomputed gradients differ — derive it in forward from a buffer "
-                      "the forward itself updates (an integer step counter), whose changes are recorded per step")
+                      "replays every step with the model as it is now, so a value the forward or the loss callable "
+                      "reads that is neither a parameter nor a buffer and changed during training (a temperature or "
+                      "schedule kept as a Python attribute or in the loss callable's closure, an EMA teacher's "
+                      "targets) makes the recomputed gradients differ — derive it in forward from a buffer the "
+                      "forward itself updates (an integer step counter), whose changes are recorded per step")
     else:
         causes.append("the loss or the training data the engine recomputes gradients with may differ from the "
                       "loop's (a custom or class-weighted loss, data augmentation, a reordered train_data); no "
@@ -198,8 +199,9 @@ def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol:
     return share
 
 
-def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str) -> float:
-    r"""Store the quadrature-error share in ``att.meta``; above ``tol`` warn naming the rule and the fix.
+def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jumps: tuple[str, ...] = ()) -> float:
+    r"""Store the quadrature-error share in ``att.meta``; above ``tol`` warn naming the rule and the fix (or the
+    ``jumps``, calls of the forward whose output can jump: explaind/kernel/jumps.py).
 
     The share is :math:`\sum_{x,o} |\sum_s \text{quadrature\_error}|` over
     :math:`\sum_{x,o} |g(\theta_{stop}) - g(\theta_{start})|`: the part of the change the path
@@ -218,6 +220,10 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str) -> 
                    f"{change / max(size, 1e-300):.2g} of the outputs themselves, near the rounding of their "
                    f"{str(att.final.dtype).removeprefix('torch.')} values, which the exact endpoint values carry and "
                    f"no integral does (no tol or rule removes it)")
+        elif jumps:
+            fix = (f"a continuous forward for the run you want explained: the forward applies calls whose output can "
+                   f"jump as the parameters move ({'; '.join(jumps[:4])}), and no tol or rule integrates across a "
+                   f"jump (the quadrature warning names the kinds and their relaxations)")
         warn_at_caller(f"{owner}: quadrature error share {share:.3g} > {tol:g} with quadrature={rule!r}: the path "
                        f"integrals miss {100 * share:.3g}% of the explained change (it is kept in quadrature_error, "
                        f"so completeness holds, but the scores do not include it). Use {fix}.")

@@ -24,6 +24,7 @@ from .autograd import AutogradEvaluator
 from .casts import CastSite, find_casts, sites_text
 from .evaluate import Evaluator, StepStack
 from .explained import Explained, FunctionalModel, Params
+from .jumps import watch_jumps
 from .layers import LayerEvaluator
 from .layout import ParamLayout
 
@@ -98,6 +99,8 @@ class PathEngine:
         self.casts = casts
         #: the conversions below ``dtype`` found by :meth:`settle_casts` (``None`` before it ran)
         self.cast_sites: tuple[CastSite, ...] | None = None
+        #: the forward's calls that can jump in the parameters, found with them (explaind/kernel/jumps.py)
+        self.jump_sites: tuple[str, ...] = ()
         self.traj = traj
         self.device = device
         self.dtype = dtype
@@ -162,8 +165,9 @@ class PathEngine:
         """
         if self.cast_sites is not None:
             return self.cast_sites
-        sites = find_casts(self.fm.module, lambda p: self.fm(p, x), self.params(0), self.names, self.dtype)
-        self.cast_sites = sites
+        with watch_jumps(self.fm.module) as jumps:  # the same probe forward
+            sites = find_casts(self.fm.module, lambda p: self.fm(p, x), self.params(0), self.names, self.dtype)
+        self.cast_sites, self.jump_sites = sites, tuple(jumps)
         moving = tuple(s for s in sites if s.moving)
         self.fm.keep_dtype = self.casts == "replay_dtype" or (self.casts == "auto" and bool(moving))
         if moving and self.casts == "as_written":

@@ -30,6 +30,7 @@ from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
+from .jumps import SOFTPLUS_JUMP, softplus_jump
 from .paths import progress_bar
 from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
@@ -289,7 +290,8 @@ class InexactUnits:
             return
         causes = [self.jumps_hint] if self.jumps_hint else []
         if self.dense:
-            causes.append(f"{self.dense} crossed too many activation kinks to locate one by one (a ReLU-dense path): "
+            what = "kinks or jumps" if self.jumps_hint else "activation kinks"
+            causes.append(f"{self.dense} crossed too many {what} to locate one by one (a ReLU-dense path): "
                           f"they were integrated on a grid per step, its cells cut at the kinks the node values locate "
                           f"(at most the midpoint rule's error on the same nodes), {_dense.GRID_EVALS} nodes per "
                           f"(step, input) on average where {_dense.SHARE_STEPS} steps or more took it "
@@ -302,7 +304,8 @@ class InexactUnits:
             if self.kinks:  # the model's own kinks first: each one the path crosses is located to tol
                 causes.append(f"their paths cross more kinks of {self.kinks} than the cap lets the rule locate to "
                               f"tol; a looser tol locates each with fewer evaluations")
-            if self.float64 and self.casts_hint and (not self.kinks or self.casts_hint.startswith("the model's")):
+            own = self.casts_hint.startswith("the model's")  # a cast the replay found, not the generic hint
+            if self.float64 and self.casts_hint and (own or not (self.kinks or self.jumps_hint)):
                 causes.append(self.casts_hint)
         warn_at_caller(
             f"the adaptive quadrature left {self.above} of {self.total} (step, input) pairs above tol={self.tol:g}, "
@@ -312,15 +315,18 @@ class InexactUnits:
 
 
 def _jumps_hint(engine: Any) -> str:
-    """Names the modules whose output jumps along a segment (max unpooling, ``Hardshrink``, ``Threshold``), or ``""``
-    when the model has none."""
+    """Names what makes the model's output jump along a segment, or ``""`` when nothing was found: modules (max
+    unpooling, ``Hardshrink``, ``Threshold``, ``Softplus`` with a low ``threshold``) and calls inside ``forward``
+    found by :func:`~explaind.kernel.jumps.find_jumps` (``engine.jump_sites``)."""
     module = getattr(getattr(engine, "fm", None), "module", None)
     named = list(module.named_modules()) if module is not None else []
     unpool = [f"{name} ({type(m).__name__})" for name, m in named
               if isinstance(m, (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d))]
     steps = [f"{name} ({type(m).__name__})" for name, m in named
              if (isinstance(m, nn.Hardshrink) and m.lambd != 0)
-             or (isinstance(m, nn.Threshold) and m.value != m.threshold)]
+             or (isinstance(m, nn.Threshold) and m.value != m.threshold)
+             or (isinstance(m, nn.Softplus) and softplus_jump(m.beta, m.threshold) > SOFTPLUS_JUMP)]
+    calls = [site for site in getattr(engine, "jump_sites", ()) if "(Softplus): " not in site]  # named above
     hints = []
     if unpool:
         hints.append(f"the model holds {unpool}, whose output jumps where the maximum of a pooling window changes "
@@ -330,10 +336,23 @@ def _jumps_hint(engine: Any) -> str:
                      f"indices")
     if steps:
         hints.append(f"the model holds {steps}, whose output jumps where an input crosses the threshold "
-                     f"(Hardshrink(lambd) from 0 to +-lambd, Threshold(threshold, value) from value to threshold): the "
-                     f"gradient has no term for a jump, so no quadrature rule integrates across it and the jump stays "
-                     f"in quadrature_error. Fix: a continuous activation (nn.Softshrink instead of nn.Hardshrink; "
-                     f"nn.Threshold with value equal to threshold, or nn.ReLU)")
+                     f"(Hardshrink(lambd) from 0 to +-lambd, Threshold(threshold, value) from value to threshold, "
+                     f"Softplus(beta, threshold) by log(1 + exp(-threshold)) / beta where it switches to the "
+                     f"identity): the gradient has no term for a jump, so no quadrature rule integrates across it and "
+                     f"the jump stays in quadrature_error. Fix: a continuous activation (nn.Softshrink instead of "
+                     f"nn.Hardshrink; nn.Threshold with value equal to threshold, or nn.ReLU; nn.Softplus with its "
+                     f"default threshold=20)")
+    if calls:
+        shown = "; ".join(calls[:6]) + (f"; and {len(calls) - 6} more" if len(calls) > 6 else "")
+        hints.append(f"the model's forward applies calls whose output can jump as the parameters move to tensors "
+                     f"that depend on them ({shown}): rounding or signs (torch.sign, round, floor; also under a "
+                     f"straight-through estimator x + (q(x) - x).detach(), whose gradient is not the derivative of "
+                     f"the output), a selection by argmax or topk indices (a route that switches), or a comparison "
+                     f"choosing between branches that do not meet (torch.where(h > 0, a, b)); the gradient has no "
+                     f"term for a jump, so no quadrature rule integrates across it and the jump stays in "
+                     f"quadrature_error (a comparison that only masks a continuous function, as h * (h > 0), is a "
+                     f"kink, not a jump). Fix: a continuous forward (a soft relaxation: softmax weights over all "
+                     f"experts, a sigmoid gate, branches that meet) for the run you want explained")
     return "; ".join(hints)
 
 

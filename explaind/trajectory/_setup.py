@@ -149,7 +149,11 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        raise ConfigError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}. The recorder observes "
+            f"optimizer.step(), so a loop that updates the parameters by hand (p -= lr * p.grad under no_grad) "
+            f"records nothing. Fix: torch.optim.SGD(model.parameters(), lr=lr) makes the same update; call "
+            f"optimizer.step() where the loop wrote it (docs/recording.md lists the optimizers with adapters).")
     if not (audit is True or audit is False or audit == "auto"):
         raise ConfigError(f"audit={audit!r} is not allowed. Choose one of: 'auto', True, False.")
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):

@@ -1,0 +1,112 @@
+r"""Calls in a model's forward whose output can jump as the parameters move: found, so a warning can name them.
+
+The replica integrates :math:`\nabla_\theta g` along each step's segment (docs/maths.md §2). Where the forward is
+discontinuous in :math:`\theta` the gradient has no term for the jump, so no quadrature rule integrates across it:
+the jump stays in ``quadrature_error``, and the adaptive rule spends evaluations on it to no avail. Modules with a
+jump (``nn.Hardshrink``, ``nn.Threshold``, max unpooling, ``nn.Softplus`` with a low ``threshold``) are found by
+type (explaind/kernel/planning.py); this module finds the ones computed inside ``forward``:
+
+* rounding and signs: ``torch.sign``, ``round``, ``floor``, ``ceil``, ``trunc``, ``frac``, ``heaviside``;
+* selections: ``argmax``/``argmin``, the indices of ``topk`` and ``sort`` used to gather (a route that switches, as
+  in top-k mixture-of-experts gating), ``F.gumbel_softmax(hard=True)``;
+* comparisons (``h > 0``, ``torch.where`` conditions, masks);
+* ``F.softplus`` with a ``threshold`` low enough that its switch to the identity jumps by more than
+  :data:`SOFTPLUS_JUMP` (``log(1 + exp(-threshold)) / beta``).
+
+:func:`find_jumps` runs the forward once on one input under a ``TorchFunctionMode`` that records these calls when
+a tensor argument depends on the trainable parameters, attributed to the innermost module running. A straight-
+through estimator (``x + (q(x) - x).detach()``) is found too: its ``q`` reads a parameter-dependent tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .casts import _call_name, _module_stack
+
+__all__ = ["SOFTPLUS_JUMP", "find_jumps", "softplus_jump", "watch_jumps"]
+
+#: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
+_JUMPING = frozenset({
+    "sign", "sgn", "round", "floor", "ceil", "trunc", "fix", "frac", "heaviside", "argmax", "argmin", "topk", "sort",
+    "argsort", "gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal", "__gt__", "__lt__",
+    "__ge__", "__le__", "bucketize", "searchsorted", "gumbel_softmax",
+})
+#: Smallest jump of ``F.softplus`` at its threshold that is named (float64 rounding is far below).
+SOFTPLUS_JUMP = 1e-10
+
+
+def softplus_jump(beta: float, threshold: float) -> float:
+    """The jump of ``softplus(x, beta, threshold)`` where ``beta x`` crosses ``threshold``:
+    ``log(1 + exp(-threshold)) / beta``."""
+    return math.log1p(math.exp(-threshold)) / beta
+
+
+def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether one call can jump in a tensor argument that requires grad."""
+    if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return False
+    name = getattr(func, "__name__", "")
+    if name == "softplus":
+        beta = kwargs.get("beta", args[1] if len(args) > 1 else 1.0)
+        threshold = kwargs.get("threshold", args[2] if len(args) > 2 else 20.0)
+        return softplus_jump(float(beta), float(threshold)) > SOFTPLUS_JUMP
+    if name == "gumbel_softmax":
+        return bool(kwargs.get("hard", args[2] if len(args) > 2 else False))
+    return name in _JUMPING
+
+
+class _Record(TorchFunctionMode):
+    """Calls every call that can jump (:func:`_jumps`) with ``record(func)``, then runs it unchanged."""
+
+    def __init__(self, record: Callable[[Any], None]) -> None:
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if _jumps(func, args, kwargs):
+            self.record(func)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def watch_jumps(root: nn.Module) -> Iterator[list[str]]:
+    """Inside the block, every forward of ``root`` records the calls that can jump in the parameters (a call on a
+    tensor that requires grad depends on them); on exit the list holds one description per (module, call),
+    ``"path (Class): torch.sign x2"``, in the order first seen (empty when none).
+
+    Wrapped around :func:`~explaind.kernel.casts.find_casts`, which runs the forward once with the trainable
+    parameters as leaves that require grad, it finds both in one forward (a second probe forward of a
+    ``torch.compile``d model changes what dynamo caches).
+    """
+    counts: Counter[tuple[str, str, str]] = Counter()
+    found: list[str] = []
+    with _module_stack(root) as stack:
+        def record(func: Any) -> None:
+            path, cls = stack[-1]
+            counts[(path, cls, _call_name(func).replace("torch._C._nn.", "torch.nn.functional."))] += 1
+
+        with _Record(record):
+            yield found
+    found.extend(f"{path or '<root>'} ({cls}): {op}{f' x{n}' if n > 1 else ''}"
+                 for (path, cls, op), n in counts.items())
+
+
+def find_jumps(root: nn.Module, forward: Callable[[dict[str, Tensor]], Any], params: dict[str, Tensor],
+               trainable: tuple[str, ...]) -> tuple[str, ...]:
+    """:func:`watch_jumps` around one forward: the arguments are those of :func:`~explaind.kernel.casts.find_casts`
+    without ``replay`` (``forward(params)`` runs ``root`` once on one input, the ``trainable`` entries of ``params``
+    made leaves that require grad)."""
+    point = {n: v.detach().requires_grad_(n in trainable and v.is_floating_point()) for n, v in params.items()}
+    with torch.enable_grad(), watch_jumps(root) as found:
+        forward(point)
+    return tuple(found)
