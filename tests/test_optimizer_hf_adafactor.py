@@ -163,3 +163,22 @@ def test_registering_the_adapters_does_not_import_transformers():
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_options_the_recurrence_cannot_express_are_refused_naming_the_fix():
+    model = MODELS["tanh"][0]()
+    X, y, _ = data()
+    opt = Adafactor(model.parameters(), lr=0.05, relative_step=False, scale_parameter=False)
+    opt.param_groups[0]["clip_threshold"] = torch.tensor(1.0)
+    with pytest.raises(ConfigError, match=r"\['clip_threshold'\].*is a tensor.*Fix: pass clip_threshold=float"):
+        explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+
+
+def test_a_subclass_is_not_taken_for_transformers_adafactor():
+    class Mine(Adafactor):
+        pass
+
+    model = MODELS["tanh"][0]()
+    with pytest.raises(ConfigError, match=r"handles exactly transformers.optimization.Adafactor, got .*Mine"):
+        explaind.get_entry("optimizer_adapter", "hf_adafactor").implementation.from_optimizer(
+            Mine(model.parameters(), lr=0.05, relative_step=False))
