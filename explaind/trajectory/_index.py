@@ -90,7 +90,7 @@ def _canonical_records(lines: list[bytes]) -> list[StepRecord] | None:
     All lines are parsed as one JSON array in strict mode and serialized back; the bytes are equal
     only when no key is repeated, no number is ``NaN`` and every value has the JSON type explaind
     writes (a repeated key or ``NaN`` would serialize differently). One call for the whole journal
-    costs less than pydantic's lax parse line by line (docs/recording.md, "round 6"); anything else
+    costs less than pydantic's lax parse line by line (docs/recording.md, "Strangers' files, round 6"); anything else
     (a CRLF line, a line of an older explaind, a corrupted one) is read line by line.
     """
     body = b"[" + b",".join(lines) + b"]"
