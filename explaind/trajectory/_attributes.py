@@ -217,7 +217,7 @@ def _short(value: Any) -> str:
 class Snapshot:
     """A fingerprint of the watched state: ``frozen[(path, key)]`` to compare, ``values[(path, key)]`` to restore."""
 
-    __slots__ = ("frozen", "values", "modules", "tensors", "referenced")
+    __slots__ = ("frozen", "values", "modules", "tensors", "referenced", "restores")
 
     def __init__(self) -> None:
         self.frozen: dict[tuple[str, str], Any] = {}
@@ -226,6 +226,8 @@ class Snapshot:
         #: plain tensors' signatures by id; those kept by reference (too large to clone), which cannot be set back
         self.tensors: dict[int, Any] = {}
         self.referenced: dict[int, Any] = {}
+        #: plain tensors' restore values by id (reused by the next snapshot where a signature is unchanged)
+        self.restores: dict[int, Any] = {}
 
 
 class _Empty:
@@ -258,7 +260,8 @@ def _copy(value: Any) -> Any:
     return _EMPTIES[cls]
 
 
-def snapshot(model: nn.Module, ignored: Callable[[str, str], bool] | None = None) -> Snapshot:
+def snapshot(model: nn.Module, ignored: Callable[[str, str], bool] | None = None,
+             previous: Snapshot | None = None) -> Snapshot:
     """The fingerprint of ``model`` now (see the module docstring).
 
     Parameters
@@ -266,9 +269,12 @@ def snapshot(model: nn.Module, ignored: Callable[[str, str], bool] | None = None
     model : nn.Module
     ignored : callable, optional
         ``ignored(path, key)``: whether an entry is left out (``TrajectoryRecorder(ignore_attributes=...)``).
+    previous : Snapshot, optional
+        An earlier snapshot of the same model: plain tensors whose signature did not change keep its restore values
+        (no new clone per step).
     """
     snap = Snapshot()
-    seen = Seen(model)
+    seen = Seen(model, None if previous is None else (previous.tensors, previous.restores))
     root = model.training
     frozen_of, values = snap.frozen, snap.values
     for path, module in model.named_modules(remove_duplicate=True):
@@ -294,7 +300,7 @@ def snapshot(model: nn.Module, ignored: Callable[[str, str], bool] | None = None
             values[(path, key)] = restore
         if path and (ignored is None or not ignored(path, "training")):
             frozen_of[(path, "training")] = values[(path, "training")] = module.training == root
-    snap.tensors, snap.referenced = seen.tensors, seen.referenced
+    snap.tensors, snap.referenced, snap.restores = seen.tensors, seen.referenced, seen.restores_of_tensors()
     return snap
 
 
@@ -369,7 +375,7 @@ class AttributeWatch:
         self._forward.detach()
 
     def _first_forward(self) -> None:
-        self._seen = snapshot(self.model, self._ignored)
+        self._seen = snapshot(self.model, self._ignored, self.base)
 
     def arm(self) -> None:
         """After a step: fingerprint the next step's first gradient-enabled forward."""
@@ -379,7 +385,7 @@ class AttributeWatch:
         """What differs between this step's forward and the last accepted step's (empty at the first step)."""
         if not self.enabled:
             return []
-        seen = self._seen if self._seen is not None else snapshot(self.model, self._ignored)
+        seen = self._seen if self._seen is not None else snapshot(self.model, self._ignored, self.base)
         self._seen = None
         if self.base is None:
             self.base = seen

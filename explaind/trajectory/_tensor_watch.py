@@ -104,10 +104,14 @@ class Seen:
     ----------
     model : nn.Module
         Its parameters' and buffers' storages are recorded (read once, at the first tensor met).
+    previous : tuple of dict, optional
+        ``(signatures, restores)`` of the previous snapshot: a tensor whose signature is unchanged keeps that
+        snapshot's restore value instead of a new clone (its value is the same).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, previous: tuple[dict[int, Any], dict[int, Any]] | None = None):
         self.model = model
+        self._previous = previous
         self._owned: set[int] | None = None
         self.tensors: dict[int, tuple[Any, ...]] = {}  # id -> signature
         self.referenced: dict[int, tuple[Any, ...]] = {}  # id -> signature, kept by reference (not cloned)
@@ -132,10 +136,17 @@ class Seen:
             else:
                 sig = self.tensors[key] = tensor_signature(t)
                 small = t.layout is torch.strided and t.numel() * t.element_size() <= CLONE_BYTES
-                self._restores[key] = t.detach().clone() if small else t
+                if small and self._previous is not None and self._previous[0].get(key) == sig:
+                    self._restores[key] = self._previous[1][key]  # unchanged since the last snapshot: its clone
+                else:
+                    self._restores[key] = t.detach().clone() if small else t
                 if not small:
                     self.referenced[key] = sig
         return self.tensors[key]
+
+    def restores_of_tensors(self) -> dict[int, Any]:
+        """The restore values of the tensors met, by id."""
+        return self._restores
 
     def object(self, value: Any, freeze: Callable[[Any], Any]) -> tuple[Any, ...]:
         """The fingerprint of a config-like object: its class and its fields of plain values (``freeze`` each)."""

@@ -33,6 +33,7 @@ __all__ = [
     "collect_group_problems",
     "raise_problems",
     "snapshot_groups",
+    "sparse_problems",
     "check_amp_scaling",
     "checked_config",
     "complex_problems",
@@ -293,6 +294,17 @@ def remember_maximize(optimizer: torch.optim.Optimizer, last: dict[int, bool]) -
     """
     last.update({id(p): bool(group.get("maximize", False)) for group in optimizer.param_groups
                  for p in group["params"]})
+
+
+def sparse_problems(optimizer: torch.optim.Optimizer) -> list[str]:
+    """A problem per group holding a sparse gradient (Adagrad's sparse path updates only the rows seen; Adafactor
+    refuses them)."""
+    return [
+        f"param_groups[{g}] holds a sparse gradient (nn.Embedding(sparse=True) or similar); the recurrence needs "
+        f"dense gradients. Allowed: dense p.grad. Fix: build the layer with sparse=False."
+        for g, group in enumerate(optimizer.param_groups)
+        if any(p.grad is not None and p.grad.is_sparse for p in group["params"])
+    ]
 
 
 def complex_problems(optimizer: torch.optim.Optimizer, why: str) -> list[str]:

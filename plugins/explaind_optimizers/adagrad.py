@@ -41,6 +41,7 @@ from ._common import (
     collect_group_problems,
     raise_problems,
     snapshot_groups,
+    sparse_problems,
 )
 from ._pooled import Pending, StepSlots
 
@@ -83,16 +84,6 @@ class AdagradConfig(StrictModel):
 def adagrad_step_size(lr: float, lr_decay: float, step: float) -> float:
     """``clr = lr / (1 + (t - 1) lr_decay)`` as torch computes it (Python floats); ``t``: step count after the step."""
     return lr / (1 + (step - 1) * lr_decay)
-
-
-def _sparse_problems(optimizer: torch.optim.Optimizer) -> list[str]:
-    """A problem per group holding a sparse gradient (torch's sparse Adagrad path updates only the rows seen)."""
-    return [
-        f"param_groups[{g}] holds a sparse gradient (nn.Embedding(sparse=True) or similar); the recurrence needs "
-        f"dense gradients. Allowed: dense p.grad. Fix: build the layer with sparse=False."
-        for g, group in enumerate(optimizer.param_groups)
-        if any(p.grad is not None and p.grad.is_sparse for p in group["params"])
-    ]
 
 
 def _preconditioner(scale: float, state_sum: torch.Tensor, eps: float, out: torch.Tensor | None) -> torch.Tensor:
@@ -145,7 +136,7 @@ class AdagradAdapter:
         """Snapshot the group hyperparameters (schedulers may change ``lr`` between steps)."""
         check_amp_scaling(self.name, optimizer)
         raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
-                       + _sparse_problems(optimizer))
+                       + sparse_problems(optimizer))
         return snapshot_groups(optimizer)
 
     def after_step(self, optimizer: torch.optim.Optimizer, before: list[GroupSnapshot], *,

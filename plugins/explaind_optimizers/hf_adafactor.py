@@ -45,7 +45,15 @@ from pydantic import Field
 from explaind.config import StrictModel, validate_config
 from explaind.recurrence import LinearUpdate
 
-from ._common import as_used, check_amp_scaling, complex_problems, raise_problems, snapshot_groups
+from ._common import (
+    as_used,
+    check_amp_scaling,
+    collect_group_problems,
+    complex_problems,
+    raise_problems,
+    snapshot_groups,
+    sparse_problems,
+)
 
 __all__ = ["HFAdafactorAdapter", "HFAdafactorConfig", "HFAdafactorGroupConfig", "is_transformers_adafactor"]
 
@@ -85,19 +93,8 @@ class HFAdafactorConfig(StrictModel):
 
 def _problems(optimizer: Any) -> list[str]:
     """Every option the recurrence cannot express: tensor hyperparameters, complex or sparse parameters."""
-    problems = []
-    for index, group in enumerate(optimizer.param_groups):
-        for key in _FLOAT_KEYS + ("eps",):
-            value = group.get(key)
-            items = value if isinstance(value, tuple | list) else (value,)
-            if any(isinstance(item, torch.Tensor) for item in items):
-                problems.append(f"param_groups[{index}][{key!r}]={value!r} is a tensor; the adapter reads "
-                                f"hyperparameters as Python floats. Allowed: Python floats. Fix: pass "
-                                f"{key}=float(...) when building the optimizer (and in schedulers).")
-        if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
-            problems.append(f"param_groups[{index}] holds a sparse gradient, which Adafactor refuses. Allowed: dense "
-                            f"p.grad. Fix: build the layer with sparse=False.")
-    return problems + complex_problems(optimizer, "Adafactor squares complex gradients entrywise")
+    return (collect_group_problems(optimizer, (), _FLOAT_KEYS + ("eps",)) + sparse_problems(optimizer)
+            + complex_problems(optimizer, "Adafactor squares complex gradients entrywise"))
 
 
 def _step_size(group: dict[str, Any], state: dict[str, Any]) -> float:
