@@ -104,6 +104,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self._logged = 0  # micro-batches logged in the current step
         self._label_smoothing = 0.0  # TrainingArguments.label_smoothing_factor, read when training starts
         self._epoch_batches: int | None = None  # micro-batches per epoch (len of the training dataloader)
+        self._epoch_start = 0  # a global step at which an epoch of the Trainer's loop starts
         self._divided = False  # a micro-batch of the current step was weighted as divided by the accumulation
         self._decoder_from_labels = False  # decoder_input_ids were added to the recorded inputs from the labels
 
@@ -158,6 +159,8 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._epoch_batches = len(train_dataloader) if train_dataloader is not None else None
         except TypeError:  # an iterable dataset: the Trainer then counts max_steps * accumulation batches per epoch
             self._epoch_batches = None
+        # resumed with ignore_data_skip=True the Trainer starts a whole epoch at the checkpoint's step
+        self._epoch_start = int(state.global_step) if getattr(args, "ignore_data_skip", False) else 0
         self._drop_unused_columns(model, args)
         self._refuse_square_mask(model)
         self._decoder_from_labels = self._add_decoder_inputs(model)
@@ -205,13 +208,15 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         An epoch of :math:`L` batches has :math:`\lceil L / K \rceil` steps of :math:`K` =
         ``gradient_accumulation_steps`` micro-batches, the last one of :math:`L \bmod K` when that is not 0;
         without a dataloader length every step has :math:`K`. Step ``global_step`` is step
-        ``global_step mod`` :math:`\lceil L / K \rceil` of its epoch (also after resuming from a checkpoint).
+        ``global_step mod`` :math:`\lceil L / K \rceil` of its epoch (also after resuming from a checkpoint), counted
+        from the checkpoint's step where ``TrainingArguments(ignore_data_skip=True)`` starts a whole epoch there.
         """
         K = int(args.gradient_accumulation_steps)
         if not self._epoch_batches:
             return K
         per_epoch = -(-self._epoch_batches // K)
-        return (self._epoch_batches % K or K) if int(state.global_step) % per_epoch == per_epoch - 1 else K
+        place = (int(state.global_step) - self._epoch_start) % per_epoch
+        return (self._epoch_batches % K or K) if place == per_epoch - 1 else K
 
     def _log(self, args: Any, state: Any) -> None:
         """Log the micro-batch whose backward just ended (one forward per ``log_batch``, so random states replay)."""
