@@ -103,6 +103,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self._collate: tuple[Any, Any] | None = None
         self._logged = 0  # micro-batches logged in the current step
         self._label_smoothing = 0.0  # TrainingArguments.label_smoothing_factor, read when training starts
+        self._loss_kwargs = False  # the model's forward takes loss keyword arguments (num_items_in_batch)
         self._epoch_batches: int | None = None  # micro-batches per epoch (len of the training dataloader)
         self._epoch_start = 0  # a global step at which an epoch of the Trainer's loop starts
         self._divided = False  # a micro-batch of the current step was weighted as divided by the accumulation
@@ -161,6 +162,11 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
             self._epoch_batches = None
         # resumed with ignore_data_skip=True the Trainer starts a whole epoch at the checkpoint's step
         self._epoch_start = int(state.global_step) if getattr(args, "ignore_data_skip", False) else 0
+        # as the Trainer decides whether it divides the loss by the accumulated micro-batches
+        forward = inspect.signature(model.forward).parameters.values()
+        self._loss_kwargs = getattr(model, "accepts_loss_kwargs", None)
+        if self._loss_kwargs is None:
+            self._loss_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward)
         self._drop_unused_columns(model, args)
         self._refuse_square_mask(model)
         self._decoder_from_labels = self._add_decoder_inputs(model)
@@ -237,6 +243,15 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                 "of the micro-batches' means instead. Fix: ExplaindTrainerCallback(..., normalization='micro_batch', "
                 "check_gradients=True), whose check measures the factor the Trainer leaves in at every step, or "
                 "compute_loss_func=callback.compute_loss.")
+        if self._normalization == "auto" and total is None and self._loss_kwargs and \
+                int(args.gradient_accumulation_steps) > 1:
+            self.recorder.framework_hint = (
+                " The model's forward takes loss keyword arguments, so the Trainer does not divide the loss by "
+                "gradient_accumulation_steps, yet the training forward received no num_items_in_batch: the loss came "
+                "from a compute_loss override that calls the model itself and normalises the step as it likes "
+                "(e.g. by num_items_in_batch), which the callback cannot see. Fix: return callback.compute_loss("
+                "outputs, labels, num_items_in_batch) from the override (the loss the callback records), or "
+                "compute_loss_func=callback.compute_loss instead of the override.")
         if self._label_smoothing and self._loss_name is not None:
             self.close()
             raise ConfigError(
