@@ -32,12 +32,12 @@ from _hf_testkit import (
 )
 from reference import rel_err
 from test_stranger_hf_round5 import X_TEST, _assert_exact, _quiet
-from test_trainer_options import N, KeywordLossMLP, OwnLossMLP, _data, _train
+from test_trainer_options import KeywordLossMLP, N, OwnLossMLP, _data, _train
 
 import explaind
 from explaind.exceptions import TrajectoryError
-from explaind.records import LossRecord
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
+from explaind.records import LossRecord
 
 transformers = pytest.importorskip("transformers")  # in the dev extra
 
@@ -322,8 +322,9 @@ def test_seq2seq_trainer_t5_generating_at_every_evaluation_is_exact(tmp_path):
     held_out = [{"input_ids": src[i], "labels": labels[i]} for i in range(4)]
     callback = ExplaindTrainerCallback(data, loss="token_cross_entropy", check_gradients=True)
     with pytest.raises(TrajectoryError, match=r"Step 0: the gradient from backward\(\) does not match.*"
-                                              r"normalization='auto' chose 'step'.*Fix: ExplaindTrainerCallback\(\.\.\., "
-                                              r"normalization='micro_batch', check_gradients=True\)"):
+                                              r"normalization='auto' chose 'step'.*Fix: "
+                                              r"ExplaindTrainerCallback\(\.\.\., normalization='micro_batch', "
+                                              r"check_gradients=True\)"):
         transformers.Seq2SeqTrainer(model=_t5(), args=args, train_dataset=data, callbacks=[callback],
                                     eval_dataset=held_out).train()
     note(outcome="loud: TrajectoryError (gradient check); exact with normalization='micro_batch'")

@@ -68,7 +68,9 @@ class RecordingCore:
     def trajectory(self) -> Any:
         """The recorded trajectory (after or during training)."""
         if self.recorder is None:
-            raise TrajectoryError(f"Nothing recorded yet: pass the callback to {self.framework} and train.")
+            raise TrajectoryError(f"Nothing recorded yet: pass the callback to {self.framework} and train (a run "
+                                  f"that stops before training starts, e.g. at a time limit already reached, records "
+                                  f"nothing).")
         return self.recorder.trajectory
 
     def _check_keywords(self, model: nn.Module) -> None:

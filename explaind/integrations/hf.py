@@ -274,15 +274,21 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self.close()
 
     def close(self) -> None:
-        """Detach from the model and dataloader and close the recorder (``on_train_end`` does it)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self._collate is not None:
-            loader, original = self._collate
-            loader.collate_fn = original
-            self._collate = None
-        self._stop()
+        """Close the recorder and detach from the model and dataloader (``on_train_end`` does it).
+
+        The hook is removed after the recorder's end-of-run checks, which compare the model's hooks with those of
+        the last step.
+        """
+        try:
+            self._stop()
+        finally:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+            if self._collate is not None:
+                loader, original = self._collate
+                loader.collate_fn = original
+                self._collate = None
 
     def _drop_unused_columns(self, model: Any, args: Any) -> None:
         """Leave out of the recorded inputs the item entries the Trainer removes before the model sees them.

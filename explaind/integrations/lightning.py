@@ -23,8 +23,8 @@ each step's loss scale :math:`S_s` as ``amp_scale`` (``"bf16-mixed"`` needs no s
 ``"16-true"``, half-precision parameters, are refused). The first forward of the recorded module in each
 micro-batch is compared with the recorded rows (:meth:`RecordingCore._check_batch`: random augmentation is
 refused), and the recorder is closed at ``on_fit_end``, after every callback's ``on_train_end`` (so the
-averaged weights ``StochasticWeightAveraging`` writes there are warned about). docs/guide_own_model.md has
-the walk-through.
+averaged weights ``StochasticWeightAveraging`` or ``EMAWeightAveraging`` write there are warned about).
+docs/guide_own_model.md has the walk-through.
 """
 
 from __future__ import annotations
@@ -131,11 +131,13 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self._check_keywords(model)
         self._start(model, trainer.optimizers[0], getattr(trainer.precision_plugin, "scaler", None),
                     step=int(trainer.global_step))
-        if any(type(c).__name__ == "StochasticWeightAveraging" for c in trainer.callbacks):
+        averaging = [type(c).__name__ for c in trainer.callbacks if any(
+            k.__name__ in ("StochasticWeightAveraging", "WeightAveraging") for k in type(c).__mro__)]
+        if averaging:  # EMAWeightAveraging and other WeightAveraging callbacks too
             self.recorder.final_hint = (
-                " Here StochasticWeightAveraging wrote the average of the weights of its epochs into the model when "
-                "training ended; that average is no point of the recorded trajectory: remove the callback to "
-                "explain the model training ends with.")
+                f" Here {averaging[0]} wrote the average of the weights it kept (over epochs or steps) into the model "
+                f"when training ended; that average is no point of the recorded trajectory: remove the callback to "
+                f"explain the model training ends with, or explain traj.params(traj.n_steps).")
         if not pl_module.automatic_optimization:
             self.recorder.framework_hint = (
                 " Under Lightning manual optimization the callback logs each batch at self.manual_backward(...) "
@@ -182,8 +184,11 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self.close()
 
     def close(self) -> None:
-        """Close the recorder and remove the model hook (``on_fit_end`` does it)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._stop()
+        """Close the recorder, then remove the model hook (``on_fit_end`` does it): the recorder's end-of-run checks
+        compare the model's hooks with those of the last step."""
+        try:
+            self._stop()
+        finally:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
