@@ -61,6 +61,7 @@ class RecordingCore:
         self._loss_name = loss if isinstance(loss, str) else None  # a registered loss, given by its name
         self._kwargs = recorder_kwargs
         self.recorder: TrajectoryRecorder | None = None
+        self._hook: Any = None  # the callback's forward pre-hook on the recorded model
         self._dtype = torch.float32
         self._batches_seen = 0  # training micro-batches whose inputs reached the model (for _check_batch)
 
@@ -161,8 +162,15 @@ class RecordingCore:
                               f"call with the callback.") from None
 
     def _stop(self) -> None:
-        if self.recorder is not None and self.recorder._active:
-            self.recorder.__exit__(None, None, None)
+        """Close the recorder, then remove the callback's model hook (``self._hook``): the recorder's end-of-run
+        checks compare the model's hooks with those of the last step."""
+        try:
+            if self.recorder is not None and self.recorder._active:
+                self.recorder.__exit__(None, None, None)
+        finally:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
 
 
 def _differing(recorded: Any, given: Any) -> int:

@@ -99,7 +99,6 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self._setup(train_data, loss, attention_mask, recorder_kwargs)
         self._normalization = normalization
         self._pending: list[tuple[Tensor, float | None]] = []  # positions, the Trainer's num_items_in_batch
-        self._hook: Any = None
         self._collate: tuple[Any, Any] | None = None
         self._logged = 0  # micro-batches logged in the current step
         self._label_smoothing = 0.0  # TrainingArguments.label_smoothing_factor, read when training starts
@@ -274,17 +273,10 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self.close()
 
     def close(self) -> None:
-        """Close the recorder and detach from the model and dataloader (``on_train_end`` does it).
-
-        The hook is removed after the recorder's end-of-run checks, which compare the model's hooks with those of
-        the last step.
-        """
+        """Close the recorder and detach from the model and dataloader (``on_train_end`` does it)."""
         try:
             self._stop()
         finally:
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
             if self._collate is not None:
                 loader, original = self._collate
                 loader.collate_fn = original

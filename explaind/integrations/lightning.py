@@ -81,7 +81,6 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self._module = module
         self._current: Tensor | None = None
         self._unchecked = False  # the current micro-batch's first forward of the recorded module is still to come
-        self._hook: Any = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
@@ -184,11 +183,5 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self.close()
 
     def close(self) -> None:
-        """Close the recorder, then remove the model hook (``on_fit_end`` does it): the recorder's end-of-run checks
-        compare the model's hooks with those of the last step."""
-        try:
-            self._stop()
-        finally:
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
+        """Close the recorder, then remove the model hook (``on_fit_end`` does it)."""
+        self._stop()
