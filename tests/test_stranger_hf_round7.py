@@ -35,7 +35,7 @@ from test_stranger_hf_round5 import X_TEST, _assert_exact, _quiet
 from test_trainer_options import KeywordLossMLP, N, OwnLossMLP, _data, _train
 
 import explaind
-from explaind.exceptions import TrajectoryError
+from explaind.exceptions import ConfigError, TrajectoryError
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
 from explaind.records import LossRecord
 
@@ -196,11 +196,16 @@ def test_a_compute_loss_override_dividing_by_num_items_in_batch_is_refused_by_th
 def test_the_flattening_collator_packing_each_batch_into_one_row_is_exact(tmp_path):
     """``DataCollatorWithFlattening`` concatenates a batch's unpadded sequences into one row with ``position_ids``
     restarting at every sequence (padding-free training); the model keeps the sequences apart by those positions,
-    so the recorder's padded rows give the same per-sample gradients (checked at every step)."""
+    so the recorder's padded rows give the same per-sample gradients (checked at every step). Given the packing
+    collator, ``train_data`` refuses its one row for 24 items naming the fix (before: a raw ``IndexError`` from the
+    recorder's first step)."""
     ids, labels = lm_data()
     keep = labels != -100
     data = IndexedDataset([{"input_ids": ids[i][keep[i]].tolist(), "labels": labels[i][keep[i]].tolist()}
                            for i in range(N_TRAIN)])
+    with pytest.raises(ConfigError, match=r"collate_fn=DataCollatorWithFlattening returned \{'input_ids': \(1, 134\).*"
+                                          r"for 24 items, not one row per item.*Fix: pass a collator that pads"):
+        data.train_data(collate_fn=transformers.DataCollatorWithFlattening())
     model = tiny_gpt2()
     widths = []
     model.register_forward_pre_hook(lambda m, a, k: widths.append(tuple(k["input_ids"].shape))
@@ -213,7 +218,8 @@ def test_the_flattening_collator_packing_each_batch_into_one_row_is_exact(tmp_pa
     assert all(w[0] == 1 for w in widths)  # one packed row per batch
     assert max(callback.trajectory.gradient_check()) <= 1e-12
     got = lm_figures(model, callback.trajectory)
-    note(replica=got["replica"], share=got["residual_share"], train=got["train"])
+    note(replica=got["replica"], share=got["residual_share"], train=got["train"],
+         outcome="exact with padded rows; loud: ConfigError from train_data(collate_fn=the packing collator)")
     assert got["replica"] <= 1e-6 and got["residual_share"] <= 1e-9 and got["train"] <= 1e-9
 
 

@@ -100,6 +100,16 @@ class IndexedDataset(torch.utils.data.Dataset):
             raise ConfigError(f"IndexedDataset.train_data: the items have no {self.label_key!r} entry; pass the key "
                               f"of the targets as label_key=.")
         X = {k: torch.as_tensor(v) for k, v in batch.items() if k not in (self.label_key, self.index_key)}
+        rows = {k: tuple(v.shape) for k, v in [*X.items(), (self.label_key, torch.as_tensor(batch[self.label_key]))]
+                if v.dim() > 0 and v.shape[0] != len(items)}
+        if rows:
+            raise ConfigError(
+                f"IndexedDataset.train_data: collate_fn={type(collate_fn).__name__} returned {rows} for "
+                f"{len(items)} items, not one row per item: explaind recomputes each sample's gradient from its own "
+                f"row (a collator that packs a batch into one row, DataCollatorWithFlattening, gives 1). Fix: pass "
+                f"a collator that pads (DataCollatorWithPadding, DataCollatorForSeq2Seq for labels) as collate_fn= "
+                f"here, or give the callback (X, y) padded yourself (labels -100 at the padding); the Trainer may "
+                f"keep the packing collator.")
         if attention_mask == "key_padding" and "attention_mask" in X:
             X["attention_mask"] = X["attention_mask"].bool()[:, None, None, :].contiguous()
         elif attention_mask != "keep" and "attention_mask" in X:
