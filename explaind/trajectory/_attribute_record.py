@@ -37,7 +37,7 @@ from .._io import atomic_write
 from ._attributes import HOOK_KEYS, Snapshot, _Ignored, snapshot
 from ._common import ModelHook, warn_user
 from ._layout import ATTRIBUTES
-from ._tensor_watch import checksum, is_plain_object
+from ._tensor_watch import block_sums, checksum, is_plain_object
 
 __all__ = ["FILE", "record_of", "save_record", "check_model", "keep_record"]
 
@@ -45,8 +45,8 @@ logger = logging.getLogger("explaind.trajectory")
 
 #: The store's file holding the fingerprint (``{"format": 2, "ignore": [...], "entries": {name: text}}``).
 FILE = ATTRIBUTES
-#: Format 2 digests a plain tensor's block sums and position-weighted sums; format 1 (before) its block sums only,
-#: which :func:`check_model` still compares (:func:`_digest`).
+#: Format 2 digests a plain tensor's checksum (row and column sums); format 1 (before) its 16 block sums, which
+#: :func:`check_model` still compares (:func:`_digest`).
 _FORMAT = 2
 _FORMATS = (1, 2)
 _DEPTH = 4
@@ -57,13 +57,10 @@ def _name(value: Any) -> str:
 
 
 def _digest(value: torch.Tensor, legacy: bool) -> str:
-    """A digest of the value checksums of a plain tensor (``legacy``: of its block sums only, as format 1 kept)."""
-    sums = checksum(value)
+    """A digest of the value checksum of a plain tensor (``legacy``: of its block sums, as format 1 kept it)."""
+    sums = block_sums(value) if legacy else checksum(value)
     if sums is None:
         return "unhashed"
-    if legacy:  # the position-weighted sums come last: two per 32-bit word of an element
-        real = value.real if value.is_complex() else value
-        sums = sums[:-4] if real.element_size() == 8 else sums[:-2]
     return hashlib.blake2b(repr(sums).encode(), digest_size=6).hexdigest()
 
 
