@@ -179,11 +179,11 @@ def _checksum_cost(repeats: int) -> None:
         t = torch.randn(*shape)
         size = t.numel() * 4 / 1e6
         print(f"| {shape[0]} x {shape[1]} ({size:.2f} MB) | "
-              f"{_cpu(partial(_tensor_watch.checksum, t), args_repeats(repeats, size)) * 1e3:.3f} | "
-              f"{_cpu(partial(_tensor_watch.block_sums, t), args_repeats(repeats, size)) * 1e3:.3f} |", flush=True)
+              f"{_cpu(partial(_tensor_watch.checksum, t), _repeats_for(repeats, size)) * 1e3:.3f} | "
+              f"{_cpu(partial(_tensor_watch.block_sums, t), _repeats_for(repeats, size)) * 1e3:.3f} |", flush=True)
 
 
-def args_repeats(repeats: int, megabytes: float) -> int:
+def _repeats_for(repeats: int, megabytes: float) -> int:
     """Fewer repeats for the 64 MB tensor."""
     return max(3, repeats // 10) if megabytes > 16 else repeats
 

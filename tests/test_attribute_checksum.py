@@ -86,8 +86,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("chunk", [4 << 20, 256], ids=["one chunk", "chunks of 256 bytes"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_the_checksum_is_the_loop_references_digest_of_row_and_column_sums(case):
+def test_the_checksum_is_the_loop_references_digest_of_row_and_column_sums(case, chunk, monkeypatch):
+    monkeypatch.setattr(_tensor_watch, "_CHUNK_BYTES", chunk)
     t = CASES[case](torch.Generator().manual_seed(3))
     assert _tensor_watch.checksum(t) == _loop_checksum(t)
     assert _tensor_watch.checksum(t.clone()) == _tensor_watch.checksum(t)  # the same values: the same checksum
