@@ -106,19 +106,22 @@ def checksum(t: Tensor) -> tuple[int, int] | None:
     n, width = bits.numel(), bits.dtype
     row = row_length(n)
     whole = n - n % row
-    grid = bits[:whole].view(-1, row)
-    step = max(1, _CHUNK_BYTES // (row * bits.element_size()))  # rows summed while in cache (a large tensor)
-    columns = torch.zeros(row, dtype=width, device=bits.device)
-    parts = []
-    for start in range(0, grid.shape[0], step):
-        chunk = grid[start:start + step]
-        parts.append(chunk.sum(1, dtype=width))
-        columns += chunk.sum(0, dtype=width)
-    rows = torch.cat([*parts, bits[whole:].sum(0, dtype=width)[None]])
-    columns[:n - whole] += bits[whole:]  # the last, shorter row's elements in their columns
+    try:
+        grid = bits[:whole].view(-1, row)
+        step = max(1, _CHUNK_BYTES // (row * bits.element_size()))  # rows summed while in cache (a large tensor)
+        columns = torch.zeros(row, dtype=width, device=bits.device)
+        parts = []
+        for start in range(0, grid.shape[0], step):
+            chunk = grid[start:start + step]
+            parts.append(chunk.sum(1, dtype=width))
+            columns += chunk.sum(0, dtype=width)
+        rows = torch.cat([*parts, bits[whole:].sum(0, dtype=width)[None]])
+        columns[:n - whole] += bits[whole:]  # the last, shorter row's elements in their columns
+        sums = [part.cpu().numpy() for part in (rows, columns)]
+    except Exception:  # noqa: BLE001 - a tensor subclass whose integer view cannot be summed: its version counter
+        return None
     digest = hashlib.blake2b(digest_size=16)
-    for part in (rows, columns):
-        values = part.cpu().numpy()
+    for values in sums:
         digest.update(values.astype(values.dtype.newbyteorder("<")).tobytes())
     return row, int.from_bytes(digest.digest(), "little")
 
@@ -135,7 +138,10 @@ def block_sums(t: Tensor) -> tuple[int, ...] | None:
     wide = torch.int64 if bits.element_size() == 8 else torch.int32
     blocks = max(1, min(BLOCKS, bits.numel()))
     whole = bits.numel() - bits.numel() % blocks
-    sums = torch.cat([bits[:whole].view(blocks, -1).sum(1, dtype=wide), bits[whole:].sum(0, dtype=wide)[None]])
+    try:
+        sums = torch.cat([bits[:whole].view(blocks, -1).sum(1, dtype=wide), bits[whole:].sum(0, dtype=wide)[None]])
+    except Exception:  # noqa: BLE001 - as in checksum
+        return None
     return tuple(int(c) for c in sums.tolist())
 
 
