@@ -13,7 +13,8 @@ attribute of 784 x 1024 float32 elements (3.2 MB, not a buffer: value checksums 
 vocabulary 100, sequences of 32 tokens ("tiny", its ``GPT2Config`` fingerprinted field by field); the same with 12
 layers (more modules to walk). A second table gives the CPU time of the check that compares the model with the
 fingerprint a recording keeps (``explaind/trajectory/_attribute_record.py``), run once per ``Trajectory.load`` /
-``fit``, when the tree has it.
+``fit``, when the tree has it, and a third the CPU time of the plain tensor's value checksum alone against the
+16 block sums it replaced (explaind/trajectory/_tensor_watch.py), when the tree has both.
 
 Before/after: run this script with ``PYTHONPATH`` on each tree (the script only imports ``snapshot`` and
 ``differences``, which both have).
@@ -157,11 +158,34 @@ def main() -> None:
               f"{t_snap * 1e3:.3f} | {t_cmp * 1e3:.3f} | {t_step * 1e3:.2f} | {(t_snap + t_cmp) / t_step:.4f} | "
               f"{off_m * 1e3:.2f} | {on_m * 1e3:.2f} | {on_m / off_m:.3f} |", flush=True)
         checks.append((name, _check_cost(model, args.repeats)))
+    _checksum_cost(args.repeats)
     if any(t is not None for _, t in checks):
         print("\n| model | compare with the kept fingerprint ms (once per load / fit) |\n|---|---|")
         for name, t in checks:
             print(f"| {name} | {t * 1e3:.3f} |")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def _checksum_cost(repeats: int) -> None:
+    """CPU time of the plain tensor's value checksum alone, and of the 16 block sums it replaced (``block_sums``,
+    still computed for format-1 records), when the tree has them, on float32 tensors of 0.26, 3.2 and 64 MB."""
+    from explaind.trajectory import _tensor_watch
+
+    if not hasattr(_tensor_watch, "block_sums"):
+        return
+    print("\n| plain tensor (float32) | checksum ms (row and column sums) | block_sums ms (the checksum before) |")
+    print("|---|---|---|")
+    for shape in ((256, 256), (784, 1024), (4096, 4096)):
+        t = torch.randn(*shape)
+        size = t.numel() * 4 / 1e6
+        print(f"| {shape[0]} x {shape[1]} ({size:.2f} MB) | "
+              f"{_cpu(partial(_tensor_watch.checksum, t), _repeats_for(repeats, size)) * 1e3:.3f} | "
+              f"{_cpu(partial(_tensor_watch.block_sums, t), _repeats_for(repeats, size)) * 1e3:.3f} |", flush=True)
+
+
+def _repeats_for(repeats: int, megabytes: float) -> int:
+    """Fewer repeats for the 64 MB tensor."""
+    return max(3, repeats // 10) if megabytes > 16 else repeats
 
 
 def _check_cost(model: nn.Module, repeats: int) -> float | None:

@@ -7,7 +7,10 @@ Two tables, CPU seconds (``time.process_time``, the median of ``--repeats`` call
    (the engine's evaluation) after its census (no mode: what every evaluation costs), the same call with the
    rewrite mode forced on (what a ``TorchFunctionMode`` on every evaluation would cost), and the census itself (the
    first call, once per model), each as a ratio to the model's plain forward under ``jvp`` without explaind.
-2. **Rewrites** against torch's fused kernel: the forward of ``F.grid_sample`` (bilinear, zeros, ``(32, 3, 28, 28)``
+2. **The scan** (explaind/kernel/rewrite_scan.py, when the tree has it): CPU milliseconds of
+   ``reachable_rewrite`` on each model (once per ``FunctionalModel``, before its first forward), next to building
+   the ``FunctionalModel`` (which includes it), for the two models above and GPT-2 / BERT built from a config.
+3. **Rewrites** against torch's fused kernel: the forward of ``F.grid_sample`` (bilinear, zeros, ``(32, 3, 28, 28)``
    sampled at a ``(32, 28, 28)`` grid) and of ``torch.cdist`` (``(64, 64)`` against ``(10, 64)``: the direct form,
    and ``(512, 64)`` where torch takes its matrix-product form), and the rewrite's ``jvp`` (torch has none).
 
@@ -94,6 +97,28 @@ def detection(repeats: int, batch: int) -> None:
               f"{t['moded'] / t['plain']:.3f}x | {t['census'] / t['plain']:.3f}x |", flush=True)
 
 
+def scan(repeats: int) -> None:
+    try:
+        from explaind.kernel.rewrite_scan import reachable_rewrite
+    except ImportError:
+        print("(no explaind/kernel/rewrite_scan.py in this tree)")
+        return
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    models = {name: model for name, (model, _) in _models().items()}
+    models["GPT-2 2 layers, width 64"] = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=64,
+                                                                    n_layer=2, n_head=2))
+    models["BERT 2 layers, width 32"] = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))
+    print("| model | scan (ms) | finds | building FunctionalModel (ms) |")
+    print("|---|---|---|---|")
+    for name, model in models.items():
+        model = model.to(DT)
+        t = _cpu({"scan": lambda m=model: reachable_rewrite(m),
+                  "build": lambda m=model: FunctionalModel(m, {}, None, torch.device("cpu"), DT)}, repeats)
+        print(f"| {name} | {t['scan'] * 1e3:.2f} | {reachable_rewrite(model)} | {t['build'] * 1e3:.2f} |", flush=True)
+
+
 def rewrites(repeats: int) -> None:
     torch.manual_seed(1)
     img = torch.randn(32, 3, 28, 28, dtype=DT)
@@ -129,6 +154,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"load average {os.getloadavg()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
     detection(args.repeats, args.batch)
+    print()
+    scan(args.repeats)
     print()
     rewrites(args.repeats)
     print(f"load average {os.getloadavg()}")

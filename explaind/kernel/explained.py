@@ -32,6 +32,7 @@ from ..models import copy_memo, drop_backward_hooks, refuse_renormalising_embedd
 from ..outputs import model_output
 from ..unsupported import evaluation_refusal, refuse_unreplayable
 from .casts import KeepReplayDtype
+from .rewrite_scan import reachable_rewrite
 from .rewrites import FusedKernelRewrite, needs_rewrite
 
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
@@ -85,9 +86,10 @@ class FunctionalModel:
         #: embeddings whose padding row torch's backward leaves out (see :meth:`outputs`)
         self._padded = [m for m in self.module.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None]
         #: recurrent layers, weight norms and the functional calls torch.func cannot transform run as plain
-        #: operations (:mod:`~explaind.kernel.rewrites`): ``True``/``False`` once known, ``None`` until the census
-        #: (the first forward, run in the rewrite mode) has told
-        self._rewrite: bool | None = True if needs_rewrite(self.module) else None
+        #: operations (:mod:`~explaind.kernel.rewrites`): ``True`` for a model holding such a module or whose forward
+        #: code can reach such a call on any branch (:mod:`~explaind.kernel.rewrite_scan`), ``True``/``False`` once
+        #: the census (the first forward, run in the rewrite mode) has told for any other, ``None`` until then
+        self._rewrite: bool | None = True if needs_rewrite(self.module) or reachable_rewrite(self.module) else None
         #: :meth:`outputs` converts to this dtype where the forward converts below it (:mod:`~explaind.kernel.casts`)
         self.keep_dtype = False
 

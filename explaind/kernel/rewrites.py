@@ -33,9 +33,11 @@ Functional operations without a forward-mode derivative (``F.grid_sample``, ``to
 
 Every form equals the fused kernel up to float rounding. :class:`FusedKernelRewrite` is a
 ``TorchFunctionMode`` that swaps them in; :func:`needs_rewrite` says whether a model holds such a
-module. A model without one runs its first forward in the mode, which records whether it rewrote
-anything (:attr:`FusedKernelRewrite.rewrote`: a functional call such as ``F.hardsigmoid(x)``); if not,
-every later forward runs with no mode at all (:class:`~explaind.kernel.explained.FunctionalModel`).
+module, and :func:`~explaind.kernel.rewrite_scan.reachable_rewrite` whether its forward code can call such a
+function on any branch; either keeps the mode on for every forward. Any other model runs its first forward in the
+mode, which records whether it rewrote anything (:attr:`FusedKernelRewrite.rewrote`: a functional call the scan
+could not see); if not, every later forward runs with no mode at all
+(:class:`~explaind.kernel.explained.FunctionalModel`).
 Dropout between recurrent layers in training mode is drawn as torch's CPU kernel draws it; on CUDA it is refused
 (:class:`~explaind.exceptions.UnsupportedModelError`).
 

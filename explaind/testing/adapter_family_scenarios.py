@@ -78,10 +78,12 @@ def family_options(optimizer_class: type) -> FamilyOptions | None:
     if (optimizer_class.__module__, optimizer_class.__qualname__) == ("transformers.optimization", "Adafactor"):
         fixed = {"lr": 5e-2, "relative_step": False, "scale_parameter": False}  # what Trainer(optim="adafactor") builds
         # scale_parameter multiplies the step by RMS(theta) (about 0.3 here): lr 0.3 keeps updates well above
-        # ulp(theta); warmup_init's steps (1e-6 t) are far below it, so its residual would measure rounding (not run)
+        # ulp(theta); warmup_init's steps (1e-6 t relative) are below float32's rounding of theta, so its residual
+        # would measure rounding: it runs in float64 with its own tolerance (tests/test_optimizer_hf_adafactor.py)
         base = {"lr": 0.3, "relative_step": False, "scale_parameter": True, "weight_decay": 0.1, "clip_threshold": 0.5}
         return [
             ("hf_adafactor_trainer_default", fixed),
+            ("hf_adafactor_fixed_beta1", {**fixed, "beta1": 0.9}),
             ("hf_adafactor_decay_eps_clip", {**fixed, "decay_rate": -0.5, "eps": (1e-20, 1e-2), "clip_threshold": 2.0}),
             ("hf_adafactor_scaled_beta1", {**base, "beta1": 0.9}),
             ("hf_adafactor_relative_step", {"lr": None, "relative_step": True, "scale_parameter": False}),

@@ -37,15 +37,18 @@ from .._io import atomic_write
 from ._attributes import HOOK_KEYS, Snapshot, _Ignored, snapshot
 from ._common import ModelHook, warn_user
 from ._layout import ATTRIBUTES
-from ._tensor_watch import checksum, is_plain_object
+from ._tensor_watch import block_sums, checksum, is_plain_object
 
 __all__ = ["FILE", "record_of", "save_record", "check_model", "keep_record"]
 
 logger = logging.getLogger("explaind.trajectory")
 
-#: The store's file holding the fingerprint (``{"format": 1, "ignore": [...], "entries": {name: text}}``).
+#: The store's file holding the fingerprint (``{"format": 2, "ignore": [...], "entries": {name: text}}``).
 FILE = ATTRIBUTES
-_FORMAT = 1
+#: Format 2 digests a plain tensor's checksum (row and column sums); format 1 (before) its 16 block sums, which
+#: :func:`check_model` still compares (:func:`_digest`).
+_FORMAT = 2
+_FORMATS = (1, 2)
 _DEPTH = 4
 
 
@@ -53,8 +56,16 @@ def _name(value: Any) -> str:
     return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
 
 
-def _text(value: Any, depth: int = 0) -> str:
-    """An exact, process-independent text of a fingerprinted value."""
+def _digest(value: torch.Tensor, legacy: bool) -> str:
+    """A digest of the value checksum of a plain tensor (``legacy``: of its block sums, as format 1 kept it)."""
+    sums = block_sums(value) if legacy else checksum(value)
+    if sums is None:
+        return "unhashed"
+    return hashlib.blake2b(repr(sums).encode(), digest_size=6).hexdigest()
+
+
+def _text(value: Any, depth: int = 0, legacy: bool = False) -> str:
+    """An exact, process-independent text of a fingerprinted value (``legacy``: tensors digested as format 1)."""
     if value is None or isinstance(value, bool | int | float | complex | str | bytes) and \
             not isinstance(value, enum.Enum):
         return repr(value)
@@ -67,24 +78,25 @@ def _text(value: Any, depth: int = 0) -> str:
     if callable(value) and isinstance(value, types.FunctionType | types.BuiltinFunctionType):
         return f"<function {_name(value)}>"
     if isinstance(value, torch.Tensor):
-        sums = checksum(value)
-        digest = "unhashed" if sums is None else hashlib.blake2b(repr(sums).encode(), digest_size=6).hexdigest()
-        return f"<tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} {digest}>"
+        return f"<tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} {_digest(value, legacy)}>"
     if depth < _DEPTH and isinstance(value, list | tuple | set | frozenset | dict):
         if isinstance(value, dict):
-            inner = ", ".join(f"{_text(k, depth + 1)}: {_text(v, depth + 1)}" for k, v in value.items())
+            inner = ", ".join(f"{_text(k, depth + 1, legacy)}: {_text(v, depth + 1, legacy)}"
+                              for k, v in value.items())
             return "{" + inner + "}"
-        items = [_text(v, depth + 1) for v in value]
+        items = [_text(v, depth + 1, legacy) for v in value]
         if isinstance(value, set | frozenset):
             items.sort()
         return f"{type(value).__name__}[{', '.join(items)}]"
     if depth < _DEPTH and is_plain_object(value):
-        return f"{type(value).__name__}({', '.join(f'{k}={_text(v, depth + 1)}' for k, v in vars(value).items())})"
+        fields = ', '.join(f'{k}={_text(v, depth + 1, legacy)}' for k, v in vars(value).items())
+        return f"{type(value).__name__}({fields})"
     return f"<{type(value).__name__}>"
 
 
-def record_of(snap: Snapshot) -> dict[str, str]:
-    """The process-independent form of ``snap`` (module docstring): ``{entry name: text}``."""
+def record_of(snap: Snapshot, legacy: bool = False) -> dict[str, str]:
+    """The process-independent form of ``snap`` (module docstring): ``{entry name: text}`` (``legacy``: plain tensors
+    digested as a format-1 record kept them, to compare with one)."""
     out: dict[str, str] = {}
     for (path, key), value in snap.values.items():
         name = f"{path}.{key}" if path else key
@@ -98,9 +110,9 @@ def record_of(snap: Snapshot) -> dict[str, str]:
             hooks = value.values() if isinstance(value, dict) else ()
             out[name] = f"hooks[{', '.join(_name(h) for h in hooks if type(h) is not ModelHook)}]"
         elif is_plain_object(value):
-            out.update({f"{name}.{k}": _text(v) for k, v in vars(value).items()})
+            out.update({f"{name}.{k}": _text(v, 0, legacy) for k, v in vars(value).items()})
         else:
-            out[name] = _text(value)
+            out[name] = _text(value, 0, legacy)
     return out
 
 
@@ -141,7 +153,7 @@ def _stored(traj: Any) -> dict[str, Any] | None:
     except (OSError, ValueError) as exc:
         logger.info("The store's %s cannot be read (%s); attributes are not checked.", path, exc)
         return None
-    ok = isinstance(record, dict) and record.get("format") == _FORMAT and isinstance(record.get("entries"), dict) \
+    ok = isinstance(record, dict) and record.get("format") in _FORMATS and isinstance(record.get("entries"), dict) \
         and isinstance(record.get("ignore"), list)
     return record if ok else None
 
@@ -170,7 +182,7 @@ def check_model(traj: Any, model: nn.Module | None, who: str, same_layout: bool 
         return
     ignore = tuple(p for p in record["ignore"] if isinstance(p, str))
     ignored = _Ignored(ignore) if ignore else None
-    now = record_of(snapshot(model, ignored))
+    now = record_of(snapshot(model, ignored), legacy=record["format"] == 1)
     was: dict[str, str] = record["entries"]
     if same_layout and {k for k in was if k.endswith("._modules") or k == "_modules"} != \
             {k for k in now if k.endswith("._modules") or k == "_modules"}:

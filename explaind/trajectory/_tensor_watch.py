@@ -8,18 +8,31 @@ It is fingerprinted by :func:`tensor_signature`,
 
 .. math::
 
-    \sigma(t) = (\operatorname{id} t,\ v_t,\ \text{shape},\ \text{dtype},\ \text{device},\ c_1(t), \dots,
-    c_{16}(t),\ c_{\text{tail}}(t)),
+    \sigma(t) = (\operatorname{id} t,\ v_t,\ \text{shape},\ \text{dtype},\ \text{device},\ \kappa(t)),
 
 with :math:`v_t` torch's version counter (bumped by every in-place operation; left out for a view, which shares
-its base's counter) and, for tensors of at most :data:`CHECKSUM_BYTES` bytes, the wrapping sums of the elements'
-bit patterns :math:`u_i` (``view`` as the integer type of the same width) over :data:`BLOCKS` equal contiguous
-blocks, :math:`c_b = \sum_{i \in B_b} u_i` (one element a block below :data:`BLOCKS` elements), and over the
-remaining tail; int32 sums for elements of up to 4 bytes, a reduction torch vectorises. They see writes through
-``.data`` and tensors made under ``torch.inference_mode()`` (no version counter), and, through the blocks,
-reorderings across blocks (a flip, a shift); a change that keeps every block's sum (two elements of one block
-swapped through ``.data``) is not seen. Tensors that share storage with a parameter or buffer of the model (a
-view ``self.wT = self.w.T``) are recorded and stand as ``("recorded", id)``.
+its base's counter) and, for tensors of at most :data:`CHECKSUM_BYTES` bytes, a value checksum :math:`\kappa(t)`
+(:func:`checksum`). The elements' bit patterns :math:`u_i` (``view`` as the integer type of the same width; complex
+tensors as their real pairs; integer sums, so the same values give the same checksum on every run and device: no
+floating-point rounding, ``-0.0`` and ``0.0`` differ, NaNs of one payload are equal) are laid out in rows of
+:math:`L` elements (:func:`row_length`, a power of two near :math:`\sqrt n`; the last row holds the :math:`n \bmod L`
+remaining elements), :math:`u_i` at row :math:`r = \lfloor i / L \rfloor` and column :math:`q = i \bmod L`, and
+summed along both axes in the elements' own width (wrapping, modulo :math:`2^{8 \cdot \text{width}}`, two
+reductions torch vectorises without a copy of the tensor, 4 MiB of rows at a time),
+
+.. math:: R_r = \sum_q u_{rq}, \qquad C_q = \sum_r u_{rq};
+
+:math:`\kappa(t)` is :math:`L` and the BLAKE2b digest (128 bits) of :math:`R` and :math:`C`, which are all that
+leaves the tensor's device (:math:`\approx 2 \sqrt n` integers). Any edit of one or two elements changes
+:math:`R` or :math:`C`: a changed element changes its bit pattern by :math:`\delta \not\equiv 0` (modulo the width);
+two changed elements in different rows change each row's sum by its own :math:`\delta`, and in one row they sit in
+different columns and change each column's sum. So two elements swapped, or moved by :math:`+d` and :math:`-d`,
+through ``.data`` are seen wherever they are, as are writes through ``.data`` and tensors made under
+``torch.inference_mode()`` (no version counter). An edit of more elements is missed only if it keeps every row sum
+and every column sum (or the 128-bit digests collide). Before, the checksum was :func:`block_sums` (16 contiguous
+blocks), which missed two elements of one block swapped; it is still computed for a record kept in that form
+(:mod:`~explaind.trajectory._attribute_record`, format 1). Tensors that share storage with a parameter or buffer
+of the model (a view ``self.wT = self.w.T``) are recorded and stand as ``("recorded", id)``.
 
 The restore value the recorder's test forward sets back (:mod:`~explaind.trajectory._attribute_check`) is a clone
 for tensors of at most :data:`CLONE_BYTES` bytes; a larger one is kept by reference, so an in-place change of it
@@ -35,6 +48,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import types
 from collections.abc import Callable
 from typing import Any
@@ -43,11 +57,11 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["UNWATCHED", "CHECKSUM_BYTES", "CLONE_BYTES", "BLOCKS", "Seen", "tensor_ids", "tensor_signature",
-           "is_plain_object", "checksum", "describe_object_change", "describe_tensor"]
+           "is_plain_object", "checksum", "block_sums", "row_length", "describe_object_change", "describe_tensor"]
 
-#: Tensors up to this size get the value checksums :math:`c_1, c_2` at every step.
+#: Tensors up to this size get the value checksums (module docstring) at every step.
 CHECKSUM_BYTES = 64 << 20
-#: Contiguous blocks the value checksum sums separately.
+#: Contiguous blocks of :func:`block_sums` (the checksum of format-1 records).
 BLOCKS = 16
 #: Tensors up to this size are cloned at every step, so the test forward can set an in-place change back.
 CLONE_BYTES = 4 << 20
@@ -55,28 +69,80 @@ CLONE_BYTES = 4 << 20
 #: The fingerprint of a value that is not watched (an object of another kind, a large container).
 UNWATCHED = object()
 
+#: Bytes of rows :func:`checksum` sums at a time (both axes while they are in cache: a 64 MiB tensor 2x faster).
+_CHUNK_BYTES = 4 << 20
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _PLAIN_CLASSES = frozenset({types.SimpleNamespace, argparse.Namespace})
 _PLAIN: dict[type, bool] = {}
 
 
-def checksum(t: Tensor) -> tuple[int, ...] | None:
-    r"""The block sums :math:`c_b` of ``t`` and the sum of its tail (module docstring), or ``None`` for a tensor
-    without plain storage (sparse, meta, quantized) or one larger than :data:`CHECKSUM_BYTES`."""
-    if t.layout is not torch.strided or t.is_meta or t.is_quantized or t.numel() * t.element_size() > CHECKSUM_BYTES:
+def _bits(t: Tensor) -> Tensor | None:
+    """The elements' bit patterns as a flat integer tensor of their width (``None``: no plain storage)."""
+    if t.layout is not torch.strided or t.is_meta or t.is_quantized:
         return None
     try:
         flat = t.detach().reshape(-1)
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(-1)
-        bits = flat.view(_INT_OF_WIDTH[flat.element_size()])
-        wide = torch.int64 if bits.element_size() == 8 else torch.int32  # wrapping sums in the elements' own width
-        blocks = max(1, min(BLOCKS, bits.numel()))  # a tensor of fewer elements: one block each
-        whole = bits.numel() - bits.numel() % blocks
-        sums = torch.cat([bits[:whole].view(blocks, -1).sum(1, dtype=wide), bits[whole:].sum(0, dtype=wide)[None]])
-        return tuple(int(c) for c in sums.tolist())
+        return flat.view(_INT_OF_WIDTH[flat.element_size()])
     except Exception:  # noqa: BLE001 - a tensor subclass without plain integer views: its version counter stands
         return None
+
+
+def row_length(n: int) -> int:
+    r""":math:`L`, the row length of :func:`checksum`'s layout: the power of two nearest above :math:`\sqrt n`, at
+    least 64."""
+    return max(64, 1 << max(0, (max(n, 1) - 1).bit_length() + 1) // 2)
+
+
+def checksum(t: Tensor) -> tuple[int, int] | None:
+    r""":math:`\kappa(t) = (L, \text{digest})` (module docstring), or ``None`` for a tensor without plain storage
+    (sparse, meta, quantized) or one larger than :data:`CHECKSUM_BYTES`."""
+    if t.numel() * t.element_size() > CHECKSUM_BYTES:
+        return None
+    bits = _bits(t)
+    if bits is None:
+        return None
+    n, width = bits.numel(), bits.dtype
+    row = row_length(n)
+    whole = n - n % row
+    try:
+        grid = bits[:whole].view(-1, row)
+        step = max(1, _CHUNK_BYTES // (row * bits.element_size()))  # rows summed while in cache (a large tensor)
+        columns = torch.zeros(row, dtype=width, device=bits.device)
+        parts = []
+        for start in range(0, grid.shape[0], step):
+            chunk = grid[start:start + step]
+            parts.append(chunk.sum(1, dtype=width))
+            columns += chunk.sum(0, dtype=width)
+        rows = torch.cat([*parts, bits[whole:].sum(0, dtype=width)[None]])
+        columns[:n - whole] += bits[whole:]  # the last, shorter row's elements in their columns
+        sums = [part.cpu().numpy() for part in (rows, columns)]
+    except Exception:  # noqa: BLE001 - a tensor subclass whose integer view cannot be summed: its version counter
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for values in sums:
+        digest.update(values.astype(values.dtype.newbyteorder("<")).tobytes())
+    return row, int.from_bytes(digest.digest(), "little")
+
+
+def block_sums(t: Tensor) -> tuple[int, ...] | None:
+    r"""The checksum of format-1 records: the wrapping sums of the bit patterns over :data:`BLOCKS` equal contiguous
+    blocks (one element a block below :data:`BLOCKS` elements) and over the remaining tail, in int32 for elements
+    of up to 4 bytes, int64 for 8 (``None`` as :func:`checksum`)."""
+    if t.numel() * t.element_size() > CHECKSUM_BYTES:
+        return None
+    bits = _bits(t)
+    if bits is None:
+        return None
+    wide = torch.int64 if bits.element_size() == 8 else torch.int32
+    blocks = max(1, min(BLOCKS, bits.numel()))
+    whole = bits.numel() - bits.numel() % blocks
+    try:
+        sums = torch.cat([bits[:whole].view(blocks, -1).sum(1, dtype=wide), bits[whole:].sum(0, dtype=wide)[None]])
+    except Exception:  # noqa: BLE001 - as in checksum
+        return None
+    return tuple(int(c) for c in sums.tolist())
 
 
 def tensor_signature(t: Tensor) -> tuple[Any, ...]:

@@ -37,6 +37,7 @@ import transformers to register it.
 from __future__ import annotations
 
 import math
+import types
 from typing import Annotated, Any
 
 import torch
@@ -91,9 +92,17 @@ class HFAdafactorConfig(StrictModel):
                                                        min_length=1)
 
 
+def _read_groups(optimizer: Any) -> list[dict[str, Any]]:
+    """The groups as the step reads them: without ``lr`` where ``relative_step`` is on (the step computes its own size
+    and never reads it; transformers' ``AdafactorSchedule`` writes a tensor there, the ``RMS(theta)`` it logs)."""
+    return [{k: v for k, v in g.items() if k != "lr" or not g.get("relative_step")} for g in optimizer.param_groups]
+
+
 def _problems(optimizer: Any) -> list[str]:
-    """Every option the recurrence cannot express: tensor hyperparameters, complex or sparse parameters."""
-    return (collect_group_problems(optimizer, (), _FLOAT_KEYS + ("eps",)) + sparse_problems(optimizer)
+    """Every option the recurrence cannot express: tensor hyperparameters the step reads, complex or sparse
+    parameters."""
+    read = types.SimpleNamespace(param_groups=_read_groups(optimizer))
+    return (collect_group_problems(read, (), _FLOAT_KEYS + ("eps",)) + sparse_problems(optimizer)
             + complex_problems(optimizer, "Adafactor squares complex gradients entrywise"))
 
 
@@ -150,7 +159,8 @@ class HFAdafactorAdapter:
                 f"explaind.plugins.resolve_optimizer_adapter(optimizer) choose the adapter."])
         raise_problems(cls.name, optimizer, _problems(optimizer))
         fields = HFAdafactorGroupConfig.model_fields
-        groups = [{**{k: g[k] for k in fields if k in g}, "n_params": len(g["params"])} for g in optimizer.param_groups]
+        groups = [{**{k: g[k] for k in fields if k in g}, "n_params": len(g["params"])}
+                  for g in _read_groups(optimizer)]
         return cls(validate_config(HFAdafactorConfig, {"param_groups": groups}, f"Optimizer adapter {cls.name!r}"))
 
     def hyperparameters(self) -> dict[str, Any]:
