@@ -50,7 +50,8 @@ __all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "refuse
 
 
 def refuse_unreplayable(model: nn.Module, where: str) -> None:
-    """Refuse a model holding a complex parameter or buffer, or an ``nn.RReLU`` (see the module docstring).
+    """Refuse a model holding a complex parameter or buffer, an ``nn.RReLU`` (see the module docstring), or an
+    ``nn.FractionalMaxPool2d``/``3d`` (its regions are drawn at every forward, in evaluation mode too).
 
     Parameters
     ----------
@@ -62,7 +63,7 @@ def refuse_unreplayable(model: nn.Module, where: str) -> None:
     Raises
     ------
     UnsupportedModelError
-        Naming every complex tensor or ``nn.RReLU`` and the fix.
+        Naming every complex tensor, ``nn.RReLU`` or fractional max pooling and the fix.
     """
     found = [f"{name} ({t.dtype})" for name, t in [*model.named_parameters(), *model.named_buffers()]
              if t.is_complex()]
@@ -82,6 +83,15 @@ def refuse_unreplayable(model: nn.Module, where: str) -> None:
             f"(the kernel has no vmap rule), so the training forwards cannot be re-evaluated exactly. Allowed: "
             f"activations without random draws, or random layers drawn with torch's generators (dropout). Fix: "
             f"nn.LeakyReLU((lower + upper) / 2), the function RReLU computes in evaluation mode.")
+    pools = [f"{name or type(m).__name__} ({type(m).__name__})" for name, m in model.named_modules()
+             if isinstance(m, (nn.FractionalMaxPool2d, nn.FractionalMaxPool3d))]
+    if pools:
+        raise UnsupportedModelError(
+            f"{where}: the model holds {pools}, which draw their pooling regions at random at every forward, in "
+            f"evaluation mode too: the trained model's outputs are random, no function of its parameters, so no "
+            f"replica or score can explain them. Allowed: pooling without random draws. Fix: "
+            f"nn.AdaptiveMaxPool2d(output_size) (or nn.AdaptiveMaxPool3d), the deterministic pooling to the same "
+            f"output size.")
 
 
 #: The plain form of operations without a forward-mode derivative that models use, named in the refusal.
@@ -145,8 +155,14 @@ def loss_only_hint(sums: dict[str, tuple[float, ...]], replayed: bool = True) ->
     Returns
     -------
     str
-        Empty when every parameter with a loop gradient also has a recomputed one.
+        Empty when every parameter with a loop gradient also has a recomputed one; the zero loop gradient named
+        when no parameter has one and some have a recomputed one.
     """
+    if sums and all(v[2] == 0.0 for v in sums.values()) and any(v[1] > 0.0 for v in sums.values()):
+        return (" The loop's gradient is zero at every checked parameter, while loss= gives a nonzero one: the "
+                "loop trained with a loss that does not move these outputs (cross entropy over a single output "
+                "column, whose log_softmax is 0; a loss of a detached output) or with another loss than loss= "
+                "names (an autoencoder's F.mse_loss needs loss='mse').")
     names = [n for n, v in sums.items() if v[1] == 0.0 and v[2] > 0.0]
     if not names:
         return ""

@@ -276,3 +276,15 @@ def ohem_logged_step(model, opt, X, y, idx, rec, batch_loss, k: int = 2) -> None
 
 
 CASES["ohem_selected_in_the_loop_and_logged"] = loop_case(build=head, step=ohem_logged_step)
+CASES["probabilities_in_eval_mode_captured"] = model_case(ProbabilitiesInEval, XV, YV, capture_random=True)
+
+
+def autoencoder_trained_with_another_loss_case() -> dict[str, Any]:
+    """The autoencoder recorded with ``loss="mse"`` while the loop takes ``F.cross_entropy`` of the one-channel image
+    (a user's slip): the loop's gradient is zero (log_softmax over one channel is 0)."""
+    model, traj = fit(ConvAutoencoder, XI, XI, loss="mse", batch_loss=F.cross_entropy)
+    return figures(model, traj, XI[N_TRAIN:])
+
+
+CASES["autoencoder_loop_loss_with_zero_gradient"] = autoencoder_trained_with_another_loss_case
+CASES["fractional_max_pool_replaced_by_adaptive"] = model_case(lambda: FractionalPool(adaptive=True), XI, YI)

@@ -185,12 +185,13 @@ def deep_relu(depth: int = 30, width: int = 6) -> nn.Module:
 
 class FractionalPool(nn.Module):
     """``nn.FractionalMaxPool2d``: its pooling regions are drawn at random at every forward, in evaluation mode
-    too."""
+    too (``adaptive``: the fix, ``nn.AdaptiveMaxPool2d`` to the same size)."""
 
-    def __init__(self):
+    def __init__(self, adaptive: bool = False):
         super().__init__()
-        self.c, self.pool = nn.Conv2d(1, 2, 3, padding=1), nn.FractionalMaxPool2d(2, output_size=(4, 4))
-        self.head = nn.Linear(2 * 4 * 4, 3)
+        self.c = nn.Conv2d(1, 2, 3, padding=1)
+        self.pool = nn.AdaptiveMaxPool2d((3, 3)) if adaptive else nn.FractionalMaxPool2d(2, output_size=(3, 3))
+        self.head = nn.Linear(2 * 3 * 3, 3)
 
     def forward(self, x):
         return self.head(self.pool(torch.tanh(self.c(x))).flatten(1))

@@ -68,6 +68,34 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> str:
+    """A sentence when the model's forward is deterministic in training mode (two forwards under one seed agree)
+    but gives other outputs in evaluation mode, in which explaind recomputes gradients when no training forward is
+    replayed: a branch on ``self.training``. ``""`` otherwise (the draws and buffers of the generic hint)."""
+    modes = [(m, m.training) for m in model.modules()]
+    state = {**{n: b.detach().clone() for n, b in model.named_buffers()}, **{n: p.detach() for n, p in params.items()}}
+    outs = []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for training in (True, True, False):
+                model.train(training)
+                torch.manual_seed(0)
+                outs.append(model_output(call_model(model, dict(state), inputs)))
+    except Exception as exc:  # the diagnosis must not hide the check's own message
+        logger.debug("The evaluation-mode diagnosis failed: %s", exc)
+        return ""
+    finally:
+        for m, training in modes:
+            m.training = training
+    if not torch.equal(outs[0], outs[1]) or torch.equal(outs[0], outs[2]):
+        return ""
+    return (" The model's forward gives other outputs in evaluation mode than in training mode on this batch "
+            "(without random draws: two training forwards agree), and explaind recomputes gradients and explains in "
+            "evaluation mode: a branch on self.training, such as probabilities returned only in evaluation mode. "
+            "Fix: return the same outputs in both modes (apply softmax outside the model), or record with "
+            "capture_random=True, which replays the training forwards.")
+
+
 def check_loss_decomposes(
     model: nn.Module,
     params: dict[str, nn.Parameter],
@@ -216,7 +244,10 @@ class RecorderChecksMixin:
             hint += moved_message(moved, s, checked=True)
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
         batch = (x.to(device), y.to(device), weights.to(device))
-        lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
+        if replay is None and self.model.training:
+            lazy: Any = lambda: mode_branch_hint(self.model, self._params, batch[0]) + hint  # noqa: E731
+        else:
+            lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
             return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast, replay,
                                         self._random.generators, self._buffers.recorded(), lazy)
