@@ -176,8 +176,27 @@ def loss_only_hint(sums: dict[str, tuple[float, ...]], replayed: bool = True) ->
             f"log_var.expand(n, 1)) and give a loss callable that reads it there.")
 
 
+def attribute_outputs_hint(model: nn.Module) -> str:
+    """The failed gradient check's hint for tensors its forward keeps as module attributes (empty when none).
+
+    A tensor attribute that is neither a parameter nor a buffer and carries an autograd graph (``grad_fn``) was
+    computed from the parameters by the last forward that ran with gradients (the loop's or the check's): a loss
+    the loop adds from it (``loss + model.kl``, a VAE's KL term kept on the model) is not the recorded loss.
+    """
+    kept = [f"{k!r} on {name or '<root>'} ({type(m).__name__})" for name, m in model.named_modules()
+            for k, v in vars(m).items() if torch.is_tensor(v) and v.grad_fn is not None]
+    if not kept:
+        return ""
+    return (f" The model keeps tensors its forward computes from the parameters as attributes ({', '.join(kept[:4])}):"
+            f" a loss the loop adds from them (a VAE's KL term, an auxiliary loss) is not the recorded loss, which "
+            f"reads only the model's output. Fix: when that term is a mean of per-sample terms (a VAE's per-sample "
+            f"KL), return it as an output column (torch.cat([logits, kl[:, None]], 1)) with a loss callable that "
+            f"adds it; otherwise leave it out of the run you record.")
+
+
 def extra_outputs_hint(model: nn.Module, x: Any) -> str:
-    """The failed gradient check's hint for a model returning more than its logits (empty otherwise).
+    """The failed gradient check's hint for a model returning more than its logits, or keeping tensors computed
+    from the parameters as attributes (:func:`attribute_outputs_hint`); empty otherwise.
 
     Runs the model once on the first row of ``x`` in evaluation mode without gradients (buffers unchanged) and
     names the outputs besides the logits: a tuple's further tensors, or a mapping's tensors other than ``logits``.
@@ -189,13 +208,14 @@ def extra_outputs_hint(model: nn.Module, x: Any) -> str:
     x : Tensor or Inputs
         The logged batch's inputs ``(n, ...)``.
     """
+    kept = attribute_outputs_hint(model)
     was = model.training
     try:
         model.eval()
         with torch.no_grad():
             out = x[:1].call(model) if isinstance(x, Inputs) else model(x[:1])
     except Exception:  # noqa: BLE001 - a hint must not hide the check's own message
-        return ""
+        return kept
     finally:
         model.train(was)
     if isinstance(out, tuple | list):
@@ -205,8 +225,8 @@ def extra_outputs_hint(model: nn.Module, x: Any) -> str:
     else:
         extra = []
     if not extra:
-        return ""
-    return (f" The model returns more than its logits ({', '.join(extra[:4])}); explaind's loss reads only the "
+        return kept
+    return kept + (f" The model returns more than its logits ({', '.join(extra[:4])}); explaind's loss reads only the "
             f"logits, so a loss the loop adds from the other outputs (an auxiliary or load-balancing loss of a "
             f"mixture of experts, which also couples the samples of a batch, or a second head's loss) is not the "
             f"recorded loss. Fix: when that loss is a mean of per-sample terms (a second head), return everything "

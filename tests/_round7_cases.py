@@ -15,33 +15,38 @@ import torch
 import torch.nn.functional as F
 from _round5_kit import N_TRAIN, XI, XS, XT, XV, YI, YS, YT, YV, fit, head
 from _round5_models import loss_data
-from _round6_cases import XP, YP, loop_case, model_case
-from _round6_kit import figures
+from _round6_cases import XP, YP, loop_case
+from _round7_kit import figures
 from _round7_models import (
     XA,
     XW,
     YA,
     YW,
+    BatchStatsInEval,
     ConvAutoencoder,
     DetachedNorm,
     DictOutput,
     DilatedAudio,
     DropoutHead,
+    DropoutLSTM,
     FractionalPool,
     FrozenCenter,
     FrozenStatsBN,
     FunctionalInside,
     MaxNormEmbedding,
     PairDistances,
+    ParameterContainers,
     ProbabilitiesInEval,
     Recurrent,
     ShuffledPads,
     TinyDecoder,
     TinyUNet,
     VAEKLAttribute,
+    VAEKLColumn,
     VideoNet,
     batch_hard_triplet,
     bce_of_sigmoid,
+    ce_plus_kl_column,
     deep_relu,
     hinge_embedding,
     margin_ranking,
@@ -56,6 +61,17 @@ from _round7_models import (
     supcon,
     symmetric_weights,
 )
+from replay_reference import BufferReference, ReplayReference
+
+
+def model_case(build: Callable[[], torch.nn.Module], X: Any, y: Any, panels: int = 2,
+               reference: type = ReplayReference, **kw: Any) -> Callable[[], dict[str, Any]]:
+    """tests/_round6_cases.py's model case with the reference's class as a parameter (``BufferReference`` for batch
+    norm)."""
+    def run() -> dict[str, Any]:
+        model, traj = fit(build, X, y, **kw)
+        return figures(model, traj, X[N_TRAIN:], panels=panels, reference=reference)
+    return run
 
 
 def two_views_step(model, opt, X, y, idx, rec, batch_loss) -> None:
@@ -288,3 +304,38 @@ def autoencoder_trained_with_another_loss_case() -> dict[str, Any]:
 
 CASES["autoencoder_loop_loss_with_zero_gradient"] = autoencoder_trained_with_another_loss_case
 CASES["fractional_max_pool_replaced_by_adaptive"] = model_case(lambda: FractionalPool(adaptive=True), XI, YI)
+
+
+def cached_parametrization_step(model, opt, X, y, idx, rec, batch_loss) -> None:
+    """The step under ``parametrize.cached()``: the symmetric weight is computed once per step."""
+    from torch.nn.utils import parametrize
+
+    opt.zero_grad()
+    with parametrize.cached():
+        batch_loss(model(X[idx]), y[idx]).backward()
+    rec.log_batch(idx)
+    opt.step()
+
+
+def optim(cls: type, **kw: Any) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+    return lambda m: cls(m.parameters(), **kw)
+
+
+CASES.update({
+    "batchnorm_batch_statistics_in_eval": model_case(BatchStatsInEval, XV, YV),
+    "batchnorm_cumulative_average_momentum_none": model_case(lambda: BatchStatsInEval(True), XV, YV,
+                                                             reference=BufferReference),
+    "lstm_dropout_between_layers": model_case(DropoutLSTM, XS, YS),
+    "gru_dropout_between_layers": model_case(lambda: DropoutLSTM("gru"), XS, YS),
+    "parameter_list_dict_module_dict": model_case(ParameterContainers, XV, YV),
+    "parametrize_cached_step": loop_case(build=symmetric_weights, step=cached_parametrization_step),
+    "adam_decoupled_weight_decay": loop_case(build=head, opt=optim(torch.optim.Adam, lr=0.05, weight_decay=0.5,
+                                                                   decoupled_weight_decay=True)),
+    "nadam_decoupled_weight_decay": loop_case(build=head, opt=optim(torch.optim.NAdam, lr=0.05, weight_decay=0.5,
+                                                                    decoupled_weight_decay=True)),
+    "radam_decoupled_weight_decay": loop_case(build=head, opt=optim(torch.optim.RAdam, lr=0.05, weight_decay=0.5,
+                                                                    decoupled_weight_decay=True)),
+    "sgd_dampening": loop_case(build=head, opt=optim(torch.optim.SGD, lr=0.5, momentum=0.9, dampening=0.5)),
+})
+CASES["batchnorm_default_momentum_control"] = model_case(FrozenStatsBN, XV, YV, reference=BufferReference)
+CASES["vae_kl_as_an_output_column"] = model_case(VAEKLColumn, XV, YV, loss=ce_plus_kl_column, capture_random=True)

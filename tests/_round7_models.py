@@ -410,3 +410,59 @@ class FrozenCenter(nn.Module):
             with torch.no_grad():
                 self.center.mul_(0.5).add_(0.5 * h.mean(0))
         return self.b(h - self.center)
+
+
+class BatchStatsInEval(nn.Module):
+    """``BatchNorm1d(track_running_stats=False)``: batch statistics in evaluation mode too (``momentum=None`` with
+    ``cumulative=True``: the cumulative average of ``BatchNorm1d(momentum=None)`` instead)."""
+
+    def __init__(self, cumulative: bool = False):
+        super().__init__()
+        bn = nn.BatchNorm1d(8, momentum=None) if cumulative else nn.BatchNorm1d(8, track_running_stats=False)
+        self.a, self.bn, self.b = nn.Linear(4, 8), bn, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.bn(self.a(x))))
+
+
+class DropoutLSTM(nn.Module):
+    """A two-layer ``nn.LSTM(dropout=0.3)`` (dropout between its layers, drawn inside torch's LSTM) or GRU."""
+
+    def __init__(self, kind: str = "lstm"):
+        super().__init__()
+        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(3, 4, num_layers=2, dropout=0.3, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class ParameterContainers(nn.Module):
+    """Weights held in ``nn.ParameterList`` and ``nn.ParameterDict``, layers in ``nn.ModuleDict``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ws = nn.ParameterList([nn.Parameter(torch.randn(4, 6) / 2), nn.Parameter(torch.randn(6, 6) / 3)])
+        self.bs = nn.ParameterDict({"first": nn.Parameter(torch.zeros(6)), "second": nn.Parameter(torch.zeros(6))})
+        self.heads = nn.ModuleDict({"out": nn.Linear(6, 3)})
+
+    def forward(self, x):
+        h = torch.tanh(x @ self.ws[0] + self.bs["first"])
+        h = torch.tanh(h @ self.ws[1] + self.bs["second"])
+        return self.heads["out"](h)
+
+
+class VAEKLColumn(VAEKLAttribute):
+    """The fix the check names: the per-sample KL term returned as a fourth output column."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        h = torch.tanh(self.enc(x))
+        mu, logvar = self.mu(h), self.logvar(h)
+        kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)
+        return torch.cat([logits, kl[:, None]], 1)
+
+
+def ce_plus_kl_column(out: Tensor, y: Tensor) -> Tensor:
+    """Cross entropy of the first three columns plus 0.1 times the mean of the KL column."""
+    return F.cross_entropy(out[:, :3], y) + 0.1 * out[:, 3].mean()
