@@ -236,7 +236,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "deep_relu_30_layers": model_case(deep_relu, XV, YV, opt=lambda m: torch.optim.SGD(m.parameters(), lr=0.1)),
     "fractional_max_pool": model_case(FractionalPool, XI, YI),
     "fractional_max_pool_captured": model_case(FractionalPool, XI, YI, capture_random=True),
-    "pads_shuffles_lppool_fold": model_case(ShuffledPads, XI, YI),
+    "pads_shuffles_lppool_fold": model_case(ShuffledPads, XI, YI, panels=16),
     "cosine_pairwise_glu_softmin_logsigmoid": model_case(PairDistances, XP, YP),
     "bidirectional_lstm_proj_gru": model_case(Recurrent, XS, YS),
     # losses

@@ -221,7 +221,7 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"{change / max(size, 1e-300):.2g} of the outputs themselves, near the rounding of their "
                    f"{str(att.final.dtype).removeprefix('torch.')} values, which the exact endpoint values carry and "
                    f"no integral does (no tol or rule removes it)")
-        elif stop_sites(jumps):
+        elif jumps and len(stop_sites(jumps)) == len(jumps):  # only detaches: a straight-through jump is below
             fix = (f"a forward without .detach() on parameter-dependent values for the run you want explained: "
                    f"{'; '.join(stop_sites(jumps)[:4])} detaches them, so the output moves where the gradient does "
                    f"not, and no tol or rule integrates that (the quadrature warning says more)")
