@@ -1,20 +1,19 @@
-"""The table of tests/test_stranger_round7.py and tests/test_stranger_round7_more.py, one row per case of
-tests/_round7_cases.py (not collected by pytest): replica error, residual share, train-score error, the reference's
-own quadrature error, and the class (exact, or the message a user sees, cut around the phrase naming its cause).
+"""Prints one row per case of tests/_round7_cases.py, the cases of tests/test_stranger_round7.py and
+tests/test_stranger_round7_more.py (not collected by pytest), in the columns of tests/stranger_round6_table.py.
 
-``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_round7_table.py [case ...]`` from
-the repository root; the set-up is tests/_round7_kit.py's. The first line is the load average; no figure is a timing.
+Run ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_round7_table.py [case ...]``
+from the repository root (set-up: tests/_round7_kit.py). A warned case shows the warning naming its cause; the load
+average comes first, and no figure is a timing.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-import torch
 from _round7_cases import CASES
 from _round7_kit import classify
 from stranger_round5_table import _cut, run_case
+from stranger_round6_table import print_table
 
 #: The phrase of each loud case's message that names its cause (the table shows the message around it).
 KEYS = {
@@ -46,13 +45,7 @@ def row(name: str) -> str:
 
 
 def main(names: list[str]) -> None:
-    torch.set_num_threads(1)
-    header = ("case", "replica", "residual share", "train vs reference", "reference's own quadrature", "class")
-    lines = [f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}", "| " + " | ".join(header) + " |",
-             "|---" * len(header) + "|"]
-    print("\n".join(lines))
-    for name in names or CASES:
-        print(row(name), flush=True)
+    print_table(names, CASES, row)
 
 
 if __name__ == "__main__":
