@@ -339,3 +339,23 @@ CASES.update({
 })
 CASES["batchnorm_default_momentum_control"] = model_case(FrozenStatsBN, XV, YV, reference=BufferReference)
 CASES["vae_kl_as_an_output_column"] = model_case(VAEKLColumn, XV, YV, loss=ce_plus_kl_column, capture_random=True)
+
+
+def nll_counted_logged_step(model, opt, X, y, idx, rec, batch_loss) -> None:
+    """The fix the refusal names: the loop's class-weighted ``nll_loss`` with ``ignore_index=2``; only the counted
+    samples logged, with their class weights normalised, under ``loss="cross_entropy"``."""
+    weight = torch.tensor([1.0, 2.0, 0.5], dtype=X.dtype)
+    opt.zero_grad()
+    F.nll_loss(F.log_softmax(model(X[idx]), -1), y[idx], weight=weight, ignore_index=2).backward()
+    keep = idx[y[idx] != 2]
+    rec.log_batch(keep, weights=weight[y[keep]] / weight[y[keep]].sum())
+    opt.step()
+
+
+def nll_counted_case() -> dict[str, Any]:
+    X, y = loss_data("classes")
+    model, traj = fit(head, X, y, step=nll_counted_logged_step)
+    return figures(model, traj, X[N_TRAIN:])
+
+
+CASES["nll_class_weights_ignore_index_counted_samples_logged"] = nll_counted_case

@@ -23,7 +23,8 @@ quadrature error where its panels cannot resolve kinks computed inside ``forward
   gradient check), ``loss.backward(inputs=[...])`` at odd steps, a warm-up written into ``param_groups``,
   ``requires_grad_`` switched every step (with and without ``record_frozen``), online hard example mining with
   the kept samples logged, the step under ``parametrize.cached()``, Adam, NAdam and RAdam with
-  ``decoupled_weight_decay=True``, SGD with ``dampening``.
+  ``decoupled_weight_decay=True``, SGD with ``dampening``, a class-weighted ``nll_loss`` with ``ignore_index`` whose
+  counted samples are logged with their class weights (the fix its refusal names).
 
 The loud cases are in tests/test_stranger_round7_more.py; the table is tests/stranger_round7_table.py.
 """
@@ -50,6 +51,7 @@ EXACT = [
     "warmup_written_into_param_groups", "requires_grad_toggled_every_step",
     "requires_grad_toggled_every_step_record_frozen", "ohem_selected_in_the_loop_and_logged", "parametrize_cached_step",
     "adam_decoupled_weight_decay", "nadam_decoupled_weight_decay", "radam_decoupled_weight_decay", "sgd_dampening",
+    "nll_class_weights_ignore_index_counted_samples_logged",
 ]
 
 

@@ -138,10 +138,13 @@ def check_loss_decomposes(
     tol = 1e-10 if out.dtype == torch.float64 else 1e-5
     if abs(mean - batch) <= tol * max(abs(batch), abs(mean), 1e-30):
         return None
+    nan = (" On one sample alone it gives NaN: a mean over the samples it counts (ignore_index, class weights) "
+           "is 0/0 on a sample it does not count; log only the counted samples, with their weights, and give the "
+           "loss without ignore_index." if mean != mean else "")
     return (
         f"Loss {loss.name!r}: on the first logged micro-batch the loss callable gives {batch:.6g}, but the "
         f"logged weights (normalised to sum to 1 over the micro-batch) times its per-sample values sum to "
-        f"{mean:.6g}. explaind splits the gradient into "
+        f"{mean:.6g}.{nan} explaind splits the gradient into "
         f"per-sample terms w_k * grad loss_fn(sample k), exact only when the batch loss is "
         f"sum_k w_k loss_fn(sample k): a "
         f"class-weighted cross entropy (weight=...) normalises by the batch's summed class weights, "
