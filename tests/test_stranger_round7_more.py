@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 
+import _round7_models
 import pytest
 from _round7_cases import CASES
 from _round7_kit import assert_exact
@@ -126,3 +127,18 @@ def test_stop_sites_picks_the_detaching_calls():
 
     sites = ("a (Lin): Tensor.detach x2", "<root> (Net): torch.sign", "b (Norm): Tensor.detach_")
     assert stop_sites(sites) == ["a (Lin): Tensor.detach x2", "b (Norm): Tensor.detach_"]
+
+
+def test_the_evaluation_mode_hint_is_left_out_for_modules_that_differ_between_the_modes_themselves():
+    """Dropout and batch norm give other outputs in evaluation mode by design: the hint would blame a branch."""
+    import torch
+    from torch import nn
+
+    from explaind.trajectory._recorder_checks import mode_branch_hint
+
+    x = torch.randn(4, 4, dtype=torch.float64)
+    for model in (nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)), nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))):
+        model = model.double()
+        assert mode_branch_hint(model, dict(model.named_parameters()), x) == ""
+    branch = _round7_models.ProbabilitiesInEval().double()
+    assert "self.training" in mode_branch_hint(branch, dict(branch.named_parameters()), x)

@@ -33,7 +33,7 @@ from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
 from ._participation import edit_list, edit_message, edited_parameters, frozen_edit_message
-from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
+from ._random import MicroBatch, RandomCapture, RandomState, draws_masks, is_spectral_norm, replay_parts
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
 
@@ -71,7 +71,11 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
 def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> str:
     """A sentence when the model's forward is deterministic in training mode (two forwards under one seed agree)
     but gives other outputs in evaluation mode, in which explaind recomputes gradients when no training forward is
-    replayed: a branch on ``self.training``. ``""`` otherwise (the draws and buffers of the generic hint)."""
+    replayed: a branch on ``self.training``. ``""`` otherwise (the draws and buffers of the generic hint), and for a
+    model whose modules differ between the modes themselves (dropout, batch norm, spectral norm)."""
+    if any(draws_masks(m) or is_spectral_norm(m) or isinstance(m, nn.modules.batchnorm._NormBase)
+           for m in model.modules()):
+        return ""
     modes = [(m, m.training) for m in model.modules()]
     state = {**{n: b.detach().clone() for n, b in model.named_buffers()}, **{n: p.detach() for n, p in params.items()}}
     outs = []
