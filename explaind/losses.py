@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .exceptions import ConfigError, UnknownEntryError
+from .exceptions import ConfigError, ExplaindError, UnknownEntryError
 from .records import LossRecord
 
 __all__ = ["resolve_loss", "wrap_loss_callable", "batch_weights", "CUSTOM_LOSS_PREFIX"]
@@ -53,7 +53,7 @@ def _one_of_batch(loss_fn: Callable[..., Any], outputs: Tensor, targets: Tensor,
     """The callable on sample ``k`` alone; a callable that cannot run on one sample is refused naming why."""
     try:
         return _single_sample_loss(loss_fn, outputs[k : k + 1], targets[k : k + 1])
-    except ConfigError:
+    except ExplaindError:  # explaind's own refusals (a stand-in loss of a trajectory without one) pass unchanged
         raise
     except Exception as exc:
         raise ConfigError(
