@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .exceptions import ConfigError, UnknownEntryError
+from .exceptions import ConfigError, ExplaindError, UnknownEntryError
 from .records import LossRecord
 
 __all__ = ["resolve_loss", "wrap_loss_callable", "batch_weights", "CUSTOM_LOSS_PREFIX"]
@@ -47,6 +47,25 @@ def _single_sample_loss(loss_fn: Callable[..., Any], outputs: Tensor, targets: T
             f"tensor; it returned {shape}. Use reduction='mean' (not 'none')."
         )
     return value
+
+
+def _one_of_batch(loss_fn: Callable[..., Any], outputs: Tensor, targets: Tensor, k: int) -> Tensor:
+    """The callable on sample ``k`` alone; a callable that cannot run on one sample is refused naming why."""
+    try:
+        return _single_sample_loss(loss_fn, outputs[k : k + 1], targets[k : k + 1])
+    except ExplaindError:  # explaind's own refusals (a stand-in loss of a trajectory without one) pass unchanged
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"The loss callable {_callable_name(loss_fn)} fails on a batch of one sample ({type(exc).__name__}: "
+            f"{exc}). explaind splits the loss into per-sample terms loss_fn(outputs[k:k+1], targets[k:k+1]), so a "
+            f"loss that needs several samples of the batch at once (the hardest k by topk, in-batch hard negatives "
+            f"or positives, batch statistics) has no such split. Fix: select in the loop and log what the loss "
+            f"keeps; for online hard example mining losses = F.cross_entropy(out, y, reduction='none'), keep = "
+            f"losses.topk(k).indices, losses[keep].mean().backward(), rec.log_batch(idx[keep]) with "
+            f"loss='cross_entropy'. A loss that couples the samples (contrastive, triplet mining) cannot be "
+            f"explained per sample."
+        ) from exc
 
 
 def _callable_name(loss_fn: Callable[..., Any]) -> str:
@@ -89,7 +108,7 @@ def wrap_loss_callable(loss_fn: Callable[..., Any]) -> LossRecord:
                 logger.info("Loss callable %s does not support vmap (%s); looping over samples.",
                             _callable_name(loss_fn), exc)
                 state["vmap"] = False
-        return torch.stack([_single_sample_loss(loss_fn, outputs[k : k + 1], targets[k : k + 1]) for k in range(n)])
+        return torch.stack([_one_of_batch(loss_fn, outputs, targets, k) for k in range(n)])
 
     per_sample.__doc__ = f"Per-sample losses of {_callable_name(loss_fn)} (one call per sample)."
     return LossRecord(

@@ -50,7 +50,8 @@ __all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "refuse
 
 
 def refuse_unreplayable(model: nn.Module, where: str) -> None:
-    """Refuse a model holding a complex parameter or buffer, or an ``nn.RReLU`` (see the module docstring).
+    """Refuse a model holding a complex parameter or buffer, an ``nn.RReLU`` (see the module docstring), or an
+    ``nn.FractionalMaxPool2d``/``3d`` (its regions are drawn at every forward, in evaluation mode too).
 
     Parameters
     ----------
@@ -62,7 +63,7 @@ def refuse_unreplayable(model: nn.Module, where: str) -> None:
     Raises
     ------
     UnsupportedModelError
-        Naming every complex tensor or ``nn.RReLU`` and the fix.
+        Naming every complex tensor, ``nn.RReLU`` or fractional max pooling and the fix.
     """
     found = [f"{name} ({t.dtype})" for name, t in [*model.named_parameters(), *model.named_buffers()]
              if t.is_complex()]
@@ -82,6 +83,15 @@ def refuse_unreplayable(model: nn.Module, where: str) -> None:
             f"(the kernel has no vmap rule), so the training forwards cannot be re-evaluated exactly. Allowed: "
             f"activations without random draws, or random layers drawn with torch's generators (dropout). Fix: "
             f"nn.LeakyReLU((lower + upper) / 2), the function RReLU computes in evaluation mode.")
+    pools = [f"{name or type(m).__name__} ({type(m).__name__})" for name, m in model.named_modules()
+             if isinstance(m, (nn.FractionalMaxPool2d, nn.FractionalMaxPool3d))]
+    if pools:
+        raise UnsupportedModelError(
+            f"{where}: the model holds {pools}, which draw their pooling regions at random at every forward, in "
+            f"evaluation mode too: the trained model's outputs are random, no function of its parameters, so no "
+            f"replica or score can explain them. Allowed: pooling without random draws. Fix: "
+            f"nn.AdaptiveMaxPool2d(output_size) (or nn.AdaptiveMaxPool3d), the deterministic pooling to the same "
+            f"output size.")
 
 
 #: The plain form of operations without a forward-mode derivative that models use, named in the refusal.
@@ -145,8 +155,14 @@ def loss_only_hint(sums: dict[str, tuple[float, ...]], replayed: bool = True) ->
     Returns
     -------
     str
-        Empty when every parameter with a loop gradient also has a recomputed one.
+        Empty when every parameter with a loop gradient also has a recomputed one; the zero loop gradient named
+        when no parameter has one and some have a recomputed one.
     """
+    if sums and all(v[2] == 0.0 for v in sums.values()) and any(v[1] > 0.0 for v in sums.values()):
+        return (" The loop's gradient is zero at every checked parameter, while loss= gives a nonzero one: the "
+                "loop trained with a loss that does not move these outputs (cross entropy over a single output "
+                "column, whose log_softmax is 0; a loss of a detached output) or with another loss than loss= "
+                "names (an autoencoder's F.mse_loss needs loss='mse').")
     names = [n for n, v in sums.items() if v[1] == 0.0 and v[2] > 0.0]
     if not names:
         return ""
@@ -160,8 +176,27 @@ def loss_only_hint(sums: dict[str, tuple[float, ...]], replayed: bool = True) ->
             f"log_var.expand(n, 1)) and give a loss callable that reads it there.")
 
 
+def attribute_outputs_hint(model: nn.Module) -> str:
+    """The failed gradient check's hint for tensors its forward keeps as module attributes (empty when none).
+
+    A tensor attribute that is neither a parameter nor a buffer and carries an autograd graph (``grad_fn``) was
+    computed from the parameters by the last forward that ran with gradients (the loop's or the check's): a loss
+    the loop adds from it (``loss + model.kl``, a VAE's KL term kept on the model) is not the recorded loss.
+    """
+    kept = [f"{k!r} on {name or '<root>'} ({type(m).__name__})" for name, m in model.named_modules()
+            for k, v in vars(m).items() if torch.is_tensor(v) and v.grad_fn is not None]
+    if not kept:
+        return ""
+    return (f" The model keeps tensors its forward computes from the parameters as attributes ({', '.join(kept[:4])}):"
+            f" a loss the loop adds from them (a VAE's KL term, an auxiliary loss) is not the recorded loss, which "
+            f"reads only the model's output. Fix: when that term is a mean of per-sample terms (a VAE's per-sample "
+            f"KL), return it as an output column (torch.cat([logits, kl[:, None]], 1)) with a loss callable that "
+            f"adds it; otherwise leave it out of the run you record.")
+
+
 def extra_outputs_hint(model: nn.Module, x: Any) -> str:
-    """The failed gradient check's hint for a model returning more than its logits (empty otherwise).
+    """The failed gradient check's hint for a model returning more than its logits, or keeping tensors computed
+    from the parameters as attributes (:func:`attribute_outputs_hint`); empty otherwise.
 
     Runs the model once on the first row of ``x`` in evaluation mode without gradients (buffers unchanged) and
     names the outputs besides the logits: a tuple's further tensors, or a mapping's tensors other than ``logits``.
@@ -173,13 +208,14 @@ def extra_outputs_hint(model: nn.Module, x: Any) -> str:
     x : Tensor or Inputs
         The logged batch's inputs ``(n, ...)``.
     """
+    kept = attribute_outputs_hint(model)
     was = model.training
     try:
         model.eval()
         with torch.no_grad():
             out = x[:1].call(model) if isinstance(x, Inputs) else model(x[:1])
     except Exception:  # noqa: BLE001 - a hint must not hide the check's own message
-        return ""
+        return kept
     finally:
         model.train(was)
     if isinstance(out, tuple | list):
@@ -189,8 +225,8 @@ def extra_outputs_hint(model: nn.Module, x: Any) -> str:
     else:
         extra = []
     if not extra:
-        return ""
-    return (f" The model returns more than its logits ({', '.join(extra[:4])}); explaind's loss reads only the "
+        return kept
+    return kept + (f" The model returns more than its logits ({', '.join(extra[:4])}); explaind's loss reads only the "
             f"logits, so a loss the loop adds from the other outputs (an auxiliary or load-balancing loss of a "
             f"mixture of experts, which also couples the samples of a batch, or a second head's loss) is not the "
             f"recorded loss. Fix: when that loss is a mean of per-sample terms (a second head), return everything "

@@ -23,18 +23,20 @@ from torch import Tensor, nn
 class _Panels:
     """A reference factory with ``panels`` composite panels per smooth piece; it keeps the last reference built."""
 
-    def __init__(self, panels: int) -> None:
-        self.panels, self.last = panels, None
+    def __init__(self, panels: int, reference: type = ReplayReference) -> None:
+        self.panels, self.reference, self.last = panels, reference, None
 
     def __call__(self, traj: Any, X: Tensor, panels: int) -> ReplayReference:
-        self.last = ReplayReference(traj, X, panels=self.panels)
+        self.last = self.reference(traj, X, panels=self.panels)
         return self.last
 
 
-def figures(model: nn.Module, traj: Any, X_test: Any, *, panels: int = 2, **quad: Any) -> dict[str, Any]:
-    """tests/_round5_kit.py :func:`figures`, the reference on ``panels`` panels, plus ``reference_quadrature``: the
-    reference's largest own quadrature error relative to its largest per-step change."""
-    factory = _Panels(panels)
+def figures(model: nn.Module, traj: Any, X_test: Any, *, panels: int = 2, reference: type = ReplayReference,
+            **quad: Any) -> dict[str, Any]:
+    """tests/_round5_kit.py :func:`figures`, the ``reference`` (default ``ReplayReference``) on ``panels`` panels,
+    plus ``reference_quadrature``: the reference's largest own quadrature error relative to its largest per-step
+    change."""
+    factory = _Panels(panels, reference)
     got = _round5_kit.figures(model, traj, X_test, reference=factory, **quad)
     ref = factory.last
     change = (ref.values_at[1:] - ref.values_at[:-1]).abs().max()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from _round6_cases import CASES
@@ -44,14 +46,20 @@ def row(name: str) -> str:
             f"{got['reference_quadrature']:.1e} | {verdict} |")
 
 
-def main(names: list[str]) -> None:
+def print_table(names: list[str], cases: Any, row_of: Callable[[str], str]) -> None:
+    """The load average, the header, and ``row_of(name)`` for each of ``names`` (every case of ``cases`` when empty),
+    on one thread (tests/stranger_round7_table.py prints its round through it too)."""
     torch.set_num_threads(1)
     header = ("case", "replica", "residual share", "train vs reference", "reference's own quadrature", "class")
     lines = [f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}", "| " + " | ".join(header) + " |",
              "|---" * len(header) + "|"]
     print("\n".join(lines))
-    for name in names or CASES:
-        print(row(name), flush=True)
+    for name in names or cases:
+        print(row_of(name), flush=True)
+
+
+def main(names: list[str]) -> None:
+    print_table(names, CASES, row)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..exceptions import TrajectoryError, warn_at_caller
 from ..kernel.attribution import Attribution
+from ..kernel.jumps import stop_sites
 
 __all__ = ["check_residual", "residual_causes", "check_quadrature"]
 
@@ -220,6 +221,10 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"{change / max(size, 1e-300):.2g} of the outputs themselves, near the rounding of their "
                    f"{str(att.final.dtype).removeprefix('torch.')} values, which the exact endpoint values carry and "
                    f"no integral does (no tol or rule removes it)")
+        elif jumps and len(stop_sites(jumps)) == len(jumps):  # only detaches: a straight-through jump is below
+            fix = (f"a forward without .detach() on parameter-dependent values for the run you want explained: "
+                   f"{'; '.join(stop_sites(jumps)[:4])} detaches them, so the output moves where the gradient does "
+                   f"not, and no tol or rule integrates that (the quadrature warning says more)")
         elif jumps:
             fix = (f"a continuous forward for the run you want explained: the forward applies calls whose output can "
                    f"jump as the parameters move ({'; '.join(jumps[:4])}), and no tol or rule integrates across a "

@@ -11,7 +11,10 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
   in top-k mixture-of-experts gating), ``F.gumbel_softmax(hard=True)``;
 * comparisons (``h > 0``, ``torch.where`` conditions, masks);
 * ``F.softplus`` with a ``threshold`` low enough that its switch to the identity jumps by more than
-  :data:`SOFTPLUS_JUMP` (``log(1 + exp(-threshold)) / beta``).
+  :data:`SOFTPLUS_JUMP` (``log(1 + exp(-threshold)) / beta``);
+* stops of the gradient, ``Tensor.detach`` (:data:`STOPS`): the output moves with the detached tensor while the path
+  derivative does not (a weight divided by its detached norm), so no integral of the gradient reproduces that part
+  of the change either; :func:`stop_sites` picks them out, for their own hint.
 
 :func:`find_jumps` runs the forward once on one input under a ``TorchFunctionMode`` that records these calls when
 a tensor argument depends on the trainable parameters, attributed to the innermost module running. A straight-
@@ -32,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["SOFTPLUS_JUMP", "find_jumps", "softplus_jump", "watch_jumps"]
+__all__ = ["SOFTPLUS_JUMP", "STOPS", "find_jumps", "softplus_jump", "stop_sites", "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
@@ -40,6 +43,8 @@ _JUMPING = frozenset({
     "argsort", "gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal", "__gt__", "__lt__",
     "__ge__", "__le__", "bucketize", "searchsorted", "gumbel_softmax",
 })
+#: Calls that stop the gradient of a tensor that depends on the parameters (named as :func:`stop_sites` finds them).
+STOPS = frozenset({"detach", "detach_"})
 #: Smallest jump of ``F.softplus`` at its threshold that is named (float64 rounding is far below).
 SOFTPLUS_JUMP = 1e-10
 
@@ -61,7 +66,12 @@ def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         return softplus_jump(float(beta), float(threshold)) > SOFTPLUS_JUMP
     if name == "gumbel_softmax":
         return bool(kwargs.get("hard", args[2] if len(args) > 2 else False))
-    return name in _JUMPING
+    return name in _JUMPING or name in STOPS
+
+
+def stop_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
+    """The sites of :func:`find_jumps` that detach a parameter-dependent tensor (``"path (Class): Tensor.detach"``)."""
+    return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in STOPS]
 
 
 class _Record(TorchFunctionMode):

@@ -30,7 +30,7 @@ from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
-from .jumps import SOFTPLUS_JUMP, softplus_jump
+from .jumps import SOFTPLUS_JUMP, softplus_jump, stop_sites
 from .paths import progress_bar
 from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
@@ -326,8 +326,17 @@ def _jumps_hint(engine: Any) -> str:
              if (isinstance(m, nn.Hardshrink) and m.lambd != 0)
              or (isinstance(m, nn.Threshold) and m.value != m.threshold)
              or (isinstance(m, nn.Softplus) and softplus_jump(m.beta, m.threshold) > SOFTPLUS_JUMP)]
-    calls = [site for site in getattr(engine, "jump_sites", ()) if "(Softplus): " not in site]  # named above
+    sites = getattr(engine, "jump_sites", ())
+    stops = stop_sites(sites)
+    calls = [site for site in sites if "(Softplus): " not in site and site not in stops]  # named above
     hints = []
+    if stops:
+        hints.append(f"the model's forward detaches tensors that depend on the parameters ({'; '.join(stops[:6])}): "
+                     f"its output moves with them, but its gradient, which the path integral follows, does not (a "
+                     f"weight divided by its norm taken under .detach(), a stop-gradient target), so no quadrature "
+                     f"rule reproduces that part of the change and it stays in quadrature_error. Fix: no .detach() "
+                     f"(nor torch.no_grad()) on parameter-dependent values in the forward of the run you want "
+                     f"explained (w / w.norm(dim=1, keepdim=True) instead of a detached norm)")
     if unpool:
         hints.append(f"the model holds {unpool}, whose output jumps where the maximum of a pooling window changes "
                      f"place (the value moves to another position): the gradient has no term for a jump, so no "

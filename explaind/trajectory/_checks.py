@@ -456,7 +456,8 @@ def check_batch_gradient(
         return GradientCheck(sigma=1.0, mismatch=0.0)
     sigma = dot / sq_ref if sq_ref > 0 else 0.0
     distance = sums.distance_sq(sigma)
-    rel = math.sqrt(math.fsum(distance.values())) / math.sqrt(max(sq_raw, sq_ref * sigma * sigma, 1e-300))
+    rel = (math.sqrt(math.fsum(distance.values())) / math.sqrt(max(sq_raw, sq_ref * sigma * sigma, 1e-300))
+           if sigma > 0 else 1.0)  # a loop gradient orthogonal or opposite to the recomputed one, or zero
     if rel > tol or sigma <= 0:
         per = [(math.sqrt(d / max(sq_raw, 1e-300)), n) for n, d in distance.items()]
         worst = ", ".join(f"{n} ({v:.2g})" for v, n in sorted(per, reverse=True)[:3])

@@ -33,7 +33,7 @@ from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
 from ._participation import edit_list, edit_message, edited_parameters, frozen_edit_message
-from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
+from ._random import MicroBatch, RandomCapture, RandomState, draws_masks, is_spectral_norm, replay_parts
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
 
@@ -66,6 +66,38 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> str:
+    """A sentence when the model's forward is deterministic in training mode (two forwards under one seed agree)
+    but gives other outputs in evaluation mode, in which explaind recomputes gradients when no training forward is
+    replayed: a branch on ``self.training``. ``""`` otherwise (the draws and buffers of the generic hint), and for a
+    model whose modules differ between the modes themselves (dropout, batch norm, spectral norm)."""
+    if any(draws_masks(m) or is_spectral_norm(m) or isinstance(m, nn.modules.batchnorm._NormBase)
+           for m in model.modules()):
+        return ""
+    modes = [(m, m.training) for m in model.modules()]
+    state = {**{n: b.detach().clone() for n, b in model.named_buffers()}, **{n: p.detach() for n, p in params.items()}}
+    outs = []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for training in (True, True, False):
+                model.train(training)
+                torch.manual_seed(0)
+                outs.append(model_output(call_model(model, dict(state), inputs)))
+    except Exception as exc:  # the diagnosis must not hide the check's own message
+        logger.debug("The evaluation-mode diagnosis failed: %s", exc)
+        return ""
+    finally:
+        for m, training in modes:
+            m.training = training
+    if not torch.equal(outs[0], outs[1]) or torch.equal(outs[0], outs[2]):
+        return ""
+    return (" The model's forward gives other outputs in evaluation mode than in training mode on this batch "
+            "(without random draws: two training forwards agree), and explaind recomputes gradients and explains in "
+            "evaluation mode: a branch on self.training, such as probabilities returned only in evaluation mode. "
+            "Fix: return the same outputs in both modes (apply softmax outside the model), or record with "
+            "capture_random=True, which replays the training forwards.")
 
 
 def check_loss_decomposes(
@@ -110,10 +142,13 @@ def check_loss_decomposes(
     tol = 1e-10 if out.dtype == torch.float64 else 1e-5
     if abs(mean - batch) <= tol * max(abs(batch), abs(mean), 1e-30):
         return None
+    nan = (" On one sample alone it gives NaN: a mean over the samples it counts (ignore_index, class weights) "
+           "is 0/0 on a sample it does not count; log only the counted samples, with their weights, and give the "
+           "loss without ignore_index." if mean != mean else "")
     return (
         f"Loss {loss.name!r}: on the first logged micro-batch the loss callable gives {batch:.6g}, but the "
         f"logged weights (normalised to sum to 1 over the micro-batch) times its per-sample values sum to "
-        f"{mean:.6g}. explaind splits the gradient into "
+        f"{mean:.6g}.{nan} explaind splits the gradient into "
         f"per-sample terms w_k * grad loss_fn(sample k), exact only when the batch loss is "
         f"sum_k w_k loss_fn(sample k): a "
         f"class-weighted cross entropy (weight=...) normalises by the batch's summed class weights, "
@@ -216,7 +251,10 @@ class RecorderChecksMixin:
             hint += moved_message(moved, s, checked=True)
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
         batch = (x.to(device), y.to(device), weights.to(device))
-        lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
+        if replay is None and self.model.training:
+            lazy: Any = lambda: mode_branch_hint(self.model, self._params, batch[0]) + hint  # noqa: E731
+        else:
+            lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
             return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast, replay,
                                         self._random.generators, self._buffers.recorded(), lazy)
