@@ -115,7 +115,7 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
     elif dtype == torch.float32 and not half and still.size < audit.size and np.isfinite(audit).all():
         # every update reproduced below AUDIT_TOL: the loop's float32 gradients are what the float64 recomputation
         # does not repeat (a diverging run's huge activations make their rounding large)
-        causes.append(_float32_cause(traj, float(audit.max()), int(np.argmax(audit)) + start))
+        causes.append(_float32_cause(traj, float(audit.max()), int(np.argmax(audit)) + start, rounding=False))
     scales = np.array([float(traj.grad_scale(s)) for s in range(start, stop)])
     if scales.size and np.any(np.abs(scales - 1.0) > 1e-12):
         causes.append(f"gradients were rescaled at {int(np.sum(np.abs(scales - 1.0) > 1e-12))} step(s) (recorded "
@@ -226,13 +226,17 @@ def _tiny_update_cause(traj: Any, largest: float, step: int) -> str:
             + ", or accept the share with a larger residual_tol")
 
 
-def _float32_cause(traj: Any, largest: float, step: int) -> str:
-    """Why a run in a dtype below float64 leaves a residual although its updates are reproduced to rounding."""
+def _float32_cause(traj: Any, largest: float, step: int, rounding: bool = True) -> str:
+    """Why a run in a dtype below float64 leaves a residual although its updates are reproduced to rounding
+    (``rounding``: the audit was checked within :data:`ROUNDING_UNITS` unit roundoffs; else it is below
+    :data:`AUDIT_TOL`)."""
     dtype = str(traj.params(0)[traj.param_names[0]].dtype).removeprefix("torch.")
+    within = (f"within {ROUNDING_UNITS:g} unit roundoffs of |theta_s+1|" if rounding
+              else f"below the adapter threshold {AUDIT_TOL:g} of a step")
     return (f"the run was trained in {dtype}: its updates are reproduced to the rounding of the stored parameters "
-            f"(traj.audit() up to {largest:.2g}, at step {step}, within {ROUNDING_UNITS:g} unit roundoffs of "
-            f"|theta_s+1|), but the loop's gradients are {dtype} sums, rounded relative to their per-sample terms, "
-            f"and the engine recomputes them in float64; where a gradient nearly cancels, an Adam-type optimizer "
+            f"(traj.audit() up to {largest:.2g}, at step {step}, {within}), but the loop's gradients are {dtype} "
+            f"sums, rounded relative to their per-sample terms, and the engine recomputes them in float64; where "
+            f"a gradient nearly cancels, an Adam-type optimizer "
             f"(which divides by sqrt(v)+eps) turns that rounding into a step of order lr, and large activations or "
             f"logits (a diverging run) make it large, and the residual holds it "
             f"— train in float64 (explaind train --dtype float64, or model.double()) for a residual at rounding "
