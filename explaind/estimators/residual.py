@@ -31,6 +31,13 @@ AUDIT_TOL = 1e-6
 #: A step's audited gap ``||E_s||`` within this many unit roundoffs of ``||theta_{s+1}||`` is the rounding of the
 #: stored parameters to their dtype (about 0.55 on a float32 AdamW run, docs/cli.md "explaind influence").
 ROUNDING_UNITS = 2.0
+#: Growth of ``||theta_s||`` over the window's first step beyond which the run is named as diverged.
+GROWTH = 1e3
+#: An audit above this (the stored parameters' rounding a percent of a step) names the updates' size, not the
+#: float32 gradients, as the cause on a run below float64.
+TINY_AUDIT = 1e-2
+#: At most this many steps' parameters are read to find the growth (evenly spaced beyond it, ends included).
+GROWTH_READS = 512
 
 
 def _stochastic_modules(model: nn.Module) -> list[str]:
@@ -82,12 +89,21 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       f"longest sequence but an input explained alone to its full padded length, so a head that "
                       f"reads the padding (a mean over all time steps) computes another function — pass "
                       f"total_length=x.shape[1] (docs/maths.md, 'Recurrent layers')")
+    grown = _growth_cause(traj, start, stop)
+    if grown:
+        causes.insert(0, grown)
     audit = np.asarray(traj.audit(), dtype=np.float64)[start:stop]
+    dtype = traj.params(start)[traj.param_names[0]].dtype
+    still = np.flatnonzero(np.isposinf(audit))  # theta_s+1 == theta_s exactly, the modelled update not zero
+    if still.size:
+        causes.append(_still_cause(dtype, still + start))
+    audit = np.where(np.isposinf(audit), 0.0, audit)
+    gaps = None
     if audit.size and np.isfinite(audit).all() and float(audit.max()) > AUDIT_TOL:
         gaps = _beyond_rounding(traj, audit, start)
         if gaps is None:  # the audit is the rounding of the stored parameters (named above for half precision)
             worst = int(np.argmax(audit)) + start
-            if traj.params(start)[traj.param_names[0]].dtype == torch.float64:
+            if dtype == torch.float64 or (not half and float(audit.max()) > TINY_AUDIT):
                 causes.append(_tiny_update_cause(traj, float(audit.max()), worst))
             elif not half:
                 causes.append(_float32_cause(traj, float(audit.max()), worst))
@@ -97,6 +113,10 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                           f"{float(gaps.max()):.2g} at step {worst}, beyond the rounding of the stored parameters): "
                           f"an optimizer option, a parameter group or a change of the trainable parameters it does "
                           f"not model — check the audit per step")
+    elif dtype == torch.float32 and not half and still.size < audit.size and np.isfinite(audit).all():
+        # every update reproduced below AUDIT_TOL: the loop's float32 gradients are what the float64 recomputation
+        # does not repeat (a diverging run's huge activations make their rounding large)
+        causes.append(_float32_cause(traj, float(audit.max()), int(np.argmax(audit)) + start, rounding=False))
     scales = np.array([float(traj.grad_scale(s)) for s in range(start, stop)])
     if scales.size and np.any(np.abs(scales - 1.0) > 1e-12):
         causes.append(f"gradients were rescaled at {int(np.sum(np.abs(scales - 1.0) > 1e-12))} step(s) (recorded "
@@ -128,6 +148,47 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
     return causes
 
 
+def _norm(params: dict[str, torch.Tensor]) -> float:
+    """``||theta||`` over every tensor, in float64."""
+    return sum(float(t.double().square().sum()) for t in params.values()) ** 0.5
+
+
+def _growth_cause(traj: Any, start: int, stop: int) -> str | None:
+    r"""The run diverged in the window: :math:`\|\theta_s\|` beyond :data:`GROWTH` times
+    :math:`\|\theta_{start}\|` (``None`` otherwise), with the window that ends before it grew.
+
+    Up to :data:`GROWTH_READS` steps are read (evenly spaced in a longer window, its ends included).
+    """
+    steps = np.unique(np.linspace(start, stop, min(stop - start + 1, GROWTH_READS)).round().astype(int))
+    norms = np.array([_norm(traj.params(int(s))) for s in steps])
+    positive = norms[norms > 0]
+    if not np.isfinite(norms).all() or not positive.size:
+        return None
+    first = float(positive[0])  # a model started at zero: its first norm above it
+    if not float(norms.max()) > GROWTH * first:
+        return None
+    peak = int(np.argmax(norms))
+    beyond = int(steps[int(np.argmax(norms > GROWTH * first))])
+    fine = int(steps[max(int(np.argmax(norms > GROWTH * first)) - 1, 0)])
+    return (f"the run diverged: |theta_s| grew from {first:.3g} to {norms[peak]:.3g} at step "
+            f"{int(steps[peak])} (beyond {GROWTH:g}x its start first at step {beyond}); at that scale the rounding of "
+            f"the gradients and of the stored parameters, relative to those values, outweighs the change of the "
+            f"outputs being explained, and an output that grew and fell again (dead ReLU units) cancels it — explain "
+            f"the steps before it grew (steps=({start}, {max(fine, start + 1)})), or lower the learning rate")
+
+
+def _still_cause(dtype: torch.dtype, steps: np.ndarray) -> str:
+    """Why a step whose parameters did not move at all leaves a residual: its update was rounded away."""
+    name = str(dtype).removeprefix("torch.")
+    listed = ", ".join(str(int(s)) for s in steps[:6]) + (" ..." if steps.size > 6 else "")
+    return (f"at {steps.size} step(s) of the window ({listed}) the stored parameters did not move at all "
+            f"(theta_s+1 == theta_s, traj.audit() inf) although the update the adapter models from the step's "
+            f"gradient is not zero: in {name} an update below half a unit in the last place of a parameter is "
+            f"rounded away when it is added (a learning rate too small for {name}), so the data part of those "
+            f"steps is cancelled by the residual and moved nothing — raise the learning rate"
+            + ("" if dtype == torch.float64 else ", or train in float64"))
+
+
 def _beyond_rounding(traj: Any, audit: np.ndarray, start: int) -> np.ndarray | None:
     r"""The audit of the steps whose gap exceeds the rounding of the stored parameters (others 0), ``None`` if none.
 
@@ -152,26 +213,33 @@ def _beyond_rounding(traj: Any, audit: np.ndarray, start: int) -> np.ndarray | N
 
 
 def _tiny_update_cause(traj: Any, largest: float, step: int) -> str:
-    """Why a float64 run leaves a residual although its updates are reproduced to rounding: they are that small."""
+    """Why a run leaves a residual although its updates are reproduced to rounding: they are that small."""
     before, after = traj.params(step), traj.params(step + 1)
-    moved = sum(float((after[n] - before[n]).square().sum()) for n in traj.param_names) ** 0.5
-    size = sum(float(after[n].square().sum()) for n in traj.param_names) ** 0.5
-    return (f"the updates are at the rounding level of the float64 parameters: at step {step} |theta_s+1 - theta_s| "
+    moved = sum(float((after[n].double() - before[n].double()).square().sum()) for n in traj.param_names) ** 0.5
+    size = sum(float(after[n].double().square().sum()) for n in traj.param_names) ** 0.5
+    dtype = str(after[traj.param_names[0]].dtype).removeprefix("torch.")
+    return (f"the updates are at the rounding level of the {dtype} parameters: at step {step} |theta_s+1 - theta_s| "
             f"is {moved / max(size, 1e-300):.2g} of |theta_s+1| and traj.audit() reaches {largest:.2g}, within "
             f"{ROUNDING_UNITS:g} unit roundoffs of |theta_s+1|, so each stored update carries the rounding of "
             f"theta_s + update (up to half an ulp of every parameter), which no per-sample term carries — a learning "
-            f"rate this small moves the model by little more than rounding; raise it, or accept the share with a "
-            f"larger residual_tol")
+            f"rate this small moves the model by little more than rounding; raise it"
+            + ("" if dtype == "float64" else " or train in float64")
+            + ", or accept the share with a larger residual_tol")
 
 
-def _float32_cause(traj: Any, largest: float, step: int) -> str:
-    """Why a run in a dtype below float64 leaves a residual although its updates are reproduced to rounding."""
+def _float32_cause(traj: Any, largest: float, step: int, rounding: bool = True) -> str:
+    """Why a run in a dtype below float64 leaves a residual although its updates are reproduced to rounding
+    (``rounding``: the audit was checked within :data:`ROUNDING_UNITS` unit roundoffs; else it is below
+    :data:`AUDIT_TOL`)."""
     dtype = str(traj.params(0)[traj.param_names[0]].dtype).removeprefix("torch.")
+    within = (f"within {ROUNDING_UNITS:g} unit roundoffs of |theta_s+1|" if rounding
+              else f"below the adapter threshold {AUDIT_TOL:g} of a step")
     return (f"the run was trained in {dtype}: its updates are reproduced to the rounding of the stored parameters "
-            f"(traj.audit() up to {largest:.2g}, at step {step}, within {ROUNDING_UNITS:g} unit roundoffs of "
-            f"|theta_s+1|), but the loop's gradients are {dtype} sums, rounded relative to their per-sample terms, "
-            f"and the engine recomputes them in float64; where a gradient nearly cancels, an Adam-type optimizer "
-            f"(which divides by sqrt(v)+eps) turns that rounding into a step of order lr, and the residual holds it "
+            f"(traj.audit() up to {largest:.2g}, at step {step}, {within}), but the loop's gradients are {dtype} "
+            f"sums, rounded relative to their per-sample terms, and the engine recomputes them in float64; where "
+            f"a gradient nearly cancels, an Adam-type optimizer "
+            f"(which divides by sqrt(v)+eps) turns that rounding into a step of order lr, and large activations or "
+            f"logits (a diverging run) make it large, and the residual holds it "
             f"— train in float64 (explaind train --dtype float64, or model.double()) for a residual at rounding "
             f"level")
 
@@ -190,10 +258,20 @@ def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol:
     if not share > tol:
         return share
     causes = "; ".join(f"({i + 1}) {c}" for i, c in enumerate(residual_causes(traj, window)))
+    size = float(att.final.abs().amax())
+    change = float((att.final - att.initial).abs().amax())
+    still = ""
+    if change <= ROUNDING_CHANGE * torch.finfo(att.final.dtype).eps * size:  # a share of (almost) nothing
+        res = att.residual
+        residual = float(res.reshape(res.shape[0], -1, res.shape[-1]).sum(1).abs().amax())
+        still = (f" The outputs hardly moved: the explained change is {change / max(size, 1e-300):.2g} of the "
+                 f"outputs (0: not at all), at the rounding of their {str(att.final.dtype).removeprefix('torch.')} "
+                 f"values, so the share divides by almost nothing; the residual itself is "
+                 f"{residual / max(size, 1e-300):.2g} of the outputs, and the per-sample scores hold its opposite.")
     message = (f"{owner}: residual share {share:.3g} > residual_tol={tol:g}: {100 * share:.3g}% of the explained "
                f"change g(theta_stop) - g(theta_start) is residual, not split over training samples, so the "
-               f"per-sample scores miss it. Likely causes: {causes}. Raise residual_tol to accept it, or pass "
-               f"strict=True to make this an error.")
+               f"per-sample scores miss it.{still} Likely causes: {causes}. Raise residual_tol to accept it, or "
+               f"pass strict=True to make this an error.")
     if strict:
         raise TrajectoryError(message)
     warn_at_caller(message)
