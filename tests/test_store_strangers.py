@@ -21,6 +21,7 @@ from _recording_helpers import batches, mlp, regression_data
 import explaind
 from explaind.exceptions import TrajectoryError
 from explaind.trajectory._checksum import checksum
+from explaind.trajectory.manifest import SCHEMA_VERSION
 
 STEPS = 4
 
@@ -110,7 +111,8 @@ MANIFEST_EDITS = {
     "schema_version as a string": (lambda m: m.update(schema_version="3"), r"schema_version '3'; allowed: an integer"),
     "schema_version true": (lambda m: m.update(schema_version=True), r"schema_version True; allowed: an integer"),
     "schema_version 2.5": (lambda m: m.update(schema_version=2.5), r"schema_version 2.5; allowed: an integer from 1"),
-    "schema_version 0": (lambda m: m.update(schema_version=0), r"schema_version 0; allowed: an integer from 1 to 2"),
+    "schema_version 0": (lambda m: m.update(schema_version=0),
+                         rf"schema_version 0; allowed: an integer from 1 to {SCHEMA_VERSION}"),
     "schema_version missing": (lambda m: m.pop("schema_version"), r"schema_version None; allowed"),
     "an unknown dtype": (lambda m: m.update(dtype="float128"), r"dtype = 'float128': .*not a torch dtype"),
     "an unknown parameter dtype": (lambda m: m["params"][0].update(dtype="__class__"), r"params\.0\.dtype = "

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindError, TrajectoryError, UnknownEntryError
 from ..recurrence import LinearUpdate
+from ._binding import check_run, check_state
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import check_specs, read_tensors
@@ -286,6 +287,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
                                   f"samples, ...) differs from the one checksummed in {where}: the store was "
                                   f"modified. Re-record the run.")
+        check_run(meta, self._manifest, where)
         if record.has_params:
             self._check_params(tensors, where)
         check_updates(self._manifest.params, tensors, where, dense=not self.sparse)
@@ -294,6 +296,14 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return tensors, meta
+
+    def check_state_file(self, s: int, record: FileRecord, tensors: dict[str, Tensor], metadata: dict[str, str] | None,
+                         audit: bool | None = None) -> None:
+        """The optimizer (or audit) state ``record`` read after step ``s`` is the one step ``s``'s file binds
+        (:func:`~explaind.trajectory._binding.check_state`; its step file is read and checked first)."""
+        step_file = self._manifest.steps[s].file
+        check_state(self._step_file(s)[1], tensors, metadata, f"{record.path!r} (step {s})",
+                    repr(step_file and step_file.path), audit=audit)
 
     def _check_params(self, tensors: dict[str, Tensor], where: str) -> None:
         check_specs(tensors, "param.", self._manifest.params, where)

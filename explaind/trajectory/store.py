@@ -50,6 +50,7 @@ from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget, check_queue_bounds
+from ._binding import new_run_id, run_binding, state_binding
 from ._checksum import DEFAULT as DEFAULT_CHECKSUM
 from ._checksum import validate_algorithm
 from ._filewrite import Staged, TensorFileWriter
@@ -76,7 +77,6 @@ Prepare = Callable[[StepRecord, Any], tuple[StepRecord, Any]]
 #: Bytes of step copies (theta, optimizer state, what the step's ``prepare`` holds) queued for the writer at
 #: most, unless one step alone is larger: then a step waits until the one before it is committed
 MAX_QUEUE_BYTES = 1 << 26
-
 
 
 def pack_updates(names: tuple[str, ...], updates: dict[str, LinearUpdate]) -> dict[str, Tensor]:
@@ -170,7 +170,6 @@ def is_store(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-
 class StoreWriter:
     """Writes a store: the start files synchronously, then one step at a time (optionally in the background).
 
@@ -218,6 +217,8 @@ class StoreWriter:
         self.root = Path(root).absolute()  # a later os.chdir does not move it
         self.checksum = validate_algorithm(checksum)
         manifest.schema_version = SCHEMA_VERSION  # new records need it (read_manifest refused newer ones)
+        if new:
+            manifest.run_id = new_run_id()  # bound into every step file (_binding.py); older stores keep none
         self.manifest = manifest
         self.fsync = fsync
         self.keep_states = bool(keep_states)
@@ -373,6 +374,9 @@ class StoreWriter:
                 if prepare is not None:
                     record, state = prepare(record, state)
                 meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
+                run = run_binding(self.manifest)  # the run and its start files; the state written with the step:
+                meta.update(({} if run is None else {"run": run}) | ({"state": state_binding(*state)} if state is
+                            not None and (self.keep_states or i == last_state) else {}))
                 mine: list[Staged] = []
                 try:
                     file = self._files.write(self.root, step_path(s), tensors, meta, staged=mine)
