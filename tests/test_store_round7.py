@@ -218,6 +218,17 @@ def test_a_start_file_of_another_run_with_its_checksum_rewritten_is_refused(dens
         explaind.Trajectory.load(dense, model=_model()).params(1)
 
 
+@pytest.mark.parametrize("field, value", [("loss", "cross_entropy"), ("dtype", "float32")])
+def test_a_manifest_describing_the_run_otherwise_is_refused_when_a_step_is_read(dense, field, value):
+    manifest = _manifest(dense)
+    assert manifest[field] != value
+    manifest[field] = value  # valid on its own: nothing but the step files' binding tells it from the recorded one
+    _write_manifest(dense, manifest)
+    with pytest.raises(TrajectoryError, match=r"000000\.safetensors' \(step 0\) was recorded with another "
+                                              r"description of the run than the manifest's.*manifest\.json was edited"):
+        explaind.Trajectory.load(dense, model=_model()).updates(0)
+
+
 def test_two_stores_journals_concatenated_are_refused_naming_the_step_listed_twice(dense, templates):
     manifest = _manifest(dense)
     manifest.update(steps=[], complete=False)  # the steps left to the journal, as a crash leaves them

@@ -7,8 +7,10 @@ another run, an optimizer state renamed, dropped or cast) would pass the checksu
 carries in its checksummed metadata
 
 * ``"run"``: the run's identity (:attr:`~explaind.trajectory.manifest.TrajectoryManifest.run_id`, drawn when
-  the store is created) and the checksums of its start files (``initial``, ``constants``, ``data``,
-  ``initial_state``), compared with the manifest whenever the step file is read (:func:`check_run`);
+  the store is created), the checksums of its start files (``initial``, ``constants``, ``data``,
+  ``initial_state``) and of the manifest's description of what was trained (:data:`RUN_FIELDS`: parameter and
+  constant specs, dtype, adapter, loss, ...), compared with the manifest whenever the step file is read
+  (:func:`check_run`);
 * ``"state"``, on the steps whose record names an optimizer state file (and, in a sparse store, an
   audit state file): the name, dtype and shape of every tensor written there and the checksum of the
   state's JSON description (its ``"optimizer"`` metadata: hyperparameters, step counts), compared with
@@ -31,7 +33,7 @@ from ..exceptions import TrajectoryError
 from ._checksum import checksum
 from .manifest import TrajectoryManifest, dtype_name
 
-__all__ = ["new_run_id", "run_binding", "check_run", "state_binding", "check_state", "AUDIT_PREFIX"]
+__all__ = ["new_run_id", "run_binding", "check_run", "state_binding", "check_state", "AUDIT_PREFIX", "RUN_FIELDS"]
 
 #: tensors of a state file that hold the recorder's audit momentum (a sparse store keeps them in a file of their own)
 AUDIT_PREFIX = "audit."
@@ -44,8 +46,15 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
+#: the manifest's fields that describe what was trained; fixed when the store is created (or resumed) and bound
+#: into every step file (the hyperparameters, kept for information, the creation time and ``extras`` are not)
+RUN_FIELDS = frozenset({"dtype", "params", "constants", "adapter", "optimizer_class", "loss", "architecture",
+                        "param_stride", "n_train", "train_fingerprint", "random_capture", "buffer_names"})
+
+
 def run_binding(manifest: TrajectoryManifest) -> str | None:
-    """The ``"run"`` entry of a step file of ``manifest``'s run: its identity and start files' checksums (JSON).
+    """The ``"run"`` entry of a step file of ``manifest``'s run (JSON): its identity, the checksums of its start
+    files and of the manifest's description of the run (:data:`RUN_FIELDS`).
 
     ``None`` for a store without an identity (written before schema 3, also once resumed).
     """
@@ -54,23 +63,26 @@ def run_binding(manifest: TrajectoryManifest) -> str | None:
     files = {"initial": manifest.initial_file, "constants": manifest.constants_file, "data": manifest.data_file,
              "initial_state": manifest.initial_state_file}
     start = {k: (None if r is None else r.checksum or f"sha256:{r.sha256}") for k, r in files.items()}
-    return json.dumps({"id": manifest.run_id, "start": start}, sort_keys=True, separators=(",", ":"))
+    described = checksum(manifest.model_dump_json(include=set(RUN_FIELDS)).encode())
+    return json.dumps({"id": manifest.run_id, "start": start, "manifest": described}, sort_keys=True,
+                      separators=(",", ":"))
 
 
-def check_run(meta: dict[str, str], manifest: TrajectoryManifest, where: str) -> None:
-    """The step file read as ``where`` (its metadata ``meta``) belongs to ``manifest``'s run and start files.
+def check_run(meta: dict[str, str], expected: str | None, where: str) -> None:
+    """The step file read as ``where`` (its metadata ``meta``) belongs to the run whose :func:`run_binding` is
+    ``expected``: the same identity, start files and description of the run.
 
     Raises
     ------
     TrajectoryError
         Naming the file, what it records and what the manifest says.
     """
-    expected, held = run_binding(manifest), meta.get("run")
+    held = meta.get("run")
     if held == expected:
         return
     if expected is None or held is None:
         says = "no run identity" if held is None else "a run identity"
-        other = "names the run " + repr(manifest.run_id) if expected is not None else "names no run identity"
+        other = "names no run identity" if expected is None else f"names the run {json.loads(expected)['id']!r}"
         raise TrajectoryError(f"Trajectory file {where} records {says}, but the manifest {other}: the step file "
                               f"or the manifest was replaced. {_FIX}")
     theirs, ours = json.loads(held), json.loads(expected)
@@ -79,10 +91,15 @@ def check_run(meta: dict[str, str], manifest: TrajectoryManifest, where: str) ->
                               f"the run {ours['id']!r} (its manifest's run_id): a step file of another run was put "
                               f"in its place. {_FIX}")
     differ = sorted(k for k in ours["start"] if theirs.get("start", {}).get(k) != ours["start"][k])
-    raise TrajectoryError(f"Trajectory file {where} was recorded from start files other than those the manifest "
-                          f"names ({', '.join(f'{k}_file' for k in differ)}: the step records "
-                          f"{[theirs.get('start', {}).get(k) for k in differ]}, the manifest "
-                          f"{[ours['start'][k] for k in differ]}): a start file was replaced. {_FIX}")
+    if differ:
+        raise TrajectoryError(f"Trajectory file {where} was recorded from start files other than those the manifest "
+                              f"names ({', '.join(f'{k}_file' for k in differ)}: the step records "
+                              f"{[theirs.get('start', {}).get(k) for k in differ]}, the manifest "
+                              f"{[ours['start'][k] for k in differ]}): a start file was replaced. {_FIX}")
+    raise TrajectoryError(f"Trajectory file {where} was recorded with another description of the run than the "
+                          f"manifest's (its fields {sorted(RUN_FIELDS)}: the step records the checksum "
+                          f"{theirs.get('manifest')}, the manifest has {ours['manifest']}): manifest.json was edited. "
+                          f"{_FIX}")
 
 
 def _layout(tensors: dict[str, Tensor]) -> dict[str, list[Any]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..exceptions import TrajectoryError
-from ._binding import check_run, check_state
+from ._binding import check_run, check_state, run_binding
 from ._index import read_manifest
 from ._io import read_tensors
 from .lock import live_writer
@@ -46,11 +46,12 @@ def verify_store(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None
     for record in (manifest.initial_file, manifest.constants_file, manifest.data_file, manifest.initial_state_file):
         if record is not None:
             read_tensors(root, record)
+    run = run_binding(manifest)
     metas: dict[int, dict[str, str]] = {}  # the step files' metadata, of the steps that name a state file
     for record in manifest.steps:
         if record.file is not None:
             meta = read_tensors(root, record.file, step=record.step)[1]
-            check_run(meta, manifest, f"{record.file.path!r} (step {record.step})")
+            check_run(meta, run, f"{record.file.path!r} (step {record.step})")
             if record.optimizer_state is not None or record.audit_state is not None:
                 metas[record.step] = meta
     for _ in range(STATE_RETRIES):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindError, TrajectoryError, UnknownEntryError
 from ..recurrence import LinearUpdate
-from ._binding import check_run, check_state
+from ._binding import check_run, check_state, run_binding
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import check_specs, read_tensors
@@ -169,6 +169,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         self.root = Path(path).absolute()  # a later os.chdir does not move it
         self._generators: tuple[torch.Generator, ...] = ()
         self._manifest = read_manifest(self.root)
+        self._run = run_binding(self._manifest)  # what every step file of the run binds (_binding.py)
         self._replay: SegmentReplay | None = None
         if self.sparse:
             self._end_at_checkpoint()
@@ -287,7 +288,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
                                   f"samples, ...) differs from the one checksummed in {where}: the store was "
                                   f"modified. Re-record the run.")
-        check_run(meta, self._manifest, where)
+        check_run(meta, self._run, where)
         if record.has_params:
             self._check_params(tensors, where)
         check_updates(self._manifest.params, tensors, where, dense=not self.sparse)

@@ -224,6 +224,7 @@ class StoreWriter:
         self.keep_states = bool(keep_states)
         self._error: BaseException | None = None
         self._error_step: int | None = None
+        self._run: str | None = None  # run_binding(manifest), at the first step (the start files are written then)
         # slot (0/1) of the optimizer state of the last committed step; the next state goes to the other one
         slot_of = (lambda r: r.audit_state) if keep_states else (lambda r: r.optimizer_state)
         last = next((slot_of(r) for r in reversed(manifest.steps) if slot_of(r) is not None), None)
@@ -374,9 +375,9 @@ class StoreWriter:
                 if prepare is not None:
                     record, state = prepare(record, state)
                 meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
-                run = run_binding(self.manifest)  # the run and its start files; the state written with the step:
+                run = self._run = self._run or run_binding(self.manifest)  # the run, fixed once steps come; and
                 meta.update(({} if run is None else {"run": run}) | ({"state": state_binding(*state)} if state is
-                            not None and (self.keep_states or i == last_state) else {}))
+                            not None and (self.keep_states or i == last_state) else {}))  # the state written with it
                 mine: list[Staged] = []
                 try:
                     file = self._files.write(self.root, step_path(s), tensors, meta, staged=mine)
