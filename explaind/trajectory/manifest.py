@@ -345,12 +345,10 @@ class TrajectoryManifest(_Model):
             seen.add(spec.name)
         return self
 
-    @model_serializer(mode="wrap")
-    def _drop_unset_run_id(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        if out.get("run_id", "") is None:  # a store created before schema 3 reads and writes back as it was
-            del out["run_id"]
-        return out
+    def to_json(self) -> bytes:
+        """``manifest.json``'s bytes: indented JSON; ``run_id`` left out while unset, so that a store created before
+        schema 3 reads and writes back as it was (an ``exclude``, not a serializer: that keeps pydantic's fast path)."""
+        return self.model_dump_json(indent=1, exclude=None if self.run_id is not None else {"run_id"}).encode()
 
     @property
     def param_names(self) -> tuple[str, ...]:

@@ -268,7 +268,7 @@ class StoreWriter:
     def write_manifest(self) -> None:
         with self._lock:
             self.manifest.n_steps = len(self.manifest.steps)
-            data = self.manifest.model_dump_json(indent=1).encode()
+            data = self.manifest.to_json()
         write_bytes(self.root, MANIFEST, data, fsync=self.fsync)
 
     def write_file(
