@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from _recording_helpers import batches, regression_data
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from test_store_round5 import _read_all as _values  # everything a reader gets, after verify()
+from test_store_round5 import _same
 from test_store_strangers import _model
 
 import explaind
@@ -57,21 +59,6 @@ def _record(store: Path, stop: int, *, shift: float = 0.0, resume: bool = False,
             rec.log_batch(idx)
             opt.step()
     return rec
-
-
-def _values(store: Path) -> list[torch.Tensor]:
-    """Everything a reader gets from the store (theta of every step, coefficients, batches), after verify()."""
-    traj = explaind.Trajectory.load(store, model=_model())
-    traj.verify()
-    out = [t for s in range(traj.n_steps + 1) for t in traj.params(s).values()]
-    for s in range(traj.n_steps):
-        out += [*traj.batch(s), torch.tensor(traj.grad_scale(s))]
-        out += [torch.as_tensor(c) for u in traj.updates(s).values() for c in (u.a, u.b, u.P, u.q, u.n)]
-    return out
-
-
-def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,9 @@ def new_run_id() -> str:
 
 
 #: the manifest's fields that describe what was trained; fixed when the store is created (or resumed) and bound
-#: into every step file (the hyperparameters, kept for information, the creation time and ``extras`` are not)
+#: into every step file (the hyperparameters, kept for information, the creation time and ``extras`` are not).
+#: The step files of schema-3 stores hold the checksum of these fields as written then: a change of the set (or of
+#: a field's JSON) needs a new schema version, else those stores are refused as edited.
 RUN_FIELDS = frozenset({"dtype", "params", "constants", "adapter", "optimizer_class", "loss", "architecture",
                         "param_stride", "n_train", "train_fingerprint", "random_capture", "buffer_names"})
 
