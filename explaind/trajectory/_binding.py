@@ -11,14 +11,18 @@ carries in its checksummed metadata
   ``initial_state``) and of the manifest's description of what was trained (:data:`RUN_FIELDS`: parameter and
   constant specs, dtype, adapter, loss, ...), compared with the manifest whenever the step file is read
   (:func:`check_run`);
-* ``"state"``, on the steps whose record names an optimizer state file (and, in a sparse store, an
-  audit state file): the name, dtype and shape of every tensor written there and the checksum of the
-  state's JSON description (its ``"optimizer"`` metadata: hyperparameters, step counts), compared with
-  the state file when it is read for a resume, a replay or ``verify()`` (:func:`check_state`).
+* ``"state"``, on every step after which the optimizer state is kept: the name, dtype and shape of every
+  tensor of that state (with the recorder audit's momentum) and the checksum of its JSON description (its
+  ``"optimizer"`` metadata: hyperparameters, step counts). Of the steps committed together only the newest
+  state is written, and the record of its step names the file; the entry is on the others too, so a step file's
+  bytes do not depend on how the writer grouped the steps. The state file (in a sparse store the checkpoint
+  state and the audit state) is compared with it when it is read for a resume, a replay or ``verify()``
+  (:func:`check_state`).
 
 A store written before schema 3 has neither entry and is read as before: its state files are checked
-only against their checksums. A step file carries an entry exactly when the manifest says it should
-(``run_id`` set; a state file named), so neither can be stripped without changing the step file.
+only against their checksums. A step file of a schema-3 store carries ``"run"`` exactly when the manifest has
+a ``run_id``, and ``"state"`` whenever its record names a state file, so neither can be stripped without
+changing the step file (whose checksum its record holds).
 """
 
 from __future__ import annotations

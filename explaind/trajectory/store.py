@@ -376,8 +376,8 @@ class StoreWriter:
                     record, state = prepare(record, state)
                 meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
                 run = self._run = self._run or run_binding(self.manifest)  # the run, fixed once steps come; and
-                meta.update(({} if run is None else {"run": run}) | ({"state": state_binding(*state)} if state is
-                            not None and (self.keep_states or i == last_state) else {}))  # the state written with it
+                meta.update(({} if run is None else {"run": run}) | ({} if state is None else {"state": state_binding(
+                    *state)}))  # the state handed with it (written or not: the step file does not depend on timing)
                 mine: list[Staged] = []
                 try:
                     file = self._files.write(self.root, step_path(s), tensors, meta, staged=mine)
