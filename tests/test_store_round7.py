@@ -152,8 +152,9 @@ def test_a_forged_optimizer_state_is_refused_by_resume_and_verify_naming_the_ent
     _rewrite(dense, _newest_state(manifest), edit)
     _write_manifest(dense, manifest)
     before = {p: p.read_bytes() for p in dense.rglob("*") if p.is_file()}
-    message = (rf"'optimizer/state-\d\.safetensors' \(step 3\) is not the optimizer state recorded with "
-               rf"'steps/000003\.safetensors': {problem}.*Restore the store from a copy, or record the run again")
+    message = (rf"'optimizer/state-\d\.safetensors' \(step 3\) "
+               r"of the store '[^']*' is not the optimizer state recorded with "
+               rf"'steps/000003\.safetensors': {problem}.*Restore the store from a copy, or re-record the run")
     with pytest.raises(TrajectoryError, match=message):
         _record(dense, STEPS + 2, resume=True)
     after = {p: p.read_bytes() for p in dense.rglob("*") if p.is_file() and not p.name.startswith(".explaind-lock")}
@@ -169,7 +170,8 @@ def test_a_forged_checkpoint_state_of_a_sparse_store_is_refused_when_replayed_an
     _rewrite(sparse, first["optimizer_state"], _recast)
     _write_manifest(sparse, manifest)
     s = first["step"]
-    message = (rf"'optimizer/checkpoint-{s:06d}\.safetensors' \(step {s}\) is not the optimizer state recorded with "
+    message = (rf"'optimizer/checkpoint-{s:06d}\.safetensors' \(step {s}\) "
+               r"of the store '[^']*' is not the optimizer state recorded with "
                rf"'steps/{s:06d}\.safetensors': 'state\.0\.momentum_buffer' is float32")
     traj = explaind.Trajectory.load(sparse, model=_model(), train_data=(X, Y))
     with pytest.raises(TrajectoryError, match=message):
@@ -186,7 +188,8 @@ def test_a_step_file_of_another_run_with_its_record_is_refused_naming_both_runs(
     shutil.copyfile(other / "steps/000002.safetensors", dense / "steps/000002.safetensors")
     manifest["steps"][2] = theirs["steps"][2]  # its record too: the checksum and the bound record match the file
     _write_manifest(dense, manifest)
-    with pytest.raises(TrajectoryError, match=rf"000002\.safetensors' \(step 2\) belongs to the run "
+    with pytest.raises(TrajectoryError, match=rf"000002\.safetensors' \(step 2\) "
+                                              r"of the store '[^']*' belongs to the run "
                                               rf"'{theirs['run_id']}', but the store is the run "
                                               rf"'{manifest['run_id']}'"):
         explaind.Trajectory.load(dense, model=_model()).params(3)
@@ -211,7 +214,8 @@ def test_a_manifest_describing_the_run_otherwise_is_refused_when_a_step_is_read(
     assert manifest[field] != value
     manifest[field] = value  # valid on its own: nothing but the step files' binding tells it from the recorded one
     _write_manifest(dense, manifest)
-    with pytest.raises(TrajectoryError, match=r"000000\.safetensors' \(step 0\) was recorded with another "
+    with pytest.raises(TrajectoryError, match=r"000000\.safetensors' \(step 0\) "
+                                              r"of the store '[^']*' was recorded with another "
                                               r"description of the run than the manifest's.*manifest\.json was edited"):
         explaind.Trajectory.load(dense, model=_model()).updates(0)
 
@@ -254,7 +258,8 @@ def test_a_store_of_the_previous_format_reads_and_resumes_bit_for_bit_and_binds_
     manifest = _manifest(dense)
     _rewrite(dense, _newest_state(manifest), _recast)  # a step recorded after the resume binds its state
     _write_manifest(dense, manifest)
-    with pytest.raises(TrajectoryError, match=r"state-\d\.safetensors' \(step 7\) is not the optimizer state "
+    with pytest.raises(TrajectoryError, match=r"state-\d\.safetensors' \(step 7\) "
+                                              r"of the store '[^']*' is not the optimizer state "
                                               r"recorded with 'steps/000007\.safetensors'"):
         explaind.Trajectory.load(dense, model=_model()).verify()
 

@@ -41,8 +41,8 @@ __all__ = ["new_run_id", "run_binding", "check_run", "state_binding", "check_sta
 
 #: tensors of a state file that hold the recorder's audit momentum (a sparse store keeps them in a file of their own)
 AUDIT_PREFIX = "audit."
-_FIX = ("Restore the store from a copy, or record the run again (TrajectoryRecorder(..., overwrite=True)); a "
-        "store is not assembled from the files of several runs.")
+_FIX = ("Restore the store from a copy, or re-record the run (TrajectoryRecorder(..., overwrite=True)); a store "
+        "is not assembled from the files of several runs.")
 
 
 def new_run_id() -> str:

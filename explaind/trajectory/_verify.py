@@ -51,7 +51,7 @@ def verify_store(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None
     for record in manifest.steps:
         if record.file is not None:
             meta = read_tensors(root, record.file, step=record.step)[1]
-            check_run(meta, run, f"{record.file.path!r} (step {record.step})")
+            check_run(meta, run, f"{record.file.path!r} (step {record.step}) of the store {str(root)!r}")
             if record.optimizer_state is not None or record.audit_state is not None:
                 metas[record.step] = meta
     for _ in range(STATE_RETRIES):
@@ -101,5 +101,5 @@ def _check_bound(root: Path, record: StepRecord, state: FileRecord, tensors: dic
         return
     if record.step not in metas:  # a step committed after verify() read the step files
         metas[record.step] = read_tensors(root, record.file, step=record.step)[1]
-    check_state(metas[record.step], tensors, meta, f"{state.path!r} (step {record.step})", repr(record.file.path),
-                audit=audit)
+    check_state(metas[record.step], tensors, meta, f"{state.path!r} (step {record.step}) of the store {str(root)!r}",
+                repr(record.file.path), audit=audit)

@@ -288,7 +288,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
                                   f"samples, ...) differs from the one checksummed in {where}: the store was "
                                   f"modified. Re-record the run.")
-        check_run(meta, self._run, where)
+        check_run(meta, self._run, f"{where} of the store {str(self.root)!r}")
         if record.has_params:
             self._check_params(tensors, where)
         check_updates(self._manifest.params, tensors, where, dense=not self.sparse)
@@ -303,8 +303,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         """The optimizer (or audit) state ``record`` read after step ``s`` is the one step ``s``'s file binds
         (:func:`~explaind.trajectory._binding.check_state`; its step file is read and checked first)."""
         step_file = self._manifest.steps[s].file
-        check_state(self._step_file(s)[1], tensors, metadata, f"{record.path!r} (step {s})",
-                    repr(step_file and step_file.path), audit=audit)
+        where = f"{record.path!r} (step {s}) of the store {str(self.root)!r}"
+        check_state(self._step_file(s)[1], tensors, metadata, where, repr(step_file and step_file.path), audit=audit)
 
     def _check_params(self, tensors: dict[str, Tensor], where: str) -> None:
         check_specs(tensors, "param.", self._manifest.params, where)
