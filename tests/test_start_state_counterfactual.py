@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from _start_state_kit import BEFORE, DT, N_TRAIN, OPTIMIZERS, batches, data, mlp, train
 from safetensors.torch import load_file, save_file
+from test_store_round7 import _as_schema_2
 
 import explaind
 from explaind.exceptions import ConfigError
@@ -130,6 +131,7 @@ def _keep_first_moment_only(root):
     raw = path.read_bytes()
     manifest["initial_state_file"].update(nbytes=len(raw), checksum=checksum(raw))
     (root / "manifest.json").write_text(json.dumps(manifest))
+    _as_schema_2(root)  # that explaind wrote schema 2: step files that bind neither the run nor its start files
 
 
 def test_a_store_that_kept_only_the_first_moment_is_exact_for_sgd_and_refused_for_adam(tmp_path):

@@ -105,7 +105,9 @@ def test_an_optimizer_start_state_without_its_description_is_refused_naming_the_
     m["initial_state_file"].update(nbytes=len(raw), checksum=checksum(raw))
     manifest.write_text(json.dumps(m))
     loaded = Trajectory.load(tmp_path / "run", model=mlp())
-    loaded.verify()  # the checksum matches
+    with pytest.raises(TrajectoryError, match=r"recorded from start files other than those the manifest names "
+                                              r"\(initial_state_file"):
+        loaded.verify()  # the checksum matches, but the step files bind the one recorded (docs: round 7)
     with pytest.raises(TrajectoryError, match=r"initial_state\.safetensors.* holds the optimizer's start state "
                                               r"without its description.*re-record"):
         loaded.optimizer_start()

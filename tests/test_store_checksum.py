@@ -64,7 +64,7 @@ def test_the_default_checksum_is_xxh3_128_of_every_file(tmp_path):
     store = tmp_path / "run"
     _record(store)
     records = _records(store)
-    assert read_manifest(store).schema_version == SCHEMA_VERSION == 2
+    assert read_manifest(store).schema_version == SCHEMA_VERSION == 3
     assert {"initial.safetensors", "data.safetensors", "steps/000005.safetensors"} <= {r.path for r in records}
     for r in records:  # the digest recomputed here with the xxhash package, not the store's code
         data = (store / r.path).read_bytes()

@@ -54,6 +54,7 @@ def _files(root) -> dict[str, bytes]:
 def test_a_store_written_through_the_page_cache_holds_the_bytes_of_an_o_direct_one(tmp_path, monkeypatch,
                                                                                    opt_name):
     durable, cached = tmp_path / "direct", tmp_path / "cached"
+    monkeypatch.setattr(store, "new_run_id", lambda: "7" * 32)  # one identity for both: each store draws its own
     _record(durable, True, opt_name, monkeypatch)
     _record(cached, False, opt_name, monkeypatch)
     # which steps' optimizer states the two slots hold depends on how many steps the writer found queued at

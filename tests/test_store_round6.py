@@ -37,6 +37,9 @@ from explaind import Attribution
 from explaind.exceptions import ConfigError, TrajectoryError, UnknownEntryError
 from explaind.kernel.layout import ParamLayout
 from explaind.pruning.apply import apply_masks, load_pruned, save_pruned
+from explaind.trajectory._binding import run_binding
+from explaind.trajectory._checksum import checksum
+from explaind.trajectory.manifest import TrajectoryManifest
 
 LAYOUT = ParamLayout(("w", "b"), ((2, 3), (2,)))
 #: the fixtures of round 5: a recorded dense store (module scope) and a copy of it per test
@@ -267,11 +270,25 @@ def test_a_different_architecture_with_the_same_names_and_shapes_is_reported_by_
 
 
 # --------------------------------------------------------------------------- plugins that are not installed
+def _rebind(root: Path, manifest: dict) -> None:
+    """Rewrite every step file's "run" entry as a recording of ``manifest`` would have written it (and its record)."""
+    run = run_binding(TrajectoryManifest.model_validate(manifest))
+    for record in manifest["steps"]:
+        path = root / record["file"]["path"]
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        meta = {**json.loads(data[8 : 8 + n])["__metadata__"], "run": run}
+        data = st_save(dict(st_load(data)), metadata=meta)
+        path.write_bytes(data)
+        record["file"].update(nbytes=len(data), checksum=checksum(data))
+
+
 def test_a_sparse_store_whose_optimizer_adapter_is_not_installed_names_the_plugin_fix(tmp_path):
     root = tmp_path / "sparse"
     _record(root, 4, checkpoint_every=3)
     manifest = json.loads((root / "manifest.json").read_text())
-    manifest["adapter"] = "someone_elses_sgd"  # as recorded with a plugin this environment lacks
+    manifest["adapter"] = "someone_elses_sgd"  # as recorded with a plugin this environment lacks:
+    _rebind(root, manifest)  # the step files bind the adapter's name (schema 3), so they are rewritten with it
     (root / "manifest.json").write_text(json.dumps(manifest))
     traj = explaind.Trajectory.load(root, model=_model())
     with pytest.raises(UnknownEntryError, match=r"Unknown optimizer adapter 'someone_elses_sgd'.*installing a "

@@ -107,7 +107,7 @@ def _canonical_manifest(data: bytes) -> TrajectoryManifest | None:
         manifest = TrajectoryManifest.model_validate_json(data, strict=True)
     except ValueError:  # a ValidationError
         return None
-    return manifest if manifest.model_dump_json(indent=1).encode() == data else None
+    return manifest if manifest.to_json() == data else None
 
 
 def _problem(exc: ValueError) -> str:

@@ -181,12 +181,16 @@ class RecorderResumeMixin:
         assert rec is not None  # _validate_resume chose n so
         tensors, meta = read_tensors(self._store, rec, step=n - 1)
         audit_file = self._manifest.steps[n - 1].audit_state  # sparse stores keep it apart
-        if audit_file is not None:
-            tensors = {**tensors, **read_tensors(self._store, audit_file, step=n - 1)[0]}
-        audit = {k[len("audit."):]: v for k, v in tensors.items() if k.startswith("audit.")}
+        kept = {} if audit_file is None else read_tensors(self._store, audit_file, step=n - 1)[0]
+        audit = {k[len("audit."):]: v for k, v in {**tensors, **kept}.items() if k.startswith("audit.")}
         state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
-        return decode_optimizer_state(state, meta, self.optimizer.state_dict(),
-                                      f"Trajectory file {str(self._store / rec.path)!r}"), audit
+        decoded = decode_optimizer_state(state, meta, self.optimizer.state_dict(),
+                                         f"Trajectory file {str(self._store / rec.path)!r}")
+        stored = DiskTrajectory(self._store, model=self.model, loss=self._loss)  # the state its step file binds:
+        stored.check_state_file(n - 1, rec, tensors, meta, audit=None if audit_file is None else False)
+        if audit_file is not None:
+            stored.check_state_file(n - 1, audit_file, kept, None, audit=True)
+        return decoded, audit
 
     def _refuse_other_state(self, state: dict[str, Any] | None, n: int, loading: bool) -> None:
         """Refuse an optimizer holding state other than ``state`` (saved at ``n``; ``None``: none), naming where.

@@ -15,6 +15,7 @@ error and the fix, instead of a bare ``OSError``; nothing was recorded then.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,40 @@ def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     TrajectoryError
         When the directory is refused (see :func:`_prepare`) or cannot be written (:func:`setup_error`).
     """
+    _refuse_long_path(root)
     try:
         return _prepare(root, overwrite=overwrite, resume=resume)
     except OSError as exc:
         raise setup_error(root, exc) from exc
+
+
+#: the longest name a writer creates inside a store: a checkpoint state's temporary file (pid and thread id at most
+#: 10 and 20 digits; ``_io.temporary_path``)
+LONGEST_FILE = "/optimizer/checkpoint-000000.safetensors.tmp-" + "9" * 10 + "-" + "9" * 20
+
+
+def _refuse_long_path(root: Path) -> None:
+    """Refuse a store path whose files would pass the system's path length limit, before anything is written.
+
+    Each file of a store is written under a temporary name beside it; on a path close to ``PATH_MAX`` the
+    start files would fit and a later step's state file fail mid-run, where resuming fails again.
+    """
+    full = os.fsencode(os.path.abspath(root))
+    base = Path(os.path.abspath(root))
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        limit = os.pathconf(base, "PC_PATH_MAX") - 1  # the limit counts the terminating NUL
+    except (OSError, ValueError):
+        return  # no limit known: the system's own error names it
+    longest = len(full) + len(LONGEST_FILE)
+    if longest > limit:
+        raise TrajectoryError(
+            f"store={str(root)!r} is {len(full)} bytes long, and the files a recording writes in it would reach "
+            f"{longest} bytes (a temporary name such as 'optimizer/checkpoint-000123.safetensors.tmp-<pid>-<thread>'"
+            f"), more than the {limit} this file system allows for a path (PATH_MAX). Nothing was recorded. Allowed: a "
+            f"store path of at most {limit - len(LONGEST_FILE)} bytes. Fix: choose a shorter store path (a symbolic "
+            f"link to the directory is followed).")
 
 
 def _prepare(root: Path, *, overwrite: bool, resume: bool) -> bool:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import Tensor
+
 from ..exceptions import TrajectoryError
+from ._binding import check_run, check_state, run_binding
 from ._index import read_manifest
 from ._io import read_tensors
 from .lock import live_writer
-from .manifest import TrajectoryManifest
+from .manifest import FileRecord, StepRecord, TrajectoryManifest
 
 __all__ = ["verify_store", "STATE_RETRIES"]
 
@@ -43,12 +46,17 @@ def verify_store(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None
     for record in (manifest.initial_file, manifest.constants_file, manifest.data_file, manifest.initial_state_file):
         if record is not None:
             read_tensors(root, record)
+    run = run_binding(manifest)
+    metas: dict[int, dict[str, str]] = {}  # the step files' metadata, of the steps that name a state file
     for record in manifest.steps:
         if record.file is not None:
-            read_tensors(root, record.file, step=record.step)
+            meta = read_tensors(root, record.file, step=record.step)[1]
+            check_run(meta, run, f"{record.file.path!r} (step {record.step}) of the store {str(root)!r}")
+            if record.optimizer_state is not None or record.audit_state is not None:
+                metas[record.step] = meta
     for _ in range(STATE_RETRIES):
         try:
-            _verify_states(root, manifest, sparse)
+            _verify_states(root, manifest, sparse, metas)
             return
         except TrajectoryError:
             holder = live_writer(root)
@@ -71,10 +79,27 @@ def _newest_states(manifest: TrajectoryManifest) -> tuple[object, object]:
     return state, audit
 
 
-def _verify_states(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None:
+def _verify_states(root: Path, manifest: TrajectoryManifest, sparse: bool, metas: dict[int, dict[str, str]]) -> None:
+    """The newest optimizer state (a sparse store's: every checkpoint state) and the newest audit state, each
+    against its checksum and against the layout its step file binds (``metas``: step files' metadata read so far)."""
     states = [r for r in manifest.steps if r.optimizer_state is not None]
     for record in states if sparse else states[-1:]:
-        read_tensors(root, record.optimizer_state, step=record.step)  # type: ignore[arg-type]
+        state = record.optimizer_state
+        assert state is not None
+        tensors, meta = read_tensors(root, state, step=record.step)
+        _check_bound(root, record, state, tensors, meta, None if record.audit_state is None else False, metas)
     audit = next((r for r in reversed(manifest.steps) if r.audit_state is not None), None)
     if audit is not None and audit.audit_state is not None:
-        read_tensors(root, audit.audit_state, step=audit.step)
+        tensors = read_tensors(root, audit.audit_state, step=audit.step)[0]
+        _check_bound(root, audit, audit.audit_state, tensors, None, True, metas)
+
+
+def _check_bound(root: Path, record: StepRecord, state: FileRecord, tensors: dict[str, Tensor],
+                 meta: dict[str, str] | None, audit: bool | None, metas: dict[int, dict[str, str]]) -> None:
+    """:func:`~explaind.trajectory._binding.check_state` of a state file read after step ``record.step``."""
+    if record.file is None:
+        return
+    if record.step not in metas:  # a step committed after verify() read the step files
+        metas[record.step] = read_tensors(root, record.file, step=record.step)[1]
+    check_state(metas[record.step], tensors, meta, f"{state.path!r} (step {record.step}) of the store {str(root)!r}",
+                repr(record.file.path), audit=audit)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindError, TrajectoryError, UnknownEntryError
 from ..recurrence import LinearUpdate
+from ._binding import check_run, check_state, run_binding
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import check_specs, read_tensors
@@ -168,6 +169,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         self.root = Path(path).absolute()  # a later os.chdir does not move it
         self._generators: tuple[torch.Generator, ...] = ()
         self._manifest = read_manifest(self.root)
+        self._run = run_binding(self._manifest)  # what every step file of the run binds (_binding.py)
         self._replay: SegmentReplay | None = None
         if self.sparse:
             self._end_at_checkpoint()
@@ -286,6 +288,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
                                   f"samples, ...) differs from the one checksummed in {where}: the store was "
                                   f"modified. Re-record the run.")
+        check_run(meta, self._run, f"{where} of the store {str(self.root)!r}")
         if record.has_params:
             self._check_params(tensors, where)
         check_updates(self._manifest.params, tensors, where, dense=not self.sparse)
@@ -294,6 +297,14 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return tensors, meta
+
+    def check_state_file(self, s: int, record: FileRecord, tensors: dict[str, Tensor], metadata: dict[str, str] | None,
+                         audit: bool | None = None) -> None:
+        """The optimizer (or audit) state ``record`` read after step ``s`` is the one step ``s``'s file binds
+        (:func:`~explaind.trajectory._binding.check_state`; its step file is read and checked first)."""
+        step_file = self._manifest.steps[s].file
+        where = f"{record.path!r} (step {s}) of the store {str(self.root)!r}"
+        check_state(self._step_file(s)[1], tensors, metadata, where, repr(step_file and step_file.path), audit=audit)
 
     def _check_params(self, tensors: dict[str, Tensor], where: str) -> None:
         check_specs(tensors, "param.", self._manifest.params, where)

@@ -35,8 +35,11 @@ __all__ = [
 ]
 
 #: Version of the on-disk layout; bumped on incompatible changes. 2: file checksums are XXH3-128
-#: (``FileRecord.checksum``); schema-1 stores (``FileRecord.sha256``) are still read and resumed.
-SCHEMA_VERSION = 2
+#: (``FileRecord.checksum``); schema-1 stores (``FileRecord.sha256``) are still read and resumed. 3: the manifest
+#: names the run (``run_id``) and every step file binds it, the start files' checksums and the layout of the
+#: optimizer state written with it (:mod:`~explaind.trajectory._binding`); stores of schema 1 and 2 are read and
+#: resumed as before (their steps bind neither).
+SCHEMA_VERSION = 3
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float16: "float16",
@@ -251,6 +254,9 @@ class TrajectoryManifest(_Model):
     ----------
     schema_version : int
         Layout version (:data:`SCHEMA_VERSION`).
+    run_id : str or None
+        The run's identity, 32 random hex digits drawn when the store was created; every step file names it
+        (:mod:`~explaind.trajectory._binding`). ``None``: a store created before schema 3 (not written).
     params : list of TensorSpec
         Trainable parameters in ``model.named_parameters()`` order.
     constants : list of TensorSpec
@@ -299,6 +305,7 @@ class TrajectoryManifest(_Model):
     format: Literal["explaind-trajectory"] = "explaind-trajectory"
     explaind_version: str = ""
     created: str = Field(default_factory=_now)
+    run_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
     dtype: str = "float32"
     params: list[TensorSpec] = Field(default_factory=list)
     constants: list[TensorSpec] = Field(default_factory=list)
@@ -337,6 +344,11 @@ class TrajectoryManifest(_Model):
                                  f"parameter or constant is recorded once")
             seen.add(spec.name)
         return self
+
+    def to_json(self) -> bytes:
+        """``manifest.json``'s bytes: indented JSON; ``run_id`` left out while unset, so that a store created before
+        schema 3 reads and writes back as it was (an ``exclude``, not a serializer: that keeps pydantic's fast path)."""
+        return self.model_dump_json(indent=1, exclude=None if self.run_id is not None else {"run_id"}).encode()
 
     @property
     def param_names(self) -> tuple[str, ...]:

@@ -206,8 +206,10 @@ class SegmentReplay:
             state_file = self._src.manifest.steps[lo - 1].optimizer_state
             tensors, meta = read_tensors(self._src.root, state_file, step=lo - 1)
             state = {k: v for k, v in tensors.items() if not k.startswith("audit.")}
-            return decode_optimizer_state(state, meta, optimizer.state_dict(),
-                                          f"Trajectory file {str(self._src.root / state_file.path)!r}")
+            decoded = decode_optimizer_state(state, meta, optimizer.state_dict(),
+                                             f"Trajectory file {str(self._src.root / state_file.path)!r}")
+            self._src.check_state_file(lo - 1, state_file, tensors, meta, audit=False)  # the state its step binds
+            return decoded
         before = self._ends[bisect.bisect_left(self._ends, lo) - 1]
         if lo not in self._states:
             self.segment(before)  # its replay leaves the end state in self._states

@@ -50,6 +50,7 @@ from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget, check_queue_bounds
+from ._binding import new_run_id, run_binding, state_binding
 from ._checksum import DEFAULT as DEFAULT_CHECKSUM
 from ._checksum import validate_algorithm
 from ._filewrite import Staged, TensorFileWriter
@@ -76,7 +77,6 @@ Prepare = Callable[[StepRecord, Any], tuple[StepRecord, Any]]
 #: Bytes of step copies (theta, optimizer state, what the step's ``prepare`` holds) queued for the writer at
 #: most, unless one step alone is larger: then a step waits until the one before it is committed
 MAX_QUEUE_BYTES = 1 << 26
-
 
 
 def pack_updates(names: tuple[str, ...], updates: dict[str, LinearUpdate]) -> dict[str, Tensor]:
@@ -170,7 +170,6 @@ def is_store(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-
 class StoreWriter:
     """Writes a store: the start files synchronously, then one step at a time (optionally in the background).
 
@@ -218,11 +217,14 @@ class StoreWriter:
         self.root = Path(root).absolute()  # a later os.chdir does not move it
         self.checksum = validate_algorithm(checksum)
         manifest.schema_version = SCHEMA_VERSION  # new records need it (read_manifest refused newer ones)
+        if new:
+            manifest.run_id = new_run_id()  # bound into every step file (_binding.py); older stores keep none
         self.manifest = manifest
         self.fsync = fsync
         self.keep_states = bool(keep_states)
         self._error: BaseException | None = None
         self._error_step: int | None = None
+        self._run: str | None = None  # run_binding(manifest), at the first step (the start files are written then)
         # slot (0/1) of the optimizer state of the last committed step; the next state goes to the other one
         slot_of = (lambda r: r.audit_state) if keep_states else (lambda r: r.optimizer_state)
         last = next((slot_of(r) for r in reversed(manifest.steps) if slot_of(r) is not None), None)
@@ -266,7 +268,7 @@ class StoreWriter:
     def write_manifest(self) -> None:
         with self._lock:
             self.manifest.n_steps = len(self.manifest.steps)
-            data = self.manifest.model_dump_json(indent=1).encode()
+            data = self.manifest.to_json()
         write_bytes(self.root, MANIFEST, data, fsync=self.fsync)
 
     def write_file(
@@ -373,6 +375,9 @@ class StoreWriter:
                 if prepare is not None:
                     record, state = prepare(record, state)
                 meta = {**extra, "step": str(s), "record": record_binding(record)}  # checksummed with the file
+                run = self._run = self._run or run_binding(self.manifest)  # the run, fixed once steps come; and
+                meta.update(({} if run is None else {"run": run}) | ({} if state is None else {"state": state_binding(
+                    *state)}))  # the state handed with it (written or not: the step file does not depend on timing)
                 mine: list[Staged] = []
                 try:
                     file = self._files.write(self.root, step_path(s), tensors, meta, staged=mine)

@@ -1,0 +1,168 @@
+"""What a step file binds besides its record: the run it belongs to and the optimizer state written with it.
+
+The checksum of every file of a store sits in the store's index (``manifest.json``, ``journal.jsonl``),
+which nothing keys: a file replaced together with its checksum (another run's step, a start file of
+another run, an optimizer state renamed, dropped or cast) would pass the checksum alone. Since schema 3
+(docs/recording.md, "Strangers' files, round 7") the step file, whose own checksum its journal record holds,
+carries in its checksummed metadata
+
+* ``"run"``: the run's identity (:attr:`~explaind.trajectory.manifest.TrajectoryManifest.run_id`, drawn when
+  the store is created), the checksums of its start files (``initial``, ``constants``, ``data``,
+  ``initial_state``) and of the manifest's description of what was trained (:data:`RUN_FIELDS`: parameter and
+  constant specs, dtype, adapter, loss, ...), compared with the manifest whenever the step file is read
+  (:func:`check_run`);
+* ``"state"``, on every step after which the optimizer state is kept: the name, dtype and shape of every
+  tensor of that state (with the recorder audit's momentum) and the checksum of its JSON description (its
+  ``"optimizer"`` metadata: hyperparameters, step counts). Of the steps committed together only the newest
+  state is written, and the record of its step names the file; the entry is on the others too, so a step file's
+  bytes do not depend on how the writer grouped the steps. The state file (in a sparse store the checkpoint
+  state and the audit state) is compared with it when it is read for a resume, a replay or ``verify()``
+  (:func:`check_state`).
+
+A store written before schema 3 has neither entry and is read as before: its state files are checked
+only against their checksums. A step file of a schema-3 store carries ``"run"`` exactly when the manifest has
+a ``run_id``, and ``"state"`` whenever its record names a state file, so neither can be stripped without
+changing the step file (whose checksum its record holds).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from torch import Tensor
+
+from ..exceptions import TrajectoryError
+from ._checksum import checksum
+from .manifest import TrajectoryManifest, dtype_name
+
+__all__ = ["new_run_id", "run_binding", "check_run", "state_binding", "check_state", "AUDIT_PREFIX", "RUN_FIELDS"]
+
+#: tensors of a state file that hold the recorder's audit momentum (a sparse store keeps them in a file of their own)
+AUDIT_PREFIX = "audit."
+_FIX = ("Restore the store from a copy, or re-record the run (TrajectoryRecorder(..., overwrite=True)); a store "
+        "is not assembled from the files of several runs.")
+
+
+def new_run_id() -> str:
+    """A fresh run identity: 32 random hex digits (``uuid4``)."""
+    return uuid.uuid4().hex
+
+
+#: the manifest's fields that describe what was trained; fixed when the store is created (or resumed) and bound
+#: into every step file (the hyperparameters, kept for information, the creation time and ``extras`` are not).
+#: The step files of schema-3 stores hold the checksum of these fields as written then: a change of the set (or of
+#: a field's JSON) needs a new schema version, else those stores are refused as edited.
+RUN_FIELDS = frozenset({"dtype", "params", "constants", "adapter", "optimizer_class", "loss", "architecture",
+                        "param_stride", "n_train", "train_fingerprint", "random_capture", "buffer_names"})
+
+
+def run_binding(manifest: TrajectoryManifest) -> str | None:
+    """The ``"run"`` entry of a step file of ``manifest``'s run (JSON): its identity, the checksums of its start
+    files and of the manifest's description of the run (:data:`RUN_FIELDS`).
+
+    ``None`` for a store without an identity (written before schema 3, also once resumed).
+    """
+    if manifest.run_id is None:
+        return None
+    files = {"initial": manifest.initial_file, "constants": manifest.constants_file, "data": manifest.data_file,
+             "initial_state": manifest.initial_state_file}
+    start = {k: (None if r is None else r.checksum or f"sha256:{r.sha256}") for k, r in files.items()}
+    described = checksum(manifest.model_dump_json(include=set(RUN_FIELDS)).encode())
+    return json.dumps({"id": manifest.run_id, "start": start, "manifest": described}, sort_keys=True,
+                      separators=(",", ":"))
+
+
+def check_run(meta: dict[str, str], expected: str | None, where: str) -> None:
+    """The step file read as ``where`` (its metadata ``meta``) belongs to the run whose :func:`run_binding` is
+    ``expected``: the same identity, start files and description of the run.
+
+    Raises
+    ------
+    TrajectoryError
+        Naming the file, what it records and what the manifest says.
+    """
+    held = meta.get("run")
+    if held == expected:
+        return
+    if expected is None or held is None:
+        says = "no run identity" if held is None else "a run identity"
+        other = "names no run identity" if expected is None else f"names the run {json.loads(expected)['id']!r}"
+        raise TrajectoryError(f"Trajectory file {where} records {says}, but the manifest {other}: the step file "
+                              f"or the manifest was replaced. {_FIX}")
+    theirs, ours = json.loads(held), json.loads(expected)
+    if theirs.get("id") != ours["id"]:
+        raise TrajectoryError(f"Trajectory file {where} belongs to the run {theirs.get('id')!r}, but the store is "
+                              f"the run {ours['id']!r} (its manifest's run_id): a step file of another run was put "
+                              f"in its place. {_FIX}")
+    differ = sorted(k for k in ours["start"] if theirs.get("start", {}).get(k) != ours["start"][k])
+    if differ:
+        raise TrajectoryError(f"Trajectory file {where} was recorded from start files other than those the manifest "
+                              f"names ({', '.join(f'{k}_file' for k in differ)}: the step records "
+                              f"{[theirs.get('start', {}).get(k) for k in differ]}, the manifest "
+                              f"{[ours['start'][k] for k in differ]}): a start file was replaced. {_FIX}")
+    raise TrajectoryError(f"Trajectory file {where} was recorded with another description of the run than the "
+                          f"manifest's (its fields {sorted(RUN_FIELDS)}: the step records the checksum "
+                          f"{theirs.get('manifest')}, the manifest has {ours['manifest']}): manifest.json was edited. "
+                          f"{_FIX}")
+
+
+def _layout(tensors: dict[str, Tensor]) -> dict[str, list[Any]]:
+    return {k: [dtype_name(t.dtype), list(t.shape)] for k, t in sorted(tensors.items())}
+
+
+def state_binding(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """The ``"state"`` entry of the step file written with an optimizer state: its tensors' names, dtypes and
+    shapes, and the checksum of its description (``metadata["optimizer"]``; ``None`` without one)."""
+    description = metadata.get("optimizer")
+    digest = None if description is None else checksum(description.encode())
+    return json.dumps({"tensors": _layout(tensors), "description": digest}, separators=(",", ":"))
+
+
+def check_state(step_meta: dict[str, str], tensors: dict[str, Tensor], metadata: dict[str, str] | None,
+                where: str, step_file: str, *, audit: bool | None = None) -> None:
+    """An optimizer state read from ``where`` is the one the step file ``step_file`` (metadata ``step_meta``) bound.
+
+    ``tensors``: what was read; ``audit``: ``False`` for a sparse store's checkpoint file (no audit tensors),
+    ``True`` for its audit file (only those), ``None`` for a dense store's state file (both); ``metadata``: the
+    file's metadata, whose description is compared (``None``: an audit file, which has none). A step file without
+    the entry (a store written before schema 3) binds nothing.
+
+    Raises
+    ------
+    TrajectoryError
+        Naming the file, the first entry that differs, what the step file records for it and the fix.
+    """
+    held = step_meta.get("state")
+    if held is None:
+        return
+    bound = json.loads(held)
+    expected: dict[str, list[Any]] = bound["tensors"]
+    if audit is not None:
+        expected = {k: v for k, v in expected.items() if k.startswith(AUDIT_PREFIX) == audit}
+    got = _layout(tensors)
+    names = sorted(set(expected) | set(got))
+    problems = []
+    for name in names:
+        if name not in got:
+            problems.append(f"{name!r} is missing; the step records {_spec(expected[name])}")
+        elif name not in expected:
+            problems.append(f"{name!r} ({_spec(got[name])}) is not among the tensors the step records")
+        elif got[name] != expected[name]:
+            problems.append(f"{name!r} is {_spec(got[name])}; the step records {_spec(expected[name])}")
+    if metadata is not None and not problems:
+        description = metadata.get("optimizer")
+        digest = None if description is None else checksum(description.encode())
+        if digest != bound["description"]:
+            problems.append(f"its description (the 'optimizer' metadata: hyperparameters, step counts) has the "
+                            f"checksum {digest}, the step records {bound['description']}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise TrajectoryError(f"Trajectory file {where} is not the optimizer state recorded with {step_file}: "
+                              f"{'; '.join(problems[:3])}{more}. It was modified after the step was recorded (its "
+                              f"checksum in the journal or manifest rewritten to match). {_FIX}")
+
+
+def _spec(value: list[Any]) -> str:
+    return f"{value[0]} of shape {value[1]}"
