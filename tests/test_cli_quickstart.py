@@ -219,6 +219,7 @@ def test_influence_with_a_coarse_rule_forced_still_warns(grok, tmp_path, capsys)
     captured = capsys.readouterr()
     assert json.loads((out_dir / "attribution.json").read_text())["meta"]["quadrature_share"] > 1e-3
     assert "with quadrature='adaptive'" in warned and "Use a smaller tol" in warned
+    assert "stopped at the cap" in warned and "quadrature='midpoint', nodes=N" in warned  # what to do on kinky paths
     assert "above 0.1%: a smaller --tol shrinks the quadrature error" in captured.out
     assert main(["-q", *argv[:-4], "--tol", "0"]) == 2
     assert "--tol 0 must be a relative error between 0 and 1" in capsys.readouterr().err

@@ -134,3 +134,27 @@ def test_a_float32_run_that_diverges_to_nan_keeps_its_steps_and_names_the_growth
             att = explaind.InfluenceEstimator(keep=("train",), device="cpu", steps=window).fit(traj).transform(X)
         assert att.meta["residual_share"] <= 1e-6 and att.completeness_error() <= 1e-12
         assert not [w for w in caught if "residual share" in str(w.message)]
+
+
+def test_float32_master_weights_fed_by_a_half_precision_copy_are_refused_naming_autocast():
+    """The "master weights" pattern by hand: a bfloat16 copy runs forward and backward, its gradients are copied
+    into the float32 model's ``.grad`` and the float32 optimizer steps. No backward of the recorded model produced
+    those gradients, so the step is refused; before, the message's only advice was ``loss.backward()``, which is
+    what the loop already does (on the copy)."""
+    from _numerics7_kit import data, mlp
+
+    X, y = data()
+    masters, half = mlp(), mlp().to(torch.bfloat16)
+    opt = torch.optim.SGD(masters.parameters(), lr=0.1)
+    rec = explaind.TrajectoryRecorder(masters, opt, loss="cross_entropy", train_data=(X, y))
+    with pytest.raises(TrajectoryError, match=r"Step 0: .*no backward\(\).*Float32 master weights.*torch\.autocast"):
+        with rec:
+            with torch.no_grad():
+                for a, b in zip(half.parameters(), masters.parameters(), strict=True):
+                    a.copy_(b)
+            idx = torch.arange(16)
+            torch.nn.functional.cross_entropy(half(X[idx].bfloat16()), y[idx]).backward()
+            for a, b in zip(half.parameters(), masters.parameters(), strict=True):
+                b.grad = a.grad.float()
+            rec.log_batch(idx)
+            opt.step()

@@ -172,7 +172,10 @@ def stepped_without_backward(tap: Any, seen: dict[str, Tensor], s: int) -> set[s
                 f"(model.zero_grad() clears every parameter; optimizer.zero_grad() only the optimizer's). A "
                 f"gradient computed with torch.autograd.grad and assigned to .grad is not seen as this step's "
                 f"(nothing tells it from a leftover): compute it with loss.backward(), the same gradient, "
-                f"accumulated into .grad where the recorder observes it."
+                f"accumulated into .grad where the recorder observes it. Float32 master weights whose .grad is "
+                f"copied from a half-precision copy's backward are refused so too: record the float32 model and "
+                f"train it under torch.autocast(device_type=..., dtype=torch.bfloat16), the same half-precision "
+                f"arithmetic, recorded (docs/engine.md, 'float32 and half-precision runs')."
             )
         out.add(n)
     return out
