@@ -41,7 +41,8 @@ from explaind.exceptions import ConfigError, TrajectoryError, UnsupportedModelEr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COUPLED = r"terms coupling samples differ too"
+COUPLED = (r"terms coupling samples differ too.*A loss whose terms read other samples of the batch.*has no such "
+           r"split for any weights.*InfluenceEstimator\(keep=\('step', 'param'\), split=False\)")
 
 
 @pytest.mark.parametrize("case", ["rope_rmsnorm_swiglu_tied_decoder", "sdpa_enable_gqa", "alibi_float_attention_bias"])
@@ -142,3 +143,29 @@ def test_the_evaluation_mode_hint_is_left_out_for_modules_that_differ_between_th
         assert mode_branch_hint(model, dict(model.named_parameters()), x) == ""
     branch = _round7_models.ProbabilitiesInEval().double()
     assert "self.training" in mode_branch_hint(branch, dict(branch.named_parameters()), x)
+
+
+def test_a_coupled_loss_is_explained_exactly_without_the_split_over_samples_as_its_refusal_says():
+    """The refusal of a loss whose terms read the whole batch (SupCon here) names a way to explain the run anyway:
+    recorded with the check off, ``InfluenceEstimator(keep=('step', 'param'), split=False)`` reads only the recorded
+    updates. Its parts add up to the trained model's outputs (completeness) and its end is the model itself."""
+    import warnings
+
+    import torch
+    from _round5_kit import N_TRAIN, fit, head
+    from _round5_models import loss_data
+
+    import explaind
+
+    X, y = loss_data("classes")
+    with pytest.warns(Warning, match=r"has no such split for any weights"):
+        model, traj = fit(head, X, y, loss=_round7_models.supcon, check_gradients=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", explaind.exceptions.ExplaindWarning)
+        att = explaind.InfluenceEstimator(keep=("step", "param"), split=False, tol=1e-11).fit(traj).transform(
+            X[N_TRAIN:])
+    with torch.no_grad():
+        truth = model.eval()(X[N_TRAIN:])
+    assert float((att.final - truth).abs().max() / truth.abs().max()) < 1e-12
+    assert att.completeness_error() < 1e-12
+    assert float(att.quadrature_error.abs().max()) < 1e-9 * float((att.final - att.initial).abs().max())

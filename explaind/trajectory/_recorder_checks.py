@@ -154,7 +154,11 @@ def check_loss_decomposes(
         f"class-weighted cross entropy (weight=...) normalises by the batch's summed class weights, "
         f"reduction='sum' and terms coupling samples differ too. Fix: pass per-sample weights to "
         f"rec.log_batch(indices, weights) (for class weights w: weights = w[y] / w[y].sum()) and an unweighted "
-        f"loss= callable, or use reduction='mean'."
+        f"loss= callable, or use reduction='mean'. A loss whose terms read other samples of the batch (a "
+        f"contrastive loss such as InfoNCE or SupCon, batch-hard triplet mining, a batch metric such as soft-F1) "
+        f"has no such split for any weights: record a per-sample loss for the run you want split over samples, or "
+        f"explain this one without that split (InfluenceEstimator(keep=('step', 'param'), split=False) reads only "
+        f"the recorded updates, exact; record the run with check_gradients=False for that)."
     )
 
 
