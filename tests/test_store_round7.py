@@ -440,3 +440,26 @@ def test_a_reader_beside_a_live_recording_reads_a_consistent_prefix(tmp_path, te
         reader.join()
     assert not problems, problems[:3]
     assert seen and _same(_values(store), reference)
+
+
+# --------------------------------------------------------------------------- the run's identity itself edited
+@pytest.mark.parametrize("edit", ["malformed", "removed", "another"])
+def test_a_manifest_whose_run_id_is_edited_is_refused_naming_it(dense, edit):
+    """The manifest's ``run_id`` is what every step file of a schema-3 store names: one not of 32 hex digits is
+    refused when the manifest is read; one removed or replaced by another valid identity is refused at the first
+    step read (the step files still name the old one)."""
+    manifest = _manifest(dense)
+    if edit == "malformed":
+        manifest["run_id"] = "not-an-id"
+    elif edit == "removed":
+        manifest.pop("run_id")
+    else:
+        manifest["run_id"] = "0" * 32
+    _write_manifest(dense, manifest)
+    if edit == "malformed":
+        with pytest.raises(TrajectoryError, match=r"manifest.json' is invalid: run_id = 'not-an-id'"):
+            explaind.Trajectory.load(dense, model=_model())
+        return
+    with pytest.raises(TrajectoryError, match=r"000000\.safetensors' \(step 0\) of the store .*(records a run "
+                                              r"identity, but the manifest names no run identity|belongs to the run)"):
+        explaind.Trajectory.load(dense, model=_model()).params(1)
