@@ -394,10 +394,30 @@ def resolve_optimizer_adapter(optimizer: Any) -> Any:
                      | {n for r in records for n in r.optimizer_class_names})
     raise UnknownEntryError(
         f"No optimizer adapter handles {type(optimizer).__module__}.{type(optimizer).__name__}. "
-        f"Registered adapters: {', '.join(names)} (for {', '.join(handled)}). To support another optimizer, "
-        f"write a plugin implementing explaind_optimizer_adapters() and register it under the "
-        f"'{ENTRY_POINT_GROUP}' entry-point group (see docs/plugins.md)."
+        f"Registered adapters: {', '.join(names)} (for {', '.join(handled)}).{_subclass_note(optimizer, records)} "
+        f"To support another optimizer, write a plugin implementing explaind_optimizer_adapters() and register it "
+        f"under the '{ENTRY_POINT_GROUP}' entry-point group (see docs/plugins.md)."
     )
+
+
+def _subclass_note(optimizer: Any, records: Any) -> str:
+    """For a subclass of a class an adapter handles: why that adapter is not used, and the fix."""
+    cls = type(optimizer)
+    parent = next((c for c in cls.__mro__[1:] for r in records if c in r.optimizer_classes), None)
+    if parent is None:
+        return ""
+    def inherited(k: str, v: Any) -> bool:  # torch wraps a class's step in a profiling hook on first use
+        while v is not None and v is not getattr(parent, k, None):
+            v = getattr(v, "__wrapped__", None)
+        return v is not None
+
+    own = sorted({k for c in cls.__mro__[:cls.__mro__.index(parent)] for k, v in vars(c).items()
+                  if callable(v) and not k.startswith("__") and not inherited(k, v)})
+    defines = f"it defines {', '.join(own)}" if own else "it defines no method of its own"
+    return (f" {cls.__name__} subclasses {parent.__module__}.{parent.__name__}: adapters are matched by the exact "
+            f"class, since a subclass may change the update ({defines}). If its update is "
+            f"{parent.__name__}'s, build {parent.__module__}.{parent.__name__} itself with the same arguments "
+            f"(the same run, exactly recorded); otherwise its update needs an adapter of its own.")
 
 
 def adapter_optimizer_classes(record: Any) -> tuple[type, ...]:

@@ -290,7 +290,14 @@ def validate_indices(indices: Any, n_train: int | None) -> Tensor:
             f"log_batch: indices must be integer dataset positions, got dtype {idx.dtype}. Pass a 1-D int64 "
             f"tensor (e.g. torch.arange(...) or the sampler's indices), not a mask or float values."
         )
-    if idx.dim() != 1 or idx.shape[0] == 0:
+    if idx.dim() == 1 and idx.shape[0] == 0:
+        raise TrajectoryError(
+            "log_batch: got 0 indices (a batch of 0 samples, e.g. a filter that kept none). A step is split over the "
+            "samples of its batch and one over none has no sample to credit, while optimizer.step() would still "
+            "move the parameters by momentum or weight decay. Fix: skip such a batch as a whole, before its forward "
+            "(`if len(idx) == 0: continue`), so that no optimizer.step() is taken for it."
+        )
+    if idx.dim() != 1:
         raise TrajectoryError(f"log_batch: indices must be a non-empty 1-D tensor, got shape {tuple(idx.shape)}.")
     idx = idx.detach().to("cpu", torch.long)
     lo, hi = torch.aminmax(idx)

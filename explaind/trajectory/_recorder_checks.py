@@ -369,10 +369,16 @@ class RecorderChecksMixin:
         (no backward ran). Nothing is recorded and the step count stays; an optimizer that moves the parameters
         all the same is refused at the next step (or warned about at the end) as an edit outside a step.
         """
-        if any(p.grad is not None for p in self._params.values()):
+        grads = [p.grad for p in self._params.values() if p.grad is not None]
+        if grads:
+            empty = all(not bool(g.any()) for g in grads)  # a backward over 0 samples (or a loss times 0)
             raise TrajectoryError(
                 f"Step {s}: optimizer.step() was called without a logged batch: call rec.log_batch(indices) before "
-                f"optimizer.step() (after backward)."
+                f"optimizer.step() (after backward)." + (
+                    " Every gradient is zero: if the batch held no sample, skip it as a whole, before its forward "
+                    "(`if len(idx) == 0: continue`), so that no optimizer.step() is taken for it (a step over 0 "
+                    "samples has no sample to credit, while it would still move the parameters by momentum or "
+                    "weight decay)." if empty else "")
             )
         logger.info("optimizer.step() without a logged batch or a gradient (e.g. a Lightning training_step that "
                     "returned None) left the parameters as they were: not recorded as a step.")

@@ -36,6 +36,7 @@ from ._common import (
     validate_weights,
 )
 from ._gradients import AutocastProbe, GradientTap, is_power_of_two
+from ._optimizer_state_watch import OptimizerStateWatch
 from ._participation import (
     check_optimizer_params,
     collect_updates,
@@ -65,8 +66,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
     ----------
     model : nn.Module
         The model being trained. Parameters with ``requires_grad=True`` are recorded per step
-        (``trajectory.param_names``); frozen parameters and buffers are stored once as constants
-        (see ``record_frozen``).
+        (``trajectory.param_names``); frozen parameters and buffers are stored once as constants (``record_frozen``).
     optimizer : torch.optim.Optimizer
         Its class must be handled by a registered optimizer adapter.
     loss : str, LossRecord or callable
@@ -146,14 +146,13 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
 
     Notes
     -----
-    Call :meth:`log_batch` after ``backward()`` and before ``optimizer.step()``; several calls
-    before one step are micro-batches of gradient accumulation. The scale ``c_s`` is measured:
-    gradients are snapshotted after ``backward()`` and compared with what the optimizer sees, so
-    ``clip_grad_norm_`` (a global factor) is recorded exactly; a per-coordinate change is an error.
-    Gradients are compared by value, so in-place changes (``GradScaler.unscale_``, clipping, edits)
-    are all seen. A step that ``GradScaler`` skips (inf/nan gradients) records nothing: its logged
-    batch is dropped when the next accumulation begins. The parameters a step moves are read from
-    the live optimizer at every step (subsets, ``add_param_group``, freezing mid-run).
+    Call :meth:`log_batch` after ``backward()`` and before ``optimizer.step()``; several calls before one step are
+    micro-batches of gradient accumulation. The scale ``c_s`` is measured: gradients are snapshotted after
+    ``backward()`` and compared with what the optimizer sees, so ``clip_grad_norm_`` (a global factor) is recorded
+    exactly; a per-coordinate change is an error. Gradients are compared by value, so in-place changes
+    (``GradScaler.unscale_``, clipping, edits) are all seen. A step that ``GradScaler`` skips (inf/nan gradients)
+    records nothing: its logged batch is dropped when the next accumulation begins. The parameters a step moves are
+    read from the live optimizer at every step (subsets, ``add_param_group``, freezing mid-run).
     """
 
     def __init__(
@@ -347,7 +346,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._random.attach()
         self._buffers.start()
         self._attributes.start()
-        self._handles = [
+        self._handles = [  # the momentum watch's hooks first: an edit of the optimizer's state is refused first
+            *OptimizerStateWatch(self._adapter_record.name, self._params, lambda: self._n).hooks(self.optimizer),
             self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step),
         ]
