@@ -1,5 +1,7 @@
-"""The eighth loops round: optimizers, schedulers, loop structures and numerics a new user brings
-(tests/_loops8_kit.py; the table: tests/stranger_loops_round8_table.py; docs/guide_own_model.md, "Round 8").
+"""The eighth loops round: optimizers, schedulers, loop structures and numerics a new user brings.
+
+Cases in tests/_loops8_kit.py, the table in tests/stranger_loops_round8_table.py, documented in
+docs/guide_own_model.md, "Round 8: optimizers, schedulers, loop structures and numerics".
 
 Exact means: replica <= 1e-6 against the trained model in evaluation mode, residual share <= 1e-9 without a
 warning, ``keep=("train",)`` scores <= 1e-9 against the slow float64 loop reference, whose own per-step residual is
