@@ -234,6 +234,21 @@ def dataloader_loop(batch_size: int, n: int, steps: int, cycle: bool) -> tuple[n
     return model, rec.trajectory
 
 
+def optimizer_recreated() -> tuple[nn.Module, Any]:
+    """A new SGD momentum optimizer built every 2 steps from step 2 on (a loop that builds it inside the epoch loop);
+    the recorder holds the first one."""
+    X, y, _ = data()
+    model = mlp()
+    opt = sgd(model)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    with rec:
+        for s, idx in enumerate(batches()):
+            if s % 2 == 0 and s > 0:
+                opt = sgd(model)
+            plain(s, model, opt, X, y, idx, rec)
+    return model, rec.trajectory
+
+
 def empty_batch_step(log_empty: bool) -> Case:
     """Step 2's batch is empty (a filter kept no sample): SGD momentum still moves the weights. The loop sums the
     losses (``reduction="sum"`` over 0 samples is 0); ``log_empty``: ``rec.log_batch`` of the empty index tensor,
@@ -400,6 +415,7 @@ CASES: dict[str, Case] = {
     "weights_zero_for_two_samples": zero_weight_samples,
     "itertools_cycle_dataloader": lambda: dataloader_loop(5, N, STEPS, cycle=True),
     "drop_last_false_last_batch_of_one": lambda: dataloader_loop(5, 21, 10, cycle=False),
+    "optimizer_built_again_every_2_steps": optimizer_recreated,
     "empty_batch_logged": empty_batch_step(True),
     "empty_batch_not_logged": empty_batch_step(False),
     "zero_grad_every_2_steps": accumulation_by_accident(2),

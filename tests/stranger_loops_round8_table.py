@@ -27,6 +27,8 @@ import torch
 from _loops8_kit import CASES, DEFAULT_RULE, replica_with_defaults
 from _stranger_loops_kit import measure
 
+from explaind.exceptions import ExplaindWarning
+
 
 def classify(got: dict[str, Any]) -> str:
     """``exact``, ``loud`` (warned) or ``SILENT``."""
@@ -38,14 +40,16 @@ def classify(got: dict[str, Any]) -> str:
 
 def row(name: str) -> str:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             model, traj = CASES[name]()
+        recorded = [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
         if name in DEFAULT_RULE:  # ReLU paths: the default replica (adaptive rule, tol 1e-7)
             got = replica_with_defaults(model, traj)
             return (f"| {name} (default replica) | {got['replica']:.1e} | | | | "
                     f"{'loud: ' + got['warnings'][0][:150] if got['warnings'] else 'SILENT'} |")
         got = measure(model, traj)
+        got["warnings"] = recorded + got["warnings"]  # the recorder's warnings first
     except Exception as exc:  # the table shows what a user sees
         sentences = re.split(r"(?<=[.)])\s+(?=[A-Z])", " ".join(str(exc).split()))
         key = next((t for t in sentences[1:] if re.search(r"Fix|subclasses|Every gradient|is a tensor", t)), "")

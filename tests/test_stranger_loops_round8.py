@@ -20,7 +20,7 @@ from _loops8_kit import CASES, adam, load_other_run, replica_with_defaults
 from _stranger_loops_kit import assert_exact, batches, data, measure, mlp, sgd
 
 import explaind
-from explaind.exceptions import ConfigError, TrajectoryError, UnknownEntryError
+from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError, UnknownEntryError
 
 EXACT = [
     "sgd_groups_in_reverse_order", "optimizer_state_cleared_mid_run", "adam_step_count_reset",
@@ -70,6 +70,16 @@ MOMENTUM_EDIT = r"Step 3: the optimizer's momentum buffers of 0\.weight \({key}:
 def test_refused_naming_the_cause(case, error, match):
     with pytest.raises(error, match=match):
         CASES[case]()
+
+
+def test_an_optimizer_built_again_inside_the_loop_is_named_when_recording_ends():
+    """Before: the warning at the end blamed weight clipping, an EMA or load_state_dict (the replica misses the
+    trained model by 0.89); now it names the micro-batches logged without a step of the recorded optimizer."""
+    with pytest.warns(ExplaindWarning, match=r"After the last recorded step \(1\).*4 micro-batch\(es\) were logged "
+                                              r"after that step.*another optimizer object \(one built again inside "
+                                              r"the loop.*Build the optimizer once"):
+        model, traj = CASES["optimizer_built_again_every_2_steps"]()
+    assert traj.n_steps == 2
 
 
 def test_accumulation_by_accident_with_the_check_off_warns_with_the_residual_share():
