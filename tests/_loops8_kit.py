@@ -12,19 +12,17 @@ evaluation mode, the residual share, the ``keep=("train",)`` scores against the 
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _round4_kit import replica_warnings
 from _stranger_loops_kit import BATCH, DT, STEPS, N, adam, batches, data, mlp, plain, sgd, train
-from reference import rel_err
 from torch import nn
 from torch.optim import lr_scheduler
 
 import explaind
-from explaind.exceptions import ExplaindWarning
 
 Case = Callable[[], tuple[nn.Module, Any]]
 
@@ -372,16 +370,9 @@ class ReluCNN(nn.Module):
 
 
 def replica_with_defaults(model: nn.Module, traj: Any, **options: Any) -> dict[str, Any]:
-    """The default ``KernelReplica`` (the adaptive rule, ``options`` added) on the 3 test inputs: ``replica`` (relative
-    to the trained model in evaluation mode) and ``warnings`` (its ExplaindWarning messages)."""
-    _, _, X_test = data()
-    with torch.no_grad():
-        truth = model.eval()(X_test)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ExplaindWarning)
-        got = explaind.KernelReplica(device="cpu", **options).fit(traj).predict(X_test)
-    return {"replica": rel_err(got, truth),
-            "warnings": [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]}
+    """tests/_round4_kit.py's default replica (``options`` added): ``replica`` and ``warnings``."""
+    replica, caught = replica_warnings(model, traj, **options)
+    return {"replica": replica, "warnings": caught}
 
 
 CASES: dict[str, Case] = {
