@@ -91,6 +91,13 @@ def scale_momentum(opt: Any, s: int) -> None:
             state["momentum_buffer"].mul_(0.5)
 
 
+def scale_momentum_data(opt: Any, s: int) -> None:
+    """Every momentum buffer halved through ``.data`` after step 2 (torch's version counter does not see it)."""
+    if s == 2:
+        for state in opt.state.values():
+            state["momentum_buffer"].data.mul_(0.5)
+
+
 def reset_adam_step(opt: Any, s: int) -> None:
     """Adam's ``state["step"]`` set back to 0 after step 2 (its bias correction restarts)."""
     if s == 2:
@@ -389,6 +396,7 @@ CASES: dict[str, Case] = {
     "sgd_groups_in_reverse_order": reversed_groups,
     "optimizer_state_cleared_mid_run": state_edit(clear_state),
     "momentum_buffer_halved_by_hand": state_edit(scale_momentum),
+    "momentum_buffer_halved_through_data": state_edit(scale_momentum_data),
     "adam_step_count_reset": state_edit(reset_adam_step, adam),
     "adam_state_loaded_from_another_run": state_edit(load_other_run, adam),
     "step_pre_hook_halving_gradients": pre_hook_scaling,

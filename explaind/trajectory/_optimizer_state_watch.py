@@ -13,7 +13,10 @@ What is watched. After every ``optimizer.step()`` (a step post-hook) each carrie
 with torch's version counter :math:`v`; before the next step (a pre-hook registered before the recorder's) it must
 be the same tensor object with the same :math:`v`. An in-place edit bumps :math:`v`; ``load_state_dict`` puts new
 tensors in the state. A buffer that is gone (``opt.state.clear()``, a parameter's state deleted) is a restart from
-zero, which the adapters model exactly (they read at every step which parameters hold a buffer), and passes. The
+zero, which the adapters model exactly (they read at every step which parameters hold a buffer), and passes. An
+edit through ``.data`` (``buf.data.mul_(0.5)``, which torch does not count) and buffers made under
+``torch.inference_mode()`` (which have no counter) are not seen here: the update audit (``traj.audit()``) and the
+estimators' residual share still measure them. The
 state the adapters read afresh at every step (Adam's ``exp_avg_sq`` and ``step``, Adagrad's ``sum``) is not
 watched: a change of it is exact. The cost is one dictionary of references per step; no tensor is read.
 
@@ -72,7 +75,7 @@ class OptimizerStateWatch:
                 state = optimizer.state.get(p)
                 for key in self._keys if state else ():
                     buf = state.get(key)
-                    if isinstance(buf, Tensor):
+                    if isinstance(buf, Tensor) and not buf.is_inference():  # inference tensors have no counter
                         out[(id(p), key)] = (buf, buf._version)
         return out
 
