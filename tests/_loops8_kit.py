@@ -11,6 +11,7 @@ evaluation mode, the residual share, the ``keep=("train",)`` scores against the 
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,12 @@ def scale_momentum_data(opt: Any, s: int) -> None:
     if s == 2:
         for state in opt.state.values():
             state["momentum_buffer"].data.mul_(0.5)
+
+
+def reload_same_state(opt: Any, s: int) -> None:
+    """``opt.load_state_dict(copy.deepcopy(opt.state_dict()))`` after step 2 (a checkpoint of this very state)."""
+    if s == 2:
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
 
 
 def reset_adam_step(opt: Any, s: int) -> None:
@@ -397,6 +404,7 @@ CASES: dict[str, Case] = {
     "optimizer_state_cleared_mid_run": state_edit(clear_state),
     "momentum_buffer_halved_by_hand": state_edit(scale_momentum),
     "momentum_buffer_halved_through_data": state_edit(scale_momentum_data),
+    "adam_state_saved_and_loaded_back": state_edit(reload_same_state, adam),
     "adam_step_count_reset": state_edit(reset_adam_step, adam),
     "adam_state_loaded_from_another_run": state_edit(load_other_run, adam),
     "step_pre_hook_halving_gradients": pre_hook_scaling,

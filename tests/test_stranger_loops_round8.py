@@ -24,6 +24,7 @@ from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError, U
 
 EXACT = [
     "sgd_groups_in_reverse_order", "optimizer_state_cleared_mid_run", "adam_step_count_reset",
+    "adam_state_saved_and_loaded_back",
     "step_pre_hook_halving_gradients", "scheduler_step_before_optimizer_step", "scheduler_stepped_twice_per_step",
     "warm_restarts_fractional_epoch", "polynomial_lr", "multiplicative_lr", "indices_numpy_array",
     "indices_python_list", "indices_int32_tensor", "weights_zero_for_two_samples", "itertools_cycle_dataloader",

@@ -12,13 +12,14 @@ optimizer adapter.
 What is watched. After every ``optimizer.step()`` (a step post-hook) each carried buffer is kept by reference
 with torch's version counter :math:`v`; before the next step (a pre-hook registered before the recorder's) it must
 be the same tensor object with the same :math:`v`. An in-place edit bumps :math:`v`; ``load_state_dict`` puts new
-tensors in the state. A buffer that is gone (``opt.state.clear()``, a parameter's state deleted) is a restart from
-zero, which the adapters model exactly (they read at every step which parameters hold a buffer), and passes. An
-edit through ``.data`` (``buf.data.mul_(0.5)``, which torch does not count) and buffers made under
+tensors in the state, which are compared by value with the kept one (the same state loaded again passes). A
+buffer that is gone (``opt.state.clear()``, a parameter's state deleted) is a restart from zero, which the
+adapters model exactly (they read at every step which parameters hold a buffer), and passes. The state the
+adapters read afresh at every step (Adam's ``exp_avg_sq`` and ``step``, Adagrad's ``sum``) is not watched: a change
+of it is exact. The cost is one dictionary of references per step; no tensor is read unless it was replaced.
+An edit through ``.data`` (``buf.data.mul_(0.5)``, which torch does not count) and buffers made under
 ``torch.inference_mode()`` (which have no counter) are not seen here: the update audit (``traj.audit()``) and the
-estimators' residual share still measure them. The
-state the adapters read afresh at every step (Adam's ``exp_avg_sq`` and ``step``, Adagrad's ``sum``) is not
-watched: a change of it is exact. The cost is one dictionary of references per step; no tensor is read.
+estimators' residual warning still measure them.
 
 Adapters of other plugins carry their own keys: :data:`CARRIED` names those of the first-party adapters, and an
 adapter not listed is not watched (its audit, ``traj.audit()``, still measures every step).
@@ -29,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
@@ -91,9 +93,12 @@ class OptimizerStateWatch:
         edited = []
         for where, (buf, version) in self._seen.items():
             live = now.get(where)
-            if live is not None and (live[0] is not buf or live[1] != version):
-                name = self._names.get(where[0], "an unrecorded parameter")
-                edited.append(f"{name} ({where[1]}: {'replaced' if live[0] is not buf else 'changed in place'})")
+            if live is None or (live[0] is buf and live[1] == version):
+                continue
+            if live[0] is not buf and _same_values(live[0], buf):  # the same state loaded again: no edit
+                continue
+            name = self._names.get(where[0], "an unrecorded parameter")
+            edited.append(f"{name} ({where[1]}: {'replaced' if live[0] is not buf else 'changed in place'})")
         if not edited:
             return
         s = self._step()
@@ -108,3 +113,8 @@ class OptimizerStateWatch:
             f"starts from the state the optimizer then holds (docs/recording.md, 'Starting from optimizer state'); "
             f"a momentum restart, opt.state.clear(), is exact inside `with rec:`."
         )
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` holds the values of ``b`` (shape, dtype and every element; a NaN never equals)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.detach().to(b.device), b.detach()))
