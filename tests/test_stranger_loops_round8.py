@@ -90,6 +90,8 @@ def test_what_the_recorder_does_not_see_warns_with_the_residual_share(case):
     model, traj = CASES[case]()
     got = measure(model, traj)
     assert got["share"] > 0.1 and any("residual share" in w for w in got["warnings"]), got
+    if case == "momentum_buffer_halved_through_data":
+        assert any("momentum edited between steps through .data" in w for w in got["warnings"]), got
 
 
 def _record(model, opt, steps, after=None):
