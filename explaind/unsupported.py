@@ -128,6 +128,14 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             "replayed from their captured random state, but a test input's forward has none. Fix: draw only in "
             "training mode, F.dropout(x, p, training=self.training), and explain the deterministic model; for a "
             "Monte Carlo average, explain it as a sum over fixed masks held as inputs or buffers.")
+    if "You must implement the jvp function for custom autograd.Function" in text:
+        return UnsupportedModelError(
+            "the model's forward applies a custom torch.autograd.Function without a jvp staticmethod (torch's legacy "
+            "nn.CrossMapLRN2d is one), so it has no forward-mode derivative, and explaind computes the path "
+            "derivatives of the replica and the scores with torch.func.jvp. Allowed: operations with a forward-mode "
+            "derivative. Fix: give the Function a jvp(ctx, *tangents) staticmethod (with setup_context and "
+            "generate_vmap_rule = True, torch.func's style), or compute the same function from differentiable torch "
+            "operations (for nn.CrossMapLRN2d: nn.LocalResponseNorm, a centred window, trained with it).")
     match = re.search(r"forward AD with (\w+) that does not support it", text)
     if match:
         op = match.group(1)

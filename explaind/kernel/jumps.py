@@ -6,7 +6,10 @@ the jump stays in ``quadrature_error``, and the adaptive rule spends evaluations
 jump (``nn.Hardshrink``, ``nn.Threshold``, max unpooling, ``nn.Softplus`` with a low ``threshold``) are found by
 type (explaind/kernel/planning.py); this module finds the ones computed inside ``forward``:
 
-* rounding and signs: ``torch.sign``, ``round``, ``floor``, ``ceil``, ``trunc``, ``frac``, ``heaviside``;
+* rounding and signs: ``torch.sign``, ``round``, ``floor``, ``ceil``, ``trunc``, ``frac``, ``heaviside``, the
+  periodic ``torch.remainder``/``fmod`` (``h % 1.0``) and ``floor_divide`` (``h // 1``), and casts to an integer or
+  boolean dtype (``h.long()``, ``h.to(torch.int64)``: truncation, used to bucket or index);
+* ``F.hardshrink`` and ``F.threshold`` called as functions (their modules are found by type);
 * selections: ``argmax``/``argmin``, the indices of ``topk`` and ``sort`` used to gather (a route that switches, as
   in top-k mixture-of-experts gating), ``F.gumbel_softmax(hard=True)``;
 * comparisons (``h > 0``, ``torch.where`` conditions, masks);
@@ -41,8 +44,12 @@ __all__ = ["SOFTPLUS_JUMP", "STOPS", "find_jumps", "softplus_jump", "stop_sites"
 _JUMPING = frozenset({
     "sign", "sgn", "round", "floor", "ceil", "trunc", "fix", "frac", "heaviside", "argmax", "argmin", "topk", "sort",
     "argsort", "gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal", "__gt__", "__lt__",
-    "__ge__", "__le__", "bucketize", "searchsorted", "gumbel_softmax",
+    "__ge__", "__le__", "bucketize", "searchsorted", "gumbel_softmax", "remainder", "fmod", "__mod__", "__rmod__",
+    "floor_divide", "__floordiv__", "__rfloordiv__", "hardshrink", "threshold", "long", "int", "short", "byte", "char",
+    "bool",
 })
+#: Conversions that jump only when they convert to an integer or boolean dtype (``h.to(torch.int64)``).
+_CONVERSIONS = frozenset({"to", "type"})
 #: Calls that stop the gradient of a tensor that depends on the parameters (named as :func:`stop_sites` finds them).
 STOPS = frozenset({"detach", "detach_"})
 #: Smallest jump of ``F.softplus`` at its threshold that is named (float64 rounding is far below).
@@ -66,6 +73,13 @@ def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         return softplus_jump(float(beta), float(threshold)) > SOFTPLUS_JUMP
     if name == "gumbel_softmax":
         return bool(kwargs.get("hard", args[2] if len(args) > 2 else False))
+    if name == "hardshrink":  # F.hardshrink(x, lambd=0.5): from 0 to +-lambd
+        return float(kwargs.get("lambd", args[1] if len(args) > 1 else 0.5)) != 0
+    if name == "threshold":  # F.threshold(x, threshold, value): from value to threshold
+        return float(kwargs.get("threshold", args[1])) != float(kwargs.get("value", args[2]))
+    if name in _CONVERSIONS:
+        return any(isinstance(a, torch.dtype) and not a.is_floating_point and not a.is_complex
+                   for a in (*args, *kwargs.values()))
     return name in _JUMPING or name in STOPS
 
 

@@ -354,7 +354,8 @@ def _jumps_hint(engine: Any) -> str:
     if calls:
         shown = "; ".join(calls[:6]) + (f"; and {len(calls) - 6} more" if len(calls) > 6 else "")
         hints.append(f"the model's forward applies calls whose output can jump as the parameters move to tensors "
-                     f"that depend on them ({shown}): rounding or signs (torch.sign, round, floor; also under a "
+                     f"that depend on them ({shown}): rounding or signs (torch.sign, round, floor, a remainder "
+                     f"h % c, a cast to an integer dtype h.long(), F.hardshrink; also under a "
                      f"straight-through estimator x + (q(x) - x).detach(), whose gradient is not the derivative of "
                      f"the output), a selection by argmax or topk indices (a route that switches), or a comparison "
                      f"choosing between branches that do not meet (torch.where(h > 0, a, b)); the gradient has no "
