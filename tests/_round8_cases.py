@@ -191,6 +191,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "transformer_encoder_layer_gelu_padding_mask": model_case(EncoderLayerGelu, XT, YT, panels=8),
     "transformer_decoder_layer_prenorm_memory_mask": model_case(DecoderLayerPreNorm, XT, YT, panels=8),
     "realnvp_flow_slogdet_nll": model_case(RealNVP, XV, YV, loss=flow_nll),
+    "realnvp_flow_slogdet_nll_sgd_0_05": model_case(RealNVP, XV, YV, loss=flow_nll,
+                                                    opt=lambda m: torch.optim.SGD(m.parameters(), lr=0.05)),
     "mixture_density_network": model_case(MDN, *loss_data("scalar"), loss=mdn_nll),
     "neural_ode_rk4": model_case(RK4ODE, XV, YV),
     "fno_spectral_conv_rfft": model_case(SpectralConv1d, XS, YS),

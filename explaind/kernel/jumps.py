@@ -15,6 +15,9 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
 * comparisons (``h > 0``, ``torch.where`` conditions, masks);
 * ``F.softplus`` with a ``threshold`` low enough that its switch to the identity jumps by more than
   :data:`SOFTPLUS_JUMP` (``log(1 + exp(-threshold)) / beta``);
+* logarithms of determinants, ``torch.slogdet``/``logdet`` (:data:`SINGULAR`): :math:`\log|\det W|` is
+  :math:`-\infty` where ``W`` turns singular, so a segment along which the determinant changes sign (a normalizing
+  flow's mixing matrix under a large step) has no finite path integral; :func:`singular_sites` picks them out;
 * stops of the gradient, ``Tensor.detach`` (:data:`STOPS`): the output moves with the detached tensor while the path
   derivative does not (a weight divided by its detached norm), so no integral of the gradient reproduces that part
   of the change either; :func:`stop_sites` picks them out, for their own hint.
@@ -38,7 +41,8 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["SOFTPLUS_JUMP", "STOPS", "find_jumps", "softplus_jump", "stop_sites", "watch_jumps"]
+__all__ = ["SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "singular_sites", "softplus_jump", "stop_sites",
+           "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
@@ -52,6 +56,8 @@ _JUMPING = frozenset({
 _CONVERSIONS = frozenset({"to", "type"})
 #: Calls that stop the gradient of a tensor that depends on the parameters (named as :func:`stop_sites` finds them).
 STOPS = frozenset({"detach", "detach_"})
+#: Calls with a singularity where their matrix argument turns singular (named as :func:`singular_sites` finds them).
+SINGULAR = frozenset({"slogdet", "logdet", "linalg_slogdet"})
 #: Smallest jump of ``F.softplus`` at its threshold that is named (float64 rounding is far below).
 SOFTPLUS_JUMP = 1e-10
 
@@ -80,12 +86,18 @@ def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     if name in _CONVERSIONS:
         return any(isinstance(a, torch.dtype) and not a.is_floating_point and not a.is_complex
                    for a in (*args, *kwargs.values()))
-    return name in _JUMPING or name in STOPS
+    return name in _JUMPING or name in STOPS or name in SINGULAR
 
 
 def stop_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     """The sites of :func:`find_jumps` that detach a parameter-dependent tensor (``"path (Class): Tensor.detach"``)."""
     return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in STOPS]
+
+
+def singular_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
+    """The sites of :func:`find_jumps` that take the log-determinant of a parameter-dependent matrix
+    (``"path (Class): torch.slogdet"``)."""
+    return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in SINGULAR]
 
 
 class _Record(TorchFunctionMode):

@@ -30,7 +30,7 @@ from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
-from .jumps import SOFTPLUS_JUMP, softplus_jump, stop_sites
+from .jumps import SOFTPLUS_JUMP, singular_sites, softplus_jump, stop_sites
 from .paths import progress_bar
 from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
@@ -328,8 +328,9 @@ def _jumps_hint(engine: Any) -> str:
              or (isinstance(m, nn.Softplus) and softplus_jump(m.beta, m.threshold) > SOFTPLUS_JUMP)]
     sites = getattr(engine, "jump_sites", ())
     stops = stop_sites(sites)
-    calls = [site for site in sites if "(Softplus): " not in site and site not in stops]  # named above
-    hints = []
+    poles = singular_sites(sites)
+    calls = [site for site in sites if "(Softplus): " not in site and site not in stops and site not in poles]
+    hints = [singular_hint(poles)] if poles else []
     if stops:
         hints.append(f"the model's forward detaches tensors that depend on the parameters ({'; '.join(stops[:6])}): "
                      f"its output moves with them, but its gradient, which the path integral follows, does not (a "
@@ -364,6 +365,17 @@ def _jumps_hint(engine: Any) -> str:
                      f"kink, not a jump). Fix: a continuous forward (a soft relaxation: softmax weights over all "
                      f"experts, a sigmoid gate, branches that meet) for the run you want explained")
     return "; ".join(hints)
+
+
+def singular_hint(poles: list[str]) -> str:
+    """The cause and fix for log-determinants along a segment (:func:`~explaind.kernel.jumps.singular_sites`)."""
+    return (f"the model's forward takes log|det| of matrices that depend on the parameters ({'; '.join(poles[:6])}), "
+            f"which is -inf where a matrix turns singular: a step along which its determinant changes sign (a "
+            f"normalizing flow's mixing matrix under a large learning rate) has no finite path integral, so no "
+            f"quadrature rule or tol reaches that change and it stays in quadrature_error. Fix: keep the matrices "
+            f"invertible along every step of the run you want explained (a smaller learning rate, or a "
+            f"parametrization whose determinant cannot vanish, as Glow's W = P L (U + diag(exp(s))) with "
+            f"log|det W| = sum(s))")
 
 
 #: torch's modules whose output has a kink (a jump of its derivative, of a higher one for ELU and CELU) at a threshold.
