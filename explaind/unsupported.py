@@ -184,6 +184,14 @@ def loss_only_hint(sums: dict[str, tuple[float, ...]], replayed: bool = True) ->
             f"log_var.expand(n, 1)) and give a loss callable that reads it there.")
 
 
+def _hooked(module: nn.Module) -> set[str]:
+    """The attributes torch's hook-based reparametrizations recompute before every forward (``weight`` under
+    ``torch.nn.utils.prune``, the old ``weight_norm`` and ``spectral_norm``): computed from the parameters by torch
+    itself, they are no loss term the loop could add."""
+    return {n for h in module._forward_pre_hooks.values()
+            for n in (getattr(h, "_tensor_name", None), getattr(h, "name", None)) if isinstance(n, str)}
+
+
 def attribute_outputs_hint(model: nn.Module) -> str:
     """The failed gradient check's hint for tensors its forward keeps as module attributes (empty when none).
 
@@ -192,7 +200,7 @@ def attribute_outputs_hint(model: nn.Module) -> str:
     the loop adds from it (``loss + model.kl``, a VAE's KL term kept on the model) is not the recorded loss.
     """
     kept = [f"{k!r} on {name or '<root>'} ({type(m).__name__})" for name, m in model.named_modules()
-            for k, v in vars(m).items() if torch.is_tensor(v) and v.grad_fn is not None]
+            for k, v in vars(m).items() if torch.is_tensor(v) and v.grad_fn is not None and k not in _hooked(m)]
     if not kept:
         return ""
     return (f" The model keeps tensors its forward computes from the parameters as attributes ({', '.join(kept[:4])}):"

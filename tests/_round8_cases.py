@@ -183,6 +183,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "lazy_conv_batchnorm_after_a_dry_run": model_case(LazyConv, XI, YI, reference=BufferReference),
     "prune_l1_unstructured_relu": model_case(Pruned, XV, YV),
     "prune_again_between_steps": model_case(Pruned, XV, YV, after=prune_again),
+    "prune_again_between_steps_check_off": model_case(Pruned, XV, YV, after=prune_again, check_gradients=False),
     "spectral_norm_hook_based": model_case(HookSpectralNorm, XV, YV, reference=BufferReference),
     "dropout3d_conv3d_elu": model_case(Clip3d, XW, YW),
     "instancenorm1d_running_stats_softsign": model_case(InstanceNorm1dSeq, XS, YS, reference=BufferReference),
