@@ -203,6 +203,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "functional_hardshrink": model_case(FunctionalHardshrink, XV, YV),
     "integer_cast_bucket_embedding": model_case(BucketEmbedding, XV, YV),
     "max_indices_router": model_case(MaxIndexRouter, XV, YV, opt=lambda m: torch.optim.SGD(m.parameters(), lr=2.0)),
+    "max_indices_router_switching": model_case(MaxIndexRouter, XV, YV,
+                                               opt=lambda m: torch.optim.SGD(m.parameters(), lr=20.0)),
     "clamped_logits": model_case(ClampedOutput, XV, YV, panels=8),
     "sparse_embedding_sgd": sparse_embedding_case,
     "lora_by_parametrize_frozen_base": model_case(LoRAMLP, XV, YV),

@@ -324,7 +324,8 @@ class BucketEmbedding(nn.Module):
 
 
 class MaxIndexRouter(nn.Module):
-    """A mixture of two experts routed by ``torch.max(gate, dim=-1).indices`` (the values unused)."""
+    """A mixture of two experts routed by ``torch.max(probs, dim=-1)``: the chosen expert scaled by its gate
+    probability (the values), selected by the indices."""
 
     def __init__(self):
         super().__init__()
@@ -332,9 +333,9 @@ class MaxIndexRouter(nn.Module):
         self.experts = nn.ModuleList([nn.Linear(4, 3), nn.Linear(4, 3)])
 
     def forward(self, x):
-        route = torch.max(self.gate(x), dim=-1).indices
+        prob, route = torch.max(self.gate(x).softmax(-1), dim=-1)
         outs = torch.stack([e(x) for e in self.experts], 1)  # (n, 2, 3)
-        return outs.gather(1, route[:, None, None].expand(-1, 1, 3)).squeeze(1) * 1.0
+        return outs.gather(1, route[:, None, None].expand(-1, 1, 3)).squeeze(1) * prob[:, None]
 
 
 class ClampedOutput(nn.Module):

@@ -10,7 +10,8 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
   periodic ``torch.remainder``/``fmod`` (``h % 1.0``) and ``floor_divide`` (``h // 1``), and casts to an integer or
   boolean dtype (``h.long()``, ``h.to(torch.int64)``: truncation, used to bucket or index);
 * ``F.hardshrink`` and ``F.threshold`` called as functions (their modules are found by type);
-* selections: ``argmax``/``argmin``, the indices of ``topk`` and ``sort`` used to gather (a route that switches, as
+* selections: ``argmax``/``argmin``, the indices of ``topk`` and ``sort``, and those of ``torch.max(h, dim)`` (``min``,
+  ``kthvalue``, ``mode``, ``median``) when a later call reads them, used to gather (a route that switches, as
   in top-k mixture-of-experts gating), ``F.gumbel_softmax(hard=True)``;
 * comparisons (``h > 0``, ``torch.where`` conditions, masks);
 * ``F.softplus`` with a ``threshold`` low enough that its switch to the identity jumps by more than
@@ -52,6 +53,8 @@ _JUMPING = frozenset({
     "floor_divide", "__floordiv__", "__rfloordiv__", "hardshrink", "threshold", "long", "int", "short", "byte", "char",
     "bool",
 })
+#: Reductions whose indices jump (recorded when the indices are read: :class:`_Record`).
+_INDEXED = frozenset({"max", "min", "kthvalue", "mode", "median", "nanmedian"})
 #: Conversions that jump only when they convert to an integer or boolean dtype (``h.to(torch.int64)``).
 _CONVERSIONS = frozenset({"to", "type"})
 #: Calls that stop the gradient of a tensor that depends on the parameters (named as :func:`stop_sites` finds them).
@@ -100,18 +103,41 @@ def singular_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in SINGULAR]
 
 
+def _tensors(values: Any) -> Iterator[Tensor]:
+    """The tensors among ``values`` and inside its tuples and lists (one level: indexing takes a tuple)."""
+    for v in values:
+        if isinstance(v, Tensor):
+            yield v
+        elif isinstance(v, (tuple, list)):
+            yield from (t for t in v if isinstance(t, Tensor))
+
+
 class _Record(TorchFunctionMode):
-    """Calls every call that can jump (:func:`_jumps`) with ``record(func)``, then runs it unchanged."""
+    """Calls every call that can jump (:func:`_jumps`) with ``record(func)``, then runs it unchanged.
+
+    The indices a reduction with ``dim`` returns (``torch.max(h, dim)``, ``min``, ``kthvalue``, ``mode``, ``median``)
+    jump where the extreme changes place; their values do not (a max over points is a kink). Such a call is recorded
+    only when a later call reads its indices (a gather, an index: a route that switches)."""
 
     def __init__(self, record: Callable[[Any], None]) -> None:
         super().__init__()
         self.record = record
+        self.indices: dict[int, tuple[Tensor, Any]] = {}  # id -> (the indices, kept alive; the call that made them)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if _jumps(func, args, kwargs):
             self.record(func)
-        return func(*args, **kwargs)
+        for t in _tensors((*args, *kwargs.values())):
+            made = self.indices.pop(id(t), None)
+            if made is not None and made[0] is t:
+                self.record(made[1])
+        out = func(*args, **kwargs)
+        if (getattr(func, "__name__", "") in _INDEXED and isinstance(out, tuple) and len(out) == 2
+                and isinstance(out[1], Tensor) and not out[1].is_floating_point()
+                and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+            self.indices[id(out[1])] = (out[1], func)
+        return out
 
 
 @contextlib.contextmanager
