@@ -58,6 +58,8 @@ from torch import Tensor, nn
 SEG = ((XI[:, 0] > 0).long() + (XI[:, 0] > 1).long())
 SEG_IGNORED = SEG.clone()
 SEG_IGNORED[:, 0, :] = 255
+#: Pixels of small magnitude ignored: a different count on every image.
+SEG_IGNORED_VARYING = torch.where(XI[:, 0].abs() < 0.3, 255, SEG)
 
 
 def segmentation_case(loss: Any, y: Tensor = SEG, **recorder: Any) -> Callable[[], dict[str, Any]]:
@@ -186,8 +188,9 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "prune_again_between_steps_check_off": model_case(Pruned, XV, YV, after=prune_again, check_gradients=False),
     "spectral_norm_hook_based": model_case(HookSpectralNorm, XV, YV, reference=BufferReference),
     "dropout3d_conv3d_elu": model_case(Clip3d, XW, YW),
-    "instancenorm1d_running_stats_softsign": model_case(InstanceNorm1dSeq, XS, YS, reference=BufferReference),
-    "avgpool_ceil_upsample_divisor_selu_hardtanh": model_case(PoolsUpsample, XI, YI, panels=8),
+    "instancenorm1d_running_stats": model_case(InstanceNorm1dSeq, XS, YS,
+                                                         reference=BufferReference),
+    "avgpool_ceil_upsample_divisor_selu_hardtanh_softsign": model_case(PoolsUpsample, XI, YI, panels=8),
     "mha_per_head_weights_used_downstream": model_case(AttentionWeightsPooling, XS, YS, panels=8),
     "transformer_encoder_layer_gelu_padding_mask": model_case(EncoderLayerGelu, XT, YT, panels=8),
     "transformer_decoder_layer_prenorm_memory_mask": model_case(DecoderLayerPreNorm, XT, YT, panels=8),
@@ -216,6 +219,9 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "segmentation_nll_ignore_index": segmentation_case(seg_nll_ignore, SEG_IGNORED),
     "segmentation_nll_ignore_index_check_off": segmentation_case(seg_nll_ignore, SEG_IGNORED,
                                                                  check_gradients=False),
+    "segmentation_nll_ignore_index_counts_differ": segmentation_case(seg_nll_ignore, SEG_IGNORED_VARYING),
+    "segmentation_nll_ignore_index_counts_differ_check_off": segmentation_case(seg_nll_ignore, SEG_IGNORED_VARYING,
+                                                                               check_gradients=False),
     "dice_over_the_batch": segmentation_case(dice_batch),
     "dice_over_the_batch_check_off": segmentation_case(dice_batch, check_gradients=False),
     "dice_per_image": segmentation_case(dice_per_image),
@@ -227,3 +233,21 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "triplet_with_cosine_distance_swap": loss_case("triplet", triplet_with_distance, triplet_embedder),
     "loss_module_with_a_learned_temperature": learned_temperature_case,
 }
+
+
+def counted_pixels_step(model, opt, X, y, idx, rec, batch_loss) -> None:
+    """The fix the refusal names: the loop's ``nll_loss(ignore_index=255)`` over the batch's counted pixels, each
+    image logged with its share of them, ``n / n.sum()``."""
+    opt.zero_grad()
+    batch_loss(model(X[idx]), y[idx]).backward()
+    n = (y[idx] != 255).flatten(1).sum(1).to(X.dtype)
+    rec.log_batch(idx, weights=n / n.sum())
+    opt.step()
+
+
+def counted_pixels_case() -> dict[str, Any]:
+    model, traj = fit(SegNet, XI, SEG_IGNORED_VARYING, loss=seg_nll_ignore, step=counted_pixels_step)
+    return figures(model, traj, XI[N_TRAIN:])
+
+
+CASES["segmentation_nll_ignore_index_counted_pixels_logged"] = counted_pixels_case

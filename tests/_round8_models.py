@@ -51,11 +51,11 @@ class Pruned(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.a, self.relu, self.b = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)
         prune.l1_unstructured(self.a, "weight", amount=0.25)
 
     def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
+        return self.b(self.relu(self.a(x)))
 
 
 def prune_again(s: int, model: nn.Module) -> None:
@@ -83,20 +83,20 @@ class Clip3d(nn.Module):
     def __init__(self):
         super().__init__()
         self.c, self.drop = nn.Conv3d(1, 3, (2, 3, 3), padding=(0, 1, 1)), nn.Dropout3d(0.3)
-        self.head = nn.Linear(3 * 2 * 4 * 4, 3)
+        self.act, self.head = nn.ELU(), nn.Linear(3 * 2 * 4 * 4, 3)
 
     def forward(self, x):
-        return self.head(F.elu(self.drop(self.c(x))).flatten(1))
+        return self.head(self.act(self.drop(self.c(x))).flatten(1))
 
 
 class InstanceNorm1dSeq(nn.Module):
-    """``Conv1d`` over a sequence into ``InstanceNorm1d(affine=True, track_running_stats=True)``, ``Softsign``,
+    """``Conv1d`` over a sequence into ``InstanceNorm1d(affine=True, track_running_stats=True)``, ``Tanh``,
     ``AdaptiveAvgPool1d`` and a head."""
 
     def __init__(self):
         super().__init__()
         self.c, self.norm = nn.Conv1d(3, 4, 3, padding=1), nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
-        self.act, self.pool, self.head = nn.Softsign(), nn.AdaptiveAvgPool1d(2), nn.Linear(8, 3)
+        self.act, self.pool, self.head = nn.Tanh(), nn.AdaptiveAvgPool1d(2), nn.Linear(8, 3)
 
     def forward(self, x):
         return self.head(self.pool(self.act(self.norm(self.c(x.transpose(1, 2))))).flatten(1))
@@ -104,7 +104,7 @@ class InstanceNorm1dSeq(nn.Module):
 
 class PoolsUpsample(nn.Module):
     """``AvgPool2d(ceil_mode=True, count_include_pad=False)``, ``nn.Upsample(scale_factor=2, mode="bilinear")``,
-    ``AvgPool2d(divisor_override=3)``, ``SELU`` and ``Hardtanh(-0.5, 0.5)``."""
+    ``AvgPool2d(divisor_override=3)``, ``SELU``, ``Hardtanh(-0.5, 0.5)`` and ``Softsign``."""
 
     def __init__(self):
         super().__init__()
@@ -112,11 +112,12 @@ class PoolsUpsample(nn.Module):
         self.p1 = nn.AvgPool2d(4, stride=4, padding=1, ceil_mode=True, count_include_pad=False)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear")
         self.p2 = nn.AvgPool2d(2, divisor_override=3)
-        self.act, self.clip, self.head = nn.SELU(), nn.Hardtanh(-0.5, 0.5), nn.Linear(2 * 2 * 2, 3)
+        self.act, self.clip, self.soft = nn.SELU(), nn.Hardtanh(-0.5, 0.5), nn.Softsign()
+        self.head = nn.Linear(2 * 2 * 2, 3)
 
     def forward(self, x):
         h = self.act(self.c(x))
-        return self.head(self.clip(self.p2(self.up(self.p1(h)))).flatten(1))
+        return self.head(self.soft(4 * self.clip(self.p2(self.up(self.p1(h))))).flatten(1))
 
 
 class AttentionWeightsPooling(nn.Module):
