@@ -20,11 +20,12 @@ from torch.nn.parameter import is_lazy
 
 from .exceptions import UnsupportedModelError
 
-__all__ = ["refuse_legacy_functions", "refuse_uninitialized"]
+__all__ = ["refuse_unrecordable_layers"]
 
 
-def refuse_uninitialized(model: nn.Module, where: str) -> None:
-    """Refuse a model whose lazy modules have not run their first forward.
+def refuse_unrecordable_layers(model: nn.Module, where: str) -> None:
+    """Refuse a model whose lazy modules have not run their first forward, or that holds ``nn.CrossMapLRN2d`` (see
+    the module docstring).
 
     Parameters
     ----------
@@ -36,7 +37,8 @@ def refuse_uninitialized(model: nn.Module, where: str) -> None:
     Raises
     ------
     UnsupportedModelError
-        Naming the uninitialised parameters and buffers (with their modules' classes) and the dry-run fix.
+        Naming the uninitialised parameters and buffers (with their modules' classes) and the dry-run fix, or each
+        ``nn.CrossMapLRN2d`` and its fixes.
     """
     modules = dict(model.named_modules())
     found = [f"{name} ({type(modules[name.rpartition('.')[0]]).__name__})"
@@ -49,28 +51,11 @@ def refuse_uninitialized(model: nn.Module, where: str) -> None:
             f"so there are none to store yet. Allowed: a model whose parameters all have shapes. Fix: run one "
             f"forward on a batch before building the optimizer and the recorder, as torch's documentation of lazy "
             f"modules asks: with torch.no_grad(): model(X[:2]).")
-
-
-def refuse_legacy_functions(model: nn.Module, where: str) -> None:
-    """Refuse a model holding ``nn.CrossMapLRN2d`` (see the module docstring).
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model given to the recorder.
-    where : str
-        Who refuses, for the message.
-
-    Raises
-    ------
-    UnsupportedModelError
-        Naming each ``nn.CrossMapLRN2d`` and the fixes.
-    """
-    found = [f"{name or '<root>'} (size={m.size}, alpha={m.alpha}, beta={m.beta}, k={m.k})"
-             for name, m in model.named_modules() if isinstance(m, nn.CrossMapLRN2d)]
-    if found:
+    legacy = [f"{name or '<root>'} (size={m.size}, alpha={m.alpha}, beta={m.beta}, k={m.k})"
+              for name, m in modules.items() if isinstance(m, nn.CrossMapLRN2d)]
+    if legacy:
         raise UnsupportedModelError(
-            f"{where}: the model holds nn.CrossMapLRN2d modules {found}, which run torch's legacy "
+            f"{where}: the model holds nn.CrossMapLRN2d modules {legacy}, which run torch's legacy "
             f"autograd.Function (forward(ctx, ...), a backward and no jvp): it has no forward-mode derivative, and "
             f"explaind differentiates the replica and the scores with torch.func.jvp, so the run could be recorded "
             f"but never explained. Allowed: layers built from torch operations with forward-mode derivatives. Fix: "

@@ -25,7 +25,7 @@ from torch import nn
 from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_renormalising_embeddings, refuse_script_modules, refuse_sparse_embeddings
 from ..unsupported import refuse_unreplayable
-from ..unsupported_layers import refuse_legacy_functions, refuse_uninitialized
+from ..unsupported_layers import refuse_unrecordable_layers
 from ._layout import remove_store, setup_leftover
 from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
@@ -187,7 +187,7 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
             f"optimizer.step(), so a loop that updates the parameters by hand (p -= lr * p.grad under no_grad) "
             f"records nothing. Fix: torch.optim.SGD(model.parameters(), lr=lr) makes the same update; call "
             f"optimizer.step() where the loop wrote it (docs/recording.md lists the optimizers with adapters).")
-    refuse_uninitialized(model, "TrajectoryRecorder")
+    refuse_unrecordable_layers(model, "TrajectoryRecorder")
     if not (audit is True or audit is False or audit == "auto"):
         raise ConfigError(f"audit={audit!r} is not allowed. Choose one of: 'auto', True, False.")
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
@@ -199,7 +199,6 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
     refuse_sparse_embeddings(model, "TrajectoryRecorder")
     refuse_script_modules(model, "TrajectoryRecorder")
     refuse_unreplayable(model, "TrajectoryRecorder")
-    refuse_legacy_functions(model, "TrajectoryRecorder")
     drawn = loss_generators(loss)
     if drawn:
         raise ConfigError(
