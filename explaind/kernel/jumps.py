@@ -50,8 +50,7 @@ _JUMPING = frozenset({
     "sign", "sgn", "round", "floor", "ceil", "trunc", "fix", "frac", "heaviside", "argmax", "argmin", "topk", "sort",
     "argsort", "gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal", "__gt__", "__lt__",
     "__ge__", "__le__", "bucketize", "searchsorted", "gumbel_softmax", "remainder", "fmod", "__mod__", "__rmod__",
-    "floor_divide", "__floordiv__", "__rfloordiv__", "hardshrink", "threshold", "long", "int", "short", "byte", "char",
-    "bool",
+    "floor_divide", "__floordiv__", "__rfloordiv__", "long", "int", "short", "byte", "char", "bool",
 })
 #: Reductions whose indices jump (recorded when the indices are read: :class:`_Record`).
 _INDEXED = frozenset({"max", "min", "kthvalue", "mode", "median", "nanmedian"})
@@ -84,8 +83,9 @@ def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         return bool(kwargs.get("hard", args[2] if len(args) > 2 else False))
     if name == "hardshrink":  # F.hardshrink(x, lambd=0.5): from 0 to +-lambd
         return float(kwargs.get("lambd", args[1] if len(args) > 1 else 0.5)) != 0
-    if name == "threshold":  # F.threshold(x, threshold, value): from value to threshold
-        return float(kwargs.get("threshold", args[1])) != float(kwargs.get("value", args[2]))
+    if name in ("threshold", "_threshold"):  # F.threshold(x, threshold, value): from value to threshold
+        threshold = kwargs["threshold"] if "threshold" in kwargs else args[1]
+        return float(threshold) != float(kwargs["value"] if "value" in kwargs else args[2])
     if name in _CONVERSIONS:
         return any(isinstance(a, torch.dtype) and not a.is_floating_point and not a.is_complex
                    for a in (*args, *kwargs.values()))

@@ -329,7 +329,8 @@ def _jumps_hint(engine: Any) -> str:
     sites = getattr(engine, "jump_sites", ())
     stops = stop_sites(sites)
     poles = singular_sites(sites)
-    calls = [site for site in sites if "(Softplus): " not in site and site not in stops and site not in poles]
+    calls = [site for site in sites if site not in stops and site not in poles  # modules named above:
+             and not any(f"({kind}): " in site for kind in ("Softplus", "Threshold", "Hardshrink"))]
     hints = [singular_hint(poles)] if poles else []
     if stops:
         hints.append(f"the model's forward detaches tensors that depend on the parameters ({'; '.join(stops[:6])}): "
