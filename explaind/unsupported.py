@@ -128,6 +128,14 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             "replayed from their captured random state, but a test input's forward has none. Fix: draw only in "
             "training mode, F.dropout(x, p, training=self.training), and explain the deterministic model; for a "
             "Monte Carlo average, explain it as a sum over fixed masks held as inputs or buffers.")
+    if "You must implement the jvp function for custom autograd.Function" in text:
+        return UnsupportedModelError(
+            "the model's forward applies a custom torch.autograd.Function without a jvp staticmethod (torch's legacy "
+            "nn.CrossMapLRN2d is one), so it has no forward-mode derivative, and explaind computes the path "
+            "derivatives of the replica and the scores with torch.func.jvp. Allowed: operations with a forward-mode "
+            "derivative. Fix: give the Function a jvp(ctx, *tangents) staticmethod (with setup_context and "
+            "generate_vmap_rule = True, torch.func's style), or compute the same function from differentiable torch "
+            "operations (for nn.CrossMapLRN2d: nn.LocalResponseNorm, a centred window, trained with it).")
     match = re.search(r"forward AD with (\w+) that does not support it", text)
     if match:
         op = match.group(1)
@@ -176,6 +184,14 @@ def loss_only_hint(sums: dict[str, tuple[float, ...]], replayed: bool = True) ->
             f"log_var.expand(n, 1)) and give a loss callable that reads it there.")
 
 
+def _hooked(module: nn.Module) -> set[str]:
+    """The attributes torch's hook-based reparametrizations recompute before every forward (``weight`` under
+    ``torch.nn.utils.prune``, the old ``weight_norm`` and ``spectral_norm``): computed from the parameters by torch
+    itself, they are no loss term the loop could add."""
+    return {n for h in module._forward_pre_hooks.values()
+            for n in (getattr(h, "_tensor_name", None), getattr(h, "name", None)) if isinstance(n, str)}
+
+
 def attribute_outputs_hint(model: nn.Module) -> str:
     """The failed gradient check's hint for tensors its forward keeps as module attributes (empty when none).
 
@@ -184,7 +200,7 @@ def attribute_outputs_hint(model: nn.Module) -> str:
     the loop adds from it (``loss + model.kl``, a VAE's KL term kept on the model) is not the recorded loss.
     """
     kept = [f"{k!r} on {name or '<root>'} ({type(m).__name__})" for name, m in model.named_modules()
-            for k, v in vars(m).items() if torch.is_tensor(v) and v.grad_fn is not None]
+            for k, v in vars(m).items() if torch.is_tensor(v) and v.grad_fn is not None and k not in _hooked(m)]
     if not kept:
         return ""
     return (f" The model keeps tensors its forward computes from the parameters as attributes ({', '.join(kept[:4])}):"

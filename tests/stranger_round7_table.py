@@ -30,14 +30,16 @@ KEYS = {
 }
 
 
-def row(name: str) -> str:
-    """``| case | replica | share | train vs reference | reference's quadrature | class |`` for one case."""
-    got = run_case(CASES[name], KEYS.get(name, ""))
+def row(name: str, cases: dict | None = None, keys: dict | None = None) -> str:
+    """``| case | replica | share | train vs reference | reference's quadrature | class |`` for one case of ``cases``
+    (default: this round's), with the phrases ``keys`` (default :data:`KEYS`)."""
+    cases, keys = cases or CASES, keys or KEYS
+    got = run_case(cases[name], keys.get(name, ""))
     if isinstance(got, str):
         return f"| {name} | | | | | {got} |"
     verdict = classify(got)
     if verdict == "warns":
-        key = KEYS.get(name, "residual share")
+        key = keys.get(name, "residual share")
         shown = next((w for w in got["warnings"] if key in w), got["warnings"][0])
         verdict = "warns: " + _cut(shown, key)
     return (f"| {name} | {got['replica']:.1e} | {got['share']:.1e} | {got['scores']:.1e} | "

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..exceptions import TrajectoryError, warn_at_caller
 from ..kernel.attribution import Attribution
-from ..kernel.jumps import stop_sites
+from ..kernel.jumps import singular_sites, stop_sites
 
 __all__ = ["check_residual", "residual_causes", "check_quadrature"]
 
@@ -307,6 +307,10 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
             fix = (f"a forward without .detach() on parameter-dependent values for the run you want explained: "
                    f"{'; '.join(stop_sites(jumps)[:4])} detaches them, so the output moves where the gradient does "
                    f"not, and no tol or rule integrates that (the quadrature warning says more)")
+        elif jumps and len(singular_sites(jumps)) == len(jumps):
+            fix = (f"matrices that stay invertible along every step: {'; '.join(jumps[:4])} takes log|det|, which is "
+                   f"-inf where a matrix turns singular, and no tol or rule integrates across that (a smaller "
+                   f"learning rate; the quadrature warning says more)")
         elif jumps:
             fix = (f"a continuous forward for the run you want explained: the forward applies calls whose output can "
                    f"jump as the parameters move ({'; '.join(jumps[:4])}), and no tol or rule integrates across a "

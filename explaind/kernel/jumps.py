@@ -6,12 +6,19 @@ the jump stays in ``quadrature_error``, and the adaptive rule spends evaluations
 jump (``nn.Hardshrink``, ``nn.Threshold``, max unpooling, ``nn.Softplus`` with a low ``threshold``) are found by
 type (explaind/kernel/planning.py); this module finds the ones computed inside ``forward``:
 
-* rounding and signs: ``torch.sign``, ``round``, ``floor``, ``ceil``, ``trunc``, ``frac``, ``heaviside``;
-* selections: ``argmax``/``argmin``, the indices of ``topk`` and ``sort`` used to gather (a route that switches, as
+* rounding and signs: ``torch.sign``, ``round``, ``floor``, ``ceil``, ``trunc``, ``frac``, ``heaviside``, the
+  periodic ``torch.remainder``/``fmod`` (``h % 1.0``) and ``floor_divide`` (``h // 1``), and casts to an integer or
+  boolean dtype (``h.long()``, ``h.to(torch.int64)``: truncation, used to bucket or index);
+* ``F.hardshrink`` and ``F.threshold`` called as functions (their modules are found by type);
+* selections: ``argmax``/``argmin``, the indices of ``topk`` and ``sort``, and those of ``torch.max(h, dim)`` (``min``,
+  ``kthvalue``, ``mode``, ``median``) when a later call reads them, used to gather (a route that switches, as
   in top-k mixture-of-experts gating), ``F.gumbel_softmax(hard=True)``;
 * comparisons (``h > 0``, ``torch.where`` conditions, masks);
 * ``F.softplus`` with a ``threshold`` low enough that its switch to the identity jumps by more than
   :data:`SOFTPLUS_JUMP` (``log(1 + exp(-threshold)) / beta``);
+* logarithms of determinants, ``torch.slogdet``/``logdet`` (:data:`SINGULAR`): :math:`\log|\det W|` is
+  :math:`-\infty` where ``W`` turns singular, so a segment along which the determinant changes sign (a normalizing
+  flow's mixing matrix under a large step) has no finite path integral; :func:`singular_sites` picks them out;
 * stops of the gradient, ``Tensor.detach`` (:data:`STOPS`): the output moves with the detached tensor while the path
   derivative does not (a weight divided by its detached norm), so no integral of the gradient reproduces that part
   of the change either; :func:`stop_sites` picks them out, for their own hint.
@@ -35,16 +42,24 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["SOFTPLUS_JUMP", "STOPS", "find_jumps", "softplus_jump", "stop_sites", "watch_jumps"]
+__all__ = ["SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "singular_sites", "softplus_jump", "stop_sites",
+           "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
     "sign", "sgn", "round", "floor", "ceil", "trunc", "fix", "frac", "heaviside", "argmax", "argmin", "topk", "sort",
     "argsort", "gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal", "__gt__", "__lt__",
-    "__ge__", "__le__", "bucketize", "searchsorted", "gumbel_softmax",
+    "__ge__", "__le__", "bucketize", "searchsorted", "gumbel_softmax", "remainder", "fmod", "__mod__", "__rmod__",
+    "floor_divide", "__floordiv__", "__rfloordiv__", "long", "int", "short", "byte", "char", "bool",
 })
+#: Reductions whose indices jump (recorded when the indices are read: :class:`_Record`).
+_INDEXED = frozenset({"max", "min", "kthvalue", "mode", "median", "nanmedian"})
+#: Conversions that jump only when they convert to an integer or boolean dtype (``h.to(torch.int64)``).
+_CONVERSIONS = frozenset({"to", "type"})
 #: Calls that stop the gradient of a tensor that depends on the parameters (named as :func:`stop_sites` finds them).
 STOPS = frozenset({"detach", "detach_"})
+#: Calls with a singularity where their matrix argument turns singular (named as :func:`singular_sites` finds them).
+SINGULAR = frozenset({"slogdet", "logdet", "linalg_slogdet"})
 #: Smallest jump of ``F.softplus`` at its threshold that is named (float64 rounding is far below).
 SOFTPLUS_JUMP = 1e-10
 
@@ -66,7 +81,15 @@ def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         return softplus_jump(float(beta), float(threshold)) > SOFTPLUS_JUMP
     if name == "gumbel_softmax":
         return bool(kwargs.get("hard", args[2] if len(args) > 2 else False))
-    return name in _JUMPING or name in STOPS
+    if name == "hardshrink":  # F.hardshrink(x, lambd=0.5): from 0 to +-lambd
+        return float(kwargs.get("lambd", args[1] if len(args) > 1 else 0.5)) != 0
+    if name in ("threshold", "_threshold"):  # F.threshold(x, threshold, value): from value to threshold
+        threshold = kwargs["threshold"] if "threshold" in kwargs else args[1]
+        return float(threshold) != float(kwargs["value"] if "value" in kwargs else args[2])
+    if name in _CONVERSIONS:
+        return any(isinstance(a, torch.dtype) and not a.is_floating_point and not a.is_complex
+                   for a in (*args, *kwargs.values()))
+    return name in _JUMPING or name in STOPS or name in SINGULAR
 
 
 def stop_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
@@ -74,18 +97,47 @@ def stop_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in STOPS]
 
 
+def singular_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
+    """The sites of :func:`find_jumps` that take the log-determinant of a parameter-dependent matrix
+    (``"path (Class): torch.slogdet"``)."""
+    return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in SINGULAR]
+
+
+def _tensors(values: Any) -> Iterator[Tensor]:
+    """The tensors among ``values`` and inside its tuples and lists (one level: indexing takes a tuple)."""
+    for v in values:
+        if isinstance(v, Tensor):
+            yield v
+        elif isinstance(v, (tuple, list)):
+            yield from (t for t in v if isinstance(t, Tensor))
+
+
 class _Record(TorchFunctionMode):
-    """Calls every call that can jump (:func:`_jumps`) with ``record(func)``, then runs it unchanged."""
+    """Calls every call that can jump (:func:`_jumps`) with ``record(func)``, then runs it unchanged.
+
+    The indices a reduction with ``dim`` returns (``torch.max(h, dim)``, ``min``, ``kthvalue``, ``mode``, ``median``)
+    jump where the extreme changes place; their values do not (a max over points is a kink). Such a call is recorded
+    only when a later call reads its indices (a gather, an index: a route that switches)."""
 
     def __init__(self, record: Callable[[Any], None]) -> None:
         super().__init__()
         self.record = record
+        self.indices: dict[int, tuple[Tensor, Any]] = {}  # id -> (the indices, kept alive; the call that made them)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if _jumps(func, args, kwargs):
             self.record(func)
-        return func(*args, **kwargs)
+        for t in _tensors((*args, *kwargs.values())):
+            made = self.indices.pop(id(t), None)
+            if made is not None and made[0] is t:
+                self.record(made[1])
+        out = func(*args, **kwargs)
+        if (getattr(func, "__name__", "") in _INDEXED and isinstance(out, tuple) and len(out) == 2
+                and isinstance(out[1], Tensor) and not out[1].is_floating_point()
+                and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+            self.indices[id(out[1])] = (out[1], func)
+        return out
 
 
 @contextlib.contextmanager

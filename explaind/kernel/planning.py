@@ -30,7 +30,7 @@ from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
-from .jumps import SOFTPLUS_JUMP, softplus_jump, stop_sites
+from .jumps import SOFTPLUS_JUMP, singular_sites, softplus_jump, stop_sites
 from .paths import progress_bar
 from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
@@ -328,8 +328,10 @@ def _jumps_hint(engine: Any) -> str:
              or (isinstance(m, nn.Softplus) and softplus_jump(m.beta, m.threshold) > SOFTPLUS_JUMP)]
     sites = getattr(engine, "jump_sites", ())
     stops = stop_sites(sites)
-    calls = [site for site in sites if "(Softplus): " not in site and site not in stops]  # named above
-    hints = []
+    poles = singular_sites(sites)
+    calls = [site for site in sites if site not in stops and site not in poles  # modules named above:
+             and not any(f"({kind}): " in site for kind in ("Softplus", "Threshold", "Hardshrink"))]
+    hints = [singular_hint(poles)] if poles else []
     if stops:
         hints.append(f"the model's forward detaches tensors that depend on the parameters ({'; '.join(stops[:6])}): "
                      f"its output moves with them, but its gradient, which the path integral follows, does not (a "
@@ -354,7 +356,8 @@ def _jumps_hint(engine: Any) -> str:
     if calls:
         shown = "; ".join(calls[:6]) + (f"; and {len(calls) - 6} more" if len(calls) > 6 else "")
         hints.append(f"the model's forward applies calls whose output can jump as the parameters move to tensors "
-                     f"that depend on them ({shown}): rounding or signs (torch.sign, round, floor; also under a "
+                     f"that depend on them ({shown}): rounding or signs (torch.sign, round, floor, a remainder "
+                     f"h % c, a cast to an integer dtype h.long(), F.hardshrink; also under a "
                      f"straight-through estimator x + (q(x) - x).detach(), whose gradient is not the derivative of "
                      f"the output), a selection by argmax or topk indices (a route that switches), or a comparison "
                      f"choosing between branches that do not meet (torch.where(h > 0, a, b)); the gradient has no "
@@ -363,6 +366,17 @@ def _jumps_hint(engine: Any) -> str:
                      f"kink, not a jump). Fix: a continuous forward (a soft relaxation: softmax weights over all "
                      f"experts, a sigmoid gate, branches that meet) for the run you want explained")
     return "; ".join(hints)
+
+
+def singular_hint(poles: list[str]) -> str:
+    """The cause and fix for log-determinants along a segment (:func:`~explaind.kernel.jumps.singular_sites`)."""
+    return (f"the model's forward takes log|det| of matrices that depend on the parameters ({'; '.join(poles[:6])}), "
+            f"which is -inf where a matrix turns singular: a step along which its determinant changes sign (a "
+            f"normalizing flow's mixing matrix under a large learning rate) has no finite path integral, so no "
+            f"quadrature rule or tol reaches that change and it stays in quadrature_error. Fix: keep the matrices "
+            f"invertible along every step of the run you want explained (a smaller learning rate, or a "
+            f"parametrization whose determinant cannot vanish, as Glow's W = P L (U + diag(exp(s))) with "
+            f"log|det W| = sum(s))")
 
 
 #: torch's modules whose output has a kink (a jump of its derivative, of a higher one for ELU and CELU) at a threshold.

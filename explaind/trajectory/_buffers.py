@@ -107,6 +107,12 @@ def moved_message(moved: Sequence[str], s: int, checked: bool) -> str:
             f"the recorded ones, which explaind recomputes its gradients at.")
     fix = (" Fix: run validation forwards under model.eval(), and change a buffer the forward reads only inside "
            "the forward (record with capture_random=True), not between steps.")
+    masks = [n for n in moved if n.endswith("_mask")]
+    if masks:  # torch.nn.utils.prune keeps its masks as buffers named <tensor>_mask
+        fix += (f" {masks} look like torch.nn.utils.prune masks: pruning again between steps changes the model's "
+                f"function outside training, which no step of the path explains; prune before recording (a model "
+                f"pruned once and then trained is explained exactly), or record each pruning round as a run of its "
+                f"own.")
     if checked:
         return " " + text + fix
     return (f"Step {s}: {text[0].lower()}{text[1:]} A buffer the training forward reads (spectral norm's "

@@ -25,6 +25,7 @@ from torch import nn
 from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_renormalising_embeddings, refuse_script_modules, refuse_sparse_embeddings
 from ..unsupported import refuse_unreplayable
+from ..unsupported_layers import refuse_unrecordable_layers
 from ._layout import remove_store, setup_leftover
 from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
@@ -173,7 +174,8 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
         ``model`` not an ``nn.Module``, ``optimizer`` not a ``torch.optim.Optimizer``, ``audit`` not one of
         ``'auto'``, ``True``, ``False``, ``grad_scaler`` not a ``torch.amp.GradScaler``, embeddings that
         renormalise their weights in the forward (``max_norm``) or have sparse gradients, complex parameters,
-        ``nn.RReLU`` (:mod:`explaind.unsupported`), or a loss callable
+        ``nn.RReLU`` (:mod:`explaind.unsupported`), lazy modules before their first forward and
+        ``nn.CrossMapLRN2d`` (:mod:`explaind.unsupported_layers`), or a loss callable
         holding its own ``torch.Generator`` (its draws cannot be split over samples); each message names the
         value, what is allowed and the fix.
     """
@@ -185,6 +187,7 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
             f"optimizer.step(), so a loop that updates the parameters by hand (p -= lr * p.grad under no_grad) "
             f"records nothing. Fix: torch.optim.SGD(model.parameters(), lr=lr) makes the same update; call "
             f"optimizer.step() where the loop wrote it (docs/recording.md lists the optimizers with adapters).")
+    refuse_unrecordable_layers(model, "TrajectoryRecorder")
     if not (audit is True or audit is False or audit == "auto"):
         raise ConfigError(f"audit={audit!r} is not allowed. Choose one of: 'auto', True, False.")
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
