@@ -299,12 +299,14 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         return tensors, meta
 
     def check_state_file(self, s: int, record: FileRecord, tensors: dict[str, Tensor], metadata: dict[str, str] | None,
-                         audit: bool | None = None) -> None:
+                         audit: bool | None = None) -> bool:
         """The optimizer (or audit) state ``record`` read after step ``s`` is the one step ``s``'s file binds
-        (:func:`~explaind.trajectory._binding.check_state`; its step file is read and checked first)."""
+        (:func:`~explaind.trajectory._binding.check_state`; its step file is read and checked first); ``False``
+        when the step file binds no state (a store written before schema 3)."""
         step_file = self._manifest.steps[s].file
         where = f"{record.path!r} (step {s}) of the store {str(self.root)!r}"
-        check_state(self._step_file(s)[1], tensors, metadata, where, repr(step_file and step_file.path), audit=audit)
+        return check_state(self._step_file(s)[1], tensors, metadata, where, repr(step_file and step_file.path),
+                           audit=audit)
 
     def _check_params(self, tensors: dict[str, Tensor], where: str) -> None:
         check_specs(tensors, "param.", self._manifest.params, where)
