@@ -23,7 +23,7 @@ from ..recurrence import LinearUpdate
 from ._binding import check_run, check_state, run_binding
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
-from ._io import check_specs, read_tensors
+from ._io import check_specs, read_tensors, store_root
 from ._random import MicroBatch, find_generators
 from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
@@ -166,7 +166,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                  loss: Any = None, cache_steps: int = 4, replay_tolerance: float | None = None,
                  cache_segments: int = 2, verify_train_data: bool = True, max_parameters: int | None = None,
                  generators: Any = None):
-        self.root = Path(path).absolute()  # a later os.chdir does not move it
+        self.root = store_root(path)  # '~' expanded; a later os.chdir does not move it
         self._generators: tuple[torch.Generator, ...] = ()
         self._manifest = read_manifest(self.root)
         self._run = run_binding(self._manifest)  # what every step file of the run binds (_binding.py)
