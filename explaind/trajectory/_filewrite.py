@@ -55,7 +55,8 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .._io import fsync_directory, temporary_path, write_all
+from .._io import fsync_directory, temporary_path
+from .._io import write_all as _write_all  # whole, retrying EINTR/EAGAIN (a module name the tests replace)
 from ._checksum import DEFAULT, hasher, validate_algorithm
 from .manifest import FileRecord
 
@@ -305,7 +306,7 @@ class TensorFileWriter:
             for chunk, n in chunks:
                 # the write (with O_DIRECT it waits for the device) runs on the I/O thread while this one
                 # hashes the same bytes; both are done before the buffer is refilled or the file closed
-                written = self._io().submit(write_all, fd, chunk if direct else chunk[:n])  # O_DIRECT: whole blocks
+                written = self._io().submit(_write_all, fd, chunk if direct else chunk[:n])  # O_DIRECT: whole blocks
                 try:
                     digest.update(chunk[:n])
                 finally:
