@@ -302,22 +302,27 @@ def test_the_last_journal_line_torn_at_every_byte_keeps_the_steps_before_it(dens
 
 
 # --------------------------------------------------------------------------- failing writes
-def test_enospc_on_the_journal_fsync_only_is_an_error_and_the_store_resumes_bit_for_bit(tmp_path, templates,
-                                                                                          monkeypatch):
+def _fail_journal_fsync(monkeypatch, nth: int) -> None:
+    """The ``nth`` ``fsync`` of the appended journal (not of its rewrite) fails with ``ENOSPC``."""
     real, calls = os.fsync, []
 
     def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith("/journal.jsonl"):  # the appended journal, not its rewrite
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/journal.jsonl"):
             calls.append(fd)
-            if len(calls) == 3:
+            if len(calls) == nth:
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_enospc_on_the_journal_fsync_only_is_an_error_and_the_store_resumes_bit_for_bit(tmp_path, templates,
+                                                                                          monkeypatch):
+    _fail_journal_fsync(monkeypatch, 3)
     with pytest.raises(TrajectoryError, match=r"Writing step 2 of the trajectory store .* failed: OSError: "
                                               r"\[Errno 28\] No space left on device.*fix the cause and resume"):
         _record(tmp_path / "run", 2 * STEPS, fsync=True, background_writes=False)
-    monkeypatch.setattr(os, "fsync", real)
+    monkeypatch.undo()
     assert read_manifest(tmp_path / "run").n_steps >= 2  # every step committed before the failure
     _record(tmp_path / "run", 2 * STEPS, resume=True)
     assert _same(_values(tmp_path / "run"), _values(templates / "long"))

@@ -31,6 +31,7 @@ from test_store_round7 import (
     X,
     Y,
     _as_schema_2,
+    _fail_journal_fsync,
     _manifest,
     _newest_state,
     _record,
@@ -213,21 +214,12 @@ def test_a_full_disk_in_a_step_file_says_that_step_is_not_stored(tmp_path, templ
 def test_a_full_disk_on_the_journal_says_its_line_may_be_on_disk(tmp_path, templates, monkeypatch):
     """Before: "Steps before it are stored", while the failing step's journal line was whole on disk (the flush
     failed, not the write) and a reader and a resume kept that step."""
-    real, calls = os.fsync, []
-
-    def fsync(fd):
-        if _fd_path(fd).endswith("/journal.jsonl"):
-            calls.append(fd)
-            if len(calls) == 3:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    _fail_journal_fsync(monkeypatch, 3)
     with pytest.raises(TrajectoryError, match=r"Writing step 2 of .* On disk: steps 0 to 1 are stored \(their journal "
                                               r"lines written and flushed\); the journal lines of step 2 were being "
                                               r"appended when the error came and may be on disk whole"):
         _record(tmp_path / "run", 2 * STEPS, fsync=True, background_writes=False)
-    monkeypatch.setattr(os, "fsync", real)
+    monkeypatch.undo()
     assert read_manifest(tmp_path / "run").n_steps == 3  # step 2's line is whole: it is stored
     _record(tmp_path / "run", 2 * STEPS, resume=True)
     assert _same(_values(tmp_path / "run"), _values(templates / "long"))
