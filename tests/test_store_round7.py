@@ -62,14 +62,19 @@ def _record(store: Path, stop: int, *, shift: float = 0.0, resume: bool = False,
     return rec
 
 
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory):
-    root = tmp_path_factory.mktemp("round7")
+def _record_templates(root: Path, *, sparse: bool = True) -> Path:
+    """The runs the tests copy and compare with, recorded below ``root``."""
     _record(root / "dense", STEPS)
     _record(root / "other", STEPS, shift=0.01)  # another run: the same shapes, other values
     _record(root / "long", 2 * STEPS)  # the uninterrupted reference of resumed runs
-    _record(root / "sparse", 7, checkpoint_every=3)
+    if sparse:
+        _record(root / "sparse", 7, checkpoint_every=3)
     return root
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    return _record_templates(tmp_path_factory.mktemp("round7"))
 
 
 @pytest.fixture

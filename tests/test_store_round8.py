@@ -35,6 +35,7 @@ from test_store_round7 import (
     _manifest,
     _newest_state,
     _record,
+    _record_templates,
     _rewrite,
     _write_manifest,
 )
@@ -48,11 +49,7 @@ from explaind.trajectory._index import read_manifest
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
-    root = tmp_path_factory.mktemp("round8")
-    _record(root / "dense", STEPS)
-    _record(root / "other", STEPS, shift=0.01)  # another run: the same shapes, other values
-    _record(root / "long", 2 * STEPS)  # the uninterrupted reference of resumed runs
-    return root
+    return _record_templates(tmp_path_factory.mktemp("round8"), sparse=False)  # dense, other (shifted), long
 
 
 @pytest.fixture
