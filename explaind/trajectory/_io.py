@@ -102,9 +102,10 @@ def _where(step: int | None) -> str:
 def store_root(path: Any) -> Path:
     """The absolute path of the store a user names ``path`` (``store=`` of a recorder, ``Trajectory.load``).
 
-    A leading ``~`` or ``~user`` is the home directory, as in a shell (before round 8 a store given as ``"~/run"``
-    was written into a directory named ``~`` below the working directory; docs/recording.md, "Strangers' files,
-    round 8"); a relative path is taken from the working directory now, so a later ``os.chdir`` does not move it.
+    A leading ``~`` or ``~user`` is the home directory, as in a shell (before, a store given as ``"~/run"`` was
+    written into a directory named ``~`` below the working directory;
+    docs/recording.md, "Strangers' files, round 8"); a relative path is taken from the working directory now, so a
+    later ``os.chdir`` does not move it.
 
     Raises
     ------
