@@ -43,7 +43,7 @@ from test_store_strangers import _model
 
 import explaind
 from explaind._io import WRITE_RETRIES
-from explaind.exceptions import ExplaindWarning, TrajectoryError
+from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from explaind.trajectory._index import read_manifest
 
 
@@ -86,7 +86,15 @@ def test_an_unbound_optimizer_state_is_not_restored_without_consent(dense, templ
 
 
 def test_an_unbound_optimizer_state_restored_with_consent_resumes_bit_for_bit(dense, templates, caplog):
+    """Refused, then asked again with consent in the same process (the refused recorder left no lock behind)."""
     _as_schema_2(dense)
+    with pytest.raises(TrajectoryError, match=r"does not bind it"):
+        _record(dense, 2 * STEPS, resume=True)
+    model = _model()
+    rec = explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss="mse",
+                                      train_data=(X, Y), store=dense, resume=True)
+    with pytest.raises(ConfigError, match=r"restore\(accept_unbound_state='yes'\): allowed are True and False"):
+        rec.restore(accept_unbound_state="yes")
     _record(dense, 2 * STEPS, resume=True, accept_unbound=True)
     assert "restore(accept_unbound_state=True): loading the optimizer state" in caplog.text
     assert _same(_values(dense), _values(templates / "long"))
@@ -107,8 +115,8 @@ def test_an_unbound_forged_state_is_refused_against_the_optimizer_s_own_checkpoi
         F.mse_loss(model(X[idx]), Y[idx]).backward()
         opt.step()
     rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, Y), store=dense, resume=True)
-    with pytest.raises(explaind.exceptions.ConfigError, match=r"the optimizer holds state that differs from the "
-                                                              r"state the store .* saved after step 3"):
+    with pytest.raises(ConfigError, match=r"the optimizer holds state that differs from the state the store .* "
+                                          r"saved after step 3"):
         with rec:
             pass
 

@@ -126,8 +126,12 @@ class RecorderResumeMixin:
             return 0  # resume=True where an interrupted recording had recorded nothing: starting anew
         if self._store is None or not self._resumed:
             raise TrajectoryError("restore() needs a recorder opened with store=<path> and resume=True.")
+        if not isinstance(accept_unbound_state, bool):
+            raise ConfigError(f"restore(accept_unbound_state={accept_unbound_state!r}): allowed are True and False "
+                              f"(got a {type(accept_unbound_state).__name__}). Fix: pass True to load an optimizer "
+                              f"state its step file does not bind, else leave it out.")
         n = self._manifest.n_steps  # the last step with a stored optimizer state
-        state, audit = self._saved_state(n, trust=bool(accept_unbound_state))
+        state, audit = self._saved_state(n, trust=accept_unbound_state)
         self._refuse_other_state(state, n, loading=True)
         stored = DiskTrajectory(self._store, model=self.model, loss=self._loss)
         final, buffers = stored.params(n), dict(self.model.named_buffers())
@@ -152,7 +156,7 @@ class RecorderResumeMixin:
         if self._restored:
             return
         n = self._manifest.n_steps
-        state, audit = self._saved_state(n, trust=True)  # compared with the optimizer's own state, bit for bit:
+        state, audit = self._saved_state(n, trust=True)  # compared with the optimizer's own state, bit for bit
         self._refuse_other_state(state, n, loading=False)
         live = [dict(group) for group in self.optimizer.param_groups]
         if state is not None:  # the adapter learns the settings the state was built under (maximize), then the
