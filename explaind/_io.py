@@ -7,20 +7,31 @@ mix. The trajectory store, the pruned-model files, run records and the HTML repo
 through it. :func:`open_regular` and :func:`read_open` read a file that a stranger may have replaced
 by a symbolic link, a FIFO or a device: the file is opened without following a link and without
 blocking, and only a regular file is read (the store's files, its writer lock, saved attributions).
+:func:`write_all` writes a buffer to a descriptor whole, across short writes, and retries a write the
+system interrupted (``EINTR``) or found busy (``EAGAIN``) a bounded number of times
+(docs/recording.md, "Strangers' files, round 8").
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["atomic_write", "fsync_directory", "open_regular", "read_open", "replace_with", "temporary_path"]
+__all__ = ["atomic_write", "fsync_directory", "open_regular", "read_open", "replace_with", "temporary_path",
+           "write_all", "WRITE_RETRIES"]
 
 T = TypeVar("T")
+
+#: times one ``os.write`` interrupted (``EINTR``) or refused as busy (``EAGAIN``) is tried again before it fails
+WRITE_RETRIES = 16
+#: errors of ``fsync`` on a directory that mean the file system does not flush directories (nothing to do)
+_NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
 
 
 def fsync_directory(directory: str | os.PathLike[str]) -> None:
@@ -29,7 +40,14 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
     Parameters
     ----------
     directory : path-like
-        An existing directory. Platforms that cannot open directories are skipped silently.
+        An existing directory. Platforms that cannot open directories are skipped silently, and so
+        are file systems that do not flush directories (``fsync`` fails with ``EINVAL``,
+        ``ENOTSUP`` or ``EBADF``: they order or persist renames themselves).
+
+    Raises
+    ------
+    OSError
+        Any other error of the flush (``EIO``, ``ENOSPC``): the renames may not be durable.
     """
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -37,10 +55,39 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
+    except OSError as exc:
+        if exc.errno not in _NO_DIRECTORY_FSYNC:
+            raise
     finally:
         os.close(fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """``os.write`` until all of ``data`` is written to ``fd``.
+
+    A short write continues where it stopped. A write interrupted by a signal (``EINTR``, where the
+    signal handler did not raise) or refused as busy (``EAGAIN``, a descriptor in non-blocking mode)
+    wrote nothing and is tried again, up to :data:`WRITE_RETRIES` times in a row (waiting 1 ms, then
+    doubling up to 50 ms, before an ``EAGAIN`` retry).
+
+    Raises
+    ------
+    OSError
+        The last error, its message naming the retries, when a write fails :data:`WRITE_RETRIES`
+        times in a row; any other error at once.
+    """
+    view, done, failures = memoryview(data), 0, 0
+    while done < len(view):
+        try:
+            done += os.write(fd, view[done:])
+            failures = 0
+        except (InterruptedError, BlockingIOError) as exc:
+            failures += 1
+            if failures > WRITE_RETRIES:
+                raise type(exc)(exc.errno, f"{exc.strerror} ({failures} times in a row at byte {done} of "
+                                           f"{len(view)}; retried {WRITE_RETRIES} times)") from exc
+            if isinstance(exc, BlockingIOError):
+                time.sleep(min(0.05, 0.001 * 2 ** (failures - 1)))
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, fsync: bool = True,

@@ -151,6 +151,7 @@ class RecorderAttributesMixin:
     _memory: Any
     _store: Any
     _fsync: bool
+    _manifest: Any
 
     def _test_batch(self, indices: Tensor | None) -> Any:
         """The inputs of at most :data:`TEST_SAMPLES` of ``indices``, on the parameters' device (``None``: no data)."""
@@ -211,7 +212,7 @@ class RecorderAttributesMixin:
             self._memory.attribute_record = record
         if self._store is not None:
             try:
-                save_record(self._store, record, fsync=self._fsync)
+                save_record(self._store, record, fsync=self._fsync, run_id=self._manifest.run_id)
             except OSError as exc:  # the recording itself is complete: only the later check is lost
                 logger.warning("The attribute fingerprint could not be written to %s (%s): changes to the model's "
                                "plain attributes after recording will not be checked.", self._store, exc)

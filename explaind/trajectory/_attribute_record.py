@@ -17,6 +17,14 @@ recording ends). :func:`check_model` compares it with the model given to ``Traje
 the estimators' ``fit`` and warns (:class:`~explaind.exceptions.ExplaindWarning`) naming every entry with its
 recorded and current value and the fix; a store without the file (recorded before it existed, or a recording that
 stopped on an error) is not compared (logged at INFO).
+
+Since round 8 (docs/recording.md, "Strangers' files, round 8") the file holds the run's identity (``run_id``, the
+manifest's; ``null`` for a store written before schema 3) and the XXH3-128 checksum of everything else
+(``checksum``, over the JSON with sorted keys), and is read as a regular file of the store (never through a
+symbolic link, never blocking on a FIFO, at most :data:`~explaind.trajectory._index.MAX_INDEX_BYTES`). A file that
+cannot be read, is not what explaind writes, fails its checksum or names another run is not used, with a warning
+naming the file, the problem and the fix (the check is then skipped; the recording itself does not depend on the
+file). A file without the two keys (written before round 8) is read as before.
 """
 
 from __future__ import annotations
@@ -34,8 +42,12 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from ..exceptions import TrajectoryError
 from ._attributes import HOOK_KEYS, Snapshot, _Ignored, snapshot
+from ._checksum import checksum as file_checksum
 from ._common import ModelHook, warn_user
+from ._index import MAX_INDEX_BYTES, strict_json
+from ._io import read_confined
 from ._layout import ATTRIBUTES
 from ._tensor_watch import block_sums, checksum, is_plain_object
 
@@ -126,36 +138,67 @@ def keep_record(snap: Snapshot | None, ignore: tuple[str, ...], unread: set[str]
     return {"format": _FORMAT, "ignore": patterns, "entries": record_of(snap)}
 
 
-def save_record(root: Path, record: dict[str, Any] | None, *, fsync: bool = True) -> None:
-    """Write ``record`` to the store's :data:`FILE` (or remove a stale one when there is none)."""
+def _sealed(body: dict[str, Any]) -> str:
+    """The checksum of a record's content (everything but ``checksum``, as JSON with sorted keys)."""
+    return file_checksum(json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True).encode())
+
+
+def save_record(root: Path, record: dict[str, Any] | None, *, fsync: bool = True, run_id: str | None = None) -> None:
+    """Write ``record`` to the store's :data:`FILE`, bound to the run ``run_id`` and checksummed (or remove a
+    stale one when there is none)."""
     path = Path(root) / FILE
     if record is None:
         path.unlink(missing_ok=True)
         return
-    atomic_write(path, json.dumps(record, sort_keys=True), fsync=fsync)
+    body = {**record, "run_id": run_id}
+    atomic_write(path, json.dumps({**body, "checksum": _sealed(body)}, sort_keys=True), fsync=fsync)
+
+
+def _problem(record: Any, run_id: str | None) -> str | None:
+    """What is wrong with a record read from :data:`FILE` of the run ``run_id`` (``None``: nothing)."""
+    if not (isinstance(record, dict) and record.get("format") in _FORMATS and isinstance(record.get("entries"), dict)
+            and all(isinstance(v, str) for v in record["entries"].values()) and isinstance(record.get("ignore"), list)):
+        return ("is not an attribute fingerprint explaind writes (allowed: an object with 'format' 1 or 2, "
+                "'entries' of texts and 'ignore')")
+    if "checksum" not in record and "run_id" not in record:
+        return None  # written before round 8: read as before
+    if record.get("checksum") != _sealed(record):
+        return (f"does not match its checksum (it records {record.get('checksum')!r}, its content has "
+                f"{_sealed(record)!r}): it was modified after the recording")
+    if record.get("run_id") != run_id:
+        return (f"belongs to the run {record.get('run_id')!r}, but the store's manifest names the run {run_id!r}: the "
+                f"file (or the manifest) was replaced")
+    return None
 
 
 def _stored(traj: Any) -> dict[str, Any] | None:
-    """The record of ``traj``: kept on it, or read from its store's :data:`FILE` (``None``: none, or unreadable)."""
+    """The record of ``traj``: kept on it, or read from its store's :data:`FILE` (``None``: none, or not usable,
+    with a warning naming why)."""
     record = getattr(traj, "attribute_record", None)
     if record is not None:
         return record
     root = getattr(traj, "root", None)
     if root is None:
         return None
-    path = Path(root) / FILE
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        data = read_confined(Path(root), FILE, MAX_INDEX_BYTES, "The attribute fingerprint")
+        record = strict_json(data)
     except FileNotFoundError:
         logger.info("The store %s keeps no attribute fingerprint (%s): changes to the model's plain attributes "
                     "after recording are not checked.", root, FILE)
         return None
-    except (OSError, ValueError) as exc:
-        logger.info("The store's %s cannot be read (%s); attributes are not checked.", path, exc)
-        return None
-    ok = isinstance(record, dict) and record.get("format") in _FORMATS and isinstance(record.get("entries"), dict) \
-        and isinstance(record.get("ignore"), list)
-    return record if ok else None
+    except (TrajectoryError, OSError, ValueError) as exc:
+        problem: str | None = f"cannot be read ({exc})"
+    else:
+        manifest = getattr(traj, "manifest", None)
+        problem = _problem(record, getattr(manifest, "run_id", None))
+    if problem is None:
+        return record
+    warn_user(logger, f"The attribute fingerprint {FILE!r} of the store {str(root)!r} {problem}. Changes to the "
+                      f"model's plain attributes since the recording are therefore not checked. Fix: restore "
+                      f"{FILE} from a copy of the store, or delete it to silence this warning (it is read for this "
+                      f"check only: the recorded steps do not depend on it).")
+    return None
 
 
 def check_model(traj: Any, model: nn.Module | None, who: str, same_layout: bool = False) -> None:

@@ -37,7 +37,8 @@ from ..exceptions import TrajectoryError
 from ._checksum import checksum
 from .manifest import TrajectoryManifest, dtype_name
 
-__all__ = ["new_run_id", "run_binding", "check_run", "state_binding", "check_state", "AUDIT_PREFIX", "RUN_FIELDS"]
+__all__ = ["new_run_id", "run_binding", "check_run", "state_binding", "check_state", "unbound_state", "AUDIT_PREFIX",
+           "RUN_FIELDS"]
 
 #: tensors of a state file that hold the recorder's audit momentum (a sparse store keeps them in a file of their own)
 AUDIT_PREFIX = "audit."
@@ -121,13 +122,13 @@ def state_binding(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
 
 
 def check_state(step_meta: dict[str, str], tensors: dict[str, Tensor], metadata: dict[str, str] | None,
-                where: str, step_file: str, *, audit: bool | None = None) -> None:
+                where: str, step_file: str, *, audit: bool | None = None) -> bool:
     """An optimizer state read from ``where`` is the one the step file ``step_file`` (metadata ``step_meta``) bound.
 
     ``tensors``: what was read; ``audit``: ``False`` for a sparse store's checkpoint file (no audit tensors),
     ``True`` for its audit file (only those), ``None`` for a dense store's state file (both); ``metadata``: the
     file's metadata, whose description is compared (``None``: an audit file, which has none). A step file without
-    the entry (a store written before schema 3) binds nothing.
+    the entry (a store written before schema 3) binds nothing: ``False`` is returned (``True`` once checked).
 
     Raises
     ------
@@ -136,7 +137,7 @@ def check_state(step_meta: dict[str, str], tensors: dict[str, Tensor], metadata:
     """
     held = step_meta.get("state")
     if held is None:
-        return
+        return False
     bound = json.loads(held)
     expected: dict[str, list[Any]] = bound["tensors"]
     if audit is not None:
@@ -162,6 +163,20 @@ def check_state(step_meta: dict[str, str], tensors: dict[str, Tensor], metadata:
         raise TrajectoryError(f"Trajectory file {where} is not the optimizer state recorded with {step_file}: "
                               f"{'; '.join(problems[:3])}{more}. It was modified after the step was recorded (its "
                               f"checksum in the journal or manifest rewritten to match). {_FIX}")
+    return True
+
+
+def unbound_state(where: str, step_file: str, n: int) -> str:
+    """The refusal of ``restore()`` to load the optimizer state ``where`` that its step file ``step_file`` does not
+    bind (written before schema 3; docs/recording.md, "Strangers' files, round 8"), resuming at step ``n``."""
+    return (f"restore() refuses the optimizer state {where}: its step file {step_file} does not bind it (the store "
+            f"was written before schema 3), so a state file replaced together with its checksum in the store's "
+            f"index (another optimizer's state, an entry renamed, dropped or cast) cannot be told from the one "
+            f"recorded, and restore() would load it into the optimizer. Allowed: a state its step file binds, or "
+            f"one you vouch for. Fix: if the store was not modified since it was recorded, call "
+            f"rec.restore(accept_unbound_state=True) (the steps recorded from then on bind their state); or load "
+            f"the model and optimizer from your own checkpoint of step {n} and enter `with rec:` without restore() "
+            f"(the optimizer's state is then compared with the file bit for bit); or re-record the run.")
 
 
 def _spec(value: list[Any]) -> str:

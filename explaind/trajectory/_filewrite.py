@@ -56,6 +56,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .._io import fsync_directory, temporary_path
+from .._io import write_all as _write_all  # whole, retrying EINTR/EAGAIN (a module name the tests replace)
 from ._checksum import DEFAULT, hasher, validate_algorithm
 from .manifest import FileRecord
 
@@ -360,9 +361,3 @@ def _close_all(fds: list[int]) -> None:
     if error is not None:
         raise error
 
-
-def _write_all(fd: int, data: memoryview) -> None:
-    """``os.write`` until all of ``data`` is written (a short write continues where it stopped)."""
-    done = 0
-    while done < len(data):
-        done += os.write(fd, data[done:])

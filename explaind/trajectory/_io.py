@@ -44,6 +44,7 @@ __all__ = [
     "read_verified_bytes",
     "read_confined",
     "store_path",
+    "store_root",
     "tensor_bytes",
     "encode_optimizer_state",
     "decode_optimizer_state",
@@ -96,6 +97,31 @@ def write_tensors(
 
 def _where(step: int | None) -> str:
     return "" if step is None else f" (step {step})"
+
+
+def store_root(path: Any) -> Path:
+    """The absolute path of the store a user names ``path`` (``store=`` of a recorder, ``Trajectory.load``).
+
+    A leading ``~`` or ``~user`` is the home directory, as in a shell (before, a store given as ``"~/run"`` was
+    written into a directory named ``~`` below the working directory;
+    docs/recording.md, "Strangers' files, round 8"); a relative path is taken from the working directory now, so a
+    later ``os.chdir`` does not move it.
+
+    Raises
+    ------
+    TrajectoryError
+        When ``path`` starts with ``~`` and the home directory is unknown (``HOME`` unset and no such user).
+    """
+    text = os.fsdecode(os.fspath(path))
+    if text.startswith("~"):
+        expanded = os.path.expanduser(text)
+        if expanded.startswith("~"):
+            raise TrajectoryError(f"The store path {text!r} starts with '~', but the home directory it names is "
+                                  f"unknown (HOME is not set, or there is no such user). Allowed: an absolute path, "
+                                  f"a path relative to the working directory, or '~' with a known home. Fix: pass "
+                                  f"the full path.")
+        text = expanded
+    return Path(text).absolute()
 
 
 def store_path(root: Path, relpath: str, what: str) -> Path:

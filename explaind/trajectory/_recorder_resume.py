@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, TrajectoryError
 from ._audit import UpdateAudit
+from ._binding import unbound_state
 from ._common import warn_user
 from ._io import decode_optimizer_state, read_tensors
 from ._start_optimizer import state_differences
@@ -104,7 +105,7 @@ class RecorderResumeMixin:
             stored.n_steps = point
         return stored
 
-    def restore(self) -> int:
+    def restore(self, *, accept_unbound_state: bool = False) -> int:
         """Load ``theta_N``, the recorded buffers and the optimizer state into the model and optimizer; returns ``N``.
 
         Use with ``resume=True`` before the loop, then continue training from step ``N``. An LR
@@ -112,13 +113,25 @@ class RecorderResumeMixin:
         optimizer that already holds state must hold exactly the state the store saved at ``N`` (the
         one of a run that started from optimizer state at ``N = 0``), which is then left as it is;
         any other state is refused rather than replaced.
+
+        Parameters
+        ----------
+        accept_unbound_state : bool
+            Load an optimizer state that its step file does not bind (a store written before schema 3,
+            docs/recording.md, "Strangers' files, round 8"), which is otherwise refused: nothing but its
+            checksum, kept in the unkeyed index, tells it from a replaced one. Pass ``True`` only for a store
+            not modified since it was recorded; the steps recorded from then on bind their state.
         """
         if self._store is not None and self._restarted:
             return 0  # resume=True where an interrupted recording had recorded nothing: starting anew
         if self._store is None or not self._resumed:
             raise TrajectoryError("restore() needs a recorder opened with store=<path> and resume=True.")
+        if not isinstance(accept_unbound_state, bool):
+            raise ConfigError(f"restore(accept_unbound_state={accept_unbound_state!r}): allowed are True and False "
+                              f"(got a {type(accept_unbound_state).__name__}). Fix: pass True to load an optimizer "
+                              f"state its step file does not bind, else leave it out.")
         n = self._manifest.n_steps  # the last step with a stored optimizer state
-        state, audit = self._saved_state(n)
+        state, audit = self._saved_state(n, trust=accept_unbound_state)
         self._refuse_other_state(state, n, loading=True)
         stored = DiskTrajectory(self._store, model=self.model, loss=self._loss)
         final, buffers = stored.params(n), dict(self.model.named_buffers())
@@ -143,7 +156,7 @@ class RecorderResumeMixin:
         if self._restored:
             return
         n = self._manifest.n_steps
-        state, audit = self._saved_state(n)
+        state, audit = self._saved_state(n, trust=True)  # compared with the optimizer's own state, bit for bit
         self._refuse_other_state(state, n, loading=False)
         live = [dict(group) for group in self.optimizer.param_groups]
         if state is not None:  # the adapter learns the settings the state was built under (maximize), then the
@@ -164,11 +177,12 @@ class RecorderResumeMixin:
         self._auditor.momentum = {k: v.to(self._params[k].device) for k, v in audit.items()}
         self._restored = True
 
-    def _saved_state(self, n: int) -> tuple[dict[str, Any] | None, dict[str, Tensor]]:
+    def _saved_state(self, n: int, trust: bool) -> tuple[dict[str, Any] | None, dict[str, Tensor]]:
         """The decoded ``state_dict`` the store saved at step ``n`` and the audit's buffers then.
 
         At ``n = 0``: the state the recording opened on and its :math:`m_{-1}` (``None`` and ``{}``
-        for a fresh optimizer).
+        for a fresh optimizer). ``trust``: take a state that its step file does not bind (written before
+        schema 3); else it is refused (:func:`~explaind.trajectory._binding.unbound_state`).
         """
         assert self._store is not None
         if n == 0:
@@ -187,9 +201,17 @@ class RecorderResumeMixin:
         decoded = decode_optimizer_state(state, meta, self.optimizer.state_dict(),
                                          f"Trajectory file {str(self._store / rec.path)!r}")
         stored = DiskTrajectory(self._store, model=self.model, loss=self._loss)  # the state its step file binds:
-        stored.check_state_file(n - 1, rec, tensors, meta, audit=None if audit_file is None else False)
+        bound = stored.check_state_file(n - 1, rec, tensors, meta, audit=None if audit_file is None else False)
         if audit_file is not None:
             stored.check_state_file(n - 1, audit_file, kept, None, audit=True)
+        step_file = self._manifest.steps[n - 1].file
+        where = f"{rec.path!r} (step {n - 1}) of the store {str(self._store)!r}"
+        if not bound and not trust:
+            raise TrajectoryError(unbound_state(where, repr(step_file and step_file.path), n))
+        if not bound:
+            logger.warning("restore(accept_unbound_state=True): loading the optimizer state %s, which its step file "
+                           "does not bind (written before schema 3); the steps recorded from now on bind theirs.",
+                           where)
         return decoded, audit
 
     def _refuse_other_state(self, state: dict[str, Any] | None, n: int, loading: bool) -> None:

@@ -26,12 +26,13 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_renormalising_embeddings, refuse_script_modules, refuse_sparse_embeddings
 from ..unsupported import refuse_unreplayable
 from ..unsupported_layers import refuse_unrecordable_layers
+from ._io import store_root
 from ._layout import remove_store, setup_leftover
 from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
 from .store import is_store, read_manifest
 
-__all__ = ["prepare_directory", "refuse_invalid_arguments", "setup_error"]
+__all__ = ["prepare_directory", "refuse_invalid_arguments", "setup_error", "store_root"]
 
 logger = logging.getLogger("explaind.trajectory.store")
 

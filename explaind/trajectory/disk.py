@@ -23,7 +23,7 @@ from ..recurrence import LinearUpdate
 from ._binding import check_run, check_state, run_binding
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
-from ._io import check_specs, read_tensors
+from ._io import check_specs, read_tensors, store_root
 from ._random import MicroBatch, find_generators
 from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
@@ -166,7 +166,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                  loss: Any = None, cache_steps: int = 4, replay_tolerance: float | None = None,
                  cache_segments: int = 2, verify_train_data: bool = True, max_parameters: int | None = None,
                  generators: Any = None):
-        self.root = Path(path).absolute()  # a later os.chdir does not move it
+        self.root = store_root(path)  # '~' expanded; a later os.chdir does not move it
         self._generators: tuple[torch.Generator, ...] = ()
         self._manifest = read_manifest(self.root)
         self._run = run_binding(self._manifest)  # what every step file of the run binds (_binding.py)
@@ -299,12 +299,14 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         return tensors, meta
 
     def check_state_file(self, s: int, record: FileRecord, tensors: dict[str, Tensor], metadata: dict[str, str] | None,
-                         audit: bool | None = None) -> None:
+                         audit: bool | None = None) -> bool:
         """The optimizer (or audit) state ``record`` read after step ``s`` is the one step ``s``'s file binds
-        (:func:`~explaind.trajectory._binding.check_state`; its step file is read and checked first)."""
+        (:func:`~explaind.trajectory._binding.check_state`; its step file is read and checked first); ``False``
+        when the step file binds no state (a store written before schema 3)."""
         step_file = self._manifest.steps[s].file
         where = f"{record.path!r} (step {s}) of the store {str(self.root)!r}"
-        check_state(self._step_file(s)[1], tensors, metadata, where, repr(step_file and step_file.path), audit=audit)
+        return check_state(self._step_file(s)[1], tensors, metadata, where, repr(step_file and step_file.path),
+                           audit=audit)
 
     def _check_params(self, tensors: dict[str, Tensor], where: str) -> None:
         check_specs(tensors, "param.", self._manifest.params, where)

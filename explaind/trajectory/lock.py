@@ -23,7 +23,7 @@ import time
 import weakref
 from pathlib import Path
 
-from .._io import open_regular
+from .._io import open_regular, write_all
 from ..exceptions import TrajectoryError
 
 __all__ = ["LOCK", "WriterLock", "live_writer"]
@@ -171,7 +171,7 @@ class WriterLock:
         tmp = self.path.with_name(f"{LOCK}.tmp-{os.getpid()}-{threading.get_ident()}")
         fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
         try:
-            os.write(fd, content)
+            write_all(fd, content)
         finally:
             os.close(fd)
         try:
@@ -185,7 +185,7 @@ class WriterLock:
             tmp.unlink(missing_ok=True)
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
-            os.write(fd, content)
+            write_all(fd, content)
         finally:
             os.close(fd)
 

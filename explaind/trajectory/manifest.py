@@ -85,6 +85,9 @@ def _known_dtype(value: str) -> str:
 
 #: a tensor dimension or count stored in the manifest (never negative)
 _Count = Annotated[int, Field(ge=0)]
+#: a name the manifest records (a parameter, a loss, an adapter, an architecture): at most 4096 characters, so a
+#: store cannot make an error message that names it unreadably long (docs/recording.md, "Strangers' files, round 8")
+_Name = Annotated[str, Field(max_length=4096)]
 
 
 class _Model(BaseModel):
@@ -94,7 +97,7 @@ class _Model(BaseModel):
 class TensorSpec(_Model):
     """Name, shape and dtype of one stored tensor."""
 
-    name: str
+    name: _Name
     shape: list[_Count]
     dtype: str
 
@@ -209,7 +212,7 @@ class StepRecord(_Model):
 class ArchitectureSpec(_Model):
     """How to rebuild the model from the registry (``explaind.models.build_model``)."""
 
-    name: str
+    name: _Name
     config: dict[str, Any] = Field(default_factory=dict)
     seed: int | None = None
 
@@ -309,10 +312,10 @@ class TrajectoryManifest(_Model):
     dtype: str = "float32"
     params: list[TensorSpec] = Field(default_factory=list)
     constants: list[TensorSpec] = Field(default_factory=list)
-    adapter: str | None = None
+    adapter: _Name | None = None
     adapter_hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    optimizer_class: str | None = None
-    loss: str | None = None
+    optimizer_class: _Name | None = None
+    loss: _Name | None = None
     architecture: ArchitectureSpec | None = None
     n_steps: int = 0
     param_stride: int = Field(default=1, ge=1)

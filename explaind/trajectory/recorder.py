@@ -47,7 +47,7 @@ from ._participation import (
 from ._random import RandomCapture
 from ._recorder_checks import LoggedBatch, RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
-from ._setup import prepare_directory, refuse_invalid_arguments
+from ._setup import prepare_directory, refuse_invalid_arguments, store_root
 from ._start_optimizer import OptimizerStart, capture_optimizer_start
 from ._start_state import capture_start_state
 from .disk import DiskTrajectory
@@ -207,7 +207,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._audit_on = audit is not False
         self._scaler = grad_scaler
         self._schedule = self._resolve_check(check_gradients)
-        self._store = Path(store).absolute() if store is not None else None  # fixed against os.chdir
+        self._store = store_root(store) if store is not None else None  # '~' expanded; fixed against os.chdir
         self._storage_options(save_optimizer_state, checkpoint_every)
         self._store_data = bool(store_data)
         self._background, self._fsync = bool(background_writes), bool(fsync)

@@ -23,14 +23,13 @@ Layout of a store directory::
                                   in a dense store) plus a "replay" metadata entry
                                   (explaind/trajectory/_sparse.py)
 
-A step counts as complete once its journal line is written, which happens after its files were
-moved into place, so a crash loses at most the steps not yet committed. ``manifest.json`` is
-written last when a new store is set up (its existence makes the directory a store; see
-``_layout``), again when a resumed recording starts, and when recording ends; readers merge it
-with the journal. Writing may run on a background thread; at most ``max_queue`` (4) steps are
-handed to it and not yet committed, and at most ``max_queue_bytes`` (64 MiB) of their copies unless
-one step alone is larger (then one step at a time), so a crash loses at most those 4 plus the step
-in flight (measured in tests/test_store_faults.py). A failure there is raised by the next recorder call.
+A step counts as complete once its journal line is written, which happens after its files were moved into place, so
+a crash loses at most the steps not yet committed. ``manifest.json`` is written last when a new store is set up (its
+existence makes the directory a store; see ``_layout``), again when a resumed recording starts, and when recording
+ends; readers merge it with the journal. Writing may run on a background thread; at most ``max_queue`` (4) steps are
+handed to it and not yet committed, and at most ``max_queue_bytes`` (64 MiB) of their copies unless one step alone
+is larger (then one step at a time), so a crash loses at most those 4 plus the step in flight (measured in
+tests/test_store_faults.py). A failure there is raised by the next recorder call (what is on disk: _write_failure).
 """
 
 from __future__ import annotations
@@ -65,6 +64,7 @@ from ._layout import (
     remove_temporary_files,
     step_path,
 )
+from ._write_failure import write_failure
 from .lock import WriterLock
 from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TensorSpec, TrajectoryManifest
 
@@ -223,6 +223,7 @@ class StoreWriter:
         self.fsync = fsync
         self.keep_states = bool(keep_states)
         self._error: BaseException | None = None
+        self._appending: tuple[int, int] | None = None  # steps whose journal lines are being appended
         self._error_step: int | None = None
         self._run: str | None = None  # run_binding(manifest), at the first step (the start files are written then)
         # slot (0/1) of the optimizer state of the last committed step; the next state goes to the other one
@@ -286,9 +287,8 @@ class StoreWriter:
     def _commit_queued(self, q: queue.Queue) -> bool:
         """Wait for a step, commit it with those queued behind it; ``True`` once the stop marker came.
 
-        A call of its own, so that no written step's tensors stay referenced while the worker waits
-        for the next step (they go back to the recorder's pool, or are freed, once written).
-        """
+        A call of its own, so that no written step's tensors stay referenced while the worker waits for the next
+        step (they go back to the recorder's pool, or are freed, once written)."""
         batch = [q.get()]
         while True:
             try:
@@ -317,10 +317,8 @@ class StoreWriter:
         """Raise the error of a failed background write, if any."""
         if self._error is not None:
             err, self._error = self._error, None
-            raise TrajectoryError(
-                f"Writing step {self._error_step} of the trajectory store {str(self.root)!r} failed: "
-                f"{type(err).__name__}: {err}. Steps before it are stored; fix the cause and resume."
-            ) from err
+            raise TrajectoryError(write_failure(self.root, self._error_step, err, len(self.manifest.steps),
+                                                self._appending)) from err
 
     # ----------------------------------------------------------------- steps
     def write_step(
@@ -401,12 +399,14 @@ class StoreWriter:
                 if self.fsync:
                     self._files.flush_directories([self.root / "steps"] + ([self.root / "optimizer"]
                                                                            if last_state is not None else []))
+                self._appending = (done[0].step, done[-1].step)  # what a failure from here may leave (_write_failure)
                 self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
                 self._journal.flush()
                 if self.fsync:
                     os.fsync(self._journal.fileno())
                 with self._lock:
                     self.manifest.steps.extend(done)
+                self._appending = None
                 if last_state is not None and last_state < len(done) and not self.keep_states:
                     self._slot = 1 - self._slot
             for item in items:
