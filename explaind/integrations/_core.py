@@ -39,6 +39,8 @@ class RecordingCore:
     framework_resume = "resuming from a checkpoint"
     framework_optimizer = "the framework's optimizer setting"
     framework_optimizer_fix = "Fix: train with torch.optim.SGD, Adam or AdamW."
+    #: The framework's hooks that edit a batch before the model sees it (for messages; with a leading separator).
+    framework_batch_edit = ""
 
     def _setup(self, train_data: Any, loss: Any, attention_mask: MaskForm,
                recorder_kwargs: dict[str, Any]) -> None:
@@ -137,7 +139,8 @@ class RecordingCore:
                     f"the items it was given, so inputs drawn anew for every batch are other samples than the recorded "
                     f"ones and the scores would not be the run's: a collator that draws at random "
                     f"(DataCollatorForLanguageModeling(mlm=True) masks other tokens every time), random augmentation "
-                    f"in the dataset's __getitem__, or a preprocessing step the callback's train_data does not hold. "
+                    f"in the dataset's __getitem__, or a preprocessing step the callback's train_data does not hold"
+                    f"{self.framework_batch_edit}. "
                     f"Fix: draw the masks or augmentations once, before training, and train on those fixed items (e.g. "
                     f"mask every item once with the collator and a fixed seed, store input_ids and labels in the "
                     f"items, and train with a collator that only pads); give the callback train_data whose rows are "
