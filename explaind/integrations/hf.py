@@ -131,6 +131,15 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                 f"label_smoothing={self._label_smoothing}); or drop compute_loss_func= and keep the Trainer's label "
                 f"smoother, giving the callback that same loss= callable."
             )
+        if labels is None:
+            self.close()
+            raise ConfigError(
+                f"The Trainer called compute_loss_func=callback.compute_loss with labels=None: the batch reached it "
+                f"without {self._label_key!r}. With TrainingArguments(remove_unused_columns=True), the default, the "
+                f"Trainer keeps only the model's forward arguments and its label_names (for a question-answering "
+                f"head start_positions and end_positions, not 'labels'). Fix: TrainingArguments(label_names="
+                f"[{self._label_key!r}]), which keeps that entry for compute_loss_func, or remove_unused_columns=False."
+            )
         logits = model_output(outputs)
         per_sample = self._loss.implementation(logits, labels)
         counts = (torch.ones_like(per_sample) if self._loss.counts is None
