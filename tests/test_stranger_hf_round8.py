@@ -43,13 +43,19 @@ from _hf_testkit import (
 )
 from reference import rel_err
 from test_stranger_hf_round5 import _assert_exact, _quiet
-from test_stranger_hf_round7 import _checkpoint, _loop_smoothed_tokens, _resumed, _sizes, _smoothed_tokens, \
-    _token_counts
+from test_stranger_hf_round7 import (
+    _checkpoint,
+    _loop_smoothed_tokens,
+    _resumed,
+    _sizes,
+    _smoothed_tokens,
+    _token_counts,
+)
 from test_trainer_options import OwnLossMLP, _data, _tokenizer, _train
 from torch import nn
 
 import explaind
-from explaind.exceptions import ConfigError, ExplaindWarning
+from explaind.exceptions import ConfigError
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
 from explaind.records import LossRecord
 
@@ -264,8 +270,8 @@ def _figures(model, traj, X: dict, truth, target=None, loss_fn=None, reference=M
              outcome: str = "exact") -> None:
     replica = rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X), truth.reshape(truth.shape[0], -1))
     att = explaind.InfluenceEstimator(keep=("train",), target=target, tol=1e-11, device="cpu").fit(traj).transform(X)
-    ref = reference(traj, X, target=target, loss_fn=loss_fn or (lambda out, t: F.cross_entropy(out, t, reduction="none")),
-                    panels=4)
+    ref = reference(traj, X, target=target, panels=4,
+                    loss_fn=loss_fn or (lambda out, t: F.cross_entropy(out, t, reduction="none")))
     assert float(ref.quad_error.abs().max()) <= 1e-11
     train = rel_err(att.values, ref.kept(("train",)))
     note(replica=replica, share=att.meta["residual_share"], train=train, outcome=outcome)
