@@ -186,7 +186,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         step; the next epoch's first batch zeroes what was accumulated). Before, they were recorded as part of the
         next step (residual share 0.36, or a gradient-check error that named no Lightning hook)."""
         pending = getattr(self.recorder, "_pending", None)
-        if pending:
+        if pending and pending[-1].finite is not False:  # a step GradScaler skipped: the recorder drops it itself
             logger.warning("Lightning zeroed the gradients of %d logged micro-batch(es) before any optimizer step "
                            "used them (an epoch cut short inside an accumulation, e.g. on_train_batch_start "
                            "returning -1); they are dropped from the recording, as from the run.", len(pending))
