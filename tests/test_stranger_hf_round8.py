@@ -14,7 +14,7 @@ Left from round 7 (each test names what happened before):
   ``dtype=torch.float32``, so the backward of that sum carries the smoothing term's per-token gradient weight
   ``eps / (num_items_in_batch x vocabulary)`` in float32: the run's own gradient is off by that rounding, per step
   and in one term only, which no per-sample loss reproduces (residual share 4.3e-9). The same smoother summing in
-  float64 gives 4.5e-15; ``compute_loss_func=callback.compute_loss`` with the smoothed loss 6.3e-15. The callback
+  float64, or ``compute_loss_func=callback.compute_loss`` with the smoothed loss, gives 6.3e-15. The callback
   now warns when training starts, naming that route.
 * Packed batches (``DataCollatorWithFlattening``): the per-batch input comparison skipped the one packed row; it
   is now split where ``position_ids`` restart and each sequence compared with its item's recorded row.
