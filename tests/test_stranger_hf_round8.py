@@ -287,6 +287,15 @@ def _bert(head: str, **config):
     return getattr(transformers, head)(cfg).double()
 
 
+def _trainer_run(tmp_path, model, data, callback, trainer_kwargs=None, **settings) -> None:
+    """Train ``model`` on ``data`` through the Trainer with ``callback``: micro-batches of 4, accumulation 2, 3
+    steps, SGD momentum 0.9 at 0.05; ``settings`` override those, ``trainer_kwargs`` go to the Trainer."""
+    args = trainer_args(tmp_path, **{**dict(per_device_train_batch_size=4, max_steps=3, gradient_accumulation_steps=2,
+                                            learning_rate=0.05, **SGD), **settings})
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback],
+                         **(trainer_kwargs or {})).train()
+
+
 def test_trainer_multiple_choice_on_the_models_own_loss_is_exact(tmp_path):
     """``BertForMultipleChoice``, inputs ``(n, 3 choices, L)``, accumulation 2 on the model's own loss."""
     gen = torch.Generator().manual_seed(4)
@@ -295,9 +304,7 @@ def test_trainer_multiple_choice_on_the_models_own_loss_is_exact(tmp_path):
     data = IndexedDataset([{"input_ids": choices[i], "labels": y[i]} for i in range(N_TRAIN)])
     model = _bert("BertForMultipleChoice")
     callback = ExplaindTrainerCallback(data, loss="cross_entropy", check_gradients=True)
-    transformers.Trainer(model=model, args=trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=3,
-                                                        gradient_accumulation_steps=2, learning_rate=0.05, **SGD),
-                         train_dataset=data, callbacks=[callback]).train()
+    _trainer_run(tmp_path, model, data, callback)
     X = {"input_ids": choices[N_TRAIN:]}
     with torch.no_grad():
         truth = model.eval()(**X).logits
@@ -336,10 +343,7 @@ def test_trainer_question_answering_with_compute_loss_func_keeps_labels_through_
     def run(**settings):
         model = _bert("BertForQuestionAnswering")
         callback = ExplaindTrainerCallback(data, loss=loss, check_gradients=True)
-        transformers.Trainer(model=model, args=trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=3,
-                                                            gradient_accumulation_steps=2, learning_rate=0.05,
-                                                            **SGD, **settings),
-                             train_dataset=data, callbacks=[callback], compute_loss_func=callback.compute_loss).train()
+        _trainer_run(tmp_path, model, data, callback, {"compute_loss_func": callback.compute_loss}, **settings)
         return model, callback
 
     with pytest.raises(ConfigError, match=r"compute_loss_func=callback.compute_loss with labels=None.*Fix: "
@@ -367,9 +371,7 @@ def test_trainer_token_classification_with_its_collator_padding_labels_with_minu
     callback = ExplaindTrainerCallback(data.train_data(collate_fn=collator, attention_mask="bidirectional"),
                                        loss="token_cross_entropy", check_gradients=True)
     model = _bert("BertForTokenClassification", num_labels=4)
-    transformers.Trainer(model=model, args=trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=3,
-                                                        learning_rate=0.05, **SGD),
-                         train_dataset=data, data_collator=collator, callbacks=[callback]).train()
+    _trainer_run(tmp_path, model, data, callback, {"data_collator": collator}, gradient_accumulation_steps=1)
     X = {"input_ids": ids[N_TRAIN:], "attention_mask": mask_4d(mask[N_TRAIN:])}
     with torch.no_grad():
         truth = model.eval()(input_ids=ids[N_TRAIN:], attention_mask=mask[N_TRAIN:]).logits
@@ -390,9 +392,7 @@ def test_trainer_vit_image_classification_with_remove_unused_columns_is_exact(tm
     y = torch.randint(0, 3, (N_TRAIN + 2,), generator=gen)
     data = IndexedDataset([{"pixel_values": images[i], "labels": y[i], "id": i} for i in range(N_TRAIN)])
     callback = ExplaindTrainerCallback(data, loss="cross_entropy", check_gradients=True)
-    transformers.Trainer(model=model, args=trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=3,
-                                                        gradient_accumulation_steps=2, learning_rate=0.05, **SGD),
-                         train_dataset=data, callbacks=[callback]).train()
+    _trainer_run(tmp_path, model, data, callback)
     X = {"pixel_values": images[N_TRAIN:]}
     with torch.no_grad():
         truth = model.eval()(**X).logits
