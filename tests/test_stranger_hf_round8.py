@@ -57,6 +57,7 @@ from torch import nn
 import explaind
 from explaind.exceptions import ConfigError
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
+from explaind.integrations._core import _packed_segments
 from explaind.records import LossRecord
 
 transformers = pytest.importorskip("transformers")  # in the dev extra
@@ -139,6 +140,17 @@ def test_a_packed_batch_whose_sequences_are_not_the_recorded_rows_is_refused(tmp
                              train_dataset=data, data_collator=transformers.DataCollatorWithFlattening(),
                              callbacks=[callback], compute_loss_func=callback.compute_loss).train()
     note(outcome="loud: ConfigError (packed inputs compared)")
+
+
+def test_position_ids_shared_by_every_row_are_no_packed_batch():
+    """A ``(1, L)`` ``position_ids`` broadcast over a batch of rows (as a ``training_step`` may pass it) is no
+    packing: the batch is compared row by row as before; a packed row splits where its positions restart."""
+    shared = {"input_ids": torch.zeros(4, LENGTH, dtype=torch.long), "position_ids": torch.arange(LENGTH)[None]}
+    assert _packed_segments(shared, 4) is None
+    assert _packed_segments({"position_ids": torch.arange(LENGTH)[None]}, 4) is None  # one sequence
+    packed = {"input_ids": torch.zeros(1, 7, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])}
+    assert _packed_segments(packed, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert _packed_segments({**packed, "cu_seq_lens_q": torch.tensor([0, 2, 7])}, 2) == [(0, 2), (2, 7)]
 
 
 # ---------------------------------------------------------------- TrainingArguments

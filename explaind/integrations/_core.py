@@ -221,11 +221,12 @@ def _packed_segments(given: dict[str, Any], n: int) -> list[tuple[int, int]] | N
     A packed batch gives the model one row ``(1, T)`` for ``n > 1`` items. Its sequences are found from
     ``cu_seq_lens_q`` (cumulative lengths, ``(k + 1,)``), else from where ``seq_idx`` ``(1, T)`` changes, else from
     where ``position_ids`` ``(1, T)`` do not go on by one (they restart at every sequence). A packed row without
-    any of them cannot be split and is not compared (as before).
+    any of them cannot be split and is not compared (as before); a batch that has a row per item, or whose
+    ``(1, T)`` entries hold one sequence (``position_ids`` shared by every row), is no packed batch.
     """
     rows = [v for v in given.values() if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[0] == 1]
-    if n <= 1 or not rows:
-        return None
+    if n <= 1 or not rows or any(isinstance(v, Tensor) and v.dim() >= 2 and v.shape[0] == n for v in given.values()):
+        return None  # a batch with a row per item, whose (1, T) entries broadcast (position_ids shared by all)
     T = rows[0].shape[1]
     cu, seq, pos = given.get("cu_seq_lens_q"), given.get("seq_idx"), given.get("position_ids")
     if isinstance(cu, Tensor) and cu.dim() == 1 and cu.numel() >= 2:
@@ -236,7 +237,7 @@ def _packed_segments(given: dict[str, Any], n: int) -> list[tuple[int, int]] | N
         starts = [0] + (torch.nonzero(pos[0, 1:] != pos[0, :-1] + 1).flatten() + 1).tolist()
     else:
         return None
-    return list(zip(starts, [*starts[1:], T]))
+    return list(zip(starts, [*starts[1:], T])) if len(starts) > 1 else None
 
 
 def _differing_packed(recorded: Any, given: Any, segments: list[tuple[int, int]], skip: int) -> int:
