@@ -29,7 +29,7 @@ FILES = ["test_stranger_hf_encoders.py", "test_stranger_hf_decoders.py", "test_s
          "test_stranger_hf_vision.py", "test_stranger_hf_seq2seq.py", "test_stranger_hf_text.py",
          "test_stranger_hf_trainer.py", "test_stranger_hf_round5.py", "test_stranger_lightning_round5.py",
          "test_stranger_hf_round6.py", "test_stranger_lightning_round6.py", "test_stranger_hf_round7.py",
-         "test_stranger_lightning_round7.py"]
+         "test_stranger_lightning_round7.py", "test_stranger_hf_round8.py", "test_stranger_lightning_round8.py"]
 
 
 def main() -> int:

@@ -19,8 +19,8 @@ Changed here (each test names what happened before):
 
 from __future__ import annotations
 
-import time
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from _framework_testkit import CrossEntropyModule, indexed
 from _hf_stranger_kit import note
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import timer as timer_module
 from test_lightning_options import Validated, _data, _mlp, _sgd
 from test_stranger_lightning_round5 import _assert_exact, _fit, _sizes
 
@@ -40,21 +41,31 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 
 
 
-class Slow(CrossEntropyModule):
-    """Every training step takes 0.2 s more (a slow model), so a short ``max_time`` stops the run."""
+class Ticking(CrossEntropyModule):
+    """Every training step advances a fake clock by ``tick`` seconds (a slow model, without waiting for it)."""
+
+    def __init__(self, clock: list[float], tick: float):
+        super().__init__(_mlp(), _sgd)
+        self.clock, self.tick = clock, tick
 
     def training_step(self, batch, batch_idx):
-        time.sleep(0.2)
+        self.clock[0] += self.tick
         return super().training_step(batch, batch_idx)
 
 
-def test_max_time_stopping_mid_run_is_exact_and_a_time_limit_reached_before_training_is_named(tmp_path):
-    """``max_time`` stops after whichever micro-batch ends past the limit (inside a step of 2 or not): a micro-batch
-    without its optimizer step is dropped (nothing moved the weights). A limit reached before the first batch
-    (``Timer`` checks it at ``on_fit_start``) records nothing; before, the error said to pass the callback."""
-    module = Slow(_mlp(), _sgd)
+@pytest.mark.parametrize(("tick", "steps", "sizes"), [(0.4, 1, [8]), (0.25, 2, [8, 8])])
+def test_max_time_stopping_mid_run_is_exact_and_a_time_limit_reached_before_training_is_named(
+        tmp_path, monkeypatch, tick, steps, sizes):
+    """``max_time`` stops after whichever micro-batch ends past the limit: with 0.4 s per micro-batch the third one
+    (inside a step of 2: without its optimizer step it is dropped, nothing moved the weights), with 0.25 s the
+    fourth (a step's end). Lightning's ``Timer`` reads a fake clock that only the training steps advance, so the
+    stop does not depend on the machine's load. A limit reached before the first batch (``Timer`` checks it at
+    ``on_fit_start``) records nothing; before, the error said to pass the callback."""
+    clock = [0.0]
+    monkeypatch.setattr(timer_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    module = Ticking(clock, tick)
     callback, trainer = _fit(tmp_path, module, max_steps=50, max_time={"seconds": 1})
-    assert 1 <= trainer.global_step < 50 and callback.trajectory.n_steps == trainer.global_step
+    assert trainer.global_step == callback.trajectory.n_steps == steps and _sizes(callback.trajectory) == sizes
     _assert_exact(module.model, callback.trajectory)
     callback, trainer = _fit(tmp_path, CrossEntropyModule(_mlp(), _sgd), max_steps=5, max_time={"seconds": 0})
     assert trainer.global_step == 0

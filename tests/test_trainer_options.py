@@ -30,7 +30,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import explaind
-from explaind.exceptions import ConfigError, UnknownEntryError
+from explaind.exceptions import ConfigError, ExplaindWarning, UnknownEntryError
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -268,8 +268,10 @@ def test_the_trainers_label_smoother_is_exact_with_the_smoothed_loss_callable(tm
     train = IndexedDataset(_bert_items(dynamic=False))
     model = tiny_bert()
     callback = ExplaindTrainerCallback(train, loss=_smoothed, attention_mask="bidirectional")
-    Trainer(model=model, args=_bert_args(tmp_path, label_smoothing_factor=0.1), train_dataset=train,
-            callbacks=[callback]).train()
+    with pytest.warns(ExplaindWarning, match=r"label_smoothing_factor=0.1\) trains this float64 model through the "
+                                             r"Trainer's LabelSmoother"):
+        Trainer(model=model, args=_bert_args(tmp_path, label_smoothing_factor=0.1), train_dataset=train,
+                callbacks=[callback]).train()
     traj = callback.trajectory
     # the LabelSmoother sums the log-probabilities in float32: the gradients match to its rounding (measured up to
     # 5e-9), within the float64 check's tolerance, not to 1e-15

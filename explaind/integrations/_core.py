@@ -39,6 +39,8 @@ class RecordingCore:
     framework_resume = "resuming from a checkpoint"
     framework_optimizer = "the framework's optimizer setting"
     framework_optimizer_fix = "Fix: train with torch.optim.SGD, Adam or AdamW."
+    #: The framework's hooks that edit a batch before the model sees it (for messages; with a leading separator).
+    framework_batch_edit = ""
 
     def _setup(self, train_data: Any, loss: Any, attention_mask: MaskForm,
                recorder_kwargs: dict[str, Any]) -> None:
@@ -102,7 +104,11 @@ class RecordingCore:
         random augmentation in ``__getitem__``) are other samples than the recorded ones. Checked on the first
         micro-batches and every 16th after them (a comparison of the batch with the recorded rows); a recorded
         tensor padded wider than the batch (dynamic padding) is compared on the batch's part of it, aligned
-        left or right. ``given`` is the tensor or mapping the model received; ``labels`` the batch's labels.
+        left or right. A packed batch (one row holding the batch's sequences back to back, as
+        ``DataCollatorWithFlattening`` builds it) is split where its ``position_ids`` restart (or by ``seq_idx``
+        / ``cu_seq_lens_q``) and each sequence compared with its item's recorded row (:func:`_packed_segments`);
+        the labels from each sequence's second token on (the collator puts a separator at the first). ``given`` is
+        the tensor or mapping the model received; ``labels`` the batch's labels.
         """
         self._batches_seen += 1
         if self._data.is_dataset or not (self._batches_seen <= 4 or self._batches_seen % 16 == 0):
@@ -112,8 +118,19 @@ class RecordingCore:
         pairs = ([(k, recorded.get(k), v) for k, v in given.items()] if isinstance(given, dict) and
                  isinstance(recorded, dict) else [("inputs", recorded, given)])
         pairs.append((self._label_key, y, labels))
+        segments = _packed_segments(given, idx.numel()) if isinstance(given, dict) else None
+        if segments is not None and len(segments) != idx.numel():
+            raise ConfigError(
+                f"Training micro-batch {self._batches_seen}: the model received one packed row of {len(segments)} "
+                f"sequences (split where position_ids restart, or by seq_idx / cu_seq_lens_q) for {idx.numel()} "
+                f"items (positions {idx[:8].tolist()}{' ...' if idx.numel() > 8 else ''}), so the recorded rows are "
+                f"not the sequences the model trained on: an item without tokens (DataCollatorWithFlattening leaves "
+                f"it out) or a collator that packs otherwise. Fix: drop the empty items from the IndexedDataset, or "
+                f"train with a collator that packs each item into one sequence of its own position_ids."
+            )
         for key, rec, got in pairs:
-            differing = _differing(rec, got)
+            differing = (_differing(rec, got) if segments is None else
+                         _differing_packed(rec, got, segments, skip=int(key == self._label_key)))
             if differing:
                 raise ConfigError(
                     f"Training micro-batch {self._batches_seen}: the model received {key!r} that differ from the "
@@ -122,7 +139,8 @@ class RecordingCore:
                     f"the items it was given, so inputs drawn anew for every batch are other samples than the recorded "
                     f"ones and the scores would not be the run's: a collator that draws at random "
                     f"(DataCollatorForLanguageModeling(mlm=True) masks other tokens every time), random augmentation "
-                    f"in the dataset's __getitem__, or a preprocessing step the callback's train_data does not hold. "
+                    f"in the dataset's __getitem__, or a preprocessing step the callback's train_data does not hold"
+                    f"{self.framework_batch_edit}. "
                     f"Fix: draw the masks or augmentations once, before training, and train on those fixed items (e.g. "
                     f"mask every item once with the collator and a fixed seed, store input_ids and labels in the "
                     f"items, and train with a collator that only pads); give the callback train_data whose rows are "
@@ -195,3 +213,40 @@ def _differing(recorded: Any, given: Any) -> int:
                               for g, r in zip(given.shape, recorded.shape))]
         best = min(best, int((part != got).sum()))
     return best
+
+
+def _packed_segments(given: dict[str, Any], n: int) -> list[tuple[int, int]] | None:
+    """The ``(start, end)`` token ranges of the sequences of a packed batch, or ``None`` for a batch that is not one.
+
+    A packed batch gives the model one row ``(1, T)`` for ``n > 1`` items. Its sequences are found from
+    ``cu_seq_lens_q`` (cumulative lengths, ``(k + 1,)``), else from where ``seq_idx`` ``(1, T)`` changes, else from
+    where ``position_ids`` ``(1, T)`` do not go on by one (they restart at every sequence). A packed row without
+    any of them cannot be split and is not compared (as before); a batch that has a row per item, or whose
+    ``(1, T)`` entries hold one sequence (``position_ids`` shared by every row), is no packed batch.
+    """
+    rows = [v for v in given.values() if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[0] == 1]
+    if n <= 1 or not rows or any(isinstance(v, Tensor) and v.dim() >= 2 and v.shape[0] == n for v in given.values()):
+        return None  # a batch with a row per item, whose (1, T) entries broadcast (position_ids shared by all)
+    T = rows[0].shape[1]
+    cu, seq, pos = given.get("cu_seq_lens_q"), given.get("seq_idx"), given.get("position_ids")
+    if isinstance(cu, Tensor) and cu.dim() == 1 and cu.numel() >= 2:
+        starts = [int(c) for c in cu[:-1]]
+    elif isinstance(seq, Tensor) and tuple(seq.shape) == (1, T):
+        starts = [0] + (torch.nonzero(seq[0, 1:] != seq[0, :-1]).flatten() + 1).tolist()
+    elif isinstance(pos, Tensor) and tuple(pos.shape) == (1, T):
+        starts = [0] + (torch.nonzero(pos[0, 1:] != pos[0, :-1] + 1).flatten() + 1).tolist()
+    else:
+        return None
+    return list(zip(starts, [*starts[1:], T])) if len(starts) > 1 else None
+
+
+def _differing_packed(recorded: Any, given: Any, segments: list[tuple[int, int]], skip: int) -> int:
+    """How many entries of the packed row ``given`` ``(1, T, ...)`` differ from the recorded rows ``(n, L, ...)``:
+    sequence ``j`` (``segments[j]``) against row ``j`` by :func:`_differing`, from its entry ``skip`` on. Another
+    tensor (a per-item one, a mask the packed batch has not) is compared as :func:`_differing` compares it."""
+    if not (isinstance(recorded, Tensor) and isinstance(given, Tensor)) or given.dim() < 2 or given.shape[0] != 1 \
+            or recorded.dim() != given.dim() or recorded.shape[0] != len(segments) or \
+            given.shape[1] != segments[-1][1]:
+        return _differing(recorded, given)
+    return sum(_differing(recorded[j:j + 1, skip:], given[:, start + skip:end]) for j, (start, end) in
+               enumerate(segments))

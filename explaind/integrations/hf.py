@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..exceptions import ConfigError, TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError, warn_at_caller
 
 try:
     from transformers import TrainerCallback
@@ -131,6 +131,15 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                 f"label_smoothing={self._label_smoothing}); or drop compute_loss_func= and keep the Trainer's label "
                 f"smoother, giving the callback that same loss= callable."
             )
+        if labels is None:
+            self.close()
+            raise ConfigError(
+                f"The Trainer called compute_loss_func=callback.compute_loss with labels=None: the batch reached it "
+                f"without {self._label_key!r}. With TrainingArguments(remove_unused_columns=True), the default, the "
+                f"Trainer keeps only the model's forward arguments and its label_names (for a question-answering "
+                f"head start_positions and end_positions, not 'labels'). Fix: TrainingArguments(label_names="
+                f"[{self._label_key!r}]), which keeps that entry for compute_loss_func, or remove_unused_columns=False."
+            )
         logits = model_output(outputs)
         per_sample = self._loss.implementation(logits, labels)
         counts = (torch.ones_like(per_sample) if self._loss.counts is None
@@ -152,6 +161,16 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                 f"replayed with TrajectoryRecorder(capture_random=True))."
             )
         self._label_smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+        if self._label_smoothing and any(p.dtype == torch.float64 for p in model.parameters()):
+            warn_at_caller(
+                f"TrainingArguments(label_smoothing_factor={self._label_smoothing}) trains this float64 model "
+                f"through the Trainer's LabelSmoother, which sums the log-probabilities with dtype=torch.float32: "
+                f"the backward of that sum carries the smoothing term's gradient, label_smoothing_factor / "
+                f"(num_items_in_batch x vocabulary), rounded to float32, a per-step rounding of one term that no "
+                f"per-sample loss reproduces, so the residual share stays near 1e-9 instead of float64 rounding "
+                f"(1e-14). Fix: label_smoothing_factor=0, compute_loss_func=callback.compute_loss and the smoothed "
+                f"per-sample loss as the callback's loss= (docs/guide_own_model.md, 'Hugging Face Trainer'); a float32 "
+                f"model is at its own rounding either way.")
         optim = getattr(args, "optim", None)
         self.framework_optimizer = (f"The Trainer's optimizer (TrainingArguments(optim="
                                     f"{getattr(optim, 'value', optim)!r}), or Trainer(optimizers=...))")

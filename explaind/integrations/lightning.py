@@ -29,6 +29,7 @@ docs/guide_own_model.md has the walk-through.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -47,6 +48,8 @@ from ._core import RecordingCore
 from .data import MaskForm, step_weights
 
 __all__ = ["ExplaindLightningCallback"]
+
+logger = logging.getLogger(__name__)
 
 
 class ExplaindLightningCallback(pl.Callback, RecordingCore):
@@ -74,6 +77,9 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     framework_resume = "trainer.fit(..., ckpt_path=...)"
     framework_optimizer = "configure_optimizers"
     framework_optimizer_fix = "Fix: return torch.optim.SGD, Adam or AdamW from configure_optimizers."
+    framework_batch_edit = (" (in Lightning also a batch hook of the LightningModule or DataModule that edits the "
+                            "batch: on_before_batch_transfer, transfer_batch_to_device, on_after_batch_transfer; give "
+                            "the callback train_data as that hook leaves it)")
 
     def __init__(self, train_data: Any, *, loss: Any, module: str | None = None,
                  attention_mask: MaskForm = "keep", **recorder_kwargs: Any):
@@ -173,6 +179,18 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         (w,) = step_weights(self._loss, self._data, [self._current], "micro_batch", self._dtype)
         self.recorder.log_batch(self._current, w / trainer.accumulate_grad_batches)
         self._current = None
+
+    def on_before_zero_grad(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Drop the micro-batches logged since the last optimizer step: Lightning zeroes their gradients without
+        stepping on them (``on_train_batch_start`` returned -1 inside an accumulation, so the epoch ended before its
+        step; the next epoch's first batch zeroes what was accumulated). Before, they were recorded as part of the
+        next step (residual share 0.36, or a gradient-check error that named no Lightning hook)."""
+        pending = getattr(self.recorder, "_pending", None)
+        if pending and pending[-1].finite is not False:  # a step GradScaler skipped: the recorder drops it itself
+            logger.warning("Lightning zeroed the gradients of %d logged micro-batch(es) before any optimizer step "
+                           "used them (an epoch cut short inside an accumulation, e.g. on_train_batch_start "
+                           "returning -1); they are dropped from the recording, as from the run.", len(pending))
+            pending.clear()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Close the recorder once every callback's ``on_train_end`` has run (``StochasticWeightAveraging``

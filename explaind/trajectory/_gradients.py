@@ -310,7 +310,10 @@ class GradientTap:
                 f"changed by more than a global factor (relative deviation {deviation:.3g} > {tol:g}). Only global "
                 f"rescaling such as torch.nn.utils.clip_grad_norm_ over all parameters can be recorded; "
                 f"clip_grad_value_, per-parameter clipping or noise added to .grad cannot (noise drawn inside "
-                f"the model's forward, e.g. by a noise layer, is replayed from the captured random state)."
+                f"the model's forward, e.g. by a noise layer, is replayed from the captured random state). A term "
+                f"added to .grad by hand (in the loop, or in a hook such as Lightning's on_after_backward), e.g. "
+                f"weight decay p.grad += lam * p, is the optimizer's own weight_decay=lam (SGD, Adam), which is "
+                f"recorded: set that instead."
             )
         return c
 
