@@ -15,11 +15,9 @@ Run ``OMP_NUM_THREADS=1 python benchmarks/bench_jump_probe.py [--repeats 30]``; 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from bench_functional_rewrites import _cpu  # median CPU seconds, the functions alternated
 from torch import nn
 from torch.func import functional_call
 
@@ -65,17 +63,6 @@ def _models() -> dict[str, tuple[nn.Module, object]]:
     return models
 
 
-def _median_cpu(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median CPU seconds per call of each function, the functions alternated."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.process_time()
-            fn()
-            times[key].append(time.process_time() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
@@ -100,7 +87,7 @@ def main() -> None:
             with torch.enable_grad():
                 return call(leaves)
 
-        got = _median_cpu({"probe": probe, "forward": forward}, args.repeats)
+        got = _cpu({"probe": probe, "forward": forward}, args.repeats)
         sites = [s for s in probe() if " under no_grad (" in s or " under inference_mode (" in s]
         print(f"| {name} | {1e3 * got['probe']:.2f} | {1e3 * got['forward']:.2f} | "
               f"{got['probe'] / got['forward']:.2f} | {len(sites)}{': ' + sites[0] if sites else ''} |")
