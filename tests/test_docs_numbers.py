@@ -52,6 +52,27 @@ def test_fill_docs_writes_values_and_tables(tmp_path):
     assert fill_docs({"values": {"x.y": "1.5"}, "tables": {"t": table}}, [page]) == []
 
 
+def test_the_default_run_keeps_the_parts_it_does_not_rerun(tmp_path, monkeypatch):
+    """``python -m explaind.studies.docs_numbers`` reruns demo, replicate and quickstart only: the engine's
+    numbers already in the file stay (before: they were dropped, and the file no longer named its commands)."""
+    from explaind.studies import docs_numbers
+
+    (tmp_path / "docs").mkdir()
+    target = tmp_path / "docs" / "numbers.json"
+    old = {"values": {"engine.gl4.seconds": "0.099", "quickstart.completeness_gap": "9.6e-16"},
+           "tables": {"engine.cost": "| a |\n"}, "commands": {"engine": "bench", "quickstart": "q"},
+           "seconds": {"engine": 1.0}}
+    target.write_text(json.dumps(old))
+    rerun = {"values": {"quickstart.completeness_gap": "7.4e-16"}, "tables": {}, "commands": {"quickstart": "q"},
+             "seconds": {"quickstart": 3.3}}
+    monkeypatch.setattr(docs_numbers, "collect", lambda root, size, parts: json.loads(json.dumps(rerun)))
+    assert docs_numbers.main(["--root", str(tmp_path)]) == 0
+    got = json.loads(target.read_text())
+    assert got["values"] == {"engine.gl4.seconds": "0.099", "quickstart.completeness_gap": "7.4e-16"}
+    assert got["tables"] == old["tables"] and got["commands"] == old["commands"]
+    assert got["seconds"] == {"engine": 1.0, "quickstart": 3.3}
+
+
 def test_the_documented_demo_run_grokked_and_its_phases_and_stop_are_right(numbers):
     """Phase detection and the stop rule, validated on the recorded curves of the documented demo run."""
     from explaind.studies.grokking import PRESETS

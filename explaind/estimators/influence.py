@@ -26,6 +26,7 @@ from ..exceptions import ConfigError
 from ..kernel.accumulate import Accumulators, make_blocks
 from ..kernel.attribution import AXES, Attribution
 from ..kernel.budget import parse_bytes, plan_sweep
+from ..kernel.jumps import NO_GRAD, grad_off_sites
 from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_samples, update_sweep
 from ..kernel.planning import window_plans
 from ..kernel.shard import Cell, all_sum_, choose_layout, world
@@ -237,7 +238,8 @@ class InfluenceEstimator(PathEstimator):
         att.meta["promoted_casts"] = self.engine_.promoted_casts
         if cfg.split:
             check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
-        check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name, jumps=self.engine_.jump_sites)
+        check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name, jumps=self.engine_.jump_sites,
+                         jacobian=self.sweep_.get("path") == "jacobian")
         return att
 
     def _decompose(self, Xt: Any, target: Any, y: Any) -> Attribution:
@@ -260,10 +262,12 @@ class InfluenceEstimator(PathEstimator):
                 f"memory_budget={self.memory_budget!r}. Keep fewer axes, explain fewer inputs or outputs, or raise "
                 f"memory_budget."
             )
-        # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output
+        # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output;
+        # forward mode runs through torch.no_grad() in the forward where the Jacobian stops (explaind/kernel/jumps.py)
         n_parts = (4 if self.trajectory_.initial_state() else 3) if cfg.split else 1
         n_tangents = n_parts * (len(layout) if "group" in keep else 1)
-        jacobian_path = needs_train or "param" in keep or n_tangents > self._jvp_tangent_ratio * O
+        cheaper = n_tangents > self._jvp_tangent_ratio * O and not grad_off_sites(engine.jump_sites, NO_GRAD)
+        jacobian_path = needs_train or "param" in keep or cheaper
         rank, size = world() if cfg.distributed == "auto" else (0, 1)
         shards = choose_layout(size, T, stop - start, blocks=jacobian_path, steps=not needs_train)
         cell = shards.cell(rank, T, self.window_)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..exceptions import TrajectoryError, warn_at_caller
 from ..kernel.attribution import Attribution
-from ..kernel.jumps import singular_sites, stop_sites
+from ..kernel.jumps import INFERENCE, NO_GRAD, grad_off_sites, singular_sites, stop_sites
 
 __all__ = ["check_residual", "residual_causes", "check_quadrature"]
 
@@ -279,9 +279,12 @@ def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol:
     return share
 
 
-def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jumps: tuple[str, ...] = ()) -> float:
+def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jumps: tuple[str, ...] = (),
+                     jacobian: bool = False) -> float:
     r"""Store the quadrature-error share in ``att.meta``; above ``tol`` warn naming the rule and the fix (or the
-    ``jumps``, calls of the forward whose output can jump: explaind/kernel/jumps.py).
+    ``jumps``, calls of the forward whose output can jump or that stop the gradient: explaind/kernel/jumps.py).
+    ``jacobian``: the values came from reverse-mode Jacobians, which stop at a ``torch.no_grad()`` block of the
+    forward where forward-mode derivatives do not.
 
     The share is :math:`\sum_{x,o} |\sum_s \text{quadrature\_error}|` over
     :math:`\sum_{x,o} |g(\theta_{stop}) - g(\theta_{start})|`: the part of the change the path
@@ -298,22 +301,39 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                else "quadrature='adaptive' or more nodes")
         change = float((att.final - att.initial).abs().amax())
         size = float(att.final.abs().amax())
+        frozen, off = grad_off_sites(jumps, INFERENCE), grad_off_sites(jumps, NO_GRAD)
+        others = [j for j in jumps if j not in frozen and j not in off]
         if change <= ROUNDING_CHANGE * torch.finfo(att.final.dtype).eps * size:
             fix = (f"a larger learning rate, or explain a run that moved: the explained change is only "
                    f"{change / max(size, 1e-300):.2g} of the outputs themselves, near the rounding of their "
                    f"{str(att.final.dtype).removeprefix('torch.')} values, which the exact endpoint values carry and "
                    f"no integral does (no tol or rule removes it)")
-        elif jumps and len(stop_sites(jumps)) == len(jumps):  # only detaches: a straight-through jump is below
+        elif frozen:
+            fix = (f"torch.no_grad() instead of torch.inference_mode() in the forward: "
+                   f"{'; '.join(frozen[:4])} reads parameter-dependent values in inference "
+                   f"mode, which no derivative passes through, so the output moves where the gradient does not; "
+                   f"no_grad gives the same values and training gradients, and forward-mode derivatives (the "
+                   f"replica, keep without 'param' and 'train') run through it")
+        elif jacobian and off:
+            fix = (f"an explanation by forward-mode derivatives, which run through torch.no_grad(): "
+                   f"{'; '.join(off[:4])} reads parameter-dependent values with the "
+                   f"gradient off (a torch.no_grad() or set_grad_enabled(False) block, or a @torch.no_grad() "
+                   f"function), where the reverse-mode Jacobians of keep with 'param' or 'train' stop, as the "
+                   f"training gradient did, while the output moves with those values (no tol or rule integrates "
+                   f"that). KernelReplica and keep=() or ('step',) are exact on this model; for exact 'param' or "
+                   f"'train' scores, a forward without torch.no_grad() around parameter-dependent values for the "
+                   f"run you want explained")
+        elif others and len(stop_sites(others)) == len(others):  # only detaches: a straight-through jump is below
             fix = (f"a forward without .detach() on parameter-dependent values for the run you want explained: "
-                   f"{'; '.join(stop_sites(jumps)[:4])} detaches them, so the output moves where the gradient does "
+                   f"{'; '.join(stop_sites(others)[:4])} detaches them, so the output moves where the gradient does "
                    f"not, and no tol or rule integrates that (the quadrature warning says more)")
-        elif jumps and len(singular_sites(jumps)) == len(jumps):
-            fix = (f"matrices that stay invertible along every step: {'; '.join(jumps[:4])} takes log|det|, which is "
-                   f"-inf where a matrix turns singular, and no tol or rule integrates across that (a smaller "
+        elif others and len(singular_sites(others)) == len(others):
+            fix = (f"matrices that stay invertible along every step: {'; '.join(others[:4])} takes log|det|, which "
+                   f"is -inf where a matrix turns singular, and no tol or rule integrates across that (a smaller "
                    f"learning rate; the quadrature warning says more)")
-        elif jumps:
+        elif others:
             fix = (f"a continuous forward for the run you want explained: the forward applies calls whose output can "
-                   f"jump as the parameters move ({'; '.join(jumps[:4])}), and no tol or rule integrates across a "
+                   f"jump as the parameters move ({'; '.join(others[:4])}), and no tol or rule integrates across a "
                    f"jump (the quadrature warning names the kinds and their relaxations)")
         warn_at_caller(f"{owner}: quadrature error share {share:.3g} > {tol:g} with quadrature={rule!r}: the path "
                        f"integrals miss {100 * share:.3g}% of the explained change (it is kept in quadrature_error, "

@@ -21,7 +21,16 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
   flow's mixing matrix under a large step) has no finite path integral; :func:`singular_sites` picks them out;
 * stops of the gradient, ``Tensor.detach`` (:data:`STOPS`): the output moves with the detached tensor while the path
   derivative does not (a weight divided by its detached norm), so no integral of the gradient reproduces that part
-  of the change either; :func:`stop_sites` picks them out, for their own hint.
+  of the change either; :func:`stop_sites` picks them out, for their own hint;
+* calls on a parameter-dependent tensor with the gradient switched off (:data:`NO_GRAD`: a ``torch.no_grad()`` or
+  ``torch.set_grad_enabled(False)`` block, a function decorated with ``@torch.no_grad()``; :data:`INFERENCE`:
+  ``torch.inference_mode()``), which leave no call to name, so the site is the line of the user's code that made
+  the call (the first frame outside torch and explaind's engine: ``"<root> (Net): Tensor.norm under no_grad
+  (Net.forward, net.py:12)"``); :func:`grad_off_sites` picks them out. The two differ for the engine
+  (docs/maths.md, "Stop-gradients inside the forward"): forward-mode derivatives run through ``no_grad`` (the
+  replica and the JVP path of :class:`~explaind.InfluenceEstimator` are exact), reverse-mode Jacobians stop there
+  as the training gradient did; ``inference_mode`` stops both, like ``.detach()``. A ``torch.enable_grad()`` block
+  nested inside turns the gradient on again and is no site.
 
 :func:`find_jumps` runs the forward once on one input under a ``TorchFunctionMode`` that records these calls when
 a tensor argument depends on the trainable parameters, attributed to the innermost module running. A straight-
@@ -32,8 +41,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,8 +53,8 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "singular_sites", "softplus_jump", "stop_sites",
-           "watch_jumps"]
+__all__ = ["INFERENCE", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "grad_off_sites",
+           "singular_sites", "softplus_jump", "stop_sites", "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
@@ -60,6 +71,14 @@ _CONVERSIONS = frozenset({"to", "type"})
 STOPS = frozenset({"detach", "detach_"})
 #: Calls with a singularity where their matrix argument turns singular (named as :func:`singular_sites` finds them).
 SINGULAR = frozenset({"slogdet", "logdet", "linalg_slogdet"})
+#: How a call with the gradient switched off is named: ``no_grad``/``set_grad_enabled(False)``, ``inference_mode``.
+NO_GRAD, INFERENCE = "under no_grad", "under inference_mode"
+#: Calls whose result does not read the values of their tensor argument (no stop of a gradient).
+_VALUE_FREE = frozenset({"torch.zeros_like", "torch.ones_like", "torch.empty_like", "torch.full_like",
+                         "torch.rand_like", "torch.randn_like", "Tensor.new_zeros", "Tensor.new_ones",
+                         "Tensor.new_empty", "Tensor.new_full", "Tensor.new_tensor"})
+#: Frames skipped when looking for the user's line: torch's and this package's engine (its modes and wrappers).
+_LIBRARY = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
 #: Smallest jump of ``F.softplus`` at its threshold that is named (float64 rounding is far below).
 SOFTPLUS_JUMP = 1e-10
 
@@ -92,6 +111,34 @@ def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return name in _JUMPING or name in STOPS or name in SINGULAR
 
 
+def _grad_off(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """:data:`NO_GRAD` or :data:`INFERENCE` when the gradient is off and a tensor argument (or one in a list)
+    requires grad, else ``""``."""
+    if torch.is_grad_enabled():
+        return ""
+    flat = [*args, *kwargs.values()]
+    flat += [t for a in flat if isinstance(a, list | tuple) for t in a]
+    if not any(isinstance(a, Tensor) and a.requires_grad for a in flat):
+        return ""
+    return INFERENCE if torch.is_inference_mode_enabled() else NO_GRAD
+
+
+def _user_line() -> str:
+    """``"Class.method, file.py:12"`` of the innermost frame outside torch and this package (``""`` when none)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY):
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    return f"{frame.f_code.co_qualname}, {frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def grad_off_sites(sites: tuple[str, ...] | list[str], kind: str = NO_GRAD) -> list[str]:
+    """The sites of :func:`find_jumps` where a call read a parameter-dependent tensor with the gradient off
+    (``kind``: :data:`NO_GRAD` or :data:`INFERENCE`)."""
+    return [site for site in sites if f" {kind} (" in site]
+
+
 def stop_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     """The sites of :func:`find_jumps` that detach a parameter-dependent tensor (``"path (Class): Tensor.detach"``)."""
     return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in STOPS]
@@ -113,13 +160,15 @@ def _tensors(values: Any) -> Iterator[Tensor]:
 
 
 class _Record(TorchFunctionMode):
-    """Calls every call that can jump (:func:`_jumps`) with ``record(func)``, then runs it unchanged.
+    """Runs every call unchanged; calls ``record(func, "")`` for one that can jump (:func:`_jumps`) and
+    ``record(func, " under no_grad (Class.method, file.py:12)")`` for one that reads a parameter-dependent tensor with
+    the gradient off (:func:`_grad_off`) into a floating tensor, made by the user's code (:func:`_user_line`).
 
     The indices a reduction with ``dim`` returns (``torch.max(h, dim)``, ``min``, ``kthvalue``, ``mode``, ``median``)
     jump where the extreme changes place; their values do not (a max over points is a kink). Such a call is recorded
     only when a later call reads its indices (a gather, an index: a route that switches)."""
 
-    def __init__(self, record: Callable[[Any], None]) -> None:
+    def __init__(self, record: Callable[[Any, str], None]) -> None:
         super().__init__()
         self.record = record
         self.indices: dict[int, tuple[Tensor, Any]] = {}  # id -> (the indices, kept alive; the call that made them)
@@ -127,16 +176,22 @@ class _Record(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if _jumps(func, args, kwargs):
-            self.record(func)
+            self.record(func, "")
         for t in _tensors((*args, *kwargs.values())):
             made = self.indices.pop(id(t), None)
             if made is not None and made[0] is t:
-                self.record(made[1])
+                self.record(made[1], "")
+        off = _grad_off(args, kwargs)
         out = func(*args, **kwargs)
         if (getattr(func, "__name__", "") in _INDEXED and isinstance(out, tuple) and len(out) == 2
                 and isinstance(out[1], Tensor) and not out[1].is_floating_point()
                 and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
             self.indices[id(out[1])] = (out[1], func)
+        # a value read (not x.device, x.shape, zeros_like(x)) from the user's code (not torch's or the engine's own)
+        if off and isinstance(out, Tensor) and out.is_floating_point() and _call_name(func) not in _VALUE_FREE:
+            where = _user_line()
+            if where:
+                self.record(func, f" {off} ({where})")
         return out
 
 
@@ -153,9 +208,9 @@ def watch_jumps(root: nn.Module) -> Iterator[list[str]]:
     counts: Counter[tuple[str, str, str]] = Counter()
     found: list[str] = []
     with _module_stack(root) as stack:
-        def record(func: Any) -> None:
+        def record(func: Any, how: str) -> None:
             path, cls = stack[-1]
-            counts[(path, cls, _call_name(func).replace("torch._C._nn.", "torch.nn.functional."))] += 1
+            counts[(path, cls, _call_name(func).replace("torch._C._nn.", "torch.nn.functional.") + how)] += 1
 
         with _Record(record):
             yield found

@@ -30,7 +30,7 @@ from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
-from .jumps import SOFTPLUS_JUMP, singular_sites, softplus_jump, stop_sites
+from .jumps import INFERENCE, NO_GRAD, SOFTPLUS_JUMP, grad_off_sites, singular_sites, softplus_jump, stop_sites
 from .paths import progress_bar
 from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
@@ -327,11 +327,18 @@ def _jumps_hint(engine: Any) -> str:
              or (isinstance(m, nn.Threshold) and m.value != m.threshold)
              or (isinstance(m, nn.Softplus) and softplus_jump(m.beta, m.threshold) > SOFTPLUS_JUMP)]
     sites = getattr(engine, "jump_sites", ())
-    stops = stop_sites(sites)
-    poles = singular_sites(sites)
-    calls = [site for site in sites if site not in stops and site not in poles  # modules named above:
-             and not any(f"({kind}): " in site for kind in ("Softplus", "Threshold", "Hardshrink"))]
+    stops, poles, frozen = stop_sites(sites), singular_sites(sites), grad_off_sites(sites, INFERENCE)
+    off = {*frozen, *grad_off_sites(sites, NO_GRAD)}  # forward mode runs through no_grad: not a cause here
+    calls = [site for site in sites if site not in stops and site not in poles and site not in off
+             and not any(f"({kind}): " in site for kind in ("Softplus", "Threshold", "Hardshrink"))]  # named above
     hints = [singular_hint(poles)] if poles else []
+    if frozen:
+        hints.append(f"the model's forward reads tensors that depend on the parameters under torch.inference_mode() "
+                     f"({'; '.join(frozen[:4])}): its output moves with them, but no derivative, forward-mode "
+                     f"included, passes through inference mode, so no quadrature rule reproduces that part of the "
+                     f"change and it stays in quadrature_error. Fix: torch.no_grad() instead of "
+                     f"torch.inference_mode() there: the same values and the same training gradients, and "
+                     f"forward-mode derivatives run through no_grad, so the replica is exact")
     if stops:
         hints.append(f"the model's forward detaches tensors that depend on the parameters ({'; '.join(stops[:6])}): "
                      f"its output moves with them, but its gradient, which the path integral follows, does not (a "
