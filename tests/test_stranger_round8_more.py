@@ -33,9 +33,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _round5_kit import N_TRAIN, QUAD, XV, YV, fit
+from _round5_kit import N_TRAIN, QUAD, XV, YV, fit, head
 from _round8_cases import CASES
-from _round8_kit import jump_sites
+from _round8_kit import assert_exact, figures, jump_sites
 from torch import nn
 
 import explaind
@@ -179,3 +179,28 @@ def test_with_the_check_off_the_residual_share_warns(case, share):
     assert got["share"] > share and any("residual share" in w for w in got["warnings"]), got
 
 
+
+
+class _Tempered(nn.Module):
+    """The fix the refusal names: the model and the learned temperature in one module, logits ``h(x) / exp(log_t)``."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.log_t = inner, nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.inner(x) / self.log_t.exp()
+
+
+def test_a_learned_temperature_in_the_loss_is_refused_naming_the_loss_module_and_the_wrapper_fix():
+    with pytest.raises(TrajectoryError) as caught:
+        CASES["loss_module_with_a_learned_temperature"]()
+    assert re.search(r"The loss module TemperatureCE owns \['log_t'\].*Fix: move it into the model \(a wrapper "
+                     r"module holding the model and 'log_t'.*F\.cross_entropy", str(caught.value)), caught.value
+
+
+def test_the_learned_temperature_moved_into_the_model_is_exact():
+    """The refusal's fix: the temperature is recorded and explained; replica, share and train scores exact."""
+    model, traj = fit(lambda: _Tempered(head()), XV, YV, opt=lambda m: torch.optim.SGD(m.parameters(), lr=0.5))
+    assert "log_t" in traj.param_names
+    assert_exact(figures(model, traj, XV[N_TRAIN:]))

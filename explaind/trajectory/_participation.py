@@ -59,8 +59,9 @@ __all__ = [
 logger = logging.getLogger("explaind.trajectory.recorder")
 
 
-def foreign_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
-    """A message when the optimizer holds tensors that are not parameters of ``model``."""
+def foreign_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Any = None) -> str | None:
+    """A message when the optimizer holds tensors that are not parameters of ``model``; those a loss module
+    (``loss``, an ``nn.Module``) owns are named with it."""
     model_ids = {id(p) for p in model.parameters()}
     foreign = [
         (g, i, p)
@@ -76,6 +77,15 @@ def foreign_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> st
         averaged = (" The recorder was given a torch.optim.swa_utils.AveragedModel: its parameters are a copy that "
                     "update_parameters() averages outside the optimizer. Record the model the optimizer trains "
                     "(the trajectory then ends at its last iterate, not at the average).")
+    held = {id(p): n for n, p in loss.named_parameters()} if isinstance(loss, nn.Module) else {}
+    owned = [held[id(p)] for _, _, p in foreign if id(p) in held]
+    if owned:
+        averaged += (f" The loss module {type(loss).__name__} owns {owned}: the path kernel differentiates the model's "
+                     f"outputs, so a tensor the loss trains is not part of the explained function. Fix: move it "
+                     f"into the model (a wrapper module holding the model and {owned[0]!r}, whose forward returns "
+                     f"the outputs the loss reads, e.g. model(x) / {owned[0]}.exp() for a learned temperature) and "
+                     f"pass a loss without parameters (F.cross_entropy); the tensor is then recorded and explained "
+                     f"with the others.")
     return (
         f"The optimizer holds {len(foreign)} parameter tensor(s) that are not parameters of the model: {listed}. "
         f"Build the optimizer (and every add_param_group) from parameters of the model passed to the recorder."
@@ -107,10 +117,12 @@ def renamed_parameters(model: nn.Module, params: dict[str, nn.Parameter]) -> str
             f"explained model.")
 
 
-def check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer, params: dict[str, Tensor]) -> None:
+def check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer, params: dict[str, Tensor],
+                           loss: Any = None) -> None:
     """Raise :class:`TrajectoryError` when the optimizer holds tensors that are not ``model``'s (see
-    :func:`foreign_parameters`); log the recorded ``params`` the optimizer does not hold."""
-    message = foreign_parameters(model, optimizer)
+    :func:`foreign_parameters`, which names those the ``loss`` module owns); log the recorded ``params`` the
+    optimizer does not hold."""
+    message = foreign_parameters(model, optimizer, loss)
     if message is not None:
         raise TrajectoryError(message)
     in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}

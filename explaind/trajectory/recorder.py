@@ -199,7 +199,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._attributes = attribute_watch(model, ignore_attributes)
         if not self._params:
             raise ConfigError("The model has no trainable parameters (requires_grad=True); nothing to record.")
-        check_optimizer_params(model, optimizer, self._params)
+        check_optimizer_params(model, optimizer, self._params, loss)
         self._data = TrainData(train_data) if train_data is not None else None
         first = next(iter(self._params.values()))
         self._dtype = first.dtype
