@@ -290,8 +290,8 @@ class InexactUnits:
             return
         causes = [self.jumps_hint] if self.jumps_hint else []
         if self.dense:
-            what = "kinks or jumps" if self.jumps_hint else "activation kinks"
-            causes.append(f"{self.dense} crossed too many {what} to locate one by one (a ReLU-dense path): "
+            what = "kinks or the jumps named above" if self.jumps_hint else "activation kinks (a ReLU-dense path)"
+            causes.append(f"{self.dense} crossed too many {what} to locate one by one: "
                           f"they were integrated on a grid per step, its cells cut at the kinks the node values locate "
                           f"(at most the midpoint rule's error on the same nodes), {_dense.GRID_EVALS} nodes per "
                           f"(step, input) on average where {_dense.SHARE_STEPS} steps or more took it "
