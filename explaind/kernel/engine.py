@@ -101,6 +101,8 @@ class PathEngine:
         self.cast_sites: tuple[CastSite, ...] | None = None
         #: the forward's calls that can jump in the parameters, found with them (explaind/kernel/jumps.py)
         self.jump_sites: tuple[str, ...] = ()
+        #: the forward's calls with a kink (``F.relu``, ``clamp``), found with them, for the cost notices
+        self.kink_sites: tuple[str, ...] = ()
         self.traj = traj
         self.device = device
         self.dtype = dtype
@@ -165,9 +167,10 @@ class PathEngine:
         """
         if self.cast_sites is not None:
             return self.cast_sites
-        with watch_jumps(self.fm.module) as jumps:  # the same probe forward
+        kinks: list[str] = []
+        with watch_jumps(self.fm.module, kinks) as jumps:  # the same probe forward
             sites = find_casts(self.fm.module, lambda p: self.fm(p, x), self.params(0), self.names, self.dtype)
-        self.cast_sites, self.jump_sites = sites, tuple(jumps)
+        self.cast_sites, self.jump_sites, self.kink_sites = sites, tuple(jumps), tuple(kinks)
         moving = tuple(s for s in sites if s.moving)
         self.fm.keep_dtype = self.casts == "replay_dtype" or (self.casts == "auto" and bool(moving))
         if moving and self.casts == "as_written":

@@ -35,6 +35,11 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
 :func:`find_jumps` runs the forward once on one input under a ``TorchFunctionMode`` that records these calls when
 a tensor argument depends on the trainable parameters, attributed to the innermost module running. A straight-
 through estimator (``x + (q(x) - x).detach()``) is found too: its ``q`` reads a parameter-dependent tensor.
+
+:func:`watch_jumps` can also list the calls with a *kink* (:data:`KINKED_CALLS`: ``F.relu``, ``F.leaky_relu``,
+``clamp``, ``torch.maximum``, ``abs``, ``F.max_pool2d``, ...) applied to parameter-dependent tensors: no jump, the
+quadrature integrates across them, but each one a path crosses costs the adaptive rule evaluations, so the cost
+notices name them (a model written with ``F.relu`` holds no ``nn.ReLU`` module to find by type).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["INFERENCE", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "grad_off_sites",
+__all__ = ["INFERENCE", "KINKED_CALLS", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "grad_off_sites",
            "singular_sites", "softplus_jump", "stop_sites", "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
@@ -79,6 +84,16 @@ _VALUE_FREE = frozenset({"torch.zeros_like", "torch.ones_like", "torch.empty_lik
                          "Tensor.new_empty", "Tensor.new_full", "Tensor.new_tensor"})
 #: Frames skipped when looking for the user's line: torch's and this package's engine (its modes and wrappers).
 _LIBRARY = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+#: Calls whose output has a kink in a tensor argument (piecewise smooth, continuous): listed by :func:`watch_jumps`
+#: when asked, for the cost notices. ``max``/``min`` are here for their values (a maximum over points is a kink).
+KINKED_CALLS = frozenset({
+    "relu", "relu_", "leaky_relu", "leaky_relu_", "relu6", "hardtanh", "hardtanh_", "elu", "elu_", "celu", "celu_",
+    "selu", "selu_", "prelu", "rrelu", "rrelu_", "hardswish", "hardsigmoid", "softshrink", "clamp", "clamp_", "clip",
+    "clip_", "clamp_min", "clamp_max", "maximum", "minimum", "fmax", "fmin", "abs", "abs_", "max", "min", "amax",
+    "amin", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices", "adaptive_max_pool3d_with_indices",
+})
 #: Smallest jump of ``F.softplus`` at its threshold that is named (float64 rounding is far below).
 SOFTPLUS_JUMP = 1e-10
 
@@ -168,15 +183,18 @@ class _Record(TorchFunctionMode):
     jump where the extreme changes place; their values do not (a max over points is a kink). Such a call is recorded
     only when a later call reads its indices (a gather, an index: a route that switches)."""
 
-    def __init__(self, record: Callable[[Any, str], None]) -> None:
+    def __init__(self, record: Callable[[Any, str], None], kink: Callable[[Any], None] | None = None) -> None:
         super().__init__()
-        self.record = record
+        self.record, self.kink = record, kink
         self.indices: dict[int, tuple[Tensor, Any]] = {}  # id -> (the indices, kept alive; the call that made them)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if _jumps(func, args, kwargs):
             self.record(func, "")
+        elif (self.kink is not None and getattr(func, "__name__", "") in KINKED_CALLS
+              and any(t.requires_grad for t in _tensors(args))):
+            self.kink(func)
         for t in _tensors((*args, *kwargs.values())):
             made = self.indices.pop(id(t), None)
             if made is not None and made[0] is t:
@@ -196,26 +214,34 @@ class _Record(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def watch_jumps(root: nn.Module) -> Iterator[list[str]]:
+def watch_jumps(root: nn.Module, kinks: list[str] | None = None) -> Iterator[list[str]]:
     """Inside the block, every forward of ``root`` records the calls that can jump in the parameters (a call on a
     tensor that requires grad depends on them); on exit the list holds one description per (module, call),
-    ``"path (Class): torch.sign x2"``, in the order first seen (empty when none).
+    ``"path (Class): torch.sign x2"``, in the order first seen (empty when none). Given a list ``kinks``, the calls
+    with a kink (:data:`KINKED_CALLS`) are appended to it on exit, described the same way.
 
     Wrapped around :func:`~explaind.kernel.casts.find_casts`, which runs the forward once with the trainable
     parameters as leaves that require grad, it finds both in one forward (a second probe forward of a
     ``torch.compile``d model changes what dynamo caches).
     """
     counts: Counter[tuple[str, str, str]] = Counter()
+    kinked: Counter[tuple[str, str, str]] = Counter()
     found: list[str] = []
     with _module_stack(root) as stack:
-        def record(func: Any, how: str) -> None:
+        def record(func: Any, how: str, into: Counter[tuple[str, str, str]] = counts) -> None:
             path, cls = stack[-1]
-            counts[(path, cls, _call_name(func).replace("torch._C._nn.", "torch.nn.functional.") + how)] += 1
+            into[(path, cls, _call_name(func).replace("torch._C._nn.", "torch.nn.functional.") + how)] += 1
 
-        with _Record(record):
+        with _Record(record, None if kinks is None else lambda func: record(func, "", kinked)):
             yield found
-    found.extend(f"{path or '<root>'} ({cls}): {op}{f' x{n}' if n > 1 else ''}"
-                 for (path, cls, op), n in counts.items())
+    found.extend(_described(counts))
+    if kinks is not None:
+        kinks.extend(_described(kinked))
+
+
+def _described(counts: Counter[tuple[str, str, str]]) -> list[str]:
+    """``"path (Class): op xn"`` per (module, call), in the order first seen."""
+    return [f"{path or '<root>'} ({cls}): {op}{f' x{n}' if n > 1 else ''}" for (path, cls, op), n in counts.items()]
 
 
 def find_jumps(root: nn.Module, forward: Callable[[dict[str, Tensor]], Any], params: dict[str, Tensor],

@@ -393,16 +393,24 @@ _KINKED = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ReLU6, nn.Hardtanh, nn.
 
 
 def _kinks_hint(engine: Any) -> str | None:
-    """The model's modules with a kink (:data:`_KINKED`), as ``"n module(s) (Class at path, ...)"``; ``""`` when it
-    holds none, ``None`` when the engine holds no model."""
+    """The model's modules with a kink (:data:`_KINKED`), as ``"n module(s) (Class at path, ...)"``, and the calls
+    with a kink inside its forward outside those modules (``engine.kink_sites``, :data:`~.jumps.KINKED_CALLS`:
+    ``F.relu``, ``clamp``), as ``"n call(s) in forward (path (Class): torch.nn.functional.relu, ...)"``; ``""``
+    when it holds neither, ``None`` when the engine holds no model."""
     module = getattr(getattr(engine, "fm", None), "module", None)
     if module is None:
         return None
     found = [(name, type(m).__name__) for name, m in module.named_modules() if isinstance(m, _KINKED)]
-    if not found:
-        return ""
-    shown = ", ".join(f"{cls} at {name or 'the model'}" for name, cls in found[:3])
-    return f"{len(found)} module(s) ({shown}{', ...' if len(found) > 3 else ''})"
+    kinked = {cls.__name__ for cls in _KINKED}
+    calls = [site for site in getattr(engine, "kink_sites", ()) if site.split(": ", 1)[0].rsplit(" (", 1)[-1][:-1]
+             not in kinked]
+    parts = []
+    if found:
+        shown = ", ".join(f"{cls} at {name or 'the model'}" for name, cls in found[:3])
+        parts.append(f"{len(found)} module(s) ({shown}{', ...' if len(found) > 3 else ''})")
+    if calls:
+        parts.append(f"{len(calls)} call(s) in forward ({', '.join(calls[:3])}{', ...' if len(calls) > 3 else ''})")
+    return " and ".join(parts)
 
 
 def _casts_hint(engine: Any) -> str:
