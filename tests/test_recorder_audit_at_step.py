@@ -154,16 +154,30 @@ def test_the_audit_at_the_step_catches_an_update_the_adapter_does_not_model(tmp_
 def test_the_audit_at_the_step_catches_an_edited_momentum(tmp_path, monkeypatch):
     _small_queue(monkeypatch)
 
-    def halve(s, model, opt):  # the optimizer's state changed by hand: its update leaves the recurrence
-        if s == 2:
+    def halve(s, model, opt):  # the optimizer's state changed by hand through .data, which the state watch's
+        if s == 2:  # version counters do not see: its update leaves the recurrence
             for p in model.parameters():
-                opt.state[p]["momentum_buffer"].mul_(0.5)
+                opt.state[p]["momentum_buffer"].data.mul_(0.5)
 
     traj, clones = _record(tmp_path / "run", before_step=halve)
     ref = _reference_audit(clones)
     audit = traj.audit()
     np.testing.assert_allclose(audit, ref, rtol=1e-9, atol=1e-14)
     assert audit[:2].max() < 1e-12 and audit[2] > 1e-2  # found at the step it happened
+
+
+def test_a_momentum_edited_in_place_between_steps_is_refused_at_that_step(tmp_path, monkeypatch):
+    _small_queue(monkeypatch)
+
+    def halve(s, model, opt):
+        if s == 2:
+            for p in model.parameters():
+                opt.state[p]["momentum_buffer"].mul_(0.5)
+
+    with pytest.raises(TrajectoryError, match=r"Step 2: the optimizer's momentum buffers of 0\.weight "
+                                              r"\(momentum_buffer: changed in place\).*changed outside "
+                                              r"optimizer\.step\(\)"):
+        _record(tmp_path / "run", before_step=halve)
 
 
 def test_a_parameter_edited_between_steps_is_refused_with_the_store_on(tmp_path, monkeypatch):
