@@ -9,6 +9,7 @@ never a parser's own exception.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -118,9 +119,10 @@ def _read_journal(root: Path) -> list[tuple[int, bytes, StepRecord]]:
     """``(line number, line, record)`` of every readable journal line (a torn or unreadable last line left out)."""
     path = root / JOURNAL
     try:
-        lines = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal").split(b"\n")
+        data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
     except FileNotFoundError:
         return []
+    lines = data.removeprefix(codecs.BOM_UTF8).split(b"\n")  # an editor's byte-order mark, as in the manifest
     whole = lines[:-1] if not lines[-1] else lines  # the text after the last newline (none: b"")
     fast = _canonical_records(whole) if whole else None
     if fast is not None:

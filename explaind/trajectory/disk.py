@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindError, TrajectoryError, UnknownEntryError
 from ..recurrence import LinearUpdate
-from ._binding import check_run, check_state, run_binding
+from ._binding import check_state, check_step_file, run_binding
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import check_specs, read_tensors, store_root
@@ -34,7 +34,7 @@ from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_from_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
 from .replay import SegmentReplay
-from .store import check_updates, read_manifest, record_binding, unpack_updates
+from .store import check_updates, read_manifest, unpack_updates
 
 __all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
 
@@ -281,14 +281,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             raise TrajectoryError(f"Step {s} of the trajectory at {str(self.root)!r} has no file.")
         tensors, meta = read_tensors(self.root, record.file, step=s)
         where = f"{record.file.path!r} (step {s})"
-        if meta.get("step") != str(s):
-            raise TrajectoryError(f"Trajectory file {where} holds step {meta.get('step')!r}, not step {s}: the "
-                                  f"manifest points at another step's file. The store was modified; re-record it.")
-        if "record" in meta and meta["record"] != record_binding(record):
-            raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
-                                  f"samples, ...) differs from the one checksummed in {where}: the store was "
-                                  f"modified. Re-record the run.")
-        check_run(meta, self._run, f"{where} of the store {str(self.root)!r}")
+        check_step_file(meta, record, self._run, f"{where} of the store {str(self.root)!r}")
         if record.has_params:
             self._check_params(tensors, where)
         check_updates(self._manifest.params, tensors, where, dense=not self.sparse)
