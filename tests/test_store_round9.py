@@ -42,7 +42,7 @@ from test_store_strangers import _model
 
 import explaind
 from explaind.exceptions import ConfigError, TrajectoryError
-from explaind.trajectory.lock import LOCK
+from explaind.trajectory.lock import LOCK, WriterLock
 
 
 @pytest.fixture(scope="module")
@@ -478,3 +478,52 @@ def test_a_set_up_marker_that_is_a_directory_or_a_fifo_is_refused_without_blocki
     assert isinstance(exc, TrajectoryError) and "is a non-empty directory that is not an explaind trajectory store " \
                                                 "('.explaind-setup')" in str(exc)
     assert os.listdir(store) == [".explaind-setup"]
+
+
+# --------------------------------------------------------------------------- 9: steps past the index, links that loop
+def test_step_files_the_journal_does_not_list_are_named_by_a_load_and_a_resume(dense, templates, caplog):
+    """A journal that lost its lines (0 bytes beside a manifest without steps): the intact files of steps 0 to 3 are
+    neither read nor kept by a resume. Before: a load read 0 steps and the resume replaced the files, without a
+    word. Now both warn, naming the steps and the fix (restore journal.jsonl first)."""
+    _journal_only(dense)
+    (dense / "journal.jsonl").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        assert _load(dense).n_steps == 0
+    assert re.search(r"holds the files of steps 0, 1, 2, 3, which its journal does not list: .*they are not read.* "
+                     r"restore it from a copy first", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _record(dense, 2 * STEPS, resume=True)
+    assert "this resumed recording records them again, replacing their files" in caplog.text
+    assert _same(_values(dense), _values(templates / "long"))  # re-recorded from step 0: the same run
+
+
+def test_a_reader_beside_a_live_writer_is_not_warned_of_the_steps_it_is_committing(dense, caplog):
+    """The recorder renames a step's files before it appends their journal line: while its lock is live, a reader
+    that finds the next step's file says nothing."""
+    shutil.copyfile(dense / "steps/000003.safetensors", dense / "steps/000004.safetensors")
+    lock = WriterLock(dense).acquire()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert _load(dense).n_steps == STEPS
+        assert "does not list" not in caplog.text
+    finally:
+        lock.release()
+    with caplog.at_level(logging.WARNING):
+        _load(dense)
+    assert "holds the files of steps 4, which its journal does not list" in caplog.text
+
+
+@pytest.mark.parametrize("target", ["itself", "nowhere"])
+def test_a_store_path_that_is_a_looping_or_dangling_link_names_the_link_and_the_fix(tmp_path, target):
+    """Before: "FileExistsError ... Fix: pass a store path in a writable directory with free space", and a load
+    of the loop asked for read permission."""
+    link = tmp_path / "run"
+    os.symlink(link if target == "itself" else tmp_path / "nowhere", link)
+    with pytest.raises(TrajectoryError, match=r"store='[^']*run' is a symbolic link to '[^']*', which does not exist "
+                                              r"or leads back to itself.*Fix: create the directory the link names"):
+        _record(link, 1)
+    if target == "itself":
+        with pytest.raises(TrajectoryError, match=r"cannot be read: Too many levels of symbolic links .*Fix: the store "
+                                                  r"path, or a directory on it, is a symbolic link that leads back"):
+            _load(link)

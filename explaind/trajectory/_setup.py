@@ -56,6 +56,11 @@ def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
         When the directory is refused (see :func:`_prepare`) or cannot be written (:func:`setup_error`).
     """
     _refuse_long_path(root)
+    if os.path.islink(root) and not os.path.exists(root):
+        raise TrajectoryError(
+            f"store={str(root)!r} is a symbolic link to {os.readlink(root)!r}, which does not exist or leads back to "
+            f"itself (a loop); a recording does not create a directory behind a link. Nothing was recorded. Fix: "
+            f"create the directory the link names, or pass the path of a directory (or of a new one) instead.")
     try:
         return _prepare(root, overwrite=overwrite, resume=resume)
     except OSError as exc:

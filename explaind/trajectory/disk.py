@@ -24,6 +24,7 @@ from ._binding import check_state, check_step_file, run_binding
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import check_specs, read_tensors, store_root
+from ._layout import warn_uncommitted_steps
 from ._random import MicroBatch, find_generators
 from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
@@ -170,6 +171,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         self._generators: tuple[torch.Generator, ...] = ()
         self._manifest = read_manifest(self.root)
         self._run = run_binding(self._manifest)  # what every step file of the run binds (_binding.py)
+        self._committed = len(self._manifest.steps)  # a sparse store's reader may end before (_end_at_checkpoint)
         self._replay: SegmentReplay | None = None
         if self.sparse:
             self._end_at_checkpoint()
@@ -253,6 +255,11 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                            "or still running) are not read.", self.root, end, len(steps) - last)
             self._manifest.steps = steps[:last]
             self._manifest.n_steps = last
+
+    def warn_uncommitted(self) -> list[int]:
+        """Warn when ``steps/`` holds files of steps that the store's index does not list (``Trajectory.load`` calls
+        this; :func:`~explaind.trajectory._layout.warn_uncommitted_steps`); returns those steps."""
+        return warn_uncommitted_steps(self.root, self._committed, resuming=False)
 
     # ----------------------------------------------------------------- files
     def _static_file(self, key: str, record: FileRecord | None) -> dict[str, Tensor]:
