@@ -527,3 +527,16 @@ def test_a_store_path_that_is_a_looping_or_dangling_link_names_the_link_and_the_
         with pytest.raises(TrajectoryError, match=r"cannot be read: Too many levels of symbolic links .*Fix: the store "
                                                   r"path, or a directory on it, is a symbolic link that leads back"):
             _load(link)
+
+
+def test_a_directory_that_cannot_be_opened_for_its_flush_is_named_once(templates, tmp_path, monkeypatch, caplog):
+    """``steps/`` with write and search permission but not read permission: its renames cannot be flushed. Before:
+    skipped silently (round 8 left it); now a warning names the directory and the fix, once."""
+    _denied(monkeypatch, "open", f"{os.sep}steps")
+    with caplog.at_level(logging.WARNING):
+        _record(tmp_path / "run", STEPS)
+    monkeypatch.undo()
+    assert caplog.text.count("to flush it (Permission denied)") == 1
+    assert re.search(r"Cannot open the directory '[^']*run/steps' to flush it .*Fix: give the user running explaind "
+                     r"read permission on the directory \(chmod u\+r\)", caplog.text)
+    assert _same(_values(tmp_path / "run"), _values(templates / "dense"))
