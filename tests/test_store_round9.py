@@ -540,3 +540,16 @@ def test_a_directory_that_cannot_be_opened_for_its_flush_is_named_once(templates
     assert re.search(r"Cannot open the directory '[^']*run/steps' to flush it .*Fix: give the user running explaind "
                      r"read permission on the directory \(chmod u\+r\)", caplog.text)
     assert _same(_values(tmp_path / "run"), _values(templates / "dense"))
+
+
+@pytest.mark.parametrize(("option", "value"), [("overwrite", "false"), ("resume", "no"), ("overwrite", 0)])
+def test_overwrite_or_resume_that_is_not_a_bool_is_refused_and_the_stored_run_stays(dense, templates, option, value):
+    """Before: ``overwrite="false"`` counted as true and deleted the stored run (recording a new one in its place);
+    ``resume="no"`` appended to it."""
+    before, model = _files(dense), _model()
+    with pytest.raises(ConfigError, match=rf"{option}={value!r} is a {type(value).__name__}; allowed: True or False "
+                                          rf".*Nothing was written\. Fix: pass {option}=True or {option}=False"):
+        explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.05), loss="mse",
+                                    train_data=(X, Y), store=dense, **{option: value})
+    assert _files(dense) == before
+    assert _same(_values(dense), _values(templates / "dense"))
