@@ -10,6 +10,7 @@ store that is read as the same run is compared bit for bit with the uninterrupte
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -553,3 +554,16 @@ def test_overwrite_or_resume_that_is_not_a_bool_is_refused_and_the_stored_run_st
                                     train_data=(X, Y), store=dense, **{option: value})
     assert _files(dense) == before
     assert _same(_values(dense), _values(templates / "dense"))
+
+
+def test_a_file_system_without_hard_links_records_resumes_and_leaves_no_lock(templates, tmp_path, monkeypatch):
+    """The writer lock appears by a hard link of a complete file; where links are refused (``EPERM``, as on FAT or
+    some network file systems) it is created with ``O_EXCL`` instead."""
+    def no_links(*_args, **_kwargs):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+    monkeypatch.setattr(os, "link", no_links)
+    _record(tmp_path / "run", STEPS)
+    _record(tmp_path / "run", 2 * STEPS, resume=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".explaind")) == []
+    assert _same(_values(tmp_path / "run"), _values(templates / "long"))
