@@ -10,8 +10,9 @@ layers, 200 parameters, 600 optimizer state tensors, 800 tensors in each state f
 
 Printed: CPU seconds of the whole process (all threads) and wall seconds to record ``--steps`` steps into a
 dense store (``fsync=False``: the flushes would hide the CPU work), per step in ms, and, where this explaind
-has it (schema 3), the time of ``state_binding`` alone on the final state, and of reading every step file
-back (``params`` of each step). Run it with the code before and after the change on ``PYTHONPATH``, in turn:
+has it (schema 3), the time of ``state_binding`` alone on the final state, of reading every step file
+back (``params`` of each step) and of ``verify()`` of the whole store. Run it with the code before and after
+the change on ``PYTHONPATH``, in turn:
 
 ``python benchmarks/bench_store_binding.py [--layers 100] [--steps 100] [--threads 1]``
 """
@@ -76,6 +77,11 @@ def main() -> None:
             traj.params(s)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         print(f"| read every step file | {cpu:.3f} | {wall:.3f} | {1e3 * cpu / args.steps:.2f} |")
+        traj = explaind.Trajectory.load(root / "run", model=_model(args.layers))
+        cpu, wall = time.process_time(), time.perf_counter()
+        traj.verify()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        print(f"| verify() | {cpu:.3f} | {wall:.3f} | {1e3 * cpu / args.steps:.2f} |")
         try:
             from explaind.trajectory._binding import state_binding
             from explaind.trajectory._io import encode_optimizer_state

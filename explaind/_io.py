@@ -15,6 +15,7 @@ system interrupted (``EINTR``) or found busy (``EAGAIN``) a bounded number of ti
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import threading
@@ -34,6 +35,20 @@ WRITE_RETRIES = 16
 _NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
 
 
+#: directories named by :func:`_warn_unflushed` in this process (each once)
+_UNFLUSHED: set[str] = set()
+
+
+def _warn_unflushed(directory: str, exc: OSError) -> None:
+    if directory in _UNFLUSHED:
+        return
+    _UNFLUSHED.add(directory)
+    logging.getLogger("explaind.io").warning(
+        "Cannot open the directory %r to flush it (%s): the files just renamed into it are complete, and a killed "
+        "process keeps them, but an operating-system crash or a power loss may lose them. Fix: give the user "
+        "running explaind read permission on the directory (chmod u+r).", directory, exc.strerror)
+
+
 def fsync_directory(directory: str | os.PathLike[str]) -> None:
     """``fsync`` a directory so that renames inside it survive a power loss.
 
@@ -42,7 +57,9 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
     directory : path-like
         An existing directory. Platforms that cannot open directories are skipped silently, and so
         are file systems that do not flush directories (``fsync`` fails with ``EINVAL``,
-        ``ENOTSUP`` or ``EBADF``: they order or persist renames themselves).
+        ``ENOTSUP`` or ``EBADF``: they order or persist renames themselves). A directory without read
+        permission cannot be opened to be flushed: a warning names it, once per directory and process
+        (docs/recording.md, "Strangers' files, round 9").
 
     Raises
     ------
@@ -51,8 +68,10 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
     """
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
+    except OSError as exc:
+        if os.name == "posix" and exc.errno in (errno.EACCES, errno.EPERM):
+            _warn_unflushed(os.fspath(directory), exc)
+        return  # elsewhere: platforms without directory fds
     try:
         os.fsync(fd)
     except OSError as exc:

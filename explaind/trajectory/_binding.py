@@ -35,10 +35,10 @@ from torch import Tensor
 
 from ..exceptions import TrajectoryError
 from ._checksum import checksum
-from .manifest import TrajectoryManifest, dtype_name
+from .manifest import StepRecord, TrajectoryManifest, dtype_name
 
-__all__ = ["new_run_id", "run_binding", "check_run", "state_binding", "check_state", "unbound_state", "AUDIT_PREFIX",
-           "RUN_FIELDS"]
+__all__ = ["new_run_id", "run_binding", "record_binding", "check_step_file", "check_run", "state_binding",
+           "check_state", "unbound_state", "AUDIT_PREFIX", "RUN_FIELDS"]
 
 #: tensors of a state file that hold the recorder's audit momentum (a sparse store keeps them in a file of their own)
 AUDIT_PREFIX = "audit."
@@ -75,6 +75,59 @@ def run_binding(manifest: TrajectoryManifest) -> str | None:
                       separators=(",", ":"))
 
 
+def record_binding(record: StepRecord) -> str:
+    """The fields of a step record that change results, as stored inside the step's (checksummed) file."""
+    exclude = {"file", "optimizer_state", "audit_state"} | ({"buffers"} if record.buffers is None else set())
+    return record.model_dump_json(exclude=exclude)  # a field added later is left out while unset
+
+
+def check_step_file(meta: dict[str, str], record: StepRecord, expected_run: str | None, where: str) -> None:
+    """The step file read as ``where`` (its metadata ``meta``) is the one of ``record``: it holds that step, the
+    record that the manifest or journal gives for it (gradient scale, samples, ...) and belongs to the run whose
+    :func:`run_binding` is ``expected_run``. Every read of a step file and ``verify()`` check this.
+
+    Raises
+    ------
+    TrajectoryError
+        Naming the file, what it holds and what the index says.
+    """
+    s = record.step
+    if meta.get("step") != str(s):
+        raise TrajectoryError(f"Trajectory file {where} holds step {meta.get('step')!r}, not step {s}: the manifest "
+                              f"points at another step's file. The store was modified; re-record it.")
+    if "record" in meta and meta["record"] != record_binding(record):
+        raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
+                              f"samples, ...) differs from the one checksummed in {where}: the store was "
+                              f"modified. Re-record the run.")
+    check_run(meta, expected_run, where)
+
+
+def _unreadable_entry(key: str, where: str, problem: str) -> TrajectoryError:
+    return TrajectoryError(f"Trajectory file {where} holds a {key!r} entry that explaind did not write: {problem} "
+                           f"(allowed: the JSON object explaind writes there). The file was forged with a matching "
+                           f"checksum, or the store is corrupted. {_FIX}")
+
+
+def _entry(held: str, key: str, where: str, fields: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """The JSON object of the step file's metadata entry ``key`` (its text ``held``), with ``fields`` of their types.
+
+    Raises
+    ------
+    TrajectoryError
+        When it is not JSON (also nested deeper than the parser goes), not an object, or lacks a field.
+    """
+    try:
+        value = json.loads(held)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+        raise _unreadable_entry(key, where, f"it is not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(value, dict):
+        raise _unreadable_entry(key, where, f"it is a JSON {type(value).__name__}, not an object")
+    wrong = [k for k, kind in fields.items() if not isinstance(value.get(k), kind)]
+    if wrong:
+        raise _unreadable_entry(key, where, f"its fields {wrong} are missing or of another type")
+    return value
+
+
 def check_run(meta: dict[str, str], expected: str | None, where: str) -> None:
     """The step file read as ``where`` (its metadata ``meta``) belongs to the run whose :func:`run_binding` is
     ``expected``: the same identity, start files and description of the run.
@@ -92,7 +145,7 @@ def check_run(meta: dict[str, str], expected: str | None, where: str) -> None:
         other = "names no run identity" if expected is None else f"names the run {json.loads(expected)['id']!r}"
         raise TrajectoryError(f"Trajectory file {where} records {says}, but the manifest {other}: the step file "
                               f"or the manifest was replaced. {_FIX}")
-    theirs, ours = json.loads(held), json.loads(expected)
+    theirs, ours = _entry(held, "run", where, {"id": str, "start": dict}), json.loads(expected)
     if theirs.get("id") != ours["id"]:
         raise TrajectoryError(f"Trajectory file {where} belongs to the run {theirs.get('id')!r}, but the store is "
                               f"the run {ours['id']!r} (its manifest's run_id): a step file of another run was put "
@@ -138,8 +191,13 @@ def check_state(step_meta: dict[str, str], tensors: dict[str, Tensor], metadata:
     held = step_meta.get("state")
     if held is None:
         return False
-    bound = json.loads(held)
+    bound = _entry(held, "state", f"{step_file} (the step file that bound {where})",
+                   {"tensors": dict, "description": (str, type(None))})
     expected: dict[str, list[Any]] = bound["tensors"]
+    if not all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], list)
+               for v in expected.values()):
+        raise _unreadable_entry("state", f"{step_file} (the step file that bound {where})",
+                                "its tensors are not [dtype, shape] pairs")
     if audit is not None:
         expected = {k: v for k, v in expected.items() if k.startswith(AUDIT_PREFIX) == audit}
     got = _layout(tensors)

@@ -9,6 +9,8 @@ never a parser's own exception.
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import logging
 import os
@@ -118,9 +120,10 @@ def _read_journal(root: Path) -> list[tuple[int, bytes, StepRecord]]:
     """``(line number, line, record)`` of every readable journal line (a torn or unreadable last line left out)."""
     path = root / JOURNAL
     try:
-        lines = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal").split(b"\n")
+        data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
     except FileNotFoundError:
         return []
+    lines = data.removeprefix(codecs.BOM_UTF8).split(b"\n")  # an editor's byte-order mark, as in the manifest
     whole = lines[:-1] if not lines[-1] else lines  # the text after the last newline (none: b"")
     fast = _canonical_records(whole) if whole else None
     if fast is not None:
@@ -211,9 +214,11 @@ def _find_manifest(root: Path, path: Path) -> None:
         if os.path.lexists(path):
             return  # a dangling symbolic link: read_confined names it
     except OSError as exc:
+        fix = ("the store path, or a directory on it, is a symbolic link that leads back to itself: pass the store "
+               "directory itself" if exc.errno == errno.ELOOP else "give the user running explaind read and search "
+               "permission on the directory and its files (chmod -R u+rX), or copy the store to a place it can read")
         raise TrajectoryError(f"The trajectory store {str(root)!r} cannot be read: {exc.strerror} ({str(path)!r}). "
-                              f"Fix: give the user running explaind read and search permission on the directory "
-                              f"and its files (chmod -R u+rX), or copy the store to a place it can read.") from None
+                              f"Fix: {fix}.") from None
     if not root.exists():
         what = "it does not exist"
     elif not root.is_dir():

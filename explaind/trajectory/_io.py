@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .._io import atomic_write, open_regular, read_open
-from ..exceptions import TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ._checksum import DEFAULT, checksum, hasher
 from .manifest import FileRecord, dtype_name
 
@@ -109,10 +109,21 @@ def store_root(path: Any) -> Path:
 
     Raises
     ------
+    ConfigError
+        When ``path`` is not a path (a ``str``, ``bytes`` or ``os.PathLike``).
     TrajectoryError
-        When ``path`` starts with ``~`` and the home directory is unknown (``HOME`` unset and no such user).
+        When ``path`` starts with ``~`` and the home directory is unknown (``HOME`` unset and no such user), or
+        holds a NUL character (no file system allows one).
     """
-    text = os.fsdecode(os.fspath(path))
+    try:
+        text = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise ConfigError(f"The store path {path!r} is a {type(path).__name__}; allowed: a str, bytes or "
+                          f"os.PathLike naming a directory. Fix: pass the directory as a string or a "
+                          f"pathlib.Path.") from None
+    if "\0" in text:
+        raise TrajectoryError(f"The store path {text!r} holds a NUL character, which no file system allows in a "
+                              f"path. Fix: pass the path without it.")
     if text.startswith("~"):
         expanded = os.path.expanduser(text)
         if expanded.startswith("~"):

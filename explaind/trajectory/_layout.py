@@ -13,6 +13,7 @@ recording deletes its explaind files and starts afresh.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ._io import store_path
 from ._start_state import START_STATE_FILE
-from .lock import LOCK
+from .lock import LOCK, live_writer
 from .manifest import TrajectoryManifest
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "SETUP",
     "START_FILES",
     "step_path",
+    "warn_uncommitted_steps",
     "checkpoint_state_path",
     "own_files",
     "remove_store",
@@ -56,6 +58,35 @@ _FOLDERS = {"steps": STEP_FILE, "optimizer": STATE_FILE}
 def step_path(s: int) -> str:
     """Relative path of the file of step ``s``."""
     return f"steps/{s:06d}.safetensors"
+
+
+def warn_uncommitted_steps(root: Path, n: int, *, resuming: bool) -> list[int]:
+    """Log a warning when ``steps/`` holds files of steps ``n`` and later, which the store's index does not list.
+
+    A recording killed between renaming step files into place and appending their journal lines leaves such
+    files (up to its writer's queue); so does a journal that lost lines (truncated, or restored from an older
+    copy), whose steps are then neither read nor kept by a resume: the warning names them and the fix. Only
+    the file of step ``n`` is looked up unless it exists. A reader beside a live recorder is not warned (the
+    recorder renames a step's files before it appends the step's journal line). Returns the steps found.
+    """
+    if not os.path.lexists(root / step_path(n)):
+        return []
+    if not resuming and live_writer(root) is not None:
+        return []
+    try:
+        names = os.listdir(root / "steps")
+    except OSError:
+        return []
+    found = sorted(s for s in (int(name[:-12]) for name in names if STEP_FILE.fullmatch(name)) if s >= n)
+    shown = ", ".join(str(s) for s in found[:8]) + (f", ... ({len(found)} in all)" if len(found) > 8 else "")
+    then = ("this resumed recording records them again, replacing their files" if resuming
+            else "they are not read; a resumed recording records them again")
+    logging.getLogger("explaind.trajectory").warning(
+        "The trajectory store %r holds the files of steps %s, which its journal does not list: steps written but "
+        "not committed when a recording was killed (its last steps), or steps whose journal lines were lost; %s. "
+        "If journal.jsonl was truncated or replaced by an older copy, stop and restore it from a copy first.",
+        str(root), shown, then)
+    return found
 
 
 def checkpoint_state_path(s: int) -> str:

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,10 +53,24 @@ def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
 
     Raises
     ------
+    ConfigError
+        When ``overwrite`` or ``resume`` is not a bool: a string such as ``"false"`` would count as true, and
+        ``overwrite`` deletes the stored run (docs/recording.md, "Strangers' files, round 9").
     TrajectoryError
         When the directory is refused (see :func:`_prepare`) or cannot be written (:func:`setup_error`).
     """
+    for name, value, does in (("overwrite", overwrite, "deletes the stored run"),
+                              ("resume", resume, "appends to the stored run")):
+        if not isinstance(value, bool | np.bool_):
+            raise ConfigError(f"{name}={value!r} is a {type(value).__name__}; allowed: True or False (a value such "
+                              f"as 'false' would count as true, and {name}=True {does}). Nothing was written. Fix: "
+                              f"pass {name}=True or {name}=False.")
     _refuse_long_path(root)
+    if os.path.islink(root) and not os.path.exists(root):
+        raise TrajectoryError(
+            f"store={str(root)!r} is a symbolic link to {os.readlink(root)!r}, which does not exist or leads back to "
+            f"itself (a loop); a recording does not create a directory behind a link. Nothing was recorded. Fix: "
+            f"create the directory the link names, or pass the path of a directory (or of a new one) instead.")
     try:
         return _prepare(root, overwrite=overwrite, resume=resume)
     except OSError as exc:

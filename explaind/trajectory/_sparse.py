@@ -113,7 +113,7 @@ class StepReplay:
         try:
             body = json.loads(metadata[REPLAY_KEY])
             return cls(groups=list(body["groups"]), stepped=tuple(body["stepped"]), no_input=tuple(body["no_input"]))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, RecursionError):  # RecursionError: nested deeper than json goes
             raise TrajectoryError(
                 f"{where} lacks a valid replay record (parameter groups, stepped parameters): it was not written by a "
                 f"sparse recording or the store is corrupted. Re-record the run."

@@ -111,7 +111,7 @@ def optimizer_start_from_file(tensors: Mapping[str, Tensor], metadata: Mapping[s
     try:
         names = json.loads(metadata[NAMES_KEY])
         ok = isinstance(names, list) and all(isinstance(n, str) for n in names) and "optimizer" in metadata
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, RecursionError):  # RecursionError: nested deeper than json goes
         ok = False
     if not ok:
         raise TrajectoryError(f"Trajectory file {where} holds the optimizer's start state without its description "

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..exceptions import TrajectoryError
-from ._binding import check_run, check_state, run_binding
+from ._binding import check_state, check_step_file, run_binding
 from ._index import read_manifest
 from ._io import read_tensors
 from .lock import live_writer
@@ -51,7 +51,7 @@ def verify_store(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None
     for record in manifest.steps:
         if record.file is not None:
             meta = read_tensors(root, record.file, step=record.step)[1]
-            check_run(meta, run, f"{record.file.path!r} (step {record.step}) of the store {str(root)!r}")
+            check_step_file(meta, record, run, f"{record.file.path!r} (step {record.step}) of the store {str(root)!r}")
             if record.optimizer_state is not None or record.audit_state is not None:
                 metas[record.step] = meta
     for _ in range(STATE_RETRIES):

@@ -224,6 +224,9 @@ class Trajectory(abc.ABC):
         if reader is None:  # pragma: no cover - importing explaind.trajectory imports the disk backend
             raise TrajectoryError("No trajectory backend reads stores; import explaind.trajectory first.")
         traj = reader(path, model=model, train_data=train_data, **kwargs)
+        warn_uncommitted = getattr(traj, "warn_uncommitted", None)  # steps/ holds files the index does not list
+        if callable(warn_uncommitted):
+            warn_uncommitted()
         if model is not None:  # attributes edited after recording (docs/recording.md)
             from ._attribute_record import check_model
 

@@ -20,10 +20,11 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError, ExplaindError, TrajectoryError, UnknownEntryError
 from ..recurrence import LinearUpdate
-from ._binding import check_run, check_state, run_binding
+from ._binding import check_state, check_step_file, run_binding
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
 from ._io import check_specs, read_tensors, store_root
+from ._layout import warn_uncommitted_steps
 from ._random import MicroBatch, find_generators
 from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
@@ -34,7 +35,7 @@ from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_from_name
 from .recorded import RecordedTrajectory, check_param_index, check_step
 from .replay import SegmentReplay
-from .store import check_updates, read_manifest, record_binding, unpack_updates
+from .store import check_updates, read_manifest, unpack_updates
 
 __all__ = ["DiskTrajectory", "check_model_matches", "build_model_from_spec"]
 
@@ -170,6 +171,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         self._generators: tuple[torch.Generator, ...] = ()
         self._manifest = read_manifest(self.root)
         self._run = run_binding(self._manifest)  # what every step file of the run binds (_binding.py)
+        self._committed = len(self._manifest.steps)  # a sparse store's reader may end before (_end_at_checkpoint)
         self._replay: SegmentReplay | None = None
         if self.sparse:
             self._end_at_checkpoint()
@@ -254,6 +256,11 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             self._manifest.steps = steps[:last]
             self._manifest.n_steps = last
 
+    def warn_uncommitted(self) -> list[int]:
+        """Warn when ``steps/`` holds files of steps that the store's index does not list (``Trajectory.load`` calls
+        this; :func:`~explaind.trajectory._layout.warn_uncommitted_steps`); returns those steps."""
+        return warn_uncommitted_steps(self.root, self._committed, resuming=False)
+
     # ----------------------------------------------------------------- files
     def _static_file(self, key: str, record: FileRecord | None) -> dict[str, Tensor]:
         if key not in self._static:
@@ -281,14 +288,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
             raise TrajectoryError(f"Step {s} of the trajectory at {str(self.root)!r} has no file.")
         tensors, meta = read_tensors(self.root, record.file, step=s)
         where = f"{record.file.path!r} (step {s})"
-        if meta.get("step") != str(s):
-            raise TrajectoryError(f"Trajectory file {where} holds step {meta.get('step')!r}, not step {s}: the "
-                                  f"manifest points at another step's file. The store was modified; re-record it.")
-        if "record" in meta and meta["record"] != record_binding(record):
-            raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
-                                  f"samples, ...) differs from the one checksummed in {where}: the store was "
-                                  f"modified. Re-record the run.")
-        check_run(meta, self._run, f"{where} of the store {str(self.root)!r}")
+        check_step_file(meta, record, self._run, f"{where} of the store {str(self.root)!r}")
         if record.has_params:
             self._check_params(tensors, where)
         check_updates(self._manifest.params, tensors, where, dense=not self.sparse)

@@ -31,6 +31,8 @@ __all__ = ["LOCK", "WriterLock", "live_writer"]
 LOCK = ".explaind-writer.lock"
 #: A lock file still empty after this many seconds is a crash between its creation and its content.
 _EMPTY_GRACE = 10.0
+#: Largest process id a lock may name (``pid_t`` is a signed 32-bit integer).
+_MAX_PID = 2**31 - 1
 #: Locks this process holds, by real path of the store (a lock whose writer was dropped is stale).
 _ACTIVE: weakref.WeakValueDictionary[str, WriterLock] = weakref.WeakValueDictionary()
 
@@ -86,20 +88,37 @@ def _read_lock(path: Path) -> bytes | None:
         os.close(fd)
 
 
+def _parsed(raw: bytes) -> dict | None:
+    """The lock's JSON when it is what explaind writes (a process id that a process can have, a host name), else
+    ``None`` (an empty or half-written file, or a stranger's: not JSON, nested deeper than the parser goes, a
+    process id of 0, negative, ``true`` or past what ``kill`` takes)."""
+    try:
+        info = json.loads(raw)
+    except (ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON
+        return None
+    if not isinstance(info, dict):
+        return None
+    pid = info.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid <= _MAX_PID or not isinstance(
+            info.get("host"), str):
+        return None
+    return info
+
+
 def _holder(path: Path) -> dict | None:
     """The lock's content, or ``None`` when it is stale (its holder is gone, or it was copied with the store)."""
     raw = _read_lock(path)
     if raw is None:
         return None
-    try:
-        info = json.loads(raw)
-        pid, host = int(info["pid"]), str(info["host"])
-    except (ValueError, KeyError, TypeError):
+    info = _parsed(raw)
+    if info is None:  # not (yet) a lock explaind writes: being written, or a crash or a stranger left it
         try:
             age = time.time() - os.lstat(path).st_mtime
         except FileNotFoundError:
             return None
-        return None if age >= _EMPTY_GRACE else {"pid": "?", "host": "?", "since": "just now"}
+        # abs(): a file from the future (a clock set back, a copy from a host whose clock runs ahead) is not new
+        return None if abs(age) >= _EMPTY_GRACE else {"pid": "?", "host": "?", "since": "just now"}
+    pid, host = info["pid"], info["host"]
     if host != socket.gethostname():
         return info
     taken_in, here = info.get("directory"), _directory_id(path.parent)
@@ -196,8 +215,8 @@ class WriterLock:
         self.held = False
         _ACTIVE.pop(self.key, None)
         try:
-            info = json.loads(_read_lock(self.path) or b"{}")
-            if int(info.get("pid", -1)) == os.getpid():
+            info = _parsed(_read_lock(self.path) or b"{}")
+            if info is not None and info["pid"] == os.getpid():
                 self.path.unlink()
-        except (OSError, ValueError, TypeError, AttributeError):  # ValueError: TrajectoryError too
+        except (OSError, ValueError):  # ValueError: TrajectoryError too
             pass

@@ -49,7 +49,7 @@ from .._io import fsync_directory
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget, check_queue_bounds
-from ._binding import new_run_id, run_binding, state_binding
+from ._binding import new_run_id, record_binding, run_binding, state_binding
 from ._checksum import DEFAULT as DEFAULT_CHECKSUM
 from ._checksum import validate_algorithm
 from ._filewrite import Staged, TensorFileWriter
@@ -157,12 +157,6 @@ def step_bytes(tensors: dict[str, Tensor], optimizer_state: tuple[dict[str, Tens
     """Bytes of a step's tensors and of its optimizer state's tensors."""
     state = () if optimizer_state is None else optimizer_state[0].values()
     return tensor_bytes(tensors.values()) + tensor_bytes(state)
-
-
-def record_binding(record: StepRecord) -> str:
-    """The fields of a step record that change results, as stored inside the step's (checksummed) file."""
-    exclude = {"file", "optimizer_state", "audit_state"} | ({"buffers"} if record.buffers is None else set())
-    return record.model_dump_json(exclude=exclude)  # a field added later is left out while unset
 
 
 def is_store(path: Path) -> bool:
