@@ -567,3 +567,26 @@ def test_a_file_system_without_hard_links_records_resumes_and_leaves_no_lock(tem
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".explaind")) == []
     assert _same(_values(tmp_path / "run"), _values(templates / "long"))
+
+
+@pytest.mark.parametrize(("option", "value"), [("fsync", "false"), ("background_writes", "no"),
+                                               ("store_data", 0), ("fsync", None)])
+def test_an_on_off_option_that_is_not_a_bool_is_refused_before_anything_is_written(tmp_path, option, value):
+    """Before: ``fsync="false"`` and ``background_writes="no"`` switched the option on, ``store_data=0`` off,
+    without a word."""
+    model = _model()
+    with pytest.raises(ConfigError, match=rf"{option}={value!r} is a {type(value).__name__}; allowed: True or False "
+                                          rf".*Nothing was written\. Fix: pass {option}=True or {option}=False"):
+        explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.05), loss="mse",
+                                    train_data=(X, Y), store=tmp_path / "run", **{option: value})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("cache_steps", "x"), ("cache_steps", 0), ("cache_segments", 1.5),
+                                               ("cache_steps", True)])
+def test_a_cache_size_that_is_not_a_positive_int_is_refused_naming_it(dense, option, value):
+    """Before: ``cache_steps="x"`` raised a raw ``ValueError`` from ``int()``; 0 and 1.5 were taken as 1."""
+    with pytest.raises(ConfigError, match=rf"Trajectory\.load: {option}={value!r} is not allowed: it takes a "
+                                          rf"positive int .*Fix: leave it out, or pass e\.g\. {option}=4"):
+        explaind.Trajectory.load(dense, model=_model(), **{option: value})
+    assert _load(dense).n_steps == STEPS

@@ -181,14 +181,16 @@ def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     return False
 
 
-def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: Any, grad_scaler: Any) -> None:
+def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: Any, grad_scaler: Any,
+                             switches: dict[str, Any] | None = None) -> None:
     """Refuse what a :class:`~explaind.trajectory.recorder.TrajectoryRecorder` cannot record, before anything starts.
 
     Raises
     ------
     ConfigError
         ``model`` not an ``nn.Module``, ``optimizer`` not a ``torch.optim.Optimizer``, ``audit`` not one of
-        ``'auto'``, ``True``, ``False``, ``grad_scaler`` not a ``torch.amp.GradScaler``, embeddings that
+        ``'auto'``, ``True``, ``False``, a value of ``switches`` (``{"fsync": fsync, ...}``, the recorder's
+        on/off arguments) not a bool, ``grad_scaler`` not a ``torch.amp.GradScaler``, embeddings that
         renormalise their weights in the forward (``max_norm``) or have sparse gradients, complex parameters,
         ``nn.RReLU`` (:mod:`explaind.unsupported`), lazy modules before their first forward and
         ``nn.CrossMapLRN2d`` (:mod:`explaind.unsupported_layers`), or a loss callable
@@ -206,6 +208,11 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
     refuse_unrecordable_layers(model, "TrajectoryRecorder")
     if not (audit is True or audit is False or audit == "auto"):
         raise ConfigError(f"audit={audit!r} is not allowed. Choose one of: 'auto', True, False.")
+    for name, value in (switches or {}).items():  # "false" is a true string: it would switch the option on
+        if not isinstance(value, bool | np.bool_):
+            raise ConfigError(f"{name}={value!r} is a {type(value).__name__}; allowed: True or False (a string "
+                              f"such as 'false' is true in Python, so it would switch {name} on). Nothing was "
+                              f"written. Fix: pass {name}=True or {name}=False.")
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
         raise ConfigError(
             f"grad_scaler must be a torch.amp.GradScaler (the one the loop calls scaler.step with), got "

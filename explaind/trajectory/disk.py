@@ -167,6 +167,10 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                  loss: Any = None, cache_steps: int = 4, replay_tolerance: float | None = None,
                  cache_segments: int = 2, verify_train_data: bool = True, max_parameters: int | None = None,
                  generators: Any = None):
+        for name, value in (("cache_steps", cache_steps), ("cache_segments", cache_segments)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ConfigError(f"Trajectory.load: {name}={value!r} is not allowed: it takes a positive int (how "
+                                  f"many are kept in memory). Fix: leave it out, or pass e.g. {name}=4.")
         self.root = store_root(path)  # '~' expanded; a later os.chdir does not move it
         self._generators: tuple[torch.Generator, ...] = ()
         self._manifest = read_manifest(self.root)

@@ -132,14 +132,13 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         ``True`` for a forward that draws random numbers outside such modules (``F.dropout``,
         ``torch.rand`` in ``forward``): its training forwards are then always replayed.
     generators : list of torch.Generator, optional
-        Private generators the model draws from (``torch.rand(..., generator=g)`` in a custom layer)
-        that are not attributes of its modules; those held as module attributes, directly or in
-        list, tuple and dict attributes, are found without this (a helper object's are not). A loss
-        callable holding a generator is refused (it is applied one sample at a time). Their states
-        are captured with the global ones and replayed (docs/recording.md, "Private generators"); a
-        stored run needs them again,
-        ``Trajectory.load(path, generators=[...])``. A generator that is neither found nor passed is
-        not replayed: the gradient check fails on it.
+        Private generators the model draws from (``torch.rand(..., generator=g)`` in a custom layer) that are not
+        attributes of its modules; those held as module attributes, directly or in list, tuple and dict attributes,
+        are found without this (a helper object's are not). A loss callable holding a generator is refused (it is
+        applied one sample at a time). Their states are captured with the global ones and replayed
+        (docs/recording.md, "Private generators"); a stored run needs them again,
+        ``Trajectory.load(path, generators=[...])``. One neither found nor passed is not replayed: the gradient
+        check fails on it.
     ignore_attributes : list of str
         ``fnmatch`` patterns of the Python attributes (``"tau"``, ``"encoder.*.p"``) not watched for changes between
         steps (docs/recording.md, "Python attributes changed between steps"); ``["*"]`` watches none.
@@ -181,7 +180,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         ignore_attributes: Any = (),
     ):
         from ..plugins import resolve_optimizer_adapter
-        refuse_invalid_arguments(model, optimizer, loss=loss, audit=audit, grad_scaler=grad_scaler)
+        refuse_invalid_arguments(model, optimizer, loss=loss, audit=audit, grad_scaler=grad_scaler, switches={
+            "store_data": store_data, "background_writes": background_writes, "fsync": fsync})
         self.model, self.optimizer = model, optimizer
         self._loss = resolve_loss_record(loss)
         self._adapter_record = resolve_optimizer_adapter(optimizer)
