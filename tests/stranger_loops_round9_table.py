@@ -1,0 +1,89 @@
+"""Print the table of docs/guide_own_model.md, "Round 9: schedulers that edit momentum, optimizer options, loop
+habits".
+
+Run from the repository root (not collected by pytest)::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_loops_round9_table.py [NAME ...]
+
+Each row records a case of tests/_loops9_kit.py (float64, 6 steps of 6 samples of a small tanh model unless the
+case names another) and prints the replica's relative error against the trained model in evaluation mode, the
+residual share, the train scores' relative error against the slow float64 loop reference (tests/reference.py,
+tests/replay_reference.py for dropout) and that reference's own largest per-step residual relative to its
+largest update, and the class: ``exact`` (replica <= 1e-6, share <= 1e-9, scores <= 1e-9, reference residual
+<= 1e-12, no warning), ``loud`` (an ExplaindWarning, or an error: its type and the sentences naming cause and fix)
+or ``SILENT``. The ReLU cases show the default replica's error and the default estimator's residual share
+instead (no 8-node reference on kinked paths). The load average is printed first: no figure is a timing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from typing import Any
+
+import torch
+from _loops8_kit import replica_with_defaults
+from _loops9_kit import CASES, DEFAULT_RULE, REFERENCES
+from _round4_kit import estimator_warnings
+from _stranger_loops_kit import measure
+from reference import Reference
+
+from explaind.exceptions import ExplaindWarning
+
+
+def classify(got: dict[str, Any]) -> str:
+    """``exact``, ``loud`` (warned) or ``SILENT``."""
+    if (got["replica"] <= 1e-6 and got["share"] <= 1e-9 and got["scores"] <= 1e-9
+            and got["reference_residual"] <= 1e-12 and not got["warnings"]):
+        return "exact"
+    return "loud: " + got["warnings"][0][:200] if got["warnings"] else "SILENT"
+
+
+def default_rule(model: Any, traj: Any, recorded: list[str]) -> dict[str, Any]:
+    """The default replica's error and warnings, the default estimator's residual share and warnings."""
+    got = replica_with_defaults(model, traj)
+    share, caught = estimator_warnings(traj)
+    return {"replica": got["replica"], "share": share, "warnings": recorded + got["warnings"] + caught}
+
+
+def row(name: str) -> str:
+    recorded: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                model, traj = CASES[name]()
+            finally:
+                recorded = [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
+        if name in DEFAULT_RULE:
+            got = default_rule(model, traj, recorded)
+            cls = "exact" if got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not got["warnings"] else (
+                "loud: " + got["warnings"][0][:200] if got["warnings"] else "SILENT")
+            return f"| {name} (default estimators) | {got['replica']:.1e} | {got['share']:.1e} | | | {cls} |"
+        got = measure(model, traj, REFERENCES.get(name, Reference))
+        got["warnings"] = recorded + got["warnings"]  # the recorder's warnings first
+    except Exception as exc:  # the table shows what a user sees
+        sentences = re.split(r"(?<=[.)])\s+(?=[A-Z])", " ".join(str(exc).split()))
+        key = next((t for t in sentences[1:] if re.search(r"Fix|fix|[Pp]ass|[Uu]se ", t)), "")
+        shown = sentences[0][:200] + (" ... " + key[:240] if key else "")
+        first = recorded[0] if recorded else ""
+        warned = f"warns: {first[:160]} ... {first[first.find('Fix'):][:200]}; then " if recorded else ""
+        return f"| {name} | | | | | loud: {warned}{type(exc).__name__}: {shown} |"
+    return (f"| {name} | {got['replica']:.1e} | {got['share']:.1e} | {got['scores']:.1e} | "
+            f"{got['reference_residual']:.1e} | {classify(got)} |")
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
+    print("| case | replica | residual share | scores vs reference | reference residual | class |")
+    print("|---|---|---|---|---|---|")
+    for name in sys.argv[1:] or CASES:
+        print(row(name), flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
