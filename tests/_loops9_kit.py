@@ -18,7 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _loops8_kit import ReluCNN, _run, scheduled
-from _stranger_loops_kit import DT, STEPS, N, adam, batches, data, dropout_mlp, mlp, plain, sgd, train
+from _start_state_kit import carried_part
+from _stranger_loops_kit import DT, QUAD, STEPS, N, adam, batches, data, dropout_mlp, measure, mlp, plain, sgd, train
+from reference import Reference, rel_err
 from replay_reference import ReplayReference
 from torch import nn
 from torch.optim import lr_scheduler
@@ -182,6 +184,25 @@ def logged_twice(s, model, opt, X, y, idx, rec) -> None:
     opt.step()
 
 
+def negated_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The loss a ``maximize=True`` loop backwards: ``-F.cross_entropy`` (the fix the refusal names)."""
+    return -F.cross_entropy(out, target)
+
+
+def maximized_with_negated_loss(make_opt: Callable[[nn.Module], Any]) -> Case:
+    """:func:`maximized_step` recorded with ``loss=negated_loss``."""
+    def case() -> tuple[nn.Module, Any]:
+        X, y, _ = data()
+        model = mlp()
+        opt = make_opt(model)
+        rec = explaind.TrajectoryRecorder(model, opt, loss=negated_loss, train_data=(X, y))
+        with rec:
+            for s, idx in enumerate(batches()):
+                maximized_step(s, model, opt, X, y, idx, rec)
+        return model, rec.trajectory
+    return case
+
+
 def head_gradient_scaled(model: nn.Module, s: int) -> None:
     """The head's gradients times 0.1 (a per-layer learning rate written as a gradient scale)."""
     for p in model[2].parameters():
@@ -193,9 +214,8 @@ def clip_nonfinite_foreach(model: nn.Module, s: int) -> None:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05, error_if_nonfinite=True, foreach=True)
 
 
-def other_run_state_loaded_first() -> tuple[nn.Module, Any]:
-    """SGD momentum whose ``state_dict`` from another run (lr 0.05, 3 steps on doubled inputs) is loaded before
-    ``with rec:``: the buffers and the other run's lr (which replaces this one's 0.1) carry over."""
+def other_run_state() -> dict[str, Any]:
+    """The ``state_dict`` of another SGD momentum run (lr 0.05, 3 steps on doubled inputs)."""
     X, y, _ = data()
     other = mlp()
     other_opt = torch.optim.SGD(other.parameters(), lr=0.05, momentum=0.9)
@@ -203,10 +223,30 @@ def other_run_state_loaded_first() -> tuple[nn.Module, Any]:
         other_opt.zero_grad()
         F.cross_entropy(other(X[idx] * 2), y[idx]).backward()
         other_opt.step()
+    return copy.deepcopy(other_opt.state_dict())
+
+
+def other_run_state_loaded_first() -> tuple[nn.Module, Any]:
+    """SGD momentum whose ``state_dict`` from another run (:func:`other_run_state`) is loaded before ``with rec:``:
+    the buffers and the other run's lr (0.05, which replaces this one's 0.1) carry over."""
     model = mlp()
     opt = sgd(model)
-    opt.load_state_dict(copy.deepcopy(other_opt.state_dict()))
+    opt.load_state_dict(other_run_state())
     return model, train(model, opt)
+
+
+def start_state_figures(model: nn.Module, traj: Any) -> dict[str, Any]:
+    """:func:`measure` of :func:`other_run_state_loaded_first`, its ``reference_residual`` replaced by the
+    relative error of the estimator's ``initial_state`` term against the slow reference's carried part
+    (tests/_start_state_kit.py, ``carried_part``): the plain reference starts from zero momentum, so its own
+    residual is that carried part."""
+    figures = measure(model, traj)
+    _, _, X_test = data()
+    att = explaind.InfluenceEstimator(keep=("train",), **QUAD).fit(traj).transform(X_test)
+    ref = Reference(traj, X_test, panels=1)
+    expected = carried_part("sgd", ref, other_run_state(), [0.05] * STEPS)
+    figures["reference_residual"] = rel_err(att.initial_state.reshape(len(X_test), -1, 3).sum(1), expected)
+    return figures
 
 
 def seed_reset(s, model, opt, X, y, idx, rec) -> None:
@@ -300,6 +340,10 @@ CASES: dict[str, Case] = {
         m.parameters(), lr=0.02, weight_decay=0.05, maximize=True, foreach=True), maximized_step),
     "adagrad_maximize_initial_accumulator": with_opt(lambda m: torch.optim.Adagrad(
         m.parameters(), lr=0.1, initial_accumulator_value=0.3, weight_decay=0.01, maximize=True), maximized_step),
+    "adam_amsgrad_maximize_negated_loss_callable": maximized_with_negated_loss(lambda m: torch.optim.Adam(
+        m.parameters(), lr=0.01, amsgrad=True, maximize=True, weight_decay=0.1)),
+    "adagrad_maximize_negated_loss_callable": maximized_with_negated_loss(lambda m: torch.optim.Adagrad(
+        m.parameters(), lr=0.1, initial_accumulator_value=0.3, weight_decay=0.01, maximize=True)),
     "adamw_tensor_lr_from_start": with_opt(lambda m: torch.optim.AdamW(m.parameters(), lr=torch.tensor(0.01))),
     # loop structure
     "clip_norm_error_if_nonfinite_foreach": with_opt(adam, grad_step(clip_nonfinite_foreach)),
@@ -309,9 +353,12 @@ CASES: dict[str, Case] = {
     "uneven_last_micro_batch_mean_over_count": with_opt(adam, uneven_accumulation),
     "batch_size_grows_with_curriculum": curriculum_batch_sizes,
     "manual_update_without_optimizer_step": manual_update,
+    "manual_update_as_sgd_step": with_opt(lambda m: torch.optim.SGD(m.parameters(), lr=0.1)),
     "optimizer_step_twice_per_batch": with_opt(sgd, step_twice),
     "log_batch_twice_per_batch": with_opt(sgd, logged_twice),
     "head_gradient_scaled_by_hand": with_opt(sgd, grad_step(head_gradient_scaled)),
+    "head_in_its_own_group_at_lr_times_0.1": with_opt(lambda m: torch.optim.SGD(
+        [{"params": m[0].parameters()}, {"params": m[2].parameters(), "lr": 0.01}], lr=0.1, momentum=0.9)),
     "other_runs_state_dict_loaded_before_recording": other_run_state_loaded_first,
     "manual_seed_reset_every_step_dropout": with_opt(sgd, seed_reset, build=dropout_mlp),
     "ema_averaged_model_use_buffers_dropout": ema_with_buffers,
@@ -328,4 +375,12 @@ DEFAULT_RULE = ("deep_relu_sgd_momentum_lr2", "relu_cnn_adamax_lr1", "deep_relu_
 #: Cases whose dropout masks the reference replays.
 REFERENCES: dict[str, type] = {"manual_seed_reset_every_step_dropout": ReplayReference,
                                "ema_averaged_model_use_buffers_dropout": ReplayReference}
+
+
+def figures(name: str, model: nn.Module, traj: Any) -> dict[str, Any]:
+    """The figures of case ``name``: :func:`measure` against its reference (:func:`start_state_figures` for the
+    optimizer state loaded before recording)."""
+    if name == "other_runs_state_dict_loaded_before_recording":
+        return start_state_figures(model, traj)
+    return measure(model, traj, REFERENCES.get(name, Reference))
 

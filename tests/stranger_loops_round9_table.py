@@ -12,7 +12,9 @@ tests/replay_reference.py for dropout) and that reference's own largest per-step
 largest update, and the class: ``exact`` (replica <= 1e-6, share <= 1e-9, scores <= 1e-9, reference residual
 <= 1e-12, no warning), ``loud`` (an ExplaindWarning, or an error: its type and the sentences naming cause and fix)
 or ``SILENT``. The ReLU cases show the default replica's error and the default estimator's residual share
-instead (no 8-node reference on kinked paths). The load average is printed first: no figure is a timing.
+instead (no 8-node reference on kinked paths). For the optimizer state loaded before recording the reference
+residual column holds the ``initial_state`` term's error against the reference's carried part (tests/_loops9_kit.py,
+``start_state_figures``). The load average is printed first: no figure is a timing.
 """
 
 from __future__ import annotations
@@ -25,10 +27,8 @@ from typing import Any
 
 import torch
 from _loops8_kit import replica_with_defaults
-from _loops9_kit import CASES, DEFAULT_RULE, REFERENCES
+from _loops9_kit import CASES, DEFAULT_RULE, figures
 from _round4_kit import estimator_warnings
-from _stranger_loops_kit import measure
-from reference import Reference
 
 from explaind.exceptions import ExplaindWarning
 
@@ -62,7 +62,7 @@ def row(name: str) -> str:
             cls = "exact" if got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not got["warnings"] else (
                 "loud: " + got["warnings"][0][:200] if got["warnings"] else "SILENT")
             return f"| {name} (default estimators) | {got['replica']:.1e} | {got['share']:.1e} | | | {cls} |"
-        got = measure(model, traj, REFERENCES.get(name, Reference))
+        got = figures(name, model, traj)
         got["warnings"] = recorded + got["warnings"]  # the recorder's warnings first
     except Exception as exc:  # the table shows what a user sees
         sentences = re.split(r"(?<=[.)])\s+(?=[A-Z])", " ".join(str(exc).split()))
