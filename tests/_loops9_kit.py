@@ -344,6 +344,11 @@ CASES: dict[str, Case] = {
         m.parameters(), lr=0.01, amsgrad=True, maximize=True, weight_decay=0.1)),
     "adagrad_maximize_negated_loss_callable": maximized_with_negated_loss(lambda m: torch.optim.Adagrad(
         m.parameters(), lr=0.1, initial_accumulator_value=0.3, weight_decay=0.01, maximize=True)),
+    "asgd_lambd_t0_weight_decay_step_lr": scheduled_with(
+        lambda m: torch.optim.ASGD(m.parameters(), lr=0.2, lambd=0.1, alpha=0.75, t0=2.0, weight_decay=0.01),
+        lambda o: lr_scheduler.StepLR(o, 1, 0.7)),
+    "asgd_foreach_two_groups": with_opt(two_groups(torch.optim.ASGD, {"lambd": 0.2}, {"lambd": 0.0, "lr": 0.3},
+                                                   lr=0.1, foreach=True, weight_decay=0.02)),
     "adamw_tensor_lr_from_start": with_opt(lambda m: torch.optim.AdamW(m.parameters(), lr=torch.tensor(0.01))),
     # loop structure
     "clip_norm_error_if_nonfinite_foreach": with_opt(adam, grad_step(clip_nonfinite_foreach)),

@@ -43,7 +43,7 @@ def test_unknown_optimizer_lists_adapters_and_how_to_add_one():
         resolve_optimizer_adapter(torch.optim.Adadelta([_param()], lr=0.1))
     msg = str(info.value)
     assert "torch.optim.adadelta.Adadelta" in msg
-    assert re.search(r"Registered adapters: adafactor, adagrad, adam, adamax, adamw, hf_adafactor, nadam, radam, "
+    assert re.search(r"Registered adapters: adafactor, adagrad, adam, adamax, adamw, asgd, hf_adafactor, nadam, radam, "
                      r"rmsprop, sgd \(", msg)
     assert "explaind_optimizer_adapters" in msg and "entry-point" in msg
 

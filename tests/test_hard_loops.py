@@ -279,7 +279,7 @@ def test_optimizers_without_an_adapter_are_refused_with_the_plugin_route(make_op
     opt = make_opt(model.parameters())
     with pytest.raises(UnknownEntryError, match=rf"No optimizer adapter handles torch\.optim\..*{type(opt).__name__}"
                                                 r".*Registered adapters: adafactor, adagrad, adam, adamax, adamw, "
-                                                r"hf_adafactor, nadam, radam, rmsprop, sgd.*"
+                                                r"asgd, hf_adafactor, nadam, radam, rmsprop, sgd.*"
                                                 r"entry-point group"):
         explaind.TrajectoryRecorder(model, opt, loss="cross_entropy")
 

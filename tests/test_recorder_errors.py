@@ -97,7 +97,7 @@ def test_unknown_optimizer_lists_adapters_and_plugin_route():
         explaind.TrajectoryRecorder(model, opt, loss="mse")
     msg = str(info.value)
     assert "No optimizer adapter handles torch.optim.adadelta.Adadelta" in msg
-    assert re.search(r"Registered adapters: adafactor, adagrad, adam, adamax, adamw, hf_adafactor, nadam, radam, "
+    assert re.search(r"Registered adapters: adafactor, adagrad, adam, adamax, adamw, asgd, hf_adafactor, nadam, radam, "
                      r"rmsprop, sgd \(", msg)
     assert "entry-point group" in msg
 

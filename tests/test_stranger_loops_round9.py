@@ -28,6 +28,7 @@ EXACT = [
     "chained_cyclic_momentum_and_exponential", "lambda_lr_one_function_per_group", "cyclic_lr_cycling_nadam_beta1",
     "one_cycle_three_phase_radam", "one_cycle_linear_adamax", "exponential_lr_adagrad_lr_decay",
     "sgd_nesterov_weight_decay_per_group", "nadam_momentum_decay_decoupled_foreach",
+    "asgd_lambd_t0_weight_decay_step_lr", "asgd_foreach_two_groups",
     "adam_amsgrad_maximize_negated_loss_callable", "adagrad_maximize_negated_loss_callable",
     "clip_norm_error_if_nonfinite_foreach", "nan_loss_backwarded_then_skipped", "two_forwards_two_backwards",
     "uneven_last_micro_batch_mean_over_count", "batch_size_grows_with_curriculum", "manual_update_as_sgd_step",

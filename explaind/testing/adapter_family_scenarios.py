@@ -1,6 +1,7 @@
-"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax, Adagrad and Adafactor (docs/optimizers.md).
+"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax, Adagrad, ASGD and Adafactor
+(docs/optimizers.md).
 
-:func:`~explaind.testing.adapters.default_scenarios` takes its runs for these four classes from
+:func:`~explaind.testing.adapters.default_scenarios` takes its runs for these classes from
 :func:`family_options`: every option the adapters model (L2 or decoupled weight decay, momentum
 decay, rectified and never-rectified RAdam steps, Adagrad's ``lr_decay`` and initial accumulator, Adafactor's
 ``beta2_decay``, epsilons and clipping threshold, ``maximize``,
@@ -22,8 +23,8 @@ FamilyOptions = tuple[list[tuple[str, dict[str, Any]]], dict[str, Any], dict[str
 
 
 def family_options(optimizer_class: type) -> FamilyOptions | None:
-    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad`` or ``Adafactor`` (subclasses too),
-    or of transformers' ``Adafactor`` (that class exactly); else ``None``."""
+    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad``, ``ASGD`` or ``Adafactor``
+    (subclasses too), or of transformers' ``Adafactor`` (that class exactly); else ``None``."""
     base = {"lr": 2e-2, "weight_decay": 0.1}
     second = {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}
     decoupled = {"lr": 2e-2, "weight_decay": 0.5, "decoupled_weight_decay": True}
@@ -65,6 +66,16 @@ def family_options(optimizer_class: type) -> FamilyOptions | None:
             ("adagrad_maximize", {**base, "maximize": True}),
             ("adagrad_foreach", {**base, "foreach": True}),
         ], base, {"lr": 2e-2, "weight_decay": 0.0}, "adagrad_"
+    if issubclass(optimizer_class, torch.optim.ASGD):
+        # lambd 0.1 and lr 0.1 make eta decay visibly (0.1 / (1 + 0.01 t)^alpha) and the decay term 1e-2 per step
+        base = {"lr": 0.1, "lambd": 0.1, "weight_decay": 0.05}
+        return [
+            ("asgd_plain", {"lr": 0.1}),
+            ("asgd_decay_alpha_t0", {**base, "alpha": 1.0, "t0": 3.0}),
+            ("asgd_maximize", {**base, "maximize": True}),
+            ("asgd_foreach", {**base, "foreach": True}),
+            ("asgd_foreach_maximize", {**base, "foreach": True, "maximize": True}),
+        ], base, {"lr": 0.03, "lambd": 0.0, "weight_decay": 0.0}, "asgd_"
     if issubclass(optimizer_class, torch.optim.Adafactor):
         # lr caps the relative step size rho_t = min(lr, 1/sqrt(t)); d = 1 clips most early updates (RMS(U) > 1)
         base = {"lr": 5e-2, "weight_decay": 0.1}

@@ -3,8 +3,8 @@
 Registers ``sgd``, ``adam`` and ``adamw`` for :class:`torch.optim.SGD`, :class:`torch.optim.Adam`
 and :class:`torch.optim.AdamW`, ``rmsprop`` and ``adagrad`` for :class:`torch.optim.RMSprop` and
 :class:`torch.optim.Adagrad`, and ``nadam``, ``radam`` and ``adamax`` for :class:`torch.optim.NAdam`,
-:class:`torch.optim.RAdam` and :class:`torch.optim.Adamax` (exact class match). The coefficient table is in
-``docs/optimizers.md``.
+:class:`torch.optim.RAdam` and :class:`torch.optim.Adamax`, and ``asgd`` for :class:`torch.optim.ASGD` (exact class
+match). The coefficient table is in ``docs/optimizers.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .adagrad import AdagradAdapter, AdagradConfig
 from .adam import AdamAdapter, AdamConfig
 from .adamax import AdamaxAdapter, AdamaxConfig
 from .adamw import AdamWAdapter, AdamWConfig
+from .asgd import ASGDAdapter, ASGDConfig
 from .hf_adafactor import HANDLED, HFAdafactorAdapter, HFAdafactorConfig
 from .nadam import NAdamAdapter, NAdamConfig
 from .pure import adam_update_fn, sgd_update_fn
@@ -29,8 +30,9 @@ from .radam import RAdamAdapter, RAdamConfig
 from .rmsprop import RMSpropAdapter, RMSpropConfig
 from .sgd import SGDAdapter, SGDConfig
 
-__all__ = ["AdafactorAdapter", "AdagradAdapter", "AdamAdapter", "AdamWAdapter", "AdamaxAdapter", "HFAdafactorAdapter",
-           "NAdamAdapter", "RAdamAdapter", "RMSpropAdapter", "SGDAdapter", "explaind_optimizer_adapters"]
+__all__ = ["ASGDAdapter", "AdafactorAdapter", "AdagradAdapter", "AdamAdapter", "AdamWAdapter", "AdamaxAdapter",
+           "HFAdafactorAdapter", "NAdamAdapter", "RAdamAdapter", "RMSpropAdapter", "SGDAdapter",
+           "explaind_optimizer_adapters"]
 
 
 @explaind.hookimpl
@@ -103,6 +105,14 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             description="torch.optim.Adamax: infinity-norm denominator as a diagonal P, L2 weight decay, maximize.",
             optimizer_classes=(torch.optim.Adamax,),
             update_fn=adamax_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="asgd",
+            implementation=ASGDAdapter,
+            config=ASGDConfig,
+            description="torch.optim.ASGD: decaying step size eta, decay term lambd, L2 weight decay, maximize "
+            "(explains the iterate, not the average ax).",
+            optimizer_classes=(torch.optim.ASGD,),
         ),
         OptimizerAdapterRecord(
             name="adafactor",

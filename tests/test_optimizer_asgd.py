@@ -1,0 +1,81 @@
+"""The ``asgd`` adapter (plugins/explaind_optimizers/asgd.py): torch.optim.ASGD as a linear recurrence.
+
+The conformance check replays every step of its default ASGD scenarios (decaying step size, ``lambd``, ``t0``,
+``alpha``, L2 weight decay, ``maximize``, the foreach path, two groups, schedules, accumulation, clipping, a
+frozen and a sometimes-unused parameter) in float64 from the real optimizer's updates; the loop cases of
+tests/_loops9_kit.py (``asgd_*``, in tests/test_stranger_loops_round9.py) check replica, residual share and
+``train`` scores against the slow loop reference. Before the adapter every ASGD run was refused
+(``UnknownEntryError``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _loops9_kit import CASES
+from _stranger_loops_kit import data, mlp, train
+from reference import rel_err
+
+import explaind
+from explaind.exceptions import ConfigError
+from explaind.testing import check_optimizer_adapter
+
+
+def test_every_default_scenario_replays_within_1e_12_in_float64():
+    report = check_optimizer_adapter(explaind.get_entry("optimizer_adapter", "asgd"), dtype=torch.float64, tol=1e-12)
+    assert not report.failures(), str(report)
+    assert {"asgd_plain", "asgd_decay_alpha_t0", "asgd_maximize", "asgd_foreach", "asgd_foreach_maximize",
+            "asgd_two_groups", "asgd_step_lr", "asgd_accumulation_3"} <= set(report.residuals)
+
+
+def test_the_first_step_size_is_lr_in_torchs_scalar_dtype():
+    """torch keeps ``eta`` in float32 unless the default dtype is float64: the first step of a float64 model moves by
+    ``float32(lr)``, which the adapter reports (``lr`` itself would leave a residual of about 1e-8 of the step)."""
+    model = mlp()
+    opt = torch.optim.ASGD(model.parameters(), lr=0.1, lambd=0.0)
+    adapter = explaind.get_entry("optimizer_adapter", "asgd").implementation.from_optimizer(opt)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    start = [p.detach().clone() for p in model.parameters()]
+    before = adapter.before_step(opt)
+    opt.step()
+    rates = {u.P for u in adapter.after_step(opt, before).values()}
+    assert rates == {float(torch.tensor(0.1, dtype=torch.float32))} and 0.1 not in rates
+    eta = min(rates)
+    assert all(float((a - p.detach() - eta).abs().max()) <= 1e-15 for a, p in zip(start, model.parameters()))
+    assert all(float((a - p.detach() - 0.1).abs().max()) > 1e-9 for a, p in zip(start, model.parameters()))
+
+
+def test_the_recording_explains_the_iterate_not_the_average_asgd_keeps():
+    """ASGD's ``state["ax"]`` (the average, from step ``t0`` on) is never written into the model: the replica is the
+    trained iterate, within 1e-15, and differs from the average's outputs."""
+    model = mlp()
+    opt = torch.optim.ASGD(model.parameters(), lr=0.2, lambd=0.1, t0=1.0)
+    traj = train(model, opt)
+    _, _, X_test = data()
+    replica = explaind.KernelReplica(quadrature="gauss-legendre", nodes=8, device="cpu").fit(traj).predict(X_test)
+    average = mlp()
+    with torch.no_grad():
+        for p, q in zip(average.parameters(), model.parameters()):
+            p.copy_(opt.state[q]["ax"])
+        truth, averaged = model.eval()(X_test), average.eval()(X_test)
+    assert rel_err(replica, truth) <= 1e-6
+    assert rel_err(averaged, truth) > 1e-3
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"capturable": True}, r"\['capturable'\]=True.*capturable=False"),
+    ({"differentiable": True}, r"\['differentiable'\]=True.*differentiable=False"),
+    ({"lr": torch.tensor(0.01)}, r"\['lr'\]=tensor\(0\.0100\) is a tensor.*Fix: pass lr=float"),
+])
+def test_options_outside_the_recurrence_are_refused_naming_the_fix(options, match):
+    model = mlp()
+    with pytest.raises(ConfigError, match=match):
+        explaind.TrajectoryRecorder(model, torch.optim.ASGD(model.parameters(), **options), loss="cross_entropy")
+
+
+def test_a_loop_case_with_a_schedule_is_exact():
+    """The step size of step ``t`` comes from the previous step's ``lr`` (a StepLR halves it in between): read from
+    the state, as torch applied it (the full figures: tests/test_stranger_loops_round9.py)."""
+    model, traj = CASES["asgd_lambd_t0_weight_decay_step_lr"]()
+    assert traj.n_steps == 6 and traj.audit().max() <= 1e-12
