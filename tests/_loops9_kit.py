@@ -349,6 +349,11 @@ CASES: dict[str, Case] = {
         lambda o: lr_scheduler.StepLR(o, 1, 0.7)),
     "asgd_foreach_two_groups": with_opt(two_groups(torch.optim.ASGD, {"lambd": 0.2}, {"lambd": 0.0, "lr": 0.3},
                                                    lr=0.1, foreach=True, weight_decay=0.02)),
+    "adadelta_rho_weight_decay_cosine_lr": scheduled_with(
+        lambda m: torch.optim.Adadelta(m.parameters(), lr=1.0, rho=0.8, weight_decay=0.05),
+        lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=STEPS)),
+    "adadelta_foreach_maximize_negated_loss_callable": maximized_with_negated_loss(lambda m: torch.optim.Adadelta(
+        m.parameters(), lr=2.0, eps=1e-4, foreach=True, maximize=True)),
     "adamw_tensor_lr_from_start": with_opt(lambda m: torch.optim.AdamW(m.parameters(), lr=torch.tensor(0.01))),
     # loop structure
     "clip_norm_error_if_nonfinite_foreach": with_opt(adam, grad_step(clip_nonfinite_foreach)),

@@ -1,4 +1,4 @@
-"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax, Adagrad, ASGD and Adafactor
+"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax, Adagrad, ASGD, Adadelta and Adafactor
 (docs/optimizers.md).
 
 :func:`~explaind.testing.adapters.default_scenarios` takes its runs for these classes from
@@ -23,8 +23,8 @@ FamilyOptions = tuple[list[tuple[str, dict[str, Any]]], dict[str, Any], dict[str
 
 
 def family_options(optimizer_class: type) -> FamilyOptions | None:
-    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad``, ``ASGD`` or ``Adafactor``
-    (subclasses too), or of transformers' ``Adafactor`` (that class exactly); else ``None``."""
+    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad``, ``ASGD``, ``Adadelta`` or
+    ``Adafactor`` (subclasses too), or of transformers' ``Adafactor`` (that class exactly); else ``None``."""
     base = {"lr": 2e-2, "weight_decay": 0.1}
     second = {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}
     decoupled = {"lr": 2e-2, "weight_decay": 0.5, "decoupled_weight_decay": True}
@@ -76,6 +76,15 @@ def family_options(optimizer_class: type) -> FamilyOptions | None:
             ("asgd_foreach", {**base, "foreach": True}),
             ("asgd_foreach_maximize", {**base, "foreach": True, "maximize": True}),
         ], base, {"lr": 0.03, "lambd": 0.0, "weight_decay": 0.0}, "asgd_"
+    if issubclass(optimizer_class, torch.optim.Adadelta):
+        base = {"lr": 1.0, "weight_decay": 0.1}
+        return [
+            ("adadelta_plain", {"lr": 1.0}),
+            ("adadelta_rho_eps", {**base, "rho": 0.5, "eps": 1e-3}),
+            ("adadelta_maximize", {**base, "maximize": True}),
+            ("adadelta_foreach", {**base, "foreach": True}),
+            ("adadelta_foreach_maximize", {**base, "foreach": True, "maximize": True}),
+        ], base, {"lr": 0.5, "weight_decay": 0.0, "rho": 0.8}, "adadelta_"
     if issubclass(optimizer_class, torch.optim.Adafactor):
         # lr caps the relative step size rho_t = min(lr, 1/sqrt(t)); d = 1 clips most early updates (RMS(U) > 1)
         base = {"lr": 5e-2, "weight_decay": 0.1}

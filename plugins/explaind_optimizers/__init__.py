@@ -3,8 +3,9 @@
 Registers ``sgd``, ``adam`` and ``adamw`` for :class:`torch.optim.SGD`, :class:`torch.optim.Adam`
 and :class:`torch.optim.AdamW`, ``rmsprop`` and ``adagrad`` for :class:`torch.optim.RMSprop` and
 :class:`torch.optim.Adagrad`, and ``nadam``, ``radam`` and ``adamax`` for :class:`torch.optim.NAdam`,
-:class:`torch.optim.RAdam` and :class:`torch.optim.Adamax`, and ``asgd`` for :class:`torch.optim.ASGD` (exact class
-match). The coefficient table is in ``docs/optimizers.md``.
+:class:`torch.optim.RAdam` and :class:`torch.optim.Adamax`, and ``asgd`` and ``adadelta`` for
+:class:`torch.optim.ASGD` and :class:`torch.optim.Adadelta` (exact class match). The coefficient table is in
+``docs/optimizers.md``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import explaind
 from explaind.records import OptimizerAdapterRecord
 
+from .adadelta import AdadeltaAdapter, AdadeltaConfig
 from .adafactor import AdafactorAdapter, AdafactorConfig
 from .adagrad import AdagradAdapter, AdagradConfig
 from .adam import AdamAdapter, AdamConfig
@@ -30,8 +32,8 @@ from .radam import RAdamAdapter, RAdamConfig
 from .rmsprop import RMSpropAdapter, RMSpropConfig
 from .sgd import SGDAdapter, SGDConfig
 
-__all__ = ["ASGDAdapter", "AdafactorAdapter", "AdagradAdapter", "AdamAdapter", "AdamWAdapter", "AdamaxAdapter",
-           "HFAdafactorAdapter", "NAdamAdapter", "RAdamAdapter", "RMSpropAdapter", "SGDAdapter",
+__all__ = ["ASGDAdapter", "AdadeltaAdapter", "AdafactorAdapter", "AdagradAdapter", "AdamAdapter", "AdamWAdapter",
+           "AdamaxAdapter", "HFAdafactorAdapter", "NAdamAdapter", "RAdamAdapter", "RMSpropAdapter", "SGDAdapter",
            "explaind_optimizer_adapters"]
 
 
@@ -105,6 +107,14 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             description="torch.optim.Adamax: infinity-norm denominator as a diagonal P, L2 weight decay, maximize.",
             optimizer_classes=(torch.optim.Adamax,),
             update_fn=adamax_update_fn,
+        ),
+        OptimizerAdapterRecord(
+            name="adadelta",
+            implementation=AdadeltaAdapter,
+            config=AdadeltaConfig,
+            description="torch.optim.Adadelta: running averages of squared gradients and updates as a diagonal P, "
+            "L2 weight decay, maximize.",
+            optimizer_classes=(torch.optim.Adadelta,),
         ),
         OptimizerAdapterRecord(
             name="asgd",

@@ -1,11 +1,11 @@
-"""The ``asgd`` adapter (plugins/explaind_optimizers/asgd.py): torch.optim.ASGD as a linear recurrence.
+"""The ``asgd`` and ``adadelta`` adapters (plugins/explaind_optimizers/asgd.py, adadelta.py) as linear recurrences.
 
-The conformance check replays every step of its default ASGD scenarios (decaying step size, ``lambd``, ``t0``,
-``alpha``, L2 weight decay, ``maximize``, the foreach path, two groups, schedules, accumulation, clipping, a
-frozen and a sometimes-unused parameter) in float64 from the real optimizer's updates; the loop cases of
-tests/_loops9_kit.py (``asgd_*``, in tests/test_stranger_loops_round9.py) check replica, residual share and
-``train`` scores against the slow loop reference. Before the adapter every ASGD run was refused
-(``UnknownEntryError``).
+The conformance check replays every step of their default scenarios (ASGD: decaying step size, ``lambd``, ``t0``,
+``alpha``; Adadelta: ``rho``, ``eps``; both: L2 weight decay, ``maximize``, the foreach path, two groups, schedules,
+accumulation, clipping, a frozen and a sometimes-unused parameter) in float64 from the real optimizer's updates; the
+loop cases of tests/_loops9_kit.py (``asgd_*``, ``adadelta_*``, in tests/test_stranger_loops_round9.py) check
+replica, residual share and ``train`` scores against the slow loop reference. Before the adapters every ASGD and
+Adadelta run was refused (``UnknownEntryError``).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from explaind.exceptions import ConfigError
 from explaind.testing import check_optimizer_adapter
 
 
-def test_every_default_scenario_replays_within_1e_12_in_float64():
-    report = check_optimizer_adapter(explaind.get_entry("optimizer_adapter", "asgd"), dtype=torch.float64, tol=1e-12)
+@pytest.mark.parametrize(("name", "own"), [("asgd", ("decay_alpha_t0",)), ("adadelta", ("rho_eps",))])
+def test_every_default_scenario_replays_within_1e_12_in_float64(name, own):
+    report = check_optimizer_adapter(explaind.get_entry("optimizer_adapter", name), dtype=torch.float64, tol=1e-12)
     assert not report.failures(), str(report)
-    assert {"asgd_plain", "asgd_decay_alpha_t0", "asgd_maximize", "asgd_foreach", "asgd_foreach_maximize",
-            "asgd_two_groups", "asgd_step_lr", "asgd_accumulation_3"} <= set(report.residuals)
+    runs = ("plain", *own, "maximize", "foreach", "foreach_maximize", "two_groups", "step_lr", "accumulation_3")
+    assert {f"{name}_{run}" for run in runs} <= set(report.residuals)
 
 
 def test_the_first_step_size_is_lr_in_torchs_scalar_dtype():
@@ -63,19 +64,22 @@ def test_the_recording_explains_the_iterate_not_the_average_asgd_keeps():
     assert rel_err(averaged, truth) > 1e-3
 
 
+@pytest.mark.parametrize("cls", [torch.optim.ASGD, torch.optim.Adadelta])
 @pytest.mark.parametrize(("options", "match"), [
     ({"capturable": True}, r"\['capturable'\]=True.*capturable=False"),
     ({"differentiable": True}, r"\['differentiable'\]=True.*differentiable=False"),
     ({"lr": torch.tensor(0.01)}, r"\['lr'\]=tensor\(0\.0100\) is a tensor.*Fix: pass lr=float"),
 ])
-def test_options_outside_the_recurrence_are_refused_naming_the_fix(options, match):
+def test_options_outside_the_recurrence_are_refused_naming_the_fix(cls, options, match):
     model = mlp()
     with pytest.raises(ConfigError, match=match):
-        explaind.TrajectoryRecorder(model, torch.optim.ASGD(model.parameters(), **options), loss="cross_entropy")
+        explaind.TrajectoryRecorder(model, cls(model.parameters(), **options), loss="cross_entropy")
 
 
-def test_a_loop_case_with_a_schedule_is_exact():
-    """The step size of step ``t`` comes from the previous step's ``lr`` (a StepLR halves it in between): read from
-    the state, as torch applied it (the full figures: tests/test_stranger_loops_round9.py)."""
-    model, traj = CASES["asgd_lambd_t0_weight_decay_step_lr"]()
+@pytest.mark.parametrize("case", ["asgd_lambd_t0_weight_decay_step_lr", "adadelta_rho_weight_decay_cosine_lr"])
+def test_a_loop_case_with_a_schedule_audits_to_round_off(case):
+    """ASGD's step size of step ``t`` comes from the previous step's ``lr`` (a StepLR changes it in between), read
+    from the state as torch applied it; Adadelta's ``acc_delta`` is read before the step overwrites it (the full
+    figures: tests/test_stranger_loops_round9.py)."""
+    model, traj = CASES[case]()
     assert traj.n_steps == 6 and traj.audit().max() <= 1e-12
