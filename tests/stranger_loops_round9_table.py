@@ -4,6 +4,7 @@ habits".
 Run from the repository root (not collected by pytest)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_loops_round9_table.py [NAME ...]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_loops_round9_table.py --adapters
 
 Each row records a case of tests/_loops9_kit.py (float64, 6 steps of 6 samples of a small tanh model unless the
 case names another) and prints the replica's relative error against the trained model in evaluation mode, the
@@ -14,7 +15,9 @@ largest update, and the class: ``exact`` (replica <= 1e-6, share <= 1e-9, scores
 or ``SILENT``. The ReLU cases show the default replica's error and the default estimator's residual share
 instead (no 8-node reference on kinked paths). For the optimizer state loaded before recording the reference
 residual column holds the ``initial_state`` term's error against the reference's carried part (tests/_loops9_kit.py,
-``start_state_figures``). The load average is printed first: no figure is a timing.
+``start_state_figures``). ``--adapters`` prints instead the conformance check's largest per-step residual of every
+default scenario of the ``asgd`` and ``adadelta`` adapters in float64 and float32. The load average is printed
+first: no figure is a timing.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from _loops8_kit import replica_with_defaults
 from _loops9_kit import CASES, DEFAULT_RULE, figures
 from _round4_kit import estimator_warnings
 
+import explaind
 from explaind.exceptions import ExplaindWarning
+from explaind.testing import check_optimizer_adapter
 
 
 def classify(got: dict[str, Any]) -> str:
@@ -75,13 +80,27 @@ def row(name: str) -> str:
             f"{got['reference_residual']:.1e} | {classify(got)} |")
 
 
+def adapter_rows(names: tuple[str, ...] = ("asgd", "adadelta")) -> None:
+    """The conformance check's maximum residual per default scenario of each adapter in ``names``, in float64 and
+    float32 (docs/optimizers.md, "How exact is it?")."""
+    for name in names:
+        record = explaind.get_entry("optimizer_adapter", name)
+        runs = {dt: check_optimizer_adapter(record, dtype=dt, tol=1.0).max_residual
+                for dt in (torch.float64, torch.float32)}
+        for scenario, value in runs[torch.float64].items():
+            print(f"| `{scenario}` | {value:.1e} | {runs[torch.float32][scenario]:.1e} |", flush=True)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
-    print("| case | replica | residual share | scores vs reference | reference residual | class |")
-    print("|---|---|---|---|---|---|")
-    for name in sys.argv[1:] or CASES:
-        print(row(name), flush=True)
+    if "--adapters" in sys.argv:
+        adapter_rows()
+    else:
+        print("| case | replica | residual share | scores vs reference | reference residual | class |")
+        print("|---|---|---|---|---|---|")
+        for name in sys.argv[1:] or CASES:
+            print(row(name), flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 
