@@ -16,7 +16,8 @@ or ``SILENT``. The ReLU cases show the default replica's error and the default e
 instead (no 8-node reference on kinked paths). For the optimizer state loaded before recording the reference
 residual column holds the ``initial_state`` term's error against the reference's carried part (tests/_loops9_kit.py,
 ``start_state_figures``). ``--adapters`` prints instead the conformance check's largest per-step residual of every
-default scenario of the ``asgd`` and ``adadelta`` adapters in float64 and float32. The load average is printed
+default scenario of the ``asgd`` and ``adadelta`` adapters in float64 and float32, and the largest residual of
+their start-state check. The load average is printed
 first: no figure is a timing.
 """
 
@@ -35,7 +36,7 @@ from _round4_kit import estimator_warnings
 
 import explaind
 from explaind.exceptions import ExplaindWarning
-from explaind.testing import check_optimizer_adapter
+from explaind.testing import check_adapter_start_state, check_optimizer_adapter
 
 
 def classify(got: dict[str, Any]) -> str:
@@ -64,8 +65,10 @@ def row(name: str) -> str:
                 recorded = [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
         if name in DEFAULT_RULE:
             got = default_rule(model, traj, recorded)
+            missed = [w for w in got["warnings"] if "the replica misses" in w]  # the replica's own warning first
+            shown = (missed or got["warnings"] or [""])[0]
             cls = "exact" if got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not got["warnings"] else (
-                "loud: " + got["warnings"][0][:200] if got["warnings"] else "SILENT")
+                "loud: " + shown[:400] if got["warnings"] else "SILENT")
             return f"| {name} (default estimators) | {got['replica']:.1e} | {got['share']:.1e} | | | {cls} |"
         got = figures(name, model, traj)
         got["warnings"] = recorded + got["warnings"]  # the recorder's warnings first
@@ -89,6 +92,8 @@ def adapter_rows(names: tuple[str, ...] = ("asgd", "adadelta")) -> None:
                 for dt in (torch.float64, torch.float32)}
         for scenario, value in runs[torch.float64].items():
             print(f"| `{scenario}` | {value:.1e} | {runs[torch.float32][scenario]:.1e} |", flush=True)
+        start = max(check_adapter_start_state(record).values())
+        print(f"{name}: largest residual of check_adapter_start_state (float64) {start:.1e}", flush=True)
 
 
 def main() -> None:

@@ -105,8 +105,8 @@ def test_an_update_by_hand_without_optimizer_step_is_warned_naming_it_and_the_sg
 
 def test_untuned_relu_runs_are_exact_with_the_default_estimators_or_warned_naming_the_divergence():
     """Deep ReLU MLP with SGD momentum at lr 2 and a ReLU CNN with Adamax at lr 1: the default replica within 1e-6
-    (about 2e-8) and the residual share 1e-9 without a warning. NAdam at lr 3 diverges (outputs up to 1.8e5 at step
-    1): the replica misses the model by 2.6 and says so, naming the oscillation and the window after it."""
+    (about 2e-8) and the residual share 1e-9 without a warning. NAdam at lr 3 diverges: the replica misses the model
+    by 2.6 and says so, naming the oscillation and the window after it."""
     for case in ("deep_relu_sgd_momentum_lr2", "relu_cnn_adamax_lr1"):
         model, traj = CASES[case]()
         got = replica_with_defaults(model, traj)
