@@ -1,5 +1,5 @@
-"""Print the table of docs/guide_own_model.md, "Round 9: schedulers that edit momentum, optimizer options, loop
-habits".
+"""Print the table of docs/guide_own_model.md,
+"Round 9: schedulers that edit momentum, optimizer options, loop habits".
 
 Run from the repository root (not collected by pytest)::
 
