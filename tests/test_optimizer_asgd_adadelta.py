@@ -10,6 +10,7 @@ Adadelta run was refused (``UnknownEntryError``).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _loops9_kit import CASES
@@ -83,3 +84,45 @@ def test_a_loop_case_with_a_schedule_audits_to_round_off(case):
     figures: tests/test_stranger_loops_round9.py)."""
     model, traj = CASES[case]()
     assert traj.n_steps == 6 and traj.audit().max() <= 1e-12
+
+
+def _record(make_opt, store, k):
+    """9 steps of 6 samples of the kit's MLP with ``make_opt``'s optimizer and a StepLR, into ``store``."""
+    X, y, _ = data()
+    model = mlp()
+    opt = make_opt(model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=store,
+                                      checkpoint_every=k)
+    with rec:
+        for s in range(9):
+            idx = torch.randperm(len(X), generator=torch.Generator().manual_seed(40 + s))[:6]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+            sched.step()
+    return rec.trajectory
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda m: torch.optim.ASGD(m.parameters(), lr=0.1, lambd=0.05, t0=3.0, weight_decay=0.01),
+    lambda m: torch.optim.Adadelta(m.parameters(), lr=1.0, rho=0.8, weight_decay=0.05),
+], ids=["asgd", "adadelta"])
+def test_a_sparse_store_replays_the_steps_between_checkpoints(tmp_path, make_opt):
+    """``checkpoint_every=3``: the steps between checkpoints are replayed from the stored optimizer state (ASGD's
+    ``eta``, ``mu``, ``ax``; Adadelta's two running means) and match the dense store's parameters and ``P``."""
+    dense = _record(make_opt, tmp_path / "dense", 1)
+    sparse = _record(make_opt, tmp_path / "sparse", 3)
+    assert sparse.sparse and sparse.n_steps == dense.n_steps == 9
+    for s in range(10):
+        for n in dense.param_names:
+            assert rel_err(sparse.params(s)[n], dense.params(s)[n]) <= 1e-12, (s, n)
+    for s in range(9):
+        for n, u in dense.updates(s).items():
+            v = sparse.updates(s)[n]
+            assert (v.lambda_c, v.lambda_d) == (u.lambda_c, u.lambda_d)
+            assert rel_err(torch.as_tensor(v.P), torch.as_tensor(u.P)) <= 1e-12, (s, n)
+    gaps = sparse.replay_error()
+    assert (gaps[~np.isnan(gaps)] <= 1e-12).all() and (~np.isnan(gaps)).any()
+    sparse.verify()
