@@ -354,6 +354,10 @@ CASES: dict[str, Case] = {
         lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=STEPS)),
     "adadelta_foreach_maximize_negated_loss_callable": maximized_with_negated_loss(lambda m: torch.optim.Adadelta(
         m.parameters(), lr=2.0, eps=1e-4, foreach=True, maximize=True)),
+    "rprop_etas_step_sizes_two_groups": with_opt(two_groups(torch.optim.Rprop, {"etas": (0.3, 1.5)},
+                                                            {"lr": 0.05, "step_sizes": (1e-3, 0.02)}, lr=0.02)),
+    "rprop_foreach_maximize_negated_loss_callable": maximized_with_negated_loss(lambda m: torch.optim.Rprop(
+        m.parameters(), lr=0.05, foreach=True, maximize=True)),
     "adamw_tensor_lr_from_start": with_opt(lambda m: torch.optim.AdamW(m.parameters(), lr=torch.tensor(0.01))),
     # loop structure
     "clip_norm_error_if_nonfinite_foreach": with_opt(adam, grad_step(clip_nonfinite_foreach)),

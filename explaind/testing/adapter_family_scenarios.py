@@ -1,5 +1,5 @@
-"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax, Adagrad, ASGD, Adadelta and Adafactor
-(docs/optimizers.md).
+"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax, Adagrad, ASGD, Adadelta, Rprop and
+Adafactor (docs/optimizers.md).
 
 :func:`~explaind.testing.adapters.default_scenarios` takes its runs for these classes from
 :func:`family_options`: every option the adapters model (L2 or decoupled weight decay, momentum
@@ -23,8 +23,8 @@ FamilyOptions = tuple[list[tuple[str, dict[str, Any]]], dict[str, Any], dict[str
 
 
 def family_options(optimizer_class: type) -> FamilyOptions | None:
-    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad``, ``ASGD``, ``Adadelta`` or
-    ``Adafactor`` (subclasses too), or of transformers' ``Adafactor`` (that class exactly); else ``None``."""
+    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad``, ``ASGD``, ``Adadelta``, ``Rprop``
+    or ``Adafactor`` (subclasses too), or of transformers' ``Adafactor`` (that class exactly); else ``None``."""
     base = {"lr": 2e-2, "weight_decay": 0.1}
     second = {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}
     decoupled = {"lr": 2e-2, "weight_decay": 0.5, "decoupled_weight_decay": True}
@@ -85,6 +85,17 @@ def family_options(optimizer_class: type) -> FamilyOptions | None:
             ("adadelta_foreach", {**base, "foreach": True}),
             ("adadelta_foreach_maximize", {**base, "foreach": True, "maximize": True}),
         ], base, {"lr": 0.5, "weight_decay": 0.0, "rho": 0.8}, "adadelta_"
+    if issubclass(optimizer_class, torch.optim.Rprop):
+        # step sizes start at lr and grow by etaplus while a sign holds: lr 0.01 keeps |Delta theta| / |theta| near
+        # 1e-2, far above the rounding floor; etas (0.3, 1.5) and a cap of 0.03 make sign flips and clamping common
+        base = {"lr": 1e-2, "etas": (0.3, 1.5), "step_sizes": (1e-4, 0.03)}
+        return [
+            ("rprop_plain", {"lr": 1e-2}),
+            ("rprop_etas_step_sizes", base),
+            ("rprop_maximize", {**base, "maximize": True}),
+            ("rprop_foreach", {**base, "foreach": True}),
+            ("rprop_foreach_maximize", {**base, "foreach": True, "maximize": True}),
+        ], base, {"lr": 3e-3, "etas": (0.5, 1.2)}, "rprop_"
     if issubclass(optimizer_class, torch.optim.Adafactor):
         # lr caps the relative step size rho_t = min(lr, 1/sqrt(t)); d = 1 clips most early updates (RMS(U) > 1)
         base = {"lr": 5e-2, "weight_decay": 0.1}

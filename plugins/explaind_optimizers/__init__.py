@@ -3,9 +3,9 @@
 Registers ``sgd``, ``adam`` and ``adamw`` for :class:`torch.optim.SGD`, :class:`torch.optim.Adam`
 and :class:`torch.optim.AdamW`, ``rmsprop`` and ``adagrad`` for :class:`torch.optim.RMSprop` and
 :class:`torch.optim.Adagrad`, and ``nadam``, ``radam`` and ``adamax`` for :class:`torch.optim.NAdam`,
-:class:`torch.optim.RAdam` and :class:`torch.optim.Adamax`, and ``asgd`` and ``adadelta`` for
-:class:`torch.optim.ASGD` and :class:`torch.optim.Adadelta` (exact class match). The coefficient table is in
-``docs/optimizers.md``.
+:class:`torch.optim.RAdam` and :class:`torch.optim.Adamax`, and ``asgd``, ``adadelta`` and ``rprop`` for
+:class:`torch.optim.ASGD`, :class:`torch.optim.Adadelta` and :class:`torch.optim.Rprop` (exact class match). The
+coefficient table is in ``docs/optimizers.md``.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from .pure_adam_family import adamax_update_fn, nadam_update_fn, radam_update_fn
 from .pure_more import adagrad_update_fn, rmsprop_update_fn
 from .radam import RAdamAdapter, RAdamConfig
 from .rmsprop import RMSpropAdapter, RMSpropConfig
+from .rprop import RpropAdapter, RpropConfig
 from .sgd import SGDAdapter, SGDConfig
 
 __all__ = ["ASGDAdapter", "AdadeltaAdapter", "AdafactorAdapter", "AdagradAdapter", "AdamAdapter", "AdamWAdapter",
-           "AdamaxAdapter", "HFAdafactorAdapter", "NAdamAdapter", "RAdamAdapter", "RMSpropAdapter", "SGDAdapter",
-           "explaind_optimizer_adapters"]
+           "AdamaxAdapter", "HFAdafactorAdapter", "NAdamAdapter", "RAdamAdapter", "RMSpropAdapter", "RpropAdapter",
+           "SGDAdapter", "explaind_optimizer_adapters"]
 
 
 @explaind.hookimpl
@@ -115,6 +116,14 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             description="torch.optim.Adadelta: running averages of squared gradients and updates as a diagonal P, "
             "L2 weight decay, maximize.",
             optimizer_classes=(torch.optim.Adadelta,),
+        ),
+        OptimizerAdapterRecord(
+            name="rprop",
+            implementation=RpropAdapter,
+            config=RpropConfig,
+            description="torch.optim.Rprop: per-entry step sizes moved by sign, as the diagonal P = step_size / |g| "
+            "(0 where the sign flipped), maximize.",
+            optimizer_classes=(torch.optim.Rprop,),
         ),
         OptimizerAdapterRecord(
             name="asgd",

@@ -1,11 +1,12 @@
-"""The ``asgd`` and ``adadelta`` adapters (plugins/explaind_optimizers/asgd.py, adadelta.py) as linear recurrences.
+"""The ``asgd``, ``adadelta`` and ``rprop`` adapters (plugins/explaind_optimizers/asgd.py, adadelta.py, rprop.py).
 
 The conformance check replays every step of their default scenarios (ASGD: decaying step size, ``lambd``, ``t0``,
-``alpha``; Adadelta: ``rho``, ``eps``; both: L2 weight decay, ``maximize``, the foreach path, two groups, schedules,
-accumulation, clipping, a frozen and a sometimes-unused parameter) in float64 from the real optimizer's updates; the
-loop cases of tests/_loops9_kit.py (``asgd_*``, ``adadelta_*``, in tests/test_stranger_loops_round9.py) check
-replica, residual share and ``train`` scores against the slow loop reference. Before the adapters every ASGD and
-Adadelta run was refused (``UnknownEntryError``).
+``alpha``, L2 weight decay; Adadelta: ``rho``, ``eps``, L2 weight decay; Rprop: ``etas``, ``step_sizes``; all:
+``maximize``, the foreach path, two groups, schedules, accumulation, clipping, a frozen and a sometimes-unused
+parameter) in float64 from the real optimizer's updates; the loop cases of tests/_loops9_kit.py (``asgd_*``,
+``adadelta_*``, ``rprop_*``, in tests/test_stranger_loops_round9.py) check replica, residual share and ``train``
+scores against the slow loop reference. Before the adapters every ASGD, Adadelta and Rprop run was refused
+(``UnknownEntryError``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from explaind.exceptions import ConfigError
 from explaind.testing import check_optimizer_adapter
 
 
-@pytest.mark.parametrize(("name", "own"), [("asgd", ("decay_alpha_t0",)), ("adadelta", ("rho_eps",))])
+@pytest.mark.parametrize(("name", "own"), [("asgd", ("decay_alpha_t0",)), ("adadelta", ("rho_eps",)),
+                                           ("rprop", ("etas_step_sizes",))])
 def test_every_default_scenario_replays_within_1e_12_in_float64(name, own):
     report = check_optimizer_adapter(explaind.get_entry("optimizer_adapter", name), dtype=torch.float64, tol=1e-12)
     assert not report.failures(), str(report)
@@ -65,7 +67,7 @@ def test_the_recording_explains_the_iterate_not_the_average_asgd_keeps():
     assert rel_err(averaged, truth) > 1e-3
 
 
-@pytest.mark.parametrize("cls", [torch.optim.ASGD, torch.optim.Adadelta])
+@pytest.mark.parametrize("cls", [torch.optim.ASGD, torch.optim.Adadelta, torch.optim.Rprop])
 @pytest.mark.parametrize(("options", "match"), [
     ({"capturable": True}, r"\['capturable'\]=True.*capturable=False"),
     ({"differentiable": True}, r"\['differentiable'\]=True.*differentiable=False"),
@@ -108,10 +110,12 @@ def _record(make_opt, store, k):
 @pytest.mark.parametrize("make_opt", [
     lambda m: torch.optim.ASGD(m.parameters(), lr=0.1, lambd=0.05, t0=3.0, weight_decay=0.01),
     lambda m: torch.optim.Adadelta(m.parameters(), lr=1.0, rho=0.8, weight_decay=0.05),
-], ids=["asgd", "adadelta"])
+    lambda m: torch.optim.Rprop(m.parameters(), lr=0.02, etas=(0.3, 1.5)),
+], ids=["asgd", "adadelta", "rprop"])
 def test_a_sparse_store_replays_the_steps_between_checkpoints(tmp_path, make_opt):
     """``checkpoint_every=3``: the steps between checkpoints are replayed from the stored optimizer state (ASGD's
-    ``eta``, ``mu``, ``ax``; Adadelta's two running means) and match the dense store's parameters and ``P``."""
+    ``eta``, ``mu``, ``ax``; Adadelta's two running means; Rprop's step sizes and previous gradients) and match the
+    dense store's parameters and ``P``."""
     dense = _record(make_opt, tmp_path / "dense", 1)
     sparse = _record(make_opt, tmp_path / "sparse", 3)
     assert sparse.sparse and sparse.n_steps == dense.n_steps == 9
@@ -126,3 +130,13 @@ def test_a_sparse_store_replays_the_steps_between_checkpoints(tmp_path, make_opt
     gaps = sparse.replay_error()
     assert (gaps[~np.isnan(gaps)] <= 1e-12).all() and (~np.isnan(gaps)).any()
     sparse.verify()
+
+
+def test_rprop_entries_whose_sign_flipped_do_not_move_and_get_p_zero():
+    """Rprop leaves an entry whose gradient changed sign where it is (``P = 0`` there) and moves the others by their
+    step size, clamped to ``step_sizes``: the loop case holds both kinds of entry, and its audit is round-off."""
+    model, traj = CASES["rprop_etas_step_sizes_two_groups"]()
+    zeros = sum(int((u.P == 0).sum()) for s in range(1, traj.n_steps) for u in traj.updates(s).values())
+    moved = sum(int((u.P != 0).sum()) for s in range(traj.n_steps) for u in traj.updates(s).values())
+    assert zeros > 0 and moved > zeros
+    assert traj.audit().max() <= 1e-12
