@@ -16,9 +16,8 @@ or ``SILENT``. The ReLU cases show the default replica's error and the default e
 instead (no 8-node reference on kinked paths). For the optimizer state loaded before recording the reference
 residual column holds the ``initial_state`` term's error against the reference's carried part (tests/_loops9_kit.py,
 ``start_state_figures``). ``--adapters`` prints instead the conformance check's largest per-step residual of every
-default scenario of the ``asgd`` and ``adadelta`` adapters in float64 and float32, and the largest residual of
-their start-state check. The load average is printed
-first: no figure is a timing.
+default scenario of the ``asgd``, ``adadelta`` and ``rprop`` adapters in float64 and float32, and the largest
+residual of their start-state check. The load average is printed first: no figure is a timing.
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ def row(name: str) -> str:
             f"{got['reference_residual']:.1e} | {classify(got)} |")
 
 
-def adapter_rows(names: tuple[str, ...] = ("asgd", "adadelta")) -> None:
+def adapter_rows(names: tuple[str, ...] = ("asgd", "adadelta", "rprop")) -> None:
     """The conformance check's maximum residual per default scenario of each adapter in ``names``, in float64 and
     float32 (docs/optimizers.md, "How exact is it?")."""
     for name in names:
