@@ -22,7 +22,7 @@ Both running averages are recorded coefficients, not decomposed, as Adam's secon
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -30,33 +30,12 @@ from pydantic import Field
 from explaind.config import StrictModel
 from explaind.recurrence import LinearUpdate
 
-from ._common import (
-    DIFFERENTIABLE_RULE,
-    GroupSnapshot,
-    OptionRule,
-    as_used,
-    check_amp_scaling,
-    checked_config,
-    collect_group_problems,
-    raise_problems,
-    snapshot_groups,
-    sparse_problems,
-)
+from ._common import GroupSnapshot, as_used
+from ._no_buffer import NoBufferAdapter
 
 __all__ = ["AdadeltaAdapter", "AdadeltaConfig", "AdadeltaGroupConfig"]
 
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-
-_RULES = (
-    DIFFERENTIABLE_RULE,
-    OptionRule(
-        key="capturable",
-        allowed=(False,),
-        reason="the capturable path is for CUDA graphs, which cannot record per-step coefficients",
-        fix="build the optimizer with capturable=False",
-    ),
-)
-_FLOAT_KEYS = ("lr", "rho", "eps", "weight_decay")
 
 
 class AdadeltaGroupConfig(StrictModel):
@@ -83,50 +62,21 @@ class _AdadeltaBefore:
     numerators: dict[int, torch.Tensor]  # id(param) -> sqrt(acc_delta + eps) before the step
 
 
-class AdadeltaAdapter:
+class AdadeltaAdapter(NoBufferAdapter):
     """Express every :class:`torch.optim.Adadelta` step as a :class:`~explaind.recurrence.LinearUpdate`."""
 
     name = "adadelta"
-    optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adadelta
+    optimizer_class = torch.optim.Adadelta
     #: ``after_step``'s ``P`` is a new tensor each step, never touched again: the recorder keeps it without a copy.
     fresh_tensors: bool = True
-    config_model: type[AdadeltaConfig] = AdadeltaConfig
-    group_model: type[AdadeltaGroupConfig] = AdadeltaGroupConfig
-
-    def __init__(self, config: AdadeltaConfig):
-        self._config = config
-
-    @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> AdadeltaAdapter:
-        """Validate ``optimizer`` and snapshot its hyperparameters.
-
-        Raises
-        ------
-        explaind.exceptions.ConfigError
-            Listing every option the recurrence cannot express (``differentiable=True``, ``capturable=True``,
-            tensor hyperparameters, complex parameters, a different class).
-        """
-        return cls(checked_config(cls, optimizer, _RULES, _FLOAT_KEYS, "Adadelta averages real and imaginary "
-                                  "parts separately"))
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The hyperparameters at construction, as JSON-ready data validated by :class:`AdadeltaConfig`."""
-        return self._config.model_dump(mode="json")
-
-    def start_state(self, optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
-        r"""No start buffer: Adadelta has no momentum (``a = 0``), so :math:`m_{-1}` never enters an update.
-
-        Its running averages are read from the live state at each step (docs/maths.md §4, "Optimizer state at
-        the start").
-        """
-        return {}
+    config_model = AdadeltaConfig
+    group_model = AdadeltaGroupConfig
+    float_keys = ("lr", "rho", "eps", "weight_decay")
+    complex_why = "Adadelta averages real and imaginary parts separately"
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> _AdadeltaBefore:
         """Snapshot the group hyperparameters and ``sqrt(acc_delta + eps)`` of each stepped parameter."""
-        check_amp_scaling(self.name, optimizer)
-        raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
-                       + sparse_problems(optimizer))
-        groups = snapshot_groups(optimizer)
+        groups = self.checked_groups(optimizer)
         numerators = {}
         for snap in groups:
             eps = float(snap.values["eps"])

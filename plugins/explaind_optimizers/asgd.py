@@ -25,7 +25,7 @@ the average (evaluate the average as another model).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -33,34 +33,13 @@ from pydantic import Field
 from explaind.config import StrictModel
 from explaind.recurrence import LinearUpdate
 
-from ._common import (
-    DIFFERENTIABLE_RULE,
-    GroupSnapshot,
-    OptionRule,
-    as_used,
-    check_amp_scaling,
-    checked_config,
-    collect_group_problems,
-    raise_problems,
-    snapshot_groups,
-    sparse_problems,
-)
+from ._adam_family import uses_foreach
+from ._common import GroupSnapshot, as_used
+from ._no_buffer import NoBufferAdapter
 
 __all__ = ["ASGDAdapter", "ASGDConfig", "ASGDGroupConfig"]
 
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-
-_RULES = (
-    DIFFERENTIABLE_RULE,
-    OptionRule(
-        key="capturable",
-        allowed=(False,),
-        reason="the capturable path multiplies by the step size as a device tensor, for CUDA graphs, which cannot "
-        "record per-step coefficients",
-        fix="build the optimizer with capturable=False",
-    ),
-)
-_FLOAT_KEYS = ("lr", "lambd", "alpha", "t0", "weight_decay")
 
 
 class ASGDGroupConfig(StrictModel):
@@ -102,48 +81,19 @@ class _ASGDBefore:
     etas: dict[int, float]  # id(param) -> the eta of this step
 
 
-class ASGDAdapter:
+class ASGDAdapter(NoBufferAdapter):
     """Express every :class:`torch.optim.ASGD` step as a :class:`~explaind.recurrence.LinearUpdate`."""
 
     name = "asgd"
-    optimizer_class: type[torch.optim.Optimizer] = torch.optim.ASGD
-    config_model: type[ASGDConfig] = ASGDConfig
-    group_model: type[ASGDGroupConfig] = ASGDGroupConfig
-
-    def __init__(self, config: ASGDConfig):
-        self._config = config
-
-    @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> ASGDAdapter:
-        """Validate ``optimizer`` and snapshot its hyperparameters.
-
-        Raises
-        ------
-        explaind.exceptions.ConfigError
-            Listing every option the recurrence cannot express (``differentiable=True``, ``capturable=True``,
-            tensor hyperparameters, complex parameters, a different class).
-        """
-        return cls(checked_config(cls, optimizer, _RULES, _FLOAT_KEYS, "ASGD updates real and imaginary parts "
-                                  "as separate real numbers"))
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The hyperparameters at construction, as JSON-ready data validated by :class:`ASGDConfig`."""
-        return self._config.model_dump(mode="json")
-
-    def start_state(self, optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
-        r"""No start buffer: ASGD has no momentum (``a = 0``), so :math:`m_{-1}` never enters an update.
-
-        A held state (a restored checkpoint) carries only :math:`\eta`, the step count and the average, read from
-        the live state at each step (docs/maths.md §4, "Optimizer state at the start").
-        """
-        return {}
+    optimizer_class = torch.optim.ASGD
+    config_model = ASGDConfig
+    group_model = ASGDGroupConfig
+    float_keys = ("lr", "lambd", "alpha", "t0", "weight_decay")
+    complex_why = "ASGD updates real and imaginary parts as separate real numbers"
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> _ASGDBefore:
         """Snapshot the group hyperparameters and each stepped parameter's :math:`\\eta` (changed by the step)."""
-        check_amp_scaling(self.name, optimizer)
-        raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
-                       + sparse_problems(optimizer))
-        groups = snapshot_groups(optimizer)
+        groups = self.checked_groups(optimizer)
         etas = {id(p): step_size(optimizer, p, float(snap.values["lr"])) for snap in groups for p in snap.with_grad}
         return _ASGDBefore(groups=groups, etas=etas)
 
@@ -154,8 +104,7 @@ class ASGDAdapter:
             v = snap.values
             sign = -1.0 if v.get("maximize", False) else 1.0
             lambd, wd = float(v["lambd"]), float(v["weight_decay"])
-            foreach = bool(v.get("foreach")) or (v.get("foreach") is None and bool(snap.with_grad) and all(
-                p.device.type in ("cuda", "xpu") for p in snap.with_grad))
+            foreach = uses_foreach(v, snap.with_grad)
             for p in snap.with_grad:
                 dt = p.dtype
                 eta = before.etas[id(p)]

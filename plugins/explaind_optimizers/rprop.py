@@ -24,7 +24,7 @@ sizes at a parameter's first step (a scheduler changing it later changes nothing
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -32,32 +32,12 @@ from pydantic import Field
 from explaind.config import StrictModel
 from explaind.recurrence import LinearUpdate
 
-from ._common import (
-    DIFFERENTIABLE_RULE,
-    GroupSnapshot,
-    OptionRule,
-    check_amp_scaling,
-    checked_config,
-    collect_group_problems,
-    raise_problems,
-    snapshot_groups,
-    sparse_problems,
-)
+from ._common import GroupSnapshot
+from ._no_buffer import NoBufferAdapter
 
 __all__ = ["RpropAdapter", "RpropConfig", "RpropGroupConfig", "rprop_preconditioner"]
 
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-
-_RULES = (
-    DIFFERENTIABLE_RULE,
-    OptionRule(
-        key="capturable",
-        allowed=(False,),
-        reason="the capturable path is for CUDA graphs, which cannot record per-step coefficients",
-        fix="build the optimizer with capturable=False",
-    ),
-)
-_FLOAT_KEYS = ("lr", "etas", "step_sizes")
 
 
 class RpropGroupConfig(StrictModel):
@@ -90,50 +70,21 @@ class _RpropBefore:
     groups: list[GroupSnapshot]
 
 
-class RpropAdapter:
+class RpropAdapter(NoBufferAdapter):
     """Express every :class:`torch.optim.Rprop` step as a :class:`~explaind.recurrence.LinearUpdate`."""
 
     name = "rprop"
-    optimizer_class: type[torch.optim.Optimizer] = torch.optim.Rprop
+    optimizer_class = torch.optim.Rprop
     #: ``after_step``'s ``P`` is a new tensor each step, never touched again: the recorder keeps it without a copy.
     fresh_tensors: bool = True
-    config_model: type[RpropConfig] = RpropConfig
-    group_model: type[RpropGroupConfig] = RpropGroupConfig
-
-    def __init__(self, config: RpropConfig):
-        self._config = config
-
-    @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> RpropAdapter:
-        """Validate ``optimizer`` and snapshot its hyperparameters.
-
-        Raises
-        ------
-        explaind.exceptions.ConfigError
-            Listing every option the recurrence cannot express (``differentiable=True``, ``capturable=True``,
-            tensor hyperparameters, complex parameters, a different class).
-        """
-        return cls(checked_config(cls, optimizer, _RULES, _FLOAT_KEYS, "Rprop steps real and imaginary parts "
-                                  "by their own signs"))
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The hyperparameters at construction, as JSON-ready data validated by :class:`RpropConfig`."""
-        return self._config.model_dump(mode="json")
-
-    def start_state(self, optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
-        r"""No start buffer: Rprop has no momentum (``a = 0``), so :math:`m_{-1}` never enters an update.
-
-        Its step sizes and previous gradients are read from the live state at each step (docs/maths.md §4,
-        "Optimizer state at the start").
-        """
-        return {}
+    config_model = RpropConfig
+    group_model = RpropGroupConfig
+    float_keys = ("lr", "etas", "step_sizes")
+    complex_why = "Rprop steps real and imaginary parts by their own signs"
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> _RpropBefore:
         """Snapshot the group options (``maximize``) and the parameters with a gradient."""
-        check_amp_scaling(self.name, optimizer)
-        raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
-                       + sparse_problems(optimizer))
-        return _RpropBefore(groups=snapshot_groups(optimizer))
+        return _RpropBefore(groups=self.checked_groups(optimizer))
 
     def after_step(self, optimizer: torch.optim.Optimizer, before: _RpropBefore) -> dict[int, LinearUpdate]:
         """Coefficients of the step just taken, keyed by ``id(param)`` (parameters with a gradient only)."""
