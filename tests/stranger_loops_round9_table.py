@@ -17,7 +17,7 @@ instead (no 8-node reference on kinked paths). For the optimizer state loaded be
 residual column holds the ``initial_state`` term's error against the reference's carried part (tests/_loops9_kit.py,
 ``start_state_figures``). ``--adapters`` prints instead the conformance check's largest per-step residual of every
 default scenario of the ``asgd``, ``adadelta`` and ``rprop`` adapters in float64 and float32, and the largest
-residual of their start-state check. The load average is printed first: no figure is a timing.
+residual of their start-state check and of their pure updates. The load average is printed first: no figure is a timing.
 """
 
 from __future__ import annotations
@@ -93,6 +93,11 @@ def adapter_rows(names: tuple[str, ...] = ("asgd", "adadelta", "rprop")) -> None
             print(f"| `{scenario}` | {value:.1e} | {runs[torch.float32][scenario]:.1e} |", flush=True)
         start = max(check_adapter_start_state(record).values())
         print(f"{name}: largest residual of check_adapter_start_state (float64) {start:.1e}", flush=True)
+        if record.update_fn is not None:
+            pure = check_optimizer_adapter(record, dtype=torch.float64, tol=1.0)
+            worst = max(float(v.max()) for v in pure.pure_residuals.values())
+            print(f"{name}: largest residual of its pure update (float64) {worst:.1e}; refused: "
+                  f"{sorted(pure.pure_refused)}", flush=True)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from _loops9_kit import CASES
+from _rmsprop_adagrad_kit import MODELS, assert_metagradients_match_retraining, record
 from _stranger_loops_kit import data, mlp, train
 from reference import rel_err
 
@@ -140,3 +141,18 @@ def test_rprop_entries_whose_sign_flipped_do_not_move_and_get_p_zero():
     moved = sum(int((u.P != 0).sum()) for s in range(traj.n_steps) for u in traj.updates(s).values())
     assert zeros > 0 and moved > zeros
     assert traj.audit().max() <= 1e-12
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.ASGD(ps, lr=0.2, lambd=0.1, t0=2.0, weight_decay=0.01),
+    lambda ps: torch.optim.Adadelta(ps, lr=1.0, rho=0.8, weight_decay=0.05),
+], ids=["asgd", "adadelta"])
+def test_the_counterfactual_matches_central_differences_of_retraining(make_optimizer):
+    """ASGD (its coefficients do not depend on the gradient: the ``sgd`` record's linear update is its pure update)
+    and Adadelta (``explaind_optimizers.pure_adadelta``): ``CounterfactualEstimator`` replays the run to 1e-12 and its
+    metagradient in one sample matches central differences of re-training to 1e-6 (tests/_rmsprop_adagrad_kit.py).
+    Before, both were refused (no ``update_fn``)."""
+    build = MODELS["tanh"][0]
+    model = build()
+    traj, _, _ = record(model, make_optimizer(model.parameters()), steps=5)
+    assert_metagradients_match_retraining(build, make_optimizer, traj, steps=5)

@@ -25,6 +25,7 @@ from .asgd import ASGDAdapter, ASGDConfig
 from .hf_adafactor import HANDLED, HFAdafactorAdapter, HFAdafactorConfig
 from .nadam import NAdamAdapter, NAdamConfig
 from .pure import adam_update_fn, sgd_update_fn
+from .pure_adadelta import adadelta_update_fn
 from .pure_adafactor import adafactor_update_fn, hf_adafactor_update_fn
 from .pure_adam_family import adamax_update_fn, nadam_update_fn, radam_update_fn
 from .pure_more import adagrad_update_fn, rmsprop_update_fn
@@ -116,6 +117,7 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             description="torch.optim.Adadelta: running averages of squared gradients and updates as a diagonal P, "
             "L2 weight decay, maximize.",
             optimizer_classes=(torch.optim.Adadelta,),
+            update_fn=adadelta_update_fn,
         ),
         OptimizerAdapterRecord(
             name="rprop",
@@ -132,6 +134,7 @@ def explaind_optimizer_adapters() -> list[OptimizerAdapterRecord]:
             description="torch.optim.ASGD: decaying step size eta, decay term lambd, L2 weight decay, maximize "
             "(explains the iterate, not the average ax).",
             optimizer_classes=(torch.optim.ASGD,),
+            update_fn=sgd_update_fn,  # its coefficients do not depend on the gradient: the linear update is its own
         ),
         OptimizerAdapterRecord(
             name="adafactor",
