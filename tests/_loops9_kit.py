@@ -12,9 +12,11 @@ ReLU cases (:data:`DEFAULT_RULE`) with the default estimators. A case is a funct
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from _loops8_kit import ReluCNN, _run, scheduled
@@ -27,6 +29,7 @@ from torch.optim import lr_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import explaind
+from explaind.exceptions import ExplaindWarning
 
 Case = Callable[[], tuple[nn.Module, Any]]
 
@@ -167,6 +170,44 @@ def manual_update() -> tuple[nn.Module, Any]:
                 for p in model.parameters():
                     p.data.add_(-0.1 * p.grad)
     return model, rec.trajectory
+
+
+def lbfgs_run(record: bool) -> tuple[nn.Module, Any]:
+    """``LBFGS(lr=0.5, max_iter=4)`` stepped with a closure over each batch: handed to the recorder (``record``), or
+    explained from the parameters saved after every step, ``Trajectory.from_checkpoints`` (the fix the refusal
+    names)."""
+    X, y, _ = data()
+    model = mlp()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    if record:
+        explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    saved = [{n: p.detach().clone() for n, p in model.named_parameters()}]
+    for idx in batches():
+        def closure(idx=idx):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        saved.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return model, explaind.Trajectory.from_checkpoints(saved, model=mlp())
+
+
+def checkpoint_figures(model: nn.Module, traj: Any) -> dict[str, Any]:
+    """A trajectory of checkpoints (no samples to split over, no residual: each step's update is its segment): the
+    replica against ``model``; as ``share``, the quadrature share of ``keep=("step", "group")`` with
+    ``split=False``; as ``scores``, that attribution's total (every term added up) against ``model``."""
+    _, _, X_test = data()
+    with torch.no_grad():
+        truth = model.eval()(X_test)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExplaindWarning)
+        replica = rel_err(explaind.KernelReplica(**QUAD).fit(traj).predict(X_test), truth)
+        att = explaind.InfluenceEstimator(keep=("step", "group"), split=False, **QUAD).fit(traj).transform(X_test)
+    return {"replica": replica, "share": float(att.meta["quadrature_share"]),
+            "scores": rel_err(np.asarray(att.total()), truth), "reference_residual": 0.0,
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]}
 
 
 def step_twice(s, model, opt, X, y, idx, rec) -> None:
@@ -369,6 +410,8 @@ CASES: dict[str, Case] = {
     "manual_update_without_optimizer_step": manual_update,
     "manual_update_as_sgd_step": with_opt(lambda m: torch.optim.SGD(m.parameters(), lr=0.1)),
     "optimizer_step_twice_per_batch": with_opt(sgd, step_twice),
+    "lbfgs_closure_max_iter_4": lambda: lbfgs_run(True),
+    "lbfgs_saved_each_step_from_checkpoints": lambda: lbfgs_run(False),
     "log_batch_twice_per_batch": with_opt(sgd, logged_twice),
     "head_gradient_scaled_by_hand": with_opt(sgd, grad_step(head_gradient_scaled)),
     "head_in_its_own_group_at_lr_times_0.1": with_opt(lambda m: torch.optim.SGD(
@@ -396,5 +439,7 @@ def figures(name: str, model: nn.Module, traj: Any) -> dict[str, Any]:
     optimizer state loaded before recording)."""
     if name == "other_runs_state_dict_loaded_before_recording":
         return start_state_figures(model, traj)
+    if name == "lbfgs_saved_each_step_from_checkpoints":
+        return checkpoint_figures(model, traj)
     return measure(model, traj, REFERENCES.get(name, Reference))
 

@@ -6,10 +6,13 @@ docs/guide_own_model.md, "Round 9: schedulers that edit momentum, optimizer opti
 Exact means: replica <= 1e-6 against the trained model in evaluation mode, residual share <= 1e-9 without a
 warning, ``keep=("train",)`` scores <= 1e-9 against the slow float64 loop reference, whose own per-step residual is
 <= 1e-12 (for the optimizer state loaded before recording: the ``initial_state`` term <= 1e-12 against the
-reference's carried part). The fixes of this round, each refused or warned before without naming its cause: a
-``maximize=True`` loop over the negated loss (the gradient check's message named no sign), an update by hand with
-no ``optimizer.step()`` (a log line, then "no recorded steps" from the estimator), a second ``optimizer.step()`` on
-one backward (told to call ``rec.log_batch``, which would not help) and a per-layer gradient scale (no fix named).
+reference's carried part; for a checkpoint trajectory, which has no samples to split: the quadrature share and the
+attribution's total against the model). The fixes of this round, each refused or warned before without naming its
+cause: a ``maximize=True`` loop over the negated loss (the gradient check's message named no sign), an update by hand
+with no ``optimizer.step()`` (a log line, then "no recorded steps" from the estimator), a second
+``optimizer.step()`` on one backward (told to call ``rec.log_batch``, which would not help), a per-layer gradient
+scale (no fix named) and LBFGS, which no adapter can express (told to write one), now refused saying so and naming
+the checkpoint trajectory that explains such a run (exact: ``lbfgs_saved_each_step_from_checkpoints``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from _loops9_kit import CASES, figures
 from _round4_kit import estimator_warnings
 from _stranger_loops_kit import assert_exact, mlp, plain, sgd
 
-from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
+from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError, UnknownEntryError
 
 EXACT = [
     "plateau_max_abs_cooldown", "plateau_per_group_min_lr", "sequential_lr_two_milestones",
@@ -36,7 +39,7 @@ EXACT = [
     "uneven_last_micro_batch_mean_over_count", "batch_size_grows_with_curriculum", "manual_update_as_sgd_step",
     "log_batch_twice_per_batch", "head_in_its_own_group_at_lr_times_0.1",
     "other_runs_state_dict_loaded_before_recording", "manual_seed_reset_every_step_dropout",
-    "ema_averaged_model_use_buffers_dropout",
+    "ema_averaged_model_use_buffers_dropout", "lbfgs_saved_each_step_from_checkpoints",
 ]
 
 
@@ -67,6 +70,9 @@ def test_a_maximize_loop_over_the_negated_loss_is_refused_naming_the_sign_and_th
     ("optimizer_step_twice_per_batch", TrajectoryError,
      r"Step 1: optimizer\.step\(\) was called without a logged batch, and no backward\(\) ran since step 0.*second "
      r"optimizer\.step\(\) on one backward.*Fix: remove the extra optimizer\.step\(\)"),
+    ("lbfgs_closure_max_iter_4", UnknownEntryError,
+     r"No optimizer adapter handles torch\.optim\.lbfgs\.LBFGS\..*No adapter can express torch\.optim\.LBFGS: its "
+     r"direction mixes the coordinates.*Fix: train with an elementwise optimizer.*Trajectory\.from_checkpoints"),
     ("head_gradient_scaled_by_hand", TrajectoryError,
      r"gradient of 2\.weight, 2\.bias was changed by more than a global factor.*2\.weight times 0\.1, 2\.bias "
      r"times 0\.1\): a per-layer gradient scale\. Fix: .*own parameter group.*'lr': lr \* factor"),
