@@ -403,8 +403,9 @@ class RecorderChecksMixin:
         r"""Warn when the model left the recorder holding other values than :math:`\theta_N`, the last recorded
         (or other frozen parameters than the stored constants, or other buffers than the last recorded)."""
         if self._n == self._schedule.start:  # micro-batches logged, yet this optimizer never stepped
-            warn_user(logger, never_stepped_message(len(self._pending), type(self.optimizer),
-                                                    edited_parameters(self._params, self._theta or {})))
+            if self._pending[-1].finite is not False:  # not a step a GradScaler skipped on inf or NaN
+                warn_user(logger, never_stepped_message(len(self._pending), type(self.optimizer),
+                                                        edited_parameters(self._params, self._theta or {})))
             return
         moved = self._buffers.differing()
         if moved:
