@@ -1,9 +1,9 @@
-"""Shared base of the adapters whose optimizer keeps no momentum buffer: ASGD, Adadelta and Rprop.
+"""Shared base of the adapters whose optimizer keeps no momentum buffer: Adagrad, ASGD, Adadelta and Rprop.
 
 Their updates are ``a = 0``, ``b = 1`` (docs/maths.md §3): ``m_{-1}`` never enters an update, so a recording that
 opens on held state (a restored checkpoint, unrecorded steps) needs no start buffer, and whatever state the
 optimizer keeps (step sizes, running means) is read from the live optimizer at each step. The base validates the
-optimizer the same way for all three (options outside the recurrence, tensor hyperparameters, complex parameters,
+optimizer the same way for all of them (options outside the recurrence, tensor hyperparameters, complex parameters,
 sparse gradients, a fused kernel under a ``GradScaler``) and snapshots the groups before each step.
 """
 
@@ -44,6 +44,8 @@ class NoBufferAdapter:
 
     Attributes
     ----------
+    rules : tuple of OptionRule
+        Options with a restricted set of values (default: ``differentiable`` and ``capturable`` off).
     float_keys : tuple of str
         Group hyperparameters that must be Python floats.
     complex_why : str
@@ -54,6 +56,7 @@ class NoBufferAdapter:
     optimizer_class: ClassVar[type[torch.optim.Optimizer]]
     config_model: ClassVar[type]
     group_model: ClassVar[type]
+    rules: ClassVar[tuple[OptionRule, ...]] = NO_BUFFER_RULES
     float_keys: ClassVar[tuple[str, ...]]
     complex_why: ClassVar[str]
 
@@ -67,10 +70,10 @@ class NoBufferAdapter:
         Raises
         ------
         explaind.exceptions.ConfigError
-            Listing every option the recurrence cannot express (``differentiable=True``, ``capturable=True``,
-            tensor hyperparameters, complex parameters, a different class).
+            Listing every option the recurrence cannot express (outside :attr:`rules`, tensor hyperparameters,
+            complex parameters, a different class).
         """
-        return cls(checked_config(cls, optimizer, NO_BUFFER_RULES, cls.float_keys, cls.complex_why))
+        return cls(checked_config(cls, optimizer, cls.rules, cls.float_keys, cls.complex_why))
 
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters at construction, as JSON-ready data validated by the adapter's config model."""
@@ -88,6 +91,6 @@ class NoBufferAdapter:
         """Refuse what the recurrence cannot express at this step, then snapshot every group (schedulers and hand
         edits may change the hyperparameters between steps)."""
         check_amp_scaling(self.name, optimizer)
-        raise_problems(self.name, optimizer, collect_group_problems(optimizer, NO_BUFFER_RULES, self.float_keys)
+        raise_problems(self.name, optimizer, collect_group_problems(optimizer, self.rules, self.float_keys)
                        + sparse_problems(optimizer))
         return snapshot_groups(optimizer)
