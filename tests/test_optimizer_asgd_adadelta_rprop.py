@@ -16,7 +16,7 @@ import pytest
 import torch
 from _loops9_kit import CASES
 from _rmsprop_adagrad_kit import MODELS, assert_metagradients_match_retraining, record
-from _stranger_loops_kit import data, mlp, train
+from _stranger_loops_kit import batches, data, mlp, train
 from reference import rel_err
 
 import explaind
@@ -156,3 +156,37 @@ def test_the_counterfactual_matches_central_differences_of_retraining(make_optim
     model = build()
     traj, _, _ = record(model, make_optimizer(model.parameters()), steps=5)
     assert_metagradients_match_retraining(build, make_optimizer, traj, steps=5)
+
+
+def _resumable(make_optimizer, store, stop, resume=False):
+    """Steps up to ``stop`` of the kit's loop into ``store``; ``resume``: ``restore()`` first and go on from there."""
+    X, y, _ = data()
+    model = mlp()
+    opt = make_optimizer(model.parameters())
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=store, resume=resume)
+    start = rec.restore() if resume else 0
+    with rec:
+        for idx in batches()[start:stop]:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    return model, rec.trajectory
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.ASGD(ps, lr=0.2, lambd=0.1, t0=2.0),
+    lambda ps: torch.optim.Adadelta(ps, lr=1.0, rho=0.8),
+    lambda ps: torch.optim.Rprop(ps, lr=0.02, etas=(0.3, 1.5)),
+], ids=["asgd", "adadelta", "rprop"])
+def test_a_resumed_recording_continues_bit_for_bit(tmp_path, make_optimizer):
+    """3 steps, then a new recorder with ``resume=True`` and ``restore()`` (ASGD's ``eta``, ``mu``, ``ax``; Adadelta's
+    running means; Rprop's step sizes and previous gradients loaded from the store): the model and every stored
+    step equal those of one uninterrupted run."""
+    whole_model, whole = _resumable(make_optimizer, tmp_path / "whole", 6)
+    _resumable(make_optimizer, tmp_path / "part", 3)
+    model, resumed = _resumable(make_optimizer, tmp_path / "part", 6, resume=True)
+    assert resumed.n_steps == whole.n_steps == 6
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), whole_model.parameters()))
+    for s in range(7):
+        assert all(torch.equal(resumed.params(s)[n], whole.params(s)[n]) for n in whole.param_names)
