@@ -394,10 +394,31 @@ def resolve_optimizer_adapter(optimizer: Any) -> Any:
                      | {n for r in records for n in r.optimizer_class_names})
     raise UnknownEntryError(
         f"No optimizer adapter handles {type(optimizer).__module__}.{type(optimizer).__name__}. "
-        f"Registered adapters: {', '.join(names)} (for {', '.join(handled)}).{_subclass_note(optimizer, records)} "
+        f"Registered adapters: {', '.join(names)} (for {', '.join(handled)}).{_subclass_note(optimizer, records)}"
+        f"{_not_elementwise_note(optimizer)} "
         f"To support another optimizer, write a plugin implementing explaind_optimizer_adapters() and register it "
         f"under the '{ENTRY_POINT_GROUP}' entry-point group (see docs/plugins.md)."
     )
+
+
+def _not_elementwise_note(optimizer: Any) -> str:
+    """For torch's LBFGS, which no adapter can express: why, and how to explain such a run all the same."""
+    if not isinstance(optimizer, _torch_lbfgs()):
+        return ""
+    return (" No adapter can express torch.optim.LBFGS: its direction mixes the coordinates through the stored "
+            "curvature pairs (no elementwise coefficient of docs/maths.md §3), and one step evaluates the closure "
+            "up to max_iter times at other parameters (not one gradient at theta_s). Fix: train with an elementwise "
+            "optimizer (SGD, Adam, ...) to split the run over samples; or keep the LBFGS run, save the parameters "
+            "after every step and explain it as Trajectory.from_checkpoints([...], model=...): the replica and the "
+            "step, group and param scores are exact along the steps (docs/recording.md, 'Runs that were not "
+            "recorded').")
+
+
+def _torch_lbfgs() -> type:
+    """``torch.optim.LBFGS`` (imported on use: the plugin manager does not import torch at import time)."""
+    import torch
+
+    return torch.optim.LBFGS
 
 
 def _subclass_note(optimizer: Any, records: Any) -> str:

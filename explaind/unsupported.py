@@ -36,6 +36,7 @@ couples the samples of a batch) is not the recorded loss.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -182,6 +183,37 @@ def loss_only_hint(sums: dict[str, tuple[float, ...]], replayed: bool = True) ->
             f"another output of the model (a second head){eval_only}. Fix for a loss weight or a second head: return "
             f"all the loss reads in that one output (torch.cat([logits, other], 1), a learned weight as a column "
             f"log_var.expand(n, 1)) and give a loss callable that reads it there.")
+
+
+def negated_loss_hint(sums: Any, sigma: float, tol: float) -> str:
+    """The failed gradient check's hint for a loop gradient that is a negative multiple of the recomputed one.
+
+    Parameters
+    ----------
+    sums : StreamedSums
+        The check's sums (:class:`explaind.trajectory._checks.StreamedSums`): per parameter ``(D, R, G, E)`` and
+        ``distance_sq(sigma)``.
+    sigma : float
+        The best scale ``D / R`` of the check.
+    tol : float
+        The check's relative tolerance.
+
+    Returns
+    -------
+    str
+        Empty unless ``sigma < 0`` and the loop's gradient is ``sigma`` times the recomputed one within ``tol``.
+    """
+    if sigma >= 0.0:
+        return ""
+    ref = math.fsum(v[1] for v in sums.sums.values())
+    raw = math.fsum(v[2] for v in sums.sums.values())
+    off = math.sqrt(math.fsum(sums.distance_sq(sigma).values())) / math.sqrt(max(raw, ref * sigma * sigma, 1e-300))
+    if off > tol:
+        return ""
+    return (f" The loop's gradient is {sigma:.3g} times the gradient of loss= (to {off:.1e} relative): the loop "
+            f"backwarded the negated loss, as a loop that ascends -loss with maximize=True does. Fix: give loss= the "
+            f"loss the loop backwards, a callable such as loss=lambda out, y: -F.cross_entropy(out, y) (exact), or "
+            f"backward the loss itself with maximize=False, which takes the same steps.")
 
 
 def _hooked(module: nn.Module) -> set[str]:

@@ -39,7 +39,7 @@ def test_a_named_class_resolves_without_its_module_and_is_listed(fancy_plugin):
     model = torch.nn.Linear(2, 2)
     assert resolve_optimizer_adapter(Fancy(model.parameters(), lr=0.1)).name == "fancy"
     with pytest.raises(UnknownEntryError, match=r"fancy.*not_installed_pkg.optim.Fancy"):
-        resolve_optimizer_adapter(torch.optim.Adadelta(model.parameters()))
+        resolve_optimizer_adapter(torch.optim.LBFGS(model.parameters()))
 
 
 def test_a_class_whose_module_does_not_import_is_left_out_and_not_checked(fancy_plugin):

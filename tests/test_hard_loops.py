@@ -270,16 +270,14 @@ def test_two_recorders_on_one_model_record_the_same_exact_run(tmp_path):
 
 
 @pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.Adadelta(ps, lr=0.1),
     lambda ps: torch.optim.LBFGS(ps, lr=0.1),
-    lambda ps: torch.optim.Rprop(ps, lr=0.1),
-], ids=["Adadelta", "LBFGS", "Rprop"])
+], ids=["LBFGS"])
 def test_optimizers_without_an_adapter_are_refused_with_the_plugin_route(make_opt):
     model = make_model()
     opt = make_opt(model.parameters())
     with pytest.raises(UnknownEntryError, match=rf"No optimizer adapter handles torch\.optim\..*{type(opt).__name__}"
-                                                r".*Registered adapters: adafactor, adagrad, adam, adamax, adamw, "
-                                                r"hf_adafactor, nadam, radam, rmsprop, sgd.*"
+                                                r".*Registered adapters: adadelta, adafactor, adagrad, adam, adamax, "
+                                                r"adamw, asgd, hf_adafactor, nadam, radam, rmsprop, rprop, sgd.*"
                                                 r"entry-point group"):
         explaind.TrajectoryRecorder(model, opt, loss="cross_entropy")
 

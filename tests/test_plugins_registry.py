@@ -227,9 +227,9 @@ def test_resolve_optimizer_adapter_uses_classes_and_reports_unknown():
     record = plugins.resolve_optimizer_adapter(_FakeAdam(model.parameters()))
     assert record.name == "fakeadam"
     with pytest.raises(UnknownEntryError) as info:
-        plugins.resolve_optimizer_adapter(torch.optim.Rprop(model.parameters()))
+        plugins.resolve_optimizer_adapter(torch.optim.LBFGS(model.parameters()))
     message = str(info.value)
-    assert "No optimizer adapter handles torch.optim.rprop.Rprop." in message
+    assert "No optimizer adapter handles torch.optim.lbfgs.LBFGS." in message
     assert "fakeadam" in message and "_FakeAdam" in message
 
 

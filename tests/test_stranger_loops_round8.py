@@ -31,7 +31,7 @@ EXACT = [
     "drop_last_false_last_batch_of_one", "empty_batch_skipped", "two_losses_backwarded_with_retain_graph",
     "clip_grads_with_norm_and_get_total_norm", "loss_times_1e6_sgd", "loss_times_1e-6_adam",
     "clip_max_norm_1e-3_every_step", "clip_max_norm_0_at_one_step", "sgd_weight_decay_0.5", "adamw_weight_decay_0.5",
-    "momentum_0.999_lr1", "sgd_nesterov_weight_decay_dampening_0", "adam_betas_set_to_zero_by_hand",
+    "momentum_0.999_lr1", "sgd_nesterov_weight_decay_dampening_0", "asgd", "adam_betas_set_to_zero_by_hand",
     "sgd_negative_weight_decay_by_hand", "lambda_lr_negative_factor", "param_removed_from_group_and_put_back",
 ]
 
@@ -46,7 +46,6 @@ MOMENTUM_EDIT = r"Step 3: the optimizer's momentum buffers of 0\.weight \({key}:
 
 
 @pytest.mark.parametrize(("case", "error", "match"), [
-    ("asgd", UnknownEntryError, r"torch\.optim\.asgd\.ASGD\. Registered adapters: .*write a plugin"),
     ("hand_written_optimizer", UnknownEntryError, r"_loops8_kit\.SignSGD\. Registered adapters: .*write a plugin"),
     ("sgd_subclass_own_step", UnknownEntryError,
      r"NoisySGD subclasses torch\.optim\.sgd\.SGD: adapters are matched by the exact class.*\(it defines step\).*"

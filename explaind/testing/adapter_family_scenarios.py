@@ -1,6 +1,7 @@
-"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax, Adagrad and Adafactor (docs/optimizers.md).
+"""Option sweeps of the conformance check for torch's NAdam, RAdam, Adamax, Adagrad, ASGD, Adadelta, Rprop and
+Adafactor (docs/optimizers.md).
 
-:func:`~explaind.testing.adapters.default_scenarios` takes its runs for these four classes from
+:func:`~explaind.testing.adapters.default_scenarios` takes its runs for these classes from
 :func:`family_options`: every option the adapters model (L2 or decoupled weight decay, momentum
 decay, rectified and never-rectified RAdam steps, Adagrad's ``lr_decay`` and initial accumulator, Adafactor's
 ``beta2_decay``, epsilons and clipping threshold, ``maximize``,
@@ -22,8 +23,8 @@ FamilyOptions = tuple[list[tuple[str, dict[str, Any]]], dict[str, Any], dict[str
 
 
 def family_options(optimizer_class: type) -> FamilyOptions | None:
-    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad`` or ``Adafactor`` (subclasses too),
-    or of transformers' ``Adafactor`` (that class exactly); else ``None``."""
+    """The runs of :class:`torch.optim.NAdam`, ``RAdam``, ``Adamax``, ``Adagrad``, ``ASGD``, ``Adadelta``, ``Rprop``
+    or ``Adafactor`` (subclasses too), or of transformers' ``Adafactor`` (that class exactly); else ``None``."""
     base = {"lr": 2e-2, "weight_decay": 0.1}
     second = {"lr": 8e-3, "weight_decay": 0.01, "betas": (0.8, 0.99)}
     decoupled = {"lr": 2e-2, "weight_decay": 0.5, "decoupled_weight_decay": True}
@@ -65,6 +66,36 @@ def family_options(optimizer_class: type) -> FamilyOptions | None:
             ("adagrad_maximize", {**base, "maximize": True}),
             ("adagrad_foreach", {**base, "foreach": True}),
         ], base, {"lr": 2e-2, "weight_decay": 0.0}, "adagrad_"
+    if issubclass(optimizer_class, torch.optim.ASGD):
+        # lambd 0.1 and lr 0.1 make eta decay visibly (0.1 / (1 + 0.01 t)^alpha) and the decay term 1e-2 per step
+        base = {"lr": 0.1, "lambd": 0.1, "weight_decay": 0.05}
+        return [
+            ("asgd_plain", {"lr": 0.1}),
+            ("asgd_decay_alpha_t0", {**base, "alpha": 1.0, "t0": 3.0}),
+            ("asgd_maximize", {**base, "maximize": True}),
+            ("asgd_foreach", {**base, "foreach": True}),
+            ("asgd_foreach_maximize", {**base, "foreach": True, "maximize": True}),
+        ], base, {"lr": 0.03, "lambd": 0.0, "weight_decay": 0.0}, "asgd_"
+    if issubclass(optimizer_class, torch.optim.Adadelta):
+        base = {"lr": 1.0, "weight_decay": 0.1}
+        return [
+            ("adadelta_plain", {"lr": 1.0}),
+            ("adadelta_rho_eps", {**base, "rho": 0.5, "eps": 1e-3}),
+            ("adadelta_maximize", {**base, "maximize": True}),
+            ("adadelta_foreach", {**base, "foreach": True}),
+            ("adadelta_foreach_maximize", {**base, "foreach": True, "maximize": True}),
+        ], base, {"lr": 0.5, "weight_decay": 0.0, "rho": 0.8}, "adadelta_"
+    if issubclass(optimizer_class, torch.optim.Rprop):
+        # step sizes start at lr and grow by etaplus while a sign holds: lr 0.01 keeps |Delta theta| / |theta| near
+        # 1e-2, far above the rounding floor; etas (0.3, 1.5) and a cap of 0.03 make sign flips and clamping common
+        base = {"lr": 1e-2, "etas": (0.3, 1.5), "step_sizes": (1e-4, 0.03)}
+        return [
+            ("rprop_plain", {"lr": 1e-2}),
+            ("rprop_etas_step_sizes", base),
+            ("rprop_maximize", {**base, "maximize": True}),
+            ("rprop_foreach", {**base, "foreach": True}),
+            ("rprop_foreach_maximize", {**base, "foreach": True, "maximize": True}),
+        ], base, {"lr": 3e-3, "etas": (0.5, 1.2)}, "rprop_"
     if issubclass(optimizer_class, torch.optim.Adafactor):
         # lr caps the relative step size rho_t = min(lr, 1/sqrt(t)); d = 1 clips most early updates (RMS(U) > 1)
         base = {"lr": 5e-2, "weight_decay": 0.1}

@@ -37,7 +37,7 @@ from ..inputs import call_model, checkpoint_error
 from ..models import backward_hooks_off, gradient_hooks_hint
 from ..outputs import model_output
 from ..records import LossRecord
-from ..unsupported import extra_outputs_hint, loss_only_hint
+from ..unsupported import extra_outputs_hint, loss_only_hint, negated_loss_hint
 from ._audit import CHUNK_ELEMENTS as _CHUNK
 from ._random import RandomState, replayed
 
@@ -409,8 +409,7 @@ def check_batch_gradient(
     params : dict of str to Parameter
         Every recorded parameter (all enter the forward pass).
     raw : dict of str to Tensor
-        Raw accumulated gradients of the parameters the optimizer steps, shapes of the parameters;
-        only these names are compared.
+        Raw accumulated gradients of the parameters the optimizer steps (only these names are compared).
     loss : LossRecord
         The recorder's loss (per-sample values).
     batch : (Tensor, Tensor, Tensor)
@@ -461,8 +460,9 @@ def check_batch_gradient(
     if rel > tol or sigma <= 0:
         per = [(math.sqrt(d / max(sq_raw, 1e-300)), n) for n, d in distance.items()]
         worst = ", ".join(f"{n} ({v:.2g})" for v, n in sorted(per, reverse=True)[:3])
-        hint = (loss_only_hint(sums.sums, replay is not None) + extra_outputs_hint(model, batch[0])
-                + (hint() if callable(hint) else hint) + gradient_hooks_hint(model))
+        hint = (negated_loss_hint(sums, sigma, tol) + loss_only_hint(sums.sums, replay is not None)
+                + extra_outputs_hint(model, batch[0]) + (hint() if callable(hint) else hint)
+                + gradient_hooks_hint(model))
         raise TrajectoryError(
             f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under "
             f"loss {loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}; "

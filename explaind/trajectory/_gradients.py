@@ -171,6 +171,11 @@ class GradientTap:
 
         return hook
 
+    @property
+    def backwards_pending(self) -> int:
+        """How many ``backward`` passes reached the parameters since the last :meth:`take_backwards`."""
+        return max(self._hits.values(), default=0)
+
     def take_backwards(self) -> int:
         """How many ``backward`` passes reached the parameters since the last call (the most reaching one)."""
         n = max(self._hits.values(), default=0)
@@ -313,9 +318,29 @@ class GradientTap:
                 f"the model's forward, e.g. by a noise layer, is replayed from the captured random state). A term "
                 f"added to .grad by hand (in the loop, or in a hook such as Lightning's on_after_backward), e.g. "
                 f"weight decay p.grad += lam * p, is the optimizer's own weight_decay=lam (SGD, Adam), which is "
-                f"recorded: set that instead."
+                f"recorded: set that instead.{_per_parameter_factor_hint(compared, values, modified, tol)}"
             )
         return c
+
+
+def _per_parameter_factor_hint(names: list[str], values: list[list[float]], modified: list[str], tol: float) -> str:
+    """The hint for gradients each multiplied by a factor of its own (a per-layer gradient scale).
+
+    ``values`` holds, per name, the float64 products ``(<seen, raw>, |raw|^2, |seen|^2)``; a gradient is a multiple
+    of its snapshot when ``<seen, raw>^2 = |raw|^2 |seen|^2`` within ``tol`` (relative, as the global check).
+    """
+    factors = {}
+    for n, (d, rr, gg) in zip(names, values):
+        if n in modified:
+            if rr == 0.0 or gg == 0.0 or math.sqrt(max(gg - d * d / rr, 0.0) / gg) > tol:
+                return ""
+            factors[n] = d / rr
+    listed = ", ".join(f"{n} times {c:.3g}" for n, c in list(factors.items())[:5])
+    return (f" Each of them is its own gradient times a factor ({listed}): a per-layer gradient scale. Fix: with "
+            f"SGD (weight_decay 0, the same factor at every step) it is that layer's learning rate times the factor: "
+            f"give those parameters their own parameter group, {{'params': [...], 'lr': lr * factor}}, and leave "
+            f".grad as backward() left it (recorded exactly); with Adam-like optimizers a constant factor on a "
+            f"gradient cancels in the update up to eps: leave it out.")
 
 
 class AutocastProbe:

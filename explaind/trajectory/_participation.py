@@ -346,3 +346,39 @@ def frozen_edit_message(edited: list[tuple[str, float]], step: int, start: int) 
         f"(module.register_buffer), whose changes are recorded per step; or train the parameter through the "
         f"optimizer (requires_grad=True, or TrajectoryRecorder(..., record_frozen=True) to unfreeze it later)."
     )
+
+
+def never_stepped_message(logged: int, optimizer: type, edited: list[tuple[str, float]]) -> str:
+    """The warning of a recorder left with ``logged`` micro-batches and no step of its optimizer.
+
+    Parameters
+    ----------
+    logged : int
+        Micro-batches logged with ``rec.log_batch`` (none followed by a step of the recorded optimizer).
+    optimizer : type
+        The recorded optimizer's class.
+    edited : list of (str, float)
+        :func:`edited_parameters` of the recorded parameters against their values when recording started.
+    """
+    name = f"{optimizer.__module__}.{optimizer.__qualname__}"
+    moved = "" if not edited else (
+        f" Yet the parameter(s) {edit_list(edited)} changed: they were updated outside optimizer.step(), by hand "
+        f"(p.data.add_(-lr * p.grad) under torch.no_grad()) or by another optimizer object.")
+    return (
+        f"{logged} micro-batch(es) were logged, but the recorded optimizer ({name}) never stepped, so the trajectory "
+        f"holds no step and explains nothing.{moved} Fix: update through optimizer.step() of the optimizer given to "
+        f"the recorder: a hand-written p -= lr * p.grad is torch.optim.SGD(model.parameters(), lr=lr) (momentum 0), "
+        f"which takes the same steps and is recorded exactly; an update torch has no optimizer for needs an adapter "
+        f"(docs/optimizers.md, 'Writing an adapter for another optimizer')."
+    )
+
+
+def second_step_message(step: int) -> str:
+    """The error of ``optimizer.step()`` called again with no ``backward`` since the previous step's batch."""
+    return (
+        f"Step {step}: optimizer.step() was called without a logged batch, and no backward() ran since step "
+        f"{step - 1}: the gradients are that step's, unchanged, so this is a second optimizer.step() on one "
+        f"backward (a duplicated line, or a step both in the loop and in a helper), an update on a gradient of "
+        f"parameters that have moved since. Fix: remove the extra optimizer.step(); for a second update on the same "
+        f"batch, run its forward and backward again and log it with rec.log_batch (recorded exactly)."
+    )

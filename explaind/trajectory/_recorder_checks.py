@@ -32,7 +32,14 @@ from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
-from ._participation import edit_list, edit_message, edited_parameters, frozen_edit_message
+from ._participation import (
+    edit_list,
+    edit_message,
+    edited_parameters,
+    frozen_edit_message,
+    never_stepped_message,
+    second_step_message,
+)
 from ._random import MicroBatch, RandomCapture, RandomState, draws_masks, is_spectral_norm, replay_parts
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
@@ -375,6 +382,8 @@ class RecorderChecksMixin:
         grads = [p.grad for p in self._params.values() if p.grad is not None]
         if grads:
             empty = all(not bool(g.any()) for g in grads)  # a backward over 0 samples (or a loss times 0)
+            if s > self._schedule.start and not empty and not self._tap.backwards_pending:
+                raise TrajectoryError(second_step_message(s))
             raise TrajectoryError(
                 f"Step {s}: optimizer.step() was called without a logged batch: call rec.log_batch(indices) before "
                 f"optimizer.step() (after backward)." + (
@@ -393,6 +402,11 @@ class RecorderChecksMixin:
     def _warn_final_edits(self) -> None:
         r"""Warn when the model left the recorder holding other values than :math:`\theta_N`, the last recorded
         (or other frozen parameters than the stored constants, or other buffers than the last recorded)."""
+        if self._n == self._schedule.start:  # micro-batches logged, yet this optimizer never stepped
+            if self._pending[-1].finite is not False:  # not a step a GradScaler skipped on inf or NaN
+                warn_user(logger, never_stepped_message(len(self._pending), type(self.optimizer),
+                                                        edited_parameters(self._params, self._theta or {})))
+            return
         moved = self._buffers.differing()
         if moved:
             warn_user(logger, f"After the last recorded step ({self._n - 1}) the buffers {list(moved)} were changed "

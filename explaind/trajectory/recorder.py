@@ -364,7 +364,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._random.detach()
         self._buffers.stop()
         self._active = False
-        if exc_type is None and self._n > self._schedule.start:
+        if exc_type is None and (self._n > self._schedule.start or self._pending):
             self._warn_final_edits()
         if self._pending:
             if self._pending[-1].finite is False:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -31,18 +31,8 @@ from pydantic import Field
 from explaind.config import StrictModel
 from explaind.recurrence import LinearUpdate
 
-from ._common import (
-    DIFFERENTIABLE_RULE,
-    GroupSnapshot,
-    OptionRule,
-    as_used,
-    check_amp_scaling,
-    checked_config,
-    collect_group_problems,
-    raise_problems,
-    snapshot_groups,
-    sparse_problems,
-)
+from ._common import DIFFERENTIABLE_RULE, GroupSnapshot, OptionRule, as_used
+from ._no_buffer import NoBufferAdapter
 from ._pooled import Pending, StepSlots
 
 __all__ = ["AdagradAdapter", "AdagradConfig", "AdagradGroupConfig", "adagrad_step_size"]
@@ -92,52 +82,27 @@ def _preconditioner(scale: float, state_sum: torch.Tensor, eps: float, out: torc
     return torch.div(torch.tensor(scale, dtype=std.dtype), std, out=std)
 
 
-class AdagradAdapter:
-    """Express every :class:`torch.optim.Adagrad` step as a :class:`~explaind.recurrence.LinearUpdate`."""
+class AdagradAdapter(NoBufferAdapter):
+    """Express every :class:`torch.optim.Adagrad` step as a :class:`~explaind.recurrence.LinearUpdate`.
+
+    Torch builds the accumulator and step count with the optimizer, so the recorder calls :meth:`start_state` (no
+    buffer) for every Adagrad run; both are read from the live state at each step.
+    """
 
     name = "adagrad"
-    optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adagrad
+    optimizer_class = torch.optim.Adagrad
     #: ``after_step``'s ``P`` is a new tensor each step (or the recorder's ``out`` buffer), never touched again: the
     #: recorder keeps it without a copy.
     fresh_tensors: bool = True
-    config_model: type[AdagradConfig] = AdagradConfig
-    group_model: type[AdagradGroupConfig] = AdagradGroupConfig
-
-    def __init__(self, config: AdagradConfig):
-        self._config = config
-
-    @classmethod
-    def from_optimizer(cls, optimizer: torch.optim.Optimizer) -> AdagradAdapter:
-        """Validate ``optimizer`` and snapshot its hyperparameters.
-
-        Raises
-        ------
-        explaind.exceptions.ConfigError
-            Listing every option the recurrence cannot express (``differentiable=True``, ``fused=True``,
-            tensor hyperparameters, complex parameters, a different class).
-        """
-        return cls(checked_config(cls, optimizer, _RULES, _FLOAT_KEYS, "Adagrad accumulates real and imaginary "
-                                  "parts separately"))
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The hyperparameters at construction, as JSON-ready data validated by :class:`AdagradConfig`."""
-        return self._config.model_dump(mode="json")
-
-    def start_state(self, optimizer: torch.optim.Optimizer) -> dict[int, torch.Tensor]:
-        r"""No start buffer: Adagrad has no momentum (``a = 0``), so :math:`m_{-1}` never enters an update.
-
-        Torch builds the accumulator and step count with the optimizer, so the recorder calls this for every
-        Adagrad run; both are read from the live state at each step (docs/maths.md §4, "Optimizer state at the
-        start").
-        """
-        return {}
+    config_model = AdagradConfig
+    group_model = AdagradGroupConfig
+    rules = _RULES
+    float_keys = _FLOAT_KEYS
+    complex_why = "Adagrad accumulates real and imaginary parts separately"
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> list[GroupSnapshot]:
         """Snapshot the group hyperparameters (schedulers may change ``lr`` between steps)."""
-        check_amp_scaling(self.name, optimizer)
-        raise_problems(self.name, optimizer, collect_group_problems(optimizer, _RULES, _FLOAT_KEYS)
-                       + sparse_problems(optimizer))
-        return snapshot_groups(optimizer)
+        return self.checked_groups(optimizer)
 
     def after_step(self, optimizer: torch.optim.Optimizer, before: list[GroupSnapshot], *,
                    out: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
