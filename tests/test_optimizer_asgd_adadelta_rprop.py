@@ -11,6 +11,8 @@ scores against the slow loop reference. Before the adapters every ASGD, Adadelta
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,14 @@ def test_a_resumed_recording_continues_bit_for_bit(tmp_path, make_optimizer):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), whole_model.parameters()))
     for s in range(7):
         assert all(torch.equal(resumed.params(s)[n], whole.params(s)[n]) for n in whole.param_names)
+
+
+def test_the_counterfactual_refuses_rprop_naming_the_adapters_that_have_a_pure_update():
+    """Rprop has no pure update (its step sizes follow the signs of the gradients): the refusal lists the adapters
+    registered with one, read from the registry (a fixed list in the message missed asgd and adadelta)."""
+    model = MODELS["tanh"][0]()
+    traj, _, _ = record(model, torch.optim.Rprop(model.parameters(), lr=0.02), steps=2)
+    with pytest.raises(ConfigError, match=r"adapter 'rprop' has no update_fn") as caught:
+        explaind.CounterfactualEstimator(device="cpu").fit(traj)
+    listed = re.search(r"registered now: ([a-z_, ]+)\)", str(caught.value)).group(1).split(", ")
+    assert {"sgd", "adam", "asgd", "adadelta", "adagrad", "hf_adafactor"} <= set(listed) and "rprop" not in listed

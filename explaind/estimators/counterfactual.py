@@ -126,7 +126,7 @@ class CounterfactualEstimator(ExplaindEstimator):
 
     def fit(self, traj: Any, y: Any = None) -> CounterfactualEstimator:
         """Validate the parameters, the trajectory and its adapter's pure update; returns ``self``."""
-        from ..plugins import get_entry
+        from ..plugins import get_entry, list_entries
 
         name = type(self).__name__
         config = self._validated_config()
@@ -145,12 +145,12 @@ class CounterfactualEstimator(ExplaindEstimator):
         except UnknownEntryError as exc:
             raise ConfigError(f"{name}.fit: the run's optimizer adapter {adapter!r} is not registered: {exc}") from None
         if getattr(record, "update_fn", None) is None:
+            pure = [n for n in list_entries("optimizer_adapter")
+                    if getattr(get_entry("optimizer_adapter", n), "update_fn", None) is not None]
             raise ConfigError(
                 f"{name}.fit: the optimizer adapter {adapter!r} has no update_fn (its update as a pure function of "
                 f"the optimizer state and the gradient), which the reverse sweep differentiates. Allowed: adapters "
-                f"with update_fn (built in: sgd, adam, adamw, rmsprop, adagrad, nadam, radam, adamax, adafactor, "
-                f"hf_adafactor). "
-                f"Fix: add update_fn to the "
+                f"with update_fn (registered now: {', '.join(pure)}). Fix: add update_fn to the "
                 f"adapter's OptimizerAdapterRecord (docs/optimizers.md, 'Pure updates'), or use InfluenceEstimator."
             )
         try:
