@@ -1,7 +1,8 @@
 """Setting up a recording: the recorder's arguments checked, the store directory prepared, and the error a
 refused or failing set-up raises.
 
-:func:`refuse_invalid_arguments` refuses a model, optimizer, loss or option the recorder cannot record
+:func:`framework_originals` (re-exported) finds the torch model and optimizer inside Fabric's and accelerate's
+wrappers; :func:`refuse_invalid_arguments` refuses a model, optimizer, loss or option the recorder cannot record
 (``ConfigError``) before any hook is attached or file written.
 
 :func:`prepare_directory` decides what a recorder may do with ``store=``: resume an existing store
@@ -26,13 +27,14 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_renormalising_embeddings, refuse_script_modules, refuse_sparse_embeddings
 from ..unsupported import refuse_unreplayable
 from ..unsupported_layers import refuse_unrecordable_layers
+from ._framework_wrappers import framework_originals
 from ._io import store_root
 from ._layout import remove_store, setup_leftover
 from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
 from .store import is_store, read_manifest
 
-__all__ = ["prepare_directory", "refuse_invalid_arguments", "setup_error", "store_root"]
+__all__ = ["framework_originals", "prepare_directory", "refuse_invalid_arguments", "setup_error", "store_root"]
 
 logger = logging.getLogger("explaind.trajectory.store")
 
