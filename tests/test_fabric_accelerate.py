@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _hf_stranger_kit import note
+from _real_loop_testkit import MLP_N_TRAIN, assert_autocast_run_exact, dropout_mlp, mlp_data, mlp_optimizer
 from _stranger_loops_kit import N, assert_exact, data, measure, mlp
 
 import explaind
@@ -41,6 +42,24 @@ def _loader() -> torch.utils.data.DataLoader:
     """Shuffled positions ``0..N-1`` in batches of 4 (an epoch of 6 micro-batches), seeded."""
     return torch.utils.data.DataLoader(torch.arange(N), batch_size=BATCH, shuffle=True,
                                        generator=torch.Generator().manual_seed(1))
+
+
+def _reset_accelerate() -> None:
+    """Forget accelerate's per-process state, which refuses another precision without a reset."""
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    accelerate.state.GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test starts and ends with no accelerator state (the Trainer runs of other test files make their own)."""
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+def _accelerator(**kwargs) -> accelerate.Accelerator:
+    return accelerate.Accelerator(cpu=True, **kwargs)
 
 
 def _record(net, opt, **kwargs) -> explaind.TrajectoryRecorder:
@@ -146,7 +165,7 @@ def _accelerate_run(*, k: int = 3, wrapped: bool = True, clip: str = "norm", wei
     net = mlp()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
-    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=k)
+    acc = _accelerator(gradient_accumulation_steps=k)
     model, aopt, sched, loader = acc.prepare(net, opt, schedule, _loader())
     rec = _record(model, aopt if wrapped else opt, **recorder)
     with rec:
@@ -196,3 +215,57 @@ def test_accelerate_clip_grad_value_is_refused():
     with pytest.raises(TrajectoryError, match=r"clip_grad_value_"):
         _accelerate_run(clip="value")
     note(outcome="loud: TrajectoryError (clipping by value)")
+
+
+# ---------------------------------------------------------------- bfloat16 autocast on the CPU
+def _amp_run(framework: str) -> tuple[torch.nn.Module, explaind.Trajectory, torch.Tensor]:
+    """The float32 dropout MLP of tests/_real_loop_testkit.py, 6 steps of two micro-batches of 4 under bfloat16
+    autocast: ``Fabric(precision="bf16-mixed")`` (autocast in the wrapped module's forward, the loss divided by 2)
+    or ``Accelerator(mixed_precision="bf16", gradient_accumulation_steps=2)`` (autocast wrapped around
+    ``model.forward``). Returns the trained parameters in a fresh module (accelerate leaves its autocast on the
+    model), the trajectory and the test inputs."""
+    X, y = mlp_data(torch.Generator().manual_seed(2))
+    net = dropout_mlp()
+    opt = mlp_optimizer(net.parameters())
+    loader = torch.utils.data.DataLoader(torch.arange(MLP_N_TRAIN), batch_size=BATCH, shuffle=True,
+                                         generator=torch.Generator().manual_seed(1))
+    if framework == "fabric":
+        fabric = fabric_mod.Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
+        model, wrapped = fabric.setup(net, opt)
+        loader = fabric.setup_dataloaders(loader)
+    else:
+        acc = _accelerator(mixed_precision="bf16", gradient_accumulation_steps=2)
+        model, wrapped, loader = acc.prepare(net, opt, loader)
+    rec = explaind.TrajectoryRecorder(model, wrapped, loss="cross_entropy", train_data=(X[:MLP_N_TRAIN],
+                                                                                        y[:MLP_N_TRAIN]))
+    with rec:
+        for i, idx in enumerate(list(loader) * 2):
+            if rec.n_steps == 6:
+                break
+            if framework == "fabric":
+                fabric.backward(F.cross_entropy(model(X[idx]), y[idx]) / 2)
+                rec.log_batch(idx)
+                if i % 2 == 1:
+                    wrapped.step()
+                    wrapped.zero_grad()
+            else:
+                with acc.accumulate(model):
+                    acc.backward(F.cross_entropy(model(X[idx]), y[idx]))
+                    rec.log_batch(idx)
+                    wrapped.step()
+                    wrapped.zero_grad()
+    net.eval()  # the recorded model, which the reference evaluates along the path
+    final = dropout_mlp()
+    final.load_state_dict(net.state_dict())
+    return final.eval(), rec.trajectory, X[MLP_N_TRAIN:]
+
+
+@pytest.mark.parametrize("framework", ["fabric", "accelerate"])
+def test_bf16_autocast_is_recorded_and_exact_up_to_its_rounding(framework):
+    """Each step recorded under bfloat16 autocast, its masks replayed; train scores and residual <= 1e-9 against
+    the loop reference replaying both, the residual share the autocast rounding (tests/test_amp_dropout.py)."""
+    model, traj, X_test = _amp_run(framework)
+    assert traj.n_steps == 6 and [len(traj.micro_batches(s)) for s in range(6)] == [2] * 6
+    got = assert_autocast_run_exact(model, traj, X_test, "bfloat16")
+    note(replica=got["replica"], share=got["residual_share"], train=got["train"],
+         outcome="exact up to bfloat16 autocast (residual share: its rounding)")
