@@ -156,16 +156,18 @@ def test_fabric_clip_gradients_by_value_is_refused():
 
 # ---------------------------------------------------------------- Hugging Face accelerate
 def _accelerate_run(*, k: int = 3, wrapped: bool = True, clip: str = "norm", weights: bool = False,
-                    **recorder) -> tuple[torch.nn.Module, explaind.Trajectory]:
+                    sync_with_dataloader: bool = True, **recorder) -> tuple[torch.nn.Module, explaind.Trajectory]:
     """``Accelerator(cpu=True, gradient_accumulation_steps=k)``, ``prepare`` of the model, optimizer, a
     ``StepLR`` and the loader; ``with accelerator.accumulate(model)``; ``accelerator.backward`` (which divides the
     loss by ``k``); clipping when the gradients sync. An epoch of 6 micro-batches is 2 steps for ``k = 3``;
-    ``weights``: log each micro-batch with the weights ``1 / (n k)`` of that division."""
+    ``weights``: log each micro-batch with the weights ``1 / (n k)`` of that division; ``sync_with_dataloader``:
+    accelerate's ``GradientAccumulationPlugin`` setting (``False``: a step may span the end of an epoch)."""
     X, y, _ = data()
     net = mlp()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
-    acc = _accelerator(gradient_accumulation_steps=k)
+    acc = _accelerator(gradient_accumulation_plugin=accelerate.utils.GradientAccumulationPlugin(
+        num_steps=k, sync_with_dataloader=sync_with_dataloader))
     model, aopt, sched, loader = acc.prepare(net, opt, schedule, _loader())
     rec = _record(model, aopt if wrapped else opt, **recorder)
     with rec:
@@ -192,6 +194,15 @@ def test_accelerate_accumulate_with_clipping_and_a_schedule_is_exact_with_the_gr
     ``StepLR`` (stepped by accelerate only when the optimizer stepped) read from the optimizer."""
     net, traj = _accelerate_run(check_gradients=True)
     assert traj.n_steps == 4 and max(traj.gradient_check()) <= 1e-12
+    _exact(net, traj)
+
+
+def test_accelerate_accumulation_across_the_end_of_an_epoch_is_exact():
+    """``GradientAccumulationPlugin(num_steps=4, sync_with_dataloader=False)`` over epochs of 6 micro-batches: the
+    second step holds the last 2 micro-batches of the first epoch and the first 2 of the second."""
+    net, traj = _accelerate_run(k=4, sync_with_dataloader=False, check_gradients=True)
+    assert [len(traj.micro_batches(s)) for s in range(traj.n_steps)] == [4, 4, 4]
+    assert max(traj.gradient_check()) <= 1e-12
     _exact(net, traj)
 
 
