@@ -12,20 +12,21 @@ test_stranger_hf_round9.py`` prints them).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _framework_testkit import NoisyItems
 from _hf_stranger_kit import note
-from _hf_testkit import MappingReplayReference
+from _hf_testkit import N_TRAIN, MappingReplayReference, lm_data, lm_figures, run_args, tiny_gpt2
 from reference import rel_err
 from test_stranger_hf_round5 import X_TEST, _assert_exact, _quiet
 from test_stranger_hf_round7 import _sizes
 from test_trainer_options import LearningRates, OwnLossMLP, _data, _train
 
 import explaind
-from explaind.exceptions import ConfigError
+from explaind.exceptions import ConfigError, ExplaindWarning
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
 
 transformers = pytest.importorskip("transformers")  # in the dev extra
@@ -113,3 +114,34 @@ def test_worker_processes_drawing_random_augmentation_are_refused(tmp_path):
                                           r"augmentations once, before training"):
         trainer.train()
     note(outcome="loud: ConfigError (augmentation in worker processes)")
+
+
+@pytest.mark.parametrize("loss", ["models_own", "compute_loss_func"])
+def test_a_float64_causal_lm_on_transformers_own_loss_is_warned_and_exact_through_compute_loss_func(tmp_path, loss):
+    """transformers' ``ForCausalLMLoss`` calls ``logits.float()``: a float64 GPT-2 trained on its own loss trains on
+    float32-rounded gradients (gradient check 3e-8, inside the float64 tolerance). Before: no word; now an
+    ``ExplaindWarning`` at the first backward naming the loss and ``compute_loss_func=callback.compute_loss``, with
+    which the run is exact and not warned."""
+    ids, labels = lm_data()
+    data = IndexedDataset([{"input_ids": ids[i], "labels": labels[i]} for i in range(N_TRAIN)])
+    model = tiny_gpt2()
+    callback = ExplaindTrainerCallback(data, loss="causal_lm", check_gradients=True)
+    trainer = transformers.Trainer(model=model, args=run_args(tmp_path, max_steps=3), train_dataset=data,
+                                   callbacks=[callback],
+                                   compute_loss_func=callback.compute_loss if loss == "compute_loss_func" else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExplaindWarning)
+        trainer.train()
+    rounded = [str(w.message) for w in caught if "rounded to float32" in str(w.message)]
+    figures = lm_figures(model, callback.trajectory)
+    if loss == "models_own":
+        assert len(rounded) == 1 and "causal-LM" in rounded[0]
+        assert "compute_loss_func=callback.compute_loss" in rounded[0]
+        assert 1e-9 < max(callback.trajectory.gradient_check()) < 1e-7
+        note(replica=figures["replica"], share=figures["residual_share"], train=figures["train"],
+             outcome="loud: ExplaindWarning (the model's loss calls logits.float())")
+        assert figures["residual_share"] > 1e-12  # the float32 rounding, far above float64's
+    else:
+        assert not rounded and max(callback.trajectory.gradient_check()) <= 1e-12
+        note(replica=figures["replica"], share=figures["residual_share"], train=figures["train"])
+        assert figures["replica"] <= 1e-6 and figures["residual_share"] <= 1e-12 and figures["train"] <= 1e-9
