@@ -28,6 +28,7 @@ from _stranger_loops_kit import N, assert_exact, data, measure, mlp
 
 import explaind
 from explaind.exceptions import ExplaindWarning, TrajectoryError
+from explaind.trajectory._output_rounding import float32_rounded
 
 fabric_mod = pytest.importorskip("lightning.fabric")
 accelerate = pytest.importorskip("accelerate")
@@ -280,3 +281,15 @@ def test_bf16_autocast_is_recorded_and_exact_up_to_its_rounding(framework):
     got = assert_autocast_run_exact(model, traj, X_test, "bfloat16")
     note(replica=got["replica"], share=got["residual_share"], train=got["train"],
          outcome="exact up to bfloat16 autocast (residual share: its rounding)")
+
+
+def test_the_float32_rounding_test_of_an_output_gradient():
+    """A float64 loss's gradient has random low mantissa bits; a cast before the loss leaves float32 numbers; a
+    loss of simple values (``out.mean()``: one magnitude) says nothing; ``torch.compile`` may hand over ``None``."""
+    out = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    target = torch.tensor([0, 2, 1, 0])
+    (float64,) = torch.autograd.grad(F.cross_entropy(out, target), out)
+    (cast,) = torch.autograd.grad(F.cross_entropy(out.float(), target), out)
+    (simple,) = torch.autograd.grad(out.mean(), out)
+    assert not float32_rounded(float64) and float32_rounded(cast)
+    assert not float32_rounded(simple) and not float32_rounded(None)

@@ -31,10 +31,11 @@ __all__ = ["OutputRounding", "float32_rounded"]
 MIN_DISTINCT = 3
 
 
-def float32_rounded(grad: Tensor) -> bool:
+def float32_rounded(grad: Tensor | None) -> bool:
     """Whether every entry of the float64 ``grad`` is a float32 number and at least :data:`MIN_DISTINCT` distinct
-    nonzero magnitudes occur (so that the rounding is not that of a few simple values such as ``1/n``)."""
-    if grad.dtype != torch.float64 or grad.numel() < MIN_DISTINCT:
+    nonzero magnitudes occur (so that the rounding is not that of a few simple values such as ``1/n``); ``None``
+    (a gradient ``torch.compile`` does not hand over): no."""
+    if not isinstance(grad, Tensor) or grad.dtype != torch.float64 or grad.numel() < MIN_DISTINCT:
         return False
     if not bool((grad.float().double() == grad).all()):  # the usual case of a float64 loss: out at once
         return False
@@ -91,7 +92,7 @@ class OutputRounding:
             if not torch._C._functorch.is_functorch_wrapped_tensor(tensor):
                 tensor.register_hook(self._gradient)
 
-    def _gradient(self, grad: Tensor) -> None:
+    def _gradient(self, grad: Tensor | None) -> None:  # None under torch.compile's backward
         if self.warned or not float32_rounded(grad):
             return
         self.warned = True
