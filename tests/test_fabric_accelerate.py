@@ -19,12 +19,16 @@ Fixed here (each test names what happened before):
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from _hf_stranger_kit import note
 from _real_loop_testkit import MLP_N_TRAIN, assert_autocast_run_exact, dropout_mlp, mlp_data, mlp_optimizer
+from _start_state_kit import carried_part
 from _stranger_loops_kit import N, assert_exact, data, measure, mlp
+from reference import Reference, rel_err
 
 import explaind
 from explaind.exceptions import ExplaindWarning, TrajectoryError
@@ -293,3 +297,71 @@ def test_the_float32_rounding_test_of_an_output_gradient():
     (simple,) = torch.autograd.grad(out.mean(), out)
     assert not float32_rounded(float64) and float32_rounded(cast)
     assert not float32_rounded(simple) and not float32_rounded(None)
+
+
+# ---------------------------------------------------------------- resuming from the framework's checkpoint
+def _resumed(framework: str, tmp_path) -> tuple[torch.nn.Module, explaind.Trajectory, dict]:
+    """3 steps of SGD momentum 0.9, a checkpoint of the model and optimizer (``fabric.save`` /
+    ``accelerator.save_state``), then a new model, optimizer and framework object restored from it
+    (``fabric.load`` / ``accelerator.load_state``) and 3 recorded steps. Returns the model, the trajectory and the
+    optimizer state the recording starts from."""
+    X, y, _ = data()
+    batches = list(_loader())
+
+    def setup():
+        net = mlp()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        if framework == "fabric":
+            fabric = fabric_mod.Fabric(accelerator="cpu", devices=1)
+            return (net, opt, fabric, *fabric.setup(net, opt))
+        _reset_accelerate()
+        acc = _accelerator()
+        return (net, opt, acc, *acc.prepare(net, opt))
+
+    def backward(runner, model, idx):
+        runner.backward(F.cross_entropy(model(X[idx]), y[idx]))
+
+    net, opt, runner, model, wrapped = setup()
+    for idx in batches[:3]:
+        backward(runner, model, idx)
+        wrapped.step()
+        wrapped.zero_grad()
+    if framework == "fabric":
+        runner.save(tmp_path / "state.ckpt", {"model": model, "optimizer": wrapped})
+    else:
+        runner.save_state(str(tmp_path / "state"))
+    net, opt, runner, model, wrapped = setup()
+    if framework == "fabric":
+        runner.load(tmp_path / "state.ckpt", {"model": model, "optimizer": wrapped})
+    else:
+        runner.load_state(str(tmp_path / "state"))
+    state = copy.deepcopy(opt.state_dict())
+    rec = _record(model, wrapped, check_gradients=True)
+    with rec:
+        for idx in batches[3:]:
+            backward(runner, model, idx)
+            rec.log_batch(idx)
+            wrapped.step()
+            wrapped.zero_grad()
+    return net, rec.trajectory, state
+
+
+@pytest.mark.parametrize("framework", ["fabric", "accelerate"])
+def test_resuming_from_the_frameworks_checkpoint_with_momentum_is_exact(tmp_path, framework):
+    """The restored momentum buffers carry part of every recorded update: the ``initial_state`` term, checked
+    against ``carried_part`` (tests/_start_state_kit.py), the rest split over the samples as the loop reference
+    splits it."""
+    net, traj, state = _resumed(framework, tmp_path)
+    assert traj.n_steps == 3 and state["state"]
+    _, _, X_test = data()
+    with torch.no_grad():
+        truth = net.eval()(X_test)
+    replica = rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_test), truth)
+    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X_test)
+    ref = Reference(traj, X_test)
+    train = rel_err(att.values, ref.kept(("train",)))
+    carried = rel_err(att.initial_state, carried_part("sgd", ref, state, [0.1] * 3))
+    note(replica=replica, share=att.meta["residual_share"], train=train)
+    assert float(att.initial_state.abs().sum()) >= 1e-2 * float((att.final - att.initial).abs().sum())
+    assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train <= 1e-9 and carried <= 1e-9
+    assert att.completeness_error() <= 1e-12
