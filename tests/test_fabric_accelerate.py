@@ -31,7 +31,7 @@ from _stranger_loops_kit import N, assert_exact, data, measure, mlp
 from reference import Reference, rel_err
 
 import explaind
-from explaind.exceptions import ExplaindWarning, TrajectoryError
+from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from explaind.trajectory._output_rounding import float32_rounded
 
 fabric_mod = pytest.importorskip("lightning.fabric")
@@ -365,3 +365,18 @@ def test_resuming_from_the_frameworks_checkpoint_with_momentum_is_exact(tmp_path
     assert float(att.initial_state.abs().sum()) >= 1e-2 * float((att.final - att.initial).abs().sum())
     assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train <= 1e-9 and carried <= 1e-9
     assert att.completeness_error() <= 1e-12
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_fabric_half_precision_parameters_are_refused_naming_bf16_mixed(precision):
+    """The recorder given what ``fabric.setup`` returned. Before: an ``UnknownEntryError`` for ``FabricSGD`` (and
+    given the torch objects, torch's ``RuntimeError`` "mat1 and mat2 must have the same dtype" from the first
+    gradient check, which it still is: the module alone does not say Fabric converts the inputs)."""
+    X, y, _ = data()
+    fabric = fabric_mod.Fabric(accelerator="cpu", devices=1, precision=precision)
+    net = mlp().float()
+    model, fopt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(ConfigError, match=rf"Fabric\(precision='{precision}'\) holds the parameters themselves.*"
+                                          r"Fix: Fabric\(precision='bf16-mixed'\)"):
+        explaind.TrajectoryRecorder(model, fopt, loss="cross_entropy", train_data=(X.float(), y))
+    note(outcome="loud: ConfigError (half-precision parameters)")
