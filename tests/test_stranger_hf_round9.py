@@ -77,6 +77,27 @@ def test_optimizer_cls_and_kwargs_given_to_the_trainer_is_exact(tmp_path):
     _assert_exact(model, traj)
 
 
+def _assert_replayed_exact(model, traj) -> None:
+    """Replica, residual share, and train scores against the loop reference that replays the recorded masks."""
+    with torch.no_grad():
+        truth = model.eval()(**X_TEST).logits
+    replica = rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_TEST), truth)
+    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X_TEST)
+    ref = MappingReplayReference(traj, X_TEST, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    train = rel_err(att.values, ref.kept(("train",)))
+    note(replica=replica, share=att.meta["residual_share"], train=train)
+    assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train <= 1e-9
+
+
+def test_dropout_with_dataloader_worker_processes_over_two_epochs_is_exact(tmp_path):
+    """Two worker processes: each epoch's loader draws the workers' base seed from the main generator between the
+    training forwards, whose dropout states the callback captures per micro-batch (gradient check every step)."""
+    model, traj, _ = _train(tmp_path, OwnLossMLP(dropout=0.3), max_steps=-1, num_train_epochs=2,
+                            dataloader_num_workers=2, callback_kwargs={"check_gradients": True})
+    assert traj.n_steps == 6 and max(traj.gradient_check()) <= 1e-12
+    _assert_replayed_exact(model, traj)
+
+
 def test_evaluation_every_epoch_with_batch_eval_metrics_keeps_a_dropout_run_exact(tmp_path):
     """Dropout 0.3, two epochs, evaluation (in evaluation mode, on a batch metric) at the end of each epoch and
     ``eval_accumulation_steps=1``; the gradient check replays every micro-batch's masks."""
@@ -91,14 +112,7 @@ def test_evaluation_every_epoch_with_batch_eval_metrics_keeps_a_dropout_run_exac
         evaluate=True, max_steps=-1, num_train_epochs=2, eval_strategy="epoch", batch_eval_metrics=True,
         eval_accumulation_steps=1, callback_kwargs={"check_gradients": True})
     assert traj.n_steps == 6 and calls.count(True) == 2 and max(traj.gradient_check()) <= 1e-12
-    with torch.no_grad():
-        truth = model.eval()(**X_TEST).logits
-    replica = rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_TEST), truth)
-    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X_TEST)
-    ref = MappingReplayReference(traj, X_TEST, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
-    train = rel_err(att.values, ref.kept(("train",)))  # the loop reference replaying the recorded masks
-    note(replica=replica, share=att.meta["residual_share"], train=train)
-    assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train <= 1e-9
+    _assert_replayed_exact(model, traj)
 
 
 def test_worker_processes_drawing_random_augmentation_are_refused(tmp_path):

@@ -24,9 +24,10 @@ from _hf_stranger_kit import note
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.utilities import CombinedLoader
 from test_lightning_options import _data, _mlp, _sgd
-from test_stranger_lightning_round5 import _assert_exact, _fit, _sizes
+from test_stranger_lightning_round5 import X_TEST, _assert_exact, _fit, _sizes
 
-from explaind.exceptions import ConfigError
+import explaind
+from explaind.exceptions import ConfigError, ExplaindWarning
 from explaind.integrations import ExplaindLightningCallback
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -108,3 +109,30 @@ def test_several_training_dataloaders_are_refused_naming_one_indexed_dataset(tmp
                                           r"Fix: serve all items through one IndexedDataset"):
         trainer.fit(TwoLoaders(), loaders)
     note(outcome="loud: ConfigError (several training dataloaders)")
+
+
+class DoubledBackward(CrossEntropyModule):
+    """A ``backward`` override that backpropagates twice the loss Lightning hands it (a loss weight set there)."""
+
+    def __init__(self):
+        super().__init__(_mlp(), _sgd)
+
+    def backward(self, loss, *args, **kwargs):
+        (2 * loss).backward()
+
+
+@pytest.mark.parametrize("check", ["auto", False])
+def test_a_backward_override_scaling_the_loss_is_measured_or_warned(tmp_path, check):
+    """The gradient check measures the factor 2 (exact); with the check off the factor lands in the residual, a
+    share of about 1/2 that the estimator warns about."""
+    module = DoubledBackward()
+    callback, _ = _fit(tmp_path, module, callback_kwargs={"check_gradients": check})
+    traj = callback.trajectory
+    if check == "auto":
+        assert traj.grad_scale(0) == pytest.approx(2.0, rel=1e-12)
+        _assert_exact(module.model, traj)
+        return
+    with pytest.warns(ExplaindWarning, match=r"residual share 0\.\d+ > residual_tol"):
+        att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X_TEST)
+    note(share=att.meta["residual_share"], outcome="loud: ExplaindWarning (residual share, loss doubled unmeasured)")
+    assert att.meta["residual_share"] > 0.1
