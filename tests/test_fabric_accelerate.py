@@ -289,14 +289,17 @@ def test_bf16_autocast_is_recorded_and_exact_up_to_its_rounding(framework):
 
 def test_the_float32_rounding_test_of_an_output_gradient():
     """A float64 loss's gradient has random low mantissa bits; a cast before the loss leaves float32 numbers; a
-    loss of simple values (``out.mean()``: one magnitude) says nothing; ``torch.compile`` may hand over ``None``."""
+    loss of simple values (``out.mean()``: one magnitude; dyadic sample weights: short mantissas) says nothing;
+    ``torch.compile`` may hand over ``None``."""
     out = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     target = torch.tensor([0, 2, 1, 0])
     (float64,) = torch.autograd.grad(F.cross_entropy(out, target), out)
     (cast,) = torch.autograd.grad(F.cross_entropy(out.float(), target), out)
     (simple,) = torch.autograd.grad(out.mean(), out)
+    weights = torch.tensor([0.5, 0.25, 0.125, 0.75], dtype=torch.float64)[:, None]
+    (dyadic,) = torch.autograd.grad((weights * out).sum(), out)  # four magnitudes, each a short float32 number
     assert not float32_rounded(float64) and float32_rounded(cast)
-    assert not float32_rounded(simple) and not float32_rounded(None)
+    assert not float32_rounded(simple) and not float32_rounded(dyadic) and not float32_rounded(None)
 
 
 # ---------------------------------------------------------------- resuming from the framework's checkpoint

@@ -10,7 +10,8 @@ reproduces: it lands in the residual (a share near 1e-8, far below the estimator
 word. :class:`OutputRounding` hooks the gradient of the model's float64 outputs in the loop's training backward
 and warns (``ExplaindWarning``) the first time every entry of it is a float32 number. A float64 loss gives
 gradients with random low mantissa bits; gradients with fewer than three distinct nonzero magnitudes
-(``out.sum()``, an L1 or hinge loss: ``±1/n``) say nothing and are skipped.
+(``out.sum()``, an L1 or hinge loss: ``±1/n``), or whose magnitudes all use fewer than 16 significant bits (a
+linear loss with dyadic sample weights), say nothing and are skipped.
 """
 
 from __future__ import annotations
@@ -29,18 +30,26 @@ __all__ = ["OutputRounding", "float32_rounded"]
 
 #: The fewest distinct nonzero magnitudes of a gradient whose float32 rounding is taken as a sign of a cast.
 MIN_DISTINCT = 3
+#: The fewest significant bits (of float32's 24) that some entry must use: simple values (``w_k / n`` with
+#: dyadic weights) are float32 numbers without any cast.
+MIN_BITS = 16
 
 
 def float32_rounded(grad: Tensor | None) -> bool:
-    """Whether every entry of the float64 ``grad`` is a float32 number and at least :data:`MIN_DISTINCT` distinct
-    nonzero magnitudes occur (so that the rounding is not that of a few simple values such as ``1/n``); ``None``
-    (a gradient ``torch.compile`` does not hand over): no."""
+    """Whether every entry of the float64 ``grad`` is a float32 number, at least :data:`MIN_DISTINCT` distinct
+    nonzero magnitudes occur and one of them uses at least :data:`MIN_BITS` significant bits (so that the rounding
+    is not that of a few simple values such as ``1/n`` or dyadic weights); ``None`` (a gradient ``torch.compile``
+    does not hand over): no."""
     if not isinstance(grad, Tensor) or grad.dtype != torch.float64 or grad.numel() < MIN_DISTINCT:
         return False
     if not bool((grad.float().double() == grad).all()):  # the usual case of a float64 loss: out at once
         return False
-    nonzero = grad[grad != 0].abs()
-    return torch.unique(nonzero).numel() >= MIN_DISTINCT
+    nonzero = torch.unique(grad[grad != 0].abs())
+    if nonzero.numel() < MIN_DISTINCT:
+        return False
+    mantissa = (torch.frexp(nonzero).mantissa * 2.0 ** 24).to(torch.int64)  # exact: float32 numbers, 24 bits
+    lowest = mantissa & -mantissa  # the lowest set bit: 24 - log2(lowest) significant bits
+    return bool((24 - torch.log2(lowest.double())).max() >= MIN_BITS)
 
 
 def _float64_leaves(out: Any) -> Iterator[Tensor]:
