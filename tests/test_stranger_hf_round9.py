@@ -149,7 +149,7 @@ def test_a_float64_causal_lm_on_transformers_own_loss_is_warned_and_exact_throug
     rounded = [str(w.message) for w in caught if "rounded to float32" in str(w.message)]
     figures = lm_figures(model, callback.trajectory)
     if loss == "models_own":
-        assert len(rounded) == 1 and "causal-LM" in rounded[0]
+        assert len(rounded) == 1 and "ForCausalLMLoss" in rounded[0]
         assert "compute_loss_func=callback.compute_loss" in rounded[0]
         assert 1e-9 < max(callback.trajectory.gradient_check()) < 1e-7
         note(replica=figures["replica"], share=figures["residual_share"], train=figures["train"],

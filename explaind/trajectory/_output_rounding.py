@@ -1,17 +1,17 @@
 """Warn when a float64 model's training gradient arrives at its output rounded to float32.
 
-A float64 run is decomposed at float64 rounding only if the loss the loop differentiates is computed in float64
-from the model's outputs. Something between the output and the loss that casts to float32 (Lightning Fabric's
+A float64 run is decomposed at float64 rounding only if the loss the loop differentiates is computed in float64 from
+the model's outputs. Something between the output and the loss that casts to float32 (Lightning Fabric's
 ``precision="64-true"`` casts the outputs of its wrapped module back to torch's default dtype; ``logits.float()``,
-as transformers' own causal-LM, masked-LM and token-classification losses do; a loss written in float32) makes
-every gradient that reaches the output a float32 number: the step's gradient carries float32 rounding (about
-1e-8 relative), which the gradient check allows within its float64 tolerance and which no per-sample float64 loss
-reproduces: it lands in the residual (a share near 1e-8, far below the estimators' warning threshold), without a
-word. :class:`OutputRounding` hooks the gradient of the model's float64 outputs in the loop's training backward
-and warns (``ExplaindWarning``) the first time every entry of it is a float32 number. A float64 loss gives
-gradients with random low mantissa bits; gradients with fewer than three distinct nonzero magnitudes
-(``out.sum()``, an L1 or hinge loss: ``±1/n``), or whose magnitudes all use fewer than 16 significant bits (a
-linear loss with dyadic sample weights), say nothing and are skipped.
+as transformers' ``ForCausalLMLoss``, ``ForMaskedLMLoss`` and ``ForTokenClassification`` do (the own loss of GPT-2
+and many other models); a loss written in float32) makes every gradient that reaches the output a float32 number:
+the step's gradient carries float32 rounding (about 1e-8 relative), which the gradient check allows within its
+float64 tolerance and which no per-sample float64 loss reproduces: it lands in the residual (a share near 1e-8, far
+below the estimators' warning threshold), without a word. :class:`OutputRounding` hooks the gradient of the model's
+float64 outputs in the loop's training backward and warns (``ExplaindWarning``) the first time every entry of it is
+a float32 number. A float64 loss gives gradients with random low mantissa bits; gradients with fewer than three
+distinct nonzero magnitudes (``out.sum()``, an L1 or hinge loss: ``±1/n``), or whose magnitudes all use fewer than
+16 significant bits (a linear loss with dyadic sample weights), say nothing and are skipped.
 """
 
 from __future__ import annotations
@@ -109,8 +109,9 @@ class OutputRounding:
             f"The training gradient reaching the output of the float64 model {type(self._model).__name__} is rounded "
             f"to float32 (all {grad.numel()} entries are float32 numbers): the loop casts the outputs to float32 "
             f"before the loss (Lightning Fabric(precision='64-true') casts its module's outputs back to torch's "
-            f"default dtype, float32; transformers' own causal-LM, masked-LM and token-classification losses, which "
-            f"call logits.float(); a loss computed in float32). The run's gradients then carry float32 rounding "
+            f"default dtype, float32; the model's own loss through transformers' ForCausalLMLoss, ForMaskedLMLoss or "
+            f"ForTokenClassification, which call logits.float(); a loss computed in float32). The run's gradients "
+            f"then carry float32 rounding "
             f"(about 1e-8 relative) that no float64 per-sample loss reproduces: the gradient check passes within its "
             f"float64 tolerance, and the residual holds the rounding (a residual share near 1e-8), which the "
             f"per-sample scores miss. Fix: compute the loss in float64 (with Fabric: "
