@@ -33,6 +33,7 @@ from _hf_testkit import (
     LENGTH,
     VOCAB,
     MappingReference,
+    MappingReplayReference,
     cls_data,
     lm_figures,
     loop_token_loss,
@@ -63,6 +64,19 @@ def _assert_exact(model: nn.Module, traj, outcome: str = "exact") -> None:
     ref = MappingReference(traj, X_TEST, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
     train = rel_err(att.values, ref.kept(("train",)))
     note(replica=replica, share=att.meta["residual_share"], train=train, outcome=outcome)
+    assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train <= 1e-9
+
+
+def _assert_replayed_exact(model: nn.Module, traj) -> None:
+    """``_assert_exact`` of a dropout run: the train scores against the loop reference that replays the recorded
+    masks (``MappingReplayReference``)."""
+    with torch.no_grad():
+        truth = model.eval()(**X_TEST).logits
+    replica = rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_TEST), truth)
+    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X_TEST)
+    ref = MappingReplayReference(traj, X_TEST, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    train = rel_err(att.values, ref.kept(("train",)))
+    note(replica=replica, share=att.meta["residual_share"], train=train)
     assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train <= 1e-9
 
 

@@ -16,16 +16,13 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from _framework_testkit import NoisyItems
 from _hf_stranger_kit import note
-from _hf_testkit import N_TRAIN, MappingReplayReference, lm_data, lm_figures, run_args, tiny_gpt2
-from reference import rel_err
-from test_stranger_hf_round5 import X_TEST, _assert_exact, _quiet
+from _hf_testkit import N_TRAIN, lm_data, lm_figures, run_args, tiny_gpt2
+from test_stranger_hf_round5 import _assert_exact, _assert_replayed_exact, _quiet
 from test_stranger_hf_round7 import _sizes
 from test_trainer_options import LearningRates, OwnLossMLP, _data, _train
 
-import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
 
@@ -75,18 +72,6 @@ def test_optimizer_cls_and_kwargs_given_to_the_trainer_is_exact(tmp_path):
     assert type(trainer.optimizer.optimizer) is torch.optim.SGD and groups[0]["nesterov"]
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.01]
     _assert_exact(model, traj)
-
-
-def _assert_replayed_exact(model, traj) -> None:
-    """Replica, residual share, and train scores against the loop reference that replays the recorded masks."""
-    with torch.no_grad():
-        truth = model.eval()(**X_TEST).logits
-    replica = rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_TEST), truth)
-    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X_TEST)
-    ref = MappingReplayReference(traj, X_TEST, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
-    train = rel_err(att.values, ref.kept(("train",)))
-    note(replica=replica, share=att.meta["residual_share"], train=train)
-    assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train <= 1e-9
 
 
 def test_dropout_with_dataloader_worker_processes_over_two_epochs_is_exact(tmp_path):
