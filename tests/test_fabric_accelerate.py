@@ -28,6 +28,7 @@ from _hf_stranger_kit import note
 from _real_loop_testkit import MLP_N_TRAIN, assert_autocast_run_exact, dropout_mlp, mlp_data, mlp_optimizer
 from _start_state_kit import carried_part
 from _stranger_loops_kit import N, assert_exact, data, measure, mlp
+from lightning.fabric.plugins import MixedPrecision
 from reference import Reference, rel_err
 
 import explaind
@@ -234,26 +235,38 @@ def test_accelerate_clip_grad_value_is_refused():
 
 
 # ---------------------------------------------------------------- bfloat16 autocast on the CPU
-def _amp_run(framework: str) -> tuple[torch.nn.Module, explaind.Trajectory, torch.Tensor]:
-    """The float32 dropout MLP of tests/_real_loop_testkit.py, 6 steps of two micro-batches of 4 under bfloat16
-    autocast: ``Fabric(precision="bf16-mixed")`` (autocast in the wrapped module's forward, the loss divided by 2)
-    or ``Accelerator(mixed_precision="bf16", gradient_accumulation_steps=2)`` (autocast wrapped around
-    ``model.forward``). Returns the trained parameters in a fresh module (accelerate leaves its autocast on the
+def _amp_run(framework: str, precision: str = "bfloat16",
+             hand_over: bool = True) -> tuple[torch.nn.Module, explaind.Trajectory, torch.Tensor]:
+    """The float32 dropout MLP of tests/_real_loop_testkit.py, 6 steps of two micro-batches of 4 under autocast:
+    ``Fabric(precision="bf16-mixed")`` (autocast in the wrapped module's forward, the loss divided by 2) or
+    ``Accelerator(mixed_precision="bf16", gradient_accumulation_steps=2)`` (autocast wrapped around
+    ``model.forward``). ``precision="float16"``: Fabric's ``MixedPrecision("16-mixed", "cpu", GradScaler)`` plugin,
+    accelerate with the two attributes it sets on a GPU (``native_amp``, ``scaler``; see
+    tests/test_integrations_amp.py), clipping by norm at 0.5 before each step; ``hand_over``: the recorder is given
+    the framework's scaler. Returns the trained parameters in a fresh module (accelerate leaves its autocast on the
     model), the trajectory and the test inputs."""
     X, y = mlp_data(torch.Generator().manual_seed(2))
     net = dropout_mlp()
     opt = mlp_optimizer(net.parameters())
     loader = torch.utils.data.DataLoader(torch.arange(MLP_N_TRAIN), batch_size=BATCH, shuffle=True,
                                          generator=torch.Generator().manual_seed(1))
+    half = precision == "float16"
     if framework == "fabric":
-        fabric = fabric_mod.Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
+        plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))] if half else []
+        fabric = fabric_mod.Fabric(accelerator="cpu", devices=1, plugins=plugins,
+                                   **({} if half else {"precision": "bf16-mixed"}))
         model, wrapped = fabric.setup(net, opt)
         loader = fabric.setup_dataloaders(loader)
+        scaler = fabric.strategy.precision.scaler
     else:
-        acc = _accelerator(mixed_precision="bf16", gradient_accumulation_steps=2)
+        acc = _accelerator(mixed_precision="fp16" if half else "bf16", gradient_accumulation_steps=2)
+        if half:  # what accelerate sets on a GPU
+            acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=1024.0)
         model, wrapped, loader = acc.prepare(net, opt, loader)
+        scaler = acc.scaler
     rec = explaind.TrajectoryRecorder(model, wrapped, loss="cross_entropy", train_data=(X[:MLP_N_TRAIN],
-                                                                                        y[:MLP_N_TRAIN]))
+                                                                                        y[:MLP_N_TRAIN]),
+                                      grad_scaler=scaler if hand_over else None)
     with rec:
         for i, idx in enumerate(list(loader) * 2):
             if rec.n_steps == 6:
@@ -262,12 +275,16 @@ def _amp_run(framework: str) -> tuple[torch.nn.Module, explaind.Trajectory, torc
                 fabric.backward(F.cross_entropy(model(X[idx]), y[idx]) / 2)
                 rec.log_batch(idx)
                 if i % 2 == 1:
+                    if half:
+                        fabric.clip_gradients(model, wrapped, max_norm=0.5)
                     wrapped.step()
                     wrapped.zero_grad()
             else:
                 with acc.accumulate(model):
                     acc.backward(F.cross_entropy(model(X[idx]), y[idx]))
                     rec.log_batch(idx)
+                    if half and acc.sync_gradients:
+                        acc.clip_grad_norm_(model.parameters(), 0.5)
                     wrapped.step()
                     wrapped.zero_grad()
     net.eval()  # the recorded model, which the reference evaluates along the path
@@ -383,3 +400,23 @@ def test_fabric_half_precision_parameters_are_refused_naming_bf16_mixed(precisio
                                           r"Fix: Fabric\(precision='bf16-mixed'\)"):
         explaind.TrajectoryRecorder(model, fopt, loss="cross_entropy", train_data=(X.float(), y))
     note(outcome="loud: ConfigError (half-precision parameters)")
+
+
+@pytest.mark.parametrize("framework", ["fabric", "accelerate"])
+def test_float16_with_the_frameworks_grad_scaler_is_recorded_and_exact_up_to_its_rounding(framework):
+    """The scaler handed to the recorder (``fabric.strategy.precision.scaler``, ``accelerator.scaler``): each step
+    recorded with its loss scale and the clipping of the unscaled gradient as ``c_s``; exact up to the float16
+    autocast as in tests/test_amp_dropout.py."""
+    model, traj, X_test = _amp_run(framework, "float16")
+    assert traj.n_steps == 6 and [r.amp_scale for r in traj.manifest.steps] == [1024.0] * 6
+    got = assert_autocast_run_exact(model, traj, X_test, "float16")
+    note(replica=got["replica"], share=got["residual_share"], train=got["train"],
+         outcome="exact up to float16 autocast (residual share: its rounding)")
+
+
+@pytest.mark.parametrize("framework", ["fabric", "accelerate"])
+def test_float16_without_the_scaler_is_refused_naming_where_the_framework_keeps_it(framework):
+    with pytest.raises(TrajectoryError, match=r"does not know the scaler.*grad_scaler=fabric\.strategy\.precision"
+                                              r"\.scaler; in an accelerate loop: grad_scaler=accelerator\.scaler"):
+        _amp_run(framework, "float16", hand_over=False)
+    note(outcome="loud: TrajectoryError (GradScaler not handed to the recorder)")
