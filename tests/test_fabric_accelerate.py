@@ -44,9 +44,9 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 BATCH = 4
 
 
-def _loader() -> torch.utils.data.DataLoader:
+def _loader(batch: int = BATCH) -> torch.utils.data.DataLoader:
     """Shuffled positions ``0..N-1`` in batches of 4 (an epoch of 6 micro-batches), seeded."""
-    return torch.utils.data.DataLoader(torch.arange(N), batch_size=BATCH, shuffle=True,
+    return torch.utils.data.DataLoader(torch.arange(N), batch_size=batch, shuffle=True,
                                        generator=torch.Generator().manual_seed(1))
 
 
@@ -162,22 +162,24 @@ def test_fabric_clip_gradients_by_value_is_refused():
 
 # ---------------------------------------------------------------- Hugging Face accelerate
 def _accelerate_run(*, k: int = 3, wrapped: bool = True, clip: str = "norm", weights: bool = False,
-                    sync_with_dataloader: bool = True, **recorder) -> tuple[torch.nn.Module, explaind.Trajectory]:
+                    sync_with_dataloader: bool = True, batch: int = BATCH, epochs: int = 2,
+                    **recorder) -> tuple[torch.nn.Module, explaind.Trajectory]:
     """``Accelerator(cpu=True, gradient_accumulation_steps=k)``, ``prepare`` of the model, optimizer, a
     ``StepLR`` and the loader; ``with accelerator.accumulate(model)``; ``accelerator.backward`` (which divides the
     loss by ``k``); clipping when the gradients sync. An epoch of 6 micro-batches is 2 steps for ``k = 3``;
     ``weights``: log each micro-batch with the weights ``1 / (n k)`` of that division; ``sync_with_dataloader``:
-    accelerate's ``GradientAccumulationPlugin`` setting (``False``: a step may span the end of an epoch)."""
+    accelerate's ``GradientAccumulationPlugin`` setting (``False``: a step may span the end of an epoch); ``batch``
+    and ``epochs``: the loader's batch size and the passes over it."""
     X, y, _ = data()
     net = mlp()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
     acc = _accelerator(gradient_accumulation_plugin=accelerate.utils.GradientAccumulationPlugin(
         num_steps=k, sync_with_dataloader=sync_with_dataloader))
-    model, aopt, sched, loader = acc.prepare(net, opt, schedule, _loader())
+    model, aopt, sched, loader = acc.prepare(net, opt, schedule, _loader(batch))
     rec = _record(model, aopt if wrapped else opt, **recorder)
     with rec:
-        for _ in range(2):
+        for _ in range(epochs):
             for idx in loader:
                 with acc.accumulate(model):
                     acc.backward(F.cross_entropy(model(X[idx]), y[idx]))
@@ -200,6 +202,17 @@ def test_accelerate_accumulate_with_clipping_and_a_schedule_is_exact_with_the_gr
     ``StepLR`` (stepped by accelerate only when the optimizer stepped) read from the optimizer."""
     net, traj = _accelerate_run(check_gradients=True)
     assert traj.n_steps == 4 and max(traj.gradient_check()) <= 1e-12
+    _exact(net, traj)
+
+
+def test_accelerate_accumulation_with_the_default_gradient_check_schedule_is_exact():
+    """``check_gradients="auto"`` (the default) over 4 epochs of 5 micro-batches (4 of 5 samples, then 4): steps of
+    3 and 2 micro-batches, each divided by 3. The factor 1/3 is not 1, so every step whose micro-batches differ
+    from those it was measured on is checked anew: here every step, each at float64 rounding."""
+    net, traj = _accelerate_run(batch=5, epochs=4)
+    assert [len(traj.micro_batches(s)) for s in range(traj.n_steps)] == [3, 2] * 4
+    checks = traj.gradient_check()  # NaN where a step was not checked
+    assert bool((checks <= 1e-12).all())
     _exact(net, traj)
 
 
