@@ -1,4 +1,4 @@
-"""Print the measured figures of the stranger Hugging Face tests (tests/test_stranger_hf_*.py) as a table.
+"""Print the measured figures of the stranger framework tests (Hugging Face, Lightning, Fabric, accelerate) as a table.
 
 Run from the repository root::
 
@@ -29,7 +29,8 @@ FILES = ["test_stranger_hf_encoders.py", "test_stranger_hf_decoders.py", "test_s
          "test_stranger_hf_vision.py", "test_stranger_hf_seq2seq.py", "test_stranger_hf_text.py",
          "test_stranger_hf_trainer.py", "test_stranger_hf_round5.py", "test_stranger_lightning_round5.py",
          "test_stranger_hf_round6.py", "test_stranger_lightning_round6.py", "test_stranger_hf_round7.py",
-         "test_stranger_lightning_round7.py", "test_stranger_hf_round8.py", "test_stranger_lightning_round8.py"]
+         "test_stranger_lightning_round7.py", "test_stranger_hf_round8.py", "test_stranger_lightning_round8.py",
+         "test_stranger_hf_round9.py", "test_stranger_lightning_round9.py", "test_fabric_accelerate.py"]
 
 
 def main() -> int:

@@ -319,7 +319,8 @@ def lightning_fit(tmp_path, change: bool) -> tuple[object, callable]:
 
 
 def trainer_fit(tmp_path, change: bool) -> tuple[object, callable]:
-    """GPT-2 under the Hugging Face Trainer with evaluation every 2 steps; ``change``: a TrainerCallback raises the
+    """GPT-2 under the Hugging Face Trainer with evaluation every 2 steps, on the callback's float64 loss (GPT-2's
+    own loss calls ``logits.float()``, which the recorder warns about); ``change``: a TrainerCallback raises the
     embedding dropout's rate after every step."""
     from _hf_testkit import lm_data, tiny_gpt2, trainer_args
     from transformers import Trainer, TrainerCallback
@@ -337,7 +338,7 @@ def trainer_fit(tmp_path, change: bool) -> tuple[object, callable]:
     args = trainer_args(tmp_path, max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
                         eval_strategy="steps", eval_steps=2)
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=data, eval_dataset=data,
-                      callbacks=[callback, Schedule()])
+                      callbacks=[callback, Schedule()], compute_loss_func=callback.compute_loss)
     return callback, trainer.train
 
 

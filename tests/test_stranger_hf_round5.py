@@ -33,6 +33,7 @@ from _hf_testkit import (
     LENGTH,
     VOCAB,
     MappingReference,
+    MappingReplayReference,
     cls_data,
     lm_figures,
     loop_token_loss,
@@ -54,16 +55,22 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 X_TEST = {"x": torch.randn(3, 5, generator=torch.Generator().manual_seed(9), dtype=DT)}
 
 
-def _assert_exact(model: nn.Module, traj, outcome: str = "exact") -> None:
-    """Replica, residual share and train scores of the MLP within the bounds of the module docstring."""
+def _assert_exact(model: nn.Module, traj, outcome: str = "exact", reference=MappingReference) -> None:
+    """Replica, residual share and train scores of the MLP within the bounds of the module docstring; the train
+    scores against ``reference`` (for a dropout run ``MappingReplayReference``, which replays the recorded masks)."""
     with torch.no_grad():
         truth = model.eval()(**X_TEST).logits
     replica = rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_TEST), truth)
     att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X_TEST)
-    ref = MappingReference(traj, X_TEST, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    ref = reference(traj, X_TEST, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
     train = rel_err(att.values, ref.kept(("train",)))
     note(replica=replica, share=att.meta["residual_share"], train=train, outcome=outcome)
     assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train <= 1e-9
+
+
+def _assert_replayed_exact(model: nn.Module, traj) -> None:
+    """``_assert_exact`` of a dropout run, against the loop reference that replays the recorded masks."""
+    _assert_exact(model, traj, reference=MappingReplayReference)
 
 
 def _quiet(tmp_path, **settings) -> transformers.TrainingArguments:

@@ -31,7 +31,7 @@ from _hf_testkit import (
     trainer_args,
 )
 from reference import rel_err
-from test_stranger_hf_round5 import X_TEST, _assert_exact, _quiet
+from test_stranger_hf_round5 import _assert_exact, _assert_replayed_exact, _quiet
 from test_trainer_options import KeywordLossMLP, N, OwnLossMLP, _data, _train
 
 import explaind
@@ -271,14 +271,7 @@ def test_evaluation_at_the_start_and_every_two_steps_keeps_a_dropout_run_exact(t
                                   eval_steps=2, eval_on_start=True, callback_kwargs={"check_gradients": True})
     assert sum("eval_loss" in entry for entry in trainer.state.log_history) == 3  # before step 0, after 2 and 4
     assert max(traj.gradient_check()) <= 1e-12
-    with torch.no_grad():
-        truth = model.eval()(**X_TEST).logits
-    replica = rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_TEST), truth)
-    att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X_TEST)
-    ref = MappingReplayReference(traj, X_TEST, loss_fn=lambda out, t: F.cross_entropy(out, t, reduction="none"))
-    train = rel_err(att.values, ref.kept(("train",)))
-    note(replica=replica, share=att.meta["residual_share"], train=train)
-    assert replica <= 1e-6 and att.meta["residual_share"] <= 1e-9 and train <= 1e-9
+    _assert_replayed_exact(model, traj)
 
 
 def test_evaluating_on_the_training_set_itself_is_exact(tmp_path):

@@ -64,7 +64,8 @@ def test_zero_grad_between_backward_and_step_records_the_steps_that_did_not_move
 def test_float32_rounding_in_the_loop_stays_at_its_level(case):
     """A float32 layer fed ``x.to(weight.dtype)`` (the fix the mixed-dtype refusal names) and a float64 model whose
     loss the loop takes in float32: the loop's gradients carry float32 rounding, which the residual share shows at
-    that level (below residual_tol, no warning); the scores equal the reference that recomputes as written."""
+    that level (below residual_tol, no estimator warning; the float32 loss is warned about when recording,
+    tests/test_fabric_accelerate.py); the scores equal the reference that recomputes as written."""
     got = CASES[case]()
     assert got["replica"] <= 1e-6 and got["share"] <= 1e-6 and not got["warnings"], got
     assert got["scores"] <= 1e-9, got

@@ -22,15 +22,16 @@ has run, after Lightning's gradient clipping, so ``gradient_clip_val`` is measur
 each step's loss scale :math:`S_s` as ``amp_scale`` (``"bf16-mixed"`` needs no scaler; ``"bf16-true"`` and
 ``"16-true"``, half-precision parameters, are refused). The first forward of the recorded module in each
 micro-batch is compared with the recorded rows (:meth:`RecordingCore._check_batch`: random augmentation is
-refused), and the recorder is closed at ``on_fit_end``, after every callback's ``on_train_end`` (so the
-averaged weights ``StochasticWeightAveraging`` or ``EMAWeightAveraging`` write there are warned about).
+refused, as are the batches of several training dataloaders), and the recorder is closed at ``on_fit_end``,
+after every callback's ``on_train_end`` (so the averaged weights ``StochasticWeightAveraging`` or
+``EMAWeightAveraging`` write there are warned about).
 docs/guide_own_model.md has the walk-through.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -156,6 +157,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         if self.recorder is None:
             return
         if not (isinstance(batch, MutableMapping) and self.index_key in batch):
+            _refuse_combined_batches(batch, batch_idx, self.index_key)
             raise TrajectoryError(
                 f"Training batch {batch_idx} has no {self.index_key!r}: the training dataloader must serve an "
                 f"explaind.integrations.IndexedDataset, collated to a mapping (torch's default collate does)."
@@ -203,3 +205,28 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     def close(self) -> None:
         """Close the recorder, then remove the model hook (``on_fit_end`` does it)."""
         self._stop()
+
+
+def _refuse_combined_batches(batch: Any, batch_idx: int, index_key: str) -> None:
+    """Refuse a training batch that holds the batches of several dataloaders, each with its positions.
+
+    ``trainer.fit(module, {"a": loader_a, "b": loader_b})`` (or a list of loaders, or a ``CombinedLoader``) gives
+    ``training_step`` one batch per loader. Before, this was refused with a message about the collation of one
+    ``IndexedDataset``, which named neither the cause nor the fix.
+    """
+    parts: Any = ()
+    if isinstance(batch, Mapping):
+        parts = batch.items()
+    elif isinstance(batch, (list, tuple)):
+        parts = enumerate(batch)
+    names = [key for key, part in parts if isinstance(part, Mapping) and index_key in part]
+    if names:
+        raise ConfigError(
+            f"Training batch {batch_idx} holds the batches of several training dataloaders ({names}: a dict or list "
+            f"of loaders given to trainer.fit, or a CombinedLoader), each with its own {index_key!r}. The callback "
+            f"records one training set, trained through one batch per step: the positions of different loaders "
+            f"index different datasets (or count the same samples twice), and training_step combines the loaders' "
+            f"losses in a way the callback does not know. Fix: serve all items through one IndexedDataset (e.g. "
+            f"IndexedDataset(torch.utils.data.ConcatDataset([...]))) and one DataLoader, and give the callback "
+            f"that dataset."
+        )

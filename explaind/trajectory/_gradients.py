@@ -9,7 +9,9 @@ r"""Gradient bookkeeping of the recorder: raw-gradient snapshots, the scale ``c_
   global multiple) is an error. Each snapshot carries a sequence number, so the snapshots of an
   accumulation whose step was skipped (``GradScaler`` found inf/nan) can be forgotten.
 * :class:`AutocastProbe` (a forward pre-hook on the model) notes whether the loop's forward ran
-  under ``torch.autocast`` and in which dtype, and hooks parameters that start requiring grad.
+  under ``torch.autocast`` and in which dtype, and hooks parameters that start requiring grad; its
+  :class:`~explaind.trajectory._output_rounding.OutputRounding` warns when a float64 model's training
+  gradient reaches its output rounded to float32.
 * The update audit, which replays each step with the adapter's coefficients, is
   :class:`~explaind.trajectory._audit.UpdateAudit`.
 """
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
 from ._common import ModelHook
+from ._output_rounding import OutputRounding
 from ._random import draws_masks
 
 __all__ = ["GradientTap", "AutocastProbe", "has_stochastic_layers", "is_power_of_two", "same_bytes"]
@@ -366,12 +369,15 @@ class AutocastProbe:
         self.dtype: torch.dtype | None = None
         self.paused = False
         self._handles: list[Any] = []
+        self.rounding = OutputRounding(model, lambda: self.paused)  # a float32 cast before a float64 model's loss
 
     def attach(self) -> None:
+        self.rounding.attach()
         self._handles = [self._model.register_forward_pre_hook(ModelHook(self._hook))]
         self._handles += [child.register_forward_pre_hook(ModelHook(self._inner)) for child in self._model.children()]
 
     def detach(self) -> None:
+        self.rounding.detach()
         for handle in self._handles:
             handle.remove()
         self._handles = []

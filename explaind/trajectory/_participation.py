@@ -235,7 +235,9 @@ def refuse_unknown_grad_scaler(scaler: Any, step: int) -> None:
             f"TrajectoryRecorder(..., grad_scaler=scaler). Inside ExplaindTrainerCallback or "
             f"ExplaindLightningCallback the scaler is taken from accelerate's prepared optimizer "
             f"(`.scaler`) or Lightning's precision plugin (`.scaler`); a plugin that keeps it elsewhere "
-            f"needs the plain-loop recorder (docs/guide_own_model.md, 'Mixed precision')."
+            f"needs the plain-loop recorder (docs/guide_own_model.md, 'Mixed precision'). In a Lightning Fabric loop: "
+            f"grad_scaler=fabric.strategy.precision.scaler; in an accelerate loop: grad_scaler=accelerator.scaler "
+            f"(docs/guide_own_model.md, 'Fabric and Accelerate')."
         )
 
 

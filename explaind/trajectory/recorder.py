@@ -47,7 +47,7 @@ from ._participation import (
 from ._random import RandomCapture
 from ._recorder_checks import LoggedBatch, RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
-from ._setup import prepare_directory, refuse_invalid_arguments, store_root
+from ._setup import framework_originals, prepare_directory, refuse_invalid_arguments, store_root
 from ._start_optimizer import OptimizerStart, capture_optimizer_start
 from ._start_state import capture_start_state
 from .disk import DiskTrajectory
@@ -68,7 +68,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         The model being trained. Parameters with ``requires_grad=True`` are recorded per step
         (``trajectory.param_names``); frozen parameters and buffers are stored once as constants (``record_frozen``).
     optimizer : torch.optim.Optimizer
-        Its class must be handled by a registered optimizer adapter.
+        Handled by a registered optimizer adapter; Fabric's and accelerate's wrappers: the optimizer they wrap.
     loss : str, LossRecord or callable
         The training loss: a registered name (``"cross_entropy"``, ``"nll"``, ``"mse"``) or
         ``loss_fn(outputs, targets) -> mean loss``.
@@ -180,9 +180,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         ignore_attributes: Any = (),
     ):
         from ..plugins import resolve_optimizer_adapter
+        self.model, self.optimizer = model, optimizer = framework_originals(model, optimizer)  # Fabric, accelerate
         refuse_invalid_arguments(model, optimizer, loss=loss, audit=audit, grad_scaler=grad_scaler, switches={
             "store_data": store_data, "background_writes": background_writes, "fsync": fsync})
-        self.model, self.optimizer = model, optimizer
         self._loss = resolve_loss_record(loss)
         self._adapter_record = resolve_optimizer_adapter(optimizer)
         self._adapter = self._adapter_record.implementation.from_optimizer(optimizer)
