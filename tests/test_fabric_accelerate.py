@@ -33,7 +33,7 @@ from reference import Reference, rel_err
 
 import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
-from explaind.trajectory._output_rounding import float32_rounded
+from explaind.trajectory._output_rounding import MAX_CHECKED, float32_rounded, leading_part
 
 fabric_mod = pytest.importorskip("lightning.fabric")
 accelerate = pytest.importorskip("accelerate")
@@ -330,6 +330,21 @@ def test_the_float32_rounding_test_of_an_output_gradient():
     (dyadic,) = torch.autograd.grad((weights * out).sum(), out)  # four magnitudes, each a short float32 number
     assert not float32_rounded(float64) and float32_rounded(cast)
     assert not float32_rounded(simple) and not float32_rounded(dyadic) and not float32_rounded(None)
+
+
+def test_a_large_output_gradient_is_checked_on_its_leading_rows_only():
+    """A language model's logits' gradient (batch x length x vocabulary) is checked on a view of about MAX_CHECKED
+    entries at every training backward, not copied whole; a row larger than that is checked whole."""
+    grad = torch.randn(64, 32, 500, dtype=torch.float64)
+    part = leading_part(grad)
+    assert part.data_ptr() == grad.data_ptr() and part.shape[1:] == grad.shape[1:]
+    assert MAX_CHECKED // 2 < part.numel() <= MAX_CHECKED
+    cast = grad.float().double()
+    assert float32_rounded(leading_part(cast)) and not float32_rounded(leading_part(grad))
+    wide = torch.randn(2, 3 * MAX_CHECKED, dtype=torch.float64)
+    assert leading_part(wide).shape == (1, 3 * MAX_CHECKED)
+    small = torch.randn(4, 3, dtype=torch.float64)
+    assert leading_part(small) is small
 
 
 # ---------------------------------------------------------------- resuming from the framework's checkpoint

@@ -26,13 +26,23 @@ from torch import Tensor, nn
 from ..exceptions import ExplaindWarning
 from ._common import ModelHook
 
-__all__ = ["OutputRounding", "float32_rounded"]
+__all__ = ["MAX_CHECKED", "OutputRounding", "float32_rounded", "leading_part"]
 
 #: The fewest distinct nonzero magnitudes of a gradient whose float32 rounding is taken as a sign of a cast.
 MIN_DISTINCT = 3
 #: The fewest significant bits (of float32's 24) that some entry must use: simple values (``w_k / n`` with
 #: dyadic weights) are float32 numbers without any cast.
 MIN_BITS = 16
+#: About how many entries of each output gradient are checked (whole leading rows): a language model's logits'
+#: gradient holds batch x length x vocabulary entries, and the check runs at every training backward until it warns.
+MAX_CHECKED = 1 << 16
+
+
+def leading_part(grad: Tensor) -> Tensor:
+    """The leading rows of ``grad`` (a view) holding about :data:`MAX_CHECKED` entries, at least one row."""
+    if grad.dim() == 0 or grad.numel() <= MAX_CHECKED:
+        return grad
+    return grad[: max(1, MAX_CHECKED * grad.shape[0] // grad.numel())]
 
 
 def float32_rounded(grad: Tensor | None) -> bool:
@@ -102,20 +112,20 @@ class OutputRounding:
                 tensor.register_hook(self._gradient)
 
     def _gradient(self, grad: Tensor | None) -> None:  # None under torch.compile's backward
-        if self.warned or not float32_rounded(grad):
+        checked = leading_part(grad) if isinstance(grad, Tensor) else grad
+        if self.warned or not float32_rounded(checked):
             return
         self.warned = True
         warnings.warn(
             f"The training gradient reaching the output of the float64 model {type(self._model).__name__} is rounded "
-            f"to float32 (all {grad.numel()} entries are float32 numbers): the loop casts the outputs to float32 "
-            f"before the loss (Lightning Fabric(precision='64-true') casts its module's outputs back to torch's "
-            f"default dtype, float32; the model's own loss through transformers' ForCausalLMLoss, ForMaskedLMLoss or "
-            f"ForTokenClassification, which call logits.float(); a loss computed in float32). The run's gradients "
-            f"then carry float32 rounding "
-            f"(about 1e-8 relative) that no float64 per-sample loss reproduces: the gradient check passes within its "
-            f"float64 tolerance, and the residual holds the rounding (a residual share near 1e-8), which the "
-            f"per-sample scores miss. Fix: compute the loss in float64 (with Fabric: "
-            f"torch.set_default_dtype(torch.float64) before training, or Fabric(precision='32-true') with the model "
-            f"built in float64, model.double(); with the Hugging Face Trainer: "
+            f"to float32 (all {checked.numel()} entries checked are float32 numbers): the loop casts the outputs to "
+            f"float32 before the loss (Lightning Fabric(precision='64-true') casts its module's outputs back to "
+            f"torch's default dtype, float32; the model's own loss through transformers' ForCausalLMLoss, "
+            f"ForMaskedLMLoss or ForTokenClassification, which call logits.float(); a loss computed in float32). The "
+            f"run's gradients then carry float32 rounding (about 1e-8 relative) that no float64 per-sample loss "
+            f"reproduces: the gradient check passes within its float64 tolerance, and the residual holds the rounding "
+            f"(a residual share near 1e-8), which the per-sample scores miss. Fix: compute the loss in float64 (with "
+            f"Fabric: torch.set_default_dtype(torch.float64) before training, or Fabric(precision='32-true') with the "
+            f"model built in float64, model.double(); with the Hugging Face Trainer: "
             f"compute_loss_func=callback.compute_loss; docs/guide_own_model.md, 'Fabric and Accelerate').",
             ExplaindWarning, stacklevel=2)
