@@ -20,7 +20,7 @@ from torch import nn
 
 from ..exceptions import TrajectoryError, warn_at_caller
 from ..kernel.attribution import Attribution
-from ..kernel.jumps import INFERENCE, NO_GRAD, grad_off_sites, singular_sites, stop_sites
+from ..kernel.jumps import INFERENCE, NO_GRAD, function_sites, grad_off_sites, singular_sites, stop_sites
 
 __all__ = ["check_residual", "residual_causes", "check_quadrature"]
 
@@ -314,6 +314,14 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"mode, which no derivative passes through, so the output moves where the gradient does not; "
                    f"no_grad gives the same values and training gradients, and forward-mode derivatives (the "
                    f"replica, keep without 'param' and 'train') run through it")
+        elif jacobian and off and len(function_sites(off)) == len(off):
+            fix = (f"an explanation by forward-mode derivatives: {'; '.join(off[:4])} runs in the forward of a custom "
+                   f"torch.autograd.Function, whose backward, which the reverse-mode Jacobians of keep with 'param' or "
+                   f"'train' follow as the training gradient did, is not the derivative of its forward, which the "
+                   f"output follows (its jvp), when the Function changes gradients on purpose (a gradient reversal "
+                   f"layer, a straight-through estimator); no tol or rule integrates that. KernelReplica and keep=() "
+                   f"or ('step',) run its jvp and are exact on this model; for exact 'param' or 'train' scores, a "
+                   f"Function whose backward is the derivative of its forward for the run you want explained")
         elif jacobian and off:
             fix = (f"an explanation by forward-mode derivatives, which run through torch.no_grad(): "
                    f"{'; '.join(off[:4])} reads parameter-dependent values with the "

@@ -10,6 +10,8 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
   periodic ``torch.remainder``/``fmod`` (``h % 1.0``) and ``floor_divide`` (``h // 1``), and casts to an integer or
   boolean dtype (``h.long()``, ``h.to(torch.int64)``: truncation, used to bucket or index);
 * ``F.hardshrink`` and ``F.threshold`` called as functions (their modules are found by type);
+* angles, ``torch.atan2(y, x)`` and ``torch.angle``: :math:`\pm\pi` on either side of the negative x axis, so a pair
+  ``(x, y)`` that crosses it jumps by :math:`2\pi` (polar features of hidden units);
 * selections: ``argmax``/``argmin``, the indices of ``topk`` and ``sort``, and those of ``torch.max(h, dim)`` (``min``,
   ``kthvalue``, ``mode``, ``median``) when a later call reads them, used to gather (a route that switches, as
   in top-k mixture-of-experts gating), ``F.gumbel_softmax(hard=True)``;
@@ -30,7 +32,10 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
   (docs/maths.md, "Stop-gradients inside the forward"): forward-mode derivatives run through ``no_grad`` (the
   replica and the JVP path of :class:`~explaind.InfluenceEstimator` are exact), reverse-mode Jacobians stop there
   as the training gradient did; ``inference_mode`` stops both, like ``.detach()``. A ``torch.enable_grad()`` block
-  nested inside turns the gradient on again and is no site.
+  nested inside turns the gradient on again and is no site. Inside the ``forward`` of a custom
+  ``torch.autograd.Function`` (run by torch with the gradient off) the site is named as that Function's
+  (:func:`function_sites`): forward-mode derivatives follow its ``jvp``, reverse-mode ones its ``backward``, and a
+  backward that is not the derivative of the forward (a gradient reversal layer) makes the two differ.
 
 :func:`find_jumps` runs the forward once on one input under a ``TorchFunctionMode`` that records these calls when
 a tensor argument depends on the trainable parameters, attributed to the innermost module running. A straight-
@@ -53,8 +58,8 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["INFERENCE", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "grad_off_sites",
-           "singular_sites", "softplus_jump", "stop_sites", "watch_jumps"]
+__all__ = ["FUNCTION", "INFERENCE", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "function_sites",
+           "grad_off_sites", "singular_sites", "softplus_jump", "stop_sites", "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
@@ -62,6 +67,7 @@ _JUMPING = frozenset({
     "argsort", "gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal", "__gt__", "__lt__",
     "__ge__", "__le__", "bucketize", "searchsorted", "gumbel_softmax", "remainder", "fmod", "__mod__", "__rmod__",
     "floor_divide", "__floordiv__", "__rfloordiv__", "long", "int", "short", "byte", "char", "bool",
+    "atan2", "arctan2", "angle",
 })
 #: Reductions whose indices jump (recorded when the indices are read: :class:`_Record`).
 _INDEXED = frozenset({"max", "min", "kthvalue", "mode", "median", "nanmedian"})
@@ -73,6 +79,10 @@ STOPS = frozenset({"detach", "detach_"})
 SINGULAR = frozenset({"slogdet", "logdet", "linalg_slogdet"})
 #: How a call with the gradient switched off is named: ``no_grad``/``set_grad_enabled(False)``, ``inference_mode``.
 NO_GRAD, INFERENCE = "under no_grad", "under inference_mode"
+#: How a site inside the ``forward`` of a custom ``torch.autograd.Function`` begins its user line.
+FUNCTION = "custom torch.autograd.Function "
+#: torch's file whose ``Function.apply`` calls a custom Function's ``forward``.
+_FUNCTION_APPLY = str(Path(torch.autograd.function.__file__))
 #: Calls whose result does not read the values of their tensor argument (no stop of a gradient).
 _VALUE_FREE = frozenset({"torch.zeros_like", "torch.ones_like", "torch.empty_like", "torch.full_like",
                          "torch.rand_like", "torch.randn_like", "Tensor.new_zeros", "Tensor.new_ones",
@@ -124,13 +134,24 @@ def _grad_off(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 def _user_line() -> str:
-    """``"Class.method, file.py:12"`` of the innermost frame outside torch and this package (``""`` when none)."""
+    """``"Class.method, file.py:12"`` of the innermost frame outside torch and this package (``""`` when none),
+    prefixed by :data:`FUNCTION` when that frame is the ``forward`` of a custom ``torch.autograd.Function`` (called
+    by torch's ``Function.apply``, which runs it with the gradient off)."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY):
         frame = frame.f_back
     if frame is None:
         return ""
-    return f"{frame.f_code.co_qualname}, {frame.f_code.co_filename}:{frame.f_lineno}"
+    caller = frame.f_back
+    custom = (frame.f_code.co_name == "forward" and caller is not None
+              and caller.f_code.co_filename == _FUNCTION_APPLY and caller.f_code.co_name == "apply")
+    return f"{FUNCTION if custom else ''}{frame.f_code.co_qualname}, {frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def function_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
+    """The sites of :func:`find_jumps` inside the ``forward`` of a custom ``torch.autograd.Function``: its backward,
+    which reverse-mode derivatives follow, need not be the derivative of that forward (a gradient reversal layer)."""
+    return [site for site in sites if f" {NO_GRAD} ({FUNCTION}" in site]
 
 
 def grad_off_sites(sites: tuple[str, ...] | list[str], kind: str = NO_GRAD) -> list[str]:

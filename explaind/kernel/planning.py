@@ -364,14 +364,16 @@ def _jumps_hint(engine: Any) -> str:
         shown = "; ".join(calls[:6]) + (f"; and {len(calls) - 6} more" if len(calls) > 6 else "")
         hints.append(f"the model's forward applies calls whose output can jump as the parameters move to tensors "
                      f"that depend on them ({shown}): rounding or signs (torch.sign, round, floor, a remainder "
-                     f"h % c, a cast to an integer dtype h.long(), F.hardshrink; also under a "
+                     f"h % c, a cast to an integer dtype h.long(), F.hardshrink, an angle torch.atan2(y, x) or "
+                     f"torch.angle, which jumps by 2 pi where (x, y) crosses the negative x axis; also under a "
                      f"straight-through estimator x + (q(x) - x).detach(), whose gradient is not the derivative of "
                      f"the output), a selection by argmax or topk indices (a route that switches), or a comparison "
                      f"choosing between branches that do not meet (torch.where(h > 0, a, b)); the gradient has no "
                      f"term for a jump, so no quadrature rule integrates across it and the jump stays in "
                      f"quadrature_error (a comparison that only masks a continuous function, as h * (h > 0), is a "
                      f"kink, not a jump). Fix: a continuous forward (a soft relaxation: softmax weights over all "
-                     f"experts, a sigmoid gate, branches that meet) for the run you want explained")
+                     f"experts, a sigmoid gate, branches that meet; for an angle its cosine and sine, x / r and y / r "
+                     f"with r = torch.hypot(x, y)) for the run you want explained")
     return "; ".join(hints)
 
 
