@@ -143,12 +143,14 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "gat_segment_softmax_amax_index_add": model_case(lambda: GATSegmentSoftmax(inplace=False), XS, YS, panels=8),
     # sequence models
     "selective_scan_cumsum_exp": model_case(SelectiveScan, XS, YS),
+    "selective_scan_adam_1": model_case(SelectiveScan, XS, YS, panels=8, opt=adam(1.0)),
     "rnncell_relu_unrolled": model_case(RNNCellLoop, XS, YS, reference=KinkReference),
     "logcumsumexp_over_time": model_case(LogCumSumExp, XS, YS),
     # spectral and convolutional
     "fno2d_rfft2_irfft2_slice_assignment": model_case(FNO2d, XI, YI),
     "fno2d_rfft2_irfft2_padded": model_case(lambda: FNO2d(slices=False), XI, YI),
     "unfold_matmul_fold": model_case(UnfoldFold, XI, YI),
+    "unfold_matmul_fold_sgd_5": model_case(UnfoldFold, XI, YI, opt=sgd(5.0)),
     "circular_replication_reflection_pads": model_case(Pads, XI, YI),
     "circular_replication_reflection_pads_sgd_3": model_case(Pads, XI, YI, opt=sgd(3.0)),
     "conv_transpose_groups_dilation_output_padding": model_case(GroupedDilatedTranspose, XI, YI),

@@ -6,10 +6,12 @@ own quadrature error where its panels cannot resolve kinks computed inside ``for
 * graph networks by hand: a GCN whose messages are summed with ``Tensor.scatter_add`` (also at Adam lr 0.5), a GAT
   layer with a segment softmax (``scatter_reduce("amax", include_self=False)``, ``exp``, out-of-place
   ``index_add``);
-* sequences: a Mamba-style selective scan (``cumsum``, ``exp`` of the lower triangle, ``masked_fill(-inf)``),
+* sequences: a Mamba-style selective scan (``cumsum``, ``exp`` of the lower triangle, ``masked_fill(-inf)``; also at
+  Adam lr 1),
   ``nn.RNNCell(nonlinearity="relu")`` unrolled by hand, ``torch.logcumsumexp``;
 * spectral and convolutional: a 2-D Fourier neural operator (``rfft2``, complex weights from ``torch.complex``,
-  the spectrum padded by ``F.pad``, ``irfft2(s=...)``), ``F.unfold`` with a matrix product and ``F.fold``,
+  the spectrum padded by ``F.pad``, ``irfft2(s=...)``), ``F.unfold`` with a matrix product and ``F.fold`` (also at
+  SGD lr 5),
   ``nn.CircularPad2d``/``ReplicationPad2d``/``ReflectionPad2d`` with ReLUs (also at SGD lr 3),
   ``ConvTranspose2d(groups=2, dilation=2, output_padding=1)``, ``torch.stft``/``istft`` with a learned complex gain;
 * linear algebra: ``torch.linalg.qr``, ``eigvalsh`` and ``svdvals``, ``cholesky`` with ``cholesky_solve``,
@@ -36,8 +38,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXACT = [
     "gcn_scatter_add_degree_norm", "gcn_scatter_add_adam_0_5", "gat_segment_softmax_amax_index_add",
-    "selective_scan_cumsum_exp", "rnncell_relu_unrolled", "logcumsumexp_over_time", "fno2d_rfft2_irfft2_padded",
-    "unfold_matmul_fold", "circular_replication_reflection_pads", "circular_replication_reflection_pads_sgd_3",
+    "selective_scan_cumsum_exp", "selective_scan_adam_1", "rnncell_relu_unrolled", "logcumsumexp_over_time",
+    "fno2d_rfft2_irfft2_padded", "unfold_matmul_fold", "unfold_matmul_fold_sgd_5",
+    "circular_replication_reflection_pads", "circular_replication_reflection_pads_sgd_3",
     "conv_transpose_groups_dilation_output_padding", "stft_complex_gain_istft", "linalg_qr_projection",
     "eigvalsh_svdvals_pooling", "cholesky_kernel_head", "lstsq_head", "pinv_head", "kron_factored_linear",
     "vmap_functional_call_ensemble", "energy_gradient_torch_func_grad", "where_unused_branch_double_where",
