@@ -3,7 +3,8 @@
 Every case trains as tests/_round5_kit.py does (float64, SGD 0.5 unless the case names another optimizer or rate, 3
 steps of 4 of 12 samples, 2 held-out inputs) and is measured by tests/_round6_kit.py's :func:`figures`. :data:`CASES`
 maps each case's name to a function that trains it and returns its figures, or raises the error a user sees. The
-models are in tests/_round9_models.py; ``model_case`` is the seventh round's, ``loss_case`` the eighth's.
+models are in tests/_round9_models.py and tests/_round9_functions.py; ``model_case`` is the seventh round's,
+``loss_case`` the eighth's.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from _round5_kit import XI, XS, XT, XV, YI, YS, YT, YV, KinkReference, head
 from _round7_cases import model_case
 from _round7_models import XA, YA
 from _round8_cases import loss_case
+from _round9_functions import EnergyGradient, GradientReversal, QuantizedSTE, dann_loss
 from _round9_models import (
     BucketizeEmbedding,
     CholeskyKernelHead,
-    EnergyGradient,
     FNO2d,
     GATSegmentSoftmax,
     GCNScatterAdd,
-    GradientReversal,
     GroupedDilatedTranspose,
     KronLinear,
     LogCumSumExp,
@@ -42,7 +42,6 @@ from _round9_models import (
     UnfoldFold,
     VmapEnsemble,
     WhereUnusedNaN,
-    dann_loss,
 )
 from torch import Tensor, distributions
 
@@ -167,6 +166,9 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "energy_gradient_torch_func_grad": model_case(EnergyGradient, XV, YV),
     "energy_gradient_autograd_grad": model_case(lambda: EnergyGradient(autograd=True), XV, YV),
     "gradient_reversal_dann": model_case(GradientReversal, XV, YD, loss=dann_loss),
+    "gradient_reversal_jvp_mirrors_backward": model_case(lambda: GradientReversal(mirrored=True), XV, YD,
+                                                         loss=dann_loss),
+    "straight_through_round_function": model_case(QuantizedSTE, XV, YV),
     # value-dependent code
     "where_unused_branch_nan": model_case(WhereUnusedNaN, XV, YV),
     "where_unused_branch_double_where": model_case(lambda: WhereUnusedNaN(safe=True), XV, YV,

@@ -1,5 +1,6 @@
 """Models of the ninth round of cases (tests/_round9_cases.py), written as a new user would from docs/quickstart.md
-and docs/guide_own_model.md, each small and float64-ready.
+and docs/guide_own_model.md, each small and float64-ready (those that take or change gradients in ``forward`` are in
+tests/_round9_functions.py).
 
 Inputs: ``XV`` (n, 4) vectors, ``XI`` (n, 1, 6, 6) images, ``XS`` (n, 6, 3) sequences read as 6 graph nodes or 6
 time steps, ``XT`` (n, 5) token ids below 7 (tests/_round5_kit.py), and tests/_round7_models.py's ``XA`` (n, 1, 12)
@@ -277,79 +278,6 @@ class VmapEnsemble(nn.Module):
         def one(*weights):
             return torch.func.functional_call(self.base[0], dict(zip(self.names, weights)), (x,))
         return torch.func.vmap(one)(*self.stacked).mean(0)
-
-
-class EnergyGradient(nn.Module):
-    """A gradient-of-energy model (Hamiltonian or force-field style): the per-sample input gradient of a scalar
-    energy ``E(x)`` from ``torch.func.grad`` (or, with ``autograd``, ``torch.autograd.grad(create_graph=True)``) fed
-    to a Linear head."""
-
-    def __init__(self, autograd: bool = False):
-        super().__init__()
-        self.e1, self.e2, self.head, self.autograd = nn.Linear(4, 6), nn.Linear(6, 1), nn.Linear(4, 3), autograd
-
-    def energy(self, x: Tensor) -> Tensor:
-        return self.e2(torch.tanh(self.e1(x))).sum()
-
-    def forward(self, x):
-        if self.autograd:
-            with torch.enable_grad():
-                x = x.detach().requires_grad_(True)
-                (force,) = torch.autograd.grad(self.energy(x), x, create_graph=True)
-        else:
-            force = torch.func.vmap(torch.func.grad(self.energy))(x)
-        return self.head(force)
-
-
-class _ReverseGrad(torch.autograd.Function):
-    """The identity whose backward multiplies by ``-1`` (domain-adversarial training); ``jvp`` is the identity's."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return -g
-
-    @staticmethod
-    def jvp(ctx, t):
-        return t
-
-
-class GradientReversal(nn.Module):
-    """DANN: features, a class head (3 logits) and a domain head (2 logits) behind a gradient reversal layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.f, self.c, self.d = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 2)
-
-    def forward(self, x):
-        h = torch.tanh(self.f(x))
-        return torch.cat([self.c(h), self.d(_ReverseGrad.apply(h))], 1)
-
-
-def dann_loss(out: Tensor, y: Tensor) -> Tensor:
-    """Class cross entropy plus domain cross entropy; ``y (n, 2)`` holds the class and the domain."""
-    return F.cross_entropy(out[:, :3], y[:, 0]) + F.cross_entropy(out[:, 3:], y[:, 1])
-
-
-class HeavisideGate(nn.Module):
-    """Hidden units plus ``torch.heaviside(h, 0.5)`` (a step of height 1 at 0)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        h = self.a(x)
-        return self.b(torch.tanh(h) + torch.heaviside(h, torch.tensor(0.5, dtype=h.dtype)))
 
 
 class BucketizeEmbedding(nn.Module):

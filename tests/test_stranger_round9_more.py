@@ -14,7 +14,12 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   and the fix, its cosine and sine (before: only "a ReLU-dense path", in a model without ReLUs);
 * a gradient reversal layer (DANN): the quadrature-share warning names the custom ``torch.autograd.Function`` whose
   backward is not the derivative of its forward (before: a ``torch.no_grad()`` block, torch's own switch inside
-  ``Function.apply``); the replica and ``keep=("step",)`` are exact as it says.
+  ``Function.apply``); the replica and ``keep=("step",)`` are exact as it says. With a ``jvp`` that mirrors the
+  reversed backward (``-t``) the replica misses the trained model, and its quadrature warnings name the Function and
+  the fix (before: float32 casts or jumps);
+* a straight-through rounding Function: ``torch.round`` inside its forward is named as a jump (before: not seen, it
+  runs under the Function's no_grad), and the share warning names the jump's fix instead of calling the replica
+  exact.
 
 Refused as before, naming the cause: an FNO assembling its spectrum by slice assignment into ``torch.zeros``;
 ``torch.bucketize`` of a hidden unit (named as a jump).
@@ -31,7 +36,7 @@ import torch
 from _round5_kit import N_TRAIN, QUAD, XV, fit
 from _round8_kit import jump_sites
 from _round9_cases import CASES, YD
-from _round9_models import GradientReversal, dann_loss
+from _round9_functions import GradientReversal, dann_loss
 from reference import rel_err
 
 import explaind
@@ -96,6 +101,30 @@ def test_gradient_reversal_names_the_custom_function_and_forward_mode_is_exact()
         att = explaind.InfluenceEstimator(keep=("step",), **QUAD).fit(traj).transform(X)
     assert att.meta["quadrature_share"] <= 1e-9, att.meta
     assert rel_err(np.asarray(att.total()), truth) <= 1e-9
+
+
+def test_a_jvp_that_mirrors_a_reversed_backward_is_named_by_the_replica():
+    """The replica follows the Function's jvp: ``-t`` is not the derivative of the identity, so the replica misses the
+    trained model, and every quadrature warning names the Function and the fix (before: float32 casts and jumps)."""
+    got = CASES["gradient_reversal_jvp_mirrors_backward"]()
+    assert got["replica"] > 0.1 and got["share"] <= 1e-9, got
+    quadrature = [w for w in got["warnings"] if "adaptive quadrature left" in w]
+    assert quadrature and all("applies custom torch.autograd.Functions (<root> (GradientReversal): " in w
+                              and "custom torch.autograd.Function _ReverseGrad.forward" in w
+                              and "Fix: a jvp equal to the derivative of the forward" in w for w in quadrature), got
+
+
+def test_a_jump_inside_a_custom_function_is_named_and_the_replica_not_called_exact():
+    """A straight-through rounding Function: ``torch.round`` runs under the Function's no_grad on a tensor that does
+    not require grad, yet is named as a jump; the share warning names the jump's fix, not forward mode (which is not
+    exact here: the replica misses the trained model)."""
+    got = CASES["straight_through_round_function"]()
+    assert got["replica"] > 0.1 and got["share"] <= 1e-9, got
+    quadrature = [w for w in got["warnings"] if "adaptive quadrature left" in w]
+    assert quadrature and all(re.search(r"calls whose output can jump .*<root> \(QuantizedSTE\): torch\.round", w)
+                              for w in quadrature), quadrature
+    shares = [w for w in got["warnings"] if "quadrature error share" in w]
+    assert shares and all("Use a continuous forward" in w and "exact on this model" not in w for w in shares), shares
 
 
 class _Plain(torch.autograd.Function):

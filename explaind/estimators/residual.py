@@ -303,6 +303,7 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
         size = float(att.final.abs().amax())
         frozen, off = grad_off_sites(jumps, INFERENCE), grad_off_sites(jumps, NO_GRAD)
         others = [j for j in jumps if j not in frozen and j not in off]
+        plain_off = [j for j in off if j not in function_sites(off)]  # no_grad blocks, not a Function's forward
         if change <= ROUNDING_CHANGE * torch.finfo(att.final.dtype).eps * size:
             fix = (f"a larger learning rate, or explain a run that moved: the explained change is only "
                    f"{change / max(size, 1e-300):.2g} of the outputs themselves, near the rounding of their "
@@ -314,17 +315,19 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"mode, which no derivative passes through, so the output moves where the gradient does not; "
                    f"no_grad gives the same values and training gradients, and forward-mode derivatives (the "
                    f"replica, keep without 'param' and 'train') run through it")
-        elif jacobian and off and len(function_sites(off)) == len(off):
+        elif jacobian and off and not plain_off and not others:
             fix = (f"an explanation by forward-mode derivatives: {'; '.join(off[:4])} runs in the forward of a custom "
                    f"torch.autograd.Function, whose backward, which the reverse-mode Jacobians of keep with 'param' or "
                    f"'train' follow as the training gradient did, is not the derivative of its forward, which the "
                    f"output follows (its jvp), when the Function changes gradients on purpose (a gradient reversal "
                    f"layer, a straight-through estimator); no tol or rule integrates that. KernelReplica and keep=() "
-                   f"or ('step',) run its jvp and are exact on this model; for exact 'param' or 'train' scores, a "
-                   f"Function whose backward is the derivative of its forward for the run you want explained")
-        elif jacobian and off:
+                   f"or ('step',) run its jvp and are exact on this model if that jvp is the derivative of its "
+                   f"forward (else the replica's quadrature warning names the Function too); for exact 'param' or "
+                   f"'train' scores, a Function whose backward is the derivative of its forward for the run you want "
+                   f"explained")
+        elif jacobian and plain_off:
             fix = (f"an explanation by forward-mode derivatives, which run through torch.no_grad(): "
-                   f"{'; '.join(off[:4])} reads parameter-dependent values with the "
+                   f"{'; '.join(plain_off[:4])} reads parameter-dependent values with the "
                    f"gradient off (a torch.no_grad() or set_grad_enabled(False) block, or a @torch.no_grad() "
                    f"function), where the reverse-mode Jacobians of keep with 'param' or 'train' stop, as the "
                    f"training gradient did, while the output moves with those values (no tol or rule integrates "

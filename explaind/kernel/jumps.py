@@ -99,9 +99,10 @@ def softplus_jump(beta: float, threshold: float) -> float:
     return math.log1p(math.exp(-threshold)) / beta
 
 
-def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether one call can jump in a tensor argument that requires grad."""
-    if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dependent: bool = False) -> bool:
+    """Whether one call can jump in a tensor argument that requires grad (any tensor argument when ``dependent``:
+    inside a custom Function's forward, which torch runs with the gradient off, on parameter-dependent inputs)."""
+    if not any(isinstance(a, Tensor) and (dependent or a.requires_grad) for a in args):
         return False
     name = getattr(func, "__name__", "")
     if name == "softplus":
@@ -133,19 +134,29 @@ def _grad_off(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return INFERENCE if torch.is_inference_mode_enabled() else NO_GRAD
 
 
-def _user_line() -> str:
-    """``"Class.method, file.py:12"`` of the innermost frame outside torch and this package (``""`` when none),
-    prefixed by :data:`FUNCTION` when that frame is the ``forward`` of a custom ``torch.autograd.Function`` (called
-    by torch's ``Function.apply``, which runs it with the gradient off)."""
+def _user_frame() -> Any:
+    """The innermost frame outside torch and this package, or ``None``."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY):
         frame = frame.f_back
+    return frame
+
+
+def _in_function(frame: Any) -> bool:
+    """Whether ``frame`` is the ``forward`` of a custom ``torch.autograd.Function``, called by torch's
+    ``Function.apply``, which runs it with the gradient off."""
+    caller = frame.f_back
+    return (frame.f_code.co_name == "forward" and caller is not None
+            and caller.f_code.co_filename == _FUNCTION_APPLY and caller.f_code.co_name == "apply")
+
+
+def _user_line(frame: Any) -> str:
+    """``"Class.method, file.py:12"`` of ``frame`` (``""`` when ``None``), prefixed by :data:`FUNCTION` when it is the
+    ``forward`` of a custom ``torch.autograd.Function``."""
     if frame is None:
         return ""
-    caller = frame.f_back
-    custom = (frame.f_code.co_name == "forward" and caller is not None
-              and caller.f_code.co_filename == _FUNCTION_APPLY and caller.f_code.co_name == "apply")
-    return f"{FUNCTION if custom else ''}{frame.f_code.co_qualname}, {frame.f_code.co_filename}:{frame.f_lineno}"
+    prefix = FUNCTION if _in_function(frame) else ""
+    return f"{prefix}{frame.f_code.co_qualname}, {frame.f_code.co_filename}:{frame.f_lineno}"
 
 
 def function_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
@@ -193,10 +204,23 @@ class _Record(TorchFunctionMode):
         super().__init__()
         self.record = record
         self.indices: dict[int, tuple[Tensor, Any]] = {}  # id -> (the indices, kept alive; the call that made them)
+        self.functions: list[Any] = []  # frames of custom Function forwards that read a parameter-dependent tensor
+
+    def _dependent(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this call runs in a custom Function's forward that was given a parameter-dependent tensor: its
+        own results do not require grad there (torch runs it under no_grad), so any tensor argument counts."""
+        if torch.is_grad_enabled():
+            return False
+        frame = _user_frame()
+        if frame is None or not _in_function(frame):
+            return False
+        if not any(f is frame for f in self.functions) and _grad_off(args, kwargs):
+            self.functions.append(frame)
+        return any(f is frame for f in self.functions)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if _jumps(func, args, kwargs):
+        if _jumps(func, args, kwargs, self._dependent(args, kwargs)):
             self.record(func, "")
         for t in _tensors((*args, *kwargs.values())):
             made = self.indices.pop(id(t), None)
@@ -210,7 +234,7 @@ class _Record(TorchFunctionMode):
             self.indices[id(out[1])] = (out[1], func)
         # a value read (not x.device, x.shape, zeros_like(x)) from the user's code (not torch's or the engine's own)
         if off and isinstance(out, Tensor) and out.is_floating_point() and _call_name(func) not in _VALUE_FREE:
-            where = _user_line()
+            where = _user_line(_user_frame())
             if where:
                 self.record(func, f" {off} ({where})")
         return out

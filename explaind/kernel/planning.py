@@ -30,7 +30,16 @@ from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
-from .jumps import INFERENCE, NO_GRAD, SOFTPLUS_JUMP, grad_off_sites, singular_sites, softplus_jump, stop_sites
+from .jumps import (
+    INFERENCE,
+    NO_GRAD,
+    SOFTPLUS_JUMP,
+    function_sites,
+    grad_off_sites,
+    singular_sites,
+    softplus_jump,
+    stop_sites,
+)
 from .paths import progress_bar
 from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
@@ -332,6 +341,14 @@ def _jumps_hint(engine: Any) -> str:
     calls = [site for site in sites if site not in stops and site not in poles and site not in off
              and not any(f"({kind}): " in site for kind in ("Softplus", "Threshold", "Hardshrink"))]  # named above
     hints = [singular_hint(poles)] if poles else []
+    functions = function_sites(sites)
+    if functions:
+        hints.append(f"the model's forward applies custom torch.autograd.Functions ({'; '.join(functions[:4])}): "
+                     f"the path derivatives are their jvp, so a jvp that is not the derivative of their forward (one "
+                     f"that mirrors a backward changing gradients on purpose, as -t for a gradient reversal layer) "
+                     f"leaves the change its forward makes to quadrature_error. Fix: a jvp equal to the derivative "
+                     f"of the forward (t for a gradient reversal layer's identity); the backward may stay as "
+                     f"trained")
     if frozen:
         hints.append(f"the model's forward reads tensors that depend on the parameters under torch.inference_mode() "
                      f"({'; '.join(frozen[:4])}): its output moves with them, but no derivative, forward-mode "
