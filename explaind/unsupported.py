@@ -107,6 +107,10 @@ _NO_FORWARD_AD_HINTS = {
 }
 
 
+#: torch's folder of higher-order operators (``torch.cond`` and its kin).
+_HIGHER_ORDER = str(Path(torch.__file__).parent / "_higher_order_ops")
+
+
 def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
     """The refusal for a torch error raised while explaind evaluates a model, or ``None`` (see the module
     docstring).
@@ -140,6 +144,14 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             "derivative. Fix: give the Function a jvp(ctx, *tangents) staticmethod (with setup_context and "
             "generate_vmap_rule = True, torch.func's style), or compute the same function from differentiable torch "
             "operations (for nn.CrossMapLRN2d: nn.LocalResponseNorm, a centred window, trained with it).")
+    op = _higher_order_op(exc)
+    if op is not None:
+        return UnsupportedModelError(
+            f"the model's forward calls torch.{op} (a higher-order control-flow operator), which torch.func cannot "
+            f"differentiate in forward mode (jvp) nor per sample (grad under vmap) here, and explaind evaluates the "
+            f"model under them; torch: '{text.splitlines()[0][:80] if text else type(exc).__name__}'. Fix: compute "
+            f"the branches as plain operations and select with torch.where(pred, a, b) (the same values; a predicate "
+            f"that flips as the parameters move is a jump, which the quadrature warnings name).")
     if _autograd_call(exc) is not None:
         return UnsupportedModelError(
             f"the model's forward calls torch.autograd.{_autograd_call(exc)} itself (an input gradient: a force field, "
@@ -147,7 +159,8 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             f"evaluates the model under (vmap for one input at a time, jvp for the path derivatives); torch: "
             f"'{text[:80]}'. Fix: compute that gradient with torch.func in the forward, the same values, e.g. "
             f"torch.func.vmap(torch.func.grad(energy))(x) for torch.autograd.grad(energy(x).sum(), x, "
-            f"create_graph=True); train and explain that model.")
+            f"create_graph=True), torch.func.vmap(torch.func.jacrev(g))(x) for "
+            f"torch.autograd.functional.jacobian(g, x); train and explain that model.")
     match = re.search(r"vmap: (\w+)\(self, \*extra_args\) is not possible", text)
     if match and "use out-of-place operators" in text:
         op = match.group(1)
@@ -167,6 +180,16 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             f"with a forward-mode derivative (torch's derivatives.yaml). Fix: compute the same function from such "
             f"operations in the forward (a custom torch.autograd.Function with a jvp staticmethod works too).{hint}")
     return None
+
+
+def _higher_order_op(exc: BaseException) -> str | None:
+    """The name of torch's higher-order operator (``cond``, ``while_loop``, ``scan``, ``map``) in whose code ``exc``
+    was raised (a frame under torch/_higher_order_ops/), else ``None``."""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename.startswith(_HIGHER_ORDER):
+            return Path(frame.filename).stem
+    match = re.search(r"torch/_higher_order_ops/(\w+)\.py", str(exc))  # dynamo reports it as "from user code"
+    return match.group(1) if match else None
 
 
 def _autograd_call(exc: BaseException) -> str | None:

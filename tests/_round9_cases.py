@@ -18,10 +18,19 @@ from _round5_kit import XI, XS, XT, XV, YI, YS, YT, YV, KinkReference, head
 from _round7_cases import model_case
 from _round7_models import XA, YA
 from _round8_cases import loss_case
-from _round9_functions import EnergyGradient, GradientReversal, QuantizedSTE, dann_loss
+from _round9_functions import (
+    EnergyGradient,
+    GradientReversal,
+    HookReversal,
+    JacobianFeatures,
+    QuantizedSTE,
+    dann_loss,
+)
 from _round9_models import (
     BucketizeEmbedding,
     CholeskyKernelHead,
+    CondBranch,
+    CumulativeBatchNorm,
     FNO2d,
     GATSegmentSoftmax,
     GCNScatterAdd,
@@ -43,6 +52,7 @@ from _round9_models import (
     VmapEnsemble,
     WhereUnusedNaN,
 )
+from replay_reference import BufferReference
 from torch import Tensor, distributions
 
 #: ``XV`` with a class and a domain per sample (the domain: the sign of the first feature).
@@ -166,6 +176,11 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "energy_gradient_torch_func_grad": model_case(EnergyGradient, XV, YV),
     "energy_gradient_autograd_grad": model_case(lambda: EnergyGradient(autograd=True), XV, YV),
     "gradient_reversal_dann": model_case(GradientReversal, XV, YD, loss=dann_loss),
+    "gradient_reversal_by_tensor_hook": model_case(HookReversal, XV, YD, loss=dann_loss),
+    "jacobian_features_torch_func_jacrev": model_case(JacobianFeatures, XV, YV),
+    "jacobian_features_autograd_functional": model_case(lambda: JacobianFeatures(autograd=True), XV, YV),
+    "torch_cond_learned_gate": model_case(CondBranch, XV, YV),
+    "batchnorm_momentum_none_cumulative": model_case(CumulativeBatchNorm, XV, YV, reference=BufferReference),
     "gradient_reversal_jvp_mirrors_backward": model_case(lambda: GradientReversal(mirrored=True), XV, YD,
                                                          loss=dann_loss),
     "straight_through_round_function": model_case(QuantizedSTE, XV, YV),

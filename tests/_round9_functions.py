@@ -1,7 +1,8 @@
 """Models of the ninth round (tests/_round9_cases.py) that take gradients inside ``forward`` or change them: an
-energy model returning its input gradient (``torch.func.grad`` or ``torch.autograd.grad``), and custom
-``torch.autograd.Function`` layers: a gradient reversal layer (DANN), the same with a ``jvp`` that mirrors its
-backward, and a straight-through rounding, each on ``XV`` (n, 4).
+energy model returning its input gradient (``torch.func.grad`` or ``torch.autograd.grad``), input Jacobians as
+features, a gradient reversal by a tensor hook, and custom ``torch.autograd.Function`` layers: a gradient reversal
+layer (DANN), the same with a ``jvp`` that mirrors its backward, and a straight-through rounding, each on ``XV``
+(n, 4).
 """
 
 from __future__ import annotations
@@ -43,6 +44,42 @@ class HeavisideGate(nn.Module):
     def forward(self, x):
         h = self.a(x)
         return self.b(torch.tanh(h) + torch.heaviside(h, torch.tensor(0.5, dtype=h.dtype)))
+
+
+class JacobianFeatures(nn.Module):
+    """The input Jacobian of a small map ``g: R^4 -> R^2`` as features, by ``torch.func.vmap(torch.func.jacrev(g))``
+    or, with ``autograd``, ``torch.autograd.functional.jacobian(create_graph=True)``."""
+
+    def __init__(self, autograd: bool = False):
+        super().__init__()
+        self.e1, self.e2, self.head, self.autograd = nn.Linear(4, 5), nn.Linear(5, 2), nn.Linear(8, 3), autograd
+
+    def g(self, x: Tensor) -> Tensor:
+        return self.e2(torch.tanh(self.e1(x)))
+
+    def forward(self, x):
+        if self.autograd:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                jac = torch.autograd.functional.jacobian(lambda z: self.g(z).sum(0), x, create_graph=True)
+            return self.head(jac.permute(1, 0, 2).flatten(1))
+        return self.head(torch.func.vmap(torch.func.jacrev(self.g))(x).flatten(1))
+
+
+class HookReversal(nn.Module):
+    """DANN with the gradient reversed by ``Tensor.register_hook(lambda g: -g)`` on the domain branch's copy of the
+    features (in training forwards that build a graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.c, self.d = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.f(x))
+        r = h.clone()
+        if r.requires_grad:
+            r.register_hook(lambda g: -g)
+        return torch.cat([self.c(h), self.d(r)], 1)
 
 
 class _ReverseGrad(torch.autograd.Function):

@@ -390,3 +390,26 @@ class SpectrogramFilter(nn.Module):
         spec = torch.stft(x[:, 0], return_complex=True, **kw)
         y = torch.istft(spec * torch.complex(self.gr, self.gi), length=x.shape[-1], **kw)
         return self.head(torch.tanh(y))
+
+
+class CumulativeBatchNorm(nn.Module):
+    """``BatchNorm1d(momentum=None)``: running statistics as a cumulative average, whose factor
+    ``1 / num_batches_tracked`` reads the integer buffer the forward counts up."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=None), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.bn(self.a(x))))
+
+
+class CondBranch(nn.Module):
+    """``torch.cond`` on a learned gate's sign choosing between a tanh and a sine branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.gate = nn.Linear(4, 6), nn.Linear(6, 3), nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.b(torch.cond(self.gate > 0, lambda t: torch.tanh(t), lambda t: torch.sin(t), (self.a(x),)))

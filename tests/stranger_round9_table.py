@@ -19,7 +19,9 @@ KEYS = {
     "gat_segment_softmax_amax_index_add_inplace": "index_add_", "fno2d_rfft2_irfft2_slice_assignment": "in place",
     "energy_gradient_autograd_grad": "torch.autograd.grad", "gradient_reversal_dann": "custom torch.autograd",
     "gradient_reversal_jvp_mirrors_backward": "custom torch.autograd", "straight_through_round_function": "can jump",
-    "where_unused_branch_nan": "torch.where", "bucketize_embedding": "can jump", "atan2_hypot_polar_sgd_5": "can jump",
+    "gradient_reversal_by_tensor_hook": "register_hook", "jacobian_features_autograd_functional": "autograd.grad",
+    "torch_cond_learned_gate": "torch.cond", "where_unused_branch_nan": "torch.where",
+    "bucketize_embedding": "can jump", "atan2_hypot_polar_sgd_5": "can jump",
 }
 
 

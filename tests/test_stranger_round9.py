@@ -17,13 +17,14 @@ own quadrature error where its panels cannot resolve kinks computed inside ``for
 * linear algebra: ``torch.linalg.qr``, ``eigvalsh`` and ``svdvals``, ``cholesky`` with ``cholesky_solve``,
   ``lstsq``, ``pinv``, ``torch.kron``;
 * transforms inside ``forward``: ``torch.func.vmap`` of ``functional_call`` over stacked ensemble weights
-  (``stack_module_state``), an input gradient by ``torch.func.grad``;
+  (``stack_module_state``), an input gradient by ``torch.func.grad``, input Jacobians by ``torch.func.jacrev``;
 * value-dependent code: ``torch.where`` with the double-where guard on ``sqrt``, ``atan2``/``hypot`` polar features
   where no pair crosses the branch cut, stick-breaking weights by ``cumprod`` at Adam lr 0.3,
   ``Tensor.masked_scatter`` of a learned mask token;
 * losses: the evidential (``digamma``) loss, ``Dirichlet``, ``Beta``, ``StudentT`` (learned degrees of freedom) and
   ``MixtureSameFamily`` log-likelihoods, ``poisson_nll_loss(log_input=False, full=True)``, ``gaussian_nll_loss(full=
-  True)`` with one variance per sample, ``ctc_loss(zero_infinity=True)`` with an impossible target.
+  True)`` with one variance per sample, ``ctc_loss(zero_infinity=True)`` with an impossible target;
+* against the reference that replays the recorded buffers: ``BatchNorm1d(momentum=None)`` (a cumulative average).
 
 The loud cases are in tests/test_stranger_round9_more.py; the table is tests/stranger_round9_table.py.
 """
@@ -31,7 +32,7 @@ The loud cases are in tests/test_stranger_round9_more.py; the table is tests/str
 from __future__ import annotations
 
 import pytest
-from _round8_kit import assert_exact
+from _round8_kit import assert_buffers_exact, assert_exact
 from _round9_cases import CASES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +44,8 @@ EXACT = [
     "circular_replication_reflection_pads", "circular_replication_reflection_pads_sgd_3",
     "conv_transpose_groups_dilation_output_padding", "stft_complex_gain_istft", "linalg_qr_projection",
     "eigvalsh_svdvals_pooling", "cholesky_kernel_head", "lstsq_head", "pinv_head", "kron_factored_linear",
-    "vmap_functional_call_ensemble", "energy_gradient_torch_func_grad", "where_unused_branch_double_where",
+    "vmap_functional_call_ensemble", "energy_gradient_torch_func_grad", "jacobian_features_torch_func_jacrev",
+    "where_unused_branch_double_where",
     "atan2_hypot_polar", "stick_breaking_cumprod", "masked_scatter_mask_token",
     # losses
     "evidential_digamma", "dirichlet_log_prob_lgamma", "beta_log_prob", "student_t_learned_df", "mixture_same_family",
@@ -54,3 +56,8 @@ EXACT = [
 @pytest.mark.parametrize("case", EXACT)
 def test_exact(case):
     assert_exact(CASES[case]())
+
+
+def test_cumulative_batch_norm_is_exact_against_the_recorded_buffers():
+    """``BatchNorm1d(momentum=None)``: its factor ``1 / num_batches_tracked`` reads a buffer the forward counts up."""
+    assert_buffers_exact(CASES["batchnorm_momentum_none_cumulative"]())

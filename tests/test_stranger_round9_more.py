@@ -21,6 +21,13 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   runs under the Function's no_grad), and the share warning names the jump's fix instead of calling the replica
   exact.
 
+* ``torch.autograd.functional.jacobian`` in the forward: refused as ``torch.autograd.grad`` is, the message naming
+  ``torch.func.jacrev`` too, which is exact; ``torch.cond`` on a learned gate: an ``UnsupportedModelError`` naming
+  it and ``torch.where`` (before: torch's raw ``AssertionError: Expected FakeTensor``);
+* a gradient reversal by ``Tensor.register_hook(lambda g: -g)`` in the forward: the share warning names the hook
+  (before: "a smaller tol"), and ``keep=("group",)`` takes forward mode, exact (before: reverse-mode Jacobians that
+  follow the hook, 52 % of the change left in ``quadrature_error``, warned).
+
 Refused as before, naming the cause: an FNO assembling its spectrum by slice assignment into ``torch.zeros``;
 ``torch.bucketize`` of a hidden unit (named as a jump).
 """
@@ -36,7 +43,7 @@ import torch
 from _round5_kit import N_TRAIN, QUAD, XV, fit
 from _round8_kit import jump_sites
 from _round9_cases import CASES, YD
-from _round9_functions import GradientReversal, dann_loss
+from _round9_functions import GradientReversal, HookReversal, dann_loss
 from reference import rel_err
 
 import explaind
@@ -54,6 +61,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("where_unused_branch_nan", TrajectoryError,
      r"Step 0: the gradient of a\.weight, a\.bias contains NaN.*torch\.where.*0 \* NaN = NaN.*"
      r"Fix: apply the selection to the branch's input too \(the double where\)"),
+    ("jacobian_features_autograd_functional", UnsupportedModelError,
+     r"forward calls torch\.autograd\.grad itself.*torch\.func\.vmap\(torch\.func\.jacrev\(g\)\)\(x\) for "
+     r"torch\.autograd\.functional\.jacobian"),
+    ("torch_cond_learned_gate", UnsupportedModelError,
+     r"forward calls torch\.cond \(a higher-order control-flow operator\).*Fix: .*torch\.where\(pred, a, b\)"),
     # refused as before
     ("fno2d_rfft2_irfft2_slice_assignment", UnsupportedModelError,
      r"writes a tensor that depends on the input or the parameters into a tensor it created itself, in place"),
@@ -83,6 +95,21 @@ def test_the_fixes_the_refusals_name_are_exact():
     assert got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not got["warnings"], got
 
 
+def assert_forward_mode_exact(build, keep: tuple[str, ...]) -> None:
+    """A DANN model ``build`` trained on ``YD``: ``keep`` takes forward mode (``sweep_["path"] == "jvp"``), with no
+    ExplaindWarning, and its total is the trained model's output within 1e-9."""
+    model, traj = fit(build, XV, YD, loss=dann_loss)
+    X = XV[N_TRAIN:]
+    with torch.no_grad():
+        truth = model.eval()(X).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        est = explaind.InfluenceEstimator(keep=keep, **QUAD).fit(traj)
+        att = est.transform(X)
+    assert est.sweep_["path"] == "jvp" and att.meta["quadrature_share"] <= 1e-9, (est.sweep_, att.meta)
+    assert rel_err(np.asarray(att.total()), truth) <= 1e-9
+
+
 def test_gradient_reversal_names_the_custom_function_and_forward_mode_is_exact():
     got = CASES["gradient_reversal_dann"]()
     shares = [w for w in got["warnings"] if "quadrature error share" in w]
@@ -92,15 +119,7 @@ def test_gradient_reversal_names_the_custom_function_and_forward_mode_is_exact()
     assert not any("a torch.no_grad() or set_grad_enabled(False) block" in w for w in shares), shares
     assert got["replica"] <= 1e-6 and got["share"] <= 1e-9, got
     # keep=("step",) runs the Function's jvp: its steps add up to the trained model's change, silently
-    model, traj = fit(GradientReversal, XV, YD, loss=dann_loss)
-    X = XV[N_TRAIN:]
-    with torch.no_grad():
-        truth = model.eval()(X).numpy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ExplaindWarning)
-        att = explaind.InfluenceEstimator(keep=("step",), **QUAD).fit(traj).transform(X)
-    assert att.meta["quadrature_share"] <= 1e-9, att.meta
-    assert rel_err(np.asarray(att.total()), truth) <= 1e-9
+    assert_forward_mode_exact(GradientReversal, ("step",))
 
 
 def test_a_jvp_that_mirrors_a_reversed_backward_is_named_by_the_replica():
@@ -125,6 +144,18 @@ def test_a_jump_inside_a_custom_function_is_named_and_the_replica_not_called_exa
                               for w in quadrature), quadrature
     shares = [w for w in got["warnings"] if "quadrature error share" in w]
     assert shares and all("Use a continuous forward" in w and "exact on this model" not in w for w in shares), shares
+
+
+def test_a_gradient_hook_in_forward_is_named_and_group_scores_take_forward_mode():
+    """``Tensor.register_hook(lambda g: -g)`` in the forward: the share warning of ``keep=("train",)`` names the hook
+    (before: "a smaller tol"), and ``keep=("group",)``, which took reverse-mode Jacobians that follow the hook and
+    warned with 52 % in ``quadrature_error``, now takes forward mode and adds up to the trained model silently."""
+    got = CASES["gradient_reversal_by_tensor_hook"]()
+    shares = [w for w in got["warnings"] if "quadrature error share" in w]
+    assert shares and all("<root> (HookReversal): Tensor.register_hook registers a gradient hook" in w
+                          for w in shares), got["warnings"]
+    assert got["replica"] <= 1e-6 and got["share"] <= 1e-9, got
+    assert_forward_mode_exact(HookReversal, ("group",))
 
 
 class _Plain(torch.autograd.Function):

@@ -20,7 +20,15 @@ from torch import nn
 
 from ..exceptions import TrajectoryError, warn_at_caller
 from ..kernel.attribution import Attribution
-from ..kernel.jumps import INFERENCE, NO_GRAD, function_sites, grad_off_sites, singular_sites, stop_sites
+from ..kernel.jumps import (
+    INFERENCE,
+    NO_GRAD,
+    function_sites,
+    grad_off_sites,
+    hook_sites,
+    singular_sites,
+    stop_sites,
+)
 
 __all__ = ["check_residual", "residual_causes", "check_quadrature"]
 
@@ -302,7 +310,8 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
         change = float((att.final - att.initial).abs().amax())
         size = float(att.final.abs().amax())
         frozen, off = grad_off_sites(jumps, INFERENCE), grad_off_sites(jumps, NO_GRAD)
-        others = [j for j in jumps if j not in frozen and j not in off]
+        hooks = hook_sites(jumps)
+        others = [j for j in jumps if j not in frozen and j not in off and j not in hooks]
         plain_off = [j for j in off if j not in function_sites(off)]  # no_grad blocks, not a Function's forward
         if change <= ROUNDING_CHANGE * torch.finfo(att.final.dtype).eps * size:
             fix = (f"a larger learning rate, or explain a run that moved: the explained change is only "
@@ -325,6 +334,13 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"forward (else the replica's quadrature warning names the Function too); for exact 'param' or "
                    f"'train' scores, a Function whose backward is the derivative of its forward for the run you want "
                    f"explained")
+        elif jacobian and hooks and not others:
+            fix = (f"an explanation by forward-mode derivatives: {'; '.join(hooks[:4])} registers a gradient hook "
+                   f"in the forward, which the backward, and so the reverse-mode Jacobians of keep with 'param' or "
+                   f"'train', follow as the training gradient did, while the output does not (a hook that changes "
+                   f"gradients, as lambda g: -g for a gradient reversal layer); no tol or rule integrates that. "
+                   f"KernelReplica and keep=() or ('step',) are exact on this model; for exact 'param' or 'train' "
+                   f"scores, a forward without gradient-changing hooks for the run you want explained")
         elif jacobian and plain_off:
             fix = (f"an explanation by forward-mode derivatives, which run through torch.no_grad(): "
                    f"{'; '.join(plain_off[:4])} reads parameter-dependent values with the "

@@ -143,6 +143,11 @@ class FunctionalModel:
         with sdpa_kernel(SDPBackend.MATH), _standard_attention(), self.rewritten():
             try:
                 return model_output(call_model(self.module, {**self.constants, **params}, x))
+            except AssertionError as exc:  # torch's higher-order ops (torch.cond) under jvp
+                refusal = evaluation_refusal(exc)
+                if refusal is not None:
+                    raise refusal from exc
+                raise
             except RuntimeError as exc:
                 if self._rewrite is False and _rewritten_op(exc):  # a branch the census did not take
                     self._rewrite = True

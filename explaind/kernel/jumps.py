@@ -35,7 +35,10 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
   nested inside turns the gradient on again and is no site. Inside the ``forward`` of a custom
   ``torch.autograd.Function`` (run by torch with the gradient off) the site is named as that Function's
   (:func:`function_sites`): forward-mode derivatives follow its ``jvp``, reverse-mode ones its ``backward``, and a
-  backward that is not the derivative of the forward (a gradient reversal layer) makes the two differ.
+  backward that is not the derivative of the forward (a gradient reversal layer) makes the two differ;
+* gradient hooks registered in ``forward``, ``Tensor.register_hook`` (:data:`HOOKS`; :func:`hook_sites`): the
+  backward, and so the reverse-mode Jacobians, follow a hook that changes gradients (``lambda g: -g``, a gradient
+  reversal layer), the output does not.
 
 :func:`find_jumps` runs the forward once on one input under a ``TorchFunctionMode`` that records these calls when
 a tensor argument depends on the trainable parameters, attributed to the innermost module running. A straight-
@@ -58,8 +61,9 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["FUNCTION", "INFERENCE", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "function_sites",
-           "grad_off_sites", "singular_sites", "softplus_jump", "stop_sites", "watch_jumps"]
+__all__ = ["FUNCTION", "HOOKS", "INFERENCE", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps",
+           "function_sites", "grad_off_sites", "hook_sites", "singular_sites", "softplus_jump", "stop_sites",
+           "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
@@ -73,6 +77,8 @@ _JUMPING = frozenset({
 _INDEXED = frozenset({"max", "min", "kthvalue", "mode", "median", "nanmedian"})
 #: Conversions that jump only when they convert to an integer or boolean dtype (``h.to(torch.int64)``).
 _CONVERSIONS = frozenset({"to", "type"})
+#: Calls that register a gradient hook on a tensor that depends on the parameters (:func:`hook_sites`).
+HOOKS = frozenset({"register_hook"})
 #: Calls that stop the gradient of a tensor that depends on the parameters (named as :func:`stop_sites` finds them).
 STOPS = frozenset({"detach", "detach_"})
 #: Calls with a singularity where their matrix argument turns singular (named as :func:`singular_sites` finds them).
@@ -119,7 +125,7 @@ def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dependent: 
     if name in _CONVERSIONS:
         return any(isinstance(a, torch.dtype) and not a.is_floating_point and not a.is_complex
                    for a in (*args, *kwargs.values()))
-    return name in _JUMPING or name in STOPS or name in SINGULAR
+    return name in _JUMPING or name in STOPS or name in SINGULAR or name in HOOKS
 
 
 def _grad_off(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -174,6 +180,13 @@ def grad_off_sites(sites: tuple[str, ...] | list[str], kind: str = NO_GRAD) -> l
 def stop_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     """The sites of :func:`find_jumps` that detach a parameter-dependent tensor (``"path (Class): Tensor.detach"``)."""
     return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in STOPS]
+
+
+def hook_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
+    """The sites of :func:`find_jumps` that register a gradient hook on a parameter-dependent tensor in the forward
+    (``"path (Class): Tensor.register_hook"``): the backward, and the reverse-mode derivatives, follow the hook, the
+    output and its forward-mode derivatives do not."""
+    return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in HOOKS]
 
 
 def singular_sites(sites: tuple[str, ...] | list[str]) -> list[str]:

@@ -36,6 +36,7 @@ from .jumps import (
     SOFTPLUS_JUMP,
     function_sites,
     grad_off_sites,
+    hook_sites,
     singular_sites,
     softplus_jump,
     stop_sites,
@@ -337,7 +338,7 @@ def _jumps_hint(engine: Any) -> str:
              or (isinstance(m, nn.Softplus) and softplus_jump(m.beta, m.threshold) > SOFTPLUS_JUMP)]
     sites = getattr(engine, "jump_sites", ())
     stops, poles, frozen = stop_sites(sites), singular_sites(sites), grad_off_sites(sites, INFERENCE)
-    off = {*frozen, *grad_off_sites(sites, NO_GRAD)}  # forward mode runs through no_grad: not a cause here
+    off = {*frozen, *grad_off_sites(sites, NO_GRAD), *hook_sites(sites)}  # forward mode ignores both: no cause
     calls = [site for site in sites if site not in stops and site not in poles and site not in off
              and not any(f"({kind}): " in site for kind in ("Softplus", "Threshold", "Hardshrink"))]  # named above
     hints = [singular_hint(poles)] if poles else []
