@@ -152,6 +152,20 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             f"model under them; torch: '{text.splitlines()[0][:80] if text else type(exc).__name__}'. Fix: compute "
             f"the branches as plain operations and select with torch.where(pred, a, b) (the same values; a predicate "
             f"that flips as the parameters move is a jump, which the quadrature warnings name).")
+    if "Cannot access data pointer of Tensor that doesn't have storage" in text:
+        return UnsupportedModelError(
+            f"the model's forward reads the memory of a tensor that depends on the input or the parameters "
+            f"({_user_frame(exc)}): Tensor.numpy(), a NumPy or SciPy function, or a C extension, which the tensors "
+            f"torch.func passes through a forward (vmap for one input at a time, jvp for the path derivatives) do "
+            f"not have; torch: '{text[:70]}'. Such a value leaves autograd too, so the training gradient ignored "
+            f"its dependence on the parameters. Fix: compute it with torch operations in the forward (torch.exp, "
+            f"torch.special, torch.linalg, ...).")
+    if "call Tensor.retain_grad() inside of a function being transformed" in text:
+        return UnsupportedModelError(
+            f"the model's forward calls Tensor.retain_grad() ({_user_frame(exc)}), which torch.func cannot run, "
+            f"and explaind evaluates the model under torch.func (vmap for one input at a time, jvp for the path "
+            f"derivatives). It changes no value. Fix: remove it from the forward (read an activation's gradient "
+            f"with a forward hook of your own during the loop, removed before explaining).")
     if _autograd_call(exc) is not None:
         return UnsupportedModelError(
             f"the model's forward calls torch.autograd.{_autograd_call(exc)} itself (an input gradient: a force field, "
@@ -190,6 +204,14 @@ def _higher_order_op(exc: BaseException) -> str | None:
             return Path(frame.filename).stem
     match = re.search(r"torch/_higher_order_ops/(\w+)\.py", str(exc))  # dynamo reports it as "from user code"
     return match.group(1) if match else None
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``"Class.method, file.py:12"`` of the innermost traceback frame outside torch and this package, or
+    ``"line not found"``."""
+    library = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(library)]
+    return f"{frames[-1].name}, {frames[-1].filename}:{frames[-1].lineno}" if frames else "line not found"
 
 
 def _autograd_call(exc: BaseException) -> str | None:

@@ -19,16 +19,19 @@ from _round7_cases import model_case
 from _round7_models import XA, YA
 from _round8_cases import loss_case
 from _round9_functions import (
+    DataNormalised,
     EnergyGradient,
     GradientReversal,
     HookReversal,
     JacobianFeatures,
     QuantizedSTE,
+    RetainsGrad,
     dann_loss,
 )
 from _round9_models import (
     BucketizeEmbedding,
     CholeskyKernelHead,
+    ComplexLogits,
     CondBranch,
     CumulativeBatchNorm,
     FNO2d,
@@ -39,6 +42,7 @@ from _round9_models import (
     LogCumSumExp,
     LstsqHead,
     MaskTokens,
+    NumpyRoundTrip,
     Pads,
     PinvHead,
     PolarFeatures,
@@ -98,6 +102,11 @@ def mixture_nll(out: Tensor, y: Tensor) -> Tensor:
     mix = distributions.MixtureSameFamily(distributions.Categorical(logits=out[:, :2]),
                                           distributions.Normal(out[:, 2:4], F.softplus(out[:, 4:6]) + 0.1))
     return -mix.log_prob(y).mean()
+
+
+def magnitude_ce(out: Tensor, y: Tensor) -> Tensor:
+    """Cross entropy of the magnitudes of complex logits."""
+    return F.cross_entropy(out.abs(), y)
 
 
 def poisson_rate_full(out: Tensor, y: Tensor) -> Tensor:
@@ -180,6 +189,10 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "jacobian_features_torch_func_jacrev": model_case(JacobianFeatures, XV, YV),
     "jacobian_features_autograd_functional": model_case(lambda: JacobianFeatures(autograd=True), XV, YV),
     "torch_cond_learned_gate": model_case(CondBranch, XV, YV),
+    "weight_data_in_forward": model_case(DataNormalised, XV, YV),
+    "numpy_round_trip_in_forward": model_case(NumpyRoundTrip, XV, YV),
+    "retain_grad_in_forward": model_case(RetainsGrad, XV, YV),
+    "complex_outputs": model_case(ComplexLogits, XV, YV, loss=magnitude_ce),
     "batchnorm_momentum_none_cumulative": model_case(CumulativeBatchNorm, XV, YV, reference=BufferReference),
     "gradient_reversal_jvp_mirrors_backward": model_case(lambda: GradientReversal(mirrored=True), XV, YD,
                                                          loss=dann_loss),

@@ -1,8 +1,8 @@
 """Models of the ninth round (tests/_round9_cases.py) that take gradients inside ``forward`` or change them: an
 energy model returning its input gradient (``torch.func.grad`` or ``torch.autograd.grad``), input Jacobians as
-features, a gradient reversal by a tensor hook, and custom ``torch.autograd.Function`` layers: a gradient reversal
-layer (DANN), the same with a ``jvp`` that mirrors its backward, and a straight-through rounding, each on ``XV``
-(n, 4).
+features, a gradient reversal by a tensor hook, ``weight.data`` and ``retain_grad()`` in ``forward``, and custom
+``torch.autograd.Function`` layers: a gradient reversal layer (DANN), the same with a ``jvp`` that mirrors its
+backward, and a straight-through rounding, each on ``XV`` (n, 4).
 """
 
 from __future__ import annotations
@@ -80,6 +80,32 @@ class HookReversal(nn.Module):
         if r.requires_grad:
             r.register_hook(lambda g: -g)
         return torch.cat([self.c(h), self.d(r)], 1)
+
+
+class DataNormalised(nn.Module):
+    """A weight divided by the row norms of ``weight.data`` (a detached view read as a property), tanh, Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        w = self.a.weight / self.a.weight.data.norm(dim=1, keepdim=True)
+        return self.b(torch.tanh(F.linear(x, w, self.a.bias)))
+
+
+class RetainsGrad(nn.Module):
+    """Keeps its hidden units with ``retain_grad()`` in training forwards (to read their gradient after backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if h.requires_grad:
+            h.retain_grad()
+        return self.b(h)
 
 
 class _ReverseGrad(torch.autograd.Function):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from _round5_kit import KinkMarks
@@ -413,3 +414,28 @@ class CondBranch(nn.Module):
 
     def forward(self, x):
         return self.b(torch.cond(self.gate > 0, lambda t: torch.tanh(t), lambda t: torch.sin(t), (self.a(x),)))
+
+
+class NumpyRoundTrip(nn.Module):
+    """Hidden units divided by a sum of exponentials computed in NumPy (``h.detach().numpy()``, back by
+    ``torch.from_numpy``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h / torch.from_numpy(np.exp(h.detach().cpu().numpy()).sum(1, keepdims=True)))
+
+
+class ComplexLogits(nn.Module):
+    """Complex outputs: the first 3 coefficients of ``torch.fft.rfft`` of the hidden units (a loss on their
+    magnitudes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return torch.fft.rfft(torch.tanh(self.a(x)))[:, :3]

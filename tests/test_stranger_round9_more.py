@@ -28,6 +28,13 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   (before: "a smaller tol"), and ``keep=("group",)`` takes forward mode, exact (before: reverse-mode Jacobians that
   follow the hook, 52 % of the change left in ``quadrature_error``, warned).
 
+* ``weight.data`` read in the forward (a detached view): the quadrature warnings name ``Tensor.data`` as a stop of
+  the gradient (before: float32 casts, then jumps);
+* ``h.detach().numpy()`` and back, ``retain_grad()`` in the forward, complex outputs: an ``UnsupportedModelError``
+  naming the call and the user's line (or the output dtype) and the fix (before: torch's raw ``RuntimeError``s,
+  "Cannot access data pointer", "retain_grad() inside of a function being transformed", "expected scalar type
+  Double but found ComplexDouble").
+
 Refused as before, naming the cause: an FNO assembling its spectrum by slice assignment into ``torch.zeros``;
 ``torch.bucketize`` of a hidden unit (named as a jump).
 """
@@ -66,6 +73,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
      r"torch\.autograd\.functional\.jacobian"),
     ("torch_cond_learned_gate", UnsupportedModelError,
      r"forward calls torch\.cond \(a higher-order control-flow operator\).*Fix: .*torch\.where\(pred, a, b\)"),
+    ("numpy_round_trip_in_forward", UnsupportedModelError,
+     r"forward reads the memory of a tensor that depends on the input or the parameters \(forward, .*"
+     r"_round9_models\.py:\d+\): Tensor\.numpy\(\).*Fix: compute it with torch operations"),
+    ("retain_grad_in_forward", UnsupportedModelError,
+     r"forward calls Tensor\.retain_grad\(\) \(forward, .*_round9_functions\.py:\d+\).*Fix: remove it"),
+    ("complex_outputs", UnsupportedModelError,
+     r"the model returns complex outputs \(torch\.complex128\).*Fix: return real outputs, e\.g\. "
+     r"torch\.view_as_real\(out\)"),
     # refused as before
     ("fno2d_rfft2_irfft2_slice_assignment", UnsupportedModelError,
      r"writes a tensor that depends on the input or the parameters into a tensor it created itself, in place"),
@@ -86,6 +101,16 @@ def test_jumps_computed_in_forward_are_named(case, site):
     assert got["replica"] > 1e-3 and got["share"] <= 1e-9, got
     quadrature = [w for w in got["warnings"] if "adaptive quadrature left" in w]
     assert quadrature and all(re.search(r"calls whose output can jump .*" + site, w) for w in quadrature), quadrature
+
+
+def test_weight_data_in_forward_is_named_as_a_stop_of_the_gradient():
+    """``w / w.data.norm()``: the replica misses the trained model (the output moves with the norm, the gradient does
+    not), and every quadrature warning names ``Tensor.data`` (before: float32 casts, then jumps)."""
+    got = CASES["weight_data_in_forward"]()
+    assert got["replica"] > 0.1 and got["share"] <= 1e-9, got
+    quadrature = [w for w in got["warnings"] if "adaptive quadrature left" in w]
+    assert quadrature and all("detaches tensors that depend on the parameters (<root> (DataNormalised): Tensor.data)"
+                              in w and "nor .data" in w for w in quadrature), quadrature
 
 
 def test_the_fixes_the_refusals_name_are_exact():

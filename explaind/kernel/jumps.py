@@ -21,9 +21,9 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
 * logarithms of determinants, ``torch.slogdet``/``logdet`` (:data:`SINGULAR`): :math:`\log|\det W|` is
   :math:`-\infty` where ``W`` turns singular, so a segment along which the determinant changes sign (a normalizing
   flow's mixing matrix under a large step) has no finite path integral; :func:`singular_sites` picks them out;
-* stops of the gradient, ``Tensor.detach`` (:data:`STOPS`): the output moves with the detached tensor while the path
-  derivative does not (a weight divided by its detached norm), so no integral of the gradient reproduces that part
-  of the change either; :func:`stop_sites` picks them out, for their own hint;
+* stops of the gradient, ``Tensor.detach`` and ``Tensor.data`` (:data:`STOPS`): the output moves with the detached
+  tensor while the path derivative does not (a weight divided by its detached norm), so no integral of the gradient
+  reproduces that part of the change either; :func:`stop_sites` picks them out, for their own hint;
 * calls on a parameter-dependent tensor with the gradient switched off (:data:`NO_GRAD`: a ``torch.no_grad()`` or
   ``torch.set_grad_enabled(False)`` block, a function decorated with ``@torch.no_grad()``; :data:`INFERENCE`:
   ``torch.inference_mode()``), which leave no call to name, so the site is the line of the user's code that made
@@ -77,10 +77,19 @@ _JUMPING = frozenset({
 _INDEXED = frozenset({"max", "min", "kthvalue", "mode", "median", "nanmedian"})
 #: Conversions that jump only when they convert to an integer or boolean dtype (``h.to(torch.int64)``).
 _CONVERSIONS = frozenset({"to", "type"})
+#: ``Tensor.data`` read as a property (its getter is what a ``TorchFunctionMode`` sees), named ``Tensor.data``.
+_DATA_GET = torch.Tensor.data.__get__
+
+
+def _data(*args: Any) -> None:
+    """Stands for a read of ``Tensor.data`` (a detached view) in the sites: named ``Tensor.data``."""
+
+
+_data.__qualname__ = "Tensor.data"
 #: Calls that register a gradient hook on a tensor that depends on the parameters (:func:`hook_sites`).
 HOOKS = frozenset({"register_hook"})
 #: Calls that stop the gradient of a tensor that depends on the parameters (named as :func:`stop_sites` finds them).
-STOPS = frozenset({"detach", "detach_"})
+STOPS = frozenset({"detach", "detach_", "data"})
 #: Calls with a singularity where their matrix argument turns singular (named as :func:`singular_sites` finds them).
 SINGULAR = frozenset({"slogdet", "logdet", "linalg_slogdet"})
 #: How a call with the gradient switched off is named: ``no_grad``/``set_grad_enabled(False)``, ``inference_mode``.
@@ -235,6 +244,8 @@ class _Record(TorchFunctionMode):
         kwargs = kwargs or {}
         if _jumps(func, args, kwargs, self._dependent(args, kwargs)):
             self.record(func, "")
+        elif func == _DATA_GET and args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            self.record(_data, "")  # w.data: a detached view, read as a property
         for t in _tensors((*args, *kwargs.values())):
             made = self.indices.pop(id(t), None)
             if made is not None and made[0] is t:

@@ -362,8 +362,8 @@ def _jumps_hint(engine: Any) -> str:
                      f"its output moves with them, but its gradient, which the path integral follows, does not (a "
                      f"weight divided by its norm taken under .detach(), a stop-gradient target), so no quadrature "
                      f"rule reproduces that part of the change and it stays in quadrature_error. Fix: no .detach() "
-                     f"(nor torch.no_grad()) on parameter-dependent values in the forward of the run you want "
-                     f"explained (w / w.norm(dim=1, keepdim=True) instead of a detached norm)")
+                     f"(nor .data, nor torch.no_grad()) on parameter-dependent values in the forward of the run you "
+                     f"want explained (w / w.norm(dim=1, keepdim=True) instead of a detached norm)")
     if unpool:
         hints.append(f"the model holds {unpool}, whose output jumps where the maximum of a pooling window changes "
                      f"place (the value moves to another position): the gradient has no term for a jump, so no "
