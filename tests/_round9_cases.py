@@ -28,15 +28,15 @@ from _round9_functions import (
     RetainsGrad,
     dann_loss,
 )
+from _round9_graphs import AdjacencyGCN, GATSegmentSoftmax, GCNScatterAdd, SageMean
 from _round9_models import (
+    KAN,
     BucketizeEmbedding,
     CholeskyKernelHead,
     ComplexLogits,
     CondBranch,
     CumulativeBatchNorm,
     FNO2d,
-    GATSegmentSoftmax,
-    GCNScatterAdd,
     GroupedDilatedTranspose,
     KronLinear,
     LogCumSumExp,
@@ -157,6 +157,9 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     # graph neural nets by hand
     "gcn_scatter_add_degree_norm": model_case(GCNScatterAdd, XS, YS),
     "gcn_scatter_add_adam_0_5": model_case(GCNScatterAdd, XS, YS, opt=adam(0.5)),
+    "gcn_dense_adjacency": model_case(AdjacencyGCN, XS, YS),
+    "graphsage_scatter_reduce_mean": model_case(SageMean, XS, YS),
+    "gcn_sparse_adjacency_sparse_mm": model_case(lambda: AdjacencyGCN(sparse=True), XS, YS),
     "gat_segment_softmax_amax_index_add_inplace": model_case(GATSegmentSoftmax, XS, YS),
     "gat_segment_softmax_amax_index_add": model_case(lambda: GATSegmentSoftmax(inplace=False), XS, YS, panels=8),
     # sequence models
@@ -164,6 +167,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "selective_scan_adam_1": model_case(SelectiveScan, XS, YS, panels=8, opt=adam(1.0)),
     "rnncell_relu_unrolled": model_case(RNNCellLoop, XS, YS, reference=KinkReference),
     "logcumsumexp_over_time": model_case(LogCumSumExp, XS, YS),
+    "kan_cubic_bsplines": model_case(KAN, XV, YV, panels=16),
     # spectral and convolutional
     "fno2d_rfft2_irfft2_slice_assignment": model_case(FNO2d, XI, YI),
     "fno2d_rfft2_irfft2_padded": model_case(lambda: FNO2d(slices=False), XI, YI),

@@ -2,9 +2,9 @@
 and docs/guide_own_model.md, each small and float64-ready (those that take or change gradients in ``forward`` are in
 tests/_round9_functions.py).
 
-Inputs: ``XV`` (n, 4) vectors, ``XI`` (n, 1, 6, 6) images, ``XS`` (n, 6, 3) sequences read as 6 graph nodes or 6
-time steps, ``XT`` (n, 5) token ids below 7 (tests/_round5_kit.py), and tests/_round7_models.py's ``XA`` (n, 1, 12)
-signals.
+Inputs: ``XV`` (n, 4) vectors, ``XI`` (n, 1, 6, 6) images, ``XS`` (n, 6, 3) sequences (read as 6 graph nodes by
+tests/_round9_graphs.py), ``XT`` (n, 5) token ids below 7 (tests/_round5_kit.py), and tests/_round7_models.py's
+``XA`` (n, 1, 12) signals.
 """
 
 from __future__ import annotations
@@ -16,68 +16,6 @@ import torch
 import torch.nn.functional as F
 from _round5_kit import KinkMarks
 from torch import Tensor, nn
-
-#: A directed graph on 6 nodes (a ring both ways and two chords), self loops added by the models.
-EDGES = torch.tensor([[0, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 0, 0, 2],
-                      [1, 2, 3, 4, 5, 0, 0, 1, 2, 3, 4, 5, 3, 5]])
-NODES = 6
-
-
-def _with_self_loops() -> tuple[Tensor, Tensor]:
-    loops = torch.arange(NODES)
-    return torch.cat([EDGES[0], loops]), torch.cat([EDGES[1], loops])
-
-
-class GCNScatterAdd(nn.Module):
-    """Two graph convolutions by hand: messages ``h[src] / sqrt(deg[src] deg[dst])`` summed into their targets with
-    ``Tensor.scatter_add``, ReLU, mean over the nodes."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.head, self.relu = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 3), nn.ReLU()
-        src, dst = _with_self_loops()
-        deg = torch.zeros(NODES).scatter_add(0, dst, torch.ones(len(dst)))
-        self.register_buffer("src", src)
-        self.register_buffer("dst", dst)
-        self.register_buffer("norm", (deg[src] * deg[dst]).rsqrt())
-
-    def propagate(self, h: Tensor) -> Tensor:
-        msg = h[:, self.src] * self.norm[:, None]
-        index = self.dst[None, :, None].expand(len(h), -1, h.shape[-1])
-        return torch.zeros_like(h).scatter_add(1, index, msg)
-
-    def forward(self, x):
-        h = self.relu(self.propagate(self.a(x)))
-        return self.head(self.relu(self.propagate(self.b(h))).mean(1))
-
-
-class GATSegmentSoftmax(nn.Module):
-    """A graph attention layer by hand: scores ``LeakyReLU(s_src[src] + s_dst[dst])``, a softmax over each target's
-    incoming edges (``scatter_reduce("amax", include_self=False)`` subtracted, ``exp``, ``index_add_`` of the
-    denominators) and the weighted messages summed with ``index_add_``; ELU, mean over the nodes. With
-    ``inplace=False`` the out-of-place ``index_add`` (the fix its refusal names)."""
-
-    def __init__(self, inplace: bool = True):
-        super().__init__()
-        self.inplace = inplace
-        self.w, self.head = nn.Linear(3, 6, bias=False), nn.Linear(6, 3)
-        self.att_src, self.att_dst = nn.Parameter(torch.randn(6) * 0.5), nn.Parameter(torch.randn(6) * 0.5)
-        self.act = nn.LeakyReLU(0.2)
-        src, dst = _with_self_loops()
-        self.register_buffer("src", src)
-        self.register_buffer("dst", dst)
-
-    def forward(self, x):
-        h = self.w(x)
-        e = self.act((h @ self.att_src)[:, self.src] + (h @ self.att_dst)[:, self.dst])
-        top = torch.full((len(x), NODES), float("-inf"), dtype=h.dtype)
-        top = top.scatter_reduce(1, self.dst[None].expand(len(x), -1), e, "amax", include_self=False)
-        ex = torch.exp(e - top[:, self.dst])
-        add = torch.Tensor.index_add_ if self.inplace else torch.Tensor.index_add
-        den = add(torch.zeros(len(x), NODES, dtype=h.dtype), 1, self.dst, ex)
-        alpha = ex / den[:, self.dst]
-        out = add(torch.zeros_like(h), 1, self.dst, alpha[..., None] * h[:, self.src])
-        return self.head(F.elu(out).mean(1))
 
 
 class SelectiveScan(nn.Module):
@@ -439,3 +377,31 @@ class ComplexLogits(nn.Module):
 
     def forward(self, x):
         return torch.fft.rfft(torch.tanh(self.a(x)))[:, :3]
+
+
+class KAN(nn.Module):
+    """A Kolmogorov-Arnold network 4-5-3: on every edge a cubic B-spline of ``tanh(x)`` on a uniform grid of 5
+    cells (bases by the Cox-de Boor recursion from the comparisons ``t_i <= x < t_{i+1}``), plus a SiLU base
+    layer."""
+
+    def __init__(self, dims: tuple[int, ...] = (4, 5, 3), grid: int = 5, k: int = 3):
+        super().__init__()
+        self.register_buffer("t", torch.arange(-k, grid + k + 1) * (2.0 / grid) - 1.0)
+        self.k = k
+        self.coef = nn.ParameterList([nn.Parameter(torch.randn(o, i, grid + k) * 0.1)
+                                      for i, o in zip(dims, dims[1:])])
+        self.base = nn.ModuleList([nn.Linear(i, o) for i, o in zip(dims, dims[1:])])
+
+    def bases(self, x: Tensor) -> Tensor:
+        """``(n, i) -> (n, i, grid + k)``: the B-spline bases of degree ``k`` at ``x``."""
+        t, x = self.t, x[..., None]
+        b = ((x >= t[:-1]) & (x < t[1:])).to(x.dtype)
+        for p in range(1, self.k + 1):
+            b = ((x - t[:-(p + 1)]) / (t[p:-1] - t[:-(p + 1)]) * b[..., :-1]
+                 + (t[p + 1:] - x) / (t[p + 1:] - t[1:-p]) * b[..., 1:])
+        return b
+
+    def forward(self, x):
+        for coef, base in zip(self.coef, self.base):
+            x = base(F.silu(x)) + torch.einsum("nib,oib->no", self.bases(torch.tanh(x)), coef)
+        return x

@@ -22,7 +22,8 @@ KEYS = {
     "gradient_reversal_by_tensor_hook": "register_hook", "jacobian_features_autograd_functional": "autograd.grad",
     "torch_cond_learned_gate": "torch.cond", "where_unused_branch_nan": "torch.where",
     "bucketize_embedding": "can jump", "atan2_hypot_polar_sgd_5": "can jump", "weight_data_in_forward": "Tensor.data",
-    "numpy_round_trip_in_forward": "memory", "retain_grad_in_forward": "retain_grad", "complex_outputs": "complex",
+    "gcn_sparse_adjacency_sparse_mm": "sparse", "numpy_round_trip_in_forward": "memory",
+    "retain_grad_in_forward": "retain_grad", "complex_outputs": "complex",
 }
 
 

@@ -3,9 +3,10 @@ within the bounds (replica <= 1e-6 against the trained model in evaluation mode,
 warning, the slow reference's own residual <= 1e-10, ``keep=("train",)`` scores within 1e-9 of it, or within 3x its
 own quadrature error where its panels cannot resolve kinks computed inside ``forward``):
 
-* graph networks by hand: a GCN whose messages are summed with ``Tensor.scatter_add`` (also at Adam lr 0.5), a GAT
+* graph networks by hand: a GCN whose messages are summed with ``Tensor.scatter_add`` (also at Adam lr 0.5) or
+  multiplied by a dense normalised adjacency, GraphSAGE's mean aggregator (``scatter_reduce("mean")``), a GAT
   layer with a segment softmax (``scatter_reduce("amax", include_self=False)``, ``exp``, out-of-place
-  ``index_add``);
+  ``index_add``); a Kolmogorov-Arnold network of cubic B-splines (Cox-de Boor from comparisons);
 * sequences: a Mamba-style selective scan (``cumsum``, ``exp`` of the lower triangle, ``masked_fill(-inf)``; also at
   Adam lr 1),
   ``nn.RNNCell(nonlinearity="relu")`` unrolled by hand, ``torch.logcumsumexp``;
@@ -38,7 +39,8 @@ from _round9_cases import CASES
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXACT = [
-    "gcn_scatter_add_degree_norm", "gcn_scatter_add_adam_0_5", "gat_segment_softmax_amax_index_add",
+    "gcn_scatter_add_degree_norm", "gcn_scatter_add_adam_0_5", "gcn_dense_adjacency", "graphsage_scatter_reduce_mean",
+    "gat_segment_softmax_amax_index_add", "kan_cubic_bsplines",
     "selective_scan_cumsum_exp", "selective_scan_adam_1", "rnncell_relu_unrolled", "logcumsumexp_over_time",
     "fno2d_rfft2_irfft2_padded", "unfold_matmul_fold", "unfold_matmul_fold_sgd_5",
     "circular_replication_reflection_pads", "circular_replication_reflection_pads_sgd_3",

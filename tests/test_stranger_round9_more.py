@@ -35,6 +35,11 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   "Cannot access data pointer", "retain_grad() inside of a function being transformed", "expected scalar type
   Double but found ComplexDouble").
 
+* a GCN whose normalised adjacency is a ``torch.sparse_coo_tensor`` buffer for ``torch.sparse.mm``: refused at the
+  recorder naming the buffer, its layout and the dense or edge-list fix, both exact (before: torch's raw
+  ``NotImplementedError: Could not run 'aten::equal' with arguments from the 'SparseCPU' backend`` from the buffer
+  watch at the first step).
+
 Refused as before, naming the cause: an FNO assembling its spectrum by slice assignment into ``torch.zeros``;
 ``torch.bucketize`` of a hidden unit (named as a jump).
 """
@@ -81,6 +86,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("complex_outputs", UnsupportedModelError,
      r"the model returns complex outputs \(torch\.complex128\).*Fix: return real outputs, e\.g\. "
      r"torch\.view_as_real\(out\)"),
+    ("gcn_sparse_adjacency_sparse_mm", UnsupportedModelError,
+     r"TrajectoryRecorder: the model holds sparse parameters or buffers \['adj \(torch\.sparse_coo\)'\].*"
+     r"Fix: register the tensor dense"),
     # refused as before
     ("fno2d_rfft2_irfft2_slice_assignment", UnsupportedModelError,
      r"writes a tensor that depends on the input or the parameters into a tensor it created itself, in place"),
