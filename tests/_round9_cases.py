@@ -31,6 +31,7 @@ from _round9_functions import (
 from _round9_graphs import AdjacencyGCN, GATSegmentSoftmax, GCNScatterAdd, SageMean
 from _round9_models import (
     KAN,
+    PACT,
     BucketizeEmbedding,
     CholeskyKernelHead,
     ComplexLogits,
@@ -47,6 +48,7 @@ from _round9_models import (
     PinvHead,
     PolarFeatures,
     QRProjection,
+    RenormPrototypes,
     RNNCellLoop,
     SelectiveScan,
     SpectralPool,
@@ -209,6 +211,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "atan2_hypot_polar": model_case(PolarFeatures, XV, YV),
     "atan2_hypot_polar_sgd_5": model_case(PolarFeatures, XV, YV, opt=sgd(5.0)),
     "stick_breaking_cumprod": model_case(StickBreaking, XV, YV, opt=adam(0.3)),
+    "pact_clamp_learned_tensor_max": model_case(PACT, XV, YV, reference=KinkReference),
+    "renorm_weight_pairwise_distance": model_case(RenormPrototypes, XV, YV, reference=KinkReference),
     "masked_scatter_mask_token": model_case(MaskTokens, XT, YT),
     # losses
     "evidential_digamma": loss_case("classes", evidential),

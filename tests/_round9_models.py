@@ -405,3 +405,33 @@ class KAN(nn.Module):
         for coef, base in zip(self.coef, self.base):
             x = base(F.silu(x)) + torch.einsum("nib,oib->no", self.bases(torch.tanh(x)), coef)
         return x
+
+
+class PACT(nn.Module):
+    """PACT quantisation's clipped activation without the rounding: ``torch.clamp(h, min=0, max=alpha)`` with a
+    learned bound ``alpha`` (a tensor ``max``); ``h`` and ``alpha - h`` go through ``marks`` for the reference."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.marks = nn.Linear(4, 8), nn.Linear(8, 3), KinkMarks()
+        self.alpha = nn.Parameter(torch.tensor(0.8))
+
+    def forward(self, x):
+        h = self.a(x)
+        self.marks(torch.cat([h, self.alpha - h], 1))
+        return self.b(torch.clamp(h, min=torch.zeros((), dtype=h.dtype), max=self.alpha))
+
+
+class RenormPrototypes(nn.Module):
+    """Rows of a weight capped to norm 0.7 by ``Tensor.renorm`` in the forward (a kink where a row's norm crosses
+    0.7, through ``marks`` for the reference), tanh, and Euclidean distances (``F.pairwise_distance``) to 3 learned
+    prototypes as logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.protos, self.marks = nn.Linear(4, 5), nn.Parameter(torch.randn(3, 5)), KinkMarks()
+
+    def forward(self, x):
+        self.marks(self.a.weight.norm(dim=1)[None].expand(len(x), -1) - 0.7)
+        h = torch.tanh(F.linear(x, self.a.weight.renorm(2, 0, 0.7), self.a.bias))
+        return -torch.stack([F.pairwise_distance(h, p.expand_as(h)) for p in self.protos], 1)

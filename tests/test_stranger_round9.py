@@ -21,7 +21,8 @@ own quadrature error where its panels cannot resolve kinks computed inside ``for
   (``stack_module_state``), an input gradient by ``torch.func.grad``, input Jacobians by ``torch.func.jacrev``;
 * value-dependent code: ``torch.where`` with the double-where guard on ``sqrt``, ``atan2``/``hypot`` polar features
   where no pair crosses the branch cut, stick-breaking weights by ``cumprod`` at Adam lr 0.3,
-  ``Tensor.masked_scatter`` of a learned mask token;
+  ``Tensor.masked_scatter`` of a learned mask token, PACT's ``clamp`` with a learned tensor ``max``,
+  ``Tensor.renorm`` of a weight with ``F.pairwise_distance`` logits;
 * losses: the evidential (``digamma``) loss, ``Dirichlet``, ``Beta``, ``StudentT`` (learned degrees of freedom) and
   ``MixtureSameFamily`` log-likelihoods, ``poisson_nll_loss(log_input=False, full=True)``, ``gaussian_nll_loss(full=
   True)`` with one variance per sample, ``ctc_loss(zero_infinity=True)`` with an impossible target;
@@ -48,7 +49,8 @@ EXACT = [
     "eigvalsh_svdvals_pooling", "cholesky_kernel_head", "lstsq_head", "pinv_head", "kron_factored_linear",
     "vmap_functional_call_ensemble", "energy_gradient_torch_func_grad", "jacobian_features_torch_func_jacrev",
     "where_unused_branch_double_where",
-    "atan2_hypot_polar", "stick_breaking_cumprod", "masked_scatter_mask_token",
+    "atan2_hypot_polar", "stick_breaking_cumprod", "masked_scatter_mask_token", "pact_clamp_learned_tensor_max",
+    "renorm_weight_pairwise_distance",
     # losses
     "evidential_digamma", "dirichlet_log_prob_lgamma", "beta_log_prob", "student_t_learned_df", "mixture_same_family",
     "poisson_nll_rates_full", "gaussian_nll_full_shared_variance", "ctc_zero_infinity",
