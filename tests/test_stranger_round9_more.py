@@ -40,6 +40,10 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   ``NotImplementedError: Could not run 'aten::equal' with arguments from the 'SparseCPU' backend`` from the buffer
   watch at the first step).
 
+* NaN terms at test inputs only (a ``torch.where`` whose unused ``sqrt`` branch is NaN there, not at the training
+  inputs): ``transform`` refuses, naming the inputs, the reverse-mode Jacobians and the double-where fix (before:
+  NaN values and NaN shares, which no warning compared above a tolerance).
+
 Refused as before, naming the cause: an FNO assembling its spectrum by slice assignment into ``torch.zeros``;
 ``torch.bucketize`` of a hidden unit (named as a jump).
 """
@@ -52,10 +56,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _round5_kit import N_TRAIN, QUAD, XV, fit
+from _round5_kit import N_TRAIN, QUAD, XV, YV, fit
 from _round8_kit import jump_sites
 from _round9_cases import CASES, YD
 from _round9_functions import GradientReversal, HookReversal, dann_loss
+from _round9_models import SqrtUntilFar
 from reference import rel_err
 
 import explaind
@@ -189,6 +194,24 @@ def test_a_gradient_hook_in_forward_is_named_and_group_scores_take_forward_mode(
                           for w in shares), got["warnings"]
     assert got["replica"] <= 1e-6 and got["share"] <= 1e-9, got
     assert_forward_mode_exact(HookReversal, ("group",))
+
+
+def test_nan_scores_at_test_inputs_only_are_refused_naming_the_where():
+    """Trained where the unused sqrt branch is finite, explained at 100x held-out inputs where it is NaN: the
+    outputs and the replica are finite, the reverse-mode Jacobians of keep=("train",) are NaN, and the
+    attribution is refused naming the inputs and the double where (before: NaN values, NaN shares, no warning);
+    keep=() (forward mode) stays exact and silent."""
+    model, traj = fit(SqrtUntilFar, XV, YV)
+    X = 100 * XV[N_TRAIN:]
+    with pytest.raises(UnsupportedModelError, match=r"NaN or inf at test inputs \[0, 1\] where the model's outputs "
+                                                    r"are finite.*reverse-mode Jacobians.*the double where"):
+        explaind.InfluenceEstimator(keep=("train",), **QUAD).fit(traj).transform(X)
+    with torch.no_grad():
+        truth = model.eval()(X).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExplaindWarning)
+        att = explaind.InfluenceEstimator(keep=(), **QUAD).fit(traj).transform(X)
+    assert rel_err(np.asarray(att.total()), truth) <= 1e-9
 
 
 class _Plain(torch.autograd.Function):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..exceptions import TrajectoryError, warn_at_caller
+from ..exceptions import TrajectoryError, UnsupportedModelError, warn_at_caller
 from ..kernel.attribution import Attribution
 from ..kernel.jumps import (
     INFERENCE,
@@ -30,7 +30,7 @@ from ..kernel.jumps import (
     stop_sites,
 )
 
-__all__ = ["check_residual", "residual_causes", "check_quadrature"]
+__all__ = ["check_finite", "check_residual", "residual_causes", "check_quadrature"]
 
 #: An explained change within this many machine epsilons of the outputs is named as rounding by the quadrature warning.
 ROUNDING_CHANGE = 1e4
@@ -251,6 +251,39 @@ def _float32_cause(traj: Any, largest: float, step: int, rounding: bool = True) 
             f"logits (a diverging run) make it large, and the residual holds it "
             f"— train in float64 (explaind train --dtype float64, or model.double()) for a residual at rounding "
             f"level")
+
+
+def check_finite(att: Attribution, owner: str, *, jacobian: bool) -> None:
+    """Refuse an attribution whose terms are NaN or inf at test inputs where the model's outputs are finite.
+
+    Such terms come from derivatives, not values: reverse-mode Jacobians (``jacobian``) multiply the derivative of
+    a branch ``torch.where`` does not select by 0, and ``0 * NaN`` is NaN (``sqrt`` or ``log`` of values outside
+    their domain at the test inputs only, which the training inputs never reached). Completeness cannot hold there,
+    and a NaN share would raise no warning, so this is an error naming the inputs, the cause and the fix.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Naming the test inputs whose terms are not finite.
+    """
+    ends = torch.isfinite(att.final).flatten(1).all(1) & torch.isfinite(att.initial).flatten(1).all(1)
+    terms = [t for t in (att.values, att.regularization, att.residual, att.quadrature_error,
+                         getattr(att, "buffers", None)) if t is not None]
+    finite = torch.stack([torch.isfinite(t.reshape(t.shape[0], -1)).all(1) for t in terms]).all(0)
+    bad = [i for i in range(len(ends)) if bool(ends[i]) and not bool(finite[i])]
+    if not bad:
+        return
+    how = ("the reverse-mode Jacobians of keep with 'param' or 'train' (forward-mode derivatives, which keep=() "
+           "and ('step',) take, select the branch's tangent and stay finite)" if jacobian else
+           "the path derivatives")
+    raise UnsupportedModelError(
+        f"{owner}: the attribution holds NaN or inf at test inputs {bad[:8]}{' ...' if len(bad) > 8 else ''} where "
+        f"the model's outputs are finite: {how} are not finite there. The usual cause is torch.where (or a mask) "
+        f"choosing between branches one of which is NaN or inf where it is not chosen (sqrt, log or a division of "
+        f"values outside their domain, reached at these inputs and not by the training inputs): its derivative "
+        f"times 0 is NaN. Fix: apply the selection to the branch's input too (the double where), "
+        f"torch.where(h > 0, torch.sqrt(torch.where(h > 0, h, 1.0)), h), and train and explain that model; or "
+        f"explain other inputs.")
 
 
 def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol: float, strict: bool,
