@@ -41,8 +41,9 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   watch at the first step).
 
 * NaN terms at test inputs only (a ``torch.where`` whose unused ``sqrt`` branch is NaN there, not at the training
-  inputs): ``transform`` refuses, naming the inputs, the reverse-mode Jacobians and the double-where fix (before:
-  NaN values and NaN shares, which no warning compared above a tolerance).
+  inputs): ``InfluenceEstimator.transform`` and ``CounterfactualEstimator.transform`` refuse, naming the inputs,
+  the reverse-mode derivatives and the double-where fix (before: NaN values and NaN shares, which no warning
+  compared above a tolerance).
 
 Refused as before, naming the cause: an FNO assembling its spectrum by slice assignment into ``torch.zeros``;
 ``torch.bucketize`` of a hidden unit (named as a jump).
@@ -198,14 +199,17 @@ def test_a_gradient_hook_in_forward_is_named_and_group_scores_take_forward_mode(
 
 def test_nan_scores_at_test_inputs_only_are_refused_naming_the_where():
     """Trained where the unused sqrt branch is finite, explained at 100x held-out inputs where it is NaN: the
-    outputs and the replica are finite, the reverse-mode Jacobians of keep=("train",) are NaN, and the
-    attribution is refused naming the inputs and the double where (before: NaN values, NaN shares, no warning);
-    keep=() (forward mode) stays exact and silent."""
+    outputs and the replica are finite, the reverse-mode Jacobians of keep=("train",) and the metagradients' start
+    are NaN, and both attributions are refused naming the inputs and the double where (before: NaN values, NaN
+    shares, no warning); keep=() (forward mode) stays exact and silent."""
     model, traj = fit(SqrtUntilFar, XV, YV)
     X = 100 * XV[N_TRAIN:]
     with pytest.raises(UnsupportedModelError, match=r"NaN or inf at test inputs \[0, 1\] where the model's outputs "
                                                     r"are finite.*reverse-mode Jacobians.*the double where"):
         explaind.InfluenceEstimator(keep=("train",), **QUAD).fit(traj).transform(X)
+    with pytest.raises(UnsupportedModelError, match=r"CounterfactualEstimator: the attribution holds NaN or inf at "
+                                                    r"test inputs \[0, 1\].*metagradient sweep"):
+        explaind.CounterfactualEstimator().fit(traj).transform(X)
     with torch.no_grad():
         truth = model.eval()(X).numpy()
     with warnings.catch_warnings():

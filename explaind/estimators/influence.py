@@ -32,7 +32,7 @@ from ..kernel.planning import window_plans
 from ..kernel.shard import Cell, all_sum_, choose_layout, world
 from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
-from .residual import check_finite, check_quadrature, check_residual
+from .residual import JACOBIAN_TERMS, PATH_TERMS, check_finite, check_quadrature, check_residual
 
 __all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
 
@@ -236,7 +236,7 @@ class InfluenceEstimator(PathEstimator):
         target = cfg.target if cfg.target is None or cfg.target == "loss" else torch.tensor(cfg.target)
         att = self._decompose(Xt, target, y)
         att.meta["promoted_casts"] = self.engine_.promoted_casts
-        check_finite(att, name, jacobian=self.sweep_.get("path") == "jacobian")
+        check_finite(att, name, JACOBIAN_TERMS if self.sweep_.get("path") == "jacobian" else PATH_TERMS)
         if cfg.split:
             check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
         check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name, jumps=self.engine_.jump_sites,

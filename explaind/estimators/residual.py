@@ -30,7 +30,8 @@ from ..kernel.jumps import (
     stop_sites,
 )
 
-__all__ = ["check_finite", "check_residual", "residual_causes", "check_quadrature"]
+__all__ = ["JACOBIAN_TERMS", "METAGRADIENT_TERMS", "PATH_TERMS", "check_finite", "check_residual", "residual_causes",
+           "check_quadrature"]
 
 #: An explained change within this many machine epsilons of the outputs is named as rounding by the quadrature warning.
 ROUNDING_CHANGE = 1e4
@@ -253,13 +254,22 @@ def _float32_cause(traj: Any, largest: float, step: int, rounding: bool = True) 
             f"level")
 
 
-def check_finite(att: Attribution, owner: str, *, jacobian: bool) -> None:
+#: How :func:`check_finite` names the derivatives that were not finite, per estimator path.
+JACOBIAN_TERMS = ("the reverse-mode Jacobians of keep with 'param' or 'train' (forward-mode derivatives, which keep=() "
+                  "and ('step',) take, select the branch's tangent and stay finite)")
+PATH_TERMS = "the path derivatives"
+METAGRADIENT_TERMS = ("the reverse-mode derivatives of the outputs at theta_stop that start the metagradient sweep "
+                      "(KernelReplica and InfluenceEstimator(keep=()), forward mode, stay finite)")
+
+
+def check_finite(att: Attribution, owner: str, how: str) -> None:
     """Refuse an attribution whose terms are NaN or inf at test inputs where the model's outputs are finite.
 
     Such terms come from derivatives, not values: reverse-mode Jacobians (``jacobian``) multiply the derivative of
     a branch ``torch.where`` does not select by 0, and ``0 * NaN`` is NaN (``sqrt`` or ``log`` of values outside
     their domain at the test inputs only, which the training inputs never reached). Completeness cannot hold there,
-    and a NaN share would raise no warning, so this is an error naming the inputs, the cause and the fix.
+    and a NaN share would raise no warning, so this is an error naming the inputs, the cause and the fix. ``how``
+    names the derivatives (:data:`JACOBIAN_TERMS`, :data:`PATH_TERMS`, :data:`METAGRADIENT_TERMS`).
 
     Raises
     ------
@@ -273,9 +283,6 @@ def check_finite(att: Attribution, owner: str, *, jacobian: bool) -> None:
     bad = [i for i in range(len(ends)) if bool(ends[i]) and not bool(finite[i])]
     if not bad:
         return
-    how = ("the reverse-mode Jacobians of keep with 'param' or 'train' (forward-mode derivatives, which keep=() "
-           "and ('step',) take, select the branch's tangent and stay finite)" if jacobian else
-           "the path derivatives")
     raise UnsupportedModelError(
         f"{owner}: the attribution holds NaN or inf at test inputs {bad[:8]}{' ...' if len(bad) > 8 else ''} where "
         f"the model's outputs are finite: {how} are not finite there. The usual cause is torch.where (or a mask) "
