@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _round5_kit import XI, XS, XT, XV, YI, YS, YT, YV, KinkReference, head
+from _round5_kit import XI, XS, XT, XV, YI, YS, YT, YV, KinkReference, fit, head
 from _round7_cases import model_case
+from _round7_kit import figures
 from _round7_models import XA, YA
 from _round8_cases import loss_case
 from _round9_functions import (
@@ -40,6 +41,7 @@ from _round9_models import (
     FNO2d,
     GroupedDilatedTranspose,
     KronLinear,
+    LengthFeature,
     LogCumSumExp,
     LstsqHead,
     MaskTokens,
@@ -57,6 +59,7 @@ from _round9_models import (
     UnfoldFold,
     VmapEnsemble,
     WhereUnusedNaN,
+    all_off,
 )
 from replay_reference import BufferReference
 from torch import Tensor, distributions
@@ -155,6 +158,14 @@ def outputs(n: int) -> Callable[[], torch.nn.Module]:
     return lambda: head(out=n)
 
 
+def all_off_case(vector_norm: bool) -> Callable[[], dict[str, Any]]:
+    """:class:`LengthFeature` explained at :func:`all_off` inputs, where its two ReLU units are 0."""
+    def run() -> dict[str, Any]:
+        model, traj = fit(lambda: LengthFeature(vector_norm), XV, YV)
+        return figures(model, traj, all_off(model))
+    return run
+
+
 CASES: dict[str, Callable[[], dict[str, Any]]] = {
     # graph neural nets by hand
     "gcn_scatter_add_degree_norm": model_case(GCNScatterAdd, XS, YS),
@@ -212,6 +223,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "atan2_hypot_polar_sgd_5": model_case(PolarFeatures, XV, YV, opt=sgd(5.0)),
     "stick_breaking_cumprod": model_case(StickBreaking, XV, YV, opt=adam(0.3)),
     "pact_clamp_learned_tensor_max": model_case(PACT, XV, YV, reference=KinkReference),
+    "hand_written_norm_of_a_zero_vector": all_off_case(False),
+    "vector_norm_of_a_zero_vector": all_off_case(True),
     "renorm_weight_pairwise_distance": model_case(RenormPrototypes, XV, YV, reference=KinkReference),
     "masked_scatter_mask_token": model_case(MaskTokens, XT, YT),
     # losses

@@ -448,3 +448,23 @@ class SqrtUntilFar(nn.Module):
     def forward(self, x):
         h, r5 = self.a(x), 5 ** 0.5
         return self.b(torch.where(h > -5, torch.sqrt(h + 10), r5 + (h + 5) / (2 * r5)))
+
+
+class LengthFeature(nn.Module):
+    """Two ReLU units and their Euclidean length as features: ``sqrt((h ** 2).sum())`` written by hand, or with
+    ``vector_norm`` ``torch.linalg.vector_norm``; :func:`all_off` gives inputs where both units are 0."""
+
+    def __init__(self, vector_norm: bool = False):
+        super().__init__()
+        self.a, self.b, self.relu, self.vector_norm = nn.Linear(4, 2), nn.Linear(3, 3), nn.ReLU(), vector_norm
+
+    def forward(self, x):
+        h = self.relu(self.a(x) + 2.0)
+        n = torch.linalg.vector_norm(h, dim=-1, keepdim=True) if self.vector_norm else (h ** 2).sum(-1, True).sqrt()
+        return self.b(torch.cat([h, n], -1))
+
+
+def all_off(model: LengthFeature) -> Tensor:
+    """Two inputs far along minus the sum of ``model.a``'s weight rows, where both ReLU units are 0."""
+    w = model.a.weight.detach().sum(0)
+    return torch.stack([-50 * w, -80 * w])

@@ -24,6 +24,7 @@ KEYS = {
     "bucketize_embedding": "can jump", "atan2_hypot_polar_sgd_5": "can jump", "weight_data_in_forward": "Tensor.data",
     "gcn_sparse_adjacency_sparse_mm": "sparse", "numpy_round_trip_in_forward": "memory",
     "retain_grad_in_forward": "retain_grad", "complex_outputs": "complex",
+    "hand_written_norm_of_a_zero_vector": "sqrt at 0",
 }
 
 

@@ -22,7 +22,8 @@ own quadrature error where its panels cannot resolve kinks computed inside ``for
 * value-dependent code: ``torch.where`` with the double-where guard on ``sqrt``, ``atan2``/``hypot`` polar features
   where no pair crosses the branch cut, stick-breaking weights by ``cumprod`` at Adam lr 0.3,
   ``Tensor.masked_scatter`` of a learned mask token, PACT's ``clamp`` with a learned tensor ``max``,
-  ``Tensor.renorm`` of a weight with ``F.pairwise_distance`` logits;
+  ``Tensor.renorm`` of a weight with ``F.pairwise_distance`` logits, ``torch.linalg.vector_norm`` of ReLU units
+  explained where they are all 0;
 * losses: the evidential (``digamma``) loss, ``Dirichlet``, ``Beta``, ``StudentT`` (learned degrees of freedom) and
   ``MixtureSameFamily`` log-likelihoods, ``poisson_nll_loss(log_input=False, full=True)``, ``gaussian_nll_loss(full=
   True)`` with one variance per sample, ``ctc_loss(zero_infinity=True)`` with an impossible target;
@@ -50,7 +51,7 @@ EXACT = [
     "vmap_functional_call_ensemble", "energy_gradient_torch_func_grad", "jacobian_features_torch_func_jacrev",
     "where_unused_branch_double_where",
     "atan2_hypot_polar", "stick_breaking_cumprod", "masked_scatter_mask_token", "pact_clamp_learned_tensor_max",
-    "renorm_weight_pairwise_distance",
+    "renorm_weight_pairwise_distance", "vector_norm_of_a_zero_vector",
     # losses
     "evidential_digamma", "dirichlet_log_prob_lgamma", "beta_log_prob", "student_t_learned_df", "mixture_same_family",
     "poisson_nll_rates_full", "gaussian_nll_full_shared_variance", "ctc_zero_infinity",

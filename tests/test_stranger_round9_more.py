@@ -45,6 +45,10 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   the reverse-mode derivatives and the double-where fix (before: NaN values and NaN shares, which no warning
   compared above a tolerance).
 
+* a norm written ``sqrt((h ** 2).sum())`` of ReLU units, explained at inputs where they are all 0: the replica's
+  forward-mode derivative is NaN there; ``KernelReplica`` refuses, naming the inputs, ``sqrt`` at 0 and
+  ``torch.linalg.vector_norm``, which is exact (before: NaN predictions without a word).
+
 Refused as before, naming the cause: an FNO assembling its spectrum by slice assignment into ``torch.zeros``;
 ``torch.bucketize`` of a hidden unit (named as a jump).
 """
@@ -95,6 +99,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("gcn_sparse_adjacency_sparse_mm", UnsupportedModelError,
      r"TrajectoryRecorder: the model holds sparse parameters or buffers \['adj \(torch\.sparse_coo\)'\].*"
      r"Fix: register the tensor dense"),
+    ("hand_written_norm_of_a_zero_vector", UnsupportedModelError,
+     r"KernelReplica: the replica is NaN or inf at test inputs \[0, 1\] where the model's outputs are finite: the "
+     r"path derivatives \(forward mode, torch\.func\.jvp\) are not finite.*sqrt at 0.*"
+     r"torch\.linalg\.vector_norm\(h, dim=-1\), whose derivative at 0 is 0"),
     # refused as before
     ("fno2d_rfft2_irfft2_slice_assignment", UnsupportedModelError,
      r"writes a tensor that depends on the input or the parameters into a tensor it created itself, in place"),

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError, UnsupportedModelError, warn_at_caller
 from ..kernel.attribution import Attribution
@@ -31,7 +31,7 @@ from ..kernel.jumps import (
 )
 
 __all__ = ["JACOBIAN_TERMS", "METAGRADIENT_TERMS", "PATH_TERMS", "check_finite", "check_residual", "residual_causes",
-           "check_quadrature"]
+           "check_quadrature", "refuse_non_finite"]
 
 #: An explained change within this many machine epsilons of the outputs is named as rounding by the quadrature warning.
 ROUNDING_CHANGE = 1e4
@@ -257,7 +257,7 @@ def _float32_cause(traj: Any, largest: float, step: int, rounding: bool = True) 
 #: How :func:`check_finite` names the derivatives that were not finite, per estimator path.
 JACOBIAN_TERMS = ("the reverse-mode Jacobians of keep with 'param' or 'train' (forward-mode derivatives, which keep=() "
                   "and ('step',) take, select the branch's tangent and stay finite)")
-PATH_TERMS = "the path derivatives"
+PATH_TERMS = "the path derivatives (forward mode, torch.func.jvp)"
 METAGRADIENT_TERMS = ("the reverse-mode derivatives of the outputs at theta_stop that start the metagradient sweep "
                       "(KernelReplica and InfluenceEstimator(keep=()), forward mode, stay finite)")
 
@@ -265,32 +265,42 @@ METAGRADIENT_TERMS = ("the reverse-mode derivatives of the outputs at theta_stop
 def check_finite(att: Attribution, owner: str, how: str) -> None:
     """Refuse an attribution whose terms are NaN or inf at test inputs where the model's outputs are finite.
 
-    Such terms come from derivatives, not values: reverse-mode Jacobians (``jacobian``) multiply the derivative of
-    a branch ``torch.where`` does not select by 0, and ``0 * NaN`` is NaN (``sqrt`` or ``log`` of values outside
-    their domain at the test inputs only, which the training inputs never reached). Completeness cannot hold there,
-    and a NaN share would raise no warning, so this is an error naming the inputs, the cause and the fix. ``how``
-    names the derivatives (:data:`JACOBIAN_TERMS`, :data:`PATH_TERMS`, :data:`METAGRADIENT_TERMS`).
+    Such terms come from derivatives, not values: reverse-mode Jacobians multiply the derivative of a branch
+    ``torch.where`` does not select by 0, and ``0 * NaN`` is NaN (``sqrt`` or ``log`` of values outside their domain
+    at the test inputs only, which the training inputs never reached). Completeness cannot hold there, and a NaN
+    share would raise no warning, so this is an error naming the inputs, the cause and the fix. ``how`` names the
+    derivatives (:data:`JACOBIAN_TERMS`, :data:`PATH_TERMS`, :data:`METAGRADIENT_TERMS`).
 
     Raises
     ------
     UnsupportedModelError
         Naming the test inputs whose terms are not finite.
     """
-    ends = torch.isfinite(att.final).flatten(1).all(1) & torch.isfinite(att.initial).flatten(1).all(1)
     terms = [t for t in (att.values, att.regularization, att.residual, att.quadrature_error,
                          getattr(att, "buffers", None)) if t is not None]
-    finite = torch.stack([torch.isfinite(t.reshape(t.shape[0], -1)).all(1) for t in terms]).all(0)
-    bad = [i for i in range(len(ends)) if bool(ends[i]) and not bool(finite[i])]
+    refuse_non_finite([att.initial, att.final], terms, owner, "the attribution holds", how)
+
+
+def refuse_non_finite(ends: list[Tensor], terms: list[Tensor], owner: str, what: str, how: str) -> None:
+    """Raise :class:`UnsupportedModelError` naming the test inputs (first axis) where every tensor of ``ends``
+    (the model's outputs) is finite and one of ``terms`` is not (see :func:`check_finite`)."""
+    def rows(tensors: list[Tensor]) -> Tensor:
+        return torch.stack([torch.isfinite(t.reshape(t.shape[0], -1)).all(1) for t in tensors]).all(0)
+
+    ok_ends, ok_terms = rows(ends), rows(terms)
+    bad = [i for i in range(len(ok_ends)) if bool(ok_ends[i]) and not bool(ok_terms[i])]
     if not bad:
         return
     raise UnsupportedModelError(
-        f"{owner}: the attribution holds NaN or inf at test inputs {bad[:8]}{' ...' if len(bad) > 8 else ''} where "
-        f"the model's outputs are finite: {how} are not finite there. The usual cause is torch.where (or a mask) "
-        f"choosing between branches one of which is NaN or inf where it is not chosen (sqrt, log or a division of "
-        f"values outside their domain, reached at these inputs and not by the training inputs): its derivative "
-        f"times 0 is NaN. Fix: apply the selection to the branch's input too (the double where), "
-        f"torch.where(h > 0, torch.sqrt(torch.where(h > 0, h, 1.0)), h), and train and explain that model; or "
-        f"explain other inputs.")
+        f"{owner}: {what} NaN or inf at test inputs {bad[:8]}{' ...' if len(bad) > 8 else ''} where the model's "
+        f"outputs are finite: {how} are not finite there. The usual causes: torch.where (or a mask) choosing "
+        f"between branches one of which is NaN or inf where it is not chosen (sqrt, log or a division of values "
+        f"outside their domain, reached at these inputs and not by the training inputs), whose derivative times 0 "
+        f"is NaN; or sqrt at 0, as in a norm written sqrt((h ** 2).sum()) of a vector that is 0 at these inputs "
+        f"(ReLU units all off), whose derivative is infinite. Fix: apply the selection to the branch's input too "
+        f"(the double where), torch.where(h > 0, torch.sqrt(torch.where(h > 0, h, 1.0)), h); "
+        f"torch.linalg.vector_norm(h, dim=-1), whose derivative at 0 is 0, for a hand-written norm; then train and "
+        f"explain that model, or explain other inputs.")
 
 
 def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol: float, strict: bool,
