@@ -19,32 +19,27 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   the fix (before: float32 casts or jumps);
 * a straight-through rounding Function: ``torch.round`` inside its forward is named as a jump (before: not seen, it
   runs under the Function's no_grad), and the share warning names the jump's fix instead of calling the replica
-  exact.
-
+  exact;
 * ``torch.autograd.functional.jacobian`` in the forward: refused as ``torch.autograd.grad`` is, the message naming
   ``torch.func.jacrev`` too, which is exact; ``torch.cond`` on a learned gate: an ``UnsupportedModelError`` naming
   it and ``torch.where`` (before: torch's raw ``AssertionError: Expected FakeTensor``);
 * a gradient reversal by ``Tensor.register_hook(lambda g: -g)`` in the forward: the share warning names the hook
   (before: "a smaller tol"), and ``keep=("group",)`` takes forward mode, exact (before: reverse-mode Jacobians that
-  follow the hook, 52 % of the change left in ``quadrature_error``, warned).
-
+  follow the hook, 52 % of the change left in ``quadrature_error``, warned);
 * ``weight.data`` read in the forward (a detached view): the quadrature warnings name ``Tensor.data`` as a stop of
   the gradient (before: float32 casts, then jumps);
 * ``h.detach().numpy()`` and back, ``retain_grad()`` in the forward, complex outputs: an ``UnsupportedModelError``
   naming the call and the user's line (or the output dtype) and the fix (before: torch's raw ``RuntimeError``s,
   "Cannot access data pointer", "retain_grad() inside of a function being transformed", "expected scalar type
-  Double but found ComplexDouble").
-
+  Double but found ComplexDouble");
 * a GCN whose normalised adjacency is a ``torch.sparse_coo_tensor`` buffer for ``torch.sparse.mm``: refused at the
   recorder naming the buffer, its layout and the dense or edge-list fix, both exact (before: torch's raw
   ``NotImplementedError: Could not run 'aten::equal' with arguments from the 'SparseCPU' backend`` from the buffer
-  watch at the first step).
-
+  watch at the first step);
 * NaN terms at test inputs only (a ``torch.where`` whose unused ``sqrt`` branch is NaN there, not at the training
   inputs): ``InfluenceEstimator.transform`` and ``CounterfactualEstimator.transform`` refuse, naming the inputs,
   the reverse-mode derivatives and the double-where fix (before: NaN values and NaN shares, which no warning
-  compared above a tolerance).
-
+  compared above a tolerance);
 * a norm written ``sqrt((h ** 2).sum())`` of ReLU units, explained at inputs where they are all 0: the replica's
   forward-mode derivative is NaN there; ``KernelReplica`` refuses, naming the inputs, ``sqrt`` at 0 and
   ``torch.linalg.vector_norm``, which is exact (before: NaN predictions without a word).
