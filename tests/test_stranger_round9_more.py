@@ -64,6 +64,7 @@ from _round9_models import SqrtUntilFar
 from reference import rel_err
 
 import explaind
+from explaind.estimators.residual import refuse_non_finite
 from explaind.exceptions import ExplaindWarning, TrajectoryError, UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -219,6 +220,17 @@ def test_nan_scores_at_test_inputs_only_are_refused_naming_the_where():
         warnings.simplefilter("error", ExplaindWarning)
         att = explaind.InfluenceEstimator(keep=(), **QUAD).fit(traj).transform(X)
     assert rel_err(np.asarray(att.total()), truth) <= 1e-9
+
+
+def test_the_finiteness_check_names_nan_rows_only_not_finite_terms_whose_sum_overflows():
+    ends = torch.zeros(3, 2, dtype=torch.float64)
+    terms = torch.tensor([[1e308, 1e308], [float("nan"), 0.0], [1.0, float("inf")]], dtype=torch.float64)
+    with pytest.raises(UnsupportedModelError, match=r"X: it is NaN or inf at test inputs \[1, 2\] where"):
+        refuse_non_finite([ends], [terms], "X", "it is", "d")
+    refuse_non_finite([ends[:1]], [terms[:1]], "X", "it is", "d")  # finite terms, an overflowing sum: no error
+    ends[1] = float("nan")  # the model's own output is not finite there: not explaind's to refuse
+    with pytest.raises(UnsupportedModelError, match=r"test inputs \[2\] where"):
+        refuse_non_finite([ends], [terms], "X", "it is", "d")
 
 
 class _Plain(torch.autograd.Function):

@@ -284,8 +284,15 @@ def check_finite(att: Attribution, owner: str, how: str) -> None:
 def refuse_non_finite(ends: list[Tensor], terms: list[Tensor], owner: str, what: str, how: str) -> None:
     """Raise :class:`UnsupportedModelError` naming the test inputs (first axis) where every tensor of ``ends``
     (the model's outputs) is finite and one of ``terms`` is not (see :func:`check_finite`)."""
+    def finite_rows(t: Tensor) -> Tensor:
+        flat = t.reshape(t.shape[0], -1)
+        ok = torch.isfinite(flat.sum(1))  # a finite sum has only finite terms (NaN and inf propagate)
+        if not bool(ok.all()):  # an overflowing sum of finite terms: look at those rows term by term
+            ok[~ok] = torch.isfinite(flat[~ok]).all(1)
+        return ok
+
     def rows(tensors: list[Tensor]) -> Tensor:
-        return torch.stack([torch.isfinite(t.reshape(t.shape[0], -1)).all(1) for t in tensors]).all(0)
+        return torch.stack([finite_rows(t) for t in tensors]).all(0)
 
     ok_ends, ok_terms = rows(ends), rows(terms)
     bad = [i for i in range(len(ok_ends)) if bool(ok_ends[i]) and not bool(ok_terms[i])]
