@@ -39,6 +39,7 @@ from _round9_models import (
     CondBranch,
     CumulativeBatchNorm,
     FNO2d,
+    GlobalTemperature,
     GroupedDilatedTranspose,
     KronLinear,
     LengthFeature,
@@ -60,6 +61,7 @@ from _round9_models import (
     VmapEnsemble,
     WhereUnusedNaN,
     all_off,
+    double_temperature,
 )
 from replay_reference import BufferReference
 from torch import Tensor, distributions
@@ -224,6 +226,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "stick_breaking_cumprod": model_case(StickBreaking, XV, YV, opt=adam(0.3)),
     "pact_clamp_learned_tensor_max": model_case(PACT, XV, YV, reference=KinkReference),
     "hand_written_norm_of_a_zero_vector": all_off_case(False),
+    "module_level_global_temperature": model_case(GlobalTemperature, XV, YV, after=double_temperature),
     "vector_norm_of_a_zero_vector": all_off_case(True),
     "renorm_weight_pairwise_distance": model_case(RenormPrototypes, XV, YV, reference=KinkReference),
     "masked_scatter_mask_token": model_case(MaskTokens, XT, YT),

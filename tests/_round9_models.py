@@ -468,3 +468,23 @@ def all_off(model: LengthFeature) -> Tensor:
     """Two inputs far along minus the sum of ``model.a``'s weight rows, where both ReLU units are 0."""
     w = model.a.weight.detach().sum(0)
     return torch.stack([-50 * w, -80 * w])
+
+
+#: A temperature kept as a module-level global, doubled after every step by :func:`double_temperature`.
+TEMPERATURE = [1.0]
+
+
+class GlobalTemperature(nn.Module):
+    """Logits divided by the module-level ``TEMPERATURE[0]`` (neither a parameter, a buffer nor an attribute)."""
+
+    def __init__(self):
+        super().__init__()
+        TEMPERATURE[0] = 1.0
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) / TEMPERATURE[0]
+
+
+def double_temperature(step: int, model: nn.Module) -> None:
+    TEMPERATURE[0] *= 2

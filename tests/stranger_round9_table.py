@@ -25,6 +25,7 @@ KEYS = {
     "gcn_sparse_adjacency_sparse_mm": "sparse", "numpy_round_trip_in_forward": "memory",
     "retain_grad_in_forward": "retain_grad", "complex_outputs": "complex",
     "hand_written_norm_of_a_zero_vector": "sqrt at 0",
+    "module_level_global_temperature": "module-level global",
 }
 
 

@@ -42,7 +42,9 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   compared above a tolerance);
 * a norm written ``sqrt((h ** 2).sum())`` of ReLU units, explained at inputs where they are all 0: the replica's
   forward-mode derivative is NaN there; ``KernelReplica`` refuses, naming the inputs, ``sqrt`` at 0 and
-  ``torch.linalg.vector_norm``, which is exact (before: NaN predictions without a word).
+  ``torch.linalg.vector_norm``, which is exact (before: NaN predictions without a word);
+* a temperature kept as a module-level global and doubled after every step: the residual share warns (0.75), its
+  causes now naming a module-level global the forward reads (before: attributes and closures only).
 
 Refused as before, naming the cause: an FNO assembling its spectrum by slice assignment into ``torch.zeros``;
 ``torch.bucketize`` of a hidden unit (named as a jump).
@@ -129,6 +131,15 @@ def test_weight_data_in_forward_is_named_as_a_stop_of_the_gradient():
     quadrature = [w for w in got["warnings"] if "adaptive quadrature left" in w]
     assert quadrature and all("detaches tensors that depend on the parameters (<root> (DataNormalised): Tensor.data)"
                               in w and "nor .data" in w for w in quadrature), quadrature
+
+
+def test_a_module_level_global_changed_between_steps_is_among_the_named_causes():
+    """The gradient check passes (each step sees its own temperature); the engine replays with the last one, and the
+    residual share warns, now naming a module-level global among the values the forward reads."""
+    got = CASES["module_level_global_temperature"]()
+    assert got["replica"] <= 1e-6 and got["share"] > 0.5, got
+    assert any("residual share" in w and "a module-level global the forward reads" in w
+               for w in got["warnings"]), got["warnings"]
 
 
 def test_the_fixes_the_refusals_name_are_exact():
