@@ -145,8 +145,8 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       "what the check cannot see: it runs the model as it was at that step, while the engine "
                       "replays every step with the model as it is now, so a value the forward or the loss callable "
                       "reads that is neither a parameter nor a buffer and changed during training (a temperature or "
-                      "schedule kept as a Python attribute, a module-level global the forward reads or the loss "
-                      "callable's closure, an EMA teacher's targets) makes the recomputed gradients differ — derive "
+                      "schedule kept as a Python attribute or in the loss callable's closure, a module-level global "
+                      "the forward reads, an EMA teacher's targets) makes the recomputed gradients differ — derive "
                       "it in forward from a buffer the forward itself updates (an integer step counter), whose "
                       "changes are recorded per step")
     else:
