@@ -16,8 +16,10 @@ Both are refused by the recorder (before the first step) and by the engine (a mo
   leaky ReLU with slope :math:`(l + u)/2`, so ``nn.LeakyReLU((lower + upper) / 2)`` trains a model
   with the same evaluation-mode function that explaind records exactly.
 
-:func:`evaluation_refusal` turns two torch errors met while explaind evaluates a model into refusals
-that name the cause and the fix: a forward that draws random numbers in evaluation mode (Monte Carlo
+:func:`evaluation_refusal` turns torch errors met while explaind evaluates a model into refusals
+that name the cause and the fix: ``torch.autograd.grad`` called inside the forward (torch.func's ``grad`` composes
+with explaind's transforms), an in-place ``index_add_``-style call into a tensor the forward created (its
+out-of-place form runs under ``vmap``), a forward that draws random numbers in evaluation mode (Monte Carlo
 dropout, ``F.dropout(x, p, training=True)``), whose output is no function of the parameters, and an
 operation without a forward-mode derivative that explaind does not rewrite (``F.ctc_loss`` inside the forward;
 :mod:`explaind.kernel.functional_rewrites` has those it does), which the path derivatives
@@ -38,7 +40,9 @@ from __future__ import annotations
 
 import math
 import re
+import traceback
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +108,10 @@ _NO_FORWARD_AD_HINTS = {
 }
 
 
+#: torch's folder of higher-order operators (``torch.cond`` and its kin).
+_HIGHER_ORDER = str(Path(torch.__file__).parent / "_higher_order_ops")
+
+
 def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
     """The refusal for a torch error raised while explaind evaluates a model, or ``None`` (see the module
     docstring).
@@ -137,6 +145,46 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             "derivative. Fix: give the Function a jvp(ctx, *tangents) staticmethod (with setup_context and "
             "generate_vmap_rule = True, torch.func's style), or compute the same function from differentiable torch "
             "operations (for nn.CrossMapLRN2d: nn.LocalResponseNorm, a centred window, trained with it).")
+    op = _higher_order_op(exc)
+    if op is not None:
+        return UnsupportedModelError(
+            f"the model's forward calls torch.{op} (a higher-order control-flow operator), which torch.func cannot "
+            f"differentiate in forward mode (jvp) nor per sample (grad under vmap) here, and explaind evaluates the "
+            f"model under them; torch: '{text.splitlines()[0][:80] if text else type(exc).__name__}'. Fix: compute "
+            f"the branches as plain operations and select with torch.where(pred, a, b) (the same values; a predicate "
+            f"that flips as the parameters move is a jump, which the quadrature warnings name).")
+    if "Cannot access data pointer of Tensor that doesn't have storage" in text:
+        return UnsupportedModelError(
+            f"the model's forward reads the memory of a tensor that depends on the input or the parameters "
+            f"({_user_frame(exc)}): Tensor.numpy(), a NumPy or SciPy function, or a C extension, which the tensors "
+            f"torch.func passes through a forward (vmap for one input at a time, jvp for the path derivatives) do "
+            f"not have; torch: '{text[:70]}'. Such a value leaves autograd too, so the training gradient ignored "
+            f"its dependence on the parameters. Fix: compute it with torch operations in the forward (torch.exp, "
+            f"torch.special, torch.linalg, ...).")
+    if "call Tensor.retain_grad() inside of a function being transformed" in text:
+        return UnsupportedModelError(
+            f"the model's forward calls Tensor.retain_grad() ({_user_frame(exc)}), which torch.func cannot run, "
+            f"and explaind evaluates the model under torch.func (vmap for one input at a time, jvp for the path "
+            f"derivatives). It changes no value. Fix: remove it from the forward (read an activation's gradient "
+            f"with a forward hook of your own during the loop, removed before explaining).")
+    if _autograd_call(exc) is not None:
+        return UnsupportedModelError(
+            f"the model's forward calls torch.autograd.{_autograd_call(exc)} itself (an input gradient: a force field, "
+            f"a Hamiltonian or energy model), which does not compose with the torch.func transforms explaind "
+            f"evaluates the model under (vmap for one input at a time, jvp for the path derivatives); torch: "
+            f"'{text[:80]}'. Fix: compute that gradient with torch.func in the forward, the same values, e.g. "
+            f"torch.func.vmap(torch.func.grad(energy))(x) for torch.autograd.grad(energy(x).sum(), x, "
+            f"create_graph=True), torch.func.vmap(torch.func.jacrev(g))(x) for "
+            f"torch.autograd.functional.jacobian(g, x); train and explain that model.")
+    match = re.search(r"vmap: (\w+)\(self, \*extra_args\) is not possible", text)
+    if match and "use out-of-place operators" in text:
+        op = match.group(1)
+        return UnsupportedModelError(
+            f"the model's forward calls the in-place Tensor.{op} on a tensor it created itself (e.g. "
+            f"torch.zeros(...).{op}(dim, index, values)) with values that depend on the input or the parameters, "
+            f"which torch.func.vmap cannot run, and explaind evaluates the model one input at a time under vmap "
+            f"(torch: 'vmap: {op}(self, *extra_args) is not possible'). Fix: call the out-of-place "
+            f"Tensor.{op.rstrip('_')}, the same values (torch.zeros(...).{op.rstrip('_')}(dim, index, values)).")
     match = re.search(r"forward AD with (\w+) that does not support it", text)
     if match:
         op = match.group(1)
@@ -146,6 +194,36 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             f"computes the path derivatives of the replica and the scores with torch.func.jvp. Allowed: operations "
             f"with a forward-mode derivative (torch's derivatives.yaml). Fix: compute the same function from such "
             f"operations in the forward (a custom torch.autograd.Function with a jvp staticmethod works too).{hint}")
+    return None
+
+
+def _higher_order_op(exc: BaseException) -> str | None:
+    """The name of torch's higher-order operator (``cond``, ``while_loop``, ``scan``, ``map``) in whose code ``exc``
+    was raised (a frame under torch/_higher_order_ops/), else ``None``."""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename.startswith(_HIGHER_ORDER):
+            return Path(frame.filename).stem
+    match = re.search(r"torch/_higher_order_ops/(\w+)\.py", str(exc))  # dynamo reports it as "from user code"
+    return match.group(1) if match else None
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``"Class.method, file.py:12"`` of the innermost traceback frame outside torch and this package, or
+    ``"line not found"``."""
+    library = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(library)]
+    return f"{frames[-1].name}, {frames[-1].filename}:{frames[-1].lineno}" if frames else "line not found"
+
+
+def _autograd_call(exc: BaseException) -> str | None:
+    """``"grad"`` or ``"backward"`` when ``exc`` was raised inside ``torch.autograd.grad`` or ``backward`` called
+    from a model's forward (a frame of torch/autograd/__init__.py of that name), else ``None``."""
+    if not isinstance(exc, RuntimeError):
+        return None
+    autograd_init = str(Path(torch.autograd.__file__))
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == autograd_init and frame.name in ("grad", "backward"):
+            return frame.name
     return None
 
 

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from ..config import DtypeName, StrictModel, resolve_dtype
-from ..exceptions import ConfigError, UnsupportedModelError
+from ..exceptions import ConfigError, ExplaindError, UnsupportedModelError
 from ..trajectory.base import Trajectory
 from ._model_checks import check_recorded_model
 from .base import ExplaindEstimator
@@ -124,6 +124,8 @@ def probe_inputs(name: str, fm: Any, params: Any, Xt: Any, recorded: Any = None)
     try:
         with torch.no_grad():
             fm(params, Xt[:1])
+    except ExplaindError:
+        raise  # a refusal that names its own cause (complex outputs), not a mismatch of X
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         mixed = mixed_dtypes(recorded or {})
         if len(mixed) > 1:

@@ -38,6 +38,7 @@ from ..trajectory.base import Trajectory
 from ._model_checks import check_recorded_model
 from ._path import probe_inputs
 from .base import ExplaindEstimator
+from .residual import METAGRADIENT_TERMS, check_finite
 
 __all__ = ["CounterfactualEstimator", "CounterfactualConfig"]
 
@@ -227,6 +228,8 @@ class CounterfactualEstimator(ExplaindEstimator):
                 "window": [start, stop], "adapter": self.adapter_, "replay_residual": self.replay_residual_,
                 "checkpoint_every": cfg.checkpoint_every, "chunk_size": cfg.chunk_size}
         layout = ParamLayout.from_tensors(traj.params(0), names)
-        return Attribution(axes=("test", "train", "output"), values=values, initial=initial, final=final,
-                           regularization=zeros, residual=zeros.clone(), quadrature_error=zeros.clone(),
-                           coords=coords, layout=layout, meta=meta)
+        att = Attribution(axes=("test", "train", "output"), values=values, initial=initial, final=final,
+                          regularization=zeros, residual=zeros.clone(), quadrature_error=zeros.clone(),
+                          coords=coords, layout=layout, meta=meta)
+        check_finite(att, name, METAGRADIENT_TERMS)
+        return att

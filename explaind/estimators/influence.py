@@ -26,13 +26,13 @@ from ..exceptions import ConfigError
 from ..kernel.accumulate import Accumulators, make_blocks
 from ..kernel.attribution import AXES, Attribution
 from ..kernel.budget import parse_bytes, plan_sweep
-from ..kernel.jumps import NO_GRAD, grad_off_sites
+from ..kernel.jumps import NO_GRAD, grad_off_sites, hook_sites
 from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_samples, update_sweep
 from ..kernel.planning import window_plans
 from ..kernel.shard import Cell, all_sum_, choose_layout, world
 from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
-from .residual import check_quadrature, check_residual
+from .residual import JACOBIAN_TERMS, PATH_TERMS, check_finite, check_quadrature, check_residual
 
 __all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
 
@@ -236,6 +236,7 @@ class InfluenceEstimator(PathEstimator):
         target = cfg.target if cfg.target is None or cfg.target == "loss" else torch.tensor(cfg.target)
         att = self._decompose(Xt, target, y)
         att.meta["promoted_casts"] = self.engine_.promoted_casts
+        check_finite(att, name, JACOBIAN_TERMS if self.sweep_.get("path") == "jacobian" else PATH_TERMS)
         if cfg.split:
             check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
         check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name, jumps=self.engine_.jump_sites,
@@ -263,10 +264,12 @@ class InfluenceEstimator(PathEstimator):
                 f"memory_budget."
             )
         # forward mode costs one tangent pass per part (and tensor), the Jacobian one backward pass per output;
-        # forward mode runs through torch.no_grad() in the forward where the Jacobian stops (explaind/kernel/jumps.py)
+        # forward mode runs through torch.no_grad() in the forward where the Jacobian stops, and ignores gradient
+        # hooks the Jacobian follows (explaind/kernel/jumps.py)
         n_parts = (4 if self.trajectory_.initial_state() else 3) if cfg.split else 1
         n_tangents = n_parts * (len(layout) if "group" in keep else 1)
-        cheaper = n_tangents > self._jvp_tangent_ratio * O and not grad_off_sites(engine.jump_sites, NO_GRAD)
+        cheaper = (n_tangents > self._jvp_tangent_ratio * O and not grad_off_sites(engine.jump_sites, NO_GRAD)
+                   and not hook_sites(engine.jump_sites))
         jacobian_path = needs_train or "param" in keep or cheaper
         rank, size = world() if cfg.distributed == "auto" else (0, 1)
         shards = choose_layout(size, T, stop - start, blocks=jacobian_path, steps=not needs_train)

@@ -28,6 +28,7 @@ from ..kernel.shard import all_max_, all_sum_, choose_layout, world
 from ..outputs import model_output
 from ..trajectory._attribute_record import check_model
 from ._path import PathConfig, PathEstimator
+from .residual import PATH_TERMS, refuse_non_finite
 
 __all__ = ["KernelReplica", "KernelReplicaConfig"]
 
@@ -164,6 +165,8 @@ class KernelReplica(PathEstimator):
         if size > 1:
             all_sum_([out.increments, out.g_start, out.g_stop, out.evals])
             all_max_([out.error, out.scale])
+        refuse_non_finite([out.g_start, out.g_stop], [out.increments], type(self).__name__, "the replica is",
+                          PATH_TERMS)
         if cfg.quadrature == "adaptive":
             _warn_accumulated(out, cfg.tol, type(self).__name__, start)
         return out

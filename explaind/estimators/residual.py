@@ -16,13 +16,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..exceptions import TrajectoryError, warn_at_caller
+from ..exceptions import TrajectoryError, UnsupportedModelError, warn_at_caller
 from ..kernel.attribution import Attribution
-from ..kernel.jumps import INFERENCE, NO_GRAD, grad_off_sites, singular_sites, stop_sites
+from ..kernel.jumps import (
+    INFERENCE,
+    NO_GRAD,
+    function_sites,
+    grad_off_sites,
+    hook_sites,
+    singular_sites,
+    stop_sites,
+)
 
-__all__ = ["check_residual", "residual_causes", "check_quadrature"]
+__all__ = ["JACOBIAN_TERMS", "METAGRADIENT_TERMS", "PATH_TERMS", "check_finite", "check_residual", "residual_causes",
+           "check_quadrature", "refuse_non_finite"]
 
 #: An explained change within this many machine epsilons of the outputs is named as rounding by the quadrature warning.
 ROUNDING_CHANGE = 1e4
@@ -136,9 +145,10 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       "what the check cannot see: it runs the model as it was at that step, while the engine "
                       "replays every step with the model as it is now, so a value the forward or the loss callable "
                       "reads that is neither a parameter nor a buffer and changed during training (a temperature or "
-                      "schedule kept as a Python attribute or in the loss callable's closure, an EMA teacher's "
-                      "targets) makes the recomputed gradients differ — derive it in forward from a buffer the "
-                      "forward itself updates (an integer step counter), whose changes are recorded per step")
+                      "schedule kept as a Python attribute or in the loss callable's closure, a module-level global "
+                      "the forward reads, an EMA teacher's targets) makes the recomputed gradients differ — derive "
+                      "it in forward from a buffer the forward itself updates (an integer step counter), whose "
+                      "changes are recorded per step")
     else:
         causes.append("the loss or the training data the engine recomputes gradients with may differ from the "
                       "loop's (a custom or class-weighted loss, data augmentation, a reordered train_data); no "
@@ -245,6 +255,62 @@ def _float32_cause(traj: Any, largest: float, step: int, rounding: bool = True) 
             f"level")
 
 
+#: How :func:`check_finite` names the derivatives that were not finite, per estimator path.
+JACOBIAN_TERMS = ("the reverse-mode Jacobians of keep with 'param' or 'train' (forward-mode derivatives, which keep=() "
+                  "and ('step',) take, select the branch's tangent and stay finite)")
+PATH_TERMS = "the path derivatives (forward mode, torch.func.jvp)"
+METAGRADIENT_TERMS = ("the reverse-mode derivatives of the outputs at theta_stop that start the metagradient sweep "
+                      "(KernelReplica and InfluenceEstimator(keep=()), forward mode, stay finite)")
+
+
+def check_finite(att: Attribution, owner: str, how: str) -> None:
+    """Refuse an attribution whose terms are NaN or inf at test inputs where the model's outputs are finite.
+
+    Such terms come from derivatives, not values: reverse-mode Jacobians multiply the derivative of a branch
+    ``torch.where`` does not select by 0, and ``0 * NaN`` is NaN (``sqrt`` or ``log`` of values outside their domain
+    at the test inputs only, which the training inputs never reached). Completeness cannot hold there, and a NaN
+    share would raise no warning, so this is an error naming the inputs, the cause and the fix. ``how`` names the
+    derivatives (:data:`JACOBIAN_TERMS`, :data:`PATH_TERMS`, :data:`METAGRADIENT_TERMS`).
+
+    Raises
+    ------
+    UnsupportedModelError
+        Naming the test inputs whose terms are not finite.
+    """
+    terms = [t for t in (att.values, att.regularization, att.residual, att.quadrature_error,
+                         getattr(att, "buffers", None)) if t is not None]
+    refuse_non_finite([att.initial, att.final], terms, owner, "the attribution holds", how)
+
+
+def refuse_non_finite(ends: list[Tensor], terms: list[Tensor], owner: str, what: str, how: str) -> None:
+    """Raise :class:`UnsupportedModelError` naming the test inputs (first axis) where every tensor of ``ends``
+    (the model's outputs) is finite and one of ``terms`` is not (see :func:`check_finite`)."""
+    def finite_rows(t: Tensor) -> Tensor:
+        flat = t.reshape(t.shape[0], -1)
+        ok = torch.isfinite(flat.sum(1))  # a finite sum has only finite terms (NaN and inf propagate)
+        if not bool(ok.all()):  # an overflowing sum of finite terms: look at those rows term by term
+            ok[~ok] = torch.isfinite(flat[~ok]).all(1)
+        return ok
+
+    def rows(tensors: list[Tensor]) -> Tensor:
+        return torch.stack([finite_rows(t) for t in tensors]).all(0)
+
+    ok_ends, ok_terms = rows(ends), rows(terms)
+    bad = [i for i in range(len(ok_ends)) if bool(ok_ends[i]) and not bool(ok_terms[i])]
+    if not bad:
+        return
+    raise UnsupportedModelError(
+        f"{owner}: {what} NaN or inf at test inputs {bad[:8]}{' ...' if len(bad) > 8 else ''} where the model's "
+        f"outputs are finite: {how} are not finite there. The usual causes: torch.where (or a mask) choosing "
+        f"between branches one of which is NaN or inf where it is not chosen (sqrt, log or a division of values "
+        f"outside their domain, reached at these inputs and not by the training inputs), whose derivative times 0 "
+        f"is NaN; or sqrt at 0, as in a norm written sqrt((h ** 2).sum()) of a vector that is 0 at these inputs "
+        f"(ReLU units all off), whose derivative is infinite. Fix: apply the selection to the branch's input too "
+        f"(the double where), torch.where(h > 0, torch.sqrt(torch.where(h > 0, h, 1.0)), h); "
+        f"torch.linalg.vector_norm(h, dim=-1), whose derivative at 0 is 0, for a hand-written norm; then train and "
+        f"explain that model, or explain other inputs.")
+
+
 def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol: float, strict: bool,
                    owner: str) -> float:
     """Store the residual share in ``att.meta``; above ``tol`` warn (``strict``: raise) naming the likely causes.
@@ -302,7 +368,9 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
         change = float((att.final - att.initial).abs().amax())
         size = float(att.final.abs().amax())
         frozen, off = grad_off_sites(jumps, INFERENCE), grad_off_sites(jumps, NO_GRAD)
-        others = [j for j in jumps if j not in frozen and j not in off]
+        hooks = hook_sites(jumps)
+        others = [j for j in jumps if j not in frozen and j not in off and j not in hooks]
+        plain_off = [j for j in off if j not in function_sites(off)]  # no_grad blocks, not a Function's forward
         if change <= ROUNDING_CHANGE * torch.finfo(att.final.dtype).eps * size:
             fix = (f"a larger learning rate, or explain a run that moved: the explained change is only "
                    f"{change / max(size, 1e-300):.2g} of the outputs themselves, near the rounding of their "
@@ -314,9 +382,26 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"mode, which no derivative passes through, so the output moves where the gradient does not; "
                    f"no_grad gives the same values and training gradients, and forward-mode derivatives (the "
                    f"replica, keep without 'param' and 'train') run through it")
-        elif jacobian and off:
+        elif jacobian and off and not plain_off and not others:
+            fix = (f"an explanation by forward-mode derivatives: {'; '.join(off[:4])} runs in the forward of a custom "
+                   f"torch.autograd.Function, whose backward, which the reverse-mode Jacobians of keep with 'param' or "
+                   f"'train' follow as the training gradient did, is not the derivative of its forward, which the "
+                   f"output follows (its jvp), when the Function changes gradients on purpose (a gradient reversal "
+                   f"layer, a straight-through estimator); no tol or rule integrates that. KernelReplica and keep=() "
+                   f"or ('step',) run its jvp and are exact on this model if that jvp is the derivative of its "
+                   f"forward (else the replica's quadrature warning names the Function too); for exact 'param' or "
+                   f"'train' scores, a Function whose backward is the derivative of its forward for the run you want "
+                   f"explained")
+        elif jacobian and hooks and not others:
+            fix = (f"an explanation by forward-mode derivatives: {'; '.join(hooks[:4])} registers a gradient hook "
+                   f"in the forward, which the backward, and so the reverse-mode Jacobians of keep with 'param' or "
+                   f"'train', follow as the training gradient did, while the output does not (a hook that changes "
+                   f"gradients, as lambda g: -g for a gradient reversal layer); no tol or rule integrates that. "
+                   f"KernelReplica and keep=() or ('step',) are exact on this model; for exact 'param' or 'train' "
+                   f"scores, a forward without gradient-changing hooks for the run you want explained")
+        elif jacobian and plain_off:
             fix = (f"an explanation by forward-mode derivatives, which run through torch.no_grad(): "
-                   f"{'; '.join(off[:4])} reads parameter-dependent values with the "
+                   f"{'; '.join(plain_off[:4])} reads parameter-dependent values with the "
                    f"gradient off (a torch.no_grad() or set_grad_enabled(False) block, or a @torch.no_grad() "
                    f"function), where the reverse-mode Jacobians of keep with 'param' or 'train' stop, as the "
                    f"training gradient did, while the output moves with those values (no tol or rule integrates "

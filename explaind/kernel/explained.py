@@ -142,7 +142,19 @@ class FunctionalModel:
         """
         with sdpa_kernel(SDPBackend.MATH), _standard_attention(), self.rewritten():
             try:
-                return model_output(call_model(self.module, {**self.constants, **params}, x))
+                out = model_output(call_model(self.module, {**self.constants, **params}, x))
+                if isinstance(out, Tensor) and out.is_complex():
+                    raise UnsupportedModelError(
+                        f"the model returns complex outputs ({out.dtype}), and explaind explains real ones (the "
+                        f"path integrals, the scores and the replica are real). Fix: return real outputs, e.g. "
+                        f"torch.view_as_real(out).flatten(-2) (the real and imaginary parts as outputs) or out.abs() "
+                        f"if that is what the loss reads, and give the loss those")
+                return out
+            except AssertionError as exc:  # torch's higher-order ops (torch.cond) under jvp
+                refusal = evaluation_refusal(exc)
+                if refusal is not None:
+                    raise refusal from exc
+                raise
             except RuntimeError as exc:
                 if self._rewrite is False and _rewritten_op(exc):  # a branch the census did not take
                     self._rewrite = True

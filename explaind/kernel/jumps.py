@@ -10,6 +10,8 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
   periodic ``torch.remainder``/``fmod`` (``h % 1.0``) and ``floor_divide`` (``h // 1``), and casts to an integer or
   boolean dtype (``h.long()``, ``h.to(torch.int64)``: truncation, used to bucket or index);
 * ``F.hardshrink`` and ``F.threshold`` called as functions (their modules are found by type);
+* angles, ``torch.atan2(y, x)`` and ``torch.angle``: :math:`\pm\pi` on either side of the negative x axis, so a pair
+  ``(x, y)`` that crosses it jumps by :math:`2\pi` (polar features of hidden units);
 * selections: ``argmax``/``argmin``, the indices of ``topk`` and ``sort``, and those of ``torch.max(h, dim)`` (``min``,
   ``kthvalue``, ``mode``, ``median``) when a later call reads them, used to gather (a route that switches, as
   in top-k mixture-of-experts gating), ``F.gumbel_softmax(hard=True)``;
@@ -19,9 +21,9 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
 * logarithms of determinants, ``torch.slogdet``/``logdet`` (:data:`SINGULAR`): :math:`\log|\det W|` is
   :math:`-\infty` where ``W`` turns singular, so a segment along which the determinant changes sign (a normalizing
   flow's mixing matrix under a large step) has no finite path integral; :func:`singular_sites` picks them out;
-* stops of the gradient, ``Tensor.detach`` (:data:`STOPS`): the output moves with the detached tensor while the path
-  derivative does not (a weight divided by its detached norm), so no integral of the gradient reproduces that part
-  of the change either; :func:`stop_sites` picks them out, for their own hint;
+* stops of the gradient, ``Tensor.detach`` and ``Tensor.data`` (:data:`STOPS`): the output moves with the detached
+  tensor while the path derivative does not (a weight divided by its detached norm), so no integral of the gradient
+  reproduces that part of the change either; :func:`stop_sites` picks them out, for their own hint;
 * calls on a parameter-dependent tensor with the gradient switched off (:data:`NO_GRAD`: a ``torch.no_grad()`` or
   ``torch.set_grad_enabled(False)`` block, a function decorated with ``@torch.no_grad()``; :data:`INFERENCE`:
   ``torch.inference_mode()``), which leave no call to name, so the site is the line of the user's code that made
@@ -30,7 +32,13 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
   (docs/maths.md, "Stop-gradients inside the forward"): forward-mode derivatives run through ``no_grad`` (the
   replica and the JVP path of :class:`~explaind.InfluenceEstimator` are exact), reverse-mode Jacobians stop there
   as the training gradient did; ``inference_mode`` stops both, like ``.detach()``. A ``torch.enable_grad()`` block
-  nested inside turns the gradient on again and is no site.
+  nested inside turns the gradient on again and is no site. Inside the ``forward`` of a custom
+  ``torch.autograd.Function`` (run by torch with the gradient off) the site is named as that Function's
+  (:func:`function_sites`): forward-mode derivatives follow its ``jvp``, reverse-mode ones its ``backward``, and a
+  backward that is not the derivative of the forward (a gradient reversal layer) makes the two differ;
+* gradient hooks registered in ``forward``, ``Tensor.register_hook`` (:data:`HOOKS`; :func:`hook_sites`): the
+  backward, and so the reverse-mode Jacobians, follow a hook that changes gradients (``lambda g: -g``, a gradient
+  reversal layer), the output does not.
 
 :func:`find_jumps` runs the forward once on one input under a ``TorchFunctionMode`` that records these calls when
 a tensor argument depends on the trainable parameters, attributed to the innermost module running. A straight-
@@ -58,8 +66,9 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["INFERENCE", "KINKED_CALLS", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS", "find_jumps", "grad_off_sites",
-           "singular_sites", "softplus_jump", "stop_sites", "watch_jumps"]
+__all__ = ["FUNCTION", "HOOKS", "INFERENCE", "KINKED_CALLS", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS",
+           "find_jumps", "function_sites", "grad_off_sites", "hook_sites", "singular_sites", "softplus_jump",
+           "stop_sites", "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
@@ -67,17 +76,33 @@ _JUMPING = frozenset({
     "argsort", "gt", "lt", "ge", "le", "greater", "less", "greater_equal", "less_equal", "__gt__", "__lt__",
     "__ge__", "__le__", "bucketize", "searchsorted", "gumbel_softmax", "remainder", "fmod", "__mod__", "__rmod__",
     "floor_divide", "__floordiv__", "__rfloordiv__", "long", "int", "short", "byte", "char", "bool",
+    "atan2", "arctan2", "angle",
 })
 #: Reductions whose indices jump (recorded when the indices are read: :class:`_Record`).
 _INDEXED = frozenset({"max", "min", "kthvalue", "mode", "median", "nanmedian"})
 #: Conversions that jump only when they convert to an integer or boolean dtype (``h.to(torch.int64)``).
 _CONVERSIONS = frozenset({"to", "type"})
+#: ``Tensor.data`` read as a property (its getter is what a ``TorchFunctionMode`` sees), named ``Tensor.data``.
+_DATA_GET = torch.Tensor.data.__get__
+
+
+def _data(*args: Any) -> None:
+    """Stands for a read of ``Tensor.data`` (a detached view) in the sites: named ``Tensor.data``."""
+
+
+_data.__qualname__ = "Tensor.data"
+#: Calls that register a gradient hook on a tensor that depends on the parameters (:func:`hook_sites`).
+HOOKS = frozenset({"register_hook"})
 #: Calls that stop the gradient of a tensor that depends on the parameters (named as :func:`stop_sites` finds them).
-STOPS = frozenset({"detach", "detach_"})
+STOPS = frozenset({"detach", "detach_", "data"})
 #: Calls with a singularity where their matrix argument turns singular (named as :func:`singular_sites` finds them).
 SINGULAR = frozenset({"slogdet", "logdet", "linalg_slogdet"})
 #: How a call with the gradient switched off is named: ``no_grad``/``set_grad_enabled(False)``, ``inference_mode``.
 NO_GRAD, INFERENCE = "under no_grad", "under inference_mode"
+#: How a site inside the ``forward`` of a custom ``torch.autograd.Function`` begins its user line.
+FUNCTION = "custom torch.autograd.Function "
+#: torch's file whose ``Function.apply`` calls a custom Function's ``forward``.
+_FUNCTION_APPLY = str(Path(torch.autograd.function.__file__))
 #: Calls whose result does not read the values of their tensor argument (no stop of a gradient).
 _VALUE_FREE = frozenset({"torch.zeros_like", "torch.ones_like", "torch.empty_like", "torch.full_like",
                          "torch.rand_like", "torch.randn_like", "Tensor.new_zeros", "Tensor.new_ones",
@@ -104,9 +129,10 @@ def softplus_jump(beta: float, threshold: float) -> float:
     return math.log1p(math.exp(-threshold)) / beta
 
 
-def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether one call can jump in a tensor argument that requires grad."""
-    if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dependent: bool = False) -> bool:
+    """Whether one call can jump in a tensor argument that requires grad (any tensor argument when ``dependent``:
+    inside a custom Function's forward, which torch runs with the gradient off, on parameter-dependent inputs)."""
+    if not any(isinstance(a, Tensor) and (dependent or a.requires_grad) for a in args):
         return False
     name = getattr(func, "__name__", "")
     if name == "softplus":
@@ -123,7 +149,7 @@ def _jumps(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     if name in _CONVERSIONS:
         return any(isinstance(a, torch.dtype) and not a.is_floating_point and not a.is_complex
                    for a in (*args, *kwargs.values()))
-    return name in _JUMPING or name in STOPS or name in SINGULAR
+    return name in _JUMPING or name in STOPS or name in SINGULAR or name in HOOKS
 
 
 def _grad_off(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -138,14 +164,35 @@ def _grad_off(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return INFERENCE if torch.is_inference_mode_enabled() else NO_GRAD
 
 
-def _user_line() -> str:
-    """``"Class.method, file.py:12"`` of the innermost frame outside torch and this package (``""`` when none)."""
+def _user_frame() -> Any:
+    """The innermost frame outside torch and this package, or ``None``."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY):
         frame = frame.f_back
+    return frame
+
+
+def _in_function(frame: Any) -> bool:
+    """Whether ``frame`` is the ``forward`` of a custom ``torch.autograd.Function``, called by torch's
+    ``Function.apply``, which runs it with the gradient off."""
+    caller = frame.f_back
+    return (frame.f_code.co_name == "forward" and caller is not None
+            and caller.f_code.co_filename == _FUNCTION_APPLY and caller.f_code.co_name == "apply")
+
+
+def _user_line(frame: Any) -> str:
+    """``"Class.method, file.py:12"`` of ``frame`` (``""`` when ``None``), prefixed by :data:`FUNCTION` when it is the
+    ``forward`` of a custom ``torch.autograd.Function``."""
     if frame is None:
         return ""
-    return f"{frame.f_code.co_qualname}, {frame.f_code.co_filename}:{frame.f_lineno}"
+    prefix = FUNCTION if _in_function(frame) else ""
+    return f"{prefix}{frame.f_code.co_qualname}, {frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def function_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
+    """The sites of :func:`find_jumps` inside the ``forward`` of a custom ``torch.autograd.Function``: its backward,
+    which reverse-mode derivatives follow, need not be the derivative of that forward (a gradient reversal layer)."""
+    return [site for site in sites if f" {NO_GRAD} ({FUNCTION}" in site]
 
 
 def grad_off_sites(sites: tuple[str, ...] | list[str], kind: str = NO_GRAD) -> list[str]:
@@ -157,6 +204,13 @@ def grad_off_sites(sites: tuple[str, ...] | list[str], kind: str = NO_GRAD) -> l
 def stop_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     """The sites of :func:`find_jumps` that detach a parameter-dependent tensor (``"path (Class): Tensor.detach"``)."""
     return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in STOPS]
+
+
+def hook_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
+    """The sites of :func:`find_jumps` that register a gradient hook on a parameter-dependent tensor in the forward
+    (``"path (Class): Tensor.register_hook"``): the backward, and the reverse-mode derivatives, follow the hook, the
+    output and its forward-mode derivatives do not."""
+    return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in HOOKS]
 
 
 def singular_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
@@ -187,11 +241,26 @@ class _Record(TorchFunctionMode):
         super().__init__()
         self.record, self.kink = record, kink
         self.indices: dict[int, tuple[Tensor, Any]] = {}  # id -> (the indices, kept alive; the call that made them)
+        self.functions: list[Any] = []  # frames of custom Function forwards that read a parameter-dependent tensor
+
+    def _dependent(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this call runs in a custom Function's forward that was given a parameter-dependent tensor: its
+        own results do not require grad there (torch runs it under no_grad), so any tensor argument counts."""
+        if torch.is_grad_enabled():
+            return False
+        frame = _user_frame()
+        if frame is None or not _in_function(frame):
+            return False
+        if not any(f is frame for f in self.functions) and _grad_off(args, kwargs):
+            self.functions.append(frame)
+        return any(f is frame for f in self.functions)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if _jumps(func, args, kwargs):
+        if _jumps(func, args, kwargs, self._dependent(args, kwargs)):
             self.record(func, "")
+        elif func == _DATA_GET and args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            self.record(_data, "")  # w.data: a detached view, read as a property
         elif (self.kink is not None and getattr(func, "__name__", "") in KINKED_CALLS
               and any(t.requires_grad for t in _tensors(args))):
             self.kink(func)
@@ -207,7 +276,7 @@ class _Record(TorchFunctionMode):
             self.indices[id(out[1])] = (out[1], func)
         # a value read (not x.device, x.shape, zeros_like(x)) from the user's code (not torch's or the engine's own)
         if off and isinstance(out, Tensor) and out.is_floating_point() and _call_name(func) not in _VALUE_FREE:
-            where = _user_line()
+            where = _user_line(_user_frame())
             if where:
                 self.record(func, f" {off} ({where})")
         return out

@@ -30,7 +30,17 @@ from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, Rows, StepStack
 from .explained import Explained
-from .jumps import INFERENCE, NO_GRAD, SOFTPLUS_JUMP, grad_off_sites, singular_sites, softplus_jump, stop_sites
+from .jumps import (
+    INFERENCE,
+    NO_GRAD,
+    SOFTPLUS_JUMP,
+    function_sites,
+    grad_off_sites,
+    hook_sites,
+    singular_sites,
+    softplus_jump,
+    stop_sites,
+)
 from .paths import progress_bar
 from .quadrature import DEFAULT_NODES, NodePlan, fixed_plan, rule_nodes
 
@@ -328,10 +338,18 @@ def _jumps_hint(engine: Any) -> str:
              or (isinstance(m, nn.Softplus) and softplus_jump(m.beta, m.threshold) > SOFTPLUS_JUMP)]
     sites = getattr(engine, "jump_sites", ())
     stops, poles, frozen = stop_sites(sites), singular_sites(sites), grad_off_sites(sites, INFERENCE)
-    off = {*frozen, *grad_off_sites(sites, NO_GRAD)}  # forward mode runs through no_grad: not a cause here
+    off = {*frozen, *grad_off_sites(sites, NO_GRAD), *hook_sites(sites)}  # forward mode ignores both: no cause
     calls = [site for site in sites if site not in stops and site not in poles and site not in off
              and not any(f"({kind}): " in site for kind in ("Softplus", "Threshold", "Hardshrink"))]  # named above
     hints = [singular_hint(poles)] if poles else []
+    functions = function_sites(sites)
+    if functions:
+        hints.append(f"the model's forward applies custom torch.autograd.Functions ({'; '.join(functions[:4])}): "
+                     f"the path derivatives are their jvp, so a jvp that is not the derivative of their forward (one "
+                     f"that mirrors a backward changing gradients on purpose, as -t for a gradient reversal layer) "
+                     f"leaves the change its forward makes to quadrature_error. Fix: a jvp equal to the derivative "
+                     f"of the forward (t for a gradient reversal layer's identity); the backward may stay as "
+                     f"trained")
     if frozen:
         hints.append(f"the model's forward reads tensors that depend on the parameters under torch.inference_mode() "
                      f"({'; '.join(frozen[:4])}): its output moves with them, but no derivative, forward-mode "
@@ -344,8 +362,8 @@ def _jumps_hint(engine: Any) -> str:
                      f"its output moves with them, but its gradient, which the path integral follows, does not (a "
                      f"weight divided by its norm taken under .detach(), a stop-gradient target), so no quadrature "
                      f"rule reproduces that part of the change and it stays in quadrature_error. Fix: no .detach() "
-                     f"(nor torch.no_grad()) on parameter-dependent values in the forward of the run you want "
-                     f"explained (w / w.norm(dim=1, keepdim=True) instead of a detached norm)")
+                     f"(nor .data, nor torch.no_grad()) on parameter-dependent values in the forward of the run you "
+                     f"want explained (w / w.norm(dim=1, keepdim=True) instead of a detached norm)")
     if unpool:
         hints.append(f"the model holds {unpool}, whose output jumps where the maximum of a pooling window changes "
                      f"place (the value moves to another position): the gradient has no term for a jump, so no "
@@ -364,14 +382,16 @@ def _jumps_hint(engine: Any) -> str:
         shown = "; ".join(calls[:6]) + (f"; and {len(calls) - 6} more" if len(calls) > 6 else "")
         hints.append(f"the model's forward applies calls whose output can jump as the parameters move to tensors "
                      f"that depend on them ({shown}): rounding or signs (torch.sign, round, floor, a remainder "
-                     f"h % c, a cast to an integer dtype h.long(), F.hardshrink; also under a "
+                     f"h % c, a cast to an integer dtype h.long(), F.hardshrink, an angle torch.atan2(y, x) or "
+                     f"torch.angle, which jumps by 2 pi where (x, y) crosses the negative x axis; also under a "
                      f"straight-through estimator x + (q(x) - x).detach(), whose gradient is not the derivative of "
                      f"the output), a selection by argmax or topk indices (a route that switches), or a comparison "
                      f"choosing between branches that do not meet (torch.where(h > 0, a, b)); the gradient has no "
                      f"term for a jump, so no quadrature rule integrates across it and the jump stays in "
                      f"quadrature_error (a comparison that only masks a continuous function, as h * (h > 0), is a "
                      f"kink, not a jump). Fix: a continuous forward (a soft relaxation: softmax weights over all "
-                     f"experts, a sigmoid gate, branches that meet) for the run you want explained")
+                     f"experts, a sigmoid gate, branches that meet; for an angle its cosine and sine, x / r and y / r "
+                     f"with r = torch.hypot(x, y)) for the run you want explained")
     return "; ".join(hints)
 
 

@@ -54,6 +54,14 @@ def has_stochastic_layers(model: nn.Module) -> list[str]:
 
 #: dtypes whose CPU tensors are compared through numpy (``torch.equal`` on CPU is ~15x slower)
 _NUMPY_EQUAL = frozenset({torch.float16, torch.float32, torch.float64})
+#: The NaN-gradient message's hint for a finite loss: a selection over a branch that is NaN where it is not taken.
+NAN_BRANCH_HINT = (
+    "If the loss is finite, the NaN often comes from torch.where (or a mask) choosing between branches one of which "
+    "is NaN or inf where it is not chosen, e.g. torch.where(h > 0, torch.sqrt(h), h) or a log or division of values "
+    "outside their domain: its backward multiplies that branch's derivative by 0, and 0 * NaN = NaN, although the "
+    "forward's values are finite. Fix: apply the selection to the branch's input too (the double where), "
+    "torch.where(h > 0, torch.sqrt(torch.where(h > 0, h, 1.0)), h); torch.autograd.detect_anomaly(check_nan=True) "
+    "around the step names the operation whose backward gave the NaN.")
 
 
 @functools.cache
@@ -293,7 +301,8 @@ class GradientTap:
         if bad:
             raise TrajectoryError(
                 f"Step {step}: the gradient of {', '.join(bad)} contains NaN or inf, so this step cannot be recorded "
-                f"(nothing was stored for it). Lower the learning rate, check the loss and inputs, or clip gradients."
+                f"(nothing was stored for it). Lower the learning rate, check the loss and inputs, or clip gradients. "
+                f"{NAN_BRANCH_HINT}"
             )
         if len(unchanged) == len(compared):
             # unchanged gradients (the common case): c = 1 without the float64 dot products below
