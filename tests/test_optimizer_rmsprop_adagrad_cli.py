@@ -14,7 +14,8 @@ from explaind.studies.runs import train_run
 def test_the_plugin_listing_names_both_adapters(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"optimizer_adapter: adafactor, adagrad, adam, [a-z_, ]*rmsprop, sgd", out), out
+    listed = re.search(r"optimizer_adapter: ([a-z_, ]+)\n", out)
+    assert listed and {"adagrad", "rmsprop"} <= set(listed.group(1).split(", ")), out
 
 
 @pytest.mark.parametrize("optimizer, momentum", [("rmsprop", 0.5), ("adagrad", 0.0)])
