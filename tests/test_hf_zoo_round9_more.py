@@ -1,0 +1,61 @@
+"""Hugging Face encoder-decoders, vision and audio classifiers and task heads no other test builds, in a plain loop.
+
+The loop and the checks are tests/_zoo9_kit.py's (3 steps of 4 samples, float64, dropout 0.1 wherever the config
+has one, recorded with ``capture_random=True``; replica against the trained model in evaluation mode, residual
+share, ``keep=("train",)`` against the slow float64 loop reference that replays the recorded masks). The models
+train on their own loss with ``labels`` in the call: token cross entropy with -100 targets (Pegasus, MBart with its
+language-id shift, MPNet token classification), cross entropy (DeiT, BEiT with stochastic depth, Dinov2,
+SegFormer, Hubert on raw audio, ERNIE multiple choice), squared error (``problem_type="regression"``) and binary
+cross entropy (``"multi_label_classification"``). An SGD run at an untuned learning rate, mixture-of-experts
+routing to the top 2 of 4 experts, and RWKV are here too.
+
+Vision transformers initialise their class and distillation tokens and position embeddings to 0; the first step
+then moves a LayerNorm input (eps 1e-12) away from the zero vector, a step of width ~1e-6 along the path that
+explaind's adaptive rule integrates and the reference's fixed panels cannot (its own quadrature error 0.22 on
+DeiT), so those parameters are drawn from N(0, 0.02^2) as in a trained model (tests/_zoo9_cases.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from _zoo9_cases import CAUSAL, OTHERS
+from _zoo9_kit import assert_exact, run
+
+pytest.importorskip("transformers")  # in the dev extra
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning:transformers")]
+
+EXACT = ["pegasus", "mbart", "deit", "beit_drop_path", "dinov2", "segformer", "data2vec_regression",
+         "ernie_multi_label", "mpnet_tokens", "ernie_multiple_choice", "hubert_audio"]
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_model_on_its_own_loss_is_exact(name):
+    assert_exact(run(OTHERS[name]))
+
+
+def test_sgd_momentum_at_an_untuned_learning_rate_is_exact():
+    """GPT-J, SGD with momentum 0.9 at learning rate 1.0 (the loop's loss rises and falls)."""
+    assert_exact(run(CAUSAL["gptj_sgd_untuned"]))
+
+
+def test_top_2_routing_among_4_experts_is_loud_at_the_router():
+    """Mixtral with ``experts_implementation="batched_mm"`` (which vmap traces) and top-2 routing: the routes switch
+    along the steps, jumps no path integral crosses; the estimators warn naming the router's ``torch.topk`` and a
+    continuous forward (routing to every expert: exact in tests/test_hf_zoo_round9.py)."""
+    got = run(CAUSAL["mixtral_batched_top2"], reference=False)
+    assert got["replica"] > 1e-3  # the jumps are not in the path integrals
+    router = r"model.layers.0.mlp.gate (MixtralTopKRouter): torch.topk"
+    assert any(router in w and "softmax weights over all experts" in w for w in got["warnings"]), got["warnings"]
+    assert any("quadrature error share" in w and "a continuous forward" in w for w in got["warnings"])
+
+
+def test_rwkv_whose_wkv_scan_runs_in_float32_is_loud():
+    """RWKV (two layers, ``rescale_every=0``): its CPU scan (``rwkv_linear_attention_cpu``) keeps its state in
+    float32 with running maxima. The replica misses the trained model by 1.6e-2 and the path integrals miss ~0.7%
+    of the explained change; the estimators say so (quadrature share). The cause is not pinned down here: along
+    one step the float64 function (float32 conversions lifted) is smooth to the eye and its derivative agrees with
+    finite differences, yet a 20-node rule leaves 6e-6 of the change."""
+    got = run(CAUSAL["rwkv"], reference=False)
+    assert got["replica"] > 1e-3
+    assert any("quadrature error share" in w for w in got["warnings"]), got["warnings"]
