@@ -260,7 +260,8 @@ def _drawn_tokens(build):
 
     From zeros, the first step moves such a token along ``t * delta``, and the LayerNorm it enters (eps 1e-12)
     maps it to ``t delta / sqrt(t^2 var + 1e-12)``: a step of width ~1e-6 in ``t``, smooth but steep. The adaptive
-    rule integrates it; the reference's fixed Gauss-Legendre panels cannot (its own quadrature error 0.22).
+    rule integrates it; the reference's fixed Gauss-Legendre panels cannot (its own quadrature error does not
+    vanish).
     """
     def drawn():
         model = build()
