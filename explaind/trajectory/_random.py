@@ -32,7 +32,7 @@ layer or a private generator; ``True`` always, ``False`` never. A forward
 that draws random numbers no module shows (``F.dropout`` or ``torch.rand`` in ``forward``) needs
 ``True``: every training forward is then replayed, named ``"<Model>.forward"`` in ``coupled``; under ``"auto"``
 with nothing captured, the first training forward that draws so warns naming that fix
-(:mod:`~explaind.trajectory._torch_draws`). The CPU state is 5,056 bytes, each CUDA device's 16 bytes.
+(:mod:`~explaind.trajectory._host_random`). The CPU state is 5,056 bytes, each CUDA device's 16 bytes.
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_compiled_draws, refuse_mixed_modes
 from ..records import LossRecord
 from ._common import ModelHook
-from ._host_random import HostDrawGuard
+from ._host_random import HostDrawGuard, TorchDrawProbe
 from ._numpy_random import kept_numpy_state, numpy_state, set_numpy_state
-from ._torch_draws import TorchDrawProbe
 
 __all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "draws_masks", "is_spectral_norm",
            "find_generators", "resolve_generators",
