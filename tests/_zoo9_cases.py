@@ -131,6 +131,12 @@ CAUSAL = {
         transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig, num_key_value_heads=1, num_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
         attention_dropout=P, experts_implementation="eager", **SMALL)),
+    "reformer_lsh": causal_case("reformer_lsh", _lm(
+        transformers.ReformerModelWithLMHead, transformers.ReformerConfig, vocab_size=VOCAB, hidden_size=16,
+        num_attention_heads=2, attention_head_size=8, attn_layers=["lsh", "local"], axial_pos_embds=False,
+        max_position_embeddings=16, feed_forward_size=32, lsh_attn_chunk_length=4, local_attn_chunk_length=4,
+        num_buckets=2, num_hashes=1, is_decoder=True, hidden_dropout_prob=P, lsh_attention_probs_dropout_prob=P,
+        local_attention_probs_dropout_prob=P, use_cache=False)),
     "mixtral_batched_top2": causal_case("mixtral_batched_top2", _lm(
         transformers.MixtralForCausalLM, transformers.MixtralConfig, num_key_value_heads=1, num_local_experts=4,
         num_experts_per_tok=2, attention_dropout=P, experts_implementation="batched_mm", **SMALL)),
@@ -284,6 +290,10 @@ OTHERS = {
                                               transformers.PegasusConfig, **S2S), _shift),
     "mbart": seq2seq_case("mbart", _build(transformers.MBartForConditionalGeneration, transformers.MBartConfig,
                                           **S2S), _mbart_shift),
+    "led": seq2seq_case("led", _build(transformers.LEDForConditionalGeneration, transformers.LEDConfig,
+                                      attention_window=4, max_encoder_position_embeddings=16,
+                                      max_decoder_position_embeddings=16,
+                                      **{k: v for k, v in S2S.items() if k != "max_position_embeddings"}), _shift),
     "deit": classifier_case("deit", _drawn_tokens(_build(transformers.DeiTForImageClassification,
                                                          transformers.DeiTConfig, **IMAGE)), _images()),
     "beit_drop_path": classifier_case("beit_drop_path", _drawn_tokens(_build(

@@ -20,7 +20,7 @@ from _zoo9_kit import run
 from explaind.exceptions import ExplaindError
 
 #: Cases whose verdict is a refusal or a warning (no reference is run for them).
-LOUD = {"bloom_alibi", "mixtral_top2", "qwen2_moe_top2", "mixtral_batched_top2", "rwkv"}
+LOUD = {"bloom_alibi", "mixtral_top2", "qwen2_moe_top2", "mixtral_batched_top2", "rwkv", "reformer_lsh"}
 
 
 def _short(message: str) -> str:

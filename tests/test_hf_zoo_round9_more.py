@@ -4,10 +4,10 @@ The loop and the checks are tests/_zoo9_kit.py's (3 steps of 4 samples, float64,
 has one, recorded with ``capture_random=True``; replica against the trained model in evaluation mode, residual
 share, ``keep=("train",)`` against the slow float64 loop reference that replays the recorded masks). The models
 train on their own loss with ``labels`` in the call: token cross entropy with -100 targets (Pegasus, MBart with its
-language-id shift, MPNet token classification), cross entropy (DeiT, BEiT with stochastic depth, Dinov2,
-SegFormer, Hubert on raw audio, ERNIE multiple choice), squared error (``problem_type="regression"``) and binary
-cross entropy (``"multi_label_classification"``). An SGD run at an untuned learning rate, mixture-of-experts
-routing to the top 2 of 4 experts, and RWKV are here too.
+language-id shift, LED with its local-window encoder attention, MPNet token classification), cross entropy (DeiT,
+BEiT with stochastic depth, Dinov2, SegFormer, Hubert on raw audio, ERNIE multiple choice), squared error
+(``problem_type="regression"``) and binary cross entropy (``"multi_label_classification"``). An SGD run at an
+untuned learning rate, mixture-of-experts routing to the top 2 of 4 experts, RWKV and Reformer are here too.
 
 Vision transformers initialise their class and distillation tokens and position embeddings to 0; the first step
 then moves a LayerNorm input (eps 1e-12) away from the zero vector, a step of width ~1e-6 along the path that
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import pytest
 from _zoo9_cases import CAUSAL, OTHERS
-from _zoo9_kit import assert_exact, run
+from _zoo9_kit import assert_exact, record, run
+
+from explaind.exceptions import TrajectoryError
 
 pytest.importorskip("transformers")  # in the dev extra
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning:transformers")]
 
-EXACT = ["pegasus", "mbart", "deit", "beit_drop_path", "dinov2", "segformer", "data2vec_regression",
+EXACT = ["pegasus", "mbart", "led", "deit", "beit_drop_path", "dinov2", "segformer", "data2vec_regression",
          "ernie_multi_label", "mpnet_tokens", "ernie_multiple_choice", "hubert_audio"]
 
 
@@ -57,3 +59,14 @@ def test_rwkv_whose_wkv_scan_runs_in_float32_is_loud():
     got = run(CAUSAL["rwkv"], reference=False)
     assert got["replica"] > 1e-3
     assert any("quadrature error share" in w for w in got["warnings"]), got["warnings"]
+
+
+def test_reformer_whose_reversible_layers_recompute_in_backward_is_refused_at_step_0():
+    """Reformer (LSH then local attention, reversible residual layers): its backward recomputes each layer's
+    forward (``_ReversibleFunction``) and reseeds the generators for it, so the loop's gradient is none that a
+    replayed forward gives. The gradient check refuses step 0, naming draws in backward and recomputation; no
+    setting of the model avoids it (its layers are reversible in training whatever the config)."""
+    with pytest.raises(TrajectoryError, match=r"Step 0: the gradient from backward\(\) does not match.*"
+                                              r"backward\(\) draws random numbers that its forward's captured "
+                                              r"state does not cover"):
+        record(CAUSAL["reformer_lsh"])
