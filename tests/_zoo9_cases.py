@@ -8,6 +8,8 @@ Causal LMs train on the loop's next-token loss over right-padded sequences whose
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -285,7 +287,55 @@ IMAGE = dict(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hi
 TEXT = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=16, hidden_dropout_prob=P, attention_probs_dropout_prob=P)
 
+class DistributionParams(torch.nn.Module):
+    """A module holding ``model`` whose forward returns its distribution head's parameters stacked on a new last
+    axis (``torch.stack(model(**x).prediction_outputs, -1)``), the fix explaind's refusal names."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Tensor) -> Tensor:
+        return torch.stack(self.model(**inputs).prediction_outputs, dim=-1)
+
+
+def _series() -> tuple[dict[str, Tensor], Tensor]:
+    """Two-channel series: 16 past values, 4 future values to forecast."""
+    gen = torch.Generator().manual_seed(10)
+    t = torch.arange(20, dtype=torch.float64)
+    waves = torch.sin(t[None, :, None] * torch.rand(ROWS, 1, 2, generator=gen, dtype=torch.float64))
+    series = waves + 0.1 * torch.randn(ROWS, 20, 2, generator=gen, dtype=torch.float64)
+    return {"past_values": series[:, :16]}, series[:, 16:]
+
+
+def _patchtst():
+    return transformers.PatchTSTForPrediction(transformers.PatchTSTConfig(
+        num_input_channels=2, context_length=16, patch_length=4, patch_stride=4, prediction_length=4, d_model=16,
+        num_attention_heads=2, num_hidden_layers=1, ffn_dim=32, dropout=P, attention_dropout=P, ff_dropout=P,
+        head_dropout=P, norm_type="layernorm", distribution_output="normal", loss="nll", scaling=None))
+
+
+def _normal_nll(out: Tensor, y: Tensor) -> Tensor:
+    """The mean negative log-likelihood of ``y`` under Normal(out[..., 0], out[..., 1]) (torch.distributions)."""
+    return -torch.distributions.Normal(out[..., 0], out[..., 1]).log_prob(y).mean()
+
+
+def _loop_normal_nll(out: Tensor, y: Tensor) -> Tensor:
+    """Per sample, the mean of 0.5 log(2 pi s^2) + (y - m)^2 / (2 s^2), written out."""
+    return torch.stack([(0.5 * torch.log(2 * math.pi * out[k, ..., 1] ** 2)
+                         + (y[k] - out[k, ..., 0]) ** 2 / (2 * out[k, ..., 1] ** 2)).mean() for k in range(len(y))])
+
+
+def _step_nll(model, xb, yb) -> Tensor:
+    return _normal_nll(model(**xb), yb)
+
+
 OTHERS = {
+    "patchtst_normal_head": Case("patchtst_normal_head", _patchtst, _series,
+                                 lambda model, xb, yb: model(**xb, future_values=yb).loss, _normal_nll,
+                                 _loop_normal_nll, target=None),
+    "patchtst_normal_params": Case("patchtst_normal_params", lambda: DistributionParams(_patchtst()), _series,
+                                   _step_nll, _normal_nll, _loop_normal_nll, target=None),
     "pegasus": seq2seq_case("pegasus", _build(transformers.PegasusForConditionalGeneration,
                                               transformers.PegasusConfig, **S2S), _shift),
     "mbart": seq2seq_case("mbart", _build(transformers.MBartForConditionalGeneration, transformers.MBartConfig,

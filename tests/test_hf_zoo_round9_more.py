@@ -6,7 +6,8 @@ share, ``keep=("train",)`` against the slow float64 loop reference that replays 
 train on their own loss with ``labels`` in the call: token cross entropy with -100 targets (Pegasus, MBart with its
 language-id shift, LED with its local-window encoder attention, MPNet token classification), cross entropy (DeiT,
 BEiT with stochastic depth, Dinov2, SegFormer, Hubert on raw audio, ERNIE multiple choice), squared error
-(``problem_type="regression"``) and binary cross entropy (``"multi_label_classification"``). An SGD run at an
+(``problem_type="regression"``) and binary cross entropy (``"multi_label_classification"``); PatchTST forecasts
+with a Normal head (its parameters returned by a wrapper, the NLL from ``torch.distributions``). An SGD run at an
 untuned learning rate, mixture-of-experts routing to the top 2 of 4 experts, RWKV and Reformer are here too.
 
 Vision transformers initialise their class and distillation tokens and position embeddings to 0; the first step
@@ -21,14 +22,14 @@ import pytest
 from _zoo9_cases import CAUSAL, OTHERS
 from _zoo9_kit import assert_exact, record, run
 
-from explaind.exceptions import TrajectoryError
+from explaind.exceptions import TrajectoryError, UnsupportedModelError
 
 pytest.importorskip("transformers")  # in the dev extra
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning:transformers")]
 
-EXACT = ["pegasus", "mbart", "led", "deit", "beit_drop_path", "dinov2", "segformer", "data2vec_regression",
-         "ernie_multi_label", "mpnet_tokens", "ernie_multiple_choice", "hubert_audio"]
+EXACT = ["patchtst_normal_params", "pegasus", "mbart", "led", "deit", "beit_drop_path", "dinov2", "segformer",
+         "data2vec_regression", "ernie_multi_label", "mpnet_tokens", "ernie_multiple_choice", "hubert_audio"]
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -70,3 +71,14 @@ def test_reformer_whose_reversible_layers_recompute_in_backward_is_refused_at_st
                                               r"backward\(\) draws random numbers that its forward's captured "
                                               r"state does not cover"):
         record(CAUSAL["reformer_lsh"])
+
+
+def test_a_distribution_head_refusal_names_its_parameter_fields_and_the_wrapper():
+    """PatchTST forecasting with a Normal head returns ``prediction_outputs``, a tuple of the distribution's
+    parameters, and no logits. Before, the refusal named no field and no fix for a model one did not write; the
+    wrapper it names now (``patchtst_normal_params``: the parameters stacked, the NLL from torch.distributions)
+    is exact above."""
+    with pytest.raises(UnsupportedModelError, match=r"It holds \{'prediction_outputs': \[\(4, 4, 2\), \(4, 4, 2\)\].*"
+                                                    r"torch\.stack\(model\(\*\*inputs\)\.prediction_outputs, "
+                                                    r"dim=-1\)"):
+        record(OTHERS["patchtst_normal_head"], check=False)  # refused where the recorder first reads the output
