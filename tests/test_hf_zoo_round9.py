@@ -2,9 +2,10 @@
 
 Tiny configs (hidden 16, one or two layers, vocabulary 32, float64, dropout 0.1 wherever the config has one),
 passed directly, trained by tests/_zoo9_kit.py's loop (3 AdamW steps of 4 right-padded sequences on the next-token
-loss with ``ignore_index``, labels -100 at the padding; one GPT-J run with SGD, momentum 0.9, at learning rate 1.0) and checked on 2 held-out sequences: replica against the
-trained model in evaluation mode, residual share, and ``keep=("train",)`` of the per-sequence loss against the slow
-float64 loop reference that replays the recorded dropout masks. ``python tests/hf_zoo_round9_table.py`` prints the
+loss with ``ignore_index``, labels -100 at the padding; one GPT-J run with SGD, momentum 0.9, at learning rate
+1.0) and checked on 2 held-out sequences: replica against the trained model in evaluation mode, residual share,
+and ``keep=("train",)`` of the per-sequence loss against the slow float64 loop reference that replays the
+recorded dropout masks. ``python tests/hf_zoo_round9_table.py`` prints the
 figures of every case.
 
 What this round found and fixed:
