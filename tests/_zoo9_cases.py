@@ -378,3 +378,40 @@ OTHERS = {
         transformers.MPNetForTokenClassification, transformers.MPNetConfig, num_labels=3, **TEXT),
         _texts(kind="tokens"), kind="tokens"),
 }
+
+
+def regnet_batch_norm() -> dict[str, float]:
+    """RegNet (two stages, GELU, train-mode batch norm: running statistics move every step) trained by
+    tests/_hf_stranger_kit.py's loop on 16x16 images (AdamW 0.01, ``capture_random=True``), checked by its
+    ``assert_exact`` against tests/test_stranger_hf_audio_vision.py's buffer-replaying reference (step ``s``'s path
+    at the recorded statistics ``beta_s``, plus the exact buffers term); returns the figures it measured.
+
+    The running statistics are first set from the training images (a cumulative average over one forward), as a
+    trained model's are.
+    """
+    from _hf_stranger_kit import MEASURED, assert_exact, train
+    from reference import Reference
+    from test_stranger_hf_audio_vision import _images, _logits_ce, _LogitsBufferReference
+
+    class SmoothBufferReference(_LogitsBufferReference):
+        kinks = Reference.kinks  # no ReLU, no max pooling: the base class's watch (it finds nothing)
+
+    torch.manual_seed(0)
+    model = transformers.RegNetForImageClassification(transformers.RegNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4, hidden_act="gelu",
+        num_labels=3)).double()
+    X, y = _images(16)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.momentum = None
+    with torch.no_grad():
+        model.train()(X[:12])
+    for norm in norms:
+        norm.momentum = 0.1
+    model, traj = train(model, X[:12], y, "cross_entropy", _logits_ce, lr=0.01, capture_random=True)
+    assert traj.buffer_names and traj.manifest.coupled
+    with torch.no_grad():
+        truth = model(X[12:]).logits
+    ref = SmoothBufferReference(traj, X[12:], target=[1, 2], panels=8)
+    assert_exact(traj, X[12:], truth, ref, [1, 2], ref_error=ref.quad_error - ref.buffer_terms())
+    return MEASURED[-1]

@@ -19,7 +19,7 @@ vanish), so those parameters are drawn from N(0, 0.02^2) as in a trained model (
 from __future__ import annotations
 
 import pytest
-from _zoo9_cases import CAUSAL, OTHERS
+from _zoo9_cases import CAUSAL, OTHERS, regnet_batch_norm
 from _zoo9_kit import assert_exact, record, run
 
 from explaind.exceptions import TrajectoryError, UnsupportedModelError
@@ -77,3 +77,10 @@ def test_a_distribution_head_refusal_names_its_parameter_fields_and_the_wrapper(
                                                     r"torch\.stack\(model\(\*\*inputs\)\.prediction_outputs, "
                                                     r"dim=-1\)"):
         record(OTHERS["patchtst_normal_head"], check=False)  # refused where the recorder first reads the output
+
+
+def test_regnet_with_train_mode_batch_norm_is_exact_against_the_buffer_replaying_reference():
+    """Running statistics that move every step: replica <= 1e-6, residual share <= 1e-9, train scores <= 1e-9
+    against the reference that evaluates step ``s`` at the recorded statistics (assertions in the case)."""
+    got = regnet_batch_norm()
+    assert got["replica"] <= 1e-6 and got["share"] <= 1e-9 and got["train"] <= 1e-9
