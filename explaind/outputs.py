@@ -43,8 +43,30 @@ def model_output(out: Any) -> Tensor:
     raise UnsupportedModelError(
         f"the model's forward returned {type(out).__name__}, which holds no output tensor explaind can use: "
         f"return a tensor, a tuple whose first element is the output, or an object/mapping with a 'logits' "
-        f"tensor (e.g. a Hugging Face ModelOutput)."
+        f"tensor (e.g. a Hugging Face ModelOutput).{_fields_hint(out)}"
     )
+
+
+def _fields_hint(out: Any) -> str:
+    """For a mapping without logits: its tensor fields and tuples of tensors (a distribution head's parameters),
+    and the wrapper that returns one of them as the output; ``""`` for anything else."""
+    if not isinstance(out, Mapping):
+        return ""
+    fields: dict[str, Any] = {}
+    for k, v in out.items():
+        if isinstance(v, Tensor):
+            fields[k] = tuple(v.shape)
+        elif isinstance(v, tuple | list) and v and all(isinstance(t, Tensor) for t in v):
+            fields[k] = [tuple(t.shape) for t in v]
+    if not fields:
+        return ""
+    stacked = next((k for k, v in fields.items() if isinstance(v, list) and len(set(v)) == 1), None)
+    pick = (f"torch.stack(model(**inputs).{stacked}, dim=-1) (its {len(fields[stacked])} tensors, e.g. a "
+            f"distribution head's parameters, on a new last axis)" if stacked is not None
+            else f"model(**inputs).{next(iter(fields))}")
+    return (f" It holds {fields}. Fix for a model you did not write: record and explain a module that holds it and "
+            f"whose forward returns the tensor to explain, e.g. {pick}, train through that module, and give a loss "
+            f"callable that reads that tensor (a distribution's negative log-likelihood built from it, for one).")
 
 
 def _split_logits(out: Any) -> Tensor | None:

@@ -130,8 +130,14 @@ def _row(X: dict, i: int) -> dict:
     return {k: v[i : i + 1] if isinstance(v, Tensor) else v for k, v in X.items()}
 
 
+def _logits(out) -> Tensor:
+    """``out.logits``, or ``out`` itself for a model that returns a tensor."""
+    return out if isinstance(out, Tensor) else out.logits
+
+
 class MappingReference(Reference):
-    """The loop reference of ``reference.py`` for ``model(**inputs).logits`` with mapping inputs."""
+    """The loop reference of ``reference.py`` for ``model(**inputs).logits`` (or a returned tensor) with mapping
+    inputs."""
 
     def __init__(self, traj, X: dict[str, Tensor], *, loss_fn=None, **kwargs):
         self.inputs = X
@@ -142,7 +148,7 @@ class MappingReference(Reference):
             self.loss_fn = loss_fn
 
     def _logits(self, vec: Tensor, x: dict[str, Tensor]) -> Tensor:
-        return functional_call(self.model, {**self.constants, **self._unflat(vec)}, (), x).logits
+        return _logits(functional_call(self.model, {**self.constants, **self._unflat(vec)}, (), x))
 
     def forward(self, vec: Tensor, xi: int) -> Tensor:
         return self._logits(vec, _row(self.inputs, xi))[0].reshape(-1)
@@ -190,7 +196,7 @@ class MappingReplayReference(MappingReference):
                 if micro.state is not None:
                     torch.set_rng_state(micro.state.cpu)
                 module = train_model if micro.state is not None else self.model
-                out = functional_call(module, params, (), dict(Xb.data)).logits
+                out = _logits(functional_call(module, params, (), dict(Xb.data)))
                 torch.set_rng_state(before)
                 losses = loss_fn(out, yb).reshape(-1)
                 for j in range(len(micro.indices)):

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -188,7 +190,7 @@ class FunctionalModel:
                         "torch.func with autograd.Function'): forward(*inputs) without ctx, a setup_context(ctx, "
                         "inputs, output) staticmethod that saves what backward and jvp need, generate_vmap_rule = "
                         "True, and a jvp(ctx, *tangents) staticmethod; or compute the same function from "
-                        "differentiable torch operations."
+                        "differentiable torch operations." + _old_style_sites(self.module)
                     ) from exc
                 if "vmap: It looks like you" not in str(exc):
                     raise
@@ -200,6 +202,22 @@ class FunctionalModel:
                         "at a time under vmap: such a model cannot be explained (its training records exactly). "
                         "Fix: train a model with dense attention (RoBERTa, or BigBird with attention_type="
                         "'original_full') for the run you want explained."
+                    ) from exc
+                routed = _top_k_routers(self.module)
+                if routed:
+                    raise UnsupportedModelError(
+                        f"the model's mixture-of-experts blocks ({'; '.join(routed[:4])}) run their experts with "
+                        f"a loop such as Hugging Face's experts_implementation='eager', which looks up the "
+                        f"experts a batch's tokens were routed to (nonzero() on the routing mask), a branch on "
+                        f"values that torch.func.vmap "
+                        f"cannot trace, and explaind evaluates the model one input at a time under vmap. Routing "
+                        f"each token to its top-k experts is also a jump: the chosen experts switch as the router's "
+                        f"weights move, which no path integral crosses. Fix: build the model with "
+                        f"experts_implementation='batched_mm' (a config argument), which vmap traces, and for the "
+                        f"run you want explained route every token to all experts (num_experts_per_tok equal to "
+                        f"the number of experts: softmax weights over all of them, a continuous forward); with "
+                        f"top-k routing the estimators then warn about the router's torch.topk and keep the jumps "
+                        f"in quadrature_error."
                     ) from exc
                 raise UnsupportedModelError(
                     f"the model's forward branches on the values of its inputs ({exc.args[0][:60]}...), which "
@@ -366,3 +384,42 @@ def _flat_target(tgt: Tensor, shape: tuple[int, ...], T: int, owner: str) -> Ten
                           f"{tgt.min(0).values.tolist()} to {tgt.max(0).values.tolist()}.")
     strides = torch.tensor([math.prod(shape[i + 1:]) for i in range(len(shape))])
     return (tgt.long() * strides).sum(1)
+
+
+def _top_k_routers(model: nn.Module) -> list[str]:
+    """``"<path> (<class>, top_k=k, experts_implementation=...)"`` for every module of ``model`` that routes tokens
+    to ``top_k`` of its ``experts`` (``top_k`` on the block or on a child router: Hugging Face's sparse
+    mixture-of-experts blocks); ``[]`` when there is none."""
+    found = []
+    for name, m in model.named_modules():
+        experts = getattr(m, "experts", None)
+        top_k = next((c.top_k for c in (m, *m.children()) if isinstance(getattr(c, "top_k", None), int)),
+                     None)
+        if isinstance(experts, nn.Module) and top_k is not None:
+            impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+            found.append(f"{name or '<root>'} ({type(m).__name__}, top_k={top_k}, experts_implementation={impl!r})")
+    return found
+
+
+def _old_style_sites(model: nn.Module) -> str:
+    """A sentence naming the modules of ``model`` whose class's ``forward`` calls ``F.apply`` for an old-style
+    ``torch.autograd.Function`` ``F`` of the class's own Python module (no ``setup_context``), and the fix for a
+    model one did not write; ``""`` when none is found."""
+    sites = []
+    for name, m in model.named_modules():
+        cls = type(m)
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        space = vars(sys.modules.get(cls.__module__, inspect))
+        for fname, obj in space.items():
+            if (isinstance(obj, type) and issubclass(obj, torch.autograd.Function) and f"{fname}.apply(" in source
+                    and "setup_context" not in vars(obj)):
+                sites.append(f"{fname}.apply in {name or '<root>'} ({cls.__name__})")
+    if not sites:
+        return ""
+    shown = "; ".join(sites[:4]) + (f"; and {len(sites) - 4} more" if len(sites) > 4 else "")
+    return (f" Found: {shown}. In a model you did not write, replace those modules before training by ones that "
+            f"compute the same function with torch operations (e.g. model.<path> = MyModule(), whose forward is the "
+            f"Function's forward written out), and record that run.")

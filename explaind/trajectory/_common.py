@@ -64,6 +64,33 @@ class ModelHook:
         return ModelHook, ()
 
 
+class ForwardHookPair:
+    """A forward pre-hook (``self._pre``) and a forward hook (``self._post``) on the root module ``self.model``,
+    registered and removed together (each wrapped in :class:`ModelHook`); subclasses set ``model`` and
+    ``_handles = []`` and define the two hooks."""
+
+    model: nn.Module
+    _handles: list[Any]
+
+    def attach(self) -> None:
+        """Register the two hooks (once)."""
+        if not self._handles:
+            self._handles = [self.model.register_forward_pre_hook(ModelHook(self._pre)),
+                             self.model.register_forward_hook(ModelHook(self._post))]
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        raise NotImplementedError
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        raise NotImplementedError
+
+
 class FirstForward:
     """Call ``fn()`` at the first gradient-enabled forward of ``model`` after each :meth:`arm` (a forward pre-hook,
     a :class:`ModelHook`): the forward a step's training starts with, not an evaluation under ``torch.no_grad()``.

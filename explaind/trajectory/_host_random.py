@@ -1,4 +1,4 @@
-r"""Random draws in a training forward that the recorder cannot replay: ``numpy.random`` and Python's ``random``.
+r"""Random draws in a training forward that the recorder cannot replay (numpy, Python) or does not capture (torch).
 
 The recorder replays a training forward under the torch generators' states it captured before it
 (:mod:`~explaind.trajectory._random`), so dropout masks, ``torch.rand`` and ``torch.bernoulli`` draws are
@@ -16,6 +16,19 @@ gradients it takes a fingerprint of those states, after the forward it compares;
 that drew. The fingerprint of numpy's global generator reads its Mersenne Twister position and two key words in
 place (:class:`_GlobalPosition`, about 0.1 µs; copying its state took about 40 µs twice per forward); held
 generators and Python's module (its state tuple, about 11 µs) are copied.
+
+Torch draws that nothing captures. ``capture_random="auto"`` captures the random state of each training forward
+when a module of the model shows that it draws (a dropout layer with ``p > 0``, batch norm, a private generator:
+:mod:`~explaind.trajectory._random`). A forward may draw with no such module: ``F.dropout`` or
+``F.scaled_dot_product_attention(dropout_p > 0)`` called in ``forward`` (the attention code of many Hugging Face
+models passes the config's ``attention_dropout`` there, and ``F.dropout`` for residual or embedding dropout), or
+``torch.rand``. Those masks are then not replayed: explaind recomputes the step's gradients without them, and the
+split of every step over samples is inexact (the gradient check fails at step 0; with the check off, the residual
+holds it). :class:`TorchDrawProbe`, attached only while nothing is captured under ``"auto"``, copies the CPU
+generator's state (5,056 bytes) and each initialised CUDA device's before a training forward with gradients and
+compares them after it; the first forward that moved one warns
+(:class:`~explaind.exceptions.ExplaindWarning`) naming the model, the calls that draw so, and the fix,
+``capture_random=True``; later forwards are not probed.
 """
 
 from __future__ import annotations
@@ -26,12 +39,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
-from ..exceptions import TrajectoryError
-from ._common import ModelHook
+from ..exceptions import TrajectoryError, warn_at_caller
+from ._common import ForwardHookPair
 
-__all__ = ["HostDrawGuard", "host_generators"]
+__all__ = ["HostDrawGuard", "TorchDrawProbe", "host_generators"]
 
 #: The name of numpy's global state among the sources.
 NUMPY_GLOBAL = "numpy.random (the global state)"
@@ -97,7 +111,7 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-class HostDrawGuard:
+class HostDrawGuard(ForwardHookPair):
     """Raise at a training forward that draws from ``numpy.random``, Python's ``random`` or a held host generator.
 
     Parameters
@@ -122,18 +136,6 @@ class HostDrawGuard:
         self._before: dict[str, Any] | None = None
         self._handles: list[Any] = []
 
-    def attach(self) -> None:
-        """Register the two hooks."""
-        if not self._handles:
-            self._handles = [self.model.register_forward_pre_hook(ModelHook(self._pre)),
-                             self.model.register_forward_hook(ModelHook(self._post))]
-
-    def detach(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
     def _pre(self, module: nn.Module, args: Any) -> None:
         self._before = {k: _state(v) for k, v in self.sources.items()} if self.active() and module.training \
             else None
@@ -154,3 +156,57 @@ class HostDrawGuard:
                 + (" numpy.random's global state alone is captured and replayed with "
                    "TrajectoryRecorder(..., capture_random=True) (Hugging Face Wav2Vec2's SpecAugment draws there)."
                    if NUMPY_GLOBAL in drew else ""))
+
+
+def _states() -> list[torch.Tensor]:
+    cuda = [torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())] \
+        if torch.cuda.is_initialized() else []
+    return [torch.get_rng_state(), *cuda]
+
+
+class TorchDrawProbe(ForwardHookPair):
+    """Warn once at a training forward that draws from torch's global generators while none is captured.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The recorded model.
+    active : callable
+        ``active()`` says whether the recorder watches this forward (not one of its own checks).
+    """
+
+    def __init__(self, model: nn.Module, active: Callable[[], bool]):
+        self.model = model
+        self.active = active
+        self.warned = False
+        self._before: list[torch.Tensor] | None = None
+        self._handles: list[Any] = []
+
+    def attach(self) -> None:
+        """Register the two hooks (not again once it has warned)."""
+        if not self.warned:
+            super().attach()
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        watched = not self.warned and module.training and torch.is_grad_enabled() and self.active()
+        self._before = _states() if watched else None
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        before, self._before = self._before, None
+        if before is None:
+            return
+        after = _states()
+        if len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after)):
+            return
+        self.warned = True
+        self.detach()
+        warn_at_caller(
+            f"A training forward of the recorded model ({type(module).__name__}) drew random numbers from torch's "
+            f"generator, but none of its modules is a dropout layer with p > 0, batch norm or a held "
+            f"torch.Generator, so capture_random='auto' captures no random state: the draws are made in forward "
+            f"itself (F.dropout, F.scaled_dot_product_attention(dropout_p > 0) as Hugging Face attention passes the "
+            f"config's attention dropout, torch.rand, torch.bernoulli), and without their states explaind "
+            f"recomputes the gradients without those masks, so the split of each step over samples is inexact (the "
+            f"gradient check fails at step 0; with it off, the residual holds the difference). Fix: "
+            f"TrajectoryRecorder(..., capture_random=True), which replays every training forward with its recorded "
+            f"state; or set those dropout probabilities to 0.")

@@ -30,8 +30,9 @@ The rule (``capture_random="auto"``): capture when the model holds a dropout lay
 ``p > 0`` (also ``nn.MultiheadAttention(dropout > 0)`` and dropout between recurrent layers), a batch-norm
 layer or a private generator; ``True`` always, ``False`` never. A forward
 that draws random numbers no module shows (``F.dropout`` or ``torch.rand`` in ``forward``) needs
-``True``: every training forward is then replayed, named ``"<Model>.forward"`` in ``coupled``. The CPU
-state is 5,056 bytes, each CUDA device's 16 bytes.
+``True``: every training forward is then replayed, named ``"<Model>.forward"`` in ``coupled``; under ``"auto"``
+with nothing captured, the first training forward that draws so warns naming that fix
+(:mod:`~explaind.trajectory._host_random`). The CPU state is 5,056 bytes, each CUDA device's 16 bytes.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_compiled_draws, refuse_mixed_modes
 from ..records import LossRecord
 from ._common import ModelHook
-from ._host_random import HostDrawGuard
+from ._host_random import HostDrawGuard, TorchDrawProbe
 from ._numpy_random import kept_numpy_state, numpy_state, set_numpy_state
 
 __all__ = ["RandomState", "MicroBatch", "RandomCapture", "coupled_modules", "draws_masks", "is_spectral_norm",
@@ -330,17 +331,24 @@ class RandomCapture:
         #: numpy and Python draws in a training forward are refused unless capture_random=False (nothing replayed)
         self.host = HostDrawGuard(model, lambda: not self.paused and torch.is_grad_enabled(), self.enabled)
         self._guarded = capture is not False
+        #: under "auto" with nothing captured: warns at a training forward that draws from torch (F.dropout)
+        self.probe = TorchDrawProbe(model, lambda: not self.paused) if capture == "auto" and not self.enabled \
+            else None
 
     def attach(self) -> None:
         """Register the hook (when capturing) and the guard against numpy and Python draws."""
         if self._guarded:
             self.host.attach()
+        if self.probe is not None:
+            self.probe.attach()
         if self.enabled and self._handle is None:
             self._handle = self.model.register_forward_pre_hook(ModelHook(self._hook))
 
     def detach(self) -> None:
         """Remove the hooks."""
         self.host.detach()
+        if self.probe is not None:
+            self.probe.detach()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None

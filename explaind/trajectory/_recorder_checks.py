@@ -76,10 +76,12 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 
 def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> str:
-    """A sentence when the model's forward is deterministic in training mode (two forwards under one seed agree)
-    but gives other outputs in evaluation mode, in which explaind recomputes gradients when no training forward is
-    replayed: a branch on ``self.training``. ``""`` otherwise (the draws and buffers of the generic hint), and for a
-    model whose modules differ between the modes themselves (dropout, batch norm, spectral norm)."""
+    """A sentence when the model's forward is deterministic in training mode (two forwards under different seeds
+    agree) but gives other outputs in evaluation mode, in which explaind recomputes gradients when no training
+    forward is replayed: a branch on ``self.training``; another sentence when those two training forwards differ,
+    though no module draws masks (dropout drawn in ``forward`` itself, ``F.dropout``). ``""`` otherwise (the buffers
+    of the generic hint), and for a model whose modules differ between the modes themselves (dropout, batch norm,
+    spectral norm)."""
     if any(draws_masks(m) or is_spectral_norm(m) or isinstance(m, nn.modules.batchnorm._NormBase)
            for m in model.modules()):
         return ""
@@ -88,9 +90,9 @@ def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -
     outs = []
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for training in (True, True, False):
+            for seed, training in ((0, True), (1, True), (0, False)):
                 model.train(training)
-                torch.manual_seed(0)
+                torch.manual_seed(seed)
                 outs.append(model_output(call_model(model, dict(state), inputs)))
     except Exception as exc:  # the diagnosis must not hide the check's own message
         logger.debug("The evaluation-mode diagnosis failed: %s", exc)
@@ -98,7 +100,13 @@ def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -
     finally:
         for m, training in modes:
             m.training = training
-    if not torch.equal(outs[0], outs[1]) or torch.equal(outs[0], outs[2]):
+    if not torch.equal(outs[0], outs[1]):
+        return (" The model's training forward draws random numbers though none of its modules is a dropout layer "
+                "(two training forwards under different seeds differ): dropout drawn in forward itself, such as "
+                "F.dropout or F.scaled_dot_product_attention(dropout_p > 0) (Hugging Face attention with the config's "
+                "attention dropout), whose masks are not captured under capture_random='auto'. Fix: record with "
+                "capture_random=True, which replays the training forwards.")
+    if torch.equal(outs[0], outs[2]):
         return ""
     return (" The model's forward gives other outputs in evaluation mode than in training mode on this batch "
             "(without random draws: two training forwards agree), and explaind recomputes gradients and explains in "
