@@ -10,6 +10,7 @@ that mixed rows of different steps or inputs fails.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -174,3 +175,26 @@ def test_covered_layers_own_forward_runs_on_one_row():
     finally:
         handle.remove()
     assert seen == [1] and h.shape[0] == rows.t.numel() > 1
+
+
+def test_rows_run_no_python_meta_kernel_for_the_models_numbers():
+    """``x * sqrt(d)``, ``/ sqrt(d_head)`` and ``0 + ...`` between dual tensors and Python numbers take torch's
+    slow forward-mode path (torch._refs in Python, once per evaluation); the rows split them (ScalarDuals)."""
+    fm, names, stack = _stack("heads", T=5, S=6)
+    rows = _uneven_rows(6, 5, seed=4)
+    ev = LayerEvaluator(AutogradEvaluator(fm, 256), names)
+    ev.slopes(stack, rows)  # the start-up check
+    entered: list[str] = []
+
+    def spy(frame, event, arg):
+        if event == "call" and "torch/_refs" in frame.f_code.co_filename.replace("\\", "/"):
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(spy)
+    try:
+        h, d = ev.slopes(stack, rows)
+    finally:
+        sys.setprofile(None)
+    assert entered == []
+    want_h, want_d = _loop(fm, stack, rows)
+    assert rel(h, want_h) <= 1e-13 and rel(d, want_d) <= 1e-12
