@@ -19,7 +19,12 @@ first estimate's path, nodes shared by every input). ``--profile N`` prints the 
 functions that take most of one ``predict`` (``cProfile``, by own time), and its time grouped into the
 row evaluations, the grid evaluations and the rest.
 
-Run: ``python benchmarks/bench_row_calls.py [--tol 1e-7] [--repeats 3] [--split] [--profile 25]``.
+``--save FILE`` writes the replica's predictions and evaluation count (``torch.save``, tensors only);
+``--compare FILE`` prints their largest relative difference from those in ``FILE`` (written by another checkout,
+say) and both counts: a change that should only make the rule faster must leave both as they were.
+
+Run: ``python benchmarks/bench_row_calls.py [--tol 1e-7] [--repeats 3] [--split] [--profile 25] [--save FILE]
+[--compare FILE]``.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--split", action="store_true", help="rows in one call, with shared t, and the grid path")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest functions")
+    ap.add_argument("--save", help="write the predictions and evaluation count to this file")
+    ap.add_argument("--compare", help="compare the predictions and evaluation count with those of this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -66,7 +73,15 @@ def main() -> None:
     warnings.simplefilter("ignore", explaind.exceptions.ExplaindWarning)
     explaind.KernelReplica(quadrature="gauss-legendre", nodes=1, steps=(0, 1), dtype="float64").fit(traj).predict(X)
     rep = explaind.KernelReplica(quadrature="adaptive", tol=args.tol, dtype="float64").fit(traj)
-    rep.predict(X)  # start-up checks
+    values = torch.as_tensor(rep.predict(X))  # start-up checks
+    count = int(rep.fidelity_report(X)["total_evals"])
+    if args.save:
+        torch.save({"values": values, "evals": torch.tensor(count)}, args.save)
+    if args.compare:
+        old = torch.load(args.compare, weights_only=True)
+        diff = float((values - old["values"]).abs().max() / old["values"].abs().max())
+        print(f"against {args.compare}: largest relative difference {diff:.3g} (bit for bit: "
+              f"{torch.equal(values, old['values'])}), evaluations {count} here, {int(old['evals'])} there\n")
     calls = []
     plain = layers.LayerEvaluator.slopes
 

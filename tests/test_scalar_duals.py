@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 import torch.autograd.forward_ad as fwad
+from torch.overrides import TorchFunctionMode
 
-from explaind.kernel.scalar_duals import ScalarDuals
+from explaind.kernel.scalar_duals import ScalarDuals, without_scalar_duals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DT = torch.float64
@@ -103,3 +104,46 @@ def test_the_split_forms_run_no_python_meta_kernel():
             finally:
                 sys.setprofile(None)
             assert bool(entered) != inside, (inside, entered[:5])
+
+
+class _Counting(ScalarDuals):
+    """ScalarDuals that counts the torch functions it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen += 1
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class _Other(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_without_scalar_duals_skips_only_a_lone_mode_on_plain_tensors():
+    x = torch.randn(3, dtype=DT)
+    with _Counting() as mode:
+        with without_scalar_duals(x):
+            y = x * 2.0 + 1
+        assert mode.seen == 0 and torch.equal(y, x * 2.0 + 1)
+        with without_scalar_duals(x.as_subclass(_Sub)):  # a subclass keeps torch's dispatch
+            x + 1
+        assert mode.seen > 0
+    with _Other() as other, _Counting() as mode:  # another mode on the stack keeps seeing every function
+        with without_scalar_duals(x):
+            x + 1
+        assert other.seen > 0
+    with without_scalar_duals(x):  # no mode: a no-op
+        assert torch.equal(x + 1, x + 1)

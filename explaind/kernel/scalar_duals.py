@@ -15,6 +15,7 @@ tangent), and rebuilds the dual tensor. Every other operation, and ``c / x``, ``
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,9 +23,9 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-__all__ = ["ScalarDuals"]
+__all__ = ["ScalarDuals", "without_scalar_duals"]
 
 
 def _tangent_same(x: Tensor, t: Tensor, c: Any) -> Tensor:
@@ -76,3 +77,18 @@ class ScalarDuals(TorchFunctionMode):
             return func(*args)
         value = func(primal, c) if x is a else func(c, primal)
         return fwad.make_dual(value, rule(primal, tangent, c))
+
+
+def without_scalar_duals(*tensors: Any) -> contextlib.AbstractContextManager:
+    """A block in which torch's functions skip :class:`ScalarDuals` (a layer rule's own arithmetic, all tensors).
+
+    The mode costs a Python call on every torch function run inside it, several hundred per evaluation in
+    the layer hooks alone, which have no Python numbers to split. Torch functions are run directly
+    (``torch._C.DisableTorchFunction``) only where that changes nothing else: every active mode is a
+    :class:`ScalarDuals` and ``tensors`` (the hook's inputs) are plain tensors, not subclasses; otherwise the
+    block is a no-op.
+    """
+    modes = _get_current_function_mode_stack()
+    if modes and all(isinstance(m, ScalarDuals) for m in modes) and all(type(t) is Tensor for t in tensors):
+        return torch._C.DisableTorchFunction()
+    return contextlib.nullcontext()
