@@ -106,26 +106,24 @@ def test_the_split_forms_run_no_python_meta_kernel():
             assert bool(entered) != inside, (inside, entered[:5])
 
 
-class _Counting(ScalarDuals):
-    """ScalarDuals that counts the torch functions it sees."""
+def _counting(base: type) -> type:
+    """``base`` (ScalarDuals, or a mode that runs torch's own) counting the torch functions it sees."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = 0
+    class Counting(base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.seen += 1
-        return super().__torch_function__(func, types, args, kwargs)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen += 1
+            if base is TorchFunctionMode:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    return Counting
 
 
-class _Other(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.seen += 1
-        return func(*args, **(kwargs or {}))
+_Counting, _Other = _counting(ScalarDuals), _counting(TorchFunctionMode)
 
 
 class _Sub(torch.Tensor):

@@ -59,7 +59,17 @@ def _number(v: Any) -> bool:
 
 class ScalarDuals(TorchFunctionMode):
     """Inside the block (and a ``forward_ad.dual_level``), ``+ - * /`` between a dual tensor and a Python number
-    run as two plain operations, on the primal and on the tangent (see the module docstring)."""
+    run as two plain operations, on the primal and on the tangent (see the module docstring).
+
+    Examples
+    --------
+    >>> import torch.autograd.forward_ad as fwad
+    >>> with fwad.dual_level(), ScalarDuals():
+    ...     x = fwad.make_dual(torch.tensor([1.0, 2.0]), torch.tensor([1.0, -1.0]))
+    ...     y = fwad.unpack_dual(x * 3.0 + 1)
+    >>> y.primal.tolist(), y.tangent.tolist()
+    ([4.0, 7.0], [3.0, -3.0])
+    """
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         rules = _RULES.get(func)
