@@ -10,6 +10,7 @@ that mixed rows of different steps or inputs fails.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -174,3 +175,50 @@ def test_covered_layers_own_forward_runs_on_one_row():
     finally:
         handle.remove()
     assert seen == [1] and h.shape[0] == rows.t.numel() > 1
+
+
+def test_rows_run_no_python_meta_kernel_for_the_models_numbers():
+    """``x * sqrt(d)``, ``/ sqrt(d_head)`` and ``0 + ...`` between dual tensors and Python numbers take torch's
+    slow forward-mode path (torch._refs in Python, once per evaluation); the rows split them (ScalarDuals)."""
+    fm, names, stack = _stack("heads", T=5, S=6)
+    rows = _uneven_rows(6, 5, seed=4)
+    ev = LayerEvaluator(AutogradEvaluator(fm, 256), names)
+    ev.slopes(stack, rows)  # the start-up check
+    entered: list[str] = []
+
+    def spy(frame, event, arg):
+        if event == "call" and "torch/_refs" in frame.f_code.co_filename.replace("\\", "/"):
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(spy)
+    try:
+        h, d = ev.slopes(stack, rows)
+    finally:
+        sys.setprofile(None)
+    assert entered == []
+    want_h, want_d = _loop(fm, stack, rows)
+    assert rel(h, want_h) <= 1e-13 and rel(d, want_d) <= 1e-12
+
+
+def test_layer_rules_run_outside_the_scalar_mode(monkeypatch):
+    """The mode's Python dispatch is skipped inside the covered layers' hooks (without_scalar_duals), where
+    there are no Python numbers to split: no torch function called from the layer rules reaches it."""
+    from explaind.kernel import layers, scalar_duals
+
+    callers: list[str] = []
+
+    class Counting(scalar_duals.ScalarDuals):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            callers.append(sys._getframe(1).f_code.co_filename.replace("\\", "/").rsplit("/", 1)[-1])
+            return super().__torch_function__(func, types, args, kwargs)
+
+    fm, names, stack = _stack("heads", T=5, S=6)
+    rows = _uneven_rows(6, 5, seed=4)
+    ev = LayerEvaluator(AutogradEvaluator(fm, 256), names)
+    ev.slopes(stack, rows)  # the start-up check
+    monkeypatch.setattr(layers, "ScalarDuals", Counting)
+    monkeypatch.setattr(scalar_duals, "ScalarDuals", Counting)
+    h, d = ev.slopes(stack, rows)
+    assert callers and "layer_rules.py" not in callers, sorted(set(callers))
+    want_h, want_d = _loop(fm, stack, rows)
+    assert rel(h, want_h) <= 1e-13 and rel(d, want_d) <= 1e-12

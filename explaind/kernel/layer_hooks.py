@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .explained import Params
 from .layer_rules import linear_at_steps, linear_moved
+from .scalar_duals import without_scalar_duals
 
 __all__ = ["LayerHooks", "SegmentRows", "StepRows", "batch_axes", "step_blocks", "BLOCK_ROWS"]
 
@@ -413,8 +414,10 @@ class StepRows(LayerHooks):
         rule = self.rules[prefix]
 
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
-            a, t = self._input_rows(prefix, self._held.pop(prefix, inputs[0]), output.dim())
-            return self._back(prefix, rule.at_steps(mod, prefix, a, t, self))
+            held = self._held.pop(prefix, inputs[0])
+            with without_scalar_duals(held, output):  # no Python numbers here: skip the mode's dispatch
+                a, t = self._input_rows(prefix, held, output.dim())
+                return self._back(prefix, rule.at_steps(mod, prefix, a, t, self))
 
         return hook
 

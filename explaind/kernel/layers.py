@@ -42,6 +42,7 @@ from .layer_rules import Factors, layer_rule, parameter_uses, rule_names
 from .layout import ParamLayout
 from .products import FactorProducts
 from .quadrature import NodePlan
+from .scalar_duals import ScalarDuals
 
 __all__ = ["LayerEvaluator", "FACTOR_BYTES"]
 
@@ -155,7 +156,7 @@ class LayerEvaluator:
             self.step_rows.t = tt
             return explained(self.fm, first, x, aux)
 
-        with self.step_rows.run(stack.base, stack.delta, block_step, C, dual=True), fwad.dual_level():
+        with self.step_rows.run(stack.base, stack.delta, block_step, C, dual=True), fwad.dual_level(), ScalarDuals():
             h, d = fwad.unpack_dual(along(fwad.make_dual(t, torch.ones_like(t))))
         return h[slot], (torch.zeros_like(h) if d is None else d)[slot]
 
