@@ -1,0 +1,355 @@
+"""Salvaging a damaged store: copy every step that can be proven intact into a new store (docs/recording.md,
+"Salvaging a damaged store").
+
+The damaged store is only read (no lock is taken, no temporary file removed). A step ``s`` is kept when it is
+proven in one of two ways, tried in turn:
+
+* ``"checksum"``: a record of it in the manifest or a journal line that parses (strictly, as a normal read parses
+  it) names a step file whose size and checksum match, and the file holds that step, that record and this run
+  (:func:`~explaind.trajectory._binding.check_step_file`): what a normal read proves;
+* ``"bound"``: without such a record (its journal line lost or corrupted), the step file itself holds step ``s``,
+  its record (the checksummed ``record`` entry, parsed strictly and written back byte for byte), the run's
+  identity, start files and description (``run``, which needs a store of schema 3), a coefficient table and
+  parameters of the run's shapes, dtypes and finite values. What it cannot prove is the tensors' bytes: its own
+  checksum was kept only in the lost line, so a flipped bit in its theta or its coefficients is not found, and a
+  stranger who edits those bytes (keeping the metadata) is not caught either; a normal read catches both.
+
+The trajectory is a prefix (step ``s`` needs the steps before it), so salvage stops at the first step proven in
+neither way and drops every later step, naming why. An optimizer state is kept with a step when its file matches
+its checksum (a ``"checksum"`` step's record) or is the slot written after that step (its ``n_steps``) and matches
+the layout and description its step file binds; a resume continues from the newest step kept with a state and
+records the steps after it again.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..exceptions import TrajectoryError
+from ._binding import check_run, check_state, check_step_file, record_binding, run_binding
+from ._checksum import checksum
+from ._index import MAX_INDEX_BYTES, _canonical_manifest, _check_consistency, _journal_record, _parse_manifest
+from ._io import check_specs, decode_safetensors, read_confined, read_verified_bytes, store_root, write_bytes
+from ._layout import JOURNAL, MANIFEST, SETUP, mark_setup, step_path
+from .manifest import FileRecord, StepRecord, TrajectoryManifest
+from .store import check_updates
+
+__all__ = ["SalvageReport", "salvage_store"]
+
+logger = logging.getLogger(__name__)
+
+_SLOTS = ("optimizer/state-0.safetensors", "optimizer/state-1.safetensors")
+
+
+@dataclass
+class SalvageReport:
+    """What :func:`salvage_store` kept and dropped.
+
+    Attributes
+    ----------
+    source, out : Path
+        The damaged store (unchanged) and the new one.
+    kept : list of (int, str)
+        Each step kept and how it was proven: ``"checksum"`` or ``"bound"`` (module docstring).
+    dropped : list of (int, str)
+        Each step of the damaged store (in its index or as a step file) that was not kept, and why.
+    unreadable_lines : list of (int, str)
+        Journal lines that do not parse: line number and the problem.
+    states : list of (int, str)
+        Each step kept with its optimizer state, and how the state was proven.
+    resume_at : int
+        The step a resume of ``out`` continues from (the newest step kept with a state; 0: from the start).
+    """
+
+    source: Path
+    out: Path
+    kept: list[tuple[int, str]] = field(default_factory=list)
+    dropped: list[tuple[int, str]] = field(default_factory=list)
+    unreadable_lines: list[tuple[int, str]] = field(default_factory=list)
+    states: list[tuple[int, str]] = field(default_factory=list)
+    resume_at: int = 0
+
+    def __str__(self) -> str:
+        by = {how: [s for s, h in self.kept if h == how] for how in ("checksum", "bound")}
+        lines = [f"Salvaged {len(self.kept)} step(s) of {str(self.source)!r} into {str(self.out)!r} (the damaged "
+                 f"store is unchanged).",
+                 f"kept, proven by their checksums: {_steps(by['checksum'])}",
+                 f"kept, proven by their own record and binding only (no checksum): {_steps(by['bound'])}"]
+        lines += [f"unreadable journal line {n}: {problem}" for n, problem in self.unreadable_lines]
+        lines += [f"dropped step {s}: {why}" for s, why in self.dropped]
+        lines.append(f"a resume continues from step {self.resume_at}" + ("" if self.resume_at == len(self.kept) else
+                     f" (the newest step kept with its optimizer state); steps {self.resume_at} to "
+                     f"{len(self.kept) - 1} are recorded again"))
+        return "\n".join(lines)
+
+
+def _steps(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    return ", ".join(str(s) for s in steps[:20]) + (f", ... ({len(steps)} in all)" if len(steps) > 20 else "")
+
+
+def _read_manifest(root: Path) -> TrajectoryManifest:
+    """The damaged store's manifest, parsed as a normal read parses it (without the journal)."""
+    try:
+        data = read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest")
+    except FileNotFoundError:
+        raise TrajectoryError(f"Cannot salvage {str(root)!r}: it has no {MANIFEST}, which holds the description of "
+                              f"the run that every step file is checked against, so no step can be proven. Restore "
+                              f"{MANIFEST} from a copy, or re-record the run.") from None
+    manifest = _canonical_manifest(data) or _parse_manifest(data, root / MANIFEST)
+    _check_consistency(manifest, root / MANIFEST)
+    return manifest
+
+
+def _journal(root: Path, report: SalvageReport) -> dict[int, list[StepRecord]]:
+    """The records of the journal's lines that parse, by step; the others go to ``report.unreadable_lines``."""
+    try:
+        data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
+    except FileNotFoundError:
+        return {}
+    out: dict[int, list[StepRecord]] = {}
+    for i, line in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n")):
+        if not line.strip(b" \t\r\x00"):
+            continue
+        try:
+            record = _journal_record(line)
+        except (ValueError, RecursionError) as exc:  # a ValidationError too
+            report.unreadable_lines.append((i + 1, str(exc).splitlines()[0][:200]))
+            continue
+        out.setdefault(record.step, []).append(record)
+    return out
+
+
+class _Salvage:
+    """One salvage: the damaged store read, the new one written."""
+
+    def __init__(self, root: Path, out: Path):
+        self.root, self.out = root, out
+        self.report = SalvageReport(source=root, out=out)
+        self.manifest = _read_manifest(root)
+        if self.manifest.param_stride != 1:
+            raise TrajectoryError(
+                f"Cannot salvage {str(root)!r}: it is a sparse store (checkpoint_every={self.manifest.param_stride}), "
+                f"whose steps are replayed from checkpoint states; salvage reads dense stores only. Restore the "
+                f"damaged files from a copy, or re-record the run.")
+        self.run = run_binding(self.manifest)
+        self.candidates = _journal(root, self.report)
+        for record in self.manifest.steps:
+            self.candidates.setdefault(record.step, []).insert(0, record)
+        self.start = self._start_files()
+        self.slots = self._slots()
+        self.files: dict[str, bytes] = {}  # relpath -> bytes written into the new store
+
+    def _start_files(self) -> dict[str, bytes]:
+        """Every start file, checked against its checksum (nothing can be proven without them)."""
+        m = self.manifest
+        out = {}
+        for key, record in (("initial", m.initial_file), ("constants", m.constants_file), ("data", m.data_file),
+                            ("initial_state", m.initial_state_file)):
+            if record is None:
+                continue
+            try:
+                out[record.path] = read_verified_bytes(self.root, record)
+            except TrajectoryError as exc:
+                raise TrajectoryError(f"Cannot salvage {str(self.root)!r}: its start file {record.path!r} "
+                                      f"({key}_file) fails: {exc} Every step starts from it, so no step can be "
+                                      f"proven. Restore the file from a copy, or re-record the run.") from None
+        return out
+
+    def _slots(self) -> dict[str, tuple[bytes, dict[str, Tensor], dict[str, str]]]:
+        """The optimizer state slots that can be read and decoded (each is checked against a step later)."""
+        out = {}
+        for relpath in _SLOTS:
+            try:
+                data = read_confined(self.root, relpath, 1 << 40, "Trajectory optimizer state")
+                tensors, meta = decode_safetensors(data)
+            except Exception:  # missing, damaged or not a file: not used
+                continue
+            out[relpath] = (data, tensors, meta)
+        return out
+
+    # ----------------------------------------------------------------- one step
+    def _by_checksum(self, s: int) -> tuple[StepRecord | None, str]:
+        """Step ``s`` proven by a record of the index whose file matches its checksum; else ``None`` and why."""
+        why = ""
+        for record in self.candidates.get(s, []):
+            if record.file is None:
+                why = "its record names no step file"
+                continue
+            where = f"{record.file.path!r} (step {s}) of the store {str(self.root)!r}"
+            try:
+                data = read_verified_bytes(self.root, record.file, step=s)
+                tensors, meta = decode_safetensors(data)
+                check_step_file(meta, record, self.run, where)
+                self._check_tensors(tensors, where)
+            except Exception as exc:  # safetensors' own errors too: reported, the next way is tried
+                why = f"{type(exc).__name__}: {exc}"
+                continue
+            self.files[record.file.path] = data
+            return record, ""
+        return None, why
+
+    def _by_binding(self, s: int) -> tuple[StepRecord | None, str]:
+        """Step ``s`` proven by its step file's own record and binding (no checksum); else ``None`` and why."""
+        relpath = step_path(s)
+        where = f"{relpath!r} (step {s}) of the store {str(self.root)!r}"
+        if self.run is None:
+            return None, (f"its file cannot be proven without its journal record: the store was written before "
+                          f"schema 3, so {relpath} does not bind the run")
+        try:
+            data = read_confined(self.root, relpath, self._step_limit(), "Trajectory file")
+        except FileNotFoundError:
+            return None, f"{relpath} does not exist"
+        except TrajectoryError as exc:
+            return None, str(exc)
+        try:
+            tensors, meta = decode_safetensors(data)
+        except Exception as exc:  # safetensors' own error types: reported
+            return None, (f"{relpath} ({len(data)} bytes) is not a safetensors file explaind can read (truncated?): "
+                          f"{exc}")
+        held = meta.get("record")
+        try:
+            if held is None:
+                raise ValueError("it holds no 'record' entry")
+            record = _journal_record(held.encode())
+            if record.step != s or record_binding(record) != held:
+                raise ValueError("its 'record' entry is not the record explaind writes for this step")
+            check_step_file(meta, record, self.run, where)
+            check_run(meta, self.run, where)
+            self._check_tensors(tensors, where)
+        except (TrajectoryError, ValueError, RecursionError) as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        file = FileRecord(path=relpath, nbytes=len(data), checksum=checksum(data))
+        self.files[relpath] = data
+        return record.model_copy(update={"file": file}), ""
+
+    def _step_limit(self) -> int:
+        """The most bytes a step file is read: 16 times the start files (theta and its coefficients) plus 64 MiB."""
+        return 16 * sum(len(d) for d in self.start.values()) + (1 << 26)
+
+    def _check_tensors(self, tensors: dict[str, Tensor], where: str) -> None:
+        check_specs(tensors, "param.", self.manifest.params, where)
+        check_updates(self.manifest.params, tensors, where, dense=True)
+
+    def _state(self, record: StepRecord, how: str) -> StepRecord:
+        """``record`` with the optimizer state written after it, where that state is proven; else with none."""
+        relpath = step_path(record.step)
+        meta = decode_safetensors(self.files[record.file.path])[1] if record.file is not None else {}
+        if how == "checksum" and record.optimizer_state is not None:
+            try:
+                data = read_verified_bytes(self.root, record.optimizer_state, step=record.step)
+                tensors, state_meta = decode_safetensors(data)
+                check_state(meta, tensors, state_meta, record.optimizer_state.path, relpath)
+            except Exception:  # a later step's state took the slot, or it was damaged: not kept
+                pass
+            else:
+                self.files[record.optimizer_state.path] = data
+                self.report.states.append((record.step, "checksum"))
+                return record
+        if "state" in meta:
+            for path, (data, tensors, state_meta) in self.slots.items():
+                if state_meta.get("n_steps") != str(record.step + 1):
+                    continue
+                try:
+                    check_state(meta, tensors, state_meta, path, relpath)
+                except TrajectoryError:
+                    continue
+                self.files[path] = data
+                self.report.states.append((record.step, "bound"))
+                state = FileRecord(path=path, nbytes=len(data), checksum=checksum(data))
+                return record.model_copy(update={"optimizer_state": state})
+        return record.model_copy(update={"optimizer_state": None})
+
+    # ----------------------------------------------------------------- the whole store
+    def run_salvage(self) -> SalvageReport:
+        kept: list[StepRecord] = []
+        listed = set(self.candidates) | set(_step_files(self.root))
+        s, stop = 0, ""
+        while s in listed:
+            record, why = self._by_checksum(s)
+            how = "checksum"
+            if record is None and not self.candidates.get(s):  # no record of it parses: its file alone
+                record, why2 = self._by_binding(s)
+                how, why = "bound", f"no record of it in the manifest or the journal parses, and {why2}"
+            if record is None:
+                stop = why
+                break
+            kept.append(record)
+            self.report.kept.append((s, how))
+            s += 1
+        if not kept and listed:
+            raise TrajectoryError(f"Cannot salvage {str(self.root)!r}: not even step 0 can be proven intact ({stop}). "
+                                  f"Nothing was written. Restore the store from a copy, or re-record the run.")
+        for t in sorted(x for x in listed if x >= s):
+            self.report.dropped.append((t, stop if t == s else f"it follows step {s}, which cannot be proven "
+                                           f"(a trajectory is a prefix: step {t} needs every step before it)"))
+        how_of = dict(self.report.kept)
+        final = [self._state(r, how_of[r.step]) if r.step == len(kept) - 1 or r.optimizer_state is not None
+                 else r for r in kept]
+        self.report.resume_at = next((r.step + 1 for r in reversed(final) if r.optimizer_state is not None), 0)
+        self._write(final)
+        return self.report
+
+    def _write(self, steps: list[StepRecord]) -> None:
+        """The new store: set-up marker, files, journal, manifest (its commit point), marker removed."""
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        mark_setup(out)
+        (out / "steps").mkdir(exist_ok=True)
+        (out / "optimizer").mkdir(exist_ok=True)
+        for relpath, data in {**self.start, **self.files}.items():
+            write_bytes(out, relpath, data)
+        write_bytes(out, JOURNAL, b"".join(r.model_dump_json().encode() + b"\n" for r in steps))
+        manifest = self.manifest.model_copy(update={"steps": steps, "n_steps": len(steps), "complete": False})
+        write_bytes(out, MANIFEST, manifest.to_json())
+        (out / SETUP).unlink()
+
+
+def _step_files(root: Path) -> list[int]:
+    try:
+        names = os.listdir(root / "steps")
+    except OSError:
+        return []
+    return [int(n[:-12]) for n in names if n.endswith(".safetensors") and n[:-12].isdigit() and len(n) >= 18]
+
+
+def salvage_store(path: Any, out: Any) -> SalvageReport:
+    """Copy every step of the store ``path`` that can be proven intact into a new store ``out``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The damaged store; it is only read.
+    out : str or Path
+        Where the new store is written: a path that does not exist, or an empty directory, outside ``path``.
+
+    Returns
+    -------
+    SalvageReport
+        What was kept (and how each step was proven), what was dropped and why, where a resume continues.
+
+    Raises
+    ------
+    TrajectoryError
+        When ``out`` is not allowed, or nothing can be proven (no manifest, a start file that fails its
+        checksum, not even step 0), naming the file and the reason; nothing is written then.
+    """
+    root, target = store_root(path), store_root(out)
+    if target == root or root in target.parents:
+        raise TrajectoryError(f"salvage(out={str(out)!r}): the new store would lie inside the damaged one "
+                              f"{str(root)!r}, which salvage never writes to. Allowed: a path outside it. Fix: pass "
+                              f"e.g. out={str(root.parent / (root.name + '-salvaged'))!r}.")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise TrajectoryError(f"salvage(out={str(out)!r}): {str(target)!r} exists and is not an empty directory. "
+                              f"Allowed: a new path or an empty directory. Fix: choose another out=, or remove it.")
+    report = _Salvage(root, target).run_salvage()
+    logger.info("%s", report)
+    return report
