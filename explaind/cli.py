@@ -1,7 +1,7 @@
 """The ``explaind`` command line.
 
 Subcommands: ``demo``, ``train``, ``replicate``, ``influence``, ``prune``, ``report``,
-``plugins`` and ``study grokking``. Every subcommand takes ``-q/--quiet`` (no progress bars,
+``salvage``, ``plugins`` and ``study grokking``. Every subcommand takes ``-q/--quiet`` (no progress bars,
 no chatter), ``--json`` (one JSON document on stdout), ``--debug`` (tracebacks) and
 ``--threads N`` (torch's CPU threads for the command; 1 by default on the CPU unless ``OMP_NUM_THREADS``
 is set; the library itself never sets them).
@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the first N steps over training samples in the data view, or 'all' (default: 32)")
     _add_scores_rule(p)
     _add_device(p)
+    _common(p, suppress=True)
+
+    p = sub.add_parser("salvage", help="copy the steps of a damaged store that can be proven intact into a new one")
+    p.add_argument("run", help="the damaged store (only read)")
+    p.add_argument("--out", required=True, help="the new store (a new path or an empty directory)")
     _common(p, suppress=True)
 
     p = sub.add_parser("plugins", help="list the installed plugins and what they register")

@@ -25,6 +25,7 @@ __all__ = [
     "cmd_prune",
     "cmd_report",
     "cmd_plugins",
+    "cmd_salvage",
     "cmd_study",
 ]
 
@@ -46,6 +47,17 @@ def cmd_plugins(args: argparse.Namespace, out: Any) -> int:
         for kind, names in sorted(plugin["entries"].items()):
             lines.append(f"  {kind}: {', '.join(names)}")
     out.result("\n".join(lines) if lines else "(no plugins loaded)", {"plugins": plugins})
+    return 0
+
+
+def cmd_salvage(args: argparse.Namespace, out: Any) -> int:
+    """Copy the steps of a damaged store that can be proven intact into a new store (docs/recording.md)."""
+    from .trajectory._salvage import salvage_store
+
+    report = salvage_store(args.run, args.out)
+    out.result(str(report), {"source": str(report.source), "out": str(report.out), "kept": report.kept,
+                             "dropped": report.dropped, "unreadable_lines": report.unreadable_lines,
+                             "states": report.states, "resume_at": report.resume_at})
     return 0
 
 

@@ -233,6 +233,38 @@ class Trajectory(abc.ABC):
             check_model(traj, model, "Trajectory.load")
         return traj
 
+    @staticmethod
+    def salvage(path: Any, out: Any) -> Any:
+        """Copy every step of a damaged store that can be proven intact into a new store ``out``.
+
+        See docs/recording.md, "Salvaging a damaged store". The damaged store is only read. A step is kept
+        when its step file matches the checksum its record holds, or, where no record of it parses (a
+        journal line lost or corrupted), when the file itself holds the step, its record and the run's
+        identity, start files and description; salvage stops at the first step proven in neither way.
+
+        Parameters
+        ----------
+        path : str or Path
+            The damaged store.
+        out : str or Path
+            The new store: a path that does not exist, or an empty directory, outside ``path``.
+
+        Returns
+        -------
+        SalvageReport
+            What was kept (and how), what was dropped and why, and the step a resume continues from;
+            ``str(report)`` is a readable summary.
+
+        Raises
+        ------
+        TrajectoryError
+            When nothing can be proven (naming the file and the reason) or ``out`` is not allowed;
+            nothing is written then.
+        """
+        from ._salvage import salvage_store
+
+        return salvage_store(path, out)
+
     @classmethod
     def from_checkpoints(cls, checkpoints: Any, model: nn.Module, *, loss: Any = None, train_data: Any = None,
                          **kwargs: Any) -> Trajectory:
