@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_store_round5 import _read_all as _values  # everything a reader gets, after verify()
 from test_store_round5 import _same
-from test_store_round7 import STEPS, _as_schema_2, _manifest, _record, _record_templates, _write_manifest
+from test_store_round7 import STEPS, _as_schema_2, _manifest, _record, _write_manifest
 from test_store_strangers import _model
 
 import explaind
@@ -28,7 +28,24 @@ from explaind.exceptions import TrajectoryError
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
-    return _record_templates(tmp_path_factory.mktemp("salvage"), sparse=False)
+    """Round 7's runs; ``dense`` and ``other`` written step by step, so that the two optimizer state slots hold the
+    states after steps 2 and 3 whatever the timing (a background writer writes only the newest state of a group)."""
+    root = tmp_path_factory.mktemp("salvage")
+    _record(root / "dense", STEPS, background_writes=False)
+    _record(root / "other", STEPS, shift=0.01, background_writes=False)
+    _record(root / "long", 2 * STEPS)
+    _record(root / "sparse", 7, checkpoint_every=3)
+    return root
+
+
+def _flip_theta(path: Path) -> None:
+    """Flip one bit inside the first parameter of the step file ``path`` (its metadata untouched)."""
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    begin = min(v["data_offsets"][0] for k, v in header.items() if k.startswith("param."))
+    data[8 + size + begin + 3] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
@@ -116,24 +133,27 @@ def test_steps_whose_journal_lines_were_lost_are_recovered_from_their_files(dens
 
 # --------------------------------------------------------------------------- damaged and foreign step files
 @pytest.mark.parametrize("journal", ["intact", "lost"])
-def test_a_truncated_step_file_ends_the_salvage_before_it(dense, templates, tmp_path, journal):
-    """Step 2's file cut to half: steps 0 and 1 are kept; 2 is dropped naming its file, 3 because it follows 2.
-    The optimizer states after steps 0 and 1 were replaced by later steps', so a resume starts from step 0."""
+@pytest.mark.parametrize("cut", [2, 3])
+def test_a_truncated_step_file_ends_the_salvage_before_it(dense, templates, tmp_path, journal, cut):
+    """Step ``cut``'s file cut to half: the steps before it are kept; it is dropped naming its file, and the steps
+    after it because they follow it. The slots hold the states after steps 2 and 3: cut at 2, the states after
+    steps 0 and 1 were replaced and a resume starts from step 0; cut at 3, it continues after step 2."""
     if journal == "lost":
         _journal_only(dense)
         (dense / "journal.jsonl").write_bytes(b"")
-    path = dense / "steps/000002.safetensors"
+    path = dense / f"steps/{cut:06d}.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     report = _salvage(dense, tmp_path / "out")
-    assert [s for s, _ in report.kept] == [0, 1]
-    assert [s for s, _ in report.dropped] == [2, 3]
-    assert "000002.safetensors" in report.dropped[0][1] and "follows step 2" in report.dropped[1][1]
-    assert report.resume_at == 0 and report.states == []
+    assert [s for s, _ in report.kept] == list(range(cut))
+    assert [s for s, _ in report.dropped] == list(range(cut, STEPS))
+    assert f"{cut:06d}.safetensors" in report.dropped[0][1]
+    assert all(f"follows step {cut}" in why for _, why in report.dropped[1:])
+    assert report.resume_at == (0 if cut == 2 else 3)
     kept = explaind.Trajectory.load(tmp_path / "out", model=_model())
-    assert kept.n_steps == 2
+    assert kept.n_steps == cut
     reference = explaind.Trajectory.load(templates / "dense", model=_model())
-    assert _same([t for s in range(3) for t in kept.params(s).values()],
-                 [t for s in range(3) for t in reference.params(s).values()])
+    assert _same([t for s in range(cut + 1) for t in kept.params(s).values()],
+                 [t for s in range(cut + 1) for t in reference.params(s).values()])
     _resumes_to_the_long_run(tmp_path / "out", templates)
 
 
@@ -158,16 +178,30 @@ def test_a_step_file_of_another_run_is_dropped_naming_both_runs(dense, templates
 def test_a_step_file_with_a_flipped_bit_is_not_taken_on_its_binding_when_its_record_parses(dense, tmp_path):
     """A flipped bit in step 1's theta: its journal line parses and its checksum fails, so its file is not taken on
     its own binding (which the flip does not touch); steps 1 to 3 are dropped."""
-    path = dense / "steps/000001.safetensors"
-    data = bytearray(path.read_bytes())
-    data[-12] ^= 0x01
-    path.write_bytes(bytes(data))
+    _flip_theta(dense / "steps/000001.safetensors")
     report = _salvage(dense, tmp_path / "out")
     assert [s for s, _ in report.kept] == [0] and [s for s, _ in report.dropped] == [1, 2, 3]
     assert "checksum" in report.dropped[0][1]
 
 
+def test_a_flipped_bit_in_a_step_file_without_its_journal_line_is_not_found(dense, templates, tmp_path):
+    """The limit of a step proven by its binding alone (docs/recording.md): its own checksum was only in the lost
+    line, so a flipped bit in its theta is kept, and the report says the step has no checksum."""
+    _journal_only(dense)
+    (dense / "journal.jsonl").write_bytes(b"")
+    _flip_theta(dense / "steps/000003.safetensors")
+    report = _salvage(dense, tmp_path / "out")
+    assert _how(report, "bound") == [0, 1, 2, 3]
+    assert not _same(_values(tmp_path / "out"), _values(templates / "dense"))
+
+
 # --------------------------------------------------------------------------- refusals
+def test_a_sparse_store_is_refused_naming_its_checkpoint_every(templates, tmp_path):
+    with pytest.raises(TrajectoryError, match=r"sparse store \(checkpoint_every=3\)"):
+        _salvage(templates / "sparse", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_nothing_to_prove_is_refused_naming_the_file_and_nothing_is_written(dense, tmp_path):
     """A schema-2 store (its step files bind no run) with a 0-byte journal: no step can be proven."""
     _as_schema_2(dense)

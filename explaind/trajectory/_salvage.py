@@ -33,11 +33,18 @@ from typing import Any
 from torch import Tensor
 
 from ..exceptions import TrajectoryError
-from ._binding import check_run, check_state, check_step_file, record_binding, run_binding
+from ._binding import check_state, check_step_file, record_binding, run_binding
 from ._checksum import checksum
-from ._index import MAX_INDEX_BYTES, _canonical_manifest, _check_consistency, _journal_record, _parse_manifest
+from ._index import (
+    MAX_INDEX_BYTES,
+    _canonical_manifest,
+    _check_consistency,
+    _journal_record,
+    _parse_manifest,
+    read_manifest,
+)
 from ._io import check_specs, decode_safetensors, read_confined, read_verified_bytes, store_root, write_bytes
-from ._layout import JOURNAL, MANIFEST, SETUP, mark_setup, step_path
+from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE, mark_setup, step_path
 from .manifest import FileRecord, StepRecord, TrajectoryManifest
 from .store import check_updates
 
@@ -222,8 +229,9 @@ class _Salvage:
             record = _journal_record(held.encode())
             if record.step != s or record_binding(record) != held:
                 raise ValueError("its 'record' entry is not the record explaind writes for this step")
-            check_step_file(meta, record, self.run, where)
-            check_run(meta, self.run, where)
+            if not record.has_params:
+                raise ValueError("its record says it holds no theta, which every step file of a dense store holds")
+            check_step_file(meta, record, self.run, where)  # the step, its record, the run (identity, start files)
             self._check_tensors(tensors, where)
         except (TrajectoryError, ValueError, RecursionError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
@@ -311,6 +319,7 @@ class _Salvage:
         manifest = self.manifest.model_copy(update={"steps": steps, "n_steps": len(steps), "complete": False})
         write_bytes(out, MANIFEST, manifest.to_json())
         (out / SETUP).unlink()
+        read_manifest(out)  # the new store's index reads as a normal read reads it
 
 
 def _step_files(root: Path) -> list[int]:
@@ -318,7 +327,7 @@ def _step_files(root: Path) -> list[int]:
         names = os.listdir(root / "steps")
     except OSError:
         return []
-    return [int(n[:-12]) for n in names if n.endswith(".safetensors") and n[:-12].isdigit() and len(n) >= 18]
+    return [int(n[: -len(".safetensors")]) for n in names if STEP_FILE.fullmatch(n)]
 
 
 def salvage_store(path: Any, out: Any) -> SalvageReport:
