@@ -96,6 +96,7 @@ def test_a_journal_line_corrupted_in_the_middle_loses_no_step(dense, templates, 
     assert _how(report, "checksum") == [0, 2, 3] and _how(report, "bound") == [1]
     assert [n for n, _ in report.unreadable_lines] == [2] and report.dropped == []
     assert report.resume_at == STEPS and report.states[-1] == (STEPS - 1, "checksum")
+    assert (tmp_path / "out/attributes.json").read_bytes() == (dense / "attributes.json").read_bytes()
     text = str(report)
     assert "kept, proven by their checksums: 0, 2, 3" in text and "no checksum): 1" in text
     assert "unreadable journal line 2" in text
@@ -149,6 +150,7 @@ def test_a_truncated_step_file_ends_the_salvage_before_it(dense, templates, tmp_
     assert f"{cut:06d}.safetensors" in report.dropped[0][1]
     assert all(f"follows step {cut}" in why for _, why in report.dropped[1:])
     assert report.resume_at == (0 if cut == 2 else 3)
+    assert not (tmp_path / "out/attributes.json").exists()  # it describes step 3, which the new store lacks
     kept = explaind.Trajectory.load(tmp_path / "out", model=_model())
     assert kept.n_steps == cut
     reference = explaind.Trajectory.load(templates / "dense", model=_model())

@@ -44,7 +44,7 @@ from ._index import (
     read_manifest,
 )
 from ._io import check_specs, decode_safetensors, read_confined, read_verified_bytes, store_root, write_bytes
-from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE, mark_setup, step_path
+from ._layout import ATTRIBUTES, JOURNAL, MANIFEST, SETUP, STEP_FILE, mark_setup, step_path
 from .manifest import FileRecord, StepRecord, TrajectoryManifest
 from .store import check_updates
 
@@ -306,6 +306,17 @@ class _Salvage:
         self._write(final)
         return self.report
 
+    def _attributes(self) -> dict[str, bytes]:
+        """``attributes.json`` (the model's plain attributes at the last step) when every step was kept; its reader
+        checks it (docs/recording.md, "Strangers' files, round 8"). Otherwise it describes a step the new store does
+        not hold, and is left out: loading the new store with a model then compares no attributes."""
+        if self.report.dropped:
+            return {}
+        try:
+            return {ATTRIBUTES: read_confined(self.root, ATTRIBUTES, MAX_INDEX_BYTES, "Trajectory attributes")}
+        except (FileNotFoundError, TrajectoryError):
+            return {}
+
     def _write(self, steps: list[StepRecord]) -> None:
         """The new store: set-up marker, files, journal, manifest (its commit point), marker removed."""
         out = self.out
@@ -313,7 +324,7 @@ class _Salvage:
         mark_setup(out)
         (out / "steps").mkdir(exist_ok=True)
         (out / "optimizer").mkdir(exist_ok=True)
-        for relpath, data in {**self.start, **self.files}.items():
+        for relpath, data in {**self.start, **self.files, **self._attributes()}.items():
             write_bytes(out, relpath, data)
         write_bytes(out, JOURNAL, b"".join(r.model_dump_json().encode() + b"\n" for r in steps))
         manifest = self.manifest.model_copy(update={"steps": steps, "n_steps": len(steps), "complete": False})
