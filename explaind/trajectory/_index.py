@@ -143,7 +143,9 @@ def _read_journal(root: Path) -> list[tuple[int, bytes, StepRecord]]:
                 break
             raise TrajectoryError(
                 f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {_problem(exc)}. "
-                f"The store was modified: restore journal.jsonl from a copy, or re-record the run."
+                f"The store was modified: restore journal.jsonl from a copy, or re-record the run, or copy the steps "
+                f"that can be proven intact into a new store: Trajectory.salvage({str(root)!r}, out=...) "
+                f"(explaind salvage RUN --out NEW)."
             ) from None
     return records
 

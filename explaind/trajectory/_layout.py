@@ -84,7 +84,8 @@ def warn_uncommitted_steps(root: Path, n: int, *, resuming: bool) -> list[int]:
     logging.getLogger("explaind.trajectory").warning(
         "The trajectory store %r holds the files of steps %s, which its journal does not list: steps written but "
         "not committed when a recording was killed (its last steps), or steps whose journal lines were lost; %s. "
-        "If journal.jsonl was truncated or replaced by an older copy, stop and restore it from a copy first.",
+        "If journal.jsonl was truncated or replaced by an older copy, stop and restore it from a copy first, or copy "
+        "the steps that can be proven from their files into a new store: explaind salvage RUN --out NEW.",
         str(root), shown, then)
     return found
 

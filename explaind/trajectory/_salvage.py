@@ -176,7 +176,7 @@ class _Salvage:
         out = {}
         for relpath in _SLOTS:
             try:
-                data = read_confined(self.root, relpath, 1 << 40, "Trajectory optimizer state")
+                data = read_confined(self.root, relpath, self._step_limit(), "Trajectory optimizer state")
                 tensors, meta = decode_safetensors(data)
             except Exception:  # missing, damaged or not a file: not used
                 continue

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
 from ..recurrence import LinearUpdate
+
+if TYPE_CHECKING:
+    from ._salvage import SalvageReport
 
 __all__ = ["Trajectory"]
 
@@ -234,7 +237,7 @@ class Trajectory(abc.ABC):
         return traj
 
     @staticmethod
-    def salvage(path: Any, out: Any) -> Any:
+    def salvage(path: Any, out: Any) -> SalvageReport:
         """Copy every step of a damaged store that can be proven intact into a new store ``out``.
 
         See docs/recording.md, "Salvaging a damaged store". The damaged store is only read. A step is kept
