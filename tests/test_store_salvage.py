@@ -119,14 +119,18 @@ def test_a_corrupted_line_beside_a_complete_manifest_keeps_every_step_by_its_che
 
 # --------------------------------------------------------------------------- (b) journal lines lost
 @pytest.mark.parametrize("keep", [0, 2])
-def test_steps_whose_journal_lines_were_lost_are_recovered_from_their_files(dense, templates, tmp_path, keep):
+def test_steps_whose_journal_lines_were_lost_are_recovered_from_their_files(dense, templates, tmp_path, keep,
+                                                                           caplog):
     """A 0-byte journal (``keep=0``) or one cut in the middle of its third line, beside intact step files. Before:
     a load read ``keep`` steps and warned; the files of the others were neither read nor kept by a resume. Now
     each is proven by its own record and binding, with the optimizer state written after the last one."""
     lines = _journal_only(dense)
     (dense / "journal.jsonl").write_bytes(b"".join(lines[:keep]) + (lines[keep][:40] if keep else b""))
     assert explaind.Trajectory.load(dense, model=_model()).n_steps == keep
-    report = _salvage(dense, tmp_path / "out")
+    with caplog.at_level(logging.WARNING):
+        report = _salvage(dense, tmp_path / "out")
+    assert f"steps {', '.join(str(s) for s in range(keep, STEPS))} are proven by their own files only" in caplog.text
+    assert f"re-record from step {keep}" in caplog.text
     assert _how(report, "checksum") == list(range(keep)) and _how(report, "bound") == list(range(keep, STEPS))
     assert report.dropped == [] and report.resume_at == STEPS and report.states[-1] == (STEPS - 1, "bound")
     assert _same(_values(tmp_path / "out"), _values(templates / "dense"))

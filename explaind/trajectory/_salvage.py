@@ -372,4 +372,14 @@ def salvage_store(path: Any, out: Any) -> SalvageReport:
                               f"Allowed: a new path or an empty directory. Fix: choose another out=, or remove it.")
     report = _Salvage(root, target).run_salvage()
     logger.info("%s", report)
+    bound = [s for s, how in report.kept if how == "bound"]
+    if bound:
+        logger.warning(
+            "Trajectory.salvage(%r): steps %s are proven by their own files only (their journal lines were lost or "
+            "unreadable): each holds its step, its record and this run's identity, start files and description, but "
+            "nothing vouches for the bytes of its tensors (its checksum was in the lost line), nor that it continues "
+            "the step before it (a file of an abandoned continuation of the same run would pass). If a copy of the "
+            "store exists, compare these steps with it; else check the replica of the salvaged run (its residual) "
+            "before relying on scores over these steps, or re-record from step %d.", str(root), _steps(bound),
+            bound[0])
     return report
