@@ -379,7 +379,6 @@ def salvage_store(path: Any, out: Any) -> SalvageReport:
             "unreadable): each holds its step, its record and this run's identity, start files and description, but "
             "nothing vouches for the bytes of its tensors (its checksum was in the lost line), nor that it continues "
             "the step before it (a file of an abandoned continuation of the same run would pass). If a copy of the "
-            "store exists, compare these steps with it; else check the replica of the salvaged run (its residual) "
-            "before relying on scores over these steps, or re-record from step %d.", str(root), _steps(bound),
-            bound[0])
+            "store exists, compare these steps with it; else re-record from step %d if you cannot vouch for them.",
+            str(root), _steps(bound), bound[0])
     return report
