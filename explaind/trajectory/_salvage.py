@@ -153,9 +153,10 @@ class _Salvage:
             self.candidates.setdefault(record.step, []).insert(0, record)
         self.start = self._start_files()
         self.slots = self._slots()
-        self.files: dict[str, bytes] = {}  # relpath -> bytes written into the new store
+        self.files: dict[str, FileRecord] = {}  # the files proven, copied into the new store (read again, checked)
+        self.metas: dict[int, dict[str, str]] = {}  # the metadata of the step files proven
 
-    def _start_files(self) -> dict[str, bytes]:
+    def _start_files(self) -> dict[str, FileRecord]:
         """Every start file, checked against its checksum (nothing can be proven without them)."""
         m = self.manifest
         out = {}
@@ -164,11 +165,12 @@ class _Salvage:
             if record is None:
                 continue
             try:
-                out[record.path] = read_verified_bytes(self.root, record)
+                read_verified_bytes(self.root, record)
             except TrajectoryError as exc:
                 raise TrajectoryError(f"Cannot salvage {str(self.root)!r}: its start file {record.path!r} "
                                       f"({key}_file) fails: {exc} Every step starts from it, so no step can be "
                                       f"proven. Restore the file from a copy, or re-record the run.") from None
+            out[record.path] = record
         return out
 
     def _slots(self) -> dict[str, tuple[bytes, dict[str, Tensor], dict[str, str]]]:
@@ -200,7 +202,7 @@ class _Salvage:
             except Exception as exc:  # safetensors' own errors too: reported, the next way is tried
                 why = f"{type(exc).__name__}: {exc}"
                 continue
-            self.files[record.file.path] = data
+            self.files[record.file.path], self.metas[s] = record.file, meta
             return record, ""
         return None, why
 
@@ -236,12 +238,12 @@ class _Salvage:
         except (TrajectoryError, ValueError, RecursionError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
         file = FileRecord(path=relpath, nbytes=len(data), checksum=checksum(data))
-        self.files[relpath] = data
+        self.files[relpath], self.metas[s] = file, meta
         return record.model_copy(update={"file": file}), ""
 
     def _step_limit(self) -> int:
         """The most bytes a step file is read: 16 times the start files (theta and its coefficients) plus 64 MiB."""
-        return 16 * sum(len(d) for d in self.start.values()) + (1 << 26)
+        return 16 * sum(r.nbytes for r in self.start.values()) + (1 << 26)
 
     def _check_tensors(self, tensors: dict[str, Tensor], where: str) -> None:
         check_specs(tensors, "param.", self.manifest.params, where)
@@ -250,7 +252,7 @@ class _Salvage:
     def _state(self, record: StepRecord, how: str) -> StepRecord:
         """``record`` with the optimizer state written after it, where that state is proven; else with none."""
         relpath = step_path(record.step)
-        meta = decode_safetensors(self.files[record.file.path])[1] if record.file is not None else {}
+        meta = self.metas[record.step]
         if how == "checksum" and record.optimizer_state is not None:
             try:
                 data = read_verified_bytes(self.root, record.optimizer_state, step=record.step)
@@ -259,7 +261,7 @@ class _Salvage:
             except Exception:  # a later step's state took the slot, or it was damaged: not kept
                 pass
             else:
-                self.files[record.optimizer_state.path] = data
+                self.files[record.optimizer_state.path] = record.optimizer_state
                 self.report.states.append((record.step, "checksum"))
                 return record
         if "state" in meta:
@@ -270,9 +272,9 @@ class _Salvage:
                     check_state(meta, tensors, state_meta, path, relpath)
                 except TrajectoryError:
                     continue
-                self.files[path] = data
-                self.report.states.append((record.step, "bound"))
                 state = FileRecord(path=path, nbytes=len(data), checksum=checksum(data))
+                self.files[path] = state
+                self.report.states.append((record.step, "bound"))
                 return record.model_copy(update={"optimizer_state": state})
         return record.model_copy(update={"optimizer_state": None})
 
@@ -306,16 +308,17 @@ class _Salvage:
         self._write(final)
         return self.report
 
-    def _attributes(self) -> dict[str, bytes]:
+    def _attributes(self) -> dict[str, FileRecord]:
         """``attributes.json`` (the model's plain attributes at the last step) when every step was kept; its reader
         checks it (docs/recording.md, "Strangers' files, round 8"). Otherwise it describes a step the new store does
         not hold, and is left out: loading the new store with a model then compares no attributes."""
         if self.report.dropped:
             return {}
         try:
-            return {ATTRIBUTES: read_confined(self.root, ATTRIBUTES, MAX_INDEX_BYTES, "Trajectory attributes")}
+            data = read_confined(self.root, ATTRIBUTES, MAX_INDEX_BYTES, "Trajectory attributes")
         except (FileNotFoundError, TrajectoryError):
             return {}
+        return {ATTRIBUTES: FileRecord(path=ATTRIBUTES, nbytes=len(data), checksum=checksum(data))}
 
     def _write(self, steps: list[StepRecord]) -> None:
         """The new store: set-up marker, files, journal, manifest (its commit point), marker removed."""
@@ -324,8 +327,8 @@ class _Salvage:
         mark_setup(out)
         (out / "steps").mkdir(exist_ok=True)
         (out / "optimizer").mkdir(exist_ok=True)
-        for relpath, data in {**self.start, **self.files, **self._attributes()}.items():
-            write_bytes(out, relpath, data)
+        for relpath, record in {**self.start, **self.files, **self._attributes()}.items():
+            write_bytes(out, relpath, read_verified_bytes(self.root, record))  # unchanged since it was proven
         write_bytes(out, JOURNAL, b"".join(r.model_dump_json().encode() + b"\n" for r in steps))
         manifest = self.manifest.model_copy(update={"steps": steps, "n_steps": len(steps), "complete": False})
         write_bytes(out, MANIFEST, manifest.to_json())
