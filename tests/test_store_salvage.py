@@ -202,6 +202,19 @@ def test_a_flipped_bit_in_a_step_file_without_its_journal_line_is_not_found(dens
     assert not _same(_values(tmp_path / "out"), _values(templates / "dense"))
 
 
+def test_a_journal_record_that_contradicts_its_intact_file_ends_the_salvage(dense, tmp_path):
+    """Step 1's journal line edited (its gradient scale), still valid JSON: its file matches its checksum but holds
+    another record, so which of them is the run cannot be told; step 1 is not taken on its binding either."""
+    lines = _journal_only(dense)
+    record = json.loads(lines[1])
+    record["grad_scale"] = 2 * record["grad_scale"]
+    lines[1] = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+    (dense / "journal.jsonl").write_bytes(b"".join(lines))
+    report = _salvage(dense, tmp_path / "out")
+    assert [s for s, _ in report.kept] == [0] and [s for s, _ in report.dropped] == [1, 2, 3]
+    assert "differs from the one checksummed in" in report.dropped[0][1]
+
+
 # --------------------------------------------------------------------------- refusals
 def test_a_sparse_store_is_refused_naming_its_checkpoint_every(templates, tmp_path):
     with pytest.raises(TrajectoryError, match=r"sparse store \(checkpoint_every=3\)"):
