@@ -24,6 +24,7 @@ from test_store_strangers import _model
 import explaind
 from explaind.cli import main
 from explaind.exceptions import TrajectoryError
+from explaind.trajectory.lock import WriterLock
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +252,16 @@ def test_an_output_inside_the_store_or_not_empty_is_refused(dense, tmp_path):
     with pytest.raises(TrajectoryError, match="exists and is not an empty directory"):
         _salvage(dense, tmp_path / "full")
     assert os.listdir(tmp_path / "full") == ["x"]
+
+
+def test_a_store_a_recorder_is_writing_is_refused_naming_the_process(dense, tmp_path):
+    lock = WriterLock(dense).acquire()
+    try:
+        with pytest.raises(TrajectoryError, match=rf"being written by process {os.getpid()} "):
+            explaind.Trajectory.salvage(dense, out=tmp_path / "out")
+    finally:
+        lock.release()
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- the command line

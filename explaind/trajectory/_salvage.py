@@ -45,6 +45,7 @@ from ._index import (
 )
 from ._io import check_specs, decode_safetensors, read_confined, read_verified_bytes, store_root, write_bytes
 from ._layout import ATTRIBUTES, JOURNAL, MANIFEST, SETUP, STEP_FILE, mark_setup, step_path
+from .lock import LOCK, live_writer
 from .manifest import FileRecord, StepRecord, TrajectoryManifest
 from .store import check_updates
 
@@ -362,8 +363,9 @@ def salvage_store(path: Any, out: Any) -> SalvageReport:
     Raises
     ------
     TrajectoryError
-        When ``out`` is not allowed, or nothing can be proven (no manifest, a start file that fails its
-        checksum, not even step 0), naming the file and the reason; nothing is written then.
+        When ``out`` is not allowed, a recorder is writing ``path``, or nothing can be proven (no manifest, a
+        start file that fails its checksum, not even step 0), naming the file and the reason; nothing is written
+        then.
     """
     root, target = store_root(path), store_root(out)
     if target == root or root in target.parents:
@@ -373,6 +375,12 @@ def salvage_store(path: Any, out: Any) -> SalvageReport:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise TrajectoryError(f"salvage(out={str(out)!r}): {str(target)!r} exists and is not an empty directory. "
                               f"Allowed: a new path or an empty directory. Fix: choose another out=, or remove it.")
+    holder = live_writer(root) if root.is_dir() else None
+    if holder is not None:
+        raise TrajectoryError(f"Cannot salvage {str(root)!r} now: it is being written by process {holder.get('pid')} "
+                              f"on host {holder.get('host')!r}, so its files and index change while they are read. "
+                              f"Salvage it once that recording has ended (or, if that process is gone, delete "
+                              f"{str(root / LOCK)!r}).")
     report = _Salvage(root, target).run_salvage()
     logger.info("%s", report)
     bound = [s for s, how in report.kept if how == "bound"]
