@@ -138,6 +138,19 @@ def test_steps_whose_journal_lines_were_lost_are_recovered_from_their_files(dens
     _resumes_to_the_long_run(tmp_path / "out", templates)
 
 
+def test_a_journal_that_is_a_directory_leaves_the_steps_to_their_files(dense, templates, tmp_path):
+    """``journal.jsonl`` a directory (round 9: a load refuses, naming it): every step is proven by its own file."""
+    _journal_only(dense)
+    (dense / "journal.jsonl").unlink()
+    (dense / "journal.jsonl").mkdir()
+    with pytest.raises(TrajectoryError, match="journal"):
+        explaind.Trajectory.load(dense, model=_model())
+    report = _salvage(dense, tmp_path / "out")
+    assert _how(report, "bound") == [0, 1, 2, 3] and report.unreadable_lines[0][0] == 0
+    assert "not a regular file" in report.unreadable_lines[0][1]
+    assert _same(_values(tmp_path / "out"), _values(templates / "dense"))
+
+
 # --------------------------------------------------------------------------- damaged and foreign step files
 @pytest.mark.parametrize("journal", ["intact", "lost"])
 @pytest.mark.parametrize("cut", [2, 3])

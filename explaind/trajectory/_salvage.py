@@ -69,7 +69,8 @@ class SalvageReport:
     dropped : list of (int, str)
         Each step of the damaged store (in its index or as a step file) that was not kept, and why.
     unreadable_lines : list of (int, str)
-        Journal lines that do not parse: line number and the problem.
+        Journal lines that do not parse: line number and the problem (line 0: the journal as a whole could not
+        be read, e.g. a directory in its place; every step is then proven by its file alone).
     states : list of (int, str)
         Each step kept with its optimizer state, and how the state was proven.
     resume_at : int
@@ -90,7 +91,7 @@ class SalvageReport:
                  f"store is unchanged).",
                  f"kept, proven by their checksums: {_steps(by['checksum'])}",
                  f"kept, proven by their own record and binding only (no checksum): {_steps(by['bound'])}"]
-        lines += [f"unreadable journal line {n}: {problem}" for n, problem in self.unreadable_lines]
+        lines += [f"unreadable journal{f' line {n}' if n else ''}: {problem}" for n, problem in self.unreadable_lines]
         lines += [f"dropped step {s}: {why}" for s, why in self.dropped]
         lines.append(f"a resume continues from step {self.resume_at}" + ("" if self.resume_at == len(self.kept) else
                      f" (the newest step kept with its optimizer state); steps {self.resume_at} to "
@@ -122,6 +123,9 @@ def _journal(root: Path, report: SalvageReport) -> dict[int, list[StepRecord]]:
     try:
         data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
     except FileNotFoundError:
+        return {}
+    except TrajectoryError as exc:  # not a regular file, too large, no permission: the step files may still hold
+        report.unreadable_lines.append((0, str(exc)))
         return {}
     out: dict[int, list[StepRecord]] = {}
     for i, line in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n")):
