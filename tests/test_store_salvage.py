@@ -229,6 +229,21 @@ def test_a_journal_record_that_contradicts_its_intact_file_ends_the_salvage(dens
     assert "differs from the one checksummed in" in report.dropped[0][1]
 
 
+def test_a_store_of_schema_2_keeps_only_the_steps_before_a_corrupted_line(dense, templates, tmp_path):
+    """Its step files bind no run, so a step whose journal line is corrupted cannot be proven by its file: step 0 is
+    kept by its checksum, step 1 dropped naming schema 3, steps 2 and 3 as following it."""
+    _as_schema_2(dense)
+    lines = _journal_only(dense)
+    lines[1] = b"#" + lines[1][1:]
+    (dense / "journal.jsonl").write_bytes(b"".join(lines))
+    report = _salvage(dense, tmp_path / "out")
+    assert _how(report, "checksum") == [0] and [s for s, _ in report.dropped] == [1, 2, 3]
+    assert "written before schema 3" in report.dropped[0][1]
+    kept = explaind.Trajectory.load(tmp_path / "out", model=_model())
+    reference = explaind.Trajectory.load(templates / "dense", model=_model())
+    assert kept.n_steps == 1 and _same(list(kept.params(1).values()), list(reference.params(1).values()))
+
+
 # --------------------------------------------------------------------------- refusals
 def test_a_sparse_store_is_refused_naming_its_checkpoint_every(templates, tmp_path):
     with pytest.raises(TrajectoryError, match=r"sparse store \(checkpoint_every=3\)"):
