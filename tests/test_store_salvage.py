@@ -35,7 +35,8 @@ def templates(tmp_path_factory):
     _record(root / "dense", STEPS, background_writes=False)
     _record(root / "other", STEPS, shift=0.01, background_writes=False)
     _record(root / "long", 2 * STEPS)
-    _record(root / "sparse", 7, checkpoint_every=3)
+    _record(root / "sparse", 7, checkpoint_every=3)  # checkpoints after steps 5 and 6 (the end)
+    _record(root / "sparse_long", 9, checkpoint_every=3)
     return root
 
 
@@ -244,13 +245,48 @@ def test_a_store_of_schema_2_keeps_only_the_steps_before_a_corrupted_line(dense,
     assert kept.n_steps == 1 and _same(list(kept.params(1).values()), list(reference.params(1).values()))
 
 
+# --------------------------------------------------------------------------- sparse stores
+@pytest.fixture
+def sparse(templates, tmp_path):
+    return Path(shutil.copytree(templates / "sparse", tmp_path / "sparse"))
+
+
+def test_a_sparse_store_with_a_corrupted_line_beside_its_complete_manifest_keeps_every_step(sparse, templates,
+                                                                                           tmp_path):
+    lines = (sparse / "journal.jsonl").read_bytes().splitlines(keepends=True)
+    lines[3] = b"#" + lines[3][1:]
+    (sparse / "journal.jsonl").write_bytes(b"".join(lines))
+    report = _salvage(sparse, tmp_path / "out")
+    assert _how(report, "checksum") == list(range(7)) and report.resume_at == 7
+    assert _same(_values(tmp_path / "out"), _values(templates / "sparse"))
+
+
+def test_a_sparse_step_without_its_journal_line_ends_the_salvage(sparse, tmp_path):
+    """A sparse step is proven by its record only (the checksum of the checkpoint state its segment is replayed
+    from is there): steps 0 to 2 are kept, step 3 dropped naming why, the later ones as following it."""
+    lines = _journal_only(sparse)
+    lines[3] = b"#" + lines[3][1:]
+    (sparse / "journal.jsonl").write_bytes(b"".join(lines))
+    report = _salvage(sparse, tmp_path / "out")
+    assert _how(report, "checksum") == [0, 1, 2] and [s for s, _ in report.dropped] == [3, 4, 5, 6]
+    assert "sparse store (checkpoint_every=3) is proven only by its record" in report.dropped[0][1]
+
+
+def test_a_damaged_checkpoint_state_ends_the_salvage_after_its_step(sparse, templates, tmp_path):
+    """The checkpoint state after step 5 with a flipped bit: step 5 is kept (its file holds theta_6), step 6, which
+    is replayed from that state, dropped naming the file; a resume starts from step 0 and equals the longer run."""
+    path = sparse / "optimizer/checkpoint-000005.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = _salvage(sparse, tmp_path / "out")
+    assert _how(report, "checksum") == [0, 1, 2, 3, 4, 5] and [s for s, _ in report.dropped] == [6]
+    assert "checkpoint-000005.safetensors" in report.dropped[0][1] and report.resume_at == 0
+    _record(tmp_path / "out", 9, checkpoint_every=3, resume=True)
+    assert _same(_values(tmp_path / "out"), _values(templates / "sparse_long"))
+
+
 # --------------------------------------------------------------------------- refusals
-def test_a_sparse_store_is_refused_naming_its_checkpoint_every(templates, tmp_path):
-    with pytest.raises(TrajectoryError, match=r"sparse store \(checkpoint_every=3\)"):
-        _salvage(templates / "sparse", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 def test_nothing_to_prove_is_refused_naming_the_file_and_nothing_is_written(dense, tmp_path):
     """A schema-2 store (its step files bind no run) with a 0-byte journal: no step can be proven."""
     _as_schema_2(dense)

@@ -18,7 +18,8 @@ The trajectory is a prefix (step ``s`` needs the steps before it), so salvage st
 neither way and drops every later step, naming why. An optimizer state is kept with a step when its file matches
 its checksum (a ``"checksum"`` step's record) or is the slot written after that step (its ``n_steps``) and matches
 the layout and description its step file binds; a resume continues from the newest step kept with a state and
-records the steps after it again.
+records the steps after it again. A sparse store's steps are proven by their checksums only, and the segment
+after a checkpoint whose state fails is dropped (it is replayed from that state).
 """
 
 from __future__ import annotations
@@ -147,11 +148,7 @@ class _Salvage:
         self.root, self.out = root, out
         self.report = SalvageReport(source=root, out=out)
         self.manifest = _read_manifest(root)
-        if self.manifest.param_stride != 1:
-            raise TrajectoryError(
-                f"Cannot salvage {str(root)!r}: it is a sparse store (checkpoint_every={self.manifest.param_stride}), "
-                f"whose steps are replayed from checkpoint states; salvage reads dense stores only. Restore the "
-                f"damaged files from a copy, or re-record the run.")
+        self.sparse = self.manifest.param_stride != 1
         self.run = run_binding(self.manifest)
         self.candidates = _journal(root, self.report)
         for record in self.manifest.steps:
@@ -203,7 +200,7 @@ class _Salvage:
                 data = read_verified_bytes(self.root, record.file, step=s)
                 tensors, meta = decode_safetensors(data)
                 check_step_file(meta, record, self.run, where)
-                self._check_tensors(tensors, where)
+                self._check_tensors(tensors, where, record)
             except Exception as exc:  # safetensors' own errors too: reported, the next way is tried
                 why = f"{type(exc).__name__}: {exc}"
                 continue
@@ -218,6 +215,10 @@ class _Salvage:
         if self.run is None:
             return None, (f"its file cannot be proven without its journal record: the store was written before "
                           f"schema 3, so {relpath} does not bind the run")
+        if self.sparse:
+            return None, (f"a step of a sparse store (checkpoint_every={self.manifest.param_stride}) is proven only "
+                          f"by its record: the checksum of the checkpoint state its segment is replayed from is "
+                          f"kept there")
         try:
             data = read_confined(self.root, relpath, self._step_limit(), "Trajectory file")
         except FileNotFoundError:
@@ -239,7 +240,7 @@ class _Salvage:
             if not record.has_params:
                 raise ValueError("its record says it holds no theta, which every step file of a dense store holds")
             check_step_file(meta, record, self.run, where)  # the step, its record, the run (identity, start files)
-            self._check_tensors(tensors, where)
+            self._check_tensors(tensors, where, record)
         except (TrajectoryError, ValueError, RecursionError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
         file = FileRecord(path=relpath, nbytes=len(data), checksum=checksum(data))
@@ -250,9 +251,34 @@ class _Salvage:
         """The most bytes a step file is read: 16 times the start files (theta and its coefficients) plus 64 MiB."""
         return 16 * sum(r.nbytes for r in self.start.values()) + (1 << 26)
 
-    def _check_tensors(self, tensors: dict[str, Tensor], where: str) -> None:
-        check_specs(tensors, "param.", self.manifest.params, where)
-        check_updates(self.manifest.params, tensors, where, dense=True)
+    def _check_tensors(self, tensors: dict[str, Tensor], where: str, record: StepRecord) -> None:
+        if record.has_params:
+            check_specs(tensors, "param.", self.manifest.params, where)
+        check_updates(self.manifest.params, tensors, where, dense=not self.sparse)
+
+    def _checkpoint(self, record: StepRecord) -> tuple[StepRecord, str]:
+        """A sparse store's checkpoint step with its states checked: the checkpoint state (which the segment after
+        it is replayed from) against its checksum and its step file's binding, else ``why`` names the failure; the
+        audit state likewise, dropped when it fails (a later checkpoint took its slot)."""
+        meta, relpath = self.metas[record.step], step_path(record.step)
+        why = ""
+        for key, audit in (("optimizer_state", False if record.audit_state is not None else None),
+                           ("audit_state", True)):
+            state: FileRecord | None = getattr(record, key)
+            if state is None:
+                continue
+            try:
+                tensors, state_meta = decode_safetensors(read_verified_bytes(self.root, state, step=record.step))
+                check_state(meta, tensors, None if audit else state_meta, state.path, relpath, audit=audit)
+            except Exception as exc:  # safetensors' own errors too
+                record = record.model_copy(update={key: None})
+                why = why or (f"the checkpoint state after step {record.step} that it is replayed from fails: "
+                              f"{type(exc).__name__}: {exc}" if key == "optimizer_state" else "")
+                continue
+            self.files[state.path] = state
+            if key == "optimizer_state":
+                self.report.states.append((record.step, "checksum"))
+        return record, why
 
     def _state(self, record: StepRecord, how: str) -> StepRecord:
         """``record`` with the optimizer state written after it, where that state is proven; else with none."""
@@ -297,9 +323,15 @@ class _Salvage:
             if record is None:
                 stop = why
                 break
+            why = ""
+            if self.sparse and (record.optimizer_state is not None or record.audit_state is not None):
+                record, why = self._checkpoint(record)
             kept.append(record)
             self.report.kept.append((s, how))
             s += 1
+            if why:
+                stop = why
+                break
         if not kept and listed:
             raise TrajectoryError(f"Cannot salvage {str(self.root)!r}: not even step 0 can be proven intact ({stop}). "
                                   f"Nothing was written. Restore the store from a copy, or re-record the run.")
@@ -307,8 +339,8 @@ class _Salvage:
             self.report.dropped.append((t, stop if t == s else f"it follows step {s}, which cannot be proven "
                                            f"(a trajectory is a prefix: step {t} needs every step before it)"))
         how_of = dict(self.report.kept)
-        final = [self._state(r, how_of[r.step]) if r.step == len(kept) - 1 or r.optimizer_state is not None
-                 else r for r in kept]
+        final = kept if self.sparse else [self._state(r, how_of[r.step]) if r.step == len(kept) - 1 or
+                                          r.optimizer_state is not None else r for r in kept]
         self.report.resume_at = next((r.step + 1 for r in reversed(final) if r.optimizer_state is not None), 0)
         self._write(final)
         return self.report
