@@ -311,6 +311,9 @@ def test_a_damaged_start_file_or_no_manifest_is_refused_naming_it(dense, tmp_pat
 def test_an_output_inside_the_store_or_not_empty_is_refused(dense, tmp_path):
     with pytest.raises(TrajectoryError, match="inside the damaged one"):
         _salvage(dense, dense / "salvaged")
+    (tmp_path / "link").symlink_to(dense / "steps")
+    with pytest.raises(TrajectoryError, match="inside the damaged one"):
+        _salvage(dense, tmp_path / "link" / "salvaged")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
     with pytest.raises(TrajectoryError, match="exists and is not an empty directory"):

@@ -404,7 +404,8 @@ def salvage_store(path: Any, out: Any) -> SalvageReport:
         then.
     """
     root, target = store_root(path), store_root(out)
-    if target == root or root in target.parents:
+    real_root, real_target = Path(os.path.realpath(root)), Path(os.path.realpath(target))  # links followed
+    if real_target == real_root or real_root in real_target.parents:
         raise TrajectoryError(f"salvage(out={str(out)!r}): the new store would lie inside the damaged one "
                               f"{str(root)!r}, which salvage never writes to. Allowed: a path outside it. Fix: pass "
                               f"e.g. out={str(root.parent / (root.name + '-salvaged'))!r}.")
