@@ -1,0 +1,67 @@
+"""Tenth round of models, layers and losses nobody tuned for (tests/_round10_cases.py): every loud case.
+
+Loud, each naming cause and fix, with what landed in this round (the test failed before it):
+
+* a parameter hook clipping each gradient entry (``p.register_hook(lambda g: g.clamp(...))`` in ``__init__``) or a
+  ``register_full_backward_hook`` returning a clipped ``grad_input``, recorded with ``check_gradients=False``: the
+  residual share warns (0.15 and 0.029) and its causes now name the hooked parameter or module and the fix, remove
+  the hook and scale a layer's update with a parameter group's ``lr`` (before: only the generic loss, data and random
+  draws; with the check on the recorder refuses at step 0 naming the hook, as before).
+
+Loud as before, naming cause and fix: rotary factors kept as a complex buffer (refused at the recorder naming the
+buffer and ``torch.view_as_complex`` of a real ``(..., 2)`` tensor, which is exact); SIREN layers ``sin(30 W x)``
+(one (step, input) pair stops at the evaluation cap 3e-11 above ``tol=1e-11``, warned, while the replica and the
+scores are exact); a ReLU CNN with max pooling at SGD lr 5 (a ReLU-dense path integrated on a grid, warned, the
+error kept in ``quadrature_error``).
+"""
+
+from __future__ import annotations
+
+import pytest
+from _round10_cases import CASES
+
+from explaind.exceptions import TrajectoryError, UnsupportedModelError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize(("case", "error", "match"), [
+    ("rotary_complex_buffer", UnsupportedModelError,
+     r"complex tensors \['freqs \(torch\.complex128\)'\].*Fix: hold each as a real tensor of shape \(\.\.\., 2\).*"
+     r"torch\.view_as_complex"),
+    ("parameter_hook_clamps_in_init", TrajectoryError, r"Step 0: .*gradient hooks \(parameter 'a\.weight'\).*"
+     r"Fix: remove such hooks"),
+    ("full_backward_hook_clips_grad_input", TrajectoryError, r"Step 0: .*gradient hooks \(module 'mid'\).*"
+     r"Fix: remove such hooks"),
+])
+def test_refused_naming_cause_and_fix(case, error, match):
+    with pytest.raises(error, match=match):
+        CASES[case]()
+
+
+@pytest.mark.parametrize(("case", "hook", "share"), [
+    ("parameter_hook_clamps_unchecked", "parameter 'a.weight'", 0.1),
+    ("full_backward_hook_clips_unchecked", "module 'mid'", 0.01),
+])
+def test_an_unchecked_gradient_hook_is_named_by_the_residual_warning(case, hook, share):
+    """With the gradient check off the hook's edit is left in the residual; the share warning names the hook."""
+    got = CASES[case]()
+    assert got["share"] > share and got["replica"] <= 1e-9, got
+    named = [w for w in got["warnings"] if "residual share" in w and f"gradient hooks ({hook})" in w]
+    assert named and "remove such hooks" in named[0] and "parameter group's lr" in named[0], got["warnings"]
+
+
+def test_siren_stops_one_pair_at_the_cap_and_says_so():
+    """``sin(30 W x)``: one (step, input) pair ends a little above tol=1e-11 at the evaluation cap, warned; the
+    replica and the scores (reference on 32 panels) are exact nonetheless."""
+    got = CASES["siren_fourier_features"]()
+    assert got["replica"] <= 1e-9 and got["share"] <= 1e-9 and got["scores"] <= 1e-9, got
+    assert any("stopped at the cap" in w for w in got["warnings"]), got["warnings"]
+
+
+def test_relu_cnn_at_sgd_5_is_warned_as_a_relu_dense_path():
+    """Max pooling and ReLUs at SGD lr 5: the kinks are too many to locate one by one; the error left (about 5e-4
+    of the replica) is warned and kept in ``quadrature_error``, the per-sample split itself exact."""
+    got = CASES["relu_cnn_maxpool_sgd_5"]()
+    assert 1e-6 < got["replica"] < 1e-2 and got["share"] <= 1e-9, got
+    assert any("ReLU-dense path" in w and "quadrature_error" in w for w in got["warnings"]), got["warnings"]
