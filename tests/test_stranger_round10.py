@@ -10,8 +10,8 @@ own quadrature error where its panels cannot resolve the path):
   sliding windows by ``Tensor.unfold`` and by ``Tensor.as_strided``;
 * forwards users write: ``torch.einsum`` with an ellipsis, methods under ``@torch.jit.ignore``/``@torch.jit.unused``,
   a parameter hook that only reads gradients (registered in ``__init__``), a hypernetwork's per-sample kernels by one
-  grouped ``F.conv2d`` (``groups=n``), a sparsemax head by hand (sort, ``cumsum``, ``clamp``), random Fourier
-  features into SIREN layers (``sin(30 W x)``; checked on 32 reference panels), FiLM conditioning, ``nn.Unflatten``
+  grouped ``F.conv2d`` (``groups=n``), a sparsemax head by hand (sort, ``cumsum``, ``clamp``), FiLM
+  conditioning, ``nn.Unflatten``
   into ``Conv2d``, ``checkpoint_sequential`` over a block with dropout (``use_reentrant=False``,
   ``capture_random=True``);
 * linear algebra and functions: ``torch.linalg.det`` and ``matrix_power``, ``eigh`` eigenvectors (squared),

@@ -12,8 +12,8 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   draws; with the check on the recorder refuses at step 0 naming the hook, as before).
 
 Loud as before, naming cause and fix: rotary factors kept as a complex buffer (refused at the recorder naming the
-buffer and ``torch.view_as_complex`` of a real ``(..., 2)`` tensor, which is exact); a ReLU CNN with max pooling at SGD lr 5 (a ReLU-dense path integrated on a grid, warned, the
-error kept in ``quadrature_error``).
+buffer and ``torch.view_as_complex`` of a real ``(..., 2)`` tensor, which is exact); a ReLU CNN with max pooling
+at SGD lr 5 (a ReLU-dense path integrated on a grid, warned, the error kept in ``quadrature_error``).
 """
 
 from __future__ import annotations
