@@ -20,6 +20,14 @@ from _round5_models import loss_data
 from _round7_cases import model_case
 from _round7_kit import figures
 from _round8_cases import loss_case
+from _round10_attention import (
+    AllOptionsAttention,
+    FullMaskTransformer,
+    Perceiver,
+    RotaryComplex,
+    SDPAScaled,
+    SetPooling,
+)
 from _round10_models import (
     CausalTCN,
     CheckpointSequential,
@@ -27,17 +35,16 @@ from _round10_models import (
     EighVectors,
     EinsumEllipsis,
     FiLM,
+    FunctionalHyper,
     GradInputClip,
     HessianFeatures,
     HyperConv,
     JitIgnored,
     ParamHook,
-    Perceiver,
-    RotaryComplex,
-    SDPAScaled,
-    SetPooling,
+    PreHookStandardise,
     Siren,
     Sparsemax,
+    SpatialSampler,
     SpecialFunctions,
     TensorOps,
     UnflattenConv,
@@ -188,6 +195,13 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "torch_special_functions": model_case(SpecialFunctions, XV, YV, reference=KinkReference),
     "film_conditioning": model_case(FiLM, XV, YV),
     "unflatten_conv_flatten": model_case(UnflattenConv, XV, YV),
+    "spatial_transformer_bicubic_reflection": model_case(SpatialSampler, XI, YI, reference=KinkReference),
+    "spatial_transformer_nearest_reflection": model_case(lambda: SpatialSampler("nearest"), XI, YI,
+                                                         reference=KinkReference),
+    "mha_bias_kv_zero_attn_kdim_vdim_padding": model_case(AllOptionsAttention, XS, YS),
+    "transformer_all_four_masks_dropout": model_case(FullMaskTransformer, XS, YS, panels=16),
+    "functional_hypernetwork_vmap_functional_call": model_case(FunctionalHyper, XV, YV),
+    "forward_pre_hook_with_kwargs_standardises": model_case(PreHookStandardise, XV, YV),
     "checkpoint_sequential_dropout": model_case(CheckpointSequential, XV, YV, reference=PlainCallReference, **CAPTURE),
     # ReLU-heavy models at untuned rates
     "relu_mlp5_sgd_nesterov_2": model_case(relu_mlp, XV, YV, opt=optim("SGD", 2.0, momentum=0.9, nesterov=True)),

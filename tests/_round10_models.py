@@ -1,5 +1,6 @@
 """Models of the tenth round (tests/_round10_cases.py): layers and forwards torch users write that earlier rounds left
-out, each small enough for the slow float64 reference of tests/replay_reference.py.
+out, each small enough for the slow float64 reference of tests/replay_reference.py (the attention models are in
+tests/_round10_attention.py).
 
 Inputs are tests/_round5_kit.py's: ``XV`` ``(n, 4)`` vectors, ``XS`` ``(n, 6, 3)`` sequences or sets, ``XI``
 ``(n, 1, 6, 6)`` images, ``XT`` ``(n, 5)`` token ids below 7. Where a kink is computed inside ``forward`` the model
@@ -15,30 +16,6 @@ import torch
 import torch.nn.functional as F
 from _round5_kit import KinkMarks
 from torch import Tensor, nn
-
-
-class RotaryComplex(nn.Module):
-    """Token embeddings rotated by position as complex numbers (``torch.view_as_complex`` of ``(..., 2)`` pairs
-    times ``torch.polar`` factors, Llama's original rotary code), back by ``torch.view_as_real``, one attention
-    layer, mean pooling and a head."""
-
-    def __init__(self, vocab: int = 7, dim: int = 4, length: int = 5, real_buffer: bool = True):
-        super().__init__()
-        self.emb, self.qk, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, 3)
-        angles = torch.outer(torch.arange(length, dtype=torch.float64), 1.0 / 10 ** torch.arange(0, 1, 2 / dim))
-        freqs = torch.polar(torch.ones_like(angles), angles)
-        self.register_buffer("freqs", torch.view_as_real(freqs) if real_buffer else freqs)
-
-    def rotate(self, t: Tensor) -> Tensor:
-        z = torch.view_as_complex(t.reshape(*t.shape[:-1], -1, 2).contiguous())
-        freqs = self.freqs if self.freqs.is_complex() else torch.view_as_complex(self.freqs)
-        return torch.view_as_real(z * freqs).flatten(-2)
-
-    def forward(self, ids):
-        h = self.emb(ids)
-        q, k = self.rotate(self.qk(h)[..., :4]), self.rotate(self.qk(h)[..., 4:])
-        att = torch.softmax(q @ k.transpose(-1, -2) / 2, -1)
-        return self.head((att @ h).mean(-2))
 
 
 class EinsumEllipsis(nn.Module):
@@ -107,22 +84,6 @@ class GradInputClip(nn.Module):
         return self.b(torch.tanh(self.mid(torch.tanh(self.a(x)))))
 
 
-class SDPAScaled(nn.Module):
-    """``F.scaled_dot_product_attention`` with a boolean mask, ``dropout_p=0.2`` in training and an explicit
-    ``scale=0.3`` over ``XS`` sequences."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.head = nn.Linear(3, 12), nn.Linear(4, 3)
-        self.register_buffer("mask", torch.ones(6, 6, dtype=torch.bool).tril(1))
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).unflatten(-1, (3, 1, 4)).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=0.2 if self.training else 0.0,
-                                           scale=0.3)
-        return self.head(o.squeeze(1).mean(1))
-
-
 class HyperConv(nn.Module):
     """A hypernetwork emitting one 3x3 kernel pair per image from its mean row, applied by a single grouped
     ``F.conv2d`` with the batch folded into the channels (``groups=n``)."""
@@ -136,41 +97,6 @@ class HyperConv(nn.Module):
         kernels = torch.tanh(self.hyper(x.mean(-2).flatten(1))).reshape(n * 2, 1, 3, 3)
         out = F.conv2d(x.reshape(1, n, 6, 6), kernels, padding=1, groups=n).reshape(n, 2, 6, 6)
         return self.head(torch.tanh(out).mean((-1, -2)))
-
-
-class SetPooling(nn.Module):
-    """A Set Transformer's pooling by multihead attention (a learned seed query over the set's elements, ``XS`` as
-    sets of 6 points in 3-D), next to a DeepSets sum, into a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.phi = nn.Linear(3, 4)
-        self.seed = nn.Parameter(torch.randn(1, 1, 4) * 0.5)
-        self.pma = nn.MultiheadAttention(4, 2, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.phi(x))
-        pooled, _ = self.pma(self.seed.expand(x.shape[0], -1, -1), h, h, need_weights=False)
-        return self.head(torch.cat([pooled.squeeze(1), h.sum(1) / 6], 1))
-
-
-class Perceiver(nn.Module):
-    """Perceiver-style cross attention: two learned latents attend to the inputs through
-    ``nn.MultiheadAttention(kdim=3, vdim=3)``, then self-attention over the latents."""
-
-    def __init__(self):
-        super().__init__()
-        self.latents = nn.Parameter(torch.randn(2, 4) * 0.5)
-        self.cross = nn.MultiheadAttention(4, 1, kdim=3, vdim=3, batch_first=True)
-        self.self_att = nn.MultiheadAttention(4, 2, batch_first=True)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        z = self.latents.expand(x.shape[0], -1, -1)
-        z = z + self.cross(z, x, x, need_weights=False)[0]
-        z = z + self.self_att(z, z, z, need_weights=False)[0]
-        return self.head(z.mean(1))
 
 
 class Sparsemax(nn.Module):
@@ -403,3 +329,57 @@ def relu_cnn() -> nn.Module:
     """A ReLU CNN on ``XI``: two 3x3 convolutions, ``MaxPool2d(2)``, a head."""
     return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(),
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 3))
+
+
+class SpatialSampler(nn.Module):
+    """A spatial transformer whose affine map moves up to 0.3 from the identity, resampled by ``F.grid_sample``
+    (``mode``, ``padding_mode="reflection"``, ``align_corners=False``). ``marks``: ``sin(pi u)`` and
+    ``sin(pi (u + 1/2))`` of the sampling positions ``u`` in pixels (the kinks of the interpolation weights at
+    integers, of the reflection at the half-integer borders), for the slow reference."""
+
+    def __init__(self, mode: str = "bicubic"):
+        super().__init__()
+        self.mode, self.loc, self.head, self.marks = mode, nn.Linear(36, 6), nn.Linear(36, 3), KinkMarks()
+
+    def forward(self, x):
+        theta = torch.eye(2, 3, dtype=x.dtype) + 0.3 * torch.tanh(self.loc(x.flatten(1))).view(-1, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        u = ((grid + 1) * 6 - 1) / 2
+        self.marks(torch.cat([torch.sin(math.pi * u), torch.sin(math.pi * (u + 0.5))], -1))
+        out = F.grid_sample(x, grid, mode=self.mode, padding_mode="reflection", align_corners=False)
+        return self.head(out.flatten(1))
+
+
+class FunctionalHyper(nn.Module):
+    """A hypernetwork in the functional style: per sample, ``torch.func.vmap`` of ``torch.func.functional_call`` of a
+    target ``nn.Linear`` with weights generated from the sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.target, self.hyper, self.head = nn.Linear(4, 3), nn.Linear(4, 15), nn.Linear(3, 3)
+
+    def forward(self, x):
+        gen = 0.5 * torch.tanh(self.hyper(x))
+        w, b = gen[:, :12].reshape(-1, 3, 4) + self.target.weight, gen[:, 12:] + self.target.bias
+
+        def one(wi, bi, xi):
+            return torch.func.functional_call(self.target, {"weight": wi, "bias": bi}, (xi,))
+        return self.head(torch.tanh(torch.func.vmap(one)(w, b, x)))
+
+
+class PreHookStandardise(nn.Module):
+    """A tanh MLP with a ``register_forward_pre_hook(with_kwargs=True, prepend=True)`` on its second layer that
+    standardises the layer's input (its own mean and standard deviation per sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.b.register_forward_pre_hook(self.standardise, with_kwargs=True, prepend=True)
+
+    @staticmethod
+    def standardise(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        h = args[0]
+        return ((h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 0.1),), kwargs
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))

@@ -11,9 +11,16 @@ own quadrature error where its panels cannot resolve the path):
 * forwards users write: ``torch.einsum`` with an ellipsis, methods under ``@torch.jit.ignore``/``@torch.jit.unused``,
   a parameter hook that only reads gradients (registered in ``__init__``), a hypernetwork's per-sample kernels by one
   grouped ``F.conv2d`` (``groups=n``), a sparsemax head by hand (sort, ``cumsum``, ``clamp``), FiLM
-  conditioning, ``nn.Unflatten``
-  into ``Conv2d``, ``checkpoint_sequential`` over a block with dropout (``use_reentrant=False``,
-  ``capture_random=True``);
+  conditioning, ``nn.Unflatten`` into ``Conv2d``, ``checkpoint_sequential`` over a block with dropout
+  (``use_reentrant=False``, ``capture_random=True``; the reference with the checkpointing switched off), a functional
+  hypernetwork (``vmap`` of ``functional_call`` of a target layer with generated weights), a forward pre-hook
+  ``with_kwargs=True, prepend=True`` that standardises a layer's input;
+* torch's attention modules with every option: ``nn.MultiheadAttention(add_bias_kv, add_zero_attn, kdim, vdim)``
+  with a ``key_padding_mask`` and per-head weights read downstream, ``nn.Transformer`` with a causal ``tgt_mask`` and
+  all three key padding masks, dropout 0.1 (reference on 16 panels);
+* spatial transformers resampling by ``F.grid_sample(padding_mode="reflection", align_corners=False)``, bicubic
+  (the reference split at the pixel lattice and the reflection borders) and nearest (the localisation net gets no
+  gradient through it and never moves);
 * linear algebra and functions: ``torch.linalg.det`` and ``matrix_power``, ``eigh`` eigenvectors (squared),
   ``torch.func.hessian`` inside ``forward``, index and shape operations (``diff``, ``take_along_dim``,
   ``index_select``, ``tensor_split``, ``block_diag``, ``cartesian_prod``), ``var_mean`` and ``std`` normalisation,
@@ -41,7 +48,10 @@ EXACT = [
     "perceiver_cross_attention_kdim_vdim", "tcn_causal_pad_dilated_conv1d", "tensor_unfold_windows",
     "as_strided_windows", "einsum_ellipsis", "jit_ignore_and_unused_methods", "parameter_hook_reads_in_init",
     "hypernetwork_grouped_conv_per_sample", "sparsemax_sort_cumsum", "film_conditioning", "unflatten_conv_flatten",
-    "checkpoint_sequential_dropout", "linalg_det_matrix_power", "eigh_eigenvectors_squared",
+    "checkpoint_sequential_dropout", "spatial_transformer_bicubic_reflection", "spatial_transformer_nearest_reflection",
+    "mha_bias_kv_zero_attn_kdim_vdim_padding", "transformer_all_four_masks_dropout",
+    "functional_hypernetwork_vmap_functional_call", "forward_pre_hook_with_kwargs_standardises",
+    "linalg_det_matrix_power", "eigh_eigenvectors_squared",
     "hessian_features_torch_func", "index_and_shape_ops", "var_mean_std_normalisation", "torch_special_functions",
     "relu_mlp5_sgd_nesterov_2", "relu_mlp5_adamw_amsgrad_0_3", "relu_cnn_maxpool_adam_0_1",
     # losses
