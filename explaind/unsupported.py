@@ -77,8 +77,9 @@ def refuse_unreplayable(model: nn.Module, where: str) -> None:
             f"{where}: the model holds complex tensors {found[:8]}{' ...' if len(found) > 8 else ''}. explaind "
             f"replays a run in a real floating dtype, and casting a complex tensor to it keeps only the real part, "
             f"so the explained model would not be the trained one. Allowed: real floating parameters and buffers. "
-            f"Fix: hold each as a real tensor of shape (..., 2), e.g. nn.Parameter(torch.view_as_real(w)), and "
-            f"use torch.view_as_complex(self.w) in the forward (the same model, trained and explained exactly).")
+            f"Fix: hold each as a real tensor of shape (..., 2), e.g. nn.Parameter(torch.view_as_real(w)) (for a "
+            f"buffer, such as rotary factors from torch.polar: self.register_buffer(name, torch.view_as_real(t))), "
+            f"and use torch.view_as_complex(self.w) in the forward (the same model, trained and explained exactly).")
     slopes = [f"{name or type(m).__name__} (lower={m.lower}, upper={m.upper})" for name, m in model.named_modules()
               if isinstance(m, nn.RReLU)]
     if slopes:

@@ -9,11 +9,14 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   ``register_full_backward_hook`` returning a clipped ``grad_input``, recorded with ``check_gradients=False``: the
   residual share warns (0.15 and 0.029) and its causes now name the hooked parameter or module and the fix, remove
   the hook and scale a layer's update with a parameter group's ``lr`` (before: only the generic loss, data and random
-  draws; with the check on the recorder refuses at step 0 naming the hook, as before).
+  draws);
+* rotary factors kept as a complex buffer: refused at the recorder naming the buffer, and the fix now names a
+  buffer's form, ``self.register_buffer(name, torch.view_as_real(t))`` read through ``torch.view_as_complex``, which
+  is exact (before: ``nn.Parameter`` only).
 
-Loud as before, naming cause and fix: rotary factors kept as a complex buffer (refused at the recorder naming the
-buffer and ``torch.view_as_complex`` of a real ``(..., 2)`` tensor, which is exact); a ReLU CNN with max pooling
-at SGD lr 5 (a ReLU-dense path integrated on a grid, warned, the error kept in ``quadrature_error``).
+Loud as before, naming cause and fix: the two hooks with the gradient check on (refused at step 0 naming the hook);
+a ReLU CNN with max pooling at SGD lr 5 (a ReLU-dense path integrated on a grid, warned, the error kept in
+``quadrature_error``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("case", "error", "match"), [
     ("rotary_complex_buffer", UnsupportedModelError,
      r"complex tensors \['freqs \(torch\.complex128\)'\].*Fix: hold each as a real tensor of shape \(\.\.\., 2\).*"
-     r"torch\.view_as_complex"),
+     r"for a buffer.*self\.register_buffer\(name, torch\.view_as_real\(t\)\).*torch\.view_as_complex"),
     ("parameter_hook_clamps_in_init", TrajectoryError, r"Step 0: .*gradient hooks \(parameter 'a\.weight'\).*"
      r"Fix: remove such hooks"),
     ("full_backward_hook_clips_grad_input", TrajectoryError, r"Step 0: .*gradient hooks \(module 'mid'\).*"
