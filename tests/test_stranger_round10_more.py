@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 from _round10_cases import CASES
 
-from explaind.exceptions import TrajectoryError, UnsupportedModelError
+from explaind.exceptions import ExplaindWarning, TrajectoryError, UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,3 +72,20 @@ def test_relu_cnn_at_sgd_5_is_warned_as_a_relu_dense_path():
     got = CASES["relu_cnn_maxpool_sgd_5"]()
     assert 1e-6 < got["replica"] < 1e-2 and got["share"] <= 1e-9, got
     assert any("ReLU-dense path" in w and "quadrature_error" in w for w in got["warnings"]), got["warnings"]
+
+
+@pytest.mark.parametrize(("worst", "curved"), [(3.1e-11, True), (2e-7, False)])
+def test_the_cap_warning_names_curvature_only_far_below_float32_rounding(worst, curved):
+    """One capped float64 unit in a model without kinks, jumps or casts of its own: below ``CURVED_WORST`` the cause
+    is curvature with the tol that accepts the error; at float32's rounding the float32 hint stays."""
+    from explaind.kernel import planning
+
+    units = planning.InexactUnits(1e-11, "in float64 a cap is often a model computing part of its forward in float32")
+    units.above, units.total, units.capped, units.worst, units.float64 = 1, 6, 1, worst, True
+    with pytest.warns(ExplaindWarning) as seen:
+        units.warn()
+    text = str(seen[0].message)
+    assert ("curve more than the cap resolves" in text) is curved, text
+    assert ("in float64 a cap is often" in text) is not curved, text
+    if curved:
+        assert "tol=1e-10 accepts the error left" in text, text

@@ -275,7 +275,8 @@ class InexactUnits:
     (:func:`_casts_hint`) says why a float64 replay may stop at the cap; ``jumps_hint`` (:func:`_jumps_hint`) names
     the modules whose outputs jump, which no rule integrates across; ``kinks`` (:func:`_kinks_hint`) names the
     model's modules with kinks, the first cause of a cap when there are any (the generic float32 hint is then left
-    out; a cast the replay found is still named).
+    out; a cast the replay found is still named); without any, an error left below :data:`CURVED_WORST` is named as
+    curvature (:func:`_curved_hint`).
     """
 
     def __init__(self, tol: float, casts_hint: str = "", jumps_hint: str = "", kinks: str | None = None) -> None:
