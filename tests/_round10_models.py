@@ -383,3 +383,32 @@ class PreHookStandardise(nn.Module):
 
     def forward(self, x):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class InPlaceWrites(nn.Module):
+    """A tanh layer's 4 units written into 6 slots of a ``torch.zeros`` buffer, then a head: in place by
+    ``scatter_``, ``index_copy_``, ``masked_scatter_`` or ``buf[:, :4] += h`` (``"add_"``), or out of place by
+    ``scatter`` (``"scatter"``) and ``F.pad`` (``"pad"``), the same values."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.a, self.b = how, nn.Linear(4, 4), nn.Linear(6, 3)
+        self.register_buffer("slots", torch.tensor([[0, 2, 4, 5]]))
+        self.register_buffer("mask", torch.tensor([[True, False, True, False, True, True]]))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        buf, slots = torch.zeros(len(x), 6, dtype=x.dtype), self.slots.expand(len(x), -1)
+        if self.how == "scatter_":
+            buf.scatter_(1, slots, h)
+        elif self.how == "index_copy_":
+            buf.index_copy_(1, self.slots[0], h)
+        elif self.how == "masked_scatter_":
+            buf.masked_scatter_(self.mask.expand(len(x), -1), h)
+        elif self.how == "add_":
+            buf[:, :4] += h
+        elif self.how == "scatter":
+            buf = buf.scatter(1, slots, h)
+        else:
+            buf = F.pad(h, (0, 2))
+        return self.b(buf)

@@ -10,6 +10,11 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   residual share warns (0.15 and 0.029) and its causes now name the hooked parameter or module and the fix, remove
   the hook and scale a layer's update with a parameter group's ``lr`` (before: only the generic loss, data and random
   draws);
+* ``scatter_``, ``index_copy_`` and ``masked_scatter_`` into a ``torch.zeros`` buffer the forward created, and
+  ``buf[:, :4] += h`` on one: an ``UnsupportedModelError`` naming the in-place call (or the in-place write) and its
+  out-of-place form (``Tensor.scatter``, ``F.pad``), which is exact (before: torch's raw ``RuntimeError: vmap:
+  aten::scatter_(self, *extra_args) is not possible`` and ``output with shape [2, 4] doesn't match the broadcast
+  shape [3, 4, 2, 4]``; ``index_add_`` and slice assignment were named already);
 * rotary factors kept as a complex buffer: refused at the recorder naming the buffer, and the fix now names a
   buffer's form, ``self.register_buffer(name, torch.view_as_real(t))`` read through ``torch.view_as_complex``, which
   is exact (before: ``nn.Parameter`` only).
@@ -37,6 +42,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
      r"Fix: remove such hooks"),
     ("full_backward_hook_clips_grad_input", TrajectoryError, r"Step 0: .*gradient hooks \(module 'mid'\).*"
      r"Fix: remove such hooks"),
+    *[(f"{op}_into_zeros_inplace", UnsupportedModelError,
+       rf"in-place Tensor\.{op}_ on a tensor it created itself.*Fix: call the out-of-place Tensor\.{op}, the same")
+      for op in ("scatter", "index_copy", "masked_scatter")],
+    ("add_into_a_zeros_slice_inplace", UnsupportedModelError,
+     r"writes a tensor that depends on the input or the parameters into a tensor it created itself, in place.*"
+     r"buf\[:, :k\] \+= weights.*Fix: build such tensors out of place \(torch\.cat, torch\.stack, torch\.where, "
+     r"F\.pad\)"),
 ])
 def test_refused_naming_cause_and_fix(case, error, match):
     with pytest.raises(error, match=match):
