@@ -19,7 +19,9 @@ KEYS = {
     "rotary_complex_buffer": "complex tensors", "parameter_hook_clamps_in_init": "gradient hooks",
     "parameter_hook_clamps_unchecked": "gradient hooks", "full_backward_hook_clips_grad_input": "gradient hooks",
     "full_backward_hook_clips_unchecked": "gradient hooks", "siren_fourier_features": "stopped at the cap",
-    "relu_cnn_maxpool_sgd_5": "ReLU-dense",
+    "relu_cnn_maxpool_sgd_5": "ReLU-dense", "scatter_into_zeros_inplace": "in-place",
+    "index_copy_into_zeros_inplace": "in-place", "masked_scatter_into_zeros_inplace": "in-place",
+    "add_into_a_zeros_slice_inplace": "in place",
 }
 
 
