@@ -31,6 +31,7 @@ from _round10_attention import (
 from _round10_models import (
     CausalTCN,
     CheckpointSequential,
+    CompilerDisabled,
     DetPower,
     EighVectors,
     EinsumEllipsis,
@@ -209,6 +210,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "add_into_a_zeros_slice_inplace": model_case(lambda: InPlaceWrites("add_"), XV, YV),
     "scatter_out_of_place": model_case(lambda: InPlaceWrites("scatter"), XV, YV),
     "f_pad_out_of_place": model_case(lambda: InPlaceWrites("pad"), XV, YV),
+    "compiler_disable_and_parametrize_cached_in_forward": model_case(CompilerDisabled, XV, YV),
     "checkpoint_sequential_dropout": model_case(CheckpointSequential, XV, YV, reference=PlainCallReference, **CAPTURE),
     # ReLU-heavy models at untuned rates
     "relu_mlp5_sgd_nesterov_2": model_case(relu_mlp, XV, YV, opt=optim("SGD", 2.0, momentum=0.9, nesterov=True)),

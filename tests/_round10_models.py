@@ -412,3 +412,30 @@ class InPlaceWrites(nn.Module):
         else:
             buf = F.pad(h, (0, 2))
         return self.b(buf)
+
+
+class CompilerDisabled(nn.Module):
+    """A forward whose feature method is marked ``@torch.compiler.disable`` (kept out of a later ``torch.compile``)
+    and whose second layer's weight is a symmetric parametrization read twice under ``parametrize.cached()`` inside
+    ``forward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        nn.utils.parametrize.register_parametrization(self.b, "weight", Symmetric())
+
+    @torch.compiler.disable
+    def features(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.a(x))
+
+    def forward(self, x):
+        h = self.features(x)
+        with nn.utils.parametrize.cached():
+            return self.c(torch.tanh(self.b(h)) + torch.tanh(self.b(0.5 * h)))
+
+
+class Symmetric(nn.Module):
+    """``(W + W^T) / 2``."""
+
+    def forward(self, w: Tensor) -> Tensor:
+        return (w + w.T) / 2
