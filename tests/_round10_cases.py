@@ -30,6 +30,7 @@ from _round10_attention import (
 )
 from _round10_models import (
     CausalTCN,
+    CheckpointByName,
     CheckpointSequential,
     CompilerDisabled,
     DetPower,
@@ -212,6 +213,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "f_pad_out_of_place": model_case(lambda: InPlaceWrites("pad"), XV, YV),
     "compiler_disable_and_parametrize_cached_in_forward": model_case(CompilerDisabled, XV, YV),
     "checkpoint_sequential_dropout": model_case(CheckpointSequential, XV, YV, reference=PlainCallReference, **CAPTURE),
+    "checkpoint_imported_by_name_dropout": model_case(CheckpointByName, XV, YV, reference=PlainCallReference,
+                                                      **CAPTURE),
     # ReLU-heavy models at untuned rates
     "relu_mlp5_sgd_nesterov_2": model_case(relu_mlp, XV, YV, opt=optim("SGD", 2.0, momentum=0.9, nesterov=True)),
     "relu_mlp5_adamw_amsgrad_0_3": model_case(relu_mlp, XV, YV, opt=optim("AdamW", 0.3, amsgrad=True)),

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from _round5_kit import KinkMarks
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class EinsumEllipsis(nn.Module):
@@ -312,6 +313,16 @@ class CheckpointSequential(nn.Module):
     def forward(self, x):
         if self.training and self.checkpointing:
             return torch.utils.checkpoint.checkpoint_sequential(self.seq, 2, x, use_reentrant=False)
+        return self.seq(x)
+
+
+class CheckpointByName(CheckpointSequential):
+    """The same block run by ``checkpoint`` imported by name at the top of the model's module (``from
+    torch.utils.checkpoint import checkpoint``, bound before explaind is imported), ``use_reentrant=False``."""
+
+    def forward(self, x):
+        if self.training and self.checkpointing:
+            return checkpoint(self.seq, x, use_reentrant=False)
         return self.seq(x)
 
 

@@ -11,12 +11,13 @@ own quadrature error where its panels cannot resolve the path):
 * forwards users write: ``torch.einsum`` with an ellipsis, methods under ``@torch.jit.ignore``/``@torch.jit.unused``,
   a parameter hook that only reads gradients (registered in ``__init__``), a hypernetwork's per-sample kernels by one
   grouped ``F.conv2d`` (``groups=n``), a sparsemax head by hand (sort, ``cumsum``, ``clamp``), FiLM conditioning,
-  ``nn.Unflatten`` into ``Conv2d``, ``checkpoint_sequential`` over a block with dropout (``use_reentrant=False``,
-  ``capture_random=True``; the reference with the checkpointing switched off), a functional hypernetwork (``vmap`` of
-  ``functional_call`` of a target layer with generated weights), a forward pre-hook ``with_kwargs=True,
-  prepend=True`` that standardises a layer's input; units written into a buffer by the out-of-place
-  ``Tensor.scatter`` or by ``F.pad`` (the fixes of the in-place writes refused in the loud file); a method under
-  ``@torch.compiler.disable`` and a parametrized weight read twice under ``parametrize.cached()`` inside ``forward``;
+  ``nn.Unflatten`` into ``Conv2d``, ``checkpoint_sequential`` over a block with dropout and ``checkpoint`` imported
+  by name (``use_reentrant=False``, ``capture_random=True``; the reference with the checkpointing switched off), a
+  functional hypernetwork (``vmap`` of ``functional_call`` of a target layer with generated weights), a forward
+  pre-hook ``with_kwargs=True, prepend=True`` that standardises a layer's input; units written into a buffer by the
+  out-of-place ``Tensor.scatter`` or by ``F.pad`` (the fixes of the in-place writes refused in the loud file); a
+  method under ``@torch.compiler.disable`` and a parametrized weight read twice under ``parametrize.cached()``
+  inside ``forward``;
 * torch's attention modules with every option: ``nn.MultiheadAttention(add_bias_kv, add_zero_attn, kdim, vdim)``
   with a ``key_padding_mask`` and per-head weights read downstream, ``nn.Transformer`` with a causal ``tgt_mask`` and
   all three key padding masks, dropout 0.1 (reference on 16 panels);
@@ -50,7 +51,8 @@ EXACT = [
     "perceiver_cross_attention_kdim_vdim", "tcn_causal_pad_dilated_conv1d", "tensor_unfold_windows",
     "as_strided_windows", "einsum_ellipsis", "jit_ignore_and_unused_methods", "parameter_hook_reads_in_init",
     "hypernetwork_grouped_conv_per_sample", "sparsemax_sort_cumsum", "film_conditioning", "unflatten_conv_flatten",
-    "checkpoint_sequential_dropout", "spatial_transformer_bicubic_reflection", "spatial_transformer_nearest_reflection",
+    "checkpoint_sequential_dropout", "checkpoint_imported_by_name_dropout", "spatial_transformer_bicubic_reflection",
+    "spatial_transformer_nearest_reflection",
     "mha_bias_kv_zero_attn_kdim_vdim_padding", "transformer_all_four_masks_dropout",
     "functional_hypernetwork_vmap_functional_call", "scatter_out_of_place", "f_pad_out_of_place",
     "forward_pre_hook_with_kwargs_standardises", "compiler_disable_and_parametrize_cached_in_forward",
