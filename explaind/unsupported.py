@@ -77,8 +77,9 @@ def refuse_unreplayable(model: nn.Module, where: str) -> None:
             f"{where}: the model holds complex tensors {found[:8]}{' ...' if len(found) > 8 else ''}. explaind "
             f"replays a run in a real floating dtype, and casting a complex tensor to it keeps only the real part, "
             f"so the explained model would not be the trained one. Allowed: real floating parameters and buffers. "
-            f"Fix: hold each as a real tensor of shape (..., 2), e.g. nn.Parameter(torch.view_as_real(w)), and "
-            f"use torch.view_as_complex(self.w) in the forward (the same model, trained and explained exactly).")
+            f"Fix: hold each as a real tensor of shape (..., 2), e.g. nn.Parameter(torch.view_as_real(w)) (for a "
+            f"buffer, such as rotary factors from torch.polar: self.register_buffer(name, torch.view_as_real(t))), "
+            f"and use torch.view_as_complex(self.w) in the forward (the same model, trained and explained exactly).")
     slopes = [f"{name or type(m).__name__} (lower={m.lower}, upper={m.upper})" for name, m in model.named_modules()
               if isinstance(m, nn.RReLU)]
     if slopes:
@@ -176,15 +177,16 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             f"torch.func.vmap(torch.func.grad(energy))(x) for torch.autograd.grad(energy(x).sum(), x, "
             f"create_graph=True), torch.func.vmap(torch.func.jacrev(g))(x) for "
             f"torch.autograd.functional.jacobian(g, x); train and explain that model.")
-    match = re.search(r"vmap: (\w+)\(self, \*extra_args\) is not possible", text)
-    if match and "use out-of-place operators" in text:
+    match = re.search(r"vmap: (?:aten::)?(\w+)\(self, \*extra_args\) is not possible", text)
+    if match and "use out-of-place operators" in text:  # torch writes index_add_ bare, scatter_ as aten::scatter_
         op = match.group(1)
+        args = "(mask, values)" if op.startswith("masked") else "(dim, index, values)"
         return UnsupportedModelError(
             f"the model's forward calls the in-place Tensor.{op} on a tensor it created itself (e.g. "
-            f"torch.zeros(...).{op}(dim, index, values)) with values that depend on the input or the parameters, "
+            f"torch.zeros(...).{op}{args}) with values that depend on the input or the parameters, "
             f"which torch.func.vmap cannot run, and explaind evaluates the model one input at a time under vmap "
             f"(torch: 'vmap: {op}(self, *extra_args) is not possible'). Fix: call the out-of-place "
-            f"Tensor.{op.rstrip('_')}, the same values (torch.zeros(...).{op.rstrip('_')}(dim, index, values)).")
+            f"Tensor.{op.rstrip('_')}, the same values (torch.zeros(...).{op.rstrip('_')}{args}).")
     match = re.search(r"forward AD with (\w+) that does not support it", text)
     if match:
         op = match.group(1)

@@ -29,6 +29,7 @@ from ..kernel.jumps import (
     singular_sites,
     stop_sites,
 )
+from ..models import gradient_hooks
 
 __all__ = ["JACOBIAN_TERMS", "METAGRADIENT_TERMS", "PATH_TERMS", "check_finite", "check_residual", "residual_causes",
            "check_quadrature", "refuse_non_finite"]
@@ -98,6 +99,13 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       f"longest sequence but an input explained alone to its full padded length, so a head that "
                       f"reads the padding (a mean over all time steps) computes another function — pass "
                       f"total_length=x.shape[1] (docs/maths.md, 'Recurrent layers')")
+    hooked = gradient_hooks(traj.model)
+    if hooked:
+        causes.append(f"the model has gradient hooks ({', '.join(hooked[:4])}{', ...' if len(hooked) > 4 else ''}), "
+                      f"which change what backward() left in .grad (and so the recorded update) but no output; the "
+                      f"engine recomputes each sample's gradient without them, so a hook that clips, rescales or "
+                      f"edits gradients leaves its edit in the residual — remove such hooks (one that only reads "
+                      f"gradients is fine) and scale a layer's update with a parameter group's lr instead")
     grown = _growth_cause(traj, start, stop)
     if grown:
         causes.insert(0, grown)

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import inspect
 import math
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ from ..unsupported import evaluation_refusal, refuse_unreplayable
 from .casts import KeepReplayDtype
 from .rewrite_scan import reachable_rewrite
 from .rewrites import FusedKernelRewrite, needs_rewrite
+
+#: torch's error for an in-place operation whose own tensor cannot hold the broadcast result: under vmap, a tensor the
+#: forward created (unbatched) updated in place with a batched one (``buf[:, :k] += h``).
+SELF_SHAPE = r"output with shape \[[\d, ]*\] doesn't match the broadcast shape"
 
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
 
@@ -171,11 +176,12 @@ class FunctionalModel:
                         "gradient checkpointing, is inert inside explaind's model calls). Fix: remove that call "
                         "from the forward or the hook; it marks tensors for autograd and changes no value."
                     ) from exc
-                if "vmap: inplace arithmetic" in str(exc):
+                if "vmap: inplace arithmetic" in str(exc) or re.search(SELF_SHAPE, str(exc)):
                     raise UnsupportedModelError(
                         "the model's forward writes a tensor that depends on the input or the parameters into a "
-                        "tensor it created itself, in place (e.g. buf = torch.zeros(...); buf[:, :k] = weights), "
-                        "which torch.func.vmap cannot run (torch: 'vmap: inplace arithmetic ... is not possible'), "
+                        "tensor it created itself, in place (e.g. buf = torch.zeros(...); buf[:, :k] = weights, or "
+                        "buf[:, :k] += weights), which torch.func.vmap cannot run (torch: 'vmap: inplace arithmetic "
+                        "... is not possible', or 'output with shape ... doesn't match the broadcast shape'), "
                         "and explaind evaluates the model one input at a time under vmap. Hugging Face BigBird's "
                         "attention_type='block_sparse' does this (it assembles its attention probabilities so). "
                         "Fix: build such tensors out of place (torch.cat, torch.stack, torch.where, F.pad) in the "

@@ -17,6 +17,7 @@ bar moves at least :data:`BAR_UPDATES` times.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -212,6 +213,8 @@ def _above(est: Tensor, exact: Tensor, g_a: Tensor, g_b: Tensor, tol: float) -> 
 #: Evaluations per (step, input) on average above which the adaptive rule says what it costs (the 100-point
 #: midpoint rule's count; docs/engine.md section 2, *The cost of kink-rich paths*).
 EVALS_NOTICE = 100
+#: A capped float64 unit's relative error below this, far below float32 rounding, is named as curvature, not casts.
+CURVED_WORST = 1e-9
 
 
 class CostNotice:
@@ -272,7 +275,8 @@ class InexactUnits:
     (:func:`_casts_hint`) says why a float64 replay may stop at the cap; ``jumps_hint`` (:func:`_jumps_hint`) names
     the modules whose outputs jump, which no rule integrates across; ``kinks`` (:func:`_kinks_hint`) names the
     model's modules with kinks, the first cause of a cap when there are any (the generic float32 hint is then left
-    out; a cast the replay found is still named).
+    out; a cast the replay found is still named); without any, an error left below :data:`CURVED_WORST` is named as
+    curvature (:func:`_curved_hint`).
     """
 
     def __init__(self, tol: float, casts_hint: str = "", jumps_hint: str = "", kinks: str | None = None) -> None:
@@ -316,12 +320,23 @@ class InexactUnits:
                               f"tol; a looser tol locates each with fewer evaluations")
             own = self.casts_hint.startswith("the model's")  # a cast the replay found, not the generic hint
             if self.float64 and self.casts_hint and (own or not (self.kinks or self.jumps_hint)):
-                causes.append(self.casts_hint)
+                curved = not own and self.worst < CURVED_WORST  # far below float32 rounding: no cast explains it
+                causes.append(_curved_hint(self.worst, self.tol) if curved else self.casts_hint)
         warn_at_caller(
             f"the adaptive quadrature left {self.above} of {self.total} (step, input) pairs above tol={self.tol:g}, "
             f"with relative error up to {self.worst:.2g}: {'; '.join(causes)}. The error left is reported as "
             f"quadrature_error (never hidden). For a smaller error raise the budget (quadrature='midpoint', "
             f"nodes=... costs a known number of evaluations), or explain fewer steps.")
+
+
+def _curved_hint(worst: float, tol: float) -> str:
+    """Why a float64 replay without kinks, jumps or casts stops at the cap just above ``tol``: curvature."""
+    looser = 10.0 ** math.ceil(math.log10(worst))
+    return (f"the error left is far below float32 rounding (about 1e-7) and the model holds no kink, jump or cast "
+            f"the replay found, so these paths are smooth but curve more than the cap resolves to tol={tol:g} "
+            f"(an oscillating activation such as sin of large arguments in SIREN layers or Fourier features, or a "
+            f"large step); tol={looser:g} accepts the error left, a tighter one needs quadrature='midpoint' with more "
+            f"nodes")
 
 
 def _jumps_hint(engine: Any) -> str:
