@@ -41,6 +41,7 @@ from ._participation import (
     second_step_message,
 )
 from ._random import MicroBatch, RandomCapture, RandomState, draws_masks, is_spectral_norm, replay_parts
+from ._setup import refuse_dtype_mismatch
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
 
@@ -278,8 +279,12 @@ class RecorderChecksMixin:
         else:
             lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
-            return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast, replay,
-                                        self._random.generators, self._buffers.recorded(), lazy)
+            try:
+                return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast,
+                                            replay, self._random.generators, self._buffers.recorded(), lazy)
+            except RuntimeError as exc:  # torch's dtype error of half-precision parameters (Fabric 'bf16-true')
+                refuse_dtype_mismatch(exc, self._params, batch[0], s)
+                raise
 
     def _backward_draws(self, batch: Any, replay: list[tuple[slice, RandomState]], s: int,
                         hint: str) -> Callable[[], str]:
