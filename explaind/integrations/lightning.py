@@ -87,6 +87,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self._setup(train_data, loss, attention_mask, recorder_kwargs)
         self._module = module
         self._current: Tensor | None = None
+        self._logged: Tensor | None = None  # the batch logged last, logged again by a backward after its step
         self._unchecked = False  # the current micro-batch's first forward of the recorded module is still to come
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -163,6 +164,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 f"explaind.integrations.IndexedDataset, collated to a mapping (torch's default collate does)."
             )
         self._current = torch.as_tensor(batch.pop(self.index_key)).detach().to("cpu", torch.long).reshape(-1)
+        self._logged = None
         self._unchecked = True
 
     def _take_inputs(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -176,11 +178,18 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
             self._check_batch(self._current, kwargs)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        if self.recorder is None or self._current is None:
+        """Log the batch at its backward; under manual optimization a backward after an optimizer step on the same
+        batch (several steps per batch, one per parameter subset as in a GAN-shaped loop) logs it again."""
+        if self.recorder is None:
+            return
+        if self._current is None and not pl_module.automatic_optimization and not getattr(
+                self.recorder, "_pending", None):
+            self._current = self._logged
+        if self._current is None:
             return
         (w,) = step_weights(self._loss, self._data, [self._current], "micro_batch", self._dtype)
         self.recorder.log_batch(self._current, w / trainer.accumulate_grad_batches)
-        self._current = None
+        self._logged, self._current = self._current, None
 
     def on_before_zero_grad(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Drop the micro-batches logged since the last optimizer step: Lightning zeroes their gradients without
