@@ -204,9 +204,9 @@ def test_several_optimizer_steps_per_batch_in_manual_mode_are_exact(tmp_path):
 class CompiledFloat32Loss(CrossEntropyModule):
     """``training_step`` through a compiled function whose loss casts the float64 outputs to float32."""
 
-    def __init__(self):
+    def __init__(self, fullgraph: bool = False):
         super().__init__(_mlp(), _sgd)
-        self._loss = torch.compile(self._float32_loss, backend="aot_eager")
+        self._loss = torch.compile(self._float32_loss, backend="aot_eager", fullgraph=fullgraph)
 
     def _float32_loss(self, x, labels):
         return F.cross_entropy(self.model(x).float(), labels)
@@ -225,3 +225,13 @@ def test_a_float32_cast_inside_a_compiled_training_function_is_warned_and_kept(t
     assert "rounded to float32" in traj.manifest.extras["output_rounding"]
     assert 1e-10 < max(traj.gradient_check()) < 1e-7
     note(outcome="loud: ExplaindWarning (float32 loss inside a compiled function)")
+
+
+def test_a_full_graph_compile_around_the_recorded_model_fails_in_torch(tmp_path):
+    """``torch.compile(..., fullgraph=True)``: the recorder's forward hooks on the model break the graph, which a
+    full graph forbids; torch refuses it (``Unsupported``) at the first training forward. Compile without
+    ``fullgraph`` to record (the test above)."""
+    torch._dynamo.reset()  # forget the frames the test above compiled from the same code without fullgraph
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        _fit(tmp_path, CompiledFloat32Loss(fullgraph=True))
+    note(outcome="loud: torch's Unsupported (fullgraph=True breaks at the recorder's hooks)")
