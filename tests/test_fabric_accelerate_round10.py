@@ -35,7 +35,7 @@ fabric_mod = pytest.importorskip("lightning.fabric")
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning:lightning")]
 
 
-def _fabric_run(precision: str, *, compiled: bool = False, store=None, give: str = "torch",
+def _fabric_run(precision: str, *, compiled: bool = False, fullgraph: bool = False, store=None, give: str = "torch",
                 **recorder) -> tuple[torch.nn.Module, explaind.Trajectory, list[str]]:
     """One epoch of 6 steps through ``fabric.setup`` (of ``torch.compile(net, backend="aot_eager")`` with
     ``compiled``); the recorder is given the torch model (``give="torch"``) or the ``_FabricModule``. Returns the
@@ -44,7 +44,7 @@ def _fabric_run(precision: str, *, compiled: bool = False, store=None, give: str
     net = mlp()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     fabric = fabric_mod.Fabric(accelerator="cpu", devices=1, precision=precision)
-    model, fopt = fabric.setup(torch.compile(net, backend="aot_eager") if compiled else net, opt)
+    model, fopt = fabric.setup(torch.compile(net, backend="aot_eager", fullgraph=fullgraph) if compiled else net, opt)
     loader = fabric.setup_dataloaders(torch.utils.data.DataLoader(
         torch.arange(len(X)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)))
     rec = explaind.TrajectoryRecorder(net if give == "torch" else model, fopt, loss="cross_entropy",
@@ -136,3 +136,15 @@ def test_fabric_64_true_with_a_compiled_module_still_warns_of_the_output_cast():
     assert len([m for m in caught if "rounded to float32" in m]) == 1
     assert "output_rounding" in traj.manifest.extras
     note(outcome="loud: ExplaindWarning (outputs cast to float32, compiled module)")
+
+
+def test_a_full_graph_compile_is_refused_by_torch_with_a_note_naming_the_recorder_and_the_fix():
+    """``fabric.setup(torch.compile(net, fullgraph=True))``: the recorder's hooks break the graph, torch refuses
+    (``Unsupported``); leaving ``with rec:`` the recorder adds a note naming its hooks and the fix. Before: torch's
+    message alone, naming a ctypes array."""
+    torch._dynamo.reset()  # no frames compiled by the tests above without fullgraph
+    with pytest.raises(torch._dynamo.exc.Unsupported) as caught:
+        _fabric_run("32-true", compiled=True, fullgraph=True)
+    notes = getattr(caught.value, "__notes__", [])
+    assert len(notes) == 1 and "Fix: compile without fullgraph=True" in notes[0]
+    note(outcome="loud: torch's Unsupported with a note naming the recorder's hooks and the fix")

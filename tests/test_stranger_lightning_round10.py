@@ -227,11 +227,15 @@ def test_a_float32_cast_inside_a_compiled_training_function_is_warned_and_kept(t
     note(outcome="loud: ExplaindWarning (float32 loss inside a compiled function)")
 
 
-def test_a_full_graph_compile_around_the_recorded_model_fails_in_torch(tmp_path):
+def test_a_full_graph_compile_around_the_recorded_model_is_refused_by_torch_with_a_note_naming_the_fix(tmp_path):
     """``torch.compile(..., fullgraph=True)``: the recorder's forward hooks on the model break the graph, which a
-    full graph forbids; torch refuses it (``Unsupported``) at the first training forward. Compile without
-    ``fullgraph`` to record (the test above)."""
+    full graph forbids; torch refuses it (``Unsupported``) at the first training forward. Before, its message named
+    a ctypes array and no fix; now the exception carries a note naming the recorder's hooks and the fix (compile
+    without ``fullgraph``, the test above)."""
     torch._dynamo.reset()  # forget the frames the test above compiled from the same code without fullgraph
-    with pytest.raises(torch._dynamo.exc.Unsupported):
+    with pytest.raises(torch._dynamo.exc.Unsupported) as caught:
         _fit(tmp_path, CompiledFloat32Loss(fullgraph=True))
-    note(outcome="loud: torch's Unsupported (fullgraph=True breaks at the recorder's hooks)")
+    notes = getattr(caught.value, "__notes__", [])
+    assert len(notes) == 1 and "hook explaind's recorder placed on the recorded model" in notes[0]
+    assert "Fix: compile without fullgraph=True" in notes[0]
+    note(outcome="loud: torch's Unsupported with a note naming the recorder's hooks and the fix")

@@ -44,7 +44,7 @@ try:
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     raise ConfigError(f"explaind.integrations.ExplaindLightningCallback needs lightning ({exc}); install it with "
                       f"pip install 'explaind[lightning]'.") from exc
-from ..trajectory._common import ModelHook
+from ..trajectory._common import ModelHook, note_full_graph
 from ._core import RecordingCore
 from .data import MaskForm, step_weights
 
@@ -209,6 +209,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        note_full_graph(exception)
         self.close()
 
     def close(self) -> None:
