@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 from _hf_stranger_kit import note
 from _hf_testkit import N_TRAIN, lm_data, lm_figures, run_args, tiny_bert, tiny_gpt2
 from test_stranger_hf_gc import PlainReplayReference, _assert_figures, _dropout_gpt2
@@ -145,3 +146,28 @@ def test_neftune_on_a_sequence_classifier_is_refused(tmp_path):
                                           r"neftune_noise_alpha=None"):
         trainer.train()
     note(outcome="loud: ConfigError (NEFTune noise)")
+
+
+def test_inductor_compile_of_a_dropout_model_is_refused_naming_fallback_random(tmp_path):
+    """``torch_compile=True`` with the default backend, inductor, draws dropout masks from inductor's own generator.
+    Before: the first gradient check failed (relative difference 0.557) listing causes that did not name the
+    compiler; now a ``ConfigError`` at the start of training naming the backend, the layers and the fixes."""
+    import torch._inductor.config as inductor_config
+
+    refusal = (r"torch_compile=True\) compiles the model with the 'inductor' backend.*net.2.*Fix: "
+               r"torch._inductor.config.fallback_random = True")
+    with inductor_config.patch(fallback_random=False), pytest.raises(ConfigError, match=refusal):
+        _train(tmp_path, OwnLossMLP(dropout=0.3), torch_compile=True, callback_kwargs={"check_gradients": True})
+    note(outcome="loud: ConfigError (inductor's own dropout masks)")
+
+
+def test_inductor_compile_of_a_dropout_model_with_fallback_random_is_exact(tmp_path):
+    """The first fix the refusal names: inductor draws as eager torch does, the recorded masks replay."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()  # no frame compiled without fallback_random is reused
+    with inductor_config.patch(fallback_random=True):
+        model, traj, _ = _train(tmp_path, OwnLossMLP(dropout=0.3), torch_compile=True,
+                                callback_kwargs={"check_gradients": True})
+    assert max(traj.gradient_check()) <= 1e-12
+    _assert_replayed_exact(model, traj)
