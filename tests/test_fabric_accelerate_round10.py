@@ -148,3 +148,32 @@ def test_a_full_graph_compile_is_refused_by_torch_with_a_note_naming_the_recorde
     notes = getattr(caught.value, "__notes__", [])
     assert len(notes) == 1 and "Fix: compile without fullgraph=True" in notes[0]
     note(outcome="loud: torch's Unsupported with a note naming the recorder's hooks and the fix")
+
+
+def test_accelerate_with_a_dynamo_backend_is_exact():
+    """``Accelerator(dynamo_backend="aot_eager")``: ``prepare`` returns the compiled model, given to the recorder."""
+    accelerate = pytest.importorskip("accelerate")
+
+    def reset() -> None:  # accelerate's per-process state, as tests/test_fabric_accelerate.py resets it
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+        accelerate.state.GradientState._reset_state()
+
+    reset()
+    X, y, _ = data()
+    net = mlp()
+    accelerator = accelerate.Accelerator(cpu=True, dynamo_backend="aot_eager")
+    model, opt = accelerator.prepare(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9))
+    assert type(model).__name__ == "OptimizedModule"
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), check_gradients=True)
+    with rec:
+        for idx in torch.utils.data.DataLoader(torch.arange(len(X)), batch_size=4, shuffle=True,
+                                               generator=torch.Generator().manual_seed(1)):
+            accelerator.backward(F.cross_entropy(model(X[idx]), y[idx]))
+            rec.log_batch(idx)
+            opt.step()
+            opt.zero_grad()
+    reset()
+    assert max(rec.trajectory.gradient_check()) <= 1e-12
+    figures = measure(net, rec.trajectory)
+    note(replica=figures["replica"], share=figures["share"], train=figures["scores"])
+    assert_exact(figures)

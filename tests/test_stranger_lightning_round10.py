@@ -239,3 +239,13 @@ def test_a_full_graph_compile_around_the_recorded_model_is_refused_by_torch_with
     assert len(notes) == 1 and "hook explaind's recorder placed on the recorded model" in notes[0]
     assert "Fix: compile without fullgraph=True" in notes[0]
     note(outcome="loud: torch's Unsupported with a note naming the recorder's hooks and the fix")
+
+
+def test_a_compiled_model_inside_the_module_is_exact(tmp_path):
+    """``self.model = torch.compile(mlp, backend="aot_eager")``: the callback records the ``OptimizedModule``,
+    whose parameters are named ``_orig_mod.*``; every step's gradient check passes."""
+    module = CrossEntropyModule(torch.compile(_mlp(), backend="aot_eager"), _sgd)
+    callback, _ = _fit(tmp_path, module, callback_kwargs={"check_gradients": True})
+    traj = callback.trajectory
+    assert traj.param_names[0] == "_orig_mod.0.weight" and max(traj.gradient_check()) <= 1e-12
+    _assert_exact(module.model, traj)
