@@ -177,3 +177,28 @@ def test_accelerate_with_a_dynamo_backend_is_exact():
     figures = measure(net, rec.trajectory)
     note(replica=figures["replica"], share=figures["share"], train=figures["scores"])
     assert_exact(figures)
+
+
+def test_an_inductor_compiled_dropout_model_fails_the_check_naming_fallback_random():
+    """A plain loop training ``torch.compile(net)`` (inductor) of a dropout model: inductor draws the masks from its
+    own generator, the first gradient check fails. Before: its causes did not name the compiler; now they name
+    inductor's generator and ``torch._inductor.config.fallback_random = True``."""
+    import torch._inductor.config as inductor_config
+
+    from explaind.exceptions import TrajectoryError
+
+    X, y, _ = data()
+    net = torch.nn.Sequential(mlp(), torch.nn.Dropout(0.3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=False):
+        compiled = torch.compile(net)
+        rec = explaind.TrajectoryRecorder(net, opt, loss="cross_entropy", train_data=(X, y), check_gradients=True)
+        with pytest.raises(TrajectoryError, match=r"does not match the gradient.*torch.compile ran in this process: "
+                                                  r"its default backend, inductor.*Fix: torch._inductor.config."
+                                                  r"fallback_random = True"), rec:
+            idx = torch.arange(4)
+            F.cross_entropy(compiled(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    note(outcome="loud: TrajectoryError naming inductor's own dropout masks")

@@ -27,7 +27,7 @@ from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
 from ._background import CopyPool, Handoff, StateCopier
-from ._backward_draws import backward_draw_hint, draws_in_backward
+from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_masks_hint
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
@@ -273,6 +273,7 @@ class RecorderChecksMixin:
         if moved:
             hint += moved_message(moved, s, checked=True)
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
+        hint += inductor_masks_hint(self.model)
         batch = (x.to(device), y.to(device), weights.to(device))
         if replay is None and self.model.training:
             lazy: Any = lambda: mode_branch_hint(self.model, self._params, batch[0]) + hint  # noqa: E731
