@@ -201,6 +201,34 @@ def test_several_optimizer_steps_per_batch_in_manual_mode_are_exact(tmp_path):
     _assert_exact(module.model, traj)
 
 
+class GradientNormAfterStep(CrossEntropyModule):
+    """Manual optimization: one step per batch, then a backward on the batch only to log a gradient norm, zeroed."""
+
+    def __init__(self):
+        super().__init__(_mlp(), _sgd)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        for stepped in (True, False):
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self.model(batch["x"]), batch["labels"]))
+            if stepped:
+                opt.step()
+        self.log("grad_norm", sum(p.grad.norm() for p in self.model.parameters()))
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_backward_after_the_step_whose_gradients_no_step_uses_is_not_recorded(tmp_path, check):
+    """The batch logged again at the second backward is dropped when the batch ends without another step (as the
+    run dropped those gradients)."""
+    module = GradientNormAfterStep()
+    callback, trainer = _fit(tmp_path, module, accumulate=1, callback_kwargs={"check_gradients": check})
+    assert callback.trajectory.n_steps == trainer.global_step == 4 and _sizes(callback.trajectory) == [4] * 4
+    _assert_exact(module.model, callback.trajectory)
+
+
 class CompiledFloat32Loss(CrossEntropyModule):
     """``training_step`` through a compiled function whose loss casts the float64 outputs to float32."""
 

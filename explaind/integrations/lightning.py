@@ -88,6 +88,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self._module = module
         self._current: Tensor | None = None
         self._logged: Tensor | None = None  # the batch logged last, logged again by a backward after its step
+        self._relogged = False  # whether this batch was logged again (dropped at its end unless a step used it)
         self._unchecked = False  # the current micro-batch's first forward of the recorded module is still to come
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -164,7 +165,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 f"explaind.integrations.IndexedDataset, collated to a mapping (torch's default collate does)."
             )
         self._current = torch.as_tensor(batch.pop(self.index_key)).detach().to("cpu", torch.long).reshape(-1)
-        self._logged = None
+        self._logged, self._relogged = None, False
         self._unchecked = True
 
     def _take_inputs(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -184,12 +185,22 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
             return
         if self._current is None and not pl_module.automatic_optimization and not getattr(
                 self.recorder, "_pending", None):
-            self._current = self._logged
+            self._current, self._relogged = self._logged, self._logged is not None
         if self._current is None:
             return
         (w,) = step_weights(self._loss, self._data, [self._current], "micro_batch", self._dtype)
         self.recorder.log_batch(self._current, w / trainer.accumulate_grad_batches)
         self._logged, self._current = self._current, None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Drop a batch logged again (a backward after an optimizer step on it) that no step used before the batch
+        ended: a backward for logging (a gradient norm) whose gradients ``training_step`` zeroed, as the run did."""
+        pending = getattr(self.recorder, "_pending", None)
+        if self._relogged and pending:
+            logger.info("Training batch %d: a backward after its optimizer step was not followed by another step; "
+                        "its gradients are not recorded as a step.", batch_idx)
+            pending.clear()
+        self._relogged = False
 
     def on_before_zero_grad(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Drop the micro-batches logged since the last optimizer step: Lightning zeroes their gradients without
