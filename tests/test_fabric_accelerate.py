@@ -419,7 +419,7 @@ def test_resuming_from_the_frameworks_checkpoint_with_momentum_is_exact(tmp_path
 def test_fabric_half_precision_parameters_are_refused_naming_bf16_mixed(precision):
     """The recorder given what ``fabric.setup`` returned. Before: an ``UnknownEntryError`` for ``FabricSGD`` (and
     given the torch objects, torch's ``RuntimeError`` "mat1 and mat2 must have the same dtype" from the first
-    gradient check, which it still is: the module alone does not say Fabric converts the inputs)."""
+    gradient check: since round 10 a ``ConfigError`` there too, tests/test_fabric_accelerate_round10.py)."""
     X, y, _ = data()
     fabric = fabric_mod.Fabric(accelerator="cpu", devices=1, precision=precision)
     net = mlp().float()

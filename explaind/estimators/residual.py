@@ -73,6 +73,14 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       f"of the loop's gradients (of order 1e-4 for float16, 1e-3 for bfloat16, docs/recording.md "
                       f"'Mixed precision'); this is expected — accept it with a larger residual_tol, or train "
                       f"without autocast for a split at rounding level")
+    rounded = (getattr(traj.manifest, "extras", None) or {}).get("output_rounding")
+    if rounded:
+        causes.append(f"the recorder noted while recording that {rounded}: the run's gradients carry float32 "
+                      f"rounding (about 1e-8 relative) that no float64 per-sample loss reproduces, so the residual "
+                      f"holds it (a share near 1e-8) — compute the loss in float64 (Fabric: "
+                      f"torch.set_default_dtype(torch.float64) before training, or precision='32-true' with a float64 "
+                      f"model; the Hugging Face Trainer: compute_loss_func=callback.compute_loss; "
+                      f"docs/guide_own_model.md, 'Fabric and Accelerate')")
     half = sorted({str(t.dtype).removeprefix("torch.") for t in traj.params(start).values()
                    if t.dtype in (torch.float16, torch.bfloat16)})
     if half:

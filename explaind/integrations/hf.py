@@ -48,6 +48,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environm
                       f"pip install 'explaind[hf]'.") from exc
 from ..outputs import model_output
 from ..trajectory._common import ModelHook, TrainData
+from ..trajectory._random import draws_masks
 from ._core import RecordingCore
 from .data import IndexCollate, MaskForm, step_weights
 
@@ -160,6 +161,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                 f"Fix: train with neftune_noise_alpha=None, or draw the noise in a layer of the model (it is then "
                 f"replayed with TrajectoryRecorder(capture_random=True))."
             )
+        _refuse_inductor_masks(args, model)
         self._label_smoothing = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
         if self._label_smoothing and any(p.dtype == torch.float64 for p in model.parameters()):
             warn_at_caller(
@@ -422,3 +424,33 @@ def _shift_by_config(model: Any) -> tuple[Callable[..., Tensor] | None, str]:
 
     return shift, (f"the labels shifted right, config.decoder_start_token_id={start} first and -100 as "
                    f"config.pad_token_id={pad}")
+
+
+def _refuse_inductor_masks(args: Any, model: torch.nn.Module) -> None:
+    """Refuse ``TrainingArguments(torch_compile=True)`` with the inductor backend on a model that draws dropout masks
+    unless ``torch._inductor.config.fallback_random`` is set: inductor's compiled forward draws its masks from its own
+    random-number generator, not from torch's, whose state the callback captures and replays.
+
+    Raises
+    ------
+    ConfigError
+        Naming the backend, the dropout layers and the two fixes. Before, the first gradient check failed with a
+        relative difference of about 0.5 and a list of causes that did not name the compiler.
+    """
+    backend = getattr(args, "torch_compile_backend", None) or "inductor"
+    if not getattr(args, "torch_compile", False) or backend != "inductor":
+        return
+    layers = [name or type(m).__name__ for name, m in model.named_modules() if draws_masks(m)]
+    if not layers:
+        return
+    import torch._inductor.config as inductor_config  # only for a compiled run
+
+    if inductor_config.fallback_random:
+        return
+    raise ConfigError(
+        f"TrainingArguments(torch_compile=True) compiles the model with the 'inductor' backend, whose compiled forward "
+        f"draws the dropout masks of {', '.join(layers[:5])} from inductor's own random-number generator, not from "
+        f"torch's generator whose state the callback captures: the replayed forwards would draw other masks (the "
+        f"gradient check fails, the residual holds the difference). Fix: torch._inductor.config.fallback_random = "
+        f"True before training (inductor then draws as torch does: exact), or "
+        f"TrainingArguments(torch_compile_backend='aot_eager').")

@@ -44,7 +44,7 @@ try:
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     raise ConfigError(f"explaind.integrations.ExplaindLightningCallback needs lightning ({exc}); install it with "
                       f"pip install 'explaind[lightning]'.") from exc
-from ..trajectory._common import ModelHook
+from ..trajectory._common import ModelHook, note_full_graph
 from ._core import RecordingCore
 from .data import MaskForm, step_weights
 
@@ -87,6 +87,8 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self._setup(train_data, loss, attention_mask, recorder_kwargs)
         self._module = module
         self._current: Tensor | None = None
+        self._logged: Tensor | None = None  # the batch logged last, logged again by a backward after its step
+        self._relogged = False  # whether this batch was logged again (dropped at its end unless a step used it)
         self._unchecked = False  # the current micro-batch's first forward of the recorded module is still to come
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -163,6 +165,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
                 f"explaind.integrations.IndexedDataset, collated to a mapping (torch's default collate does)."
             )
         self._current = torch.as_tensor(batch.pop(self.index_key)).detach().to("cpu", torch.long).reshape(-1)
+        self._logged, self._relogged = None, False
         self._unchecked = True
 
     def _take_inputs(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -176,11 +179,28 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
             self._check_batch(self._current, kwargs)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        if self.recorder is None or self._current is None:
+        """Log the batch at its backward; under manual optimization a backward after an optimizer step on the same
+        batch (several steps per batch, one per parameter subset as in a GAN-shaped loop) logs it again."""
+        if self.recorder is None:
+            return
+        if self._current is None and not pl_module.automatic_optimization and not getattr(
+                self.recorder, "_pending", None):
+            self._current, self._relogged = self._logged, self._logged is not None
+        if self._current is None:
             return
         (w,) = step_weights(self._loss, self._data, [self._current], "micro_batch", self._dtype)
         self.recorder.log_batch(self._current, w / trainer.accumulate_grad_batches)
-        self._current = None
+        self._logged, self._current = self._current, None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Drop a batch logged again (a backward after an optimizer step on it) that no step used before the batch
+        ended: a backward for logging (a gradient norm) whose gradients ``training_step`` zeroed, as the run did."""
+        pending = getattr(self.recorder, "_pending", None)
+        if self._relogged and pending:
+            logger.info("Training batch %d: a backward after its optimizer step was not followed by another step; "
+                        "its gradients are not recorded as a step.", batch_idx)
+            pending.clear()
+        self._relogged = False
 
     def on_before_zero_grad(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Drop the micro-batches logged since the last optimizer step: Lightning zeroes their gradients without
@@ -200,6 +220,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         self.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        note_full_graph(exception)
         self.close()
 
     def close(self) -> None:

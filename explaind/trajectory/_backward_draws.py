@@ -17,10 +17,14 @@ reproduce it and the gradient check fails. Only on that failure (never on the ho
 first replayed micro-batch is run forward and backward once more under its captured state, and
 the generators are compared after the forward and after the backward: a difference names the
 draw in ``backward()`` and the fix.
+
+:func:`inductor_masks_hint` names the other draw no capture sees: ``torch.compile``'s default backend, inductor,
+draws the dropout masks of a compiled forward from its own random-number generator, not from torch's.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,9 +34,9 @@ from torch import Tensor, nn
 from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
-from ._random import RandomState, replayed
+from ._random import RandomState, draws_masks, replayed
 
-__all__ = ["backward_draw_hint", "draws_in_backward"]
+__all__ = ["backward_draw_hint", "draws_in_backward", "inductor_masks_hint"]
 
 
 def _states(device: torch.device, generators: Sequence[torch.Generator]) -> list[Tensor]:
@@ -95,3 +99,18 @@ def backward_draw_hint(step: int) -> str:
             f"function and no replay reproduces it. Fix: keep preserve_rng_state=True (the default) and draw inside "
             f"checkpointed blocks from torch's global generator, or switch checkpointing off while recording (it "
             f"does not change the model's function).")
+
+
+def inductor_masks_hint(model: nn.Module) -> str:
+    """The sentence naming inductor's own dropout masks when ``torch.compile`` compiled something in this process,
+    inductor's ``fallback_random`` is off and ``model`` draws masks; ``""`` otherwise (cheap: module lookups first).
+    """
+    dynamo, config = sys.modules.get("torch._dynamo"), sys.modules.get("torch._inductor.config")
+    if dynamo is None or config is None or getattr(config, "fallback_random", True):
+        return ""
+    if not dynamo.utils.counters["stats"].get("unique_graphs") or not any(draws_masks(m) for m in model.modules()):
+        return ""
+    return (" torch.compile ran in this process: its default backend, inductor, draws the dropout masks of a compiled "
+            "forward from its own random-number generator, not from torch's generator whose state the recorder "
+            "captures, so no replay draws them again. Fix: torch._inductor.config.fallback_random = True before "
+            "training (inductor then draws as torch does), or torch.compile(..., backend='aot_eager').")

@@ -20,6 +20,7 @@ IGNORE_INDEX = -100
 
 __all__ = [
     "FirstForward",
+    "note_full_graph",
     "TrainData",
     "resolve_loss_record",
     "loss_name",
@@ -62,6 +63,21 @@ class ModelHook:
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         return ModelHook, ()
+
+
+def note_full_graph(exc: BaseException | None) -> None:
+    """Add a note naming the cause and the fix to torch's refusal of a graph break under
+    ``torch.compile(..., fullgraph=True)`` when the break is in explaind's code: the recorder's hooks on the
+    recorded model (random-state capture, gradient probes) run Python that torch cannot trace into one graph."""
+    if exc is None or type(exc).__name__ != "Unsupported" or not type(exc).__module__.startswith("torch._dynamo"):
+        return
+    if "explaind" not in str(exc) or any("explaind" in n for n in getattr(exc, "__notes__", [])):
+        return
+    exc.add_note(
+        "explaind: the graph break torch refuses is in a hook explaind's recorder placed on the recorded model (it "
+        "captures the random state of each training forward and probes the gradients), which torch.compile cannot "
+        "trace into one graph: fullgraph=True forbids the break. Fix: compile without fullgraph=True (the hooks "
+        "then break the graph and the run is recorded exactly; docs/guide_own_model.md, 'Fabric and Accelerate').")
 
 
 class ForwardHookPair:

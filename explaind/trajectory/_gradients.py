@@ -369,16 +369,18 @@ class AutocastProbe:
         Synchronised on every forward, so a parameter unfrozen mid-run is snapshotted from its first backward.
     device_type : str
         ``"cpu"``, ``"cuda"``, ... of the parameters.
+    notes : dict, optional
+        The manifest's ``extras``, where :class:`OutputRounding` notes a float32 cast before the loss.
     """
 
     _RANK = {torch.float16: 2, torch.bfloat16: 3}
 
-    def __init__(self, model: nn.Module, tap: GradientTap, device_type: str):
+    def __init__(self, model: nn.Module, tap: GradientTap, device_type: str, notes: dict[str, Any] | None = None):
         self._model, self._tap, self._device = model, tap, device_type
         self.dtype: torch.dtype | None = None
         self.paused = False
         self._handles: list[Any] = []
-        self.rounding = OutputRounding(model, lambda: self.paused)  # a float32 cast before a float64 model's loss
+        self.rounding = OutputRounding(model, lambda: self.paused, notes)  # a float32 cast before a float64 loss
 
     def attach(self) -> None:
         self.rounding.attach()

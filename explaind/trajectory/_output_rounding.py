@@ -9,9 +9,11 @@ the step's gradient carries float32 rounding (about 1e-8 relative), which the gr
 float64 tolerance and which no per-sample float64 loss reproduces: it lands in the residual (a share near 1e-8, far
 below the estimators' warning threshold), without a word. :class:`OutputRounding` hooks the gradient of the model's
 float64 outputs in the loop's training backward and warns (``ExplaindWarning``) the first time every entry of it is
-a float32 number. A float64 loss gives gradients with random low mantissa bits; gradients with fewer than three
-distinct nonzero magnitudes (``out.sum()``, an L1 or hinge loss: ``±1/n``), or whose magnitudes all use fewer than
-16 significant bits (a linear loss with dyadic sample weights), say nothing and are skipped.
+a float32 number; it also writes the finding into the manifest's ``extras`` (key :data:`EXTRAS_KEY`), so that the
+estimators' residual-share warning on the stored run names it as a cause (explaind/estimators/residual.py).
+A float64 loss gives gradients with random low mantissa bits; gradients with fewer than three distinct nonzero
+magnitudes (``out.sum()``, an L1 or hinge loss: ``±1/n``), or whose magnitudes all use fewer than 16 significant bits
+(a linear loss with dyadic sample weights), say nothing and are skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from ..exceptions import ExplaindWarning
 from ._common import ModelHook
 
-__all__ = ["MAX_CHECKED", "OutputRounding", "float32_rounded", "leading_part"]
+__all__ = ["EXTRAS_KEY", "MAX_CHECKED", "OutputRounding", "float32_rounded", "leading_part"]
 
 #: The fewest distinct nonzero magnitudes of a gradient whose float32 rounding is taken as a sign of a cast.
 MIN_DISTINCT = 3
@@ -36,6 +38,8 @@ MIN_BITS = 16
 #: About how many entries of each output gradient are checked (whole leading rows): a language model's logits'
 #: gradient holds batch x length x vocabulary entries, and the check runs at every training backward until it warns.
 MAX_CHECKED = 1 << 16
+#: The key of ``manifest.extras`` under which a run whose output gradients were rounded to float32 says so.
+EXTRAS_KEY = "output_rounding"
 
 
 def leading_part(grad: Tensor) -> Tensor:
@@ -85,13 +89,16 @@ class OutputRounding:
     paused : callable
         ``paused()`` is true while the recorder runs the model itself (its gradient check): those forwards are
         not the loop's.
+    notes : dict, optional
+        The manifest's ``extras``: the warning's finding is stored there under :data:`EXTRAS_KEY`.
     """
 
-    def __init__(self, model: nn.Module, paused: Any):
+    def __init__(self, model: nn.Module, paused: Any, notes: dict[str, Any] | None = None):
         first = next(model.parameters(), None)
         self._model = model
         self._on = first is not None and first.dtype == torch.float64
         self._paused = paused
+        self._notes = notes
         self._handle: Any = None
         self.warned = False
 
@@ -116,6 +123,9 @@ class OutputRounding:
         if self.warned or not float32_rounded(checked):
             return
         self.warned = True
+        if self._notes is not None:
+            self._notes[EXTRAS_KEY] = (f"the training gradient reaching the output of the float64 model "
+                                       f"{type(self._model).__name__} was rounded to float32 (a cast before the loss)")
         warnings.warn(
             f"The training gradient reaching the output of the float64 model {type(self._model).__name__} is rounded "
             f"to float32 (all {checked.numel()} entries checked are float32 numbers): the loop casts the outputs to "

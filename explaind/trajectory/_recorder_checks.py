@@ -27,7 +27,7 @@ from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
 from ._background import CopyPool, Handoff, StateCopier
-from ._backward_draws import backward_draw_hint, draws_in_backward
+from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_masks_hint
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
@@ -41,6 +41,7 @@ from ._participation import (
     second_step_message,
 )
 from ._random import MicroBatch, RandomCapture, RandomState, draws_masks, is_spectral_norm, replay_parts
+from ._setup import refuse_dtype_mismatch
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
 
@@ -272,14 +273,19 @@ class RecorderChecksMixin:
         if moved:
             hint += moved_message(moved, s, checked=True)
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
+        hint += inductor_masks_hint(self.model)
         batch = (x.to(device), y.to(device), weights.to(device))
         if replay is None and self.model.training:
             lazy: Any = lambda: mode_branch_hint(self.model, self._params, batch[0]) + hint  # noqa: E731
         else:
             lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
-            return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast, replay,
-                                        self._random.generators, self._buffers.recorded(), lazy)
+            try:
+                return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast,
+                                            replay, self._random.generators, self._buffers.recorded(), lazy)
+            except RuntimeError as exc:  # torch's dtype error of half-precision parameters (Fabric 'bf16-true')
+                refuse_dtype_mismatch(exc, self._params, batch[0], s)
+                raise
 
     def _backward_draws(self, batch: Any, replay: list[tuple[slice, RandomState]], s: int,
                         hint: str) -> Callable[[], str]:

@@ -8,7 +8,8 @@ Hugging Face accelerate: ``fabric.setup(model, optimizer)`` returns a ``_FabricM
 whose hooks the recorder uses, and the adapters are matched by the exact optimizer class, so the recorder records
 the wrapped objects. The wrappers are recognised by their class names and modules (neither framework is imported
 here); a ``_FabricModule`` of ``Fabric(precision="bf16-true")`` or ``"16-true"`` (half-precision parameters) is
-refused, as the Lightning callback refuses those precisions.
+refused, as the Lightning callback refuses those precisions. The raw torch module of such a run, given to the
+recorder instead, fails in the first gradient check, where :func:`refuse_dtype_mismatch` names the cause.
 
 :func:`refuse_invalid_arguments` refuses a model, optimizer, loss or option the recorder cannot record
 (``ConfigError``) before any hook is attached or file written.
@@ -274,6 +275,38 @@ def framework_originals(model: Any, optimizer: Any) -> tuple[Any, Any]:
     """
     refuse_half_precision(model)
     return _wrapped(model, _MODEL_WRAPPERS), _wrapped(optimizer, _OPTIMIZER_WRAPPERS)
+
+
+def _float_dtypes(x: Any) -> set[torch.dtype]:
+    """The floating dtypes of the tensors in ``x`` (a tensor, or a mapping, tuple or list of them)."""
+    if isinstance(x, torch.Tensor):
+        return {x.dtype} if x.is_floating_point() else set()
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+    return set().union(*(_float_dtypes(v) for v in values))
+
+
+def refuse_dtype_mismatch(exc: RuntimeError, params: dict[str, torch.Tensor], inputs: Any, step: int) -> None:
+    """Raise a :class:`ConfigError` naming the cause when the gradient check of ``step`` failed with torch's dtype
+    error because the parameters are held in half precision and the recorder's ``train_data`` is not.
+
+    That is the raw module of ``Fabric(precision="bf16-true")`` or ``"16-true"`` given to the recorder: Fabric's
+    wrapper converts the loop's inputs, the recorder's ``train_data`` stays as given. Anything else returns.
+    """
+    half = {p.dtype for p in params.values()} & {torch.bfloat16, torch.float16}
+    given = _float_dtypes(inputs) - half
+    text = str(exc)
+    if not half or not given or not ("dtype" in text or "scalar type" in text):
+        return
+    names = lambda ds: ", ".join(sorted(str(d).removeprefix("torch.") for d in ds))  # noqa: E731
+    raise ConfigError(
+        f"Step {step}'s gradient check: the model's parameters are {names(half)} but the recorder's train_data holds "
+        f"{names(given)} inputs, and the model fails on them (torch: {text.splitlines()[0]}). This is the torch "
+        f"module of Fabric(precision='bf16-true') or '16-true' given to the recorder: Fabric's wrapper converts the "
+        f"loop's inputs, not the recorder's train_data, and parameters held in half precision round every update "
+        f"to 8 or 11 significant bits, which no decomposition of the steps over samples reproduces. Allowed: "
+        f"'64-true' (with torch's default dtype float64), '32-true', 'bf16-mixed' (autocast with float32 weights). "
+        f"Fix: Fabric(precision='bf16-mixed'), or '32-true' with the model built in float64 for float64 exactness."
+    ) from exc
 
 
 def refuse_half_precision(model: Any) -> None:

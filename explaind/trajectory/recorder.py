@@ -30,6 +30,7 @@ from ._common import (
     TrainData,
     architecture_spec,
     loss_name,
+    note_full_graph,
     resolve_loss_record,
     split_model_tensors,
     validate_indices,
@@ -219,8 +220,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
             optimizer_class=f"{type(optimizer).__module__}.{type(optimizer).__name__}", loss=loss_name(self._loss),
             architecture=architecture_spec(model), n_train=len(self._data) if self._data is not None else None,
             extras=dict(extras or {}), coupled=self._random.coupled, random_capture=self._random.enabled,
-            generators=self._random.generator_names,
-            buffer_names=list(self._buffers.names), param_stride=self._every,
+            generators=self._random.generator_names, buffer_names=list(self._buffers.names), param_stride=self._every,
         )
         self._resumed = self._restarted = False
         if self._store is not None:
@@ -243,7 +243,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._last_indices: Tensor | None = None  # the last step's samples (the attribute test at the end)
         self._handles: list[Any] = []
         self._tap = GradientTap(self._params, self._pool.copy)
-        self._probe = AutocastProbe(model, self._tap, first.device.type)
+        self._probe = AutocastProbe(model, self._tap, first.device.type, self._manifest.extras)
         self._auditor = UpdateAudit()
         self._memory: InMemoryTrajectory | None = None
         self._writer: StoreWriter | None = None
@@ -359,10 +359,10 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._tap.detach()
-        self._probe.detach()
-        self._random.detach()
+        for part in (self._tap, self._probe, self._random):
+            part.detach()
         self._buffers.stop()
+        note_full_graph(exc)  # torch.compile(fullgraph=True) refusing the recorder's hooks: say so
         self._active = False
         if exc_type is None and (self._n > self._schedule.start or self._pending):
             self._warn_final_edits()
