@@ -1,0 +1,237 @@
+"""The architectures of round 10, trained by tests/_zoo9_kit.py's loop: tiny configs (hidden 16 or less, one or two
+layers, vocabulary 32, float64), dropout 0.1 wherever the config has one, passed directly to the recorder.
+
+Causal LMs train on the loop's next-token loss over right-padded sequences labelled -100 at the padding; the
+others on the model's own loss with ``labels`` in the call (tests/_zoo9_cases.py's helpers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import transformers
+from _zoo9_cases import (
+    S2S,
+    TEXT,
+    P,
+    _build,
+    _drawn_tokens,
+    _images,
+    _shift,
+    _texts,
+    causal_case,
+    classifier_case,
+    seq2seq_case,
+)
+from _zoo9_kit import ROWS, VOCAB, Case, logits_of, record
+from torch import Tensor
+
+from explaind.integrations import four_d_attention_mask
+
+__all__ = ["CASES", "embedding_norms", "path_share"]
+
+SMALL = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+             max_position_embeddings=16, use_cache=False)
+RWKV = dict(vocab_size=VOCAB, context_length=16, hidden_size=16, num_hidden_layers=2, attention_hidden_size=16,
+            intermediate_size=32, rescale_every=0, use_cache=False)
+
+
+def _rwkv_drawn_embeddings() -> torch.nn.Module:
+    """RWKV with its token embeddings drawn from N(0, 0.02^2) after the model's own initialisation (the fix of
+    RWKV's small embedding initialisation that docs/guide_own_model.md names)."""
+    model = transformers.RwkvForCausalLM(transformers.RwkvConfig(**RWKV))
+    with torch.no_grad():
+        model.rwkv.embeddings.weight.normal_(0.0, 0.02)
+    return model
+
+
+def path_share(case: Case, step: int, ts: tuple[float, ...]) -> list[float]:
+    """Record ``case``, then the largest ``|f(theta_s + t delta_s) - f(theta_s)|`` over the held-out logits divided by
+    the largest ``|f(theta_{s+1}) - f(theta_s)|``, for each ``t`` in ``ts`` at step ``step`` (evaluation mode, the
+    model's float32 conversions as written)."""
+    model, traj, X_test, _ = record(case, check=False)
+    base, delta = traj.params(step), traj.delta(step)
+
+    def at(t: float) -> Tensor:
+        params = {**traj.constants(), **{n: base[n] + t * delta[n] for n in base}}
+        with torch.no_grad():
+            return logits_of(torch.func.functional_call(model, params, (), X_test))
+
+    start = at(0.0)
+    whole = float((at(1.0) - start).abs().max())
+    return [float((at(t) - start).abs().max()) / whole for t in ts]
+
+
+def embedding_norms(case: Case) -> tuple[float, float]:
+    """The largest row norm of the token embeddings at initialisation, and the largest row norm of their first
+    update (``record(case)``'s step 0)."""
+    _, traj, _, _ = record(case, check=False)
+    name = next(n for n in traj.param_names if n.endswith("embeddings.weight"))
+    return (float(traj.params(0)[name].norm(dim=-1).max()), float(traj.delta(0)[name].norm(dim=-1).max()))
+
+
+def _text_case(name: str, model_cls, config_cls, tol: float = 1e-10, **cfg) -> Case:
+    """A sequence classifier (3 labels) on its own cross entropy over ``_texts``'s ids; ``tol`` the estimators'."""
+    return classifier_case(name, _build(model_cls, config_cls, num_labels=3, **cfg), _texts(), tol=tol)
+
+
+def _masked_texts() -> tuple[dict[str, Tensor], Tensor]:
+    """``_texts``'s rows with a 4-D boolean attention mask of ones (nothing is padded)."""
+    X, y = _texts()()
+    return {**X, "attention_mask": four_d_attention_mask(torch.ones_like(X["input_ids"]))}, y
+
+
+def _layout_data() -> tuple[dict[str, Tensor], Tensor]:
+    """Token ids with one box ``(x0, y0, x1, y1)`` per token in ``0..1000``, ``x0 <= x1``, ``y0 <= y1``."""
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, VOCAB, (ROWS, 8), generator=gen)
+    corners = torch.randint(0, 1001, (ROWS, 8, 4), generator=gen)
+    lo, hi = torch.minimum(corners[..., :2], corners[..., 2:]), torch.maximum(corners[..., :2], corners[..., 2:])
+    return {"input_ids": ids, "bbox": torch.cat([lo, hi], -1)}, torch.randint(0, 3, (ROWS,), generator=gen)
+
+
+def _led_global_data() -> tuple[dict[str, Tensor], Tensor]:
+    """``_seq2seq_data``'s rows with global attention on each source's first token."""
+    from _zoo9_cases import _seq2seq_data
+    X, y = _seq2seq_data(_shift)()
+    glob = torch.zeros_like(X["input_ids"])
+    glob[:, 0] = 1
+    return {**X, "global_attention_mask": glob}, y
+
+
+def _spectrograms() -> tuple[dict[str, Tensor], Tensor]:
+    """Log-mel-like inputs of 16 frames by 16 bins and class labels."""
+    gen = torch.Generator().manual_seed(12)
+    return ({"input_values": torch.randn(ROWS, 16, 16, generator=gen, dtype=torch.float64)},
+            torch.randint(0, 3, (ROWS,), generator=gen))
+
+
+def _perceiver_data() -> tuple[dict[str, Tensor], Tensor]:
+    X, y = _texts(seed=13)()
+    return {"inputs": X["input_ids"]}, y
+
+
+IMAGE = dict(image_size=16, num_channels=3, num_labels=3)
+ENC = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+           hidden_dropout_prob=P, attention_probs_dropout_prob=P)
+
+CASES: dict[str, Case] = {
+    # ---- RWKV: the model's own small embedding initialisation, and the fix
+    "rwkv": causal_case("rwkv", _build(transformers.RwkvForCausalLM, transformers.RwkvConfig, **RWKV),
+                        recorder={"capture_random": True, "ignore_attributes": ["rwkv.layers_are_rescaled"]}),
+    "rwkv_drawn_embeddings": causal_case("rwkv_drawn_embeddings", _rwkv_drawn_embeddings, panels=64,
+                                         recorder={"capture_random": True,
+                                                   "ignore_attributes": ["rwkv.layers_are_rescaled"]}),
+    # ---- causal LMs
+    "xglm": causal_case("xglm", _build(transformers.XGLMForCausalLM, transformers.XGLMConfig, vocab_size=VOCAB,
+                                       max_position_embeddings=16, d_model=16, ffn_dim=32, num_layers=1,
+                                       attention_heads=2, dropout=P, attention_dropout=P, activation_dropout=P,
+                                       layerdrop=0.0, use_cache=False, pad_token_id=0)),
+    "biogpt": causal_case("biogpt", _build(transformers.BioGptForCausalLM, transformers.BioGptConfig,
+                                           hidden_dropout_prob=P, attention_probs_dropout_prob=P, layerdrop=0.0,
+                                           pad_token_id=0, **SMALL)),
+    "falcon_mamba": causal_case("falcon_mamba", _build(
+        transformers.FalconMambaForCausalLM, transformers.FalconMambaConfig, vocab_size=VOCAB, hidden_size=16,
+        state_size=4, num_hidden_layers=1, expand=2, conv_kernel=3, time_step_rank=4, use_cache=False)),
+    # ---- encoder-decoders
+    "blenderbot": seq2seq_case("blenderbot", _build(transformers.BlenderbotForConditionalGeneration,
+                                                    transformers.BlenderbotConfig, **S2S), _shift),
+    "blenderbot_small": seq2seq_case("blenderbot_small", _build(transformers.BlenderbotSmallForConditionalGeneration,
+                                                                transformers.BlenderbotSmallConfig, **S2S), _shift),
+    "plbart": seq2seq_case("plbart", _build(transformers.PLBartForConditionalGeneration, transformers.PLBartConfig,
+                                            **S2S), _shift),
+    "led_global": dataclasses.replace(seq2seq_case("led_global", _build(
+        transformers.LEDForConditionalGeneration, transformers.LEDConfig, attention_window=4,
+        max_encoder_position_embeddings=16, max_decoder_position_embeddings=16,
+        **{k: v for k, v in S2S.items() if k != "max_position_embeddings"}), _shift), data=_led_global_data),
+    # ---- text classifiers
+    "squeezebert": _text_case("squeezebert", transformers.SqueezeBertForSequenceClassification,
+                              transformers.SqueezeBertConfig, embedding_size=16, q_groups=1, k_groups=1, v_groups=1,
+                              post_attention_groups=1, intermediate_groups=1, output_groups=1, **TEXT),
+    "convbert": _text_case("convbert", transformers.ConvBertForSequenceClassification, transformers.ConvBertConfig,
+                           embedding_size=16, head_ratio=2, conv_kernel_size=3, num_groups=1, **TEXT),
+    "rembert": _text_case("rembert", transformers.RemBertForSequenceClassification, transformers.RemBertConfig,
+                          input_embedding_size=8, output_embedding_size=8, classifier_dropout_prob=P, **TEXT),
+    "nystromformer": _text_case("nystromformer", transformers.NystromformerForSequenceClassification,
+                                transformers.NystromformerConfig, num_landmarks=4, segment_means_seq_len=8,
+                                **{**TEXT, "max_position_embeddings": 16}),
+    # the fixes the refusal names: no pad_token_id, or a 4-D mask
+    "squeezebert_no_pad": _text_case("squeezebert_no_pad", transformers.SqueezeBertForSequenceClassification,
+                                     transformers.SqueezeBertConfig, embedding_size=16, q_groups=1, k_groups=1,
+                                     v_groups=1, post_attention_groups=1, intermediate_groups=1, output_groups=1,
+                                     pad_token_id=None, **TEXT),
+    "convbert_no_pad": _text_case("convbert_no_pad", transformers.ConvBertForSequenceClassification,
+                                  transformers.ConvBertConfig, embedding_size=16, head_ratio=2, conv_kernel_size=3,
+                                  num_groups=1, pad_token_id=None, **TEXT),
+    "rembert_no_pad": _text_case("rembert_no_pad", transformers.RemBertForSequenceClassification,
+                                 transformers.RemBertConfig, input_embedding_size=8, output_embedding_size=8,
+                                 classifier_dropout_prob=P, pad_token_id=None, **TEXT),
+    "megatron_bert_no_pad": _text_case("megatron_bert_no_pad", transformers.MegatronBertForSequenceClassification,
+                                       transformers.MegatronBertConfig, pad_token_id=None, **TEXT),
+    "megatron_bert_mask_4d": dataclasses.replace(_text_case(
+        "megatron_bert_mask_4d", transformers.MegatronBertForSequenceClassification, transformers.MegatronBertConfig,
+        **TEXT), data=_masked_texts),
+    "squeezebert_mask_4d": dataclasses.replace(_text_case(
+        "squeezebert_mask_4d", transformers.SqueezeBertForSequenceClassification, transformers.SqueezeBertConfig,
+        embedding_size=16, q_groups=1, k_groups=1, v_groups=1, post_attention_groups=1, intermediate_groups=1,
+        output_groups=1, **TEXT), data=_masked_texts),
+    "nystromformer_no_pad": _text_case("nystromformer_no_pad", transformers.NystromformerForSequenceClassification,
+                                       transformers.NystromformerConfig, num_landmarks=4, segment_means_seq_len=8,
+                                       pad_token_id=None, tol=1e-8, **TEXT),
+    "yoso": _text_case("yoso", transformers.YosoForSequenceClassification, transformers.YosoConfig,
+                       **{**TEXT, "max_position_embeddings": 16}),
+    "canine": _text_case("canine", transformers.CanineForSequenceClassification, transformers.CanineConfig,
+                         downsampling_rate=2, num_hash_functions=2, num_hash_buckets=32, local_transformer_stride=4,
+                         **{k: v for k, v in TEXT.items() if k != "vocab_size"}),
+    "megatron_bert": _text_case("megatron_bert", transformers.MegatronBertForSequenceClassification,
+                                transformers.MegatronBertConfig, **TEXT),
+    "esm": _text_case("esm", transformers.EsmForSequenceClassification, transformers.EsmConfig, pad_token_id=0,
+                      position_embedding_type="rotary", **TEXT),
+    "ibert": _text_case("ibert", transformers.IBertForSequenceClassification, transformers.IBertConfig,
+                        quant_mode=False, pad_token_id=0, **{**TEXT, "max_position_embeddings": 16}),
+    "layoutlm": classifier_case("layoutlm", _build(transformers.LayoutLMForSequenceClassification,
+                                                   transformers.LayoutLMConfig, num_labels=3, **TEXT), _layout_data),
+    "perceiver": classifier_case("perceiver", _build(
+        transformers.PerceiverForSequenceClassification, transformers.PerceiverConfig, num_latents=4, d_latents=16,
+        d_model=16, num_blocks=1, num_self_attends_per_block=1, num_self_attention_heads=2,
+        num_cross_attention_heads=1, vocab_size=VOCAB, max_position_embeddings=16, attention_probs_dropout_prob=P,
+        num_labels=3), _perceiver_data),
+    # ---- vision and audio without batch norm
+    "poolformer": classifier_case("poolformer", _build(
+        transformers.PoolFormerForImageClassification, transformers.PoolFormerConfig, num_channels=3,
+        hidden_sizes=[8, 16], depths=[1, 1], num_encoder_blocks=2, patch_sizes=[3, 3], strides=[2, 2],
+        padding=[1, 1], pool_size=3, mlp_ratio=2.0, hidden_dropout_prob=P, drop_path_rate=0.0, num_labels=3),
+        _images()),
+    "ast": classifier_case("ast", _drawn_tokens(_build(transformers.ASTForAudioClassification, transformers.ASTConfig,
+                                         patch_size=8, frequency_stride=8, time_stride=8, max_length=16,
+                                         num_mel_bins=16, num_labels=3, **ENC)), _spectrograms),
+}
+
+#: Convolutional and hybrid image classifiers with train-mode batch norm (running statistics move every step).
+BATCH_NORM: dict[str, Case] = {
+    "efficientnet": classifier_case("efficientnet", _build(
+        transformers.EfficientNetForImageClassification, transformers.EfficientNetConfig, num_channels=3,
+        image_size=16, width_coefficient=0.1, depth_coefficient=0.1, kernel_sizes=[3, 3], in_channels=[8, 8],
+        out_channels=[8, 16], depthwise_padding=[], strides=[1, 2], num_block_repeats=[1, 1], expand_ratios=[1, 2],
+        hidden_dim=32, dropout_rate=P, drop_connect_rate=0.2, num_labels=3), _images()),
+    "mobilenet_v2": classifier_case("mobilenet_v2", _build(
+        transformers.MobileNetV2ForImageClassification, transformers.MobileNetV2Config, num_channels=3,
+        image_size=16, depth_multiplier=0.1, min_depth=4, finegrained_output=False, first_layer_is_expansion=True,
+        classifier_dropout_prob=P, num_labels=3), _images()),
+    "cvt": classifier_case("cvt", _build(
+        transformers.CvtForImageClassification, transformers.CvtConfig, num_channels=3, patch_sizes=[3],
+        patch_stride=[2], patch_padding=[1], embed_dim=[16], num_heads=[2], depth=[1], mlp_ratio=[2.0],
+        attention_drop_rate=[P], drop_rate=[P], drop_path_rate=[0.0], qkv_bias=[True], cls_token=[True],
+        qkv_projection_method=["dw_bn"], kernel_qkv=[3], padding_kv=[1], stride_kv=[2], padding_q=[1],
+        stride_q=[1], num_labels=3), _images()),
+    "swiftformer": classifier_case("swiftformer", _build(
+        transformers.SwiftFormerForImageClassification, transformers.SwiftFormerConfig, num_channels=3,
+        depths=[1, 1], embed_dims=[8, 16], mlp_ratio=2, downsamples=[True, True], hidden_act="gelu",
+        drop_path_rate=0.0, num_labels=3), _images()),
+    "levit": classifier_case("levit", _build(
+        transformers.LevitForImageClassification, transformers.LevitConfig, image_size=16, num_channels=3,
+        kernel_size=3, stride=2, padding=1, patch_size=16, hidden_sizes=[16, 16], num_attention_heads=[2, 2],
+        depths=[1, 1], key_dim=[8, 8], drop_path_rate=0.0, mlp_ratio=[2, 2], attention_ratio=[2, 2],
+        down_ops=[["Subsample", 8, 2, 2, 2, 2], [""]], num_labels=3), _images()),
+}
