@@ -51,7 +51,7 @@ from torch import nn
 from .exceptions import UnsupportedModelError
 from .inputs import Inputs
 
-__all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "refuse_unreplayable"]
+__all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "padding_check_refusal", "refuse_unreplayable"]
 
 
 def refuse_unreplayable(model: nn.Module, where: str) -> None:
@@ -167,17 +167,6 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             f"and explaind evaluates the model under torch.func (vmap for one input at a time, jvp for the path "
             f"derivatives). It changes no value. Fix: remove it from the forward (read an activation's gradient "
             f"with a forward hook of your own during the loop, removed before explaining).")
-    padding_check = _padding_check_model(exc)
-    if padding_check is not None:
-        return UnsupportedModelError(
-            f"the forward of {padding_check} calls Hugging Face's warn_if_padding_and_no_attention_mask, because it "
-            f"was given no attention_mask and its config has a pad_token_id: the check reads whether the pad token "
-            f"is among the first and last input ids (pad_token_id in input_ids[:, [-1, 0]], an .item()), which "
-            f"torch.func.vmap cannot trace, and explaind evaluates the model one input at a time under vmap. The "
-            f"check only warns; it changes no output. Fix (either): pass the padding mask in train_data and the "
-            f"test inputs alike as a 4-D boolean mask (explaind.integrations.four_d_attention_mask(mask), a mask "
-            f"of ones when nothing is padded), or build the model with pad_token_id=None in its config when no "
-            f"input is padded (the check is then skipped; the embedding's padding row trains like the others).")
     if _autograd_call(exc) is not None:
         return UnsupportedModelError(
             f"the model's forward calls torch.autograd.{_autograd_call(exc)} itself (an input gradient: a force field, "
@@ -224,6 +213,23 @@ def _user_frame(exc: BaseException) -> str:
     library = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(library)]
     return f"{frames[-1].name}, {frames[-1].filename}:{frames[-1].lineno}" if frames else "line not found"
+
+
+def padding_check_refusal(exc: BaseException) -> UnsupportedModelError | None:
+    """The refusal for a vmap error raised in Hugging Face's ``warn_if_padding_and_no_attention_mask``, naming the
+    model and the fixes, or ``None`` when ``exc`` was raised elsewhere."""
+    padding_check = _padding_check_model(exc)
+    if padding_check is not None:
+        return UnsupportedModelError(
+            f"the forward of {padding_check} calls Hugging Face's warn_if_padding_and_no_attention_mask, because it "
+            f"was given no attention_mask and its config has a pad_token_id: the check reads whether the pad token "
+            f"is among the first and last input ids (pad_token_id in input_ids[:, [-1, 0]], an .item()), which "
+            f"torch.func.vmap cannot trace, and explaind evaluates the model one input at a time under vmap. The "
+            f"check only warns; it changes no output. Fix (either): pass the padding mask in train_data and the "
+            f"test inputs alike as a 4-D boolean mask (explaind.integrations.four_d_attention_mask(mask), a mask "
+            f"of ones when nothing is padded), or build the model with pad_token_id=None in its config when no "
+            f"input is padded (the check is then skipped; the embedding's padding row trains like the others).")
+    return None
 
 
 def _padding_check_model(exc: BaseException) -> str | None:
