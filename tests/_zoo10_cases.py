@@ -24,7 +24,7 @@ from _zoo9_cases import (
     classifier_case,
     seq2seq_case,
 )
-from _zoo9_kit import ROWS, VOCAB, Case, logits_of, record
+from _zoo9_kit import ROWS, VOCAB, Case, N, logits_of, record
 from torch import Tensor
 
 from explaind.integrations import four_d_attention_mask
@@ -192,6 +192,9 @@ CASES: dict[str, Case] = {
                         quant_mode=False, pad_token_id=0, **{**TEXT, "max_position_embeddings": 16}),
     "layoutlm": classifier_case("layoutlm", _build(transformers.LayoutLMForSequenceClassification,
                                                    transformers.LayoutLMConfig, num_labels=3, **TEXT), _layout_data),
+    "layoutlm_no_pad": classifier_case("layoutlm_no_pad", _build(
+        transformers.LayoutLMForSequenceClassification, transformers.LayoutLMConfig, num_labels=3, pad_token_id=None,
+        **TEXT), _layout_data),
     "perceiver": classifier_case("perceiver", _build(
         transformers.PerceiverForSequenceClassification, transformers.PerceiverConfig, num_latents=4, d_latents=16,
         d_model=16, num_blocks=1, num_self_attends_per_block=1, num_self_attention_heads=2,
@@ -208,30 +211,52 @@ CASES: dict[str, Case] = {
                                          num_mel_bins=16, num_labels=3, **ENC)), _spectrograms),
 }
 
+def _warm_statistics(build):
+    """``build`` with its batch norms' running statistics set from the training images (a cumulative average over
+    one training-mode forward, without a gradient), as a trained model's are.
+
+    From their initial values (mean 0, variance 1) three steps at momentum 0.1 barely move them, so the evaluation
+    mode forward divides activations of small variance by about 1: MobileNetV2's 17 blocks then amplify its logits
+    to ~1e4, a path so curved that the adaptive rule runs to its cap at every step (over 150 s on this case).
+    """
+    def warmed():
+        model = build().to(torch.float64)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for norm in norms:
+            norm.momentum = None
+        with torch.no_grad():
+            model.train()(pixel_values=_images()()[0]["pixel_values"][:N])
+        for norm in norms:
+            norm.momentum = 0.1
+        return model
+    return warmed
+
+
 #: Convolutional and hybrid image classifiers with train-mode batch norm (running statistics move every step).
 BATCH_NORM: dict[str, Case] = {
-    "efficientnet": classifier_case("efficientnet", _build(
+    "efficientnet": classifier_case("efficientnet", _warm_statistics(_build(
         transformers.EfficientNetForImageClassification, transformers.EfficientNetConfig, num_channels=3,
         image_size=16, width_coefficient=0.1, depth_coefficient=0.1, kernel_sizes=[3, 3], in_channels=[8, 8],
         out_channels=[8, 16], depthwise_padding=[], strides=[1, 2], num_block_repeats=[1, 1], expand_ratios=[1, 2],
-        hidden_dim=128, dropout_rate=P, drop_connect_rate=0.2, num_labels=3), _images()),
-    "mobilenet_v2": classifier_case("mobilenet_v2", _build(
+        hidden_dim=128, dropout_rate=P, drop_connect_rate=0.2, num_labels=3)), _images()),
+    "mobilenet_v2": classifier_case("mobilenet_v2", _warm_statistics(_build(
         transformers.MobileNetV2ForImageClassification, transformers.MobileNetV2Config, num_channels=3,
         image_size=16, depth_multiplier=0.1, min_depth=4, finegrained_output=False, first_layer_is_expansion=True,
-        hidden_act="gelu", classifier_dropout_prob=P, num_labels=3), _images()),
-    "cvt": classifier_case("cvt", _build(
+        hidden_act="gelu",
+        classifier_dropout_prob=P, num_labels=3)), _images()),
+    "cvt": classifier_case("cvt", _warm_statistics(_build(
         transformers.CvtForImageClassification, transformers.CvtConfig, num_channels=3, patch_sizes=[3],
         patch_stride=[2], patch_padding=[1], embed_dim=[16], num_heads=[2], depth=[1], mlp_ratio=[2.0],
         attention_drop_rate=[P], drop_rate=[P], drop_path_rate=[0.0], qkv_bias=[True], cls_token=[True],
         qkv_projection_method=["dw_bn"], kernel_qkv=[3], padding_kv=[1], stride_kv=[2], padding_q=[1],
-        stride_q=[1], num_labels=3), _images()),
-    "swiftformer": classifier_case("swiftformer", _build(
+        stride_q=[1], num_labels=3)), _images()),
+    "swiftformer": classifier_case("swiftformer", _warm_statistics(_build(
         transformers.SwiftFormerForImageClassification, transformers.SwiftFormerConfig, num_channels=3,
         depths=[1, 1], embed_dims=[8, 16], mlp_ratio=2, downsamples=[True, True], hidden_act="gelu",
-        drop_path_rate=0.0, num_labels=3), _images()),
-    "levit": classifier_case("levit", _build(
+        drop_path_rate=0.0, num_labels=3)), _images()),
+    "levit": classifier_case("levit", _warm_statistics(_build(
         transformers.LevitForImageClassification, transformers.LevitConfig, image_size=16, num_channels=3,
         kernel_size=3, stride=2, padding=1, patch_size=16, hidden_sizes=[16, 16], num_attention_heads=[2, 2],
         depths=[1, 1], key_dim=[8, 8], drop_path_rate=0, mlp_ratio=[2, 2], attention_ratio=[2, 2],
-        down_ops=[["Subsample", 8, 2, 2, 2, 2], [""]], num_labels=3), _images()),
+        down_ops=[["Subsample", 8, 2, 2, 2, 2], [""]], num_labels=3)), _images()),
 }

@@ -49,7 +49,8 @@ def test_padding_check_refusal_names_the_check_and_the_fixes(name, owner):
 
 
 @pytest.mark.parametrize("name", ["squeezebert_no_pad", "convbert_no_pad", "rembert_no_pad", "megatron_bert_no_pad",
-                                  "nystromformer_no_pad", "megatron_bert_mask_4d", "squeezebert_mask_4d"])
+                                  "nystromformer_no_pad", "layoutlm_no_pad", "megatron_bert_mask_4d",
+                                  "squeezebert_mask_4d"])
 def test_padding_check_fixes_are_exact(name):
     assert_exact(run(CASES[name]))
 
