@@ -91,8 +91,9 @@ def main(names: list[str]) -> None:
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     print("| case | verdict | replica | residual share | train vs reference | float32 casts | seconds | message |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in [n for n in names if n not in ("rwkv_diagnosis", "mobilenet_v2_fixed_rule")] or [
-            n for n in [*CASES, *BATCH_NORM] if n not in SLOW]:
+    extras = ("rwkv_diagnosis", "mobilenet_v2_fixed_rule")
+    rows = [n for n in names if n not in extras] if names else [n for n in [*CASES, *BATCH_NORM] if n not in SLOW]
+    for name in rows:
         print(row(name), flush=True)
     if not names or "rwkv_diagnosis" in names:
         rwkv_diagnosis()
