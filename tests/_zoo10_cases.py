@@ -29,7 +29,7 @@ from torch import Tensor
 
 from explaind.integrations import four_d_attention_mask
 
-__all__ = ["CASES", "embedding_norms", "path_share"]
+__all__ = ["BATCH_NORM", "CASES", "OTHERS", "embedding_norms", "path_share"]
 
 SMALL = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
              max_position_embeddings=16, use_cache=False)
@@ -259,4 +259,58 @@ BATCH_NORM: dict[str, Case] = {
         kernel_size=3, stride=2, padding=1, patch_size=16, hidden_sizes=[16, 16], num_attention_heads=[2, 2],
         depths=[1, 1], key_dim=[8, 8], drop_path_rate=0, mlp_ratio=[2, 2], attention_ratio=[2, 2],
         down_ops=[["Subsample", 8, 2, 2, 2, 2], [""]], num_labels=3)), _images()),
+}
+
+
+# ---------------------------------------------------------------- distribution heads and segmentation
+def _forecast_data() -> tuple[dict[str, Tensor], Tensor]:
+    """Series of 10 past values (context 8 plus lags up to 2) and 4 future values, one time feature."""
+    gen = torch.Generator().manual_seed(14)
+    t = torch.arange(14, dtype=torch.float64)
+    series = torch.sin(t[None] * torch.rand(ROWS, 1, generator=gen, dtype=torch.float64)) + 2.0
+    feats = (t / 14)[None, :, None].expand(ROWS, 14, 1)
+    X = {"past_values": series[:, :10], "past_time_features": feats[:, :10], "past_observed_mask": torch.ones(ROWS, 10),
+         "future_values": series[:, 10:], "future_time_features": feats[:, 10:]}
+    return X, series[:, 10:]
+
+
+TS = dict(prediction_length=4, context_length=8, lags_sequence=[1, 2], num_time_features=1, input_size=1, d_model=16,
+          encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+          encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=P, attention_dropout=P, activation_dropout=P,
+          encoder_layerdrop=0.0, decoder_layerdrop=0.0, use_cache=False)
+
+
+def _forecast_case(name: str, model_cls, config_cls, **cfg) -> Case:
+    """A forecaster with its Student-t head, trained on its own negative log-likelihood."""
+    return Case(name, _build(model_cls, config_cls, **{**TS, **cfg}), _forecast_data,
+                lambda model, xb, yb: model(**xb).loss, lambda out, y: out.loss, lambda out, y: out.loss, target=None)
+
+
+def _segmentation_data() -> tuple[dict[str, Tensor], Tensor]:
+    """16x16 images and per-pixel labels in 0..2, a corner of some rows 255 (ignored)."""
+    X, _ = _images(seed=15)()
+    labels = torch.randint(0, 3, (ROWS, 16, 16), generator=torch.Generator().manual_seed(15))
+    labels[::3, :4, :4] = 255
+    return X, labels
+
+
+def _segmentation_loss(out, y: Tensor) -> Tensor:
+    """SegFormer's own loss: the logits upsampled bilinearly to the labels' size, cross entropy ignoring 255."""
+    logits = torch.nn.functional.interpolate(logits_of(out), size=y.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.nn.functional.cross_entropy(logits, y, ignore_index=255)
+
+
+OTHERS: dict[str, Case] = {
+    "time_series_transformer": _forecast_case(
+        "time_series_transformer", transformers.TimeSeriesTransformerForPrediction,
+        transformers.TimeSeriesTransformerConfig),
+    "informer": _forecast_case("informer", transformers.InformerForPrediction, transformers.InformerConfig,
+                               attention_type="full"),
+    "segformer_segmentation": Case("segformer_segmentation", _warm_statistics(_build(
+        transformers.SegformerForSemanticSegmentation, transformers.SegformerConfig, num_channels=3,
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[3, 3],
+        strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], hidden_dropout_prob=P,
+        attention_probs_dropout_prob=P, classifier_dropout_prob=P, drop_path_rate=0.0, decoder_hidden_size=16,
+        num_labels=3)), _segmentation_data, lambda model, xb, yb: model(**xb, labels=yb).loss, _segmentation_loss,
+        _segmentation_loss, target=None),
 }

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 from _zoo9_kit import logits_of, record, rel_err, run
-from _zoo10_cases import BATCH_NORM, CASES, embedding_norms, path_share
+from _zoo10_cases import BATCH_NORM, CASES, OTHERS, embedding_norms, path_share
 from hf_zoo_round9_table import _short
 
 import explaind
@@ -27,14 +27,14 @@ from explaind.exceptions import ExplaindError
 #: Cases whose verdict is a refusal or a warning, and the batch-norm models (no reference is run for them: the
 #: loop reference does not replay running statistics).
 NO_REFERENCE = {"rwkv", "squeezebert", "convbert", "rembert", "megatron_bert", "nystromformer", "ibert", "layoutlm",
-                "led_global", "yoso", "canine", "xglm", *BATCH_NORM}
+                "led_global", "yoso", "canine", "xglm", *BATCH_NORM, *OTHERS}
 
 
 def row(name: str) -> str:
     """The table row of case ``name``."""
     start = time.perf_counter()
     try:
-        got = run({**CASES, **BATCH_NORM}[name], reference=name not in NO_REFERENCE)
+        got = run({**CASES, **BATCH_NORM, **OTHERS}[name], reference=name not in NO_REFERENCE)
     except (ExplaindError, RuntimeError) as exc:
         seconds = time.perf_counter() - start
         return f"| {name} | loud: {type(exc).__name__} | | | | | {seconds:.0f} | {_short(str(exc))} |"
@@ -92,7 +92,8 @@ def main(names: list[str]) -> None:
     print("| case | verdict | replica | residual share | train vs reference | float32 casts | seconds | message |")
     print("|---|---|---|---|---|---|---|---|")
     extras = ("rwkv_diagnosis", "mobilenet_v2_fixed_rule")
-    rows = [n for n in names if n not in extras] if names else [n for n in [*CASES, *BATCH_NORM] if n not in SLOW]
+    every = [n for n in [*CASES, *BATCH_NORM, *OTHERS] if n not in SLOW]
+    rows = [n for n in names if n not in extras] if names else every
     for name in rows:
         print(row(name), flush=True)
     if not names or "rwkv_diagnosis" in names:

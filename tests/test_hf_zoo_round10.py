@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import pytest
 from _zoo9_kit import assert_exact, record, run
-from _zoo10_cases import CASES
+from _zoo10_cases import CASES, OTHERS
 
 import explaind
-from explaind.exceptions import UnsupportedModelError
+from explaind.exceptions import TrajectoryError, UnsupportedModelError
 
 pytest.importorskip("transformers")  # in the dev extra
 
@@ -83,3 +83,21 @@ EXACT = ["biogpt", "blenderbot", "blenderbot_small", "plbart", "perceiver", "esm
 @pytest.mark.parametrize("name", EXACT)
 def test_model_as_built_is_exact(name):
     assert_exact(run(CASES[name]))
+
+
+# ---------------------------------------------------------------- distribution heads, a segmentation loss
+@pytest.mark.parametrize("name", ["time_series_transformer", "informer"])
+def test_forecasters_with_a_student_t_head_are_refused_naming_their_fields(name):
+    """The output holds the Student-t head's 3 parameters in ``params`` and no logits; the refusal lists the fields
+    and the wrapper that stacks them."""
+    with pytest.raises(UnsupportedModelError, match=r"'params': \[\(4, 4\), \(4, 4\), \(4, 4\)\].*'loc'.*"
+                                                    r"torch\.stack\(model\(\*\*inputs\)\.params, dim=-1\)"):
+        record(OTHERS[name], check=False)
+
+
+def test_segformer_segmentation_loss_over_counted_pixels_is_refused_naming_the_weights():
+    """SegFormer's own segmentation loss averages over the batch's pixels not labelled 255, so a sample's share
+    depends on the others' counts; the recorder refuses step 0 and names the weights that make it exact."""
+    with pytest.raises(TrajectoryError, match=r"a mean over the counted positions of several per sample.*"
+                                              r"weights = n / n\.sum\(\)"):
+        record(OTHERS["segformer_segmentation"])
