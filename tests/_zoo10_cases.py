@@ -314,3 +314,37 @@ OTHERS: dict[str, Case] = {
         num_labels=3)), _segmentation_data, lambda model, xb, yb: model(**xb, labels=yb).loss, _segmentation_loss,
         _segmentation_loss, target=None),
 }
+
+
+
+def _patches(pixels: Tensor) -> Tensor:
+    """``(n, 3, 16, 16)`` images as ``(n, 16, 48)``: 4x4 patches in row-major order, each flattened (row, column,
+    channel), the layout of ViTMAE's reconstruction logits."""
+    n = pixels.shape[0]
+    return pixels.reshape(n, 3, 4, 4, 4, 4).permute(0, 2, 4, 3, 5, 1).reshape(n, 16, 48)
+
+
+def _masked_images(noise: bool):
+    """16x16 images and targets ``(n, 16, 49)``: each patch's pixels and, last, 1 where ViTMAE masks it. With
+    ``noise`` the per-patch noise ViTMAE ranks to choose the masked half is an input (the 8 patches of largest
+    noise); without, the model draws it and the mask column is 0."""
+    def data() -> tuple[dict[str, Tensor], Tensor]:
+        X, _ = _images(seed=16)()
+        mask = torch.zeros(ROWS, 16, 1, dtype=torch.float64)
+        if noise:
+            X["noise"] = torch.rand(ROWS, 16, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+            mask[..., 0] = (X["noise"].argsort(-1).argsort(-1) >= 8).double()
+        return X, torch.cat([_patches(X["pixel_values"]), mask], -1)
+    return data
+
+
+def _all_patches_mse(out, y: Tensor) -> Tensor:
+    return ((logits_of(out) - y[..., :-1]) ** 2).mean()
+
+
+VITMAE = dict(image_size=16, patch_size=4, num_channels=3, mask_ratio=0.5, decoder_hidden_size=16,
+              decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_intermediate_size=32, **ENC)
+OTHERS["vitmae_random_mask"] = Case("vitmae_random_mask", _build(transformers.ViTMAEForPreTraining,
+                                                                transformers.ViTMAEConfig, **VITMAE),
+                                    _masked_images(False), lambda model, xb, yb: _all_patches_mse(model(**xb), yb),
+                                    _all_patches_mse, _all_patches_mse, target=None)

@@ -101,3 +101,13 @@ def test_segformer_segmentation_loss_over_counted_pixels_is_refused_naming_the_w
     with pytest.raises(TrajectoryError, match=r"a mean over the counted positions of several per sample.*"
                                               r"weights = n / n\.sum\(\)"):
         record(OTHERS["segformer_segmentation"])
+
+
+def test_vitmae_random_masking_is_refused_as_a_draw_in_evaluation_mode():
+    """ViTMAE draws the patches it masks with torch.rand in every forward (evaluation mode too); trained on the
+    reconstruction error of all patches and recorded with ``capture_random=True``, it is refused when explained,
+    naming the draw in evaluation mode and the fix."""
+    _, traj, X_test, _ = record(OTHERS["vitmae_random_mask"])
+    with pytest.raises(UnsupportedModelError, match=r"draws random numbers in evaluation mode.*Fix: draw only in "
+                                                    r"training mode"):
+        explaind.KernelReplica(device="cpu").fit(traj).predict(X_test)
