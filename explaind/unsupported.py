@@ -51,7 +51,7 @@ from torch import nn
 from .exceptions import UnsupportedModelError
 from .inputs import Inputs
 
-__all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "refuse_unreplayable"]
+__all__ = ["evaluation_refusal", "extra_outputs_hint", "loss_only_hint", "padding_check_refusal", "refuse_unreplayable"]
 
 
 def refuse_unreplayable(model: nn.Module, where: str) -> None:
@@ -215,6 +215,32 @@ def _user_frame(exc: BaseException) -> str:
     library = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(library)]
     return f"{frames[-1].name}, {frames[-1].filename}:{frames[-1].lineno}" if frames else "line not found"
+
+
+def padding_check_refusal(exc: BaseException) -> UnsupportedModelError | None:
+    """The refusal for a vmap error raised in Hugging Face's ``warn_if_padding_and_no_attention_mask``, naming the
+    model and the fixes, or ``None`` when ``exc`` was raised elsewhere."""
+    padding_check = _padding_check_model(exc)
+    if padding_check is not None:
+        return UnsupportedModelError(
+            f"the forward of {padding_check} calls Hugging Face's warn_if_padding_and_no_attention_mask, because it "
+            f"was given no attention_mask and its config has a pad_token_id: the check reads whether the pad token "
+            f"is among the first and last input ids (pad_token_id in input_ids[:, [-1, 0]], an .item()), which "
+            f"torch.func.vmap cannot trace, and explaind evaluates the model one input at a time under vmap. The "
+            f"check only warns; it changes no output. Fix (either): pass the padding mask in train_data and the "
+            f"test inputs alike as a 4-D boolean mask (explaind.integrations.four_d_attention_mask(mask), a mask "
+            f"of ones when nothing is padded), or build the model with pad_token_id=None in its config when no "
+            f"input is padded (the check is then skipped; the embedding's padding row trains like the others).")
+    return None
+
+
+def _padding_check_model(exc: BaseException) -> str | None:
+    """The class name of the Hugging Face model whose ``warn_if_padding_and_no_attention_mask`` raised ``exc``
+    (a frame of that name in its traceback), else ``None``."""
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_name == "warn_if_padding_and_no_attention_mask":
+            return type(frame.f_locals.get("self")).__name__
+    return None
 
 
 def _autograd_call(exc: BaseException) -> str | None:

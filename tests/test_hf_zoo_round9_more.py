@@ -51,7 +51,8 @@ def test_top_2_routing_among_4_experts_is_loud_at_the_router():
 def test_rwkv_whose_wkv_scan_runs_in_float32_is_loud():
     """RWKV (two layers, ``rescale_every=0``): its CPU scan (``rwkv_linear_attention_cpu``) keeps its state in
     float32 with running maxima. The replica misses the trained model by more than 1e-3 and the estimators say so
-    (quadrature share). The cause is not pinned down here."""
+    (quadrature share). The cause, its small embedding initialisation, and the fix are in
+    tests/test_hf_zoo_round10_more.py."""
     got = run(CAUSAL["rwkv"], reference=False)
     assert got["replica"] > 1e-3
     assert any("quadrature error share" in w for w in got["warnings"]), got["warnings"]

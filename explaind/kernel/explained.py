@@ -33,7 +33,7 @@ from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
 from ..models import copy_memo, drop_backward_hooks, refuse_renormalising_embeddings, refuse_script_modules
 from ..outputs import model_output
-from ..unsupported import evaluation_refusal, refuse_unreplayable
+from ..unsupported import evaluation_refusal, padding_check_refusal, refuse_unreplayable
 from .casts import KeepReplayDtype
 from .rewrite_scan import reachable_rewrite
 from .rewrites import FusedKernelRewrite, needs_rewrite
@@ -202,13 +202,19 @@ class FunctionalModel:
                     raise
                 if any(type(m).__name__.startswith(("Longformer", "LED")) for m in self.module.modules()):
                     raise UnsupportedModelError(
-                        "Hugging Face Longformer (and LED) reads its global-attention indices as values in every "
-                        "forward (nonzero() and .item() on the global_attention_mask, also without global "
-                        "attention), which torch.func.vmap cannot trace, and explaind evaluates the model one input "
-                        "at a time under vmap: such a model cannot be explained (its training records exactly). "
-                        "Fix: train a model with dense attention (RoBERTa, or BigBird with attention_type="
-                        "'original_full') for the run you want explained."
+                        "Hugging Face Longformer and LED with global attention (a global_attention_mask in the "
+                        "inputs, or LongformerForSequenceClassification, which puts global attention on the first "
+                        "token by itself) read the global-attention indices as values in the forward (nonzero() "
+                        "on the global_attention_mask), which torch.func.vmap cannot trace, and explaind evaluates "
+                        "the model one input at a time under vmap: such a run cannot be explained (its training "
+                        "records exactly). Fix: for LED, leave global_attention_mask out of train_data and the test "
+                        "inputs (its local-window attention alone is explained exactly); or train a model with "
+                        "dense attention (RoBERTa, or BigBird with attention_type='original_full') for the run you "
+                        "want explained."
                     ) from exc
+                padding = padding_check_refusal(exc)
+                if padding is not None:
+                    raise padding from exc
                 routed = _top_k_routers(self.module)
                 if routed:
                     raise UnsupportedModelError(
