@@ -201,22 +201,27 @@ def grad_off_sites(sites: tuple[str, ...] | list[str], kind: str = NO_GRAD) -> l
     return [site for site in sites if f" {kind} (" in site]
 
 
+def _call_of(site: str) -> str:
+    """The bare name of a site's call: ``"path (Class): Tensor.detach x2"`` -> ``"detach"``."""
+    return site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1]
+
+
 def stop_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     """The sites of :func:`find_jumps` that detach a parameter-dependent tensor (``"path (Class): Tensor.detach"``)."""
-    return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in STOPS]
+    return [site for site in sites if _call_of(site) in STOPS]
 
 
 def hook_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     """The sites of :func:`find_jumps` that register a gradient hook on a parameter-dependent tensor in the forward
     (``"path (Class): Tensor.register_hook"``): the backward, and the reverse-mode derivatives, follow the hook, the
     output and its forward-mode derivatives do not."""
-    return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in HOOKS]
+    return [site for site in sites if _call_of(site) in HOOKS]
 
 
 def singular_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     """The sites of :func:`find_jumps` that take the log-determinant of a parameter-dependent matrix
     (``"path (Class): torch.slogdet"``)."""
-    return [site for site in sites if site.rsplit(": ", 1)[-1].split(" x")[0].rsplit(".", 1)[-1] in SINGULAR]
+    return [site for site in sites if _call_of(site) in SINGULAR]
 
 
 def _tensors(values: Any) -> Iterator[Tensor]:

@@ -58,6 +58,15 @@ def setup_error(root: Path, exc: OSError) -> TrajectoryError:
     )
 
 
+def refuse_non_bool(name: str, value: Any, does: str) -> None:
+    """Raise :class:`ConfigError` when the recorder's on/off argument ``name`` is not a bool: a string such as
+    ``"false"`` counts as true in Python, and ``name=True`` ``does`` (e.g. "deletes the stored run")."""
+    if not isinstance(value, bool | np.bool_):
+        raise ConfigError(f"{name}={value!r} is a {type(value).__name__}; allowed: True or False (a value such as "
+                          f"'false' would count as true, and {name}=True {does}). Nothing was written. Fix: pass "
+                          f"{name}=True or {name}=False.")
+
+
 def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     """Make ``root`` ready for recording; returns ``True`` when an existing store is resumed.
 
@@ -69,12 +78,8 @@ def prepare_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     TrajectoryError
         When the directory is refused (see :func:`_prepare`) or cannot be written (:func:`setup_error`).
     """
-    for name, value, does in (("overwrite", overwrite, "deletes the stored run"),
-                              ("resume", resume, "appends to the stored run")):
-        if not isinstance(value, bool | np.bool_):
-            raise ConfigError(f"{name}={value!r} is a {type(value).__name__}; allowed: True or False (a value such "
-                              f"as 'false' would count as true, and {name}=True {does}). Nothing was written. Fix: "
-                              f"pass {name}=True or {name}=False.")
+    refuse_non_bool("overwrite", overwrite, "deletes the stored run")
+    refuse_non_bool("resume", resume, "appends to the stored run")
     _refuse_long_path(root)
     if os.path.islink(root) and not os.path.exists(root):
         raise TrajectoryError(
@@ -218,11 +223,8 @@ def refuse_invalid_arguments(model: Any, optimizer: Any, *, loss: Any, audit: An
     refuse_unrecordable_layers(model, "TrajectoryRecorder")
     if not (audit is True or audit is False or audit == "auto"):
         raise ConfigError(f"audit={audit!r} is not allowed. Choose one of: 'auto', True, False.")
-    for name, value in (switches or {}).items():  # "false" is a true string: it would switch the option on
-        if not isinstance(value, bool | np.bool_):
-            raise ConfigError(f"{name}={value!r} is a {type(value).__name__}; allowed: True or False (a string "
-                              f"such as 'false' is true in Python, so it would switch {name} on). Nothing was "
-                              f"written. Fix: pass {name}=True or {name}=False.")
+    for name, value in (switches or {}).items():
+        refuse_non_bool(name, value, f"switches {name} on")
     if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
         raise ConfigError(
             f"grad_scaler must be a torch.amp.GradScaler (the one the loop calls scaler.step with), got "
