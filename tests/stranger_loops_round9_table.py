@@ -53,23 +53,26 @@ def default_rule(model: Any, traj: Any, recorded: list[str]) -> dict[str, Any]:
     return {"replica": got["replica"], "share": share, "warnings": recorded + got["warnings"] + caught}
 
 
-def row(name: str) -> str:
+def row(name: str, cases: dict[str, Any] = CASES, default: tuple[str, ...] = DEFAULT_RULE,
+        measure: Any = figures) -> str:
+    """One table row of case ``name`` of ``cases`` (the ReLU cases in ``default`` with the default estimators, the
+    others measured by ``measure(name, model, traj)``)."""
     recorded: list[str] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                model, traj = CASES[name]()
+                model, traj = cases[name]()
             finally:
                 recorded = [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
-        if name in DEFAULT_RULE:
+        if name in default:
             got = default_rule(model, traj, recorded)
             missed = [w for w in got["warnings"] if "the replica misses" in w]  # the replica's own warning first
             shown = (missed or got["warnings"] or [""])[0]
             cls = "exact" if got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not got["warnings"] else (
                 "loud: " + shown[:400] if got["warnings"] else "SILENT")
             return f"| {name} (default estimators) | {got['replica']:.1e} | {got['share']:.1e} | | | {cls} |"
-        got = figures(name, model, traj)
+        got = measure(name, model, traj)
         got["warnings"] = recorded + got["warnings"]  # the recorder's warnings first
     except Exception as exc:  # the table shows what a user sees
         sentences = re.split(r"(?<=[.)])\s+(?=[A-Z])", " ".join(str(exc).split()))

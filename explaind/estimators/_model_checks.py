@@ -3,7 +3,9 @@ r"""Checks of the model an estimator's ``fit`` replays the recorded steps with.
 docs/recording.md, "Python attributes changed between steps" and "Losses that read parameters", has the user's side.
 
 * :func:`~explaind.trajectory._attribute_record.check_model`: the model's plain attributes, children, modes, hooks,
-  plain tensors and config fields against the fingerprint the recording kept (edits after ``with rec:``).
+  plain tensors and config fields against the fingerprint the recording kept (edits after ``with rec:``);
+  :func:`~explaind.trajectory._attribute_record.check_final_state`: the recorded model object's parameters and
+  buffers against their values when ``with rec:`` ended (``update_bn`` or training after recording).
 * :func:`loss_reads_parameters`: a loss callable that reads a parameter of the model directly (``exp(-log_var) *
   CE + log_var`` with ``log_var = model.log_var``), not through the outputs. The engine evaluates
   :math:`\ell_k(f(x_k; \theta_s))` (docs/maths.md §1) with such a parameter at its value *now*, at every step, and
@@ -24,7 +26,7 @@ import torch
 
 from ..inputs import Inputs
 from ..outputs import model_output
-from ..trajectory._attribute_record import check_model
+from ..trajectory._attribute_record import check_final_state, check_model
 from ..trajectory._common import warn_user
 
 __all__ = ["check_recorded_model", "loss_reads_parameters"]
@@ -39,6 +41,7 @@ def check_recorded_model(traj: Any, who: str) -> None:
     except Exception:  # noqa: BLE001 - a trajectory without a model has nothing to compare
         return
     check_model(traj, model, f"{who}.fit")
+    check_final_state(traj, model, f"{who}.fit")
     read = loss_reads_parameters(traj, model)
     recorded = [n for n in read if n in set(traj.param_names)]
     if recorded:

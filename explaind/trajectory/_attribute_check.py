@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
-from ._attribute_record import keep_record, save_record
+from ._attribute_record import final_state, keep_record, save_record
 from ._attributes import ABSENT, AttributeWatch, Change, restore_value
 from ._common import warn_user
 
@@ -208,14 +208,22 @@ class RecorderAttributesMixin:
         in-memory trajectory, or in the store's ``attributes.json`` (a stale one removed after an unclean run)."""
         watch = self._attributes
         record = keep_record(watch.base, watch.ignore, watch.unread) if clean and watch.enabled else None
+        self._final_state = final_state(self.model) if clean else None  # the values `with rec:` left
         if self._memory is not None:
             self._memory.attribute_record = record
+            self._memory.final_state = self._final_state
         if self._store is not None:
             try:
                 save_record(self._store, record, fsync=self._fsync, run_id=self._manifest.run_id)
             except OSError as exc:  # the recording itself is complete: only the later check is lost
                 logger.warning("The attribute fingerprint could not be written to %s (%s): changes to the model's "
                                "plain attributes after recording will not be checked.", self._store, exc)
+
+    def _with_final_state(self, traj: Any) -> Any:
+        """``traj`` (a reader of this recorder's store) holding the values ``with rec:`` left (``_attribute_record``,
+        :func:`~explaind.trajectory._attribute_record.check_final_state`)."""
+        traj.final_state = getattr(self, "_final_state", None)
+        return traj
 
     def _end_attributes(self, clean: bool, last: Tensor | None) -> None:
         """When recording ends: stop watching; after a clean run (no exception, no refused step), warn about changes

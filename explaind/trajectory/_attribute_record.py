@@ -25,6 +25,14 @@ symbolic link, never blocking on a FIFO, at most :data:`~explaind.trajectory._in
 cannot be read, is not what explaind writes, fails its checksum or names another run is not used, with a warning
 naming the file, the problem and the fix (the check is then skipped; the recording itself does not depend on the
 file). A file without the two keys (written before round 8) is read as before.
+
+The values of the parameters and buffers are no attributes: the engine takes them from the recording
+(:math:`\theta_s`, :math:`\beta_s`). A recorder also keeps, on the trajectory it returns, :func:`final_state`: a
+checksum of every parameter and buffer of its model object as ``with rec:`` left it. :func:`check_final_state`
+compares it at every estimator's ``fit`` when the estimator replays that same object, and warns naming what changed
+since (training continued outside the recorder, ``torch.optim.swa_utils.update_bn``, ``load_state_dict``): the
+replica and the scores explain the recorded last state, no longer the model the user holds. A model given to
+``Trajectory.load`` is not compared (a fresh instance holds other values by design).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import hashlib
 import json
 import logging
 import types
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +60,7 @@ from ._io import read_confined
 from ._layout import ATTRIBUTES
 from ._tensor_watch import block_sums, checksum, is_plain_object
 
-__all__ = ["FILE", "record_of", "save_record", "check_model", "keep_record"]
+__all__ = ["FILE", "record_of", "save_record", "check_model", "keep_record", "final_state", "check_final_state"]
 
 logger = logging.getLogger("explaind.trajectory")
 
@@ -249,3 +258,53 @@ def _short(text: str | None) -> str:
     if text is None:
         return "absent"
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _signature(t: torch.Tensor) -> tuple[Any, ...]:
+    """The value checksum of ``t`` (:func:`~explaind.trajectory._tensor_watch.checksum`); its version counter and
+    storage where it has none (a tensor above the checksum's size limit)."""
+    sums = checksum(t.detach())
+    return ("sum", sums) if sums is not None else ("version", t._version, t.data_ptr())
+
+
+def final_state(model: nn.Module) -> dict[str, Any]:
+    """The signature of every parameter and buffer of ``model`` (and the object itself, weakly), as ``with rec:``
+    left it: compared by :func:`check_final_state`."""
+    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {"model": weakref.ref(model), "tensors": {n: _signature(t) for n, t in named.items()}}
+
+
+def _relative_change(now: torch.Tensor, was: torch.Tensor | None) -> str:
+    if was is None or was.shape != now.shape:
+        return ""
+    now64, was64 = now.detach().double().cpu(), was.detach().double().cpu()
+    scale = float(was64.abs().max()) if was64.numel() else 0.0
+    return f" (relative change {float((now64 - was64).abs().max()) / max(scale, 1e-300):.3g})"
+
+
+def check_final_state(traj: Any, model: nn.Module | None, who: str) -> None:
+    """Warn when ``model`` is the recorded model object and a parameter or buffer of it changed after ``with rec:``
+    ended (module docstring); nothing for another model object or a trajectory without :func:`final_state`."""
+    kept = getattr(traj, "final_state", None)
+    if model is None or kept is None or kept["model"]() is not model:
+        return
+    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    changed = [n for n, sig in kept["tensors"].items() if n in named and _signature(named[n]) != sig]
+    if not changed:
+        return
+    try:
+        last = {**traj.params(traj.n_steps), **traj.buffers(traj.n_steps)}
+    except Exception:  # noqa: BLE001 - the values are for the message only
+        last = {}
+    kinds = dict.fromkeys(n for n, _ in model.named_buffers())
+    listed = ", ".join(f"{'buffer' if n in kinds else 'parameter'} {n}{_relative_change(named[n], last.get(n))}"
+                       for n in changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    warn_user(logger, f"{who}: the model's {listed} changed after `with rec:` ended (training continued outside the "
+                      f"recorder, torch.optim.swa_utils.update_bn, load_state_dict or a hand edit). The trajectory "
+                      f"ends at the values its last step left, traj.params(traj.n_steps) and "
+                      f"traj.buffers(traj.n_steps): the replica and the scores explain that model, not the one you "
+                      f"hold now. Fix: make such changes on a copy (torch.optim.swa_utils.update_bn(loader, "
+                      f"copy.deepcopy(model))), or load the recorded values back before comparing: "
+                      f"model.load_state_dict({{**model.state_dict(), **traj.params(traj.n_steps), "
+                      f"**traj.buffers(traj.n_steps)}}); steps trained after `with rec:` are explained by recording "
+                      f"them too.")

@@ -330,7 +330,12 @@ class GradientTap:
                 f"the model's forward, e.g. by a noise layer, is replayed from the captured random state). A term "
                 f"added to .grad by hand (in the loop, or in a hook such as Lightning's on_after_backward), e.g. "
                 f"weight decay p.grad += lam * p, is the optimizer's own weight_decay=lam (SGD, Adam), which is "
-                f"recorded: set that instead.{_per_parameter_factor_hint(compared, values, modified, tol)}"
+                f"recorded: set that instead. Per-sample clipping (DP-SGD's, sum_k f_k g_k / B written into .grad) is "
+                f"a weight per sample: backward the per-sample losses times their clip factors, "
+                f"(losses * (f / B).detach()).sum().backward(), and log those weights, rec.log_batch(idx, "
+                f"weights=f / B), which is recorded exactly; DP-SGD's Gaussian noise is no sample's gradient, so "
+                f"no split over samples holds it: record the run without the noise."
+                f"{_per_parameter_factor_hint(compared, values, modified, tol)}"
             )
         return c
 

@@ -313,8 +313,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
             return self._memory
         if self._writer is not None:
             self._writer.flush()
-        return DiskTrajectory(self._store, model=self.model, train_data=self._data, loss=self._loss,
-                              generators=self._random.extra)
+        return self._with_final_state(DiskTrajectory(self._store, model=self.model, train_data=self._data,
+                                                     loss=self._loss, generators=self._random.extra))
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> TrajectoryRecorder:
