@@ -37,10 +37,15 @@ class Indexed(torch.utils.data.Dataset):
         return x, self.y[i], i
 
 
-def loader_run(loader_kwargs: dict[str, Any], noise: float = 0.0, **rec_kwargs: Any) -> tuple[nn.Module, Any]:
+def loader_run(loader_kwargs: dict[str, Any], noise: float = 0.0, drawn_once: bool = False,
+               **rec_kwargs: Any) -> tuple[nn.Module, Any]:
     """SGD momentum over ``STEPS`` batches of 6 from a ``DataLoader(Indexed(X, y, noise), **loader_kwargs)``; the
-    loop trains on the loader's ``x`` and logs its indices."""
+    loop trains on the loader's ``x`` and logs its indices. ``drawn_once``: the augmentation (Gaussian noise of
+    scale 0.1) drawn once for every sample before recording, and those inputs given as ``train_data`` (the fix the
+    refusal of an augmentation drawn in ``__getitem__`` names)."""
     X, y, _ = data()
+    if drawn_once:
+        X = X + 0.1 * torch.randn(X.shape, generator=torch.Generator().manual_seed(8), dtype=DT)
     model = mlp()
     opt = sgd(model)
     torch.manual_seed(3)

@@ -356,6 +356,7 @@ CASES: dict[str, Case] = {
     "augmentation_in_getitem_two_workers": lambda: loader_run({"shuffle": True, "num_workers": 2}, noise=0.1),
     "augmentation_in_getitem_two_workers_store_data_false": lambda: loader_run(
         {"shuffle": True, "num_workers": 2}, noise=0.1, store_data=False),
+    "augmentation_drawn_once_before_recording": lambda: loader_run({"shuffle": True}, drawn_once=True),
     "collate_pads_per_batch_masked_mean": lambda: bucketed_padding(True),
     "collate_pads_per_batch_unmasked_mean": lambda: bucketed_padding(False),
     "curriculum_dataset_swapped_mid_run": lambda: curriculum_swap(False),

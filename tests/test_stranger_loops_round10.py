@@ -32,6 +32,7 @@ EXACT = [
     "dp_sgd_clip_factors_as_log_batch_weights", "head_grad_set_to_none_at_two_steps",
     "head_grad_assigned_from_autograd_grad", "distillation_teacher_logits_in_targets",
     "weighted_random_sampler_with_replacement", "loader_two_workers_shuffled", "collate_pads_per_batch_masked_mean",
+    "augmentation_drawn_once_before_recording",
     "curriculum_both_datasets_offset_indices", "rmsprop_each_groups_lr_set_every_step",
     "adamw_weight_decay_ramped_every_step", "nadam_betas_set_by_hand_twice",
     "user_lrscheduler_subclass_warmup_inverse_sqrt", "user_lrscheduler_subclass_writing_momentum",
@@ -49,7 +50,13 @@ GLOBAL = r"changed by more than a global factor"
 DP_FIX = (r"Per-sample clipping \(DP-SGD's.*\(losses \* \(f / B\)\.detach\(\)\)\.sum\(\)\.backward\(\).*"
           r"rec\.log_batch\(idx, weights=f / B\), which is recorded exactly; DP-SGD's Gaussian noise is no sample's "
           r"gradient.*record the run without the noise")
-INPUTS = r"the model saw those rows of train_data as given \(inputs mixed or augmented"
+FIXES = (r": explaind recomputes every gradient from those rows.*Dataset's __getitem__, with any num_workers.*Fix: "
+         r"pass as train_data exactly what the model trains on: augmentations drawn once before recording, every row "
+         r"padded to one length with forward masking the padding, each stage's dataset concatenated")
+INPUTS = (r"does not match.*\)\. The model's training forward\(s\) of this step received inputs that differ from "
+          r"train_data's rows at the logged indices \(6 of 6 rows, largest difference [0-9.]+\)" + FIXES)
+PADDED = (r"does not match.*\)\. The model's training forward of this step received inputs of shape \(6, 2\), where "
+          r"train_data's rows at the logged indices have shape \(6, 4\)" + FIXES)
 
 
 @pytest.mark.parametrize(("case", "match"), [
@@ -62,13 +69,15 @@ INPUTS = r"the model saw those rows of train_data as given \(inputs mixed or aug
     ("torch_func_grad_assigned_no_backward", r"a gradient that no backward\(\) of this step produced.*compute it "
                                              r"with loss\.backward\(\), the same gradient"),
     ("distillation_teacher_in_loop_cross_entropy", r"does not match the gradient of the logged batch under loss "
-                                                   r"'cross_entropy'.*Check that loss= is the loss the loop trains"),
+                                                   r"'cross_entropy'.*\)\)\. The loop's forward ran in training mode.*"
+                                                   r"Check that loss= is the loss the loop trains"),
     ("ema_teacher_submodule_updated_by_hand",
      r"Step 1: the frozen parameter\(s\) teacher\.0\.weight .*register_buffer"),
+    # before: the generic causes, led by capture_random=True (which does not help); now the inputs are compared
     ("augmentation_in_getitem_no_workers", INPUTS),
     ("augmentation_in_getitem_two_workers", INPUTS),
     ("augmentation_in_getitem_two_workers_store_data_false", INPUTS),
-    ("collate_pads_per_batch_unmasked_mean", INPUTS),
+    ("collate_pads_per_batch_unmasked_mean", PADDED),
     ("curriculum_dataset_swapped_mid_run", INPUTS),
 ])
 def test_refused_naming_the_cause_and_the_fix(case, match):

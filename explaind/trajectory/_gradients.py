@@ -360,6 +360,37 @@ def _per_parameter_factor_hint(names: list[str], values: list[list[float]], modi
             f"gradient cancels in the update up to eps: leave it out.")
 
 
+#: At most this many training forwards' inputs are kept per step (references, no copies).
+_KEPT_INPUTS = 64
+
+
+def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
+    """The failed gradient check's first sentence when the step's training forwards received other inputs than
+    ``rows``, the rows of ``train_data`` at the logged indices (a tensor); ``""`` when they match, or when the
+    forwards cannot be lined up with the rows (a count of rows or a dtype that differs: nothing is claimed)."""
+    if not inputs or not isinstance(rows, Tensor) or not all(t.dtype.is_floating_point for t in [*inputs, rows]):
+        return ""
+    fix = ("explaind recomputes every gradient from those rows, so inputs made anew for each batch (random "
+           "augmentation in the loop or in a Dataset's __getitem__, with any num_workers; a collate_fn that pads each "
+           "batch to its own length) or taken from another dataset (a curriculum stage) are other samples. Fix: pass "
+           "as train_data exactly what the model trains on: augmentations drawn once before recording, every row "
+           "padded to one length with forward masking the padding, each stage's dataset concatenated with its "
+           "indices offset by the rows before it.")
+    if len(inputs) == 1 and inputs[0].shape[0] == rows.shape[0] and inputs[0].shape[1:] != rows.shape[1:]:
+        return (f" The model's training forward of this step received inputs of shape {tuple(inputs[0].shape)}, where "
+                f"train_data's rows at the logged indices have shape {tuple(rows.shape)}: {fix}")
+    if sum(t.shape[0] for t in inputs) != rows.shape[0] or any(t.shape[1:] != rows.shape[1:] for t in inputs):
+        return ""
+    got = torch.cat([t.detach().to(rows.device, torch.float64) for t in inputs]).flatten(1)
+    want = rows.detach().to(torch.float64).flatten(1)
+    gap = (got - want).abs()
+    bad = int((gap.amax(1) > 1e-6 * max(1.0, float(want.abs().max()))).sum()) if gap.numel() else 0
+    if not bad:
+        return ""
+    return (f" The model's training forward(s) of this step received inputs that differ from train_data's rows at "
+            f"the logged indices ({bad} of {rows.shape[0]} rows, largest difference {float(gap.max()):.3g}): {fix}")
+
+
 class AutocastProbe:
     """Forward pre-hooks on the model and its children: the autocast dtype of the loop's forwards since the last step.
 
@@ -384,6 +415,8 @@ class AutocastProbe:
         self._model, self._tap, self._device = model, tap, device_type
         self.dtype: torch.dtype | None = None
         self.paused = False
+        #: the first positional input of each training forward since the last step (for :func:`loop_inputs_hint`)
+        self.inputs: list[Tensor] = []
         self._handles: list[Any] = []
         self.rounding = OutputRounding(model, lambda: self.paused, notes)  # a float32 cast before a float64 loss
 
@@ -402,6 +435,9 @@ class AutocastProbe:
         if self.paused:
             return
         self._tap.sync()
+        if module.training and torch.is_grad_enabled() and args and isinstance(args[0], Tensor) \
+                and len(self.inputs) < _KEPT_INPUTS:
+            self.inputs.append(args[0])
         self._inner(module, args)
 
     def _inner(self, module: nn.Module, args: Any) -> None:
@@ -413,3 +449,4 @@ class AutocastProbe:
     def reset(self) -> None:
         """Forget the forward passes of the finished step."""
         self.dtype = None
+        self.inputs = []

@@ -31,7 +31,7 @@ from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_mas
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
-from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers
+from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers, loop_inputs_hint
 from ._participation import (
     edit_list,
     edit_message,
@@ -279,6 +279,8 @@ class RecorderChecksMixin:
             lazy: Any = lambda: mode_branch_hint(self.model, self._params, batch[0]) + hint  # noqa: E731
         else:
             lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
+        inputs, then = list(self._probe.inputs), lazy  # the loop's inputs against train_data's rows, named first
+        lazy = lambda: loop_inputs_hint(inputs, batch[0]) + (then() if callable(then) else then)  # noqa: E731
         with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
             try:
                 return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast,
