@@ -156,3 +156,26 @@ def test_untuned_relu_runs_are_warned_naming_the_cause():
         model, traj = CASES[case]()
         got = replica_with_defaults(model, traj)
         assert got["replica"] > 1e-6 and any(match in w for w in got["warnings"]), (case, got)
+
+
+def test_a_store_resumed_on_the_same_model_is_not_warned_about(tmp_path):
+    """The first recorder's trajectory of a store that a second recorder (``resume=True``) extended on the same model
+    object ends where the model is: no warning, although the model changed after the first ``with rec:``."""
+    from _stranger_loops_kit import batches, mlp, plain, sgd
+
+    X, y, _ = data()
+    model = mlp()
+    opt = sgd(model)
+    first = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run")
+    with first:
+        for s, idx in enumerate(batches()[:3]):
+            plain(s, model, opt, X, y, idx, first)
+    second = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run",
+                                         resume=True)
+    assert second.restore() == 3
+    with second:
+        for s, idx in enumerate(batches()[3:], start=3):
+            plain(s, model, opt, X, y, idx, second)
+    traj = first.trajectory
+    assert traj.n_steps == 6
+    assert not fit_warnings(traj)[1]

@@ -30,8 +30,9 @@ The values of the parameters and buffers are no attributes: the engine takes the
 (:math:`\theta_s`, :math:`\beta_s`). A recorder also keeps, on the trajectory it returns, :func:`final_state`: a
 checksum of every parameter and buffer of its model object as ``with rec:`` left it. :func:`check_final_state`
 compares it at every estimator's ``fit`` when the estimator replays that same object, and warns naming what changed
-since (training continued outside the recorder, ``torch.optim.swa_utils.update_bn``, ``load_state_dict``): the
-replica and the scores explain the recorded last state, no longer the model the user holds. A model given to
+since (training continued outside the recorder, ``torch.optim.swa_utils.update_bn``, ``load_state_dict``) and now
+differs from the trajectory's last state (a store another recorder resumed ends later): the replica and the scores
+explain the recorded last state, no longer the model the user holds. A model given to
 ``Trajectory.load`` is not compared (a fresh instance holds other values by design).
 """
 
@@ -292,10 +293,14 @@ def check_final_state(traj: Any, model: nn.Module | None, who: str) -> None:
     changed = [n for n, sig in kept["tensors"].items() if n in named and _signature(named[n]) != sig]
     if not changed:
         return
-    try:
-        last = {**traj.params(traj.n_steps), **traj.buffers(traj.n_steps)}
-    except Exception:  # noqa: BLE001 - the values are for the message only
+    try:  # the recorded last state (a store another recorder resumed and extended ends later: compared there)
+        last = {**traj.constants(), **traj.params(traj.n_steps), **traj.buffers(traj.n_steps)}
+    except Exception:  # noqa: BLE001 - without the recorded values the checksums decide alone
         last = {}
+    changed = [n for n in changed if n not in last or last[n].shape != named[n].shape
+               or not torch.equal(last[n].detach().cpu(), named[n].detach().cpu())]
+    if not changed:
+        return
     kinds = dict.fromkeys(n for n, _ in model.named_buffers())
     listed = ", ".join(f"{'buffer' if n in kinds else 'parameter'} {n}{_relative_change(named[n], last.get(n))}"
                        for n in changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
