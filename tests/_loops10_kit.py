@@ -193,6 +193,21 @@ class WithTeacher(nn.Module):
         return self.student(x)
 
 
+def ema_teacher_outside() -> tuple[nn.Module, Any]:
+    """The same mean teacher kept outside the recorded model (its own copy, updated by hand after every step): the
+    fix the refusal of :func:`ema_teacher_submodule` names."""
+    model = mlp()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    opt = sgd(model)
+
+    def after(s):
+        with torch.no_grad():
+            for t, p in zip(teacher.parameters(), model.parameters()):
+                t.mul_(0.9).add_(p, alpha=0.1)
+
+    return model, train(model, opt, after=after)
+
+
 def ema_teacher_submodule() -> tuple[nn.Module, Any]:
     """A mean teacher (BYOL/DINO style) held inside the recorded model and updated by hand after every step,
     ``t = 0.9 t + 0.1 s`` under ``no_grad``; the loop's loss is the student's cross entropy."""
@@ -349,6 +364,7 @@ CASES: dict[str, Case] = {
     "distillation_teacher_logits_in_targets": lambda: distillation(True),
     "distillation_teacher_in_loop_cross_entropy": lambda: distillation(False),
     "ema_teacher_submodule_updated_by_hand": ema_teacher_submodule,
+    "ema_teacher_kept_outside_the_model": ema_teacher_outside,
     # samplers, loaders, padding, curricula
     "weighted_random_sampler_with_replacement": lambda: loader_run(weighted_sampler()),
     "loader_two_workers_shuffled": lambda: loader_run({"shuffle": True, "num_workers": 2}),

@@ -32,7 +32,7 @@ EXACT = [
     "dp_sgd_clip_factors_as_log_batch_weights", "head_grad_set_to_none_at_two_steps",
     "head_grad_assigned_from_autograd_grad", "distillation_teacher_logits_in_targets",
     "weighted_random_sampler_with_replacement", "loader_two_workers_shuffled", "collate_pads_per_batch_masked_mean",
-    "augmentation_drawn_once_before_recording",
+    "augmentation_drawn_once_before_recording", "ema_teacher_kept_outside_the_model",
     "curriculum_both_datasets_offset_indices", "rmsprop_each_groups_lr_set_every_step",
     "adamw_weight_decay_ramped_every_step", "nadam_betas_set_by_hand_twice",
     "user_lrscheduler_subclass_warmup_inverse_sqrt", "user_lrscheduler_subclass_writing_momentum",
@@ -72,7 +72,8 @@ PADDED = (r"does not match.*\)\. The model's training forward of this step recei
                                                    r"'cross_entropy'.*\)\)\. The loop's forward ran in training mode.*"
                                                    r"Check that loss= is the loss the loop trains"),
     ("ema_teacher_submodule_updated_by_hand",
-     r"Step 1: the frozen parameter\(s\) teacher\.0\.weight .*register_buffer"),
+     r"Step 1: the frozen parameter\(s\) teacher\.0\.weight .*register_buffer.*An EMA copy of the model kept inside "
+     r"it.*keep it outside the recorded model, as its own nn\.Module or a torch\.optim\.swa_utils\.AveragedModel"),
     # before: the generic causes, led by capture_random=True (which does not help); now the inputs are compared
     ("augmentation_in_getitem_no_workers", INPUTS),
     ("augmentation_in_getitem_two_workers", INPUTS),

@@ -346,7 +346,10 @@ def frozen_edit_message(edited: list[tuple[str, float]], step: int, start: int) 
         f"be recorded exactly (nothing was stored for it; the {step - start} step(s) recorded before are kept). "
         f"Fix: make such changes before `with rec:` or after it; keep a value the forward updates in a buffer "
         f"(module.register_buffer), whose changes are recorded per step; or train the parameter through the "
-        f"optimizer (requires_grad=True, or TrajectoryRecorder(..., record_frozen=True) to unfreeze it later)."
+        f"optimizer (requires_grad=True, or TrajectoryRecorder(..., record_frozen=True) to unfreeze it later). An "
+        f"EMA copy of the model kept inside it and updated by hand (a mean teacher, BYOL's or DINO's target "
+        f"network) that the recorded forward does not call: keep it outside the recorded model, as its own "
+        f"nn.Module or a torch.optim.swa_utils.AveragedModel, and the run is recorded exactly."
     )
 
 
