@@ -21,6 +21,8 @@ from _loops8_kit import ReluCNN
 from _loops9_kit import DeepRelu, grad_step, two_groups, with_opt
 from _loops10_data import bucketed_padding, curriculum_swap, loader_run, weighted_sampler
 from _stranger_loops_kit import DT, STEPS, adam, batches, data, measure, mlp, plain, sgd, train
+from reference import Reference
+from replay_reference import BufferReference
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.optim import lr_scheduler
@@ -315,6 +317,14 @@ def update_bn_after() -> tuple[nn.Module, Any]:
     return model, traj
 
 
+def update_bn_loaded_back() -> tuple[nn.Module, Any]:
+    """:func:`update_bn_after`, then the recorded last values loaded back into the model (the fix its warning
+    names): ``model.load_state_dict({**model.state_dict(), **traj.params(n), **traj.buffers(n)})``."""
+    model, traj = update_bn_after()
+    model.load_state_dict({**model.state_dict(), **traj.params(traj.n_steps), **traj.buffers(traj.n_steps)})
+    return model, traj
+
+
 # ---------------------------------------------------------------------------------------------- dtype habits
 
 
@@ -388,6 +398,7 @@ CASES: dict[str, Case] = {
     "user_lrscheduler_subclass_writing_momentum": scheduled_by(sgd, MomentumAndLr),
     "swa_recipe_cosine_then_swalr_linear": swa_recipe,
     "update_bn_on_the_trained_model_after_recording": update_bn_after,
+    "update_bn_then_recorded_values_loaded_back": update_bn_loaded_back,
     # dtype habits
     "set_default_dtype_float64_after_build": default_dtype_after_build,
     "float32_model_under_default_float64": float32_model_default_float64,
@@ -404,6 +415,11 @@ CASES: dict[str, Case] = {
 DEFAULT_RULE = ("deep_relu_adamw_lr1_weight_decay", "relu_cnn_sgd_nesterov_lr1", "deep_relu_rmsprop_lr0.1_centered")
 
 
+#: Cases whose batch-norm statistics the reference replays (``replay_reference.BufferReference``).
+BATCH_NORM = ("update_bn_on_the_trained_model_after_recording", "update_bn_then_recorded_values_loaded_back")
+
+
 def figures(name: str, model: nn.Module, traj: Any) -> dict[str, Any]:
-    """The figures of case ``name``: :func:`~_stranger_loops_kit.measure` against the slow loop reference."""
-    return measure(model, traj)
+    """The figures of case ``name``: :func:`~_stranger_loops_kit.measure` against the slow loop reference (the
+    batch-norm cases against ``BufferReference``, which replays the batch statistics and the recorded buffers)."""
+    return measure(model, traj, BufferReference if name in BATCH_NORM else Reference)

@@ -33,6 +33,7 @@ EXACT = [
     "head_grad_assigned_from_autograd_grad", "distillation_teacher_logits_in_targets",
     "weighted_random_sampler_with_replacement", "loader_two_workers_shuffled", "collate_pads_per_batch_masked_mean",
     "augmentation_drawn_once_before_recording", "ema_teacher_kept_outside_the_model",
+    "update_bn_then_recorded_values_loaded_back",
     "curriculum_both_datasets_offset_indices", "rmsprop_each_groups_lr_set_every_step",
     "adamw_weight_decay_ramped_every_step", "nadam_betas_set_by_hand_twice",
     "user_lrscheduler_subclass_warmup_inverse_sqrt", "user_lrscheduler_subclass_writing_momentum",
