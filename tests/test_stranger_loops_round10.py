@@ -181,3 +181,19 @@ def test_a_store_resumed_on_the_same_model_is_not_warned_about(tmp_path):
     traj = first.trajectory
     assert traj.n_steps == 6
     assert not fit_warnings(traj)[1]
+
+
+def test_the_inputs_sentence_claims_nothing_it_cannot_line_up():
+    """The gradient check's first sentence about the loop's inputs: nothing for inputs equal to the rows (in two
+    micro-batches, or cast to float32), nothing for forwards that cannot be lined up with the rows (another count:
+    an extra forward), the differing rows counted otherwise."""
+    from explaind.trajectory._gradients import loop_inputs_hint
+
+    rows = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert loop_inputs_hint([rows[:3], rows[3:]], rows) == ""
+    assert loop_inputs_hint([rows.float()], rows) == ""
+    assert loop_inputs_hint([rows, rows], rows) == "" and loop_inputs_hint([rows[:4]], rows) == ""
+    edited = rows.clone()
+    edited[2] += 0.5
+    assert "(1 of 6 rows, largest difference 0.5)" in loop_inputs_hint([edited], rows)
+    assert "of shape (6, 2), where train_data's rows" in loop_inputs_hint([rows[:, :2]], rows)

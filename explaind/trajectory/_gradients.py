@@ -360,8 +360,13 @@ def _per_parameter_factor_hint(names: list[str], values: list[list[float]], modi
             f"gradient cancels in the update up to eps: leave it out.")
 
 
-#: At most this many training forwards' inputs are kept per step (references, no copies).
-_KEPT_INPUTS = 64
+#: At most this many training forwards' inputs, and this many bytes of them, are kept per step (references, no
+#: copies, released at the step: a loop that accumulates large batches keeps them alive no longer than that).
+_KEPT_INPUTS, _KEPT_BYTES = 64, 64 * 2 ** 20
+
+
+def _bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
@@ -417,6 +422,7 @@ class AutocastProbe:
         self.paused = False
         #: the first positional input of each training forward since the last step (for :func:`loop_inputs_hint`)
         self.inputs: list[Tensor] = []
+        self._kept_bytes = 0
         self._handles: list[Any] = []
         self.rounding = OutputRounding(model, lambda: self.paused, notes)  # a float32 cast before a float64 loss
 
@@ -436,8 +442,9 @@ class AutocastProbe:
             return
         self._tap.sync()
         if module.training and torch.is_grad_enabled() and args and isinstance(args[0], Tensor) \
-                and len(self.inputs) < _KEPT_INPUTS:
+                and len(self.inputs) < _KEPT_INPUTS and self._kept_bytes + _bytes(args[0]) <= _KEPT_BYTES:
             self.inputs.append(args[0])
+            self._kept_bytes += _bytes(args[0])
         self._inner(module, args)
 
     def _inner(self, module: nn.Module, args: Any) -> None:
@@ -449,4 +456,4 @@ class AutocastProbe:
     def reset(self) -> None:
         """Forget the forward passes of the finished step."""
         self.dtype = None
-        self.inputs = []
+        self.inputs, self._kept_bytes = [], 0
