@@ -67,8 +67,9 @@ PADDED = (r"does not match.*\)\. The model's training forward of this step recei
     ("pcgrad_two_task_projection", GLOBAL + r".*per-parameter clipping or noise added to \.grad cannot"),
     ("dp_sgd_clip_weighted_loss_weights_not_logged",
      r"Step 0: the gradient from backward\(\) does not match.*rec\.log_batch\(idx, weights=w / w\.sum\(\)\)"),
-    ("torch_func_grad_assigned_no_backward", r"a gradient that no backward\(\) of this step produced.*compute it "
-                                             r"with loss\.backward\(\), the same gradient"),
+    ("torch_func_grad_assigned_no_backward",
+     r"a gradient that no backward\(\) of this step produced.*torch\.func\.grad over functional_call.*compute it "
+     r"with loss\.backward\(\), the same gradient"),
     ("distillation_teacher_in_loop_cross_entropy", r"does not match the gradient of the logged batch under loss "
                                                    r"'cross_entropy'.*\)\)\. The loop's forward ran in training mode.*"
                                                    r"Check that loss= is the loss the loop trains"),
