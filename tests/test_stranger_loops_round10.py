@@ -10,7 +10,11 @@ warning, ``keep=("train",)`` scores <= 1e-9 against the slow float64 loop refere
 buffers) after ``with rec:`` left the replica 0.29 off the model the user holds without a word, now warned at every
 estimator's ``fit`` naming each tensor and the fix (exact once applied); the "more than a global factor" refusal
 of DP-SGD's per-sample clipping now names the weighted loss and ``log_batch`` weights that record it exactly
-(``dp_sgd_clip_factors_as_log_batch_weights``), and says that DP-SGD's noise is no sample's gradient.
+(``dp_sgd_clip_factors_as_log_batch_weights``), and says that DP-SGD's noise is no sample's gradient; a failed
+gradient check opens with the loop's inputs against ``train_data``'s rows (augmentation in ``__getitem__``,
+per-batch padding, a swapped curriculum dataset; before, its first sentence suggested ``capture_random=True``); the
+frozen-parameter refusal names an EMA teacher kept inside the model and the fix; the refusal of a gradient set by
+hand names ``torch.func.grad``.
 """
 
 from __future__ import annotations
