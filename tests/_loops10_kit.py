@@ -142,6 +142,28 @@ def func_grad_assigned(s, model, opt, X, y, idx, rec) -> None:
     opt.step()
 
 
+def gradnorm_weights() -> tuple[nn.Module, Any]:
+    """Two task losses (cross entropy and a penalty on the outputs' squares, per sample) weighted by task weights
+    that the loop edits after every step (GradNorm-style), given as the loss callable reading them from its closure."""
+    weights = {"ce": 1.0, "square": 0.5}
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return weights["ce"] * F.cross_entropy(out, target) + weights["square"] * (out ** 2).mean(1).mean()
+
+    X, y, _ = data()
+    model = mlp()
+    opt = sgd(model)
+    rec = explaind.TrajectoryRecorder(model, opt, loss=loss, train_data=(X, y))
+    with rec:
+        for idx in batches():
+            opt.zero_grad()
+            loss(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+            weights["ce"], weights["square"] = weights["ce"] * 0.8, weights["square"] * 1.3
+    return model, rec.trajectory
+
+
 # ---------------------------------------------------------------------------------------------- teachers
 
 
@@ -367,6 +389,7 @@ CASES: dict[str, Case] = {
     "dp_sgd_clipped_sum_written_into_grad": with_opt(sgd, dp_clip_sum),
     "dp_sgd_clip_weights_logged_plus_noise": with_opt(sgd, dp_step(weighted=True, logged=True, noise=True)),
     "pcgrad_two_task_projection": with_opt(sgd, pcgrad_step),
+    "gradnorm_task_weights_edited_every_step": gradnorm_weights,
     "head_grad_set_to_none_at_two_steps": with_opt(sgd, grad_step(head_grad_none)),
     "head_grad_assigned_from_autograd_grad": with_opt(sgd, head_grad_from_autograd),
     "torch_func_grad_assigned_no_backward": with_opt(sgd, func_grad_assigned),

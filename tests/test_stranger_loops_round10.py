@@ -202,3 +202,13 @@ def test_the_inputs_sentence_claims_nothing_it_cannot_line_up():
     edited[2] += 0.5
     assert "(1 of 6 rows, largest difference 0.5)" in loop_inputs_hint([edited], rows)
     assert "of shape (6, 2), where train_data's rows" in loop_inputs_hint([rows[:, :2]], rows)
+
+
+def test_gradnorm_task_weights_edited_every_step_are_warned_by_the_residual_share():
+    """Task weights in the loss callable's closure, edited after every step: each checked step's gradient matches
+    (the check runs with that step's weights), the engine replays every step with the last ones; the residual share
+    (0.31) warns, naming a value in the loss callable's closure. The replica is exact (it needs no loss)."""
+    model, traj = CASES["gradnorm_task_weights_edited_every_step"]()
+    got = figures("gradnorm_task_weights_edited_every_step", model, traj)
+    assert got["replica"] <= 1e-6 and got["share"] > 0.1, got
+    assert any("residual share" in w and "in the loss callable's closure" in w for w in got["warnings"]), got
