@@ -150,17 +150,29 @@ def gradnorm_weights() -> tuple[nn.Module, Any]:
     def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return weights["ce"] * F.cross_entropy(out, target) + weights["square"] * (out ** 2).mean(1).mean()
 
-    X, y, _ = data()
+    def edit() -> None:
+        weights["ce"], weights["square"] = weights["ce"] * 0.8, weights["square"] * 1.3
+
+    _, y, _ = data()
+    return loss_loop(loss, loss, y, y, edit)
+
+
+def loss_loop(recorded: Any, trained: Callable, train_targets: torch.Tensor, loop_targets: torch.Tensor,
+              after: Callable[[], None] | None = None) -> tuple[nn.Module, Any]:
+    """SGD momentum over the usual batches, the loop backwarding ``trained(model(x), loop_targets[idx])``, recorded
+    with ``loss=recorded`` and ``train_data=(X, train_targets)``; ``after()`` runs after every step."""
+    X, _, _ = data()
     model = mlp()
     opt = sgd(model)
-    rec = explaind.TrajectoryRecorder(model, opt, loss=loss, train_data=(X, y))
+    rec = explaind.TrajectoryRecorder(model, opt, loss=recorded, train_data=(X, train_targets))
     with rec:
         for idx in batches():
             opt.zero_grad()
-            loss(model(X[idx]), y[idx]).backward()
+            trained(model(X[idx]), loop_targets[idx]).backward()
             rec.log_batch(idx)
             opt.step()
-            weights["ce"], weights["square"] = weights["ce"] * 0.8, weights["square"] * 1.3
+            if after is not None:
+                after()
     return model, rec.trajectory
 
 
@@ -189,19 +201,10 @@ def distillation(in_targets: bool) -> tuple[nn.Module, Any]:
     """A student distilled from a fixed teacher (:func:`distill_loss`): the teacher's logits stored next to the
     labels as targets and the loss given as ``loss=distill_loss`` (``in_targets``), or the teacher's logits computed
     in the loop and the run recorded with ``loss="cross_entropy"``."""
-    X, y, _ = data()
+    _, y, _ = data()
     targets = torch.cat([y[:, None].to(DT), teacher_logits()], 1)
-    model = mlp()
-    opt = sgd(model)
-    rec = explaind.TrajectoryRecorder(model, opt, loss=distill_loss if in_targets else "cross_entropy",
-                                      train_data=(X, targets if in_targets else y))
-    with rec:
-        for idx in batches():
-            opt.zero_grad()
-            distill_loss(model(X[idx]), targets[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-    return model, rec.trajectory
+    return loss_loop(distill_loss if in_targets else "cross_entropy", distill_loss, targets if in_targets else y,
+                     targets)
 
 
 class WithTeacher(nn.Module):
