@@ -6,6 +6,9 @@ gradients by an independent loop: for every step and micro-batch, set the record
 take each sample's own loss gradient with ``torch.autograd.grad`` one sample at a time.
 :class:`BufferReference` adds the recorded buffers: step ``s``'s segment is evaluated at ``beta_s`` and the
 exact buffers term ``f(theta_{s+1}, beta_{s+1}) - f(theta_{s+1}, beta_s)`` is computed per step.
+:class:`ForwardJacobianReference` takes its path Jacobians one column at a time by ``torch.func.jvp`` (the output's
+own derivative, no finite step) for models whose backward is not the derivative of the forward (a gradient reversal
+layer), while the per-sample gradients keep the backward, which the optimizer applied.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from reference import Reference
 
 from explaind.outputs import model_output
 
-__all__ = ["BufferReference", "ReplayReference"]
+__all__ = ["BufferReference", "ForwardJacobianReference", "ReplayReference"]
 
 DT = torch.float64
 
@@ -114,3 +117,16 @@ class BufferReference(ReplayReference):
                     out[s] += sign * f
         return out
 
+
+
+class ForwardJacobianReference(ReplayReference):
+    """The reference with each path Jacobian ``d explained / d theta`` built column by column: one
+    ``torch.func.jvp`` along each unit vector of the flat parameters (a loop of ``D`` calls, no ``vmap``)."""
+
+    def jacobian(self, vec: torch.Tensor, xi: int) -> torch.Tensor:
+        cols = []
+        for p in range(vec.shape[0]):
+            unit = torch.zeros_like(vec)
+            unit[p] = 1.0
+            cols.append(torch.func.jvp(lambda v: self.explained(v, xi), (vec.detach(),), (unit,))[1])
+        return torch.stack(cols, 1)
