@@ -137,8 +137,9 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
             causes.append(f"the optimizer adapter does not reproduce the recorded update (traj.audit() reaches "
                           f"{float(gaps.max()):.2g} at step {worst}, beyond the rounding of the stored parameters): "
                           f"an optimizer option, a parameter group or a change of the trainable parameters it does "
-                          f"not model, or the optimizer's momentum edited between steps through .data (which the "
-                          f"recorder cannot see) — check the audit per step")
+                          f"not model, or the optimizer's momentum edited between steps in a way the recorder's watch "
+                          f"does not see (through .data, in fewer entries than the stride of its sample of each "
+                          f"buffer) — check the audit per step")
     elif dtype == torch.float32 and not half and still.size < audit.size and np.isfinite(audit).all():
         # every update reproduced below AUDIT_TOL: the loop's float32 gradients are what the float64 recomputation
         # does not repeat (a diverging run's huge activations make their rounding large)
