@@ -64,11 +64,13 @@ def compiled_callables(model: nn.Module, loss: Any = None) -> list[str]:
     found = []
     for name, m in model.named_modules():
         backend = compile_backend(m)
-        if backend is not None and not replays_draws(backend):
-            what = "the model" if not name else f"the submodule {name!r}"
-            found.append(f"{what} (torch.compile(backend={backend!r}))")
+        if backend is not None:  # its own compiled forward is the module's: named once
+            if not replays_draws(backend):
+                what = "the model" if not name else f"the submodule {name!r}"
+                found.append(f"{what} (torch.compile(backend={backend!r}))")
+            continue
         for attr, value in vars(m).items():
-            backend = None if attr == "_compiled_call_impl" else function_backend(value)  # model.compile(): above
+            backend = function_backend(value)
             if backend is not None and not replays_draws(backend):
                 owner = "model" if not name else f"model.{name}"
                 found.append(f"{owner}.{attr} = torch.compile(...) (backend={backend!r})")
