@@ -107,6 +107,8 @@ class PathEngine:
         #: the custom Functions or gradient hooks whose backward is not the derivative of the forward, when the
         #: dot-product test found one: Jacobians are then taken in forward mode (:meth:`settle_jacobians`)
         self.forward_jacobians: tuple[str, ...] = ()
+        #: the relative gap of that test (0 when it did not run)
+        self.backward_gap = 0.0
         self.traj = traj
         self.device = device
         self.dtype = dtype
@@ -202,7 +204,8 @@ class PathEngine:
         test of :mod:`~explaind.kernel.adjoint` at :math:`\theta_0` and ``x``. On a mismatch (a gradient reversal
         layer) the Jacobians of ``keep`` with ``'param'`` or ``'train'`` come from ``jacfwd`` (the output's own
         derivative; the training samples' gradients keep the backward, which the optimizer applied), factored
-        Jacobians are off, and a log line says so. A Function without a ``jvp`` fails the test and is left to the
+        Jacobians are off, and the algorithms that take Jacobians say so in a log line
+        (:meth:`log_forward_jacobians`). A Function without a ``jvp`` fails the test and is left to the
         quadrature warnings.
         """
         if self.forward_jacobians:
@@ -216,13 +219,20 @@ class PathEngine:
         base.forward_jacobians = True
         if hasattr(self.evaluator, "state"):
             self.evaluator.state["jacobian"] = "the backward is not the derivative of the forward"
-        logger.warning("%s: the model's backward is not the derivative of its forward (%s; the dot-product test "
-                       "u.(Jv) = (u'J).v misses by %.2g of its size at the first test input), as for a gradient "
-                       "reversal layer: the Jacobians of keep with 'param' or 'train' are taken in forward mode "
-                       "(torch.func.jacfwd, one JVP per parameter entry, so their cost grows with the parameters "
-                       "instead of the outputs), which follows the output; the training samples' gradients keep "
-                       "the backward, which the optimizer applied (docs/engine.md §3).", owner,
-                       "; ".join(sites[:4]), gap)
+        self.backward_gap = gap
+        logger.debug("%s: backward apart from the jvp (%s; dot-product gap %.2g): forward-mode Jacobians", owner,
+                     "; ".join(sites[:4]), gap)
+
+    def log_forward_jacobians(self, owner: str) -> None:
+        """The log line of an algorithm that takes Jacobians when :attr:`forward_jacobians` is set (once per call)."""
+        if self.forward_jacobians:
+            logger.warning("%s: the model's backward is not the derivative of its forward (%s; the dot-product test "
+                           "u.(Jv) = (u'J).v misses by %.2g of its size at the first test input), as for a gradient "
+                           "reversal layer: the Jacobians are taken in forward mode (torch.func.jacfwd, one JVP per "
+                           "parameter entry, so their cost grows with the parameters instead of the outputs), which "
+                           "follows the output; the training samples' gradients keep the backward, which the "
+                           "optimizer applied (docs/engine.md §3).", owner, "; ".join(self.forward_jacobians[:4]),
+                           self.backward_gap)
 
     @property
     def promoted_casts(self) -> list[str]:
