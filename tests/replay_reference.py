@@ -22,7 +22,7 @@ from reference import Reference
 
 from explaind.outputs import model_output
 
-__all__ = ["BufferReference", "ForwardJacobianReference", "ReplayReference"]
+__all__ = ["BufferReference", "ForwardJacobianReference", "ReplayReference", "assert_replay_exact"]
 
 DT = torch.float64
 
@@ -130,3 +130,20 @@ class ForwardJacobianReference(ReplayReference):
             unit[p] = 1.0
             cols.append(torch.func.jvp(lambda v: self.explained(v, xi), (vec.detach(),), (unit,))[1])
         return torch.stack(cols, 1)
+
+
+def assert_replay_exact(traj, model: torch.nn.Module, X_test: torch.Tensor) -> None:
+    """The default estimators on ``traj`` against ``model`` (evaluation mode) and :class:`ReplayReference`: replica
+    <= 1e-6, residual share <= 1e-9, the reference's own residual <= 1e-12 and ``train`` scores <= 1e-9."""
+    from reference import rel_err
+
+    import explaind
+
+    with torch.no_grad():
+        truth = model.eval()(X_test)
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_test), truth) <= 1e-6
+    att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
+    assert att.meta["residual_share"] <= 1e-9
+    ref = ReplayReference(traj, X_test)
+    assert float(ref.E.abs().max()) <= 1e-12
+    assert rel_err(np.asarray(att.values), ref.kept(("train",))) <= 1e-9

@@ -20,7 +20,7 @@ import pytest
 import torch
 from _round5_kit import N_TRAIN, QUAD, XV, fit
 from _round9_cases import YD
-from _round9_functions import GradientReversal, HookReversal, dann_loss
+from _round9_functions import GradientReversal, HookReversal, _ReverseGrad, dann_loss
 from reference import rel_err
 from replay_reference import ForwardJacobianReference
 from torch import nn
@@ -72,26 +72,12 @@ def test_the_counterfactual_warns_naming_the_function():
         explaind.CounterfactualEstimator().fit(traj).transform(X_TEST)
 
 
-class _Identity(torch.autograd.Function):
+class _Identity(_ReverseGrad):
     """The identity with its own backward and jvp, both the derivative of its forward."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
     @staticmethod
     def backward(ctx, g):
         return g
-
-    @staticmethod
-    def jvp(ctx, t):
-        return t
 
 
 class _Honest(GradientReversal):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import Reference, rel_err
-from replay_reference import ReplayReference
+from replay_reference import assert_replay_exact
 from torch import nn
 
 import explaind
@@ -260,14 +260,7 @@ def test_compiled_dropout_model_with_aot_eager_is_exact():
     X, y, X_test = _data()
     net = _dropout_net()
     traj = _three_steps(torch.compile(net, backend="aot_eager"), X, y)
-    with torch.no_grad():
-        truth = net.eval()(X_test)
-    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(X_test), truth) <= 1e-6
-    att = explaind.InfluenceEstimator(keep=("train",), device="cpu").fit(traj).transform(X_test)
-    assert att.meta["residual_share"] <= 1e-9
-    ref = ReplayReference(traj, X_test)
-    assert float(ref.E.abs().max()) <= 1e-12
-    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
+    assert_replay_exact(traj, net, X_test)
 
 
 def test_parameters_stored_in_bfloat16_warn_naming_the_update_rounding():
