@@ -18,7 +18,7 @@ import torch
 from _stranger_loops_kit import adam, assert_exact, measure, mlp, sgd, train
 
 from explaind.exceptions import TrajectoryError
-from explaind.trajectory._optimizer_state_watch import SAMPLE, sampled_bits
+from explaind.trajectory._optimizer_state_watch import SAMPLE, OptimizerStateWatch, sampled_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,3 +70,26 @@ def test_the_sample_sees_a_halving_a_zeroing_a_last_bit_and_a_run_as_long_as_the
             changed = buf.clone()
             edit(changed.data)
             assert not torch.equal(sampled_bits(changed), before), (dtype, changed)
+
+
+def test_one_buffer_of_several_dtypes_edited_through_data_is_named_alone():
+    """Buffers of two widths (float64 and bfloat16 parameters, their samples joined in one tensor): the edited one is
+    named, the other not; a restart (``opt.state.clear()``) of both passes."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3000, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(50, dtype=torch.bfloat16))
+    opt = torch.optim.SGD([a, b], lr=0.1, momentum=0.9)
+    watch = OptimizerStateWatch("sgd", {"a": a, "b": b}, lambda: 1)
+    for p in (a, b):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    watch.hooks(opt)
+    watch.check(opt)  # nothing changed
+    opt.state.clear()
+    watch.check(opt)  # a restart
+    opt.step()
+    watch.arm(opt)
+    opt.state[b]["momentum_buffer"].data[:10].mul_(0.5)
+    with pytest.raises(TrajectoryError, match=r"momentum buffers of b \(momentum_buffer: changed through \.data\) "
+                                              r"changed outside"):
+        watch.check(opt)
