@@ -40,7 +40,10 @@ _STDLIB = tuple(str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("stdlib"
 
 def function_backend(fn: Any) -> str | None:
     """The backend's name of a function compiled by ``torch.compile(fn)`` (``"?"`` when unknown), else ``None``."""
-    if not callable(fn) or getattr(fn, "_torchdynamo_orig_callable", None) is None:
+    try:  # any object a module holds: one whose __getattr__ raises more than AttributeError is no compiled function
+        if not callable(fn) or getattr(fn, "_torchdynamo_orig_callable", None) is None:
+            return None
+    except Exception:  # noqa: BLE001
         return None
     cells = getattr(fn, "__closure__", None) or ()
     context = next((c.cell_contents for c in cells if hasattr(c.cell_contents, "callback")), None)
