@@ -71,7 +71,7 @@ class OptimizerStateWatch:
         self._step = step
         self._seen: dict[tuple[int, str], tuple[Tensor, int, int]] = {}
         #: per carried buffer, a copy of its sampled bits after the last step
-        self._bits: Tensor | list[Tensor] = []
+        self._bits: dict[tuple[int, str], Tensor] = {}
         #: per carried buffer, the sample view of it (rebuilt when the buffer or its storage changes)
         self._views: dict[tuple[int, str], tuple[Tensor, int, Tensor]] = {}
 
@@ -100,25 +100,10 @@ class OptimizerStateWatch:
             held = self._views[where] = (buf, ptr, sampled_bits(buf))
         return held[2]
 
-    def _joined(self, entries: dict[tuple[int, str], tuple[Tensor, int, int]]) -> Tensor | list[Tensor]:
-        """The sampled bits of ``entries`` in one tensor (one copy for all buffers); a list of copies when the
-        buffers lie on several devices."""
-        views = [self._sample(where, buf, ptr) for where, (buf, _, ptr) in entries.items()]
-        if not views:
-            return []
-        try:
-            return torch.cat(views)
-        except RuntimeError:  # several devices
-            return [v.clone() for v in views]
-
-    def _saved(self, i: int, offset: int, size: int) -> Tensor:
-        """Buffer ``i``'s sampled bits kept after the last step."""
-        return self._bits[i] if isinstance(self._bits, list) else self._bits[offset:offset + size]
-
     def arm(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
         """Post-step hook: keep each carried buffer, its version counter and a copy of its sampled bits."""
         self._seen = self._carried(optimizer)
-        self._bits = self._joined(self._seen)
+        self._bits = {where: self._sample(where, buf, ptr).clone() for where, (buf, _, ptr) in self._seen.items()}
         for gone in self._views.keys() - self._seen.keys():
             del self._views[gone]
 
@@ -127,18 +112,11 @@ class OptimizerStateWatch:
         if not self._seen:
             return
         now = self._carried(optimizer)
-        same = now.keys() == self._seen.keys() and all(
-            live[0] is kept[0] and live[1] == kept[1] and live[2] == kept[2]
-            for live, kept in zip(now.values(), self._seen.values()))
-        if same and _equal(self._joined(self._seen), self._bits):  # the common case: one comparison
-            return
-        edited, offset = [], 0
-        for i, (where, (buf, version, ptr)) in enumerate(self._seen.items()):
-            size = self._views[where][2].numel()
-            saved, offset = self._saved(i, offset, size), offset + size
+        edited = []
+        for where, (buf, version, ptr) in self._seen.items():
             live = now.get(where)
             if live is None or (live[0] is buf and live[1] == version and live[2] == ptr
-                                and torch.equal(self._sample(where, buf, ptr).to(saved.dtype), saved)):
+                                and torch.equal(self._sample(where, buf, ptr), self._bits[where])):
                 continue
             if live[0] is not buf and _same_values(live[0], buf):  # the same state loaded again: no edit
                 continue
@@ -163,14 +141,6 @@ class OptimizerStateWatch:
             f"starts from the state the optimizer then holds (docs/recording.md, 'Starting from optimizer state'); "
             f"a momentum restart, opt.state.clear(), is exact inside `with rec:`.{data}"
         )
-
-
-def _equal(a: Tensor | list[Tensor], b: Tensor | list[Tensor]) -> bool:
-    """Whether two results of ``OptimizerStateWatch._joined`` hold the same bits."""
-    if isinstance(a, list) or isinstance(b, list):
-        return isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
-            torch.equal(x, y) for x, y in zip(a, b))
-    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:
