@@ -91,26 +91,27 @@ def _step(model, opt, rec, X, y, forward):
     opt.step()
 
 
-def test_a_submodule_compiled_in_place_after_recording_began_is_named_at_the_first_checked_step(inductor_draws):
+def _compile_in_place(model):
+    model[0].compile()
+
+
+def _replace_by_wrapper(model):
+    model[0] = torch.compile(model[0])
+
+
+@pytest.mark.parametrize(("compile_", "match"), [
+    (_compile_in_place, r"Step 0: compiled code draws random numbers with the compiler's own generator: the submodule "
+                        r"'0' \(torch\.compile\(backend='inductor'\)\), compiled after the recorder started.*" + FIX),
+    (_replace_by_wrapper, r"Step 0: the recorded parameter\(s\) 0\.0\.weight \(now '0\._orig_mod\.0\.weight'\).*"
+                          r"replaced by its torch\.compile wrapper.*Fix: compile before the recorder starts \(then "
+                          r"torch\._inductor\.config\.fallback_random = True"),
+], ids=["compiled_in_place", "replaced_by_its_wrapper"])
+def test_a_submodule_compiled_after_recording_began_is_named_at_step_0(inductor_draws, compile_, match):
     X, y, _ = _data()
     model = nn.Sequential(_net(), nn.Tanh()).to(DT)
     opt, rec = _recorder(model, X, y)
-    with pytest.raises(TrajectoryError, match=r"Step 0: compiled code draws random numbers with the compiler's own "
-                                              r"generator: the submodule '0' \(torch\.compile\(backend='inductor'\)\), "
-                                              r"compiled after the recorder started.*" + FIX), rec:
-        model[0].compile()
-        _step(model, opt, rec, X, y, model)
-
-
-def test_a_submodule_replaced_by_its_compiled_wrapper_after_recording_began_is_named(inductor_draws):
-    X, y, _ = _data()
-    model = nn.Sequential(_net(), nn.Tanh()).to(DT)
-    opt, rec = _recorder(model, X, y)
-    with pytest.raises(TrajectoryError, match=r"Step 0: the recorded parameter\(s\) 0\.0\.weight \(now "
-                                              r"'0\._orig_mod\.0\.weight'\).*replaced by its torch\.compile wrapper.*"
-                                              r"Fix: compile before the recorder starts \(then torch\._inductor\.config"
-                                              r"\.fallback_random = True"), rec:
-        model[0] = torch.compile(model[0])
+    with pytest.raises(TrajectoryError, match=match), rec:
+        compile_(model)
         _step(model, opt, rec, X, y, model)
 
 
