@@ -14,6 +14,8 @@ writing the files; the overlapped device writes run on its I/O thread and are no
   store the loop's thread only reads the state's structure and hands its tensors to the state copier's
   thread, whose time is not shown);
 * ``append``: adding the step to the in-memory trajectory; ``hand-over``: queueing it for the writer;
+* ``state watch``: the optimizer-state watch's hooks around ``optimizer.step()`` (its sample of each carried
+  buffer's bits after the step, the comparison before the next; explaind/trajectory/_optimizer_state_watch.py);
 * ``other``: the rest of the recorder's hooks (Python bookkeeping: records, participation, the audit's job).
 
 The sum of the parts is the recorder's share of the loop's thread; the plain loop's thread time per
@@ -45,9 +47,10 @@ from explaind_optimizers.sgd import SGDAdapter
 
 from explaind.trajectory import _recorder_store, memory, recorder, store
 from explaind.trajectory._gradients import GradientTap
+from explaind.trajectory._optimizer_state_watch import OptimizerStateWatch
 
 PARTS = ("grad snapshot", "finite", "log_batch", "compare", "adapter", "theta copy", "state copy", "append",
-         "hand-over", "other")
+         "hand-over", "state watch", "other")
 _cpu: dict[str, float] = defaultdict(float)  # thread CPU seconds of the loop's thread per part
 _wall: dict[str, float] = defaultdict(float)
 _main = threading.main_thread()
@@ -123,6 +126,8 @@ def install() -> None:
     _wrap(_recorder_store.RecorderStoreMixin, "_optimizer_state_async", "state copy")
     _wrap(memory.InMemoryTrajectory, "_append", "append")
     _wrap(store.StoreWriter, "write_step", "hand-over", wall=True)
+    _wrap(OptimizerStateWatch, "check", "state watch", top=True)  # optimizer hooks of their own, outside pre/post
+    _wrap(OptimizerStateWatch, "arm", "state watch", top=True)
     _wrap_hooks()
     _wrap_writer()
 
@@ -137,7 +142,7 @@ def measure(label: str, opt_name: str, mode: str, steps: int, root: str) -> dict
     out["hand-over wall"] = _wall.get("hand-over", 0.0) * 1e3 / steps
     out["log_batch"] = out.get("log_batch", 0.0) - out.get("finite", 0.0)
     inner = ("finite", "log_batch", "compare", "adapter", "theta copy", "state copy", "append", "hand-over",
-             "grad snapshot")
+             "grad snapshot", "state watch")
     out["other"] = out.get("total", 0.0) - sum(out.get(k, 0.0) for k in inner)
     return out
 

@@ -399,30 +399,30 @@ def compile_backend(model: nn.Module) -> str | None:
         return "?"
 
 
-def refuse_compiled_draws(model: nn.Module) -> None:
-    """Refuse a model compiled (whole or in a submodule) with a backend whose draws eager PyTorch cannot replay.
+def refuse_compiled_draws(model: nn.Module, loss: Any = None) -> None:
+    """Refuse compiled code whose random draws eager PyTorch cannot replay: the model, a submodule, a function a
+    module holds (``model.forward = torch.compile(model.forward)``) or the recorder's ``loss`` callable.
 
     The recorder calls it for models that draw random numbers (dropout, private generators,
-    ``capture_random=True``): the engine replays every training forward in eager PyTorch. Every module
-    of ``model`` is checked, so ``model.encoder = torch.compile(encoder)`` is refused as the whole model is.
+    ``capture_random=True``): the engine replays every training forward in eager PyTorch. The backends allowed
+    are :data:`EAGER_RANDOM_BACKENDS` and inductor with ``torch._inductor.config.fallback_random = True``
+    (:mod:`explaind._compiled`).
 
     Raises
     ------
     ConfigError
-        Naming the backend and the fix.
+        Naming each compiled callable, its backend and the fix.
     """
-    found = [(name, backend) for name, m in model.named_modules()
-             if (backend := compile_backend(m)) is not None and backend not in EAGER_RANDOM_BACKENDS]
+    from ._compiled import FALLBACK_FIX, compiled_callables
+
+    found = compiled_callables(model, loss)
     if not found:
         return
-    name, backend = found[0]
-    where = "The model is" if not name else f"The submodule {name!r} is"
     raise ConfigError(
-        f"{where} compiled with torch.compile(backend={backend!r}), which draws dropout masks and other random "
-        f"numbers with its own generator, while explaind replays every training forward in eager PyTorch: the "
-        f"masks would differ from the loop's and the split over samples would be inexact (the gradient check "
-        f"runs the compiled model and would not see it). Fix: record the uncompiled model, or compile it with "
-        f"backend='eager' or 'aot_eager', whose draws are eager PyTorch's."
+        f"TrajectoryRecorder: compiled code draws random numbers with the compiler's own generator: "
+        f"{'; '.join(found[:4])}. explaind replays every training forward and the loss in eager PyTorch from the "
+        f"random state it captured, so the dropout masks and other draws would differ from the loop's and the "
+        f"split over samples would be inexact. Fix: {FALLBACK_FIX}; or record the uncompiled model."
     )
 
 

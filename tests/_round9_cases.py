@@ -63,7 +63,7 @@ from _round9_models import (
     all_off,
     double_temperature,
 )
-from replay_reference import BufferReference
+from replay_reference import BufferReference, ForwardJacobianReference
 from torch import Tensor, distributions
 
 #: ``XV`` with a class and a domain per sample (the domain: the sign of the first feature).
@@ -203,8 +203,10 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "vmap_functional_call_ensemble": model_case(VmapEnsemble, XV, YV),
     "energy_gradient_torch_func_grad": model_case(EnergyGradient, XV, YV),
     "energy_gradient_autograd_grad": model_case(lambda: EnergyGradient(autograd=True), XV, YV),
-    "gradient_reversal_dann": model_case(GradientReversal, XV, YD, loss=dann_loss),
-    "gradient_reversal_by_tensor_hook": model_case(HookReversal, XV, YD, loss=dann_loss),
+    "gradient_reversal_dann": model_case(GradientReversal, XV, YD, loss=dann_loss,
+                                         reference=ForwardJacobianReference),
+    "gradient_reversal_by_tensor_hook": model_case(HookReversal, XV, YD, loss=dann_loss,
+                                                   reference=ForwardJacobianReference),
     "jacobian_features_torch_func_jacrev": model_case(JacobianFeatures, XV, YV),
     "jacobian_features_autograd_functional": model_case(lambda: JacobianFeatures(autograd=True), XV, YV),
     "torch_cond_learned_gate": model_case(CondBranch, XV, YV),

@@ -66,6 +66,8 @@ MOMENTUM_EDIT = r"Step 3: the optimizer's momentum buffers of 0\.weight \({key}:
     ("momentum_buffer_halved_by_hand", TrajectoryError,
      MOMENTUM_EDIT.format(key="momentum_buffer", how="changed in place")),
     ("adam_state_loaded_from_another_run", TrajectoryError, MOMENTUM_EDIT.format(key="exp_avg", how="replaced")),
+    ("momentum_buffer_halved_through_data", TrajectoryError,
+     MOMENTUM_EDIT.format(key="momentum_buffer", how=r"changed through \.data") + r".*sample of each buffer"),
 ])
 def test_refused_naming_the_cause(case, error, match):
     with pytest.raises(error, match=match):
@@ -82,15 +84,12 @@ def test_an_optimizer_built_again_inside_the_loop_is_named_when_recording_ends()
     assert traj.n_steps == 2
 
 
-@pytest.mark.parametrize("case", ["zero_grad_every_2_steps_check_off", "momentum_buffer_halved_through_data"])
-def test_what_the_recorder_does_not_see_warns_with_the_residual_share(case):
-    """Gradients accumulated by accident with the check off; a momentum edit through ``.data`` (no version bump,
-    so the optimizer-state watch does not see it): the estimator's residual warning names the audit."""
-    model, traj = CASES[case]()
+def test_what_the_recorder_does_not_see_warns_with_the_residual_share():
+    """Gradients accumulated by accident with the check off: the estimator's residual warning. (A momentum edit
+    through ``.data``, here before, is refused at the step since the watch compares a sample of its bits: above.)"""
+    model, traj = CASES["zero_grad_every_2_steps_check_off"]()
     got = measure(model, traj)
     assert got["share"] > 0.1 and any("residual share" in w for w in got["warnings"]), got
-    if case == "momentum_buffer_halved_through_data":
-        assert any("momentum edited between steps through .data" in w for w in got["warnings"]), got
 
 
 def _record(model, opt, steps, after=None):

@@ -29,9 +29,11 @@ import torch
 from pydantic import Field
 
 from ..config import DtypeName, StrictModel, resolve_dtype
-from ..exceptions import ConfigError, UnknownEntryError
+from ..exceptions import ConfigError, UnknownEntryError, warn_at_caller
+from ..kernel.adjoint import reversed_backward
 from ..kernel.attribution import Attribution
 from ..kernel.explained import Explained, FunctionalModel
+from ..kernel.jumps import find_jumps
 from ..kernel.layout import ParamLayout
 from ..kernel.metagrad import Replay, counterfactual_sweep, output_cotangents, start_state
 from ..trajectory.base import Trajectory
@@ -205,6 +207,7 @@ class CounterfactualEstimator(ExplaindEstimator):
         beta_stop, theta_stop = replay.buffers(stop), replay.theta(stop)
         at_start, at_stop = {**replay.buffers(start), **replay.theta(start)}, {**beta_stop, **theta_stop}
         probe_inputs(name, fm, at_start, Xt)
+        warn_reversed_backward(name, fm, at_start, names, Xt[:1])
         explained = Explained.build(fm, at_start, Xt, cfg.target, y, name)
         T, O = Xt.shape[0], explained.n_outputs
         chunk = T if cfg.test_chunk_size is None else cfg.test_chunk_size
@@ -233,3 +236,21 @@ class CounterfactualEstimator(ExplaindEstimator):
                           coords=coords, layout=layout, meta=meta)
         check_finite(att, name, METAGRADIENT_TERMS)
         return att
+
+
+def warn_reversed_backward(name: str, fm: FunctionalModel, point: dict[str, torch.Tensor], names: tuple[str, ...],
+                           x: torch.Tensor) -> None:
+    """An :class:`~explaind.exceptions.ExplaindWarning` when the model's backward is not the derivative of its
+    forward (a gradient reversal layer; explaind/kernel/adjoint.py): the counterfactual's test gradients and
+    metagradients are reverse-mode and have no forward-mode form here."""
+    sites = find_jumps(fm.module, lambda p: fm(p, x), point, names)
+    found, gap = reversed_backward(lambda p: fm(p, x), point, names, sites, fm.dtype)
+    if found:
+        warn_at_caller(
+            f"{name}: the model's backward is not the derivative of its forward ({'; '.join(found[:4])}; the "
+            f"dot-product test u.(Jv) = (u'J).v misses by {gap:.2g} of its size), as for a gradient reversal "
+            f"layer: the counterfactual's test-output gradients and metagradients are reverse-mode, so they follow "
+            f"the backward where the output follows the forward, and the scores are not the first-order effect of "
+            f"removing a sample. Fix: InfluenceEstimator, which takes forward-mode Jacobians for such a model "
+            f"(exact for every keep), or a Function whose backward is the derivative of its forward for the run "
+            f"you want explained.")

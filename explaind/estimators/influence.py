@@ -292,6 +292,7 @@ class InfluenceEstimator(PathEstimator):
                 jvp_path(engine, query, acc, max(1, cfg.memory_budget // 4))
                 self.sweep_ = {"path": "jvp", "momentum": None, "test_chunk": X.shape[0], "block_size": layout.size}
             else:
+                engine.log_forward_jacobians(name)
                 self._jacobian_path(engine, query, acc, keep, O, elem, cell)
             if cell.lead:
                 exact[cell.rows, lo - start:hi - start] = torch.stack([p.exact for p in plans], dim=1)

@@ -137,8 +137,9 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
             causes.append(f"the optimizer adapter does not reproduce the recorded update (traj.audit() reaches "
                           f"{float(gaps.max()):.2g} at step {worst}, beyond the rounding of the stored parameters): "
                           f"an optimizer option, a parameter group or a change of the trainable parameters it does "
-                          f"not model, or the optimizer's momentum edited between steps through .data (which the "
-                          f"recorder cannot see) — check the audit per step")
+                          f"not model, or the optimizer's momentum edited between steps in a way the recorder's watch "
+                          f"does not see (through .data, in fewer entries than the stride of its sample of each "
+                          f"buffer) — check the audit per step")
     elif dtype == torch.float32 and not half and still.size < audit.size and np.isfinite(audit).all():
         # every update reproduced below AUDIT_TOL: the loop's float32 gradients are what the float64 recomputation
         # does not repeat (a diverging run's huge activations make their rounding large)
@@ -405,16 +406,19 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"output follows (its jvp), when the Function changes gradients on purpose (a gradient reversal "
                    f"layer, a straight-through estimator); no tol or rule integrates that. KernelReplica and keep=() "
                    f"or ('step',) run its jvp and are exact on this model if that jvp is the derivative of its "
-                   f"forward (else the replica's quadrature warning names the Function too); for exact 'param' or "
-                   f"'train' scores, a Function whose backward is the derivative of its forward for the run you want "
-                   f"explained")
+                   f"forward (else the replica's quadrature warning names the Function too). 'param' and 'train' "
+                   f"take forward-mode Jacobians (exact) when the dot-product test of the backward against the jvp "
+                   f"finds them apart, which needs a jvp (torch.autograd.Function.jvp, with setup_context and "
+                   f"generate_vmap_rule=True): give the Function one equal to the derivative of its forward")
         elif jacobian and hooks and not others:
             fix = (f"an explanation by forward-mode derivatives: {'; '.join(hooks[:4])} registers a gradient hook "
                    f"in the forward, which the backward, and so the reverse-mode Jacobians of keep with 'param' or "
                    f"'train', follow as the training gradient did, while the output does not (a hook that changes "
                    f"gradients, as lambda g: -g for a gradient reversal layer); no tol or rule integrates that. "
-                   f"KernelReplica and keep=() or ('step',) are exact on this model; for exact 'param' or 'train' "
-                   f"scores, a forward without gradient-changing hooks for the run you want explained")
+                   f"KernelReplica and keep=() or ('step',) are exact on this model; 'param' and 'train' take "
+                   f"forward-mode Jacobians (exact) when the dot-product test of the backward finds them apart, "
+                   f"which failed to run here: a forward without gradient-changing hooks for the run you want "
+                   f"explained")
         elif jacobian and plain_off:
             fix = (f"an explanation by forward-mode derivatives, which run through torch.no_grad(): "
                    f"{'; '.join(plain_off[:4])} reads parameter-dependent values with the "

@@ -5,7 +5,9 @@ r"""The ``torch.func`` evaluator: the three primitives for any model.
   convolutional models on the CPU one call per step and node, :data:`PER_NODE_LAYERS`), or on
   rows that each have their own point of a segment (``vmap`` over rows, parameters gathered per row);
 * Jacobians with :func:`torch.func.jacrev` with respect to a common offset of the block, the
-  quadrature weights folded into the differentiated outputs;
+  quadrature weights folded into the differentiated outputs (with :attr:`AutogradEvaluator.forward_jacobians`,
+  :func:`torch.func.jacfwd`: for models whose backward is not the derivative of the forward,
+  :mod:`~explaind.kernel.adjoint`);
 * per-sample gradients with ``vmap(grad(loss), chunk_size=...)``, their sum with one ``grad``.
 
 Every call is chunked by ``chunk_size`` (rows, pairs or samples per ``vmap``).
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jacrev, jvp, vmap
+from torch.func import grad, jacfwd, jacrev, jvp, vmap
 
 from ..models import EAGER_RANDOM_BACKENDS, compile_backend
 from .coupled import coupled_sample_grads
@@ -80,6 +82,9 @@ class AutogradEvaluator:
         #: ``torch.compile`` backend (inductor) generates cannot carry (its ``out=`` kernels have no forward AD);
         #: such a model takes ``torch.func.jvp``, which runs it as eager PyTorch
         self.fused = not any(compile_backend(m) not in (None, *EAGER_RANDOM_BACKENDS) for m in fm.module.modules())
+        #: Jacobians by forward mode (``jacfwd``: one JVP per entry of the block) instead of ``jacrev``, for a model
+        #: whose backward is not the derivative of its forward (set by the engine, explaind/kernel/adjoint.py)
+        self.forward_jacobians = False
 
     # ------------------------------------------------------------------ JVPs
     def slopes(self, stack: StepStack, rows: Rows | Grid) -> tuple[Tensor, Tensor]:
@@ -253,7 +258,7 @@ class AutogradEvaluator:
                     out = out + wi[u] * self._g1(seg, {**rest, **{n: block[n] + eps[n] for n in names}}, x, a)
                 return out
 
-            return jacrev(total)(eps0)
+            return (jacfwd if self.forward_jacobians else jacrev)(total)(eps0)
 
         return vmap(per_input)(seg.X[sub], seg.explained.aux[sub], w)
 
@@ -261,7 +266,8 @@ class AutogradEvaluator:
         """Weighted Jacobians of (input, node) pairs: ``name -> (P, O, *shape)``."""
         def one(tj: Tensor, x: Tensor, a: Tensor, wj: Tensor) -> Params:
             block, rest = _split(seg.theta(tj), names)
-            return jacrev(lambda b: wj * self._g1(seg, {**rest, **b}, x, a))(block)
+            jac = jacfwd if self.forward_jacobians else jacrev
+            return jac(lambda b: wj * self._g1(seg, {**rest, **b}, x, a))(block)
 
         return vmap(one)(t, seg.X[idx], seg.explained.aux[idx], w)
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..exceptions import ConfigError, warn_at_caller
 from ..inputs import as_inputs
 from ..trajectory.base import Trajectory
+from .adjoint import reversed_backward
 from .autograd import AutogradEvaluator
 from .casts import CastSite, find_casts, sites_text
 from .evaluate import Evaluator, StepStack
@@ -103,6 +104,11 @@ class PathEngine:
         self.jump_sites: tuple[str, ...] = ()
         #: the forward's calls with a kink (``F.relu``, ``clamp``), found with them, for the cost notices
         self.kink_sites: tuple[str, ...] = ()
+        #: the custom Functions or gradient hooks whose backward is not the derivative of the forward, when the
+        #: dot-product test found one: Jacobians are then taken in forward mode (:meth:`settle_jacobians`)
+        self.forward_jacobians: tuple[str, ...] = ()
+        #: the relative gap of that test (0 when it did not run)
+        self.backward_gap = 0.0
         self.traj = traj
         self.device = device
         self.dtype = dtype
@@ -171,6 +177,7 @@ class PathEngine:
         with watch_jumps(self.fm.module, kinks) as jumps:  # the same probe forward
             sites = find_casts(self.fm.module, lambda p: self.fm(p, x), self.params(0), self.names, self.dtype)
         self.cast_sites, self.jump_sites, self.kink_sites = sites, tuple(jumps), tuple(kinks)
+        self.settle_jacobians(x, owner)
         moving = tuple(s for s in sites if s.moving)
         self.fm.keep_dtype = self.casts == "replay_dtype" or (self.casts == "auto" and bool(moving))
         if moving and self.casts == "as_written":
@@ -188,6 +195,44 @@ class PathEngine:
                            "casts='as_written' replays the rounding.", owner, self.dtype, sites_text(moving),
                            self.dtype)
         return sites
+
+    def settle_jacobians(self, x: Any, owner: str) -> None:
+        r"""Take Jacobians in forward mode when the model's backward is not the derivative of its forward.
+
+        Runs only where the probe found a custom ``torch.autograd.Function`` or a gradient hook in the forward
+        (:func:`~explaind.kernel.jumps.function_sites`, :func:`~explaind.kernel.jumps.hook_sites`): the dot-product
+        test of :mod:`~explaind.kernel.adjoint` at :math:`\theta_0` and ``x``. On a mismatch (a gradient reversal
+        layer) the Jacobians of ``keep`` with ``'param'`` or ``'train'`` come from ``jacfwd`` (the output's own
+        derivative; the training samples' gradients keep the backward, which the optimizer applied), factored
+        Jacobians are off, and the algorithms that take Jacobians say so in a log line
+        (:meth:`log_forward_jacobians`). A Function without a ``jvp`` fails the test and is left to the
+        quadrature warnings.
+        """
+        if self.forward_jacobians:
+            return
+        sites, gap = reversed_backward(lambda p: self.fm(p, x), self.params(0), self.names, self.jump_sites,
+                                       self.dtype)
+        if not sites:
+            return
+        self.forward_jacobians = sites
+        base = getattr(self.evaluator, "fallback", self.evaluator)
+        base.forward_jacobians = True
+        if hasattr(self.evaluator, "state"):
+            self.evaluator.state["jacobian"] = "the backward is not the derivative of the forward"
+        self.backward_gap = gap
+        logger.debug("%s: backward apart from the jvp (%s; dot-product gap %.2g): forward-mode Jacobians", owner,
+                     "; ".join(sites[:4]), gap)
+
+    def log_forward_jacobians(self, owner: str) -> None:
+        """The log line of an algorithm that takes Jacobians when :attr:`forward_jacobians` is set (once per call)."""
+        if self.forward_jacobians:
+            logger.warning("%s: the model's backward is not the derivative of its forward (%s; the dot-product test "
+                           "u.(Jv) = (u'J).v misses by %.2g of its size at the first test input), as for a gradient "
+                           "reversal layer: the Jacobians are taken in forward mode (torch.func.jacfwd, one JVP per "
+                           "parameter entry, so their cost grows with the parameters instead of the outputs), which "
+                           "follows the output; the training samples' gradients keep the backward, which the "
+                           "optimizer applied (docs/engine.md §3).", owner, "; ".join(self.forward_jacobians[:4]),
+                           self.backward_gap)
 
     @property
     def promoted_casts(self) -> list[str]:

@@ -19,7 +19,10 @@ the generators are compared after the forward and after the backward: a differen
 draw in ``backward()`` and the fix.
 
 :func:`inductor_masks_hint` names the other draw no capture sees: ``torch.compile``'s default backend, inductor,
-draws the dropout masks of a compiled forward from its own random-number generator, not from torch's.
+draws the dropout masks of a compiled forward from its own random-number generator, not from torch's. It names the
+compiled callables (explaind/_compiled.py): those the recorder refuses up front, found again at the failed step (a
+submodule compiled after recording began), and the user functions dynamo compiled (``torch.compile`` of a training
+step that calls the model, of a loss drawing label noise with ``torch.rand``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._compiled import FALLBACK_FIX, compiled_callables, compiled_frames
 from ..inputs import call_model
 from ..outputs import model_output
 from ..records import LossRecord
@@ -102,15 +106,20 @@ def backward_draw_hint(step: int) -> str:
 
 
 def inductor_masks_hint(model: nn.Module) -> str:
-    """The sentence naming inductor's own dropout masks when ``torch.compile`` compiled something in this process,
-    inductor's ``fallback_random`` is off and ``model`` draws masks; ``""`` otherwise (cheap: module lookups first).
+    """The sentence naming inductor's own random draws when ``torch.compile`` compiled something in this process,
+    inductor's ``fallback_random`` is off and ``model`` draws masks or compiled code was found; ``""`` otherwise
+    (cheap: module lookups first).
     """
     dynamo, config = sys.modules.get("torch._dynamo"), sys.modules.get("torch._inductor.config")
     if dynamo is None or config is None or getattr(config, "fallback_random", True):
         return ""
-    if not dynamo.utils.counters["stats"].get("unique_graphs") or not any(draws_masks(m) for m in model.modules()):
+    if not dynamo.utils.counters["stats"].get("unique_graphs"):
         return ""
-    return (" torch.compile ran in this process: its default backend, inductor, draws the dropout masks of a compiled "
-            "forward from its own random-number generator, not from torch's generator whose state the recorder "
-            "captures, so no replay draws them again. Fix: torch._inductor.config.fallback_random = True before "
-            "training (inductor then draws as torch does), or torch.compile(..., backend='aot_eager').")
+    found = [*compiled_callables(model), *(f"{f}, compiled by torch.compile" for f in compiled_frames())]
+    if not found and not any(draws_masks(m) for m in model.modules()):
+        return ""
+    named = f" (compiled: {'; '.join(found[:6])})" if found else ""
+    return (f" torch.compile ran in this process{named}: its default backend, inductor, draws the dropout masks "
+            f"and other random numbers (torch.rand) of compiled code from its own random-number generator, not "
+            f"from torch's generator whose state the recorder captures, so no replay draws them again. Fix: "
+            f"{FALLBACK_FIX}.")

@@ -10,16 +10,21 @@ and the estimators' residual share (0.07 to 0.16 on the cases of tests/test_stra
 optimizer adapter.
 
 What is watched. After every ``optimizer.step()`` (a step post-hook) each carried buffer is kept by reference
-with torch's version counter :math:`v`; before the next step (a pre-hook registered before the recorder's) it must
-be the same tensor object with the same :math:`v`. An in-place edit bumps :math:`v`; ``load_state_dict`` puts new
-tensors in the state, which are compared by value with the kept one (the same state loaded again passes). A
-buffer that is gone (``opt.state.clear()``, a parameter's state deleted) is a restart from zero, which the
-adapters model exactly (they read at every step which parameters hold a buffer), and passes. The state the
-adapters read afresh at every step (Adam's ``exp_avg_sq`` and ``step``, Adagrad's ``sum``) is not watched: a change
-of it is exact. The cost is one dictionary of references per step; no tensor is read unless it was replaced.
-An edit through ``.data`` (``buf.data.mul_(0.5)``, which torch does not count) and buffers made under
-``torch.inference_mode()`` (which have no counter) are not seen here: the update audit (``traj.audit()``) and the
-estimators' residual warning still measure them.
+with torch's version counter :math:`v`, and a copy of a sample of its bits (:func:`sampled_bits`: at most
+:data:`SAMPLE` entries, evenly strided, read as integers so a NaN compares equal to itself); before the next step (a
+pre-hook registered before the recorder's) it must be the same tensor object with the same :math:`v` and the same
+sampled bits. An in-place edit bumps :math:`v`; an edit through ``.data`` (``buf.data.mul_(0.5)``), which torch
+does not count, changes the sampled bits whenever it changes any sampled entry: every edit of the whole buffer (a
+scaling, a zeroing, values copied in) and every edit of a contiguous run of entries at least as long as the stride
+(``numel / 1024``, rounded up) is seen; an edit of fewer entries may fall between the samples, and the update audit
+(``traj.audit()``) and the estimators' residual warning still measure it. ``load_state_dict`` puts new tensors in the
+state, which are compared by value with the kept one (the same state loaded again passes). A buffer that is gone
+(``opt.state.clear()``, a parameter's state deleted) is a restart from zero, which the adapters model exactly (they
+read at every step which parameters hold a buffer), and passes. The state the adapters read afresh at every step
+(Adam's ``exp_avg_sq`` and ``step``, Adagrad's ``sum``) is not watched: a change of it, through ``.data`` too, is
+exact. Every step is checked: the sample costs a copy of at most 1024 entries per buffer after the step and a
+comparison before the next (docs/recording.md, "Buffers changed between steps", measures it). Buffers made under
+``torch.inference_mode()`` (which have no counter) are compared by their sample only.
 
 Adapters of other plugins carry their own keys: :data:`CARRIED` names those of the first-party adapters, and an
 adapter not listed is not watched (its audit, ``traj.audit()``, still measures every step).
@@ -35,7 +40,10 @@ from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
 
-__all__ = ["CARRIED", "OptimizerStateWatch"]
+__all__ = ["CARRIED", "OptimizerStateWatch", "SAMPLE", "sampled_bits"]
+
+#: The most entries of each carried buffer whose bits are compared between steps.
+SAMPLE = 1024
 
 #: The state entries each first-party adapter carries as :math:`m_{s-1}` (by adapter name).
 CARRIED: dict[str, tuple[str, ...]] = {
@@ -61,29 +69,43 @@ class OptimizerStateWatch:
         self._keys = CARRIED.get(adapter, ())
         self._names = {id(p): n for n, p in params.items()}
         self._step = step
-        self._seen: dict[tuple[int, str], tuple[Tensor, int]] = {}
+        self._seen: dict[tuple[int, str], tuple[Tensor, int, int]] = {}
+        #: per carried buffer, a copy of its sampled bits after the last step
+        self._bits: dict[tuple[int, str], Tensor] = {}
+        #: per carried buffer, the sample view of it (rebuilt when the buffer or its storage changes)
+        self._views: dict[tuple[int, str], tuple[Tensor, int, Tensor]] = {}
 
     def hooks(self, optimizer: Any) -> list[Any]:
         """Register the pre-step check and the post-step snapshot on ``optimizer``; returns their handles."""
         if not self._keys:
             return []
-        self._seen = self._carried(optimizer)  # what the recording starts from (the adapter's start state)
+        self.arm(optimizer)  # what the recording starts from (the adapter's start state)
         return [optimizer.register_step_pre_hook(self.check), optimizer.register_step_post_hook(self.arm)]
 
-    def _carried(self, optimizer: Any) -> dict[tuple[int, str], tuple[Tensor, int]]:
+    def _carried(self, optimizer: Any) -> dict[tuple[int, str], tuple[Tensor, int, int]]:
         out = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 state = optimizer.state.get(p)
                 for key in self._keys if state else ():
                     buf = state.get(key)
-                    if isinstance(buf, Tensor) and not buf.is_inference():  # inference tensors have no counter
-                        out[(id(p), key)] = (buf, buf._version)
+                    if isinstance(buf, Tensor) and buf.is_floating_point():
+                        out[(id(p), key)] = (buf, -1 if buf.is_inference() else buf._version, buf.data_ptr())
         return out
 
+    def _sample(self, where: tuple[int, str], buf: Tensor, ptr: int) -> Tensor:
+        """The sample view of ``buf`` (:func:`sampled_bits`), kept while the buffer and its storage stay."""
+        held = self._views.get(where)
+        if held is None or held[0] is not buf or held[1] != ptr:
+            held = self._views[where] = (buf, ptr, sampled_bits(buf))
+        return held[2]
+
     def arm(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
-        """Post-step hook: keep each carried buffer and its version counter."""
+        """Post-step hook: keep each carried buffer, its version counter and a copy of its sampled bits."""
         self._seen = self._carried(optimizer)
+        self._bits = {where: self._sample(where, buf, ptr).clone() for where, (buf, _, ptr) in self._seen.items()}
+        for gone in self._views.keys() - self._seen.keys():
+            del self._views[gone]
 
     def check(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
         """Pre-step hook: raise :class:`~explaind.exceptions.TrajectoryError` when a kept buffer changed."""
@@ -91,30 +113,45 @@ class OptimizerStateWatch:
             return
         now = self._carried(optimizer)
         edited = []
-        for where, (buf, version) in self._seen.items():
+        for where, (buf, version, ptr) in self._seen.items():
             live = now.get(where)
-            if live is None or (live[0] is buf and live[1] == version):
+            if live is None or (live[0] is buf and live[1] == version and live[2] == ptr
+                                and torch.equal(self._sample(where, buf, ptr), self._bits[where])):
                 continue
             if live[0] is not buf and _same_values(live[0], buf):  # the same state loaded again: no edit
                 continue
             name = self._names.get(where[0], "an unrecorded parameter")
-            edited.append(f"{name} ({where[1]}: {'replaced' if live[0] is not buf else 'changed in place'})")
+            how = ("replaced" if live[0] is not buf else "changed in place" if live[1] != version
+                   else "changed through .data")
+            edited.append(f"{name} ({where[1]}: {how})")
         if not edited:
             return
         s = self._step()
         since = f"step {s - 1}" if s > 0 else "recording began"
         shown = ", ".join(edited[:6]) + (f" and {len(edited) - 6} more" if len(edited) > 6 else "")
+        data = (" An edit through .data is not counted by torch's version counter; the recorder compares a sample "
+                "of each buffer's bits between steps." if any(e.endswith("through .data)") for e in edited) else "")
         raise TrajectoryError(
             f"Step {s}: the optimizer's momentum buffers of {shown} changed outside optimizer.step() since {since} "
-            f"(opt.load_state_dict(...) of another checkpoint, or a buffer edited by hand). explaind models that "
-            f"momentum as the recurrence of the recorded gradients (docs/maths.md §4), so the change would move the "
-            f"next updates by a term no training sample explains. The steps recorded before are kept. Fix: change "
+            f"(opt.load_state_dict(...) of another checkpoint, or a buffer edited by hand, in place or through "
+            f".data). explaind models that momentum as the recurrence of the recorded gradients (docs/maths.md §4), "
+            f"so the change would move the next updates by a term no training sample explains. The steps recorded "
+            f"before are kept. Fix: change "
             f"the optimizer's state outside `with rec:` and record the rest of the run with a new recorder, which "
             f"starts from the state the optimizer then holds (docs/recording.md, 'Starting from optimizer state'); "
-            f"a momentum restart, opt.state.clear(), is exact inside `with rec:`."
+            f"a momentum restart, opt.state.clear(), is exact inside `with rec:`.{data}"
         )
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` holds the values of ``b`` (shape, dtype and every element; a NaN never equals)."""
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.detach().to(b.device), b.detach()))
+
+
+def sampled_bits(t: Tensor) -> Tensor:
+    """A view of at most :data:`SAMPLE` entries of ``t``, evenly strided from the first, as integers of the entries'
+    width (a NaN equals itself, -0 differs from 0): any contiguous run of entries at least as long as the stride
+    holds a sampled one."""
+    flat = t.detach().reshape(-1)
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
+    return flat.view(ints)[::max(1, -(-flat.numel() // SAMPLE))]

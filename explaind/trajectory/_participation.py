@@ -108,6 +108,15 @@ def renamed_parameters(model: nn.Module, params: dict[str, nn.Parameter]) -> str
     now = {id(p): n for n, p in named.items()}
     listed = ", ".join(f"{n} (now {now[id(params[n])]!r})" if id(params[n]) in now else f"{n} (no longer a parameter)"
                        for n in gone[:8]) + (f" and {len(gone) - 8} more" if len(gone) > 8 else "")
+    if any("._orig_mod." in f".{now.get(id(params[n]), '')}" for n in gone):
+        from .._compiled import FALLBACK_FIX
+
+        return (f"the recorded parameter(s) {listed} are no longer the model's parameters of those names: a submodule "
+                f"was replaced by its torch.compile wrapper (an OptimizedModule, which holds the module's parameters "
+                f"under '_orig_mod') after the recorder started. explaind replays every step by parameter name, and "
+                f"a compiling backend draws dropout masks and other random numbers with its own generator, which no "
+                f"replay repeats. Fix: compile before the recorder starts (then {FALLBACK_FIX}), or record the "
+                f"uncompiled model.")
     return (f"the recorded parameter(s) {listed} are no longer the model's parameters of those names, so the model's "
             f"function changed outside optimizer.step() (torch.nn.utils.prune and Lightning's ModelPruning rename a "
             f"pruned weight to '<name>_orig' and multiply it by a mask in a forward pre-hook; "

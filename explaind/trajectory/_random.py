@@ -300,7 +300,7 @@ class RandomCapture:
         The generators themselves, in that order; ``extra`` the passed ones.
     """
 
-    def __init__(self, model: nn.Module, capture: Any, generators: Any = None):
+    def __init__(self, model: nn.Module, capture: Any, generators: Any = None, loss: Any = None):
         if not (capture is True or capture is False or capture == "auto"):
             raise ConfigError(f"capture_random={capture!r} is not allowed. Choose one of: 'auto' (when the model has "
                               f"dropout, batch norm or a private generator), True, False.")
@@ -323,7 +323,7 @@ class RandomCapture:
         self.enabled = bool(self.coupled) if capture == "auto" else bool(capture)
         draws = capture is True or bool(self.generators) or any(draws_masks(m) for m in model.modules())
         if self.enabled and draws:
-            refuse_compiled_draws(model)
+            refuse_compiled_draws(model, loss)
         self.paused = False
         self._handle: Any = None
         self._forwards = self._eval_forwards = 0

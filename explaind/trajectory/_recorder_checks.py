@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._compiled import refuse_compiled_at_step
 from ..exceptions import ConfigError, TrajectoryError
 from ..inputs import call_model
 from ..outputs import model_output
@@ -255,6 +256,8 @@ class RecorderChecksMixin:
                         moved: tuple[str, ...] = ()) -> GradientCheck | None:
         """The gradient check of step ``s`` (``None`` when its forwards cannot be replayed); ``moved`` names the
         buffers that changed before the step's first forward (:meth:`BufferTracker.take_moved`)."""
+        if self._random.enabled:  # a submodule compiled after the start (explaind/_compiled.py)
+            refuse_compiled_at_step(self.model, s)
         checkable, replay = self._replay_plan(s)
         if not checkable:
             self._warn_moved_buffers(moved, s)

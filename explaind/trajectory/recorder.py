@@ -195,7 +195,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
             constants = {n: t for n, t in constants.items() if n not in self._constant_params}
             self._constant_params = {}
         self._constant_names = tuple(constants)
-        self._random = RandomCapture(model, capture_random, generators)
+        self._random = RandomCapture(model, capture_random, generators, loss)
         self._buffers = BufferTracker(model, self._constant_names)
         self._attributes = attribute_watch(model, ignore_attributes)
         if not self._params:

@@ -1,0 +1,117 @@
+"""Compiled code that draws random numbers explaind cannot replay: found by module, attribute, loss or frame.
+
+explaind replays every training forward (and the recorder's loss) in eager PyTorch, from the random state it
+captured before the loop's forward. ``torch.compile`` with a backend that generates its own kernels (inductor, the
+default) draws dropout masks and ``torch.rand`` values from its own random-number generator unless
+``torch._inductor.config.fallback_random`` is set, so no replay draws them again. The eager backends
+(:data:`~explaind.models.EAGER_RANDOM_BACKENDS`) and inductor with ``fallback_random = True`` draw as torch does.
+
+:func:`compiled_callables` finds what the recorder can see before the first step: a compiled module
+(``torch.compile(model)``, ``model.compile()``, a compiled submodule), a compiled function held by a module
+(``model.forward = torch.compile(model.forward)``) and a compiled loss callable. :func:`compiled_frames` names the
+user functions dynamo compiled in this process (``torch.compile`` of a training step that calls the model, a
+submodule compiled after recording began), for the gradient check's message when a checked step fails.
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .exceptions import TrajectoryError
+from .models import EAGER_RANDOM_BACKENDS, compile_backend
+
+__all__ = ["FALLBACK_FIX", "compiled_callables", "compiled_frames", "function_backend", "refuse_compiled_at_step",
+           "replays_draws"]
+
+#: The fix every message names.
+FALLBACK_FIX = ("torch._inductor.config.fallback_random = True before compiling (inductor then draws as torch "
+                "does), or torch.compile(..., backend='aot_eager') or 'eager', whose draws are eager PyTorch's")
+
+_TORCH = str(Path(nn.__file__).resolve().parents[1])
+_EXPLAIND = str(Path(__file__).resolve().parent)
+#: Python's own library (dynamo also compiles the frames of ``copy`` or ``random`` a compiled forward calls)
+_STDLIB = tuple(str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("stdlib", "platstdlib"))
+
+
+def function_backend(fn: Any) -> str | None:
+    """The backend's name of a function compiled by ``torch.compile(fn)`` (``"?"`` when unknown), else ``None``."""
+    try:  # any object a module holds: one whose __getattr__ raises more than AttributeError is no compiled function
+        if not callable(fn) or getattr(fn, "_torchdynamo_orig_callable", None) is None:
+            return None
+    except Exception:  # noqa: BLE001
+        return None
+    cells = getattr(fn, "__closure__", None) or ()
+    context = next((c.cell_contents for c in cells if hasattr(c.cell_contents, "callback")), None)
+    try:  # torch keeps the backend two wrappers deep, as for a compiled module
+        return str(context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend.__name__)
+    except AttributeError:
+        return "?"
+
+
+def replays_draws(backend: str) -> bool:
+    """Whether code compiled with ``backend`` draws random numbers as eager PyTorch does."""
+    if backend in EAGER_RANDOM_BACKENDS:
+        return True
+    config = sys.modules.get("torch._inductor.config")
+    return backend == "inductor" and bool(getattr(config, "fallback_random", False))
+
+
+def compiled_callables(model: nn.Module, loss: Any = None) -> list[str]:
+    """The compiled modules, module-held functions and loss whose draws no eager replay repeats, described as
+    ``"the submodule 'enc' (torch.compile(backend='inductor'))"``; empty when none."""
+    found = []
+    for name, m in model.named_modules():
+        backend = compile_backend(m)
+        if backend is not None:  # its own compiled forward is the module's: named once
+            if not replays_draws(backend):
+                what = "the model" if not name else f"the submodule {name!r}"
+                found.append(f"{what} (torch.compile(backend={backend!r}))")
+            continue
+        for attr, value in vars(m).items():
+            backend = function_backend(value)
+            if backend is not None and not replays_draws(backend):
+                owner = "model" if not name else f"model.{name}"
+                found.append(f"{owner}.{attr} = torch.compile(...) (backend={backend!r})")
+    backend = function_backend(loss)
+    if backend is not None and not replays_draws(backend):
+        found.append(f"the loss {getattr(loss, '__qualname__', type(loss).__name__)} = torch.compile(...) "
+                     f"(backend={backend!r})")
+    return found
+
+
+def compiled_frames(limit: int = 4) -> list[str]:
+    """The user functions dynamo compiled in this process (not torch's or explaind's own), as
+    ``"train_step (loop.py:12)"``; empty when ``torch.compile`` has not run."""
+    convert = sys.modules.get("torch._dynamo.convert_frame")
+    seen = getattr(getattr(convert, "input_codes", None), "seen", None) or []
+    names: list[str] = []
+    for ref in seen:
+        code = ref() if callable(ref) else None
+        if code is None or code.co_filename.startswith((_TORCH, _EXPLAIND, "<")):
+            continue
+        if str(Path(code.co_filename).resolve()).startswith(_STDLIB) and "site-packages" not in code.co_filename:
+            continue
+        name = f"{code.co_qualname} ({Path(code.co_filename).name}:{code.co_firstlineno})"
+        if name not in names:
+            names.append(name)
+    return names[:limit]
+
+
+def refuse_compiled_at_step(model: nn.Module, step: int) -> None:
+    """Raise :class:`~explaind.exceptions.TrajectoryError` at checked step ``step`` when compiled code the recorder
+    refuses up front (:func:`compiled_callables`) is found in ``model`` now: compiled after the recorder started."""
+    found = compiled_callables(model)
+    if found:
+        raise TrajectoryError(
+            f"Step {step}: compiled code draws random numbers with the compiler's own generator: "
+            f"{'; '.join(found[:4])}, compiled after the recorder started. The gradient check runs the compiled "
+            f"code with the loop's draws and cannot see it, but explaind replays every training forward in eager "
+            f"PyTorch, which draws other dropout masks, so the split over samples would be inexact. The steps "
+            f"recorded before are kept. Fix: {FALLBACK_FIX}; or compile before the recorder starts, which refuses "
+            f"or accepts it up front."
+        )
