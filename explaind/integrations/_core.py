@@ -37,6 +37,8 @@ class RecordingCore:
     framework_scaler = "the framework's GradScaler"
     #: How a run resumed from a framework checkpoint was started, and how the optimizer was chosen (for messages).
     framework_resume = "resuming from a checkpoint"
+    #: Where the framework keeps the checkpoint of a step (for messages; with a leading separator).
+    framework_checkpoint = ""
     framework_optimizer = "the framework's optimizer setting"
     framework_optimizer_fix = "Fix: train with torch.optim.SGD, Adam or AdamW."
     #: The framework's hooks that edit a batch before the model sees it (for messages; with a leading separator).
@@ -170,6 +172,11 @@ class RecordingCore:
             self.recorder = None
             raise UnknownEntryError(f"{self.framework_optimizer} gave a {type(optimizer).__module__}."
                                     f"{type(optimizer).__name__}: {exc} {self.framework_optimizer_fix}") from None
+        except TrajectoryError as exc:
+            recorder, self.recorder = self.recorder, None
+            if recorder is None or not getattr(recorder, "_resumed", False):
+                raise
+            raise self._resume_mismatch(recorder, step, exc) from None
         except ConfigError as exc:
             self.recorder = None
             if not (step > 0 and held):
@@ -178,6 +185,24 @@ class RecordingCore:
                               f"parameter(s) hold {type(optimizer).__name__} state) after {self.framework_resume}, "
                               f"and the recording cannot start from it: {exc} Or record the run from step 0 in one "
                               f"call with the callback.") from None
+
+    def _resume_mismatch(self, recorder: TrajectoryRecorder, step: int, exc: Exception) -> TrajectoryError:
+        """The refusal of a store given with ``resume=True`` whose last step is not where the framework started.
+
+        The recorder's own advice (``rec.restore()`` before ``with rec:``) is no fix for a callback: the framework
+        loads the weights and the optimizer state from its checkpoint, so the store's step and the checkpoint's step
+        must be the same.
+        """
+        stored = int(recorder._n)
+        where = (f"started training at step {step}" if step != stored else
+                 f"started training at step {step} with other parameters than the store's theta_{stored} (the "
+                 f"checkpoint is not one of the run recorded in this store)")
+        return TrajectoryError(
+            f"The store {str(recorder._store)!r} holds {stored} recorded steps, but {self.framework_resume} "
+            f"{where}: the recording can only go on from the store's last step ({exc}) Fix: resume training from the "
+            f"checkpoint of step {stored} of the run recorded in this store{self.framework_checkpoint}, so that the "
+            f"weights and the optimizer state are those of the stored step {stored}; or record into another store "
+            f"(another store= path, or overwrite=True instead of resume=True).")
 
     def _stop(self) -> None:
         """Close the recorder, then remove the callback's model hook (``self._hook``): the recorder's end-of-run

@@ -76,6 +76,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     framework = "lightning.Trainer(callbacks=[...])"
     framework_scaler = "the precision plugin's GradScaler (trainer.precision_plugin.scaler)"
     framework_resume = "trainer.fit(..., ckpt_path=...)"
+    framework_checkpoint = " (a ModelCheckpoint saving at that global step, e.g. every_n_train_steps dividing it)"
     framework_optimizer = "configure_optimizers"
     framework_optimizer_fix = "Fix: return torch.optim.SGD, Adam or AdamW from configure_optimizers."
     framework_batch_edit = (" (in Lightning also a batch hook of the LightningModule or DataModule that edits the "

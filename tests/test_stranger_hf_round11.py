@@ -1,0 +1,246 @@
+"""Hugging Face ``Trainer`` as people configure it, round 11: exact, or loud naming the cause and the fix.
+
+The runs train the float64 MLP of tests/test_trainer_options.py (its own mean loss, 25 samples in batches of 4,
+gradient accumulation 3: steps of 3, 3 and 1 micro-batches; SGD momentum 0.9 unless a case says otherwise) through
+``_train`` of that file and ``_assert_exact`` of tests/test_stranger_hf_round5.py. "Exact": replica <= 1e-6 relative
+to the trained model in evaluation mode, residual share <= 1e-9, ``keep=("train",)`` <= 1e-9 relative to the slow
+float64 loop reference (``MappingReference``). The figures go to ``_hf_stranger_kit.MEASURED``
+(``python tests/hf_strangers_table.py test_stranger_hf_round11.py`` prints them).
+
+Fixed here: a callback given ``store=`` and ``resume=True`` on a Trainer that resumed from another checkpoint than
+the store's last step (or did not resume at all) was refused with the recorder's advice to call ``rec.restore()``
+before ``with rec:``, which a Trainer user cannot do; the refusal now names the Trainer's step, the store's and the
+checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _framework_testkit import indexed
+from _hf_stranger_kit import note
+from test_stranger_hf_round5 import _assert_exact
+from test_trainer_options import ACCUMULATE, BATCH, KeywordLossMLP, LearningRates, OwnLossMLP, _data, _train
+
+from explaind.exceptions import TrajectoryError
+from explaind.integrations import ExplaindTrainerCallback
+
+transformers = pytest.importorskip("transformers")  # in the dev extra
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning:transformers"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def _sizes(traj) -> list[int]:
+    return [traj.batch(s)[0].numel() for s in range(traj.n_steps)]
+
+
+OPTIONS = {  # TrainingArguments no other test sets in this combination; gradient check off
+    "rmsprop_centered_momentum": dict(optim="rmsprop", optim_args="centered=True,momentum=0.5,alpha=0.9",
+                                      learning_rate=0.01, weight_decay=0.1),
+    "adagrad_lr_decay_eps": dict(optim="adagrad", optim_args="lr_decay=0.1,eps=1e-6", weight_decay=0.1),
+    "cosine_recipe_adamw": dict(optim="adamw_torch", optim_args=None, lr_scheduler_type="cosine", warmup_steps=0.3,
+                                weight_decay=0.01, max_grad_norm=1.0, max_steps=6, learning_rate=0.05),
+    "accumulation_beyond_the_epoch": dict(gradient_accumulation_steps=10, max_steps=-1, num_train_epochs=2),
+    "batch_of_one_no_accumulation": dict(per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=6),
+    "adamw_clipping_every_step": dict(optim="adamw_torch", optim_args=None, max_grad_norm=1e-3, weight_decay=0.1,
+                                      learning_rate=0.05),
+    "max_steps_over_four_epochs": dict(max_steps=12),
+    "memory_metrics": dict(skip_memory_metrics=False),
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_trainer_options_are_exact(tmp_path, option):
+    rates = LearningRates()
+    model, traj, trainer = _train(tmp_path, callback_kwargs={"check_gradients": False}, extra_callbacks=[rates],
+                                  **OPTIONS[option])
+    assert traj.n_steps == trainer.state.global_step
+    expected = {"accumulation_beyond_the_epoch": [25, 25], "batch_of_one_no_accumulation": [1] * 6,
+                "max_steps_over_four_epochs": [12, 12, 1] * 4}.get(option)
+    if expected is not None:  # a step never spans the end of an epoch
+        assert _sizes(traj) == expected
+    if option == "cosine_recipe_adamw":
+        assert len(set(rates.rates)) >= 4  # warm-up, then the cosine decay
+    if option == "adamw_clipping_every_step":
+        assert all(traj.grad_scale(s) < 1 for s in range(traj.n_steps))
+    _assert_exact(model, traj)
+
+
+class GradNormTrainer(transformers.Trainer):
+    """``training_step`` overridden to read the gradient norm after the Trainer's own step (as people log it)."""
+
+    norms: list[float] = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.norms.append(float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()))
+        return loss
+
+
+class OwnBackwardTrainer(transformers.Trainer):
+    """``training_step`` written out: the micro-batch's mean loss through ``accelerator.backward``, not divided by
+    the accumulated micro-batches (the sum of their means: ``gradient_accumulation_steps`` times the Trainer's)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        labels = inputs.pop("labels")
+        loss = F.cross_entropy(model(**inputs).logits, labels)
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+
+class ScaledForAccumulation(transformers.Trainer):
+    """``loss_is_scaled_for_ga = True`` (transformers' switch for a loss of one's own) with a ``compute_loss`` that
+    returns the micro-batch mean: the Trainer no longer divides it, the step trains on the sum of the means."""
+
+    loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = F.cross_entropy(outputs.logits, labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+class ItemsNormalised(transformers.Trainer):
+    """A ``compute_loss`` override dividing the summed loss by ``num_items_in_batch`` (the Trainer passes it, and then
+    does not divide the loss, for a model whose ``forward`` takes loss keyword arguments)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = F.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+        return (loss, outputs) if return_outputs else loss
+
+
+SUBCLASSES = {  # Trainer subclass, the model, the factor c_s the gradient check measures at steps 0..3
+    "training_step_reading_the_gradient_norm": (GradNormTrainer, OwnLossMLP, [1.0, 1.0, 1.0, 1.0]),
+    "training_step_with_its_own_backward": (OwnBackwardTrainer, OwnLossMLP, [3.0, 3.0, 1.0, 3.0]),
+    "loss_is_scaled_for_ga": (ScaledForAccumulation, OwnLossMLP, [3.0, 3.0, 1.0, 3.0]),
+    "compute_loss_over_num_items_with_loss_kwargs": (ItemsNormalised, KeywordLossMLP, [1.0, 1.0, 1.0, 1.0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUBCLASSES))
+def test_trainer_subclasses_are_exact_with_the_factor_the_gradient_check_measures(tmp_path, case):
+    """The callback weights each micro-batch as the stock Trainer scales it; a subclass that scales the step
+    otherwise leaves one factor per step, which the gradient check (on by default) measures as ``c_s``."""
+    trainer_cls, model_cls, factors = SUBCLASSES[case]
+    model, traj, _ = _train(tmp_path, model_cls(), trainer_cls=trainer_cls)
+    assert _sizes(traj) == [12, 12, 1, 12]
+    assert [round(traj.grad_scale(s), 12) for s in range(4)] == [round(f, 12) for f in factors]
+    if trainer_cls is GradNormTrainer:
+        assert len(GradNormTrainer.norms) == 3 * 3 + 1
+    _assert_exact(model, traj)
+
+
+def test_a_compute_loss_func_of_ones_own_over_num_items_is_exact_with_the_check_off(tmp_path):
+    """``compute_loss_func=`` the user's summed loss over ``num_items_in_batch``: the Trainer does not divide it, and
+    the counted items of a step are its samples, so the callback's weights are the run's without any measurement."""
+
+    def summed(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+    X, y = _data()
+    train = indexed(X, y)
+    model = OwnLossMLP()
+    callback = ExplaindTrainerCallback(train, loss="cross_entropy", check_gradients=False)
+    args = _arguments(tmp_path, max_steps=4, optim_args="momentum=0.9", save_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=train, callbacks=[callback],
+                         compute_loss_func=summed).train()
+    assert _sizes(callback.trajectory) == [12, 12, 1, 12]
+    _assert_exact(model.eval(), callback.trajectory)
+
+
+class HalveGradients(transformers.TrainerCallback):
+    """Halves every gradient before the optimizer steps (a hand-made global scale)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            p.grad.mul_(0.5)
+
+
+class ClipByValue(transformers.TrainerCallback):
+    """Clips every gradient coordinate to [-0.01, 0.01] before the optimizer steps."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+
+
+def test_a_callback_halving_the_gradients_before_the_step_is_measured_as_the_clip_factor(tmp_path):
+    model, traj, _ = _train(tmp_path, extra_callbacks=[HalveGradients()])
+    assert [traj.grad_scale(s) for s in range(4)] == pytest.approx([0.5] * 4, abs=1e-12)
+    _assert_exact(model, traj)
+
+
+def test_a_callback_clipping_by_value_before_the_step_is_refused(tmp_path):
+    refusal = (r"Step 0: between backward\(\) and optimizer.step\(\) the gradient of net.0.weight.*was changed by more "
+               r"than a global factor.*clip_grad_value_.*cannot")
+    with pytest.raises(TrajectoryError, match=refusal):
+        _train(tmp_path, extra_callbacks=[ClipByValue()])
+    note(outcome="loud: TrajectoryError (gradients clipped by value in on_pre_optimizer_step)")
+
+
+# ---------------------------------------------------------------- resuming the recording with the Trainer
+def _arguments(tmp_path, **settings) -> transformers.TrainingArguments:
+    """The MLP runs' arguments with a checkpoint every 2 steps (``settings`` on top)."""
+    return transformers.TrainingArguments(**{**dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATE,
+        max_steps=2, learning_rate=0.1, lr_scheduler_type="constant", optim="sgd", optim_args=None, weight_decay=0.0,
+        max_grad_norm=0.0, use_cpu=True, remove_unused_columns=False, report_to=[], save_strategy="steps",
+        save_steps=2, logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0), **settings})
+
+
+def _record_into_store(tmp_path, optim: str, optim_args, steps: int):
+    """A first run of ``steps`` steps recorded into ``tmp_path / "run"`` (optimizer state saved at every step)."""
+    X, y = _data()
+    callback = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy", check_gradients=False,
+                                       store=tmp_path / "run", save_optimizer_state=True)
+    transformers.Trainer(model=OwnLossMLP(), args=_arguments(tmp_path, optim=optim, optim_args=optim_args,
+                                                             max_steps=steps),
+                         train_dataset=indexed(X, y), callbacks=[callback]).train()
+    return callback.trajectory
+
+
+def _resume_recording(tmp_path, optim: str, optim_args, checkpoint: str | None, steps: int = 5):
+    """A new model and callback on the same store (``resume=True``), the Trainer resumed from ``checkpoint``."""
+    X, y = _data()
+    model = OwnLossMLP()
+    callback = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy", check_gradients=False,
+                                       store=tmp_path / "run", resume=True, save_optimizer_state=True)
+    trainer = transformers.Trainer(model=model, args=_arguments(tmp_path, optim=optim, optim_args=optim_args,
+                                                                max_steps=steps),
+                                   train_dataset=indexed(X, y), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=None if checkpoint is None else str(tmp_path / checkpoint))
+    return model.eval(), callback.trajectory
+
+
+@pytest.mark.parametrize("optim,optim_args", [("sgd", "momentum=0.9"), ("adamw_torch", None)])
+def test_the_recording_resumes_with_the_trainer_and_is_exact_across_the_resume(tmp_path, optim, optim_args):
+    """Two steps recorded into a store with a checkpoint at step 2; a new callback with ``resume=True`` continues the
+    same store when the Trainer resumes from ``checkpoint-2``: one run of 5 steps, whose trained model is the one an
+    uninterrupted run gives, exact with no ``initial_state`` term (the store holds the state from step 0)."""
+    assert _record_into_store(tmp_path, optim, optim_args, 2).n_steps == 2
+    model, traj = _resume_recording(tmp_path, optim, optim_args, "checkpoint-2")
+    assert traj.n_steps == 5 and _sizes(traj) == [12, 12, 1, 12, 12]
+    straight, _, _ = _train(tmp_path / "straight", optim=optim, optim_args=optim_args, max_steps=5,
+                            callback_kwargs={"check_gradients": False})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), straight.state_dict().values()))
+    assert not traj.initial_state()
+    _assert_exact(model, traj)
+
+
+@pytest.mark.parametrize("checkpoint", ["checkpoint-2", None])
+def test_a_store_resumed_at_another_step_than_the_trainer_is_refused_naming_the_checkpoint(tmp_path, checkpoint):
+    """The store holds 4 steps; the Trainer resumes from ``checkpoint-2`` (or starts afresh). Before: the recorder's
+    advice, ``Call rec.restore() before `with rec:```, which the callback does not let a Trainer user do."""
+    _record_into_store(tmp_path, "adamw_torch", None, 4)
+    start = 2 if checkpoint else 0
+    refusal = (rf"(?s)The store .*run' holds 4 recorded steps, but trainer.train\(resume_from_checkpoint=...\) "
+               rf"started training at step {start}.*Fix: resume training from the checkpoint of step 4.*or record "
+               rf"into another store")
+    with pytest.raises(TrajectoryError, match=refusal):
+        _resume_recording(tmp_path, "adamw_torch", None, checkpoint, steps=6)
+    note(outcome="loud: TrajectoryError (store resumed at another step than the Trainer)")
