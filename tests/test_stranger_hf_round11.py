@@ -15,6 +15,8 @@ checkpoint to resume from.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -244,3 +246,61 @@ def test_a_store_resumed_at_another_step_than_the_trainer_is_refused_naming_the_
     with pytest.raises(TrajectoryError, match=refusal):
         _resume_recording(tmp_path, "adamw_torch", None, checkpoint, steps=6)
     note(outcome="loud: TrajectoryError (store resumed at another step than the Trainer)")
+
+
+# ---------------------------------------------------------------- auto_find_batch_size after an out-of-memory error
+class RunsOutOfMemory(OwnLossMLP):
+    """Raises torch's CUDA out-of-memory error on training batches of more than 2 samples, from the ``after``-th
+    training forward on (``after=0``: at once), as a model too large for the device does."""
+
+    def __init__(self, after: int = 0):
+        super().__init__()
+        self.after, self.forwards = after, itertools.count(1)  # a counter whose value is no attribute of the model
+
+    def forward(self, x, labels=None):
+        if self.training:
+            if next(self.forwards) > self.after and x.shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(x, labels)
+
+
+class StartingWeights(transformers.TrainerCallback):
+    """The first layer's weight at every ``on_train_begin`` (one per attempt of ``auto_find_batch_size``)."""
+
+    def __init__(self):
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.weights.append(model.net[0].weight.detach().clone())
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_auto_find_batch_size_retrying_after_out_of_memory_is_exact(tmp_path, store):
+    """The batch of 4 runs out of memory at the first forward; accelerate retries with 3 (out of memory again), then
+    2. Before: the retry was refused, "This ExplaindTrainerCallback has recorded a run already; create a new one for
+    every training run" (one callback, one ``train()`` call). Now the attempts that took no step are dropped (a store
+    they created is written again) and the run with batches of 2 is recorded."""
+    starts = StartingWeights()
+    kwargs = {"check_gradients": False, **({"store": tmp_path / "run"} if store else {})}
+    model, traj, trainer = _train(tmp_path, RunsOutOfMemory(), auto_find_batch_size=True, callback_kwargs=kwargs,
+                                  extra_callbacks=[starts])
+    assert trainer._train_batch_size == 2 and len(starts.weights) == 3
+    assert _sizes(traj) == [6, 6, 6, 6]  # 13 micro-batches of 2 (and 1) an epoch, accumulation 3
+    _assert_exact(model, traj)
+
+
+def test_auto_find_batch_size_retrying_after_steps_is_refused_naming_the_batch_that_fits(tmp_path):
+    """Out of memory at the 4th forward, after one step of 3 micro-batches: the Trainer retries from the weights
+    that step moved (it does not set them back), which no recording reaches. Before: the same refusal as above,
+    naming no cause; now the attempt's steps and the fix."""
+    starts = StartingWeights()
+    refusal = (r"auto_find_batch_size=True\) started training again with a batch of 3 after an attempt that had "
+               r"already taken 1 optimizer step.*Fix: TrainingArguments\(per_device_train_batch_size=3, "
+               r"auto_find_batch_size=False\)")
+    model = RunsOutOfMemory(after=3)
+    with pytest.raises(TrajectoryError, match=refusal):
+        _train(tmp_path, model, auto_find_batch_size=True, extra_callbacks=[starts],
+               callback_kwargs={"check_gradients": False})
+    assert len(starts.weights) == 1  # the refusal came at the second attempt's start, before the others' hooks
+    assert not torch.equal(starts.weights[0], model.net[0].weight)  # the weights the second attempt started from
+    note(outcome="loud: TrajectoryError (auto_find_batch_size retried after an attempt took steps)")

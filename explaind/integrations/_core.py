@@ -168,6 +168,7 @@ class RecordingCore:
                                               grad_scaler=grad_scaler, **self._kwargs)
             self._dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
             self.recorder.__enter__()
+            self._first_step = self.recorder.n_steps  # above 0 for a resumed store
         except UnknownEntryError as exc:
             self.recorder = None
             raise UnknownEntryError(f"{self.framework_optimizer} gave a {type(optimizer).__module__}."
@@ -185,6 +186,34 @@ class RecordingCore:
                               f"parameter(s) hold {type(optimizer).__name__} state) after {self.framework_resume}, "
                               f"and the recording cannot start from it: {exc} Or record the run from step 0 in one "
                               f"call with the callback.") from None
+
+    def _abandon_attempt(self, retry: str, fix: str) -> None:
+        """Drop the recording of a training attempt that the framework abandoned after an exception it caught, before
+        it trains again from the start (``retry`` says how, for the message).
+
+        An attempt that took no optimizer step changed nothing: its recorder is closed as after an error (no
+        end-of-run checks; a store it created is written again from the start by the next one). An attempt that took
+        steps has moved the weights, which the framework does not restore, so the new attempt would start from
+        weights no recording reaches: refused with ``fix``.
+        """
+        recorder, self.recorder = self.recorder, None
+        if recorder is None:
+            return
+        taken = recorder.n_steps - getattr(self, "_first_step", 0)
+        try:
+            recorder.__exit__(TrajectoryError, None, None)
+        finally:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+        if taken:
+            raise TrajectoryError(
+                f"{retry} after an attempt that had already taken {taken} optimizer step(s): the weights those steps "
+                f"moved are not set back, so the new attempt starts from weights that no recording reaches (the "
+                f"recorded steps belong to the abandoned attempt). Fix: {fix}")
+        if self._kwargs.get("store") is not None and not recorder._resumed:
+            self._kwargs = {**self._kwargs, "overwrite": True}  # the store the abandoned attempt created, no step
+        self._batches_seen = 0
 
     def _resume_mismatch(self, recorder: TrajectoryRecorder, step: int, exc: Exception) -> TrajectoryError:
         """The refusal of a store given with ``resume=True`` whose last step is not where the framework started.
