@@ -25,7 +25,7 @@ from _hf_stranger_kit import note
 from test_stranger_hf_round5 import _assert_exact
 from test_trainer_options import ACCUMULATE, BATCH, KeywordLossMLP, LearningRates, OwnLossMLP, _data, _train
 
-from explaind.exceptions import TrajectoryError
+from explaind.exceptions import ExplaindWarning, TrajectoryError
 from explaind.integrations import ExplaindTrainerCallback
 
 transformers = pytest.importorskip("transformers")  # in the dev extra
@@ -304,3 +304,66 @@ def test_auto_find_batch_size_retrying_after_steps_is_refused_naming_the_batch_t
     assert len(starts.weights) == 1  # the refusal came at the second attempt's start, before the others' hooks
     assert not torch.equal(starts.weights[0], model.net[0].weight)  # the weights the second attempt started from
     note(outcome="loud: TrajectoryError (auto_find_batch_size retried after an attempt took steps)")
+
+
+# ---------------------------------------------------------------- trainer.train() again after it raised
+class FailsOnce(OwnLossMLP):
+    """Raises a ``RuntimeError`` at the 5th training forward (in the second step), once."""
+
+    def __init__(self):
+        super().__init__()
+        self.forwards = itertools.count(1)
+
+    def forward(self, x, labels=None):
+        if self.training and next(self.forwards) == 5:
+            raise RuntimeError("a transient failure")
+        return super().forward(x, labels)
+
+
+def _failed_run(tmp_path):
+    """A Trainer whose first ``train()`` raised after one recorded step; returns the model, trainer and callback."""
+    X, y = _data()
+    model = FailsOnce()
+    callback = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy", check_gradients=False)
+    trainer = transformers.Trainer(model=model, args=_arguments(tmp_path, optim="sgd", optim_args="momentum=0.9",
+                                                                max_steps=4, save_strategy="no"),
+                                   train_dataset=indexed(X, y), callbacks=[callback])
+    with pytest.raises(RuntimeError, match="a transient failure"):
+        trainer.train()
+    return model, trainer, callback
+
+
+def _train_again_with_a_new_callback(model, trainer, old):
+    X, y = _data()
+    trainer.remove_callback(old)
+    callback = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy", check_gradients=False)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.trajectory.n_steps == 4
+    _assert_exact(model.eval(), callback.trajectory)
+
+
+def test_training_again_after_train_raised_is_refused_then_exact_with_the_fix_it_names(tmp_path):
+    """The Trainer reports no exception to its callbacks, so the recording of a ``train()`` that raised stays open.
+    Training again with the same callback is refused naming the cause; with a new callback (the fix) the new run,
+    from the weights the failed one left, is exact. Before: "has recorded a run already; create a new one", and
+    the new callback then failed with "no training batch carried 'explaind_index'" (the old callback's hook took
+    the positions first)."""
+    model, trainer, callback = _failed_run(tmp_path)
+    refusal = (r"previous training run ended in an exception after 1 recorded step\(s\), and the recording was left "
+               r"open.*Fix: create a new ExplaindTrainerCallback for the new run \(trainer.remove_callback\(old\); "
+               r"trainer.add_callback\(new\)\)")
+    with pytest.raises(TrajectoryError, match=refusal):
+        trainer.train()
+    assert callback.trajectory.n_steps == 1
+    _train_again_with_a_new_callback(model, trainer, callback)
+
+
+def test_a_new_callback_after_train_raised_closes_the_open_recording_with_a_warning_and_is_exact(tmp_path):
+    """The user replaces the callback at once: the new one closes the old recorder, whose hooks would have taken the
+    new run's batches, and says so. Before: ``TrajectoryError`` "no training batch carried 'explaind_index'"."""
+    model, trainer, callback = _failed_run(tmp_path)
+    with pytest.warns(ExplaindWarning, match=r"still had the open recorder of an earlier ExplaindTrainerCallback, "
+                                             r"whose training run ended in an exception after 1 recorded step"):
+        _train_again_with_a_new_callback(model, trainer, callback)
+    assert callback.trajectory.n_steps == 1

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError
+from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError, warn_at_caller
 from ..inputs import Inputs
 from ..trajectory._common import TrainData, resolve_loss_record
 from ..trajectory._start_state import held_state
@@ -16,6 +17,10 @@ from ..trajectory.recorder import TrajectoryRecorder
 from .data import INDEX_KEY, IndexedDataset, MaskForm
 
 __all__ = ["RecordingCore"]
+
+#: The callback whose recorder is open on a model. A Hugging Face ``Trainer`` has no exception event, so a
+#: ``trainer.train()`` that raises leaves its callback's recorder open, with its hooks on the model and optimizer.
+_OPEN: weakref.WeakKeyDictionary[nn.Module, RecordingCore] = weakref.WeakKeyDictionary()
 
 
 class RecordingCore:
@@ -39,6 +44,8 @@ class RecordingCore:
     framework_resume = "resuming from a checkpoint"
     #: Where the framework keeps the checkpoint of a step (for messages; with a leading separator).
     framework_checkpoint = ""
+    #: How a callback is replaced by a new one (for messages; with a leading separator).
+    framework_replace_callback = ""
     framework_optimizer = "the framework's optimizer setting"
     framework_optimizer_fix = "Fix: train with torch.optim.SGD, Adam or AdamW."
     #: The framework's hooks that edit a batch before the model sees it (for messages; with a leading separator).
@@ -159,9 +166,25 @@ class RecordingCore:
         (docs/maths.md §4, "Optimizer state at the start"). What the recorder cannot start from (an adapter
         without ``start_state``) is refused with the framework's resume option named.
         """
+        if self.recorder is not None and self.recorder._active:
+            taken = self._close_after_error()
+            raise TrajectoryError(
+                f"This {type(self).__name__}'s previous training run ended in an exception after {taken} recorded "
+                f"step(s), and the recording was left open ({self.framework} reports no exception to its callbacks); "
+                f"it is closed now, its steps kept in callback.trajectory. Fix: create a new {type(self).__name__} "
+                f"for the new run{self.framework_replace_callback}; it records from the model's current weights.")
         if self.recorder is not None:
             raise TrajectoryError(f"This {type(self).__name__} has recorded a run already; create a new one for "
                                   f"every training run.")
+        stale = _OPEN.get(model)
+        if stale is not None and stale is not self and stale.recorder is not None and stale.recorder._active:
+            taken = stale._close_after_error()
+            warn_at_caller(
+                f"The model {type(model).__name__} still had the open recorder of an earlier "
+                f"{type(stale).__name__}, whose training run ended in an exception after {taken} recorded step(s) "
+                f"({self.framework} reports no exception to its callbacks): its hooks on the model and the optimizer "
+                f"would have taken this run's batches and steps. It is closed now (its steps kept in its "
+                f"trajectory), and this callback records the new run from the model's current weights.")
         held = held_state(optimizer)
         try:
             self.recorder = TrajectoryRecorder(model, optimizer, loss=self._loss, train_data=self._data,
@@ -169,6 +192,7 @@ class RecordingCore:
             self._dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
             self.recorder.__enter__()
             self._first_step = self.recorder.n_steps  # above 0 for a resumed store
+            _OPEN[model] = self
         except UnknownEntryError as exc:
             self.recorder = None
             raise UnknownEntryError(f"{self.framework_optimizer} gave a {type(optimizer).__module__}."
@@ -196,16 +220,11 @@ class RecordingCore:
         steps has moved the weights, which the framework does not restore, so the new attempt would start from
         weights no recording reaches: refused with ``fix``.
         """
-        recorder, self.recorder = self.recorder, None
+        recorder = self.recorder
         if recorder is None:
             return
-        taken = recorder.n_steps - getattr(self, "_first_step", 0)
-        try:
-            recorder.__exit__(TrajectoryError, None, None)
-        finally:
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
+        taken = self._close_after_error()
+        self.recorder = None
         if taken:
             raise TrajectoryError(
                 f"{retry} after an attempt that had already taken {taken} optimizer step(s): the weights those steps "
@@ -214,6 +233,20 @@ class RecordingCore:
         if self._kwargs.get("store") is not None and not recorder._resumed:
             self._kwargs = {**self._kwargs, "overwrite": True}  # the store the abandoned attempt created, no step
         self._batches_seen = 0
+
+    def _close_after_error(self) -> int:
+        """Close the open recorder as after an error (no end-of-run checks, a store left incomplete) and remove the
+        callback's model hook; returns the steps it recorded in this run."""
+        recorder = self.recorder
+        taken = recorder.n_steps - getattr(self, "_first_step", 0) if recorder is not None else 0
+        try:
+            if recorder is not None:
+                recorder.__exit__(TrajectoryError, None, None)
+        finally:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+        return taken
 
     def _resume_mismatch(self, recorder: TrajectoryRecorder, step: int, exc: Exception) -> TrajectoryError:
         """The refusal of a store given with ``resume=True`` whose last step is not where the framework started.
@@ -236,6 +269,8 @@ class RecordingCore:
     def _stop(self) -> None:
         """Close the recorder, then remove the callback's model hook (``self._hook``): the recorder's end-of-run
         checks compare the model's hooks with those of the last step."""
+        for model in [m for m, owner in _OPEN.items() if owner is self]:
+            del _OPEN[model]
         try:
             if self.recorder is not None and self.recorder._active:
                 self.recorder.__exit__(None, None, None)

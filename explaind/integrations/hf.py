@@ -87,6 +87,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     framework = "transformers.Trainer(callbacks=[...])"
     framework_scaler = "accelerate's GradScaler (TrainingArguments(fp16=True))"
     framework_resume = "trainer.train(resume_from_checkpoint=...)"
+    framework_replace_callback = " (trainer.remove_callback(old); trainer.add_callback(new))"
     framework_checkpoint = " (the Trainer saves it as <output_dir>/checkpoint-<step> when save_steps divides the step)"
     framework_optimizer_fix = ("Fix: TrainingArguments(optim='adamw_torch'), 'adamw_torch_fused', 'sgd', 'rmsprop', "
                                "'adagrad' or 'adafactor', or pass an optimizer with an adapter as Trainer(optimizers="
