@@ -24,8 +24,9 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import grad_norm
 from test_lightning_options import Validated, _data, _mlp, _sgd
 from test_stranger_lightning_round5 import _assert_exact, _fit, _sizes
+from torch import nn
 
-from explaind.exceptions import TrajectoryError
+from explaind.exceptions import ConfigError, TrajectoryError
 from explaind.integrations import ExplaindLightningCallback
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -215,3 +216,43 @@ def test_a_store_resumed_at_another_step_than_the_checkpoint_is_refused_naming_c
     with pytest.raises(TrajectoryError, match=refusal):
         _recorded_fit(tmp_path, 6, ckpt_path=_checkpoint(tmp_path, 2), resume=True)
     note(outcome="loud: TrajectoryError (store resumed at another step than ckpt_path)")
+
+
+# ---------------------------------------------------------------- a parameter of the LightningModule outside module=
+class Tempered(CrossEntropyModule):
+    """A learned temperature of the LightningModule, outside the recorded ``self.model``, trained with it."""
+
+    def __init__(self):
+        super().__init__(_mlp(), _sgd)
+        self.temperature = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.model(batch["x"]) / self.temperature, batch["labels"])
+
+
+class TemperedMLP(nn.Module):
+    """The fix: the temperature inside the recorded model."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp()
+        self.temperature = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.net(x) / self.temperature
+
+
+def test_a_parameter_outside_the_recorded_module_is_refused_naming_it_then_exact_inside_it(tmp_path):
+    """Before: the recorder's ``TrajectoryError`` "The optimizer holds 1 parameter tensor(s) that are not parameters
+    of the model: group 0 position 0 shape ()" with a plain loop's fix; now a ``ConfigError`` when training starts
+    naming the attribute, ``module=`` and the fix, which is exact (the temperature recorded and explained)."""
+    refusal = (r"ExplaindLightningCallback\(module='model'\) records the LightningModule's attribute 'model', but "
+               r"configure_optimizers also steps its parameter\(s\) \['temperature'\].*Fix: make them part of the "
+               r"recorded model")
+    with pytest.raises(ConfigError, match=refusal):
+        _fit(tmp_path, Tempered())
+    module = CrossEntropyModule(TemperedMLP(), _sgd)
+    callback, _ = _fit(tmp_path, module)
+    assert "temperature" in callback.trajectory.param_names
+    assert float(module.model.temperature) != 2.0
+    _assert_exact(module.model, callback.trajectory)
