@@ -195,23 +195,23 @@ def _arguments(tmp_path, **settings) -> transformers.TrainingArguments:
         save_steps=2, logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0), **settings})
 
 
-def _record_into_store(tmp_path, optim: str, optim_args, steps: int):
+def _record_into_store(tmp_path, optim: str, optim_args, steps: int, **store):
     """A first run of ``steps`` steps recorded into ``tmp_path / "run"`` (optimizer state saved at every step)."""
     X, y = _data()
     callback = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy", check_gradients=False,
-                                       store=tmp_path / "run", save_optimizer_state=True)
+                                       store=tmp_path / "run", save_optimizer_state=True, **store)
     transformers.Trainer(model=OwnLossMLP(), args=_arguments(tmp_path, optim=optim, optim_args=optim_args,
                                                              max_steps=steps),
                          train_dataset=indexed(X, y), callbacks=[callback]).train()
     return callback.trajectory
 
 
-def _resume_recording(tmp_path, optim: str, optim_args, checkpoint: str | None, steps: int = 5):
+def _resume_recording(tmp_path, optim: str, optim_args, checkpoint: str | None, steps: int = 5, **store):
     """A new model and callback on the same store (``resume=True``), the Trainer resumed from ``checkpoint``."""
     X, y = _data()
     model = OwnLossMLP()
     callback = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy", check_gradients=False,
-                                       store=tmp_path / "run", resume=True, save_optimizer_state=True)
+                                       store=tmp_path / "run", resume=True, save_optimizer_state=True, **store)
     trainer = transformers.Trainer(model=model, args=_arguments(tmp_path, optim=optim, optim_args=optim_args,
                                                                 max_steps=steps),
                                    train_dataset=indexed(X, y), callbacks=[callback])
@@ -231,6 +231,17 @@ def test_the_recording_resumes_with_the_trainer_and_is_exact_across_the_resume(t
                             callback_kwargs={"check_gradients": False})
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), straight.state_dict().values()))
     assert not traj.initial_state()
+    _assert_exact(model, traj)
+
+
+def test_a_sparse_store_resumes_with_the_trainer_at_its_last_step(tmp_path):
+    """``checkpoint_every=2``: the store's last step (2) is a theta checkpoint of its layout, whose optimizer state it
+    kept every ``2 m`` steps only. Before: the store resumed at step 0, its last full checkpoint (plain loops recorded
+    the later steps again), and the Trainer resumed from ``checkpoint-2`` was refused; now the last step of a sparse
+    run always keeps the optimizer state too, and the recording goes on from it, exact."""
+    assert _record_into_store(tmp_path, "adamw_torch", None, 2, checkpoint_every=2).n_steps == 2
+    model, traj = _resume_recording(tmp_path, "adamw_torch", None, "checkpoint-2", checkpoint_every=2)
+    assert traj.sparse and traj.n_steps == 5 and _sizes(traj) == [12, 12, 1, 12, 12]
     _assert_exact(model, traj)
 
 
