@@ -251,9 +251,9 @@ def test_a_store_resumed_at_another_step_than_the_trainer_is_refused_naming_the_
     advice, ``Call rec.restore() before `with rec:```, which the callback does not let a Trainer user do."""
     _record_into_store(tmp_path, "adamw_torch", None, 4)
     start = 2 if checkpoint else 0
-    refusal = (rf"(?s)The store .*run' holds 4 recorded steps, but trainer.train\(resume_from_checkpoint=...\) "
-               rf"started training at step {start}.*Fix: resume training from the checkpoint of step 4.*or record "
-               rf"into another store")
+    refusal = (rf"(?s)The store .*run' goes on from step 4 \(its last step with a stored optimizer state\), but "
+               rf"trainer.train\(resume_from_checkpoint=...\) started training at step {start}.*Fix: resume training "
+               rf"from the checkpoint of step 4.*or record into another store")
     with pytest.raises(TrajectoryError, match=refusal):
         _resume_recording(tmp_path, "adamw_torch", None, checkpoint, steps=6)
     note(outcome="loud: TrajectoryError (store resumed at another step than the Trainer)")

@@ -211,8 +211,9 @@ def test_the_recording_resumes_with_fit_from_a_checkpoint_and_is_exact_across_th
 def test_a_store_resumed_at_another_step_than_the_checkpoint_is_refused_naming_ckpt_path(tmp_path):
     """The store holds 4 steps, the checkpoint is step 2's. Before: ``Call rec.restore() before `with rec:```."""
     _recorded_fit(tmp_path, 4)
-    refusal = (r"(?s)The store .*run' holds 4 recorded steps, but trainer.fit\(..., ckpt_path=...\) started training "
-               r"at step 2.*Fix: resume training from the checkpoint of step 4.*ModelCheckpoint")
+    refusal = (r"(?s)The store .*run' goes on from step 4 \(its last step with a stored optimizer state\), but "
+               r"trainer.fit\(..., ckpt_path=...\) started training at step 2.*Fix: resume training from the "
+               r"checkpoint of step 4.*ModelCheckpoint")
     with pytest.raises(TrajectoryError, match=refusal):
         _recorded_fit(tmp_path, 6, ckpt_path=_checkpoint(tmp_path, 2), resume=True)
     note(outcome="loud: TrajectoryError (store resumed at another step than ckpt_path)")

@@ -260,8 +260,9 @@ class RecordingCore:
                  f"started training at step {step} with other parameters than the store's theta_{stored} (the "
                  f"checkpoint is not one of the run recorded in this store)")
         return TrajectoryError(
-            f"The store {str(recorder._store)!r} holds {stored} recorded steps, but {self.framework_resume} "
-            f"{where}: the recording can only go on from the store's last step ({exc}) Fix: resume training from the "
+            f"The store {str(recorder._store)!r} goes on from step {stored} (its last step with a stored optimizer "
+            f"state), but {self.framework_resume} {where}: the recording can only go on from there ({exc}) Fix: "
+            f"resume training from the "
             f"checkpoint of step {stored} of the run recorded in this store{self.framework_checkpoint}, so that the "
             f"weights and the optimizer state are those of the stored step {stored}; or record into another store "
             f"(another store= path, or overwrite=True instead of resume=True).")
