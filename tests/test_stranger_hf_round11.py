@@ -7,10 +7,18 @@ to the trained model in evaluation mode, residual share <= 1e-9, ``keep=("train"
 float64 loop reference (``MappingReference``). The figures go to ``_hf_stranger_kit.MEASURED``
 (``python tests/hf_strangers_table.py test_stranger_hf_round11.py`` prints them).
 
-Fixed here: a callback given ``store=`` and ``resume=True`` on a Trainer that resumed from another checkpoint than
-the store's last step (or did not resume at all) was refused with the recorder's advice to call ``rec.restore()``
-before ``with rec:``, which a Trainer user cannot do; the refusal now names the Trainer's step, the store's and the
-checkpoint to resume from.
+Fixed here (each test names what happened before):
+
+* ``auto_find_batch_size=True`` retrying after an out-of-memory error was refused ("has recorded a run already");
+  an abandoned attempt without a step is now dropped and the run with the batch that fits recorded, exact; an
+  attempt that took steps (whose weights the Trainer does not set back) is refused naming the batch that fits.
+* A ``train()`` that raised left the recording open (the Trainer reports no exception to its callbacks); a new
+  callback then failed with "no training batch carried 'explaind_index'". Now the same callback refuses naming the
+  cause and the fix, and a new one closes the open recorder with a warning; the new run is exact.
+* A callback given ``store=`` and ``resume=True`` on a Trainer resumed from another checkpoint than the store's
+  step was refused with the advice to call ``rec.restore()``; the refusal now names both steps and the checkpoint.
+* A sparse store (``checkpoint_every=2``) whose last step was a theta checkpoint kept no optimizer state there, so
+  resuming went back to step 0; the last step now always keeps it, and the Trainer's resume goes on from it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from _hf_stranger_kit import note
 from test_stranger_hf_round5 import _assert_exact
 from test_trainer_options import ACCUMULATE, BATCH, KeywordLossMLP, LearningRates, OwnLossMLP, _data, _train
 
+import explaind
 from explaind.exceptions import ExplaindWarning, TrajectoryError
 from explaind.integrations import ExplaindTrainerCallback
 
@@ -378,3 +387,16 @@ def test_a_new_callback_after_train_raised_closes_the_open_recording_with_a_warn
                                              r"whose training run ended in an exception after 1 recorded step"):
         _train_again_with_a_new_callback(model, trainer, callback)
     assert callback.trajectory.n_steps == 1
+
+
+def test_loss_is_scaled_for_ga_with_the_check_off_is_warned_naming_the_gradient_check(tmp_path):
+    """With ``check_gradients=False`` nothing measures the factor 3 the subclass leaves in (the callback cannot see
+    the Trainer's ``loss_is_scaled_for_ga``): the estimators warn about the residual share and name the check."""
+    model, traj, _ = _train(tmp_path, OwnLossMLP(), trainer_cls=ScaledForAccumulation,
+                            callback_kwargs={"check_gradients": False})
+    X = {"x": torch.randn(3, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)}
+    with pytest.warns(ExplaindWarning, match=r"residual share 0\.\d+ > residual_tol.*no gradient check ran .* record "
+                                             r"with check_gradients=True"):
+        att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X)
+    note(share=att.meta["residual_share"], outcome="loud: ExplaindWarning (residual share, factor unmeasured)")
+    assert att.meta["residual_share"] > 0.1
