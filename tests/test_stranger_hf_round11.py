@@ -294,15 +294,16 @@ class StartingWeights(transformers.TrainerCallback):
         self.weights.append(model.net[0].weight.detach().clone())
 
 
-@pytest.mark.parametrize("store", [False, True])
-def test_auto_find_batch_size_retrying_after_out_of_memory_is_exact(tmp_path, store):
-    """The batch of 4 runs out of memory at the first forward; accelerate retries with 3 (out of memory again), then
-    2. Before: the retry was refused, "This ExplaindTrainerCallback has recorded a run already; create a new one for
-    every training run" (one callback, one ``train()`` call). Now the attempts that took no step are dropped (a store
-    they created is written again) and the run with batches of 2 is recorded."""
+@pytest.mark.parametrize("store,after", [(False, 0), (True, 0), (False, 1)])
+def test_auto_find_batch_size_retrying_after_out_of_memory_is_exact(tmp_path, store, after):
+    """The batch of 4 runs out of memory at the first forward (``after=1``: at the second, with the first micro-batch
+    of step 0 logged and its gradient accumulated, which the Trainer zeroes when it starts again); accelerate retries
+    with 3 (out of memory again), then 2. Before: the retry was refused, "This ExplaindTrainerCallback has recorded a
+    run already; create a new one for every training run" (one callback, one ``train()`` call). Now the attempts that
+    took no step are dropped (a store they created is written again) and the run with batches of 2 is recorded."""
     starts = StartingWeights()
     kwargs = {"check_gradients": False, **({"store": tmp_path / "run"} if store else {})}
-    model, traj, trainer = _train(tmp_path, RunsOutOfMemory(), auto_find_batch_size=True, callback_kwargs=kwargs,
+    model, traj, trainer = _train(tmp_path, RunsOutOfMemory(after), auto_find_batch_size=True, callback_kwargs=kwargs,
                                   extra_callbacks=[starts])
     assert trainer._train_batch_size == 2 and len(starts.weights) == 3
     assert _sizes(traj) == [6, 6, 6, 6]  # 13 micro-batches of 2 (and 1) an epoch, accumulation 3
