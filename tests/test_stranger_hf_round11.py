@@ -329,14 +329,14 @@ def test_auto_find_batch_size_retrying_after_steps_is_refused_naming_the_batch_t
 
 # ---------------------------------------------------------------- trainer.train() again after it raised
 class FailsOnce(OwnLossMLP):
-    """Raises a ``RuntimeError`` at the 5th training forward (in the second step), once."""
+    """Raises a ``RuntimeError`` at the ``at``-th training forward (the 5th: in the second step), once."""
 
-    def __init__(self):
+    def __init__(self, at: int = 5):
         super().__init__()
-        self.forwards = itertools.count(1)
+        self.at, self.forwards = at, itertools.count(1)
 
     def forward(self, x, labels=None):
-        if self.training and next(self.forwards) == 5:
+        if self.training and next(self.forwards) == self.at:
             raise RuntimeError("a transient failure")
         return super().forward(x, labels)
 
@@ -401,3 +401,28 @@ def test_loss_is_scaled_for_ga_with_the_check_off_is_warned_naming_the_gradient_
         att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(traj).transform(X)
     note(share=att.meta["residual_share"], outcome="loud: ExplaindWarning (residual share, factor unmeasured)")
     assert att.meta["residual_share"] > 0.1
+
+
+def test_a_run_that_raised_resumes_its_store_from_the_last_checkpoint_exactly(tmp_path):
+    """A run recorded into a store raises in its fifth step (after the Trainer saved ``checkpoint-4``); in the same
+    process a new model and callback with ``resume=True`` resume the Trainer from ``checkpoint-4``: the new callback
+    closes the recorder left open (warned) and the store goes on, one run of 6 steps, exact. Before: refused, "The
+    trajectory store ... is being written by process <this process> ... If that process is gone, delete
+    '.explaind-writer.lock'" (the lock of the recorder the failed run left open)."""
+    X, y = _data()
+    first = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy", check_gradients=False, store=tmp_path / "run")
+    with pytest.raises(RuntimeError, match="a transient failure"):
+        transformers.Trainer(model=FailsOnce(at=11), args=_arguments(tmp_path, optim="adamw_torch", max_steps=6),
+                             train_dataset=indexed(X, y), callbacks=[first]).train()
+    assert first.recorder.n_steps == 4  # steps of 3, 3, 1 and 3 micro-batches, then the failure
+    model = OwnLossMLP()
+    callback = ExplaindTrainerCallback(indexed(X, y), loss="cross_entropy", check_gradients=False,
+                                       store=tmp_path / "run", resume=True)
+    trainer = transformers.Trainer(model=model, args=_arguments(tmp_path, optim="adamw_torch", max_steps=6),
+                                   train_dataset=indexed(X, y), callbacks=[callback])
+    with pytest.warns(ExplaindWarning, match=r"The store .*run' still had the open recorder of an earlier "
+                                             r"ExplaindTrainerCallback.*after 4 recorded step"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    traj = callback.trajectory
+    assert traj.n_steps == 6 and _sizes(traj) == [12, 12, 1, 12, 12, 1]
+    _assert_exact(model.eval(), traj)

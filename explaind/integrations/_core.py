@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -176,15 +177,7 @@ class RecordingCore:
         if self.recorder is not None:
             raise TrajectoryError(f"This {type(self).__name__} has recorded a run already; create a new one for "
                                   f"every training run.")
-        stale = _OPEN.get(model)
-        if stale is not None and stale is not self and stale.recorder is not None and stale.recorder._active:
-            taken = stale._close_after_error()
-            warn_at_caller(
-                f"The model {type(model).__name__} still had the open recorder of an earlier "
-                f"{type(stale).__name__}, whose training run ended in an exception after {taken} recorded step(s) "
-                f"({self.framework} reports no exception to its callbacks): its hooks on the model and the optimizer "
-                f"would have taken this run's batches and steps. It is closed now (its steps kept in its "
-                f"trajectory), and this callback records the new run from the model's current weights.")
+        self._close_stale(model)
         held = held_state(optimizer)
         try:
             self.recorder = TrajectoryRecorder(model, optimizer, loss=self._loss, train_data=self._data,
@@ -233,6 +226,29 @@ class RecordingCore:
         if self._kwargs.get("store") is not None and not recorder._resumed:
             self._kwargs = {**self._kwargs, "overwrite": True}  # the store the abandoned attempt created, no step
         self._batches_seen = 0
+
+    def _close_stale(self, model: nn.Module) -> None:
+        """Close, with a warning, the recorder another callback left open on ``model`` or on this callback's store
+        (a training run that raised, which the framework did not report to its callbacks)."""
+        store = self._kwargs.get("store")
+        target = Path(store).resolve() if store is not None else None
+        for key, owner in list(_OPEN.items()):
+            recorder = owner.recorder
+            if owner is self or recorder is None or not recorder._active:
+                continue
+            shared = f"The model {type(model).__name__}" if key is model else None
+            if shared is None and target is not None and recorder._store is not None and \
+                    Path(recorder._store).resolve() == target:
+                shared = f"The store {str(store)!r}"
+            if shared is None:
+                continue
+            taken = owner._close_after_error()
+            warn_at_caller(
+                f"{shared} still had the open recorder of an earlier {type(owner).__name__}, whose training run ended "
+                f"in an exception after {taken} recorded step(s) ({self.framework} reports no exception to its "
+                f"callbacks): its hooks on the model and the optimizer, and its lock on its store, would have taken "
+                f"this run's batches and steps or refused it. It is closed now (its steps kept in its trajectory, and "
+                f"in its store, which resume=True continues), and this callback records the new run.")
 
     def _close_after_error(self) -> int:
         """Close the open recorder as after an error (no end-of-run checks, a store left incomplete) and remove the
