@@ -19,6 +19,10 @@ Fixed here (each test names what happened before):
   step was refused with the advice to call ``rec.restore()``; the refusal now names both steps and the checkpoint.
 * A sparse store (``checkpoint_every=2``) whose last step was a theta checkpoint kept no optimizer state there, so
   resuming went back to step 0; the last step now always keeps it, and the Trainer's resume goes on from it.
+* A new callback on the store of a run that raised (its recorder left open, holding the store's lock) was refused
+  as if another process wrote the store; the open recorder is now closed with a warning and the store resumes.
+* A tensor outside the model in the Trainer's optimizer (``add_param_group`` in ``create_optimizer``) was refused
+  with a plain loop's fix; now a ``ConfigError`` naming the Trainer's optimizer and the fix, which is exact.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from _framework_testkit import indexed
 from _hf_stranger_kit import note
 from test_stranger_hf_round5 import _assert_exact
 from test_trainer_options import ACCUMULATE, BATCH, KeywordLossMLP, LearningRates, OwnLossMLP, _data, _train
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 import explaind
-from explaind.exceptions import ExplaindWarning, TrajectoryError
+from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from explaind.integrations import ExplaindTrainerCallback
 
 transformers = pytest.importorskip("transformers")  # in the dev extra
@@ -426,3 +431,51 @@ def test_a_run_that_raised_resumes_its_store_from_the_last_checkpoint_exactly(tm
     traj = callback.trajectory
     assert traj.n_steps == 6 and _sizes(traj) == [12, 12, 1, 12, 12, 1]
     _assert_exact(model.eval(), traj)
+
+
+# ---------------------------------------------------------------- a tensor outside the model in the optimizer
+class TemperatureTrainer(transformers.Trainer):
+    """A learned temperature held by the Trainer subclass, added to the optimizer in ``create_optimizer`` and read
+    by its ``compute_loss``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def create_optimizer(self, model=None):
+        super().create_optimizer(model)
+        self.optimizer.add_param_group({"params": [self.temperature], "weight_decay": 0.0})
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = F.cross_entropy(outputs.logits / self.temperature, labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+class TemperedMLP(OwnLossMLP):
+    """The fix: the temperature a parameter of the model, its forward returning the tempered logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x) / self.temperature
+        return SequenceClassifierOutput(loss=None if labels is None else F.cross_entropy(logits, labels),
+                                        logits=logits)
+
+
+def test_a_tensor_outside_the_model_in_the_trainers_optimizer_is_refused_then_exact_inside_the_model(tmp_path):
+    """Before: the recorder's ``TrajectoryError`` "The optimizer holds 1 parameter tensor(s) that are not parameters
+    of the model: group 2 position 0 shape (). Build the optimizer ... from parameters of the model"; now a
+    ``ConfigError`` when training starts naming the Trainer's optimizer, ``add_param_group`` and the fix, which is
+    exact (the temperature recorded with the model's parameters)."""
+    refusal = (r"The Trainer's optimizer .* steps 1 tensor\(s\) that are not parameters of the model OwnLossMLP: "
+               r"param_groups\[2\] tensor of shape \(\).*Fix: make each a parameter of the model")
+    with pytest.raises(ConfigError, match=refusal):
+        _train(tmp_path, OwnLossMLP(), trainer_cls=TemperatureTrainer, callback_kwargs={"check_gradients": False})
+    model, traj, _ = _train(tmp_path, TemperedMLP(), callback_kwargs={"check_gradients": False})
+    assert "temperature" in traj.param_names and float(model.temperature.detach()) != 2.0
+    _assert_exact(model, traj)

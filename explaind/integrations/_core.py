@@ -227,6 +227,24 @@ class RecordingCore:
             self._kwargs = {**self._kwargs, "overwrite": True}  # the store the abandoned attempt created, no step
         self._batches_seen = 0
 
+    def _refuse_tensors_outside(self, model: nn.Module, optimizer: Any) -> None:
+        """Refuse an optimizer that steps tensors outside ``model`` (a learned temperature or loss weight that a
+        Trainer subclass adds in ``create_optimizer``): the run then trains a function of more than the model's
+        parameters. Before, the recorder's refusal named a group position and asked to build the optimizer from
+        the model's parameters, not where the tensor belongs."""
+        inside = {id(p) for p in model.parameters()}
+        outside = [f"param_groups[{g}] tensor of shape {tuple(p.shape)}" for g, group in
+                   enumerate(getattr(optimizer, "param_groups", ())) for p in group["params"] if id(p) not in inside]
+        if outside:
+            raise ConfigError(
+                f"{self.framework_optimizer} steps {len(outside)} tensor(s) that are not parameters of the model "
+                f"{type(model).__name__}: {', '.join(outside)} (e.g. added in a create_optimizer override with "
+                f"add_param_group). The run then trains a function of those too (a learned temperature or loss "
+                f"weight the loss reads), which the recorded model does not hold. Fix: make each a parameter of the "
+                f"model (a wrapper module holding the model and the tensor, whose forward returns what the loss "
+                f"reads, e.g. the logits divided by the temperature), which is then recorded and explained; or leave "
+                f"it out of the optimizer.")
+
     def _close_stale(self, model: nn.Module) -> None:
         """Close, with a warning, the recorder another callback left open on ``model`` or on this callback's store
         (a training run that raised, which the framework did not report to its callbacks)."""

@@ -194,6 +194,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self._drop_unused_columns(model, args)
         self._refuse_square_mask(model)
         self._decoder_from_labels = self._add_decoder_inputs(model)
+        self._refuse_tensors_outside(model, getattr(optimizer, "optimizer", optimizer))
         # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
         self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None),
                     step=int(state.global_step))
