@@ -479,3 +479,19 @@ def test_a_tensor_outside_the_model_in_the_trainers_optimizer_is_refused_then_ex
     model, traj, _ = _train(tmp_path, TemperedMLP(), callback_kwargs={"check_gradients": False})
     assert "temperature" in traj.param_names and float(model.temperature.detach()) != 2.0
     _assert_exact(model, traj)
+
+
+def test_a_store_resumed_from_another_runs_checkpoint_at_its_step_is_refused_naming_it(tmp_path):
+    """The store holds 2 steps; the Trainer resumes from the step-2 checkpoint of another run (learning rate 0.3):
+    refused naming the same step with other weights. Before: the recorder's ``Call rec.restore()`` advice."""
+    _record_into_store(tmp_path, "adamw_torch", None, 2)
+    X, y = _data()
+    other = _arguments(tmp_path / "other", optim="adamw_torch", learning_rate=0.3)
+    transformers.Trainer(model=OwnLossMLP(), args=other,
+                         train_dataset=[{"x": X[i], "labels": y[i]} for i in range(len(X))]).train()
+    refusal = (r"started training at step 2, the store's, with other weights or optimizer state than those it holds "
+               r"\(the checkpoint is not one of the run recorded in this store\).*Fix: resume training from the "
+               r"checkpoint of step 2 of the run recorded in this store")
+    with pytest.raises(TrajectoryError, match=refusal):
+        _resume_recording(tmp_path, "adamw_torch", None, "other/checkpoint-2")
+    note(outcome="loud: TrajectoryError (another run's checkpoint at the store's step)")

@@ -291,8 +291,8 @@ class RecordingCore:
         """
         stored = int(recorder._n)
         where = (f"started training at step {step}" if step != stored else
-                 f"started training at step {step} with other parameters than the store's theta_{stored} (the "
-                 f"checkpoint is not one of the run recorded in this store)")
+                 f"started training at step {step}, the store's, with other weights or optimizer state than those "
+                 f"it holds (the checkpoint is not one of the run recorded in this store)")
         return TrajectoryError(
             f"The store {str(recorder._store)!r} goes on from step {stored} (its last step with a stored optimizer "
             f"state), but {self.framework_resume} {where}: the recording can only go on from there ({exc}) Fix: "

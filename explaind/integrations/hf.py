@@ -212,7 +212,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
 
     def _retry_with_smaller_batch(self, loader: Any) -> None:
         """``auto_find_batch_size=True``: the Trainer caught an out-of-memory error and trains again from the start
-        with half the batch; the abandoned attempt's recording is dropped (refused if it took steps)."""
+        with a smaller batch; the abandoned attempt's recording is dropped (refused if it took steps)."""
         self._restore_collate()
         self._pending.clear()
         self._logged, self._divided = 0, False
