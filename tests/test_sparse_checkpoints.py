@@ -432,3 +432,19 @@ def test_layout_stays_within_one_kth_of_dense(theta, state, extra):
     assert gaps.max() == (layout.d + 1) * k and (state > extra or gaps.max() == k)  # k when the state costs nothing
     states = np.diff([-1] + [s for s, (_, st) in enumerate(stored) if st])
     assert (states == layout.m * k).all()
+
+
+@pytest.mark.parametrize("steps", [8, 9])
+def test_the_last_step_keeps_the_optimizer_state_so_a_resume_goes_on_from_it(tmp_path, steps):
+    """A run ending at a theta checkpoint of the layout (8 = 2k) or between checkpoints (9) keeps its last step's
+    optimizer state: resuming goes on after the last step. Before, a run of 8 steps resumed at step 0 (its last
+    full checkpoint, the optimizer state kept every m k steps) and the 8 steps were recorded again."""
+    traj, _ = _record("adamw", tmp_path / "run", k=K, steps=steps)
+    X, y = classification_data(n=30, d=4, classes=3, seed=3)
+    model = mlp(d=4, o=3, hidden=6, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=tmp_path / "run",
+                                      checkpoint_every=K, resume=True)
+    assert rec.restore() == steps
+    assert all(torch.equal(p, traj.params(steps)[n]) for n, p in model.named_parameters())
+    assert all(float(opt.state[p]["step"]) == steps for p in model.parameters())  # AdamW's state of that step

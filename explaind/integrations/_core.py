@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError
+from ..exceptions import ConfigError, TrajectoryError, UnknownEntryError, warn_at_caller
 from ..inputs import Inputs
 from ..trajectory._common import TrainData, resolve_loss_record
 from ..trajectory._start_state import held_state
@@ -16,6 +18,10 @@ from ..trajectory.recorder import TrajectoryRecorder
 from .data import INDEX_KEY, IndexedDataset, MaskForm
 
 __all__ = ["RecordingCore"]
+
+#: The callback whose recorder is open on a model. A Hugging Face ``Trainer`` has no exception event, so a
+#: ``trainer.train()`` that raises leaves its callback's recorder open, with its hooks on the model and optimizer.
+_OPEN: weakref.WeakKeyDictionary[nn.Module, RecordingCore] = weakref.WeakKeyDictionary()
 
 
 class RecordingCore:
@@ -37,6 +43,10 @@ class RecordingCore:
     framework_scaler = "the framework's GradScaler"
     #: How a run resumed from a framework checkpoint was started, and how the optimizer was chosen (for messages).
     framework_resume = "resuming from a checkpoint"
+    #: Where the framework keeps the checkpoint of a step (for messages; with a leading separator).
+    framework_checkpoint = ""
+    #: How a callback is replaced by a new one (for messages; with a leading separator).
+    framework_replace_callback = ""
     framework_optimizer = "the framework's optimizer setting"
     framework_optimizer_fix = "Fix: train with torch.optim.SGD, Adam or AdamW."
     #: The framework's hooks that edit a batch before the model sees it (for messages; with a leading separator).
@@ -157,19 +167,34 @@ class RecordingCore:
         (docs/maths.md §4, "Optimizer state at the start"). What the recorder cannot start from (an adapter
         without ``start_state``) is refused with the framework's resume option named.
         """
+        if self.recorder is not None and self.recorder._active:
+            taken = self._close_after_error()
+            raise TrajectoryError(
+                f"This {type(self).__name__}'s previous training run ended in an exception after {taken} recorded "
+                f"step(s), and the recording was left open ({self.framework} reports no exception to its callbacks); "
+                f"it is closed now, its steps kept in callback.trajectory. Fix: create a new {type(self).__name__} "
+                f"for the new run{self.framework_replace_callback}; it records from the model's current weights.")
         if self.recorder is not None:
             raise TrajectoryError(f"This {type(self).__name__} has recorded a run already; create a new one for "
                                   f"every training run.")
+        self._close_stale(model)
         held = held_state(optimizer)
         try:
             self.recorder = TrajectoryRecorder(model, optimizer, loss=self._loss, train_data=self._data,
                                               grad_scaler=grad_scaler, **self._kwargs)
             self._dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
             self.recorder.__enter__()
+            self._first_step = self.recorder.n_steps  # above 0 for a resumed store
+            _OPEN[model] = self
         except UnknownEntryError as exc:
             self.recorder = None
             raise UnknownEntryError(f"{self.framework_optimizer} gave a {type(optimizer).__module__}."
                                     f"{type(optimizer).__name__}: {exc} {self.framework_optimizer_fix}") from None
+        except TrajectoryError as exc:
+            recorder, self.recorder = self.recorder, None
+            if recorder is None or not getattr(recorder, "_resumed", False):
+                raise
+            raise self._resume_mismatch(recorder, step, exc) from None
         except ConfigError as exc:
             self.recorder = None
             if not (step > 0 and held):
@@ -179,9 +204,108 @@ class RecordingCore:
                               f"and the recording cannot start from it: {exc} Or record the run from step 0 in one "
                               f"call with the callback.") from None
 
+    def _abandon_attempt(self, retry: str, fix: str) -> None:
+        """Drop the recording of a training attempt that the framework abandoned after an exception it caught, before
+        it trains again from the start (``retry`` says how, for the message).
+
+        An attempt that took no optimizer step changed nothing: its recorder is closed as after an error (no
+        end-of-run checks; a store it created is written again from the start by the next one). An attempt that took
+        steps has moved the weights, which the framework does not restore, so the new attempt would start from
+        weights no recording reaches: refused with ``fix``.
+        """
+        recorder = self.recorder
+        if recorder is None:
+            return
+        taken = self._close_after_error()
+        self.recorder = None
+        if taken:
+            raise TrajectoryError(
+                f"{retry} after an attempt that had already taken {taken} optimizer step(s): the weights those steps "
+                f"moved are not set back, so the new attempt starts from weights that no recording reaches (the "
+                f"recorded steps belong to the abandoned attempt). Fix: {fix}")
+        if self._kwargs.get("store") is not None and not recorder._resumed:
+            self._kwargs = {**self._kwargs, "overwrite": True}  # the store the abandoned attempt created, no step
+        self._batches_seen = 0
+
+    def _refuse_tensors_outside(self, model: nn.Module, optimizer: Any) -> None:
+        """Refuse an optimizer that steps tensors outside ``model`` (a learned temperature or loss weight that a
+        Trainer subclass adds in ``create_optimizer``): the run then trains a function of more than the model's
+        parameters. Before, the recorder's refusal named a group position and asked to build the optimizer from
+        the model's parameters, not where the tensor belongs."""
+        inside = {id(p) for p in model.parameters()}
+        outside = [f"param_groups[{g}] tensor of shape {tuple(p.shape)}" for g, group in
+                   enumerate(getattr(optimizer, "param_groups", ())) for p in group["params"] if id(p) not in inside]
+        if outside:
+            raise ConfigError(
+                f"{self.framework_optimizer} steps {len(outside)} tensor(s) that are not parameters of the model "
+                f"{type(model).__name__}: {', '.join(outside)} (e.g. added in a create_optimizer override with "
+                f"add_param_group). The run then trains a function of those too (a learned temperature or loss "
+                f"weight the loss reads), which the recorded model does not hold. Fix: make each a parameter of the "
+                f"model (a wrapper module holding the model and the tensor, whose forward returns what the loss "
+                f"reads, e.g. the logits divided by the temperature), which is then recorded and explained; or leave "
+                f"it out of the optimizer.")
+
+    def _close_stale(self, model: nn.Module) -> None:
+        """Close, with a warning, the recorder another callback left open on ``model`` or on this callback's store
+        (a training run that raised, which the framework did not report to its callbacks)."""
+        store = self._kwargs.get("store")
+        target = Path(store).resolve() if store is not None else None
+        for key, owner in list(_OPEN.items()):
+            recorder = owner.recorder
+            if owner is self or recorder is None or not recorder._active:
+                continue
+            shared = f"The model {type(model).__name__}" if key is model else None
+            if shared is None and target is not None and recorder._store is not None and \
+                    Path(recorder._store).resolve() == target:
+                shared = f"The store {str(store)!r}"
+            if shared is None:
+                continue
+            taken = owner._close_after_error()
+            warn_at_caller(
+                f"{shared} still had the open recorder of an earlier {type(owner).__name__}, whose training run ended "
+                f"in an exception after {taken} recorded step(s) ({self.framework} reports no exception to its "
+                f"callbacks): its hooks on the model and the optimizer, and its lock on its store, would have taken "
+                f"this run's batches and steps or refused it. It is closed now (its steps kept in its trajectory, and "
+                f"in its store, which resume=True continues), and this callback records the new run.")
+
+    def _close_after_error(self) -> int:
+        """Close the open recorder as after an error (no end-of-run checks, a store left incomplete) and remove the
+        callback's model hook; returns the steps it recorded in this run."""
+        recorder = self.recorder
+        taken = recorder.n_steps - getattr(self, "_first_step", 0) if recorder is not None else 0
+        try:
+            if recorder is not None:
+                recorder.__exit__(TrajectoryError, None, None)
+        finally:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+        return taken
+
+    def _resume_mismatch(self, recorder: TrajectoryRecorder, step: int, exc: Exception) -> TrajectoryError:
+        """The refusal of a store given with ``resume=True`` whose last step is not where the framework started.
+
+        The recorder's own advice (``rec.restore()`` before ``with rec:``) is no fix for a callback: the framework
+        loads the weights and the optimizer state from its checkpoint, so the store's step and the checkpoint's step
+        must be the same.
+        """
+        stored = int(recorder._n)
+        where = (f"started training at step {step}" if step != stored else
+                 f"started training at step {step}, the store's, with other weights or optimizer state than those "
+                 f"it holds (the checkpoint is not one of the run recorded in this store)")
+        return TrajectoryError(
+            f"The store {str(recorder._store)!r} goes on from step {stored} (its last step with a stored optimizer "
+            f"state), but {self.framework_resume} {where}: the recording can only go on from there ({exc}) Fix: "
+            f"resume training from the "
+            f"checkpoint of step {stored} of the run recorded in this store{self.framework_checkpoint}, so that the "
+            f"weights and the optimizer state are those of the stored step {stored}; or record into another store "
+            f"(another store= path, or overwrite=True instead of resume=True).")
+
     def _stop(self) -> None:
         """Close the recorder, then remove the callback's model hook (``self._hook``): the recorder's end-of-run
         checks compare the model's hooks with those of the last step."""
+        for model in [m for m, owner in _OPEN.items() if owner is self]:
+            del _OPEN[model]
         try:
             if self.recorder is not None and self.recorder._active:
                 self.recorder.__exit__(None, None, None)

@@ -87,6 +87,8 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     framework = "transformers.Trainer(callbacks=[...])"
     framework_scaler = "accelerate's GradScaler (TrainingArguments(fp16=True))"
     framework_resume = "trainer.train(resume_from_checkpoint=...)"
+    framework_replace_callback = " (trainer.remove_callback(old); trainer.add_callback(new))"
+    framework_checkpoint = " (the Trainer saves it as <output_dir>/checkpoint-<step> when save_steps divides the step)"
     framework_optimizer_fix = ("Fix: TrainingArguments(optim='adamw_torch'), 'adamw_torch_fused', 'sgd', 'rmsprop', "
                                "'adagrad' or 'adafactor', or pass an optimizer with an adapter as Trainer(optimizers="
                                "(optimizer, None)).")
@@ -153,6 +155,8 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
+        if self.recorder is not None and self.recorder._active and getattr(args, "auto_find_batch_size", False):
+            self._retry_with_smaller_batch(train_dataloader)
         if getattr(args, "neftune_noise_alpha", None) is not None:
             raise ConfigError(
                 f"TrainingArguments(neftune_noise_alpha={args.neftune_noise_alpha}) adds noise to the embeddings "
@@ -190,6 +194,7 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         self._drop_unused_columns(model, args)
         self._refuse_square_mask(model)
         self._decoder_from_labels = self._add_decoder_inputs(model)
+        self._refuse_tensors_outside(model, getattr(optimizer, "optimizer", optimizer))
         # accelerate wraps the torch optimizer; under fp16 the wrapper holds accelerate's GradScaler
         self._start(model, getattr(optimizer, "optimizer", optimizer), getattr(optimizer, "scaler", None),
                     step=int(state.global_step))
@@ -204,6 +209,18 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         if loader is not None:
             self._collate = (loader, loader.collate_fn)
             loader.collate_fn = IndexCollate(loader.collate_fn, self.index_key)
+
+    def _retry_with_smaller_batch(self, loader: Any) -> None:
+        """``auto_find_batch_size=True``: the Trainer caught an out-of-memory error and trains again from the start
+        with a smaller batch; the abandoned attempt's recording is dropped (refused if it took steps)."""
+        self._restore_collate()
+        self._pending.clear()
+        self._logged, self._divided = 0, False
+        size = getattr(loader, "total_batch_size", None) or getattr(loader, "batch_size", None)
+        self._abandon_attempt(
+            f"TrainingArguments(auto_find_batch_size=True) started training again with a batch of {size}",
+            f"TrainingArguments(per_device_train_batch_size={size}, auto_find_batch_size=False), the batch that "
+            f"fits, so that training runs once from the start.")
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._log(args, state)  # a micro-batch that does not end the step: its backward is done
@@ -298,10 +315,14 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
         try:
             self._stop()
         finally:
-            if self._collate is not None:
-                loader, original = self._collate
-                loader.collate_fn = original
-                self._collate = None
+            self._restore_collate()
+
+    def _restore_collate(self) -> None:
+        """Give the training dataloader its own collator back."""
+        if self._collate is not None:
+            loader, original = self._collate
+            loader.collate_fn = original
+            self._collate = None
 
     def _drop_unused_columns(self, model: Any, args: Any) -> None:
         """Leave out of the recorded inputs the item entries the Trainer removes before the model sees them.

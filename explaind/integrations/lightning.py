@@ -76,6 +76,7 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     framework = "lightning.Trainer(callbacks=[...])"
     framework_scaler = "the precision plugin's GradScaler (trainer.precision_plugin.scaler)"
     framework_resume = "trainer.fit(..., ckpt_path=...)"
+    framework_checkpoint = " (a ModelCheckpoint saving at that global step, e.g. every_n_train_steps dividing it)"
     framework_optimizer = "configure_optimizers"
     framework_optimizer_fix = "Fix: return torch.optim.SGD, Adam or AdamW from configure_optimizers."
     framework_batch_edit = (" (in Lightning also a batch hook of the LightningModule or DataModule that edits the "
@@ -110,6 +111,8 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"module={self._module!r}: the LightningModule has no submodule of that name; pass the "
                               f"attribute name of the model to record (e.g. module='model') or None.")
+        if self._module is not None:
+            _refuse_parameters_outside(pl_module, model, self._module, trainer.optimizers[0])
         algorithm = getattr(trainer, "gradient_clip_algorithm", None)
         if trainer.gradient_clip_val and str(getattr(algorithm, "value", algorithm)) == "value":
             raise ConfigError(
@@ -226,6 +229,28 @@ class ExplaindLightningCallback(pl.Callback, RecordingCore):
     def close(self) -> None:
         """Close the recorder, then remove the model hook (``on_fit_end`` does it)."""
         self._stop()
+
+
+def _refuse_parameters_outside(pl_module: Any, model: torch.nn.Module, module: str, optimizer: Any) -> None:
+    """Refuse an optimizer that steps parameters of the LightningModule outside the recorded submodule ``module``.
+
+    ``training_step`` then trains a function of more parameters than the recorded model's (a temperature or a loss
+    weight of the LightningModule, say), which no decomposition over the recorded model reproduces. Before, the
+    recorder's refusal named a parameter position and a plain loop's fix (build the optimizer from the model's
+    parameters), not the LightningModule's attribute nor ``module=``.
+    """
+    inside = {id(p) for p in model.parameters()}
+    names = {id(p): n for n, p in pl_module.named_parameters()}
+    outside = [names.get(id(p), f"a tensor of shape {tuple(p.shape)}") for group in optimizer.param_groups
+               for p in group["params"] if id(p) not in inside]
+    if outside:
+        raise ConfigError(
+            f"ExplaindLightningCallback(module={module!r}) records the LightningModule's attribute {module!r}, but "
+            f"configure_optimizers also steps its parameter(s) {outside}, outside it: training_step trains a function "
+            f"of those too, so the recorded model is not what is trained. Fix: make them part of the recorded model "
+            f"(parameters of self.{module}, used in its forward), or record the LightningModule itself (module=None, "
+            f"its forward computing what training_step passes to the loss); parameters not meant to train stay out "
+            f"of configure_optimizers.")
 
 
 def _refuse_combined_batches(batch: Any, batch_idx: int, index_key: str) -> None:

@@ -97,6 +97,7 @@ class RecorderStoreMixin(RecorderResumeMixin):
         self._every = validate_checkpoint_every(checkpoint_every, store=self._store, stochastic=uncaptured)
         self._layout: SparseLayout | None = None
         self._deferred: tuple[StepRecord, dict[str, Tensor], dict[str, Tensor], StepReplay, Any] | None = None
+        self._deferred_params = False  # whether the deferred step keeps theta when a later step comes
         self._pool = CopyPool()
         self._copier = StateCopier()
         self._copy_hook: Any = None
@@ -449,11 +450,10 @@ class RecorderStoreMixin(RecorderResumeMixin):
                       st: dict[str, Any], buffers: dict[str, Tensor] | None, audit: Any) -> None:
         """A step of a sparse store: a checkpoint where the layout says; others wait for the next step (or the end).
 
-        The step before is written without ``theta`` once this one exists (so the last step of a run
-        is always a full checkpoint, written by :meth:`_final_checkpoint`).
+        The step before is written once this one exists; the last one is a full checkpoint (:meth:`_final_checkpoint`).
         """
         if self._deferred is not None:
-            self._emit_sparse(*self._deferred, checkpoint=False)
+            self._emit_sparse(*self._deferred, checkpoint=self._deferred_params, state=False)
             self._deferred = None
         names = {id(p): n for n, p in self.model.named_parameters()}
         replay = StepReplay(group_snapshot(self.optimizer, names), st["stepped"], tuple(sorted(st["no_input"])))
@@ -461,10 +461,10 @@ class RecorderStoreMixin(RecorderResumeMixin):
         tensors = {"update.scalars": packed["update.scalars"], **self._step_record(st, buffers)}
         layout = self._sparse_layout(theta_next, packed)
         pending = (record, theta_next, tensors, replay, audit)
-        if layout.stores_params(record.step):
-            self._emit_sparse(*pending, checkpoint=True, state=layout.stores_state(record.step))
-        else:
-            self._deferred = pending
+        if layout.stores_state(record.step):
+            self._emit_sparse(*pending, checkpoint=True)
+        else:  # written at the next step, or as the full checkpoint of the last step when none comes
+            self._deferred, self._deferred_params = pending, layout.stores_params(record.step)
 
     def _sparse_layout(self, theta: dict[str, Tensor], packed: dict[str, Tensor]) -> SparseLayout:
         """The :class:`SparseLayout`, chosen at the first step this recorder writes from the measured sizes."""
