@@ -4,6 +4,8 @@ docs/recording.md, "Python attributes changed between steps" and "Losses that re
 
 * :func:`~explaind.trajectory._attribute_record.check_model`: the model's plain attributes, children, modes, hooks,
   plain tensors and config fields against the fingerprint the recording kept (edits after ``with rec:``).
+* :func:`check_parameter_names`: recorded parameters that are no parameters of the model any more (renamed or
+  replaced after the run, as ``torch.nn.utils.prune.remove`` replaces ``weight_orig``), refused.
 * :func:`loss_reads_parameters`: a loss callable that reads a parameter of the model directly (``exp(-log_var) *
   CE + log_var`` with ``log_var = model.log_var``), not through the outputs. The engine evaluates
   :math:`\ell_k(f(x_k; \theta_s))` (docs/maths.md §1) with such a parameter at its value *now*, at every step, and
@@ -22,12 +24,13 @@ from typing import Any
 
 import torch
 
+from ..exceptions import TrajectoryError
 from ..inputs import Inputs
 from ..outputs import model_output
 from ..trajectory._attribute_record import check_model
 from ..trajectory._common import warn_user
 
-__all__ = ["check_recorded_model", "loss_reads_parameters"]
+__all__ = ["check_parameter_names", "check_recorded_model", "loss_reads_parameters"]
 
 logger = logging.getLogger("explaind.estimators")
 
@@ -38,6 +41,7 @@ def check_recorded_model(traj: Any, who: str) -> None:
         model = traj.model
     except Exception:  # noqa: BLE001 - a trajectory without a model has nothing to compare
         return
+    check_parameter_names(traj, model, f"{who}.fit")
     check_model(traj, model, f"{who}.fit")
     read = loss_reads_parameters(traj, model)
     recorded = [n for n in read if n in set(traj.param_names)]
@@ -50,6 +54,25 @@ def check_recorded_model(traj: Any, who: str) -> None:
                           f"recording with check_gradients=True refuses it at the first step). Fix: return them from "
                           f"forward as extra output columns (torch.cat([logits, self.log_var.expand(len(x), 1)], 1)) "
                           f"and read them there in the loss.")
+
+
+def check_parameter_names(traj: Any, model: torch.nn.Module, who: str) -> None:
+    """A :class:`TrajectoryError` when recorded parameters are gone from ``model`` (renamed or replaced after the
+    run: ``torch.nn.utils.prune.remove`` turns ``weight_orig`` back into a new ``weight``): the engine would replay
+    the recorded values under names the forward no longer reads, and read the model's own tensors instead."""
+    now = {n for n, _ in model.named_parameters()}
+    gone = [n for n in traj.param_names if n not in now]
+    if not gone:
+        return
+    new = sorted(now - set(traj.param_names))
+    text = (f"{who}: the recorded parameters {gone} are not parameters of the model any more (its parameters not in "
+            f"the recording: {new}), so the engine cannot put the recorded values where the forward reads them. "
+            f"Fix: explain the model with the parameters it was recorded with")
+    if any(n.endswith("_orig") for n in gone):  # prune.remove: weight_orig and weight_mask replaced by weight
+        text += (" ('<name>_orig' is what torch.nn.utils.prune keeps; prune.remove after the run replaces it by a new "
+                 "parameter '<name>': explain before prune.remove, or call it on a copy, "
+                 "pruned = copy.deepcopy(model), and keep the recorded model as it is)")
+    raise TrajectoryError(text + ".")
 
 
 def loss_reads_parameters(traj: Any, model: torch.nn.Module) -> list[str]:

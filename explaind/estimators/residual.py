@@ -425,9 +425,10 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"'train' scores, a forward without torch.no_grad() around parameter-dependent values for the "
                    f"run you want explained")
         elif others and len(stop_sites(others)) == len(others):  # only detaches: a straight-through jump is below
-            fix = (f"a forward without .detach() on parameter-dependent values for the run you want explained: "
-                   f"{'; '.join(stop_sites(others)[:4])} detaches them, so the output moves where the gradient does "
-                   f"not, and no tol or rule integrates that (the quadrature warning says more)")
+            fix = (f"a forward without .detach() on parameter-dependent values (nor functions torch gives no "
+                   f"derivative) for the run you want explained: {'; '.join(stop_sites(others)[:4])} stops their "
+                   f"gradient, so the output moves where the gradient does not, and no tol or rule integrates that "
+                   f"(the quadrature warning says more)")
         elif others and len(singular_sites(others)) == len(others):
             fix = (f"matrices that stay invertible along every step: {'; '.join(others[:4])} takes log|det|, which "
                    f"is -inf where a matrix turns singular, and no tol or rule integrates across that (a smaller "
