@@ -281,6 +281,40 @@ class ElementwiseMore(TanhBase):
                             torch.cumulative_trapezoid(h).mean(-1) + torch.nan_to_num(h).mean(-1)], -1)
 
 
+class PackedProjLSTM(nn.Module):
+    """``nn.LSTM(proj_size=2)`` on ``pack_padded_sequence`` (``enforce_sorted=False``), read through ``h_n``.
+    ``lengths``: ``"position"`` takes each row's length from its position in the batch, ``3 + arange(n) % 4`` (a
+    sample's output depends on where its batch put it); ``"padding"`` from the input's own zero padding, ``(x !=
+    0).any(-1).sum(1)``."""
+
+    def __init__(self, lengths: str = "padding"):
+        super().__init__()
+        self.rnn, self.head, self.lengths = nn.LSTM(3, 4, proj_size=2, batch_first=True), nn.Linear(2, 3), lengths
+
+    def forward(self, x):
+        if self.lengths == "position":
+            lengths = 3 + torch.arange(x.shape[0]) % 4
+        else:
+            lengths = (x != 0).any(-1).sum(1)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1])
+
+
+def padded(x: Tensor) -> Tensor:
+    """``x`` ``(n, 6, 3)`` with row ``i`` zeroed after its first ``3 + i % 4`` steps."""
+    keep = torch.arange(x.shape[1])[None, :] < (3 + torch.arange(x.shape[0]) % 4)[:, None]
+    return x * keep[..., None]
+
+
+class MixupInForward(TanhBase):
+    """Mixup written inside the model: in training mode each row's hidden units mixed with the next row's,
+    ``0.7 h_i + 0.3 h_(i+1)`` (a roll over the batch); in evaluation mode none."""
+
+    def features(self, h):
+        return 0.7 * h + 0.3 * h.roll(1, 0) if self.training else h
+
+
 class _Factorised(nn.Module):
     """A parametrization of a ``(6, 4)`` weight as ``U V`` from one ``(6 + 4, 2)`` tensor (``unsafe=True``: the
     original's shape differs), with ``right_inverse`` from a weight (its rank-2 SVD factors)."""

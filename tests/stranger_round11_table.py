@@ -15,7 +15,16 @@ from stranger_round6_table import print_table
 from stranger_round7_table import row
 
 #: The phrase of each loud case's message that names its cause (the table shows the message around it).
-KEYS: dict[str, str] = {}
+KEYS = {
+    "straight_through_argmax_in_both_modes": "detaches", "vq_vae_codebook_argmin_straight_through": "detaches",
+    "prune_remove_after_step_0": "prune.remove", "prune_remove_after_the_run": "prune.remove",
+    "functional_batch_norm_with_buffers": "other outputs in evaluation",
+    "mixup_inside_forward_training_only": "other outputs in evaluation",
+    "special_bessel_j0_k0_no_derivative": "no derivative", "special_zeta_no_forward_derivative": "special_zeta",
+    "saved_tensors_hooks_in_forward": "saved-tensor hook", "l2_penalty_in_loss": "L2 penalty",
+    "mixup_in_the_loop": "mixup", "packed_lengths_from_batch_positions": "one at a time",
+    "relu_bn_cnn_adam_1": "ReLU-dense",
+}
 
 
 def main(names: list[str]) -> None:

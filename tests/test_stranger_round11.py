@@ -12,7 +12,8 @@ recorded buffers, the scores held to 1e-9):
   ``capture_random=True``; a shape-changing parametrization (``unsafe=True``) with ``right_inverse``;
 * ``ConvTranspose1d``, ``LPPool1d``, ``AdaptiveMaxPool1d``, ``F.channel_shuffle``; ``ConvTranspose3d``, ``MaxPool3d``,
   trilinear ``F.interpolate``, ``AdaptiveAvgPool3d``, ``Softmax2d``; bicubic ``F.interpolate(antialias=True)`` with
-  ``F.pixel_shuffle``/``pixel_unshuffle``;
+  ``F.pixel_shuffle``/``pixel_unshuffle``; ``LSTM(proj_size=2)`` on packed sequences whose lengths come from each
+  input's own padding (the fix of the loud lengths from batch positions);
 * ``torch.special`` (``i0``, ``i1``, ``i1e``, ``erfcx``, ``log_ndtr``, ``ndtri``, ``polygamma``, ``multigammaln``,
   ``entr``, ``digamma`` of a parameter), ``torch.linalg`` (``matrix_exp``, ``inv``, ``solve_triangular``,
   ``lu_factor``/``lu_solve``, the nuclear norm, ``multi_dot`` under ``vmap``, ``vecdot``, ``householder_product``,
@@ -21,6 +22,8 @@ recorded buffers, the scores held to 1e-9):
   ``bessel_j0``);
 * losses as modules: ``nn.L1Loss``, ``nn.MultiLabelSoftMarginLoss(weight=...)``, ``nn.GaussianNLLLoss(full=True)``;
   an L2 penalty as ``weight_decay`` and mixup pairs made before recording (the fixes the loud cases' messages name);
+  mixup written inside the model's training forward (a roll over the batch) with ``capture_random=True``: each
+  sample's atom is the gradient of its own loss term through the mixed batch, as with batch norm;
 * ReLU models at untuned rates: dropout at SGD 3 with momentum 0.9, a 5-layer MLP at RMSprop 0.5 and Adagrad 1.
 
 The loud cases are in tests/test_stranger_round11_more.py; the table is tests/stranger_round11_table.py.
@@ -43,7 +46,7 @@ EXACT = [
     "logaddexp_cummin_quantile_trapezoid", "cdist_p_inf_prototypes", "bessel_by_quadrature_fix",
     "l1_loss_module", "multilabel_soft_margin_loss_weighted", "gaussian_nll_loss_module_full_eps",
     "l2_penalty_as_weight_decay", "mixup_pairs_made_before_recording", "relu_dropout_mlp_sgd_3_momentum",
-    "relu_mlp5_rmsprop_0_5", "relu_mlp5_adagrad_1",
+    "relu_mlp5_rmsprop_0_5", "relu_mlp5_adagrad_1", "packed_lengths_from_the_padding", "mixup_inside_forward_captured",
 ]
 
 

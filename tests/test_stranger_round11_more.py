@@ -11,7 +11,12 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
 * ``torch.special.bessel_j0`` and ``modified_bessel_k0`` of hidden units: torch gives them no derivative (their
   outputs do not require grad), so the gradient stops there while the output moves and the replica misses the
   trained model; the quadrature warnings now name the calls as functions without a derivative and the fix,
-  differentiable forms, which are exact (tests/test_stranger_round11.py) (before: float32 casts, then jumps).
+  differentiable forms, which are exact (tests/test_stranger_round11.py) (before: float32 casts, then jumps);
+* a packed ``LSTM`` whose lengths come from each row's position in the batch (``3 + torch.arange(n) % 4``): a
+  sample's output depends on its batch, the residual share warns (0.028) and now every estimator's ``fit`` warns
+  that the outputs of a batch differ from those of its samples one at a time, naming the batch's size and positions
+  and the fix, lengths from the sample's own padding, which is exact (before: the residual warning alone, naming
+  ``pad_packed_sequence`` and attributes changed between steps).
 
 Loud as before, naming cause and fix: a straight-through ``argmax`` one-hot in both modes and a VQ-VAE codebook by
 ``argmin`` with its straight-through estimator (the quadrature warnings name ``Tensor.detach``); ``F.batch_norm`` on
@@ -42,6 +47,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
      r"KernelReplica\.fit: the recorded parameters \['conv\.weight_orig', 'head\.weight_orig'\] are not parameters "
      r"of the model any more.*explain before prune\.remove, or call it on a copy"),
     ("functional_batch_norm_with_buffers", TrajectoryError, r"Step 0: .*other outputs in evaluation mode.*"
+     r"capture_random=True"),
+    ("mixup_inside_forward_training_only", TrajectoryError, r"Step 0: .*other outputs in evaluation mode.*"
      r"capture_random=True"),
     ("l2_penalty_in_loss", TrajectoryError, r"Step 0: .*L2 penalty.*weight_decay=2\*lam"),
     ("mixup_in_the_loop", TrajectoryError, r"Step 0: .*mixup or CutMix.*build them before recording"),
@@ -89,6 +96,17 @@ def test_the_probe_names_functions_without_a_derivative_and_no_others():
     assert [s.split(": ")[1] for s in sites] == ["torch.special.bessel_j0 (torch gives it no derivative)",
                                                  "torch.special.modified_bessel_k0 (torch gives it no derivative)"]
     assert jump_sites(SpecialFunctions2().double(), x) == ()
+
+
+def test_lengths_from_batch_positions_are_warned_as_a_batch_coupled_output():
+    """Each row's length from its position in the batch: the training step's gradient is not the sum of the
+    samples' own, the residual share warns, and the estimators name the coupling and the fix."""
+    got = CASES["packed_lengths_from_batch_positions"]()
+    assert got["replica"] <= 1e-9 and got["share"] > 1e-3, got
+    coupled = [w for w in got["warnings"] if "evaluated as one batch differ from their outputs evaluated one at a "
+               "time" in w]
+    assert coupled and "torch.arange(x.shape[0])" in coupled[0] and "Fix: compute everything" in coupled[0], coupled
+    assert any("residual share" in w for w in got["warnings"]), got["warnings"]
 
 
 def test_relu_bn_cnn_at_adam_1_is_warned_as_a_relu_dense_path():
