@@ -55,7 +55,9 @@ def check_recorded_model(traj: Any, who: str) -> None:
                           f"statistics. explaind splits a step into per-sample terms and explains each test input "
                           f"on its own (docs/maths.md section 1), so the residual share and the scores are inexact. "
                           f"Fix: compute everything a sample's output needs from that sample alone (lengths from its "
-                          f"own padding, (x != 0).any(-1).sum(1); running statistics instead of batch ones).")
+                          f"own padding, (x != 0).any(-1).sum(1); pad_packed_sequence(..., total_length=x.shape[1]), "
+                          f"which otherwise pads to the batch's longest sequence; running statistics instead of "
+                          f"batch ones).")
     read = loss_reads_parameters(traj, model)
     recorded = [n for n in read if n in set(traj.param_names)]
     if recorded:
