@@ -145,8 +145,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "functional_batch_norm_captured": model_case(FunctionalBN, XV, YV, reference=BufferReference, **CAPTURE),
     "parametrize_unsafe_factorised_right_inverse": model_case(FactorisedLinear, XV, YV),
     # layers in one and three dimensions, resampling
-    "conv_transpose1d_lppool1d_adaptive_max1d_channel_shuffle": model_case(Sequence1d, XS, YS),
-    "conv_transpose3d_maxpool3d_trilinear_softmax2d": model_case(Volume3d, XI, YI),
+    "conv_transpose1d_lppool1d_adaptive_max1d_channel_shuffle": model_case(Sequence1d, XS, YS, reference=KinkReference),
+    "conv_transpose3d_maxpool3d_trilinear_softmax2d": model_case(Volume3d, XI, YI, reference=KinkReference),
     "bicubic_antialias_pixel_shuffle_unshuffle": model_case(AntialiasShuffle, XI, YI),
     "packed_lengths_from_batch_positions": model_case(lambda: PackedProjLSTM("position"), XS, YS),
     "packed_lengths_from_the_padding": model_case(PackedProjLSTM, padded(XS), YS),
@@ -174,6 +174,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "mixup_inside_forward_captured": model_case(MixupInForward, XV, YV, **CAPTURE),
     # ReLU-heavy models at untuned rates
     "relu_bn_cnn_adam_1": model_case(relu_bn_cnn, XI, YI, opt=optim("Adam", 1.0), reference=BufferReference),
+    "relu_bn_cnn_adam_1_conv_without_bias": model_case(lambda: relu_bn_cnn(False), XI, YI, opt=optim("Adam", 1.0),
+                                                       reference=BufferReference),
     "relu_dropout_mlp_sgd_3_momentum": model_case(relu_dropout_mlp, XV, YV, opt=optim("SGD", 3.0, momentum=0.9)),
     "relu_mlp5_rmsprop_0_5": model_case(relu_mlp, XV, YV, opt=optim("RMSprop", 0.5)),
     "relu_mlp5_adagrad_1": model_case(relu_mlp, XV, YV, opt=optim("Adagrad", 1.0)),

@@ -168,33 +168,46 @@ class FunctionalBN(nn.Module):
 
 class Sequence1d(nn.Module):
     """One-dimensional layers on ``XS`` ``(n, 6, 3)``: ``ConvTranspose1d(stride=2)``, ``LPPool1d(2, 2)``,
-    ``AdaptiveMaxPool1d(2)``, ``F.channel_shuffle``, ReLU."""
+    ``AdaptiveMaxPool1d(2)``, ``F.channel_shuffle``, ReLU; the pooling's kinks marked."""
 
     def __init__(self):
         super().__init__()
         self.up, self.conv = nn.ConvTranspose1d(3, 4, 3, stride=2), nn.Conv1d(4, 4, 3)
         self.lp, self.pool, self.relu = nn.LPPool1d(2, 2), nn.AdaptiveMaxPool1d(2), nn.ReLU()
-        self.head = nn.Linear(8, 3)
+        self.head, self.marks = nn.Linear(8, 3), KinkMarks()
 
     def forward(self, x):
         h = torch.tanh(self.up(x.transpose(1, 2)))
         h = self.relu(self.conv(F.channel_shuffle(self.lp(h), 2)))
+        self.marks(_window_ties(h.unsqueeze(-2), (1, 2)))  # AdaptiveMaxPool1d(2) of 4 steps: windows of 2
         return self.head(self.pool(h).flatten(1))
+
+
+def _window_ties(h: Tensor, window: tuple[int, int]) -> Tensor:
+    """The differences of every pair of entries inside each non-overlapping ``window`` of ``h`` ``(n, c, H, W)``: a
+    max pool's kinks (two entries of a window tying), for ``KinkReference``."""
+    cells = F.unfold(h, window, stride=window)  # (n, c * k, windows)
+    k = window[0] * window[1]
+    cells = cells.reshape(h.shape[0], h.shape[1], k, -1)
+    return (cells[:, :, :, None] - cells[:, :, None, :]).flatten(1)
 
 
 class Volume3d(nn.Module):
     """Three-dimensional layers on ``XI`` read as a ``(n, 1, 2, 3, 6)`` volume: ``ConvTranspose3d``,
-    ``MaxPool3d``, ``F.interpolate(mode="trilinear")``, ``AdaptiveAvgPool3d``, ``nn.Softmax2d`` over the channels."""
+    ``MaxPool3d``, ``F.interpolate(mode="trilinear")``, ``AdaptiveAvgPool3d``, ``nn.Softmax2d`` over the channels;
+    the pooling's kinks marked."""
 
     def __init__(self):
         super().__init__()
         self.up, self.conv = nn.ConvTranspose3d(1, 2, 2), nn.Conv3d(2, 2, 2)
         self.pool, self.avg, self.head = nn.MaxPool3d((1, 2, 2)), nn.AdaptiveAvgPool3d((1, 2, 2)), nn.Linear(16, 3)
-        self.soft = nn.Softmax2d()
+        self.soft, self.marks = nn.Softmax2d(), KinkMarks()
 
     def forward(self, x):
         h = torch.tanh(self.up(x.reshape(-1, 1, 2, 3, 6)))
-        h = self.pool(torch.tanh(self.conv(h)))
+        h = torch.tanh(self.conv(h))
+        self.marks(_window_ties(h.flatten(1, 2), (2, 2)))  # MaxPool3d((1, 2, 2)): 2x2 windows of each slice
+        h = self.pool(h)
         h = F.interpolate(h, size=(2, 3, 4), mode="trilinear", align_corners=False)
         s = self.soft(h.flatten(2, 3)).reshape(h.shape)
         return self.head(torch.cat([self.avg(h), self.avg(s)], 1).flatten(1))
@@ -415,10 +428,11 @@ class SavedTensorHooks(TanhBase):
             return torch.tanh(self.mid(h))
 
 
-def relu_bn_cnn() -> nn.Module:
-    """A ReLU CNN with ``BatchNorm2d`` on ``XI``: two 3x3 convolutions, ``MaxPool2d(2)``, a head."""
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
-                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3))
+def relu_bn_cnn(bias: bool = True) -> nn.Module:
+    """A ReLU CNN with ``BatchNorm2d`` on ``XI``: two 3x3 convolutions, ``MaxPool2d(2)``, a head; ``bias``: whether
+    the convolution before the batch norm has a bias (whose gradient the batch norm cancels)."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=bias), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3))
 
 
 def relu_dropout_mlp() -> nn.Module:
