@@ -71,8 +71,8 @@ from torch.overrides import TorchFunctionMode
 from .casts import _call_name, _module_stack
 
 __all__ = ["FUNCTION", "HOOKS", "INFERENCE", "KINKED_CALLS", "NO_DERIVATIVE", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP",
-           "STOPS", "find_jumps", "function_sites", "grad_off_sites", "hook_sites", "no_derivative_sites",
-           "singular_sites", "softplus_jump", "stop_sites", "watch_jumps"]
+           "STOPS", "find_jumps", "function_sites", "grad_off_sites", "hook_sites", "no_derivative_hint",
+           "no_derivative_sites", "singular_sites", "softplus_jump", "stop_sites", "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
@@ -222,6 +222,17 @@ def no_derivative_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
     """The sites of :func:`find_jumps` whose call torch gives no derivative (``"path (Class):
     torch.special.special_bessel_j0 (torch gives it no derivative)"``)."""
     return [site for site in sites if NO_DERIVATIVE in site]
+
+
+def no_derivative_hint(sites: list[str]) -> str:
+    """The cause and fix for calls torch gives no derivative (:func:`no_derivative_sites`), for the quadrature
+    warnings."""
+    return (f"the model's forward applies functions torch gives no derivative to tensors that depend on the "
+            f"parameters ({'; '.join(sites[:6])}): their outputs do not require grad, so training's gradient and the "
+            f"path derivatives both stop there while the output moves with them, and no quadrature rule reproduces "
+            f"that part of the change; it stays in quadrature_error. Fix: compute them from differentiable torch "
+            f"operations (an integral or series form; for Bessel functions torch.special.i0, i1, i0e and i1e have "
+            f"derivatives) for the run you want explained")
 
 
 def hook_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
