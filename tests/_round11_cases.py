@@ -127,6 +127,26 @@ def prune_remove_on_a_copy() -> dict[str, Any]:
     return got
 
 
+def _half_linear_outputs(module: nn.Module, args: Any, out: Any) -> Any:
+    """A global forward hook halving every ``nn.Linear``'s output."""
+    return 0.5 * out if isinstance(module, nn.Linear) else None
+
+
+def global_forward_hook(removed_before_explaining: bool) -> Callable[[], dict[str, Any]]:
+    """A hook for every module of the process, ``torch.nn.modules.module.register_module_forward_hook``, registered
+    before training and removed after explaining, or (``removed_before_explaining``) right after training."""
+    def run() -> dict[str, Any]:
+        handle = torch.nn.modules.module.register_module_forward_hook(_half_linear_outputs)
+        try:
+            model, traj = fit(head, XV, YV)
+            if removed_before_explaining:
+                handle.remove()
+            return figures(model, traj, XV[N_TRAIN:])
+        finally:
+            handle.remove()
+    return run
+
+
 CASES: dict[str, Callable[[], dict[str, Any]]] = {
     # estimators whose gradient is not their forward's derivative, draws in training forwards
     "straight_through_argmax_soft_in_eval": model_case(StraightThrough, XV, YV, **CAPTURE),
@@ -159,6 +179,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "bessel_by_quadrature_fix": model_case(BesselFixed, XV, YV, panels=16),
     "special_zeta_no_forward_derivative": model_case(NoForwardDerivative, XV, YV),
     "saved_tensors_hooks_in_forward": model_case(SavedTensorHooks, XV, YV),
+    "global_module_forward_hook": global_forward_hook(False),
+    "global_module_forward_hook_removed_before_explaining": global_forward_hook(True),
     # losses as modules
     "l1_loss_module": loss_case("real", nn.L1Loss(), outputs(3)),
     "multilabel_soft_margin_loss_weighted": loss_case(

@@ -23,6 +23,7 @@ KEYS = {
     "special_bessel_j0_k0_no_derivative": "no derivative", "special_zeta_no_forward_derivative": "special_zeta",
     "saved_tensors_hooks_in_forward": "saved-tensor hook", "l2_penalty_in_loss": "L2 penalty",
     "mixup_in_the_loop": "mixup", "packed_lengths_from_batch_positions": "one at a time",
+    "global_module_forward_hook_removed_before_explaining": "residual share",
     "relu_bn_cnn_adam_1": "ReLU-dense", "relu_bn_cnn_adam_1_conv_without_bias": "ReLU-dense",
 }
 

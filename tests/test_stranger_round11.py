@@ -24,6 +24,7 @@ recorded buffers, the scores held to 1e-9):
   an L2 penalty as ``weight_decay`` and mixup pairs made before recording (the fixes the loud cases' messages name);
   mixup written inside the model's training forward (a roll over the batch) with ``capture_random=True``: each
   sample's atom is the gradient of its own loss term through the mixed batch, as with batch norm;
+* a forward hook on every module of the process (``register_module_forward_hook``) kept while explaining;
 * ReLU models at untuned rates: dropout at SGD 3 with momentum 0.9, a 5-layer MLP at RMSprop 0.5 and Adagrad 1.
 
 The loud cases are in tests/test_stranger_round11_more.py; the table is tests/stranger_round11_table.py.
@@ -47,6 +48,7 @@ EXACT = [
     "l1_loss_module", "multilabel_soft_margin_loss_weighted", "gaussian_nll_loss_module_full_eps",
     "l2_penalty_as_weight_decay", "mixup_pairs_made_before_recording", "relu_dropout_mlp_sgd_3_momentum",
     "relu_mlp5_rmsprop_0_5", "relu_mlp5_adagrad_1", "packed_lengths_from_the_padding", "mixup_inside_forward_captured",
+    "global_module_forward_hook",
 ]
 
 

@@ -18,6 +18,9 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   and the fix, lengths from the sample's own padding, which is exact (before: the residual warning alone, naming
   ``pad_packed_sequence`` and attributes changed between steps).
 
+Loud, its cause not named: a forward hook on every module of the process (``register_module_forward_hook``) removed
+between training and explaining warns by its residual share alone (2.2).
+
 Loud as before, naming cause and fix: a straight-through ``argmax`` one-hot in both modes and a VQ-VAE codebook by
 ``argmin`` with its straight-through estimator (the quadrature warnings name ``Tensor.detach``); ``F.batch_norm`` on
 the module's buffers without capture, an L2 penalty added to the loss, mixup in the loop (refused at step 0, naming
@@ -106,6 +109,15 @@ def test_lengths_from_batch_positions_are_warned_as_a_batch_coupled_output():
     coupled = [w for w in got["warnings"] if "evaluated as one batch differ from their outputs evaluated one at a "
                "time" in w]
     assert coupled and "torch.arange(x.shape[0])" in coupled[0] and "Fix: compute everything" in coupled[0], coupled
+    assert any("residual share" in w for w in got["warnings"]), got["warnings"]
+
+
+def test_a_global_forward_hook_removed_before_explaining_is_left_to_the_residual_share():
+    """A hook on every module of the process removed between training and explaining: the engine replays another
+    function than the one trained, and nothing but the residual share (2.2 here) says so; its causes do not name
+    global hooks (not part of any module's state the recording fingerprints)."""
+    got = CASES["global_module_forward_hook_removed_before_explaining"]()
+    assert got["replica"] <= 1e-9 and got["share"] > 1, got
     assert any("residual share" in w for w in got["warnings"]), got["warnings"]
 
 
