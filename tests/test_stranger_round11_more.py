@@ -18,8 +18,9 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   and the fix, lengths from the sample's own padding, which is exact (before: the residual warning alone, naming
   ``pad_packed_sequence`` and attributes changed between steps).
 
-Loud, its cause not named: a forward hook on every module of the process (``register_module_forward_hook``) removed
-between training and explaining warns by its residual share alone (2.2).
+A forward hook on every module of the process (``register_module_forward_hook``) removed between training and
+explaining is loud by its residual share alone (2.2), whose causes now list such a hook and the fix (before: not
+among them).
 
 Loud as before, naming cause and fix: a straight-through ``argmax`` one-hot in both modes and a VQ-VAE codebook by
 ``argmin`` with its straight-through estimator (the quadrature warnings name ``Tensor.detach``); ``F.batch_norm`` on
@@ -112,13 +113,14 @@ def test_lengths_from_batch_positions_are_warned_as_a_batch_coupled_output():
     assert any("residual share" in w for w in got["warnings"]), got["warnings"]
 
 
-def test_a_global_forward_hook_removed_before_explaining_is_left_to_the_residual_share():
+def test_a_global_forward_hook_removed_before_explaining_is_among_the_residual_share_causes():
     """A hook on every module of the process removed between training and explaining: the engine replays another
-    function than the one trained, and nothing but the residual share (2.2 here) says so; its causes do not name
-    global hooks (not part of any module's state the recording fingerprints)."""
+    function than the one trained, and only the residual share (2.2 here) says so (global hooks are part of no
+    module's state the recording fingerprints); its causes now list such a hook and the fix."""
     got = CASES["global_module_forward_hook_removed_before_explaining"]()
     assert got["replica"] <= 1e-9 and got["share"] > 1, got
-    assert any("residual share" in w for w in got["warnings"]), got["warnings"]
+    named = [w for w in got["warnings"] if "residual share" in w and "register_module_forward_hook" in w]
+    assert named and "keep global hooks as they were in training" in named[0], got["warnings"]
 
 
 def test_relu_bn_cnn_at_adam_1_is_warned_as_a_relu_dense_path():
