@@ -40,6 +40,7 @@ from _round11_models import (
     SavedTensorHooks,
     Sequence1d,
     SpecialFunctions2,
+    StochasticBinary,
     StraightThrough,
     SyncBN,
     VectorQuantiser,
@@ -155,6 +156,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "gumbel_softmax_soft_tau_0_5": model_case(GumbelSoft, XV, YV, **CAPTURE),
     "multinomial_route_in_training": model_case(SampledExpert, XV, YV, **CAPTURE),
     "torch_normal_and_exponential_noise": model_case(NoisyUnits, XV, YV, **CAPTURE),
+    "bernoulli_binary_units_straight_through": model_case(StochasticBinary, XV, YV, **CAPTURE),
     # pruning, batch norm written otherwise, parametrizations
     "prune_ln_structured_and_random_unstructured": model_case(PrunedConv, XI, YI),
     "prune_remove_after_step_0": prune_removed_after_step_0,
@@ -201,4 +203,6 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "relu_dropout_mlp_sgd_3_momentum": model_case(relu_dropout_mlp, XV, YV, opt=optim("SGD", 3.0, momentum=0.9)),
     "relu_mlp5_rmsprop_0_5": model_case(relu_mlp, XV, YV, opt=optim("RMSprop", 0.5)),
     "relu_mlp5_adagrad_1": model_case(relu_mlp, XV, YV, opt=optim("Adagrad", 1.0)),
+    "relu_mlp5_adamax_1": model_case(relu_mlp, XV, YV, opt=optim("Adamax", 1.0)),
+    "relu_mlp5_nadam_0_5": model_case(relu_mlp, XV, YV, opt=optim("NAdam", 0.5)),
 }

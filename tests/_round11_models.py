@@ -124,6 +124,21 @@ class NoisyUnits(TanhBase):
         return 0.5 * torch.normal(h, 0.1) + 0.5 * h + 0.1 * h * torch.empty_like(h).exponential_()
 
 
+class StochasticBinary(TanhBase):
+    """Stochastic binary units: in training ``torch.bernoulli(sigmoid(q h))`` passed on by the straight-through
+    ``b - p.detach() + p`` (Bengio et al. 2013), in evaluation their probabilities ``p``."""
+
+    width = 9
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(6, 3)
+
+    def features(self, h):
+        p = torch.sigmoid(self.q(h))
+        return torch.cat([h, torch.bernoulli(p) - p.detach() + p if self.training else p], -1)
+
+
 class PrunedConv(nn.Module):
     """A tanh CNN on ``XI`` pruned before training: its convolution by ``prune.ln_structured`` (one output channel
     of three, by L2 norm), its head by ``prune.random_unstructured`` (40 %): both keep ``weight_orig`` and a

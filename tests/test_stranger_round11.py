@@ -6,7 +6,8 @@ recorded buffers, the scores held to 1e-9):
 
 * training forwards that are not the explained function: a straight-through ``argmax`` one-hot in training with the
   softmax in evaluation, ``F.gumbel_softmax(hard=False)``, a route drawn by ``torch.multinomial``, noise from
-  ``torch.normal`` and ``Tensor.exponential_`` (all with ``capture_random=True``);
+  ``torch.normal`` and ``Tensor.exponential_``, stochastic binary units by ``torch.bernoulli`` under a straight-through
+  estimator (all with ``capture_random=True``);
 * pruning by ``prune.ln_structured`` and ``prune.random_unstructured`` before training, and ``prune.remove`` on a deep
   copy after it; ``nn.SyncBatchNorm`` in one CPU process; ``F.batch_norm`` on the module's own buffers with
   ``capture_random=True``; a shape-changing parametrization (``unsafe=True``) with ``right_inverse``;
@@ -25,7 +26,8 @@ recorded buffers, the scores held to 1e-9):
   mixup written inside the model's training forward (a roll over the batch) with ``capture_random=True``: each
   sample's atom is the gradient of its own loss term through the mixed batch, as with batch norm;
 * a forward hook on every module of the process (``register_module_forward_hook``) kept while explaining;
-* ReLU models at untuned rates: dropout at SGD 3 with momentum 0.9, a 5-layer MLP at RMSprop 0.5 and Adagrad 1.
+* ReLU models at untuned rates: dropout at SGD 3 with momentum 0.9, a 5-layer MLP at RMSprop 0.5, Adagrad 1,
+  Adamax 1 and NAdam 0.5.
 
 The loud cases are in tests/test_stranger_round11_more.py; the table is tests/stranger_round11_table.py.
 """
@@ -48,7 +50,8 @@ EXACT = [
     "l1_loss_module", "multilabel_soft_margin_loss_weighted", "gaussian_nll_loss_module_full_eps",
     "l2_penalty_as_weight_decay", "mixup_pairs_made_before_recording", "relu_dropout_mlp_sgd_3_momentum",
     "relu_mlp5_rmsprop_0_5", "relu_mlp5_adagrad_1", "packed_lengths_from_the_padding", "mixup_inside_forward_captured",
-    "global_module_forward_hook",
+    "global_module_forward_hook", "bernoulli_binary_units_straight_through", "relu_mlp5_adamax_1",
+    "relu_mlp5_nadam_0_5",
 ]
 
 
