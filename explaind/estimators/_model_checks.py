@@ -6,6 +6,10 @@ docs/recording.md, "Python attributes changed between steps" and "Losses that re
   plain tensors and config fields against the fingerprint the recording kept (edits after ``with rec:``);
   :func:`~explaind.trajectory._attribute_record.check_final_state`: the recorded model object's parameters and
   buffers against their values when ``with rec:`` ended (``update_bn`` or training after recording).
+* :func:`check_parameter_names`: recorded parameters that are no parameters of the model any more (renamed or
+  replaced after the run, as ``torch.nn.utils.prune.remove`` replaces ``weight_orig``), refused.
+* :func:`batch_coupling`: a sample's evaluation-mode output that depends on the rest of its batch (its size, its
+  row's position, other rows), measured on a few training samples as one batch against one at a time; warned.
 * :func:`loss_reads_parameters`: a loss callable that reads a parameter of the model directly (``exp(-log_var) *
   CE + log_var`` with ``log_var = model.log_var``), not through the outputs. The engine evaluates
   :math:`\ell_k(f(x_k; \theta_s))` (docs/maths.md §1) with such a parameter at its value *now*, at every step, and
@@ -24,12 +28,13 @@ from typing import Any
 
 import torch
 
+from ..exceptions import TrajectoryError
 from ..inputs import Inputs
 from ..outputs import model_output
 from ..trajectory._attribute_record import check_final_state, check_model
 from ..trajectory._common import warn_user
 
-__all__ = ["check_recorded_model", "loss_reads_parameters"]
+__all__ = ["batch_coupling", "check_parameter_names", "check_recorded_model", "loss_reads_parameters"]
 
 logger = logging.getLogger("explaind.estimators")
 
@@ -40,8 +45,22 @@ def check_recorded_model(traj: Any, who: str) -> None:
         model = traj.model
     except Exception:  # noqa: BLE001 - a trajectory without a model has nothing to compare
         return
+    check_parameter_names(traj, model, f"{who}.fit")
     check_model(traj, model, f"{who}.fit")
     check_final_state(traj, model, f"{who}.fit")
+    coupled = batch_coupling(traj, model)
+    if coupled > _COUPLED_TOL.get(next(model.parameters()).dtype, 1e-3):
+        warn_user(logger, f"{who}.fit: the model's outputs for training samples evaluated as one batch differ from "
+                          f"their outputs evaluated one at a time (evaluation mode, relative difference "
+                          f"{coupled:.3g}): a sample's output depends on the rest of its batch, through the batch's "
+                          f"size or its rows' positions (torch.arange(x.shape[0]), lengths or masks made from the "
+                          f"batch index), other rows (x.mean(0), a sort or a roll over the batch) or batch "
+                          f"statistics. explaind splits a step into per-sample terms and explains each test input "
+                          f"on its own (docs/maths.md section 1), so the residual share and the scores are inexact. "
+                          f"Fix: compute everything a sample's output needs from that sample alone (lengths from its "
+                          f"own padding, (x != 0).any(-1).sum(1); pad_packed_sequence(..., total_length=x.shape[1]), "
+                          f"which otherwise pads to the batch's longest sequence; running statistics instead of "
+                          f"batch ones).")
     read = loss_reads_parameters(traj, model)
     recorded = [n for n in read if n in set(traj.param_names)]
     if recorded:
@@ -53,6 +72,57 @@ def check_recorded_model(traj: Any, who: str) -> None:
                           f"recording with check_gradients=True refuses it at the first step). Fix: return them from "
                           f"forward as extra output columns (torch.cat([logits, self.log_var.expand(len(x), 1)], 1)) "
                           f"and read them there in the loss.")
+
+
+def check_parameter_names(traj: Any, model: torch.nn.Module, who: str) -> None:
+    """A :class:`TrajectoryError` when recorded parameters are gone from ``model`` (renamed or replaced after the
+    run: ``torch.nn.utils.prune.remove`` turns ``weight_orig`` back into a new ``weight``): the engine would replay
+    the recorded values under names the forward no longer reads, and read the model's own tensors instead."""
+    now = {n for n, _ in model.named_parameters()}
+    gone = [n for n in traj.param_names if n not in now]
+    if not gone:
+        return
+    new = sorted(now - set(traj.param_names))
+    text = (f"{who}: the recorded parameters {gone} are not parameters of the model any more (its parameters not in "
+            f"the recording: {new}), so the engine cannot put the recorded values where the forward reads them. "
+            f"Fix: explain the model with the parameters it was recorded with")
+    if any(n.endswith("_orig") for n in gone):  # prune.remove: weight_orig and weight_mask replaced by weight
+        text += (" ('<name>_orig' is what torch.nn.utils.prune keeps; prune.remove after the run replaces it by a new "
+                 "parameter '<name>': explain before prune.remove, or call it on a copy, "
+                 "pruned = copy.deepcopy(model), and keep the recorded model as it is)")
+    raise TrajectoryError(text + ".")
+
+
+#: Relative difference between batched and one-at-a-time outputs above which :func:`batch_coupling` is warned about,
+#: per parameter dtype (other dtypes: 1e-3): far above the rounding of kernels that block a batch differently.
+_COUPLED_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+
+
+def batch_coupling(traj: Any, model: torch.nn.Module, n: int = 4) -> float:
+    """The largest difference between ``model``'s evaluation-mode outputs for the first ``n`` training samples as one
+    batch and one at a time, relative to the largest output (``0.0`` without plain tensor training data, or when the
+    forward fails on either; the global random state and every module's mode are left as they were)."""
+    try:
+        x, _ = traj.train_samples(torch.arange(min(n, int(traj.n_train))))
+        if not isinstance(x, torch.Tensor) or x.shape[0] < 2:
+            return 0.0
+        x = x.to(next(model.parameters()).device)
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                batch = model_output(model(x))
+                alone = torch.cat([model_output(model(x[i:i + 1])) for i in range(x.shape[0])])
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if batch.shape != alone.shape or not batch.is_floating_point():
+            return 0.0
+        scale = float(batch.abs().max())
+        return float((batch - alone).abs().max()) / scale if scale > 0 else 0.0
+    except Exception as exc:  # noqa: BLE001 - the check must not replace the estimator's own errors
+        logger.info("The batch-coupling check could not run (%s: %s).", type(exc).__name__, exc)
+        return 0.0
 
 
 def loss_reads_parameters(traj: Any, model: torch.nn.Module) -> list[str]:

@@ -163,9 +163,11 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       "replays every step with the model as it is now, so a value the forward or the loss callable "
                       "reads that is neither a parameter nor a buffer and changed during training (a temperature or "
                       "schedule kept as a Python attribute or in the loss callable's closure, a module-level global "
-                      "the forward reads, an EMA teacher's targets) makes the recomputed gradients differ — derive "
-                      "it in forward from a buffer the forward itself updates (an integer step counter), whose "
-                      "changes are recorded per step")
+                      "the forward reads, an EMA teacher's targets, a hook on every module registered or removed "
+                      "since with torch.nn.modules.module.register_module_forward_hook) makes the recomputed "
+                      "gradients differ — derive it in forward from a buffer the forward itself updates (an integer "
+                      "step counter), whose changes are recorded per step; keep global hooks as they were in "
+                      "training")
     else:
         causes.append("the loss or the training data the engine recomputes gradients with may differ from the "
                       "loop's (a custom or class-weighted loss, data augmentation, a reordered train_data); no "
@@ -429,9 +431,10 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
                    f"'train' scores, a forward without torch.no_grad() around parameter-dependent values for the "
                    f"run you want explained")
         elif others and len(stop_sites(others)) == len(others):  # only detaches: a straight-through jump is below
-            fix = (f"a forward without .detach() on parameter-dependent values for the run you want explained: "
-                   f"{'; '.join(stop_sites(others)[:4])} detaches them, so the output moves where the gradient does "
-                   f"not, and no tol or rule integrates that (the quadrature warning says more)")
+            fix = (f"a forward without .detach() on parameter-dependent values (nor functions torch gives no "
+                   f"derivative) for the run you want explained: {'; '.join(stop_sites(others)[:4])} stops their "
+                   f"gradient, so the output moves where the gradient does not, and no tol or rule integrates that "
+                   f"(the quadrature warning says more)")
         elif others and len(singular_sites(others)) == len(others):
             fix = (f"matrices that stay invertible along every step: {'; '.join(others[:4])} takes log|det|, which "
                    f"is -inf where a matrix turns singular, and no tol or rule integrates across that (a smaller "

@@ -36,6 +36,10 @@ type (explaind/kernel/planning.py); this module finds the ones computed inside `
   ``torch.autograd.Function`` (run by torch with the gradient off) the site is named as that Function's
   (:func:`function_sites`): forward-mode derivatives follow its ``jvp``, reverse-mode ones its ``backward``, and a
   backward that is not the derivative of the forward (a gradient reversal layer) makes the two differ;
+* calls torch gives no derivative at all (:data:`NO_DERIVATIVE`): a floating output that does not require grad
+  although a tensor argument does, with the gradient on (``torch.special.bessel_j0``, ``modified_bessel_k0``,
+  ``airy_ai``, the orthogonal polynomials, ``torch.histc``): a silent stop of the gradient, both in training and in
+  the path derivatives, named with the stops by :func:`stop_sites`;
 * gradient hooks registered in ``forward``, ``Tensor.register_hook`` (:data:`HOOKS`; :func:`hook_sites`): the
   backward, and so the reverse-mode Jacobians, follow a hook that changes gradients (``lambda g: -g``, a gradient
   reversal layer), the output does not.
@@ -66,9 +70,9 @@ from torch.overrides import TorchFunctionMode
 
 from .casts import _call_name, _module_stack
 
-__all__ = ["FUNCTION", "HOOKS", "INFERENCE", "KINKED_CALLS", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP", "STOPS",
-           "find_jumps", "function_sites", "grad_off_sites", "hook_sites", "singular_sites", "softplus_jump",
-           "stop_sites", "watch_jumps"]
+__all__ = ["FUNCTION", "HOOKS", "INFERENCE", "KINKED_CALLS", "NO_DERIVATIVE", "NO_GRAD", "SINGULAR", "SOFTPLUS_JUMP",
+           "STOPS", "find_jumps", "function_sites", "grad_off_sites", "hook_sites", "no_derivative_hint",
+           "no_derivative_sites", "singular_sites", "softplus_jump", "stop_sites", "watch_jumps"]
 
 #: Calls whose output is piecewise constant in their tensor input (rounding, signs, selections, comparisons).
 _JUMPING = frozenset({
@@ -99,6 +103,8 @@ STOPS = frozenset({"detach", "detach_", "data"})
 SINGULAR = frozenset({"slogdet", "logdet", "linalg_slogdet"})
 #: How a call with the gradient switched off is named: ``no_grad``/``set_grad_enabled(False)``, ``inference_mode``.
 NO_GRAD, INFERENCE = "under no_grad", "under inference_mode"
+#: How a call whose floating output torch gives no derivative (it does not require grad) is named after the call.
+NO_DERIVATIVE = " (torch gives it no derivative)"
 #: How a site inside the ``forward`` of a custom ``torch.autograd.Function`` begins its user line.
 FUNCTION = "custom torch.autograd.Function "
 #: torch's file whose ``Function.apply`` calls a custom Function's ``forward``.
@@ -207,8 +213,26 @@ def _call_of(site: str) -> str:
 
 
 def stop_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
-    """The sites of :func:`find_jumps` that detach a parameter-dependent tensor (``"path (Class): Tensor.detach"``)."""
-    return [site for site in sites if _call_of(site) in STOPS]
+    """The sites of :func:`find_jumps` that detach a parameter-dependent tensor (``"path (Class): Tensor.detach"``),
+    or apply a call torch gives no derivative to one (:func:`no_derivative_sites`)."""
+    return [site for site in sites if _call_of(site) in STOPS or NO_DERIVATIVE in site]
+
+
+def no_derivative_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
+    """The sites of :func:`find_jumps` whose call torch gives no derivative (``"path (Class):
+    torch.special.special_bessel_j0 (torch gives it no derivative)"``)."""
+    return [site for site in sites if NO_DERIVATIVE in site]
+
+
+def no_derivative_hint(sites: list[str]) -> str:
+    """The cause and fix for calls torch gives no derivative (:func:`no_derivative_sites`), for the quadrature
+    warnings."""
+    return (f"the model's forward applies functions torch gives no derivative to tensors that depend on the "
+            f"parameters ({'; '.join(sites[:6])}): their outputs do not require grad, so training's gradient and the "
+            f"path derivatives both stop there while the output moves with them, and no quadrature rule reproduces "
+            f"that part of the change; it stays in quadrature_error. Fix: compute them from differentiable torch "
+            f"operations (an integral or series form; for Bessel functions torch.special.i0, i1, i0e and i1e have "
+            f"derivatives) for the run you want explained")
 
 
 def hook_sites(sites: tuple[str, ...] | list[str]) -> list[str]:
@@ -279,6 +303,11 @@ class _Record(TorchFunctionMode):
                 and isinstance(out[1], Tensor) and not out[1].is_floating_point()
                 and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
             self.indices[id(out[1])] = (out[1], func)
+        if (not off and torch.is_grad_enabled() and isinstance(out, Tensor) and out.is_floating_point()
+                and not out.requires_grad and _call_name(func) not in _VALUE_FREE
+                and getattr(func, "__name__", "") not in STOPS
+                and any(t.requires_grad for t in _tensors((*args, *kwargs.values())))):
+            self.record(func, NO_DERIVATIVE)  # torch.special.bessel_j0(h): a stop no call names as one
         # a value read (not x.device, x.shape, zeros_like(x)) from the user's code (not torch's or the engine's own)
         if off and isinstance(out, Tensor) and out.is_floating_point() and _call_name(func) not in _VALUE_FREE:
             where = _user_line(_user_frame())
@@ -304,7 +333,8 @@ def watch_jumps(root: nn.Module, kinks: list[str] | None = None) -> Iterator[lis
     with _module_stack(root) as stack:
         def record(func: Any, how: str, into: Counter[tuple[str, str, str]] = counts) -> None:
             path, cls = stack[-1]
-            into[(path, cls, _call_name(func).replace("torch._C._nn.", "torch.nn.functional.") + how)] += 1
+            into[(path, cls, _call_name(func).replace("torch._C._nn.", "torch.nn.functional.")
+                 .replace("torch._C._special.special_", "torch.special.") + how)] += 1
 
         with _Record(record, None if kinks is None else lambda func: record(func, "", kinked)):
             yield found

@@ -38,6 +38,8 @@ from .jumps import (
     function_sites,
     grad_off_sites,
     hook_sites,
+    no_derivative_hint,
+    no_derivative_sites,
     singular_sites,
     softplus_jump,
     stop_sites,
@@ -372,6 +374,8 @@ def _jumps_hint(engine: Any) -> str:
                      f"change and it stays in quadrature_error. Fix: torch.no_grad() instead of "
                      f"torch.inference_mode() there: the same values and the same training gradients, and "
                      f"forward-mode derivatives run through no_grad, so the replica is exact")
+    untaken = no_derivative_sites(stops)  # calls torch gives no derivative: a stop with a hint of its own
+    hints, stops = hints + ([no_derivative_hint(untaken)] if untaken else []), [s for s in stops if s not in untaken]
     if stops:
         hints.append(f"the model's forward detaches tensors that depend on the parameters ({'; '.join(stops[:6])}): "
                      f"its output moves with them, but its gradient, which the path integral follows, does not (a "

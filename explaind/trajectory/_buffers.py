@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..exceptions import TrajectoryError
 from ._common import FirstForward
 
-__all__ = ["BufferTracker", "moved_message", "pack_buffers", "unpack_buffers", "PREFIX"]
+__all__ = ["BufferTracker", "moved_message", "pack_buffers", "removed_message", "unpack_buffers", "PREFIX"]
 
 PREFIX = "buffer."
 
@@ -71,8 +71,16 @@ class BufferTracker:
 
     def differing(self) -> tuple[str, ...]:
         """The tracked buffers whose values now differ from the last recorded ones."""
-        buffers = dict(self.model.named_buffers())
+        buffers = self._present()
         return tuple(n for n in self.names if not torch.equal(buffers[n].detach(), self._last[n]))
+
+    def _present(self) -> dict[str, Tensor]:
+        """The model's buffers by name; a :class:`TrajectoryError` naming the tracked ones that are gone."""
+        buffers = dict(self.model.named_buffers())
+        gone = [n for n in self.names if n not in buffers]
+        if gone:
+            raise TrajectoryError(removed_message(gone))
+        return buffers
 
     def take_moved(self) -> tuple[str, ...]:
         r"""The buffers that held other values than :math:`\beta_s` at the step's first gradient-enabled forward
@@ -90,7 +98,7 @@ class BufferTracker:
             return None
         self._moved = ()  # beta_{s+1} is settled: watch the next step's first forward
         self._forward.arm()
-        buffers = dict(self.model.named_buffers())
+        buffers = self._present()
         now = {n: buffers[n].detach() for n in self.names}
         if all(torch.equal(now[n], self._last[n]) for n in self.names):
             return None
@@ -120,6 +128,24 @@ def moved_message(moved: Sequence[str], s: int, checked: bool) -> str:
             f"estimators' residual share; one it only updates (batch-norm running statistics) is harmless. The "
             f"step is not checked (no train_data or check_gradients=False): pass train_data with check_gradients "
             f"on to have it checked.{fix}")
+
+
+def removed_message(gone: Sequence[str]) -> str:
+    """Why buffers removed from the model while recording are refused, and the fix (``prune.remove`` named for
+    masks)."""
+    text = (f"The buffers {list(gone)} were removed from the model while recording: the recorded run's function "
+            f"reads them, and the steps that follow would be taken by another model than the one recorded.")
+    masks = [n for n in gone if n.endswith("_mask")]
+    if masks:  # torch.nn.utils.prune.remove deletes <tensor>_mask and <tensor>_orig, making <tensor> a new Parameter
+        text += (f" {masks} look like torch.nn.utils.prune masks taken away by prune.remove, which also replaces "
+                 f"'<name>_orig' by a new nn.Parameter '<name>' that the optimizer does not hold (it would stop "
+                 f"training). Fix: keep the pruning reparametrization for the whole recorded run (explaind "
+                 f"explains the pruned model as it is, weight_orig * weight_mask) and call prune.remove after "
+                 f"explaining, or on a copy (copy.deepcopy(model)); or prune.remove before recording, with the "
+                 f"optimizer built on the model's parameters after it.")
+    else:
+        text += " Fix: remove buffers before building the recorder, or after the recorded run."
+    return text
 
 
 def pack_buffers(buffers: dict[str, Tensor] | None) -> dict[str, Tensor]:
