@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._io import fsync_directory
+from .._io import fsync_directory, naming
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget, check_queue_bounds
@@ -394,10 +394,13 @@ class StoreWriter:
                     self._files.flush_directories([self.root / "steps"] + ([self.root / "optimizer"]
                                                                            if last_state is not None else []))
                 self._appending = (done[0].step, done[-1].step)  # what a failure from here may leave (_write_failure)
-                self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
-                self._journal.flush()
-                if self.fsync:
-                    os.fsync(self._journal.fileno())
+                try:
+                    self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
+                    self._journal.flush()
+                    if self.fsync:
+                        os.fsync(self._journal.fileno())
+                except OSError as exc:  # on the open journal: the error names no file
+                    raise naming(exc, self.root / JOURNAL) from exc
                 with self._lock:
                     self.manifest.steps.extend(done)
                 self._appending = None
