@@ -424,3 +424,39 @@ def test_a_failure_at_each_write_call_of_a_step_names_the_file_and_loses_nothing
         assert _load(store).n_steps >= 2
         _resumes_to_the_long_run(store, templates)
     assert tried >= 15
+
+
+def test_a_read_only_file_system_at_each_write_call_of_a_resumes_set_up(templates, tmp_path, monkeypatch):
+    """A resume whose store turned read-only (``EROFS``, as after a remount; the tests run as root, where permission
+    bits do not stop a write) at each write operation of its set-up (the writer lock, the journal rewritten, the
+    manifest marked incomplete): a ``TrajectoryError`` naming the store and the system's error, and the store keeps
+    its steps and resumes to the long run bit for bit. Before: the same (named since round 10 for a descriptor's
+    error too)."""
+    store = tmp_path / "s"
+    failing = _Failing(monkeypatch, store)
+    failing.code = errno.EROFS
+    shutil.copytree(templates / "two", store)
+    failing.start()
+    _record(store, 3, resume=True, background_writes=False)
+    failing.stop()
+    events = failing.events
+    tried = 0
+    for k in range(events.index("mkdir steps")):
+        shutil.rmtree(store)
+        shutil.copytree(templates / "two", store)
+        failing.start(kill_at=k)
+        try:
+            _record(store, 3, resume=True, background_writes=False)
+        except TrajectoryError as exc:
+            message = str(exc)
+        else:
+            assert _load(store).n_steps == 3, events[k]  # an existing directory, or retried (the writer lock's link)
+            continue
+        finally:
+            failing.stop()
+        tried += 1
+        assert str(store) in message and "Read-only file system" in message, (events[k], message)
+        assert _load(store).n_steps == 2
+        assert not (store / ".explaind-writer.lock").exists(), (events[k], message)
+        _resumes_to_the_long_run(store, templates)
+    assert tried >= 12
