@@ -430,8 +430,9 @@ def test_a_read_only_file_system_at_each_write_call_of_a_resumes_set_up(template
     """A resume whose store turned read-only (``EROFS``, as after a remount; the tests run as root, where permission
     bits do not stop a write) at each write operation of its set-up (the writer lock, the journal rewritten, the
     manifest marked incomplete): a ``TrajectoryError`` naming the store and the system's error, and the store keeps
-    its steps and resumes to the long run bit for bit. Before: the same (named since round 10 for a descriptor's
-    error too)."""
+    its steps, gives its writer lock back and resumes to the long run bit for bit. Before: the lock stayed (a failed
+    removal of its temporary file hid the lock taken; a failure after it left the lock held by the live process), so
+    a second resume in the same process was refused as "being written by process <its own id>"."""
     store = tmp_path / "s"
     failing = _Failing(monkeypatch, store)
     failing.code = errno.EROFS
