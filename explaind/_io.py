@@ -85,8 +85,8 @@ def naming(exc: OSError, path: str | os.PathLike[str]) -> OSError:
     """``exc`` naming the file ``path`` where it names none.
 
     An error of ``os.write``, ``os.fsync`` or ``os.ftruncate`` on a descriptor (``EIO``, ``ENOSPC``) names no
-    file; a message built from it must still say which file failed (docs/recording.md, "Strangers' files, round
-    10"). An error that names a file already is returned unchanged.
+    file; a message built from it must still say which file failed
+    (docs/recording.md, "Strangers' files, round 10"). An error that names a file already is returned unchanged.
     """
     if exc.filename is not None:
         return exc

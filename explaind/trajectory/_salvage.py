@@ -380,7 +380,7 @@ def _bound_names(held: str) -> list[str]:
 
 def _interrupted_salvage(target: Path) -> bool:
     """Whether ``target`` is what an interrupted salvage (or new recording) leaves: a directory with the set-up
-    marker, no manifest and only files named as explaind names its own (docs/recording.md, "What a crash keeps")."""
+    marker, no manifest and only files named as explaind names its own (docs/recording.md, "The store")."""
     if not target.is_dir() or target.is_symlink() or (target / MANIFEST).exists():
         return False
     try:
