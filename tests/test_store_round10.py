@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from _fault_injection import Injector
 from _kill_chain import STEPS as CHAIN_STEPS
-from _kill_chain import run_chain
-from _recording_helpers import resumable_reference, resumable_setup, resumable_step
+from _kill_chain import resume_to_the_end, run_chain
+from _recording_helpers import resumable_reference, resumable_setup
 from test_store_faults import _assert_same
 from test_store_round5 import _read_all as _values  # everything a reader gets, after verify()
 from test_store_round5 import _same
@@ -111,17 +111,6 @@ def _writer(store: Path, every: int, steps: int) -> subprocess.Popen:
                             stderr=subprocess.PIPE)
 
 
-def _resume(store: Path, every: int, steps: int) -> int:
-    model, opt, X, y = resumable_setup()
-    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, resume=True,
-                                      checkpoint_every=every)
-    start = rec.restore()
-    with rec:
-        for s in range(start, steps):
-            resumable_step(model, opt, X, y, s, rec)
-    return start
-
-
 @pytest.mark.parametrize("every", [1, 3])
 def test_a_reader_and_copies_beside_a_writer_in_another_process(tmp_path, every):
     """A recording in another process; this one loads the store in a loop, copies it mid-run with ``cp -r`` and
@@ -159,10 +148,7 @@ def test_a_reader_and_copies_beside_a_writer_in_another_process(tmp_path, every)
         traj = explaind.Trajectory.load(copy, model=resumable_setup()[0])
         traj.verify()
         _assert_same(reference, traj)
-        _resume(copy, every, steps)
-        final = explaind.Trajectory.load(copy, model=resumable_setup()[0])
-        assert final.n_steps == steps
-        _assert_same(reference, final)
+        resume_to_the_end(copy, reference, steps, every)
 
 
 # --------------------------------------------------------------------------- a store moved, linked, mixed
@@ -372,6 +358,22 @@ class _Failing(Injector):
             raise OSError(self.code, os.strerror(self.code))
 
 
+def _resume_failing_at(failing: _Failing, store: Path, source: Path, k: int) -> str | None:
+    """Resume a copy of ``source`` at ``store`` by one step, the ``k``-th write operation failing: the
+    ``TrajectoryError`` message, or ``None`` when nothing failed (then the store holds the step)."""
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.copytree(source, store)
+    failing.start(kill_at=k)
+    try:
+        _record(store, 3, resume=True, background_writes=False)
+    except TrajectoryError as exc:
+        return str(exc)
+    finally:
+        failing.stop()
+    assert _load(store).n_steps == 3, failing.events[k]
+    return None
+
+
 def _file_of(events: list[str], k: int) -> str | None:
     """The file a descriptor operation at ``events[k]`` writes: the file opened last before it, or the journal (open
     since the store was opened) once the step's files were moved into place (``None`` for a flush, which may be of
@@ -403,18 +405,10 @@ def test_a_failure_at_each_write_call_of_a_step_names_the_file_and_loses_nothing
     last = next(i for i, e in enumerate(events) if e.startswith("create attributes.json")) - 1
     tried = 0
     for k in range(first, last):
-        shutil.rmtree(store)
-        shutil.copytree(templates / "two", store)
-        failing.start(kill_at=k)
-        try:
-            _record(store, 3, resume=True, background_writes=False)
-        except TrajectoryError as exc:
-            message = str(exc)
-        else:
+        message = _resume_failing_at(failing, store, templates / "two", k)
+        if message is None:
             assert events[k].startswith("mkdir"), events[k]  # an existing directory: nothing failed
             continue
-        finally:
-            failing.stop()
         tried += 1
         assert f"Writing step 2 of the trajectory store {str(store)!r} failed" in message, (events[k], message)
         assert re.search(rf"{os.strerror(code)}: '{re.escape(str(store))}/(steps|optimizer|journal)", message), \
@@ -443,18 +437,9 @@ def test_a_read_only_file_system_at_each_write_call_of_a_resumes_set_up(template
     events = failing.events
     tried = 0
     for k in range(events.index("mkdir steps")):
-        shutil.rmtree(store)
-        shutil.copytree(templates / "two", store)
-        failing.start(kill_at=k)
-        try:
-            _record(store, 3, resume=True, background_writes=False)
-        except TrajectoryError as exc:
-            message = str(exc)
-        else:
-            assert _load(store).n_steps == 3, events[k]  # an existing directory, or retried (the writer lock's link)
+        message = _resume_failing_at(failing, store, templates / "two", k)
+        if message is None:  # an existing directory, or retried (the writer lock's link)
             continue
-        finally:
-            failing.stop()
         tried += 1
         assert str(store) in message and "Read-only file system" in message, (events[k], message)
         assert _load(store).n_steps == 2
