@@ -244,3 +244,23 @@ def test_a_flipped_bit_in_a_dense_bound_step_is_still_not_found(templates, tmp_p
     _flip_theta(store / "steps/000001.safetensors")
     report = _salvage(store, tmp_path / "out")
     assert _how(report, "bound") == [0, 1, 2, 3]
+
+
+def test_a_store_of_a_newer_explaind_is_refused_with_the_upgrade_fix(templates, tmp_path):
+    """Its manifest written by explaind 99.0 (same schema), a journal line with a field this explaind does not
+    know. Now: refused naming the fix (upgrade), nothing written. Before: salvaged, the line taken as unreadable and
+    step 2 kept on its binding alone, without its checksum and the field (the step file of a real newer explaind
+    holds the field too: that step and every later one would have been dropped)."""
+    from test_store_round7 import _manifest, _write_manifest
+    store = Path(shutil.copytree(templates / "dense", tmp_path / "dense"))
+    manifest = _manifest(store)
+    manifest.update(steps=[], complete=False, explaind_version="99.0")
+    _write_manifest(store, manifest)
+    lines = (store / "journal.jsonl").read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"{", b'{"future_field": 1, ', 1)
+    (store / "journal.jsonl").write_bytes(b"".join(lines))
+    before = _snapshot(store)
+    with pytest.raises(TrajectoryError, match=r"Cannot salvage .* explaind 99\.0, newer than this one .*upgrade "
+                                              r"explaind.*Nothing was written"):
+        explaind.Trajectory.salvage(store, out=tmp_path / "out")
+    assert _snapshot(store) == before and not (tmp_path / "out").exists()

@@ -46,6 +46,7 @@ from ._index import (
     _canonical_manifest,
     _check_consistency,
     _journal_record,
+    _newer_writer,
     _parse_manifest,
     read_manifest,
 )
@@ -84,6 +85,9 @@ def _read_manifest(root: Path) -> TrajectoryManifest:
                               f"{MANIFEST} from a copy, or re-record the run.") from None
     manifest = _canonical_manifest(data) or _parse_manifest(data, root / MANIFEST)
     _check_consistency(manifest, root / MANIFEST)
+    newer = _newer_writer(manifest.explaind_version)
+    if newer is not None:  # its records may hold fields this explaind does not know: none would be proven
+        raise TrajectoryError(f"Cannot salvage {str(root)!r} with this explaind: {newer} Nothing was written.")
     return manifest
 
 
