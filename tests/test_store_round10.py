@@ -332,14 +332,22 @@ def test_a_store_whose_manifest_is_missing_but_whose_steps_exist_is_named_so(den
     assert _snapshot(dense) == before
 
 
-def test_load_on_an_empty_directory_and_on_a_file(tmp_path):
-    """Before and now: "not an explaind trajectory store", saying which (no manifest; a file)."""
+def test_load_on_an_empty_directory_and_on_a_file(dense, tmp_path):
+    """An empty directory: "not an explaind trajectory store: it has no manifest.json" (before and now). A file: now
+    the fix names the store's directory when the file is its ``manifest.json``, journal or a step file, else says
+    to pass a store's directory. Before: "Record one with TrajectoryRecorder(..., store=<the file>)", which refuses
+    a file."""
     (tmp_path / "empty").mkdir()
     with pytest.raises(TrajectoryError, match="not an explaind trajectory store: it has no manifest.json"):
         explaind.Trajectory.load(tmp_path / "empty", model=_model())
     (tmp_path / "file").write_text("x")
-    with pytest.raises(TrajectoryError, match="not an explaind trajectory store: it is a file, not a directory"):
+    with pytest.raises(TrajectoryError, match=r"it is a file, not a directory\. Fix: pass the directory of a store "
+                                              r"\(the folder that holds manifest\.json\)\.$"):
         explaind.Trajectory.load(tmp_path / "file", model=_model())
+    for inner in ("manifest.json", "journal.jsonl", "steps/000001.safetensors"):
+        with pytest.raises(TrajectoryError, match=rf"it is a file, not a directory\. Fix: pass the store's directory, "
+                                                  rf"'{re.escape(str(dense))}'\.$"):
+            explaind.Trajectory.load(dense / inner, model=_model())
 
 
 # --------------------------------------------------------------------------- a file system failing at each call

@@ -244,7 +244,13 @@ def _find_manifest(root: Path, path: Path) -> None:
     if not root.exists():
         what = "it does not exist"
     elif not root.is_dir():
-        what = "it is a file, not a directory"
+        inside = root.parent if root.name in (MANIFEST, JOURNAL) or root.parent.name in ("steps", "optimizer") else None
+        if inside is not None and inside.name in ("steps", "optimizer"):
+            inside = inside.parent
+        fix = (f"pass the store's directory, {str(inside)!r}" if inside is not None and (inside / MANIFEST).is_file()
+               else "pass the directory of a store (the folder that holds manifest.json)")
+        raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: it is a file, not a directory. "
+                              f"Fix: {fix}.")
     elif (root / SETUP).exists():
         what = (f"it holds {SETUP} and no manifest.json yet: a recording is setting it up (its manifest appears "
                 f"once its start files are written) or was interrupted before it recorded anything")
