@@ -76,9 +76,23 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     except OSError as exc:
         if exc.errno not in _NO_DIRECTORY_FSYNC:
-            raise
+            raise naming(exc, directory) from exc
     finally:
         os.close(fd)
+
+
+def naming(exc: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``exc`` naming the file ``path`` where it names none.
+
+    An error of ``os.write``, ``os.fsync`` or ``os.ftruncate`` on a descriptor (``EIO``, ``ENOSPC``) names no
+    file; a message built from it must still say which file failed
+    (docs/recording.md, "Strangers' files, round 10"). An error that names a file already is returned unchanged.
+    """
+    if exc.filename is not None:
+        return exc
+    if exc.errno is None:
+        return OSError(f"{exc} ({os.fspath(path)!r})")
+    return OSError(exc.errno, exc.strerror, os.fspath(path))
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -142,11 +156,14 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, fsync: bool
     payload = data.encode("utf-8") if isinstance(data, str) else data
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            if fsync:
-                os.fsync(fh.fileno())
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                if fsync:
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            raise naming(exc, target) from exc
 
     replace_with(target, write)
     if fsync if fsync_dir is None else fsync_dir:

@@ -9,6 +9,10 @@ opened with ``resume=True`` and the recording goes on from where the store ends.
 
   - ``write``: inside a tensor file's ``os.write`` on the store's file-I/O thread, after half of the
     chunk is written (a torn write);
+  - ``writeto:<name>``: the same, counting only writes into a file whose store-relative path starts with
+    ``<name>`` (``optimizer/checkpoint-``: a sparse store's checkpoint state written in the background);
+  - ``restored``: right after ``rec.restore()`` of a resumed recording returns (its writer lock held, nothing
+    of the resume written yet);
   - ``journal``: inside the append of a group of committed steps to ``journal.jsonl``, after half
     of its bytes reached the file (a torn journal line);
   - ``copy``: inside the optimizer-state copier thread, after half of the state's tensors are copied;
@@ -80,6 +84,19 @@ def _arm(store: Path, point: str, k: int) -> None:
             return real_write_all(fd, data)
 
         _filewrite._write_all = write_all
+    elif point.startswith("writeto:"):
+        real_write_all, name = _filewrite._write_all, point.partition(":")[2]
+
+        def write_all(fd, data):
+            target = os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), os.path.realpath(store))
+            if target.startswith(name) and arrived():
+                os.write(fd, data[: len(data) // 2])
+                _die(store)
+            return real_write_all(fd, data)
+
+        _filewrite._write_all = write_all
+    elif point == "restored":
+        pass  # main() kills after restore()
     elif point == "journal":
         class Journal:
             def __init__(self, raw):
@@ -135,6 +152,8 @@ def main(store: Path, every: int, steps: int, point: str, k: int) -> None:
     rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, resume=resume,
                                       checkpoint_every=every)
     start = rec.restore() if resume else 0
+    if point == "restored" and resume:
+        _die(store)
     with rec:
         for s in range(start, steps):
             resumable_step(model, opt, X, y, s, rec)

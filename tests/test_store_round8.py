@@ -206,7 +206,8 @@ def test_a_full_disk_in_a_step_file_says_that_step_is_not_stored(tmp_path, templ
 
     monkeypatch.setattr(os, "write", write)
     with pytest.raises(TrajectoryError, match=r"Writing step 2 of the trajectory store .* failed: OSError: \[Errno "
-                                              r"28\] No space left on device\. On disk: steps 0 to 1 are stored "
+                                              r"28\] No space left on device: '.*/steps/000002\.safetensors'\. On "
+                                              r"disk: steps 0 to 1 are stored "
                                               r"\(their journal lines written and flushed\); step 2 is not.*fix the "
                                               r"cause and resume"):
         _record(tmp_path / "run", 2 * STEPS, fsync=True, background_writes=False)

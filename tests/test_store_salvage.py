@@ -261,17 +261,6 @@ def test_a_sparse_store_with_a_corrupted_line_beside_its_complete_manifest_keeps
     assert _same(_values(tmp_path / "out"), _values(templates / "sparse"))
 
 
-def test_a_sparse_step_without_its_journal_line_ends_the_salvage(sparse, tmp_path):
-    """A sparse step is proven by its record only (the checksum of the checkpoint state its segment is replayed
-    from is there): steps 0 to 2 are kept, step 3 dropped naming why, the later ones as following it."""
-    lines = _journal_only(sparse)
-    lines[3] = b"#" + lines[3][1:]
-    (sparse / "journal.jsonl").write_bytes(b"".join(lines))
-    report = _salvage(sparse, tmp_path / "out")
-    assert _how(report, "checksum") == [0, 1, 2] and [s for s, _ in report.dropped] == [3, 4, 5, 6]
-    assert "sparse store (checkpoint_every=3) is proven only by its record" in report.dropped[0][1]
-
-
 def test_a_damaged_checkpoint_state_ends_the_salvage_after_its_step(sparse, templates, tmp_path):
     """The checkpoint state after step 5 with a flipped bit: step 5 is kept (its file holds theta_6), step 6, which
     is replayed from that state, dropped naming the file; a resume starts from step 0 and equals the longer run."""

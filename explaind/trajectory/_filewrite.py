@@ -55,7 +55,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .._io import fsync_directory, temporary_path
+from .._io import fsync_directory, naming, temporary_path
 from .._io import write_all as _write_all  # whole, retrying EINTR/EAGAIN (a module name the tests replace)
 from ._checksum import DEFAULT, hasher, validate_algorithm
 from .manifest import FileRecord
@@ -180,6 +180,9 @@ class TensorFileWriter:
         with self._lock:
             try:
                 fd, digest = self._write_file(tmp, head, pieces, size)
+            except OSError as exc:  # from os.write on a descriptor: the error names no file
+                tmp.unlink(missing_ok=True)
+                raise naming(exc, target) from exc
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -202,7 +205,7 @@ class TensorFileWriter:
         try:
             try:
                 if fsync:
-                    self._fsync_all([f.fd for f in files])
+                    self._fsync_all(files)
             finally:
                 _close_all([f.fd for f in files])
             for f in files:
@@ -225,9 +228,10 @@ class TensorFileWriter:
         """``fsync`` each directory (so that the renames inside it survive a power loss), all at once."""
         self._concurrently([lambda d=d: fsync_directory(d) for d in directories])
 
-    def _fsync_all(self, fds: list[int]) -> None:
-        """``fsync`` every descriptor, each on a thread of its own when there are several."""
-        self._concurrently([lambda fd=fd: os.fsync(fd) for fd in fds])
+    def _fsync_all(self, files: list[Staged]) -> None:
+        """``fsync`` every staged file, each on a thread of its own when there are several (an error names the
+        file)."""
+        self._concurrently([lambda f=f: _fsync_named(f) for f in files])
 
     def _concurrently(self, jobs: list[Callable[[], None]]) -> None:
         """Run ``jobs`` (each a flush: it waits for the device), several at once; all are waited for, also
@@ -317,6 +321,13 @@ class TensorFileWriter:
             os.close(fd)
             raise
         return fd, digest.hexdigest()
+
+
+def _fsync_named(file: Staged) -> None:
+    try:
+        os.fsync(file.fd)
+    except OSError as exc:
+        raise naming(exc, file.target) from exc
 
 
 def _spans(head: bytes, pieces: list[tuple[Tensor, int, int]]) -> Iterator[tuple[memoryview, int]]:

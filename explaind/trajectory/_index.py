@@ -13,6 +13,7 @@ import codecs
 import errno
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
-from ._layout import JOURNAL, MANIFEST, SETUP
+from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE
 from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
 __all__ = ["read_manifest", "strict_json", "validation_problems", "MAX_INDEX_BYTES"]
@@ -47,8 +48,19 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number (explaind writes no NaN or infinity)")
 
 
+def _finite_float(text: str) -> float:
+    """``parse_float`` of :func:`strict_json`: a number too large for a float64 (``1e400``) is infinity by another
+    spelling, refused like the ``Infinity`` literal."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} overflows a float64 to infinity (explaind writes finite numbers "
+                         f"only)")
+    return value
+
+
 #: one decoder for every strict parse (``json.loads`` with hooks builds a new one per call)
-_STRICT = json.JSONDecoder(object_pairs_hook=_no_repeated_keys, parse_constant=_no_constant)
+_STRICT = json.JSONDecoder(object_pairs_hook=_no_repeated_keys, parse_constant=_no_constant,
+                           parse_float=_finite_float)
 _STRICT_KEYS = json.JSONDecoder(object_pairs_hook=_no_repeated_keys)
 
 
@@ -116,8 +128,13 @@ def _problem(exc: ValueError) -> str:
     return validation_problems(exc, 1) if isinstance(exc, ValidationError) else str(exc)
 
 
-def _read_journal(root: Path) -> list[tuple[int, bytes, StepRecord]]:
-    """``(line number, line, record)`` of every readable journal line (a torn or unreadable last line left out)."""
+def _read_journal(root: Path, newer: str | None = None) -> list[tuple[int, bytes, StepRecord]]:
+    """``(line number, line, record)`` of every readable journal line (a torn or unreadable last line left out).
+
+    ``newer``: the fix when a newer explaind wrote the manifest (:func:`_newer_writer`); a complete line this
+    explaind cannot validate is then refused with that fix, wherever it is (a line of fields this version does not
+    know is no torn write, and a resume would replace that step).
+    """
     path = root / JOURNAL
     try:
         data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
@@ -135,6 +152,9 @@ def _read_journal(root: Path) -> list[tuple[int, bytes, StepRecord]]:
         try:
             records.append((i + 1, line, _journal_record(line)))
         except ValueError as exc:  # a ValidationError too
+            if newer is not None and isinstance(exc, ValidationError) and i < len(lines) - 1:
+                raise TrajectoryError(f"Trajectory journal {str(path)!r} line {i + 1} holds a step record this "
+                                      f"explaind cannot read: {_problem(exc)}. {newer}") from None
             if all(not rest.strip() for rest in lines[i + 1 :]):
                 torn = i == len(lines) - 1  # no newline after it: the write was cut off
                 logger.warning("Ignoring the %s last line of %s (%s); its step is not part of the run.", "incomplete"
@@ -224,14 +244,40 @@ def _find_manifest(root: Path, path: Path) -> None:
     if not root.exists():
         what = "it does not exist"
     elif not root.is_dir():
-        what = "it is a file, not a directory"
+        inside = root.parent if root.name in (MANIFEST, JOURNAL) or root.parent.name in ("steps", "optimizer") else None
+        if inside is not None and inside.name in ("steps", "optimizer"):
+            inside = inside.parent
+        fix = (f"pass the store's directory, {str(inside)!r}" if inside is not None and (inside / MANIFEST).is_file()
+               else "pass the directory of a store (the folder that holds manifest.json)")
+        raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: it is a file, not a directory. "
+                              f"Fix: {fix}.")
     elif (root / SETUP).exists():
         what = (f"it holds {SETUP} and no manifest.json yet: a recording is setting it up (its manifest appears "
                 f"once its start files are written) or was interrupted before it recorded anything")
     else:
         what = "it has no manifest.json"
+        recorded = recorded_files(root)
+        if recorded:
+            raise TrajectoryError(
+                f"The trajectory store {str(root)!r} has lost its manifest.json: it holds {recorded} of a recording, "
+                f"but the manifest that describes the run (its parameters, optimizer, loss and start files, against "
+                f"which every step file is checked) is missing, deleted or lost. Nothing was changed, and nothing "
+                f"recorded can be checked or salvaged without it. Fix: restore manifest.json from a copy of the store "
+                f"(or the whole store); else re-record the run into a new directory.")
     raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: {what}. Record one with "
                           f"TrajectoryRecorder(..., store={str(root)!r}).")
+
+
+def recorded_files(root: Path) -> str:
+    """What of a recording a directory without a manifest holds: its journal and step files ("" for neither)."""
+    held = [JOURNAL] if (root / JOURNAL).is_file() else []
+    try:
+        steps = sum(1 for name in os.listdir(root / "steps") if STEP_FILE.fullmatch(name))
+    except OSError:
+        steps = 0
+    if steps:
+        held.append(f"the files of {steps} step(s) (steps/)")
+    return " and ".join(held)
 
 
 def read_manifest(root: str | Path) -> TrajectoryManifest:
@@ -258,7 +304,7 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
         manifest = _parse_manifest(data, path)
     steps = list(manifest.steps)
     seen: dict[int, tuple[int, bytes]] = {}  # step -> its first line: number and bytes (no records kept alive)
-    for line, text, record in _read_journal(root):
+    for line, text, record in _read_journal(root, _newer_writer(manifest.explaind_version)):
         first = seen.setdefault(record.step, (line, text))
         if first[1] is not text and first[1] != text:
             _check_repeated(record, first, line, root)

@@ -158,10 +158,10 @@ def remove_store(root: Path, manifest: TrajectoryManifest | None, *, fsync: bool
 
 def remove_temporary_files(root: Path) -> None:
     """Delete temporary files left by interrupted atomic writes (``<name>.tmp-<pid>-<thread>``) in the store."""
-    for folder in (root, root / "steps", root / "optimizer"):
+    for folder, pattern in ((root, None), (root / "steps", STEP_FILE), (root / "optimizer", STATE_FILE)):
         if folder.is_dir() and not folder.is_symlink():
-            for p in folder.iterdir():
-                if TEMP_FILE.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
+            for p in folder.iterdir():  # only temporary names of explaind's own files: a stranger's x.tmp-1-2 stays
+                if TEMP_FILE.fullmatch(p.name) and _is_own(p.name, pattern) and (p.is_file() or p.is_symlink()):
                     p.unlink(missing_ok=True)
 
 

@@ -18,34 +18,52 @@ The trajectory is a prefix (step ``s`` needs the steps before it), so salvage st
 neither way and drops every later step, naming why. An optimizer state is kept with a step when its file matches
 its checksum (a ``"checksum"`` step's record) or is the slot written after that step (its ``n_steps``) and matches
 the layout and description its step file binds; a resume continues from the newest step kept with a state and
-records the steps after it again. A sparse store's steps are proven by their checksums only, and the segment
-after a checkpoint whose state fails is dropped (it is replayed from that state).
+records the steps after it again. A sparse store's step is proven the same two ways; proven by its binding, it
+keeps the checkpoint state and the audit's momentum its step file binds (:meth:`_Salvage._bound_states`), and its
+segment is checked again whenever it is read (replayed and compared with the theta stored at its end). The segment
+after a checkpoint whose state fails is dropped (it is replayed from that state). A store written before schema 3
+has no ``run`` entry in its step files, so none of its steps can be proven by its binding: a step file of another run
+of the same shapes would pass, and a dense step cannot be replayed without the gradient, which the store does not
+keep.
 """
 
 from __future__ import annotations
 
 import codecs
+import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from ..exceptions import TrajectoryError
-from ._binding import check_state, check_step_file, record_binding, run_binding
+from ._binding import AUDIT_PREFIX, check_state, check_step_file, record_binding, run_binding
 from ._checksum import checksum
 from ._index import (
     MAX_INDEX_BYTES,
     _canonical_manifest,
     _check_consistency,
     _journal_record,
+    _newer_writer,
     _parse_manifest,
     read_manifest,
 )
 from ._io import check_specs, decode_safetensors, read_confined, read_verified_bytes, store_root, write_bytes
-from ._layout import ATTRIBUTES, JOURNAL, MANIFEST, SETUP, STEP_FILE, mark_setup, step_path
+from ._layout import (
+    ATTRIBUTES,
+    JOURNAL,
+    MANIFEST,
+    SETUP,
+    STEP_FILE,
+    checkpoint_state_path,
+    mark_setup,
+    remove_store,
+    setup_leftover,
+    step_path,
+)
+from ._salvage_report import SalvageReport, steps_text
 from .lock import LOCK, live_writer
 from .manifest import FileRecord, StepRecord, TrajectoryManifest
 from .store import check_updates
@@ -55,55 +73,6 @@ __all__ = ["SalvageReport", "salvage_store"]
 logger = logging.getLogger(__name__)
 
 _SLOTS = ("optimizer/state-0.safetensors", "optimizer/state-1.safetensors")
-
-
-@dataclass
-class SalvageReport:
-    """What :func:`salvage_store` kept and dropped.
-
-    Attributes
-    ----------
-    source, out : Path
-        The damaged store (unchanged) and the new one.
-    kept : list of (int, str)
-        Each step kept and how it was proven: ``"checksum"`` or ``"bound"`` (module docstring).
-    dropped : list of (int, str)
-        Each step of the damaged store (in its index or as a step file) that was not kept, and why.
-    unreadable_lines : list of (int, str)
-        Journal lines that do not parse: line number and the problem (line 0: the journal as a whole could not
-        be read, e.g. a directory in its place; every step is then proven by its file alone).
-    states : list of (int, str)
-        Each step kept with its optimizer state, and how the state was proven.
-    resume_at : int
-        The step a resume of ``out`` continues from (the newest step kept with a state; 0: from the start).
-    """
-
-    source: Path
-    out: Path
-    kept: list[tuple[int, str]] = field(default_factory=list)
-    dropped: list[tuple[int, str]] = field(default_factory=list)
-    unreadable_lines: list[tuple[int, str]] = field(default_factory=list)
-    states: list[tuple[int, str]] = field(default_factory=list)
-    resume_at: int = 0
-
-    def __str__(self) -> str:
-        by = {how: [s for s, h in self.kept if h == how] for how in ("checksum", "bound")}
-        lines = [f"Salvaged {len(self.kept)} step(s) of {str(self.source)!r} into {str(self.out)!r} (the damaged "
-                 f"store is unchanged).",
-                 f"kept, proven by their checksums: {_steps(by['checksum'])}",
-                 f"kept, proven by their own record and binding only (no checksum): {_steps(by['bound'])}"]
-        lines += [f"unreadable journal{f' line {n}' if n else ''}: {problem}" for n, problem in self.unreadable_lines]
-        lines += [f"dropped step {s}: {why}" for s, why in self.dropped]
-        lines.append(f"a resume continues from step {self.resume_at}" + ("" if self.resume_at == len(self.kept) else
-                     f" (the newest step kept with its optimizer state); steps {self.resume_at} to "
-                     f"{len(self.kept) - 1} are recorded again"))
-        return "\n".join(lines)
-
-
-def _steps(steps: list[int]) -> str:
-    if not steps:
-        return "none"
-    return ", ".join(str(s) for s in steps[:20]) + (f", ... ({len(steps)} in all)" if len(steps) > 20 else "")
 
 
 def _read_manifest(root: Path) -> TrajectoryManifest:
@@ -116,6 +85,9 @@ def _read_manifest(root: Path) -> TrajectoryManifest:
                               f"{MANIFEST} from a copy, or re-record the run.") from None
     manifest = _canonical_manifest(data) or _parse_manifest(data, root / MANIFEST)
     _check_consistency(manifest, root / MANIFEST)
+    newer = _newer_writer(manifest.explaind_version)
+    if newer is not None:  # its records may hold fields this explaind does not know: none would be proven
+        raise TrajectoryError(f"Cannot salvage {str(root)!r} with this explaind: {newer} Nothing was written.")
     return manifest
 
 
@@ -148,7 +120,7 @@ class _Salvage:
         self.root, self.out = root, out
         self.report = SalvageReport(source=root, out=out)
         self.manifest = _read_manifest(root)
-        self.sparse = self.manifest.param_stride != 1
+        self.sparse = self.report.sparse = self.manifest.param_stride != 1
         self.run = run_binding(self.manifest)
         self.candidates = _journal(root, self.report)
         for record in self.manifest.steps:
@@ -215,10 +187,6 @@ class _Salvage:
         if self.run is None:
             return None, (f"its file cannot be proven without its journal record: the store was written before "
                           f"schema 3, so {relpath} does not bind the run")
-        if self.sparse:
-            return None, (f"a step of a sparse store (checkpoint_every={self.manifest.param_stride}) is proven only "
-                          f"by its record: the checksum of the checkpoint state its segment is replayed from is "
-                          f"kept there")
         try:
             data = read_confined(self.root, relpath, self._step_limit(), "Trajectory file")
         except FileNotFoundError:
@@ -237,7 +205,7 @@ class _Salvage:
             record = _journal_record(held.encode())
             if record.step != s or record_binding(record) != held:
                 raise ValueError("its 'record' entry is not the record explaind writes for this step")
-            if not record.has_params:
+            if not record.has_params and not self.sparse:
                 raise ValueError("its record says it holds no theta, which every step file of a dense store holds")
             check_step_file(meta, record, self.run, where)  # the step, its record, the run (identity, start files)
             self._check_tensors(tensors, where, record)
@@ -246,6 +214,34 @@ class _Salvage:
         file = FileRecord(path=relpath, nbytes=len(data), checksum=checksum(data))
         self.files[relpath], self.metas[s] = file, meta
         return record.model_copy(update={"file": file}), ""
+
+    def _bound_states(self, record: StepRecord) -> tuple[StepRecord, str]:
+        """A sparse step proven by its binding, with the states its step file binds (its ``state`` entry): the
+        checkpoint state ``optimizer/checkpoint-<s>.safetensors`` and the audit's momentum, in the slot written after
+        the step (its ``n_steps``). Their checksums were kept only in the lost record, so each is taken by its bytes
+        as they are and checked against the binding by :meth:`_checkpoint`; ``why`` names a state the step file
+        binds that is missing (the steps replayed from it are then dropped)."""
+        held = self.metas[record.step].get("state")
+        if held is None:
+            return record, ""
+        names = _bound_names(held)
+        if not names:
+            return record, (f"its step file binds an optimizer state, but its 'state' entry names no tensor "
+                            f"explaind can read ({held[:80]!r}), and the record that named the state was lost")
+        update: dict[str, FileRecord] = {}
+        if any(not n.startswith(AUDIT_PREFIX) for n in names):
+            relpath = checkpoint_state_path(record.step)
+            try:
+                data = read_confined(self.root, relpath, self._step_limit(), "Trajectory optimizer state")
+            except (FileNotFoundError, TrajectoryError) as exc:
+                return record, (f"the checkpoint state after step {record.step} that it is replayed from, {relpath}, "
+                                f"cannot be read ({exc}), and the step's journal record that named it was lost")
+            update["optimizer_state"] = FileRecord(path=relpath, nbytes=len(data), checksum=checksum(data))
+        if any(n.startswith(AUDIT_PREFIX) for n in names):
+            for path, (data, _tensors, state_meta) in self.slots.items():
+                if state_meta.get("n_steps") == str(record.step + 1) and "optimizer" not in state_meta:
+                    update["audit_state"] = FileRecord(path=path, nbytes=len(data), checksum=checksum(data))
+        return record.model_copy(update=update), ""
 
     def _step_limit(self) -> int:
         """The most bytes a step file is read: 16 times the start files (theta and its coefficients) plus 64 MiB."""
@@ -262,7 +258,8 @@ class _Salvage:
         audit state likewise, dropped when it fails (a later checkpoint took its slot)."""
         meta, relpath = self.metas[record.step], step_path(record.step)
         why = ""
-        for key, audit in (("optimizer_state", False if record.audit_state is not None else None),
+        split = any(n.startswith(AUDIT_PREFIX) for n in _bound_names(meta.get("state", "")))
+        for key, audit in (("optimizer_state", False if split else None),
                            ("audit_state", True)):
             state: FileRecord | None = getattr(record, key)
             if state is None:
@@ -324,7 +321,9 @@ class _Salvage:
                 stop = why
                 break
             why = ""
-            if self.sparse and (record.optimizer_state is not None or record.audit_state is not None):
+            if self.sparse and how == "bound":
+                record, why = self._bound_states(record)
+            if not why and self.sparse and (record.optimizer_state is not None or record.audit_state is not None):
                 record, why = self._checkpoint(record)
             kept.append(record)
             self.report.kept.append((s, how))
@@ -373,6 +372,28 @@ class _Salvage:
         read_manifest(out)  # the new store's index reads as a normal read reads it
 
 
+def _bound_names(held: str) -> list[str]:
+    """The tensor names of a step file's ``state`` entry (none where it does not parse: :func:`check_state` names
+    that problem when the state is checked)."""
+    try:
+        tensors = json.loads(held).get("tensors")
+    except (ValueError, RecursionError, AttributeError):
+        return []
+    return [str(name) for name in tensors] if isinstance(tensors, dict) else []
+
+
+def _interrupted_salvage(target: Path) -> bool:
+    """Whether ``target`` is what an interrupted salvage (or new recording) leaves: a directory with the set-up
+    marker, no manifest and only files named as explaind names its own (docs/recording.md, "The store")."""
+    if not target.is_dir() or target.is_symlink() or (target / MANIFEST).exists():
+        return False
+    try:
+        marked, foreign = setup_leftover(target)
+    except OSError:
+        return False
+    return marked and not foreign
+
+
 def _step_files(root: Path) -> list[int]:
     try:
         names = os.listdir(root / "steps")
@@ -409,6 +430,11 @@ def salvage_store(path: Any, out: Any) -> SalvageReport:
         raise TrajectoryError(f"salvage(out={str(out)!r}): the new store would lie inside the damaged one "
                               f"{str(root)!r}, which salvage never writes to. Allowed: a path outside it. Fix: pass "
                               f"e.g. out={str(root.parent / (root.name + '-salvaged'))!r}.")
+    if _interrupted_salvage(target):  # holds nothing recorded: the explaind files of a salvage killed mid-write
+        remove_store(target, None)
+        (target / SETUP).unlink()  # the directory is empty again; _write marks it anew
+        logger.info("salvage(out=%r): removed the files of an interrupted salvage or recording there (the set-up "
+                    "marker, no manifest).", str(target))
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise TrajectoryError(f"salvage(out={str(out)!r}): {str(target)!r} exists and is not an empty directory. "
                               f"Allowed: a new path or an empty directory. Fix: choose another out=, or remove it.")
@@ -428,5 +454,12 @@ def salvage_store(path: Any, out: Any) -> SalvageReport:
             "nothing vouches for the bytes of its tensors (its checksum was in the lost line), nor that it continues "
             "the step before it (a file of an abandoned continuation of the same run would pass). If a copy of the "
             "store exists, compare these steps with it; else re-record from step %d if you cannot vouch for them.",
-            str(root), _steps(bound), bound[0])
+            str(root), steps_text(bound), bound[0])
+        if report.sparse:
+            logger.warning(
+                "Trajectory.salvage(%r): this sparse store's steps %s are checked once more when read: each segment "
+                "is replayed from the checkpoint state before it and compared with the theta stored at its end, so a "
+                "damaged checkpoint state or step file shows as a replay gap (a warning naming the steps) or an "
+                "error; read every step once before trusting them.",
+                str(root), steps_text(bound))
     return report

@@ -37,6 +37,7 @@ from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_renormalising_embeddings, refuse_script_modules, refuse_sparse_embeddings
 from ..unsupported import refuse_unreplayable
 from ..unsupported_layers import refuse_unrecordable_layers
+from ._index import recorded_files
 from ._io import store_root
 from ._layout import remove_store, setup_leftover
 from ._random import loss_generators
@@ -170,6 +171,13 @@ def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     if not marked:
         foreign = sorted(p.name for p in root.iterdir() if not p.name.startswith(LOCK))
     listed = ", ".join(repr(f) for f in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    recorded = "" if marked else recorded_files(root)
+    if recorded:
+        raise TrajectoryError(
+            f"store={str(root)!r} holds {recorded} of a recording whose manifest.json is missing (deleted or lost), "
+            f"so it can be neither resumed nor replaced safely; nothing was changed. Fix: restore manifest.json from a "
+            f"copy of the store to read or resume it, or choose another store path."
+        )
     if foreign and not marked:
         raise TrajectoryError(
             f"store={str(root)!r} is a non-empty directory that is not an explaind trajectory store ({listed}); "

@@ -14,6 +14,7 @@ FIFO in its place is an error naming it (it is never followed, and reading it ne
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -200,8 +201,9 @@ class WriterLock:
             raise
         except OSError:  # no hard links on this file system
             pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        finally:  # a failure to remove it (EIO, EROFS) must not hide a lock taken: the next open removes it
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         try:
             write_all(fd, content)

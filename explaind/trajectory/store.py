@@ -17,11 +17,10 @@ Layout of a store directory::
     optimizer/state-{0,1}.safetensors   optimizer.state_dict() after the latest steps (for resuming)
     optimizer/checkpoint-000123.safetensors   a sparse store (checkpoint_every > 1): the optimizer
                                   state after each full checkpoint step, all kept (replay and resuming);
-                                  its steps hold theta_{s+1} only at checkpoints ("has_params"), and
-                                  every step file of it holds only "update.scalars" of the
-                                  coefficients (with the batch, changed buffers and random states as
-                                  in a dense store) plus a "replay" metadata entry
-                                  (explaind/trajectory/_sparse.py)
+                                  its steps hold theta_{s+1} only at checkpoints ("has_params"), and every
+                                  step file of it holds only "update.scalars" of the coefficients (with the
+                                  batch, changed buffers and random states as in a dense store) plus a
+                                  "replay" metadata entry (explaind/trajectory/_sparse.py)
 
 A step counts as complete once its journal line is written, which happens after its files were moved into place, so
 a crash loses at most the steps not yet committed. ``manifest.json`` is written last when a new store is set up (its
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._io import fsync_directory
+from .._io import fsync_directory, naming
 from ..exceptions import TrajectoryError
 from ..recurrence import COEFFICIENT_NAMES, LinearUpdate
 from ._background import QueueBudget, check_queue_bounds
@@ -216,33 +215,36 @@ class StoreWriter:
         self.manifest = manifest
         self.fsync = fsync
         self.keep_states = bool(keep_states)
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # a failed write's error, raised by the next call (_write_failure)
         self._appending: tuple[int, int] | None = None  # steps whose journal lines are being appended
         self._error_step: int | None = None
         self._run: str | None = None  # run_binding(manifest), at the first step (the start files are written then)
-        # slot (0/1) of the optimizer state of the last committed step; the next state goes to the other one
-        slot_of = (lambda r: r.audit_state) if keep_states else (lambda r: r.optimizer_state)
+        slot_of = (lambda r: r.audit_state) if keep_states else (lambda r: r.optimizer_state)  # the last state's slot
         last = next((slot_of(r) for r in reversed(manifest.steps) if slot_of(r) is not None), None)
         self._slot = 1 if last is not None and last.path.endswith("state-1.safetensors") else 0
         self._lock = threading.Lock()
         self._files = TensorFileWriter(checksum=self.checksum)  # one reused buffer, O_DIRECT where allowed
-        self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
-        remove_temporary_files(self.root)
-        if new:
-            mark_setup(self.root, fsync=fsync)
-        # a resumed store: drop a torn journal line before appending
-        self._write_journal(list(manifest.steps))
-        self._journal = open(self.root / JOURNAL, "ab")  # noqa: SIM115 - closed in close()
         self._queue: queue.Queue[Callable[[], None] | None] | None = None
         self._thread: threading.Thread | None = None
+        self._journal: Any = None  # opened below
         self._budget = QueueBudget(max_queue, MAX_QUEUE_BYTES if max_queue_bytes == "default" else max_queue_bytes)
-        if background:
-            self._queue = queue.Queue(maxsize=max(1, int(max_queue)))
-            self._thread = threading.Thread(target=self._worker, name="explaind-store-writer", daemon=True)
-            self._thread.start()
-        if not new:
-            self.write_manifest()
-            self._drop_marker()
+        self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
+        try:  # a failure from here (EROFS, EIO) gives the lock back: a later recorder (this process too) can open
+            remove_temporary_files(self.root)
+            if new:
+                mark_setup(self.root, fsync=fsync)
+            self._write_journal(list(manifest.steps))  # a resumed store: drop a torn journal line before appending
+            self._journal = open(self.root / JOURNAL, "ab")  # noqa: SIM115 - closed in close()
+            if background:
+                self._queue = queue.Queue(maxsize=max(1, int(max_queue)))
+                self._thread = threading.Thread(target=self._worker, name="explaind-store-writer", daemon=True)
+                self._thread.start()
+            if not new:
+                self.write_manifest()
+                self._drop_marker()
+        except BaseException:
+            self.abandon()
+            raise
 
     def finish_setup(self) -> None:
         """Write the manifest of a new store (after its start files): from now on it is a store."""
@@ -394,10 +396,13 @@ class StoreWriter:
                     self._files.flush_directories([self.root / "steps"] + ([self.root / "optimizer"]
                                                                            if last_state is not None else []))
                 self._appending = (done[0].step, done[-1].step)  # what a failure from here may leave (_write_failure)
-                self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
-                self._journal.flush()
-                if self.fsync:
-                    os.fsync(self._journal.fileno())
+                try:
+                    self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
+                    self._journal.flush()
+                    if self.fsync:
+                        os.fsync(self._journal.fileno())
+                except OSError as exc:  # on the open journal: the error names no file
+                    raise naming(exc, self.root / JOURNAL) from exc
                 with self._lock:
                     self.manifest.steps.extend(done)
                 self._appending = None
@@ -485,7 +490,8 @@ class StoreWriter:
             self._queue.put(None)
             self._thread.join()
             self._queue = None
-        self._journal.close()
+        if self._journal is not None:
+            self._journal.close()
         self._files.close()
 
     @property
