@@ -57,15 +57,6 @@ def _markup_data() -> tuple[dict[str, Tensor], Tensor]:
             torch.randint(0, 3, (ROWS,), generator=gen))
 
 
-def _layout_data() -> tuple[dict[str, Tensor], Tensor]:
-    """Token ids with one box ``(x0, y0, x1, y1)`` per token in ``0..1000`` and class labels."""
-    gen = torch.Generator().manual_seed(22)
-    ids = torch.randint(1, VOCAB, (ROWS, 8), generator=gen)
-    corners = torch.randint(0, 1001, (ROWS, 8, 4), generator=gen)
-    lo, hi = torch.minimum(corners[..., :2], corners[..., 2:]), torch.maximum(corners[..., :2], corners[..., 2:])
-    return {"input_ids": ids, "bbox": torch.cat([lo, hi], -1)}, torch.randint(0, 3, (ROWS,), generator=gen)
-
-
 CASES: dict[str, Case] = {
     # ---- causal LMs
     "granite": _lm("granite", transformers.GraniteForCausalLM, transformers.GraniteConfig, num_key_value_heads=1,
@@ -77,9 +68,11 @@ CASES: dict[str, Case] = {
                  head_dim=8, attention_dropout=P, **SMALL),
     "granite_moe_top2": _lm("granite_moe_top2", transformers.GraniteMoeForCausalLM, transformers.GraniteMoeConfig,
                             num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, attention_dropout=P,
+                            experts_implementation="batched_mm",
                             **SMALL),
     "olmoe_top2": _lm("olmoe_top2", transformers.OlmoeForCausalLM, transformers.OlmoeConfig, num_key_value_heads=1,
-                      num_experts=4, num_experts_per_tok=2, attention_dropout=P, **SMALL),
+                      num_experts=4, num_experts_per_tok=2, attention_dropout=P,
+                      experts_implementation="batched_mm", **SMALL),
     "recurrent_gemma": _lm("recurrent_gemma", transformers.RecurrentGemmaForCausalLM,
                            transformers.RecurrentGemmaConfig, vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, lru_width=16,
@@ -97,20 +90,18 @@ CASES: dict[str, Case] = {
         global_attn_every_n_layers=1, local_attention=8, attention_dropout=P, embedding_dropout=P, mlp_dropout=P,
         classifier_dropout=P, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
         num_labels=3), _texts()),
-    "fnet": _text("fnet", transformers.FNetForSequenceClassification, transformers.FNetConfig, vocab_size=VOCAB,
-                  hidden_size=16, num_hidden_layers=1, intermediate_size=32, max_position_embeddings=16,
-                  hidden_dropout_prob=P, use_tpu_fourier_optimizations=False, pad_token_id=None),
+    "fnet": dataclasses.replace(_text(
+        "fnet", transformers.FNetForSequenceClassification, transformers.FNetConfig, vocab_size=VOCAB,
+        hidden_size=16, num_hidden_layers=1, intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=P,
+        use_tpu_fourier_optimizations=False, pad_token_id=None), panels=16),
     "luke": _text("luke", transformers.LukeForSequenceClassification, transformers.LukeConfig, entity_vocab_size=8,
-                  entity_emb_size=8, pad_token_id=None, **TEXT),
+                  entity_emb_size=8, pad_token_id=0, **TEXT),
     "markuplm": classifier_case("markuplm", _build(
         transformers.MarkupLMForSequenceClassification, transformers.MarkupLMConfig, num_labels=3, max_depth=4,
         max_xpath_tag_unit_embeddings=8, max_xpath_subs_unit_embeddings=8, xpath_unit_hidden_size=8,
-        pad_token_id=None, **TEXT), _markup_data),
-    "lilt": classifier_case("lilt", _build(
-        transformers.LiltForSequenceClassification, transformers.LiltConfig, num_labels=3, channel_shrink_ratio=2,
-        pad_token_id=None, **TEXT), _layout_data),
+        pad_token_id=0, **TEXT), _markup_data),
     "xlm_roberta_xl": _text("xlm_roberta_xl", transformers.XLMRobertaXLForSequenceClassification,
-                            transformers.XLMRobertaXLConfig, pad_token_id=None, **TEXT),
+                            transformers.XLMRobertaXLConfig, pad_token_id=0, **TEXT),
     # ---- audio
     "data2vec_audio": classifier_case("data2vec_audio", _build(
         transformers.Data2VecAudioForSequenceClassification, transformers.Data2VecAudioConfig,

@@ -38,7 +38,7 @@ def row(name: str) -> str:
     every = {**CASES, **ROUTES, **bn}
     try:
         got = run(every[name], BufferReplayReference if name in bn or name in ROUTES else True)
-    except (ExplaindError, RuntimeError) as exc:
+    except (ExplaindError, RuntimeError, TypeError, ValueError) as exc:
         seconds = time.perf_counter() - start
         return f"| {name} | loud: {type(exc).__name__} | | | | | {seconds:.0f} | {_short(str(exc))} |"
     said = _short(got["warnings"][0]) if got["warnings"] else ""
