@@ -12,7 +12,7 @@ import math
 
 import torch
 import transformers
-from _zoo9_cases import P, _audio, _build, _images, _texts, causal_case, classifier_case
+from _zoo9_cases import P, _audio, _build, _drawn_tokens, _images, _texts, causal_case, classifier_case
 from _zoo9_kit import ROWS, VOCAB, Case, logits_of
 from _zoo10_cases import (
     BATCH_NORM,
@@ -180,8 +180,9 @@ def _levit_cache_emptied(build):
 
 
 ROUTES: dict[str, Case] = {
-    "vitmae_noise": Case("vitmae_noise", _build(transformers.ViTMAEForPreTraining, transformers.ViTMAEConfig,
-                                                **VITMAE), _masked_images(True),
+    "vitmae_noise": Case("vitmae_noise", _drawn_tokens(_build(transformers.ViTMAEForPreTraining,
+                                                              transformers.ViTMAEConfig, **VITMAE)),
+                         _masked_images(True),
                          lambda model, xb, yb: _all_patches_mse(model(**xb), yb), _all_patches_mse,
                          _per_row_patches_mse, target="loss"),
     "time_series_transformer_nll": _series_case("time_series_transformer_nll",
