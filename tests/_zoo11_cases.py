@@ -200,3 +200,44 @@ BATCH_NORM_MORE: dict[str, Case] = {
         transformers.RegNetForImageClassification, transformers.RegNetConfig, num_channels=3, embedding_size=8,
         hidden_sizes=[8, 16], depths=[1, 1], groups_width=4, hidden_act="gelu", num_labels=3)), _images()),
 }
+
+
+# ---------------------------------------------------------------- a depth head and its scale-invariant loss
+class Depth(torch.nn.Module):
+    """A module holding a depth estimator whose forward returns ``predicted_depth`` (the wrapper the refusal
+    names)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: Tensor) -> Tensor:
+        return self.model(**inputs).predicted_depth
+
+
+def _depth_data() -> tuple[dict[str, Tensor], Tensor]:
+    """16x16 images and positive depth maps at the 32x32 resolution GLPN predicts with two 2-strided blocks."""
+    X, _ = _images(seed=23)()
+    return X, 1.0 + torch.rand(ROWS, 32, 32, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+
+
+def _silog(out, y: Tensor) -> Tensor:
+    """GLPN's own loss (``SiLogLoss``): ``sqrt(mean(d^2) - 0.5 mean(d)^2)``, ``d = log y - log pred`` over the
+    batch's pixels."""
+    d = torch.log(y) - torch.log(out if isinstance(out, Tensor) else out.predicted_depth)
+    return torch.sqrt((d ** 2).mean() - 0.5 * d.mean() ** 2)
+
+
+def _loop_silog(out, y: Tensor) -> Tensor:
+    return torch.stack([_silog(out[k:k + 1], y[k:k + 1]) for k in range(len(y))])
+
+
+GLPN = dict(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+            patch_sizes=[3, 3], strides=[2, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], hidden_dropout_prob=P,
+            attention_probs_dropout_prob=P, drop_path_rate=0.0, decoder_hidden_size=16, head_in_index=-1)
+CASES["glpn"] = Case("glpn", _build(transformers.GLPNForDepthEstimation, transformers.GLPNConfig, **GLPN),
+                     _depth_data, lambda model, xb, yb: model(**xb, labels=yb).loss, _silog, _loop_silog,
+                     target=None)
+CASES["glpn_depth_silog"] = Case(
+    "glpn_depth_silog", lambda: Depth(_build(transformers.GLPNForDepthEstimation, transformers.GLPNConfig, **GLPN)()),
+    _depth_data, lambda model, xb, yb: _silog(model(**xb), yb), _silog, _loop_silog, target=None)

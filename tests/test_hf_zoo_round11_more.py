@@ -13,16 +13,17 @@ figures: ``python tests/hf_zoo_round11_table.py``).
   ``ReLUSquaredActivation``); LUKE and MarkupLM call Hugging Face's padding check (refusal as round 10's);
   RecurrentGemma applies a ``torch.autograd.Function`` without a ``jvp`` (refused, named); GraniteMoE and OLMoE
   route each token to its top 2 of 4 experts (``experts_implementation="batched_mm"``), a jump along the path the
-  estimators warn about.
+  estimators warn about; GLPN's depth output is refused naming ``predicted_depth``, and through that wrapper its
+  scale-invariant loss (no sum of per-sample terms) is refused at step 0.
 """
 
 from __future__ import annotations
 
 import pytest
-from _zoo9_kit import assert_exact, assert_float32_exact, run
+from _zoo9_kit import assert_exact, assert_float32_exact, record, run
 from _zoo11_cases import CASES
 
-from explaind.exceptions import UnsupportedModelError
+from explaind.exceptions import TrajectoryError, UnsupportedModelError
 
 pytest.importorskip("transformers")  # in the dev extra
 
@@ -69,3 +70,16 @@ def test_top2_routing_is_loud_at_its_jumps(name):
     got = run(CASES[name], reference=False)
     assert got["replica"] > 1e-3 and got["share"] <= 1e-9, got
     assert any("can jump" in w and "topk" in w for w in got["warnings"]), got["warnings"]
+
+
+def test_glpn_depth_output_is_refused_naming_predicted_depth():
+    with pytest.raises(UnsupportedModelError, match=r"'predicted_depth': \(4, 32, 32\).*"
+                                                    r"model\(\*\*inputs\)\.predicted_depth"):
+        record(CASES["glpn"])
+
+
+def test_glpn_scale_invariant_loss_is_refused_at_step_0_naming_the_unsplit_route():
+    """Through the wrapper the refusal names, GLPN's own loss, ``sqrt(mean(d^2) - 0.5 mean(d)^2)`` over the batch's
+    pixels, is no weighted sum of per-sample terms: the recorder refuses step 0 and names ``split=False``."""
+    with pytest.raises(TrajectoryError, match=r"Step 0: Loss 'custom:_silog'.*split=False"):
+        record(CASES["glpn_depth_silog"])
