@@ -12,7 +12,21 @@ import math
 
 import torch
 import transformers
-from _zoo9_cases import P, _audio, _build, _drawn_tokens, _images, _texts, causal_case, classifier_case
+from _zoo9_cases import (
+    S2S,
+    P,
+    _audio,
+    _build,
+    _drawn_tokens,
+    _images,
+    _loop_tokens,
+    _own_loss,
+    _shift,
+    _texts,
+    causal_case,
+    classifier_case,
+    seq2seq_case,
+)
 from _zoo9_kit import ROWS, VOCAB, Case, logits_of
 from _zoo10_cases import (
     BATCH_NORM,
@@ -241,3 +255,29 @@ CASES["glpn"] = Case("glpn", _build(transformers.GLPNForDepthEstimation, transfo
 CASES["glpn_depth_silog"] = Case(
     "glpn_depth_silog", lambda: Depth(_build(transformers.GLPNForDepthEstimation, transformers.GLPNConfig, **GLPN)()),
     _depth_data, lambda model, xb, yb: _silog(model(**xb), yb), _silog, _loop_silog, target=None)
+
+
+# ---------------------------------------------------------------- more causal LMs and encoder-decoders
+def _features() -> tuple[dict[str, Tensor], Tensor]:
+    """Filter-bank-like inputs (16 frames of 8 features) and target token ids (6, some padded with -100)."""
+    gen = torch.Generator().manual_seed(24)
+    labels = torch.randint(3, VOCAB, (ROWS, 6), generator=gen)
+    labels[::3, -2:] = -100
+    return ({"input_features": torch.randn(ROWS, 16, 8, generator=gen, dtype=torch.float64),
+             "decoder_input_ids": _shift(labels)}, labels)
+
+
+CASES["bamba"] = _lm("bamba", transformers.BambaForCausalLM, transformers.BambaConfig, num_key_value_heads=1,
+                     mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=4, mamba_chunk_size=4,
+                     mamba_d_conv=3, mamba_expand=2, attn_layer_indices=[1], attention_dropout=P,
+                     **{**SMALL, "num_hidden_layers": 2})
+CASES["prophetnet"] = seq2seq_case("prophetnet", _build(
+    transformers.ProphetNetForConditionalGeneration, transformers.ProphetNetConfig, vocab_size=VOCAB, hidden_size=16,
+    encoder_ffn_dim=32, decoder_ffn_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=2,
+    num_decoder_attention_heads=2, max_position_embeddings=16, ngram=2, num_buckets=8, relative_max_distance=16,
+    dropout=P, attention_dropout=P, activation_dropout=P, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    decoder_start_token_id=2, use_cache=False), _shift)
+CASES["speech2text"] = Case("speech2text", _build(
+    transformers.Speech2TextForConditionalGeneration, transformers.Speech2TextConfig, input_feat_per_channel=8,
+    input_channels=1, num_conv_layers=2, conv_kernel_sizes=[3, 3], conv_channels=16, max_source_positions=16,
+    max_target_positions=16, **S2S), _features, _own_loss, "token_cross_entropy", _loop_tokens)

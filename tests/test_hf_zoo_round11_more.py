@@ -14,7 +14,9 @@ figures: ``python tests/hf_zoo_round11_table.py``).
   RecurrentGemma applies a ``torch.autograd.Function`` without a ``jvp`` (refused, named); GraniteMoE and OLMoE
   route each token to its top 2 of 4 experts (``experts_implementation="batched_mm"``), a jump along the path the
   estimators warn about; GLPN's depth output is refused naming ``predicted_depth``, and through that wrapper its
-  scale-invariant loss (no sum of per-sample terms) is refused at step 0.
+  scale-invariant loss (no sum of per-sample terms) is refused at step 0; ProphetNet recorded with the token cross
+  entropy of its ``logits`` is refused by the gradient check (its own loss covers both prediction streams).
+* Bamba (Mamba-2 and attention) is exact to its float32 rounding.
 """
 
 from __future__ import annotations
@@ -83,3 +85,16 @@ def test_glpn_scale_invariant_loss_is_refused_at_step_0_naming_the_unsplit_route
     pixels, is no weighted sum of per-sample terms: the recorder refuses step 0 and names ``split=False``."""
     with pytest.raises(TrajectoryError, match=r"Step 0: Loss 'custom:_silog'.*split=False"):
         record(CASES["glpn_depth_silog"])
+
+
+def test_bamba_with_float32_inside_is_exact_to_that_rounding():
+    """Mamba-2 and attention layers (one each)."""
+    assert_float32_exact(run(CASES["bamba"]))
+
+
+def test_prophetnet_own_loss_is_not_the_token_cross_entropy_and_the_check_says_so():
+    """ProphetNet's own loss covers the logits of all its prediction streams (``ngram=2``), not only the returned
+    ``logits``; recorded as the token cross entropy of those, the gradient check refuses step 0."""
+    with pytest.raises(TrajectoryError, match=r"Step 0: the gradient from backward\(\) does not match the gradient "
+                                              r"of the logged batch under loss 'token_cross_entropy'"):
+        record(CASES["prophetnet"])
