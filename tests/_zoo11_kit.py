@@ -41,23 +41,18 @@ class BufferReplayReference(Float64ReplayReference):
         super().__init__(traj, X, **kwargs)
 
     def _logits(self, vec: Tensor, x: dict[str, Tensor]) -> Tensor:
-        with NoFloat32():
-            return logits_of(functional_call(self.model, {**self.constants, **self._beta, **self._unflat(vec)}, (), x))
-
-    def explained(self, vec: Tensor, xi: int) -> Tensor:
-        """The explained quantity of test input ``xi`` evaluated in a batch of two copies of it (the first row).
+        """The logits of the rows of ``x`` (one test input here), evaluated in a batch of each row twice.
 
         Not in a batch of one: torch's CPU backward of an evaluation-mode ``BatchNorm2d`` on a batch of one, when
         the gradient reaching it is a permuted view (CvT's projections flatten and transpose the normalised map), is
         not the derivative of the forward (measured on CvT against central differences and forward mode; a batch of
         two agrees with both).
         """
-        two = {k: torch.cat([v[xi:xi + 1]] * 2) if isinstance(v, Tensor) else v for k, v in self.inputs.items()}
-        out = self._logits(vec, two)[:1]
-        if isinstance(self.target, str):
-            return self._loss(out, self.y[xi:xi + 1]).reshape(1)
-        flat = out.reshape(-1)
-        return flat if self.target is None else flat[int(self.target[xi])].reshape(1)
+        twice = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in x.items()}
+        n = next(v for v in x.values() if isinstance(v, Tensor)).shape[0]
+        with NoFloat32():
+            out = functional_call(self.model, {**self.constants, **self._beta, **self._unflat(vec)}, (), twice)
+        return logits_of(out)[:n]
 
     def _compute_gradients(self) -> None:
         loss_fn = self._loss or self.traj.loss.implementation
