@@ -64,9 +64,16 @@ def _fields_hint(out: Any) -> str:
     pick = (f"torch.stack(model(**inputs).{stacked}, dim=-1) (its {len(fields[stacked])} tensors, e.g. a "
             f"distribution head's parameters, on a new last axis)" if stacked is not None
             else f"model(**inputs).{next(iter(fields))}")
+    scaler = ""
+    if stacked is not None and "loc" in fields and "scale" in fields:
+        scaler = (f" The output also holds 'loc' and 'scale' (a scaler's shift and scale), which rescale the head's "
+                  f"distribution (loc + scale * X): return them too, e.g. torch.stack([*out.{stacked}, "
+                  f"out.loc.reshape(n, 1).expand(-1, steps), out.scale.reshape(n, 1).expand(-1, steps)], dim=-1) "
+                  f"for one target series, and evaluate the log-likelihood at (y - loc) / scale minus log(scale).")
     return (f" It holds {fields}. Fix for a model you did not write: record and explain a module that holds it and "
             f"whose forward returns the tensor to explain, e.g. {pick}, train through that module, and give a loss "
-            f"callable that reads that tensor (a distribution's negative log-likelihood built from it, for one).")
+            f"callable that reads that tensor (a distribution's negative log-likelihood built from it, for one)."
+            f"{scaler}")
 
 
 def _split_logits(out: Any) -> Tensor | None:

@@ -126,10 +126,13 @@ class Float64ReplayReference(MappingReplayReference):
 
 
 def figures(case: Case, model: nn.Module, traj, X_test: dict[str, Tensor], y_test: Tensor,
-            reference: bool = True) -> dict[str, Any]:
+            reference: bool | type = True) -> dict[str, Any]:
     """Replica error against ``model`` (evaluation mode), residual share, ``keep=("train",)`` error against the
     replaying loop reference, that reference's own quadrature error (both NaN without ``reference``), the
-    conversions to float32 explaind found, the gradient check's largest mismatch and the explaind warnings raised."""
+    conversions to float32 explaind found, the gradient check's largest mismatch and the explaind warnings raised.
+
+    ``reference`` may name the reference class (default :class:`Float64ReplayReference`); one with a method
+    ``figures(attribution)`` adds the figures it returns."""
     with torch.no_grad():
         truth = logits_of(model(**X_test)).reshape(N_TEST, -1)
     with warnings.catch_warnings(record=True) as caught:
@@ -138,20 +141,22 @@ def figures(case: Case, model: nn.Module, traj, X_test: dict[str, Tensor], y_tes
         est = explaind.InfluenceEstimator(keep=("train",), target=case.target, tol=case.tol, device="cpu")
         att = est.fit(traj).transform(X_test, y_test if case.target == "loss" else None)
     train = ref_quad = float("nan")
+    more: dict[str, Any] = {}
     if reference:
         kwargs = dict(target=case.target, loss_fn=case.ref_loss, panels=case.panels)
         if case.target == "loss":
             kwargs["y"] = y_test
-        ref = Float64ReplayReference(traj, X_test, **kwargs)
+        ref = (reference if isinstance(reference, type) else Float64ReplayReference)(traj, X_test, **kwargs)
         train, ref_quad = rel_err(att.values, ref.kept(("train",))), float(ref.quad_error.abs().max())
+        more = ref.figures(att) if hasattr(ref, "figures") else {}
     return {"replica": rel_err(replica, truth), "share": float(att.meta["residual_share"]), "train": train,
             "ref_quad": ref_quad,
             "check": float(np.nanmax(traj.gradient_check())),
             "casts": len(att.meta.get("promoted_casts") or ()),
-            "warnings": [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]}
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)], **more}
 
 
-def run(case: Case, reference: bool = True) -> dict[str, Any]:
+def run(case: Case, reference: bool | type = True) -> dict[str, Any]:
     """:func:`record` then :func:`figures`."""
     return figures(case, *record(case), reference=reference)
 

@@ -65,8 +65,9 @@ def test_poolformer_is_exact():
 
 # ---------------------------------------------------------------- train-mode batch norm (running statistics move)
 def test_cvt_with_train_mode_batch_norm_replica_is_exact():
-    """CvT's convolutional projections hold batch norms whose running statistics move every step. The loop
-    reference does not replay them, so the train scores are not compared here; replica and residual share are."""
+    """CvT's convolutional projections hold batch norms whose running statistics move every step; replica and
+    residual share here, the train scores against a reference that replays the statistics in
+    tests/test_hf_zoo_round11.py."""
     got = run(BATCH_NORM["cvt"], reference=False)
     assert got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not got["warnings"], got
 

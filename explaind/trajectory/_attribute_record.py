@@ -252,7 +252,29 @@ def check_model(traj: Any, model: nn.Module | None, who: str, same_layout: bool 
                       f"measures it). Fix: set them back to the recorded values before explaining (or pass the "
                       f"model as it was recorded); a deliberate change the forward does not read can be left out "
                       f"by recording with TrajectoryRecorder(ignore_attributes=[...]), or this warning silenced "
-                      f"with warnings.filterwarnings('ignore', message='.*differs from the recording').")
+                      f"with warnings.filterwarnings('ignore', message='.*differs from the recording')."
+                      f"{_cache_hint([k for k in differ if _filled_cache(was.get(k), now.get(k))])}")
+
+
+def _filled_cache(was: str | None, now: str | None) -> bool:
+    """Whether an entry was an empty container (or absent) when recorded and holds tensors now: a cache the forward
+    fills in evaluation mode (LeViT's ``attention_bias_cache``)."""
+    return was in (None, "<_Empty>") and now is not None and "<tensor " in now
+
+
+def _cache_hint(names: list[str]) -> str:
+    """The fix for caches a forward fills (``""`` without any): setting them back once is not enough."""
+    if not names:
+        return ""
+    module, _, attr = names[0].rpartition(".")
+    return (f" {names[0]}{' and ' + str(len(names) - 1) + ' more' if len(names) > 1 else ''} was empty when "
+            f"recorded and holds tensors now: a cache the forward fills (in evaluation mode) and then reads instead "
+            f"of the parameters. Emptying it once before explaining is not enough: the engine's first forward fills "
+            f"it again from the parameters of that moment and every later step reads those. Empty it around every "
+            f"forward, with hooks registered before recording (hooks are part of the recorded state), e.g. for each "
+            f"module m holding it (here model.get_submodule({module!r})): "
+            f"m.register_forward_pre_hook(lambda m, args: setattr(m, {attr!r}, {{}})) and "
+            f"m.register_forward_hook(lambda m, args, out: setattr(m, {attr!r}, {{}})).")
 
 
 def _short(text: str | None) -> str:
