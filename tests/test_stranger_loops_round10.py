@@ -1,8 +1,8 @@
 """The tenth loops round: per-sample clipping, gradient surgery, teachers, loaders, padding, user schedulers.
 
 Cases in tests/_loops10_kit.py, the table in tests/stranger_loops_round10_table.py, documented in
-docs/guide_own_model.md, "Round 10: per-sample clipping, gradient surgery, teachers, loaders, padding, user
-schedulers".
+docs/guide_own_model.md, section
+"Round 10: per-sample clipping, gradient surgery, teachers, loaders, padding, user schedulers".
 
 Exact means: replica <= 1e-6 against the trained model in evaluation mode, residual share <= 1e-9 without a
 warning, ``keep=("train",)`` scores <= 1e-9 against the slow float64 loop reference, whose own per-step residual is
