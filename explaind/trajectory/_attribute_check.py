@@ -9,8 +9,9 @@ cached value kept for logging, are read by nothing). So at the step where a chan
 recorder runs the forward twice on the step's first logged micro-batch (at most
 :data:`TEST_SAMPLES` samples, the loop's modes, no gradient, the same random state both times,
 buffers copied so batch-norm statistics stay as they are): once as it is, once with the changed
-entries set back to their values at the previous step. Outputs :math:`f_{\text{new}}, f_{\text{old}}`
-that differ,
+entries set back to their values at the previous step (a forward that draws random numbers also in pairs under
+:data:`DRAWS` seeded states: a value read only on some draws changes no output on many).
+Outputs :math:`f_{\text{new}}, f_{\text{old}}` that differ,
 
 .. math:: \max |f_{\text{new}} - f_{\text{old}}| > 64\,\varepsilon \max |f_{\text{new}}|,
 
