@@ -34,6 +34,8 @@ EXACT = [
     "ddpm_each_steps_draws_as_train_data_rows", "ddpm_draws_in_training_forward_capture_random",
     "denoising_autoencoder_noise_in_forward", "gan_discriminator_fakes_as_train_data_rows",
     "dqn_target_network_as_buffers_copied_in_forward", "actor_critic_action_drawn_in_forward",
+    # the counter-buffer case's loop still raises the Python float p, which that forward never reads: accepted under
+    # the seeded states too, every step recorded exactly
     "seq2seq_gru_teacher_forcing", "scheduled_sampling_prob_from_counter_buffer", "simsiam_stop_gradient_in_loss",
     "mae_mask_drawn_in_training_forward", "nerf_positional_encoding_mlp", "unet1d_transposed_conv_skip",
     "siamese_contrastive_margin_pairs", "maml_inner_step_in_forward_torch_func",
@@ -100,29 +102,6 @@ def test_scheduled_sampling_probability_as_python_attribute_is_refused_at_step_1
     with pytest.raises(TrajectoryError, match=r"Step 1: .*forward reads it.*p \(Seq2Seq\): 0\.2 -> 0\.3.*"
                                               r"register_buffer\('step'"):
         CASES["scheduled_sampling_prob_python_attribute"]()
-
-
-def test_an_attribute_a_random_forward_does_not_read_is_still_accepted():
-    """The seeded states test the same forward twice under one state each: a counter the forward never reads,
-    changed every step of the scheduled-sampling model (which draws), is accepted and the run is exact."""
-    from _paradigms12_kit import Run, batches, seq_data, seq_loss
-    from _paradigms12_models import Seq2Seq
-    from replay_reference import BufferReference
-
-    inputs, tgt, X_test = seq_data()
-    model = Seq2Seq(sampling=True, schedule="buffer")
-    model.epoch = 0
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    torch.manual_seed(4)
-    rec = explaind.TrajectoryRecorder(model, opt, loss=seq_loss, train_data=(inputs, tgt), capture_random=True)
-    with rec:
-        for idx in batches():
-            opt.zero_grad()
-            seq_loss(model(inputs[idx]), tgt[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-            model.epoch += 1
-    assert_exact(figures("", Run(model, rec.trajectory, X_test, BufferReference)))
 
 
 def test_a_dqn_target_network_read_by_the_loss_callable_is_warned_naming_it():
