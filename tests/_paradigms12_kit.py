@@ -31,6 +31,7 @@ from _paradigms12_models import (
     Seq2Seq,
     Siamese,
     SimSiam,
+    SkipGram,
     TargetQ,
     TwoTowers,
     UNet1d,
@@ -318,6 +319,67 @@ def reinforce_in_loop() -> Run:
     return Run(model, rec.trajectory, X_test)
 
 
+def ppo_rollout() -> tuple[torch.Tensor, torch.Tensor]:
+    """One rollout of the initial policy (PPO's data for an update): states, and per state ``[a, advantage, old
+    log pi(a)]`` with the action drawn from that policy and a Gaussian advantage."""
+    X, _, _ = data()
+    g = gen(81)
+    with torch.no_grad():
+        logp = torch.log_softmax(q_net()(X), 1)
+    actions = torch.multinomial(logp.exp(), 1, generator=g)[:, 0]
+    advantage = torch.randn(N, generator=g, dtype=DT)
+    return X, torch.stack([actions.to(DT), advantage, logp[torch.arange(N), actions]], 1)
+
+
+def ppo_loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """PPO's clipped surrogate ``-min(rho A, clip(rho, 0.8, 1.2) A)``, ``rho = pi(a) / pi_old(a)``."""
+    ratio = torch.exp(torch.log_softmax(out, 1).gather(1, t[:, :1].long())[:, 0] - t[:, 2])
+    return -torch.minimum(ratio * t[:, 1], torch.clamp(ratio, 0.8, 1.2) * t[:, 1]).mean()
+
+
+def ppo(lr: float = 0.1, optim: str = "sgd") -> Run:
+    """PPO's update: minibatches over one fixed rollout of the old policy, the clipped surrogate per sample."""
+    S, info = ppo_rollout()
+    model = q_net()
+    opt = sgd(model, lr) if optim == "sgd" else torch.optim.Adam(model.parameters(), lr=lr)
+    return Run(model, record(model, opt, S, info, ppo_loss, batches()), data()[2])
+
+
+def skipgram_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """``N`` (center, context) pairs with zero negative columns, and 3 test rows with negatives."""
+    g = gen(91)
+    pairs = torch.randint(0, 8, (N, 2), generator=g).to(DT)
+    test = torch.randint(0, 8, (3, 5), generator=g).to(DT)
+    return torch.cat([pairs, torch.zeros(N, 3, dtype=DT)], 1), test
+
+
+def sgns_loss(out: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+    """Negative sampling: ``-log sigma(pos) - sum log sigma(-neg)``."""
+    return -(F.logsigmoid(out[:, 0]) + F.logsigmoid(-out[:, 1:]).sum(1)).mean()
+
+
+def skipgram(in_loop: bool = False) -> Run:
+    """Skip-gram with 3 negatives per pair: drawn in the training forward (``capture_random=True``), or drawn in
+    the loop and written into the batch's negative columns (``train_data`` the pairs)."""
+    rows, test = skipgram_data()
+    model = SkipGram(draw=not in_loop)
+    opt = sgd(model)
+    torch.manual_seed(4)
+    if not in_loop:
+        return Run(model, record(model, opt, rows, torch.zeros(N, dtype=DT), sgns_loss, batches(),
+                                 capture_random=True), test, ReplayReference)
+    rec = explaind.TrajectoryRecorder(model, opt, loss=sgns_loss, train_data=(rows, torch.zeros(N, dtype=DT)))
+    with rec:
+        for idx in batches():
+            batch = rows[idx].clone()
+            batch[:, 2:] = torch.randint(0, 8, (BATCH, 3)).to(DT)
+            opt.zero_grad()
+            sgns_loss(model(batch), None).backward()
+            rec.log_batch(idx)
+            opt.step()
+    return Run(model, rec.trajectory, test)
+
+
 # ---------------------------------------------------------------------------------------------- sequences
 
 
@@ -564,6 +626,8 @@ CASES: dict[str, Case] = {
     "reinforce_batch_mean_baseline_action_in_forward": reinforce_in_forward,
     "reinforce_actions_drawn_in_loop": reinforce_in_loop,
     "actor_critic_adam_lr1_untuned": lambda: actor_critic(lr=1.0),
+    "ppo_clipped_surrogate_fixed_rollout": ppo,
+    "ppo_clipped_surrogate_adam_lr1_untuned": lambda: ppo(lr=1.0, optim="adam"),
     # sequences
     "seq2seq_gru_teacher_forcing": seq2seq,
     "scheduled_sampling_prob_python_attribute": lambda: seq2seq(sampling=True),
@@ -577,6 +641,8 @@ CASES: dict[str, Case] = {
     "simsiam_sgd_lr3_untuned": lambda: simsiam(lr=3.0),
     "mae_mask_drawn_in_training_forward": mae,
     "mae_mask_drawn_in_loop": lambda: mae(in_loop=True),
+    "skipgram_negatives_drawn_in_training_forward": skipgram,
+    "skipgram_negatives_drawn_in_loop": lambda: skipgram(in_loop=True),
     # architectures and pairs
     "nerf_positional_encoding_mlp": nerf,
     "nerf_relu_adam_lr1_untuned": lambda: nerf(nn.ReLU, 1.0),

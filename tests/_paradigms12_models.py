@@ -295,3 +295,21 @@ class TargetQ(nn.Module):
         h = torch.tanh(nn.functional.linear(x[:, 6:], self.target_0_weight, self.target_0_bias))
         q_next = nn.functional.linear(h, self.target_2_weight, self.target_2_bias).amax(1, keepdim=True)
         return torch.cat([q, x[:, 5:6] + self.gamma * q_next], 1)
+
+
+class SkipGram(nn.Module):
+    """word2vec's skip-gram with negative sampling over 8 words: input ``[center, context, n1, n2, n3]`` (ids as
+    floats), output the scores ``[<u_c, v_ctx>, <u_c, v_n1>, ...]``. With ``draw`` the training forward draws the 3
+    negatives itself (``torch.randint``) in place of the input's; evaluation scores the input's."""
+
+    def __init__(self, draw: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.u, self.v = nn.Embedding(8, 4).to(DT), nn.Embedding(8, 4).to(DT)
+        self.draw = draw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()
+        if self.draw and self.training:
+            ids = torch.cat([ids[:, :2], torch.randint(0, 8, (len(x), 3))], 1)
+        return (self.u(ids[:, :1]) * self.v(ids[:, 1:])).sum(-1)

@@ -38,7 +38,8 @@ EXACT = [
     # the seeded states too, every step recorded exactly
     "seq2seq_gru_teacher_forcing", "scheduled_sampling_prob_from_counter_buffer", "simsiam_stop_gradient_in_loss",
     "mae_mask_drawn_in_training_forward", "nerf_positional_encoding_mlp", "unet1d_transposed_conv_skip",
-    "siamese_contrastive_margin_pairs", "maml_inner_step_in_forward_torch_func",
+    "siamese_contrastive_margin_pairs", "maml_inner_step_in_forward_torch_func", "ppo_clipped_surrogate_fixed_rollout",
+    "skipgram_negatives_drawn_in_training_forward",
 ]
 
 
@@ -49,7 +50,7 @@ def test_exact(case):
 
 @pytest.mark.parametrize("case", [c for c in DEFAULT_RULE if c != "nerf_relu_adam_lr1_untuned"])
 def test_untuned_rates_are_exact_at_the_default_tolerance(case):
-    """Adam at lr 1 (denoiser, actor-critic, seq2seq), SGD momentum at lr 2 (DQN) and 3 (SimSiam): the default
+    """Adam at lr 1 (denoiser, actor-critic, PPO, seq2seq), SGD momentum at lr 2 (DQN) and 3 (SimSiam): the default
     replica within 1e-6 of the trained model, residual share at rounding, no warning."""
     got = default_figures(CASES[case]())
     assert got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not got["warnings"], got
@@ -61,15 +62,17 @@ def test_an_untuned_relu_nerf_is_warned_naming_the_oscillation():
     assert got["replica"] > 1e-6 and any("a diverging or oscillating run" in w for w in got["warnings"]), got
 
 
-DRAWS = (r"Noise drawn anew at every step \(a diffusion model's timestep and noise, a masked autoencoder's mask\) "
-         r"makes each step's rows samples of their own: stack every step's draws as rows of train_data and log the "
-         r"step's own rows, or draw them inside the model's training forward and record with capture_random=True")
+DRAWS = (r"Noise drawn anew at every step \(a diffusion model's timestep and noise, a masked autoencoder's mask, "
+         r"word2vec's negative samples\) makes each step's rows samples of their own: stack every step's draws as "
+         r"rows of train_data and log the step's own rows, or draw them inside the model's training forward and "
+         r"record with capture_random=True")
 
 
 @pytest.mark.parametrize(("case", "match"), [
     # before: the fix named augmentations drawn once, which is no diffusion run; now the two exact fixes
     ("ddpm_noise_and_timestep_drawn_in_loop", r"received inputs that differ from train_data's rows.*" + DRAWS),
     ("mae_mask_drawn_in_loop", r"received inputs that differ from train_data's rows.*" + DRAWS),
+    ("skipgram_negatives_drawn_in_loop", r"received inputs that differ from train_data's rows.*" + DRAWS),
     # before: nothing about the rows the loop added
     ("gan_discriminator_fakes_drawn_in_loop",
      r"received 12 rows where 6 were logged: rows the loop adds to the batch \(a frozen generator's samples for a "

@@ -381,7 +381,8 @@ def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
            "as train_data exactly what the model trains on: augmentations drawn once before recording, every row "
            "padded to one length with forward masking the padding, each stage's dataset concatenated with its "
            "indices offset by the rows before it. Noise drawn anew at every step (a diffusion model's timestep and "
-           "noise, a masked autoencoder's mask) makes each step's rows samples of their own: stack every step's "
+           "noise, a masked autoencoder's mask, word2vec's negative samples) makes each step's rows samples of their "
+           "own: stack every step's "
            "draws as rows of train_data and log the step's own rows, or draw them inside the model's training "
            "forward and record with capture_random=True.")
     if len(inputs) == 1 and inputs[0].shape[0] == rows.shape[0] and inputs[0].shape[1:] != rows.shape[1:]:
