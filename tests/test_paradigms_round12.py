@@ -1,8 +1,8 @@
 """The twelfth round: whole training paradigms (diffusion, GANs, DQN, actor-critic, REINFORCE, seq2seq with scheduled
 sampling, CLIP, SimSiam, masked autoencoders, NeRF, U-Net, Siamese pairs, MAML, Reptile) as people write them.
 
-Cases in tests/_paradigms12_kit.py (models in tests/_paradigms12_models.py), the table in
-tests/paradigms_round12_table.py, documented in docs/guide_own_model.md, "Training paradigms".
+Cases in tests/_paradigms12_kit.py and tests/_paradigms12_draws.py (models in tests/_paradigms12_models.py), the table
+in tests/paradigms_round12_table.py, documented in docs/guide_own_model.md, "Training paradigms".
 
 Exact means: replica <= 1e-6 against the trained model in evaluation mode, residual share <= 1e-9 without a
 warning, ``keep=("train",)`` scores <= 1e-9 against the slow float64 loop reference (replaying the captured draws and
