@@ -187,12 +187,14 @@ def swa_run() -> tuple[nn.Module, Any, Any]:
 
 
 def measure(model: nn.Module, traj: Any, reference: type = Reference,
-            before_reference: Callable[[], None] | None = None) -> dict[str, Any]:
+            before_reference: Callable[[], None] | None = None, X_test: torch.Tensor | None = None) -> dict[str, Any]:
     """``replica`` (relative to ``model`` in evaluation mode), ``share`` (residual share), ``scores`` (train scores
     relative to ``reference``), ``reference_residual`` (its largest per-step residual relative to its largest
     update) and ``warnings`` (the estimator's ExplaindWarning messages). ``before_reference()`` runs after the
-    estimators and before the reference (e.g. switching checkpointing off: the loop reference runs plain torch)."""
-    _, _, X_test = data()
+    estimators and before the reference (e.g. switching checkpointing off: the loop reference runs plain torch).
+    ``X_test``: the test inputs (default: :func:`data`'s)."""
+    if X_test is None:
+        _, _, X_test = data()
     with torch.no_grad():
         truth = model.eval()(X_test)
     replica = rel_err(explaind.KernelReplica(**QUAD).fit(traj).predict(X_test), truth)

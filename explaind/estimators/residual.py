@@ -159,15 +159,16 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       f"shows up here too)")
     elif measured.size:
         causes.append("the gradient check passed at the checked steps, so look at the steps it did not check, and at "
-                      "what the check cannot see: it runs the model as it was at that step, while the engine "
-                      "replays every step with the model as it is now, so a value the forward or the loss callable "
-                      "reads that is neither a parameter nor a buffer and changed during training (a temperature or "
-                      "schedule kept as a Python attribute or in the loss callable's closure, a module-level global "
-                      "the forward reads, an EMA teacher's targets, a hook on every module registered or removed "
-                      "since with torch.nn.modules.module.register_module_forward_hook) makes the recomputed "
-                      "gradients differ — derive it in forward from a buffer the forward itself updates (an integer "
-                      "step counter), whose changes are recorded per step; keep global hooks as they were in "
-                      "training")
+                      "what the check cannot see: it runs the model as it was at that step, while the engine replays "
+                      "every step with the model as it is now, so a value the forward or the loss callable reads that "
+                      "is neither a parameter nor a buffer and changed during training (a temperature or schedule kept"
+                      " as a Python attribute or in the loss callable's closure, a module-level global the forward "
+                      "reads, an EMA teacher's targets, a DQN target network the loss callable reads, a hook on every "
+                      "module registered or removed since with torch.nn.modules.module.register_module_forward_hook) "
+                      "makes the recomputed gradients differ — derive it in forward from a buffer the forward itself "
+                      "updates (an integer step counter), whose changes are recorded per step (a target network: its "
+                      "weights as buffers the training forward copies every k steps, with capture_random=True); keep "
+                      "global hooks as they were in training")
     else:
         causes.append("the loss or the training data the engine recomputes gradients with may differ from the "
                       "loop's (a custom or class-weighted loss, data augmentation, a reordered train_data); no "

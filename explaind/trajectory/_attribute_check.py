@@ -9,8 +9,9 @@ cached value kept for logging, are read by nothing). So at the step where a chan
 recorder runs the forward twice on the step's first logged micro-batch (at most
 :data:`TEST_SAMPLES` samples, the loop's modes, no gradient, the same random state both times,
 buffers copied so batch-norm statistics stay as they are): once as it is, once with the changed
-entries set back to their values at the previous step. Outputs :math:`f_{\text{new}}, f_{\text{old}}`
-that differ,
+entries set back to their values at the previous step (a forward that draws random numbers also in pairs under
+:data:`DRAWS` seeded states: a value read only on some draws changes no output on many).
+Outputs :math:`f_{\text{new}}, f_{\text{old}}` that differ,
 
 .. math:: \max |f_{\text{new}} - f_{\text{old}}| > 64\,\varepsilon \max |f_{\text{new}}|,
 
@@ -45,6 +46,8 @@ logger = logging.getLogger("explaind.trajectory.recorder")
 
 #: Samples of the step's first micro-batch the forward is run on to test a change.
 TEST_SAMPLES = 64
+#: Random states a change is also tested under when the forward draws random numbers, and the first one's seed.
+DRAWS, DRAW_SEED = 8, 20251
 
 FIX = ("Fix: hold a tensor the forward reads as a buffer (self.register_buffer('mask', mask), recorded at every "
        "step) rather than a plain attribute or a list of tensors; set config fields (model.config...) before `with "
@@ -88,9 +91,12 @@ def _restored(changes: Sequence[Change], root: nn.Module) -> Iterator[None]:
                 entries[key] = value
 
 
-def _forward(model: nn.Module, x: Any, quiet: Callable[[], Any]) -> Tensor:
-    """The model's output on ``x`` as the loop runs it, without gradient, its buffers left untouched."""
+def _forward(model: nn.Module, x: Any, quiet: Callable[[], Any], seed: int | None = None) -> Tensor:
+    """The model's output on ``x`` as the loop runs it, without gradient, its buffers left untouched; ``seed``: torch's
+    generators seeded with it first (inside ``quiet``, so the loop's are untouched), else as the loop left them."""
     with quiet(), torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         return model_output(call_model(model, buffers, x)).detach()
 
@@ -108,15 +114,29 @@ def _differ(a: Tensor, b: Tensor) -> bool:
         float(b.abs().max())
 
 
+def _seeds(model: nn.Module, x: Any, quiet: Callable[[], Any], now: Tensor) -> list[int | None]:
+    """The random states a change is tested under: the loop's own (``None``), and when the forward draws random
+    numbers (its output under another seed differs) :data:`DRAWS` seeded ones too: a value read only on some draws
+    (scheduled sampling's probability, a masking ratio) changes no output on many of them."""
+    try:
+        drawn = _differ(_forward(model, x, quiet, DRAW_SEED), now)
+    except Exception:  # noqa: BLE001 - the test must not replace the loop's own error
+        drawn = False
+    return [None, *range(DRAW_SEED, DRAW_SEED + DRAWS)] if drawn else [None]
+
+
 def reading(model: nn.Module, changes: Sequence[Change], x: Any, quiet: Callable[[], Any]) -> list[Change] | None:
     """The changes the forward reads on ``x``: those whose old values give another output (tested one at a time
-    when there are at most 8, else together); ``None`` when the forward as it is fails (nothing can be told)."""
+    when there are at most 8, else together; under several random states when the forward draws, :func:`_seeds`);
+    ``None`` when the forward as it is fails (nothing can be told)."""
     try:
         now = _forward(model, x, quiet)
     except Exception as exc:  # noqa: BLE001 - the test must not replace the loop's own error
         logger.info("The attribute test forward failed (%s: %s); the changes are not tested.", type(exc).__name__,
                     exc)
         return None
+    seeds = _seeds(model, x, quiet, now)
+    nows: dict[int | None, Tensor] = {None: now}
     groups = [[c] for c in changes] if len(changes) <= 8 else [list(changes)]
     read = []
     for group in groups:
@@ -124,13 +144,17 @@ def reading(model: nn.Module, changes: Sequence[Change], x: Any, quiet: Callable
             read += group
             continue
         try:
-            with _restored(group, model):
-                before = _forward(model, x, quiet)
+            for seed in seeds:
+                if seed not in nows:
+                    nows[seed] = _forward(model, x, quiet, seed)
+                with _restored(group, model):
+                    before = _forward(model, x, quiet, seed)
+                if _differ(nows[seed], before):
+                    read += group
+                    break
         except Exception:  # noqa: BLE001 - the old state cannot even run on this batch: it is read
             read += group
             continue
-        if _differ(now, before):
-            read += group
     return read
 
 

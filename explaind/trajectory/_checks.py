@@ -16,9 +16,8 @@ steps pays about ``2 + log4(N) + N / AUTO_CHECK_EVERY`` extra batch gradients: a
 the start is found at step 0, a gradient carried over from the previous step at step 1, and one that
 starts at step ``t`` by step ``4 t`` at the latest (docs/recording.md).
 
-:func:`check_loss_decomposes` verifies once, on the first logged micro-batch, that a user loss
-callable equals the logged weights times its per-sample values (a class-weighted cross entropy with
-the default weights does not): forward passes only.
+:func:`check_loss_decomposes` verifies once, on the first logged micro-batch, that a user loss callable equals
+the logged weights times its per-sample values (a class-weighted cross entropy does not): forward passes only.
 """
 
 from __future__ import annotations
@@ -464,26 +463,27 @@ def check_batch_gradient(
                 + extra_outputs_hint(model, batch[0]) + (hint() if callable(hint) else hint)
                 + gradient_hooks_hint(model))
         raise TrajectoryError(
-            f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under "
-            f"loss {loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}; "
-            f"largest differences: {worst}).{hint} Check that loss= is the loss the loop trains with (a class-weighted "
-            f"or label-smoothed loss must be given as that same callable; a penalty on the parameters added to the "
-            f"loss by hand is no loss of the samples: express an L2 penalty lam*||theta||^2 as coupled weight "
-            f"decay, SGD or Adam with weight_decay=2*lam; an L1 penalty or a penalty on input gradients taken with "
-            f"create_graph=True, as WGAN-GP's, has none: leave it out of the run you record), that rec.log_batch() "
-            f"received the indices of every sample (and micro-batch) used in this step and of no other, with the "
-            f"loop's weights (a weighted mean sum(w * l) / sum(w): rec.log_batch(idx, weights=w / w.sum())) (a guard "
-            f"that skips optimizer.step() after rec.log_batch(), on a NaN or a loss spike, leaves that batch logged "
-            f"for the next step: decide before rec.log_batch()), that the model saw those rows of train_data as "
-            f"given (inputs mixed or augmented inside the loop, as mixup or CutMix do, are other samples: build "
-            f"them before recording and pass them, with their soft targets, as train_data), that no gradient carries "
-            f"over from an earlier backward (optimizer.zero_grad() clears only the optimizer's parameters: use "
-            f"model.zero_grad()), and that the model is deterministic in training mode (a layer that draws from a "
-            f"torch.Generator held outside its modules: pass it as TrajectoryRecorder(generators=[...]); random "
-            f"draws in forward outside nn.Dropout modules, such as F.dropout, F.scaled_dot_product_attention("
-            f"dropout_p > 0), torch.rand or np.random: pass capture_random=True; the same for a forward that reads a "
-            f"buffer it also updates, which is then replayed from the recorded buffers). Pass check_gradients=False "
-            f"to record anyway."
+            f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under loss "
+            f"{loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}; largest "
+            f"differences: {worst}).{hint} Check that loss= is the loss the loop trains with (a class-weighted or "
+            f"label-smoothed loss must be given as that same callable; a penalty on the parameters added to the loss "
+            f"by hand is no loss of the samples: express an L2 penalty lam*||theta||^2 as coupled weight decay, SGD or"
+            f" Adam with weight_decay=2*lam; an L1 penalty or a penalty on input gradients taken with "
+            f"create_graph=True, as WGAN-GP's, has none: leave it out of the run you record; MAML's inner step or a "
+            f"policy gradient's actions taken in the loop: move them into forward (torch.func.grad; actions as output "
+            f"columns, capture_random=True)), that rec.log_batch() received the indices of every sample (and "
+            f"micro-batch) used in this step and of no other, with the loop's weights (a weighted mean sum(w * l) / "
+            f"sum(w): rec.log_batch(idx, weights=w / w.sum())) (a guard that skips optimizer.step() after "
+            f"rec.log_batch(), on a NaN or a loss spike, leaves that batch logged for the next step: decide before "
+            f"rec.log_batch()), that the model saw those rows of train_data as given (inputs mixed or augmented inside"
+            f" the loop, as mixup or CutMix do, are other samples: build them before recording and pass them, with "
+            f"their soft targets, as train_data), that no gradient carries over from an earlier backward "
+            f"(optimizer.zero_grad() clears only the optimizer's parameters: use model.zero_grad()), and that the "
+            f"model is deterministic in training mode (a layer that draws from a torch.Generator held outside its "
+            f"modules: pass it as TrajectoryRecorder(generators=[...]); random draws in forward outside nn.Dropout "
+            f"modules, such as F.dropout, F.scaled_dot_product_attention(dropout_p > 0), torch.rand or np.random: pass"
+            f" capture_random=True; the same for a forward that reads a buffer it also updates, which is then replayed"
+            f" from the recorded buffers). Pass check_gradients=False to record anyway."
             f"{_autocast_hint(autocast, tol)}"
         )
     return GradientCheck(sigma=sigma, mismatch=rel)

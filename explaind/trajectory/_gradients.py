@@ -380,10 +380,20 @@ def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
            "batch to its own length) or taken from another dataset (a curriculum stage) are other samples. Fix: pass "
            "as train_data exactly what the model trains on: augmentations drawn once before recording, every row "
            "padded to one length with forward masking the padding, each stage's dataset concatenated with its "
-           "indices offset by the rows before it.")
+           "indices offset by the rows before it. Noise drawn anew at every step (a diffusion model's timestep and "
+           "noise, a masked autoencoder's mask, word2vec's negative samples) makes each step's rows samples of their "
+           "own: stack every step's "
+           "draws as rows of train_data and log the step's own rows, or draw them inside the model's training "
+           "forward and record with capture_random=True.")
     if len(inputs) == 1 and inputs[0].shape[0] == rows.shape[0] and inputs[0].shape[1:] != rows.shape[1:]:
         return (f" The model's training forward of this step received inputs of shape {tuple(inputs[0].shape)}, where "
                 f"train_data's rows at the logged indices have shape {tuple(rows.shape)}: {fix}")
+    if len(inputs) == 1 and inputs[0].shape[0] > rows.shape[0] and inputs[0].shape[1:] == rows.shape[1:]:
+        return (f" The model's training forward of this step received {inputs[0].shape[0]} rows where "
+                f"{rows.shape[0]} were logged: rows the loop adds to the batch (a frozen generator's samples for a "
+                f"discriminator, negatives drawn for a contrastive loss) are training samples too. Fix: stack them "
+                f"in train_data (drawn before recording, one row per step and slot) and log their indices with the "
+                f"batch's, rec.log_batch(torch.cat([idx, extra_idx])).")
     if sum(t.shape[0] for t in inputs) != rows.shape[0] or any(t.shape[1:] != rows.shape[1:] for t in inputs):
         return ""
     got = torch.cat([t.detach().to(rows.device, torch.float64) for t in inputs]).flatten(1)

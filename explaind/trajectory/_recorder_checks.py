@@ -176,7 +176,10 @@ def check_loss_decomposes(
         f"counted positions of each sample, (y[idx] != ignore_index).flatten(1).sum(1). A loss whose terms read "
         f"other samples of the batch (a "
         f"contrastive loss such as InfoNCE or SupCon, batch-hard triplet mining, a batch metric such as soft-F1) "
-        f"has no such split for any weights: record a per-sample loss for the run you want split over samples, or "
+        f"has no such split for any weights, nor has a detached batch statistic inside each term (REINFORCE's "
+        f"mean-reward baseline (r - r.mean()).detach(), advantages normalised over the batch: one sample alone has "
+        f"advantage 0; a baseline of the sample's own, a learned value head as in actor-critic, splits exactly): "
+        f"record a per-sample loss for the run you want split over samples, or "
         f"explain this one without that split (InfluenceEstimator(keep=('step', 'param'), split=False) reads only "
         f"the recorded updates, exact; record the run with check_gradients=False for that)."
     )
