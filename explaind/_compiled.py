@@ -4,7 +4,7 @@ explaind replays every training forward (and the recorder's loss) in eager PyTor
 captured before the loop's forward. ``torch.compile`` with a backend that generates its own kernels (inductor, the
 default) draws dropout masks and ``torch.rand`` values from its own random-number generator unless
 ``torch._inductor.config.fallback_random`` is set, so no replay draws them again. The eager backends
-(:data:`~explaind.models.EAGER_RANDOM_BACKENDS`) and inductor with ``fallback_random = True`` draw as torch does.
+(:data:`EAGER_RANDOM_BACKENDS`) and inductor with ``fallback_random = True`` draw as torch does.
 
 :func:`compiled_callables` finds what the recorder can see before the first step: a compiled module
 (``torch.compile(model)``, ``model.compile()``, a compiled submodule), a compiled function held by a module
@@ -23,10 +23,29 @@ from typing import Any
 from torch import nn
 
 from .exceptions import TrajectoryError
-from .models import EAGER_RANDOM_BACKENDS, compile_backend
 
-__all__ = ["FALLBACK_FIX", "compiled_callables", "compiled_frames", "function_backend", "refuse_compiled_at_step",
-           "replays_draws"]
+__all__ = ["EAGER_RANDOM_BACKENDS", "FALLBACK_FIX", "compile_backend", "compiled_callables", "compiled_frames",
+           "function_backend", "refuse_compiled_at_step", "replays_draws"]
+
+
+#: ``torch.compile`` backends that run dropout with eager PyTorch's random number generator.
+EAGER_RANDOM_BACKENDS = ("eager", "aot_eager")
+
+
+def compile_backend(model: nn.Module) -> str | None:
+    """The ``torch.compile`` backend's name of a compiled module (``"?"`` when unknown), ``None`` if not compiled."""
+    if hasattr(model, "_orig_mod") and hasattr(model, "dynamo_ctx"):  # torch.compile(model)
+        context = model.dynamo_ctx
+    elif getattr(model, "_compiled_call_impl", None) is not None:  # model.compile(): the context is in a closure
+        cells = getattr(model._compiled_call_impl, "__closure__", None) or ()
+        context = next((c.cell_contents for c in cells if hasattr(c.cell_contents, "callback")), None)
+    else:
+        return None
+    try:  # torch keeps the backend two wrappers deep; a backend without a __name__ is reported as unknown
+        return str(context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend.__name__)
+    except AttributeError:
+        return "?"
+
 
 #: The fix every message names.
 FALLBACK_FIX = ("torch._inductor.config.fallback_random = True before compiling (inductor then draws as torch "

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from ._compiled import EAGER_RANDOM_BACKENDS, FALLBACK_FIX, compile_backend, compiled_callables
 from .config import resolve_dtype, validate_config
 from .exceptions import ConfigError, TrajectoryError, UnsupportedModelError
 
@@ -380,25 +381,6 @@ def gradient_hooks(model: nn.Module) -> list[str]:
     return found
 
 
-#: ``torch.compile`` backends that run dropout with eager PyTorch's random number generator.
-EAGER_RANDOM_BACKENDS = ("eager", "aot_eager")
-
-
-def compile_backend(model: nn.Module) -> str | None:
-    """The ``torch.compile`` backend's name of a compiled module (``"?"`` when unknown), ``None`` if not compiled."""
-    if hasattr(model, "_orig_mod") and hasattr(model, "dynamo_ctx"):  # torch.compile(model)
-        context = model.dynamo_ctx
-    elif getattr(model, "_compiled_call_impl", None) is not None:  # model.compile(): the context is in a closure
-        cells = getattr(model._compiled_call_impl, "__closure__", None) or ()
-        context = next((c.cell_contents for c in cells if hasattr(c.cell_contents, "callback")), None)
-    else:
-        return None
-    try:  # torch keeps the backend two wrappers deep; a backend without a __name__ is reported as unknown
-        return str(context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend.__name__)
-    except AttributeError:
-        return "?"
-
-
 def refuse_compiled_draws(model: nn.Module, loss: Any = None) -> None:
     """Refuse compiled code whose random draws eager PyTorch cannot replay: the model, a submodule, a function a
     module holds (``model.forward = torch.compile(model.forward)``) or the recorder's ``loss`` callable.
@@ -413,8 +395,6 @@ def refuse_compiled_draws(model: nn.Module, loss: Any = None) -> None:
     ConfigError
         Naming each compiled callable, its backend and the fix.
     """
-    from ._compiled import FALLBACK_FIX, compiled_callables
-
     found = compiled_callables(model, loss)
     if not found:
         return

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .._compiled import compile_backend
 from ..exceptions import TrajectoryError
 from ..inputs import Inputs
 from ..outputs import model_output
@@ -100,20 +101,28 @@ _COUPLED_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 
 def batch_coupling(traj: Any, model: torch.nn.Module, n: int = 4) -> float:
     """The largest difference between ``model``'s evaluation-mode outputs for the first ``n`` training samples as one
-    batch and one at a time, relative to the largest output (``0.0`` without plain tensor training data, or when the
-    forward fails on either; the global random state and every module's mode are left as they were)."""
+    batch and one at a time, relative to the largest output (``0.0`` without plain tensor training data, when the
+    forward fails on either, or when compiled code sits inside the module; a ``torch.compile`` wrapper is measured
+    by its eager module; the global random state, every module's mode and torch's attention fast-path switch are
+    left as they were)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model): its eager module, as the engine evaluates it
+    if any(compile_backend(m) is not None for m in model.modules()):
+        return 0.0  # compiled code in place would recompile for these batch sizes, and count against its limit
     try:
         x, _ = traj.train_samples(torch.arange(min(n, int(traj.n_train))))
         if not isinstance(x, torch.Tensor) or x.shape[0] < 2:
             return 0.0
         x = x.to(next(model.parameters()).device)
         modes = [(m, m.training) for m in model.modules()]
-        try:
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        try:  # torch's inference-only attention fast path off, as the engine evaluates (nn.TransformerEncoder)
             model.eval()
+            torch.backends.mha.set_fastpath_enabled(False)
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 batch = model_output(model(x))
                 alone = torch.cat([model_output(model(x[i:i + 1])) for i in range(x.shape[0])])
         finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, mode in modes:
                 m.training = mode
         if batch.shape != alone.shape or not batch.is_floating_point():
