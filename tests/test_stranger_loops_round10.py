@@ -109,7 +109,7 @@ def test_update_bn_after_recording_is_warned_at_fit_naming_the_buffers_and_the_f
     assert ("KernelReplica.fit: the model's buffer 1.running_mean (relative change" in caught[0]
             and "buffer 1.running_var" in caught[0] and "changed after `with rec:` ended" in caught[0]
             and "update_bn" in caught[0] and "model.load_state_dict({**model.state_dict(), "
-            "**traj.params(traj.n_steps), **traj.buffers(traj.n_steps)})" in caught[0]), caught
+            "**traj.constants(), **traj.params(traj.n_steps), **traj.buffers(traj.n_steps)})" in caught[0]), caught
     with pytest.warns(ExplaindWarning, match=r"InfluenceEstimator\.fit: the model's buffer 1\.running_mean"):
         explaind.InfluenceEstimator(keep=("train",), **QUAD).fit(traj)
     model.load_state_dict({**model.state_dict(), **traj.params(traj.n_steps), **traj.buffers(traj.n_steps)})

@@ -38,6 +38,7 @@ from ..outputs import model_output
 from ..records import LossRecord
 from ..unsupported import extra_outputs_hint, loss_only_hint, negated_loss_hint
 from ._audit import CHUNK_ELEMENTS as _CHUNK
+from ._gradients import LOOP_TERMS
 from ._random import RandomState, replayed
 
 __all__ = [
@@ -466,12 +467,8 @@ def check_batch_gradient(
             f"Step {step}: the gradient from backward() does not match the gradient of the logged batch under loss "
             f"{loss.name!r} (relative difference {rel:.3g} > tolerance {tol:g}, best scale {sigma:.3g}; largest "
             f"differences: {worst}).{hint} Check that loss= is the loss the loop trains with (a class-weighted or "
-            f"label-smoothed loss must be given as that same callable; a penalty on the parameters added to the loss "
-            f"by hand is no loss of the samples: express an L2 penalty lam*||theta||^2 as coupled weight decay, SGD or"
-            f" Adam with weight_decay=2*lam; an L1 penalty or a penalty on input gradients taken with "
-            f"create_graph=True, as WGAN-GP's, has none: leave it out of the run you record; MAML's inner step or a "
-            f"policy gradient's actions taken in the loop: move them into forward (torch.func.grad; actions as output "
-            f"columns, capture_random=True)), that rec.log_batch() received the indices of every sample (and "
+            f"label-smoothed loss must be given as that same callable; {LOOP_TERMS}), that rec.log_batch() received "
+            f"the indices of every sample (and "
             f"micro-batch) used in this step and of no other, with the loop's weights (a weighted mean sum(w * l) / "
             f"sum(w): rec.log_batch(idx, weights=w / w.sum())) (a guard that skips optimizer.step() after "
             f"rec.log_batch(), on a NaN or a loss spike, leaves that batch logged for the next step: decide before "

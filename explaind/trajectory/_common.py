@@ -287,7 +287,10 @@ class TrainData:
                 f"train_data as given and recomputes every step's gradients from it, so the steps taken before the "
                 f"change would be explained with rows they never saw. Fix: leave X and y unchanged while recording "
                 f"and explaining; for relabelled samples, append them as new rows (torch.cat) before recording and "
-                f"log the rows each step used.")
+                f"log the rows each step used; for targets that follow the model being trained (pseudo-labels, a "
+                f"mean teacher's soft labels), return what they come from as output columns (the weak view's "
+                f"logits, a teacher held as buffers the training forward moves) and compute them, detached, in the "
+                f"loss callable.")
 
     def tensors(self) -> tuple[Tensor | Inputs, Tensor]:
         """All data as ``(X, y)`` (a dataset is materialised item by item)."""

@@ -369,6 +369,23 @@ def _bytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+#: The failed gradient check's sentence on terms the loop adds to or takes from the loss of the logged samples.
+LOOP_TERMS = (
+    "a penalty on the parameters added to the loss by hand is no loss of the samples: express an L2 penalty "
+    "lam*||theta||^2 as coupled weight decay, SGD or Adam with weight_decay=2*lam; one anchored at pretrained weights "
+    "theta_0 (L2-SP, lam*||theta - theta_0||^2) as that weight decay on offsets delta = theta - theta_0 that the "
+    "model adds to theta_0 held as buffers, and EWC's Fisher-weighted one as an output column the forward returns and "
+    "the loss callable adds (each exact); an L1 penalty or a penalty on input gradients taken with create_graph=True, "
+    "as WGAN-GP's, has none: leave it out of the run you record; MAML's inner step or a policy gradient's actions "
+    "taken in the loop: move them into forward (torch.func.grad; actions as output columns, capture_random=True); "
+    "targets the loop computes from the model (FixMatch's pseudo-labels, a teacher's predictions) are no targets of "
+    "train_data: return what they come from as output columns (the weak view's logits; a mean teacher as buffers the "
+    "training forward moves) and compute them, detached, in the loss callable; rows the loop keeps by their losses "
+    "(hard-example mining, small-loss selection, co-teaching) are the step's samples: log only them, "
+    "rec.log_batch(idx[keep]), and give two networks that choose rows for each other a recorder each"
+)
+
+
 def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
     """The failed gradient check's first sentence when the step's training forwards received other inputs than
     ``rows``, the rows of ``train_data`` at the logged indices (a tensor); ``""`` when they match, or when the

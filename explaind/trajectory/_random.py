@@ -472,7 +472,9 @@ def replay_parts(micro: Sequence[MicroBatch], coupled: Sequence[str],
                 f"{where}: micro-batch {i} saw {m.forwards} training forward(s) between two rec.log_batch calls, so "
                 f"the dropout masks and batch statistics of the modules {list(coupled)} cannot be replayed and the "
                 f"split over samples would be inexact. Fix: record with one training forward of exactly the logged "
-                f"samples per rec.log_batch(indices) call."
+                f"samples per rec.log_batch(indices) call (R-drop's or a consistency loss's two dropout passes of "
+                f"the batch: take both inside one forward that returns them side by side as output columns, which "
+                f"the loss callable compares)."
             )
         parts.append((lo, lo + n, m.state))
         lo += n

@@ -448,8 +448,11 @@ class RecorderChecksMixin:
         if self._pending and self._pending[-1].finite is not False:  # batches logged, this optimizer not stepped
             hint += (f" {len(self._pending)} micro-batch(es) were logged after that step and no step of this "
                      f"optimizer followed them: the parameters were moved by another optimizer object (one built "
-                     f"again inside the loop, which also drops its momentum?). Build the optimizer once, before "
-                     f"the recorder, and call opt.state.clear() where a momentum restart was meant (exact).")
+                     f"again inside the loop, which also drops its momentum, or a second phase's, as linear probing "
+                     f"then full fine-tuning builds?). Build the optimizer once, before the recorder, and call "
+                     f"opt.state.clear() where a momentum restart was meant; for phases with other trainable "
+                     f"parameters, one optimizer over all of them with requires_grad off where a phase freezes, or "
+                     f"a recorder per phase (each exact).")
         message = (f"After the last recorded step ({self._n - 1}) {' and '.join(changed)} were changed outside "
                    f"optimizer.step() (weight clipping, an EMA or load_state_dict written into the model): the "
                    f"trajectory ends at theta_{self._n}, the values the last step produced (frozen parameters: as "
