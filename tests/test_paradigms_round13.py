@@ -105,7 +105,12 @@ def test_lora_merged_after_recording_warns_and_the_trajectory_is_the_unmerged_mo
     fix = "model.load_state_dict({**model.state_dict(), **traj.constants(), **traj.params(traj.n_steps), "
     assert any("LoRA's merge W += B A" in w and "a merged copy of a LoRA model" in w and fix in w
                for w in got["warnings"]), got
-    traj = run.traj  # the warning's fix, the frozen base weights included (before: they were left out)
+    traj = run.traj
+    run.model.load_state_dict({**run.model.state_dict(), **traj.params(traj.n_steps)})  # the fix as it read before
+    with torch.no_grad():
+        merged_base = run.model.eval()(run.X_test)
+    assert rel_err(explaind.KernelReplica(device="cpu").fit(traj).predict(run.X_test), merged_base) > 0.1
+    # the warning's fix now: the frozen base weights, constants of the run, loaded back too
     run.model.load_state_dict({**run.model.state_dict(), **traj.constants(), **traj.params(traj.n_steps),
                                **traj.buffers(traj.n_steps)})
     assert_exact(figures("", run))
