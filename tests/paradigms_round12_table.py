@@ -21,6 +21,8 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from _paradigms12_kit import CASES, DEFAULT_RULE, default_figures, figures
@@ -41,21 +43,31 @@ def refusal(exc: Exception) -> str:
     return f"loud: {type(exc).__name__}: {first[:220]}" + (f" ... {key}" if key else "")
 
 
+def recorded_run(case: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """``case()`` and the ExplaindWarning messages it gave while recording."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = case()
+    return run, [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
+
+
+def untuned_row(name: str, run: Any, recorded: list[str]) -> str:
+    """The row of an untuned-rate case: the default replica's error and the default estimator's residual share."""
+    got = default_figures(run)
+    said = recorded + got["warnings"]
+    cls = "exact" if got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not said else (
+        "loud: " + said[0][:300] if said else "SILENT")
+    return f"| {name} (default estimators) | {got['replica']:.1e} | {got['share']:.1e} | | | {cls} |"
+
+
 def row(name: str) -> str:
     """The table row of case ``name``."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            run = CASES[name]()
-        recorded = [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
+        run, recorded = recorded_run(CASES[name])
     except Exception as exc:  # the table shows what a user sees
         return f"| {name} | | | | | {refusal(exc)} |"
     if name in DEFAULT_RULE:
-        got = default_figures(run)
-        said = recorded + got["warnings"]
-        cls = "exact" if got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not said else (
-            "loud: " + said[0][:300] if said else "SILENT")
-        return f"| {name} (default estimators) | {got['replica']:.1e} | {got['share']:.1e} | | | {cls} |"
+        return untuned_row(name, run, recorded)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExplaindWarning)  # the 8-node replica's own notes; the estimator's count
         got = figures(name, run)
@@ -64,14 +76,19 @@ def row(name: str) -> str:
             f"{got['reference_residual']:.1e} | {classify(got)} |")
 
 
-def main() -> None:
+def print_table(row: Callable[[str], str], names: Iterable[str]) -> None:
+    """The load average, the header, ``row(name)`` for each of ``names``, the load average at the end."""
     torch.set_num_threads(1)
     print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
     print("| case | replica | residual share | scores vs reference | reference residual | class |")
     print("|---|---|---|---|---|---|")
-    for name in sys.argv[1:] or CASES:
+    for name in names:
         print(row(name), flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+def main() -> None:
+    print_table(row, sys.argv[1:] or CASES)
 
 
 if __name__ == "__main__":

@@ -4,26 +4,22 @@ Run from the repository root (not collected by pytest)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/paradigms_round13_table.py [NAME ...]
 
-Each row records a case of tests/_paradigms13_kit.py (float64, 6 steps of 6 samples, tiny tanh models unless the
-case names ReLU) and prints the replica's relative error against the trained model in evaluation mode, the residual
-share, the ``keep=("train",)`` scores' relative error against the slow float64 loop reference (tests/reference.py;
-tests/replay_reference.py where the training forward draws or counts a buffer up) and that reference's own largest
-per-step residual relative to its largest update, and the class: ``exact`` (replica <= 1e-6, share <= 1e-9, scores
-<= 1e-9, reference residual <= 1e-12, no warning), ``loud`` (an ExplaindWarning, or an error: its type, its first
-sentence and the sentence naming the paradigm's fix) or ``SILENT``. The untuned-rate rows (``*_untuned``) show the
-default replica's error and the default estimator's residual share. The load average is printed first and last: no
-figure is a timing.
+A row per case of tests/_paradigms13_kit.py, with the columns and classes of tests/paradigms_round12_table.py (replica
+against the trained model in evaluation mode, residual share, ``keep=("train",)`` scores against the slow float64
+loop reference and its own residual; ``exact``, ``loud`` or ``SILENT``). A loud row shows the first sentence of its
+error or warning and, from the phrase :data:`KEYS` gives for the case, the sentence naming the paradigm's fix; a row
+refused only when explaining says so. The untuned-rate rows show the default estimators' figures. The load average is
+printed first and last: no figure is a timing.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import warnings
 
-import torch
-from _paradigms13_kit import CASES, DEFAULT_RULE, default_figures, figures
+from _paradigms13_kit import CASES, DEFAULT_RULE, figures
+from paradigms_round12_table import print_table, recorded_run, untuned_row
 from stranger_loops_round9_table import classify
 
 from explaind.exceptions import ExplaindWarning
@@ -54,18 +50,11 @@ def refusal(name: str, exc: Exception) -> str:
 def row(name: str) -> str:
     """The table row of case ``name``."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            run = CASES[name]()
-        recorded = [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
+        run, recorded = recorded_run(CASES[name])
     except Exception as exc:  # the table shows what a user sees
         return f"| {name} | | | | | {refusal(name, exc)} |"
     if name in DEFAULT_RULE:
-        got = default_figures(run)
-        said = recorded + got["warnings"]
-        cls = "exact" if got["replica"] <= 1e-6 and got["share"] <= 1e-9 and not said else (
-            "loud: " + said[0][:300] if said else "SILENT")
-        return f"| {name} (default estimators) | {got['replica']:.1e} | {got['share']:.1e} | | | {cls} |"
+        return untuned_row(name, run, recorded)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExplaindWarning)  # the 8-node replica's own notes; the estimator's count
@@ -80,13 +69,7 @@ def row(name: str) -> str:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
-    print("| case | replica | residual share | scores vs reference | reference residual | class |")
-    print("|---|---|---|---|---|---|")
-    for name in sys.argv[1:] or CASES:
-        print(row(name), flush=True)
-    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    print_table(row, sys.argv[1:] or CASES)
 
 
 if __name__ == "__main__":
