@@ -18,6 +18,7 @@ from _paradigms13_models import (
     DT,
     EWC,
     MeanTeacher,
+    Mixout,
     Offset,
     SoftPrompt,
     TwoViews,
@@ -30,7 +31,7 @@ from _paradigms13_models import (
 )
 from _paradigms13_select import SELECT_CASES
 from _stranger_loops_kit import N, batches, data
-from replay_reference import BufferReference
+from replay_reference import BufferReference, ReplayReference
 
 import explaind
 
@@ -76,6 +77,16 @@ def bitfit_run() -> Run:
         p.requires_grad_(name.endswith("bias"))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2, momentum=0.9)
     return Run(model, record(model, opt, X, y, "cross_entropy", batches()), X_test)
+
+
+def mixout_run(capture: bool = True) -> Run:
+    """Mixout on the pretrained MLP's hidden layer (:class:`Mixout`, the draw in the training forward), recorded
+    with ``capture_random=True`` (or without, ``capture=False``)."""
+    X, y, X_test = data()
+    model = Mixout(pretrained())
+    torch.manual_seed(13)
+    traj = record(model, sgd(model), X, y, "cross_entropy", batches(), capture_random=capture)
+    return Run(model, traj, X_test, ReplayReference)
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning schedules
@@ -307,6 +318,8 @@ CASES: dict[str, Case] = {
     "bottleneck_adapters_and_head": adapter_run,
     "prompt_tuning_soft_prompt_prepended": prompt_run,
     "bitfit_biases_only": bitfit_run,
+    "mixout_to_pretrained_weights_capture_random": mixout_run,
+    "mixout_to_pretrained_weights_no_capture": lambda: mixout_run(capture=False),
     # fine-tuning schedules
     "linear_probe_then_full_two_recordings": lambda: probe_then_full("two_recordings"),
     "linear_probe_then_full_one_adam_requires_grad": lambda: probe_then_full("requires_grad"),

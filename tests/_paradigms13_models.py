@@ -231,3 +231,23 @@ class MeanTeacher(nn.Module):
                     ema[n].mul_(self.decay).add_((1 - self.decay) * p)
         teacher = torch.func.functional_call(self.student, ema, (x,))
         return torch.cat([self.student(x), teacher], 1)
+
+
+class Mixout(nn.Module):
+    """Mixout (Lee et al.) on the pretrained MLP's hidden layer: in training each weight is swapped for its
+    pretrained value with probability ``p`` (``torch.rand`` in forward), rescaled as ``(M w + (1 - M) u - p u) /
+    (1 - p)`` so its expectation is ``w``; in evaluation the weight itself."""
+
+    def __init__(self, model: nn.Sequential, p: float = 0.3):
+        super().__init__()
+        self.net, self.p = model, p
+        self.register_buffer("anchor", model[2].weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin = self.net[2]
+        w = lin.weight
+        if self.training:
+            keep = (torch.rand(w.shape, dtype=w.dtype) > self.p).to(w.dtype)
+            w = (keep * w + (1 - keep) * self.anchor - self.p * self.anchor) / (1 - self.p)
+        h = torch.tanh(F.linear(self.net[1](self.net[0](x)), w, lin.bias))
+        return self.net[4](h)

@@ -12,8 +12,10 @@ recorded buffers where the training forward draws or moves a buffer), whose own 
 fixes of this round are messages: the gradient check named an L2 penalty's weight decay for any penalty, which is
 wrong for one anchored at pretrained weights (L2-SP, EWC), and said nothing of targets the loop computes from the
 model (pseudo-labels) or rows it keeps by their losses (hard-example mining, co-teaching); the in-place check of
-``train_data`` offered only new rows for pseudo-labels; the several-forwards refusal, the optimizer-outside warning
-and the changed-after-recording warning did not name R-drop, a second phase's optimizer or LoRA's merge.
+``train_data`` offered only new rows for pseudo-labels; the evaluation-mode diagnosis took mixout's draws, which
+leave the value unchanged at the pretrained start, for a branch on ``self.training``; the several-forwards refusal,
+the optimizer-outside warning and the changed-after-recording warning did not name R-drop, a second phase's
+optimizer or LoRA's merge (whose fix now also loads the frozen parameters back).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from explaind.exceptions import ExplaindWarning, TrajectoryError
 
 EXACT = [
     "lora_by_hand_frozen_base", "bottleneck_adapters_and_head", "prompt_tuning_soft_prompt_prepended",
-    "bitfit_biases_only", "linear_probe_then_full_two_recordings", "linear_probe_then_full_one_adam_requires_grad",
+    "bitfit_biases_only", "mixout_to_pretrained_weights_capture_random", "linear_probe_then_full_two_recordings",
+    "linear_probe_then_full_one_adam_requires_grad",
     "gradual_unfreezing_layerwise_lr_decay", "pretrained_start_loaded_weights_only",
     "l2sp_as_offset_with_weight_decay", "ewc_penalty_as_output_column", "continual_two_tasks_with_replay",
     "fixmatch_pseudo_labels_in_loss_callable", "mean_teacher_as_buffers_moved_in_forward",
@@ -83,6 +86,18 @@ SELECTED = (r"rows the loop keeps by their losses \(hard-example mining, small-l
 def test_refused_naming_the_cause_and_the_fix(case, match):
     with pytest.raises(TrajectoryError, match=match):
         CASES[case]()
+
+
+def test_mixout_without_capture_is_refused_naming_its_draws_not_a_branch_on_self_training():
+    """Mixout at its pretrained start: the swapped-in weights equal the trained ones, so two training forwards under
+    different seeds agree and only the gradient depends on the mask. Before: the check's diagnosis claimed "without
+    random draws" and a branch on ``self.training``; now it sees the generator advance and names the draws and
+    ``capture_random=True`` (exact in :func:`test_exact`)."""
+    with pytest.raises(TrajectoryError, match=r"Step 0: .*draws random numbers.*\(it advances torch's generator, "
+                                              r"though its outputs here do not depend on the draws\).*mixout's "
+                                              r"torch\.rand.*Fix: record with capture_random=True") as err:
+        CASES["mixout_to_pretrained_weights_no_capture"]()
+    assert "branch on self.training" not in str(err.value)
 
 
 def test_rdrop_passes_taken_in_the_loop_are_refused_when_explaining_naming_the_fix():

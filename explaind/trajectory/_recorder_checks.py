@@ -89,25 +89,29 @@ def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -
         return ""
     modes = [(m, m.training) for m in model.modules()]
     state = {**{n: b.detach().clone() for n, b in model.named_buffers()}, **{n: p.detach() for n, p in params.items()}}
-    outs = []
+    outs, drew = [], False
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             for seed, training in ((0, True), (1, True), (0, False)):
                 model.train(training)
                 torch.manual_seed(seed)
+                start = torch.random.get_rng_state()
                 outs.append(model_output(call_model(model, dict(state), inputs)))
+                drew = drew or (training and not torch.equal(start, torch.random.get_rng_state()))
     except Exception as exc:  # the diagnosis must not hide the check's own message
         logger.debug("The evaluation-mode diagnosis failed: %s", exc)
         return ""
     finally:
         for m, training in modes:
             m.training = training
-    if not torch.equal(outs[0], outs[1]):
-        return (" The model's training forward draws random numbers though none of its modules is a dropout layer "
-                "(two training forwards under different seeds differ): dropout drawn in forward itself, such as "
-                "F.dropout or F.scaled_dot_product_attention(dropout_p > 0) (Hugging Face attention with the config's "
-                "attention dropout), whose masks are not captured under capture_random='auto'. Fix: record with "
-                "capture_random=True, which replays the training forwards.")
+    if drew or not torch.equal(outs[0], outs[1]):  # draws that leave the value unchanged (mixout at its anchor)
+        why = ("two training forwards under different seeds differ" if not torch.equal(outs[0], outs[1]) else
+               "it advances torch's generator, though its outputs here do not depend on the draws")
+        return (f" The model's training forward draws random numbers though none of its modules is a dropout layer "
+                f"({why}): dropout drawn in forward itself, such as "
+                f"F.dropout or F.scaled_dot_product_attention(dropout_p > 0) (Hugging Face attention with the config's"
+                f" attention dropout) or mixout's torch.rand, whose masks are not captured under "
+                f"capture_random='auto'. Fix: record with capture_random=True, which replays the training forwards.")
     if torch.equal(outs[0], outs[2]):
         return ""
     return (" The model's forward gives other outputs in evaluation mode than in training mode on this batch "
