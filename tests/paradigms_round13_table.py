@@ -28,7 +28,8 @@ from explaind.exceptions import ExplaindWarning
 KEYS = {"l2sp": "one anchored at pretrained weights", "ewc": "one anchored at pretrained weights",
         "fixmatch": "targets the loop computes from the model", "ohem": "rows the loop keeps by their losses",
         "coteaching": "rows the loop keeps by their losses", "rdrop": "R-drop's", "probe": "a second phase's",
-        "mean_teacher": ("for targets that follow the model", "an EMA teacher's targets"), "lora": "LoRA's merge"}
+        "mean_teacher": ("for targets that follow the model", "an EMA teacher's targets"), "lora": "LoRA's merge",
+        "mixout": "it advances torch's generator"}
 
 
 def key(name: str, text: str) -> str:
