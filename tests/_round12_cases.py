@@ -1,0 +1,103 @@
+"""Cases of the twelfth round (tests/test_stranger_round12.py, tests/test_stranger_round12_more.py,
+tests/stranger_round12_table.py).
+
+Every case trains as tests/_round5_kit.py does (float64, SGD 0.5 unless the case names another optimizer or rate, 3
+steps of 4 of 12 samples, 2 held-out inputs) and is measured by tests/_round6_kit.py's :func:`figures`.
+:data:`CASES` maps each case's name to a function that trains it and returns its figures, or raises the error a user
+sees. The models are in tests/_round12_models.py; ``model_case`` is the seventh round's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from _round5_kit import XS, XV, YS, YV
+from _round7_cases import model_case
+from _round10_cases import optim
+from _round10_models import relu_mlp
+from _round12_models import (
+    AliasedParam,
+    BatchOfOne,
+    BufferViewOfParam,
+    CallCounter,
+    ClampAtBound,
+    DefaultDtype,
+    DeterministicBranch,
+    DtypeBranch,
+    FunctionalInForward,
+    HalfCast,
+    InplaceOnParams,
+    KeyCache,
+    LazyMask,
+    LogOfSoftmax,
+    LruCachedMask,
+    LruCachedWeight,
+    MemoPositions,
+    NoGradFunction,
+    NormAtZero,
+    OnceDifferentiable,
+    OrthoFFT,
+    RepeatedGather,
+    RequiresGradToggle,
+    TransposedParam,
+    WhereSqrt,
+    deep_narrow,
+    wide_shallow,
+)
+
+
+def deterministic_algorithms(run: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """``run`` with ``torch.use_deterministic_algorithms(True)`` for training and explaining, then as it was."""
+    def wrapped() -> dict[str, Any]:
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return run()
+        finally:
+            torch.use_deterministic_algorithms(before)
+    return wrapped
+
+
+CASES: dict[str, Callable[[], dict[str, Any]]] = {
+    # caches kept between forwards
+    "positional_table_memoised_by_length": model_case(MemoPositions, XS, YS),
+    "lru_cache_constant_mixing_matrix": model_case(LruCachedMask, XV, YV),
+    "lru_cache_parameter_derived_weight": model_case(LruCachedWeight, XV, YV),
+    "causal_mask_built_at_first_forward": model_case(LazyMask, XS, YS),
+    "key_cache_kept_in_an_attribute": model_case(KeyCache, XV, YV),
+    # global state
+    "module_level_call_counter": model_case(CallCounter, XV, YV),
+    "default_dtype_cast_in_forward": model_case(DefaultDtype, XV, YV),
+    "deterministic_algorithms_branch": deterministic_algorithms(model_case(DeterministicBranch, XV, YV)),
+    # branches on the input
+    "branch_on_batch_of_one": model_case(BatchOfOne, XV, YV),
+    "branch_on_input_dtype": model_case(DtypeBranch, XV, YV),
+    # in-place edits, singular points
+    "inplace_mul_index_put_masked_fill_on_params": model_case(InplaceOnParams, XV, YV),
+    "where_sqrt_nan_untaken_branch": model_case(WhereSqrt, XV, YV),
+    "where_sqrt_clamped_fix": model_case(lambda: WhereSqrt(True), XV, YV),
+    "relu_units_over_their_norm_at_zero": model_case(NormAtZero, XV, YV),
+    "relu_units_normalize_eps_fix": model_case(lambda: NormAtZero(True), XV, YV),
+    "log_of_softmax_underflow": model_case(LogOfSoftmax, XV, YV, loss="nll"),
+    "log_softmax_stable_fix": model_case(lambda: LogOfSoftmax(True), XV, YV, loss="nll"),
+    "clamp_of_a_parameter_at_its_bound": model_case(ClampAtBound, XV, YV),
+    # custom functions and parameters held unusually
+    "autograd_function_once_differentiable": model_case(OnceDifferentiable, XV, YV),
+    "no_grad_inside_custom_function_forward": model_case(NoGradFunction, XV, YV),
+    "functional_call_with_dict_built_in_forward": model_case(FunctionalInForward, XV, YV),
+    "requires_grad_toggled_in_forward": model_case(RequiresGradToggle, XV, YV),
+    "buffer_that_is_a_view_of_a_parameter": model_case(BufferViewOfParam, XV, YV),
+    "non_contiguous_transposed_parameters": model_case(TransposedParam, XV, YV),
+    "parameter_registered_under_two_names": model_case(AliasedParam, XV, YV),
+    # transforms, gathers, casts
+    "rfft_irfft_ortho_real_inputs": model_case(OrthoFFT, XS, YS),
+    "gather_index_add_repeated_indices": model_case(RepeatedGather, XV, YV),
+    "float16_cast_inside_float64_model": model_case(HalfCast, XV, YV),
+    # depth, width and untuned rates
+    "deep_narrow_tanh_50x4": model_case(deep_narrow, XV, YV),
+    "wide_shallow_relu_1024_adam_0_1": model_case(wide_shallow, XV, YV, opt=optim("Adam", 0.1)),
+    "relu_mlp5_sgd_5": model_case(relu_mlp, XV, YV, opt=optim("SGD", 5.0)),
+    "relu_mlp5_adam_0_3": model_case(relu_mlp, XV, YV, opt=optim("Adam", 0.3)),
+}

@@ -1,0 +1,26 @@
+"""Prints one row per case of tests/_round12_cases.py, the cases of tests/test_stranger_round12.py and
+tests/test_stranger_round12_more.py (not collected by pytest), in the columns of tests/stranger_round6_table.py.
+
+Run ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_round12_table.py [case ...]``
+from the repository root (the models in tests/_round12_models.py). A warned case shows the warning naming its cause,
+a refused one the message; the load average comes first, and no figure is a timing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from _round12_cases import CASES
+from stranger_round6_table import print_table
+from stranger_round7_table import row
+
+#: The phrase of each loud case's message that names its cause (the table shows the message around it).
+KEYS: dict[str, str] = {}
+
+
+def main(names: list[str]) -> None:
+    print_table(names, CASES, lambda name: row(name, CASES, KEYS))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
