@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _round5_kit import XS, XV, YS, YV
+from _round5_kit import XS, XV, YS, YV, KinkReference
 from _round7_cases import model_case
 from _round10_cases import optim
 from _round10_models import relu_mlp
@@ -42,7 +42,6 @@ from _round12_models import (
     RepeatedGather,
     RequiresGradToggle,
     TransposedParam,
-    WhereSqrt,
     deep_narrow,
     wide_shallow,
 )
@@ -76,13 +75,12 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "branch_on_input_dtype": model_case(DtypeBranch, XV, YV),
     # in-place edits, singular points
     "inplace_mul_index_put_masked_fill_on_params": model_case(InplaceOnParams, XV, YV),
-    "where_sqrt_nan_untaken_branch": model_case(WhereSqrt, XV, YV),
-    "where_sqrt_clamped_fix": model_case(lambda: WhereSqrt(True), XV, YV),
+    "index_put_masked_fill_out_of_place_fix": model_case(lambda: InplaceOnParams(True), XV, YV),
     "relu_units_over_their_norm_at_zero": model_case(NormAtZero, XV, YV),
     "relu_units_normalize_eps_fix": model_case(lambda: NormAtZero(True), XV, YV),
     "log_of_softmax_underflow": model_case(LogOfSoftmax, XV, YV, loss="nll"),
-    "log_softmax_stable_fix": model_case(lambda: LogOfSoftmax(True), XV, YV, loss="nll"),
-    "clamp_of_a_parameter_at_its_bound": model_case(ClampAtBound, XV, YV),
+    "log_softmax_stable_fix": model_case(lambda: LogOfSoftmax(True), XV, YV, loss="nll", panels=16),
+    "clamp_of_a_parameter_at_its_bound": model_case(ClampAtBound, XV, YV, reference=KinkReference),
     # custom functions and parameters held unusually
     "autograd_function_once_differentiable": model_case(OnceDifferentiable, XV, YV),
     "no_grad_inside_custom_function_forward": model_case(NoGradFunction, XV, YV),

@@ -14,6 +14,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from _round5_kit import KinkMarks
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -162,43 +163,37 @@ class DtypeBranch(TanhBase):
 class InplaceOnParams(nn.Module):
     """In-place edits of parameter-derived tensors inside ``forward``: ``w[0].mul_(2)`` on a clone of the first
     layer's weight, ``index_put_`` of parameter-derived rows (repeated indices accumulated), ``masked_fill_`` of the
-    scores."""
+    scores. ``out_of_place``: the same function by ``index_put``, ``masked_fill`` and a product (the fix)."""
 
-    def __init__(self):
+    def __init__(self, out_of_place: bool = False):
         super().__init__()
         self.a, self.b, self.extra = nn.Linear(4, 6), nn.Linear(6, 3), nn.Parameter(torch.randn(2, 4) * 0.5)
+        self.out_of_place = out_of_place
 
     def forward(self, x):
+        rows, added = torch.tensor([1, 3, 1]), torch.cat([self.extra, self.extra[:1]])
+        scale = torch.tensor([2.0, 1, 1, 1, 1, 1], dtype=x.dtype)[:, None]
+        if self.out_of_place:
+            w = (self.a.weight * scale).index_put((rows,), added, accumulate=True)
+            s = F.linear(x, w, self.a.bias).masked_fill(torch.arange(6) == 5, 0.0)
+            return self.b(torch.tanh(s))
         w = self.a.weight.clone()
         w[0].mul_(2)
-        w.index_put_((torch.tensor([1, 3, 1]),), torch.cat([self.extra, self.extra[:1]]), accumulate=True)
+        w.index_put_((rows,), added, accumulate=True)
         s = F.linear(x, w, self.a.bias)
         s.masked_fill_(torch.arange(6) == 5, 0.0)
         return self.b(torch.tanh(s))
 
 
-class WhereSqrt(TanhBase):
-    """``torch.where(h > 0, h.sqrt(), 0)``: the untaken branch is NaN where ``h < 0`` and so is its derivative,
-    which the backward multiplies by 0 (NaN). ``safe``: the square root of ``h.clamp_min(1e-12)`` instead."""
-
-    def __init__(self, safe: bool = False):
-        super().__init__()
-        self.safe = safe
-
-    def features(self, h):
-        root = h.clamp_min(1e-12).sqrt() if self.safe else h.sqrt()
-        return torch.where(h > 0, root, torch.zeros_like(h))
-
-
 class NormAtZero(nn.Module):
     """ReLU units normalised by their norm, ``r / r.norm()`` (NaN when every unit is off), or with ``eps``,
-    ``F.normalize(r, eps=1e-12)``; a ReLU layer whose biases are -3 switches them all off for some inputs."""
+    ``F.normalize(r, eps=1e-12)``; a ReLU layer whose biases are -0.2 switches them all off for some inputs."""
 
     def __init__(self, eps: bool = False):
         super().__init__()
         self.a, self.b, self.eps = nn.Linear(4, 6), nn.Linear(6, 3), eps
         with torch.no_grad():
-            self.a.bias.fill_(-1.5)
+            self.a.bias.fill_(-0.2)
 
     def forward(self, x):
         r = torch.relu(self.a(x))
@@ -220,15 +215,20 @@ class LogOfSoftmax(TanhBase):
 
 
 class ClampAtBound(TanhBase):
-    """The head's weight clamped to ``[-0.2, 0.2]``, half its entries initialised exactly at a bound."""
+    """The head's weight clamped to ``[-0.2, 0.2]``, half its entries initialised exactly at a bound; the clamp's kinks
+    (``w = -0.2``, ``w = 0.2``) marked for the slow reference."""
 
     def __init__(self):
         super().__init__()
         with torch.no_grad():
             self.b.weight[:, ::2] = 0.2 * torch.sign(self.b.weight[:, ::2])
 
+        self.marks = KinkMarks()
+
     def forward(self, x):
-        return F.linear(torch.tanh(self.a(x)), self.b.weight.clamp(-0.2, 0.2), self.b.bias)
+        w = self.b.weight
+        self.marks(torch.cat([(w - 0.2).flatten(), (w + 0.2).flatten()]))
+        return F.linear(torch.tanh(self.a(x)), w.clamp(-0.2, 0.2), self.b.bias)
 
 
 class _CubeOnce(torch.autograd.Function):

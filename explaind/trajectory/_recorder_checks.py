@@ -32,6 +32,7 @@ from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_mas
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
+from ._forward_state import attribute_snapshot, requires_grad_message, stateful_message, switched_off
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers, loop_inputs_hint
 from ._participation import (
     edit_list,
@@ -80,19 +81,21 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
 def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> str:
     """A sentence when the model's forward is deterministic in training mode (two forwards under different seeds
     agree) but gives other outputs in evaluation mode, in which explaind recomputes gradients when no training
-    forward is replayed: a branch on ``self.training``; another sentence when those two training forwards differ,
-    though no module draws masks (dropout drawn in ``forward`` itself, ``F.dropout``). ``""`` otherwise (the buffers
-    of the generic hint), and for a model whose modules differ between the modes themselves (dropout, batch norm,
-    spectral norm)."""
+    forward is replayed: a branch on ``self.training``; a sentence naming the state a forward keeps between calls
+    when two training forwards under the same seed differ (:func:`stateful_message`); another when two under
+    different seeds differ, though no module draws masks (dropout drawn in ``forward`` itself, ``F.dropout``).
+    ``""`` otherwise (the buffers of the generic hint), and for a model whose modules differ between the modes
+    themselves (dropout, batch norm, spectral norm)."""
     if any(draws_masks(m) or is_spectral_norm(m) or isinstance(m, nn.modules.batchnorm._NormBase)
            for m in model.modules()):
         return ""
     modes = [(m, m.training) for m in model.modules()]
     state = {**{n: b.detach().clone() for n, b in model.named_buffers()}, **{n: p.detach() for n, p in params.items()}}
+    before = attribute_snapshot(model)
     outs = []
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for seed, training in ((0, True), (1, True), (0, False)):
+            for seed, training in ((0, True), (1, True), (0, False), (0, True)):
                 model.train(training)
                 torch.manual_seed(seed)
                 outs.append(model_output(call_model(model, dict(state), inputs)))
@@ -102,6 +105,8 @@ def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -
     finally:
         for m, training in modes:
             m.training = training
+    if not torch.equal(outs[0], outs[3]):
+        return stateful_message(model, before)
     if not torch.equal(outs[0], outs[1]):
         return (" The model's training forward draws random numbers though none of its modules is a dropout layer "
                 "(two training forwards under different seeds differ): dropout drawn in forward itself, such as "
@@ -293,6 +298,9 @@ class RecorderChecksMixin:
                                             replay, self._random.generators, self._buffers.recorded(), lazy)
             except RuntimeError as exc:  # torch's dtype error of half-precision parameters (Fabric 'bf16-true')
                 refuse_dtype_mismatch(exc, self._params, batch[0], s)
+                if "can't retain_grad on Tensor that has requires_grad=False" in str(exc):
+                    names = switched_off(self.model, self._params, batch[0])
+                    raise TrajectoryError(requires_grad_message(names, s)) from exc
                 raise
 
     def _backward_draws(self, batch: Any, replay: list[tuple[slice, RandomState]], s: int,

@@ -1,0 +1,65 @@
+"""Twelfth round of models nobody tuned for (tests/_round12_cases.py): every loud case.
+
+Loud, each naming cause and fix, with what landed in this round (each test failed before it):
+
+* a forward that keeps state between calls, a key cache in an attribute (``self.cache``) or a module-level call
+  counter: the gradient check at step 0 now says that two training forwards under the same seed differ, names the
+  attributes the forward reassigned (``<root>.cache (KeyCache)``) or global state, that ``capture_random=True`` does
+  not help, and the fix (before: it blamed random draws and named ``capture_random=True`` as the fix);
+* ``self.a.weight.requires_grad_(self.training)`` in ``forward``: a ``TrajectoryError`` at step 0 naming the parameter
+  and the fix (before: torch's raw ``RuntimeError: can't retain_grad on Tensor that has requires_grad=False``);
+* ``r / r.norm()`` of ReLU units all off, and ``torch.log(torch.softmax(z))`` once a probability underflows: the
+  NaN-gradient refusal now names both and their fixes, ``F.normalize(x, eps=...)`` and ``F.log_softmax``, which are
+  exact (tests/test_stranger_round12.py) (before: the ``torch.where`` hint alone).
+
+Loud as before, naming cause and fix: a head weight cached by ``functools.lru_cache`` (the gradient check at step 0:
+the parameter gets a gradient from backward but none through the recomputed loss); in-place ``mul_``,
+``index_put_`` and ``masked_fill_`` on parameter-derived tensors (refused when explaining, naming out-of-place
+forms, which are exact); an old-style ``autograd.Function`` with a ``once_differentiable`` backward (refused, naming
+torch.func's style); a branch on ``x.shape[0] == 1`` (every estimator's ``fit`` warns that a batch's outputs differ
+from its samples' one at a time).
+"""
+
+from __future__ import annotations
+
+import pytest
+from _round12_cases import CASES
+
+from explaind.exceptions import TrajectoryError, UnsupportedModelError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize(("case", "error", "match"), [
+    ("key_cache_kept_in_an_attribute", TrajectoryError,
+     r"Step 0: .*keeps state between calls: two training forwards under the same seed.*\['<root>\.cache \(KeyCache\)'\]"
+     r".*capture_random=True does not help.*Fix: compute every forward from its inputs and parameters alone"),
+    ("module_level_call_counter", TrajectoryError,
+     r"Step 0: .*keeps state between calls.*a module-level counter or flag.*Fix: compute every forward"),
+    ("requires_grad_toggled_in_forward", TrajectoryError,
+     r"Step 0: the model's forward in evaluation mode switches off requires_grad of \['a\.weight'\].*Fix: do not "
+     r"change requires_grad inside forward"),
+    ("relu_units_over_their_norm_at_zero", TrajectoryError,
+     r"Step 0: the gradient of b\.weight, b\.bias contains NaN.*x / x\.norm\(\) at an all-zero x.*"
+     r"F\.normalize\(x, eps=1e-12\)"),
+    ("log_of_softmax_underflow", TrajectoryError,
+     r"Step 1: the gradient of .* contains NaN.*torch\.log\(torch\.softmax\(z\)\).*F\.log_softmax\(z\)"),
+    ("lru_cache_parameter_derived_weight", TrajectoryError,
+     r"Step 0: .*\['b\.weight'\] got a gradient from backward\(\) but none through the recomputed loss"),
+    ("inplace_mul_index_put_masked_fill_on_params", UnsupportedModelError,
+     r"into a tensor it created itself, in place.*Fix: build such tensors out of place"),
+    ("autograd_function_once_differentiable", UnsupportedModelError,
+     r"custom torch\.autograd\.Function written in the old style.*Fix: write it in torch\.func's style"),
+])
+def test_refused_naming_cause_and_fix(case, error, match):
+    with pytest.raises(error, match=match):
+        CASES[case]()
+
+
+def test_a_branch_on_a_batch_of_one_is_warned_as_a_batch_coupled_output():
+    """``x.shape[0] == 1`` takes a shortcut: explained one input at a time, the model computes another function than
+    in training, and every estimator's ``fit`` warns naming the batch's size and the fix."""
+    got = CASES["branch_on_batch_of_one"]()
+    assert got["scores"] > 1e-3, got
+    coupled = [w for w in got["warnings"] if "evaluated one at a time" in w and "the batch's size" in w]
+    assert coupled and "Fix: compute everything a sample's output needs from that sample alone" in coupled[0], coupled
