@@ -15,8 +15,11 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   misses the trained model by float16's rounding (1.3e-4); now an ExplaindWarning names the site, the size and the
   fix (before: a logged warning only).
 
-Loud as before, naming cause and fix: a head weight cached by ``functools.lru_cache`` (the gradient check at step 0:
-the parameter gets a gradient from backward but none through the recomputed loss); in-place ``mul_``,
+* a head weight computed by a method under ``functools.lru_cache`` (stale after the first call): the gradient check
+  at step 0 now names the cached method (``LruCachedWeight.doubled``) and the fix (before: only that the parameter got
+  a gradient from backward but none through the recomputed loss, with causes that were not this one).
+
+Loud as before, naming cause and fix: in-place ``mul_``,
 ``index_put_`` and ``masked_fill_`` on parameter-derived tensors (refused when explaining, naming out-of-place
 forms, which are exact); an old-style ``autograd.Function`` with a ``once_differentiable`` backward (refused, naming
 torch.func's style); a branch on ``x.shape[0] == 1`` (every estimator's ``fit`` warns that a batch's outputs differ
@@ -48,7 +51,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("log_of_softmax_underflow", TrajectoryError,
      r"Step 1: the gradient of .* contains NaN.*torch\.log\(torch\.softmax\(z\)\).*F\.log_softmax\(z\)"),
     ("lru_cache_parameter_derived_weight", TrajectoryError,
-     r"Step 0: .*\['b\.weight'\] got a gradient from backward\(\) but none through the recomputed loss"),
+     r"Step 0: .*\[.b\.weight.\] got a gradient from backward\(\) but none through the recomputed loss.*"
+     r"functools\.lru_cache or functools\.cache and hold entries \(\[.LruCachedWeight\.doubled.\]\).*"
+     r"Fix: compute such tensors in forward without a cache"),
     ("inplace_mul_index_put_masked_fill_on_params", UnsupportedModelError,
      r"into a tensor it created itself, in place.*Fix: build such tensors out of place"),
     ("autograd_function_once_differentiable", UnsupportedModelError,

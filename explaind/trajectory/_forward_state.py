@@ -1,10 +1,12 @@
 """Diagnoses of forwards that change state when they run: attributes a forward reassigns or global state it reads
-(a key/value cache, a call counter), which make its output no function of its inputs and parameters, and
-``requires_grad`` flags a forward switches on the parameters it is given (docs/guide_own_model.md, "Round 12").
+(a key/value cache, a call counter, a method under ``functools.lru_cache``), which make its output no function of
+its inputs and parameters, and ``requires_grad`` flags a forward switches on the parameters it is given
+(docs/guide_own_model.md, "Round 12").
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -13,7 +15,7 @@ from torch import Tensor, nn
 
 from ..inputs import call_model
 
-__all__ = ["attribute_snapshot", "requires_grad_message", "stateful_message", "switched_off"]
+__all__ = ["attribute_snapshot", "cached_methods_hint", "requires_grad_message", "stateful_message", "switched_off"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +70,30 @@ def requires_grad_message(names: list[str], step: int) -> str:
             "not change requires_grad inside forward: freeze parameters before recording (p.requires_grad_(False) "
             "and leave them out of the optimizer), and run inference under torch.no_grad() or "
             "torch.inference_mode() instead.")
+
+
+@functools.cache
+def _cached_methods(cls: type) -> tuple[str, ...]:
+    """The names of ``cls``'s methods (its own or inherited) under ``functools.lru_cache`` or ``functools.cache``."""
+    names = {name for klass in cls.__mro__ for name, value in vars(klass).items()
+             if isinstance(value, functools._lru_cache_wrapper)}
+    return tuple(sorted(names))
+
+
+def cached_methods_hint(model: nn.Module) -> str:
+    """A sentence naming the methods of ``model``'s modules cached by ``functools.lru_cache``/``functools.cache``
+    that hold entries now (``""`` when none): a tensor such a method computed from the parameters keeps the values
+    of the call that filled the cache."""
+    found = []
+    for m in model.modules():
+        for name in _cached_methods(type(m)):
+            info = getattr(type(m), name).cache_info()
+            if info.currsize:
+                found.append(f"{type(m).__name__}.{name}")
+    if not found:
+        return ""
+    return (f" Methods of the model's modules are cached by functools.lru_cache or functools.cache and hold entries "
+            f"({sorted(set(found))[:6]}): a tensor such a method computed from the parameters keeps the values (and "
+            f"the graph) of the call that filled the cache, so later forwards, the loop's and explaind's at other "
+            f"parameter values, read it stale and no gradient reaches the parameters through it. Fix: compute such "
+            f"tensors in forward without a cache (cache only tensors that depend on no parameter).")

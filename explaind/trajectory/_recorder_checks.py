@@ -32,7 +32,13 @@ from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_mas
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
-from ._forward_state import attribute_snapshot, requires_grad_message, stateful_message, switched_off
+from ._forward_state import (
+    attribute_snapshot,
+    cached_methods_hint,
+    requires_grad_message,
+    stateful_message,
+    switched_off,
+)
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers, loop_inputs_hint
 from ._participation import (
     edit_list,
@@ -285,6 +291,7 @@ class RecorderChecksMixin:
             hint += moved_message(moved, s, checked=True)
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
         hint += inductor_masks_hint(self.model)
+        hint += cached_methods_hint(self.model)
         batch = (x.to(device), y.to(device), weights.to(device))
         if replay is None and self.model.training:
             lazy: Any = lambda: mode_branch_hint(self.model, self._params, batch[0]) + hint  # noqa: E731
