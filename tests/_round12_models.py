@@ -5,7 +5,8 @@ mask built at first use, the last batch's keys kept in an attribute), global sta
 the input's shape or dtype, in-place edits of parameter-derived tensors, functions at their singular points, custom
 ``autograd.Function`` s, parameters held in unusual ways, transforms and gathers, and very deep or very wide MLPs.
 
-Inputs are tests/_round5_kit.py's: ``XV`` ``(n, 4)`` vectors and ``XS`` ``(n, 6, 3)`` sequences.
+``TanhBase`` is the eleventh round's. Inputs are tests/_round5_kit.py's: ``XV`` ``(n, 4)`` vectors and ``XS``
+``(n, 6, 3)`` sequences.
 """
 
 from __future__ import annotations
@@ -15,24 +16,9 @@ import functools
 import torch
 import torch.nn.functional as F
 from _round5_kit import KinkMarks
+from _round11_models import TanhBase
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-
-
-class TanhBase(nn.Module):
-    """``x (n, 4) -> tanh(a x)`` (6 units) ``-> features(h) -> b``: the models below override :meth:`features`."""
-
-    width = 6
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(self.width, 3)
-
-    def features(self, h: Tensor) -> Tensor:
-        return h
-
-    def forward(self, x):
-        return self.b(self.features(torch.tanh(self.a(x))))
 
 
 class MemoPositions(nn.Module):
