@@ -79,7 +79,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "relu_units_over_their_norm_at_zero": model_case(NormAtZero, XV, YV),
     "relu_units_normalize_eps_fix": model_case(lambda: NormAtZero(True), XV, YV),
     "log_of_softmax_underflow": model_case(LogOfSoftmax, XV, YV, loss="nll"),
-    "log_softmax_stable_fix": model_case(lambda: LogOfSoftmax(True), XV, YV, loss="nll", panels=16),
+    "log_softmax_stable_fix": model_case(lambda: LogOfSoftmax(True), XV, YV, loss="nll", panels=96),
     "clamp_of_a_parameter_at_its_bound": model_case(ClampAtBound, XV, YV, reference=KinkReference),
     # custom functions and parameters held unusually
     "autograd_function_once_differentiable": model_case(OnceDifferentiable, XV, YV),
