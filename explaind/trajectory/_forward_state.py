@@ -1,7 +1,7 @@
 """Diagnoses of forwards that change state when they run: attributes a forward reassigns or global state it reads
 (a key/value cache, a call counter, a method under ``functools.lru_cache``), which make its output no function of
 its inputs and parameters, and ``requires_grad`` flags a forward switches on the parameters it is given
-(docs/guide_own_model.md, "Round 12").
+(docs/guide_own_model.md, "Round 12: caches, global state, input branches, singular points, depth and width").
 """
 
 from __future__ import annotations
