@@ -68,6 +68,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "key_cache_kept_in_an_attribute": model_case(KeyCache, XV, YV),
     # global state
     "module_level_call_counter": model_case(CallCounter, XV, YV),
+    "module_level_call_counter_check_off": model_case(CallCounter, XV, YV, check_gradients=False),
     "default_dtype_cast_in_forward": model_case(DefaultDtype, XV, YV),
     "deterministic_algorithms_branch": deterministic_algorithms(model_case(DeterministicBranch, XV, YV)),
     # branches on the input

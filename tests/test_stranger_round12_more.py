@@ -17,7 +17,9 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
 
 * a head weight computed by a method under ``functools.lru_cache`` (stale after the first call): the gradient check
   at step 0 now names the cached method (``LruCachedWeight.doubled``) and the fix (before: only that the parameter got
-  a gradient from backward but none through the recomputed loss, with causes that were not this one).
+  a gradient from backward but none through the recomputed loss, with causes that were not this one);
+* the call counter recorded with ``check_gradients=False``: every estimator's ``fit`` now warns that two evaluations
+  of the same samples differ, naming state kept between calls and the fix (before: the batch-coupling warning).
 
 Loud as before, naming cause and fix: in-place ``mul_``,
 ``index_put_`` and ``masked_fill_`` on parameter-derived tensors (refused when explaining, naming out-of-place
@@ -81,3 +83,14 @@ def test_a_float16_cast_inside_a_float64_model_is_warned_with_its_size_and_fix()
     assert got["replica"] > 1e-5 and got["share"] <= 1e-9, got
     named = [w for w in got["warnings"] if "to a 16-bit float" in w and "(HalfCast): Tensor.half -> float16" in w]
     assert named and "Fix: compute in the model's dtype" in named[0], got["warnings"]
+
+
+def test_a_call_counter_recorded_without_the_gradient_check_is_warned_as_state_kept_between_calls():
+    """The counter's run recorded with ``check_gradients=False``: the replica misses the trained model and the
+    residual share warns; every estimator's ``fit`` now says that two evaluations of the same samples differ, so the
+    forward keeps state between calls, with the fix (before: the batch-coupling warning, blaming the batch)."""
+    got = CASES["module_level_call_counter_check_off"]()
+    assert got["replica"] > 1e-3 and got["share"] > 1e-3, got
+    named = [w for w in got["warnings"] if "differ between two evaluations" in w and "keeps state between calls" in w]
+    assert named and "Fix: compute every forward from its inputs and parameters alone" in named[0], got["warnings"]
+    assert not any("evaluated one at a time" in w for w in got["warnings"]), got["warnings"]
