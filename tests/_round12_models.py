@@ -104,7 +104,12 @@ CALLS = [0]
 
 
 class CallCounter(TanhBase):
-    """A module-level counter incremented by every forward, its parity scaling the hidden units (1 or 1.5)."""
+    """A module-level counter incremented by every forward, its parity scaling the hidden units (1 or 1.5); reset to
+    0 when a model is built, so that each case's run is the same."""
+
+    def __init__(self):
+        super().__init__()
+        CALLS[0] = 0
 
     def features(self, h):
         CALLS[0] += 1
