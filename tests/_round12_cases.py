@@ -9,15 +9,18 @@ sees. The models are in tests/_round12_models.py; ``model_case`` is the seventh 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from _round5_kit import XS, XV, YS, YV, KinkReference
+from _round5_kit import N_TRAIN, XS, XV, YS, YV, KinkReference, fit
 from _round7_cases import model_case
+from _round7_kit import figures
 from _round10_cases import optim
 from _round10_models import relu_mlp
 from _round12_models import (
+    ENV_SCALE,
     AliasedParam,
     BatchOfOne,
     BufferViewOfParam,
@@ -26,6 +29,7 @@ from _round12_models import (
     DefaultDtype,
     DeterministicBranch,
     DtypeBranch,
+    EnvScale,
     FunctionalInForward,
     HalfCast,
     InplaceOnParams,
@@ -43,6 +47,7 @@ from _round12_models import (
     RequiresGradToggle,
     TransposedParam,
     deep_narrow,
+    deep_narrow_leaky,
     wide_shallow,
 )
 
@@ -59,6 +64,21 @@ def deterministic_algorithms(run: Callable[[], dict[str, Any]]) -> Callable[[], 
     return wrapped
 
 
+def environment_variable(changed_before_explaining: bool) -> Callable[[], dict[str, Any]]:
+    """:class:`EnvScale` trained with the variable at ``"1.5"``; explained with it unchanged or (``changed``) at
+    ``"1"``; removed afterwards."""
+    def run() -> dict[str, Any]:
+        os.environ[ENV_SCALE] = "1.5"
+        try:
+            model, traj = fit(EnvScale, XV, YV)
+            if changed_before_explaining:
+                os.environ[ENV_SCALE] = "1"
+            return figures(model, traj, XV[N_TRAIN:])
+        finally:
+            os.environ.pop(ENV_SCALE, None)
+    return run
+
+
 CASES: dict[str, Callable[[], dict[str, Any]]] = {
     # caches kept between forwards
     "positional_table_memoised_by_length": model_case(MemoPositions, XS, YS),
@@ -70,6 +90,8 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "module_level_call_counter": model_case(CallCounter, XV, YV),
     "module_level_call_counter_check_off": model_case(CallCounter, XV, YV, check_gradients=False),
     "default_dtype_cast_in_forward": model_case(DefaultDtype, XV, YV),
+    "environment_variable_read_in_forward": environment_variable(False),
+    "environment_variable_changed_before_explaining": environment_variable(True),
     "deterministic_algorithms_branch": deterministic_algorithms(model_case(DeterministicBranch, XV, YV)),
     # branches on the input
     "branch_on_batch_of_one": model_case(BatchOfOne, XV, YV),
@@ -96,6 +118,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "float16_cast_inside_float64_model": model_case(HalfCast, XV, YV),
     # depth, width and untuned rates
     "deep_narrow_tanh_50x4": model_case(deep_narrow, XV, YV),
+    "deep_narrow_leaky_relu_50x4": model_case(deep_narrow_leaky, XV, YV),
     "wide_shallow_relu_1024_adam_0_1": model_case(wide_shallow, XV, YV, opt=optim("Adam", 0.1)),
     "relu_mlp5_sgd_5": model_case(relu_mlp, XV, YV, opt=optim("SGD", 5.0)),
     "relu_mlp5_adam_0_3": model_case(relu_mlp, XV, YV, opt=optim("Adam", 0.3)),

@@ -12,6 +12,8 @@ the input's shape or dtype, in-place edits of parameter-derived tensors, functio
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -373,7 +375,7 @@ class HalfCast(TanhBase):
         return h.half().double()
 
 
-def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU) -> nn.Module:
+def mlp(depth: int, width: int, act: Callable[[], nn.Module] = nn.ReLU) -> nn.Module:
     """``4 -> width -> ... -> 3`` with ``depth`` hidden layers and ``act`` modules."""
     layers: list[nn.Module] = []
     size = 4
@@ -396,3 +398,27 @@ def wide_shallow() -> nn.Module:
     """One hidden ReLU layer of 1024 units."""
     return mlp(1, 1024)
 
+
+
+#: The environment variable :class:`EnvScale` reads in every forward.
+ENV_SCALE = "EXPLAIND_TEST_ROUND12_SCALE"
+
+
+class EnvScale(TanhBase):
+    """Hidden units scaled by ``float(os.environ.get(ENV_SCALE, "1"))``, read in every forward (a switch a user sets
+    in the shell)."""
+
+    def features(self, h):
+        return h * float(os.environ.get(ENV_SCALE, "1"))
+
+
+def deep_narrow_leaky() -> nn.Module:
+    """50 hidden layers of 4 ``LeakyReLU(0.3)`` units (orthogonal weights, gain 1.4, zero biases; a smaller gain or
+    slope leaves the output nearly constant over the inputs). With ``nn.ReLU`` a net this deep and narrow is dead at
+    initialisation here (some layer's units are all off for every input, so the output is a constant)."""
+    model = mlp(50, 4, lambda: nn.LeakyReLU(0.3))
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.orthogonal_(m.weight, gain=1.4)
+            nn.init.zeros_(m.bias)
+    return model

@@ -18,7 +18,8 @@ from stranger_round7_table import row
 KEYS = {
     "lru_cache_parameter_derived_weight": "functools.lru_cache", "key_cache_kept_in_an_attribute": "keeps state",
     "module_level_call_counter": "keeps state", "module_level_call_counter_check_off": "keeps state",
-    "branch_on_batch_of_one": "one at a time",
+    "branch_on_batch_of_one": "one at a time", "environment_variable_changed_before_explaining": "os.environ",
+    "deep_narrow_leaky_relu_50x4": "ReLU-dense",
     "inplace_mul_index_put_masked_fill_on_params": "in place", "relu_units_over_their_norm_at_zero": "x.norm()",
     "log_of_softmax_underflow": "torch.log(torch.softmax", "autograd_function_once_differentiable": "old style",
     "requires_grad_toggled_in_forward": "requires_grad", "float16_cast_inside_float64_model": "16-bit",

@@ -8,7 +8,8 @@ error where its panels cannot resolve the path):
   kept in a plain attribute;
 * global state read in ``forward``: ``torch.get_default_dtype()`` (a float32 cast, evaluated in float64 by the
   replay, ``casts="auto"``), a branch on ``torch.are_deterministic_algorithms_enabled()`` with the flag set for
-  training and explaining; a branch on the input's dtype;
+  training and explaining; a scale read from ``os.environ`` in every forward, unchanged; a branch on the input's
+  dtype;
 * parameter-derived tensors edited by ``index_put``, ``masked_fill`` and a product out of place (the fix the in-place
   refusal names); ``F.normalize(eps=...)`` of ReLU units that can all be off and ``F.log_softmax`` (the fixes the NaN
   refusal names); a clamp of a parameter half of whose entries start at the bound;
@@ -33,13 +34,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXACT = [
     "positional_table_memoised_by_length", "lru_cache_constant_mixing_matrix", "causal_mask_built_at_first_forward",
-    "default_dtype_cast_in_forward", "deterministic_algorithms_branch", "branch_on_input_dtype",
-    "index_put_masked_fill_out_of_place_fix", "relu_units_normalize_eps_fix", "log_softmax_stable_fix",
-    "clamp_of_a_parameter_at_its_bound", "no_grad_inside_custom_function_forward",
+    "default_dtype_cast_in_forward", "deterministic_algorithms_branch", "environment_variable_read_in_forward",
+    "branch_on_input_dtype", "index_put_masked_fill_out_of_place_fix", "relu_units_normalize_eps_fix",
+    "log_softmax_stable_fix", "clamp_of_a_parameter_at_its_bound", "no_grad_inside_custom_function_forward",
     "functional_call_with_dict_built_in_forward", "buffer_that_is_a_view_of_a_parameter",
     "non_contiguous_transposed_parameters", "parameter_registered_under_two_names", "rfft_irfft_ortho_real_inputs",
-    "gather_index_add_repeated_indices", "deep_narrow_tanh_50x4", "wide_shallow_relu_1024_adam_0_1",
-    "relu_mlp5_sgd_5", "relu_mlp5_adam_0_3",
+    "gather_index_add_repeated_indices", "deep_narrow_tanh_50x4",
+    "wide_shallow_relu_1024_adam_0_1", "relu_mlp5_sgd_5", "relu_mlp5_adam_0_3",
 ]
 
 

@@ -19,11 +19,15 @@ Loud, each naming cause and fix, with what landed in this round (each test faile
   at step 0 now names the cached method (``LruCachedWeight.doubled``) and the fix (before: only that the parameter got
   a gradient from backward but none through the recomputed loss, with causes that were not this one);
 * the call counter recorded with ``check_gradients=False``: every estimator's ``fit`` now warns that two evaluations
-  of the same samples differ, naming state kept between calls and the fix (before: the batch-coupling warning).
+  of the same samples differ, naming state kept between calls and the fix (before: the batch-coupling warning);
+* an environment variable the forward reads, changed between training and explaining: loud by the residual share
+  alone (0.15), whose causes now list environment variables and global torch settings with the fix (before: not
+  among them).
 
 Loud as before, naming cause and fix: in-place ``mul_``,
 ``index_put_`` and ``masked_fill_`` on parameter-derived tensors (refused when explaining, naming out-of-place
-forms, which are exact); an old-style ``autograd.Function`` with a ``once_differentiable`` backward (refused, naming
+forms, which are exact); 50 ``LeakyReLU`` layers of 4 units (a ReLU-dense path, warned, the error kept in
+``quadrature_error``); an old-style ``autograd.Function`` with a ``once_differentiable`` backward (refused, naming
 torch.func's style); a branch on ``x.shape[0] == 1`` (every estimator's ``fit`` warns that a batch's outputs differ
 from its samples' one at a time).
 """
@@ -94,3 +98,22 @@ def test_a_call_counter_recorded_without_the_gradient_check_is_warned_as_state_k
     named = [w for w in got["warnings"] if "differ between two evaluations" in w and "keeps state between calls" in w]
     assert named and "Fix: compute every forward from its inputs and parameters alone" in named[0], got["warnings"]
     assert not any("evaluated one at a time" in w for w in got["warnings"]), got["warnings"]
+
+
+def test_an_environment_variable_changed_before_explaining_is_among_the_residual_share_causes():
+    """The forward reads ``os.environ``; the variable is set to another value between training and explaining: the
+    engine replays another function than the one trained, the residual share (0.15) warns, and its causes now list
+    environment variables and global torch settings with the fix (before: not among them)."""
+    got = CASES["environment_variable_changed_before_explaining"]()
+    assert got["replica"] <= 1e-9 and got["share"] > 1e-2, got
+    named = [w for w in got["warnings"] if "residual share" in w and "os.environ" in w]
+    assert named and "environment variables and torch settings too" in named[0], got["warnings"]
+
+
+def test_fifty_leaky_relu_layers_of_four_units_are_warned_as_a_relu_dense_path():
+    """50 ``LeakyReLU(0.3)`` layers of 4 units: the path crosses too many kinks to locate one by one, and is steep
+    near its start (the layers amplify); the error left is warned and kept in ``quadrature_error``, the per-sample
+    split exact."""
+    got = CASES["deep_narrow_leaky_relu_50x4"]()
+    assert got["replica"] > 1e-6 and got["share"] <= 1e-12, got
+    assert any("ReLU-dense path" in w and "quadrature_error" in w for w in got["warnings"]), got["warnings"]
