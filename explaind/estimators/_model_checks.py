@@ -54,8 +54,8 @@ def check_recorded_model(traj: Any, who: str) -> None:
     coupled, stateful = coupling_and_state(traj, model)
     if stateful:
         warn_user(logger, f"{who}.fit: the model's outputs for the same training samples differ between two "
-                          f"evaluations (evaluation mode, the same parameters and buffers): the forward keeps state "
-                          f"between calls (an attribute it reassigns, such as a key/value cache or the previous "
+                          f"evaluations (evaluation mode, the same parameters, buffers and seed): the forward keeps "
+                          f"state between calls (an attribute it reassigns, such as a key/value cache or the previous "
                           f"batch's activations, or a module-level counter or flag), so its output is no function of "
                           f"its input and parameters, and the replica, the residual share and the scores are "
                           f"inexact. Fix: compute every forward from its inputs and parameters alone (a cache may "
@@ -122,9 +122,9 @@ def coupling_and_state(traj: Any, model: torch.nn.Module, n: int = 4) -> tuple[f
     samples as one batch and one at a time, relative to the largest output (``0.0`` without plain tensor training
     data, when the forward fails on either, or when compiled code sits inside the module; a ``torch.compile`` wrapper
     is measured by its eager module; the global random state, every module's mode and torch's attention fast-path
-    switch are left as they were). ``stateful``: a second evaluation of the same batch after the single ones, under
-    the same seed, gives other outputs (a forward that keeps state between calls: a cache in an attribute, a call
-    counter).
+    switch are left as they were, and so are the buffers, restored before the second evaluation). ``stateful``: a
+    second evaluation of the same batch after the single ones, under the same seed, gives other outputs (a forward
+    that keeps state between calls outside its buffers: a cache in an attribute, a call counter).
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile(model): its eager module, as the engine evaluates it
     if any(compile_backend(m) is not None for m in model.modules()):
@@ -136,6 +136,7 @@ def coupling_and_state(traj: Any, model: torch.nn.Module, n: int = 4) -> tuple[f
         x = x.to(next(model.parameters()).device)
         modes = [(m, m.training) for m in model.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]  # a forward that updates them: as they were
         try:  # torch's inference-only attention fast path off, as the engine evaluates (nn.TransformerEncoder)
             model.eval()
             torch.backends.mha.set_fastpath_enabled(False)
@@ -143,9 +144,14 @@ def coupling_and_state(traj: Any, model: torch.nn.Module, n: int = 4) -> tuple[f
                 torch.default_generator.manual_seed(0)  # a forward that draws in evaluation mode draws the same twice
                 batch = model_output(model(x))
                 alone = torch.cat([model_output(model(x[i:i + 1])) for i in range(x.shape[0])])
+                for b, saved in buffers:
+                    b.copy_(saved)
                 torch.default_generator.manual_seed(0)
                 again = model_output(model(x))
         finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
             torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, mode in modes:
                 m.training = mode

@@ -104,7 +104,8 @@ def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -
             for seed, training in ((0, True), (1, True), (0, False), (0, True)):
                 model.train(training)
                 torch.manual_seed(seed)
-                outs.append(model_output(call_model(model, dict(state), inputs)))
+                fresh = {n: t.clone() if n not in params else t for n, t in state.items()}  # buffers as they were
+                outs.append(model_output(call_model(model, fresh, inputs)))
     except Exception as exc:  # the diagnosis must not hide the check's own message
         logger.debug("The evaluation-mode diagnosis failed: %s", exc)
         return ""
