@@ -9,7 +9,8 @@ docs/recording.md, "Python attributes changed between steps" and "Losses that re
 * :func:`check_parameter_names`: recorded parameters that are no parameters of the model any more (renamed or
   replaced after the run, as ``torch.nn.utils.prune.remove`` replaces ``weight_orig``), refused.
 * :func:`batch_coupling`: a sample's evaluation-mode output that depends on the rest of its batch (its size, its
-  row's position, other rows), measured on a few training samples as one batch against one at a time; warned.
+  row's position, other rows), measured on a few training samples as one batch against one at a time; warned, and
+  a forward that keeps state between calls (the same batch evaluated again gives other outputs) warned instead.
 * :func:`loss_reads_parameters`: a loss callable that reads a parameter of the model directly (``exp(-log_var) *
   CE + log_var`` with ``log_var = model.log_var``), not through the outputs. The engine evaluates
   :math:`\ell_k(f(x_k; \theta_s))` (docs/maths.md §1) with such a parameter at its value *now*, at every step, and
@@ -35,7 +36,8 @@ from ..outputs import model_output
 from ..trajectory._attribute_record import check_final_state, check_model
 from ..trajectory._common import warn_user
 
-__all__ = ["batch_coupling", "check_parameter_names", "check_recorded_model", "loss_reads_parameters"]
+__all__ = ["batch_coupling", "check_parameter_names", "check_recorded_model", "coupling_and_state",
+           "loss_reads_parameters"]
 
 logger = logging.getLogger("explaind.estimators")
 
@@ -49,8 +51,17 @@ def check_recorded_model(traj: Any, who: str) -> None:
     check_parameter_names(traj, model, f"{who}.fit")
     check_model(traj, model, f"{who}.fit")
     check_final_state(traj, model, f"{who}.fit")
-    coupled = batch_coupling(traj, model)
-    if coupled > _COUPLED_TOL.get(next(model.parameters()).dtype, 1e-3):
+    coupled, stateful = coupling_and_state(traj, model)
+    if stateful:
+        warn_user(logger, f"{who}.fit: the model's outputs for the same training samples differ between two "
+                          f"evaluations (evaluation mode, the same parameters, buffers and seed): the forward keeps "
+                          f"state between calls (an attribute it reassigns, such as a key/value cache or the previous "
+                          f"batch's activations, or a module-level counter or flag), so its output is no function of "
+                          f"its input and parameters, and the replica, the residual share and the scores are "
+                          f"inexact. Fix: compute every forward from its inputs and parameters alone (a cache may "
+                          f"hold only tensors that depend on neither; switch key/value caching off, use_cache=False, "
+                          f"while training and explaining).")
+    elif coupled > _COUPLED_TOL.get(next(model.parameters()).dtype, 1e-3):
         warn_user(logger, f"{who}.fit: the model's outputs for training samples evaluated as one batch differ from "
                           f"their outputs evaluated one at a time (evaluation mode, relative difference "
                           f"{coupled:.3g}): a sample's output depends on the rest of its batch, through the batch's "
@@ -100,38 +111,62 @@ _COUPLED_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 
 
 def batch_coupling(traj: Any, model: torch.nn.Module, n: int = 4) -> float:
-    """The largest difference between ``model``'s evaluation-mode outputs for the first ``n`` training samples as one
-    batch and one at a time, relative to the largest output (``0.0`` without plain tensor training data, when the
-    forward fails on either, or when compiled code sits inside the module; a ``torch.compile`` wrapper is measured
-    by its eager module; the global random state, every module's mode and torch's attention fast-path switch are
-    left as they were)."""
+    """:func:`coupling_and_state`'s first value: the batch coupling alone."""
+    return coupling_and_state(traj, model, n)[0]
+
+
+def coupling_and_state(traj: Any, model: torch.nn.Module, n: int = 4) -> tuple[float, bool]:
+    """``(coupling, stateful)``.
+
+    ``coupling``: the largest difference between ``model``'s evaluation-mode outputs for the first ``n`` training
+    samples as one batch and one at a time, relative to the largest output (``0.0`` without plain tensor training
+    data, when the forward fails on either, or when compiled code sits inside the module; a ``torch.compile`` wrapper
+    is measured by its eager module; the global random state, every module's mode and torch's attention fast-path
+    switch are left as they were, and so are the buffers, restored before the second evaluation). ``stateful``: a
+    second evaluation of the same batch after the single ones, under the same seed, gives other outputs (a forward
+    that keeps state between calls outside its buffers: a cache in an attribute, a call counter).
+    """
     model = getattr(model, "_orig_mod", model)  # torch.compile(model): its eager module, as the engine evaluates it
     if any(compile_backend(m) is not None for m in model.modules()):
-        return 0.0  # compiled code in place would recompile for these batch sizes, and count against its limit
+        return 0.0, False  # compiled code in place would recompile for these batch sizes, and count against its limit
     try:
         x, _ = traj.train_samples(torch.arange(min(n, int(traj.n_train))))
         if not isinstance(x, torch.Tensor) or x.shape[0] < 2:
-            return 0.0
+            return 0.0, False
         x = x.to(next(model.parameters()).device)
         modes = [(m, m.training) for m in model.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]  # a forward that updates them: as they were
         try:  # torch's inference-only attention fast path off, as the engine evaluates (nn.TransformerEncoder)
             model.eval()
             torch.backends.mha.set_fastpath_enabled(False)
             with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.default_generator.manual_seed(0)  # a forward that draws in evaluation mode draws the same twice
                 batch = model_output(model(x))
                 alone = torch.cat([model_output(model(x[i:i + 1])) for i in range(x.shape[0])])
+                for b, saved in buffers:
+                    b.copy_(saved)
+                torch.default_generator.manual_seed(0)
+                again = model_output(model(x))
         finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
             torch.backends.mha.set_fastpath_enabled(fastpath)
             for m, mode in modes:
                 m.training = mode
-        if batch.shape != alone.shape or not batch.is_floating_point():
-            return 0.0
+        if not batch.is_floating_point():
+            return 0.0, False
         scale = float(batch.abs().max())
-        return float((batch - alone).abs().max()) / scale if scale > 0 else 0.0
+        scale = scale if scale > 0 else 1.0
+        tol = _COUPLED_TOL.get(batch.dtype, 1e-3)  # nondeterministic kernels (CUDA) round differently each time
+        stateful = again.shape == batch.shape and float((again - batch).abs().max()) / scale > tol
+        if batch.shape != alone.shape:
+            return 0.0, stateful
+        return float((batch - alone).abs().max()) / scale, stateful
     except Exception as exc:  # noqa: BLE001 - the check must not replace the estimator's own errors
         logger.info("The batch-coupling check could not run (%s: %s).", type(exc).__name__, exc)
-        return 0.0
+        return 0.0, False
 
 
 def loss_reads_parameters(traj: Any, model: torch.nn.Module) -> list[str]:

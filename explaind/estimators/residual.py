@@ -164,11 +164,13 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       "is neither a parameter nor a buffer and changed during training (a temperature or schedule kept"
                       " as a Python attribute or in the loss callable's closure, a module-level global the forward "
                       "reads, an EMA teacher's targets, a DQN target network the loss callable reads, a hook on every "
-                      "module registered or removed since with torch.nn.modules.module.register_module_forward_hook) "
-                      "makes the recomputed gradients differ — derive it in forward from a buffer the forward itself "
+                      "module registered or removed since with torch.nn.modules.module.register_module_forward_hook, "
+                      "an environment variable the forward reads through os.environ or a global torch setting such "
+                      "as torch.use_deterministic_algorithms or torch.set_default_dtype, changed since) makes the "
+                      "recomputed gradients differ — derive it in forward from a buffer the forward itself "
                       "updates (an integer step counter), whose changes are recorded per step (a target network: its "
                       "weights as buffers the training forward copies every k steps, with capture_random=True); keep "
-                      "global hooks as they were in training")
+                      "global hooks as they were in training, and environment variables and torch settings too")
     else:
         causes.append("the loss or the training data the engine recomputes gradients with may differ from the "
                       "loop's (a custom or class-weighted loss, data augmentation, a reordered train_data); no "

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: Values of the estimators' ``casts`` parameter (see :meth:`PathEngine.settle_casts`).
 CASTS = ("auto", "replay_dtype", "as_written")
+#: Conversions whose rounding (about 1e-3 and 1e-2 relative) ``casts="auto"`` warns of as an ExplaindWarning.
+HALF_DTYPES = frozenset({"torch.float16", "torch.bfloat16"})
 
 #: Parameters kept in the step cache.
 CACHED_STEPS = 3
@@ -165,7 +167,8 @@ class PathEngine:
         parameters, an :class:`~explaind.exceptions.ExplaindWarning` names them and the fix (their rounding
         makes the path integrand noisy). ``"replay_dtype"``: :math:`g` converts to the compute dtype
         instead wherever the forward converts below it. ``"auto"``: like ``"replay_dtype"`` when a
-        parameter-dependent conversion was found (a logged warning names them), else like ``"as_written"``
+        parameter-dependent conversion was found (a logged warning names them; an ExplaindWarning for conversions
+        to a 16-bit float, whose rounding the replica then differs from the model by), else like ``"as_written"``
         (no change at all). Training gradients always round as the run did
         (docs/maths.md, "Casts below the replay dtype").
 
@@ -187,6 +190,16 @@ class PathEngine:
                 f"integrand is noisy at its level, so the adaptive quadrature may stop at its cap and the error left "
                 f"lands in quadrature_error. Fix: casts='auto' or 'replay_dtype' evaluate these conversions in "
                 f"{self.dtype} (docs/guide_own_model.md).")
+        elif self.casts == "auto" and (half := tuple(s for s in moving if s.dtype in HALF_DTYPES)):
+            warn_at_caller(
+                f"{owner}: the model's forward converts tensors that depend on the parameters to a 16-bit float "
+                f"({sites_text(half)}); casts='auto' evaluates them in {self.dtype}, so the replica and the scores "
+                f"explain the model without that rounding and differ from the model's own outputs by it (about 1e-3 "
+                f"relative for float16, 1e-2 for bfloat16), far above the quadrature's tolerance. Fix: compute in "
+                f"the model's dtype (remove the conversion from forward); casts='as_written' replays the rounding "
+                f"(the path integrand is then noisy at its level and the quadrature stops at its cap); "
+                f"KernelReplica().fit(traj).fidelity_report(X, model=model)['model_max_rel_error'] measures the "
+                f"difference.")
         elif moving and self.casts == "auto":
             logger.warning("%s: the model's forward converts tensors that depend on the parameters to a dtype below "
                            "%s (%s); the replay evaluates them in %s (casts='auto'), so it explains the model's "

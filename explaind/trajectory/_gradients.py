@@ -61,7 +61,10 @@ NAN_BRANCH_HINT = (
     "outside their domain: its backward multiplies that branch's derivative by 0, and 0 * NaN = NaN, although the "
     "forward's values are finite. Fix: apply the selection to the branch's input too (the double where), "
     "torch.where(h > 0, torch.sqrt(torch.where(h > 0, h, 1.0)), h); torch.autograd.detect_anomaly(check_nan=True) "
-    "around the step names the operation whose backward gave the NaN.")
+    "around the step names the operation whose backward gave the NaN. Two more sources: x / x.norm() at an all-zero "
+    "x, such as ReLU units all off (0 / 0 in the forward too; fix: F.normalize(x, eps=1e-12)), and "
+    "torch.log(torch.softmax(z)) once a probability underflows to 0 (log(0) = -inf, its derivative inf; fix: "
+    "F.log_softmax(z)).")
 
 
 @functools.cache

@@ -32,6 +32,7 @@ from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_mas
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import warn_user
+from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers, loop_inputs_hint
 from ._participation import (
     edit_list,
@@ -41,7 +42,7 @@ from ._participation import (
     never_stepped_message,
     second_step_message,
 )
-from ._random import MicroBatch, RandomCapture, RandomState, draws_masks, is_spectral_norm, replay_parts
+from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 from ._setup import refuse_dtype_mismatch
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
@@ -75,50 +76,6 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
-
-
-def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> str:
-    """A sentence when the model's forward is deterministic in training mode (two forwards under different seeds
-    agree) but gives other outputs in evaluation mode, in which explaind recomputes gradients when no training
-    forward is replayed: a branch on ``self.training``; another sentence when those two training forwards differ,
-    though no module draws masks (dropout drawn in ``forward`` itself, ``F.dropout``). ``""`` otherwise (the buffers
-    of the generic hint), and for a model whose modules differ between the modes themselves (dropout, batch norm,
-    spectral norm)."""
-    if any(draws_masks(m) or is_spectral_norm(m) or isinstance(m, nn.modules.batchnorm._NormBase)
-           for m in model.modules()):
-        return ""
-    modes = [(m, m.training) for m in model.modules()]
-    state = {**{n: b.detach().clone() for n, b in model.named_buffers()}, **{n: p.detach() for n, p in params.items()}}
-    outs, drew = [], False
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for seed, training in ((0, True), (1, True), (0, False)):
-                model.train(training)
-                torch.manual_seed(seed)
-                start = torch.random.get_rng_state()
-                outs.append(model_output(call_model(model, dict(state), inputs)))
-                drew = drew or (training and not torch.equal(start, torch.random.get_rng_state()))
-    except Exception as exc:  # the diagnosis must not hide the check's own message
-        logger.debug("The evaluation-mode diagnosis failed: %s", exc)
-        return ""
-    finally:
-        for m, training in modes:
-            m.training = training
-    if drew or not torch.equal(outs[0], outs[1]):  # draws that leave the value unchanged (mixout at its anchor)
-        why = ("two training forwards under different seeds differ" if not torch.equal(outs[0], outs[1]) else
-               "it advances torch's generator, though its outputs here do not depend on the draws")
-        return (f" The model's training forward draws random numbers though none of its modules is a dropout layer "
-                f"({why}): dropout drawn in forward itself, such as "
-                f"F.dropout or F.scaled_dot_product_attention(dropout_p > 0) (Hugging Face attention with the config's"
-                f" attention dropout) or mixout's torch.rand, whose masks are not captured under "
-                f"capture_random='auto'. Fix: record with capture_random=True, which replays the training forwards.")
-    if torch.equal(outs[0], outs[2]):
-        return ""
-    return (" The model's forward gives other outputs in evaluation mode than in training mode on this batch "
-            "(without random draws: two training forwards agree), and explaind recomputes gradients and explains in "
-            "evaluation mode: a branch on self.training, such as probabilities returned only in evaluation mode. "
-            "Fix: return the same outputs in both modes (apply softmax outside the model), or record with "
-            "capture_random=True, which replays the training forwards.")
 
 
 def check_loss_decomposes(
@@ -284,6 +241,7 @@ class RecorderChecksMixin:
             hint += moved_message(moved, s, checked=True)
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
         hint += inductor_masks_hint(self.model)
+        hint += cached_methods_hint(self.model)
         batch = (x.to(device), y.to(device), weights.to(device))
         if replay is None and self.model.training:
             lazy: Any = lambda: mode_branch_hint(self.model, self._params, batch[0]) + hint  # noqa: E731
@@ -297,6 +255,9 @@ class RecorderChecksMixin:
                                             replay, self._random.generators, self._buffers.recorded(), lazy)
             except RuntimeError as exc:  # torch's dtype error of half-precision parameters (Fabric 'bf16-true')
                 refuse_dtype_mismatch(exc, self._params, batch[0], s)
+                if "can't retain_grad on Tensor that has requires_grad=False" in str(exc):
+                    names = switched_off(self.model, self._params, batch[0])
+                    raise TrajectoryError(requires_grad_message(names, s)) from exc
                 raise
 
     def _backward_draws(self, batch: Any, replay: list[tuple[slice, RandomState]], s: int,
