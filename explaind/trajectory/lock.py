@@ -136,6 +136,12 @@ def live_writer(root: Path) -> dict | None:
 
 
 def busy_message(root: Path, info: dict) -> str:
+    if info.get("pid") == os.getpid():  # a recorder of this process still open: a loop left without `with rec:` ending
+        return (f"The trajectory store {str(root)!r} is being written by process {os.getpid()} (this one, since "
+                f"{info.get('since')}): a second writer would corrupt it. A TrajectoryRecorder of this process has it "
+                f"open: finish its `with rec:` block first; if that block was left without __exit__ (an abandoned "
+                f"generator loop, rec.__enter__() called by hand), exit that recorder (rec.__exit__(None, None, None)) "
+                f"and then resume the store; or choose another store path.")
     return (f"The trajectory store {str(root)!r} is being written by process {info.get('pid')} on host "
             f"{info.get('host')!r} (since {info.get('since')}); a second writer would corrupt it. Wait for that "
             f"recording to finish, or choose another store path. If that process is gone (e.g. on another host), "
