@@ -4,10 +4,11 @@ round 11").
 * :func:`refuse_second_run`: a second ``with rec:`` on a recorder that already recorded is refused before anything is
   written (on a store it used to set the store up again as a new run over the first one's files, which no reader
   could then read).
-* :func:`watch_writer`: a recorder that is never exited (a loop abandoned, the recorder garbage-collected, the
-  interpreter exiting through ``sys.exit()`` with it still open) commits the steps it handed to the background writer
-  and gives the writer lock back, with a warning; before, the queued steps were lost at exit and the lock stayed held
-  by the live process, so that no recorder of that process could resume the store.
+* :func:`watch_writer`: a recorder that is never exited is exited at interpreter exit (``sys.exit()`` in a loop that
+  entered it by hand), and one garbage-collected without ``__exit__`` commits the steps it handed to the background
+  writer and gives the writer lock back, each with a warning; before, the steps queued for the writer were lost at
+  exit, and the lock of a collected recorder stayed held by the live process, so that no recorder of that process
+  could resume the store.
 * :func:`journal_identity` and :func:`check_journal`: a store directory deleted (or its journal replaced) while
   recording is an error at the next step naming the journal; before, the writer went on into the deleted journal
   and a directory made anew, and the store it left lacked its start files and the earlier steps without a word.
@@ -15,8 +16,10 @@ round 11").
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: recorders that opened a store (a second ``with rec:`` on them is refused)
 _OPENED: weakref.WeakSet[Any] = weakref.WeakSet()
+#: recorders that opened a store, with the process that opened it (closed at interpreter exit if still inside `with`)
+_OPEN: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 def refuse_second_run(recorder: Any, store: Path | None, in_memory: bool) -> None:
@@ -47,9 +52,34 @@ def refuse_second_run(recorder: Any, store: Path | None, in_memory: bool) -> Non
 
 
 def watch_writer(recorder: Any, writer: Any, store: Path) -> None:
-    """Close ``writer`` as an interrupted run should ``recorder`` die, or the interpreter exit, without ``__exit__``."""
+    """Close ``recorder`` should the interpreter exit, or ``writer`` should ``recorder`` die, without ``__exit__``."""
     _OPENED.add(recorder)
-    weakref.finalize(recorder, _close_unexited, writer, str(store), os.getpid())
+    _OPEN[recorder] = os.getpid()
+    weakref.finalize(recorder, _close_unexited, writer, str(store), os.getpid()).atexit = False
+
+
+def _exit_open_recorders() -> None:
+    """At interpreter exit: ``__exit__`` every recorder of this process still inside ``with rec:``, as interrupted.
+
+    Run by ``threading``'s exit hooks, before ``concurrent.futures`` refuses new work (the writer's file I/O needs
+    it) and before ``atexit``. A process forked from the recording one leaves the recorders alone.
+    """
+    for recorder, pid in list(_OPEN.items()):
+        if pid != os.getpid() or not getattr(recorder, "_active", False):
+            continue
+        logger.warning(
+            "The TrajectoryRecorder writing %r was not exited (the interpreter is exiting inside `with rec:`, e.g. "
+            "through sys.exit() in a loop that called rec.__enter__() by hand); it is exited now and the store "
+            "closed as an interrupted run. Resume it with TrajectoryRecorder(..., resume=True) and rec.restore().",
+            str(recorder._store))
+        try:
+            recorder.__exit__(SystemExit, SystemExit("interpreter exit"), None)
+        except BaseException:  # an exit hook cannot raise: the store keeps what its journal lists
+            logger.exception("Closing the trajectory store %r at interpreter exit failed.", str(recorder._store))
+
+
+_register = getattr(threading, "_register_atexit", None)  # before concurrent.futures' own exit hook (Python >= 3.9)
+(_register or atexit.register)(_exit_open_recorders)
 
 
 def _close_unexited(writer: Any, store: str, pid: int) -> None:
@@ -61,10 +91,9 @@ def _close_unexited(writer: Any, store: str, pid: int) -> None:
     if os.getpid() != pid or not writer._writer_lock.held:  # a forked process; exited
         return
     logger.warning(
-        "The TrajectoryRecorder writing %r was not exited (`with rec:` left without __exit__: the recorder was "
-        "garbage-collected, or the interpreter is exiting with it open); its queued steps are committed and the store "
-        "is closed as an interrupted run. Resume it with TrajectoryRecorder(..., resume=True) and rec.restore().",
-        store)
+        "The TrajectoryRecorder writing %r was garbage-collected without __exit__ (`with rec:` left open, e.g. an "
+        "abandoned loop); the steps it handed to the store are committed and the store is closed as an interrupted "
+        "run. Resume it with TrajectoryRecorder(..., resume=True) and rec.restore().", store)
     try:
         writer.close(complete=False)
     except BaseException:  # a finalizer cannot raise: the store keeps what its journal lists

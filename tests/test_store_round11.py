@@ -1,0 +1,304 @@
+"""Interruptions from the user's own loop, round 11: Ctrl-C and exceptions at each point of a step and in ``__exit__``,
+a second ``with rec:`` on the same recorder, a recorder never exited (``sys.exit()`` in the loop, an abandoned
+loop), ``os.fork()`` and a fork-start DataLoader during recording, the store deleted mid-run, read by the recording
+process, written under ``umask 077`` on a path with spaces and non-ASCII letters, and a recorder stepped from a
+second thread.
+
+docs/recording.md, "Interruptions from the loop, round 11", lists each case with what explaind did before. A store is
+compared bit for bit with the uninterrupted run recorded in memory (``_assert_same``, after ``verify()``), and resumed
+to the end, bit for bit with the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from _recording_helpers import resumable_reference, resumable_setup, resumable_step
+from test_store_faults import _assert_same
+
+import explaind
+from explaind.exceptions import TrajectoryError
+from explaind.trajectory import store as store_module
+from explaind.trajectory.lock import LOCK
+
+HERE = Path(__file__).parent
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return resumable_reference(STEPS)
+
+
+def _recorder(store: Path, resume: bool = False, **kwargs):
+    model, opt, X, y = resumable_setup()
+    rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, resume=resume, **kwargs)
+    start = rec.restore() if resume else 0
+    return rec, model, opt, X, y, start
+
+
+def _stored(store: Path, reference) -> int:
+    """The steps the store holds for a reader; it verifies and equals the uninterrupted run."""
+    traj = explaind.Trajectory.load(store, model=resumable_setup()[0])
+    traj.verify()
+    _assert_same(reference, traj)
+    return traj.n_steps
+
+
+def _resume_to_the_end(store: Path, reference) -> int:
+    """Resume here to ``STEPS`` steps; the run equals the uninterrupted one bit for bit. The step resumed at."""
+    rec, model, opt, X, y, start = _recorder(store, resume=True)
+    with rec:
+        for s in range(start, STEPS):
+            resumable_step(model, opt, X, y, s, rec)
+    assert _stored(store, reference) == STEPS
+    assert not (store / LOCK).exists()
+    return start
+
+
+# --------------------------------------------------------------------------- exceptions raised in the loop
+class _LossFailed(ValueError):
+    pass
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit, AssertionError, _LossFailed, FloatingPointError])
+@pytest.mark.parametrize("where", ["forward", "between backward and step"])
+def test_an_exception_from_the_loop_keeps_every_step_and_resumes(tmp_path, reference, raised, where):
+    """Ctrl-C, ``sys.exit()``, an ``assert``, the user's loss raising, a NaN check raising, in the forward of step 4 or
+    between its backward and ``step()`` (its batch logged): steps 0-3 are kept, the store resumes bit for bit. Before:
+    the same."""
+    store = tmp_path / "run"
+    rec, model, opt, X, y, _ = _recorder(store)
+    with pytest.raises(raised), rec:
+        for s in range(4):
+            resumable_step(model, opt, X, y, s, rec)
+        idx = torch.arange(8)
+        opt.zero_grad()
+        if where == "forward":
+            raise raised("in the forward")
+        torch.nn.functional.mse_loss(model(X[idx]), y[idx]).backward()
+        rec.log_batch(idx)
+        raise raised("between backward and step")
+    assert _stored(store, reference) == 4
+    assert _resume_to_the_end(store, reference) == 4
+
+
+def test_a_second_with_on_the_same_recorder_is_refused_and_the_store_resumes(tmp_path, reference):
+    """An exception inside ``with rec:``, then a second ``with rec:`` on the same recorder: refused before anything is
+    written, naming the store and the fix (a new recorder with ``resume=True``). Before: the second block set the store
+    up as a new run over the first one's files, and the store could not be read ("belongs to the run ...")."""
+    store = tmp_path / "run"
+    rec, model, opt, X, y, _ = _recorder(store)
+    with pytest.raises(_LossFailed), rec:
+        for s in range(3):
+            resumable_step(model, opt, X, y, s, rec)
+        raise _LossFailed("loss")
+    with pytest.raises(TrajectoryError, match=r"already recorded into the trajectory store .*resume=True"), rec:
+        resumable_step(model, opt, X, y, 3, rec)
+    assert _stored(store, reference) == 3
+    assert _resume_to_the_end(store, reference) == 3
+
+
+def test_ctrl_c_while_exit_waits_for_the_writer_gives_the_lock_back(tmp_path, reference, monkeypatch):
+    """Ctrl-C while ``__exit__`` waits for the background writer: the writer commits what it holds and the lock is
+    given back, so this process resumes the store bit for bit. Before: the lock stayed held by the live process and
+    every later recorder of it was refused as "being written by process" its own id."""
+    store = tmp_path / "run"
+    rec, model, opt, X, y, _ = _recorder(store)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), rec:
+        for s in range(3):
+            resumable_step(model, opt, X, y, s, rec)
+        monkeypatch.setattr(store_module.StoreWriter, "flush", interrupted)
+    monkeypatch.undo()
+    assert not (store / LOCK).exists()
+    assert _stored(store, reference) == 3
+    assert _resume_to_the_end(store, reference) == 3
+
+
+def test_a_recorder_left_open_in_this_process_is_named_with_the_fix(tmp_path, reference):
+    """A loop left without ``__exit__`` (``rec.__enter__()`` by hand, an abandoned generator): a new recorder on the
+    store is refused naming this process, the recorder left open and the fix; after ``rec.__exit__`` it resumes bit
+    for bit. Before: "being written by process <this one> ... Wait for that recording to finish"."""
+    store = tmp_path / "run"
+    rec, model, opt, X, y, _ = _recorder(store)
+    rec.__enter__()
+    for s in range(3):
+        resumable_step(model, opt, X, y, s, rec)
+    with pytest.raises(TrajectoryError, match=rf"process {os.getpid()} \(this one.*was left without __exit__.*"
+                                              r"rec.__exit__\(None, None, None\)"):
+        _recorder(store, resume=True)
+    rec.__exit__(None, None, None)
+    assert _resume_to_the_end(store, reference) == 3
+
+
+def _abandoned_loop(store: Path, steps: int) -> None:
+    """Enter a recorder by hand, take ``steps`` steps and drop it with its model and optimizer (its own frame)."""
+    rec, model, opt, X, y, _ = _recorder(store)
+    rec.__enter__()
+    for s in range(steps):
+        resumable_step(model, opt, X, y, s, rec)
+
+
+def test_a_recorder_collected_without_exit_commits_and_unlocks(tmp_path, reference):
+    """A recorder entered by hand and dropped with its model and optimizer (an abandoned loop), then garbage-collected:
+    the steps handed to the writer are committed, the lock is given back with a warning, and this process resumes the
+    store bit for bit. Before: the lock stayed held by this live process and the resume was refused."""
+    store = tmp_path / "run"
+    _abandoned_loop(store, 3)
+    gc.collect()
+    assert not (store / LOCK).exists()
+    kept = _stored(store, reference)
+    assert kept == 3
+    assert _resume_to_the_end(store, reference) == kept
+
+
+# --------------------------------------------------------------------------- leaving the process
+_CHILD = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[2])
+from _recording_helpers import resumable_setup, resumable_step
+import explaind
+from explaind.trajectory import store as store_module
+real = store_module.StoreWriter._commit
+def slow(self, items):  # a slow disk: steps pile up in the writer's queue
+    time.sleep(0.2)
+    real(self, items)
+store_module.StoreWriter._commit = slow
+model, opt, X, y = resumable_setup()
+rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=sys.argv[1])
+rec.__enter__()  # a loop that never reaches __exit__
+for s in range(6):
+    resumable_step(model, opt, X, y, s, rec)
+if sys.argv[3] == "fork":
+    pid = os.fork()
+    if pid == 0:  # the child leaves through sys.exit(): its atexit handlers run
+        sys.exit(0)
+    os.waitpid(pid, 0)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("fork", ["", "fork"])
+def test_sys_exit_without_exit_commits_every_returned_step(tmp_path, reference, fork):
+    """``sys.exit()`` in a loop that never reaches ``__exit__``, with the writer behind (a slow disk): at exit the
+    queued steps are committed and the lock given back; all 6 steps whose ``step()`` returned are kept and the store
+    resumes bit for bit. With a child forked first that leaves through ``sys.exit()`` too, the child touches nothing.
+    Before: the writer's daemon thread died with the interpreter and the queued steps were lost (fewer than 6)."""
+    store = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE.parent / "plugins")]))
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(store), str(HERE), fork], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 3, done.stderr
+    assert _stored(store, reference) == 6
+    assert "was not exited" in done.stderr
+    assert not (store / LOCK).exists()
+    assert _resume_to_the_end(store, reference) == 6
+
+
+def test_a_fork_start_dataloader_and_a_forked_reader_leave_the_run_alone(tmp_path, reference):
+    """A DataLoader with ``num_workers=2`` and the fork start method, iterated inside ``with rec:``, and a child forked
+    after the recorder started that loads the store and leaves with ``os._exit``: the run is recorded as without them,
+    bit for bit. Before: the same."""
+    store = tmp_path / "run"
+    rec, model, opt, X, y, _ = _recorder(store)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(32)), batch_size=8,
+                                         num_workers=2, multiprocessing_context="fork")
+    with rec:
+        for s in range(STEPS):
+            if s == 2:
+                assert sorted(int(i) for (b,) in loader for i in b) == list(range(32))
+                pid = os.fork()
+                if pid == 0:
+                    code = 0
+                    try:
+                        explaind.Trajectory.load(store, model=resumable_setup()[0])
+                    except BaseException:
+                        code = 1
+                    os._exit(code)
+                assert os.waitpid(pid, 0)[1] == 0
+            resumable_step(model, opt, X, y, s, rec)
+    assert _stored(store, reference) == STEPS
+
+
+# --------------------------------------------------------------------------- the store's directory
+def test_the_store_deleted_while_recording_is_an_error_naming_the_journal(tmp_path):
+    """``shutil.rmtree`` of the store after step 2: the next step is a ``TrajectoryError`` naming the journal, what
+    happened and the fix. Before: no error; the writer went on into the deleted journal and a directory made anew,
+    and left a manifest listing 8 steps without the start files or steps 0-2."""
+    store = tmp_path / "run"
+    rec, model, opt, X, y, _ = _recorder(store, background_writes=False)
+    with pytest.raises(TrajectoryError, match=r"journal.jsonl' of the trajectory store being recorded is gone.*"
+                                              r"deleted, moved or replaced while recording.*Fix: keep"), rec:
+        for s in range(STEPS):
+            resumable_step(model, opt, X, y, s, rec)
+            if s == 2:
+                shutil.rmtree(store)
+    assert not (store / "manifest.json").exists()
+
+
+def test_a_reader_in_the_recording_process_sees_a_growing_prefix(tmp_path, reference):
+    """``Trajectory.load`` of the store after every step, in the recording process: each load a prefix of the run,
+    never fewer steps than the one before; the store ends complete. Before: the same."""
+    store = tmp_path / "run"
+    rec, model, opt, X, y, _ = _recorder(store)
+    seen = [0]
+    with rec:
+        for s in range(STEPS):
+            resumable_step(model, opt, X, y, s, rec)
+            seen.append(_stored(store, reference))
+            assert seen[-1] >= seen[-2]
+    assert _stored(store, reference) == STEPS
+
+
+def test_umask_077_on_a_path_with_spaces_and_unicode(tmp_path, reference):
+    """A store recorded under ``umask 077`` at a path with spaces and non-ASCII letters: files 0600, directories 0700
+    (the owner reads them; the group and others do not), read and resumed bit for bit. Before: the same."""
+    store = tmp_path / "mit Lücke é 日本"
+    old = os.umask(0o077)
+    try:
+        rec, model, opt, X, y, _ = _recorder(store)
+        with rec:
+            for s in range(4):
+                resumable_step(model, opt, X, y, s, rec)
+        modes = {p.is_dir(): oct(p.stat().st_mode & 0o777) for p in store.rglob("*")}
+        assert modes == {False: "0o600", True: "0o700"}
+        assert _resume_to_the_end(store, reference) == 4
+    finally:
+        os.umask(old)
+
+
+def test_steps_taken_on_a_second_thread(tmp_path, reference):
+    """Steps 2-3 taken on another thread (one thread at a time), inside ``with rec:`` of the main thread: recorded as
+    on one thread, bit for bit. Before: the same."""
+    store = tmp_path / "run"
+    rec, model, opt, X, y, _ = _recorder(store)
+    errors: list[BaseException] = []
+
+    def other():
+        try:
+            for s in range(2, 4):
+                resumable_step(model, opt, X, y, s, rec)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with rec:
+        for s in range(2):
+            resumable_step(model, opt, X, y, s, rec)
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert errors == []
+    assert _resume_to_the_end(store, reference) == 4
