@@ -1,12 +1,14 @@
-"""What an interruption from the user's own loop leaves of a store (docs/recording.md, "Interruptions from the loop,
-round 11").
+"""What an interruption from the user's own loop leaves of a store.
+
+docs/recording.md, "Interruptions from the loop, round 11", describes each case.
 
 * :func:`refuse_second_run`: a second ``with rec:`` on a recorder that already recorded is refused before anything is
   written (on a store it used to set the store up again as a new run over the first one's files, which no reader
   could then read).
 * :func:`watch_writer`: a recorder that is never exited is exited at interpreter exit (``sys.exit()`` in a loop that
-  entered it by hand), and one garbage-collected without ``__exit__`` commits the steps it handed to the background
-  writer and gives the writer lock back, each with a warning; before, the steps queued for the writer were lost at
+  entered it by hand), and the writer of one garbage-collected without ``__exit__`` commits the steps it was handed
+  and gives the lock back when the next recorder of the process opens the store (:func:`close_abandoned`), each with
+  a warning; before, the steps queued for the writer were lost at
   exit, and the lock of a collected recorder stayed held by the live process, so that no recorder of that process
   could resume the store.
 * :func:`journal_identity` and :func:`check_journal`: a store directory deleted (or its journal replaced) while
@@ -30,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 #: recorders that opened a store (a second ``with rec:`` on them is refused)
 _OPENED: weakref.WeakSet[Any] = weakref.WeakSet()
-#: recorders that opened a store, with the process that opened it (closed at interpreter exit if still inside `with`)
-_OPEN: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+#: per store (its real path): the recorder that opened it, the process and the writer (all but the process weakly)
+_WRITERS: dict[str, tuple[weakref.ref[Any], int, weakref.ref[Any]]] = {}
 
 
 def refuse_second_run(recorder: Any, store: Path | None, in_memory: bool) -> None:
@@ -52,52 +54,64 @@ def refuse_second_run(recorder: Any, store: Path | None, in_memory: bool) -> Non
 
 
 def watch_writer(recorder: Any, writer: Any, store: Path) -> None:
-    """Close ``recorder`` should the interpreter exit, or ``writer`` should ``recorder`` die, without ``__exit__``."""
+    """Follow ``recorder`` and its ``writer``: exited at interpreter exit, or closed once found collected."""
     _OPENED.add(recorder)
-    _OPEN[recorder] = os.getpid()
-    weakref.finalize(recorder, _close_unexited, writer, str(store), os.getpid()).atexit = False
+    for key in [k for k, (_, _, w) in _WRITERS.items() if w() is None or not w()._writer_lock.held]:
+        del _WRITERS[key]  # closed writers are not kept alive
+    _WRITERS[os.path.realpath(store)] = (weakref.ref(recorder), os.getpid(), weakref.ref(writer))
+
+
+def close_abandoned(key: str) -> bool:
+    """Whether the store ``key`` (a real path) was opened by a recorder of this process that is gone (collected
+    without ``__exit__``); its writer, if alive, commits what it was handed and gives the lock back (with a warning).
+
+    Called where the lock of this process is found on a store (:mod:`~explaind.trajectory.lock`), not from the
+    garbage collector: a finalizer runs inside whatever the collector interrupted.
+    """
+    entry = _WRITERS.get(key)
+    if entry is None or entry[0]() is not None or entry[1] != os.getpid():
+        return False
+    del _WRITERS[key]
+    writer = entry[2]()
+    if writer is not None and writer._writer_lock.held:
+        _close(writer, key, "was garbage-collected without __exit__ (`with rec:` left open, e.g. an abandoned loop)")
+    return True
 
 
 def _exit_open_recorders() -> None:
-    """At interpreter exit: ``__exit__`` every recorder of this process still inside ``with rec:``, as interrupted.
+    """At interpreter exit: ``__exit__`` every recorder of this process still inside ``with rec:``, as interrupted,
+    and close the writer of each one collected without it.
 
     Run by ``threading``'s exit hooks, before ``concurrent.futures`` refuses new work (the writer's file I/O needs
     it) and before ``atexit``. A process forked from the recording one leaves the recorders alone.
     """
-    for recorder, pid in list(_OPEN.items()):
-        if pid != os.getpid() or not getattr(recorder, "_active", False):
+    for key, (recorder_ref, pid, writer_ref) in list(_WRITERS.items()):
+        recorder, writer = recorder_ref(), writer_ref()
+        if pid != os.getpid():
             continue
-        logger.warning(
-            "The TrajectoryRecorder writing %r was not exited (the interpreter is exiting inside `with rec:`, e.g. "
-            "through sys.exit() in a loop that called rec.__enter__() by hand); it is exited now and the store "
-            "closed as an interrupted run. Resume it with TrajectoryRecorder(..., resume=True) and rec.restore().",
-            str(recorder._store))
-        try:
-            recorder.__exit__(SystemExit, SystemExit("interpreter exit"), None)
-        except BaseException:  # an exit hook cannot raise: the store keeps what its journal lists
-            logger.exception("Closing the trajectory store %r at interpreter exit failed.", str(recorder._store))
+        if recorder is not None and getattr(recorder, "_active", False) and recorder._writer is writer:
+            _close(recorder, key, "was not exited (the interpreter is exiting inside `with rec:`, e.g. through "
+                                  "sys.exit() in a loop that called rec.__enter__() by hand)")
+        elif recorder is None and writer is not None and writer._writer_lock.held:
+            _close(writer, key, "was garbage-collected without __exit__ (`with rec:` left open)")
+
+
+def _close(closing: Any, store: str, why: str) -> None:
+    """Exit a recorder (as interrupted) or close a writer (``complete=False``), with a warning saying ``why``."""
+    logger.warning("The TrajectoryRecorder writing %r %s; the steps it handed to the store are committed and the store "
+                   "is closed as an interrupted run. Resume it with TrajectoryRecorder(..., resume=True) and "
+                   "rec.restore().", store, why)
+    try:
+        if hasattr(closing, "__exit__"):
+            closing.__exit__(SystemExit, SystemExit("interpreter exit"), None)
+        else:
+            closing.close(complete=False)
+    except BaseException:  # nothing to raise to: the store keeps what its journal lists
+        logger.exception("Closing the trajectory store %r of a recorder that was not exited failed.", store)
 
 
 _register = getattr(threading, "_register_atexit", None)  # before concurrent.futures' own exit hook (Python >= 3.9)
 (_register or atexit.register)(_exit_open_recorders)
-
-
-def _close_unexited(writer: Any, store: str, pid: int) -> None:
-    """The finalizer of :func:`watch_writer`: commit what the writer holds, write the manifest, give the lock back.
-
-    A process forked from the recording one (a DataLoader worker, ``os.fork()``) has neither the writer's thread
-    nor the store: it leaves both alone.
-    """
-    if os.getpid() != pid or not writer._writer_lock.held:  # a forked process; exited
-        return
-    logger.warning(
-        "The TrajectoryRecorder writing %r was garbage-collected without __exit__ (`with rec:` left open, e.g. an "
-        "abandoned loop); the steps it handed to the store are committed and the store is closed as an interrupted "
-        "run. Resume it with TrajectoryRecorder(..., resume=True) and rec.restore().", store)
-    try:
-        writer.close(complete=False)
-    except BaseException:  # a finalizer cannot raise: the store keeps what its journal lists
-        logger.exception("Closing the trajectory store %r of a recorder that was not exited failed.", store)
 
 
 def journal_identity(fd: int) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .._io import open_regular, write_all
 from ..exceptions import TrajectoryError
+from ._interrupts import close_abandoned
 
 __all__ = ["LOCK", "WriterLock", "live_writer"]
 
@@ -126,6 +127,9 @@ def _holder(path: Path) -> dict | None:
     if isinstance(taken_in, list) and here is not None and taken_in != here:
         return None  # the lock of another directory: copied (cp -r) with a store that was being written
     if pid == os.getpid():
+        if close_abandoned(os.path.realpath(path.parent)):  # its recorder collected without __exit__: now unlocked
+            stale = _ACTIVE.get(os.path.realpath(path.parent))  # a writer without a thread, collected with it
+            None if stale is None else stale.release()
         return info if os.path.realpath(path.parent) in _ACTIVE else None
     return info if _alive(pid) else None
 
