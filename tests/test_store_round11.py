@@ -145,6 +145,26 @@ def test_a_recorder_left_open_in_this_process_is_named_with_the_fix(tmp_path, re
     assert _resume_to_the_end(store, reference) == 3
 
 
+def test_a_generator_loop_closed_mid_run_exits_the_recorder(tmp_path, reference):
+    """A generator-based loop with ``with rec:`` inside, closed after 3 steps: ``GeneratorExit`` runs ``__exit__``, the
+    lock is given back, the 3 steps are kept and resume bit for bit. Before: the same."""
+    store = tmp_path / "run"
+
+    def loop():
+        rec, model, opt, X, y, _ = _recorder(store)
+        with rec:
+            for s in range(STEPS):
+                resumable_step(model, opt, X, y, s, rec)
+                yield s
+
+    steps = loop()
+    assert [next(steps) for _ in range(3)] == [0, 1, 2]
+    steps.close()
+    assert not (store / LOCK).exists()
+    assert _stored(store, reference) == 3
+    assert _resume_to_the_end(store, reference) == 3
+
+
 def _abandoned_loop(store: Path, steps: int) -> None:
     """Enter a recorder by hand, take ``steps`` steps and drop it with its model and optimizer (its own frame)."""
     rec, model, opt, X, y, _ = _recorder(store)
