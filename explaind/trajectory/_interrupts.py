@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 
 #: recorders that opened a store (a second ``with rec:`` on them is refused)
 _OPENED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class JournalGoneError(TrajectoryError):
+    """The store's journal gone or replaced while recording (:func:`check_journal`): nothing on disk is promised."""
+
+
 #: per store (its real path): the recorder that opened it, the process and the writer (all but the process weakly)
 _WRITERS: dict[str, tuple[weakref.ref[Any], int, weakref.ref[Any]]] = {}
 
@@ -136,7 +142,7 @@ def check_journal(root: Path, journal: str, identity: tuple[int, int] | None) ->
     except FileNotFoundError:
         here = None
     if here != identity:
-        raise TrajectoryError(
+        raise JournalGoneError(
             f"The journal {str(root / journal)!r} of the trajectory store being recorded "
             f"{'is gone' if here is None else 'was replaced by another file'}: the store directory was deleted, "
             f"moved or replaced while recording. Nothing more is written to it (steps committed to the lost journal "
