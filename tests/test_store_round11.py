@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,29 @@ def test_an_exception_from_the_loop_keeps_every_step_and_resumes(tmp_path, refer
         raise raised("between backward and step")
     assert _stored(store, reference) == 4
     assert _resume_to_the_end(store, reference) == 4
+
+
+def test_ctrl_c_while_the_background_writer_is_behind_keeps_every_returned_step(tmp_path, reference, monkeypatch):
+    """Ctrl-C in the loop while the background writer still commits earlier steps (each commit slowed by 0.1 s, so
+    steps wait in its queue): ``__exit__`` lets the writer finish; all 5 returned steps are kept, resumed bit for bit.
+    Before: the same."""
+    real = store_module.StoreWriter._commit
+
+    def slow(self, items):
+        time.sleep(0.1)
+        real(self, items)
+
+    monkeypatch.setattr(store_module.StoreWriter, "_commit", slow)
+    store = tmp_path / "run"
+    rec, model, opt, X, y, _ = _recorder(store)
+    with pytest.raises(KeyboardInterrupt), rec:
+        for s in range(5):
+            resumable_step(model, opt, X, y, s, rec)
+        assert len((store / "journal.jsonl").read_bytes().splitlines()) < 5  # the writer is behind
+        raise KeyboardInterrupt
+    monkeypatch.undo()
+    assert _stored(store, reference) == 5
+    assert _resume_to_the_end(store, reference) == 5
 
 
 def test_a_second_with_on_the_same_recorder_is_refused_and_the_store_resumes(tmp_path, reference):
