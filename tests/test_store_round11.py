@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -211,7 +212,7 @@ def test_a_recorder_collected_without_exit_commits_and_unlocks(tmp_path, referen
 
 # --------------------------------------------------------------------------- leaving the process
 _CHILD = """
-import atexit, os, signal, sys, time
+import atexit, os, signal, sys, threading, time
 sys.path.insert(0, sys.argv[2])
 from _recording_helpers import resumable_setup, resumable_step
 import explaind
@@ -229,6 +230,24 @@ rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), sto
 atexit.register(report)
 if mode == "sigterm-handler":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+if mode == "thread":  # a non-daemon training thread inside `with rec:` while the main thread exits
+    def train():
+        with rec:
+            for s in range(6):
+                resumable_step(model, opt, X, y, s, rec)
+                time.sleep(0.1)
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    while not rec._active and trainer.is_alive():
+        time.sleep(0.01)
+    sys.exit(3)
+if mode == "late-thread":  # a thread that enters `with rec:` only after the main thread has exited
+    def late():
+        time.sleep(1.0)
+        with rec:
+            resumable_step(model, opt, X, y, 0, rec)
+    threading.Thread(target=late).start()
+    sys.exit(3)
 if mode.startswith("sigterm"):
     with rec:
         for s in range(6):
@@ -269,6 +288,29 @@ def test_sys_exit_without_exit_commits_every_returned_step(tmp_path, reference, 
     assert "was not exited" in done.stderr
     assert not (store / LOCK).exists()
     assert _resume_to_the_end(store, reference) == 6
+
+
+def test_a_training_thread_inside_with_when_the_main_thread_exits_records_to_its_end(tmp_path, reference):
+    """The main thread ends (``sys.exit``) while a non-daemon thread records 6 steps inside its ``with rec:``: the exit
+    hook waits until that block has ended (before the thread pools shut down), and the store ends complete with all
+    6 steps. Before: the pools shut down under the thread; its first step's write failed with "RuntimeError: cannot
+    schedule new futures after shutdown" and the store kept 0 steps."""
+    store = tmp_path / "run"
+    done = _child(store, "thread")
+    assert done.returncode == 3, done.stderr
+    assert "was not exited" not in done.stderr
+    assert _stored(store, reference) == 6
+    assert explaind.Trajectory.load(store, model=resumable_setup()[0]).manifest.complete
+
+
+def test_a_thread_entering_with_after_the_main_thread_exited_is_told_why(tmp_path):
+    """A thread that enters ``with rec:`` only after the main thread has exited: a ``TrajectoryError`` naming the cause
+    (the interpreter shutting down) and the fix (join the thread that records). Before: "RuntimeError: cannot schedule
+    new futures after interpreter shutdown"."""
+    done = _child(tmp_path / "run", "late-thread")
+    assert done.returncode == 3, done.stderr
+    assert re.search(r"TrajectoryError: Recording into .* cannot start: the main thread has exited.*thread\.join\(\)",
+                     done.stderr), done.stderr
 
 
 def test_sigterm_with_a_handler_keeps_every_step_and_without_one_the_crash_bound(tmp_path, reference):

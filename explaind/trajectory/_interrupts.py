@@ -22,6 +22,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,8 @@ class JournalGoneError(TrajectoryError):
     """The store's journal gone or replaced while recording (:func:`check_journal`): nothing on disk is promised."""
 
 
-#: per store (its real path): the recorder that opened it, the process and the writer (all but the process weakly)
-_WRITERS: dict[str, tuple[weakref.ref[Any], int, weakref.ref[Any]]] = {}
+#: per store (its real path): its recorder and writer (weakly), the process and the thread that entered the recorder
+_WRITERS: dict[str, tuple[weakref.ref[Any], int, weakref.ref[Any], threading.Thread]] = {}
 
 
 def refuse_second_run(recorder: Any, store: Path | None, in_memory: bool) -> None:
@@ -50,6 +51,11 @@ def refuse_second_run(recorder: Any, store: Path | None, in_memory: bool) -> Non
     TrajectoryError
         Naming the store and the fix (a new recorder, with ``resume=True`` to go on).
     """
+    if store is not None and not threading.main_thread().is_alive():
+        raise TrajectoryError(
+            f"Recording into {str(store)!r} cannot start: the main thread has exited and the interpreter is shutting "
+            f"down, so the thread pools the store's writer uses refuse new work. Fix: keep the main thread alive "
+            f"until recording ends (join the thread that records, thread.join(), before the main thread returns).")
     if store is None and in_memory:
         raise TrajectoryError("An in-memory recorder records one run; create a new TrajectoryRecorder.")
     if store is not None and recorder in _OPENED:
@@ -62,9 +68,10 @@ def refuse_second_run(recorder: Any, store: Path | None, in_memory: bool) -> Non
 def watch_writer(recorder: Any, writer: Any, store: Path) -> None:
     """Follow ``recorder`` and its ``writer``: exited at interpreter exit, or closed once found collected."""
     _OPENED.add(recorder)
-    for key in [k for k, (_, _, w) in _WRITERS.items() if w() is None or not w()._writer_lock.held]:
+    for key in [k for k, (_, _, w, _) in _WRITERS.items() if w() is None or not w()._writer_lock.held]:
         del _WRITERS[key]  # closed writers are not kept alive
-    _WRITERS[os.path.realpath(store)] = (weakref.ref(recorder), os.getpid(), weakref.ref(writer))
+    _WRITERS[os.path.realpath(store)] = (weakref.ref(recorder), os.getpid(), weakref.ref(writer),
+                                         threading.current_thread())  # the thread inside `with rec:`
 
 
 def close_abandoned(key: str) -> bool:
@@ -89,17 +96,39 @@ def _exit_open_recorders() -> None:
     and close the writer of each one collected without it.
 
     Run by ``threading``'s exit hooks, before ``concurrent.futures`` refuses new work (the writer's file I/O needs
-    it) and before ``atexit``. A process forked from the recording one leaves the recorders alone.
+    it) and before ``atexit``; a non-daemon thread inside ``with rec:`` is waited for first, until its block ends, so
+    that it records to its end while the thread pools still work. A process forked from the recording one leaves
+    the recorders alone, and so does the hook a recorder entered by a daemon thread that is still running.
     """
-    for key, (recorder_ref, pid, writer_ref) in list(_WRITERS.items()):
+    for recorder_ref, pid, writer_ref, thread in list(_WRITERS.values()):
+        if pid == os.getpid() and thread is not threading.current_thread() and not thread.daemon:
+            _wait_for(recorder_ref, writer_ref, thread)
+    for key, (recorder_ref, pid, writer_ref, thread) in list(_WRITERS.items()):
         recorder, writer = recorder_ref(), writer_ref()
-        if pid != os.getpid():
-            continue
+        if pid != os.getpid() or (thread is not threading.current_thread() and thread.is_alive()):
+            continue  # a forked process; a daemon thread still inside `with rec:`
         if recorder is not None and getattr(recorder, "_active", False) and recorder._writer is writer:
             _close(recorder, key, "was not exited (the interpreter is exiting inside `with rec:`, e.g. through "
                                   "sys.exit() in a loop that called rec.__enter__() by hand)")
         elif recorder is None and writer is not None and writer._writer_lock.held:
             _close(writer, key, "was garbage-collected without __exit__ (`with rec:` left open)")
+
+
+def _wait_for(recorder_ref: weakref.ref[Any], writer_ref: weakref.ref[Any], thread: threading.Thread) -> None:
+    """Wait while ``thread`` is inside ``with rec:`` or its ``__exit__`` still closes the writer (not for the thread
+    to end: a thread pool's worker never does); give up once the recorder took no step for :data:`PATIENCE` s."""
+    last, since = None, time.monotonic()
+    while thread.is_alive() and time.monotonic() - since < PATIENCE:
+        recorder, writer = recorder_ref(), writer_ref()
+        if recorder is None or not (recorder._active or (writer is not None and writer._writer_lock.held)):
+            return  # collected (closed below), or exited
+        if recorder._n != last:
+            last, since = recorder._n, time.monotonic()
+        time.sleep(0.01)
+
+
+#: seconds without a step after which the exit hook stops waiting for a thread inside ``with rec:``
+PATIENCE = 30.0
 
 
 def _close(closing: Any, store: str, why: str) -> None:
