@@ -6,10 +6,11 @@ docs/recording.md, "Interruptions from the loop, round 11", describes each case.
   written (on a store it used to set the store up again as a new run over the first one's files, which no reader
   could then read).
 * :func:`watch_writer`: a recorder that is never exited is exited at interpreter exit (``sys.exit()`` in a loop that
-  entered it by hand), and the writer of one garbage-collected without ``__exit__`` commits the steps it was handed
-  and gives the lock back when the next recorder of the process opens the store (:func:`close_abandoned`), each with
-  a warning; before, the steps queued for the writer were lost at
-  exit, and the lock of a collected recorder stayed held by the live process, so that no recorder of that process
+  entered it by hand), after a non-daemon thread still inside ``with rec:`` has ended its block, and the writer of one
+  garbage-collected without ``__exit__`` commits the steps it was handed and gives the lock back when the next
+  recorder of the process opens the store (:func:`close_abandoned`), each with a warning; before, the steps queued
+  for the writer were lost at exit, a thread recording past the main thread's exit failed with the thread pools shut
+  down, and the lock of a collected recorder stayed held by the live process, so that no recorder of that process
   could resume the store.
 * :func:`journal_identity` and :func:`check_journal`: a store directory deleted (or its journal replaced) while
   recording is an error at the next step naming the journal; before, the writer went on into the deleted journal
