@@ -3,10 +3,11 @@
 A 4-step run of a small MLP is recorded; its manifest and journal are then rewritten to list ``--steps``
 copies of its first step record (as a complete store of that many steps holds them: every step in the
 manifest and in the journal). Printed: the best of ``--repeats`` process-CPU times of
-``explaind.trajectory.store.read_manifest`` and the manifest's size. To compare two versions, run the
-script with each on ``PYTHONPATH``, in turn.
+``explaind.trajectory.store.read_manifest`` and the manifest's size; with ``--load``, also the wall time of one
+``explaind.Trajectory.load`` of the store and the peak of Python's allocations (``tracemalloc``) of a second one.
+To compare two versions, run the script with each on ``PYTHONPATH``, in turn.
 
-Run: ``python benchmarks/bench_store_index.py [--steps N] [--repeats R]``
+Run: ``python benchmarks/bench_store_index.py [--steps N] [--repeats R] [--load]``
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import os
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import torch
@@ -26,9 +28,13 @@ from explaind.trajectory.manifest import TrajectoryManifest
 from explaind.trajectory.store import read_manifest
 
 
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(torch.float64)
+
+
 def _long_store(root: Path, steps: int) -> Path:
     X, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(torch.float64)
+    model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     with explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=root) as rec:
         for s in range(4):
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--load", action="store_true", help="also time Trajectory.load and its peak allocation")
     args = parser.parse_args(argv)
     root = _long_store(Path(tempfile.mkdtemp(prefix="explaind-index-")) / "run", args.steps)
     best = float("inf")
@@ -60,6 +67,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{explaind.__file__}: read_manifest of {args.steps} steps (manifest {size:.1f} MB and journal): "
           f"{best * 1e3:.1f} ms CPU (best of {args.repeats}); load average {os.getloadavg()[0]:.1f}")
 
+    if args.load:
+        start = time.perf_counter()
+        traj = explaind.Trajectory.load(root, model=_model())
+        wall = time.perf_counter() - start
+        tracemalloc.start()  # a second load, traced (tracemalloc slows it down)
+        explaind.Trajectory.load(root, model=_model())
+        peak = tracemalloc.get_traced_memory()[1] / 1e6
+        tracemalloc.stop()
+        print(f"Trajectory.load of {traj.n_steps} steps: {wall * 1e3:.0f} ms wall; peak Python allocation of a load "
+              f"{peak:.0f} MB (tracemalloc); load average {os.getloadavg()[0]:.1f}")
 
 if __name__ == "__main__":
     main()

@@ -29,19 +29,11 @@ from torch import Tensor
 
 from ..exceptions import ConfigError, TrajectoryError
 from ..recurrence import LinearUpdate
-from ._background import (
-    AuditResult,
-    CopyPool,
-    Handoff,
-    OrderedWorker,
-    StateCopier,
-    WarmBuffers,
-    audit_job,
-    audit_value,
-)
+from ._background import AuditResult, CopyPool, Handoff, OrderedWorker, StateCopier, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
 from ._coefficients import PREFIX, CoefficientBuffers
 from ._gradients import has_stochastic_layers
+from ._interrupts import watch_writer
 from ._io import encode_optimizer_state, tensor_bytes
 from ._random_store import pack_micro_batches
 from ._recorder_resume import RecorderResumeMixin
@@ -339,10 +331,10 @@ class RecorderStoreMixin(RecorderResumeMixin):
             self._start_writer(theta, constants)
         except OSError as exc:
             writer, self._writer = self._writer, None
-            if writer is not None:
-                with contextlib.suppress(Exception):
-                    writer.abandon()
+            with contextlib.suppress(Exception):
+                None if writer is None else writer.abandon()
             raise setup_error(self._store, exc) from exc
+        watch_writer(self, self._writer, self._store)  # a recorder never exited still commits and unlocks
 
     def _start_writer(self, theta: dict[str, Tensor], constants: dict[str, Tensor]) -> None:
         assert self._store is not None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._interrupts import JournalGoneError
+
 __all__ = ["write_failure"]
 
 
@@ -38,6 +40,8 @@ def write_failure(root: Path, step: int | None, err: BaseException, stored: int,
         The first and last step whose journal lines were being appended when ``err`` came (``None``: the
         error came before the journal, while the step's files were written).
     """
+    if isinstance(err, JournalGoneError):  # the directory deleted or replaced: what it held cannot be said
+        return f"Writing step {step} of the trajectory store {str(root)!r} failed: {err}"
     held = "no step is stored" if stored == 0 else f"{_steps(0, stored - 1)} are stored (their journal lines " \
                                                     f"written and flushed)"
     if appending is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .._io import open_regular, write_all
 from ..exceptions import TrajectoryError
+from ._interrupts import close_abandoned
 
 __all__ = ["LOCK", "WriterLock", "live_writer"]
 
@@ -126,6 +127,9 @@ def _holder(path: Path) -> dict | None:
     if isinstance(taken_in, list) and here is not None and taken_in != here:
         return None  # the lock of another directory: copied (cp -r) with a store that was being written
     if pid == os.getpid():
+        if close_abandoned(os.path.realpath(path.parent)):  # its recorder collected without __exit__: now unlocked
+            stale = _ACTIVE.get(os.path.realpath(path.parent))  # a writer without a thread, collected with it
+            None if stale is None else stale.release()
         return info if os.path.realpath(path.parent) in _ACTIVE else None
     return info if _alive(pid) else None
 
@@ -136,6 +140,12 @@ def live_writer(root: Path) -> dict | None:
 
 
 def busy_message(root: Path, info: dict) -> str:
+    if info.get("pid") == os.getpid():  # a recorder of this process still open: a loop left without `with rec:` ending
+        return (f"The trajectory store {str(root)!r} is being written by process {os.getpid()} (this one, since "
+                f"{info.get('since')}): a second writer would corrupt it. A TrajectoryRecorder of this process has it "
+                f"open: finish its `with rec:` block first; if that block was left without __exit__ (an abandoned "
+                f"generator loop, rec.__enter__() called by hand), exit that recorder (rec.__exit__(None, None, None)) "
+                f"and then resume the store; or choose another store path.")
     return (f"The trajectory store {str(root)!r} is being written by process {info.get('pid')} on host "
             f"{info.get('host')!r} (since {info.get('since')}); a second writer would corrupt it. Wait for that "
             f"recording to finish, or choose another store path. If that process is gone (e.g. on another host), "

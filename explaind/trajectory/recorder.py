@@ -37,6 +37,7 @@ from ._common import (
     validate_weights,
 )
 from ._gradients import AutocastProbe, GradientTap, is_power_of_two
+from ._interrupts import refuse_second_run
 from ._optimizer_state_watch import OptimizerStateWatch
 from ._participation import (
     check_optimizer_params,
@@ -320,6 +321,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
     def __enter__(self) -> TrajectoryRecorder:
         if self._active:
             raise TrajectoryError("This recorder is already active; `with rec:` cannot be nested.")
+        refuse_second_run(self, self._store, self._memory is not None)  # _interrupts.py
         if self._data is not None and not self._resumed:
             self._data.follow()  # an edit of X or y before `with rec:` is the data the first step reads
         theta = {n: p.detach().clone() for n, p in self._params.items()}
@@ -331,8 +333,6 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
             self._start_optimizer = capture_optimizer_start(self.optimizer, self.model)
             self._auditor.momentum = {n: m.clone() for n, m in self._start_state.items()}
         if self._store is None:
-            if self._memory is not None:
-                raise TrajectoryError("An in-memory recorder records one run; create a new TrajectoryRecorder.")
             self._memory = InMemoryTrajectory(self.model, loss=self._loss, initial_params=theta, constants=constants,
                                               train_data=self._data, manifest=self._manifest,
                                               generators=self._random.extra, initial_state=self._start_state,

@@ -53,16 +53,9 @@ from ._checksum import DEFAULT as DEFAULT_CHECKSUM
 from ._checksum import validate_algorithm
 from ._filewrite import Staged, TensorFileWriter
 from ._index import read_manifest
+from ._interrupts import check_journal, journal_identity
 from ._io import broadcasts_to, tensor_bytes, write_bytes
-from ._layout import (
-    JOURNAL,
-    MANIFEST,
-    SETUP,
-    checkpoint_state_path,
-    mark_setup,
-    remove_temporary_files,
-    step_path,
-)
+from ._layout import JOURNAL, MANIFEST, SETUP, checkpoint_state_path, mark_setup, remove_temporary_files, step_path
 from ._write_failure import write_failure
 from .lock import WriterLock
 from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TensorSpec, TrajectoryManifest
@@ -227,6 +220,7 @@ class StoreWriter:
         self._queue: queue.Queue[Callable[[], None] | None] | None = None
         self._thread: threading.Thread | None = None
         self._journal: Any = None  # opened below
+        self._journal_id: tuple[int, int] | None = None  # its device and inode: a store deleted mid-run is refused
         self._budget = QueueBudget(max_queue, MAX_QUEUE_BYTES if max_queue_bytes == "default" else max_queue_bytes)
         self._writer_lock = WriterLock(self.root).acquire()  # one writer per store
         try:  # a failure from here (EROFS, EIO) gives the lock back: a later recorder (this process too) can open
@@ -235,6 +229,7 @@ class StoreWriter:
                 mark_setup(self.root, fsync=fsync)
             self._write_journal(list(manifest.steps))  # a resumed store: drop a torn journal line before appending
             self._journal = open(self.root / JOURNAL, "ab")  # noqa: SIM115 - closed in close()
+            self._journal_id = journal_identity(self._journal.fileno())
             if background:
                 self._queue = queue.Queue(maxsize=max(1, int(max_queue)))
                 self._thread = threading.Thread(target=self._worker, name="explaind-store-writer", daemon=True)
@@ -263,6 +258,7 @@ class StoreWriter:
         write_bytes(self.root, JOURNAL, data, fsync=self.fsync)
 
     def write_manifest(self) -> None:
+        check_journal(self.root, JOURNAL, self._journal_id)  # not into a directory made anew (_interrupts.py)
         with self._lock:
             self.manifest.n_steps = len(self.manifest.steps)
             data = self.manifest.to_json()
@@ -397,6 +393,7 @@ class StoreWriter:
                                                                            if last_state is not None else []))
                 self._appending = (done[0].step, done[-1].step)  # what a failure from here may leave (_write_failure)
                 try:
+                    check_journal(self.root, JOURNAL, self._journal_id)
                     self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
                     self._journal.flush()
                     if self.fsync:
@@ -462,6 +459,9 @@ class StoreWriter:
             self.flush()
         except TrajectoryError as exc:
             error, complete = exc, False
+        except BaseException:  # Ctrl-C while waiting: the writer commits what it holds and gives the lock back
+            self.abandon()
+            raise
         self._stop()
         self.manifest.complete = complete
         try:
