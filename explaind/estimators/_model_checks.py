@@ -34,7 +34,7 @@ from ..exceptions import TrajectoryError
 from ..inputs import Inputs
 from ..outputs import model_output
 from ..trajectory._attribute_record import check_final_state, check_model
-from ..trajectory._common import warn_user
+from ..trajectory._common import evaluation_mode, warn_user
 
 __all__ = ["batch_coupling", "check_parameter_names", "check_recorded_model", "coupling_and_state",
            "loss_reads_parameters"]
@@ -134,13 +134,11 @@ def coupling_and_state(traj: Any, model: torch.nn.Module, n: int = 4) -> tuple[f
         if not isinstance(x, torch.Tensor) or x.shape[0] < 2:
             return 0.0, False
         x = x.to(next(model.parameters()).device)
-        modes = [(m, m.training) for m in model.modules()]
         fastpath = torch.backends.mha.get_fastpath_enabled()
         buffers = [(b, b.detach().clone()) for b in model.buffers()]  # a forward that updates them: as they were
         try:  # torch's inference-only attention fast path off, as the engine evaluates (nn.TransformerEncoder)
-            model.eval()
             torch.backends.mha.set_fastpath_enabled(False)
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
+            with evaluation_mode(model), torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.default_generator.manual_seed(0)  # a forward that draws in evaluation mode draws the same twice
                 batch = model_output(model(x))
                 alone = torch.cat([model_output(model(x[i:i + 1])) for i in range(x.shape[0])])
@@ -153,8 +151,6 @@ def coupling_and_state(traj: Any, model: torch.nn.Module, n: int = 4) -> tuple[f
                 for b, saved in buffers:
                     b.copy_(saved)
             torch.backends.mha.set_fastpath_enabled(fastpath)
-            for m, mode in modes:
-                m.training = mode
         if not batch.is_floating_point():
             return 0.0, False
         scale = float(batch.abs().max())
@@ -179,14 +175,9 @@ def loss_reads_parameters(traj: Any, model: torch.nn.Module) -> list[str]:
         x, y = traj.train_samples(torch.arange(min(2, int(traj.n_train))))
         device = next(model.parameters()).device
         x, y = x.to(device), y.to(device)
-        modes = [(m, m.training) for m in model.modules()]
-        try:  # evaluation mode, the global random state and every module's own mode left as they were
-            model.eval()
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                out = model_output(x.call(model) if isinstance(x, Inputs) else model(x)).detach()
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        # evaluation mode, the global random state and every module's own mode left as they were
+        with evaluation_mode(model), torch.random.fork_rng(devices=[]), torch.no_grad():
+            out = model_output(x.call(model) if isinstance(x, Inputs) else model(x)).detach()
         with torch.enable_grad():
             value = loss.implementation(out, y)
         if not (isinstance(value, torch.Tensor) and value.requires_grad):

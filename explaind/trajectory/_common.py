@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from .manifest import ArchitectureSpec
 IGNORE_INDEX = -100
 
 __all__ = [
+    "evaluation_mode",
     "FirstForward",
     "note_full_graph",
     "TrainData",
@@ -451,3 +453,15 @@ def warn_user(logger: logging.Logger, message: str) -> None:
     """
     logger.warning("%s", message)
     warn_at_caller(message)
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in evaluation mode inside the block; each module's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -31,7 +31,7 @@ from ._background import CopyPool, Handoff, StateCopier
 from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_masks_hint
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
-from ._common import warn_user
+from ._common import evaluation_mode, warn_user
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers, loop_inputs_hint
 from ._participation import (
@@ -64,18 +64,6 @@ class LoggedBatch:
     state: RandomState | None = None
     eval_forwards: int = 0
     backwards: int = 1
-
-
-@contextlib.contextmanager
-def _evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Every module of ``model`` in evaluation mode inside the block; each module's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def check_loss_decomposes(
@@ -249,7 +237,7 @@ class RecorderChecksMixin:
             lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
         inputs, then = list(self._probe.inputs), lazy  # the loop's inputs against train_data's rows, named first
         lazy = lambda: loop_inputs_hint(inputs, batch[0]) + (then() if callable(then) else then)  # noqa: E731
-        with self._quiet(), _evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
+        with self._quiet(), evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
             try:
                 return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast,
                                             replay, self._random.generators, self._buffers.recorded(), lazy)
