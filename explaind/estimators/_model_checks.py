@@ -8,7 +8,7 @@ docs/recording.md, "Python attributes changed between steps" and "Losses that re
   buffers against their values when ``with rec:`` ended (``update_bn`` or training after recording).
 * :func:`check_parameter_names`: recorded parameters that are no parameters of the model any more (renamed or
   replaced after the run, as ``torch.nn.utils.prune.remove`` replaces ``weight_orig``), refused.
-* :func:`batch_coupling`: a sample's evaluation-mode output that depends on the rest of its batch (its size, its
+* :func:`coupling_and_state`: a sample's evaluation-mode output that depends on the rest of its batch (its size, its
   row's position, other rows), measured on a few training samples as one batch against one at a time; warned, and
   a forward that keeps state between calls (the same batch evaluated again gives other outputs) warned instead.
 * :func:`loss_reads_parameters`: a loss callable that reads a parameter of the model directly (``exp(-log_var) *
@@ -36,8 +36,7 @@ from ..outputs import model_output
 from ..trajectory._attribute_record import check_final_state, check_model
 from ..trajectory._common import evaluation_mode, warn_user
 
-__all__ = ["batch_coupling", "check_parameter_names", "check_recorded_model", "coupling_and_state",
-           "loss_reads_parameters"]
+__all__ = ["check_parameter_names", "check_recorded_model", "coupling_and_state", "loss_reads_parameters"]
 
 logger = logging.getLogger("explaind.estimators")
 
@@ -105,14 +104,9 @@ def check_parameter_names(traj: Any, model: torch.nn.Module, who: str) -> None:
     raise TrajectoryError(text + ".")
 
 
-#: Relative difference between batched and one-at-a-time outputs above which :func:`batch_coupling` is warned about,
+#: Relative difference between batched and one-at-a-time outputs above which :func:`coupling_and_state` is warned about,
 #: per parameter dtype (other dtypes: 1e-3): far above the rounding of kernels that block a batch differently.
 _COUPLED_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
-
-
-def batch_coupling(traj: Any, model: torch.nn.Module, n: int = 4) -> float:
-    """:func:`coupling_and_state`'s first value: the batch coupling alone."""
-    return coupling_and_state(traj, model, n)[0]
 
 
 def coupling_and_state(traj: Any, model: torch.nn.Module, n: int = 4) -> tuple[float, bool]:
