@@ -332,6 +332,33 @@ def test_a_store_whose_manifest_is_missing_but_whose_steps_exist_is_named_so(den
     assert _snapshot(dense) == before
 
 
+def test_a_reader_that_misses_a_manifest_written_while_it_looks_reads_the_store(dense, monkeypatch):
+    """The window a reader beside a new recording can fall into: its first look finds no ``manifest.json``, then the
+    writer writes the manifest and drops the setup marker, then the reader finds no marker. Forced here by hiding
+    the manifest from the first ``os.stat`` only. Now: the reader looks again and reads the store. Before: it was
+    told the store "has lost its manifest.json" (seen once in a clean-clone CI run of round 7's live-reader test)."""
+    from explaind.trajectory import _index
+
+    real_stat, real_lexists, missed = os.stat, os.path.lexists, []
+
+    def stat(path, *args, **kwargs):  # the first look: os.stat, then os.path.lexists, of the manifest
+        if str(path).endswith("manifest.json") and not missed:
+            missed.append("stat")
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    def lexists(path):
+        if str(path).endswith("manifest.json") and missed == ["stat"]:
+            missed.append("lexists")
+            return False
+        return real_lexists(path)
+
+    monkeypatch.setattr(_index.os, "stat", stat)
+    monkeypatch.setattr(_index.os.path, "lexists", lexists)
+    assert _load(dense).n_steps == STEPS
+    assert missed == ["stat", "lexists"]  # the window was taken: the first look did miss it
+
+
 def test_load_on_an_empty_directory_and_on_a_file(dense, tmp_path):
     """An empty directory: "not an explaind trajectory store: it has no manifest.json" (before and now). A file: now
     the fix names the store's directory when the file is its ``manifest.json``, journal or a step file, else says

@@ -251,7 +251,9 @@ def _find_manifest(root: Path, path: Path) -> None:
                else "pass the directory of a store (the folder that holds manifest.json)")
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: it is a file, not a directory. "
                               f"Fix: {fix}.")
-    elif (root / SETUP).exists():
+    elif (root / SETUP).exists() or os.path.lexists(path):
+        if os.path.lexists(path):  # written since the first look: a new store's writer writes the manifest, then
+            return  # drops the setup marker, so a reader between the two finds both missing only if truly lost
         what = (f"it holds {SETUP} and no manifest.json yet: a recording is setting it up (its manifest appears "
                 f"once its start files are written) or was interrupted before it recorded anything")
     else:
