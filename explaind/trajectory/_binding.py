@@ -98,8 +98,23 @@ def check_step_file(meta: dict[str, str], record: StepRecord, expected_run: str 
     if "record" in meta and meta["record"] != record_binding(record):
         raise TrajectoryError(f"The record of step {s} in the manifest or journal (gradient scale, loss scale, "
                               f"samples, ...) differs from the one checksummed in {where}: the store was "
-                              f"modified. Re-record the run.")
+                              f"modified{_record_difference(meta['record'], record_binding(record))}. Fix: restore "
+                              f"manifest.json and journal.jsonl from the original store, or re-record the run.")
     check_run(meta, expected_run, where)
+
+
+def _record_difference(held: str, index: str) -> str:
+    """``" (field: ... in the step file, ... in the index)"`` for the fields of two record bindings that differ."""
+    try:
+        mine, theirs = json.loads(held), json.loads(index)
+        fields = [k for k in theirs if mine.get(k) != theirs[k]][:3]
+    except (ValueError, AttributeError, RecursionError):
+        return ""
+    if not fields:
+        return ""
+    shown = "; ".join(f"{k}: {mine.get(k)!r} in the step file, {theirs[k]!r} in the index" for k in fields)
+    return (f" ({shown}; a tool that re-wrote the JSON printing numbers with fewer digits, or an edit, changes "
+            f"values so)")
 
 
 def _unreadable_entry(key: str, where: str, problem: str) -> TrajectoryError:

@@ -24,6 +24,7 @@ from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
 from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE
+from ._travel import case_changed, damage_cause, read_settled
 from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
 __all__ = ["read_manifest", "strict_json", "validation_problems", "MAX_INDEX_BYTES"]
@@ -257,7 +258,12 @@ def _find_manifest(root: Path, path: Path) -> None:
         what = (f"it holds {SETUP} and no manifest.json yet: a recording is setting it up (its manifest appears "
                 f"once its start files are written) or was interrupted before it recorded anything")
     else:
-        what = "it has no manifest.json"
+        what, renamed = "it has no manifest.json", case_changed(root, MANIFEST)
+        if renamed:
+            raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store as it is: {what} but {renamed!r}"
+                                  f": the names of its files changed case (a copy through a case-insensitive file "
+                                  f"system or an archive tool), and explaind's names are lower case. Fix: rename its "
+                                  f"files back (manifest.json, journal.jsonl, steps/000000.safetensors, ...).")
         recorded = recorded_files(root)
         if recorded:
             raise TrajectoryError(
@@ -295,7 +301,7 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     path = root / MANIFEST
     _find_manifest(root, path)
     try:
-        data = read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest")
+        data = read_settled(lambda: read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest"), 1)
     except FileNotFoundError:
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
                               f"vanished.") from None
@@ -342,7 +348,9 @@ def _parse_manifest(data: bytes, path: Path) -> TrajectoryManifest:
         raw = strict_json(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than the parser goes
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc} (allowed: UTF-8 JSON as "
-                              f"explaind writes it, each key once per object, finite numbers). {_NOT_OURS}") from None
+                              f"explaind writes it, each key once per object, finite numbers). "
+                              f"{damage_cause(data, 'xxh3-128', '', MANIFEST, None) if not data else _NOT_OURS}"
+                              ) from None
     if not isinstance(raw, dict):
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} holds a JSON {type(raw).__name__}, not an object "
                               f"with the store's description. {_NOT_OURS}")

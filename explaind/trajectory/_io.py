@@ -31,6 +31,7 @@ from torch import Tensor
 from .._io import atomic_write, open_regular, read_open
 from ..exceptions import ConfigError, TrajectoryError
 from ._checksum import DEFAULT, checksum, hasher
+from ._travel import damage_cause, grown_cause, linked_folder, missing_cause, read_settled
 from .manifest import FileRecord, dtype_name
 
 __all__ = [
@@ -153,8 +154,13 @@ def store_path(root: Path, relpath: str, what: str) -> Path:
     base = os.path.realpath(root)
     full = os.path.realpath(root / relpath)
     if os.path.commonpath([base, full]) != base:
+        folder = linked_folder(root, relpath)
+        fix = ("The store is corrupted or was not written by explaind; re-record the run." if folder is None else
+               f"Its folder {folder!r} is a symbolic link to a place outside the store (moved to another disk), and "
+               f"explaind reads a store's files only inside its directory. Fix: move {folder!r} back into the store; "
+               f"or move the whole store and link its directory (a store reached through a link is read).")
         raise TrajectoryError(f"{what}: {relpath!r} of the store {str(root)!r} leads outside the store (a symbolic "
-                              f"link). The store is corrupted or was not written by explaind; re-record the run.")
+                              f"link). {fix}")
     return root / relpath
 
 
@@ -210,27 +216,31 @@ def read_verified_bytes(root: Path, record: FileRecord, step: int | None = None)
     stores of schema 1, :mod:`~explaind.trajectory._checksum`).
     """
     path = root / record.path
-    try:
-        data = read_confined(root, record.path, record.nbytes, f"Trajectory file{_where(step)}")
+    try:  # an empty file is read again for a moment (a network file system may show it before its contents)
+        data = read_settled(lambda: read_confined(root, record.path, record.nbytes, f"Trajectory file{_where(step)}"),
+                            record.nbytes)
     except FileNotFoundError:
-        raise TrajectoryError(
-            f"Trajectory file {str(path)!r}{_where(step)} is missing. The store is incomplete; re-record the run "
-            f"or resume it from the last complete step."
-        ) from None
+        raise TrajectoryError(f"Trajectory file {str(path)!r}{_where(step)} is missing. "
+                              f"{missing_cause(root, record.path, step)}") from None
+    except TrajectoryError as exc:  # larger than recorded: its first bytes tell what made it so (line ends, a tool)
+        grown = grown_cause(lambda n: read_confined(root, record.path, n, "Trajectory file"), record, step)
+        if grown is None:
+            raise
+        raise TrajectoryError(f"{exc} {grown}") from None
+    algorithm, expected = record.algorithm_and_digest
     if len(data) != record.nbytes:
         raise TrajectoryError(
             f"Trajectory file {str(path)!r}{_where(step)} is truncated or was modified: it has {len(data)} bytes, "
-            f"the manifest recorded {record.nbytes}."
+            f"the manifest recorded {record.nbytes}. {damage_cause(data, algorithm, expected, record.path, step)}"
         )
-    algorithm, expected = record.algorithm_and_digest
     h = hasher(algorithm)
     h.update(data)
     digest = h.hexdigest()
     if digest != expected:
         raise TrajectoryError(
             f"Trajectory file {str(path)!r}{_where(step)} is corrupted: its {algorithm} checksum {digest[:16]}... "
-            f"does not match the recorded {expected[:16]}.... Re-record the run, or resume it from the last "
-            f"complete step before this file."
+            f"does not match the recorded {expected[:16]}.... " + damage_cause(data, algorithm, expected, record.path,
+                                                                                step)
         )
     return data
 

@@ -1,6 +1,4 @@
-"""The on-disk trajectory store: layout, crash-safe writing and manifest recovery.
-
-The user-facing description is docs/recording.md, "The store".
+"""The on-disk trajectory store: layout, crash-safe writing and manifest recovery (docs/recording.md, "The store").
 
 Layout of a store directory::
 
@@ -56,6 +54,7 @@ from ._index import read_manifest
 from ._interrupts import check_journal, journal_identity
 from ._io import broadcasts_to, tensor_bytes, write_bytes
 from ._layout import JOURNAL, MANIFEST, SETUP, checkpoint_state_path, mark_setup, remove_temporary_files, step_path
+from ._travel import unshared_journal
 from ._write_failure import write_failure
 from .lock import WriterLock
 from .manifest import SCHEMA_VERSION, FileRecord, StepRecord, TensorSpec, TrajectoryManifest
@@ -393,7 +392,8 @@ class StoreWriter:
                                                                            if last_state is not None else []))
                 self._appending = (done[0].step, done[-1].step)  # what a failure from here may leave (_write_failure)
                 try:
-                    check_journal(self.root, JOURNAL, self._journal_id)
+                    self._journal, self._journal_id = unshared_journal(  # a hard-linked copy keeps its own
+                        self.root, self._journal, self._journal_id, lambda: self._write_journal(self.manifest.steps))
                     self._journal.write(b"".join(r.model_dump_json().encode() + b"\n" for r in done))
                     self._journal.flush()
                     if self.fsync:
