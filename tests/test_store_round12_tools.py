@@ -221,3 +221,12 @@ def test_file_names_whose_case_changed_are_named(store, ref):
     for p in sorted(store.rglob("*"), key=lambda p: -len(p.parts)):
         p.rename(p.with_name(p.name.lower()))
     assert same_run(store, ref) == STEPS
+
+
+def test_no_two_names_of_a_store_differ_only_in_case(store, live):
+    """A case-insensitive file system (macOS, Windows) holds a store as it is: no two of its paths differ only in
+    case, and every name is lower case. Before: the same."""
+    for run in (store, live):
+        paths = [str(p.relative_to(run)) for p in run.rglob("*")]
+        assert len({p.lower() for p in paths}) == len(paths)
+        assert all(p == p.lower() for p in paths)
