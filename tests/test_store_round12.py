@@ -34,6 +34,7 @@ from _round12_kit import (
 )
 
 from explaind.exceptions import TrajectoryError
+from explaind.trajectory import store as store_module
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +269,32 @@ def test_a_file_that_stays_empty_is_named_with_the_cause(store, relpath):
     with pytest.raises(TrajectoryError, match=r"Cause: it is empty \(0 bytes\), and stayed so for a second"):
         load(store).verify()
     assert time.monotonic() - start < 10
+
+
+def test_a_copy_taken_while_the_store_was_set_up_names_that_nothing_was_recorded(tmp_path, ref, monkeypatch):
+    """A copy taken after the start files and the empty journal were written but before the manifest, by a tool that
+    skips dot-files (the set-up marker left behind): a load says nothing was recorded there and names the fix; a new
+    recording and a resume refuse it, changing nothing; ``overwrite=True`` records there bit for bit. Before: "has lost
+    its manifest.json: it holds journal.jsonl of a recording ... nothing recorded can be checked or salvaged", and
+    ``overwrite=True`` was refused too (the files had to be deleted by hand)."""
+    copy = tmp_path / "copy"
+    finish = store_module.StoreWriter.finish_setup
+
+    def copy_first(writer):
+        _no_dot_files(writer.root, copy)
+        finish(writer)
+
+    monkeypatch.setattr(store_module.StoreWriter, "finish_setup", copy_first)
+    record(tmp_path / "run", 2)
+    monkeypatch.undo()
+    assert sorted(os.listdir(copy)) == ["data.safetensors", "initial.safetensors", "journal.jsonl"]
+    with pytest.raises(TrajectoryError, match=r"holds the start files and an empty journal of a recording that "
+                                              r"recorded no step.*Nothing was recorded there.*overwrite=True"):
+        load(copy)
+    before = snapshot(copy)
+    for resume in (False, True):
+        with pytest.raises(TrajectoryError, match=r"recorded no step.*Pass overwrite=True"):
+            record(copy, 2, resume=resume)
+    assert snapshot(copy) == before
+    record(copy, STEPS, overwrite=True)
+    assert same_run(copy, ref) == STEPS

@@ -23,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
-from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE
+from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE, unmarked_setup
 from ._travel import case_changed, damage_cause, read_settled
 from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
@@ -264,6 +264,13 @@ def _find_manifest(root: Path, path: Path) -> None:
                                   f": the names of its files changed case (a copy through a case-insensitive file "
                                   f"system or an archive tool), and explaind's names are lower case. Fix: rename its "
                                   f"files back (manifest.json, journal.jsonl, steps/000000.safetensors, ...).")
+        if unmarked_setup(root):
+            raise TrajectoryError(
+                f"{str(root)!r} is not an explaind trajectory store: it holds the start files and an empty journal of "
+                f"a recording that recorded no step, without manifest.json or the set-up marker {SETUP} (a copy "
+                f"taken while that recording set its store up, or an interrupted set-up). Nothing was recorded "
+                f"there. Record with TrajectoryRecorder(..., store={str(root)!r}, overwrite=True), or load the "
+                f"original store once it holds steps.")
         recorded = recorded_files(root)
         if recorded:
             raise TrajectoryError(

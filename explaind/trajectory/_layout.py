@@ -37,6 +37,7 @@ __all__ = [
     "remove_store",
     "remove_temporary_files",
     "setup_leftover",
+    "unmarked_setup",
     "mark_setup",
 ]
 
@@ -184,3 +185,18 @@ def setup_leftover(root: Path) -> tuple[bool, list[str]]:
         elif not (_is_own(p.name, None) and (p.is_file() or p.is_symlink())):
             foreign.append(p.name)
     return (root / SETUP).is_file(), foreign
+
+
+def unmarked_setup(root: Path) -> bool:
+    """Whether ``root`` holds what a new store's set-up writes before its manifest, without the set-up marker.
+
+    Start files and an empty journal, nothing else of explaind's and nothing of anyone else's, no manifest and no
+    marker: a copy taken while a recording set its store up (before its first step), by a tool that skips dot-files
+    or after the marker went, or an interrupted set-up whose marker was lost. Nothing was recorded there.
+    """
+    if (root / MANIFEST).exists() or (root / SETUP).exists() or not (root / JOURNAL).is_file():
+        return False
+    marked, foreign = setup_leftover(root)
+    if foreign or (root / JOURNAL).stat().st_size:
+        return False
+    return not any((root / folder).exists() for folder in _FOLDERS)

@@ -39,7 +39,7 @@ from ..unsupported import refuse_unreplayable
 from ..unsupported_layers import refuse_unrecordable_layers
 from ._index import recorded_files
 from ._io import store_root
-from ._layout import remove_store, setup_leftover
+from ._layout import SETUP, remove_store, setup_leftover, unmarked_setup
 from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
 from .store import is_store, read_manifest
@@ -168,6 +168,14 @@ def _prepare(root: Path, *, overwrite: bool, resume: bool) -> bool:
 def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:
     """Prepare an existing directory without a manifest: empty, or left by an interrupted set-up (see ``_layout``)."""
     marked, foreign = setup_leftover(root)
+    unmarked = not marked and unmarked_setup(root)  # a copy taken while a store was set up: nothing recorded
+    if unmarked and not overwrite:
+        raise TrajectoryError(
+            f"store={str(root)!r} holds the start files and an empty journal of a recording that recorded no step, "
+            f"without its manifest.json or its set-up marker {SETUP}: a copy taken while that recording set its store "
+            f"up (or a sync that skipped the marker), or an interrupted set-up. Nothing was recorded there; nothing "
+            f"was changed. Pass overwrite=True to delete those files and record anew, or choose another store path.")
+    marked = marked or unmarked
     if not marked:
         foreign = sorted(p.name for p in root.iterdir() if not p.name.startswith(LOCK))
     listed = ", ".join(repr(f) for f in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
