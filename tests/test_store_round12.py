@@ -12,6 +12,7 @@ the uninterrupted longer run.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -120,12 +121,13 @@ def test_a_hard_linked_copy_made_while_recording_keeps_its_steps(tmp_path, ref, 
 
 
 # --------------------------------------------------------------------------- copies that missed files
-def test_a_step_file_skipped_by_a_copy_is_named_with_the_fix(store, tmp_path, ref):
+def test_a_step_file_skipped_by_a_copy_is_named_with_the_fix(store, tmp_path, ref, caplog):
     """``rsync --max-size`` skipped step 3's file: a read of step 3, ``verify()`` and a resume name the file, the
     cause and the fix (copy it, or salvage); salvage keeps steps 0-2 (their optimizer states were replaced by later
     steps': resumed from step 0 to the end). A resume of the store
-    itself continues after step 5 (it reads the last step's files only) and every read still names the file. Before:
-    "The store is incomplete; re-record the run or resume it from the last complete step"."""
+    itself continues after step 5 (it reads the last step's files only) with a warning naming step 3 and the fix, and
+    every read still names the file. Before: "The store is incomplete; re-record the run or resume it from the last
+    complete step", and the resume went on without a word."""
     (store / "steps" / "000003.safetensors").unlink()
     fix = r"000003\.safetensors' \(step 3\) is missing\. Cause: a copy or sync that skipped it .*salvage"
     with pytest.raises(TrajectoryError, match=fix):
@@ -134,7 +136,8 @@ def test_a_step_file_skipped_by_a_copy_is_named_with_the_fix(store, tmp_path, re
         load(store).verify()
     assert salvaged(store, tmp_path / "saved", ref) == 3
     assert resumes_to_the_end(tmp_path / "saved", ref) == 0  # the state after step 2 was replaced by step 4's
-    assert record(store, LONG, resume=True) == STEPS  # a resume reads only the last step's files, as before
+    assert record(store, LONG, resume=True) == STEPS  # a resume reads only the last step's files, as before,
+    assert re.search(r"lacks the files of steps 3, which its index lists .* Fix: stop, and copy them", caplog.text)
     with pytest.raises(TrajectoryError, match=fix):
         load(store).verify()
 

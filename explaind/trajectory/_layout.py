@@ -32,6 +32,7 @@ __all__ = [
     "START_FILES",
     "step_path",
     "warn_uncommitted_steps",
+    "warn_missing_steps",
     "checkpoint_state_path",
     "own_files",
     "remove_store",
@@ -89,6 +90,28 @@ def warn_uncommitted_steps(root: Path, n: int, *, resuming: bool) -> list[int]:
         "the steps that can be proven from their files into a new store: explaind salvage RUN --out NEW.",
         str(root), shown, then)
     return found
+
+
+def warn_missing_steps(root: Path, files: list[str]) -> list[int]:
+    """Log a warning when step files that the store's index lists (``files``, of steps 0, 1, ...) are not in ``steps/``.
+
+    A copy or sync that skipped some files (``rsync --max-size``, an ignore rule) leaves such a store; a resume reads
+    only the last step's files, so it would go on after the hole without a word (every read of those steps fails).
+    One ``listdir``; returns the steps missing.
+    """
+    try:
+        present = {f"steps/{name}" for name in os.listdir(root / "steps")}
+    except OSError:
+        present = set()
+    missing = [s for s, path in enumerate(files) if path not in present]
+    if missing:
+        shown = ", ".join(str(s) for s in missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        logging.getLogger("explaind.trajectory").warning(
+            "The trajectory store %r lacks the files of steps %s, which its index lists (a copy or sync that skipped "
+            "them, or they were deleted): reading those steps fails, and this resumed recording goes on after them. "
+            "Fix: stop, and copy them from the original store; or keep the steps before the first of them in a new "
+            "store: explaind salvage RUN --out NEW.", str(root), shown)
+    return missing
 
 
 def checkpoint_state_path(s: int) -> str:

@@ -21,7 +21,7 @@ from ._audit import UpdateAudit
 from ._binding import unbound_state
 from ._common import warn_user
 from ._io import decode_optimizer_state, read_tensors
-from ._layout import warn_uncommitted_steps
+from ._layout import warn_missing_steps, warn_uncommitted_steps
 from ._start_optimizer import state_differences
 from ._start_state import held_state, stepped_state
 from .disk import DiskTrajectory, check_model_matches
@@ -98,6 +98,7 @@ class RecorderResumeMixin:
             check_train_data(self._data, stored.train_fingerprint, repr(str(self._store)))
         point = len(stored.steps)
         warn_uncommitted_steps(self._store, point, resuming=True)
+        warn_missing_steps(self._store, [r.file.path for r in stored.steps])
         while point > 0 and stored.steps[point - 1].optimizer_state is None:
             point -= 1
         if point < len(stored.steps):
