@@ -5,9 +5,9 @@ recorded it and the one that explains it (docs/recording.md, "Stores that travel
 size or checksum, or is missing, is always refused; this module looks at what is there instead, to name what most
 likely did it and the fix: a Git LFS pointer, line ends converted by git, a file that a tool re-saved, the optimizer
 state of a later step (a copy of a store taken while it was recorded), an empty file on a network file system, a
-store copied without its tensor files, a store moved while it was open. It also keeps a recording from writing into
-a journal that a hard-linked copy shares (:func:`journal_shared`). Nothing here changes what is read: each function
-only builds a message, or waits and reads again.
+store copied without its tensor files, a store moved while it was open. It also keeps a recording from appending to
+a journal that a hard-linked copy shares (:func:`unshared_journal`). Nothing here changes what is read: a function
+builds a message, or waits and reads again, or gives the writer a journal of its own with the same records.
 """
 
 from __future__ import annotations
