@@ -4,6 +4,8 @@
    is ``-g``, or ``Tensor.register_hook(lambda g: -g)``): exact against central finite differences of retraining in
    float64 with each sample's weight scaled by ``1 +- h`` (before: relative errors 0.65 with SGD momentum and 1.13
    with Adam, with a warning). A dropout step on such a model keeps a warning naming the cause.
+2. The optimizer's carried momentum edited through ``.data`` in fewer entries than the watch's stride, between its
+   strided samples: refused at the next step by the sum of the buffer's 64-bit words (before: recorded silently).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _round9_functions import GradientReversal, HookReversal, dann_loss
+from _stranger_loops_kit import train
 from torch import nn
 
 import explaind
-from explaind.exceptions import ExplaindWarning
+from explaind.exceptions import ExplaindWarning, TrajectoryError
+from explaind.trajectory._optimizer_state_watch import SAMPLE, sampled_bits, word_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,3 +135,50 @@ def test_a_plain_model_keeps_reverse_mode(caplog):
     with caplog.at_level(logging.WARNING, logger="explaind.estimators.counterfactual"):
         explaind.CounterfactualEstimator(device="cpu").fit(rec.trajectory).transform(X[M:])
     assert "forward mode" not in caplog.text
+
+
+def _wide_mlp() -> nn.Module:
+    """Buffers of 2400 and 1800 entries: strides 3 and 2, so entry 1 of each is between two sampled entries."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 600), nn.Tanh(), nn.Linear(600, 3)).double()
+
+
+EDITS = {"one_entry": lambda b: b.view(-1)[1].add_(1e-3), "last_bit_of_one_entry":
+         lambda b: b.view(-1).view(torch.int64)[1].add_(1), "run_shorter_than_the_stride":
+         lambda b: b.view(-1)[1:3].mul_(0.5)}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+@pytest.mark.parametrize(("optimizer", "key"), [("sgd", "momentum_buffer"), ("adam", "exp_avg")])
+def test_an_edit_between_the_sampled_entries_is_refused_at_the_next_step(optimizer, key, edit):
+    model = _wide_mlp()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=0.01))
+    buf = None
+
+    def after(s: int) -> None:
+        nonlocal buf
+        if s == 2:
+            buf = opt.state[model[0].weight][key]
+            assert buf.numel() > SAMPLE and 1 % -(-buf.numel() // SAMPLE) != 0  # entry 1 is not sampled
+            EDITS[edit](buf.data)
+
+    with pytest.raises(TrajectoryError, match=rf"Step 3: the optimizer's momentum buffers of 0\.weight \({key}: "
+                                              rf"changed through \.data\)"):
+        train(model, opt, after=after)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_word_sum_sees_every_single_entry_edit_the_sample_misses(dtype):
+    """Each of the 3001 entries of a buffer changed in its last bit, one at a time: the sum moves every time (an odd
+    count leaves trailing bytes out of the 64-bit words), while the sample misses all but the strided ones."""
+    buf = torch.linspace(-1, 1, 3001, dtype=dtype)
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[buf.element_size()]
+    total, sample = word_sum(buf), sampled_bits(buf).clone()
+    missed_by_sample = 0
+    for i in range(buf.numel()):
+        edited = buf.clone()
+        edited.view(ints)[i] += 1
+        assert not torch.equal(word_sum(edited), total), (dtype, i)
+        missed_by_sample += torch.equal(sampled_bits(edited), sample)
+    assert missed_by_sample == 3001 - 1001, missed_by_sample  # stride 3: the entries 0, 3, ..., 3000 are sampled
