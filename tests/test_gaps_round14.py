@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _gaps14_kit import BATCHES, OPTIMIZERS, M, X, Y, compile_net, dann_train, record_unchecked, retrained_differences
 from _round9_functions import GradientReversal, HookReversal, dann_loss
 from _stranger_loops_kit import train
 from torch import nn
@@ -26,66 +27,16 @@ from explaind.trajectory._optimizer_state_watch import SAMPLE, sampled_bits, wor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-M, H = 8, 1e-5
-BATCHES = [[0, 1, 2, 3], [4, 5, 6, 1], [2, 7, 0, 5], [3, 6, 1, 4], [0, 2, 4, 6]]
-_GEN = torch.Generator().manual_seed(3)
-X = torch.randn(M + 3, 4, generator=_GEN, dtype=torch.float64)
-Y = torch.stack([torch.randint(0, 3, (M + 3,), generator=_GEN), (X[:, 0] > 0).long()], 1)
-OPTIMIZERS = {"sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9),
-              "adam": lambda p: torch.optim.Adam(p, lr=0.05)}
-
-
-def _dann_train(build, optimizer: str, scale: torch.Tensor | None = None, record: bool = False):
-    """DANN trained from the same theta_0 on BATCHES, sample k's loss weighted ``scale[k] / |B|``; with ``record``,
-    ``(model, trajectory)``."""
-    torch.manual_seed(0)
-    model = build().double()
-    opt = OPTIMIZERS[optimizer](model.parameters())
-    rec = explaind.TrajectoryRecorder(model, opt, loss=dann_loss, train_data=(X[:M], Y[:M])) if record else None
-    scale = torch.ones(M, dtype=torch.float64) if scale is None else scale
-    if rec is not None:
-        rec.__enter__()
-    for batch in BATCHES:
-        idx = torch.tensor(batch)
-        opt.zero_grad()
-        out = model(X[idx])
-        losses = (F.cross_entropy(out[:, :3], Y[idx, 0], reduction="none")
-                  + F.cross_entropy(out[:, 3:], Y[idx, 1], reduction="none"))
-        (losses * scale[idx] / len(batch)).sum().backward()
-        if rec is not None:
-            rec.log_batch(idx)
-        opt.step()
-    if rec is not None:
-        rec.__exit__(None, None, None)
-        return model, rec.trajectory
-    return model
-
-
-def _retrained_differences(build, optimizer: str) -> torch.Tensor:
-    """The slow reference: central differences of the retrained model's test outputs, ``(T, M, O)``."""
-    cols = []
-    for k in range(M):
-        outs = []
-        for sign in (1.0, -1.0):
-            scale = torch.ones(M, dtype=torch.float64)
-            scale[k] += sign * H
-            model = _dann_train(build, optimizer, scale)
-            with torch.no_grad():
-                outs.append(model.eval()(X[M:]))
-        cols.append((outs[0] - outs[1]) / (2 * H))
-    return torch.stack(cols, 1)
-
-
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("build", [GradientReversal, HookReversal], ids=["function", "hook"])
 def test_counterfactual_on_a_gradient_reversal_layer_matches_retraining(build, optimizer, caplog):
-    _, traj = _dann_train(build, optimizer, record=True)
+    _, traj = dann_train(build, optimizer, record=True)
     with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="explaind.estimators.counterfactual"):
         warnings.simplefilter("error", ExplaindWarning)
         est = explaind.CounterfactualEstimator(device="cpu", checkpoint_every=2).fit(traj)
         att = est.transform(X[M:])
     assert any("forward mode (torch.func.jacfwd)" in r.message for r in caplog.records), caplog.text
-    reference = _retrained_differences(build, optimizer)
+    reference = retrained_differences(build, optimizer)
     err = float((att.values - reference).abs().max() / reference.abs().max())
     assert err <= 1e-6, err
     assert est.replay_residual_ <= 1e-12
@@ -182,3 +133,57 @@ def test_the_word_sum_sees_every_single_entry_edit_the_sample_misses(dtype):
         assert not torch.equal(word_sum(edited), total), (dtype, i)
         missed_by_sample += torch.equal(sampled_bits(edited), sample)
     assert missed_by_sample == 3001 - 1001, missed_by_sample  # stride 3: the entries 0, 3, ..., 3000 are sampled
+
+
+# 3. compiled code that draws random numbers, with the gradient check off ------------------------------------------
+
+@pytest.fixture()
+def inductor_own_draws():
+    """Inductor drawing from its own generator (torch's default), dynamo's caches emptied before and after."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=False):
+        yield
+    torch._dynamo.reset()
+
+
+COMPILE_FIX = r"Fix: torch\._inductor\.config\.fallback_random = True before compiling.*backend='aot_eager'"
+
+
+def test_a_compiled_function_calling_a_dropout_model_is_refused_at_its_first_forward_without_a_check(
+        inductor_own_draws):
+    model = compile_net(0.3)
+
+    def logits_of(x):
+        return model(x)
+
+    with pytest.raises(TrajectoryError, match=r"training forward runs inside code compiled by torch\.compile: "
+                                              r"logits_of at test_gaps_round14\.py:\d+ \(torch\.compile\(backend="
+                                              r"'inductor'\)\).*" + COMPILE_FIX):
+        record_unchecked(model, torch.compile(logits_of))
+
+
+def test_a_submodule_compiled_after_the_start_is_refused_at_that_step_without_a_check(inductor_own_draws):
+    model = nn.Sequential(compile_net(0.3), nn.Tanh()).double()
+
+    def compile_at_1(s: int) -> None:
+        if s == 1:
+            model[0].compile()
+
+    with pytest.raises(TrajectoryError, match=r"Step 1: compiled code draws random numbers with the compiler's own "
+                                              r"generator: the submodule '0' \(torch\.compile\(backend='inductor'\)\), "
+                                              r"compiled after the recorder started.*" + COMPILE_FIX):
+        record_unchecked(model, model, before_step=compile_at_1)
+
+
+def test_compiled_code_that_draws_nothing_or_draws_as_torch_does_is_recorded(inductor_own_draws):
+    """No false alarm: inductor around a model without dropout; aot_eager around a dropout model (its masks are eager
+    torch's); a module compiled by inductor after the start on a model that draws nothing."""
+    plain = compile_net(0.0)
+    assert record_unchecked(plain, torch.compile(lambda x: plain(x))).n_steps == 3
+    dropped = compile_net(0.3)
+    assert record_unchecked(dropped, torch.compile(lambda x: dropped(x), backend="aot_eager")).n_steps == 3
+    later = nn.Sequential(compile_net(0.0), nn.Tanh()).double()
+    traj = record_unchecked(later, later, before_step=lambda s: later[0].compile() if s == 1 else None)
+    assert traj.n_steps == 3
