@@ -6,24 +6,37 @@
    with Adam, with a warning). A dropout step on such a model keeps a warning naming the cause.
 2. The optimizer's carried momentum edited through ``.data`` in fewer entries than the watch's stride, between its
    strided samples: refused at the next step by the sum of the buffer's 64-bit words (before: recorded silently).
+3. Compiled code drawing random numbers with the gradient check off (a compiled function calling a dropout model, a
+   submodule compiled after the start): refused at record time naming it (before: only the residual warned, share
+   0.23); compiled code that draws nothing, or draws as torch does, passes.
+4. A daemon thread inside ``with rec:`` when the main thread exits (a subprocess): stopped at its next step
+   boundary, every step it recorded kept, the lock given back, the store closed as an interrupted run and resumed
+   bit for bit (before: 1 of 2 returned steps kept, the lock file left behind).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _gaps14_kit import BATCHES, OPTIMIZERS, M, X, Y, compile_net, dann_train, record_unchecked, retrained_differences
+from _recording_helpers import resumable_reference, resumable_setup
 from _round9_functions import GradientReversal, HookReversal, dann_loss
 from _stranger_loops_kit import train
+from test_store_round11 import STEPS, _resume_to_the_end, _stored
 from torch import nn
 
 import explaind
 from explaind.exceptions import ExplaindWarning, TrajectoryError
 from explaind.trajectory._optimizer_state_watch import SAMPLE, sampled_bits, word_sum
+from explaind.trajectory.lock import LOCK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,3 +200,66 @@ def test_compiled_code_that_draws_nothing_or_draws_as_torch_does_is_recorded(ind
     later = nn.Sequential(compile_net(0.0), nn.Tanh()).double()
     traj = record_unchecked(later, later, before_step=lambda s: later[0].compile() if s == 1 else None)
     assert traj.n_steps == 3
+
+
+# 4. a daemon thread inside `with rec:` when the main thread exits --------------------------------------------------
+
+_DAEMON_CHILD = """
+import atexit, sys, threading, time
+sys.path.insert(0, sys.argv[2])
+from _recording_helpers import resumable_setup, resumable_step
+import explaind
+from explaind.trajectory import _interrupts, store as store_module
+real = store_module.StoreWriter._commit
+def slow(self, items):  # a slow disk: steps pile up in the writer's queue
+    time.sleep(0.2)
+    real(self, items)
+store_module.StoreWriter._commit = slow
+store, pause = sys.argv[1], float(sys.argv[3])
+if len(sys.argv) > 4:
+    _interrupts.DAEMON_WAIT = float(sys.argv[4])
+model, opt, X, y = resumable_setup()
+rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store)
+returned = []
+def train():
+    with rec:
+        for s in range(6):
+            resumable_step(model, opt, X, y, s, rec)
+            returned.append(s)
+            time.sleep(pause)
+trainer = threading.Thread(target=train, daemon=True, name="recording-daemon")
+trainer.start()
+while len(returned) < 2 and trainer.is_alive():
+    time.sleep(0.005)
+atexit.register(lambda: print("returned", len(returned), flush=True))
+sys.exit(3)
+"""
+
+
+def _daemon_child(store: Path, *args: str) -> subprocess.CompletedProcess:
+    here = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(here.parent), str(here.parent / "plugins")]))
+    return subprocess.run([sys.executable, "-c", _DAEMON_CHILD, str(store), str(here), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def resumable_run():
+    return resumable_reference(STEPS)
+
+
+@pytest.mark.parametrize(("pause", "wait", "said"), [
+    ("0.1", None, "its next training forward or optimizer.step() raises"),
+    ("5", "0.5", "was still inside `with rec:` on the daemon thread 'recording-daemon'"),
+], ids=["stopped_at_its_next_forward", "exited_from_the_exit_hook_after_the_wait"])
+def test_a_daemon_thread_recording_at_exit_keeps_every_returned_step(tmp_path, resumable_run, pause, wait, said):
+    store = tmp_path / "run"
+    done = _daemon_child(store, pause, *([wait] if wait else []))
+    assert done.returncode == 3, done.stderr
+    returned = int(done.stdout.split()[-1])
+    assert returned >= 2 and _stored(store, resumable_run) == returned
+    assert not (store / LOCK).exists()
+    assert not explaind.Trajectory.load(store, model=resumable_setup()[0]).manifest.complete
+    assert said in done.stderr and "Join the recording thread" in done.stderr, done.stderr
+    assert _resume_to_the_end(store, resumable_run) == returned
