@@ -199,7 +199,7 @@ def compiled_count() -> int:
 
 class CompiledDrawGuard:
     """Compiled code that draws random numbers no eager replay repeats, refused at record time whether or not the
-    gradient check runs (docs/guide_own_model.md, "torch.compile").
+    gradient check runs (docs/guide_own_model.md, "Manual optimization", the `torch_compile=True` paragraph).
 
     Used only for a model whose training forward draws random numbers (dropout, ``capture_random=True``): a model
     that draws nothing is exact under any backend and never looked at.
