@@ -4,6 +4,8 @@ dropout model recorded with the gradient check off."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from _round9_functions import dann_loss
@@ -86,3 +88,16 @@ def record_unchecked(model, forward, steps: int = 3, before_step=None):
             rec.log_batch(idx)
             opt.step()
     return rec.trajectory
+
+
+def slow_commits(seconds: float) -> None:
+    """Make every commit of the store's writer in this process ``seconds`` slower (a slow disk)."""
+    from explaind.trajectory import store as store_module
+
+    commit = store_module.StoreWriter._commit
+
+    def delayed(self, items):
+        time.sleep(seconds)
+        commit(self, items)
+
+    store_module.StoreWriter._commit = delayed

@@ -30,6 +30,7 @@ from _gaps14_kit import BATCHES, OPTIMIZERS, M, X, Y, compile_net, dann_train, r
 from _recording_helpers import resumable_reference, resumable_setup
 from _round9_functions import GradientReversal, HookReversal, dann_loss
 from _stranger_loops_kit import train
+from test_compiled_draws_loops import inductor_draws  # noqa: F401 - the fixture: inductor drawing its own masks
 from test_store_round11 import STEPS, _resume_to_the_end, _stored
 from torch import nn
 
@@ -150,22 +151,11 @@ def test_the_word_sum_sees_every_single_entry_edit_the_sample_misses(dtype):
 
 # 3. compiled code that draws random numbers, with the gradient check off ------------------------------------------
 
-@pytest.fixture()
-def inductor_own_draws():
-    """Inductor drawing from its own generator (torch's default), dynamo's caches emptied before and after."""
-    import torch._inductor.config as inductor_config
-
-    torch._dynamo.reset()
-    with inductor_config.patch(fallback_random=False):
-        yield
-    torch._dynamo.reset()
-
-
 COMPILE_FIX = r"Fix: torch\._inductor\.config\.fallback_random = True before compiling.*backend='aot_eager'"
 
 
-def test_a_compiled_function_calling_a_dropout_model_is_refused_at_its_first_forward_without_a_check(
-        inductor_own_draws):
+@pytest.mark.usefixtures("inductor_draws")
+def test_a_compiled_function_calling_a_dropout_model_is_refused_at_its_first_forward_without_a_check():
     model = compile_net(0.3)
 
     def logits_of(x):
@@ -177,7 +167,8 @@ def test_a_compiled_function_calling_a_dropout_model_is_refused_at_its_first_for
         record_unchecked(model, torch.compile(logits_of))
 
 
-def test_a_submodule_compiled_after_the_start_is_refused_at_that_step_without_a_check(inductor_own_draws):
+@pytest.mark.usefixtures("inductor_draws")
+def test_a_submodule_compiled_after_the_start_is_refused_at_that_step_without_a_check():
     model = nn.Sequential(compile_net(0.3), nn.Tanh()).double()
 
     def compile_at_1(s: int) -> None:
@@ -190,7 +181,8 @@ def test_a_submodule_compiled_after_the_start_is_refused_at_that_step_without_a_
         record_unchecked(model, model, before_step=compile_at_1)
 
 
-def test_compiled_code_that_draws_nothing_or_draws_as_torch_does_is_recorded(inductor_own_draws):
+@pytest.mark.usefixtures("inductor_draws")
+def test_compiled_code_that_draws_nothing_or_draws_as_torch_does_is_recorded():
     """No false alarm: inductor around a model without dropout; aot_eager around a dropout model (its masks are eager
     torch's); a module compiled by inductor after the start on a model that draws nothing."""
     plain = compile_net(0.0)
@@ -207,14 +199,11 @@ def test_compiled_code_that_draws_nothing_or_draws_as_torch_does_is_recorded(ind
 _DAEMON_CHILD = """
 import atexit, sys, threading, time
 sys.path.insert(0, sys.argv[2])
+from _gaps14_kit import slow_commits
 from _recording_helpers import resumable_setup, resumable_step
 import explaind
-from explaind.trajectory import _interrupts, store as store_module
-real = store_module.StoreWriter._commit
-def slow(self, items):  # a slow disk: steps pile up in the writer's queue
-    time.sleep(0.2)
-    real(self, items)
-store_module.StoreWriter._commit = slow
+from explaind.trajectory import _interrupts
+slow_commits(0.2)  # a slow disk: steps pile up in the writer's queue
 store, pause = sys.argv[1], float(sys.argv[3])
 if len(sys.argv) > 4:
     _interrupts.DAEMON_WAIT = float(sys.argv[4])
