@@ -15,7 +15,8 @@ writing the files; the overlapped device writes run on its I/O thread and are no
   thread, whose time is not shown);
 * ``append``: adding the step to the in-memory trajectory; ``hand-over``: queueing it for the writer;
 * ``state watch``: the optimizer-state watch's hooks around ``optimizer.step()`` (its sample of each carried
-  buffer's bits after the step, the comparison before the next; explaind/trajectory/_optimizer_state_watch.py);
+  buffer's bits and the sum of its 64-bit words after the step, the comparison before the next;
+  explaind/trajectory/_optimizer_state_watch.py);
 * ``other``: the rest of the recorder's hooks (Python bookkeeping: records, participation, the audit's job).
 
 The sum of the parts is the recorder's share of the loop's thread; the plain loop's thread time per

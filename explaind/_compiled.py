@@ -24,7 +24,8 @@ from torch import nn
 
 from .exceptions import TrajectoryError
 
-__all__ = ["EAGER_RANDOM_BACKENDS", "FALLBACK_FIX", "compile_backend", "compiled_callables", "compiled_frames",
+__all__ = ["CompiledDrawGuard", "EAGER_RANDOM_BACKENDS", "FALLBACK_FIX", "compile_backend", "compiled_callables",
+           "compiled_caller", "compiled_count", "compiled_frames",
            "function_backend", "refuse_compiled_at_step", "replays_draws"]
 
 
@@ -134,3 +135,103 @@ def refuse_compiled_at_step(model: nn.Module, step: int) -> None:
             f"recorded before are kept. Fix: {FALLBACK_FIX}; or compile before the recorder starts, which refuses "
             f"or accepts it up front."
         )
+
+
+#: Where dynamo's ``torch.compile`` wrapper runs the compiled function (its frame is on the stack meanwhile).
+_WRAPPER = ("compile_wrapper", str(Path("torch") / "_dynamo" / "eval_frame.py"))
+
+
+def compiled_caller() -> str | None:
+    """The ``torch.compile``'d function the current call runs inside, when its backend draws random numbers with its
+    own generator (:func:`replays_draws` false), as ``"logits_of at loop.py:12 (torch.compile(backend='inductor'))"``;
+    else ``None``. Found by dynamo's wrapper frame on the stack; the search is excluded from dynamo's tracing
+    (``torch._dynamo.disable``), so a compiled caller runs it eagerly at a graph break."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:  # torch.compile never ran in this process
+        return None
+    global _EAGER_SEARCH
+    if _EAGER_SEARCH is None:
+        _EAGER_SEARCH = dynamo.disable(_caller_on_stack)
+    return _EAGER_SEARCH()
+
+
+_EAGER_SEARCH: Any = None
+
+
+def _caller_on_stack() -> str | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == _WRAPPER[0] and code.co_filename.endswith(_WRAPPER[1]):
+            context, fn = frame.f_locals.get("self"), frame.f_locals.get("fn")
+            try:  # torch keeps the backend two wrappers deep, as for a compiled module
+                backend = str(context.callback._torchdynamo_orig_backend._torchdynamo_orig_backend.__name__)
+            except AttributeError:
+                backend = "?"
+            if not replays_draws(backend):
+                return f"{_compiled_name(fn, frame)} (torch.compile(backend={backend!r}))"
+        frame = frame.f_back
+    return None
+
+
+def _compiled_name(fn: Any, frame: Any) -> str:
+    """``"logits_of at loop.py:12"`` for a user function; ``"torch.compile(Net)"`` for a compiled module (whose
+    wrapper torch makes), found on the frames just outside dynamo's wrapper."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and not str(Path(code.co_filename).resolve()).startswith(_TORCH):
+        return f"{getattr(fn, '__name__', type(fn).__name__)} at {Path(code.co_filename).name}:{code.co_firstlineno}"
+    outer = frame.f_back
+    for _ in range(6):
+        if outer is None:
+            break
+        owner = outer.f_locals.get("self")
+        if isinstance(owner, nn.Module) and isinstance(getattr(owner, "_orig_mod", None), nn.Module):
+            return f"torch.compile({type(owner._orig_mod).__name__})"
+        outer = outer.f_back
+    return "a compiled function"
+
+
+def compiled_count() -> int:
+    """How many code objects dynamo has compiled in this process (0 before ``torch.compile`` first ran)."""
+    convert = sys.modules.get("torch._dynamo.convert_frame")
+    return len(getattr(getattr(convert, "input_codes", None), "seen", None) or ())
+
+
+class CompiledDrawGuard:
+    """Compiled code that draws random numbers no eager replay repeats, refused at record time whether or not the
+    gradient check runs (docs/guide_own_model.md, "Manual optimization", the `torch_compile=True` paragraph).
+
+    Used only for a model whose training forward draws random numbers (dropout, ``capture_random=True``): a model
+    that draws nothing is exact under any backend and never looked at.
+
+    * :meth:`forward`, at every training forward: the model called from inside a compiled function (``torch.compile``
+      of a training step or of ``lambda x: model(x)``) whose backend is not one of :data:`EAGER_RANDOM_BACKENDS` (or
+      inductor with ``fallback_random``) is refused, naming the function and its backend;
+    * :meth:`step`, at every step's pre-step hook: when dynamo compiled something since the last look (a counter,
+      :func:`compiled_count`), the modules are searched again (:func:`refuse_compiled_at_step`): a submodule compiled
+      after the recorder started.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._count = compiled_count()
+
+    def forward(self) -> None:
+        """Raise :class:`~explaind.exceptions.TrajectoryError` when this training forward runs inside compiled code
+        whose draws no eager replay repeats."""
+        caller = compiled_caller()
+        if caller is not None:
+            raise TrajectoryError(
+                f"The recorded model's training forward runs inside code compiled by torch.compile: {caller}, whose "
+                f"dropout masks and other random numbers come from the compiler's own generator. explaind replays "
+                f"every training forward in eager PyTorch, which draws other masks, so the split over samples would "
+                f"be inexact (with the gradient check off nothing else would say so but the residual). The steps "
+                f"recorded before are kept. Fix: {FALLBACK_FIX}; or call the model outside the compiled function."
+            )
+
+    def step(self, s: int) -> None:
+        """At step ``s``: refuse a module compiled since the last look (:func:`refuse_compiled_at_step`)."""
+        count = compiled_count()
+        if count != self._count:
+            self._count = count
+            refuse_compiled_at_step(self.model, s)

@@ -1,7 +1,8 @@
 """Optimizer state edited through ``.data`` between steps (torch's version counter does not count such an edit).
 
 The recorder's optimizer-state watch (explaind/trajectory/_optimizer_state_watch.py) compares a strided sample of
-each carried buffer's bits between ``optimizer.step()`` calls: SGD's ``momentum_buffer`` and Adam's ``exp_avg`` halved
+each carried buffer's bits, and the sum of its 64-bit words, between ``optimizer.step()`` calls (edits of single
+entries between the sampled ones: tests/test_gaps_round14.py): SGD's ``momentum_buffer`` and Adam's ``exp_avg`` halved
 through ``.data`` are refused at the next step, naming the parameters, the buffer, ``.data`` and the fix (before:
 recorded without a word, residual share 0.16 and 0.12). Adam's ``exp_avg_sq`` and ``step``, which the adapter reads
 afresh at every step, stay exact through ``.data`` edits too: no refusal, scores against the slow float64 loop

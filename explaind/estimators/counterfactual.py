@@ -29,13 +29,14 @@ import torch
 from pydantic import Field
 
 from ..config import DtypeName, StrictModel, resolve_dtype
-from ..exceptions import ConfigError, UnknownEntryError, warn_at_caller
+from ..exceptions import ConfigError, UnknownEntryError
 from ..kernel.adjoint import reversed_backward
 from ..kernel.attribution import Attribution
 from ..kernel.explained import Explained, FunctionalModel
 from ..kernel.jumps import find_jumps
 from ..kernel.layout import ParamLayout
 from ..kernel.metagrad import Replay, counterfactual_sweep, output_cotangents, start_state
+from ..kernel.metagrad_forward import output_jacobian
 from ..trajectory.base import Trajectory
 from ._model_checks import check_recorded_model
 from ._path import probe_inputs
@@ -207,7 +208,8 @@ class CounterfactualEstimator(ExplaindEstimator):
         beta_stop, theta_stop = replay.buffers(stop), replay.theta(stop)
         at_start, at_stop = {**replay.buffers(start), **replay.theta(start)}, {**beta_stop, **theta_stop}
         probe_inputs(name, fm, at_start, Xt)
-        warn_reversed_backward(name, fm, at_start, names, Xt[:1])
+        replay.reversed_sites = reversed_sites(name, fm, at_start, names, Xt[:1])
+        jacobian = output_jacobian(replay.reversed_sites)
         explained = Explained.build(fm, at_start, Xt, cfg.target, y, name)
         T, O = Xt.shape[0], explained.n_outputs
         chunk = T if cfg.test_chunk_size is None else cfg.test_chunk_size
@@ -215,7 +217,7 @@ class CounterfactualEstimator(ExplaindEstimator):
         for lo in range(0, T, chunk):
             sl = slice(lo, min(T, lo + chunk))
             lam, lam_beta = output_cotangents(fm, explained.take(sl), theta_stop, Xt[sl], beta_stop, replay.stats,
-                                              replay.spectral)
+                                              replay.spectral, jacobian)
             tau = counterfactual_sweep(replay, lam, self.n_train_, cfg.checkpoint_every, start, stop, lam_beta)
             parts.append(tau.reshape(-1, O, self.n_train_).permute(0, 2, 1))
         values = torch.cat(parts).detach().cpu()
@@ -238,19 +240,20 @@ class CounterfactualEstimator(ExplaindEstimator):
         return att
 
 
-def warn_reversed_backward(name: str, fm: FunctionalModel, point: dict[str, torch.Tensor], names: tuple[str, ...],
-                           x: torch.Tensor) -> None:
-    """An :class:`~explaind.exceptions.ExplaindWarning` when the model's backward is not the derivative of its
-    forward (a gradient reversal layer; explaind/kernel/adjoint.py): the counterfactual's test gradients and
-    metagradients are reverse-mode and have no forward-mode form here."""
+def reversed_sites(name: str, fm: FunctionalModel, point: dict[str, torch.Tensor], names: tuple[str, ...],
+                   x: torch.Tensor) -> tuple[str, ...]:
+    """The custom Functions and gradient hooks of a model whose backward is not the derivative of its forward (the
+    dot-product test of explaind/kernel/adjoint.py at ``point`` and ``x``; ``()`` for an ordinary model). On such a
+    model (a gradient reversal layer) the counterfactual takes its test gradients and curvature terms in forward
+    mode (:mod:`explaind.kernel.metagrad_forward`) and says so in a log line."""
     sites = find_jumps(fm.module, lambda p: fm(p, x), point, names)
     found, gap = reversed_backward(lambda p: fm(p, x), point, names, sites, fm.dtype)
     if found:
-        warn_at_caller(
-            f"{name}: the model's backward is not the derivative of its forward ({'; '.join(found[:4])}; the "
-            f"dot-product test u.(Jv) = (u'J).v misses by {gap:.2g} of its size), as for a gradient reversal "
-            f"layer: the counterfactual's test-output gradients and metagradients are reverse-mode, so they follow "
-            f"the backward where the output follows the forward, and the scores are not the first-order effect of "
-            f"removing a sample. Fix: InfluenceEstimator, which takes forward-mode Jacobians for such a model "
-            f"(exact for every keep), or a Function whose backward is the derivative of its forward for the run "
-            f"you want explained.")
+        logger.warning(
+            "%s: the model's backward is not the derivative of its forward (%s; the dot-product test u.(Jv) = (u'J).v "
+            "misses by %.2g of its size), as for a gradient reversal layer: the test gradients are taken in forward "
+            "mode (torch.func.jacfwd) and each step's curvature term J_s^T g from forward-mode columns of its "
+            "gradient (one JVP per parameter entry and step, so the cost grows with the parameters); the training "
+            "samples' gradients keep the backward, which the optimizer applied (docs/maths.md §9).", name,
+            "; ".join(found[:4]), gap)
+    return tuple(found)

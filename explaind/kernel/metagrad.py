@@ -52,6 +52,7 @@ from .evaluate import Batch
 from .explained import Explained, FunctionalModel, Params
 from .layout import ParamLayout
 from .metagrad_coupled import coupled_step_terms, running_stats, shifted_statistics
+from .metagrad_forward import transposed_gradient_product, warn_reversed_training_step
 from .metagrad_spectral import power_iterations
 
 __all__ = ["Replay", "StepPoint", "counterfactual_sweep", "output_cotangents", "sample_dots", "start_state"]
@@ -102,6 +103,10 @@ class Replay:
         self.spectral = power_iterations(fm, tuple(traj.buffer_names), "CounterfactualEstimator")
         #: Largest ``||U_s(z_s, g_s) - theta_{s+1}|| / ||theta_{s+1} - theta_s||`` seen by :meth:`point`.
         self.max_residual = 0.0
+        #: The Functions or hooks whose backward is not the derivative of the forward (set by the estimator from the
+        #: dot-product test): the curvature term is then taken from forward-mode columns
+        #: (:func:`~explaind.kernel.metagrad_forward.transposed_gradient_product`).
+        self.reversed_sites: tuple[str, ...] = ()
 
     def theta(self, s: int) -> Params:
         r""":math:`\theta_s` on the compute device and dtype."""
@@ -206,13 +211,16 @@ def start_state(traj: Any, pure: Any, theta: Params) -> State:
 
 
 def output_cotangents(fm: FunctionalModel, explained: Explained, theta: Params, X: Tensor,
-                      buffers: Params | None = None, stats: Any = (), spectral: Any = ()) -> tuple[Params, Params]:
+                      buffers: Params | None = None, stats: Any = (), spectral: Any = (),
+                      jacobian: Any = jacrev) -> tuple[Params, Params]:
     r""":math:`\lambda_N = \nabla_\theta g(x; \theta_N, \beta_N)` and :math:`\lambda^\beta_N = \nabla_\beta g`.
 
     ``buffers`` are :math:`\beta_N` (the buffers the run changed); :math:`\lambda^\beta_N` is taken on
     the running means and variances of ``stats`` (:func:`~explaind.kernel.metagrad_coupled.shifted_statistics`)
     and on the ``_u``/``_v`` of the spectral-norm layers ``spectral`` (read as they are in evaluation mode).
-    Returns two dicts ``name -> (T * O, *shape)`` (per test input and output).
+    ``jacobian`` is :func:`torch.func.jacrev`, or :func:`torch.func.jacfwd` for a model whose backward is not the
+    derivative of its forward (:func:`~explaind.kernel.metagrad_forward.output_jacobian`). Returns two dicts
+    ``name -> (T * O, *shape)`` (per test input and output).
     """
     buffers = {} if buffers is None else buffers
     zeros = {n: torch.zeros_like(buffers[n]) for st in stats for n in (st.mean, st.var)}
@@ -224,7 +232,7 @@ def output_cotangents(fm: FunctionalModel, explained: Explained, theta: Params, 
         return explained(fm, {**buffers, **uv, **th}, x[None], aux[None])[0]
 
     with shifted_statistics(fm.module, stats, shifts):
-        jac_theta, jac_beta, jac_uv = vmap(jacrev(g_one, argnums=(0, 1, 2)), in_dims=(None, None, None, 0, 0))(
+        jac_theta, jac_beta, jac_uv = vmap(jacobian(g_one, argnums=(0, 1, 2)), in_dims=(None, None, None, 0, 0))(
             theta, zeros, iterates, X, explained.aux)
     beta = {**zeros, **iterates}
     return ({n: j.reshape(-1, *theta[n].shape) for n, j in jac_theta.items()},
@@ -274,6 +282,8 @@ def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state
     _, vjp_fn = vjp(U, point.theta, point.state, point.grad)
     bar_theta, bar_state, bar_g = vmap(vjp_fn)((lam_theta, lam_state))
     if point.replay is not None:
+        if replay.reversed_sites:
+            warn_reversed_training_step(replay, point.s)
         x, y = replay.samples(point.idx)
         beta = dict(point.replay.buffers)  # beta_s, read once by step_replay
         counts = {st.module: int(beta.get(st.count, 0)) for st in replay.stats}
@@ -292,7 +302,10 @@ def _reverse_step(replay: Replay, point: StepPoint, lam_theta: Params, lam_state
         def hvp(v: Params) -> Params:
             return jvp(grad_L, (point.theta,), (v,))[1]
 
-        hv = vmap(hvp)(bar_g)
+        if replay.reversed_sites:  # J_s is not symmetric: J_s^T bar_g from forward-mode columns
+            hv = transposed_gradient_product(grad_L, point.theta, bar_g)
+        else:
+            hv = vmap(hvp)(bar_g)
     tau.index_add_(1, point.idx, dots * (point.scale * point.weights)[None])
     return {n: bar_theta[n] + hv[n] for n in names}, bar_state, lam_beta
 

@@ -168,6 +168,7 @@ class RecorderAttributesMixin:
 
     model: nn.Module
     _attributes: AttributeWatch
+    _random: Any
     _pending: list[Any]
     _data: Any
     _n: int
@@ -186,7 +187,10 @@ class RecorderAttributesMixin:
         return x.to(device)
 
     def _check_attributes(self, s: int) -> None:
-        """At step ``s``'s pre-step hook: refuse a change of the watched state that the forward reads."""
+        """At step ``s``'s pre-step hook: refuse a change of the watched state that the forward reads (and a module
+        compiled since the last step whose draws no eager replay repeats, explaind/_compiled.py)."""
+        if self._random.compiled is not None:
+            self._random.compiled.step(s)
         changes = self._attributes.take_changes()
         if not changes:
             return

@@ -8,7 +8,9 @@ docs/recording.md, "Interruptions from the loop, round 11", describes each case.
 * :func:`watch_writer`: a recorder that is never exited is exited at interpreter exit (``sys.exit()`` in a loop that
   entered it by hand), after a non-daemon thread still inside ``with rec:`` has ended its block, and the writer of one
   garbage-collected without ``__exit__`` commits the steps it was handed and gives the lock back when the next
-  recorder of the process opens the store (:func:`close_abandoned`), each with a warning; before, the steps queued
+  recorder of the process opens the store (:func:`close_abandoned`), each with a warning; a daemon thread inside
+  ``with rec:`` is stopped at its next step boundary and its store closed as an interrupted run with every recorded
+  step (round 14); before, the steps queued
   for the writer were lost at exit, a thread recording past the main thread's exit failed with the thread pools shut
   down, and the lock of a collected recorder stayed held by the live process, so that no recorder of that process
   could resume the store.
@@ -98,16 +100,27 @@ def _exit_open_recorders() -> None:
 
     Run by ``threading``'s exit hooks, before ``concurrent.futures`` refuses new work (the writer's file I/O needs
     it) and before ``atexit``; a non-daemon thread inside ``with rec:`` is waited for first, until its block ends, so
-    that it records to its end while the thread pools still work. A process forked from the recording one leaves
-    the recorders alone, and so does the hook a recorder entered by a daemon thread that is still running.
+    that it records to its end while the thread pools still work. A daemon thread inside ``with rec:`` is stopped at
+    its next training forward or ``optimizer.step()`` (:func:`_stop_daemon`), so that its own ``__exit__`` keeps every
+    step it recorded and closes the store as an interrupted run; one still inside after :data:`DAEMON_WAIT` seconds
+    is exited from here. A process forked from the recording one leaves the recorders alone.
     """
-    for recorder_ref, pid, writer_ref, thread in list(_WRITERS.values()):
-        if pid == os.getpid() and thread is not threading.current_thread() and not thread.daemon:
-            _wait_for(recorder_ref, writer_ref, thread)
+    for key, (recorder_ref, pid, writer_ref, thread) in list(_WRITERS.items()):
+        if pid == os.getpid() and thread is not threading.current_thread():
+            if thread.daemon:
+                _stop_daemon(recorder_ref, writer_ref, thread, key)
+            else:
+                _wait_for(recorder_ref, writer_ref, thread)
     for key, (recorder_ref, pid, writer_ref, thread) in list(_WRITERS.items()):
         recorder, writer = recorder_ref(), writer_ref()
-        if pid != os.getpid() or (thread is not threading.current_thread() and thread.is_alive()):
-            continue  # a forked process; a daemon thread still inside `with rec:`
+        if pid != os.getpid():
+            continue  # a forked process
+        if thread is not threading.current_thread() and thread.is_alive():
+            if thread.daemon and recorder is not None and getattr(recorder, "_active", False) \
+                    and recorder._writer is writer:  # still inside `with rec:` after DAEMON_WAIT: closed from here
+                _close(recorder, key, f"was still inside `with rec:` on the daemon thread {thread.name!r} "
+                                      f"{DAEMON_WAIT:.0f} s after the interpreter began exiting (a step that long)")
+            continue  # a thread that left its block, or a non-daemon thread past PATIENCE
         if recorder is not None and getattr(recorder, "_active", False) and recorder._writer is writer:
             _close(recorder, key, "was not exited (the interpreter is exiting inside `with rec:`, e.g. through "
                                   "sys.exit() in a loop that called rec.__enter__() by hand)")
@@ -130,6 +143,61 @@ def _wait_for(recorder_ref: weakref.ref[Any], writer_ref: weakref.ref[Any], thre
 
 #: seconds without a step after which the exit hook stops waiting for a thread inside ``with rec:``
 PATIENCE = 30.0
+
+#: seconds the exit hook waits for a daemon thread inside ``with rec:`` to reach its next forward or step and leave
+DAEMON_WAIT = 10.0
+
+
+class _StopAtExit:
+    """A forward pre-hook and optimizer step pre-hook that raise in one thread: the daemon thread still recording
+    when the interpreter exits."""
+
+    def __init__(self, thread: threading.Thread, store: str) -> None:
+        self.thread, self.store = thread, store
+
+    def __call__(self, *args: Any) -> None:
+        if threading.current_thread() is self.thread:
+            raise TrajectoryError(
+                f"The interpreter is exiting (the main thread ended) while this daemon thread "
+                f"{self.thread.name!r} records into {self.store!r} inside `with rec:`: a daemon thread is stopped at "
+                f"exit, so recording stops here, at a step boundary, and the store keeps every step recorded so far, "
+                f"closed as an interrupted run. Fix: join the recording thread before the main thread ends "
+                f"(thread.join()), or start it as a non-daemon thread (the exit then waits for its block); resume "
+                f"this run with TrajectoryRecorder(..., resume=True) and rec.restore().")
+
+
+def _stop_daemon(recorder_ref: weakref.ref[Any], writer_ref: weakref.ref[Any], thread: threading.Thread,
+                 store: str) -> None:
+    """Stop a daemon ``thread`` inside ``with rec:`` at its next training forward or ``optimizer.step()`` (hooks that
+    raise in that thread only), and wait up to :data:`DAEMON_WAIT` seconds for its block to end, with a log line.
+
+    Python stops daemon threads at exit wherever they are; before, the exit hook left such a recorder alone and the
+    steps it had handed to the store's writer were lost with the writer's queue (1 of 2 returned steps kept, the
+    lock file left behind). Raising at a step boundary lets the thread's own ``__exit__`` commit every recorded step.
+    """
+    recorder = recorder_ref()
+    if recorder is None or not recorder._active:
+        return
+    logger.warning("The interpreter is exiting while the daemon thread %r is inside `with rec:` recording into %r: "
+                   "its next training forward or optimizer.step() raises, so that its block ends and the store keeps "
+                   "every step recorded so far (closed as an interrupted run); waiting up to %.0f s. Join the "
+                   "recording thread before the main thread ends to record the whole run.", thread.name, store,
+                   DAEMON_WAIT)
+    stop = _StopAtExit(thread, store)
+    handles = [recorder.model.register_forward_pre_hook(stop, prepend=True),
+               recorder.optimizer.register_step_pre_hook(stop)]
+    del recorder
+    try:
+        deadline = time.monotonic() + DAEMON_WAIT
+        while thread.is_alive() and time.monotonic() < deadline:
+            recorder, writer = recorder_ref(), writer_ref()
+            if recorder is None or not (recorder._active or (writer is not None and writer._writer_lock.held)):
+                return  # collected (closed below), or exited
+            del recorder, writer
+            time.sleep(0.01)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _close(closing: Any, store: str, why: str) -> None:

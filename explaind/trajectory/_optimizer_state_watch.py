@@ -10,21 +10,29 @@ and the estimators' residual share (0.07 to 0.16 on the cases of tests/test_stra
 optimizer adapter.
 
 What is watched. After every ``optimizer.step()`` (a step post-hook) each carried buffer is kept by reference
-with torch's version counter :math:`v`, and a copy of a sample of its bits (:func:`sampled_bits`: at most
-:data:`SAMPLE` entries, evenly strided, read as integers so a NaN compares equal to itself); before the next step (a
-pre-hook registered before the recorder's) it must be the same tensor object with the same :math:`v` and the same
-sampled bits. An in-place edit bumps :math:`v`; an edit through ``.data`` (``buf.data.mul_(0.5)``), which torch
-does not count, changes the sampled bits whenever it changes any sampled entry: every edit of the whole buffer (a
-scaling, a zeroing, values copied in) and every edit of a contiguous run of entries at least as long as the stride
-(``numel / 1024``, rounded up) is seen; an edit of fewer entries may fall between the samples, and the update audit
-(``traj.audit()``) and the estimators' residual warning still measure it. ``load_state_dict`` puts new tensors in the
+with torch's version counter :math:`v`, a copy of a sample of its bits (:func:`sampled_bits`: at most
+:data:`SAMPLE` entries, evenly strided, read as integers so a NaN compares equal to itself) and the wrapping sum of
+its bits read as 64-bit words (:func:`word_sum`); before the next step (a pre-hook registered before the recorder's)
+it must be the same tensor object with the same :math:`v`, the same sampled bits and the same word sum. An in-place
+edit bumps :math:`v`; an edit through ``.data`` (``buf.data.mul_(0.5)``), which torch does not count, is seen at that
+next step by its bits:
+
+* every edit of one entry, wherever it is (it changes one word by :math:`\delta \not\equiv 0 \pmod{2^{64}}`, so the
+  sum moves), and every edit that changes a sampled entry: every edit of the whole buffer (a scaling, a zeroing,
+  values copied in) and every edit of a contiguous run of entries at least as long as the stride (``numel / 1024``,
+  rounded up; every entry of a buffer of at most 1024);
+* any other edit unless it changes no sampled entry and its words' changes cancel in their sum modulo
+  :math:`2^{64}` (two unsampled entries swapped, or moved by :math:`+d` and :math:`-d` in their bit patterns); the
+  update audit (``traj.audit()``) and the estimators' residual warning still measure those.
+
+``load_state_dict`` puts new tensors in the
 state, which are compared by value with the kept one (the same state loaded again passes). A buffer that is gone
 (``opt.state.clear()``, a parameter's state deleted) is a restart from zero, which the adapters model exactly (they
 read at every step which parameters hold a buffer), and passes. The state the adapters read afresh at every step
 (Adam's ``exp_avg_sq`` and ``step``, Adagrad's ``sum``) is not watched: a change of it, through ``.data`` too, is
-exact. Every step is checked: the sample costs a copy of at most 1024 entries per buffer after the step and a
-comparison before the next (docs/recording.md, "Buffers changed between steps", measures it). Buffers made under
-``torch.inference_mode()`` (which have no counter) are compared by their sample only.
+exact. Every step is checked: the sample costs a copy of at most 1024 entries per buffer, the sum one read of the
+buffer, after the step and again before the next (docs/recording.md, "Buffers changed between steps", measures it).
+Buffers made under ``torch.inference_mode()`` (which have no counter) are compared by their bits only.
 
 Adapters of other plugins carry their own keys: :data:`CARRIED` names those of the first-party adapters, and an
 adapter not listed is not watched (its audit, ``traj.audit()``, still measures every step).
@@ -40,7 +48,7 @@ from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
 
-__all__ = ["CARRIED", "OptimizerStateWatch", "SAMPLE", "sampled_bits"]
+__all__ = ["CARRIED", "OptimizerStateWatch", "SAMPLE", "sampled_bits", "word_sum"]
 
 #: The most entries of each carried buffer whose bits are compared between steps.
 SAMPLE = 1024
@@ -72,8 +80,11 @@ class OptimizerStateWatch:
         self._seen: dict[tuple[int, str], tuple[Tensor, int, int]] = {}
         #: per carried buffer, a copy of its sampled bits after the last step
         self._bits: dict[tuple[int, str], Tensor] = {}
-        #: per carried buffer, the sample view of it (rebuilt when the buffer or its storage changes)
-        self._views: dict[tuple[int, str], tuple[Tensor, int, Tensor]] = {}
+        #: per carried buffer, the wrapping sum of its 64-bit words after the last step (:func:`word_sum`)
+        self._sums: dict[tuple[int, str], Tensor] = {}
+        #: per carried buffer, its sample view and its views as 64-bit words (rebuilt when the buffer or its storage
+        #: changes)
+        self._views: dict[tuple[int, str], tuple[Tensor, int, Tensor, tuple[Tensor, Tensor | None]]] = {}
 
     def hooks(self, optimizer: Any) -> list[Any]:
         """Register the pre-step check and the post-step snapshot on ``optimizer``; returns their handles."""
@@ -93,17 +104,27 @@ class OptimizerStateWatch:
                         out[(id(p), key)] = (buf, -1 if buf.is_inference() else buf._version, buf.data_ptr())
         return out
 
-    def _sample(self, where: tuple[int, str], buf: Tensor, ptr: int) -> Tensor:
-        """The sample view of ``buf`` (:func:`sampled_bits`), kept while the buffer and its storage stay."""
+    def _held(self, where: tuple[int, str], buf: Tensor, ptr: int) -> tuple[Tensor, int, Tensor, Any]:
+        """The views of ``buf`` (:func:`sampled_bits` and its 64-bit words), kept while the buffer and its storage
+        stay."""
         held = self._views.get(where)
         if held is None or held[0] is not buf or held[1] != ptr:
-            held = self._views[where] = (buf, ptr, sampled_bits(buf))
-        return held[2]
+            held = self._views[where] = (buf, ptr, sampled_bits(buf), _words(buf))
+        return held
+
+    def _sample(self, where: tuple[int, str], buf: Tensor, ptr: int) -> Tensor:
+        """The sample view of ``buf`` (:func:`sampled_bits`)."""
+        return self._held(where, buf, ptr)[2]
+
+    def _sum(self, where: tuple[int, str], buf: Tensor, ptr: int) -> Tensor:
+        """:func:`word_sum` of ``buf`` through its kept views."""
+        return _summed(self._held(where, buf, ptr)[3])
 
     def arm(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
         """Post-step hook: keep each carried buffer, its version counter and a copy of its sampled bits."""
         self._seen = self._carried(optimizer)
         self._bits = {where: self._sample(where, buf, ptr).clone() for where, (buf, _, ptr) in self._seen.items()}
+        self._sums = {where: self._sum(where, buf, ptr) for where, (buf, _, ptr) in self._seen.items()}
         for gone in self._views.keys() - self._seen.keys():
             del self._views[gone]
 
@@ -116,7 +137,8 @@ class OptimizerStateWatch:
         for where, (buf, version, ptr) in self._seen.items():
             live = now.get(where)
             if live is None or (live[0] is buf and live[1] == version and live[2] == ptr
-                                and torch.equal(self._sample(where, buf, ptr), self._bits[where])):
+                                and torch.equal(self._sample(where, buf, ptr), self._bits[where])
+                                and torch.equal(self._sum(where, buf, ptr), self._sums[where])):
                 continue
             if live[0] is not buf and _same_values(live[0], buf):  # the same state loaded again: no edit
                 continue
@@ -130,7 +152,8 @@ class OptimizerStateWatch:
         since = f"step {s - 1}" if s > 0 else "recording began"
         shown = ", ".join(edited[:6]) + (f" and {len(edited) - 6} more" if len(edited) > 6 else "")
         data = (" An edit through .data is not counted by torch's version counter; the recorder compares a sample "
-                "of each buffer's bits between steps." if any(e.endswith("through .data)") for e in edited) else "")
+                "of each buffer's bits and the sum of all its bits between steps."
+                if any(e.endswith("through .data)") for e in edited) else "")
         raise TrajectoryError(
             f"Step {s}: the optimizer's momentum buffers of {shown} changed outside optimizer.step() since {since} "
             f"(opt.load_state_dict(...) of another checkpoint, or a buffer edited by hand, in place or through "
@@ -155,3 +178,37 @@ def sampled_bits(t: Tensor) -> Tensor:
     flat = t.detach().reshape(-1)
     ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
     return flat.view(ints)[::max(1, -(-flat.numel() // SAMPLE))]
+
+
+def word_sum(t: Tensor) -> Tensor:
+    r"""The bits of ``t`` read as 64-bit words and summed with wrap-around (modulo :math:`2^{64}`), followed by the
+    bytes of a last partial word: a tensor on ``t``'s device, equal for equal bits.
+
+    An edit of one entry changes one word (or the trailing bytes) and so the result; an edit of several entries is
+    missed only when the changes of their words cancel modulo :math:`2^{64}`. One read of the tensor, no copy (a
+    tensor whose storage does not start on a word boundary is read through a copy).
+    """
+    return _summed(_words(t))
+
+
+def _words(t: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Views of ``t``'s bits as 64-bit words and as the bytes of a last partial word (``None`` when there are none)."""
+    flat = t.detach().reshape(-1)
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes % 8 == 0 and (flat.storage_offset() * flat.element_size()) % 8 == 0:
+        try:
+            return flat.view(torch.int64), None
+        except RuntimeError:  # a dtype without an integer reinterpretation of this width: read as bytes below
+            pass
+    raw = flat.view(torch.uint8)
+    whole = nbytes // 8 * 8
+    try:
+        words = raw[:whole].view(torch.int64)
+    except RuntimeError:  # a storage offset off the 8-byte boundary: a contiguous copy starts on one
+        words = raw[:whole].clone().view(torch.int64)
+    return words, (raw[whole:] if whole < nbytes else None)
+
+
+def _summed(words: tuple[Tensor, Tensor | None]) -> Tensor:
+    total = words[0].sum()[None]
+    return total if words[1] is None else torch.cat([total, words[1].to(torch.int64)])

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._compiled import CompiledDrawGuard
 from ..exceptions import ConfigError, TrajectoryError
 from ..models import refuse_compiled_draws, refuse_mixed_modes
 from ..records import LossRecord
@@ -324,6 +325,8 @@ class RandomCapture:
         draws = capture is True or bool(self.generators) or any(draws_masks(m) for m in model.modules())
         if self.enabled and draws:
             refuse_compiled_draws(model, loss)
+        #: compiled code met later (a compiled function calling the model, a submodule compiled after the start)
+        self.compiled = CompiledDrawGuard(model) if self.enabled and draws else None
         self.paused = False
         self._handle: Any = None
         self._forwards = self._eval_forwards = 0
@@ -360,6 +363,8 @@ class RandomCapture:
         if not module.training:
             self._eval_forwards += 1
             return
+        if self.compiled is not None:
+            self.compiled.forward()
         self._forwards += 1
         if self._forwards == 1:
             param = next(module.parameters(), None)
