@@ -10,7 +10,8 @@ the loop's later change, and checks what the loop's thread did before:
 * a global rescale right after ``backward()`` (``clip_grad_norm_``) is measured exactly: ``grad_scale``
   against the factor the test computes in float64 from its own copies of the gradients;
 * a per-coordinate change right after ``backward()`` (``clip_grad_value_``) and a NaN in a large
-  gradient are refused at their step;
+  gradient are refused at their step; the steps a ``GradScaler`` skips are found from the finiteness
+  the copier's thread checked (with it always ``True``, these two tests fail);
 * gradient accumulation (a second ``backward()`` adding into the snapshotted ``.grad``) is recorded with
   ``c = 1`` and the update audit at float64 rounding;
 * a post-accumulate-grad hook of the loop's own, which scales one gradient in place after the tap's hook
@@ -188,3 +189,37 @@ def test_snapshot_copies_run_inline_outside_a_backward_and_with_a_foreign_hook()
     p.register_post_accumulate_grad_hook(lambda t: answers.append(copies.submit(t, t.grad, lambda: ran.append(1))))
     (p * 2).sum().backward()
     assert answers == [False] and ran == []
+
+
+def test_grad_scaler_skips_are_found_from_the_copier_threads_finiteness(slow_copies):
+    """fp16 autocast with a GradScaler whose first scales overflow: the copies of the first layer's gradient (the
+    only trained parameter, large), checked finite on the copier's thread, tell the skipped steps (their batches
+    dropped, nothing recorded)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(N_IN, N_HIDDEN, bias=False), nn.Tanh(), nn.Linear(N_HIDDEN, 3))
+    model[2].requires_grad_(False)
+    X, y = torch.randn(48, N_IN), torch.randint(0, 3, (48,))
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24, growth_interval=2)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), grad_scaler=scaler,
+                                      check_gradients=False)
+    stepped = []
+    with rec:
+        for s in range(12):
+            rows = torch.arange(4 * s, 4 * s + 4)
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(X[rows]), y[rows])
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            rec.log_batch(rows)
+            before = model[0].weight.detach().clone()
+            scaler.step(opt)
+            scaler.update()
+            if not torch.equal(before, model[0].weight):
+                stepped.append(rows)
+    traj = rec.trajectory
+    assert 0 < len(stepped) < 12 and rec.skipped_batches == 12 - len(stepped)
+    assert traj.n_steps == len(stepped)
+    assert all(torch.equal(traj.batch(s)[0], rows) for s, rows in enumerate(stepped))
+    assert {t for n, t in slow_copies if n == "0.weight"} != {threading.main_thread().name}
