@@ -27,6 +27,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from _recording_helpers import amp_loop
 from torch import nn
 
 import explaind
@@ -203,21 +204,8 @@ def test_grad_scaler_skips_are_found_from_the_copier_threads_finiteness(slow_cop
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24, growth_interval=2)
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), grad_scaler=scaler,
                                       check_gradients=False)
-    stepped = []
     with rec:
-        for s in range(12):
-            rows = torch.arange(4 * s, 4 * s + 4)
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = F.cross_entropy(model(X[rows]), y[rows])
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            rec.log_batch(rows)
-            before = model[0].weight.detach().clone()
-            scaler.step(opt)
-            scaler.update()
-            if not torch.equal(before, model[0].weight):
-                stepped.append(rows)
+        stepped = amp_loop(model, opt, scaler, X, y, [torch.arange(4 * s, 4 * s + 4) for s in range(12)], rec)
     traj = rec.trajectory
     assert 0 < len(stepped) < 12 and rec.skipped_batches == 12 - len(stepped)
     assert traj.n_steps == len(stepped)
