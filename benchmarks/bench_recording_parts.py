@@ -4,9 +4,12 @@ Runs the loops of ``bench_recording.py`` (same models, batches and optimizers) w
 parts wrapped in timers and prints, per recorded mode, the CPU time of the loop's own thread
 (``time.thread_time``) per step spent in each part, the wall time spent waiting to hand a step to
 the store's writer, and the CPU time of the writer's thread per step (laying out, SHA-256 and
-writing the files; the overlapped device writes run on its I/O thread and are not in it):
+writing the files; the overlapped device writes run on its I/O thread and are not in it), and the CPU time of
+the state copier's thread per step (``copier``: the copies of the large raw gradients during ``backward()``
+and their finiteness, of ``theta_{s+1}`` and of the optimizer state, the edit check, Adam's deferred ``P``):
 
-* ``grad snapshot``: the copies of the raw gradients after ``backward()`` (the tap's hooks);
+* ``grad snapshot``: the tap's hooks after ``backward()`` reached each parameter (the copies of the small raw
+  gradients; the large CPU ones are handed to the state copier's thread, explaind/trajectory/_snapshot_copies.py);
 * ``finite``: their finiteness check at ``log_batch``; ``log_batch`` is the rest of that call;
 * ``compare``: the comparison of the gradient the optimizer sees with the snapshot (``c_s``);
 * ``adapter``: the optimizer adapter's coefficients (e.g. Adam's ``P``);
@@ -46,7 +49,7 @@ from explaind_optimizers.adam import AdamAdapter
 from explaind_optimizers.rmsprop import RMSpropAdapter
 from explaind_optimizers.sgd import SGDAdapter
 
-from explaind.trajectory import _recorder_store, memory, recorder, store
+from explaind.trajectory import _background, _recorder_store, memory, recorder, store
 from explaind.trajectory._gradients import GradientTap
 from explaind.trajectory._optimizer_state_watch import OptimizerStateWatch
 
@@ -111,6 +114,25 @@ def _wrap_writer() -> None:
     store.StoreWriter._commit = timed
 
 
+def _wrap_copier() -> None:
+    run = _background.StateCopier.run
+
+    def timed_run(self, jobs):
+        def timed(job):
+            def inner():
+                c0 = time.thread_time()
+                try:
+                    return job()
+                finally:
+                    _cpu["copier"] += time.thread_time() - c0
+
+            return inner
+
+        return run(self, [timed(job) for job in jobs])
+
+    _background.StateCopier.run = timed_run
+
+
 def install() -> None:
     """Wrap the recorder's parts in timers (once per process)."""
     T = recorder.TrajectoryRecorder
@@ -131,6 +153,7 @@ def install() -> None:
     _wrap(OptimizerStateWatch, "arm", "state watch", top=True)
     _wrap_hooks()
     _wrap_writer()
+    _wrap_copier()
 
 
 def measure(label: str, opt_name: str, mode: str, steps: int, root: str) -> dict[str, float]:
@@ -165,7 +188,7 @@ def main() -> None:
           f"load average={os.getloadavg()[0]:.1f}")
     print("ms per step: CPU time of the loop's thread in each part; 'wait' the wall time of the hand-over; "
           "'writer' the writer thread's CPU time")
-    cols = (*PARTS, "sum", "plain", "wait", "writer")
+    cols = (*PARTS, "sum", "plain", "wait", "writer", "copier")
     header = f"{'model':<10}{'optim':>8}{'mode':>12}" + "".join(f"{c[:10]:>11}" for c in cols)
     print(header)
     print("-" * len(header))
@@ -180,8 +203,10 @@ def main() -> None:
                     parts["plain"] = plain * 1e3
                     runs.append(parts)
                 med = {k: sorted(r.get(k, 0.0) for r in runs)[len(runs) // 2] for k in (*PARTS, "total", "plain",
-                                                                                         "hand-over wall", "writer")}
-                cells = [med[p] for p in PARTS] + [med["total"], med["plain"], med["hand-over wall"], med["writer"]]
+                                                                                         "hand-over wall", "writer",
+                                                                                         "copier")}
+                cells = [med[p] for p in PARTS] + [med["total"], med["plain"], med["hand-over wall"], med["writer"],
+                                                   med["copier"]]
                 print(f"{label:<10}{opt_name:>8}{mode:>12}" + "".join(f"{c:>11.2f}" for c in cells))
 
 

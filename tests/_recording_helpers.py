@@ -142,6 +142,29 @@ def batches(n, size, seed=0):
     return [perm[i : i + size] for i in range(0, n, size)]
 
 
+def amp_loop(model, opt, scaler, X, y, batches, rec=None, dtype=torch.float16):
+    """The fp16/bf16 autocast + GradScaler recipe over ``batches`` (cross-entropy); returns the batches of the steps
+    the optimizer took (those that moved the model's first parameter)."""
+    import torch.nn.functional as F
+
+    first = next(model.parameters())
+    taken = []
+    for idx in batches:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        if rec is not None:
+            rec.log_batch(idx)
+        before = first.detach().clone()
+        scaler.step(opt)
+        scaler.update()
+        if not torch.equal(before, first):
+            taken.append(idx)
+    return taken
+
+
 def slow_batch_gradient(model, params, loss_fn, X, y, indices, weights):
     """sum_k w_k grad l_k(theta), one sample at a time (independent of the recorder's vectorised check)."""
     total = {k: torch.zeros_like(v) for k, v in params.items()}

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _recording_helpers import classification_data, slow_batch_gradient
+from _recording_helpers import amp_loop, classification_data, slow_batch_gradient
 from torch import nn
 
 import explaind
@@ -31,22 +31,7 @@ def _idx(s):
 
 def _amp_loop(model, opt, scaler, X, y, rec=None, dtype=torch.float16, n_steps=N_STEPS):
     """fp16/bf16 autocast + GradScaler recipe; returns the batches of the steps the optimizer took."""
-    taken = []
-    for s in range(n_steps):
-        idx = _idx(s)
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=dtype):
-            loss = F.cross_entropy(model(X[idx]), y[idx])
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        if rec is not None:
-            rec.log_batch(idx)
-        before = model[0].weight.detach().clone()
-        scaler.step(opt)
-        scaler.update()
-        if not torch.equal(before, model[0].weight):
-            taken.append(idx)
-    return taken
+    return amp_loop(model, opt, scaler, X, y, [_idx(s) for s in range(n_steps)], rec, dtype)
 
 
 def _shares(traj):

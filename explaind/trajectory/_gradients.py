@@ -32,6 +32,7 @@ from ..exceptions import TrajectoryError
 from ._common import ModelHook
 from ._output_rounding import OutputRounding
 from ._random import draws_masks
+from ._snapshot_copies import SnapshotCopies
 
 __all__ = ["GradientTap", "AutocastProbe", "has_stochastic_layers", "is_power_of_two", "same_bytes"]
 
@@ -132,11 +133,14 @@ class GradientTap:
     copy : callable, optional
         ``copy(key, tensor)`` makes a new snapshot buffer (default ``clone``; the recorder passes
         its :class:`~explaind.trajectory._background.CopyPool`, keys ``"grad.<name>"``).
+    copier : StateCopier, optional
+        Makes large CPU snapshots, checked finite, on its thread during ``backward()`` (:mod:`._snapshot_copies`).
     """
 
-    def __init__(self, params: dict[str, nn.Parameter], copy: Any = None):
+    def __init__(self, params: dict[str, nn.Parameter], copy: Any = None, copier: Any = None):
         self._params = params
         self._copy = copy or (lambda _key, g: g.detach().clone())
+        self._copies = None if copier is None else SnapshotCopies(params, copier)
         self._unchanged: set[str] = set()
         self._raw: dict[str, Tensor] = {}
         self._stamp: dict[str, int] = {}
@@ -174,16 +178,23 @@ class GradientTap:
             g = p.grad
             if g is None:
                 return
-            buf = self._raw.get(name)
-            if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
-                self._raw[name] = self._copy("grad." + name, g)
-            else:  # neither tensor requires grad: no autograd bookkeeping
-                buf.copy_(g.detach())
             self._seq += 1
-            self._stamp[name] = self._seq
+            stamp = self._stamp[name] = self._seq
             self._hits[name] = self._hits.get(name, 0) + 1
+            if self._copies is None or not self._copies.submit(p, g, lambda: self._snap(name, g, stamp)):
+                self._snap(name, g)
 
         return hook
+
+    def _snap(self, name: str, g: Tensor, stamp: int | None = None) -> None:
+        """Copy ``g`` into the snapshot of ``name``; with ``stamp`` (on the copier's thread) also check it finite."""
+        buf = self._raw.get(name)
+        if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
+            self._raw[name] = buf = self._copy("grad." + name, g)
+        else:  # neither tensor requires grad: no autograd bookkeeping
+            buf.copy_(g.detach())
+        if stamp is not None:  # while the copy is in the cache; finite_since reads it
+            self._finite[name] = (stamp, all_finite(buf))
 
     @property
     def backwards_pending(self) -> int:

@@ -243,7 +243,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._step_state: dict[str, Any] | None = None
         self._last_indices: Tensor | None = None  # the last step's samples (the attribute test at the end)
         self._handles: list[Any] = []
-        self._tap = GradientTap(self._params, self._pool.copy)
+        self._tap = GradientTap(self._params, self._pool.copy, self._copier)
         self._probe = AutocastProbe(model, self._tap, first.device.type, self._manifest.extras)
         self._auditor = UpdateAudit()
         self._memory: InMemoryTrajectory | None = None
