@@ -154,6 +154,9 @@ class RecorderChecksMixin:
     _frozen: dict[str, Tensor]
     _sigma: float
     _sigma_shape: tuple[tuple[int, int], ...] | None
+    _sigma_at: int | None
+    _sigma_moved: bool
+    _checked_c: float | None
     _pool: CopyPool
     _writer: Any
     _theta_handoff: Handoff | None
@@ -431,7 +434,40 @@ class RecorderChecksMixin:
         """
         if self._sigma_shape is None or self._data is None or self._schedule.never:
             return False
+        if self._sigma_moved:  # a loss scale that moved between two checks: measured at every step since
+            return True
         shape = self._batch_shape()
         if [b for _, b in shape] != [b for _, b in self._sigma_shape]:
             return True
         return self._sigma != 1.0 and shape != self._sigma_shape
+
+    def _take_sigma(self, sigma: float, autocast: Any, tol: float, c_in: float, s: int) -> None:
+        r"""Keep the loss scale :math:`\sigma` the gradient check measured at step ``s``.
+
+        When it moved since the previous check on micro-batches of the same sizes (a loss multiplied by a
+        factor that changes during training: a loss-weight warm-up), the steps in between, not checked,
+        were recorded with the previous :math:`\sigma`, so their ``c_s`` is off by the change and the
+        difference lands in the residual: warn naming them, and check every step from now on.
+        """
+        if autocast is not None and abs(sigma - 1.0) <= tol:
+            sigma = 1.0  # autocast rounding is not a loss scale
+        shape, previous, at = self._batch_shape(), self._sigma, self._sigma_at
+        moved = (at is not None and shape == self._sigma_shape
+                 and abs(sigma - previous) > tol * max(abs(sigma), abs(previous)))
+        if moved:
+            if not self._sigma_moved:
+                logger.info("Step %d: the loss scale moved from %.6g to %.6g; every later step is checked.",
+                            s, previous, sigma)
+            self._sigma_moved = True
+        if moved and s - at > 1:
+            between = f"step {at + 1}" if s - at == 2 else f"steps {at + 1} to {s - 1}"
+            warn_user(logger, (
+                f"Step {s}: the loss scale the gradient check measured moved from {previous:.6g} (step {at}) to "
+                f"{sigma:.6g} on micro-batches of the same sizes: the loop multiplies its loss by a factor that "
+                f"changes during training (a loss-weight warm-up or schedule, a hand-set scale). The {between}, "
+                f"not checked, were recorded with {previous:.6g}, so their gradient scale c_s is off by that "
+                f"factor's change there; the difference is left in the residual (the per-sample scores miss it; "
+                f"InfluenceEstimator's residual share says how much). Every step from this one on is checked, so "
+                f"its scale is measured. Fix: record with check_gradients=True, which measures the scale at "
+                f"every step (exact), or keep the factor constant."))
+        self._sigma, self._checked_c, self._sigma_shape, self._sigma_at = sigma, c_in, shape, s

@@ -1,0 +1,37 @@
+"""Print the table of docs/guide_own_model.md, "Round 13: ...".
+
+Run from the repository root (not collected by pytest)::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_round13_table.py [NAME ...]
+
+Each row records a case of tests/_round13_cases.py (float64, 6 steps of 6 samples of a small tanh model unless the
+case names another) and prints, as tests/stranger_loops_round9_table.py does, the replica's relative error against
+the trained model in evaluation mode, the residual share, the train scores' relative error against the slow float64
+loop reference and that reference's own largest per-step residual relative to its largest update, and the class:
+``exact``, ``loud`` (an ExplaindWarning, or an error: its type and the sentences naming cause and fix) or
+``SILENT``. The ReLU cases show the default replica's error and the default estimator's residual share instead.
+The load average is printed first and last: no figure is a timing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from _round13_cases import CASES, DEFAULT_RULE, figures
+from stranger_loops_round9_table import row
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
+    print("| case | replica | residual share | scores vs reference | reference residual | class |")
+    print("|---|---|---|---|---|---|")
+    for name in sys.argv[1:] or CASES:
+        print(row(name, CASES, DEFAULT_RULE, figures), flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
