@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _loops8_kit import _run
 from _loops9_kit import DeepRelu, with_opt
 from _round13_models import (
     ManifoldMixup,
@@ -142,6 +143,20 @@ def noise_at_last_step(s, model, opt, X, y, idx, rec) -> None:
             p.grad += 1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
     rec.log_batch(idx)
     opt.step()
+
+
+def unlogged_backward_at(steps: tuple[int, ...]) -> Callable:
+    """The textbook step; at ``steps`` a second batch (the rows after the logged ones) is backwarded after
+    ``log_batch``, at half weight, and not logged (an auxiliary batch)."""
+    def step(s, model, opt, X, y, idx, rec):
+        opt.zero_grad()
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        rec.log_batch(idx)
+        if s in steps:
+            other = (idx + 1) % N
+            (0.5 * F.cross_entropy(model(X[other]), y[other])).backward()
+        opt.step()
+    return step
 
 
 def head_skipped(s, model, opt, X, y, idx, rec) -> None:
@@ -270,6 +285,10 @@ CASES: dict[str, Case] = {
     # .grad edited at steps the check skips
     "per_parameter_clip_from_step_3": with_opt(sgd, per_parameter_clip_from(3)),
     "gradient_noise_at_last_step": with_opt(sgd, noise_at_last_step),
+    "unlogged_backward_after_log_batch_at_step_2": with_opt(sgd, unlogged_backward_at((2,))),
+    "unlogged_backward_after_log_batch_every_step": with_opt(sgd, unlogged_backward_at(tuple(range(6)))),
+    "unlogged_backward_at_step_2_check_off": lambda: _run(mlp, sgd, unlogged_backward_at((2,)),
+                                                          check_gradients=False),
     "adamw_head_grad_none_two_steps": with_opt(lambda m: torch.optim.AdamW(m.parameters(), lr=0.02,
                                                                            weight_decay=0.1), head_skipped),
     # loop structure

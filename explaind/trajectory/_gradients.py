@@ -142,6 +142,7 @@ class GradientTap:
         self._stamp: dict[str, int] = {}
         self._finite: dict[str, tuple[int, bool]] = {}  # name -> (stamp, finite) of the snapshot last checked
         self._seq = 0
+        self.reset_seq = 0  # the sequence number at the last step: later snapshots belong to the step in flight
         self._hits: dict[str, int] = {}  # snapshots per parameter since the last log_batch
         self._hooked: set[str] = set()
         self._handles: list[Any] = []
@@ -200,6 +201,7 @@ class GradientTap:
         """Forget the snapshots of the finished accumulation (after each optimizer step)."""
         self._stamp.clear()
         self._unchanged.clear()
+        self.reset_seq = self._seq
 
     def take(self, name: str) -> Tensor | None:
         """Hand over the snapshot of ``name`` when :meth:`measure` found ``p.grad`` equal to it, else ``None``.

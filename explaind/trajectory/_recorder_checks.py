@@ -50,6 +50,22 @@ __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
 logger = logging.getLogger("explaind.trajectory.recorder")
 
 
+def unlogged_backward_message(s: int, checked: bool) -> str:
+    """Names a ``backward()`` after step ``s``'s last ``rec.log_batch()``
+    (:meth:`RecorderChecksMixin._unlogged_backward`); ``checked``: the sentence that leads a failed gradient check's
+    hint, else a warning that no check can run."""
+    what = (f" At step {s} a backward() reached the parameters after the step's last rec.log_batch()" if checked else
+            f"Step {s}: a backward() reached the parameters after the step's last rec.log_batch(), in a loop that "
+            f"logs each micro-batch after its backward(), and no gradient check can run (check_gradients off or no "
+            f"train_data)")
+    return (what + ": the gradient the optimizer steps then holds samples no rec.log_batch() named (an auxiliary "
+            "or unlabelled batch backwarded after logging, a second loss of another batch)"
+            + ("" if checked else ", whose share of the update is left in the residual")
+            + ". Fix: call rec.log_batch(indices) after the backward() of every batch "
+            "whose loss reaches the parameters, with the loss= the loop trains with (a second loss of the same "
+            "batch: log it after its last backward()).")
+
+
 @dataclass(frozen=True)
 class LoggedBatch:
     """One ``log_batch`` call: samples and weights, the tap's sequence number then, whether the gradient was finite,
@@ -221,13 +237,13 @@ class RecorderChecksMixin:
         x, y = self._data.get(indices)
         # without forwards to replay the engine recomputes gradients in evaluation mode: so does the check, and
         # a training forward that differs from it in a way no module shows (F.dropout, torch.rand) fails here
-        hint = ""
+        hint = unlogged_backward_message(s, checked=True) if self._unlogged_backward() else ""
         if replay is None and self.model.training:
-            hint = (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
-                    "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
-                    "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand, np.random) or "
-                    "reads a buffer it updates, record with "
-                    "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
+            hint += (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
+                     "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
+                     "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand, np.random) or "
+                     "reads a buffer it updates, record with "
+                     "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
         if moved:
             hint += moved_message(moved, s, checked=True)
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
@@ -432,6 +448,10 @@ class RecorderChecksMixin:
         batch size; a loop that divides by a fixed number of micro-batches has another one at an
         epoch's last, smaller step).
         """
+        if self._unlogged_backward():  # its samples are checked, or named when no check can run
+            if self._data is not None and not self._schedule.never:
+                return True
+            warn_user(logger, unlogged_backward_message(self._n, checked=False))
         if self._sigma_shape is None or self._data is None or self._schedule.never:
             return False
         if self._sigma_moved:  # a loss scale that moved between two checks: measured at every step since
@@ -440,6 +460,13 @@ class RecorderChecksMixin:
         if [b for _, b in shape] != [b for _, b in self._sigma_shape]:
             return True
         return self._sigma != 1.0 and shape != self._sigma_shape
+
+    def _unlogged_backward(self) -> bool:
+        """Whether a ``backward()`` reached the parameters after the step's last ``rec.log_batch()`` in a loop that
+        logs after ``backward()`` (a backward of this step came before its first ``log_batch``): the gradient then
+        holds samples no ``log_batch`` named. A loop that logs before each forward is not affected."""
+        return (bool(self._pending) and self._tap.seq > self._pending[-1].seq
+                and self._pending[0].seq > self._tap.reset_seq)
 
     def _take_sigma(self, sigma: float, autocast: Any, tol: float, c_in: float, s: int) -> None:
         r"""Keep the loss scale :math:`\sigma` the gradient check measured at step ``s``.
