@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _loops8_kit import _run
-from _loops9_kit import DeepRelu, with_opt
+from _loops9_kit import DeepRelu, grad_step, with_opt
 from _round13_models import (
     ManifoldMixup,
     OutsideTemperature,
@@ -159,6 +159,29 @@ def unlogged_backward_at(steps: tuple[int, ...]) -> Callable:
     return step
 
 
+def decay_by_hand(model: nn.Module, s: int) -> None:
+    """Weight decay written into ``.grad`` by hand, ``p.grad.add_(p, alpha=0.01)`` (before ``log_batch``)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad.add_(p, alpha=0.01)
+
+
+def momentum_by_hand() -> Callable[[nn.Module, int], None]:
+    """An exponential average of the gradients kept by hand and written into ``.grad`` (momentum by hand)."""
+    average: dict[str, torch.Tensor] = {}
+
+    def edit(model: nn.Module, s: int) -> None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                average[n] = p.grad.clone() if n not in average else 0.9 * average[n] + 0.1 * p.grad
+                p.grad.copy_(average[n])
+    return edit
+
+
+def plain_sgd(model: nn.Module) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
 def head_skipped(s, model, opt, X, y, idx, rec) -> None:
     """The textbook step, the head's ``.grad`` set to ``None`` at steps 2 and 3 (the optimizer skips it)."""
     opt.zero_grad()
@@ -289,6 +312,12 @@ CASES: dict[str, Case] = {
     "unlogged_backward_after_log_batch_every_step": with_opt(sgd, unlogged_backward_at(tuple(range(6)))),
     "unlogged_backward_at_step_2_check_off": lambda: _run(mlp, sgd, unlogged_backward_at((2,)),
                                                           check_gradients=False),
+    "weight_decay_written_into_grad": with_opt(sgd, grad_step(decay_by_hand)),
+    "weight_decay_as_sgd_weight_decay": with_opt(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9,
+                                                                           weight_decay=0.01)),
+    "gradient_average_written_into_grad": lambda: with_opt(plain_sgd, grad_step(momentum_by_hand()))(),
+    "gradient_average_as_sgd_dampening": with_opt(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9,
+                                                                            dampening=0.9)),
     "adamw_head_grad_none_two_steps": with_opt(lambda m: torch.optim.AdamW(m.parameters(), lr=0.02,
                                                                            weight_decay=0.1), head_skipped),
     # loop structure

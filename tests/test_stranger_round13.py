@@ -27,7 +27,8 @@ EXACT = [
     "trained_in_eval_mode_throughout", "float32_weights_logged", "unlearning_negative_weights",
     "two_steps_per_batch", "step_at_top_of_loop_lagged", "adam_amsgrad_switched_off_mid_run",
     "trainable_parameter_outside_optimizer", "running_mean_std_input_normaliser_captured",
-    "manifold_mixup_in_forward", "frozen_teacher_inside_model_kd",
+    "manifold_mixup_in_forward", "frozen_teacher_inside_model_kd", "weight_decay_as_sgd_weight_decay",
+    "gradient_average_as_sgd_dampening",
 ]
 
 

@@ -17,6 +17,8 @@ order". The fixes of this round here (each test failed on the code before):
 * a PReLU network's quadrature warning named ``Tensor.gt`` inside PReLU as a call whose output can jump (the
   engine ran PReLU as ``torch.where(x > 0, x, w x)``; the jump probe read the comparison as a branch): PReLU is
   continuous, now run as ``relu(x) - w relu(-x)`` (the same values) and named as a kink;
+* an average of past gradients written into ``.grad`` by hand (momentum by hand) was refused as any other edit;
+  the refusal now names it as ``SGD(momentum=beta, dampening=beta)``, which trains the same model, recorded exactly;
 * a negative index logged (``X[idx - N]`` in the loop) named the range only; it now names the fix,
   ``idx % len(train_data)``.
 """
@@ -28,9 +30,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _loops8_kit import replica_with_defaults
 from _round4_kit import estimator_warnings
-from _round13_cases import CASES, figures
+from _round13_cases import CASES, figures, momentum_by_hand
+from _stranger_loops_kit import batches, data, mlp
 
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
 
@@ -69,6 +73,20 @@ def test_an_unlogged_backward_without_a_check_is_named_at_recording():
     assert figures("unlogged_backward_at_step_2_check_off", model, traj)["share"] > 1e-2
 
 
+def test_the_hand_written_gradient_average_is_sgd_with_dampening():
+    # the fix the refusal names trains the same model as the loop that averaged by hand (plain SGD, no recorder)
+    fixed, _ = CASES["gradient_average_as_sgd_dampening"]()
+    model, (X, y, _), edit = mlp(), data(), momentum_by_hand()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for s, idx in enumerate(batches()):
+        opt.zero_grad()
+        F.cross_entropy(model(X[idx]), y[idx]).backward()
+        edit(model, s)
+        opt.step()
+    for a, b in zip(model.parameters(), fixed.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-14, atol=1e-15)
+
+
 def test_a_constant_loss_scale_is_not_warned_about():
     _, _, said = recorded("backward_gradient_argument_two")
     assert not said
@@ -95,6 +113,13 @@ def test_a_constant_loss_scale_is_not_warned_about():
     ("unlogged_backward_after_log_batch_every_step", TrajectoryError,
      r"Step 0: .*\. At step 0 a backward\(\) reached the parameters after the step's last rec\.log_batch\(\).*"
      + UNLOGGED_FIX),
+    ("weight_decay_written_into_grad", TrajectoryError,
+     r"Step 0: .*more than a global factor.*weight decay p\.grad \+= lam \* p, is the optimizer's own "
+     r"weight_decay=lam"),
+    # before: the hand-written average not named
+    ("gradient_average_written_into_grad", TrajectoryError,
+     r"Step 1: .*more than a global factor.*an average of past gradients written into \.grad by hand.*is "
+     r"SGD\(momentum=beta, dampening=beta\)"),
     ("sgd_differentiable_from_start", ConfigError,
      r"differentiable'\]=True is not supported.*Fix: build the optimizer with differentiable=False"),
     ("running_mean_std_input_normaliser", TrajectoryError,
