@@ -1,4 +1,5 @@
-"""Print the table of docs/guide_own_model.md, "Round 13: ...".
+"""Print the table of docs/guide_own_model.md,
+"Round 13: loss scales that move, gradients edited late, loops stepped out of order".
 
 Run from the repository root (not collected by pytest)::
 
