@@ -5,13 +5,8 @@ Run from the repository root (not collected by pytest)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/stranger_round13_table.py [NAME ...]
 
-Each row records a case of tests/_round13_cases.py (float64, 6 steps of 6 samples of a small tanh model unless the
-case names another) and prints, as tests/stranger_loops_round9_table.py does, the replica's relative error against
-the trained model in evaluation mode, the residual share, the train scores' relative error against the slow float64
-loop reference and that reference's own largest per-step residual relative to its largest update, and the class:
-``exact``, ``loud`` (an ExplaindWarning, or an error: its type and the sentences naming cause and fix) or
-``SILENT``. The ReLU cases show the default replica's error and the default estimator's residual share instead.
-The load average is printed first and last: no figure is a timing.
+One row per case of tests/_round13_cases.py, printed by ``row`` of tests/stranger_loops_round9_table.py, whose
+docstring says what its columns and classes mean; the load average comes first and last (no figure is a timing).
 """
 
 from __future__ import annotations
