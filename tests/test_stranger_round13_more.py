@@ -36,6 +36,7 @@ from _round4_kit import estimator_warnings
 from _round13_cases import CASES, figures, momentum_by_hand
 from _stranger_loops_kit import batches, data, mlp
 
+import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
 
 MOVED = (r"Step 4: the loss scale the gradient check measured moved from 1 \(step 1\) to 1\.0003 on micro-batches "
@@ -90,6 +91,24 @@ def test_the_hand_written_gradient_average_is_sgd_with_dampening():
 def test_a_constant_loss_scale_is_not_warned_about():
     _, _, said = recorded("backward_gradient_argument_two")
     assert not said
+
+
+def test_a_constant_loss_scale_in_float32_keeps_the_sparse_check():
+    # sigma = 1/3 measured with float32 rounding at steps 0, 1 and 4: not a move, so 2, 3 and 5 stay unchecked
+    model = mlp().float()
+    X, y, _ = data()
+    rec = explaind.TrajectoryRecorder(model, torch.optim.SGD(model.parameters(), lr=0.1), loss="cross_entropy",
+                                      train_data=(X.float(), y))
+    with warnings.catch_warnings(record=True) as caught, rec:
+        warnings.simplefilter("always")
+        for idx in batches():
+            rec.optimizer.zero_grad()
+            (F.cross_entropy(model(X[idx].float()), y[idx]) / 3).backward()
+            rec.log_batch(idx)
+            rec.optimizer.step()
+    assert not [w for w in caught if issubclass(w.category, ExplaindWarning)]
+    checked = rec.trajectory.gradient_check()
+    assert [s for s in range(6) if checked[s] == checked[s]] == [0, 1, 4], checked
 
 
 @pytest.mark.parametrize(("case", "error", "match"), [

@@ -471,16 +471,16 @@ class RecorderChecksMixin:
     def _take_sigma(self, sigma: float, autocast: Any, tol: float, c_in: float, s: int) -> None:
         r"""Keep the loss scale :math:`\sigma` the gradient check measured at step ``s``.
 
-        When it moved since the previous check on micro-batches of the same sizes (a loss multiplied by a
-        factor that changes during training: a loss-weight warm-up), the steps in between, not checked,
-        were recorded with the previous :math:`\sigma`, so their ``c_s`` is off by the change and the
-        difference lands in the residual: warn naming them, and check every step from now on.
+        When it moved by more than twice the check's tolerance since the previous check on micro-batches
+        of the same sizes (a loss multiplied by a factor that changes during training: a loss-weight
+        warm-up), the steps in between, not checked, were recorded with the previous :math:`\sigma`, so
+        their ``c_s`` is off by the change, left in the residual: warn naming them, and check every later step.
         """
         if autocast is not None and abs(sigma - 1.0) <= tol:
             sigma = 1.0  # autocast rounding is not a loss scale
         shape, previous, at = self._batch_shape(), self._sigma, self._sigma_at
         moved = (at is not None and shape == self._sigma_shape
-                 and abs(sigma - previous) > tol * max(abs(sigma), abs(previous)))
+                 and abs(sigma - previous) > 2 * tol * max(abs(sigma), abs(previous)))  # each within tol
         if moved:
             if not self._sigma_moved:
                 logger.info("Step %d: the loss scale moved from %.6g to %.6g; every later step is checked.",
