@@ -24,6 +24,7 @@ from _round13_models import (
     OutsideTemperature,
     PReluNet,
     RunningNormaliser,
+    TwoTransforms,
     teacher_run,
 )
 from _stranger_loops_kit import N, adam, batches, data, dropout_mlp, measure, mlp, plain, sgd, train
@@ -57,6 +58,11 @@ def warmup(s: int) -> float:
 def late_ramp(s: int) -> float:
     """1 at steps 0 and 1, then ``1 + 1e-4 (s - 1)``: a weight that starts moving after the first checks, by little."""
     return 1.0 + 1e-4 * max(0, s - 1)
+
+
+def bump(s: int) -> float:
+    """1, except ``1.001`` at step 2 (between the checks at steps 1 and 4)."""
+    return 1.001 if s == 2 else 1.0
 
 
 def warmup_run(weight: Callable[[int], float] = warmup, **rec_kwargs: Any) -> Case:
@@ -182,6 +188,13 @@ def plain_sgd(model: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=0.1)
 
 
+def global_factor_by_hand(model: nn.Module, s: int) -> None:
+    """Every ``.grad`` multiplied by ``0.5 ** s`` by hand (a schedule written into the gradients)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad.mul_(0.5 ** s)
+
+
 def head_skipped(s, model, opt, X, y, idx, rec) -> None:
     """The textbook step, the head's ``.grad`` set to ``None`` at steps 2 and 3 (the optimizer skips it)."""
     opt.zero_grad()
@@ -299,6 +312,8 @@ CASES: dict[str, Case] = {
     "loss_weight_warmup_default_check": warmup_run(),
     "loss_weight_warmup_checked_every_step": warmup_run(check_gradients=True),
     "loss_weight_small_ramp_from_step_2": warmup_run(late_ramp),
+    "loss_weight_bump_between_checks": warmup_run(bump),
+    "loss_weight_bump_checked_every_step": warmup_run(bump, check_gradients=True),
     "dropout_loss_weight_small_ramp_from_step_2": dropout_run(weighted_loss_step(late_ramp)),
     "dropout_accumulation_each_mean_halved": dropout_accumulation,
     "backward_gradient_argument_two": with_opt(sgd, backward_with_gradient),
@@ -312,6 +327,7 @@ CASES: dict[str, Case] = {
     "unlogged_backward_after_log_batch_every_step": with_opt(sgd, unlogged_backward_at(tuple(range(6)))),
     "unlogged_backward_at_step_2_check_off": lambda: _run(mlp, sgd, unlogged_backward_at((2,)),
                                                           check_gradients=False),
+    "gradient_factor_by_hand_every_step": with_opt(adam, grad_step(global_factor_by_hand)),
     "weight_decay_written_into_grad": with_opt(sgd, grad_step(decay_by_hand)),
     "weight_decay_as_sgd_weight_decay": with_opt(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9,
                                                                            weight_decay=0.01)),
@@ -341,6 +357,7 @@ CASES: dict[str, Case] = {
     "running_mean_std_input_normaliser_captured": module_run(RunningNormaliser, capture_random=True),
     "manifold_mixup_in_forward": module_run(ManifoldMixup, capture_random=True),
     "frozen_teacher_inside_model_kd": teacher_run,
+    "weight_used_twice_plain_and_exp": module_run(TwoTransforms, adam),
     # untuned rates, ReLU-heavy
     "deep_relu_adam_lr0.5_amsgrad_weight_decay": with_opt(
         lambda m: torch.optim.Adam(m.parameters(), lr=0.5, amsgrad=True, weight_decay=0.01), build=DeepRelu),

@@ -122,3 +122,17 @@ class PReluNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+class TwoTransforms(nn.Module):
+    """One weight used twice with different transforms: ``tanh(x W^T)`` and ``x exp(W)^T``, summed before the
+    head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(0.3 * torch.randn(6, 4, dtype=DT))
+        self.head = nn.Linear(6, 3).to(DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(x @ self.w.T) + 0.1 * x @ self.w.exp().T)

@@ -28,7 +28,8 @@ EXACT = [
     "two_steps_per_batch", "step_at_top_of_loop_lagged", "adam_amsgrad_switched_off_mid_run",
     "trainable_parameter_outside_optimizer", "running_mean_std_input_normaliser_captured",
     "manifold_mixup_in_forward", "frozen_teacher_inside_model_kd", "weight_decay_as_sgd_weight_decay",
-    "gradient_average_as_sgd_dampening",
+    "gradient_average_as_sgd_dampening", "loss_weight_bump_checked_every_step", "gradient_factor_by_hand_every_step",
+    "weight_used_twice_plain_and_exp",
 ]
 
 
