@@ -21,6 +21,7 @@ from _loops8_kit import _run
 from _loops9_kit import DeepRelu, grad_step, with_opt
 from _round13_models import (
     ManifoldMixup,
+    NormNet,
     OutsideTemperature,
     PReluNet,
     RunningNormaliser,
@@ -218,10 +219,11 @@ def eval_forgotten(s, model, opt, X, y, idx, rec) -> None:
             model(X[:4])
 
 
-def dropout_run(step: Callable, before: Callable[[nn.Module], None] | None = None) -> Case:
-    """The dropout MLP trained by ``step`` with SGD momentum, ``before(model)`` run first."""
+def dropout_run(step: Callable, before: Callable[[nn.Module], None] | None = None,
+                build: Callable[[], nn.Module] = dropout_mlp) -> Case:
+    """The dropout MLP (or ``build()``) trained by ``step`` with SGD momentum, ``before(model)`` run first."""
     def run():
-        model = dropout_mlp()
+        model = build()
         if before is not None:
             before(model)
         return model, train(model, sgd(model), step=step)
@@ -288,6 +290,12 @@ def lagged_loop() -> tuple[nn.Module, Any]:
     return model, rec.trajectory
 
 
+def reverse_group(opt: Any, s: int) -> None:
+    """The group's parameter list reversed in place after step 2."""
+    if s == 2:
+        opt.param_groups[0]["params"].reverse()
+
+
 def amsgrad_off(opt: Any, s: int) -> None:
     if s == 2:
         opt.param_groups[0]["amsgrad"] = False
@@ -296,6 +304,14 @@ def amsgrad_off(opt: Any, s: int) -> None:
 def edited(make_opt: Callable[[nn.Module], Any], edit: Callable[[Any, int], None]) -> Case:
     """``make_opt``'s optimizer over the MLP, ``edit(opt, s)`` after every step."""
     return with_opt(make_opt, after=lambda opt, model: (lambda s: edit(opt, s)))
+
+
+def reload_same(model: nn.Module) -> Callable[[int], None]:
+    """``model.load_state_dict(model.state_dict())`` after step 2 (a checkpoint restored onto itself)."""
+    def after(s: int) -> None:
+        if s == 2:
+            model.load_state_dict(model.state_dict())
+    return after
 
 
 def module_run(build: Callable[[], nn.Module], make_opt: Callable[[nn.Module], Any] = sgd,
@@ -338,6 +354,7 @@ CASES: dict[str, Case] = {
                                                                            weight_decay=0.1), head_skipped),
     # loop structure
     "eval_mode_forgotten_after_validation": dropout_run(eval_forgotten),
+    "batch_norm_eval_forgotten_after_validation": dropout_run(eval_forgotten, build=NormNet),
     "trained_in_eval_mode_throughout": dropout_run(plain, before=lambda m: m.eval()),
     "batch_logged_then_step_skipped": with_opt(sgd, logged_then_skipped),
     "negative_indices_logged": with_opt(sgd, negative_indices),
@@ -346,6 +363,9 @@ CASES: dict[str, Case] = {
     "two_steps_per_batch": with_opt(adam, two_steps_per_batch),
     "step_at_top_of_loop_lagged": lagged_loop,
     # optimizer options
+    "sgd_group_params_reversed_mid_run": edited(sgd, reverse_group),
+    "adam_group_params_reversed_mid_run": edited(adam, reverse_group),
+    "load_state_dict_of_itself_mid_run": with_opt(sgd, after=lambda opt, model: reload_same(model)),
     "adam_amsgrad_switched_off_mid_run": edited(lambda m: torch.optim.Adam(m.parameters(), lr=0.02, amsgrad=True),
                                                 amsgrad_off),
     "sgd_differentiable_from_start": with_opt(lambda m: torch.optim.SGD(m.parameters(), lr=0.1,
@@ -373,7 +393,8 @@ REPLAYED = ("dropout_accumulation_each_mean_halved", "dropout_loss_weight_small_
             "eval_mode_forgotten_after_validation", "manifold_mixup_in_forward")
 
 #: Cases whose buffers the forward moves (``replay_reference.BufferReference``).
-BUFFERS = ("running_mean_std_input_normaliser", "running_mean_std_input_normaliser_captured")
+BUFFERS = ("batch_norm_eval_forgotten_after_validation", "running_mean_std_input_normaliser",
+           "running_mean_std_input_normaliser_captured")
 
 
 def figures(name: str, model: nn.Module, traj: Any) -> dict[str, Any]:

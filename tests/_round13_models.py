@@ -1,5 +1,6 @@
 """Models of the thirteenth round (tests/_round13_cases.py): a trainable parameter the optimizer does not hold, an
-input normaliser with running statistics, manifold mixup, a frozen teacher inside the model, a PReLU network."""
+input normaliser with running statistics, manifold mixup, a frozen teacher inside the model, a PReLU network, one
+weight used through two transforms, a batch-norm MLP."""
 
 from __future__ import annotations
 
@@ -136,3 +137,15 @@ class TwoTransforms(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(x @ self.w.T) + 0.1 * x @ self.w.exp().T)
+
+
+class NormNet(nn.Module):
+    """``Linear -> BatchNorm1d -> tanh -> Linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

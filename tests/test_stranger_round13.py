@@ -29,7 +29,8 @@ EXACT = [
     "trainable_parameter_outside_optimizer", "running_mean_std_input_normaliser_captured",
     "manifold_mixup_in_forward", "frozen_teacher_inside_model_kd", "weight_decay_as_sgd_weight_decay",
     "gradient_average_as_sgd_dampening", "loss_weight_bump_checked_every_step", "gradient_factor_by_hand_every_step",
-    "weight_used_twice_plain_and_exp",
+    "weight_used_twice_plain_and_exp", "sgd_group_params_reversed_mid_run", "adam_group_params_reversed_mid_run",
+    "load_state_dict_of_itself_mid_run", "batch_norm_eval_forgotten_after_validation",
 ]
 
 
