@@ -196,6 +196,17 @@ def global_factor_by_hand(model: nn.Module, s: int) -> None:
             p.grad.mul_(0.5 ** s)
 
 
+def logged_before_forward(parts: int) -> Callable:
+    """Each of ``parts`` micro-batches logged before its forward (a loop that logs what it is about to train on)."""
+    def step(s, model, opt, X, y, idx, rec):
+        opt.zero_grad()
+        for part in idx.chunk(parts):
+            rec.log_batch(part)
+            (F.cross_entropy(model(X[part]), y[part]) / parts).backward()
+        opt.step()
+    return step
+
+
 def head_skipped(s, model, opt, X, y, idx, rec) -> None:
     """The textbook step, the head's ``.grad`` set to ``None`` at steps 2 and 3 (the optimizer skips it)."""
     opt.zero_grad()
@@ -350,6 +361,8 @@ CASES: dict[str, Case] = {
     "gradient_average_written_into_grad": lambda: with_opt(plain_sgd, grad_step(momentum_by_hand()))(),
     "gradient_average_as_sgd_dampening": with_opt(lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9,
                                                                             dampening=0.9)),
+    "log_batch_before_the_forward": with_opt(sgd, logged_before_forward(1)),
+    "log_batch_before_each_micro_batch_forward": with_opt(adam, logged_before_forward(2)),
     "adamw_head_grad_none_two_steps": with_opt(lambda m: torch.optim.AdamW(m.parameters(), lr=0.02,
                                                                            weight_decay=0.1), head_skipped),
     # loop structure
