@@ -19,6 +19,9 @@ order". The fixes of this round here (each test failed on the code before):
   continuous, now run as ``relu(x) - w relu(-x)`` (the same values) and named as a kink;
 * an average of past gradients written into ``.grad`` by hand (momentum by hand) was refused as any other edit;
   the refusal now names it as ``SGD(momentum=beta, dampening=beta)``, which trains the same model, recorded exactly;
+* the residual-share warning's cause "look at the steps it did not check" now lists those steps and names
+  ``check_gradients=True`` (a loss weight bumped at one step between two checks stays below the default
+  ``residual_tol``, share 1.4e-4: the sparse check does not see it);
 * a negative index logged (``X[idx - N]`` in the loop) named the range only; it now names the fix,
   ``idx % len(train_data)``.
 """
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from _loops8_kit import replica_with_defaults
 from _round4_kit import estimator_warnings
 from _round13_cases import CASES, figures, momentum_by_hand
-from _stranger_loops_kit import batches, data, mlp
+from _stranger_loops_kit import QUAD, batches, data, mlp
 
 import explaind
 from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
@@ -86,6 +89,18 @@ def test_the_hand_written_gradient_average_is_sgd_with_dampening():
         opt.step()
     for a, b in zip(model.parameters(), fixed.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-14, atol=1e-15)
+
+
+def test_the_residual_warning_names_the_steps_the_check_skipped():
+    # the loss weight bumped at step 2 only, between the checks at 1 and 4: still silent at the default residual_tol
+    # (share 1.4e-4); a smaller one warns, and now names the unchecked steps and check_gradients=True
+    _, traj = CASES["loss_weight_bump_between_checks"]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explaind.InfluenceEstimator(keep=("train",), residual_tol=1e-5, **QUAD).fit(traj).transform(data()[2])
+    said = [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
+    assert any(re.search(r"residual share 0\.000143 > residual_tol=1e-05.*look at the steps it did not check \(2, 3, "
+                         r"5: check_gradients=True checks every step", w, re.S) for w in said), said
 
 
 def test_a_constant_loss_scale_is_not_warned_about():
