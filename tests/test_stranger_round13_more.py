@@ -22,6 +22,9 @@ order". The fixes of this round here (each test failed on the code before):
 * the residual-share warning's cause "look at the steps it did not check" now lists those steps and names
   ``check_gradients=True`` (a loss weight bumped at one step between two checks stays below the default
   ``residual_tol``, share 1.4e-4: the sparse check does not see it);
+* an input normaliser whose training forward merges the batch into running-statistics buffers was refused with a
+  first diagnosis naming a branch on ``self.training`` (probabilities returned in evaluation mode); it now names
+  the buffers the training forward updates and ``capture_random=True`` (exact);
 * a negative index logged (``X[idx - N]`` in the loop) named the range only; it now names the fix,
   ``idx % len(train_data)``.
 """
@@ -156,9 +159,11 @@ def test_a_constant_loss_scale_in_float32_keeps_the_sparse_check():
      r"SGD\(momentum=beta, dampening=beta\)"),
     ("sgd_differentiable_from_start", ConfigError,
      r"differentiable'\]=True is not supported.*Fix: build the optimizer with differentiable=False"),
+    # before: the first diagnosis named a branch on self.training (probabilities returned in evaluation mode)
     ("running_mean_std_input_normaliser", TrajectoryError,
-     r"Step 0: the gradient from backward\(\) does not match.*reads a buffer it updates, record with "
-     r"TrajectoryRecorder\(\.\.\., capture_random=True\)"),
+     r"Step 0: the gradient from backward\(\) does not match.*\)\. The model's training forward updates the "
+     r"buffer\(s\) \['count', 'mean', 'var'\] in place.*Fix: record with capture_random=True, which replays every "
+     r"training forward"),
 ])
 def test_refused_naming_cause_and_fix(case, error, match):
     with pytest.raises(error, match=re.compile(match, re.S)):
