@@ -149,10 +149,10 @@ def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -
         return ""
     if updated:
         return (f" The model's training forward updates the buffer(s) {sorted(updated)} in place (running "
-                f"statistics merged from the batch, as an input normaliser's), and without replayed training forwards "
-                f"explaind recomputes gradients and explains in evaluation mode, from the buffers as they are. Fix: "
-                f"record with capture_random=True, which replays every training forward with the buffers recorded "
-                f"at its step.")
+                f"statistics, as an input normaliser merging each batch or batch norm written with F.batch_norm keeps) "
+                f"and gives other outputs in evaluation mode than in training mode; without replayed training "
+                f"forwards explaind recomputes gradients and explains in evaluation mode. Fix: record with "
+                f"capture_random=True, which replays every training forward with the buffers recorded at its step.")
     return (" The model's forward gives other outputs in evaluation mode than in training mode on this batch "
             "(without random draws: two training forwards agree), and explaind recomputes gradients and explains in "
             "evaluation mode: a branch on self.training, such as probabilities returned only in evaluation mode. "
