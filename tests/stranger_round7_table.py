@@ -26,7 +26,6 @@ KEYS = {
     "two_views_summed": "augmented inside", "batchnorm_statistics_frozen_mid_run": "evaluation mode",
     "batchnorm_batch_statistics_in_eval": "track_running_stats", "frozen_parameter_moved_in_forward": "frozen",
     "plain_tensor_moved_in_forward": "plain tensor", "optimizer_step_in_backward_hooks": "changed outside",
-    "loss_times_a_per_step_ramp": "rescaled",
 }
 
 

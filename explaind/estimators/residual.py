@@ -158,7 +158,11 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
                       f"data: the loss, the data or the forward pass differ from the loop's (autocast rounding "
                       f"shows up here too)")
     elif measured.size:
-        causes.append("the gradient check passed at the checked steps, so look at the steps it did not check, and at "
+        skipped = [str(s + start) for s in np.flatnonzero(~np.isfinite(checked))]
+        named = ", ".join(skipped[:8]) + (f" and {len(skipped) - 8} more" if len(skipped) > 8 else "")
+        causes.append(f"the gradient check passed at the checked steps, so look at the steps it did not check ("
+                      f"{named}: check_gradients=True checks every step and sees there a loss weight that changes, "
+                      f"as a loss-weight schedule's does, or another batch backwarded), and at "
                       "what the check cannot see: it runs the model as it was at that step, while the engine replays "
                       "every step with the model as it is now, so a value the forward or the loss callable reads that "
                       "is neither a parameter nor a buffer and changed during training (a temperature or schedule kept"

@@ -105,10 +105,15 @@ def _hardsigmoid(x: Tensor, inplace: bool = False) -> Tensor:
 
 
 def _prelu(x: Tensor, weight: Tensor) -> Tensor:
-    """``torch.prelu(x, weight)``: ``x`` where positive, else ``weight * x`` (``weight`` along axis 1)."""
+    """``torch.prelu(x, weight)``: ``x`` where positive, else ``weight * x`` (``weight`` along axis 1).
+
+    Written as ``relu(x) - weight * relu(-x)`` (the same values to the bit: one of the two terms is 0), not as
+    ``torch.where(x > 0, ...)``: the probe that names calls whose output can jump (``kernel/jumps.py``) reads a
+    comparison as a branch, and PReLU is continuous (a kink, like ReLU's, which ``F.relu`` tells it).
+    """
     if weight.numel() != 1 and x.dim() >= 2:
         weight = weight.reshape(weight.shape[0], *([1] * (x.dim() - 2)))
-    return torch.where(x > 0, x, weight * x)
+    return nn.functional.relu(x) - weight * nn.functional.relu(-x)
 
 
 def _embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, max_norm: float | None = None,

@@ -356,6 +356,8 @@ def validate_indices(indices: Any, n_train: int | None) -> Tensor:
         raise TrajectoryError(
             f"log_batch: index {bad} is out of range for train_data of {n_train} samples (allowed: {allowed}). Log "
             f"the dataset positions of the batch."
+            + (" A negative index counts from the end in torch (X[-1] is the last row), not here. Fix: log "
+               "idx % len(train_data), the same rows." if lo < 0 and n_train is not None else "")
         )
     return idx
 

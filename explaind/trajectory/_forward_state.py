@@ -105,9 +105,10 @@ def cached_methods_hint(model: nn.Module) -> str:
 def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -> str:
     """A sentence when the model's forward is deterministic in training mode (two forwards under different seeds
     agree) but gives other outputs in evaluation mode, in which explaind recomputes gradients when no training
-    forward is replayed: a branch on ``self.training``; a sentence naming the state a forward keeps between calls
-    when two training forwards under the same seed differ (:func:`stateful_message`); another when two under
-    different seeds differ, though no module draws masks (dropout drawn in ``forward`` itself, ``F.dropout``).
+    forward is replayed: a branch on ``self.training``, or buffers the training forward updates in place (named
+    first); a sentence naming the state a forward keeps between calls when two training forwards under the same
+    seed differ (:func:`stateful_message`); another when two under different seeds differ, though no module draws
+    masks (dropout drawn in ``forward`` itself, ``F.dropout``).
     ``""`` otherwise (the buffers of the generic hint), and for a model whose modules differ between the modes
     themselves (dropout, batch norm, spectral norm)."""
     if any(draws_masks(m) or is_spectral_norm(m) or isinstance(m, nn.modules.batchnorm._NormBase)
@@ -116,7 +117,7 @@ def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -
     modes = [(m, m.training) for m in model.modules()]
     state = {**{n: b.detach().clone() for n, b in model.named_buffers()}, **{n: p.detach() for n, p in params.items()}}
     before = attribute_snapshot(model)
-    outs, drew = [], False
+    outs, drew, updated = [], False, set()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             for seed, training in ((0, True), (1, True), (0, False), (0, True)):
@@ -125,6 +126,8 @@ def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -
                 start = torch.random.get_rng_state()
                 fresh = {n: t.clone() if n not in params else t for n, t in state.items()}  # buffers as they were
                 outs.append(model_output(call_model(model, fresh, inputs)))
+                if training:  # a buffer the training forward writes in place (running statistics it merges)
+                    updated |= {n for n, t in fresh.items() if n not in params and not torch.equal(t, state[n])}
                 drew = drew or (training and not torch.equal(start, torch.random.get_rng_state()))
     except Exception as exc:  # the diagnosis must not hide the check's own message
         logger.debug("The evaluation-mode diagnosis failed: %s", exc)
@@ -144,6 +147,12 @@ def mode_branch_hint(model: nn.Module, params: dict[str, Tensor], inputs: Any) -
                 f"capture_random='auto'. Fix: record with capture_random=True, which replays the training forwards.")
     if torch.equal(outs[0], outs[2]):
         return ""
+    if updated:
+        return (f" The model's training forward updates the buffer(s) {sorted(updated)} in place (running "
+                f"statistics, as an input normaliser merging each batch or batch norm written with F.batch_norm keeps) "
+                f"and gives other outputs in evaluation mode than in training mode; without replayed training "
+                f"forwards explaind recomputes gradients and explains in evaluation mode. Fix: record with "
+                f"capture_random=True, which replays every training forward with the buffers recorded at its step.")
     return (" The model's forward gives other outputs in evaluation mode than in training mode on this batch "
             "(without random draws: two training forwards agree), and explaind recomputes gradients and explains in "
             "evaluation mode: a branch on self.training, such as probabilities returned only in evaluation mode. "

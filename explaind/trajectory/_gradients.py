@@ -146,6 +146,7 @@ class GradientTap:
         self._stamp: dict[str, int] = {}
         self._finite: dict[str, tuple[int, bool]] = {}  # name -> (stamp, finite) of the snapshot last checked
         self._seq = 0
+        self.reset_seq = 0  # the sequence number at the last step: later snapshots belong to the step in flight
         self._hits: dict[str, int] = {}  # snapshots per parameter since the last log_batch
         self._hooked: set[str] = set()
         self._handles: list[Any] = []
@@ -211,6 +212,7 @@ class GradientTap:
         """Forget the snapshots of the finished accumulation (after each optimizer step)."""
         self._stamp.clear()
         self._unchanged.clear()
+        self.reset_seq = self._seq
 
     def take(self, name: str) -> Tensor | None:
         """Hand over the snapshot of ``name`` when :meth:`measure` found ``p.grad`` equal to it, else ``None``.
@@ -344,8 +346,10 @@ class GradientTap:
                 f"the model's forward, e.g. by a noise layer, is replayed from the captured random state). A term "
                 f"added to .grad by hand (in the loop, or in a hook such as Lightning's on_after_backward), e.g. "
                 f"weight decay p.grad += lam * p, is the optimizer's own weight_decay=lam (SGD, Adam), which is "
-                f"recorded: set that instead. Per-sample clipping (DP-SGD's, sum_k f_k g_k / B written into .grad) is "
-                f"a weight per sample: backward the per-sample losses times their clip factors, "
+                f"recorded: set that instead; an average of past gradients written into .grad by hand (momentum "
+                f"by hand, g_avg = beta g_avg + (1 - beta) g from the first gradient on) is SGD(momentum=beta, "
+                f"dampening=beta), also recorded. Per-sample clipping (DP-SGD's, sum_k f_k g_k / B written into "
+                f".grad) is a weight per sample: backward the per-sample losses times their clip factors, "
                 f"(losses * (f / B).detach()).sum().backward(), and log those weights, rec.log_batch(idx, "
                 f"weights=f / B), which is recorded exactly; DP-SGD's Gaussian noise is no sample's gradient, so "
                 f"no split over samples holds it: record the run without the noise."

@@ -50,6 +50,22 @@ __all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
 logger = logging.getLogger("explaind.trajectory.recorder")
 
 
+def unlogged_backward_message(s: int, checked: bool) -> str:
+    """Names a ``backward()`` after step ``s``'s last ``rec.log_batch()``
+    (:meth:`RecorderChecksMixin._unlogged_backward`); ``checked``: the sentence that leads a failed gradient check's
+    hint, else a warning that no check can run."""
+    what = (f" At step {s} a backward() reached the parameters after the step's last rec.log_batch()" if checked else
+            f"Step {s}: a backward() reached the parameters after the step's last rec.log_batch(), in a loop that "
+            f"logs each micro-batch after its backward(), and no gradient check can run (check_gradients off or no "
+            f"train_data)")
+    return (what + ": the gradient the optimizer steps then holds samples no rec.log_batch() named (an auxiliary "
+            "or unlabelled batch backwarded after logging, a second loss of another batch)"
+            + ("" if checked else ", whose share of the update is left in the residual")
+            + ". Fix: call rec.log_batch(indices) after the backward() of every batch "
+            "whose loss reaches the parameters, with the loss= the loop trains with (a second loss of the same "
+            "batch: log it after its last backward()).")
+
+
 @dataclass(frozen=True)
 class LoggedBatch:
     """One ``log_batch`` call: samples and weights, the tap's sequence number then, whether the gradient was finite,
@@ -154,6 +170,9 @@ class RecorderChecksMixin:
     _frozen: dict[str, Tensor]
     _sigma: float
     _sigma_shape: tuple[tuple[int, int], ...] | None
+    _sigma_at: int | None
+    _sigma_moved: bool
+    _checked_c: float | None
     _pool: CopyPool
     _writer: Any
     _theta_handoff: Handoff | None
@@ -218,13 +237,13 @@ class RecorderChecksMixin:
         x, y = self._data.get(indices)
         # without forwards to replay the engine recomputes gradients in evaluation mode: so does the check, and
         # a training forward that differs from it in a way no module shows (F.dropout, torch.rand) fails here
-        hint = ""
+        hint = unlogged_backward_message(s, checked=True) if self._unlogged_backward() else ""
         if replay is None and self.model.training:
-            hint = (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
-                    "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
-                    "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand, np.random) or "
-                    "reads a buffer it updates, record with "
-                    "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
+            hint += (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
+                     "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
+                     "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand, np.random) or "
+                     "reads a buffer it updates, record with "
+                     "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
         if moved:
             hint += moved_message(moved, s, checked=True)
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
@@ -429,9 +448,53 @@ class RecorderChecksMixin:
         batch size; a loop that divides by a fixed number of micro-batches has another one at an
         epoch's last, smaller step).
         """
+        if self._unlogged_backward():  # its samples are checked, or named when no check can run
+            if self._data is not None and not self._schedule.never:
+                return True
+            warn_user(logger, unlogged_backward_message(self._n, checked=False))
         if self._sigma_shape is None or self._data is None or self._schedule.never:
             return False
+        if self._sigma_moved:  # a loss scale that moved between two checks: measured at every step since
+            return True
         shape = self._batch_shape()
         if [b for _, b in shape] != [b for _, b in self._sigma_shape]:
             return True
         return self._sigma != 1.0 and shape != self._sigma_shape
+
+    def _unlogged_backward(self) -> bool:
+        """Whether a ``backward()`` reached the parameters after the step's last ``rec.log_batch()`` in a loop that
+        logs after ``backward()`` (a backward of this step came before its first ``log_batch``): the gradient then
+        holds samples no ``log_batch`` named. A loop that logs before each forward is not affected."""
+        return (bool(self._pending) and self._tap.seq > self._pending[-1].seq
+                and self._pending[0].seq > self._tap.reset_seq)
+
+    def _take_sigma(self, sigma: float, autocast: Any, tol: float, c_in: float, s: int) -> None:
+        r"""Keep the loss scale :math:`\sigma` the gradient check measured at step ``s``.
+
+        When it moved by more than twice the check's tolerance since the previous check on micro-batches
+        of the same sizes (a loss multiplied by a factor that changes during training: a loss-weight
+        warm-up), the steps in between, not checked, were recorded with the previous :math:`\sigma`, so
+        their ``c_s`` is off by the change, left in the residual: warn naming them, and check every later step.
+        """
+        if autocast is not None and abs(sigma - 1.0) <= tol:
+            sigma = 1.0  # autocast rounding is not a loss scale
+        shape, previous, at = self._batch_shape(), self._sigma, self._sigma_at
+        moved = (at is not None and shape == self._sigma_shape
+                 and abs(sigma - previous) > 2 * tol * max(abs(sigma), abs(previous)))  # each within tol
+        if moved:
+            if not self._sigma_moved:
+                logger.info("Step %d: the loss scale moved from %.6g to %.6g; every later step is checked.",
+                            s, previous, sigma)
+            self._sigma_moved = True
+        if moved and s - at > 1:
+            between = f"step {at + 1}" if s - at == 2 else f"steps {at + 1} to {s - 1}"
+            warn_user(logger, (
+                f"Step {s}: the loss scale the gradient check measured moved from {previous:.6g} (step {at}) to "
+                f"{sigma:.6g} on micro-batches of the same sizes: the loop multiplies its loss by a factor that "
+                f"changes during training (a loss-weight warm-up or schedule, a hand-set scale). The {between}, "
+                f"not checked, were recorded with {previous:.6g}, so their gradient scale c_s is off by that "
+                f"factor's change there; the difference is left in the residual (the per-sample scores miss it; "
+                f"InfluenceEstimator's residual share says how much). Every step from this one on is checked, so "
+                f"its scale is measured. Fix: record with check_gradients=True, which measures the scale at "
+                f"every step (exact), or keep the factor constant."))
+        self._sigma, self._checked_c, self._sigma_shape, self._sigma_at = sigma, c_in, shape, s

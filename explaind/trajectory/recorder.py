@@ -94,7 +94,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         raises ``TrajectoryError`` naming the step; the measured mismatch is kept per step
         (``trajectory.gradient_check()``). The check also measures the user's loss scale
         :math:`\sigma` (e.g. ``1/k`` when the loop divides the loss by ``k`` micro-batches); the latest
-        measured :math:`\sigma` multiplies ``c_s`` of every later step (1 until measured).
+        measured :math:`\sigma` multiplies ``c_s`` of every later step (1 until measured). Once it moves
+        between two checks (a loss-weight warm-up), every later step is checked, with a warning naming
+        the steps recorded in between.
     store_data : bool
         Store ``train_data`` in the store (``data.safetensors``).
     save_optimizer_state : bool or int
@@ -233,7 +235,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
             raise ConfigError("resume=True needs store=<path of the stored run>.")
         self._n = self._manifest.n_steps if self._resumed else 0
         self._schedule.start = self._n
-        self._sigma, self._sigma_shape = 1.0, None
+        self._sigma, self._sigma_shape, self._sigma_at, self._sigma_moved = 1.0, None, None, False
         self._checked_c: float | None = None  # the in-between factor at the latest checked step
         self._loss_checked = False
         self.skipped_batches = 0  # micro-batches of steps GradScaler skipped
@@ -448,11 +450,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         else:
             self._warn_moved_buffers(moved, s)
         if check is not None:
-            self._sigma = check.sigma / (amp or 1.0)
-            if autocast is not None and abs(self._sigma - 1.0) <= tol:
-                self._sigma = 1.0  # autocast rounding is not a loss scale
-            self._checked_c = c_in
-            self._sigma_shape = self._batch_shape()
+            self._take_sigma(check.sigma / (amp or 1.0), autocast, tol, c_in, s)
         before = self._adapter.before_step(optimizer)
         return {"indices": indices, "weights": weights, "micro": self._micro_batches(),
                 "scale": c_in * (amp or 1.0) * self._sigma, "stepped": tuple(stepped), "check": check, "amp": amp,
