@@ -149,7 +149,7 @@ def test_clip_recorded_without_the_check_is_exact_without_the_split_as_its_refus
 
 def test_the_gan_rows_sentence_claims_nothing_for_fewer_rows_or_several_forwards():
     """The rows-added sentence needs one forward with more rows than logged and the rows' shape."""
-    from explaind.trajectory._gradients import loop_inputs_hint
+    from explaind.trajectory._forward_probe import loop_inputs_hint
 
     rows = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert "received 12 rows where 6 were logged" in loop_inputs_hint([torch.cat([rows, rows])], rows)

@@ -192,7 +192,7 @@ def test_the_inputs_sentence_claims_nothing_it_cannot_line_up():
     """The gradient check's first sentence about the loop's inputs: nothing for inputs equal to the rows (in two
     micro-batches, or cast to float32), nothing for forwards that cannot be lined up with the rows (another count:
     an extra forward), the differing rows counted otherwise."""
-    from explaind.trajectory._gradients import loop_inputs_hint
+    from explaind.trajectory._forward_probe import loop_inputs_hint
 
     rows = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert loop_inputs_hint([rows[:3], rows[3:]], rows) == ""

@@ -38,7 +38,7 @@ from ..outputs import model_output
 from ..records import LossRecord
 from ..unsupported import extra_outputs_hint, loss_only_hint, negated_loss_hint
 from ._audit import CHUNK_ELEMENTS as _CHUNK
-from ._gradients import LOOP_TERMS
+from ._forward_probe import LOOP_TERMS
 from ._random import RandomState, replayed
 
 __all__ = [

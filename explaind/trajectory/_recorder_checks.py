@@ -32,8 +32,9 @@ from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_mas
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import evaluation_mode, warn_user
+from ._forward_probe import AutocastProbe, loop_inputs_hint
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
-from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers, loop_inputs_hint
+from ._gradients import GradientTap, has_stochastic_layers
 from ._participation import (
     edit_list,
     edit_message,
@@ -177,7 +178,6 @@ class RecorderChecksMixin:
     _writer: Any
     _theta_handoff: Handoff | None
     _copier: StateCopier
-
     _pooled: Callable[[], bool]
 
     def _resolve_check(self, check: Any) -> CheckSchedule:

@@ -36,7 +36,8 @@ from ._common import (
     validate_indices,
     validate_weights,
 )
-from ._gradients import AutocastProbe, GradientTap, is_power_of_two
+from ._forward_probe import AutocastProbe
+from ._gradients import GradientTap, is_power_of_two
 from ._interrupts import refuse_second_run
 from ._optimizer_state_watch import OptimizerStateWatch
 from ._participation import (
