@@ -32,6 +32,7 @@ from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_mas
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import evaluation_mode, warn_user
+from ._coupled_loss import coupled_loss_message, forward_count_message, is_batch_coupled, term_parts
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers, loop_inputs_hint
 from ._participation import (
@@ -108,6 +109,8 @@ def check_loss_decomposes(
     tol = 1e-10 if out.dtype == torch.float64 else 1e-5
     if abs(mean - batch) <= tol * max(abs(batch), abs(mean), 1e-30):
         return None
+    if is_batch_coupled(loss):
+        return coupled_loss_message(loss.name, batch, mean)
     nan = (" On one sample alone it gives NaN: a mean over the samples it counts (ignore_index, class weights) "
            "is 0/0 on a sample it does not count; log only the counted samples, with their weights, and give the "
            "loss without ignore_index." if mean != mean else "")
@@ -127,8 +130,9 @@ def check_loss_decomposes(
         f"contrastive loss such as InfoNCE or SupCon, batch-hard triplet mining, a batch metric such as soft-F1) "
         f"has no such split for any weights, nor has a detached batch statistic inside each term (REINFORCE's "
         f"mean-reward baseline (r - r.mean()).detach(), advantages normalised over the batch: one sample alone has "
-        f"advantage 0; a baseline of the sample's own, a learned value head as in actor-critic, splits exactly): "
-        f"record a per-sample loss for the run you want split over samples, or "
+        f"advantage 0): declare such a loss with loss=explaind.batch_coupled_loss(terms), terms(outputs, targets) "
+        f"-> the (n,) terms of the whole micro-batch (reduction='none'), and each sample is credited exactly with "
+        f"its own term through the batch's shared outputs (docs/guide_own_model.md, 'Batch-coupled losses'); or "
         f"explain this one without that split (InfluenceEstimator(keep=('step', 'param'), split=False) reads only "
         f"the recorded updates, exact; record the run with check_gradients=False for that)."
     )
@@ -194,13 +198,15 @@ class RecorderChecksMixin:
         A run with dropout or batch norm whose micro-batch saw no or several training forwards cannot
         be recomputed: not checkable (the engine refuses such steps, naming the fix).
         """
-        if not (self._random.enabled and self._random.coupled):
-            return True, None
-        try:
-            parts = replay_parts(self._micro_batches(), self._random.coupled, f"Step {s}")
-        except TrajectoryError as exc:
-            logger.info("%s Its gradient is not checked.", exc)
-            return False, None
+        parts: Any = None
+        if self._random.enabled and self._random.coupled:
+            try:
+                parts = replay_parts(self._micro_batches(), self._random.coupled, f"Step {s}")
+            except TrajectoryError as exc:
+                logger.info("%s Its gradient is not checked.", exc)
+                return False, None
+        if parts is None and is_batch_coupled(self._loss):  # the terms of each micro-batch, in evaluation mode
+            parts = term_parts(self._micro_batches())
         return True, None if parts is None else [(slice(lo, hi), state) for lo, hi, state in parts]
 
     def _check_gradient(self, seen: dict[str, Tensor], no_input: Any, indices: Tensor, weights: Tensor,
@@ -211,6 +217,7 @@ class RecorderChecksMixin:
         if self._random.enabled:  # a submodule compiled after the start (explaind/_compiled.py)
             refuse_compiled_at_step(self.model, s)
         checkable, replay = self._replay_plan(s)
+        replayed = replay is not None and any(state is not None for _, state in replay)
         if not checkable:
             self._warn_moved_buffers(moved, s)
             return None
@@ -219,7 +226,7 @@ class RecorderChecksMixin:
         # without forwards to replay the engine recomputes gradients in evaluation mode: so does the check, and
         # a training forward that differs from it in a way no module shows (F.dropout, torch.rand) fails here
         hint = ""
-        if replay is None and self.model.training:
+        if not replayed and self.model.training:
             hint = (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
                     "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
                     "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand, np.random) or "
@@ -231,13 +238,13 @@ class RecorderChecksMixin:
         hint += inductor_masks_hint(self.model)
         hint += cached_methods_hint(self.model)
         batch = (x.to(device), y.to(device), weights.to(device))
-        if replay is None and self.model.training:
+        if not replayed and self.model.training:
             lazy: Any = lambda: mode_branch_hint(self.model, self._params, batch[0]) + hint  # noqa: E731
         else:
-            lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
+            lazy = hint if not replayed else self._backward_draws(batch, replay, s, hint)
         inputs, then = list(self._probe.inputs), lazy  # the loop's inputs against train_data's rows, named first
         lazy = lambda: loop_inputs_hint(inputs, batch[0]) + (then() if callable(then) else then)  # noqa: E731
-        with self._quiet(), evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
+        with self._quiet(), evaluation_mode(self.model) if not replayed else contextlib.nullcontext():
             try:
                 return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast,
                                             replay, self._random.generators, self._buffers.recorded(), lazy)
@@ -311,6 +318,16 @@ class RecorderChecksMixin:
             raise TrajectoryError(f"Step {self._n}: {message}")
         warn_user(logger, message)
 
+
+    def _refuse_forwards(self, forwards: int, eval_forwards: int) -> None:
+        """At ``log_batch``: refuse a micro-batch with no training forward; one with several (R-drop's two calls of
+        the model) too, or only warn when gradients are not checked (docs/recording.md, "Dropout and batch norm")."""
+        message = forward_count_message(forwards, eval_forwards, self._random.coupled, self._n)
+        if message is None:
+            return
+        if forwards == 0 or not self._schedule.never:
+            raise TrajectoryError(message)
+        warn_user(logger, message)
 
     # ----------------------------------------------------------------- changes outside the step
     def _refuse_edits(self, s: int) -> None:
