@@ -77,6 +77,18 @@ def triplet_terms(out: Tensor, y: Tensor, margin: float = 1.0) -> Tensor:
     return F.relu(hardest_positive - hardest_negative + margin)
 
 
+def reinforce_terms(out: Tensor, y: Tensor) -> Tensor:
+    """REINFORCE with the batch's mean reward as baseline: ``-(r_k - mean r) log pi(a_k)``; ``y = [action, reward]``."""
+    advantage = y[:, 1] - y[:, 1].mean()
+    return -advantage * out.log_softmax(1).gather(1, y[:, :1].long()).squeeze(1)
+
+
+def listnet_terms(out: Tensor, y: Tensor) -> Tensor:
+    """ListNet's listwise ranking loss over the batch as one list: ``-softmax(y)_k log softmax(scores)_k``, times
+    the list's length (so that the mean of the terms is the list's cross entropy)."""
+    return -len(out) * y.softmax(0) * out[:, 0].log_softmax(0)
+
+
 # ----------------------------------------------------------------- models
 def tower(inputs: int, norm: str | None, head_bias: bool = True) -> nn.Sequential:
     """``Linear -> [BatchNorm] -> tanh -> [Dropout] -> Linear``. A bias the loss cannot see has a zero gradient up
@@ -193,6 +205,21 @@ def labelled(terms: Callable[[Tensor, Tensor], Tensor], opt: str = "sgd", norm: 
     return Run(model, traj, X[N:], terms)
 
 
+def policy(terms: Callable[[Tensor, Tensor], Tensor], opt: str, outputs: int) -> Run:
+    """REINFORCE (``outputs=3`` actions, drawn rewards) or ListNet (``outputs=1`` score, graded relevance)."""
+    g = gen(14)
+    X = torch.randn(N + 3, 5, generator=g, dtype=DT)
+    if outputs == 1:
+        y = X[:N, 0] + 0.5 * torch.randn(N, generator=g, dtype=DT)
+    else:
+        y = torch.stack([torch.randint(0, 3, (N,), generator=g).to(DT), torch.randn(N, generator=g, dtype=DT)], 1)
+    torch.manual_seed(5)
+    # a list's softmax does not see a common shift of the scores: no bias on the score (see :func:`tower`)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, outputs, bias=outputs > 1)).to(DT)
+    traj = record(model, opt, X[:N], y, terms, random_batches(6, 4))
+    return Run(model, traj, X[N:], terms)
+
+
 CASES: dict[str, Callable[[], Run]] = {
     "clip_infonce_two_towers_sgd_momentum": lambda: clip("sgd"),
     "clip_infonce_two_towers_adam": lambda: clip("adam"),
@@ -207,6 +234,8 @@ CASES: dict[str, Callable[[], Run]] = {
     "supcon_labels_adam_batchnorm": lambda: labelled(supcon_terms, "adam", "batchnorm"),
     "batch_hard_triplet_sgd_momentum": lambda: labelled(triplet_terms),
     "batch_hard_triplet_adam_dropout": lambda: labelled(triplet_terms, "adam", "dropout"),
+    "reinforce_batch_mean_baseline_sgd_momentum": lambda: policy(reinforce_terms, "sgd", 3),
+    "listnet_listwise_ranking_adam": lambda: policy(listnet_terms, "adam", 1),
 }
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..exceptions import TrajectoryError
 
-__all__ = ["is_batch_coupled", "term_parts", "coupled_loss_message", "refuse_loss_mismatch", "forward_count_message"]
+__all__ = ["is_batch_coupled", "term_parts", "coupled_loss_message", "coupled_check_hint", "refuse_loss_mismatch",
+           "forward_count_message"]
 
 #: kept equal to :data:`explaind.losses.COUPLED_LOSS_PREFIX` (imported lazily there; a test compares them)
 _PREFIX = "custom:coupled:"
@@ -50,6 +51,19 @@ def coupled_loss_message(name: str, batch: float, weighted: float) -> str:
         f"Fix: return from terms the n per-row terms whose mean (or logged-weight sum) is the batch loss, e.g. for "
         f"CLIP's symmetric InfoNCE (F.cross_entropy(logits, labels, reduction='none') + F.cross_entropy(logits.T, "
         f"labels, reduction='none')) / 2; for a sum over the batch, log weights=torch.ones(n)."
+    )
+
+
+def coupled_check_hint(loss: Any, sizes: Sequence[int]) -> str:
+    """The failed gradient check's hint for a batch-coupled loss (empty for any other loss)."""
+    if not is_batch_coupled(loss):
+        return ""
+    return (
+        f" The loss {loss.name!r} is batch-coupled: its terms were recomputed on each logged micro-batch as a whole "
+        f"(sizes {list(sizes)}). Check that they are the terms the loop optimised (the same temperature, margin, "
+        f"positives) and that every rec.log_batch call logs exactly the rows one loss was computed over (a loss "
+        f"over the whole step logged as several micro-batches couples rows the terms do not see together: log "
+        f"the step once)."
     )
 
 
@@ -95,10 +109,10 @@ def forward_count_message(forwards: int, eval_forwards: int, coupled: Sequence[s
     return (
         f"Step {s}: the micro-batch logged now saw {forwards} training forwards of the model since the previous "
         f"rec.log_batch call, so the dropout masks and batch statistics of the modules {list(coupled)} cannot be "
-        f"replayed per forward and its split over samples would be inexact. R-drop (or a consistency loss) written "
-        f"as two calls of the model on the batch does this. Fix: take both passes inside one forward that returns "
-        f"them side by side (torch.cat([net(x), net(x)], 1)) and let the loss callable compare them; if the "
-        f"forwards were parts of the batch, call rec.log_batch(part) after each part's backward(). Recorded with "
-        f"check_gradients=False this is a warning, and only explanations without the split over samples "
-        f"(KernelReplica, InfluenceEstimator(keep=('step', 'param'), split=False)) are exact."
+        f"replayed per forward and its split over samples would be inexact. R-drop's (or a consistency loss's) two "
+        f"dropout passes written as two calls of the model on the batch do this. Fix: take both passes inside one "
+        f"forward that returns them side by side (torch.cat([net(x), net(x)], 1)) and let the loss callable "
+        f"compare them; if the forwards were parts of the batch, call rec.log_batch(part) after each part's "
+        f"backward(). Recorded with check_gradients=False this is a warning, and only explanations without the "
+        f"split over samples (KernelReplica, InfluenceEstimator(keep=('step', 'param'), split=False)) are exact."
     )

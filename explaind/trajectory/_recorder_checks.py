@@ -32,7 +32,7 @@ from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_mas
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import evaluation_mode, warn_user
-from ._coupled_loss import coupled_loss_message, forward_count_message, is_batch_coupled, term_parts
+from ._coupled_loss import coupled_check_hint, coupled_loss_message, forward_count_message, is_batch_coupled, term_parts
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
 from ._gradients import AutocastProbe, GradientTap, has_stochastic_layers, loop_inputs_hint
 from ._participation import (
@@ -234,6 +234,7 @@ class RecorderChecksMixin:
                     "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
         if moved:
             hint += moved_message(moved, s, checked=True)
+        hint += coupled_check_hint(self._loss, [int(e.indices.shape[0]) for e in self._pending])
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
         hint += inductor_masks_hint(self.model)
         hint += cached_methods_hint(self.model)
