@@ -188,6 +188,7 @@ def batch_coupled_loss(terms: Callable[..., Any], *, batch_loss: Callable[..., A
         return value
 
     coupled_terms.__doc__ = f"Loss terms of {label} on the micro-batch as a whole."
+    coupled_terms.batch_coupled = True  # type: ignore[attr-defined]  # read where only the callable is at hand
     return LossRecord(name=f"{COUPLED_LOSS_PREFIX}{label}", implementation=coupled_terms,
                       description=f"Batch-coupled loss {label}: terms of the whole micro-batch.",
                       reference=batch_loss, batch_coupled=True)

@@ -200,3 +200,14 @@ def test_rdrop_as_two_calls_of_the_model_is_refused_at_record_time():
     replica = explaind.KernelReplica(device="cpu").fit(rec.trajectory).predict(X)
     assert np.abs(np.asarray(replica) - truth.numpy()).max() / np.abs(truth.numpy()).max() <= 1e-6
 
+
+
+@pytest.mark.parametrize("estimator", ["InfluenceEstimator", "CounterfactualEstimator"])
+def test_the_loss_of_a_test_input_alone_is_refused_as_target(estimator):
+    """target='loss' with a batch-coupled loss: the term of a batch of one is no term of a batch; refused naming the
+    outputs as the fix."""
+    run = clip("sgd")
+    est = getattr(explaind, estimator)(target="loss", device="cpu").fit(run.traj)
+    with pytest.raises(ConfigError, match=r"target='loss' explains the loss of each test input alone, but the "
+                                          r"training loss is batch-coupled.*Fix: explain the outputs"):
+        est.transform(run.X_test, torch.zeros(3, dtype=DT))
