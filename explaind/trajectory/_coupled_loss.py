@@ -76,7 +76,9 @@ def refuse_loss_mismatch(recorded: str | None, loss: Any, where: str) -> None:
         When the run was recorded with a batch-coupled loss and a per-sample one is given, or the reverse: its
         per-sample gradients would be of another loss than the optimizer's.
     """
-    stored = recorded is not None and recorded.startswith(_PREFIX)
+    if recorded is None or recorded == getattr(loss, "name", None):  # a registered loss is the record it names
+        return
+    stored = recorded.startswith(_PREFIX)
     if stored == is_batch_coupled(loss):
         return
     if stored:
