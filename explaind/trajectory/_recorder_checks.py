@@ -130,9 +130,10 @@ def check_loss_decomposes(
         f"contrastive loss such as InfoNCE or SupCon, batch-hard triplet mining, a batch metric such as soft-F1) "
         f"has no such split for any weights, nor has a detached batch statistic inside each term (REINFORCE's "
         f"mean-reward baseline (r - r.mean()).detach(), advantages normalised over the batch: one sample alone has "
-        f"advantage 0): declare such a loss with loss=explaind.batch_coupled_loss(terms), terms(outputs, targets) "
-        f"-> the (n,) terms of the whole micro-batch (reduction='none'), and each sample is credited exactly with "
-        f"its own term through the batch's shared outputs (docs/guide_own_model.md, 'Batch-coupled losses'); or "
+        f"advantage 0; a baseline of the sample's own, a learned value head as in actor-critic, splits exactly): "
+        f"declare such a loss with loss=explaind.batch_coupled_loss(terms), terms(outputs, targets) -> the (n,) "
+        f"terms of the whole micro-batch (reduction='none'), and each sample is credited exactly with its own "
+        f"term through the batch's shared outputs (docs/guide_own_model.md, 'Batch-coupled losses'); or "
         f"explain this one without that split (InfluenceEstimator(keep=('step', 'param'), split=False) reads only "
         f"the recorded updates, exact; record the run with check_gradients=False for that)."
     )
