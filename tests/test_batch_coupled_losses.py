@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from _batch_coupled_kit import (
     CASES,
     DT,
+    QUAD,
     TAU,
     N,
     Run,
@@ -28,6 +29,7 @@ from _batch_coupled_kit import (
     optimizer,
     random_batches,
     record,
+    reference,
 )
 from torch import nn
 
@@ -211,3 +213,18 @@ def test_the_loss_of_a_test_input_alone_is_refused_as_target(estimator):
     with pytest.raises(ConfigError, match=r"target='loss' explains the loss of each test input alone, but the "
                                           r"training loss is batch-coupled.*Fix: explain the outputs"):
         est.transform(run.X_test, torch.zeros(3, dtype=DT))
+
+
+@pytest.mark.parametrize(("keep", "momentum"), [(("train",), "forward"), (("train",), "reverse"),
+                                                (("step", "train"), "auto"), (("train", "group"), "auto")])
+def test_other_kept_axes_and_momentum_sweeps_split_by_loss_term(keep, momentum):
+    """Two micro-batches per step under Adam with dropout captured: the train axis with the forward and the reverse
+    momentum sweep, and beside the steps or the parameter groups, equal the loop reference's atoms (<= 1e-9)."""
+    run = clip("adam", "dropout", parts=2, capture_random=True)
+    run.model.eval()  # the reference's test features are the model's evaluation-mode outputs
+    att = explaind.InfluenceEstimator(keep=keep, momentum=momentum, chunk_size=2, **QUAD).fit(run.traj).transform(
+        run.X_test)
+    expected = reference(run).kept(keep)
+    got = np.asarray(att.values.detach()).reshape(expected.shape)
+    assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-9
+    assert att.meta["residual_share"] <= 1e-9
