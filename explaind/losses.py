@@ -15,6 +15,10 @@ loss whose batch value is the mean of per-sample terms — any torch loss with
 loss coupling samples (e.g. contrastive losses); pass ``check=(outputs, targets)`` to have
 this verified on a batch. The per-sample calls run under ``torch.func.vmap`` when the callable
 supports it and fall back to a Python loop over samples otherwise (slower, same values).
+
+A loss coupling samples is declared by its terms instead, :func:`batch_coupled_loss`: ``terms(outputs,
+targets) -> (n,)`` on a whole micro-batch, :math:`L = \sum_k w_k \ell_k`, split exactly by loss term
+(docs/maths.md, "Batch-coupled losses").
 """
 
 from __future__ import annotations
