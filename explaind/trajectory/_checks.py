@@ -460,7 +460,8 @@ def check_batch_gradient(
     if rel > tol or sigma <= 0:
         per = [(math.sqrt(d / max(sq_raw, 1e-300)), n) for n, d in distance.items()]
         worst = ", ".join(f"{n} ({v:.2g})" for v, n in sorted(per, reverse=True)[:3])
-        hint = (negated_loss_hint(sums, sigma, tol) + loss_only_hint(sums.sums, replay is not None)
+        replayed = any(state is not None for _, state in replay or ())  # a batch-coupled loss's parts hold None
+        hint = (negated_loss_hint(sums, sigma, tol) + loss_only_hint(sums.sums, replayed)
                 + extra_outputs_hint(model, batch[0]) + (hint() if callable(hint) else hint)
                 + gradient_hooks_hint(model))
         raise TrajectoryError(
