@@ -35,6 +35,7 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import ConfigError, TrajectoryError
+from explaind.records import LossRecord
 
 
 def assert_exact(got: dict) -> None:
@@ -233,3 +234,17 @@ def test_other_kept_axes_and_momentum_sweeps_split_by_loss_term(keep, momentum):
     got = np.asarray(att.values.detach()).reshape(expected.shape)
     assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-9
     assert att.meta["residual_share"] <= 1e-9
+
+
+def test_a_loss_record_flagged_batch_coupled_is_split_by_term():
+    """The flag on the loss registration: a LossRecord(batch_coupled=True) given as loss= records and explains as
+    explaind.batch_coupled_loss does, and a store reloads with it under its own name."""
+    record_ = LossRecord(name="clip_infonce", implementation=clip_terms, description="CLIP's InfoNCE terms.",
+                         reference=clip_batch_loss, batch_coupled=True)
+    X, y = _clip_data()
+    with tempfile.TemporaryDirectory() as root:
+        model = TwoTowers()
+        record(model, "adam", X[:N], y, clip_terms, random_batches(6, 1, 2), loss=record_, store=f"{root}/run")
+        traj = explaind.Trajectory.load(f"{root}/run", model=model, train_data=(X[:N], y), loss=record_)
+        assert traj.manifest.loss == "clip_infonce"
+        assert_exact(figures(Run(model, traj, X[N:], clip_terms)))
