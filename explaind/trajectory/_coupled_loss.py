@@ -15,13 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..exceptions import TrajectoryError
+from ..losses import COUPLED_LOSS_PREFIX
 
 __all__ = ["is_batch_coupled", "term_parts", "coupled_loss_message", "coupled_check_hint", "refuse_loss_mismatch",
            "forward_count_message"]
-
-#: kept equal to :data:`explaind.losses.COUPLED_LOSS_PREFIX` (imported lazily there; a test compares them)
-_PREFIX = "custom:coupled:"
-
 
 def is_batch_coupled(loss: Any) -> bool:
     """Whether ``loss`` (a :class:`~explaind.records.LossRecord`) was declared batch-coupled."""
@@ -78,7 +75,7 @@ def refuse_loss_mismatch(recorded: str | None, loss: Any, where: str) -> None:
     """
     if recorded is None or recorded == getattr(loss, "name", None):  # a registered loss is the record it names
         return
-    stored = recorded.startswith(_PREFIX)
+    stored = recorded.startswith(COUPLED_LOSS_PREFIX)
     if stored == is_batch_coupled(loss):
         return
     if stored:
