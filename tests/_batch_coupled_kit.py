@@ -50,6 +50,14 @@ def clip_batch_loss(out: Tensor, y: Tensor) -> Tensor:
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def clip_scale_terms(out: Tensor, _: Tensor) -> Tensor:
+    """CLIP with its learned temperature: the last output column holds ``log(1/tau)`` (the model's parameter, as a
+    column, so that the loss reads it through the outputs)."""
+    a, b = F.normalize(out[:, :4], dim=1), F.normalize(out[:, 4:8], dim=1)
+    logits, labels = out[0, 8].exp() * a @ b.T, torch.arange(len(out))
+    return (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")) / 2
+
+
 def nt_xent_terms(out: Tensor, ids: Tensor) -> Tensor:
     """SimCLR's NT-Xent over the rows of the batch: the positive of row ``k`` is the other view of its source
     (``ids`` equal), every other row a negative."""
@@ -116,6 +124,17 @@ class TwoTowers(nn.Module):
         return torch.cat([self.image(x[:, :5]), self.text(x[:, 5:])], 1)
 
 
+class ScaledTowers(TwoTowers):
+    """:class:`TwoTowers` and CLIP's learned ``logit_scale = log(1/tau)`` as a ninth output column."""
+
+    def __init__(self, norm: str | None = None) -> None:
+        super().__init__(norm)
+        self.logit_scale = nn.Parameter(torch.tensor(0.7, dtype=DT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([super().forward(x), self.logit_scale.expand(x.shape[0], 1)], 1)
+
+
 def encoder(norm: str | None = None, head_bias: bool = True) -> nn.Module:
     torch.manual_seed(4)
     return tower(5, norm, head_bias)
@@ -164,13 +183,14 @@ def random_batches(size: int, seed: int, parts: int = 1) -> list[list[Tensor]]:
     return out
 
 
-def clip(opt: str = "sgd", norm: str | None = None, parts: int = 1, **kw: Any) -> Run:
-    """CLIP's two towers on 12 (image, text) pairs, batches of 6 (``parts`` micro-batches each)."""
+def clip(opt: str = "sgd", norm: str | None = None, parts: int = 1, scale: bool = False, **kw: Any) -> Run:
+    """CLIP's two towers on 12 (image, text) pairs, batches of 6 (``parts`` micro-batches each); with ``scale`` its
+    learned temperature too."""
     g = gen(11)
     X = torch.randn(N + 3, 10, generator=g, dtype=DT)
-    model = TwoTowers(norm)
-    traj = record(model, opt, X[:N], torch.zeros(N, dtype=DT), clip_terms, random_batches(6, 1, parts), **kw)
-    return Run(model, traj, X[N:], clip_terms)
+    model, terms = (ScaledTowers(norm), clip_scale_terms) if scale else (TwoTowers(norm), clip_terms)
+    traj = record(model, opt, X[:N], torch.zeros(N, dtype=DT), terms, random_batches(6, 1, parts), **kw)
+    return Run(model, traj, X[N:], terms)
 
 
 def simclr(opt: str = "sgd", norm: str | None = None) -> Run:
@@ -228,6 +248,7 @@ CASES: dict[str, Callable[[], Run]] = {
     "clip_infonce_two_micro_batches_per_step": lambda: clip("sgd", parts=2),
     "clip_infonce_dropout_captured": lambda: clip("adam", "dropout", capture_random=True),
     "clip_infonce_batchnorm_towers": lambda: clip("sgd", "batchnorm"),
+    "clip_infonce_learned_temperature_adam": lambda: clip("adam", scale=True),
     "simclr_nt_xent_two_views_sgd_momentum": lambda: simclr("sgd"),
     "simclr_nt_xent_adam": lambda: simclr("adam"),
     "simclr_nt_xent_dropout_captured": lambda: simclr("sgd", "dropout"),
