@@ -20,6 +20,7 @@ from _batch_coupled_kit import (
     TAU,
     N,
     Run,
+    ScaledTowers,
     TwoTowers,
     clip,
     clip_batch_loss,
@@ -289,3 +290,20 @@ def test_lightning_with_accumulation_and_dropout_records_each_micro_batchs_terms
     expected = MappingReplayReference(traj, X_test, loss_fn=clip_terms).kept(("train",))
     assert att.meta["residual_share"] <= 1e-9
     assert rel_err(np.asarray(att.values).reshape(expected.shape), expected) <= 1e-9
+
+
+def test_a_temperature_read_by_the_terms_outside_the_outputs_is_refused_naming_it():
+    """CLIP's logit_scale read by the terms from the model directly (not as an output column): the gradient check
+    names the parameter and a learned temperature; as an output column the case is exact (test_split_by_...)."""
+    model = ScaledTowers()
+
+    def terms(out, _):
+        a, b = F.normalize(out[:, :4], dim=1), F.normalize(out[:, 4:8], dim=1)
+        logits, labels = model.logit_scale.exp() * a @ b.T, torch.arange(len(out))
+        return (F.cross_entropy(logits, labels, reduction="none")
+                + F.cross_entropy(logits.T, labels, reduction="none")) / 2
+
+    X, y = _clip_data()
+    with pytest.raises(TrajectoryError, match=r"Step 0: .*The parameter\(s\) \['logit_scale'\] got a gradient from "
+                                              r"backward\(\) but none through the recomputed loss.*temperature"):
+        record(model, "sgd", X[:N], y, terms, random_batches(6, 1))
