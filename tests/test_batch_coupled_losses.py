@@ -249,6 +249,11 @@ def test_a_loss_record_flagged_batch_coupled_is_split_by_term():
         traj = explaind.Trajectory.load(f"{root}/run", model=model, train_data=(X[:N], y), loss=record_)
         assert traj.manifest.loss == "clip_infonce"
         assert_exact(figures(Run(model, traj, X[N:], clip_terms)))
+    summed = LossRecord(name="clip_infonce", implementation=clip_terms, description="CLIP's InfoNCE terms.",
+                        reference=lambda out, y: clip_terms(out, y).sum(), batch_coupled=True)
+    with pytest.raises(TrajectoryError, match=r"Step 0: Loss 'clip_infonce': on the first logged micro-batch its "
+                                              r"batch_loss gives"):  # its reference is checked as batch_loss is
+        _record_clip(summed)
 
 
 def test_lightning_with_accumulation_and_dropout_records_each_micro_batchs_terms(tmp_path):

@@ -93,11 +93,11 @@ def check_loss_decomposes(
     str or None
         A message naming the loss and the fix when the callable's batch value differs from the
         weighted sum of its per-sample values (class weights with the default weights,
-        ``reduction="sum"``, terms coupling samples); else ``None``. Registered losses and
-        micro-batches of one sample are not checked.
+        ``reduction="sum"``, terms coupling samples), or, for a batch-coupled loss, of its terms on the whole
+        micro-batch; else ``None``. Registered per-sample losses and micro-batches of one sample are not checked.
     """
     reference = loss.reference
-    if reference is None or not loss.name.startswith("custom:") or inputs.shape[0] < 2:
+    if reference is None or not (loss.name.startswith("custom:") or is_batch_coupled(loss)) or inputs.shape[0] < 2:
         return None
     state = {n: p.detach() for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
