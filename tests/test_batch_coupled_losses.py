@@ -121,7 +121,8 @@ def test_a_batch_loss_that_is_not_the_weighted_sum_of_the_terms_is_refused_at_st
     terms declared against a mean)."""
     summed = explaind.batch_coupled_loss(clip_terms, batch_loss=lambda out, y: clip_terms(out, y).sum())
     with pytest.raises(TrajectoryError, match=r"Step 0: Loss 'custom:coupled:clip_terms': on the first logged "
-                                              r"micro-batch its batch_loss gives .* times its terms sum to .*Fix"):
+                                              r"micro-batch its batch_loss \(a LossRecord's reference\) gives .* "
+                                              r"times its terms sum to .*Fix"):
         _record_clip(summed)
     _record_clip(explaind.batch_coupled_loss(clip_terms, batch_loss=clip_batch_loss))  # the same loss: recorded
 
@@ -252,7 +253,7 @@ def test_a_loss_record_flagged_batch_coupled_is_split_by_term():
     summed = LossRecord(name="clip_infonce", implementation=clip_terms, description="CLIP's InfoNCE terms.",
                         reference=lambda out, y: clip_terms(out, y).sum(), batch_coupled=True)
     with pytest.raises(TrajectoryError, match=r"Step 0: Loss 'clip_infonce': on the first logged micro-batch its "
-                                              r"batch_loss gives"):  # its reference is checked as batch_loss is
+                                              r"batch_loss \(a LossRecord's reference\) gives"):
         _record_clip(summed)
 
 
@@ -312,3 +313,20 @@ def test_a_temperature_read_by_the_terms_outside_the_outputs_is_refused_naming_i
     with pytest.raises(TrajectoryError, match=r"Step 0: .*The parameter\(s\) \['logit_scale'\] got a gradient from "
                                               r"backward\(\) but none through the recomputed loss.*temperature"):
         record(model, "sgd", X[:N], y, terms, random_batches(6, 1))
+
+
+def test_a_loop_that_sums_the_terms_is_exact_with_its_factor_measured():
+    """The loop backpropagates the sum of the terms (n times their mean) while the default weights are 1/n: the
+    gradient check measures the factor 6 as the loss scale and the split stays exact."""
+    X, y = _clip_data()
+    model = TwoTowers()
+    opt = optimizer(model, "sgd")
+    rec = explaind.TrajectoryRecorder(model, opt, loss=explaind.batch_coupled_loss(clip_terms), train_data=(X[:N], y))
+    with rec:
+        for (idx,) in random_batches(6, 1):
+            opt.zero_grad()
+            clip_terms(model(X[idx]), y[idx]).sum().backward()
+            rec.log_batch(idx)
+            opt.step()
+    assert [rec.trajectory.grad_scale(s) for s in range(3)] == pytest.approx([6.0] * 3, rel=1e-12)
+    assert_exact(figures(Run(model, rec.trajectory, X[N:], clip_terms)))

@@ -42,12 +42,14 @@ def term_parts(micro: Sequence[Any]) -> tuple[tuple[int, int, None], ...]:
 def coupled_loss_message(name: str, batch: float, weighted: float) -> str:
     """The refusal when the logged weights times a batch-coupled loss's terms do not sum to its ``batch_loss``."""
     return (
-        f"Loss {name!r}: on the first logged micro-batch its batch_loss gives {batch:.6g}, but the logged weights "
-        f"(normalised to sum to 1 over the micro-batch) times its terms sum to {weighted:.6g}. A batch-coupled loss "
-        f"is split exactly only when the loss the optimizer minimised is sum_k w_k * terms(outputs, targets)[k]. "
-        f"Fix: return from terms the n per-row terms whose mean (or logged-weight sum) is the batch loss, e.g. for "
-        f"CLIP's symmetric InfoNCE (F.cross_entropy(logits, labels, reduction='none') + F.cross_entropy(logits.T, "
-        f"labels, reduction='none')) / 2; for a sum over the batch, log weights=torch.ones(n)."
+        f"Loss {name!r}: on the first logged micro-batch its batch_loss (a LossRecord's reference) gives "
+        f"{batch:.6g}, but the logged weights (normalised to sum to 1 over the micro-batch) times its terms sum to "
+        f"{weighted:.6g}. A batch-coupled loss is split exactly only when the loss the optimizer minimised is "
+        f"sum_k w_k * terms(outputs, targets)[k]. Fix: return from terms the n per-row terms whose mean (or "
+        f"logged-weight sum) is the batch loss, e.g. for CLIP's symmetric InfoNCE (F.cross_entropy(logits, labels, "
+        f"reduction='none') + F.cross_entropy(logits.T, labels, reduction='none')) / 2; a loop that sums the "
+        f"terms optimises n times their mean: give that mean as batch_loss (the gradient check measures the "
+        f"factor as the loop's loss scale)."
     )
 
 
