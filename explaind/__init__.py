@@ -69,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "OptimizerAdapterRecord": "records",
     "ArchitectureRecord": "records",
     "LossRecord": "records",
+    "batch_coupled_loss": "losses",
     "PruningStrategyRecord": "records",
     "Trajectory": "trajectory",
     "TrajectoryRecorder": "trajectory",

@@ -15,6 +15,10 @@ loss whose batch value is the mean of per-sample terms — any torch loss with
 loss coupling samples (e.g. contrastive losses); pass ``check=(outputs, targets)`` to have
 this verified on a batch. The per-sample calls run under ``torch.func.vmap`` when the callable
 supports it and fall back to a Python loop over samples otherwise (slower, same values).
+
+A loss coupling samples is declared by its terms instead, :func:`batch_coupled_loss`: ``terms(outputs,
+targets) -> (n,)`` on a whole micro-batch, :math:`L = \sum_k w_k \ell_k`, split exactly by loss term
+(docs/maths.md, "Batch-coupled losses").
 """
 
 from __future__ import annotations
@@ -29,13 +33,16 @@ from torch import Tensor
 from .exceptions import ConfigError, ExplaindError, UnknownEntryError
 from .records import LossRecord
 
-__all__ = ["resolve_loss", "wrap_loss_callable", "batch_weights", "CUSTOM_LOSS_PREFIX"]
+__all__ = ["resolve_loss", "wrap_loss_callable", "batch_coupled_loss", "batch_weights", "CUSTOM_LOSS_PREFIX",
+           "COUPLED_LOSS_PREFIX"]
 
 logger = logging.getLogger(__name__)
 
 #: Name prefix of records wrapping a user callable; such losses are not in the registry, so a
 #: stored trajectory that used one must be given the callable again when it is loaded.
 CUSTOM_LOSS_PREFIX = "custom:"
+#: Name prefix of a batch-coupled loss (:func:`batch_coupled_loss`); a stored run keeps it in its manifest.
+COUPLED_LOSS_PREFIX = "custom:coupled:"
 
 
 def _single_sample_loss(loss_fn: Callable[..., Any], outputs: Tensor, targets: Tensor) -> Tensor:
@@ -63,8 +70,9 @@ def _one_of_batch(loss_fn: Callable[..., Any], outputs: Tensor, targets: Tensor,
             f"or positives, batch statistics) has no such split. Fix: select in the loop and log what the loss "
             f"keeps; for online hard example mining losses = F.cross_entropy(out, y, reduction='none'), keep = "
             f"losses.topk(k).indices, losses[keep].mean().backward(), rec.log_batch(idx[keep]) with "
-            f"loss='cross_entropy'. A loss that couples the samples (contrastive, triplet mining) cannot be "
-            f"explained per sample."
+            f"loss='cross_entropy'. A loss that couples the samples (contrastive, triplet mining) is split exactly "
+            f"by its terms when declared as loss=explaind.batch_coupled_loss(terms), terms(outputs, targets) -> "
+            f"the (n,) terms of the whole micro-batch."
         ) from exc
 
 
@@ -117,6 +125,77 @@ def wrap_loss_callable(loss_fn: Callable[..., Any]) -> LossRecord:
         description=f"User loss {_callable_name(loss_fn)} applied to each sample.",
         reference=loss_fn,
     )
+
+
+def batch_coupled_loss(terms: Callable[..., Any], *, batch_loss: Callable[..., Any] | None = None,
+                       name: str | None = None) -> LossRecord:
+    r"""A loss whose per-sample terms read the whole batch (InfoNCE, NT-Xent, SupCon, batch-hard triplets).
+
+    ``terms(outputs, targets)`` takes the outputs and targets of one logged micro-batch, ``(n, ...)``, and returns
+    the ``n`` loss terms :math:`\ell_k(F(X_B), Y_B)`, ``(n,)``, each of which may read every row of the batch (the
+    other samples as negatives, positives or mined triplets). The loss the optimizer minimised must be
+    :math:`\sum_k w_k \ell_k` with the logged weights (default :math:`1/n`: the mean of the terms). Sample
+    ``k``'s atom is then the gradient of its own term through the shared batch outputs,
+    :math:`w_k \nabla_\theta \ell_k(F(X_B; \theta))`: it holds the term's effect through sample ``k``'s own output
+    and through the outputs of the others it reads (as their negative), and the atoms of a micro-batch add up to
+    its gradient exactly (docs/maths.md, "Batch-coupled losses").
+
+    Parameters
+    ----------
+    terms : callable
+        ``(outputs (n, ...), targets (n, ...)) -> (n,)`` loss terms of the micro-batch as a whole.
+    batch_loss : callable, optional
+        ``(outputs, targets) -> scalar``: the loss as the loop computes it (e.g. the CLIP loss returning its mean).
+        When given, the recorder checks on the first logged micro-batch that the logged weights (normalised over
+        the micro-batch) times the terms sum to it, and refuses the run naming both values otherwise. The
+        gradient check (``check_gradients``) compares the gradient of :math:`\sum_k w_k \ell_k` with the one the
+        optimizer saw either way.
+    name : str, optional
+        Name stored in the manifest (default: the qualified name of ``terms``).
+
+    Returns
+    -------
+    LossRecord
+        ``batch_coupled=True``, ``name="custom:coupled:<name>"``; pass it as ``loss=`` to
+        :class:`~explaind.TrajectoryRecorder` (and to ``Trajectory.load`` for a stored run).
+
+    Raises
+    ------
+    ConfigError
+        When ``terms`` (or ``batch_loss``) is not callable; when called, if ``terms`` does not return ``(n,)``.
+
+    Examples
+    --------
+    >>> def info_nce_terms(out, y):  # out = (n, 2, e): two embeddings per pair
+    ...     a, b = F.normalize(out[:, 0], dim=1), F.normalize(out[:, 1], dim=1)
+    ...     logits, labels = a @ b.T / 0.1, torch.arange(out.shape[0])
+    ...     return (F.cross_entropy(logits, labels, reduction="none")
+    ...             + F.cross_entropy(logits.T, labels, reduction="none")) / 2
+    >>> loss = explaind.batch_coupled_loss(info_nce_terms)  # doctest: +SKIP
+    """
+    for label, fn in (("terms", terms), ("batch_loss", batch_loss)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"batch_coupled_loss({label}={fn!r}): expected a callable (outputs, targets) -> "
+                              f"{'(n,) loss terms' if label == 'terms' else 'scalar batch loss'}.")
+    label = name or _callable_name(terms)
+
+    def coupled_terms(outputs: Tensor, targets: Tensor) -> Tensor:
+        value = terms(outputs, targets)
+        n = int(outputs.shape[0])
+        if not isinstance(value, Tensor) or tuple(value.shape) != (n,):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ConfigError(
+                f"The batch-coupled loss {label!r} returned {got} for a micro-batch of {n} samples; it must return "
+                f"the {n} loss terms, shape ({n},), whose weighted sum is the batch loss (e.g. "
+                f"F.cross_entropy(logits, labels, reduction='none'), not the mean)."
+            )
+        return value
+
+    coupled_terms.__doc__ = f"Loss terms of {label} on the micro-batch as a whole."
+    coupled_terms.batch_coupled = True  # type: ignore[attr-defined]  # read where only the callable is at hand
+    return LossRecord(name=f"{COUPLED_LOSS_PREFIX}{label}", implementation=coupled_terms,
+                      description=f"Batch-coupled loss {label}: terms of the whole micro-batch.",
+                      reference=batch_loss, batch_coupled=True)
 
 
 def batch_weights(record: LossRecord, targets: Tensor, dtype: torch.dtype) -> Tensor:

@@ -124,6 +124,11 @@ class LossRecord:
         over terms rather than samples (e.g. the non-ignored tokens of a token loss). The batch
         loss is then :math:`\sum_k n_k \ell_k / \sum_k n_k`, so the sample weights are
         :math:`w_k = n_k / \sum_j n_j` (docs/maths.md §1); ``None``: every sample counts once.
+    batch_coupled : bool
+        ``implementation(outputs, targets)`` returns the loss terms :math:`\ell_k` of a loss whose terms read the
+        whole batch's outputs (contrastive losses, batch-hard triplets; built by
+        :func:`~explaind.losses.batch_coupled_loss`): the terms are taken on each logged micro-batch as a whole,
+        never on a sample alone (docs/maths.md, "Batch-coupled losses").
     """
 
     name: str
@@ -133,6 +138,7 @@ class LossRecord:
     example: Callable[..., Any] | None = None
     reference: Callable[..., Any] | None = None
     counts: Callable[..., Any] | None = None
+    batch_coupled: bool = False
 
 
 @dataclass(frozen=True)

@@ -100,14 +100,14 @@ def test_mixout_without_capture_is_refused_naming_its_draws_not_a_branch_on_self
     assert "branch on self.training" not in str(err.value)
 
 
-def test_rdrop_passes_taken_in_the_loop_are_refused_when_explaining_naming_the_fix():
-    """Two dropout forwards of the batch in the loop: recorded, then refused by the train axis's replay; the message
-    now names R-drop and the fix, both passes in one forward (exact in :func:`test_exact`)."""
-    run = CASES["rdrop_two_dropout_passes_in_loop"]()
-    with pytest.raises(TrajectoryError, match=r"saw 2 training forward\(s\).*R-drop's or a consistency loss's two "
-                                              r"dropout passes of the batch: take both inside one forward"):
-        explaind.InfluenceEstimator(keep=("train",), quadrature="gauss-legendre", nodes=8,
-                                    device="cpu").fit(run.traj).transform(run.X_test)
+def test_rdrop_passes_taken_in_the_loop_are_refused_at_record_time_naming_the_fix():
+    """Two dropout forwards of the batch in the loop: refused at log_batch of step 0 (before: recorded, then refused
+    only by the train axis's replay), naming R-drop and the fix, both passes in one forward (exact in
+    :func:`test_exact`)."""
+    with pytest.raises(TrajectoryError, match=r"Step 0: the micro-batch logged now saw 2 training forwards.*R-drop's "
+                                              r"\(or a consistency loss's\) two dropout passes.*Fix: take both passes "
+                                              r"inside one forward"):
+        CASES["rdrop_two_dropout_passes_in_loop"]()
 
 
 def test_lora_merged_after_recording_warns_and_the_trajectory_is_the_unmerged_model():

@@ -86,6 +86,17 @@ def test_loss_coupling_samples_fails_vmap_check():
     assert "vmap over single samples gives" in failures["loss:l1:vmap"]
 
 
+def test_a_loss_declared_batch_coupled_passes_without_the_single_sample_checks():
+    """The same coupling declared (``batch_coupled=True``): its terms are taken on whole batches only, so the
+    conformance suite runs every check but the vmap over single samples."""
+    def coupled(o, t):
+        return (o - t).abs().mean(1) + (o - o.mean(dim=0)).pow(2).mean(1)
+
+    ran = check_plugin(_loss_plugin(implementation=coupled, reference=lambda o, t: coupled(o, t).mean(),
+                                    batch_coupled=True))
+    assert "loss:l1:vmap" not in ran and {"loss:l1:per_sample", "loss:l1:mean_matches_reference"} <= set(ran)
+
+
 def test_loss_example_using_global_rng():
     failures = _failures(_loss_plugin(example=lambda n, g: (torch.randn(n, 3), torch.randn(n, 3))))
     assert "not reproducible" in failures["loss:l1:example"]

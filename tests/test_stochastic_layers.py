@@ -154,11 +154,11 @@ def test_recording_leaves_the_loops_random_stream_alone():
         assert torch.equal(a, b)
 
 
-def test_several_forwards_per_log_batch_are_refused_loudly():
+def _two_forwards(**kw):
     X, y = _data(24, (5,), 8)
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y))
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), **kw)
     with rec:
         for s in range(2):
             opt.zero_grad()
@@ -167,7 +167,17 @@ def test_several_forwards_per_log_batch_are_refused_loudly():
             F.cross_entropy(model(X[idx[3:]]), y[idx[3:]], reduction="sum").div(6).backward()
             rec.log_batch(idx)
             opt.step()
-    traj = rec.trajectory
+    return X, rec.trajectory
+
+
+def test_several_forwards_per_log_batch_are_refused_loudly():
+    """Refused at log_batch of the step it happens, naming the fix for parts of a batch too; recorded with
+    check_gradients=False a warning, and then the train axis refuses while the replica stays available."""
+    with pytest.raises(TrajectoryError, match=r"Step 0: the micro-batch logged now saw 2 training forwards.*if the "
+                                              r"forwards were parts of the batch, call rec.log_batch\(part\)"):
+        _two_forwards()
+    with pytest.warns(explaind.exceptions.ExplaindWarning, match=r"Step \d: the micro-batch logged now saw 2"):
+        X, traj = _two_forwards(check_gradients=False)
     assert traj.micro_batches(0)[0].forwards == 2 and traj.micro_batches(0)[0].state is None
     assert np.isnan(traj.gradient_check()).all()
     with pytest.raises(TrajectoryError, match=r"Step [01]: micro-batch 0 saw 2 training forward\(s\).*one training "

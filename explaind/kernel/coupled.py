@@ -19,6 +19,12 @@ recorded model is mutated), under the recorded state (:func:`~explaind.trajector
 ``B`` gradients as one batched backward with cotangents :math:`w_k e_k` (``is_grads_batched``,
 chunked by ``chunk_size``). :func:`step_replay` says which steps need it and refuses steps that
 cannot be replayed.
+
+A batch-coupled loss (:func:`explaind.batch_coupled_loss`; docs/maths.md, "Batch-coupled losses") couples the
+samples through the loss instead: :math:`\ell_k` reads the whole micro-batch's outputs. Its atoms are the same
+:math:`G_k`, every step goes through :func:`coupled_sample_grads`, and a micro-batch without a training forward to
+replay (no dropout or batch norm captured) is one batched forward in evaluation mode (``state`` ``None``), as
+the per-sample path recomputes any loss.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import Tensor, nn
 
 from ..inputs import call_model
 from ..outputs import model_output
+from ..trajectory._coupled_loss import is_batch_coupled, term_parts
 from ..trajectory._random import RandomState, replay_parts, replayed, resolve_generators
 from .explained import FunctionalModel, Params
 from .layout import ParamLayout
@@ -48,7 +55,7 @@ class Replay:
     """
 
     step: int
-    parts: tuple[tuple[int, int, RandomState], ...]
+    parts: tuple[tuple[int, int, RandomState | None], ...]
     generators: tuple[str, ...] = ()
     extra: tuple[torch.Generator, ...] = ()
     buffers: tuple[tuple[str, Tensor], ...] = ()
@@ -58,7 +65,8 @@ def step_replay(traj: Any, s: int) -> Replay | None:
     """The :class:`Replay` of step ``s``, or ``None`` when it needs none.
 
     None is needed without dropout or batch norm, without captured states, or when every forward
-    of the step ran in evaluation mode.
+    of the step ran in evaluation mode, unless the loss is batch-coupled: then its micro-batches are
+    always taken as a whole (their states ``None`` when not replayed).
 
     Raises
     ------
@@ -67,9 +75,11 @@ def step_replay(traj: Any, s: int) -> Replay | None:
         training forwards between two ``log_batch`` calls: its masks and batch statistics are not known.
     """
     manifest = traj.manifest
-    if not (getattr(manifest, "random_capture", False) and getattr(manifest, "coupled", None)):
-        return None
-    parts = replay_parts(traj.micro_batches(s), manifest.coupled, f"Step {s}")
+    parts: Any = None
+    if getattr(manifest, "random_capture", False) and getattr(manifest, "coupled", None):
+        parts = replay_parts(traj.micro_batches(s), manifest.coupled, f"Step {s}")
+    if parts is None and is_batch_coupled(traj.loss):
+        parts = term_parts(traj.micro_batches(s))
     if parts is None:
         return None
     return Replay(s, parts, tuple(getattr(manifest, "generators", ())), tuple(traj.generators),
@@ -92,7 +102,7 @@ def start_buffers(fm: FunctionalModel, replay: Replay) -> Params:
     return {n: t.clone() for n, t in values.items() if n in names}
 
 
-def replayed_losses(fm: FunctionalModel, point: Params, X: Any, Y: Tensor, state: RandomState,
+def replayed_losses(fm: FunctionalModel, point: Params, X: Any, Y: Tensor, state: RandomState | None,
                     replay: Replay, buffers: Params) -> Tensor:
     r"""Per-sample losses :math:`\ell_k(F(X; \theta, \xi))` of one micro-batch, ``(n,)``, differentiable in ``point``.
 
@@ -101,8 +111,13 @@ def replayed_losses(fm: FunctionalModel, point: Params, X: Any, Y: Tensor, state
     The forward reads and updates ``buffers`` in place (batch norm's running statistics, spectral
     norm's power iteration), so passing the same dict to the micro-batches of a step in order carries
     the buffers from one to the next as in the loop (they replace buffer entries of ``point``; a step
-    starts from :func:`start_buffers`). Nothing of ``fm`` or ``point`` changes.
+    starts from :func:`start_buffers`). Nothing of ``fm`` or ``point`` changes. With ``state`` ``None`` (a
+    batch-coupled loss's micro-batch without a training forward to replay) the forward is ``fm``'s own, in
+    evaluation mode, as for the per-sample losses.
     """
+    if state is None:
+        with torch.enable_grad():
+            return fm.sample_loss(point, X, Y)
     module = training_module(fm)
     where = f"Step {replay.step}"
     generators = resolve_generators(replay.generators, module, replay.extra, where)

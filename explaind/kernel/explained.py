@@ -346,6 +346,12 @@ class Explained:
         if target is None:
             return cls("outputs", torch.zeros(T, 1, dtype=fm.dtype, device=fm.device), _n_outputs(fm, theta, X))
         if isinstance(target, str):
+            if getattr(fm.loss_fn, "batch_coupled", False):
+                raise ConfigError(
+                    f"{owner}: target='loss' explains the loss of each test input alone, but the training loss is "
+                    f"batch-coupled (explaind.batch_coupled_loss): its term on a batch of one test input is not a "
+                    f"term of any batch (CLIP's InfoNCE of a single pair is 0). Fix: explain the outputs "
+                    f"(target=None: the embeddings) or one output index per input (target=[...]).")
             if y is None:
                 raise ConfigError(f"{owner}: target='loss' needs the test targets: call transform(X, y) with y of "
                                   f"length {T}.")

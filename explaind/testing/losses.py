@@ -120,4 +120,5 @@ def loss_checks(record: Any, inspected: InspectedPlugin) -> Iterator[tuple[str, 
     yield "example", lambda: _check_example(record)
     yield "per_sample", lambda: _check_per_sample(record)
     yield "mean_matches_reference", lambda: _check_reference(record)
-    yield "vmap", lambda: _check_vmap(record)
+    if not getattr(record, "batch_coupled", False):  # a batch-coupled loss's terms are never taken one sample alone
+        yield "vmap", lambda: _check_vmap(record)

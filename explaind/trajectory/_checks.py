@@ -16,8 +16,9 @@ steps pays about ``2 + log4(N) + N / AUTO_CHECK_EVERY`` extra batch gradients: a
 the start is found at step 0, a gradient carried over from the previous step at step 1, and one that
 starts at step ``t`` by step ``4 t`` at the latest (docs/recording.md).
 
-:func:`check_loss_decomposes` verifies once, on the first logged micro-batch, that a user loss callable equals
-the logged weights times its per-sample values (a class-weighted cross entropy does not): forward passes only.
+:func:`~explaind.trajectory._coupled_loss.check_loss_decomposes` verifies once, on the first logged micro-batch,
+that a user loss callable equals the logged weights times its per-sample values (a class-weighted cross entropy
+does not): forward passes only.
 """
 
 from __future__ import annotations
@@ -460,7 +461,8 @@ def check_batch_gradient(
     if rel > tol or sigma <= 0:
         per = [(math.sqrt(d / max(sq_raw, 1e-300)), n) for n, d in distance.items()]
         worst = ", ".join(f"{n} ({v:.2g})" for v, n in sorted(per, reverse=True)[:3])
-        hint = (negated_loss_hint(sums, sigma, tol) + loss_only_hint(sums.sums, replay is not None)
+        replayed = any(state is not None for _, state in replay or ())  # a batch-coupled loss's parts hold None
+        hint = (negated_loss_hint(sums, sigma, tol) + loss_only_hint(sums.sums, replayed)
                 + extra_outputs_hint(model, batch[0]) + (hint() if callable(hint) else hint)
                 + gradient_hooks_hint(model))
         raise TrajectoryError(

@@ -24,14 +24,18 @@ from torch import Tensor, nn
 
 from .._compiled import refuse_compiled_at_step
 from ..exceptions import ConfigError, TrajectoryError
-from ..inputs import call_model
-from ..outputs import model_output
-from ..records import LossRecord
 from ._background import CopyPool, Handoff, StateCopier
 from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_masks_hint
 from ._buffers import BufferTracker, moved_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import evaluation_mode, warn_user
+from ._coupled_loss import (
+    check_loss_decomposes,
+    coupled_check_hint,
+    forward_count_message,
+    is_batch_coupled,
+    term_parts,
+)
 from ._forward_probe import AutocastProbe, loop_inputs_hint
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
 from ._gradients import GradientTap, has_stochastic_layers
@@ -46,7 +50,7 @@ from ._participation import (
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 from ._setup import refuse_dtype_mismatch
 
-__all__ = ["RecorderChecksMixin", "LoggedBatch", "check_loss_decomposes"]
+__all__ = ["RecorderChecksMixin", "LoggedBatch"]
 
 logger = logging.getLogger("explaind.trajectory.recorder")
 
@@ -81,74 +85,6 @@ class LoggedBatch:
     state: RandomState | None = None
     eval_forwards: int = 0
     backwards: int = 1
-
-
-def check_loss_decomposes(
-    model: nn.Module,
-    params: dict[str, nn.Parameter],
-    loss: LossRecord,
-    inputs: Tensor,
-    targets: Tensor,
-    weights: Tensor,
-) -> str | None:
-    r"""Whether a user loss callable equals :math:`\sum_k w_k \ell_k / \sum_k w_k` on one logged micro-batch.
-
-    The weights are normalised within the micro-batch: a loop that scales each micro-batch's mean (gradient
-    accumulation, ``w_k = 1 / (n m)``; a Trainer's ``n_k / N``) is a decomposable loss whose global factor is the
-    gradient check's to measure, as for the registered losses.
-
-    Parameters
-    ----------
-    inputs, targets : Tensor
-        One logged micro-batch, ``(n, ...)``.
-    weights : Tensor
-        Its logged weights ``(n,)``.
-
-    Returns
-    -------
-    str or None
-        A message naming the loss and the fix when the callable's batch value differs from the
-        weighted sum of its per-sample values (class weights with the default weights,
-        ``reduction="sum"``, terms coupling samples); else ``None``. Registered losses and
-        micro-batches of one sample are not checked.
-    """
-    reference = loss.reference
-    if reference is None or not loss.name.startswith("custom:") or inputs.shape[0] < 2:
-        return None
-    state = {n: p.detach() for n, p in params.items()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
-        out = model_output(call_model(model, {**buffers, **state}, inputs))
-        w = weights.to(out.device).double()
-        mean = float((loss.implementation(out, targets).double() * w).sum() / (w.sum() if w.sum() != 0 else 1.0))
-        batch = float(reference(out, targets))
-    tol = 1e-10 if out.dtype == torch.float64 else 1e-5
-    if abs(mean - batch) <= tol * max(abs(batch), abs(mean), 1e-30):
-        return None
-    nan = (" On one sample alone it gives NaN: a mean over the samples it counts (ignore_index, class weights) "
-           "is 0/0 on a sample it does not count; log only the counted samples, with their weights, and give the "
-           "loss without ignore_index." if mean != mean else "")
-    return (
-        f"Loss {loss.name!r}: on the first logged micro-batch the loss callable gives {batch:.6g}, but the "
-        f"logged weights (normalised to sum to 1 over the micro-batch) times its per-sample values sum to "
-        f"{mean:.6g}.{nan} explaind splits the gradient into "
-        f"per-sample terms w_k * grad loss_fn(sample k), exact only when the batch loss is "
-        f"sum_k w_k loss_fn(sample k): a "
-        f"class-weighted cross entropy (weight=...) normalises by the batch's summed class weights, "
-        f"reduction='sum' and terms coupling samples differ too. Fix: pass per-sample weights to "
-        f"rec.log_batch(indices, weights) (for class weights w: weights = w[y] / w[y].sum()) and an unweighted "
-        f"loss= callable, or use reduction='mean'; a mean over the counted positions of several per sample "
-        f"(pixels or tokens with ignore_index) normalises by the batch's count: weights = n / n.sum(), n the "
-        f"counted positions of each sample, (y[idx] != ignore_index).flatten(1).sum(1). A loss whose terms read "
-        f"other samples of the batch (a "
-        f"contrastive loss such as InfoNCE or SupCon, batch-hard triplet mining, a batch metric such as soft-F1) "
-        f"has no such split for any weights, nor has a detached batch statistic inside each term (REINFORCE's "
-        f"mean-reward baseline (r - r.mean()).detach(), advantages normalised over the batch: one sample alone has "
-        f"advantage 0; a baseline of the sample's own, a learned value head as in actor-critic, splits exactly): "
-        f"record a per-sample loss for the run you want split over samples, or "
-        f"explain this one without that split (InfluenceEstimator(keep=('step', 'param'), split=False) reads only "
-        f"the recorded updates, exact; record the run with check_gradients=False for that)."
-    )
 
 
 class RecorderChecksMixin:
@@ -213,13 +149,15 @@ class RecorderChecksMixin:
         A run with dropout or batch norm whose micro-batch saw no or several training forwards cannot
         be recomputed: not checkable (the engine refuses such steps, naming the fix).
         """
-        if not (self._random.enabled and self._random.coupled):
-            return True, None
-        try:
-            parts = replay_parts(self._micro_batches(), self._random.coupled, f"Step {s}")
-        except TrajectoryError as exc:
-            logger.info("%s Its gradient is not checked.", exc)
-            return False, None
+        parts: Any = None
+        if self._random.enabled and self._random.coupled:
+            try:
+                parts = replay_parts(self._micro_batches(), self._random.coupled, f"Step {s}")
+            except TrajectoryError as exc:
+                logger.info("%s Its gradient is not checked.", exc)
+                return False, None
+        if parts is None and is_batch_coupled(self._loss):  # the terms of each micro-batch, in evaluation mode
+            parts = term_parts(self._micro_batches())
         return True, None if parts is None else [(slice(lo, hi), state) for lo, hi, state in parts]
 
     def _check_gradient(self, seen: dict[str, Tensor], no_input: Any, indices: Tensor, weights: Tensor,
@@ -230,6 +168,7 @@ class RecorderChecksMixin:
         if self._random.enabled:  # a submodule compiled after the start (explaind/_compiled.py)
             refuse_compiled_at_step(self.model, s)
         checkable, replay = self._replay_plan(s)
+        replayed = replay is not None and any(state is not None for _, state in replay)
         if not checkable:
             self._warn_moved_buffers(moved, s)
             return None
@@ -238,7 +177,7 @@ class RecorderChecksMixin:
         # without forwards to replay the engine recomputes gradients in evaluation mode: so does the check, and
         # a training forward that differs from it in a way no module shows (F.dropout, torch.rand) fails here
         hint = unlogged_backward_message(s, checked=True) if self._unlogged_backward() else ""
-        if replay is None and self.model.training:
+        if not replayed and self.model.training:
             hint += (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
                      "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
                      "(F.dropout, F.scaled_dot_product_attention with dropout_p > 0, torch.rand, np.random) or "
@@ -246,17 +185,18 @@ class RecorderChecksMixin:
                      "TrajectoryRecorder(..., capture_random=True), which replays every training forward.")
         if moved:
             hint += moved_message(moved, s, checked=True)
+        hint += coupled_check_hint(self._loss, [int(e.indices.shape[0]) for e in self._pending])
         hint += getattr(self, "framework_hint", "")  # set by a framework callback (explaind.integrations)
         hint += inductor_masks_hint(self.model)
         hint += cached_methods_hint(self.model)
         batch = (x.to(device), y.to(device), weights.to(device))
-        if replay is None and self.model.training:
+        if not replayed and self.model.training:
             lazy: Any = lambda: mode_branch_hint(self.model, self._params, batch[0]) + hint  # noqa: E731
         else:
-            lazy = hint if replay is None else self._backward_draws(batch, replay, s, hint)
+            lazy = hint if not replayed else self._backward_draws(batch, replay, s, hint)
         inputs, then = list(self._probe.inputs), lazy  # the loop's inputs against train_data's rows, named first
         lazy = lambda: loop_inputs_hint(inputs, batch[0]) + (then() if callable(then) else then)  # noqa: E731
-        with self._quiet(), evaluation_mode(self.model) if replay is None else contextlib.nullcontext():
+        with self._quiet(), evaluation_mode(self.model) if not replayed else contextlib.nullcontext():
             try:
                 return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast,
                                             replay, self._random.generators, self._buffers.recorded(), lazy)
@@ -330,6 +270,16 @@ class RecorderChecksMixin:
             raise TrajectoryError(f"Step {self._n}: {message}")
         warn_user(logger, message)
 
+
+    def _refuse_forwards(self, forwards: int, eval_forwards: int) -> None:
+        """At ``log_batch``: refuse a micro-batch with no training forward; one with several (R-drop's two calls of
+        the model) too, or only warn when gradients are not checked (docs/recording.md, "Dropout and batch norm")."""
+        message = forward_count_message(forwards, eval_forwards, self._random.coupled, self._n)
+        if message is None:
+            return
+        if forwards == 0 or not self._schedule.never:
+            raise TrajectoryError(message)
+        warn_user(logger, message)
 
     # ----------------------------------------------------------------- changes outside the step
     def _refuse_edits(self, s: int) -> None:

@@ -32,6 +32,7 @@ from ..recurrence import LinearUpdate
 from ._background import AuditResult, CopyPool, Handoff, OrderedWorker, StateCopier, WarmBuffers, audit_job, audit_value
 from ._buffers import pack_buffers
 from ._coefficients import PREFIX, CoefficientBuffers
+from ._coupled_loss import is_batch_coupled
 from ._gradients import has_stochastic_layers
 from ._interrupts import watch_writer
 from ._io import encode_optimizer_state, tensor_bytes
@@ -433,7 +434,7 @@ class RecorderStoreMixin(RecorderResumeMixin):
     def _step_record(self, st: dict[str, Any], buffers: dict[str, Tensor] | None) -> dict[str, Tensor]:
         """What every step file keeps, dense or sparse: the batch, the changed buffers, the micro-batches' states."""
         tensors = {"batch.indices": st["indices"], "batch.weights": st["weights"], **pack_buffers(buffers)}
-        if self._manifest.random_capture:
+        if self._manifest.random_capture or is_batch_coupled(self._loss):  # where a coupled loss's terms stop
             tensors.update(pack_micro_batches(st["micro"]))
         return tensors
 

@@ -23,6 +23,7 @@ from ..recurrence import LinearUpdate
 from ._binding import check_state, check_step_file, run_binding
 from ._buffers import unpack_buffers
 from ._common import TrainData, resolve_loss_record
+from ._coupled_loss import refuse_loss_mismatch
 from ._io import check_specs, read_tensors, store_root
 from ._layout import warn_uncommitted_steps
 from ._random import MicroBatch, find_generators
@@ -200,6 +201,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
                 )
             loss = self._manifest.loss
         self._loss = resolve_loss_record(loss)
+        refuse_loss_mismatch(self._manifest.loss, self._loss, where)  # batch-coupled or per-sample, as recorded
         self._data = TrainData(train_data) if train_data is not None else None
         if self._data is not None and self._manifest.n_train is not None:
             self._check_data(self._data, where, verify_train_data)

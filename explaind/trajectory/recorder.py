@@ -280,15 +280,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         w = validate_weights(weights, idx, self._dtype, self._loss, self._data)
         self._drop_skipped_step()
         forwards, state, eval_forwards = self._random.take()
-        if forwards == 0 and eval_forwards == 0:  # captured modules, and no forward since the last call
-            raise TrajectoryError(
-                f"rec.log_batch() was called with no forward of the model since the previous call, so its samples "
-                f"cannot be paired with the dropout masks and batch statistics of the modules "
-                f"{list(self._random.coupled)} (each logged micro-batch is replayed with the random state of its own "
-                f"forward). Fix: call rec.log_batch(indices) after that micro-batch's forward and backward() and "
-                f"before optimizer.step(), once per micro-batch; not before the forward (with optimizer.step(closure): "
-                f"inside the closure, after backward())."
-            )
+        self._refuse_forwards(forwards, eval_forwards)  # none, or several (R-drop's two calls of the model)
         self._pending.append(LoggedBatch(idx, w, self._tap.seq, self._tap.finite_since(-1), forwards, state,
                                          eval_forwards, backwards=self._tap.take_backwards()))
 

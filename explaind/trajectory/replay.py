@@ -43,6 +43,7 @@ from ..models import copy_memo
 from ..recurrence import LinearUpdate
 from ._checks import batch_gradient, default_tolerance
 from ._common import warn_user
+from ._coupled_loss import is_batch_coupled, term_parts
 from ._io import decode_optimizer_state, read_tensors
 from ._participation import collect_updates
 from ._random import replay_parts, resolve_generators
@@ -281,8 +282,9 @@ class SegmentReplay:
         evaluation mode: the copy in evaluation mode, one forward.
         """
         manifest = self._src.manifest
-        if not (manifest.random_capture and manifest.coupled):
-            return model, None
+        if not (manifest.random_capture and manifest.coupled):  # a batch-coupled loss: each micro-batch's terms
+            parts = term_parts(self._src.micro_batches(s)) if is_batch_coupled(self._src.loss) else None
+            return model, None if parts is None else [(slice(lo, hi), None) for lo, hi, _ in parts]
         if self._module is None:
             self._module = copy.deepcopy(model, copy_memo(model, self._src.generators))
         parts = replay_parts(self._src.micro_batches(s), manifest.coupled, where)
