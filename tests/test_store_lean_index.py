@@ -91,6 +91,8 @@ def test_a_crashed_store_reads_its_steps_from_the_journal(tmp_path):
 
 @pytest.mark.parametrize("edit", ["crlf", "other_record", "short_journal", "torn_line", "spaced_manifest"])
 def test_a_store_other_tools_changed_is_read_as_before(tmp_path, edit, caplog):
+    """Each change makes the lean read give way to the careful one (a shorter journal excepted: its lines are compared
+    with the manifest's records as they are), which reads the manifest's records."""
     root, _ = _record(tmp_path)
     journal = (root / "journal.jsonl").read_bytes()
     lines = journal.splitlines(keepends=True)
@@ -107,7 +109,7 @@ def test_a_store_other_tools_changed_is_read_as_before(tmp_path, edit, caplog):
         (root / "manifest.json").write_bytes(json.dumps(json.loads((root / "manifest.json").read_bytes()),
                                                         indent=2).encode())
     data = (root / "manifest.json").read_bytes()
-    assert lean_index(root, data) is None
+    assert (lean_index(root, data) is None) == (edit != "short_journal")  # a journal's first lines: compared, read lean
     with caplog.at_level(logging.WARNING):
         manifest = read_manifest(root)
     assert isinstance(manifest.steps, StepIndex)
@@ -126,6 +128,16 @@ def test_a_repeated_key_in_a_long_index_is_refused_as_before(tmp_path, where):
     spaced = b'"n_samples": 4, ' if where == "manifest" else b'"n_samples":4,'
     (root / name).write_bytes(data[:at] + spaced + data[at:])
     with pytest.raises(TrajectoryError, match="appears twice"):
+        read_manifest(root)
+
+
+def test_an_invalid_record_in_a_long_manifest_is_named_as_before(tmp_path):
+    """A negative count at step BLOCK + 3: the careful reader's message names the field of that step."""
+    root = _long_store(tmp_path / "long", BLOCK + 10)
+    data = (root / "manifest.json").read_bytes()
+    at = data.find(b'"n_samples": 4', data.find(f'"step": {BLOCK + 3},'.encode()))
+    (root / "manifest.json").write_bytes(data[:at] + b'"n_samples": -4' + data[at + len(b'"n_samples": 4'):])
+    with pytest.raises(TrajectoryError, match=f"is invalid: steps.{BLOCK + 3}.n_samples = -4"):
         read_manifest(root)
 
 

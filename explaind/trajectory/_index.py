@@ -24,7 +24,6 @@ from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
 from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE
-from ._lean_index import lean_index
 from ._steps import StepIndex
 from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
@@ -301,6 +300,8 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     except FileNotFoundError:
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
                               f"vanished.") from None
+    from ._lean_index import lean_index  # here: it reads with this module's parsers
+
     lean = lean_index(root, data)  # a store as explaind wrote it, read in columns (_lean_index.py)
     if lean is not None:
         _check_schema_version(lean.schema_version, path)

@@ -14,8 +14,8 @@ reader does, a block of records at a time:
 * the journal's lines after the manifest's steps are parsed and written back a block at a time, and must
   continue the steps one by one.
 
-Anything else (a CRLF line, a byte-order mark, a torn or corrupted line, a repeated step, a journal shorter
-than the manifest, an older explaind's formatting) returns ``None``: the careful
+Anything else (a CRLF line, a byte-order mark, a torn or corrupted line, a repeated step, a journal line that
+differs from the manifest's record of its step, an older explaind's formatting) returns ``None``: the careful
 reader then reads the store and names what is wrong, as before.
 """
 
@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..exceptions import TrajectoryError
+from ._index import _RECORDS, MAX_INDEX_BYTES, _canonical_manifest, _canonical_records
 from ._io import read_confined
 from ._layout import JOURNAL
 from ._steps import StepIndex
@@ -61,8 +62,6 @@ def _block(text: bytes) -> tuple[list[StepRecord], bytes] | None:
     the records' compact serialization (what the recorder appends), joined by commas in a JSON array.
     """
     array = b"[" + (b"\n" + text).replace(b"\n ", b"\n") + b"\n]"  # the list as written on its own, indented by 1
-    from ._index import _RECORDS  # here: _index imports this module
-
     try:
         records = _RECORDS.validate_json(array, strict=True)
     except ValueError:  # a ValidationError
@@ -107,8 +106,6 @@ def _journal_lines(data: bytes, start: int, count: int) -> tuple[bytes, int] | N
 
 def lean_index(root: Path, data: bytes) -> TrajectoryManifest | None:
     """The manifest of ``data`` with its steps and the journal's in a :class:`StepIndex`, or ``None`` (see above)."""
-    from ._index import MAX_INDEX_BYTES, _canonical_manifest, _canonical_records  # here: _index imports this module
-
     at = data.find(_STEPS_KEY)
     if at < 0:
         return None
@@ -133,17 +130,21 @@ def lean_index(root: Path, data: bytes) -> TrajectoryManifest | None:
     if journal.startswith(codecs.BOM_UTF8) or (journal and not journal.endswith(b"\n")):
         return None
     steps = StepIndex()
-    at_line = 0
+    at_line, left = 0, journal.count(b"\n")  # where the journal's next line starts; how many lines are left
     with _no_collection():
         if close > open_ + 1:
             for text in _manifest_blocks(data, open_ + 2, close - 2):
                 block = _block(text)
                 if block is None or not _continue(steps, block[0]):
                     return None
-                lines = _journal_lines(journal, at_line, len(block[0])) if at_line < len(journal) else None
-                if lines is None or b"[" + lines[0] + b"]" != block[1]:
-                    return None
-                at_line = lines[1]
+                records, compact = block
+                if left < len(records):  # a journal shorter than the manifest (its lines are read, not the steps)
+                    compact = _RECORDS.dump_json(records[:left]) if left else b"[]"
+                if left:
+                    lines = _journal_lines(journal, at_line, min(left, len(records)))
+                    if lines is None or b"[" + lines[0] + b"]" != compact:
+                        return None
+                    at_line, left = lines[1], left - min(left, len(records))
         rest = journal[at_line:].split(b"\n")[:-1]
         for i in range(0, len(rest), BLOCK):
             records = _canonical_records(rest[i:i + BLOCK])

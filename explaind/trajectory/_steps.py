@@ -18,7 +18,7 @@ from typing import Any, overload
 from ._layout import step_path
 from .manifest import FileRecord, StepRecord
 
-__all__ = ["StepIndex", "step_column"]
+__all__ = ["StepIndex", "step_column", "steps_where"]
 
 #: the optional float fields of a step record, in the bit order of ``StepIndex._none``
 _OPTIONAL = ("audit", "loss_scale", "gradient_check", "amp_scale")
@@ -244,3 +244,15 @@ def step_column(steps: Sequence[StepRecord], name: str) -> list[Any]:
         if name in _OPTIONAL:
             return steps.optional(name)
     return [getattr(record, name) for record in steps]
+
+
+def steps_where(steps: Sequence[StepRecord], name: str) -> list[int]:
+    """The steps whose ``has_params`` or ``buffers`` is true, or whose file field ``name`` (``optimizer_state``, ...)
+    names a file; from the columns when ``steps`` is a :class:`StepIndex` (its step ``s`` is at position ``s``)."""
+    if isinstance(steps, StepIndex):
+        flags: Iterable[int] = (steps._has_params if name == "has_params" else
+                                (v == 1 for v in steps._buffers) if name == "buffers" else steps._files[name].kind)
+        return [s for s, flag in enumerate(flags) if flag]
+    if name in ("has_params", "buffers"):
+        return [r.step for r in steps if getattr(r, name)]
+    return [r.step for r in steps if getattr(r, name) is not None]
