@@ -173,6 +173,13 @@ def test_step_index_columns_give_back_every_field():
         index[3]
     with pytest.raises(ValueError, match="step 5 given where step 3 comes next"):
         index.append(StepRecord(step=5, n_samples=0, grad_scale=1.0))
+    unheld = StepRecord.model_construct(step=3, n_samples=1, grad_scale=1.0, buffers="yes")  # no column holds "yes"
+    with pytest.raises(KeyError):
+        index.extend([StepRecord(step=3, n_samples=5, grad_scale=2.0), unheld.model_copy(update={"step": 4})])
+    assert len(index) == 3 and list(index) == records  # nothing half added
+    index.append(StepRecord.model_validate_json(StepRecord(step=3, n_samples=5, grad_scale=2.0).model_dump_json()))
+    assert index[3].n_samples == 5 and len(index) == 4
+    index = index[:3]
     manifest = TrajectoryManifest(steps=records)
     written = manifest.to_json()
     manifest.steps = index

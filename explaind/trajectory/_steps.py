@@ -122,10 +122,11 @@ class StepIndex(Sequence[StepRecord]):
     record's fields.
     """
 
-    __slots__ = ("_n_samples", "_big", "_grad_scale", "_optional", "_none", "_has_params", "_buffers",
+    __slots__ = ("_n", "_n_samples", "_big", "_grad_scale", "_optional", "_none", "_has_params", "_buffers",
                  "_autocast", "_autocasts", "_files")
 
     def __init__(self, records: Iterable[StepRecord] = ()):
+        self._n = 0  # the steps held: counted last, so a reader beside an extend sees whole records only
         self._n_samples = array("q")
         self._big: dict[int, int] = {}
         self._grad_scale = array("d")
@@ -145,31 +146,47 @@ class StepIndex(Sequence[StepRecord]):
     def extend(self, records: Iterable[StepRecord]) -> None:
         """Add the records of the next steps, in order."""
         records = list(records)
-        first = len(self._grad_scale)
+        first = self._n
         wrong = next((k for k, r in enumerate(records) if r.step != first + k), None)
         if wrong is not None:
             raise ValueError(f"StepIndex.extend: the record of step {records[wrong].step} given where step "
                              f"{first + wrong} comes next; a store's index lists the steps 0, 1, 2, ... in order")
-        _extend_counts(self._n_samples, self._big, [r.n_samples for r in records])
-        self._grad_scale.extend(array("d", [r.grad_scale for r in records]))
-        none = [0] * len(records)
-        for k, name in enumerate(_OPTIONAL):
-            values = [getattr(r, name) for r in records]
-            for i, value in enumerate(values):
-                if value is None:
-                    none[i] |= 1 << k
-            self._optional[name].extend(array("d", [0.0 if v is None else v for v in values]))
-        self._none.extend(none)
-        self._has_params.extend([1 if r.has_params else 0 for r in records])
-        self._buffers.extend([_BUFFERS[r.buffers] for r in records])
-        shared = self._autocasts
-        self._autocast.extend([None if r.autocast is None else shared.setdefault(r.autocast, r.autocast)
-                               for r in records])
-        for name, files in self._files.items():
-            files.extend([getattr(r, name) for r in records], first)
+        try:
+            _extend_counts(self._n_samples, self._big, [r.n_samples for r in records])
+            self._grad_scale.extend(array("d", [r.grad_scale for r in records]))
+            none = [0] * len(records)
+            for k, name in enumerate(_OPTIONAL):
+                values = [getattr(r, name) for r in records]
+                for i, value in enumerate(values):
+                    if value is None:
+                        none[i] |= 1 << k
+                self._optional[name].extend(array("d", [0.0 if v is None else v for v in values]))
+            self._none.extend(none)
+            self._has_params.extend([1 if r.has_params else 0 for r in records])
+            self._buffers.extend([_BUFFERS[r.buffers] for r in records])
+            shared = self._autocasts
+            self._autocast.extend([None if r.autocast is None else shared.setdefault(r.autocast, r.autocast)
+                                   for r in records])
+            for name, files in self._files.items():
+                files.extend([getattr(r, name) for r in records], first)
+        except BaseException:  # columns left as they were: a record with a value no column holds is not half added
+            self._cut(first)
+            raise
+        self._n = first + len(records)
+
+    def _cut(self, n: int) -> None:
+        """Drop every column's entries from position ``n`` on."""
+        columns: list[Any] = [self._n_samples, self._grad_scale, *self._optional.values(), self._none,
+                              self._has_params, self._buffers, self._autocast]
+        for files in self._files.values():
+            columns += [files.kind, files.path, files.nbytes, files.digest]
+            files.big = {i: v for i, v in files.big.items() if i < n}
+        for column in columns:
+            del column[n:]
+        self._big = {i: v for i, v in self._big.items() if i < n}
 
     def __len__(self) -> int:
-        return len(self._grad_scale)
+        return self._n
 
     @overload
     def __getitem__(self, i: int) -> StepRecord: ...
@@ -205,6 +222,7 @@ class StepIndex(Sequence[StepRecord]):
     def _head(self, n: int) -> StepIndex:
         """The index of the first ``n`` steps (a copy)."""
         out = StepIndex()
+        out._n = min(n, self._n)
         out._n_samples, out._grad_scale = self._n_samples[:n], self._grad_scale[:n]
         out._big = {i: v for i, v in self._big.items() if i < n}
         out._optional = {name: column[:n] for name, column in self._optional.items()}
@@ -228,12 +246,13 @@ class StepIndex(Sequence[StepRecord]):
 
     def has_params(self) -> list[bool]:
         """``has_params`` of every step, without building the records."""
-        return [bool(v) for v in self._has_params]
+        return [bool(v) for v in self._has_params[:self._n]]
 
     def optional(self, name: str) -> list[float | None]:
         """An optional float field (``audit``, ``loss_scale``, ``gradient_check``, ``amp_scale``) of every step."""
         k = _OPTIONAL.index(name)
-        return [None if none >> k & 1 else value for none, value in zip(self._none, self._optional[name], strict=True)]
+        values = self._optional[name][:self._n]
+        return [None if none >> k & 1 else value for none, value in zip(self._none[:self._n], values, strict=True)]
 
 
 def step_column(steps: Sequence[StepRecord], name: str) -> list[Any]:
@@ -252,7 +271,7 @@ def steps_where(steps: Sequence[StepRecord], name: str) -> list[int]:
     if isinstance(steps, StepIndex):
         flags: Iterable[int] = (steps._has_params if name == "has_params" else
                                 (v == 1 for v in steps._buffers) if name == "buffers" else steps._files[name].kind)
-        return [s for s, flag in enumerate(flags) if flag]
+        return [s for s, flag in zip(range(len(steps)), flags) if flag]
     if name in ("has_params", "buffers"):
         return [r.step for r in steps if getattr(r, name)]
     return [r.step for r in steps if getattr(r, name) is not None]
