@@ -3,10 +3,11 @@
 A 4-step run of a small MLP is recorded; its manifest and journal are then rewritten to list ``--steps``
 copies of its first step record (as a complete store of that many steps holds them: every step in the
 manifest and in the journal). Printed: the best of ``--repeats`` process-CPU times of
-``explaind.trajectory.store.read_manifest`` and the manifest's size; with ``--load``, also the wall time of one
-``explaind.Trajectory.load`` of the store and the peak of Python's allocations (``tracemalloc``) of a second one;
-with ``--verify N``, the time of ``Trajectory.load`` and ``verify()`` (every file's checksum and binding) of a real
-recording of ``N`` steps (the copies of one record cannot be verified: each step file names its step).
+``explaind.trajectory.store.read_manifest`` and the manifest's size; with ``--load``, also the wall and process-CPU
+time of one ``explaind.Trajectory.load`` of the store and the peak of Python's allocations (``tracemalloc``) of a
+second one; with ``--verify N``, the time of ``Trajectory.load`` and ``verify()`` (every file's checksum and
+binding) of a real recording of ``N`` steps (the copies of one record cannot be verified: each step file names
+its step).
 To compare two versions, run the script with each on ``PYTHONPATH``, in turn.
 
 Run: ``python benchmarks/bench_store_index.py [--steps N] [--repeats R] [--load] [--verify N]``
@@ -78,15 +79,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{best * 1e3:.1f} ms CPU (best of {args.repeats}); load average {os.getloadavg()[0]:.1f}")
 
     if args.load:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         traj = explaind.Trajectory.load(root, model=_model())
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         tracemalloc.start()  # a second load, traced (tracemalloc slows it down)
         explaind.Trajectory.load(root, model=_model())
         peak = tracemalloc.get_traced_memory()[1] / 1e6
         tracemalloc.stop()
-        print(f"Trajectory.load of {traj.n_steps} steps: {wall * 1e3:.0f} ms wall; peak Python allocation of a load "
-              f"{peak:.0f} MB (tracemalloc); load average {os.getloadavg()[0]:.1f}")
+        print(f"Trajectory.load of {traj.n_steps} steps: {wall * 1e3:.0f} ms wall, {cpu * 1e3:.0f} ms CPU; peak Python "
+              f"allocation of a load {peak:.0f} MB (tracemalloc); load average {os.getloadavg()[0]:.1f}")
 
     if args.verify:
         run = _recorded(Path(tempfile.mkdtemp(prefix="explaind-verify-")) / "run", args.verify)

@@ -206,17 +206,14 @@ class StepIndex(Sequence[StepRecord]):
             s += n
         if not 0 <= s < n:
             raise IndexError(f"step {i} is out of range: the index holds steps 0 to {n - 1}")
-        none = self._none[s]
-        record: dict[str, Any] = {"step": s, "file": self._files["file"].get(s),
-                                  "n_samples": _count(self._n_samples, self._big, s),
-                                  "grad_scale": self._grad_scale[s]}
-        for k, name in enumerate(_OPTIONAL):
-            record[name] = None if none >> k & 1 else self._optional[name][s]
-        record["autocast"] = self._autocast[s]
-        record["has_params"] = bool(self._has_params[s])
-        record["optimizer_state"] = self._files["optimizer_state"].get(s)
-        record["buffers"] = _BUFFERS_BACK[self._buffers[s]]
-        record["audit_state"] = self._files["audit_state"].get(s)
+        none, optional, files = self._none[s], self._optional, self._files  # bit k of none: _OPTIONAL[k] is None
+        record = {"step": s, "file": files["file"].get(s), "n_samples": _count(self._n_samples, self._big, s),
+                  "grad_scale": self._grad_scale[s], "audit": None if none & 1 else optional["audit"][s],
+                  "loss_scale": None if none & 2 else optional["loss_scale"][s],
+                  "gradient_check": None if none & 4 else optional["gradient_check"][s],
+                  "amp_scale": None if none & 8 else optional["amp_scale"][s], "autocast": self._autocast[s],
+                  "has_params": self._has_params[s] == 1, "optimizer_state": files["optimizer_state"].get(s),
+                  "buffers": _BUFFERS_BACK[self._buffers[s]], "audit_state": files["audit_state"].get(s)}
         return _built(StepRecord, record, _STEP_FIELDS)
 
     def _head(self, n: int) -> StepIndex:

@@ -20,6 +20,7 @@ from ..exceptions import TrajectoryError
 from ._binding import check_state, check_step_file, run_binding
 from ._index import read_manifest
 from ._io import read_tensors
+from ._steps import steps_where
 from .lock import live_writer
 from .manifest import FileRecord, StepRecord, TrajectoryManifest
 
@@ -82,7 +83,7 @@ def _newest_states(manifest: TrajectoryManifest) -> tuple[object, object]:
 def _verify_states(root: Path, manifest: TrajectoryManifest, sparse: bool, metas: dict[int, dict[str, str]]) -> None:
     """The newest optimizer state (a sparse store's: every checkpoint state) and the newest audit state, each
     against its checksum and against the layout its step file binds (``metas``: step files' metadata read so far)."""
-    states = [r for r in manifest.steps if r.optimizer_state is not None]
+    states = [manifest.steps[s] for s in steps_where(manifest.steps, "optimizer_state")]  # from the columns
     for record in states if sparse else states[-1:]:
         state = record.optimizer_state
         assert state is not None
