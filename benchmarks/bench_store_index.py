@@ -35,8 +35,8 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(torch.float64)
 
 
-def _recorded(root: Path, steps: int) -> Path:
-    """A real recording of ``steps`` SGD steps of batches of 4 of 16 samples (each step its own file)."""
+def _recorded(root: Path, steps: int) -> nn.Module:
+    """A real recording of ``steps`` SGD steps of batches of 4 of 16 samples (each step its own file); the model."""
     X, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -47,7 +47,7 @@ def _recorded(root: Path, steps: int) -> Path:
             F.mse_loss(model(X[idx]), y[idx]).backward()
             rec.log_batch(idx)
             opt.step()
-    return root
+    return model
 
 
 def _long_store(root: Path, steps: int) -> Path:
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
               f"allocation of a load {peak:.0f} MB (tracemalloc); load average {os.getloadavg()[0]:.1f}")
 
     if args.verify:
-        run = _recorded(Path(tempfile.mkdtemp(prefix="explaind-verify-")) / "run", args.verify)
+        run = Path(tempfile.mkdtemp(prefix="explaind-verify-")) / "run"
+        _recorded(run, args.verify)
         start, cpu = time.perf_counter(), time.process_time()
         explaind.Trajectory.load(run, model=_model()).verify()
         print(f"Trajectory.load and verify() of a recorded run of {args.verify} steps: "

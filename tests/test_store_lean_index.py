@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from _recording_helpers import classification_data, mlp
 
 import explaind
 from explaind.exceptions import TrajectoryError
@@ -27,24 +25,14 @@ from explaind.trajectory.manifest import FileRecord, StepRecord, TrajectoryManif
 from explaind.trajectory.store import read_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_store_index import _long_store  # noqa: E402  (the benchmark's store of N steps)
+from bench_store_index import _long_store, _model, _recorded  # noqa: E402  (the benchmark's stores)
 
 STEPS = 7
 
 
-def _record(tmp: Path, steps: int = STEPS) -> tuple[Path, torch.nn.Module]:
-    path = tmp / "run"
-    X, y = classification_data(n=24, d=4, classes=3, seed=1)
-    model = mlp(d=4, o=3, hidden=8, seed=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    with explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X, y), store=path) as rec:
-        for s in range(steps):
-            idx = torch.arange(6 * (s % 4), 6 * (s % 4) + 6)
-            opt.zero_grad()
-            F.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-    return path, model
+def _record(tmp: Path) -> tuple[Path, torch.nn.Module]:
+    """A recorded run of STEPS steps (the benchmark's SGD run of a 4-8-2 tanh MLP) and its trained model."""
+    return tmp / "run", _recorded(tmp / "run", STEPS)
 
 
 def _reference(root: Path) -> list[dict]:
@@ -71,7 +59,7 @@ def test_a_recorded_store_is_read_lean_and_equals_an_independent_parse(tmp_path)
     assert manifest.n_steps == STEPS == len(manifest.steps)
     assert _as_json(manifest.steps) == _reference(root)
     assert manifest.to_json() == (root / "manifest.json").read_bytes()  # written back: the same bytes
-    traj = explaind.Trajectory.load(root, model=mlp(d=4, o=3, hidden=8, seed=3))
+    traj = explaind.Trajectory.load(root, model=_model())
     assert traj.n_steps == STEPS
     trained = dict(model.named_parameters())
     assert all(torch.equal(theta, trained[name]) for name, theta in traj.params(STEPS).items())
@@ -99,7 +87,7 @@ def test_a_store_other_tools_changed_is_read_as_before(tmp_path, edit, caplog):
     if edit == "crlf":
         (root / "journal.jsonl").write_bytes(journal.replace(b"\n", b"\r\n"))
     elif edit == "other_record":  # a valid record of step 2 that differs from the manifest's (which is read)
-        (root / "journal.jsonl").write_bytes(b"".join(lines[:2] + [lines[2].replace(b'"n_samples":6', b'"n_samples":5')]
+        (root / "journal.jsonl").write_bytes(b"".join(lines[:2] + [lines[2].replace(b'"n_samples":4', b'"n_samples":3')]
                                                       + lines[3:]))
     elif edit == "short_journal":
         (root / "journal.jsonl").write_bytes(b"".join(lines[:3]))
