@@ -15,6 +15,8 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, overload
 
+from pydantic import BaseModel
+
 from ._layout import step_path
 from .manifest import FileRecord, StepRecord
 
@@ -40,6 +42,12 @@ def _extend_counts(column: array, big: dict[int, int], values: list[int]) -> Non
             column.append(value)
 
 
+#: setters of the slots every pydantic model has besides its ``__dict__`` (those of :class:`~pydantic.BaseModel`)
+_SET_FIELDS_SET = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_SET_EXTRA = BaseModel.__dict__["__pydantic_extra__"].__set__
+_SET_PRIVATE = BaseModel.__dict__["__pydantic_private__"].__set__
+
+
 def _built(cls: type[Any], values: dict[str, Any], fields_set: frozenset[str]) -> Any:
     """A pydantic record of ``values`` (every field of ``cls``) as its own JSON parse builds it, without validation.
 
@@ -49,9 +57,9 @@ def _built(cls: type[Any], values: dict[str, Any], fields_set: frozenset[str]) -
     """
     record = object.__new__(cls)
     object.__setattr__(record, "__dict__", values)
-    object.__setattr__(record, "__pydantic_fields_set__", set(fields_set))
-    object.__setattr__(record, "__pydantic_extra__", None)
-    object.__setattr__(record, "__pydantic_private__", None)
+    _SET_FIELDS_SET(record, set(fields_set))
+    _SET_EXTRA(record, None)
+    _SET_PRIVATE(record, None)
     return record
 
 
