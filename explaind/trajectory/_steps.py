@@ -1,8 +1,8 @@
 """The step records of a read store, held column by column (docs/recording.md, "The store").
 
 A store of ``n`` steps lists ``n`` :class:`~explaind.trajectory.manifest.StepRecord` s. As pydantic
-objects they cost about 2.5 kB each (a model, its field dictionary and set, two file records with
-theirs); :class:`StepIndex` keeps the same values in flat columns (an ``array`` of numbers, a byte per
+objects each is a model with its own field dictionary and set, and so is each of its file records;
+:class:`StepIndex` keeps the same values in flat columns (an ``array`` of numbers, a byte per
 flag, a list of checksum strings) and builds a record only when one is asked for. It is a sequence
 of records to its readers: ``len``, indexing, iteration, slices, ``append``/``extend`` (a resumed
 recording goes on appending to it) and equality behave as on the list it replaces.
