@@ -286,6 +286,10 @@ def recorded_files(root: Path) -> str:
 def read_manifest(root: str | Path) -> TrajectoryManifest:
     """Read ``manifest.json`` and merge the steps completed since it was written (from the journal).
 
+    The steps come back as a :class:`~explaind.trajectory._steps.StepIndex` (columns). A store exactly as explaind
+    writes it is read a block of records at a time (:func:`~explaind.trajectory._lean_index.lean_index`); any other
+    is read here, line by line where needed, so that an error names the line and the field.
+
     Raises
     ------
     TrajectoryError
