@@ -24,6 +24,7 @@ from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
 from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE, unmarked_setup
+from ._steps import StepIndex
 from ._travel import case_changed, damage_cause, read_settled
 from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
@@ -298,6 +299,10 @@ def recorded_files(root: Path) -> str:
 def read_manifest(root: str | Path) -> TrajectoryManifest:
     """Read ``manifest.json`` and merge the steps completed since it was written (from the journal).
 
+    The steps come back as a :class:`~explaind.trajectory._steps.StepIndex` (columns). A store exactly as explaind
+    writes it is read a block of records at a time (:func:`~explaind.trajectory._lean_index.lean_index`); any other
+    is read here, line by line where needed, so that an error names the line and the field.
+
     Raises
     ------
     TrajectoryError
@@ -312,11 +317,20 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     except FileNotFoundError:
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
                               f"vanished.") from None
+    from ._lean_index import lean_index  # here: it reads with this module's parsers
+
+    lean = lean_index(root, data)  # a store as explaind wrote it, read in columns (_lean_index.py)
+    if lean is not None:
+        _check_schema_version(lean.schema_version, path)
+        lean.n_steps = len(lean.steps)
+        _check_consistency(lean, path)
+        return lean
     manifest = _canonical_manifest(data)
     if manifest is not None:
         _check_schema_version(manifest.schema_version, path)
     else:
         manifest = _parse_manifest(data, path)
+    del data
     steps = list(manifest.steps)
     seen: dict[int, tuple[int, bytes]] = {}  # step -> its first line: number and bytes (no records kept alive)
     for line, text, record in _read_journal(root, _newer_writer(manifest.explaind_version)):
@@ -336,7 +350,7 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
         if record.step != i:
             raise TrajectoryError(f"Trajectory manifest {str(path)!r} lists step {record.step} at position {i}; "
                                   f"allowed: the steps 0, 1, 2, ... in order, each once. {_NOT_OURS}")
-    manifest.steps = steps
+    manifest.steps = StepIndex(steps)
     manifest.n_steps = len(steps)
     _check_consistency(manifest, path)
     return manifest
@@ -394,7 +408,9 @@ def _check_consistency(manifest: TrajectoryManifest, path: Path) -> None:
     if unknown:
         problems.append(f"buffer_names {unknown} are not among its constants {sorted(constants)}")
     if manifest.param_stride == 1:
-        missing = [r.step for r in manifest.steps if not r.has_params]
+        steps = manifest.steps  # a StepIndex (read_manifest) lists step s at position s; salvage's list, as it is
+        missing = ([s for s, has in enumerate(steps.has_params()) if not has] if isinstance(steps, StepIndex)
+                   else [r.step for r in steps if not r.has_params])
         if missing:
             problems.append(f"steps {missing[:5]} have has_params=false in a dense store (param_stride 1), "
                             f"where every step file holds theta")

@@ -20,6 +20,7 @@ from ..exceptions import TrajectoryError
 from ._binding import check_state, check_step_file, run_binding
 from ._index import read_manifest
 from ._io import read_tensors
+from ._steps import steps_where
 from .lock import live_writer
 from .manifest import FileRecord, StepRecord, TrajectoryManifest
 
@@ -74,21 +75,26 @@ def verify_store(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None
 
 def _newest_states(manifest: TrajectoryManifest) -> tuple[object, object]:
     """The records of the newest optimizer state and audit state (those a slot holds)."""
-    state = next((r.optimizer_state for r in reversed(manifest.steps) if r.optimizer_state is not None), None)
-    audit = next((r.audit_state for r in reversed(manifest.steps) if r.audit_state is not None), None)
-    return state, audit
+    state, audit = _last_with(manifest, "optimizer_state"), _last_with(manifest, "audit_state")
+    return (None if state is None else state.optimizer_state), (None if audit is None else audit.audit_state)
+
+
+def _last_with(manifest: TrajectoryManifest, name: str) -> StepRecord | None:
+    """The record of the last step whose file field ``name`` names a file (found in the step columns)."""
+    held = steps_where(manifest.steps, name)
+    return manifest.steps[held[-1]] if held else None
 
 
 def _verify_states(root: Path, manifest: TrajectoryManifest, sparse: bool, metas: dict[int, dict[str, str]]) -> None:
     """The newest optimizer state (a sparse store's: every checkpoint state) and the newest audit state, each
     against its checksum and against the layout its step file binds (``metas``: step files' metadata read so far)."""
-    states = [r for r in manifest.steps if r.optimizer_state is not None]
-    for record in states if sparse else states[-1:]:
+    held = steps_where(manifest.steps, "optimizer_state")  # from the columns
+    for record in [manifest.steps[s] for s in (held if sparse else held[-1:])]:
         state = record.optimizer_state
         assert state is not None
         tensors, meta = read_tensors(root, state, step=record.step)
         _check_bound(root, record, state, tensors, meta, None if record.audit_state is None else False, metas)
-    audit = next((r for r in reversed(manifest.steps) if r.audit_state is not None), None)
+    audit = _last_with(manifest, "audit_state")
     if audit is not None and audit.audit_state is not None:
         tensors = read_tensors(root, audit.audit_state, step=audit.step)[0]
         _check_bound(root, audit, audit.audit_state, tensors, None, True, metas)

@@ -31,6 +31,7 @@ from ._random_store import unpack_micro_batches
 from ._sparse import StepReplay
 from ._start_optimizer import OptimizerStart
 from ._start_state import read_start_file
+from ._steps import step_column, steps_where
 from ._verify import verify_store
 from .fingerprint import check_train_data
 from .manifest import FileRecord, TrajectoryManifest, dtype_from_name
@@ -254,7 +255,7 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
 
     def _end_at_checkpoint(self) -> None:
         steps = self._manifest.steps
-        last = max((r.step + 1 for r in steps if r.has_params), default=0)
+        last = max((s + 1 for s in steps_where(steps, "has_params")), default=0)
         if last < len(steps):
             end = f"ends at its last checkpoint, step {last - 1}" if last else "holds no checkpoint yet"
             logger.warning("The sparse store at %s %s: the %d step(s) recorded after it (by a recording interrupted "
@@ -447,7 +448,8 @@ class DiskTrajectory(RecordedTrajectory, reads_stores=True):
         return float(self._manifest.steps[check_step(s, self.n_steps)].grad_scale)
 
     def audit(self) -> np.ndarray:
-        return np.asarray([np.nan if r.audit is None else r.audit for r in self._manifest.steps], dtype=np.float64)
+        return np.asarray([np.nan if v is None else v for v in step_column(self._manifest.steps, "audit")],
+                          dtype=np.float64)
 
     def train_samples(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         if self._data is None:

@@ -15,7 +15,7 @@ import datetime as _dt
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer, model_validator
 from torch import Tensor
 
 from ._checksum import parse
@@ -347,6 +347,12 @@ class TrajectoryManifest(_Model):
                                  f"parameter or constant is recorded once")
             seen.add(spec.name)
         return self
+
+    @field_serializer("steps", mode="plain", return_type=list[StepRecord])
+    def _steps_as_list(self, steps: Any) -> Any:
+        """A read store's steps (a :class:`~explaind.trajectory._steps.StepIndex`, held in columns) written as the list
+        of records they stand for; a list as it is."""
+        return steps if isinstance(steps, list) else list(steps)
 
     def to_json(self) -> bytes:
         """``manifest.json``'s bytes: indented JSON; ``run_id`` left out while unset, so that a store created before

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..exceptions import TrajectoryError
 from ._common import TrainData
+from ._steps import step_column, steps_where
 from .base import Trajectory
 from .manifest import TrajectoryManifest
 
@@ -69,7 +70,7 @@ class RecordedTrajectory(Trajectory):
     def buffer_names(self) -> tuple[str, ...]:
         """The tracked buffers, when training changed them at some step (else empty)."""
         names = tuple(self._manifest.buffer_names)
-        return names if any(r.buffers for r in self._manifest.steps) else ()
+        return names if steps_where(self._manifest.steps, "buffers") else ()
 
     @property
     def model(self) -> nn.Module:
@@ -102,5 +103,5 @@ class RecordedTrajectory(Trajectory):
         recording; a large value, or no checked step at all (all NaN), means the data part of the
         decomposition is not verified and a large residual may come from a loss or batch mismatch.
         """
-        return np.asarray([np.nan if r.gradient_check is None else r.gradient_check for r in self._manifest.steps],
+        return np.asarray([np.nan if v is None else v for v in step_column(self._manifest.steps, "gradient_check")],
                           dtype=np.float64)

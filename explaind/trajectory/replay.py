@@ -48,6 +48,7 @@ from ._io import decode_optimizer_state, read_tensors
 from ._participation import collect_updates
 from ._random import replay_parts, resolve_generators
 from ._sparse import StepReplay, apply_groups, relative_gap
+from ._steps import steps_where
 from .store import pack_updates
 
 __all__ = ["SegmentReplay", "Segment"]
@@ -98,9 +99,9 @@ class SegmentReplay:
     def __init__(self, source: Any, tolerance: float | None = None, cache_segments: int = 2):
         self._src = source
         manifest = source.manifest
-        self._ends = [0] + [r.step + 1 for r in manifest.steps if r.has_params]
+        self._ends = [0] + [s + 1 for s in steps_where(manifest.steps, "has_params")]
         #: checkpoints whose optimizer state is stored (the others take it from the replay before them)
-        self._full = {0} | {r.step + 1 for r in manifest.steps if r.optimizer_state is not None}
+        self._full = {0} | {s + 1 for s in steps_where(manifest.steps, "optimizer_state")}
         self._states: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._module: nn.Module | None = None
         self._tol = float(tolerance) if tolerance is not None else default_tolerance(source.dtype)
