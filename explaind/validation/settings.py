@@ -110,6 +110,8 @@ class SettingProblem(ValidationProblem):
         elif config.setting == "contrastive":
             gen = torch.Generator().manual_seed(config.seed + 3)
             self.X_train, self.X_test = _views(self.X_train, gen), _views(self.X_test, gen)
+        #: Seed of the global generator right before the loop: the dropout masks of every retraining.
+        self.mask_seed = config.seed + 11
 
     def build_model(self) -> nn.Module:
         """The setting's model at its initialisation (the same tensors on every call)."""
@@ -167,7 +169,7 @@ class SettingProblem(ValidationProblem):
         recorder = self._recorder(model, opt) if record else None
         if recorder is not None:
             recorder.__enter__()
-        torch.manual_seed(self.config.seed + 11)  # the dropout masks: one stream, the same for every weights
+        torch.manual_seed(self.mask_seed)  # the dropout masks: one stream, the same for every weights
         try:
             for idx in self.batches:
                 opt.zero_grad()
