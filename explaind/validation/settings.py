@@ -50,7 +50,7 @@ SETTING_METHODS: tuple[str, ...] = ("counterfactual", "explaind", "tracin", "gra
 #: The measured size of every setting beyond the SGD MLP (fewer samples, subsets and seeds than the SGD MLP's
 #: benchmark, so that one setting runs in minutes on a 2-core machine), and each setting's optimizer settings.
 SETTING_SIZE: dict[str, Any] = dict(n_train=300, n_test=30, hidden=32, epochs=8, batch_size=25, n_subsets=100,
-                                    top_k=15, seeds=5, n_bootstrap=1000)
+                                    top_k=15, seeds=3, n_bootstrap=1000)
 #: Embedding size of the contrastive encoder.
 EMBEDDING = 8
 _OPTIMIZER: dict[str, dict[str, float]] = {"adamw": {"lr": 0.01}, "dropout": {}, "batchnorm": {},
