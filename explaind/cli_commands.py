@@ -335,6 +335,7 @@ def cmd_validate(args: argparse.Namespace, out: Any) -> int:
 
     argv = ["--setting", *args.setting, "--activation", *args.activation, "--seed", str(args.seed)]
     argv += ["--quick"] if args.quick else []
+    argv += ["--settings-size"] if args.settings_size else []
     argv += ["--progress"] if out.progress else []
     for flag, value in (("--subsets", args.subsets), ("--top-k", args.top_k), ("--seeds", args.seeds),
                         ("--out", args.out)):

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", choices=SETTINGS, nargs="+", default=["sgd_mlp"],
                    help="training runs to validate on (default sgd_mlp, the MLP with SGD and momentum; adamw, dropout, "
                         "batchnorm, contrastive: docs/scores_meaning.md, 'Beyond SGD on an MLP', smaller by default)")
+    p.add_argument("--settings-size", action="store_true",
+                   help="run sgd_mlp at the size of the other settings, as their baseline (written as "
+                        "validation_sgd_mlp_<activation>.*)")
     p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=["tanh"])
     p.add_argument("--subsets", type=int, default=None, help="M, subsets per fraction (default 200; quick 8)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")
@@ -100,19 +103,20 @@ def _run_one(setting: str, activation: str, args: argparse.Namespace, changes: d
     """Measure one setting with one activation: print its tables and write its files; returns the exit status."""
     from ..exceptions import ExplaindError
     from .benchmark import run_validation
-    from .settings import describe, setting_config
+    from .settings import SETTING_METHODS, describe, setting_config
 
     start = time.perf_counter()
     try:
-        config = setting_config(setting, args.quick, activation=activation, **changes)
+        config = setting_config(setting, args.quick, args.settings_size, activation=activation, **changes)
         if args.progress:
             sys.stderr.write(_announcement(config, args.quick))
-        result = run_validation(config, progress=args.progress)
+        methods = SETTING_METHODS if args.settings_size else None  # the baseline compares what the settings do
+        result = run_validation(config, methods=methods, progress=args.progress)
     except ExplaindError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     c = result.config
-    if setting == "sgd_mlp":
+    if setting == "sgd_mlp" and not args.settings_size:
         head = (f"\n## {activation}: digits {c['n_train']} train / {c['n_test']} test, MLP 64-{c['hidden']}-10, SGD "
                 f"lr {c['lr']} momentum {c['momentum']}, {c['n_steps']} steps of {c['batch_size']}, float64; ")
         name = f"validation_{activation}"

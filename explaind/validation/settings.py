@@ -223,9 +223,13 @@ class SettingProblem(ValidationProblem):
         return g_test.detach(), g_train
 
 
-def setting_config(setting: str, quick: bool = False, **changes: Any) -> ValidationConfig:
-    """The configuration of ``setting`` at its measured size (:data:`SETTING_SIZE`), or the tiny quick size."""
-    if setting == "sgd_mlp":
+def setting_config(setting: str, quick: bool = False, settings_size: bool = False, **changes: Any) -> ValidationConfig:
+    """The configuration of ``setting`` at its measured size (:data:`SETTING_SIZE`), or the tiny quick size.
+
+    ``"sgd_mlp"`` keeps its own larger size unless ``settings_size`` is true (then it is the baseline of the other
+    settings, at their size).
+    """
+    if setting == "sgd_mlp" and not settings_size:
         return ValidationConfig.quick(**changes) if quick else ValidationConfig(**changes)
     if quick:
         return ValidationConfig.quick(setting=setting, **changes)
@@ -242,14 +246,15 @@ def describe(config: dict[str, Any]) -> str:
     c = config
     size = f"digits {c['n_train']} train / {c['n_test']} test"
     loop = f"{c['n_steps']} steps of {c['batch_size']}, float64"
-    model = {"adamw": f"MLP 64-{c['hidden']}-10 ({c['activation']})",
+    model = {"sgd_mlp": f"MLP 64-{c['hidden']}-10 ({c['activation']})",
+             "adamw": f"MLP 64-{c['hidden']}-10 ({c['activation']})",
              "dropout": f"MLP 64-{c['hidden']}-10 ({c['activation']}, dropout {c['dropout']} after the hidden layer, "
                         f"masks replayed)",
              "batchnorm": f"CNN conv3x3(8)-BatchNorm2d (train mode)-{c['activation']}-avgpool-linear",
              "contrastive": f"pair encoder 64-{c['hidden']}-8 ({c['activation']}), symmetric InfoNCE "
                             f"(temperature {c['temperature']}) on two fixed augmented views; explained: the cosine "
                             f"similarity of a test digit's two views"}[c["setting"]]
-    lr = _OPTIMIZER[c["setting"]].get("lr", c["lr"])
+    lr = _OPTIMIZER.get(c["setting"], {}).get("lr", c["lr"])
     optimizer = (f"AdamW lr {lr} weight decay {c['weight_decay']}, cosine schedule" if c["setting"] == "adamw"
                  else f"SGD lr {lr} momentum {c['momentum']}")
     return f"{size}, {model}, {optimizer}, {loop}"
