@@ -158,3 +158,15 @@ def test_setting_errors():
         run_validation(setting_config("batchnorm", quick=True), methods=("counterfactual", "influence"))
     assert setting_config("sgd_mlp") == ValidationConfig()
     assert setting_config("adamw").n_train == 300 and setting_config("adamw", quick=True).n_train == 60
+
+
+def test_settings_size_runs_the_sgd_mlp_as_their_baseline(tmp_path, capsys):
+    from explaind.cli import main as cli_main
+
+    assert cli_main(["validate", "--quick", "--setting", "sgd_mlp", "--settings-size", "--subsets", "4",
+                     "--fractions", "0.5", "--out", str(tmp_path)]) == 0
+    assert "## sgd_mlp (tanh): digits 60 train / 10 test, MLP 64-16-10 (tanh), SGD lr 0.05" in capsys.readouterr().out
+    data = json.loads((tmp_path / "validation_sgd_mlp_tanh.json").read_text())
+    assert set(data["lds"]) == set(SETTING_METHODS) and data["checks"]["full_retrain_max_abs_diff"] == 0.0
+    assert setting_config("sgd_mlp", settings_size=True) == ValidationConfig(n_train=300, n_test=30, epochs=8,
+                                                                             n_subsets=100, top_k=15, seeds=3)
