@@ -338,7 +338,7 @@ def cmd_validate(args: argparse.Namespace, out: Any) -> int:
     argv += ["--settings-size"] if args.settings_size else []
     argv += ["--progress"] if out.progress else []
     for flag, value in (("--subsets", args.subsets), ("--top-k", args.top_k), ("--seeds", args.seeds),
-                        ("--out", args.out)):
+                        ("--lr", args.lr), ("--out", args.out)):
         if value is not None:
             argv += [flag, str(value)]
     if args.fractions is not None:

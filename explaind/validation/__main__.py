@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings-size", action="store_true",
                    help="run sgd_mlp at the size of the other settings, as their baseline (written as "
                         "validation_sgd_mlp_<activation>.*)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: each setting's own; a changed one is written as "
+                        "validation_<setting>_<activation>_lr<LR>.*)")
     p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=["tanh"])
     p.add_argument("--subsets", type=int, default=None, help="M, subsets per fraction (default 200; quick 8)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")
@@ -87,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes["top_k"] = args.top_k
     if args.seeds is not None:
         changes["seeds"] = args.seeds
+    if args.lr is not None:
+        changes["lr"] = args.lr
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +127,7 @@ def _run_one(setting: str, activation: str, args: argparse.Namespace, changes: d
         name = f"validation_{activation}"
     else:
         head = f"\n## {setting} ({activation}): {describe(c)}; "
-        name = f"validation_{setting}_{activation}"
+        name = f"validation_{setting}_{activation}" + ("" if args.lr is None else f"_lr{args.lr:g}")
     sys.stdout.write(
         f"{head}M = {c['n_subsets']} subsets per fraction, {c['seeds']} seed(s) from {c['seed']}\n\n"
         f"{result.table()}\n\n"

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from ..exceptions import ConfigError
 from .problem import ValidationConfig, ValidationProblem
 
-__all__ = ["SETTING_METHODS", "SETTING_SIZE", "make_problem", "setting_config", "describe", "info_nce_terms",
-           "PairEncoder"]
+__all__ = ["SETTING_LR", "SETTING_METHODS", "SETTING_SIZE", "make_problem", "setting_config", "describe",
+           "info_nce_terms", "PairEncoder"]
 
 #: Methods compared on the settings beyond the SGD MLP (the explicit influence functions and TRAK are
 #: written for a cross-entropy MLP and are not run there).
@@ -53,8 +53,8 @@ SETTING_SIZE: dict[str, Any] = dict(n_train=300, n_test=30, hidden=32, epochs=8,
                                     top_k=15, seeds=3, n_bootstrap=1000)
 #: Embedding size of the contrastive encoder.
 EMBEDDING = 8
-_OPTIMIZER: dict[str, dict[str, float]] = {"adamw": {"lr": 0.01}, "dropout": {}, "batchnorm": {},
-                                           "contrastive": {"lr": 0.1}}
+#: The learning rate of the settings that do not keep ``ValidationConfig.lr`` (``--lr`` overrides it).
+SETTING_LR: dict[str, float] = {"adamw": 0.01, "contrastive": 0.1}
 
 
 def info_nce_terms(outputs: Tensor, targets: Tensor, temperature: float = 0.5) -> Tensor:
@@ -136,7 +136,7 @@ class SettingProblem(ValidationProblem):
 
     def _optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
         c = self.config
-        lr = _OPTIMIZER[c.setting].get("lr", c.lr)
+        lr = c.lr
         if c.setting == "adamw":
             opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=c.weight_decay)
             return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.n_steps)
@@ -231,6 +231,7 @@ def setting_config(setting: str, quick: bool = False, settings_size: bool = Fals
     """
     if setting == "sgd_mlp" and not settings_size:
         return ValidationConfig.quick(**changes) if quick else ValidationConfig(**changes)
+    changes = {"lr": SETTING_LR[setting], **changes} if setting in SETTING_LR else changes
     if quick:
         return ValidationConfig.quick(setting=setting, **changes)
     return ValidationConfig(**{**SETTING_SIZE, "setting": setting, **changes})
@@ -254,7 +255,7 @@ def describe(config: dict[str, Any]) -> str:
              "contrastive": f"pair encoder 64-{c['hidden']}-8 ({c['activation']}), symmetric InfoNCE "
                             f"(temperature {c['temperature']}) on two fixed augmented views; explained: the cosine "
                             f"similarity of a test digit's two views"}[c["setting"]]
-    lr = _OPTIMIZER.get(c["setting"], {}).get("lr", c["lr"])
+    lr = c["lr"]
     optimizer = (f"AdamW lr {lr} weight decay {c['weight_decay']}, cosine schedule" if c["setting"] == "adamw"
                  else f"SGD lr {lr} momentum {c['momentum']}")
     return f"{size}, {model}, {optimizer}, {loop}"
