@@ -24,7 +24,7 @@ the same order, in which those samples contribute nothing. This is exactly the r
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -164,6 +164,10 @@ class ValidationConfig:
                 "weight_decay": self.weight_decay, "dropout": self.dropout, "temperature": self.temperature}
 
 
+def _cross_entropy_terms(outputs: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
 class ValidationProblem:
     """The data, the initialisation and the batch schedule of one validation run.
 
@@ -220,12 +224,7 @@ class ValidationProblem:
         trajectory : Trajectory or None
             The recorded run when ``record`` is true.
         """
-        n = self.config.n_train
-        w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if w.shape != (n,):
-            raise ConfigError(f"ValidationProblem.train: weights must have shape ({n},); got {tuple(w.shape)}.")
-        if record and not bool((w == 1).all()):
-            raise ConfigError("ValidationProblem.train: record=True records the unweighted run; pass weights=None.")
+        w = self.checked_weights(weights, record)
         model = self.build_model()
         opt = torch.optim.SGD(model.parameters(), lr=self.config.lr, momentum=self.config.momentum)
         recorder = None
@@ -233,15 +232,40 @@ class ValidationProblem:
             from ..trajectory import TrajectoryRecorder
 
             recorder = TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(self.X_train, self.y_train))
+        return self.run_loop(model, opt, w, recorder, _cross_entropy_terms)
+
+    def checked_weights(self, weights: Tensor | None, record: bool) -> Tensor:
+        """The sample weights as a float64 ``(n_train,)`` tensor (all ones when ``None``), checked."""
+        n = self.config.n_train
+        w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (n,):
+            raise ConfigError(f"ValidationProblem.train: weights must have shape ({n},); got {tuple(w.shape)}.")
+        if record and not bool((w == 1).all()):
+            raise ConfigError("ValidationProblem.train: record=True records the unweighted run; pass weights=None.")
+        return w
+
+    def run_loop(self, model: nn.Module, opt: torch.optim.Optimizer, w: Tensor, recorder: Any,
+                 terms: Callable[[Tensor, Tensor], Tensor], schedule: Any = None,
+                 seed: int | None = None) -> tuple[nn.Module, Any]:
+        r"""The recorded loop over :attr:`batches`: step ``s`` minimises :math:`\frac{1}{|B_s|}\sum_k w_k \ell_k`.
+
+        ``terms(outputs, targets)`` gives the ``(|B_s|,)`` loss terms of a batch; ``recorder`` (or ``None``)
+        logs every batch; ``schedule`` is stepped after every optimizer step; ``seed`` seeds the global
+        generator right before the loop. Returns the trained model (in evaluation mode) and the trajectory.
+        """
+        if recorder is not None:
             recorder.__enter__()
+        if seed is not None:
+            torch.manual_seed(seed)
         try:
             for idx in self.batches:
                 opt.zero_grad()
-                losses = nn.functional.cross_entropy(model(self.X_train[idx]), self.y_train[idx], reduction="none")
-                ((losses * w[idx]).sum() / len(idx)).backward()
+                ((terms(model(self.X_train[idx]), self.y_train[idx]) * w[idx]).sum() / len(idx)).backward()
                 if recorder is not None:
                     recorder.log_batch(idx)
                 opt.step()
+                if schedule is not None:
+                    schedule.step()
         finally:
             if recorder is not None:
                 recorder.__exit__(None, None, None)

@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError
 from .problem import ValidationConfig, ValidationProblem
 
 __all__ = ["SETTING_LR", "SETTING_METHODS", "SETTING_SIZE", "make_problem", "setting_config", "describe",
@@ -158,32 +157,12 @@ class SettingProblem(ValidationProblem):
         The global generator is seeded right before the loop, so every call draws the same dropout
         masks, whatever the weights.
         """
-        n = self.config.n_train
-        w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if w.shape != (n,):
-            raise ConfigError(f"ValidationProblem.train: weights must have shape ({n},); got {tuple(w.shape)}.")
-        if record and not bool((w == 1).all()):
-            raise ConfigError("ValidationProblem.train: record=True records the unweighted run; pass weights=None.")
+        w = self.checked_weights(weights, record)
         model = self.build_model()
         opt, schedule = self._optimizer(model)
         recorder = self._recorder(model, opt) if record else None
-        if recorder is not None:
-            recorder.__enter__()
-        torch.manual_seed(self.mask_seed)  # the dropout masks: one stream, the same for every weights
-        try:
-            for idx in self.batches:
-                opt.zero_grad()
-                ((self.terms(model(self.X_train[idx]), self.y_train[idx]) * w[idx]).sum() / len(idx)).backward()
-                if recorder is not None:
-                    recorder.log_batch(idx)
-                opt.step()
-                if schedule is not None:
-                    schedule.step()
-        finally:
-            if recorder is not None:
-                recorder.__exit__(None, None, None)
-        model.eval()
-        return model, (recorder.trajectory if recorder is not None else None)
+        # the dropout masks: one stream from mask_seed, the same for every weights
+        return self.run_loop(model, opt, w, recorder, self.terms, schedule, seed=self.mask_seed)
 
     def targets(self) -> list[int]:
         """The explained output: the true class, or the similarity column of the contrastive encoder."""
