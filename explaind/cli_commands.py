@@ -333,11 +333,12 @@ def cmd_validate(args: argparse.Namespace, out: Any) -> int:
     """The validation benchmark (``python -m explaind.validation``) with the same options."""
     from .validation.__main__ import main as validation_main
 
-    argv = ["--activation", *args.activation, "--seed", str(args.seed)]
+    argv = ["--setting", *args.setting, "--activation", *args.activation, "--seed", str(args.seed)]
     argv += ["--quick"] if args.quick else []
+    argv += ["--settings-size"] if args.settings_size else []
     argv += ["--progress"] if out.progress else []
     for flag, value in (("--subsets", args.subsets), ("--top-k", args.top_k), ("--seeds", args.seeds),
-                        ("--out", args.out)):
+                        ("--lr", args.lr), ("--out", args.out)):
         if value is not None:
             argv += [flag, str(value)]
     if args.fractions is not None:

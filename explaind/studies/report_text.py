@@ -186,8 +186,8 @@ def validation_section(validation_dir: str | Path, out: Path) -> viz.ReportSecti
     Parameters
     ----------
     validation_dir : str or Path
-        Holds ``validation_<activation>.json`` and, for each, ``validation_<activation>.png``
-        (drawn from the JSON when missing).
+        Holds ``validation_<activation>.json`` (``validation_<setting>_<activation>.json`` for the settings
+        beyond the SGD MLP) and, for each, the ``.png`` of the same name (drawn from the JSON when missing).
     out : Path
         Report folder; the figures are copied there.
 
@@ -197,6 +197,7 @@ def validation_section(validation_dir: str | Path, out: Path) -> viz.ReportSecti
         When the folder holds no ``validation_*.json``.
     """
     from ..validation import ValidationResult
+    from ..validation.settings import describe
 
     folder = Path(validation_dir)
     results = sorted(folder.glob("validation_*.json"))
@@ -215,25 +216,30 @@ def validation_section(validation_dir: str | Path, out: Path) -> viz.ReportSecti
         else:
             result.plot(copy)
         images.append(copy)
-        captions.append(f"LDS of each method, {c['activation']}: digits {c['n_train']} train / {c['n_test']} test, "
-                        f"MLP 64-{c['hidden']}-10, {c['n_steps']} SGD steps, M = {c['n_subsets']} subsets per "
-                        f"fraction, {c['seeds']} seed(s).")
+        setting = c.get("setting", "sgd_mlp")
+        label = c["activation"] if setting == "sgd_mlp" else f"{setting} ({c['activation']})"
+        run = (f"digits {c['n_train']} train / {c['n_test']} test, MLP 64-{c['hidden']}-10, {c['n_steps']} SGD steps"
+               if setting == "sgd_mlp" else describe(c))
+        captions.append(f"LDS of each method, {label}: {run}, M = {c['n_subsets']} subsets per fraction, "
+                        f"{c['seeds']} seed(s).")
         for method, by_fraction in result.lds.items():
-            row: dict[str, Any] = {"activation": c["activation"], "method": method,
+            row: dict[str, Any] = {"activation": label, "method": method,
                                    "score time (s)": round(float(result.seconds[method]), 2)}
             for fraction, (mean, std) in by_fraction.items():
                 row[f"LDS {100 * fraction:g}%"] = f"{mean:+.3f} ± {std:.3f}"
             rows.append(row)
         for method, package in result.unavailable.items():
-            rows.append({"activation": c["activation"], "method": method,
+            rows.append({"activation": label, "method": method,
                          "score time (s)": f"not installed ({package})"})
-        removal += [f"{c['activation']}, {method}: removing each test point's top-{c['top_k']} proponents lowered "
+        removal += [f"{label}, {method}: removing each test point's top-{c['top_k']} proponents lowered "
                     f"its logit for {100 * r['fraction_lowered']:.1f}% of test points (mean change "
                     f"{r['mean_change']:+.3f}, first-order prediction {r['mean_predicted_change']:+.3f})"
                     for method, r in result.removal.items()]
     text = ("This section is about a separate benchmark model, not the run above: small digits MLPs retrained on "
-            "random subsets of their training set (docs/scores_meaning.md). Each method's scores predict the "
-            "retrained true-class logit; the table gives the linear datamodeling score (LDS, mean ± bootstrap std). "
+            "random subsets of their training set (docs/scores_meaning.md; the other settings: its 'Beyond SGD on an "
+            "MLP'). Each method's scores predict the retrained true-class logit (the contrastive setting: the "
+            "similarity of a test digit's two views); the table gives the linear datamodeling score (LDS, mean ± "
+            "bootstrap std). "
             "The counterfactual predicts retraining; the ExPLAIND decomposition accounts for the recorded run "
             "and is not a removal prediction.\n\n" + "; ".join(removal) + ".")
     return viz.ReportSection("Validation against retraining", text, images, captions, table=rows,

@@ -7,7 +7,9 @@ removing each test point's top proponents, and both predictions are checked agai
 retraining of the same loop with the removed samples weighted 0 (docs/scores_meaning.md).
 
 Run ``python -m explaind.validation [--quick] [--activation tanh|relu] [--seeds N] [--out DIR]``, or call
-:func:`run_validation`.
+:func:`run_validation`. ``--setting adamw dropout batchnorm contrastive`` runs the same measurement on AdamW with
+a cosine schedule, dropout with replayed masks, a train-mode batch-norm CNN and InfoNCE
+(:mod:`explaind.validation.settings`, docs/scores_meaning.md "Beyond SGD on an MLP").
 """
 
 from __future__ import annotations

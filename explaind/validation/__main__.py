@@ -1,7 +1,8 @@
 """``python -m explaind.validation``: LDS and top-k removal of the attribution methods on digits.
 
-Prints the tables as markdown (one section per activation) and, with ``--out DIR``, writes
-``validation_<activation>.json``, ``.csv`` and ``.png`` (the LDS bars) there; ``explaind report
+Prints the tables as markdown (one section per setting and activation) and, with ``--out DIR``, writes
+``validation_<activation>.json``, ``.csv`` and ``.png`` (the LDS bars) there, ``validation_<setting>_<activation>.*``
+for the settings beyond the SGD MLP (``--setting``, :mod:`explaind.validation.settings`); ``explaind report
 RUN --validation DIR`` puts them in the HTML report.
 """
 
@@ -12,9 +13,10 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .problem import SETTINGS
 
 if TYPE_CHECKING:
     from .benchmark import ValidationResult
@@ -31,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny size (60 train, 10 test, 20 steps, 8 subsets, top-5, 1 seed): a smoke test, not a "
                         "measurement")
+    p.add_argument("--setting", choices=SETTINGS, nargs="+", default=["sgd_mlp"],
+                   help="training runs to validate on (default sgd_mlp, the MLP with SGD and momentum; adamw, dropout, "
+                        "batchnorm, contrastive: docs/scores_meaning.md, 'Beyond SGD on an MLP', smaller by default)")
+    p.add_argument("--settings-size", action="store_true",
+                   help="run sgd_mlp at the size of the other settings, as their baseline (written as "
+                        "validation_sgd_mlp_<activation>.*)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: each setting's own; a changed one is written as "
+                        "validation_<setting>_<activation>_lr<LR>.*)")
     p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=["tanh"])
     p.add_argument("--subsets", type=int, default=None, help="M, subsets per fraction (default 200; quick 8)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")
@@ -60,20 +71,17 @@ def _announcement(config: ValidationConfig, quick: bool) -> str:
     size = ("a smoke test, seconds" if quick else
             "the measurement itself: tens of minutes on a CPU, measured times in docs/scores_meaning.md; "
             "--quick is a smoke test in seconds")
-    return (f"validate ({config.activation}): {config.seeds} seed(s), {retrainings(config):,} retrainings of "
+    label = config.activation if config.setting == "sgd_mlp" else f"{config.setting}, {config.activation}"
+    return (f"validate ({label}): {config.seeds} seed(s), {retrainings(config):,} retrainings of "
             f"{config.n_steps} steps ({size})\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark for each activation, print the tables; returns the exit status."""
+    """Run the benchmark for each setting and activation, print the tables; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ..exceptions import ExplaindError
-    from .benchmark import run_validation
-    from .problem import ValidationConfig
-
-    changes = {"seed": args.seed}
+    changes: dict[str, Any] = {"seed": args.seed}
     if args.subsets is not None:
         changes["n_subsets"] = args.subsets
     if args.fractions is not None:
@@ -82,34 +90,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes["top_k"] = args.top_k
     if args.seeds is not None:
         changes["seeds"] = args.seeds
+    if args.lr is not None:
+        changes["lr"] = args.lr
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    for activation in args.activation:
-        start = time.perf_counter()
-        try:
-            base = ValidationConfig.quick() if args.quick else ValidationConfig()
-            config = replace(base, activation=activation, **changes)
-            if args.progress:
-                sys.stderr.write(_announcement(config, args.quick))
-            result = run_validation(config, progress=args.progress)
-        except ExplaindError as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            return 2
-        c = result.config
-        sys.stdout.write(
-            f"\n## {activation}: digits {c['n_train']} train / {c['n_test']} test, MLP 64-{c['hidden']}-10, SGD "
-            f"lr {c['lr']} momentum {c['momentum']}, {c['n_steps']} steps of {c['batch_size']}, float64; "
-            f"M = {c['n_subsets']} subsets per fraction, {c['seeds']} seed(s) from {c['seed']}\n\n{result.table()}\n\n"
-            f"{timing(result)}"
-            f"recording {result.seconds['record']:.1f}s, subset retraining {result.seconds['retrain_subsets']:.1f}s, "
-            f"removal retraining {result.seconds['retrain_removal']:.1f}s, total {time.perf_counter() - start:.1f}s; "
-            f"full-set retrain vs recorded run: max |Δ logit| = {result.checks['full_retrain_max_abs_diff']:.1e}\n"
-        )
-        if out is not None:
-            result.to_json(out / f"validation_{activation}.json")
-            result.to_csv(out / f"validation_{activation}.csv")
-            result.plot(out / f"validation_{activation}.png")
+    for setting in args.setting:
+        for activation in args.activation:
+            code = _run_one(setting, activation, args, changes, out)
+            if code:
+                return code
+    return 0
+
+
+def _run_one(setting: str, activation: str, args: argparse.Namespace, changes: dict[str, Any],
+             out: Path | None) -> int:
+    """Measure one setting with one activation: print its tables and write its files; returns the exit status."""
+    from ..exceptions import ExplaindError
+    from .benchmark import run_validation
+    from .settings import SETTING_METHODS, describe, setting_config
+
+    start = time.perf_counter()
+    try:
+        config = setting_config(setting, args.quick, args.settings_size, activation=activation, **changes)
+        if args.progress:
+            sys.stderr.write(_announcement(config, args.quick))
+        methods = SETTING_METHODS if args.settings_size else None  # the baseline compares what the settings do
+        result = run_validation(config, methods=methods, progress=args.progress)
+    except ExplaindError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    c = result.config
+    if setting == "sgd_mlp" and not args.settings_size:
+        head = (f"\n## {activation}: digits {c['n_train']} train / {c['n_test']} test, MLP 64-{c['hidden']}-10, SGD "
+                f"lr {c['lr']} momentum {c['momentum']}, {c['n_steps']} steps of {c['batch_size']}, float64; ")
+        name = f"validation_{activation}"
+    else:
+        head = f"\n## {setting} ({activation}): {describe(c)}; "
+        name = f"validation_{setting}_{activation}" + ("" if args.lr is None else f"_lr{args.lr:g}")
+    sys.stdout.write(
+        f"{head}M = {c['n_subsets']} subsets per fraction, {c['seeds']} seed(s) from {c['seed']}\n\n"
+        f"{result.table()}\n\n"
+        f"{timing(result)}"
+        f"recording {result.seconds['record']:.1f}s, subset retraining {result.seconds['retrain_subsets']:.1f}s, "
+        f"removal retraining {result.seconds['retrain_removal']:.1f}s, total {time.perf_counter() - start:.1f}s; "
+        f"full-set retrain vs recorded run: max |Δ logit| = {result.checks['full_retrain_max_abs_diff']:.1e}\n"
+    )
+    if out is not None:
+        result.to_json(out / f"{name}.json")
+        result.to_csv(out / f"{name}.csv")
+        result.plot(out / f"{name}.png")
     return 0
 
 

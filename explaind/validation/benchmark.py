@@ -38,6 +38,7 @@ from . import external
 from .methods import METHODS, OPTIONAL_METHODS, compute_scores
 from .metrics import bootstrap_mean, lds, subset_predictions
 from .problem import ValidationConfig, ValidationProblem
+from .settings import SETTING_METHODS, make_problem
 
 __all__ = ["ValidationResult", "run_validation", "draw_subsets", "REMOVAL_METHODS", "retrainings"]
 
@@ -150,8 +151,9 @@ class ValidationResult:
         from ..viz import lds_bars
 
         c = self.config
+        setting = "" if c.get("setting", "sgd_mlp") == "sgd_mlp" else f"{c['setting']}, "
         return lds_bars(self.lds, [float(f) for f in c["fractions"]], path,
-                        title=f"LDS ({c['activation']}, {c['seeds']} seed{'s' if c['seeds'] != 1 else ''}, "
+                        title=f"LDS ({setting}{c['activation']}, {c['seeds']} seed{'s' if c['seeds'] != 1 else ''}, "
                               f"M = {c['n_subsets']})")
 
 
@@ -194,7 +196,7 @@ class _SeedRun:
 
 
 def _run_seed(config: ValidationConfig, methods: tuple[str, ...], bar: Any) -> _SeedRun:
-    problem = ValidationProblem(config)
+    problem = make_problem(config)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     model, trajectory = problem.train(record=True)
@@ -236,7 +238,7 @@ def retrainings(config: ValidationConfig) -> int:
 
 
 def run_validation(config: ValidationConfig | None = None,
-                   methods: tuple[str, ...] = METHODS + OPTIONAL_METHODS,
+                   methods: tuple[str, ...] | None = None,
                    progress: bool = False) -> ValidationResult:
     """Record a digits run per seed, score it with each method and measure LDS and top-k removal by retraining.
 
@@ -245,10 +247,11 @@ def run_validation(config: ValidationConfig | None = None,
     config : ValidationConfig, optional
         Settings (default: the full benchmark, ``ValidationConfig()``); its ``seeds`` runs use the
         seeds ``config.seed, config.seed + 1, ...``.
-    methods : tuple of str
+    methods : tuple of str, optional
         Methods to compare (names from :data:`~explaind.validation.methods.METHODS` and
-        :data:`~explaind.validation.methods.OPTIONAL_METHODS`); the removal test runs for those of
-        :data:`REMOVAL_METHODS` among them. Optional methods whose package is missing are listed in
+        :data:`~explaind.validation.methods.OPTIONAL_METHODS`; default all of them for the SGD MLP, and
+        :data:`~explaind.validation.settings.SETTING_METHODS` for the other settings); the removal test
+        runs for those of :data:`REMOVAL_METHODS` among them. Optional methods whose package is missing are listed in
         :attr:`ValidationResult.unavailable`.
     progress : bool
         A progress bar over the stages on stderr.
@@ -260,6 +263,11 @@ def run_validation(config: ValidationConfig | None = None,
     from tqdm.auto import tqdm
 
     config = config if config is not None else ValidationConfig()
+    if methods is None:
+        methods = METHODS + OPTIONAL_METHODS if config.setting == "sgd_mlp" else SETTING_METHODS
+    elif config.setting != "sgd_mlp" and (bad := [m for m in methods if m not in SETTING_METHODS]):
+        raise ConfigError(f"run_validation: method(s) {bad!r} are not run on the setting {config.setting!r} (they are "
+                          f"written for the cross-entropy MLP). Allowed there: {', '.join(SETTING_METHODS)}.")
     unavailable = {m: pkg for m in methods if m in OPTIONAL_METHODS and (pkg := external.missing(m)) is not None}
     scored = tuple(m for m in methods if m not in unavailable)
     # stages per seed: recording, scores, one per fraction of retrained subsets, top-k removal

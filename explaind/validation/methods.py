@@ -60,21 +60,21 @@ def _estimator_scores(estimator: Any, trajectory: Any, problem: ValidationProble
 def _explaind(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
     from ..estimators.influence import InfluenceEstimator
 
-    est = InfluenceEstimator(keep=("train",), target=problem.y_test.tolist(), device="cpu")
+    est = InfluenceEstimator(keep=("train",), target=problem.targets(), device="cpu")
     return _estimator_scores(est, trajectory, problem)
 
 
 def _tracin(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
     from ..estimators.influence import InfluenceEstimator
 
-    est = InfluenceEstimator(keep=("train",), target=problem.y_test.tolist(), quadrature="left", device="cpu")
+    est = InfluenceEstimator(keep=("train",), target=problem.targets(), quadrature="left", device="cpu")
     return _estimator_scores(est, trajectory, problem)
 
 
 def _counterfactual(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
     from ..estimators.counterfactual import CounterfactualEstimator
 
-    est = CounterfactualEstimator(target=problem.y_test.tolist(), device="cpu")
+    est = CounterfactualEstimator(target=problem.targets(), device="cpu")
     return _estimator_scores(est, trajectory, problem)
 
 
@@ -106,7 +106,8 @@ def flat_sample_grads(model: torch.nn.Module, problem: ValidationProblem,
 
 
 def _grad_dot(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module) -> np.ndarray:
-    g_test, g_train = flat_sample_grads(model, problem)
+    final_grads = getattr(problem, "final_grads", None)  # the settings beyond the SGD MLP define their own
+    g_test, g_train = final_grads(model) if final_grads is not None else flat_sample_grads(model, problem)
     return (-(g_test @ g_train.T)).numpy()
 
 

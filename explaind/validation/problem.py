@@ -24,7 +24,7 @@ the same order, in which those samples contribute nothing. This is exactly the r
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -33,7 +33,10 @@ from torch import Tensor, nn
 
 from ..exceptions import ConfigError
 
-__all__ = ["ValidationConfig", "ValidationProblem"]
+__all__ = ["SETTINGS", "ValidationConfig", "ValidationProblem"]
+
+#: The training runs the benchmark validates on: the SGD MLP of this module, then those of the settings module.
+SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive")
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,16 @@ class ValidationConfig:
         Models in TRAK's ensemble.
     trak_proj_dim : int, optional
         TRAK's projection dimension, below ``n_train`` (default ``n_train // 5``).
+    setting : str
+        The training run: ``"sgd_mlp"`` (this module's MLP with SGD and momentum) or one of the
+        settings of :mod:`explaind.validation.settings` (``"adamw"``, ``"dropout"``, ``"batchnorm"``,
+        ``"contrastive"``); :meth:`for_setting` gives each its measured size.
+    weight_decay : float
+        AdamW's decoupled weight decay (setting ``"adamw"``).
+    dropout : float
+        Dropout probability after the hidden layer (setting ``"dropout"``).
+    temperature : float
+        InfoNCE temperature (setting ``"contrastive"``).
     """
 
     activation: Literal["tanh", "relu"] = "tanh"
@@ -94,6 +107,10 @@ class ValidationConfig:
     damping: float = 0.1
     trak_models: int = 5
     trak_proj_dim: int | None = None
+    setting: str = "sgd_mlp"
+    weight_decay: float = 0.05
+    dropout: float = 0.2
+    temperature: float = 0.5
 
     def __post_init__(self) -> None:
         if self.activation not in ("tanh", "relu"):
@@ -103,6 +120,13 @@ class ValidationConfig:
                      "seeds", "trak_models"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ValidationConfig: {name} must be a positive integer; got {getattr(self, name)!r}.")
+        if self.setting not in SETTINGS:
+            raise ConfigError(f"ValidationConfig: invalid value for 'setting': {self.setting!r}. Allowed: "
+                              f"{', '.join(repr(n) for n in SETTINGS)}.")
+        if not 0.0 <= float(self.dropout) < 1.0 or not float(self.temperature) > 0 or float(self.weight_decay) < 0:
+            raise ConfigError(f"ValidationConfig: need 0 <= dropout < 1, temperature > 0 and weight_decay >= 0; got "
+                              f"dropout={self.dropout!r}, temperature={self.temperature!r}, "
+                              f"weight_decay={self.weight_decay!r}.")
         if self.trak_proj_dim is None:
             object.__setattr__(self, "trak_proj_dim", max(1, int(self.n_train) // 5))
         if not 1 <= int(self.trak_proj_dim) < self.n_train:
@@ -136,7 +160,12 @@ class ValidationConfig:
                 "momentum": self.momentum, "seed": self.seed, "fractions": list(self.fractions),
                 "n_subsets": self.n_subsets, "top_k": self.top_k, "n_bootstrap": self.n_bootstrap,
                 "seeds": self.seeds, "damping": self.damping, "trak_models": self.trak_models,
-                "trak_proj_dim": self.trak_proj_dim, "n_steps": self.n_steps}
+                "trak_proj_dim": self.trak_proj_dim, "n_steps": self.n_steps, "setting": self.setting,
+                "weight_decay": self.weight_decay, "dropout": self.dropout, "temperature": self.temperature}
+
+
+def _cross_entropy_terms(outputs: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
 class ValidationProblem:
@@ -195,12 +224,7 @@ class ValidationProblem:
         trajectory : Trajectory or None
             The recorded run when ``record`` is true.
         """
-        n = self.config.n_train
-        w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if w.shape != (n,):
-            raise ConfigError(f"ValidationProblem.train: weights must have shape ({n},); got {tuple(w.shape)}.")
-        if record and not bool((w == 1).all()):
-            raise ConfigError("ValidationProblem.train: record=True records the unweighted run; pass weights=None.")
+        w = self.checked_weights(weights, record)
         model = self.build_model()
         opt = torch.optim.SGD(model.parameters(), lr=self.config.lr, momentum=self.config.momentum)
         recorder = None
@@ -208,20 +232,49 @@ class ValidationProblem:
             from ..trajectory import TrajectoryRecorder
 
             recorder = TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(self.X_train, self.y_train))
+        return self.run_loop(model, opt, w, recorder, _cross_entropy_terms)
+
+    def checked_weights(self, weights: Tensor | None, record: bool) -> Tensor:
+        """The sample weights as a float64 ``(n_train,)`` tensor (all ones when ``None``), checked."""
+        n = self.config.n_train
+        w = torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (n,):
+            raise ConfigError(f"ValidationProblem.train: weights must have shape ({n},); got {tuple(w.shape)}.")
+        if record and not bool((w == 1).all()):
+            raise ConfigError("ValidationProblem.train: record=True records the unweighted run; pass weights=None.")
+        return w
+
+    def run_loop(self, model: nn.Module, opt: torch.optim.Optimizer, w: Tensor, recorder: Any,
+                 terms: Callable[[Tensor, Tensor], Tensor], schedule: Any = None,
+                 seed: int | None = None) -> tuple[nn.Module, Any]:
+        r"""The recorded loop over :attr:`batches`: step ``s`` minimises :math:`\frac{1}{|B_s|}\sum_k w_k \ell_k`.
+
+        ``terms(outputs, targets)`` gives the ``(|B_s|,)`` loss terms of a batch; ``recorder`` (or ``None``)
+        logs every batch; ``schedule`` is stepped after every optimizer step; ``seed`` seeds the global
+        generator right before the loop. Returns the trained model (in evaluation mode) and the trajectory.
+        """
+        if recorder is not None:
             recorder.__enter__()
+        if seed is not None:
+            torch.manual_seed(seed)
         try:
             for idx in self.batches:
                 opt.zero_grad()
-                losses = nn.functional.cross_entropy(model(self.X_train[idx]), self.y_train[idx], reduction="none")
-                ((losses * w[idx]).sum() / len(idx)).backward()
+                ((terms(model(self.X_train[idx]), self.y_train[idx]) * w[idx]).sum() / len(idx)).backward()
                 if recorder is not None:
                     recorder.log_batch(idx)
                 opt.step()
+                if schedule is not None:
+                    schedule.step()
         finally:
             if recorder is not None:
                 recorder.__exit__(None, None, None)
         model.eval()
         return model, (recorder.trajectory if recorder is not None else None)
+
+    def targets(self) -> list[int]:
+        """The explained output of each test point, as the estimators' ``target``: its true class."""
+        return self.y_test.tolist()
 
     def true_logits(self, model: nn.Module, rows: Sequence[int] | None = None) -> Tensor:
         """The true-class logit of each test point (or of the test points ``rows``), shape ``(T,)``."""
