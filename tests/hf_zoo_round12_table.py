@@ -1,0 +1,55 @@
+"""Prints one row per case of tests/_zoo12_cases.py, the runs of tests/test_hf_zoo_round12.py and
+tests/test_hf_zoo_round12_more.py (not collected by pytest): verdict, replica error against the trained model in
+evaluation mode, residual share, ``keep=("train",)`` error against the slow float64 loop reference, that reference's
+own quadrature error, seconds, and the first words of a refusal or warning.
+
+Run ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/hf_zoo_round12_table.py [case ...]``
+from the repository root. The load average comes first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+import torch
+from _zoo9_kit import run
+from _zoo12_cases import CASES
+from hf_zoo_round9_table import _short
+
+from explaind.exceptions import ExplaindError
+
+#: Cases run without the reference (their verdict is a refusal or a warning).
+NO_REFERENCE: set[str] = set()
+
+
+def row(name: str) -> str:
+    """The table row of case ``name``."""
+    start = time.perf_counter()
+    try:
+        got = run(CASES[name], name not in NO_REFERENCE)
+    except (ExplaindError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        seconds = time.perf_counter() - start
+        return f"| {name} | loud: {type(exc).__name__} | | | | | {seconds:.0f} | {_short(str(exc))} |"
+    said = _short(got["warnings"][0]) if got["warnings"] else ""
+    exact = got["replica"] <= 1e-6 and got["share"] <= 1e-7 and not got["train"] > 1e-6 and not said
+    verdict = "exact" if exact else "loud" if said else "inexact"
+    return (f"| {name} | {verdict} | {got['replica']:.2g} | {got['share']:.2g} | {got['train']:.2g} | "
+            f"{got['ref_quad']:.2g} | {time.perf_counter() - start:.0f} | {said} |")
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    print("| case | verdict | replica | residual share | train vs reference | reference quadrature | seconds | "
+          "message |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names or list(CASES):
+        print(row(name), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,61 @@
+"""Hugging Face architectures in a plain loop, round 12, part 1: causal LMs people fine-tune today (OLMo 2, Gemma 3
+with sliding and global layers, GLM-4 with partial rotary, SmolLM3 with a layer without RoPE, Cohere 2, EXAONE 4,
+differential attention, DeepSeek-V3's latent attention with routed experts, LFM2's short convolutions), LongT5's
+transient-global attention, and Switch Transformers' router.
+
+The loop is tests/_zoo9_kit.py's (3 AdamW steps of 4 samples at 0.02, float64, dropout 0.1 wherever the config has
+one, recorded with ``capture_random=True``; one case under SGD momentum at the untuned rate 2); the cases are
+tests/_zoo12_cases.py's. ``python tests/hf_zoo_round12_table.py`` prints the figures of every case.
+
+What this round found:
+
+* The RMS and layer norms of these models compute in float32 whatever the model's dtype: the conversions are found
+  (``meta["promoted_casts"]``), the replica is within 1e-6 of the trained model and the train scores within 1e-6 of
+  the slow float64 loop reference (tests/_zoo9_kit.py's ``assert_float32_exact``).
+* Switch Transformers' router converts its own classifier to ``config.router_dtype`` (float32; the config refuses
+  float64) inside forward, ``self.classifier = self.classifier.to(self.dtype)``. The recorder refused the run at
+  step 0 as a parameter "changed outside optimizer.step()" with "relative change 0", naming weight clipping, EMAs
+  and a second optimizer; it now names the change of dtype, the conversion inside forward and what to do about it.
+  With the conversion taken out, the experts' dispatch (``one_hot`` of the chosen expert and boolean indexing) is
+  refused under ``torch.func.vmap`` by the engine's message on data-dependent forwards: loud, not exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+from _zoo9_kit import assert_exact, assert_float32_exact, run
+from _zoo12_cases import CASES
+
+from explaind.exceptions import TrajectoryError
+
+pytest.importorskip("transformers")  # in the dev extra
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning:transformers")]
+
+FLOAT32_NORMS = ["olmo2", "gemma3_sliding_global", "glm4_partial_rotary", "smollm3_no_rope_layer", "cohere2_sliding",
+                 "lfm2_short_conv"]
+
+
+@pytest.mark.parametrize("name", FLOAT32_NORMS)
+def test_causal_lms_with_float32_norms_are_exact_to_their_rounding(name):
+    assert_float32_exact(run(CASES[name]))
+
+
+def test_switch_transformers_router_converting_its_own_weight_is_refused_naming_the_change_of_dtype():
+    """Before: "relative change 0" and weight clipping, an EMA or another optimizer as the causes."""
+    with pytest.raises(TrajectoryError, match=r"Step 0: .*router\.classifier\.weight .*changed dtype: a module "
+                                              r"converted its own parameters.*self\.classifier\.to\(self\.dtype\).*"
+                                              r"router\.classifier\.to = lambda"):
+        run(CASES["switch_transformers"], reference=False)
+
+
+def test_switch_transformers_without_the_conversion_is_refused_at_its_data_dependent_dispatch():
+    with pytest.raises(Exception, match=r"branches on the values of its inputs"):
+        run(CASES["switch_transformers_router_float64"], reference=False)
+
+
+def test_longt5_transient_global_attention_is_exact_to_its_rounding():
+    assert_float32_exact(run(CASES["longt5_transient_global"]))
+
+
+__all__ = ["assert_exact"]
