@@ -186,14 +186,14 @@ CASES: dict[str, Case] = {
     "exaone4_sliding": _lm("exaone4_sliding", transformers.Exaone4ForCausalLM, transformers.Exaone4Config,
                            num_key_value_heads=1, sliding_window=4, layer_types=["sliding_attention",
                                                                                   "full_attention"],
-                           attention_dropout=P, case_panels=32, **TWO),
+                           attention_dropout=P, case_panels=96, **TWO),
     "diffllama": _lm("diffllama", transformers.DiffLlamaForCausalLM, transformers.DiffLlamaConfig,
                      num_key_value_heads=2, **SMALL),  # refuses attention_dropout > 0 and one key-value head
     "deepseek_v3_mla_moe": _lm(
         "deepseek_v3_mla_moe", transformers.DeepseekV3ForCausalLM, transformers.DeepseekV3Config,
         moe_intermediate_size=8, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
         topk_group=1, n_shared_experts=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
-        v_head_dim=4, num_key_value_heads=2, attention_dropout=P, experts_implementation="eager", **TWO),
+        v_head_dim=4, num_key_value_heads=2, attention_dropout=P, experts_implementation="batched_mm", **TWO),
     "lfm2_short_conv": _lm("lfm2_short_conv", transformers.Lfm2ForCausalLM, transformers.Lfm2Config,
                            num_key_value_heads=1, layer_types=["conv", "full_attention"], conv_L_cache=3,
                            **{k: v for k, v in TWO.items() if k != "intermediate_size"}, intermediate_size=32),
@@ -240,6 +240,11 @@ CASES: dict[str, Case] = {
         transformers.RoFormerForSequenceClassification, transformers.RoFormerConfig, vocab_size=VOCAB,
         embedding_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=16, hidden_dropout_prob=P, attention_probs_dropout_prob=P, pad_token_id=0,
+        num_labels=3), _texts()),
+    "roformer_pad_token_none": classifier_case("roformer_pad_token_none", _build(
+        transformers.RoFormerForSequenceClassification, transformers.RoFormerConfig, vocab_size=VOCAB,
+        embedding_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, hidden_dropout_prob=P, attention_probs_dropout_prob=P, pad_token_id=None,
         num_labels=3), _texts()),
     # ---- contrastive
     "siglip_sigmoid_pairs": Case("siglip_sigmoid_pairs", _siglip, _pairs, _siglip_step,

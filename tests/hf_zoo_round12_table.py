@@ -1,7 +1,9 @@
 """Prints one row per case of tests/_zoo12_cases.py, the runs of tests/test_hf_zoo_round12.py and
 tests/test_hf_zoo_round12_more.py (not collected by pytest): verdict, replica error against the trained model in
 evaluation mode, residual share, ``keep=("train",)`` error against the slow float64 loop reference, that reference's
-own quadrature error, seconds, and the first words of a refusal or warning.
+own quadrature error, seconds, and the first words of a refusal or warning; then the Trainer runs of
+tests/test_hf_zoo_round12_more.py (CLIP's InfoNCE through ``explaind.batch_coupled_loss``), named
+``trainer:<route>:<accumulation>[:<batch>]``, with the loss scales the gradient check measured.
 
 Run ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/hf_zoo_round12_table.py [case ...]``
 from the repository root. The load average comes first.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -25,8 +28,34 @@ from explaind.exceptions import ExplaindError
 NO_REFERENCE: set[str] = set()
 
 
+#: The Trainer runs: route, accumulation, micro-batch size (tests/test_hf_zoo_round12_more.py).
+TRAINER = [f"trainer:{route}:{acc}" for route in ("callback", "user_by_items", "user_mean", "override")
+           for acc in (1, 2)] + [f"trainer:{route}:3:5" for route in ("callback", "user_by_items", "user_mean",
+                                                                      "override")]
+
+
+def trainer_row(name: str) -> str:
+    """The table row of the Trainer run ``name``."""
+    from test_hf_zoo_round12_more import figures, train
+
+    _, route, acc, *batch = name.split(":")
+    start = time.perf_counter()
+    try:
+        got = figures(*train(tempfile.mkdtemp(), route, int(acc), *map(int, batch)))
+    except ExplaindError as exc:
+        seconds = time.perf_counter() - start
+        return f"| {name} | loud: {type(exc).__name__} | | | | | {seconds:.0f} | {_short(str(exc))} |"
+    said = _short(got["warnings"][0]) if got["warnings"] else ""
+    verdict = "exact" if got["replica"] <= 1e-6 and got["share"] <= 1e-9 and got["train"] <= 1e-9 else "inexact"
+    scales = ", ".join(f"{s:.3g}" for s in got["scales"])
+    return (f"| {name} | {verdict} | {got['replica']:.2g} | {got['share']:.2g} | {got['train']:.2g} | | "
+            f"{time.perf_counter() - start:.0f} | loss scales {scales}; {said} |")
+
+
 def row(name: str) -> str:
     """The table row of case ``name``."""
+    if name.startswith("trainer:"):
+        return trainer_row(name)
     start = time.perf_counter()
     try:
         got = run(CASES[name], name not in NO_REFERENCE)
@@ -47,7 +76,7 @@ def main(names: list[str]) -> None:
     print("| case | verdict | replica | residual share | train vs reference | reference quadrature | seconds | "
           "message |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in names or list(CASES):
+    for name in names or [*CASES, *TRAINER]:
         print(row(name), flush=True)
 
 

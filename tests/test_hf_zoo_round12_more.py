@@ -1,6 +1,13 @@
-"""Hugging Face architectures, round 12, part 2: the ``Trainer`` with a batch-coupled loss (CLIP's symmetric InfoNCE)
-recorded through ``ExplaindTrainerCallback`` with ``explaind.batch_coupled_loss(terms)``, with and without gradient
-accumulation.
+"""Hugging Face architectures, round 12, part 2: SigLIP trained contrastively in a plain loop on its pairwise sigmoid
+loss declared with ``explaind.batch_coupled_loss``, vision and text encoders (FocalNet, PVTv2, RoFormer), and the
+``Trainer`` with a batch-coupled loss (CLIP's symmetric InfoNCE) recorded through ``ExplaindTrainerCallback`` with
+``explaind.batch_coupled_loss(terms)``, with and without gradient accumulation.
+
+The plain-loop cases are tests/_zoo12_cases.py's, trained and checked by tests/_zoo9_kit.py (replica <= 1e-6,
+residual share <= 1e-9, train scores <= 1e-9 against its slow float64 loop reference). SigLIP's image and text
+towers return their embeddings with ``logit_scale`` and ``logit_bias`` as two more columns, and the reference takes
+each image's term, a loop over the batch's texts, by its own ``autograd.grad``. RoFormer as built (with a
+``pad_token_id``) is refused for Hugging Face's padding check; the refusal's fix, ``pad_token_id=None``, is exact.
 
 The model is tests/_batch_coupled_kit.py's two towers with dropout (captured), float64, trained by the Trainer
 (Adam 0.05, constant rate, no clipping) on 12 (image, text) pairs; the loss reaches the Trainer in the three ways a
@@ -30,10 +37,13 @@ from _batch_coupled_kit import DT, QUAD, N, TwoTowers, clip_batch_loss, clip_ter
 from reference import rel_err
 
 import explaind
-from explaind.exceptions import ExplaindWarning, TrajectoryError
+from explaind.exceptions import ExplaindWarning, TrajectoryError, UnsupportedModelError
 
 transformers = pytest.importorskip("transformers")  # in the dev extra
 from _hf_testkit import MappingReplayReference, trainer_args  # noqa: E402
+from _zoo9_kit import assert_exact as assert_zoo_exact  # noqa: E402
+from _zoo9_kit import run  # noqa: E402
+from _zoo12_cases import CASES  # noqa: E402
 
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset  # noqa: E402
 
@@ -139,3 +149,14 @@ def test_unequal_micro_batches_are_exact_by_the_routes_the_callback_sees(tmp_pat
     assert got["micro_batches"] == [3, 3], got
     assert got["scales"] == pytest.approx([3.0 if route == "user_mean" else 1.0] * 2, rel=1e-12), got
     assert_exact(got)
+
+
+# ---------------------------------------------------------------- plain loops
+@pytest.mark.parametrize("name", ["siglip_sigmoid_pairs", "focalnet", "pvt_v2", "roformer_pad_token_none"])
+def test_plain_loop_cases_are_exact(name):
+    assert_zoo_exact(run(CASES[name]))
+
+
+def test_roformer_with_a_pad_token_is_refused_naming_the_fix_that_holds():
+    with pytest.raises(UnsupportedModelError, match=r"warn_if_padding_and_no_attention_mask.*pad_token_id=None"):
+        run(CASES["roformer"], reference=False)
