@@ -175,7 +175,7 @@ CASES: dict[str, Case] = {
         query_pre_attn_scalar=8, final_logit_softcapping=5.0, attention_dropout=P, case_panels=32, **TWO),
     "glm4_partial_rotary": _lm("glm4_partial_rotary", transformers.Glm4ForCausalLM, transformers.Glm4Config,
                                num_key_value_heads=1, head_dim=8, partial_rotary_factor=0.5, attention_dropout=P,
-                               **SMALL),
+                               case_panels=32, **SMALL),
     "smollm3_no_rope_layer": _lm("smollm3_no_rope_layer", transformers.SmolLM3ForCausalLM,
                                  transformers.SmolLM3Config, num_key_value_heads=1, no_rope_layers=[1, 0],
                                  attention_dropout=P, **TWO),
@@ -196,6 +196,7 @@ CASES: dict[str, Case] = {
         v_head_dim=4, num_key_value_heads=2, attention_dropout=P, experts_implementation="batched_mm", **TWO),
     "lfm2_short_conv": _lm("lfm2_short_conv", transformers.Lfm2ForCausalLM, transformers.Lfm2Config,
                            num_key_value_heads=1, layer_types=["conv", "full_attention"], conv_L_cache=3,
+                           case_panels=16,
                            **{k: v for k, v in TWO.items() if k != "intermediate_size"}, intermediate_size=32),
     "olmo2_sgd_untuned": _lm("olmo2_sgd_untuned", transformers.Olmo2ForCausalLM, transformers.Olmo2Config,
                              num_key_value_heads=1, attention_dropout=P, case_optimizer="sgd", case_lr=2.0,
@@ -210,7 +211,8 @@ CASES: dict[str, Case] = {
     "switch_transformers_jitter": seq2seq_case("switch_transformers_jitter",
                                                _routers_float64(_switch(router_jitter_noise=0.1)), _t5_shift),
     "m2m100": seq2seq_case("m2m100", _build(transformers.M2M100ForConditionalGeneration, transformers.M2M100Config,
-                                            encoder_layerdrop=0.0, decoder_layerdrop=0.0, **S2S), _shift),
+                                            encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+                                            activation_function="gelu", **S2S), _shift),
     "moonshine_audio": Case("moonshine_audio", _build(
         transformers.MoonshineForConditionalGeneration, transformers.MoonshineConfig, vocab_size=VOCAB,
         hidden_size=16, intermediate_size=32, encoder_num_hidden_layers=1, decoder_num_hidden_layers=1,
@@ -251,4 +253,4 @@ CASES: dict[str, Case] = {
                                  explaind.batch_coupled_loss(siglip_terms), _loop_siglip_terms, target=None),
 }
 CASES["siglip_sigmoid_pairs_adamw_untuned"] = dataclasses.replace(
-    CASES["siglip_sigmoid_pairs"], name="siglip_sigmoid_pairs_adamw_untuned", optimizer="adamw", lr=0.3)
+    CASES["siglip_sigmoid_pairs"], name="siglip_sigmoid_pairs_adamw_untuned", optimizer="adamw", lr=0.3, panels=64)
