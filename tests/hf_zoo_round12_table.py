@@ -11,16 +11,14 @@ from the repository root. The load average comes first.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
-import warnings
 
-import torch
 from _zoo9_kit import run
 from _zoo12_cases import CASES
 from hf_zoo_round9_table import _short
+from hf_zoo_round11_table import print_table, result_row
 
 from explaind.exceptions import ExplaindError
 
@@ -62,22 +60,11 @@ def row(name: str) -> str:
     except (ExplaindError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
         seconds = time.perf_counter() - start
         return f"| {name} | loud: {type(exc).__name__} | | | | | {seconds:.0f} | {_short(str(exc))} |"
-    said = _short(got["warnings"][0]) if got["warnings"] else ""
-    exact = got["replica"] <= 1e-6 and got["share"] <= 1e-7 and not got["train"] > 1e-6 and not said
-    verdict = "exact" if exact else "loud" if said else "inexact"
-    return (f"| {name} | {verdict} | {got['replica']:.2g} | {got['share']:.2g} | {got['train']:.2g} | "
-            f"{got['ref_quad']:.2g} | {time.perf_counter() - start:.0f} | {said} |")
+    return result_row(name, got, time.perf_counter() - start)
 
 
 def main(names: list[str]) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
-    print("| case | verdict | replica | residual share | train vs reference | reference quadrature | seconds | "
-          "message |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in names or [*CASES, *TRAINER]:
-        print(row(name), flush=True)
+    print_table(names or [*CASES, *TRAINER], row)
 
 
 if __name__ == "__main__":
