@@ -26,7 +26,7 @@ import pytest
 from _zoo9_kit import assert_float32_exact, run
 from _zoo12_cases import CASES
 
-from explaind.exceptions import TrajectoryError
+from explaind.exceptions import TrajectoryError, UnsupportedModelError
 
 pytest.importorskip("transformers")  # in the dev extra
 
@@ -50,7 +50,7 @@ def test_switch_transformers_router_converting_its_own_weight_is_refused_naming_
 
 
 def test_switch_transformers_without_the_conversion_is_refused_at_its_data_dependent_dispatch():
-    with pytest.raises(Exception, match=r"branches on the values of its inputs"):
+    with pytest.raises(UnsupportedModelError, match=r"branches on the values of its inputs"):
         run(CASES["switch_transformers_router_float64"], reference=False)
 
 
