@@ -157,11 +157,12 @@ def _siglip_step(model, xb, yb) -> Tensor:
 
 # ---------------------------------------------------------------- audio
 def _moonshine_data() -> tuple[dict[str, Tensor], Tensor]:
-    """Raw waveforms of 640 samples and target ids (6, some padded with -100), decoder inputs shifted behind 1."""
+    """Raw waveforms of 2048 samples (4 frames after the stem) and target ids (6, some padded with -100), decoder
+    inputs shifted behind 1."""
     gen = torch.Generator().manual_seed(33)
     labels = torch.randint(3, VOCAB, (ROWS, 6), generator=gen)
     labels[::3, -2:] = -100
-    return ({"input_values": torch.randn(ROWS, 640, generator=gen, dtype=torch.float64),
+    return ({"input_values": torch.randn(ROWS, 2048, generator=gen, dtype=torch.float64),
              "decoder_input_ids": _shift(labels)}, labels)
 
 
@@ -252,5 +253,15 @@ CASES: dict[str, Case] = {
     "siglip_sigmoid_pairs": Case("siglip_sigmoid_pairs", _siglip, _pairs, _siglip_step,
                                  explaind.batch_coupled_loss(siglip_terms), _loop_siglip_terms, target=None),
 }
+def _float64_tokens(model, xb, yb) -> Tensor:
+    """The mean token cross entropy in the model's dtype (the model's own loss computes it in float32:
+    ``logits.float()`` in Hugging Face's loss functions)."""
+    logits = model(**xb).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), ignore_index=-100)
+
+
+CASES["moonshine_audio_float64_loss"] = dataclasses.replace(CASES["moonshine_audio"],
+                                                            name="moonshine_audio_float64_loss",
+                                                            step=_float64_tokens)
 CASES["siglip_sigmoid_pairs_adamw_untuned"] = dataclasses.replace(
     CASES["siglip_sigmoid_pairs"], name="siglip_sigmoid_pairs_adamw_untuned", optimizer="adamw", lr=0.3, panels=64)

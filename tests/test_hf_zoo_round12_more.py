@@ -1,7 +1,7 @@
 """Hugging Face architectures, round 12, part 2: SigLIP trained contrastively in a plain loop on its pairwise sigmoid
-loss declared with ``explaind.batch_coupled_loss``, vision and text encoders (FocalNet, PVTv2, RoFormer), and the
-``Trainer`` with a batch-coupled loss (CLIP's symmetric InfoNCE) recorded through ``ExplaindTrainerCallback`` with
-``explaind.batch_coupled_loss(terms)``, with and without gradient accumulation.
+loss declared with ``explaind.batch_coupled_loss``, vision and text encoders (FocalNet, PVTv2, DINOv2 with registers,
+RoFormer), M2M100, and the ``Trainer`` with a batch-coupled loss (CLIP's symmetric InfoNCE) recorded through
+``ExplaindTrainerCallback`` with ``explaind.batch_coupled_loss(terms)``, with and without gradient accumulation.
 
 The plain-loop cases are tests/_zoo12_cases.py's, trained and checked by tests/_zoo9_kit.py (replica <= 1e-6,
 residual share <= 1e-9, train scores <= 1e-9 against its slow float64 loop reference). SigLIP's image and text
@@ -152,7 +152,8 @@ def test_unequal_micro_batches_are_exact_by_the_routes_the_callback_sees(tmp_pat
 
 
 # ---------------------------------------------------------------- plain loops
-@pytest.mark.parametrize("name", ["siglip_sigmoid_pairs", "focalnet", "pvt_v2", "roformer_pad_token_none"])
+@pytest.mark.parametrize("name", ["siglip_sigmoid_pairs", "focalnet", "pvt_v2", "dinov2_registers",
+                                  "roformer_pad_token_none", "m2m100"])
 def test_plain_loop_cases_are_exact(name):
     assert_zoo_exact(run(CASES[name]))
 
