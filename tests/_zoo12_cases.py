@@ -96,8 +96,8 @@ def _routers_float64(build):
 class SigLipPairs(torch.nn.Module):
     """A module holding a ``SiglipModel`` whose forward returns, per (image, text) pair, the image embedding, the
     text embedding (unnormalised, the projections' outputs) and the learned ``logit_scale`` and ``logit_bias`` as
-    two more columns, so that the loss reads them through the outputs (docs/guide_own_model.md, "Batch-coupled
-    losses")."""
+    two more columns, so that the loss reads them through the outputs
+    (docs/guide_own_model.md, "Batch-coupled losses")."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
