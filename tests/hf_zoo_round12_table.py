@@ -1,9 +1,10 @@
 """Prints one row per case of tests/_zoo12_cases.py, the runs of tests/test_hf_zoo_round12.py and
 tests/test_hf_zoo_round12_more.py (not collected by pytest): verdict, replica error against the trained model in
 evaluation mode, residual share, ``keep=("train",)`` error against the slow float64 loop reference, that reference's
-own quadrature error, seconds, and the first words of a refusal or warning; then the Trainer runs of
-tests/test_hf_zoo_round12_more.py (CLIP's InfoNCE through ``explaind.batch_coupled_loss``), named
-``trainer:<route>:<accumulation>[:<batch>]``, with the loss scales the gradient check measured.
+own quadrature error, seconds, the gradient check's largest mismatch and the first words of a refusal or
+warning; then the Trainer runs of tests/test_hf_zoo_round12_more.py (CLIP's InfoNCE through
+``explaind.batch_coupled_loss``), named ``trainer:<route>:<accumulation>[:<batch>]``, with the loss scales the
+gradient check measured.
 
 Run ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/hf_zoo_round12_table.py [case ...]``
 from the repository root. The load average comes first.
@@ -60,7 +61,7 @@ def row(name: str) -> str:
     except (ExplaindError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
         seconds = time.perf_counter() - start
         return f"| {name} | loud: {type(exc).__name__} | | | | | {seconds:.0f} | {_short(str(exc))} |"
-    return result_row(name, got, time.perf_counter() - start)
+    return result_row(name, got, time.perf_counter() - start, f" gradient check {got['check']:.2g};")
 
 
 def main(names: list[str]) -> None:
