@@ -1,11 +1,12 @@
 """Hugging Face architectures in a plain loop, round 12, part 1: causal LMs people fine-tune today (OLMo 2, Gemma 3
-with sliding and global layers, GLM-4 with partial rotary, SmolLM3 with a layer without RoPE, Cohere 2, EXAONE 4,
-differential attention, DeepSeek-V3's latent attention with routed experts, LFM2's short convolutions), LongT5's
-transient-global attention, and Switch Transformers' router.
+with sliding and global layers, GLM-4 with partial rotary, SmolLM3 with a layer without RoPE, Cohere 2, differential
+attention, DeepSeek-V3's latent attention with routed experts, LFM2's short convolutions), LongT5's transient-global
+attention, Moonshine's audio encoder-decoder and Switch Transformers' router.
 
 The loop is tests/_zoo9_kit.py's (3 AdamW steps of 4 samples at 0.02, float64, dropout 0.1 wherever the config has
-one, recorded with ``capture_random=True``; one case under SGD momentum at the untuned rate 2); the cases are
-tests/_zoo12_cases.py's. ``python tests/hf_zoo_round12_table.py`` prints the figures of every case.
+one, recorded with ``capture_random=True``); the cases are tests/_zoo12_cases.py's. ``python
+tests/hf_zoo_round12_table.py`` prints the figures of every case, also those left out here for their time (EXAONE 4,
+whose reference needs 96 panels; OLMo 2 under SGD momentum at the untuned rate 2; SigLIP under AdamW at 0.3).
 
 What this round found:
 
