@@ -46,24 +46,34 @@ def row(name: str) -> str:
     except (ExplaindError, RuntimeError, TypeError, ValueError) as exc:
         seconds = time.perf_counter() - start
         return f"| {name} | loud: {type(exc).__name__} | | | | | {seconds:.0f} | {_short(str(exc))} |"
+    extra = (f" buffers replayed {got['buffers_replayed']:.2g}, buffers term {got['buffers_term']:.2g};"
+             if "buffers_term" in got else "")
+    return result_row(name, got, time.perf_counter() - start, extra)
+
+
+def result_row(name: str, got: dict, seconds: float, extra: str = "") -> str:
+    """The table row of the figures ``got`` of case ``name`` (tests/_zoo9_kit.py's ``figures``)."""
     said = _short(got["warnings"][0]) if got["warnings"] else ""
     exact = got["replica"] <= 1e-6 and got["share"] <= 1e-7 and not got["train"] > 1e-6 and not said
     verdict = "exact" if exact else "loud" if said else "inexact"
-    extra = (f" buffers replayed {got['buffers_replayed']:.2g}, buffers term {got['buffers_term']:.2g};"
-             if "buffers_term" in got else "")
     return (f"| {name} | {verdict} | {got['replica']:.2g} | {got['share']:.2g} | {got['train']:.2g} | "
-            f"{got['ref_quad']:.2g} | {time.perf_counter() - start:.0f} |{extra} {said} |")
+            f"{got['ref_quad']:.2g} | {seconds:.0f} |{extra} {said} |")
 
 
-def main(names: list[str]) -> None:
+def print_table(names: list[str], row_of) -> None:
+    """The load average, the table's header and ``row_of(name)`` for every name, one thread."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     print("| case | verdict | replica | residual share | train vs reference | reference quadrature | seconds | "
           "message |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in names or [n for n in [*BATCH_NORM, *BATCH_NORM_MORE, *ROUTES, *CASES] if n not in SLOW]:
-        print(row(name), flush=True)
+    for name in names:
+        print(row_of(name), flush=True)
+
+
+def main(names: list[str]) -> None:
+    print_table(names or [n for n in [*BATCH_NORM, *BATCH_NORM_MORE, *ROUTES, *CASES] if n not in SLOW], row)
 
 
 if __name__ == "__main__":

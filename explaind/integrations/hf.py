@@ -289,6 +289,15 @@ class ExplaindTrainerCallback(TrainerCallback, RecordingCore):
                 "(e.g. by num_items_in_batch), which the callback cannot see. Fix: return callback.compute_loss("
                 "outputs, labels, num_items_in_batch) from the override (the loss the callback records), or "
                 "compute_loss_func=callback.compute_loss instead of the override.")
+        elif mode == "micro_batch" and int(args.gradient_accumulation_steps) > 1:
+            self.recorder.framework_hint = (
+                " The callback weighted each micro-batch's mean by 1 / (the micro-batches of its step), as the Trainer "
+                "divides a loss by gradient_accumulation_steps; a compute_loss_func= of your own that divides by "
+                "num_items_in_batch (the step's count, which the callback does not see) weights every sample of the "
+                "step by 1 / num_items_in_batch instead, which differs where a step's micro-batches differ in size "
+                "(the last batches of an epoch). Fix: compute_loss_func=callback.compute_loss, which computes the "
+                "callback's loss= (explaind.batch_coupled_loss(terms) too) and records num_items_in_batch, or return "
+                "callback.compute_loss(outputs, labels, num_items_in_batch) from your own.")
         if self._label_smoothing and self._loss_name is not None:
             self.close()
             raise ConfigError(

@@ -320,6 +320,23 @@ def edit_list(edited: list[tuple[str, float]]) -> str:
     return listed + (f" and {len(edited) - 5} more" if len(edited) > 5 else "")
 
 
+def retyped_hint(params: dict[str, nn.Parameter], recorded: dict[str, Tensor]) -> str:
+    """For recorded parameters whose dtype is no longer the recorded one: the module that converted them, named, and
+    the fix; ``""`` when none changed dtype (a change of dtype alone leaves the relative change near 0)."""
+    changed = [(n, recorded[n].dtype, p.dtype) for n, p in params.items()
+               if n in recorded and p.dtype != recorded[n].dtype]
+    if not changed:
+        return ""
+    shown = ", ".join(f"{n} ({was} -> {now})" for n, was, now in changed[:5])
+    return (f" The parameter(s) {shown} changed dtype: a module converted its own parameters, a module.to(dtype) "
+            f"inside forward (the routers of SwitchTransformers and NLLB-MoE run `self.classifier = "
+            f"self.classifier.to(self.dtype)`, config.router_dtype='float32' in any model dtype), so the optimizer "
+            f"steps parameters of another dtype than the ones recorded; such a forward also writes p.data, which "
+            f"torch.func refuses, so it cannot be replayed as it is. Fix: a forward that leaves its parameters "
+            f"alone; for those routers, router.dtype = the model's dtype and router.classifier.to = lambda *args, "
+            f"**kwargs: router.classifier on every router before recording.")
+
+
 def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
     """The error of step ``step`` whose parameters changed outside ``optimizer.step()`` (``start``: first recorded)."""
     since = "recording started" if step == start else f"step {step - 1} was recorded"

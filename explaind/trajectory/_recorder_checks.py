@@ -45,6 +45,7 @@ from ._participation import (
     edited_parameters,
     frozen_edit_message,
     never_stepped_message,
+    retyped_hint,
     second_step_message,
 )
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
@@ -287,7 +288,8 @@ class RecorderChecksMixin:
         or a frozen parameter (a constant of the trajectory) no longer holds its stored value."""
         edited = edited_parameters(self._params, self._theta or {})
         if edited:
-            raise TrajectoryError(edit_message(edited, s, self._schedule.start))
+            raise TrajectoryError(edit_message(edited, s, self._schedule.start)
+                                  + retyped_hint(self._params, self._theta or {}))
         frozen = edited_parameters(self._constant_params, self._frozen)
         if frozen:
             raise TrajectoryError(frozen_edit_message(frozen, s, self._schedule.start))
