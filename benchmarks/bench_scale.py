@@ -54,6 +54,42 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _mark(phase: str, base: float) -> None:
+    """A progress line on stderr: a case that dies (out of memory) names the phase it reached."""
+    print(f"{phase}: peak {_peak_mb() - base:.0f} MB, {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
+
+
+class PeakWhere:
+    """A thread sampling the resident set every 50 ms and keeping the main thread's stack at its highest reading
+    (``--where``: which call the peak memory is in)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.best, self.stack, self.main = 0.0, "", threading.get_ident()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import traceback
+
+        while not self.done.wait(0.05):
+            with open("/proc/self/statm") as fh:
+                mb = int(fh.read().split()[1]) * 4096 / 2**20
+            if mb > self.best:
+                frame = sys._current_frames().get(self.main)
+                frames = traceback.extract_stack(frame) if frame is not None else []
+                ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames
+                        if "explaind" in f.filename or "torch/func" in f.filename or "_functorch" in f.filename]
+                self.best, self.stack = mb, " < ".join(reversed(ours[-6:]))
+
+    def report(self) -> str:
+        self.done.set()
+        self.thread.join()
+        return f"resident peak {self.best:.0f} MB in {self.stack}"
+
+
 def _dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
@@ -171,6 +207,7 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     base = _peak_mb()
+    where = PeakWhere() if a.where else None
     gen = torch.Generator().manual_seed(2)
     batches = [torch.randperm(a.n_train, generator=gen)[:a.batch] for _ in range(a.steps)]
     model, opt, X, y, forward, loss, target, scaler, dtype = build(case, a)
@@ -178,6 +215,7 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {"case": case, "params": sum(p.numel() for p in model.parameters()),
                               "peak_plain": _peak_mb() - base}
     del model, opt
+    _mark("plain loop", base)
     model, opt, X, y, forward, loss, target, scaler, dtype = build(case, a)  # the same seeded run, recorded
     train_data = (_rows(X, torch.arange(a.n_train)), y[:a.n_train])
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,9 +225,11 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
             t_rec = train(model, opt, X, y, forward, loss, scaler, dtype, batches, rec)
         out.update(plain_s=t_plain, rec_ratio=t_rec / t_plain, store_mb=_dir_mb(Path(tmp) / "run"),
                    peak_record=_peak_mb() - base)
+        _mark("recorded", base)
         traj = rec.trajectory
         checked = np.asarray(traj.gradient_check(), dtype=float)
         out["check"] = float(np.nanmax(checked)) if np.isfinite(checked).any() else float("nan")
+        _mark("gradient check read", base)
         X_test = _rows(X, torch.arange(a.n_train, a.n_train + 4))
         model.eval()
         with torch.no_grad():
@@ -202,6 +242,7 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
         out["replica"] = float(np.linalg.norm(np.asarray(rep, dtype=np.float64) - trained.numpy())
                                / np.linalg.norm(trained.numpy()))
         out["peak_replica"] = _peak_mb() - base
+        _mark("replica", base)
         X2 = _rows(X_test, torch.arange(2))
         if a.train_axis:
             start = time.perf_counter()
@@ -212,18 +253,26 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
             out["share"] = float(att.meta["residual_share"])
             out["completeness"] = float(att.completeness_error())
             out["peak_train"] = _peak_mb() - base
+            _mark("train axis", base)
             if a.reference:
                 out["reference"] = _reference_error(traj, X2, att, target, a.reference_gb)
                 out["peak_reference"] = _peak_mb() - base
+    if where is not None:
+        print(where.report(), file=sys.stderr, flush=True)
     return out
 
 
 def _spawn(case: str, argv: list[str]) -> dict[str, object]:
     done = subprocess.run([sys.executable, __file__, "--child", case, *argv], capture_output=True, text=True,
                           check=False)
+    if "--where" in argv:
+        print("\n".join(x for x in done.stderr.splitlines() if ": peak " in x or x.startswith("resident peak")),
+              file=sys.stderr, flush=True)
     if done.returncode != 0:
-        return {"case": case, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else
-                f"exit {done.returncode}"}
+        lines = done.stderr.strip().splitlines()
+        marks = [x for x in lines if ": peak " in x]
+        return {"case": case, "error": f"{lines[-1] if lines else ''} (exit {done.returncode}; last phase done: "
+                                       f"{marks[-1] if marks else 'none'})"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -249,6 +298,7 @@ def main() -> None:
     p.add_argument("--no-train-axis", dest="train_axis", action="store_false")
     p.add_argument("--reference", action="store_true", help="the slow float64 loop reference of the train scores")
     p.add_argument("--reference-gb", type=float, default=4.0)
+    p.add_argument("--where", action="store_true", help="print each case's resident peak and the calls it was in")
     p.add_argument("--child")
     a = p.parse_args()
     if a.quick:
