@@ -54,9 +54,10 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _mark(phase: str, base: float) -> None:
-    """A progress line on stderr: a case that dies (out of memory) names the phase it reached."""
+def _mark(phase: str, base: float, out: dict[str, object]) -> None:
+    """Progress on stderr: the phase done and the figures so far (a case that dies keeps them in its row)."""
     print(f"{phase}: peak {_peak_mb() - base:.0f} MB, {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
+    print("partial " + json.dumps(out), file=sys.stderr, flush=True)
 
 
 class PeakWhere:
@@ -215,7 +216,7 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {"case": case, "params": sum(p.numel() for p in model.parameters()),
                               "peak_plain": _peak_mb() - base}
     del model, opt
-    _mark("plain loop", base)
+    _mark("plain loop", base, out)
     model, opt, X, y, forward, loss, target, scaler, dtype = build(case, a)  # the same seeded run, recorded
     train_data = (_rows(X, torch.arange(a.n_train)), y[:a.n_train])
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,11 +226,11 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
             t_rec = train(model, opt, X, y, forward, loss, scaler, dtype, batches, rec)
         out.update(plain_s=t_plain, rec_ratio=t_rec / t_plain, store_mb=_dir_mb(Path(tmp) / "run"),
                    peak_record=_peak_mb() - base)
-        _mark("recorded", base)
+        _mark("recorded", base, out)
         traj = rec.trajectory
         checked = np.asarray(traj.gradient_check(), dtype=float)
         out["check"] = float(np.nanmax(checked)) if np.isfinite(checked).any() else float("nan")
-        _mark("gradient check read", base)
+        _mark("gradient check read", base, out)
         X_test = _rows(X, torch.arange(a.n_train, a.n_train + 4))
         model.eval()
         with torch.no_grad():
@@ -242,7 +243,7 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
         out["replica"] = float(np.linalg.norm(np.asarray(rep, dtype=np.float64) - trained.numpy())
                                / np.linalg.norm(trained.numpy()))
         out["peak_replica"] = _peak_mb() - base
-        _mark("replica", base)
+        _mark("replica", base, out)
         X2 = _rows(X_test, torch.arange(2))
         if a.train_axis:
             start = time.perf_counter()
@@ -253,7 +254,7 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
             out["share"] = float(att.meta["residual_share"])
             out["completeness"] = float(att.completeness_error())
             out["peak_train"] = _peak_mb() - base
-            _mark("train axis", base)
+            _mark("train axis", base, out)
             if a.reference:
                 out["reference"] = _reference_error(traj, X2, att, target, a.reference_gb)
                 out["peak_reference"] = _peak_mb() - base
@@ -271,8 +272,10 @@ def _spawn(case: str, argv: list[str]) -> dict[str, object]:
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         marks = [x for x in lines if ": peak " in x]
-        return {"case": case, "error": f"{lines[-1] if lines else ''} (exit {done.returncode}; last phase done: "
-                                       f"{marks[-1] if marks else 'none'})"}
+        partial = [json.loads(x[len("partial "):]) for x in lines if x.startswith("partial ")]
+        return {**(partial[-1] if partial else {}), "case": case,
+                "error": f"{lines[-1] if lines else ''} (exit {done.returncode}; last phase done: "
+                         f"{marks[-1] if marks else 'none'})"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -319,14 +322,15 @@ def main() -> None:
     for case in a.cases:
         r = _spawn(case, argv)
         if "error" in r:
-            print(f"| {case} | error: {r['error']} |", flush=True)
+            print(f"{case}: error: {r['error']}", file=sys.stderr, flush=True)
+        if "params" not in r:
             continue
-        cells = [r["case"], f"{r['params']:,}", _fmt(r["plain_s"], ".2f"), _fmt(r["rec_ratio"], ".2f"),
-                 _fmt(r["store_mb"], ".0f"), _fmt(r["peak_record"], ".0f"), _fmt(r["replica"], ".1e"),
-                 _fmt(r["replica_s"], ".0f"), _fmt(r["peak_replica"], ".0f"), _fmt(r["peak_plain"], ".0f"),
+        cells = [r["case"], f"{r['params']:,}", _fmt(r.get("plain_s"), ".2f"), _fmt(r.get("rec_ratio"), ".2f"),
+                 _fmt(r.get("store_mb"), ".0f"), _fmt(r.get("peak_record"), ".0f"), _fmt(r.get("replica"), ".1e"),
+                 _fmt(r.get("replica_s"), ".0f"), _fmt(r.get("peak_replica"), ".0f"), _fmt(r.get("peak_plain"), ".0f"),
                  _fmt(r.get("share"), ".1e"),
                  _fmt(r.get("completeness"), ".1e"), _fmt(r.get("reference"), ""), _fmt(r.get("train_s"), ".0f"),
-                 _fmt(r.get("peak_train"), ".0f"), _fmt(r["check"], ".1e")]
+                 _fmt(r.get("peak_train"), ".0f"), _fmt(r.get("check"), ".1e")]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
