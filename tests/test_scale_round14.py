@@ -99,3 +99,14 @@ def test_rows_per_call_keeps_chunk_size_below_the_cap_and_never_goes_below_one_r
     assert ev.rows_per_call(1000, 1000) == 256
     assert autograd.AutogradEvaluator(fm, chunk_size=None).rows_per_call(1000, 1000) == 1000
     assert ev.rows_per_call(1000, 700_000) == 2**28 // (4 * 8 * 700_000)
+
+
+def test_a_sweep_that_cannot_meet_memory_budget_warns_with_the_estimate_and_the_budget_that_would_hold_it(run):
+    """A batch's per-sample gradients over the largest tensor alone pass a small budget: before, a log line only."""
+    _, traj, X_test = run
+    est = explaind.InfluenceEstimator(keep=("train",), target=[0, 1, 2], device="cpu", memory_budget=50_000, **QUAD)
+    with pytest.warns(explaind.exceptions.ExplaindWarning,
+                      match=r"exceeds memory_budget=5e-05 GB.*largest parameter tensor, 4096.*memory_budget='"):
+        att = est.fit(traj).transform(X_test)
+    ref = Reference(traj, X_test, target=[0, 1, 2])
+    assert rel_err(as_numpy(att.values), reference_terms(ref, att)["values"]) <= 1e-9
