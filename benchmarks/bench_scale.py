@@ -13,9 +13,10 @@ Each case runs in a fresh child process (so its peak resident set is its own), o
   under ``torch.autocast("cpu", dtype)`` (float16 with a ``GradScaler``), SGD momentum, batch 16.
 
 Every case first runs ``--steps`` steps unrecorded (``peak plain MB``: that loop's peak), then rebuilds the same
-seeded run and records it with the store on (``store MB``: the run folder's bytes; ``rec x``: recorded over plain
-seconds per step, the first step included). Then ``KernelReplica.predict`` on 4 test inputs (``replica``: relative
-error against the trained model in evaluation mode) and ``InfluenceEstimator(keep=("train",))`` on 2 test inputs,
+seeded run and records it with the store on (``store MB``: the run folder's bytes, ``store x``: over the parameter
+bytes; ``rec x``: recorded over plain seconds per step, the first step included). Then ``KernelReplica.predict`` on
+4 test inputs (``replica``: relative error against the trained model in evaluation mode) and
+``InfluenceEstimator(keep=("train",))`` on 2 test inputs,
 one output each (the ResNet's logit 3, the LM's token logit at position 5, the classifiers' logit 0): its residual
 share, completeness error, and with ``--reference`` its relative error against the tests' slow float64 loop reference
 (tests/replay_reference.py, whose per-sample gradients are ``steps x n_train x D`` float64: it is skipped, and says
@@ -47,6 +48,13 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 CASES = ("resnet", "gpt2", "bert", "fp16", "bf16")
+#: The table's columns: header, figure, format.
+COLUMNS = (("case", "case", ""), ("params", "params", ""), ("plain s/step", "plain_s", ".2f"),
+           ("rec x", "rec_ratio", ".2f"), ("store MB", "store_mb", ".0f"), ("store x", "store_x", ".1f"),
+           ("peak plain MB", "peak_plain", ".0f"), ("peak rec MB", "peak_record", ".0f"),
+           ("replica", "replica", ".1e"), ("replica s", "replica_s", ".0f"), ("peak replica MB", "peak_replica", ".0f"),
+           ("share", "share", ".1e"), ("complete", "completeness", ".1e"), ("train vs ref", "reference", ""),
+           ("train s", "train_s", ".0f"), ("peak train MB", "peak_train", ".0f"), ("check", "check", ".1e"))
 SEQ = 64
 
 
@@ -224,7 +232,9 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
                                           grad_scaler=scaler)
         with rec:
             t_rec = train(model, opt, X, y, forward, loss, scaler, dtype, batches, rec)
+        param_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         out.update(plain_s=t_plain, rec_ratio=t_rec / t_plain, store_mb=_dir_mb(Path(tmp) / "run"),
+                   store_x=_dir_mb(Path(tmp) / "run") / param_mb,
                    peak_record=_peak_mb() - base)
         _mark("recorded", base, out)
         traj = rec.trajectory
@@ -238,7 +248,7 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
         quad = ({"quadrature": "gauss-legendre", "nodes": 8} if dtype is not None  # tanh: smooth
                 else {"quadrature": "adaptive", "tol": a.tol})
         start = time.perf_counter()
-        rep = explaind.KernelReplica(device="cpu", **quad).fit(traj).predict(X_test)
+        rep = explaind.KernelReplica(device="cpu", chunk_size=a.chunk_size, **quad).fit(traj).predict(X_test)
         out["replica_s"] = time.perf_counter() - start
         out["replica"] = float(np.linalg.norm(np.asarray(rep, dtype=np.float64) - trained.numpy())
                                / np.linalg.norm(trained.numpy()))
@@ -248,7 +258,7 @@ def child(case: str, a: argparse.Namespace) -> dict[str, object]:
         if a.train_axis:
             start = time.perf_counter()
             est = explaind.InfluenceEstimator(keep=("train",), target=target, device="cpu", residual_tol=1.0,
-                                              **quad)
+                                              chunk_size=a.chunk_size, **quad)
             att = est.fit(traj).transform(X2)
             out["train_s"] = time.perf_counter() - start
             out["share"] = float(att.meta["residual_share"])
@@ -298,6 +308,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--mlp-width", type=int, default=2048)
     p.add_argument("--tol", type=float, default=1e-10, help="the adaptive quadrature's tolerance")
+    p.add_argument("--chunk-size", type=int, default=256, help="the estimators' chunk_size")
     p.add_argument("--no-train-axis", dest="train_axis", action="store_false")
     p.add_argument("--reference", action="store_true", help="the slow float64 loop reference of the train scores")
     p.add_argument("--reference-gb", type=float, default=4.0)
@@ -316,21 +327,15 @@ def main() -> None:
     argv = [x for x in sys.argv[1:] if x not in a.cases and x != "--cases"]
     print(f"torch {torch.__version__}, 1 thread, load average {os.getloadavg()[0]:.1f}"
           f"{' (--quick sizes)' if a.quick else ''}, {a.steps} steps")
-    print("| case | params | plain s/step | rec x | store MB | peak rec MB | replica | replica s | peak replica MB "
-          "| peak plain MB | share | complete | train vs ref | train s | peak train MB | check |")
-    print("|" + "---|" * 16)
+    print("| " + " | ".join(h for h, _, _ in COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
     for case in a.cases:
         r = _spawn(case, argv)
         if "error" in r:
             print(f"{case}: error: {r['error']}", file=sys.stderr, flush=True)
         if "params" not in r:
             continue
-        cells = [r["case"], f"{r['params']:,}", _fmt(r.get("plain_s"), ".2f"), _fmt(r.get("rec_ratio"), ".2f"),
-                 _fmt(r.get("store_mb"), ".0f"), _fmt(r.get("peak_record"), ".0f"), _fmt(r.get("replica"), ".1e"),
-                 _fmt(r.get("replica_s"), ".0f"), _fmt(r.get("peak_replica"), ".0f"), _fmt(r.get("peak_plain"), ".0f"),
-                 _fmt(r.get("share"), ".1e"),
-                 _fmt(r.get("completeness"), ".1e"), _fmt(r.get("reference"), ""), _fmt(r.get("train_s"), ".0f"),
-                 _fmt(r.get("peak_train"), ".0f"), _fmt(r.get("check"), ".1e")]
+        cells = [f"{r['params']:,}" if key == "params" else _fmt(r.get(key), spec) for _, key, spec in COLUMNS]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
