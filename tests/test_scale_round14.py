@@ -9,6 +9,11 @@ the rows of every such call, and hold the results to the trained model and to th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +115,15 @@ def test_a_sweep_that_cannot_meet_memory_budget_warns_with_the_estimate_and_the_
         att = est.fit(traj).transform(X_test)
     ref = Reference(traj, X_test, target=[0, 1, 2])
     assert rel_err(as_numpy(att.values), reference_terms(ref, att)["values"]) <= 1e-9
+
+
+def test_the_scale_benchmark_runs_at_its_quick_sizes_and_prints_one_row_per_case():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_scale.py"), "--quick", "--cases", "fp16",
+                           "--reference"], capture_output=True, text=True, env=env, cwd=root, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| fp16 |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert float(cells[8]) <= 1e-6 and float(cells[12]) <= 1e-12 and float(cells[13]) <= 1e-9  # replica, complete, ref
