@@ -4,7 +4,9 @@ The adaptive quadrature refines each test input on its own rows: a ``vmap`` over
 of all the parameters. Those calls took ``chunk_size`` (256) rows whatever the model's size: 92 GB for a full-width
 ResNet-18 in float64, killed for memory. They now take at most ``STACK_BYTES`` of copies
 (``AutogradEvaluator.rows_per_call``); the tests shrink ``STACK_BYTES`` so that a small ReLU MLP meets the cap, count
-the rows of every such call, and hold the results to the trained model and to the slow float64 loop reference.
+the rows of every such call, and hold the results to the trained model and to the slow float64 loop reference. A
+train-axis sweep that cannot meet ``memory_budget`` at its smallest chunks warns (it was a log line), and the
+benchmark's ``--quick`` sizes run from the repository.
 """
 
 from __future__ import annotations
