@@ -10,7 +10,11 @@ r"""The ``torch.func`` evaluator: the three primitives for any model.
   :mod:`~explaind.kernel.adjoint`);
 * per-sample gradients with ``vmap(grad(loss), chunk_size=...)``, their sum with one ``grad``.
 
-Every call is chunked by ``chunk_size`` (rows, pairs or samples per ``vmap``).
+Every call is chunked by ``chunk_size`` (rows, pairs or samples per ``vmap``). A ``vmap`` over rows or (input,
+node) pairs holds copies of all the parameters per row (its point on the segment, the gathered base and step, the
+forward-mode duals): such calls also take at most :data:`~explaind.kernel.evaluate.STACK_BYTES` of them
+(:meth:`AutogradEvaluator.rows_per_call`), one row at a time for a model of more than ``STACK_BYTES / 4`` bytes
+(8.4M float64 parameters), where 256 rows of a full-width ResNet-18 would take 92 GB.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ __all__ = ["AutogradEvaluator", "PER_NODE_LAYERS"]
 #: runs as a grouped convolution, 2-4x slower per evaluation in float64 than one call per node
 #: (``python benchmarks/bench_kink_dense.py --per-eval``; docs/engine.md, sections 2 and 7).
 PER_NODE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: Copies of all the parameters one row of a ``vmap`` over rows holds: the gathered base and step, the point on
+#: the segment and its forward-mode dual (a ``vmap`` over tangents adds one per tangent).
+ROW_COPIES = 4
 
 
 def _along_each(along: Callable[[Params], Tensor], tangents: Params) -> Tensor:
@@ -86,12 +93,20 @@ class AutogradEvaluator:
         #: whose backward is not the derivative of its forward (set by the engine, explaind/kernel/adjoint.py)
         self.forward_jacobians = False
 
+    def rows_per_call(self, n_rows: int, n_params: int, copies: int = ROW_COPIES) -> int:
+        """Rows per ``vmap`` over rows that each hold ``copies`` copies of ``n_params`` parameters: ``chunk_size``
+        (all ``n_rows`` when ``None``), at most :data:`~explaind.kernel.evaluate.STACK_BYTES` of copies, at least 1.
+        """
+        elem = torch.finfo(self.fm.dtype).bits // 8
+        cap = max(1, STACK_BYTES // max(1, copies * elem * n_params))
+        return max(1, min(self.chunk_size or n_rows, cap))
+
     # ------------------------------------------------------------------ JVPs
     def slopes(self, stack: StepStack, rows: Rows | Grid) -> tuple[Tensor, Tensor]:
         """:math:`h, h'` at rows, or on a grid of nodes (see :meth:`Evaluator.slopes`)."""
         if isinstance(rows, Grid):
             return self._slopes_grid(stack, rows.t)
-        chunk = self.chunk_size or max(1, rows.t.shape[0])
+        chunk = self.rows_per_call(rows.t.shape[0], sum(v[0].numel() for v in stack.base.values()))
         outs = [self._slopes_rows(stack, rows.steps[i:i + chunk], rows.inputs[i:i + chunk], rows.t[i:i + chunk])
                 for i in range(0, rows.t.shape[0], chunk)]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
@@ -176,7 +191,7 @@ class AutogradEvaluator:
                     vals = vmap(lambda tu, part=part: self._jvp_at(segment, tu, tangents, part))(group.t)
                 out.index_add_(0, part, torch.einsum("su,ukso->sko", group.w[i:i + step], vals))
         if idx.shape[0]:
-            chunk = self.chunk_size or idx.shape[0]
+            chunk = self.rows_per_call(idx.shape[0], sum(v.numel() for v in segment.base.values()), ROW_COPIES + K)
             vals = torch.cat([self._jvp_pairs(segment, idx[i:i + chunk], t[i:i + chunk], tangents)
                               for i in range(0, idx.shape[0], chunk)])
             out.index_add_(0, idx, w[:, None, None] * vals)
@@ -235,8 +250,9 @@ class AutogradEvaluator:
             sub = group.inputs
             for i in range(0, sub.shape[0], chunk):
                 add(sub[i:i + chunk], self._jac_nodes(segment, group.t, names, sub[i:i + chunk], group.w[i:i + chunk]))
-        for i in range(0, idx.shape[0], chunk):
-            add(idx[i:i + chunk], self._jac_pairs(segment, idx[i:i + chunk], t[i:i + chunk], names, w[i:i + chunk]))
+        pairs = min(chunk, self.rows_per_call(idx.shape[0], sum(v.numel() for v in segment.base.values())))
+        for i in range(0, idx.shape[0], pairs):
+            add(idx[i:i + pairs], self._jac_pairs(segment, idx[i:i + pairs], t[i:i + pairs], names, w[i:i + pairs]))
         return flat
 
     def _g1(self, seg: Segment, params: Params, x: Tensor, a: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, warn_at_caller
 
 __all__ = ["parse_bytes", "SweepPlan", "plan_sweep"]
 
@@ -101,6 +101,14 @@ def plan_sweep(*, momentum: str, keep_step: bool, T: int, O: int, D: int, larges
             Db = max(floor, Db // 2)
     need = _need(mode, Tc, Db, O, B, M, jac(Db), elem)
     if need > budget:
-        logger.warning("estimated peak memory %.3g bytes exceeds memory_budget=%d bytes even with test_chunk=%d "
-                       "and parameter blocks of %d coordinates", need, budget, Tc, Db)
+        message = (f"InfluenceEstimator.transform: the estimated peak memory, {need / 1e9:.3g} GB, exceeds "
+                   f"memory_budget={budget / 1e9:.3g} GB even with test chunks of {Tc} input(s) and parameter blocks "
+                   f"of {Db} coordinates (a block is at least the largest parameter tensor, {largest_tensor} "
+                   f"coordinates; it holds the {B} per-sample gradients of the largest batch" +
+                   (f" and the per-sample momentum of {M} samples" if mode == "forward" else "") +
+                   f"), so the sweep goes on above the budget and may run out of memory. Fix: give "
+                   f"memory_budget='{math.ceil(need / 1e9 * 1.1 * 10) / 10:g}GB' if the machine has it free "
+                   f"(docs/engine.md, section 3, 'Chunking'), or explain fewer outputs (target=...).")
+        logger.warning("%s", message)
+        warn_at_caller(message)
     return SweepPlan(mode, Tc, Db, jac(Db), need)
