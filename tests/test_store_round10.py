@@ -115,8 +115,10 @@ def _writer(store: Path, every: int, steps: int) -> subprocess.Popen:
 def test_a_reader_and_copies_beside_a_writer_in_another_process(tmp_path, every):
     """A recording in another process; this one loads the store in a loop, copies it mid-run with ``cp -r`` and
     ``shutil.copytree``, and tries to salvage it. Each load is a prefix of the run, never fewer steps than the one
-    before; the salvage is refused naming the writer's process; each copy verifies, is a prefix and resumes to the
-    run bit for bit. Before: the same (not tried across processes)."""
+    before; the salvage is refused naming the writer's process; each copy is a prefix and verifies, or (a copy that
+    spanned two of the writer's steps, as a slow ``cp`` under load can) is refused naming a copy taken while the run
+    was recorded and salvaged to a prefix; either resumes to the run bit for bit. Before: the same (not tried across
+    processes); the second outcome, seen once in a loaded test run, failed the test."""
     steps = 24
     reference = resumable_reference(steps)
     store = tmp_path / "run"
@@ -144,10 +146,18 @@ def test_a_reader_and_copies_beside_a_writer_in_another_process(tmp_path, every)
             refused.append(str(exc.value))
     assert child.returncode == 0, child.stderr.read().decode()[-2000:]
     assert seen[-1] <= steps and len(copies) == 2 and refused and not (tmp_path / "salvaged").exists()
-    for copy in copies:
+    for i, copy in enumerate(copies):
         traj = explaind.Trajectory.load(copy, model=resumable_setup()[0])
-        traj.verify()
         _assert_same(reference, traj)
+        try:
+            traj.verify()
+        except TrajectoryError as exc:
+            # a copy that spanned two steps of the writer (a slow cp under load) holds an optimizer state of a later
+            # step than its journal's last: named as such, and salvage keeps a prefix that resumes bit for bit
+            assert "while its run was being recorded" in str(exc), exc
+            explaind.Trajectory.salvage(copy, out=tmp_path / f"salvaged{i}")
+            copy = tmp_path / f"salvaged{i}"
+            _assert_same(reference, explaind.Trajectory.load(copy, model=resumable_setup()[0]))
         resume_to_the_end(copy, reference, steps, every)
 
 
