@@ -18,12 +18,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
 from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE, unmarked_setup
+from ._lean_index import MAX_INDEX_BYTES, _canonical_manifest, _canonical_records, lean_index
 from ._steps import StepIndex
 from ._travel import case_changed, damage_cause, read_settled
 from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
@@ -31,10 +32,6 @@ from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
 __all__ = ["read_manifest", "strict_json", "validation_problems", "MAX_INDEX_BYTES"]
 
 logger = logging.getLogger(__name__)
-
-#: Largest manifest or journal read (5,000 steps take about 4 MB).
-MAX_INDEX_BYTES = 1 << 28
-
 
 def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook`` of :func:`strict_json`: a key given twice in one object is an error, not the last one."""
@@ -94,36 +91,6 @@ def _journal_record(line: bytes) -> StepRecord:
     if record.model_dump_json().encode() != line.rstrip(b"\r"):
         StepRecord.model_validate(strict_json(line), strict=True)  # raises for a repeated key or NaN
     return record
-
-
-#: a journal's records parsed, and written back, in one call (:func:`_canonical_records`)
-_RECORDS = TypeAdapter(list[StepRecord])
-
-
-def _canonical_records(lines: list[bytes]) -> list[StepRecord] | None:
-    """The records of ``lines`` when every line is exactly what explaind writes, else ``None``.
-
-    All lines are parsed as one JSON array in strict mode and serialized back; the bytes are equal
-    only when no key is repeated, no number is ``NaN`` and every value has the JSON type explaind
-    writes (a repeated key or ``NaN`` would serialize differently). One call for the whole journal
-    costs less than pydantic's lax parse line by line (docs/recording.md, "Strangers' files, round 6"); anything else
-    (a CRLF line, a line of an older explaind, a corrupted one) is read line by line.
-    """
-    body = b"[" + b",".join(lines) + b"]"
-    try:
-        records = _RECORDS.validate_json(body, strict=True)
-    except ValueError:  # a ValidationError
-        return None
-    return records if _RECORDS.dump_json(records) == body else None
-
-
-def _canonical_manifest(data: bytes) -> TrajectoryManifest | None:
-    """The manifest when ``data`` is exactly what explaind writes (strict parse, same bytes back), else ``None``."""
-    try:
-        manifest = TrajectoryManifest.model_validate_json(data, strict=True)
-    except ValueError:  # a ValidationError
-        return None
-    return manifest if manifest.to_json() == data else None
 
 
 def _problem(exc: ValueError) -> str:
@@ -317,8 +284,6 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     except FileNotFoundError:
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
                               f"vanished.") from None
-    from ._lean_index import lean_index  # here: it reads with this module's parsers
-
     lean = lean_index(root, data)  # a store as explaind wrote it, read in columns (_lean_index.py)
     if lean is not None:
         _check_schema_version(lean.schema_version, path)

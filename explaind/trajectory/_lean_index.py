@@ -16,7 +16,8 @@ reader does, a block of records at a time:
 
 Anything else (a CRLF line, a byte-order mark, a torn or corrupted line, a repeated step, a journal line that
 differs from the manifest's record of its step, an older explaind's formatting) returns ``None``: the careful
-reader then reads the store and names what is wrong, as before.
+reader then reads the store and names what is wrong, as before. The strict whole-file parsers both readers
+share (:func:`_canonical_records`, :func:`_canonical_manifest`) and :data:`MAX_INDEX_BYTES` live here too.
 """
 
 from __future__ import annotations
@@ -27,14 +28,49 @@ import gc
 from collections.abc import Iterator
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
 from ..exceptions import TrajectoryError
-from ._index import _RECORDS, MAX_INDEX_BYTES, _canonical_manifest, _canonical_records
 from ._io import read_confined
 from ._layout import JOURNAL
 from ._steps import StepIndex
 from .manifest import StepRecord, TrajectoryManifest
 
-__all__ = ["lean_index", "BLOCK"]
+__all__ = ["lean_index", "BLOCK", "MAX_INDEX_BYTES"]
+
+#: Largest manifest or journal read (5,000 steps take about 4 MB).
+MAX_INDEX_BYTES = 1 << 28
+
+#: a journal's records parsed, and written back, in one call (:func:`_canonical_records`)
+_RECORDS = TypeAdapter(list[StepRecord])
+
+
+def _canonical_records(lines: list[bytes]) -> list[StepRecord] | None:
+    """The records of ``lines`` when every line is exactly what explaind writes, else ``None``.
+
+    All lines are parsed as one JSON array in strict mode and serialized back; the bytes are equal
+    only when no key is repeated, no number is ``NaN`` and every value has the JSON type explaind
+    writes (a repeated key or ``NaN`` would serialize differently). One call for the whole journal
+    costs less than pydantic's lax parse line by line (docs/recording.md, "Strangers' files, round 6"); anything else
+    (a CRLF line, a line of an older explaind, a corrupted one) is read line by line.
+    """
+    body = b"[" + b",".join(lines) + b"]"
+    try:
+        records = _RECORDS.validate_json(body, strict=True)
+    except ValueError:  # a ValidationError
+        return None
+    return records if _RECORDS.dump_json(records) == body else None
+
+
+def _canonical_manifest(data: bytes) -> TrajectoryManifest | None:
+    """The manifest when ``data`` is exactly what explaind writes (strict parse, same bytes back), else ``None``."""
+    try:
+        manifest = TrajectoryManifest.model_validate_json(data, strict=True)
+    except ValueError:  # a ValidationError
+        return None
+    return manifest if manifest.to_json() == data else None
+
+
 
 #: records parsed at a time: their pydantic objects are all that is held besides the files' bytes and the columns
 BLOCK = 2048
