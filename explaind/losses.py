@@ -162,7 +162,8 @@ def batch_coupled_loss(terms: Callable[..., Any], *, batch_loss: Callable[..., A
     Raises
     ------
     ConfigError
-        When ``terms`` (or ``batch_loss``) is not callable; when called, if ``terms`` does not return ``(n,)``.
+        When ``terms`` (or ``batch_loss``) is not callable or ``name`` is not a non-empty string; when called, if
+        ``terms`` does not return ``(n,)``.
 
     Examples
     --------
@@ -177,6 +178,9 @@ def batch_coupled_loss(terms: Callable[..., Any], *, batch_loss: Callable[..., A
         if fn is not None and not callable(fn):
             raise ConfigError(f"batch_coupled_loss({label}={fn!r}): expected a callable (outputs, targets) -> "
                               f"{'(n,) loss terms' if label == 'terms' else 'scalar batch loss'}.")
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        raise ConfigError(f"batch_coupled_loss(name={name!r}): expected a non-empty str (the name stored in the "
+                          f"manifest), or None for the qualified name of terms.")
     label = name or _callable_name(terms)
 
     def coupled_terms(outputs: Tensor, targets: Tensor) -> Tensor:

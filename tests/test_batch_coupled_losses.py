@@ -330,3 +330,15 @@ def test_a_loop_that_sums_the_terms_is_exact_with_its_factor_measured():
             opt.step()
     assert [rec.trajectory.grad_scale(s) for s in range(3)] == pytest.approx([6.0] * 3, rel=1e-12)
     assert_exact(figures(Run(model, rec.trajectory, X[N:], clip_terms)))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"terms": 3}, r"batch_coupled_loss\(terms=3\): expected a callable"),
+    ({"terms": lambda o, t: o, "batch_loss": 5}, r"batch_coupled_loss\(batch_loss=5\): expected a callable"),
+    ({"terms": lambda o, t: o, "name": 3}, r"batch_coupled_loss\(name=3\): expected a non-empty str"),
+    ({"terms": lambda o, t: o, "name": " "}, r"batch_coupled_loss\(name=' '\): expected a non-empty str"),
+])
+def test_batch_coupled_loss_refuses_bad_arguments_naming_the_value(kwargs, match):
+    """Each argument of the wrong kind is a ConfigError naming it and what is allowed, before anything is recorded."""
+    with pytest.raises(ConfigError, match=match):
+        explaind.batch_coupled_loss(**kwargs)
