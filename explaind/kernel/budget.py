@@ -20,7 +20,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..exceptions import ConfigError, warn_at_caller
+from ..exceptions import ConfigError
+from ..trajectory._common import warn_user
 
 __all__ = ["parse_bytes", "SweepPlan", "plan_sweep"]
 
@@ -109,6 +110,5 @@ def plan_sweep(*, momentum: str, keep_step: bool, T: int, O: int, D: int, larges
                    f"), so the sweep goes on above the budget and may run out of memory. Fix: give "
                    f"memory_budget='{math.ceil(need / 1e9 * 1.1 * 10) / 10:g}GB' if the machine has it free "
                    f"(docs/engine.md, section 3, 'Chunking'), or explain fewer outputs (target=...).")
-        logger.warning("%s", message)
-        warn_at_caller(message)
+        warn_user(logger, message)
     return SweepPlan(mode, Tc, Db, jac(Db), need)
