@@ -128,7 +128,10 @@ class OptimizerStateWatch:
         stay."""
         held = self._views.get(where)
         if held is None or held[0] is not buf or held[1] != ptr:
-            held = self._views[where] = (buf, ptr, sampled_bits(buf), _words(buf))
+            held = (buf, ptr, sampled_bits(buf), _words(buf))
+            memory = buf.untyped_storage().data_ptr()
+            if all(v.untyped_storage().data_ptr() == memory for v in (held[2], held[3][0])):
+                self._views[where] = held  # views of its memory; views of a copy are made afresh at every read
         return held
 
     def _sample(self, where: tuple[int, str], buf: Tensor, ptr: int) -> Tensor:
@@ -222,11 +225,32 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.detach().to(b.device), b.detach()))
 
 
+def _in_memory_order(t: Tensor) -> Tensor | None:
+    """A 1-D view of ``t``'s entries in the order they lie in memory, when they fill one block of it without gaps
+    or overlaps (contiguous, or a permuted layout: a transposed or ``channels_last`` tensor); else ``None``."""
+    t = t.detach()
+    if t.is_contiguous():
+        return t.view(-1)
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t``'s entries as one dimension: :func:`_in_memory_order`'s view, else a copy (a layout with gaps)."""
+    flat = _in_memory_order(t)
+    return t.detach().contiguous().view(-1) if flat is None else flat
+
+
 def sampled_bits(t: Tensor) -> Tensor:
-    """A view of at most :data:`SAMPLE` entries of ``t``, evenly strided from the first, as integers of the entries'
-    width (a NaN equals itself, -0 differs from 0): any contiguous run of entries at least as long as the stride
-    holds a sampled one."""
-    flat = t.detach().reshape(-1)
+    """A view of at most :data:`SAMPLE` entries of ``t``, evenly strided from the first in the order they lie in
+    memory, as integers of the entries' width (a NaN equals itself, -0 differs from 0): any run of entries adjacent
+    in memory at least as long as the stride holds a sampled one. A tensor whose entries leave gaps in memory is
+    read through a copy."""
+    flat = _flat(t)
     ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
     return flat.view(ints)[::max(1, -(-flat.numel() // SAMPLE))]
 
@@ -244,7 +268,7 @@ def word_sum(t: Tensor) -> Tensor:
 
 def _words(t: Tensor) -> tuple[Tensor, Tensor | None]:
     """Views of ``t``'s bits as 64-bit words and as the bytes of a last partial word (``None`` when there are none)."""
-    flat = t.detach().reshape(-1)
+    flat = _flat(t)
     nbytes = flat.numel() * flat.element_size()
     if nbytes % 8 == 0 and (flat.storage_offset() * flat.element_size()) % 8 == 0:
         try:
