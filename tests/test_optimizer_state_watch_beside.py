@@ -95,3 +95,28 @@ def test_a_watch_without_a_copier_reads_on_the_loops_thread(slow_reads):
     opt.state[w]["momentum_buffer"].data[7] += 1.0
     with pytest.raises(TrajectoryError, match=r"momentum buffers of w \(momentum_buffer: changed through \.data\)"):
         watch.check(opt)
+
+
+def _all_transposed() -> torch.nn.Sequential:
+    """A bias-free tanh MLP whose weights are held transposed in memory: the recorder copies theta on the loop's
+    thread (not contiguous), so only the watch's own post-step hook waits for its reads."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6, bias=False), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3, bias=False)).double()
+    for i in (0, 2):
+        model[i].weight = torch.nn.Parameter(model[i].weight.detach().t().contiguous().t())
+    return model
+
+
+def test_the_step_waits_for_the_reads_when_the_recorder_copies_nothing_beside(slow_reads):
+    model = _all_transposed()
+    opt = sgd(model)
+
+    def after(s: int) -> None:
+        if s == 2:
+            opt.state[model[0].weight]["momentum_buffer"].data.mul_(0.5)
+
+    with pytest.raises(TrajectoryError, match=r"Step 3: the optimizer's momentum buffers of 0\.weight "
+                                              r"\(momentum_buffer: changed through \.data\)"):
+        train(model, opt, after=after)
+    assert "explaind-state-copy" in " ".join(slow_reads)
