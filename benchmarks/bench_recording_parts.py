@@ -151,6 +151,8 @@ def install() -> None:
     _wrap(store.StoreWriter, "write_step", "hand-over", wall=True)
     _wrap(OptimizerStateWatch, "check", "state watch", top=True)  # optimizer hooks of their own, outside pre/post
     _wrap(OptimizerStateWatch, "arm", "state watch", top=True)
+    if hasattr(OptimizerStateWatch, "settle"):  # the wait for its reads on the copier's thread (not in older versions)
+        _wrap(OptimizerStateWatch, "settle", "state watch", top=True)
     _wrap_hooks()
     _wrap_writer()
     _wrap_copier()

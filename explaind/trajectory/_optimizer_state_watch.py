@@ -34,6 +34,14 @@ exact. Every step is checked: the sample costs a copy of at most 1024 entries pe
 buffer, after the step and again before the next (docs/recording.md, "Buffers changed between steps", measures it).
 Buffers made under ``torch.inference_mode()`` (which have no counter) are compared by their bits only.
 
+Where the reads after a step run. Given the recorder's
+:class:`~explaind.trajectory._background.StateCopier`, the copy of the sample and the sum after the step of the
+carried CPU buffers (at least :data:`BESIDE_FROM` entries in all) run on its thread, beside the recorder's own
+post-step work (which, on the same thread, copies :math:`\theta_{s+1}` after them), and a post-step hook registered
+after the recorder's (:meth:`settle_hooks`) waits for them: when ``optimizer.step()`` returns to the loop they hold
+the bits the step left, as when they were taken on the loop's thread, so an edit made right after the step is
+refused at the next one. Buffers off the CPU are read on the loop's thread.
+
 Adapters of other plugins carry their own keys: :data:`CARRIED` names those of the first-party adapters, and an
 adapter not listed is not watched (its audit, ``traj.audit()``, still measures every step).
 """
@@ -41,17 +49,22 @@ adapter not listed is not watched (its audit, ``traj.audit()``, still measures e
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
+from ._background import StateCopier
 
-__all__ = ["CARRIED", "OptimizerStateWatch", "SAMPLE", "sampled_bits", "word_sum"]
+__all__ = ["BESIDE_FROM", "CARRIED", "OptimizerStateWatch", "SAMPLE", "sampled_bits", "word_sum"]
 
 #: The most entries of each carried buffer whose bits are compared between steps.
 SAMPLE = 1024
+
+#: Fewest entries of the carried CPU buffers, all together, read on the copier's thread (fewer: inline, cheaper).
+BESIDE_FROM = 2 ** 15
 
 #: The state entries each first-party adapter carries as :math:`m_{s-1}` (by adapter name).
 CARRIED: dict[str, tuple[str, ...]] = {
@@ -71,9 +84,14 @@ class OptimizerStateWatch:
         The recorded parameters, to name the edited buffers.
     step : callable
         Returns the number of the step about to be recorded (the recorder's count).
+    copier : StateCopier, optional
+        The thread that reads the CPU buffers after each step; ``None``: read on the loop's thread.
     """
 
-    def __init__(self, adapter: str, params: dict[str, nn.Parameter], step: Callable[[], int]) -> None:
+    def __init__(self, adapter: str, params: dict[str, nn.Parameter], step: Callable[[], int],
+                 copier: StateCopier | None = None) -> None:
+        self._copier = copier
+        self._armed: Future | None = None  # the copier's reading of the buffers after the last step
         self._keys = CARRIED.get(adapter, ())
         self._names = {id(p): n for n, p in params.items()}
         self._step = step
@@ -91,6 +109,7 @@ class OptimizerStateWatch:
         if not self._keys:
             return []
         self.arm(optimizer)  # what the recording starts from (the adapter's start state)
+        self._wait()  # read before the loop can change it
         return [optimizer.register_step_pre_hook(self.check), optimizer.register_step_post_hook(self.arm)]
 
     def _carried(self, optimizer: Any) -> dict[tuple[int, str], tuple[Tensor, int, int]]:
@@ -109,7 +128,10 @@ class OptimizerStateWatch:
         stay."""
         held = self._views.get(where)
         if held is None or held[0] is not buf or held[1] != ptr:
-            held = self._views[where] = (buf, ptr, sampled_bits(buf), _words(buf))
+            held = (buf, ptr, sampled_bits(buf), _words(buf))
+            memory = buf.untyped_storage().data_ptr()
+            if all(v.untyped_storage().data_ptr() == memory for v in (held[2], held[3][0])):
+                self._views[where] = held  # views of its memory; views of a copy are made afresh at every read
         return held
 
     def _sample(self, where: tuple[int, str], buf: Tensor, ptr: int) -> Tensor:
@@ -120,16 +142,48 @@ class OptimizerStateWatch:
         """:func:`word_sum` of ``buf`` through its kept views."""
         return _summed(self._held(where, buf, ptr)[3])
 
+    def settle_hooks(self, optimizer: Any) -> list[Any]:
+        """Register :meth:`settle` as a post-step hook (after the recorder's own); returns its handle."""
+        return [optimizer.register_step_post_hook(self.settle)] if self._keys and self._copier is not None else []
+
     def arm(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
-        """Post-step hook: keep each carried buffer, its version counter and a copy of its sampled bits."""
-        self._seen = self._carried(optimizer)
-        self._bits = {where: self._sample(where, buf, ptr).clone() for where, (buf, _, ptr) in self._seen.items()}
-        self._sums = {where: self._sum(where, buf, ptr) for where, (buf, _, ptr) in self._seen.items()}
-        for gone in self._views.keys() - self._seen.keys():
+        """Post-step hook: keep each carried buffer, its version counter and a copy of its sampled bits.
+
+        With a copier, the copies of the CPU buffers' samples and their sums are made on its thread
+        (:meth:`settle` waits for them).
+        """
+        self._wait()
+        self._seen = seen = self._carried(optimizer)
+        for gone in self._views.keys() - seen.keys():
             del self._views[gone]
+        beside = {} if self._copier is None else {w: v for w, v in seen.items() if v[0].device.type == "cpu"}
+        if sum(v[0].numel() for v in beside.values()) < BESIDE_FROM:
+            beside = {}
+        self._bits, self._sums = kept = self._read({w: v for w, v in seen.items() if w not in beside})
+        if beside:
+            self._armed = self._copier.run([lambda: self._read(beside, into=kept)])
+
+    def _read(self, seen: dict[tuple[int, str], tuple[Tensor, int, int]],
+              into: tuple[dict, dict] | None = None) -> tuple[dict, dict]:
+        """A copy of the sampled bits and the word sum of each of ``seen``'s buffers (added to ``into``)."""
+        bits, sums = ({}, {}) if into is None else into
+        for where, (buf, _, ptr) in seen.items():
+            bits[where] = self._sample(where, buf, ptr).clone()
+            sums[where] = self._sum(where, buf, ptr)
+        return bits, sums
+
+    def settle(self, optimizer: Any = None, args: Any = (), kwargs: Any = None) -> None:
+        """Post-step hook: wait until the buffers after the last step are read (a failed read raises here)."""
+        self._wait()
+
+    def _wait(self) -> None:
+        armed, self._armed = self._armed, None
+        if armed is not None:
+            armed.result()
 
     def check(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
         """Pre-step hook: raise :class:`~explaind.exceptions.TrajectoryError` when a kept buffer changed."""
+        self._wait()
         if not self._seen:
             return
         now = self._carried(optimizer)
@@ -171,11 +225,32 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a.detach().to(b.device), b.detach()))
 
 
+def _in_memory_order(t: Tensor) -> Tensor | None:
+    """A 1-D view of ``t``'s entries in the order they lie in memory, when they fill one block of it without gaps
+    or overlaps (contiguous, or a permuted layout: a transposed or ``channels_last`` tensor); else ``None``."""
+    t = t.detach()
+    if t.is_contiguous():
+        return t.view(-1)
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t``'s entries as one dimension: :func:`_in_memory_order`'s view, else a copy (a layout with gaps)."""
+    flat = _in_memory_order(t)
+    return t.detach().contiguous().view(-1) if flat is None else flat
+
+
 def sampled_bits(t: Tensor) -> Tensor:
-    """A view of at most :data:`SAMPLE` entries of ``t``, evenly strided from the first, as integers of the entries'
-    width (a NaN equals itself, -0 differs from 0): any contiguous run of entries at least as long as the stride
-    holds a sampled one."""
-    flat = t.detach().reshape(-1)
+    """A view of at most :data:`SAMPLE` entries of ``t``, evenly strided from the first in the order they lie in
+    memory, as integers of the entries' width (a NaN equals itself, -0 differs from 0): any run of entries adjacent
+    in memory at least as long as the stride holds a sampled one. A tensor whose entries leave gaps in memory is
+    read through a copy."""
+    flat = _flat(t)
     ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
     return flat.view(ints)[::max(1, -(-flat.numel() // SAMPLE))]
 
@@ -193,7 +268,7 @@ def word_sum(t: Tensor) -> Tensor:
 
 def _words(t: Tensor) -> tuple[Tensor, Tensor | None]:
     """Views of ``t``'s bits as 64-bit words and as the bytes of a last partial word (``None`` when there are none)."""
-    flat = t.detach().reshape(-1)
+    flat = _flat(t)
     nbytes = flat.numel() * flat.element_size()
     if nbytes % 8 == 0 and (flat.storage_offset() * flat.element_size()) % 8 == 0:
         try:

@@ -341,10 +341,10 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._random.attach()
         self._buffers.start()
         self._attributes.start()
+        watch = OptimizerStateWatch(self._adapter_record.name, self._params, lambda: self._n, self._copier)
         self._handles = [  # the momentum watch's hooks first: an edit of the optimizer's state is refused first
-            *OptimizerStateWatch(self._adapter_record.name, self._params, lambda: self._n).hooks(self.optimizer),
-            self.optimizer.register_step_pre_hook(self._pre_step),
-            self.optimizer.register_step_post_hook(self._post_step),
+            *watch.hooks(self.optimizer), self.optimizer.register_step_pre_hook(self._pre_step),
+            self.optimizer.register_step_post_hook(self._post_step), *watch.settle_hooks(self.optimizer),
         ]
         self._active = True
         return self
