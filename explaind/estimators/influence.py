@@ -129,7 +129,7 @@ class InfluenceEstimator(PathEstimator):
         warns, naming the likely cause and the fix. ``"auto"`` (default): the rounding level of the run,
         1e-7 for a float64 run, every share stated for a run recorded under ``torch.autocast`` (with
         ``meta["expected_residual_share"]``, the autocast dtype's unit roundoff), 1e-3 otherwise
-        (docs/guide_own_model.md, "The residual share").
+        (docs/guide_own_model.md, "The residual share, and what to do when it warns").
     strict : bool
         Raise :class:`~explaind.exceptions.TrajectoryError` instead of warning. The quadrature-error
         share (``meta["quadrature_share"]``) is warned about above the same ``residual_tol`` (1e-3 for
