@@ -35,8 +35,9 @@ from _round13_cases import figures as round13_figures
 from _stranger_loops_kit import QUAD, data
 
 import explaind
-from explaind.estimators._residual_tol import FLOAT64_TOL, OTHER_TOL, PROMOTED_TOL
+from explaind.estimators._residual_tol import FLOAT64_TOL, OTHER_TOL, PROMOTED_TOL, resolve_residual_tol
 from explaind.exceptions import ConfigError, ExplaindWarning
+from explaind.trajectory._output_rounding import EXTRAS_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,5 +179,15 @@ def test_a_number_keeps_its_meaning_and_bad_values_are_refused_naming_them():
             explaind.InfluenceEstimator(residual_tol=bad).fit(traj)
 
 
-def test_the_auto_levels_are_ordered():
+def test_a_float64_run_converting_to_float32_inside_gets_the_promoted_level_unless_the_loss_was_cast():
+    """The left-padded Qwen2 of tests/test_stranger_hf_decoders.py (share 5e-7, its float32 RMS norms) relies on
+    this level; a float32 cast before the loss, noted by the recorder, keeps the float64 level."""
+    _, traj = ROUND13["loss_weight_bump_checked_every_step"]()
+    window = (0, traj.n_steps)
+    casts = ["norm (RMSNorm): Tensor.to -> float32"]
+    limit = resolve_residual_tol("auto", traj, window, casts)
+    assert limit.value == PROMOTED_TOL and "converts to float32: norm (RMSNorm)" in limit.label
+    assert resolve_residual_tol("auto", traj, window, []).value == FLOAT64_TOL
+    traj.manifest.extras[EXTRAS_KEY] = "a float32 cast before the loss"
+    assert resolve_residual_tol("auto", traj, window, casts).value == FLOAT64_TOL
     assert FLOAT64_TOL < PROMOTED_TOL < OTHER_TOL
