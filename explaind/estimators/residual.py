@@ -71,8 +71,9 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
     if autocast:
         causes.append(f"the loop's forward ran under torch.autocast ({', '.join(autocast)}) while the engine "
                       f"recomputes each sample's gradient without it, so the residual holds the autocast rounding "
-                      f"of the loop's gradients (of order 1e-4 for float16, 1e-3 for bfloat16, docs/recording.md "
-                      f"'Mixed precision'); this is expected — accept it with a larger residual_tol, or train "
+                      f"of the loop's gradients (the dtype's unit roundoff, 4.9e-4 for float16 and 3.9e-3 for "
+                      f"bfloat16, times 0.33 to 14 on the repository's runs, docs/recording.md 'Mixed precision'); "
+                      f"this is expected — accept it with a larger residual_tol, or train "
                       f"without autocast for a split at rounding level")
     rounded = (getattr(traj.manifest, "extras", None) or {}).get("output_rounding")
     if rounded:
