@@ -38,7 +38,7 @@ from ..trajectory._output_rounding import EXTRAS_KEY
 __all__ = ["AUTOCAST_UNITS", "FLOAT64_TOL", "OTHER_TOL", "PROMOTED_TOL", "QUADRATURE_TOL", "ResidualTol",
            "autocast_statement", "quadrature_tol", "resolve_residual_tol"]
 
-#: ``"auto"``'s tolerance for a float64 run recorded without autocast: 14 times the largest share of an exact case.
+#: ``"auto"``'s tolerance for a float64 run recorded without autocast: 10 times the largest share of an exact case.
 FLOAT64_TOL = 1e-7
 #: ``"auto"``'s tolerance for a float64 run whose forward converts to float32 inside (RMS norms of Llama-family
 #: models): that rounding depends on the loss's scale, so the per-sample split rounds apart from the step's
