@@ -127,9 +127,11 @@ class InfluenceEstimator(PathEstimator):
         the part of the explained change that the model of the updates leaves unexplained; stored in
         ``meta["residual_share"]``, the tolerance used in ``meta["residual_tol"]``). Above it ``transform``
         warns, naming the likely cause and the fix. ``"auto"`` (default): the rounding level of the run,
-        1e-7 for a float64 run, every share stated for a run recorded under ``torch.autocast`` (with
-        ``meta["expected_residual_share"]``, the autocast dtype's unit roundoff), 1e-3 otherwise
-        (docs/guide_own_model.md, "The residual share, and what to do when it warns").
+        1e-7 for a float64 run (1e-5 where its forward converts to float32 inside), every share stated
+        for a run recorded under ``torch.autocast`` (with ``meta["expected_residual_share"]``, the
+        autocast dtype's unit roundoff; with ``strict`` such a run raises unless ``residual_tol`` is a
+        number), 1e-3 otherwise (docs/guide_own_model.md,
+        "The residual share, and what to do when it warns").
     strict : bool
         Raise :class:`~explaind.exceptions.TrajectoryError` instead of warning. The quadrature-error
         share (``meta["quadrature_share"]``) is warned about above the same ``residual_tol`` (1e-3 for
