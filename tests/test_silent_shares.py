@@ -36,7 +36,7 @@ from _stranger_loops_kit import QUAD, data
 
 import explaind
 from explaind.estimators._residual_tol import FLOAT64_TOL, OTHER_TOL, PROMOTED_TOL, resolve_residual_tol
-from explaind.exceptions import ConfigError, ExplaindWarning
+from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from explaind.trajectory._output_rounding import EXTRAS_KEY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,6 +115,15 @@ def test_a_float16_autocast_run_states_its_share_and_the_expected_order():
     suggested = float(re.search(r"silently pass residual_tol=([0-9.e-]+)\.", said[-1]).group(1))
     assert share < suggested <= 1.1 * share
     assert not residual_warnings(explained(traj, X_test, residual_tol=suggested, **MLP_QUAD)[1])
+
+
+def test_strict_raises_on_an_autocast_run_under_auto_and_not_under_a_number_above_its_share():
+    _, traj, X_test = record_autocast_mlp("float16", mlp_optimizer, 6, 8)
+    with pytest.raises(TrajectoryError, match=r"residual_tol=0 \(auto: every share stated .*autocast\(float16\)"):
+        explaind.InfluenceEstimator(keep=("train",), strict=True, device="cpu", **MLP_QUAD).fit(traj).transform(X_test)
+    att = explaind.InfluenceEstimator(keep=("train",), strict=True, residual_tol=1e-3, device="cpu", **MLP_QUAD).fit(
+        traj).transform(X_test)
+    assert att.meta["residual_share"] < 1e-3
 
 
 def test_a_bfloat16_autocast_run_is_stated_with_bfloat16s_unit():
