@@ -300,9 +300,10 @@ def _rule_text(rule: Any, tol: float) -> str:
 
 def _shares(meta: dict[str, Any], rule: Any) -> str:
     """The parts of the explained change the scores leave out (docs/maths.md), and how to shrink the quadrature's."""
+    from .estimators._residual_tol import quadrature_tol
     from .estimators.influence import InfluenceConfig
 
-    tol = InfluenceConfig.model_fields["residual_tol"].default
+    tol = quadrature_tol(InfluenceConfig.model_fields["residual_tol"].default)
     parts = [f"{name} share {100 * meta[key]:.3g}%" for name, key in (("quadrature error", "quadrature_share"),
                                                                        ("residual", "residual_share")) if key in meta]
     shrink = ("a smaller --tol shrinks" if rule.quadrature == "adaptive" else

@@ -10,8 +10,9 @@ activations while the engine recomputes them in float64, and an adaptive step di
 own running scale, so the rounding enters the update at the gradient's relative size where SGD scales it by the
 learning rate. The shares measured (seeded, one thread) are pinned to within a factor 3: in float16 from 2.1e-4
 (RAdam) to 6.7e-3 (RMSprop), SGD 3.2e-4 and Adam 9.6e-4; in bfloat16 from 2.5e-3 (RAdam) to 4.9e-2 (RMSprop), SGD
-1.6e-3 and Adam 8.8e-3 (Adafactor: 5.8e-4 and 3.4e-3). Above ``residual_tol`` (1e-3 by default) the estimators
-warn, naming autocast first; in float32 without autocast every share is below 2e-6 and nothing warns.
+1.6e-3 and Adam 8.8e-3 (Adafactor: 5.8e-4 and 3.4e-3). The default ``residual_tol="auto"`` states every autocast
+run's share in a warning naming autocast and its unit roundoff; above ``residual_tol=1e-3`` the estimators warn,
+naming autocast first; in float32 without autocast every share is below 2e-6 and nothing warns.
 """
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ def test_float32_runs_are_exact_at_float32_level_and_nothing_warns(name):
 def test_the_residual_share_warns_exactly_above_the_tolerance_naming_autocast(name, precision):
     _, traj, X_test = _run(name, precision)
     share = OPTIMIZERS[name][1 if precision == "float16" else 2]
-    estimator = explaind.InfluenceEstimator(keep=("train",), device="cpu", **MLP_QUAD).fit(traj)
+    # the default residual_tol="auto" states every autocast run's share with its expected order
+    with pytest.warns(ExplaindWarning, match=rf"residual share .* > residual_tol=0 \(auto: every share stated for a "
+                                             rf"run recorded under torch.autocast\({precision}\)\).*unit roundoff"):
+        explaind.InfluenceEstimator(keep=("train",), device="cpu", **MLP_QUAD).fit(traj).transform(X_test)
+    estimator = explaind.InfluenceEstimator(keep=("train",), device="cpu", residual_tol=1e-3, **MLP_QUAD).fit(traj)
     if share > 1e-3:
         with pytest.warns(ExplaindWarning, match=rf"residual share .* > residual_tol=0.001.*Likely causes: \(1\) the "
                                                  rf"loop's forward ran under torch.autocast \({precision}\).*"

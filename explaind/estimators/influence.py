@@ -32,6 +32,7 @@ from ..kernel.planning import window_plans
 from ..kernel.shard import Cell, all_sum_, choose_layout, world
 from ..kernel.split import momentum_start
 from ._path import PathConfig, PathEstimator
+from ._residual_tol import quadrature_tol
 from .residual import JACOBIAN_TERMS, PATH_TERMS, check_finite, check_quadrature, check_residual
 
 __all__ = ["InfluenceEstimator", "InfluenceConfig", "AXES"]
@@ -45,7 +46,7 @@ class InfluenceConfig(PathConfig):
     keep: tuple[Literal["step", "group", "param", "train"], ...] = ("train",)
     target: Any = None
     split: bool = True
-    residual_tol: float = Field(default=1e-3, gt=0.0)
+    residual_tol: float | Literal["auto"] = "auto"
     strict: bool = False
     momentum: Literal["auto", "forward", "reverse"] = "auto"
     memory_budget: int | str = "2GB"
@@ -68,6 +69,14 @@ class InfluenceConfig(PathConfig):
         if "group" in v and "param" in v:
             raise ValueError("'group' and 'param' cannot both be kept (the param axis already identifies its "
                              "tensor); keep 'param' and call Attribution.by_group(), or keep 'group'")
+        return v
+
+    @field_validator("residual_tol")
+    @classmethod
+    def _residual_tol(cls, v: Any) -> Any:
+        if not isinstance(v, str) and not v > 0:
+            raise ValueError(f"residual_tol={v!r} is not a tolerance: pass a positive number (the largest residual "
+                             f"share accepted silently) or 'auto' (the rounding level of the run)")
         return v
 
     @field_validator("target", mode="before")
@@ -113,14 +122,20 @@ class InfluenceEstimator(PathEstimator):
         ``False``: ``values`` hold each step's whole update :math:`\varphi_s(x)\Delta\theta_s` on the kept
         axes and ``regularization``/``residual`` are zero; only the recorded parameters are read
         (no training data, no optimizer coefficients), and ``"train"`` cannot be kept.
-    residual_tol : float
+    residual_tol : float or "auto"
         Largest accepted residual share (:meth:`~explaind.kernel.attribution.Attribution.residual_share`,
         the part of the explained change that the model of the updates leaves unexplained; stored in
-        ``meta["residual_share"]``). Above it ``transform`` warns, naming the likely cause and the fix.
+        ``meta["residual_share"]``, the tolerance used in ``meta["residual_tol"]``). Above it ``transform``
+        warns, naming the likely cause and the fix. ``"auto"`` (default): the rounding level of the run,
+        1e-7 for a float64 run (1e-5 where its forward converts to float32 inside), every share stated
+        for a run recorded under ``torch.autocast`` (with ``meta["expected_residual_share"]``, the
+        autocast dtype's unit roundoff; with ``strict`` such a run raises unless ``residual_tol`` is a
+        number), 1e-3 otherwise (docs/guide_own_model.md,
+        "The residual share, and what to do when it warns").
     strict : bool
         Raise :class:`~explaind.exceptions.TrajectoryError` instead of warning. The quadrature-error
-        share (``meta["quadrature_share"]``) is warned about above the same ``residual_tol``, except
-        for the first-order ``"left"`` rule.
+        share (``meta["quadrature_share"]``) is warned about above the same ``residual_tol`` (1e-3 for
+        ``"auto"``), except for the first-order ``"left"`` rule.
     steps : (int, int or None), optional
         Window ``(start, stop)``: ``initial`` is :math:`g(\theta_{start})`, the total is
         :math:`g(\theta_{stop})`. Momentum from steps before ``start`` is still data (it is
@@ -163,8 +178,8 @@ class InfluenceEstimator(PathEstimator):
     #: Forward mode (JVPs) is used while tangents per node <= this ratio x outputs (else Jacobians).
     _jvp_tangent_ratio: ClassVar[float] = 1.0
 
-    def __init__(self, *, keep: Any = ("train",), target: Any = None, split: bool = True, residual_tol: float = 1e-3,
-                 strict: bool = False, steps: Any = None,
+    def __init__(self, *, keep: Any = ("train",), target: Any = None, split: bool = True,
+                 residual_tol: float | str = "auto", strict: bool = False, steps: Any = None,
                  quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
                  memory_budget: int | str = "2GB", distributed: str = "auto", test_chunk_size: int | None = None,
                  param_chunk_size: int | None = None, chunk_size: int | None = 256, factored: str = "auto",
@@ -239,8 +254,8 @@ class InfluenceEstimator(PathEstimator):
         check_finite(att, name, JACOBIAN_TERMS if self.sweep_.get("path") == "jacobian" else PATH_TERMS)
         if cfg.split:
             check_residual(att, self.trajectory_, self.window_, tol=cfg.residual_tol, strict=cfg.strict, owner=name)
-        check_quadrature(att, cfg.quadrature, tol=cfg.residual_tol, owner=name, jumps=self.engine_.jump_sites,
-                         jacobian=self.sweep_.get("path") == "jacobian")
+        check_quadrature(att, cfg.quadrature, tol=quadrature_tol(cfg.residual_tol), owner=name,
+                         jumps=self.engine_.jump_sites, jacobian=self.sweep_.get("path") == "jacobian")
         return att
 
     def _decompose(self, Xt: Any, target: Any, y: Any) -> Attribution:

@@ -30,6 +30,7 @@ from ..kernel.jumps import (
     stop_sites,
 )
 from ..models import gradient_hooks
+from ._residual_tol import autocast_statement, resolve_residual_tol
 
 __all__ = ["JACOBIAN_TERMS", "METAGRADIENT_TERMS", "PATH_TERMS", "check_finite", "check_residual", "residual_causes",
            "check_quadrature", "refuse_non_finite"]
@@ -70,8 +71,9 @@ def residual_causes(traj: Any, window: tuple[int, int]) -> list[str]:
     if autocast:
         causes.append(f"the loop's forward ran under torch.autocast ({', '.join(autocast)}) while the engine "
                       f"recomputes each sample's gradient without it, so the residual holds the autocast rounding "
-                      f"of the loop's gradients (of order 1e-4 for float16, 1e-3 for bfloat16, docs/recording.md "
-                      f"'Mixed precision'); this is expected — accept it with a larger residual_tol, or train "
+                      f"of the loop's gradients (the dtype's unit roundoff, 4.9e-4 for float16 and 3.9e-3 for "
+                      f"bfloat16, times 0.33 to 14 on the repository's runs, docs/recording.md 'Mixed precision'); "
+                      f"this is expected — accept it with a larger residual_tol, or train "
                       f"without autocast for a split at rounding level")
     rounded = (getattr(traj.manifest, "extras", None) or {}).get("output_rounding")
     if rounded:
@@ -337,9 +339,10 @@ def refuse_non_finite(ends: list[Tensor], terms: list[Tensor], owner: str, what:
         f"explain that model, or explain other inputs.")
 
 
-def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol: float, strict: bool,
+def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol: float | str, strict: bool,
                    owner: str) -> float:
-    """Store the residual share in ``att.meta``; above ``tol`` warn (``strict``: raise) naming the likely causes.
+    """Store the residual share in ``att.meta``; above ``tol`` (a number, or ``"auto"``: the run's rounding level,
+    explaind/estimators/_residual_tol.py) warn (``strict``: raise) naming the likely causes.
 
     Raises
     ------
@@ -348,7 +351,11 @@ def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol:
     """
     share = att.residual_share()
     att.meta["residual_share"] = share
-    if not share > tol:
+    limit = resolve_residual_tol(tol, traj, window, att.meta.get("promoted_casts"))
+    att.meta["residual_tol"] = limit.value
+    if limit.autocast is not None:
+        att.meta["expected_residual_share"] = limit.expected()
+    if not share > limit.value:
         return share
     causes = "; ".join(f"({i + 1}) {c}" for i, c in enumerate(residual_causes(traj, window)))
     size = float(att.final.abs().amax())
@@ -361,8 +368,10 @@ def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol:
                  f"outputs (0: not at all), at the rounding of their {str(att.final.dtype).removeprefix('torch.')} "
                  f"values, so the share divides by almost nothing; the residual itself is "
                  f"{residual / max(size, 1e-300):.2g} of the outputs, and the per-sample scores hold its opposite.")
-    message = (f"{owner}: residual share {share:.3g} > residual_tol={tol:g}: {100 * share:.3g}% of the explained "
-               f"change g(theta_stop) - g(theta_start) is residual, not split over training samples, so the "
+    if limit.autocast is not None:
+        still += autocast_statement(limit, share)
+    message = (f"{owner}: residual share {share:.3g} > residual_tol={limit.label}: {100 * share:.3g}% of the "
+               f"explained change g(theta_stop) - g(theta_start) is residual, not split over training samples, so the "
                f"per-sample scores miss it.{still} Likely causes: {causes}. Raise residual_tol to accept it, or "
                f"pass strict=True to make this an error.")
     if strict:
