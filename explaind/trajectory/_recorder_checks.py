@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._compiled import refuse_compiled_at_step
+from .._weight_writes import written_since_backward_message
 from ..exceptions import ConfigError, TrajectoryError
 from ._background import CopyPool, Handoff, StateCopier
 from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_masks_hint
@@ -45,6 +46,7 @@ from ._participation import (
     edited_parameters,
     frozen_edit_message,
     never_stepped_message,
+    renamed_parameters,
     retyped_hint,
     second_step_message,
 )
@@ -178,6 +180,8 @@ class RecorderChecksMixin:
         # without forwards to replay the engine recomputes gradients in evaluation mode: so does the check, and
         # a training forward that differs from it in a way no module shows (F.dropout, torch.rand) fails here
         hint = unlogged_backward_message(s, checked=True) if self._unlogged_backward() else ""
+        written = self._tap.written_since_backward()  # SAM: the gradient taken at perturbed, restored weights
+        hint = (written_since_backward_message(s, written, checked=True) if written else "") + hint
         if not replayed and self.model.training:
             hint += (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
                      "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
@@ -287,6 +291,9 @@ class RecorderChecksMixin:
         r"""Raise when a recorded parameter no longer holds :math:`\theta_s` as recorded (changed outside the step),
         or a frozen parameter (a constant of the trajectory) no longer holds its stored value."""
         edited = edited_parameters(self._params, self._theta or {})
+        renamed = renamed_parameters(self.model, self._params) if edited else None
+        if renamed is not None:  # a parametrization registered mid-run writes the tensor it moves
+            raise TrajectoryError(f"Step {s}: {renamed}")
         if edited:
             raise TrajectoryError(edit_message(edited, s, self._schedule.start)
                                   + retyped_hint(self._params, self._theta or {}))
@@ -400,6 +407,13 @@ class RecorderChecksMixin:
         batch size; a loop that divides by a fixed number of micro-batches has another one at an
         epoch's last, smaller step).
         """
+        written = self._tap.written_since_backward()
+        if written:  # a gradient taken at other weights than the step's: checked, or named when no check can run
+            if self._data is not None and not self._schedule.never:
+                return True
+            if not getattr(self, "_written_named", False):
+                self._written_named = True  # once per run: every step of a SAM loop does it
+                warn_user(logger, written_since_backward_message(self._n, written, checked=False))
         if self._unlogged_backward():  # its samples are checked, or named when no check can run
             if self._data is not None and not self._schedule.never:
                 return True
