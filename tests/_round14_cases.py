@@ -27,15 +27,19 @@ from _round14_loops import (
     accumulation_step,
     class_weighted_step,
     cutout_step,
+    func_grad_step,
+    functional_call_step,
     functional_train,
     growing_batches,
     hand_warmup,
     label_noise_step,
+    length_curriculum_train,
     llrd_groups,
     mixup_step,
     noisy_labels,
     sam_class_step,
     sam_step,
+    token_data,
     top_k_step,
     top_k_terms,
 )
@@ -48,12 +52,13 @@ from _round14_models import (
     PartAutocast,
     StochasticDepth,
     ThreeLayers,
+    TokenPool,
     mixup_mean,
     mixup_terms,
 )
 from _stranger_loops_kit import QUAD, adam, batches, data, measure, mlp, plain, sgd
 from reference import Reference, rel_err
-from replay_reference import ReplayReference
+from replay_reference import BufferReference, ReplayReference
 from torch import nn
 
 import explaind
@@ -172,6 +177,15 @@ def weight_norm(layer: nn.Module) -> None:
     torch.nn.utils.parametrizations.weight_norm(layer)
 
 
+def length_curriculum(how: str, **rec_kwargs: Any) -> Case:
+    """:class:`~_round14_models.TokenPool` under a sequence-length curriculum written ``how``
+    (:func:`~_round14_loops.length_curriculum_train`), Adam."""
+    def case():
+        model = TokenPool(counted=how == "counted")
+        return model, length_curriculum_train(model, adam(model), how, **rec_kwargs)
+    return case
+
+
 def keyword_only() -> tuple[nn.Module, Any]:
     """:class:`~_round14_models.KeywordOnly` with ``train_data=({"features": X}, y)``, ``model(features=...)``."""
     X, y, _ = data()
@@ -245,6 +259,12 @@ CASES: dict[str, Case] = {
     "orthogonal_registered_mid_run": parametrized_mid_run(orthogonal),
     "weight_norm_registered_mid_run": parametrized_mid_run(weight_norm),
     "keyword_only_forward_dataclass_output": keyword_only,
+    "functional_call_over_the_models_own_parameters": run(make_opt=adam, step=functional_call_step),
+    "torch_func_grad_assigned_to_grad": run(step=func_grad_step),
+    "sequence_length_curriculum_truncated_in_the_loop": length_curriculum("cut"),
+    "sequence_length_curriculum_buffer_set_in_the_loop": length_curriculum("buffer"),
+    "sequence_length_curriculum_step_counter_buffer": length_curriculum("counted", capture_random=True),
+    "token_masking_in_the_loop": length_curriculum("masked"),
     "autocast_around_part_of_the_model": run(PartAutocast, adam),
     # untuned rates, ReLU-heavy
     "relu_stochastic_depth_adam_lr0.3_captured": run(relu(StochasticDepth),
@@ -292,5 +312,7 @@ def figures(name: str, model: nn.Module, traj: Any) -> dict[str, Any]:
     replayed cases against ``ReplayReference``)."""
     if name == "keyword_only_forward_dataclass_output":
         return keyword_figures(model, traj)
+    if name == "sequence_length_curriculum_step_counter_buffer":  # the buffers each training forward starts from
+        return measure(model, traj, BufferReference, X_test=token_data()[2])
     return measure(model, traj, ReplayReference if name in REPLAYED else Reference)
 

@@ -254,3 +254,55 @@ def noisy_labels(y: torch.Tensor, p: float = 0.3, seed: int = 3) -> torch.Tensor
     gen = torch.Generator().manual_seed(seed)
     flip = torch.rand(len(y), generator=gen) < p
     return torch.where(flip, torch.randint(0, 3, (len(y),), generator=gen), y)
+
+
+def curriculum_length(s: int) -> int:
+    """The sequence length of step ``s``: 2, 3, 4, 5, 6, 6."""
+    return min(6, s + 2)
+
+
+def token_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``N`` training sequences of 6 token ids, their labels (3 classes), 3 test sequences."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 10, (N + 3, 6), generator=gen)
+    return ids[:N], torch.randint(0, 3, (N,), generator=gen), ids[N:]
+
+
+def length_curriculum_train(model: Any, opt: Any, how: str, **rec_kwargs: Any) -> Any:
+    """A sequence-length curriculum: the loop truncates every batch to :func:`curriculum_length` (``how="cut"``),
+    sets the model's ``max_len`` buffer to it before the step's forward (``"buffer"``), or leaves it to the model's
+    counter (``"counted"``); ``"masked"``: no curriculum, 2 token ids of every row set to 0 in the loop (BERT-style
+    masking drawn anew at every step)."""
+    ids, y, _ = token_data()
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(ids, y), **rec_kwargs)
+    with rec:
+        for s, idx in enumerate(batches()):
+            opt.zero_grad()
+            x = ids[idx, :curriculum_length(s)] if how == "cut" else ids[idx].clone()
+            if how == "buffer":
+                model.max_len.fill_(curriculum_length(s))
+            if how == "masked":
+                x.scatter_(1, torch.rand(x.shape).argsort(1)[:, :2], 0)
+            F.cross_entropy(model(x), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    return rec.trajectory
+
+
+def func_grad_step(s, model, opt, X, y, idx, rec) -> None:
+    """The gradient from ``torch.func.grad`` over ``functional_call`` with the model's own parameters, assigned to
+    ``.grad`` by hand."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = torch.func.grad(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (X[idx],)), y[idx]))(params)
+    for name, p in model.named_parameters():
+        p.grad = grads[name]
+    rec.log_batch(idx)
+    opt.step()
+
+
+def functional_call_step(s, model, opt, X, y, idx, rec) -> None:
+    """``functional_call(model, dict(model.named_parameters()), ...)`` and ``backward()``: the model's own tensors."""
+    opt.zero_grad()
+    F.cross_entropy(torch.func.functional_call(model, dict(model.named_parameters()), (X[idx],)), y[idx]).backward()
+    rec.log_batch(idx)
+    opt.step()

@@ -178,3 +178,26 @@ class ThreeLayers(nn.Module):
         for layer in self.layers:
             x = self.act(layer(x))
         return self.head(x)
+
+
+class TokenPool(nn.Module):
+    """Sequences of 6 token ids (vocabulary 10): embeddings averaged over the first ``max_len`` positions, a tanh
+    layer and a head. ``max_len`` is a buffer (a sequence-length curriculum the loop raises by ``fill_``); with
+    ``counted`` the training forward sets it from a step counter it counts up, ``min(6, steps + 2)``."""
+
+    def __init__(self, counted: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.a, self.head = nn.Embedding(10, 5), nn.Linear(5, 6), nn.Linear(6, 3)
+        self.register_buffer("max_len", torch.tensor(6.0))
+        self.register_buffer("steps", torch.tensor(0.0))
+        self.counted = counted
+        self.to(DT)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.counted and self.training:  # the curriculum from a step counter the training forward counts up
+            self.max_len.copy_(torch.clamp(self.steps + 2, max=6.0))
+            self.steps.add_(1)
+        keep = (torch.arange(ids.shape[1], dtype=DT) < self.max_len).to(DT)
+        pooled = (self.emb(ids) * keep[None, :, None]).sum(1) / keep.sum()
+        return self.head(torch.tanh(self.a(pooled)))

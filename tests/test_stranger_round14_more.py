@@ -19,7 +19,11 @@ The fixes of this round here (each test failed on the code before):
   writes the tensor it moves) or as tensors that are not the model's (weight_norm): both now name the renamed
   parameter, ``torch.nn.utils.parametrize`` and the fix, parametrize before the recorder starts;
 * labels redrawn in the loop (label noise) are named among the gradient check's causes, with the fix (drawn once
-  before recording, exact in tests/test_stranger_round14.py).
+  before recording, exact in tests/test_stranger_round14.py);
+* token ids cut (a sequence-length curriculum) or masked (BERT-style masking) in the loop: the gradient check's
+  comparison of the loop's inputs with ``train_data``'s rows skipped integer inputs, so the refusal did not name
+  them; it now leads with their shape or their differing rows, and names the curriculum's exact form (a length
+  computed in forward from a step counter kept in a buffer, exact in tests/test_stranger_round14.py).
 """
 
 from __future__ import annotations
@@ -104,7 +108,23 @@ def test_a_parametrization_registered_mid_run_is_named(case):
     ("mixup_in_forward_plain_callable", ConfigError, r"fails on a batch of one sample.*"
      r"loss=explaind\.batch_coupled_loss\(terms\)"),
     ("functional_call_loop_param_dict", TrajectoryError, r"not parameters of the model.*Build the optimizer"),
+    ("torch_func_grad_assigned_to_grad", TrajectoryError, r"Step 0: .*torch\.func\.grad over functional_call.*"
+     r"compute it with loss\.backward\(\)"),
+    ("sequence_length_curriculum_buffer_set_in_the_loop", TrajectoryError, r"Step 0: .*The buffers \['max_len'\] "
+     r"changed since recording started outside a training forward.*capture_random=True"),
 ])
 def test_refused_naming_cause_and_fix(case, error, match):
     with pytest.raises(error, match=re.compile(match, re.S)):
+        CASES[case]()
+
+
+@pytest.mark.parametrize("case, said", [
+    ("sequence_length_curriculum_truncated_in_the_loop", r"received inputs of shape \(6, 2\), where train_data's rows "
+     r"at the logged indices have shape \(6, 6\).*a sequence-length curriculum that cuts each batch.*a step counter"),
+    ("token_masking_in_the_loop", r"received inputs that differ from train_data's rows at the logged indices \(6 of 6 "
+     r"rows, largest difference 9\)")])
+def test_token_ids_edited_in_the_loop_are_named_first(case, said):
+    # before, integer inputs were never compared with train_data's rows: the refusal named a dozen other causes
+    with pytest.raises(TrajectoryError, match=re.compile(r"Step 0: the gradient from backward\(\) does not match "
+                                                         r".*?\)\)\. The model's training forward.*" + said, re.S)):
         CASES[case]()

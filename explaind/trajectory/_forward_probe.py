@@ -55,19 +55,22 @@ LOOP_TERMS = (
 def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
     """The failed gradient check's first sentence when the step's training forwards received other inputs than
     ``rows``, the rows of ``train_data`` at the logged indices (a tensor); ``""`` when they match, or when the
-    forwards cannot be lined up with the rows (a count of rows or a dtype that differs: nothing is claimed)."""
-    if not inputs or not isinstance(rows, Tensor) or not all(t.dtype.is_floating_point for t in [*inputs, rows]):
+    forwards cannot be lined up with the rows (a count of rows or a kind of dtype that differs: nothing is claimed).
+    Integer inputs (token ids) are compared exactly: ids cut, padded or masked in the loop are other rows too."""
+    if not inputs or not isinstance(rows, Tensor) or any(t.dtype.is_floating_point != rows.dtype.is_floating_point
+                                                         or t.dtype == torch.bool for t in [*inputs, rows]):
         return ""
     fix = ("explaind recomputes every gradient from those rows, so inputs made anew for each batch (random "
            "augmentation in the loop or in a Dataset's __getitem__, with any num_workers; a collate_fn that pads each "
-           "batch to its own length) or taken from another dataset (a curriculum stage) are other samples. Fix: pass "
-           "as train_data exactly what the model trains on: augmentations drawn once before recording, every row "
-           "padded to one length with forward masking the padding, each stage's dataset concatenated with its "
-           "indices offset by the rows before it. Noise drawn anew at every step (a diffusion model's timestep and "
-           "noise, a masked autoencoder's mask, word2vec's negative samples) makes each step's rows samples of their "
-           "own: stack every step's "
-           "draws as rows of train_data and log the step's own rows, or draw them inside the model's training "
-           "forward and record with capture_random=True.")
+           "batch to its own length; a sequence-length curriculum that cuts each batch) or taken from another dataset "
+           "(a curriculum stage) are other samples. Fix: pass as train_data exactly what the model trains on: "
+           "augmentations drawn once before recording, every row padded to one length with forward masking the "
+           "padding (a curriculum's length computed in forward from a step counter the training forward counts up in "
+           "a buffer, capture_random=True), each stage's dataset concatenated with its indices offset by the rows "
+           "before it. Noise drawn anew at every step (a diffusion model's timestep and noise, a masked autoencoder's "
+           "mask, word2vec's negative samples) makes each step's rows samples of their own: stack every step's draws "
+           "as rows of train_data and log the step's own rows, or draw them inside the model's training forward and "
+           "record with capture_random=True.")
     if len(inputs) == 1 and inputs[0].shape[0] == rows.shape[0] and inputs[0].shape[1:] != rows.shape[1:]:
         return (f" The model's training forward of this step received inputs of shape {tuple(inputs[0].shape)}, where "
                 f"train_data's rows at the logged indices have shape {tuple(rows.shape)}: {fix}")
@@ -82,7 +85,8 @@ def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
     got = torch.cat([t.detach().to(rows.device, torch.float64) for t in inputs]).flatten(1)
     want = rows.detach().to(torch.float64).flatten(1)
     gap = (got - want).abs()
-    bad = int((gap.amax(1) > 1e-6 * max(1.0, float(want.abs().max()))).sum()) if gap.numel() else 0
+    bound = 1e-6 * max(1.0, float(want.abs().max())) if rows.dtype.is_floating_point else 0.0
+    bad = int((gap.amax(1) > bound).sum()) if gap.numel() else 0
     if not bad:
         return ""
     return (f" The model's training forward(s) of this step received inputs that differ from train_data's rows at "
