@@ -12,6 +12,7 @@ that the library refuses raises.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ from _round14_models import (
     DropBlock,
     DropConnect,
     KeywordOnly,
+    KeywordOnlyScores,
     MixupInForward,
     PartAutocast,
     StochasticDepth,
@@ -56,7 +58,7 @@ from _round14_models import (
     mixup_mean,
     mixup_terms,
 )
-from _stranger_loops_kit import QUAD, adam, batches, data, measure, mlp, plain, sgd
+from _stranger_loops_kit import QUAD, adam, batches, data, dropout_mlp, measure, mlp, plain, sgd
 from reference import Reference, rel_err
 from replay_reference import BufferReference, ReplayReference
 from torch import nn
@@ -186,16 +188,34 @@ def length_curriculum(how: str, **rec_kwargs: Any) -> Case:
     return case
 
 
-def keyword_only() -> tuple[nn.Module, Any]:
-    """:class:`~_round14_models.KeywordOnly` with ``train_data=({"features": X}, y)``, ``model(features=...)``."""
+def compiled_in_the_loop(build: Callable[[], nn.Module] = mlp, **rec_kwargs: Any) -> Case:
+    """The recorder given ``build()``, the loop calling ``torch.compile(model, mode="reduce-overhead")`` (SGD
+    momentum)."""
+    def case():
+        model = build()
+        compiled = torch.compile(model, mode="reduce-overhead")
+
+        def step(s, model, opt, X, y, idx, rec):
+            opt.zero_grad()
+            F.cross_entropy(compiled(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+        return model, record(model, sgd(model), step, **rec_kwargs)
+    return case
+
+
+def keyword_only(build: Callable[[], nn.Module] = KeywordOnly) -> tuple[nn.Module, Any]:
+    """:class:`~_round14_models.KeywordOnly` (or ``build()``) with ``train_data=({"features": X}, y)``,
+    ``model(features=...)``; the loop reads the output's first field."""
     X, y, _ = data()
-    model = KeywordOnly()
+    model = build()
     opt = adam(model)
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=({"features": X}, y))
     with rec:
         for idx in batches():
             opt.zero_grad()
-            F.cross_entropy(model(features=X[idx]).logits, y[idx]).backward()
+            out = model(features=X[idx])
+            F.cross_entropy(getattr(out, dataclasses.fields(out)[0].name), y[idx]).backward()
             rec.log_batch(idx)
             opt.step()
     return model, rec.trajectory
@@ -218,6 +238,8 @@ CASES: dict[str, Case] = {
     "asam_restore_by_copy": run(make_opt=adam, step=sam_step(True)),
     "sam_restore_by_sub": run(step=sam_step(False, "sub")),
     "sam_restore_by_copy_check_off": run(step=sam_step(False), check_gradients=False),
+    "sam_written_through_data": run(step=sam_step(False, "data")),
+    "sam_written_through_data_check_off": run(step=sam_step(False, "data"), check_gradients=False),
     # optimizer wrappers and averages
     "sam_class_wrapper_recorded": sam_class("wrapper"),
     "sam_class_base_optimizer_recorded": sam_class("base"),
@@ -259,6 +281,7 @@ CASES: dict[str, Case] = {
     "orthogonal_registered_mid_run": parametrized_mid_run(orthogonal),
     "weight_norm_registered_mid_run": parametrized_mid_run(weight_norm),
     "keyword_only_forward_dataclass_output": keyword_only,
+    "dataclass_output_without_logits": lambda: keyword_only(KeywordOnlyScores),
     "functional_call_over_the_models_own_parameters": run(make_opt=adam, step=functional_call_step),
     "torch_func_grad_assigned_to_grad": run(step=func_grad_step),
     "sequence_length_curriculum_truncated_in_the_loop": length_curriculum("cut"),
@@ -266,6 +289,8 @@ CASES: dict[str, Case] = {
     "sequence_length_curriculum_step_counter_buffer": length_curriculum("counted", capture_random=True),
     "token_masking_in_the_loop": length_curriculum("masked"),
     "autocast_around_part_of_the_model": run(PartAutocast, adam),
+    "torch_compile_reduce_overhead_in_the_loop": compiled_in_the_loop(),
+    "torch_compile_reduce_overhead_dropout_in_the_loop": compiled_in_the_loop(dropout_mlp),
     # untuned rates, ReLU-heavy
     "relu_stochastic_depth_adam_lr0.3_captured": run(relu(StochasticDepth),
                                                      lambda m: torch.optim.Adam(m.parameters(), lr=0.3),

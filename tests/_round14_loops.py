@@ -25,8 +25,10 @@ RHO = 0.05
 def sam_step(adaptive: bool, restore: str = "copy") -> Callable:
     """SAM (Foret et al. 2021; ASAM, Kwon et al. 2021, with ``adaptive``): the gradient at ``theta + e``,
     ``e = rho T^2 g / ||T g||`` (``T = |theta|`` for ASAM, 1 for SAM), then the weights restored and the base
-    optimizer stepped. ``restore``: ``"copy"`` (``p.data = old_p``, the reference repository's code) or ``"sub"``
-    (``p.sub_(e_w)``, its first version). ``rec.log_batch`` after the second backward, right before the step."""
+    optimizer stepped. ``restore``: ``"copy"`` (``p.data = old_p``, the reference repository's code), ``"sub"``
+    (``p.sub_(e_w)``, its first version) or ``"data"`` (``p.data.add_(e_w)`` and ``p.data.sub_(e_w)``: writes
+    through ``.data``, which torch's version counter does not count). ``rec.log_batch`` after the second backward,
+    right before the step."""
     def step(s, model, opt, X, y, idx, rec):
         opt.zero_grad()
         F.cross_entropy(model(X[idx]), y[idx]).backward()
@@ -37,7 +39,7 @@ def sam_step(adaptive: bool, restore: str = "copy") -> Callable:
             for p in params:
                 e_w = (p.pow(2) if adaptive else 1.0) * p.grad * (RHO / (norm + 1e-12))
                 saved.append((p.data.clone(), e_w))
-                p.add_(e_w)
+                (p.data if restore == "data" else p).add_(e_w)
         opt.zero_grad()
         F.cross_entropy(model(X[idx]), y[idx]).backward()
         rec.log_batch(idx)
@@ -46,7 +48,7 @@ def sam_step(adaptive: bool, restore: str = "copy") -> Callable:
                 if restore == "copy":
                     p.data = old
                 else:
-                    p.sub_(e_w)
+                    (p.data if restore == "data" else p).sub_(e_w)
         opt.step()
     return step
 

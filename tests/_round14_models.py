@@ -201,3 +201,19 @@ class TokenPool(nn.Module):
         keep = (torch.arange(ids.shape[1], dtype=DT) < self.max_len).to(DT)
         pooled = (self.emb(ids) * keep[None, :, None]).sum(1) / keep.sum()
         return self.head(torch.tanh(self.a(pooled)))
+
+
+@dataclass
+class Prediction:
+    """A dataclass output without a ``logits`` field."""
+
+    scores: torch.Tensor
+    hidden: torch.Tensor
+
+
+class KeywordOnlyScores(KeywordOnly):
+    """:class:`KeywordOnly` returning :class:`Prediction` (its logits under the name ``scores``)."""
+
+    def forward(self, *, features: torch.Tensor, temperature: float = 1.0) -> Prediction:  # type: ignore[override]
+        out = super().forward(features=features, temperature=temperature)
+        return Prediction(scores=out.logits, hidden=out.hidden)

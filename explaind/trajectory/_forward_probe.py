@@ -65,12 +65,12 @@ def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
            "batch to its own length; a sequence-length curriculum that cuts each batch) or taken from another dataset "
            "(a curriculum stage) are other samples. Fix: pass as train_data exactly what the model trains on: "
            "augmentations drawn once before recording, every row padded to one length with forward masking the "
-           "padding (a curriculum's length computed in forward from a step counter the training forward counts up in "
-           "a buffer, capture_random=True), each stage's dataset concatenated with its indices offset by the rows "
-           "before it. Noise drawn anew at every step (a diffusion model's timestep and noise, a masked autoencoder's "
-           "mask, word2vec's negative samples) makes each step's rows samples of their own: stack every step's draws "
-           "as rows of train_data and log the step's own rows, or draw them inside the model's training forward and "
-           "record with capture_random=True.")
+           "padding, each stage's dataset concatenated with its indices offset by the rows before it, a curriculum's "
+           "length computed in forward from a step counter the training forward counts up in a buffer "
+           "(capture_random=True). Noise drawn anew at every step (a diffusion model's timestep and noise, a masked "
+           "autoencoder's mask, word2vec's negative samples) makes each step's rows samples of their own: stack every "
+           "step's draws as rows of train_data and log the step's own rows, or draw them inside the model's training "
+           "forward and record with capture_random=True.")
     if len(inputs) == 1 and inputs[0].shape[0] == rows.shape[0] and inputs[0].shape[1:] != rows.shape[1:]:
         return (f" The model's training forward of this step received inputs of shape {tuple(inputs[0].shape)}, where "
                 f"train_data's rows at the logged indices have shape {tuple(rows.shape)}: {fix}")
