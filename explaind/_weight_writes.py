@@ -1,7 +1,7 @@
 r"""Training recipes that write the weights besides the optimizer's update, named where a run meets them.
 
 Two families of recipes change the parameters outside the update an optimizer adapter models
-(docs/maths.md, "Optimizer adapters"):
+(docs/maths.md §3):
 
 * **Sharpness-aware minimisation** (SAM, ASAM): the loop takes the gradient at perturbed weights
   :math:`\theta_s + \epsilon_s`, writes :math:`\theta_s` back (``p.data = old_p`` or ``p.sub_(e_w)``) and
