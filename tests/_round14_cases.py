@@ -204,17 +204,19 @@ def compiled_in_the_loop(build: Callable[[], nn.Module] = mlp, **rec_kwargs: Any
     return case
 
 
-def keyword_only(build: Callable[[], nn.Module] = KeywordOnly) -> tuple[nn.Module, Any]:
-    """:class:`~_round14_models.KeywordOnly` (or ``build()``) with ``train_data=({"features": X}, y)``,
-    ``model(features=...)``; the loop reads the output's first field."""
+def keyword_only(build: Callable[[], nn.Module] = KeywordOnly, flags: dict[str, Any] | None = None,
+                 held: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """:class:`~_round14_models.KeywordOnly` (or ``build()``) with ``train_data=({"features": X, **held}, y)``,
+    ``model(features=..., **flags)``; the loop reads the output's first field."""
     X, y, _ = data()
     model = build()
     opt = adam(model)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=({"features": X}, y))
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy",
+                                      train_data=({"features": X, **(held or {})}, y))
     with rec:
         for idx in batches():
             opt.zero_grad()
-            out = model(features=X[idx])
+            out = model(features=X[idx], **(flags or {}))
             F.cross_entropy(getattr(out, dataclasses.fields(out)[0].name), y[idx]).backward()
             rec.log_batch(idx)
             opt.step()
@@ -282,6 +284,8 @@ CASES: dict[str, Case] = {
     "weight_norm_registered_mid_run": parametrized_mid_run(weight_norm),
     "keyword_only_forward_dataclass_output": keyword_only,
     "dataclass_output_without_logits": lambda: keyword_only(KeywordOnlyScores),
+    "keyword_flag_passed_in_the_loop_only": lambda: keyword_only(flags={"temperature": 2.0}),
+    "keyword_flag_in_train_data": lambda: keyword_only(flags={"temperature": 2.0}, held={"temperature": 2.0}),
     "functional_call_over_the_models_own_parameters": run(make_opt=adam, step=functional_call_step),
     "torch_func_grad_assigned_to_grad": run(step=func_grad_step),
     "sequence_length_curriculum_truncated_in_the_loop": length_curriculum("cut"),
@@ -313,11 +317,11 @@ REPLAYED = ("stochastic_depth_per_sample_captured", "dropconnect_on_the_weight_c
             "top_k_hard_examples_batch_coupled_terms")
 
 
-def keyword_figures(model: nn.Module, traj: Any) -> dict[str, Any]:
+def keyword_figures(model: nn.Module, traj: Any, **flags: Any) -> dict[str, Any]:
     """:func:`~_stranger_loops_kit.measure`'s figures for :class:`~_round14_models.KeywordOnly`, whose inputs are
-    the mapping ``{"features": X}`` (the slow reference: tests/_hf_testkit.py's ``MappingReference``)."""
+    the mapping ``{"features": X, **flags}`` (the slow reference: tests/_hf_testkit.py's ``MappingReference``)."""
     _, _, X_test = data()
-    inputs = {"features": X_test}
+    inputs = {"features": X_test, **flags}
     with torch.no_grad():
         truth = model.eval()(**inputs).logits
     replica = rel_err(explaind.KernelReplica(**QUAD).fit(traj).predict(inputs), truth)
@@ -337,6 +341,8 @@ def figures(name: str, model: nn.Module, traj: Any) -> dict[str, Any]:
     replayed cases against ``ReplayReference``)."""
     if name == "keyword_only_forward_dataclass_output":
         return keyword_figures(model, traj)
+    if name == "keyword_flag_in_train_data":
+        return keyword_figures(model, traj, temperature=2.0)
     if name == "sequence_length_curriculum_step_counter_buffer":  # the buffers each training forward starts from
         return measure(model, traj, BufferReference, X_test=token_data()[2])
     return measure(model, traj, ReplayReference if name in REPLAYED else Reference)

@@ -26,7 +26,7 @@ EXACT = [
     "accumulation_count_changing_mid_run", "accumulation_count_changing_stale_divisor", "llrd_adamw_hand_warmup",
     "keyword_only_forward_dataclass_output", "autocast_around_part_of_the_model",
     "functional_call_over_the_models_own_parameters", "sequence_length_curriculum_step_counter_buffer",
-    "torch_compile_reduce_overhead_in_the_loop",
+    "torch_compile_reduce_overhead_in_the_loop", "keyword_flag_in_train_data",
 ]
 
 

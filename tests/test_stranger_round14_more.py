@@ -23,7 +23,9 @@ The fixes of this round here (each test failed on the code before):
 * token ids cut (a sequence-length curriculum) or masked (BERT-style masking) in the loop: the gradient check's
   comparison of the loop's inputs with ``train_data``'s rows skipped integer inputs, so the refusal did not name
   them; it now leads with their shape or their differing rows, and names the curriculum's exact form (a length
-  computed in forward from a step counter kept in a buffer, exact in tests/test_stranger_round14.py).
+  computed in forward from a step counter kept in a buffer, exact in tests/test_stranger_round14.py);
+* a keyword argument the loop passes to the model and ``train_data`` does not (``model(features=x,
+  temperature=2.0)``): the refusal now leads with it and the fix, the flag in ``train_data``'s mapping (exact).
 """
 
 from __future__ import annotations
@@ -143,3 +145,13 @@ def test_token_ids_edited_in_the_loop_are_named_first(case, said):
     with pytest.raises(TrajectoryError, match=re.compile(r"Step 0: the gradient from backward\(\) does not match "
                                                          r".*?\)\)\. The model's training forward.*" + said, re.S)):
         CASES[case]()
+
+
+def test_a_keyword_argument_only_the_loop_passes_is_named_first():
+    # before, the refusal named a dozen causes and not model(features=x, temperature=2.0) against train_data's
+    # {"features": X}; with the flag in train_data the run is exact (tests/test_stranger_round14.py)
+    with pytest.raises(TrajectoryError, match=re.compile(
+            r"Step 0: the gradient from backward\(\) does not match .*?\)\)\. The model's training forward\(s\) of "
+            r"this step received keyword argument\(s\) temperature=2\.0 that train_data's inputs do not pass.*Fix: "
+            r"give train_data as a mapping holding them", re.S)):
+        CASES["keyword_flag_passed_in_the_loop_only"]()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._common import ModelHook
 from ._gradients import GradientTap
+from ._loop_kwargs import KeywordProbe
 from ._output_rounding import OutputRounding
 
 __all__ = ["AutocastProbe", "LOOP_TERMS", "loop_inputs_hint"]
@@ -122,14 +123,17 @@ class AutocastProbe:
         self._kept_bytes = 0
         self._handles: list[Any] = []
         self.rounding = OutputRounding(model, lambda: self.paused, notes)  # a float32 cast before a float64 loss
+        self.keywords = KeywordProbe(model, lambda: self.paused)  # keyword arguments of the training forwards
 
     def attach(self) -> None:
         self.rounding.attach()
+        self.keywords.attach()
         self._handles = [self._model.register_forward_pre_hook(ModelHook(self._hook))]
         self._handles += [child.register_forward_pre_hook(ModelHook(self._inner)) for child in self._model.children()]
 
     def detach(self) -> None:
         self.rounding.detach()
+        self.keywords.detach()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -154,3 +158,4 @@ class AutocastProbe:
         """Forget the forward passes of the finished step."""
         self.dtype = None
         self.inputs, self._kept_bytes = [], 0
+        self.keywords.reset()

@@ -40,6 +40,7 @@ from ._coupled_loss import (
 from ._forward_probe import AutocastProbe, loop_inputs_hint
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
 from ._gradients import GradientTap, has_stochastic_layers
+from ._loop_kwargs import loop_kwargs_hint
 from ._participation import (
     edit_list,
     edit_message,
@@ -200,7 +201,9 @@ class RecorderChecksMixin:
         else:
             lazy = hint if not replayed else self._backward_draws(batch, replay, s, hint)
         inputs, then = list(self._probe.inputs), lazy  # the loop's inputs against train_data's rows, named first
-        lazy = lambda: loop_inputs_hint(inputs, batch[0]) + (then() if callable(then) else then)  # noqa: E731
+        keywords = list(self._probe.keywords.seen)
+        lazy = lambda: (loop_inputs_hint(inputs, batch[0]) + loop_kwargs_hint(keywords, batch[0])  # noqa: E731
+                        + (then() if callable(then) else then))
         with self._quiet(), evaluation_mode(self.model) if not replayed else contextlib.nullcontext():
             try:
                 return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast,
