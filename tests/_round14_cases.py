@@ -12,6 +12,7 @@ that the library refuses raises.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from _round14_loops import (
     token_data,
     top_k_step,
     top_k_terms,
+    zero_grad_per_micro_batch,
 )
 from _round14_models import (
     CutoutInForward,
@@ -143,6 +145,25 @@ def ema_mid_run() -> tuple[nn.Module, Any]:
                 ema.eval()(X_test)
             ema.train()
     return model, record(model, opt, after=after)
+
+
+def ema_swapped_in() -> tuple[nn.Module, Any]:
+    """SGD momentum with an EMA (``get_ema_multi_avg_fn(0.9)``) whose weights are loaded into the model for a
+    validation pass after step 2 and the training weights loaded back (``load_state_dict`` both ways)."""
+    model = mlp()
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    _, _, X_test = data()
+
+    def after(s: int) -> None:
+        ema.update_parameters(model)
+        if s == 2:
+            backup = copy.deepcopy(model.state_dict())
+            model.load_state_dict(ema.module.state_dict())
+            with torch.no_grad():
+                model.eval()(X_test)
+            model.load_state_dict(backup)
+            model.train()
+    return model, record(model, sgd(model), after=after)
 
 
 def llrd_warmup(build: Callable[[], nn.Module] = ThreeLayers, optimizer: type = torch.optim.AdamW,
@@ -249,6 +270,7 @@ CASES: dict[str, Case] = {
     "lookahead_inner_optimizer_recorded": lookahead_inner,
     "lookahead_wrapper_adam": lookahead(adam),
     "ema_get_ema_multi_avg_fn_evaluated_mid_run": ema_mid_run,
+    "ema_weights_swapped_in_for_validation_and_back": ema_swapped_in,
     # regularisers in forward
     "stochastic_depth_per_sample_captured": run(StochasticDepth, capture_random=True),
     "stochastic_depth_per_sample_not_captured": run(StochasticDepth),
@@ -274,6 +296,7 @@ CASES: dict[str, Case] = {
     # curricula and accumulation that change with the step
     "batch_size_growing_with_the_step": run(make_opt=adam, order=growing_batches()),
     "accumulation_count_changing_mid_run": run(step=accumulation_step(lambda s: 1 + s // 2, lambda s: 1 + s // 2)),
+    "accumulation_zero_grad_inside_the_micro_batch_loop": run(step=zero_grad_per_micro_batch),
     "accumulation_count_changing_stale_divisor": run(step=accumulation_step(lambda s: 2 if s < 2 else 3,
                                                                             lambda s: 2)),
     # learning rates per layer

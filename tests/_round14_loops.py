@@ -308,3 +308,13 @@ def functional_call_step(s, model, opt, X, y, idx, rec) -> None:
     F.cross_entropy(torch.func.functional_call(model, dict(model.named_parameters()), (X[idx],)), y[idx]).backward()
     rec.log_batch(idx)
     opt.step()
+
+
+def zero_grad_per_micro_batch(s, model, opt, X, y, idx, rec) -> None:
+    """Accumulation over two micro-batches of 3 with ``opt.zero_grad()`` inside the micro-batch loop (a common bug:
+    only the last micro-batch's gradient reaches the step), each micro-batch logged."""
+    for part in idx.chunk(2):
+        opt.zero_grad()
+        (F.cross_entropy(model(X[part]), y[part]) / 2).backward()
+        rec.log_batch(part)
+    opt.step()

@@ -25,7 +25,9 @@ The fixes of this round here (each test failed on the code before):
   them; it now leads with their shape or their differing rows, and names the curriculum's exact form (a length
   computed in forward from a step counter kept in a buffer, exact in tests/test_stranger_round14.py);
 * a keyword argument the loop passes to the model and ``train_data`` does not (``model(features=x,
-  temperature=2.0)``): the refusal now leads with it and the fix, the flag in ``train_data``'s mapping (exact).
+  temperature=2.0)``): the refusal now leads with it and the fix, the flag in ``train_data``'s mapping (exact);
+* ``optimizer.zero_grad()`` inside the gradient-accumulation loop (each micro-batch logged): when a step's check
+  fails, the last micro-batch is checked alone, and a match is named first with the fix.
 """
 
 from __future__ import annotations
@@ -155,3 +157,13 @@ def test_a_keyword_argument_only_the_loop_passes_is_named_first():
             r"this step received keyword argument\(s\) temperature=2\.0 that train_data's inputs do not pass.*Fix: "
             r"give train_data as a mapping holding them", re.S)):
         CASES["keyword_flag_passed_in_the_loop_only"]()
+
+
+def test_gradients_cleared_between_micro_batches_are_named_first():
+    # optimizer.zero_grad() inside the accumulation loop: the step's gradient is the last micro-batch's alone; before,
+    # the refusal named a dozen causes and not this one
+    with pytest.raises(TrajectoryError, match=re.compile(
+            r"Step 0: the gradient from backward\(\) does not match .*?\)\)\. The gradient the optimizer steps at "
+            r"step 0 is the gradient of the last of its 2 logged micro-batches alone.*optimizer\.zero_grad\(\).*"
+            r"inside the gradient-accumulation loop.*Fix: clear them once per step", re.S)):
+        CASES["accumulation_zero_grad_inside_the_micro_batch_loop"]()

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._common import ModelHook
 from ._gradients import GradientTap
-from ._loop_kwargs import KeywordProbe
+from ._loop_hints import KeywordProbe
 from ._output_rounding import OutputRounding
 
 __all__ = ["AutocastProbe", "LOOP_TERMS", "loop_inputs_hint"]

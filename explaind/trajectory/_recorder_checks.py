@@ -40,7 +40,7 @@ from ._coupled_loss import (
 from ._forward_probe import AutocastProbe, loop_inputs_hint
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
 from ._gradients import GradientTap, has_stochastic_layers
-from ._loop_kwargs import loop_kwargs_hint
+from ._loop_hints import cleared_message, loop_kwargs_hint
 from ._participation import (
     edit_list,
     edit_message,
@@ -202,8 +202,9 @@ class RecorderChecksMixin:
             lazy = hint if not replayed else self._backward_draws(batch, replay, s, hint)
         inputs, then = list(self._probe.inputs), lazy  # the loop's inputs against train_data's rows, named first
         keywords = list(self._probe.keywords.seen)
+        cleared = (lambda: "") if replayed else self._cleared_between(raw, device, s, tol, autocast)
         lazy = lambda: (loop_inputs_hint(inputs, batch[0]) + loop_kwargs_hint(keywords, batch[0])  # noqa: E731
-                        + (then() if callable(then) else then))
+                        + cleared() + (then() if callable(then) else then))
         with self._quiet(), evaluation_mode(self.model) if not replayed else contextlib.nullcontext():
             try:
                 return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast,
@@ -214,6 +215,24 @@ class RecorderChecksMixin:
                     names = switched_off(self.model, self._params, batch[0])
                     raise TrajectoryError(requires_grad_message(names, s)) from exc
                 raise
+
+    def _cleared_between(self, raw: dict[str, Tensor], device: torch.device, s: int, tol: float,
+                         autocast: Any) -> Callable[[], str]:
+        """The failed check's hint when the gradient is the last logged micro-batch's alone (``zero_grad()`` inside
+        the accumulation loop; :func:`~._loop_hints.cleared_message`), computed only when the check fails."""
+        def diagnose() -> str:
+            if len(self._pending) < 2 or is_batch_coupled(self._loss):
+                return ""
+            last = self._pending[-1]
+            x, y = self._data.get(last.indices)
+            try:  # the check of the last micro-batch alone: no error means the gradient is its own
+                check_batch_gradient(self.model, self._params, raw, self._loss,
+                                     (x.to(device), y.to(device), last.weights.to(device)), s, tol, autocast, None,
+                                     self._random.generators, self._buffers.recorded(), "")
+            except (TrajectoryError, RuntimeError):
+                return ""
+            return cleared_message(s, len(self._pending))
+        return diagnose
 
     def _backward_draws(self, batch: Any, replay: list[tuple[slice, RandomState]], s: int,
                         hint: str) -> Callable[[], str]:

@@ -1,4 +1,7 @@
-r"""The keyword arguments of the loop's training forwards, named when the gradient check fails.
+r"""Loop habits the gradient check names when it fails: keyword arguments only the loop passes, gradients
+cleared between the micro-batches of one step.
+
+**Keyword arguments.**
 
 explaind calls the model with ``train_data``'s inputs alone: ``model(x)`` for a tensor, ``model(*x)`` for a tuple,
 ``model(**x)`` for a mapping, whose entries that are no tensor are passed unchanged to every call (docs/recording.md).
@@ -10,6 +13,11 @@ is another function's, and the gradient check refuses step 0 with a dozen causes
 mode, not the recorder's own forwards), the names of the keyword arguments and a short text of each value that is
 no tensor; :func:`loop_kwargs_hint` names those that ``train_data`` does not pass, or passes with another value,
 and the fix: put them in ``train_data`` as a mapping.
+
+**Gradients cleared between micro-batches.** ``optimizer.zero_grad()`` inside the accumulation loop leaves only the
+last micro-batch's gradient for the step, while every micro-batch is logged. When the check of such a step fails,
+the recorder checks the last micro-batch alone; if its gradient matches, :func:`cleared_message` names the
+habit and the fix.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from torch import Tensor, nn
 from ..inputs import Inputs
 from ._common import ModelHook
 
-__all__ = ["KeywordProbe", "loop_kwargs_hint"]
+__all__ = ["KeywordProbe", "cleared_message", "loop_kwargs_hint"]
 
 #: At most this many training forwards' keyword arguments are kept per step.
 _KEPT = 4
@@ -107,3 +115,25 @@ def loop_kwargs_hint(seen: list[dict[str, str]], rows: Any) -> str:
             f"give train_data as a mapping holding them, ({{'features': X, 'temperature': 2.0}}, y) for "
             f"model(features=x, temperature=2.0): entries that are no tensor are passed unchanged to every call, "
             f"tensors are sliced by the logged indices.")
+
+
+def cleared_message(s: int, micro_batches: int) -> str:
+    """The failed check's first sentence when step ``s``'s gradient is its last micro-batch's alone (of
+    ``micro_batches`` logged).
+
+    Parameters
+    ----------
+    s : int
+        The step.
+    micro_batches : int
+        How many micro-batches the step logged.
+
+    Returns
+    -------
+    str
+    """
+    return (f" The gradient the optimizer steps at step {s} is the gradient of the last of its {micro_batches} logged "
+            f"micro-batches alone (checked: it matches): the gradients were cleared between micro-batches, as "
+            f"optimizer.zero_grad() (or model.zero_grad()) inside the gradient-accumulation loop does. Fix: clear them "
+            f"once per step, before the first micro-batch's backward(); or, if only the last micro-batch is meant to "
+            f"count, log only it.")
