@@ -57,6 +57,7 @@ from _round14_models import (
     StochasticDepth,
     ThreeLayers,
     TokenPool,
+    WeightDrop,
     mixup_mean,
     mixup_terms,
 )
@@ -276,6 +277,7 @@ CASES: dict[str, Case] = {
     "stochastic_depth_per_sample_not_captured": run(StochasticDepth),
     "dropconnect_on_the_weight_captured": run(DropConnect, adam, capture_random=True),
     "dropblock_captured": run(DropBlock, capture_random=True),
+    "awd_weight_drop_plain_attribute_captured": run(WeightDrop, capture_random=True),
     "cutout_in_forward_captured": run(CutoutInForward, capture_random=True),
     "mixup_in_forward_batch_coupled_loss": run(MixupInForward, adam, mixup_forward_step,
                                                 loss=explaind.batch_coupled_loss(mixup_terms, batch_loss=mixup_mean),
@@ -336,6 +338,7 @@ DEFAULT_RULE = ("relu_stochastic_depth_adam_lr0.3_captured", "relu_dropconnect_s
 #: Cases with draws in the training forward, replayed by the reference (``replay_reference.ReplayReference``).
 REPLAYED = ("stochastic_depth_per_sample_captured", "dropconnect_on_the_weight_captured", "dropblock_captured",
             "cutout_in_forward_captured", "mixup_in_forward_batch_coupled_loss",
+            "awd_weight_drop_plain_attribute_captured",
             # a batch-coupled loss's terms are taken on each micro-batch as a whole, as the replayed reference does
             "top_k_hard_examples_batch_coupled_terms")
 

@@ -217,3 +217,24 @@ class KeywordOnlyScores(KeywordOnly):
     def forward(self, *, features: torch.Tensor, temperature: float = 1.0) -> Prediction:  # type: ignore[override]
         out = super().forward(features=features, temperature=temperature)
         return Prediction(scores=out.logits, hidden=out.hidden)
+
+
+class WeightDrop(nn.Module):
+    """AWD-LSTM's ``WeightDrop`` on the hidden ``Linear`` of the tanh MLP: the layer's ``weight`` parameter removed
+    and kept as ``weight_raw``, and before every call ``layer.weight = F.dropout(weight_raw, p, training)`` assigned
+    as a plain attribute (a clone in evaluation mode, where ``F.dropout`` returns the Parameter itself, which
+    ``__setattr__`` would register as the layer's parameter)."""
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.head, self.p = nn.Linear(4, 8), nn.Linear(8, 3), p
+        self.weight_raw = nn.Parameter(self.hidden.weight.data.clone())
+        del self.hidden._parameters["weight"]
+        self.hidden.weight = self.weight_raw.data.clone()
+        self.to(DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.dropout(self.weight_raw, self.p, self.training)
+        self.hidden.weight = w if self.training else w.clone()  # in evaluation mode F.dropout returns the Parameter
+        return self.head(torch.tanh(self.hidden(x)))
