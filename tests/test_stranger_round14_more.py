@@ -137,33 +137,27 @@ def test_refused_naming_cause_and_fix(case, error, match):
         CASES[case]()
 
 
+#: The failed gradient check's first sentence, up to the hint that leads its causes.
+FIRST = r"Step 0: the gradient from backward\(\) does not match .*?\)\)\. "
+
+
 @pytest.mark.parametrize("case, said", [
-    ("sequence_length_curriculum_truncated_in_the_loop", r"received inputs of shape \(6, 2\), where train_data's rows "
-     r"at the logged indices have shape \(6, 6\).*a sequence-length curriculum that cuts each batch.*a step counter"),
-    ("token_masking_in_the_loop", r"received inputs that differ from train_data's rows at the logged indices \(6 of 6 "
-     r"rows, largest difference 9\)")])
-def test_token_ids_edited_in_the_loop_are_named_first(case, said):
-    # before, integer inputs were never compared with train_data's rows: the refusal named a dozen other causes
-    with pytest.raises(TrajectoryError, match=re.compile(r"Step 0: the gradient from backward\(\) does not match "
-                                                         r".*?\)\)\. The model's training forward.*" + said, re.S)):
+    # integer inputs were never compared with train_data's rows
+    ("sequence_length_curriculum_truncated_in_the_loop", r"The model's training forward of this step received inputs "
+     r"of shape \(6, 2\), where train_data's rows at the logged indices have shape \(6, 6\).*a sequence-length "
+     r"curriculum that cuts each batch.*a step counter"),
+    ("token_masking_in_the_loop", r"The model's training forward\(s\) of this step received inputs that differ from "
+     r"train_data's rows at the logged indices \(6 of 6 rows, largest difference 9\)"),
+    # model(features=x, temperature=2.0) against train_data's {"features": X}; the flag in train_data is exact
+    ("keyword_flag_passed_in_the_loop_only", r"The model's training forward\(s\) of this step received keyword "
+     r"argument\(s\) temperature=2\.0 that train_data's inputs do not pass.*Fix: give train_data as a mapping "
+     r"holding them"),
+    # optimizer.zero_grad() inside the accumulation loop: the step's gradient is the last micro-batch's alone
+    ("accumulation_zero_grad_inside_the_micro_batch_loop", r"The gradient the optimizer steps at step 0 is the "
+     r"gradient of the last of its 2 logged micro-batches alone.*optimizer\.zero_grad\(\).*inside the "
+     r"gradient-accumulation loop.*Fix: clear them once per step"),
+])
+def test_the_loops_habit_is_named_first(case, said):
+    # before, each was refused with a dozen causes and not this one
+    with pytest.raises(TrajectoryError, match=re.compile(FIRST + said, re.S)):
         CASES[case]()
-
-
-def test_a_keyword_argument_only_the_loop_passes_is_named_first():
-    # before, the refusal named a dozen causes and not model(features=x, temperature=2.0) against train_data's
-    # {"features": X}; with the flag in train_data the run is exact (tests/test_stranger_round14.py)
-    with pytest.raises(TrajectoryError, match=re.compile(
-            r"Step 0: the gradient from backward\(\) does not match .*?\)\)\. The model's training forward\(s\) of "
-            r"this step received keyword argument\(s\) temperature=2\.0 that train_data's inputs do not pass.*Fix: "
-            r"give train_data as a mapping holding them", re.S)):
-        CASES["keyword_flag_passed_in_the_loop_only"]()
-
-
-def test_gradients_cleared_between_micro_batches_are_named_first():
-    # optimizer.zero_grad() inside the accumulation loop: the step's gradient is the last micro-batch's alone; before,
-    # the refusal named a dozen causes and not this one
-    with pytest.raises(TrajectoryError, match=re.compile(
-            r"Step 0: the gradient from backward\(\) does not match .*?\)\)\. The gradient the optimizer steps at "
-            r"step 0 is the gradient of the last of its 2 logged micro-batches alone.*optimizer\.zero_grad\(\).*"
-            r"inside the gradient-accumulation loop.*Fix: clear them once per step", re.S)):
-        CASES["accumulation_zero_grad_inside_the_micro_batch_loop"]()
