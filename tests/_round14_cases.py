@@ -27,6 +27,7 @@ from _round14_loops import (
     SAM,
     Lookahead,
     accumulation_step,
+    activation_penalty_step,
     class_weighted_step,
     cutout_step,
     func_grad_step,
@@ -50,6 +51,7 @@ from _round14_models import (
     CutoutInForward,
     DropBlock,
     DropConnect,
+    HiddenColumns,
     KeywordOnly,
     KeywordOnlyScores,
     MixupInForward,
@@ -60,6 +62,7 @@ from _round14_models import (
     WeightDrop,
     mixup_mean,
     mixup_terms,
+    penalised,
 )
 from _stranger_loops_kit import QUAD, adam, batches, data, dropout_mlp, measure, mlp, plain, sgd
 from reference import Reference, rel_err
@@ -245,11 +248,27 @@ def keyword_only(build: Callable[[], nn.Module] = KeywordOnly, flags: dict[str, 
     return model, rec.trajectory
 
 
-def mixup_forward_step(s, model, opt, X, y, idx, rec) -> None:
-    opt.zero_grad()
-    mixup_mean(model(X[idx]), y[idx]).backward()
-    rec.log_batch(idx)
-    opt.step()
+def loss_step(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable:
+    """The textbook step with ``loss(model(x), y)`` as the loss."""
+    def step(s, model, opt, X, y, idx, rec):
+        opt.zero_grad()
+        loss(model(X[idx]), y[idx]).backward()
+        rec.log_batch(idx)
+        opt.step()
+    return step
+
+
+def activation_penalty_in_the_loop() -> tuple[nn.Module, Any]:
+    """:func:`~_round14_loops.activation_penalty_step` on :class:`~_round14_models.KeywordOnly`, recorded with
+    ``loss="cross_entropy"``."""
+    X, y, _ = data()
+    model = KeywordOnly()
+    opt = adam(model)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=({"features": X}, y))
+    with rec:
+        for s, idx in enumerate(batches()):
+            activation_penalty_step(s, model, opt, X, y, idx, rec)
+    return model, rec.trajectory
 
 
 def relu(build: Callable[..., nn.Module]) -> Callable[[], nn.Module]:
@@ -279,10 +298,10 @@ CASES: dict[str, Case] = {
     "dropblock_captured": run(DropBlock, capture_random=True),
     "awd_weight_drop_plain_attribute_captured": run(WeightDrop, capture_random=True),
     "cutout_in_forward_captured": run(CutoutInForward, capture_random=True),
-    "mixup_in_forward_batch_coupled_loss": run(MixupInForward, adam, mixup_forward_step,
+    "mixup_in_forward_batch_coupled_loss": run(MixupInForward, adam, loss_step(mixup_mean),
                                                 loss=explaind.batch_coupled_loss(mixup_terms, batch_loss=mixup_mean),
                                                 capture_random=True),
-    "mixup_in_forward_plain_callable": run(MixupInForward, adam, mixup_forward_step, loss=mixup_mean,
+    "mixup_in_forward_plain_callable": run(MixupInForward, adam, loss_step(mixup_mean), loss=mixup_mean,
                                            capture_random=True),
     # the inputs or targets edited in the loop
     "cutout_in_the_loop": run(step=cutout_step),
@@ -310,6 +329,8 @@ CASES: dict[str, Case] = {
     "keyword_only_forward_dataclass_output": keyword_only,
     "dataclass_output_without_logits": lambda: keyword_only(KeywordOnlyScores),
     "keyword_flag_passed_in_the_loop_only": lambda: keyword_only(flags={"temperature": 2.0}),
+    "activation_penalty_in_the_loop": activation_penalty_in_the_loop,
+    "activation_penalty_as_output_columns": run(HiddenColumns, adam, loss_step(penalised), loss=penalised),
     "keyword_flag_in_train_data": lambda: keyword_only(flags={"temperature": 2.0}, held={"temperature": 2.0}),
     "functional_call_over_the_models_own_parameters": run(make_opt=adam, step=functional_call_step),
     "torch_func_grad_assigned_to_grad": run(step=func_grad_step),

@@ -318,3 +318,13 @@ def zero_grad_per_micro_batch(s, model, opt, X, y, idx, rec) -> None:
         (F.cross_entropy(model(X[part]), y[part]) / 2).backward()
         rec.log_batch(part)
     opt.step()
+
+
+def activation_penalty_step(s, model, opt, X, y, idx, rec) -> None:
+    """AWD-LSTM's activation regularisation written in the loop: ``CE(out.logits) + 2 * out.hidden.pow(2).mean()``
+    (the model returns a dataclass with ``logits`` and ``hidden``)."""
+    opt.zero_grad()
+    out = model(features=X[idx])
+    (F.cross_entropy(out.logits, y[idx]) + 2.0 * out.hidden.pow(2).mean()).backward()
+    rec.log_batch(idx)
+    opt.step()

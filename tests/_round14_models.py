@@ -238,3 +238,27 @@ class WeightDrop(nn.Module):
         w = F.dropout(self.weight_raw, self.p, self.training)
         self.hidden.weight = w if self.training else w.clone()  # in evaluation mode F.dropout returns the Parameter
         return self.head(torch.tanh(self.hidden(x)))
+
+
+class HiddenColumns(nn.Module):
+    """The tanh MLP returning its logits and its hidden units side by side, ``[logits (3), h (6)]``: an activation
+    penalty (AWD-LSTM's activation regularisation) read by the loss callable :func:`penalised`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.to(DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return torch.cat([self.head(h), h], dim=1)
+
+
+AR = 2.0
+
+
+def penalised(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of the logits plus ``AR`` times the mean squared hidden unit, per sample averaged: the loss
+    with activation regularisation, split exactly per sample."""
+    return F.cross_entropy(out[:, :3], y) + AR * out[:, 3:].pow(2).mean()

@@ -28,6 +28,7 @@ EXACT = [
     "functional_call_over_the_models_own_parameters", "sequence_length_curriculum_step_counter_buffer",
     "torch_compile_reduce_overhead_in_the_loop", "keyword_flag_in_train_data",
     "ema_weights_swapped_in_for_validation_and_back", "awd_weight_drop_plain_attribute_captured",
+    "activation_penalty_as_output_columns",
 ]
 
 

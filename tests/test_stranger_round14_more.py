@@ -18,6 +18,9 @@ The fixes of this round here (each test failed on the code before):
 * a parametrization (``orthogonal``, ``weight_norm``) registered mid-run was refused as a p.data edit (orthogonal
   writes the tensor it moves) or as tensors that are not the model's (weight_norm): both now name the renamed
   parameter, ``torch.nn.utils.parametrize`` and the fix, parametrize before the recorder starts;
+* an activation penalty added in the loop (AWD-LSTM's activation regularisation, ``2 * hidden.pow(2).mean()``) is
+  named among the gradient check's causes with its exact form (the activations as output columns the loss
+  callable reads, exact in tests/test_stranger_round14.py);
 * labels redrawn in the loop (label noise) are named among the gradient check's causes, with the fix (drawn once
   before recording, exact in tests/test_stranger_round14.py);
 * token ids cut (a sequence-length curriculum) or masked (BERT-style masking) in the loop: the gradient check's
@@ -104,6 +107,8 @@ def test_a_parametrization_registered_mid_run_is_named(case):
 
 
 @pytest.mark.parametrize("case, error, match", [
+    ("activation_penalty_in_the_loop", TrajectoryError, r"Step 0: .*a penalty on activations \(AWD-LSTM's "
+     r"activation regularisation.*return the activations as output columns and let the loss callable add it"),
     ("label_noise_in_the_loop", TrajectoryError, r"Step 0: .*label noise, are other targets: draw them once before "
      r"recording as train_data's targets"),
     ("stochastic_depth_per_sample_not_captured", TrajectoryError, r"Step 0: .*capture_random=True"),
