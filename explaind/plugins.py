@@ -35,6 +35,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from ._weight_writes import wrapper_note
 from .exceptions import PluginError, UnknownEntryError, warn_at_caller
 from .records import KIND_NAMES, NAME_PATTERN, RECORD_TYPES
 
@@ -395,7 +396,7 @@ def resolve_optimizer_adapter(optimizer: Any) -> Any:
     raise UnknownEntryError(
         f"No optimizer adapter handles {type(optimizer).__module__}.{type(optimizer).__name__}. "
         f"Registered adapters: {', '.join(names)} (for {', '.join(handled)}).{_subclass_note(optimizer, records)}"
-        f"{_not_elementwise_note(optimizer)} "
+        f"{_not_elementwise_note(optimizer)}{wrapper_note(optimizer)} "
         f"To support another optimizer, write a plugin implementing explaind_optimizer_adapters() and register it "
         f"under the '{ENTRY_POINT_GROUP}' entry-point group (see docs/plugins.md)."
     )

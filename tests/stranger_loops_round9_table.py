@@ -103,6 +103,18 @@ def adapter_rows(names: tuple[str, ...] = ("asgd", "adadelta", "rprop")) -> None
                   f"{sorted(pure.pure_refused)}", flush=True)
 
 
+def print_table(cases: dict[str, Any], default: tuple[str, ...], measure: Any) -> None:
+    """Print the load average, the header and one :func:`row` per case named on the command line (default: every
+    case of ``cases``), then the load average again: the ``main`` of the later rounds' tables."""
+    torch.set_num_threads(1)
+    print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
+    print("| case | replica | residual share | scores vs reference | reference residual | class |")
+    print("|---|---|---|---|---|---|")
+    for name in sys.argv[1:] or cases:
+        print(row(name, cases, default, measure), flush=True)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")

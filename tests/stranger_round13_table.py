@@ -11,23 +11,8 @@ docstring says what its columns and classes mean; the load average comes first a
 
 from __future__ import annotations
 
-import os
-import sys
-
-import torch
 from _round13_cases import CASES, DEFAULT_RULE, figures
-from stranger_loops_round9_table import row
-
-
-def main() -> None:
-    torch.set_num_threads(1)
-    print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
-    print("| case | replica | residual share | scores vs reference | reference residual | class |")
-    print("|---|---|---|---|---|---|")
-    for name in sys.argv[1:] or CASES:
-        print(row(name, CASES, DEFAULT_RULE, figures), flush=True)
-    print(f"load average at end {os.getloadavg()[0]:.1f}")
-
+from stranger_loops_round9_table import print_table
 
 if __name__ == "__main__":
-    main()
+    print_table(CASES, DEFAULT_RULE, figures)

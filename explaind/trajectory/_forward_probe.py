@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._common import ModelHook
 from ._gradients import GradientTap
+from ._loop_hints import KeywordProbe
 from ._output_rounding import OutputRounding
 
 __all__ = ["AutocastProbe", "LOOP_TERMS", "loop_inputs_hint"]
@@ -41,7 +42,9 @@ LOOP_TERMS = (
     "lam*||theta||^2 as coupled weight decay, SGD or Adam with weight_decay=2*lam; one anchored at pretrained weights "
     "theta_0 (L2-SP, lam*||theta - theta_0||^2) as that weight decay on offsets delta = theta - theta_0 that the "
     "model adds to theta_0 held as buffers, and EWC's Fisher-weighted one as an output column the forward returns and "
-    "the loss callable adds (each exact); an L1 penalty or a penalty on input gradients taken with create_graph=True, "
+    "the loss callable adds (each exact); a penalty on activations (AWD-LSTM's activation regularisation, "
+    "hidden.pow(2).mean() added in the loop) likewise: return the activations as output columns and let the loss "
+    "callable add it, exact per sample; an L1 penalty or a penalty on input gradients taken with create_graph=True, "
     "as WGAN-GP's, has none: leave it out of the run you record; MAML's inner step or a policy gradient's actions "
     "taken in the loop: move them into forward (torch.func.grad; actions as output columns, capture_random=True); "
     "targets the loop computes from the model (FixMatch's pseudo-labels, a teacher's predictions) are no targets of "
@@ -55,18 +58,21 @@ LOOP_TERMS = (
 def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
     """The failed gradient check's first sentence when the step's training forwards received other inputs than
     ``rows``, the rows of ``train_data`` at the logged indices (a tensor); ``""`` when they match, or when the
-    forwards cannot be lined up with the rows (a count of rows or a dtype that differs: nothing is claimed)."""
-    if not inputs or not isinstance(rows, Tensor) or not all(t.dtype.is_floating_point for t in [*inputs, rows]):
+    forwards cannot be lined up with the rows (a count of rows or a kind of dtype that differs: nothing is claimed).
+    Integer inputs (token ids) are compared exactly: ids cut, padded or masked in the loop are other rows too."""
+    if not inputs or not isinstance(rows, Tensor) or any(t.dtype.is_floating_point != rows.dtype.is_floating_point
+                                                         or t.dtype == torch.bool for t in [*inputs, rows]):
         return ""
     fix = ("explaind recomputes every gradient from those rows, so inputs made anew for each batch (random "
            "augmentation in the loop or in a Dataset's __getitem__, with any num_workers; a collate_fn that pads each "
-           "batch to its own length) or taken from another dataset (a curriculum stage) are other samples. Fix: pass "
-           "as train_data exactly what the model trains on: augmentations drawn once before recording, every row "
-           "padded to one length with forward masking the padding, each stage's dataset concatenated with its "
-           "indices offset by the rows before it. Noise drawn anew at every step (a diffusion model's timestep and "
-           "noise, a masked autoencoder's mask, word2vec's negative samples) makes each step's rows samples of their "
-           "own: stack every step's "
-           "draws as rows of train_data and log the step's own rows, or draw them inside the model's training "
+           "batch to its own length; a sequence-length curriculum that cuts each batch) or taken from another dataset "
+           "(a curriculum stage) are other samples. Fix: pass as train_data exactly what the model trains on: "
+           "augmentations drawn once before recording, every row padded to one length with forward masking the "
+           "padding, each stage's dataset concatenated with its indices offset by the rows before it, a curriculum's "
+           "length computed in forward from a step counter the training forward counts up in a buffer "
+           "(capture_random=True). Noise drawn anew at every step (a diffusion model's timestep and noise, a masked "
+           "autoencoder's mask, word2vec's negative samples) makes each step's rows samples of their own: stack every "
+           "step's draws as rows of train_data and log the step's own rows, or draw them inside the model's training "
            "forward and record with capture_random=True.")
     if len(inputs) == 1 and inputs[0].shape[0] == rows.shape[0] and inputs[0].shape[1:] != rows.shape[1:]:
         return (f" The model's training forward of this step received inputs of shape {tuple(inputs[0].shape)}, where "
@@ -82,7 +88,8 @@ def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
     got = torch.cat([t.detach().to(rows.device, torch.float64) for t in inputs]).flatten(1)
     want = rows.detach().to(torch.float64).flatten(1)
     gap = (got - want).abs()
-    bad = int((gap.amax(1) > 1e-6 * max(1.0, float(want.abs().max()))).sum()) if gap.numel() else 0
+    bound = 1e-6 * max(1.0, float(want.abs().max())) if rows.dtype.is_floating_point else 0.0
+    bad = int((gap.amax(1) > bound).sum()) if gap.numel() else 0
     if not bad:
         return ""
     return (f" The model's training forward(s) of this step received inputs that differ from train_data's rows at "
@@ -118,14 +125,17 @@ class AutocastProbe:
         self._kept_bytes = 0
         self._handles: list[Any] = []
         self.rounding = OutputRounding(model, lambda: self.paused, notes)  # a float32 cast before a float64 loss
+        self.keywords = KeywordProbe(model, lambda: self.paused)  # keyword arguments of the training forwards
 
     def attach(self) -> None:
         self.rounding.attach()
+        self.keywords.attach()
         self._handles = [self._model.register_forward_pre_hook(ModelHook(self._hook))]
         self._handles += [child.register_forward_pre_hook(ModelHook(self._inner)) for child in self._model.children()]
 
     def detach(self) -> None:
         self.rounding.detach()
+        self.keywords.detach()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -150,3 +160,4 @@ class AutocastProbe:
         """Forget the forward passes of the finished step."""
         self.dtype = None
         self.inputs, self._kept_bytes = [], 0
+        self.keywords.reset()

@@ -143,6 +143,7 @@ class GradientTap:
         self._seq = 0
         self.reset_seq = 0  # the sequence number at the last step: later snapshots belong to the step in flight
         self._hits: dict[str, int] = {}  # snapshots per parameter since the last log_batch
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (data_ptr, version) at its last backward this step
         self._hooked: set[str] = set()
         self._handles: list[Any] = []
 
@@ -177,6 +178,7 @@ class GradientTap:
             self._seq += 1
             stamp = self._stamp[name] = self._seq
             self._hits[name] = self._hits.get(name, 0) + 1
+            self._where[name] = (p.data_ptr(), p._version)
             if self._copies is None or not self._copies.submit(p, g, lambda: self._snap(name, g, stamp)):
                 self._snap(name, g)
 
@@ -207,7 +209,15 @@ class GradientTap:
         """Forget the snapshots of the finished accumulation (after each optimizer step)."""
         self._stamp.clear()
         self._unchanged.clear()
+        self._where.clear()
         self.reset_seq = self._seq
+
+    def written_since_backward(self) -> list[str]:
+        """The parameters written (in place, or their ``.data`` assigned) since the ``backward`` that last reached
+        them in this step: their gradient was taken at other values than those the step starts from (SAM's
+        perturbation restored before ``optimizer.step()``; :mod:`explaind._weight_writes`)."""
+        return [n for n, where in self._where.items()
+                if (self._params[n].data_ptr(), self._params[n]._version) != where]
 
     def take(self, name: str) -> Tensor | None:
         """Hand over the snapshot of ``name`` when :meth:`measure` found ``p.grad`` equal to it, else ``None``.

@@ -164,7 +164,8 @@ def stepped_parameters(
         When the optimizer would update a parameter stored as a constant, or holds a tensor that is
         not a parameter of the model (``add_param_group`` with foreign tensors).
     """
-    message = foreign_parameters(model, optimizer) or renamed_parameters(model, params)
+    # renamed first: a parametrization registered mid-run also leaves the optimizer holding the old tensor
+    message = renamed_parameters(model, params) or foreign_parameters(model, optimizer)
     if message is not None:
         raise TrajectoryError(f"Step {step}: {message}")
     in_opt = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
@@ -342,14 +343,17 @@ def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
     since = "recording started" if step == start else f"step {step - 1} was recorded"
     return (
         f"Step {step}: the parameter(s) {edit_list(edited)} changed outside optimizer.step() since {since}: an edit of "
-        f"p.data or an in-place write (weight clipping, an EMA or load_state_dict written into the model), or "
+        f"p.data or an in-place write (weight clipping, an EMA or load_state_dict written into the model, "
+        f"Lookahead's sync of slow and fast weights after its inner optimizer's step), or "
         f"another optimizer stepping them. explaind decomposes only the recorded optimizer's updates, and this "
         f"step's gradients were taken at parameters the trajectory does not hold, so it cannot be recorded exactly "
         f"(nothing was stored for it; the {step - start} step(s) recorded before are kept). Fix: make such changes "
         f"before `with rec:` or after it, express them through the optimizer (e.g. weight_decay instead of "
         f"shrinking the weights), or record a model holding only the parameters this optimizer trains. Two "
         f"optimizers over one model (SGD for one part, Adam for another) are not recorded: train every part with "
-        f"one optimizer, a parameter group per part (its own lr, weight_decay, momentum or betas)."
+        f"one optimizer, a parameter group per part (its own lr, weight_decay, momentum or betas). A recipe whose "
+        f"writes are part of training (Lookahead) is explained from the parameters saved after every step, "
+        f"explaind.Trajectory.from_checkpoints(checkpoints, model) (no split over samples)."
     )
 
 

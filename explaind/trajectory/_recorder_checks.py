@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._compiled import refuse_compiled_at_step
+from .._weight_writes import written_since_backward_message
 from ..exceptions import ConfigError, TrajectoryError
 from ._background import CopyPool, Handoff, StateCopier
 from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_masks_hint
@@ -39,12 +40,14 @@ from ._coupled_loss import (
 from ._forward_probe import AutocastProbe, loop_inputs_hint
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
 from ._gradients import GradientTap, has_stochastic_layers
+from ._loop_hints import cleared_message, loop_kwargs_hint
 from ._participation import (
     edit_list,
     edit_message,
     edited_parameters,
     frozen_edit_message,
     never_stepped_message,
+    renamed_parameters,
     retyped_hint,
     second_step_message,
 )
@@ -178,6 +181,8 @@ class RecorderChecksMixin:
         # without forwards to replay the engine recomputes gradients in evaluation mode: so does the check, and
         # a training forward that differs from it in a way no module shows (F.dropout, torch.rand) fails here
         hint = unlogged_backward_message(s, checked=True) if self._unlogged_backward() else ""
+        written = self._tap.written_since_backward()  # SAM: the gradient taken at perturbed, restored weights
+        hint = (written_since_backward_message(s, written, checked=True) if written else "") + hint
         if not replayed and self.model.training:
             hint += (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
                      "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
@@ -196,7 +201,10 @@ class RecorderChecksMixin:
         else:
             lazy = hint if not replayed else self._backward_draws(batch, replay, s, hint)
         inputs, then = list(self._probe.inputs), lazy  # the loop's inputs against train_data's rows, named first
-        lazy = lambda: loop_inputs_hint(inputs, batch[0]) + (then() if callable(then) else then)  # noqa: E731
+        keywords = list(self._probe.keywords.seen)
+        cleared = (lambda: "") if replayed else self._cleared_between(raw, device, s, tol, autocast)
+        lazy = lambda: (loop_inputs_hint(inputs, batch[0]) + loop_kwargs_hint(keywords, batch[0])  # noqa: E731
+                        + cleared() + (then() if callable(then) else then))
         with self._quiet(), evaluation_mode(self.model) if not replayed else contextlib.nullcontext():
             try:
                 return check_batch_gradient(self.model, self._params, raw, self._loss, batch, s, tol, autocast,
@@ -207,6 +215,24 @@ class RecorderChecksMixin:
                     names = switched_off(self.model, self._params, batch[0])
                     raise TrajectoryError(requires_grad_message(names, s)) from exc
                 raise
+
+    def _cleared_between(self, raw: dict[str, Tensor], device: torch.device, s: int, tol: float,
+                         autocast: Any) -> Callable[[], str]:
+        """The failed check's hint when the gradient is the last logged micro-batch's alone (``zero_grad()`` inside
+        the accumulation loop; :func:`~._loop_hints.cleared_message`), computed only when the check fails."""
+        def diagnose() -> str:
+            if len(self._pending) < 2 or is_batch_coupled(self._loss):
+                return ""
+            last = self._pending[-1]
+            x, y = self._data.get(last.indices)
+            try:  # the check of the last micro-batch alone: no error means the gradient is its own
+                check_batch_gradient(self.model, self._params, raw, self._loss,
+                                     (x.to(device), y.to(device), last.weights.to(device)), s, tol, autocast, None,
+                                     self._random.generators, self._buffers.recorded(), "")
+            except (TrajectoryError, RuntimeError):
+                return ""
+            return cleared_message(s, len(self._pending))
+        return diagnose
 
     def _backward_draws(self, batch: Any, replay: list[tuple[slice, RandomState]], s: int,
                         hint: str) -> Callable[[], str]:
@@ -287,6 +313,9 @@ class RecorderChecksMixin:
         r"""Raise when a recorded parameter no longer holds :math:`\theta_s` as recorded (changed outside the step),
         or a frozen parameter (a constant of the trajectory) no longer holds its stored value."""
         edited = edited_parameters(self._params, self._theta or {})
+        renamed = renamed_parameters(self.model, self._params) if edited else None
+        if renamed is not None:  # a parametrization registered mid-run writes the tensor it moves
+            raise TrajectoryError(f"Step {s}: {renamed}")
         if edited:
             raise TrajectoryError(edit_message(edited, s, self._schedule.start)
                                   + retyped_hint(self._params, self._theta or {}))
@@ -400,6 +429,13 @@ class RecorderChecksMixin:
         batch size; a loop that divides by a fixed number of micro-batches has another one at an
         epoch's last, smaller step).
         """
+        written = self._tap.written_since_backward()
+        if written:  # a gradient taken at other weights than the step's: checked, or named when no check can run
+            if self._data is not None and not self._schedule.never:
+                return True
+            if not getattr(self, "_written_named", False):
+                self._written_named = True  # once per run: every step of a SAM loop does it
+                warn_user(logger, written_since_backward_message(self._n, written, checked=False))
         if self._unlogged_backward():  # its samples are checked, or named when no check can run
             if self._data is not None and not self._schedule.never:
                 return True
