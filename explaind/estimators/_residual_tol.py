@@ -17,8 +17,9 @@ What that level is depends on the run, and it is known from the recording alone:
   optimizer, the number of steps): the same run under float16 and bfloat16 gives the same factor within 1.6x, 0.33
   to 14 over SGD, Adam and centred RMSprop runs of 4 to 32 steps (tests/silent_shares_table.py ``autocast``). It is
   never the rounding level of the decomposition: ``"auto"`` states it at every ``transform`` (a warning naming
-  autocast, the unit roundoff, the ratio and the fix), and names a share beyond :data:`AUTOCAST_UNITS` unit
-  roundoffs as more than the autocast's rounding.
+  autocast, the unit roundoff, the ratio and the fix) once it passes :data:`AUTOCAST_STATED` of a unit roundoff
+  (a float64 model: :data:`FLOAT64_TOL`, autocast leaves its float64 operations alone), and names a share beyond
+  :data:`AUTOCAST_UNITS` unit roundoffs as more than the autocast's rounding.
 * **anything else** (float32 or half-precision parameters without autocast): :data:`OTHER_TOL` (1e-3), the
   tolerance explaind has always used there.
 
@@ -35,8 +36,8 @@ import torch
 from ..exceptions import ConfigError
 from ..trajectory._output_rounding import EXTRAS_KEY
 
-__all__ = ["AUTOCAST_UNITS", "FLOAT64_TOL", "OTHER_TOL", "PROMOTED_TOL", "QUADRATURE_TOL", "ResidualTol",
-           "autocast_statement", "quadrature_tol", "resolve_residual_tol"]
+__all__ = ["AUTOCAST_STATED", "AUTOCAST_UNITS", "FLOAT64_TOL", "OTHER_TOL", "PROMOTED_TOL", "QUADRATURE_TOL",
+           "ResidualTol", "autocast_statement", "quadrature_tol", "resolve_residual_tol"]
 
 #: ``"auto"``'s tolerance for a float64 run recorded without autocast: 10 times the largest share of an exact case.
 FLOAT64_TOL = 1e-7
@@ -52,6 +53,10 @@ QUADRATURE_TOL = 1e-3
 #: An autocast run's share beyond this many unit roundoffs of its autocast dtype is named as beyond its rounding
 #: (7 times the largest factor measured, 14 for centred RMSprop).
 AUTOCAST_UNITS = 100.0
+#: An autocast run's share is stated from this fraction of its autocast dtype's unit roundoff on (a hundredth of
+#: the smallest factor measured is 0.0033): below it the share is at the model's own rounding level, not the
+#: autocast's (a bfloat16 autocast around part of a float64 model leaves 4.5e-16).
+AUTOCAST_STATED = 0.01
 
 
 @dataclass(frozen=True)
@@ -104,12 +109,17 @@ def resolve_residual_tol(tol: float | str, traj: Any, window: tuple[int, int],
     if tol != "auto":
         raise ConfigError(f"residual_tol={tol!r} is not a tolerance: pass a positive number (the largest residual "
                           f"share accepted silently) or 'auto' (the rounding level of the run: 1e-7 for a float64 "
-                          f"run, every share stated for a run recorded under autocast, 1e-3 otherwise).")
+                          f"run, an autocast run's share past a hundredth of its unit roundoff, 1e-3 otherwise).")
     autocast = _autocast_of(traj, window)
-    if autocast is not None:
-        return ResidualTol(0.0, f"0 (auto: every share stated for a run recorded under torch.autocast({autocast}))",
-                           autocast)
     dtype = traj.params(window[0])[traj.param_names[0]].dtype
+    if autocast is not None:
+        # Autocast leaves float64 operations alone, so a float64 model keeps its own level; otherwise every share
+        # above a hundredth of the autocast dtype's unit roundoff (far below the 0.33 units measured at least) is
+        # stated, and a share at the model's own rounding level stays silent.
+        unit = float(torch.finfo(getattr(torch, autocast)).eps) / 2
+        value = FLOAT64_TOL if dtype == torch.float64 else min(OTHER_TOL, AUTOCAST_STATED * unit)
+        return ResidualTol(value, f"{value:g} (auto: shares stated for a run recorded under "
+                                  f"torch.autocast({autocast}))", autocast)
     rounded = bool((getattr(traj.manifest, "extras", None) or {}).get(EXTRAS_KEY))
     if dtype == torch.float64 and promoted and not rounded:
         return ResidualTol(PROMOTED_TOL, f"{PROMOTED_TOL:g} (auto: for a float64 run whose forward converts to "

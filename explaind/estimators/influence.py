@@ -127,8 +127,9 @@ class InfluenceEstimator(PathEstimator):
         the part of the explained change that the model of the updates leaves unexplained; stored in
         ``meta["residual_share"]``, the tolerance used in ``meta["residual_tol"]``). Above it ``transform``
         warns, naming the likely cause and the fix. ``"auto"`` (default): the rounding level of the run,
-        1e-7 for a float64 run (1e-5 where its forward converts to float32 inside), every share stated
-        for a run recorded under ``torch.autocast`` (with ``meta["expected_residual_share"]``, the
+        1e-7 for a float64 run (1e-5 where its forward converts to float32 inside), every share past a
+        hundredth of the autocast dtype's unit roundoff stated for a run recorded under
+        ``torch.autocast`` (with ``meta["expected_residual_share"]``, the
         autocast dtype's unit roundoff; with ``strict`` such a run raises unless ``residual_tol`` is a
         number), 1e-3 otherwise (docs/guide_own_model.md,
         "The residual share, and what to do when it warns").
