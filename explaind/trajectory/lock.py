@@ -27,6 +27,7 @@ from pathlib import Path
 from .._io import open_regular, write_all
 from ..exceptions import TrajectoryError
 from ._interrupts import close_abandoned
+from ._processes import flock_held, hold
 
 __all__ = ["LOCK", "WriterLock", "live_writer"]
 
@@ -67,8 +68,9 @@ def _foreign_lock(path: Path, what: str) -> TrajectoryError:
     )
 
 
-def _read_lock(path: Path) -> bytes | None:
-    """The first 4096 bytes of the lock file, ``None`` when there is none.
+def _read_lock(path: Path) -> tuple[bytes, bool | None] | None:
+    """The first 4096 bytes of the lock file and whether a live process holds its ``flock``
+    (:func:`~explaind.trajectory._processes.flock_held`), ``None`` when there is none.
 
     Only a regular file is read: a symbolic link, a directory, a FIFO or a device in its place is a
     :class:`~explaind.exceptions.TrajectoryError` (opened without following links and without
@@ -85,7 +87,7 @@ def _read_lock(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     try:
-        return os.read(fd, 4096)
+        return os.read(fd, 4096), flock_held(fd)
     finally:
         os.close(fd)
 
@@ -109,9 +111,10 @@ def _parsed(raw: bytes) -> dict | None:
 
 def _holder(path: Path) -> dict | None:
     """The lock's content, or ``None`` when it is stale (its holder is gone, or it was copied with the store)."""
-    raw = _read_lock(path)
-    if raw is None:
+    read = _read_lock(path)
+    if read is None:
         return None
+    raw, held = read
     info = _parsed(raw)
     if info is None:  # not (yet) a lock explaind writes: being written, or a crash or a stranger left it
         try:
@@ -126,12 +129,33 @@ def _holder(path: Path) -> dict | None:
     taken_in, here = info.get("directory"), _directory_id(path.parent)
     if isinstance(taken_in, list) and here is not None and taken_in != here:
         return None  # the lock of another directory: copied (cp -r) with a store that was being written
+    if info.get("flock") is True and held is not None:  # its writer holds an flock: the kernel says if it lives
+        return _flocked(path, info, held)
     if pid == os.getpid():
         if close_abandoned(os.path.realpath(path.parent)):  # its recorder collected without __exit__: now unlocked
             stale = _ACTIVE.get(os.path.realpath(path.parent))  # a writer without a thread, collected with it
             None if stale is None else stale.release()
         return info if os.path.realpath(path.parent) in _ACTIVE else None
     return info if _alive(pid) else None
+
+
+def _flocked(path: Path, info: dict, held: bool) -> dict | None:
+    """The holder of a lock whose writer holds its ``flock`` while it writes: ``None`` when no live process holds it
+    (its writer ended however it ended, also when its process id now belongs to another process); otherwise the
+    holder, also when its process id is not one of this PID namespace (a container sharing this host's name)."""
+    if not held:
+        return None
+    if info["pid"] == os.getpid():
+        key = os.path.realpath(path.parent)
+        if close_abandoned(key):
+            stale = _ACTIVE.get(key)
+            None if stale is None else stale.release()
+            return None
+        if key in _ACTIVE:
+            return info
+    if info["pid"] == os.getpid() or not _alive(info["pid"]):
+        return {**info, "elsewhere": True}
+    return info
 
 
 def live_writer(root: Path) -> dict | None:
@@ -146,6 +170,12 @@ def busy_message(root: Path, info: dict) -> str:
                 f"open: finish its `with rec:` block first; if that block was left without __exit__ (an abandoned "
                 f"generator loop, rec.__enter__() called by hand), exit that recorder (rec.__exit__(None, None, None)) "
                 f"and then resume the store; or choose another store path.")
+    if info.get("elsewhere"):  # its flock is held, by no process of this PID namespace with its process id
+        return (f"The trajectory store {str(root)!r} is being written by a live process: the writer lock "
+                f"{str(Path(root) / LOCK)!r} is held (flock) by process {info.get('pid')} of another PID namespace on "
+                f"host {info.get('host')!r} (a container sharing this host's name, since {info.get('since')}), or by "
+                f"a process forked from it that still runs (a DataLoader worker); a second writer would corrupt it. "
+                f"Wait for that recording and its worker processes to end, or choose another store path.")
     return (f"The trajectory store {str(root)!r} is being written by process {info.get('pid')} on host "
             f"{info.get('host')!r} (since {info.get('since')}); a second writer would corrupt it. Wait for that "
             f"recording to finish, or choose another store path. If that process is gone (e.g. on another host), "
@@ -160,6 +190,7 @@ class WriterLock:
         self.path = self.root / LOCK
         self.key = os.path.realpath(self.root)
         self.held = False
+        self._fd: int | None = None  # the lock file, open with its flock while held
 
     def acquire(self) -> WriterLock:
         """Take the lock (a stale one is taken over).
@@ -171,7 +202,7 @@ class WriterLock:
         """
         content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                               "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "directory": _directory_id(self.root)}).encode()
+                              "directory": _directory_id(self.root), "flock": True}).encode()
         for _ in range(3):
             try:
                 self._create(content)
@@ -199,26 +230,29 @@ class WriterLock:
             When the lock exists.
         """
         tmp = self.path.with_name(f"{LOCK}.tmp-{os.getpid()}-{threading.get_ident()}")
-        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             write_all(fd, content)
-        finally:
-            os.close(fd)
-        try:
+            hold(fd)  # before the link: the lock appears with its flock held
             os.link(tmp, self.path)
+            self._fd, fd = fd, -1
             return
         except FileExistsError:
             raise
         except OSError:  # no hard links on this file system
             pass
         finally:  # a failure to remove it (EIO, EROFS) must not hide a lock taken: the next open removes it
+            None if fd < 0 else os.close(fd)
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
+            hold(fd)
             write_all(fd, content)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd = fd
 
     def release(self) -> None:
         """Drop the lock (only if held by this object)."""
@@ -227,8 +261,14 @@ class WriterLock:
         self.held = False
         _ACTIVE.pop(self.key, None)
         try:
-            info = _parsed(_read_lock(self.path) or b"{}")
+            read = _read_lock(self.path)
+            info = _parsed(read[0] if read is not None else b"{}")
             if info is not None and info["pid"] == os.getpid():
                 self.path.unlink()
         except (OSError, ValueError):  # ValueError: TrajectoryError too
             pass
+        finally:  # after the unlink: the flock goes with the last descriptor
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
