@@ -345,7 +345,7 @@ def _parse_manifest(data: bytes, path: Path) -> TrajectoryManifest:
         manifest = TrajectoryManifest.model_validate(raw, strict=True)
     except ValidationError as exc:
         problems = validation_problems(exc).rstrip(".")
-        fix = "" if NEWER_TORCH in problems else _newer_writer(raw.get("explaind_version")) or _NOT_OURS
+        fix = "" if NEWER_TORCH.rstrip(".") in problems else _newer_writer(raw.get("explaind_version")) or _NOT_OURS
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {problems}. {fix}".rstrip()) from None
     return manifest
 
