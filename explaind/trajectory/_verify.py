@@ -4,10 +4,11 @@ A recorder keeps the optimizer state after the latest steps in two slots, ``opti
 ``state-1``, written in turn (docs/recording.md, "The store"). A reader that took the store's index
 (manifest and journal) while the recorder runs can find the slot of the newest step it knows already
 replaced by a step committed since: its bytes then differ from the recorded checksum although nothing
-is corrupted. :func:`verify_store` tells the two apart: while a live recorder holds the store's writer
-lock, a slot that fails is checked again against a freshly read index (where it is the newest state
-again), and a slot that fails with no recorder running, or with no step committed since the index
-was read, is reported as corrupted.
+is corrupted; so can a reader that keeps the store across the recording's end or a later resume.
+:func:`verify_store` tells the two apart: a slot that fails is checked again against a freshly read index
+when that index continues the reader's (the same run, its steps and more: the slot is the newest state
+again), and a slot that fails with no step committed since the index was read, or in a store replaced by
+another run, is reported as corrupted.
 """
 
 from __future__ import annotations

@@ -6,7 +6,11 @@ store exactly one gets it; the other gets a :class:`~explaind.exceptions.Traject
 the holder. A lock whose holder is gone — a process on this host that no longer runs, or this
 process after a writer that was dropped without being closed, or a lock copied with the store into
 another directory (it names the directory it was taken in) — is stale and taken over. A lock
-held on another host is never taken over automatically; the message says how to remove it. The
+held on another host is never taken over automatically; the message says how to remove it. The writer also
+holds an ``flock`` on the lock file while it writes (the lock says ``"flock": true``): where the lock has one, a
+free ``flock`` makes it stale and a held one live, whatever its process id says (a process id reused after a
+container restart, a writer in another PID namespace on the same host name;
+:mod:`~explaind.trajectory._processes`). The
 lock appears with its content in one step (a hard link of a complete temporary file), so a crash
 never leaves an empty one. Only a regular file is read as a lock: a symbolic link, a directory or a
 FIFO in its place is an error naming it (it is never followed, and reading it never blocks).
@@ -200,9 +204,8 @@ class WriterLock:
         TrajectoryError
             When a live writer holds it.
         """
-        content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                              "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "directory": _directory_id(self.root), "flock": True}).encode()
+        content = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "directory": _directory_id(self.root)}
         for _ in range(3):
             try:
                 self._create(content)
@@ -218,7 +221,7 @@ class WriterLock:
         raise TrajectoryError(f"Could not take the writer lock {str(self.path)!r}: it keeps reappearing. Another "
                               f"writer is starting on this store; choose another store path.")
 
-    def _create(self, content: bytes) -> None:
+    def _create(self, content: dict) -> None:
         """Create the lock file with its content in one step (a hard link of a complete temporary file).
 
         A crash therefore never leaves an empty lock; where hard links are not supported the file
@@ -232,8 +235,8 @@ class WriterLock:
         tmp = self.path.with_name(f"{LOCK}.tmp-{os.getpid()}-{threading.get_ident()}")
         fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            write_all(fd, content)
-            hold(fd)  # before the link: the lock appears with its flock held
+            # the flock before the link: the lock appears with it held, and says so only where it is
+            write_all(fd, json.dumps({**content, "flock": hold(fd)}).encode())
             os.link(tmp, self.path)
             self._fd, fd = fd, -1
             return
@@ -247,12 +250,19 @@ class WriterLock:
                 tmp.unlink(missing_ok=True)
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            hold(fd)
-            write_all(fd, content)
+            write_all(fd, json.dumps({**content, "flock": hold(fd)}).encode())
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
+
+    def __del__(self) -> None:
+        """Collected while held (its writer dropped without closing it): the flock goes with the descriptor, so
+        the lock is stale for everyone, as the process's own check finds it (no longer in ``_ACTIVE``)."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def release(self) -> None:
         """Drop the lock (only if held by this object)."""
