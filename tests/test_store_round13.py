@@ -1,8 +1,6 @@
-"""Processes around the recording one, round 13: a process forked inside ``with rec:`` that trains or leaves the
-block, ``multiprocessing`` pools (fork, spawn, forkserver) reading the store mid-run, a recorder built before a fork
-and entered in the child, a reader that holds the store across the writer's close and a resume, a real SIGINT while
-the writer commits.
-(The writer lock across PID namespaces: ``test_store_round13_locks.py``.)
+"""Processes forked around the recording one, round 13: a process forked inside ``with rec:`` that trains or leaves
+the block, and a recorder built before a fork and entered in the child. (Readers in other processes and signals:
+``test_store_round13_readers.py``; the writer lock across PID namespaces: ``test_store_round13_locks.py``.)
 
 docs/recording.md, "Processes, permissions and versions, round 13", lists each case with what explaind did before.
 A store read as the same run equals the uninterrupted run recorded in memory bit for bit (``same_run``), and
@@ -12,10 +10,9 @@ resumed, the uninterrupted longer run (``resumes_to_the_end``).
 from __future__ import annotations
 
 import pytest
-from _round12_kit import LONG, STEPS, load, record, reference, resumes_to_the_end, same_run
+from _round12_kit import STEPS, reference, resumes_to_the_end, same_run
 from _round13_kit import run_child
 
-from explaind.exceptions import TrajectoryError
 from explaind.trajectory.lock import LOCK
 
 
@@ -100,32 +97,6 @@ def test_a_forked_child_leaving_with_after_the_parent_finished_changes_nothing(t
     assert resumes_to_the_end(store, ref) == STEPS
 
 
-_POOL = """
-import multiprocessing
-from _round13_kit import steps_seen
-rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, background_writes=False)
-with rec:
-    for s in range(6):
-        resumable_step(model, opt, X, y, s, rec)
-        if s == 2:
-            with multiprocessing.get_context(mode).Pool(2) as pool:
-                print("seen", pool.map(steps_seen, [store] * 2), flush=True)
-"""
-
-
-@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_a_multiprocessing_pool_inside_with_reads_the_steps_committed_and_leaves_the_run(tmp_path, ref, method):
-    """A pool of 2 workers started inside ``with rec:`` after step 2 (fork: copies of the recorder; spawn and
-    forkserver: fresh interpreters importing explaind), each loading and verifying the store: each reads the 3
-    committed steps; the run is recorded bit for bit, the lock given back (the same before)."""
-    store = tmp_path / "run"
-    done = run_child(_POOL, store, method)
-    assert done.returncode == 0, done.stderr
-    assert "seen [3, 3]" in done.stdout
-    assert same_run(store, ref) == STEPS
-    assert not (store / LOCK).exists()
-
-
 _FORK_FIRST = """
 rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, background_writes=False)
 pid = os.fork()  # the recorder built in the parent, entered and stepped in the child only
@@ -146,74 +117,3 @@ def test_a_recorder_built_before_a_fork_and_entered_in_the_child_records_there(t
     assert "child exit 0" in done.stdout, done.stderr
     assert same_run(store, ref) == STEPS
     assert not (store / LOCK).exists()
-
-
-# --------------------------------------------------------------------------- a reader that holds the store
-@pytest.mark.parametrize("then", ["close", "resume"])
-def test_a_reader_holding_the_store_across_the_writers_close_and_a_resume_verifies(tmp_path, ref, then):
-    """A ``Trajectory`` loaded after step 2, kept while the recording goes on to step 5 and closes (and, with
-    ``resume``, a second process resumes it to step 7): its optimizer-state slot now holds a later step's state.
-    Before: ``verify()`` reported it corrupted ("copied ... while its run was being recorded") although nothing was,
-    since no writer was running any more. Now the slot is checked against the store's index as it is now when that
-    continues the reader's; the reader still reads its 3 steps bit for bit."""
-    store = tmp_path / "run"
-    held = {}
-    record(store, STEPS, after=lambda st, s: held.setdefault("traj", load(st)) if s == 2 else None)
-    if then == "resume":
-        record(store, LONG, resume=True)
-    traj = held["traj"]
-    traj.verify()
-    assert traj.n_steps == 3
-    assert same_run(store, ref) == (STEPS if then == "close" else LONG)
-    from test_store_faults import _assert_same
-    _assert_same(ref, traj)
-
-
-def test_a_reader_holding_a_store_replaced_by_another_run_is_still_told_it_differs(tmp_path, ref):
-    """The check against the index as it is now takes only a continuation of the reader's run: a store replaced by
-    another recording (``overwrite=True``, a new ``run_id``) is still refused by the reader's ``verify()``."""
-    store = tmp_path / "run"
-    held = {}
-    record(store, STEPS, after=lambda st, s: held.setdefault("traj", load(st)) if s == 2 else None)
-    record(store, LONG, overwrite=True)
-    with pytest.raises(TrajectoryError):
-        held["traj"].verify()
-
-
-# --------------------------------------------------------------------------- a real signal while the writer commits
-_SIGINT_AT_COMMIT = """
-import threading
-from explaind.trajectory import store as store_module
-real = store_module.StoreWriter._commit
-commits = []
-def slow(self, items):  # the signal arrives while the writer thread commits its third group
-    commits.append(len(items))
-    if len(commits) == 3:
-        os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.2)
-    real(self, items)
-store_module.StoreWriter._commit = slow
-rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store)
-returned = 0
-try:
-    with rec:
-        for s in range(8):
-            resumable_step(model, opt, X, y, s, rec)
-            returned = s + 1
-except KeyboardInterrupt:
-    print("interrupted after", returned, flush=True)
-"""
-
-
-def test_a_real_sigint_while_the_writer_thread_commits_keeps_every_returned_step(tmp_path, ref):
-    """SIGINT delivered (``os.kill``) while the background writer commits, the disk slowed to 0.2 s a commit:
-    Python raises ``KeyboardInterrupt`` in the main thread, ``__exit__`` lets the writer commit every step whose
-    ``step()`` returned, and gives the lock back; the store resumes bit for bit (the same before)."""
-    store = tmp_path / "run"
-    done = run_child(_SIGINT_AT_COMMIT, store)
-    assert done.returncode == 0, done.stderr
-    returned = int(done.stdout.split("interrupted after")[1].split()[0])
-    assert 1 <= returned < 8
-    assert same_run(store, ref) == returned
-    assert not (store / LOCK).exists()
-    resumes_to_the_end(store, ref)
