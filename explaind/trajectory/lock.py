@@ -42,6 +42,8 @@ _EMPTY_GRACE = 10.0
 _MAX_PID = 2**31 - 1
 #: Locks this process holds, by real path of the store (a lock whose writer was dropped is stale).
 _ACTIVE: weakref.WeakValueDictionary[str, WriterLock] = weakref.WeakValueDictionary()
+#: Locks whose file this process holds open with its flock (also one whose writer is gone but not yet collected).
+_OPEN: weakref.WeakSet[WriterLock] = weakref.WeakSet()
 
 
 def _alive(pid: int) -> bool:
@@ -157,9 +159,31 @@ def _flocked(path: Path, info: dict, held: bool) -> dict | None:
             return None
         if key in _ACTIVE:
             return info
+        if _drop_own(path):  # this process's lock, its writer gone (not taken, or dropped): as before, stale
+            return None
     if info["pid"] == os.getpid() or not _alive(info["pid"]):
         return {**info, "elsewhere": True}
     return info
+
+
+def _drop_own(path: Path) -> bool:
+    """Close this process's descriptors of the lock file ``path`` (their flock goes with them): the locks of writers
+    gone without releasing them (the store's key is not in ``_ACTIVE``); whether there were any."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    found = False
+    for lock in list(_OPEN):
+        fd = lock._fd
+        if fd is not None:  # its key no longer in _ACTIVE (checked by the caller): its writer is gone
+            with contextlib.suppress(OSError):
+                mine = os.fstat(fd)
+                if (mine.st_dev, mine.st_ino) == (info.st_dev, info.st_ino):
+                    lock.held = False
+                    lock._close()
+                    found = True
+    return found
 
 
 def live_writer(root: Path) -> dict | None:
@@ -215,6 +239,9 @@ class WriterLock:
                     raise TrajectoryError(busy_message(self.root, info)) from None
                 self.path.unlink(missing_ok=True)
                 continue
+            except BaseException:  # after the link (a kill, EIO removing the temporary file): not taken, flock freed
+                self._close()
+                raise
             _ACTIVE[self.key] = self
             self.held = True
             return self
@@ -239,6 +266,7 @@ class WriterLock:
             write_all(fd, json.dumps({**content, "flock": hold(fd)}).encode())
             os.link(tmp, self.path)
             self._fd, fd = fd, -1
+            _OPEN.add(self)
             return
         except FileExistsError:
             raise
@@ -255,14 +283,19 @@ class WriterLock:
             os.close(fd)
             raise
         self._fd = fd
+        _OPEN.add(self)
 
-    def __del__(self) -> None:
-        """Collected while held (its writer dropped without closing it): the flock goes with the descriptor, so
-        the lock is stale for everyone, as the process's own check finds it (no longer in ``_ACTIVE``)."""
+    def _close(self) -> None:
+        """Close the lock file's descriptor: its flock goes with it."""
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def __del__(self) -> None:
+        """Collected while held (its writer dropped without closing it): the flock goes with the descriptor, so
+        the lock is stale for everyone, as the process's own check finds it (no longer in ``_ACTIVE``)."""
+        self._close()
 
     def release(self) -> None:
         """Drop the lock (only if held by this object)."""
@@ -278,7 +311,4 @@ class WriterLock:
         except (OSError, ValueError):  # ValueError: TrajectoryError too
             pass
         finally:  # after the unlink: the flock goes with the last descriptor
-            fd, self._fd = self._fd, None
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self._close()
