@@ -2,9 +2,8 @@
 started inside ``with rec:`` that read the store mid-run, a reader that holds the store across the writer's close
 and a resume, and a real SIGINT while the writer commits.
 
-docs/recording.md, "Processes, permissions and versions, round 13", lists each case with what explaind did before.
-A store read as the same run equals the uninterrupted run recorded in memory bit for bit (``same_run``), and
-resumed, the uninterrupted longer run (``resumes_to_the_end``).
+Each case, and what explaind did before, is in the table of docs/recording.md, "Processes, permissions and versions,
+round 13"; stores are compared with the uninterrupted run as in ``test_store_round13.py``.
 """
 
 from __future__ import annotations

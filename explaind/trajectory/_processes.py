@@ -89,32 +89,34 @@ def left_in_fork(recorder: Any) -> bool:
     return True
 
 
+def _flock(fd: int, operation: int) -> bool | None:
+    """``flock(fd, operation | LOCK_NB)``: ``True`` when taken, ``False`` when another holder has it, ``None`` when
+    this system or file system has no ``flock``."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
 def hold(fd: int) -> bool:
     """Take an exclusive ``flock`` on the open lock file ``fd`` (before it is linked into place); whether taken.
 
     A file system without ``flock`` (some network file systems refuse it) keeps the lock without it: its holder is
     then judged by process id and host, as before.
     """
-    if fcntl is None:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    return True
+    return fcntl is not None and _flock(fd, fcntl.LOCK_EX) is True
 
 
 def flock_held(fd: int) -> bool | None:
     """Whether a live process holds the ``flock`` of the open lock file ``fd`` (``None``: this file system cannot
     tell). A process that ended, however it ended, holds none."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return None
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    return False
+    taken = None if fcntl is None else _flock(fd, fcntl.LOCK_SH)
+    if taken:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    return None if taken is None else not taken
