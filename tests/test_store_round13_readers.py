@@ -2,8 +2,9 @@
 started inside ``with rec:`` that read the store mid-run, a reader that holds the store across the writer's close
 and a resume, and a real SIGINT while the writer commits.
 
-Each case, and what explaind did before, is in the table of docs/recording.md, "Processes, permissions and versions,
-round 13"; stores are compared with the uninterrupted run as in ``test_store_round13.py``.
+Each case, and what explaind did before, is in the table of the section
+docs/recording.md, "Processes, permissions and versions, round 13"; stores are compared with the uninterrupted run as
+in ``test_store_round13.py``.
 """
 
 from __future__ import annotations
