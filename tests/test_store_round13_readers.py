@@ -82,15 +82,15 @@ def test_a_reader_holding_a_store_replaced_by_another_run_is_still_told_it_diffe
 
 
 # --------------------------------------------------------------------------- a real signal while the writer commits
-_SIGINT_AT_COMMIT = """
-import threading
+_SIGNAL_AT_COMMIT = """
 from explaind.trajectory import store as store_module
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a handler, as a job scheduler's preemption expects
 real = store_module.StoreWriter._commit
 commits = []
 def slow(self, items):  # the signal arrives while the writer thread commits its third group
     commits.append(len(items))
     if len(commits) == 3:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), getattr(signal, mode))
     time.sleep(0.2)
     real(self, items)
 store_module.StoreWriter._commit = slow
@@ -101,17 +101,19 @@ try:
         for s in range(8):
             resumable_step(model, opt, X, y, s, rec)
             returned = s + 1
-except KeyboardInterrupt:
+except (KeyboardInterrupt, SystemExit):
     print("interrupted after", returned, flush=True)
 """
 
 
-def test_a_real_sigint_while_the_writer_thread_commits_keeps_every_returned_step(tmp_path, ref):
-    """SIGINT delivered (``os.kill``) while the background writer commits, the disk slowed to 0.2 s a commit:
-    Python raises ``KeyboardInterrupt`` in the main thread, ``__exit__`` lets the writer commit every step whose
-    ``step()`` returned, and gives the lock back; the store resumes bit for bit (the same before)."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_real_signal_while_the_writer_thread_commits_keeps_every_returned_step(tmp_path, ref, signal_name):
+    """SIGINT, or SIGTERM with a handler calling ``sys.exit``, delivered (``os.kill``) while the background writer
+    commits, the disk slowed to 0.2 s a commit: Python raises ``KeyboardInterrupt`` or ``SystemExit`` in the main
+    thread, ``__exit__`` lets the writer commit every step whose ``step()`` returned, and gives the lock back; the
+    store resumes bit for bit (the same before)."""
     store = tmp_path / "run"
-    done = run_child(_SIGINT_AT_COMMIT, store)
+    done = run_child(_SIGNAL_AT_COMMIT, store, signal_name)
     assert done.returncode == 0, done.stderr
     returned = int(done.stdout.split("interrupted after")[1].split()[0])
     assert 1 <= returned < 8
