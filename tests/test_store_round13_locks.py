@@ -166,3 +166,40 @@ def test_the_writer_holds_an_flock_on_its_lock_while_it_records(tmp_path):
     assert seen == [(True, "held")]
     assert not (store / LOCK).exists()
     shutil.rmtree(store)
+
+
+_WORKER_OUTLIVES = """
+rec = explaind.TrajectoryRecorder(model, opt, loss="mse", train_data=(X, y), store=store, background_writes=False)
+with rec:
+    for s in range(3):
+        resumable_step(model, opt, X, y, s, rec)
+    worker = os.fork()
+    if worker == 0:  # a worker forked inside `with rec:` (a DataLoader worker): it shares the lock's descriptor
+        time.sleep(120)
+        os._exit(0)
+    print("worker", worker, flush=True)
+    time.sleep(120)  # killed here
+"""
+
+
+def test_a_killed_writer_whose_forked_worker_lives_is_taken_over_at_once(tmp_path, ref):
+    """The recording process killed while a worker it forked inside ``with rec:`` (a DataLoader worker) still runs:
+    the worker closed its inherited descriptor of the lock when it was forked, so the flock went with the writer,
+    and a resume takes the lock over at once and records bit for bit while the worker lives (the same before, by
+    the writer's process id)."""
+    store = tmp_path / "run"
+    proc = run_child(_WORKER_OUTLIVES, store, wait=False)
+    worker = None
+    try:
+        line = ""
+        while not line.startswith("worker"):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+        worker = int(line.split()[1])
+        proc.kill()
+        proc.wait(timeout=60)
+        assert resumes_to_the_end(store, ref) == 3
+        os.kill(worker, 0)  # the worker still runs
+    finally:
+        if worker is not None:
+            os.kill(worker, 9)

@@ -186,6 +186,21 @@ def _drop_own(path: Path) -> bool:
     return found
 
 
+def _forget_in_child() -> None:
+    """In a process just forked: close the inherited descriptors of this process's locks. The recording process
+    keeps their flock (it has its own descriptor), and a forked worker that outlives it does not keep the store
+    locked."""
+    for lock in list(_OPEN):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def live_writer(root: Path) -> dict | None:
     """The holder of the store's lock when a writer is alive, else ``None``."""
     return _holder(Path(root) / LOCK)
@@ -201,9 +216,8 @@ def busy_message(root: Path, info: dict) -> str:
     if info.get("elsewhere"):  # its flock is held, by no process of this PID namespace with its process id
         return (f"The trajectory store {str(root)!r} is being written by a live process: the writer lock "
                 f"{str(Path(root) / LOCK)!r} is held (flock) by process {info.get('pid')} of another PID namespace on "
-                f"host {info.get('host')!r} (a container sharing this host's name, since {info.get('since')}), or by "
-                f"a process forked from it that still runs (a DataLoader worker); a second writer would corrupt it. "
-                f"Wait for that recording and its worker processes to end, or choose another store path.")
+                f"host {info.get('host')!r} (a container sharing this host's name, since {info.get('since')}); a "
+                f"second writer would corrupt it. Wait for that recording to end, or choose another store path.")
     return (f"The trajectory store {str(root)!r} is being written by process {info.get('pid')} on host "
             f"{info.get('host')!r} (since {info.get('since')}); a second writer would corrupt it. Wait for that "
             f"recording to finish, or choose another store path. If that process is gone (e.g. on another host), "
