@@ -14,7 +14,8 @@ process id reused) nor from one in another PID namespace on the same host name (
 network and a volume). The writer therefore also holds an ``flock`` on the lock file for as long as it writes
 (:func:`hold`), and the lock records that it does (``"flock": true``): the kernel drops such a lock when its
 process ends, however it ends, so :func:`flock_held` says whether a holder is alive on this machine whatever its
-process id or namespace. See docs/recording.md, "Processes, permissions and versions, round 13".
+process id or namespace. A process forked while the lock is held closes its inherited descriptor at once
+(:mod:`~explaind.trajectory.lock`), so a worker that outlives the writer does not keep the store locked. See docs/recording.md, "Processes, permissions and versions, round 13".
 """
 
 from __future__ import annotations
