@@ -15,7 +15,8 @@ network and a volume). The writer therefore also holds an ``flock`` on the lock 
 (:func:`hold`), and the lock records that it does (``"flock": true``): the kernel drops such a lock when its
 process ends, however it ends, so :func:`flock_held` says whether a holder is alive on this machine whatever its
 process id or namespace. A process forked while the lock is held closes its inherited descriptor at once
-(:mod:`~explaind.trajectory.lock`), so a worker that outlives the writer does not keep the store locked. See docs/recording.md, "Processes, permissions and versions, round 13".
+(:mod:`~explaind.trajectory.lock`), so a worker that outlives the writer does not keep the store locked. See
+docs/recording.md, "Processes, permissions and versions, round 13".
 """
 
 from __future__ import annotations
