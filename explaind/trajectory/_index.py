@@ -27,7 +27,7 @@ from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE, unmarked_setup
 from ._lean_index import MAX_INDEX_BYTES, _canonical_manifest, _canonical_records, lean_index
 from ._steps import StepIndex
 from ._travel import case_changed, damage_cause, read_settled
-from .manifest import SCHEMA_VERSION, StepRecord, TrajectoryManifest
+from .manifest import NEWER_TORCH, SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
 __all__ = ["read_manifest", "strict_json", "validation_problems", "MAX_INDEX_BYTES"]
 
@@ -344,8 +344,9 @@ def _parse_manifest(data: bytes, path: Path) -> TrajectoryManifest:
     try:
         manifest = TrajectoryManifest.model_validate(raw, strict=True)
     except ValidationError as exc:
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {validation_problems(exc)}. "
-                              f"{_newer_writer(raw.get('explaind_version')) or _NOT_OURS}") from None
+        problems = validation_problems(exc).rstrip(".")
+        fix = "" if NEWER_TORCH.rstrip(".") in problems else _newer_writer(raw.get("explaind_version")) or _NOT_OURS
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {problems}. {fix}".rstrip()) from None
     return manifest
 
 

@@ -39,7 +39,7 @@ from ..unsupported import refuse_unreplayable
 from ..unsupported_layers import refuse_unrecordable_layers
 from ._index import recorded_files
 from ._io import store_root
-from ._layout import SETUP, remove_store, setup_leftover, unmarked_setup
+from ._layout import JOURNAL, SETUP, remove_store, setup_leftover, unmarked_setup
 from ._random import loss_generators
 from .lock import LOCK, busy_message, live_writer
 from .store import is_store, read_manifest
@@ -139,6 +139,8 @@ def _prepare(root: Path, *, overwrite: bool, resume: bool) -> bool:
     if holder is not None:
         raise TrajectoryError(busy_message(root, holder))
     if is_store(root):
+        if resume or overwrite:
+            _refuse_unwritable(root, "resume=True" if resume else "overwrite=True")
         if resume:
             return True
         if overwrite:
@@ -163,6 +165,24 @@ def _prepare(root: Path, *, overwrite: bool, resume: bool) -> bool:
         )
     root.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def _refuse_unwritable(root: Path, option: str) -> None:
+    """Refuse ``option`` on a stored run that this process cannot write (a read-only mount, no write permission)
+    before anything is done: the run stays readable, and the fix is to make it writable or to resume a copy."""
+    journal = root / JOURNAL
+    if os.access(root, os.W_OK) and (not journal.exists() or os.access(journal, os.W_OK)):
+        return
+    try:
+        read_only = bool(os.statvfs(root).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "it is on a file system mounted read-only" if read_only else "this user has no write permission there"
+    raise TrajectoryError(
+        f"{option} needs to write into the trajectory store {str(root)!r}, and {why}. Nothing was changed; the stored "
+        f"run can still be read (Trajectory.load, verify(), explaind replicate). Fix: make the store writable "
+        f"(mount it read-write, or give this user write permission), or copy it to a writable place (cp -a) and "
+        f"{'resume' if option == 'resume=True' else 'overwrite'} the copy.")
 
 
 def _reuse_directory(root: Path, *, overwrite: bool, resume: bool) -> bool:

@@ -4,10 +4,11 @@ A recorder keeps the optimizer state after the latest steps in two slots, ``opti
 ``state-1``, written in turn (docs/recording.md, "The store"). A reader that took the store's index
 (manifest and journal) while the recorder runs can find the slot of the newest step it knows already
 replaced by a step committed since: its bytes then differ from the recorded checksum although nothing
-is corrupted. :func:`verify_store` tells the two apart: while a live recorder holds the store's writer
-lock, a slot that fails is checked again against a freshly read index (where it is the newest state
-again), and a slot that fails with no recorder running, or with no step committed since the index
-was read, is reported as corrupted.
+is corrupted; so can a reader that keeps the store across the recording's end or a later resume.
+:func:`verify_store` tells the two apart: a slot that fails is checked again against a freshly read index
+when that index continues the reader's (the same run, its steps and more: the slot is the newest state
+again), and a slot that fails with no step committed since the index was read, or in a store replaced by
+another run, is reported as corrupted.
 """
 
 from __future__ import annotations
@@ -60,17 +61,32 @@ def verify_store(root: Path, manifest: TrajectoryManifest, sparse: bool) -> None
             _verify_states(root, manifest, sparse, metas)
             return
         except TrajectoryError:
-            holder = live_writer(root)
-            newer = read_manifest(root) if holder is not None else manifest
-            if _newest_states(newer) == _newest_states(manifest):
+            newer = _continued(root, manifest)
+            if newer is None or _newest_states(newer) == _newest_states(manifest):
                 raise  # no step committed since: the state itself differs from its record
-            manifest = newer  # the recorder committed later steps: their slot is the newest now
+            manifest = newer  # later steps were committed (also by a recording since ended): their slot is newest
+    holder = live_writer(root) or {}
     raise TrajectoryError(
-        f"The trajectory store {str(root)!r} is being written by process {holder.get('pid')} on host "
-        f"{holder.get('host')!r}: its newest optimizer state was replaced {STATE_RETRIES} times while verify() read "
-        f"it (the recorder writes two slots in turn). Every step file verified. Call verify() again once the "
+        f"The trajectory store {str(root)!r} is being written by process {holder.get('pid', '?')} on host "
+        f"{holder.get('host', '?')!r}: its newest optimizer state was replaced {STATE_RETRIES} times while verify() "
+        f"read it (the recorder writes two slots in turn). Every step file verified. Call verify() again once the "
         f"recording has ended."
     )
+
+
+def _continued(root: Path, manifest: TrajectoryManifest) -> TrajectoryManifest | None:
+    """The store's index as it is now when it continues ``manifest`` (the same run, its steps and more: steps
+    committed since ``manifest`` was read, by a recorder still writing or one that has ended since, or by a
+    resume), else ``None``. Read only after a state slot failed its check: the slots are rewritten in turn, so a
+    reader that holds the store across later steps finds its slot holding a later step's state."""
+    try:
+        newer = read_manifest(root)
+    except TrajectoryError:
+        return None
+    n = len(manifest.steps)
+    if newer.run_id != manifest.run_id or len(newer.steps) <= n or newer.steps[:n] != manifest.steps:
+        return None
+    return newer
 
 
 def _newest_states(manifest: TrajectoryManifest) -> tuple[object, object]:

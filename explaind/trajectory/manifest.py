@@ -12,6 +12,7 @@ Both trajectory backends expose the same model; the in-memory backend simply has
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from typing import Annotated, Any, Literal
 
 import torch
@@ -54,6 +55,11 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bool: "bool",
 }
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+#: A name shaped like a torch dtype's (``float8_e4m3fn``, ``uint32``, ``complex32``): one that a newer torch may have.
+_DTYPE_LIKE = re.compile(r"^(?:b?float|u?int|complex|bits|bool)[0-9]*(?:_[0-9a-z]+)*$")
+#: The cause and fix of a dtype name this torch does not know (``_index.py`` gives it instead of "corrupted").
+NEWER_TORCH = ("A store written with a newer torch holds dtypes this one lacks: upgrade torch "
+               "(pip install -U torch) to read it.")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -73,6 +79,9 @@ def dtype_from_name(name: str) -> torch.dtype:
         return _NAME_DTYPES[name]
     dtype = getattr(torch, name, None) if name.isidentifier() else None
     if not isinstance(dtype, torch.dtype):
+        if _DTYPE_LIKE.match(name):  # float8_e8m0fnu, uint32, ...: a dtype of a newer torch than this one
+            raise ValueError(f"{name!r} is not a dtype of this torch ({torch.__version__}); allowed: "
+                             f"{sorted(_NAME_DTYPES)} or another dtype of this torch. {NEWER_TORCH}")
         raise ValueError(f"{name!r} is not a torch dtype; allowed: {sorted(_NAME_DTYPES)} or another torch dtype name")
     return dtype
 

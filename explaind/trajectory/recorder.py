@@ -47,6 +47,7 @@ from ._participation import (
     stepped_parameters,
     stepped_without_backward,
 )
+from ._processes import left_in_fork, mark_owner, refuse_step_in_fork
 from ._random import RandomCapture
 from ._recorder_checks import LoggedBatch, RecorderChecksMixin
 from ._recorder_store import RecorderStoreMixin
@@ -317,6 +318,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         if self._active:
             raise TrajectoryError("This recorder is already active; `with rec:` cannot be nested.")
         refuse_second_run(self, self._store, self._memory is not None)  # _interrupts.py
+        mark_owner(self)  # a forked process neither steps nor closes the store (_processes.py)
         if self._data is not None and not self._resumed:
             self._data.follow()  # an edit of X or y before `with rec:` is the data the first step reads
         theta = {n: p.detach().clone() for n, p in self._params.items()}
@@ -350,6 +352,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if left_in_fork(self):
+            return
         self._end_attributes(exc_type is None and self._n > self._schedule.start, self._last_indices)  # hooks on
         for h in self._handles:
             h.remove()
@@ -385,6 +389,7 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
 
     # ----------------------------------------------------------------- hooks
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        refuse_step_in_fork(self)
         if self._broken is not None:
             raise TrajectoryError(f"Recording stopped after an error at {self._broken}; start a new recorder.")
         if self._writer is not None:
