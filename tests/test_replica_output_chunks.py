@@ -11,19 +11,23 @@ model.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from _hf_testkit import lm_data, tiny_gpt2
 from reference import rel_err
+from torch import nn
 
 import explaind
-from explaind.kernel import autograd, evaluate, layers
+from explaind.kernel import adaptive, adaptive_chunks, autograd, evaluate, layers, planning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS, BATCH = 3, 6
 ROWS = 3  # rows of outputs OUTPUT_BYTES is shrunk to
 COPIES = 16  # output-sized tensors a row holds in an evaluation (evaluate.ROW_OUTPUT_COPIES)
+UNIT_COPIES = 192  # output-sized vectors the adaptive rule holds per unit (adaptive_chunks.UNIT_OUTPUT_COPIES)
 QUAD = {"quadrature": "adaptive", "tol": 1e-10}
 
 
@@ -102,3 +106,88 @@ def test_rows_for_outputs_takes_the_budget_in_rows_of_outputs_and_never_less_tha
     assert evaluate.rows_for_outputs(64 * 1024, torch.float32) == evaluate.OUTPUT_BYTES // (per_row // 2)
     assert evaluate.rows_for_outputs(64 * 50_257, torch.float64) == 1  # GPT-2's vocabulary: one row a call
     assert evaluate.rows_for_outputs(10, torch.float64) > 16 * 256  # a classifier keeps chunk_size's rows
+
+
+def spy_units(monkeypatch: pytest.MonkeyPatch, inputs: int, n_steps: int, n_outputs: int) -> list[int]:
+    """``RULE_BYTES`` shrunk to ``inputs`` test inputs of a group of ``n_steps`` steps; the units of every call of the
+    adaptive rule."""
+    monkeypatch.setattr(adaptive_chunks, "RULE_BYTES", inputs * n_steps * UNIT_COPIES * 8 * n_outputs, raising=False)
+    seen: list[int] = []
+    original = adaptive.adaptive_plan
+
+    def spy(est0, *args, **kwargs):
+        seen.append(int(est0.shape[0]))
+        return original(est0, *args, **kwargs)
+
+    monkeypatch.setattr(adaptive, "adaptive_plan", spy)
+    if hasattr(planning, "adaptive_plan"):  # where the rule was called from before (its own name)
+        monkeypatch.setattr(planning, "adaptive_plan", spy)
+    return seen
+
+
+def test_the_adaptive_rule_refines_the_inputs_in_chunks_within_rule_bytes_and_the_replica_is_unchanged(
+        run, unbounded, monkeypatch):
+    traj, X, truth = run
+    seen = spy_units(monkeypatch, 1, STEPS, truth.shape[1])
+    replica = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    assert seen == [STEPS] * 4  # one input of the three steps a call; all 12 units in one call before
+    assert rel_err(replica, unbounded) <= 1e-13
+    assert rel_err(replica, truth) <= 1e-6
+
+
+def relu_mlp(width: int, lr: float):
+    """A float64 ReLU MLP (8-width-width-3) after three SGD-momentum steps of learning rate ``lr``: the trained
+    model in evaluation mode, its trajectory and eight test inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 3)).double()
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(24, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X[:16], y[:16]))
+    with rec:
+        for _ in range(STEPS):
+            idx = torch.randperm(16, generator=gen)[:8]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            rec.log_batch(idx)
+            opt.step()
+    return model.eval(), rec.trajectory, X[16:]
+
+
+def test_kinks_are_located_the_same_in_chunks_of_inputs(monkeypatch, caplog):
+    """A ReLU MLP whose paths cross a few kinks each: every unit's kinks, panels and errors are its own."""
+    model, traj, X = relu_mlp(32, 0.05)
+    whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    seen = spy_units(monkeypatch, 2, STEPS, 3)
+    with caplog.at_level(logging.WARNING, logger="explaind.kernel.adaptive_chunks"):
+        chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    assert seen == [2 * STEPS] * 4 and not caplog.records  # four chunks of two inputs, none planned again
+    assert rel_err(chunked, whole) <= 1e-13
+    with torch.no_grad():
+        assert rel_err(chunked, model(X)) <= 1e-6
+
+
+def test_a_kink_dense_batch_is_found_over_all_chunks_and_planned_as_one_batch(monkeypatch, caplog):
+    """Its far units share a grid of nodes per step over the inputs: a decision over the whole batch, which the
+    chunks' summed counts reach (here in the first chunks already), so the batch is planned whole, as before."""
+    _, traj, X = relu_mlp(128, 1.0)
+    with pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
+        whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    seen = spy_units(monkeypatch, 2, STEPS, 3)
+    with caplog.at_level(logging.WARNING, logger="explaind.kernel.adaptive_chunks"), \
+            pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
+        chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    assert seen[-1] == 8 * STEPS and all(u == 2 * STEPS for u in seen[:-1]) and len(seen) <= 5, seen
+    assert any("found the batch kink-dense" in r.getMessage() for r in caplog.records)
+    assert rel_err(chunked, whole) <= 1e-13
+
+
+def test_inputs_per_chunk_fills_rule_bytes_with_even_chunks():
+    per_input = 3 * UNIT_COPIES * 8 * 64 * 1024  # three steps of a GPT-2 input, float64
+    assert adaptive_chunks.UNIT_OUTPUT_COPIES == UNIT_COPIES
+    assert adaptive_chunks.RULE_BYTES // per_input == 3  # 1 GiB: three inputs fit, so two chunks of two
+    assert adaptive_chunks.inputs_per_chunk(3, 4, 64 * 1024, torch.float64) == 2
+    assert adaptive_chunks.inputs_per_chunk(3, 7, 10, torch.float64) == 7  # a classifier: one chunk
+    assert adaptive_chunks.inputs_per_chunk(16, 5, 64 * 50_257, torch.float64) == 1  # never below one input

@@ -1,0 +1,145 @@
+r"""The adaptive rule over a group of stacked steps, its test inputs in chunks whose state fits :data:`RULE_BYTES`.
+
+The rule (:func:`~explaind.kernel.adaptive.adaptive_plan`) keeps, for every unit (step, test input) it refines,
+:math:`h` and :math:`h'` of all the explained outputs at the first estimate's nodes and at the ends and brackets of
+its open panels, and the estimate of every accepted panel: tens of output-sized vectors per unit. A causal language
+model explains ``sequence x vocabulary`` outputs per input (65,536 at 64 tokens of 1,024), so four inputs of a
+three-step group held gigabytes (docs/scaling.md, *Real widths*). :func:`adaptive_group` refines the inputs of a
+group a chunk at a time instead, each chunk's units estimated at :data:`UNIT_OUTPUT_COPIES` output-sized vectors,
+the chunks as even as the budget lets them be.
+
+**Why the plans are the same.** Each unit is refined on its own: its panels, brackets, kink locations, errors and
+evaluation counts depend on its own values only (the evaluations of a level are batched, which changes nothing but
+possibly the rounding of a matrix product). Two decisions of the rule look at the whole batch: whether the first
+estimate looks kink-dense (then a probe of the failing units is refined first) and, at every level, whether enough
+units are far to call the batch kink-dense (then its far units take a grid of nodes shared by the inputs of each
+step, :mod:`~explaind.kernel.dense`). A chunk never takes them: it adds the counts they rest on to a
+:class:`~explaind.kernel.adaptive_jobs.DenseWatch`, and since no unit's refinement depends on another's until one of
+them is taken, the sums over the chunks are the counts of the whole batch. When those sums show that the whole batch
+would have taken one (more failing units far after the first estimate, or far at some level, than
+:data:`~explaind.kernel.dense.DENSE_SHARE` of them and :data:`~explaind.kernel.dense.DENSE_MIN`), the chunks' plans
+are dropped and the group is planned as one batch, as before (a log line says so: its memory is then not bounded).
+Otherwise the chunks' plans, padded to the batch's most nodes, are the batch's plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import adaptive
+from . import dense as _dense
+from .adaptive_jobs import DenseWatch
+from .evaluate import Grid, Rows, StepStack
+from .quadrature import NodePlan, rule_nodes
+
+__all__ = ["RULE_BYTES", "UNIT_OUTPUT_COPIES", "inputs_per_chunk", "adaptive_group"]
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of output-sized state the adaptive rule may hold for the units of one chunk of test inputs.
+RULE_BYTES = 2**30
+#: Output-sized vectors the rule holds per unit (step, input), its peak included: the first estimate's ``h, h'``
+#: at its nodes, the ends and brackets of open panels (14 a panel), accepted panels' estimates and the copies a
+#: level makes (about 190 measured on a GPT-2 language model, ``benchmarks/bench_scale.py --cases gpt2 --where``).
+UNIT_OUTPUT_COPIES = 192
+
+
+def inputs_per_chunk(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype) -> int:
+    """Test inputs per chunk of a group of ``n_steps`` steps: within :data:`RULE_BYTES`, the chunks even, at least one.
+
+    Examples
+    --------
+    >>> inputs_per_chunk(3, 4, 10, torch.float64)  # a classifier: all inputs at once
+    4
+    >>> inputs_per_chunk(3, 4, 64 * 1024, torch.float64)  # 64 tokens of 1,024: 10 units of 100 MB fit
+    2
+    """
+    elem = torch.finfo(dtype).bits // 8
+    fit = max(1, RULE_BYTES // max(1, n_steps * UNIT_OUTPUT_COPIES * elem * n_outputs))
+    if fit >= n_inputs:
+        return n_inputs
+    return math.ceil(n_inputs / math.ceil(n_inputs / fit))
+
+
+def adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor], n: int, tol: float,
+                   coarsen: bool) -> NodePlan:
+    """The adaptive plan of the stacked steps (units are (step, input) pairs, step-major), refined chunk by chunk.
+
+    ``begins``, ``ends``: :math:`g` at each step's segment ends, ``(T, O)`` each; ``n`` the Gauss–Legendre nodes
+    of the first estimate; ``tol``, ``coarsen`` as in :func:`~explaind.kernel.adaptive.adaptive_plan`.
+    """
+    S, T = stack.n_steps, stack.X.shape[0]
+    per = inputs_per_chunk(S, T, stack.explained.n_outputs, engine.dtype)
+    if per >= T:
+        return _plan(engine, stack, begins, ends, n, tol, coarsen, None)
+    watch = DenseWatch(bound=max(_dense.DENSE_MIN, _dense.DENSE_SHARE * S * T))
+    parts = []
+    for lo in range(0, T, per):
+        sub = StepStack(stack.base, stack.delta, stack.X[lo:lo + per], stack.explained.take(slice(lo, lo + per)))
+        parts.append(_plan(engine, sub, [b[lo:lo + per] for b in begins], [e[lo:lo + per] for e in ends], n, tol,
+                           coarsen, watch))
+        if watch.coupled(watch.bound):  # certain before the other chunks are refined
+            break
+    if coupled(watch):
+        logger.warning("the adaptive quadrature refined %d test inputs in chunks of %d (RULE_BYTES) and found the "
+                       "batch kink-dense, a decision over all of its inputs: planned again as one batch, whose memory "
+                       "passes that budget. Fix: fewer inputs per call (predict a few at a time).", T, per)
+        return _plan(engine, stack, begins, ends, n, tol, coarsen, None)
+    return merge(parts, S, [min(per, T - lo) for lo in range(0, T, per)])
+
+
+def coupled(watch: DenseWatch) -> bool:
+    """Whether the whole batch behind ``watch`` would have been found kink-dense: its first estimate (the probe's
+    test) or a refinement level (:func:`~explaind.kernel.dense.dense_units`)."""
+    return _dense.DENSE_AFTER > 0 and watch.coupled(max(_dense.DENSE_MIN, _dense.DENSE_SHARE * watch.failing))
+
+
+def merge(parts: list[NodePlan], n_steps: int, sizes: list[int]) -> NodePlan:
+    """One step-major plan of ``n_steps`` steps from the plans of chunks of ``sizes`` inputs each (zero padding)."""
+    Q = max(p.t.shape[1] for p in parts)
+
+    def cat(field: str, pad: bool) -> Tensor:
+        rows = []
+        for s in range(n_steps):
+            for p, k in zip(parts, sizes):
+                v = getattr(p, field)[s * k:(s + 1) * k]
+                rows.append(torch.nn.functional.pad(v, (0, Q - v.shape[1])) if pad else v)
+        return torch.cat(rows)
+
+    return NodePlan(cat("t", True), cat("w", True), cat("exact", False), cat("estimate", False), cat("evals", False))
+
+
+def _plan(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor], n: int, tol: float,
+          coarsen: bool, watch: DenseWatch | None) -> NodePlan:
+    """The adaptive plan of all the units of ``stack`` in one batch (``watch``: a chunk of a larger one)."""
+    T = stack.X.shape[0]
+    x01, w01 = (torch.as_tensor(v, dtype=engine.dtype, device=engine.device)
+                for v in rule_nodes("gauss-legendre", n))
+    h0, d0 = engine.evaluator.slopes(stack, Grid(x01))  # first estimate, nodes shared by all inputs
+    est0 = torch.einsum("q,uqo->uo", w01, d0)
+
+    def refine(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return engine.evaluator.slopes(stack, Rows(units // T, units % T, t))
+
+    def shared(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        # the nodes t shared by the units of one step: one evaluation per node for all of the step's inputs
+        h = d0.new_empty(units.numel(), t.numel(), d0.shape[-1])
+        d = torch.empty_like(h)
+        # the step's T inputs at a chunk of nodes: within _dense.SHARED_NODES_BYTES like the chunks of cut_cells
+        per = max(1, _dense.SHARED_NODES_BYTES // max(1, 2 * d0.element_size() * T * d0.shape[-1]))
+        for s in torch.unique(units // T).tolist():
+            mine = units // T == s
+            for lo in range(0, t.numel(), per):
+                hs, ds = engine.evaluator.slopes(stack.steps(s, s + 1), Grid(t[lo:lo + per]))  # (T, per, O)
+                h[mine, lo:lo + per], d[mine, lo:lo + per] = hs[units[mine] % T], ds[units[mine] % T]
+        return h, d
+
+    steps = torch.arange(stack.n_steps, device=d0.device).repeat_interleave(T)
+    return adaptive.adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
+                                  coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
+                                  max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps, watch=watch)
