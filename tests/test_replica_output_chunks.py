@@ -15,8 +15,9 @@ import logging
 
 import pytest
 import torch
-from _hf_testkit import lm_data, tiny_gpt2
+from _hf_testkit import lm_data
 from reference import rel_err
+from test_token_models import _record_lm
 from torch import nn
 
 import explaind
@@ -24,39 +25,22 @@ from explaind.kernel import adaptive, adaptive_chunks, autograd, evaluate, layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STEPS, BATCH = 3, 6
+STEPS = 3
 ROWS = 3  # rows of outputs OUTPUT_BYTES is shrunk to
 COPIES = 16  # output-sized tensors a row holds in an evaluation (evaluate.ROW_OUTPUT_COPIES)
 UNIT_COPIES = 192  # output-sized vectors the adaptive rule holds per unit (adaptive_chunks.UNIT_OUTPUT_COPIES)
 QUAD = {"quadrature": "adaptive", "tol": 1e-10}
 
 
-def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=-100)
-
-
 @pytest.fixture(scope="module")
 def run():
-    """A tiny float64 GPT-2 (vocabulary 30, sequences of 8: 240 outputs per input) after three SGD-momentum steps;
-    the trained model in evaluation mode, its trajectory, four test sequences and the model's logits on them."""
-    model = tiny_gpt2()
-    ids, labels = lm_data()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="causal_lm", train_data=({"input_ids": ids}, labels))
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(5))
-    with rec:
-        for s in range(STEPS):
-            idx = order[s * BATCH:(s + 1) * BATCH]
-            opt.zero_grad()
-            _lm_loss(model(input_ids=ids[idx]).logits, labels[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
+    """A tiny float64 GPT-2 (vocabulary 30, sequences of 8: 240 outputs per input) after three AdamW steps (the
+    token models' run); its trajectory, four test sequences and the trained model's logits on them."""
+    model, traj = _record_lm(steps=STEPS)
     test_ids, _ = lm_data(4, seed=11)
-    model.eval()
     with torch.no_grad():
         truth = model(input_ids=test_ids).logits.reshape(4, -1)
-    return rec.trajectory, {"input_ids": test_ids}, truth
+    return traj, {"input_ids": test_ids}, truth
 
 
 @pytest.fixture(scope="module")
