@@ -43,9 +43,10 @@ logger = logging.getLogger(__name__)
 
 #: Bytes of output-sized state the adaptive rule may hold for the units of one chunk of test inputs.
 RULE_BYTES = 2**30
-#: Output-sized vectors the rule holds per unit (step, input), its peak included: the first estimate's ``h, h'``
-#: at its nodes, the ends and brackets of open panels (14 a panel), accepted panels' estimates and the copies a
-#: level makes (about 190 measured on a GPT-2 language model, ``benchmarks/bench_scale.py --cases gpt2 --where``).
+#: Output-sized vectors the rule is taken to hold per unit (step, input), its peak included: the first estimate's
+#: ``h, h'`` at its nodes (8 at 4 nodes), 14 per open panel (its ends, the samples beside them, its bracket, its
+#: estimate), 3 per accepted panel and the copies a level makes of its open panels; room for a few open panels and a
+#: few dozen accepted ones per unit.
 UNIT_OUTPUT_COPIES = 192
 
 

@@ -37,9 +37,8 @@ STACK_BYTES = 2**28
 #: Largest bytes of explained outputs one batched evaluation of rows or grid nodes holds while it runs (a causal
 #: language model explains ``sequence x vocabulary`` outputs per input: 0.5 MB per row in float64 at 64 x 1,024).
 OUTPUT_BYTES = 2**28
-#: Output-sized tensors one evaluated row holds at the peak of the call: the primal and tangent of the outputs and of
-#: the layers that produce them, the step blocks' partial products (about 12 measured on a GPT-2 language model by
-#: ``benchmarks/bench_scale.py --cases gpt2 --where``; docs/scaling.md, *Real widths*).
+#: Output-sized tensors one evaluated row is taken to hold at the peak of the call: the primal and tangent of the
+#: outputs and of the layer that produces them, the step blocks' partial products and the caller's copy, with a margin.
 ROW_OUTPUT_COPIES = 16
 
 

@@ -6,7 +6,8 @@ the exact difference :math:`g(\theta_{s+1}) - g(\theta_s)` and, for the adaptive
 when asked), the estimate along :math:`\Delta\theta_s`. Steps are handled in groups whose stacked
 :math:`\theta_s, \Delta\theta_s` take at most :data:`~explaind.kernel.evaluate.STACK_BYTES`: the first
 estimates of a group are one grid evaluation, and each refinement level of the adaptive rule one
-evaluation of rows ``(step, input, t)``. The adaptive rule's groups hold at most
+evaluation of rows ``(step, input, t)`` (per chunk of inputs where their outputs are many, with the same
+plans: :mod:`~explaind.kernel.adaptive_chunks`). The adaptive rule's groups hold at most
 :data:`ADAPTIVE_GROUP_STEPS` steps whether or not a progress bar is shown, so its plans do not depend
 on the bar, and its groups are cut at multiples of that size counted from step 0 (:func:`step_groups`),
 so a window plans the steps of every group wholly inside it as the whole run does; the fixed rules'
