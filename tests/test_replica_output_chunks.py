@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 3
 ROWS = 3  # rows of outputs OUTPUT_BYTES is shrunk to
 COPIES = 16  # output-sized tensors a row holds in an evaluation (evaluate.ROW_OUTPUT_COPIES)
-UNIT_COPIES = 192  # output-sized vectors the adaptive rule holds per unit (adaptive_chunks.UNIT_OUTPUT_COPIES)
+UNIT_COPIES = 1024  # output-sized vectors the adaptive rule holds per unit (adaptive_chunks.UNIT_OUTPUT_COPIES)
 QUAD = {"quadrature": "adaptive", "tol": 1e-10}
 
 
@@ -92,10 +92,9 @@ def test_rows_for_outputs_takes_the_budget_in_rows_of_outputs_and_never_less_tha
     assert evaluate.rows_for_outputs(10, torch.float64) > 16 * 256  # a classifier keeps chunk_size's rows
 
 
-def spy_units(monkeypatch: pytest.MonkeyPatch, inputs: int, n_steps: int, n_outputs: int) -> list[int]:
-    """``RULE_BYTES`` shrunk to ``inputs`` test inputs of a group of ``n_steps`` steps; the units of every call of the
-    adaptive rule."""
-    monkeypatch.setattr(adaptive_chunks, "RULE_BYTES", inputs * n_steps * UNIT_COPIES * 8 * n_outputs, raising=False)
+def spy_units(monkeypatch: pytest.MonkeyPatch, units: int, n_outputs: int) -> list[int]:
+    """``RULE_BYTES`` shrunk to ``units`` (step, input) pairs; the units of every call of the adaptive rule."""
+    monkeypatch.setattr(adaptive_chunks, "RULE_BYTES", units * UNIT_COPIES * 8 * n_outputs, raising=False)
     seen: list[int] = []
     original = adaptive.adaptive_plan
 
@@ -112,9 +111,9 @@ def spy_units(monkeypatch: pytest.MonkeyPatch, inputs: int, n_steps: int, n_outp
 def test_the_adaptive_rule_refines_the_inputs_in_chunks_within_rule_bytes_and_the_replica_is_unchanged(
         run, unbounded, monkeypatch):
     traj, X, truth = run
-    seen = spy_units(monkeypatch, 1, STEPS, truth.shape[1])
+    seen = spy_units(monkeypatch, 1, truth.shape[1])
     replica = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
-    assert seen == [STEPS] * 4  # one input of the three steps a call; all 12 units in one call before
+    assert seen == [1] * 4 * STEPS  # one (step, input) pair a call; all 12 in one call before
     assert rel_err(replica, unbounded) <= 1e-13
     assert rel_err(replica, truth) <= 1e-6
 
@@ -144,10 +143,10 @@ def test_kinks_are_located_the_same_in_chunks_of_inputs(monkeypatch, caplog):
     """A ReLU MLP whose paths cross a few kinks each: every unit's kinks, panels and errors are its own."""
     model, traj, X = relu_mlp(32, 0.05)
     whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
-    seen = spy_units(monkeypatch, 2, STEPS, 3)
+    seen = spy_units(monkeypatch, 2, 3)
     with caplog.at_level(logging.WARNING, logger="explaind.kernel.adaptive_chunks"):
         chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
-    assert seen == [2 * STEPS] * 4 and not caplog.records  # four chunks of two inputs, none planned again
+    assert seen == [2] * 4 * STEPS and not caplog.records  # each step's inputs two at a time, none planned again
     assert rel_err(chunked, whole) <= 1e-13
     with torch.no_grad():
         assert rel_err(chunked, model(X)) <= 1e-6
@@ -159,19 +158,24 @@ def test_a_kink_dense_batch_is_found_over_all_chunks_and_planned_as_one_batch(mo
     _, traj, X = relu_mlp(128, 1.0)
     with pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
         whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
-    seen = spy_units(monkeypatch, 2, STEPS, 3)
+    seen = spy_units(monkeypatch, 2, 3)
     with caplog.at_level(logging.WARNING, logger="explaind.kernel.adaptive_chunks"), \
             pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
         chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
-    assert seen[-1] == 8 * STEPS and all(u == 2 * STEPS for u in seen[:-1]) and len(seen) <= 5, seen
+    assert seen[-1] == 8 * STEPS and set(seen[:-1]) == {2} and len(seen) <= 4 * STEPS, seen
     assert any("found the batch kink-dense" in r.getMessage() for r in caplog.records)
     assert rel_err(chunked, whole) <= 1e-13
 
 
-def test_inputs_per_chunk_fills_rule_bytes_with_even_chunks():
-    per_input = 3 * UNIT_COPIES * 8 * 64 * 1024  # three steps of a GPT-2 input, float64
+def test_unit_chunks_take_whole_steps_while_they_fit_else_even_slices_of_one_steps_inputs():
     assert adaptive_chunks.UNIT_OUTPUT_COPIES == UNIT_COPIES
-    assert adaptive_chunks.RULE_BYTES // per_input == 3  # 1 GiB: three inputs fit, so two chunks of two
-    assert adaptive_chunks.inputs_per_chunk(3, 4, 64 * 1024, torch.float64) == 2
-    assert adaptive_chunks.inputs_per_chunk(3, 7, 10, torch.float64) == 7  # a classifier: one chunk
-    assert adaptive_chunks.inputs_per_chunk(16, 5, 64 * 50_257, torch.float64) == 1  # never below one input
+    per_unit = UNIT_COPIES * 8 * 64 * 1024  # a GPT-2 (step, input) pair: 64 tokens of 1,024, float64
+    assert adaptive_chunks.RULE_BYTES // per_unit == 2  # 1 GiB: two pairs
+    assert adaptive_chunks.unit_chunks(3, 4, 64 * 1024, torch.float64) == [
+        (s, s + 1, lo, lo + 2) for s in range(3) for lo in (0, 2)]
+    assert adaptive_chunks.unit_chunks(3, 3, 64 * 1024, torch.float64) == [
+        (s, s + 1, lo, hi) for s in range(3) for lo, hi in ((0, 2), (2, 3))]
+    assert adaptive_chunks.unit_chunks(16, 7, 10, torch.float64) == [(0, 16, 0, 7)]  # a classifier: one chunk
+    assert adaptive_chunks.unit_chunks(5, 2, 64 * 512, torch.float64) == [(0, 2, 0, 2), (2, 4, 0, 2), (4, 5, 0, 2)]
+    assert adaptive_chunks.unit_chunks(2, 2, 64 * 50_257, torch.float64) == [  # never below one pair
+        (0, 1, 0, 1), (0, 1, 1, 2), (1, 2, 0, 1), (1, 2, 1, 2)]

@@ -1,12 +1,12 @@
-r"""The adaptive rule over a group of stacked steps, its test inputs in chunks whose state fits :data:`RULE_BYTES`.
+r"""The adaptive rule over a group of stacked steps, its units in chunks whose state fits :data:`RULE_BYTES`.
 
 The rule (:func:`~explaind.kernel.adaptive.adaptive_plan`) keeps, for every unit (step, test input) it refines,
 :math:`h` and :math:`h'` of all the explained outputs at the first estimate's nodes and at the ends and brackets of
-its open panels, and the estimate of every accepted panel: tens of output-sized vectors per unit. A causal language
-model explains ``sequence x vocabulary`` outputs per input (65,536 at 64 tokens of 1,024), so four inputs of a
-three-step group held gigabytes (docs/scaling.md, *Real widths*). :func:`adaptive_group` refines the inputs of a
-group a chunk at a time instead, each chunk's units estimated at :data:`UNIT_OUTPUT_COPIES` output-sized vectors,
-the chunks as even as the budget lets them be.
+its open panels, and the estimate of every accepted panel: tens to hundreds of output-sized vectors per unit. A
+causal language model explains ``sequence x vocabulary`` outputs per input (65,536 at 64 tokens of 1,024), so four
+inputs of a three-step group held gigabytes (docs/scaling.md, *Real widths*). :func:`adaptive_group` refines the
+units of a group a chunk at a time instead (:func:`unit_chunks`: whole steps while they fit, else one step's inputs
+in even slices), each unit taken at :data:`UNIT_OUTPUT_COPIES` output-sized vectors.
 
 **Why the plans are the same.** Each unit is refined on its own: its panels, brackets, kink locations, errors and
 evaluation counts depend on its own values only (the evaluations of a level are batched, which changes nothing but
@@ -37,34 +37,39 @@ from .adaptive_jobs import DenseWatch
 from .evaluate import Grid, Rows, StepStack
 from .quadrature import NodePlan, rule_nodes
 
-__all__ = ["RULE_BYTES", "UNIT_OUTPUT_COPIES", "inputs_per_chunk", "adaptive_group"]
+__all__ = ["RULE_BYTES", "UNIT_OUTPUT_COPIES", "unit_chunks", "adaptive_group", "coupled", "merge"]
 
 logger = logging.getLogger(__name__)
 
-#: Bytes of output-sized state the adaptive rule may hold for the units of one chunk of test inputs.
+#: Bytes of output-sized state the adaptive rule may hold for the units of one chunk (one unit at the least).
 RULE_BYTES = 2**30
 #: Output-sized vectors the rule is taken to hold per unit (step, input), its peak included: the first estimate's
 #: ``h, h'`` at its nodes (8 at 4 nodes), 14 per open panel (its ends, the samples beside them, its bracket, its
-#: estimate), 3 per accepted panel and the copies a level makes of its open panels; room for a few open panels and a
-#: few dozen accepted ones per unit.
-UNIT_OUTPUT_COPIES = 192
+#: estimate), 3 per accepted panel and the copies a level makes of its open panels; room for a few dozen open panels
+#: per unit, as a tight ``tol`` on a curved path takes.
+UNIT_OUTPUT_COPIES = 1024
 
 
-def inputs_per_chunk(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype) -> int:
-    """Test inputs per chunk of a group of ``n_steps`` steps: within :data:`RULE_BYTES`, the chunks even, at least one.
+def unit_chunks(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """The chunks ``(step_lo, step_hi, input_lo, input_hi)`` of a group, each within :data:`RULE_BYTES` if one unit
+    is: whole steps of all inputs while they fit, else one step a chunk and the inputs in even slices.
 
     Examples
     --------
-    >>> inputs_per_chunk(3, 4, 10, torch.float64)  # a classifier: all inputs at once
-    4
-    >>> inputs_per_chunk(3, 4, 64 * 1024, torch.float64)  # 64 tokens of 1,024: 10 units of 100 MB fit
-    2
+    >>> unit_chunks(3, 4, 10, torch.float64)  # a classifier: one chunk
+    [(0, 3, 0, 4)]
+    >>> unit_chunks(2, 3, 64 * 1024, torch.float64)  # 64 tokens of 1,024: two units of 512 MiB fit
+    [(0, 1, 0, 2), (0, 1, 2, 3), (1, 2, 0, 2), (1, 2, 2, 3)]
     """
     elem = torch.finfo(dtype).bits // 8
-    fit = max(1, RULE_BYTES // max(1, n_steps * UNIT_OUTPUT_COPIES * elem * n_outputs))
+    fit = max(1, RULE_BYTES // max(1, UNIT_OUTPUT_COPIES * elem * n_outputs))
+    if fit >= n_steps * n_inputs:
+        return [(0, n_steps, 0, n_inputs)]
     if fit >= n_inputs:
-        return n_inputs
-    return math.ceil(n_inputs / math.ceil(n_inputs / fit))
+        k = fit // n_inputs
+        return [(s, min(n_steps, s + k), 0, n_inputs) for s in range(0, n_steps, k)]
+    per = math.ceil(n_inputs / math.ceil(n_inputs / fit))
+    return [(s, s + 1, lo, min(n_inputs, lo + per)) for s in range(n_steps) for lo in range(0, n_inputs, per)]
 
 
 def adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor], n: int, tol: float,
@@ -75,23 +80,24 @@ def adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: li
     of the first estimate; ``tol``, ``coarsen`` as in :func:`~explaind.kernel.adaptive.adaptive_plan`.
     """
     S, T = stack.n_steps, stack.X.shape[0]
-    per = inputs_per_chunk(S, T, stack.explained.n_outputs, engine.dtype)
-    if per >= T:
+    chunks = unit_chunks(S, T, stack.explained.n_outputs, engine.dtype)
+    if len(chunks) == 1:
         return _plan(engine, stack, begins, ends, n, tol, coarsen, None)
     watch = DenseWatch(bound=max(_dense.DENSE_MIN, _dense.DENSE_SHARE * S * T))
     parts = []
-    for lo in range(0, T, per):
-        sub = StepStack(stack.base, stack.delta, stack.X[lo:lo + per], stack.explained.take(slice(lo, lo + per)))
-        parts.append(_plan(engine, sub, [b[lo:lo + per] for b in begins], [e[lo:lo + per] for e in ends], n, tol,
-                           coarsen, watch))
+    for s0, s1, i0, i1 in chunks:
+        steps = stack.steps(s0, s1)
+        sub = StepStack(steps.base, steps.delta, stack.X[i0:i1], stack.explained.take(slice(i0, i1)))
+        parts.append(((s0, s1, i0, i1), _plan(engine, sub, [b[i0:i1] for b in begins[s0:s1]],
+                                              [e[i0:i1] for e in ends[s0:s1]], n, tol, coarsen, watch)))
         if watch.coupled(watch.bound):  # certain before the other chunks are refined
             break
     if coupled(watch):
-        logger.warning("the adaptive quadrature refined %d test inputs in chunks of %d (RULE_BYTES) and found the "
-                       "batch kink-dense, a decision over all of its inputs: planned again as one batch, whose memory "
-                       "passes that budget. Fix: fewer inputs per call (predict a few at a time).", T, per)
+        logger.warning("the adaptive quadrature refined %d (step, input) pairs in %d chunks (RULE_BYTES) and found "
+                       "the batch kink-dense, a decision over all of them: planned again as one batch, whose memory "
+                       "passes that budget. Fix: fewer inputs per call (predict a few at a time).", S * T, len(chunks))
         return _plan(engine, stack, begins, ends, n, tol, coarsen, None)
-    return merge(parts, S, [min(per, T - lo) for lo in range(0, T, per)])
+    return merge(parts, S, T)
 
 
 def coupled(watch: DenseWatch) -> bool:
@@ -100,19 +106,25 @@ def coupled(watch: DenseWatch) -> bool:
     return _dense.DENSE_AFTER > 0 and watch.coupled(max(_dense.DENSE_MIN, _dense.DENSE_SHARE * watch.failing))
 
 
-def merge(parts: list[NodePlan], n_steps: int, sizes: list[int]) -> NodePlan:
-    """One step-major plan of ``n_steps`` steps from the plans of chunks of ``sizes`` inputs each (zero padding)."""
-    Q = max(p.t.shape[1] for p in parts)
-
-    def cat(field: str, pad: bool) -> Tensor:
-        rows = []
-        for s in range(n_steps):
-            for p, k in zip(parts, sizes):
-                v = getattr(p, field)[s * k:(s + 1) * k]
-                rows.append(torch.nn.functional.pad(v, (0, Q - v.shape[1])) if pad else v)
-        return torch.cat(rows)
-
-    return NodePlan(cat("t", True), cat("w", True), cat("exact", False), cat("estimate", False), cat("evals", False))
+def merge(parts: list[tuple[tuple[int, int, int, int], NodePlan]], n_steps: int, n_inputs: int) -> NodePlan:
+    """One step-major plan of ``n_steps x n_inputs`` units from the plans of chunks ``(step_lo, step_hi, input_lo,
+    input_hi)``, the nodes padded with weight 0 to the most of any unit."""
+    Q = max(p.t.shape[1] for _, p in parts)
+    first = parts[0][1]
+    t = first.t.new_zeros(n_steps, n_inputs, Q)
+    w = torch.zeros_like(t)
+    exact = first.exact.new_empty(n_steps, n_inputs, first.exact.shape[-1])
+    estimate = torch.empty_like(exact)
+    evals = first.evals.new_empty(n_steps, n_inputs)
+    for (s0, s1, i0, i1), p in parts:
+        shape = (s1 - s0, i1 - i0)
+        t[s0:s1, i0:i1, :p.t.shape[1]] = p.t.reshape(*shape, -1)
+        w[s0:s1, i0:i1, :p.w.shape[1]] = p.w.reshape(*shape, -1)
+        exact[s0:s1, i0:i1], estimate[s0:s1, i0:i1] = p.exact.reshape(*shape, -1), p.estimate.reshape(*shape, -1)
+        evals[s0:s1, i0:i1] = p.evals.reshape(shape)
+    U = n_steps * n_inputs
+    return NodePlan(t.reshape(U, Q), w.reshape(U, Q), exact.reshape(U, -1), estimate.reshape(U, -1),
+                    evals.reshape(U))
 
 
 def _plan(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor], n: int, tol: float,
