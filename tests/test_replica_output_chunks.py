@@ -108,12 +108,15 @@ def spy_units(monkeypatch: pytest.MonkeyPatch, units: int, n_outputs: int) -> li
     return seen
 
 
+@pytest.mark.parametrize(("units", "calls"), [(1, [1] * 4 * STEPS), (4, [4] * STEPS), (9, [8, 4])])
 def test_the_adaptive_rule_refines_the_inputs_in_chunks_within_rule_bytes_and_the_replica_is_unchanged(
-        run, unbounded, monkeypatch):
+        run, unbounded, monkeypatch, units, calls):
+    """One (step, input) pair a call, one step's four inputs a call, two steps then one; all 12 pairs in one call
+    before."""
     traj, X, truth = run
-    seen = spy_units(monkeypatch, 1, truth.shape[1])
+    seen = spy_units(monkeypatch, units, truth.shape[1])
     replica = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
-    assert seen == [1] * 4 * STEPS  # one (step, input) pair a call; all 12 in one call before
+    assert seen == calls
     assert rel_err(replica, unbounded) <= 1e-13
     assert rel_err(replica, truth) <= 1e-6
 
