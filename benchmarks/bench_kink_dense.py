@@ -44,7 +44,7 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import ExplaindWarning
-from explaind.kernel import adaptive, dense, planning
+from explaind.kernel import adaptive, dense
 
 
 class Block(nn.Module):
@@ -119,14 +119,14 @@ def measure(args: argparse.Namespace, label: str) -> list[str]:
     with torch.no_grad():
         target = model(X)
     evals: list[torch.Tensor] = []
-    original = planning.adaptive_plan
+    original = adaptive.adaptive_plan
 
     def counting(*a, **k):
         plan = original(*a, **k)
         evals.append(plan.evals)
         return plan
 
-    planning.adaptive_plan = counting
+    adaptive.adaptive_plan = counting
     if args.breakdown and hasattr(dense, "shortfall"):  # each batch's shortfall R (docs/engine.md, section 2)
         plain = dense.shortfall
 

@@ -38,7 +38,7 @@ from torch import nn
 
 import explaind
 from explaind.exceptions import ExplaindWarning
-from explaind.kernel import adaptive, gaps, planning
+from explaind.kernel import adaptive, gaps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kink_dense import digits, record, train_recorded  # noqa: E402
@@ -49,14 +49,14 @@ RULES = ("kinks", "gaps")
 def _run(rule: str, fn, gap_tol: float) -> dict:
     """Run ``fn`` with the adaptive rule's loose-tolerance path from ``gap_tol`` (``gaps``) or off (``kinks``)."""
     plans = []
-    original, default = planning.adaptive_plan, adaptive.GAP_TOL
+    original, default = adaptive.adaptive_plan, adaptive.GAP_TOL
 
     def counting(*a, **k):
         plan = original(*a, **k)
         plans.append(plan)
         return plan
 
-    planning.adaptive_plan = counting
+    adaptive.adaptive_plan = counting
     adaptive.GAP_TOL = math.inf if rule == "kinks" else gap_tol
     start = time.process_time()
     try:
@@ -64,7 +64,7 @@ def _run(rule: str, fn, gap_tol: float) -> dict:
             warnings.simplefilter("always", ExplaindWarning)
             fn()
     finally:
-        planning.adaptive_plan, adaptive.GAP_TOL = original, default
+        adaptive.adaptive_plan, adaptive.GAP_TOL = original, default
     cpu = time.process_time() - start
     evals = torch.cat([p.evals for p in plans]).double()
     exact = torch.cat([p.exact for p in plans])

@@ -77,7 +77,9 @@ class KernelReplica(PathEstimator):
     dtype : {"float64", "float32"}
         Compute dtype.
     chunk_size : int or None
-        (input, node) pairs per ``vmap`` call (16 times as many rows per batch on the factored path).
+        (input, node) pairs per ``vmap`` call (16 times as many rows per batch on the factored path); fewer
+        where their outputs would pass 256 MiB (a language model's logits), and the adaptive rule refines the
+        inputs in chunks whose state stays within 1 GiB, with the same plans (``docs/engine.md`` §3, *Chunking*).
     factored : {"auto", "always", "never"}
         When every trainable parameter lies in an ``nn.Linear`` or ``nn.Embedding``, evaluate all
         (step, input, node) rows of many steps as one batch through layers that are affine in their

@@ -17,10 +17,12 @@ from torch import Tensor
 from .adaptive_jobs import (
     FLOOR,
     GAUSS_KIND,
+    DenseWatch,
     Jobs,
     Rows,
     check_first,
     choose,
+    end_slopes,
     first_bracket,
     grade,
     halves,
@@ -75,6 +77,7 @@ def adaptive_plan(
     dense_evals: int = DENSE_EVALS,
     shared: Shared | None = None,
     steps: Tensor | None = None,
+    watch: DenseWatch | None = None,
 ) -> NodePlan:
     r"""Error-controlled plan for a batch of units (one unit = one step and test input).
 
@@ -117,6 +120,9 @@ def adaptive_plan(
     shared : callable, optional
         ``(units (K,), t (Q,)) -> (h, h')``, each ``(K, Q, O)``, units of one step at shared nodes (the
         engine evaluates each node once for the step's inputs); by default ``refine`` at every (unit, node).
+    watch : DenseWatch, optional
+        A chunk of a larger batch: no probe and no kink-dense test (the decisions that couple units); their
+        counts are added to ``watch`` instead (:mod:`explaind.kernel.adaptive_chunks`).
 
     Returns
     -------
@@ -143,9 +149,9 @@ def adaptive_plan(
     estimate = est0.clone()
     err0 = (est0 - exact).abs().amax(-1)
     failing = torch.nonzero(err0 > thr).reshape(-1)
-    acc = Accepted(torch.zeros(U, dtype=dt, device=dev))
-    scale = exact.abs().amax(-1)
-    run = _Levels(refine, rules, eps, evals, acc, thr, scale, floor, max_depth, max_evals, dense_after, dense_evals)
+    acc, scale = Accepted(torch.zeros(U, dtype=dt, device=dev)), exact.abs().amax(-1)
+    run = _Levels(refine, rules, eps, evals, acc, thr, scale, floor, max_depth, max_evals, dense_after, dense_evals,
+                  watch)
     samples = None if first is None else (*rules[0], first[1], first[2])
     if failing.numel() and tol >= GAP_TOL:  # a loose tolerance: gaps cut at kinks (kernel/gaps.py)
         extra = loose_plan(failing, samples, g_a, g_b, thr, refine, evals, max_evals, max_depth)
@@ -157,7 +163,10 @@ def adaptive_plan(
         # kink test only where enough units are far for the count to pass: it cannot raise the count)
         looks = far_units(err0[failing], thr[failing], scale[failing], floor[failing])
         need = max(DENSE_MIN, DENSE_SHARE * failing.numel())
-        split = dense_after > 0 and int(looks.sum()) >= need
+        if watch is not None:  # a chunk: the caller takes the batch's decision (the probe's test below, exactly)
+            watch.failing += failing.numel()
+            watch.looks += int((looks & ~one_kink(failing, est0, g_a, g_b, samples)).sum())
+        split = watch is None and dense_after > 0 and int(looks.sum()) >= need
         if split:
             looks = looks & ~one_kink(failing, est0, g_a, g_b, samples)
             split = int(looks.sum()) >= need
@@ -236,14 +245,15 @@ class _Levels:
     """
 
     def __init__(self, refine: Refine, rules: Rules, eps: float, evals: Tensor, acc: Accepted, thr: Tensor,
-                 scale: Tensor, floor: Tensor, max_depth: int, max_evals: int, dense_after: int, dense_evals: int):
-        self.refine, self.rules, self.eps, self.evals, self.acc = refine, rules, eps, evals, acc
+                 scale: Tensor, floor: Tensor, max_depth: int, max_evals: int, dense_after: int, dense_evals: int,
+                 watch: DenseWatch | None = None):
+        self.refine, self.rules, self.eps, self.evals, self.acc, self.watch = refine, rules, eps, evals, acc, watch
         self.thr, self.scale, self.floor, self.max_depth = thr, scale, floor, max_depth
         self.dense_after, self.cap, self.dense_evals, self.strict = dense_after, max_evals, dense_evals, False
         n = rules[0][0].numel()
         self.per_job = max(2 * n, 1 + 2 * max(1, n // 2))  # the most one job spends at a level
         self.dense = torch.zeros_like(thr, dtype=torch.bool)
-        self.tested = dense_after <= 0
+        self.tested = dense_after <= 0 or watch is not None
 
     def retest(self, max_evals: int) -> None:
         """Test the units refined next as if the batch were not known to be kink-dense (``dense`` is kept)."""
@@ -253,6 +263,13 @@ class _Levels:
         acc, evals = self.acc, self.evals
         for depth in range(1, self.max_depth + 1):
             total = acc.err.index_add(0, jobs.unit, jobs.err)
+            if self.watch is not None and self.dense_after > 0:  # a chunk: count what the test would see
+                ripe = jobs.unit.unique()
+                ripe = ripe[evals[ripe] >= self.dense_after]
+                self.watch.level(depth, int(far_units(total[ripe], self.thr[ripe], self.scale[ripe],
+                                                      self.floor[ripe]).sum()))
+                if self.watch.coupled(self.watch.bound):  # the batch's decision is certain: it is planned whole
+                    return
             if not self.tested:  # tested at every level until the batch is found kink-dense
                 ripe = torch.zeros_like(self.dense)
                 ripe[jobs.unit] = True
@@ -327,7 +344,7 @@ def _start_jobs(failing: Tensor, est0: Tensor, err0: Tensor, g_a: Tensor, g_b: T
     """
     fa, fb = g_a[failing], g_b[failing]
     if first is None:
-        da, db = _end_slopes(refine, failing, evals, g_a.dtype)
+        da, db = end_slopes(refine, failing, evals, g_a.dtype)
         return Jobs.whole(failing, fa, fb, da, db, est0[failing], err0[failing], thr[failing], rel[failing])
     dt = g_a.dtype
     unknown = torch.full_like(fa, torch.nan)
@@ -337,7 +354,7 @@ def _start_jobs(failing: Tensor, est0: Tensor, err0: Tensor, g_a: Tensor, g_b: T
         jobs.set_bracket(br.take(inner), inner)
     ends = torch.nonzero(~inner).reshape(-1)
     if ends.numel():
-        da, db = _end_slopes(refine, failing[ends], evals, dt)
+        da, db = end_slopes(refine, failing[ends], evals, dt)
         for field, v in zip((jobs.d_A, jobs.d_B, jobs.d_sA, jobs.d_sB, jobs.d_p, jobs.d_q), (da, db) * 3):
             field[ends] = v
         ts = torch.cat([jobs.A[ends, None], t[ends], jobs.B[ends, None]], 1)
@@ -347,15 +364,6 @@ def _start_jobs(failing: Tensor, est0: Tensor, err0: Tensor, g_a: Tensor, g_b: T
         br, _ = place(br, ts, fs, ds, i)
         jobs.set_bracket(br.take(stands), ends[stands])
     return jobs
-
-
-def _end_slopes(refine: Refine, units: Tensor, evals: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    r"""Evaluate :math:`h'(0)` and :math:`h'(1)` of ``units (E,)`` (one call, counted), each ``(E, O)``."""
-    E = units.numel()
-    zero = torch.zeros(E, dtype=dtype, device=units.device)
-    _, d = refine(torch.cat([units, units]), torch.cat([zero, torch.ones_like(zero)]))
-    evals[units] += 2
-    return d[:E], d[E:]
 
 
 def _level(j: Jobs, refine: Refine, rules: Rules, eps: float, evals: Tensor, acc: Accepted) -> Jobs:

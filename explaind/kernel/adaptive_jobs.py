@@ -7,6 +7,7 @@ The rule and its symbols are described in ``docs/engine.md`` (section 2, *adapti
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Self
 
@@ -15,8 +16,9 @@ from torch import Tensor
 
 from ..exceptions import ConfigError
 
-__all__ = ["GAUSS_KIND", "KINK_KIND", "C0", "FLOOR", "Rows", "Bracket", "Jobs", "Moves", "steepest", "place",
-           "locate", "choose", "halves", "join", "probed", "grade", "first_bracket", "one_kink", "check_first"]
+__all__ = ["GAUSS_KIND", "KINK_KIND", "C0", "FLOOR", "Rows", "Bracket", "Jobs", "Moves", "DenseWatch", "end_slopes",
+           "steepest", "place", "locate", "choose", "halves", "join", "probed", "grade", "first_bracket", "one_kink",
+           "check_first"]
 
 #: Panel kinds: ``nodes``-point and ``max(1, nodes // 2)``-point Gauss–Legendre.
 GAUSS_KIND, KINK_KIND = 0, 1
@@ -167,6 +169,51 @@ class Jobs(Rows):
                 v[miss] = value[miss]
                 field[rows] = v
         return self
+
+
+@dataclass
+class DenseWatch:
+    """The counts behind the adaptive rule's batch decisions, summed over the chunks of a batch refined chunk by chunk.
+
+    A batch of units is kink-dense (``explaind.kernel.dense``) when enough of its failing units are far: after the
+    first estimate (the probe) or at a refinement level. Those are the only decisions of the rule that couple
+    units. A chunk refined with a watch never takes them; it adds its counts here, so that the caller can tell,
+    once every chunk is done, whether the whole batch would have taken one (``explaind.kernel.adaptive_chunks``).
+
+    Attributes
+    ----------
+    failing : int
+        Units that missed the first estimate.
+    looks : int
+        Of them, those far after the first estimate.
+    far : dict
+        Refinement level -> ripe units far at that level.
+    bound : float
+        The most units a decision can need (the batch's before its failing units are known): a chunk stops
+        refining once a count reaches it, the batch's decision being certain.
+    """
+
+    failing: int = 0
+    looks: int = 0
+    far: dict[int, int] = dataclasses.field(default_factory=dict)
+    bound: float = float("inf")
+
+    def level(self, depth: int, count: int) -> None:
+        """Add a chunk's ``count`` of far ripe units at refinement level ``depth``."""
+        self.far[depth] = self.far.get(depth, 0) + count
+
+    def coupled(self, need: float) -> bool:
+        """Whether a count reaches ``need`` units: the whole batch would have been found kink-dense."""
+        return self.looks >= need or any(c >= need for c in self.far.values())
+
+
+def end_slopes(refine: Any, units: Tensor, evals: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    r"""Evaluate :math:`h'(0)`, :math:`h'(1)` of ``units (E,)`` by ``refine`` (one call, counted), each ``(E, O)``."""
+    E = units.numel()
+    zero = torch.zeros(E, dtype=dtype, device=units.device)
+    _, d = refine(torch.cat([units, units]), torch.cat([zero, torch.ones_like(zero)]))
+    evals[units] += 2
+    return d[:E], d[E:]
 
 
 def steepest(t: Tensor, f: Tensor, d: Tensor, use: Tensor | None = None) -> tuple[Bracket, Tensor, Tensor]:

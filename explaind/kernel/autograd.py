@@ -28,7 +28,7 @@ from torch.func import grad, jacfwd, jacrev, jvp, vmap
 
 from ..models import EAGER_RANDOM_BACKENDS, compile_backend
 from .coupled import coupled_sample_grads
-from .evaluate import STACK_BYTES, Batch, Grid, Rows, Segment, StepStack, along, node_groups
+from .evaluate import STACK_BYTES, Batch, Grid, Rows, Segment, StepStack, along, node_groups, rows_for_outputs
 from .explained import FunctionalModel, Params
 from .fused_jvp import fused_jvp
 from .layout import ParamLayout
@@ -106,10 +106,15 @@ class AutogradEvaluator:
         """:math:`h, h'` at rows, or on a grid of nodes (see :meth:`Evaluator.slopes`)."""
         if isinstance(rows, Grid):
             return self._slopes_grid(stack, rows.t)
-        chunk = self.rows_per_call(rows.t.shape[0], sum(v[0].numel() for v in stack.base.values()))
-        outs = [self._slopes_rows(stack, rows.steps[i:i + chunk], rows.inputs[i:i + chunk], rows.t[i:i + chunk])
-                for i in range(0, rows.t.shape[0], chunk)]
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        chunk = min(self.rows_per_call(rows.t.shape[0], sum(v[0].numel() for v in stack.base.values())),
+                    rows_for_outputs(stack.explained.n_outputs, self.fm.dtype))
+        E = rows.t.shape[0]
+        h = torch.empty(E, stack.explained.n_outputs, dtype=self.fm.dtype, device=self.fm.device)
+        d = torch.empty_like(h)
+        for i in range(0, E, chunk):  # written in place: no second copy of every row's outputs
+            h[i:i + chunk], d[i:i + chunk] = self._slopes_rows(stack, rows.steps[i:i + chunk],
+                                                               rows.inputs[i:i + chunk], rows.t[i:i + chunk])
+        return h, d
 
     def _slopes_rows(self, stack: StepStack, sidx: Tensor, idx: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         fm, explained = self.fm, stack.explained
@@ -128,8 +133,19 @@ class AutogradEvaluator:
         S, n, T = stack.n_steps, x.shape[0], stack.X.shape[0]
         elem = torch.finfo(self.fm.dtype).bits // 8
         D = sum(v[0].numel() for v in stack.base.values())
-        per_node = max(1, min(n, self.rows_chunk // max(1, T)))
-        per_step = max(1, min(S, self.rows_chunk // max(1, per_node * T), STACK_BYTES // max(1, per_node * elem * D)))
+        rows = min(self.rows_chunk, rows_for_outputs(stack.explained.n_outputs, self.fm.dtype))
+        if T > rows:  # more inputs than one call's outputs may take: a slice of them at a time
+            h = torch.empty(S, T, n, stack.explained.n_outputs, dtype=self.fm.dtype, device=self.fm.device)
+            d = torch.empty_like(h)
+            for lo in range(0, T, rows):
+                part = StepStack(stack.base, stack.delta, stack.X[lo:lo + rows],
+                                 stack.explained.take(slice(lo, lo + rows)))
+                hp, dp = self._slopes_grid(part, x)
+                h[:, lo:lo + rows], d[:, lo:lo + rows] = hp.reshape(S, -1, n, h.shape[-1]), dp.reshape(S, -1, n,
+                                                                                                       h.shape[-1])
+            return h.reshape(S * T, n, -1), d.reshape(S * T, n, -1)
+        per_node = max(1, min(n, rows // max(1, T)))
+        per_step = max(1, min(S, rows // max(1, per_node * T), STACK_BYTES // max(1, per_node * elem * D)))
         hs, ds = [], []
         for lo in range(0, S, per_step):
             part = stack.steps(lo, lo + per_step)
@@ -147,14 +163,15 @@ class AutogradEvaluator:
         """
         fm, explained, X = self.fm, stack.explained, stack.X
         S, n, T = stack.n_steps, x.shape[0], X.shape[0]
+        rows = min(self.rows_chunk, rows_for_outputs(explained.n_outputs, self.fm.dtype))
         hs, ds = [], []
         for s in range(S):
             b = {k: v[s] for k, v in stack.base.items()}
             d = {k: v[s] for k, v in stack.delta.items()}
             for t in x:
                 point = along(b, d, t)
-                for lo in range(0, T, self.rows_chunk):
-                    part, aux = X[lo:lo + self.rows_chunk], explained.aux[lo:lo + self.rows_chunk]
+                for lo in range(0, T, rows):
+                    part, aux = X[lo:lo + rows], explained.aux[lo:lo + rows]
                     h, dh = (fused_jvp if self.fused else _jvp)(
                         lambda p, part=part, aux=aux: explained(fm, p, part, aux), point, d)
                     hs.append(h)

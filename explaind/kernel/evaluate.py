@@ -30,10 +30,29 @@ from .layout import ParamLayout
 from .quadrature import NodePlan
 
 __all__ = ["along", "Segment", "StepStack", "Rows", "Grid", "Batch", "NodeGroup", "Evaluator", "node_groups",
-           "STACK_BYTES", "CHECK_TOLERANCE"]
+           "STACK_BYTES", "OUTPUT_BYTES", "ROW_OUTPUT_COPIES", "rows_for_outputs", "CHECK_TOLERANCE"]
 
 #: Largest bytes of stacked per-(step, node) parameters in one batched evaluation.
 STACK_BYTES = 2**28
+#: Largest bytes of explained outputs one batched evaluation of rows or grid nodes holds while it runs (a causal
+#: language model explains ``sequence x vocabulary`` outputs per input: 0.5 MB per row in float64 at 64 x 1,024).
+OUTPUT_BYTES = 2**28
+#: Output-sized tensors one evaluated row is taken to hold at the peak of the call: the primal and tangent of the
+#: outputs and of the layer that produces them, the step blocks' partial products and the caller's copy, with a margin.
+ROW_OUTPUT_COPIES = 16
+
+
+def rows_for_outputs(n_outputs: int, dtype: torch.dtype) -> int:
+    """Rows (step, input, node) per evaluation whose outputs, ``n_outputs`` each, take at most :data:`OUTPUT_BYTES`.
+
+    Each row holds about :data:`ROW_OUTPUT_COPIES` tensors of its ``n_outputs`` values while the call runs; at
+    least one row. The evaluators take the smaller of this and their ``chunk_size`` rows (docs/engine.md §3,
+    *Chunking*).
+    """
+    elem = torch.finfo(dtype).bits // 8
+    return max(1, OUTPUT_BYTES // max(1, ROW_OUTPUT_COPIES * elem * n_outputs))
+
+
 #: Largest relative disagreement between two evaluators accepted by a start-up check, per dtype.
 CHECK_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 

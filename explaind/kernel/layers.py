@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..exceptions import ConfigError
 from .autograd import AutogradEvaluator
-from .evaluate import CHECK_TOLERANCE, Batch, Grid, Rows, Segment, StepStack
+from .evaluate import CHECK_TOLERANCE, Batch, Grid, Rows, Segment, StepStack, rows_for_outputs
 from .explained import Params
 from .layer_hooks import SegmentRows, StepRows, batch_axes, step_blocks
 from .layer_rules import Factors, layer_rule, parameter_uses, rule_names
@@ -126,7 +126,8 @@ class LayerEvaluator:
         """Rows of many steps in one batch per chunk; grids by the fallback."""
         if isinstance(rows, Grid) or not self._ready("rows", lambda: self._check_rows(stack)):
             return self.fallback.slopes(stack, rows)
-        return self._rows(stack, rows, self.fallback.rows_chunk)
+        return self._rows(stack, rows, min(self.fallback.rows_chunk,
+                                           rows_for_outputs(stack.explained.n_outputs, self.fm.dtype)))
 
     def jvp(self, segment: Segment, plan: NodePlan, tangents: Params) -> Tensor:
         """The fallback's weighted JVPs."""
@@ -135,15 +136,15 @@ class LayerEvaluator:
     def _rows(self, stack: StepStack, rows: Rows, chunk: int) -> tuple[Tensor, Tensor]:
         E = rows.t.shape[0]
         order = torch.argsort(rows.steps, stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(E, device=order.device)
         s, i, t = rows.steps[order], rows.inputs[order], rows.t[order]
-        prim, tang = [], []
-        for lo in range(0, E, max(1, chunk)):
-            p, d = self._row_batch(stack, s[lo:lo + chunk], i[lo:lo + chunk], t[lo:lo + chunk])
-            prim.append(p)
-            tang.append(d)
-        return torch.cat(prim)[inverse], torch.cat(tang)[inverse]
+        chunk = max(1, chunk)
+        h = d = None
+        for lo in range(0, E, chunk):  # each batch written to its rows' places: no second copy of all the outputs
+            p, dp = self._row_batch(stack, s[lo:lo + chunk], i[lo:lo + chunk], t[lo:lo + chunk])
+            if h is None:
+                h, d = p.new_empty(E, *p.shape[1:]), dp.new_empty(E, *dp.shape[1:])
+            h[order[lo:lo + chunk]], d[order[lo:lo + chunk]] = p, dp
+        return h, d
 
     def _row_batch(self, stack: StepStack, sidx: Tensor, idx: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Rows sorted by step, in blocks of one step each (:func:`~explaind.kernel.layer_hooks.step_blocks`)."""
@@ -168,7 +169,7 @@ class LayerEvaluator:
         rows = Rows(torch.arange(S, device=dev).repeat_interleave(2 * n), torch.arange(n, device=dev).repeat(2 * S),
                     torch.tensor([0.3, 0.8], dtype=self.fm.dtype, device=self.fm.device).repeat_interleave(n).repeat(S))
         try:
-            got = self._rows(probe, rows, rows.t.shape[0])
+            got = self._rows(probe, rows, rows_for_outputs(probe.explained.n_outputs, self.fm.dtype))
         except Exception as exc:  # an unsupported layer or operation: use the generic path
             return f"the batched rows failed: {exc}"
         want = self.fallback.slopes(probe, rows)

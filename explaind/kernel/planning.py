@@ -6,7 +6,8 @@ the exact difference :math:`g(\theta_{s+1}) - g(\theta_s)` and, for the adaptive
 when asked), the estimate along :math:`\Delta\theta_s`. Steps are handled in groups whose stacked
 :math:`\theta_s, \Delta\theta_s` take at most :data:`~explaind.kernel.evaluate.STACK_BYTES`: the first
 estimates of a group are one grid evaluation, and each refinement level of the adaptive rule one
-evaluation of rows ``(step, input, t)``. The adaptive rule's groups hold at most
+evaluation of rows ``(step, input, t)`` (per chunk of inputs where their outputs are many, with the same
+plans: :mod:`~explaind.kernel.adaptive_chunks`). The adaptive rule's groups hold at most
 :data:`ADAPTIVE_GROUP_STEPS` steps whether or not a progress bar is shown, so its plans do not depend
 on the bar, and its groups are cut at multiples of that size counted from step 0 (:func:`step_groups`),
 so a window plans the steps of every group wholly inside it as the whole run does; the fixed rules'
@@ -26,10 +27,10 @@ from torch import Tensor, nn
 from ..exceptions import warn_at_caller
 from . import adaptive
 from . import dense as _dense
-from .adaptive import adaptive_plan
+from .adaptive_chunks import adaptive_group
 from .casts import sites_text
 from .dense import DENSE_REL
-from .evaluate import STACK_BYTES, Grid, Rows, StepStack
+from .evaluate import STACK_BYTES, Grid, StepStack
 from .explained import Explained
 from .jumps import (
     INFERENCE,
@@ -169,32 +170,8 @@ def _rule(engine: Any, rule: str, n: int) -> tuple[Tensor, Tensor]:
 
 def _adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor], n: int, tol: float,
                     coarsen: bool, inexact: InexactUnits) -> list[NodePlan]:
-    """Adaptive plans of the stacked steps refined together (units are (step, input) pairs, step-major)."""
-    T = stack.X.shape[0]
-    x01, w01 = _rule(engine, "gauss-legendre", n)
-    h0, d0 = engine.evaluator.slopes(stack, Grid(x01))  # first estimate, nodes shared by all inputs
-    est0 = torch.einsum("q,uqo->uo", w01, d0)
-
-    def refine(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        return engine.evaluator.slopes(stack, Rows(units // T, units % T, t))
-
-    def shared(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        # the nodes t shared by the units of one step: one evaluation per node for all of the step's inputs
-        h = d0.new_empty(units.numel(), t.numel(), d0.shape[-1])
-        d = torch.empty_like(h)
-        # the step's T inputs at a chunk of nodes: within _dense.SHARED_NODES_BYTES like the chunks of cut_cells
-        per = max(1, _dense.SHARED_NODES_BYTES // max(1, 2 * d0.element_size() * T * d0.shape[-1]))
-        for s in torch.unique(units // T).tolist():
-            mine = units // T == s
-            for lo in range(0, t.numel(), per):
-                hs, ds = engine.evaluator.slopes(stack.steps(s, s + 1), Grid(t[lo:lo + per]))  # (T, per, O)
-                h[mine, lo:lo + per], d[mine, lo:lo + per] = hs[units[mine] % T], ds[units[mine] % T]
-        return h, d
-
-    steps = torch.arange(stack.n_steps, device=d0.device).repeat_interleave(T)
-    plan = adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
-                         coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
-                         max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps)
+    """Adaptive plans of the stacked steps refined together, their inputs in chunks (:mod:`~.adaptive_chunks`)."""
+    plan = adaptive_group(engine, stack, begins, ends, n, tol, coarsen)
     inexact.add(plan, torch.cat(begins), torch.cat(ends))
     return plan.split(stack.n_steps)
 
