@@ -11,7 +11,7 @@ scores it with every method of :mod:`explaind.validation.methods`, and then retr
    test points and the standard deviation of that mean over bootstrap resamples of the test points.
    With several seeds (independent runs: data split, initialisation, batches and subsets) the mean
    pools every (seed, test point) and the bootstrap draws seeds, then test points within each.
-2. **Top-k removal.** For each test point and for ``counterfactual`` and ``explaind``, the
+2. **Top-k removal.** For each test point and each method of :data:`REMOVAL_METHODS` that was scored, the
    ``top_k`` proponents (largest scores for that point) are removed and the run retrained; the
    fraction of test points whose true-class logit went down is reported, with the mean actual
    change and the mean first-order prediction :math:`-\sum_{k \text{ removed}} \tau_k`.
@@ -49,8 +49,8 @@ __all__ = ["ValidationResult", "run_validation", "draw_subsets", "REMOVAL_METHOD
 
 logger = logging.getLogger(__name__)
 
-#: Methods whose top-k proponents are removed.
-REMOVAL_METHODS: tuple[str, ...] = ("counterfactual", "explaind")
+#: Methods whose top-k proponents are removed (``leave_out_grad`` where it is computed).
+REMOVAL_METHODS: tuple[str, ...] = ("counterfactual", "explaind", "leave_out_grad")
 
 
 @dataclass
@@ -275,9 +275,12 @@ def retrainings(config: ValidationConfig) -> int:
     """Training runs that :func:`run_validation` makes after recording (its cost, announced up front).
 
     Per seed: the full set once, ``n_subsets`` subsets for each fraction, and ``n_test`` top-k
-    removals for each method of :data:`REMOVAL_METHODS`; twice that with ``config.leave_out``.
+    removals for each method of :data:`REMOVAL_METHODS` that the setting computes; twice that with
+    ``config.leave_out``.
     """
-    per_seed = 1 + len(config.fractions) * config.n_subsets + config.n_test * len(REMOVAL_METHODS)
+    methods = METHODS if config.setting == "sgd_mlp" else setting_methods(config.setting)
+    removing = [m for m in REMOVAL_METHODS if m in methods]
+    per_seed = 1 + len(config.fractions) * config.n_subsets + config.n_test * len(removing)
     return config.seeds * per_seed * (2 if config.leave_out else 1)
 
 

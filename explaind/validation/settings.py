@@ -209,8 +209,10 @@ class SettingProblem(ValidationProblem):
 
 
 def setting_methods(setting: str) -> tuple[str, ...]:
-    """The methods compared on ``setting``: :data:`SETTING_METHODS` for InfoNCE, else :data:`CLASSIFICATION_METHODS`."""
-    return SETTING_METHODS if setting == "contrastive" else CLASSIFICATION_METHODS
+    """The methods compared on ``setting``: :data:`SETTING_METHODS` for InfoNCE, else :data:`CLASSIFICATION_METHODS`;
+    with ``leave_out_grad`` (:mod:`explaind.validation.presence`) where the batches couple their samples."""
+    methods = SETTING_METHODS if setting == "contrastive" else CLASSIFICATION_METHODS
+    return methods + ("leave_out_grad",) if setting in ("batchnorm", "contrastive") else methods
 
 
 def setting_config(setting: str, quick: bool = False, settings_size: bool = False, **changes: Any) -> ValidationConfig:
