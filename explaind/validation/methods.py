@@ -22,7 +22,7 @@ predicted to give :math:`\sum_{k \in S} \tau_{t,k}` up to a constant.
 * ``random``: independent standard normal scores (a sanity check: LDS near 0);
 * ``leave_out_grad`` (settings ``"batchnorm"`` and ``"contrastive"`` only): the derivative of the outputs
   in each sample's presence in its batches, statistics and negatives included
-  (:func:`explaind.validation.presence.presence_scores`), a first-order prediction of leave-out retraining;
+  (:func:`explaind.validation.leave_out.presence_scores`), a first-order prediction of leave-out retraining;
 * ``captum_influence`` and ``trak``: the same explicit damped influence function from Captum and
   TRAK from the ``traker`` package (:mod:`explaind.validation.external`), when those optional
   packages are installed (``pip install 'explaind[validation]'``).
@@ -43,7 +43,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..exceptions import ConfigError
 from . import external
-from .presence import presence_scores
+from .leave_out import presence_scores
 from .problem import ValidationProblem
 
 __all__ = ["METHODS", "OPTIONAL_METHODS", "compute_scores", "flat_sample_grads"]

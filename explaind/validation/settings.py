@@ -210,7 +210,7 @@ class SettingProblem(ValidationProblem):
 
 def setting_methods(setting: str) -> tuple[str, ...]:
     """The methods compared on ``setting``: :data:`SETTING_METHODS` for InfoNCE, else :data:`CLASSIFICATION_METHODS`;
-    with ``leave_out_grad`` (:mod:`explaind.validation.presence`) where the batches couple their samples."""
+    with ``leave_out_grad`` (:mod:`explaind.validation.leave_out`) where the batches couple their samples."""
     methods = SETTING_METHODS if setting == "contrastive" else CLASSIFICATION_METHODS
     return methods + ("leave_out_grad",) if setting in ("batchnorm", "contrastive") else methods
 
