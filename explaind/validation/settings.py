@@ -26,6 +26,9 @@ outside it weighted 0) means depends on the setting (docs/scores_meaning.md, "Be
   digit's two views. A weight-0 sample still serves as a negative in the other samples' terms:
   "removing" it drops its own term only.
 
+Leaving the samples out of their batches instead (statistics and negatives without them) is the other
+intervention, :mod:`explaind.validation.leave_out` (``--leave-out``).
+
 The explained quantity of the classification settings is the true-class logit in evaluation mode
 (no dropout; batch norm with the trained running statistics).
 """
