@@ -24,12 +24,12 @@ import argparse
 import time
 
 import torch
+from bench_validation_linearity import first_order_gaps
 
 import explaind
 from explaind.validation.problem import SETTINGS
 from explaind.validation.settings import make_problem, setting_config
 
-SAMPLES = (0, 17, 101)
 STEPS = (1e-2, 1e-1, 1.0)
 EPS = 1e-7
 
@@ -77,15 +77,7 @@ def main() -> None:
             model, trajectory = problem.train(record=True)
             est = explaind.CounterfactualEstimator(target=problem.targets(), device="cpu")
             tau = est.fit(trajectory).transform(problem.X_test).values[..., 0]
-            errors = []
-            for h in STEPS:
-                worst = 0.0
-                for k in SAMPLES:
-                    up, down = (torch.ones(config.n_train, dtype=torch.float64) for _ in range(2))
-                    up[k], down[k] = 1 + h, 1 - h
-                    fd = (problem.retrain_logits(up) - problem.retrain_logits(down)) / (2 * h)
-                    worst = max(worst, float((tau[:, k] - fd).abs().max() / fd.abs().max()))
-                errors.append(worst)
+            errors = first_order_gaps(problem, tau, STEPS)
             label = f"{setting} (lr {config.lr:g})"
             print(f"| {label} | {epochs} | {float(tau.abs().max()):.3g} | {float(tau.abs().median()):.3g} | "
                   f"{_growth(problem, model):.3g} | " + " | ".join(f"{e:.1e}" for e in errors)
