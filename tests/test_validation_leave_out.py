@@ -167,3 +167,14 @@ def test_benchmark_measures_both_retrainings(tmp_path, capsys):
     assert data["lds_leave_out"]["counterfactual"] != data["lds"]["counterfactual"]  # InfoNCE couples the pairs
     assert ValidationResult.from_json(tmp_path / "validation_contrastive_tanh.json").to_dict() == data
     assert "leave_out" in ValidationConfig().as_dict() and ValidationConfig().leave_out is False
+
+
+def test_cli_validate_forwards_leave_out(monkeypatch):
+    from explaind import cli
+    from explaind.validation import __main__ as validation_main
+
+    seen = []
+    monkeypatch.setattr(validation_main, "main", lambda argv: seen.append(list(argv)) or 0)
+    assert cli.main(["validate", "--quick", "--setting", "batchnorm", "--leave-out"]) == 0
+    assert "--leave-out" in seen[0] and seen[0][:2] == ["--setting", "batchnorm"]
+    assert validation_main.build_parser().parse_args(["--leave-out"]).leave_out is True
