@@ -143,6 +143,12 @@ def test_leave_out_errors():
         presence_scores(_problem("adamw"))
     with pytest.raises(ConfigError, match=r"presence must have shape \(60,\)"):
         presence_train(problem, torch.ones(3))
+    negative = torch.ones(60)
+    negative[4] = -0.5
+    with pytest.raises(ConfigError, match=r"must be >= 0 .*got min -0.5"):
+        presence_train(problem, negative)
+    with pytest.raises(ConfigError, match=r"batches without presence at steps \[0\]"):
+        presence_train(problem, _keep(problem, problem.batches[0].tolist()).double())
 
 
 def test_benchmark_measures_both_retrainings(tmp_path, capsys):

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -224,12 +225,18 @@ def presence_train(problem: ValidationProblem, presence: Tensor | None = None) -
     p = torch.ones(n, dtype=torch.float64) if presence is None else torch.as_tensor(presence, dtype=torch.float64)
     if p.shape != (n,):
         raise ConfigError(f"presence_train: presence must have shape ({n},); got {tuple(p.shape)}.")
+    empty = [s for s, idx in enumerate(problem.batches) if not float(p[idx].sum()) > 0]
+    if bool((p < 0).any()) or empty:
+        raise ConfigError(f"presence_train: presence weights must be >= 0 with a positive sum in every recorded batch "
+                          f"(the batch statistics divide by it); got min {float(p.min())!r} and batches without "
+                          f"presence at steps {empty[:5]}. Use leave_out_train to drop whole batches.")
     with torch.enable_grad():
         theta, stats = run.run(p, create_graph=False)
     return run.outputs(theta, stats).detach()
 
 
-def presence_scores(problem: ValidationProblem, trajectory: Any = None, model: nn.Module | None = None) -> Any:
+def presence_scores(problem: ValidationProblem, trajectory: Any = None,
+                    model: nn.Module | None = None) -> np.ndarray:
     r""":math:`\partial f(x_t) / \partial p_k` at :math:`p = 1`, ``(n_test, n_train)`` as a numpy array.
 
     ``trajectory`` and ``model`` are not used (the run is re-run from the problem); they make this a method of
