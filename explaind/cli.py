@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["sgd_mlp"], help="training runs validated on (default: the MLP with SGD and momentum)")
     p.add_argument("--settings-size", action="store_true", help="sgd_mlp at the size of the other settings")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: each setting's own)")
+    p.add_argument("--leave-out", action="store_true",
+                   help="also measure against retraining with the removed samples left out of their batches")
     p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=["tanh"])
     p.add_argument("--subsets", type=int, default=None, help="subsets per fraction (default 200; quick 8)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")

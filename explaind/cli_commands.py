@@ -337,6 +337,7 @@ def cmd_validate(args: argparse.Namespace, out: Any) -> int:
     argv = ["--setting", *args.setting, "--activation", *args.activation, "--seed", str(args.seed)]
     argv += ["--quick"] if args.quick else []
     argv += ["--settings-size"] if args.settings_size else []
+    argv += ["--leave-out"] if args.leave_out else []
     argv += ["--progress"] if out.progress else []
     for flag, value in (("--subsets", args.subsets), ("--top-k", args.top_k), ("--seeds", args.seeds),
                         ("--lr", args.lr), ("--out", args.out)):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from _png import check_png
+from _validation_kit import influence_reference
 from scipy.stats import spearmanr
 
 import explaind
@@ -95,27 +96,7 @@ def test_influence_function_matches_an_explicit_loop_reference():
     problem = ValidationProblem(ValidationConfig.quick(hidden=3, epochs=10))
     model = problem.train()[0]
     scores = compute_scores(problem, None, model, ("influence",))[0]["influence"]
-    params = [p for p in model.parameters()]
-    n, damping = problem.config.n_train, problem.config.damping
-
-    def flat_grad(value, create_graph=False):
-        grads = torch.autograd.grad(value, params, create_graph=create_graph, retain_graph=True)
-        return torch.cat([g.reshape(-1) for g in grads])
-
-    mean_loss = torch.nn.functional.cross_entropy(model(problem.X_train), problem.y_train)
-    g = flat_grad(mean_loss, create_graph=True)
-    hessian = torch.stack([flat_grad(g[i]) for i in range(g.numel())])  # row i: d g_i / d theta
-    damped = hessian + damping * torch.eye(g.numel(), dtype=torch.float64)
-    cross_entropy = torch.nn.functional.cross_entropy
-    rows = []
-    for t in range(problem.config.n_test):
-        g_test = flat_grad(model(problem.X_test[t:t + 1])[0, problem.y_test[t]])
-        row = []
-        for k in range(n):
-            g_k = flat_grad(cross_entropy(model(problem.X_train[k:k + 1]), problem.y_train[k:k + 1]))
-            row.append(-float(g_test @ torch.linalg.solve(damped, g_k)) / n)
-        rows.append(row)
-    reference = np.asarray(rows)
+    reference = influence_reference(problem, model)
     assert np.abs(scores - reference).max() <= 1e-10 * np.abs(reference).max()
 
 

@@ -19,7 +19,13 @@ from explaind.studies.report_text import validation_section
 from explaind.validation import ValidationConfig, compute_scores, run_validation
 from explaind.validation.__main__ import main
 from explaind.validation.methods import flat_sample_grads
-from explaind.validation.settings import SETTING_METHODS, info_nce_terms, make_problem, setting_config
+from explaind.validation.settings import (
+    CLASSIFICATION_METHODS,
+    info_nce_terms,
+    make_problem,
+    setting_config,
+    setting_methods,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,9 +143,12 @@ def test_every_setting_end_to_end(tmp_path, capsys):
     for setting in SETTINGS:
         assert f"## {setting} (tanh): digits 60 train / 10 test" in printed
         data = json.loads((tmp_path / f"validation_{setting}_tanh.json").read_text())
-        assert data["config"]["setting"] == setting and set(data["lds"]) == set(SETTING_METHODS)
+        scored = set(setting_methods(setting)) - set(data["unavailable"])
+        assert data["config"]["setting"] == setting and set(data["lds"]) == scored
+        assert ("influence" in scored) == (setting != "contrastive")  # a per-sample cross-entropy loss only
         assert data["checks"]["full_retrain_max_abs_diff"] == 0.0
-        assert set(data["removal"]) == {"counterfactual", "explaind"}
+        coupled = setting in ("batchnorm", "contrastive")  # leave_out_grad: where a batch couples its samples
+        assert set(data["removal"]) == {"counterfactual", "explaind"} | ({"leave_out_grad"} if coupled else set())
         assert (tmp_path / f"validation_{setting}_tanh.png").stat().st_size > 0
     assert "AdamW lr 0.01 weight decay 0.05, cosine schedule" in printed and "BatchNorm2d (train mode)" in printed
     out = tmp_path / "report"
@@ -155,8 +164,8 @@ def test_setting_errors():
         ValidationConfig(setting="lstm")
     with pytest.raises(ConfigError, match="dropout=1.0"):
         ValidationConfig(setting="dropout", dropout=1.0)
-    with pytest.raises(ConfigError, match=r"\['influence'\] are not run on the setting 'batchnorm'"):
-        run_validation(setting_config("batchnorm", quick=True), methods=("counterfactual", "influence"))
+    with pytest.raises(ConfigError, match=r"\['influence'\] are not run on the setting 'contrastive'.*InfoNCE"):
+        run_validation(setting_config("contrastive", quick=True), methods=("counterfactual", "influence"))
     assert setting_config("sgd_mlp") == ValidationConfig()
     assert setting_config("adamw").n_train == 300 and setting_config("adamw", quick=True).n_train == 60
 
@@ -168,6 +177,7 @@ def test_settings_size_runs_the_sgd_mlp_as_their_baseline(tmp_path, capsys):
                      "--fractions", "0.5", "--out", str(tmp_path)]) == 0
     assert "## sgd_mlp (tanh): digits 60 train / 10 test, MLP 64-16-10 (tanh), SGD lr 0.05" in capsys.readouterr().out
     data = json.loads((tmp_path / "validation_sgd_mlp_tanh.json").read_text())
-    assert set(data["lds"]) == set(SETTING_METHODS) and data["checks"]["full_retrain_max_abs_diff"] == 0.0
+    scored = set(CLASSIFICATION_METHODS) - set(data["unavailable"])
+    assert set(data["lds"]) == scored and data["checks"]["full_retrain_max_abs_diff"] == 0.0
     assert setting_config("sgd_mlp", settings_size=True) == ValidationConfig(n_train=300, n_test=30, epochs=8,
                                                                              n_subsets=100, top_k=15, seeds=3)

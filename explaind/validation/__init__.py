@@ -6,10 +6,12 @@ random subsets of the training set (the linear datamodeling score, LDS) and the 
 removing each test point's top proponents, and both predictions are checked against actual
 retraining of the same loop with the removed samples weighted 0 (docs/scores_meaning.md).
 
-Run ``python -m explaind.validation [--quick] [--activation tanh|relu] [--seeds N] [--out DIR]``, or call
+Run ``python -m explaind.validation [--quick] [--activation tanh|relu] [--seeds N] [--leave-out] [--out DIR]``, or call
 :func:`run_validation`. ``--setting adamw dropout batchnorm contrastive`` runs the same measurement on AdamW with
 a cosine schedule, dropout with replayed masks, a train-mode batch-norm CNN and InfoNCE
-(:mod:`explaind.validation.settings`, docs/scores_meaning.md "Beyond SGD on an MLP").
+(:mod:`explaind.validation.settings`, docs/scores_meaning.md "Beyond SGD on an MLP"); ``--leave-out`` also
+measures every method against retraining with the removed samples taken out of their batches
+(:mod:`explaind.validation.leave_out`).
 """
 
 from __future__ import annotations

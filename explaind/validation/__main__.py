@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: each setting's own; a changed one is written as "
                         "validation_<setting>_<activation>_lr<LR>.*)")
+    p.add_argument("--leave-out", action="store_true",
+                   help="also retrain with the removed samples taken out of their batches (batch statistics and "
+                        "InfoNCE negatives without them) and measure every method against that too; not with "
+                        "dropout (docs/scores_meaning.md, 'Leave-out retraining')")
     p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=["tanh"])
     p.add_argument("--subsets", type=int, default=None, help="M, subsets per fraction (default 200; quick 8)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")
@@ -92,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes["seeds"] = args.seeds
     if args.lr is not None:
         changes["lr"] = args.lr
+    if args.leave_out:
+        changes["leave_out"] = True
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -108,14 +114,15 @@ def _run_one(setting: str, activation: str, args: argparse.Namespace, changes: d
     """Measure one setting with one activation: print its tables and write its files; returns the exit status."""
     from ..exceptions import ExplaindError
     from .benchmark import run_validation
-    from .settings import SETTING_METHODS, describe, setting_config
+    from .settings import CLASSIFICATION_METHODS, describe, setting_config
 
     start = time.perf_counter()
     try:
         config = setting_config(setting, args.quick, args.settings_size, activation=activation, **changes)
         if args.progress:
             sys.stderr.write(_announcement(config, args.quick))
-        methods = SETTING_METHODS if args.settings_size else None  # the baseline compares what the settings do
+        # the baseline compares what the classification settings do
+        methods = CLASSIFICATION_METHODS if args.settings_size else None
         result = run_validation(config, methods=methods, progress=args.progress)
     except ExplaindError as exc:
         sys.stderr.write(f"error: {exc}\n")
@@ -128,13 +135,17 @@ def _run_one(setting: str, activation: str, args: argparse.Namespace, changes: d
     else:
         head = f"\n## {setting} ({activation}): {describe(c)}; "
         name = f"validation_{setting}_{activation}" + ("" if args.lr is None else f"_lr{args.lr:g}")
+    left_out = ("" if not args.leave_out else
+                f"; leave-out retrain with every sample kept vs recorded run: max |Δ logit| = "
+                f"{result.checks['leave_out_full_max_abs_diff']:.1e}")
     sys.stdout.write(
         f"{head}M = {c['n_subsets']} subsets per fraction, {c['seeds']} seed(s) from {c['seed']}\n\n"
         f"{result.table()}\n\n"
         f"{timing(result)}"
         f"recording {result.seconds['record']:.1f}s, subset retraining {result.seconds['retrain_subsets']:.1f}s, "
         f"removal retraining {result.seconds['retrain_removal']:.1f}s, total {time.perf_counter() - start:.1f}s; "
-        f"full-set retrain vs recorded run: max |Δ logit| = {result.checks['full_retrain_max_abs_diff']:.1e}\n"
+        f"full-set retrain vs recorded run: max |Δ logit| = {result.checks['full_retrain_max_abs_diff']:.1e}"
+        f"{left_out}\n"
     )
     if out is not None:
         result.to_json(out / f"{name}.json")

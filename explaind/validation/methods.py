@@ -20,6 +20,9 @@ predicted to give :math:`\sum_{k \in S} \tau_{t,k}` up to a constant.
   :math:`\lambda` = :attr:`ValidationConfig.damping`: the derivative of :math:`f` with respect to
   up-weighting ``k`` at a minimum of the damped training loss, the classic counterfactual estimate;
 * ``random``: independent standard normal scores (a sanity check: LDS near 0);
+* ``leave_out_grad`` (settings ``"batchnorm"`` and ``"contrastive"`` only): the derivative of the outputs
+  in each sample's presence in its batches, statistics and negatives included
+  (:func:`explaind.validation.leave_out.presence_scores`), a first-order prediction of leave-out retraining;
 * ``captum_influence`` and ``trak``: the same explicit damped influence function from Captum and
   TRAK from the ``traker`` package (:mod:`explaind.validation.external`), when those optional
   packages are installed (``pip install 'explaind[validation]'``).
@@ -40,6 +43,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..exceptions import ConfigError
 from . import external
+from .leave_out import presence_scores
 from .problem import ValidationProblem
 
 __all__ = ["METHODS", "OPTIONAL_METHODS", "compute_scores", "flat_sample_grads"]
@@ -136,7 +140,7 @@ def _random(problem: ValidationProblem, trajectory: Any, model: torch.nn.Module)
 
 _FUNCTIONS: dict[str, Callable[[ValidationProblem, Any, torch.nn.Module], np.ndarray]] = {
     "counterfactual": _counterfactual, "explaind": _explaind, "tracin": _tracin, "grad_dot": _grad_dot,
-    "random": _random, "influence": _influence,
+    "random": _random, "influence": _influence, "leave_out_grad": presence_scores,
     "captum_influence": external.captum_influence, "trak": external.trak,
 }
 
@@ -167,7 +171,8 @@ def compute_scores(problem: ValidationProblem, trajectory: Any, model: torch.nn.
     unknown = [m for m in methods if m not in _FUNCTIONS]
     if unknown:
         raise ConfigError(f"compute_scores: unknown method(s) {unknown!r}. Allowed: "
-                          f"{', '.join(METHODS + OPTIONAL_METHODS)}.")
+                          f"{', '.join(METHODS + OPTIONAL_METHODS)}, and leave_out_grad on 'batchnorm' and "
+                          f"'contrastive'.")
     scores, seconds = {}, {}
     for name in methods:
         if name in OPTIONAL_METHODS and external.missing(name) is not None:

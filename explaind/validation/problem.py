@@ -88,6 +88,9 @@ class ValidationConfig:
         Dropout probability after the hidden layer (setting ``"dropout"``).
     temperature : float
         InfoNCE temperature (setting ``"contrastive"``).
+    leave_out : bool
+        Also retrain every subset and top-k removal with the removed samples taken out of their batches
+        (:mod:`explaind.validation.leave_out`), and report how well each method predicts that too.
     """
 
     activation: Literal["tanh", "relu"] = "tanh"
@@ -111,6 +114,7 @@ class ValidationConfig:
     weight_decay: float = 0.05
     dropout: float = 0.2
     temperature: float = 0.5
+    leave_out: bool = False
 
     def __post_init__(self) -> None:
         if self.activation not in ("tanh", "relu"):
@@ -127,6 +131,10 @@ class ValidationConfig:
             raise ConfigError(f"ValidationConfig: need 0 <= dropout < 1, temperature > 0 and weight_decay >= 0; got "
                               f"dropout={self.dropout!r}, temperature={self.temperature!r}, "
                               f"weight_decay={self.weight_decay!r}.")
+        if self.leave_out and self.setting == "dropout":
+            raise ConfigError("ValidationConfig: leave_out is not defined for the setting 'dropout' (the replayed "
+                              "dropout masks are drawn per batch shape, so leaving samples out would draw other "
+                              "masks); use it with 'sgd_mlp', 'adamw', 'batchnorm' or 'contrastive'.")
         if self.trak_proj_dim is None:
             object.__setattr__(self, "trak_proj_dim", max(1, int(self.n_train) // 5))
         if not 1 <= int(self.trak_proj_dim) < self.n_train:
@@ -161,7 +169,8 @@ class ValidationConfig:
                 "n_subsets": self.n_subsets, "top_k": self.top_k, "n_bootstrap": self.n_bootstrap,
                 "seeds": self.seeds, "damping": self.damping, "trak_models": self.trak_models,
                 "trak_proj_dim": self.trak_proj_dim, "n_steps": self.n_steps, "setting": self.setting,
-                "weight_decay": self.weight_decay, "dropout": self.dropout, "temperature": self.temperature}
+                "weight_decay": self.weight_decay, "dropout": self.dropout, "temperature": self.temperature,
+                "leave_out": self.leave_out}
 
 
 def _cross_entropy_terms(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -226,13 +235,21 @@ class ValidationProblem:
         """
         w = self.checked_weights(weights, record)
         model = self.build_model()
-        opt = torch.optim.SGD(model.parameters(), lr=self.config.lr, momentum=self.config.momentum)
+        opt = self.optimizer(model)[0]
         recorder = None
         if record:
             from ..trajectory import TrajectoryRecorder
 
             recorder = TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(self.X_train, self.y_train))
-        return self.run_loop(model, opt, w, recorder, _cross_entropy_terms)
+        return self.run_loop(model, opt, w, recorder, self.terms)
+
+    def optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        """The run's optimizer over ``model``'s parameters and its learning-rate schedule (``None``: constant)."""
+        return torch.optim.SGD(model.parameters(), lr=self.config.lr, momentum=self.config.momentum), None
+
+    def terms(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The loss terms :math:`\\ell_k` of a batch, ``(n,)``: the cross-entropy of each sample."""
+        return _cross_entropy_terms(outputs, targets)
 
     def checked_weights(self, weights: Tensor | None, record: bool) -> Tensor:
         """The sample weights as a float64 ``(n_train,)`` tensor (all ones when ``None``), checked."""

@@ -26,6 +26,9 @@ outside it weighted 0) means depends on the setting (docs/scores_meaning.md, "Be
   digit's two views. A weight-0 sample still serves as a negative in the other samples' terms:
   "removing" it drops its own term only.
 
+Leaving the samples out of their batches instead (statistics and negatives without them) is the other
+intervention, :mod:`explaind.validation.leave_out` (``--leave-out``).
+
 The explained quantity of the classification settings is the true-class logit in evaluation mode
 (no dropout; batch norm with the trained running statistics).
 """
@@ -39,12 +42,17 @@ from torch import Tensor, nn
 
 from .problem import ValidationConfig, ValidationProblem
 
-__all__ = ["SETTING_LR", "SETTING_METHODS", "SETTING_SIZE", "make_problem", "setting_config", "describe",
-           "info_nce_terms", "PairEncoder"]
+__all__ = ["SETTING_LR", "SETTING_METHODS", "CLASSIFICATION_METHODS", "SETTING_SIZE", "make_problem",
+           "setting_config", "setting_methods", "describe", "info_nce_terms", "PairEncoder"]
 
-#: Methods compared on the settings beyond the SGD MLP (the explicit influence functions and TRAK are
-#: written for a cross-entropy MLP and are not run there).
+#: Methods compared on every setting beyond the SGD MLP, the contrastive one included.
 SETTING_METHODS: tuple[str, ...] = ("counterfactual", "explaind", "tracin", "grad_dot", "random")
+#: Methods compared on the classification settings (``"adamw"``, ``"dropout"``, ``"batchnorm"`` and the SGD MLP
+#: at their size): those above, the explicit damped influence function and, when installed, Captum's and TRAK.
+#: They need a per-sample cross-entropy loss (the Hessian of the mean training loss, TRAK's margin), so they are
+#: not run on InfoNCE, whose terms couple the samples of a batch.
+CLASSIFICATION_METHODS: tuple[str, ...] = ("counterfactual", "explaind", "tracin", "influence", "grad_dot", "random",
+                                           "captum_influence", "trak")
 
 #: The measured size of every setting beyond the SGD MLP (fewer samples, subsets and seeds than the SGD MLP's
 #: benchmark, so that one setting runs in minutes on a 2-core machine), and each setting's optimizer settings.
@@ -133,7 +141,8 @@ class SettingProblem(ValidationProblem):
             return info_nce_terms(outputs, targets, self.config.temperature)
         return nn.functional.cross_entropy(outputs, targets, reduction="none")
 
-    def _optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    def optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW with its cosine schedule (setting ``"adamw"``), else SGD with momentum and no schedule."""
         c = self.config
         lr = c.lr
         if c.setting == "adamw":
@@ -159,7 +168,7 @@ class SettingProblem(ValidationProblem):
         """
         w = self.checked_weights(weights, record)
         model = self.build_model()
-        opt, schedule = self._optimizer(model)
+        opt, schedule = self.optimizer(model)
         recorder = self._recorder(model, opt) if record else None
         # the dropout masks: one stream from mask_seed, the same for every weights
         return self.run_loop(model, opt, w, recorder, self.terms, schedule, seed=self.mask_seed)
@@ -200,6 +209,13 @@ class SettingProblem(ValidationProblem):
             for k in range(self.config.n_train):
                 g_train[k] = flat(self.terms(model(self.X_train[k:k + 1]), self.y_train[k:k + 1])[0])
         return g_test.detach(), g_train
+
+
+def setting_methods(setting: str) -> tuple[str, ...]:
+    """The methods compared on ``setting``: :data:`SETTING_METHODS` for InfoNCE, else :data:`CLASSIFICATION_METHODS`;
+    with ``leave_out_grad`` (:mod:`explaind.validation.leave_out`) where the batches couple their samples."""
+    methods = SETTING_METHODS if setting == "contrastive" else CLASSIFICATION_METHODS
+    return methods + ("leave_out_grad",) if setting in ("batchnorm", "contrastive") else methods
 
 
 def setting_config(setting: str, quick: bool = False, settings_size: bool = False, **changes: Any) -> ValidationConfig:

@@ -1,0 +1,97 @@
+"""Slow float64 loop references of the validation benchmark, shared by its test files.
+
+* :func:`influence_reference`: the explicit damped influence function, Hessian row by row and one
+  solve per (test point, training sample);
+* :func:`leave_out_reference`: leave-out retraining of the batch-norm CNN and of the InfoNCE pair
+  encoder, one Python loop per batch over the kept samples, with batch norm, InfoNCE and SGD with
+  momentum written out (no torch module runs the training forward, no torch optimizer steps).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+
+def influence_reference(problem, model, tests=None, samples=None) -> np.ndarray:
+    """``-(1/n) grad f(x_t)^T (H + damping I)^{-1} grad l_k`` for the test points ``tests`` and samples ``samples``."""
+    params = [p for p in model.parameters()]
+    n, damping = problem.config.n_train, problem.config.damping
+    tests = range(problem.config.n_test) if tests is None else tests
+    samples = range(n) if samples is None else samples
+
+    def flat_grad(value, create_graph=False):
+        grads = torch.autograd.grad(value, params, create_graph=create_graph, retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    mean_loss = F.cross_entropy(model(problem.X_train), problem.y_train)
+    g = flat_grad(mean_loss, create_graph=True)
+    hessian = torch.stack([flat_grad(g[i]) for i in range(g.numel())])  # row i: d g_i / d theta
+    damped = hessian + damping * torch.eye(g.numel(), dtype=torch.float64)
+    rows = []
+    for t in tests:
+        g_test = flat_grad(model(problem.X_test[t:t + 1])[0, problem.y_test[t]])
+        row = []
+        for k in samples:
+            g_k = flat_grad(F.cross_entropy(model(problem.X_train[k:k + 1]), problem.y_train[k:k + 1]))
+            row.append(-float(g_test @ torch.linalg.solve(damped, g_k)) / n)
+        rows.append(row)
+    return np.asarray(rows)
+
+
+def _bn_cnn(theta, x, mean, var, act):
+    h = F.conv2d(x, theta["0.weight"], theta["0.bias"], padding=1)
+    h = (h - mean[None, :, None, None]) / torch.sqrt(var + 1e-5)[None, :, None, None]
+    h = act(h * theta["1.weight"][None, :, None, None] + theta["1.bias"][None, :, None, None])
+    return F.avg_pool2d(h, 2).flatten(1) @ theta["5.weight"].T + theta["5.bias"]
+
+
+def _embed(theta, x):
+    return torch.tanh(x @ theta["encoder.0.weight"].T + theta["encoder.0.bias"]) @ theta["encoder.2.weight"].T \
+        + theta["encoder.2.bias"]
+
+
+def _info_nce_term(a, b, i, temperature):
+    sims = [[float("nan")] * len(a) for _ in a]
+    for r in range(len(a)):
+        for c in range(len(a)):
+            sims[r][c] = torch.dot(a[r], b[c]) / (torch.linalg.norm(a[r]) * torch.linalg.norm(b[c])) / temperature
+    row = torch.logsumexp(torch.stack(sims[i]), 0) - sims[i][i]
+    col = torch.logsumexp(torch.stack([sims[r][i] for r in range(len(a))]), 0) - sims[i][i]
+    return 0.5 * (row + col)
+
+
+def leave_out_reference(problem, keep) -> torch.Tensor:
+    """The explained test outputs after leave-out retraining (``keep[k]`` false: ``k`` left out), by loops."""
+    c = problem.config
+    theta = {name: p.detach().clone() for name, p in problem.build_model().named_parameters()}
+    run_mean, run_var = torch.zeros(8, dtype=torch.float64), torch.ones(8, dtype=torch.float64)
+    act = torch.tanh if c.activation == "tanh" else torch.relu
+    velocity: dict = {}
+    for idx in problem.batches:
+        kept = [k for k in idx.tolist() if bool(keep[k])]
+        live = {name: v.clone().requires_grad_(True) for name, v in theta.items()}
+        if c.setting == "batchnorm":
+            h = F.conv2d(problem.X_train[kept], live["0.weight"], live["0.bias"], padding=1)
+            count = h.shape[0] * h.shape[2] * h.shape[3]
+            mean = torch.stack([h[:, ch].sum() / count for ch in range(8)])
+            var = torch.stack([((h[:, ch] - mean[ch]) ** 2).sum() / count for ch in range(8)])
+            run_mean = 0.9 * run_mean + 0.1 * mean.detach()
+            run_var = 0.9 * run_var + 0.1 * var.detach() * count / (count - 1)
+            out = _bn_cnn(live, problem.X_train[kept], mean, var, act)
+            terms = [-torch.log_softmax(out[i], 0)[problem.y_train[k]] for i, k in enumerate(kept)]
+        else:
+            x = problem.X_train[kept]
+            a, b = _embed(live, x[:, 0]), _embed(live, x[:, 1])
+            terms = [_info_nce_term(a, b, i, c.temperature) for i in range(len(kept))]
+        loss = torch.stack(terms).sum() / len(idx)
+        grads = torch.autograd.grad(loss, list(live.values()))
+        for (name, v), g in zip(theta.items(), grads):
+            velocity[name] = g if name not in velocity else c.momentum * velocity[name] + g
+            theta[name] = v - c.lr * velocity[name]
+    if c.setting == "batchnorm":
+        out = _bn_cnn(theta, problem.X_test, run_mean, run_var, act)
+        return out.gather(1, problem.y_test[:, None])[:, 0]
+    a, b = _embed(theta, problem.X_test[:, 0]), _embed(theta, problem.X_test[:, 1])
+    return (a * b).sum(1) / (torch.linalg.norm(a, dim=1) * torch.linalg.norm(b, dim=1))
