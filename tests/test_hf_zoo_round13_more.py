@@ -1,0 +1,56 @@
+"""Hugging Face architectures in a plain loop, round 13, part 2: vision, vision-language and audio models: Data2Vec
+vision (relative position bias, mean pooling), BiT (weight-standardised convolutions, group norm, max pooling),
+Hiera (mask-unit attention, query pooling by a maximum), a ViT encoder with a GPT-2 decoder
+(``VisionEncoderDecoderModel``), BLIP captioning, Pix2Struct (flattened patches), Wav2Vec2-BERT and
+Wav2Vec2-Conformer (train-mode batch norm in its convolution module).
+
+Set up as part 1 (tests/_zoo9_kit.py's loop, cases in tests/_zoo13_cases.py). Wav2Vec2-Conformer's running
+statistics move every step; its train scores are checked against tests/_zoo11_kit.py's ``BufferReplayReference``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from _zoo9_kit import assert_exact, assert_float32_exact, run
+from _zoo11_kit import BufferReplayReference
+from _zoo13_cases import BATCH_NORM, CASES
+from test_hf_zoo_round11 import assert_buffers_exact
+
+from explaind.exceptions import UnsupportedModelError
+
+pytest.importorskip("transformers")  # in the dev extra
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning:transformers")]
+
+
+@pytest.mark.parametrize("name", ["data2vec_vision", "bit_weight_standardised", "vision_encoder_decoder",
+                                  "blip_captioning", "wav2vec2_bert"])
+def test_vision_and_audio_models_are_exact(name):
+    assert_exact(run(CASES[name]))
+
+
+def test_wav2vec2_conformer_with_train_mode_batch_norm_matches_the_buffer_replaying_reference():
+    assert_buffers_exact(run(BATCH_NORM["wav2vec2_conformer"], BufferReplayReference))
+
+
+def test_hiera_query_pooling_by_a_maximum_is_loud():
+    """Hiera pools its queries with a maximum over each stride window inside forward: the paths cross the swaps of
+    those maxima, the adaptive rule stops at its cap and warns (the replica is off by more than 1e-6)."""
+    got = run(CASES["hiera"], reference=False)
+    assert got["replica"] > 1e-6 and got["check"] <= 1e-12, got
+    assert any("stopped at the cap" in w for w in got["warnings"]), got["warnings"]
+
+
+def test_pix2struct_refusal_names_the_split_masks_its_cross_attention_needs_and_that_route_is_exact():
+    """Pix2Struct's encoder builds its attention mask with the value-dependent shortcut of a 2-D mask: refused. The
+    refusal's fix for Hugging Face models, a 4-D boolean mask, fails in the model itself: the decoder reuses the
+    encoder's mask for its cross attention, where a (n, 1, 16, 16) mask does not fit its 6 queries. Before, the
+    refusal said no more; it now names that case and the route, the encoder and the decoder called apart with a
+    4-D mask each, which is exact to the model's float32 layer norms."""
+    with pytest.raises(UnsupportedModelError, match=r"attention-mask shortcut of a 2-D attention_mask.*"
+                                                    r"encoder-decoder .*cross attention \(Pix2Struct\).*"
+                                                    r"encoder_attention_mask=mask\.bool\(\)"):
+        run(CASES["pix2struct"], reference=False)
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(16\) must match the size of tensor b \(6\)"):
+        run(CASES["pix2struct_4d_mask"], reference=False)
+    assert_float32_exact(run(CASES["pix2struct_split_masks"]))
