@@ -2,7 +2,11 @@
 tests/test_hf_zoo_round13_more.py (not collected by pytest): verdict, replica error against the trained model in
 evaluation mode, residual share, ``keep=("train",)`` error against the slow float64 loop reference (for train-mode
 batch norm tests/_zoo11_kit.py's ``BufferReplayReference``), that reference's own quadrature error, seconds, the
-gradient check's largest mismatch and the first words of a refusal or warning.
+gradient check's largest mismatch and the first words of a refusal or warning. Three more rows, named among the
+arguments (or with none): ``swiftformer_reference`` (round 10's SwiftFormer against ``BufferReplayReference`` with
+one panel per smooth piece, about 20 minutes), ``kinks`` (the kinks LeViT's and SwiftFormer's paths cross, per
+step and test input, tests/_zoo13_kinks.py) and ``mobilenet_v2_replica`` (round 10's MobileNetV2: seconds of its
+recording and of ``KernelReplica`` at ``tol=1e-7``).
 
 Run ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/hf_zoo_round13_table.py [case ...]``
 from the repository root. The load average comes first.
@@ -10,6 +14,7 @@ from the repository root. The load average comes first.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -38,8 +43,37 @@ def row(name: str) -> str:
     return result_row(name, got, time.perf_counter() - start, f" gradient check {got['check']:.2g};")
 
 
+def extra_row(name: str) -> str:
+    """The rows of the cases left from earlier rounds (module docstring)."""
+    from _zoo9_kit import N_TEST, logits_of, record
+    from _zoo10_cases import BATCH_NORM as ROUND10
+    from _zoo11_cases import ROUTES
+    from _zoo13_kinks import kinks_on_grid
+    from reference import rel_err
+
+    import explaind
+
+    start = time.perf_counter()
+    if name == "swiftformer_reference":
+        got = run(dataclasses.replace(ROUND10["swiftformer"], panels=1), BufferReplayReference)
+        return result_row(name, got, time.perf_counter() - start, f" gradient check {got['check']:.2g};")
+    if name == "kinks":
+        levit = kinks_on_grid(*record(ROUTES["levit_cache_emptied"])[:3], grid=64)
+        swift = kinks_on_grid(*record(ROUND10["swiftformer"])[:3], grid=64)
+        return f"| kinks | | | | | | {time.perf_counter() - start:.0f} | LeViT {levit}; SwiftFormer {swift} |"
+    model, traj, X, _ = record(ROUND10["mobilenet_v2"])
+    recorded = time.perf_counter() - start
+    replica = explaind.KernelReplica(device="cpu", tol=1e-7).fit(traj).predict(X)
+    error = rel_err(replica, logits_of(model(**X)).detach().reshape(N_TEST, -1))
+    return (f"| mobilenet_v2_replica | | {error:.2g} | | | | {time.perf_counter() - start:.0f} | recorded in "
+            f"{recorded:.0f} s |")
+
+
+EXTRA = ["swiftformer_reference", "kinks", "mobilenet_v2_replica"]
+
+
 def main(names: list[str]) -> None:
-    print_table(names or [*CASES, *BATCH_NORM], row)
+    print_table(names or [*CASES, *BATCH_NORM, *EXTRA], lambda n: extra_row(n) if n in EXTRA else row(n))
 
 
 if __name__ == "__main__":
