@@ -12,8 +12,9 @@ import dataclasses
 
 import torch
 import transformers
+from _hf_testkit import loop_token_loss
 from _zoo9_cases import P, _build, _drawn_tokens, _images, _loop_tokens, _own_loss, _shift, causal_case, classifier_case
-from _zoo9_kit import ROWS, VOCAB, Case, N, token_ids
+from _zoo9_kit import ROWS, VOCAB, Case, N, logits_of, token_ids
 from _zoo12_cases import SMALL, TWO
 from torch import Tensor
 
@@ -139,8 +140,7 @@ def _captions_input_ids(seed: int):
 
 def _loop_shifted_tokens(out, y: Tensor) -> Tensor:
     """BLIP's text decoder loss: next-token cross entropy (the logits shifted left, the labels right), per sample."""
-    from _hf_testkit import loop_token_loss
-    return loop_token_loss(out.logits, y, shift=True)
+    return loop_token_loss(logits_of(out), y, shift=True)
 
 
 def _waveforms(seed: int, length: int = 400):

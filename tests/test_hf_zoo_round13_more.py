@@ -10,23 +10,35 @@ statistics move every step; its train scores are checked against tests/_zoo11_ki
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
-from _zoo9_kit import assert_exact, assert_float32_exact, run
+import torch
+from _zoo9_kit import assert_exact, assert_float32_exact, logits_of, record, run
 from _zoo11_kit import BufferReplayReference
 from _zoo13_cases import BATCH_NORM, CASES
+from reference import rel_err
 from test_hf_zoo_round11 import assert_buffers_exact
 
-from explaind.exceptions import UnsupportedModelError
+import explaind
+from explaind.exceptions import ExplaindWarning, UnsupportedModelError
 
 pytest.importorskip("transformers")  # in the dev extra
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning:transformers")]
 
 
-@pytest.mark.parametrize("name", ["data2vec_vision", "bit_weight_standardised", "vision_encoder_decoder",
-                                  "blip_captioning", "wav2vec2_bert"])
+@pytest.mark.parametrize("name", ["data2vec_vision", "vision_encoder_decoder", "blip_captioning", "wav2vec2_bert"])
 def test_vision_and_audio_models_are_exact(name):
     assert_exact(run(CASES[name]))
+
+
+def test_bit_replica_is_exact_through_its_max_pooling():
+    """BiT's stem max-pools (3x3, stride 2): the adaptive rule locates the swaps of those maxima and the replica and
+    residual share hold, without a warning. Its train scores against the reference are in the table only: the
+    reference locates each swap by bisection, past 15 minutes at load 10 to 14."""
+    got = run(CASES["bit_weight_standardised"], reference=False)
+    assert got["replica"] <= 1e-6 and got["share"] <= 1e-9 and got["check"] <= 1e-12 and not got["warnings"], got
 
 
 def test_wav2vec2_conformer_with_train_mode_batch_norm_matches_the_buffer_replaying_reference():
@@ -35,10 +47,16 @@ def test_wav2vec2_conformer_with_train_mode_batch_norm_matches_the_buffer_replay
 
 def test_hiera_query_pooling_by_a_maximum_is_loud():
     """Hiera pools its queries with a maximum over each stride window inside forward: the paths cross the swaps of
-    those maxima, the adaptive rule stops at its cap and warns (the replica is off by more than 1e-6)."""
-    got = run(CASES["hiera"], reference=False)
-    assert got["replica"] > 1e-6 and got["check"] <= 1e-12, got
-    assert any("stopped at the cap" in w for w in got["warnings"]), got["warnings"]
+    those maxima, the replica's adaptive rule stops at its cap and warns, and the replica is off by more than 1e-6
+    (the influence estimator warns too: the table's row)."""
+    model, traj, X, _ = record(CASES["hiera"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExplaindWarning)
+        replica = explaind.KernelReplica(device="cpu").fit(traj).predict(X)
+    with torch.no_grad():
+        truth = logits_of(model(**X))
+    assert rel_err(replica, truth) > 1e-6
+    assert any("stopped at the cap" in str(w.message) for w in caught), [str(w.message) for w in caught]
 
 
 def test_pix2struct_refusal_names_the_split_masks_its_cross_attention_needs_and_that_route_is_exact():
@@ -64,7 +82,6 @@ def test_levit_and_swiftformer_paths_cross_hundreds_and_dozens_of_kinks():
     26 to 116 times (sign changes between 65 grid points, the same on 257). Locating each kink to ``tol`` is what the
     adaptive rule's cap of about 4096 evaluations per pair cannot buy for LeViT; for SwiftFormer the pairs past that
     are integrated on a grid and warned about (round 10's test)."""
-    from _zoo9_kit import record
     from _zoo10_cases import BATCH_NORM as ROUND10
     from _zoo11_cases import ROUTES
     from _zoo13_kinks import kinks_on_grid
