@@ -77,7 +77,7 @@ def test_pix2struct_refusal_names_the_split_masks_its_cross_attention_needs_and_
 # ---------------------------------------------------------------- left from earlier rounds: LeViT and SwiftFormer
 def test_levit_and_swiftformer_paths_cross_hundreds_and_dozens_of_kinks():
     """Why LeViT stays loud and SwiftFormer's train scores are off the reference by 6.6e-6 (measured by
-    ``python tests/hf_zoo_round13_table.py swiftformer_reference``, 1310 s): along every (step, input) path the
+    ``python tests/hf_zoo_round13_table.py swiftformer_reference``, 1180 s): along every (step, input) path the
     inputs of LeViT's Hardswish modules cross their kinks (-3, 3) 139 to 353 times, those of SwiftFormer's two ReLUs
     26 to 116 times (sign changes between 65 grid points, the same on 257). Locating each kink to ``tol`` is what the
     adaptive rule's cap of about 4096 evaluations per pair cannot buy for LeViT; for SwiftFormer the pairs past that
