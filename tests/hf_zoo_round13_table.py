@@ -6,7 +6,7 @@ gradient check's largest mismatch and the first words of a refusal or warning. T
 arguments (or with none): ``swiftformer_reference`` (round 10's SwiftFormer against ``BufferReplayReference`` with
 one panel per smooth piece, about 20 minutes), ``kinks`` (the kinks LeViT's and SwiftFormer's paths cross, per
 step and test input, tests/_zoo13_kinks.py) and ``mobilenet_v2_replica`` (round 10's MobileNetV2: seconds of its
-recording and of ``KernelReplica`` at ``tol=1e-7``).
+recording and of ``KernelReplica`` at ``tol=1e-7``, the trained model's largest logit, the warnings).
 
 Run ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/hf_zoo_round13_table.py [case ...]``
 from the repository root. The load average comes first.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 
 from _zoo9_kit import run
 from _zoo11_kit import BufferReplayReference
@@ -24,7 +25,7 @@ from _zoo13_cases import BATCH_NORM, CASES
 from hf_zoo_round9_table import _short
 from hf_zoo_round11_table import print_table, result_row
 
-from explaind.exceptions import ExplaindError
+from explaind.exceptions import ExplaindError, ExplaindWarning
 
 #: Cases run without the reference: the loud ones whose explaind figures already fail.
 NO_REFERENCE = {"hiera", "qwen3_moe_top2", "apertus_xielu"}
@@ -63,10 +64,13 @@ def extra_row(name: str) -> str:
         return f"| kinks | | | | | | {time.perf_counter() - start:.0f} | LeViT {levit}; SwiftFormer {swift} |"
     model, traj, X, _ = record(ROUND10["mobilenet_v2"])
     recorded = time.perf_counter() - start
-    replica = explaind.KernelReplica(device="cpu", tol=1e-7).fit(traj).predict(X)
-    error = rel_err(replica, logits_of(model(**X)).detach().reshape(N_TEST, -1))
-    return (f"| mobilenet_v2_replica | | {error:.2g} | | | | {time.perf_counter() - start:.0f} | recorded in "
-            f"{recorded:.0f} s |")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExplaindWarning)
+        replica = explaind.KernelReplica(device="cpu", tol=1e-7).fit(traj).predict(X)
+    truth = logits_of(model(**X)).detach().reshape(N_TEST, -1)
+    said = "; ".join(_short(str(w.message)) for w in caught if issubclass(w.category, ExplaindWarning))
+    return (f"| mobilenet_v2_replica | | {rel_err(replica, truth):.2g} | | | | {time.perf_counter() - start:.0f} | "
+            f"recorded in {recorded:.0f} s; largest trained logit {float(truth.abs().max()):.2g}; {said} |")
 
 
 EXTRA = ["swiftformer_reference", "kinks", "mobilenet_v2_replica"]
