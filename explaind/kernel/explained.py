@@ -242,7 +242,12 @@ class FunctionalModel:
                     f"pass a 4-D boolean mask instead (explaind.integrations.four_d_attention_mask(mask), for a "
                     f"causal LM four_d_attention_mask(mask, causal=True): a 4-D mask is used as given, so without "
                     f"causal=True the model would see later tokens; left padding included), in train_data and the "
-                    f"test inputs alike, or no mask for right-padded causal LMs (see docs/guide_own_model.md)."
+                    f"test inputs alike, or no mask for right-padded causal LMs. An encoder-decoder that hands the "
+                    f"encoder's mask to its decoder's cross attention (Pix2Struct) cannot take the encoder's 4-D mask "
+                    f"(its (n, 1, L, L) shape does not fit the decoder's queries): call the encoder and the decoder "
+                    f"apart in a module of your own, the encoder with four_d_attention_mask(mask) and the decoder "
+                    f"with encoder_attention_mask=mask.bool()[:, None, None, :].expand(n, 1, T, L) for its T "
+                    f"queries (see docs/guide_own_model.md)."
                 ) from exc
 
     def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
