@@ -200,3 +200,17 @@ def test_a_float64_run_converting_to_float32_inside_gets_the_promoted_level_unle
     traj.manifest.extras[EXTRAS_KEY] = "a float32 cast before the loss"
     assert resolve_residual_tol("auto", traj, window, casts).value == FLOAT64_TOL
     assert FLOAT64_TOL < PROMOTED_TOL < OTHER_TOL
+
+
+def test_a_float64_run_explained_in_float32_gets_float32s_level_and_stays_silent():
+    """The estimator's own float32 rounding is in the share of a float64 run explained with ``dtype="float32"``
+    (1e-7 to 3.3e-7 on tests/test_reference_influence.py's float32 cases): ``"auto"`` takes float32's level there,
+    and the same run explained in float64 keeps the float64 level and its rounding-level share."""
+    _, traj = ROUND13["loss_weight_bump_checked_every_step"]()
+    att, said = explained(traj, data()[2], dtype="float32", **QUAD)
+    assert att.final.dtype == torch.float32 and att.meta["residual_share"] > 1e-9
+    assert att.meta["residual_tol"] == OTHER_TOL and not residual_warnings(said), said
+    limit = resolve_residual_tol("auto", traj, (0, traj.n_steps), [], torch.float32)
+    assert limit.value == OTHER_TOL and limit.label == "0.001 (auto: for a run explained in float32)"
+    att, said = explained(traj, data()[2], **QUAD)
+    assert att.meta["residual_tol"] == FLOAT64_TOL and att.meta["residual_share"] <= 1e-9 and not said, said

@@ -114,7 +114,8 @@ MANIFEST_EDITS = {
     "schema_version 0": (lambda m: m.update(schema_version=0),
                          rf"schema_version 0; allowed: an integer from 1 to {SCHEMA_VERSION}"),
     "schema_version missing": (lambda m: m.pop("schema_version"), r"schema_version None; allowed"),
-    "an unknown dtype": (lambda m: m.update(dtype="float128"), r"dtype = 'float128': .*not a torch dtype"),
+    "an unknown dtype": (lambda m: m.update(dtype="float128"), r"dtype = 'float128': .*not a dtype of this torch"
+                                                               r".*upgrade torch"),
     "an unknown parameter dtype": (lambda m: m["params"][0].update(dtype="__class__"), r"params\.0\.dtype = "
                                    r"'__class__': .*not a torch dtype"),
     "param_stride 0": (lambda m: m.update(param_stride=0), r"param_stride = 0: Input should be greater than or equal"),

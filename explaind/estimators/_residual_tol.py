@@ -22,6 +22,9 @@ What that level is depends on the run, and it is known from the recording alone:
   :data:`AUTOCAST_UNITS` unit roundoffs as more than the autocast's rounding.
 * **anything else** (float32 or half-precision parameters without autocast): :data:`OTHER_TOL` (1e-3), the
   tolerance explaind has always used there.
+* **explained in a coarser dtype than the run's** (``InfluenceEstimator(dtype="float32")`` on a float64 run): the
+  level of that dtype, since the engine's own rounding is then in the share (a float64 run explained in float32
+  leaves 1e-7 to 3.3e-7, tests/test_reference_influence.py's float32 cases).
 
 An explicit number replaces all of this: the share is warned about above it, and only then.
 """
@@ -94,10 +97,11 @@ def _autocast_of(traj: Any, window: tuple[int, int]) -> str | None:
 
 
 def resolve_residual_tol(tol: float | str, traj: Any, window: tuple[int, int],
-                         promoted: list[str] | None = None) -> ResidualTol:
+                         promoted: list[str] | None = None, computed: torch.dtype | None = None) -> ResidualTol:
     """The tolerance for the residual share of ``traj``'s steps ``window``: ``tol`` itself, or ``"auto"``'s
     rounding level of the run (module docstring); ``promoted``: the conversions to float32 the engine found in the
-    forward (``meta["promoted_casts"]``).
+    forward (``meta["promoted_casts"]``); ``computed``: the dtype the estimator explained in (its ``dtype``), whose
+    rounding counts when it is coarser than the run's (a float64 run explained in float32 has float32's level).
 
     Raises
     ------
@@ -112,6 +116,10 @@ def resolve_residual_tol(tol: float | str, traj: Any, window: tuple[int, int],
                           f"run, an autocast run's share past a hundredth of its unit roundoff, 1e-3 otherwise).")
     autocast = _autocast_of(traj, window)
     dtype = traj.params(window[0])[traj.param_names[0]].dtype
+    coarser = computed is not None and computed.is_floating_point and torch.finfo(computed).eps > torch.finfo(
+        dtype).eps
+    if coarser:
+        dtype = computed
     if autocast is not None:
         # Autocast leaves float64 operations alone, so a float64 model keeps its own level; otherwise every share
         # above a hundredth of the autocast dtype's unit roundoff (far below the 0.33 units measured at least) is
@@ -126,7 +134,9 @@ def resolve_residual_tol(tol: float | str, traj: Any, window: tuple[int, int],
                                          f"float32: {', '.join(promoted[:3])})")
     if dtype == torch.float64:
         return ResidualTol(FLOAT64_TOL, f"{FLOAT64_TOL:g} (auto: for a float64 run)")
-    return ResidualTol(OTHER_TOL, f"{OTHER_TOL:g} (auto: for a {str(dtype).removeprefix('torch.')} run)")
+    name = str(dtype).removeprefix("torch.")
+    label = f"a run explained in {name}" if coarser else f"a {name} run"
+    return ResidualTol(OTHER_TOL, f"{OTHER_TOL:g} (auto: for {label})")
 
 
 def quadrature_tol(tol: float | str) -> float:

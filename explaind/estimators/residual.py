@@ -351,7 +351,7 @@ def check_residual(att: Attribution, traj: Any, window: tuple[int, int], *, tol:
     """
     share = att.residual_share()
     att.meta["residual_share"] = share
-    limit = resolve_residual_tol(tol, traj, window, att.meta.get("promoted_casts"))
+    limit = resolve_residual_tol(tol, traj, window, att.meta.get("promoted_casts"), att.final.dtype)
     att.meta["residual_tol"] = limit.value
     if limit.autocast is not None:
         att.meta["expected_residual_share"] = limit.expected()

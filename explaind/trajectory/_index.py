@@ -141,6 +141,9 @@ def _read_journal(root: Path, newer: str | None = None) -> list[tuple[int, bytes
 
 _NOT_OURS = ("The store is corrupted or was not written by explaind: restore manifest.json from a copy, or "
              "re-record the run.")
+#: The other fix of a dtype name this torch lacks: the name may have been edited, not written by a newer torch.
+_EDITED_DTYPE = ("If no torch has that dtype, manifest.json was edited: restore it from a copy, or re-record the "
+                 "run.")
 
 
 def validation_problems(exc: ValidationError, limit: int = 5) -> str:
@@ -345,7 +348,8 @@ def _parse_manifest(data: bytes, path: Path) -> TrajectoryManifest:
         manifest = TrajectoryManifest.model_validate(raw, strict=True)
     except ValidationError as exc:
         problems = validation_problems(exc).rstrip(".")
-        fix = "" if NEWER_TORCH.rstrip(".") in problems else _newer_writer(raw.get("explaind_version")) or _NOT_OURS
+        fix = (_EDITED_DTYPE if NEWER_TORCH.rstrip(".") in problems
+               else _newer_writer(raw.get("explaind_version")) or _NOT_OURS)
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {problems}. {fix}".rstrip()) from None
     return manifest
 
