@@ -85,6 +85,9 @@ def test_a_reader_holding_a_store_replaced_by_another_run_is_still_told_it_diffe
 _SIGNAL_AT_COMMIT = """
 from explaind.trajectory import store as store_module
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a handler, as a job scheduler's preemption expects
+# Ctrl-C's default: a test run started in the background of a non-interactive shell (a CI script's `cmd &`)
+# inherits SIGINT ignored, and the child would never see the signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real = store_module.StoreWriter._commit
 killed = []
 def slow(self, items):  # the signal arrives while the writer thread commits, once two steps have returned
