@@ -155,18 +155,36 @@ def test_kinks_are_located_the_same_in_chunks_of_inputs(monkeypatch, caplog):
         assert rel_err(chunked, model(X)) <= 1e-6
 
 
-def test_a_kink_dense_batch_is_found_over_all_chunks_and_planned_as_one_batch(monkeypatch, caplog):
-    """Its far units share a grid of nodes per step over the inputs: a decision over the whole batch, which the
-    chunks' summed counts reach (here in the first chunks already), so the batch is planned whole, as before."""
+def spy_evaluated_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The (step, input, node) rows of every evaluation of the factored evaluator (first estimates and refinement)."""
+    seen: list[int] = []
+    original = layers.LayerEvaluator._row_batch
+
+    def spy(self, stack, sidx, idx, t):
+        seen.append(int(t.shape[0]))
+        return original(self, stack, sidx, idx, t)
+
+    monkeypatch.setattr(layers.LayerEvaluator, "_row_batch", spy)
+    return seen
+
+
+def test_a_batch_kink_dense_at_its_first_estimates_is_planned_whole_before_any_chunk_is_refined(monkeypatch, caplog):
+    """Its far units share a grid of nodes per step over the inputs: a decision over the whole batch that its first
+    estimates take (the probe's). Every chunk's first estimate is taken first, the batch is then planned whole from
+    them: one call of the rule, and not one row evaluated more than unchunked (before: six chunks of two pairs
+    refined, then the batch planned again, its first estimates evaluated twice)."""
     _, traj, X = relu_mlp(128, 1.0)
+    rows = spy_evaluated_rows(monkeypatch)
     with pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
         whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    whole_rows, rows[:] = sum(rows), []
     seen = spy_units(monkeypatch, 2, 3)
     with caplog.at_level(logging.WARNING, logger="explaind.kernel.adaptive_chunks"), \
             pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
         chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
-    assert seen[-1] == 8 * STEPS and set(seen[:-1]) == {2} and len(seen) <= 4 * STEPS, seen
-    assert any("found the batch kink-dense" in r.getMessage() for r in caplog.records)
+    assert seen == [8 * STEPS], seen
+    assert sum(rows) == whole_rows, (sum(rows), whole_rows)
+    assert any("first estimates" in r.getMessage() and "kink-dense" in r.getMessage() for r in caplog.records)
     assert rel_err(chunked, whole) <= 1e-13
 
 
