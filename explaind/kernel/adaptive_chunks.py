@@ -58,9 +58,11 @@ RULE_BYTES = 2**30
 UNIT_OUTPUT_COPIES = 1024
 
 
-def unit_chunks(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
-    """The chunks ``(step_lo, step_hi, input_lo, input_hi)`` of a group, each within :data:`RULE_BYTES` if one unit
-    is: whole steps of all inputs while they fit, else one step a chunk and the inputs in even slices.
+def unit_chunks(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype,
+                budget: int | None = None) -> list[tuple[int, int, int, int]]:
+    """The chunks ``(step_lo, step_hi, input_lo, input_hi)`` of a group, each within ``budget`` bytes (default
+    :data:`RULE_BYTES`) if one unit is: whole steps of all inputs while they fit, else one step a chunk and the
+    inputs in even slices.
 
     Examples
     --------
@@ -70,7 +72,7 @@ def unit_chunks(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype)
     [(0, 1, 0, 2), (0, 1, 2, 3), (1, 2, 0, 2), (1, 2, 2, 3)]
     """
     elem = torch.finfo(dtype).bits // 8
-    fit = max(1, RULE_BYTES // max(1, UNIT_OUTPUT_COPIES * elem * n_outputs))
+    fit = max(1, (RULE_BYTES if budget is None else budget) // max(1, UNIT_OUTPUT_COPIES * elem * n_outputs))
     if fit >= n_steps * n_inputs:
         return [(0, n_steps, 0, n_inputs)]
     if fit >= n_inputs:
@@ -88,7 +90,7 @@ def adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: li
     of the first estimate; ``tol``, ``coarsen`` as in :func:`~explaind.kernel.adaptive.adaptive_plan`.
     """
     S, T = stack.n_steps, stack.X.shape[0]
-    chunks = unit_chunks(S, T, stack.explained.n_outputs, engine.dtype)
+    chunks = unit_chunks(S, T, stack.explained.n_outputs, engine.dtype, getattr(engine, "rule_bytes", None))
     if len(chunks) == 1:
         return _plan(engine, stack, begins, ends, n, tol, coarsen, None)
     x01, w01 = _nodes(engine, n)
