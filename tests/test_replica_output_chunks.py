@@ -188,6 +188,24 @@ def test_a_batch_kink_dense_at_its_first_estimates_is_planned_whole_before_any_c
     assert rel_err(chunked, whole) <= 1e-13
 
 
+def test_a_batch_found_kink_dense_only_by_its_chunks_refinement_is_planned_whole_from_their_first_estimates(
+        monkeypatch, caplog):
+    """The other way to the same decision: the first-estimate counts hidden from the early test (as for a batch
+    that only a refinement level finds kink-dense), the chunks are refined until their summed counts make it
+    certain, then the batch is planned whole, from the chunks' first estimates, equal to the unchunked plan."""
+    _, traj, X = relu_mlp(128, 1.0)
+    with pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
+        whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    seen = spy_units(monkeypatch, 2, 3)
+    monkeypatch.setattr(adaptive_chunks, "probe_counts", lambda *args: (1, 0))
+    with caplog.at_level(logging.WARNING, logger="explaind.kernel.adaptive_chunks"), \
+            pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
+        chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    assert seen[-1] == 8 * STEPS and set(seen[:-1]) == {2} and len(seen) <= 4 * STEPS, seen
+    assert any("planned again as one batch" in r.getMessage() for r in caplog.records)
+    assert rel_err(chunked, whole) <= 1e-13
+
+
 def test_unit_chunks_take_whole_steps_while_they_fit_else_even_slices_of_one_steps_inputs():
     assert adaptive_chunks.UNIT_OUTPUT_COPIES == UNIT_COPIES
     per_unit = UNIT_COPIES * 8 * 64 * 1024  # a GPT-2 (step, input) pair: 64 tokens of 1,024, float64
