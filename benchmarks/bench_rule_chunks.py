@@ -2,10 +2,10 @@
 
 The rule refines a group's pairs in chunks within ``RULE_BYTES`` (``explaind.kernel.adaptive_chunks``); a batch the
 chunks' summed counts find kink-dense is planned whole. This script trains a float64 ReLU MLP ``8-W-W-3``
-(``--width``, default 512) for ``--steps`` SGD-momentum steps at an untuned learning rate 1.0 (its paths cross
-many kinks), then times the replica of ``--inputs`` test inputs twice: ``whole`` (the default budget: one chunk)
-and ``chunked`` (``RULE_BYTES`` shrunk to ``--pairs`` pairs of three outputs, the regime of a language model's
-logits at the default budget).
+(``--width``, default 512; ``tests/test_replica_output_chunks.py``'s ``relu_mlp``) for three SGD-momentum steps
+at an untuned learning rate 1.0 (its paths cross many kinks), then times the replica of eight test inputs twice:
+``whole`` (the default budget: one chunk) and ``chunked`` (``RULE_BYTES`` shrunk to ``--pairs`` pairs of three
+outputs, the regime of a language model's logits at the default budget).
 
 Printed, one row per run: the checkout (``after``: this one; ``before``: ``--before DIR``), the mode, the wall and
 CPU time (``time.process_time``) of ``predict``, the calls of the rule (``adaptive.adaptive_plan``) with their
@@ -14,7 +14,7 @@ replica against the trained model and of the chunked replica against the whole o
 rows against another checkout (``PYTHONPATH=DIR``, e.g. ``git worktree add /tmp/before <commit>``) in
 subprocesses, alternated with this checkout's ``--repeats`` times, so that both come from one run on one machine.
 
-Run: ``python benchmarks/bench_rule_chunks.py [--width 512] [--steps 3] [--inputs 8] [--pairs 2] [--tol 1e-10]
+Run: ``python benchmarks/bench_rule_chunks.py [--width 512] [--pairs 2] [--tol 1e-10]
 [--threads 1] [--repeats 2] [--before DIR]``
 """
 
@@ -29,29 +29,6 @@ import time
 import warnings
 
 import torch
-from torch import nn
-
-
-def trained(width: int, steps: int, inputs: int):
-    """The trained MLP in evaluation mode, its trajectory and the test inputs."""
-    import explaind
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                          nn.Linear(width, 3)).double()
-    gen = torch.Generator().manual_seed(3)
-    X = torch.randn(16 + inputs, 8, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (16 + inputs,), generator=gen)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
-    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(X[:16], y[:16]))
-    with rec:
-        for _ in range(steps):
-            idx = torch.randperm(16, generator=gen)[:8]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            rec.log_batch(idx)
-            opt.step()
-    return model.eval(), rec.trajectory, X[16:]
 
 
 def rows(args: argparse.Namespace) -> list[dict]:
@@ -60,7 +37,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
     from explaind.kernel import adaptive, adaptive_chunks, layers
 
     torch.set_num_threads(args.threads)
-    model, traj, X = trained(args.width, args.steps, args.inputs)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from test_replica_output_chunks import relu_mlp  # the tests' MLP: three steps, eight test inputs
+
+    model, traj, X = relu_mlp(args.width, 1.0)
     with torch.no_grad():
         truth = model(X)
     calls: list[int] = []
@@ -98,8 +78,6 @@ def rows(args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--inputs", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--tol", type=float, default=1e-10)
     ap.add_argument("--threads", type=int, default=1)

@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 from reference import rel_err
-from test_replica_output_chunks import QUAD, STEPS, UNIT_COPIES, relu_mlp, spy_evaluated_rows
+from test_replica_output_chunks import QUAD, STEPS, UNIT_COPIES, relu_mlp, spy_evaluated_rows, spy_pairs
 
 import explaind
-from explaind.kernel import adaptive, adaptive_chunks, evaluate
+from explaind.kernel import adaptive_chunks, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,19 +28,6 @@ PER_ROW = 16 * 8 * 3  # bytes one evaluated row of three float64 outputs takes (
 def mlp():
     """A ReLU MLP whose paths cross a few kinks each, its trajectory and eight test inputs."""
     return relu_mlp(32, 0.05)
-
-
-def spy_pairs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The (step, input) pairs of every call of the adaptive rule."""
-    seen: list[int] = []
-    original = adaptive.adaptive_plan
-
-    def spy(est0, *args, **kwargs):
-        seen.append(int(est0.shape[0]))
-        return original(est0, *args, **kwargs)
-
-    monkeypatch.setattr(adaptive, "adaptive_plan", spy)
-    return seen
 
 
 def test_the_default_budget_is_the_modules_bounds():

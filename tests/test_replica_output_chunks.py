@@ -95,6 +95,11 @@ def test_rows_for_outputs_takes_the_budget_in_rows_of_outputs_and_never_less_tha
 def spy_units(monkeypatch: pytest.MonkeyPatch, units: int, n_outputs: int) -> list[int]:
     """``RULE_BYTES`` shrunk to ``units`` (step, input) pairs; the units of every call of the adaptive rule."""
     monkeypatch.setattr(adaptive_chunks, "RULE_BYTES", units * UNIT_COPIES * 8 * n_outputs, raising=False)
+    return spy_pairs(monkeypatch)
+
+
+def spy_pairs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The (step, input) pairs of every call of the adaptive rule."""
     seen: list[int] = []
     original = adaptive.adaptive_plan
 
