@@ -12,6 +12,7 @@ model.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -208,6 +209,22 @@ def test_a_batch_found_kink_dense_only_by_its_chunks_refinement_is_planned_whole
         chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
     assert seen[-1] == 8 * STEPS and set(seen[:-1]) == {2} and len(seen) <= 4 * STEPS, seen
     assert any("planned again as one batch" in r.getMessage() for r in caplog.records)
+    assert rel_err(chunked, whole) <= 1e-13
+
+
+@pytest.mark.parametrize(("width", "lr", "calls"), [(32, 0.05, [1] * 8 * STEPS), (128, 1.0, [8 * STEPS])])
+def test_first_estimates_past_the_budget_are_evaluated_again_and_the_plans_are_unchanged(monkeypatch, width, lr,
+                                                                                       calls):
+    """``RULE_BYTES`` of one byte: chunks of one pair, no first estimate kept for the refinement (a few kinks) or
+    for the whole plan (kink-dense); each is evaluated again where needed, the plans the same."""
+    model, traj, X = relu_mlp(width, lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", explaind.exceptions.ExplaindWarning)
+        whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+        monkeypatch.setattr(adaptive_chunks, "RULE_BYTES", 1)
+        seen = spy_pairs(monkeypatch)
+        chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    assert seen == calls
     assert rel_err(chunked, whole) <= 1e-13
 
 

@@ -24,7 +24,8 @@ padded to the batch's most nodes, are the batch's plan.
 **No refinement before the first decision.** The first of those decisions (the probe's) rests on the first
 estimates alone, 2 ``nodes`` output-sized vectors a unit: every chunk's first estimate is taken before any chunk is
 refined, and a batch they show kink-dense is planned whole at once from them (:func:`probe_counts`), the chunks
-never refined; the first estimates are passed on, never evaluated twice. Only a batch found kink-dense at a
+never refined; the first estimates are passed on, not evaluated twice, while they fit :data:`RULE_BYTES` together
+(beyond, each chunk's is evaluated again when it is refined). Only a batch found kink-dense at a
 refinement level is refined in chunks first (until the sums make the decision certain) and then planned whole.
 """
 
@@ -90,20 +91,21 @@ def adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: li
     of the first estimate; ``tol``, ``coarsen`` as in :func:`~explaind.kernel.adaptive.adaptive_plan`.
     """
     S, T = stack.n_steps, stack.X.shape[0]
-    chunks = unit_chunks(S, T, stack.explained.n_outputs, engine.dtype, getattr(engine, "rule_bytes", None))
+    budget = getattr(engine, "rule_bytes", None)
+    chunks = unit_chunks(S, T, stack.explained.n_outputs, engine.dtype, budget)
     if len(chunks) == 1:
         return _plan(engine, stack, begins, ends, n, tol, coarsen, None)
     x01, w01 = _nodes(engine, n)
-    subs = []
+    subs, kept, failing, looks = [], 0, 0, 0
     for s0, s1, i0, i1 in chunks:
         steps = stack.steps(s0, s1)
         sub = StepStack(steps.base, steps.delta, stack.X[i0:i1], stack.explained.take(slice(i0, i1)))
         b, e = [v[i0:i1] for v in begins[s0:s1]], [v[i0:i1] for v in ends[s0:s1]]
-        subs.append((sub, b, e, (x01, *engine.evaluator.slopes(sub, Grid(x01)))))  # first estimates, all chunks
-    failing = looks = 0
-    for _, b, e, first in subs:
+        first = (x01, *engine.evaluator.slopes(sub, Grid(x01)))  # first estimates of all chunks, then their counts
         f, k = probe_counts(first, w01, torch.cat(b), torch.cat(e), tol)
         failing, looks = failing + f, looks + k
+        kept += 2 * first[1].numel() * first[1].element_size()
+        subs.append((sub, b, e, first if kept <= (RULE_BYTES if budget is None else budget) else None))
     if tol < GAP_TOL and _dense.DENSE_AFTER > 0 and looks >= max(_dense.DENSE_MIN, _dense.DENSE_SHARE * failing):
         logger.warning("the adaptive quadrature found the first estimates of %d (step, input) pairs kink-dense, a "
                        "decision over all of them: planned as one batch, not in %d chunks (RULE_BYTES), its memory "
@@ -139,8 +141,11 @@ def probe_counts(first: tuple[Tensor, Tensor, Tensor], w01: Tensor, g_a: Tensor,
 
 
 def _stitch(chunks: list[tuple[int, int, int, int]], subs: list[tuple[Any, ...]], n_steps: int,
-            n_inputs: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The chunks' first estimates ``(x01, h0, d0)`` as the whole group's, step-major."""
+            n_inputs: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The chunks' first estimates ``(x01, h0, d0)`` as the whole group's, step-major (``None`` where some were not
+    kept)."""
+    if any(first is None for *_, first in subs):
+        return None
     x01, h0, _ = subs[0][3]
     q_o = h0.shape[1:]
     h = h0.new_empty(n_steps, n_inputs, *q_o)
