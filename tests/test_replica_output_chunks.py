@@ -12,6 +12,7 @@ model.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -95,6 +96,11 @@ def test_rows_for_outputs_takes_the_budget_in_rows_of_outputs_and_never_less_tha
 def spy_units(monkeypatch: pytest.MonkeyPatch, units: int, n_outputs: int) -> list[int]:
     """``RULE_BYTES`` shrunk to ``units`` (step, input) pairs; the units of every call of the adaptive rule."""
     monkeypatch.setattr(adaptive_chunks, "RULE_BYTES", units * UNIT_COPIES * 8 * n_outputs, raising=False)
+    return spy_pairs(monkeypatch)
+
+
+def spy_pairs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The (step, input) pairs of every call of the adaptive rule."""
     seen: list[int] = []
     original = adaptive.adaptive_plan
 
@@ -155,18 +161,70 @@ def test_kinks_are_located_the_same_in_chunks_of_inputs(monkeypatch, caplog):
         assert rel_err(chunked, model(X)) <= 1e-6
 
 
-def test_a_kink_dense_batch_is_found_over_all_chunks_and_planned_as_one_batch(monkeypatch, caplog):
-    """Its far units share a grid of nodes per step over the inputs: a decision over the whole batch, which the
-    chunks' summed counts reach (here in the first chunks already), so the batch is planned whole, as before."""
+def spy_evaluated_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The (step, input, node) rows of every evaluation of the factored evaluator (first estimates and refinement)."""
+    seen: list[int] = []
+    original = layers.LayerEvaluator._row_batch
+
+    def spy(self, stack, sidx, idx, t):
+        seen.append(int(t.shape[0]))
+        return original(self, stack, sidx, idx, t)
+
+    monkeypatch.setattr(layers.LayerEvaluator, "_row_batch", spy)
+    return seen
+
+
+def test_a_batch_kink_dense_at_its_first_estimates_is_planned_whole_before_any_chunk_is_refined(monkeypatch, caplog):
+    """Its far units share a grid of nodes per step over the inputs: a decision over the whole batch that its first
+    estimates take (the probe's). Every chunk's first estimate is taken first, the batch is then planned whole from
+    them: one call of the rule, and not one row evaluated more than unchunked (before: six chunks of two pairs
+    refined, then the batch planned again, its first estimates evaluated twice)."""
     _, traj, X = relu_mlp(128, 1.0)
+    rows = spy_evaluated_rows(monkeypatch)
     with pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
         whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    whole_rows, rows[:] = sum(rows), []
     seen = spy_units(monkeypatch, 2, 3)
     with caplog.at_level(logging.WARNING, logger="explaind.kernel.adaptive_chunks"), \
             pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
         chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    assert seen == [8 * STEPS], seen
+    assert sum(rows) == whole_rows, (sum(rows), whole_rows)
+    assert any("first estimates" in r.getMessage() and "kink-dense" in r.getMessage() for r in caplog.records)
+    assert rel_err(chunked, whole) <= 1e-13
+
+
+def test_a_batch_found_kink_dense_only_by_its_chunks_refinement_is_planned_whole_from_their_first_estimates(
+        monkeypatch, caplog):
+    """The other way to the same decision: the first-estimate counts hidden from the early test (as for a batch
+    that only a refinement level finds kink-dense), the chunks are refined until their summed counts make it
+    certain, then the batch is planned whole, from the chunks' first estimates, equal to the unchunked plan."""
+    _, traj, X = relu_mlp(128, 1.0)
+    with pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
+        whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    seen = spy_units(monkeypatch, 2, 3)
+    monkeypatch.setattr(adaptive_chunks, "probe_counts", lambda *args: (1, 0))
+    with caplog.at_level(logging.WARNING, logger="explaind.kernel.adaptive_chunks"), \
+            pytest.warns(explaind.exceptions.ExplaindWarning, match="crossed too many activation kinks"):
+        chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
     assert seen[-1] == 8 * STEPS and set(seen[:-1]) == {2} and len(seen) <= 4 * STEPS, seen
-    assert any("found the batch kink-dense" in r.getMessage() for r in caplog.records)
+    assert any("planned again as one batch" in r.getMessage() for r in caplog.records)
+    assert rel_err(chunked, whole) <= 1e-13
+
+
+@pytest.mark.parametrize(("width", "lr", "calls"), [(32, 0.05, [1] * 8 * STEPS), (128, 1.0, [8 * STEPS])])
+def test_first_estimates_past_the_budget_are_evaluated_again_and_the_plans_are_unchanged(monkeypatch, width, lr,
+                                                                                       calls):
+    """``RULE_BYTES`` of one byte: chunks of one pair, no first estimate kept for the refinement (a few kinks) or
+    for the whole plan (kink-dense); each is evaluated again where needed, the plans the same."""
+    model, traj, X = relu_mlp(width, lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", explaind.exceptions.ExplaindWarning)
+        whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+        monkeypatch.setattr(adaptive_chunks, "RULE_BYTES", 1)
+        seen = spy_pairs(monkeypatch)
+        chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **QUAD).fit(traj).predict(X))
+    assert seen == calls
     assert rel_err(chunked, whole) <= 1e-13
 
 

@@ -14,13 +14,25 @@ from pydantic import Field
 
 from ..config import DtypeName, StrictModel, resolve_dtype
 from ..exceptions import ConfigError, ExplaindError, UnsupportedModelError
+from ..kernel.budget import parse_bytes
 from ..trajectory.base import Trajectory
 from ._model_checks import check_recorded_model
 from .base import ExplaindEstimator
 
-__all__ = ["PathConfig", "PathEstimator", "QuadratureName"]
+__all__ = ["PathConfig", "PathEstimator", "QuadratureName", "budget_bytes"]
 
 QuadratureName = Literal["adaptive", "gauss-legendre", "midpoint", "left"]
+
+
+def budget_bytes(value: Any) -> Any:
+    """A ``memory_budget`` in bytes for a config's field validator (``None`` kept); a bad value raises the
+    ``ValueError`` whose text names it and the accepted forms."""
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc).split(" — ", 1)[-1]) from None
 
 
 class PathConfig(StrictModel):
@@ -77,7 +89,8 @@ class PathEstimator(ExplaindEstimator):
 
             engine = PathEngine(self.trajectory_, device=self.device_, dtype=self.dtype_,
                                 chunk_size=self.config_.chunk_size, progress=self.config_.progress,
-                                factored=self.config_.factored, casts=self.config_.casts)
+                                factored=self.config_.factored, casts=self.config_.casts,
+                                memory_budget=getattr(self.config_, "memory_budget", None))
             self._engine_cache = engine
         return engine
 

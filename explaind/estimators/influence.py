@@ -25,13 +25,13 @@ from pydantic import Field, field_validator
 from ..exceptions import ConfigError
 from ..kernel.accumulate import Accumulators, make_blocks
 from ..kernel.attribution import AXES, Attribution
-from ..kernel.budget import parse_bytes, plan_sweep
+from ..kernel.budget import plan_sweep
 from ..kernel.jumps import NO_GRAD, grad_off_sites, hook_sites
 from ..kernel.paths import Query, forward_sweep, jvp_path, reverse_sweep, seen_samples, update_sweep
 from ..kernel.planning import window_plans
 from ..kernel.shard import Cell, all_sum_, choose_layout, world
 from ..kernel.split import momentum_start
-from ._path import PathConfig, PathEstimator
+from ._path import PathConfig, PathEstimator, budget_bytes
 from ._residual_tol import quadrature_tol
 from .residual import JACOBIAN_TERMS, PATH_TERMS, check_finite, check_quadrature, check_residual
 
@@ -97,10 +97,7 @@ class InfluenceConfig(PathConfig):
     @field_validator("memory_budget", mode="before")
     @classmethod
     def _budget(cls, v: Any) -> Any:
-        try:
-            return parse_bytes(v)
-        except ConfigError as exc:
-            raise ValueError(str(exc).split(" — ", 1)[-1]) from None
+        return budget_bytes(v)
 
 
 class InfluenceEstimator(PathEstimator):
@@ -147,7 +144,8 @@ class InfluenceEstimator(PathEstimator):
         How the per-sample momentum coupling is computed for ``"train"`` (same results).
         ``"reverse"`` cannot keep ``"step"``.
     memory_budget : int or str
-        Peak working memory target (bytes or ``"2GB"``); chooses chunks and the momentum mode.
+        Peak working memory target (bytes or ``"2GB"``); chooses chunks and the momentum mode, and bounds
+        the adaptive rule's output-sized state as :class:`~explaind.KernelReplica`'s does.
     distributed : {"auto", "off"}
         ``"auto"``: inside an initialised ``torch.distributed`` process group of several processes,
         split the work over them — test inputs, then step windows (not with ``"train"``) or

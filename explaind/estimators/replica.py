@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import field_validator
 from torch import nn
 
 from ..exceptions import ConfigError, warn_at_caller
@@ -27,7 +28,7 @@ from ..kernel.planning import window_plans
 from ..kernel.shard import all_max_, all_sum_, choose_layout, world
 from ..outputs import model_output
 from ..trajectory._attribute_record import check_model
-from ._path import PathConfig, PathEstimator
+from ._path import PathConfig, PathEstimator, budget_bytes
 from .residual import PATH_TERMS, refuse_non_finite
 
 __all__ = ["KernelReplica", "KernelReplicaConfig"]
@@ -55,6 +56,13 @@ class _Replicated:
 class KernelReplicaConfig(PathConfig):
     """Validated parameters of :class:`KernelReplica` (same fields as its ``__init__``)."""
 
+    memory_budget: int | str | None = None
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        return budget_bytes(v)
+
 
 class KernelReplica(PathEstimator):
     r"""Kernel-machine replica of a recorded training run.
@@ -79,7 +87,8 @@ class KernelReplica(PathEstimator):
     chunk_size : int or None
         (input, node) pairs per ``vmap`` call (16 times as many rows per batch on the factored path); fewer
         where their outputs would pass 256 MiB (a language model's logits), and the adaptive rule refines the
-        inputs in chunks whose state stays within 1 GiB, with the same plans (``docs/engine.md`` §3, *Chunking*).
+        inputs in chunks whose state stays within 1 GiB, with the same plans (``docs/engine.md`` §3, *Chunking*;
+        ``memory_budget`` sets both bounds).
     factored : {"auto", "always", "never"}
         When every trainable parameter lies in an ``nn.Linear`` or ``nn.Embedding``, evaluate all
         (step, input, node) rows of many steps as one batch through layers that are affine in their
@@ -103,6 +112,13 @@ class KernelReplica(PathEstimator):
         adaptive quadrature may stop at its cap). ``"auto"``: ``"replay_dtype"`` when a conversion
         of a parameter-dependent tensor was found (a logged warning names them), else unchanged.
         Training gradients always round as in the run (docs/maths.md, "Casts below the replay dtype").
+    memory_budget : int or str, optional
+        Bytes (``2_000_000_000``) or a size (``"2GB"``, ``"512MiB"``) of output-sized state the replica may
+        hold: the adaptive rule refines (step, input) pairs in chunks within half of it and each evaluation
+        holds outputs within an eighth of it (a language model's logits); the plans are the same at any
+        budget (to rounding). ``None`` (default): 1 GiB and 256 MiB, as ``"2GiB"`` (``docs/engine.md`` §3,
+        *Chunking*). A value that is not a positive size raises :class:`~explaind.exceptions.ConfigError`
+        in ``fit``.
 
     Attributes
     ----------
@@ -119,7 +135,7 @@ class KernelReplica(PathEstimator):
     def __init__(self, *, quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7,
                  steps: tuple[int, int | None] | None = None, device: str = "auto", dtype: str = "float64",
                  chunk_size: int | None = 256, factored: str = "auto", progress: bool = False,
-                 distributed: str = "auto", casts: str = "auto"):
+                 distributed: str = "auto", casts: str = "auto", memory_budget: int | str | None = None):
         self.quadrature = quadrature
         self.nodes = nodes
         self.tol = tol
@@ -131,6 +147,7 @@ class KernelReplica(PathEstimator):
         self.progress = progress
         self.distributed = distributed
         self.casts = casts
+        self.memory_budget = memory_budget
 
     def fit(self, traj: Any, y: Any = None) -> KernelReplica:
         """Validate the parameters and attach the trajectory ``traj``; returns ``self``."""

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from .adaptive_jobs import (
-    FLOOR,
     GAUSS_KIND,
     DenseWatch,
     Jobs,
@@ -32,6 +31,7 @@ from .adaptive_jobs import (
     place,
     probed,
     steepest,
+    tolerances,
 )
 from .dense import (
     DENSE_AFTER,
@@ -140,11 +140,8 @@ def adaptive_plan(
     U = g_a.shape[0]
     if first is not None:
         check_first(first, rules[0][0], est0)
-    exact = g_b - g_a
+    exact, rel, floor, thr = tolerances(g_a, g_b, tol)
     eps = torch.finfo(dt).eps
-    rel = tol * exact.abs().amax(-1)
-    floor = FLOOR * eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
-    thr = rel + floor
     evals = torch.full((U,), nodes, dtype=torch.long, device=dev)
     estimate = est0.clone()
     err0 = (est0 - exact).abs().amax(-1)

@@ -17,9 +17,16 @@ step, :mod:`~explaind.kernel.dense`). A chunk never takes them: it adds the coun
 :class:`~explaind.kernel.adaptive_jobs.DenseWatch`, and since no unit's refinement depends on another's until one of
 them is taken, the sums over the chunks are the counts of the whole batch. When those sums show that the whole batch
 would have taken one (more failing units far after the first estimate, or far at some level, than
-:data:`~explaind.kernel.dense.DENSE_SHARE` of them and :data:`~explaind.kernel.dense.DENSE_MIN`), the chunks' plans
-are dropped and the group is planned as one batch, as before (a log line says so: its memory is then not bounded).
-Otherwise the chunks' plans, padded to the batch's most nodes, are the batch's plan.
+:data:`~explaind.kernel.dense.DENSE_SHARE` of them and :data:`~explaind.kernel.dense.DENSE_MIN`), the group is
+planned as one batch, as before (a log line says so: its memory is then not bounded). Otherwise the chunks' plans,
+padded to the batch's most nodes, are the batch's plan.
+
+**No refinement before the first decision.** The first of those decisions (the probe's) rests on the first
+estimates alone, 2 ``nodes`` output-sized vectors a unit: every chunk's first estimate is taken before any chunk is
+refined, and a batch they show kink-dense is planned whole at once from them (:func:`probe_counts`), the chunks
+never refined; the first estimates are passed on, not evaluated twice, while they fit :data:`RULE_BYTES` together
+(beyond, each chunk's is evaluated again when it is refined). Only a batch found kink-dense at a
+refinement level is refined in chunks first (until the sums make the decision certain) and then planned whole.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ from torch import Tensor
 
 from . import adaptive
 from . import dense as _dense
-from .adaptive_jobs import DenseWatch
+from .adaptive_jobs import DenseWatch, one_kink, tolerances
 from .evaluate import Grid, Rows, StepStack
+from .gaps import GAP_TOL
 from .quadrature import NodePlan, rule_nodes
 
-__all__ = ["RULE_BYTES", "UNIT_OUTPUT_COPIES", "unit_chunks", "adaptive_group", "coupled", "merge"]
+__all__ = ["RULE_BYTES", "UNIT_OUTPUT_COPIES", "unit_chunks", "adaptive_group", "probe_counts", "coupled",
+           "merge"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +59,11 @@ RULE_BYTES = 2**30
 UNIT_OUTPUT_COPIES = 1024
 
 
-def unit_chunks(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
-    """The chunks ``(step_lo, step_hi, input_lo, input_hi)`` of a group, each within :data:`RULE_BYTES` if one unit
-    is: whole steps of all inputs while they fit, else one step a chunk and the inputs in even slices.
+def unit_chunks(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype,
+                budget: int | None = None) -> list[tuple[int, int, int, int]]:
+    """The chunks ``(step_lo, step_hi, input_lo, input_hi)`` of a group, each within ``budget`` bytes (default
+    :data:`RULE_BYTES`) if one unit is: whole steps of all inputs while they fit, else one step a chunk and the
+    inputs in even slices.
 
     Examples
     --------
@@ -62,7 +73,7 @@ def unit_chunks(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype)
     [(0, 1, 0, 2), (0, 1, 2, 3), (1, 2, 0, 2), (1, 2, 2, 3)]
     """
     elem = torch.finfo(dtype).bits // 8
-    fit = max(1, RULE_BYTES // max(1, UNIT_OUTPUT_COPIES * elem * n_outputs))
+    fit = max(1, (RULE_BYTES if budget is None else budget) // max(1, UNIT_OUTPUT_COPIES * elem * n_outputs))
     if fit >= n_steps * n_inputs:
         return [(0, n_steps, 0, n_inputs)]
     if fit >= n_inputs:
@@ -80,24 +91,69 @@ def adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: li
     of the first estimate; ``tol``, ``coarsen`` as in :func:`~explaind.kernel.adaptive.adaptive_plan`.
     """
     S, T = stack.n_steps, stack.X.shape[0]
-    chunks = unit_chunks(S, T, stack.explained.n_outputs, engine.dtype)
+    budget = getattr(engine, "rule_bytes", None)
+    chunks = unit_chunks(S, T, stack.explained.n_outputs, engine.dtype, budget)
     if len(chunks) == 1:
         return _plan(engine, stack, begins, ends, n, tol, coarsen, None)
-    watch = DenseWatch(bound=max(_dense.DENSE_MIN, _dense.DENSE_SHARE * S * T))
-    parts = []
+    x01, w01 = _nodes(engine, n)
+    subs, kept, failing, looks = [], 0, 0, 0
     for s0, s1, i0, i1 in chunks:
         steps = stack.steps(s0, s1)
         sub = StepStack(steps.base, steps.delta, stack.X[i0:i1], stack.explained.take(slice(i0, i1)))
-        parts.append(((s0, s1, i0, i1), _plan(engine, sub, [b[i0:i1] for b in begins[s0:s1]],
-                                              [e[i0:i1] for e in ends[s0:s1]], n, tol, coarsen, watch)))
+        b, e = [v[i0:i1] for v in begins[s0:s1]], [v[i0:i1] for v in ends[s0:s1]]
+        first = (x01, *engine.evaluator.slopes(sub, Grid(x01)))  # first estimates of all chunks, then their counts
+        f, k = probe_counts(first, w01, torch.cat(b), torch.cat(e), tol)
+        failing, looks = failing + f, looks + k
+        kept += 2 * first[1].numel() * first[1].element_size()
+        subs.append((sub, b, e, first if kept <= (RULE_BYTES if budget is None else budget) else None))
+    if tol < GAP_TOL and _dense.DENSE_AFTER > 0 and looks >= max(_dense.DENSE_MIN, _dense.DENSE_SHARE * failing):
+        logger.warning("the adaptive quadrature found the first estimates of %d (step, input) pairs kink-dense, a "
+                       "decision over all of them: planned as one batch, not in %d chunks (RULE_BYTES), its memory "
+                       "past that budget. Fix: fewer inputs per call (predict a few at a time).", S * T, len(chunks))
+        return _plan(engine, stack, begins, ends, n, tol, coarsen, None, _stitch(chunks, subs, S, T))
+    watch = DenseWatch(bound=max(_dense.DENSE_MIN, _dense.DENSE_SHARE * S * T))
+    parts = []
+    for chunk, (sub, b, e, first) in zip(chunks, subs):
+        parts.append((chunk, _plan(engine, sub, b, e, n, tol, coarsen, watch, first)))
         if watch.coupled(watch.bound):  # certain before the other chunks are refined
             break
     if coupled(watch):
         logger.warning("the adaptive quadrature refined %d (step, input) pairs in %d chunks (RULE_BYTES) and found "
                        "the batch kink-dense, a decision over all of them: planned again as one batch, whose memory "
                        "passes that budget. Fix: fewer inputs per call (predict a few at a time).", S * T, len(chunks))
-        return _plan(engine, stack, begins, ends, n, tol, coarsen, None)
+        return _plan(engine, stack, begins, ends, n, tol, coarsen, None, _stitch(chunks, subs, S, T))
     return merge(parts, S, T)
+
+
+def probe_counts(first: tuple[Tensor, Tensor, Tensor], w01: Tensor, g_a: Tensor, g_b: Tensor,
+                 tol: float) -> tuple[int, int]:
+    """The counts of the probe's decision over ``first = (x01, h0, d0)``, the first estimate of some units: units
+    that miss it, and of them those far after it that no one kink explains, as
+    :func:`~explaind.kernel.adaptive.adaptive_plan` counts them (sums over a partition are the whole batch's)."""
+    x01, h0, d0 = first
+    est0 = torch.einsum("q,uqo->uo", w01, d0)
+    exact, _, floor, thr = tolerances(g_a, g_b, tol)
+    err0 = (est0 - exact).abs().amax(-1)
+    failing = torch.nonzero(err0 > thr).reshape(-1)
+    far = _dense.far_units(err0[failing], thr[failing], exact.abs().amax(-1)[failing], floor[failing])
+    far &= ~one_kink(failing, est0, g_a, g_b, (x01, w01, h0, d0))
+    return failing.numel(), int(far.sum())
+
+
+def _stitch(chunks: list[tuple[int, int, int, int]], subs: list[tuple[Any, ...]], n_steps: int,
+            n_inputs: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The chunks' first estimates ``(x01, h0, d0)`` as the whole group's, step-major (``None`` where some were not
+    kept)."""
+    if any(first is None for *_, first in subs):
+        return None
+    x01, h0, _ = subs[0][3]
+    q_o = h0.shape[1:]
+    h = h0.new_empty(n_steps, n_inputs, *q_o)
+    d = torch.empty_like(h)
+    for (s0, s1, i0, i1), (*_, first) in zip(chunks, subs):
+        h[s0:s1, i0:i1] = first[1].reshape(s1 - s0, i1 - i0, *q_o)
+        d[s0:s1, i0:i1] = first[2].reshape(s1 - s0, i1 - i0, *q_o)
+    return x01, h.reshape(n_steps * n_inputs, *q_o), d.reshape(n_steps * n_inputs, *q_o)
 
 
 def coupled(watch: DenseWatch) -> bool:
@@ -128,12 +184,14 @@ def merge(parts: list[tuple[tuple[int, int, int, int], NodePlan]], n_steps: int,
 
 
 def _plan(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor], n: int, tol: float,
-          coarsen: bool, watch: DenseWatch | None) -> NodePlan:
-    """The adaptive plan of all the units of ``stack`` in one batch (``watch``: a chunk of a larger one)."""
+          coarsen: bool, watch: DenseWatch | None, first: tuple[Tensor, Tensor, Tensor] | None = None) -> NodePlan:
+    """The adaptive plan of all the units of ``stack`` in one batch (``watch``: a chunk of a larger one; ``first``:
+    its first estimate ``(x01, h0, d0)`` where already taken)."""
     T = stack.X.shape[0]
-    x01, w01 = (torch.as_tensor(v, dtype=engine.dtype, device=engine.device)
-                for v in rule_nodes("gauss-legendre", n))
-    h0, d0 = engine.evaluator.slopes(stack, Grid(x01))  # first estimate, nodes shared by all inputs
+    x01, w01 = _nodes(engine, n)
+    if first is None:
+        first = (x01, *engine.evaluator.slopes(stack, Grid(x01)))  # first estimate, nodes shared by all inputs
+    _, h0, d0 = first
     est0 = torch.einsum("q,uqo->uo", w01, d0)
 
     def refine(units: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,3 +214,9 @@ def _plan(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor
     return adaptive.adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
                                   coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
                                   max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps, watch=watch)
+
+
+def _nodes(engine: Any, n: int) -> tuple[Tensor, Tensor]:
+    """The ``n`` Gauss–Legendre nodes and weights on ``[0, 1]`` of the first estimate, in the engine's dtype."""
+    x01, w01 = (torch.as_tensor(v, dtype=engine.dtype, device=engine.device) for v in rule_nodes("gauss-legendre", n))
+    return x01, w01

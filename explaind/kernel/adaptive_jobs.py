@@ -18,7 +18,7 @@ from ..exceptions import ConfigError
 
 __all__ = ["GAUSS_KIND", "KINK_KIND", "C0", "FLOOR", "Rows", "Bracket", "Jobs", "Moves", "DenseWatch", "end_slopes",
            "steepest", "place", "locate", "choose", "halves", "join", "probed", "grade", "first_bracket", "one_kink",
-           "check_first"]
+           "check_first", "tolerances"]
 
 #: Panel kinds: ``nodes``-point and ``max(1, nodes // 2)``-point Gauss–Legendre.
 GAUSS_KIND, KINK_KIND = 0, 1
@@ -205,6 +205,15 @@ class DenseWatch:
     def coupled(self, need: float) -> bool:
         """Whether a count reaches ``need`` units: the whole batch would have been found kink-dense."""
         return self.looks >= need or any(c >= need for c in self.far.values())
+
+
+def tolerances(g_a: Tensor, g_b: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Per unit, from :math:`g` at the segment's ends ``(U, O)`` each: the exact difference ``(U, O)``, the
+    relative target ``tol`` :math:`\max_o |\Delta g_o|`, the rounding floor (:data:`FLOOR` ulps) and their sum."""
+    exact = g_b - g_a
+    rel = tol * exact.abs().amax(-1)
+    floor = FLOOR * torch.finfo(g_a.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
+    return exact, rel, floor, rel + floor
 
 
 def end_slopes(refine: Any, units: Tensor, evals: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

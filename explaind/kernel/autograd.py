@@ -83,6 +83,8 @@ class AutogradEvaluator:
         self.fm = fm
         self.chunk_size = chunk_size
         self.rows_chunk = rows_chunk or 16 * (chunk_size or 256)
+        #: bytes of outputs one evaluation may hold (``None``: ``evaluate.OUTPUT_BYTES``), set by the engine
+        self.output_bytes: int | None = None
         #: grids by one JVP per (step, node) (:data:`PER_NODE_LAYERS`), else one ``vmap`` over steps and nodes
         self.per_node = fm.device.type == "cpu" and any(isinstance(m, PER_NODE_LAYERS) for m in fm.module.modules())
         #: the per-node JVPs fuse convolutions with forward-mode dual tensors, which the code a compiling
@@ -107,7 +109,7 @@ class AutogradEvaluator:
         if isinstance(rows, Grid):
             return self._slopes_grid(stack, rows.t)
         chunk = min(self.rows_per_call(rows.t.shape[0], sum(v[0].numel() for v in stack.base.values())),
-                    rows_for_outputs(stack.explained.n_outputs, self.fm.dtype))
+                    rows_for_outputs(stack.explained.n_outputs, self.fm.dtype, self.output_bytes))
         E = rows.t.shape[0]
         h = torch.empty(E, stack.explained.n_outputs, dtype=self.fm.dtype, device=self.fm.device)
         d = torch.empty_like(h)
@@ -133,7 +135,7 @@ class AutogradEvaluator:
         S, n, T = stack.n_steps, x.shape[0], stack.X.shape[0]
         elem = torch.finfo(self.fm.dtype).bits // 8
         D = sum(v[0].numel() for v in stack.base.values())
-        rows = min(self.rows_chunk, rows_for_outputs(stack.explained.n_outputs, self.fm.dtype))
+        rows = min(self.rows_chunk, rows_for_outputs(stack.explained.n_outputs, self.fm.dtype, self.output_bytes))
         if T > rows:  # more inputs than one call's outputs may take: a slice of them at a time
             h = torch.empty(S, T, n, stack.explained.n_outputs, dtype=self.fm.dtype, device=self.fm.device)
             d = torch.empty_like(h)
@@ -163,7 +165,7 @@ class AutogradEvaluator:
         """
         fm, explained, X = self.fm, stack.explained, stack.X
         S, n, T = stack.n_steps, x.shape[0], X.shape[0]
-        rows = min(self.rows_chunk, rows_for_outputs(explained.n_outputs, self.fm.dtype))
+        rows = min(self.rows_chunk, rows_for_outputs(explained.n_outputs, self.fm.dtype, self.output_bytes))
         hs, ds = [], []
         for s in range(S):
             b = {k: v[s] for k, v in stack.base.items()}

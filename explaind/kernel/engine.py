@@ -23,7 +23,7 @@ from ..trajectory.base import Trajectory
 from .adjoint import reversed_backward
 from .autograd import AutogradEvaluator
 from .casts import CastSite, find_casts, sites_text
-from .evaluate import Evaluator, StepStack
+from .evaluate import Evaluator, StepStack, budgets
 from .explained import Explained, FunctionalModel, Params
 from .jumps import watch_jumps
 from .layers import LayerEvaluator
@@ -92,10 +92,15 @@ class PathEngine:
         :class:`~explaind.exceptions.ConfigError` then, ``"never"`` always uses ``torch.func``.
     casts : {"auto", "replay_dtype", "as_written"}
         Conversions in the forward below ``dtype`` (:meth:`settle_casts`).
+    memory_budget : int, optional
+        Bytes of output-sized state: half for the adaptive rule's chunks of (step, input) pairs
+        (``rule_bytes``), an eighth for the outputs of one evaluation (:func:`~explaind.kernel.evaluate.budgets`);
+        ``None``: the modules' defaults.
     """
 
     def __init__(self, traj: Trajectory, *, device: torch.device, dtype: torch.dtype, chunk_size: int | None,
-                 progress: bool = False, factored: str = "auto", casts: str = "auto"):
+                 progress: bool = False, factored: str = "auto", casts: str = "auto",
+                 memory_budget: int | None = None):
         if casts not in CASTS:
             raise ConfigError(f"PathEngine: invalid value for 'casts': {casts!r}; choose one of "
                               f"{', '.join(map(repr, CASTS))}.")
@@ -124,6 +129,9 @@ class PathEngine:
         #: point, not of the path; integer ones too (an evaluation forward may read them)
         self.buffer_names = tuple(traj.buffer_names)
         self.evaluator = make_evaluator(self.fm, self.names, factored, chunk_size)
+        #: bytes of output-sized state of the adaptive rule's chunks (``None``: ``adaptive_chunks.RULE_BYTES``)
+        self.rule_bytes, output_bytes = budgets(memory_budget)
+        getattr(self.evaluator, "fallback", self.evaluator).output_bytes = output_bytes
         self._cache: OrderedDict[int, Params] = OrderedDict()
 
     def params(self, s: int) -> Params:

@@ -30,7 +30,8 @@ from .layout import ParamLayout
 from .quadrature import NodePlan
 
 __all__ = ["along", "Segment", "StepStack", "Rows", "Grid", "Batch", "NodeGroup", "Evaluator", "node_groups",
-           "STACK_BYTES", "OUTPUT_BYTES", "ROW_OUTPUT_COPIES", "rows_for_outputs", "CHECK_TOLERANCE"]
+           "STACK_BYTES", "OUTPUT_BYTES", "ROW_OUTPUT_COPIES", "rows_for_outputs", "budgets",
+           "CHECK_TOLERANCE"]
 
 #: Largest bytes of stacked per-(step, node) parameters in one batched evaluation.
 STACK_BYTES = 2**28
@@ -42,15 +43,26 @@ OUTPUT_BYTES = 2**28
 ROW_OUTPUT_COPIES = 16
 
 
-def rows_for_outputs(n_outputs: int, dtype: torch.dtype) -> int:
-    """Rows (step, input, node) per evaluation whose outputs, ``n_outputs`` each, take at most :data:`OUTPUT_BYTES`.
+def rows_for_outputs(n_outputs: int, dtype: torch.dtype, budget: int | None = None) -> int:
+    """Rows (step, input, node) per evaluation whose outputs, ``n_outputs`` each, take at most ``budget`` bytes
+    (default :data:`OUTPUT_BYTES`; an estimator's ``memory_budget`` gives :func:`budgets`).
 
     Each row holds about :data:`ROW_OUTPUT_COPIES` tensors of its ``n_outputs`` values while the call runs; at
     least one row. The evaluators take the smaller of this and their ``chunk_size`` rows (docs/engine.md §3,
     *Chunking*).
     """
     elem = torch.finfo(dtype).bits // 8
-    return max(1, OUTPUT_BYTES // max(1, ROW_OUTPUT_COPIES * elem * n_outputs))
+    return max(1, (OUTPUT_BYTES if budget is None else budget) // max(1, ROW_OUTPUT_COPIES * elem * n_outputs))
+
+
+def budgets(memory_budget: int | None) -> tuple[int | None, int | None]:
+    """The bytes of output-sized state of the adaptive rule's chunks and of one evaluation's outputs within an
+    estimator's ``memory_budget``: half and an eighth of it (``None``: the defaults, ``RULE_BYTES`` of
+    :mod:`~explaind.kernel.adaptive_chunks` and :data:`OUTPUT_BYTES`, the same as 2 GiB; docs/engine.md §3,
+    *Chunking*)."""
+    if memory_budget is None:
+        return None, None
+    return max(1, memory_budget // 2), max(1, memory_budget // 8)
 
 
 #: Largest relative disagreement between two evaluators accepted by a start-up check, per dtype.

@@ -127,7 +127,8 @@ class LayerEvaluator:
         if isinstance(rows, Grid) or not self._ready("rows", lambda: self._check_rows(stack)):
             return self.fallback.slopes(stack, rows)
         return self._rows(stack, rows, min(self.fallback.rows_chunk,
-                                           rows_for_outputs(stack.explained.n_outputs, self.fm.dtype)))
+                                           rows_for_outputs(stack.explained.n_outputs, self.fm.dtype,
+                                                            self.fallback.output_bytes)))
 
     def jvp(self, segment: Segment, plan: NodePlan, tangents: Params) -> Tensor:
         """The fallback's weighted JVPs."""
@@ -169,7 +170,8 @@ class LayerEvaluator:
         rows = Rows(torch.arange(S, device=dev).repeat_interleave(2 * n), torch.arange(n, device=dev).repeat(2 * S),
                     torch.tensor([0.3, 0.8], dtype=self.fm.dtype, device=self.fm.device).repeat_interleave(n).repeat(S))
         try:
-            got = self._rows(probe, rows, rows_for_outputs(probe.explained.n_outputs, self.fm.dtype))
+            got = self._rows(probe, rows, rows_for_outputs(probe.explained.n_outputs, self.fm.dtype,
+                                                               self.fallback.output_bytes))
         except Exception as exc:  # an unsupported layer or operation: use the generic path
             return f"the batched rows failed: {exc}"
         want = self.fallback.slopes(probe, rows)

@@ -28,6 +28,7 @@ from ..exceptions import warn_at_caller
 from . import adaptive
 from . import dense as _dense
 from .adaptive_chunks import adaptive_group
+from .adaptive_jobs import FLOOR
 from .casts import sites_text
 from .dense import DENSE_REL
 from .evaluate import STACK_BYTES, Grid, StepStack
@@ -180,7 +181,7 @@ def _above(est: Tensor, exact: Tensor, g_a: Tensor, g_b: Tensor, tol: float) -> 
     r"""Units ``(..., O)`` whose estimate misses :math:`\mathrm{tol} \max_o |\Delta g_o|` plus the rounding floor of
     :func:`~explaind.kernel.adaptive.adaptive_plan` (bool ``(...)``), and the largest relative error among them."""
     scale = exact.abs().amax(-1)
-    floor = adaptive.FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
+    floor = FLOOR * torch.finfo(scale.dtype).eps * (g_a.abs().amax(-1) + g_b.abs().amax(-1))
     err = (est - exact).abs().amax(-1)
     above = err > tol * scale + floor
     worst = float((err[above] / scale[above].clamp_min(torch.finfo(scale.dtype).tiny)).max()) if bool(above.any()) \
