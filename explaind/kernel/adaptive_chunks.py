@@ -91,7 +91,7 @@ def adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: li
     of the first estimate; ``tol``, ``coarsen`` as in :func:`~explaind.kernel.adaptive.adaptive_plan`.
     """
     S, T = stack.n_steps, stack.X.shape[0]
-    budget = getattr(engine, "rule_bytes", None)
+    budget = getattr(engine, "rule_bytes", None) or RULE_BYTES
     chunks = unit_chunks(S, T, stack.explained.n_outputs, engine.dtype, budget)
     if len(chunks) == 1:
         return _plan(engine, stack, begins, ends, n, tol, coarsen, None)
@@ -105,13 +105,13 @@ def adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: li
         f, k = probe_counts(first, w01, torch.cat(b), torch.cat(e), tol)
         failing, looks = failing + f, looks + k
         kept += 2 * first[1].numel() * first[1].element_size()
-        subs.append((sub, b, e, first if kept <= (RULE_BYTES if budget is None else budget) else None))
-    if tol < GAP_TOL and _dense.DENSE_AFTER > 0 and looks >= max(_dense.DENSE_MIN, _dense.DENSE_SHARE * failing):
+        subs.append((sub, b, e, first if kept <= budget else None))
+    if tol < GAP_TOL and _dense.DENSE_AFTER > 0 and looks >= _dense.dense_need(failing):
         logger.warning("the adaptive quadrature found the first estimates of %d (step, input) pairs kink-dense, a "
                        "decision over all of them: planned as one batch, not in %d chunks (RULE_BYTES), its memory "
                        "past that budget. Fix: fewer inputs per call (predict a few at a time).", S * T, len(chunks))
         return _plan(engine, stack, begins, ends, n, tol, coarsen, None, _stitch(chunks, subs, S, T))
-    watch = DenseWatch(bound=max(_dense.DENSE_MIN, _dense.DENSE_SHARE * S * T))
+    watch = DenseWatch(bound=_dense.dense_need(S * T))
     parts = []
     for chunk, (sub, b, e, first) in zip(chunks, subs):
         parts.append((chunk, _plan(engine, sub, b, e, n, tol, coarsen, watch, first)))
@@ -159,7 +159,7 @@ def _stitch(chunks: list[tuple[int, int, int, int]], subs: list[tuple[Any, ...]]
 def coupled(watch: DenseWatch) -> bool:
     """Whether the whole batch behind ``watch`` would have been found kink-dense: its first estimate (the probe's
     test) or a refinement level (:func:`~explaind.kernel.dense.dense_units`)."""
-    return _dense.DENSE_AFTER > 0 and watch.coupled(max(_dense.DENSE_MIN, _dense.DENSE_SHARE * watch.failing))
+    return _dense.DENSE_AFTER > 0 and watch.coupled(_dense.dense_need(watch.failing))
 
 
 def merge(parts: list[tuple[tuple[int, int, int, int], NodePlan]], n_steps: int, n_inputs: int) -> NodePlan:
@@ -218,5 +218,6 @@ def _plan(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor
 
 def _nodes(engine: Any, n: int) -> tuple[Tensor, Tensor]:
     """The ``n`` Gauss–Legendre nodes and weights on ``[0, 1]`` of the first estimate, in the engine's dtype."""
-    x01, w01 = (torch.as_tensor(v, dtype=engine.dtype, device=engine.device) for v in rule_nodes("gauss-legendre", n))
-    return x01, w01
+    x01, w01 = rule_nodes("gauss-legendre", n)
+    return (torch.as_tensor(x01, dtype=engine.dtype, device=engine.device),
+            torch.as_tensor(w01, dtype=engine.dtype, device=engine.device))

@@ -48,7 +48,7 @@ from torch import Tensor
 from .adaptive_jobs import Bracket
 from .dense_grid import cells, dense_rule, half_cells, refined_grid
 
-__all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN", "DENSE_EVALS",
+__all__ = ["DENSE_AFTER", "DENSE_RATIO", "DENSE_REL", "DENSE_SHARE", "DENSE_MIN", "dense_need", "DENSE_EVALS",
            "PROBE_UNITS", "MIDPOINT_KIND", "Shared", "dense_units", "far_units", "probe_positions",
            "dense_rule", "cells", "GRID_FLOOR", "grid_cells", "BUDGET_SPREAD", "BUDGET_POWER",
            "GRID_EVALS", "SHARE_STEPS", "step_budgets", "SHARED_NODES_BYTES", "Fallback", "dense_fallback",
@@ -79,6 +79,13 @@ MIDPOINT_KIND = 2
 Shared = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+
+def dense_need(failing: int) -> float:
+    """Far units that make a batch kink-dense when ``failing`` of its units missed the first estimate: at least
+    :data:`DENSE_SHARE` of them and :data:`DENSE_MIN` (the probe's test, each refinement level's, and the chunked
+    rule's sums over its chunks, :mod:`~explaind.kernel.adaptive_chunks`)."""
+    return max(DENSE_MIN, DENSE_SHARE * failing)
+
 def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: Tensor, floor: Tensor) -> Tensor:
     r"""The far units of a kink-dense batch (bool ``(U,)``; all ``False`` when the batch is not kink-dense).
 
@@ -94,7 +101,7 @@ def dense_units(total: Tensor, ripe: Tensor, failing: int, thr: Tensor, scale: T
         Each unit's tolerance, :math:`\max_o |\Delta g_o|` and rounding floor, ``(U,)``.
     """
     far = ripe & far_units(total, thr, scale, floor)
-    if int(far.sum()) < max(DENSE_MIN, DENSE_SHARE * failing):
+    if int(far.sum()) < dense_need(failing):
         return torch.zeros_like(far)
     return far
 
