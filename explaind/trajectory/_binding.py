@@ -38,7 +38,7 @@ from ._checksum import checksum
 from .manifest import StepRecord, TrajectoryManifest, dtype_name
 
 __all__ = ["new_run_id", "run_binding", "record_binding", "check_step_file", "check_run", "state_binding",
-           "check_state", "unbound_state", "AUDIT_PREFIX", "RUN_FIELDS"]
+           "check_state", "unbound_state", "bound_state_names", "AUDIT_PREFIX", "RUN_FIELDS"]
 
 #: tensors of a state file that hold the recorder's audit momentum (a sparse store keeps them in a file of their own)
 AUDIT_PREFIX = "audit."
@@ -254,3 +254,13 @@ def unbound_state(where: str, step_file: str, n: int) -> str:
 
 def _spec(value: list[Any]) -> str:
     return f"{value[0]} of shape {value[1]}"
+
+
+def bound_state_names(held: str) -> list[str]:
+    """The tensor names of a step file's ``state`` entry (none where it does not parse: :func:`check_state` names
+    that problem when the state is checked)."""
+    try:
+        tensors = json.loads(held).get("tensors")
+    except (ValueError, RecursionError, AttributeError):
+        return []
+    return [str(name) for name in tensors] if isinstance(tensors, dict) else []

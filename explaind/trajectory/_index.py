@@ -26,6 +26,7 @@ from ._io import read_confined
 from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE, unmarked_setup
 from ._lean_index import MAX_INDEX_BYTES, _canonical_manifest, _canonical_records, lean_index
 from ._steps import StepIndex
+from ._tool_marks import nonfinite_field, reordered_line, utf8_text
 from ._travel import case_changed, damage_cause, read_settled
 from .manifest import NEWER_TORCH, SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
@@ -109,6 +110,10 @@ def _read_journal(root: Path, newer: str | None = None) -> list[tuple[int, bytes
         data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
     except FileNotFoundError:
         return []
+    try:  # saved as UTF-16 or UTF-32 by an editor: the same text, read as the manifest is (_tool_marks.py)
+        data = utf8_text(data, f"Trajectory journal {str(path)!r}")
+    except ValueError as exc:
+        raise TrajectoryError(f"{exc}. Fix: save journal.jsonl as UTF-8, or restore it from a copy.") from None
     lines = data.removeprefix(codecs.BOM_UTF8).split(b"\n")  # an editor's byte-order mark, as in the manifest
     whole = lines[:-1] if not lines[-1] else lines  # the text after the last newline (none: b"")
     fast = _canonical_records(whole) if whole else None
@@ -131,7 +136,8 @@ def _read_journal(root: Path, newer: str | None = None) -> list[tuple[int, bytes
                                "complete but corrupted: the step is recorded again when the run is resumed")
                 break
             raise TrajectoryError(
-                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {_problem(exc)}. "
+                f"Trajectory journal {str(path)!r} is corrupted at line {i + 1}: {_problem(exc)}"
+                f"{nonfinite_field(line)}. "
                 f"The store was modified: restore journal.jsonl from a copy, or re-record the run, or copy the steps "
                 f"that can be proven intact into a new store: Trajectory.salvage({str(root)!r}, out=...) "
                 f"(explaind salvage RUN --out NEW)."
@@ -301,17 +307,23 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     del data
     steps = list(manifest.steps)
     seen: dict[int, tuple[int, bytes]] = {}  # step -> its first line: number and bytes (no records kept alive)
-    for line, text, record in _read_journal(root, _newer_writer(manifest.explaind_version)):
+    journal = _read_journal(root, _newer_writer(manifest.explaind_version))
+    for line, text, record in journal:
         first = seen.setdefault(record.step, (line, text))
         if first[1] is not text and first[1] != text:
             _check_repeated(record, first, line, root)
         if record.step < len(steps):
             continue  # the manifest's own record of the step is read (and checked against its file)
         if record.step != len(steps):
+            later = reordered_line([r.step for _, _, r in journal], len(steps))
+            cause = ("" if later is None else
+                     f" It lists step {len(steps)} later, at line {journal[later][0]}: its lines were reordered (a "
+                     f"sort, a merge or a sync of two copies), not lost; Trajectory.salvage({str(root)!r}, out=...) "
+                     f"takes them in any order and keeps every step their files prove.")
             raise TrajectoryError(
                 f"Trajectory journal {str(root / JOURNAL)!r} jumps from step {len(steps) - 1} to step {record.step}; "
-                f"allowed: the next step, {len(steps)}. The store was modified: restore journal.jsonl from a copy, or "
-                f"re-record the run."
+                f"allowed: the next step, {len(steps)}.{cause} The store was modified: restore journal.jsonl from a "
+                f"copy, or re-record the run."
             )
         steps.append(record)
     for i, record in enumerate(steps):
@@ -336,7 +348,8 @@ def _parse_manifest(data: bytes, path: Path) -> TrajectoryManifest:
     try:
         raw = strict_json(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than the parser goes
-        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc} (allowed: UTF-8 JSON as "
+        raise TrajectoryError(f"Trajectory manifest {str(path)!r} is not valid JSON: {exc}{nonfinite_field(data)} "
+                              f"(allowed: UTF-8 JSON as "
                               f"explaind writes it, each key once per object, finite numbers). "
                               f"{damage_cause(data, 'xxh3-128', '', MANIFEST, None) if not data else _NOT_OURS}"
                               ) from None

@@ -155,7 +155,10 @@ def store_path(root: Path, relpath: str, what: str) -> Path:
     full = os.path.realpath(root / relpath)
     if os.path.commonpath([base, full]) != base:
         folder = linked_folder(root, relpath)
-        fix = ("The store is corrupted or was not written by explaind; re-record the run." if folder is None else
+        fix = ("explaind reads a store's files only inside its directory, so the file it names is not read (a "
+               "deduplicating tool, git-annex or a hand-made link to another store's file put it there). Fix: replace "
+               "the link by the file it names (cp -rL copies a store with its links resolved; 'git annex unlock' "
+               "for git-annex), or restore the file from a copy of the store." if folder is None else
                f"Its folder {folder!r} is a symbolic link to a place outside the store (moved to another disk), and "
                f"explaind reads a store's files only inside its directory. Fix: move {folder!r} back into the store; "
                f"or move the whole store and link its directory (a store reached through a link is read).")
@@ -209,6 +212,21 @@ def read_confined(root: Path, relpath: str, max_bytes: int, what: str) -> bytes:
         os.close(fd)
 
 
+def manifest_head(root: Path) -> bytes:
+    """The first 4 KiB of the store's ``manifest.json`` (where explaind writes its ``run_id``), for naming the cause
+    of a damaged file only; ``b""`` where it cannot be read as a regular file of the store."""
+    try:
+        fd, _info = open_regular(store_path(root, "manifest.json", "Trajectory manifest"), lambda exc: OSError())
+    except (OSError, TrajectoryError):
+        return b""
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
 def read_verified_bytes(root: Path, record: FileRecord, step: int | None = None) -> bytes:
     """Read a file of the store (confined, at most its recorded size) and check its size and checksum.
 
@@ -240,7 +258,7 @@ def read_verified_bytes(root: Path, record: FileRecord, step: int | None = None)
         raise TrajectoryError(
             f"Trajectory file {str(path)!r}{_where(step)} is corrupted: its {algorithm} checksum {digest[:16]}... "
             f"does not match the recorded {expected[:16]}.... " + damage_cause(data, algorithm, expected, record.path,
-                                                                                step)
+                                                                                step, manifest_head(root))
         )
     return data
 

@@ -2,7 +2,7 @@
 "Salvaging a damaged store").
 
 The damaged store is only read (no lock is taken, no temporary file removed). A step ``s`` is kept when it is
-proven in one of two ways, tried in turn:
+proven in one of these ways, tried in turn:
 
 * ``"checksum"``: a record of it in the manifest or a journal line that parses (strictly, as a normal read parses
   it) names a step file whose size and checksum match, and the file holds that step, that record and this run
@@ -10,27 +10,23 @@ proven in one of two ways, tried in turn:
 * ``"bound"``: without such a record (its journal line lost or corrupted), the step file itself holds step ``s``,
   its record (the checksummed ``record`` entry, parsed strictly and written back byte for byte), the run's
   identity, start files and description (``run``, which needs a store of schema 3), a coefficient table and
-  parameters of the run's shapes, dtypes and finite values. What it cannot prove is the tensors' bytes: its own
-  checksum was kept only in the lost line, so a flipped bit in its theta or its coefficients is not found, and a
-  stranger who edits those bytes (keeping the metadata) is not caught either; a normal read catches both.
+  parameters of the run's shapes, dtypes and finite values. Not proven: the tensors' bytes (its checksum was kept
+  only in the lost line) and that it continues the step before it;
+* ``"replayed"``: a store written before schema 3 binds no run, so such a step is checked as ``"bound"`` without
+  the run and then kept only with ``replay=True``, when replaying its recorded update from the step before gives
+  theta_{s+1} to the recorder's tolerance (:mod:`~explaind.trajectory._salvage_replay`; not bit for bit).
 
-The trajectory is a prefix (step ``s`` needs the steps before it), so salvage stops at the first step proven in
-neither way and drops every later step, naming why. An optimizer state is kept with a step when its file matches
-its checksum (a ``"checksum"`` step's record) or is the slot written after that step (its ``n_steps``) and matches
-the layout and description its step file binds; a resume continues from the newest step kept with a state and
-records the steps after it again. A sparse store's step is proven the same two ways; proven by its binding, it
-keeps the checkpoint state and the audit's momentum its step file binds (:meth:`_Salvage._bound_states`), and its
-segment is checked again whenever it is read (replayed and compared with the theta stored at its end). The segment
-after a checkpoint whose state fails is dropped (it is replayed from that state). A store written before schema 3
-has no ``run`` entry in its step files, so none of its steps can be proven by its binding: a step file of another run
-of the same shapes would pass, and a dense step cannot be replayed without the gradient, which the store does not
-keep.
+The trajectory is a prefix, so salvage stops at the first step proven in none of these ways and drops every later
+step, naming why. An optimizer state is kept with a step when its file matches its checksum (a ``"checksum"``
+step's record) or is the slot written after that step (its ``n_steps``) and matches the layout and description its
+step file binds; a resume continues from the newest step kept with a state. A sparse store's step proven by its
+binding keeps the checkpoint state and the audit's momentum its step file binds (:meth:`_Salvage._bound_states`);
+its segment is checked again whenever it is read (replayed and compared with the theta stored at its end).
 """
 
 from __future__ import annotations
 
 import codecs
-import json
 import logging
 import os
 from pathlib import Path
@@ -39,7 +35,7 @@ from typing import Any
 from torch import Tensor
 
 from ..exceptions import TrajectoryError
-from ._binding import AUDIT_PREFIX, check_state, check_step_file, record_binding, run_binding
+from ._binding import AUDIT_PREFIX, bound_state_names, check_state, check_step_file, record_binding, run_binding
 from ._checksum import checksum
 from ._index import (
     MAX_INDEX_BYTES,
@@ -63,7 +59,9 @@ from ._layout import (
     setup_leftover,
     step_path,
 )
-from ._salvage_report import SalvageReport, steps_text
+from ._salvage_replay import ReplayInputs, replay_inputs, replay_steps, unreplayable
+from ._salvage_report import SalvageReport, log_unvouched
+from ._tool_marks import utf8_text
 from .lock import LOCK, live_writer
 from .manifest import FileRecord, StepRecord, TrajectoryManifest
 from .store import check_updates
@@ -100,6 +98,11 @@ def _journal(root: Path, report: SalvageReport) -> dict[int, list[StepRecord]]:
     except TrajectoryError as exc:  # not a regular file, too large, no permission: the step files may still hold
         report.unreadable_lines.append((0, str(exc)))
         return {}
+    try:  # an editor's UTF-16 save of the same text (_tool_marks.py)
+        data = utf8_text(data, "journal.jsonl")
+    except ValueError as exc:
+        report.unreadable_lines.append((0, str(exc)))
+        return {}
     out: dict[int, list[StepRecord]] = {}
     for i, line in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n")):
         if not line.strip(b" \t\r\x00"):
@@ -116,10 +119,12 @@ def _journal(root: Path, report: SalvageReport) -> dict[int, list[StepRecord]]:
 class _Salvage:
     """One salvage: the damaged store read, the new one written."""
 
-    def __init__(self, root: Path, out: Path):
+    def __init__(self, root: Path, out: Path, replay: ReplayInputs | None = None):
         self.root, self.out = root, out
         self.report = SalvageReport(source=root, out=out)
         self.manifest = _read_manifest(root)
+        self.replay = replay  # None: no step is proven by replaying its update (_salvage_replay.py)
+        self.replay_refused = "" if replay is None else unreplayable(self.manifest)
         self.sparse = self.report.sparse = self.manifest.param_stride != 1
         self.run = run_binding(self.manifest)
         self.candidates = _journal(root, self.report)
@@ -184,9 +189,12 @@ class _Salvage:
         """Step ``s`` proven by its step file's own record and binding (no checksum); else ``None`` and why."""
         relpath = step_path(s)
         where = f"{relpath!r} (step {s}) of the store {str(self.root)!r}"
-        if self.run is None:
+        if self.run is None and (self.replay is None or self.replay_refused):
             return None, (f"its file cannot be proven without its journal record: the store was written before "
-                          f"schema 3, so {relpath} does not bind the run")
+                          f"schema 3, so {relpath} does not bind the run, and " + (
+                              f"it cannot be replayed: {self.replay_refused}" if self.replay_refused else
+                              "it was not replayed (Trajectory.salvage(..., replay=True) proves such steps by "
+                              "replaying their recorded updates from the model, the training data and the loss)"))
         try:
             data = read_confined(self.root, relpath, self._step_limit(), "Trajectory file")
         except FileNotFoundError:
@@ -224,7 +232,7 @@ class _Salvage:
         held = self.metas[record.step].get("state")
         if held is None:
             return record, ""
-        names = _bound_names(held)
+        names = bound_state_names(held)
         if not names:
             return record, (f"its step file binds an optimizer state, but its 'state' entry names no tensor "
                             f"explaind can read ({held[:80]!r}), and the record that named the state was lost")
@@ -258,7 +266,7 @@ class _Salvage:
         audit state likewise, dropped when it fails (a later checkpoint took its slot)."""
         meta, relpath = self.metas[record.step], step_path(record.step)
         why = ""
-        split = any(n.startswith(AUDIT_PREFIX) for n in _bound_names(meta.get("state", "")))
+        split = any(n.startswith(AUDIT_PREFIX) for n in bound_state_names(meta.get("state", "")))
         for key, audit in (("optimizer_state", False if split else None),
                            ("audit_state", True)):
             state: FileRecord | None = getattr(record, key)
@@ -317,6 +325,8 @@ class _Salvage:
             if record is None and not self.candidates.get(s):  # no record of it parses: its file alone
                 record, why2 = self._by_binding(s)
                 how, why = "bound", f"no record of it in the manifest or the journal parses, and {why2}"
+                if self.run is None:  # a store before schema 3: its file binds no run, its update is replayed
+                    how = "replayed"
             if record is None:
                 stop = why
                 break
@@ -335,14 +345,42 @@ class _Salvage:
             raise TrajectoryError(f"Cannot salvage {str(self.root)!r}: not even step 0 can be proven intact ({stop}). "
                                   f"Nothing was written. Restore the store from a copy, or re-record the run.")
         for t in sorted(x for x in listed if x >= s):
-            self.report.dropped.append((t, stop if t == s else f"it follows step {s}, which cannot be proven "
-                                           f"(a trajectory is a prefix: step {t} needs every step before it)"))
+            self.report.dropped.append((t, stop if t == s else _follows(s, t)))
+        self._write(self._final(kept))
+        pending = [t for t, how in self.report.kept if how == "replayed"]
+        if pending:
+            assert self.replay is not None  # _by_binding proves no step of a store before schema 3 without it
+            proof = replay_steps(self.out, pending, self.replay)
+            self.report.replay_tolerance = proof.tolerance
+            self.report.replayed = [(t, r) for t, r in proof.residuals.items() if t != proof.failed]
+            if proof.failed is not None:
+                self._cut(kept, proof.failed, proof.why)
+        return self.report
+
+    def _final(self, kept: list[StepRecord]) -> list[StepRecord]:
+        """The records of the new store: each with the optimizer state proven after it (:meth:`_state`)."""
         how_of = dict(self.report.kept)
         final = kept if self.sparse else [self._state(r, how_of[r.step]) if r.step == len(kept) - 1 or
                                           r.optimizer_state is not None else r for r in kept]
         self.report.resume_at = next((r.step + 1 for r in reversed(final) if r.optimizer_state is not None), 0)
-        self._write(final)
-        return self.report
+        return final
+
+    def _cut(self, kept: list[StepRecord], failed: int, why: str) -> None:
+        """Drop step ``failed`` (its replay failed, ``why``) and every later step from the new store, written with
+        them: marked as being set up and its manifest removed first (a salvage interrupted here leaves what an
+        interrupted salvage leaves), their files removed, the index written again for the steps before."""
+        later = [(t, why if t == failed else _follows(failed, t)) for t in range(failed, len(kept))]
+        self.report.dropped = later + self.report.dropped
+        self.report.kept = self.report.kept[:failed]
+        self.report.states = []
+        mark_setup(self.out)
+        (self.out / MANIFEST).unlink()
+        for record in kept[failed:]:
+            for file in (record.file, record.optimizer_state):
+                if file is not None and self.files.pop(file.path, None) is not None:
+                    (self.out / file.path).unlink(missing_ok=True)
+        (self.out / ATTRIBUTES).unlink(missing_ok=True)  # it describes the last step, now dropped
+        self._write(self._final(kept[:failed]))
 
     def _attributes(self) -> dict[str, FileRecord]:
         """``attributes.json`` (the model's plain attributes at the last step) when every step was kept; its reader
@@ -372,14 +410,9 @@ class _Salvage:
         read_manifest(out)  # the new store's index reads as a normal read reads it
 
 
-def _bound_names(held: str) -> list[str]:
-    """The tensor names of a step file's ``state`` entry (none where it does not parse: :func:`check_state` names
-    that problem when the state is checked)."""
-    try:
-        tensors = json.loads(held).get("tensors")
-    except (ValueError, RecursionError, AttributeError):
-        return []
-    return [str(name) for name in tensors] if isinstance(tensors, dict) else []
+def _follows(s: int, t: int) -> str:
+    return (f"it follows step {s}, which cannot be proven (a trajectory is a prefix: step {t} needs every step "
+            f"before it)")
 
 
 def _interrupted_salvage(target: Path) -> bool:
@@ -402,7 +435,8 @@ def _step_files(root: Path) -> list[int]:
     return [int(n[: -len(".safetensors")]) for n in names if STEP_FILE.fullmatch(n)]
 
 
-def salvage_store(path: Any, out: Any) -> SalvageReport:
+def salvage_store(path: Any, out: Any, *, replay: bool = False, model: Any = None, train_data: Any = None,
+                  loss: Any = None, reader: Any = None) -> SalvageReport:
     """Copy every step of the store ``path`` that can be proven intact into a new store ``out``.
 
     Parameters
@@ -411,6 +445,14 @@ def salvage_store(path: Any, out: Any) -> SalvageReport:
         The damaged store; it is only read.
     out : str or Path
         Where the new store is written: a path that does not exist, or an empty directory, outside ``path``.
+    replay : bool
+        Prove the steps of a store written before schema 3 that no record vouches for by replaying their recorded
+        updates (:mod:`~explaind.trajectory._salvage_replay`); the replay needs the model, the training data and the
+        loss: ``model``, ``train_data`` and ``loss`` as for ``Trajectory.load`` (default: the store's own).
+    model, train_data, loss : optional
+        Passed to the replay's ``Trajectory.load`` of the new store; only with ``replay=True``.
+    reader : callable, optional
+        The store reader of ``Trajectory.load`` (``Trajectory.salvage`` passes it); required by ``replay=True``.
 
     Returns
     -------
@@ -444,22 +486,8 @@ def salvage_store(path: Any, out: Any) -> SalvageReport:
                               f"on host {holder.get('host')!r}, so its files and index change while they are read. "
                               f"Salvage it once that recording has ended (or, if that process is gone, delete "
                               f"{str(root / LOCK)!r}).")
-    report = _Salvage(root, target).run_salvage()
+    inputs = replay_inputs(replay, model, train_data, loss, reader)
+    report = _Salvage(root, target, inputs).run_salvage()
     logger.info("%s", report)
-    bound = [s for s, how in report.kept if how == "bound"]
-    if bound:
-        logger.warning(
-            "Trajectory.salvage(%r): steps %s are proven by their own files only (their journal lines were lost or "
-            "unreadable): each holds its step, its record and this run's identity, start files and description, but "
-            "nothing vouches for the bytes of its tensors (its checksum was in the lost line), nor that it continues "
-            "the step before it (a file of an abandoned continuation of the same run would pass). If a copy of the "
-            "store exists, compare these steps with it; else re-record from step %d if you cannot vouch for them.",
-            str(root), steps_text(bound), bound[0])
-        if report.sparse:
-            logger.warning(
-                "Trajectory.salvage(%r): this sparse store's steps %s are checked once more when read: each segment "
-                "is replayed from the checkpoint state before it and compared with the theta stored at its end, so a "
-                "damaged checkpoint state or step file shows as a replay gap (a warning naming the steps) or an "
-                "error; read every step once before trusting them.",
-                str(root), steps_text(bound))
+    log_unvouched(report)
     return report

@@ -3,10 +3,13 @@ proven, what was dropped and why (docs/recording.md, "Salvaging a damaged store"
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SalvageReport", "steps_text"]
+__all__ = ["SalvageReport", "log_unvouched", "steps_text"]
+
+logger = logging.getLogger("explaind.trajectory._salvage")  # the salvage's own logger
 
 
 @dataclass
@@ -30,6 +33,11 @@ class SalvageReport:
         The step a resume of ``out`` continues from (the newest step kept with a state; 0: from the start).
     sparse : bool
         Whether the store is sparse (``checkpoint_every > 1``): its steps are replayed when read (module docstring).
+    replayed : list of (int, float)
+        Each step kept as ``"replayed"`` (``salvage(..., replay=True)``, a store written before schema 3) and its
+        replayed relative residual r_s (``_salvage_replay``: the update audit of the step, replayed).
+    replay_tolerance : float
+        The largest residual of a step proven by replay (0 when nothing was replayed).
     """
 
     source: Path
@@ -40,13 +48,20 @@ class SalvageReport:
     states: list[tuple[int, str]] = field(default_factory=list)
     resume_at: int = 0
     sparse: bool = False
+    replayed: list[tuple[int, float]] = field(default_factory=list)
+    replay_tolerance: float = 0.0
 
     def __str__(self) -> str:
-        by = {how: [s for s, h in self.kept if h == how] for how in ("checksum", "bound")}
+        by = {how: [s for s, h in self.kept if h == how] for how in ("checksum", "bound", "replayed")}
         lines = [f"Salvaged {len(self.kept)} step(s) of {str(self.source)!r} into {str(self.out)!r} (the damaged "
                  f"store is unchanged).",
                  f"kept, proven by their checksums: {steps_text(by['checksum'])}",
                  f"kept, proven by their own record and binding only (no checksum): {steps_text(by['bound'])}"]
+        if by["replayed"]:
+            worst = max(r for _, r in self.replayed)
+            lines.append(f"kept, proven by replaying their recorded updates (written before schema 3, no checksum; "
+                         f"each theta_s+1 follows from theta_s to a relative {worst:.3g}, tolerance "
+                         f"{self.replay_tolerance:g}; not bit for bit): {steps_text(by['replayed'])}")
         lines += [f"unreadable journal{f' line {n}' if n else ''}: {problem}" for n, problem in self.unreadable_lines]
         lines += [f"dropped step {s}: {why}" for s, why in self.dropped]
         lines.append(f"a resume continues from step {self.resume_at}" + ("" if self.resume_at == len(self.kept) else
@@ -59,3 +74,31 @@ def steps_text(steps: list[int]) -> str:
     if not steps:
         return "none"
     return ", ".join(str(s) for s in steps[:20]) + (f", ... ({len(steps)} in all)" if len(steps) > 20 else "")
+
+
+def log_unvouched(report: SalvageReport) -> None:
+    """Warn about the steps kept without a checksum: what their proof (``"replayed"`` or ``"bound"``) does not prove
+    and the fix."""
+    if report.replayed:
+        logger.warning(
+            "Trajectory.salvage(%r): steps %s are proven by replaying their recorded updates (their journal lines were "
+            "lost and their files, written before schema 3, bind no run): each theta_{s+1} follows from theta_s, the "
+            "recorded batch and coefficients to a relative %g, not bit for bit (a change below that is not found), "
+            "and their optimizer states are not kept (a resume records them again).",
+            str(report.source), steps_text([s for s, _ in report.replayed]), report.replay_tolerance)
+    bound = [s for s, how in report.kept if how == "bound"]
+    if bound:
+        logger.warning(
+            "Trajectory.salvage(%r): steps %s are proven by their own files only (their journal lines were lost or "
+            "unreadable): each holds its step, its record and this run's identity, start files and description, but "
+            "nothing vouches for the bytes of its tensors (its checksum was in the lost line), nor that it continues "
+            "the step before it (a file of an abandoned continuation of the same run would pass). If a copy of the "
+            "store exists, compare these steps with it; else re-record from step %d if you cannot vouch for them.",
+            str(report.source), steps_text(bound), bound[0])
+        if report.sparse:
+            logger.warning(
+                "Trajectory.salvage(%r): this sparse store's steps %s are checked once more when read: each segment "
+                "is replayed from the checkpoint state before it and compared with the theta stored at its end, so a "
+                "damaged checkpoint state or step file shows as a replay gap (a warning naming the steps) or an "
+                "error; read every step once before trusting them.",
+                str(report.source), steps_text(bound))

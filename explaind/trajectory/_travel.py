@@ -24,6 +24,7 @@ from typing import BinaryIO
 from ..exceptions import TrajectoryError
 from ._checksum import hasher
 from ._interrupts import check_journal, journal_identity
+from ._tool_marks import store_run_id
 from .manifest import FileRecord
 
 __all__ = ["damage_cause", "grown_cause", "missing_cause", "read_settled", "linked_folder", "case_changed",
@@ -72,7 +73,8 @@ def _int(text: object) -> int | None:
     return int(text) if isinstance(text, str) and text.isdigit() and len(text) < 20 else None
 
 
-def damage_cause(data: bytes, algorithm: str, expected: str, relpath: str, step: int | None) -> str:
+def damage_cause(data: bytes, algorithm: str, expected: str, relpath: str, step: int | None,
+                 manifest_head: bytes = b"") -> str:
     """Cause and fix of a file whose size or checksum is not the recorded one, judged from its bytes ``data``.
 
     ``algorithm`` and ``expected`` are the recorded checksum; ``relpath`` is the file's path in the store and
@@ -106,6 +108,12 @@ def damage_cause(data: bytes, algorithm: str, expected: str, relpath: str, step:
                 f"state file after the journal. Fix: copy the store again after the recording ended; or "
                 f"Trajectory.salvage(STORE, out=NEW) (explaind salvage RUN --out NEW), which keeps every step its "
                 f"files prove, with this state.")
+    other = _other_run(meta, manifest_head) if relpath.startswith("steps/") else None
+    if other is not None:
+        return (f"Cause: it is a step file of another run (its 'run' entry names the run {other[0]!r}; this store is "
+                f"the run {other[1]!r}): a file copied or synced in from another store (two stores merged into one "
+                f"directory, a tool that replaced a file by one of the same name and size). Fix: restore this store's "
+                f"file from a copy of it; or {_SALVAGE}.")
     if step is not None and _int(meta.get("step")) == step and relpath.startswith("steps/"):
         return (f"Cause: it is a safetensors file of step {step} with other bytes than the store's index records: "
                 f"a file of another attempt at this step (a copy of the store resumed separately and copied over "
@@ -116,6 +124,17 @@ def damage_cause(data: bytes, algorithm: str, expected: str, relpath: str, step:
             f"recorded: re-saved by another tool (safetensors' save_file, a conversion to another dtype), or a file "
             f"of another run; its values are not taken as recorded. Fix: restore the file as recorded from the "
             f"original store" + (f"; or {_SALVAGE}." if step is not None else "."))
+
+
+def _other_run(meta: dict, manifest_head: bytes) -> tuple[str, str] | None:
+    """``(the file's run, the store's run)`` when a step file's ``run`` entry names a run other than the ``run_id``
+    at the head of the store's manifest (``manifest_head``, its first bytes); else ``None``."""
+    store = store_run_id(manifest_head)
+    try:
+        held = json.loads(meta.get("run", "")).get("id")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return (held, store) if store is not None and isinstance(held, str) and held != store else None
 
 
 def grown_cause(read: Callable[[int], bytes], record: FileRecord, step: int | None) -> str | None:

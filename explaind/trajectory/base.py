@@ -237,7 +237,8 @@ class Trajectory(abc.ABC):
         return traj
 
     @staticmethod
-    def salvage(path: Any, out: Any) -> SalvageReport:
+    def salvage(path: Any, out: Any, *, replay: bool = False, model: Any = None, train_data: Any = None,
+                loss: Any = None) -> SalvageReport:
         """Copy every step of a damaged store that can be proven intact into a new store ``out``.
 
         See docs/recording.md, "Salvaging a damaged store". The damaged store is only read. A step is kept
@@ -251,6 +252,12 @@ class Trajectory(abc.ABC):
             The damaged store.
         out : str or Path
             The new store: a path that does not exist, or an empty directory, outside ``path``.
+        replay : bool
+            Also prove the steps of a store written before schema 3 whose journal lines were lost, by
+            replaying their recorded updates from the model, the training data and the loss (to the
+            recorder's gradient tolerance, not bit for bit).
+        model, train_data, loss : optional
+            As for :meth:`load`, for the replay (default: the store's own); only with ``replay=True``.
 
         Returns
         -------
@@ -266,7 +273,8 @@ class Trajectory(abc.ABC):
         """
         from ._salvage import salvage_store
 
-        return salvage_store(path, out)
+        return salvage_store(path, out, replay=replay, model=model, train_data=train_data, loss=loss,
+                             reader=Trajectory._store_reader)
 
     @classmethod
     def from_checkpoints(cls, checkpoints: Any, model: nn.Module, *, loss: Any = None, train_data: Any = None,

@@ -207,7 +207,9 @@ def live_writer(root: Path) -> dict | None:
 
 
 def busy_message(root: Path, info: dict) -> str:
-    if info.get("pid") == os.getpid():  # a recorder of this process still open: a loop left without `with rec:` ending
+    # a recorder of this process still open (a loop left without `with rec:` ending); a lock of another host that
+    # names the same process id (a store checked in or synced while recorded) is another machine's
+    if info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
         return (f"The trajectory store {str(root)!r} is being written by process {os.getpid()} (this one, since "
                 f"{info.get('since')}): a second writer would corrupt it. A TrajectoryRecorder of this process has it "
                 f"open: finish its `with rec:` block first; if that block was left without __exit__ (an abandoned "
