@@ -1,5 +1,6 @@
-"""What other tools leave in a store's index files, told apart from damage (docs/recording.md, "What tools do to a
-store, round 14").
+"""What other tools leave in a store's index files, told apart from damage.
+
+See docs/recording.md, "What tools do to a store, round 14".
 
 An editor that saves ``journal.jsonl`` as UTF-16 (Windows' "Unicode"), a script that writes ``NaN`` into a float
 field of ``manifest.json``, a sort or a merge of the journal's lines: none of these is a torn write, and a message
