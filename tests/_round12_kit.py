@@ -91,3 +91,11 @@ def lfs_pointer(path: Path) -> None:
     """Replace ``path`` by the Git LFS pointer file a clone without ``git lfs pull`` holds in its place."""
     size = path.stat().st_size
     path.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'ab' * 32}\nsize {size}\n")
+
+
+def finished_and_live(root: Path) -> Path:
+    """``root`` holding ``finished``, a store of ``STEPS`` steps, and ``live``, a copy of it taken after step 3 while
+    it was recorded (its manifest lists no step: the journal holds them)."""
+    record(root / "finished", after=copy_at(3, root / "live"))
+    assert manifest(root / "live")["steps"] == []
+    return root

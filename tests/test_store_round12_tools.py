@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from _round12_kit import STEPS, copy_at, load, manifest, record, reference, resumes_to_the_end, same_run
+from _round12_kit import STEPS, finished_and_live, load, manifest, reference, resumes_to_the_end, same_run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -35,10 +35,7 @@ def ref():
 def stores(tmp_path_factory):
     """A finished store of ``STEPS`` steps and a copy of it taken after step 3 while it was recorded (its manifest
     lists no step: the journal holds them)."""
-    root = tmp_path_factory.mktemp("stores")
-    record(root / "finished", after=copy_at(3, root / "live"))
-    assert manifest(root / "live")["steps"] == []
-    return root
+    return finished_and_live(tmp_path_factory.mktemp("stores"))
 
 
 @pytest.fixture

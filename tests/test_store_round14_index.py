@@ -1,10 +1,6 @@
 """What tools do to a store, round 14 (part 2: the index files): a byte-order mark and CRLF line ends together, the
 journal and the manifest saved as UTF-16 or UTF-32 by an editor, ``NaN`` and infinities written into a float field,
-and the journal's lines reordered by a sort or a merge.
-
-docs/recording.md, "What tools do to a store, round 14", lists each case with what explaind did before. A store
-read as the same run equals the uninterrupted run recorded in memory bit for bit (``same_run``, after ``verify()``),
-and resumed, the uninterrupted longer run (``resumes_to_the_end``).
+and the journal's lines reordered by a sort or a merge. Stores are compared as in ``test_store_round14.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +12,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _round12_kit import STEPS, copy_at, manifest, record, reference, resumes_to_the_end, salvaged, same_run, snapshot
+from _round12_kit import (
+    STEPS,
+    finished_and_live,
+    manifest,
+    reference,
+    resumes_to_the_end,
+    salvaged,
+    same_run,
+    snapshot,
+)
 
 from explaind.exceptions import TrajectoryError
 
@@ -30,10 +35,7 @@ def ref():
 def stores(tmp_path_factory):
     """A finished store of ``STEPS`` steps and a copy of it taken after step 3 while it was recorded (its manifest
     lists no step: the journal holds them)."""
-    root = tmp_path_factory.mktemp("round14_index")
-    record(root / "finished", after=copy_at(3, root / "live"))
-    assert manifest(root / "live")["steps"] == []
-    return root
+    return finished_and_live(tmp_path_factory.mktemp("round14_index"))
 
 
 @pytest.fixture(params=["finished", "copied while recording"])
