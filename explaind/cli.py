@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("salvage", help="copy the steps of a damaged store that can be proven intact into a new one")
     p.add_argument("run", help="the damaged store (only read)")
     p.add_argument("--out", required=True, help="the new store (a new path or an empty directory)")
+    p.add_argument("--replay", action="store_true",
+                   help="prove steps of a store written before schema 3 whose journal lines were lost by replaying "
+                        "their recorded updates (from the store's own model spec and data)")
     _common(p, suppress=True)
 
     p = sub.add_parser("plugins", help="list the installed plugins and what they register")

@@ -52,12 +52,12 @@ def cmd_plugins(args: argparse.Namespace, out: Any) -> int:
 
 def cmd_salvage(args: argparse.Namespace, out: Any) -> int:
     """Copy the steps of a damaged store that can be proven intact into a new store (docs/recording.md)."""
-    from .trajectory._salvage import salvage_store
+    from .trajectory.base import Trajectory
 
-    report = salvage_store(args.run, args.out)
+    report = Trajectory.salvage(args.run, out=args.out, replay=args.replay)
     out.result(str(report), {"source": str(report.source), "out": str(report.out), "kept": report.kept,
                              "dropped": report.dropped, "unreadable_lines": report.unreadable_lines,
-                             "states": report.states, "resume_at": report.resume_at})
+                             "states": report.states, "resume_at": report.resume_at, "replayed": report.replayed})
     return 0
 
 
