@@ -143,3 +143,16 @@ def test_journal_lines_reordered_are_named_and_salvage_keeps_every_step(stores, 
         same_run(store, ref)
     assert salvaged(store, tmp_path / "out", ref) == 4
     assert resumes_to_the_end(tmp_path / "out", ref) == 4
+
+
+def test_a_journal_whose_first_bytes_were_zeroed_is_not_taken_for_utf16(stores, tmp_path, ref):
+    """A file system that zeroed the journal's first 64 bytes (a lost first page; NUL bytes are what a wide encoding
+    starts with): named as damaged at line 1 with salvage as the fix, not as an editor's UTF-16 or UTF-32 save;
+    salvage keeps every step (step 0 by its own file). Before: the same."""
+    store = Path(shutil.copytree(stores / "live", tmp_path / "run"))
+    data = (store / "journal.jsonl").read_bytes()
+    (store / "journal.jsonl").write_bytes(bytes(64) + data[64:])
+    with pytest.raises(TrajectoryError, match=r"journal\.jsonl' is corrupted at line 1: .*salvage\(") as exc:
+        same_run(store, ref)
+    assert "UTF" not in str(exc.value)
+    assert salvaged(store, tmp_path / "out", ref) == 4

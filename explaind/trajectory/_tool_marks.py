@@ -31,21 +31,30 @@ def utf8_text(data: bytes, what: str) -> bytes:
     UTF-16 or UTF-32 that ``json.detect_encoding`` finds (an editor's "Unicode" save of the same text) and encoded as
     UTF-8, without a byte-order mark.
 
+    Without a byte-order mark, bytes are taken for UTF-16 or UTF-32 only when they decode to JSON text that starts
+    with an object (``{``); anything else, e.g. a journal whose first bytes a file system zeroed, is left as it is,
+    for the reader to name as damaged.
+
     Raises
     ------
     ValueError
-        When the bytes are not text of the encoding they start as (naming ``what`` and the encoding).
+        When the bytes start with a UTF-16 or UTF-32 byte-order mark but are not text of that encoding (naming
+        ``what`` and the encoding).
     """
-    if not data[:4].startswith(_WIDE_BOMS) and (len(data) < 2 or (data[0] and data[1])):
+    marked = data[:4].startswith(_WIDE_BOMS)
+    if not marked and (len(data) < 2 or (data[0] and data[1])):
         return data  # UTF-8 (json's rule: a wide encoding has a NUL among the first bytes of JSON text)
     encoding = json.detect_encoding(data[:4])
     if encoding in ("utf-8", "utf-8-sig"):
         return data
     try:
-        return data.decode(encoding).encode("utf-8")
+        text = data.decode(encoding)
     except UnicodeError as exc:
+        if not marked:
+            return data
         raise ValueError(f"{what} starts as {encoding.upper()} text (an editor's 'Unicode' save) but is not: {exc}. "
                          f"explaind writes UTF-8") from None
+    return text.removeprefix("\ufeff").encode("utf-8") if marked or text.startswith("{") else data
 
 
 def nonfinite_field(data: bytes | str) -> str:
