@@ -25,7 +25,7 @@ from test_store_strangers import _model
 
 import explaind
 from explaind.cli import main
-from explaind.exceptions import ConfigError
+from explaind.exceptions import ConfigError, TrajectoryError
 from explaind.trajectory._index import read_manifest
 
 LR, MOMENTUM = 0.05, 0.9  # round 7's SGD
@@ -255,3 +255,30 @@ def test_explaind_salvage_replay_proves_the_steps_of_a_registry_model_store(tmp_
     salvaged = explaind.Trajectory.load(tmp_path / "out")
     salvaged.verify()
     assert _same([t for s in range(STEPS + 1) for t in salvaged.params(s).values()], expected)
+
+
+def test_a_schema_2_store_without_its_journal_is_proven_by_replay_from_step_0(templates, tmp_path):
+    """A schema-2 store whose journal is empty (0 bytes) beside a manifest without steps. Before: refused, "not even
+    step 0 can be proven" (its file binds no run): the whole run lost. Now every step is proven by replay from the
+    start files' theta_0, residuals as the independent loop's, the run bit for bit."""
+    store = _old_store(templates, tmp_path, lines=0)
+    assert (store / "journal.jsonl").read_bytes() == b""
+    report = _salvage(store, tmp_path / "out", replay=True, model=_model())
+    assert report.kept == [(s, "replayed") for s in range(STEPS)] and report.dropped == []
+    reference = _loop_residuals(templates / "dense", STEPS)
+    assert all(abs(r - reference[s]) <= 1e-12 for s, r in report.replayed)
+    assert report.resume_at == 0  # no optimizer state is proven: a resume records the run again
+    assert _same(_values(tmp_path / "out"), _values(templates / "dense"))
+
+
+def test_a_step_0_that_fails_its_replay_writes_nothing(templates, tmp_path):
+    """The same store with step 0's file the other run's: nothing can be proven; salvage refuses naming step 0's
+    replay and removes what it wrote, leaving ``out`` an empty directory (a later salvage may use it)."""
+    store = _old_store(templates, tmp_path, lines=0)
+    other = Path(shutil.copytree(templates / "other", tmp_path / "other_old"))
+    _as_schema_2(other)
+    shutil.copy(_step_file_of(other, 0), _step_file_of(store, 0))
+    with pytest.raises(TrajectoryError, match=r"not even step 0 can be proven intact \(replayed from theta_0 .*does "
+                                              r"not continue the run.*Nothing was written"):
+        _salvage(store, tmp_path / "out", replay=True, model=_model())
+    assert list((tmp_path / "out").iterdir()) == []

@@ -353,6 +353,12 @@ class _Salvage:
             proof = replay_steps(self.out, pending, self.replay)
             self.report.replay_tolerance = proof.tolerance
             self.report.replayed = [(t, r) for t, r in proof.residuals.items() if t != proof.failed]
+            if proof.failed == 0:  # nothing proven: the new store is removed again, as if never written
+                remove_store(self.out, None)
+                (self.out / SETUP).unlink()
+                raise TrajectoryError(f"Cannot salvage {str(self.root)!r}: not even step 0 can be proven intact "
+                                      f"({proof.why}). Nothing was written. Restore the store from a copy, or "
+                                      f"re-record the run.")
             if proof.failed is not None:
                 self._cut(kept, proof.failed, proof.why)
         return self.report
