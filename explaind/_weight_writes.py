@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["written_since_backward_message", "wrapper_note", "inner_optimizers"]
+__all__ = ["written_since_backward_message", "perturbed_gradient_message", "wrapper_note", "inner_optimizers"]
 
 #: Attribute names under which optimizer wrappers keep the optimizer they wrap (Lookahead, SAM, ...).
 _INNER_NAMES = ("base_optimizer", "optimizer", "base", "inner", "inner_optimizer", "_optimizer", "opt")
@@ -63,6 +63,36 @@ def written_since_backward_message(s: int, names: list[str], checked: bool) -> s
             "writes theta back before the step. explaind recomputes every per-sample gradient at the parameters "
             "the step starts from, so such a step has no exact split over samples" + tail + ". Fix: record the "
             "base optimizer's run without the perturbation, or " + _CHECKPOINTS_FIX + ".")
+
+
+def perturbed_gradient_message(s: int, form: str, rho: float, rel: float) -> str:
+    """Names a step whose gradient is the logged batch's gradient at SAM's or ASAM's perturbation of the weights,
+    found by :func:`explaind.trajectory._perturbed.perturbed_gradient_hint` when the gradient check of step ``s``
+    failed (the perturbation written and undone through ``p.data``, which no version counter shows).
+
+    Parameters
+    ----------
+    s : int
+        The step.
+    form : {"SAM", "ASAM"}
+        The perturbation that matched: ``rho * g / ||g||`` or ``rho * T^2 g / ||T g||`` with ``T = |theta|``.
+    rho : float
+        The fitted radius.
+    rel : float
+        The relative distance of the loop's gradient from the batch's gradient at that perturbation.
+
+    Returns
+    -------
+    str
+    """
+    shape = "rho * g / ||g||" if form == "SAM" else "rho * |theta|^2 * g / || |theta| * g ||"
+    return (f" At step {s} the loop's gradient is the logged batch's gradient at theta + e, e = {shape} with "
+            f"rho = {rho:.4g} (g the batch's gradient at theta; relative difference {rel:.2g}), not at the "
+            f"parameters optimizer.step() starts from: {form}'s perturbation, added before the second backward() and "
+            f"taken back before the step through p.data (p.data.add_(e_w), p.data.sub_(e_w)), writes that torch's "
+            f"version counter does not count, so they were not seen when made. explaind recomputes every "
+            f"per-sample gradient at the parameters the step starts from, so such a step has no exact split over "
+            f"samples. Fix: record the base optimizer's run without the perturbation, or " + _CHECKPOINTS_FIX + ".")
 
 
 def inner_optimizers(optimizer: Any) -> list[tuple[str, Any]]:

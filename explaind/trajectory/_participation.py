@@ -353,8 +353,24 @@ def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
         f"optimizers over one model (SGD for one part, Adam for another) are not recorded: train every part with "
         f"one optimizer, a parameter group per part (its own lr, weight_decay, momentum or betas). A recipe whose "
         f"writes are part of training (Lookahead) is explained from the parameters saved after every step, "
-        f"explaind.Trajectory.from_checkpoints(checkpoints, model) (no split over samples)."
+        f"explaind.Trajectory.from_checkpoints(checkpoints, model) (no split over samples).{_undone_note(edited)}"
     )
+
+
+#: Largest relative change that is read as the rounding of a write and its undo (float64 and float32 alike).
+UNDONE = 1e-6
+
+
+def _undone_note(edited: list[tuple[str, float]]) -> str:
+    """For changes no larger than the rounding of a write and its undo: SAM's perturbation through ``p.data``."""
+    if not edited or max(r for _, r in edited) > UNDONE:
+        return ""
+    return (f" Every change is at most {UNDONE:g} relative, the rounding a write and its undo leave ((p + e) - e): "
+            f"sharpness-aware minimisation (SAM, ASAM) written through p.data (p.data.add_(e_w) before the second "
+            f"backward(), p.data.sub_(e_w) before the step), whose step's gradient was taken at theta + e. With the "
+            f"gradient check on (check_gradients='auto', the default) the recorder names the perturbation at step 0. "
+            f"Such a step has no exact split over samples: record the base optimizer's run without the perturbation, "
+            f"or explain the saved parameters with explaind.Trajectory.from_checkpoints.")
 
 
 def frozen_edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
