@@ -16,10 +16,10 @@ here (each test failed on the code before):
   (``Trajectory.from_checkpoints`` of the network's saved parameters, exact in tests/test_stranger_round15.py; a
   frozen generator's samples as rows of ``train_data``);
 * ``optimizer.zero_grad()`` left out before one step: recorded without a word at a step the sparse check skips
-  (residual share 0.10, warned about by the estimators with other causes), and refused at a checked one with the
-  generic causes. The recorder now sees the step's first backward accumulate into the gradient the last step
-  left (the same tensor, its version counter moved once), checks that step and names the habit and the fix, or
-  warns when no check can run;
+  (the residual share of the check-off case, warned about by the estimators with other causes), and refused at a
+  checked one with the generic causes. The recorder now sees the step's first backward accumulate into the
+  gradient the last step left (the same tensor, its version counter moved once), checks that step and names the
+  habit and the fix, or warns when no check can run;
 * SimCLR's projection head dropped after training: the refusal now names it and the exact alternative (the
   representation as output columns, exact in tests/test_stranger_round15.py).
 """
