@@ -12,12 +12,13 @@ case is a function returning ``(model, trajectory)``; one that the library refus
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _round14_cases import record, run
+from _round14_cases import loss_step, record, run
 from _round14_loops import sam_step
 from _round15_loops import forgotten_zero_grad, gan_train, kd_in_loop_step, kd_step, scheduled_per_batch, timm_step
 from _round15_models import (
@@ -27,6 +28,7 @@ from _round15_models import (
     ModelEmaV2,
     SimCLRNet,
     TiedLM,
+    focal_loss,
     kd_loss,
     relu_mlp,
     token_data,
@@ -38,6 +40,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 import explaind
+from explaind.exceptions import ExplaindWarning
 
 Case = Callable[[], tuple[nn.Module, Any]]
 
@@ -222,6 +225,12 @@ CASES: dict[str, Case] = {
     "reduce_on_plateau_adam_per_batch_loss": per_batch(
         lambda m: torch.optim.Adam(m.parameters(), lr=0.05),
         lambda o: lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5), metric=True),
+    # losses as written
+    "focal_loss_callable_adam": run(make_opt=adam, step=loss_step(focal_loss), loss=focal_loss),
+    "label_smoothing_module_instance_as_loss": run(step=loss_step(nn.CrossEntropyLoss(label_smoothing=0.1)),
+                                                   loss=nn.CrossEntropyLoss(label_smoothing=0.1)),
+    "label_smoothing_in_the_loop_cross_entropy_recorded": run(step=loss_step(
+        nn.CrossEntropyLoss(label_smoothing=0.1))),
     # loop habits
     "zero_grad_forgotten_at_step_3": run(step=forgotten_zero_grad(3)),
     "zero_grad_forgotten_at_step_1": run(step=forgotten_zero_grad(1)),
@@ -246,6 +255,25 @@ DEFAULT_RULE = ("relu_adam_lr1", "relu_adam_lr0.3_timm_clip", "relu_sgd_lr5", "r
 
 #: Cases whose training forward draws: against the reference that replays the recorded draws.
 REPLAYED = ("checkpoint_sequential_dropout_non_reentrant_captured",)
+
+
+def recorded(name: str) -> tuple[nn.Module, Any, list[str]]:
+    """Case ``name``'s model, trajectory and the ExplaindWarning messages raised while it ran."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, traj = CASES[name]()
+    return model, traj, [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
+
+
+def assert_default_rule_exact(name: str) -> None:
+    """The default replica within 1e-6 and the default estimator's share within 1e-9, neither warning."""
+    from _loops8_kit import replica_with_defaults
+    from _round4_kit import estimator_warnings
+
+    model, traj = CASES[name]()
+    got, (share, said) = replica_with_defaults(model, traj), estimator_warnings(traj)
+    assert got["replica"] <= 1e-6 and not got["warnings"], got
+    assert share <= 1e-9 and not said, (share, said)
 
 
 def figures(name: str, model: nn.Module, traj: Any) -> dict[str, Any]:

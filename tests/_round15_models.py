@@ -166,3 +166,10 @@ class SimCLRNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x)
         return torch.cat([self.head(h), h], 1) if self.columns else self.head(h)
+
+
+def focal_loss(out: torch.Tensor, y: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Multi-class focal loss as detection repositories write it: ``((1 - pt) ** gamma * ce).mean()`` with
+    ``pt = exp(-ce)`` from the per-sample cross entropy."""
+    ce = F.cross_entropy(out, y, reduction="none")
+    return ((1 - torch.exp(-ce)) ** gamma * ce).mean()

@@ -11,9 +11,7 @@ untuned rates: the default replica within 1e-6 and the default estimator's share
 from __future__ import annotations
 
 import pytest
-from _loops8_kit import replica_with_defaults
-from _round4_kit import estimator_warnings
-from _round15_cases import CASES, DEFAULT_RULE, figures
+from _round15_cases import CASES, DEFAULT_RULE, assert_default_rule_exact, figures
 from _stranger_loops_kit import assert_exact
 
 EXACT = [
@@ -22,6 +20,7 @@ EXACT = [
     "onecycle_adam_cycle_momentum_per_batch", "cosine_warm_restarts_adamw_per_batch",
     "reduce_on_plateau_adam_per_batch_loss", "grad_data_zero_by_hand_every_step",
     "checkpoint_sequential_dropout_non_reentrant_captured", "simclr_representation_as_output_columns",
+    "focal_loss_callable_adam", "label_smoothing_module_instance_as_loss",
 ]
 
 
@@ -33,11 +32,7 @@ def test_exact(case):
 
 @pytest.mark.parametrize("case", DEFAULT_RULE)
 def test_relu_at_untuned_rates_exact_with_the_defaults(case):
-    model, traj = CASES[case]()
-    got = replica_with_defaults(model, traj)
-    share, said = estimator_warnings(traj)
-    assert got["replica"] <= 1e-6 and not got["warnings"], got
-    assert share <= 1e-9 and not said, (share, said)
+    assert_default_rule_exact(case)
 
 
 def test_a_gan_discriminator_saved_after_every_step_is_replicated_exactly():

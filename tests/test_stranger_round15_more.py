@@ -20,6 +20,10 @@ here (each test failed on the code before):
   checked one with the generic causes. The recorder now sees the step's first backward accumulate into the
   gradient the last step left (the same tensor, its version counter moved once), checks that step and names the
   habit and the fix, or warns when no check can run;
+* ``nn.CrossEntropyLoss(label_smoothing=0.1)`` in the loop under ``loss="cross_entropy"``: the refusal named label
+  smoothing among a dozen causes; the failed check now fits the smoothing (two batch gradients, linear in
+  epsilon) and leads with it and the exact fix, that loss given to the recorder (exact in
+  tests/test_stranger_round15.py);
 * SimCLR's projection head dropped after training: the refusal now names it and the exact alternative (the
   representation as output columns, exact in tests/test_stranger_round15.py).
 """
@@ -27,13 +31,12 @@ here (each test failed on the code before):
 from __future__ import annotations
 
 import re
-import warnings
 
 import pytest
 from _round4_kit import estimator_warnings
-from _round15_cases import CASES
+from _round15_cases import CASES, recorded
 
-from explaind.exceptions import ExplaindWarning, TrajectoryError
+from explaind.exceptions import TrajectoryError
 
 PERTURBED = (r"Step 0: the gradient from backward\(\) does not match.*\. At step 0 the loop's gradient is the logged "
              r"batch's gradient at theta \+ e, e = {shape} with rho = 0\.05 .*{form}'s perturbation, added before the "
@@ -45,13 +48,6 @@ GAN_FIX = (r"A GAN's alternating steps .*no exact split over training samples.*e
 CARRIED = (r"Step {s}: the gradient from backward\(\) does not match.*\. At step {s} the gradient of .*0\.weight was "
            r"accumulated onto the one step {p} left: p\.grad was neither set to None nor zeroed .*optimizer\.zero_grad"
            r"\(\) left out.*Fix: call optimizer\.zero_grad\(\) before every step's backward\(\)")
-
-
-def recorded(case: str) -> tuple[object, object, list[str]]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model, traj = CASES[case]()
-    return model, traj, [str(w.message) for w in caught if issubclass(w.category, ExplaindWarning)]
 
 
 @pytest.mark.parametrize(("case", "shape", "form"), [
@@ -71,10 +67,20 @@ def test_sam_through_data_without_the_check_is_named_at_the_rounding_it_leaves()
         CASES["sam_written_through_data_check_off"]()
 
 
-def test_a_refusal_for_another_cause_does_not_name_a_perturbation():
+def test_a_refusal_for_another_cause_does_not_name_a_perturbation_or_label_smoothing():
     with pytest.raises(TrajectoryError) as caught:
         CASES["distillation_teacher_in_the_loop"]()
-    assert "perturbation" not in str(caught.value) and "a teacher's predictions" in str(caught.value)
+    said = str(caught.value)
+    assert "perturbation" not in said and "label smoothing 0" not in said and "a teacher's predictions" in said
+
+
+def test_label_smoothing_in_the_loop_under_cross_entropy_is_named_with_its_epsilon():
+    with pytest.raises(TrajectoryError, match=re.compile(
+            r"Step 0: the gradient from backward\(\) does not match.*\. At step 0 the loop's gradient is the gradient "
+            r"of cross entropy with label smoothing 0\.1 \(relative difference .*\), not of loss='cross_entropy'.*"
+            r"Fix: give the recorder that same loss, TrajectoryRecorder\(\.\.\., loss=torch\.nn\.CrossEntropyLoss\("
+            r"label_smoothing=0\.1\)\)", re.S)):
+        CASES["label_smoothing_in_the_loop_cross_entropy_recorded"]()
 
 
 @pytest.mark.parametrize(("case", "lead"), [

@@ -52,9 +52,10 @@ from ._participation import (
     retyped_hint,
     second_step_message,
 )
-from ._perturbed import perturbed_gradient_hint, start_constants
+from ._perturbed import start_constants
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 from ._setup import refuse_dtype_mismatch
+from ._smoothing import failed_check_fits
 from ._two_optimizers import outside_optimizer, stepped_elsewhere_note, submodules_called_hint
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch"]
@@ -207,7 +208,7 @@ class RecorderChecksMixin:
         inputs, then = list(self._probe.inputs), lazy  # the loop's inputs against train_data's rows, named first
         keywords = list(self._probe.keywords.seen)
         cleared = (lambda: "") if replayed else self._cleared_between(raw, device, s, tol, autocast)
-        perturbed = (lambda: "") if replayed or written else lambda: perturbed_gradient_hint(  # noqa: E731
+        perturbed = (lambda: "") if replayed or written else lambda: failed_check_fits(  # noqa: E731
             self.model, self._params, raw, self._loss, batch, self._buffers.recorded(), s, self._random.generators)
         lazy = lambda: (submodules_called_hint(s, bool(inputs), outside_optimizer(self._params, self.optimizer))  # noqa
                         + loop_inputs_hint(inputs, batch[0]) + loop_kwargs_hint(keywords, batch[0]) + perturbed()
