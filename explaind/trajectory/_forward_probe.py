@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._weight_writes import extra_forward_hint
 from ._common import ModelHook
 from ._gradients import GradientTap
 from ._loop_hints import KeywordProbe
 from ._output_rounding import OutputRounding
-from ._two_optimizers import extra_forward_hint
 
 __all__ = ["AutocastProbe", "LOOP_TERMS", "loop_inputs_hint"]
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
-from ._carried import CarriedGradients
+from ._loop_hints import CarriedGradients
 from ._random import draws_masks
 from ._snapshot_copies import SnapshotCopies
 
@@ -147,7 +147,7 @@ class GradientTap:
         self._where: dict[str, tuple[int, int]] = {}  # name -> (data_ptr, version) at its last backward this step
         self._hooked: set[str] = set()
         self._handles: list[Any] = []
-        self.carried = CarriedGradients()  # zero_grad() left out before a step (explaind/trajectory/_carried.py)
+        self.carried = CarriedGradients()  # zero_grad() left out before a step (explaind/trajectory/_loop_hints.py)
 
     @property
     def seq(self) -> int:

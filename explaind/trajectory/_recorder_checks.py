@@ -23,12 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from .._compiled import refuse_compiled_at_step
-from .._weight_writes import written_since_backward_message
+from .._weight_writes import stepped_elsewhere_note, submodules_called_hint, written_since_backward_message
 from ..exceptions import ConfigError, TrajectoryError
 from ._background import CopyPool, Handoff, StateCopier
 from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_masks_hint
 from ._buffers import BufferTracker, moved_message
-from ._carried import carried_message
 from ._checks import CheckSchedule, GradientCheck, check_batch_gradient
 from ._common import evaluation_mode, warn_user
 from ._coupled_loss import (
@@ -40,8 +39,9 @@ from ._coupled_loss import (
 )
 from ._forward_probe import AutocastProbe, loop_inputs_hint
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
+from ._gradient_fits import failed_check_fits, start_constants
 from ._gradients import GradientTap, has_stochastic_layers
-from ._loop_hints import cleared_message, loop_kwargs_hint
+from ._loop_hints import carried_message, cleared_message, loop_kwargs_hint
 from ._participation import (
     edit_list,
     edit_message,
@@ -52,11 +52,8 @@ from ._participation import (
     retyped_hint,
     second_step_message,
 )
-from ._perturbed import start_constants
 from ._random import MicroBatch, RandomCapture, RandomState, replay_parts
 from ._setup import refuse_dtype_mismatch
-from ._smoothing import failed_check_fits
-from ._two_optimizers import outside_optimizer, stepped_elsewhere_note, submodules_called_hint
 
 __all__ = ["RecorderChecksMixin", "LoggedBatch"]
 
@@ -210,7 +207,7 @@ class RecorderChecksMixin:
         cleared = (lambda: "") if replayed else self._cleared_between(raw, device, s, tol, autocast)
         perturbed = (lambda: "") if replayed or written else lambda: failed_check_fits(  # noqa: E731
             self.model, self._params, raw, self._loss, batch, self._buffers.recorded(), s, self._random.generators)
-        lazy = lambda: (submodules_called_hint(s, bool(inputs), outside_optimizer(self._params, self.optimizer))  # noqa
+        lazy = lambda: (submodules_called_hint(s, bool(inputs), self._params, self.optimizer)  # noqa: E731
                         + loop_inputs_hint(inputs, batch[0]) + loop_kwargs_hint(keywords, batch[0]) + perturbed()
                         + cleared() + (then() if callable(then) else then))
         with self._quiet(), evaluation_mode(self.model) if not replayed else contextlib.nullcontext():
@@ -324,7 +321,7 @@ class RecorderChecksMixin:
         if renamed is not None:  # a parametrization registered mid-run writes the tensor it moves
             raise TrajectoryError(f"Step {s}: {renamed}")
         if edited:
-            elsewhere = stepped_elsewhere_note(edited, outside_optimizer(self._params, self.optimizer))  # a GAN's G
+            elsewhere = stepped_elsewhere_note(edited, self._params, self.optimizer)  # a GAN's generator
             raise TrajectoryError(edit_message(edited, s, self._schedule.start)
                                   + retyped_hint(self._params, self._theta or {}) + elsewhere)
         frozen = edited_parameters(self._constant_params, self._frozen)
