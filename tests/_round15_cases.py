@@ -237,6 +237,7 @@ CASES: dict[str, Case] = {
     "zero_grad_forgotten_at_step_3_checked": run(step=forgotten_zero_grad(3), check_gradients=True),
     "zero_grad_forgotten_at_step_3_check_off": run(step=forgotten_zero_grad(3), check_gradients=False),
     "grad_data_zero_by_hand_every_step": run(step=grad_data_zeroed),
+    "grad_data_zero_by_hand_check_off": run(step=grad_data_zeroed, check_gradients=False),
     "simclr_projection_head_dropped_after_training": simclr_head_dropped,
     "simclr_representation_as_output_columns": simclr_representation_columns,
     "distillation_teacher_dropout_p0_train_mode": distilled_p0,

@@ -135,3 +135,13 @@ def test_a_teacher_in_evaluation_mode_inside_the_training_model_is_refused_namin
     # already so; its fix (the teacher's dropout at p=0, left in the model's mode) is exact in test_stranger_round15.py
     with pytest.raises(TrajectoryError, match=re.compile(r"\['teacher\.2'\] in evaluation mode.*p=0", re.S)):
         CASES[case]()
+
+
+def test_a_grad_zeroed_through_data_without_the_check_is_said_once_with_its_caveat_and_stays_exact():
+    # no version counter moves, so the recorder cannot tell it from a forgotten zero_grad(): one warning, which says
+    # so; nothing is carried, and the run is exact
+    model, traj, said = recorded("grad_data_zero_by_hand_check_off")
+    carried = [w for w in said if "accumulated onto" in w]
+    assert len(carried) == 1 and "p.grad.data.zero_()" in carried[0] and "said once per run" in carried[0], said
+    share, warned = estimator_warnings(traj)
+    assert share <= 1e-9 and not warned, (share, warned)

@@ -160,7 +160,7 @@ def perturbed_gradient_hint(model: nn.Module, params: dict[str, Tensor], raw: di
 
             rho, rel = _fit(grad_at, {n: raw[n] for n in names}, u, g0)
             found.append((rel, form, rho))
-    except (RuntimeError, ValueError) as exc:  # the diagnosis must not hide the check's own message
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # never hide the check's own message
         logger.debug("The perturbation diagnosis of step %d failed: %s", s, exc)
         return ""
     rel, form, rho = min(found)
@@ -187,7 +187,7 @@ def label_smoothing_hint(model: nn.Module, params: dict[str, Tensor], raw: dict[
         g_ce = batch_gradient(model, constants, theta, names, loss, batch, None, f"Step {s}", generators)
         uniform = dataclasses.replace(loss, implementation=_uniform)
         g_u = batch_gradient(model, constants, theta, names, uniform, batch, None, f"Step {s}", generators)
-    except (RuntimeError, ValueError, TypeError) as exc:  # the diagnosis must not hide the check's own message
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # never hide the check's own message
         logger.debug("The label-smoothing diagnosis of step %d failed: %s", s, exc)
         return ""
     d = {n: (g_u[n] - g_ce[n]).double() for n in names}

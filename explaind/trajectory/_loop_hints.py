@@ -191,7 +191,9 @@ def carried_message(s: int, names: list[str], checked: bool) -> str:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     head = f" At step {s} the gradient" if checked else f"Step {s}: the gradient"
     tail = "" if checked else ("; no gradient check can run here (check_gradients off or no train_data), so the "
-                               "carried gradient is left in the residual")
+                               "carried gradient is left in the residual (a gradient zeroed through "
+                               "p.grad.data.zero_(), which moves no version counter, looks the same: then nothing is "
+                               "carried; said once per run)")
     return (f"{head} of {shown} was accumulated onto the one step {s - 1} left: p.grad was neither set to None nor "
             f"zeroed between step {s - 1}'s optimizer.step() and this step's backward() (optimizer.zero_grad() left "
             f"out), so the optimizer stepped with this batch's gradient plus the previous one's, which is no "

@@ -444,7 +444,9 @@ class RecorderChecksMixin:
         if self._tap.carried.names:  # zero_grad() left out before this step: checked, or named when no check can run
             if self._data is not None and not self._schedule.never:
                 return True
-            warn_user(logger, carried_message(self._n, self._tap.carried.names, checked=False))
+            if not getattr(self, "_carried_named", False):  # once per run: p.grad.data.zero_() looks the same
+                self._carried_named = True
+                warn_user(logger, carried_message(self._n, self._tap.carried.names, checked=False))
         if self._unlogged_backward():  # its samples are checked, or named when no check can run
             if self._data is not None and not self._schedule.never:
                 return True
