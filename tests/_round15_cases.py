@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from _round14_cases import loss_step, record, run
 from _round14_loops import sam_step
-from _round15_loops import forgotten_zero_grad, gan_train, kd_in_loop_step, kd_step, scheduled_per_batch, timm_step
+from _round15_loops import (
+    forgotten_zero_grad,
+    gan_train,
+    kd_in_loop_step,
+    kd_step,
+    scheduled_per_batch,
+    timm_step,
+    validation_mid_step,
+)
 from _round15_models import (
     GAN,
     CheckpointedSequential,
@@ -33,7 +41,7 @@ from _round15_models import (
     relu_mlp,
     token_data,
 )
-from _stranger_loops_kit import adam, batches, measure, mlp, plain, sgd
+from _stranger_loops_kit import adam, batches, dropout_mlp, measure, mlp, plain, sgd
 from reference import Reference, rel_err
 from replay_reference import ReplayReference
 from torch import nn
@@ -241,6 +249,8 @@ CASES: dict[str, Case] = {
     "simclr_projection_head_dropped_after_training": simclr_head_dropped,
     "simclr_representation_as_output_columns": simclr_representation_columns,
     "distillation_teacher_dropout_p0_train_mode": distilled_p0,
+    "validation_forward_in_training_mode_mid_step_dropout_captured": run(
+        build=dropout_mlp, step=validation_mid_step, capture_random=True),
     "checkpoint_sequential_dropout_non_reentrant_captured": run(build=CheckpointedSequential,
                                                                  capture_random=True),
     # ReLU at untuned rates (default estimators)
@@ -255,7 +265,8 @@ CASES: dict[str, Case] = {
 DEFAULT_RULE = ("relu_adam_lr1", "relu_adam_lr0.3_timm_clip", "relu_sgd_lr5", "relu_sgd_lr2_momentum")
 
 #: Cases whose training forward draws: against the reference that replays the recorded draws.
-REPLAYED = ("checkpoint_sequential_dropout_non_reentrant_captured",)
+REPLAYED = ("checkpoint_sequential_dropout_non_reentrant_captured",
+            "validation_forward_in_training_mode_mid_step_dropout_captured")
 
 
 def recorded(name: str) -> tuple[nn.Module, Any, list[str]]:

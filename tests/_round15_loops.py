@@ -59,6 +59,18 @@ def kd_step(s, model, opt, X, y, idx, rec) -> None:
     opt.step()
 
 
+def validation_mid_step(s, model, opt, X, y, idx, rec) -> None:
+    """A validation forward of the test inputs under ``torch.no_grad()``, the model still in training mode (dropout
+    drawing), between ``backward()`` and the step."""
+    _, _, X_test = data()
+    opt.zero_grad()
+    F.cross_entropy(model(X[idx]), y[idx]).backward()
+    with torch.no_grad():
+        model(X_test)
+    rec.log_batch(idx)
+    opt.step()
+
+
 def forgotten_zero_grad(at: int) -> Callable:
     """The textbook step with ``optimizer.zero_grad()`` left out at step ``at`` (the previous step's gradient
     carried into this one)."""
@@ -127,4 +139,4 @@ def gan_train(model: GAN, recorded: str, check_gradients: Any = "auto",
 
 
 __all__ = ["TEMPERATURE", "forgotten_zero_grad", "gan_train", "kd_in_loop_step", "kd_step", "scheduled_per_batch",
-           "timm_step"]
+           "timm_step", "validation_mid_step"]
