@@ -23,9 +23,11 @@ from _round14_loops import sam_step
 from _round15_loops import (
     forgotten_zero_grad,
     gan_train,
+    hand_smoothed_targets,
     kd_in_loop_step,
     kd_step,
     scheduled_per_batch,
+    scheduler_before_step,
     timm_step,
     validation_mid_step,
 )
@@ -96,6 +98,21 @@ def tied_lm() -> tuple[nn.Module, Any]:
     ids, y, _ = token_data()
     model = TiedLM()
     opt = torch.optim.AdamW(no_decay_groups(model), lr=0.02)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(ids, y))
+    with rec:
+        for s, idx in enumerate(batches()):
+            plain(s, model, opt, ids, y, idx, rec)
+    return model, rec.trajectory
+
+
+def tied_after_optimizer() -> tuple[nn.Module, Any]:
+    """Weight tying written after the optimizer was built: the optimizer holds the head's old weight, no parameter of
+    the model any more."""
+    ids, y, _ = token_data()
+    model = TiedLM()
+    model.head.weight = nn.Parameter(model.emb.weight.detach().clone())
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+    model.head.weight = model.emb.weight
     rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=(ids, y))
     with rec:
         for s, idx in enumerate(batches()):
@@ -239,7 +256,10 @@ CASES: dict[str, Case] = {
                                                    loss=nn.CrossEntropyLoss(label_smoothing=0.1)),
     "label_smoothing_in_the_loop_cross_entropy_recorded": run(step=loss_step(
         nn.CrossEntropyLoss(label_smoothing=0.1))),
+    "label_smoothing_by_hand_soft_targets_cross_entropy_recorded": run(step=hand_smoothed_targets),
     # loop habits
+    "scheduler_stepped_before_the_optimizer": run(step=scheduler_before_step),
+    "weight_tying_after_the_optimizer_was_built": tied_after_optimizer,
     "zero_grad_forgotten_at_step_3": run(step=forgotten_zero_grad(3)),
     "zero_grad_forgotten_at_step_1": run(step=forgotten_zero_grad(1)),
     "zero_grad_forgotten_at_step_3_checked": run(step=forgotten_zero_grad(3), check_gradients=True),

@@ -71,6 +71,27 @@ def validation_mid_step(s, model, opt, X, y, idx, rec) -> None:
     opt.step()
 
 
+def hand_smoothed_targets(s, model, opt, X, y, idx, rec) -> None:
+    """Label smoothing written by hand: ``0.8 * one_hot + 0.2 / 3`` soft targets, ``-(soft * log_softmax).sum(1)``."""
+    opt.zero_grad()
+    out = model(X[idx])
+    soft = F.one_hot(y[idx], 3).to(out.dtype) * 0.8 + 0.2 / 3
+    (-(soft * F.log_softmax(out, 1)).sum(1).mean()).backward()
+    rec.log_batch(idx)
+    opt.step()
+
+
+def scheduler_before_step(s, model, opt, X, y, idx, rec, _held=[]) -> None:  # noqa: B006 - one scheduler per run
+    """``scheduler.step()`` called before ``optimizer.step()`` (torch warns about the order): ``StepLR(1, 0.5)``."""
+    if not _held or _held[0].optimizer is not opt:
+        _held[:] = [torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)]
+    opt.zero_grad()
+    F.cross_entropy(model(X[idx]), y[idx]).backward()
+    rec.log_batch(idx)
+    _held[0].step()
+    opt.step()
+
+
 def forgotten_zero_grad(at: int) -> Callable:
     """The textbook step with ``optimizer.zero_grad()`` left out at step ``at`` (the previous step's gradient
     carried into this one)."""
@@ -139,4 +160,4 @@ def gan_train(model: GAN, recorded: str, check_gradients: Any = "auto",
 
 
 __all__ = ["TEMPERATURE", "forgotten_zero_grad", "gan_train", "kd_in_loop_step", "kd_step", "scheduled_per_batch",
-           "timm_step", "validation_mid_step"]
+           "hand_smoothed_targets", "scheduler_before_step", "timm_step", "validation_mid_step"]

@@ -21,7 +21,7 @@ EXACT = [
     "reduce_on_plateau_adam_per_batch_loss", "grad_data_zero_by_hand_every_step",
     "checkpoint_sequential_dropout_non_reentrant_captured", "simclr_representation_as_output_columns",
     "focal_loss_callable_adam", "label_smoothing_module_instance_as_loss",
-    "validation_forward_in_training_mode_mid_step_dropout_captured",
+    "validation_forward_in_training_mode_mid_step_dropout_captured", "scheduler_stepped_before_the_optimizer",
 ]
 
 

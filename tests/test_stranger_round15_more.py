@@ -74,13 +74,23 @@ def test_a_refusal_for_another_cause_does_not_name_a_perturbation_or_label_smoot
     assert "perturbation" not in said and "label smoothing 0" not in said and "a teacher's predictions" in said
 
 
-def test_label_smoothing_in_the_loop_under_cross_entropy_is_named_with_its_epsilon():
+@pytest.mark.parametrize(("case", "eps"), [("label_smoothing_in_the_loop_cross_entropy_recorded", "0.1"),
+                                           ("label_smoothing_by_hand_soft_targets_cross_entropy_recorded", "0.2")])
+def test_label_smoothing_in_the_loop_under_cross_entropy_is_named_with_its_epsilon(case, eps):
     with pytest.raises(TrajectoryError, match=re.compile(
             r"Step 0: the gradient from backward\(\) does not match.*\. At step 0 the loop's gradient is the gradient "
-            r"of cross entropy with label smoothing 0\.1 \(relative difference .*\), not of loss='cross_entropy'.*"
+            rf"of cross entropy with label smoothing {eps} \(relative difference .*\), not of loss='cross_entropy'.*"
             r"Fix: give the recorder that same loss, TrajectoryRecorder\(\.\.\., loss=torch\.nn\.CrossEntropyLoss\("
-            r"label_smoothing=0\.1\)\)", re.S)):
-        CASES["label_smoothing_in_the_loop_cross_entropy_recorded"]()
+            rf"label_smoothing={eps}\)\)", re.S)):
+        CASES[case]()
+
+
+def test_weight_tying_after_the_optimizer_was_built_is_refused_naming_the_orphan_tensor():
+    # already so: the optimizer holds the head's old weight, which the model no longer has
+    with pytest.raises(TrajectoryError, match=re.compile(
+            r"The optimizer holds 1 parameter tensor\(s\) that are not parameters of the model.*Build the optimizer",
+            re.S)):
+        CASES["weight_tying_after_the_optimizer_was_built"]()
 
 
 @pytest.mark.parametrize(("case", "lead"), [

@@ -202,7 +202,8 @@ def label_smoothing_hint(model: nn.Module, params: dict[str, Tensor], raw: dict[
         return ""
     return (f" At step {s} the loop's gradient is the gradient of cross entropy with label smoothing {eps:.4g} "
             f"(relative difference {rel:.2g}), not of loss='cross_entropy': the loop trains with "
-            f"nn.CrossEntropyLoss(label_smoothing={eps:.3g}) or F.cross_entropy(..., label_smoothing={eps:.3g}). Fix: "
+            f"nn.CrossEntropyLoss(label_smoothing={eps:.3g}), F.cross_entropy(..., label_smoothing={eps:.3g}) or soft "
+            f"targets smoothed by hand ((1 - eps) * one_hot + eps / C). Fix: "
             f"give the recorder that same loss, TrajectoryRecorder(..., loss=torch.nn.CrossEntropyLoss("
             f"label_smoothing={eps:.3g})), recorded exactly.")
 
