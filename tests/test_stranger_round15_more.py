@@ -155,3 +155,33 @@ def test_a_grad_zeroed_through_data_without_the_check_is_said_once_with_its_cave
     assert len(carried) == 1 and "p.grad.data.zero_()" in carried[0] and "said once per run" in carried[0], said
     share, warned = estimator_warnings(traj)
     assert share <= 1e-9 and not warned, (share, warned)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("rho", [0.5, 2.0])
+def test_the_perturbation_fit_finds_the_usual_radii_and_nothing_else(adaptive, rho):
+    # the loop's gradient taken by torch at SAM's (ASAM's) perturbation of radius rho, by hand; a loop gradient of
+    # other labels is no perturbation of either form
+    import torch
+    import torch.nn.functional as F
+    from _stranger_loops_kit import data, mlp
+
+    from explaind.trajectory._common import resolve_loss_record
+    from explaind.trajectory._gradient_fits import perturbed_gradient_hint
+
+    X, y, _ = data()
+    model, loss = mlp(), resolve_loss_record("cross_entropy")
+    params = dict(model.named_parameters())
+    g = torch.autograd.grad(F.cross_entropy(model(X[:6]), y[:6]), list(params.values()))
+    with torch.no_grad():
+        T = [p.abs() if adaptive else torch.ones_like(p) for p in params.values()]
+        norm = torch.stack([(t * gg).norm() for t, gg in zip(T, g)]).norm()
+        moved = {n: (p + t * t * gg * rho / norm).requires_grad_(True) for (n, p), t, gg in zip(params.items(), T, g)}
+    out = torch.func.functional_call(model, moved, (X[:6],))
+    raw = dict(zip(params, torch.autograd.grad(F.cross_entropy(out, y[:6]), list(moved.values()))))
+    batch = (X[:6], y[:6], torch.full((6,), 1 / 6, dtype=X.dtype))
+    said = perturbed_gradient_hint(model.eval(), params, raw, loss, batch, {}, 0)
+    assert f"rho = {rho:.4g} " in said and "SAM's perturbation" in said and ("ASAM's" in said) == adaptive, said
+    other = dict(zip(params, torch.autograd.grad(F.cross_entropy(model(X[:6]), (y[:6] + 1) % 3),
+                                                 list(params.values()))))
+    assert perturbed_gradient_hint(model, params, other, loss, batch, {}, 0) == ""

@@ -63,6 +63,10 @@ MATCH = 1e-6
 #: Secant steps per direction.
 _STEPS = 8
 
+#: After this many secant steps a fit that no longer halves its distance is given up (a failure with another cause
+#: costs a few gradients, not :data:`_STEPS`).
+_GIVE_UP = 2
+
 
 def start_constants(model: nn.Module, recorded: dict[str, Tensor]) -> dict[str, Tensor]:
     """Copies of ``model``'s buffers, the ``recorded`` ones where kept: what a step's check starts from."""
@@ -82,15 +86,17 @@ def _fit(grad_at, raw: dict[str, Tensor], u: dict[str, Tensor], g0: dict[str, Te
 
     rho_a, g_a = 0.0, g0
     rho_b, g_b = 0.05, grad_at(0.05)
-    for _ in range(_STEPS):
+    last = math.inf
+    for i in range(_STEPS):
         slope = {n: (g_b[n].double() - g_a[n].double()) / (rho_b - rho_a) for n in raw}
         den = math.fsum(float(slope[n].pow(2).sum()) for n in raw)
         if den == 0.0:
             break
         r = gap(g_b)
         rel = _norm(list(r.values())) / scale
-        if rel <= MATCH * 1e-3:
+        if rel <= MATCH * 1e-3 or (i >= _GIVE_UP and rel > last / 2):  # matched, or stalled: another cause
             return rho_b, rel
+        last = rel
         step = math.fsum(float((r[n] * slope[n]).sum()) for n in raw) / den
         rho_a, g_a = rho_b, g_b
         rho_b = rho_b + step

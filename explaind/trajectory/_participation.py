@@ -341,7 +341,7 @@ def retyped_hint(params: dict[str, nn.Parameter], recorded: dict[str, Tensor]) -
 def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
     """The error of step ``step`` whose parameters changed outside ``optimizer.step()`` (``start``: first recorded)."""
     since = "recording started" if step == start else f"step {step - 1} was recorded"
-    return (
+    text = (
         f"Step {step}: the parameter(s) {edit_list(edited)} changed outside optimizer.step() since {since}: an edit of "
         f"p.data or an in-place write (weight clipping, an EMA or load_state_dict written into the model, "
         f"Lookahead's sync of slow and fast weights after its inner optimizer's step), or "
@@ -353,8 +353,11 @@ def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
         f"optimizers over one model (SGD for one part, Adam for another) are not recorded: train every part with "
         f"one optimizer, a parameter group per part (its own lr, weight_decay, momentum or betas). A recipe whose "
         f"writes are part of training (Lookahead) is explained from the parameters saved after every step, "
-        f"explaind.Trajectory.from_checkpoints(checkpoints, model) (no split over samples).{_undone_note(edited)}"
+        f"explaind.Trajectory.from_checkpoints(checkpoints, model) (no split over samples)."
     )
+    note = _undone_note(edited)  # SAM through p.data: named right after the first sentence
+    head = text.index(" explaind decomposes only")
+    return text[:head] + note + text[head:] if note else text
 
 
 #: Largest relative change that is read as the rounding of a write and its undo (float64 and float32 alike).
