@@ -101,6 +101,13 @@ def check_parameter_names(traj: Any, model: torch.nn.Module, who: str) -> None:
         text += (" ('<name>_orig' is what torch.nn.utils.prune keeps; prune.remove after the run replaces it by a new "
                  "parameter '<name>': explain before prune.remove, or call it on a copy, "
                  "pruned = copy.deepcopy(model), and keep the recorded model as it is)")
+    if not new:  # modules removed (a head dropped after training, SimCLR's projection head) or replaced by Identity
+        text += (" (a head removed or replaced after training, as SimCLR drops its projection head: the recorded "
+                 "run is the model with the head; to explain the representation the head was fed, record a forward "
+                 "that returns it as output columns beside the head's output and let the loss callable read the "
+                 "head's columns, torch.cat([self.head(h), h], 1), exact with its split over samples; a model "
+                 "keeping the head and skipping it by a flag gives the representation's replica exactly, but its "
+                 "per-sample scores recompute the training loss with the flag as it is now)")
     raise TrajectoryError(text + ".")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._weight_writes import extra_forward_hint
 from ._common import ModelHook
 from ._gradients import GradientTap
 from ._loop_hints import KeywordProbe
@@ -84,7 +85,7 @@ def loop_inputs_hint(inputs: list[Tensor], rows: Any) -> str:
                 f"in train_data (drawn before recording, one row per step and slot) and log their indices with the "
                 f"batch's, rec.log_batch(torch.cat([idx, extra_idx])).")
     if sum(t.shape[0] for t in inputs) != rows.shape[0] or any(t.shape[1:] != rows.shape[1:] for t in inputs):
-        return ""
+        return extra_forward_hint(inputs, rows)  # a discriminator's second forward on generated samples
     got = torch.cat([t.detach().to(rows.device, torch.float64) for t in inputs]).flatten(1)
     want = rows.detach().to(torch.float64).flatten(1)
     gap = (got - want).abs()

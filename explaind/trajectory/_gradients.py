@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
+from ._loop_hints import CarriedGradients
 from ._random import draws_masks
 from ._snapshot_copies import SnapshotCopies
 
@@ -146,6 +147,7 @@ class GradientTap:
         self._where: dict[str, tuple[int, int]] = {}  # name -> (data_ptr, version) at its last backward this step
         self._hooked: set[str] = set()
         self._handles: list[Any] = []
+        self.carried = CarriedGradients()  # zero_grad() left out before a step (explaind/trajectory/_loop_hints.py)
 
     @property
     def seq(self) -> int:
@@ -176,6 +178,8 @@ class GradientTap:
             if g is None:
                 return
             self._seq += 1
+            if name not in self._stamp:  # the step's first backward to reach it
+                self.carried.first_backward(name, g)
             stamp = self._stamp[name] = self._seq
             self._hits[name] = self._hits.get(name, 0) + 1
             self._where[name] = (p.data_ptr(), p._version)
@@ -210,6 +214,7 @@ class GradientTap:
         self._stamp.clear()
         self._unchanged.clear()
         self._where.clear()
+        self.carried.after_step(self._params)
         self.reset_seq = self._seq
 
     def written_since_backward(self) -> list[str]:

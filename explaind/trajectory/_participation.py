@@ -341,7 +341,7 @@ def retyped_hint(params: dict[str, nn.Parameter], recorded: dict[str, Tensor]) -
 def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
     """The error of step ``step`` whose parameters changed outside ``optimizer.step()`` (``start``: first recorded)."""
     since = "recording started" if step == start else f"step {step - 1} was recorded"
-    return (
+    text = (
         f"Step {step}: the parameter(s) {edit_list(edited)} changed outside optimizer.step() since {since}: an edit of "
         f"p.data or an in-place write (weight clipping, an EMA or load_state_dict written into the model, "
         f"Lookahead's sync of slow and fast weights after its inner optimizer's step), or "
@@ -355,6 +355,25 @@ def edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:
         f"writes are part of training (Lookahead) is explained from the parameters saved after every step, "
         f"explaind.Trajectory.from_checkpoints(checkpoints, model) (no split over samples)."
     )
+    note = _undone_note(edited)  # SAM through p.data: named right after the first sentence
+    head = text.index(" explaind decomposes only")
+    return text[:head] + note + text[head:] if note else text
+
+
+#: Largest relative change that is read as the rounding of a write and its undo (float64 and float32 alike).
+UNDONE = 1e-6
+
+
+def _undone_note(edited: list[tuple[str, float]]) -> str:
+    """For changes no larger than the rounding of a write and its undo: SAM's perturbation through ``p.data``."""
+    if not edited or max(r for _, r in edited) > UNDONE:
+        return ""
+    return (f" Every change is at most {UNDONE:g} relative, the rounding a write and its undo leave ((p + e) - e): "
+            f"sharpness-aware minimisation (SAM, ASAM) written through p.data (p.data.add_(e_w) before the second "
+            f"backward(), p.data.sub_(e_w) before the step), whose step's gradient was taken at theta + e. With the "
+            f"gradient check on (check_gradients='auto', the default) the recorder names the perturbation at step 0. "
+            f"Such a step has no exact split over samples: record the base optimizer's run without the perturbation, "
+            f"or explain the saved parameters with explaind.Trajectory.from_checkpoints.")
 
 
 def frozen_edit_message(edited: list[tuple[str, float]], step: int, start: int) -> str:

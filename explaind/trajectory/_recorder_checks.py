@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._compiled import refuse_compiled_at_step
-from .._weight_writes import written_since_backward_message
+from .._weight_writes import stepped_elsewhere_note, submodules_called_hint, written_since_backward_message
 from ..exceptions import ConfigError, TrajectoryError
 from ._background import CopyPool, Handoff, StateCopier
 from ._backward_draws import backward_draw_hint, draws_in_backward, inductor_masks_hint
@@ -39,8 +39,9 @@ from ._coupled_loss import (
 )
 from ._forward_probe import AutocastProbe, loop_inputs_hint
 from ._forward_state import cached_methods_hint, mode_branch_hint, requires_grad_message, switched_off
+from ._gradient_fits import failed_check_fits, start_constants
 from ._gradients import GradientTap, has_stochastic_layers
-from ._loop_hints import cleared_message, loop_kwargs_hint
+from ._loop_hints import carried_message, cleared_message, loop_kwargs_hint
 from ._participation import (
     edit_list,
     edit_message,
@@ -183,6 +184,7 @@ class RecorderChecksMixin:
         hint = unlogged_backward_message(s, checked=True) if self._unlogged_backward() else ""
         written = self._tap.written_since_backward()  # SAM: the gradient taken at perturbed, restored weights
         hint = (written_since_backward_message(s, written, checked=True) if written else "") + hint
+        hint = (carried_message(s, self._tap.carried.names, True) if self._tap.carried.names else "") + hint
         if not replayed and self.model.training:
             hint += (" The loop's forward ran in training mode and no training forward of this run is replayed, so "
                      "explaind recomputes gradients in evaluation mode: if the forward draws random numbers "
@@ -203,7 +205,10 @@ class RecorderChecksMixin:
         inputs, then = list(self._probe.inputs), lazy  # the loop's inputs against train_data's rows, named first
         keywords = list(self._probe.keywords.seen)
         cleared = (lambda: "") if replayed else self._cleared_between(raw, device, s, tol, autocast)
-        lazy = lambda: (loop_inputs_hint(inputs, batch[0]) + loop_kwargs_hint(keywords, batch[0])  # noqa: E731
+        perturbed = (lambda: "") if replayed or written else lambda: failed_check_fits(  # noqa: E731
+            self.model, self._params, raw, self._loss, batch, self._buffers.recorded(), s, self._random.generators)
+        lazy = lambda: (submodules_called_hint(s, bool(inputs), self._params, self.optimizer)  # noqa: E731
+                        + loop_inputs_hint(inputs, batch[0]) + loop_kwargs_hint(keywords, batch[0]) + perturbed()
                         + cleared() + (then() if callable(then) else then))
         with self._quiet(), evaluation_mode(self.model) if not replayed else contextlib.nullcontext():
             try:
@@ -239,8 +244,7 @@ class RecorderChecksMixin:
         """The failed check's hint: :func:`backward_draw_hint` first when a replayed micro-batch's backward() draws
         random numbers (only computed when the check fails)."""
         def diagnose() -> str:
-            buffers = {n: b.detach().clone() for n, b in {**dict(self.model.named_buffers()),
-                                                          **self._buffers.recorded()}.items()}
+            buffers = start_constants(self.model, self._buffers.recorded())
             try:
                 drawn = any(draws_in_backward(self.model, {**buffers, **self._params}, self._loss, batch, part,
                                               self._random.generators) for part in replay)
@@ -317,8 +321,9 @@ class RecorderChecksMixin:
         if renamed is not None:  # a parametrization registered mid-run writes the tensor it moves
             raise TrajectoryError(f"Step {s}: {renamed}")
         if edited:
+            elsewhere = stepped_elsewhere_note(edited, self._params, self.optimizer)  # a GAN's generator
             raise TrajectoryError(edit_message(edited, s, self._schedule.start)
-                                  + retyped_hint(self._params, self._theta or {}))
+                                  + retyped_hint(self._params, self._theta or {}) + elsewhere)
         frozen = edited_parameters(self._constant_params, self._frozen)
         if frozen:
             raise TrajectoryError(frozen_edit_message(frozen, s, self._schedule.start))
@@ -436,6 +441,12 @@ class RecorderChecksMixin:
             if not getattr(self, "_written_named", False):
                 self._written_named = True  # once per run: every step of a SAM loop does it
                 warn_user(logger, written_since_backward_message(self._n, written, checked=False))
+        if self._tap.carried.names:  # zero_grad() left out before this step: checked, or named when no check can run
+            if self._data is not None and not self._schedule.never:
+                return True
+            if not getattr(self, "_carried_named", False):  # once per run: p.grad.data.zero_() looks the same
+                self._carried_named = True
+                warn_user(logger, carried_message(self._n, self._tap.carried.names, checked=False))
         if self._unlogged_backward():  # its samples are checked, or named when no check can run
             if self._data is not None and not self._schedule.never:
                 return True
