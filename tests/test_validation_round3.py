@@ -19,6 +19,7 @@ from explaind.exceptions import ConfigError
 from explaind.studies.report_text import validation_section
 from explaind.validation import ValidationResult
 from explaind.validation.__main__ import main
+from explaind.validation.benchmark import retrainings
 from explaind.validation.leave_out import leave_out_logits, leave_out_train, presence_scores, presence_train
 from explaind.validation.settings import make_problem, setting_config
 
@@ -173,6 +174,9 @@ def test_size_options_reach_the_config_and_bad_values_are_refused(capsys):
     assert "method(s) ['leave_out_grad'] are not run on the setting 'relu_untuned'" in err and "Allowed there" in err
     config = setting_config("batchnorm", batch_size=8, epochs=3, n_train=40, n_test=6)
     assert (config.n_steps, config.n_test) == (15, 6)
+    # the announced cost counts the removal retrainings of the methods compared only
+    assert retrainings(config, ("counterfactual", "random")) == 3 * (1 + 3 * 100 + 6 * 1)
+    assert retrainings(config) == 3 * (1 + 3 * 100 + 6 * 3)
 
 
 def test_cli_validate_forwards_the_size_options(monkeypatch):

@@ -78,7 +78,7 @@ def timing(result: ValidationResult) -> str:
             f"{sec['explaind']:.2f}s, ratio {sec['counterfactual'] / sec['explaind']:.2f}\n")
 
 
-def _announcement(config: ValidationConfig, quick: bool) -> str:
+def _announcement(config: ValidationConfig, quick: bool, methods: tuple[str, ...] | None = None) -> str:
     """The cost, said before the work: retrainings and, at the default size, the measured time."""
     from .benchmark import retrainings
 
@@ -86,7 +86,7 @@ def _announcement(config: ValidationConfig, quick: bool) -> str:
             "the measurement itself: tens of minutes on a CPU, measured times in docs/scores_meaning.md; "
             "--quick is a smoke test in seconds")
     label = config.activation if config.setting == "sgd_mlp" else f"{config.setting}, {config.activation}"
-    return (f"validate ({label}): {config.seeds} seed(s), {retrainings(config):,} retrainings of "
+    return (f"validate ({label}): {config.seeds} seed(s), {retrainings(config, methods):,} retrainings of "
             f"{config.n_steps} steps ({size})\n")
 
 
@@ -132,11 +132,11 @@ def _run_one(setting: str, activation: str, args: argparse.Namespace, changes: d
     start = time.perf_counter()
     try:
         config = setting_config(setting, args.quick, args.settings_size, activation=activation, **changes)
-        if args.progress:
-            sys.stderr.write(_announcement(config, args.quick))
         # the baseline compares what the classification settings do
         methods = CLASSIFICATION_METHODS if args.settings_size else None
         methods = tuple(args.methods) if args.methods is not None else methods
+        if args.progress:
+            sys.stderr.write(_announcement(config, args.quick, methods))
         result = run_validation(config, methods=methods, progress=args.progress)
     except ExplaindError as exc:
         sys.stderr.write(f"error: {exc}\n")
