@@ -39,6 +39,16 @@ def _moved(problem, model):
     return float((problem.true_logits(model) - problem.true_logits(problem.build_model().eval())).abs().max())
 
 
+def _check_derivative(scores, run, n_train, h=1e-5):
+    """``scores[:, k]`` against the central difference of ``run(weights)`` in weight ``k`` (1e-6 relative)."""
+    for k in (0, 17, 59):
+        up, down = (torch.ones(n_train, dtype=torch.float64) for _ in range(2))
+        up[k], down[k] = 1 + h, 1 - h
+        fd = (run(up) - run(down)) / (2 * h)
+        assert float(fd.abs().max()) > 1e-4
+        assert float((scores[:, k] - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
+
+
 def _keep(problem, removed):
     keep = torch.ones(problem.config.n_train, dtype=torch.bool)
     keep[list(removed)] = False
@@ -83,13 +93,7 @@ def test_untuned_run_is_exact_counterfactual_and_decomposition():
     assert float(att.residual.reshape(len(trained), -1).sum(1).abs().max()) <= 1e-10 * moved
     tau = explaind.CounterfactualEstimator(target=problem.targets(), device="cpu").fit(trajectory).transform(
         problem.X_test).values[..., 0]
-    h = 1e-5
-    for k in (0, 17, 59):
-        up, down = (torch.ones(problem.config.n_train, dtype=torch.float64) for _ in range(2))
-        up[k], down[k] = 1 + h, 1 - h
-        fd = (weighted_mlp_reference(problem, up) - weighted_mlp_reference(problem, down)) / (2 * h)
-        assert float(fd.abs().max()) > 1e-4
-        assert float((tau[:, k] - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
+    _check_derivative(tau, lambda w: weighted_mlp_reference(problem, w), problem.config.n_train)
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
@@ -125,13 +129,7 @@ def test_small_batch_leave_out_matches_the_loop_reference_with_a_whole_batch_lef
 def test_small_batch_presence_scores_are_the_derivative_of_the_presence_loop():
     problem = _small_batches(4)
     scores = torch.as_tensor(presence_scores(problem))
-    h = 1e-5
-    for k in (0, 17, 59):
-        up, down = (torch.ones(problem.config.n_train, dtype=torch.float64) for _ in range(2))
-        up[k], down[k] = 1 + h, 1 - h
-        fd = (presence_train(problem, up) - presence_train(problem, down)) / (2 * h)
-        assert float(fd.abs().max()) > 1e-4
-        assert float((scores[:, k] - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
+    _check_derivative(scores, lambda p: presence_train(problem, p), problem.config.n_train)
 
 
 def test_small_batch_run_and_the_report_shows_the_leave_out_table(tmp_path, capsys):
