@@ -15,7 +15,8 @@ first-order score can hold:
   ``(f(w_k = 1 + h) - f(w_k = 1 - h)) / 2h`` over samples 0, 17 and 101 (as the linearity script): at
   ``h = 1`` (removing a sample against doubling it) the regime of the LDS.
 
-Run: ``python benchmarks/bench_validation_sensitivity.py [--setting contrastive] [--lr 0.1] [--epochs 1 2 4 8]``
+Run: ``python benchmarks/bench_validation_sensitivity.py [--setting contrastive] [--lr 0.1] [--activation relu]
+[--epochs 1 2 4 8]``
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--setting", choices=SETTINGS, nargs="+", default=["sgd_mlp", "contrastive"])
     parser.add_argument("--lr", type=float, default=None, help="replace the settings' learning rate")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--activation", choices=("tanh", "relu"), default=None,
+                        help="replace the settings' activation (default tanh; relu_untuned is always relu)")
     args = parser.parse_args()
     print("| setting | epochs | max abs tau | median abs tau | growth of a theta_0 change | rel. error h = "
           + " | rel. error h = ".join(f"{h:g}" for h in STEPS) + " |")
@@ -72,13 +75,15 @@ def main() -> None:
         for epochs in args.epochs:
             start = time.perf_counter()
             changes = {"epochs": epochs} if args.lr is None else {"epochs": epochs, "lr": args.lr}
+            if args.activation is not None:
+                changes["activation"] = args.activation
             config = setting_config(setting, settings_size=True, seeds=1, **changes)
             problem = make_problem(config)
             model, trajectory = problem.train(record=True)
             est = explaind.CounterfactualEstimator(target=problem.targets(), device="cpu")
             tau = est.fit(trajectory).transform(problem.X_test).values[..., 0]
             errors = first_order_gaps(problem, tau, STEPS)
-            label = f"{setting} (lr {config.lr:g})"
+            label = f"{setting} ({config.activation}, lr {config.lr:g})"
             print(f"| {label} | {epochs} | {float(tau.abs().max()):.3g} | {float(tau.abs().median()):.3g} | "
                   f"{_growth(problem, model):.3g} | " + " | ".join(f"{e:.1e}" for e in errors)
                   + f" |  <!-- {time.perf_counter() - start:.0f}s -->", flush=True)

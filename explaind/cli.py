@@ -162,13 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="how well each attribution method predicts retraining on digits subsets "
                                         "(LDS, top-k removal)")
     p.add_argument("--quick", action="store_true", help="tiny size: a smoke test, not a measurement")
-    p.add_argument("--setting", choices=("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive"), nargs="+",
+    p.add_argument("--setting", choices=("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned"),
+                   nargs="+",
                    default=["sgd_mlp"], help="training runs validated on (default: the MLP with SGD and momentum)")
     p.add_argument("--settings-size", action="store_true", help="sgd_mlp at the size of the other settings")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: each setting's own)")
     p.add_argument("--leave-out", action="store_true",
                    help="also measure against retraining with the removed samples left out of their batches")
-    p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=["tanh"])
+    p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=None,
+                   help="hidden-layer nonlinearity (default tanh; relu for relu_untuned)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per recorded batch (default 25)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 10, settings 8)")
+    p.add_argument("--n-train", type=int, default=None, help="training images (default 500, settings 300)")
+    p.add_argument("--n-test", type=int, default=None, help="explained test images (default 50, settings 30)")
+    p.add_argument("--methods", nargs="+", default=None, help="compare only these methods (default: the setting's)")
     p.add_argument("--subsets", type=int, default=None, help="subsets per fraction (default 200; quick 8)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")
     p.add_argument("--top-k", type=int, default=None, help="proponents removed per test point (default 25)")

@@ -334,13 +334,16 @@ def cmd_validate(args: argparse.Namespace, out: Any) -> int:
     """The validation benchmark (``python -m explaind.validation``) with the same options."""
     from .validation.__main__ import main as validation_main
 
-    argv = ["--setting", *args.setting, "--activation", *args.activation, "--seed", str(args.seed)]
+    argv = ["--setting", *args.setting, "--seed", str(args.seed)]
+    argv += ["--activation", *args.activation] if args.activation is not None else []
+    argv += ["--methods", *args.methods] if args.methods is not None else []
     argv += ["--quick"] if args.quick else []
     argv += ["--settings-size"] if args.settings_size else []
     argv += ["--leave-out"] if args.leave_out else []
     argv += ["--progress"] if out.progress else []
     for flag, value in (("--subsets", args.subsets), ("--top-k", args.top_k), ("--seeds", args.seeds),
-                        ("--lr", args.lr), ("--out", args.out)):
+                        ("--lr", args.lr), ("--out", args.out), ("--batch-size", args.batch_size),
+                        ("--epochs", args.epochs), ("--n-train", args.n_train), ("--n-test", args.n_test)):
         if value is not None:
             argv += [flag, str(value)]
     if args.fractions is not None:

@@ -4,7 +4,9 @@
   solve per (test point, training sample);
 * :func:`leave_out_reference`: leave-out retraining of the batch-norm CNN and of the InfoNCE pair
   encoder, one Python loop per batch over the kept samples, with batch norm, InfoNCE and SGD with
-  momentum written out (no torch module runs the training forward, no torch optimizer steps).
+  momentum written out (no torch module runs the training forward, no torch optimizer steps);
+* :func:`weighted_mlp_reference`: the weighted retraining of the digits MLP (``sgd_mlp``, ``relu_untuned``),
+  one loss term per sample, the MLP and SGD with momentum written out.
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ def leave_out_reference(problem, keep) -> torch.Tensor:
     velocity: dict = {}
     for idx in problem.batches:
         kept = [k for k in idx.tolist() if bool(keep[k])]
+        if not kept:  # the whole batch left out: a step on a zero gradient (momentum goes on)
+            for name, v in theta.items():
+                velocity[name] = torch.zeros_like(v) if name not in velocity else c.momentum * velocity[name]
+                theta[name] = v - c.lr * velocity[name]
+            continue
         live = {name: v.clone().requires_grad_(True) for name, v in theta.items()}
         if c.setting == "batchnorm":
             h = F.conv2d(problem.X_train[kept], live["0.weight"], live["0.bias"], padding=1)
@@ -95,3 +102,24 @@ def leave_out_reference(problem, keep) -> torch.Tensor:
         return out.gather(1, problem.y_test[:, None])[:, 0]
     a, b = _embed(theta, problem.X_test[:, 0]), _embed(theta, problem.X_test[:, 1])
     return (a * b).sum(1) / (torch.linalg.norm(a, dim=1) * torch.linalg.norm(b, dim=1))
+
+
+def weighted_mlp_reference(problem, weights) -> torch.Tensor:
+    """True-class test logits of the MLP retrained with sample weights ``weights``, by loops (one term per sample)."""
+    c = problem.config
+    theta = {name: p.detach().clone() for name, p in problem.build_model().named_parameters()}
+    act = torch.tanh if c.activation == "tanh" else torch.relu
+
+    def mlp(params, x):
+        return F.linear(act(F.linear(x, params["0.weight"], params["0.bias"])), params["2.weight"], params["2.bias"])
+
+    velocity: dict = {}
+    for idx in problem.batches:
+        live = {name: v.clone().requires_grad_(True) for name, v in theta.items()}
+        terms = [float(weights[k]) * -torch.log_softmax(mlp(live, problem.X_train[k]), 0)[problem.y_train[k]]
+                 for k in idx.tolist()]
+        grads = torch.autograd.grad(torch.stack(terms).sum() / len(idx), list(live.values()))
+        for (name, v), g in zip(theta.items(), grads):
+            velocity[name] = g if name not in velocity else c.momentum * velocity[name] + g
+            theta[name] = v - c.lr * velocity[name]
+    return mlp(theta, problem.X_test).gather(1, problem.y_test[:, None])[:, 0].detach()

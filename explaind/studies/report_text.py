@@ -227,6 +227,9 @@ def validation_section(validation_dir: str | Path, out: Path) -> viz.ReportSecti
                                    "score time (s)": round(float(result.seconds[method]), 2)}
             for fraction, (mean, std) in by_fraction.items():
                 row[f"LDS {100 * fraction:g}%"] = f"{mean:+.3f} ± {std:.3f}"
+            # against leave-out retraining (--leave-out), beside the weighted columns
+            for fraction, (mean, std) in result.lds_leave_out.get(method, {}).items():
+                row[f"left out: LDS {100 * fraction:g}%"] = f"{mean:+.3f} ± {std:.3f}"
             rows.append(row)
         for method, package in result.unavailable.items():
             rows.append({"activation": label, "method": method,
@@ -235,11 +238,17 @@ def validation_section(validation_dir: str | Path, out: Path) -> viz.ReportSecti
                     f"its logit for {100 * r['fraction_lowered']:.1f}% of test points (mean change "
                     f"{r['mean_change']:+.3f}, first-order prediction {r['mean_predicted_change']:+.3f})"
                     for method, r in result.removal.items()]
+        removal += [f"{label}, {method}, removed samples left out of their batches: its top-{c['top_k']} lowered "
+                    f"the logit for {100 * r['fraction_lowered']:.1f}% of test points (mean change "
+                    f"{r['mean_change']:+.3f})" for method, r in result.removal_leave_out.items()]
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # every row gets every column
+    rows = [{key: row.get(key, "—") for key in columns} for row in rows]
     text = ("This section is about a separate benchmark model, not the run above: small digits MLPs retrained on "
             "random subsets of their training set (docs/scores_meaning.md; the other settings: its 'Beyond SGD on an "
             "MLP'). Each method's scores predict the retrained true-class logit (the contrastive setting: the "
             "similarity of a test digit's two views); the table gives the linear datamodeling score (LDS, mean ± "
-            "bootstrap std). "
+            "bootstrap std); 'left out' columns, where measured (--leave-out), give it against retraining with the "
+            "removed samples taken out of their batches. "
             "The counterfactual predicts retraining; the ExPLAIND decomposition accounts for the recorded run "
             "and is not a removal prediction.\n\n" + "; ".join(removal) + ".")
     return viz.ReportSection("Validation against retraining", text, images, captions, table=rows,

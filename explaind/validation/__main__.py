@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "measurement")
     p.add_argument("--setting", choices=SETTINGS, nargs="+", default=["sgd_mlp"],
                    help="training runs to validate on (default sgd_mlp, the MLP with SGD and momentum; adamw, dropout, "
-                        "batchnorm, contrastive: docs/scores_meaning.md, 'Beyond SGD on an MLP', smaller by default)")
+                        "batchnorm, contrastive, relu_untuned: docs/scores_meaning.md, 'Beyond SGD on an MLP', smaller "
+                        "by default)")
     p.add_argument("--settings-size", action="store_true",
                    help="run sgd_mlp at the size of the other settings, as their baseline (written as "
                         "validation_sgd_mlp_<activation>.*)")
@@ -46,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also retrain with the removed samples taken out of their batches (batch statistics and "
                         "InfoNCE negatives without them) and measure every method against that too; not with "
                         "dropout (docs/scores_meaning.md, 'Leave-out retraining')")
-    p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=["tanh"])
+    p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=None,
+                   help="hidden-layer nonlinearity (default tanh; relu for relu_untuned, which is a ReLU MLP)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per recorded batch (default 25; quick 15); a changed one is written as "
+                        "validation_<setting>_<activation>_bs<N>.*")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training set (default 10, settings 8)")
+    p.add_argument("--n-train", type=int, default=None, help="training images (default 500, settings 300)")
+    p.add_argument("--n-test", type=int, default=None, help="explained test images (default 50, settings 30)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="compare only these methods (default: every method of the setting; names as in the tables)")
     p.add_argument("--subsets", type=int, default=None, help="M, subsets per fraction (default 200; quick 8)")
     p.add_argument("--fractions", type=float, nargs="+", default=None, help="default: 0.5 0.9 0.99")
     p.add_argument("--top-k", type=int, default=None, help="proponents removed per test point (default 25; quick 5)")
@@ -68,7 +78,7 @@ def timing(result: ValidationResult) -> str:
             f"{sec['explaind']:.2f}s, ratio {sec['counterfactual'] / sec['explaind']:.2f}\n")
 
 
-def _announcement(config: ValidationConfig, quick: bool) -> str:
+def _announcement(config: ValidationConfig, quick: bool, methods: tuple[str, ...] | None = None) -> str:
     """The cost, said before the work: retrainings and, at the default size, the measured time."""
     from .benchmark import retrainings
 
@@ -76,7 +86,7 @@ def _announcement(config: ValidationConfig, quick: bool) -> str:
             "the measurement itself: tens of minutes on a CPU, measured times in docs/scores_meaning.md; "
             "--quick is a smoke test in seconds")
     label = config.activation if config.setting == "sgd_mlp" else f"{config.setting}, {config.activation}"
-    return (f"validate ({label}): {config.seeds} seed(s), {retrainings(config):,} retrainings of "
+    return (f"validate ({label}): {config.seeds} seed(s), {retrainings(config, methods):,} retrainings of "
             f"{config.n_steps} steps ({size})\n")
 
 
@@ -98,11 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         changes["lr"] = args.lr
     if args.leave_out:
         changes["leave_out"] = True
+    for option in ("batch_size", "epochs", "n_train", "n_test"):
+        if getattr(args, option) is not None:
+            changes[option] = getattr(args, option)
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     for setting in args.setting:
-        for activation in args.activation:
+        for activation in args.activation or ["relu" if setting == "relu_untuned" else "tanh"]:
             code = _run_one(setting, activation, args, changes, out)
             if code:
                 return code
@@ -119,10 +132,11 @@ def _run_one(setting: str, activation: str, args: argparse.Namespace, changes: d
     start = time.perf_counter()
     try:
         config = setting_config(setting, args.quick, args.settings_size, activation=activation, **changes)
-        if args.progress:
-            sys.stderr.write(_announcement(config, args.quick))
         # the baseline compares what the classification settings do
         methods = CLASSIFICATION_METHODS if args.settings_size else None
+        methods = tuple(args.methods) if args.methods is not None else methods
+        if args.progress:
+            sys.stderr.write(_announcement(config, args.quick, methods))
         result = run_validation(config, methods=methods, progress=args.progress)
     except ExplaindError as exc:
         sys.stderr.write(f"error: {exc}\n")
@@ -134,7 +148,8 @@ def _run_one(setting: str, activation: str, args: argparse.Namespace, changes: d
         name = f"validation_{activation}"
     else:
         head = f"\n## {setting} ({activation}): {describe(c)}; "
-        name = f"validation_{setting}_{activation}" + ("" if args.lr is None else f"_lr{args.lr:g}")
+        name = (f"validation_{setting}_{activation}" + ("" if args.lr is None else f"_lr{args.lr:g}")
+                + ("" if args.batch_size is None else f"_bs{args.batch_size}"))
     left_out = ("" if not args.leave_out else
                 f"; leave-out retrain with every sample kept vs recorded run: max |Δ logit| = "
                 f"{result.checks['leave_out_full_max_abs_diff']:.1e}")

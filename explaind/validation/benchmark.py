@@ -271,14 +271,15 @@ def _run_seed(config: ValidationConfig, methods: tuple[str, ...], bar: Any) -> _
     return _SeedRun(per_test[False], removal[False], seconds, checks, per_test.get(True, {}), removal.get(True, {}))
 
 
-def retrainings(config: ValidationConfig) -> int:
+def retrainings(config: ValidationConfig, methods: tuple[str, ...] | None = None) -> int:
     """Training runs that :func:`run_validation` makes after recording (its cost, announced up front).
 
     Per seed: the full set once, ``n_subsets`` subsets for each fraction, and ``n_test`` top-k
     removals for each method of :data:`REMOVAL_METHODS` that the setting computes; twice that with
-    ``config.leave_out``.
+    ``config.leave_out``. ``methods`` are those compared (default: every method of the setting).
     """
-    methods = METHODS if config.setting == "sgd_mlp" else setting_methods(config.setting)
+    if methods is None:
+        methods = METHODS if config.setting == "sgd_mlp" else setting_methods(config.setting)
     removing = [m for m in REMOVAL_METHODS if m in methods]
     per_seed = 1 + len(config.fractions) * config.n_subsets + config.n_test * len(removing)
     return config.seeds * per_seed * (2 if config.leave_out else 1)

@@ -62,7 +62,7 @@ __all__ = ["LEAVE_OUT_SETTINGS", "PRESENCE_SETTINGS", "leave_out_train", "leave_
            "presence_scores"]
 
 #: The settings on which leave-out retraining is defined.
-LEAVE_OUT_SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "batchnorm", "contrastive")
+LEAVE_OUT_SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "batchnorm", "contrastive", "relu_untuned")
 
 
 def _checked_keep(problem: ValidationProblem, keep: Tensor | None) -> Tensor:

@@ -36,7 +36,7 @@ from ..exceptions import ConfigError
 __all__ = ["SETTINGS", "ValidationConfig", "ValidationProblem"]
 
 #: The training runs the benchmark validates on: the SGD MLP of this module, then those of the settings module.
-SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive")
+SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned")
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class ValidationConfig:
     setting : str
         The training run: ``"sgd_mlp"`` (this module's MLP with SGD and momentum) or one of the
         settings of :mod:`explaind.validation.settings` (``"adamw"``, ``"dropout"``, ``"batchnorm"``,
-        ``"contrastive"``); :meth:`for_setting` gives each its measured size.
+        ``"contrastive"``, ``"relu_untuned"``); :func:`~explaind.validation.settings.setting_config` gives each its
+        measured size.
     weight_decay : float
         AdamW's decoupled weight decay (setting ``"adamw"``).
     dropout : float
@@ -131,6 +132,10 @@ class ValidationConfig:
             raise ConfigError(f"ValidationConfig: need 0 <= dropout < 1, temperature > 0 and weight_decay >= 0; got "
                               f"dropout={self.dropout!r}, temperature={self.temperature!r}, "
                               f"weight_decay={self.weight_decay!r}.")
+        if self.setting == "relu_untuned" and self.activation != "relu":
+            raise ConfigError(f"ValidationConfig: the setting 'relu_untuned' is a ReLU MLP; got activation="
+                              f"{self.activation!r}. Pass activation='relu' (the CLI's default for it), or use "
+                              f"'sgd_mlp' with lr for a tanh MLP.")
         if self.leave_out and self.setting == "dropout":
             raise ConfigError("ValidationConfig: leave_out is not defined for the setting 'dropout' (the replayed "
                               "dropout masks are drawn per batch shape, so leaving samples out would draw other "

@@ -21,6 +21,9 @@ outside it weighted 0) means depends on the setting (docs/scores_meaning.md, "Be
 * ``"batchnorm"``: a small CNN (conv 3x3, 8 channels, train-mode ``BatchNorm2d``, average pool,
   linear). A weight-0 sample still enters its batches' statistics (and the running statistics), so
   it still shapes the other samples' gradients: "removing" it drops its loss term only.
+* ``"relu_untuned"``: the ReLU MLP of the SGD benchmark at a learning rate nobody tuned (SGD lr 0.3 with
+  momentum 0.9, six times the tuned 0.05): it converges, but its loss jumps from batch to batch late in
+  training. Its loop is :class:`~explaind.validation.problem.ValidationProblem`'s; a weight-0 sample is absent.
 * ``"contrastive"``: an encoder of two fixed augmented views of each digit trained with InfoNCE
   (:func:`explaind.batch_coupled_loss`); the explained output is the cosine similarity of a test
   digit's two views. A weight-0 sample still serves as a negative in the other samples' terms:
@@ -42,7 +45,7 @@ from torch import Tensor, nn
 
 from .problem import ValidationConfig, ValidationProblem
 
-__all__ = ["SETTING_LR", "SETTING_METHODS", "CLASSIFICATION_METHODS", "SETTING_SIZE", "make_problem",
+__all__ = ["SETTING_LR", "MLP_SETTINGS", "SETTING_METHODS", "CLASSIFICATION_METHODS", "SETTING_SIZE", "make_problem",
            "setting_config", "setting_methods", "describe", "info_nce_terms", "PairEncoder"]
 
 #: Methods compared on every setting beyond the SGD MLP, the contrastive one included.
@@ -61,7 +64,9 @@ SETTING_SIZE: dict[str, Any] = dict(n_train=300, n_test=30, hidden=32, epochs=8,
 #: Embedding size of the contrastive encoder.
 EMBEDDING = 8
 #: The learning rate of the settings that do not keep ``ValidationConfig.lr`` (``--lr`` overrides it).
-SETTING_LR: dict[str, float] = {"adamw": 0.01, "contrastive": 0.1}
+SETTING_LR: dict[str, float] = {"adamw": 0.01, "contrastive": 0.1, "relu_untuned": 0.3}
+#: The settings whose loop is the SGD MLP's own (:class:`~explaind.validation.problem.ValidationProblem`).
+MLP_SETTINGS: tuple[str, ...] = ("sgd_mlp", "relu_untuned")
 
 
 def info_nce_terms(outputs: Tensor, targets: Tensor, temperature: float = 0.5) -> Tensor:
@@ -222,19 +227,21 @@ def setting_config(setting: str, quick: bool = False, settings_size: bool = Fals
     """The configuration of ``setting`` at its measured size (:data:`SETTING_SIZE`), or the tiny quick size.
 
     ``"sgd_mlp"`` keeps its own larger size unless ``settings_size`` is true (then it is the baseline of the other
-    settings, at their size).
+    settings, at their size). ``"relu_untuned"`` is a ReLU MLP: its activation defaults to ``"relu"``.
     """
     if setting == "sgd_mlp" and not settings_size:
         return ValidationConfig.quick(**changes) if quick else ValidationConfig(**changes)
     changes = {"lr": SETTING_LR[setting], **changes} if setting in SETTING_LR else changes
+    if setting == "relu_untuned":
+        changes = {"activation": "relu", **changes}
     if quick:
         return ValidationConfig.quick(setting=setting, **changes)
     return ValidationConfig(**{**SETTING_SIZE, "setting": setting, **changes})
 
 
 def make_problem(config: ValidationConfig) -> ValidationProblem:
-    """The problem of ``config.setting``: the SGD MLP itself, or a :class:`SettingProblem`."""
-    return ValidationProblem(config) if config.setting == "sgd_mlp" else SettingProblem(config)
+    """The problem of ``config.setting``: the SGD MLP itself (also ``"relu_untuned"``), or a :class:`SettingProblem`."""
+    return ValidationProblem(config) if config.setting in MLP_SETTINGS else SettingProblem(config)
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -244,6 +251,7 @@ def describe(config: dict[str, Any]) -> str:
     loop = f"{c['n_steps']} steps of {c['batch_size']}, float64"
     model = {"sgd_mlp": f"MLP 64-{c['hidden']}-10 ({c['activation']})",
              "adamw": f"MLP 64-{c['hidden']}-10 ({c['activation']})",
+             "relu_untuned": f"MLP 64-{c['hidden']}-10 ({c['activation']}, learning rate not tuned)",
              "dropout": f"MLP 64-{c['hidden']}-10 ({c['activation']}, dropout {c['dropout']} after the hidden layer, "
                         f"masks replayed)",
              "batchnorm": f"CNN conv3x3(8)-BatchNorm2d (train mode)-{c['activation']}-avgpool-linear",
