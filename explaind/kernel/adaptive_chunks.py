@@ -211,9 +211,11 @@ def _plan(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor
         return h, d
 
     steps = torch.arange(stack.n_steps, device=d0.device).repeat_interleave(T)
+    rule = getattr(engine, "rule_bytes", None)  # a level's groups within a quarter of it (kernel/adaptive_memory.py)
     return adaptive.adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
                                   coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
-                                  max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps, watch=watch)
+                                  max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps, watch=watch,
+                                  level_bytes=None if rule is None else max(1, rule // 4))
 
 
 def _nodes(engine: Any, n: int) -> tuple[Tensor, Tensor]:
