@@ -168,6 +168,32 @@ def test_a_memory_budget_bounds_the_open_panels_of_a_level_and_the_replica_is_un
     assert rel_err(replica, truth) <= 1e-6 and rel_err(whole, truth) <= 1e-6
 
 
+# --------------------------------------------------------------------------- the chunked rule's first decision
+def test_the_chunks_first_estimate_counts_are_taken_once_and_the_plans_are_unchanged(monkeypatch):
+    """The probe's counts (failing units, far ones no kink explains) are summed over every chunk's first estimate
+    before any chunk is refined; a chunk refined next does not count them again (before: one kink test a chunk)."""
+    from test_replica_output_chunks import relu_mlp
+
+    from explaind.kernel import adaptive_chunks
+
+    model, traj, X = relu_mlp(32, 0.05)
+    quad = {"quadrature": "adaptive", "tol": TOL}
+    whole = torch.as_tensor(explaind.KernelReplica(device="cpu", **quad).fit(traj).predict(X))
+    monkeypatch.setattr(adaptive_chunks, "RULE_BYTES", 2 * 1024 * 8 * 3)  # two pairs of three outputs a chunk
+    tests = {"chunks": 0, "rule": 0}
+    for module, key in ((adaptive_chunks, "chunks"), (adaptive, "rule")):
+        def spy(*args, _original=module.one_kink, _key=key):
+            tests[_key] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(module, "one_kink", spy)
+    chunked = torch.as_tensor(explaind.KernelReplica(device="cpu", **quad).fit(traj).predict(X))
+    assert tests == {"chunks": 4 * 3, "rule": 0}, tests  # four chunks a step, three steps
+    assert rel_err(chunked, whole) <= 1e-13
+    with torch.no_grad():
+        assert rel_err(chunked, model(X)) <= 1e-6
+
+
 # --------------------------------------------------------------------------- the command line
 def test_the_commands_that_run_an_estimator_take_a_memory_budget():
     parser = build_parser()

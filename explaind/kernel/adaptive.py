@@ -163,7 +163,8 @@ def adaptive_plan(
         # kink test only where enough units are far for the count to pass: it cannot raise the count)
         looks = far_units(err0[failing], thr[failing], scale[failing], floor[failing])
         need = max(DENSE_MIN, DENSE_SHARE * failing.numel())
-        if watch is not None:  # a chunk: the caller takes the batch's decision (the probe's test below, exactly)
+        if watch is not None and not watch.counted:  # a chunk: the caller takes the batch's decision (the probe's
+            # test below, exactly)
             watch.failing += failing.numel()
             watch.looks += int((looks & ~one_kink(failing, est0, g_a, g_b, samples)).sum())
         split = watch is None and dense_after > 0 and int(looks.sum()) >= need
