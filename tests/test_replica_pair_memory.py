@@ -130,10 +130,24 @@ def test_accepted_panels_keep_only_their_scalars_unless_merged_afterwards(kinked
     assert all(p.est.shape[1] == 5 for p in merged.parts)
 
 
+def test_open_panels_past_the_rules_budget_are_logged_once_with_the_fix(kinked, caplog):
+    """What stays between levels (13 vectors an open panel) is what the plan needs: past the rule's budget (four
+    times ``level_bytes``) a warning says so, once, with the panels, their bytes and the fix; within it, none."""
+    vectors = 13 * 8 * 5  # bytes of an open panel of five float64 outputs
+    with caplog.at_level("WARNING", logger="explaind.kernel.adaptive_memory"):
+        kinked.plan(level_bytes=10**6)
+        assert not caplog.records
+        kinked.plan(level_bytes=vectors)  # the budget of four open panels
+    (record,) = caplog.records
+    text = record.getMessage()
+    assert "open panels of 5 outputs" in text and "tol=1e-10" in text and "0 MB: RULE_BYTES" in text
+    assert "Fix: a looser tol" in text and "memory_budget" in text
+
+
 def test_level_rows_take_the_budget_in_open_panels_and_never_less_than_one():
     from explaind.kernel import adaptive_memory
 
-    assert adaptive_memory.LEVEL_PANEL_COPIES == PANEL_COPIES
+    assert adaptive_memory.LEVEL_PANEL_COPIES == PANEL_COPIES and adaptive_memory.PANEL_VECTORS == 13
     per_panel = PANEL_COPIES * 8 * 64 * 1024  # a GPT-2 pair: 64 tokens of 1,024, float64
     assert adaptive_memory.level_rows(64 * 1024, torch.float64) == adaptive_memory.LEVEL_BYTES // per_panel == 3
     assert adaptive_memory.level_rows(64 * 50_257, torch.float64) == 1

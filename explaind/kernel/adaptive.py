@@ -31,7 +31,7 @@ from .adaptive_jobs import (
     steepest,
     tolerances,
 )
-from .adaptive_memory import Accepted, Groups, Panels, level_rows
+from .adaptive_memory import LEVEL_BYTES, Accepted, Groups, Panels, level_rows
 from .dense import (
     DENSE_AFTER,
     DENSE_EVALS,
@@ -151,7 +151,7 @@ def adaptive_plan(
     failing = torch.nonzero(err0 > thr).reshape(-1)
     acc, scale = Accepted(torch.zeros(U, dtype=dt, device=dev), exact.shape[-1], coarsen), exact.abs().amax(-1)
     run = _Levels(refine, rules, eps, evals, acc, thr, scale, floor, max_depth, max_evals, dense_after, dense_evals,
-                  watch, level_rows(exact.shape[-1], dt, level_bytes))
+                  watch, level_rows(exact.shape[-1], dt, level_bytes), (4 * (level_bytes or LEVEL_BYTES), tol))
     samples = None if first is None else (*rules[0], first[1], first[2])
     if failing.numel() and tol >= GAP_TOL:  # a loose tolerance: gaps cut at kinks (kernel/gaps.py)
         extra = loose_plan(failing, samples, g_a, g_b, thr, refine, evals, max_evals, max_depth)
@@ -208,9 +208,9 @@ class _Levels:
 
     def __init__(self, refine: Refine, rules: Rules, eps: float, evals: Tensor, acc: Accepted, thr: Tensor,
                  scale: Tensor, floor: Tensor, max_depth: int, max_evals: int, dense_after: int, dense_evals: int,
-                 watch: DenseWatch | None, rows: int):
+                 watch: DenseWatch | None, rows: int, limit: tuple[int, float]):
         self.refine, self.rules, self.eps, self.evals, self.acc, self.watch = refine, rules, eps, evals, acc, watch
-        self.rows = rows  # open panels a level refines at once
+        self.rows, self.limit = rows, limit  # open panels a level refines at once; the bytes they may hold, tol
         self.thr, self.scale, self.floor, self.max_depth = thr, scale, floor, max_depth
         self.dense_after, self.cap, self.dense_evals, self.strict = dense_after, max_evals, dense_evals, False
         n = rules[0][0].numel()
@@ -224,7 +224,7 @@ class _Levels:
 
     def __call__(self, jobs: Jobs, failing: int) -> None:
         acc, evals = self.acc, self.evals
-        jobs = Groups(jobs, self.rows)  # a level takes a group of open panels at a time (kernel/adaptive_memory.py)
+        jobs = Groups(jobs, self.rows, *self.limit)  # a level takes a group at a time (kernel/adaptive_memory.py)
         for depth in range(1, self.max_depth + 1):
             if not jobs.parts:
                 return

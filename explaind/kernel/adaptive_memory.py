@@ -22,6 +22,7 @@ few units a chunk held (``docs/engine.md``, section 2, *What a batch is*):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,9 @@ from torch import Tensor
 
 from .adaptive_jobs import Jobs, Rows
 
-__all__ = ["LEVEL_BYTES", "LEVEL_PANEL_COPIES", "Panels", "Accepted", "level_rows", "Groups"]
+__all__ = ["LEVEL_BYTES", "LEVEL_PANEL_COPIES", "PANEL_VECTORS", "Panels", "Accepted", "level_rows", "Groups"]
+
+logger = logging.getLogger(__name__)
 
 #: Bytes of output-sized state one refinement level may take for a group of open panels: a quarter of the rule's
 #: budget (``RULE_BYTES`` of :mod:`~explaind.kernel.adaptive_chunks`), an eighth of an estimator's ``memory_budget``
@@ -40,6 +43,9 @@ LEVEL_BYTES = 2**28
 #: its ends, the samples beside them, its bracket, its estimate), its two halves, :math:`h, h'` at their nodes and
 #: at its probes, the samples the grading stacks beside them, the graded halves' copies, and a margin.
 LEVEL_PANEL_COPIES = 160
+#: Output-sized vectors an open panel keeps between levels: :math:`h, h'` at its ends, at the samples beside them
+#: and at its bracket's ends, and its estimate (:class:`~explaind.kernel.adaptive_jobs.Jobs`).
+PANEL_VECTORS = 13
 
 
 @dataclass
@@ -122,10 +128,12 @@ class Groups:
 
     A level (:meth:`level`) takes one group at a time and frees it before the next, so that what it holds beyond the
     open panels themselves is one group's work; the panels that stop (:meth:`stop`) leave group by group, in order.
+    The open panels themselves, :data:`PANEL_VECTORS` output-sized vectors each, are what the plan needs: where they
+    pass ``limit`` bytes (the rule's budget) a level logs a warning once, naming the fix.
     """
 
-    def __init__(self, jobs: Jobs, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, jobs: Jobs, rows: int, limit: int | None = None, tol: float | None = None) -> None:
+        self.rows, self.limit, self.tol, self.warned = rows, limit, tol, False
         self.parts = self._split(jobs)
 
     def _split(self, jobs: Jobs) -> list[Jobs]:
@@ -166,3 +174,15 @@ class Groups:
         while self.parts:
             new += self._split(refine(self.parts.pop(0)))
         self.parts = new
+        if self.limit is not None and not self.warned and new:
+            n, f = sum(p.unit.numel() for p in new), new[0].f_A
+            held = n * PANEL_VECTORS * f.element_size() * f.shape[1]
+            if held > self.limit:
+                self.warned = True
+                logger.warning("the adaptive quadrature holds %d open panels of %d outputs between two refinement "
+                               "levels (%.0f MB, %d output-sized vectors a panel), past the budget of its state "
+                               "(%.0f MB: RULE_BYTES, or half of memory_budget): its (step, input) pairs at tol=%g "
+                               "cross many kinks or curve strongly. The plan is unchanged. Fix: a looser tol, fewer "
+                               "outputs (InfluenceEstimator(target=...)), or a larger memory_budget if the machine "
+                               "has it free.", n, f.shape[1], held / 1e6, PANEL_VECTORS, self.limit / 1e6,
+                               self.tol if self.tol is not None else float("nan"))
