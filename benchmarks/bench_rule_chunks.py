@@ -5,7 +5,9 @@ chunks' summed counts find kink-dense is planned whole. This script trains a flo
 (``--width``, default 512; ``tests/test_replica_output_chunks.py``'s ``relu_mlp``) for three SGD-momentum steps
 at an untuned learning rate 1.0 (its paths cross many kinks), then times the replica of eight test inputs twice:
 ``whole`` (the default budget: one chunk) and ``chunked`` (``RULE_BYTES`` shrunk to ``--pairs`` pairs of three
-outputs, the regime of a language model's logits at the default budget).
+outputs, the regime of a language model's logits at the default budget). ``--hide-probe`` hides the far units of
+the first estimates from the chunked rule's first decision (``adaptive_chunks.probe_counts`` counts none far), as
+for a batch that only a refinement level finds kink-dense: the chunks are refined until their levels' counts decide.
 
 Printed, one row per run: the checkout (``after``: this one; ``before``: ``--before DIR``), the mode, the wall and
 CPU time (``time.process_time``) of ``predict``, the calls of the rule (``adaptive.adaptive_plan``) with their
@@ -15,7 +17,7 @@ rows against another checkout (``PYTHONPATH=DIR``, e.g. ``git worktree add /tmp/
 subprocesses, alternated with this checkout's ``--repeats`` times, so that both come from one run on one machine.
 
 Run: ``python benchmarks/bench_rule_chunks.py [--width 512] [--pairs 2] [--tol 1e-10]
-[--threads 1] [--repeats 2] [--before DIR]``
+[--threads 1] [--repeats 2] [--hide-probe] [--before DIR]``
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
         return batch(self, stack, sidx, idx, t)
 
     adaptive.adaptive_plan, layers.LayerEvaluator._row_batch = spy_plan, spy_rows
+    if args.hide_probe:
+        counts = adaptive_chunks.probe_counts
+        adaptive_chunks.probe_counts = lambda *a: (counts(*a)[0], 0)
     out, whole = [], None
     default = adaptive_chunks.RULE_BYTES
     for mode in ("whole", "chunked"):
@@ -82,13 +87,14 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--hide-probe", action="store_true", help="no unit far at the first estimates")
     ap.add_argument("--before", default=None)
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one checkout's rows, for --before
     args = ap.parse_args()
     if args.json:
         print(json.dumps(rows(args)))
         return
-    print(f"load {open('/proc/loadavg').read().split()[:3]}")
+    print(f"load {open('/proc/loadavg').read().split()[:3]}" + (", --hide-probe" if args.hide_probe else ""))
     print(f"{'checkout':8} {'mode':8} {'wall s':>7} {'cpu s':>7} {'calls':>5} {'pairs':>5} {'rows':>8} "
           f"{'vs trained':>10} {'vs whole':>9}")
     argv = [a for a in sys.argv[1:] if a != "--json"]

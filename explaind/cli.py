@@ -73,6 +73,12 @@ def _add_scores_rule(parser: argparse.ArgumentParser) -> None:
                         help=f"relative error per step and input of the adaptive rule (default: {SCORES_TOL:g})")
 
 
+def _add_memory_budget(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--memory-budget", default=None, metavar="SIZE",
+                        help=f"working memory of the estimator, in bytes or a size such as 2GB, 512MiB (default: "
+                             f"{default}); it bounds the adaptive rule's state and each evaluation's outputs")
+
+
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
 
@@ -132,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"relative error per step and input of the adaptive rule (default: the rule's own: 1e-07, "
                         f"the replica's, or {SCORES_TOL:g} for the default rule when the 1e-07 one exceeds "
                         f"--max-evals)")
+    _add_memory_budget(p, "the replica's own bounds, as 2GiB")
     _add_size(p, "small")
     _add_device(p)
     cli_launch.add_nproc(p)
@@ -148,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder: attribution.safetensors + attribution.json + scores.csv")
     p.add_argument("--no-csv", action="store_true", help="do not write the CSV")
     _add_scores_rule(p)
+    _add_memory_budget(p, "2GB")
     _add_device(p)
     cli_launch.add_nproc(p)
     _common(p, suppress=True)
@@ -195,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-steps", default="32", metavar="N",
                    help="split the first N steps over training samples in the data view, or 'all' (default: 32)")
     _add_scores_rule(p)
+    _add_memory_budget(p, "2GB")
     _add_device(p)
     _common(p, suppress=True)
 

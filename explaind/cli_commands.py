@@ -35,6 +35,14 @@ def _positive(value: int | None, option: str) -> None:
         raise ConfigError(f"{option} {value} must be a positive integer.")
 
 
+def _memory_budget(value: str | None, default: str | None) -> int | str | None:
+    """``--memory-budget``: checked as the estimators check ``memory_budget`` (bytes or a size such as ``2GB``);
+    ``default`` without it."""
+    from .kernel.budget import parse_bytes
+
+    return default if value is None else parse_bytes(value, "--memory-budget")
+
+
 # --------------------------------------------------------------------------- plugins
 def cmd_plugins(args: argparse.Namespace, out: Any) -> int:
     """List loaded plugins and their entries."""
@@ -206,6 +214,7 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
 
     _positive(args.n_test, "--n-test")
     _positive(args.nodes, "--nodes")
+    budget = _memory_budget(args.memory_budget, None)
     if args.max_evals is not None and args.max_evals < 0:
         raise ConfigError(f"--max-evals {args.max_evals} must be 0 (no limit) or a positive integer.")
     if args.run is None:
@@ -241,7 +250,7 @@ def cmd_replicate(args: argparse.Namespace, out: Any) -> int:
     for rule in rules:
         _announce(out, "replicate", _with_tol(rule), n_steps, n_test)
     rows = fidelity.run_fidelity(run, rules, n_test=n_test, device=args.device, progress=out.progress, steps=steps,
-                                 warn=False)
+                                 warn=False, memory_budget=budget)
     rows_evals = sum(fidelity.estimated_evals(rule, n_steps, n_test) for rule in rules)
     notes = [_skip_note(rule, evals, rows_evals, limit) for rule, evals in skipped]
     single_line = [_tolerance_line(rows[0])] if len(rows) == 1 and rows[0]["rule"].startswith("adaptive") else []
@@ -258,6 +267,7 @@ def cmd_influence(args: argparse.Namespace, out: Any) -> int:
     from .studies.runs import load_run
 
     _positive(args.n_test, "--n-test")
+    budget = _memory_budget(args.memory_budget, "2GB")
     keep = analysis.parse_keep(args.keep)
     steps = analysis.parse_steps(args.steps)
     target = analysis.check_target(args.target)
@@ -270,7 +280,8 @@ def cmd_influence(args: argparse.Namespace, out: Any) -> int:
         analysis.check_csv_rows(analysis.csv_rows(run, keep, target, window, n_test), keep, n_test)
     _announce(out, "influence", rule, window, n_test)
     att = analysis.influence(run, keep=keep, target=target, steps=steps, n_test=n_test, device=args.device,
-                             quadrature=rule.quadrature, nodes=rule.nodes, tol=tol, progress=out.progress)
+                             quadrature=rule.quadrature, nodes=rule.nodes, tol=tol, progress=out.progress,
+                             memory_budget=budget)
     written = [] if out.silent else analysis.save_attribution(att, Path(args.out), csv_file=not args.no_csv)
     summary = analysis.summarise(att)
     lines = [f"axes {summary['axes']} shape {summary['shape']}; completeness gap {summary['completeness_gap']:.3g}; "
@@ -370,12 +381,13 @@ def cmd_report(args: argparse.Namespace, out: Any) -> int:
     from .studies.runs import load_run
 
     _positive(args.n_test, "--n-test")
+    budget = _memory_budget(args.memory_budget, "2GB")
     rule = fidelity.scores_rule(args.quadrature, args.nodes)
     data_steps = _data_steps(args.data_steps)
     run = load_run(args.run)
     target = Path(args.out) if args.out else Path(args.run) / "report"
     options = ReportOptions(quadrature=rule.quadrature, nodes=rule.nodes, tol=_tol(args.tol), device=args.device,
-                            data_steps=data_steps)
+                            data_steps=data_steps, memory_budget=budget)
     n_steps = int(run.trajectory.n_steps)
     _announce(out, "report, step x group view", rule, n_steps, min(options.n_test if args.n_test is None
                                                                     else args.n_test, run.dataset.n_val))

@@ -9,7 +9,6 @@ rule*), ``docs/maths.md`` (section 2). Job state and level steps: :mod:`explaind
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -18,7 +17,6 @@ from .adaptive_jobs import (
     GAUSS_KIND,
     DenseWatch,
     Jobs,
-    Rows,
     check_first,
     choose,
     end_slopes,
@@ -33,6 +31,7 @@ from .adaptive_jobs import (
     steepest,
     tolerances,
 )
+from .adaptive_memory import LEVEL_BYTES, Accepted, Groups, Panels, level_rows
 from .dense import (
     DENSE_AFTER,
     DENSE_EVALS,
@@ -78,6 +77,7 @@ def adaptive_plan(
     shared: Shared | None = None,
     steps: Tensor | None = None,
     watch: DenseWatch | None = None,
+    level_bytes: int | None = None,
 ) -> NodePlan:
     r"""Error-controlled plan for a batch of units (one unit = one step and test input).
 
@@ -123,6 +123,9 @@ def adaptive_plan(
     watch : DenseWatch, optional
         A chunk of a larger batch: no probe and no kink-dense test (the decisions that couple units); their
         counts are added to ``watch`` instead (:mod:`explaind.kernel.adaptive_chunks`).
+    level_bytes : int, optional
+        Bytes of output-sized state a refinement level may take: its open panels are refined in groups within
+        it (:func:`~explaind.kernel.adaptive_memory.level_rows`; default ``LEVEL_BYTES``), the same plan.
 
     Returns
     -------
@@ -146,21 +149,22 @@ def adaptive_plan(
     estimate = est0.clone()
     err0 = (est0 - exact).abs().amax(-1)
     failing = torch.nonzero(err0 > thr).reshape(-1)
-    acc, scale = Accepted(torch.zeros(U, dtype=dt, device=dev)), exact.abs().amax(-1)
+    acc, scale = Accepted(torch.zeros(U, dtype=dt, device=dev), exact.shape[-1], coarsen), exact.abs().amax(-1)
     run = _Levels(refine, rules, eps, evals, acc, thr, scale, floor, max_depth, max_evals, dense_after, dense_evals,
-                  watch)
+                  watch, level_rows(exact.shape[-1], dt, level_bytes), (4 * (level_bytes or LEVEL_BYTES), tol))
     samples = None if first is None else (*rules[0], first[1], first[2])
     if failing.numel() and tol >= GAP_TOL:  # a loose tolerance: gaps cut at kinks (kernel/gaps.py)
         extra = loose_plan(failing, samples, g_a, g_b, thr, refine, evals, max_evals, max_depth)
         acc.add(Panels(torch.full_like(failing, MIDPOINT_KIND), failing, 0 * rel[failing], 1 + 0 * rel[failing],
                        *extra[3:], g_a[failing], g_b[failing], rel[failing]))
-        return _assemble(U, rules, failing, acc.panels(), exact, estimate, evals, extra[:3])
+        return _assemble(U, rules, failing, acc.panels(), exact, estimate, acc.est, evals, extra[:3])
     if failing.numel():
         # a probe only where the first estimate already looks kink-dense: far, and no one kink explains it (the
         # kink test only where enough units are far for the count to pass: it cannot raise the count)
         looks = far_units(err0[failing], thr[failing], scale[failing], floor[failing])
         need = max(DENSE_MIN, DENSE_SHARE * failing.numel())
-        if watch is not None:  # a chunk: the caller takes the batch's decision (the probe's test below, exactly)
+        if watch is not None and not watch.counted:  # a chunk: the caller takes the batch's decision (the probe's
+            # test below, exactly)
             watch.failing += failing.numel()
             watch.looks += int((looks & ~one_kink(failing, est0, g_a, g_b, samples)).sum())
         split = watch is None and dense_after > 0 and int(looks.sum()) >= need
@@ -185,50 +189,11 @@ def adaptive_plan(
         extra = _fallback(run.dense, acc, evals, failing, exact, thr, (scale, floor), rel, g_a, g_b, steps,
                           shared or _pointwise(refine), rules[0][0] if first is not None else rules[0][0][:0],
                           None if first is None else first[1:], dense_evals, err0)
-    panels = acc.panels()
-    if coarsen and panels is not None:
+    panels, summed = acc.panels(), acc.est
+    if coarsen and panels is not None:  # the accepted panels kept whole (Accepted(keep=coarsen)), merged, summed
         panels = _coarsen(panels, refine, *rules[0], rel, thr, evals)
-    return _assemble(U, rules, failing, panels, exact, estimate, evals, extra)
-
-
-@dataclass
-class Panels(Rows):
-    """Accepted panels ``[a, b]``: kind, unit, ends, estimate ``(R, O)``, error, ``h`` at the ends, tolerance."""
-
-    kind: Tensor
-    unit: Tensor
-    a: Tensor
-    b: Tensor
-    est: Tensor
-    err: Tensor
-    f_a: Tensor
-    f_b: Tensor
-    tol: Tensor
-
-
-class Accepted:
-    """Accepted panels, collected level by level, and the summed error ``err (U,)`` of each unit's."""
-
-    def __init__(self, err: Tensor) -> None:
-        self.parts: list[Panels] = []
-        self.err = err
-
-    def add(self, jobs: Jobs | Panels) -> None:
-        """Accept the tested panels ``jobs`` (or finished panels)."""
-        if jobs.unit.numel():
-            p = jobs if isinstance(jobs, Panels) else Panels(jobs.kind, jobs.unit, jobs.A, jobs.B, jobs.est, jobs.err,
-                                                             jobs.f_A, jobs.f_B, jobs.tol)
-            self.parts.append(p)
-            self.err.index_add_(0, p.unit, p.err)
-
-    def drop(self, units: Tensor) -> None:
-        """Forget the accepted panels of the units marked in ``units (U,)`` (bool)."""
-        self.parts = [p.take(~units[p.unit]) for p in self.parts]
-        self.err[units] = 0
-
-    def panels(self) -> Panels | None:
-        """All accepted panels (``None`` when there are none)."""
-        return Panels.cat(self.parts) if self.parts else None
+        summed = torch.zeros_like(summed).index_add_(0, panels.unit, panels.est)
+    return _assemble(U, rules, failing, panels, exact, estimate, summed, evals, extra)
 
 
 class _Levels:
@@ -243,8 +208,9 @@ class _Levels:
 
     def __init__(self, refine: Refine, rules: Rules, eps: float, evals: Tensor, acc: Accepted, thr: Tensor,
                  scale: Tensor, floor: Tensor, max_depth: int, max_evals: int, dense_after: int, dense_evals: int,
-                 watch: DenseWatch | None = None):
+                 watch: DenseWatch | None, rows: int, limit: tuple[int, float]):
         self.refine, self.rules, self.eps, self.evals, self.acc, self.watch = refine, rules, eps, evals, acc, watch
+        self.rows, self.limit = rows, limit  # open panels a level refines at once; the bytes they may hold, tol
         self.thr, self.scale, self.floor, self.max_depth = thr, scale, floor, max_depth
         self.dense_after, self.cap, self.dense_evals, self.strict = dense_after, max_evals, dense_evals, False
         n = rules[0][0].numel()
@@ -258,10 +224,14 @@ class _Levels:
 
     def __call__(self, jobs: Jobs, failing: int) -> None:
         acc, evals = self.acc, self.evals
+        jobs = Groups(jobs, self.rows, *self.limit)  # a level takes a group at a time (kernel/adaptive_memory.py)
         for depth in range(1, self.max_depth + 1):
-            total = acc.err.index_add(0, jobs.unit, jobs.err)
+            if not jobs.parts:
+                return
+            units = jobs.unit
+            total = acc.err.index_add(0, units, jobs.err)
             if self.watch is not None and self.dense_after > 0:  # a chunk: count what the test would see
-                ripe = jobs.unit.unique()
+                ripe = units.unique()
                 ripe = ripe[evals[ripe] >= self.dense_after]
                 self.watch.level(depth, int(far_units(total[ripe], self.thr[ripe], self.scale[ripe],
                                                       self.floor[ripe]).sum()))
@@ -269,27 +239,27 @@ class _Levels:
                     return
             if not self.tested:  # tested at every level until the batch is found kink-dense
                 ripe = torch.zeros_like(self.dense)
-                ripe[jobs.unit] = True
+                ripe[units] = True
                 ripe &= evals >= self.dense_after
                 dense = dense_units(total, ripe, failing, self.thr, self.scale, self.floor) if ripe.any() else None
                 if dense is not None and bool(dense.any()):  # the others then stop short of dense_evals
                     self.tested, self.strict, self.cap = True, True, min(self.cap, self.dense_evals)
                     self.dense |= dense
-                    jobs = jobs.take(~dense[jobs.unit])
-                    if jobs.unit.numel() == 0:
+                    jobs.drop(dense)
+                    units = jobs.unit
+                    if units.numel() == 0:
                         return
-                    total = acc.err.index_add(0, jobs.unit, jobs.err)
+                    total = acc.err.index_add(0, units, jobs.err)
             if self.strict:  # the most the next level could spend on each unit
-                over = evals + self.per_job * torch.bincount(jobs.unit, minlength=evals.numel()) > self.cap
+                over = evals + self.per_job * torch.bincount(units, minlength=evals.numel()) > self.cap
             else:
                 over = evals >= self.cap
-            done = (total <= self.thr) | over | (depth >= self.max_depth)
-            stop = done[jobs.unit]
-            acc.add(jobs.take(stop))
-            jobs = jobs.take(~stop)
-            if jobs.unit.numel() == 0:
-                return
-            jobs = _level(jobs, self.refine, self.rules, self.eps, evals, acc)
+            jobs.stop((total <= self.thr) | over | (depth >= self.max_depth), acc)
+            jobs.level(self._group)
+
+    def _group(self, jobs: Jobs) -> Jobs:
+        """One refinement level of the open panels ``jobs`` (of a group: :mod:`~explaind.kernel.adaptive_memory`)."""
+        return _level(jobs, self.refine, self.rules, self.eps, self.evals, self.acc)
 
 
 def _fallback(dense: Tensor, acc: Accepted, evals: Tensor, failing: Tensor, exact: Tensor, thr: Tensor,
@@ -303,10 +273,7 @@ def _fallback(dense: Tensor, acc: Accepted, evals: Tensor, failing: Tensor, exac
     cu = torch.nonzero(cand).reshape(-1)
     groups = torch.zeros_like(evals) if steps is None else steps.to(evals.device)
     fb = dense_fallback(cu, groups, failing, evals, shared, x, first, g_a, g_b, dense_evals, need=err0)
-    mine = torch.zeros_like(exact)
-    for part in acc.parts:
-        mine.index_add_(0, part.unit, part.est)
-    take = dense[fb.unit] | (fb.err < (mine[fb.unit] - exact[fb.unit]).abs().amax(-1))
+    take = dense[fb.unit] | (fb.err < (acc.est[fb.unit] - exact[fb.unit]).abs().amax(-1))
     chosen = torch.zeros_like(dense)
     chosen[fb.unit[take]] = True
     acc.drop(chosen)
@@ -450,8 +417,9 @@ def _coarsen(p: Panels, refine: Refine, x01: Tensor, w01: Tensor, rel: Tensor, t
 
 
 def _assemble(U: int, rules: Rules, failing: Tensor, panels: Panels | None, exact: Tensor, estimate: Tensor,
-              evals: Tensor, extra: tuple[Tensor, Tensor, Tensor] | None = None) -> NodePlan:
-    """Node lists per unit: Gauss–Legendre for passing units, the merged panel nodes for the others.
+              summed: Tensor, evals: Tensor, extra: tuple[Tensor, Tensor, Tensor] | None = None) -> NodePlan:
+    """Node lists per unit: Gauss–Legendre for passing units, the merged panel nodes for the others (whose
+    estimate is ``summed``, their panels' estimates summed per unit).
 
     Panels of the kink-dense rule (``MIDPOINT_KIND``) take their nodes from ``extra``, ``(unit, t, w)`` rows.
     """
@@ -463,9 +431,8 @@ def _assemble(U: int, rules: Rules, failing: Tensor, panels: Panels | None, exac
     ts = [rules[0][0].repeat(g_units.numel())]
     ws = [rules[0][1].repeat(g_units.numel())]
     if failing.numel():
-        estimate[failing] = 0
+        estimate[failing] = summed[failing]
     if panels is not None:
-        estimate.index_add_(0, panels.unit, panels.est)
         for kind, (pos, wts) in enumerate(rules):
             sel = panels.kind == kind
             ins, lo, hi = panels.unit[sel], panels.a[sel], panels.b[sel]

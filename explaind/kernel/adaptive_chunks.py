@@ -25,8 +25,10 @@ padded to the batch's most nodes, are the batch's plan.
 estimates alone, 2 ``nodes`` output-sized vectors a unit: every chunk's first estimate is taken before any chunk is
 refined, and a batch they show kink-dense is planned whole at once from them (:func:`probe_counts`), the chunks
 never refined; the first estimates are passed on, not evaluated twice, while they fit :data:`RULE_BYTES` together
-(beyond, each chunk's is evaluated again when it is refined). Only a batch found kink-dense at a
-refinement level is refined in chunks first (until the sums make the decision certain) and then planned whole.
+(beyond, each chunk's is evaluated again when it is refined). Those counts are the batch's, taken once: the chunks
+refined next add only their levels' counts (``DenseWatch.counted``), and since the batch's failing units are then
+known, so is the count a level needs, and the chunks stop as soon as one level reaches it. Only a batch found
+kink-dense at a refinement level is refined in chunks first (until then) and then planned whole.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ logger = logging.getLogger(__name__)
 
 #: Bytes of output-sized state the adaptive rule may hold for the units of one chunk (one unit at the least).
 RULE_BYTES = 2**30
-#: Output-sized vectors the rule is taken to hold per unit (step, input), its peak included: the first estimate's
-#: ``h, h'`` at its nodes (8 at 4 nodes), 14 per open panel (its ends, the samples beside them, its bracket, its
-#: estimate), 3 per accepted panel and the copies a level makes of its open panels; room for a few dozen open panels
-#: per unit, as a tight ``tol`` on a curved path takes.
+#: Output-sized vectors the rule is taken to hold per unit (step, input): the first estimate's ``h, h'`` at its
+#: nodes (8 at 4 nodes) and 13 per open panel (its ends, the samples beside them, its bracket, its estimate); room
+#: for dozens of open panels per unit, as a tight ``tol`` on a curved path takes. A level's copies of its open
+#: panels and their nodes' values are bounded apart, and accepted panels are summed at once
+#: (:mod:`~explaind.kernel.adaptive_memory`).
 UNIT_OUTPUT_COPIES = 1024
 
 
@@ -106,12 +109,15 @@ def adaptive_group(engine: Any, stack: StepStack, begins: list[Tensor], ends: li
         failing, looks = failing + f, looks + k
         kept += 2 * first[1].numel() * first[1].element_size()
         subs.append((sub, b, e, first if kept <= budget else None))
-    if tol < GAP_TOL and _dense.DENSE_AFTER > 0 and looks >= _dense.dense_need(failing):
+    need = _dense.dense_need(failing)
+    if tol < GAP_TOL and _dense.DENSE_AFTER > 0 and looks >= need:
         logger.warning("the adaptive quadrature found the first estimates of %d (step, input) pairs kink-dense, a "
                        "decision over all of them: planned as one batch, not in %d chunks (RULE_BYTES), its memory "
                        "past that budget. Fix: fewer inputs per call (predict a few at a time).", S * T, len(chunks))
         return _plan(engine, stack, begins, ends, n, tol, coarsen, None, _stitch(chunks, subs, S, T))
-    watch = DenseWatch(bound=_dense.dense_need(S * T))
+    # the probe's counts are the batch's already: the chunks add only their levels' counts, and stop refining once
+    # one of those reaches the batch's need
+    watch = DenseWatch(failing=failing, looks=looks if tol < GAP_TOL else 0, bound=need, counted=True)
     parts = []
     for chunk, (sub, b, e, first) in zip(chunks, subs):
         parts.append((chunk, _plan(engine, sub, b, e, n, tol, coarsen, watch, first)))
@@ -211,9 +217,11 @@ def _plan(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor
         return h, d
 
     steps = torch.arange(stack.n_steps, device=d0.device).repeat_interleave(T)
+    rule = getattr(engine, "rule_bytes", None)  # a level's groups within a quarter of it (kernel/adaptive_memory.py)
     return adaptive.adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
                                   coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
-                                  max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps, watch=watch)
+                                  max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps, watch=watch,
+                                  level_bytes=None if rule is None else max(1, rule // 4))
 
 
 def _nodes(engine: Any, n: int) -> tuple[Tensor, Tensor]:

@@ -189,14 +189,18 @@ class DenseWatch:
     far : dict
         Refinement level -> ripe units far at that level.
     bound : float
-        The most units a decision can need (the batch's before its failing units are known): a chunk stops
+        The most units a decision can need (the batch's need once its failing units are known): a chunk stops
         refining once a count reaches it, the batch's decision being certain.
+    counted : bool
+        ``failing`` and ``looks`` are the whole batch's, counted by the caller from every chunk's first
+        estimate: the chunks do not count them again.
     """
 
     failing: int = 0
     looks: int = 0
     far: dict[int, int] = dataclasses.field(default_factory=dict)
     bound: float = float("inf")
+    counted: bool = False
 
     def level(self, depth: int, count: int) -> None:
         """Add a chunk's ``count`` of far ripe units at refinement level ``depth``."""

@@ -113,12 +113,13 @@ def _validation(run: Any, n_test: int | None) -> tuple[torch.Tensor, torch.Tenso
 
 def influence(run: Any, *, keep: Sequence[str] = ("step", "group"), target: str = "label",
               steps: tuple[int, int | None] | None = None, n_test: int | None = None, device: str = "cpu",
-              quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, memory_budget: str = "2GB",
+              quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7,
+              memory_budget: int | str = "2GB",
               chunk_size: int | None = 256, dtype: str = "float64", progress: bool = False) -> Any:
     """Influence scores of a run on (the first ``n_test`` inputs of) its validation set.
 
     ``quadrature``, ``nodes`` and ``tol`` are the path-integral rule of :class:`~explaind.InfluenceEstimator`
-    (``tol``: the adaptive rule's relative tolerance per step and input).
+    (``tol``: the adaptive rule's relative tolerance per step and input); ``memory_budget`` its working memory.
 
     Returns
     -------

@@ -224,7 +224,8 @@ def rule_from(quadrature: str, nodes: int | None = None, tol: float | None = Non
 
 def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, device: str = "cpu",
                  progress: bool = False, setup: str | None = None,
-                 steps: tuple[int, int | None] | None = None, warn: bool = True) -> list[dict[str, Any]]:
+                 steps: tuple[int, int | None] | None = None, warn: bool = True,
+                 memory_budget: int | str | None = None) -> list[dict[str, Any]]:
     r"""One table row per rule for a recorded run, on (the first ``n_test`` of) its validation inputs.
 
     Parameters
@@ -246,6 +247,8 @@ def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, devi
         warning naming them all (:func:`warn_inexact_rules`); ``False`` leaves that warning to the caller
         (it reads each row's ``warned``). The adaptive rule's warnings, and all of a single rule's, pass
         through as they are.
+    memory_budget : int or str, optional
+        The replica's ``memory_budget`` (:class:`~explaind.KernelReplica`; default: its own bounds).
     """
     import explaind
 
@@ -258,7 +261,7 @@ def run_fidelity(run: Any, rules: list[Rule], *, n_test: int | None = None, devi
         start = time.perf_counter()
         tol = {} if rule.tol is None else {"tol": rule.tol}
         replica = explaind.KernelReplica(quadrature=rule.quadrature, nodes=rule.nodes, device=device,
-                                         progress=progress, steps=steps, **tol)
+                                         progress=progress, steps=steps, memory_budget=memory_budget, **tol)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report = replica.fit(run.trajectory).fidelity_report(X)

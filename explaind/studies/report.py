@@ -56,7 +56,7 @@ class ReportOptions:
     tol : float
         Relative tolerance per step and input of the adaptive rule.
     device : str
-    memory_budget : str
+    memory_budget : int or str
         Working-memory target of the influence queries; the data view keeps (step, train) in one
         sweep when that result fits in a quarter of it, else it runs one sweep per panel.
     chunk_size : int or None
@@ -76,7 +76,7 @@ class ReportOptions:
     nodes: int | None = 2
     tol: float = 1e-7
     device: str = "cpu"
-    memory_budget: str = "2GB"
+    memory_budget: int | str = "2GB"
     chunk_size: int | None = 256
     dtype: str = "float64"
 
