@@ -135,12 +135,23 @@ def _count(name: str, doc: str, anchor: str, test_file: str, value: int) -> Figu
 
 def _column(case: str, index: int) -> str:
     """A pattern reading column ``index`` (0 = the first after the row's name) of the table rows starting ``case``."""
-    return r"^\| (?:" + case + r") \|" + r"[^|]*\|" * index + r" ([-+.,\deE%]+) \|"
+    return r"^\| (?:" + case + r") \|" + r"[^|]*\|" * index + r" ([-+.,\deE%]+)[^|]*\|"
 
 
 _BC = "python tests/batch_coupled_losses_table.py"
 _GOM = "docs/guide_own_model.md"
 _QS = "docs/quickstart.md"
+_ENG = "docs/engine.md"
+_BENCH_ENGINE = "python benchmarks/bench_engine.py --skip-baseline --repeats 3"
+#: The rows of the engine's cost table: (relative error or completeness gap, evaluations per step and input).
+_ENGINE_ROWS = {
+    "replica, adaptive (tol 1e-7)": (3.3e-10, 6.0),
+    "replica, gauss-legendre 4": (1.5e-03, 4.0),
+    "replica, midpoint 100": (3.5e-05, 100.0),
+    "replica, GELU variant, adaptive (tol 1e-7)": (8.8e-16, 4.0),
+    "influence keep=(train,), forward": (2.2e-15, 6.1),
+    "influence keep=(train,), reverse": (3.3e-15, 6.1),
+}
 _CLI = "docs/cli.md"
 _TABLE = "explaind replicate runs/grok --table"
 _QS_INFLUENCE = "explaind influence runs/grok --keep step,group --out runs/grok/scores"
@@ -204,6 +215,10 @@ FIGURES: list[Figure] = [
            _column(r"CentredHead\(inference_mode\)", 0), 0.13, 0.1),
     Figure("inference_mode fixed by no_grad replica", _GOM, "whose replica is exact (2.6e-10", _GM,
            _column(r"CentredHead\(no_grad\)", 0), 2.6e-10, 0.5),
+    # docs/engine.md §7: the engine's cost table (float64; its errors and evaluation counts, not its times)
+    *[Figure(f"engine: {row} {what}", _ENG, f"| {row} |", _BENCH_ENGINE, _column(re.escape(row), index), value,
+             rel_tol) for row, values in _ENGINE_ROWS.items()
+      for (what, index, rel_tol), value in zip((("error", 1, 0.5), ("evals per step", 2, 0.02)), values)],
     # docs/quickstart.md and docs/cli.md: the quickstart's run (float64; its length follows the CPU's rounding)
     Figure("quickstart run steps", _QS, "the documented run (seed 0) stopped at step 670", _QS_TRAIN,
            r"recorded (\d+) steps to runs/grok", 670, where="scratch"),
