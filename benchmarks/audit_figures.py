@@ -13,9 +13,10 @@ and ``tests``), with ``python`` and ``explaind`` on the ``PATH`` meaning this in
 checkout's command line, so the docs' command lines run as written. A command shared by several figures
 runs once; ``setup`` commands (e.g. the training run a ``replicate`` reads) run before, once.
 
-Run: ``python benchmarks/audit_figures.py [--match TEXT ...] [--workdir DIR] [--list]``. It prints the load
-average before and after and one markdown row per figure; the exit code is 1 when a figure did not
-reproduce. To add a figure, append a :class:`Figure` to :data:`FIGURES`.
+Run: ``python benchmarks/audit_figures.py [--match TEXT ...] [--workdir DIR] [--list] [--reuse OUTPUTS ...]``.
+It prints the load average before and after and one markdown row per figure (and keeps every command's output
+in ``WORKDIR/outputs.txt``, which ``--reuse`` reads back instead of running those commands again); the exit
+code is 1 when a figure did not reproduce. To add a figure, append a :class:`Figure` to :data:`FIGURES`.
 """
 
 from __future__ import annotations
@@ -138,13 +139,13 @@ def _column(case: str, index: int) -> str:
     return r"^\| (?:" + case + r") \|" + r"[^|]*\|" * index + r" ([-+.,\deE%]+)[^|]*\|"
 
 
+#: A rounding-level figure or an upper bound ("≤"): the rerun within twice the docs' value.
+_ROUNDING = (1.0, "bound")
 _BC = "python tests/batch_coupled_losses_table.py"
 _GOM = "docs/guide_own_model.md"
 _QS = "docs/quickstart.md"
 _ENG = "docs/engine.md"
 _BENCH_ENGINE = "python benchmarks/bench_engine.py --skip-baseline --repeats 3"
-#: A rounding-level figure (a completeness gap): the rerun within twice the docs' value.
-_ROUNDING = (1.0, "bound")
 #: The rows of the engine's cost table: (relative error or completeness gap, evaluations per step and input).
 _ENGINE_ROWS = {
     "replica, adaptive (tol 1e-7)": (3.3e-10, 6.0),
@@ -159,7 +160,19 @@ _TABLE = "explaind replicate runs/grok --table"
 _QS_INFLUENCE = "explaind influence runs/grok --keep step,group --out runs/grok/scores"
 _GM = "python tests/grad_mode_table.py"
 _SWITCHED = r"NormHead\((?:no_grad|set_grad_enabled|set_grad_enabled_call|decorated)\)"
-_SUPCON = r"supcon_\w+|batch_hard_triplet_sgd_momentum|batch_hard_triplet_adam_dropout"
+#: The batch-coupled losses table: its row's text, the table script's case names (a regular expression), the
+#: (replica, residual share, train scores) errors and the tolerance (a "≤" row: bounds within a factor 2).
+_BC_ROWS = {
+    "CLIP": ("| CLIP's symmetric InfoNCE, two towers", r"clip_\w+", (2.2e-12, 1.7e-15, 1.7e-12), _ROUNDING),
+    "SimCLR": ("| SimCLR's NT-Xent on two views", r"simclr_\w+", (2.3e-12, 8.4e-16, 2.9e-12), _ROUNDING),
+    "SupCon/triplet": ("| SupCon with labels (SGD momentum",
+                       r"supcon_\w+|batch_hard_triplet_sgd_momentum|batch_hard_triplet_adam_dropout",
+                       (4.0e-12, 4.2e-15, 3.1e-12), _ROUNDING),
+    "REINFORCE/ListNet": ("| REINFORCE with the batch's mean reward", r"reinforce_\w+|listnet_\w+",
+                          (7.9e-13, 1.5e-15, 8.8e-13), _ROUNDING),
+    "triplet head bias": ("| batch-hard triplets under Adam with the head's bias",
+                          "batch_hard_triplet_adam_dropout_head_bias", (3.5e-12, 9.8e-10, 9.1e-11), (0.5, "equal")),
+}
 _REC = "docs/recording.md"
 
 FIGURES: list[Figure] = [
@@ -176,36 +189,9 @@ FIGURES: list[Figure] = [
     _count("store round 12 tools tests", _REC, "`tests/test_store_round12_tools.py` (21 tests",
            "tests/test_store_round12_tools.py", 21),
     # docs/guide_own_model.md: the batch-coupled losses table (float64, rounding level: within a factor 2)
-    Figure("CLIP replica", _GOM, "| CLIP's symmetric InfoNCE, two towers", _BC, _column(r"clip_\w+", 0), 2.2e-12, 1.0,
-           "bound"),
-    Figure("CLIP residual share", _GOM, "| CLIP's symmetric InfoNCE, two towers", _BC, _column(r"clip_\w+", 1), 1.7e-15,
-           1.0, "bound"),
-    Figure("CLIP train scores", _GOM, "| CLIP's symmetric InfoNCE, two towers", _BC, _column(r"clip_\w+", 2), 1.7e-12,
-           1.0, "bound"),
-    Figure("SimCLR replica", _GOM, "| SimCLR's NT-Xent on two views", _BC, _column(r"simclr_\w+", 0), 2.3e-12, 1.0,
-           "bound"),
-    Figure("SimCLR residual share", _GOM, "| SimCLR's NT-Xent on two views", _BC, _column(r"simclr_\w+", 1), 8.4e-16,
-           1.0, "bound"),
-    Figure("SimCLR train scores", _GOM, "| SimCLR's NT-Xent on two views", _BC, _column(r"simclr_\w+", 2), 2.9e-12,
-           1.0, "bound"),
-    Figure("SupCon/triplet replica", _GOM, "| SupCon with labels (SGD momentum", _BC,
-           _column(_SUPCON, 0), 4.0e-12, 1.0, "bound"),
-    Figure("SupCon/triplet residual share", _GOM, "| SupCon with labels (SGD momentum", _BC,
-           _column(_SUPCON, 1), 4.2e-15, 1.0, "bound"),
-    Figure("SupCon/triplet train scores", _GOM, "| SupCon with labels (SGD momentum", _BC,
-           _column(_SUPCON, 2), 3.1e-12, 1.0, "bound"),
-    Figure("REINFORCE/ListNet replica", _GOM, "| REINFORCE with the batch's mean reward", _BC,
-           _column(r"reinforce_\w+|listnet_\w+", 0), 7.9e-13, 1.0, "bound"),
-    Figure("REINFORCE/ListNet residual share", _GOM, "| REINFORCE with the batch's mean reward", _BC,
-           _column(r"reinforce_\w+|listnet_\w+", 1), 1.5e-15, 1.0, "bound"),
-    Figure("REINFORCE/ListNet train scores", _GOM, "| REINFORCE with the batch's mean reward", _BC,
-           _column(r"reinforce_\w+|listnet_\w+", 2), 8.8e-13, 1.0, "bound"),
-    Figure("triplet head bias replica", _GOM, "| batch-hard triplets under Adam with the head's bias", _BC,
-           _column("batch_hard_triplet_adam_dropout_head_bias", 0), 3.5e-12, 0.5),
-    Figure("triplet head bias residual share", _GOM, "| batch-hard triplets under Adam with the head's bias", _BC,
-           _column("batch_hard_triplet_adam_dropout_head_bias", 1), 9.8e-10, 0.5),
-    Figure("triplet head bias train scores", _GOM, "| batch-hard triplets under Adam with the head's bias", _BC,
-           _column("batch_hard_triplet_adam_dropout_head_bias", 2), 9.1e-11, 0.5),
+    *[Figure(f"{label} {what}", _GOM, anchor, _BC, _column(cases, index), value, *tolerance)
+      for label, (anchor, cases, values, tolerance) in _BC_ROWS.items()
+      for index, (what, value) in enumerate(zip(("replica", "residual share", "train scores"), values))],
     # docs/guide_own_model.md: gradient switches inside forward (float64, adaptive rule at tol 1e-9)
     Figure("no_grad switches replica", _GOM, "so the replica (1.6e-10 against the trained model)", _GM,
            _column(_SWITCHED, 0), 1.6e-10, 0.5),
@@ -285,8 +271,24 @@ def _run(command: str, cwd: Path, env: dict[str, str]) -> str:
     return done.stdout + done.stderr + tail
 
 
-def audit(figures: list[Figure], workdir: Path) -> list[dict]:
-    """Run each figure's commands (each distinct command once) and compare; one row per figure."""
+def read_outputs(path: Path) -> dict[str, str]:
+    """The outputs an earlier run kept in its ``outputs.txt`` (each command's block starts with ``$ COMMAND``)."""
+    found: dict[str, str] = {}
+    command = None
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("$ "):
+            command = line[2:].rstrip("\n")
+            found[command] = ""
+        elif command is not None:
+            found[command] += line
+    return found
+
+
+def audit(figures: list[Figure], workdir: Path, reused: dict[str, str] | None = None) -> list[dict]:
+    """Run each figure's commands (each distinct command once) and compare; one row per figure.
+
+    ``reused`` maps commands to the output of an earlier run of them (``--reuse``), which are not run again.
+    """
     env = _environment(_shims(workdir))
     scratch = workdir / "scratch"
     scratch.mkdir(exist_ok=True)
@@ -294,6 +296,8 @@ def audit(figures: list[Figure], workdir: Path) -> list[dict]:
     rows = []
     for fig in figures:
         cwd = ROOT if fig.where == "root" else scratch
+        if reused and fig.command in reused:
+            outputs[(fig.where, fig.command)] = reused[fig.command]
         for command in (*fig.setup, fig.command):
             if (fig.where, command) not in outputs:
                 print(f"# running: {command}", file=sys.stderr, flush=True)
@@ -332,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--match", nargs="*", default=[], help="only figures whose name or command contains one of these")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a new temporary one)")
     p.add_argument("--list", action="store_true", help="list the figures and their commands, run nothing")
+    p.add_argument("--reuse", nargs="*", default=[], metavar="OUTPUTS",
+                   help="outputs.txt files of earlier runs: their commands' outputs are read, not run again")
     args = p.parse_args(argv)
     figures = [f for f in FIGURES if not args.match or any(m in f.name or m in f.command for m in args.match)]
     if args.list:
@@ -341,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="audit_figures_"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"load average before: {_load()}; outputs in {workdir / 'outputs.txt'}")
-    rows = audit(figures, workdir)
+    reused = {command: text for path in args.reuse for command, text in read_outputs(Path(path)).items()}
+    rows = audit(figures, workdir, reused)
     print(f"load average after: {_load()}")
     print(table(rows))
     return 0 if all(r["verdict"] == "reproduced" for r in rows) else 1

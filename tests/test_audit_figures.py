@@ -99,3 +99,10 @@ def test_the_table_names_each_figure_with_its_line():
     text = audit.table([{"figure": fig, "rerun": fig.value, "verdict": fig.verdict(fig.value)}])
     assert f"| {fig.doc}:{fig.line(ROOT)} |" in text
     assert "| reproduced |" in text
+
+
+def test_outputs_kept_by_a_run_are_read_back_per_command(tmp_path):
+    kept = tmp_path / "outputs.txt"
+    kept.write_text("$ python a.py\n| x | 1 |\nrecorded 670 steps\n$ explaind plugins\nplugins: 3\n")
+    found = audit.read_outputs(kept)
+    assert found == {"python a.py": "| x | 1 |\nrecorded 670 steps\n", "explaind plugins": "plugins: 3\n"}
