@@ -239,9 +239,9 @@ FIGURES: list[Figure] = [
            r"pairs above tol=1e-07, with relative error up to ([\d.e-]+)", 1.6e-3, 0.05, where="scratch",
            setup=(_QS_TRAIN,)),
     Figure("influence residual share (% of 6.9e-16)", _CLI, "6.9e-16 to the residual", _QS_INFLUENCE,
-           r"residual share ([\d.e+-]+)%", 6.9e-14, 0.5, where="scratch", setup=(_QS_TRAIN,)),
+           r"residual share ([\d.e+-]+)%", 6.9e-14, *_ROUNDING, where="scratch", setup=(_QS_TRAIN,)),
     Figure("example influence residual share (% of 1.13e-15)", _CLI, "share is at rounding level (1.13e-15",
-           "explaind influence runs/cli --out runs/cli/scores", r"residual share ([\d.e+-]+)%", 1.13e-13, 0.5,
+           "explaind influence runs/cli --out runs/cli/scores", r"residual share ([\d.e+-]+)%", 1.13e-13, *_ROUNDING,
            where="scratch", setup=(_CLI_TRAIN,)),
 ]
 
@@ -315,7 +315,9 @@ def audit(figures: list[Figure], workdir: Path, reused: dict[str, str] | None = 
 
 
 def _number(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
+    if x is None:
+        return "-"
+    return f"{int(x):,}" if x == int(x) and abs(x) >= 1 else f"{x:.4g}"
 
 
 def table(rows: list[dict]) -> str:
