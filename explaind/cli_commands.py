@@ -284,9 +284,11 @@ def cmd_influence(args: argparse.Namespace, out: Any) -> int:
                              memory_budget=budget)
     written = [] if out.silent else analysis.save_attribution(att, Path(args.out), csv_file=not args.no_csv)
     summary = analysis.summarise(att)
+    evals = summary["evals_per_step_mean"]
     lines = [f"axes {summary['axes']} shape {summary['shape']}; completeness gap {summary['completeness_gap']:.3g}; "
              f"quadrature error {summary['quadrature_error_max']:.3g} (largest per input and output, "
-             f"{_rule_text(rule, tol)})",
+             f"{_rule_text(rule, tol)})" + (f"; {evals:.3g} path-gradient evaluations per step and input"
+                                            if evals is not None else ""),
              _shares(att.meta, rule)]
     lines += [f"wrote {p}" for p in written]
     out.result("\n".join(lines), dict(summary, files=[str(p) for p in written]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -164,3 +165,16 @@ def test_report_renders_every_figure(run_dir, tmp_path, capsys):
                                   "top_samples.png", "kernel_matrices.png", "validation_tanh.png"})
     html = (out_dir / "index.html").read_text()
     assert "Validation against retraining" in html and "<td>+0.977 ± 0.001</td>" in html
+
+
+def test_influence_prints_its_evaluations_per_step_and_input(run_dir, tmp_path, capsys):
+    """The mean over the steps of the evaluations per step and input the scores' meta stores (docs/quickstart.md
+    quotes it; before, the command did not print it)."""
+    out_dir = tmp_path / "step_scores"
+    assert main(["influence", str(run_dir), "--keep", "step", "--n-test", "2", "--out", str(out_dir),
+                 "--no-csv"]) == 0
+    printed = re.search(r"; (\S+) path-gradient evaluations per step and input", capsys.readouterr().out)
+    assert printed, "the influence command no longer prints its evaluations per step and input"
+    stored = json.loads((out_dir / "attribution.json").read_text())["meta"]["evals_per_step"]
+    assert len(stored) == STEPS
+    assert float(printed.group(1)) == pytest.approx(sum(stored) / len(stored), rel=1e-3)

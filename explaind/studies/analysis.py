@@ -214,7 +214,7 @@ def save_attribution(att: Any, out_dir: str | Path, *, csv_file: bool = True) ->
 
 
 def summarise(att: Any) -> dict[str, Any]:
-    """Axes, shape, completeness gap and the size of every term (JSON-ready)."""
+    """Axes, shape, completeness gap, the size of every term and the evaluations per step (JSON-ready)."""
     return {
         "axes": list(att.axes),
         "shape": list(att.shape),
@@ -226,6 +226,9 @@ def summarise(att: Any) -> dict[str, Any]:
         "quadrature_error_max": float(att.quadrature_error.sum(1).abs().max()) if att.quadrature_error.dim() > 2
         else float(att.quadrature_error.abs().max()),
         "meta": {k: v for k, v in att.meta.items() if k != "evals_per_step"},
+        # path-gradient evaluations per step and input, averaged over the steps (None: not counted)
+        "evals_per_step_mean": (float(np.mean(att.meta["evals_per_step"])) if att.meta.get("evals_per_step")
+                                else None),
     }
 
 
