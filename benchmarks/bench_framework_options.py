@@ -11,7 +11,9 @@ Run from the repository root: ``PYTHONPATH=.:plugins python benchmarks/bench_fra
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
 import sys
 import tempfile
 import warnings
@@ -93,6 +95,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, tmp, True)
     rows = {
         "Trainer accumulation 3, epoch of 7 micro-batches, check off":
             lambda: _mlp_hf(*hf._train(tmp / "a", callback_kwargs={"check_gradients": False})[:2]),

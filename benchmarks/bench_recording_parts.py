@@ -33,8 +33,10 @@ Run: ``python benchmarks/bench_recording_parts.py [--steps N] [--repeats R] [--t
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -186,6 +188,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     install()
     root = tempfile.mkdtemp(prefix="explaind-bench-")
+    atexit.register(shutil.rmtree, root, True)  # the stores of a run take GBs
     print(f"steps={args.steps}  repeats={args.repeats} (median)  torch threads={torch.get_num_threads()}  "
           f"load average={os.getloadavg()[0]:.1f}")
     print("ms per step: CPU time of the loop's thread in each part; 'wait' the wall time of the hand-over; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import threading
 
@@ -63,6 +64,13 @@ def main() -> None:
 
     explaind.TrajectoryRecorder.__exit__ = read_then_exit
     root = tempfile.mkdtemp(prefix="explaind-bench-threads-")
+    try:
+        _measure(args, root, at_exit, names)
+    finally:  # each run leaves stores of a few GB
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, root: str, at_exit: dict[int, float], names: dict[int, str]) -> None:
     print(f"steps={args.steps}  torch threads={torch.get_num_threads()}  load average={os.getloadavg()[0]:.1f}")
     for label in args.cases:
         case = CASES[label]

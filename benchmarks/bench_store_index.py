@@ -16,7 +16,9 @@ Run: ``python benchmarks/bench_store_index.py [--steps N] [--repeats R] [--load]
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 import tracemalloc
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify", type=int, default=0, metavar="N",
                         help="also record a real run of N steps and time Trajectory.load and verify() of it")
     args = parser.parse_args(argv)
-    root = _long_store(Path(tempfile.mkdtemp(prefix="explaind-index-")) / "run", args.steps)
+    top = tempfile.mkdtemp(prefix="explaind-index-")
+    atexit.register(shutil.rmtree, top, True)
+    root = _long_store(Path(top) / "run", args.steps)
     best = float("inf")
     for _ in range(args.repeats):
         start = time.process_time()
@@ -90,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
               f"allocation of a load {peak:.0f} MB (tracemalloc); load average {os.getloadavg()[0]:.1f}")
 
     if args.verify:
-        run = Path(tempfile.mkdtemp(prefix="explaind-verify-")) / "run"
+        top = tempfile.mkdtemp(prefix="explaind-verify-")
+        atexit.register(shutil.rmtree, top, True)
+        run = Path(top) / "run"
         _recorded(run, args.verify)
         start, cpu = time.perf_counter(), time.process_time()
         explaind.Trajectory.load(run, model=_model()).verify()
