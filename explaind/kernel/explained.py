@@ -33,13 +33,16 @@ from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
 from ..models import copy_memo, drop_backward_hooks, refuse_renormalising_embeddings, refuse_script_modules
 from ..outputs import model_output
-from ..unsupported import evaluation_refusal, padding_check_refusal, refuse_unreplayable
+from ..unsupported import _user_frame, evaluation_refusal, padding_check_refusal, refuse_unreplayable
 from .casts import KeepReplayDtype
 from .rewrite_scan import reachable_rewrite
 from .rewrites import FusedKernelRewrite, needs_rewrite
 
 #: torch's error for an in-place operation whose own tensor cannot hold the broadcast result: under vmap, a tensor the
 #: forward created (unbatched) updated in place with a batched one (``buf[:, :k] += h``).
+#: What torch.func.vmap says of a forward that branches on values: ``.item()`` and its kin, then indexing with a
+#: boolean mask (and other operators whose output shape depends on values).
+VALUE_BRANCHES = ("vmap: It looks like you", "vmap: We do not support batching operators that can support dynamic")
 SELF_SHAPE = r"output with shape \[[\d, ]*\] doesn't match the broadcast shape"
 
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
@@ -198,7 +201,7 @@ class FunctionalModel:
                         "True, and a jvp(ctx, *tangents) staticmethod; or compute the same function from "
                         "differentiable torch operations." + _old_style_sites(self.module)
                     ) from exc
-                if "vmap: It looks like you" not in str(exc):
+                if not any(m in str(exc) for m in VALUE_BRANCHES):
                     raise
                 if any(type(m).__name__.startswith(("Longformer", "LED")) for m in self.module.modules()):
                     raise UnsupportedModelError(
@@ -248,6 +251,7 @@ class FunctionalModel:
                     f"apart in a module of your own, the encoder with four_d_attention_mask(mask) and the decoder "
                     f"with encoder_attention_mask=mask.bool()[:, None, None, :].expand(n, 1, T, L) for its T "
                     f"queries (see docs/guide_own_model.md)."
+                    f" The call: {_user_frame(exc, source=True)}."
                 ) from exc
 
     def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -446,3 +450,4 @@ def _old_style_sites(model: nn.Module) -> str:
     return (f" Found: {shown}. In a model you did not write, replace those modules before training by ones that "
             f"compute the same function with torch operations (e.g. model.<path> = MyModule(), whose forward is the "
             f"Function's forward written out), and record that run.")
+
