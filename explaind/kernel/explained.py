@@ -232,7 +232,7 @@ class FunctionalModel:
                         f"run you want explained route every token to all experts (num_experts_per_tok equal to "
                         f"the number of experts: softmax weights over all of them, a continuous forward); with "
                         f"top-k routing the estimators then warn about the router's torch.topk and keep the jumps "
-                        f"in quadrature_error."
+                        f"in quadrature_error.{_no_switch(routed)}"
                     ) from exc
                 raise UnsupportedModelError(
                     f"the model's forward branches on the values of its inputs ({exc.args[0][:60]}...), which "
@@ -426,6 +426,18 @@ def _top_k_routers(model: nn.Module) -> list[str]:
             impl = getattr(getattr(experts, "config", None), "_experts_implementation", None)
             found.append(f"{name or '<root>'} ({type(m).__name__}, top_k={top_k}, experts_implementation={impl!r})")
     return found
+
+
+def _no_switch(routed: list[str]) -> str:
+    """For the blocks of :func:`_top_k_routers` whose experts have no ``experts_implementation`` (DBRX's
+    ``DbrxExperts`` loop over the routed experts whatever the config says), the fix that applies to them."""
+    bare = [r for r in routed if r.endswith("experts_implementation=None)")]
+    if not bare:
+        return ""
+    return (f" The experts of {'; '.join(bare[:4])} have no such switch (the config argument changes nothing): "
+            f"replace the experts module's forward, before training, by one that runs every expert on every token "
+            f"and weighs expert e by the sum over k of top_k_weights[..., k] * (top_k_index[..., k] == e), the "
+            f"same function when every token is routed to all experts.")
 
 
 def _old_style_sites(model: nn.Module) -> str:
