@@ -3,7 +3,8 @@ tests/test_hf_zoo_round14_more.py (not collected by pytest): verdict, replica er
 evaluation mode, residual share, ``keep=("train",)`` error against the slow float64 loop reference, that
 reference's own quadrature error, seconds, the gradient check's largest mismatch, the conversions to float32 found
 and the first words of a refusal or warning. Rows left from earlier rounds: ``mobilenet_v2_converging`` (round 10's
-MobileNetV2 at AdamW 1e-4, against tests/_zoo11_kit.py's ``BufferReplayReference``) and ``levit_nodes`` (LeViT's
+MobileNetV2 at AdamW 1e-4, against tests/_zoo11_kit.py's ``BufferReplayReference``), ``mobilenet_v2_rates`` (its
+largest evaluation-mode logit before and after training at three rates) and ``levit_nodes`` (LeViT's
 replica error against the number of evaluations per (step, input)).
 
 Run ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD:$PWD/plugins:$PWD/tests python tests/hf_zoo_round14_table.py [case ...]``
@@ -65,7 +66,27 @@ def levit_nodes(name: str, nodes: tuple[int, ...] = (64, 256, 1024, 4096)) -> st
     return f"| {name} | | | | | | | {'; '.join(parts)} |"
 
 
-EXTRA = {"levit_nodes": levit_nodes}
+def mobilenet_v2_rates(name: str, rates: tuple[float, ...] = (0.02, 1e-3, 1e-4)) -> str:
+    """Round 10's MobileNetV2: the largest evaluation-mode logit of the held-out inputs before training and after
+    its 3 AdamW steps at each of ``rates``."""
+    import dataclasses
+
+    from _zoo9_kit import logits_of, record
+    from _zoo10_cases import BATCH_NORM as ROUND10
+
+    case = ROUND10["mobilenet_v2"]
+    _, _, X, _ = record(case)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        parts = [f"before {float(logits_of(case.build().double().eval()(**X)).abs().max()):.2g}"]
+    for lr in rates:
+        model = record(dataclasses.replace(case, lr=lr))[0]
+        with torch.no_grad():
+            parts.append(f"AdamW {lr:g}: {float(logits_of(model(**X)).abs().max()):.2g}")
+    return f"| {name} | | | | | | | largest logit {'; '.join(parts)} |"
+
+
+EXTRA = {"levit_nodes": levit_nodes, "mobilenet_v2_rates": mobilenet_v2_rates}
 
 
 def main(names: list[str]) -> None:
