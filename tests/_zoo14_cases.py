@@ -76,14 +76,14 @@ def _where_adapters(output: torch.nn.Module, lang_ids: Tensor, hidden_states: Te
     return output.dropout(new) + residual
 
 
-def _xmod_where(build):
-    """``build`` with every ``XmodOutput.lang_adapter`` replaced by :func:`_where_adapters`, the fix the refusal
-    names (a forward computed with tensor operations), before training."""
+def _patched(build, class_name: str, method: str, fn):
+    """``build`` with ``method`` of every module of class ``class_name`` replaced by ``fn`` bound to the module,
+    before training (the fixes the refusals name, for a model one did not write)."""
     def built() -> torch.nn.Module:
         model = build()
         for module in model.modules():
-            if type(module).__name__ == "XmodOutput":
-                module.lang_adapter = types.MethodType(_where_adapters, module)
+            if type(module).__name__ == class_name:
+                setattr(module, method, types.MethodType(fn, module))
         return model
     return built
 
@@ -115,17 +115,6 @@ def _dense_dbrx_experts(experts: torch.nn.Module, hidden_states: Tensor, top_k_i
         w1, v1, w2 = (getattr(experts.mlp, n).view(split)[e] for n in ("w1", "v1", "w2"))
         out = out + experts.mlp(flat, w1, v1, w2) * weight
     return out.view(shape)
-
-
-def _dbrx_dense(build):
-    """``build`` with every ``DbrxExperts.forward`` replaced by :func:`_dense_dbrx_experts` (the refusal's fix)."""
-    def built() -> torch.nn.Module:
-        model = build()
-        for module in model.modules():
-            if type(module).__name__ == "DbrxExperts":
-                module.forward = types.MethodType(_dense_dbrx_experts, module)
-        return model
-    return built
 
 
 def _t5_data(seed: int):
@@ -165,10 +154,12 @@ VIT = dict(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidd
 CASES: dict[str, Case] = {
     # ---- causal LMs
     "dbrx_all_experts": _lm("dbrx_all_experts", transformers.DbrxForCausalLM, transformers.DbrxConfig, **_dbrx(8.0)),
-    "dbrx_dense_experts": causal_case("dbrx_dense_experts", _dbrx_dense(_build(
-        transformers.DbrxForCausalLM, transformers.DbrxConfig, **_dbrx(8.0)))),
-    "dbrx_clip_qkv": causal_case("dbrx_clip_qkv", _dbrx_dense(_build(
-        transformers.DbrxForCausalLM, transformers.DbrxConfig, **_dbrx(0.5)))),
+    "dbrx_dense_experts": causal_case("dbrx_dense_experts", _patched(_build(
+        transformers.DbrxForCausalLM, transformers.DbrxConfig, **_dbrx(8.0)), "DbrxExperts", "forward",
+        _dense_dbrx_experts)),
+    "dbrx_clip_qkv": causal_case("dbrx_clip_qkv", _patched(_build(
+        transformers.DbrxForCausalLM, transformers.DbrxConfig, **_dbrx(0.5)), "DbrxExperts", "forward",
+        _dense_dbrx_experts)),
     "gpt_neo_local": _lm(
         "gpt_neo_local", transformers.GPTNeoForCausalLM, transformers.GPTNeoConfig, vocab_size=VOCAB,
         max_position_embeddings=16, hidden_size=16, num_layers=2, attention_types=[[["global", "local"], 1]],
@@ -212,9 +203,10 @@ CASES: dict[str, Case] = {
         transformers.XmodForSequenceClassification, transformers.XmodConfig, languages=["en_XX", "de_DE"],
         default_language="en_XX", adapter_reduction_factor=2, num_labels=3, pad_token_id=0, **TEXT),
         _texts_in_languages(53)),
-    "xmod_where_adapters": classifier_case("xmod_where_adapters", _xmod_where(_build(
+    "xmod_where_adapters": classifier_case("xmod_where_adapters", _patched(_build(
         transformers.XmodForSequenceClassification, transformers.XmodConfig, languages=["en_XX", "de_DE"],
-        default_language="en_XX", adapter_reduction_factor=2, num_labels=3, pad_token_id=0, **TEXT)),
+        default_language="en_XX", adapter_reduction_factor=2, num_labels=3, pad_token_id=0, **TEXT),
+        "XmodOutput", "lang_adapter", _where_adapters),
         _texts_in_languages(53)),
     # ---- vision and video
     "timesformer_divided": classifier_case("timesformer_divided", _build(
