@@ -145,7 +145,8 @@ def evaluation_refusal(exc: BaseException) -> UnsupportedModelError | None:
             "derivatives of the replica and the scores with torch.func.jvp. Allowed: operations with a forward-mode "
             "derivative. Fix: give the Function a jvp(ctx, *tangents) staticmethod (with setup_context and "
             "generate_vmap_rule = True, torch.func's style), or compute the same function from differentiable torch "
-            "operations (for nn.CrossMapLRN2d: nn.LocalResponseNorm, a centred window, trained with it).")
+            "operations (for nn.CrossMapLRN2d: nn.LocalResponseNorm, a centred window, trained with it). The call: "
+            f"{_user_frame(exc, source=True)}.")
     op = _higher_order_op(exc)
     if op is not None:
         return UnsupportedModelError(
@@ -209,12 +210,15 @@ def _higher_order_op(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
-def _user_frame(exc: BaseException) -> str:
-    """``"Class.method, file.py:12"`` of the innermost traceback frame outside torch and this package, or
-    ``"line not found"``."""
+def _user_frame(exc: BaseException, source: bool = False) -> str:
+    """``"Class.method, file.py:12"`` of the innermost traceback frame outside torch and this package (with
+    ``source``, followed by ``": "`` and that line's code), or ``"line not found"``."""
     library = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(library)]
-    return f"{frames[-1].name}, {frames[-1].filename}:{frames[-1].lineno}" if frames else "line not found"
+    if not frames:
+        return "line not found"
+    code = f": {frames[-1].line}" if source and frames[-1].line else ""
+    return f"{frames[-1].name}, {frames[-1].filename}:{frames[-1].lineno}{code}"
 
 
 def padding_check_refusal(exc: BaseException) -> UnsupportedModelError | None:

@@ -62,8 +62,9 @@ def _thresholds(m: nn.Module) -> tuple[float, ...]:
 def _candidate_gaps(module: nn.Module, inp: tuple) -> Tensor:
     """Differences of every pair of candidates of each maximum ``module`` takes (a sign change is a kink).
 
-    Max pooling (padding 0, dilation 1): the values of each window; a ``mode="max"`` embedding bag of a 2-D input:
-    each coordinate of the rows of each bag.
+    Max pooling (padding 0, dilation 1): the values of each window (of the input padded by the module's own ``pad``
+    where it has one, as BiT's ``BitMaxPool2d``); a ``mode="max"`` embedding bag of a 2-D input: each coordinate of
+    the rows of each bag.
     """
     if isinstance(module, nn.EmbeddingBag):
         if inp[0].dim() != 2:
@@ -80,6 +81,8 @@ def _candidate_gaps(module: nn.Module, inp: tuple) -> Tensor:
         if module.padding not in (0, (0, 0)) or module.dilation not in (1, (1, 1)):
             raise NotImplementedError("the reference watches max pooling without padding or dilation only")
         x = inp[0].detach()
+        if isinstance(getattr(module, "pad", None), nn.Module):  # BiT's BitMaxPool2d pads inside its forward
+            x = module.pad(x)
         nd, dims = x.dim(), (1 if isinstance(module, nn.MaxPool1d) else 2)
         ks = (module.kernel_size,) * dims if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
         st = (module.stride,) * dims if isinstance(module.stride, int) else tuple(module.stride)

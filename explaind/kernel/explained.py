@@ -33,13 +33,16 @@ from ..exceptions import ConfigError, UnsupportedModelError
 from ..inputs import Inputs, call_model
 from ..models import copy_memo, drop_backward_hooks, refuse_renormalising_embeddings, refuse_script_modules
 from ..outputs import model_output
-from ..unsupported import evaluation_refusal, padding_check_refusal, refuse_unreplayable
+from ..unsupported import _user_frame, evaluation_refusal, padding_check_refusal, refuse_unreplayable
 from .casts import KeepReplayDtype
 from .rewrite_scan import reachable_rewrite
 from .rewrites import FusedKernelRewrite, needs_rewrite
 
 #: torch's error for an in-place operation whose own tensor cannot hold the broadcast result: under vmap, a tensor the
 #: forward created (unbatched) updated in place with a batched one (``buf[:, :k] += h``).
+#: What torch.func.vmap says of a forward that branches on values: ``.item()`` and its kin, then indexing with a
+#: boolean mask (and other operators whose output shape depends on values).
+VALUE_BRANCHES = ("vmap: It looks like you", "vmap: We do not support batching operators that can support dynamic")
 SELF_SHAPE = r"output with shape \[[\d, ]*\] doesn't match the broadcast shape"
 
 __all__ = ["FunctionalModel", "Explained", "ExplainedKind", "Params"]
@@ -198,7 +201,7 @@ class FunctionalModel:
                         "True, and a jvp(ctx, *tangents) staticmethod; or compute the same function from "
                         "differentiable torch operations." + _old_style_sites(self.module)
                     ) from exc
-                if "vmap: It looks like you" not in str(exc):
+                if not any(m in str(exc) for m in VALUE_BRANCHES):
                     raise
                 if any(type(m).__name__.startswith(("Longformer", "LED")) for m in self.module.modules()):
                     raise UnsupportedModelError(
@@ -229,7 +232,7 @@ class FunctionalModel:
                         f"run you want explained route every token to all experts (num_experts_per_tok equal to "
                         f"the number of experts: softmax weights over all of them, a continuous forward); with "
                         f"top-k routing the estimators then warn about the router's torch.topk and keep the jumps "
-                        f"in quadrature_error."
+                        f"in quadrature_error.{_no_switch(routed)}"
                     ) from exc
                 raise UnsupportedModelError(
                     f"the model's forward branches on the values of its inputs ({exc.args[0][:60]}...), which "
@@ -248,6 +251,7 @@ class FunctionalModel:
                     f"apart in a module of your own, the encoder with four_d_attention_mask(mask) and the decoder "
                     f"with encoder_attention_mask=mask.bool()[:, None, None, :].expand(n, 1, T, L) for its T "
                     f"queries (see docs/guide_own_model.md)."
+                    f" The call: {_user_frame(exc, source=True)}."
                 ) from exc
 
     def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -424,6 +428,18 @@ def _top_k_routers(model: nn.Module) -> list[str]:
     return found
 
 
+def _no_switch(routed: list[str]) -> str:
+    """For the blocks of :func:`_top_k_routers` whose experts have no ``experts_implementation`` (DBRX's
+    ``DbrxExperts`` loop over the routed experts whatever the config says), the fix that applies to them."""
+    bare = [r for r in routed if r.endswith("experts_implementation=None)")]
+    if not bare:
+        return ""
+    return (f" The experts of {'; '.join(bare[:4])} have no such switch (the config argument changes nothing): "
+            f"replace the experts module's forward, before training, by one that runs every expert on every token "
+            f"and weighs expert e by the sum over k of top_k_weights[..., k] * (top_k_index[..., k] == e), the "
+            f"same function when every token is routed to all experts.")
+
+
 def _old_style_sites(model: nn.Module) -> str:
     """A sentence naming the modules of ``model`` whose class's ``forward`` calls ``F.apply`` for an old-style
     ``torch.autograd.Function`` ``F`` of the class's own Python module (no ``setup_context``), and the fix for a
@@ -446,3 +462,4 @@ def _old_style_sites(model: nn.Module) -> str:
     return (f" Found: {shown}. In a model you did not write, replace those modules before training by ones that "
             f"compute the same function with torch operations (e.g. model.<path> = MyModule(), whose forward is the "
             f"Function's forward written out), and record that run.")
+
