@@ -32,7 +32,8 @@ FILES = ["test_stranger_hf_encoders.py", "test_stranger_hf_decoders.py", "test_s
          "test_stranger_lightning_round7.py", "test_stranger_hf_round8.py", "test_stranger_lightning_round8.py",
          "test_stranger_hf_round9.py", "test_stranger_lightning_round9.py", "test_fabric_accelerate.py",
          "test_stranger_hf_round10.py", "test_stranger_lightning_round10.py", "test_fabric_accelerate_round10.py",
-         "test_stranger_hf_round11.py", "test_stranger_lightning_round11.py", "test_fabric_accelerate_round11.py"]
+         "test_stranger_hf_round11.py", "test_stranger_lightning_round11.py", "test_fabric_accelerate_round11.py",
+         "test_frameworks_round12.py", "test_frameworks_round12_more.py"]
 
 
 def main() -> int:
