@@ -218,6 +218,7 @@ def test_accelerate_bf16_autocast_on_a_float64_model_is_exact():
     casts float32 operands only: a float64 model runs in float64, recorded and replayed so, exact."""
     run = accelerate_loop(gradient_accumulation_steps=3, mixed_precision="bf16")
     assert _sizes(run.traj) == [12, 12, 1] * 2
+    assert {r.autocast for r in run.traj.manifest.steps} == {"bfloat16"}  # recorded under the autocast
     _assert_exact(run.model, run.traj)
 
 

@@ -64,6 +64,7 @@ def test_bf16_mixed_on_a_float64_module_is_exact(tmp_path):
     operands only: the float64 module trains in float64, recorded with its autocast dtype and replayed so."""
     module = CrossEntropyModule(_mlp(), _sgd)
     callback, _ = _fit(tmp_path, module, precision="bf16-mixed")
+    assert {r.autocast for r in callback.trajectory.manifest.steps} == {"bfloat16"}
     _assert_exact(module.model, callback.trajectory)
 
 
