@@ -46,7 +46,8 @@ class AccelerateRun:
 
 
 def accelerate_loop(*, epochs: int = 2, clip: float | None = 0.05, optimizer: str = "adamw",
-                    model: nn.Module | None = None, give: str = "prepared", **accelerator_kwargs: Any) -> AccelerateRun:
+                    model: nn.Module | None = None, give: str = "prepared", clip_every_micro_batch: bool = False,
+                    check_gradients: bool | str = "auto", **accelerator_kwargs: Any) -> AccelerateRun:
     """The loop of accelerate's documentation on the 25 float64 samples, batches of 4 from a shuffled loader:
     ``prepare(model, optimizer, loader, scheduler)`` (AdamW with weight decay or SGD momentum, transformers' linear
     schedule with a step of warm-up), ``with accelerator.accumulate(model)``, ``accelerator.backward(outputs.loss)``
@@ -54,7 +55,9 @@ def accelerate_loop(*, epochs: int = 2, clip: float | None = 0.05, optimizer: st
     ``scheduler.step()``, ``optimizer.zero_grad()``. What the user adds to record it: the recorder, and two lines in
     the loop, ``idx = batch.pop("explaind_index")`` before the forward and ``rec.log_batch(idx)`` after the backward.
     ``give``: the recorder gets the prepared objects (``"prepared"``) or ``accelerator.unwrap_model(model)`` and the
-    torch optimizer (``"unwrapped"``). Every batch's inputs are compared with the rows of its positions."""
+    torch optimizer (``"unwrapped"``). ``clip_every_micro_batch``: ``clip_grad_norm_`` at every micro-batch, not only
+    when the gradients sync (a habit accelerate's docs warn against: it clips partial sums of the step's gradient);
+    ``check_gradients``: the recorder's setting. Every batch's inputs are compared with the rows of its positions."""
     X, y = _data()
     train = indexed(X, y)
     net = model if model is not None else OwnLossMLP()
@@ -66,7 +69,8 @@ def accelerate_loop(*, epochs: int = 2, clip: float | None = 0.05, optimizer: st
     schedule = get_linear_schedule_with_warmup(opt, 1, 8)
     prepared, aopt, loader, sched = acc.prepare(net, opt, loader, schedule)
     recorded = (prepared, aopt) if give == "prepared" else (acc.unwrap_model(prepared), opt)
-    rec = explaind.TrajectoryRecorder(*recorded, loss="cross_entropy", train_data=train.train_data())
+    rec = explaind.TrajectoryRecorder(*recorded, loss="cross_entropy", train_data=train.train_data(),
+                                      check_gradients=check_gradients)
     run = AccelerateRun(net, None)
     with rec:
         for epoch in range(epochs):
@@ -82,8 +86,8 @@ def accelerate_loop(*, epochs: int = 2, clip: float | None = 0.05, optimizer: st
                     rec.log_batch(idx)
                     if acc.sync_gradients:
                         run.rates.append(float(aopt.param_groups[0]["lr"]))
-                        if clip is not None:
-                            acc.clip_grad_norm_(prepared.parameters(), clip)
+                    if clip is not None and (acc.sync_gradients or clip_every_micro_batch):
+                        acc.clip_grad_norm_(prepared.parameters(), clip)
                     aopt.step()
                     sched.step()
                     aopt.zero_grad()

@@ -26,7 +26,7 @@ from test_stranger_hf_round5 import _assert_exact, _quiet
 from test_trainer_options import LearningRates, N, OwnLossMLP, _data, _train
 
 import explaind
-from explaind.exceptions import ConfigError
+from explaind.exceptions import ConfigError, ExplaindWarning, TrajectoryError
 from explaind.integrations import ExplaindTrainerCallback, IndexedDataset
 
 transformers = pytest.importorskip("transformers")  # in the dev extra
@@ -223,3 +223,50 @@ def test_accelerate_bf16_autocast_on_a_float64_model_is_exact():
 
 
 accelerate = pytest.importorskip("accelerate")
+
+
+# ---------------------------------------------------------------- clipping every micro-batch: loud, naming it
+CLIPPED_PARTS = (r"sum of its 3 micro-batches' gradients each times a factor of its own.*rescaled between the "
+                 r"micro-batches of the step.*accelerator.clip_grad_norm_ outside `if accelerator.sync_gradients:`.*"
+                 r"Fix: rescale once per step")
+
+
+def test_accelerate_clipping_at_every_micro_batch_is_refused_naming_it_and_the_fix():
+    """``accelerator.clip_grad_norm_`` at every micro-batch (outside ``if accelerator.sync_gradients:``) clips the
+    partial sums of the step's gradient: ``a_1 G_1 + a_2 G_2 + a_3 G_3`` with factors that differ, which no
+    ``c_s`` reproduces. Before, the gradient check's error at step 0 listed a dozen causes and none of them (its
+    first advice: ``capture_random=True``); now it fits the factors and names the clipping and the fix (clipping
+    when the gradients sync is exact: the first accelerate test)."""
+    with pytest.raises(TrajectoryError, match=CLIPPED_PARTS):
+        accelerate_loop(gradient_accumulation_steps=3, clip_every_micro_batch=True)
+    note(outcome="loud: TrajectoryError (clip_grad_norm_ at every micro-batch)")
+
+
+def test_accelerate_clipping_at_every_micro_batch_with_the_check_off_is_warned():
+    """With ``check_gradients=False`` the recorder measures only the factor after the last micro-batch; the rest
+    lands in the residual (share 4.9), which the estimators warn about, naming the rescaled steps and
+    ``check_gradients=True``, whose error names the cause (above)."""
+    run = accelerate_loop(gradient_accumulation_steps=3, clip_every_micro_batch=True, check_gradients=False)
+    X = {"x": torch.randn(3, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)}
+    with pytest.warns(ExplaindWarning, match=r"gradients were rescaled at 6 step\(s\).*check_gradients=True"):
+        att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(run.traj).transform(X)
+    note(share=float(att.meta["residual_share"]), outcome="loud: ExplaindWarning (residual share, check off)")
+    assert att.meta["residual_share"] > 1.0
+
+
+def test_a_plain_loop_clipping_after_every_backward_is_refused_naming_it():
+    """The same habit in a plain torch loop (``torch.nn.utils.clip_grad_norm_`` after each of 3 accumulated
+    backwards): the same refusal; no accelerate involved."""
+    X, y = _data()
+    net = OwnLossMLP()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    rec = explaind.TrajectoryRecorder(net, opt, loss="cross_entropy", train_data=({"x": X}, y))
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TrajectoryError, match=CLIPPED_PARTS.split(".*accelerator")[0]), rec:
+        for j, idx in enumerate(order[:24].split(4)):
+            (net(X[idx], y[idx]).loss / 3).backward()
+            rec.log_batch(idx)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+            if j % 3 == 2:
+                opt.step()
+                opt.zero_grad()

@@ -1,4 +1,5 @@
-r"""The failed gradient check's tests that fit the loop's gradient: label smoothing and SAM's perturbation.
+r"""The failed gradient check's tests that fit the loop's gradient: label smoothing, SAM's perturbation, and
+micro-batches rescaled one by one.
 
 Both run only when the check has failed, from what it holds (the loop's gradient and the logged batch), a few
 batch gradients each; :func:`failed_check_fits` returns the sentence that then leads the message.
@@ -38,6 +39,14 @@ perturbation directions of the recipes,
 :math:`\tilde g \approx g(\theta_s + \rho u)` by secant steps on the least-squares residual, from
 :math:`\rho = 0` and the recipes' default 0.05, and names the recipe when the fitted gradient matches
 :math:`\tilde g` to :data:`MATCH` relative. A few batch gradients, computed only on the error path.
+
+**Micro-batches rescaled one by one.** A loop that clips (``clip_grad_norm_``) after every micro-batch of an
+accumulated step, not once before ``optimizer.step()`` (accelerate's ``accelerator.clip_grad_norm_`` called outside
+``if accelerator.sync_gradients:``), rescales partial sums: the step's gradient is
+:math:`\tilde g = \sum_j a_j G_j` with :math:`G_j` micro-batch :math:`j`'s logged gradient and factors
+:math:`a_j` that differ, which no single :math:`c_s` reproduces. With the check off the recorder measures only the
+last factor and the rest lands in the residual. :func:`micro_batch_scales_hint` fits the :math:`a_j` by least
+squares (one batch gradient per micro-batch) and names the cause when the fit matches to :data:`MATCH` relative.
 """
 
 from __future__ import annotations
@@ -55,7 +64,8 @@ from ._checks import batch_gradient
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MATCH", "failed_check_fits", "label_smoothing_hint", "perturbed_gradient_hint", "start_constants"]
+__all__ = ["MATCH", "failed_check_fits", "label_smoothing_hint", "micro_batch_scales_hint", "perturbed_gradient_hint",
+           "start_constants"]
 
 #: Relative distance at which the loop's gradient is taken to be the batch's gradient at the fitted perturbation.
 MATCH = 1e-6
@@ -214,9 +224,52 @@ def label_smoothing_hint(model: nn.Module, params: dict[str, Tensor], raw: dict[
             f"label_smoothing={eps:.3g})), recorded exactly.")
 
 
+def micro_batch_scales_hint(model: nn.Module, params: dict[str, Tensor], raw: dict[str, Tensor], loss,
+                            batch: tuple, recorded: dict[str, Tensor], s: int,
+                            generators: Sequence[torch.Generator] = (), sizes: Sequence[int] = ()) -> str:
+    """The sentence that leads a failed check of step ``s`` when the loop's gradient is a combination of the
+    micro-batches' gradients with factors that differ (module docstring; ``""`` otherwise). ``sizes``: the rows of
+    each logged micro-batch, in ``batch``'s order; the other arguments as :func:`perturbed_gradient_hint`'s."""
+    if len(sizes) < 2 or sum(sizes) != int(batch[1].shape[0]):
+        return ""
+    names = [n for n in params if n in raw]
+    theta = {n: p.detach() for n, p in params.items()}
+    constants = start_constants(model, recorded)
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    try:
+        parts = [batch_gradient(model, constants, theta, names, loss, tuple(v[a:a + n] for v in batch), None,
+                                f"Step {s}", generators) for a, n in zip(starts, sizes)]
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # never hide the check's own message
+        logger.debug("The micro-batch scale diagnosis of step %d failed: %s", s, exc)
+        return ""
+    G = torch.stack([torch.cat([g[n].double().flatten() for n in names]) for g in parts])  # (M, D)
+    target = torch.cat([raw[n].double().flatten() for n in names])
+    size = float(target.norm())
+    if size == 0.0:
+        return ""
+    a = torch.linalg.lstsq(G.T, target[:, None]).solution.flatten()
+    rel = float((G.T @ a - target).norm()) / size
+    top = max(float(a.abs().max()), 1e-300)
+    # factors that differ, none of them zero (a zero factor is a micro-batch cleared by zero_grad: its own hint)
+    if not (rel <= MATCH and float(a.max() - a.min()) > 1e-6 * top and float(a.min()) > 1e-6 * top):
+        return ""
+    factors = ", ".join(f"{float(x):.4g}" for x in a[:8]) + (", ..." if len(a) > 8 else "")
+    return (f" At step {s} the loop's gradient is the sum of its {len(sizes)} micro-batches' gradients each times a "
+            f"factor of its own ({factors}; relative difference {rel:.2g}): .grad was rescaled between the "
+            f"micro-batches of the step, e.g. clip_grad_norm_ called after every backward() of an accumulated step "
+            f"(accelerator.clip_grad_norm_ outside `if accelerator.sync_gradients:`), which clips partial sums, or "
+            f"the loop scales each micro-batch's loss by a factor of its own. Fix: rescale once per step, after the "
+            f"step's last backward() and before optimizer.step() (with accelerate: inside `if "
+            f"accelerator.sync_gradients:`), which is recorded exactly as the step's factor c_s; a loss scaled per "
+            f"micro-batch is a weight: log each micro-batch with its factor, rec.log_batch(idx, weights=factor / n).")
+
+
 def failed_check_fits(model: nn.Module, params: dict[str, Tensor], raw: dict[str, Tensor], loss, batch: tuple,
-                      recorded: dict[str, Tensor], s: int, generators: Sequence[torch.Generator] = ()) -> str:
+                      recorded: dict[str, Tensor], s: int, generators: Sequence[torch.Generator] = (),
+                      sizes: Sequence[int] = ()) -> str:
     """The failed check's causes found by fitting the loop's gradient: label smoothing, else SAM's or ASAM's
-    perturbation (:func:`perturbed_gradient_hint`)."""
+    perturbation (:func:`perturbed_gradient_hint`), else micro-batches rescaled one by one
+    (:func:`micro_batch_scales_hint`, with ``sizes`` the rows of each logged micro-batch)."""
     found = label_smoothing_hint(model, params, raw, loss, batch, recorded, s, generators)
-    return found or perturbed_gradient_hint(model, params, raw, loss, batch, recorded, s, generators)
+    found = found or perturbed_gradient_hint(model, params, raw, loss, batch, recorded, s, generators)
+    return found or micro_batch_scales_hint(model, params, raw, loss, batch, recorded, s, generators, sizes)

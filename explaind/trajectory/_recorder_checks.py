@@ -206,7 +206,8 @@ class RecorderChecksMixin:
         keywords = list(self._probe.keywords.seen)
         cleared = (lambda: "") if replayed else self._cleared_between(raw, device, s, tol, autocast)
         perturbed = (lambda: "") if replayed or written else lambda: failed_check_fits(  # noqa: E731
-            self.model, self._params, raw, self._loss, batch, self._buffers.recorded(), s, self._random.generators)
+            self.model, self._params, raw, self._loss, batch, self._buffers.recorded(), s, self._random.generators,
+            [int(e.indices.shape[0]) for e in self._pending])
         lazy = lambda: (submodules_called_hint(s, bool(inputs), self._params, self.optimizer)  # noqa: E731
                         + loop_inputs_hint(inputs, batch[0]) + loop_kwargs_hint(keywords, batch[0]) + perturbed()
                         + cleared() + (then() if callable(then) else then))
