@@ -10,6 +10,7 @@ tests/reference.py.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,8 @@ class AccelerateRun:
 
 def accelerate_loop(*, epochs: int = 2, clip: float | None = 0.05, optimizer: str = "adamw",
                     model: nn.Module | None = None, give: str = "prepared", clip_every_micro_batch: bool = False,
-                    check_gradients: bool | str = "auto", **accelerator_kwargs: Any) -> AccelerateRun:
+                    check_gradients: bool | str = "auto", accumulate: bool = True,
+                    **accelerator_kwargs: Any) -> AccelerateRun:
     """The loop of accelerate's documentation on the 25 float64 samples, batches of 4 from a shuffled loader:
     ``prepare(model, optimizer, loader, scheduler)`` (AdamW with weight decay or SGD momentum, transformers' linear
     schedule with a step of warm-up), ``with accelerator.accumulate(model)``, ``accelerator.backward(outputs.loss)``
@@ -57,7 +59,8 @@ def accelerate_loop(*, epochs: int = 2, clip: float | None = 0.05, optimizer: st
     ``give``: the recorder gets the prepared objects (``"prepared"``) or ``accelerator.unwrap_model(model)`` and the
     torch optimizer (``"unwrapped"``). ``clip_every_micro_batch``: ``clip_grad_norm_`` at every micro-batch, not only
     when the gradients sync (a habit accelerate's docs warn against: it clips partial sums of the step's gradient);
-    ``check_gradients``: the recorder's setting. Every batch's inputs are compared with the rows of its positions."""
+    ``check_gradients``: the recorder's setting; ``accumulate=False``: the loop without
+    ``accelerator.accumulate``. Every batch's inputs are compared with the rows of its positions."""
     X, y = _data()
     train = indexed(X, y)
     net = model if model is not None else OwnLossMLP()
@@ -81,7 +84,7 @@ def accelerate_loop(*, epochs: int = 2, clip: float | None = 0.05, optimizer: st
                 if not torch.equal(batch["x"], X[idx]):
                     raise AssertionError(f"the batch's rows are not those of its positions {idx.tolist()}")
                 run.served.append(idx.tolist())
-                with acc.accumulate(prepared):
+                with acc.accumulate(prepared) if accumulate else contextlib.nullcontext():
                     acc.backward(prepared(**batch).loss)
                     rec.log_batch(idx)
                     if acc.sync_gradients:

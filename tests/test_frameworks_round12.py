@@ -225,6 +225,16 @@ def test_accelerate_bf16_autocast_on_a_float64_model_is_exact():
 accelerate = pytest.importorskip("accelerate")
 
 
+def test_accelerate_accumulation_steps_without_the_accumulate_context_is_exact_with_the_check():
+    """``Accelerator(gradient_accumulation_steps=3)`` with a loop that forgets ``with accelerator.accumulate(model)``:
+    accelerate then steps at every micro-batch and ``accelerator.backward`` still divides each loss by 3; the default
+    gradient check measures that factor (with the clipping) as ``c_s``, and the run is exact as trained."""
+    run = accelerate_loop(gradient_accumulation_steps=3, accumulate=False)
+    assert _sizes(run.traj) == [4, 4, 4, 4, 4, 4, 1] * 2
+    assert all(run.traj.grad_scale(s) <= 1 / 3 + 1e-12 for s in range(run.traj.n_steps))
+    _assert_exact(run.model, run.traj)
+
+
 # ---------------------------------------------------------------- clipping every micro-batch: loud, naming it
 CLIPPED_PARTS = (r"sum of its 3 micro-batches' gradients each times a factor of its own.*rescaled between the "
                  r"micro-batches of the step.*accelerator.clip_grad_norm_ outside `if accelerator.sync_gradients:`.*"
