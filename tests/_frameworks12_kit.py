@@ -26,7 +26,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 import explaind
 from explaind.integrations.data import INDEX_KEY
 
-__all__ = ["AccelerateRun", "NoisyEmbeddingClassifier", "accelerate_loop", "reset_accelerate", "token_items"]
+__all__ = ["AccelerateRun", "NoisyEmbeddingClassifier", "accelerate_loop", "accelerate_resumed_mid_epoch",
+           "reset_accelerate", "token_items"]
 
 
 def reset_accelerate() -> None:
@@ -128,3 +129,45 @@ class NoisyEmbeddingClassifier(nn.Module):
         logits = self.head(h.mean(dim=1))
         return SequenceClassifierOutput(loss=None if labels is None else F.cross_entropy(logits, labels),
                                         logits=logits)
+
+
+def accelerate_resumed_mid_epoch(state_dir: str, *, k: int = 3, first_steps: int = 1) -> AccelerateRun:
+    """accelerate's documented resume inside an epoch: ``first_steps`` steps of ``k`` micro-batches trained (SGD
+    momentum 0.9, not recorded) and ``accelerator.save_state(state_dir)``; then a new model, optimizer, loader and
+    accelerator, ``accelerator.load_state(state_dir)`` (the momentum restored), ``accelerator.skip_first_batches``
+    over the micro-batches already trained, and the rest of the epoch plus one more recorded."""
+    X, y = _data()
+    train = indexed(X, y)
+
+    def prepared():
+        reset_accelerate()
+        net = OwnLossMLP()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        loader = torch.utils.data.DataLoader(train, batch_size=BATCH, shuffle=True,
+                                             generator=torch.Generator().manual_seed(1))
+        acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=k)
+        return (net, acc, *acc.prepare(net, opt, loader))
+
+    def steps(acc, model, opt, batches, rec=None):
+        served = []
+        for batch in batches:
+            idx = batch.pop(INDEX_KEY)
+            served.append(idx.tolist())
+            with acc.accumulate(model):
+                acc.backward(model(**batch).loss)
+                if rec is not None:
+                    rec.log_batch(idx)
+                opt.step()
+                opt.zero_grad()
+        return served
+
+    _, acc, model, opt, loader = prepared()
+    steps(acc, model, opt, [b for _, b in zip(range(first_steps * k), loader)])
+    acc.save_state(state_dir)
+    net, acc, model, opt, loader = prepared()
+    acc.load_state(state_dir)
+    rec = explaind.TrajectoryRecorder(model, opt, loss="cross_entropy", train_data=train.train_data())
+    with rec:
+        served = steps(acc, model, opt, acc.skip_first_batches(loader, first_steps * k), rec)
+        served += steps(acc, model, opt, loader, rec)
+    return AccelerateRun(acc.unwrap_model(model), rec.trajectory, served)

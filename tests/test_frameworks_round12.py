@@ -18,7 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _framework_testkit import indexed
-from _frameworks12_kit import NoisyEmbeddingClassifier, accelerate_loop, reset_accelerate, token_items
+from _frameworks12_kit import (
+    NoisyEmbeddingClassifier,
+    accelerate_loop,
+    accelerate_resumed_mid_epoch,
+    reset_accelerate,
+    token_items,
+)
 from _hf_stranger_kit import note
 from _hf_testkit import MappingReference, MappingReplayReference
 from reference import rel_err
@@ -280,3 +286,13 @@ def test_a_plain_loop_clipping_after_every_backward_is_refused_naming_it():
             if j % 3 == 2:
                 opt.step()
                 opt.zero_grad()
+
+
+def test_accelerate_resumed_inside_an_epoch_with_skip_first_batches_is_exact(tmp_path):
+    """``save_state`` after one step of 3 micro-batches, then ``load_state`` (momentum restored) and
+    ``skip_first_batches(loader, 3)``: the rest of the first epoch (a step of 3, then the lone last micro-batch) and
+    a second epoch are recorded from the restored state, whose carried part is the ``initial_state`` term."""
+    run = accelerate_resumed_mid_epoch(str(tmp_path / "state"))
+    assert _sizes(run.traj) == [12, 1, 12, 12, 1] and len(run.served) == 11
+    assert sorted(run.traj.initial_state()) == sorted(n for n, _ in run.model.named_parameters())
+    _assert_exact(run.model, run.traj)
