@@ -97,10 +97,11 @@ def test_the_replica_and_train_scores_on_it_equal_the_model_and_the_loop_referen
     ref = Reference(dense, X_test)  # independent of the sparse store's replay
     replica = explaind.KernelReplica(device="cpu").fit(sparse).predict(X_test)
     att = explaind.InfluenceEstimator(keep=("train",), tol=1e-11, device="cpu").fit(sparse).transform(X_test)
-    assert rel_err(replica, truth) <= 1e-9
-    assert rel_err(replica, ref.replica()) <= 1e-9
-    assert rel_err(att.values, ref.kept(("train",))) <= 1e-9
-    assert att.meta["residual_share"] <= 1e-9
+    figures = {"replica vs model": rel_err(replica, truth), "replica vs reference": rel_err(replica, ref.replica()),
+               "train vs reference": rel_err(att.values, ref.kept(("train",))),
+               "residual share": att.meta["residual_share"]}
+    print("  ".join(f"{k} {v:.1e}" for k, v in figures.items()))  # pytest -s shows the measured figures
+    assert max(figures.values()) <= 1e-9, figures
     assert att.completeness_error() <= 1e-12
 
 
