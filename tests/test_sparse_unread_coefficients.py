@@ -88,6 +88,36 @@ def test_a_sparse_store_without_audit_computes_no_coefficient_and_replays_P(tmp_
     assert np.nanmax(sparse.replay_error()) <= 1e-12
 
 
+FIVE = {
+    "rmsprop-momentum-centered": (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5, "centered": True}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.05}),
+    "nadam": (torch.optim.NAdam, {"lr": 0.01}),
+    "radam": (torch.optim.RAdam, {"lr": 0.01}),
+    "adamax": (torch.optim.Adamax, {"lr": 0.01}),
+}
+
+
+@pytest.mark.parametrize("variant", list(FIVE))
+def test_the_other_adapters_that_defer_compute_none_and_replay_the_dense_stores_coefficients(tmp_path, monkeypatch,
+                                                                                            variant):
+    """Every adapter that takes ``defer`` gets the unread buffers; the replayed coefficients equal the dense store's
+    (which tests/test_recorder_coefficient_buffers_five.py compares with torch's state bit for bit)."""
+    monkeypatch.setitem(VARIANTS, variant, FIVE[variant])
+    fills = _count_fills(monkeypatch)
+    dense = _record(variant, tmp_path / "dense", audit=False)[0]
+    assert fills  # the spy sees them (RAdam has a tensor coefficient only once its rectification is on)
+    fills.clear()
+    sparse = _record(variant, tmp_path / "sparse", audit=False, checkpoint_every=K)[0]
+    assert fills == []
+    for s in range(STEPS):
+        for name, u in dense.updates(s).items():
+            v = sparse.updates(s)[name]
+            for field in ("a", "b", "P", "q", "n", "lambda_c", "lambda_d"):
+                want, got = getattr(u, field), getattr(v, field)
+                assert rel_err(torch.as_tensor(got), torch.as_tensor(want)) <= 1e-12, (s, name, field)
+    assert np.nanmax(sparse.replay_error()) <= 1e-12
+
+
 def test_the_replica_and_train_scores_on_it_equal_the_model_and_the_loop_reference(tmp_path):
     sparse, model, _, X = _record("adam", tmp_path / "sparse", audit=False, checkpoint_every=K)
     dense = _record("adam", tmp_path / "dense", audit=False)[0]
