@@ -11,6 +11,10 @@ copies alive at that moment, in MB: ``theta`` (its copy of the parameters before
 gradient snapshots), ``state`` (the pool's copies of the optimizer state, in use or idle), ``audit`` (the update
 audit's momentum), ``coef`` (pooled coefficient tensors).
 
+The modes: ``plain`` (no recorder), ``disk`` (the recorder's defaults with a dense store), ``disk-nocheck``
+(without the gradient check), ``disk-lean`` (without the gradient check and the update audit), ``disk-sparse10``
+(as ``disk-lean``, with a sparse store: ``checkpoint_every=10``).
+
 Run: ``python benchmarks/bench_recording_peak.py [--steps N] [--cases gpt2 resnet18] [--modes plain disk ...]``
 """
 
@@ -31,8 +35,9 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real_models import LIVE_MMAP_THRESHOLD, _case  # noqa: E402  (the same models, data and optimizers)
 
-MODES = ("plain", "disk", "disk-nocheck", "disk-lean")
-OPTIONS = {"disk-nocheck": {"check_gradients": False}, "disk-lean": {"audit": False, "check_gradients": False}}
+MODES = ("plain", "disk", "disk-nocheck", "disk-lean", "disk-sparse10")
+OPTIONS = {"disk-nocheck": {"check_gradients": False}, "disk-lean": {"audit": False, "check_gradients": False},
+           "disk-sparse10": {"audit": False, "check_gradients": False, "checkpoint_every": 10}}
 
 
 def _rss_mb() -> float:

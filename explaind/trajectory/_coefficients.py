@@ -15,14 +15,22 @@ the next forward and backward; the optimizer state it reads changes only inside
 ``optimizer.step()``, and the next step waits for the job first (a step pre-hook), as the writer does
 before writing the step file. The job runs the same elementwise operations on the same state, so the
 stored bits are those computed at the step (``tests/test_recorder_coefficient_buffers.py``).
+
+A sparse store keeps no tensor coefficient at all (its steps store the scalar table; :math:`P_s` is
+replayed when read, docs/recording.md, "Sparse checkpoints"). With the audit off nothing reads them,
+so there the adapter gets one buffer per parameter, made once and filled with NaN (a read would be
+loud), and its deferred job is dropped: Adam's four passes over the parameters per step are not run
+(``tests/test_sparse_unread_coefficients.py``).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..recurrence import LinearUpdate
@@ -48,33 +56,44 @@ class CoefficientBuffers:
         The recorded parameters, by name.
     defer : bool
         Let the adapter defer filling the buffers (:meth:`take_jobs` returns the jobs).
+    unread : bool
+        Nothing reads the coefficients (a sparse store with the audit off): the buffers are made once, hold NaN
+        and are never filled, every deferred job is dropped and nothing is given back.
     """
 
-    def __init__(self, pool: CopyPool, params: dict[str, Tensor], defer: bool = False):
+    def __init__(self, pool: CopyPool, params: dict[str, Tensor], defer: bool = False, unread: bool = False):
         self._pool = pool
         self._names = {id(p): n for n, p in params.items()}
         self._params = params  # keeps the parameters (and so their ids) alive
         self._taken: dict[str, Tensor] = {}
-        self._jobs: list[Callable[[], None]] | None = [] if defer else None
+        self._jobs: list[Callable[[], None]] | None = [] if defer or unread else None
+        self._unread: dict[str, Tensor] | None = {} if unread else None
 
     @classmethod
     def for_adapter(cls, adapter: Any, pool: CopyPool, params: dict[str, Tensor], *, dense: bool,
-                    read_at_step: bool) -> CoefficientBuffers | None:
+                    read_at_step: bool, sparse: bool = False) -> CoefficientBuffers | None:
         """The buffers a recorder lends ``adapter``, or ``None`` where it computes new tensors.
 
         Parameters
         ----------
         dense : bool
-            The run goes to a dense store (in memory and in sparse stores every coefficient is kept or
-            dropped at once: new tensors, as without this class).
+            The run goes to a dense store (in memory every coefficient is kept: new tensors, as without
+            this class).
         read_at_step : bool
             Something reads the coefficients inside the step (the update audit): no deferring.
+        sparse : bool
+            The run goes to a sparse store, which stores no tensor coefficient: unless ``read_at_step``, an adapter
+            that takes ``out`` and ``defer`` gets buffers that are never filled (``unread``); else new tensors.
         """
         try:
             takes = inspect.signature(adapter.after_step).parameters
         except (TypeError, ValueError):  # a callable without a signature: new tensors, as without the keyword
             return None
-        if not dense or "out" not in takes:
+        if "out" not in takes:
+            return None
+        if sparse:
+            return cls(pool, params, unread=True) if "defer" in takes and not read_at_step else None
+        if not dense:
             return None
         return cls(pool, params, defer="defer" in takes and not read_at_step)
 
@@ -82,6 +101,10 @@ class CoefficientBuffers:
         name = self._names.get(id(param))
         if name is None:
             return None
+        if self._unread is not None:
+            if name not in self._unread:
+                self._unread[name] = torch.full_like(param.detach(), math.nan, memory_format=torch.contiguous_format)
+            return self._unread[name]
         buf = self._taken[name] = self._pool.buffer(PREFIX + name, param)
         return buf
 
@@ -99,11 +122,12 @@ class CoefficientBuffers:
         return taken
 
     def take_jobs(self) -> list[Callable[[], None]]:
-        """The adapter's deferred jobs of this step (to run before the next step and before the write)."""
+        """The adapter's deferred jobs of this step (to run before the next step and before the write); none when
+        nothing reads the coefficients (``unread``: the jobs are dropped)."""
         jobs = self._jobs or []
         if self._jobs is not None:
             self._jobs = []
-        return jobs
+        return [] if self._unread is not None else jobs
 
     def release(self, buffers: dict[str, Tensor]) -> None:
         """Give :meth:`take`'s buffers back once nothing reads them (the step is written)."""

@@ -98,7 +98,8 @@ class RecorderStoreMixin(RecorderResumeMixin):
         self._worker = None
         self._warm: WarmBuffers | None = None
         self._coefs = CoefficientBuffers.for_adapter(self._adapter, self._pool, self._params, dense=self._pooled(),
-                                                     read_at_step=self._audit_on)
+                                                     read_at_step=self._audit_on,
+                                                     sparse=self._store is not None and self._every > 1)
 
     # ----------------------------------------------------------------- off the hot path
     def _pooled(self) -> bool:
