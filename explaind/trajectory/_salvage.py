@@ -60,7 +60,7 @@ from ._layout import (
     step_path,
 )
 from ._salvage_replay import ReplayInputs, replay_inputs, replay_steps, unreplayable
-from ._salvage_report import SalvageReport, log_unvouched
+from ._salvage_report import SalvageReport, log_unvouched, out_failure
 from ._tool_marks import utf8_text
 from .lock import LOCK, live_writer
 from .manifest import FileRecord, StepRecord, TrajectoryManifest
@@ -468,9 +468,8 @@ def salvage_store(path: Any, out: Any, *, replay: bool = False, model: Any = Non
     Raises
     ------
     TrajectoryError
-        When ``out`` is not allowed, a recorder is writing ``path``, or nothing can be proven (no manifest, a
-        start file that fails its checksum, not even step 0), naming the file and the reason; nothing is written
-        then.
+        When ``out`` is not allowed or cannot be written, a recorder is writing ``path``, or nothing can be proven
+        (no manifest, a start file that fails its checksum, not even step 0), naming the file and the reason.
     """
     root, target = store_root(path), store_root(out)
     real_root, real_target = Path(os.path.realpath(root)), Path(os.path.realpath(target))  # links followed
@@ -492,8 +491,10 @@ def salvage_store(path: Any, out: Any, *, replay: bool = False, model: Any = Non
                               f"on host {holder.get('host')!r}, so its files and index change while they are read. "
                               f"Salvage it once that recording has ended (or, if that process is gone, delete "
                               f"{str(root / LOCK)!r}).")
-    inputs = replay_inputs(replay, model, train_data, loss, reader)
-    report = _Salvage(root, target, inputs).run_salvage()
+    try:
+        report = _Salvage(root, target, replay_inputs(replay, model, train_data, loss, reader)).run_salvage()
+    except OSError as exc:  # out on a read-only mount, a full disk, no permission: named (round 15)
+        raise out_failure(exc, out, root, target) from None
     logger.info("%s", report)
     log_unvouched(report)
     return report
