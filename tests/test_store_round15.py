@@ -21,7 +21,7 @@ from _round12_kit import LONG, STEPS, load, manifest, record, reference, resumes
 from safetensors.torch import load_file, save_file
 
 import explaind
-from explaind.exceptions import TrajectoryError
+from explaind.exceptions import ConfigError, TrajectoryError
 from explaind.trajectory._checksum import checksum
 
 
@@ -261,3 +261,22 @@ def test_a_read_only_store_loads_verifies_explains_and_salvages_and_a_resume_nam
     with pytest.raises(TrajectoryError, match=r"salvage\(out=.*\) could not write the new store: .*was only read: "
                                               r"nothing there changed\. Fix: pass an out= on a writable"):
         explaind.Trajectory.salvage(read_only, out=read_only.parent / "out")
+
+
+# --------------------------------------------------------------------------- a million steps
+def test_an_index_above_the_limit_names_the_run_length_and_the_variable_that_raises_it(store, ref, monkeypatch):
+    """The manifest of a complete store of 1,000,000 steps holds about 556 MB, above the 256 MiB read limit: before
+    (18b3503) such a store, as explaind wrote it, was refused as "it was modified. Re-record the run." and nothing
+    raised the limit. Now the message names a run longer than the limit and ``EXPLAIND_MAX_INDEX_BYTES``, which reads
+    it (here the limit is lowered below this store's manifest to show both); a bad value is refused naming it."""
+    size = (store / "manifest.json").stat().st_size
+    monkeypatch.setenv("EXPLAIND_MAX_INDEX_BYTES", str(size - 1))
+    with pytest.raises(TrajectoryError, match=r"indexes a run of more steps than that limit holds.*"
+                                              r"EXPLAIND_MAX_INDEX_BYTES=<bytes>") as err:
+        load(store)
+    assert "Re-record the run" not in str(err.value)
+    monkeypatch.setenv("EXPLAIND_MAX_INDEX_BYTES", str(size))
+    assert same_run(store, ref) == STEPS
+    monkeypatch.setenv("EXPLAIND_MAX_INDEX_BYTES", "lots")
+    with pytest.raises(ConfigError, match=r"EXPLAIND_MAX_INDEX_BYTES='lots' is not allowed"):
+        load(store)

@@ -24,7 +24,14 @@ from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
 from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE, unmarked_setup
-from ._lean_index import MAX_INDEX_BYTES, _canonical_manifest, _canonical_records, lean_index
+from ._lean_index import (
+    INDEX_TOO_LARGE,
+    MAX_INDEX_BYTES,
+    _canonical_manifest,
+    _canonical_records,
+    lean_index,
+    max_index_bytes,
+)
 from ._steps import StepIndex
 from ._tool_marks import looks_like, nonfinite_field, reordered_line, utf8_text
 from ._travel import case_changed, damage_cause, read_settled
@@ -107,7 +114,7 @@ def _read_journal(root: Path, newer: str | None = None) -> list[tuple[int, bytes
     """
     path = root / JOURNAL
     try:
-        data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
+        data = read_confined(root, JOURNAL, max_index_bytes(), "Trajectory journal", INDEX_TOO_LARGE)
     except FileNotFoundError:
         return []
     try:  # saved as UTF-16 or UTF-32 by an editor: the same text, read as the manifest is (_tool_marks.py)
@@ -292,7 +299,8 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     path = root / MANIFEST
     _find_manifest(root, path)
     try:
-        data = read_settled(lambda: read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest"), 1)
+        data = read_settled(lambda: read_confined(root, MANIFEST, max_index_bytes(), "Trajectory manifest",
+                                                         INDEX_TOO_LARGE), 1)
     except FileNotFoundError:
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
                               f"vanished.") from None

@@ -59,6 +59,7 @@ from ._layout import (
     setup_leftover,
     step_path,
 )
+from ._lean_index import INDEX_TOO_LARGE, max_index_bytes
 from ._salvage_replay import ReplayInputs, replay_inputs, replay_steps, unreplayable
 from ._salvage_report import SalvageReport, log_unvouched, out_failure
 from ._tool_marks import utf8_text
@@ -76,7 +77,7 @@ _SLOTS = ("optimizer/state-0.safetensors", "optimizer/state-1.safetensors")
 def _read_manifest(root: Path) -> TrajectoryManifest:
     """The damaged store's manifest, parsed as a normal read parses it (without the journal)."""
     try:
-        data = read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest")
+        data = read_confined(root, MANIFEST, max_index_bytes(), "Trajectory manifest", INDEX_TOO_LARGE)
     except FileNotFoundError:
         raise TrajectoryError(f"Cannot salvage {str(root)!r}: it has no {MANIFEST}, which holds the description of "
                               f"the run that every step file is checked against, so no step can be proven. Restore "
@@ -92,7 +93,7 @@ def _read_manifest(root: Path) -> TrajectoryManifest:
 def _journal(root: Path, report: SalvageReport) -> dict[int, list[StepRecord]]:
     """The records of the journal's lines that parse, by step; the others go to ``report.unreadable_lines``."""
     try:
-        data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
+        data = read_confined(root, JOURNAL, max_index_bytes(), "Trajectory journal", INDEX_TOO_LARGE)
     except FileNotFoundError:
         return {}
     except TrajectoryError as exc:  # not a regular file, too large, no permission: the step files may still hold
@@ -164,7 +165,6 @@ class _Salvage:
             out[relpath] = (data, tensors, meta)
         return out
 
-    # ----------------------------------------------------------------- one step
     def _by_checksum(self, s: int) -> tuple[StepRecord | None, str]:
         """Step ``s`` proven by a record of the index whose file matches its checksum; else ``None`` and why."""
         why = ""
