@@ -1,5 +1,5 @@
-"""What tools, versions, file systems and crashes do to a store, round 15 (docs/recording.md, "What tools do to a
-store, round 15").
+"""What tools, versions and file systems do to a store, round 15
+(docs/recording.md, "What tools do to a store, round 15").
 
 A store read as the same run equals the uninterrupted run recorded in memory bit for bit after ``verify()``
 (``same_run`` of tests/_round12_kit.py, against round 5's in-memory reference); resumed, the uninterrupted longer run.

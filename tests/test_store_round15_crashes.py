@@ -1,7 +1,7 @@
-"""Crashes, a full disk and processes beside a resume, round 15 (docs/recording.md, "What tools do to a store, round
-15"): real SIGKILLs of a sparse store's writer at each of its phases, a kill at every write point of a dropout run's
-recording, a full disk at every write point of a resumed step, and two readers in other processes while a third
-resumes the store.
+"""Crashes, a full disk and processes beside a resume, round 15
+(docs/recording.md, "What tools do to a store, round 15"): real SIGKILLs of a sparse store's writer at
+its phases, a kill at every write point of a dropout run's recording, a full disk at every write point of a resumed
+step, and two readers in other processes while a third resumes the store.
 
 Every store left behind is read as a prefix of the uninterrupted run bit for bit (round 5's in-memory reference:
 ``resumable_reference``, or the dropout run recorded in memory with the same seeds) and resumed to its end, bit for
