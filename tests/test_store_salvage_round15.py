@@ -13,13 +13,13 @@ the damage (every value a reader gets, after ``verify()``).
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _round12_kit import momentum_residuals
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 from test_store_round7 import _as_schema_2, _manifest, _write_manifest
@@ -129,26 +129,14 @@ def _loop_residuals(kind: str, store: Path) -> list[float]:
     """The independent reference: ``||theta_{s+1} - (theta_s - lr m_s)|| / ||theta_{s+1} - theta_s||`` with
     ``m_s = momentum m_{s-1} + g_s``, ``g_s`` by torch's autograd on a fresh model in training mode loaded with
     theta_s, under ``torch.manual_seed(100 + s)`` as the loop ran it."""
-    traj = _load(kind, store)
-    model, momentum, out = Net(kind), {}, []
+    model = Net(kind)
     model.train()
-    for s, idx in enumerate(ORDER):
-        theta, theta_next = traj.params(s), traj.params(s + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(theta[name])
-        model.zero_grad()
-        torch.manual_seed(100 + s)
-        _batch_loss(kind, model, idx).backward()
-        err = delta = 0.0
-        for name, p in model.named_parameters():
-            m = p.grad.clone() if name not in momentum else MOMENTUM * momentum[name] + p.grad
-            momentum[name] = m
-            actual = theta_next[name] - theta[name]
-            err += float(((actual + LR * m) ** 2).sum())
-            delta += float((actual ** 2).sum())
-        out.append(math.sqrt(err / delta))
-    return out
+
+    def batch_loss(model: nn.Module, s: int) -> torch.Tensor:
+        torch.manual_seed(100 + s)  # the masks the loop drew
+        return _batch_loss(kind, model, ORDER[s])
+
+    return momentum_residuals(_load(kind, store), model, batch_loss, len(ORDER), LR, MOMENTUM)
 
 
 def _files(store: Path) -> dict[str, bytes]:
