@@ -41,10 +41,10 @@ def templates(tmp_path_factory):
     return root
 
 
-def _old_store(templates: Path, tmp_path: Path, lines: int = 2) -> Path:
-    """The dense run in the previous format (schema 2), its manifest listing no step and its journal cut after
-    ``lines`` lines (as a crash, or a lost journal, leaves it)."""
-    store = Path(shutil.copytree(templates / "dense", tmp_path / "old"))
+def old_format_copy(source: Path, where: Path, lines: int = 2) -> Path:
+    """A copy of ``source`` at ``where`` in the previous format (schema 2), its manifest listing no step and its
+    journal cut after ``lines`` lines (as a crash, or a lost journal, leaves it). Shared with round 15's salvage."""
+    store = Path(shutil.copytree(source, where))
     _as_schema_2(store)
     manifest = _manifest(store)
     manifest.update(steps=[], complete=False)
@@ -53,6 +53,11 @@ def _old_store(templates: Path, tmp_path: Path, lines: int = 2) -> Path:
     (store / "journal.jsonl").write_bytes(b"".join(kept))
     assert read_manifest(store).schema_version == 2
     return store
+
+
+def _old_store(templates: Path, tmp_path: Path, lines: int = 2) -> Path:
+    """The dense run as :func:`old_format_copy` leaves it."""
+    return old_format_copy(templates / "dense", tmp_path / "old", lines)
 
 
 def _snapshot(store: Path) -> dict[str, bytes]:

@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from _round12_kit import momentum_residuals
 from safetensors import safe_open
 from safetensors.torch import save as st_save
-from test_store_round7 import _as_schema_2, _manifest, _write_manifest
+from test_store_salvage_round14 import old_format_copy as _old_store
 from torch import nn
 
 import explaind
-from explaind.trajectory._index import read_manifest
 
 STEPS, LR, MOMENTUM = 4, 0.05, 0.9
 GEN = torch.Generator().manual_seed(15)
@@ -89,19 +88,6 @@ def templates(tmp_path_factory):
         record(kind, root / kind)
         record(kind, root / f"{kind}-other", shift=0.01)
     return root
-
-
-def _old_store(source: Path, where: Path, lines: int = 2) -> Path:
-    """``source`` in the previous format (schema 2), its manifest listing no step, its journal cut after ``lines``."""
-    store = Path(shutil.copytree(source, where))
-    _as_schema_2(store)
-    manifest = _manifest(store)
-    manifest.update(steps=[], complete=False)
-    _write_manifest(store, manifest)
-    kept = (store / "journal.jsonl").read_bytes().splitlines(keepends=True)[:lines]
-    (store / "journal.jsonl").write_bytes(b"".join(kept))
-    assert read_manifest(store).schema_version == 2
-    return store
 
 
 def _load(kind: str, store: Path) -> explaind.Trajectory:
