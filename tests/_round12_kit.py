@@ -8,10 +8,12 @@ recording); a resumed store must equal the uninterrupted longer run bit for bit.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from _recording_helpers import resumable_reference, resumable_setup, resumable_step
 from test_store_faults import _assert_same
 
@@ -99,3 +101,29 @@ def finished_and_live(root: Path) -> Path:
     record(root / "finished", after=copy_at(3, root / "live"))
     assert manifest(root / "live")["steps"] == []
     return root
+
+
+def momentum_residuals(traj, model, batch_loss: Callable[[object, int], object], steps: int, lr: float,
+                       mu: float) -> list[float]:
+    """The independent float64 reference of salvage's replay (tests/test_store_salvage_round1[45].py): per step
+    ``||theta_{s+1} - (theta_s - lr m_s)|| / ||theta_{s+1} - theta_s||`` with ``m_s = mu m_{s-1} + g_s`` (SGD's
+    momentum written out), ``g_s`` by torch's autograd of ``batch_loss(model, s)`` on ``model`` loaded with the
+    stored theta_s of ``traj``."""
+    momentum: dict = {}
+    out = []
+    for s in range(steps):
+        theta, theta_next = traj.params(s), traj.params(s + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(theta[name])
+        model.zero_grad()
+        batch_loss(model, s).backward()
+        err = delta = 0.0
+        for name, p in model.named_parameters():
+            m = p.grad.clone() if name not in momentum else mu * momentum[name] + p.grad
+            momentum[name] = m
+            actual = theta_next[name] - theta[name]
+            err += float(((actual + lr * m) ** 2).sum())
+            delta += float((actual ** 2).sum())
+        out.append(math.sqrt(err / delta))
+    return out

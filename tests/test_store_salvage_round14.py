@@ -11,13 +11,13 @@ momentum written out); a salvaged store is compared bit for bit with the uninter
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _round12_kit import momentum_residuals
 from test_store_round5 import _read_all as _values  # everything a reader gets, after verify()
 from test_store_round5 import _same
 from test_store_round7 import ORDER, STEPS, X, Y, _as_schema_2, _manifest, _record, _write_manifest
@@ -41,10 +41,10 @@ def templates(tmp_path_factory):
     return root
 
 
-def _old_store(templates: Path, tmp_path: Path, lines: int = 2) -> Path:
-    """The dense run in the previous format (schema 2), its manifest listing no step and its journal cut after
-    ``lines`` lines (as a crash, or a lost journal, leaves it)."""
-    store = Path(shutil.copytree(templates / "dense", tmp_path / "old"))
+def old_format_copy(source: Path, where: Path, lines: int = 2) -> Path:
+    """A copy of ``source`` at ``where`` in the previous format (schema 2), its manifest listing no step and its
+    journal cut after ``lines`` lines (as a crash, or a lost journal, leaves it). Shared with round 15's salvage."""
+    store = Path(shutil.copytree(source, where))
     _as_schema_2(store)
     manifest = _manifest(store)
     manifest.update(steps=[], complete=False)
@@ -53,6 +53,11 @@ def _old_store(templates: Path, tmp_path: Path, lines: int = 2) -> Path:
     (store / "journal.jsonl").write_bytes(b"".join(kept))
     assert read_manifest(store).schema_version == 2
     return store
+
+
+def _old_store(templates: Path, tmp_path: Path, lines: int = 2) -> Path:
+    """The dense run as :func:`old_format_copy` leaves it."""
+    return old_format_copy(templates / "dense", tmp_path / "old", lines)
 
 
 def _snapshot(store: Path) -> dict[str, bytes]:
@@ -71,25 +76,8 @@ def _loop_residuals(store: Path, steps: int) -> list[float]:
     ``m_s = momentum m_{s-1} + g_s`` and ``g_s`` the gradient of ``F.mse_loss`` on the step's batch, computed by
     torch's autograd on the model loaded with theta_s (float64, one parameter at a time)."""
     traj = explaind.Trajectory.load(store, model=_model())
-    model = _model()
-    momentum: dict[str, torch.Tensor] = {}
-    out = []
-    for s in range(steps):
-        theta, theta_next = traj.params(s), traj.params(s + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(theta[name])
-        model.zero_grad()
-        F.mse_loss(model(X[ORDER[s]]), Y[ORDER[s]]).backward()
-        err = delta = 0.0
-        for name, p in model.named_parameters():
-            m = p.grad.clone() if name not in momentum else MOMENTUM * momentum[name] + p.grad
-            momentum[name] = m
-            actual = theta_next[name] - theta[name]
-            err += float(((actual + LR * m) ** 2).sum())
-            delta += float((actual ** 2).sum())
-        out.append(math.sqrt(err / delta))
-    return out
+    return momentum_residuals(traj, _model(), lambda model, s: F.mse_loss(model(X[ORDER[s]]), Y[ORDER[s]]), steps, LR,
+                              MOMENTUM)
 
 
 def _step_file_of(store: Path, s: int) -> Path:

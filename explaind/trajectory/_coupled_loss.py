@@ -14,6 +14,7 @@ written as two calls of the model, :func:`forward_count_message`), whose masks c
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,11 +24,13 @@ from torch import Tensor, nn
 from ..exceptions import TrajectoryError
 from ..inputs import call_model
 from ..losses import COUPLED_LOSS_PREFIX
+from ..models import copy_memo
 from ..outputs import model_output
 from ..records import LossRecord
+from ._random import replay_parts, resolve_generators
 
 __all__ = ["check_loss_decomposes", "is_batch_coupled", "term_parts", "coupled_loss_message", "coupled_check_hint",
-           "refuse_loss_mismatch", "forward_count_message"]
+           "refuse_loss_mismatch", "forward_count_message", "replay_forward"]
 
 def is_batch_coupled(loss: Any) -> bool:
     """Whether ``loss`` (a :class:`~explaind.records.LossRecord`) was declared batch-coupled."""
@@ -198,3 +201,43 @@ def check_loss_decomposes(
         f"explain this one without that split (InfluenceEstimator(keep=('step', 'param'), split=False) reads only "
         f"the recorded updates, exact; record the run with check_gradients=False for that)."
     )
+
+
+def replay_forward(src: Any, s: int, module: nn.Module | None, where: str) -> tuple[nn.Module, Any, list[Any]]:
+    """The module, micro-batch plan and private generators of a replay of step ``s``'s batch gradient.
+
+    Shared by the replay of a sparse store's segments (:mod:`~explaind.trajectory.replay`) and salvage's replay
+    (:mod:`~explaind.trajectory._salvage_replay`). Without captured dropout or batch norm: ``src``'s model as it is,
+    one forward (a batch-coupled loss: one per micro-batch, :func:`term_parts`). Otherwise ``module`` (a copy of the
+    model, made here when ``None``) in training mode and, per micro-batch, its positions in the batch and its
+    recorded random state (:func:`~explaind.trajectory._random.replay_parts`), with the generators to set from it;
+    a step whose forwards all ran in evaluation mode: the copy in evaluation mode, one forward.
+
+    Parameters
+    ----------
+    src : DiskTrajectory
+        The store's reader (its manifest, micro-batches, model, loss and generators).
+    s : int
+        The step.
+    module : nn.Module or None
+        The copy of the model of an earlier call (``None``: none yet).
+    where : str
+        Names the caller in a refusal to replay.
+
+    Returns
+    -------
+    (nn.Module, list or None, list of torch.Generator)
+        The module to differentiate, the plan (``None``: one forward) and the generators.
+    """
+    manifest = src.manifest
+    if not (manifest.random_capture and manifest.coupled):
+        parts = term_parts(src.micro_batches(s)) if is_batch_coupled(src.loss) else None
+        return src.model, None if parts is None else [(slice(lo, hi), None) for lo, hi, _ in parts], []
+    if module is None:
+        module = copy.deepcopy(src.model, copy_memo(src.model, src.generators))
+    states = replay_parts(src.micro_batches(s), manifest.coupled, where)
+    module.train(states is not None)
+    if states is None:
+        return module, None, []
+    generators = resolve_generators(manifest.generators, module, src.generators, where)
+    return module, [(slice(lo, hi), state) for lo, hi, state in states], generators

@@ -24,9 +24,16 @@ from .. import __version__
 from ..exceptions import TrajectoryError
 from ._io import read_confined
 from ._layout import JOURNAL, MANIFEST, SETUP, STEP_FILE, unmarked_setup
-from ._lean_index import MAX_INDEX_BYTES, _canonical_manifest, _canonical_records, lean_index
+from ._lean_index import (
+    INDEX_TOO_LARGE,
+    MAX_INDEX_BYTES,
+    _canonical_manifest,
+    _canonical_records,
+    lean_index,
+    max_index_bytes,
+)
 from ._steps import StepIndex
-from ._tool_marks import nonfinite_field, reordered_line, utf8_text
+from ._tool_marks import looks_like, nonfinite_field, reordered_line, utf8_text
 from ._travel import case_changed, damage_cause, read_settled
 from .manifest import NEWER_TORCH, SCHEMA_VERSION, StepRecord, TrajectoryManifest
 
@@ -107,7 +114,7 @@ def _read_journal(root: Path, newer: str | None = None) -> list[tuple[int, bytes
     """
     path = root / JOURNAL
     try:
-        data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
+        data = read_confined(root, JOURNAL, max_index_bytes(), "Trajectory journal", INDEX_TOO_LARGE)
     except FileNotFoundError:
         return []
     try:  # saved as UTF-16 or UTF-32 by an editor: the same text, read as the manifest is (_tool_marks.py)
@@ -225,10 +232,12 @@ def _find_manifest(root: Path, path: Path) -> None:
         inside = root.parent if root.name in (MANIFEST, JOURNAL) or root.parent.name in ("steps", "optimizer") else None
         if inside is not None and inside.name in ("steps", "optimizer"):
             inside = inside.parent
-        fix = (f"pass the store's directory, {str(inside)!r}" if inside is not None and (inside / MANIFEST).is_file()
+        in_store = inside is not None and (inside / MANIFEST).is_file()
+        fix = (f"pass the store's directory, {str(inside)!r}" if in_store
                else "pass the directory of a store (the folder that holds manifest.json)")
-        raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: it is a file, not a directory. "
-                              f"Fix: {fix}.")
+        other = "" if in_store else looks_like(root)  # an archive, another tool's checkpoint (_tool_marks.py)
+        raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: "
+                              f"{other or 'it is a file, not a directory. Fix: ' + fix}.")
     elif (root / SETUP).exists() or os.path.lexists(path):
         if os.path.lexists(path):  # written since the first look: a new store's writer writes the manifest, then
             return  # drops the setup marker, so a reader between the two finds both missing only if truly lost
@@ -256,8 +265,9 @@ def _find_manifest(root: Path, path: Path) -> None:
                 f"which every step file is checked) is missing, deleted or lost. Nothing was changed, and nothing "
                 f"recorded can be checked or salvaged without it. Fix: restore manifest.json from a copy of the store "
                 f"(or the whole store); else re-record the run into a new directory.")
-    raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: {what}. Record one with "
-                          f"TrajectoryRecorder(..., store={str(root)!r}).")
+    other = looks_like(root) if root.is_dir() else ""  # another tool's checkpoint folder (_tool_marks.py)
+    fix = f"; {other}" if other else f". Record one with TrajectoryRecorder(..., store={str(root)!r})"
+    raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: {what}{fix}.")
 
 
 def recorded_files(root: Path) -> str:
@@ -289,7 +299,8 @@ def read_manifest(root: str | Path) -> TrajectoryManifest:
     path = root / MANIFEST
     _find_manifest(root, path)
     try:
-        data = read_settled(lambda: read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest"), 1)
+        data = read_settled(lambda: read_confined(root, MANIFEST, max_index_bytes(), "Trajectory manifest",
+                                                         INDEX_TOO_LARGE), 1)
     except FileNotFoundError:
         raise TrajectoryError(f"{str(root)!r} is not an explaind trajectory store: its manifest.json "
                               f"vanished.") from None
@@ -362,9 +373,23 @@ def _parse_manifest(data: bytes, path: Path) -> TrajectoryManifest:
     except ValidationError as exc:
         problems = validation_problems(exc).rstrip(".")
         fix = (_EDITED_DTYPE if NEWER_TORCH.rstrip(".") in problems
-               else _newer_writer(raw.get("explaind_version")) or _NOT_OURS)
+               else _newer_writer(raw.get("explaind_version")) or _added_fields(exc, raw) or _NOT_OURS)
         raise TrajectoryError(f"Trajectory manifest {str(path)!r} is invalid: {problems}. {fix}".rstrip()) from None
     return manifest
+
+
+def _added_fields(exc: ValidationError, raw: dict[str, Any]) -> str:
+    """The fix for a manifest whose only problems are fields this explaind does not know, written by this or an
+    older version (``""`` otherwise): a tool or a person added them; the run's description is intact."""
+    errors = exc.errors()
+    if not errors or any(e.get("type") != "extra_forbidden" for e in errors):
+        return ""
+    fields = [".".join(str(p) for p in e.get("loc", ())) for e in errors]
+    return (f"The field(s) {fields} are not ones that explaind writes: its manifest says explaind "
+            f"{raw.get('explaind_version')!r} wrote it, and this explaind ({__version__}) knows every field of that "
+            f"and older versions, so a tool or a person added them (the rest of the description parses). Fix: remove "
+            f"{'that field' if len(fields) == 1 else 'those fields'} from manifest.json (keep notes of your own in "
+            f"another file beside the store); a store written by a newer explaind names its version, then upgrade.")
 
 
 def _check_repeated(record: StepRecord, first: tuple[int, bytes], line: int, root: Path) -> None:

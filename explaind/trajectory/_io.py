@@ -180,8 +180,9 @@ _OPEN_FIXES = {
 _OPEN_FIXES[errno.EPERM] = _OPEN_FIXES[errno.EACCES]
 
 
-def read_confined(root: Path, relpath: str, max_bytes: int, what: str) -> bytes:
-    """Read a regular file of the store, never more than ``max_bytes`` (a larger file is an error, not read).
+def read_confined(root: Path, relpath: str, max_bytes: int, what: str, too_large: str = "") -> bytes:
+    """Read a regular file of the store, never more than ``max_bytes`` (a larger file is an error, not read;
+    ``too_large``: its cause and fix, else "it was modified").
 
     Symbolic links, FIFOs and devices are refused before anything is read (opening does not block).
 
@@ -206,7 +207,7 @@ def read_confined(root: Path, relpath: str, max_bytes: int, what: str) -> bytes:
     try:
         if info.st_size > max_bytes:
             raise TrajectoryError(f"{what}: {relpath!r} has {info.st_size} bytes, more than the {max_bytes} the "
-                                  f"store allows for it; it was modified. Re-record the run.")
+                                  f"store allows for it; {too_large or 'it was modified. Re-record the run.'}")
         return read_open(fd, max_bytes)
     finally:
         os.close(fd)

@@ -25,21 +25,46 @@ from __future__ import annotations
 import codecs
 import contextlib
 import gc
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import TypeAdapter
 
-from ..exceptions import TrajectoryError
+from ..exceptions import ConfigError, TrajectoryError
 from ._io import read_confined
 from ._layout import JOURNAL
 from ._steps import StepIndex
 from .manifest import StepRecord, TrajectoryManifest
 
-__all__ = ["lean_index", "BLOCK", "MAX_INDEX_BYTES"]
+__all__ = ["lean_index", "BLOCK", "MAX_INDEX_BYTES", "INDEX_TOO_LARGE", "max_index_bytes"]
 
-#: Largest manifest or journal read (5,000 steps take about 4 MB).
+#: Largest manifest or journal read by default (5,000 steps take about 4 MB; 1,000,000 about 560 MB in the
+#: manifest); ``EXPLAIND_MAX_INDEX_BYTES`` raises it (:func:`max_index_bytes`).
 MAX_INDEX_BYTES = 1 << 28
+#: The cause and fix of an index file above :func:`max_index_bytes` (docs/recording.md, round 15).
+INDEX_TOO_LARGE = ("it was modified, or it indexes a run of more steps than that limit holds (explaind writes about "
+                   "560 bytes per step in each of manifest.json and journal.jsonl: 256 MiB is about 480,000 steps). "
+                   "Fix: for a run that long, raise the limit with the environment variable "
+                   "EXPLAIND_MAX_INDEX_BYTES=<bytes> (about twice the file's size in memory is used to read it); "
+                   "else restore the file from a copy, or Trajectory.salvage(...) the steps whose files are intact.")
+
+
+def max_index_bytes() -> int:
+    """The largest manifest or journal read: ``EXPLAIND_MAX_INDEX_BYTES`` when set, else :data:`MAX_INDEX_BYTES`.
+
+    Raises
+    ------
+    ConfigError
+        For a value that is not a positive integer.
+    """
+    raw = os.environ.get("EXPLAIND_MAX_INDEX_BYTES", "").strip()
+    if not raw:
+        return MAX_INDEX_BYTES
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"EXPLAIND_MAX_INDEX_BYTES={raw!r} is not allowed: it takes a positive number of bytes "
+                          f"(default {MAX_INDEX_BYTES}). Fix: set it to e.g. {2 * MAX_INDEX_BYTES}, or unset it.")
+    return int(raw)
 
 #: a journal's records parsed, and written back, in one call (:func:`_canonical_records`)
 _RECORDS = TypeAdapter(list[StepRecord])
@@ -158,7 +183,7 @@ def lean_index(root: Path, data: bytes) -> TrajectoryManifest | None:
     if manifest is None:
         return None
     try:
-        journal = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
+        journal = read_confined(root, JOURNAL, max_index_bytes(), "Trajectory journal", INDEX_TOO_LARGE)
     except FileNotFoundError:
         journal = b""
     except TrajectoryError:

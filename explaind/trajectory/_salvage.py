@@ -59,8 +59,9 @@ from ._layout import (
     setup_leftover,
     step_path,
 )
+from ._lean_index import INDEX_TOO_LARGE, max_index_bytes
 from ._salvage_replay import ReplayInputs, replay_inputs, replay_steps, unreplayable
-from ._salvage_report import SalvageReport, log_unvouched
+from ._salvage_report import SalvageReport, log_unvouched, out_failure
 from ._tool_marks import utf8_text
 from .lock import LOCK, live_writer
 from .manifest import FileRecord, StepRecord, TrajectoryManifest
@@ -76,7 +77,7 @@ _SLOTS = ("optimizer/state-0.safetensors", "optimizer/state-1.safetensors")
 def _read_manifest(root: Path) -> TrajectoryManifest:
     """The damaged store's manifest, parsed as a normal read parses it (without the journal)."""
     try:
-        data = read_confined(root, MANIFEST, MAX_INDEX_BYTES, "Trajectory manifest")
+        data = read_confined(root, MANIFEST, max_index_bytes(), "Trajectory manifest", INDEX_TOO_LARGE)
     except FileNotFoundError:
         raise TrajectoryError(f"Cannot salvage {str(root)!r}: it has no {MANIFEST}, which holds the description of "
                               f"the run that every step file is checked against, so no step can be proven. Restore "
@@ -92,7 +93,7 @@ def _read_manifest(root: Path) -> TrajectoryManifest:
 def _journal(root: Path, report: SalvageReport) -> dict[int, list[StepRecord]]:
     """The records of the journal's lines that parse, by step; the others go to ``report.unreadable_lines``."""
     try:
-        data = read_confined(root, JOURNAL, MAX_INDEX_BYTES, "Trajectory journal")
+        data = read_confined(root, JOURNAL, max_index_bytes(), "Trajectory journal", INDEX_TOO_LARGE)
     except FileNotFoundError:
         return {}
     except TrajectoryError as exc:  # not a regular file, too large, no permission: the step files may still hold
@@ -164,7 +165,6 @@ class _Salvage:
             out[relpath] = (data, tensors, meta)
         return out
 
-    # ----------------------------------------------------------------- one step
     def _by_checksum(self, s: int) -> tuple[StepRecord | None, str]:
         """Step ``s`` proven by a record of the index whose file matches its checksum; else ``None`` and why."""
         why = ""
@@ -468,9 +468,8 @@ def salvage_store(path: Any, out: Any, *, replay: bool = False, model: Any = Non
     Raises
     ------
     TrajectoryError
-        When ``out`` is not allowed, a recorder is writing ``path``, or nothing can be proven (no manifest, a
-        start file that fails its checksum, not even step 0), naming the file and the reason; nothing is written
-        then.
+        When ``out`` is not allowed or cannot be written, a recorder is writing ``path``, or nothing can be proven
+        (no manifest, a start file that fails its checksum, not even step 0), naming the file and the reason.
     """
     root, target = store_root(path), store_root(out)
     real_root, real_target = Path(os.path.realpath(root)), Path(os.path.realpath(target))  # links followed
@@ -492,8 +491,10 @@ def salvage_store(path: Any, out: Any, *, replay: bool = False, model: Any = Non
                               f"on host {holder.get('host')!r}, so its files and index change while they are read. "
                               f"Salvage it once that recording has ended (or, if that process is gone, delete "
                               f"{str(root / LOCK)!r}).")
-    inputs = replay_inputs(replay, model, train_data, loss, reader)
-    report = _Salvage(root, target, inputs).run_salvage()
+    try:
+        report = _Salvage(root, target, replay_inputs(replay, model, train_data, loss, reader)).run_salvage()
+    except OSError as exc:  # out on a read-only mount, a full disk, no permission: named (round 15)
+        raise out_failure(exc, out, root, target) from None
     logger.info("%s", report)
     log_unvouched(report)
     return report

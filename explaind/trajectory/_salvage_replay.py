@@ -30,9 +30,11 @@ A step file of another run, or one of the same run from an abandoned continuatio
 order of 1 and is dropped, naming :math:`r_s`.
 
 The replay runs the steps from 0 in order (each step's momentum needs the one before), one batch gradient per step.
-Each step's forward starts from the buffers the step recorded, as the replay of a sparse store's segment does. It is
-offered for dense stores whose training forward was not captured with a random state (no captured dropout or
-train-mode batch norm) and whose loss is per sample; other stores name why and keep the steps proven otherwise.
+Each step's forward starts from the buffers the step recorded and, where the run captured its training forward
+(dropout, train-mode batch norm), runs under the random state the step recorded, one forward per micro-batch as the
+loop ran them; a batch-coupled loss takes its terms per micro-batch. This is the forward of the replay of a sparse
+store's segment (:func:`~explaind.trajectory._coupled_loss.replay_forward`). It is offered for every dense store;
+a sparse store names why (its segments are replayed whenever they are read) and keeps the steps proven otherwise.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 from ..exceptions import ConfigError, ExplaindError
 from ._audit import UpdateAudit
 from ._checks import batch_gradient, default_tolerance
-from ._coupled_loss import is_batch_coupled
+from ._coupled_loss import replay_forward
 
 __all__ = ["ReplayProof", "ReplayInputs", "replay_inputs", "replay_steps", "unreplayable"]
 
@@ -112,10 +114,8 @@ def unreplayable(manifest: Any) -> str:
     """Why the steps of the store described by ``manifest`` cannot be proven by replay (``""``: they can)."""
     if manifest.param_stride != 1:
         return ("a sparse store's steps are replayed whenever they are read (its segments end on stored checkpoints), "
-                "not by salvage")
-    if manifest.random_capture and manifest.coupled:
-        return ("its training forward was captured with its random state (dropout, train-mode batch norm), which "
-                "salvage's replay does not follow")
+                "not by salvage: a step file written before schema 3 does not name the checkpoint state its segment "
+                "starts from, so without its record nothing says which state to replay from")
     return ""
 
 
@@ -129,10 +129,6 @@ def replay_steps(out: Path, pending: list[int], inputs: ReplayInputs) -> ReplayP
     except ExplaindError as exc:
         return ReplayProof(failed=first, why=f"the run cannot be replayed: {exc}")
     proof = ReplayProof(tolerance=default_tolerance(traj.dtype))
-    if is_batch_coupled(traj.loss):
-        proof.failed, proof.why = first, ("the run cannot be replayed: its loss couples the samples of a batch, "
-                                          "which salvage's replay does not follow")
-        return proof
     try:
         _replay(traj, out, pending, proof)
     except ExplaindError as exc:  # no training data, data of another shape, a model that does not run them
@@ -152,15 +148,17 @@ def _replay(traj: Any, out: Path, pending: list[int], proof: ReplayProof) -> Non
     auditor = UpdateAudit()
     auditor.momentum = dict(traj.initial_state())  # m_{-1}: empty for a fresh optimizer
     constants, names, wanted = traj.constants(), list(traj.param_names), set(pending)
-    theta = traj.params(0)
+    theta, module = traj.params(0), None
     for s in range(pending[-1] + 1):
         theta_next, updates = traj.params(s + 1), traj.updates(s)
         idx, w = traj.batch(s)
         x, y = traj.train_samples(idx)
         leaves = {n: theta[n].detach().clone().requires_grad_(True) for n in names}
         held = {**constants, **_buffers(traj, s)}  # the buffers beta_s the step's forward started from
-        grads = batch_gradient(traj.model, held, leaves, [n for n in names if n in updates], traj.loss,
-                               (x, y, w), None, f"Salvage's replay of step {s} of {str(out)!r}")
+        where = f"Salvage's replay of step {s} of {str(out)!r}"
+        module, parts, generators = replay_forward(traj, s, module, where)  # dropout masks, batch statistics
+        grads = batch_gradient(module, held, leaves, [n for n in names if n in updates], traj.loss, (x, y, w), parts,
+                               where, generators)
         scale = traj.grad_scale(s)
         residual = auditor.step(theta, theta_next, {n: g.mul(scale) for n, g in grads.items()}, updates)
         if s in wanted:

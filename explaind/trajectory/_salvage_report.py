@@ -6,8 +6,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["SalvageReport", "log_unvouched", "steps_text"]
+from ..exceptions import TrajectoryError
+
+__all__ = ["SalvageReport", "log_unvouched", "steps_text", "out_failure"]
 
 logger = logging.getLogger("explaind.trajectory._salvage")  # the salvage's own logger
 
@@ -102,3 +105,14 @@ def log_unvouched(report: SalvageReport) -> None:
                 "damaged checkpoint state or step file shows as a replay gap (a warning naming the steps) or an "
                 "error; read every step once before trusting them.",
                 str(report.source), steps_text(bound))
+
+
+def out_failure(exc: OSError, out: Any, root: Path, target: Path) -> Exception:
+    """The error of a salvage that could not write its new store ``target`` (``exc`` itself where the failed
+    operation was not on ``target``: a read of the damaged store ``root``)."""
+    if not str(exc.filename or "").startswith(str(target)):
+        return exc
+    return TrajectoryError(f"salvage(out={str(out)!r}) could not write the new store: {exc.strerror} "
+                           f"({str(exc.filename)!r}). The store {str(root)!r} was only read: nothing there changed. "
+                           f"Fix: pass an out= on a writable file system with free space; salvaging again into the "
+                           f"same out= removes what this attempt left there.")

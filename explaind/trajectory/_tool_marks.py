@@ -16,10 +16,12 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any
 
-__all__ = ["nonfinite_field", "reordered_line", "utf8_text", "store_run_id"]
+__all__ = ["nonfinite_field", "reordered_line", "utf8_text", "store_run_id", "looks_like"]
 
 #: the byte-order marks of the encodings other than UTF-8 that ``json`` reads (an editor's "Unicode" save)
 _WIDE_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
@@ -91,3 +93,58 @@ def store_run_id(manifest_head: bytes) -> str | None:
     """The ``run_id`` of a manifest as explaind writes it, from its first bytes (``None`` if not found there)."""
     found = _RUN_ID.search(manifest_head)
     return None if found is None else found.group(1).decode()
+
+
+#: what another tool's checkpoint holds: (file names, of which any one, with the other, tells it) -> what it is
+_HF_MODEL = ("config.json", ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                             "pytorch_model.bin.index.json", "adapter_model.safetensors", "tf_model.h5"))
+_NOT_A_TRAJECTORY = ("a model checkpoint holds the weights of one step, not the run's steps with their batches and "
+                     "optimizer coefficients, and no trajectory can be rebuilt from it")
+_HF_GUIDE = 'explaind.integrations.hf (docs/guide_own_model.md, "Hugging Face Trainer")'
+_LIGHTNING_GUIDE = 'explaind.integrations.lightning (docs/guide_own_model.md, "Lightning")'
+_RECORD = ("Fix: pass the directory of an explaind store (the folder that holds manifest.json), or record the run with "
+           "TrajectoryRecorder(..., store=DIR)")
+
+
+def looks_like(path: Path) -> str:
+    """What ``path``, which is not an explaind store, looks like, with the fix (``""``: nothing this module knows).
+
+    A file: a PyTorch or Lightning checkpoint file (by its name), or a zip, tar or gzip archive (by its first bytes).
+    A directory: a Hugging Face ``Trainer`` checkpoint (``trainer_state.json``) or a saved model (``config.json`` with
+    its weights), a Lightning ``checkpoints/`` folder (``*.ckpt`` files) or a Lightning log version (``hparams.yaml``
+    beside ``checkpoints/``). Only run where loading failed, to name the cause.
+    """
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(512)
+        except OSError:
+            return ""
+        if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".safetensors"):
+            return f"it looks like a checkpoint file ({path.suffix}): {_NOT_A_TRAJECTORY}. {_RECORD}"
+        if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # after the names: torch.save writes zip files
+            return ("it is a zip archive; explaind reads a store from a directory, not from inside an archive. Fix: "
+                    "unpack it (python -m zipfile -e ARCHIVE DIR) and pass the directory that holds manifest.json")
+        if head.startswith(b"\x1f\x8b") or head[257:262] == b"ustar":
+            return ("it is a tar or gzip archive; explaind reads a store from a directory, not from inside an "
+                    "archive. Fix: unpack it (tar -xf ARCHIVE -C DIR) and pass the directory that holds manifest.json")
+        return ""
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return ""
+    if "trainer_state.json" in names:
+        return (f"it looks like a Hugging Face Trainer checkpoint (trainer_state.json): {_NOT_A_TRAJECTORY}. "
+                f"{_RECORD}; with the Trainer, through {_HF_GUIDE}")
+    if _HF_MODEL[0] in names and names & set(_HF_MODEL[1]):
+        held = ", ".join(sorted(names & {_HF_MODEL[0], *_HF_MODEL[1]}))
+        return f"it looks like a saved Hugging Face model ({held}): {_NOT_A_TRAJECTORY}. {_RECORD}"
+    ckpts = sorted(n for n in names if n.endswith(".ckpt"))
+    if ckpts:
+        return (f"it looks like a PyTorch Lightning checkpoints folder ({', '.join(ckpts[:3])}"
+                f"{', ...' if len(ckpts) > 3 else ''}): {_NOT_A_TRAJECTORY}. {_RECORD}; with Lightning, through "
+                f"{_LIGHTNING_GUIDE}")
+    if "hparams.yaml" in names and "checkpoints" in names:
+        return (f"it looks like a PyTorch Lightning log folder (hparams.yaml, checkpoints/): {_NOT_A_TRAJECTORY}. "
+                f"{_RECORD}; with Lightning, through {_LIGHTNING_GUIDE}")
+    return ""

@@ -39,14 +39,12 @@ import numpy as np
 from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
-from ..models import copy_memo
 from ..recurrence import LinearUpdate
 from ._checks import batch_gradient, default_tolerance
 from ._common import warn_user
-from ._coupled_loss import is_batch_coupled, term_parts
+from ._coupled_loss import replay_forward
 from ._io import decode_optimizer_state, read_tensors
 from ._participation import collect_updates
-from ._random import replay_parts, resolve_generators
 from ._sparse import StepReplay, apply_groups, relative_gap
 from ._steps import steps_where
 from .store import pack_updates
@@ -234,7 +232,7 @@ class SegmentReplay:
         names = list(src.param_names)
         start = src.params(lo)
         optimizer, adapter, leaves = self._optimizer(src.step_replay(lo), lo, start)
-        model, constants, loss = src.model, src.constants(), src.loss
+        constants, loss = src.constants(), src.loss
         thetas: list[dict[str, Tensor]] = [start]
         updates: list[dict[str, LinearUpdate]] = []
         for s in range(lo, hi):
@@ -244,9 +242,7 @@ class SegmentReplay:
             idx, w = src.batch(s)
             x, y = src.train_samples(idx)
             stepped = [n for n in names if n in set(info.stepped)]
-            module, parts = self._forward_of(s, model, where)
-            generators = () if parts is None else resolve_generators(
-                src.manifest.generators, module, src.generators, where)
+            module, parts, generators = self._forward_of(s, where)
             grads = batch_gradient(module, {**constants, **self._buffers_at(s)}, {n: leaves[n] for n in names},
                                    stepped, loss, (x, y, w), parts, where, generators)
             scale = src.grad_scale(s)
@@ -274,23 +270,13 @@ class SegmentReplay:
             warn_user(logger, message)
         return Segment(lo, hi, thetas, updates, gap)
 
-    def _forward_of(self, s: int, model: nn.Module, where: str) -> tuple[nn.Module, Any]:
-        """The module and micro-batch replay plan of step ``s``'s batch gradient.
-
-        Without captured dropout or batch norm: the model as it is, one forward. Otherwise a copy of
-        the model in training mode and, per micro-batch, its positions in the batch and its recorded
-        random state (:func:`~explaind.trajectory._random.replay_parts`); every forward of the step in
-        evaluation mode: the copy in evaluation mode, one forward.
-        """
-        manifest = self._src.manifest
-        if not (manifest.random_capture and manifest.coupled):  # a batch-coupled loss: each micro-batch's terms
-            parts = term_parts(self._src.micro_batches(s)) if is_batch_coupled(self._src.loss) else None
-            return model, None if parts is None else [(slice(lo, hi), None) for lo, hi, _ in parts]
-        if self._module is None:
-            self._module = copy.deepcopy(model, copy_memo(model, self._src.generators))
-        parts = replay_parts(self._src.micro_batches(s), manifest.coupled, where)
-        self._module.train(parts is not None)
-        return self._module, None if parts is None else [(slice(lo, hi), state) for lo, hi, state in parts]
+    def _forward_of(self, s: int, where: str) -> tuple[nn.Module, Any, list[Any]]:
+        """The module, micro-batch replay plan and generators of step ``s``'s batch gradient
+        (:func:`~explaind.trajectory._coupled_loss.replay_forward`; the copy of the model is kept)."""
+        module, parts, generators = replay_forward(self._src, s, self._module, where)
+        if module is not self._src.model:
+            self._module = module
+        return module, parts, generators
 
     def _buffers_at(self, s: int) -> dict[str, Tensor]:
         r"""Copies of the buffers :math:`\beta_s` step ``s``'s forward started from (batch norm updates them)."""
