@@ -6,7 +6,9 @@
   encoder, one Python loop per batch over the kept samples, with batch norm, InfoNCE and SGD with
   momentum written out (no torch module runs the training forward, no torch optimizer steps);
 * :func:`weighted_mlp_reference`: the weighted retraining of the digits MLP (``sgd_mlp``, ``relu_untuned``),
-  one loss term per sample, the MLP and SGD with momentum written out.
+  one loss term per sample, the MLP and SGD with momentum written out;
+* :func:`dropout_leave_out_reference`: leave-out retraining of the dropout MLP, the recorded batch's masks drawn
+  at every step and each kept sample's row used, the MLP and SGD with momentum written out.
 """
 
 from __future__ import annotations
@@ -123,3 +125,38 @@ def weighted_mlp_reference(problem, weights) -> torch.Tensor:
             velocity[name] = g if name not in velocity else c.momentum * velocity[name] + g
             theta[name] = v - c.lr * velocity[name]
     return mlp(theta, problem.X_test).gather(1, problem.y_test[:, None])[:, 0].detach()
+
+
+def dropout_leave_out_reference(problem, keep) -> torch.Tensor:
+    """True-class test logits of the dropout MLP retrained with the samples where ``keep`` is false left out, by loops.
+
+    Each step draws the mask of the recorded batch, ``(|B_s|, hidden)`` Bernoulli(1 - p) from the global generator
+    seeded with ``problem.mask_seed`` (as ``nn.Dropout`` draws it), and sample ``k`` at row ``i`` of its batch uses
+    mask row ``i``; the removed samples' rows are drawn and not used. One loss term per kept sample, SGD with
+    momentum written out.
+    """
+    c = problem.config
+    theta = {name: p.detach().clone() for name, p in problem.build_model().named_parameters()}
+    act = torch.tanh if c.activation == "tanh" else torch.relu
+    torch.manual_seed(problem.mask_seed)
+    velocity: dict = {}
+    for idx in problem.batches:
+        draws = torch.empty(len(idx), c.hidden, dtype=torch.float64).bernoulli_(1 - c.dropout)
+        live = {name: v.clone().requires_grad_(True) for name, v in theta.items()}
+        terms = []
+        for i, k in enumerate(idx.tolist()):
+            if not bool(keep[k]):
+                continue
+            h = act(live["0.weight"] @ problem.X_train[k] + live["0.bias"]) * draws[i] / (1 - c.dropout)
+            out = live["3.weight"] @ h + live["3.bias"]
+            terms.append(-torch.log_softmax(out, 0)[problem.y_train[k]])
+        if terms:
+            grads = torch.autograd.grad(torch.stack(terms).sum() / len(idx), list(live.values()))
+        else:
+            grads = tuple(torch.zeros_like(v) for v in theta.values())
+        for (name, v), g in zip(theta.items(), grads):
+            velocity[name] = g if name not in velocity else c.momentum * velocity[name] + g
+            theta[name] = v - c.lr * velocity[name]
+    out = F.linear(act(F.linear(problem.X_test, theta["0.weight"], theta["0.bias"])), theta["3.weight"],
+                   theta["3.bias"])
+    return out.gather(1, problem.y_test[:, None])[:, 0].detach()

@@ -136,10 +136,6 @@ class ValidationConfig:
             raise ConfigError(f"ValidationConfig: the setting 'relu_untuned' is a ReLU MLP; got activation="
                               f"{self.activation!r}. Pass activation='relu' (the CLI's default for it), or use "
                               f"'sgd_mlp' with lr for a tanh MLP.")
-        if self.leave_out and self.setting == "dropout":
-            raise ConfigError("ValidationConfig: leave_out is not defined for the setting 'dropout' (the replayed "
-                              "dropout masks are drawn per batch shape, so leaving samples out would draw other "
-                              "masks); use it with 'sgd_mlp', 'adamw', 'batchnorm' or 'contrastive'.")
         if self.trak_proj_dim is None:
             object.__setattr__(self, "trak_proj_dim", max(1, int(self.n_train) // 5))
         if not 1 <= int(self.trak_proj_dim) < self.n_train:
