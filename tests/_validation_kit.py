@@ -7,6 +7,8 @@
   momentum written out (no torch module runs the training forward, no torch optimizer steps);
 * :func:`weighted_mlp_reference`: the weighted retraining of the digits MLP (``sgd_mlp``, ``relu_untuned``),
   one loss term per sample, the MLP and SGD with momentum written out;
+* :func:`weighted_lm_reference`: the weighted retraining of the token model (``tiny_lm``), one sequence at a time,
+  attention over each position's past written as a loop, AdamW written out;
 * :func:`dropout_leave_out_reference`: leave-out retraining of the dropout MLP, the recorded batch's masks drawn
   at every step and each kept sample's row used, the MLP and SGD with momentum written out.
 """
@@ -160,3 +162,47 @@ def dropout_leave_out_reference(problem, keep) -> torch.Tensor:
     out = F.linear(act(F.linear(problem.X_test, theta["0.weight"], theta["0.bias"])), theta["3.weight"],
                    theta["3.bias"])
     return out.gather(1, problem.y_test[:, None])[:, 0].detach()
+
+
+def _lm_logits(theta, ids) -> torch.Tensor:
+    """Logits ``(length, vocab)`` of the tiny causal LM on one sequence; position ``j`` attends to ``0..j`` (a loop)."""
+    h = theta["tokens.weight"][ids] + theta["positions"][:len(ids)]
+    q = h @ theta["query.weight"].T + theta["query.bias"]
+    k = h @ theta["key.weight"].T + theta["key.bias"]
+    v = h @ theta["value.weight"].T + theta["value.bias"]
+    rows = []
+    for j in range(len(ids)):
+        weights = torch.softmax(k[:j + 1] @ q[j] / h.shape[1] ** 0.5, 0)
+        rows.append((weights[:, None] * v[:j + 1]).sum(0))
+    h = h + torch.stack(rows) @ theta["mix.weight"].T + theta["mix.bias"]
+    h = h + torch.tanh(h @ theta["up.weight"].T + theta["up.bias"]) @ theta["down.weight"].T + theta["down.bias"]
+    return h @ theta["head.weight"].T + theta["head.bias"]
+
+
+def weighted_lm_reference(problem, weights) -> torch.Tensor:
+    """Explained test logits of the tiny LM retrained with sequence weights ``weights``, by loops.
+
+    Sequence ``k``'s loss is the mean over its positions ``j < length - 1`` of ``-log p(x_{j+1} | x_{<=j})``; step
+    ``s`` minimises ``sum_k w_k l_k / |B_s|`` with AdamW (torch's defaults: betas 0.9, 0.999, eps 1e-8) written out.
+    """
+    c = problem.config
+    theta = {name: p.detach().clone() for name, p in problem.build_model().named_parameters()}
+    m = {name: torch.zeros_like(v) for name, v in theta.items()}
+    sq = {name: torch.zeros_like(v) for name, v in theta.items()}
+    for step, idx in enumerate(problem.batches, start=1):
+        live = {name: v.clone().requires_grad_(True) for name, v in theta.items()}
+        terms = []
+        for k in idx.tolist():
+            ids = problem.X_train[k]
+            logits = _lm_logits(live, ids)
+            token = [-torch.log_softmax(logits[j], 0)[ids[j + 1]] for j in range(len(ids) - 1)]
+            terms.append(float(weights[k]) * torch.stack(token).mean())
+        grads = torch.autograd.grad(torch.stack(terms).sum() / len(idx), list(live.values()))
+        for (name, v), g in zip(theta.items(), grads):
+            m[name] = 0.9 * m[name] + 0.1 * g
+            sq[name] = 0.999 * sq[name] + 0.001 * g * g
+            decayed = v * (1 - c.lr * c.weight_decay)
+            denom = (sq[name] / (1 - 0.999 ** step)).sqrt() + 1e-8
+            theta[name] = decayed - c.lr / (1 - 0.9 ** step) * m[name] / denom
+    last = problem.X_test.shape[1] - 1
+    return torch.stack([_lm_logits(theta, x)[last - 1, x[last]] for x in problem.X_test]).detach()

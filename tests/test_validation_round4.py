@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _validation_kit import dropout_leave_out_reference
+from _validation_kit import dropout_leave_out_reference, weighted_lm_reference
 
+import explaind
+from explaind.validation import ValidationResult
+from explaind.validation.__main__ import main
 from explaind.validation.benchmark import run_validation
 from explaind.validation.leave_out import leave_out_logits, leave_out_train
 from explaind.validation.settings import make_problem, setting_config
@@ -79,3 +82,71 @@ def test_dropout_validation_runs_with_leave_out():
     result = run_validation(config, methods=("counterfactual", "explaind", "random"))
     assert result.checks["leave_out_full_max_abs_diff"] == 0.0
     assert set(result.lds_leave_out) == {"counterfactual", "explaind", "random"}
+
+
+def _lm():
+    return make_problem(setting_config("tiny_lm", quick=True, n_train=30, n_test=4, epochs=2))
+
+
+def _moved(problem, model):
+    """The largest change of an explained test output over training (the scale of the relative checks)."""
+    return float((problem.true_logits(model) - problem.true_logits(problem.build_model())).abs().max())
+
+
+def test_token_model_loop_is_the_recorded_run_and_matches_the_loop_reference():
+    problem = _lm()
+    model, trajectory = problem.train(record=True)
+    assert torch.equal(problem.retrain_logits(), problem.true_logits(model))  # bit for bit
+    assert trajectory.n_steps == len(problem.batches) == 6
+    moved = _moved(problem, model)
+    weights = torch.ones(problem.config.n_train, dtype=torch.float64)
+    weights[[0, 5, 21]] = 0.0
+    weights[[7, 11]] = 2.0
+    weighted = problem.retrain_logits(weights)
+    assert float((weighted - problem.true_logits(model)).abs().max()) > 1e-3 * moved
+    assert float((weighted - weighted_lm_reference(problem, weights)).abs().max()) <= 1e-10 * moved
+    # nothing couples the sequences of a batch: leaving them out is weighting them 0
+    keep = weights != 0
+    assert float((leave_out_logits(problem, keep) - problem.retrain_logits(keep.double())).abs().max()) <= 1e-12 * moved
+
+
+def test_token_model_decomposition_sums_to_the_trained_prediction():
+    problem = _lm()
+    model, trajectory = problem.train(record=True)
+    trained = problem.true_logits(model)
+    moved = _moved(problem, model)
+    att = explaind.InfluenceEstimator(keep=("train",), target=problem.targets(), device="cpu").fit(
+        trajectory).transform(problem.X_test)
+    parts = [att.values.sum(1)[:, 0], att.initial.reshape(4, -1)[:, 0]]
+    parts += [t.reshape(4, -1).sum(1) for t in (att.regularization, att.residual, att.quadrature_error)
+              if t is not None]
+    assert float((torch.stack(parts).sum(0) - trained).abs().max()) <= 1e-10 * moved
+    assert float(att.residual.reshape(4, -1).sum(1).abs().max()) <= 1e-10 * moved
+    assert float(att.values.abs().max()) > 1e-3 * moved
+
+
+def test_token_model_counterfactual_is_the_derivative_of_the_retraining():
+    problem = _lm()
+    trajectory = problem.train(record=True)[1]
+    tau = explaind.CounterfactualEstimator(target=problem.targets(), device="cpu").fit(trajectory).transform(
+        problem.X_test).values[..., 0]
+    h = 1e-5
+    for k in (0, 17, 29):
+        up, down = (torch.ones(problem.config.n_train, dtype=torch.float64) for _ in range(2))
+        up[k], down[k] = 1 + h, 1 - h
+        # the harness's loop, which matches the loop reference to 1e-10 (the test above)
+        fd = (problem.retrain_logits(up) - problem.retrain_logits(down)) / (2 * h)
+        assert float(fd.abs().max()) > 1e-4
+        assert float((tau[:, k] - fd).abs().max()) <= 1e-6 * float(fd.abs().max())
+
+
+def test_token_model_validation_runs_from_the_command_line(tmp_path, capsys):
+    code = main(["--setting", "tiny_lm", "--quick", "--subsets", "3", "--top-k", "2", "--n-train", "30",
+                 "--n-test", "3", "--epochs", "2", "--methods", "counterfactual", "grad_dot", "influence", "random",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "## tiny_lm (tanh): sequences 30 train / 3 test, causal transformer" in out
+    assert "max |Δ logit| = 0.0e+00" in out
+    result = ValidationResult.from_json(tmp_path / "validation_tiny_lm_tanh.json")
+    assert set(result.lds) == {"counterfactual", "grad_dot", "influence", "random"}

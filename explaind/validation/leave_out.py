@@ -69,7 +69,8 @@ __all__ = ["LEAVE_OUT_SETTINGS", "PRESENCE_SETTINGS", "leave_out_train", "leave_
            "presence_scores"]
 
 #: The settings on which leave-out retraining is defined.
-LEAVE_OUT_SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned")
+LEAVE_OUT_SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned",
+                                       "tiny_lm")
 
 
 def _dropout_noise(model: nn.Module, rows: int) -> Tensor | None:

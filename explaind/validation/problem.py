@@ -36,7 +36,7 @@ from ..exceptions import ConfigError
 __all__ = ["SETTINGS", "ValidationConfig", "ValidationProblem"]
 
 #: The training runs the benchmark validates on: the SGD MLP of this module, then those of the settings module.
-SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned")
+SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned", "tiny_lm")
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ class ValidationConfig:
     setting : str
         The training run: ``"sgd_mlp"`` (this module's MLP with SGD and momentum) or one of the
         settings of :mod:`explaind.validation.settings` (``"adamw"``, ``"dropout"``, ``"batchnorm"``,
-        ``"contrastive"``, ``"relu_untuned"``); :func:`~explaind.validation.settings.setting_config` gives each its
+        ``"contrastive"``, ``"relu_untuned"``) or the token model ``"tiny_lm"`` of
+        :mod:`explaind.validation.token_lm`; :func:`~explaind.validation.settings.setting_config` gives each its
         measured size.
     weight_decay : float
-        AdamW's decoupled weight decay (setting ``"adamw"``).
+        AdamW's decoupled weight decay (settings ``"adamw"`` and ``"tiny_lm"``).
     dropout : float
         Dropout probability after the hidden layer (setting ``"dropout"``).
     temperature : float
