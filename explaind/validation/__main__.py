@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", choices=SETTINGS, nargs="+", default=["sgd_mlp"],
                    help="training runs to validate on (default sgd_mlp, the MLP with SGD and momentum; adamw, dropout, "
                         "batchnorm, contrastive, relu_untuned: docs/scores_meaning.md, 'Beyond SGD on an MLP', smaller "
-                        "by default)")
+                        "by default; tiny_lm: a tiny causal transformer on generated token sequences, 'A token "
+                        "model')")
     p.add_argument("--settings-size", action="store_true",
                    help="run sgd_mlp at the size of the other settings, as their baseline (written as "
                         "validation_sgd_mlp_<activation>.*)")
