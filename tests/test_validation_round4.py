@@ -11,6 +11,7 @@ import torch
 from _validation_kit import dropout_leave_out_reference, weighted_lm_reference
 
 import explaind
+from explaind.exceptions import ConfigError
 from explaind.validation import ValidationResult
 from explaind.validation.__main__ import main
 from explaind.validation.benchmark import run_validation
@@ -150,3 +151,10 @@ def test_token_model_validation_runs_from_the_command_line(tmp_path, capsys):
     assert "max |Δ logit| = 0.0e+00" in out
     result = ValidationResult.from_json(tmp_path / "validation_tiny_lm_tanh.json")
     assert set(result.lds) == {"counterfactual", "grad_dot", "influence", "random"}
+
+
+def test_token_model_refuses_the_classifier_only_methods():
+    config = setting_config("tiny_lm", quick=True)
+    with pytest.raises(ConfigError, match=r"\['trak'\] are not run on the setting 'tiny_lm' \(Captum's and "
+                       r"TRAK's output .*Allowed there: counterfactual, explaind"):
+        run_validation(config, methods=("counterfactual", "trak"))
