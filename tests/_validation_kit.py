@@ -9,6 +9,7 @@
   one loss term per sample, the MLP and SGD with momentum written out;
 * :func:`weighted_lm_reference`: the weighted retraining of the token model (``tiny_lm``), one sequence at a time,
   attention over each position's past written as a loop, AdamW written out;
+* :func:`lm_influence_reference`: the damped influence function of the token model, Hessian row by row;
 * :func:`dropout_leave_out_reference`: leave-out retraining of the dropout MLP, the recorded batch's masks drawn
   at every step and each kept sample's row used, the MLP and SGD with momentum written out.
 """
@@ -206,3 +207,33 @@ def weighted_lm_reference(problem, weights) -> torch.Tensor:
             theta[name] = decayed - c.lr / (1 - 0.9 ** step) * m[name] / denom
     last = problem.X_test.shape[1] - 1
     return torch.stack([_lm_logits(theta, x)[last - 1, x[last]] for x in problem.X_test]).detach()
+
+
+def lm_influence_reference(problem, model, tests, samples) -> np.ndarray:
+    """The damped influence function of the tiny LM: Hessian of the mean next-token loss row by row, one solve each.
+
+    ``-(1/n) grad f(x_t)^T (H + damping I)^{-1} grad l_k``, ``f`` the logit of test sequence ``t``'s last token at
+    the position before it, ``l_k`` the mean over the positions of sequence ``k`` of ``-log p(x_{j+1} | x_{<=j})``.
+    """
+    params = [p for p in model.parameters()]
+    n, damping = problem.config.n_train, problem.config.damping
+
+    def flat_grad(value, create_graph=False):
+        grads = torch.autograd.grad(value, params, create_graph=create_graph, retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    def next_token_loss(ids):
+        logp = torch.log_softmax(model(ids)[:, :-1], -1)
+        return -logp.gather(2, ids[:, 1:, None])[..., 0].mean(1)
+
+    g = flat_grad(next_token_loss(problem.X_train).mean(), create_graph=True)
+    hessian = torch.stack([flat_grad(g[i]) for i in range(g.numel())])
+    damped = hessian + damping * torch.eye(g.numel(), dtype=torch.float64)
+    last = problem.X_test.shape[1] - 1
+    rows = []
+    for t in tests:
+        x = problem.X_test[t:t + 1]
+        g_test = flat_grad(model(x)[0, last - 1, x[0, last]])
+        rows.append([-float(g_test @ torch.linalg.solve(damped, flat_grad(next_token_loss(
+            problem.X_train[k:k + 1])[0]))) / n for k in samples])
+    return np.asarray(rows)

@@ -6,13 +6,14 @@ tests/_validation_kit.py.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from _validation_kit import dropout_leave_out_reference, weighted_lm_reference
+from _validation_kit import dropout_leave_out_reference, lm_influence_reference, weighted_lm_reference
 
 import explaind
 from explaind.exceptions import ConfigError
-from explaind.validation import ValidationResult
+from explaind.validation import ValidationResult, compute_scores
 from explaind.validation.__main__ import main
 from explaind.validation.benchmark import run_validation
 from explaind.validation.leave_out import leave_out_logits, leave_out_train
@@ -158,3 +159,13 @@ def test_token_model_refuses_the_classifier_only_methods():
     with pytest.raises(ConfigError, match=r"\['trak'\] are not run on the setting 'tiny_lm' \(Captum's and "
                        r"TRAK's output .*Allowed there: counterfactual, explaind"):
         run_validation(config, methods=("counterfactual", "trak"))
+
+
+def test_token_model_influence_function_matches_the_loop_reference():
+    problem = _lm()
+    model = problem.train()[0]
+    scores = compute_scores(problem, None, model, ("influence",))[0]["influence"]
+    samples = [0, 7, 29]
+    reference = lm_influence_reference(problem, model, tests=range(4), samples=samples)
+    assert np.abs(reference).max() > 0
+    assert np.abs(scores[:, samples] - reference).max() <= 1e-10 * np.abs(reference).max()
