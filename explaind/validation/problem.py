@@ -179,6 +179,16 @@ def _cross_entropy_terms(outputs: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
+def batch_schedule(config: ValidationConfig) -> list[Tensor]:
+    """The batch schedule of a run: each epoch a permutation seeded by ``config.seed``, cut into batches."""
+    gen = torch.Generator().manual_seed(config.seed)
+    batches: list[Tensor] = []
+    for _ in range(config.epochs):
+        order = torch.randperm(config.n_train, generator=gen)
+        batches += [order[lo:lo + config.batch_size] for lo in range(0, config.n_train, config.batch_size)]
+    return batches
+
+
 class ValidationProblem:
     """The data, the initialisation and the batch schedule of one validation run.
 
@@ -205,11 +215,7 @@ class ValidationProblem:
         self.config = config
         self.X_train, self.y_train = data.X_train[:config.n_train], data.y_train[:config.n_train]
         self.X_test, self.y_test = data.X_val[:config.n_test], data.y_val[:config.n_test]
-        gen = torch.Generator().manual_seed(config.seed)
-        self.batches: list[Tensor] = []
-        for _ in range(config.epochs):
-            order = torch.randperm(config.n_train, generator=gen)
-            self.batches += [order[lo:lo + config.batch_size] for lo in range(0, config.n_train, config.batch_size)]
+        self.batches: list[Tensor] = batch_schedule(config)
 
     def build_model(self) -> nn.Module:
         """The MLP at its initialisation :math:`\\theta_0` (the same tensors on every call)."""

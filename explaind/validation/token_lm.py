@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..exceptions import ConfigError
-from .problem import ValidationConfig, ValidationProblem
+from .problem import ValidationConfig, ValidationProblem, batch_schedule
 
 __all__ = ["VOCAB", "LENGTH", "WIDTH", "TinyCausalLM", "TokenLMProblem", "markov_corpus"]
 
@@ -86,11 +86,7 @@ class TokenLMProblem(ValidationProblem):
         # next-token labels are the ids themselves (the causal_lm loss shifts them)
         self.X_train = self.y_train = corpus[:config.n_train]
         self.X_test = self.y_test = corpus[config.n_train:]
-        gen = torch.Generator().manual_seed(config.seed)
-        self.batches: list[Tensor] = []
-        for _ in range(config.epochs):
-            order = torch.randperm(config.n_train, generator=gen)
-            self.batches += [order[lo:lo + config.batch_size] for lo in range(0, config.n_train, config.batch_size)]
+        self.batches: list[Tensor] = batch_schedule(config)
 
     def build_model(self) -> nn.Module:
         """:class:`TinyCausalLM` at its initialisation (the same tensors on every call)."""
