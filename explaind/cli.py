@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="how well each attribution method predicts retraining on digits subsets "
                                         "(LDS, top-k removal)")
     p.add_argument("--quick", action="store_true", help="tiny size: a smoke test, not a measurement")
-    p.add_argument("--setting", choices=("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned"),
-                   nargs="+",
+    p.add_argument("--setting", nargs="+",
+                   choices=("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned", "tiny_lm"),
                    default=["sgd_mlp"], help="training runs validated on (default: the MLP with SGD and momentum)")
     p.add_argument("--settings-size", action="store_true", help="sgd_mlp at the size of the other settings")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: each setting's own)")

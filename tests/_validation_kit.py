@@ -6,7 +6,12 @@
   encoder, one Python loop per batch over the kept samples, with batch norm, InfoNCE and SGD with
   momentum written out (no torch module runs the training forward, no torch optimizer steps);
 * :func:`weighted_mlp_reference`: the weighted retraining of the digits MLP (``sgd_mlp``, ``relu_untuned``),
-  one loss term per sample, the MLP and SGD with momentum written out.
+  one loss term per sample, the MLP and SGD with momentum written out;
+* :func:`weighted_lm_reference`: the weighted retraining of the token model (``tiny_lm``), one sequence at a time,
+  attention over each position's past written as a loop, AdamW written out;
+* :func:`lm_influence_reference`: the damped influence function of the token model, Hessian row by row;
+* :func:`dropout_leave_out_reference`: leave-out retraining of the dropout MLP, the recorded batch's masks drawn
+  at every step and each kept sample's row used, the MLP and SGD with momentum written out.
 """
 
 from __future__ import annotations
@@ -123,3 +128,112 @@ def weighted_mlp_reference(problem, weights) -> torch.Tensor:
             velocity[name] = g if name not in velocity else c.momentum * velocity[name] + g
             theta[name] = v - c.lr * velocity[name]
     return mlp(theta, problem.X_test).gather(1, problem.y_test[:, None])[:, 0].detach()
+
+
+def dropout_leave_out_reference(problem, keep) -> torch.Tensor:
+    """True-class test logits of the dropout MLP retrained with the samples where ``keep`` is false left out, by loops.
+
+    Each step draws the mask of the recorded batch, ``(|B_s|, hidden)`` Bernoulli(1 - p) from the global generator
+    seeded with ``problem.mask_seed`` (as ``nn.Dropout`` draws it), and sample ``k`` at row ``i`` of its batch uses
+    mask row ``i``; the removed samples' rows are drawn and not used. One loss term per kept sample, SGD with
+    momentum written out.
+    """
+    c = problem.config
+    theta = {name: p.detach().clone() for name, p in problem.build_model().named_parameters()}
+    act = torch.tanh if c.activation == "tanh" else torch.relu
+    torch.manual_seed(problem.mask_seed)
+    velocity: dict = {}
+    for idx in problem.batches:
+        draws = torch.empty(len(idx), c.hidden, dtype=torch.float64).bernoulli_(1 - c.dropout)
+        live = {name: v.clone().requires_grad_(True) for name, v in theta.items()}
+        terms = []
+        for i, k in enumerate(idx.tolist()):
+            if not bool(keep[k]):
+                continue
+            h = act(live["0.weight"] @ problem.X_train[k] + live["0.bias"]) * draws[i] / (1 - c.dropout)
+            out = live["3.weight"] @ h + live["3.bias"]
+            terms.append(-torch.log_softmax(out, 0)[problem.y_train[k]])
+        if terms:
+            grads = torch.autograd.grad(torch.stack(terms).sum() / len(idx), list(live.values()))
+        else:
+            grads = tuple(torch.zeros_like(v) for v in theta.values())
+        for (name, v), g in zip(theta.items(), grads):
+            velocity[name] = g if name not in velocity else c.momentum * velocity[name] + g
+            theta[name] = v - c.lr * velocity[name]
+    out = F.linear(act(F.linear(problem.X_test, theta["0.weight"], theta["0.bias"])), theta["3.weight"],
+                   theta["3.bias"])
+    return out.gather(1, problem.y_test[:, None])[:, 0].detach()
+
+
+def _lm_logits(theta, ids) -> torch.Tensor:
+    """Logits ``(length, vocab)`` of the tiny causal LM on one sequence; position ``j`` attends to ``0..j`` (a loop)."""
+    h = theta["tokens.weight"][ids] + theta["positions"][:len(ids)]
+    q = h @ theta["query.weight"].T + theta["query.bias"]
+    k = h @ theta["key.weight"].T + theta["key.bias"]
+    v = h @ theta["value.weight"].T + theta["value.bias"]
+    rows = []
+    for j in range(len(ids)):
+        weights = torch.softmax(k[:j + 1] @ q[j] / h.shape[1] ** 0.5, 0)
+        rows.append((weights[:, None] * v[:j + 1]).sum(0))
+    h = h + torch.stack(rows) @ theta["mix.weight"].T + theta["mix.bias"]
+    h = h + torch.tanh(h @ theta["up.weight"].T + theta["up.bias"]) @ theta["down.weight"].T + theta["down.bias"]
+    return h @ theta["head.weight"].T + theta["head.bias"]
+
+
+def weighted_lm_reference(problem, weights) -> torch.Tensor:
+    """Explained test logits of the tiny LM retrained with sequence weights ``weights``, by loops.
+
+    Sequence ``k``'s loss is the mean over its positions ``j < length - 1`` of ``-log p(x_{j+1} | x_{<=j})``; step
+    ``s`` minimises ``sum_k w_k l_k / |B_s|`` with AdamW (torch's defaults: betas 0.9, 0.999, eps 1e-8) written out.
+    """
+    c = problem.config
+    theta = {name: p.detach().clone() for name, p in problem.build_model().named_parameters()}
+    m = {name: torch.zeros_like(v) for name, v in theta.items()}
+    sq = {name: torch.zeros_like(v) for name, v in theta.items()}
+    for step, idx in enumerate(problem.batches, start=1):
+        live = {name: v.clone().requires_grad_(True) for name, v in theta.items()}
+        terms = []
+        for k in idx.tolist():
+            ids = problem.X_train[k]
+            logits = _lm_logits(live, ids)
+            token = [-torch.log_softmax(logits[j], 0)[ids[j + 1]] for j in range(len(ids) - 1)]
+            terms.append(float(weights[k]) * torch.stack(token).mean())
+        grads = torch.autograd.grad(torch.stack(terms).sum() / len(idx), list(live.values()))
+        for (name, v), g in zip(theta.items(), grads):
+            m[name] = 0.9 * m[name] + 0.1 * g
+            sq[name] = 0.999 * sq[name] + 0.001 * g * g
+            decayed = v * (1 - c.lr * c.weight_decay)
+            denom = (sq[name] / (1 - 0.999 ** step)).sqrt() + 1e-8
+            theta[name] = decayed - c.lr / (1 - 0.9 ** step) * m[name] / denom
+    last = problem.X_test.shape[1] - 1
+    return torch.stack([_lm_logits(theta, x)[last - 1, x[last]] for x in problem.X_test]).detach()
+
+
+def lm_influence_reference(problem, model, tests, samples) -> np.ndarray:
+    """The damped influence function of the tiny LM: Hessian of the mean next-token loss row by row, one solve each.
+
+    ``-(1/n) grad f(x_t)^T (H + damping I)^{-1} grad l_k``, ``f`` the logit of test sequence ``t``'s last token at
+    the position before it, ``l_k`` the mean over the positions of sequence ``k`` of ``-log p(x_{j+1} | x_{<=j})``.
+    """
+    params = [p for p in model.parameters()]
+    n, damping = problem.config.n_train, problem.config.damping
+
+    def flat_grad(value, create_graph=False):
+        grads = torch.autograd.grad(value, params, create_graph=create_graph, retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    def next_token_loss(ids):
+        logp = torch.log_softmax(model(ids)[:, :-1], -1)
+        return -logp.gather(2, ids[:, 1:, None])[..., 0].mean(1)
+
+    g = flat_grad(next_token_loss(problem.X_train).mean(), create_graph=True)
+    hessian = torch.stack([flat_grad(g[i]) for i in range(g.numel())])
+    damped = hessian + damping * torch.eye(g.numel(), dtype=torch.float64)
+    last = problem.X_test.shape[1] - 1
+    rows = []
+    for t in tests:
+        x = problem.X_test[t:t + 1]
+        g_test = flat_grad(model(x)[0, last - 1, x[0, last]])
+        rows.append([-float(g_test @ torch.linalg.solve(damped, flat_grad(next_token_loss(
+            problem.X_train[k:k + 1])[0]))) / n for k in samples])
+    return np.asarray(rows)

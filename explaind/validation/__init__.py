@@ -9,9 +9,10 @@ retraining of the same loop with the removed samples weighted 0 (docs/scores_mea
 Run ``python -m explaind.validation [--quick] [--activation tanh|relu] [--seeds N] [--leave-out] [--out DIR]``, or call
 :func:`run_validation`. ``--setting adamw dropout batchnorm contrastive`` runs the same measurement on AdamW with
 a cosine schedule, dropout with replayed masks, a train-mode batch-norm CNN and InfoNCE
-(:mod:`explaind.validation.settings`, docs/scores_meaning.md "Beyond SGD on an MLP"); ``--leave-out`` also
-measures every method against retraining with the removed samples taken out of their batches
-(:mod:`explaind.validation.leave_out`).
+(:mod:`explaind.validation.settings`, docs/scores_meaning.md "Beyond SGD on an MLP"), and ``tiny_lm`` on a tiny
+causal transformer trained by AdamW on generated token sequences (:mod:`explaind.validation.token_lm`);
+``--leave-out`` also measures every method against retraining with the removed samples taken out of their
+batches (:mod:`explaind.validation.leave_out`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setting", choices=SETTINGS, nargs="+", default=["sgd_mlp"],
                    help="training runs to validate on (default sgd_mlp, the MLP with SGD and momentum; adamw, dropout, "
                         "batchnorm, contrastive, relu_untuned: docs/scores_meaning.md, 'Beyond SGD on an MLP', smaller "
-                        "by default)")
+                        "by default; tiny_lm: a tiny causal transformer on generated token sequences, 'A token "
+                        "model')")
     p.add_argument("--settings-size", action="store_true",
                    help="run sgd_mlp at the size of the other settings, as their baseline (written as "
                         "validation_sgd_mlp_<activation>.*)")
@@ -45,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation_<setting>_<activation>_lr<LR>.*)")
     p.add_argument("--leave-out", action="store_true",
                    help="also retrain with the removed samples taken out of their batches (batch statistics and "
-                        "InfoNCE negatives without them) and measure every method against that too; not with "
-                        "dropout (docs/scores_meaning.md, 'Leave-out retraining')")
+                        "InfoNCE negatives without them; with dropout the recorded batch's masks, the removed rows "
+                        "dropped) and measure every method against that too (docs/scores_meaning.md, 'Leave-out "
+                        "retraining')")
     p.add_argument("--activation", choices=("tanh", "relu"), nargs="+", default=None,
                    help="hidden-layer nonlinearity (default tanh; relu for relu_untuned, which is a ReLU MLP)")
     p.add_argument("--batch-size", type=int, default=None,

@@ -315,8 +315,10 @@ def run_validation(config: ValidationConfig | None = None,
     if methods is None:
         methods = allowed
     elif bad := [m for m in methods if m not in allowed]:
-        raise ConfigError(f"run_validation: method(s) {bad!r} are not run on the setting {config.setting!r} (they are "
-                          f"written for a per-sample cross-entropy loss; InfoNCE couples the samples of a batch). "
+        why = ("Captum's and TRAK's output functions read one class per input, not one token per position"
+               if config.setting == "tiny_lm" else
+               "they are written for a per-sample cross-entropy loss; InfoNCE couples the samples of a batch")
+        raise ConfigError(f"run_validation: method(s) {bad!r} are not run on the setting {config.setting!r} ({why}). "
                           f"Allowed there: {', '.join(allowed)}.")
     unavailable = {m: pkg for m in methods if m in OPTIONAL_METHODS and (pkg := external.missing(m)) is not None}
     scored = tuple(m for m in methods if m not in unavailable)

@@ -21,8 +21,15 @@ still divided by the *recorded* batch size, as in the weighted retraining: the t
 what the removed samples do inside the forward. Where nothing couples the samples of a batch
 (``"sgd_mlp"``, ``"adamw"``) the two are the same run up to rounding. A step whose samples are all
 removed is a step on a zero gradient (momentum, weight decay and the schedule go on). With every
-sample kept it is the recorded run, bit for bit. ``"dropout"`` is not supported: its replayed masks
-are drawn for the batch's shape, so leaving samples out would draw other masks.
+sample kept it is the recorded run, bit for bit.
+
+With dropout (setting ``"dropout"``) leave-out is defined by the masks: the recorded step draws one mask
+row per sample of its batch, ``(|B_s|, hidden)`` from the global generator, so a forward on the kept rows
+alone would draw a mask of another shape, other random numbers for every later step, and a retraining
+that differs from the recorded run by the masks, not by the removed samples. :func:`leave_out_train` draws
+the mask of the *recorded* batch shape at every step (also a step whose samples are all removed), keeps the
+rows of the kept samples and drops the removed rows' masks. Dropout acts on each row alone, so this is the
+weighted retraining up to rounding: a removed sample's mask touched only its own loss term.
 
 **A score for it**: the derivative in a sample's *presence* in its batches. The counterfactual
 :math:`\tau_k = \partial f / \partial \epsilon_k` differentiates the weighted retraining, in which
@@ -62,14 +69,39 @@ __all__ = ["LEAVE_OUT_SETTINGS", "PRESENCE_SETTINGS", "leave_out_train", "leave_
            "presence_scores"]
 
 #: The settings on which leave-out retraining is defined.
-LEAVE_OUT_SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "batchnorm", "contrastive", "relu_untuned")
+LEAVE_OUT_SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned",
+                                       "tiny_lm")
+
+
+def _dropout_noise(model: nn.Module, rows: int) -> Tensor | None:
+    """The mask of a training forward on ``rows`` samples, drawn as ``nn.Dropout`` draws it (``None``: no dropout).
+
+    ``nn.Dropout`` on CPU fills a tensor of its input's shape with Bernoulli(1 - p) draws from the global generator
+    and divides it by 1 - p; this draws the same numbers for a batch of ``rows`` samples.
+    """
+    layers = list(model.children())
+    drops = [m for m in layers if isinstance(m, nn.Dropout)]
+    if not drops:
+        return None
+    width = next(m.out_features for m in layers if isinstance(m, nn.Linear))
+    noise = torch.empty(rows, width, dtype=torch.float64).bernoulli_(1 - drops[0].p)
+    return noise.div_(1 - drops[0].p)
+
+
+def _forward_rows(model: nn.Module, x: Tensor, noise: Tensor | None) -> Tensor:
+    """The training forward on ``x``, with the dropout layer's mask given by ``noise`` (its rows for ``x``)."""
+    if noise is None:
+        return model(x)
+    for layer in model.children():
+        x = x * noise if isinstance(layer, nn.Dropout) else layer(x)
+    return x
 
 
 def _checked_keep(problem: ValidationProblem, keep: Tensor | None) -> Tensor:
     n = problem.config.n_train
     if problem.config.setting not in LEAVE_OUT_SETTINGS:
-        raise ConfigError(f"leave_out_train: not defined for the setting {problem.config.setting!r} (its replayed "
-                          f"dropout masks depend on the batch's shape). Allowed: {', '.join(LEAVE_OUT_SETTINGS)}.")
+        raise ConfigError(f"leave_out_train: not defined for the setting {problem.config.setting!r}. Allowed: "
+                          f"{', '.join(LEAVE_OUT_SETTINGS)}.")
     if keep is None:
         return torch.ones(n, dtype=torch.bool)
     mask = torch.as_tensor(keep)
@@ -100,12 +132,15 @@ def leave_out_train(problem: ValidationProblem, keep: Tensor | None = None) -> n
     params = list(model.parameters())
     seed = getattr(problem, "mask_seed", None)
     if seed is not None:
-        torch.manual_seed(seed)  # as the weighted loop does (no random layer draws from it here)
+        torch.manual_seed(seed)  # as the weighted loop does: the dropout masks' stream
     for idx in problem.batches:
-        kept = idx[mask[idx]]
+        rows = mask[idx]
+        kept = idx[rows]
         opt.zero_grad()
+        noise = _dropout_noise(model, len(idx))  # the recorded batch's masks, drawn even when no sample stays
         if len(kept):
-            (problem.terms(model(problem.X_train[kept]), problem.y_train[kept]).sum() / len(idx)).backward()
+            out = _forward_rows(model, problem.X_train[kept], None if noise is None else noise[rows])
+            (problem.terms(out, problem.y_train[kept]).sum() / len(idx)).backward()
         else:
             for p in params:
                 p.grad = torch.zeros_like(p)

@@ -120,15 +120,18 @@ def _influence(problem: ValidationProblem, trajectory: Any, model: torch.nn.Modu
     names, shapes = list(params), [p.shape for p in params.values()]
     sizes = [p.numel() for p in params.values()]
 
+    # a token model gives its own mean training loss and gradients (explaind.validation.token_lm)
+    own_loss = getattr(problem, "mean_train_loss", None)
+
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:
         theta = {n: v.reshape(s) for n, v, s in zip(names, torch.split(flat, sizes), shapes)}
         out = functional_call(model, theta, (problem.X_train,))
-        return torch.nn.functional.cross_entropy(out, problem.y_train)
+        return torch.nn.functional.cross_entropy(out, problem.y_train) if own_loss is None else own_loss(out)
 
     flat = torch.cat([p.reshape(-1) for p in params.values()])
     hessian = torch.func.hessian(mean_loss)(flat)
     damped = hessian + problem.config.damping * torch.eye(flat.numel(), dtype=flat.dtype)
-    g_test, g_train = flat_sample_grads(model, problem)
+    g_test, g_train = flat_sample_grads(model, problem) if own_loss is None else problem.final_grads(model)
     solved = torch.linalg.solve(damped, g_train.T)  # (D, n_train)
     return (-(g_test @ solved) / problem.config.n_train).numpy()
 

@@ -36,7 +36,7 @@ from ..exceptions import ConfigError
 __all__ = ["SETTINGS", "ValidationConfig", "ValidationProblem"]
 
 #: The training runs the benchmark validates on: the SGD MLP of this module, then those of the settings module.
-SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned")
+SETTINGS: tuple[str, ...] = ("sgd_mlp", "adamw", "dropout", "batchnorm", "contrastive", "relu_untuned", "tiny_lm")
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ class ValidationConfig:
     setting : str
         The training run: ``"sgd_mlp"`` (this module's MLP with SGD and momentum) or one of the
         settings of :mod:`explaind.validation.settings` (``"adamw"``, ``"dropout"``, ``"batchnorm"``,
-        ``"contrastive"``, ``"relu_untuned"``); :func:`~explaind.validation.settings.setting_config` gives each its
+        ``"contrastive"``, ``"relu_untuned"``) or the token model ``"tiny_lm"`` of
+        :mod:`explaind.validation.token_lm`; :func:`~explaind.validation.settings.setting_config` gives each its
         measured size.
     weight_decay : float
-        AdamW's decoupled weight decay (setting ``"adamw"``).
+        AdamW's decoupled weight decay (settings ``"adamw"`` and ``"tiny_lm"``).
     dropout : float
         Dropout probability after the hidden layer (setting ``"dropout"``).
     temperature : float
@@ -136,10 +137,6 @@ class ValidationConfig:
             raise ConfigError(f"ValidationConfig: the setting 'relu_untuned' is a ReLU MLP; got activation="
                               f"{self.activation!r}. Pass activation='relu' (the CLI's default for it), or use "
                               f"'sgd_mlp' with lr for a tanh MLP.")
-        if self.leave_out and self.setting == "dropout":
-            raise ConfigError("ValidationConfig: leave_out is not defined for the setting 'dropout' (the replayed "
-                              "dropout masks are drawn per batch shape, so leaving samples out would draw other "
-                              "masks); use it with 'sgd_mlp', 'adamw', 'batchnorm' or 'contrastive'.")
         if self.trak_proj_dim is None:
             object.__setattr__(self, "trak_proj_dim", max(1, int(self.n_train) // 5))
         if not 1 <= int(self.trak_proj_dim) < self.n_train:
@@ -182,6 +179,16 @@ def _cross_entropy_terms(outputs: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
+def batch_schedule(config: ValidationConfig) -> list[Tensor]:
+    """The batch schedule of a run: each epoch a permutation seeded by ``config.seed``, cut into batches."""
+    gen = torch.Generator().manual_seed(config.seed)
+    batches: list[Tensor] = []
+    for _ in range(config.epochs):
+        order = torch.randperm(config.n_train, generator=gen)
+        batches += [order[lo:lo + config.batch_size] for lo in range(0, config.n_train, config.batch_size)]
+    return batches
+
+
 class ValidationProblem:
     """The data, the initialisation and the batch schedule of one validation run.
 
@@ -208,11 +215,7 @@ class ValidationProblem:
         self.config = config
         self.X_train, self.y_train = data.X_train[:config.n_train], data.y_train[:config.n_train]
         self.X_test, self.y_test = data.X_val[:config.n_test], data.y_val[:config.n_test]
-        gen = torch.Generator().manual_seed(config.seed)
-        self.batches: list[Tensor] = []
-        for _ in range(config.epochs):
-            order = torch.randperm(config.n_train, generator=gen)
-            self.batches += [order[lo:lo + config.batch_size] for lo in range(0, config.n_train, config.batch_size)]
+        self.batches: list[Tensor] = batch_schedule(config)
 
     def build_model(self) -> nn.Module:
         """The MLP at its initialisation :math:`\\theta_0` (the same tensors on every call)."""

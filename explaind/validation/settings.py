@@ -45,7 +45,8 @@ from torch import Tensor, nn
 
 from .problem import ValidationConfig, ValidationProblem
 
-__all__ = ["SETTING_LR", "MLP_SETTINGS", "SETTING_METHODS", "CLASSIFICATION_METHODS", "SETTING_SIZE", "make_problem",
+__all__ = ["SETTING_LR", "MLP_SETTINGS", "SETTING_METHODS", "CLASSIFICATION_METHODS", "SETTING_SIZE", "TOKEN_METHODS",
+           "TOKEN_SIZE", "make_problem",
            "setting_config", "setting_methods", "describe", "info_nce_terms", "PairEncoder"]
 
 #: Methods compared on every setting beyond the SGD MLP, the contrastive one included.
@@ -61,10 +62,16 @@ CLASSIFICATION_METHODS: tuple[str, ...] = ("counterfactual", "explaind", "tracin
 #: benchmark, so that one setting runs in minutes on a 2-core machine), and each setting's optimizer settings.
 SETTING_SIZE: dict[str, Any] = dict(n_train=300, n_test=30, hidden=32, epochs=8, batch_size=25, n_subsets=100,
                                     top_k=15, seeds=3, n_bootstrap=1000)
+#: Methods compared on the token model ``"tiny_lm"``: every method whose output and loss are the harness's own
+#: (Captum's influence function and TRAK are written for classifiers: their output functions read one class per
+#: input, not one token per position).
+TOKEN_METHODS: tuple[str, ...] = ("counterfactual", "explaind", "tracin", "influence", "grad_dot", "random")
+#: The measured size of ``"tiny_lm"`` (it replaces :data:`SETTING_SIZE`'s image counts and widths).
+TOKEN_SIZE: dict[str, Any] = dict(n_train=200, n_test=30, hidden=16, epochs=8, batch_size=20, weight_decay=0.01)
 #: Embedding size of the contrastive encoder.
 EMBEDDING = 8
 #: The learning rate of the settings that do not keep ``ValidationConfig.lr`` (``--lr`` overrides it).
-SETTING_LR: dict[str, float] = {"adamw": 0.01, "contrastive": 0.1, "relu_untuned": 0.3}
+SETTING_LR: dict[str, float] = {"adamw": 0.01, "contrastive": 0.1, "relu_untuned": 0.3, "tiny_lm": 0.01}
 #: The settings whose loop is the SGD MLP's own (:class:`~explaind.validation.problem.ValidationProblem`).
 MLP_SETTINGS: tuple[str, ...] = ("sgd_mlp", "relu_untuned")
 
@@ -219,6 +226,8 @@ class SettingProblem(ValidationProblem):
 def setting_methods(setting: str) -> tuple[str, ...]:
     """The methods compared on ``setting``: :data:`SETTING_METHODS` for InfoNCE, else :data:`CLASSIFICATION_METHODS`;
     with ``leave_out_grad`` (:mod:`explaind.validation.leave_out`) where the batches couple their samples."""
+    if setting == "tiny_lm":
+        return TOKEN_METHODS
     methods = SETTING_METHODS if setting == "contrastive" else CLASSIFICATION_METHODS
     return methods + ("leave_out_grad",) if setting in ("batchnorm", "contrastive") else methods
 
@@ -235,19 +244,27 @@ def setting_config(setting: str, quick: bool = False, settings_size: bool = Fals
     if setting == "relu_untuned":
         changes = {"activation": "relu", **changes}
     if quick:
-        return ValidationConfig.quick(setting=setting, **changes)
-    return ValidationConfig(**{**SETTING_SIZE, "setting": setting, **changes})
+        token = {"batch_size": 10, "weight_decay": 0.01} if setting == "tiny_lm" else {}
+        return ValidationConfig.quick(setting=setting, **{**token, **changes})
+    size = {**SETTING_SIZE, **TOKEN_SIZE} if setting == "tiny_lm" else SETTING_SIZE
+    return ValidationConfig(**{**size, "setting": setting, **changes})
 
 
 def make_problem(config: ValidationConfig) -> ValidationProblem:
-    """The problem of ``config.setting``: the SGD MLP itself (also ``"relu_untuned"``), or a :class:`SettingProblem`."""
+    """The problem of ``config.setting``: the SGD MLP itself (also ``"relu_untuned"``), the token model (``"tiny_lm"``,
+    :class:`~explaind.validation.token_lm.TokenLMProblem`), or a :class:`SettingProblem`."""
+    if config.setting == "tiny_lm":
+        from .token_lm import TokenLMProblem
+
+        return TokenLMProblem(config)
     return ValidationProblem(config) if config.setting in MLP_SETTINGS else SettingProblem(config)
 
 
 def describe(config: dict[str, Any]) -> str:
     """One line naming a setting's run (the header of its tables)."""
     c = config
-    size = f"digits {c['n_train']} train / {c['n_test']} test"
+    data = "sequences" if c["setting"] == "tiny_lm" else "digits"
+    size = f"{data} {c['n_train']} train / {c['n_test']} test"
     loop = f"{c['n_steps']} steps of {c['batch_size']}, float64"
     model = {"sgd_mlp": f"MLP 64-{c['hidden']}-10 ({c['activation']})",
              "adamw": f"MLP 64-{c['hidden']}-10 ({c['activation']})",
@@ -257,8 +274,12 @@ def describe(config: dict[str, Any]) -> str:
              "batchnorm": f"CNN conv3x3(8)-BatchNorm2d (train mode)-{c['activation']}-avgpool-linear",
              "contrastive": f"pair encoder 64-{c['hidden']}-8 ({c['activation']}), symmetric InfoNCE "
                             f"(temperature {c['temperature']}) on two fixed augmented views; explained: the cosine "
-                            f"similarity of a test digit's two views"}[c["setting"]]
+                            f"similarity of a test digit's two views",
+             "tiny_lm": f"causal transformer (1 attention + 1 tanh MLP block, width 8, MLP {c['hidden']}) on "
+                        f"generated Markov-chain sequences of 8 tokens over 8 symbols, next-token loss; explained: "
+                        f"the logit of a test sequence's last token"}[c["setting"]]
     lr = c["lr"]
     optimizer = (f"AdamW lr {lr} weight decay {c['weight_decay']}, cosine schedule" if c["setting"] == "adamw"
+                 else f"AdamW lr {lr} weight decay {c['weight_decay']}, constant" if c["setting"] == "tiny_lm"
                  else f"SGD lr {lr} momentum {c['momentum']}")
     return f"{size}, {model}, {optimizer}, {loop}"
