@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .adaptive_jobs import Jobs, Rows
-from .adaptive_pool import Packed, Pool, pack, unpack
+from .adaptive_pool import Packed, Pool, ends, pack, unpack
 
 __all__ = ["LEVEL_BYTES", "LEVEL_PANEL_COPIES", "PANEL_VECTORS", "Panels", "Accepted", "level_rows", "Groups"]
 
@@ -183,10 +183,9 @@ class Groups:
             if bool(stop.any()):
                 q = p.take(stop)
                 j = q.jobs
-                ends = (q.est[:, :0], q.est[:, :0])
-                if acc.keep:  # a pass after the plan reads h at their ends
-                    ends = (self.pool.gather(q.ids[:, 0], q.est), self.pool.gather(q.ids[:, 1], q.est))
-                acc.add(Panels(j.kind, j.unit, j.A, j.B, q.est, j.err, *ends, j.tol))
+                none = q.est[:, :0]
+                f_a, f_b = ends(q, self.pool) if acc.keep else (none, none)  # read by a pass after the plan
+                acc.add(Panels(j.kind, j.unit, j.A, j.B, q.est, j.err, f_a, f_b, j.tol))
             kept.append(p.take(~stop))
         self._keep(kept)
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .adaptive_jobs import Jobs
 
-__all__ = ["SLOTS", "Pool", "Packed", "pack", "unpack"]
+__all__ = ["SLOTS", "Pool", "Packed", "pack", "unpack", "ends"]
 
 #: The output-sized values of an open panel the pool holds: (field of :class:`Jobs`, its point, 0 for :math:`h` or 1
 #: for :math:`h'`). The estimate, the thirteenth, is the panel's own and kept beside them.
@@ -196,3 +196,8 @@ def unpack(p: Packed, pool: Pool) -> Jobs:
         fields[name] = pool.gather(p.ids[:, s], p.est)
     fields["est"] = p.est
     return Jobs(**fields)
+
+
+def ends(p: Packed, pool: Pool) -> tuple[Tensor, Tensor]:
+    """:math:`h` at the ends of the open panels ``p``, ``(R, O)`` each, from ``pool``."""
+    return pool.gather(p.ids[:, 0], p.est), pool.gather(p.ids[:, 1], p.est)
