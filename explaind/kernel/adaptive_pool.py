@@ -58,9 +58,12 @@ class Pool:
 
     def gather(self, ids: Tensor, like: Tensor) -> Tensor:
         """The values ``ids (R,)`` as a new ``(R, O)`` tensor (``like``: a tensor of their dtype and device)."""
-        out = like.new_empty(ids.numel(), like.shape[1])
         chunk = self.chunk_of(ids)
-        for c in chunk.unique().tolist():
+        found = chunk.unique().tolist()
+        if len(found) == 1 and self.chunks[found[0]] is not None:  # one chunk: a single copy
+            return self.chunks[found[0]].index_select(0, ids - self.starts[found[0]])
+        out = like.new_empty(ids.numel(), like.shape[1])
+        for c in found:
             rows = torch.nonzero(chunk == c).reshape(-1)
             held = self.chunks[c]
             if held is None:  # pragma: no cover - a released chunk is never referred to again
