@@ -169,8 +169,13 @@ def test_a_chunk_is_freed_once_no_group_refers_to_it(monkeypatch):
     all held at once."""
     pool = adaptive_pool.Pool()
     a, b = adaptive_pool.pack(_jobs(3, 4), pool), adaptive_pool.pack(_jobs(2, 4), pool)
-    assert [c is not None for c in pool.chunks] == [True, True] and pool.refs == [1, 1]
-    pool.release(a.chunks)
+    halves = [a.take(torch.tensor([0, 1])), a.take(torch.tensor([2]))]  # two groups of one output share its chunk
+    for p in (*halves, b):
+        pool.hold(p.chunks)
+    assert pool.refs == [2, 1]
+    pool.release(halves[0].chunks)
+    assert pool.chunks[0] is not None
+    pool.release(halves[1].chunks)
     assert pool.chunks[0] is None and pool.chunks[1] is not None
     assert pool.nbytes() == b.ids.unique().numel() * 4 * 8
 

@@ -144,9 +144,15 @@ class Groups:
         n = jobs.unit.numel()
         if n == 0:
             return []
-        index = torch.arange(n, device=jobs.unit.device)
-        return [pack(jobs.take(index[lo:lo + self.rows]) if n > self.rows else jobs, self.pool)
-                for lo in range(0, n, self.rows)]
+        packed = pack(jobs, self.pool)  # one chunk, shared by the groups of these panels
+        if n <= self.rows:
+            parts = [packed]
+        else:
+            index = torch.arange(n, device=jobs.unit.device)
+            parts = [packed.take(index[lo:lo + self.rows]) for lo in range(0, n, self.rows)]
+        for p in parts:
+            self.pool.hold(p.chunks)
+        return parts
 
     def held(self) -> int:
         """Bytes of output-sized state the open panels hold: the pool's values and the panels' estimates."""

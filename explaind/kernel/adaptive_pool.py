@@ -10,7 +10,9 @@ back, every value bit for bit and in the same rows, so that the plan is the one 
 
 Two values are taken for one only where they are equal bit for bit (a :math:`h'` at a kink may come from either side,
 and two evaluations at the same point may round apart): a value is looked up by its unit, point and kind
-(:math:`h` or :math:`h'`) among those stored this level, and compared with the one found.
+(:math:`h` or :math:`h'`) among the values of the same level output (the halves of a split panel are in the same
+output), and compared with the first one found. Each output is one chunk of the pool, shared by the groups it is cut
+into and freed once the next level has taken them all: the values of one level are freed as the next is built.
 """
 
 from __future__ import annotations
@@ -44,8 +46,6 @@ class Pool:
         self.starts: list[int] = []
         self.refs: list[int] = []
         self.size = 0
-        self.keys = torch.zeros(0, 3, dtype=torch.long)  # (kind, unit, point's bits) of each value first stored
-        self.ids = torch.zeros(0, dtype=torch.long)
 
     def nbytes(self) -> int:
         """Bytes of the chunks still held."""
@@ -122,74 +122,60 @@ def _bits(v: Tensor) -> Tensor:
 
 
 def pack(jobs: Jobs, pool: Pool) -> Packed:
-    """Keep the open panels ``jobs``: each distinct value of :data:`SLOTS` once in ``pool``, in a new chunk.
+    """Keep the open panels ``jobs`` (one level's output for a group): each distinct value of :data:`SLOTS` once, in a
+    new chunk of ``pool``.
 
-    A value whose unit, point and kind were stored before in ``pool`` (or in an earlier slot of ``jobs``) takes that
-    index where the two are equal bit for bit; any other is stored."""
+    A value whose unit, point and kind an earlier value of ``jobs`` has (an earlier slot, or an earlier panel in the
+    same slot) takes the index of the first such value where the two are equal bit for bit; any other is stored.
+    Values are not looked up in other chunks: a chunk is referred to by the panels of one output only, which a level
+    takes one after another, so that the level frees the chunks of the panels it has refined as it goes."""
     R, dev = jobs.unit.numel(), jobs.unit.device
     vals = [getattr(jobs, name) for name, _, _ in SLOTS]
     k = len(SLOTS)
     keys = torch.stack([torch.cat([torch.full((R,), fam, dtype=torch.long, device=dev) for _, _, fam in SLOTS]),
                         jobs.unit.repeat(k),
                         torch.cat([_bits(getattr(jobs, t).to(torch.float64)) for _, t, _ in SLOTS])], 1)
-    N = pool.ids.numel()
-    _, group = torch.unique(torch.cat([pool.keys.to(dev), keys]), dim=0, return_inverse=True)
-    pos = torch.arange(N + k * R, device=dev)
-    first = torch.full((int(group.max()) + 1,), N + k * R, dtype=torch.long, device=dev)
-    first = first.scatter_reduce(0, group, pos, reduce="amin")[group[N:]]  # each query's first of its key
-    mine = pos[N:]
-    new = first == mine
-    cand = torch.where(new, -1, first)  # a stored value (< N) or an earlier query of this pack
+    _, group = torch.unique(keys, dim=0, return_inverse=True)
+    pos = torch.arange(k * R, device=dev)
+    first = torch.full((int(group.max()) + 1,), k * R, dtype=torch.long, device=dev)
+    first = first.scatter_reduce(0, group, pos, reduce="amin")[group]  # each value's first of its key
+    new = first == pos
     ids = torch.full((k * R,), -1, dtype=torch.long, device=dev)
-    # the firsts of their key are stored; every other value is compared with its candidate once the firsts have ids
+    # the firsts of their key are stored; every other value is compared with its first once the firsts have ids
     order = torch.nonzero(new).reshape(-1)
     ids[order] = pool.size + torch.arange(order.numel(), device=dev)
     size = pool.size + order.numel()
     stored = [order]
-    pool_ids = pool.ids.to(dev)
     for s in range(k):
-        rows = torch.nonzero(cand[s * R:(s + 1) * R] >= 0).reshape(-1)
+        rows = torch.nonzero(~new[s * R:(s + 1) * R]).reshape(-1)
         if not rows.numel():
             continue
-        c = cand[s * R + rows]
-        from_pool = c < N
+        c = first[s * R + rows]
         ref = vals[s].new_empty(rows.numel(), vals[s].shape[1])
-        hit = torch.empty_like(c)
-        if bool(from_pool.any()):
-            hit[from_pool] = pool_ids[c[from_pool]]
-            ref[from_pool] = pool.gather(hit[from_pool], vals[s])
-        earlier = torch.nonzero(~from_pool).reshape(-1)  # an earlier query of this pack: its slot and row
-        if earlier.numel():
-            q = c[earlier] - N
-            hit[earlier] = ids[q]
-            slot = q.div(R, rounding_mode="floor")
-            for t in slot.unique().tolist():
-                at = slot == t
-                ref[earlier[at]] = vals[t].index_select(0, q[at] - t * R)
-        same = (_bits(vals[s][rows]) == _bits(ref)).all(1)
-        ids[s * R + rows[same]] = hit[same]
+        slot = c.div(R, rounding_mode="floor")
+        for t in slot.unique().tolist():
+            at = slot == t
+            ref[at] = vals[t].index_select(0, c[at] - t * R)
+        same = (_bits(vals[s].index_select(0, rows)) == _bits(ref)).all(1)
+        del ref
+        ids[s * R + rows[same]] = ids[c[same]]
         miss = s * R + rows[~same]
         ids[miss] = size + torch.arange(miss.numel(), device=dev)
         size += miss.numel()
         stored.append(miss)
     fresh = torch.cat(stored)  # in the order of their indices
-    if fresh.numel():
-        slot = fresh.div(R, rounding_mode="floor")
-        chunk = vals[0].new_empty(fresh.numel(), vals[0].shape[1])
-        for s in slot.unique().tolist():
-            at = torch.nonzero(slot == s).reshape(-1)
-            chunk[at] = vals[s].index_select(0, fresh[at] - s * R)
-        pool.chunks.append(chunk)
-        pool.starts.append(pool.size)
-        pool.refs.append(0)
-        pool.size = size
-        pool.keys = torch.cat([pool.keys.to(dev), keys[new]])
-        pool.ids = torch.cat([pool_ids, ids[new]])
+    chunk = vals[0].new_empty(fresh.numel(), vals[0].shape[1])
+    slot = fresh.div(R, rounding_mode="floor")
+    for s in slot.unique().tolist():
+        at = torch.nonzero(slot == s).reshape(-1)
+        chunk[at] = vals[s].index_select(0, fresh[at] - s * R)
+    pool.chunks.append(chunk)
+    pool.starts.append(pool.size)
+    pool.refs.append(0)
+    pool.size = size
     ids = ids.reshape(k, R).T.contiguous()
-    chunks = pool.chunk_of(ids.reshape(-1)).unique() if ids.numel() else ids.new_zeros(0)
-    pool.hold(chunks)
     scalars = {f: getattr(jobs, f)[:, :0] if f in _VECTORS else getattr(jobs, f) for f in jobs.__dataclass_fields__}
-    return Packed(Jobs(**scalars), ids, jobs.est, chunks)
+    return Packed(Jobs(**scalars), ids, jobs.est, torch.tensor([len(pool.chunks) - 1], device=dev))
 
 
 def unpack(p: Packed, pool: Pool) -> Jobs:
