@@ -93,7 +93,7 @@ class Accepted:
                                                              jobs.f_A, jobs.f_B, jobs.tol)
             self.est.index_add_(0, p.unit, p.est)
             if not self.keep:
-                none = p.est[:, :0]
+                none = p.est.new_empty(p.est.shape[0], 0)  # not a view, which would keep the estimates alive
                 p = Panels(p.kind, p.unit, p.a, p.b, none, p.err, none, none, p.tol)
             self.parts.append(p)
             self.err.index_add_(0, p.unit, p.err)
@@ -189,7 +189,7 @@ class Groups:
             if bool(stop.any()):
                 q = p.take(stop)
                 j = q.jobs
-                none = q.est[:, :0]
+                none = q.est.new_empty(q.est.shape[0], 0)
                 f_a, f_b = ends(q, self.pool) if acc.keep else (none, none)  # read by a pass after the plan
                 acc.add(Panels(j.kind, j.unit, j.A, j.B, q.est, j.err, f_a, f_b, j.tol))
             kept.append(p.take(~stop))

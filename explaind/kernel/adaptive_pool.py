@@ -174,7 +174,8 @@ def pack(jobs: Jobs, pool: Pool) -> Packed:
     pool.refs.append(0)
     pool.size = size
     ids = ids.reshape(k, R).T.contiguous()
-    scalars = {f: getattr(jobs, f)[:, :0] if f in _VECTORS else getattr(jobs, f) for f in jobs.__dataclass_fields__}
+    none = jobs.est.new_empty(R, 0)  # not a view: a view would keep the panels' vectors alive
+    scalars = {f: none if f in _VECTORS else getattr(jobs, f) for f in jobs.__dataclass_fields__}
     return Packed(Jobs(**scalars), ids, jobs.est, torch.tensor([len(pool.chunks) - 1], device=dev))
 
 
