@@ -18,6 +18,9 @@ few units a chunk held (``docs/engine.md``, section 2, *What a batch is*):
   tolerance; what couples the panels of a unit, the summed error that stops it, is read between levels), so the
   groups take the same steps; only the order in which accepted panels are summed, and the rows of each
   evaluation, differ (rounding).
+* **Between levels** the open panels kept 13 vectors each, most of them the same vector twice (adjacent panels'
+  common end, side samples at the ends): :class:`Groups` keeps them packed (:mod:`~explaind.kernel.adaptive_pool`),
+  each distinct value once, and gives them back bit for bit.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ LEVEL_BYTES = 2**28
 #: its ends, the samples beside them, its bracket, its estimate), its two halves, :math:`h, h'` at their nodes and
 #: at its probes, the samples the grading stacks beside them, the graded halves' copies, and a margin.
 LEVEL_PANEL_COPIES = 160
-#: Output-sized vectors an open panel keeps between levels: :math:`h, h'` at its ends, at the samples beside them
-#: and at its bracket's ends, and its estimate (:class:`~explaind.kernel.adaptive_jobs.Jobs`).
+#: Output-sized vectors an open panel holds unpacked: :math:`h, h'` at its ends, at the samples beside them and at its
+#: bracket's ends, and its estimate (:class:`~explaind.kernel.adaptive_jobs.Jobs`); packed between levels, at most
+#: these (:mod:`~explaind.kernel.adaptive_pool`).
 PANEL_VECTORS = 13
 
 
