@@ -5,8 +5,8 @@ at the samples beside them and at its bracket's ends, and its estimate. Most of 
 the same vector several times (``docs/engine.md``, section 2, *What a batch is*): two adjacent panels share an end (the
 split point evaluated once for both halves), a panel's side samples are its ends unless a kink was located there, and
 a bracket that takes in a gap at an end of the panel starts at that end. :func:`pack` keeps each distinct vector of a
-level once, in a :class:`Pool`, and each panel's twelve values as indices into it; :func:`unpack` gives the panels
-back, every value bit for bit and in the same rows, so that the plan is the one the unbounded state gives.
+level output once, in a :class:`Pool`, and each panel's twelve values as indices into it; :func:`unpack` gives the
+panels back, every value bit for bit and in the same rows, so that the plan is the one the unbounded state gives.
 
 Two values are taken for one only where they are equal bit for bit (a :math:`h'` at a kink may come from either side,
 and two evaluations at the same point may round apart): a value is looked up by its unit, point and kind
