@@ -18,6 +18,9 @@ few units a chunk held (``docs/engine.md``, section 2, *What a batch is*):
   tolerance; what couples the panels of a unit, the summed error that stops it, is read between levels), so the
   groups take the same steps; only the order in which accepted panels are summed, and the rows of each
   evaluation, differ (rounding).
+* **Between levels** the open panels kept 13 vectors each, most of them the same vector twice (adjacent panels'
+  common end, side samples at the ends): :class:`Groups` keeps them packed (:mod:`~explaind.kernel.adaptive_pool`),
+  each distinct value once, and gives them back bit for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .adaptive_jobs import Jobs, Rows
+from .adaptive_pool import Packed, Pool, ends, pack, unpack
 
 __all__ = ["LEVEL_BYTES", "LEVEL_PANEL_COPIES", "PANEL_VECTORS", "Panels", "Accepted", "level_rows", "Groups"]
 
@@ -43,8 +47,9 @@ LEVEL_BYTES = 2**28
 #: its ends, the samples beside them, its bracket, its estimate), its two halves, :math:`h, h'` at their nodes and
 #: at its probes, the samples the grading stacks beside them, the graded halves' copies, and a margin.
 LEVEL_PANEL_COPIES = 160
-#: Output-sized vectors an open panel keeps between levels: :math:`h, h'` at its ends, at the samples beside them
-#: and at its bracket's ends, and its estimate (:class:`~explaind.kernel.adaptive_jobs.Jobs`).
+#: Output-sized vectors an open panel holds unpacked: :math:`h, h'` at its ends, at the samples beside them and at its
+#: bracket's ends, and its estimate (:class:`~explaind.kernel.adaptive_jobs.Jobs`); packed between levels, at most
+#: these (:mod:`~explaind.kernel.adaptive_pool`).
 PANEL_VECTORS = 13
 
 
@@ -92,7 +97,7 @@ class Accepted:
                                                              jobs.f_A, jobs.f_B, jobs.tol)
             self.est.index_add_(0, p.unit, p.est)
             if not self.keep:
-                none = p.est[:, :0]
+                none = p.est.new_empty(p.est.shape[0], 0)  # not a view, which would keep the estimates alive
                 p = Panels(p.kind, p.unit, p.a, p.b, none, p.err, none, none, p.tol)
             self.parts.append(p)
             self.err.index_add_(0, p.unit, p.err)
@@ -128,20 +133,34 @@ class Groups:
 
     A level (:meth:`level`) takes one group at a time and frees it before the next, so that what it holds beyond the
     open panels themselves is one group's work; the panels that stop (:meth:`stop`) leave group by group, in order.
-    The open panels themselves, :data:`PANEL_VECTORS` output-sized vectors each, are what the plan needs: where they
-    pass ``limit`` bytes (the rule's budget) a level logs a warning once, naming the fix.
+    Between levels the open panels are packed (:mod:`~explaind.kernel.adaptive_pool`): each distinct output-sized
+    value of a level once, with each panel's estimate, at most :data:`PANEL_VECTORS` vectors a panel and commonly about
+    half of them. Where they pass ``limit`` bytes (the rule's budget) a level logs a warning once, naming the fix.
     """
 
     def __init__(self, jobs: Jobs, rows: int, limit: int | None = None, tol: float | None = None) -> None:
         self.rows, self.limit, self.tol, self.warned = rows, limit, tol, False
+        self.pool = Pool()
         self.parts = self._split(jobs)
+        self.peak = self.held()  # the most bytes the open panels held between two levels
 
-    def _split(self, jobs: Jobs) -> list[Jobs]:
+    def _split(self, jobs: Jobs) -> list[Packed]:
         n = jobs.unit.numel()
+        if n == 0:
+            return []
+        packed = pack(jobs, self.pool)  # one chunk, shared by the groups of these panels
         if n <= self.rows:
-            return [jobs] if n else []
-        index = torch.arange(n, device=jobs.unit.device)
-        return [jobs.take(index[lo:lo + self.rows]) for lo in range(0, n, self.rows)]
+            parts = [packed]
+        else:
+            index = torch.arange(n, device=jobs.unit.device)
+            parts = [packed.take(index[lo:lo + self.rows]) for lo in range(0, n, self.rows)]
+        for p in parts:
+            self.pool.hold(p.chunks)
+        return parts
+
+    def held(self) -> int:
+        """Bytes of output-sized state the open panels hold: the pool's values and the panels' estimates."""
+        return self.pool.nbytes() + sum(p.nbytes() for p in self.parts)
 
     @property
     def unit(self) -> Tensor:
@@ -153,36 +172,55 @@ class Groups:
         """The error of each open panel's last test, in order."""
         return torch.cat([p.err for p in self.parts])
 
+    def _keep(self, parts: list[Packed]) -> None:
+        """Keep the non-empty ``parts``; release the pool's chunks of those left out."""
+        self.parts = []
+        for p in parts:
+            if p.unit.numel():
+                self.parts.append(p)
+            else:
+                self.pool.release(p.chunks)
+
     def drop(self, units: Tensor) -> None:
         """Forget the open panels of the units marked in ``units (U,)`` (bool)."""
-        self.parts = [q for q in (p.take(~units[p.unit]) for p in self.parts) if q.unit.numel()]
+        self._keep([p.take(~units[p.unit]) for p in self.parts])
 
     def stop(self, done: Tensor, acc: Accepted) -> None:
         """Accept into ``acc`` the open panels of the units marked in ``done (U,)`` (bool)."""
         kept = []
-        while self.parts:
-            p = self.parts.pop(0)
+        for p in self.parts:
             stop = done[p.unit]
-            acc.add(p.take(stop))
-            if not bool(stop.all()):
-                kept.append(p.take(~stop))
-        self.parts = kept
+            if bool(stop.any()):
+                q = p.take(stop)
+                j = q.jobs
+                none = q.est.new_empty(q.est.shape[0], 0)
+                f_a, f_b = ends(q, self.pool) if acc.keep else (none, none)  # read by a pass after the plan
+                acc.add(Panels(j.kind, j.unit, j.A, j.B, q.est, j.err, f_a, f_b, j.tol))
+            kept.append(p.take(~stop))
+        self._keep(kept)
 
     def level(self, refine: Callable[[Jobs], Jobs]) -> None:
         """One refinement level, ``refine`` (open panels -> the panels left open) a group at a time."""
-        new = []
+        old, self.pool, new = self.pool, Pool(), []
         while self.parts:
-            new += self._split(refine(self.parts.pop(0)))
+            p = self.parts.pop(0)
+            jobs = unpack(p, old)
+            old.release(p.chunks)
+            del p
+            new += self._split(refine(jobs))
+            del jobs
         self.parts = new
+        held = self.held()
+        self.peak = max(self.peak, held)
         if self.limit is not None and not self.warned and new:
-            n, f = sum(p.unit.numel() for p in new), new[0].f_A
-            held = n * PANEL_VECTORS * f.element_size() * f.shape[1]
+            n, f = sum(p.unit.numel() for p in new), new[0].est
             if held > self.limit:
                 self.warned = True
                 logger.warning("the adaptive quadrature holds %d open panels of %d outputs between two refinement "
-                               "levels (%.0f MB, %d output-sized vectors a panel), past the budget of its state "
-                               "(%.0f MB: RULE_BYTES, or half of memory_budget): its (step, input) pairs at tol=%g "
-                               "cross many kinks or curve strongly. The plan is unchanged. Fix: a looser tol, fewer "
-                               "outputs (InfluenceEstimator(target=...)), or a larger memory_budget if the machine "
-                               "has it free.", n, f.shape[1], held / 1e6, PANEL_VECTORS, self.limit / 1e6,
+                               "levels (%.0f MB, each distinct output-sized vector once, %.1f a panel), past the "
+                               "budget of its state (%.0f MB: RULE_BYTES, or half of memory_budget): its (step, input) "
+                               "pairs at tol=%g cross many kinks or curve strongly. The plan is unchanged. Fix: a "
+                               "looser tol, fewer outputs (InfluenceEstimator(target=...)), or a larger memory_budget "
+                               "if the machine has it free.", n, f.shape[1], held / 1e6,
+                               held / (n * f.element_size() * max(1, f.shape[1])), self.limit / 1e6,
                                self.tol if self.tol is not None else float("nan"))
