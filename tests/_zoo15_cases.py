@@ -57,7 +57,7 @@ CASES: dict[str, Case] = {
     "ernie4_5": _lm("ernie4_5", transformers.Ernie4_5ForCausalLM, transformers.Ernie4_5Config,
                     num_key_value_heads=1, head_dim=8, **SMALL),
     "arcee_relu2": _lm("arcee_relu2", transformers.ArceeForCausalLM, transformers.ArceeConfig,
-                       num_key_value_heads=1, head_dim=8, attention_dropout=P, **SMALL),
+                       num_key_value_heads=1, head_dim=8, attention_dropout=P, case_panels=64, **SMALL),
     "deepseek_v2_mla": _lm("deepseek_v2_mla", transformers.DeepseekV2ForCausalLM, transformers.DeepseekV2Config,
                            num_key_value_heads=2, n_routed_experts=2, num_experts_per_tok=2, n_shared_experts=1,
                            moe_intermediate_size=16, first_k_dense_replace=0, attention_dropout=P,

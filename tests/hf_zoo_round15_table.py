@@ -93,7 +93,32 @@ def ctrl_cap(name: str) -> str:
     return f"| {name} | | | | | | | {_capped('ctrl', (4096, 16384), True)} |"
 
 
-EXTRA = {"levit_kinks": levit_kinks, "levit_cap": levit_cap, "ctrl_cap": ctrl_cap}
+def levit_scales(name: str, rates: tuple[float, ...] = (0.02, 1e-4)) -> str:
+    """LeViT (its cache emptied): the largest input of its Hardswish activations over the held-out inputs in
+    evaluation mode, before training and after its 3 AdamW steps at each of ``rates``, and the largest logit."""
+    import dataclasses
+
+    case = LEFT["levit_cache_emptied"][0]
+    parts = []
+    for lr in rates:
+        model, traj, X, _ = record(dataclasses.replace(case, lr=lr))
+        for label, params in (("before", traj.params(0)), (f"AdamW {lr:g}", traj.params(traj.n_steps))):
+            if label == "before" and parts:
+                continue
+            seen: list[float] = []
+            hooks = [m.register_forward_pre_hook(lambda m, inp, seen=seen: seen.append(float(inp[0].abs().max())))
+                     for m in model.modules() if isinstance(m, torch.nn.Hardswish)]
+            with torch.no_grad():
+                fixed = {**traj.constants(), **traj.buffers(0 if label == "before" else traj.n_steps)}
+                out = torch.func.functional_call(model.eval(), {**fixed, **params}, (), X)
+            for hook in hooks:
+                hook.remove()
+            parts.append(f"{label}: Hardswish input up to {max(seen):.3g}, logit up to "
+                         f"{float(logits_of(out).abs().max()):.3g}")
+    return f"| {name} | | | | | | | {'; '.join(parts)} |"
+
+
+EXTRA = {"levit_scales": levit_scales, "levit_kinks": levit_kinks, "levit_cap": levit_cap, "ctrl_cap": ctrl_cap}
 
 
 def main(names: list[str]) -> None:
