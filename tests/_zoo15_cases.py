@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 import transformers
-from _zoo9_cases import TEXT, P, _build, _images, _texts, causal_case, classifier_case, seq2seq_case
-from _zoo9_kit import VOCAB, Case
+from _zoo9_cases import TEXT, P, _build, _drawn_tokens, _images, _texts, causal_case, classifier_case, seq2seq_case
+from _zoo9_kit import VOCAB, Case, logits_of, record
 from _zoo10_cases import BATCH_NORM
 from _zoo11_cases import ROUTES
 from _zoo11_kit import BufferReplayReference
@@ -24,7 +24,7 @@ from _zoo14_cases import _S2S, _shift
 from torch import Tensor
 from torch.func import functional_call
 
-__all__ = ["CASES", "LEFT", "kinks_per_module"]
+__all__ = ["CASES", "LEFT", "evaluation_scales", "kinks_per_module"]
 
 
 def _lm(name: str, model_cls, config_cls, **kw) -> Case:
@@ -84,6 +84,9 @@ CASES: dict[str, Case] = {
     "pegasus_x": seq2seq_case("pegasus_x", _build(
         transformers.PegasusXForConditionalGeneration, transformers.PegasusXConfig, num_global_tokens=2,
         block_size=4, stagger_local_blocks=True, **_S2S), _shift),
+    "pegasus_x_adamw_untuned": dataclasses.replace(seq2seq_case("pegasus_x_adamw_untuned", _build(
+        transformers.PegasusXForConditionalGeneration, transformers.PegasusXConfig, num_global_tokens=2,
+        block_size=4, stagger_local_blocks=True, **_S2S), _shift), lr=0.3, panels=32),
     # ---- text classifiers
     "mobilebert": classifier_case("mobilebert", _build(
         transformers.MobileBertForSequenceClassification, transformers.MobileBertConfig, embedding_size=8,
@@ -94,15 +97,19 @@ CASES: dict[str, Case] = {
     "deberta": classifier_case("deberta", _build(
         transformers.DebertaForSequenceClassification, transformers.DebertaConfig, relative_attention=True,
         max_relative_positions=8, pos_att_type=["c2p", "p2c"], num_labels=3, **TEXT), _texts(62)),
+    "deberta_no_pad_check": classifier_case("deberta_no_pad_check", _build(
+        transformers.DebertaForSequenceClassification, transformers.DebertaConfig, relative_attention=True,
+        max_relative_positions=8, pos_att_type=["c2p", "p2c"], pad_token_id=None, num_labels=3, **TEXT),
+        _texts(62)),
     "eurobert": classifier_case("eurobert", _build(
         transformers.EuroBertForSequenceClassification, transformers.EuroBertConfig, num_key_value_heads=1,
         attention_dropout=P, mask_token_id=3, num_labels=3, **{k: v for k, v in SMALL.items() if k != "use_cache"}),
         _texts(63)),
     # ---- vision
-    "vit_msn": classifier_case("vit_msn", _build(
+    "vit_msn": classifier_case("vit_msn", _drawn_tokens(_build(
         transformers.ViTMSNForImageClassification, transformers.ViTMSNConfig, image_size=16, patch_size=8,
         num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        hidden_dropout_prob=P, attention_probs_dropout_prob=P, num_labels=3), _images(seed=64)),
+        hidden_dropout_prob=P, attention_probs_dropout_prob=P, num_labels=3)), _images(seed=64)),
 }
 
 
@@ -161,3 +168,23 @@ LEFT: dict[str, tuple[Case, Any]] = {
                                                   lr=1e-4), BufferReplayReference),
     "swiftformer": (BATCH_NORM["swiftformer"], False),
 }
+
+
+def evaluation_scales(case: Case, lr: float) -> tuple[float, float, float]:
+    """``case`` (LeViT) trained at AdamW ``lr``: the largest input of its Hardswish modules over the held-out inputs
+    in evaluation mode before training, the same after training (``theta_N`` at the recorded ``beta_N``), and the
+    largest logit after training."""
+    model, traj, X, _ = record(dataclasses.replace(case, lr=lr))
+    found = []
+    for s in (0, traj.n_steps):
+        seen: list[float] = []
+        hooks = [m.register_forward_pre_hook(lambda m, inp, seen=seen: seen.append(float(inp[0].abs().max())))
+                 for m in model.modules() if isinstance(m, torch.nn.Hardswish)]
+        try:
+            with torch.no_grad():
+                out = functional_call(model.eval(), {**traj.constants(), **traj.buffers(s), **traj.params(s)}, (), X)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        found.append(max(seen))
+    return found[0], found[1], float(logits_of(out).abs().max())

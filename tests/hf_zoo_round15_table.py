@@ -21,7 +21,7 @@ import warnings
 import torch
 from _zoo9_kit import N_TEST, logits_of, record, run
 from _zoo14_cases import CASES as ROUND14
-from _zoo15_cases import CASES, LEFT, kinks_per_module
+from _zoo15_cases import CASES, LEFT, evaluation_scales, kinks_per_module
 from hf_zoo_round9_table import _short
 from hf_zoo_round11_table import print_table, result_row
 from reference import rel_err
@@ -95,26 +95,13 @@ def ctrl_cap(name: str) -> str:
 
 def levit_scales(name: str, rates: tuple[float, ...] = (0.02, 1e-4)) -> str:
     """LeViT (its cache emptied): the largest input of its Hardswish activations over the held-out inputs in
-    evaluation mode, before training and after its 3 AdamW steps at each of ``rates``, and the largest logit."""
-    import dataclasses
-
-    case = LEFT["levit_cache_emptied"][0]
+    evaluation mode, before training and after its 3 AdamW steps at each of ``rates``, and the largest logit
+    (tests/_zoo15_cases.py's ``evaluation_scales``)."""
     parts = []
     for lr in rates:
-        model, traj, X, _ = record(dataclasses.replace(case, lr=lr))
-        for label, params in (("before", traj.params(0)), (f"AdamW {lr:g}", traj.params(traj.n_steps))):
-            if label == "before" and parts:
-                continue
-            seen: list[float] = []
-            hooks = [m.register_forward_pre_hook(lambda m, inp, seen=seen: seen.append(float(inp[0].abs().max())))
-                     for m in model.modules() if isinstance(m, torch.nn.Hardswish)]
-            with torch.no_grad():
-                fixed = {**traj.constants(), **traj.buffers(0 if label == "before" else traj.n_steps)}
-                out = torch.func.functional_call(model.eval(), {**fixed, **params}, (), X)
-            for hook in hooks:
-                hook.remove()
-            parts.append(f"{label}: Hardswish input up to {max(seen):.3g}, logit up to "
-                         f"{float(logits_of(out).abs().max()):.3g}")
+        before, after, logit = evaluation_scales(LEFT["levit_cache_emptied"][0], lr)
+        parts.append(f"AdamW {lr:g}: Hardswish input up to {before:.3g} before, {after:.3g} after, logit up to "
+                     f"{logit:.3g}")
     return f"| {name} | | | | | | | {'; '.join(parts)} |"
 
 
