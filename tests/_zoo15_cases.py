@@ -14,7 +14,18 @@ from typing import Any
 
 import torch
 import transformers
-from _zoo9_cases import TEXT, P, _build, _drawn_tokens, _images, _texts, causal_case, classifier_case, seq2seq_case
+from _zoo9_cases import (
+    TEXT,
+    P,
+    _build,
+    _drawn_tokens,
+    _images,
+    _loop_ce,
+    _texts,
+    causal_case,
+    classifier_case,
+    seq2seq_case,
+)
 from _zoo9_kit import VOCAB, Case, logits_of, record
 from _zoo10_cases import BATCH_NORM
 from _zoo11_cases import ROUTES
@@ -31,6 +42,12 @@ def _lm(name: str, model_cls, config_cls, **kw) -> Case:
     """A causal LM on the loop's next-token loss; ``kw`` holds the config, and ``case_*`` keys the case's."""
     case_kw = {k[5:]: kw.pop(k) for k in list(kw) if k.startswith("case_")}
     return causal_case(name, _build(model_cls, config_cls, **kw), **case_kw)
+
+
+def _logits_loss(model: torch.nn.Module, xb: dict[str, Tensor], yb: Tensor) -> Tensor:
+    """The loop's mean cross entropy on the logits, in the model's dtype (DeBERTa's own loss converts its logits to
+    float32 first)."""
+    return torch.nn.functional.cross_entropy(logits_of(model(**xb)), yb)
 
 
 #: Multi-head latent attention (DeepSeek-V2, MiniCPM3): low-rank queries and keys-values, a rotary part of 4.
@@ -101,6 +118,10 @@ CASES: dict[str, Case] = {
         transformers.DebertaForSequenceClassification, transformers.DebertaConfig, relative_attention=True,
         max_relative_positions=8, pos_att_type=["c2p", "p2c"], pad_token_id=None, num_labels=3, **TEXT),
         _texts(62)),
+    "deberta_float64_loss": Case("deberta_float64_loss", _build(
+        transformers.DebertaForSequenceClassification, transformers.DebertaConfig, relative_attention=True,
+        max_relative_positions=8, pos_att_type=["c2p", "p2c"], pad_token_id=None, num_labels=3, **TEXT),
+        _texts(62), _logits_loss, "cross_entropy", _loop_ce, target=None),
     "eurobert": classifier_case("eurobert", _build(
         transformers.EuroBertForSequenceClassification, transformers.EuroBertConfig, num_key_value_heads=1,
         attention_dropout=P, mask_token_id=3, num_labels=3, **{k: v for k, v in SMALL.items() if k != "use_cache"}),
