@@ -127,7 +127,11 @@ CASES: dict[str, Case] = {
         attention_dropout=P, mask_token_id=3, num_labels=3, **{k: v for k, v in SMALL.items() if k != "use_cache"}),
         _texts(63)),
     # ---- vision
-    "vit_msn": classifier_case("vit_msn", _drawn_tokens(_build(
+    "vit_msn": classifier_case("vit_msn", _build(
+        transformers.ViTMSNForImageClassification, transformers.ViTMSNConfig, image_size=16, patch_size=8,
+        num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        hidden_dropout_prob=P, attention_probs_dropout_prob=P, num_labels=3), _images(seed=64)),
+    "vit_msn_drawn_tokens": classifier_case("vit_msn_drawn_tokens", _drawn_tokens(_build(
         transformers.ViTMSNForImageClassification, transformers.ViTMSNConfig, image_size=16, patch_size=8,
         num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
         hidden_dropout_prob=P, attention_probs_dropout_prob=P, num_labels=3)), _images(seed=64)),
