@@ -1,11 +1,7 @@
-"""The architectures of round 15, trained by tests/_zoo9_kit.py's loop: tiny configs (hidden 16, one or two layers,
-vocabulary 32, float64), dropout 0.1 wherever the config has one, passed directly to the recorder.
-
-Causal LMs train on the loop's next-token loss over right-padded sequences labelled -100 at the padding; the
-classifiers and encoder-decoders on the model's own loss with ``labels`` in the call (tests/_zoo9_cases.py's
-helpers). Mixtures of experts route every token to all of their experts (a top-k below that switches routes along
-the steps: round 9's Mixtral).
-"""
+"""Round 15's architectures for tests/_zoo9_kit.py's loop (the set-up of round 14's tests/_zoo14_cases.py: tiny float64
+configs, dropout 0.1 where a config has it, the model passed directly; causal LMs on the loop's next-token loss,
+the others on their own loss), the cases left from earlier rounds with their references (:data:`LEFT`), and two
+measurements of LeViT's paths: the kinks per Hardswish module and the scales of their inputs."""
 
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ from _zoo9_cases import (
     _images,
     _loop_ce,
     _texts,
-    causal_case,
     classifier_case,
     seq2seq_case,
 )
@@ -31,17 +26,11 @@ from _zoo10_cases import BATCH_NORM
 from _zoo11_cases import ROUTES
 from _zoo11_kit import BufferReplayReference
 from _zoo12_cases import SMALL, TWO
-from _zoo14_cases import _S2S, _shift
+from _zoo14_cases import _S2S, _lm, _shift
 from torch import Tensor
 from torch.func import functional_call
 
 __all__ = ["CASES", "LEFT", "evaluation_scales", "kinks_per_module"]
-
-
-def _lm(name: str, model_cls, config_cls, **kw) -> Case:
-    """A causal LM on the loop's next-token loss; ``kw`` holds the config, and ``case_*`` keys the case's."""
-    case_kw = {k[5:]: kw.pop(k) for k in list(kw) if k.startswith("case_")}
-    return causal_case(name, _build(model_cls, config_cls, **kw), **case_kw)
 
 
 def _logits_loss(model: torch.nn.Module, xb: dict[str, Tensor], yb: Tensor) -> Tensor:
