@@ -1,5 +1,6 @@
 """Hugging Face architectures in a plain loop, round 15, continued: Pegasus-X (block-local attention with global
-tokens), DeepSeek-V2 (multi-head latent attention, both experts routed), JetMoE's refusal (cases in
+tokens), RoBERTa-PreLayerNorm, EuroBERT, ViT-MSN (its zero parameters drawn), DeBERTa (its float32 loss, and a
+float64 one), DeepSeek-V2 (multi-head latent attention, both experts routed), JetMoE's refusal (cases in
 tests/_zoo15_cases.py, checks of tests/_zoo9_kit.py), and why round 11's LeViT stayed loud."""
 
 from __future__ import annotations
@@ -22,6 +23,23 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 
 def test_pegasus_x_local_blocks_with_global_tokens_is_exact():
     assert_exact(run(CASES["pegasus_x"]))
+
+
+@pytest.mark.parametrize("name", ["roberta_prelayernorm", "eurobert", "vit_msn_drawn_tokens"])
+def test_encoders_are_exact(name):
+    assert_exact(run(CASES[name]))
+
+
+def test_deberta_own_float32_loss_is_loud_and_a_float64_loss_is_exact():
+    """DeBERTa built with ``pad_token_id=None`` (the fix of the padding check's refusal) trains on its own loss,
+    which converts the logits to float32: the recorder warns while training, the residual share is above the
+    float64 threshold and the influence estimator warns, naming that cast first and a loss in float64 as the fix,
+    which is exact."""
+    with pytest.warns(ExplaindWarning, match=r"DebertaForSequenceClassification is rounded to float32"):
+        got = run(CASES["deberta_no_pad_check"], reference=False)  # the recorder warns while training
+    assert got["share"] > 1e-7 and any("residual share" in w and "rounded to float32 (a cast before the loss)" in w
+                                       for w in got["warnings"]), got
+    assert_exact(run(CASES["deberta_float64_loss"]))
 
 
 def test_deepseek_v2_latent_attention_with_both_experts_routed_is_exact_to_its_rounding():
