@@ -189,6 +189,7 @@ class FunctionalModel:
                         "attention_type='block_sparse' does this (it assembles its attention probabilities so). "
                         "Fix: build such tensors out of place (torch.cat, torch.stack, torch.where, F.pad) in the "
                         "model's forward; for BigBird train and explain with attention_type='original_full'."
+                        f" The call: {_user_frame(exc, source=True)}."
                     ) from exc
                 if "In order to use an autograd.Function with functorch transforms" in str(exc):
                     raise UnsupportedModelError(
