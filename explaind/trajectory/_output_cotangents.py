@@ -36,8 +36,9 @@ from ._common import ModelHook
 
 __all__ = ["MAX_ENTRIES", "UNITS", "OutputCotangents"]
 
-#: The most entries of a training forward's output kept with its cotangent (a larger one is not compared).
-MAX_ENTRIES = 2 ** 20
+#: The most entries of a training forward's output kept with its cotangent (a larger one, a language model's logits
+#: over its vocabulary, is not compared: the loss's derivative there costs a few percent of such a step).
+MAX_ENTRIES = 2 ** 18
 
 #: Unit roundoffs of the outputs' dtype by which the fitted loss scale may move between steps unnoticed.
 UNITS = 1000
@@ -130,6 +131,8 @@ class OutputCotangents:
     def _same_loss(self, loss: Any, step: int) -> None:
         """Evaluate the loss again on the previous step's outputs: another value means the callable changed."""
         previous, self._values = self._values, []
+        if not loss.name.startswith("custom:"):  # a registered loss does not change
+            return
         for out, targets, w, value in previous:
             try:
                 with torch.no_grad():
@@ -167,15 +170,16 @@ class OutputCotangents:
                 targets = data.get(batch.indices)[1]
                 targets = targets.to(out.device) if isinstance(targets, Tensor) else targets
                 with torch.enable_grad():
-                    o = out.clone().requires_grad_(True)
+                    o = out.detach().requires_grad_(True)  # a new leaf on the same memory, no copy
                     terms = loss.implementation(o, targets)
                     w = batch.weights.to(device=o.device, dtype=terms.dtype)
                     total = (terms * w).sum()
                     (b,) = torch.autograd.grad(total, o)
-                self._values.append((out, targets, w, float(total)))
+                if loss.name.startswith("custom:"):
+                    self._values.append((out, targets, w, float(total)))
             except Exception:  # noqa: BLE001 - a loss that cannot be evaluated here: the gradient check's to judge
                 return None
-            a, b = cot.double().reshape(-1), b.double().reshape(-1)
+            a, b = cot.reshape(-1), b.reshape(-1).to(cot.dtype)  # dot products in the outputs' dtype
             ab, bb, aa = ab + float(a @ b), bb + float(b @ b), aa + float(a @ a)
             cross.append((a, b))
         if not bb > 0 or not aa > 0:
