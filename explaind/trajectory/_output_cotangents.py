@@ -13,13 +13,16 @@ that the loop's ``backward()`` sends through it. Before each step the derivative
 model), is fitted to it: :math:`c = \langle a, b\rangle / \langle b, b\rangle` and the relative misfit
 :math:`r = \|a - c b\| / \|a\|`. When :math:`c` moved since the previous step by more than :data:`UNITS` unit
 roundoffs of the outputs' dtype, or :math:`r` rose above that level, the step is checked (the gradient check then
-measures its scale, or refuses it naming the cause); nothing is refused here.
+measures its scale, or refuses it naming the cause). The same outputs give a user loss callable's value at each
+step; it is evaluated again on them before the next step, and another value (the callable changed between the
+steps: a weight kept as its attribute, an EMA teacher or a target network it reads) is refused here, since the
+engine replays every step with the callable as it is when explaining.
 
 What it does not see: a step whose training forwards are not one per logged micro-batch, an output that is not a
 tensor (``model_output`` picks it) or that is larger than :data:`MAX_ENTRIES`, a batch-coupled loss, an output under
 autocast (whose rounding, about 1e-3, hides such a change), a loss weight applied to a term that does not pass
 through the model's output (a penalty on the parameters), and a change below :data:`UNITS` unit roundoffs
-(float32: 1.2e-4 relative; float64: 2.2e-13), which the residual share measures.
+(float32: 6.0e-5 relative; float64: 1.1e-13), which the residual share measures.
 """
 
 from __future__ import annotations
