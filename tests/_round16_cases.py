@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _loops8_kit import grad_step as grad_edit_step
 from _round14_cases import loss_step, record, run
 from _round16_models import (
     CenterLossNet,
@@ -29,7 +30,6 @@ from _round16_models import (
     cosface_loss,
     cosine_with_warmup,
     fgsm_step,
-    grad_edit_step,
     lora_mlp,
     lora_parameters,
     poly1_loss,

@@ -139,17 +139,6 @@ def adaptive_clip(model: nn.Module, clipping: float = 0.01, eps: float = 1e-3) -
                            torch.ones_like(bound)))
 
 
-def grad_edit_step(edit: Callable[[nn.Module], None]) -> Callable:
-    """The textbook step with ``edit(model)`` applied to the gradients between ``backward()`` and the step."""
-    def step(s, model, opt, X, y, idx, rec):
-        opt.zero_grad()
-        F.cross_entropy(model(X[idx]), y[idx]).backward()
-        edit(model)
-        rec.log_batch(idx)
-        opt.step()
-    return step
-
-
 def shrink_through_vector(model: nn.Module, factor: float = 0.999) -> None:
     """Every parameter scaled by ``factor`` through ``parameters_to_vector`` / ``vector_to_parameters`` (which
     assigns ``param.data``: new storage, no version counter moves)."""

@@ -27,6 +27,7 @@ through the model's output (a penalty on the parameters), and a change below :da
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,9 +36,11 @@ from torch import Tensor, nn
 
 from ..exceptions import TrajectoryError
 from ..outputs import model_output
-from ._common import ModelHook
+from ._common import ModelHook, warn_user
 
 __all__ = ["MAX_ENTRIES", "UNITS", "OutputCotangents"]
+
+logger = logging.getLogger("explaind.trajectory.recorder")
 
 #: The most entries of a training forward's output kept with its cotangent (a larger one, a language model's logits
 #: over its vocabulary, is not compared: the loss's derivative there costs a few percent of such a step).
@@ -67,6 +70,7 @@ class OutputCotangents:
         self._dtype = torch.float64  # the outputs' dtype at the last fit
         #: per micro-batch of the last compared step: output, targets, weights and the loss's value there
         self._values: list[tuple[Tensor, Any, Tensor, float]] = []
+        self._warned = False  # a changed loss callable named once (check_gradients=False)
 
     def attach(self) -> None:
         self._handle = self._model.register_forward_hook(ModelHook(self._hook))
@@ -100,7 +104,8 @@ class OutputCotangents:
         out.register_hook(keep)
         self._kept.append(entry)
 
-    def moved(self, pending: Sequence[Any], data: Any, loss: Any, autocast: Any, step: int = 0) -> bool:
+    def moved(self, pending: Sequence[Any], data: Any, loss: Any, autocast: Any, step: int = 0,
+              unchecked: bool = False) -> bool:
         """Whether the loss scale fitted at the outputs moved since the previous step (check this step).
 
         Parameters
@@ -115,6 +120,9 @@ class OutputCotangents:
             The autocast dtype of the step's forwards (``None``: no autocast; else nothing is compared).
         step : int
             The step about to be recorded (named by the refusal).
+        unchecked : bool
+            True when the recording checks no gradient (``check_gradients=False``): a changed loss callable is
+            warned about once (an ``ExplaindWarning``) instead of refused, as the recorder's other checks do then.
 
         Raises
         ------
@@ -122,7 +130,7 @@ class OutputCotangents:
             When the loss callable gives another value on the previous step's outputs than it gave there (it was
             changed between the steps).
         """
-        self._same_loss(loss, step)
+        self._same_loss(loss, step, unchecked)
         fit = None if data is None or autocast is not None else self._fit(pending, data, loss)
         last, self._last = self._last, fit
         if fit is None or last is None:
@@ -131,7 +139,7 @@ class OutputCotangents:
         c, r = fit
         return abs(c - last[0]) > tol * max(abs(c), abs(last[0])) or (r > tol and not last[1] > tol)
 
-    def _same_loss(self, loss: Any, step: int) -> None:
+    def _same_loss(self, loss: Any, step: int, unchecked: bool = False) -> None:
         """Evaluate the loss again on the previous step's outputs: another value means the callable changed."""
         previous, self._values = self._values, []
         if not loss.name.startswith("custom:"):  # a registered loss does not change
@@ -144,7 +152,7 @@ class OutputCotangents:
                 continue
             if again == value or abs(again - value) <= UNITS * torch.finfo(out.dtype).eps * abs(value):
                 continue
-            raise TrajectoryError(
+            message = (
                 f"Step {step}: the loss callable {loss.name!r} gives {again:.8g} on the outputs of step {step - 1}, "
                 f"where it gave {value:.8g} when that step was recorded: it was changed between the steps (a weight, "
                 f"a temperature or a margin kept as its attribute or in its closure, set by the loop; an EMA "
@@ -158,6 +166,12 @@ class OutputCotangents:
                 f"a temperature or margin the loss needs as an output column the forward derives from a buffer it "
                 f"counts up; a teacher or target network as buffers the training forward moves (its outputs as "
                 f"output columns the loss callable reads, capture_random=True).")
+            if not unchecked:
+                raise TrajectoryError(message)
+            if not self._warned:
+                self._warned = True  # once per run: such a loop changes it at every step
+                warn_user(logger, message)
+            return
 
     def _fit(self, pending: Sequence[Any], data: Any, loss: Any) -> tuple[float, float] | None:
         """``(c, r)`` of the step's micro-batches, or ``None`` when they cannot be compared."""

@@ -435,8 +435,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         suspicious = amp is None and c_in != 1.0 and is_power_of_two(c_in) and c_in != self._checked_c
         moved = self._buffers.take_moved()  # buffers changed between steps: check this step, or warn
         self._check_attributes(s)  # Python attributes, submodules, modes, hooks changed between steps: refused
-        moved_scale = self._probe.cotangents.moved(self._pending, self._data, self._loss, autocast, s) \
-            and not self._schedule.never
+        moved_scale = self._probe.cotangents.moved(self._pending, self._data, self._loss, autocast, s,
+                                                   self._schedule.never) and not self._schedule.never
         due = (self._schedule.due(s) or (suspicious and self._data is not None) or self._sigma_stale() or moved_scale
                or (bool(moved) and self._data is not None and not self._schedule.never))
         if suspicious and not due:
