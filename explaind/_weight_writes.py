@@ -222,4 +222,8 @@ def extra_forward_hint(inputs: list[Tensor], rows: Tensor) -> str:
             f"generator's samples for a discriminator, negatives drawn for a contrastive loss) are training samples "
             f"too. Fix: stack them in train_data (drawn before recording, one row per step and slot) and log their "
             f"indices with the batch's, rec.log_batch(torch.cat([idx, extra_idx])), exact when they do not depend on "
-            f"the training (a frozen generator). {GAN_FIX}")
+            f"the training (a frozen generator). Adversarial examples made in the loop from the model's input "
+            f"gradient (FGSM's x + eps * sign(grad_x loss), PGD's iterations) move with the parameters as well, so no "
+            f"train_data holds them: attack a fixed model before recording and train on those rows as train_data "
+            f"(exact), or save the parameters after every step and explain them with "
+            f"explaind.Trajectory.from_checkpoints (replica, step and group axes, no split over samples). {GAN_FIX}")

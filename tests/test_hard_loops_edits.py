@@ -124,8 +124,10 @@ def test_a_forgotten_zero_grad_is_caught_by_the_gradient_check_and_otherwise_by_
         explaind.InfluenceEstimator(keep=("train",), target=[0, 1, 2], strict=True, device="cpu").fit(traj).transform(x)
 
 
-def test_a_loss_changed_at_a_step_the_check_skips_is_flagged_by_the_residual_share():
-    unchecked = 5  # "auto" checks steps 0, 1, 2, 4, 8, ...
+def test_a_loss_changed_at_a_step_the_check_skips_is_checked_and_refused_there():
+    # before round 16 recorded, and flagged only by the residual share when explaining; the recorder now compares the
+    # loss's derivative at the outputs at every step, so the step is checked and the smoothing named
+    unchecked = 5  # "auto" checks steps 0, 1, 4, 16, ...
 
     def smoothed_once(s, model, opt, X, y, idx, rec):
         opt.zero_grad()
@@ -133,12 +135,9 @@ def test_a_loss_changed_at_a_step_the_check_skips_is_flagged_by_the_residual_sha
         rec.log_batch(idx)
         opt.step()
 
-    _, traj = train(lambda ps: torch.optim.SGD(ps, lr=0.1), step=smoothed_once)
-    with pytest.warns(ExplaindWarning, match=r"residual share .* > residual_tol.*the gradient check passed at the "
-                                             r"checked steps, so look at the steps it did not check"):
-        att = explaind.InfluenceEstimator(keep=("train",), target=[0, 1, 2], device="cpu").fit(traj).transform(
-            data()[0][:3])
-    assert att.meta["residual_share"] > 1e-3
+    with pytest.raises(TrajectoryError, match=r"Step 5: the gradient from backward\(\) does not match.*label "
+                                              r"smoothing 0\.2"):
+        train(lambda ps: torch.optim.SGD(ps, lr=0.1), step=smoothed_once)
 
 
 def _stored_adam_run(store, steps):

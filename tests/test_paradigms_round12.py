@@ -18,6 +18,7 @@ residual share's causes name a DQN target network the loss callable reads and th
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -107,14 +108,15 @@ def test_scheduled_sampling_probability_as_python_attribute_is_refused_at_step_1
         CASES["scheduled_sampling_prob_python_attribute"]()
 
 
-def test_a_dqn_target_network_read_by_the_loss_callable_is_warned_naming_it():
+def test_a_dqn_target_network_read_by_the_loss_callable_is_refused_naming_it():
     """The target network in the loss callable's closure, copied every 2 steps: every checked gradient matches (the
-    check runs with that step's copy), the engine replays with the last; the residual share (3.0) warns, naming a DQN
-    target network and the buffers fix (before: not named). The replica needs no loss and is exact."""
-    got = figures("", CASES["dqn_target_network_read_by_loss_closure"]())
-    assert got["replica"] <= 1e-6 and got["share"] > 0.1, got
-    assert any("a DQN target network the loss callable reads" in w and "its weights as buffers the training forward "
-               "copies every k steps" in w for w in got["warnings"]), got
+    check runs with that step's copy), the engine would replay with the last. Until round 16 the residual share (3.0)
+    warned when explaining; the recorder now evaluates the loss callable again on the previous step's outputs and
+    refuses the step after the copy, naming the target network and the buffers fix."""
+    with pytest.raises(TrajectoryError, match=re.compile(
+            r"the loss callable .* gives .* on the outputs of step \d+, where it gave .*an EMA teacher or a DQN target "
+            r"network it reads.*a teacher or target network as buffers the training forward moves", re.S)):
+        CASES["dqn_target_network_read_by_loss_closure"]()
 
 
 def test_simsiam_stop_gradient_inside_forward_is_warned_naming_detach():

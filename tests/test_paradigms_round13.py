@@ -20,6 +20,7 @@ optimizer or LoRA's merge (whose fix now also loads the frozen parameters back).
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -149,10 +150,14 @@ def test_a_second_phase_optimizer_built_mid_run_warns_naming_the_two_exact_fixes
         assert rel_err(explaind.KernelReplica(device="cpu").fit(run.traj).predict(run.X_test), truth) > 1e-2
 
 
-def test_a_mean_teacher_read_by_the_loss_callable_is_warned_naming_it():
+def test_a_mean_teacher_read_by_the_loss_callable_is_refused_naming_it():
     """The EMA teacher outside the model, read by the loss callable: every checked gradient matches (the check runs
-    with that step's teacher), the engine replays with the last; the residual share (0.75) warns naming an EMA
-    teacher's targets and the buffers fix (exact: ``mean_teacher_as_buffers_moved_in_forward``)."""
-    got = figures("", CASES["mean_teacher_read_by_loss_closure"]())
-    assert got["replica"] <= 1e-6 and got["share"] > 0.1, got
-    assert any("an EMA teacher's targets" in w for w in got["warnings"]), got
+    with that step's teacher), the engine would replay with the last. Until round 16 the residual share (0.75) warned
+    when explaining; the recorder now refuses the step after the teacher moved, naming it and the buffers fix
+    (exact: ``mean_teacher_as_buffers_moved_in_forward``)."""
+    with pytest.raises(TrajectoryError, match=re.compile(
+            r"the loss callable .* gives .* on the outputs of step \d+.*an EMA teacher or a DQN target network it "
+            r"reads.*a teacher or target network as buffers the training forward moves", re.S)):
+        CASES["mean_teacher_read_by_loss_closure"]()
+
+

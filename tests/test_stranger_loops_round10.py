@@ -204,11 +204,12 @@ def test_the_inputs_sentence_claims_nothing_it_cannot_line_up():
     assert "of shape (6, 2), where train_data's rows" in loop_inputs_hint([rows[:, :2]], rows)
 
 
-def test_gradnorm_task_weights_edited_every_step_are_warned_by_the_residual_share():
+def test_gradnorm_task_weights_edited_every_step_are_refused_at_the_next_step():
     """Task weights in the loss callable's closure, edited after every step: each checked step's gradient matches
-    (the check runs with that step's weights), the engine replays every step with the last ones; the residual share
-    (0.31) warns, naming a value in the loss callable's closure. The replica is exact (it needs no loss)."""
-    model, traj = CASES["gradnorm_task_weights_edited_every_step"]()
-    got = figures("gradnorm_task_weights_edited_every_step", model, traj)
-    assert got["replica"] <= 1e-6 and got["share"] > 0.1, got
-    assert any("residual share" in w and "in the loss callable's closure" in w for w in got["warnings"]), got
+    (the check runs with that step's weights), the engine would replay every step with the last ones. Until round 16
+    the residual share (0.31) warned when explaining; the recorder now evaluates the callable again on the previous
+    step's outputs and refuses step 1, naming the change and the fix."""
+    with pytest.raises(TrajectoryError, match=r"Step 1: the loss callable .* gives .* on the outputs of step 0, where "
+                                              r"it gave .*it was changed between the steps.*Fix: keep the loss "
+                                              r"callable unchanged while recording"):
+        CASES["gradnorm_task_weights_edited_every_step"]()

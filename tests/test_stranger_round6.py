@@ -137,13 +137,15 @@ def test_find_jumps_names_parameter_dependent_calls_only():
     assert sites == ("<root> (Net): Tensor.gt", "<root> (Net): torch.sign", "<root> (Net): Tensor.argmax"), sites
 
 
-def test_a_temperature_in_the_loss_callables_closure_is_named_by_the_residual_warning():
-    """The gradient check passes (at each step the closure holds that step's temperature); the engine recomputes
-    every step with the final one, so 77% of the change is residual: the warning names a value in the loss
-    callable's closure (before: only values the forward reads)."""
-    got = CASES["temperature_annealed_in_loss_closure"]()
-    assert got["replica"] <= 1e-6 and got["share"] > 0.1, got
-    assert len(got["warnings"]) == 1 and "in the loss callable's closure" in got["warnings"][0], got
+def test_a_temperature_in_the_loss_callables_closure_is_refused_at_the_next_step():
+    """The gradient check passes (at each step the closure holds that step's temperature); the engine would recompute
+    every step with the final one (77% of the change residual, named by the residual warning until round 16). The
+    recorder now evaluates the callable again on the previous step's outputs and refuses the step after the
+    temperature moved, naming the change and the fix."""
+    with pytest.raises(TrajectoryError, match=r"Step \d+: the loss callable .* gives .* on the outputs of step \d+.*"
+                                              r"it was changed between the steps.*a temperature or margin the loss "
+                                              r"needs as an output column"):
+        CASES["temperature_annealed_in_loss_closure"]()
 
 
 def test_sgd_at_lr_1e4_stays_exact_and_names_the_one_step_left_above_tol():

@@ -23,6 +23,7 @@ from .._weight_writes import extra_forward_hint
 from ._common import ModelHook
 from ._gradients import GradientTap
 from ._loop_hints import KeywordProbe
+from ._output_cotangents import OutputCotangents
 from ._output_rounding import OutputRounding
 
 __all__ = ["AutocastProbe", "LOOP_TERMS", "loop_inputs_hint"]
@@ -127,16 +128,19 @@ class AutocastProbe:
         self._handles: list[Any] = []
         self.rounding = OutputRounding(model, lambda: self.paused, notes)  # a float32 cast before a float64 loss
         self.keywords = KeywordProbe(model, lambda: self.paused)  # keyword arguments of the training forwards
+        self.cotangents = OutputCotangents(model, lambda: self.paused)  # the loss's derivative at the outputs
 
     def attach(self) -> None:
         self.rounding.attach()
         self.keywords.attach()
+        self.cotangents.attach()
         self._handles = [self._model.register_forward_pre_hook(ModelHook(self._hook))]
         self._handles += [child.register_forward_pre_hook(ModelHook(self._inner)) for child in self._model.children()]
 
     def detach(self) -> None:
         self.rounding.detach()
         self.keywords.detach()
+        self.cotangents.detach()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -162,3 +166,4 @@ class AutocastProbe:
         self.dtype = None
         self.inputs, self._kept_bytes = [], 0
         self.keywords.reset()
+        self.cotangents.reset()

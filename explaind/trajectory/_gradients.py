@@ -352,7 +352,8 @@ class GradientTap:
                 f"Step {step}: between backward() and optimizer.step() the gradient of {', '.join(modified)} was "
                 f"changed by more than a global factor (relative deviation {deviation:.3g} > {tol:g}). Only global "
                 f"rescaling such as torch.nn.utils.clip_grad_norm_ over all parameters can be recorded; "
-                f"clip_grad_value_, per-parameter clipping or noise added to .grad cannot (noise drawn inside "
+                f"clip_grad_value_, per-parameter clipping or noise added to .grad cannot (nor unit-wise clipping, "
+                f"NFNets' adaptive gradient clipping; noise drawn inside "
                 f"the model's forward, e.g. by a noise layer, is replayed from the captured random state). A term "
                 f"added to .grad by hand (in the loop, or in a hook such as Lightning's on_after_backward), e.g. "
                 f"weight decay p.grad += lam * p, is the optimizer's own weight_decay=lam (SGD, Adam), which is "
@@ -364,8 +365,32 @@ class GradientTap:
                 f"weights=f / B), which is recorded exactly; DP-SGD's Gaussian noise is no sample's gradient, so "
                 f"no split over samples holds it: record the run without the noise."
                 f"{_per_parameter_factor_hint(compared, values, modified, tol)}"
+                f"{_centralized_hint({n: seen[n] for n in modified}, {n: self._raw[n] for n in modified})}"
             )
         return c
+
+
+def _centralized_hint(seen: dict[str, Tensor], raw: dict[str, Tensor]) -> str:
+    """The hint for gradient centralization: every changed gradient (of a weight with two or more axes) equal to
+    its backward's gradient minus that gradient's mean over the axes after the first, within 1e-6 relative."""
+    if not seen:
+        return ""
+    for name, g in seen.items():
+        r = raw[name].double()
+        if r.ndim < 2:
+            return ""
+        centred = r - r.mean(dim=tuple(range(1, r.ndim)), keepdim=True)
+        if float((g.double() - centred).norm()) > 1e-6 * max(float(centred.norm()), 1e-300):
+            return ""
+    return (f" The gradients of {', '.join(seen)} are those of backward() minus their mean over every axis but the "
+            f"first: gradient centralization, a projection P of each weight's gradient, which no elementwise "
+            f"optimizer adapter expresses. With SGD (momentum, weight decay left out) the same run is a "
+            f"reparametrization: register on each such weight a parametrization W = V - V.mean(axes after the "
+            f"first) + M0, M0 the initial W's mean held as a buffer of the parametrization "
+            f"(torch.nn.utils.parametrize.register_parametrization), V starting at the initial W and trained without "
+            f"the centralization: its gradient is P times W's, its W moves as the centralized run's, and it is "
+            f"recorded exactly; with Adam-type optimizers no exact form exists (their update of P g is not centred)"
+            f": record the run without it.")
 
 
 def _per_parameter_factor_hint(names: list[str], values: list[list[float]], modified: list[str], tol: float) -> str:

@@ -21,9 +21,16 @@ next step by its bits:
   sum moves), and every edit that changes a sampled entry: every edit of the whole buffer (a scaling, a zeroing,
   values copied in) and every edit of a contiguous run of entries at least as long as the stride (``numel / 1024``,
   rounded up; every entry of a buffer of at most 1024);
-* any other edit unless it changes no sampled entry and its words' changes cancel in their sum modulo
-  :math:`2^{64}` (two unsampled entries swapped, or moved by :math:`+d` and :math:`-d` in their bit patterns); the
-  update audit (``traj.audit()``) and the estimators' residual warning still measure those.
+* before every step the gradient check checks (``check_gradients``'s schedule: with ``"auto"`` steps 0 and 1, the
+  powers of 4 and every 1024th), every edit at all: after the step before it a copy of every buffer's bits is kept
+  and compared bit by bit;
+* before the other steps, any other edit unless it changes no sampled entry and its words' changes cancel in their
+  sum modulo :math:`2^{64}`: exactly the edits of unsampled entries whose bit patterns, read as 64-bit words, move
+  by amounts that add up to a multiple of :math:`2^{64}` — two unsampled entries swapped (any permutation of
+  them), the signs of an even number of unsampled float64 entries flipped (each moves its word by :math:`2^{63}`),
+  or entries moved by :math:`+d` and :math:`-d` in their bit patterns. Such an edit made between two unchecked
+  steps is recorded; the update audit (``traj.audit()``) and the estimators' residual warning measure it
+  (tests/test_stranger_round16_more.py: two signs flipped, residual share 5.2e-4, warned in float64).
 
 ``load_state_dict`` puts new tensors in the
 state, which are compared by value with the kept one (the same state loaded again passes). A buffer that is gone
@@ -31,7 +38,8 @@ state, which are compared by value with the kept one (the same state loaded agai
 read at every step which parameters hold a buffer), and passes. The state the adapters read afresh at every step
 (Adam's ``exp_avg_sq`` and ``step``, Adagrad's ``sum``) is not watched: a change of it, through ``.data`` too, is
 exact. Every step is checked: the sample costs a copy of at most 1024 entries per buffer, the sum one read of the
-buffer, after the step and again before the next (docs/recording.md, "Buffers changed between steps", measures it).
+buffer, after the step and again before the next (docs/recording.md, "Buffers changed between steps", measures it);
+before a step of the gradient check's schedule, a copy of every buffer and one comparison more.
 Buffers made under ``torch.inference_mode()`` (which have no counter) are compared by their bits only.
 
 Where the reads after a step run. Given the recorder's
@@ -86,11 +94,17 @@ class OptimizerStateWatch:
         Returns the number of the step about to be recorded (the recorder's count).
     copier : StateCopier, optional
         The thread that reads the CPU buffers after each step; ``None``: read on the loop's thread.
+    full : callable, optional
+        ``full(s)``: whether every bit of the buffers is compared before step ``s`` (the gradient check's schedule:
+        a copy of each buffer is kept after the step before it); ``None``: never.
     """
 
     def __init__(self, adapter: str, params: dict[str, nn.Parameter], step: Callable[[], int],
-                 copier: StateCopier | None = None) -> None:
+                 copier: StateCopier | None = None, full: Callable[[int], bool] | None = None) -> None:
         self._copier = copier
+        self._full_at = full
+        #: per carried buffer, a copy of all its bits after the last step, kept when the next step is a full one
+        self._whole: dict[tuple[int, str], Tensor] = {}
         self._armed: Future | None = None  # the copier's reading of the buffers after the last step
         self._keys = CARRIED.get(adapter, ())
         self._names = {id(p): n for n, p in params.items()}
@@ -108,7 +122,7 @@ class OptimizerStateWatch:
         """Register the pre-step check and the post-step snapshot on ``optimizer``; returns their handles."""
         if not self._keys:
             return []
-        self.arm(optimizer)  # what the recording starts from (the adapter's start state)
+        self.arm(optimizer, upcoming=self._step())  # what the recording starts from (the adapter's start state)
         self._wait()  # read before the loop can change it
         return [optimizer.register_step_pre_hook(self.check), optimizer.register_step_post_hook(self.arm)]
 
@@ -146,14 +160,18 @@ class OptimizerStateWatch:
         """Register :meth:`settle` as a post-step hook (after the recorder's own); returns its handle."""
         return [optimizer.register_step_post_hook(self.settle)] if self._keys and self._copier is not None else []
 
-    def arm(self, optimizer: Any, args: Any = (), kwargs: Any = None) -> None:
-        """Post-step hook: keep each carried buffer, its version counter and a copy of its sampled bits.
+    def arm(self, optimizer: Any, args: Any = (), kwargs: Any = None, upcoming: int | None = None) -> None:
+        """Post-step hook: keep each carried buffer, its version counter and a copy of its sampled bits (of all its
+        bits when the next step, ``upcoming``, default the step just taken plus one, is a full one).
 
         With a copier, the copies of the CPU buffers' samples and their sums are made on its thread
         (:meth:`settle` waits for them).
         """
         self._wait()
         self._seen = seen = self._carried(optimizer)
+        upcoming = self._step() + 1 if upcoming is None else upcoming
+        self._whole = ({w: _flat(v[0]).clone() for w, v in seen.items()}
+                       if self._full_at is not None and self._full_at(upcoming) else {})
         for gone in self._views.keys() - seen.keys():
             del self._views[gone]
         beside = {} if self._copier is None else {w: v for w, v in seen.items() if v[0].device.type == "cpu"}
@@ -192,7 +210,8 @@ class OptimizerStateWatch:
             live = now.get(where)
             if live is None or (live[0] is buf and live[1] == version and live[2] == ptr
                                 and torch.equal(self._sample(where, buf, ptr), self._bits[where])
-                                and torch.equal(self._sum(where, buf, ptr), self._sums[where])):
+                                and torch.equal(self._sum(where, buf, ptr), self._sums[where])
+                                and (where not in self._whole or _same_bits(buf, self._whole[where]))):
                 continue
             if live[0] is not buf and _same_values(live[0], buf):  # the same state loaded again: no edit
                 continue
@@ -206,7 +225,8 @@ class OptimizerStateWatch:
         since = f"step {s - 1}" if s > 0 else "recording began"
         shown = ", ".join(edited[:6]) + (f" and {len(edited) - 6} more" if len(edited) > 6 else "")
         data = (" An edit through .data is not counted by torch's version counter; the recorder compares a sample "
-                "of each buffer's bits and the sum of all its bits between steps."
+                "of each buffer's bits and the sum of all its bits between steps, and every bit before the steps "
+                "the gradient check checks."
                 if any(e.endswith("through .data)") for e in edited) else "")
         raise TrajectoryError(
             f"Step {s}: the optimizer's momentum buffers of {shown} changed outside optimizer.step() since {since} "
@@ -218,6 +238,13 @@ class OptimizerStateWatch:
             f"starts from the state the optimizer then holds (docs/recording.md, 'Starting from optimizer state'); "
             f"a momentum restart, opt.state.clear(), is exact inside `with rec:`.{data}"
         )
+
+
+def _same_bits(buf: Tensor, whole: Tensor) -> bool:
+    """Whether ``buf`` holds the bits of ``whole`` (its flat copy), entry by entry (a NaN equals itself)."""
+    flat = _flat(buf)
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
+    return flat.shape == whole.shape and bool(torch.equal(flat.view(ints), whole.view(ints)))
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:

@@ -343,7 +343,8 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         self._random.attach()
         self._buffers.start()
         self._attributes.start()
-        watch = OptimizerStateWatch(self._adapter_record.name, self._params, lambda: self._n, self._copier)
+        watch = OptimizerStateWatch(self._adapter_record.name, self._params, lambda: self._n, self._copier,
+                                    self._schedule.due)
         self._handles = [  # the momentum watch's hooks first: an edit of the optimizer's state is refused first
             *watch.hooks(self.optimizer), self.optimizer.register_step_pre_hook(self._pre_step),
             self.optimizer.register_step_post_hook(self._post_step), *watch.settle_hooks(self.optimizer),
@@ -434,7 +435,9 @@ class TrajectoryRecorder(RecorderStoreMixin, RecorderChecksMixin, RecorderAttrib
         suspicious = amp is None and c_in != 1.0 and is_power_of_two(c_in) and c_in != self._checked_c
         moved = self._buffers.take_moved()  # buffers changed between steps: check this step, or warn
         self._check_attributes(s)  # Python attributes, submodules, modes, hooks changed between steps: refused
-        due = (self._schedule.due(s) or (suspicious and self._data is not None) or self._sigma_stale()
+        moved_scale = self._probe.cotangents.moved(self._pending, self._data, self._loss, autocast, s,
+                                                   self._schedule.never) and not self._schedule.never
+        due = (self._schedule.due(s) or (suspicious and self._data is not None) or self._sigma_stale() or moved_scale
                or (bool(moved) and self._data is not None and not self._schedule.never))
         if suspicious and not due:
             raise unscaled_without_scaler(s, c_in)
