@@ -91,6 +91,7 @@ class PathEstimator(ExplaindEstimator):
                                 chunk_size=self.config_.chunk_size, progress=self.config_.progress,
                                 factored=self.config_.factored, casts=self.config_.casts,
                                 memory_budget=getattr(self.config_, "memory_budget", None))
+            engine.max_evals = getattr(self.config_, "max_evals", None)
             self._engine_cache = engine
         return engine
 

@@ -50,6 +50,7 @@ class InfluenceConfig(PathConfig):
     strict: bool = False
     momentum: Literal["auto", "forward", "reverse"] = "auto"
     memory_budget: int | str = "2GB"
+    max_evals: int | None = Field(default=None, ge=1)
     test_chunk_size: int | None = Field(default=None, ge=1)
     param_chunk_size: int | None = Field(default=None, ge=1)
 
@@ -146,6 +147,9 @@ class InfluenceEstimator(PathEstimator):
     memory_budget : int or str
         Peak working memory target (bytes or ``"2GB"``); chooses chunks and the momentum mode, and bounds
         the adaptive rule's output-sized state as :class:`~explaind.KernelReplica`'s does.
+    max_evals : int, optional
+        The adaptive rule's cap on evaluations per (step, input) pair, as :class:`~explaind.KernelReplica`'s
+        (``None``: 4,096); the cap's warning names it where pairs stopped at it.
     distributed : {"auto", "off"}
         ``"auto"``: inside an initialised ``torch.distributed`` process group of several processes,
         split the work over them — test inputs, then step windows (not with ``"train"``) or
@@ -182,7 +186,8 @@ class InfluenceEstimator(PathEstimator):
                  quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7, momentum: str = "auto",
                  memory_budget: int | str = "2GB", distributed: str = "auto", test_chunk_size: int | None = None,
                  param_chunk_size: int | None = None, chunk_size: int | None = 256, factored: str = "auto",
-                 device: str = "auto", dtype: str = "float64", progress: bool = False, casts: str = "auto"):
+                 device: str = "auto", dtype: str = "float64", progress: bool = False, casts: str = "auto",
+                 max_evals: int | None = None):
         self.keep = keep
         self.target = target
         self.split = split
@@ -203,6 +208,7 @@ class InfluenceEstimator(PathEstimator):
         self.dtype = dtype
         self.progress = progress
         self.casts = casts
+        self.max_evals = max_evals
 
     def fit(self, traj: Any, y: Any = None) -> InfluenceEstimator:
         """Validate the parameters and attach the trajectory ``traj``; returns ``self``."""

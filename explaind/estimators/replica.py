@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..exceptions import ConfigError, warn_at_caller
@@ -57,6 +57,7 @@ class KernelReplicaConfig(PathConfig):
     """Validated parameters of :class:`KernelReplica` (same fields as its ``__init__``)."""
 
     memory_budget: int | str | None = None
+    max_evals: int | None = Field(default=None, ge=1)
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -119,6 +120,12 @@ class KernelReplica(PathEstimator):
         budget (to rounding). ``None`` (default): 1 GiB and 256 MiB, as ``"2GiB"`` (``docs/engine.md`` §3,
         *Chunking*). A value that is not a positive size raises :class:`~explaind.exceptions.ConfigError`
         in ``fit``.
+    max_evals : int, optional
+        The adaptive rule's cap on evaluations per (step, input) pair; ``None`` (default): 4,096
+        (``explaind.kernel.adaptive.MAX_EVALS``). A pair that reaches it stops with its error left, reported
+        as ``quadrature_error`` and named in a warning; a path that crosses more kinks than the cap locates to
+        ``tol`` (``docs/engine.md`` §2) becomes exact with a higher cap, at up to that many evaluations a pair.
+        Not a positive integer: :class:`~explaind.exceptions.ConfigError` in ``fit``.
 
     Attributes
     ----------
@@ -135,7 +142,8 @@ class KernelReplica(PathEstimator):
     def __init__(self, *, quadrature: str = "adaptive", nodes: int | None = None, tol: float = 1e-7,
                  steps: tuple[int, int | None] | None = None, device: str = "auto", dtype: str = "float64",
                  chunk_size: int | None = 256, factored: str = "auto", progress: bool = False,
-                 distributed: str = "auto", casts: str = "auto", memory_budget: int | str | None = None):
+                 distributed: str = "auto", casts: str = "auto", memory_budget: int | str | None = None,
+                 max_evals: int | None = None):
         self.quadrature = quadrature
         self.nodes = nodes
         self.tol = tol
@@ -148,6 +156,7 @@ class KernelReplica(PathEstimator):
         self.distributed = distributed
         self.casts = casts
         self.memory_budget = memory_budget
+        self.max_evals = max_evals
 
     def fit(self, traj: Any, y: Any = None) -> KernelReplica:
         """Validate the parameters and attach the trajectory ``traj``; returns ``self``."""

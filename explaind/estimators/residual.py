@@ -397,8 +397,9 @@ def check_quadrature(att: Attribution, rule: str, *, tol: float, owner: str, jum
     att.meta["quadrature_share"] = share
     if share > tol and rule != "left":
         fix = ("a smaller tol; where pairs stopped at the cap of evaluations (kink-dense paths: the adaptive "
-               "rule's warning says 'stopped at the cap'), a smaller tol does not help: use quadrature='midpoint', "
-               "nodes=N, whose error falls about like 1/N" if rule == "adaptive"
+               "rule's warning says 'stopped at the cap'), a smaller tol does not help: raise the cap (max_evals=, "
+               "4096 by default), or use quadrature='midpoint', nodes=N, whose error falls about like 1/N"
+               if rule == "adaptive"
                else "quadrature='adaptive' or more nodes")
         change = float((att.final - att.initial).abs().amax())
         size = float(att.final.abs().amax())

@@ -47,7 +47,7 @@ from .evaluate import Grid, Rows, StepStack
 from .gaps import GAP_TOL
 from .quadrature import NodePlan, rule_nodes
 
-__all__ = ["RULE_BYTES", "UNIT_OUTPUT_COPIES", "unit_chunks", "adaptive_group", "probe_counts", "coupled",
+__all__ = ["cap", "RULE_BYTES", "UNIT_OUTPUT_COPIES", "unit_chunks", "adaptive_group", "probe_counts", "coupled",
            "merge"]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,12 @@ RULE_BYTES = 2**30
 #: panels and their nodes' values are bounded apart, and accepted panels are summed at once
 #: (:mod:`~explaind.kernel.adaptive_memory`).
 UNIT_OUTPUT_COPIES = 1024
+
+
+def cap(engine: Any) -> int:
+    """The adaptive rule's evaluations per (step, input) pair at most: the engine's ``max_evals`` (an estimator's
+    parameter) or :data:`~explaind.kernel.adaptive.MAX_EVALS`."""
+    return getattr(engine, "max_evals", None) or adaptive.MAX_EVALS
 
 
 def unit_chunks(n_steps: int, n_inputs: int, n_outputs: int, dtype: torch.dtype,
@@ -220,7 +226,7 @@ def _plan(engine: Any, stack: StepStack, begins: list[Tensor], ends: list[Tensor
     rule = getattr(engine, "rule_bytes", None)  # a level's groups within a quarter of it (kernel/adaptive_memory.py)
     return adaptive.adaptive_plan(est0, torch.cat(begins), torch.cat(ends), refine, tol=tol, nodes=n,
                                   coarsen=coarsen, first=(x01, h0, d0), max_depth=adaptive.MAX_DEPTH,
-                                  max_evals=adaptive.MAX_EVALS, shared=shared, steps=steps, watch=watch,
+                                  max_evals=cap(engine), shared=shared, steps=steps, watch=watch,
                                   level_bytes=None if rule is None else max(1, rule // 4))
 
 

@@ -132,6 +132,8 @@ class PathEngine:
         #: bytes of output-sized state of the adaptive rule's chunks (``None``: ``adaptive_chunks.RULE_BYTES``)
         self.rule_bytes, output_bytes = budgets(memory_budget)
         getattr(self.evaluator, "fallback", self.evaluator).output_bytes = output_bytes
+        #: the adaptive rule's evaluations per (step, input) pair at most (``None``: ``adaptive.MAX_EVALS``)
+        self.max_evals: int | None = None
         self._cache: OrderedDict[int, Params] = OrderedDict()
 
     def params(self, s: int) -> Params:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..exceptions import warn_at_caller
 from . import adaptive
 from . import dense as _dense
-from .adaptive_chunks import adaptive_group
+from .adaptive_chunks import adaptive_group, cap
 from .adaptive_jobs import FLOOR
 from .casts import sites_text
 from .dense import DENSE_REL
@@ -104,7 +104,7 @@ def window_plans(engine: Any, X: Tensor, explained: Explained, window: tuple[int
     # counted in steps: a group of stacked steps advances the bar by its size
     bar = progress_bar(engine.progress, "quadrature", stop - start)
     kinks = _kinks_hint(engine)
-    inexact = InexactUnits(tol, _casts_hint(engine), _jumps_hint(engine), kinks)
+    inexact = InexactUnits(tol, _casts_hint(engine), _jumps_hint(engine), kinks, cap=cap(engine))
     cost = CostNotice(tol, stop - start, kinks=kinks)
     buffers: list[Tensor] = []
     ends_all: list[tuple[Tensor, Tensor]] = []
@@ -259,8 +259,10 @@ class InexactUnits:
     curvature (:func:`_curved_hint`).
     """
 
-    def __init__(self, tol: float, casts_hint: str = "", jumps_hint: str = "", kinks: str | None = None) -> None:
+    def __init__(self, tol: float, casts_hint: str = "", jumps_hint: str = "", kinks: str | None = None,
+                 cap: int | None = None) -> None:
         self.tol, self.casts_hint, self.jumps_hint, self.kinks = tol, casts_hint, jumps_hint, kinks
+        self.cap = adaptive.MAX_EVALS if cap is None else cap
         self.above = self.total = self.dense = self.capped = 0
         self.worst = 0.0
         self.float64 = False
@@ -271,7 +273,7 @@ class InexactUnits:
         self.total += above.numel()
         if not bool(above.any()):
             return
-        capped = above & (plan.evals >= adaptive.MAX_EVALS)
+        capped = above & (plan.evals >= self.cap)
         self.above += int(above.sum())
         self.capped += int(capped.sum())
         self.dense += int((above & ~capped).sum())
@@ -294,7 +296,7 @@ class InexactUnits:
                           f"{adaptive.DENSE_EVALS}-point midpoint rule, or stopped at {adaptive.DENSE_EVALS} "
                           f"evaluations below {DENSE_REL:g} of their change")
         if self.capped:
-            causes.append(f"{self.capped} stopped at the cap of about {adaptive.MAX_EVALS} evaluations")
+            causes.append(f"{self.capped} stopped at the cap of about {self.cap} evaluations")
             if self.kinks:  # the model's own kinks first: each one the path crosses is located to tol
                 causes.append(f"their paths cross more kinks of {self.kinks} than the cap lets the rule locate to "
                               f"tol; a looser tol locates each with fewer evaluations")
@@ -302,11 +304,13 @@ class InexactUnits:
             if self.float64 and self.casts_hint and (own or not (self.kinks or self.jumps_hint)):
                 curved = not own and self.worst < CURVED_WORST  # far below float32 rounding: no cast explains it
                 causes.append(_curved_hint(self.worst, self.tol) if curved else self.casts_hint)
+        raise_cap = (f"raise the cap where pairs stopped at it (max_evals={4 * self.cap} on KernelReplica or "
+                     f"InfluenceEstimator: up to that many evaluations a pair), " if self.capped else "")
         warn_at_caller(
             f"the adaptive quadrature left {self.above} of {self.total} (step, input) pairs above tol={self.tol:g}, "
             f"with relative error up to {self.worst:.2g}: {'; '.join(causes)}. The error left is reported as "
-            f"quadrature_error (never hidden). For a smaller error raise the budget (quadrature='midpoint', "
-            f"nodes=... costs a known number of evaluations), or explain fewer steps.")
+            f"quadrature_error (never hidden). For a smaller error {raise_cap}raise the budget "
+            f"(quadrature='midpoint', nodes=... costs a known number of evaluations), or explain fewer steps.")
 
 
 def _curved_hint(worst: float, tol: float) -> str:
