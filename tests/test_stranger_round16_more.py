@@ -31,6 +31,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from _round4_kit import estimator_warnings
 from _round16_cases import CASES
 
@@ -107,3 +108,24 @@ def test_a_loss_callable_changed_between_steps_is_refused_at_the_next_step(case)
             r"callable unchanged while recording and apply a weight that changes in the loop, loss = w_s \* "
             r"loss_fn\(out, y\)", re.S)):
         CASES[case]()
+
+
+def test_a_loss_callable_giving_nan_twice_is_not_called_changed():
+    """A custom loss that gives NaN on a step's outputs (a class-weighted mean over no counted sample) gives NaN
+    again there: the same value, not a changed callable (before: refused, or warned with the check off, as "gives
+    nan ... where it gave nan")."""
+    from types import SimpleNamespace
+
+    from explaind.trajectory._output_cotangents import OutputCotangents
+
+    watch = OutputCotangents(torch.nn.Linear(2, 2), paused=lambda: False)
+    out = torch.zeros(3, 2, dtype=torch.float64)
+    loss = SimpleNamespace(name="custom:nan_loss", implementation=lambda o, t: torch.full((o.shape[0],), float("nan"),
+                                                                                          dtype=o.dtype))
+    watch._values = [(out, None, torch.ones(3, dtype=torch.float64), float("nan"))]
+    watch._same_loss(loss, step=1)  # no TrajectoryError
+    changed = SimpleNamespace(name="custom:now_finite", implementation=lambda o, t: torch.ones(o.shape[0],
+                                                                                              dtype=o.dtype))
+    watch._values = [(out, None, torch.ones(3, dtype=torch.float64), float("nan"))]
+    with pytest.raises(TrajectoryError, match="was changed between the steps"):
+        watch._same_loss(changed, step=1)

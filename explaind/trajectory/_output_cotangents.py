@@ -28,6 +28,7 @@ through the model's output (a penalty on the parameters), and a change below :da
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,7 +99,10 @@ class OutputCotangents:
             return
         entry: list[Tensor | None] = [out.detach(), None]
 
-        def keep(grad: Tensor) -> None:
+        def keep(grad: Tensor | None) -> None:
+            if grad is None:  # a compiled graph may call the hook without a gradient: nothing to compare
+                entry[0] = None
+                return
             entry[1] = grad.detach() if entry[1] is None else entry[1] + grad.detach()
 
         out.register_hook(keep)
@@ -150,7 +154,8 @@ class OutputCotangents:
                     again = float((loss.implementation(out, targets) * w).sum())
             except Exception:  # noqa: BLE001 - not comparable: the gradient check's to judge
                 continue
-            if again == value or abs(again - value) <= UNITS * torch.finfo(out.dtype).eps * abs(value):
+            if again == value or (math.isnan(again) and math.isnan(value)) \
+                    or abs(again - value) <= UNITS * torch.finfo(out.dtype).eps * abs(value):
                 continue
             message = (
                 f"Step {step}: the loss callable {loss.name!r} gives {again:.8g} on the outputs of step {step - 1}, "
@@ -193,7 +198,7 @@ class OutputCotangents:
                     total = (terms * w).sum()
                     (b,) = torch.autograd.grad(total, o)
                 if loss.name.startswith("custom:"):
-                    self._values.append((out, targets, w, float(total)))
+                    self._values.append((out, targets, w, float(total.detach())))
             except Exception:  # noqa: BLE001 - a loss that cannot be evaluated here: the gradient check's to judge
                 return None
             a, b = cot.reshape(-1), b.reshape(-1).to(cot.dtype)  # dot products in the outputs' dtype
