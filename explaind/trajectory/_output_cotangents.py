@@ -18,7 +18,8 @@ step; it is evaluated again on them before the next step, and another value (the
 steps: a weight kept as its attribute, an EMA teacher or a target network it reads) is refused here, since the
 engine replays every step with the callable as it is when explaining.
 
-What it does not see: a step whose training forwards are not one per logged micro-batch, an output that is not a
+What it does not see: a step whose training forwards are not one per logged micro-batch, a forward whose output's
+hook gets no gradient (a compiled graph may call it so), an output that is not a
 tensor (``model_output`` picks it) or that is larger than :data:`MAX_ENTRIES`, a batch-coupled loss, an output under
 autocast (whose rounding, about 1e-3, hides such a change), a loss weight applied to a term that does not pass
 through the model's output (a penalty on the parameters), and a change below :data:`UNITS` unit roundoffs
